@@ -14,7 +14,9 @@ OUTDIR/glm4moelite-tiny/ receives the model exactly as save_pretrained writes it
   matrix replaced by its plain round-to-nearest MMFP4 group-128 reconstruction).
 - rtn_g{32,64,128}.safetensors: the RTN reconstruction of a few tensors, for the
   Go codec tests.
-- reference.json: the mean KL(ref || rtn) and top-1 agreement of the RTN model.
+- reference.json: the mean KL(ref || rtn) and top-1 agreement of the RTN model,
+  on the prompt + continuation and on EVAL_SEQS extra random sequences
+  (eval_ids, eval_logits, eval_rtn_logits in reference.safetensors).
 
 The RTN rule simulated here is the one in docs/format.md.
 """
@@ -28,6 +30,7 @@ from transformers import Glm4MoeLiteConfig, Glm4MoeLiteForCausalLM
 
 PROMPT_LEN = 12
 GEN = 16
+EVAL_SEQS, EVAL_LEN = 8, 32  # extra sequences so KL is averaged over many positions
 SEED = 1234
 
 
@@ -154,10 +157,18 @@ def main():
                 p.copy_(rtn_dequant(p, 128))
         rtn_logits = rtn(input_ids=full, use_cache=False).logits[0].float()
 
+        eval_ids = torch.randint(2, cfg.vocab_size, (EVAL_SEQS, EVAL_LEN), generator=gen)
+        eval_logits = ref(input_ids=eval_ids, use_cache=False).logits.float()
+        eval_rtn_logits = rtn(input_ids=eval_ids, use_cache=False).logits.float()
+
     lp = torch.log_softmax(logits, -1)
     lq = torch.log_softmax(rtn_logits, -1)
     kl = (lp.exp() * (lp - lq)).sum(-1)
     top1 = (logits.argmax(-1) == rtn_logits.argmax(-1)).float().mean()
+    ep = torch.log_softmax(eval_logits, -1)
+    eq = torch.log_softmax(eval_rtn_logits, -1)
+    eval_kl = (ep.exp() * (ep - eq)).sum(-1)
+    eval_top1 = (eval_logits.argmax(-1) == eval_rtn_logits.argmax(-1)).float().mean()
 
     ref_dir = os.path.join(out, "glm4moelite-tiny-ref")
     os.makedirs(ref_dir, exist_ok=True)
@@ -167,6 +178,9 @@ def main():
             "greedy_ids": torch.tensor(greedy, dtype=torch.int64),
             "logits": logits.contiguous(),
             "rtn_logits": rtn_logits.contiguous(),
+            "eval_ids": eval_ids.to(torch.int64).contiguous(),
+            "eval_logits": eval_logits.contiguous(),
+            "eval_rtn_logits": eval_rtn_logits.contiguous(),
         },
         os.path.join(ref_dir, "reference.safetensors"),
     )
@@ -186,6 +200,8 @@ def main():
     info = {
         "kl_rtn_g128_mean": float(kl.mean()),
         "top1_rtn_g128": float(top1),
+        "eval_kl_rtn_g128_mean": float(eval_kl.mean()),
+        "eval_top1_rtn_g128": float(eval_top1),
         "prompt_len": PROMPT_LEN,
         "generated": GEN,
         "transformers_version": __import__("transformers").__version__,

@@ -1,0 +1,124 @@
+// Package backend is the narrow compute interface that the model code calls.
+// A backend owns activation tensors, weights and the latent KV cache; the
+// model never touches their memory directly, so the same forward pass runs on
+// the CPU backend (backend/cpu) and on a GPU backend.
+//
+// Every op is specified by its pure-Go implementation in backend/cpu, which is
+// the reference that faster kernels are tested against.
+package backend
+
+import "github.com/mmfp4/mmfp4/format"
+
+// Tensor is a 2-D float32 activation matrix owned by a backend. Rows are
+// tokens. A Tensor may be a column view of another (see Backend.Cols).
+type Tensor interface {
+	Rows() int
+	Cols() int
+}
+
+// Weight is a matrix W[N,K] in PyTorch Linear layout (N outputs, K inputs),
+// held in whatever layout the backend's kernels want. Vectors (norm gains,
+// biases) are weights with N = 1.
+type Weight interface {
+	Rows() int
+	Cols() int
+}
+
+// HostWeight is weight data on the host, handed to NewWeight. Exactly one of
+// Dense and Quant is set.
+type HostWeight struct {
+	Name  string         // checkpoint name, for error messages
+	N, K  int            // shape
+	Dense []float32      // row-major N*K values
+	Quant *format.Matrix // MMFP4 codes and scales (may alias a memory map)
+}
+
+// Cache holds the MLA latent cache of one sequence: for every layer and
+// position, the normalised latent c (Rank values) and the rotated shared key
+// k_pe (RopeDim values).
+type Cache interface {
+	Capacity() int // positions
+}
+
+// MLAShape gives the head geometry of multi-head latent attention.
+type MLAShape struct {
+	Heads   int // H
+	NopeDim int // dn: per-head key dims without position
+	RopeDim int // dr: rotary key dims, one key shared by all heads
+	VDim    int // dv: per-head value dims
+	Rank    int // r: latent (kv_lora_rank) dims
+}
+
+// RouterConfig is the noaux_tc top-k expert selection of a MoE layer.
+type RouterConfig struct {
+	TopK          int
+	Groups        int // n_group
+	TopKGroups    int // topk_group
+	NormTopKProb  bool
+	RoutedScaling float32
+	NumExperts    int
+}
+
+// Routing is a backend's record of which experts each token uses and with
+// what weight; it is produced by Route and consumed by MoE.
+type Routing interface {
+	Tokens() int
+}
+
+// Expert is one SwiGLU feed-forward block: down(silu(gate(x)) * up(x)).
+type Expert struct {
+	Gate, Up, Down Weight
+}
+
+// Backend is the set of ops the glm4_moe_lite forward pass needs.
+type Backend interface {
+	Name() string
+
+	NewWeight(w HostWeight) (Weight, error)
+	NewTensor(rows, cols int) Tensor
+	Upload(dst Tensor, src []float32)
+	Download(src Tensor) []float32
+	// Cols is a view of columns [from, to) of t that shares its memory.
+	Cols(t Tensor, from, to int) Tensor
+	// Rows is a view of rows [from, to) of t that shares its memory.
+	Rows(t Tensor, from, to int) Tensor
+
+	// Embed copies row ids[i] of table into row i of dst.
+	Embed(dst Tensor, table Weight, ids []int) error
+	// MatMul computes dst = x W^T: dst[t,n] = sum_k x[t,k] W[n,k].
+	MatMul(dst, x Tensor, w Weight)
+	// RMSNorm computes dst = gain * x / sqrt(mean(x^2) + eps) row by row.
+	RMSNorm(dst, x Tensor, gain Weight, eps float32)
+	// RoPE rotates, in place, dims [offset, offset+dim) of each of the heads
+	// (headStride columns apart) of row t by position pos0+t. Interleaved
+	// rotates pairs (x[2i], x[2i+1]); otherwise pairs (x[i], x[i+dim/2]).
+	RoPE(x Tensor, heads, headStride, offset, dim, pos0 int, theta float64, interleaved bool)
+	// Add computes dst = a + b.
+	Add(dst, a, b Tensor)
+	// SwiGLU computes dst = silu(gate) * up.
+	SwiGLU(dst, gate, up Tensor)
+
+	// NewCache allocates a latent cache for capacity positions.
+	NewCache(layers, capacity, rank, ropeDim int) Cache
+	// CacheWrite stores row t of latent and kpe at position pos0+t of layer.
+	CacheWrite(c Cache, layer, pos0 int, latent, kpe Tensor)
+	// AbsorbQuery folds the key up-projection into the query:
+	// qlat[t,h] = W_UK[h]^T q_nope[t,h], where W_UK[h] are rows
+	// [h(dn+dv), h(dn+dv)+dn) of kvB and q_nope[t,h] are columns
+	// [h(dn+dr), h(dn+dr)+dn) of q. qlat has H*Rank columns.
+	AbsorbQuery(qlat, q Tensor, kvB Weight, s MLAShape)
+	// LatentAttention is causal attention over the cache in latent space:
+	// for row t at position p = pos0+t and head h,
+	// score_j = scale * (qlat[t,h].c_j + q_pe[t,h].kpe_j) for j <= p,
+	// olat[t,h] = sum_j softmax(score)_j c_j.
+	LatentAttention(olat, qlat, q Tensor, c Cache, layer, pos0 int, s MLAShape, scale float32)
+	// ExpandValues applies the value up-projection:
+	// out[t,h] = W_UV[h] olat[t,h], W_UV[h] = rows [h(dn+dv)+dn, (h+1)(dn+dv)) of kvB.
+	ExpandValues(out, olat Tensor, kvB Weight, s MLAShape)
+
+	// Route picks experts from router logits (fp32) with the bias-corrected
+	// noaux_tc rule of DESIGN.md section 3.
+	Route(logits Tensor, bias Weight, cfg RouterConfig) Routing
+	// MoE adds to dst, for each token, sum_e w_e * expert_e(x).
+	MoE(dst, x Tensor, r Routing, experts []Expert)
+}

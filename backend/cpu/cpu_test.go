@@ -1,0 +1,81 @@
+package cpu
+
+import (
+	"math"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/mmfp4/mmfp4/backend"
+	"github.com/mmfp4/mmfp4/format"
+)
+
+func randMat(r *rand.Rand, n int, scale float64) []float32 {
+	v := make([]float32, n)
+	for i := range v {
+		v[i] = float32(r.NormFloat64() * scale)
+	}
+	return v
+}
+
+func relErr(ref, got []float32) float64 {
+	var num, den float64
+	for i := range ref {
+		d := float64(got[i] - ref[i])
+		num += d * d
+		den += float64(ref[i]) * float64(ref[i])
+	}
+	return math.Sqrt(num / den)
+}
+
+// naiveMatMul is the plain definition, in float64.
+func naiveMatMul(x []float32, T, K int, w []float32, N int) []float32 {
+	out := make([]float32, T*N)
+	for t := 0; t < T; t++ {
+		for n := 0; n < N; n++ {
+			var s float64
+			for k := 0; k < K; k++ {
+				s += float64(x[t*K+k]) * float64(w[n*K+k])
+			}
+			out[t*N+n] = float32(s)
+		}
+	}
+	return out
+}
+
+// The int8-activation and float-activation MMFP4 kernels against the naive
+// product of the dequantized weights, on fresh random inputs.
+func TestQuantMatMulKernels(t *testing.T) {
+	r := rand.New(rand.NewPCG(1, uint64(rand.Int64())))
+	for _, G := range []int{32, 64, 128} {
+		for _, T := range []int{1, 3, 17} {
+			N, K := 37, 256
+			w := randMat(r, N*K, 0.05)
+			q, err := format.Quantize(w, N, K, format.QuantOptions{GroupSize: G})
+			if err != nil {
+				t.Fatal(err)
+			}
+			x := randMat(r, T*K, 1)
+			want := naiveMatMul(x, T, K, q.Dequantize(), N)
+			for _, floatActs := range []bool{false, true} {
+				b := New(Options{Threads: 3, FloatActivations: floatActs})
+				wt, err := b.NewWeight(backend.HostWeight{Name: "w", N: N, K: K, Quant: q})
+				if err != nil {
+					t.Fatal(err)
+				}
+				xt, out := b.NewTensor(T, K), b.NewTensor(T, N)
+				b.Upload(xt, x)
+				b.MatMul(out, xt, wt)
+				e := relErr(want, b.Download(out))
+				// int8 activations lose about 2^-8 relative per element.
+				tol := 1e-5
+				if !floatActs {
+					tol = 1e-2
+				}
+				t.Logf("G=%d T=%d float=%v: %.2e", G, T, floatActs, e)
+				if e > tol {
+					t.Errorf("G=%d T=%d float=%v: relative error %.2e > %.0e", G, T, floatActs, e, tol)
+				}
+			}
+		}
+	}
+}

@@ -1,0 +1,135 @@
+package cpu
+
+import (
+	"fmt"
+	"math"
+	"sort"
+
+	"github.com/mmfp4/mmfp4/backend"
+)
+
+// routing holds, per token, TopK expert ids and their weights.
+type routing struct {
+	topK    int
+	experts []int
+	weights []float32
+}
+
+func (r *routing) Tokens() int { return len(r.experts) / max(r.topK, 1) }
+
+// Choice returns token t's experts and weights (for tests and debugging).
+func (r *routing) Choice(t int) ([]int, []float32) {
+	return r.experts[t*r.topK : (t+1)*r.topK], r.weights[t*r.topK : (t+1)*r.topK]
+}
+
+// Route applies the noaux_tc rule to each row of logits.
+func (b *Backend) Route(logits backend.Tensor, bias backend.Weight, cfg backend.RouterConfig) backend.Routing {
+	lm := asMat(logits)
+	checkShape("route", [2]int{lm.rows, lm.cols}, [2]int{lm.rows, cfg.NumExperts})
+	bv := vector(bias)
+	r := &routing{topK: cfg.TopK, experts: make([]int, lm.rows*cfg.TopK), weights: make([]float32, lm.rows*cfg.TopK)}
+	for t := 0; t < lm.rows; t++ {
+		SelectExperts(lm.row(t), bv, cfg, r.experts[t*cfg.TopK:(t+1)*cfg.TopK], r.weights[t*cfg.TopK:(t+1)*cfg.TopK])
+	}
+	return r
+}
+
+// SelectExperts is the reference router for one token: scores are
+// sigmoid(logits); the choice uses scores + bias, restricted to the best
+// TopKGroups groups (a group's worth is the sum of its two best biased
+// scores); the weights are the unbiased scores of the chosen experts,
+// normalised when NormTopKProb, times RoutedScaling.
+func SelectExperts(logits, bias []float32, cfg backend.RouterConfig, ids []int, weights []float32) {
+	E := cfg.NumExperts
+	scores := make([]float32, E)
+	choice := make([]float32, E)
+	for e := 0; e < E; e++ {
+		scores[e] = float32(1 / (1 + math.Exp(-float64(logits[e]))))
+		choice[e] = scores[e] + bias[e]
+	}
+	if cfg.Groups > 1 {
+		per := E / cfg.Groups
+		type group struct {
+			idx   int
+			worth float32
+		}
+		groups := make([]group, cfg.Groups)
+		for g := range groups {
+			m1, m2 := float32(math.Inf(-1)), float32(math.Inf(-1))
+			for _, v := range choice[g*per : (g+1)*per] {
+				if v > m1 {
+					m1, m2 = v, m1
+				} else if v > m2 {
+					m2 = v
+				}
+			}
+			groups[g] = group{g, m1 + m2}
+		}
+		sort.SliceStable(groups, func(i, j int) bool { return groups[i].worth > groups[j].worth })
+		for _, g := range groups[cfg.TopKGroups:] {
+			for e := g.idx * per; e < (g.idx+1)*per; e++ {
+				choice[e] = float32(math.Inf(-1))
+			}
+		}
+	}
+	order := make([]int, E)
+	for i := range order {
+		order[i] = i
+	}
+	sort.SliceStable(order, func(i, j int) bool { return choice[order[i]] > choice[order[j]] })
+	var sum float32
+	for k := 0; k < cfg.TopK; k++ {
+		ids[k] = order[k]
+		weights[k] = scores[order[k]]
+		sum += weights[k]
+	}
+	for k := range weights {
+		if cfg.NormTopKProb {
+			weights[k] /= sum + 1e-20
+		}
+		weights[k] *= cfg.RoutedScaling
+	}
+}
+
+// MoE runs each chosen expert on the tokens routed to it and adds the
+// weighted outputs to dst.
+func (b *Backend) MoE(dst, x backend.Tensor, r backend.Routing, experts []backend.Expert) {
+	d, xm := asMat(dst), asMat(x)
+	rt, ok := r.(*routing)
+	if !ok {
+		panic(fmt.Sprintf("cpu backend: routing of type %T from another backend", r))
+	}
+	checkShape("moe", [2]int{d.rows, d.cols}, [2]int{xm.rows, xm.cols})
+	type use struct {
+		token  int
+		weight float32
+	}
+	byExpert := make([][]use, len(experts))
+	for t := 0; t < xm.rows; t++ {
+		ids, ws := rt.Choice(t)
+		for k, e := range ids {
+			byExpert[e] = append(byExpert[e], use{t, ws[k]})
+		}
+	}
+	for e, uses := range byExpert {
+		if len(uses) == 0 {
+			continue
+		}
+		ex := experts[e]
+		in := &mat{rows: len(uses), cols: xm.cols, stride: xm.cols, data: make([]float32, len(uses)*xm.cols)}
+		for i, u := range uses {
+			copy(in.row(i), xm.row(u.token))
+		}
+		inter := ex.Gate.Rows()
+		gate, up := b.NewTensor(len(uses), inter), b.NewTensor(len(uses), inter)
+		b.MatMul(gate, in, ex.Gate)
+		b.MatMul(up, in, ex.Up)
+		b.SwiGLU(gate, gate, up)
+		out := b.NewTensor(len(uses), xm.cols)
+		b.MatMul(out, gate, ex.Down)
+		om := asMat(out)
+		for i, u := range uses {
+			axpy(d.row(u.token), u.weight, om.row(i))
+		}
+	}
+}

@@ -1,0 +1,86 @@
+package cpu
+
+import (
+	"math"
+
+	"github.com/mmfp4/mmfp4/backend"
+)
+
+// RMSNorm normalises each row by its root mean square, then applies gain.
+func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float32) {
+	d, xm, g := asMat(dst), asMat(x), vector(gain)
+	checkShape("rmsnorm", [2]int{d.rows, d.cols}, [2]int{xm.rows, len(g)})
+	checkShape("rmsnorm in", [2]int{xm.rows, xm.cols}, [2]int{d.rows, d.cols})
+	for t := 0; t < xm.rows; t++ {
+		in, out := xm.row(t), d.row(t)
+		var ss float64
+		for _, v := range in {
+			ss += float64(v) * float64(v)
+		}
+		inv := float32(1 / math.Sqrt(ss/float64(len(in))+float64(eps)))
+		for i, v := range in {
+			out[i] = g[i] * (v * inv)
+		}
+	}
+}
+
+// RoPE rotates the rotary dims of each head in place.
+func (b *Backend) RoPE(x backend.Tensor, heads, headStride, offset, dim, pos0 int, theta float64, interleaved bool) {
+	m := asMat(x)
+	half := dim / 2
+	cos := make([]float32, half)
+	sin := make([]float32, half)
+	for t := 0; t < m.rows; t++ {
+		pos := float64(pos0 + t)
+		for i := 0; i < half; i++ {
+			// The frequency is computed in float32, as the reference does.
+			invFreq := float32(1 / math.Pow(theta, float64(float32(2*i)/float32(dim))))
+			angle := float32(pos) * invFreq
+			cos[i] = float32(math.Cos(float64(angle)))
+			sin[i] = float32(math.Sin(float64(angle)))
+		}
+		row := m.row(t)
+		for h := 0; h < heads; h++ {
+			v := row[h*headStride+offset : h*headStride+offset+dim]
+			for i := 0; i < half; i++ {
+				a, c := 2*i, 2*i+1
+				if !interleaved {
+					a, c = i, i+half
+				}
+				x0, x1 := v[a], v[c]
+				v[a] = x0*cos[i] - x1*sin[i]
+				v[c] = x1*cos[i] + x0*sin[i]
+			}
+		}
+	}
+}
+
+// Add computes dst = a + b elementwise.
+func (b *Backend) Add(dst, a, c backend.Tensor) {
+	d, am, cm := asMat(dst), asMat(a), asMat(c)
+	checkShape("add", [2]int{am.rows, am.cols}, [2]int{d.rows, d.cols})
+	checkShape("add", [2]int{cm.rows, cm.cols}, [2]int{d.rows, d.cols})
+	for t := 0; t < d.rows; t++ {
+		dr, ar, cr := d.row(t), am.row(t), cm.row(t)
+		for i := range dr {
+			dr[i] = ar[i] + cr[i]
+		}
+	}
+}
+
+func silu(x float32) float32 {
+	return x / (1 + float32(math.Exp(float64(-x))))
+}
+
+// SwiGLU computes dst = silu(gate) * up elementwise.
+func (b *Backend) SwiGLU(dst, gate, up backend.Tensor) {
+	d, gm, um := asMat(dst), asMat(gate), asMat(up)
+	checkShape("swiglu", [2]int{gm.rows, gm.cols}, [2]int{d.rows, d.cols})
+	checkShape("swiglu", [2]int{um.rows, um.cols}, [2]int{d.rows, d.cols})
+	for t := 0; t < d.rows; t++ {
+		dr, gr, ur := d.row(t), gm.row(t), um.row(t)
+		for i := range dr {
+			dr[i] = silu(gr[i]) * ur[i]
+		}
+	}
+}

@@ -1,0 +1,242 @@
+package cpu
+
+import (
+	"fmt"
+
+	"github.com/mmfp4/mmfp4/backend"
+	"github.com/mmfp4/mmfp4/format"
+)
+
+// dense is a float32 weight matrix.
+type dense struct {
+	n, k int
+	w    []float32
+}
+
+func (d *dense) Rows() int { return d.n }
+func (d *dense) Cols() int { return d.k }
+
+// quant is an MMFP4 weight matrix, used in place (its codes may alias the
+// memory-mapped file).
+type quant struct {
+	m      *format.Matrix
+	groups int // K / G
+}
+
+func (q *quant) Rows() int { return q.m.N }
+func (q *quant) Cols() int { return q.m.K }
+
+// e4m3Table decodes every FP8 E4M3 scale byte.
+var e4m3Table = func() (t [256]float32) {
+	for i := range t {
+		t[i] = format.E4M3Decode(uint8(i))
+	}
+	return
+}()
+
+// pairTable maps a packed byte to its two doubled E2M1 values (low nibble
+// first), so the int8 kernel does one lookup per two weights.
+var pairTable = func() (t [256][2]int32) {
+	for i := range t {
+		t[i] = [2]int32{int32(format.E2M1Doubled[i&15]), int32(format.E2M1Doubled[i>>4])}
+	}
+	return
+}()
+
+// NewWeight wraps host weight data. Dense data is used as given; MMFP4 data
+// is validated and kept packed.
+func (b *Backend) NewWeight(w backend.HostWeight) (backend.Weight, error) {
+	switch {
+	case w.Quant != nil && w.Dense == nil:
+		if err := w.Quant.Validate(); err != nil {
+			return nil, fmt.Errorf("%s: %w", w.Name, err)
+		}
+		if w.Quant.N != w.N || w.Quant.K != w.K {
+			return nil, fmt.Errorf("%s: MMFP4 matrix is %dx%d, want %dx%d", w.Name, w.Quant.N, w.Quant.K, w.N, w.K)
+		}
+		return &quant{m: w.Quant, groups: w.Quant.K / w.Quant.GroupSize}, nil
+	case w.Dense != nil && w.Quant == nil:
+		if len(w.Dense) != w.N*w.K {
+			return nil, fmt.Errorf("%s: %d values, want %dx%d", w.Name, len(w.Dense), w.N, w.K)
+		}
+		return &dense{n: w.N, k: w.K, w: w.Dense}, nil
+	default:
+		return nil, fmt.Errorf("%s: exactly one of dense or MMFP4 data must be given", w.Name)
+	}
+}
+
+// weightRow returns row n of w as float32, decoding MMFP4 into buf.
+func weightRow(w backend.Weight, n int, buf []float32) []float32 {
+	switch w := w.(type) {
+	case *dense:
+		return w.w[n*w.k : (n+1)*w.k]
+	case *quant:
+		w.m.DequantizeRow(n, buf[:w.m.K])
+		return buf[:w.m.K]
+	default:
+		panic(fmt.Sprintf("cpu backend: weight of type %T from another backend", w))
+	}
+}
+
+// vector returns a 1 x K weight's values.
+func vector(w backend.Weight) []float32 {
+	d, ok := w.(*dense)
+	if !ok || d.n != 1 {
+		panic(fmt.Sprintf("cpu backend: want a dense vector, got %T %dx%d", w, w.Rows(), w.Cols()))
+	}
+	return d.w
+}
+
+// Embed copies rows of the embedding table.
+func (b *Backend) Embed(dst backend.Tensor, table backend.Weight, ids []int) error {
+	d := asMat(dst)
+	checkShape("embed", [2]int{d.rows, d.cols}, [2]int{len(ids), table.Cols()})
+	for t, id := range ids {
+		if id < 0 || id >= table.Rows() {
+			return fmt.Errorf("token id %d at position %d is outside the vocabulary [0, %d)", id, t, table.Rows())
+		}
+		row := d.row(t)
+		copy(row, weightRow(table, id, row))
+	}
+	return nil
+}
+
+func dot(a, b []float32) float32 {
+	b = b[:len(a)]
+	var s0, s1, s2, s3 float32
+	i := 0
+	for ; i+4 <= len(a); i += 4 {
+		s0 += a[i] * b[i]
+		s1 += a[i+1] * b[i+1]
+		s2 += a[i+2] * b[i+2]
+		s3 += a[i+3] * b[i+3]
+	}
+	for ; i < len(a); i++ {
+		s0 += a[i] * b[i]
+	}
+	return (s0 + s1) + (s2 + s3)
+}
+
+func axpy(dst []float32, a float32, x []float32) {
+	x = x[:len(dst)]
+	for i := range dst {
+		dst[i] += a * x[i]
+	}
+}
+
+// MatMul computes dst = x W^T, split over output rows.
+func (b *Backend) MatMul(dst, x backend.Tensor, w backend.Weight) {
+	d, xm := asMat(dst), asMat(x)
+	checkShape("matmul out", [2]int{d.rows, d.cols}, [2]int{xm.rows, w.Rows()})
+	checkShape("matmul in", [2]int{xm.rows, xm.cols}, [2]int{xm.rows, w.Cols()})
+	switch w := w.(type) {
+	case *dense:
+		b.parallel(w.n, func(lo, hi int) {
+			for n := lo; n < hi; n++ {
+				wr := w.w[n*w.k : (n+1)*w.k]
+				for t := 0; t < xm.rows; t++ {
+					d.data[t*d.stride+n] = dot(wr, xm.row(t))
+				}
+			}
+		})
+	case *quant:
+		if b.floatActs {
+			b.matMulQuantFloat(d, xm, w)
+		} else {
+			b.matMulQuantInt8(d, xm, w)
+		}
+	default:
+		panic(fmt.Sprintf("cpu backend: weight of type %T from another backend", w))
+	}
+}
+
+func (b *Backend) matMulQuantFloat(d, xm *mat, w *quant) {
+	b.parallel(w.m.N, func(lo, hi int) {
+		buf := make([]float32, w.m.K)
+		for n := lo; n < hi; n++ {
+			w.m.DequantizeRow(n, buf)
+			for t := 0; t < xm.rows; t++ {
+				d.data[t*d.stride+n] = dot(buf, xm.row(t))
+			}
+		}
+	})
+}
+
+// quantizeActivations turns each group of G values of every row into int8
+// with one symmetric scale (amax/127), rounding half away from zero.
+func quantizeActivations(x *mat, group int) (q []int8, scales []float32) {
+	groups := x.cols / group
+	q = make([]int8, x.rows*x.cols)
+	scales = make([]float32, x.rows*groups)
+	for t := 0; t < x.rows; t++ {
+		row := x.row(t)
+		for g := 0; g < groups; g++ {
+			seg := row[g*group : (g+1)*group]
+			var amax float32
+			for _, v := range seg {
+				if v < 0 {
+					v = -v
+				}
+				amax = max(amax, v)
+			}
+			if amax == 0 {
+				continue
+			}
+			scale := amax / 127
+			scales[t*groups+g] = scale
+			out := q[t*x.cols+g*group:]
+			for i, v := range seg {
+				r := v / scale
+				if r >= 0 {
+					r += 0.5
+				} else {
+					r -= 0.5
+				}
+				out[i] = int8(max(-127, min(127, int32(r))))
+			}
+		}
+	}
+	return q, scales
+}
+
+// matMulQuantInt8 is the integer kernel: within a group, the doubled E2M1
+// codes times int8 activations sum exactly in int32, and the group's float
+// scale row_scale * e4m3(s) * x_scale / 2 is applied once.
+func (b *Backend) matMulQuantInt8(d, xm *mat, w *quant) {
+	m := w.m
+	G, K, groups := m.GroupSize, m.K, w.groups
+	xq, xs := quantizeActivations(xm, G)
+	T := xm.rows
+	b.parallel(m.N, func(lo, hi int) {
+		acc := make([]float32, T)
+		for n := lo; n < hi; n++ {
+			clear(acc)
+			codes := m.Codes[n*K/2 : (n+1)*K/2]
+			scales := m.Scales[n*groups : (n+1)*groups]
+			rs := m.RowScale[n] * 0.5
+			for g := 0; g < groups; g++ {
+				ws := rs * e4m3Table[scales[g]]
+				if ws == 0 {
+					continue
+				}
+				gc := codes[g*G/2 : (g+1)*G/2]
+				for t := 0; t < T; t++ {
+					xsv := xs[t*groups+g]
+					if xsv == 0 {
+						continue
+					}
+					xg := xq[t*K+g*G : t*K+(g+1)*G]
+					var s int32
+					for i, c := range gc {
+						p := &pairTable[c]
+						s += p[0]*int32(xg[2*i]) + p[1]*int32(xg[2*i+1])
+					}
+					acc[t] += float32(s) * ws * xsv
+				}
+			}
+			for t := 0; t < T; t++ {
+				d.data[t*d.stride+n] = acc[t]
+			}
+		}
+	})
+}

@@ -1,0 +1,111 @@
+package main
+
+import (
+	"context"
+	"fmt"
+	"os"
+	"os/signal"
+	"strconv"
+	"strings"
+
+	"github.com/spf13/cobra"
+
+	"github.com/mmfp4/mmfp4"
+	"github.com/mmfp4/mmfp4/sample"
+)
+
+// modelFlags are the load options shared by the commands that run a model.
+type modelFlags struct {
+	dir      string
+	threads  int
+	ctx      int
+	floatAct bool
+	debugNaN bool
+}
+
+func (f *modelFlags) register(c *cobra.Command) {
+	c.Flags().StringVarP(&f.dir, "model", "m", "", "model directory: Hugging Face checkpoint or MMFP4 (required)")
+	c.Flags().IntVar(&f.threads, "threads", 0, "CPU threads (0: all cores)")
+	c.Flags().IntVar(&f.ctx, "ctx", 0, "maximum context in tokens (0: model maximum, at most 4096)")
+	c.Flags().BoolVar(&f.floatAct, "float-activations", false, "run MMFP4 products on float32 activations instead of int8")
+	c.Flags().BoolVar(&f.debugNaN, "debug-nan", false, "check every tensor and name the first layer and tensor that produce NaN/Inf")
+	_ = c.MarkFlagRequired("model")
+}
+
+func (f *modelFlags) load() (*mmfp4.Model, error) {
+	return mmfp4.Load(f.dir, mmfp4.Options{Threads: f.threads, MaxContext: f.ctx, FloatActivations: f.floatAct, DebugNaN: f.debugNaN})
+}
+
+// parseIDs reads "1,2,3" (spaces allowed).
+func parseIDs(s string) ([]int, error) {
+	var ids []int
+	for _, field := range strings.FieldsFunc(s, func(r rune) bool { return r == ',' || r == ' ' }) {
+		id, err := strconv.Atoi(field)
+		if err != nil || id < 0 {
+			return nil, fmt.Errorf("--ids: %q is not a token id", field)
+		}
+		ids = append(ids, id)
+	}
+	if len(ids) == 0 {
+		return nil, fmt.Errorf("--ids: no token ids given")
+	}
+	return ids, nil
+}
+
+func init() {
+	var (
+		mf        modelFlags
+		ids       string
+		maxTokens int
+		so        sample.Options
+	)
+	cmd := &cobra.Command{
+		Use:   "generate -m DIR (--ids 1,2,3 | -p TEXT)",
+		Short: "Generate tokens from a prompt, streaming them to the terminal",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if ids == "" {
+				return fmt.Errorf("give the prompt as token ids with --ids")
+			}
+			prompt, err := parseIDs(ids)
+			if err != nil {
+				return err
+			}
+			if err := so.Validate(); err != nil {
+				return err
+			}
+			m, err := mf.load()
+			if err != nil {
+				return err
+			}
+			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+			defer stop()
+			out := cmd.OutOrStdout()
+			res, err := m.Generate(ctx, prompt, mmfp4.GenerateOptions{
+				MaxTokens: maxTokens,
+				Sampling:  so,
+				OnToken: func(id int) error {
+					_, err := fmt.Fprintf(out, "%d ", id)
+					return err
+				},
+			})
+			fmt.Fprintln(out)
+			if res != nil {
+				fmt.Fprintf(cmd.ErrOrStderr(), "prompt %d tokens, generated %d tokens (%s); load %.2fs, prefill %.1f tok/s, decode %.1f tok/s\n",
+					res.PromptTokens, len(res.Tokens), res.StopReason, m.LoadTime.Seconds(),
+					res.PrefillTokensPerSecond(), res.DecodeTokensPerSecond())
+			}
+			return err
+		},
+	}
+	mf.register(cmd)
+	f := cmd.Flags()
+	f.StringVar(&ids, "ids", "", "prompt as comma-separated token ids")
+	f.IntVarP(&maxTokens, "max-tokens", "n", 128, "tokens to generate (0: until EOS or the context is full)")
+	f.Float32Var(&so.Temperature, "temperature", 0, "sampling temperature (0: greedy)")
+	f.IntVar(&so.TopK, "top-k", 0, "keep the k most likely tokens (0: off)")
+	f.Float32Var(&so.TopP, "top-p", 0, "nucleus sampling threshold (0 or 1: off)")
+	f.Float32Var(&so.MinP, "min-p", 0, "drop tokens below min-p times the top probability (0: off)")
+	f.Uint64Var(&so.Seed, "seed", 0, "random seed for sampling")
+	rootCmd.AddCommand(cmd)
+}

@@ -1,0 +1,221 @@
+package glm4moelite
+
+import (
+	"fmt"
+
+	"github.com/mmfp4/mmfp4/backend"
+	"github.com/mmfp4/mmfp4/format"
+	"github.com/mmfp4/mmfp4/safetensors"
+)
+
+// LoadOptions change how weights are loaded.
+type LoadOptions struct {
+	// Dequantize expands MMFP4 weights to float32 at load, giving the
+	// dequantized-weights forward pass that the MMFP4 kernels are compared with.
+	Dequantize bool
+}
+
+// Load reads a model directory, either a Hugging Face checkpoint
+// (bf16/f16/f32 safetensors) or an MMFP4 directory, onto backend b. The
+// returned Model keeps the safetensors mapping open: MMFP4 weights are used
+// in place. MTP layers (index >= num_hidden_layers) are not loaded.
+func Load(dir string, b backend.Backend, opt LoadOptions) (*Model, error) {
+	cfg, err := LoadConfig(dir)
+	if err != nil {
+		return nil, err
+	}
+	set, err := safetensors.OpenDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	ld := &loader{b: b, set: set, opt: opt, dir: dir}
+	if format.IsMMFP4Dir(dir) {
+		h, err := format.ReadHeader(dir)
+		if err != nil {
+			set.Close()
+			return nil, err
+		}
+		ld.group = h.GroupSize
+	}
+	m, err := ld.model(cfg)
+	if err != nil {
+		set.Close()
+		return nil, err
+	}
+	return m, nil
+}
+
+type loader struct {
+	b     backend.Backend
+	set   *safetensors.Set
+	opt   LoadOptions
+	dir   string
+	group int // MMFP4 group size; 0 for a plain checkpoint
+	err   error
+}
+
+// matrix loads weight name with shape [n, k], MMFP4-packed or dense.
+func (ld *loader) matrix(name string, n, k int) backend.Weight {
+	if ld.err != nil {
+		return nil
+	}
+	hw := backend.HostWeight{Name: name, N: n, K: k}
+	qn, sn, rn := format.QuantizedNames(name)
+	if ld.group > 0 && ld.set.Has(qn) {
+		var ts [3]*safetensors.Tensor
+		for i, tn := range []string{qn, sn, rn} {
+			if ts[i], ld.err = ld.set.Tensor(tn); ld.err != nil {
+				return nil
+			}
+		}
+		q, err := format.MatrixFromTensors(ts[0], ts[1], ts[2], ld.group)
+		if err != nil {
+			ld.err = err
+			return nil
+		}
+		if q.N != n || q.K != k {
+			ld.err = fmt.Errorf("%s: tensor %s: MMFP4 matrix is [%d %d], want [%d %d]", ts[0].File, name, q.N, q.K, n, k)
+			return nil
+		}
+		if ld.opt.Dequantize {
+			hw.Dense = q.Dequantize()
+		} else {
+			hw.Quant = q
+		}
+	} else {
+		hw.Dense = ld.floats(name, n, k)
+		if ld.err != nil {
+			return nil
+		}
+	}
+	w, err := ld.b.NewWeight(hw)
+	if err != nil {
+		ld.err = err
+	}
+	return w
+}
+
+// vector loads a 1-D tensor of length k as a 1 x k weight.
+func (ld *loader) vector(name string, k int) backend.Weight {
+	return ld.dense(name, 1, k, k)
+}
+
+// dense loads a float tensor stored with the given shape as an n x k weight.
+// The router gate goes through here: it is never quantized.
+func (ld *loader) dense(name string, n, k int, shape ...int) backend.Weight {
+	if ld.err != nil {
+		return nil
+	}
+	v := ld.floats(name, shape...)
+	if ld.err != nil {
+		return nil
+	}
+	w, err := ld.b.NewWeight(backend.HostWeight{Name: name, N: n, K: k, Dense: v})
+	if err != nil {
+		ld.err = err
+	}
+	return w
+}
+
+// floats reads a bf16/f16/f32 tensor of the given shape as float32.
+func (ld *loader) floats(name string, shape ...int) []float32 {
+	t, err := ld.set.Tensor(name)
+	if err != nil {
+		ld.err = err
+		return nil
+	}
+	if !sameShape(t.Shape, shape) {
+		ld.err = fmt.Errorf("%s: tensor %s: shape %v, want %v", t.File, name, t.Shape, shape)
+		return nil
+	}
+	v, err := t.Float32()
+	if err != nil {
+		ld.err = err
+		return nil
+	}
+	return v
+}
+
+func sameShape(a, b []int) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
+
+func (ld *loader) mlp(prefix string, hidden, inter int) *MLP {
+	return &MLP{
+		Gate: ld.matrix(prefix+"gate_proj.weight", inter, hidden),
+		Up:   ld.matrix(prefix+"up_proj.weight", inter, hidden),
+		Down: ld.matrix(prefix+"down_proj.weight", hidden, inter),
+	}
+}
+
+func (ld *loader) model(c *Config) (*Model, error) {
+	H, heads := c.HiddenSize, c.NumHeads
+	qk := c.QKNopeHeadDim + c.QKRopeHeadDim
+	m := &Model{
+		Config: c,
+		b:      ld.b,
+		mla: backend.MLAShape{Heads: heads, NopeDim: c.QKNopeHeadDim, RopeDim: c.QKRopeHeadDim,
+			VDim: c.VHeadDim, Rank: c.KVLoraRank},
+		route: backend.RouterConfig{TopK: c.ExpertsPerToken, Groups: c.NumGroups, TopKGroups: c.TopKGroups,
+			NormTopKProb: c.NormTopKProb, RoutedScaling: c.RoutedScaling, NumExperts: c.NumExperts},
+	}
+	m.Embed = ld.matrix("model.embed_tokens.weight", c.VocabSize, H)
+	for i := 0; i < c.NumLayers; i++ {
+		p := fmt.Sprintf("model.layers.%d.", i)
+		l := Layer{
+			InputNorm:    ld.vector(p+"input_layernorm.weight", H),
+			PostAttnNorm: ld.vector(p+"post_attention_layernorm.weight", H),
+		}
+		a := &l.Attn
+		if c.QLoraRank > 0 {
+			a.QA = ld.matrix(p+"self_attn.q_a_proj.weight", c.QLoraRank, H)
+			a.QANorm = ld.vector(p+"self_attn.q_a_layernorm.weight", c.QLoraRank)
+			a.QB = ld.matrix(p+"self_attn.q_b_proj.weight", heads*qk, c.QLoraRank)
+		} else {
+			a.Q = ld.matrix(p+"self_attn.q_proj.weight", heads*qk, H)
+		}
+		a.KVA = ld.matrix(p+"self_attn.kv_a_proj_with_mqa.weight", c.KVLoraRank+c.QKRopeHeadDim, H)
+		a.KVANorm = ld.vector(p+"self_attn.kv_a_layernorm.weight", c.KVLoraRank)
+		a.KVB = ld.matrix(p+"self_attn.kv_b_proj.weight", heads*(c.QKNopeHeadDim+c.VHeadDim), c.KVLoraRank)
+		a.O = ld.matrix(p+"self_attn.o_proj.weight", H, heads*c.VHeadDim)
+
+		if c.Dense[i] {
+			l.MLP = ld.mlp(p+"mlp.", H, c.IntermediateSize)
+		} else {
+			moe := &MoE{
+				Router: ld.dense(p+"mlp.gate.weight", c.NumExperts, H, c.NumExperts, H),
+				Bias:   ld.vector(p+"mlp.gate.e_score_correction_bias", c.NumExperts),
+			}
+			for e := 0; e < c.NumExperts; e++ {
+				ex := ld.mlp(fmt.Sprintf("%smlp.experts.%d.", p, e), H, c.MoEIntermediateSize)
+				moe.Experts = append(moe.Experts, backend.Expert{Gate: ex.Gate, Up: ex.Up, Down: ex.Down})
+			}
+			if c.NumSharedExperts > 0 {
+				moe.Shared = ld.mlp(p+"mlp.shared_experts.", H, c.MoEIntermediateSize*c.NumSharedExperts)
+			}
+			l.MoE = moe
+		}
+		m.Layers = append(m.Layers, l)
+		if ld.err != nil {
+			return nil, ld.err
+		}
+	}
+	m.Norm = ld.vector("model.norm.weight", H)
+	if c.TieEmbeddings && !ld.set.Has("lm_head.weight") && !ld.set.Has("lm_head.weight.qweight") {
+		m.LMHead = m.Embed
+	} else {
+		m.LMHead = ld.matrix("lm_head.weight", c.VocabSize, H)
+	}
+	if ld.err != nil {
+		return nil, ld.err
+	}
+	return m, nil
+}
