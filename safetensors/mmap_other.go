@@ -1,0 +1,17 @@
+//go:build !unix
+
+package safetensors
+
+import (
+	"io"
+	"os"
+)
+
+// mapFile reads the whole file where mmap is not available.
+func mapFile(fd *os.File, size int) ([]byte, func() error, error) {
+	data := make([]byte, size)
+	if _, err := io.ReadFull(fd, data); err != nil {
+		return nil, nil, err
+	}
+	return data, func() error { return nil }, nil
+}
