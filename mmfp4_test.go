@@ -1,0 +1,87 @@
+package mmfp4
+
+import (
+	"context"
+	"errors"
+	"testing"
+
+	"github.com/mmfp4/mmfp4/sample"
+)
+
+const fixture = "testdata/glm4moelite-tiny"
+
+var prompt = []int{149, 210, 221, 186, 162, 262, 274, 144, 117, 39, 101, 25}
+
+func TestGenerateStopsOnEOS(t *testing.T) {
+	m, err := Load(fixture, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	// The third greedy token (300) is declared a stop token.
+	res, err := m.Generate(context.Background(), prompt, GenerateOptions{MaxTokens: 10, StopIDs: []int{300}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.StopReason != "eos" || len(res.Tokens) != 2 {
+		t.Errorf("got %v (%s), want 2 tokens and an eos stop", res.Tokens, res.StopReason)
+	}
+}
+
+func TestGenerateSeededSamplingIsReproducible(t *testing.T) {
+	m, err := Load(fixture, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	run := func(seed uint64) []int {
+		res, err := m.Generate(context.Background(), prompt, GenerateOptions{MaxTokens: 12, StopIDs: []int{},
+			Sampling: sample.Options{Temperature: 1.5, TopK: 50, Seed: seed}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		return res.Tokens
+	}
+	a, b, c := run(7), run(7), run(8)
+	if len(a) != 12 || !equal(a, b) {
+		t.Errorf("same seed gave %v and %v", a, b)
+	}
+	if equal(a, c) {
+		t.Errorf("seeds 7 and 8 gave the same tokens %v", a)
+	}
+}
+
+func TestGenerateContextFullAndCancel(t *testing.T) {
+	m, err := Load(fixture, Options{MaxContext: 16})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := m.Generate(context.Background(), prompt, GenerateOptions{StopIDs: []int{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.StopReason != "context" || len(prompt)+len(res.Tokens) != 16+1 {
+		t.Errorf("got %d tokens (%s) after a %d-token prompt with context 16", len(res.Tokens), res.StopReason, len(prompt))
+	}
+	if _, err := m.Generate(context.Background(), make([]int, 16), GenerateOptions{}); err == nil {
+		t.Error("a prompt filling the whole context was accepted")
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	res, err = m.Generate(ctx, prompt, GenerateOptions{StopIDs: []int{}, OnToken: func(int) error { cancel(); return nil }})
+	if !errors.Is(err, context.Canceled) || len(res.Tokens) != 1 {
+		t.Errorf("cancel: err %v, %d tokens", err, len(res.Tokens))
+	}
+	if _, err := m.Generate(context.Background(), []int{1, 99999}, GenerateOptions{}); err == nil {
+		t.Error("an out-of-vocabulary id was accepted")
+	}
+}
+
+func equal(a, b []int) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	for i := range a {
+		if a[i] != b[i] {
+			return false
+		}
+	}
+	return true
+}
