@@ -1,0 +1,503 @@
+package format
+
+import (
+	"cmp"
+	"encoding/binary"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"io/fs"
+	"math"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+
+	"github.com/mmfp4/mmfp4/safetensors"
+)
+
+// ConvertOptions controls ConvertDir.
+type ConvertOptions struct {
+	GroupSize  int                     // 32, 64 or 128; 0 means 128
+	Search     bool                    // per-group scale search ("mse-search") instead of plain RTN
+	Progress   func(done, total int64) // bytes of source tensors processed; may be nil
+	ShardBytes int64                   // target shard size; 0 means 4 GiB
+}
+
+// Report is what ConvertDir did, for the quality table.
+type Report struct {
+	Rows        []ReportRow // one per written tensor, worst relative error first
+	Skipped     []string    // MTP tensors left out
+	SourceBytes int64       // bytes of the source tensors converted
+	OutputBytes int64       // bytes of all files in the output directory
+}
+
+// ReportRow is one tensor of the report. RelError is the relative
+// reconstruction error of the stored tensor against the source (0 for a
+// tensor copied exactly).
+type ReportRow struct {
+	Name      string
+	Shape     []int
+	RelError  float64
+	Quantized bool
+}
+
+// MeanRelError is the mean relative error over the quantized tensors.
+func (r *Report) MeanRelError() float64 {
+	var sum float64
+	n := 0
+	for _, row := range r.Rows {
+		if row.Quantized {
+			sum += row.RelError
+			n++
+		}
+	}
+	if n == 0 {
+		return 0
+	}
+	return sum / float64(n)
+}
+
+// MaxRelError is the largest relative error over the quantized tensors.
+func (r *Report) MaxRelError() float64 {
+	var m float64
+	for _, row := range r.Rows {
+		if row.Quantized {
+			m = max(m, row.RelError)
+		}
+	}
+	return m
+}
+
+const defaultShardBytes = 4 << 30
+
+// job is one source tensor and the tensors it becomes in the output.
+type job struct {
+	name     string
+	src      *safetensors.Tensor // Data aliases the source memory map
+	quantize bool
+	outDType safetensors.DType // for a kept tensor
+	outputs  []safetensors.TensorInfo
+	bytes    int64 // output bytes
+}
+
+// ConvertDir converts a Hugging Face glm4_moe_lite checkpoint in directory in
+// to an MMFP4 model directory out. out must not exist or be empty. The result
+// is assembled in a temporary directory next to out and renamed into place at
+// the end, so a failed run leaves nothing behind.
+func ConvertDir(in, out string, opt ConvertOptions) (*Report, error) {
+	if opt.GroupSize == 0 {
+		opt.GroupSize = 128
+	}
+	if !ValidGroupSize(opt.GroupSize) {
+		return nil, fmt.Errorf("convert: group size %d: must be 32, 64 or 128", opt.GroupSize)
+	}
+	if opt.ShardBytes <= 0 {
+		opt.ShardBytes = defaultShardBytes
+	}
+	if err := checkOutDir(out); err != nil {
+		return nil, err
+	}
+	numLayers, err := readSourceConfig(in)
+	if err != nil {
+		return nil, err
+	}
+	set, err := safetensors.OpenDir(in)
+	if err != nil {
+		return nil, err
+	}
+	defer set.Close()
+
+	rep := &Report{}
+	var jobs []*job
+	for _, name := range set.Names() {
+		if isMTP(name, numLayers) {
+			rep.Skipped = append(rep.Skipped, name)
+			continue
+		}
+		t, err := set.Tensor(name)
+		if err != nil {
+			return nil, err
+		}
+		j, err := planTensor(t, opt.GroupSize)
+		if err != nil {
+			return nil, err
+		}
+		jobs = append(jobs, j)
+		rep.SourceBytes += int64(len(t.Data))
+	}
+	if len(jobs) == 0 {
+		return nil, fmt.Errorf("%s: no tensors to convert", in)
+	}
+
+	parent := filepath.Dir(filepath.Clean(out))
+	if err := os.MkdirAll(parent, 0o755); err != nil {
+		return nil, err
+	}
+	tmp, err := os.MkdirTemp(parent, "."+filepath.Base(out)+".partial-")
+	if err != nil {
+		return nil, err
+	}
+	done := false
+	defer func() {
+		if !done {
+			os.RemoveAll(tmp)
+		}
+	}()
+	if err := os.Chmod(tmp, 0o755); err != nil { // MkdirTemp makes it private
+		return nil, err
+	}
+
+	// Shards are planned from the output sizes up front: their names carry
+	// the shard count, and each file's header lists all of its tensors.
+	shards := planShards(jobs, opt.ShardBytes)
+	weightMap := map[string]string{}
+	var totalSize, processed int64
+	progress := func() {
+		if opt.Progress != nil {
+			opt.Progress(processed, rep.SourceBytes)
+		}
+	}
+	progress()
+	for i, shard := range shards {
+		file := "model.safetensors"
+		if len(shards) > 1 {
+			file = fmt.Sprintf("model-%05d-of-%05d.safetensors", i+1, len(shards))
+		}
+		var infos []safetensors.TensorInfo
+		for _, j := range shard {
+			infos = append(infos, j.outputs...)
+			for _, o := range j.outputs {
+				weightMap[o.Name] = file
+			}
+			totalSize += j.bytes
+		}
+		w, err := safetensors.Create(filepath.Join(tmp, file), infos, map[string]string{"format": "pt"})
+		if err != nil {
+			return nil, err
+		}
+		for _, j := range shard {
+			row, err := convertTensor(w, j, opt)
+			if err != nil {
+				w.Abort()
+				return nil, err
+			}
+			rep.Rows = append(rep.Rows, row)
+			processed += int64(len(j.src.Data))
+			progress()
+		}
+		if err := w.Close(); err != nil {
+			return nil, err
+		}
+	}
+	if err := safetensors.WriteIndex(tmp, weightMap, totalSize, nil); err != nil {
+		return nil, err
+	}
+	if err := copyAuxFiles(in, tmp); err != nil {
+		return nil, err
+	}
+	if err := writeHeader(tmp, buildHeader(jobs, opt)); err != nil {
+		return nil, err
+	}
+	if rep.OutputBytes, err = dirSize(tmp); err != nil {
+		return nil, err
+	}
+
+	// Check again: out may have appeared while we worked.
+	if err := checkOutDir(out); err != nil {
+		return nil, err
+	}
+	os.Remove(out) // an existing empty directory; rename cannot replace it everywhere
+	if err := os.Rename(tmp, out); err != nil {
+		return nil, err
+	}
+	done = true
+
+	slices.SortStableFunc(rep.Rows, func(a, b ReportRow) int {
+		return cmp.Or(cmp.Compare(b.RelError, a.RelError), strings.Compare(a.Name, b.Name))
+	})
+	return rep, nil
+}
+
+// checkOutDir refuses an out that exists and is not an empty directory.
+func checkOutDir(out string) error {
+	ents, err := os.ReadDir(out)
+	switch {
+	case errors.Is(err, fs.ErrNotExist):
+		return nil
+	case err != nil:
+		return fmt.Errorf("output %s: %w", out, err)
+	case len(ents) > 0:
+		return fmt.Errorf("output %s exists and is not empty; refusing to overwrite it", out)
+	}
+	return nil
+}
+
+// readSourceConfig checks in/config.json and returns num_hidden_layers.
+func readSourceConfig(in string) (int, error) {
+	path := filepath.Join(in, "config.json")
+	raw, err := os.ReadFile(path)
+	if err != nil {
+		return 0, err
+	}
+	var cfg struct {
+		ModelType       string `json:"model_type"`
+		NumHiddenLayers *int   `json:"num_hidden_layers"`
+	}
+	if err := json.Unmarshal(raw, &cfg); err != nil {
+		return 0, fmt.Errorf("%s: %w", path, err)
+	}
+	if cfg.ModelType != "glm4_moe_lite" {
+		return 0, fmt.Errorf("%s: field model_type is %q, want \"glm4_moe_lite\"", path, cfg.ModelType)
+	}
+	if cfg.NumHiddenLayers == nil || *cfg.NumHiddenLayers <= 0 {
+		return 0, fmt.Errorf("%s: field num_hidden_layers is missing or not positive", path)
+	}
+	return *cfg.NumHiddenLayers, nil
+}
+
+// isMTP reports whether name belongs to a layer at index >= numLayers: the
+// next-token-prediction head, which the engine does not load.
+func isMTP(name string, numLayers int) bool {
+	rest, ok := strings.CutPrefix(name, "model.layers.")
+	if !ok {
+		return false
+	}
+	idx, _, ok := strings.Cut(rest, ".")
+	l, err := strconv.Atoi(idx)
+	return ok && err == nil && l >= numLayers
+}
+
+func isFloat(d safetensors.DType) bool {
+	return d == safetensors.BF16 || d == safetensors.F16 || d == safetensors.F32
+}
+
+// planTensor decides what a source tensor becomes.
+func planTensor(t *safetensors.Tensor, g int) (*job, error) {
+	j := &job{name: t.Name, src: t}
+	// The router runs in fp32 and picks experts by small score differences,
+	// so it and its bias are kept exactly, as F32.
+	router := strings.HasSuffix(t.Name, ".mlp.gate.weight") || strings.HasSuffix(t.Name, ".e_score_correction_bias")
+	j.quantize = isFloat(t.DType) && len(t.Shape) == 2 && strings.HasSuffix(t.Name, ".weight") &&
+		!router && t.Shape[0] > 0 && t.Shape[1] > 0 && t.Shape[1]%g == 0
+	if j.quantize {
+		n, k := t.Shape[0], t.Shape[1]
+		q, s, r := QuantizedNames(t.Name)
+		j.outputs = []safetensors.TensorInfo{
+			{Name: q, DType: safetensors.U8, Shape: []int{n, k / 2}},
+			{Name: s, DType: safetensors.F8E4M3, Shape: []int{n, k / g}},
+			{Name: r, DType: safetensors.F32, Shape: []int{n}},
+		}
+		j.bytes = int64(n*k/2 + n*k/g + 4*n)
+		return j, nil
+	}
+	switch {
+	case router && isFloat(t.DType), t.DType == safetensors.F32:
+		j.outDType = safetensors.F32
+	case isFloat(t.DType):
+		j.outDType = safetensors.BF16
+	case router:
+		return nil, fmt.Errorf("%s: tensor %s: router tensor has dtype %s, want a float type", t.File, t.Name, t.DType)
+	default:
+		j.outDType = t.DType // not a float tensor: copied unchanged
+	}
+	j.outputs = []safetensors.TensorInfo{{Name: t.Name, DType: j.outDType, Shape: t.Shape}}
+	j.bytes = int64(t.NumElements() * j.outDType.Size())
+	return j, nil
+}
+
+// planShards groups the jobs, in order, into shards of at most about
+// maxBytes; a tensor larger than that gets a shard of its own.
+func planShards(jobs []*job, maxBytes int64) [][]*job {
+	var shards [][]*job
+	var cur []*job
+	var size int64
+	for _, j := range jobs {
+		if len(cur) > 0 && size+j.bytes > maxBytes {
+			shards = append(shards, cur)
+			cur, size = nil, 0
+		}
+		cur = append(cur, j)
+		size += j.bytes
+	}
+	if len(cur) > 0 {
+		shards = append(shards, cur)
+	}
+	return shards
+}
+
+// convertTensor writes the outputs of one job and measures its error.
+func convertTensor(w *safetensors.Writer, j *job, opt ConvertOptions) (ReportRow, error) {
+	t := j.src
+	row := ReportRow{Name: t.Name, Shape: t.Shape, Quantized: j.quantize}
+	if !j.quantize && j.outDType == t.DType {
+		return row, w.Write(t.Name, t.Data) // an exact copy
+	}
+	x, err := t.Float32()
+	if err != nil {
+		return row, err
+	}
+	if !j.quantize {
+		var data []byte
+		var got []float32
+		switch j.outDType {
+		case safetensors.F32:
+			data, got = float32Bytes(x), x // widening is exact
+		case safetensors.BF16:
+			data, got = bf16Bytes(x)
+		}
+		row.RelError = RelError(x, got)
+		return row, w.Write(t.Name, data)
+	}
+	m, err := Quantize(x, t.Shape[0], t.Shape[1], QuantOptions{GroupSize: opt.GroupSize, Search: opt.Search})
+	if err != nil {
+		return row, fmt.Errorf("%s: tensor %s: %w", t.File, t.Name, err)
+	}
+	row.RelError = matrixRelError(x, m)
+	q, s, r := QuantizedNames(t.Name)
+	if err := w.Write(q, m.Codes); err != nil {
+		return row, err
+	}
+	if err := w.Write(s, m.Scales); err != nil {
+		return row, err
+	}
+	return row, w.Write(r, float32Bytes(m.RowScale))
+}
+
+// matrixRelError is RelError(w, m.Dequantize()) without holding a second
+// copy of the matrix.
+func matrixRelError(w []float32, m *Matrix) float64 {
+	var e errSums
+	deq := make([]float32, m.K)
+	for n := 0; n < m.N; n++ {
+		m.DequantizeRow(n, deq)
+		e.add(w[n*m.K:(n+1)*m.K], deq)
+	}
+	return e.rel()
+}
+
+func float32Bytes(x []float32) []byte {
+	b := make([]byte, 4*len(x))
+	for i, v := range x {
+		binary.LittleEndian.PutUint32(b[4*i:], math.Float32bits(v))
+	}
+	return b
+}
+
+// bf16Bytes rounds x to bfloat16 and returns the encoded bytes and the
+// rounded values.
+func bf16Bytes(x []float32) ([]byte, []float32) {
+	b := make([]byte, 2*len(x))
+	got := make([]float32, len(x))
+	for i, v := range x {
+		h := safetensors.Float32ToBF16(v)
+		binary.LittleEndian.PutUint16(b[2*i:], h)
+		got[i] = safetensors.BF16ToFloat32(h)
+	}
+	return b, got
+}
+
+// buildHeader lists every converted tensor in mmfp4.json.
+func buildHeader(jobs []*job, opt ConvertOptions) *Header {
+	h := &Header{
+		Format:    FormatName,
+		Version:   FormatVersion,
+		GroupSize: opt.GroupSize,
+		Layout:    LayoutNK,
+		ScaleType: ScaleTypeE4M3,
+		Quantizer: QuantizerRTN,
+		Tensors:   []HeaderTensor{},
+	}
+	if opt.Search {
+		h.Quantizer = QuantizerSearch
+	}
+	for _, j := range jobs {
+		ht := HeaderTensor{Name: j.name, Shape: j.src.Shape, Quantized: j.quantize, DType: string(j.outDType)}
+		if j.quantize {
+			ht.DType = QuantizedDType
+			// The source dtype is that of the quantized weights; "mixed" if they differ.
+			switch src := string(j.src.DType); h.SourceDType {
+			case "":
+				h.SourceDType = src
+			case src:
+			default:
+				h.SourceDType = "mixed"
+			}
+		}
+		h.Tensors = append(h.Tensors, ht)
+	}
+	return h
+}
+
+func writeHeader(dir string, h *Header) error {
+	b, err := json.MarshalIndent(h, "", "  ")
+	if err != nil {
+		return err
+	}
+	return os.WriteFile(filepath.Join(dir, HeaderFile), append(b, '\n'), 0o644)
+}
+
+// copyAuxFiles copies config.json, generation_config.json and the tokenizer
+// files (every top-level *.json, *.jinja, *.txt and *.model except the
+// source's own safetensors index and header).
+func copyAuxFiles(in, out string) error {
+	ents, err := os.ReadDir(in)
+	if err != nil {
+		return err
+	}
+	for _, e := range ents {
+		name := e.Name()
+		switch {
+		case name == HeaderFile || strings.HasSuffix(name, ".index.json"):
+			continue
+		case !slices.Contains([]string{".json", ".jinja", ".txt", ".model"}, filepath.Ext(name)):
+			continue
+		}
+		// Stat follows symlinks, as in a Hugging Face cache snapshot.
+		if st, err := os.Stat(filepath.Join(in, name)); err != nil || !st.Mode().IsRegular() {
+			continue
+		}
+		if err := copyFile(filepath.Join(in, name), filepath.Join(out, name)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func copyFile(src, dst string) error {
+	r, err := os.Open(src)
+	if err != nil {
+		return err
+	}
+	defer r.Close()
+	w, err := os.Create(dst)
+	if err != nil {
+		return err
+	}
+	if _, err := io.Copy(w, r); err != nil {
+		w.Close()
+		return err
+	}
+	return w.Close()
+}
+
+// dirSize sums the sizes of the regular files directly in dir.
+func dirSize(dir string) (int64, error) {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return 0, err
+	}
+	var n int64
+	for _, e := range ents {
+		info, err := e.Info()
+		if err != nil {
+			return 0, err
+		}
+		if info.Mode().IsRegular() {
+			n += info.Size()
+		}
+	}
+	return n, nil
+}
