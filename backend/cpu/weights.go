@@ -225,13 +225,7 @@ func (b *Backend) matMulQuantInt8(d, xm *mat, w *quant) {
 					if xsv == 0 {
 						continue
 					}
-					xg := xq[t*K+g*G : t*K+(g+1)*G]
-					var s int32
-					for i, c := range gc {
-						p := &pairTable[c]
-						s += p[0]*int32(xg[2*i]) + p[1]*int32(xg[2*i+1])
-					}
-					acc[t] += float32(s) * ws * xsv
+					acc[t] += float32(dotCodes(gc, xq[t*K+g*G:t*K+(g+1)*G])) * ws * xsv
 				}
 			}
 			for t := 0; t < T; t++ {
@@ -239,4 +233,23 @@ func (b *Backend) matMulQuantInt8(d, xm *mat, w *quant) {
 			}
 		}
 	})
+}
+
+// dotCodes is the exact int32 dot product of packed E2M1 codes (doubled)
+// with int8 activations, len(x) == 2*len(codes), unrolled by four bytes.
+func dotCodes(codes []byte, x []int8) int32 {
+	var s0, s1 int32
+	i := 0
+	for ; i+4 <= len(codes); i += 4 {
+		c := codes[i : i+4 : i+4]
+		xs := x[2*i : 2*i+8 : 2*i+8]
+		p0, p1, p2, p3 := &pairTable[c[0]], &pairTable[c[1]], &pairTable[c[2]], &pairTable[c[3]]
+		s0 += p0[0]*int32(xs[0]) + p0[1]*int32(xs[1]) + p1[0]*int32(xs[2]) + p1[1]*int32(xs[3])
+		s1 += p2[0]*int32(xs[4]) + p2[1]*int32(xs[5]) + p3[0]*int32(xs[6]) + p3[1]*int32(xs[7])
+	}
+	for ; i < len(codes); i++ {
+		p := &pairTable[codes[i]]
+		s0 += p[0]*int32(x[2*i]) + p[1]*int32(x[2*i+1])
+	}
+	return s0 + s1
 }
