@@ -51,7 +51,9 @@ func rewriteFixture(t *testing.T, edit func(info safetensors.TensorInfo, data []
 	return dir
 }
 
-func keep(info safetensors.TensorInfo, data []byte) (*safetensors.TensorInfo, []byte) { return &info, data }
+func keep(info safetensors.TensorInfo, data []byte) (*safetensors.TensorInfo, []byte) {
+	return &info, data
+}
 
 func TestLoadSkipsMTPLayers(t *testing.T) {
 	dir := rewriteFixture(t, keep, map[string][]float32{
