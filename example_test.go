@@ -15,7 +15,7 @@ func Example() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	prompt := []int{149, 210, 221, 186, 162, 262, 274, 144, 117, 39, 101, 25}
+	prompt := []int{248, 475, 240, 439, 34, 19, 502, 29, 502, 22, 169, 295}
 	var streamed []int
 	res, err := m.Generate(context.Background(), prompt, mmfp4.GenerateOptions{
 		MaxTokens: 8,
@@ -27,6 +27,6 @@ func Example() {
 	fmt.Println(streamed)
 	fmt.Println(res.StopReason, len(res.Tokens))
 	// Output:
-	// [315 180 300 180 300 137 105 151]
+	// [253 54 340 340 340 340 340 161]
 	// max_tokens 8
 }

@@ -18,6 +18,7 @@ import (
 	"github.com/mmfp4/mmfp4/backend/cpu"
 	"github.com/mmfp4/mmfp4/model/glm4moelite"
 	"github.com/mmfp4/mmfp4/sample"
+	"github.com/mmfp4/mmfp4/tokenizer"
 )
 
 // Options configure loading.
@@ -40,6 +41,9 @@ type Model struct {
 	net        *glm4moelite.Model
 	maxContext int
 	eos        []int
+	// Tokenizer is the model's tokenizer, or nil when the directory has no
+	// tokenizer.json (token ids still work).
+	Tokenizer *tokenizer.Tokenizer
 	// LoadTime is how long Load took.
 	LoadTime time.Duration
 }
@@ -64,10 +68,47 @@ func Load(dir string, opts Options) (*Model, error) {
 	if err != nil {
 		return nil, err
 	}
+	var tok *tokenizer.Tokenizer
+	if _, err := os.Stat(filepath.Join(dir, "tokenizer.json")); err == nil {
+		if tok, err = tokenizer.Load(dir); err != nil {
+			return nil, err
+		}
+		if eos == nil {
+			eos = tok.EOSIDs()
+		}
+	}
 	if eos == nil {
 		eos = net.Config.EOSTokenIDs
 	}
-	return &Model{net: net, maxContext: ctxLen, eos: eos, LoadTime: time.Since(start)}, nil
+	return &Model{net: net, maxContext: ctxLen, eos: eos, Tokenizer: tok, LoadTime: time.Since(start)}, nil
+}
+
+// ErrNoTokenizer is returned for text input when the model directory has no
+// tokenizer files.
+var ErrNoTokenizer = errors.New("the model directory has no tokenizer.json: give token ids instead")
+
+// EncodeText turns a plain text prompt into ids the way HF's tokenizer(text)
+// does, special tokens of the post-processor included.
+func (m *Model) EncodeText(text string) ([]int, error) {
+	if m.Tokenizer == nil {
+		return nil, ErrNoTokenizer
+	}
+	return m.Tokenizer.Encode(text, true)
+}
+
+// EncodeChat renders messages with the model's chat template (with the
+// generation prompt) and encodes the result; the template writes the special
+// tokens itself.
+func (m *Model) EncodeChat(messages []tokenizer.Message, opt tokenizer.ChatOptions) ([]int, error) {
+	if m.Tokenizer == nil {
+		return nil, ErrNoTokenizer
+	}
+	opt.AddGenerationPrompt = true
+	text, err := m.Tokenizer.ApplyChatTemplate(messages, opt)
+	if err != nil {
+		return nil, err
+	}
+	return m.Tokenizer.Encode(text, false)
 }
 
 // generationEOS reads eos_token_id from generation_config.json, if present.

@@ -10,15 +10,15 @@ import (
 
 const fixture = "testdata/glm4moelite-tiny"
 
-var prompt = []int{149, 210, 221, 186, 162, 262, 274, 144, 117, 39, 101, 25}
+var prompt = []int{248, 475, 240, 439, 34, 19, 502, 29, 502, 22, 169, 295}
 
 func TestGenerateStopsOnEOS(t *testing.T) {
 	m, err := Load(fixture, Options{})
 	if err != nil {
 		t.Fatal(err)
 	}
-	// The third greedy token (300) is declared a stop token.
-	res, err := m.Generate(context.Background(), prompt, GenerateOptions{MaxTokens: 10, StopIDs: []int{300}})
+	// The third greedy token (340) is declared a stop token.
+	res, err := m.Generate(context.Background(), prompt, GenerateOptions{MaxTokens: 10, StopIDs: []int{340}})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -18,10 +18,12 @@ OUTDIR/glm4moelite-tiny/ receives the model exactly as save_pretrained writes it
   on the prompt + continuation and on EVAL_SEQS extra random sequences
   (eval_ids, eval_logits, eval_rtn_logits in reference.safetensors).
 
+The GLM-style test tokenizer of testdata/tokenizer/glm is copied in.
 The RTN rule simulated here is the one in docs/format.md.
 """
 import json
 import os
+import shutil
 import sys
 
 import torch
@@ -36,7 +38,7 @@ SEED = 1234
 
 def tiny_config():
     return Glm4MoeLiteConfig(
-        vocab_size=320,
+        vocab_size=512,
         hidden_size=128,
         intermediate_size=256,
         moe_intermediate_size=128,
@@ -60,7 +62,7 @@ def tiny_config():
         rope_parameters={"rope_type": "default", "rope_theta": 10000.0},
         rope_interleave=True,
         bos_token_id=0,
-        eos_token_id=1,
+        eos_token_id=[464, 471, 473],  # the GLM test tokenizer's <|endoftext|>, <|user|>, <|observation|>
         tie_word_embeddings=False,
         torch_dtype="bfloat16",
     )
@@ -133,6 +135,11 @@ def main():
     model = model.to(torch.bfloat16)
     model_dir = os.path.join(out, "glm4moelite-tiny")
     model.save_pretrained(model_dir)
+    # A small GLM-style byte-level BPE tokenizer (testdata/tokenizer/glm, ids
+    # below 512) rides along, so the fixture also takes text and chat prompts.
+    tok_src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "testdata", "tokenizer", "glm")
+    for f in ("tokenizer.json", "tokenizer_config.json", "chat_template.jinja"):
+        shutil.copy(os.path.join(tok_src, f), os.path.join(model_dir, f))
 
     # The reference runs the bf16 weights in float32 (eager attention).
     ref = Glm4MoeLiteForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, attn_implementation="eager").eval()

@@ -5,8 +5,9 @@ Reads every tokenizer directory under testdata/tokenizers/ (fetched by
 tools/fetch_tokenizers.sh) plus testdata/tokenizer/glm/, and writes one
 JSON file per tokenizer into OUTDIR (default testdata/tokenizer/):
 
-  cases:  text -> ids of encode(text, add_special_tokens=False) and =True,
-          and the decoded text of both.
+  cases:  text -> ids of encode(text, add_special_tokens=False) and =True
+          by the tokenizers library (tokenizer.json as written), and the
+          decoded text of both; hf_* fields where transformers differs.
   chats:  message lists -> apply_chat_template(..., tokenize=False) text,
           for tokenizers that carry a chat template.
 
@@ -233,6 +234,17 @@ def jinja_cases():
         ("{{ d | length }}|{{ s.split('</think>')[0].split('<think>')[-1].strip() }}|{{ s.split('</think>')[-1].lstrip('\\n') }}",
          {"d": {"a": 1}, "s": "<think>\nreason\n</think>\n\nanswer"}),
         ("{{ 5 | abs }}|{{ -2.5 | abs }}|{{ 2.567 | round(1) }}|{{ [1, 5, 3] | max }}|{{ [4, 2] | min }}|{{ [1,1,2] | unique | list }}|{{ 'hi' | indent(2) }}", {}),
+        # Cases below were added later; keep appending so indices stay.
+        ("{% if x %}\n  A\n{% elif y %}\n  B\n{% else %}\n  C\n{% endif %}\n", {"x": False, "y": True}),
+        ("a {{- ' b ' -}} c\n  {%- for i in [1, 2] -%}\n    [{{ i }}]\n  {%- endfor %}\n  {% raw %}{{ not evaluated }} {% if %}{% endraw %}\nz", {}),
+        ("{% for t in tools %}{{ t.function.name }}{{ ', ' if not loop.last }}{% endfor %}|{{ tools | map(attribute='type') | unique | list }}",
+         {"tools": [{"type": "function", "function": {"name": "f1"}}, {"type": "function", "function": {"name": "f2"}}]}),
+        ("{% for i in range(1, 10, 3) %}{{ i }}{% endfor %}|{{ [1, 2] + [3] }}|{{ 'b' in ['a', 'b'] }}|{{ 'abc' is sequence }}|{{ {'a': 1} is sequence }}", {}),
+        ("{% set content = m.content if m.content is string else '' %}{{ content | length }}|{{ m.content is none }}|{{ m.tool_calls | length if m.tool_calls else 0 }}",
+         {"m": {"role": "assistant", "content": None, "tool_calls": [{"id": "1"}]}}),
+        ("{%- macro render(x, indent=0) -%}{%- if x is mapping -%}{%- for k, v in x.items() -%}{{ ' ' * indent }}{{ k }}:\n{{ render(v, indent + 2) }}{%- endfor -%}{%- else -%}{{ ' ' * indent }}{{ x }}\n{%- endif -%}{%- endmacro -%}{{ render(d) }}",
+         {"d": {"a": {"b": 1, "c": "x"}, "d": 2.5}}),
+        ("{{ '<tag>' ~ x ~ '</tag>' }}|{{ x | trim | replace('\\n', ' ') }}|{{ x.split('\\n') | join('/') }}|{{ x.count('l') }}", {"x": " line1\nline2 "}),
     ]
     return T
 
@@ -286,6 +298,7 @@ def tokenizer_fixture(name, path):
         "tokenizers": tokenizers.__version__,
         "tokenizer_class": type(tok).__name__,
         "vocab_size": len(tok),
+        "raw_vocab_size": raw.get_vocab_size(with_added_tokens=True),
         "eos_token_id": tok.eos_token_id,
         "bos_token_id": tok.bos_token_id,
         "cases": [],
@@ -299,20 +312,20 @@ def tokenizer_fixture(name, path):
     for key, text in texts.items():
         c = {"name": key, "text": text}
         try:
-            ids = tok.encode(text, add_special_tokens=False)
-            ids_sp = tok.encode(text, add_special_tokens=True)
-            c["ids"] = ids
-            c["ids_special"] = ids_sp
-            c["decoded"] = raw.decode(ids, skip_special_tokens=False)
-            c["decoded_special"] = raw.decode(ids_sp, skip_special_tokens=False)
-            # Differences from the plain tokenizers library, for diagnosis.
-            r = raw.encode(text, add_special_tokens=False).ids
-            rs = raw.encode(text, add_special_tokens=True).ids
-            if r != ids:
-                c["raw_ids"] = r
-            if rs != ids_sp:
-                c["raw_ids_special"] = rs
-            hd = tok.decode(ids)
+            # The reference is the tokenizers library running tokenizer.json.
+            c["ids"] = raw.encode(text, add_special_tokens=False).ids
+            c["ids_special"] = raw.encode(text, add_special_tokens=True).ids
+            c["decoded"] = raw.decode(c["ids"], skip_special_tokens=False)
+            c["decoded_special"] = raw.decode(c["ids_special"], skip_special_tokens=False)
+            # transformers may rebuild the tokenizer from its class (v5 does
+            # for LlamaTokenizer); record where it differs, for the record.
+            hf = tok.encode(text, add_special_tokens=False)
+            hfs = tok.encode(text, add_special_tokens=True)
+            if hf != c["ids"]:
+                c["hf_ids"] = hf
+            if hfs != c["ids_special"]:
+                c["hf_ids_special"] = hfs
+            hd = tok.decode(c["ids"])
             if hd != c["decoded"]:
                 c["hf_decoded"] = hd
         except Exception as e:

@@ -2,7 +2,9 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"os/signal"
 	"strconv"
@@ -12,6 +14,7 @@ import (
 
 	"github.com/mmfp4/mmfp4"
 	"github.com/mmfp4/mmfp4/sample"
+	"github.com/mmfp4/mmfp4/tokenizer"
 )
 
 // modelFlags are the load options shared by the commands that run a model.
@@ -52,24 +55,46 @@ func parseIDs(s string) ([]int, error) {
 	return ids, nil
 }
 
+func btoi(b bool) int {
+	if b {
+		return 1
+	}
+	return 0
+}
+
+// readMessages reads a JSON array of chat messages.
+func readMessages(path string) ([]tokenizer.Message, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, err
+	}
+	var msgs []tokenizer.Message
+	if err := json.Unmarshal(data, &msgs); err != nil {
+		return nil, fmt.Errorf("%s: want a JSON array of messages: %w", path, err)
+	}
+	if len(msgs) == 0 {
+		return nil, fmt.Errorf("%s: no messages", path)
+	}
+	return msgs, nil
+}
+
 func init() {
 	var (
 		mf        modelFlags
 		ids       string
+		text      string
+		chatFile  string
+		think     bool
 		maxTokens int
 		so        sample.Options
 	)
 	cmd := &cobra.Command{
-		Use:   "generate -m DIR (--ids 1,2,3 | -p TEXT)",
+		Use:   "generate -m DIR (-p TEXT | --chat MESSAGES.json | --ids 1,2,3)",
 		Short: "Generate tokens from a prompt, streaming them to the terminal",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if ids == "" {
-				return fmt.Errorf("give the prompt as token ids with --ids")
-			}
-			prompt, err := parseIDs(ids)
-			if err != nil {
-				return err
+			if n := btoi(ids != "") + btoi(text != "") + btoi(chatFile != ""); n != 1 {
+				return fmt.Errorf("give exactly one prompt: -p TEXT, --chat FILE or --ids 1,2,3")
 			}
 			if err := so.Validate(); err != nil {
 				return err
@@ -78,17 +103,50 @@ func init() {
 			if err != nil {
 				return err
 			}
+			var prompt []int
+			switch {
+			case ids != "":
+				prompt, err = parseIDs(ids)
+			case text != "":
+				prompt, err = m.EncodeText(text)
+			default:
+				var msgs []tokenizer.Message
+				if msgs, err = readMessages(chatFile); err == nil {
+					prompt, err = m.EncodeChat(msgs, tokenizer.ChatOptions{EnableThinking: &think})
+				}
+			}
+			if err != nil {
+				return err
+			}
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 			defer stop()
 			out := cmd.OutOrStdout()
+			// Text prompts stream text; id prompts stream ids.
+			var stream *tokenizer.StreamDecoder
+			if ids == "" {
+				stream = m.Tokenizer.NewStreamDecoder()
+			}
 			res, err := m.Generate(ctx, prompt, mmfp4.GenerateOptions{
 				MaxTokens: maxTokens,
 				Sampling:  so,
 				OnToken: func(id int) error {
-					_, err := fmt.Fprintf(out, "%d ", id)
+					piece := fmt.Sprintf("%d ", id)
+					if stream != nil && id >= m.Tokenizer.VocabSize() {
+						// Padding rows of the embedding have no text.
+						piece = ""
+					} else if stream != nil {
+						var err error
+						if piece, err = stream.Add(id); err != nil {
+							return err
+						}
+					}
+					_, err := io.WriteString(out, piece)
 					return err
 				},
 			})
+			if stream != nil {
+				io.WriteString(out, stream.Flush())
+			}
 			fmt.Fprintln(out)
 			if res != nil {
 				fmt.Fprintf(cmd.ErrOrStderr(), "prompt %d tokens, generated %d tokens (%s); load %.2fs, prefill %.1f tok/s, decode %.1f tok/s\n",
@@ -100,7 +158,10 @@ func init() {
 	}
 	mf.register(cmd)
 	f := cmd.Flags()
-	f.StringVar(&ids, "ids", "", "prompt as comma-separated token ids")
+	f.StringVarP(&text, "prompt", "p", "", "prompt text (encoded with the model's tokenizer)")
+	f.StringVar(&chatFile, "chat", "", "JSON file of chat messages [{\"role\":..., \"content\":...}], rendered with the model's chat template")
+	f.BoolVar(&think, "think", true, "with --chat: let the template enable thinking (enable_thinking)")
+	f.StringVar(&ids, "ids", "", "prompt as comma-separated token ids (needs no tokenizer)")
 	f.IntVarP(&maxTokens, "max-tokens", "n", 128, "tokens to generate (0: until EOS or the context is full)")
 	f.Float32Var(&so.Temperature, "temperature", 0, "sampling temperature (0: greedy)")
 	f.IntVar(&so.TopK, "top-k", 0, "keep the k most likely tokens (0: off)")

@@ -1,0 +1,177 @@
+package main
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"unicode/utf8"
+
+	"github.com/spf13/cobra"
+
+	"github.com/mmfp4/mmfp4/tokenizer"
+)
+
+// Tokenizer commands: they need only the tokenizer files of a model dir.
+
+func init() {
+	var dir string
+	var addSpecial bool
+	tokenize := &cobra.Command{
+		Use:   "tokenize -m DIR [--add-special]",
+		Short: "Print the token ids of the text on stdin as a JSON array",
+		Long: "Reads text on stdin and prints its token ids as one JSON array. Special tokens\n" +
+			"written in the text are recognised. With --add-special, the tokens of the\n" +
+			"model's post-processor (BOS/EOS) are added.",
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			tok, err := tokenizer.Load(dir)
+			if err != nil {
+				return err
+			}
+			text, err := io.ReadAll(cmd.InOrStdin())
+			if err != nil {
+				return err
+			}
+			if !utf8.Valid(text) {
+				return errors.New("tokenize: stdin is not valid UTF-8")
+			}
+			ids, err := tok.Encode(string(text), addSpecial)
+			if err != nil {
+				return err
+			}
+			out, _ := json.Marshal(ids)
+			_, err = fmt.Fprintf(cmd.OutOrStdout(), "%s\n", out)
+			return err
+		},
+	}
+	tokenize.Flags().StringVarP(&dir, "model", "m", "", "model directory with tokenizer.json")
+	tokenize.Flags().BoolVar(&addSpecial, "add-special", false, "add the post-processor's special tokens (BOS/EOS)")
+	_ = tokenize.MarkFlagRequired("model")
+
+	var detokDir string
+	detokenize := &cobra.Command{
+		Use:   "detokenize -m DIR",
+		Short: "Print the text of a JSON array of token ids read on stdin",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			tok, err := tokenizer.Load(detokDir)
+			if err != nil {
+				return err
+			}
+			data, err := io.ReadAll(cmd.InOrStdin())
+			if err != nil {
+				return err
+			}
+			var ids []int
+			dec := json.NewDecoder(bytes.NewReader(data))
+			if err := dec.Decode(&ids); err != nil {
+				return fmt.Errorf("detokenize: stdin must be a JSON array of integer ids: %w", err)
+			}
+			if dec.More() {
+				return errors.New("detokenize: stdin has data after the JSON array")
+			}
+			text, err := tok.Decode(ids)
+			if err != nil {
+				return err
+			}
+			_, err = io.WriteString(cmd.OutOrStdout(), text)
+			return err
+		},
+	}
+	detokenize.Flags().StringVarP(&detokDir, "model", "m", "", "model directory with tokenizer.json")
+	_ = detokenize.MarkFlagRequired("model")
+
+	var chatDir, messagesFile string
+	var addGen bool
+	chatTemplate := &cobra.Command{
+		Use:   "chat-template -m DIR --messages FILE.json [--add-generation-prompt]",
+		Short: "Print the prompt that the model's chat template makes of messages",
+		Long: "FILE.json holds a JSON array of messages ({\"role\", \"content\", ...}), or an\n" +
+			"object {\"messages\": [...], \"tools\": [...], ...} whose other keys (such as\n" +
+			"enable_thinking) are passed to the template. Prints the prompt and nothing else.",
+		Args: cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			tok, err := tokenizer.Load(chatDir)
+			if err != nil {
+				return err
+			}
+			data, err := os.ReadFile(messagesFile)
+			if err != nil {
+				return err
+			}
+			msgs, opt, err := parseChatFile(data)
+			if err != nil {
+				return fmt.Errorf("chat-template: %s: %w", messagesFile, err)
+			}
+			opt.AddGenerationPrompt = addGen
+			prompt, err := tok.ApplyChatTemplate(msgs, opt)
+			if err != nil {
+				return err
+			}
+			_, err = io.WriteString(cmd.OutOrStdout(), prompt)
+			return err
+		},
+	}
+	chatTemplate.Flags().StringVarP(&chatDir, "model", "m", "", "model directory with tokenizer files")
+	chatTemplate.Flags().StringVar(&messagesFile, "messages", "", "JSON file with the messages")
+	chatTemplate.Flags().BoolVar(&addGen, "add-generation-prompt", false, "end with the opening of an assistant turn")
+	_ = chatTemplate.MarkFlagRequired("model")
+	_ = chatTemplate.MarkFlagRequired("messages")
+
+	rootCmd.AddCommand(tokenize, detokenize, chatTemplate)
+}
+
+// parseChatFile reads a messages array or a {"messages", "tools", ...}
+// object.
+func parseChatFile(data []byte) ([]tokenizer.Message, tokenizer.ChatOptions, error) {
+	var opt tokenizer.ChatOptions
+	var msgs []tokenizer.Message
+	trimmed := bytes.TrimSpace(data)
+	if len(trimmed) > 0 && trimmed[0] == '[' {
+		if err := json.Unmarshal(trimmed, &msgs); err != nil {
+			return nil, opt, fmt.Errorf("bad messages: %w", err)
+		}
+		return msgs, opt, nil
+	}
+	var obj map[string]json.RawMessage
+	if err := json.Unmarshal(trimmed, &obj); err != nil {
+		return nil, opt, fmt.Errorf("want a JSON array of messages or an object with \"messages\": %w", err)
+	}
+	raw, ok := obj["messages"]
+	if !ok {
+		return nil, opt, errors.New("the object has no \"messages\"")
+	}
+	if err := json.Unmarshal(raw, &msgs); err != nil {
+		return nil, opt, fmt.Errorf("bad messages: %w", err)
+	}
+	for k, v := range obj {
+		switch k {
+		case "messages":
+		case "tools":
+			var tools []json.RawMessage
+			if err := json.Unmarshal(v, &tools); err != nil {
+				return nil, opt, fmt.Errorf("tools: want a list: %w", err)
+			}
+			for _, t := range tools {
+				opt.Tools = append(opt.Tools, t)
+			}
+		case "enable_thinking":
+			var b bool
+			if err := json.Unmarshal(v, &b); err != nil {
+				return nil, opt, fmt.Errorf("enable_thinking: want true or false")
+			}
+			opt.EnableThinking = &b
+		case "add_generation_prompt":
+			return nil, opt, errors.New("use --add-generation-prompt instead of the add_generation_prompt key")
+		default:
+			if opt.Extra == nil {
+				opt.Extra = map[string]any{}
+			}
+			opt.Extra[k] = v
+		}
+	}
+	return msgs, opt, nil
+}
