@@ -4,6 +4,8 @@ import (
 	"math"
 	"math/rand/v2"
 	"testing"
+
+	"github.com/mmfp4/mmfp4/internal/benchmode"
 )
 
 // refEncodeE2M1 and refEncodeE4M3 are brute-force encoders over the test's
@@ -430,6 +432,7 @@ func TestGaussianError(t *testing.T) {
 }
 
 func BenchmarkQuantize(b *testing.B) {
+	benchmode.Check(b)
 	r := rand.New(rand.NewPCG(13, 14))
 	n, k := 1536, 2048
 	w := make([]float32, n*k)

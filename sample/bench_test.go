@@ -3,6 +3,8 @@ package sample
 import (
 	"math/rand/v2"
 	"testing"
+
+	"github.com/mmfp4/mmfp4/internal/benchmode"
 )
 
 const benchVocab = 154880
@@ -22,6 +24,7 @@ func benchLogits() []float32 {
 }
 
 func BenchmarkSample(b *testing.B) {
+	benchmode.Check(b)
 	logits := benchLogits()
 	for _, c := range []struct {
 		name string

@@ -5,6 +5,8 @@ import (
 	"strings"
 	"testing"
 	"unicode/utf8"
+
+	"github.com/mmfp4/mmfp4/internal/benchmode"
 )
 
 // byteLevelTokenizers are lossless: Decode(Encode(s)) gives back s after
@@ -61,6 +63,7 @@ func FuzzRoundTrip(f *testing.F) {
 // BenchmarkEncode reports encode throughput on about 1 MB of mixed text
 // (the fixtures' texts repeated).
 func BenchmarkEncode(b *testing.B) {
+	benchmode.Check(b)
 	var parts []string
 	for _, c := range readFixture(b, "qwen3").Cases {
 		parts = append(parts, c.Text)

@@ -6,12 +6,14 @@ import (
 
 	"github.com/mmfp4/mmfp4/backend"
 	"github.com/mmfp4/mmfp4/format"
+	"github.com/mmfp4/mmfp4/internal/benchmode"
 )
 
 // BenchmarkDecodeMatMul times one token through a GLM-4.7-Flash expert-sized
 // MMFP4 matrix (1536 x 2048, group 128). SetBytes counts the weight bytes
 // read, so the MB/s column compares directly with the memory bandwidth.
 func BenchmarkDecodeMatMul(b *testing.B) {
+	benchmode.Check(b)
 	for _, floatActs := range []bool{false, true} {
 		name := "int8"
 		if floatActs {

@@ -3,6 +3,7 @@ package main
 import (
 	"bytes"
 	"encoding/binary"
+	"encoding/json"
 	"math"
 	"os"
 	"path/filepath"
@@ -16,6 +17,11 @@ const fixture = "../../testdata/glm4moelite-tiny"
 
 func run(t *testing.T, args ...string) (stdout, stderr string, err error) {
 	t.Helper()
+	return runIn(t, "", args...)
+}
+
+func runIn(t *testing.T, stdin string, args ...string) (stdout, stderr string, err error) {
+	t.Helper()
 	// Flags keep their values between Execute calls: reset them.
 	for _, c := range rootCmd.Commands() {
 		c.Flags().VisitAll(func(f *pflag.Flag) {
@@ -26,6 +32,7 @@ func run(t *testing.T, args ...string) (stdout, stderr string, err error) {
 	var o, e bytes.Buffer
 	rootCmd.SetOut(&o)
 	rootCmd.SetErr(&e)
+	rootCmd.SetIn(strings.NewReader(stdin))
 	rootCmd.SetArgs(args)
 	err = rootCmd.Execute()
 	return o.String(), e.String(), err
@@ -117,5 +124,46 @@ func TestGenerateFromTextAndChat(t *testing.T) {
 	}
 	if _, _, err := run(t, "generate", "-m", fixture, "-p", "x", "--ids", "1,2"); err == nil {
 		t.Error("two prompts at once were accepted")
+	}
+}
+
+// The tokenizer commands on the fixture's GLM-style tokenizer: special tokens
+// written in the text are single ids, and ids round-trip to the text.
+func TestTokenizerCommands(t *testing.T) {
+	text := "[gMASK]<sop><|user|>Hello, world<|assistant|>"
+	out, _, err := runIn(t, text, "tokenize", "-m", fixture)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var ids []int
+	if err := json.Unmarshal([]byte(out), &ids); err != nil {
+		t.Fatalf("tokenize printed %q: %v", out, err)
+	}
+	// [gMASK]=466, <sop>=468, <|user|>=471, <|assistant|>=472 in tokenizer.json.
+	if len(ids) < 5 || ids[0] != 466 || ids[1] != 468 || ids[2] != 471 || ids[len(ids)-1] != 472 {
+		t.Errorf("ids %v do not start with the special tokens [466 468 471] and end with 472", ids)
+	}
+	back, _, err := runIn(t, out, "detokenize", "-m", fixture)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if strings.TrimSuffix(back, "\n") != text {
+		t.Errorf("detokenize gave %q, want %q", back, text)
+	}
+	msgs := filepath.Join(t.TempDir(), "m.json")
+	if err := os.WriteFile(msgs, []byte(`[{"role":"user","content":"Hi"}]`), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	prompt, _, err := run(t, "chat-template", "-m", fixture, "--messages", msgs, "--add-generation-prompt")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !strings.HasPrefix(prompt, "[gMASK]<sop><|user|>") || !strings.Contains(prompt, "Hi<|assistant|>") {
+		t.Errorf("chat-template printed %q", prompt)
+	}
+	for _, bad := range []struct{ stdin, cmd string }{{"\xff\xfe", "tokenize"}, {"[1, 99999]", "detokenize"}, {"not json", "detokenize"}} {
+		if _, _, err := runIn(t, bad.stdin, bad.cmd, "-m", fixture); err == nil {
+			t.Errorf("%s accepted %q", bad.cmd, bad.stdin)
+		}
 	}
 }
