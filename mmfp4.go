@@ -58,7 +58,10 @@ func Load(dir string, opts Options) (*Model, error) {
 	}
 	net.DebugNaN = opts.DebugNaN
 	ctxLen := opts.MaxContext
-	if ctxLen <= 0 {
+	if mp := net.Config.MaxPositions; ctxLen < 0 || (mp > 0 && ctxLen > mp) {
+		return nil, fmt.Errorf("context of %d tokens: want 0 (default) to max_position_embeddings (%d)", ctxLen, mp)
+	}
+	if ctxLen == 0 {
 		ctxLen = 4096
 		if mp := net.Config.MaxPositions; mp > 0 && mp < ctxLen {
 			ctxLen = mp

@@ -3,6 +3,7 @@ package mmfp4
 import (
 	"context"
 	"errors"
+	"fmt"
 	"testing"
 
 	"github.com/mmfp4/mmfp4/sample"
@@ -84,4 +85,39 @@ func equal(a, b []int) bool {
 		}
 	}
 	return true
+}
+
+// One Model serves several sequences at once (run with -race).
+func TestConcurrentGenerate(t *testing.T) {
+	m, err := Load(fixture, Options{DebugNaN: true})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := m.Generate(context.Background(), prompt, GenerateOptions{MaxTokens: 6, StopIDs: []int{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	errs := make(chan error, 4)
+	for i := 0; i < 4; i++ {
+		go func() {
+			res, err := m.Generate(context.Background(), prompt, GenerateOptions{MaxTokens: 6, StopIDs: []int{}})
+			if err == nil && !equal(res.Tokens, want.Tokens) {
+				err = fmt.Errorf("concurrent run gave %v, want %v", res.Tokens, want.Tokens)
+			}
+			errs <- err
+		}()
+	}
+	for i := 0; i < 4; i++ {
+		if err := <-errs; err != nil {
+			t.Error(err)
+		}
+	}
+}
+
+func TestLoadRejectsBadContext(t *testing.T) {
+	for _, n := range []int{-1, 513} { // the fixture's max_position_embeddings is 512
+		if _, err := Load(fixture, Options{MaxContext: n}); err == nil {
+			t.Errorf("MaxContext %d accepted", n)
+		}
+	}
 }

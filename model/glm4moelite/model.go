@@ -31,7 +31,6 @@ type Model struct {
 	// DebugNaN checks every intermediate tensor and reports the first layer
 	// and tensor that holds a NaN or Inf.
 	DebugNaN bool
-	nanErr   error
 }
 
 // Layer is one decoder block.
@@ -65,10 +64,12 @@ type MoE struct {
 	Shared  *MLP // nil when n_shared_experts == 0
 }
 
-// State is one sequence: its latent cache and the next position.
+// State is one sequence: its latent cache and the next position. A Model
+// may run many States concurrently; one State is used by one goroutine.
 type State struct {
-	cache backend.Cache
-	Pos   int
+	cache  backend.Cache
+	Pos    int
+	nanErr error // first non-finite tensor of the current pass (DebugNaN)
 }
 
 // NewState allocates the cache of a sequence of up to capacity tokens.
@@ -92,7 +93,7 @@ func (m *Model) Forward(s *State, ids []int, allLogits bool) ([]float32, error) 
 		return nil, fmt.Errorf("context full: %d cached + %d new tokens exceed the context of %d", s.Pos, T, s.cache.Capacity())
 	}
 	b, c := m.b, m.Config
-	m.nanErr = nil
+	s.nanErr = nil
 
 	x := b.NewTensor(T, c.HiddenSize)
 	if err := b.Embed(x, m.Embed, ids); err != nil {
@@ -100,8 +101,8 @@ func (m *Model) Forward(s *State, ids []int, allLogits bool) ([]float32, error) 
 	}
 	for i := range m.Layers {
 		m.layer(i, x, s)
-		if m.nanErr != nil {
-			return nil, m.nanErr
+		if s.nanErr != nil {
+			return nil, s.nanErr
 		}
 	}
 	s.Pos += T
@@ -129,17 +130,17 @@ func (m *Model) layer(i int, x backend.Tensor, s *State) {
 	b.RMSNorm(h, x, l.InputNorm, c.RMSNormEps)
 	a := m.attention(i, h, s)
 	b.Add(x, x, a)
-	m.watch(i, "attention residual", x)
+	m.watch(s, i, "attention residual", x)
 
 	b.RMSNorm(h, x, l.PostAttnNorm, c.RMSNormEps)
 	var f backend.Tensor
 	if l.MLP != nil {
 		f = m.mlp(l.MLP, h)
 	} else {
-		f = m.moe(i, l.MoE, h)
+		f = m.moe(s, i, l.MoE, h)
 	}
 	b.Add(x, x, f)
-	m.watch(i, "ffn residual", x)
+	m.watch(s, i, "ffn residual", x)
 }
 
 // attention is MLA with the absorbed (latent-space) form: only the latent c
@@ -159,7 +160,7 @@ func (m *Model) attention(i int, h backend.Tensor, s *State) backend.Tensor {
 	} else {
 		b.MatMul(q, h, a.Q)
 	}
-	m.watch(i, "q", q)
+	m.watch(s, i, "q", q)
 
 	// [c | k_pe] = kv_a_proj_with_mqa(x); c = RMSNorm_kva(c).
 	kv := b.NewTensor(T, r+dr)
@@ -167,7 +168,7 @@ func (m *Model) attention(i int, h backend.Tensor, s *State) backend.Tensor {
 	latent := b.NewTensor(T, r)
 	b.RMSNorm(latent, b.Cols(kv, 0, r), a.KVANorm, loraNormEps)
 	kpe := b.Cols(kv, r, r+dr)
-	m.watch(i, "kv latent", latent)
+	m.watch(s, i, "kv latent", latent)
 
 	// RoPE on q_pe (every head) and on the shared k_pe.
 	b.RoPE(q, sh.Heads, qk, dn, dr, s.Pos, c.RopeTheta, c.RopeInterleave)
@@ -182,10 +183,10 @@ func (m *Model) attention(i int, h backend.Tensor, s *State) backend.Tensor {
 	b.LatentAttention(olat, qlat, q, s.cache, i, s.Pos, sh, float32(1/math.Sqrt(float64(qk))))
 	v := b.NewTensor(T, sh.Heads*sh.VDim)
 	b.ExpandValues(v, olat, a.KVB, sh)
-	m.watch(i, "attention values", v)
+	m.watch(s, i, "attention values", v)
 	out := b.NewTensor(T, c.HiddenSize)
 	b.MatMul(out, v, a.O)
-	m.watch(i, "o_proj", out)
+	m.watch(s, i, "o_proj", out)
 	return out
 }
 
@@ -203,29 +204,29 @@ func (m *Model) mlp(p *MLP, h backend.Tensor) backend.Tensor {
 }
 
 // moe is sum_e w_e expert_e(x) + shared_expert(x), with fp32 router logits.
-func (m *Model) moe(i int, p *MoE, h backend.Tensor) backend.Tensor {
+func (m *Model) moe(s *State, i int, p *MoE, h backend.Tensor) backend.Tensor {
 	b, T := m.b, h.Rows()
 	logits := b.NewTensor(T, m.route.NumExperts)
 	b.MatMul(logits, h, p.Router)
-	m.watch(i, "router logits", logits)
+	m.watch(s, i, "router logits", logits)
 	routing := b.Route(logits, p.Bias, m.route)
 	out := b.NewTensor(T, m.Config.HiddenSize)
 	b.MoE(out, h, routing, p.Experts)
-	m.watch(i, "routed experts", out)
+	m.watch(s, i, "routed experts", out)
 	if p.Shared != nil {
 		b.Add(out, out, m.mlp(p.Shared, h))
-		m.watch(i, "shared expert", out)
+		m.watch(s, i, "shared expert", out)
 	}
 	return out
 }
 
 // watch records the first non-finite tensor when DebugNaN is on.
-func (m *Model) watch(layer int, name string, t backend.Tensor) {
-	if !m.DebugNaN || m.nanErr != nil {
+func (m *Model) watch(s *State, layer int, name string, t backend.Tensor) {
+	if !m.DebugNaN || s.nanErr != nil {
 		return
 	}
 	if err := checkFinite(m.b.Download(t), t.Cols()); err != nil {
-		m.nanErr = fmt.Errorf("layer %d, tensor %q, row %d: %w", layer, name, err.(nonFinite).row, err)
+		s.nanErr = fmt.Errorf("layer %d, tensor %q, row %d: %w", layer, name, err.(nonFinite).row, err)
 	}
 }
 
