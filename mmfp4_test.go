@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"slices"
 	"testing"
 
 	"github.com/mmfp4/mmfp4/sample"
@@ -42,10 +43,10 @@ func TestGenerateSeededSamplingIsReproducible(t *testing.T) {
 		return res.Tokens
 	}
 	a, b, c := run(7), run(7), run(8)
-	if len(a) != 12 || !equal(a, b) {
+	if len(a) != 12 || !slices.Equal(a, b) {
 		t.Errorf("same seed gave %v and %v", a, b)
 	}
-	if equal(a, c) {
+	if slices.Equal(a, c) {
 		t.Errorf("seeds 7 and 8 gave the same tokens %v", a)
 	}
 }
@@ -75,18 +76,6 @@ func TestGenerateContextFullAndCancel(t *testing.T) {
 	}
 }
 
-func equal(a, b []int) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
-}
-
 // One Model serves several sequences at once (run with -race).
 func TestConcurrentGenerate(t *testing.T) {
 	m, err := Load(fixture, Options{DebugNaN: true})
@@ -101,7 +90,7 @@ func TestConcurrentGenerate(t *testing.T) {
 	for i := 0; i < 4; i++ {
 		go func() {
 			res, err := m.Generate(context.Background(), prompt, GenerateOptions{MaxTokens: 6, StopIDs: []int{}})
-			if err == nil && !equal(res.Tokens, want.Tokens) {
+			if err == nil && !slices.Equal(res.Tokens, want.Tokens) {
 				err = fmt.Errorf("concurrent run gave %v, want %v", res.Tokens, want.Tokens)
 			}
 			errs <- err

@@ -168,16 +168,8 @@ func parseDecoder(raw json.RawMessage) (decoder, error) {
 	case "Strip":
 		return stripDec{j.Content, j.Start, j.Stop}, nil
 	case "Metaspace":
-		m := metaspaceDec{replacement: j.Replacement, prepend: j.PrependScheme}
-		if m.replacement == "" {
-			m.replacement = "▁"
-		}
-		if m.prepend == "" {
-			m.prepend = "always"
-			if j.AddPrefixSpace != nil && !*j.AddPrefixSpace {
-				m.prepend = "never"
-			}
-		}
+		m := metaspaceDec{}
+		m.replacement, m.prepend = metaspaceSettings(j.Replacement, j.PrependScheme, j.AddPrefixSpace)
 		return m, nil
 	case "Sequence":
 		var seq decSequence

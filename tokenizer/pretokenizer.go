@@ -291,16 +291,8 @@ func parsePreTokenizer(raw json.RawMessage) (preTokenizer, error) {
 	case "WhitespaceSplit":
 		return whitespaceSplit{}, nil
 	case "Metaspace":
-		m := metaspacePre{replacement: j.Replacement, prepend: j.PrependScheme, splitWords: j.Split == nil || *j.Split}
-		if m.replacement == "" {
-			m.replacement = "▁"
-		}
-		if m.prepend == "" {
-			m.prepend = "always"
-			if j.AddPrefixSpace != nil && !*j.AddPrefixSpace {
-				m.prepend = "never"
-			}
-		}
+		m := metaspacePre{splitWords: j.Split == nil || *j.Split}
+		m.replacement, m.prepend = metaspaceSettings(j.Replacement, j.PrependScheme, j.AddPrefixSpace)
 		return m, nil
 	case "Sequence":
 		var seq preSequence
@@ -321,4 +313,20 @@ func parsePreTokenizer(raw json.RawMessage) (preTokenizer, error) {
 func quoteJSON(s string) string {
 	b, _ := json.Marshal(s)
 	return string(b)
+}
+
+// metaspaceSettings fills in the Metaspace defaults shared by the
+// pre-tokenizer and the decoder: replacement "▁", and a prepend scheme of
+// "always" unless the older add_prefix_space field turns it off.
+func metaspaceSettings(replacement, prepend string, addPrefixSpace *bool) (string, string) {
+	if replacement == "" {
+		replacement = "▁"
+	}
+	if prepend == "" {
+		prepend = "always"
+		if addPrefixSpace != nil && !*addPrefixSpace {
+			prepend = "never"
+		}
+	}
+	return replacement, prepend
 }

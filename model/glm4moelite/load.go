@@ -2,6 +2,7 @@ package glm4moelite
 
 import (
 	"fmt"
+	"slices"
 
 	"github.com/mmfp4/mmfp4/backend"
 	"github.com/mmfp4/mmfp4/format"
@@ -124,7 +125,7 @@ func (ld *loader) floats(name string, shape ...int) []float32 {
 		ld.err = err
 		return nil
 	}
-	if !sameShape(t.Shape, shape) {
+	if !slices.Equal(t.Shape, shape) {
 		ld.err = fmt.Errorf("%s: tensor %s: shape %v, want %v", t.File, name, t.Shape, shape)
 		return nil
 	}
@@ -134,18 +135,6 @@ func (ld *loader) floats(name string, shape ...int) []float32 {
 		return nil
 	}
 	return v
-}
-
-func sameShape(a, b []int) bool {
-	if len(a) != len(b) {
-		return false
-	}
-	for i := range a {
-		if a[i] != b[i] {
-			return false
-		}
-	}
-	return true
 }
 
 func (ld *loader) mlp(prefix string, hidden, inter int) *MLP {
