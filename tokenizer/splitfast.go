@@ -171,15 +171,7 @@ func matchCL100K(s string, i, maxDigits int) int {
 		}
 	}
 	if isNumber(r) {
-		j := i
-		for k := 0; k < maxDigits; k++ {
-			r, size := runeAt(s, j)
-			if r < 0 || !isNumber(r) {
-				break
-			}
-			j += size
-		}
-		return j - i
+		return numbers(s, i, maxDigits) - i
 	}
 	j := i
 	if r == ' ' {
@@ -286,15 +278,7 @@ func matchO200K(s string, i int) int {
 		}
 	}
 	if isNumber(r) {
-		j := i
-		for k := 0; k < 3; k++ {
-			r, size := runeAt(s, j)
-			if r < 0 || !isNumber(r) {
-				break
-			}
-			j += size
-		}
-		return j - i
+		return numbers(s, i, 3) - i
 	}
 	j := i
 	if r == ' ' {
