@@ -163,11 +163,16 @@ func (b *Backend) matMulQuantFloat(d, xm *mat, w *quant) {
 }
 
 // quantizeActivations turns each group of G values of every row into int8
-// with one symmetric scale (amax/127), rounding half away from zero.
-func quantizeActivations(x *mat, group int) (q []int8, scales []float32) {
+// with one symmetric scale (amax/127), rounding half away from zero. Within a
+// group the values are stored de-interleaved, even columns first, then odd
+// ones, to match the two nibbles of the packed weight bytes; sums holds each
+// group's integer sum (the SIMD kernel needs it).
+func quantizeActivations(x *mat, group int) (q []int8, scales []float32, sums []int32) {
 	groups := x.cols / group
+	half := group / 2
 	q = make([]int8, x.rows*x.cols)
 	scales = make([]float32, x.rows*groups)
+	sums = make([]int32, x.rows*groups)
 	for t := 0; t < x.rows; t++ {
 		row := x.row(t)
 		for g := 0; g < groups; g++ {
@@ -184,7 +189,8 @@ func quantizeActivations(x *mat, group int) (q []int8, scales []float32) {
 			}
 			scale := amax / 127
 			scales[t*groups+g] = scale
-			out := q[t*x.cols+g*group:]
+			out := q[t*x.cols+g*group : t*x.cols+(g+1)*group]
+			var sum int32
 			for i, v := range seg {
 				r := v / scale
 				if r >= 0 {
@@ -192,64 +198,72 @@ func quantizeActivations(x *mat, group int) (q []int8, scales []float32) {
 				} else {
 					r -= 0.5
 				}
-				out[i] = int8(max(-127, min(127, int32(r))))
+				qi := max(-127, min(127, int32(r)))
+				out[i/2+(i%2)*half] = int8(qi)
+				sum += qi
 			}
+			sums[t*groups+g] = sum
 		}
 	}
-	return q, scales
+	return q, scales, sums
 }
 
 // matMulQuantInt8 is the integer kernel: within a group, the doubled E2M1
-// codes times int8 activations sum exactly in int32, and the group's float
-// scale row_scale * e4m3(s) * x_scale / 2 is applied once.
+// codes times int8 activations sum exactly in int32 (dotGroups), and the
+// group's float scale row_scale * e4m3(s) * x_scale / 2 is applied once.
 func (b *Backend) matMulQuantInt8(d, xm *mat, w *quant) {
 	m := w.m
 	G, K, groups := m.GroupSize, m.K, w.groups
-	xq, xs := quantizeActivations(xm, G)
+	xq, xs, xsum := quantizeActivations(xm, G)
 	T := xm.rows
 	b.parallel(m.N, func(lo, hi int) {
-		acc := make([]float32, T)
+		dots := make([]int32, groups)
+		ws := make([]float32, groups)
 		for n := lo; n < hi; n++ {
-			clear(acc)
 			codes := m.Codes[n*K/2 : (n+1)*K/2]
-			scales := m.Scales[n*groups : (n+1)*groups]
 			rs := m.RowScale[n] * 0.5
-			for g := 0; g < groups; g++ {
-				ws := rs * e4m3Table[scales[g]]
-				if ws == 0 {
-					continue
-				}
-				gc := codes[g*G/2 : (g+1)*G/2]
-				for t := 0; t < T; t++ {
-					xsv := xs[t*groups+g]
-					if xsv == 0 {
-						continue
-					}
-					acc[t] += float32(dotCodes(gc, xq[t*K+g*G:t*K+(g+1)*G])) * ws * xsv
-				}
+			for g, s := range m.Scales[n*groups : (n+1)*groups] {
+				ws[g] = rs * e4m3Table[s]
 			}
 			for t := 0; t < T; t++ {
-				d.data[t*d.stride+n] = acc[t]
+				dotGroups(codes, xq[t*K:(t+1)*K], xsum[t*groups:(t+1)*groups], G, dots)
+				var acc float32
+				for g, dv := range dots {
+					acc += float32(dv) * ws[g] * xs[t*groups+g]
+				}
+				d.data[t*d.stride+n] = acc
 			}
 		}
 	})
 }
 
-// dotCodes is the exact int32 dot product of packed E2M1 codes (doubled)
-// with int8 activations, len(x) == 2*len(codes), unrolled by four bytes.
+// dotGroupsGo is the reference for dotGroups: for each group g, the exact
+// int32 sum over the group of 2*e2m1(code) * x, with x de-interleaved as
+// quantizeActivations stores it.
+func dotGroupsGo(codes []byte, x []int8, G int, out []int32) {
+	half := G / 2
+	for g := range out {
+		out[g] = dotCodes(codes[g*half:(g+1)*half], x[g*G:(g+1)*G])
+	}
+}
+
+// dotCodes is one group of dotGroupsGo: codes holds G/2 bytes, x the G
+// activations, even columns first. Unrolled by four bytes.
 func dotCodes(codes []byte, x []int8) int32 {
+	half := len(codes)
+	ev, od := x[:half:half], x[half:2*half:2*half]
 	var s0, s1 int32
 	i := 0
-	for ; i+4 <= len(codes); i += 4 {
+	for ; i+4 <= half; i += 4 {
 		c := codes[i : i+4 : i+4]
-		xs := x[2*i : 2*i+8 : 2*i+8]
+		e, o := ev[i:i+4:i+4], od[i:i+4:i+4]
 		p0, p1, p2, p3 := &pairTable[c[0]], &pairTable[c[1]], &pairTable[c[2]], &pairTable[c[3]]
-		s0 += p0[0]*int32(xs[0]) + p0[1]*int32(xs[1]) + p1[0]*int32(xs[2]) + p1[1]*int32(xs[3])
-		s1 += p2[0]*int32(xs[4]) + p2[1]*int32(xs[5]) + p3[0]*int32(xs[6]) + p3[1]*int32(xs[7])
+		s0 += p0[0]*int32(e[0]) + p0[1]*int32(o[0]) + p1[0]*int32(e[1]) + p1[1]*int32(o[1])
+		s1 += p2[0]*int32(e[2]) + p2[1]*int32(o[2]) + p3[0]*int32(e[3]) + p3[1]*int32(o[3])
 	}
-	for ; i < len(codes); i++ {
+	for ; i < half; i++ {
 		p := &pairTable[codes[i]]
-		s0 += p[0]*int32(x[2*i]) + p[1]*int32(x[2*i+1])
+		s0 += p[0]*int32(ev[i]) + p[1]*int32(od[i])
 	}
 	return s0 + s1
 }
