@@ -111,20 +111,15 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, c backend.Cache,
 	})
 }
 
-// ExpandValues computes out[t,h] = W_UV[h] olat[t,h].
+// ExpandValues computes out[t,h] = W_UV[h] olat[t,h]: per head, an ordinary
+// matrix product with a row block of kv_b, so MMFP4 weights take the same
+// (int8) kernel as every other product.
 func (b *Backend) ExpandValues(out, olat backend.Tensor, kvB backend.Weight, s backend.MLAShape) {
 	om, ol := asMat(out), asMat(olat)
 	checkShape("expand out", [2]int{om.rows, om.cols}, [2]int{ol.rows, s.Heads * s.VDim})
 	checkShape("expand in", [2]int{ol.rows, ol.cols}, [2]int{om.rows, s.Heads * s.Rank})
-	b.parallel(s.Heads, func(lo, hi int) {
-		buf := make([]float32, s.Rank)
-		for h := lo; h < hi; h++ {
-			for j := 0; j < s.VDim; j++ {
-				w := weightRow(kvB, h*(s.NopeDim+s.VDim)+s.NopeDim+j, buf)
-				for t := 0; t < ol.rows; t++ {
-					om.row(t)[h*s.VDim+j] = dot(w, ol.row(t)[h*s.Rank:(h+1)*s.Rank])
-				}
-			}
-		}
-	})
+	for h := 0; h < s.Heads; h++ {
+		wuv := weightRows(kvB, h*(s.NopeDim+s.VDim)+s.NopeDim, s.VDim)
+		b.MatMul(b.Cols(out, h*s.VDim, (h+1)*s.VDim), b.Cols(olat, h*s.Rank, (h+1)*s.Rank), wuv)
+	}
 }

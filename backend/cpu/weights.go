@@ -78,6 +78,23 @@ func weightRow(w backend.Weight, n int, buf []float32) []float32 {
 	}
 }
 
+// weightRows is a view of rows [from, from+n) of w, sharing its memory.
+func weightRows(w backend.Weight, from, n int) backend.Weight {
+	switch w := w.(type) {
+	case *dense:
+		return &dense{n: n, k: w.k, w: w.w[from*w.k : (from+n)*w.k]}
+	case *quant:
+		m := *w.m
+		m.N = n
+		m.Codes = m.Codes[from*m.K/2 : (from+n)*m.K/2]
+		m.Scales = m.Scales[from*w.groups : (from+n)*w.groups]
+		m.RowScale = m.RowScale[from : from+n]
+		return &quant{m: &m, groups: w.groups}
+	default:
+		panic(fmt.Sprintf("cpu backend: weight of type %T from another backend", w))
+	}
+}
+
 // vector returns a 1 x K weight's values.
 func vector(w backend.Weight) []float32 {
 	d, ok := w.(*dense)
