@@ -143,3 +143,52 @@ func TestDotGroupsGoMatchesDefinition(t *testing.T) {
 		t.Fatalf("dotGroupsGo %d, definition %d", got[0], want)
 	}
 }
+
+// TestAxpyCodesMatchesGo: the dispatching kernel against the Go reference
+// (the assembly fuses multiply and add, so allow float rounding), and the Go
+// reference against the dequantized rows.
+func TestAxpyCodesMatchesGo(t *testing.T) {
+	r := rand.New(rand.NewPCG(4, uint64(rand.Int64())))
+	for _, G := range []int{32, 64, 128} {
+		const groups, rows = 4, 9
+		w := randMat(r, rows*groups*G, 0.1)
+		q, err := format.Quantize(w, rows, groups*G, format.QuantOptions{GroupSize: G})
+		if err != nil {
+			t.Fatal(err)
+		}
+		coefs := randMat(r, rows, 1)
+		fast, ref := make([]float32, groups*G), make([]float32, groups*G)
+		want := make([]float32, groups*G) // natural column order
+		row := make([]float32, groups*G)
+		coef := make([]float32, groups)
+		for n := 0; n < rows; n++ {
+			for g := range coef {
+				coef[g] = coefs[n] * q.RowScale[n] * 0.5 * format.E4M3Decode(q.Scales[n*groups+g])
+			}
+			codes := q.Codes[n*groups*G/2 : (n+1)*groups*G/2]
+			axpyCodes(fast, codes, coef, G)
+			axpyCodesGo(ref, codes, coef, G)
+			q.DequantizeRow(n, row)
+			for k := range want {
+				want[k] += coefs[n] * row[k]
+			}
+		}
+		var scale float64
+		for _, v := range want {
+			scale = math.Max(scale, math.Abs(float64(v)))
+		}
+		for k := range want {
+			g, j := k/G, k%G
+			natural := g*G + 2*j
+			if j >= G/2 {
+				natural = g*G + 2*(j-G/2) + 1
+			}
+			if d := math.Abs(float64(fast[k] - ref[k])); d > 1e-5*scale {
+				t.Fatalf("G=%d element %d: kernel %g, Go %g", G, k, fast[k], ref[k])
+			}
+			if d := math.Abs(float64(ref[k] - want[natural])); d > 1e-5*scale {
+				t.Fatalf("G=%d element %d (column %d): Go %g, dequantized %g", G, k, natural, ref[k], want[natural])
+			}
+		}
+	}
+}

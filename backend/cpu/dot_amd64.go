@@ -28,3 +28,20 @@ func dotGroups(codes []byte, x []int8, xsum []int32, G int, out []int32) {
 	}
 	dotGroupsGo(codes, x, G, out)
 }
+
+// axpyCodes128 adds coef[g] * 2*e2m1(code) for the 128 weights of each group
+// g to acc, in the de-interleaved order of axpyCodesGo. In dot_amd64.s.
+//
+//go:noescape
+func axpyCodes128(acc *float32, codes *byte, coef *float32, groups int)
+
+// axpyCodes is the dispatching form of axpyCodesGo.
+func axpyCodes(acc []float32, codes []byte, coef []float32, G int) {
+	if hasVNNI && G == 128 && len(coef) > 0 {
+		_ = acc[len(coef)*128-1]
+		_ = codes[len(coef)*64-1]
+		axpyCodes128(&acc[0], &codes[0], &coef[0], len(coef))
+		return
+	}
+	axpyCodesGo(acc, codes, coef, G)
+}

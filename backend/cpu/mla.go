@@ -56,17 +56,50 @@ func (b *Backend) AbsorbQuery(qlat, q backend.Tensor, kvB backend.Weight, s back
 	checkShape("absorb out", [2]int{ql.rows, ql.cols}, [2]int{qm.rows, s.Heads * s.Rank})
 	checkShape("absorb in", [2]int{qm.rows, qm.cols}, [2]int{ql.rows, s.Heads * (s.NopeDim + s.RopeDim)})
 	checkShape("absorb kv_b", [2]int{kvB.Rows(), kvB.Cols()}, [2]int{s.Heads * (s.NopeDim + s.VDim), s.Rank})
+	if w, ok := kvB.(*quant); ok {
+		b.absorbQueryQuant(ql, qm, w, s)
+		return
+	}
 	b.parallel(s.Heads, func(lo, hi int) {
-		buf := make([]float32, s.Rank)
 		for h := lo; h < hi; h++ {
 			for t := 0; t < ql.rows; t++ {
-				clear(ql.row(t)[h*s.Rank : (h+1)*s.Rank])
-			}
-			for i := 0; i < s.NopeDim; i++ {
-				w := weightRow(kvB, h*(s.NopeDim+s.VDim)+i, buf)
-				for t := 0; t < ql.rows; t++ {
+				out := ql.row(t)[h*s.Rank : (h+1)*s.Rank]
+				clear(out)
+				for i := 0; i < s.NopeDim; i++ {
 					coef := qm.row(t)[h*(s.NopeDim+s.RopeDim)+i]
-					axpy(ql.row(t)[h*s.Rank:(h+1)*s.Rank], coef, w)
+					axpy(out, coef, weightRow(kvB, h*(s.NopeDim+s.VDim)+i, nil))
+				}
+			}
+		}
+	})
+}
+
+// absorbQueryQuant is AbsorbQuery on MMFP4 weights without dequantizing
+// rows: each row adds its codes times q_nope[i] * row_scale * group scale,
+// accumulated in the de-interleaved order of axpyCodes and put back in
+// column order at the end.
+func (b *Backend) absorbQueryQuant(ql, qm *mat, w *quant, s backend.MLAShape) {
+	m, G, groups := w.m, w.m.GroupSize, w.groups
+	b.parallel(s.Heads, func(lo, hi int) {
+		acc := make([]float32, s.Rank)
+		coef := make([]float32, groups)
+		for h := lo; h < hi; h++ {
+			for t := 0; t < ql.rows; t++ {
+				clear(acc)
+				for i := 0; i < s.NopeDim; i++ {
+					n := h*(s.NopeDim+s.VDim) + i
+					a := qm.row(t)[h*(s.NopeDim+s.RopeDim)+i] * m.RowScale[n] * 0.5
+					for g, sc := range m.Scales[n*groups : (n+1)*groups] {
+						coef[g] = a * e4m3Table[sc]
+					}
+					axpyCodes(acc, m.Codes[n*m.K/2:(n+1)*m.K/2], coef, G)
+				}
+				out := ql.row(t)[h*s.Rank : (h+1)*s.Rank]
+				for g := 0; g < groups; g++ {
+					for k := 0; k < G/2; k++ {
+						out[g*G+2*k] = acc[g*G+k]
+						out[g*G+2*k+1] = acc[g*G+G/2+k]
+					}
 				}
 			}
 		}

@@ -284,3 +284,19 @@ func dotCodes(codes []byte, x []int8) int32 {
 	}
 	return s0 + s1
 }
+
+// axpyCodesGo is the reference for axpyCodes: for each group g of G weights
+// (G/2 code bytes), acc[g*G+k] += coef[g] * 2*e2m1(low nibble of byte k) and
+// acc[g*G+G/2+k] += coef[g] * 2*e2m1(high nibble): even columns first, then
+// odd ones, the order the packed bytes give without shuffling.
+func axpyCodesGo(acc []float32, codes []byte, coef []float32, G int) {
+	half := G / 2
+	for g, a := range coef {
+		ev, od := acc[g*G:g*G+half], acc[g*G+half:(g+1)*G]
+		for k, c := range codes[g*half : (g+1)*half] {
+			p := &pairTable[c]
+			ev[k] += a * float32(p[0])
+			od[k] += a * float32(p[1])
+		}
+	}
+}
