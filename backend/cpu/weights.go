@@ -184,45 +184,51 @@ func (b *Backend) matMulQuantFloat(d, xm *mat, w *quant) {
 // group the values are stored de-interleaved, even columns first, then odd
 // ones, to match the two nibbles of the packed weight bytes; sums holds each
 // group's integer sum (the SIMD kernel needs it).
-func quantizeActivations(x *mat, group int) (q []int8, scales []float32, sums []int32) {
+func (b *Backend) quantizeActivations(x *mat, group int) (q []int8, scales []float32, sums []int32) {
 	groups := x.cols / group
 	half := group / 2
 	q = make([]int8, x.rows*x.cols)
 	scales = make([]float32, x.rows*groups)
 	sums = make([]int32, x.rows*groups)
-	for t := 0; t < x.rows; t++ {
-		row := x.row(t)
-		for g := 0; g < groups; g++ {
-			seg := row[g*group : (g+1)*group]
-			var amax float32
-			for _, v := range seg {
-				if v < 0 {
-					v = -v
-				}
-				amax = max(amax, v)
-			}
-			if amax == 0 {
-				continue
-			}
-			scale := amax / 127
-			scales[t*groups+g] = scale
-			out := q[t*x.cols+g*group : t*x.cols+(g+1)*group]
-			var sum int32
-			for i, v := range seg {
-				r := v / scale
-				if r >= 0 {
-					r += 0.5
-				} else {
-					r -= 0.5
-				}
-				qi := max(-127, min(127, int32(r)))
-				out[i/2+(i%2)*half] = int8(qi)
-				sum += qi
-			}
-			sums[t*groups+g] = sum
+	b.parallel(x.rows, func(lo, hi int) {
+		for t := lo; t < hi; t++ {
+			quantizeRow(x.row(t), group, half, q[t*x.cols:(t+1)*x.cols], scales[t*groups:(t+1)*groups], sums[t*groups:(t+1)*groups])
 		}
-	}
+	})
 	return q, scales, sums
+}
+
+// quantizeRow is quantizeActivations for one row.
+func quantizeRow(row []float32, group, half int, q []int8, scales []float32, sums []int32) {
+	for g := range scales {
+		seg := row[g*group : (g+1)*group]
+		var amax float32
+		for _, v := range seg {
+			if v < 0 {
+				v = -v
+			}
+			amax = max(amax, v)
+		}
+		if amax == 0 {
+			continue
+		}
+		scale := amax / 127
+		scales[g] = scale
+		out := q[g*group : (g+1)*group]
+		var sum int32
+		for i, v := range seg {
+			r := v / scale
+			if r >= 0 {
+				r += 0.5
+			} else {
+				r -= 0.5
+			}
+			qi := max(-127, min(127, int32(r)))
+			out[i/2+(i%2)*half] = int8(qi)
+			sum += qi
+		}
+		sums[g] = sum
+	}
 }
 
 // matMulQuantInt8 is the integer kernel: within a group, the doubled E2M1
@@ -231,7 +237,7 @@ func quantizeActivations(x *mat, group int) (q []int8, scales []float32, sums []
 func (b *Backend) matMulQuantInt8(d, xm *mat, w *quant) {
 	m := w.m
 	G, K, groups := m.GroupSize, m.K, w.groups
-	xq, xs, xsum := quantizeActivations(xm, G)
+	xq, xs, xsum := b.quantizeActivations(xm, G)
 	T := xm.rows
 	b.parallel(m.N, func(lo, hi int) {
 		dots := make([]int32, groups)
