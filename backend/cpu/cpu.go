@@ -20,6 +20,10 @@ type Options struct {
 	FloatActivations bool
 }
 
+// forceGo makes the kernels take their pure-Go reference path even where
+// SIMD assembly is available; tests set it to cover both.
+var forceGo bool
+
 // Backend implements backend.Backend on the host.
 type Backend struct {
 	threads   int

@@ -45,6 +45,14 @@ func naiveMatMul(x []float32, T, K int, w []float32, N int) []float32 {
 // The int8-activation and float-activation MMFP4 kernels against the naive
 // product of the dequantized weights, on fresh random inputs.
 func TestQuantMatMulKernels(t *testing.T) {
+	for _, goOnly := range []bool{false, true} {
+		forceGo = goOnly
+		testQuantMatMulKernels(t)
+	}
+	forceGo = false
+}
+
+func testQuantMatMulKernels(t *testing.T) {
 	r := rand.New(rand.NewPCG(1, uint64(rand.Int64())))
 	for _, G := range []int{32, 64, 128} {
 		for _, T := range []int{1, 3, 17} {
@@ -71,9 +79,9 @@ func TestQuantMatMulKernels(t *testing.T) {
 				if !floatActs {
 					tol = 1e-2
 				}
-				t.Logf("G=%d T=%d float=%v: %.2e", G, T, floatActs, e)
+				t.Logf("G=%d T=%d float=%v go-only=%v: %.2e", G, T, floatActs, forceGo, e)
 				if e > tol {
-					t.Errorf("G=%d T=%d float=%v: relative error %.2e > %.0e", G, T, floatActs, e, tol)
+					t.Errorf("G=%d T=%d float=%v go-only=%v: relative error %.2e > %.0e", G, T, floatActs, forceGo, e, tol)
 				}
 			}
 		}

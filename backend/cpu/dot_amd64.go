@@ -19,7 +19,7 @@ func dotGroups128VNNI(codes *byte, x *int8, xsum *int32, out *int32, groups int)
 // dotGroups fills out[g] with the exact int32 dot product of group g; see
 // dotGroupsGo, its reference. xsum[g] is the sum of group g's activations.
 func dotGroups(codes []byte, x []int8, xsum []int32, G int, out []int32) {
-	if hasVNNI && G == 128 && len(out) > 0 {
+	if hasVNNI && !forceGo && G == 128 && len(out) > 0 {
 		_ = codes[len(out)*64-1]
 		_ = x[len(out)*128-1]
 		_ = xsum[len(out)-1]
@@ -37,7 +37,7 @@ func axpyCodes128(acc *float32, codes *byte, coef *float32, groups int)
 
 // axpyCodes is the dispatching form of axpyCodesGo.
 func axpyCodes(acc []float32, codes []byte, coef []float32, G int) {
-	if hasVNNI && G == 128 && len(coef) > 0 {
+	if hasVNNI && !forceGo && G == 128 && len(coef) > 0 {
 		_ = acc[len(coef)*128-1]
 		_ = codes[len(coef)*64-1]
 		axpyCodes128(&acc[0], &codes[0], &coef[0], len(coef))
