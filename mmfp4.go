@@ -130,18 +130,14 @@ func generationEOS(dir string) ([]int, error) {
 	if err := json.Unmarshal(data, &g); err != nil {
 		return nil, fmt.Errorf("%s: %w", path, err)
 	}
-	if g.EOS == nil || string(g.EOS) == "null" {
+	if g.EOS == nil {
 		return nil, nil
 	}
-	var one int
-	if json.Unmarshal(g.EOS, &one) == nil {
-		return []int{one}, nil
+	ids, err := glm4moelite.ParseTokenIDs(g.EOS)
+	if err != nil {
+		return nil, fmt.Errorf("%s: field \"eos_token_id\": %w", path, err)
 	}
-	var many []int
-	if err := json.Unmarshal(g.EOS, &many); err != nil {
-		return nil, fmt.Errorf("%s: field \"eos_token_id\": want an integer or a list of integers", path)
-	}
-	return many, nil
+	return ids, nil
 }
 
 // Config is the model's parsed configuration.

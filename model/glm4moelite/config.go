@@ -228,7 +228,7 @@ func ParseConfig(data []byte) (*Config, error) {
 	}
 
 	if r.EOSTokenID != nil {
-		ids, err := parseIDs(*r.EOSTokenID)
+		ids, err := ParseTokenIDs(*r.EOSTokenID)
 		if err != nil {
 			return nil, fmt.Errorf(`field "eos_token_id": %w`, err)
 		}
@@ -275,7 +275,10 @@ func ropeTheta(r *rawConfig) (float64, error) {
 	return 0, errors.New(`field "rope_theta" (or "rope_parameters.rope_theta") is missing`)
 }
 
-func parseIDs(raw json.RawMessage) ([]int, error) {
+// ParseTokenIDs reads a token id field that holds an integer, a list of
+// integers or null, as eos_token_id does in config.json and
+// generation_config.json.
+func ParseTokenIDs(raw json.RawMessage) ([]int, error) {
 	if string(raw) == "null" {
 		return nil, nil
 	}
