@@ -5,7 +5,6 @@ package cpu
 import (
 	"fmt"
 	"runtime"
-	"sync"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -18,16 +17,17 @@ type Options struct {
 	// instead of the default int8 per-group activations (DESIGN.md section 2);
 	// it is kept for accuracy comparison.
 	FloatActivations bool
+	// Kernel picks the SIMD kernels: "" (the best this CPU has, or the
+	// MMFP4_CPU_KERNEL environment variable), or one of Kernels().
+	Kernel string
 }
-
-// forceGo makes the kernels take their pure-Go reference path even where
-// SIMD assembly is available; tests set it to cover both.
-var forceGo bool
 
 // Backend implements backend.Backend on the host.
 type Backend struct {
 	threads   int
 	floatActs bool
+	isa       isa   // kernel family in use
+	pool      *pool // worker goroutines shared by backends of this thread count
 }
 
 var _ backend.Backend = (*Backend)(nil)
@@ -38,7 +38,7 @@ func New(o Options) *Backend {
 	if t <= 0 {
 		t = runtime.GOMAXPROCS(0)
 	}
-	return &Backend{threads: t, floatActs: o.FloatActivations}
+	return &Backend{threads: t, floatActs: o.FloatActivations, isa: pickISA(o.Kernel), pool: sharedPool(t)}
 }
 
 // Name identifies the backend and its threading.
@@ -47,33 +47,13 @@ func (b *Backend) Name() string {
 	if b.floatActs {
 		mode = "float32 activations"
 	}
-	return fmt.Sprintf("cpu (%d threads, %s)", b.threads, mode)
+	return fmt.Sprintf("cpu (%d threads, %s, %s kernels)", b.threads, mode, b.isa)
 }
 
-// parallel splits [0, n) into contiguous chunks run on the worker
-// goroutines. Small n runs inline: spawning costs more than it saves.
+// parallel splits [0, n) into one contiguous chunk per thread, run on the
+// worker pool.
 func (b *Backend) parallel(n int, fn func(lo, hi int)) {
-	workers := b.threads
-	if workers > n {
-		workers = n
-	}
-	if workers <= 1 {
-		if n > 0 {
-			fn(0, n)
-		}
-		return
-	}
-	var wg sync.WaitGroup
-	chunk := (n + workers - 1) / workers
-	for lo := 0; lo < n; lo += chunk {
-		hi := min(lo+chunk, n)
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			fn(lo, hi)
-		}()
-	}
-	wg.Wait()
+	b.pool.run(n, (n+b.threads-1)/b.threads, fn)
 }
 
 // mat is a row-major float32 matrix; row t starts at data[t*stride].

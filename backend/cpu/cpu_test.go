@@ -45,15 +45,13 @@ func naiveMatMul(x []float32, T, K int, w []float32, N int) []float32 {
 // The int8-activation and float-activation MMFP4 kernels against the naive
 // product of the dequantized weights, on fresh random inputs.
 func TestQuantMatMulKernels(t *testing.T) {
-	for _, goOnly := range []bool{false, true} {
-		forceGo = goOnly
-		testQuantMatMulKernels(t)
+	for _, k := range Kernels() {
+		testQuantMatMulKernels(t, k)
 	}
-	forceGo = false
 }
 
-func testQuantMatMulKernels(t *testing.T) {
-	r := rand.New(rand.NewPCG(1, uint64(rand.Int64())))
+func testQuantMatMulKernels(t *testing.T, kernel string) {
+	r := rand.New(rand.NewPCG(1, 1))
 	for _, G := range []int{32, 64, 128} {
 		for _, T := range []int{1, 3, 17} {
 			N, K := 37, 256
@@ -65,7 +63,7 @@ func testQuantMatMulKernels(t *testing.T) {
 			x := randMat(r, T*K, 1)
 			want := naiveMatMul(x, T, K, q.Dequantize(), N)
 			for _, floatActs := range []bool{false, true} {
-				b := New(Options{Threads: 3, FloatActivations: floatActs})
+				b := New(Options{Threads: 3, FloatActivations: floatActs, Kernel: kernel})
 				wt, err := b.NewWeight(backend.HostWeight{Name: "w", N: N, K: K, Quant: q})
 				if err != nil {
 					t.Fatal(err)
@@ -79,46 +77,9 @@ func testQuantMatMulKernels(t *testing.T) {
 				if !floatActs {
 					tol = 1e-2
 				}
-				t.Logf("G=%d T=%d float=%v go-only=%v: %.2e", G, T, floatActs, forceGo, e)
+				t.Logf("G=%d T=%d float=%v kernel=%s: %.2e", G, T, floatActs, kernel, e)
 				if e > tol {
-					t.Errorf("G=%d T=%d float=%v go-only=%v: relative error %.2e > %.0e", G, T, floatActs, forceGo, e, tol)
-				}
-			}
-		}
-	}
-}
-
-// TestDotGroupsMatchesGo checks the dispatching kernel (AVX-512 VNNI where
-// the CPU has it) against the plain Go reference, exactly, on fresh random
-// codes and activations including the extremes.
-func TestDotGroupsMatchesGo(t *testing.T) {
-	t.Logf("dot-product kernel: %s", simdKernel)
-	r := rand.New(rand.NewPCG(2, uint64(rand.Int64())))
-	for _, G := range []int{32, 64, 128} {
-		for _, groups := range []int{1, 2, 16, 40} {
-			codes := make([]byte, groups*G/2)
-			x := make([]int8, groups*G)
-			xsum := make([]int32, groups)
-			for i := range codes {
-				codes[i] = byte(r.IntN(256))
-			}
-			for i := range x {
-				switch r.IntN(4) {
-				case 0:
-					x[i] = 127
-				case 1:
-					x[i] = -127
-				default:
-					x[i] = int8(r.IntN(255) - 127)
-				}
-				xsum[i/G] += int32(x[i])
-			}
-			want, got := make([]int32, groups), make([]int32, groups)
-			dotGroupsGo(codes, x, G, want)
-			dotGroups(codes, x, xsum, G, got)
-			for g := range want {
-				if got[g] != want[g] {
-					t.Fatalf("G=%d groups=%d: group %d: %d, reference %d", G, groups, g, got[g], want[g])
+					t.Errorf("G=%d T=%d float=%v kernel=%s: relative error %.2e > %.0e", G, T, floatActs, kernel, e, tol)
 				}
 			}
 		}
@@ -128,7 +89,7 @@ func TestDotGroupsMatchesGo(t *testing.T) {
 // dotGroupsGo itself against the definition: sum of 2*e2m1(code)*x over the
 // interleaved columns.
 func TestDotGroupsGoMatchesDefinition(t *testing.T) {
-	r := rand.New(rand.NewPCG(3, uint64(rand.Int64())))
+	r := rand.New(rand.NewPCG(3, 3))
 	const G = 64
 	codes := make([]byte, G/2)
 	for i := range codes {
@@ -156,7 +117,13 @@ func TestDotGroupsGoMatchesDefinition(t *testing.T) {
 // (the assembly fuses multiply and add, so allow float rounding), and the Go
 // reference against the dequantized rows.
 func TestAxpyCodesMatchesGo(t *testing.T) {
-	r := rand.New(rand.NewPCG(4, uint64(rand.Int64())))
+	for _, k := range Kernels() {
+		testAxpyCodesMatchesGo(t, New(Options{Kernel: k}))
+	}
+}
+
+func testAxpyCodesMatchesGo(t *testing.T, b *Backend) {
+	r := rand.New(rand.NewPCG(4, 4))
 	for _, G := range []int{32, 64, 128} {
 		const groups, rows = 4, 9
 		w := randMat(r, rows*groups*G, 0.1)
@@ -174,7 +141,7 @@ func TestAxpyCodesMatchesGo(t *testing.T) {
 				coef[g] = coefs[n] * q.RowScale[n] * 0.5 * format.E4M3Decode(q.Scales[n*groups+g])
 			}
 			codes := q.Codes[n*groups*G/2 : (n+1)*groups*G/2]
-			axpyCodes(fast, codes, coef, G)
+			b.axpyCodes(fast, codes, coef, G)
 			axpyCodesGo(ref, codes, coef, G)
 			q.DequantizeRow(n, row)
 			for k := range want {

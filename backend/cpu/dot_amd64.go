@@ -1,32 +1,62 @@
 package cpu
 
-import "golang.org/x/sys/cpu"
+import (
+	"github.com/mmfp4/mmfp4/format"
+	"golang.org/x/sys/cpu"
+)
 
-// hasVNNI: AVX-512 BW for byte shuffles and VNNI for vpdpbusd; x/sys/cpu
-// also checks that the OS saves the ZMM state.
-var hasVNNI = cpu.X86.HasAVX512F && cpu.X86.HasAVX512BW && cpu.X86.HasAVX512VNNI
+// x/sys/cpu also checks that the OS saves the YMM/ZMM state.
+var (
+	hasAVX512 = cpu.X86.HasAVX512F && cpu.X86.HasAVX512BW && cpu.X86.HasAVX512VL && cpu.X86.HasAVX512VNNI
+	hasAVX2   = cpu.X86.HasAVX2 && cpu.X86.HasFMA
+)
 
-// simdKernel names the dot-product kernel in use.
-var simdKernel = map[bool]string{true: "avx512-vnni", false: "go"}[hasVNNI]
-
-// dotGroups128VNNI computes, for each of groups groups of 128 weights (64
-// code bytes) and 128 de-interleaved int8 activations, the exact int32 dot
-// product into out. It is implemented in dot_amd64.s.
-//
-//go:noescape
-func dotGroups128VNNI(codes *byte, x *int8, xsum *int32, out *int32, groups int)
-
-// dotGroups fills out[g] with the exact int32 dot product of group g; see
-// dotGroupsGo, its reference. xsum[g] is the sum of group g's activations.
-func dotGroups(codes []byte, x []int8, xsum []int32, G int, out []int32) {
-	if hasVNNI && !forceGo && G == 128 && len(out) > 0 {
-		_ = codes[len(out)*64-1]
-		_ = x[len(out)*128-1]
-		_ = xsum[len(out)-1]
-		dotGroups128VNNI(&codes[0], &x[0], &xsum[0], &out[0], len(out))
-		return
+func isaAvailable(i isa) bool {
+	switch i {
+	case isaAVX512:
+		return hasAVX512
+	case isaAVXVNNI:
+		return hasAVX2 && cpu.X86.HasAVXVNNI
+	case isaAVX2:
+		return hasAVX2
 	}
-	dotGroupsGo(codes, x, G, out)
+	return true
+}
+
+//go:noescape
+func gemvAVX512(codes *byte, scales *byte, rowScale *float32, rows, groups int, x *int8, xs *float32, xsum *int32, out *float32)
+
+//go:noescape
+func quantRow128AVX512(x *float32, groups int, q *int8, s *float32, sum *int32)
+
+// quantRow128 runs the assembly quantizer of family i for group size 128;
+// it reports false where there is none.
+func quantRow128(i isa, row []float32, q []int8, s []float32, sum []int32) bool {
+	groups := len(s)
+	_, _, _ = row[groups*128-1], q[groups*128-1], sum[groups-1]
+	switch i {
+	case isaAVX512:
+		quantRow128AVX512(&row[0], groups, &q[0], &s[0], &sum[0])
+		return true
+	}
+	return false
+}
+
+// gemv128 runs the assembly decode kernel of family i on rows [lo, hi) of
+// m (group size 128); it reports false where there is none.
+func gemv128(i isa, m *format.Matrix, lo, hi int, a *qacts, t int, out []float32) bool {
+	groups := m.K / 128
+	codes := m.Codes[lo*m.K/2 : hi*m.K/2]
+	scales := m.Scales[lo*groups : hi*groups]
+	rs := m.RowScale[lo:hi]
+	xq, xs, xsum := a.row(t)
+	out = out[:hi-lo]
+	switch i {
+	case isaAVX512:
+		gemvAVX512(&codes[0], &scales[0], &rs[0], hi-lo, groups, &xq[0], &xs[0], &xsum[0], &out[0])
+		return true
+	}
+	return false
 }
 
 // axpyCodes128 adds coef[g] * 2*e2m1(code) for the 128 weights of each group
@@ -36,8 +66,8 @@ func dotGroups(codes []byte, x []int8, xsum []int32, G int, out []int32) {
 func axpyCodes128(acc *float32, codes *byte, coef *float32, groups int)
 
 // axpyCodes is the dispatching form of axpyCodesGo.
-func axpyCodes(acc []float32, codes []byte, coef []float32, G int) {
-	if hasVNNI && !forceGo && G == 128 && len(coef) > 0 {
+func (b *Backend) axpyCodes(acc []float32, codes []byte, coef []float32, G int) {
+	if b.isa == isaAVX512 && G == 128 && len(coef) > 0 {
 		_ = acc[len(coef)*128-1]
 		_ = codes[len(coef)*64-1]
 		axpyCodes128(&acc[0], &codes[0], &coef[0], len(coef))

@@ -92,7 +92,7 @@ func (b *Backend) absorbQueryQuant(ql, qm *mat, w *quant, s backend.MLAShape) {
 					for g, sc := range m.Scales[n*groups : (n+1)*groups] {
 						coef[g] = a * e4m3Table[sc]
 					}
-					axpyCodes(acc, m.Codes[n*m.K/2:(n+1)*m.K/2], coef, G)
+					b.axpyCodes(acc, m.Codes[n*m.K/2:(n+1)*m.K/2], coef, G)
 				}
 				out := ql.row(t)[h*s.Rank : (h+1)*s.Rank]
 				for g := 0; g < groups; g++ {
