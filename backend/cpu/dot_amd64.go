@@ -27,6 +27,15 @@ func isaAvailable(i isa) bool {
 func gemvAVX512(codes *byte, scales *byte, rowScale *float32, rows, groups int, x *int8, xs *float32, xsum *int32, out *float32)
 
 //go:noescape
+func gemvAVXVNNI(codes *byte, scales *byte, rowScale *float32, rows, groups int, x *int8, xs *float32, xsum *int32, out *float32)
+
+//go:noescape
+func gemvAVX2(codes *byte, scales *byte, rowScale *float32, rows, groups int, x *int8, xs *float32, xsum *int32, out *float32)
+
+//go:noescape
+func quantRow128AVX2(x *float32, groups int, q *int8, s *float32, sum *int32)
+
+//go:noescape
 func quantRow128AVX512(x *float32, groups int, q *int8, s *float32, sum *int32)
 
 // quantRow128 runs the assembly quantizer of family i for group size 128;
@@ -37,6 +46,9 @@ func quantRow128(i isa, row []float32, q []int8, s []float32, sum []int32) bool 
 	switch i {
 	case isaAVX512:
 		quantRow128AVX512(&row[0], groups, &q[0], &s[0], &sum[0])
+		return true
+	case isaAVXVNNI, isaAVX2:
+		quantRow128AVX2(&row[0], groups, &q[0], &s[0], &sum[0])
 		return true
 	}
 	return false
@@ -54,6 +66,12 @@ func gemv128(i isa, m *format.Matrix, lo, hi int, a *qacts, t int, out []float32
 	switch i {
 	case isaAVX512:
 		gemvAVX512(&codes[0], &scales[0], &rs[0], hi-lo, groups, &xq[0], &xs[0], &xsum[0], &out[0])
+		return true
+	case isaAVXVNNI:
+		gemvAVXVNNI(&codes[0], &scales[0], &rs[0], hi-lo, groups, &xq[0], &xs[0], &xsum[0], &out[0])
+		return true
+	case isaAVX2:
+		gemvAVX2(&codes[0], &scales[0], &rs[0], hi-lo, groups, &xq[0], &xs[0], &xsum[0], &out[0])
 		return true
 	}
 	return false
