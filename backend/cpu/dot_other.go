@@ -15,3 +15,13 @@ func gemv128(isa, *format.Matrix, int, int, *qacts, int, []float32) bool { retur
 func (b *Backend) axpyCodes(acc []float32, codes []byte, coef []float32, G int) {
 	axpyCodesGo(acc, codes, coef, G)
 }
+
+func dotF32SIMD(isa, []float32, []float32) (float32, bool) { return 0, false }
+
+func dots4F32SIMD(isa, []float32, []float32, int, *[4]float32) bool { return false }
+
+func axpy4F32SIMD(isa, []float32, []float32, int, *[4]float32) bool { return false }
+
+func expF32SIMD(isa, []float32, []float32, float32) (float32, bool) { return 0, false }
+
+func siluMulF32SIMD(isa, []float32, []float32, []float32) bool { return false }

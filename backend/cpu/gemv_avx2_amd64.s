@@ -67,8 +67,9 @@ GLOBL gemv2Biased<>(SB), RODATA|NOPTR, $16
 	IMULL $-12, AX; \
 	VMOVD AX, X11
 
-// GEMV2(name, DOT) is the body of a decode kernel with the signature of
-// gemvAVX512: four rows per pass, then one.
+// GEMV2(DOT, labels...) is the body of a decode kernel with the signature
+// of gemvAVX512: four rows per pass, then one, with the lanes summed in the
+// same order either way.
 #define GEMV2(DOT, block4, g4, tail, row1, g1, done) \
 	MOVQ codes+0(FP), SI; \
 	MOVQ scales+8(FP), R12; \
@@ -167,10 +168,10 @@ g1: \
 	ADDQ $4, R9; \
 	DECQ R11; \
 	JNZ  g1; \
+	VHADDPS Y0, Y0, Y0; \
+	VHADDPS Y0, Y0, Y0; \
 	VEXTRACTF128 $1, Y0, X1; \
 	VADDPS X1, X0, X0; \
-	VHADDPS X0, X0, X0; \
-	VHADDPS X0, X0, X0; \
 	VMULSS (DX), X0, X0; \
 	MOVL $0x3f000000, AX; \
 	VMOVD AX, X1; \

@@ -146,12 +146,14 @@ g1:
 	DECQ R11
 	JNZ  g1
 
+	// The same order of additions as the four-row block, so a row's
+	// result does not depend on how the rows were split.
 	VEXTRACTF64X4 $1, Z0, Y8
 	VADDPS Y8, Y0, Y0
+	VHADDPS Y0, Y0, Y0
+	VHADDPS Y0, Y0, Y0
 	VEXTRACTF128 $1, Y0, X8
 	VADDPS X8, X0, X0
-	VHADDPS X0, X0, X0
-	VHADDPS X0, X0, X0
 	VMULSS (DX), X0, X0
 	VMULSS X29, X0, X0
 	VMOVSS X0, (R14)

@@ -100,6 +100,15 @@ func (b *Backend) MoE(dst, x backend.Tensor, r backend.Routing, experts []backen
 		panic(fmt.Sprintf("cpu backend: routing of type %T from another backend", r))
 	}
 	checkShape("moe", [2]int{d.rows, d.cols}, [2]int{xm.rows, xm.cols})
+	if b.moeFused(d, xm, rt, experts) {
+		return
+	}
+	b.moeByExpert(d, xm, rt, experts)
+}
+
+// moeByExpert runs each chosen expert once on all the tokens routed to it,
+// so its weights are read once per batch.
+func (b *Backend) moeByExpert(d, xm *mat, rt *routing, experts []backend.Expert) {
 	type use struct {
 		token  int
 		weight float32

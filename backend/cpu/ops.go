@@ -78,9 +78,6 @@ func (b *Backend) SwiGLU(dst, gate, up backend.Tensor) {
 	checkShape("swiglu", [2]int{gm.rows, gm.cols}, [2]int{d.rows, d.cols})
 	checkShape("swiglu", [2]int{um.rows, um.cols}, [2]int{d.rows, d.cols})
 	for t := 0; t < d.rows; t++ {
-		dr, gr, ur := d.row(t), gm.row(t), um.row(t)
-		for i := range dr {
-			dr[i] = silu(gr[i]) * ur[i]
-		}
+		b.siluMulF32(d.row(t), gm.row(t), um.row(t))
 	}
 }

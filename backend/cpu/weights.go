@@ -152,7 +152,7 @@ func (b *Backend) MatMul(dst, x backend.Tensor, w backend.Weight) {
 			for n := lo; n < hi; n++ {
 				wr := w.w[n*w.k : (n+1)*w.k]
 				for t := 0; t < xm.rows; t++ {
-					d.data[t*d.stride+n] = dot(wr, xm.row(t))
+					d.data[t*d.stride+n] = b.dotF32(wr, xm.row(t))
 				}
 			}
 		})
@@ -173,7 +173,7 @@ func (b *Backend) matMulQuantFloat(d, xm *mat, w *quant) {
 		for n := lo; n < hi; n++ {
 			w.m.DequantizeRow(n, buf)
 			for t := 0; t < xm.rows; t++ {
-				d.data[t*d.stride+n] = dot(buf, xm.row(t))
+				d.data[t*d.stride+n] = b.dotF32(buf, xm.row(t))
 			}
 		}
 	})

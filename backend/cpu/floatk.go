@@ -1,0 +1,84 @@
+package cpu
+
+import "math"
+
+// Float32 kernels with a pure-Go reference and SIMD forms per kernel
+// family (floatk_amd64.go). The SIMD forms round differently (fused
+// multiply-adds, other summation orders, a polynomial exp), so their tests
+// hold them to derived bounds instead of equality.
+
+// dotF32 is sum_k a[k]*b[k] over len(a).
+func (b *Backend) dotF32(x, y []float32) float32 {
+	y = y[:len(x)]
+	n := len(x) &^ 15
+	if n > 0 {
+		if s, ok := dotF32SIMD(b.isa, x[:n], y[:n]); ok {
+			return s + dot(x[n:], y[n:])
+		}
+	}
+	return dot(x, y)
+}
+
+// dots4F32 sets out[i] = q . rows[i*stride : i*stride+len(q)] for i < 4.
+func (b *Backend) dots4F32(q, rows []float32, stride int, out *[4]float32) {
+	n := len(q) &^ 15
+	_ = rows[3*stride+len(q)-1]
+	if n > 0 && dots4F32SIMD(b.isa, q[:n], rows, stride, out) {
+		for i := range out {
+			out[i] += dot(q[n:], rows[i*stride+n:i*stride+len(q)])
+		}
+		return
+	}
+	for i := range out {
+		out[i] = dot(q, rows[i*stride:i*stride+len(q)])
+	}
+}
+
+// axpy4F32 adds sum_i coef[i] * rows[i*stride : i*stride+len(dst)] to dst.
+func (b *Backend) axpy4F32(dst, rows []float32, stride int, coef *[4]float32) {
+	n := len(dst) &^ 15
+	_ = rows[3*stride+len(dst)-1]
+	if n == 0 || !axpy4F32SIMD(b.isa, dst[:n], rows, stride, coef) {
+		n = 0
+	}
+	for i, c := range coef {
+		axpy(dst[n:], c, rows[i*stride+n:i*stride+len(dst)])
+	}
+}
+
+// expF32 sets dst[i] = exp(src[i] - m) and returns the sum of dst.
+func (b *Backend) expF32(dst, src []float32, m float32) float32 {
+	src = src[:len(dst)]
+	n := len(dst) &^ 15
+	var sum float32
+	if n > 0 {
+		if s, ok := expF32SIMD(b.isa, dst[:n], src[:n], m); ok {
+			sum = s
+		} else {
+			n = 0
+		}
+	}
+	return sum + expF32Go(dst[n:], src[n:], m)
+}
+
+// expF32Go is the reference for expF32.
+func expF32Go(dst, src []float32, m float32) float32 {
+	var sum float32
+	for i, v := range src[:len(dst)] {
+		dst[i] = float32(math.Exp(float64(v - m)))
+		sum += dst[i]
+	}
+	return sum
+}
+
+// siluMulF32 sets dst[i] = silu(g[i]) * u[i].
+func (b *Backend) siluMulF32(dst, g, u []float32) {
+	g, u = g[:len(dst)], u[:len(dst)]
+	n := len(dst) &^ 15
+	if n == 0 || !siluMulF32SIMD(b.isa, dst[:n], g[:n], u[:n]) {
+		n = 0
+	}
+	for i := n; i < len(dst); i++ {
+		dst[i] = silu(g[i]) * u[i]
+	}
+}

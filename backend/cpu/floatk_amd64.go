@@ -1,0 +1,90 @@
+package cpu
+
+//go:noescape
+func dotF32AVX512(a, b *float32, n int) float32
+
+//go:noescape
+func dots4F32AVX512(q, rows *float32, stride, n int, out *float32)
+
+//go:noescape
+func axpy4F32AVX512(dst, rows *float32, stride, n int, coef *float32)
+
+//go:noescape
+func expF32AVX512(dst, src *float32, n int, m float32) float32
+
+//go:noescape
+func siluMulF32AVX512(dst, gate, up *float32, n int)
+
+//go:noescape
+func dotF32AVX2(a, b *float32, n int) float32
+
+//go:noescape
+func dots4F32AVX2(q, rows *float32, stride, n int, out *float32)
+
+//go:noescape
+func axpy4F32AVX2(dst, rows *float32, stride, n int, coef *float32)
+
+//go:noescape
+func expF32AVX2(dst, src *float32, n int, m float32) float32
+
+//go:noescape
+func siluMulF32AVX2(dst, gate, up *float32, n int)
+
+// The SIMD forms below take lengths that are multiples of 16 (callers
+// check) and report false where family i has no assembly.
+
+func dotF32SIMD(i isa, x, y []float32) (float32, bool) {
+	switch i {
+	case isaAVX512:
+		return dotF32AVX512(&x[0], &y[0], len(x)), true
+	case isaAVXVNNI, isaAVX2:
+		return dotF32AVX2(&x[0], &y[0], len(x)), true
+	}
+	return 0, false
+}
+
+func dots4F32SIMD(i isa, q, rows []float32, stride int, out *[4]float32) bool {
+	switch i {
+	case isaAVX512:
+		dots4F32AVX512(&q[0], &rows[0], stride, len(q), &out[0])
+		return true
+	case isaAVXVNNI, isaAVX2:
+		dots4F32AVX2(&q[0], &rows[0], stride, len(q), &out[0])
+		return true
+	}
+	return false
+}
+
+func axpy4F32SIMD(i isa, dst, rows []float32, stride int, coef *[4]float32) bool {
+	switch i {
+	case isaAVX512:
+		axpy4F32AVX512(&dst[0], &rows[0], stride, len(dst), &coef[0])
+		return true
+	case isaAVXVNNI, isaAVX2:
+		axpy4F32AVX2(&dst[0], &rows[0], stride, len(dst), &coef[0])
+		return true
+	}
+	return false
+}
+
+func expF32SIMD(i isa, dst, src []float32, m float32) (float32, bool) {
+	switch i {
+	case isaAVX512:
+		return expF32AVX512(&dst[0], &src[0], len(dst), m), true
+	case isaAVXVNNI, isaAVX2:
+		return expF32AVX2(&dst[0], &src[0], len(dst), m), true
+	}
+	return 0, false
+}
+
+func siluMulF32SIMD(i isa, dst, g, u []float32) bool {
+	switch i {
+	case isaAVX512:
+		siluMulF32AVX512(&dst[0], &g[0], &u[0], len(dst))
+		return true
+	case isaAVXVNNI, isaAVX2:
+		siluMulF32AVX2(&dst[0], &g[0], &u[0], len(dst))
+		return true
+	}
+	return false
+}

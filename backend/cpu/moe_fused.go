@@ -1,0 +1,99 @@
+package cpu
+
+import (
+	"slices"
+
+	"github.com/mmfp4/mmfp4/backend"
+	"github.com/mmfp4/mmfp4/format"
+)
+
+// moeFusedMaxTokens is the largest batch that takes the fused path: beyond
+// it, several tokens share experts and running each expert once on all its
+// tokens reads less.
+const moeFusedMaxTokens = 4
+
+// moeSlot is one (token, expert) pair of a batch.
+type moeSlot struct {
+	token, expert int
+	weight        float32
+	gate, up      *format.Matrix
+	down          *format.Matrix
+}
+
+// moeFused runs the experts of a small batch in two dispatches on the worker
+// pool; it reports false (doing nothing) where it does not apply: float
+// activations, weights that are not MMFP4 with groups of 128, or a large
+// batch.
+//
+//  1. Every (token, expert, block of 128 intermediate rows) is one work
+//     item: the gate and up rows of the block against the token's
+//     activations (quantized once for all experts), silu(gate)*up, and the
+//     int8 quantization of that block, which is exactly one group of the
+//     down projection's input.
+//  2. Every block of output rows is one work item: the down rows of every
+//     (token, expert), each output added to its token's row with the
+//     routing weight.
+//
+// The arithmetic is that of moeByExpert step for step (the same kernels,
+// and each token's expert outputs added in increasing expert order), so
+// the two agree bit for bit.
+func (b *Backend) moeFused(d, xm *mat, rt *routing, experts []backend.Expert) bool {
+	T := xm.rows
+	if b.floatActs || T > moeFusedMaxTokens || T == 0 {
+		return false
+	}
+	var slots []moeSlot
+	for t := 0; t < T; t++ {
+		ids, ws := rt.Choice(t)
+		first := len(slots)
+		for k, e := range ids {
+			ex := experts[e]
+			g, ok1 := ex.Gate.(*quant)
+			u, ok2 := ex.Up.(*quant)
+			dn, ok3 := ex.Down.(*quant)
+			if !ok1 || !ok2 || !ok3 {
+				return false
+			}
+			slots = append(slots, moeSlot{token: t, expert: e, weight: ws[k], gate: g.m, up: u.m, down: dn.m})
+		}
+		slices.SortStableFunc(slots[first:], func(a, b moeSlot) int { return a.expert - b.expert })
+	}
+	if len(slots) == 0 {
+		return true
+	}
+	inter := slots[0].gate.N
+	for _, s := range slots {
+		if s.gate.GroupSize != 128 || s.up.GroupSize != 128 || s.down.GroupSize != 128 ||
+			s.gate.N != inter || s.up.N != inter || s.down.K != inter || inter%128 != 0 {
+			return false
+		}
+	}
+
+	a := b.quantizeActivations(xm, 128)
+	blocks := inter / 128
+	h := newQActs(len(slots), inter, 128)
+	b.pool.run(len(slots)*blocks, 1, func(lo, hi int) {
+		var gate, up, act [128]float32
+		for item := lo; item < hi; item++ {
+			si, j := item/blocks, item%blocks
+			s := &slots[si]
+			b.gemvRows(s.gate, j*128, (j+1)*128, a, s.token, gate[:])
+			b.gemvRows(s.up, j*128, (j+1)*128, a, s.token, up[:])
+			b.siluMulF32(act[:], gate[:], up[:])
+			q, sc, sum := h.row(si)
+			b.quantizeRow(act[:], 128, q[j*128:(j+1)*128], sc[j:j+1], sum[j:j+1])
+		}
+	})
+
+	N := d.cols
+	grain := max(4, (65536/len(slots)/max(inter/2, 1))&^3)
+	b.pool.run(N, grain, func(lo, hi int) {
+		out := make([]float32, hi-lo)
+		for si := range slots {
+			s := &slots[si]
+			b.gemvRows(s.down, lo, hi, h, si, out)
+			axpy(d.row(s.token)[lo:hi], s.weight, out)
+		}
+	})
+	return true
+}
