@@ -115,6 +115,9 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, c backend.Cache,
 		panic(fmt.Sprintf("cpu backend: attention over positions [0,%d) beyond cache capacity %d", pos0+T, cc.capacity))
 	}
 	lat, kpe := cc.latent[layer], cc.kpe[layer]
+	if b.latentAttentionSIMD(om, ql, qm, lat, kpe, pos0, s, scale) {
+		return
+	}
 	b.parallel(T*s.Heads, func(lo, hi int) {
 		scores := make([]float32, pos0+T)
 		for i := lo; i < hi; i++ {
@@ -151,6 +154,9 @@ func (b *Backend) ExpandValues(out, olat backend.Tensor, kvB backend.Weight, s b
 	om, ol := asMat(out), asMat(olat)
 	checkShape("expand out", [2]int{om.rows, om.cols}, [2]int{ol.rows, s.Heads * s.VDim})
 	checkShape("expand in", [2]int{ol.rows, ol.cols}, [2]int{om.rows, s.Heads * s.Rank})
+	if b.expandValuesInt8(om, ol, kvB, s) {
+		return
+	}
 	for h := 0; h < s.Heads; h++ {
 		wuv := weightRows(kvB, h*(s.NopeDim+s.VDim)+s.NopeDim, s.VDim)
 		b.MatMul(b.Cols(out, h*s.VDim, (h+1)*s.VDim), b.Cols(olat, h*s.Rank, (h+1)*s.Rank), wuv)
