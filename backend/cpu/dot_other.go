@@ -25,3 +25,9 @@ func axpy4F32SIMD(isa, []float32, []float32, int, *[4]float32) bool { return fal
 func expF32SIMD(isa, []float32, []float32, float32) (float32, bool) { return 0, false }
 
 func siluMulF32SIMD(isa, []float32, []float32, []float32) bool { return false }
+
+func hasGemm(isa) bool { return false }
+
+func gemmPrep(isa, *format.Matrix, int, int, []byte) {}
+
+func gemmBlock(isa, []byte, []float32, int, []int8, int, []uint32, *[16]float32, *[128]float32) {}

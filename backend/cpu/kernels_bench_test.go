@@ -83,3 +83,27 @@ func BenchmarkQuantizeRow(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkPrefillGemm times a batch of T tokens through GLM-4.7-Flash's
+// matrices (MatMul: quantization, dispatch, product). GOP/s counts 2*N*K*T
+// operations (a multiply and an add per weight and token).
+func BenchmarkPrefillGemm(b *testing.B) {
+	benchmode.Check(b)
+	for _, k := range Kernels() {
+		for _, s := range glmShapes[:3] {
+			for _, T := range []int{64, 512} {
+				b.Run(fmt.Sprintf("%s/%s/T=%d", k, s.name, T), func(b *testing.B) {
+					be := New(Options{Kernel: k})
+					ws, _ := benchWeights(b, be, s.N, s.K, 1)
+					x, out := be.NewTensor(T, s.K), be.NewTensor(T, s.N)
+					be.Upload(x, randMat(rand.New(rand.NewPCG(3, 4)), T*s.K, 1))
+					b.ResetTimer()
+					for i := 0; i < b.N; i++ {
+						be.MatMul(out, x, ws[0])
+					}
+					b.ReportMetric(2*float64(s.N)*float64(s.K)*float64(T)*float64(b.N)/b.Elapsed().Seconds()/1e9, "GOP/s")
+				})
+			}
+		}
+	}
+}

@@ -198,3 +198,63 @@ func TestGemvMatchesReference(t *testing.T) {
 		}
 	}
 }
+
+// The blocked prefill kernel: against the exact value within the bound of
+// gemvExact (it rounds less: one conversion, product and fused add per
+// group), on row counts that leave partial 16-row blocks and token counts
+// that leave partial 8-token blocks; exactly with unit scales.
+func TestGemmMatchesReference(t *testing.T) {
+	r := rand.New(rand.NewPCG(12, 3))
+	for _, b := range backends(2) {
+		if !hasGemm(b.isa) {
+			continue
+		}
+		for _, shape := range [][3]int{{1, 1, 4}, {16, 3, 8}, {17, 2, 9}, {37, 16, 13}, {64, 5, 24}} {
+			N, groups, T := shape[0], shape[1], shape[2]
+			K := groups * 128
+			m := randQuant(r, N, K, 128)
+			a := newQActs(T, K, 128)
+			for tok := 0; tok < T; tok++ {
+				q, s, sum := a.row(tok)
+				quantizeRowGo(randActRow(r, groups), 128, q, s, sum)
+			}
+			d := &mat{rows: T, cols: N, stride: N + 3, data: make([]float32, T*(N+3))}
+			if !b.gemmInt8(d, a, m) {
+				t.Fatalf("%s: the blocked kernel did not run", b.isa)
+			}
+			for tok := 0; tok < T; tok++ {
+				for n := 0; n < N; n++ {
+					want, bound := gemvExact(m, n, a, tok)
+					if got := d.data[tok*d.stride+n]; math.Abs(float64(got)-want) > bound {
+						t.Fatalf("%s %dx%d T=%d token %d row %d: %g, exact %g, bound %.3g", b.isa, N, K, T, tok, n, got, want, bound)
+					}
+				}
+			}
+
+			for i := range m.Scales {
+				m.Scales[i] = 0x38
+			}
+			for i := range m.RowScale {
+				m.RowScale[i] = 2
+			}
+			for i := range a.s {
+				a.s[i] = 1
+			}
+			b.gemmInt8(d, a, m)
+			dots := make([]int32, groups)
+			for tok := 0; tok < T; tok++ {
+				xq, _, _ := a.row(tok)
+				for n := 0; n < N; n++ {
+					dotGroupsGo(m.Codes[n*K/2:(n+1)*K/2], xq, 128, dots)
+					var want int32
+					for _, v := range dots {
+						want += v
+					}
+					if got := d.data[tok*d.stride+n]; got != float32(want) {
+						t.Fatalf("%s %dx%d unit scales token %d row %d: %g, integer dot product %d", b.isa, N, K, tok, n, got, want)
+					}
+				}
+			}
+		}
+	}
+}

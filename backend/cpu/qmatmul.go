@@ -90,6 +90,9 @@ func quantizeRowGo(row []float32, group int, q []int8, scales []float32, sums []
 func (b *Backend) matMulQuantInt8(d, xm *mat, w *quant) {
 	m := w.m
 	a := b.quantizeActivations(xm, m.GroupSize)
+	if b.gemmInt8(d, a, m) {
+		return
+	}
 	b.pool.run(m.N, gemvGrain(m), func(lo, hi int) {
 		for t := 0; t < a.rows; t++ {
 			b.gemvRows(m, lo, hi, a, t, d.data[t*d.stride+lo:t*d.stride+hi])
