@@ -209,7 +209,7 @@ func TestGemmMatchesReference(t *testing.T) {
 		if !hasGemm(b.isa) {
 			continue
 		}
-		for _, shape := range [][3]int{{1, 1, 4}, {16, 3, 8}, {17, 2, 9}, {37, 16, 13}, {64, 5, 24}} {
+		for _, shape := range [][3]int{{1, 1, 4}, {16, 3, 8}, {17, 2, 9}, {37, 16, 13}, {64, 5, 24}, {150, 2, 9}} {
 			N, groups, T := shape[0], shape[1], shape[2]
 			K := groups * 128
 			m := randQuant(r, N, K, 128)

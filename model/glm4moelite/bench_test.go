@@ -175,3 +175,29 @@ func BenchmarkDecodeStep(b *testing.B) {
 		})
 	}
 }
+
+// BenchmarkPrefill runs a prompt of 512 tokens through a few layers at
+// GLM-4.7-Flash's shapes (1 dense, the rest MoE) and the lm_head of the
+// last position; tok/s scales to the full model by the number of layers.
+func BenchmarkPrefill(b *testing.B) {
+	benchmode.Check(b)
+	const layers, T = 4, 512
+	c := glmFlashConfig(layers)
+	for _, k := range cpu.Kernels()[:1] {
+		b.Run(fmt.Sprintf("%s/layers=%d/T=%d", k, layers, T), func(b *testing.B) {
+			be := cpu.New(cpu.Options{Kernel: k})
+			m := synthModel(b, be, c, 1)
+			ids := make([]int, T)
+			for i := range ids {
+				ids[i] = (i * 7919) % c.VocabSize
+			}
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				if _, err := m.Forward(m.NewState(T), ids, false); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.ReportMetric(float64(T*b.N)/b.Elapsed().Seconds(), "tok/s")
+		})
+	}
+}
