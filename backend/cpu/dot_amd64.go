@@ -83,12 +83,19 @@ func gemv128(i isa, m *format.Matrix, lo, hi int, a *qacts, t int, out []float32
 //go:noescape
 func axpyCodes128(acc *float32, codes *byte, coef *float32, groups int)
 
+//go:noescape
+func axpyCodes128AVX2(acc *float32, codes *byte, coef *float32, groups int)
+
 // axpyCodes is the dispatching form of axpyCodesGo.
 func (b *Backend) axpyCodes(acc []float32, codes []byte, coef []float32, G int) {
-	if b.isa == isaAVX512 && G == 128 && len(coef) > 0 {
+	if b.isa != isaGo && G == 128 && len(coef) > 0 {
 		_ = acc[len(coef)*128-1]
 		_ = codes[len(coef)*64-1]
-		axpyCodes128(&acc[0], &codes[0], &coef[0], len(coef))
+		if b.isa == isaAVX512 {
+			axpyCodes128(&acc[0], &codes[0], &coef[0], len(coef))
+		} else {
+			axpyCodes128AVX2(&acc[0], &codes[0], &coef[0], len(coef))
+		}
 		return
 	}
 	axpyCodesGo(acc, codes, coef, G)

@@ -365,3 +365,75 @@ GLOBL q2PermIdx<>(SB), RODATA|NOPTR, $32
 DATA q2Split<>+0(SB)/8, $0x0e0c0a0806040200
 DATA q2Split<>+8(SB)/8, $0x0f0d0b0907050301
 GLOBL q2Split<>(SB), RODATA|NOPTR, $16
+
+// Byte i is 2*e2m1(code i) as a signed byte.
+DATA axpy2Doubled<>+0(SB)/8, $0x0c08060403020100
+DATA axpy2Doubled<>+8(SB)/8, $0xf4f8fafcfdfeff00
+GLOBL axpy2Doubled<>(SB), RODATA|NOPTR, $16
+
+// func axpyCodes128AVX2(acc *float32, codes *byte, coef *float32, groups int)
+//
+// axpyCodes128 of dot_amd64.s on 256-bit registers: the 128 weights of a
+// group are widened to signed bytes in a 128-byte frame (the order of
+// axpyCodesGo: low nibbles, then high ones), then converted 8 at a time.
+TEXT ·axpyCodes128AVX2(SB), NOSPLIT, $128-32
+	MOVQ acc+0(FP), DI
+	MOVQ codes+8(FP), SI
+	MOVQ coef+16(FP), R8
+	MOVQ groups+24(FP), CX
+	VBROADCASTI128 axpy2Doubled<>(SB), Y15
+	MOVL $0x0f0f0f0f, AX
+	VMOVD AX, X14
+	VPBROADCASTD X14, Y14
+
+axpy2loop:
+	VMOVDQU (SI), Y0
+	VPSRLW $4, Y0, Y1
+	VPAND Y14, Y0, Y0
+	VPAND Y14, Y1, Y1
+	VPSHUFB Y0, Y15, Y0
+	VPSHUFB Y1, Y15, Y1
+	VMOVDQU 32(SI), Y2
+	VPSRLW $4, Y2, Y3
+	VPAND Y14, Y2, Y2
+	VPAND Y14, Y3, Y3
+	VPSHUFB Y2, Y15, Y2
+	VPSHUFB Y3, Y15, Y3
+	VMOVDQU Y0, 0(SP)
+	VMOVDQU Y2, 32(SP)
+	VMOVDQU Y1, 64(SP)
+	VMOVDQU Y3, 96(SP)
+	VBROADCASTSS (R8), Y13
+
+#define AXPY8(off, aoff) \
+	VPMOVSXBD off(SP), Y4; \
+	VCVTDQ2PS Y4, Y4; \
+	VMOVUPS aoff(DI), Y5; \
+	VFMADD231PS Y4, Y13, Y5; \
+	VMOVUPS Y5, aoff(DI)
+
+	AXPY8(0, 0)
+	AXPY8(8, 32)
+	AXPY8(16, 64)
+	AXPY8(24, 96)
+	AXPY8(32, 128)
+	AXPY8(40, 160)
+	AXPY8(48, 192)
+	AXPY8(56, 224)
+	AXPY8(64, 256)
+	AXPY8(72, 288)
+	AXPY8(80, 320)
+	AXPY8(88, 352)
+	AXPY8(96, 384)
+	AXPY8(104, 416)
+	AXPY8(112, 448)
+	AXPY8(120, 480)
+
+	ADDQ $64, SI
+	ADDQ $4, R8
+	ADDQ $512, DI
+	DECQ CX
+	JNZ  axpy2loop
+
+	VZEROUPPER
+	RET
