@@ -26,8 +26,8 @@ func expF32SIMD(isa, []float32, []float32, float32) (float32, bool) { return 0, 
 
 func siluMulF32SIMD(isa, []float32, []float32, []float32) bool { return false }
 
-func hasGemm(isa) bool { return false }
+func gemmGeometry(isa) (rows, tokens int, ok bool) { return 0, 0, false }
 
 func gemmPrep(isa, *format.Matrix, int, int, []byte) {}
 
-func gemmBlock(isa, []byte, []float32, int, []int8, int, []uint32, *[16]float32, *[128]float32) {}
+func gemmBlock(isa, []byte, []float32, int, []int8, int, []uint32, []float32, []float32) {}

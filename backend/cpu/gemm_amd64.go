@@ -8,25 +8,59 @@ func gemmPrep16AVX512(codes *byte, offs *int32, mask, groups int, tile *byte)
 //go:noescape
 func gemm16x8AVX512(tile *byte, wsc *float32, groups int, x *int8, k int, xsc *uint32, rs *float32, out *float32)
 
-func hasGemm(i isa) bool { return i == isaAVX512 }
+//go:noescape
+func gemmPrep8AVX2(codes *byte, offs *int32, lanes *int32, groups int, tile *byte)
 
-// gemmPrep widens rows [n0, n0+rows) of m (rows <= 16) into tile.
-func gemmPrep(i isa, m *format.Matrix, n0, rows int, tile []byte) {
-	groups := m.K / 128
-	_ = tile[groups*2048-1]
-	var offs [16]int32
-	for r := 0; r < rows; r++ {
-		offs[r] = int32(r * m.K / 2)
-	}
-	codes := m.Codes[n0*m.K/2 : (n0+rows)*m.K/2]
-	gemmPrep16AVX512(&codes[0], &offs[0], 1<<rows-1, groups, &tile[0])
-}
+//go:noescape
+func gemm8x4AVXVNNI(tile *byte, wsc *float32, groups int, x *int8, k int, xsc *uint32, rs *float32, out *float32)
 
-// gemmBlock runs the 16-row x 8-token kernel; x, xsc hold 8 tokens.
-func gemmBlock(i isa, tile []byte, wsc []float32, groups int, x []int8, k int, xsc []uint32, rs *[16]float32, out *[128]float32) {
-	_, _, _, _ = tile[groups*2048-1], wsc[groups*16-1], x[8*k-1], xsc[16*groups-1]
-	gemm16x8AVX512(&tile[0], &wsc[0], groups, &x[0], k, &xsc[0], &rs[0], &out[0])
-}
+//go:noescape
+func gemm8x4AVX2(tile *byte, wsc *float32, groups int, x *int8, k int, xsc *uint32, rs *float32, out *float32)
 
 //go:noescape
 func vnniPeakAVX512(n int)
+
+// gemmGeometry gives the rows per tile and tokens per block of family i's
+// prefill kernel; ok is false where there is none.
+func gemmGeometry(i isa) (rows, tokens int, ok bool) {
+	switch i {
+	case isaAVX512:
+		return 16, 8, true
+	case isaAVXVNNI, isaAVX2:
+		return 8, 4, true
+	}
+	return 0, 0, false
+}
+
+// gemmPrep widens rows [n0, n0+rows) of m (at most one tile) into tile.
+func gemmPrep(i isa, m *format.Matrix, n0, rows int, tile []byte) {
+	R, _, _ := gemmGeometry(i)
+	groups := m.K / 128
+	_ = tile[groups*R*128-1]
+	var offs, lanes [16]int32
+	for r := 0; r < rows; r++ {
+		offs[r], lanes[r] = int32(r*m.K/2), -1
+	}
+	codes := m.Codes[n0*m.K/2 : (n0+rows)*m.K/2]
+	if i == isaAVX512 {
+		gemmPrep16AVX512(&codes[0], &offs[0], 1<<rows-1, groups, &tile[0])
+	} else {
+		gemmPrep8AVX2(&codes[0], &offs[0], &lanes[0], groups, &tile[0])
+	}
+}
+
+// gemmBlock runs family i's kernel on one tile and one block of tokens
+// (x and xsc start at the block's first token).
+func gemmBlock(i isa, tile []byte, wsc []float32, groups int, x []int8, k int, xsc []uint32, rs, out []float32) {
+	R, TB, _ := gemmGeometry(i)
+	_, _, _, _ = tile[groups*R*128-1], wsc[groups*R-1], x[TB*k-1], xsc[2*TB*groups-1]
+	_, _ = rs[R-1], out[R*TB-1]
+	switch i {
+	case isaAVX512:
+		gemm16x8AVX512(&tile[0], &wsc[0], groups, &x[0], k, &xsc[0], &rs[0], &out[0])
+	case isaAVXVNNI:
+		gemm8x4AVXVNNI(&tile[0], &wsc[0], groups, &x[0], k, &xsc[0], &rs[0], &out[0])
+	case isaAVX2:
+		gemm8x4AVX2(&tile[0], &wsc[0], groups, &x[0], k, &xsc[0], &rs[0], &out[0])
+	}
+}
