@@ -4,6 +4,8 @@ import (
 	"math"
 	"math/rand/v2"
 	"testing"
+
+	"github.com/mmfp4/mmfp4/backend"
 )
 
 // dotBound is the classic bound on a float32 dot product of n terms in any
@@ -129,6 +131,25 @@ func TestSiluMulKernelWithinBound(t *testing.T) {
 				if math.Abs(float64(dst[i])-want) > 2e-6*math.Abs(want)+1e-35 {
 					t.Fatalf("%s silu(%g)*%g = %g, want %g", b.isa, x, u[i], dst[i], want)
 				}
+			}
+		}
+	}
+}
+
+// RMSNorm sums squares in float32 on the SIMD families (float64 in Go): the
+// results agree to float32 rounding.
+func TestRMSNormFamiliesAgree(t *testing.T) {
+	r := rand.New(rand.NewPCG(23, 1))
+	ref := New(Options{Kernel: "go"})
+	for _, b := range backends(1) {
+		for _, n := range []int{7, 512, 2048} {
+			x, out, want := b.NewTensor(3, n), b.NewTensor(3, n), b.NewTensor(3, n)
+			b.Upload(x, randMat(r, 3*n, 2))
+			g, _ := b.NewWeight(backend.HostWeight{Name: "g", N: 1, K: n, Dense: randMat(r, n, 1)})
+			b.RMSNorm(out, x, g, 1e-5)
+			ref.RMSNorm(want, x, g, 1e-5)
+			if e := relErr(ref.Download(want), b.Download(out)); e > 1e-6 {
+				t.Errorf("%s n=%d: relative error %.2e", b.isa, n, e)
 			}
 		}
 	}

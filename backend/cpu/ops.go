@@ -2,6 +2,7 @@ package cpu
 
 import (
 	"math"
+	"sync"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -14,8 +15,12 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 	for t := 0; t < xm.rows; t++ {
 		in, out := xm.row(t), d.row(t)
 		var ss float64
-		for _, v := range in {
-			ss += float64(v) * float64(v)
+		if b.isa != isaGo {
+			ss = float64(b.dotF32(in, in))
+		} else {
+			for _, v := range in {
+				ss += float64(v) * float64(v)
+			}
 		}
 		inv := float32(1 / math.Sqrt(ss/float64(len(in))+float64(eps)))
 		for i, v := range in {
@@ -30,12 +35,11 @@ func (b *Backend) RoPE(x backend.Tensor, heads, headStride, offset, dim, pos0 in
 	half := dim / 2
 	cos := make([]float32, half)
 	sin := make([]float32, half)
+	invFreq := ropeFrequencies(theta, dim)
 	for t := 0; t < m.rows; t++ {
 		pos := float64(pos0 + t)
 		for i := 0; i < half; i++ {
-			// The frequency is computed in float32, as the reference does.
-			invFreq := float32(1 / math.Pow(theta, float64(float32(2*i)/float32(dim))))
-			angle := float32(pos) * invFreq
+			angle := float32(pos) * invFreq[i]
 			cos[i] = float32(math.Cos(float64(angle)))
 			sin[i] = float32(math.Sin(float64(angle)))
 		}
@@ -53,6 +57,27 @@ func (b *Backend) RoPE(x backend.Tensor, heads, headStride, offset, dim, pos0 in
 			}
 		}
 	}
+}
+
+// ropeCache holds the inverse frequencies of each (theta, dim) seen.
+var ropeCache sync.Map
+
+// ropeFrequencies returns 1/theta^(2i/dim) for i < dim/2, computed in
+// float32 as the reference does.
+func ropeFrequencies(theta float64, dim int) []float32 {
+	type key struct {
+		theta float64
+		dim   int
+	}
+	if f, ok := ropeCache.Load(key{theta, dim}); ok {
+		return f.([]float32)
+	}
+	f := make([]float32, dim/2)
+	for i := range f {
+		f[i] = float32(1 / math.Pow(theta, float64(float32(2*i)/float32(dim))))
+	}
+	ropeCache.Store(key{theta, dim}, f)
+	return f
 }
 
 // Add computes dst = a + b elementwise.
