@@ -22,7 +22,8 @@ type moeSlot struct {
 
 // moeFused runs the experts of a small batch in two dispatches on the worker
 // pool; it reports false (doing nothing) where it does not apply: float
-// activations, weights that are not MMFP4 with groups of 128, or a large
+// activations, weights that are not MMFP4 with groups of 128 (or whose
+// shapes do not fit, left to the per-expert path to report), or a large
 // batch.
 //
 //  1. Every (token, expert, block of 128 intermediate rows) is one work
@@ -64,7 +65,8 @@ func (b *Backend) moeFused(d, xm *mat, rt *routing, experts []backend.Expert) bo
 	inter := slots[0].gate.N
 	for _, s := range slots {
 		if s.gate.GroupSize != 128 || s.up.GroupSize != 128 || s.down.GroupSize != 128 ||
-			s.gate.N != inter || s.up.N != inter || s.down.K != inter || inter%128 != 0 {
+			s.gate.N != inter || s.up.N != inter || s.down.K != inter || inter%128 != 0 ||
+			s.gate.K != xm.cols || s.up.K != xm.cols || s.down.N != d.cols {
 			return false
 		}
 	}

@@ -11,7 +11,8 @@ import "github.com/mmfp4/mmfp4/backend"
 // batch large enough for the per-head matrix products).
 func (b *Backend) expandValuesInt8(om, ol *mat, kvB backend.Weight, s backend.MLAShape) bool {
 	w, ok := kvB.(*quant)
-	if !ok || b.floatActs || w.m.GroupSize != 128 || s.Rank%128 != 0 || ol.rows > moeFusedMaxTokens {
+	if !ok || b.floatActs || w.m.GroupSize != 128 || s.Rank%128 != 0 || ol.rows > moeFusedMaxTokens ||
+		w.m.K != s.Rank || w.m.N != s.Heads*(s.NopeDim+s.VDim) {
 		return false
 	}
 	m, r, dv := w.m, s.Rank, s.VDim
