@@ -25,6 +25,9 @@ func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, lat, kpe []float32, pos0 
 	if b.isa == isaGo {
 		return false
 	}
+	if b.latentAttentionPrefill(om, ql, qm, lat, kpe, pos0, s, scale) {
+		return true
+	}
 	T, H, r := ql.rows, s.Heads, s.Rank
 	chunks := 1
 	if T < 4*b.threads {

@@ -14,11 +14,12 @@ func TestLatentAttentionSIMDMatchesGo(t *testing.T) {
 	ref := New(Options{Threads: 2, Kernel: "go"})
 	shapes := []backend.MLAShape{
 		{Heads: 5, NopeDim: 8, RopeDim: 12, VDim: 8, Rank: 40},
+		{Heads: 5, NopeDim: 8, RopeDim: 12, VDim: 8, Rank: 128},
 		{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512},
 	}
 	for _, b := range backends(2)[:len(Kernels())-1] {
 		for _, s := range shapes {
-			for _, tc := range []struct{ T, pos0 int }{{1, 0}, {1, 6}, {3, 0}, {9, 5}, {1, 36}, {1, 300}, {2, 200}} {
+			for _, tc := range []struct{ T, pos0 int }{{1, 0}, {1, 6}, {3, 0}, {9, 5}, {1, 36}, {1, 300}, {2, 200}, {16, 0}, {37, 70}} {
 				P := tc.pos0 + tc.T
 				cache := b.NewCache(1, P, s.Rank, s.RopeDim)
 				lat, kpe := b.NewTensor(P, s.Rank), b.NewTensor(P, s.RopeDim)
@@ -35,7 +36,7 @@ func TestLatentAttentionSIMDMatchesGo(t *testing.T) {
 				// the outputs are convex combinations of the latents.
 				e := relErr(ref.Download(want), b.Download(got))
 				t.Logf("%s heads=%d T=%d pos0=%d: %.2e", b.isa, s.Heads, tc.T, tc.pos0, e)
-				if e > 1e-6 { // about 2.3e-7 measured
+				if e > 2e-6 { // up to 5.4e-7 measured
 					t.Errorf("%s heads=%d rank=%d T=%d pos0=%d: relative error %.2e", b.isa, s.Heads, s.Rank, tc.T, tc.pos0, e)
 				}
 			}

@@ -46,6 +46,23 @@ func (b *Backend) axpy4F32(dst, rows []float32, stride int, coef *[4]float32) {
 	}
 }
 
+// maxF32 is the largest element of x (a NaN may or may not be returned).
+func (b *Backend) maxF32(x []float32) float32 {
+	m := float32(math.Inf(-1))
+	n := len(x) &^ 15
+	if n > 0 {
+		if v, ok := maxF32SIMD(b.isa, x[:n]); ok {
+			m = v
+		} else {
+			n = 0
+		}
+	}
+	for _, v := range x[n:] {
+		m = max(m, v)
+	}
+	return m
+}
+
 // expF32 sets dst[i] = exp(src[i] - m) and returns the sum of dst.
 func (b *Backend) expF32(dst, src []float32, m float32) float32 {
 	src = src[:len(dst)]

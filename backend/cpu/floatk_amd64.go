@@ -16,6 +16,15 @@ func expF32AVX512(dst, src *float32, n int, m float32) float32
 func siluMulF32AVX512(dst, gate, up *float32, n int)
 
 //go:noescape
+func maxF32AVX512(x *float32, n int) float32
+
+//go:noescape
+func maxF32AVX2(x *float32, n int) float32
+
+//go:noescape
+func sgemm4x64AVX512(a *float32, aStride int, b *float32, bStride int, n int, c *float32, cStride int)
+
+//go:noescape
 func dotF32AVX2(a, b *float32, n int) float32
 
 //go:noescape
@@ -87,4 +96,25 @@ func siluMulF32SIMD(i isa, dst, g, u []float32) bool {
 		return true
 	}
 	return false
+}
+
+func maxF32SIMD(i isa, x []float32) (float32, bool) {
+	switch i {
+	case isaAVX512:
+		return maxF32AVX512(&x[0], len(x)), true
+	case isaAVXVNNI, isaAVX2:
+		return maxF32AVX2(&x[0], len(x)), true
+	}
+	return 0, false
+}
+
+func hasSgemm(i isa) bool { return i == isaAVX512 }
+
+// sgemm4x64 is sgemm4x64AVX512 on slices (checked for length).
+func sgemm4x64(a []float32, aStride int, b []float32, bStride, n int, c []float32, cStride int) {
+	_, _ = a[3*aStride+n-1], c[3*cStride+63]
+	if n > 0 {
+		_ = b[(n-1)*bStride+63]
+	}
+	sgemm4x64AVX512(&a[0], aStride, &b[0], bStride, n, &c[0], cStride)
 }
