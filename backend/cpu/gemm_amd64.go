@@ -3,7 +3,7 @@ package cpu
 import "github.com/mmfp4/mmfp4/format"
 
 //go:noescape
-func gemmPrep16AVX512(codes *byte, offs *int32, mask, groups int, tile *byte)
+func gemmPrep16AVX512(codes *byte, offs *int32, groups int, tile *byte)
 
 //go:noescape
 func gemm16x8AVX512(tile *byte, wsc *float32, groups int, x *int8, k int, xsc *uint32, rs *float32, out *float32)
@@ -37,13 +37,15 @@ func gemmPrep(i isa, m *format.Matrix, n0, rows int, tile []byte) {
 	R, _, _ := gemmGeometry(i)
 	groups := m.K / 128
 	_ = tile[groups*R*128-1]
+	// Rows past the matrix's end repeat row 0 (AVX-512) or are not read
+	// (AVX2); either way their outputs are dropped.
 	var offs, lanes [16]int32
 	for r := 0; r < rows; r++ {
 		offs[r], lanes[r] = int32(r*m.K/2), -1
 	}
 	codes := m.Codes[n0*m.K/2 : (n0+rows)*m.K/2]
 	if i == isaAVX512 {
-		gemmPrep16AVX512(&codes[0], &offs[0], 1<<rows-1, groups, &tile[0])
+		gemmPrep16AVX512(&codes[0], &offs[0], groups, &tile[0])
 	} else {
 		gemmPrep8AVX2(&codes[0], &offs[0], &lanes[0], groups, &tile[0])
 	}

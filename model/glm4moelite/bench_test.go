@@ -35,7 +35,7 @@ func glmFlashConfig(layers int) *Config {
 func synthModel(tb testing.TB, b backend.Backend, c *Config, seed uint64) *Model {
 	r := rand.New(rand.NewPCG(seed, 7))
 	q := func(n, k int) backend.Weight {
-		m := &format.Matrix{N: n, K: k, GroupSize: 128, Codes: make([]byte, n*k/2), Scales: make([]byte, n*k/128), RowScale: make([]float32, n)}
+		m := &format.Matrix{N: n, K: k, GroupSize: 128, Codes: offHeap(n * k / 2), Scales: offHeap(n * k / 128), RowScale: make([]float32, n)}
 		for i := 0; i+8 <= len(m.Codes); i += 8 {
 			v := r.Uint64()
 			for j := 0; j < 8; j++ {

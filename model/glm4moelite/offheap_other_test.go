@@ -1,0 +1,5 @@
+//go:build !unix
+
+package glm4moelite
+
+func offHeap(n int) []byte { return make([]byte, n) }
