@@ -13,8 +13,8 @@ import (
 // run the same (decode) kernel on the batches both accept.
 const gemmMinTokens = moeFusedMaxTokens + 1
 
-// gemmItemRows is the number of weight rows per work item.
-const gemmItemRows = 64
+// gemmTileBudget is the most bytes of widened tiles per work item.
+const gemmTileBudget = 512 << 10
 
 // gemmTiles recycles the per-item tile buffers of gemmInt8.
 var gemmTiles sync.Pool
@@ -44,12 +44,15 @@ func (b *Backend) gemmInt8(d *mat, a *qacts, m *format.Matrix) bool {
 		xsc[2*i+1] = uint32(-12 * a.sum[i])
 	}
 
-	// A work item is gemmItemRows rows, several tiles: per token block,
-	// each token's outputs are then 256 contiguous bytes, which keeps the
-	// scattered writes into the output rows few.
-	items := (m.N + gemmItemRows - 1) / gemmItemRows
+	// A work item is itemRows rows, several tiles: per token block, each
+	// token's outputs are then a contiguous run of itemRows floats. The
+	// outputs of a batch are scattered over T rows far apart in memory, so
+	// long runs keep the cache and TLB misses of those writes few; the
+	// item's tiles (K bytes a row) stay within about half the L2 cache.
+	itemRows := min(256, max(R, (gemmTileBudget/K)/R*R))
+	items := (m.N + itemRows - 1) / itemRows
 	tileBytes := groups * R * 128
-	tiles := gemmItemRows / R
+	tiles := itemRows / R
 	b.pool.run(items, 1, func(lo, hi int) {
 		bp, _ := gemmTiles.Get().(*[]byte)
 		if bp == nil || cap(*bp) < tiles*tileBytes {
@@ -57,12 +60,12 @@ func (b *Backend) gemmInt8(d *mat, a *qacts, m *format.Matrix) bool {
 			bp = &buf
 		}
 		defer gemmTiles.Put(bp)
-		wsc := make([]float32, gemmItemRows*groups)
-		rs := make([]float32, gemmItemRows)
-		out := make([]float32, gemmItemRows*TB)
+		wsc := make([]float32, itemRows*groups)
+		rs := make([]float32, itemRows)
+		out := make([]float32, itemRows*TB)
 		for item := lo; item < hi; item++ {
-			n0 := item * gemmItemRows
-			rows := min(gemmItemRows, m.N-n0)
+			n0 := item * itemRows
+			rows := min(itemRows, m.N-n0)
 			sub := (rows + R - 1) / R
 			for j := 0; j < sub; j++ {
 				nj := n0 + R*j
