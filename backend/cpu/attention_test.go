@@ -19,7 +19,11 @@ func TestLatentAttentionSIMDMatchesGo(t *testing.T) {
 	}
 	for _, b := range backends(2)[:len(Kernels())-1] {
 		for _, s := range shapes {
-			for _, tc := range []struct{ T, pos0 int }{{1, 0}, {1, 6}, {3, 0}, {9, 5}, {1, 36}, {1, 300}, {2, 200}, {16, 0}, {37, 70}} {
+			cases := []struct{ T, pos0 int }{{1, 0}, {1, 6}, {3, 0}, {9, 5}, {1, 36}, {1, 300}, {2, 200}, {16, 0}, {37, 70}}
+			if s.Rank == 512 { // full size: fewer cases, the race detector slows the reference
+				cases = []struct{ T, pos0 int }{{1, 36}, {1, 150}, {17, 3}}
+			}
+			for _, tc := range cases {
 				P := tc.pos0 + tc.T
 				cache := b.NewCache(1, P, s.Rank, s.RopeDim)
 				lat, kpe := b.NewTensor(P, s.Rank), b.NewTensor(P, s.RopeDim)

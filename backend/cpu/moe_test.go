@@ -40,6 +40,10 @@ func TestMoEFusedMatchesByExpert(t *testing.T) {
 	const hidden, inter, E, topK = 256, 384, 6, 3
 	for _, b := range backends(2) {
 		experts := randExperts(t, b, r, E, hidden, inter)
+		deq := make([][3][]float32, E)
+		for e, ex := range experts {
+			deq[e] = [3][]float32{ex.Gate.(*quant).m.Dequantize(), ex.Up.(*quant).m.Dequantize(), ex.Down.(*quant).m.Dequantize()}
+		}
 		for T := 1; T <= moeFusedMaxTokens; T++ {
 			rt := &routing{topK: topK, experts: make([]int, T*topK), weights: make([]float32, T*topK)}
 			for tok := 0; tok < T; tok++ {
@@ -67,13 +71,13 @@ func TestMoEFusedMatchesByExpert(t *testing.T) {
 			xs := b.Download(x)
 			for tok := 0; tok < T; tok++ {
 				for k := 0; k < topK; k++ {
-					ex := experts[rt.experts[tok*topK+k]]
-					g := naiveMatMul(xs[tok*hidden:(tok+1)*hidden], 1, hidden, ex.Gate.(*quant).m.Dequantize(), inter)
-					u := naiveMatMul(xs[tok*hidden:(tok+1)*hidden], 1, hidden, ex.Up.(*quant).m.Dequantize(), inter)
+					w := deq[rt.experts[tok*topK+k]]
+					g := naiveMatMul(xs[tok*hidden:(tok+1)*hidden], 1, hidden, w[0], inter)
+					u := naiveMatMul(xs[tok*hidden:(tok+1)*hidden], 1, hidden, w[1], inter)
 					for i := range g {
 						g[i] = silu(g[i]) * u[i]
 					}
-					y := naiveMatMul(g, 1, inter, ex.Down.(*quant).m.Dequantize(), hidden)
+					y := naiveMatMul(g, 1, inter, w[2], hidden)
 					for i, v := range y {
 						want[tok*hidden+i] += float64(rt.weights[tok*topK+k]) * float64(v)
 					}
