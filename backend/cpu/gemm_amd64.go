@@ -66,3 +66,6 @@ func gemmBlock(i isa, tile []byte, wsc []float32, groups int, x []int8, k int, x
 		gemm8x4AVX2(&tile[0], &wsc[0], groups, &x[0], k, &xsc[0], &rs[0], &out[0])
 	}
 }
+
+//go:noescape
+func readAVX512(p *byte, n int) uint64

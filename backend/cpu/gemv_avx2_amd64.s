@@ -68,15 +68,12 @@ GLOBL gemv2Biased<>(SB), RODATA|NOPTR, $16
 	VMOVD AX, X11
 
 // GEMV2(DOT, labels...) is the body of a decode kernel with the signature
-// of gemvAVX512: four rows per pass, then one, with the lanes summed in the
-// same order either way.
-#define GEMV2(DOT, block4, g4, tail, row1, g1, done) \
+// of gemvAVX512: one row after the other, so the codes stream sequentially.
+#define GEMV2(DOT, row1, g1) \
 	MOVQ codes+0(FP), SI; \
 	MOVQ scales+8(FP), R12; \
 	MOVQ rows+24(FP), CX; \
 	MOVQ groups+32(FP), R13; \
-	MOVQ R13, BX; \
-	SHLQ $6, BX; \
 	LEAQ ·e4m3Table(SB), R10; \
 	VBROADCASTI128 gemv2Biased<>(SB), Y15; \
 	MOVL $0x0f0f0f0f, AX; \
@@ -85,69 +82,6 @@ GLOBL gemv2Biased<>(SB), RODATA|NOPTR, $16
 	MOVL $0x00010001, AX; \
 	VMOVD AX, X13; \
 	VPBROADCASTD X13, Y13; \
-	CMPQ CX, $4; \
-	JLT  tail; \
-block4: \
-	MOVQ x+40(FP), DI; \
-	MOVQ xs+48(FP), R8; \
-	MOVQ xsum+56(FP), R9; \
-	LEAQ (SI)(BX*2), R11; \
-	ADDQ BX, R11; \
-	LEAQ (R12)(R13*2), DX; \
-	ADDQ R13, DX; \
-	VXORPS Y0, Y0, Y0; \
-	VXORPS Y1, Y1, Y1; \
-	VXORPS Y8, Y8, Y8; \
-	VXORPS Y9, Y9, Y9; \
-	MOVQ R13, R14; \
-g4: \
-	GROUP_SETUP2; \
-	WIDEN((SI), 32(SI)); \
-	DOT; \
-	SCALE((R12), Y0); \
-	WIDEN((SI)(BX*1), 32(SI)(BX*1)); \
-	DOT; \
-	SCALE((R12)(R13*1), Y1); \
-	WIDEN((SI)(BX*2), 32(SI)(BX*2)); \
-	DOT; \
-	SCALE((R12)(R13*2), Y8); \
-	WIDEN((R11), 32(R11)); \
-	DOT; \
-	SCALE((DX), Y9); \
-	ADDQ $64, SI; \
-	ADDQ $64, R11; \
-	INCQ R12; \
-	INCQ DX; \
-	SUBQ $-128, DI; \
-	ADDQ $4, R8; \
-	ADDQ $4, R9; \
-	DECQ R14; \
-	JNZ  g4; \
-	MOVQ R11, SI; \
-	MOVQ DX, R12; \
-	VHADDPS Y1, Y0, Y0; \
-	VHADDPS Y9, Y8, Y8; \
-	VHADDPS Y8, Y0, Y0; \
-	VEXTRACTF128 $1, Y0, X1; \
-	VADDPS X1, X0, X0; \
-	MOVQ rowScale+16(FP), AX; \
-	VMULPS (AX), X0, X0; \
-	ADDQ $16, AX; \
-	MOVQ AX, rowScale+16(FP); \
-	MOVL $0x3f000000, AX; \
-	VMOVD AX, X1; \
-	VBROADCASTSS X1, X1; \
-	VMULPS X1, X0, X0; \
-	MOVQ out+64(FP), AX; \
-	VMOVUPS X0, (AX); \
-	ADDQ $16, AX; \
-	MOVQ AX, out+64(FP); \
-	SUBQ $4, CX; \
-	CMPQ CX, $4; \
-	JGE  block4; \
-tail: \
-	TESTQ CX, CX; \
-	JZ   done; \
 	MOVQ rowScale+16(FP), DX; \
 	MOVQ out+64(FP), R14; \
 row1: \
@@ -168,10 +102,10 @@ g1: \
 	ADDQ $4, R9; \
 	DECQ R11; \
 	JNZ  g1; \
-	VHADDPS Y0, Y0, Y0; \
-	VHADDPS Y0, Y0, Y0; \
 	VEXTRACTF128 $1, Y0, X1; \
 	VADDPS X1, X0, X0; \
+	VHADDPS X0, X0, X0; \
+	VHADDPS X0, X0, X0; \
 	VMULSS (DX), X0, X0; \
 	MOVL $0x3f000000, AX; \
 	VMOVD AX, X1; \
@@ -181,17 +115,16 @@ g1: \
 	ADDQ $4, R14; \
 	DECQ CX; \
 	JNZ  row1; \
-done: \
 	VZEROUPPER; \
 	RET
 
 // func gemvAVXVNNI(codes *byte, scales *byte, rowScale *float32, rows, groups int, x *int8, xs *float32, xsum *int32, out *float32)
 TEXT ·gemvAVXVNNI(SB), NOSPLIT, $0-72
-	GEMV2(DOT_VNNI, vblock4, vg4, vtail, vrow1, vg1, vdone)
+	GEMV2(DOT_VNNI, vrow1, vg1)
 
 // func gemvAVX2(codes *byte, scales *byte, rowScale *float32, rows, groups int, x *int8, xs *float32, xsum *int32, out *float32)
 TEXT ·gemvAVX2(SB), NOSPLIT, $0-72
-	GEMV2(DOT_MADD, mblock4, mg4, mtail, mrow1, mg1, mdone)
+	GEMV2(DOT_MADD, mrow1, mg1)
 
 // func quantRow128AVX2(x *float32, groups int, q *int8, s *float32, sum *int32)
 //

@@ -22,3 +22,31 @@ func BenchmarkInt8Peak(b *testing.B) {
 	}
 	b.ReportMetric(float64(be.threads)*iters*16*128*float64(b.N)/b.Elapsed().Seconds()/1e9, "GOP/s")
 }
+
+// BenchmarkMemoryReadAVX512 reads a 1 GiB buffer with 64-byte loads on
+// every thread, in chunks of 1 MiB handed out by the worker pool: the read
+// bandwidth the decode kernels are compared with (the scalar Go loop of
+// BenchmarkMemoryRead measures the core rather than the memory).
+func BenchmarkMemoryReadAVX512(b *testing.B) {
+	benchmode.Check(b)
+	if !hasAVX512 {
+		b.Skip("no AVX-512")
+	}
+	buf := make([]byte, 1<<30)
+	for i := range buf {
+		buf[i] = byte(i)
+	}
+	be := New(Options{})
+	const chunk = 1 << 20
+	var sink [1024]uint64
+	b.SetBytes(int64(len(buf)))
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		be.pool.run(len(buf)/chunk, 1, func(lo, hi int) {
+			for c := lo; c < hi; c++ {
+				sink[c] = readAVX512(&buf[c*chunk], chunk)
+			}
+		})
+	}
+	b.ReportMetric(float64(len(buf))*float64(b.N)/b.Elapsed().Seconds()/1e9, "GB/s")
+}

@@ -102,8 +102,10 @@ func (b *Backend) matMulQuantInt8(d, xm *mat, w *quant) {
 
 // gemvGrain is the number of rows of m per work item: about 32 KB of codes,
 // a multiple of the kernels' 4-row blocks.
+var gemvChunkBytes = 32768
+
 func gemvGrain(m *format.Matrix) int {
-	return max(4, (32768/max(m.K/2, 1))&^3)
+	return max(4, (gemvChunkBytes/max(m.K/2, 1))&^3)
 }
 
 // gemvRows computes out[i] = (W x_t)[lo+i] for rows [lo, hi) of m and token
