@@ -43,9 +43,14 @@ func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, lat, kpe []float32, pos0 
 	}
 	// Partial results per (token, chunk): the unnormalised output, and per
 	// head the maximum score and the sum of exponentials.
-	outs := make([]float32, T*chunks*H*r)
-	ms := make([]float32, T*chunks*H)
-	ls := make([]float32, T*chunks*H)
+	// Pooled: a fresh allocation of this size would come from new pages
+	// of memory at every call, and faulting them in costs more than the
+	// attention itself.
+	bp := getFloats(T * chunks * H * (r + 2))
+	defer attnBufs.Put(bp)
+	outs := (*bp)[:T*chunks*H*r]
+	ms := (*bp)[T*chunks*H*r : T*chunks*H*(r+1)]
+	ls := (*bp)[T*chunks*H*(r+1):]
 	b.pool.run(T*chunks, 1, func(lo, hi int) {
 		for item := lo; item < hi; item++ {
 			t, c := item/chunks, item%chunks

@@ -163,6 +163,7 @@ func BenchmarkDecodeStep(b *testing.B) {
 			}
 			bytes := decodeBytes(c)
 			b.SetBytes(bytes)
+			faults := minorFaults()
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
 				s.Pos = ctx
@@ -172,6 +173,8 @@ func BenchmarkDecodeStep(b *testing.B) {
 			}
 			b.ReportMetric(float64(bytes)*float64(b.N)/b.Elapsed().Seconds()/1e9, "GB/s")
 			b.ReportMetric(b.Elapsed().Seconds()*1e3/float64(b.N), "ms/token")
+			// Fresh memory pages touched per step (each costs a fault).
+			b.ReportMetric(float64(minorFaults()-faults)/float64(b.N), "faults/token")
 		})
 	}
 }
