@@ -102,9 +102,14 @@ func (b *Backend) attendRange(out []float32, ql, qm *mat, lat, kpe []float32, t,
 	defer scoreBufs.Put(bp)
 
 	qrow, qmrow := ql.row(t), qm.row(t)
+	fused := hasHeadKernels(b.isa, r, dr) // all heads in one call per 4 positions
 	var o1, o2 [4]float32
 	j := j0
 	for ; j+4 <= j1; j += 4 {
+		if fused {
+			scoresHx4(qrow, r, qmrow[s.NopeDim:], qk, H, lat[j*r:], r, kpe[j*dr:], dr, sc[j-j0:], P, scale)
+			continue
+		}
 		for h := 0; h < H; h++ {
 			b.dots4F32(qrow[h*r:(h+1)*r], lat[j*r:], r, &o1)
 			b.dots4F32(qmrow[h*qk+s.NopeDim:(h+1)*qk], kpe[j*dr:], dr, &o2)
@@ -143,6 +148,10 @@ func (b *Backend) attendRange(out []float32, ql, qm *mat, lat, kpe []float32, t,
 	j = j0
 	var coef [4]float32
 	for ; j+4 <= j1; j += 4 {
+		if fused {
+			axpyHx4(out, H, lat[j*r:], r, sc[j-j0:], P)
+			continue
+		}
 		for h := 0; h < H; h++ {
 			copy(coef[:], sc[h*P+j-j0:])
 			b.axpy4F32(out[h*r:(h+1)*r], lat[j*r:], r, &coef)

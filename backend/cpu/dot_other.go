@@ -37,3 +37,10 @@ func maxF32SIMD(isa, []float32) (float32, bool) { return 0, false }
 func hasSgemm(isa) bool { return false }
 
 func sgemm4x64([]float32, int, []float32, int, int, []float32, int) {}
+
+func hasHeadKernels(isa, int, int) bool { return false }
+
+func scoresHx4([]float32, int, []float32, int, int, []float32, int, []float32, int, []float32, int, float32) {
+}
+
+func axpyHx4([]float32, int, []float32, int, []float32, int) {}

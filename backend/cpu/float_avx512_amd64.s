@@ -309,3 +309,244 @@ maxdone:
 	VMOVSS X0, ret+16(FP)
 	VZEROUPPER
 	RET
+
+// func scoresHx4AVX512(q *float32, qStride int, qpe *float32, qpeStride int, heads int, lat *float32, r int, kpe *float32, dr int, out *float32, outStride int, scale float32)
+//
+// For every head h < heads and the four cached positions i < 4:
+// out[h*outStride+i] = scale * (q[h*qStride:][:r] . lat[i*r:][:r] + qpe[h*qpeStride:][:dr] . kpe[i*dr:][:dr])
+// (r and dr multiples of 16, strides in floats). Two heads per pass share
+// the loads of the four latent rows, which stay in L1 while the heads loop.
+TEXT ·scoresHx4AVX512(SB), NOSPLIT, $0-92
+	MOVQ q+0(FP), SI
+	MOVQ qpe+16(FP), DI
+	MOVQ heads+32(FP), CX
+	MOVQ out+72(FP), R13
+	MOVQ qStride+8(FP), R14
+	SHLQ $2, R14
+	MOVQ qpeStride+24(FP), R15
+	SHLQ $2, R15
+	MOVQ outStride+80(FP), AX
+	SHLQ $2, AX
+	MOVQ AX, outStride+80(FP)        // now in bytes
+	VBROADCASTSS scale+88(FP), X15
+	CMPQ CX, $2
+	JLT  sone
+
+spair:
+	VPXORD Z0, Z0, Z0
+	VPXORD Z1, Z1, Z1
+	VPXORD Z2, Z2, Z2
+	VPXORD Z3, Z3, Z3
+	VPXORD Z4, Z4, Z4
+	VPXORD Z5, Z5, Z5
+	VPXORD Z6, Z6, Z6
+	VPXORD Z7, Z7, Z7
+	LEAQ (SI)(R14*1), AX
+	MOVQ lat+40(FP), R8
+	MOVQ r+48(FP), BX
+	SHLQ $2, BX
+	LEAQ (R8)(BX*1), R9
+	LEAQ (R8)(BX*2), R10
+	LEAQ (R9)(BX*2), R11
+	MOVQ r+48(FP), R12
+	XORQ DX, DX
+
+slat2:
+	VMOVUPS (R8)(DX*1), Z8
+	VMOVUPS (R9)(DX*1), Z9
+	VMOVUPS (R10)(DX*1), Z10
+	VMOVUPS (R11)(DX*1), Z11
+	VMOVUPS (SI)(DX*1), Z12
+	VFMADD231PS Z8, Z12, Z0
+	VFMADD231PS Z9, Z12, Z1
+	VFMADD231PS Z10, Z12, Z2
+	VFMADD231PS Z11, Z12, Z3
+	VMOVUPS (AX)(DX*1), Z13
+	VFMADD231PS Z8, Z13, Z4
+	VFMADD231PS Z9, Z13, Z5
+	VFMADD231PS Z10, Z13, Z6
+	VFMADD231PS Z11, Z13, Z7
+	ADDQ $64, DX
+	SUBQ $16, R12
+	JNZ  slat2
+	LEAQ (DI)(R15*1), AX
+	MOVQ kpe+56(FP), R8
+	MOVQ dr+64(FP), BX
+	SHLQ $2, BX
+	LEAQ (R8)(BX*1), R9
+	LEAQ (R8)(BX*2), R10
+	LEAQ (R9)(BX*2), R11
+	MOVQ dr+64(FP), R12
+	XORQ DX, DX
+
+spe2:
+	VMOVUPS (R8)(DX*1), Z8
+	VMOVUPS (R9)(DX*1), Z9
+	VMOVUPS (R10)(DX*1), Z10
+	VMOVUPS (R11)(DX*1), Z11
+	VMOVUPS (DI)(DX*1), Z12
+	VFMADD231PS Z8, Z12, Z0
+	VFMADD231PS Z9, Z12, Z1
+	VFMADD231PS Z10, Z12, Z2
+	VFMADD231PS Z11, Z12, Z3
+	VMOVUPS (AX)(DX*1), Z13
+	VFMADD231PS Z8, Z13, Z4
+	VFMADD231PS Z9, Z13, Z5
+	VFMADD231PS Z10, Z13, Z6
+	VFMADD231PS Z11, Z13, Z7
+	ADDQ $64, DX
+	SUBQ $16, R12
+	JNZ  spe2
+	VEXTRACTF64X4 $1, Z0, Y8
+	VADDPS Y8, Y0, Y0
+	VEXTRACTF64X4 $1, Z1, Y9
+	VADDPS Y9, Y1, Y1
+	VEXTRACTF64X4 $1, Z2, Y10
+	VADDPS Y10, Y2, Y2
+	VEXTRACTF64X4 $1, Z3, Y11
+	VADDPS Y11, Y3, Y3
+	VHADDPS Y1, Y0, Y0
+	VHADDPS Y3, Y2, Y2
+	VHADDPS Y2, Y0, Y0
+	VEXTRACTF128 $1, Y0, X8
+	VADDPS X8, X0, X0
+	VMULPS X15, X0, X0
+	VMOVUPS X0, (R13)
+	ADDQ outStride+80(FP), R13
+	VEXTRACTF64X4 $1, Z4, Y8
+	VADDPS Y8, Y4, Y4
+	VEXTRACTF64X4 $1, Z5, Y9
+	VADDPS Y9, Y5, Y5
+	VEXTRACTF64X4 $1, Z6, Y10
+	VADDPS Y10, Y6, Y6
+	VEXTRACTF64X4 $1, Z7, Y11
+	VADDPS Y11, Y7, Y7
+	VHADDPS Y5, Y4, Y4
+	VHADDPS Y7, Y6, Y6
+	VHADDPS Y6, Y4, Y4
+	VEXTRACTF128 $1, Y4, X8
+	VADDPS X8, X4, X4
+	VMULPS X15, X4, X4
+	VMOVUPS X4, (R13)
+	ADDQ outStride+80(FP), R13
+	LEAQ (SI)(R14*2), SI
+	LEAQ (DI)(R15*2), DI
+	SUBQ $2, CX
+	CMPQ CX, $2
+	JGE  spair
+
+sone:
+	TESTQ CX, CX
+	JZ   sdone
+	VPXORD Z0, Z0, Z0
+	VPXORD Z1, Z1, Z1
+	VPXORD Z2, Z2, Z2
+	VPXORD Z3, Z3, Z3
+	MOVQ lat+40(FP), R8
+	MOVQ r+48(FP), BX
+	SHLQ $2, BX
+	LEAQ (R8)(BX*1), R9
+	LEAQ (R8)(BX*2), R10
+	LEAQ (R9)(BX*2), R11
+	MOVQ r+48(FP), R12
+	XORQ DX, DX
+
+slat1:
+	VMOVUPS (R8)(DX*1), Z8
+	VMOVUPS (R9)(DX*1), Z9
+	VMOVUPS (R10)(DX*1), Z10
+	VMOVUPS (R11)(DX*1), Z11
+	VMOVUPS (SI)(DX*1), Z12
+	VFMADD231PS Z8, Z12, Z0
+	VFMADD231PS Z9, Z12, Z1
+	VFMADD231PS Z10, Z12, Z2
+	VFMADD231PS Z11, Z12, Z3
+	ADDQ $64, DX
+	SUBQ $16, R12
+	JNZ  slat1
+	MOVQ kpe+56(FP), R8
+	MOVQ dr+64(FP), BX
+	SHLQ $2, BX
+	LEAQ (R8)(BX*1), R9
+	LEAQ (R8)(BX*2), R10
+	LEAQ (R9)(BX*2), R11
+	MOVQ dr+64(FP), R12
+	XORQ DX, DX
+
+spe1:
+	VMOVUPS (R8)(DX*1), Z8
+	VMOVUPS (R9)(DX*1), Z9
+	VMOVUPS (R10)(DX*1), Z10
+	VMOVUPS (R11)(DX*1), Z11
+	VMOVUPS (DI)(DX*1), Z12
+	VFMADD231PS Z8, Z12, Z0
+	VFMADD231PS Z9, Z12, Z1
+	VFMADD231PS Z10, Z12, Z2
+	VFMADD231PS Z11, Z12, Z3
+	ADDQ $64, DX
+	SUBQ $16, R12
+	JNZ  spe1
+	VEXTRACTF64X4 $1, Z0, Y8
+	VADDPS Y8, Y0, Y0
+	VEXTRACTF64X4 $1, Z1, Y9
+	VADDPS Y9, Y1, Y1
+	VEXTRACTF64X4 $1, Z2, Y10
+	VADDPS Y10, Y2, Y2
+	VEXTRACTF64X4 $1, Z3, Y11
+	VADDPS Y11, Y3, Y3
+	VHADDPS Y1, Y0, Y0
+	VHADDPS Y3, Y2, Y2
+	VHADDPS Y2, Y0, Y0
+	VEXTRACTF128 $1, Y0, X8
+	VADDPS X8, X0, X0
+	VMULPS X15, X0, X0
+	VMOVUPS X0, (R13)
+
+sdone:
+	VZEROUPPER
+	RET
+
+// func axpyHx4AVX512(out *float32, heads int, lat *float32, r int, p *float32, pStride int)
+//
+// For every head h < heads: out[h*r:][:r] += sum_{i<4} p[h*pStride+i] * lat[i*r:][:r],
+// r a multiple of 16.
+TEXT ·axpyHx4AVX512(SB), NOSPLIT, $0-48
+	MOVQ out+0(FP), DI
+	MOVQ heads+8(FP), CX
+	MOVQ p+32(FP), DX
+	MOVQ pStride+40(FP), R13
+	SHLQ $2, R13
+
+ahead:
+	VBROADCASTSS (DX), Z28
+	VBROADCASTSS 4(DX), Z29
+	VBROADCASTSS 8(DX), Z30
+	VBROADCASTSS 12(DX), Z31
+	MOVQ lat+16(FP), R8
+	MOVQ r+24(FP), BX
+	SHLQ $2, BX
+	LEAQ (R8)(BX*1), R9
+	LEAQ (R8)(BX*2), R10
+	LEAQ (R9)(BX*2), R11
+	MOVQ r+24(FP), R12
+
+alat:
+	VMOVUPS (DI), Z0
+	VFMADD231PS (R8), Z28, Z0
+	VFMADD231PS (R9), Z29, Z0
+	VFMADD231PS (R10), Z30, Z0
+	VFMADD231PS (R11), Z31, Z0
+	VMOVUPS Z0, (DI)
+	ADDQ $64, DI
+	ADDQ $64, R8
+	ADDQ $64, R9
+	ADDQ $64, R10
+	ADDQ $64, R11
+	SUBQ $16, R12
+	JNZ  alat
+
+	ADDQ R13, DX
+	DECQ CX
+	JNZ  ahead
+	VZEROUPPER
+	RET

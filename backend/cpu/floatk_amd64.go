@@ -25,6 +25,12 @@ func maxF32AVX2(x *float32, n int) float32
 func sgemm4x64AVX512(a *float32, aStride int, b *float32, bStride int, n int, c *float32, cStride int)
 
 //go:noescape
+func scoresHx4AVX512(q *float32, qStride int, qpe *float32, qpeStride int, heads int, lat *float32, r int, kpe *float32, dr int, out *float32, outStride int, scale float32)
+
+//go:noescape
+func axpyHx4AVX512(out *float32, heads int, lat *float32, r int, p *float32, pStride int)
+
+//go:noescape
 func dotF32AVX2(a, b *float32, n int) float32
 
 //go:noescape
@@ -117,4 +123,26 @@ func sgemm4x64(a []float32, aStride int, b []float32, bStride, n int, c []float3
 		_ = b[(n-1)*bStride+63]
 	}
 	sgemm4x64AVX512(&a[0], aStride, &b[0], bStride, n, &c[0], cStride)
+}
+
+// hasHeadKernels reports whether family i has scoresHx4 and axpyHx4 for
+// these sizes.
+func hasHeadKernels(i isa, r, dr int) bool {
+	return i == isaAVX512 && r%16 == 0 && dr%16 == 0 && r > 0 && dr > 0
+}
+
+// scoresHx4 is scoresHx4AVX512 on slices: q and qpe hold heads rows at
+// their strides, lat and kpe four rows of r and dr values, out heads rows
+// of at least four at outStride; the scores are multiplied by scale.
+func scoresHx4(q []float32, qStride int, qpe []float32, qpeStride, heads int, lat []float32, r int, kpe []float32, dr int, out []float32, outStride int, scale float32) {
+	_, _ = q[(heads-1)*qStride+r-1], qpe[(heads-1)*qpeStride+dr-1]
+	_, _, _ = lat[4*r-1], kpe[4*dr-1], out[(heads-1)*outStride+3]
+	scoresHx4AVX512(&q[0], qStride, &qpe[0], qpeStride, heads, &lat[0], r, &kpe[0], dr, &out[0], outStride, scale)
+}
+
+// axpyHx4 is axpyHx4AVX512 on slices: out holds heads rows of r, lat four
+// rows of r, p heads rows of at least four at pStride.
+func axpyHx4(out []float32, heads int, lat []float32, r int, p []float32, pStride int) {
+	_, _, _ = out[heads*r-1], lat[4*r-1], p[(heads-1)*pStride+3]
+	axpyHx4AVX512(&out[0], heads, &lat[0], r, &p[0], pStride)
 }
