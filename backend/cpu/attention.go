@@ -2,13 +2,9 @@ package cpu
 
 import (
 	"math"
-	"sync"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
-
-// scoreBufs recycles the score rows of attendRange.
-var scoreBufs sync.Pool
 
 // latentAttentionSIMD is LatentAttention on the SIMD float kernels; it
 // reports false for the pure-Go family, which keeps the reference loop.
@@ -43,11 +39,8 @@ func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, lat, kpe []float32, pos0 
 	}
 	// Partial results per (token, chunk): the unnormalised output, and per
 	// head the maximum score and the sum of exponentials.
-	// Pooled: a fresh allocation of this size would come from new pages
-	// of memory at every call, and faulting them in costs more than the
-	// attention itself.
 	bp := getFloats(T * chunks * H * (r + 2))
-	defer attnBufs.Put(bp)
+	defer floatBufs.Put(bp)
 	outs := (*bp)[:T*chunks*H*r]
 	ms := (*bp)[T*chunks*H*r : T*chunks*H*(r+1)]
 	ls := (*bp)[T*chunks*H*(r+1):]
@@ -92,14 +85,9 @@ func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, lat, kpe []float32, pos0 
 func (b *Backend) attendRange(out []float32, ql, qm *mat, lat, kpe []float32, t, j0, j1 int, s backend.MLAShape, scale float32, m, l []float32) {
 	H, r, dr, qk := s.Heads, s.Rank, s.RopeDim, s.NopeDim+s.RopeDim
 	P := j1 - j0
-	need := H * P
-	bp, _ := scoreBufs.Get().(*[]float32)
-	if bp == nil || cap(*bp) < need {
-		buf := make([]float32, need)
-		bp = &buf
-	}
-	sc := (*bp)[:need]
-	defer scoreBufs.Put(bp)
+	bp := getFloats(H * P)
+	defer floatBufs.Put(bp)
+	sc := *bp
 
 	qrow, qmrow := ql.row(t), qm.row(t)
 	fused := hasHeadKernels(b.isa, r, dr) // all heads in one call per 4 positions

@@ -1,10 +1,6 @@
 package cpu
 
-import (
-	"sync"
-
-	"github.com/mmfp4/mmfp4/backend"
-)
+import "github.com/mmfp4/mmfp4/backend"
 
 // Prefill attention as two matrix products per block of tokens, on the
 // sgemm4x64 kernel (4 query rows x 64 columns, no horizontal sums):
@@ -21,18 +17,6 @@ const (
 	attnPrefillMinTokens = 16 // below, the per-token path (attendRange)
 	attnBlockTokens      = 4  // tokens per work item
 )
-
-var attnBufs sync.Pool
-
-func getFloats(n int) *[]float32 {
-	bp, _ := attnBufs.Get().(*[]float32)
-	if bp == nil || cap(*bp) < n {
-		buf := make([]float32, n)
-		bp = &buf
-	}
-	*bp = (*bp)[:n]
-	return bp
-}
 
 // latentAttentionPrefill reports false where it does not apply (no kernel,
 // a small batch, or a Rank that is not a multiple of 64).
@@ -122,9 +106,9 @@ func (b *Backend) latentAttentionPrefill(om, ql, qm *mat, lat, kpe []float32, po
 					}
 				}
 			}
-			attnBufs.Put(qp)
-			attnBufs.Put(sp)
-			attnBufs.Put(op)
+			floatBufs.Put(qp)
+			floatBufs.Put(sp)
+			floatBufs.Put(op)
 		}
 	})
 	return true

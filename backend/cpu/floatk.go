@@ -1,11 +1,31 @@
 package cpu
 
-import "math"
+import (
+	"math"
+	"sync"
+)
 
 // Float32 kernels with a pure-Go reference and SIMD forms per kernel
 // family (floatk_amd64.go). The SIMD forms round differently (fused
 // multiply-adds, other summation orders, a polynomial exp), so their tests
 // hold them to derived bounds instead of equality.
+
+// floatBufs recycles scratch buffers of float32 (getFloats): a fresh
+// allocation of a few hundred KB comes from new pages of memory, and
+// faulting those in can cost more than the work done in them.
+var floatBufs sync.Pool
+
+// getFloats returns a pooled buffer of n floats (not zeroed); give it back
+// with floatBufs.Put.
+func getFloats(n int) *[]float32 {
+	bp, _ := floatBufs.Get().(*[]float32)
+	if bp == nil || cap(*bp) < n {
+		buf := make([]float32, n)
+		bp = &buf
+	}
+	*bp = (*bp)[:n]
+	return bp
+}
 
 // dotF32 is sum_k a[k]*b[k] over len(a).
 func (b *Backend) dotF32(x, y []float32) float32 {

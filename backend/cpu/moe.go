@@ -120,25 +120,41 @@ func (b *Backend) moeByExpert(d, xm *mat, rt *routing, experts []backend.Expert)
 			byExpert[e] = append(byExpert[e], use{t, ws[k]})
 		}
 	}
+	// One pooled scratch buffer for every expert's inputs and outputs.
+	most := 0
+	for _, uses := range byExpert {
+		most = max(most, len(uses))
+	}
+	inter := 0
+	for e, uses := range byExpert {
+		if len(uses) > 0 {
+			inter = max(inter, experts[e].Gate.Rows())
+		}
+	}
+	bp := getFloats(most * (2*xm.cols + 2*inter))
+	defer floatBufs.Put(bp)
+	scratch := *bp
+	view := func(off, rows, cols int) *mat {
+		return &mat{rows: rows, cols: cols, stride: cols, data: scratch[off : off+rows*cols]}
+	}
 	for e, uses := range byExpert {
 		if len(uses) == 0 {
 			continue
 		}
 		ex := experts[e]
-		in := &mat{rows: len(uses), cols: xm.cols, stride: xm.cols, data: make([]float32, len(uses)*xm.cols)}
+		T, inter := len(uses), ex.Gate.Rows()
+		in := view(0, T, xm.cols)
 		for i, u := range uses {
 			copy(in.row(i), xm.row(u.token))
 		}
-		inter := ex.Gate.Rows()
-		gate, up := b.NewTensor(len(uses), inter), b.NewTensor(len(uses), inter)
+		gate, up := view(most*xm.cols, T, inter), view(most*(xm.cols+inter), T, inter)
 		b.MatMul(gate, in, ex.Gate)
 		b.MatMul(up, in, ex.Up)
 		b.SwiGLU(gate, gate, up)
-		out := b.NewTensor(len(uses), xm.cols)
+		out := view(most*(xm.cols+2*inter), T, xm.cols)
 		b.MatMul(out, gate, ex.Down)
-		om := asMat(out)
 		for i, u := range uses {
-			axpy(d.row(u.token), u.weight, om.row(i))
+			axpy(d.row(u.token), u.weight, out.row(i))
 		}
 	}
 }
