@@ -36,6 +36,12 @@ func (f *modelFlags) register(c *cobra.Command) {
 }
 
 func (f *modelFlags) load() (*mmfp4.Model, error) {
+	if f.threads < 0 {
+		return nil, fmt.Errorf("--threads %d: want 0 (all cores) or a positive count", f.threads)
+	}
+	if f.ctx < 0 {
+		return nil, fmt.Errorf("--ctx %d: want 0 (the model's maximum, at most 4096) or a positive count", f.ctx)
+	}
 	return mmfp4.Load(f.dir, mmfp4.Options{Threads: f.threads, MaxContext: f.ctx, FloatActivations: f.floatAct, DebugNaN: f.debugNaN})
 }
 
@@ -93,8 +99,17 @@ func init() {
 		Short: "Generate tokens from a prompt, streaming them to the terminal",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if n := btoi(ids != "") + btoi(text != "") + btoi(chatFile != ""); n != 1 {
+			f := cmd.Flags()
+			if n := btoi(f.Changed("ids")) + btoi(f.Changed("prompt")) + btoi(f.Changed("chat")); n != 1 {
 				return fmt.Errorf("give exactly one prompt: -p TEXT, --chat FILE or --ids 1,2,3")
+			}
+			switch {
+			case f.Changed("prompt") && text == "":
+				return fmt.Errorf("-p/--prompt: the prompt is empty")
+			case f.Changed("chat") && chatFile == "":
+				return fmt.Errorf("--chat: no file given")
+			case maxTokens < 0:
+				return fmt.Errorf("-n/--max-tokens %d: want 0 (until EOS or the context is full) or a positive count", maxTokens)
 			}
 			if err := so.Validate(); err != nil {
 				return err
@@ -105,9 +120,9 @@ func init() {
 			}
 			var prompt []int
 			switch {
-			case ids != "":
+			case f.Changed("ids"):
 				prompt, err = parseIDs(ids)
-			case text != "":
+			case f.Changed("prompt"):
 				prompt, err = m.EncodeText(text)
 			default:
 				var msgs []tokenizer.Message
@@ -123,7 +138,7 @@ func init() {
 			out := cmd.OutOrStdout()
 			// Text prompts stream text; id prompts stream ids.
 			var stream *tokenizer.StreamDecoder
-			if ids == "" {
+			if !f.Changed("ids") {
 				stream = m.Tokenizer.NewStreamDecoder()
 			}
 			res, err := m.Generate(ctx, prompt, mmfp4.GenerateOptions{

@@ -27,6 +27,9 @@ func init() {
 			"plain round-to-nearest.",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			if !format.ValidGroupSize(groupSize) {
+				return fmt.Errorf("--group-size %d: want 32, 64 or 128", groupSize)
+			}
 			return runQuantize(in, out, format.ConvertOptions{GroupSize: groupSize, Search: !rtn})
 		},
 	}
