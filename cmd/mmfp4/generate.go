@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"os"
@@ -68,22 +67,6 @@ func btoi(b bool) int {
 	return 0
 }
 
-// readMessages reads a JSON array of chat messages.
-func readMessages(path string) ([]tokenizer.Message, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	var msgs []tokenizer.Message
-	if err := json.Unmarshal(data, &msgs); err != nil {
-		return nil, fmt.Errorf("%s: want a JSON array of messages: %w", path, err)
-	}
-	if len(msgs) == 0 {
-		return nil, fmt.Errorf("%s: no messages", path)
-	}
-	return msgs, nil
-}
-
 func init() {
 	var (
 		mf        modelFlags
@@ -125,10 +108,7 @@ func init() {
 			case f.Changed("prompt"):
 				prompt, err = m.EncodeText(text)
 			default:
-				var msgs []tokenizer.Message
-				if msgs, err = readMessages(chatFile); err == nil {
-					prompt, err = m.EncodeChat(msgs, tokenizer.ChatOptions{EnableThinking: &think})
-				}
+				prompt, err = encodeChatFile(m, chatFile, f.Changed("think"), think)
 			}
 			if err != nil {
 				return err
@@ -174,8 +154,8 @@ func init() {
 	mf.register(cmd)
 	f := cmd.Flags()
 	f.StringVarP(&text, "prompt", "p", "", "prompt text (encoded with the model's tokenizer)")
-	f.StringVar(&chatFile, "chat", "", "JSON file of chat messages [{\"role\":..., \"content\":...}], rendered with the model's chat template")
-	f.BoolVar(&think, "think", true, "with --chat: let the template enable thinking (enable_thinking)")
+	f.StringVar(&chatFile, "chat", "", "JSON file of chat messages, as chat-template reads it: [{\"role\":..., \"content\":...}] or {\"messages\": [...], \"tools\": [...], ...}; rendered with the model's chat template")
+	f.BoolVar(&think, "think", true, "with --chat: let the template enable thinking (enable_thinking; overrides the file's)")
 	f.StringVar(&ids, "ids", "", "prompt as comma-separated token ids (needs no tokenizer)")
 	f.IntVarP(&maxTokens, "max-tokens", "n", 128, "tokens to generate (0: until EOS or the context is full)")
 	f.Float32Var(&so.Temperature, "temperature", 0, "sampling temperature (0: greedy)")
@@ -184,4 +164,25 @@ func init() {
 	f.Float32Var(&so.MinP, "min-p", 0, "drop tokens below min-p times the top probability (0: off)")
 	f.Uint64Var(&so.Seed, "seed", 0, "random seed for sampling")
 	rootCmd.AddCommand(cmd)
+}
+
+// encodeChatFile reads a chat file with the parser of chat-template and
+// encodes it with the generation prompt. An explicit --think overrides the
+// file's enable_thinking; with neither, thinking is on.
+func encodeChatFile(m *mmfp4.Model, path string, thinkSet, think bool) ([]int, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("--chat: %w", err)
+	}
+	msgs, opt, err := parseChatFile(data)
+	if err != nil {
+		return nil, fmt.Errorf("--chat: %s: %w", path, err)
+	}
+	if len(msgs) == 0 {
+		return nil, fmt.Errorf("--chat: %s: no messages", path)
+	}
+	if thinkSet || opt.EnableThinking == nil {
+		opt.EnableThinking = &think
+	}
+	return m.EncodeChat(msgs, opt)
 }
