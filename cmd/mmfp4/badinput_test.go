@@ -1,11 +1,16 @@
 package main
 
 import (
+	"bytes"
+	"errors"
+	"io"
 	"os"
 	"path/filepath"
 	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/spf13/pflag"
 )
 
 // Values that cannot work are refused before any work, naming the flag.
@@ -89,4 +94,77 @@ func TestGenerateChatTakesChatTemplateFiles(t *testing.T) {
 func promptTokens(summary string) string {
 	s, _, _ := strings.Cut(summary, ",")
 	return s
+}
+
+// failWriter fails every write, as stdout on a full device does.
+type failWriter struct{}
+
+func (failWriter) Write([]byte) (int, error) { return 0, errors.New("no space left on device") }
+
+// Write errors on stdout or on the output file end the command with an
+// error; --out - writes the .npy to stdout.
+func TestWriteErrorsAreReported(t *testing.T) {
+	for _, args := range [][]string{
+		{"logits", "-m", fixture, "--ids", "1,2"},
+		{"logits", "-m", fixture, "--ids", "1,2", "--out", "-"},
+		{"generate", "-m", fixture, "--ids", "1,2", "-n", "2"},
+	} {
+		if _, err := runWithOut(t, failWriter{}, args...); err == nil || !strings.Contains(err.Error(), "no space left") {
+			t.Errorf("%v to a full stdout: err = %v", args, err)
+		}
+	}
+	dir := t.TempDir()
+	out := filepath.Join(dir, "q")
+	_, err := runWithOut(t, failWriter{}, "quantize", "-i", fixture, "-o", out)
+	if err == nil || !strings.Contains(err.Error(), "no space left") || !strings.Contains(err.Error(), "written to "+out) {
+		t.Errorf("quantize to a full stdout: err = %v", err)
+	}
+	// The model itself was complete before the report failed: it loads.
+	if _, _, err := run(t, "generate", "-m", out, "--ids", "1,2", "-n", "1"); err != nil {
+		t.Errorf("the model written before the report failed does not load: %v", err)
+	}
+	if _, err := os.Stat("/dev/full"); err == nil {
+		if _, _, err := run(t, "logits", "-m", fixture, "--ids", "1,2", "--out", "/dev/full"); err == nil {
+			t.Error("logits --out /dev/full: no error")
+		}
+	}
+
+	npy := filepath.Join(dir, "l.npy")
+	if _, _, err := run(t, "logits", "-m", fixture, "--ids", "3,4,5", "--out", npy); err != nil {
+		t.Fatal(err)
+	}
+	want, err := os.ReadFile(npy)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wd, _ := os.Getwd()
+	t.Chdir(dir)
+	got, _, err := run(t, "logits", "-m", filepath.Join(wd, fixture), "--ids", "3,4,5", "--out", "-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got != string(want) {
+		t.Errorf("--out - wrote %d bytes to stdout, --out FILE %d; they differ", len(got), len(want))
+	}
+	if _, err := os.Stat(filepath.Join(dir, "-")); err == nil {
+		t.Error("--out - created a file named -")
+	}
+}
+
+// runWithOut is run with stdout going to w.
+func runWithOut(t *testing.T, w io.Writer, args ...string) (string, error) {
+	t.Helper()
+	for _, c := range rootCmd.Commands() {
+		c.Flags().VisitAll(func(f *pflag.Flag) {
+			_ = f.Value.Set(f.DefValue)
+			f.Changed = false
+		})
+	}
+	var e bytes.Buffer
+	rootCmd.SetOut(w)
+	rootCmd.SetErr(&e)
+	rootCmd.SetIn(strings.NewReader(""))
+	rootCmd.SetArgs(args)
+	err := rootCmd.Execute()
+	return e.String(), err
 }

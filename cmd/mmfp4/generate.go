@@ -1,11 +1,9 @@
 package main
 
 import (
-	"context"
 	"fmt"
 	"io"
 	"os"
-	"os/signal"
 	"strconv"
 	"strings"
 
@@ -113,7 +111,7 @@ func init() {
 			if err != nil {
 				return err
 			}
-			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+			ctx, stop := interruptContext(cmd.Context())
 			defer stop()
 			out := cmd.OutOrStdout()
 			// Text prompts stream text; id prompts stream ids.
