@@ -137,10 +137,13 @@ func init() {
 					return err
 				},
 			})
+			tail := "\n"
 			if stream != nil {
-				io.WriteString(out, stream.Flush())
+				tail = stream.Flush() + tail
 			}
-			fmt.Fprintln(out)
+			if _, werr := io.WriteString(out, tail); err == nil {
+				err = werr
+			}
 			if res != nil {
 				fmt.Fprintf(cmd.ErrOrStderr(), "prompt %d tokens, generated %d tokens (%s); load %.2fs, prefill %.1f tok/s, decode %.1f tok/s\n",
 					res.PromptTokens, len(res.Tokens), res.StopReason, m.LoadTime.Seconds(),
