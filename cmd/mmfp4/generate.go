@@ -26,7 +26,7 @@ type modelFlags struct {
 func (f *modelFlags) register(c *cobra.Command) {
 	c.Flags().StringVarP(&f.dir, "model", "m", "", "model directory: Hugging Face checkpoint or MMFP4 (required)")
 	c.Flags().IntVar(&f.threads, "threads", 0, "CPU threads (0: all cores)")
-	c.Flags().IntVar(&f.ctx, "ctx", 0, "maximum context in tokens (0: model maximum, at most 4096)")
+	c.Flags().IntVar(&f.ctx, "ctx", 0, "context: the most tokens of one sequence, prompt plus generated (0: max_position_embeddings, at most 4096)")
 	c.Flags().BoolVar(&f.floatAct, "float-activations", false, "run MMFP4 products on float32 activations instead of int8")
 	c.Flags().BoolVar(&f.debugNaN, "debug-nan", false, "check every tensor and name the first layer and tensor that produce NaN/Inf")
 	_ = c.MarkFlagRequired("model")
@@ -158,7 +158,7 @@ func init() {
 	f.StringVar(&chatFile, "chat", "", "JSON file of chat messages, as chat-template reads it: [{\"role\":..., \"content\":...}] or {\"messages\": [...], \"tools\": [...], ...}; rendered with the model's chat template")
 	f.BoolVar(&think, "think", true, "with --chat: let the template enable thinking (enable_thinking; overrides the file's)")
 	f.StringVar(&ids, "ids", "", "prompt as comma-separated token ids (needs no tokenizer)")
-	f.IntVarP(&maxTokens, "max-tokens", "n", 128, "tokens to generate (0: until EOS or the context is full)")
+	f.IntVarP(&maxTokens, "max-tokens", "n", 128, "most tokens to generate (0: until EOS or the context is full; prompt + generated <= --ctx)")
 	f.Float32Var(&so.Temperature, "temperature", 0, "sampling temperature (0: greedy)")
 	f.IntVar(&so.TopK, "top-k", 0, "keep the k most likely tokens (0: off)")
 	f.Float32Var(&so.TopP, "top-p", 0, "nucleus sampling threshold (0 or 1: off)")
