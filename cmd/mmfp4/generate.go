@@ -144,7 +144,10 @@ func init() {
 			if _, werr := io.WriteString(out, tail); err == nil {
 				err = werr
 			}
-			if res != nil {
+			switch {
+			case res != nil && res.StopReason == "canceled" && len(res.Tokens) == 0:
+				fmt.Fprintf(cmd.ErrOrStderr(), "prompt %d tokens: canceled during prefill after %.1fs\n", res.PromptTokens, res.PrefillTime.Seconds())
+			case res != nil:
 				fmt.Fprintf(cmd.ErrOrStderr(), "prompt %d tokens, generated %d tokens (%s); load %.2fs, prefill %.1f tok/s, decode %.1f tok/s\n",
 					res.PromptTokens, len(res.Tokens), res.StopReason, m.LoadTime.Seconds(),
 					res.PrefillTokensPerSecond(), res.DecodeTokensPerSecond())
