@@ -36,8 +36,8 @@ func withPrefillChunk(t *testing.T, n int) {
 	t.Cleanup(func() { prefillChunk = old })
 }
 
-// A cancelled context stops a long prefill between chunks: no token is
-// produced and no chunk after the cancellation runs.
+// A cancelled context stops a long prefill: no token is produced and no work
+// is done after the cancellation is seen.
 func TestGenerateCancelStopsPrefill(t *testing.T) {
 	withPrefillChunk(t, 16)
 	m, err := Load(fixture, Options{})
@@ -55,15 +55,17 @@ func TestGenerateCancelStopsPrefill(t *testing.T) {
 	if !errors.Is(err, context.Canceled) || res == nil || res.StopReason != "canceled" || len(res.Tokens) != 0 {
 		t.Errorf("cancelled before the start: err %v, result %+v", err, res)
 	}
-	// Cancelled after the first chunk: Err is asked once before each chunk,
-	// so it must be asked exactly twice.
-	c := &cancelAfter{Context: context.Background(), n: 1}
+	// Cancelled in the middle of the second chunk (the fixture has 4 layers,
+	// and the context may be asked before each): once Err has reported the
+	// cancellation it may be asked once more, to return it, but no further
+	// layer or chunk may run, which would ask again.
+	c := &cancelAfter{Context: context.Background(), n: 6}
 	res, err = m.Generate(c, prompt, GenerateOptions{OnToken: onToken})
 	if !errors.Is(err, context.Canceled) || res == nil || res.StopReason != "canceled" || len(res.Tokens) != 0 {
 		t.Errorf("cancelled during prefill: err %v, result %+v", err, res)
 	}
-	if c.calls != 2 {
-		t.Errorf("the context was checked %d times, want 2: the prefill went on past the cancellation", c.calls)
+	if c.calls > c.n+2 {
+		t.Errorf("the context was asked %d times after it first reported the cancellation: the prefill went on", c.calls-c.n-1)
 	}
 }
 

@@ -188,15 +188,15 @@ func (r *Result) DecodeTokensPerSecond() float64 {
 	return float64(steps) / r.DecodeTime.Seconds()
 }
 
-// prefillChunk is the most prompt tokens run in one forward pass. Between
-// chunks Generate checks ctx, so a long prompt can be cancelled; each chunk
-// still reads every weight once for all of its tokens.
+// prefillChunk is the most prompt tokens run in one forward pass: it bounds
+// the activation memory of a long prompt, while each chunk still reads every
+// weight once for all of its tokens.
 var prefillChunk = 256
 
 // Generate prefills the prompt in batched passes of up to prefillChunk
 // tokens, then decodes one token per step with the KV cache. Cancelling ctx
-// stops it between chunks and between steps. The prompt and the generated
-// tokens together hold at most MaxContext tokens.
+// stops the prefill between layers and the decode between steps. The prompt
+// and the generated tokens together hold at most MaxContext tokens.
 func (m *Model) Generate(ctx context.Context, prompt []int, opts GenerateOptions) (*Result, error) {
 	if len(prompt) == 0 {
 		return nil, errors.New("generate: empty prompt")
@@ -225,18 +225,21 @@ func (m *Model) Generate(ctx context.Context, prompt []int, opts GenerateOptions
 
 	start := time.Now()
 	var logits []float32
+	state.Interrupt = ctx.Err // a chunk of a long prompt can take many seconds
 	for done := 0; done < len(prompt); {
-		if err := ctx.Err(); err != nil {
+		n := min(prefillChunk, len(prompt)-done)
+		logits, err = m.net.Forward(state, prompt[done:done+n], false)
+		if cerr := ctx.Err(); cerr != nil {
 			res.StopReason = "canceled"
 			res.PrefillTime = time.Since(start)
-			return res, err
+			return res, cerr
 		}
-		n := min(prefillChunk, len(prompt)-done)
-		if logits, err = m.net.Forward(state, prompt[done:done+n], false); err != nil {
+		if err != nil {
 			return nil, err
 		}
 		done += n
 	}
+	state.Interrupt = nil // a decode step is short: ctx is checked between steps
 	res.PrefillTime = time.Since(start)
 	start = time.Now()
 	defer func() { res.DecodeTime = time.Since(start) }()

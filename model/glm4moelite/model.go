@@ -70,6 +70,10 @@ type State struct {
 	cache  backend.Cache
 	Pos    int
 	nanErr error // first non-finite tensor of the current pass (DebugNaN)
+
+	// Interrupt, if set, is called before each layer; an error from it
+	// abandons the pass (Pos stays where it was) and Forward returns it.
+	Interrupt func() error
 }
 
 // NewState allocates the cache of a sequence of up to capacity tokens.
@@ -103,6 +107,11 @@ func (m *Model) Forward(s *State, ids []int, allLogits bool) ([]float32, error) 
 		return nil, fmt.Errorf("embedding (model.embed_tokens.weight) row of token %d at position %d: %w", ids[r], s.Pos+r, err)
 	}
 	for i := range m.Layers {
+		if s.Interrupt != nil {
+			if err := s.Interrupt(); err != nil {
+				return nil, err
+			}
+		}
 		m.layer(i, x, s)
 		if s.nanErr != nil {
 			return nil, s.nanErr
