@@ -1,7 +1,7 @@
 // Package glm4moelite is the glm4_moe_lite (GLM-4.7-Flash) forward pass:
 // MLA attention with a latent KV cache, a dense first MLP, and mixture-of-
 // experts layers with a sigmoid, bias-corrected top-k router. The code follows
-// DESIGN.md section 3 line by line and runs on any backend.Backend.
+// docs/design.md section 3 line by line and runs on any backend.Backend.
 package glm4moelite
 
 import (
