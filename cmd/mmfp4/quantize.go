@@ -76,6 +76,14 @@ func runQuantize(ctx context.Context, stdout, stderr io.Writer, in, out string, 
 	for _, p := range partials {
 		fmt.Fprintf(stderr, "note: %s is left from an earlier run that was killed (or another quantize to the same output is running); remove it when it is not in use\n", p)
 	}
+	if verify := opt.Verify; verify != nil {
+		opt.Verify = func(dir string) error {
+			if dir == in { // reads the whole checkpoint once: say why we wait
+				fmt.Fprintf(stderr, "checking that %s loads as a model\n", in)
+			}
+			return verify(dir)
+		}
+	}
 	var bar *progressbar.ProgressBar // made on the first report, when the total is known
 	opt.Progress = func(done, total int64) {
 		if bar == nil {
