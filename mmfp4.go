@@ -188,8 +188,15 @@ func (r *Result) DecodeTokensPerSecond() float64 {
 	return float64(steps) / r.DecodeTime.Seconds()
 }
 
-// Generate prefills the prompt in one batched pass, then decodes one token
-// per step with the KV cache. Cancelling ctx stops it between steps.
+// prefillChunk is the most prompt tokens run in one forward pass: it bounds
+// the activation memory of a long prompt, while each chunk still reads every
+// weight once for all of its tokens.
+var prefillChunk = 256
+
+// Generate prefills the prompt in batched passes of up to prefillChunk
+// tokens, then decodes one token per step with the KV cache. Cancelling ctx
+// stops the prefill between layers and the decode between steps. The prompt
+// and the generated tokens together hold at most MaxContext tokens.
 func (m *Model) Generate(ctx context.Context, prompt []int, opts GenerateOptions) (*Result, error) {
 	if len(prompt) == 0 {
 		return nil, errors.New("generate: empty prompt")
@@ -217,10 +224,22 @@ func (m *Model) Generate(ctx context.Context, prompt []int, opts GenerateOptions
 	res := &Result{PromptTokens: len(prompt)}
 
 	start := time.Now()
-	logits, err := m.net.Forward(state, prompt, false)
-	if err != nil {
-		return nil, err
+	var logits []float32
+	state.Interrupt = ctx.Err // a chunk of a long prompt can take many seconds
+	for done := 0; done < len(prompt); {
+		n := min(prefillChunk, len(prompt)-done)
+		logits, err = m.net.Forward(state, prompt[done:done+n], false)
+		if cerr := ctx.Err(); cerr != nil {
+			res.StopReason = "canceled"
+			res.PrefillTime = time.Since(start)
+			return res, cerr
+		}
+		if err != nil {
+			return nil, err
+		}
+		done += n
 	}
+	state.Interrupt = nil // a decode step is short: ctx is checked between steps
 	res.PrefillTime = time.Since(start)
 	start = time.Now()
 	defer func() { res.DecodeTime = time.Since(start) }()
@@ -243,7 +262,7 @@ func (m *Model) Generate(ctx context.Context, prompt []int, opts GenerateOptions
 		case opts.MaxTokens > 0 && len(res.Tokens) >= opts.MaxTokens:
 			res.StopReason = "max_tokens"
 			return res, nil
-		case state.Pos >= state.Capacity():
+		case len(prompt)+len(res.Tokens) >= m.maxContext:
 			res.StopReason = "context"
 			return res, nil
 		case ctx.Err() != nil:

@@ -1,12 +1,9 @@
 package main
 
 import (
-	"context"
-	"encoding/json"
 	"fmt"
 	"io"
 	"os"
-	"os/signal"
 	"strconv"
 	"strings"
 
@@ -29,13 +26,19 @@ type modelFlags struct {
 func (f *modelFlags) register(c *cobra.Command) {
 	c.Flags().StringVarP(&f.dir, "model", "m", "", "model directory: Hugging Face checkpoint or MMFP4 (required)")
 	c.Flags().IntVar(&f.threads, "threads", 0, "CPU threads (0: all cores)")
-	c.Flags().IntVar(&f.ctx, "ctx", 0, "maximum context in tokens (0: model maximum, at most 4096)")
+	c.Flags().IntVar(&f.ctx, "ctx", 0, "context: the most tokens of one sequence, prompt plus generated (0: max_position_embeddings, at most 4096)")
 	c.Flags().BoolVar(&f.floatAct, "float-activations", false, "run MMFP4 products on float32 activations instead of int8")
 	c.Flags().BoolVar(&f.debugNaN, "debug-nan", false, "check every tensor and name the first layer and tensor that produce NaN/Inf")
 	_ = c.MarkFlagRequired("model")
 }
 
 func (f *modelFlags) load() (*mmfp4.Model, error) {
+	if f.threads < 0 {
+		return nil, fmt.Errorf("--threads %d: want 0 (all cores) or a positive count", f.threads)
+	}
+	if f.ctx < 0 {
+		return nil, fmt.Errorf("--ctx %d: want 0 (the model's maximum, at most 4096) or a positive count", f.ctx)
+	}
 	return mmfp4.Load(f.dir, mmfp4.Options{Threads: f.threads, MaxContext: f.ctx, FloatActivations: f.floatAct, DebugNaN: f.debugNaN})
 }
 
@@ -62,22 +65,6 @@ func btoi(b bool) int {
 	return 0
 }
 
-// readMessages reads a JSON array of chat messages.
-func readMessages(path string) ([]tokenizer.Message, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	var msgs []tokenizer.Message
-	if err := json.Unmarshal(data, &msgs); err != nil {
-		return nil, fmt.Errorf("%s: want a JSON array of messages: %w", path, err)
-	}
-	if len(msgs) == 0 {
-		return nil, fmt.Errorf("%s: no messages", path)
-	}
-	return msgs, nil
-}
-
 func init() {
 	var (
 		mf        modelFlags
@@ -93,8 +80,17 @@ func init() {
 		Short: "Generate tokens from a prompt, streaming them to the terminal",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			if n := btoi(ids != "") + btoi(text != "") + btoi(chatFile != ""); n != 1 {
+			f := cmd.Flags()
+			if n := btoi(f.Changed("ids")) + btoi(f.Changed("prompt")) + btoi(f.Changed("chat")); n != 1 {
 				return fmt.Errorf("give exactly one prompt: -p TEXT, --chat FILE or --ids 1,2,3")
+			}
+			switch {
+			case f.Changed("prompt") && text == "":
+				return fmt.Errorf("-p/--prompt: the prompt is empty")
+			case f.Changed("chat") && chatFile == "":
+				return fmt.Errorf("--chat: no file given")
+			case maxTokens < 0:
+				return fmt.Errorf("-n/--max-tokens %d: want 0 (until EOS or the context is full) or a positive count", maxTokens)
 			}
 			if err := so.Validate(); err != nil {
 				return err
@@ -105,25 +101,22 @@ func init() {
 			}
 			var prompt []int
 			switch {
-			case ids != "":
+			case f.Changed("ids"):
 				prompt, err = parseIDs(ids)
-			case text != "":
+			case f.Changed("prompt"):
 				prompt, err = m.EncodeText(text)
 			default:
-				var msgs []tokenizer.Message
-				if msgs, err = readMessages(chatFile); err == nil {
-					prompt, err = m.EncodeChat(msgs, tokenizer.ChatOptions{EnableThinking: &think})
-				}
+				prompt, err = encodeChatFile(m, chatFile, f.Changed("think"), think)
 			}
 			if err != nil {
 				return err
 			}
-			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
+			ctx, stop := interruptContext(cmd.Context())
 			defer stop()
 			out := cmd.OutOrStdout()
 			// Text prompts stream text; id prompts stream ids.
 			var stream *tokenizer.StreamDecoder
-			if ids == "" {
+			if !f.Changed("ids") {
 				stream = m.Tokenizer.NewStreamDecoder()
 			}
 			res, err := m.Generate(ctx, prompt, mmfp4.GenerateOptions{
@@ -144,11 +137,17 @@ func init() {
 					return err
 				},
 			})
+			tail := "\n"
 			if stream != nil {
-				io.WriteString(out, stream.Flush())
+				tail = stream.Flush() + tail
 			}
-			fmt.Fprintln(out)
-			if res != nil {
+			if _, werr := io.WriteString(out, tail); err == nil {
+				err = werr
+			}
+			switch {
+			case res != nil && res.StopReason == "canceled" && len(res.Tokens) == 0:
+				fmt.Fprintf(cmd.ErrOrStderr(), "prompt %d tokens: canceled during prefill after %.1fs\n", res.PromptTokens, res.PrefillTime.Seconds())
+			case res != nil:
 				fmt.Fprintf(cmd.ErrOrStderr(), "prompt %d tokens, generated %d tokens (%s); load %.2fs, prefill %.1f tok/s, decode %.1f tok/s\n",
 					res.PromptTokens, len(res.Tokens), res.StopReason, m.LoadTime.Seconds(),
 					res.PrefillTokensPerSecond(), res.DecodeTokensPerSecond())
@@ -159,14 +158,35 @@ func init() {
 	mf.register(cmd)
 	f := cmd.Flags()
 	f.StringVarP(&text, "prompt", "p", "", "prompt text (encoded with the model's tokenizer)")
-	f.StringVar(&chatFile, "chat", "", "JSON file of chat messages [{\"role\":..., \"content\":...}], rendered with the model's chat template")
-	f.BoolVar(&think, "think", true, "with --chat: let the template enable thinking (enable_thinking)")
+	f.StringVar(&chatFile, "chat", "", "JSON file of chat messages, as chat-template reads it: [{\"role\":..., \"content\":...}] or {\"messages\": [...], \"tools\": [...], ...}; rendered with the model's chat template")
+	f.BoolVar(&think, "think", true, "with --chat: let the template enable thinking (enable_thinking; overrides the file's)")
 	f.StringVar(&ids, "ids", "", "prompt as comma-separated token ids (needs no tokenizer)")
-	f.IntVarP(&maxTokens, "max-tokens", "n", 128, "tokens to generate (0: until EOS or the context is full)")
+	f.IntVarP(&maxTokens, "max-tokens", "n", 128, "most tokens to generate (0: until EOS or the context is full; prompt + generated <= --ctx)")
 	f.Float32Var(&so.Temperature, "temperature", 0, "sampling temperature (0: greedy)")
 	f.IntVar(&so.TopK, "top-k", 0, "keep the k most likely tokens (0: off)")
 	f.Float32Var(&so.TopP, "top-p", 0, "nucleus sampling threshold (0 or 1: off)")
 	f.Float32Var(&so.MinP, "min-p", 0, "drop tokens below min-p times the top probability (0: off)")
 	f.Uint64Var(&so.Seed, "seed", 0, "random seed for sampling")
 	rootCmd.AddCommand(cmd)
+}
+
+// encodeChatFile reads a chat file with the parser of chat-template and
+// encodes it with the generation prompt. An explicit --think overrides the
+// file's enable_thinking; with neither, thinking is on.
+func encodeChatFile(m *mmfp4.Model, path string, thinkSet, think bool) ([]int, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("--chat: %w", err)
+	}
+	msgs, opt, err := parseChatFile(data)
+	if err != nil {
+		return nil, fmt.Errorf("--chat: %s: %w", path, err)
+	}
+	if len(msgs) == 0 {
+		return nil, fmt.Errorf("--chat: %s: no messages", path)
+	}
+	if thinkSet || opt.EnableThinking == nil {
+		opt.EnableThinking = &think
+	}
+	return m.EncodeChat(msgs, opt)
 }

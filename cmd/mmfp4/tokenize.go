@@ -165,7 +165,7 @@ func parseChatFile(data []byte) ([]tokenizer.Message, tokenizer.ChatOptions, err
 			}
 			opt.EnableThinking = &b
 		case "add_generation_prompt":
-			return nil, opt, errors.New("use --add-generation-prompt instead of the add_generation_prompt key")
+			return nil, opt, errors.New(`the "add_generation_prompt" key is not read from the file: chat-template takes --add-generation-prompt, and generate always adds it`)
 		default:
 			if opt.Extra == nil {
 				opt.Extra = map[string]any{}

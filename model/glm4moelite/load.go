@@ -3,6 +3,7 @@ package glm4moelite
 import (
 	"fmt"
 	"slices"
+	"strings"
 
 	"github.com/mmfp4/mmfp4/backend"
 	"github.com/mmfp4/mmfp4/format"
@@ -21,29 +22,47 @@ type LoadOptions struct {
 // returned Model keeps the safetensors mapping open: MMFP4 weights are used
 // in place. MTP layers (index >= num_hidden_layers) are not loaded.
 func Load(dir string, b backend.Backend, opt LoadOptions) (*Model, error) {
-	cfg, err := LoadConfig(dir)
+	ld, cfg, err := openDir(dir, b, opt)
 	if err != nil {
 		return nil, err
 	}
+	m, err := ld.model(cfg)
+	if err != nil {
+		ld.set.Close()
+		return nil, err
+	}
+	return m, nil
+}
+
+// openDir reads the config and opens the weights of dir.
+func openDir(dir string, b backend.Backend, opt LoadOptions) (*loader, *Config, error) {
+	cfg, err := LoadConfig(dir)
+	if err != nil {
+		return nil, nil, err
+	}
 	set, err := safetensors.OpenDir(dir)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	ld := &loader{b: b, set: set, opt: opt, dir: dir}
 	if format.IsMMFP4Dir(dir) {
 		h, err := format.ReadHeader(dir)
 		if err != nil {
 			set.Close()
-			return nil, err
+			return nil, nil, err
 		}
 		ld.group = h.GroupSize
+	} else {
+		// Without the header the group size is unknown and packed
+		// weights would read as missing ones.
+		for _, name := range set.Names() {
+			if strings.HasSuffix(name, ".qweight") {
+				set.Close()
+				return nil, nil, fmt.Errorf("%s: tensor %s is MMFP4-packed, but the format header %s is missing", dir, name, format.HeaderFile)
+			}
+		}
 	}
-	m, err := ld.model(cfg)
-	if err != nil {
-		set.Close()
-		return nil, err
-	}
-	return m, nil
+	return ld, cfg, nil
 }
 
 type loader struct {

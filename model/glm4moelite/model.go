@@ -1,7 +1,7 @@
 // Package glm4moelite is the glm4_moe_lite (GLM-4.7-Flash) forward pass:
 // MLA attention with a latent KV cache, a dense first MLP, and mixture-of-
 // experts layers with a sigmoid, bias-corrected top-k router. The code follows
-// DESIGN.md section 3 line by line and runs on any backend.Backend.
+// docs/design.md section 3 line by line and runs on any backend.Backend.
 package glm4moelite
 
 import (
@@ -70,6 +70,10 @@ type State struct {
 	cache  backend.Cache
 	Pos    int
 	nanErr error // first non-finite tensor of the current pass (DebugNaN)
+
+	// Interrupt, if set, is called before each layer; an error from it
+	// abandons the pass (Pos stays where it was) and Forward returns it.
+	Interrupt func() error
 }
 
 // NewState allocates the cache of a sequence of up to capacity tokens.
@@ -99,7 +103,15 @@ func (m *Model) Forward(s *State, ids []int, allLogits bool) ([]float32, error) 
 	if err := b.Embed(x, m.Embed, ids); err != nil {
 		return nil, err
 	}
+	if r, err := m.firstNonFinite(x); err != nil {
+		return nil, fmt.Errorf("embedding (model.embed_tokens.weight) row of token %d at position %d: %w", ids[r], s.Pos+r, err)
+	}
 	for i := range m.Layers {
+		if s.Interrupt != nil {
+			if err := s.Interrupt(); err != nil {
+				return nil, err
+			}
+		}
 		m.layer(i, x, s)
 		if s.nanErr != nil {
 			return nil, s.nanErr
@@ -110,14 +122,21 @@ func (m *Model) Forward(s *State, ids []int, allLogits bool) ([]float32, error) 
 	if !allLogits {
 		x = b.Rows(x, T-1, T)
 	}
+	first := s.Pos - x.Rows()
 	h := b.NewTensor(x.Rows(), c.HiddenSize)
 	b.RMSNorm(h, x, m.Norm, c.RMSNormEps)
+	if r, err := m.firstNonFinite(h); err != nil {
+		return nil, fmt.Errorf("final norm (model.norm) at position %d: %w", first+r, err)
+	}
 	logits := b.NewTensor(x.Rows(), c.VocabSize)
 	b.MatMul(logits, h, m.LMHead)
 	out := b.Download(logits)
-	first := s.Pos - x.Rows()
 	if err := checkFinite(out, c.VocabSize); err != nil {
-		return nil, fmt.Errorf("logits at position %d: %w (run with --debug-nan to find the layer)", first+err.(nonFinite).row, err)
+		pos := first + err.(nonFinite).row
+		if m.DebugNaN { // every tensor before was finite
+			return nil, fmt.Errorf("lm_head output at position %d (its input, the final norm, is finite): %w", pos, err)
+		}
+		return nil, fmt.Errorf("logits at position %d: %w (run with --debug-nan to find the layer)", pos, err)
 	}
 	return out, nil
 }
@@ -220,14 +239,26 @@ func (m *Model) moe(s *State, i int, p *MoE, h backend.Tensor) backend.Tensor {
 	return out
 }
 
-// watch records the first non-finite tensor when DebugNaN is on.
+// watch records the first non-finite tensor of a layer when DebugNaN is on.
 func (m *Model) watch(s *State, layer int, name string, t backend.Tensor) {
-	if !m.DebugNaN || s.nanErr != nil {
+	if s.nanErr != nil {
 		return
 	}
-	if err := checkFinite(m.b.Download(t), t.Cols()); err != nil {
-		s.nanErr = fmt.Errorf("layer %d, tensor %q, row %d: %w", layer, name, err.(nonFinite).row, err)
+	if r, err := m.firstNonFinite(t); err != nil {
+		s.nanErr = fmt.Errorf("layer %d, tensor %q, position %d: %w", layer, name, s.Pos+r, err)
 	}
+}
+
+// firstNonFinite finds the first row of t with a NaN or Inf when DebugNaN
+// is on; it costs nothing otherwise.
+func (m *Model) firstNonFinite(t backend.Tensor) (row int, err error) {
+	if !m.DebugNaN {
+		return 0, nil
+	}
+	if err := checkFinite(m.b.Download(t), t.Cols()); err != nil {
+		return err.(nonFinite).row, err
+	}
+	return 0, nil
 }
 
 type nonFinite struct {
