@@ -33,11 +33,11 @@ func (b *Backend) RoPE(x backend.Tensor, heads, headStride, offset, dim, pos0 in
 	for t := 0; t < m.rows; t++ {
 		pos := float64(pos0 + t)
 		for i := 0; i < half; i++ {
-			// The frequency is computed in float32, as the reference does.
-			invFreq := float32(1 / math.Pow(theta, float64(float32(2*i)/float32(dim))))
-			angle := float32(pos) * invFreq
-			cos[i] = float32(math.Cos(float64(angle)))
-			sin[i] = float32(math.Sin(float64(angle)))
+			// The angle is computed in float64: float32 holds pos * inv_freq
+			// only to about 1e-2 rad near position 200,000.
+			angle := pos * math.Pow(theta, -float64(2*i)/float64(dim))
+			cos[i] = float32(math.Cos(angle))
+			sin[i] = float32(math.Sin(angle))
 		}
 		row := m.row(t)
 		for h := 0; h < heads; h++ {

@@ -31,6 +31,11 @@ type Model struct {
 	// DebugNaN checks every intermediate tensor and reports the first layer
 	// and tensor that holds a NaN or Inf.
 	DebugNaN bool
+
+	// Inspect, when set, is called with each intermediate tensor that
+	// DebugNaN checks (layer, name, tensor), before the check. Tests use it
+	// to compare the residual stream with a reference, or to replace it.
+	Inspect func(layer int, name string, t backend.Tensor)
 }
 
 // Layer is one decoder block.
@@ -239,8 +244,12 @@ func (m *Model) moe(s *State, i int, p *MoE, h backend.Tensor) backend.Tensor {
 	return out
 }
 
-// watch records the first non-finite tensor of a layer when DebugNaN is on.
+// watch hands t to Inspect, and records the first non-finite tensor of a
+// layer when DebugNaN is on.
 func (m *Model) watch(s *State, layer int, name string, t backend.Tensor) {
+	if m.Inspect != nil {
+		m.Inspect(layer, name, t)
+	}
 	if s.nanErr != nil {
 		return
 	}
