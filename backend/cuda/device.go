@@ -78,17 +78,32 @@ func Open(ordinal int) (*Device, error) {
 // then runs closures until Close.
 func (d *Device) loop(ordinal int, started chan<- error) {
 	runtime.LockOSThread()
-	defer runtime.UnlockOSThread()
 	c, err := openCtx(ordinal)
 	if err != nil {
+		runtime.UnlockOSThread()
 		started <- err
 		return
 	}
 	d.c, d.info = c, *c.info
 	started <- nil
+	d.serve()
+}
+
+// serve runs closures on the current (locked) thread until Close. A closure
+// that calls runtime.Goexit ends the goroutine and its thread; Do then
+// starts a new owner with serveOnNewThread.
+func (d *Device) serve() {
 	for fn := range d.calls {
 		fn()
 	}
+	runtime.UnlockOSThread()
+}
+
+func (d *Device) serveOnNewThread() {
+	runtime.LockOSThread()
+	// Should this fail, every later call reports an invalid context.
+	drv.cuCtxSetCurrent(d.c.ctx)
+	d.serve()
 }
 
 func openCtx(ordinal int) (*Ctx, error) {
@@ -191,8 +206,13 @@ func deviceInfo(dev int32, ordinal int) (Info, error) {
 // Info describes the device.
 func (d *Device) Info() Info { return d.info }
 
+// errGoexit is returned by Do when the closure called runtime.Goexit (as
+// t.Fatal does): call such functions outside the closure.
+var errGoexit = errors.New("cuda: closure passed to Device.Do called runtime.Goexit (t.Fatal inside Do?)")
+
 // Do runs fn on the device's thread and returns its error. A panic in fn is
-// re-raised in the caller. Do must not be called from inside fn.
+// re-raised in the caller. Do must not be called from inside fn, nor
+// concurrently with Close.
 func (d *Device) Do(fn func(c *Ctx) error) error {
 	if d.closed {
 		return errors.New("cuda: device is closed")
@@ -203,9 +223,17 @@ func (d *Device) Do(fn func(c *Ctx) error) error {
 	)
 	done := make(chan struct{})
 	d.calls <- func() {
-		defer close(done)
-		defer func() { pv = recover() }()
+		returned := false
+		defer func() {
+			pv = recover()
+			if !returned && pv == nil {
+				err = errGoexit
+				go d.serveOnNewThread()
+			}
+			close(done)
+		}()
 		err = fn(d.c)
+		returned = true
 	}
 	<-done
 	if pv != nil {

@@ -3,6 +3,7 @@
 package cuda
 
 import (
+	"errors"
 	"fmt"
 	"os"
 	"path/filepath"
@@ -36,7 +37,7 @@ func openLib(env string, names []string) (handle uintptr, path string, err error
 		}
 		return h, p, nil
 	}
-	var tried []string
+	var failed []string // found on disk but not loadable
 	for _, n := range names {
 		if strings.ContainsAny(n, "*?") {
 			continue
@@ -44,22 +45,26 @@ func openLib(env string, names []string) (handle uintptr, path string, err error
 		if h, err := purego.Dlopen(n, purego.RTLD_NOW|purego.RTLD_GLOBAL); err == nil {
 			return h, n, nil
 		}
-		tried = append(tried, n)
 	}
 	for _, dir := range libDirs {
 		for _, n := range names {
 			matches, _ := filepath.Glob(filepath.Join(dir, n))
 			slices.SortFunc(matches, func(a, b string) int { return compareVersions(b, a) })
 			for _, p := range matches {
-				if h, err := purego.Dlopen(p, purego.RTLD_NOW|purego.RTLD_GLOBAL); err == nil {
+				h, err := purego.Dlopen(p, purego.RTLD_NOW|purego.RTLD_GLOBAL)
+				if err == nil {
 					return h, p, nil
 				}
-				tried = append(tried, p)
+				failed = append(failed, fmt.Sprintf("%s: %v", p, err))
 			}
 		}
 	}
-	return 0, "", fmt.Errorf("tried %s and %s in %s (set %s to its path)",
-		strings.Join(names, ", "), strings.Join(tried, ", "), strings.Join(libDirs, ":"), env)
+	msg := fmt.Sprintf("%s: not found by the dynamic loader nor in %s (set %s to its path)",
+		strings.Join(names, ", "), strings.Join(libDirs, ":"), env)
+	if len(failed) > 0 {
+		msg += "; found but failed to load: " + strings.Join(failed, "; ")
+	}
+	return 0, "", errors.New(msg)
 }
 
 // compareVersions orders library file names by the numbers after ".so.",

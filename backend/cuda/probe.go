@@ -7,10 +7,11 @@ import (
 	"time"
 )
 
-// Probe looks for a GPU and NVRTC and compiles every embedded kernel module:
-// for GPU 0 (and loads it there) when there is one, otherwise for sm_90 as a
-// syntax check. It never fails; what is missing is in the report.
-func Probe() Report {
+// Probe looks for a GPU and NVRTC and compiles every embedded kernel module
+// for GPU 0 and loads it there. Without a GPU it compiles them for sm_90 as
+// a syntax check only if compileWithoutGPU. It never fails; what is missing
+// is in the report.
+func Probe(compileWithoutGPU bool) Report {
 	var r Report
 	if major, minor, path, err := NVRTCVersion(); err != nil {
 		r.NVRTCErr = err
@@ -20,7 +21,7 @@ func Probe() Report {
 	dev, err := Open(0)
 	if err != nil {
 		r.DeviceErr = err
-		if r.NVRTCErr == nil {
+		if r.NVRTCErr == nil && compileWithoutGPU {
 			r.Arch = targetArch(90, rtcVersion[0], rtcArchs)
 			for _, m := range Modules() {
 				t := time.Now()

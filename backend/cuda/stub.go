@@ -30,7 +30,7 @@ func NVRTCVersion() (major, minor int, path string, err error) {
 }
 
 // Probe reports that there is no CUDA on this system.
-func Probe() Report {
+func Probe(compileWithoutGPU bool) Report {
 	_, _, _, err := NVRTCVersion()
 	return Report{DeviceErr: errUnsupported, NVRTCErr: err}
 }

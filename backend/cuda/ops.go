@@ -1,0 +1,140 @@
+//go:build linux || darwin || freebsd || netbsd
+
+package cuda
+
+import (
+	"errors"
+	"fmt"
+	"math/bits"
+
+	"github.com/mmfp4/mmfp4/format"
+)
+
+// QMatrix is an MMFP4 matrix W[N,K] in device memory, in the file's layout
+// (docs/format.md section 5): codes [N][K/2], scales [N][K/G], row scales [N].
+type QMatrix struct {
+	N, K, G                 int
+	Codes, Scales, RowScale uint64
+	buf                     Buffer // one allocation holding all three
+}
+
+// UploadMatrix copies an MMFP4 matrix to the device as one allocation.
+func (c *Ctx) UploadMatrix(m *format.Matrix) (*QMatrix, error) {
+	if err := m.Validate(); err != nil {
+		return nil, err
+	}
+	if m.K%32 != 0 {
+		return nil, fmt.Errorf("cuda: MMFP4 matrix [%d,%d]: K must be a multiple of 32", m.N, m.K)
+	}
+	codes, scales := len(m.Codes), len(m.Scales)
+	scalesOff := align(codes, 256)
+	rowOff := align(scalesOff+scales, 256)
+	buf, err := c.Alloc(rowOff + 4*m.N)
+	if err != nil {
+		return nil, err
+	}
+	q := &QMatrix{N: m.N, K: m.K, G: m.GroupSize, Codes: buf.Ptr, Scales: buf.At(scalesOff), RowScale: buf.At(rowOff), buf: buf}
+	if err := errors.Join(CopyIn(c, q.Codes, m.Codes), CopyIn(c, q.Scales, m.Scales), CopyIn(c, q.RowScale, m.RowScale)); err != nil {
+		c.Free(buf)
+		return nil, err
+	}
+	return q, nil
+}
+
+// FreeMatrix returns q's memory to the pool.
+func (c *Ctx) FreeMatrix(q *QMatrix) error { return c.Free(q.buf) }
+
+// Bytes is the size of the matrix's codes and scales, what a product reads.
+func (q *QMatrix) Bytes() int { return q.N*q.K/2 + q.N*q.K/q.G + 4*q.N }
+
+func align(n, a int) int { return (n + a - 1) / a * a }
+
+// QActs holds T rows of K activations quantized to int8 per group of G
+// (docs/format.md section 9): Q [T][K] int8 in column order, Scales [T][K/G]
+// float32, and Sums [T][K/32] int32, the sum of each 32 values (the GEMV
+// kernels' offset decode needs it).
+type QActs struct {
+	T, K, G         int
+	Q, Scales, Sums uint64
+	buf             Buffer
+}
+
+// NewQActs allocates room for T quantized rows of K activations.
+func (c *Ctx) NewQActs(T, K, G int) (*QActs, error) {
+	if !format.ValidGroupSize(G) || K%G != 0 || T <= 0 {
+		return nil, fmt.Errorf("cuda: quantized activations %dx%d with group %d", T, K, G)
+	}
+	qOff := 0
+	sOff := align(T*K, 256)
+	sumOff := align(sOff+4*T*K/G, 256)
+	buf, err := c.Alloc(sumOff + 4*T*K/32)
+	if err != nil {
+		return nil, err
+	}
+	return &QActs{T: T, K: K, G: G, Q: buf.At(qOff), Scales: buf.At(sOff), Sums: buf.At(sumOff), buf: buf}, nil
+}
+
+// FreeQActs returns a's memory to the pool.
+func (c *Ctx) FreeQActs(a *QActs) error { return c.Free(a.buf) }
+
+// RMSNormQuant normalises a.T rows of x (row stride ldx floats) by their root
+// mean square and gain (gain 0: no normalisation), writes the float result to
+// out (row stride ldo; out 0: not written) and quantizes it into a (nil: not
+// quantized). eps is added to the mean square.
+func (c *Ctx) RMSNormQuant(x uint64, ldx int, gain uint64, eps float32, out uint64, ldo int, rows, K, G int, a *QActs) error {
+	var q, s, sums uint64
+	if a != nil {
+		if a.T != rows || a.K != K || a.G != G {
+			return fmt.Errorf("cuda: rmsnorm_quant: activations %dx%d/%d, want %dx%d/%d", a.T, a.K, a.G, rows, K, G)
+		}
+		q, s, sums = a.Q, a.Scales, a.Sums
+	}
+	if !format.ValidGroupSize(G) || K%G != 0 {
+		return fmt.Errorf("cuda: rmsnorm_quant: K=%d, group %d", K, G)
+	}
+	k, err := c.Kernel("quant", "rmsnorm_quant")
+	if err != nil {
+		return err
+	}
+	return c.Launch(k, D1(rows), D1(256), 0, x, ldx, gain, eps, out, ldo, q, s, sums, K, G)
+}
+
+// GEMVVariant picks the GEMV decode: the offset form (one dp4a per four
+// weights and token) or, for one token, the split form (two dp4a, fewer
+// integer operations).
+type GEMVVariant int
+
+const (
+	GEMVAuto GEMVVariant = iota
+	GEMVOffset
+	GEMVSplit
+)
+
+const gemvRowsPerBlock = 4 * 4 // WARPS * R in gemv.cu
+
+var gemvKernels = [...]string{1: "gemv_t1", "gemv_t2", "gemv_t3", "gemv_t4", "gemv_t5", "gemv_t6", "gemv_t7", "gemv_t8"}
+
+// GEMV computes y[t*ldy + n] = sum_k W[n,k] x[t,k] for the a.T (1..8)
+// quantized rows of a, with the integer MMFP4 product.
+func (c *Ctx) GEMV(y uint64, ldy int, w *QMatrix, a *QActs, v GEMVVariant) error {
+	if a.K != w.K || a.G != w.G {
+		return fmt.Errorf("cuda: gemv: activations K=%d G=%d, weights [%d,%d] G=%d", a.K, a.G, w.N, w.K, w.G)
+	}
+	if a.T < 1 || a.T > 8 {
+		return fmt.Errorf("cuda: gemv: %d tokens, want 1..8", a.T)
+	}
+	if ldy < w.N && a.T > 1 {
+		return fmt.Errorf("cuda: gemv: output stride %d below N=%d", ldy, w.N)
+	}
+	name := gemvKernels[a.T]
+	if a.T == 1 && v != GEMVOffset {
+		name = "gemv_split_t1"
+	}
+	k, err := c.Kernel("gemv", name)
+	if err != nil {
+		return err
+	}
+	gshift := bits.TrailingZeros(uint(w.G / 32))
+	grid := (w.N + gemvRowsPerBlock - 1) / gemvRowsPerBlock
+	return c.Launch(k, D1(grid), D1(128), 0, w.Codes, w.Scales, w.RowScale, w.N, w.K, gshift, a.Q, a.Scales, a.Sums, y, ldy)
+}
