@@ -132,7 +132,10 @@ func BenchmarkGEMV(b *testing.B) {
 		T    int
 		v    GEMVVariant
 	}
-	variants := []variant{{"T1_split", 1, GEMVSplit}, {"T1_offset", 1, GEMVOffset}, {"T2", 2, GEMVOffset}, {"T4", 4, GEMVOffset}, {"T8", 8, GEMVOffset}}
+	variants := []variant{
+		{"T1_split", 1, GEMVSplit}, {"T1_mma", 1, GEMVMMA}, {"T2_mma", 2, GEMVMMA},
+		{"T4_mma", 4, GEMVMMA}, {"T8_offset", 8, GEMVOffset}, {"T8_mma", 8, GEMVMMA},
+	}
 	for _, cs := range cases {
 		var mats []*QMatrix
 		err := d.Do(func(c *Ctx) error {
@@ -153,7 +156,7 @@ func BenchmarkGEMV(b *testing.B) {
 			b.Fatal(err)
 		}
 		for _, v := range variants {
-			if cs.copies > 1 && v.T > 1 && v.T != 8 {
+			if cs.copies > 1 && (v.T == 2 || v.T == 4 || v.v == GEMVOffset) {
 				continue
 			}
 			b.Run(fmt.Sprintf("%s/%s", cs.name, v.name), func(b *testing.B) {

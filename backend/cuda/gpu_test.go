@@ -257,6 +257,9 @@ func TestGEMV(t *testing.T) {
 			if T == 1 {
 				variants = append(variants, GEMVSplit)
 			}
+			if s.G == 128 {
+				variants = append(variants, GEMVMMA)
+			}
 			for _, v := range variants {
 				ldy := s.N + 3*(T%2)
 				var got []float32
@@ -313,5 +316,39 @@ func TestGEMV(t *testing.T) {
 				}
 			}
 		}
+	}
+}
+
+// TestSanitizerCanary writes far past the end of an output buffer. It runs
+// only with MMFP4_SANITIZER_CANARY=1, under compute-sanitizer, to show that
+// the sanitizer sees this binary's kernels: it must report errors there.
+func TestSanitizerCanary(t *testing.T) {
+	if os.Getenv("MMFP4_SANITIZER_CANARY") != "1" {
+		t.Skip("run under compute-sanitizer with MMFP4_SANITIZER_CANARY=1")
+	}
+	d := testDevice(t)
+	r := testRand(t)
+	m := synthMatrix(r, 1<<16, 256, 128)
+	err := d.Do(func(c *Ctx) error {
+		q, err := c.UploadMatrix(m)
+		if err != nil {
+			return err
+		}
+		a, err := c.NewQActs(1, 256, 128)
+		if err != nil {
+			return err
+		}
+		var small uint64
+		if err := check("cuMemAlloc", drv.cuMemAlloc(&small, 256)); err != nil {
+			return err
+		}
+		if err := c.GEMV(small, 1<<16, q, a, GEMVSplit); err != nil {
+			return err
+		}
+		c.Sync() // the sanitizer reports; the result does not matter
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 }

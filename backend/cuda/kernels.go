@@ -20,7 +20,8 @@ const preludeFile = "kernels/prelude.cuh"
 
 // compileOptions are the NVRTC options besides -arch. No fast-math: the
 // kernels divide and take square roots exactly as the CPU reference does.
-var compileOptions = []string{"-std=c++17", "-lineinfo"}
+// No -lineinfo: with it, NVRTC 11.8 recurses without end on gemv.cu.
+var compileOptions = []string{"-std=c++17"}
 
 // Modules lists the embedded kernel modules (one per kernels/*.cu file).
 func Modules() []string {

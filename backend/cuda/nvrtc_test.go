@@ -25,7 +25,7 @@ func TestCompileKernels(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("NVRTC %d.%d from %s, archs %v", major, minor, path, rtcArchs)
-	archs := []string{"sm_80", "sm_90"}
+	archs := []string{"sm_90"}
 	if major >= 12 {
 		archs = append(archs, "sm_90a")
 	}

@@ -99,15 +99,22 @@ func (c *Ctx) RMSNormQuant(x uint64, ldx int, gain uint64, eps float32, out uint
 	return c.Launch(k, D1(rows), D1(256), 0, x, ldx, gain, eps, out, ldo, q, s, sums, K, G)
 }
 
-// GEMVVariant picks the GEMV decode: the offset form (one dp4a per four
-// weights and token) or, for one token, the split form (two dp4a, fewer
-// integer operations).
+// GEMVVariant picks the GEMV kernel.
 type GEMVVariant int
 
 const (
+	// GEMVAuto: the split dp4a kernel for one token, the tensor-core
+	// kernel for 2..8 tokens at G = 128, else the offset dp4a kernel.
 	GEMVAuto GEMVVariant = iota
+	// GEMVOffset: dp4a on the +128 offset codes, one dp4a per four weights
+	// and token.
 	GEMVOffset
+	// GEMVSplit: dp4a with positive and negative codes apart (two dp4a per
+	// four weights, fewer integer operations); one token only.
 	GEMVSplit
+	// GEMVMMA: int8 mma.sync on the offset codes, 16 rows x 8 tokens per
+	// instruction; G = 128 only.
+	GEMVMMA
 )
 
 const gemvRowsPerBlock = 4 * 4 // WARPS * R in gemv.cu
@@ -126,8 +133,33 @@ func (c *Ctx) GEMV(y uint64, ldy int, w *QMatrix, a *QActs, v GEMVVariant) error
 	if ldy < w.N && a.T > 1 {
 		return fmt.Errorf("cuda: gemv: output stride %d below N=%d", ldy, w.N)
 	}
+	if v == GEMVAuto {
+		switch {
+		case a.T == 1:
+			v = GEMVSplit
+		case w.G == 128:
+			v = GEMVMMA
+		default:
+			v = GEMVOffset
+		}
+	}
+	switch v {
+	case GEMVMMA:
+		if w.G != 128 {
+			return fmt.Errorf("cuda: gemv: the tensor-core kernel needs group size 128, not %d", w.G)
+		}
+		k, err := c.Kernel("gemv", "gemv_mma")
+		if err != nil {
+			return err
+		}
+		return c.Launch(k, D1((w.N+15)/16), D1(128), 0, w.Codes, w.Scales, w.RowScale, w.N, w.K, a.Q, a.Scales, a.Sums, y, ldy, a.T)
+	case GEMVSplit:
+		if a.T != 1 {
+			return fmt.Errorf("cuda: gemv: the split kernel takes one token, not %d", a.T)
+		}
+	}
 	name := gemvKernels[a.T]
-	if a.T == 1 && v != GEMVOffset {
+	if v == GEMVSplit {
 		name = "gemv_split_t1"
 	}
 	k, err := c.Kernel("gemv", name)
