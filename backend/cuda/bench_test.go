@@ -72,6 +72,18 @@ func timeEvents(c *Ctx, reps int, fn func() error) (float32, error) {
 	return c.Elapsed(start, end)
 }
 
+// timeDevice queues a spin kernel long enough for the host to queue reps
+// calls of fn (launches calls each) behind it, then times those calls
+// between events: device time without the host's launch gaps, about what a
+// graph replay sees.
+func timeDevice(c *Ctx, reps, launches int, fn func() error) (float32, error) {
+	const hostPerLaunch = 10e-6 // seconds; purego launches take about 7
+	if err := c.Spin(int64(float64(reps*launches)*hostPerLaunch*2e9) + 100000); err != nil {
+		return 0, err
+	}
+	return timeEvents(c, reps, fn)
+}
+
 func BenchmarkCopy(b *testing.B) {
 	d := benchDevice(b)
 	err := d.Do(func(c *Ctx) error {
@@ -113,8 +125,9 @@ type gemvCase struct {
 
 // BenchmarkGEMV: the lm_head; all 64 experts of a layer stacked into one
 // tall matrix (what a kernel streaming every selected expert reaches at that
-// K); and single expert-sized matrices launched one after another, which
-// measures the launch cost rather than the kernel.
+// K); and single matrices of the attention and expert shapes, launched one
+// after another over distinct copies (device time per launch, which for
+// these small matrices is mostly the launch's ramp and drain).
 func BenchmarkGEMV(b *testing.B) {
 	d := benchDevice(b)
 	r := rand.New(rand.NewPCG(7, 7))
@@ -125,7 +138,8 @@ func BenchmarkGEMV(b *testing.B) {
 		{"o_proj_2048x5120", 2048, 5120, 16},
 		{"q_b_5120x768", 5120, 768, 32},
 		{"kv_b_8960x512", 8960, 512, 32},
-		{"expert_gate_1536x2048_per_launch", 1536, 2048, 96},
+		{"expert_gate_1536x2048", 1536, 2048, 96},
+		{"expert_down_2048x1536", 2048, 1536, 96},
 	}
 	type variant struct {
 		name string
@@ -187,7 +201,7 @@ func BenchmarkGEMV(b *testing.B) {
 					}
 					b.ResetTimer()
 					i := 0
-					ms, err := timeEvents(c, b.N, func() error {
+					ms, err := timeDevice(c, b.N, 1, func() error {
 						i++
 						return c.GEMV(y.Ptr, cs.n, mats[i%len(mats)], a, v.v)
 					})
@@ -237,7 +251,7 @@ func BenchmarkRMSNormQuant(b *testing.B) {
 					return err
 				}
 				b.ResetTimer()
-				ms, err := timeEvents(c, b.N, run)
+				ms, err := timeDevice(c, b.N, 1, run)
 				if err != nil {
 					return err
 				}
@@ -249,4 +263,100 @@ func BenchmarkRMSNormQuant(b *testing.B) {
 			}
 		})
 	}
+}
+
+// BenchmarkMoE: one token through a GLM-4.7-Flash MoE layer (64 experts of
+// 1536 x 2048, top 4, one shared expert): gate+up+SiLU, quantization and
+// weighted down, three launches. The routed experts change every call (16
+// random sets) so that they come from memory, not L2.
+func BenchmarkMoE(b *testing.B) {
+	d := benchDevice(b)
+	r := rand.New(rand.NewPCG(9, 9))
+	const K, I, E, topK, sets = 2048, 1536, 64, 4, 16
+	var (
+		call  func() error
+		bytes float64
+	)
+	err := d.Do(func(c *Ctx) error {
+		if _, err := measureCopy(c); err != nil {
+			return err
+		}
+		var dev []ExpertMats
+		for e := 0; e <= E; e++ {
+			var q [3]*QMatrix
+			for i, m := range []*format.Matrix{synthMatrix(r, I, K, 128), synthMatrix(r, I, K, 128), synthMatrix(r, K, I, 128)} {
+				var err error
+				if q[i], err = c.UploadMatrix(m); err != nil {
+					return err
+				}
+			}
+			dev = append(dev, ExpertMats{q[0], q[1], q[2]})
+		}
+		tab, err := c.NewExpertTable(dev[:E], dev[E:])
+		if err != nil {
+			return err
+		}
+		scr, err := c.NewMoEScratch(tab, topK)
+		if err != nil {
+			return err
+		}
+		xa, err := c.NewQActs(1, K, 128)
+		if err != nil {
+			return err
+		}
+		xb, err := upload(c, randVec(r, K, 1))
+		if err != nil {
+			return err
+		}
+		ids := make([]int32, sets*topK)
+		for s := 0; s < sets; s++ {
+			for k, e := range r.Perm(E)[:topK] {
+				ids[s*topK+k] = int32(e)
+			}
+		}
+		ib, err := c.Alloc(4 * len(ids))
+		if err != nil {
+			return err
+		}
+		wb, err := upload(c, randVec(r, sets*topK, 0.5))
+		if err != nil {
+			return err
+		}
+		y, err := c.Alloc(4 * K)
+		if err != nil {
+			return err
+		}
+		if err := errors.Join(CopyIn(c, ib.Ptr, ids), c.RMSNormQuant(xb.Ptr, K, 0, 0, 0, 0, 1, K, 128, xa)); err != nil {
+			return err
+		}
+		i := 0
+		call = func() error {
+			i++
+			s := i % sets
+			return c.MoE(y.Ptr, false, tab, ib.At(4*topK*s), wb.At(4*topK*s), topK, xa, scr)
+		}
+		if err := call(); err != nil {
+			return err
+		}
+		bytes = float64(topK+1) * float64(dev[0].Gate.Bytes()+dev[0].Up.Bytes()+dev[0].Down.Bytes())
+		return c.Sync()
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Run("token", func(b *testing.B) {
+		var ms float32
+		err := d.Do(func(c *Ctx) error {
+			var err error
+			ms, err = timeDevice(c, b.N, 3, call)
+			return err
+		})
+		if err != nil {
+			b.Fatal(err)
+		}
+		sec := float64(ms) / 1e3 / float64(b.N)
+		b.ReportMetric(sec*1e6, "us/call")
+		b.ReportMetric(bytes/sec/1e9, "GB/s")
+		b.ReportMetric(bytes/sec/copyBandwidth, "copy-frac")
+	})
 }

@@ -15,7 +15,8 @@ import (
 //go:embed kernels/*.cu kernels/*.cuh
 var kernelFS embed.FS
 
-// preludeFile is prepended to every module: shared device helpers.
+// preludeFile is prepended to every module, then the other headers
+// (kernels/*.cuh) in name order: shared device code.
 const preludeFile = "kernels/prelude.cuh"
 
 // compileOptions are the NVRTC options besides -arch. No fast-math: the
@@ -34,19 +35,35 @@ func Modules() []string {
 	return names
 }
 
-// moduleSource is the full translation unit of a module: the prelude, then
+// moduleSource is the full translation unit of a module: the headers, then
 // the module's file, with #line directives so that compiler messages name
 // the right file and line.
 func moduleSource(name string) (string, error) {
-	prelude, err := kernelFS.ReadFile(preludeFile)
-	if err != nil {
-		return "", err
-	}
 	body, err := kernelFS.ReadFile("kernels/" + name + ".cu")
 	if err != nil {
 		return "", fmt.Errorf("cuda: no kernel module %q", name)
 	}
-	return fmt.Sprintf("#line 1 \"prelude.cuh\"\n%s\n#line 1 \"%s.cu\"\n%s", prelude, name, body), nil
+	headers, _ := fs.Glob(kernelFS, "kernels/*.cuh")
+	slices.SortFunc(headers, func(a, b string) int {
+		switch {
+		case a == preludeFile:
+			return -1
+		case b == preludeFile:
+			return 1
+		}
+		return strings.Compare(a, b)
+	})
+	var src strings.Builder
+	for _, h := range append(headers, "kernels/"+name+".cu") {
+		text := body
+		if h != "kernels/"+name+".cu" {
+			if text, err = kernelFS.ReadFile(h); err != nil {
+				return "", err
+			}
+		}
+		fmt.Fprintf(&src, "#line 1 \"%s\"\n%s\n", filepath.Base(h), text)
+	}
+	return src.String(), nil
 }
 
 // targetArch picks the NVRTC target for a device of compute capability cc

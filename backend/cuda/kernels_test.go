@@ -73,7 +73,7 @@ func TestModulesEmbedded(t *testing.T) {
 	}
 	for _, m := range mods {
 		src, err := moduleSource(m)
-		if err != nil || !strings.Contains(src, "#line 1 \""+m+".cu\"") || !strings.Contains(src, "DEVICE uint4 load_stream16") {
+		if err != nil || !strings.Contains(src, "#line 1 \""+m+".cu\"") || !strings.HasPrefix(src, "#line 1 \"prelude.cuh\"") || !strings.Contains(src, "#line 1 \"matvec.cuh\"") {
 			t.Fatalf("module %s: %v", m, err)
 		}
 	}

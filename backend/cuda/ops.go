@@ -170,3 +170,149 @@ func (c *Ctx) GEMV(y uint64, ldy int, w *QMatrix, a *QActs, v GEMVVariant) error
 	grid := (w.N + gemvRowsPerBlock - 1) / gemvRowsPerBlock
 	return c.Launch(k, D1(grid), D1(128), 0, w.Codes, w.Scales, w.RowScale, w.N, w.K, gshift, a.Q, a.Scales, a.Sums, y, ldy)
 }
+
+// ExpertMats are one expert's matrices on the device: gate and up [I,K],
+// down [K,I].
+type ExpertMats struct{ Gate, Up, Down *QMatrix }
+
+// ExpertTable holds the device addresses of a MoE layer's experts, the
+// routed ones then the shared ones, for the MoE kernels to look up by id.
+type ExpertTable struct {
+	Routed, Shared int
+	I, K, G        int
+	buf            Buffer
+}
+
+// NewExpertTable checks that the experts share their shapes and group size
+// and uploads their addresses.
+func (c *Ctx) NewExpertTable(routed, shared []ExpertMats) (*ExpertTable, error) {
+	all := append(append([]ExpertMats{}, routed...), shared...)
+	if len(routed) == 0 {
+		return nil, fmt.Errorf("cuda: expert table without routed experts")
+	}
+	t := &ExpertTable{Routed: len(routed), Shared: len(shared), I: all[0].Gate.N, K: all[0].Gate.K, G: all[0].Gate.G}
+	ptrs := make([]uint64, 0, 9*len(all))
+	for i, e := range all {
+		for _, m := range []struct {
+			name string
+			q    *QMatrix
+			n, k int
+		}{{"gate", e.Gate, t.I, t.K}, {"up", e.Up, t.I, t.K}, {"down", e.Down, t.K, t.I}} {
+			if m.q.N != m.n || m.q.K != m.k || m.q.G != t.G {
+				return nil, fmt.Errorf("cuda: expert %d %s is [%d,%d] G=%d, want [%d,%d] G=%d", i, m.name, m.q.N, m.q.K, m.q.G, m.n, m.k, t.G)
+			}
+			ptrs = append(ptrs, m.q.Codes, m.q.Scales, m.q.RowScale)
+		}
+	}
+	buf, err := c.Alloc(8 * len(ptrs))
+	if err != nil {
+		return nil, err
+	}
+	t.buf = buf
+	return t, CopyIn(c, buf.Ptr, ptrs)
+}
+
+// FreeExpertTable returns the table's memory (not the matrices') to the pool.
+func (c *Ctx) FreeExpertTable(t *ExpertTable) error { return c.Free(t.buf) }
+
+// RouteConfig is the noaux_tc expert choice (DESIGN.md section 3).
+type RouteConfig struct {
+	TopK, Groups, TopKGroups int
+	Norm                     bool
+	Scaling                  float32
+}
+
+// Route chooses experts for T rows of normalised activations x (rows ldx
+// floats apart): gate holds the router's fp32 weights [E][K], bias its E
+// score corrections. It writes T*TopK expert ids (int32) and weights, and,
+// unless logits is 0, the T*E router logits.
+func (c *Ctx) Route(gate, bias, x uint64, ldx, T, E, K int, cfg RouteConfig, ids, wts, logits uint64) error {
+	switch {
+	case E > 512 || cfg.TopK < 1 || cfg.TopK > E || K%4 != 0 || ldx%4 != 0:
+		return fmt.Errorf("cuda: route: %d experts, top %d, K=%d, ldx=%d", E, cfg.TopK, K, ldx)
+	case cfg.Groups > 1 && (cfg.Groups > 64 || E%cfg.Groups != 0 || cfg.TopKGroups < 1):
+		return fmt.Errorf("cuda: route: %d experts in %d groups, top %d groups", E, cfg.Groups, cfg.TopKGroups)
+	}
+	k, err := c.Kernel("moe", "moe_route")
+	if err != nil {
+		return err
+	}
+	norm := 0
+	if cfg.Norm {
+		norm = 1
+	}
+	return c.Launch(k, D1(T), D1(256), 0, gate, bias, x, ldx, E, K, cfg.TopK, cfg.Groups, cfg.TopKGroups, norm, cfg.Scaling, ids, wts, logits)
+}
+
+// MoEScratch is the work space of MoE for one token: each slot's SiLU
+// product and its int8 form.
+type MoEScratch struct {
+	H  Buffer
+	HQ *QActs
+}
+
+// NewMoEScratch allocates MoE's work space for topk routed experts.
+func (c *Ctx) NewMoEScratch(t *ExpertTable, topk int) (*MoEScratch, error) {
+	slots := topk + t.Shared
+	h, err := c.Alloc(4 * slots * t.I)
+	if err != nil {
+		return nil, err
+	}
+	hq, err := c.NewQActs(slots, t.I, t.G)
+	if err != nil {
+		c.Free(h)
+		return nil, err
+	}
+	return &MoEScratch{H: h, HQ: hq}, nil
+}
+
+// FreeMoEScratch returns the work space to the pool.
+func (c *Ctx) FreeMoEScratch(s *MoEScratch) error {
+	return errors.Join(c.Free(s.H), c.FreeQActs(s.HQ))
+}
+
+// MoE computes, for one token with quantized activations x,
+// y (+)= sum_k wts[k] * expert_{ids[k]}(x) + sum of the shared experts(x),
+// expert(x) = down(silu(gate x) * up x), in three launches: the gate and up
+// products of all experts with the SiLU product, the quantization of those,
+// and the weighted down products. With accumulate, the sum is added to y.
+func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, topk int, x *QActs, s *MoEScratch) error {
+	slots := topk + t.Shared
+	switch {
+	case x.T != 1 || x.K != t.K || x.G != t.G:
+		return fmt.Errorf("cuda: moe: activations %dx%d G=%d, want 1x%d G=%d", x.T, x.K, x.G, t.K, t.G)
+	case s.HQ.T != slots || s.HQ.K != t.I:
+		return fmt.Errorf("cuda: moe: scratch for %d slots of %d, want %d of %d", s.HQ.T, s.HQ.K, slots, t.I)
+	}
+	gshift := bits.TrailingZeros(uint(t.G / 32))
+	gu, err := c.Kernel("moe", "moe_gate_up")
+	if err != nil {
+		return err
+	}
+	down, err := c.Kernel("moe", "moe_down")
+	if err != nil {
+		return err
+	}
+	acc := 0
+	if accumulate {
+		acc = 1
+	}
+	if err := c.Launch(gu, Dim{uint32((t.I + 15) / 16), uint32(slots), 1}, D1(128), 0,
+		t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, x.Sums, s.H); err != nil {
+		return err
+	}
+	if err := c.RMSNormQuant(s.H.Ptr, t.I, 0, 0, 0, 0, slots, t.I, t.G, s.HQ); err != nil {
+		return err
+	}
+	return c.Launch(down, D1((t.K+3)/4), D1(128), 0,
+		t.buf, ids, wts, topk, slots, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, s.HQ.Sums, y, acc)
+}
+
+// Spin keeps the GPU busy for about the given number of cycles (for timing).
+func (c *Ctx) Spin(cycles int64) error {
+	k, err := c.Kernel("util", "spin")
+	if err != nil {
+		return err
+	}
+	return c.Launch(k, D1(1), D1(1), 0, uint64(cycles))
+}
