@@ -152,7 +152,9 @@ func (c *Ctx) GEMV(y uint64, ldy int, w *QMatrix, a *QActs, v GEMVVariant) error
 		if err != nil {
 			return err
 		}
-		return c.Launch(k, D1((w.N+15)/16), D1(128), 0, w.Codes, w.Scales, w.RowScale, w.N, w.K, a.Q, a.Scales, a.Sums, y, ldy, a.T)
+		// About two groups per warp: all of a warp's loads in flight at once.
+		warps := min(8, max(1, (w.K/128+1)/2))
+		return c.Launch(k, D1((w.N+15)/16), D1(32*warps), 0, w.Codes, w.Scales, w.RowScale, w.N, w.K, a.Q, a.Scales, a.Sums, y, ldy, a.T)
 	case GEMVSplit:
 		if a.T != 1 {
 			return fmt.Errorf("cuda: gemv: the split kernel takes one token, not %d", a.T)
@@ -245,37 +247,45 @@ func (c *Ctx) Route(gate, bias, x uint64, ldx, T, E, K int, cfg RouteConfig, ids
 }
 
 // MoEScratch is the work space of MoE for one token: each slot's SiLU
-// product and its int8 form.
+// product and its int8 form, each slot's down product, and the down
+// kernel's per-row-block counters (zero between calls).
 type MoEScratch struct {
-	H  Buffer
-	HQ *QActs
+	H, Partial, Counters Buffer
+	HQ                   *QActs
 }
 
 // NewMoEScratch allocates MoE's work space for topk routed experts.
 func (c *Ctx) NewMoEScratch(t *ExpertTable, topk int) (*MoEScratch, error) {
 	slots := topk + t.Shared
-	h, err := c.Alloc(4 * slots * t.I)
-	if err != nil {
+	s := &MoEScratch{}
+	var err1, err2, err3, err4 error
+	s.H, err1 = c.Alloc(4 * slots * t.I)
+	s.Partial, err2 = c.Alloc(4 * slots * t.K)
+	s.Counters, err3 = c.Alloc(4 * ((t.K + 15) / 16))
+	s.HQ, err4 = c.NewQActs(slots, t.I, t.G)
+	if err := errors.Join(err1, err2, err3, err4); err != nil {
+		c.Free(s.H)
+		c.Free(s.Partial)
+		c.Free(s.Counters)
+		if s.HQ != nil {
+			c.FreeQActs(s.HQ)
+		}
 		return nil, err
 	}
-	hq, err := c.NewQActs(slots, t.I, t.G)
-	if err != nil {
-		c.Free(h)
-		return nil, err
-	}
-	return &MoEScratch{H: h, HQ: hq}, nil
+	return s, c.Memset(s.Counters.Ptr, 0, s.Counters.Size)
 }
 
 // FreeMoEScratch returns the work space to the pool.
 func (c *Ctx) FreeMoEScratch(s *MoEScratch) error {
-	return errors.Join(c.Free(s.H), c.FreeQActs(s.HQ))
+	return errors.Join(c.Free(s.H), c.Free(s.Partial), c.Free(s.Counters), c.FreeQActs(s.HQ))
 }
 
 // MoE computes, for one token with quantized activations x,
 // y (+)= sum_k wts[k] * expert_{ids[k]}(x) + sum of the shared experts(x),
 // expert(x) = down(silu(gate x) * up x), in three launches: the gate and up
 // products of all experts with the SiLU product, the quantization of those,
-// and the weighted down products. With accumulate, the sum is added to y.
+// and the down products of all experts summed with their weights. With
+// accumulate, the sum is added to y.
 func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, topk int, x *QActs, s *MoEScratch) error {
 	slots := topk + t.Shared
 	switch {
@@ -304,8 +314,9 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 	if err := c.RMSNormQuant(s.H.Ptr, t.I, 0, 0, 0, 0, slots, t.I, t.G, s.HQ); err != nil {
 		return err
 	}
-	return c.Launch(down, D1((t.K+3)/4), D1(128), 0,
-		t.buf, ids, wts, topk, slots, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, s.HQ.Sums, y, acc)
+	return c.Launch(down, Dim{uint32((t.K + 15) / 16), uint32(slots), 1}, D1(128), 0,
+		t.buf, ids, wts, topk, slots, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, s.HQ.Sums,
+		s.Partial, s.Counters, y, acc)
 }
 
 // Spin keeps the GPU busy for about the given number of cycles (for timing).

@@ -145,40 +145,55 @@ extern "C" __global__ void __launch_bounds__(128)
 
 // Down products summed over the slots with their weights:
 // y[n] (+)= sum_s w_s * (down_s,n . hq[s]), for one token; hq holds each
-// slot's h quantized to int8 (nslots rows of I). One warp per output row n,
-// two slots' loads in flight at a time; the slots are summed in order.
+// slot's h quantized to int8 (nslots rows of I). Grid (ceil(N/16), nslots)
+// blocks of 4 warps, a warp taking 4 rows of one slot's down matrix, so that
+// every slot's weights stream at once. Each block leaves its products in
+// partial[slot][n]; the last block of a row block to finish (counted in
+// counters, which it resets) sums the slots in order, so the result does
+// not depend on the blocks' timing.
 extern "C" __global__ void __launch_bounds__(128)
     moe_down(const Expert* __restrict__ experts, const i32* __restrict__ ids,
              const float* __restrict__ wts, int topk, int nslots, int nexperts, int N, int I,
              int gshift, const i8* __restrict__ hq, const float* __restrict__ hs,
-             const i32* __restrict__ hsum, float* __restrict__ y, int accumulate) {
-  const int n = blockIdx.x * 4 + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-  if (n >= N) return;
+             const i32* __restrict__ hsum, float* __restrict__ partial, u32* __restrict__ counters,
+             float* __restrict__ y, int accumulate) {
+  __shared__ bool last;
+  const int slot = blockIdx.y, lane = threadIdx.x & 31;
+  const int row0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 4;
   const int GK = (I >> 5) >> gshift;
-  float total = 0.f;
-  for (int s0 = 0; s0 < nslots; s0 += 2) {
-    const int s1 = min(s0 + 1, nslots - 1);
-    const Expert& e0 = experts[slot_expert(ids, s0, topk, nexperts)];
-    const Expert& e1 = experts[slot_expert(ids, s1, topk, nexperts)];
-    const u8* rc[2] = {e0.down.codes + (size_t)n * (I / 2), e1.down.codes + (size_t)n * (I / 2)};
-    const u8* rs[2] = {e0.down.scales + (size_t)n * GK, e1.down.scales + (size_t)n * GK};
-    // The two slots have different activations: one product each, loads
-    // of both issued before either is used.
-    float a[1][1], b[1][1];
-    const u8* rc0[1] = {rc[0]};
-    const u8* rs0[1] = {rs[0]};
-    const u8* rc1[1] = {rc[1]};
-    const u8* rs1[1] = {rs[1]};
-    gemv_dot<1, 1, true>(rc0, rs0, I, gshift, hq + (size_t)s0 * I, hs + (size_t)s0 * GK,
-                         hsum + (size_t)s0 * (I / 32), a);
-    gemv_dot<1, 1, true>(rc1, rs1, I, gshift, hq + (size_t)s1 * I, hs + (size_t)s1 * GK,
-                         hsum + (size_t)s1 * (I / 32), b);
-    const float w0 = s0 < topk ? wts[s0] : 1.f;
-    total += w0 * (a[0][0] * (e0.down.row_scale[n] * 0.5f));
-    if (s0 + 1 < nslots) {
-      const float w1 = s1 < topk ? wts[s1] : 1.f;
-      total += w1 * (b[0][0] * (e1.down.row_scale[n] * 0.5f));
+  if (row0 < N) {
+    const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
+    const u8* rc[4];
+    const u8* rs[4];
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      const int n = min(row0 + r, N - 1);
+      rc[r] = ex.down.codes + (size_t)n * (I / 2);
+      rs[r] = ex.down.scales + (size_t)n * GK;
+    }
+    float out[4][1];
+    gemv_dot<1, 4, true>(rc, rs, I, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK,
+                         hsum + (size_t)slot * (I / 32), out);
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      const int n = row0 + r;
+      if (lane == r && n < N) partial[(size_t)slot * N + n] = out[r][0] * (ex.down.row_scale[n] * 0.5f);
     }
   }
-  if (lane == 0) y[n] = accumulate ? y[n] + total : total;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&counters[blockIdx.x], 1u) == (u32)(nslots - 1);
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int n = blockIdx.x * 16 + threadIdx.x;
+  if (threadIdx.x < 16 && n < N) {
+    float total = 0.f;
+    for (int s = 0; s < nslots; s++) {
+      const float w = s < topk ? wts[s] : 1.f;
+      total += w * __ldcg(partial + (size_t)s * N + n);
+    }
+    y[n] = accumulate ? y[n] + total : total;
+  }
+  if (threadIdx.x == 0) counters[blockIdx.x] = 0;
 }
