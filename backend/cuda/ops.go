@@ -104,7 +104,7 @@ type GEMVVariant int
 
 const (
 	// GEMVAuto: the split dp4a kernel for one token, the tensor-core
-	// kernel for 2..8 tokens at G = 128, else the offset dp4a kernel.
+	// kernel for 3..8 tokens at G = 128, else the offset dp4a kernel.
 	GEMVAuto GEMVVariant = iota
 	// GEMVOffset: dp4a on the +128 offset codes, one dp4a per four weights
 	// and token.
@@ -134,10 +134,14 @@ func (c *Ctx) GEMV(y uint64, ldy int, w *QMatrix, a *QActs, v GEMVVariant) error
 		return fmt.Errorf("cuda: gemv: output stride %d below N=%d", ldy, w.N)
 	}
 	if v == GEMVAuto {
+		// Measured on an H200 (docs/perf.md): split 95% of the copy
+		// bandwidth at one token; at two the offset dp4a kernel and the
+		// tensor-core kernel tie (67%, 65%); from three on dp4a falls off
+		// (51% at four) and the tensor cores hold about 61-65%.
 		switch {
 		case a.T == 1:
 			v = GEMVSplit
-		case w.G == 128:
+		case a.T >= 3 && w.G == 128:
 			v = GEMVMMA
 		default:
 			v = GEMVOffset
@@ -152,9 +156,7 @@ func (c *Ctx) GEMV(y uint64, ldy int, w *QMatrix, a *QActs, v GEMVVariant) error
 		if err != nil {
 			return err
 		}
-		// About two groups per warp: all of a warp's loads in flight at once.
-		warps := min(8, max(1, (w.K/128+1)/2))
-		return c.Launch(k, D1((w.N+15)/16), D1(32*warps), 0, w.Codes, w.Scales, w.RowScale, w.N, w.K, a.Q, a.Scales, a.Sums, y, ldy, a.T)
+		return c.Launch(k, D1((w.N+15)/16), D1(128), 0, w.Codes, w.Scales, w.RowScale, w.N, w.K, a.Q, a.Scales, a.Sums, y, ldy, a.T)
 	case GEMVSplit:
 		if a.T != 1 {
 			return fmt.Errorf("cuda: gemv: the split kernel takes one token, not %d", a.T)

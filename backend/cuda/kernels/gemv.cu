@@ -33,10 +33,9 @@ GEMV_KERNEL(gemv_t8, 8, 4, false)
 // GEMV on the tensor cores for T = 1..8 tokens and G = 128:
 // mma.sync.m16n8k32 with the weights as A (16 rows x 32 k, unsigned: the
 // +128 offset codes of e2m1x4_biased) and the activations as B (32 k x 8
-// tokens, signed). A block of W warps (1..8, blockDim.x = 32W) owns 16
-// rows; warp w takes groups w, w+W, ... two at a time (the host picks W so
-// that each warp has about two groups: all its loads in flight at once), and
-// the warps' partial sums meet in shared memory at the end.
+// tokens, signed). A block of 4 warps owns 16 rows; warp w takes groups w,
+// w+4, ... (so that each warp has few groups in sequence and many bytes in
+// flight), and the warps' partial sums meet in shared memory at the end.
 // Lane l holds rows l/4 and l/4 + 8 of the block. Per group, thread
 // (g = l/4, i = l%4) loads 16 bytes of codes of each of its two rows
 // (columns 32i..32i+31 of the group) and the 32 activations of token g at
@@ -73,9 +72,8 @@ DEVICE void gemv_mma_block(const u8* __restrict__ codes, const u8* __restrict__ 
                            const float* __restrict__ row_scale, int N, int K,
                            const i8* __restrict__ xq, const float* __restrict__ xs,
                            const i32* __restrict__ xsum, float* __restrict__ y, int ldy, int T) {
-  __shared__ float part[8][4][32];
+  __shared__ float part[4][4][32];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, i = lane & 3;
-  const int W = blockDim.x >> 5;
   const int row0 = blockIdx.x * 16;
   const int GK = K >> 7;
   const int ra = min(row0 + g, N - 1), rb = min(row0 + g + 8, N - 1);
@@ -94,11 +92,11 @@ DEVICE void gemv_mma_block(const u8* __restrict__ codes, const u8* __restrict__ 
   const i32* xsum1 = xsum + (size_t)u1 * (K / 32);
 
   float acc[4] = {0.f, 0.f, 0.f, 0.f};  // (ra,t0) (ra,t1) (rb,t0) (rb,t1)
-  for (int base = warp; base < GK; base += W * MMA_UNROLL) {
+  for (int base = warp; base < GK; base += 4 * MMA_UNROLL) {
     uint4 wa[MMA_UNROLL], wb[MMA_UNROLL], x0[MMA_UNROLL], x1[MMA_UNROLL];
 #pragma unroll
     for (int u = 0; u < MMA_UNROLL; u++) {
-      const int grp = base + W * u;
+      const int grp = base + 4 * u;
       x0[u] = x1[u] = make_uint4(0, 0, 0, 0);
       if (grp < GK) {
         wa[u] = load_stream16(pa + grp * 64);
@@ -112,7 +110,7 @@ DEVICE void gemv_mma_block(const u8* __restrict__ codes, const u8* __restrict__ 
     }
 #pragma unroll
     for (int u = 0; u < MMA_UNROLL; u++) {
-      const int grp = base + W * u;
+      const int grp = base + 4 * u;
       if (grp < GK) {
         i32 d[4] = {0, 0, 0, 0};
         mma_group(d, wa[u], wb[u], x0[u], x1[u]);
@@ -131,11 +129,7 @@ DEVICE void gemv_mma_block(const u8* __restrict__ codes, const u8* __restrict__ 
   __syncthreads();
   if (warp != 0) return;
 #pragma unroll
-  for (int j = 0; j < 4; j++) {
-    float v = part[0][j][lane];
-    for (int w = 1; w < W; w++) v += part[w][j][lane];
-    acc[j] = v;
-  }
+  for (int j = 0; j < 4; j++) acc[j] = (part[0][j][lane] + part[1][j][lane]) + (part[2][j][lane] + part[3][j][lane]);
   if (row0 + g < N) {
     const float s = row_scale[row0 + g] * 0.5f;
     if (t0 < T) y[(size_t)t0 * ldy + row0 + g] = acc[0] * s;
@@ -148,9 +142,9 @@ DEVICE void gemv_mma_block(const u8* __restrict__ codes, const u8* __restrict__ 
   }
 }
 
-// Grid: ceil(N/16) blocks of 32W threads.
+// Grid: ceil(N/16) blocks of 128 threads.
 #define GEMV_MMA_KERNEL(NAME, U)                                                                  \
-  extern "C" __global__ void __launch_bounds__(256) NAME(                                        \
+  extern "C" __global__ void __launch_bounds__(128) NAME(                                        \
       const u8* __restrict__ codes, const u8* __restrict__ scales,                                \
       const float* __restrict__ row_scale, int N, int K, const i8* __restrict__ xq,               \
       const float* __restrict__ xs, const i32* __restrict__ xsum, float* __restrict__ y, int ldy, \
