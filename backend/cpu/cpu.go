@@ -153,3 +153,7 @@ func checkShape(op string, got, want [2]int) {
 		panic(fmt.Sprintf("cpu backend: %s: shape %v, want %v", op, got, want))
 	}
 }
+
+// KernelName names the int8 MMFP4 dot-product kernel this machine runs:
+// "avx512-vnni" where the CPU and OS support it, else "go".
+func KernelName() string { return simdKernel }
