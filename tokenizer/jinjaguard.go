@@ -20,7 +20,8 @@ import (
 // (jinjaexpr.go) to run every construct that can build a large value, loop
 // or recurse through the functions below, which count and check:
 //
-//   - the output, and the printed size of every value that a literal, an
+//   - the output (all bytes written, those of macros and set blocks
+//     included), and the printed size of every value that a literal, an
 //     operator, set or one of our filters builds, against renderLimits.size;
 //   - loop iterations and macro calls against steps, and the wall time
 //     against timeout (checked at every loop iteration, macro call and

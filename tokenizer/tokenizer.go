@@ -7,6 +7,10 @@
 // normalize the rest, pre-tokenize it into words, BPE each word, and (on
 // request) let the post-processor add BOS/EOS. Decoding maps ids to token
 // strings and runs the decoder chain.
+//
+// The files are input like any other: ids are bounded before the id table
+// is sized, regex matches time out, and chat templates render within
+// bounds on output, loops, recursion and time (jinjaguard.go).
 package tokenizer
 
 import (
