@@ -26,6 +26,7 @@ func TestHostileTemplatesFail(t *testing.T) {
 	const built = "a chat template may build at most"
 	small := defaultRenderLimits
 	small.size = 1 << 20
+	small.held = 4 << 20
 	small.steps = 10_000
 	cases := []struct {
 		name, src, want string
@@ -49,6 +50,15 @@ func TestHostileTemplatesFail(t *testing.T) {
 		{"join growth", `{{ (["x" * 100000] * 10) | join("y" * 100000) }}`, built, true},
 		{"indent width", `{{ "a\nb" | indent(10 ** 12) }}`, "an indent of", false},
 		{"tojson indent", `{{ [[[[1]]]] | tojson(indent=100000000) }}`, "tojson: output longer than", false},
+		{"many variables", `{% set a = "x" * 1000000 %}{% set b = a ~ "y" %}{% set c = b ~ "z" %}{% set d = c ~ "" %}{% set e = d ~ "" %}`, "variables hold more than 4194304 bytes", true},
+		{"values kept by recursion", `{% macro f(n) %}{% set s = "x" * 1000000 %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}`, "variables hold more than 4194304 bytes", true},
+		{"loop over characters", `{% for c in "x" * 2000000 %}{% endfor %}`, "2000000 items or more", false},
+		{"list of characters", `{{ ("x" * 2000000) | list | length }}`, "2000000 items or more", false},
+		{"join of characters", `{{ ("x" * 2000000) | join(",") }}`, "2000000 items or more", false},
+		{"split into many", `{{ ("a," * 2000000).split(",") | length }}`, "2000001 items or more", false},
+		{"split on whitespace", `{{ ("a " * 2000000).split() | length }}`, "items or more", false},
+		{"long list", `{{ [1] * 2000000 }}`, "lists of at most 1000000 items", false},
+		{"long list by +", `{% set l = [1] * 1000000 %}{{ (l + l) | length }}`, "2000000 items or more", false},
 		{"deep value", `{% set ns = namespace(l=[]) %}{% for i in range(2000) %}{% set ns.l = [ns.l] %}{% endfor %}`, "nested more than 1000 deep", false},
 		{"list holding itself", `{% set l = [] %}{% set _ = l.append(l) %}{{ l }}`, "access to attribute 'append' of 'list' object is unsafe", false},
 		{"namespace holding itself", `{% set ns = namespace() %}{% set ns.me = ns %}{{ ns }}`, "a namespace cannot hold itself", false},
@@ -115,6 +125,15 @@ func TestRenderLimits(t *testing.T) {
 	}
 	if out, err := renderLimitedSrc(`{% for i in range(10) %}0123456789{% endfor %}`, lim); err != nil || len(out) != 100 {
 		t.Errorf("100 bytes under a limit of 100: %d %v", len(out), err)
+	}
+	lim = defaultRenderLimits
+	lim.held = 3 << 20
+	reassign := `{% set ns = namespace(s="") %}{% for i in range(100) %}{% set s = "x" * 1000000 %}{% set ns.s = s %}{% endfor %}`
+	if _, err := renderLimitedSrc(reassign, lim); err != nil {
+		t.Errorf("a variable set again replaces its last value: %v", err)
+	}
+	if _, err := renderLimitedSrc(reassign+`{% set t = "y" * 1000000 %}{% set u = t ~ "" %}`, lim); err == nil || !strings.Contains(err.Error(), "hold more than 3145728 bytes") {
+		t.Errorf("held: %v", err)
 	}
 	lim = defaultRenderLimits
 	lim.depth = 5

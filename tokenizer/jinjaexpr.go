@@ -13,8 +13,8 @@ import (
 // can build large values or that the engine gets wrong routed through our
 // functions (jinjaguard.go): +, ~, *, ** and slices, list and dict
 // literals, range and namespace, the values of set, the string methods
-// split, replace and format, and the join, replace, indent and tojson
-// filters. The methods that modify lists and dicts fail, as in HF's
+// split, replace and format, the join, replace, indent, tojson and list
+// filters, and the iterables of for loops. The methods that modify lists and dicts fail, as in HF's
 // immutable sandbox. The functions are named with a prefix that templates
 // may not use.
 
@@ -540,7 +540,7 @@ var (
 		"append": true, "extend": true, "insert": true, "pop": true, "remove": true, "clear": true,
 		"sort": true, "reverse": true, "update": true, "setdefault": true, "popitem": true,
 	}
-	routedFilters = map[string]string{"tojson": "tojson", "join": "join", "replace": "replace", "indent": "indent"}
+	routedFilters = map[string]string{"tojson": "tojson", "join": "join", "replace": "replace", "indent": "indent", "list": "tolist"}
 )
 
 // postfix reads .attr, [index], [slice] and (call) after e.

@@ -23,17 +23,29 @@ import (
 //   - the output (all bytes written, those of macros and set blocks
 //     included), and the printed size of every value that a literal, an
 //     operator, set or one of our filters builds, against renderLimits.size;
+//   - the bytes that variables hold, against held: each set target (a name
+//     at a macro depth, or a namespace attribute) counts with the size of
+//     its last value, so that many variables, or a recursive macro that
+//     keeps a large value at each level, cannot pile up memory;
 //   - loop iterations and macro calls against steps, and the wall time
 //     against timeout (checked at every loop iteration, macro call and
 //     output);
 //   - macro calls in progress against depth, and the nesting of values
 //     against valueDepth (the engine recurses on both);
+//   - the items of every list we build (a string's characters included)
+//     against items, so that no list costs much more memory than its
+//     printed size; loops are given at most items values to go over;
 //   - range() against rangeItems, HF's sandbox limit.
 //
 // The engine's own filters (sort, unique, map, ...) build values at most a
-// small factor larger than their input, which is bounded in turn.
+// small factor larger than their input, which is bounded in turn. What
+// stays unbounded: the sum of values held at once by loop iterables,
+// macro arguments and literals (each is bounded), and the time of one
+// engine filter on a large value (bounded by its size, not the clock).
 type renderLimits struct {
 	size       int
+	held       int
+	items      int
 	steps      int
 	depth      int
 	valueDepth int
@@ -43,6 +55,8 @@ type renderLimits struct {
 
 var defaultRenderLimits = renderLimits{
 	size:       64 << 20,
+	held:       256 << 20,
+	items:      1_000_000,
 	steps:      1_000_000,
 	depth:      100,
 	valueDepth: 1000,
@@ -57,10 +71,22 @@ type renderGuard struct {
 	written  int
 	steps    int
 	depth    int
+
+	held      map[heldKey]int // size of the last value of each set target
+	heldTotal int
+}
+
+// heldKey names a set target: a variable at a macro depth (calls at the
+// same depth follow each other, so a new one replaces the last), or a
+// namespace's attribute.
+type heldKey struct {
+	depth int
+	ns    *jinja.Dict
+	name  string
 }
 
 func newRenderGuard(lim renderLimits) *renderGuard {
-	return &renderGuard{lim: lim, deadline: time.Now().Add(lim.timeout)}
+	return &renderGuard{lim: lim, deadline: time.Now().Add(lim.timeout), held: map[heldKey]int{}}
 }
 
 type jinjaFunc = func(args []jinja.Value, kwargs map[string]jinja.Value) (jinja.Value, error)
@@ -73,6 +99,7 @@ func (g *renderGuard) functions() map[string]jinja.Value {
 		"list": g.list, "dict": g.dict, "add": g.add, "concat": g.concat, "mul": g.mul, "pow": g.pow,
 		"slice": g.slice, "split": g.split, "replace": g.replace, "format": g.format,
 		"join": g.join, "indent": g.indent, "tojson": g.tojson, "unsafe": unsafeMethod,
+		"iter": g.iter, "tolist": g.tolist,
 	}
 	vars := make(map[string]jinja.Value, len(fns)+3)
 	for name, fn := range fns {
@@ -208,18 +235,33 @@ func (g *renderGuard) tooLarge(what string, n int) error {
 	return fmt.Errorf("%s of %d bytes or more: a chat template may build at most %d", what, n, g.lim.size)
 }
 
-// val checks the value of a set statement; for "set ns.attr = v" it also
-// keeps ns out of v, so that no value contains itself.
+// val checks the value of a set statement: val(v, name) for "set name =
+// v", val(v, attr, ns) for "set ns.attr = v", which also keeps ns out of v
+// so that no value contains itself.
 func (g *renderGuard) val(args []jinja.Value, _ map[string]jinja.Value) (jinja.Value, error) {
-	if len(args) < 1 || len(args) > 2 {
+	if len(args) < 2 || len(args) > 3 || !args[1].IsString() {
 		return jinja.Undefined(), errArgs
 	}
 	v := args[0]
-	if err := g.fits(v); err != nil {
+	n, err := g.size(v)
+	if err != nil {
 		return jinja.Undefined(), err
 	}
-	if len(args) == 2 && args[1].IsDict() && contains(v, args[1].AsDict()) {
-		return jinja.Undefined(), errors.New("set: a namespace cannot hold itself")
+	if n > g.lim.size {
+		return jinja.Undefined(), g.tooLarge("a value", n)
+	}
+	key := heldKey{depth: g.depth, name: args[1].AsString()}
+	if len(args) == 3 && args[2].IsDict() {
+		ns := args[2].AsDict()
+		if contains(v, ns) {
+			return jinja.Undefined(), errors.New("set: a namespace cannot hold itself")
+		}
+		key = heldKey{ns: ns, name: key.name}
+	}
+	g.heldTotal += n - g.held[key]
+	g.held[key] = n
+	if g.heldTotal > g.lim.held {
+		return jinja.Undefined(), fmt.Errorf("the template's variables hold more than %d bytes", g.lim.held)
 	}
 	return v, nil
 }
@@ -367,6 +409,9 @@ func (g *renderGuard) add(args []jinja.Value, _ map[string]jinja.Value) (jinja.V
 		}
 		return jinja.NewString(a.AsString() + b.AsString()), nil
 	case a.IsList() && b.IsList():
+		if n := a.AsList().Len() + b.AsList().Len(); n > g.lim.items {
+			return jinja.Undefined(), g.tooManyItems(n)
+		}
 		return g.list(append(append([]jinja.Value(nil), a.AsList().Items...), b.AsList().Items...), nil)
 	}
 	return jinja.Undefined(), operandError("+", a, b)
@@ -427,6 +472,9 @@ func (g *renderGuard) mul(args []jinja.Value, _ map[string]jinja.Value) (jinja.V
 	items := seq.AsList().Items
 	if times <= 0 || len(items) == 0 {
 		return jinja.NewList(nil), nil
+	}
+	if times > int64(g.lim.items/len(items)) {
+		return jinja.Undefined(), fmt.Errorf("a list of %d items repeated %d times: a chat template may build lists of at most %d items", len(items), times, g.lim.items)
 	}
 	size, err := g.size(seq)
 	if err != nil {
@@ -644,15 +692,22 @@ func (g *renderGuard) split(args []jinja.Value, kwargs map[string]jinja.Value) (
 	sep, ok := positional(args, kwargs, 0, "sep")
 	switch {
 	case !ok || sep.IsNone():
-		parts = splitWhitespace(s, maxsplit)
+		if parts = splitWhitespace(s, maxsplit, g.lim.items); len(parts) > g.lim.items {
+			return jinja.Undefined(), g.tooManyItems(len(parts))
+		}
 	case !sep.IsString():
 		return jinja.Undefined(), fmt.Errorf("split: must be str or None, not '%s'", pyType(sep))
 	case sep.AsString() == "":
 		return jinja.Undefined(), errors.New("split: empty separator")
-	case maxsplit < 0:
-		parts = strings.Split(s, sep.AsString())
 	default:
-		parts = strings.SplitN(s, sep.AsString(), int(min(maxsplit, int64(len(s)))+1))
+		n := int64(strings.Count(s, sep.AsString())) + 1
+		if maxsplit >= 0 {
+			n = min(n, maxsplit+1)
+		}
+		if n > int64(g.lim.items) {
+			return jinja.Undefined(), g.tooManyItems(int(min(n, math.MaxInt32)))
+		}
+		parts = strings.SplitN(s, sep.AsString(), int(n))
 	}
 	items := make([]jinja.Value, len(parts))
 	for i, p := range parts {
@@ -663,10 +718,11 @@ func (g *renderGuard) split(args []jinja.Value, kwargs map[string]jinja.Value) (
 
 // splitWhitespace is str.split() without a separator: runs of whitespace
 // separate, and the rest after maxsplit splits keeps its trailing space.
-func splitWhitespace(s string, maxsplit int64) []string {
+// It stops after more than limit parts.
+func splitWhitespace(s string, maxsplit int64, limit int) []string {
 	var out []string
 	i := 0
-	for {
+	for len(out) <= limit {
 		for i < len(s) {
 			r, n := utf8.DecodeRuneInString(s[i:])
 			if !pySpace(r) {
@@ -691,6 +747,7 @@ func splitWhitespace(s string, maxsplit int64) []string {
 		out = append(out, s[i:j])
 		i = j
 	}
+	return out
 }
 
 // replace is str.replace(old, new, count=-1) and the replace filter.
@@ -805,7 +862,7 @@ func (g *renderGuard) join(args []jinja.Value, kwargs map[string]jinja.Value) (j
 			return jinja.Undefined(), err
 		}
 	}
-	items, err := iterate(args[0])
+	items, err := g.iterate(args[0])
 	if err != nil {
 		return jinja.Undefined(), err
 	}
@@ -832,25 +889,74 @@ func (g *renderGuard) join(args []jinja.Value, kwargs map[string]jinja.Value) (j
 	return jinja.NewString(b.String()), nil
 }
 
-// iterate lists what "for x in v" goes over.
-func iterate(v jinja.Value) ([]jinja.Value, error) {
+// iterate lists what "for x in v" and list(v) go over: a list's items, a
+// dict's keys, a string's characters, nothing for undefined; at most
+// lim.items of them.
+func (g *renderGuard) iterate(v jinja.Value) ([]jinja.Value, error) {
+	var n int
+	switch {
+	case v.IsUndefined():
+		return nil, nil
+	case v.IsList():
+		n = v.AsList().Len()
+	case v.IsDict():
+		n = v.AsDict().Len()
+	case v.IsString():
+		n = utf8.RuneCountInString(v.AsString())
+	default:
+		return nil, fmt.Errorf("'%s' object is not iterable", pyType(v))
+	}
+	if n > g.lim.items {
+		return nil, g.tooManyItems(n)
+	}
 	switch {
 	case v.IsList():
 		return v.AsList().Items, nil
 	case v.IsDict():
-		var out []jinja.Value
+		out := make([]jinja.Value, 0, n)
 		for _, k := range v.AsDict().Keys {
 			out = append(out, jinja.NewString(k))
 		}
 		return out, nil
-	case v.IsString():
-		var out []jinja.Value
-		for _, r := range v.AsString() {
-			out = append(out, jinja.NewString(string(r)))
-		}
-		return out, nil
 	}
-	return nil, fmt.Errorf("'%s' object is not iterable", pyType(v))
+	out := make([]jinja.Value, 0, n)
+	for _, r := range v.AsString() {
+		out = append(out, jinja.NewString(string(r)))
+	}
+	return out, nil
+}
+
+func (g *renderGuard) tooManyItems(n int) error {
+	return fmt.Errorf("%d items or more: a chat template may build lists of at most %d items", n, g.lim.items)
+}
+
+// iter is the iterable of a for loop: checked, and a string turned into
+// its characters here rather than by the engine.
+func (g *renderGuard) iter(args []jinja.Value, _ map[string]jinja.Value) (jinja.Value, error) {
+	if len(args) != 1 {
+		return jinja.Undefined(), errArgs
+	}
+	v := args[0]
+	if !v.IsList() && !v.IsDict() && !v.IsString() {
+		return v, nil // the engine runs no iteration
+	}
+	items, err := g.iterate(v)
+	if err != nil || !v.IsString() {
+		return v, err
+	}
+	return jinja.NewList(items), nil
+}
+
+// tolist is the list filter.
+func (g *renderGuard) tolist(args []jinja.Value, _ map[string]jinja.Value) (jinja.Value, error) {
+	if len(args) != 1 {
+		return jinja.Undefined(), errArgs
+	}
+	items, err := g.iterate(args[0])
+	if err != nil {
+		return jinja.Undefined(), err
+	}
+	return jinja.NewList(append([]jinja.Value(nil), items...)), nil
 }
 
 // getItem is v[key] for a dict (undefined when missing).

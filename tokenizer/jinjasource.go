@@ -543,7 +543,7 @@ func translateFor(p *exprParser, open func() error) (translatedStmt, error) {
 	if err != nil {
 		return st, err
 	}
-	st.tag = " for " + strings.Join(targets, ", ") + " in " + iter
+	st.tag = " for " + strings.Join(targets, ", ") + " in " + call("iter", iter)
 	if p.isName("if") {
 		p.next()
 		cond, err := p.expr(true)
@@ -565,7 +565,8 @@ func translateFor(p *exprParser, open func() error) (translatedStmt, error) {
 }
 
 // translateSet: set NAME = VALUE, set NS.ATTR = VALUE, or a set block;
-// values are checked (size, and a namespace may not hold itself).
+// values are checked (size, the bytes variables hold, and a namespace may
+// not hold itself).
 func translateSet(p *exprParser, open func() error) (translatedStmt, error) {
 	var st translatedStmt
 	name, err := p.expectName()
@@ -575,11 +576,11 @@ func translateSet(p *exprParser, open func() error) (translatedStmt, error) {
 	if strings.HasPrefix(name, reservedPrefix) {
 		return st, fmt.Errorf("the name %q is reserved", name)
 	}
-	target, ns := name, ""
+	target, ns, attr := name, "", ""
 	if p.isOp(".") {
 		p.next()
-		attr, err := p.expectName()
-		if err != nil {
+		var err error
+		if attr, err = p.expectName(); err != nil {
 			return st, err
 		}
 		target, ns = name+"."+attr, name
@@ -596,9 +597,9 @@ func translateSet(p *exprParser, open func() error) (translatedStmt, error) {
 		return st, err
 	}
 	if ns != "" {
-		v = call("val", v, ns)
+		v = call("val", v, quoteLiteral(attr, true), ns)
 	} else {
-		v = call("val", v)
+		v = call("val", v, quoteLiteral(name, true))
 	}
 	st.tag = " set " + target + " = " + v + " "
 	return st, p.end()
@@ -641,7 +642,7 @@ func translateMacro(p *exprParser, open func() error) (translatedStmt, error) {
 			if err != nil {
 				return st, err
 			}
-			fmt.Fprintf(&defaults, "{%% if %s is not defined %%}{%% set %s = %s %%}{%% endif %%}", param, param, call("val", def))
+			fmt.Fprintf(&defaults, "{%% if %s is not defined %%}{%% set %s = %s %%}{%% endif %%}", param, param, call("val", def, quoteLiteral(param, true)))
 		}
 	}
 	p.next()

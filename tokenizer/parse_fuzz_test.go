@@ -176,7 +176,7 @@ func shortRegexTimeout() func() {
 
 // fuzzLimits are the template limits while fuzzing: smaller than the
 // defaults, so that an input that runs up to a limit stays quick.
-var fuzzLimits = renderLimits{size: 1 << 20, steps: 20_000, depth: 100, valueDepth: 1000, rangeItems: 100_000, timeout: 5 * time.Second}
+var fuzzLimits = renderLimits{size: 1 << 20, held: 4 << 20, steps: 20_000, depth: 100, valueDepth: 1000, rangeItems: 100_000, timeout: 5 * time.Second}
 
 // checkRender renders a compiled template with a few messages within
 // fuzzLimits: an error is fine, but not a panic of the engine, and the

@@ -286,6 +286,8 @@ def jinja_more_cases():
         ("{{ range(100001) | length }}", {}),
         ("{% for i in range(10 ** 12) %}{{ i }}{% endfor %}", {}),
         ("{{ range(100000) | length }}|{{ [1, 2, 3][1] }}", {}),
+        ("{{ 'abc' | list }}|{{ {'a': 1, 'b': 2} | list }}|{% for c in 'hé' %}[{{ c }}]{% endfor %}|{{ 'x y' | list | length }}|{{ [1, 2] | list }}", {}),
+        ("{{ 5 | list }}", {}),
     ]
 
 
