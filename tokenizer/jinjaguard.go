@@ -103,7 +103,13 @@ func (g *renderGuard) functions() map[string]jinja.Value {
 	}
 	vars := make(map[string]jinja.Value, len(fns)+3)
 	for name, fn := range fns {
-		vars[reservedPrefix+name] = jinja.NewCallable(name, fn)
+		vars[reservedPrefix+name] = jinja.NewCallable(name, func(args []jinja.Value, kwargs map[string]jinja.Value) (jinja.Value, error) {
+			v, err := fn(args, kwargs)
+			if err == errArgs {
+				err = fmt.Errorf("%s: %w", name, err)
+			}
+			return v, err
+		})
 	}
 	vars["range"] = jinja.NewCallable("range", g.rangeFunc)
 	vars["namespace"] = jinja.NewCallable("namespace", g.namespace)
