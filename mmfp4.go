@@ -13,6 +13,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
 	"github.com/mmfp4/mmfp4/backend/cpu"
@@ -40,10 +41,13 @@ type Options struct {
 type Model struct {
 	net        *glm4moelite.Model
 	maxContext int
-	eos        []int
-	// Tokenizer is the model's tokenizer, or nil when the directory has no
-	// tokenizer.json (token ids still work).
-	Tokenizer *tokenizer.Tokenizer
+	eos        []int // from generation_config.json or config.json; nil: ask the tokenizer
+	dir        string
+
+	tokOnce sync.Once
+	tok     *tokenizer.Tokenizer
+	tokErr  error
+
 	// LoadTime is how long Load took.
 	LoadTime time.Duration
 }
@@ -71,19 +75,24 @@ func Load(dir string, opts Options) (*Model, error) {
 	if err != nil {
 		return nil, err
 	}
-	var tok *tokenizer.Tokenizer
-	if _, err := os.Stat(filepath.Join(dir, "tokenizer.json")); err == nil {
-		if tok, err = tokenizer.Load(dir); err != nil {
-			return nil, err
-		}
-		if eos == nil {
-			eos = tok.EOSIDs()
-		}
-	}
 	if eos == nil {
 		eos = net.Config.EOSTokenIDs
 	}
-	return &Model{net: net, maxContext: ctxLen, eos: eos, Tokenizer: tok, LoadTime: time.Since(start)}, nil
+	return &Model{net: net, maxContext: ctxLen, eos: eos, dir: dir, LoadTime: time.Since(start)}, nil
+}
+
+// Tokenizer loads the model's tokenizer on first use and keeps it. Token
+// ids need no tokenizer, so a missing or broken tokenizer.json fails only
+// text input (ErrNoTokenizer when the directory has none).
+func (m *Model) Tokenizer() (*tokenizer.Tokenizer, error) {
+	m.tokOnce.Do(func() {
+		if _, err := os.Stat(filepath.Join(m.dir, "tokenizer.json")); errors.Is(err, os.ErrNotExist) {
+			m.tokErr = ErrNoTokenizer
+			return
+		}
+		m.tok, m.tokErr = tokenizer.Load(m.dir)
+	})
+	return m.tok, m.tokErr
 }
 
 // ErrNoTokenizer is returned for text input when the model directory has no
@@ -93,25 +102,27 @@ var ErrNoTokenizer = errors.New("the model directory has no tokenizer.json: give
 // EncodeText turns a plain text prompt into ids the way HF's tokenizer(text)
 // does, special tokens of the post-processor included.
 func (m *Model) EncodeText(text string) ([]int, error) {
-	if m.Tokenizer == nil {
-		return nil, ErrNoTokenizer
+	tok, err := m.Tokenizer()
+	if err != nil {
+		return nil, err
 	}
-	return m.Tokenizer.Encode(text, true)
+	return tok.Encode(text, true)
 }
 
 // EncodeChat renders messages with the model's chat template (with the
 // generation prompt) and encodes the result; the template writes the special
 // tokens itself.
 func (m *Model) EncodeChat(messages []tokenizer.Message, opt tokenizer.ChatOptions) ([]int, error) {
-	if m.Tokenizer == nil {
-		return nil, ErrNoTokenizer
-	}
-	opt.AddGenerationPrompt = true
-	text, err := m.Tokenizer.ApplyChatTemplate(messages, opt)
+	tok, err := m.Tokenizer()
 	if err != nil {
 		return nil, err
 	}
-	return m.Tokenizer.Encode(text, false)
+	opt.AddGenerationPrompt = true
+	text, err := tok.ApplyChatTemplate(messages, opt)
+	if err != nil {
+		return nil, err
+	}
+	return tok.Encode(text, false)
 }
 
 // generationEOS reads eos_token_id from generation_config.json, if present.
@@ -143,8 +154,29 @@ func generationEOS(dir string) ([]int, error) {
 // Config is the model's parsed configuration.
 func (m *Model) Config() *glm4moelite.Config { return m.net.Config }
 
-// EOS are the token ids that end generation by default.
-func (m *Model) EOS() []int { return m.eos }
+// EOS are the token ids that end generation by default: eos_token_id of
+// generation_config.json, else of config.json, else the tokenizer's
+// eos_token (nil if the tokenizer cannot be loaded).
+func (m *Model) EOS() []int {
+	eos, _ := m.defaultStops()
+	return eos
+}
+
+// defaultStops is EOS with the tokenizer's load error, if the tokenizer
+// was needed; a directory without tokenizer.json just has no stop ids.
+func (m *Model) defaultStops() ([]int, error) {
+	if m.eos != nil {
+		return m.eos, nil
+	}
+	tok, err := m.Tokenizer()
+	switch {
+	case errors.Is(err, ErrNoTokenizer):
+		return nil, nil
+	case err != nil:
+		return nil, fmt.Errorf("no eos_token_id in generation_config.json or config.json, and the tokenizer for eos_token failed: %w", err)
+	}
+	return tok.EOSIDs(), nil
+}
 
 // MaxContext is the most tokens one sequence may hold.
 func (m *Model) MaxContext() int { return m.maxContext }
@@ -210,7 +242,9 @@ func (m *Model) Generate(ctx context.Context, prompt []int, opts GenerateOptions
 	}
 	stop := opts.StopIDs
 	if stop == nil {
-		stop = m.eos
+		if stop, err = m.defaultStops(); err != nil {
+			return nil, err
+		}
 	}
 	isStop := make(map[int]bool, len(stop))
 	for _, id := range stop {

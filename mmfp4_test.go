@@ -4,10 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/mmfp4/mmfp4/sample"
+	"github.com/mmfp4/mmfp4/tokenizer"
 )
 
 const fixture = "testdata/glm4moelite-tiny"
@@ -107,6 +111,58 @@ func TestLoadRejectsBadContext(t *testing.T) {
 	for _, n := range []int{-1, 513} { // the fixture's max_position_embeddings is 512
 		if _, err := Load(fixture, Options{MaxContext: n}); err == nil {
 			t.Errorf("MaxContext %d accepted", n)
+		}
+	}
+}
+
+// TestBrokenTokenizerOnlyFailsText: a hostile tokenizer.json does not stop
+// Load, id prompts or logits; text input gets the error naming the file.
+func TestBrokenTokenizerOnlyFailsText(t *testing.T) {
+	dir := t.TempDir()
+	for _, f := range []string{"config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json"} {
+		abs, err := filepath.Abs(filepath.Join(fixture, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink(abs, filepath.Join(dir, f)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bad := `{"model":{"type":"BPE","vocab":{"a":0,"b":9223372036854775807},"merges":[]}}`
+	if err := os.WriteFile(filepath.Join(dir, "tokenizer.json"), []byte(bad), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	m, err := Load(dir, Options{})
+	if err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	good, err := Load(fixture, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := m.Generate(context.Background(), prompt, GenerateOptions{MaxTokens: 3})
+	if err != nil {
+		t.Fatalf("Generate with ids: %v", err)
+	}
+	want, err := good.Generate(context.Background(), prompt, GenerateOptions{MaxTokens: 3})
+	if err != nil || !slices.Equal(res.Tokens, want.Tokens) {
+		t.Errorf("Generate = %v, want %v (%v)", res.Tokens, want.Tokens, err)
+	}
+	if !slices.Equal(m.EOS(), good.EOS()) {
+		t.Errorf("EOS = %v, want %v from generation_config.json", m.EOS(), good.EOS())
+	}
+	if _, err := m.Logits(prompt[:2]); err != nil {
+		t.Errorf("Logits: %v", err)
+	}
+	for name, encode := range map[string]func() error{
+		"EncodeText": func() error { _, err := m.EncodeText("hi"); return err },
+		"EncodeChat": func() error {
+			_, err := m.EncodeChat([]tokenizer.Message{{Role: "user", Content: "hi"}}, tokenizer.ChatOptions{})
+			return err
+		},
+	} {
+		if err := encode(); err == nil || !strings.Contains(err.Error(), "tokenizer.json") || !strings.Contains(err.Error(), "vocab") {
+			t.Errorf("%s: error %v, want one naming tokenizer.json and the vocab", name, err)
 		}
 	}
 }

@@ -116,15 +116,20 @@ func init() {
 			out := cmd.OutOrStdout()
 			// Text prompts stream text; id prompts stream ids.
 			var stream *tokenizer.StreamDecoder
+			vocab := 0
 			if !f.Changed("ids") {
-				stream = m.Tokenizer.NewStreamDecoder()
+				tok, err := m.Tokenizer() // already loaded for the prompt
+				if err != nil {
+					return err
+				}
+				stream, vocab = tok.NewStreamDecoder(), tok.VocabSize()
 			}
 			res, err := m.Generate(ctx, prompt, mmfp4.GenerateOptions{
 				MaxTokens: maxTokens,
 				Sampling:  so,
 				OnToken: func(id int) error {
 					piece := fmt.Sprintf("%d ", id)
-					if stream != nil && id >= m.Tokenizer.VocabSize() {
+					if stream != nil && id >= vocab {
 						// Padding rows of the embedding have no text.
 						piece = ""
 					} else if stream != nil {
