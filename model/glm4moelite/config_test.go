@@ -118,7 +118,10 @@ func TestRejectBadConfigs(t *testing.T) {
 }
 
 func FuzzParseConfig(f *testing.F) {
-	data, _ := os.ReadFile(fixtureDir + "/config.json")
+	data, err := os.ReadFile(fixtureDir + "/config.json")
+	if err != nil {
+		f.Fatal(err)
+	}
 	f.Add(data)
 	f.Add([]byte(`{"model_type":"glm4_moe_lite"}`))
 	f.Fuzz(func(t *testing.T, data []byte) {
