@@ -211,3 +211,31 @@ func mustWindows(t *testing.T, n, ctx, stride int) []Window {
 	}
 	return ws
 }
+
+// EvaluateAll gives each model the result Evaluate gives it alone, and runs
+// the reference once per window.
+func TestEvaluateAll(t *testing.T) {
+	ids := corpus(70)
+	refCalls := 0
+	ref := func(ids []int) ([]float32, error) {
+		refCalls++
+		return oracle(1)(ids)
+	}
+	opt := Options{Ctx: 16, Stride: 8, Vocab: vocab, Ref: ref}
+	all, err := EvaluateAll(ids, []LogitsFunc{uniform, oracle(3)}, opt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if refCalls != all[0].Windows || refCalls != 8 {
+		t.Errorf("reference ran %d times for %d windows", refCalls, all[0].Windows)
+	}
+	for i, m := range []LogitsFunc{uniform, oracle(3)} {
+		one, err := Evaluate(ids, m, opt)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if *one != *all[i] {
+			t.Errorf("model %d: EvaluateAll %+v, Evaluate %+v", i, all[i], one)
+		}
+	}
+}
