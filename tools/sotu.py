@@ -19,8 +19,9 @@ Run as a script, it writes the held-out files that the Go side evaluates:
 OUT_DIR (default testdata/sotu-eval, git-ignored) receives
 - heldout.txt: the held-out addresses, joined by a blank line;
 - heldout-eval.txt: the first EVAL_CHARS characters of each held-out
-  address (cut after a sentence), joined the same way: the text of the
-  quality table, small enough for CPU runs;
+  address (cut after a sentence), joined the same way;
+- heldout-table.txt: the same with TABLE_CHARS characters, the text of
+  docs/quality.md (small enough for many CPU runs);
 and the test slice (SLICE_CHARS characters of the first held-out address,
 cut after a sentence) is written to testdata/sotu-ref/heldout-slice.txt
 when OUT_DIR is the default.
@@ -35,6 +36,7 @@ DEFAULT_OUT = os.path.join(ROOT, "testdata", "sotu-eval")
 SLICE_PATH = os.path.join(ROOT, "testdata", "sotu-ref", "heldout-slice.txt")
 
 EVAL_CHARS = 16000
+TABLE_CHARS = 2500
 SLICE_CHARS = 3000
 JOIN = "\n\n"
 
@@ -85,6 +87,10 @@ def heldout_eval_text(parts):
     return JOIN.join(cut(t, EVAL_CHARS) for _, t in parts["test"])
 
 
+def heldout_table_text(parts):
+    return JOIN.join(cut(t, TABLE_CHARS) for _, t in parts["test"])
+
+
 def slice_text(parts):
     return cut(parts["test"][0][1], SLICE_CHARS) + "\n"
 
@@ -94,7 +100,8 @@ def main():
     out = sys.argv[2] if len(sys.argv) > 2 else DEFAULT_OUT
     parts = split(corpus)
     os.makedirs(out, exist_ok=True)
-    files = {"heldout.txt": heldout_text(parts), "heldout-eval.txt": heldout_eval_text(parts)}
+    files = {"heldout.txt": heldout_text(parts), "heldout-eval.txt": heldout_eval_text(parts),
+             "heldout-table.txt": heldout_table_text(parts)}
     if out == DEFAULT_OUT:
         os.makedirs(os.path.dirname(SLICE_PATH), exist_ok=True)
         files[SLICE_PATH] = slice_text(parts)
