@@ -1,15 +1,17 @@
 // Command quality measures what quantization costs the built-in model: the
 // rows of docs/quality.md.
 //
-//	go run ./tools/quality -bf16 testdata/sotu-bf16 -file testdata/sotu-eval/heldout-eval.txt -work /tmp/quality
+//	python3 tools/sotu.py   # writes testdata/sotu-eval/heldout-table.txt
+//	go run ./tools/quality -work /tmp/quality
 //
-// It writes the quantized variants of the bf16 checkpoint into -work (MMFP4
-// at group sizes 32/64/128, plain RTN and scale search, with `mmfp4
-// quantize`'s converter; and an FP8 E4M3 per-channel simulation, see
-// writeFP8), then scores all of them on the same sliding windows as `mmfp4
-// ppl` (package perplexity), against the bf16 model as the reference, which
-// runs once per window for all rows. It prints a Markdown table and one
-// JSON line per row.
+// It writes the quantized variants of the bf16 checkpoint into -work: MMFP4
+// at group sizes 32/64/128, plain RTN and scale search (with `mmfp4
+// quantize`'s converter), G=128 with lm_head (and the embedding) in FP8,
+// and an FP8 E4M3 per-channel simulation of the whole model (fp8BF16). It
+// then scores all of them on the same sliding windows as `mmfp4 ppl`
+// (package perplexity) against the bf16 model as the reference, which runs
+// once per window for all rows, and prints a Markdown table and one JSON
+// line per row.
 package main
 
 import (
@@ -40,7 +42,7 @@ type variant struct {
 
 func main() {
 	bf16 := flag.String("bf16", "testdata/sotu-bf16", "bf16 checkpoint (the reference)")
-	file := flag.String("file", "testdata/sotu-eval/heldout-eval.txt", "text to score")
+	file := flag.String("file", "testdata/sotu-eval/heldout-table.txt", "text to score")
 	work := flag.String("work", "", "directory for the quantized variants (required)")
 	ctx := flag.Int("ctx", 512, "window")
 	stride := flag.Int("stride", 512, "stride")
