@@ -24,12 +24,11 @@ type modelFlags struct {
 }
 
 func (f *modelFlags) register(c *cobra.Command) {
-	c.Flags().StringVarP(&f.dir, "model", "m", "", "model directory: Hugging Face checkpoint or MMFP4 (required)")
+	c.Flags().StringVarP(&f.dir, "model", "m", "", "model directory: Hugging Face checkpoint or MMFP4 (default: the built-in demo model)")
 	c.Flags().IntVar(&f.threads, "threads", 0, "CPU threads (0: all cores)")
 	c.Flags().IntVar(&f.ctx, "ctx", 0, "context: the most tokens of one sequence, prompt plus generated (0: max_position_embeddings, at most 4096)")
 	c.Flags().BoolVar(&f.floatAct, "float-activations", false, "run MMFP4 products on float32 activations instead of int8")
 	c.Flags().BoolVar(&f.debugNaN, "debug-nan", false, "check every tensor and name the first layer and tensor that produce NaN/Inf")
-	_ = c.MarkFlagRequired("model")
 }
 
 func (f *modelFlags) load() (*mmfp4.Model, error) {
@@ -39,7 +38,11 @@ func (f *modelFlags) load() (*mmfp4.Model, error) {
 	if f.ctx < 0 {
 		return nil, fmt.Errorf("--ctx %d: want 0 (the model's maximum, at most 4096) or a positive count", f.ctx)
 	}
-	return mmfp4.Load(f.dir, mmfp4.Options{Threads: f.threads, MaxContext: f.ctx, FloatActivations: f.floatAct, DebugNaN: f.debugNaN})
+	dir, err := modelDir(f.dir)
+	if err != nil {
+		return nil, err
+	}
+	return mmfp4.Load(dir, mmfp4.Options{Threads: f.threads, MaxContext: f.ctx, FloatActivations: f.floatAct, DebugNaN: f.debugNaN})
 }
 
 // parseIDs reads "1,2,3" (spaces allowed).
@@ -76,7 +79,7 @@ func init() {
 		so        sample.Options
 	)
 	cmd := &cobra.Command{
-		Use:   "generate -m DIR (-p TEXT | --chat MESSAGES.json | --ids 1,2,3)",
+		Use:   "generate [-m DIR] (-p TEXT | --chat MESSAGES.json | --ids 1,2,3)",
 		Short: "Generate tokens from a prompt, streaming them to the terminal",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {

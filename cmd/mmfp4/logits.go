@@ -19,7 +19,7 @@ func init() {
 		out string
 	)
 	cmd := &cobra.Command{
-		Use:   "logits -m DIR --ids 1,2,3 [--out FILE.npy | --out -]",
+		Use:   "logits [-m DIR] --ids 1,2,3 [--out FILE.npy | --out -]",
 		Short: "Write the float32 logits of every position (rows = positions, cols = vocabulary)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
