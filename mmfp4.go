@@ -15,6 +15,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/mmfp4/mmfp4/backend"
 	"github.com/mmfp4/mmfp4/backend/cpu"
 	"github.com/mmfp4/mmfp4/model/glm4moelite"
 	"github.com/mmfp4/mmfp4/sample"
@@ -23,14 +24,16 @@ import (
 
 // Options configure loading.
 type Options struct {
-	// Threads for the CPU backend; 0 uses every core.
-	Threads int
+	// Backend runs the model; nil means the CPU backend with its defaults
+	// (cpu.New(cpu.Options{})). Backend-specific settings, such as the CPU
+	// threads, are that backend's options.
+	Backend backend.Backend
 	// MaxContext caps the tokens of one sequence (prompt + output); 0 means
 	// the model's max_position_embeddings, limited to 4096.
 	MaxContext int
-	// FloatActivations runs MMFP4 products on float32 activations instead of
-	// int8 (slower; for accuracy comparison).
-	FloatActivations bool
+	// KVCacheDType is the precision of the latent cache; the zero value is
+	// bf16.
+	KVCacheDType backend.CacheDType
 	// DebugNaN checks every intermediate tensor and names the first layer and
 	// tensor that produce a NaN or Inf.
 	DebugNaN bool
@@ -40,6 +43,7 @@ type Options struct {
 type Model struct {
 	net        *glm4moelite.Model
 	maxContext int
+	cacheDType backend.CacheDType
 	eos        []int
 	// Tokenizer is the model's tokenizer, or nil when the directory has no
 	// tokenizer.json (token ids still work).
@@ -51,7 +55,10 @@ type Model struct {
 // Load reads a model directory. Tokenizer files are not needed.
 func Load(dir string, opts Options) (*Model, error) {
 	start := time.Now()
-	b := cpu.New(cpu.Options{Threads: opts.Threads, FloatActivations: opts.FloatActivations})
+	b := opts.Backend
+	if b == nil {
+		b = cpu.New(cpu.Options{})
+	}
 	net, err := glm4moelite.Load(dir, b, glm4moelite.LoadOptions{})
 	if err != nil {
 		return nil, err
@@ -83,7 +90,7 @@ func Load(dir string, opts Options) (*Model, error) {
 	if eos == nil {
 		eos = net.Config.EOSTokenIDs
 	}
-	return &Model{net: net, maxContext: ctxLen, eos: eos, Tokenizer: tok, LoadTime: time.Since(start)}, nil
+	return &Model{net: net, maxContext: ctxLen, cacheDType: opts.KVCacheDType, eos: eos, Tokenizer: tok, LoadTime: time.Since(start)}, nil
 }
 
 // ErrNoTokenizer is returned for text input when the model directory has no
@@ -213,11 +220,14 @@ func (m *Model) Generate(ctx context.Context, prompt []int, opts GenerateOptions
 	if opts.MaxTokens > 0 {
 		capacity = min(capacity, len(prompt)+opts.MaxTokens)
 	}
-	state := m.net.NewState(capacity)
+	state, err := m.net.NewState(capacity, m.cacheDType)
+	if err != nil {
+		return nil, err
+	}
 	res := &Result{PromptTokens: len(prompt)}
 
 	start := time.Now()
-	logits, err := m.net.Forward(state, prompt, false)
+	logits, err := m.net.ForwardSeq(state, prompt, false)
 	if err != nil {
 		return nil, err
 	}
@@ -250,7 +260,7 @@ func (m *Model) Generate(ctx context.Context, prompt []int, opts GenerateOptions
 			res.StopReason = "canceled"
 			return res, ctx.Err()
 		}
-		if logits, err = m.net.Forward(state, []int{id}, false); err != nil {
+		if logits, err = m.net.ForwardSeq(state, []int{id}, false); err != nil {
 			return res, err
 		}
 	}
@@ -262,5 +272,12 @@ func (m *Model) Logits(ids []int) ([]float32, error) {
 	if len(ids) > m.maxContext {
 		return nil, fmt.Errorf("logits: %d tokens exceed the context of %d", len(ids), m.maxContext)
 	}
-	return m.net.Forward(m.net.NewState(len(ids)), ids, true)
+	if len(ids) == 0 {
+		return nil, errors.New("logits: no tokens")
+	}
+	state, err := m.net.NewState(len(ids), m.cacheDType)
+	if err != nil {
+		return nil, err
+	}
+	return m.net.ForwardSeq(state, ids, true)
 }

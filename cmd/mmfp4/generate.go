@@ -13,6 +13,8 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/mmfp4/mmfp4"
+	"github.com/mmfp4/mmfp4/backend"
+	"github.com/mmfp4/mmfp4/backend/cpu"
 	"github.com/mmfp4/mmfp4/sample"
 	"github.com/mmfp4/mmfp4/tokenizer"
 )
@@ -24,6 +26,7 @@ type modelFlags struct {
 	ctx      int
 	floatAct bool
 	debugNaN bool
+	kvDType  string
 }
 
 func (f *modelFlags) register(c *cobra.Command) {
@@ -32,11 +35,25 @@ func (f *modelFlags) register(c *cobra.Command) {
 	c.Flags().IntVar(&f.ctx, "ctx", 0, "maximum context in tokens (0: model maximum, at most 4096)")
 	c.Flags().BoolVar(&f.floatAct, "float-activations", false, "run MMFP4 products on float32 activations instead of int8")
 	c.Flags().BoolVar(&f.debugNaN, "debug-nan", false, "check every tensor and name the first layer and tensor that produce NaN/Inf")
+	c.Flags().StringVar(&f.kvDType, "kv-cache-dtype", "bf16", "latent cache precision: bf16, fp8, fp4 or f32")
 	_ = c.MarkFlagRequired("model")
 }
 
+func (f *modelFlags) options() (mmfp4.Options, error) {
+	dt, err := backend.ParseCacheDType(f.kvDType)
+	if err != nil {
+		return mmfp4.Options{}, fmt.Errorf("--kv-cache-dtype: %w", err)
+	}
+	b := cpu.New(cpu.Options{Threads: f.threads, FloatActivations: f.floatAct})
+	return mmfp4.Options{Backend: b, MaxContext: f.ctx, KVCacheDType: dt, DebugNaN: f.debugNaN}, nil
+}
+
 func (f *modelFlags) load() (*mmfp4.Model, error) {
-	return mmfp4.Load(f.dir, mmfp4.Options{Threads: f.threads, MaxContext: f.ctx, FloatActivations: f.floatAct, DebugNaN: f.debugNaN})
+	o, err := f.options()
+	if err != nil {
+		return nil, err
+	}
+	return mmfp4.Load(f.dir, o)
 }
 
 // parseIDs reads "1,2,3" (spaces allowed).
