@@ -190,7 +190,7 @@ func New(net *glm4moelite.Model, tok *tokenizer.Tokenizer, eos []int, opt Option
 	}
 	e := &Engine{
 		net: net, tok: tok, eos: eos, opt: opt, pool: pool,
-		kv:     kvcache.New(opt.CacheBlocks, opt.BlockSize),
+		kv:   kvcache.New(opt.CacheBlocks, opt.BlockSize),
 		wake: make(chan struct{}, 1),
 		quit: make(chan struct{}),
 		done: make(chan struct{}),
