@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/mmfp4/mmfp4/sample"
@@ -60,7 +61,7 @@ func TestGenerateContextFullAndCancel(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if res.StopReason != "context" || len(prompt)+len(res.Tokens) != 16+1 {
+	if res.StopReason != "context" || len(prompt)+len(res.Tokens) != 16 {
 		t.Errorf("got %d tokens (%s) after a %d-token prompt with context 16", len(res.Tokens), res.StopReason, len(prompt))
 	}
 	if _, err := m.Generate(context.Background(), make([]int, 16), GenerateOptions{}); err == nil {
@@ -108,5 +109,43 @@ func TestLoadRejectsBadContext(t *testing.T) {
 		if _, err := Load(fixture, Options{MaxContext: n}); err == nil {
 			t.Errorf("MaxContext %d accepted", n)
 		}
+	}
+}
+
+// Text streaming through the engine: the pieces are the decoded tokens, and
+// a stop string cuts the text before it.
+func TestGenerateText(t *testing.T) {
+	m, err := Load(fixture, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	ids, err := m.EncodeText("Hello, world")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var streamed string
+	res, err := m.Generate(context.Background(), ids, GenerateOptions{MaxTokens: 16, StopIDs: []int{},
+		OnText: func(s string) error { streamed += s; return nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := m.Tokenizer.Decode(res.Tokens)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if streamed != want || res.Text != want {
+		t.Fatalf("streamed %q, result %q, decoded %q", streamed, res.Text, want)
+	}
+	stop := want[len(want)/2 : len(want)/2+2]
+	res, err = m.Generate(context.Background(), ids, GenerateOptions{MaxTokens: 16, StopIDs: []int{}, Stop: []string{stop}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.StopReason != "stop" || res.Text != want[:strings.Index(want, stop)] {
+		t.Errorf("stop %q: %q (%s)", stop, res.Text, res.StopReason)
+	}
+	if res.CachedTokens != 0 {
+		t.Errorf("a %d-token prompt reported %d cached tokens (blocks are 64 tokens)", len(ids), res.CachedTokens)
 	}
 }

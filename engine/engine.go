@@ -140,12 +140,11 @@ const (
 	defaultCacheBytes     = 4 << 30
 )
 
-// New allocates the cache pool and starts the engine. tok may be nil (no
-// text, no stop strings); eos are the default stop ids.
-func New(net *glm4moelite.Model, tok *tokenizer.Tokenizer, eos []int, opt Options) (*Engine, error) {
-	c := net.Config
+// Resolve fills in the defaults of opt for a model of config c and checks
+// that the limits fit together, without allocating anything.
+func Resolve(c *glm4moelite.Config, opt Options) (Options, error) {
 	if opt.MaxNumSeqs < 0 || opt.MaxBatchTokens < 0 || opt.MaxModelLen < 0 || opt.MaxQueue < 0 || opt.BlockSize < 0 || opt.CacheBlocks < 0 || opt.CacheBytes < 0 {
-		return nil, errors.New("engine: negative limit")
+		return opt, errors.New("engine: negative limit")
 	}
 	def := func(v *int, d int) {
 		if *v == 0 {
@@ -161,7 +160,7 @@ func New(net *glm4moelite.Model, tok *tokenizer.Tokenizer, eos []int, opt Option
 		modelMax = 4096
 	}
 	if opt.MaxModelLen > modelMax {
-		return nil, fmt.Errorf("engine: max model length %d exceeds the model's max_position_embeddings (%d)", opt.MaxModelLen, modelMax)
+		return opt, fmt.Errorf("max model length %d exceeds the model's max_position_embeddings (%d)", opt.MaxModelLen, modelMax)
 	}
 	seqLen := opt.MaxModelLen
 	if seqLen == 0 {
@@ -181,8 +180,18 @@ func New(net *glm4moelite.Model, tok *tokenizer.Tokenizer, eos []int, opt Option
 		opt.MaxModelLen = min(seqLen, capacity)
 	}
 	if opt.MaxModelLen > capacity || opt.MaxModelLen < 2 {
-		return nil, fmt.Errorf("engine: a sequence of %d tokens does not fit the cache of %d blocks of %d tokens (%d MiB); raise the cache size or lower the max model length",
+		return opt, fmt.Errorf("a sequence of %d tokens does not fit the KV cache of %d blocks of %d tokens (%d MiB); raise the cache size or lower the max model length",
 			opt.MaxModelLen, opt.CacheBlocks, opt.BlockSize, int64(opt.CacheBlocks)*perBlock>>20)
+	}
+	return opt, nil
+}
+
+// New allocates the cache pool and starts the engine. tok may be nil (no
+// text, no stop strings); eos are the default stop ids.
+func New(net *glm4moelite.Model, tok *tokenizer.Tokenizer, eos []int, opt Options) (*Engine, error) {
+	opt, err := Resolve(net.Config, opt)
+	if err != nil {
+		return nil, err
 	}
 	pool, err := net.NewCachePool(opt.CacheBlocks, opt.BlockSize, opt.CacheDType)
 	if err != nil {
@@ -216,13 +225,12 @@ func (e *Engine) Stats() Stats {
 
 // seq is a request in the engine.
 type seq struct {
-	req       Request
-	ctx       context.Context
-	stream    *Stream
-	maxTokens int
-	isStop    map[int]bool
-	sampler   *sample.Sampler
-	text      *TextStream
+	req     Request
+	ctx     context.Context
+	stream  *Stream
+	isStop  map[int]bool
+	sampler *sample.Sampler
+	text    *TextStream
 
 	tokens    []int32 // prompt, then generated tokens
 	promptLen int
@@ -286,10 +294,7 @@ func (e *Engine) newSeq(r Request) (*seq, error) {
 			return nil, &RequestError{"stop strings must not be empty"}
 		}
 	}
-	s := &seq{req: r, promptLen: n, maxTokens: r.MaxTokens}
-	if s.maxTokens == 0 {
-		s.maxTokens = limit - n
-	}
+	s := &seq{req: r, promptLen: n}
 	for i, id := range r.Prompt {
 		if id < 0 || id >= vocab {
 			return nil, &RequestError{fmt.Sprintf("token id %d at prompt position %d is outside the vocabulary [0, %d)", id, i, vocab)}
@@ -585,7 +590,7 @@ func (e *Engine) emit(s *seq, logits []float32, now time.Time) {
 		s.text = nil // the text after the stop string is dropped
 		e.remove(s)
 		e.finish(s, FinishStop, nil)
-	case generated >= s.maxTokens:
+	case s.req.MaxTokens > 0 && generated >= s.req.MaxTokens:
 		e.remove(s)
 		e.finish(s, FinishMaxTokens, nil)
 	case len(s.tokens) >= e.opt.MaxModelLen:

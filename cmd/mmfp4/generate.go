@@ -15,6 +15,7 @@ import (
 	"github.com/mmfp4/mmfp4"
 	"github.com/mmfp4/mmfp4/backend"
 	"github.com/mmfp4/mmfp4/backend/cpu"
+	"github.com/mmfp4/mmfp4/engine"
 	"github.com/mmfp4/mmfp4/sample"
 	"github.com/mmfp4/mmfp4/tokenizer"
 )
@@ -32,7 +33,7 @@ type modelFlags struct {
 func (f *modelFlags) register(c *cobra.Command) {
 	c.Flags().StringVarP(&f.dir, "model", "m", "", "model directory: Hugging Face checkpoint or MMFP4 (required)")
 	c.Flags().IntVar(&f.threads, "threads", 0, "CPU threads (0: all cores)")
-	c.Flags().IntVar(&f.ctx, "ctx", 0, "maximum context in tokens (0: model maximum, at most 4096)")
+	c.Flags().IntVar(&f.ctx, "ctx", 0, "maximum context in tokens (0: the model's maximum, or what the KV cache holds)")
 	c.Flags().BoolVar(&f.floatAct, "float-activations", false, "run MMFP4 products on float32 activations instead of int8")
 	c.Flags().BoolVar(&f.debugNaN, "debug-nan", false, "check every tensor and name the first layer and tensor that produce NaN/Inf")
 	c.Flags().StringVar(&f.kvDType, "kv-cache-dtype", "bf16", "latent cache precision: bf16, fp8, fp4 or f32")
@@ -45,7 +46,7 @@ func (f *modelFlags) options() (mmfp4.Options, error) {
 		return mmfp4.Options{}, fmt.Errorf("--kv-cache-dtype: %w", err)
 	}
 	b := cpu.New(cpu.Options{Threads: f.threads, FloatActivations: f.floatAct})
-	return mmfp4.Options{Backend: b, MaxContext: f.ctx, KVCacheDType: dt, DebugNaN: f.debugNaN}, nil
+	return mmfp4.Options{Backend: b, MaxContext: f.ctx, Engine: engine.Options{CacheDType: dt}, DebugNaN: f.debugNaN}, nil
 }
 
 func (f *modelFlags) load() (*mmfp4.Model, error) {
@@ -135,35 +136,24 @@ func init() {
 			if err != nil {
 				return err
 			}
+			defer m.Close()
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt)
 			defer stop()
 			out := cmd.OutOrStdout()
 			// Text prompts stream text; id prompts stream ids.
-			var stream *tokenizer.StreamDecoder
+			opts := mmfp4.GenerateOptions{MaxTokens: maxTokens, Sampling: so}
 			if ids == "" {
-				stream = m.Tokenizer.NewStreamDecoder()
-			}
-			res, err := m.Generate(ctx, prompt, mmfp4.GenerateOptions{
-				MaxTokens: maxTokens,
-				Sampling:  so,
-				OnToken: func(id int) error {
-					piece := fmt.Sprintf("%d ", id)
-					if stream != nil && id >= m.Tokenizer.VocabSize() {
-						// Padding rows of the embedding have no text.
-						piece = ""
-					} else if stream != nil {
-						var err error
-						if piece, err = stream.Add(id); err != nil {
-							return err
-						}
-					}
-					_, err := io.WriteString(out, piece)
+				opts.OnText = func(text string) error {
+					_, err := io.WriteString(out, text)
 					return err
-				},
-			})
-			if stream != nil {
-				io.WriteString(out, stream.Flush())
+				}
+			} else {
+				opts.OnToken = func(id int) error {
+					_, err := fmt.Fprintf(out, "%d ", id)
+					return err
+				}
 			}
+			res, err := m.Generate(ctx, prompt, opts)
 			fmt.Fprintln(out)
 			if res != nil {
 				fmt.Fprintf(cmd.ErrOrStderr(), "prompt %d tokens, generated %d tokens (%s); load %.2fs, prefill %.1f tok/s, decode %.1f tok/s\n",
