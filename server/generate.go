@@ -100,6 +100,9 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, ep endpoint) {
 		req := engine.Request{Prompt: prompt, MaxTokens: p.maxTokens, Stop: p.stop, Text: m.Tokenizer != nil, SkipSpecial: true,
 			Logprobs: p.logprobs, TopLogprobs: p.topLogprobs,
 			Sampling: sample.Options{Temperature: float32(p.temperature), TopK: p.topK, TopP: float32(p.topP), MinP: float32(p.minP), Seed: seedFor(p.seed, i)}}
+		if p.ignoreEOS {
+			req.StopIDs = []int{}
+		}
 		st, err := eng.Submit(ctx, req)
 		if err != nil {
 			writeError(w, submitError(err, ep))

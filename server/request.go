@@ -103,6 +103,9 @@ type samplingFields struct {
 	FrequencyPenalty    *float64        `json:"frequency_penalty"`
 	ResponseFormat      *responseFormat `json:"response_format"`
 	User                string          `json:"user"`
+	// IgnoreEOS (vLLM's extension) generates through EOS tokens, for
+	// benchmarks.
+	IgnoreEOS bool `json:"ignore_eos"`
 }
 
 type streamOptions struct {
@@ -144,6 +147,7 @@ type params struct {
 	stream, usage bool
 	logprobs      bool
 	topLogprobs   int
+	ignoreEOS     bool
 	model         string
 	template      tokenizer.ChatOptions
 	messages      []tokenizer.Message
@@ -199,7 +203,7 @@ func jsonKind(goKind string) string {
 
 // check validates the shared fields; maxN bounds n.
 func (f *samplingFields) check(maxN int) (*params, *apiError) {
-	p := &params{n: 1, temperature: 1, topP: 1, model: f.Model, stream: f.Stream, seed: f.Seed}
+	p := &params{n: 1, temperature: 1, topP: 1, model: f.Model, stream: f.Stream, seed: f.Seed, ignoreEOS: f.IgnoreEOS}
 	mt := f.MaxTokens
 	name := "max_tokens"
 	if f.MaxCompletionTokens != nil {
