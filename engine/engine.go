@@ -556,6 +556,11 @@ func (e *Engine) remove(s *seq) {
 
 // emit samples s's next token from its logits row and sends it, or ends s.
 func (e *Engine) emit(s *seq, logits []float32, now time.Time) {
+	if err := glm4moelite.CheckLogits(logits); err != nil {
+		e.remove(s)
+		e.finish(s, FinishError, fmt.Errorf("logits at position %d: %w (run with --debug-nan to find the layer)", len(s.tokens)-1, err))
+		return
+	}
 	id, err := s.sampler.Sample(logits)
 	if err != nil {
 		e.remove(s)

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"math"
 	"math/rand/v2"
 	"runtime"
 	"slices"
@@ -17,6 +18,7 @@ import (
 	"github.com/mmfp4/mmfp4/backend"
 	"github.com/mmfp4/mmfp4/backend/cpu"
 	"github.com/mmfp4/mmfp4/model/glm4moelite"
+	"github.com/mmfp4/mmfp4/safetensors"
 	"github.com/mmfp4/mmfp4/sample"
 	"github.com/mmfp4/mmfp4/tokenizer"
 )
@@ -518,4 +520,50 @@ func ExampleEngine() {
 		}
 	}
 	// Output: 253 54 340 340 max_tokens 4
+}
+
+// A sequence whose logits turn NaN fails alone; the sequence that shares
+// its steps completes as it would alone.
+func TestNaNFailsOnlyItsSequence(t *testing.T) {
+	net, err := glm4moelite.Load(fixtureDir, cpu.New(cpu.Options{Threads: 1}), glm4moelite.LoadOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	set, err := safetensors.OpenDir(fixtureDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer set.Close()
+	tn, err := set.Tensor("model.embed_tokens.weight")
+	if err != nil {
+		t.Fatal(err)
+	}
+	table, err := tn.Float32()
+	if err != nil {
+		t.Fatal(err)
+	}
+	const poisoned = 7
+	H := net.Config.HiddenSize
+	for i := poisoned * H; i < (poisoned+1)*H; i++ {
+		table[i] = float32(math.NaN())
+	}
+	if net.Embed, err = net.Backend().NewWeight(backend.HostWeight{Name: "embed", N: net.Config.VocabSize, K: H, Dense: table}); err != nil {
+		t.Fatal(err)
+	}
+	e, err := New(net, nil, nil, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	want := run(t, e, Request{Prompt: refPrompt, MaxTokens: 6, StopIDs: []int{}}).tokens
+	good, _ := e.Submit(context.Background(), Request{Prompt: refPrompt, MaxTokens: 6, StopIDs: []int{}})
+	bad, _ := e.Submit(context.Background(), Request{Prompt: []int{1, 2, poisoned, 3}, MaxTokens: 6, StopIDs: []int{}})
+	rg, rb := collect(t, good), collect(t, bad)
+	if rb.final.Finish != FinishError || rb.final.Err == nil || !strings.Contains(rb.final.Err.Error(), "NaN") {
+		t.Errorf("poisoned sequence: %s %v", rb.final.Finish, rb.final.Err)
+	}
+	if rg.final.Finish != FinishMaxTokens || !slices.Equal(rg.tokens, want) {
+		t.Errorf("healthy sequence: %v (%s %v), alone %v", rg.tokens, rg.final.Finish, rg.final.Err, want)
+	}
+	waitIdle(t, e)
 }

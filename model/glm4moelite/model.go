@@ -83,7 +83,8 @@ func (m *Model) NewCachePool(blocks, blockSize int, dtype backend.CacheDType) (b
 
 // Forward runs one step: every token of the batch goes through the model,
 // its latent is written to pool at its sequence's slot, and the logits of
-// the batch's Outputs rows are returned (len(Outputs) rows of VocabSize).
+// the batch's Outputs rows are returned (len(Outputs) rows of VocabSize),
+// unchecked: see CheckLogits.
 // Forward passes are serialised; the backend is used by one at a time.
 func (m *Model) Forward(batch *backend.Batch, pool backend.CachePool) ([]float32, error) {
 	c := m.Config
@@ -118,10 +119,8 @@ func (m *Model) Forward(batch *backend.Batch, pool backend.CachePool) ([]float32
 	if err := b.Sync(); err != nil {
 		return nil, err
 	}
-	if err := checkFinite(out, c.VocabSize); err != nil {
-		row := batch.Outputs[err.(nonFinite).row]
-		return nil, fmt.Errorf("logits at position %d: %w (run with --debug-nan to find the layer)", batch.Positions[row], err)
-	}
+	// Non-finite logits are left to the caller: one sequence's NaN must
+	// not fail the other sequences of the batch.
 	return out, nil
 }
 
@@ -233,6 +232,9 @@ func (m *Model) watch(layer int, name string, t backend.Tensor) {
 		m.nanErr = fmt.Errorf("layer %d, tensor %q, row %d: %w", layer, name, err.(nonFinite).row, err)
 	}
 }
+
+// CheckLogits reports the first non-finite value of a logits row.
+func CheckLogits(row []float32) error { return checkFinite(row, len(row)) }
 
 type nonFinite struct {
 	row, col int

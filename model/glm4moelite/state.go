@@ -69,6 +69,9 @@ func (m *Model) ForwardSeq(s *State, ids []int, allLogits bool) ([]float32, erro
 	if err != nil {
 		return nil, err
 	}
+	if err := checkFinite(out, m.Config.VocabSize); err != nil {
+		return nil, fmt.Errorf("logits at position %d: %w (run with --debug-nan to find the layer)", int(batch.Positions[batch.Outputs[err.(nonFinite).row]]), err)
+	}
 	s.Pos += T
 	return out, nil
 }
