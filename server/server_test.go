@@ -184,6 +184,33 @@ func TestSDKCompletions(t *testing.T) {
 	if cr2, err := s.client.Completions.New(ctx, cp); err != nil || cr2.Choices[0].Text != cr.Choices[0].Text {
 		t.Errorf("token-id prompt: %v, %q vs %q", err, cr2.Choices[0].Text, cr.Choices[0].Text)
 	}
+	// n choices, each sampled with its own seed, streamed together.
+	p = chatParams("Hello, how are you?", 6)
+	p.N, p.Seed, p.Temperature = openai.Int(3), openai.Int(11), openai.Float(1)
+	noEOS := option.WithJSONSet("ignore_eos", true)
+	resp, err = s.client.Chat.Completions.New(ctx, p, noEOS)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(resp.Choices) != 3 || resp.Usage.CompletionTokens != 18 {
+		t.Fatalf("n=3: %d choices, %d completion tokens", len(resp.Choices), resp.Usage.CompletionTokens)
+	}
+	p.StreamOptions = openai.ChatCompletionStreamOptionsParam{IncludeUsage: openai.Bool(true)}
+	nst := s.client.Chat.Completions.NewStreaming(ctx, p, noEOS)
+	texts := make([]string, 3)
+	for nst.Next() {
+		for _, ch := range nst.Current().Choices {
+			texts[ch.Index] += ch.Delta.Content
+		}
+	}
+	if err := nst.Err(); err != nil {
+		t.Fatal(err)
+	}
+	for i, ch := range resp.Choices {
+		if int(ch.Index) != i || texts[i] != ch.Message.Content {
+			t.Errorf("choice %d: streamed %q, whole %q (index %d)", i, texts[i], ch.Message.Content, ch.Index)
+		}
+	}
 	models, err := s.client.Models.List(ctx)
 	if err != nil || len(models.Data) != 1 || models.Data[0].ID != "tiny" {
 		t.Errorf("models: %+v %v", models, err)

@@ -42,8 +42,11 @@ It listens on 127.0.0.1 only unless --host says otherwise.`,
 			if port < 0 || port > 65535 {
 				return fmt.Errorf("--port %d: want 0 to 65535", port)
 			}
-			if name == "" {
+			if name == "" && mf.dir != "" {
 				name = filepath.Base(filepath.Clean(mf.dir))
+			}
+			if name == "" || name == "." || name == string(filepath.Separator) {
+				name = "mmfp4"
 			}
 			if apiKey == "" {
 				apiKey = os.Getenv("MMFP4_API_KEY")
