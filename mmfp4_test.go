@@ -166,3 +166,45 @@ func TestBrokenTokenizerOnlyFailsText(t *testing.T) {
 		}
 	}
 }
+
+// Text streaming through the engine: the pieces are the decoded tokens, and
+// a stop string cuts the text before it.
+func TestGenerateText(t *testing.T) {
+	m, err := Load(fixture, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	ids, err := m.EncodeText("Hello, world")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var streamed string
+	res, err := m.Generate(context.Background(), ids, GenerateOptions{MaxTokens: 16, StopIDs: []int{},
+		OnText: func(s string) error { streamed += s; return nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, err := m.Tokenizer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := tok.Decode(res.Tokens)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if streamed != want || res.Text != want {
+		t.Fatalf("streamed %q, result %q, decoded %q", streamed, res.Text, want)
+	}
+	stop := want[len(want)/2 : len(want)/2+2]
+	res, err = m.Generate(context.Background(), ids, GenerateOptions{MaxTokens: 16, StopIDs: []int{}, Stop: []string{stop}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.StopReason != "stop" || res.Text != want[:strings.Index(want, stop)] {
+		t.Errorf("stop %q: %q (%s)", stop, res.Text, res.StopReason)
+	}
+	if res.CachedTokens != 0 {
+		t.Errorf("a %d-token prompt reported %d cached tokens (blocks are 64 tokens)", len(ids), res.CachedTokens)
+	}
+}

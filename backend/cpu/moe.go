@@ -25,8 +25,13 @@ func (r *routing) Choice(t int) ([]int, []float32) {
 // Route applies the noaux_tc rule to each row of logits.
 func (b *Backend) Route(logits backend.Tensor, bias backend.Weight, cfg backend.RouterConfig) backend.Routing {
 	lm := asMat(logits)
-	checkShape("route", [2]int{lm.rows, lm.cols}, [2]int{lm.rows, cfg.NumExperts})
-	bv := vector(bias)
+	bv, ok := b.vector("router bias", bias)
+	if !ok || b.badShape("route", [2]int{lm.rows, lm.cols}, [2]int{lm.rows, len(bv)}) ||
+		b.badShape("route", [2]int{lm.rows, lm.cols}, [2]int{lm.rows, cfg.NumExperts}) ||
+		cfg.TopK <= 0 || cfg.TopK > cfg.NumExperts {
+		b.fail("route: top-%d of %d experts", cfg.TopK, cfg.NumExperts)
+		return &routing{topK: max(cfg.TopK, 1)}
+	}
 	r := &routing{topK: cfg.TopK, experts: make([]int, lm.rows*cfg.TopK), weights: make([]float32, lm.rows*cfg.TopK)}
 	for t := 0; t < lm.rows; t++ {
 		SelectExperts(lm.row(t), bv, cfg, r.experts[t*cfg.TopK:(t+1)*cfg.TopK], r.weights[t*cfg.TopK:(t+1)*cfg.TopK])
@@ -99,7 +104,10 @@ func (b *Backend) MoE(dst, x backend.Tensor, r backend.Routing, experts []backen
 	if !ok {
 		panic(fmt.Sprintf("cpu backend: routing of type %T from another backend", r))
 	}
-	checkShape("moe", [2]int{d.rows, d.cols}, [2]int{xm.rows, xm.cols})
+	if b.badShape("moe", [2]int{d.rows, d.cols}, [2]int{xm.rows, xm.cols}) ||
+		b.badShape("moe routing", [2]int{rt.Tokens(), 1}, [2]int{xm.rows, 1}) {
+		return
+	}
 	type use struct {
 		token  int
 		weight float32
@@ -108,6 +116,10 @@ func (b *Backend) MoE(dst, x backend.Tensor, r backend.Routing, experts []backen
 	for t := 0; t < xm.rows; t++ {
 		ids, ws := rt.Choice(t)
 		for k, e := range ids {
+			if e >= len(experts) {
+				b.fail("moe: expert %d of %d", e, len(experts))
+				return
+			}
 			byExpert[e] = append(byExpert[e], use{t, ws[k]})
 		}
 	}
@@ -116,7 +128,7 @@ func (b *Backend) MoE(dst, x backend.Tensor, r backend.Routing, experts []backen
 			continue
 		}
 		ex := experts[e]
-		in := &mat{rows: len(uses), cols: xm.cols, stride: xm.cols, data: make([]float32, len(uses)*xm.cols)}
+		in := asMat(b.NewTensor(len(uses), xm.cols))
 		for i, u := range uses {
 			copy(in.row(i), xm.row(u.token))
 		}

@@ -5,6 +5,8 @@ import (
 	"math"
 	"math/rand/v2"
 	"testing"
+
+	"github.com/mmfp4/mmfp4/backend"
 )
 
 // ropeRef rotates one head's rotary dims by pos in float64, from the
@@ -50,9 +52,14 @@ func TestRoPELongPositions(t *testing.T) {
 				const T = 8 // rows at pos0 .. pos0+7
 				stride := tc.dn + tc.dr
 				x := randMat(r, T*tc.heads*stride, 1)
+				batch := &backend.Batch{Tokens: make([]int32, T), Positions: make([]int32, T), Seqs: []backend.Seq{{Len: T}}}
+				for i := range batch.Positions {
+					batch.Positions[i] = int32(pos0 + i)
+				}
+				b.SetBatch(batch, nil)
 				xt := b.NewTensor(T, tc.heads*stride)
 				b.Upload(xt, x)
-				b.RoPE(xt, tc.heads, stride, tc.dn, tc.dr, pos0, tc.theta, interleaved)
+				b.RoPE(xt, tc.heads, stride, tc.dn, tc.dr, tc.theta, interleaved)
 				got := b.Download(xt)
 				name := fmt.Sprintf("theta=%g dim=%d interleaved=%v", tc.theta, tc.dr, interleaved)
 				var worst float64

@@ -10,8 +10,10 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/mmfp4/mmfp4"
+	"github.com/mmfp4/mmfp4/backend"
+	"github.com/mmfp4/mmfp4/backend/cpu"
+	"github.com/mmfp4/mmfp4/engine"
 	"github.com/mmfp4/mmfp4/sample"
-	"github.com/mmfp4/mmfp4/tokenizer"
 )
 
 // modelFlags are the load options shared by the commands that run a model.
@@ -21,28 +23,43 @@ type modelFlags struct {
 	ctx      int
 	floatAct bool
 	debugNaN bool
+	kvDType  string
 }
 
 func (f *modelFlags) register(c *cobra.Command) {
 	c.Flags().StringVarP(&f.dir, "model", "m", "", "model directory: Hugging Face checkpoint or MMFP4 (default: the built-in demo model)")
 	c.Flags().IntVar(&f.threads, "threads", 0, "CPU threads (0: all cores)")
-	c.Flags().IntVar(&f.ctx, "ctx", 0, "context: the most tokens of one sequence, prompt plus generated (0: max_position_embeddings, at most 4096)")
+	c.Flags().IntVar(&f.ctx, "ctx", 0, "context: the most tokens of one sequence, prompt plus generated (0: the model's maximum, or what the KV cache holds)")
 	c.Flags().BoolVar(&f.floatAct, "float-activations", false, "run MMFP4 products on float32 activations instead of int8")
 	c.Flags().BoolVar(&f.debugNaN, "debug-nan", false, "check every tensor and name the first layer and tensor that produce NaN/Inf")
+	c.Flags().StringVar(&f.kvDType, "kv-cache-dtype", "bf16", "latent cache precision: bf16, fp8, fp4 or f32")
+}
+
+func (f *modelFlags) options() (mmfp4.Options, error) {
+	if f.threads < 0 {
+		return mmfp4.Options{}, fmt.Errorf("--threads %d: want 0 (all cores) or a positive count", f.threads)
+	}
+	if f.ctx < 0 {
+		return mmfp4.Options{}, fmt.Errorf("--ctx %d: want 0 (the model's maximum) or a positive count", f.ctx)
+	}
+	dt, err := backend.ParseCacheDType(f.kvDType)
+	if err != nil {
+		return mmfp4.Options{}, fmt.Errorf("--kv-cache-dtype: %w", err)
+	}
+	b := cpu.New(cpu.Options{Threads: f.threads, FloatActivations: f.floatAct})
+	return mmfp4.Options{Backend: b, MaxContext: f.ctx, Engine: engine.Options{CacheDType: dt}, DebugNaN: f.debugNaN}, nil
 }
 
 func (f *modelFlags) load() (*mmfp4.Model, error) {
-	if f.threads < 0 {
-		return nil, fmt.Errorf("--threads %d: want 0 (all cores) or a positive count", f.threads)
-	}
-	if f.ctx < 0 {
-		return nil, fmt.Errorf("--ctx %d: want 0 (the model's maximum, at most 4096) or a positive count", f.ctx)
+	o, err := f.options()
+	if err != nil {
+		return nil, err
 	}
 	dir, err := modelDir(f.dir)
 	if err != nil {
 		return nil, err
 	}
-	return mmfp4.Load(dir, mmfp4.Options{Threads: f.threads, MaxContext: f.ctx, FloatActivations: f.floatAct, DebugNaN: f.debugNaN})
+	return mmfp4.Load(dir, o)
 }
 
 // parseIDs reads "1,2,3" (spaces allowed).
@@ -114,42 +131,25 @@ func init() {
 			if err != nil {
 				return err
 			}
+			defer m.Close()
 			ctx, stop := interruptContext(cmd.Context())
 			defer stop()
 			out := cmd.OutOrStdout()
 			// Text prompts stream text; id prompts stream ids.
-			var stream *tokenizer.StreamDecoder
-			vocab := 0
+			opts := mmfp4.GenerateOptions{MaxTokens: maxTokens, Sampling: so}
 			if !f.Changed("ids") {
-				tok, err := m.Tokenizer() // already loaded for the prompt
-				if err != nil {
+				opts.OnText = func(text string) error {
+					_, err := io.WriteString(out, text)
 					return err
 				}
-				stream, vocab = tok.NewStreamDecoder(), tok.VocabSize()
-			}
-			res, err := m.Generate(ctx, prompt, mmfp4.GenerateOptions{
-				MaxTokens: maxTokens,
-				Sampling:  so,
-				OnToken: func(id int) error {
-					piece := fmt.Sprintf("%d ", id)
-					if stream != nil && id >= vocab {
-						// Padding rows of the embedding have no text.
-						piece = ""
-					} else if stream != nil {
-						var err error
-						if piece, err = stream.Add(id); err != nil {
-							return err
-						}
-					}
-					_, err := io.WriteString(out, piece)
+			} else {
+				opts.OnToken = func(id int) error {
+					_, err := fmt.Fprintf(out, "%d ", id)
 					return err
-				},
-			})
-			tail := "\n"
-			if stream != nil {
-				tail = stream.Flush() + tail
+				}
 			}
-			if _, werr := io.WriteString(out, tail); err == nil {
+			res, err := m.Generate(ctx, prompt, opts)
+			if _, werr := io.WriteString(out, "\n"); err == nil {
 				err = werr
 			}
 			switch {

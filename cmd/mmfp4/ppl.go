@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/mmfp4/mmfp4"
+	"github.com/mmfp4/mmfp4/backend/cpu"
 	"github.com/mmfp4/mmfp4/model/glm4moelite"
 	"github.com/mmfp4/mmfp4/perplexity"
 )
@@ -156,7 +157,11 @@ func loadForPPL(dir, flag string, ctx int, f pplFlags) (*mmfp4.Model, string, er
 	if mp := cfg.MaxPositions; mp > 0 && ctx > mp {
 		return nil, "", fmt.Errorf("--ctx %d is larger than %s %s allows (max_position_embeddings %d)", ctx, flag, dir, mp)
 	}
-	m, err := mmfp4.Load(dir, mmfp4.Options{Threads: f.threads, MaxContext: ctx, FloatActivations: f.floatAct})
+	if f.threads < 0 {
+		return nil, "", fmt.Errorf("--threads %d: want 0 (all cores) or a positive count", f.threads)
+	}
+	b := cpu.New(cpu.Options{Threads: f.threads, FloatActivations: f.floatAct})
+	m, err := mmfp4.Load(dir, mmfp4.Options{Backend: b, MaxContext: ctx})
 	if err != nil {
 		return nil, "", fmt.Errorf("%s %s: %w", flag, dir, err)
 	}

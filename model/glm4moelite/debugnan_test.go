@@ -61,12 +61,12 @@ func TestDebugNaNNamesEmbeddingNormAndHead(t *testing.T) {
 		t.Run(tc.name, func(t *testing.T) {
 			m := loadModel(t, fixtureDir, cpu.Options{}, LoadOptions{})
 			tc.poison(m)
-			_, err := m.Forward(m.NewState(16), ref.prompt, false)
+			_, err := m.ForwardSeq(newState(t, m, 16), ref.prompt, false)
 			if err == nil || !strings.Contains(err.Error(), "--debug-nan") {
 				t.Errorf("without DebugNaN: err = %v, want a pointer to --debug-nan", err)
 			}
 			m.DebugNaN = true
-			_, err = m.Forward(m.NewState(16), ref.prompt, false)
+			_, err = m.ForwardSeq(newState(t, m, 16), ref.prompt, false)
 			if err == nil {
 				t.Fatal("NaN went unreported with DebugNaN")
 			}

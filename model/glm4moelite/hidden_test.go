@@ -133,8 +133,15 @@ func TestEachStepMatchesReference(t *testing.T) {
 		}
 	}
 
+	batch := &backend.Batch{Seqs: []backend.Seq{{Len: T}}}
+	for i, id := range ref.ids {
+		batch.Tokens = append(batch.Tokens, int32(id))
+		batch.Positions = append(batch.Positions, int32(i))
+	}
+	b.SetBatch(batch, nil)
 	emb := b.NewTensor(T, c.HiddenSize)
-	if err := b.Embed(emb, m.Embed, ref.ids); err != nil {
+	b.Embed(emb, m.Embed)
+	if err := b.Sync(); err != nil {
 		t.Fatal(err)
 	}
 	check("embedding", ref.states["embed"], b.Download(emb), 0) // a copy of bf16 values

@@ -15,7 +15,7 @@ func TestForwardInterruptBetweenLayers(t *testing.T) {
 	m := loadModel(t, fixtureDir, cpu.Options{}, LoadOptions{})
 	want := allLogits(t, m, ref.prompt)
 
-	s := m.NewState(len(ref.prompt))
+	s := newState(t, m, len(ref.prompt))
 	stop := errors.New("stop")
 	calls := 0
 	s.Interrupt = func() error {
@@ -25,14 +25,14 @@ func TestForwardInterruptBetweenLayers(t *testing.T) {
 		}
 		return nil
 	}
-	if _, err := m.Forward(s, ref.prompt, true); !errors.Is(err, stop) {
+	if _, err := m.ForwardSeq(s, ref.prompt, true); !errors.Is(err, stop) {
 		t.Fatalf("err = %v, want the interrupt's error", err)
 	}
 	if calls != 3 || s.Pos != 0 {
 		t.Errorf("interrupt asked %d times (want 3: layers 0, 1, 2), position %d (want 0)", calls, s.Pos)
 	}
 	s.Interrupt = nil
-	got, err := m.Forward(s, ref.prompt, true)
+	got, err := m.ForwardSeq(s, ref.prompt, true)
 	if err != nil {
 		t.Fatal(err)
 	}

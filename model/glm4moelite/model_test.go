@@ -107,10 +107,24 @@ func loadModel(t testing.TB, dir string, o cpu.Options, lo LoadOptions) *Model {
 	return m
 }
 
+// cacheDType is the latent cache precision of the golden tests: float32,
+// so they measure the forward pass alone (TestPagedBF16CacheMatchesReference
+// covers the serving default, bf16).
+const cacheDType = backend.CacheF32
+
+func newState(t testing.TB, m *Model, capacity int) *State {
+	t.Helper()
+	s, err := m.NewState(capacity, cacheDType)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
 // allLogits runs ids through a fresh state in one pass.
 func allLogits(t testing.TB, m *Model, ids []int) []float32 {
 	t.Helper()
-	out, err := m.Forward(m.NewState(len(ids)), ids, true)
+	out, err := m.ForwardSeq(newState(t, m, len(ids)), ids, true)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -191,8 +205,8 @@ func TestBF16LogitsMatchReference(t *testing.T) {
 // greedy prefills the prompt in one pass, then decodes n tokens one by one.
 func greedy(t testing.TB, m *Model, prompt []int, n int) (ids []int, stepLogits []float32) {
 	t.Helper()
-	s := m.NewState(len(prompt) + n)
-	logits, err := m.Forward(s, prompt, false)
+	s := newState(t, m, len(prompt)+n)
+	logits, err := m.ForwardSeq(s, prompt, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -203,7 +217,7 @@ func greedy(t testing.TB, m *Model, prompt []int, n int) (ids []int, stepLogits 
 		if i == n-1 {
 			break
 		}
-		if logits, err = m.Forward(s, []int{next}, false); err != nil {
+		if logits, err = m.ForwardSeq(s, []int{next}, false); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -383,13 +397,13 @@ func TestDebugNaNNamesLayerAndTensor(t *testing.T) {
 		t.Fatal(err)
 	}
 	m.Layers[2].Attn.KVANorm = w
-	if _, err := m.Forward(m.NewState(16), ref.prompt, false); err == nil {
+	if _, err := m.ForwardSeq(newState(t, m, 16), ref.prompt, false); err == nil {
 		t.Fatal("NaN logits went unreported")
 	} else {
 		t.Logf("without --debug-nan: %v", err)
 	}
 	m.DebugNaN = true
-	_, err = m.Forward(m.NewState(16), ref.prompt, false)
+	_, err = m.ForwardSeq(newState(t, m, 16), ref.prompt, false)
 	if err == nil {
 		t.Fatal("NaN went unreported with DebugNaN")
 	}

@@ -27,6 +27,7 @@ import (
 	"time"
 
 	"github.com/mmfp4/mmfp4"
+	"github.com/mmfp4/mmfp4/backend/cpu"
 	"github.com/mmfp4/mmfp4/format"
 	"github.com/mmfp4/mmfp4/perplexity"
 	"github.com/mmfp4/mmfp4/safetensors"
@@ -129,7 +130,7 @@ func run(bf16, file, work string, ctx, stride int) error {
 				return err
 			}
 		}
-		m, err := mmfp4.Load(v.dir, mmfp4.Options{MaxContext: ctx, FloatActivations: v.floatAct})
+		m, err := mmfp4.Load(v.dir, mmfp4.Options{MaxContext: ctx, Backend: cpu.New(cpu.Options{FloatActivations: v.floatAct})})
 		if err != nil {
 			return err
 		}
