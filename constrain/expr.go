@@ -288,3 +288,41 @@ var utf8Multi = func() Expr {
 		Seq(Bytes(0xF4, 0xF4), Bytes(0x80, 0x8F), cont, cont),
 	)
 }()
+
+// size estimates how many automaton states e builds eagerly (lazy parts
+// count as one), to refuse grammars too large to compile quickly.
+func size(e Expr) int {
+	switch e := e.(type) {
+	case lit:
+		return len(e)
+	case class:
+		return 1
+	case seq:
+		n := 0
+		for _, x := range e {
+			n += size(x)
+		}
+		return n
+	case alt:
+		n := 0
+		for _, x := range e {
+			n += size(x) + 2
+		}
+		return n
+	case rep:
+		k := e.max
+		if k < 0 {
+			k = e.min + 1
+		}
+		return k*size(e.e) + k + 2
+	case textWithout:
+		return 20 * len(e)
+	case *objExpr:
+		n := 2 * len(e.names)
+		for i := range e.names {
+			n += size(e.keys[i]) + size(e.vals[i]) + 4*size(e.ws)
+		}
+		return n
+	}
+	return 1
+}

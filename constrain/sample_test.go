@@ -183,6 +183,8 @@ func TestSchemaErrors(t *testing.T) {
 		`{"type": "array", "uniqueItems": true}`,
 		`{"allOf": [{"type": "string"}, {"maxLength": 3}]}`,
 		`{"type": "object", "anyOf": [{"required": ["a"]}]}`,
+		`{"oneOf": [{"type": "integer"}, {"type": "number"}]}`,
+		`{"oneOf": [{"type": "object", "properties": {"k": {"const": "a"}}}, {"type": "object", "properties": {"k": {"const": "b"}}}]}`,
 		`{"type": "string", "maxLength": 100000}`,
 		`{"type": "object", "required": ["x"], "additionalProperties": false}`,
 		`{"type": "object", "properties": {"a": false}, "required": ["a"]}`,

@@ -39,6 +39,7 @@ const (
 	maxLengthBound = 1024 // minLength, maxLength
 	maxItemsBound  = 64   // minItems, maxItems
 	maxRefHops     = 32   // $ref to $ref without nesting
+	maxStates      = 1 << 17
 )
 
 // JSONSchema compiles a JSON schema into the language of the JSON texts
@@ -49,8 +50,9 @@ const (
 // unless $schema says otherwise). Supported: type (and lists of types),
 // properties (generated in the schema's order; required ones always,
 // others optionally), required, additionalProperties, items, minItems,
-// maxItems, minLength, maxLength, enum, const, anyOf, oneOf (generated
-// as anyOf: the branches should not overlap), allOf with one schema, and
+// maxItems, minLength, maxLength, enum, const, anyOf, oneOf (when no
+// value can match two branches: they differ in type, in const values, or
+// in the const value of a required property), allOf with one schema, and
 // local $ref. Annotations (title, description, default, examples,
 // format, ...) are ignored. Other assertions (pattern, minimum, ...) are
 // refused with an error naming them, since the output could break them.
@@ -70,6 +72,9 @@ func JSONSchema(schema []byte, opt SchemaOptions) (Expr, error) {
 	}
 	if isNever(e) {
 		return nil, errors.New("json schema: no JSON value satisfies the schema (within the nesting bound)")
+	}
+	if n := size(e); n > maxStates {
+		return nil, fmt.Errorf("json schema: too large for constrained output (about %d automaton states, at most %d)", n, maxStates)
 	}
 	return Seq(c.ws, e), nil
 }
@@ -198,6 +203,11 @@ func (c *schemaCompiler) value(s *jv, depth, hops int, path string) (Expr, error
 		}
 		if kw == "allOf" && len(list.vals) != 1 {
 			return nil, fmt.Errorf("json schema %s: allOf with more than one schema is not supported", path)
+		}
+		if kw == "oneOf" {
+			if err := c.disjoint(list.vals); err != nil {
+				return nil, fmt.Errorf("json schema %s: oneOf %w", path, err)
+			}
 		}
 		var alts []Expr
 		for i, b := range list.vals {
@@ -580,3 +590,169 @@ var (
 	)
 	jsonString = Seq(Lit(`"`), Rep(jsonChar, 0, -1), Lit(`"`))
 )
+
+// disjoint checks that no JSON value can satisfy two of the schemas, so
+// that oneOf can be generated as anyOf: each pair must differ in type,
+// be constants with no value in common, or be objects that require a
+// property whose constant values differ (a discriminator).
+func (c *schemaCompiler) disjoint(branches []*jv) error {
+	type info struct {
+		types  map[string]bool
+		values map[string]bool            // const/enum branches: the values
+		disc   map[string]map[string]bool // required property -> its const values
+	}
+	infos := make([]info, len(branches))
+	for i, b := range branches {
+		b = c.deref(b)
+		infos[i] = info{types: c.typeSet(b, 0), values: constValues(b), disc: map[string]map[string]bool{}}
+		if props := b.get("properties"); props != nil && b.get("required") != nil {
+			for _, r := range b.get("required").vals {
+				if p := props.get(r.str); p != nil {
+					if vals := constValues(c.deref(p)); vals != nil {
+						infos[i].disc[r.str] = vals
+					}
+				}
+			}
+		}
+	}
+	apart := func(a, b map[string]bool) bool {
+		for k := range a {
+			if b[k] {
+				return false
+			}
+		}
+		return true
+	}
+	for i := range infos {
+		for j := range i {
+			a, b := infos[i], infos[j]
+			overlapTypes := !apart(a.types, b.types) ||
+				a.types["integer"] && b.types["number"] || a.types["number"] && b.types["integer"]
+			if !overlapTypes {
+				continue
+			}
+			if a.values != nil && b.values != nil && apart(a.values, b.values) {
+				continue
+			}
+			split := false
+			for p, va := range a.disc {
+				if vb, ok := b.disc[p]; ok && apart(va, vb) {
+					split = true
+					break
+				}
+			}
+			if !split {
+				return fmt.Errorf("branches %d and %d may both match a value; use anyOf, or a required property with different const values", j, i)
+			}
+		}
+	}
+	return nil
+}
+
+// deref follows $ref (a bounded number of times).
+func (c *schemaCompiler) deref(s *jv) *jv {
+	for range maxRefHops {
+		ref := s.get("$ref")
+		if ref == nil {
+			return s
+		}
+		t, err := c.resolve(ref.str)
+		if err != nil {
+			return s
+		}
+		s = t
+	}
+	return s
+}
+
+// typeSet is the JSON types schema s may match (all when unknown).
+func (c *schemaCompiler) typeSet(s *jv, hops int) map[string]bool {
+	all := map[string]bool{}
+	for _, t := range allTypes {
+		all[t] = true
+	}
+	if hops > maxRefHops {
+		return all
+	}
+	s = c.deref(s)
+	if s.kind == 'b' {
+		if s.b {
+			return all
+		}
+		return map[string]bool{}
+	}
+	if vals := s.get("const"); vals != nil {
+		return map[string]bool{jsonType(vals): true}
+	}
+	if vals := s.get("enum"); vals != nil {
+		out := map[string]bool{}
+		for _, v := range vals.vals {
+			out[jsonType(v)] = true
+		}
+		return out
+	}
+	for _, kw := range []string{"anyOf", "oneOf", "allOf"} {
+		if list := s.get(kw); list != nil {
+			out := map[string]bool{}
+			for _, b := range list.vals {
+				for t := range c.typeSet(b, hops+1) {
+					out[t] = true
+				}
+			}
+			return out
+		}
+	}
+	types, err := c.types(s, "")
+	if err != nil {
+		return all
+	}
+	out := map[string]bool{}
+	for _, t := range types {
+		out[t] = true
+	}
+	return out
+}
+
+// jsonType names the type of a value; integral numbers are "integer".
+func jsonType(v *jv) string {
+	switch v.kind {
+	case 'o':
+		return "object"
+	case 'a':
+		return "array"
+	case 's':
+		return "string"
+	case 'b':
+		return "boolean"
+	case 'z':
+		return "null"
+	}
+	if f, ok := new(big.Float).SetString(v.str); ok && f.IsInt() {
+		return "integer"
+	}
+	return "number"
+}
+
+// constValues is the set of values a const/enum schema allows, in a
+// canonical form (numbers by value), or nil for other schemas.
+func constValues(s *jv) map[string]bool {
+	var vals []*jv
+	if v := s.get("const"); v != nil {
+		vals = []*jv{v}
+	} else if v := s.get("enum"); v != nil {
+		vals = v.vals
+	} else {
+		return nil
+	}
+	out := map[string]bool{}
+	for _, v := range vals {
+		key := v.compactString()
+		if v.kind == 'n' {
+			if f, ok := new(big.Float).SetString(v.str); ok {
+				key = f.Text('g', -1)
+			}
+		}
+		out[key] = true
+	}
+	return out
+}
