@@ -6,6 +6,8 @@ import (
 	"math"
 	"math/bits"
 	"sync"
+
+	"github.com/mmfp4/mmfp4/sample"
 )
 
 // Grammar is a compiled Expr over a vocabulary: an automaton over bytes
@@ -18,9 +20,18 @@ type Grammar struct {
 	allowSpecial bool
 	words        int // mask length in 64-bit words
 
-	mu    sync.Mutex
-	d     *dfa
-	masks [][]uint64 // per state; nil until computed
+	mu   sync.Mutex
+	d    *dfa
+	sets []*tokenSet // per state; nil until computed
+}
+
+// tokenSet is a state's allowed tokens as a bitset, and as a list of
+// whichever is shorter, the allowed or the refused ids, so that applying
+// it costs in proportion to the smaller side.
+type tokenSet struct {
+	bits    []uint64
+	allowed []int32 // when at most half the vocabulary is allowed
+	refused []int32 // otherwise
 }
 
 // Options of Compile.
@@ -49,14 +60,14 @@ func Compile(v *Vocab, e Expr, opt Options) (*Grammar, error) {
 	return g, nil
 }
 
-// mask returns the tokens allowed in state s, end-of-output ids included
+// tokens returns the tokens allowed in state s, end-of-output ids included
 // when s accepts. The caller holds g.mu.
-func (g *Grammar) mask(s int32) []uint64 {
-	for int(s) >= len(g.masks) {
-		g.masks = append(g.masks, nil)
+func (g *Grammar) tokens(s int32) *tokenSet {
+	for int(s) >= len(g.sets) {
+		g.sets = append(g.sets, nil)
 	}
-	if m := g.masks[s]; m != nil {
-		return m
+	if ts := g.sets[s]; ts != nil {
+		return ts
 	}
 	m := make([]uint64, g.words)
 	set := func(id int32) { m[id>>6] |= 1 << (id & 63) }
@@ -89,8 +100,26 @@ func (g *Grammar) mask(s int32) []uint64 {
 			set(id)
 		}
 	}
-	g.masks[s] = m
-	return m
+	ts := &tokenSet{bits: m}
+	count := 0
+	for _, w := range m {
+		count += bits.OnesCount64(w)
+	}
+	size := len(g.v.tokens)
+	for id := range size {
+		on := m[id>>6]>>(id&63)&1 == 1
+		switch {
+		case 2*count <= size && on:
+			ts.allowed = append(ts.allowed, int32(id))
+		case 2*count > size && !on:
+			ts.refused = append(ts.refused, int32(id))
+		}
+	}
+	if 2*count <= size && ts.allowed == nil {
+		ts.allowed = []int32{} // nothing allowed (cannot happen in a live state)
+	}
+	g.sets[s] = ts
+	return ts
 }
 
 // special is where special token id leads from state s (0: refused).
@@ -114,7 +143,7 @@ func (g *Grammar) Precompute(limit int) int {
 	for len(queue) > 0 && done < limit {
 		s := queue[0]
 		queue = queue[1:]
-		g.mask(s)
+		g.tokens(s)
 		done++
 		for _, t := range g.d.next(s) {
 			if t != 0 && !seen[t] {
@@ -139,6 +168,7 @@ type Constraint struct {
 	g     *Grammar
 	state int32
 	ended bool
+	sub   []float32 // scratch for Mask and Sample
 }
 
 // Start begins a constrained output.
@@ -151,9 +181,13 @@ func (c *Constraint) Allowed() []uint64 {
 	if c.ended {
 		return make([]uint64, c.g.words)
 	}
+	return c.set().bits
+}
+
+func (c *Constraint) set() *tokenSet {
 	c.g.mu.Lock()
 	defer c.g.mu.Unlock()
-	return c.g.mask(c.state)
+	return c.g.tokens(c.state)
 }
 
 // Masked is the logit given to refused tokens: the lowest finite float32,
@@ -163,22 +197,85 @@ const Masked = -math.MaxFloat32
 // Mask sets the logits of refused tokens to Masked. Ids past the
 // vocabulary (padding rows of the output layer) are refused.
 func (c *Constraint) Mask(logits []float32) {
-	m := c.Allowed()
-	n := min(len(logits), len(m)*64)
-	for w := 0; w*64 < n; w++ {
-		refused := ^m[w]
-		if w*64+64 > n {
-			refused &= 1<<(n-w*64) - 1
+	if c.ended {
+		for i := range logits {
+			logits[i] = Masked
 		}
-		for refused != 0 {
-			i := bits.TrailingZeros64(refused)
-			logits[w*64+i] = Masked
-			refused &= refused - 1
+		return
+	}
+	ts := c.set()
+	size := len(c.g.v.tokens)
+	if ts.allowed == nil {
+		for _, id := range ts.refused {
+			if int(id) < len(logits) {
+				logits[id] = Masked
+			}
+		}
+		for i := size; i < len(logits); i++ {
+			logits[i] = Masked
+		}
+		return
+	}
+	// Few allowed: keep their logits, fill the row, put them back.
+	if cap(c.sub) < len(ts.allowed) {
+		c.sub = make([]float32, len(ts.allowed))
+	}
+	keep := c.sub[:len(ts.allowed)]
+	for i, id := range ts.allowed {
+		if int(id) < len(logits) {
+			keep[i] = logits[id]
 		}
 	}
-	for i := n; i < len(logits); i++ {
-		logits[i] = Masked
+	fillMasked(logits)
+	for i, id := range ts.allowed {
+		if int(id) < len(logits) {
+			logits[id] = keep[i]
+		}
 	}
+}
+
+// fillMasked sets every entry to Masked, by doubling copies.
+func fillMasked(x []float32) {
+	if len(x) == 0 {
+		return
+	}
+	x[0] = Masked
+	for n := 1; n < len(x); n *= 2 {
+		copy(x[n:], x[:n])
+	}
+}
+
+// Sample draws the next token from logits with s, among the allowed
+// tokens only. It gives the same distribution as Mask followed by
+// s.Sample, and when few tokens are allowed it looks at those alone
+// instead of the whole row. logits may be modified.
+func (c *Constraint) Sample(s *sample.Sampler, logits []float32) (int, error) {
+	if c.ended {
+		return 0, errors.New("constrain: the output has already ended")
+	}
+	ts := c.set()
+	if ts.allowed == nil {
+		c.Mask(logits)
+		return s.Sample(logits)
+	}
+	if len(ts.allowed) == 0 {
+		return 0, errors.New("constrain: no token is allowed here")
+	}
+	if cap(c.sub) < len(ts.allowed) {
+		c.sub = make([]float32, len(ts.allowed))
+	}
+	sub := c.sub[:len(ts.allowed)]
+	for i, id := range ts.allowed {
+		if int(id) >= len(logits) {
+			return 0, fmt.Errorf("constrain: %d logits for a vocabulary of %d tokens", len(logits), len(c.g.v.tokens))
+		}
+		sub[i] = logits[id]
+	}
+	j, err := s.Sample(sub)
+	if err != nil {
+		return 0, err
+	}
+	return int(ts.allowed[j]), nil
 }
 
 // Advance moves past the token id that was generated. It fails if the
