@@ -57,6 +57,12 @@ const (
 // format, ...) are ignored. Other assertions (pattern, minimum, ...) are
 // refused with an error naming them, since the output could break them.
 func JSONSchema(schema []byte, opt SchemaOptions) (Expr, error) {
+	return JSONSchemaAt(schema, "#", opt)
+}
+
+// JSONSchemaAt is JSONSchema for the part of schema at a JSON pointer
+// ("#/properties/city"), with $ref resolved against the whole schema.
+func JSONSchemaAt(schema []byte, pointer string, opt SchemaOptions) (Expr, error) {
 	if _, err := NewValidator(schema); err != nil {
 		return nil, err
 	}
@@ -66,7 +72,11 @@ func JSONSchema(schema []byte, opt SchemaOptions) (Expr, error) {
 	}
 	c := &schemaCompiler{root: root, opt: opt.withDefaults()}
 	c.ws = wsSlot(c.opt.MaxIndent)
-	e, err := c.value(root, 0, 0, "#")
+	at, err := c.resolve(pointer)
+	if err != nil {
+		return nil, fmt.Errorf("json schema: %w", err)
+	}
+	e, err := c.value(at, 0, 0, pointer)
 	if err != nil {
 		return nil, err
 	}
