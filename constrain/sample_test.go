@@ -286,3 +286,28 @@ func TestGrammarConcurrentUse(t *testing.T) {
 	}
 	wg.Wait()
 }
+
+func TestCache(t *testing.T) {
+	v := vocabOf(t, loadTok(t, tinyDir))
+	c := NewCache(2)
+	builds := 0
+	get := func(key string) *Grammar {
+		g, err := c.Get(key, v, Options{}, func() (Expr, error) { builds++; return AnyJSON("", SchemaOptions{}) })
+		if err != nil {
+			t.Fatal(err)
+		}
+		return g
+	}
+	a := get("a")
+	if get("a") != a || builds != 1 {
+		t.Errorf("a second Get compiled again (%d builds)", builds)
+	}
+	get("b")
+	get("c") // evicts a, the least recently used
+	if get("a") == a || builds != 4 {
+		t.Errorf("a was not evicted (%d builds)", builds)
+	}
+	if _, err := c.Get("bad", v, Options{}, func() (Expr, error) { return JSONSchema([]byte(`{"type": 1}`), SchemaOptions{}) }); err == nil {
+		t.Error("a bad schema compiled")
+	}
+}
