@@ -133,19 +133,22 @@ func (g *Grammar) special(s, id int32) int32 {
 // Precompute works out states and their token sets ahead of use, breadth
 // first from the start, up to limit states; it returns how many states
 // have token sets. Run it in the background after Compile to keep the
-// first uses of a grammar off the critical path.
+// first uses of a grammar off the critical path: it takes the grammar's
+// lock for one state at a time, so constraints in use wait at most that
+// long.
 func (g *Grammar) Precompute(limit int) int {
-	g.mu.Lock()
-	defer g.mu.Unlock()
 	queue := []int32{start}
 	seen := map[int32]bool{start: true}
 	done := 0
 	for len(queue) > 0 && done < limit {
 		s := queue[0]
 		queue = queue[1:]
+		g.mu.Lock()
 		g.tokens(s)
+		row := *g.d.next(s)
+		g.mu.Unlock()
 		done++
-		for _, t := range g.d.next(s) {
+		for _, t := range row {
 			if t != 0 && !seen[t] {
 				seen[t] = true
 				queue = append(queue, t)
