@@ -20,10 +20,16 @@ type Grammar struct {
 	allowSpecial bool
 	words        int // mask length in 64-bit words
 
-	mu   sync.Mutex
-	d    *dfa
-	sets []*tokenSet // per state; nil until computed
+	mu       sync.Mutex
+	d        *dfa
+	sets     []*tokenSet // per state; nil until computed
+	setBytes int         // memory held by sets
 }
+
+// maxSetBytes bounds the memory of a grammar's cached token sets; past
+// it they are dropped and worked out again as needed (a free JSON value
+// can reach many states).
+const maxSetBytes = 256 << 20
 
 // tokenSet is a state's allowed tokens as a bitset, and as a list of
 // whichever is shorter, the allowed or the refused ids, so that applying
@@ -118,6 +124,12 @@ func (g *Grammar) tokens(s int32) *tokenSet {
 	if 2*count <= size && ts.allowed == nil {
 		ts.allowed = []int32{} // nothing allowed (cannot happen in a live state)
 	}
+	n := 8*len(m) + 4*len(ts.allowed) + 4*len(ts.refused)
+	if g.setBytes+n > maxSetBytes {
+		clear(g.sets)
+		g.setBytes = 0
+	}
+	g.setBytes += n
 	g.sets[s] = ts
 	return ts
 }

@@ -14,8 +14,9 @@ import (
 
 // SchemaOptions shape the JSON a schema compiles to.
 type SchemaOptions struct {
-	// MaxDepth bounds the nesting of objects and arrays where the schema
-	// leaves it open (any JSON value, recursive $ref); default 12.
+	// MaxDepth bounds the nesting where the schema leaves it open: the
+	// depth of objects and arrays in a free JSON value, and how many
+	// times a recursive $ref unfolds; default 8.
 	MaxDepth int
 	// MaxIndent is the most spaces or tabs after a newline between JSON
 	// tokens; default 16. Between tokens the output may have nothing, one
@@ -26,7 +27,7 @@ type SchemaOptions struct {
 
 func (o SchemaOptions) withDefaults() SchemaOptions {
 	if o.MaxDepth <= 0 {
-		o.MaxDepth = 12
+		o.MaxDepth = 8
 	}
 	if o.MaxIndent <= 0 {
 		o.MaxIndent = 16
@@ -39,6 +40,7 @@ const (
 	maxLengthBound = 1024 // minLength, maxLength
 	maxItemsBound  = 64   // minItems, maxItems
 	maxRefHops     = 32   // $ref to $ref without nesting
+	maxNesting     = 64   // objects and arrays written out in a schema
 	maxStates      = 1 << 17
 )
 
@@ -76,7 +78,7 @@ func JSONSchemaAt(schema []byte, pointer string, opt SchemaOptions) (Expr, error
 	if err != nil {
 		return nil, fmt.Errorf("json schema: %w", err)
 	}
-	e, err := c.value(at, 0, 0, pointer)
+	e, err := c.value(at, 0, 0, 0, pointer)
 	if err != nil {
 		return nil, err
 	}
@@ -161,9 +163,9 @@ var assertionKeywords = []string{
 	"minLength", "maxLength", "enum", "const", "anyOf", "oneOf", "allOf", "$ref",
 }
 
-// value compiles schema s at nesting depth depth; hops counts $ref
-// followed since the last nesting.
-func (c *schemaCompiler) value(s *jv, depth, hops int, path string) (Expr, error) {
+// value compiles schema s at nesting depth depth; refs counts the $ref
+// followed on the way (recursion), hops those since the last nesting.
+func (c *schemaCompiler) value(s *jv, depth, refs, hops int, path string) (Expr, error) {
 	switch s.kind {
 	case 'b':
 		if s.b {
@@ -197,11 +199,14 @@ func (c *schemaCompiler) value(s *jv, depth, hops int, path string) (Expr, error
 		if hops >= maxRefHops {
 			return nil, fmt.Errorf("json schema %s: $ref chain does not end", path)
 		}
+		if refs >= c.opt.MaxDepth {
+			return Never, nil // recursion deeper than the bound
+		}
 		target, err := c.resolve(ref.str)
 		if err != nil {
 			return nil, fmt.Errorf("json schema %s: %w", path, err)
 		}
-		return c.value(target, depth, hops+1, ref.str)
+		return c.value(target, depth, refs+1, hops+1, ref.str)
 	}
 	for _, kw := range []string{"anyOf", "oneOf", "allOf"} {
 		list := s.get(kw)
@@ -221,7 +226,7 @@ func (c *schemaCompiler) value(s *jv, depth, hops int, path string) (Expr, error
 		}
 		var alts []Expr
 		for i, b := range list.vals {
-			e, err := c.value(b, depth, hops, fmt.Sprintf("%s/%s/%d", path, kw, i))
+			e, err := c.value(b, depth, refs, hops, fmt.Sprintf("%s/%s/%d", path, kw, i))
 			if err != nil {
 				return nil, err
 			}
@@ -258,9 +263,9 @@ func (c *schemaCompiler) value(s *jv, depth, hops int, path string) (Expr, error
 			}
 			e = Seq(Lit(`"`), Rep(jsonChar, lo, hi), Lit(`"`))
 		case "array":
-			e, err = c.array(s, depth, path)
+			e, err = c.array(s, depth, refs, path)
 		case "object":
-			e, err = c.object(s, depth, path)
+			e, err = c.object(s, depth, refs, path)
 		}
 		if err != nil {
 			return nil, err
@@ -388,9 +393,9 @@ func (c *schemaCompiler) resolve(ref string) (*jv, error) {
 	return v, nil
 }
 
-func (c *schemaCompiler) array(s *jv, depth int, path string) (Expr, error) {
-	if depth >= c.opt.MaxDepth {
-		return Never, nil
+func (c *schemaCompiler) array(s *jv, depth, refs int, path string) (Expr, error) {
+	if depth >= maxNesting {
+		return nil, fmt.Errorf("json schema %s: nested deeper than %d", path, maxNesting)
 	}
 	lo, hi, err := bounds(s, "minItems", "maxItems", maxItemsBound, path)
 	if err != nil {
@@ -398,7 +403,7 @@ func (c *schemaCompiler) array(s *jv, depth int, path string) (Expr, error) {
 	}
 	item := c.any(depth + 1)
 	if it := s.get("items"); it != nil {
-		if item, err = c.value(it, depth+1, 0, path+"/items"); err != nil {
+		if item, err = c.value(it, depth+1, refs, 0, path+"/items"); err != nil {
 			return nil, err
 		}
 	}
@@ -424,16 +429,16 @@ func jsonArray(item Expr, lo, hi int, ws Expr) Expr {
 	return Seq(Lit("["), ws, body, Lit("]"))
 }
 
-func (c *schemaCompiler) object(s *jv, depth int, path string) (Expr, error) {
-	if depth >= c.opt.MaxDepth {
-		return Never, nil
+func (c *schemaCompiler) object(s *jv, depth, refs int, path string) (Expr, error) {
+	if depth >= maxNesting {
+		return nil, fmt.Errorf("json schema %s: nested deeper than %d", path, maxNesting)
 	}
 	var extra Expr // the values of properties not listed; nil: none allowed
 	if ap := s.get("additionalProperties"); ap == nil {
 		extra = c.any(depth + 1)
 	} else {
 		var err error
-		if extra, err = c.value(ap, depth+1, 0, path+"/additionalProperties"); err != nil {
+		if extra, err = c.value(ap, depth+1, refs, 0, path+"/additionalProperties"); err != nil {
 			return nil, err
 		}
 		if isNever(extra) {
@@ -446,7 +451,7 @@ func (c *schemaCompiler) object(s *jv, depth int, path string) (Expr, error) {
 			return nil, fmt.Errorf("json schema %s: \"properties\" must be an object", path)
 		}
 		for i, k := range props.keys {
-			e, err := c.value(props.vals[i], depth+1, 0, path+"/properties/"+k)
+			e, err := c.value(props.vals[i], depth+1, refs, 0, path+"/properties/"+k)
 			if err != nil {
 				return nil, err
 			}
