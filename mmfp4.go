@@ -13,9 +13,12 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 	"time"
 
+	"github.com/mmfp4/mmfp4/backend"
 	"github.com/mmfp4/mmfp4/backend/cpu"
+	"github.com/mmfp4/mmfp4/engine"
 	"github.com/mmfp4/mmfp4/model/glm4moelite"
 	"github.com/mmfp4/mmfp4/sample"
 	"github.com/mmfp4/mmfp4/tokenizer"
@@ -23,14 +26,17 @@ import (
 
 // Options configure loading.
 type Options struct {
-	// Threads for the CPU backend; 0 uses every core.
-	Threads int
+	// Backend runs the model; nil means the CPU backend with its defaults
+	// (cpu.New(cpu.Options{})). Backend-specific settings, such as the CPU
+	// threads, are that backend's options.
+	Backend backend.Backend
 	// MaxContext caps the tokens of one sequence (prompt + output); 0 means
-	// the model's max_position_embeddings, limited to 4096.
+	// the model's max_position_embeddings, or what the KV cache holds if
+	// that is less. It sets Engine.MaxModelLen.
 	MaxContext int
-	// FloatActivations runs MMFP4 products on float32 activations instead of
-	// int8 (slower; for accuracy comparison).
-	FloatActivations bool
+	// Engine sets the batching engine that Generate runs on: KV cache size
+	// and precision, batch and queue bounds (zero values: its defaults).
+	Engine engine.Options
 	// DebugNaN checks every intermediate tensor and names the first layer and
 	// tensor that produce a NaN or Inf.
 	DebugNaN bool
@@ -38,12 +44,19 @@ type Options struct {
 
 // Model is a loaded model, ready to generate.
 type Model struct {
-	net        *glm4moelite.Model
-	maxContext int
-	eos        []int
-	// Tokenizer is the model's tokenizer, or nil when the directory has no
-	// tokenizer.json (token ids still work).
-	Tokenizer *tokenizer.Tokenizer
+	net     *glm4moelite.Model
+	engOpts engine.Options // resolved
+	eos     []int          // from generation_config.json or config.json; nil: ask the tokenizer
+	dir     string
+
+	tokOnce sync.Once
+	tok     *tokenizer.Tokenizer
+	tokErr  error
+
+	engOnce sync.Once
+	eng     *engine.Engine
+	engErr  error
+
 	// LoadTime is how long Load took.
 	LoadTime time.Duration
 }
@@ -51,39 +64,73 @@ type Model struct {
 // Load reads a model directory. Tokenizer files are not needed.
 func Load(dir string, opts Options) (*Model, error) {
 	start := time.Now()
-	b := cpu.New(cpu.Options{Threads: opts.Threads, FloatActivations: opts.FloatActivations})
+	b := opts.Backend
+	if b == nil {
+		b = cpu.New(cpu.Options{})
+	}
 	net, err := glm4moelite.Load(dir, b, glm4moelite.LoadOptions{})
 	if err != nil {
 		return nil, err
 	}
 	net.DebugNaN = opts.DebugNaN
-	ctxLen := opts.MaxContext
-	if mp := net.Config.MaxPositions; ctxLen < 0 || (mp > 0 && ctxLen > mp) {
-		return nil, fmt.Errorf("context of %d tokens: want 0 (default) to max_position_embeddings (%d)", ctxLen, mp)
+	if opts.MaxContext < 0 {
+		return nil, fmt.Errorf("context of %d tokens: want 0 (default) or more", opts.MaxContext)
 	}
-	if ctxLen == 0 {
-		ctxLen = 4096
-		if mp := net.Config.MaxPositions; mp > 0 && mp < ctxLen {
-			ctxLen = mp
-		}
+	if opts.MaxContext > 0 {
+		opts.Engine.MaxModelLen = opts.MaxContext
+	}
+	engOpts, err := engine.Resolve(net.Config, opts.Engine)
+	if err != nil {
+		return nil, err
 	}
 	eos, err := generationEOS(dir)
 	if err != nil {
 		return nil, err
 	}
-	var tok *tokenizer.Tokenizer
-	if _, err := os.Stat(filepath.Join(dir, "tokenizer.json")); err == nil {
-		if tok, err = tokenizer.Load(dir); err != nil {
-			return nil, err
-		}
-		if eos == nil {
-			eos = tok.EOSIDs()
-		}
-	}
 	if eos == nil {
 		eos = net.Config.EOSTokenIDs
 	}
-	return &Model{net: net, maxContext: ctxLen, eos: eos, Tokenizer: tok, LoadTime: time.Since(start)}, nil
+	return &Model{net: net, engOpts: engOpts, eos: eos, dir: dir, LoadTime: time.Since(start)}, nil
+}
+
+// Tokenizer loads the model's tokenizer on first use and keeps it. Token
+// ids need no tokenizer, so a missing or broken tokenizer.json fails only
+// text input (ErrNoTokenizer when the directory has none).
+func (m *Model) Tokenizer() (*tokenizer.Tokenizer, error) {
+	m.tokOnce.Do(func() {
+		if _, err := os.Stat(filepath.Join(m.dir, "tokenizer.json")); errors.Is(err, os.ErrNotExist) {
+			m.tokErr = ErrNoTokenizer
+			return
+		}
+		m.tok, m.tokErr = tokenizer.Load(m.dir)
+	})
+	return m.tok, m.tokErr
+}
+
+// Engine returns the model's batching engine, starting it (and allocating
+// its KV cache) on first use. Servers submit requests to it directly.
+func (m *Model) Engine() (*engine.Engine, error) {
+	m.engOnce.Do(func() {
+		eos, err := m.defaultStops()
+		if err != nil {
+			m.engErr = err
+			return
+		}
+		// Without a usable tokenizer the engine still runs id requests;
+		// text requests are refused by the callers that need text.
+		tok, _ := m.Tokenizer()
+		m.eng, m.engErr = engine.New(m.net, tok, eos, m.engOpts)
+	})
+	return m.eng, m.engErr
+}
+
+// Close stops the engine, cancelling what it runs. The model's weights
+// stay mapped.
+func (m *Model) Close() {
+	m.engOnce.Do(func() { m.engErr = errors.New("the model is closed") })
+	if m.eng != nil {
+		m.eng.Close()
+	}
 }
 
 // ErrNoTokenizer is returned for text input when the model directory has no
@@ -93,25 +140,27 @@ var ErrNoTokenizer = errors.New("the model directory has no tokenizer.json: give
 // EncodeText turns a plain text prompt into ids the way HF's tokenizer(text)
 // does, special tokens of the post-processor included.
 func (m *Model) EncodeText(text string) ([]int, error) {
-	if m.Tokenizer == nil {
-		return nil, ErrNoTokenizer
+	tok, err := m.Tokenizer()
+	if err != nil {
+		return nil, err
 	}
-	return m.Tokenizer.Encode(text, true)
+	return tok.Encode(text, true)
 }
 
 // EncodeChat renders messages with the model's chat template (with the
 // generation prompt) and encodes the result; the template writes the special
 // tokens itself.
 func (m *Model) EncodeChat(messages []tokenizer.Message, opt tokenizer.ChatOptions) ([]int, error) {
-	if m.Tokenizer == nil {
-		return nil, ErrNoTokenizer
-	}
-	opt.AddGenerationPrompt = true
-	text, err := m.Tokenizer.ApplyChatTemplate(messages, opt)
+	tok, err := m.Tokenizer()
 	if err != nil {
 		return nil, err
 	}
-	return m.Tokenizer.Encode(text, false)
+	opt.AddGenerationPrompt = true
+	text, err := tok.ApplyChatTemplate(messages, opt)
+	if err != nil {
+		return nil, err
+	}
+	return tok.Encode(text, false)
 }
 
 // generationEOS reads eos_token_id from generation_config.json, if present.
@@ -143,31 +192,61 @@ func generationEOS(dir string) ([]int, error) {
 // Config is the model's parsed configuration.
 func (m *Model) Config() *glm4moelite.Config { return m.net.Config }
 
-// EOS are the token ids that end generation by default.
-func (m *Model) EOS() []int { return m.eos }
+// EOS are the token ids that end generation by default: eos_token_id of
+// generation_config.json, else of config.json, else the tokenizer's
+// eos_token (nil if the tokenizer cannot be loaded).
+func (m *Model) EOS() []int {
+	eos, _ := m.defaultStops()
+	return eos
+}
+
+// defaultStops is EOS with the tokenizer's load error, if the tokenizer
+// was needed; a directory without tokenizer.json just has no stop ids.
+func (m *Model) defaultStops() ([]int, error) {
+	if m.eos != nil {
+		return m.eos, nil
+	}
+	tok, err := m.Tokenizer()
+	switch {
+	case errors.Is(err, ErrNoTokenizer):
+		return nil, nil
+	case err != nil:
+		return nil, fmt.Errorf("no eos_token_id in generation_config.json or config.json, and the tokenizer for eos_token failed: %w", err)
+	}
+	return tok.EOSIDs(), nil
+}
 
 // MaxContext is the most tokens one sequence may hold.
-func (m *Model) MaxContext() int { return m.maxContext }
+func (m *Model) MaxContext() int { return m.engOpts.MaxModelLen }
 
 // GenerateOptions control one generation.
 type GenerateOptions struct {
-	// MaxTokens to generate; 0 means until EOS or the context is full.
+	// MaxTokens to generate; 0 means until a stop or the context is full.
 	MaxTokens int
 	// Sampling: zero value is greedy.
 	Sampling sample.Options
-	// StopIDs end generation (the stop token is returned but not passed on);
-	// nil means the model's EOS ids. An empty non-nil slice disables stopping.
+	// StopIDs end generation (the stop token is not returned); nil means the
+	// model's EOS ids. An empty non-nil slice disables stopping.
 	StopIDs []int
+	// Stop strings end generation; the text stops before the first one
+	// (needs the tokenizer).
+	Stop []string
 	// OnToken, if set, is called with each new token as soon as it is
 	// chosen; an error from it stops generation and is returned.
 	OnToken func(id int) error
+	// OnText, if set, is called with text as it becomes final: never part
+	// of a UTF-8 character, never part of a stop string (needs the
+	// tokenizer). An error from it stops generation and is returned.
+	OnText func(text string) error
 }
 
 // Result describes a finished generation.
 type Result struct {
-	Tokens       []int // generated ids, without the stop token
+	Tokens       []int  // generated ids, without the stop token
+	Text         string // their text, when OnText or Stop was given
 	PromptTokens int
-	StopReason   string // "eos", "max_tokens", "context" or "canceled"
+	CachedTokens int    // prompt tokens that came from the prefix cache
+	StopReason   string // "eos", "stop" (a stop string), "max_tokens", "context" or "canceled"
 	PrefillTime  time.Duration
 	DecodeTime   time.Duration
 }
@@ -188,70 +267,84 @@ func (r *Result) DecodeTokensPerSecond() float64 {
 	return float64(steps) / r.DecodeTime.Seconds()
 }
 
-// Generate prefills the prompt in one batched pass, then decodes one token
-// per step with the KV cache. Cancelling ctx stops it between steps.
+// Generate runs one request on the model's engine: the prompt is prefilled
+// in chunks, then tokens are decoded one per step, sharing steps with any
+// other requests the engine is running. Cancelling ctx stops it within a
+// step.
 func (m *Model) Generate(ctx context.Context, prompt []int, opts GenerateOptions) (*Result, error) {
-	if len(prompt) == 0 {
-		return nil, errors.New("generate: empty prompt")
-	}
-	if len(prompt) >= m.maxContext {
-		return nil, fmt.Errorf("generate: prompt of %d tokens leaves no room in the context of %d", len(prompt), m.maxContext)
-	}
-	sampler, err := sample.New(opts.Sampling)
+	eng, err := m.Engine()
 	if err != nil {
 		return nil, err
 	}
-	stop := opts.StopIDs
-	if stop == nil {
-		stop = m.eos
+	wantText := opts.OnText != nil || len(opts.Stop) > 0
+	if wantText {
+		if _, err := m.Tokenizer(); err != nil {
+			return nil, err
+		}
 	}
-	isStop := make(map[int]bool, len(stop))
-	for _, id := range stop {
-		isStop[id] = true
+	// A generation that would run past the context stops there ("context")
+	// rather than being refused; only a prompt that fills it is refused.
+	room := m.MaxContext() - len(prompt)
+	if room <= 0 {
+		return nil, fmt.Errorf("generate: prompt of %d tokens leaves no room in the context of %d", len(prompt), m.MaxContext())
 	}
-	capacity := m.maxContext
-	if opts.MaxTokens > 0 {
-		capacity = min(capacity, len(prompt)+opts.MaxTokens)
+	maxTokens, clamped := opts.MaxTokens, false
+	if maxTokens <= 0 || maxTokens > room {
+		maxTokens, clamped = room, true
 	}
-	state := m.net.NewState(capacity)
-	res := &Result{PromptTokens: len(prompt)}
-
+	run, cancel := context.WithCancel(ctx)
+	defer cancel()
 	start := time.Now()
-	logits, err := m.net.Forward(state, prompt, false)
+	st, err := eng.Submit(run, engine.Request{Prompt: prompt, MaxTokens: maxTokens, Sampling: opts.Sampling,
+		StopIDs: opts.StopIDs, Stop: opts.Stop, Text: wantText})
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("generate: %w", err)
 	}
-	res.PrefillTime = time.Since(start)
-	start = time.Now()
-	defer func() { res.DecodeTime = time.Since(start) }()
+	res := &Result{PromptTokens: len(prompt)}
+	var first time.Time
+	defer func() {
+		if !first.IsZero() {
+			res.DecodeTime = time.Since(first)
+		}
+	}()
 	for {
-		id, err := sampler.Sample(logits)
-		if err != nil {
-			return res, fmt.Errorf("sampling at position %d: %w", state.Pos, err)
+		ev, err := st.Recv(context.Background())
+		if err != nil { // io.EOF cannot come before the Done event
+			return res, err
 		}
-		if isStop[id] {
-			res.StopReason = "eos"
-			return res, nil
+		if first.IsZero() {
+			first = time.Now()
+			res.PrefillTime = first.Sub(start)
 		}
-		res.Tokens = append(res.Tokens, id)
-		if opts.OnToken != nil {
-			if err := opts.OnToken(id); err != nil {
+		res.Text += ev.Text
+		if ev.Text != "" && opts.OnText != nil {
+			if err := opts.OnText(ev.Text); err != nil {
 				return res, err
 			}
 		}
-		switch {
-		case opts.MaxTokens > 0 && len(res.Tokens) >= opts.MaxTokens:
-			res.StopReason = "max_tokens"
+		if ev.Done {
+			res.CachedTokens = ev.Usage.CachedTokens
+			res.StopReason = string(ev.Finish)
+			if ev.Finish == engine.FinishMaxTokens && clamped {
+				res.StopReason = string(engine.FinishContext)
+			}
+			switch ev.Finish {
+			case engine.FinishError:
+				return res, ev.Err
+			case engine.FinishCanceled:
+				return res, ctx.Err()
+			}
 			return res, nil
-		case state.Pos >= state.Capacity():
-			res.StopReason = "context"
-			return res, nil
-		case ctx.Err() != nil:
-			res.StopReason = "canceled"
-			return res, ctx.Err()
 		}
-		if logits, err = m.net.Forward(state, []int{id}, false); err != nil {
-			return res, err
+		res.Tokens = append(res.Tokens, ev.Token)
+		if opts.OnToken != nil {
+			if err := opts.OnToken(ev.Token); err != nil {
+				return res, err
+			}
+		}
+		if ctx.Err() != nil {
+			res.StopReason = string(engine.FinishCanceled)
+			return res, ctx.Err()
 		}
 	}
 }
@@ -259,8 +352,16 @@ func (m *Model) Generate(ctx context.Context, prompt []int, opts GenerateOptions
 // Logits runs ids through a fresh sequence and returns the float32 logits of
 // every position, len(ids) rows of the vocabulary size.
 func (m *Model) Logits(ids []int) ([]float32, error) {
-	if len(ids) > m.maxContext {
-		return nil, fmt.Errorf("logits: %d tokens exceed the context of %d", len(ids), m.maxContext)
+	if len(ids) == 0 {
+		return nil, errors.New("logits: no tokens")
 	}
-	return m.net.Forward(m.net.NewState(len(ids)), ids, true)
+	if len(ids) > m.MaxContext() {
+		return nil, fmt.Errorf("logits: %d tokens exceed the context of %d", len(ids), m.MaxContext())
+	}
+	// The cache lives for this one pass only, so it is kept exact.
+	state, err := m.net.NewState(len(ids), backend.CacheF32)
+	if err != nil {
+		return nil, err
+	}
+	return m.net.ForwardSeq(state, ids, true)
 }

@@ -4,10 +4,14 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"os"
+	"path/filepath"
 	"slices"
+	"strings"
 	"testing"
 
 	"github.com/mmfp4/mmfp4/sample"
+	"github.com/mmfp4/mmfp4/tokenizer"
 )
 
 const fixture = "testdata/glm4moelite-tiny"
@@ -60,7 +64,7 @@ func TestGenerateContextFullAndCancel(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if res.StopReason != "context" || len(prompt)+len(res.Tokens) != 16+1 {
+	if res.StopReason != "context" || len(prompt)+len(res.Tokens) != 16 {
 		t.Errorf("got %d tokens (%s) after a %d-token prompt with context 16", len(res.Tokens), res.StopReason, len(prompt))
 	}
 	if _, err := m.Generate(context.Background(), make([]int, 16), GenerateOptions{}); err == nil {
@@ -108,5 +112,99 @@ func TestLoadRejectsBadContext(t *testing.T) {
 		if _, err := Load(fixture, Options{MaxContext: n}); err == nil {
 			t.Errorf("MaxContext %d accepted", n)
 		}
+	}
+}
+
+// TestBrokenTokenizerOnlyFailsText: a hostile tokenizer.json does not stop
+// Load, id prompts or logits; text input gets the error naming the file.
+func TestBrokenTokenizerOnlyFailsText(t *testing.T) {
+	dir := t.TempDir()
+	for _, f := range []string{"config.json", "generation_config.json", "model.safetensors", "tokenizer_config.json"} {
+		abs, err := filepath.Abs(filepath.Join(fixture, f))
+		if err != nil {
+			t.Fatal(err)
+		}
+		if err := os.Symlink(abs, filepath.Join(dir, f)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	bad := `{"model":{"type":"BPE","vocab":{"a":0,"b":9223372036854775807},"merges":[]}}`
+	if err := os.WriteFile(filepath.Join(dir, "tokenizer.json"), []byte(bad), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	m, err := Load(dir, Options{})
+	if err != nil {
+		t.Fatalf("Load: %v", err)
+	}
+	good, err := Load(fixture, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	res, err := m.Generate(context.Background(), prompt, GenerateOptions{MaxTokens: 3})
+	if err != nil {
+		t.Fatalf("Generate with ids: %v", err)
+	}
+	want, err := good.Generate(context.Background(), prompt, GenerateOptions{MaxTokens: 3})
+	if err != nil || !slices.Equal(res.Tokens, want.Tokens) {
+		t.Errorf("Generate = %v, want %v (%v)", res.Tokens, want.Tokens, err)
+	}
+	if !slices.Equal(m.EOS(), good.EOS()) {
+		t.Errorf("EOS = %v, want %v from generation_config.json", m.EOS(), good.EOS())
+	}
+	if _, err := m.Logits(prompt[:2]); err != nil {
+		t.Errorf("Logits: %v", err)
+	}
+	for name, encode := range map[string]func() error{
+		"EncodeText": func() error { _, err := m.EncodeText("hi"); return err },
+		"EncodeChat": func() error {
+			_, err := m.EncodeChat([]tokenizer.Message{{Role: "user", Content: "hi"}}, tokenizer.ChatOptions{})
+			return err
+		},
+	} {
+		if err := encode(); err == nil || !strings.Contains(err.Error(), "tokenizer.json") || !strings.Contains(err.Error(), "vocab") {
+			t.Errorf("%s: error %v, want one naming tokenizer.json and the vocab", name, err)
+		}
+	}
+}
+
+// Text streaming through the engine: the pieces are the decoded tokens, and
+// a stop string cuts the text before it.
+func TestGenerateText(t *testing.T) {
+	m, err := Load(fixture, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	ids, err := m.EncodeText("Hello, world")
+	if err != nil {
+		t.Fatal(err)
+	}
+	var streamed string
+	res, err := m.Generate(context.Background(), ids, GenerateOptions{MaxTokens: 16, StopIDs: []int{},
+		OnText: func(s string) error { streamed += s; return nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	tok, err := m.Tokenizer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	want, err := tok.Decode(res.Tokens)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if streamed != want || res.Text != want {
+		t.Fatalf("streamed %q, result %q, decoded %q", streamed, res.Text, want)
+	}
+	stop := want[len(want)/2 : len(want)/2+2]
+	res, err = m.Generate(context.Background(), ids, GenerateOptions{MaxTokens: 16, StopIDs: []int{}, Stop: []string{stop}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if res.StopReason != "stop" || res.Text != want[:strings.Index(want, stop)] {
+		t.Errorf("stop %q: %q (%s)", stop, res.Text, res.StopReason)
+	}
+	if res.CachedTokens != 0 {
+		t.Errorf("a %d-token prompt reported %d cached tokens (blocks are 64 tokens)", len(ids), res.CachedTokens)
 	}
 }

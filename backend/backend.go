@@ -3,6 +3,13 @@
 // model never touches their memory directly, so the same forward pass runs on
 // the CPU backend (backend/cpu) and on a GPU backend.
 //
+// Work is done in steps. A step starts with SetBatch, which hands the backend
+// the batch's metadata (token ids, positions, cache block tables, output
+// rows) once, so a GPU backend can upload it as device tensors and capture
+// the step as a graph. Tensors made with NewTensor come from a per-step arena
+// and stay valid until the next SetBatch. Ops do not return errors: the first
+// failure is recorded and Sync returns it.
+//
 // Every op is specified by its pure-Go implementation in backend/cpu, which is
 // the reference that faster kernels are tested against.
 package backend
@@ -10,7 +17,8 @@ package backend
 import "github.com/mmfp4/mmfp4/format"
 
 // Tensor is a 2-D float32 activation matrix owned by a backend. Rows are
-// tokens. A Tensor may be a column view of another (see Backend.Cols).
+// tokens. A Tensor may be a column or row view of another (Backend.Cols,
+// Backend.Rows).
 type Tensor interface {
 	Rows() int
 	Cols() int
@@ -31,13 +39,6 @@ type HostWeight struct {
 	N, K  int            // shape
 	Dense []float32      // row-major N*K values
 	Quant *format.Matrix // MMFP4 codes and scales (may alias a memory map)
-}
-
-// Cache holds the MLA latent cache of one sequence: for every layer and
-// position, the normalised latent c (Rank values) and the rotated shared key
-// k_pe (RopeDim values).
-type Cache interface {
-	Capacity() int // positions
 }
 
 // MLAShape gives the head geometry of multi-head latent attention.
@@ -74,47 +75,72 @@ type Expert struct {
 type Backend interface {
 	Name() string
 
+	// NewWeight takes host weight data; the backend may keep a reference.
 	NewWeight(w HostWeight) (Weight, error)
+	// NewCachePool allocates the paged latent cache: blocks of blockSize
+	// token slots, each holding, for every layer, the normalised latent c
+	// (rank values) and the rotated shared key k_pe (ropeDim values), stored
+	// in dtype.
+	NewCachePool(layers, blocks, blockSize, rank, ropeDim int, dtype CacheDType) (CachePool, error)
+
+	// SetBatch starts a step: it resets the tensor arena and binds the step
+	// to the batch (which must be valid, see Batch.Validate, and stay
+	// unchanged until the next SetBatch) and to the cache pool that
+	// CacheWrite and LatentAttention use.
+	SetBatch(b *Batch, pool CachePool)
+	// NewTensor returns a zeroed rows x cols tensor from the step's arena,
+	// valid until the next SetBatch.
 	NewTensor(rows, cols int) Tensor
 	Upload(dst Tensor, src []float32)
+	// Download returns a row-major host copy of src (it waits for the
+	// ops before it).
 	Download(src Tensor) []float32
 	// Cols is a view of columns [from, to) of t that shares its memory.
 	Cols(t Tensor, from, to int) Tensor
 	// Rows is a view of rows [from, to) of t that shares its memory.
 	Rows(t Tensor, from, to int) Tensor
+	// Sync waits for the queued ops and returns the first error any op
+	// recorded since the last Sync (a shape mismatch, a bad token id, a
+	// device fault), clearing it.
+	Sync() error
 
-	// Embed copies row ids[i] of table into row i of dst.
-	Embed(dst Tensor, table Weight, ids []int) error
+	// Embed copies row Tokens[i] of table into row i of dst, for the batch's
+	// tokens.
+	Embed(dst Tensor, table Weight)
 	// MatMul computes dst = x W^T: dst[t,n] = sum_k x[t,k] W[n,k].
 	MatMul(dst, x Tensor, w Weight)
 	// RMSNorm computes dst = gain * x / sqrt(mean(x^2) + eps) row by row.
 	RMSNorm(dst, x Tensor, gain Weight, eps float32)
 	// RoPE rotates, in place, dims [offset, offset+dim) of each of the heads
-	// (headStride columns apart) of row t by position pos0+t. Interleaved
-	// rotates pairs (x[2i], x[2i+1]); otherwise pairs (x[i], x[i+dim/2]).
-	RoPE(x Tensor, heads, headStride, offset, dim, pos0 int, theta float64, interleaved bool)
+	// (headStride columns apart) of row t by the batch position
+	// Positions[t]. Interleaved rotates pairs (x[2i], x[2i+1]); otherwise
+	// pairs (x[i], x[i+dim/2]).
+	RoPE(x Tensor, heads, headStride, offset, dim int, theta float64, interleaved bool)
 	// Add computes dst = a + b.
 	Add(dst, a, b Tensor)
 	// SwiGLU computes dst = silu(gate) * up.
 	SwiGLU(dst, gate, up Tensor)
+	// SelectOutputs copies the rows of x listed in the batch's Outputs, in
+	// that order, into dst.
+	SelectOutputs(dst, x Tensor)
 
-	// NewCache allocates a latent cache for capacity positions.
-	NewCache(layers, capacity, rank, ropeDim int) Cache
-	// CacheWrite stores row t of latent and kpe at position pos0+t of layer.
-	CacheWrite(c Cache, layer, pos0 int, latent, kpe Tensor)
+	// CacheWrite stores row t of latent and kpe in layer of the bound pool,
+	// at the slot of position Positions[t] of row t's sequence.
+	CacheWrite(layer int, latent, kpe Tensor)
 	// AbsorbQuery folds the key up-projection into the query:
 	// qlat[t,h] = W_UK[h]^T q_nope[t,h], where W_UK[h] are rows
-	// [h(dn+dv), h(dn+dv)+dn) of kvB and q_nope[t,h] are columns
+	// [h*dn, (h+1)*dn) of wUK (H*dn x Rank) and q_nope[t,h] are columns
 	// [h(dn+dr), h(dn+dr)+dn) of q. qlat has H*Rank columns.
-	AbsorbQuery(qlat, q Tensor, kvB Weight, s MLAShape)
-	// LatentAttention is causal attention over the cache in latent space:
-	// for row t at position p = pos0+t and head h,
-	// score_j = scale * (qlat[t,h].c_j + q_pe[t,h].kpe_j) for j <= p,
+	AbsorbQuery(qlat, q Tensor, wUK Weight, s MLAShape)
+	// LatentAttention is causal attention over the bound pool in latent
+	// space: for row t of sequence s at position p = Positions[t] and head
+	// h, score_j = scale * (qlat[t,h].c_j + q_pe[t,h].kpe_j) over positions
+	// j <= p of s (read in place through its block table), and
 	// olat[t,h] = sum_j softmax(score)_j c_j.
-	LatentAttention(olat, qlat, q Tensor, c Cache, layer, pos0 int, s MLAShape, scale float32)
+	LatentAttention(olat, qlat, q Tensor, layer int, s MLAShape, scale float32)
 	// ExpandValues applies the value up-projection:
-	// out[t,h] = W_UV[h] olat[t,h], W_UV[h] = rows [h(dn+dv)+dn, (h+1)(dn+dv)) of kvB.
-	ExpandValues(out, olat Tensor, kvB Weight, s MLAShape)
+	// out[t,h] = W_UV[h] olat[t,h], W_UV[h] = rows [h*dv, (h+1)*dv) of wUV.
+	ExpandValues(out, olat Tensor, wUV Weight, s MLAShape)
 
 	// Route picks experts from router logits (fp32) with the bias-corrected
 	// noaux_tc rule of DESIGN.md section 3.

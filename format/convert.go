@@ -2,6 +2,7 @@ package format
 
 import (
 	"cmp"
+	"context"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -24,6 +25,12 @@ type ConvertOptions struct {
 	Search     bool                    // per-group scale search ("mse-search") instead of plain RTN
 	Progress   func(done, total int64) // bytes of source tensors processed; may be nil
 	ShardBytes int64                   // target shard size; 0 means 4 GiB
+
+	// Verify, if set, checks that a model directory loads: the source
+	// before any work, and the finished output (still under its temporary
+	// name) before it is moved into place. An error stops the conversion
+	// and leaves no output.
+	Verify func(dir string) error
 }
 
 // Report is what ConvertDir did, for the quality table.
@@ -85,9 +92,15 @@ type job struct {
 
 // ConvertDir converts a Hugging Face glm4_moe_lite checkpoint in directory in
 // to an MMFP4 model directory out. out must not exist or be empty. The result
-// is assembled in a temporary directory next to out and renamed into place at
-// the end, so a failed run leaves nothing behind.
+// is assembled in a temporary directory next to out (see PartialDirs) and
+// renamed into place at the end, so a failed run leaves nothing behind.
 func ConvertDir(in, out string, opt ConvertOptions) (*Report, error) {
+	return ConvertDirContext(context.Background(), in, out, opt)
+}
+
+// ConvertDirContext is ConvertDir that stops when ctx is cancelled: it checks
+// ctx between tensors, removes the partial output and returns ctx's error.
+func ConvertDirContext(ctx context.Context, in, out string, opt ConvertOptions) (*Report, error) {
 	if opt.GroupSize == 0 {
 		opt.GroupSize = 128
 	}
@@ -100,6 +113,9 @@ func ConvertDir(in, out string, opt ConvertOptions) (*Report, error) {
 	if err := checkOutDir(out); err != nil {
 		return nil, err
 	}
+	if IsMMFP4Dir(in) {
+		return nil, fmt.Errorf("%s holds an MMFP4 model already (it has %s): quantize reads a bf16/f16/f32 Hugging Face checkpoint", in, HeaderFile)
+	}
 	numLayers, err := readSourceConfig(in)
 	if err != nil {
 		return nil, err
@@ -109,6 +125,16 @@ func ConvertDir(in, out string, opt ConvertOptions) (*Report, error) {
 		return nil, err
 	}
 	defer set.Close()
+	for _, name := range set.Names() {
+		if strings.HasSuffix(name, ".qweight") {
+			return nil, fmt.Errorf("%s: tensor %s is MMFP4-packed already (and %s is missing): quantize reads a bf16/f16/f32 Hugging Face checkpoint", in, name, HeaderFile)
+		}
+	}
+	if opt.Verify != nil {
+		if err := opt.Verify(in); err != nil {
+			return nil, fmt.Errorf("the source does not load as a model, so its conversion would not either: %w", err)
+		}
+	}
 
 	rep := &Report{}
 	var jobs []*job
@@ -136,7 +162,7 @@ func ConvertDir(in, out string, opt ConvertOptions) (*Report, error) {
 	if err := os.MkdirAll(parent, 0o755); err != nil {
 		return nil, err
 	}
-	tmp, err := os.MkdirTemp(parent, "."+filepath.Base(out)+".partial-")
+	tmp, err := os.MkdirTemp(parent, partialPrefix(out))
 	if err != nil {
 		return nil, err
 	}
@@ -179,6 +205,10 @@ func ConvertDir(in, out string, opt ConvertOptions) (*Report, error) {
 			return nil, err
 		}
 		for _, j := range shard {
+			if err := ctx.Err(); err != nil {
+				w.Abort()
+				return nil, err
+			}
 			row, err := convertTensor(w, j, opt)
 			if err != nil {
 				w.Abort()
@@ -204,6 +234,14 @@ func ConvertDir(in, out string, opt ConvertOptions) (*Report, error) {
 	if rep.OutputBytes, err = dirSize(tmp); err != nil {
 		return nil, err
 	}
+	if opt.Verify != nil {
+		if err := opt.Verify(tmp); err != nil {
+			return nil, fmt.Errorf("the converted model does not load; nothing was written to %s: %w", out, err)
+		}
+	}
+	if err := ctx.Err(); err != nil {
+		return nil, err
+	}
 
 	// Check again: out may have appeared while we worked.
 	if err := checkOutDir(out); err != nil {
@@ -219,6 +257,33 @@ func ConvertDir(in, out string, opt ConvertOptions) (*Report, error) {
 		return cmp.Or(cmp.Compare(b.RelError, a.RelError), strings.Compare(a.Name, b.Name))
 	})
 	return rep, nil
+}
+
+// partialPrefix is the start of the names of out's temporary directories.
+func partialPrefix(out string) string {
+	return "." + filepath.Base(filepath.Clean(out)) + ".partial-"
+}
+
+// PartialDirs lists the temporary directories of conversions to out that
+// were killed before they could clean up (a running conversion to out has one
+// too). ConvertDir never removes them itself: it cannot tell an abandoned one
+// from one that another conversion is still writing.
+func PartialDirs(out string) ([]string, error) {
+	parent := filepath.Dir(filepath.Clean(out))
+	ents, err := os.ReadDir(parent)
+	if errors.Is(err, fs.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, err
+	}
+	var dirs []string
+	for _, e := range ents {
+		if e.IsDir() && strings.HasPrefix(e.Name(), partialPrefix(out)) {
+			dirs = append(dirs, filepath.Join(parent, e.Name()))
+		}
+	}
+	return dirs, nil
 }
 
 // checkOutDir refuses an out that exists and is not an empty directory.

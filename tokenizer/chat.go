@@ -226,24 +226,36 @@ func (t *Tokenizer) ApplyChatTemplate(messages []Message, opt ChatOptions) (stri
 	return t.chatTemplate.render(vars)
 }
 
-// render runs the template; errors name the template line that was
-// running.
+// render runs the template within the default limits; errors name the
+// template line that was running.
 func (c *chatTemplate) render(vars map[string]jinja.Value) (string, error) {
+	return c.renderLimited(vars, defaultRenderLimits)
+}
+
+// engineFailure is a panic inside the template engine, turned into an
+// error; the fuzz tests look for it.
+type engineFailure struct{ v any }
+
+func (e *engineFailure) Error() string { return fmt.Sprintf("the template engine failed: %v", e.v) }
+
+func (c *chatTemplate) renderLimited(vars map[string]jinja.Value, lim renderLimits) (out string, err error) {
 	line := 0
+	defer func() {
+		if r := recover(); r != nil {
+			out, err = "", fmt.Errorf("chat template line %d: %w", line, &engineFailure{r})
+		}
+	}()
+	g := newRenderGuard(lim)
 	vars[lineFunc] = jinja.NewCallable(lineFunc, func(args []jinja.Value, _ map[string]jinja.Value) (jinja.Value, error) {
 		if len(args) == 1 && args[0].IsInt() {
 			line = int(args[0].AsInt())
 		}
 		return jinja.NewString(""), nil
 	})
-	vars[strFunc] = jinja.NewCallable(strFunc, func(args []jinja.Value, _ map[string]jinja.Value) (jinja.Value, error) {
-		if len(args) != 1 {
-			return jinja.Undefined(), errors.New("internal: str takes one value")
-		}
-		return jinja.NewString(pyStr(args[0])), nil
-	})
-	vars[tojsonFunc] = jinja.NewCallable(tojsonFunc, tojsonFilter)
-	out, err := c.tmpl.RenderValues(vars)
+	for name, fn := range g.functions() {
+		vars[name] = fn
+	}
+	out, err = c.tmpl.RenderValues(vars)
 	if err != nil {
 		return "", fmt.Errorf("chat template line %d: %w", line, err)
 	}
@@ -252,11 +264,11 @@ func (c *chatTemplate) render(vars map[string]jinja.Value) (string, error) {
 
 // tojsonFilter is HF's tojson: json.dumps(x, ensure_ascii=False,
 // indent=None, separators=None, sort_keys=False).
-func tojsonFilter(args []jinja.Value, kwargs map[string]jinja.Value) (jinja.Value, error) {
+func tojsonFilter(args []jinja.Value, kwargs map[string]jinja.Value, limit int) (jinja.Value, error) {
 	if len(args) < 1 {
 		return jinja.Undefined(), errors.New("tojson: missing value")
 	}
-	o := jsonOptions{indent: -1}
+	o := jsonOptions{indent: -1, limit: limit}
 	get := func(name string, pos int) (jinja.Value, bool) {
 		if v, ok := kwargs[name]; ok {
 			return v, true

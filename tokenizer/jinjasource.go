@@ -16,14 +16,11 @@ import (
 // it applies jinja2's whitespace rules with HF's settings (trim_blocks,
 // lstrip_blocks, no trailing newline) itself, turns each text run into a
 // {{ '...' }} literal so that the engine has no text left to trim, and
-// routes printed values and tojson through Python-exact helpers. Line
-// numbers are kept: every newline of the source stays on its line.
+// translates the inside of each tag with jinja2's grammar (jinjaexpr.go).
+// Printed values go through a Python-exact str(). Line numbers are kept:
+// every newline of the source stays on its line.
 
-const (
-	lineFunc   = "mmfp4_line"   // records the line of the tag being run
-	strFunc    = "mmfp4_str"    // Python str() of a printed value
-	tojsonFunc = "mmfp4_tojson" // HF's tojson filter
-)
+const lineFunc = reservedPrefix + "line" // records the line of the tag being run
 
 type tagKind int
 
@@ -255,13 +252,14 @@ func rewriteTemplate(src string) (string, error) {
 	}
 	removed := applyWhitespace(ps)
 	var b strings.Builder
+	var blocks []string // open block statements
 	lastLine := 0
 	for i, p := range ps {
 		gone := strings.Repeat("\n", removed[i])
 		switch p.kind {
 		case tagText:
 			if p.text != "" || gone != "" {
-				b.WriteString("{{ " + quoteLiteral(p.text, false) + gone + " }}")
+				b.WriteString("{{ " + call("str", quoteLiteral(p.text, false)) + gone + " }}")
 			}
 		case tagComment:
 			if n := strings.Count(p.text, "\n"); n > 0 {
@@ -278,11 +276,21 @@ func rewriteTemplate(src string) (string, error) {
 				fmt.Fprintf(&b, "{{ %s(%d) }}", lineFunc, p.line)
 				lastLine = p.line
 			}
-			inner := rewriteExpr(p.text)
+			nl := strings.Repeat("\n", strings.Count(p.text, "\n"))
+			var err error
 			if p.kind == tagExpr {
-				b.WriteString("{{ " + strFunc + "(" + inner + ") }}")
+				var inner string
+				if inner, err = translateOutput(p.text); err == nil {
+					b.WriteString("{{ " + call("str", inner) + nl + " }}")
+				}
 			} else {
-				b.WriteString("{%" + inner + "%}")
+				var st translatedStmt
+				if st, err = translateStmt(p.text, &blocks); err == nil {
+					b.WriteString(st.before + "{%" + st.tag + nl + "%}" + st.after)
+				}
+			}
+			if err != nil {
+				return "", fmt.Errorf("line %d: %w", p.line, err)
 			}
 		}
 	}
@@ -316,68 +324,12 @@ func quoteLiteral(s string, escapeNewlines bool) string {
 	return b.String()
 }
 
-// rewriteExpr edits the inside of a tag, outside string literals:
-// Python escapes in literals are resolved, "x.0" becomes "x[0]", and the
-// tojson filter is swapped for HF's.
-func rewriteExpr(s string) string {
-	var b strings.Builder
-	prev := byte(0)    // last significant byte written
-	prevIdent := false // the last token was a name, ')' or ']'
-	for i := 0; i < len(s); {
-		c := s[i]
-		switch {
-		case c == '\'' || c == '"':
-			lit, n := readPyString(s[i:])
-			b.WriteString(quoteLiteral(lit, true))
-			i += n
-			prev, prevIdent = '\'', false
-		case c == '_' || isASCIILetter(c):
-			j := i
-			for j < len(s) && (s[j] == '_' || isASCIILetter(s[j]) || isDigit(s[j])) {
-				j++
-			}
-			name := s[i:j]
-			if name == "tojson" && prev == '|' {
-				name = tojsonFunc
-			}
-			b.WriteString(name)
-			i = j
-			prev, prevIdent = 'a', true
-		case isDigit(c):
-			j := i
-			for j < len(s) && (isDigit(s[j]) || s[j] == '.' || s[j] == 'e' || s[j] == 'E' || s[j] == '_' ||
-				((s[j] == '+' || s[j] == '-') && (s[j-1] == 'e' || s[j-1] == 'E'))) {
-				j++
-			}
-			b.WriteString(s[i:j])
-			i = j
-			prev, prevIdent = '0', false
-		case c == '.' && prevIdent && i+1 < len(s) && isDigit(s[i+1]):
-			j := i + 1
-			for j < len(s) && isDigit(s[j]) {
-				j++
-			}
-			b.WriteString("[" + s[i+1:j] + "]")
-			i = j
-			prev, prevIdent = ']', true
-		default:
-			b.WriteByte(c)
-			i++
-			if c != ' ' && c != '\t' && c != '\n' {
-				prev = c
-				prevIdent = c == ')' || c == ']'
-			}
-		}
-	}
-	return b.String()
-}
-
 func isASCIILetter(c byte) bool { return (c|0x20) >= 'a' && (c|0x20) <= 'z' }
 func isDigit(c byte) bool       { return c >= '0' && c <= '9' }
 
 // readPyString reads a quoted Python string literal at the start of s and
-// returns its value and length.
-func readPyString(s string) (string, int) {
+// returns its value and length; ok is false if it is not closed.
+func readPyString(s string) (val string, n int, ok bool) {
 	q := s[0]
 	var b strings.Builder
 	i := 1
@@ -426,5 +378,278 @@ func readPyString(s string) (string, int) {
 			b.WriteByte(c)
 		}
 	}
-	return b.String(), min(i+1, len(s))
+	if i >= len(s) {
+		return "", 0, false
+	}
+	return b.String(), i + 1, true
+}
+
+// translateOutput translates the inside of {{ }}.
+func translateOutput(src string) (string, error) {
+	p, err := newExprParser(src)
+	if err != nil {
+		return "", err
+	}
+	e, err := p.tuple(true)
+	if err != nil {
+		return "", err
+	}
+	return e, p.end()
+}
+
+// translatedStmt is a statement tag for the engine, with tags to put
+// before and after it.
+type translatedStmt struct {
+	before, tag, after string
+}
+
+// blockEnds maps the statements that open a block to the one that closes it.
+var blockEnds = map[string]string{
+	"if": "endif", "for": "endfor", "macro": "endmacro", "call": "endcall", "filter": "endfilter", "set": "endset",
+}
+
+// translateStmt translates the inside of {% %}. blocks is the stack of
+// open blocks: macros are bracketed by enter and leave, loop bodies start
+// with tick, and nesting is bounded.
+func translateStmt(src string, blocks *[]string) (translatedStmt, error) {
+	p, err := newExprParser(src)
+	if err != nil {
+		return translatedStmt{}, err
+	}
+	if p.peek().kind != jName {
+		return translatedStmt{}, p.unexpected("expected a statement")
+	}
+	kw := p.next().text
+	open := func() error {
+		*blocks = append(*blocks, kw)
+		if len(*blocks) > maxBlockDepth {
+			return fmt.Errorf("blocks nested more than %d deep", maxBlockDepth)
+		}
+		return nil
+	}
+	closeBlock := func() error {
+		n := len(*blocks)
+		if n == 0 || blockEnds[(*blocks)[n-1]] != kw {
+			return fmt.Errorf("unexpected {%% %s %%}", kw)
+		}
+		*blocks = (*blocks)[:n-1]
+		return p.end()
+	}
+	var st translatedStmt
+	switch kw {
+	case "if", "elif":
+		cond, err := p.tuple(false)
+		if err == nil {
+			err = p.end()
+		}
+		if err == nil && kw == "if" {
+			err = open()
+		}
+		st.tag = " " + kw + " " + cond + " "
+		return st, err
+	case "else", "break", "continue":
+		st.tag = " " + kw + " "
+		return st, p.end()
+	case "endif", "endfor", "endcall", "endfilter", "endset":
+		st.tag = " " + kw + " "
+		return st, closeBlock()
+	case "endmacro":
+		st.before = "{{ " + call("leave") + " }}"
+		st.tag = " endmacro "
+		return st, closeBlock()
+	case "for":
+		return translateFor(p, open)
+	case "set":
+		return translateSet(p, open)
+	case "macro":
+		return translateMacro(p, open)
+	case "call":
+		st.tag = " call"
+		if p.isOp("(") {
+			p.next()
+			var params []string
+			for !p.isOp(")") {
+				if len(params) > 0 {
+					if err := p.expectOp(","); err != nil {
+						return st, err
+					}
+				}
+				name, err := p.expectName()
+				if err != nil {
+					return st, err
+				}
+				params = append(params, name)
+			}
+			p.next()
+			st.tag += "(" + strings.Join(params, ", ") + ")"
+		}
+		e, err := p.expr(true)
+		if err == nil {
+			err = p.end()
+		}
+		if err == nil {
+			err = open()
+		}
+		st.tag += " " + e + " "
+		return st, err
+	case "filter":
+		// The engine applies only a filter given by its bare name, which
+		// cannot take arguments; the body is bounded like any output.
+		name, err := p.expectName()
+		if err == nil {
+			err = p.end()
+		}
+		if err == nil {
+			err = open()
+		}
+		st.tag = " filter " + name + " "
+		return st, err
+	}
+	// Anything else the engine rejects on its own.
+	st.tag = src
+	return st, nil
+}
+
+// translateFor: for TARGETS in ITER [if COND] [recursive]; each iteration
+// is counted.
+func translateFor(p *exprParser, open func() error) (translatedStmt, error) {
+	var st translatedStmt
+	paren := p.isOp("(")
+	if paren {
+		p.next()
+	}
+	var targets []string
+	for {
+		name, err := p.expectName()
+		if err != nil {
+			return st, err
+		}
+		targets = append(targets, name)
+		if !p.isOp(",") {
+			break
+		}
+		p.next()
+	}
+	if paren {
+		if err := p.expectOp(")"); err != nil {
+			return st, err
+		}
+	}
+	if !p.isName("in") {
+		return st, p.unexpected("expected \"in\"")
+	}
+	p.next()
+	iter, err := p.tuple(false)
+	if err != nil {
+		return st, err
+	}
+	st.tag = " for " + strings.Join(targets, ", ") + " in " + call("iter", iter)
+	if p.isName("if") {
+		p.next()
+		cond, err := p.expr(true)
+		if err != nil {
+			return st, err
+		}
+		st.tag += " if " + cond
+	}
+	if p.isName("recursive") {
+		p.next()
+		st.tag += " recursive"
+	}
+	st.tag += " "
+	st.after = "{{ " + call("tick") + " }}"
+	if err := p.end(); err != nil {
+		return st, err
+	}
+	return st, open()
+}
+
+// translateSet: set NAME = VALUE, set NS.ATTR = VALUE, or a set block;
+// values are checked (size, the bytes variables hold, and a namespace may
+// not hold itself).
+func translateSet(p *exprParser, open func() error) (translatedStmt, error) {
+	var st translatedStmt
+	name, err := p.expectName()
+	if err != nil {
+		return st, err
+	}
+	if strings.HasPrefix(name, reservedPrefix) {
+		return st, fmt.Errorf("the name %q is reserved", name)
+	}
+	target, ns, attr := name, "", ""
+	if p.isOp(".") {
+		p.next()
+		var err error
+		if attr, err = p.expectName(); err != nil {
+			return st, err
+		}
+		target, ns = name+"."+attr, name
+	}
+	if p.atEnd() && ns == "" {
+		st.tag = " set " + name + " "
+		return st, open()
+	}
+	if err := p.expectOp("="); err != nil {
+		return st, err
+	}
+	v, err := p.tuple(true)
+	if err != nil {
+		return st, err
+	}
+	if ns != "" {
+		v = call("val", v, quoteLiteral(attr, true), ns)
+	} else {
+		v = call("val", v, quoteLiteral(name, true))
+	}
+	st.tag = " set " + target + " = " + v + " "
+	return st, p.end()
+}
+
+// translateMacro: macro NAME(PARAMS). Defaults are set at the top of the
+// body (the engine splits its parameter list at every comma), and the
+// body is bracketed by enter and leave to bound the depth of calls.
+func translateMacro(p *exprParser, open func() error) (translatedStmt, error) {
+	var st translatedStmt
+	name, err := p.expectName()
+	if err != nil {
+		return st, err
+	}
+	if strings.HasPrefix(name, reservedPrefix) {
+		return st, fmt.Errorf("the name %q is reserved", name)
+	}
+	if err := p.expectOp("("); err != nil {
+		return st, err
+	}
+	var params []string
+	var defaults strings.Builder
+	for !p.isOp(")") {
+		if len(params) > 0 {
+			if err := p.expectOp(","); err != nil {
+				return st, err
+			}
+			if p.isOp(")") {
+				break
+			}
+		}
+		param, err := p.expectName()
+		if err != nil {
+			return st, err
+		}
+		params = append(params, param)
+		if p.isOp("=") {
+			p.next()
+			def, err := p.expr(true)
+			if err != nil {
+				return st, err
+			}
+			fmt.Fprintf(&defaults, "{%% if %s is not defined %%}{%% set %s = %s %%}{%% endif %%}", param, param, call("val", def, quoteLiteral(param, true)))
+		}
+	}
+	p.next()
+	if err := p.end(); err != nil {
+		return st, err
+	}
+	st.tag = " macro " + name + "(" + strings.Join(params, ", ") + ") "
+	st.after = "{{ " + call("enter") + " }}" + defaults.String()
+	return st, open()
 }

@@ -93,14 +93,23 @@ func parseTokenizerJSON(data []byte) (*Tokenizer, error) {
 		return nil, fmt.Errorf("decoder: %w", err)
 	}
 
+	// Bound every id before the id table is sized from them, so that a
+	// hostile id is an error and not a huge allocation.
+	limit := idLimit(len(t.model.vocab) + len(j.AddedTokens))
 	size := 0
-	for _, id := range t.model.vocab {
+	for tok, id := range t.model.vocab {
+		if id < 0 || id >= limit {
+			return nil, fmt.Errorf("model: vocab: token %q has id %d, want 0 <= id < %d (%s)", tok, id, limit, idLimitRule)
+		}
 		size = max(size, id+1)
 	}
 	for i := range j.AddedTokens {
 		a := &j.AddedTokens[i]
-		if a.ID < 0 || a.Content == "" {
-			return nil, fmt.Errorf("added_tokens[%d]: bad id %d or empty content", i, a.ID)
+		if a.Content == "" {
+			return nil, fmt.Errorf("added_tokens[%d]: empty content", i)
+		}
+		if a.ID < 0 || a.ID >= limit {
+			return nil, fmt.Errorf("added_tokens[%d] (%q): id %d, want 0 <= id < %d (%s)", i, a.Content, a.ID, limit, idLimitRule)
 		}
 		size = max(size, a.ID+1)
 		t.added = append(t.added, a)
@@ -110,12 +119,12 @@ func parseTokenizerJSON(data []byte) (*Tokenizer, error) {
 			t.rawTrie.insert(a)
 		}
 	}
+	if err := checkPostIDs(t.post, size); err != nil {
+		return nil, fmt.Errorf("post_processor: %w", err)
+	}
 	t.idToToken = make([]string, size)
 	t.special = make([]bool, size)
 	for tok, id := range t.model.vocab {
-		if id < 0 {
-			return nil, fmt.Errorf("model: vocab: negative id %d", id)
-		}
 		t.idToToken[id] = tok
 	}
 	for _, a := range t.added {
@@ -124,6 +133,17 @@ func parseTokenizerJSON(data []byte) (*Tokenizer, error) {
 	}
 	return t, nil
 }
+
+// maxTokenIDs caps the id table whatever the file says: published
+// vocabularies have at most a few hundred thousand ids.
+const maxTokenIDs = 1 << 24
+
+const idLimitRule = "ids must stay below twice the number of tokens plus 1024, and below 2^24"
+
+// idLimit is one past the largest id accepted for a file with n tokens.
+// Ids may leave gaps, but not so many that the id table would be much
+// larger than the file.
+func idLimit(n int) int { return min(2*n+1024, maxTokenIDs) }
 
 // readOptionalJSON returns nil for a missing file.
 func readOptionalJSON(path string) (map[string]json.RawMessage, error) {

@@ -4,6 +4,7 @@ import (
 	"encoding/json"
 	"fmt"
 	"strings"
+	"time"
 	"unicode"
 
 	"github.com/dlclark/regexp2"
@@ -37,9 +38,39 @@ func parsePattern(raw json.RawMessage) (pattern, error) {
 		if err != nil {
 			return pattern{}, fmt.Errorf("pattern: regex %q: %w", *j.Regex, err)
 		}
+		re.MatchTimeout = regexTimeout
 		return pattern{re: re, fast: fastMatcher(*j.Regex)}, nil
 	}
 	return pattern{}, fmt.Errorf("pattern: need String or Regex")
+}
+
+// regexTimeout bounds one regex match, so that a pattern that backtracks
+// catastrophically on some text, such as (a+)+$ on "aaa...ab", fails
+// instead of running for ever. Real pre-tokenizer patterns take
+// microseconds per match.
+var regexTimeout = time.Second
+
+// regexError is a regex match that failed (ran past regexTimeout). The
+// interfaces that run patterns return no error, so findAll panics with it
+// and Encode and Decode turn it back into their error (catchRegexError).
+type regexError struct {
+	pattern string
+	err     error
+}
+
+func (e *regexError) Error() string {
+	return fmt.Sprintf("tokenizer: regex %q: %v (the pattern backtracks too much on this text)", e.pattern, e.err)
+}
+
+// catchRegexError, deferred, returns a regexError raised below as *err.
+func catchRegexError(err *error) {
+	if r := recover(); r != nil {
+		re, ok := r.(*regexError)
+		if !ok {
+			panic(r)
+		}
+		*err = re
+	}
 }
 
 // span is a half-open byte range of a match.
@@ -85,6 +116,9 @@ func (p pattern) findAllRegexp(s string) []span {
 			out = append(out, span{offs[m.Index], offs[m.Index+m.Length]})
 		}
 		m, err = p.re.FindNextMatch(m)
+	}
+	if err != nil {
+		panic(&regexError{p.re.String(), err})
 	}
 	return out
 }

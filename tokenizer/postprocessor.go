@@ -123,3 +123,23 @@ func pairID(pair []json.RawMessage) (int, error) {
 	err := json.Unmarshal(pair[1], &id)
 	return id, err
 }
+
+// checkPostIDs makes sure that the ids a post-processor adds are in the
+// vocabulary of size n.
+func checkPostIDs(p postProcessor, n int) error {
+	switch p := p.(type) {
+	case templatePost:
+		for _, id := range append(append([]int(nil), p.before...), p.after...) {
+			if id < 0 || id >= n {
+				return fmt.Errorf("special token id %d is outside the vocabulary of %d ids", id, n)
+			}
+		}
+	case postSequence:
+		for _, q := range p {
+			if err := checkPostIDs(q, n); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}

@@ -122,6 +122,7 @@ type jsonOptions struct {
 	itemSep     string
 	keySep      string
 	sortKeys    bool
+	limit       int // most bytes to write; 0: no limit
 }
 
 // pyJSON is json.dumps(v, ...) with Python's formatting.
@@ -130,15 +131,27 @@ func pyJSON(v jinja.Value, o jsonOptions) (string, error) {
 	if err := writePyJSON(&b, v, o, 0); err != nil {
 		return "", err
 	}
+	if o.limit > 0 && b.Len() > o.limit {
+		return "", fmt.Errorf("tojson: output longer than %d bytes", o.limit)
+	}
 	return b.String(), nil
 }
 
 func writePyJSON(b *strings.Builder, v jinja.Value, o jsonOptions, depth int) error {
-	newline := func(d int) {
-		if o.indent >= 0 {
-			b.WriteByte('\n')
-			b.WriteString(strings.Repeat(" ", o.indent*d))
+	tooLong := func() error { return fmt.Errorf("tojson: output longer than %d bytes", o.limit) }
+	if o.limit > 0 && b.Len() > o.limit {
+		return tooLong()
+	}
+	newline := func(d int) error {
+		if o.indent < 0 {
+			return nil
 		}
+		if o.limit > 0 && b.Len()+1+o.indent*d > o.limit {
+			return tooLong()
+		}
+		b.WriteByte('\n')
+		b.WriteString(strings.Repeat(" ", o.indent*d))
+		return nil
 	}
 	switch {
 	case v.IsUndefined():
@@ -174,12 +187,16 @@ func writePyJSON(b *strings.Builder, v jinja.Value, o jsonOptions, depth int) er
 			if i > 0 {
 				b.WriteString(o.itemSep)
 			}
-			newline(depth + 1)
+			if err := newline(depth + 1); err != nil {
+				return err
+			}
 			if err := writePyJSON(b, it, o, depth+1); err != nil {
 				return err
 			}
 		}
-		newline(depth)
+		if err := newline(depth); err != nil {
+			return err
+		}
 		b.WriteByte(']')
 	case v.IsDict():
 		d := v.AsDict()
@@ -196,7 +213,9 @@ func writePyJSON(b *strings.Builder, v jinja.Value, o jsonOptions, depth int) er
 			if i > 0 {
 				b.WriteString(o.itemSep)
 			}
-			newline(depth + 1)
+			if err := newline(depth + 1); err != nil {
+				return err
+			}
 			writeJSONString(b, k, o.ensureASCII)
 			b.WriteString(o.keySep)
 			val, _ := d.Get(k)
@@ -204,7 +223,9 @@ func writePyJSON(b *strings.Builder, v jinja.Value, o jsonOptions, depth int) er
 				return err
 			}
 		}
-		newline(depth)
+		if err := newline(depth); err != nil {
+			return err
+		}
 		b.WriteByte('}')
 	default:
 		return fmt.Errorf("tojson: %s is not JSON serializable", v.String())

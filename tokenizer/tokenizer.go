@@ -7,6 +7,10 @@
 // normalize the rest, pre-tokenize it into words, BPE each word, and (on
 // request) let the post-processor add BOS/EOS. Decoding maps ids to token
 // strings and runs the decoder chain.
+//
+// The files are input like any other: ids are bounded before the id table
+// is sized, regex matches time out, and chat templates render within
+// bounds on output, loops, recursion and time (jinjaguard.go).
 package tokenizer
 
 import (
@@ -39,7 +43,8 @@ type Tokenizer struct {
 // Encode returns the token ids of text. Special and added tokens written
 // in the text are recognised. With addSpecial the post-processor adds its
 // tokens (BOS/EOS) as the reference's add_special_tokens=True does.
-func (t *Tokenizer) Encode(text string, addSpecial bool) ([]int, error) {
+func (t *Tokenizer) Encode(text string, addSpecial bool) (_ []int, err error) {
+	defer catchRegexError(&err)
 	if !utf8.ValidString(text) {
 		return nil, fmt.Errorf("tokenizer: input is not valid UTF-8")
 	}
@@ -108,7 +113,8 @@ func (t *Tokenizer) Decode(ids []int) (string, error) {
 }
 
 // decodeBytes runs the decoder chain without fixing up invalid UTF-8.
-func (t *Tokenizer) decodeBytes(ids []int) ([]byte, error) {
+func (t *Tokenizer) decodeBytes(ids []int) (_ []byte, err error) {
+	defer catchRegexError(&err)
 	tokens := make([]string, len(ids))
 	for i, id := range ids {
 		if id < 0 || id >= len(t.idToToken) || t.idToToken[id] == "" {

@@ -17,6 +17,12 @@ OUTDIR/glm4moelite-tiny/ receives the model exactly as save_pretrained writes it
 - reference.json: the mean KL(ref || rtn) and top-1 agreement of the RTN model,
   on the prompt + continuation and on EVAL_SEQS extra random sequences
   (eval_ids, eval_logits, eval_rtn_logits in reference.safetensors).
+- hidden.safetensors: the residual stream of the float32 reference on prompt +
+  continuation (ids): the embedding (embed), the state after each layer's
+  attention (layers.L.attn_residual) and after the whole layer
+  (layers.L.output, what output_hidden_states reports), the final norm's
+  output (norm) and the logits, each positions x hidden (or vocab), so tests
+  can name the first layer that is off.
 
 The GLM-style test tokenizer of testdata/tokenizer/glm is copied in.
 The RTN rule simulated here is the one in docs/format.md.
@@ -121,6 +127,38 @@ def rtn_dequant(w, group):
     return out.reshape(shape)
 
 
+def record_hidden(model, ids):
+    """Run ids through model once and keep the residual stream, read with
+    forward hooks (so nothing depends on how a transformers version packs
+    output_hidden_states, which is only cross-checked here)."""
+    states = {}
+
+    def keep(name, t):
+        states[name] = t[0].detach().to(torch.float32).contiguous().clone()  # drop the batch axis
+
+    inner = model.model
+    hooks = [inner.embed_tokens.register_forward_hook(lambda mod, args, out: keep("embed", out))]
+    for i, layer in enumerate(inner.layers):
+        # The post-attention norm's input is the residual stream after attention.
+        hooks.append(layer.post_attention_layernorm.register_forward_pre_hook(
+            lambda mod, args, i=i: keep(f"layers.{i}.attn_residual", args[0])))
+        hooks.append(layer.register_forward_hook(
+            lambda mod, args, out, i=i: keep(f"layers.{i}.output", out[0] if isinstance(out, tuple) else out)))
+    hooks.append(inner.norm.register_forward_hook(lambda mod, args, out: keep("norm", out)))
+    try:
+        with torch.no_grad():
+            o = model(input_ids=ids, use_cache=False, output_hidden_states=True)
+    finally:
+        for h in hooks:
+            h.remove()
+    states["logits"] = o.logits[0].to(torch.float32).contiguous().clone()
+    for k, h in enumerate(o.hidden_states or ()):
+        same = [n for n, v in states.items() if v.shape == h[0].shape and torch.equal(v, h[0].to(torch.float32))]
+        print(f"output_hidden_states[{k}] equals {same or 'no hooked state'}")
+    states["ids"] = ids[0].to(torch.int64).contiguous()
+    return states
+
+
 def quantizable(name, p, group):
     return p.ndim >= 2 and not name.endswith("mlp.gate.weight") and p.shape[-1] % group == 0
 
@@ -156,6 +194,8 @@ def main():
             past, nxt = o.past_key_values, o.logits[0, -1].argmax()
         full = torch.cat([prompt, torch.tensor([greedy])], dim=1)
         logits = ref(input_ids=full, use_cache=False).logits[0].float()
+        hidden = record_hidden(ref, full)
+        print("hooked run's logits vs the plain run's: max |diff|", float((hidden["logits"] - logits).abs().max()))
 
         rtn = Glm4MoeLiteForCausalLM.from_pretrained(model_dir, torch_dtype=torch.float32, attn_implementation="eager").eval()
         sd = rtn.state_dict()
@@ -191,6 +231,7 @@ def main():
         },
         os.path.join(ref_dir, "reference.safetensors"),
     )
+    save_file(hidden, os.path.join(ref_dir, "hidden.safetensors"))
 
     # Saved tensors, read back from disk: the codec tests quantize these.
     from safetensors.torch import load_file

@@ -15,8 +15,14 @@ It also writes jinja.json: small templates rendered by the same Jinja
 environment that transformers uses for chat templates, to check the Go
 template engine feature by feature.
 
-Needs transformers and tokenizers; runs offline.
-Usage: python3 tools/tokenizer_fixtures.py [OUTDIR]
+It also writes jinja_more.json: more such templates, for the
+translation of expressions and the bounds on rendering. With
+--jinja-only it writes only the two jinja files, with plain jinja2 set up
+as transformers does when transformers is not installed (it renders every
+case of jinja.json the same).
+
+Needs transformers and tokenizers (but for --jinja-only); runs offline.
+Usage: python3 tools/tokenizer_fixtures.py [--jinja-only] [OUTDIR]
 """
 import glob
 import json
@@ -27,9 +33,11 @@ import traceback
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
-import tokenizers  # noqa: E402
-import transformers  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
+JINJA_ONLY = "--jinja-only" in sys.argv
+if not JINJA_ONLY:
+    import tokenizers  # noqa: E402
+    import transformers  # noqa: E402
+    from transformers import AutoTokenizer  # noqa: E402
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 
@@ -249,6 +257,40 @@ def jinja_cases():
     return T
 
 
+def jinja_more_cases():
+    """Operators, methods and filters that the Go side rewrites, and
+    templates that hit the bounds of a sandboxed rendering."""
+    return [
+        ("{{ 2 ** 10 }}|{{ 2 ** -1 }}|{{ (-2) ** 3 }}|{{ 2 ** 3 ** 2 }}|{{ 2.0 ** 2 }}|{{ -2 ** 2 }}|{{ 10 ** 12 }}", {}),
+        ("{{ ' a  b c '.split(none, 1) }}|{{ 'a,b,c'.split(',', maxsplit=1) }}|{{ ' a b '.split(maxsplit=0) }}|{{ 'a,b'.split(',', -1) }}|{{ 'x'.split('x') }}", {}),
+        ("{{ [1, 2, 3, 4, 5][::2] }}|{{ [1, 2, 3][0:10 ** 18:2] }}|{{ 'hello'[-3:] }}|{{ 'héllo'[::-2] }}|{{ [1, 2, 3][5:] }}|{{ [1, 2, 3][-10:2] }}|{{ [1, 2, 3][:-1] }}", {}),
+        ("[{{ 'ab' * 0 }}][{{ 'ab' * -1 }}]{{ 3 * 'x' }}|{{ [1, 2] * 2 }}|{{ 2 * 3 }}|{{ 1.5 * 2 }}|{{ [0] * 0 }}", {}),
+        ("{{ 1 + 2.5 }}|{{ [1] + [2] }}|{{ 'a' + 'b' }}|{{ true + 1 }}|{{ 7 - 10 }}", {}),
+        ("{{ 'a' + 1 }}", {}),
+        ("{{ 1 ~ 2 + 3 }}", {}),
+        ("{{ 'a' ~ 1 * 2 }}|{{ 'x' ~ 2 ** 2 }}|{{ none ~ 1 }}|{{ undefined_name ~ 'u' }}", {}),
+        ("{{ -2.5 | abs }}|{{ -(2.5 | abs) }}|{{ not true | string }}|{{ - 3 | string }}", {}),
+        ("{{ none is sameas none }}|{{ 'a' is in 'abc' }}|{{ 3 is odd }}|{{ x is eq 2 }}|{{ 1 < 2 < 3 }}|{{ 3 > 2 > 2 }}|{{ 'a' 'b' }}", {"x": 2}),
+        ("{% for a, b in [(1, 2), (3, 4)] %}{{ a }}{{ b }};{% endfor %}|{% for (a, b) in {'k': 'v'}.items() %}{{ a }}={{ b }}{% endfor %}", {}),
+        ("{{ {'a': 1, 'b': [2, 3]} | tojson }}|{{ {'k': 'v'}['k'] }}|{{ {} | length }}|{{ {'a': 1,} | length }}|{{ [1, 2,] | length }}", {}),
+        ("{% set ns = namespace(a=1) %}{% set ns.a = ns.a + 1 %}{{ ns.a }}|{% set t = 1, 2 %}{{ t | length }}", {}),
+        ("{{ '{}-{}'.format(1, 'x') }}|{{ '{0}{1}{0}'.format('a', 'b') }}|{{ '{{x}}{}'.format(1) }}|{{ '{n}!'.format(n=3) }}|{{ '{!r}'.format('q') }}", {}),
+        ("{{ 'aaa'.replace('a', 'b', 2) }}|{{ 'abc'.replace('', '-') }}|{{ 'aXa' | replace('a', 'y', 1) }}|{{ 12 | replace('1', 'x') }}", {}),
+        ("{{ [1, 'a', none] | join('-') }}|{{ 'abc' | join('.') }}|{{ [{'n': 'x'}, {'n': 'y'}] | join(',', attribute='n') }}|{{ {'k': 1, 'j': 2} | join }}", {}),
+        ("{{ 'a\nb\n\nc' | indent(2) }}|{{ 'a\nb' | indent(2, true) }}|{{ 'a\n\nb' | indent('> ', blank=true) }}|{{ 'a\r\nb' | indent }}", {}),
+        ("{{ range(5, 0, -2) | list }}|{{ range(0) | list }}|{{ range(3, 1) | list }}|{{ range(-3) | list }}|{{ range(2, -7, -4) | list }}", {}),
+        ("{% macro f(a, sep=', ', l=[1, 2]) %}{{ l | join(sep) }}{{ a }}{% endmacro %}{{ f(1) }}|{{ f(2, '-') }}|{{ f(3, l=[4]) }}", {}),
+        ("{% macro r(n) %}{{ n }}{% if n > 0 %}{{ r(n - 1) }}{% endif %}{% endmacro %}{{ r(5) }}", {}),
+        ("{% set l = [] %}{% set _ = l.append(1) %}{{ l }}", {}),
+        ("{% set d = {} %}{% set _ = d.update({'a': 1}) %}{{ d }}", {}),
+        ("{{ range(100001) | length }}", {}),
+        ("{% for i in range(10 ** 12) %}{{ i }}{% endfor %}", {}),
+        ("{{ range(100000) | length }}|{{ [1, 2, 3][1] }}", {}),
+        ("{{ 'abc' | list }}|{{ {'a': 1, 'b': 2} | list }}|{% for c in 'hé' %}[{{ c }}]{% endfor %}|{{ 'x y' | list | length }}|{{ [1, 2] | list }}", {}),
+        ("{{ 5 | list }}", {}),
+    ]
+
+
 def jinja_env():
     """The environment transformers renders chat templates with."""
     try:
@@ -272,15 +314,19 @@ def jinja_env():
 
 def render_jinja(out_dir):
     compile_fn, how = jinja_env()
-    cases = []
-    for tmpl, ctx in jinja_cases():
-        rec = {"template": tmpl, "context": ctx}
-        try:
-            rec["output"] = compile_fn(tmpl).render(**ctx)
-        except Exception as e:  # the Go engine must fail too
-            rec["error"] = f"{type(e).__name__}: {e}"
-        cases.append(rec)
-    write(os.path.join(out_dir, "jinja.json"), {"environment": how, "cases": cases})
+    if how == "fallback":
+        import jinja2
+        how = "jinja2 " + jinja2.__version__ + " set up as transformers does"
+    for name, templates in (("jinja.json", jinja_cases()), ("jinja_more.json", jinja_more_cases())):
+        cases = []
+        for tmpl, ctx in templates:
+            rec = {"template": tmpl, "context": ctx}
+            try:
+                rec["output"] = compile_fn(tmpl).render(**ctx)
+            except Exception as e:  # the Go engine must fail too
+                rec["error"] = f"{type(e).__name__}: {e}"
+            cases.append(rec)
+        write(os.path.join(out_dir, name), {"environment": how, "cases": cases})
 
 
 def as_text(x):
@@ -362,8 +408,12 @@ def write(path, obj):
 
 
 def main():
-    out_dir = sys.argv[1] if len(sys.argv) > 1 else os.path.join(ROOT, "testdata", "tokenizer")
+    args = [a for a in sys.argv[1:] if a != "--jinja-only"]
+    out_dir = args[0] if args else os.path.join(ROOT, "testdata", "tokenizer")
     os.makedirs(out_dir, exist_ok=True)
+    if JINJA_ONLY:
+        render_jinja(out_dir)
+        return
     print("transformers", transformers.__version__, "tokenizers", tokenizers.__version__, flush=True)
     render_jinja(out_dir)
     dirs = sorted(glob.glob(os.path.join(ROOT, "testdata", "tokenizers", "*")))

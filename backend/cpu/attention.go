@@ -6,148 +6,215 @@ import (
 	"github.com/mmfp4/mmfp4/backend"
 )
 
+// span is a run of consecutive cached positions [j0, j0+n) whose values
+// (latent then k_pe, width wide) are rows stride floats apart in data.
+type span struct {
+	j0, n  int
+	data   []float32
+	stride int
+}
+
+// spans returns positions [j0, j1) of seq in layer as runs of rows: in
+// place, one run per cache block, for float32 pools; decoded into buf (one
+// run) for the others. buf must hold (j1-j0)*width floats when the pool is
+// not float32.
+func (b *Backend) spans(p *pool, layer int, seq *backend.Seq, j0, j1 int, buf []float32, out []span) []span {
+	w, bs := p.width(), p.blockSize
+	out = out[:0]
+	if p.dtype == backend.CacheF32 {
+		for j := j0; j < j1; {
+			end := min(j1, (j/bs+1)*bs)
+			slot := seq.Slot(j, bs)
+			out = append(out, span{j0: j, n: end - j, data: p.f32[layer][slot*w : (slot+end-j)*w], stride: w})
+			j = end
+		}
+		return out
+	}
+	for j := j0; j < j1; {
+		end := min(j1, (j/bs+1)*bs)
+		slot := seq.Slot(j, bs)
+		dst := buf[(j-j0)*w : (end-j0)*w]
+		if p.dtype == backend.CacheBF16 {
+			b.bf16ToF32(dst, p.bf16[layer][slot*w:(slot+end-j)*w])
+		} else {
+			for i := 0; i < end-j; i++ {
+				p.load(layer, slot+i, dst[i*w:(i+1)*w])
+			}
+		}
+		j = end
+	}
+	return append(out, span{j0: j0, n: j1 - j0, data: buf[:(j1-j0)*w], stride: w})
+}
+
 // latentAttentionSIMD is LatentAttention on the SIMD float kernels; it
 // reports false for the pure-Go family, which keeps the reference loop.
 //
-// A work item is one token, all heads, and a range of cached positions.
-// Its loops run over the positions four at a time and, inside, over the
-// heads, so each latent row is read from memory once per item and then
-// reused from the L1 cache by every head: first the scores (dots4F32),
-// then their exponentials (expF32), then the weighted sum of the latents
-// (axpy4F32). With few tokens (decode) the positions are split over the
-// threads, each range keeps its own running maximum and sum, and the
-// ranges are merged at the end; with many tokens each token is one item.
-func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, lat, kpe []float32, pos0 int, s backend.MLAShape, scale float32) bool {
+// Sequences with many rows (prefill) take latentAttentionPrefill. The other
+// rows are work items of one row, all heads, and a range of its cached
+// positions. An item's loops run over the positions four at a time and,
+// inside, over the heads, so each cached row is read from memory once per
+// item and then reused from the L1 cache by every head: first the scores,
+// then their exponentials, then the weighted sum of the latents. With few
+// rows (decode) the positions are split over the threads, each range keeps
+// its own running maximum and sum, and the ranges are merged at the end.
+func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, layer int, s backend.MLAShape, scale float32) bool {
 	if b.isa == isaGo {
 		return false
 	}
-	if b.latentAttentionPrefill(om, ql, qm, lat, kpe, pos0, s, scale) {
+	p := b.pool
+	var rows []int // rows left to the per-row path
+	for i := range b.batch.Seqs {
+		seq := &b.batch.Seqs[i]
+		if b.latentAttentionPrefill(om, ql, qm, layer, seq, s, scale) {
+			continue
+		}
+		for t := seq.Start; t < seq.Start+seq.Len; t++ {
+			rows = append(rows, t)
+		}
+	}
+	if len(rows) == 0 {
 		return true
 	}
-	T, H, r := ql.rows, s.Heads, s.Rank
+	T, H, r := len(rows), s.Heads, s.Rank
+	longest := 0
+	for _, t := range rows {
+		longest = max(longest, int(b.batch.Positions[t])+1)
+	}
 	chunks := 1
 	if T < 4*b.threads {
-		chunks = max(1, min(4*b.threads/T, (pos0+1)/64)) // ranges of at least 64 positions
+		chunks = max(1, min(4*b.threads/T, longest/64)) // ranges of at least 64 positions
 	}
-	if chunks == 1 {
-		b.pool.run(T, 1, func(lo, hi int) {
-			for t := lo; t < hi; t++ {
-				b.attendRange(om.row(t), ql, qm, lat, kpe, t, 0, pos0+t+1, s, scale, nil, nil)
-			}
-		})
-		return true
-	}
-	// Partial results per (token, chunk): the unnormalised output, and per
-	// head the maximum score and the sum of exponentials.
+	// Per (row, chunk): the unnormalised output, and per head the maximum
+	// score and the sum of exponentials.
 	bp := getFloats(T * chunks * H * (r + 2))
 	defer floatBufs.Put(bp)
 	outs := (*bp)[:T*chunks*H*r]
 	ms := (*bp)[T*chunks*H*r : T*chunks*H*(r+1)]
 	ls := (*bp)[T*chunks*H*(r+1):]
-	b.pool.run(T*chunks, 1, func(lo, hi int) {
+	b.workers.run(T*chunks, 1, func(lo, hi int) {
+		var sp []span
 		for item := lo; item < hi; item++ {
-			t, c := item/chunks, item%chunks
-			P := pos0 + t + 1
+			i, c := item/chunks, item%chunks
+			t := rows[i]
+			seq := &b.batch.Seqs[b.rowSeq[t]]
+			P := int(b.batch.Positions[t]) + 1
 			j0, j1 := c*P/chunks, (c+1)*P/chunks
-			b.attendRange(outs[item*H*r:(item+1)*H*r], ql, qm, lat, kpe, t, j0, j1, s, scale,
+			if j1 == j0 { // a short row's empty range: weight zero when merged
+				for h := 0; h < H; h++ {
+					ms[item*H+h], ls[item*H+h] = float32(math.Inf(-1)), 0
+				}
+				clear(outs[item*H*r : (item+1)*H*r])
+				continue
+			}
+			var buf *[]float32
+			if p.dtype != backend.CacheF32 {
+				buf = getFloats((j1 - j0) * p.width())
+			}
+			var bufData []float32
+			if buf != nil {
+				bufData = *buf
+			}
+			sp = b.spans(p, layer, seq, j0, j1, bufData, sp)
+			b.attendSpans(outs[item*H*r:(item+1)*H*r], ql.row(t), qm.row(t), sp, j1-j0, s, scale,
 				ms[item*H:(item+1)*H], ls[item*H:(item+1)*H])
+			if buf != nil {
+				floatBufs.Put(buf)
+			}
 		}
 	})
 	w := make([]float32, chunks)
-	for t := 0; t < T; t++ {
+	for i, t := range rows {
 		orow := om.row(t)
 		for h := 0; h < H; h++ {
 			m := float32(math.Inf(-1))
 			for c := 0; c < chunks; c++ {
-				m = max(m, ms[(t*chunks+c)*H+h])
+				m = max(m, ms[(i*chunks+c)*H+h])
 			}
 			var l float32
 			for c := range w {
-				i := (t*chunks+c)*H + h
-				w[c] = float32(math.Exp(float64(ms[i] - m)))
-				l += w[c] * ls[i]
+				k := (i*chunks+c)*H + h
+				w[c] = float32(math.Exp(float64(ms[k] - m)))
+				l += w[c] * ls[k]
 			}
 			out := orow[h*r : (h+1)*r]
 			clear(out)
 			for c, wc := range w {
-				i := t*chunks + c
-				axpy(out, wc/l, outs[(i*H+h)*r:(i*H+h+1)*r])
+				k := i*chunks + c
+				axpy(out, wc/l, outs[(k*H+h)*r:(k*H+h+1)*r])
 			}
 		}
 	}
 	return true
 }
 
-// attendRange computes, for token t and every head, attention over cached
-// positions [j0, j1) into out (heads x Rank). With m and l nil it writes
-// the normalised output; otherwise it writes the output unnormalised and
-// each head's maximum score into m and sum of exp(score - max) into l.
-func (b *Backend) attendRange(out []float32, ql, qm *mat, lat, kpe []float32, t, j0, j1 int, s backend.MLAShape, scale float32, m, l []float32) {
+// attendSpans computes, for one row (qrow its absorbed queries, qmrow its
+// q with the rotary parts) and every head, attention over the P positions
+// of sp into out (heads x Rank), unnormalised: each head's maximum score
+// goes to m and its sum of exp(score - max) to l.
+func (b *Backend) attendSpans(out, qrow, qmrow []float32, sp []span, P int, s backend.MLAShape, scale float32, m, l []float32) {
 	H, r, dr, qk := s.Heads, s.Rank, s.RopeDim, s.NopeDim+s.RopeDim
-	P := j1 - j0
 	bp := getFloats(H * P)
 	defer floatBufs.Put(bp)
 	sc := *bp
-
-	qrow, qmrow := ql.row(t), qm.row(t)
 	fused := hasHeadKernels(b.isa, r, dr) // all heads in one call per 4 positions
+	base := sp[0].j0
 	var o1, o2 [4]float32
-	j := j0
-	for ; j+4 <= j1; j += 4 {
-		if fused {
-			scoresHx4(qrow, r, qmrow[s.NopeDim:], qk, H, lat[j*r:], r, kpe[j*dr:], dr, sc[j-j0:], P, scale)
-			continue
-		}
-		for h := 0; h < H; h++ {
-			b.dots4F32(qrow[h*r:(h+1)*r], lat[j*r:], r, &o1)
-			b.dots4F32(qmrow[h*qk+s.NopeDim:(h+1)*qk], kpe[j*dr:], dr, &o2)
-			row := sc[h*P+j-j0 : h*P+j-j0+4]
-			for i := range row {
-				row[i] = scale * (o1[i] + o2[i])
+	for _, x := range sp {
+		k := x.j0 - base // score column of the span's first position
+		i := 0
+		for ; i+4 <= x.n; i += 4 {
+			rows := x.data[i*x.stride:]
+			if fused {
+				scoresHx4(qrow, r, qmrow[s.NopeDim:], qk, H, rows, rows[r:], x.stride, r, dr, sc[k+i:], P, scale)
+				continue
+			}
+			for h := 0; h < H; h++ {
+				b.dots4F32(qrow[h*r:(h+1)*r], rows, x.stride, &o1)
+				b.dots4F32(qmrow[h*qk+s.NopeDim:(h+1)*qk], rows[r:], x.stride, &o2)
+				for j := range o1 {
+					sc[h*P+k+i+j] = scale * (o1[j] + o2[j])
+				}
 			}
 		}
-	}
-	for ; j < j1; j++ {
-		for h := 0; h < H; h++ {
-			a := b.dotF32(qrow[h*r:(h+1)*r], lat[j*r:(j+1)*r])
-			c := b.dotF32(qmrow[h*qk+s.NopeDim:(h+1)*qk], kpe[j*dr:(j+1)*dr])
-			sc[h*P+j-j0] = scale * (a + c)
+		for ; i < x.n; i++ {
+			row := x.data[i*x.stride : i*x.stride+r+dr]
+			for h := 0; h < H; h++ {
+				a := b.dotF32(qrow[h*r:(h+1)*r], row[:r])
+				c := b.dotF32(qmrow[h*qk+s.NopeDim:(h+1)*qk], row[r:])
+				sc[h*P+k+i] = scale * (a + c)
+			}
 		}
 	}
 
 	for h := 0; h < H; h++ {
 		row := sc[h*P : (h+1)*P]
-		mx := float32(math.Inf(-1))
-		for _, v := range row {
-			mx = max(mx, v)
-		}
-		sum := b.expF32(row, row, mx)
-		if m != nil {
-			m[h], l[h] = mx, sum
-		} else {
-			inv := 1 / sum
-			for i := range row {
-				row[i] *= inv
-			}
-		}
+		m[h] = b.maxF32(row)
+		l[h] = b.expF32(row, row, m[h])
 		clear(out[h*r : (h+1)*r])
 	}
 
-	j = j0
 	var coef [4]float32
-	for ; j+4 <= j1; j += 4 {
-		if fused {
-			axpyHx4(out, H, lat[j*r:], r, sc[j-j0:], P)
-			continue
+	for _, x := range sp {
+		k := x.j0 - base
+		i := 0
+		for ; i+4 <= x.n; i += 4 {
+			rows := x.data[i*x.stride:]
+			if fused {
+				axpyHx4(out, H, rows, r, x.stride, sc[k+i:], P)
+				continue
+			}
+			for h := 0; h < H; h++ {
+				for j := range coef {
+					coef[j] = sc[h*P+k+i+j]
+				}
+				b.axpy4F32(out[h*r:(h+1)*r], rows, x.stride, &coef)
+			}
 		}
-		for h := 0; h < H; h++ {
-			copy(coef[:], sc[h*P+j-j0:])
-			b.axpy4F32(out[h*r:(h+1)*r], lat[j*r:], r, &coef)
-		}
-	}
-	for ; j < j1; j++ {
-		for h := 0; h < H; h++ {
-			axpy(out[h*r:(h+1)*r], sc[h*P+j-j0], lat[j*r:(j+1)*r])
+		for ; i < x.n; i++ {
+			row := x.data[i*x.stride : i*x.stride+r]
+			for h := 0; h < H; h++ {
+				axpy(out[h*r:(h+1)*r], sc[h*P+k+i], row)
+			}
 		}
 	}
 }

@@ -26,8 +26,18 @@ type Options struct {
 type Backend struct {
 	threads   int
 	floatActs bool
-	isa       isa   // kernel family in use
-	pool      *pool // worker goroutines shared by backends of this thread count
+	isa       isa         // kernel family in use
+	workers   *workerPool // goroutines shared by backends of this thread count
+
+	arena arena
+	err   error // first failure since the last Sync
+
+	// The step's batch and cache pool (SetBatch), with each row's sequence
+	// and cache slot.
+	batch  *backend.Batch
+	pool   *pool
+	rowSeq []int32
+	slots  []int32
 }
 
 var _ backend.Backend = (*Backend)(nil)
@@ -38,7 +48,7 @@ func New(o Options) *Backend {
 	if t <= 0 {
 		t = runtime.GOMAXPROCS(0)
 	}
-	return &Backend{threads: t, floatActs: o.FloatActivations, isa: pickISA(o.Kernel), pool: sharedPool(t)}
+	return &Backend{threads: t, floatActs: o.FloatActivations, isa: pickISA(o.Kernel), workers: sharedWorkers(t)}
 }
 
 // Name identifies the backend and its threading.
@@ -53,7 +63,97 @@ func (b *Backend) Name() string {
 // parallel splits [0, n) into one contiguous chunk per thread, run on the
 // worker pool.
 func (b *Backend) parallel(n int, fn func(lo, hi int)) {
-	b.pool.run(n, (n+b.threads-1)/b.threads, fn)
+	b.workers.run(n, (n+b.threads-1)/b.threads, fn)
+}
+
+// fail records the first error of the step; Sync returns it.
+func (b *Backend) fail(format string, args ...any) {
+	if b.err == nil {
+		b.err = fmt.Errorf("cpu backend: "+format, args...)
+	}
+}
+
+// Sync returns and clears the first recorded error. The CPU backend runs
+// every op to completion before returning, so there is nothing to wait for.
+func (b *Backend) Sync() error {
+	err := b.err
+	b.err = nil
+	return err
+}
+
+// SetBatch starts a step: the arena is reused from its start, and each
+// row's sequence and cache slot are worked out once.
+func (b *Backend) SetBatch(batch *backend.Batch, p backend.CachePool) {
+	b.arena.reset()
+	b.batch = batch
+	b.pool = nil
+	if p != nil {
+		b.pool = asPool(p)
+	}
+	T := batch.Rows()
+	b.rowSeq = resize(b.rowSeq, T)
+	b.slots = resize(b.slots, T)
+	for i := range batch.Seqs {
+		s := &batch.Seqs[i]
+		for t := s.Start; t < s.Start+s.Len; t++ {
+			b.rowSeq[t] = int32(i)
+			if b.pool != nil {
+				b.slots[t] = int32(s.Slot(int(batch.Positions[t]), b.pool.blockSize))
+			}
+		}
+	}
+}
+
+func resize[T any](s []T, n int) []T {
+	if cap(s) < n {
+		return make([]T, n)
+	}
+	return s[:n]
+}
+
+// arena hands out float32 slices that are reused from step to step, so a
+// steady stream of steps allocates nothing. When a step needs more than the
+// arena holds, a new chunk is added; reset merges the chunks into one.
+type arena struct {
+	chunks [][]float32
+	cur    int // chunk being filled
+	off    int // first free value of chunks[cur]
+}
+
+const minArenaChunk = 1 << 16
+
+func (a *arena) alloc(n int) []float32 {
+	for a.cur < len(a.chunks) {
+		c := a.chunks[a.cur]
+		if a.off+n <= len(c) {
+			s := c[a.off : a.off+n : a.off+n]
+			a.off += n
+			clear(s)
+			return s
+		}
+		a.cur++
+		a.off = 0
+	}
+	size := max(n, minArenaChunk)
+	if len(a.chunks) > 0 {
+		size = max(size, 2*len(a.chunks[len(a.chunks)-1]))
+	}
+	a.chunks = append(a.chunks, make([]float32, size))
+	a.cur, a.off = len(a.chunks)-1, n
+	return a.chunks[a.cur][:n:n]
+}
+
+// reset makes the whole arena free again. Slices handed out before stay
+// valid memory, but later allocations overwrite them.
+func (a *arena) reset() {
+	if len(a.chunks) > 1 {
+		total := 0
+		for _, c := range a.chunks {
+			total += len(c)
+		}
+		a.chunks = [][]float32{make([]float32, total)}
+	}
+	a.cur, a.off = 0, 0
 }
 
 // mat is a row-major float32 matrix; row t starts at data[t*stride].
@@ -69,6 +169,8 @@ func (m *mat) row(t int) []float32 {
 	return m.data[t*m.stride : t*m.stride+m.cols]
 }
 
+// asMat unwraps a tensor of this backend; a foreign one is a programming
+// error that no input can cause, so it panics.
 func asMat(t backend.Tensor) *mat {
 	m, ok := t.(*mat)
 	if !ok {
@@ -77,16 +179,21 @@ func asMat(t backend.Tensor) *mat {
 	return m
 }
 
-// NewTensor allocates a zeroed rows x cols tensor.
+// NewTensor returns a zeroed rows x cols tensor from the step's arena.
 func (b *Backend) NewTensor(rows, cols int) backend.Tensor {
-	return &mat{rows: rows, cols: cols, stride: cols, data: make([]float32, rows*cols)}
+	if rows < 0 || cols < 0 {
+		b.fail("tensor of %dx%d", rows, cols)
+		rows, cols = 0, 0
+	}
+	return &mat{rows: rows, cols: cols, stride: cols, data: b.arena.alloc(rows * cols)}
 }
 
 // Upload copies src (rows*cols values, row-major) into dst.
 func (b *Backend) Upload(dst backend.Tensor, src []float32) {
 	d := asMat(dst)
 	if len(src) != d.rows*d.cols {
-		panic(fmt.Sprintf("cpu backend: upload of %d values into %dx%d tensor", len(src), d.rows, d.cols))
+		b.fail("upload of %d values into %dx%d tensor", len(src), d.rows, d.cols)
+		return
 	}
 	for t := 0; t < d.rows; t++ {
 		copy(d.row(t), src[t*d.cols:(t+1)*d.cols])
@@ -107,7 +214,8 @@ func (b *Backend) Download(src backend.Tensor) []float32 {
 func (b *Backend) Cols(t backend.Tensor, from, to int) backend.Tensor {
 	m := asMat(t)
 	if from < 0 || to > m.cols || from > to {
-		panic(fmt.Sprintf("cpu backend: column view [%d,%d) of %d columns", from, to, m.cols))
+		b.fail("column view [%d,%d) of %d columns", from, to, m.cols)
+		from, to = 0, 0
 	}
 	end := 0
 	if m.rows > 0 {
@@ -120,7 +228,8 @@ func (b *Backend) Cols(t backend.Tensor, from, to int) backend.Tensor {
 func (b *Backend) Rows(t backend.Tensor, from, to int) backend.Tensor {
 	m := asMat(t)
 	if from < 0 || to > m.rows || from > to {
-		panic(fmt.Sprintf("cpu backend: row view [%d,%d) of %d rows", from, to, m.rows))
+		b.fail("row view [%d,%d) of %d rows", from, to, m.rows)
+		from, to = 0, 0
 	}
 	if from == to {
 		return &mat{cols: m.cols, stride: m.stride}
@@ -128,8 +237,15 @@ func (b *Backend) Rows(t backend.Tensor, from, to int) backend.Tensor {
 	return &mat{rows: to - from, cols: m.cols, stride: m.stride, data: m.data[from*m.stride : (to-1)*m.stride+m.cols]}
 }
 
-func checkShape(op string, got, want [2]int) {
+// badShape records a shape mismatch; the op then does nothing.
+func (b *Backend) badShape(op string, got, want [2]int) bool {
 	if got != want {
-		panic(fmt.Sprintf("cpu backend: %s: shape %v, want %v", op, got, want))
+		b.fail("%s: shape %v, want %v", op, got, want)
+		return true
 	}
+	return false
 }
+
+// KernelName names the kernel family a default backend runs on this
+// machine (see Kernels).
+func KernelName() string { return pickISA("").String() }

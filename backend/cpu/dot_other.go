@@ -40,7 +40,9 @@ func sgemm4x64([]float32, int, []float32, int, int, []float32, int) {}
 
 func hasHeadKernels(isa, int, int) bool { return false }
 
-func scoresHx4([]float32, int, []float32, int, int, []float32, int, []float32, int, []float32, int, float32) {
+func scoresHx4([]float32, int, []float32, int, int, []float32, []float32, int, int, int, []float32, int, float32) {
 }
 
-func axpyHx4([]float32, int, []float32, int, []float32, int) {}
+func axpyHx4([]float32, int, []float32, int, int, []float32, int) {}
+
+func bf16ToF32SIMD(isa, []float32, []uint16) bool { return false }

@@ -310,25 +310,25 @@ maxdone:
 	VZEROUPPER
 	RET
 
-// func scoresHx4AVX512(q *float32, qStride int, qpe *float32, qpeStride int, heads int, lat *float32, r int, kpe *float32, dr int, out *float32, outStride int, scale float32)
+// func scoresHx4AVX512(q *float32, qStride int, qpe *float32, qpeStride int, heads int, lat, kpe *float32, rowStride, r, dr int, out *float32, outStride int, scale float32)
 //
 // For every head h < heads and the four cached positions i < 4:
-// out[h*outStride+i] = scale * (q[h*qStride:][:r] . lat[i*r:][:r] + qpe[h*qpeStride:][:dr] . kpe[i*dr:][:dr])
+// out[h*outStride+i] = scale * (q[h*qStride:][:r] . lat[i*rowStride:][:r] + qpe[h*qpeStride:][:dr] . kpe[i*rowStride:][:dr])
 // (r and dr multiples of 16, strides in floats). Two heads per pass share
 // the loads of the four latent rows, which stay in L1 while the heads loop.
-TEXT ·scoresHx4AVX512(SB), NOSPLIT, $0-92
+TEXT ·scoresHx4AVX512(SB), NOSPLIT, $0-100
 	MOVQ q+0(FP), SI
 	MOVQ qpe+16(FP), DI
 	MOVQ heads+32(FP), CX
-	MOVQ out+72(FP), R13
+	MOVQ out+80(FP), R13
 	MOVQ qStride+8(FP), R14
 	SHLQ $2, R14
 	MOVQ qpeStride+24(FP), R15
 	SHLQ $2, R15
-	MOVQ outStride+80(FP), AX
+	MOVQ outStride+88(FP), AX
 	SHLQ $2, AX
-	MOVQ AX, outStride+80(FP)        // now in bytes
-	VBROADCASTSS scale+88(FP), X15
+	MOVQ AX, outStride+88(FP)        // now in bytes
+	VBROADCASTSS scale+96(FP), X15
 	CMPQ CX, $2
 	JLT  sone
 
@@ -343,12 +343,12 @@ spair:
 	VPXORD Z7, Z7, Z7
 	LEAQ (SI)(R14*1), AX
 	MOVQ lat+40(FP), R8
-	MOVQ r+48(FP), BX
+	MOVQ rowStride+56(FP), BX
 	SHLQ $2, BX
 	LEAQ (R8)(BX*1), R9
 	LEAQ (R8)(BX*2), R10
 	LEAQ (R9)(BX*2), R11
-	MOVQ r+48(FP), R12
+	MOVQ r+64(FP), R12
 	XORQ DX, DX
 
 slat2:
@@ -370,13 +370,13 @@ slat2:
 	SUBQ $16, R12
 	JNZ  slat2
 	LEAQ (DI)(R15*1), AX
-	MOVQ kpe+56(FP), R8
-	MOVQ dr+64(FP), BX
+	MOVQ kpe+48(FP), R8
+	MOVQ rowStride+56(FP), BX
 	SHLQ $2, BX
 	LEAQ (R8)(BX*1), R9
 	LEAQ (R8)(BX*2), R10
 	LEAQ (R9)(BX*2), R11
-	MOVQ dr+64(FP), R12
+	MOVQ dr+72(FP), R12
 	XORQ DX, DX
 
 spe2:
@@ -412,7 +412,7 @@ spe2:
 	VADDPS X8, X0, X0
 	VMULPS X15, X0, X0
 	VMOVUPS X0, (R13)
-	ADDQ outStride+80(FP), R13
+	ADDQ outStride+88(FP), R13
 	VEXTRACTF64X4 $1, Z4, Y8
 	VADDPS Y8, Y4, Y4
 	VEXTRACTF64X4 $1, Z5, Y9
@@ -428,7 +428,7 @@ spe2:
 	VADDPS X8, X4, X4
 	VMULPS X15, X4, X4
 	VMOVUPS X4, (R13)
-	ADDQ outStride+80(FP), R13
+	ADDQ outStride+88(FP), R13
 	LEAQ (SI)(R14*2), SI
 	LEAQ (DI)(R15*2), DI
 	SUBQ $2, CX
@@ -443,12 +443,12 @@ sone:
 	VPXORD Z2, Z2, Z2
 	VPXORD Z3, Z3, Z3
 	MOVQ lat+40(FP), R8
-	MOVQ r+48(FP), BX
+	MOVQ rowStride+56(FP), BX
 	SHLQ $2, BX
 	LEAQ (R8)(BX*1), R9
 	LEAQ (R8)(BX*2), R10
 	LEAQ (R9)(BX*2), R11
-	MOVQ r+48(FP), R12
+	MOVQ r+64(FP), R12
 	XORQ DX, DX
 
 slat1:
@@ -464,13 +464,13 @@ slat1:
 	ADDQ $64, DX
 	SUBQ $16, R12
 	JNZ  slat1
-	MOVQ kpe+56(FP), R8
-	MOVQ dr+64(FP), BX
+	MOVQ kpe+48(FP), R8
+	MOVQ rowStride+56(FP), BX
 	SHLQ $2, BX
 	LEAQ (R8)(BX*1), R9
 	LEAQ (R8)(BX*2), R10
 	LEAQ (R9)(BX*2), R11
-	MOVQ dr+64(FP), R12
+	MOVQ dr+72(FP), R12
 	XORQ DX, DX
 
 spe1:
@@ -506,15 +506,15 @@ sdone:
 	VZEROUPPER
 	RET
 
-// func axpyHx4AVX512(out *float32, heads int, lat *float32, r int, p *float32, pStride int)
+// func axpyHx4AVX512(out *float32, heads int, lat *float32, r, rowStride int, p *float32, pStride int)
 //
-// For every head h < heads: out[h*r:][:r] += sum_{i<4} p[h*pStride+i] * lat[i*r:][:r],
+// For every head h < heads: out[h*r:][:r] += sum_{i<4} p[h*pStride+i] * lat[i*rowStride:][:r],
 // r a multiple of 16.
-TEXT ·axpyHx4AVX512(SB), NOSPLIT, $0-48
+TEXT ·axpyHx4AVX512(SB), NOSPLIT, $0-56
 	MOVQ out+0(FP), DI
 	MOVQ heads+8(FP), CX
-	MOVQ p+32(FP), DX
-	MOVQ pStride+40(FP), R13
+	MOVQ p+40(FP), DX
+	MOVQ pStride+48(FP), R13
 	SHLQ $2, R13
 
 ahead:
@@ -523,7 +523,7 @@ ahead:
 	VBROADCASTSS 8(DX), Z30
 	VBROADCASTSS 12(DX), Z31
 	MOVQ lat+16(FP), R8
-	MOVQ r+24(FP), BX
+	MOVQ rowStride+32(FP), BX
 	SHLQ $2, BX
 	LEAQ (R8)(BX*1), R9
 	LEAQ (R8)(BX*2), R10
@@ -548,5 +548,24 @@ alat:
 	ADDQ R13, DX
 	DECQ CX
 	JNZ  ahead
+	VZEROUPPER
+	RET
+
+// func bf16ToF32AVX512(dst *float32, src *uint16, n int)
+//
+// dst[i] = the float32 whose high half is src[i]; n a multiple of 16.
+TEXT ·bf16ToF32AVX512(SB), NOSPLIT, $0-24
+	MOVQ dst+0(FP), DI
+	MOVQ src+8(FP), SI
+	MOVQ n+16(FP), CX
+
+bfloop:
+	VPMOVZXWD (SI), Z0
+	VPSLLD $16, Z0, Z0
+	VMOVDQU32 Z0, (DI)
+	ADDQ $32, SI
+	ADDQ $64, DI
+	SUBQ $16, CX
+	JNZ  bfloop
 	VZEROUPPER
 	RET

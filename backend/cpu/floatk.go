@@ -83,6 +83,19 @@ func (b *Backend) maxF32(x []float32) float32 {
 	return m
 }
 
+// bf16ToF32 widens bfloat16 values (exactly: a bfloat16 is the high half
+// of a float32).
+func (b *Backend) bf16ToF32(dst []float32, src []uint16) {
+	src = src[:len(dst)]
+	n := len(dst) &^ 15
+	if n == 0 || !bf16ToF32SIMD(b.isa, dst[:n], src[:n]) {
+		n = 0
+	}
+	for i, v := range src[n:] {
+		dst[n+i] = math.Float32frombits(uint32(v) << 16)
+	}
+}
+
 // expF32 sets dst[i] = exp(src[i] - m) and returns the sum of dst.
 func (b *Backend) expF32(dst, src []float32, m float32) float32 {
 	src = src[:len(dst)]

@@ -25,10 +25,16 @@ func maxF32AVX2(x *float32, n int) float32
 func sgemm4x64AVX512(a *float32, aStride int, b *float32, bStride int, n int, c *float32, cStride int)
 
 //go:noescape
-func scoresHx4AVX512(q *float32, qStride int, qpe *float32, qpeStride int, heads int, lat *float32, r int, kpe *float32, dr int, out *float32, outStride int, scale float32)
+func scoresHx4AVX512(q *float32, qStride int, qpe *float32, qpeStride int, heads int, lat, kpe *float32, rowStride, r, dr int, out *float32, outStride int, scale float32)
 
 //go:noescape
-func axpyHx4AVX512(out *float32, heads int, lat *float32, r int, p *float32, pStride int)
+func axpyHx4AVX512(out *float32, heads int, lat *float32, r, rowStride int, p *float32, pStride int)
+
+//go:noescape
+func bf16ToF32AVX512(dst *float32, src *uint16, n int)
+
+//go:noescape
+func bf16ToF32AVX2(dst *float32, src *uint16, n int)
 
 //go:noescape
 func dotF32AVX2(a, b *float32, n int) float32
@@ -132,17 +138,30 @@ func hasHeadKernels(i isa, r, dr int) bool {
 }
 
 // scoresHx4 is scoresHx4AVX512 on slices: q and qpe hold heads rows at
-// their strides, lat and kpe four rows of r and dr values, out heads rows
-// of at least four at outStride; the scores are multiplied by scale.
-func scoresHx4(q []float32, qStride int, qpe []float32, qpeStride, heads int, lat []float32, r int, kpe []float32, dr int, out []float32, outStride int, scale float32) {
+// their strides, lat and kpe four rows of r and dr values rowStride apart,
+// out heads rows of at least four at outStride; the scores are multiplied
+// by scale.
+func scoresHx4(q []float32, qStride int, qpe []float32, qpeStride, heads int, lat, kpe []float32, rowStride, r, dr int, out []float32, outStride int, scale float32) {
 	_, _ = q[(heads-1)*qStride+r-1], qpe[(heads-1)*qpeStride+dr-1]
-	_, _, _ = lat[4*r-1], kpe[4*dr-1], out[(heads-1)*outStride+3]
-	scoresHx4AVX512(&q[0], qStride, &qpe[0], qpeStride, heads, &lat[0], r, &kpe[0], dr, &out[0], outStride, scale)
+	_, _, _ = lat[3*rowStride+r-1], kpe[3*rowStride+dr-1], out[(heads-1)*outStride+3]
+	scoresHx4AVX512(&q[0], qStride, &qpe[0], qpeStride, heads, &lat[0], &kpe[0], rowStride, r, dr, &out[0], outStride, scale)
 }
 
 // axpyHx4 is axpyHx4AVX512 on slices: out holds heads rows of r, lat four
-// rows of r, p heads rows of at least four at pStride.
-func axpyHx4(out []float32, heads int, lat []float32, r int, p []float32, pStride int) {
-	_, _, _ = out[heads*r-1], lat[4*r-1], p[(heads-1)*pStride+3]
-	axpyHx4AVX512(&out[0], heads, &lat[0], r, &p[0], pStride)
+// rows of r rowStride apart, p heads rows of at least four at pStride.
+func axpyHx4(out []float32, heads int, lat []float32, r, rowStride int, p []float32, pStride int) {
+	_, _, _ = out[heads*r-1], lat[3*rowStride+r-1], p[(heads-1)*pStride+3]
+	axpyHx4AVX512(&out[0], heads, &lat[0], r, rowStride, &p[0], pStride)
+}
+
+func bf16ToF32SIMD(i isa, dst []float32, src []uint16) bool {
+	switch i {
+	case isaAVX512:
+		bf16ToF32AVX512(&dst[0], &src[0], len(dst))
+		return true
+	case isaAVXVNNI, isaAVX2:
+		bf16ToF32AVX2(&dst[0], &src[0], len(dst))
+		return true
+	}
+	return false
 }

@@ -53,7 +53,7 @@ func (b *Backend) gemmInt8(d *mat, a *qacts, m *format.Matrix) bool {
 	items := (m.N + itemRows - 1) / itemRows
 	tileBytes := groups * R * 128
 	tiles := itemRows / R
-	b.pool.run(items, 1, func(lo, hi int) {
+	b.workers.run(items, 1, func(lo, hi int) {
 		bp, _ := gemmTiles.Get().(*[]byte)
 		if bp == nil || cap(*bp) < tiles*tileBytes {
 			buf := make([]byte, tiles*tileBytes)

@@ -1,8 +1,8 @@
 #include "textflag.h"
 
-// Decode kernels for AVX2 + FMA machines, group size 128: the same
-// arithmetic as gemv_avx512_amd64.s on 256-bit registers. The int8 products
-// use AVX-VNNI's vpdpbusd where the CPU has it (gemvAVXVNNI), else
+// Decode kernels for AVX2 + FMA machines, group size 128: the arithmetic
+// of gemv_avx512_amd64.s on 256-bit registers, 8 groups per batch. The int8
+// products use AVX-VNNI's vpdpbusd where the CPU has it (gemvAVXVNNI), else
 // vpmaddubsw + vpmaddwd (gemvAVX2): with weights 0..24 and |x| <= 127 the
 // four 16-bit partial sums of a lane stay below 2^15.
 
@@ -10,121 +10,399 @@ DATA gemv2Biased<>+0(SB)/8, $0x181412100f0e0d0c
 DATA gemv2Biased<>+8(SB)/8, $0x00040608090a0b0c
 GLOBL gemv2Biased<>(SB), RODATA|NOPTR, $16
 
-// The Go assembler knows only the EVEX form of vpdpbusd, which needs
-// AVX-512; these are the VEX (AVX-VNNI) encodings of
-// vpdpbusd ymm6, ymmW, [rdi+disp] for W = 2, 4, 3, 5.
-#define VNNI_Y6_Y2_DI0 BYTE $0xC4; BYTE $0xE2; BYTE $0x6D; BYTE $0x50; BYTE $0x77; BYTE $0x00
-#define VNNI_Y6_Y4_DI32 BYTE $0xC4; BYTE $0xE2; BYTE $0x5D; BYTE $0x50; BYTE $0x77; BYTE $0x20
-#define VNNI_Y6_Y3_DI64 BYTE $0xC4; BYTE $0xE2; BYTE $0x65; BYTE $0x50; BYTE $0x77; BYTE $0x40
-#define VNNI_Y6_Y5_DI96 BYTE $0xC4; BYTE $0xE2; BYTE $0x55; BYTE $0x50; BYTE $0x77; BYTE $0x60
+#define CONST8(name, bits) \
+	DATA name<>+0(SB)/4, $bits; DATA name<>+4(SB)/4, $bits; \
+	DATA name<>+8(SB)/4, $bits; DATA name<>+12(SB)/4, $bits; \
+	DATA name<>+16(SB)/4, $bits; DATA name<>+20(SB)/4, $bits; \
+	DATA name<>+24(SB)/4, $bits; DATA name<>+28(SB)/4, $bits; \
+	GLOBL name<>(SB), RODATA|NOPTR, $32
 
-// Widen the 64 code bytes at mem (mem32 is mem+32): Y2/Y4 the even columns (activations at
-// 0(DI), 32(DI)), Y3/Y5 the odd ones (64(DI), 96(DI)), as biased bytes.
-#define WIDEN(mem, mem32) \
-	VMOVDQU mem, Y3; \
-	VPAND Y14, Y3, Y2; \
-	VPSRLW $4, Y3, Y3; \
-	VPAND Y14, Y3, Y3; \
-	VPSHUFB Y2, Y15, Y2; \
-	VPSHUFB Y3, Y15, Y3; \
-	VMOVDQU mem32, Y5; \
-	VPAND Y14, Y5, Y4; \
-	VPSRLW $4, Y5, Y5; \
-	VPAND Y14, Y5, Y5; \
-	VPSHUFB Y4, Y15, Y4; \
-	VPSHUFB Y5, Y15, Y5
+CONST8(gemv2Twelve, 0x0000000c)
+CONST8(gemv2Mag, 0x0000007f)
+CONST8(gemv2Sign, 0x00000080)
+CONST8(gemv2Exp, 0x7b800000)
+CONST8(gemv2NaN, 0x7fc00000)
 
-// Y6 = -12*sum(x) in lane 0 plus the group's products.
-#define DOT_VNNI \
-	VMOVDQA Y11, Y6; \
-	VNNI_Y6_Y2_DI0; \
-	VNNI_Y6_Y4_DI32; \
-	VNNI_Y6_Y3_DI64; \
-	VNNI_Y6_Y5_DI96
+// Widen the 64 code bytes at off(SI): Y8/Y10 the even columns (activations
+// at 0 and 32 of the group's), Y9/Y11 the odd ones (64 and 96), as biased
+// bytes.
+#define WIDEN(off, off32) \
+	VMOVDQU off(SI), Y9; \
+	VPAND Y14, Y9, Y8; \
+	VPSRLW $4, Y9, Y9; \
+	VPAND Y14, Y9, Y9; \
+	VPSHUFB Y8, Y15, Y8; \
+	VPSHUFB Y9, Y15, Y9; \
+	VMOVDQU off32(SI), Y11; \
+	VPAND Y14, Y11, Y10; \
+	VPSRLW $4, Y11, Y11; \
+	VPAND Y14, Y11, Y11; \
+	VPSHUFB Y10, Y15, Y10; \
+	VPSHUFB Y11, Y15, Y11
 
-#define DOT_MADD \
-	VPMADDUBSW (DI), Y2, Y2; \
-	VPMADDUBSW 32(DI), Y4, Y4; \
-	VPMADDUBSW 64(DI), Y3, Y3; \
-	VPMADDUBSW 96(DI), Y5, Y5; \
-	VPADDW Y4, Y2, Y2; \
-	VPADDW Y5, Y3, Y3; \
-	VPADDW Y3, Y2, Y2; \
-	VPMADDWD Y13, Y2, Y2; \
-	VPADDD Y11, Y2, Y6
+// Group products with vpmaddubsw: the four 16-bit sums, then pairs of
+// them into the 32-bit lanes of acc.
+#define MADD(x0, x1, x2, x3, acc) \
+	VPMADDUBSW x0(DI), Y8, Y8; \
+	VPMADDUBSW x1(DI), Y10, Y10; \
+	VPMADDUBSW x2(DI), Y9, Y9; \
+	VPMADDUBSW x3(DI), Y11, Y11; \
+	VPADDW Y10, Y8, Y8; \
+	VPADDW Y11, Y9, Y9; \
+	VPADDW Y9, Y8, Y8; \
+	VPMADDWD Y13, Y8, acc
 
-// Scale the group's dot product and add it into facc.
-#define SCALE(smem, facc) \
-	VCVTDQ2PS Y6, Y6; \
-	VMULPS Y12, Y6, Y6; \
-	MOVBLZX smem, AX; \
-	VBROADCASTSS (R10)(AX*4), Y7; \
-	VFMADD231PS Y7, Y6, facc
+#define PAIR_DQ(a, b) \
+	VPUNPCKLDQ b, a, Y12; \
+	VPUNPCKHDQ b, a, a; \
+	VPADDD Y12, a, a
 
-#define GROUP_SETUP2 \
-	VBROADCASTSS (R8), Y12; \
-	MOVL (R9), AX; \
-	IMULL $-12, AX; \
-	VMOVD AX, X11
-
-// GEMV2(DOT, labels...) is the body of a decode kernel with the signature
-// of gemvAVX512: one row after the other, so the codes stream sequentially.
-#define GEMV2(DOT, row1, g1) \
-	MOVQ codes+0(FP), SI; \
-	MOVQ scales+8(FP), R12; \
-	MOVQ rows+24(FP), CX; \
-	MOVQ groups+32(FP), R13; \
-	LEAQ ·e4m3Table(SB), R10; \
-	VBROADCASTI128 gemv2Biased<>(SB), Y15; \
-	MOVL $0x0f0f0f0f, AX; \
-	VMOVD AX, X14; \
-	VPBROADCASTD X14, Y14; \
-	MOVL $0x00010001, AX; \
-	VMOVD AX, X13; \
-	VPBROADCASTD X13, Y13; \
-	MOVQ rowScale+16(FP), DX; \
-	MOVQ out+64(FP), R14; \
-row1: \
-	MOVQ x+40(FP), DI; \
-	MOVQ xs+48(FP), R8; \
-	MOVQ xsum+56(FP), R9; \
-	VXORPS Y0, Y0, Y0; \
-	MOVQ R13, R11; \
-g1: \
-	GROUP_SETUP2; \
-	WIDEN((SI), 32(SI)); \
-	DOT; \
-	SCALE((R12), Y0); \
-	ADDQ $64, SI; \
-	INCQ R12; \
-	SUBQ $-128, DI; \
-	ADDQ $4, R8; \
-	ADDQ $4, R9; \
-	DECQ R11; \
-	JNZ  g1; \
-	VEXTRACTF128 $1, Y0, X1; \
-	VADDPS X1, X0, X0; \
-	VHADDPS X0, X0, X0; \
-	VHADDPS X0, X0, X0; \
-	VMULSS (DX), X0, X0; \
-	MOVL $0x3f000000, AX; \
-	VMOVD AX, X1; \
-	VMULSS X1, X0, X0; \
-	VMOVSS X0, (R14); \
-	ADDQ $4, DX; \
-	ADDQ $4, R14; \
-	DECQ CX; \
-	JNZ  row1; \
-	VZEROUPPER; \
-	RET
+#define PAIR_QDQ(a, b) \
+	VPUNPCKLQDQ b, a, Y12; \
+	VPUNPCKHQDQ b, a, a; \
+	VPADDD Y12, a, a
 
 // func gemvAVXVNNI(codes *byte, scales *byte, rowScale *float32, rows, groups int, x *int8, xs *float32, xsum *int32, out *float32)
-TEXT ·gemvAVXVNNI(SB), NOSPLIT, $0-72
-	GEMV2(DOT_VNNI, vrow1, vg1)
+//
+// The frame holds the row's float sums per lane (96(SP)) and, for a batch
+// of fewer than 8 groups, its scale bytes (0(SP)), activation scales
+// (32(SP)) and sums (64(SP)) copied and zero-padded, so that nothing past
+// the arrays is read.
+TEXT ·gemvAVXVNNI(SB), NOSPLIT, $128-72
+	MOVQ codes+0(FP), SI
+	MOVQ scales+8(FP), R12
+	MOVQ rowScale+16(FP), DX
+	MOVQ rows+24(FP), CX
+	MOVQ out+64(FP), R14
+	VBROADCASTI128 gemv2Biased<>(SB), Y15
+	MOVL $0x0f0f0f0f, AX
+	VMOVD AX, X14
+	VPBROADCASTD X14, Y14
+	MOVL $0x00010001, AX
+	VMOVD AX, X13
+	VPBROADCASTD X13, Y13
+
+gemvAVXVNNI_row:
+	MOVQ x+40(FP), DI
+	MOVQ xs+48(FP), R8
+	MOVQ xsum+56(FP), R9
+	VXORPS Y0, Y0, Y0
+	VMOVUPS Y0, 96(SP)
+	MOVQ groups+32(FP), R11
+
+gemvAVXVNNI_batch:
+	MOVQ R11, R13
+	CMPQ R13, $8
+	JLE  gemvAVXVNNI_counted
+	MOVQ $8, R13
+
+gemvAVXVNNI_counted:
+	VPXOR Y0, Y0, Y0
+	VPXOR Y1, Y1, Y1
+	VPXOR Y2, Y2, Y2
+	VPXOR Y3, Y3, Y3
+	VPXOR Y4, Y4, Y4
+	VPXOR Y5, Y5, Y5
+	VPXOR Y6, Y6, Y6
+	VPXOR Y7, Y7, Y7
+	WIDEN(0, 32)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x3D; BYTE $0x50; BYTE $0x87; BYTE $0x00; BYTE $0x00; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm0, ymm8, 0(DI)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x2D; BYTE $0x50; BYTE $0x87; BYTE $0x20; BYTE $0x00; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm0, ymm10, 32(DI)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x35; BYTE $0x50; BYTE $0x87; BYTE $0x40; BYTE $0x00; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm0, ymm9, 64(DI)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x25; BYTE $0x50; BYTE $0x87; BYTE $0x60; BYTE $0x00; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm0, ymm11, 96(DI)
+	CMPQ R13, $1
+	JEQ  gemvAVXVNNI_reduce
+	WIDEN(64, 96)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x3D; BYTE $0x50; BYTE $0x8F; BYTE $0x80; BYTE $0x00; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm1, ymm8, 128(DI)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x2D; BYTE $0x50; BYTE $0x8F; BYTE $0xA0; BYTE $0x00; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm1, ymm10, 160(DI)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x35; BYTE $0x50; BYTE $0x8F; BYTE $0xC0; BYTE $0x00; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm1, ymm9, 192(DI)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x25; BYTE $0x50; BYTE $0x8F; BYTE $0xE0; BYTE $0x00; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm1, ymm11, 224(DI)
+	CMPQ R13, $2
+	JEQ  gemvAVXVNNI_reduce
+	WIDEN(128, 160)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x3D; BYTE $0x50; BYTE $0x97; BYTE $0x00; BYTE $0x01; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm2, ymm8, 256(DI)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x2D; BYTE $0x50; BYTE $0x97; BYTE $0x20; BYTE $0x01; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm2, ymm10, 288(DI)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x35; BYTE $0x50; BYTE $0x97; BYTE $0x40; BYTE $0x01; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm2, ymm9, 320(DI)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x25; BYTE $0x50; BYTE $0x97; BYTE $0x60; BYTE $0x01; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm2, ymm11, 352(DI)
+	CMPQ R13, $3
+	JEQ  gemvAVXVNNI_reduce
+	WIDEN(192, 224)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x3D; BYTE $0x50; BYTE $0x9F; BYTE $0x80; BYTE $0x01; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm3, ymm8, 384(DI)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x2D; BYTE $0x50; BYTE $0x9F; BYTE $0xA0; BYTE $0x01; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm3, ymm10, 416(DI)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x35; BYTE $0x50; BYTE $0x9F; BYTE $0xC0; BYTE $0x01; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm3, ymm9, 448(DI)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x25; BYTE $0x50; BYTE $0x9F; BYTE $0xE0; BYTE $0x01; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm3, ymm11, 480(DI)
+	CMPQ R13, $4
+	JEQ  gemvAVXVNNI_reduce
+	WIDEN(256, 288)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x3D; BYTE $0x50; BYTE $0xA7; BYTE $0x00; BYTE $0x02; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm4, ymm8, 512(DI)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x2D; BYTE $0x50; BYTE $0xA7; BYTE $0x20; BYTE $0x02; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm4, ymm10, 544(DI)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x35; BYTE $0x50; BYTE $0xA7; BYTE $0x40; BYTE $0x02; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm4, ymm9, 576(DI)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x25; BYTE $0x50; BYTE $0xA7; BYTE $0x60; BYTE $0x02; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm4, ymm11, 608(DI)
+	CMPQ R13, $5
+	JEQ  gemvAVXVNNI_reduce
+	WIDEN(320, 352)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x3D; BYTE $0x50; BYTE $0xAF; BYTE $0x80; BYTE $0x02; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm5, ymm8, 640(DI)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x2D; BYTE $0x50; BYTE $0xAF; BYTE $0xA0; BYTE $0x02; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm5, ymm10, 672(DI)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x35; BYTE $0x50; BYTE $0xAF; BYTE $0xC0; BYTE $0x02; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm5, ymm9, 704(DI)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x25; BYTE $0x50; BYTE $0xAF; BYTE $0xE0; BYTE $0x02; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm5, ymm11, 736(DI)
+	CMPQ R13, $6
+	JEQ  gemvAVXVNNI_reduce
+	WIDEN(384, 416)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x3D; BYTE $0x50; BYTE $0xB7; BYTE $0x00; BYTE $0x03; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm6, ymm8, 768(DI)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x2D; BYTE $0x50; BYTE $0xB7; BYTE $0x20; BYTE $0x03; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm6, ymm10, 800(DI)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x35; BYTE $0x50; BYTE $0xB7; BYTE $0x40; BYTE $0x03; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm6, ymm9, 832(DI)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x25; BYTE $0x50; BYTE $0xB7; BYTE $0x60; BYTE $0x03; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm6, ymm11, 864(DI)
+	CMPQ R13, $7
+	JEQ  gemvAVXVNNI_reduce
+	WIDEN(448, 480)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x3D; BYTE $0x50; BYTE $0xBF; BYTE $0x80; BYTE $0x03; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm7, ymm8, 896(DI)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x2D; BYTE $0x50; BYTE $0xBF; BYTE $0xA0; BYTE $0x03; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm7, ymm10, 928(DI)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x35; BYTE $0x50; BYTE $0xBF; BYTE $0xC0; BYTE $0x03; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm7, ymm9, 960(DI)
+	BYTE $0xC4; BYTE $0xE2; BYTE $0x25; BYTE $0x50; BYTE $0xBF; BYTE $0xE0; BYTE $0x03; BYTE $0x00; BYTE $0x00 // vpdpbusd ymm7, ymm11, 992(DI)
+
+gemvAVXVNNI_reduce:
+	PAIR_DQ(Y0, Y1)
+	PAIR_DQ(Y2, Y3)
+	PAIR_DQ(Y4, Y5)
+	PAIR_DQ(Y6, Y7)
+	PAIR_QDQ(Y0, Y2)
+	PAIR_QDQ(Y4, Y6)
+	VPERM2I128 $0x20, Y4, Y0, Y12
+	VPERM2I128 $0x31, Y4, Y0, Y0
+	VPADDD Y12, Y0, Y0               // lane g: the biased dot product of group g
+
+	MOVQ R12, BX
+	MOVQ R8, R10
+	MOVQ R9, R15
+	CMPQ R13, $8
+	JEQ  gemvAVXVNNI_full
+	VXORPS Y1, Y1, Y1
+	VMOVDQU Y1, 0(SP)
+	VMOVDQU Y1, 32(SP)
+	VMOVDQU Y1, 64(SP)
+	XORQ AX, AX
+
+gemvAVXVNNI_copy:
+	MOVBLZX (R12)(AX*1), BX
+	MOVB BX, 0(SP)(AX*1)
+	MOVL (R8)(AX*4), BX
+	MOVL BX, 32(SP)(AX*4)
+	MOVL (R9)(AX*4), BX
+	MOVL BX, 64(SP)(AX*4)
+	INCQ AX
+	CMPQ AX, R13
+	JLT  gemvAVXVNNI_copy
+	LEAQ 0(SP), BX
+	LEAQ 32(SP), R10
+	LEAQ 64(SP), R15
+
+gemvAVXVNNI_full:
+	VMOVDQU (R15), Y2
+	VPMULLD gemv2Twelve<>(SB), Y2, Y2
+	VPSUBD Y2, Y0, Y0
+	VCVTDQ2PS Y0, Y0
+	VPMOVZXBD (BX), Y1               // scale bytes
+	VPAND gemv2Mag<>(SB), Y1, Y4
+	VPSLLD $20, Y4, Y5
+	VMULPS gemv2Exp<>(SB), Y5, Y5     // 2^(e-7) (1 + m/8), subnormals included
+	VPAND gemv2Sign<>(SB), Y1, Y6
+	VPSLLD $24, Y6, Y6
+	VPOR Y6, Y5, Y5
+	VPCMPEQD gemv2Mag<>(SB), Y4, Y6
+	VMOVUPS gemv2NaN<>(SB), Y7
+	VBLENDVPS Y6, Y7, Y5, Y5         // 0x7f and 0xff are NaN
+	VMULPS (R10), Y5, Y5
+	VMOVUPS 96(SP), Y6
+	VFMADD231PS Y5, Y0, Y6
+	VMOVUPS Y6, 96(SP)
+
+	MOVQ R13, AX
+	SHLQ $6, AX
+	ADDQ AX, SI
+	SHLQ $1, AX
+	ADDQ AX, DI
+	ADDQ R13, R12
+	LEAQ (R8)(R13*4), R8
+	LEAQ (R9)(R13*4), R9
+	SUBQ R13, R11
+	JNZ  gemvAVXVNNI_batch
+
+	VMOVUPS 96(SP), Y0
+	VEXTRACTF128 $1, Y0, X1
+	VADDPS X1, X0, X0
+	VHADDPS X0, X0, X0
+	VHADDPS X0, X0, X0
+	VMULSS (DX), X0, X0
+	MOVL $0x3f000000, AX
+	VMOVD AX, X1
+	VMULSS X1, X0, X0
+	VMOVSS X0, (R14)
+	ADDQ $4, DX
+	ADDQ $4, R14
+	DECQ CX
+	JNZ  gemvAVXVNNI_row
+
+	VZEROUPPER
+	RET
 
 // func gemvAVX2(codes *byte, scales *byte, rowScale *float32, rows, groups int, x *int8, xs *float32, xsum *int32, out *float32)
-TEXT ·gemvAVX2(SB), NOSPLIT, $0-72
-	GEMV2(DOT_MADD, mrow1, mg1)
+//
+// The frame holds the row's float sums per lane (96(SP)) and, for a batch
+// of fewer than 8 groups, its scale bytes (0(SP)), activation scales
+// (32(SP)) and sums (64(SP)) copied and zero-padded, so that nothing past
+// the arrays is read.
+TEXT ·gemvAVX2(SB), NOSPLIT, $128-72
+	MOVQ codes+0(FP), SI
+	MOVQ scales+8(FP), R12
+	MOVQ rowScale+16(FP), DX
+	MOVQ rows+24(FP), CX
+	MOVQ out+64(FP), R14
+	VBROADCASTI128 gemv2Biased<>(SB), Y15
+	MOVL $0x0f0f0f0f, AX
+	VMOVD AX, X14
+	VPBROADCASTD X14, Y14
+	MOVL $0x00010001, AX
+	VMOVD AX, X13
+	VPBROADCASTD X13, Y13
+
+gemvAVX2_row:
+	MOVQ x+40(FP), DI
+	MOVQ xs+48(FP), R8
+	MOVQ xsum+56(FP), R9
+	VXORPS Y0, Y0, Y0
+	VMOVUPS Y0, 96(SP)
+	MOVQ groups+32(FP), R11
+
+gemvAVX2_batch:
+	MOVQ R11, R13
+	CMPQ R13, $8
+	JLE  gemvAVX2_counted
+	MOVQ $8, R13
+
+gemvAVX2_counted:
+	VPXOR Y0, Y0, Y0
+	VPXOR Y1, Y1, Y1
+	VPXOR Y2, Y2, Y2
+	VPXOR Y3, Y3, Y3
+	VPXOR Y4, Y4, Y4
+	VPXOR Y5, Y5, Y5
+	VPXOR Y6, Y6, Y6
+	VPXOR Y7, Y7, Y7
+	WIDEN(0, 32)
+	MADD(0, 32, 64, 96, Y0)
+	CMPQ R13, $1
+	JEQ  gemvAVX2_reduce
+	WIDEN(64, 96)
+	MADD(128, 160, 192, 224, Y1)
+	CMPQ R13, $2
+	JEQ  gemvAVX2_reduce
+	WIDEN(128, 160)
+	MADD(256, 288, 320, 352, Y2)
+	CMPQ R13, $3
+	JEQ  gemvAVX2_reduce
+	WIDEN(192, 224)
+	MADD(384, 416, 448, 480, Y3)
+	CMPQ R13, $4
+	JEQ  gemvAVX2_reduce
+	WIDEN(256, 288)
+	MADD(512, 544, 576, 608, Y4)
+	CMPQ R13, $5
+	JEQ  gemvAVX2_reduce
+	WIDEN(320, 352)
+	MADD(640, 672, 704, 736, Y5)
+	CMPQ R13, $6
+	JEQ  gemvAVX2_reduce
+	WIDEN(384, 416)
+	MADD(768, 800, 832, 864, Y6)
+	CMPQ R13, $7
+	JEQ  gemvAVX2_reduce
+	WIDEN(448, 480)
+	MADD(896, 928, 960, 992, Y7)
+
+gemvAVX2_reduce:
+	PAIR_DQ(Y0, Y1)
+	PAIR_DQ(Y2, Y3)
+	PAIR_DQ(Y4, Y5)
+	PAIR_DQ(Y6, Y7)
+	PAIR_QDQ(Y0, Y2)
+	PAIR_QDQ(Y4, Y6)
+	VPERM2I128 $0x20, Y4, Y0, Y12
+	VPERM2I128 $0x31, Y4, Y0, Y0
+	VPADDD Y12, Y0, Y0               // lane g: the biased dot product of group g
+
+	MOVQ R12, BX
+	MOVQ R8, R10
+	MOVQ R9, R15
+	CMPQ R13, $8
+	JEQ  gemvAVX2_full
+	VXORPS Y1, Y1, Y1
+	VMOVDQU Y1, 0(SP)
+	VMOVDQU Y1, 32(SP)
+	VMOVDQU Y1, 64(SP)
+	XORQ AX, AX
+
+gemvAVX2_copy:
+	MOVBLZX (R12)(AX*1), BX
+	MOVB BX, 0(SP)(AX*1)
+	MOVL (R8)(AX*4), BX
+	MOVL BX, 32(SP)(AX*4)
+	MOVL (R9)(AX*4), BX
+	MOVL BX, 64(SP)(AX*4)
+	INCQ AX
+	CMPQ AX, R13
+	JLT  gemvAVX2_copy
+	LEAQ 0(SP), BX
+	LEAQ 32(SP), R10
+	LEAQ 64(SP), R15
+
+gemvAVX2_full:
+	VMOVDQU (R15), Y2
+	VPMULLD gemv2Twelve<>(SB), Y2, Y2
+	VPSUBD Y2, Y0, Y0
+	VCVTDQ2PS Y0, Y0
+	VPMOVZXBD (BX), Y1               // scale bytes
+	VPAND gemv2Mag<>(SB), Y1, Y4
+	VPSLLD $20, Y4, Y5
+	VMULPS gemv2Exp<>(SB), Y5, Y5     // 2^(e-7) (1 + m/8), subnormals included
+	VPAND gemv2Sign<>(SB), Y1, Y6
+	VPSLLD $24, Y6, Y6
+	VPOR Y6, Y5, Y5
+	VPCMPEQD gemv2Mag<>(SB), Y4, Y6
+	VMOVUPS gemv2NaN<>(SB), Y7
+	VBLENDVPS Y6, Y7, Y5, Y5         // 0x7f and 0xff are NaN
+	VMULPS (R10), Y5, Y5
+	VMOVUPS 96(SP), Y6
+	VFMADD231PS Y5, Y0, Y6
+	VMOVUPS Y6, 96(SP)
+
+	MOVQ R13, AX
+	SHLQ $6, AX
+	ADDQ AX, SI
+	SHLQ $1, AX
+	ADDQ AX, DI
+	ADDQ R13, R12
+	LEAQ (R8)(R13*4), R8
+	LEAQ (R9)(R13*4), R9
+	SUBQ R13, R11
+	JNZ  gemvAVX2_batch
+
+	VMOVUPS 96(SP), Y0
+	VEXTRACTF128 $1, Y0, X1
+	VADDPS X1, X0, X0
+	VHADDPS X0, X0, X0
+	VHADDPS X0, X0, X0
+	VMULSS (DX), X0, X0
+	MOVL $0x3f000000, AX
+	VMOVD AX, X1
+	VMULSS X1, X0, X0
+	VMOVSS X0, (R14)
+	ADDQ $4, DX
+	ADDQ $4, R14
+	DECQ CX
+	JNZ  gemvAVX2_row
+
+	VZEROUPPER
+	RET
 
 // func quantRow128AVX2(x *float32, groups int, q *int8, s *float32, sum *int32)
 //

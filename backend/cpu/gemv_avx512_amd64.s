@@ -2,97 +2,213 @@
 
 // Decode kernels, AVX-512 (F, BW, VL, VNNI), group size 128.
 //
-// Weights enter vpdpbusd as unsigned bytes 2*e2m1(code)+12 (0..24); the
-// +12 bias adds 12*sum(x) to each group's dot product, which is taken off by
-// starting the group's accumulator at -12*sum(x) in lane 0. The exact int32
-// dot product of each group is converted to float, scaled by the group's
-// activation scale and e4m3 block scale, and accumulated per lane in float;
-// lanes are summed once per row.
+// Weights enter vpdpbusd as unsigned bytes 2*e2m1(code)+12 (0..24). For
+// each group of a row the 16 lanes of its products are summed exactly in
+// int32 (a transpose-and-add tree reduces 16 groups at once), 12*sum(x) is
+// taken off, and only then is the group's dot product converted to float
+// and scaled: sum_g dot_g * e4m3(s_g) * xs_g, with the e4m3 scales of 16
+// groups decoded arithmetically in one vector.
 
 // Byte i is the biased value 2*e2m1(i)+12 of code i.
 DATA gemvBiased<>+0(SB)/8, $0x181412100f0e0d0c
 DATA gemvBiased<>+8(SB)/8, $0x00040608090a0b0c
 GLOBL gemvBiased<>(SB), RODATA|NOPTR, $16
 
-// One group of one row: load the activations (xe even columns, xo odd)
-// and their scale (xsr), start the accumulator iacc at -12*sum(x) in lane 0,
-// (iaccx is iacc's X form), widen the 64 code bytes at mem, two vpdpbusd, convert, scale by the
-// activation scale and by the e4m3 scale byte at smem, add into facc.
-#define GROUP(xoff, sumoff, mem, smem, xe, xo, xsr, lo, hi, iacc, iaccx, facc) \
-	VMOVDQU8 xoff(DI), xe; \
-	VMOVDQU8 64+xoff(DI), xo; \
-	VBROADCASTSS sumoff(R8), xsr; \
-	MOVL sumoff(R9), AX; \
-	IMULL $-12, AX; \
-	VMOVD AX, iaccx; \
-	VPANDD mem, Z30, lo; \
-	VPSRLW $4, mem, hi; \
-	VPANDD Z30, hi, hi; \
-	VPSHUFB lo, Z31, lo; \
-	VPSHUFB hi, Z31, hi; \
-	VPDPBUSD xe, lo, iacc; \
-	VPDPBUSD xo, hi, iacc; \
-	VCVTDQ2PS iacc, iacc; \
-	VMULPS xsr, iacc, iacc; \
-	MOVBLZX smem, AX; \
-	VFMADD231PS.BCST (R10)(AX*4), iacc, facc
+// Entry n is the mask of the first n of 16 lanes.
+DATA gemvLanes<>+0(SB)/8, $0x0007000300010000
+DATA gemvLanes<>+8(SB)/8, $0x007f003f001f000f
+DATA gemvLanes<>+16(SB)/8, $0x07ff03ff01ff00ff
+DATA gemvLanes<>+24(SB)/8, $0x7fff3fff1fff0fff
+DATA gemvLanes<>+32(SB)/8, $0x000000000000ffff
+GLOBL gemvLanes<>(SB), RODATA|NOPTR, $40
+
+// Group g of the batch: products of the 64 code bytes at off(SI) with the
+// activations at xoff(DI) into the int32 lanes of acc.
+#define GROUP(off, xoff, acc) \
+	VPANDD off(SI), Z30, Z16; \
+	VPSRLW $4, off(SI), Z17; \
+	VPANDD Z30, Z17, Z17; \
+	VPSHUFB Z16, Z31, Z16; \
+	VPSHUFB Z17, Z31, Z17; \
+	VPDPBUSD xoff(DI), Z16, acc; \
+	VPDPBUSD 64+xoff(DI), Z17, acc
+
+// Sum the lanes of a and b pairwise into a (one step of the tree).
+#define PAIR_DQ(a, b) \
+	VPUNPCKLDQ b, a, Z16; \
+	VPUNPCKHDQ b, a, a; \
+	VPADDD Z16, a, a
+
+#define PAIR_QDQ(a, b) \
+	VPUNPCKLQDQ b, a, Z16; \
+	VPUNPCKHQDQ b, a, a; \
+	VPADDD Z16, a, a
+
+#define PAIR_128(a, b) \
+	VSHUFI32X4 $0x88, b, a, Z16; \
+	VSHUFI32X4 $0xDD, b, a, a; \
+	VPADDD Z16, a, a
 
 // func gemvAVX512(codes *byte, scales *byte, rowScale *float32, rows, groups int, x *int8, xs *float32, xsum *int32, out *float32)
 //
 // out[r] = rowScale[r]/2 * sum_g dot_g(r) * e4m3(scales[r*groups+g]) * xs[g]
 // for r in [0, rows); row r's codes start at codes + r*groups*64. The rows
 // are read one after the other, so the codes stream sequentially (four
-// rows interleaved read at less than half the speed from memory); two
-// groups per step feed two accumulators.
+// rows interleaved read at less than half the speed from memory).
 TEXT ·gemvAVX512(SB), NOSPLIT, $0-72
 	MOVQ codes+0(FP), SI
 	MOVQ scales+8(FP), R12
 	MOVQ rowScale+16(FP), DX
 	MOVQ rows+24(FP), CX
-	MOVQ groups+32(FP), R13
 	MOVQ out+64(FP), R14
-	LEAQ ·e4m3Table(SB), R10
 	VBROADCASTI32X4 gemvBiased<>(SB), Z31
 	MOVL $0x0f0f0f0f, AX
 	VPBROADCASTD AX, Z30
 	MOVL $0x3f000000, AX             // 0.5
-	VPBROADCASTD AX, Z29
+	VMOVD AX, X29
+	MOVL $12, AX
+	VPBROADCASTD AX, Z27
+	MOVL $0x7f, AX
+	VPBROADCASTD AX, Z26
+	MOVL $0x7b800000, AX             // 2^120
+	VPBROADCASTD AX, Z25
+	MOVL $0x7fc00000, AX             // NaN
+	VPBROADCASTD AX, Z24
+	MOVL $0x80, AX
+	VPBROADCASTD AX, Z23
 
 row:
 	MOVQ x+40(FP), DI
 	MOVQ xs+48(FP), R8
 	MOVQ xsum+56(FP), R9
+	VPXORD Z28, Z28, Z28             // float sum over groups, per lane
+	MOVQ groups+32(FP), R11          // groups left
+
+batch:
+	MOVQ R11, R13
+	CMPQ R13, $16
+	JLE  counted
+	MOVQ $16, R13                    // groups in this batch
+
+counted:
 	VPXORD Z0, Z0, Z0
 	VPXORD Z1, Z1, Z1
-	MOVQ R13, R11                    // groups left
-	CMPQ R11, $2
-	JLT  one
+	VPXORD Z2, Z2, Z2
+	VPXORD Z3, Z3, Z3
+	VPXORD Z4, Z4, Z4
+	VPXORD Z5, Z5, Z5
+	VPXORD Z6, Z6, Z6
+	VPXORD Z7, Z7, Z7
+	VPXORD Z8, Z8, Z8
+	VPXORD Z9, Z9, Z9
+	VPXORD Z10, Z10, Z10
+	VPXORD Z11, Z11, Z11
+	VPXORD Z12, Z12, Z12
+	VPXORD Z13, Z13, Z13
+	VPXORD Z14, Z14, Z14
+	VPXORD Z15, Z15, Z15
+	GROUP(0, 0, Z0)
+	CMPQ R13, $1
+	JEQ  reduce
+	GROUP(64, 128, Z1)
+	CMPQ R13, $2
+	JEQ  reduce
+	GROUP(128, 256, Z2)
+	CMPQ R13, $3
+	JEQ  reduce
+	GROUP(192, 384, Z3)
+	CMPQ R13, $4
+	JEQ  reduce
+	GROUP(256, 512, Z4)
+	CMPQ R13, $5
+	JEQ  reduce
+	GROUP(320, 640, Z5)
+	CMPQ R13, $6
+	JEQ  reduce
+	GROUP(384, 768, Z6)
+	CMPQ R13, $7
+	JEQ  reduce
+	GROUP(448, 896, Z7)
+	CMPQ R13, $8
+	JEQ  reduce
+	GROUP(512, 1024, Z8)
+	CMPQ R13, $9
+	JEQ  reduce
+	GROUP(576, 1152, Z9)
+	CMPQ R13, $10
+	JEQ  reduce
+	GROUP(640, 1280, Z10)
+	CMPQ R13, $11
+	JEQ  reduce
+	GROUP(704, 1408, Z11)
+	CMPQ R13, $12
+	JEQ  reduce
+	GROUP(768, 1536, Z12)
+	CMPQ R13, $13
+	JEQ  reduce
+	GROUP(832, 1664, Z13)
+	CMPQ R13, $14
+	JEQ  reduce
+	GROUP(896, 1792, Z14)
+	CMPQ R13, $15
+	JEQ  reduce
+	GROUP(960, 1920, Z15)
 
-pair:
-	GROUP(0, 0, (SI), (R12), Z4, Z5, Z6, Z8, Z9, Z10, X10, Z0)
-	GROUP(128, 4, 64(SI), 1(R12), Z14, Z15, Z16, Z18, Z19, Z20, X20, Z1)
-	SUBQ $-128, SI
-	ADDQ $2, R12
-	ADDQ $256, DI
-	ADDQ $8, R8
-	ADDQ $8, R9
-	SUBQ $2, R11
-	CMPQ R11, $2
-	JGE  pair
+reduce:
+	PAIR_DQ(Z0, Z1)
+	PAIR_DQ(Z2, Z3)
+	PAIR_DQ(Z4, Z5)
+	PAIR_DQ(Z6, Z7)
+	PAIR_DQ(Z8, Z9)
+	PAIR_DQ(Z10, Z11)
+	PAIR_DQ(Z12, Z13)
+	PAIR_DQ(Z14, Z15)
+	PAIR_QDQ(Z0, Z2)
+	PAIR_QDQ(Z4, Z6)
+	PAIR_QDQ(Z8, Z10)
+	PAIR_QDQ(Z12, Z14)
+	PAIR_128(Z0, Z4)
+	PAIR_128(Z8, Z12)
+	PAIR_128(Z0, Z8)
 
-one:
-	TESTQ R11, R11
-	JZ   sum
-	GROUP(0, 0, (SI), (R12), Z4, Z5, Z6, Z8, Z9, Z10, X10, Z0)
-	ADDQ $64, SI
-	INCQ R12
+	// Z0 lane g: the biased dot product of group g. Take off 12*sum(x),
+	// convert, scale by e4m3(s) * xs and add into Z28. Lanes past the
+	// batch load zeros.
+	LEAQ gemvLanes<>(SB), AX
+	MOVWLZX (AX)(R13*2), AX
+	KMOVW AX, K1
+	VMOVDQU32.Z (R9), K1, Z17
+	VPMULLD Z27, Z17, Z17
+	VPSUBD Z17, Z0, Z0
+	VCVTDQ2PS Z0, Z0
+	VPMOVZXBD.Z (R12), K1, Z17       // scale bytes
+	VPANDD Z26, Z17, Z18             // magnitude bits
+	VPSLLD $20, Z18, Z19
+	VMULPS Z25, Z19, Z19             // 2^(e-7) (1 + m/8), subnormals included
+	VPANDD Z23, Z17, Z20
+	VPSLLD $24, Z20, Z20
+	VPORD Z20, Z19, Z19              // sign
+	VPCMPEQD Z26, Z18, K2
+	VMOVAPS Z24, K2, Z19             // 0x7f and 0xff are NaN
+	VMOVUPS.Z (R8), K1, Z20
+	VMULPS Z20, Z19, Z19
+	VFMADD231PS Z19, Z0, Z28
 
-sum:
-	VADDPS Z1, Z0, Z0
-	VEXTRACTF64X4 $1, Z0, Y8
-	VADDPS Y8, Y0, Y0
-	VEXTRACTF128 $1, Y0, X8
-	VADDPS X8, X0, X0
+	MOVQ R13, AX
+	SHLQ $6, AX
+	ADDQ AX, SI
+	SHLQ $1, AX
+	ADDQ AX, DI
+	ADDQ R13, R12
+	LEAQ (R8)(R13*4), R8
+	LEAQ (R9)(R13*4), R9
+	SUBQ R13, R11
+	JNZ  batch
+
+	VEXTRACTF64X4 $1, Z28, Y0
+	VADDPS Y28, Y0, Y0
+	VEXTRACTF128 $1, Y0, X1
+	VADDPS X1, X0, X0
 	VHADDPS X0, X0, X0
 	VHADDPS X0, X0, X0
 	VMULSS (DX), X0, X0

@@ -1,62 +1,41 @@
 package cpu
 
 import (
-	"fmt"
 	"math"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
 
-// cache stores, per layer, the latent [capacity, rank] and the rotated
-// shared key [capacity, ropeDim] in float32.
-type cache struct {
-	capacity, rank, ropeDim int
-	latent, kpe             [][]float32
-}
-
-func (c *cache) Capacity() int { return c.capacity }
-
-// NewCache allocates a latent cache.
-func (b *Backend) NewCache(layers, capacity, rank, ropeDim int) backend.Cache {
-	c := &cache{capacity: capacity, rank: rank, ropeDim: ropeDim}
-	for l := 0; l < layers; l++ {
-		c.latent = append(c.latent, make([]float32, capacity*rank))
-		c.kpe = append(c.kpe, make([]float32, capacity*ropeDim))
+// CacheWrite stores each row's latent and k_pe at its slot of the bound pool.
+func (b *Backend) CacheWrite(layer int, latent, kpe backend.Tensor) {
+	lm, km, p := asMat(latent), asMat(kpe), b.pool
+	switch {
+	case p == nil || b.batch == nil:
+		b.fail("cache write without a batch and cache pool (SetBatch)")
+		return
+	case layer < 0 || layer >= p.layers:
+		b.fail("cache write to layer %d of %d", layer, p.layers)
+		return
 	}
-	return c
-}
-
-func asCache(c backend.Cache) *cache {
-	cc, ok := c.(*cache)
-	if !ok {
-		panic(fmt.Sprintf("cpu backend: cache of type %T from another backend", c))
-	}
-	return cc
-}
-
-// CacheWrite stores the rows of latent and kpe at positions pos0, pos0+1, ...
-func (b *Backend) CacheWrite(c backend.Cache, layer, pos0 int, latent, kpe backend.Tensor) {
-	cc, lm, km := asCache(c), asMat(latent), asMat(kpe)
-	checkShape("cache latent", [2]int{lm.rows, lm.cols}, [2]int{lm.rows, cc.rank})
-	checkShape("cache kpe", [2]int{km.rows, km.cols}, [2]int{lm.rows, cc.ropeDim})
-	if pos0 < 0 || pos0+lm.rows > cc.capacity {
-		panic(fmt.Sprintf("cpu backend: cache write at [%d,%d) beyond capacity %d", pos0, pos0+lm.rows, cc.capacity))
+	if b.badShape("cache latent", [2]int{lm.rows, lm.cols}, [2]int{b.batch.Rows(), p.rank}) ||
+		b.badShape("cache kpe", [2]int{km.rows, km.cols}, [2]int{b.batch.Rows(), p.ropeDim}) {
+		return
 	}
 	for t := 0; t < lm.rows; t++ {
-		p := pos0 + t
-		copy(cc.latent[layer][p*cc.rank:(p+1)*cc.rank], lm.row(t))
-		copy(cc.kpe[layer][p*cc.ropeDim:(p+1)*cc.ropeDim], km.row(t))
+		p.store(layer, int(b.slots[t]), lm.row(t), km.row(t))
 	}
 }
 
 // AbsorbQuery computes qlat[t,h] = W_UK[h]^T q_nope[t,h] as a sum of the
 // rows of W_UK[h] weighted by q_nope, so each weight row is read once.
-func (b *Backend) AbsorbQuery(qlat, q backend.Tensor, kvB backend.Weight, s backend.MLAShape) {
+func (b *Backend) AbsorbQuery(qlat, q backend.Tensor, wUK backend.Weight, s backend.MLAShape) {
 	ql, qm := asMat(qlat), asMat(q)
-	checkShape("absorb out", [2]int{ql.rows, ql.cols}, [2]int{qm.rows, s.Heads * s.Rank})
-	checkShape("absorb in", [2]int{qm.rows, qm.cols}, [2]int{ql.rows, s.Heads * (s.NopeDim + s.RopeDim)})
-	checkShape("absorb kv_b", [2]int{kvB.Rows(), kvB.Cols()}, [2]int{s.Heads * (s.NopeDim + s.VDim), s.Rank})
-	if w, ok := kvB.(*quant); ok {
+	if b.badShape("absorb out", [2]int{ql.rows, ql.cols}, [2]int{qm.rows, s.Heads * s.Rank}) ||
+		b.badShape("absorb in", [2]int{qm.rows, qm.cols}, [2]int{ql.rows, s.Heads * (s.NopeDim + s.RopeDim)}) ||
+		b.badShape("absorb W_UK", [2]int{wUK.Rows(), wUK.Cols()}, [2]int{s.Heads * s.NopeDim, s.Rank}) {
+		return
+	}
+	if w, ok := wUK.(*quant); ok {
 		b.absorbQueryQuant(ql, qm, w, s)
 		return
 	}
@@ -67,7 +46,7 @@ func (b *Backend) AbsorbQuery(qlat, q backend.Tensor, kvB backend.Weight, s back
 				clear(out)
 				for i := 0; i < s.NopeDim; i++ {
 					coef := qm.row(t)[h*(s.NopeDim+s.RopeDim)+i]
-					axpy(out, coef, weightRow(kvB, h*(s.NopeDim+s.VDim)+i, nil))
+					axpy(out, coef, weightRow(wUK, h*s.NopeDim+i, nil))
 				}
 			}
 		}
@@ -87,7 +66,7 @@ func (b *Backend) absorbQueryQuant(ql, qm *mat, w *quant, s backend.MLAShape) {
 			for t := 0; t < ql.rows; t++ {
 				clear(acc)
 				for i := 0; i < s.NopeDim; i++ {
-					n := h*(s.NopeDim+s.VDim) + i
+					n := h*s.NopeDim + i
 					a := qm.row(t)[h*(s.NopeDim+s.RopeDim)+i] * m.RowScale[n] * 0.5
 					for g, sc := range m.Scales[n*groups : (n+1)*groups] {
 						coef[g] = a * e4m3Table[sc]
@@ -106,59 +85,104 @@ func (b *Backend) absorbQueryQuant(ql, qm *mat, w *quant, s backend.MLAShape) {
 	})
 }
 
-// LatentAttention runs causal softmax attention against the cached latents.
-func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, c backend.Cache, layer, pos0 int, s backend.MLAShape, scale float32) {
-	om, ql, qm, cc := asMat(olat), asMat(qlat), asMat(q), asCache(c)
-	T := ql.rows
-	checkShape("attention out", [2]int{om.rows, om.cols}, [2]int{T, s.Heads * s.Rank})
-	if pos0+T > cc.capacity {
-		panic(fmt.Sprintf("cpu backend: attention over positions [0,%d) beyond cache capacity %d", pos0+T, cc.capacity))
-	}
-	lat, kpe := cc.latent[layer], cc.kpe[layer]
-	if b.latentAttentionSIMD(om, ql, qm, lat, kpe, pos0, s, scale) {
+// LatentAttention runs causal softmax attention against the cached latents
+// of each row's sequence, reading its blocks in place. Work is split over
+// rows and, when there are fewer rows than threads, over groups of heads;
+// each cached token is decoded once per work item and used by all its heads.
+func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s backend.MLAShape, scale float32) {
+	om, ql, qm, p := asMat(olat), asMat(qlat), asMat(q), b.pool
+	switch {
+	case p == nil || b.batch == nil:
+		b.fail("attention without a batch and cache pool (SetBatch)")
+		return
+	case layer < 0 || layer >= p.layers:
+		b.fail("attention over layer %d of %d", layer, p.layers)
+		return
+	case p.rank != s.Rank || p.ropeDim != s.RopeDim:
+		b.fail("attention of rank %d, rope dims %d over a pool of rank %d, rope dims %d", s.Rank, s.RopeDim, p.rank, p.ropeDim)
 		return
 	}
-	b.parallel(T*s.Heads, func(lo, hi int) {
-		scores := make([]float32, pos0+T)
+	T := b.batch.Rows()
+	if b.badShape("attention out", [2]int{om.rows, om.cols}, [2]int{T, s.Heads * s.Rank}) ||
+		b.badShape("attention qlat", [2]int{ql.rows, ql.cols}, [2]int{T, s.Heads * s.Rank}) ||
+		b.badShape("attention q", [2]int{qm.rows, qm.cols}, [2]int{T, s.Heads * (s.NopeDim + s.RopeDim)}) {
+		return
+	}
+	if b.latentAttentionSIMD(om, ql, qm, layer, s, scale) {
+		return
+	}
+	chunks := 1
+	if T < b.threads {
+		chunks = min(s.Heads, (b.threads+T-1)/T)
+	}
+	per := (s.Heads + chunks - 1) / chunks
+	b.parallel(T*chunks, func(lo, hi int) {
+		buf := make([]float32, p.width())
+		var scores []float32
 		for i := lo; i < hi; i++ {
-			t, h := i/s.Heads, i%s.Heads
-			p := pos0 + t
-			qv := ql.row(t)[h*s.Rank : (h+1)*s.Rank]
-			qpe := qm.row(t)[h*(s.NopeDim+s.RopeDim)+s.NopeDim : (h+1)*(s.NopeDim+s.RopeDim)]
-			maxScore := float32(math.Inf(-1))
-			for j := 0; j <= p; j++ {
-				sc := scale * (dot(qv, lat[j*s.Rank:(j+1)*s.Rank]) + dot(qpe, kpe[j*s.RopeDim:(j+1)*s.RopeDim]))
-				scores[j] = sc
-				maxScore = max(maxScore, sc)
+			t := i / chunks
+			h0 := (i % chunks) * per
+			h1 := min(h0+per, s.Heads)
+			if h0 >= h1 {
+				continue
 			}
-			var sum float64
-			for j := 0; j <= p; j++ {
-				e := float32(math.Exp(float64(scores[j] - maxScore)))
-				scores[j] = e
-				sum += float64(e)
+			seq := &b.batch.Seqs[b.rowSeq[t]]
+			n := int(b.batch.Positions[t]) + 1 // positions 0..p
+			scores = resize(scores, (h1-h0)*n)
+			slot := func(j int) int { return int(seq.Blocks[j/p.blockSize])*p.blockSize + j%p.blockSize }
+
+			for j := 0; j < n; j++ {
+				kv := p.load(layer, slot(j), buf)
+				lat, kpe := kv[:s.Rank], kv[s.Rank:]
+				for h := h0; h < h1; h++ {
+					qv := ql.row(t)[h*s.Rank : (h+1)*s.Rank]
+					qpe := qm.row(t)[h*(s.NopeDim+s.RopeDim)+s.NopeDim : (h+1)*(s.NopeDim+s.RopeDim)]
+					scores[(h-h0)*n+j] = scale * (dot(qv, lat) + dot(qpe, kpe))
+				}
 			}
-			out := om.row(t)[h*s.Rank : (h+1)*s.Rank]
-			clear(out)
-			inv := float32(1 / sum)
-			for j := 0; j <= p; j++ {
-				axpy(out, scores[j]*inv, lat[j*s.Rank:(j+1)*s.Rank])
+			for h := h0; h < h1; h++ {
+				sc := scores[(h-h0)*n : (h-h0+1)*n]
+				maxScore := float32(math.Inf(-1))
+				for _, v := range sc {
+					maxScore = max(maxScore, v)
+				}
+				var sum float64
+				for j, v := range sc {
+					e := float32(math.Exp(float64(v - maxScore)))
+					sc[j] = e
+					sum += float64(e)
+				}
+				inv := float32(1 / sum)
+				for j := range sc {
+					sc[j] *= inv
+				}
+				clear(om.row(t)[h*s.Rank : (h+1)*s.Rank])
+			}
+			for j := 0; j < n; j++ {
+				lat := p.load(layer, slot(j), buf)[:s.Rank]
+				for h := h0; h < h1; h++ {
+					axpy(om.row(t)[h*s.Rank:(h+1)*s.Rank], scores[(h-h0)*n+j], lat)
+				}
 			}
 		}
 	})
 }
 
 // ExpandValues computes out[t,h] = W_UV[h] olat[t,h]: per head, an ordinary
-// matrix product with a row block of kv_b, so MMFP4 weights take the same
+// matrix product with a row block of W_UV, so MMFP4 weights take the same
 // (int8) kernel as every other product.
-func (b *Backend) ExpandValues(out, olat backend.Tensor, kvB backend.Weight, s backend.MLAShape) {
+func (b *Backend) ExpandValues(out, olat backend.Tensor, wUV backend.Weight, s backend.MLAShape) {
 	om, ol := asMat(out), asMat(olat)
-	checkShape("expand out", [2]int{om.rows, om.cols}, [2]int{ol.rows, s.Heads * s.VDim})
-	checkShape("expand in", [2]int{ol.rows, ol.cols}, [2]int{om.rows, s.Heads * s.Rank})
-	if b.expandValuesInt8(om, ol, kvB, s) {
+	if b.badShape("expand out", [2]int{om.rows, om.cols}, [2]int{ol.rows, s.Heads * s.VDim}) ||
+		b.badShape("expand in", [2]int{ol.rows, ol.cols}, [2]int{om.rows, s.Heads * s.Rank}) ||
+		b.badShape("expand W_UV", [2]int{wUV.Rows(), wUV.Cols()}, [2]int{s.Heads * s.VDim, s.Rank}) {
+		return
+	}
+	if b.expandValuesInt8(om, ol, wUV, s) {
 		return
 	}
 	for h := 0; h < s.Heads; h++ {
-		wuv := weightRows(kvB, h*(s.NopeDim+s.VDim)+s.NopeDim, s.VDim)
+		wuv := weightRows(wUV, h*s.VDim, s.VDim)
 		b.MatMul(b.Cols(out, h*s.VDim, (h+1)*s.VDim), b.Cols(olat, h*s.Rank, (h+1)*s.Rank), wuv)
 	}
 }

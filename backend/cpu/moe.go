@@ -25,8 +25,13 @@ func (r *routing) Choice(t int) ([]int, []float32) {
 // Route applies the noaux_tc rule to each row of logits.
 func (b *Backend) Route(logits backend.Tensor, bias backend.Weight, cfg backend.RouterConfig) backend.Routing {
 	lm := asMat(logits)
-	checkShape("route", [2]int{lm.rows, lm.cols}, [2]int{lm.rows, cfg.NumExperts})
-	bv := vector(bias)
+	bv, ok := b.vector("router bias", bias)
+	if !ok || b.badShape("route", [2]int{lm.rows, lm.cols}, [2]int{lm.rows, len(bv)}) ||
+		b.badShape("route", [2]int{lm.rows, lm.cols}, [2]int{lm.rows, cfg.NumExperts}) ||
+		cfg.TopK <= 0 || cfg.TopK > cfg.NumExperts {
+		b.fail("route: top-%d of %d experts", cfg.TopK, cfg.NumExperts)
+		return &routing{topK: max(cfg.TopK, 1)}
+	}
 	r := &routing{topK: cfg.TopK, experts: make([]int, lm.rows*cfg.TopK), weights: make([]float32, lm.rows*cfg.TopK)}
 	for t := 0; t < lm.rows; t++ {
 		SelectExperts(lm.row(t), bv, cfg, r.experts[t*cfg.TopK:(t+1)*cfg.TopK], r.weights[t*cfg.TopK:(t+1)*cfg.TopK])
@@ -99,7 +104,10 @@ func (b *Backend) MoE(dst, x backend.Tensor, r backend.Routing, experts []backen
 	if !ok {
 		panic(fmt.Sprintf("cpu backend: routing of type %T from another backend", r))
 	}
-	checkShape("moe", [2]int{d.rows, d.cols}, [2]int{xm.rows, xm.cols})
+	if b.badShape("moe", [2]int{d.rows, d.cols}, [2]int{xm.rows, xm.cols}) ||
+		b.badShape("moe routing", [2]int{rt.Tokens(), 1}, [2]int{xm.rows, 1}) {
+		return
+	}
 	if b.moeFused(d, xm, rt, experts) {
 		return
 	}
@@ -117,44 +125,32 @@ func (b *Backend) moeByExpert(d, xm *mat, rt *routing, experts []backend.Expert)
 	for t := 0; t < xm.rows; t++ {
 		ids, ws := rt.Choice(t)
 		for k, e := range ids {
+			if e >= len(experts) {
+				b.fail("moe: expert %d of %d", e, len(experts))
+				return
+			}
 			byExpert[e] = append(byExpert[e], use{t, ws[k]})
 		}
-	}
-	// One pooled scratch buffer for every expert's inputs and outputs.
-	most := 0
-	for _, uses := range byExpert {
-		most = max(most, len(uses))
-	}
-	inter := 0
-	for e, uses := range byExpert {
-		if len(uses) > 0 {
-			inter = max(inter, experts[e].Gate.Rows())
-		}
-	}
-	bp := getFloats(most * (2*xm.cols + 2*inter))
-	defer floatBufs.Put(bp)
-	scratch := *bp
-	view := func(off, rows, cols int) *mat {
-		return &mat{rows: rows, cols: cols, stride: cols, data: scratch[off : off+rows*cols]}
 	}
 	for e, uses := range byExpert {
 		if len(uses) == 0 {
 			continue
 		}
 		ex := experts[e]
-		T, inter := len(uses), ex.Gate.Rows()
-		in := view(0, T, xm.cols)
+		in := asMat(b.NewTensor(len(uses), xm.cols))
 		for i, u := range uses {
 			copy(in.row(i), xm.row(u.token))
 		}
-		gate, up := view(most*xm.cols, T, inter), view(most*(xm.cols+inter), T, inter)
+		inter := ex.Gate.Rows()
+		gate, up := b.NewTensor(len(uses), inter), b.NewTensor(len(uses), inter)
 		b.MatMul(gate, in, ex.Gate)
 		b.MatMul(up, in, ex.Up)
 		b.SwiGLU(gate, gate, up)
-		out := view(most*(xm.cols+2*inter), T, xm.cols)
+		out := b.NewTensor(len(uses), xm.cols)
 		b.MatMul(out, gate, ex.Down)
+		om := asMat(out)
 		for i, u := range uses {
-			axpy(d.row(u.token), u.weight, out.row(i))
+			axpy(d.row(u.token), u.weight, om.row(i))
 		}
 	}
 }

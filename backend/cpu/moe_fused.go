@@ -48,6 +48,9 @@ func (b *Backend) moeFused(d, xm *mat, rt *routing, experts []backend.Expert) bo
 		ids, ws := rt.Choice(t)
 		first := len(slots)
 		for k, e := range ids {
+			if e < 0 || e >= len(experts) {
+				return false // the per-expert path reports it
+			}
 			ex := experts[e]
 			g, ok1 := ex.Gate.(*quant)
 			u, ok2 := ex.Up.(*quant)
@@ -74,7 +77,7 @@ func (b *Backend) moeFused(d, xm *mat, rt *routing, experts []backend.Expert) bo
 	a := b.quantizeActivations(xm, 128)
 	blocks := inter / 128
 	h := newQActs(len(slots), inter, 128)
-	b.pool.run(len(slots)*blocks, 1, func(lo, hi int) {
+	b.workers.run(len(slots)*blocks, 1, func(lo, hi int) {
 		var gate, up, act [128]float32
 		for item := lo; item < hi; item++ {
 			si, j := item/blocks, item%blocks
@@ -89,7 +92,7 @@ func (b *Backend) moeFused(d, xm *mat, rt *routing, experts []backend.Expert) bo
 
 	N := d.cols
 	grain := max(4, (65536/len(slots)/max(inter/2, 1))&^3)
-	b.pool.run(N, grain, func(lo, hi int) {
+	b.workers.run(N, grain, func(lo, hi int) {
 		out := make([]float32, hi-lo)
 		for si := range slots {
 			s := &slots[si]

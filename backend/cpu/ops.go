@@ -9,9 +9,12 @@ import (
 
 // RMSNorm normalises each row by its root mean square, then applies gain.
 func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float32) {
-	d, xm, g := asMat(dst), asMat(x), vector(gain)
-	checkShape("rmsnorm", [2]int{d.rows, d.cols}, [2]int{xm.rows, len(g)})
-	checkShape("rmsnorm in", [2]int{xm.rows, xm.cols}, [2]int{d.rows, d.cols})
+	d, xm := asMat(dst), asMat(x)
+	g, ok := b.vector("rmsnorm gain", gain)
+	if !ok || b.badShape("rmsnorm", [2]int{d.rows, d.cols}, [2]int{xm.rows, len(g)}) ||
+		b.badShape("rmsnorm in", [2]int{xm.rows, xm.cols}, [2]int{d.rows, d.cols}) {
+		return
+	}
 	for t := 0; t < xm.rows; t++ {
 		in, out := xm.row(t), d.row(t)
 		var ss float64
@@ -29,19 +32,30 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 	}
 }
 
-// RoPE rotates the rotary dims of each head in place.
-func (b *Backend) RoPE(x backend.Tensor, heads, headStride, offset, dim, pos0 int, theta float64, interleaved bool) {
+// RoPE rotates the rotary dims of each head in place, row t by the batch
+// position Positions[t].
+func (b *Backend) RoPE(x backend.Tensor, heads, headStride, offset, dim int, theta float64, interleaved bool) {
 	m := asMat(x)
+	if b.batch == nil || m.rows != b.batch.Rows() {
+		b.fail("rope: %d rows, batch of %d", m.rows, b.batchRows())
+		return
+	}
+	if offset < 0 || dim%2 != 0 || (heads-1)*headStride+offset+dim > m.cols {
+		b.fail("rope: %d heads of stride %d, dims [%d,%d) in %d columns", heads, headStride, offset, offset+dim, m.cols)
+		return
+	}
 	half := dim / 2
 	cos := make([]float32, half)
 	sin := make([]float32, half)
-	invFreq := ropeFrequencies(theta, dim)
+	freq := ropeFrequencies(theta, dim)
 	for t := 0; t < m.rows; t++ {
-		pos := float64(pos0 + t)
+		pos := float64(b.batch.Positions[t])
 		for i := 0; i < half; i++ {
-			angle := float32(pos) * invFreq[i]
-			cos[i] = float32(math.Cos(float64(angle)))
-			sin[i] = float32(math.Sin(float64(angle)))
+			// The angle is computed in float64: float32 holds pos * inv_freq
+			// only to about 1e-2 rad near position 200,000.
+			angle := pos * freq[i]
+			cos[i] = float32(math.Cos(angle))
+			sin[i] = float32(math.Sin(angle))
 		}
 		row := m.row(t)
 		for h := 0; h < heads; h++ {
@@ -59,22 +73,21 @@ func (b *Backend) RoPE(x backend.Tensor, heads, headStride, offset, dim, pos0 in
 	}
 }
 
-// ropeCache holds the inverse frequencies of each (theta, dim) seen.
+// ropeCache holds the frequencies of each (theta, dim) seen.
 var ropeCache sync.Map
 
-// ropeFrequencies returns 1/theta^(2i/dim) for i < dim/2, computed in
-// float32 as the reference does.
-func ropeFrequencies(theta float64, dim int) []float32 {
+// ropeFrequencies returns theta^(-2i/dim) for i < dim/2, in float64.
+func ropeFrequencies(theta float64, dim int) []float64 {
 	type key struct {
 		theta float64
 		dim   int
 	}
 	if f, ok := ropeCache.Load(key{theta, dim}); ok {
-		return f.([]float32)
+		return f.([]float64)
 	}
-	f := make([]float32, dim/2)
+	f := make([]float64, dim/2)
 	for i := range f {
-		f[i] = float32(1 / math.Pow(theta, float64(float32(2*i)/float32(dim))))
+		f[i] = math.Pow(theta, -float64(2*i)/float64(dim))
 	}
 	ropeCache.Store(key{theta, dim}, f)
 	return f
@@ -83,8 +96,10 @@ func ropeFrequencies(theta float64, dim int) []float32 {
 // Add computes dst = a + b elementwise.
 func (b *Backend) Add(dst, a, c backend.Tensor) {
 	d, am, cm := asMat(dst), asMat(a), asMat(c)
-	checkShape("add", [2]int{am.rows, am.cols}, [2]int{d.rows, d.cols})
-	checkShape("add", [2]int{cm.rows, cm.cols}, [2]int{d.rows, d.cols})
+	if b.badShape("add", [2]int{am.rows, am.cols}, [2]int{d.rows, d.cols}) ||
+		b.badShape("add", [2]int{cm.rows, cm.cols}, [2]int{d.rows, d.cols}) {
+		return
+	}
 	for t := 0; t < d.rows; t++ {
 		dr, ar, cr := d.row(t), am.row(t), cm.row(t)
 		for i := range dr {
@@ -100,9 +115,33 @@ func silu(x float32) float32 {
 // SwiGLU computes dst = silu(gate) * up elementwise.
 func (b *Backend) SwiGLU(dst, gate, up backend.Tensor) {
 	d, gm, um := asMat(dst), asMat(gate), asMat(up)
-	checkShape("swiglu", [2]int{gm.rows, gm.cols}, [2]int{d.rows, d.cols})
-	checkShape("swiglu", [2]int{um.rows, um.cols}, [2]int{d.rows, d.cols})
+	if b.badShape("swiglu", [2]int{gm.rows, gm.cols}, [2]int{d.rows, d.cols}) ||
+		b.badShape("swiglu", [2]int{um.rows, um.cols}, [2]int{d.rows, d.cols}) {
+		return
+	}
 	for t := 0; t < d.rows; t++ {
 		b.siluMulF32(d.row(t), gm.row(t), um.row(t))
 	}
+}
+
+// SelectOutputs gathers the batch's output rows of x into dst.
+func (b *Backend) SelectOutputs(dst, x backend.Tensor) {
+	d, xm := asMat(dst), asMat(x)
+	if b.batch == nil || xm.rows != b.batch.Rows() {
+		b.fail("select outputs: %d rows, batch of %d", xm.rows, b.batchRows())
+		return
+	}
+	if b.badShape("select outputs", [2]int{d.rows, d.cols}, [2]int{len(b.batch.Outputs), xm.cols}) {
+		return
+	}
+	for i, r := range b.batch.Outputs {
+		copy(d.row(i), xm.row(int(r)))
+	}
+}
+
+func (b *Backend) batchRows() int {
+	if b.batch == nil {
+		return 0
+	}
+	return b.batch.Rows()
 }

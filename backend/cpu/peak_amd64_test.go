@@ -18,7 +18,7 @@ func BenchmarkInt8Peak(b *testing.B) {
 	const iters = 1 << 20
 	b.ResetTimer()
 	for i := 0; i < b.N; i++ {
-		be.pool.run(be.threads, 1, func(lo, hi int) { vnniPeakAVX512(iters) })
+		be.workers.run(be.threads, 1, func(lo, hi int) { vnniPeakAVX512(iters) })
 	}
 	b.ReportMetric(float64(be.threads)*iters*16*128*float64(b.N)/b.Elapsed().Seconds()/1e9, "GOP/s")
 }
@@ -44,7 +44,7 @@ func BenchmarkMemoryReadAVX512(b *testing.B) {
 	var best passTimer
 	for i := 0; i < b.N; i++ {
 		best.start()
-		be.pool.run(len(buf)/chunk, 1, func(lo, hi int) {
+		be.workers.run(len(buf)/chunk, 1, func(lo, hi int) {
 			for c := lo; c < hi; c++ {
 				sink[c] = readAVX512(&buf[c*chunk], chunk)
 			}

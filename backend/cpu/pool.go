@@ -7,15 +7,15 @@ import (
 	"time"
 )
 
-// pool is a set of persistent worker goroutines that run one task at a
+// workerPool is a set of persistent worker goroutines that run one task at a
 // time. A decode step issues thousands of small matrix products, so the
 // hand-off must cost well under a microsecond when the workers are busy:
 // idle workers spin for a short while before they park on a channel.
 //
-// One pool exists per thread count (sharedPool), whatever the number of
+// One pool exists per thread count (sharedWorkers), whatever the number of
 // backends. A dispatch that finds the pool busy (another sequence, or a
 // task that dispatches from inside a task) runs inline on its caller.
-type pool struct {
+type workerPool struct {
 	mu      sync.Mutex // held by the dispatching goroutine
 	workers int        // goroutines besides the caller
 	task    atomic.Pointer[task]
@@ -40,17 +40,17 @@ const spinFor = 100 * time.Microsecond
 
 var (
 	poolsMu sync.Mutex
-	pools   = map[int]*pool{}
+	pools   = map[int]*workerPool{}
 )
 
-// sharedPool returns the pool with threads-1 workers.
-func sharedPool(threads int) *pool {
+// sharedWorkers returns the pool with threads-1 workers.
+func sharedWorkers(threads int) *workerPool {
 	poolsMu.Lock()
 	defer poolsMu.Unlock()
 	if p := pools[threads]; p != nil {
 		return p
 	}
-	p := &pool{workers: threads - 1, asleep: make([]atomic.Bool, threads-1), wake: make([]chan struct{}, threads-1)}
+	p := &workerPool{workers: threads - 1, asleep: make([]atomic.Bool, threads-1), wake: make([]chan struct{}, threads-1)}
 	for w := range p.wake {
 		p.wake[w] = make(chan struct{}, 1)
 	}
@@ -64,7 +64,7 @@ func sharedPool(threads int) *pool {
 // run calls fn on disjoint chunks [lo, hi) that cover [0, n), each at most
 // grain long (the last may be shorter), on the caller and the workers. It
 // returns when all chunks are done.
-func (p *pool) run(n, grain int, fn func(lo, hi int)) {
+func (p *workerPool) run(n, grain int, fn func(lo, hi int)) {
 	if n <= 0 {
 		return
 	}
@@ -103,7 +103,7 @@ func (t *task) do() {
 }
 
 // work is worker w's loop: wait for a new generation, run its task.
-func (p *pool) work(w int) {
+func (p *workerPool) work(w int) {
 	seen := p.gen.Load()
 	for {
 		seen = p.wait(w, seen)
@@ -115,7 +115,7 @@ func (p *pool) work(w int) {
 
 // wait returns the first generation after seen: it polls for spinFor, then
 // parks until the dispatcher wakes it.
-func (p *pool) wait(w int, seen uint64) uint64 {
+func (p *workerPool) wait(w int, seen uint64) uint64 {
 	start := time.Now()
 	for i := 0; ; i++ {
 		if g := p.gen.Load(); g != seen {

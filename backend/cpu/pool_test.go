@@ -10,7 +10,7 @@ import (
 // Every item is run exactly once, by any mix of callers: concurrent
 // dispatchers, a dispatch from inside a task, and workers that have parked.
 func TestPoolCoversEachItemOnce(t *testing.T) {
-	p := sharedPool(3)
+	p := sharedWorkers(3)
 	check := func(n, grain int) {
 		counts := make([]atomic.Int32, n)
 		p.run(n, grain, func(lo, hi int) {

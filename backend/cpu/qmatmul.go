@@ -29,7 +29,7 @@ func (a *qacts) row(t int) ([]int8, []float32, []int32) {
 // quantizeActivations quantizes every row of x, split over rows.
 func (b *Backend) quantizeActivations(x *mat, group int) *qacts {
 	a := newQActs(x.rows, x.cols, group)
-	b.pool.run(x.rows, max(1, 32768/max(x.cols, 1)), func(lo, hi int) {
+	b.workers.run(x.rows, max(1, 32768/max(x.cols, 1)), func(lo, hi int) {
 		for t := lo; t < hi; t++ {
 			q, s, sum := a.row(t)
 			b.quantizeRow(x.row(t), group, q, s, sum)
@@ -93,7 +93,7 @@ func (b *Backend) matMulQuantInt8(d, xm *mat, w *quant) {
 	if b.gemmInt8(d, a, m) {
 		return
 	}
-	b.pool.run(m.N, gemvGrain(m), func(lo, hi int) {
+	b.workers.run(m.N, gemvGrain(m), func(lo, hi int) {
 		for t := 0; t < a.rows; t++ {
 			b.gemvRows(m, lo, hi, a, t, d.data[t*d.stride+lo:t*d.stride+hi])
 		}

@@ -96,26 +96,29 @@ func weightRows(w backend.Weight, from, n int) backend.Weight {
 }
 
 // vector returns a 1 x K weight's values.
-func vector(w backend.Weight) []float32 {
+func (b *Backend) vector(what string, w backend.Weight) ([]float32, bool) {
 	d, ok := w.(*dense)
 	if !ok || d.n != 1 {
-		panic(fmt.Sprintf("cpu backend: want a dense vector, got %T %dx%d", w, w.Rows(), w.Cols()))
+		b.fail("%s: want a dense vector, got %T %dx%d", what, w, w.Rows(), w.Cols())
+		return nil, false
 	}
-	return d.w
+	return d.w, true
 }
 
-// Embed copies rows of the embedding table.
-func (b *Backend) Embed(dst backend.Tensor, table backend.Weight, ids []int) error {
+// Embed copies the rows of the embedding table named by the batch's tokens.
+func (b *Backend) Embed(dst backend.Tensor, table backend.Weight) {
 	d := asMat(dst)
-	checkShape("embed", [2]int{d.rows, d.cols}, [2]int{len(ids), table.Cols()})
-	for t, id := range ids {
-		if id < 0 || id >= table.Rows() {
-			return fmt.Errorf("token id %d at position %d is outside the vocabulary [0, %d)", id, t, table.Rows())
+	if b.batch == nil || b.badShape("embed", [2]int{d.rows, d.cols}, [2]int{b.batch.Rows(), table.Cols()}) {
+		return
+	}
+	for t, id := range b.batch.Tokens {
+		if id < 0 || int(id) >= table.Rows() {
+			b.fail("token id %d at row %d is outside the vocabulary [0, %d)", id, t, table.Rows())
+			return
 		}
 		row := d.row(t)
-		copy(row, weightRow(table, id, row))
+		copy(row, weightRow(table, int(id), row))
 	}
-	return nil
 }
 
 func dot(a, b []float32) float32 {
@@ -144,8 +147,10 @@ func axpy(dst []float32, a float32, x []float32) {
 // MatMul computes dst = x W^T, split over output rows.
 func (b *Backend) MatMul(dst, x backend.Tensor, w backend.Weight) {
 	d, xm := asMat(dst), asMat(x)
-	checkShape("matmul out", [2]int{d.rows, d.cols}, [2]int{xm.rows, w.Rows()})
-	checkShape("matmul in", [2]int{xm.rows, xm.cols}, [2]int{xm.rows, w.Cols()})
+	if b.badShape("matmul out", [2]int{d.rows, d.cols}, [2]int{xm.rows, w.Rows()}) ||
+		b.badShape("matmul in", [2]int{xm.rows, xm.cols}, [2]int{xm.rows, w.Cols()}) {
+		return
+	}
 	switch w := w.(type) {
 	case *dense:
 		b.parallel(w.n, func(lo, hi int) {

@@ -19,7 +19,7 @@ func init() {
 		out string
 	)
 	cmd := &cobra.Command{
-		Use:   "logits -m DIR --ids 1,2,3 [--out FILE.npy]",
+		Use:   "logits [-m DIR] --ids 1,2,3 [--out FILE.npy | --out -]",
 		Short: "Write the float32 logits of every position (rows = positions, cols = vocabulary)",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -36,7 +36,18 @@ func init() {
 				return err
 			}
 			vocab := m.Config().VocabSize
+			if out == "-" {
+				w := bufio.NewWriter(cmd.OutOrStdout())
+				if err := encodeNpy(w, logits, len(prompt), vocab); err != nil {
+					return fmt.Errorf("writing logits to stdout: %w", err)
+				}
+				if err := w.Flush(); err != nil {
+					return fmt.Errorf("writing logits to stdout: %w", err)
+				}
+				return nil
+			}
 			if out == "" {
+				w := bufio.NewWriter(cmd.OutOrStdout())
 				for p := range prompt {
 					row := logits[p*vocab : (p+1)*vocab]
 					best := 0
@@ -45,37 +56,43 @@ func init() {
 							best = i
 						}
 					}
-					fmt.Fprintf(cmd.OutOrStdout(), "position %d: token %d, argmax %d (%.4f)\n", p, prompt[p], best, row[best])
+					fmt.Fprintf(w, "position %d: token %d, argmax %d (%.4f)\n", p, prompt[p], best, row[best])
 				}
-				return nil
+				return w.Flush() // a bufio.Writer keeps its first error
 			}
 			return writeNpy(out, logits, len(prompt), vocab)
 		},
 	}
 	mf.register(cmd)
 	cmd.Flags().StringVar(&ids, "ids", "", "token ids, comma-separated (required)")
-	cmd.Flags().StringVarP(&out, "out", "o", "", "write a float32 .npy file instead of a summary")
+	cmd.Flags().StringVarP(&out, "out", "o", "", "write a float32 .npy file instead of a summary (-: to stdout)")
 	_ = cmd.MarkFlagRequired("ids")
 	rootCmd.AddCommand(cmd)
 }
 
 // writeNpy writes a little-endian float32 C-order array in NumPy's .npy
-// format, version 1.0.
+// format, version 1.0. A regular file left incomplete by a failed write is
+// removed.
 func writeNpy(path string, v []float32, rows, cols int) error {
 	f, err := os.Create(path)
 	if err != nil {
 		return err
 	}
 	w := bufio.NewWriter(f)
-	if err := encodeNpy(w, v, rows, cols); err != nil {
-		f.Close()
+	err = encodeNpy(w, v, rows, cols)
+	if err == nil {
+		err = w.Flush()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		if st, serr := os.Stat(path); serr == nil && st.Mode().IsRegular() {
+			os.Remove(path)
+		}
 		return fmt.Errorf("%s: %w", path, err)
 	}
-	if err := w.Flush(); err != nil {
-		f.Close()
-		return fmt.Errorf("%s: %w", path, err)
-	}
-	return f.Close()
+	return nil
 }
 
 func encodeNpy(w io.Writer, v []float32, rows, cols int) error {

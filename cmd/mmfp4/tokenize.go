@@ -20,14 +20,14 @@ func init() {
 	var dir string
 	var addSpecial bool
 	tokenize := &cobra.Command{
-		Use:   "tokenize -m DIR [--add-special]",
+		Use:   "tokenize [-m DIR] [--add-special]",
 		Short: "Print the token ids of the text on stdin as a JSON array",
 		Long: "Reads text on stdin and prints its token ids as one JSON array. Special tokens\n" +
 			"written in the text are recognised. With --add-special, the tokens of the\n" +
 			"model's post-processor (BOS/EOS) are added.",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			tok, err := tokenizer.Load(dir)
+			tok, err := loadTokenizer(dir)
 			if err != nil {
 				return err
 			}
@@ -47,17 +47,16 @@ func init() {
 			return err
 		},
 	}
-	tokenize.Flags().StringVarP(&dir, "model", "m", "", "model directory with tokenizer.json")
+	tokenize.Flags().StringVarP(&dir, "model", "m", "", "model directory with tokenizer.json (default: the built-in demo model)")
 	tokenize.Flags().BoolVar(&addSpecial, "add-special", false, "add the post-processor's special tokens (BOS/EOS)")
-	_ = tokenize.MarkFlagRequired("model")
 
 	var detokDir string
 	detokenize := &cobra.Command{
-		Use:   "detokenize -m DIR",
+		Use:   "detokenize [-m DIR]",
 		Short: "Print the text of a JSON array of token ids read on stdin",
 		Args:  cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			tok, err := tokenizer.Load(detokDir)
+			tok, err := loadTokenizer(detokDir)
 			if err != nil {
 				return err
 			}
@@ -81,20 +80,19 @@ func init() {
 			return err
 		},
 	}
-	detokenize.Flags().StringVarP(&detokDir, "model", "m", "", "model directory with tokenizer.json")
-	_ = detokenize.MarkFlagRequired("model")
+	detokenize.Flags().StringVarP(&detokDir, "model", "m", "", "model directory with tokenizer.json (default: the built-in demo model)")
 
 	var chatDir, messagesFile string
 	var addGen bool
 	chatTemplate := &cobra.Command{
-		Use:   "chat-template -m DIR --messages FILE.json [--add-generation-prompt]",
+		Use:   "chat-template [-m DIR] --messages FILE.json [--add-generation-prompt]",
 		Short: "Print the prompt that the model's chat template makes of messages",
 		Long: "FILE.json holds a JSON array of messages ({\"role\", \"content\", ...}), or an\n" +
 			"object {\"messages\": [...], \"tools\": [...], ...} whose other keys (such as\n" +
 			"enable_thinking) are passed to the template. Prints the prompt and nothing else.",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
-			tok, err := tokenizer.Load(chatDir)
+			tok, err := loadTokenizer(chatDir)
 			if err != nil {
 				return err
 			}
@@ -115,13 +113,21 @@ func init() {
 			return err
 		},
 	}
-	chatTemplate.Flags().StringVarP(&chatDir, "model", "m", "", "model directory with tokenizer files")
+	chatTemplate.Flags().StringVarP(&chatDir, "model", "m", "", "model directory with tokenizer files (default: the built-in demo model)")
 	chatTemplate.Flags().StringVar(&messagesFile, "messages", "", "JSON file with the messages")
 	chatTemplate.Flags().BoolVar(&addGen, "add-generation-prompt", false, "end with the opening of an assistant turn")
-	_ = chatTemplate.MarkFlagRequired("model")
 	_ = chatTemplate.MarkFlagRequired("messages")
 
 	rootCmd.AddCommand(tokenize, detokenize, chatTemplate)
+}
+
+// loadTokenizer loads the tokenizer of dir, or of the built-in model.
+func loadTokenizer(dir string) (*tokenizer.Tokenizer, error) {
+	dir, err := modelDir(dir)
+	if err != nil {
+		return nil, err
+	}
+	return tokenizer.Load(dir)
 }
 
 // parseChatFile reads a messages array or a {"messages", "tools", ...}
@@ -165,7 +171,7 @@ func parseChatFile(data []byte) ([]tokenizer.Message, tokenizer.ChatOptions, err
 			}
 			opt.EnableThinking = &b
 		case "add_generation_prompt":
-			return nil, opt, errors.New("use --add-generation-prompt instead of the add_generation_prompt key")
+			return nil, opt, errors.New(`the "add_generation_prompt" key is not read from the file: chat-template takes --add-generation-prompt, and generate always adds it`)
 		default:
 			if opt.Extra == nil {
 				opt.Extra = map[string]any{}

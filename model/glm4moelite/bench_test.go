@@ -87,7 +87,7 @@ func synthModel(tb testing.TB, b backend.Backend, c *Config, seed uint64) *Model
 		l := Layer{InputNorm: ones(H), PostAttnNorm: ones(H)}
 		l.Attn = Attention{QA: q(c.QLoraRank, H), QANorm: ones(c.QLoraRank), QB: q(heads*qk, c.QLoraRank),
 			KVA: q(c.KVLoraRank+c.QKRopeHeadDim, H), KVANorm: ones(c.KVLoraRank),
-			KVB: q(heads*(c.QKNopeHeadDim+c.VHeadDim), c.KVLoraRank), O: q(H, heads*c.VHeadDim)}
+			UK: q(heads*c.QKNopeHeadDim, c.KVLoraRank), UV: q(heads*c.VHeadDim, c.KVLoraRank), O: q(H, heads*c.VHeadDim)}
 		if c.Dense[i] {
 			l.MLP = mlp(c.IntermediateSize)
 		} else {
@@ -105,11 +105,17 @@ func synthModel(tb testing.TB, b backend.Backend, c *Config, seed uint64) *Model
 	return m
 }
 
-// fillCache writes random normalised latents and keys at positions [0, n)
-// of every layer, as if a context of n tokens had been prefilled.
+// fillCache writes random latents and keys at positions [0, n) of every
+// layer of s's cache, as if a context of n tokens had been prefilled.
 func fillCache(b backend.Backend, m *Model, s *State, n int) {
 	c := m.Config
 	r := rand.New(rand.NewPCG(5, 5))
+	batch := &backend.Batch{Seqs: []backend.Seq{{Len: n, Blocks: s.blocks}}}
+	for j := 0; j < n; j++ {
+		batch.Tokens = append(batch.Tokens, 0)
+		batch.Positions = append(batch.Positions, int32(j))
+	}
+	b.SetBatch(batch, s.pool)
 	lat, kpe := b.NewTensor(n, c.KVLoraRank), b.NewTensor(n, c.QKRopeHeadDim)
 	v := make([]float32, n*c.KVLoraRank)
 	for l := 0; l < c.NumLayers; l++ {
@@ -118,7 +124,7 @@ func fillCache(b backend.Backend, m *Model, s *State, n int) {
 		}
 		b.Upload(lat, v)
 		b.Upload(kpe, v[:n*c.QKRopeHeadDim])
-		b.CacheWrite(s.cache, l, 0, lat, kpe)
+		b.CacheWrite(l, lat, kpe)
 	}
 	s.Pos = n
 }
@@ -145,8 +151,9 @@ func decodeBytes(c *Config) int64 {
 }
 
 // BenchmarkDecodeStep decodes one token at GLM-4.7-Flash's shapes after a
-// context of 1024 tokens, through a few layers (1 dense, the rest MoE) and
-// the full lm_head. GB/s counts the weight bytes the step reads.
+// context of 1024 tokens (bf16 cache, the serving default), through a few
+// layers (1 dense, the rest MoE) and the full lm_head. GB/s counts the
+// weight bytes the step reads.
 //
 //	go test -run '^$' -bench DecodeStep -cpuprofile cpu.out ./model/glm4moelite/
 func BenchmarkDecodeStep(b *testing.B) {
@@ -157,9 +164,12 @@ func BenchmarkDecodeStep(b *testing.B) {
 		b.Run(fmt.Sprintf("%s/layers=%d/ctx=%d", k, layers, ctx), func(b *testing.B) {
 			be := cpu.New(cpu.Options{Kernel: k})
 			m := synthModel(b, be, c, 1)
-			s := m.NewState(ctx + 1)
+			s, err := m.NewState(ctx+1, backend.CacheBF16)
+			if err != nil {
+				b.Fatal(err)
+			}
 			fillCache(be, m, s, ctx)
-			if _, err := m.Forward(s, []int{17}, false); err != nil {
+			if _, err := m.ForwardSeq(s, []int{17}, false); err != nil {
 				b.Fatal(err)
 			}
 			bytes := decodeBytes(c)
@@ -170,7 +180,7 @@ func BenchmarkDecodeStep(b *testing.B) {
 			for i := 0; i < b.N; i++ {
 				s.Pos = ctx
 				t0 := time.Now()
-				if _, err := m.Forward(s, []int{i % c.VocabSize}, false); err != nil {
+				if _, err := m.ForwardSeq(s, []int{i % c.VocabSize}, false); err != nil {
 					b.Fatal(err)
 				}
 				best = min(best, time.Since(t0))
@@ -204,7 +214,11 @@ func BenchmarkPrefill(b *testing.B) {
 			}
 			b.ResetTimer()
 			for i := 0; i < b.N; i++ {
-				if _, err := m.Forward(m.NewState(T), ids, false); err != nil {
+				s, err := m.NewState(T, backend.CacheBF16)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if _, err := m.ForwardSeq(s, ids, false); err != nil {
 					b.Fatal(err)
 				}
 			}

@@ -158,6 +158,16 @@ func ParseConfig(data []byte) (*Config, error) {
 			return nil, fmt.Errorf("field %q is %d, want a positive integer", f.name, f.v)
 		}
 	}
+	// A missing max_position_embeddings means "unknown" (0); an explicit
+	// value must leave room for at least one token.
+	if r.MaxPositionEmbeddings != nil && *r.MaxPositionEmbeddings <= 0 {
+		return nil, fmt.Errorf(`field "max_position_embeddings" is %d, want a positive integer`, *r.MaxPositionEmbeddings)
+	}
+	// RMSNorm divides by sqrt(mean(x^2) + eps): eps <= 0 gives Inf or NaN on
+	// an all-zero row (and a float32 of 0 for a tiny positive eps).
+	if r.RMSNormEps != nil && !(*r.RMSNormEps > 0 && c.RMSNormEps > 0) {
+		return nil, fmt.Errorf(`field "rms_norm_eps" is %v, want a positive number`, *r.RMSNormEps)
+	}
 	if c.QKRopeHeadDim%2 != 0 {
 		return nil, fmt.Errorf(`field "qk_rope_head_dim" is %d, want an even number`, c.QKRopeHeadDim)
 	}

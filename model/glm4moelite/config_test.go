@@ -7,19 +7,13 @@ import (
 	"testing"
 )
 
-// publishedConfig is GLM-4.7-Flash's config.json as published.
+// publishedConfig is GLM-4.7-Flash's config.json as published, kept in the
+// repository's testdata.
 func publishedConfig(t *testing.T) map[string]any {
 	t.Helper()
-	data, err := os.ReadFile("../../../shared/reference/glm-4.7-flash.config.json")
+	data, err := os.ReadFile("../../testdata/glm-4.7-flash.config.json")
 	if err != nil {
-		// The reference lives beside the project; fall back to an inline copy of its fields.
-		data = []byte(`{"model_type":"glm4_moe_lite","vocab_size":154880,"hidden_size":2048,"intermediate_size":10240,
-		"moe_intermediate_size":1536,"num_hidden_layers":47,"num_attention_heads":20,"num_key_value_heads":20,
-		"q_lora_rank":768,"kv_lora_rank":512,"qk_nope_head_dim":192,"qk_rope_head_dim":64,"v_head_dim":256,
-		"n_routed_experts":64,"n_shared_experts":1,"num_experts_per_tok":4,"n_group":1,"topk_group":1,
-		"topk_method":"noaux_tc","norm_topk_prob":true,"routed_scaling_factor":1.8,"first_k_dense_replace":1,
-		"hidden_act":"silu","rms_norm_eps":1e-05,"rope_theta":1000000,"rope_scaling":null,"partial_rotary_factor":1.0,
-		"max_position_embeddings":202752,"attention_bias":false,"tie_word_embeddings":false}`)
+		t.Fatal(err)
 	}
 	var m map[string]any
 	if err := json.Unmarshal(data, &m); err != nil {
@@ -124,7 +118,10 @@ func TestRejectBadConfigs(t *testing.T) {
 }
 
 func FuzzParseConfig(f *testing.F) {
-	data, _ := os.ReadFile(fixtureDir + "/config.json")
+	data, err := os.ReadFile(fixtureDir + "/config.json")
+	if err != nil {
+		f.Fatal(err)
+	}
 	f.Add(data)
 	f.Add([]byte(`{"model_type":"glm4_moe_lite"}`))
 	f.Fuzz(func(t *testing.T, data []byte) {

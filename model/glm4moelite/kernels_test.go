@@ -18,6 +18,8 @@ func TestGoldenLogitsOnEveryKernel(t *testing.T) {
 				t.Fatalf("backend %q does not run the %s kernels", got, k)
 			}
 			t.Run("bf16", TestBF16LogitsMatchReference)
+			t.Run("layers", TestLayersMatchReference)
+			t.Run("each-step", TestEachStepMatchesReference)
 			t.Run("greedy", TestGreedyContinuationMatchesReference)
 			t.Run("cached", TestCachedDecodeMatchesRecompute)
 			t.Run("mmfp4-vs-dequantized", TestMMFP4MatchesItsDequantizedWeights)

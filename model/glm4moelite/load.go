@@ -3,6 +3,7 @@ package glm4moelite
 import (
 	"fmt"
 	"slices"
+	"strings"
 
 	"github.com/mmfp4/mmfp4/backend"
 	"github.com/mmfp4/mmfp4/format"
@@ -21,29 +22,47 @@ type LoadOptions struct {
 // returned Model keeps the safetensors mapping open: MMFP4 weights are used
 // in place. MTP layers (index >= num_hidden_layers) are not loaded.
 func Load(dir string, b backend.Backend, opt LoadOptions) (*Model, error) {
-	cfg, err := LoadConfig(dir)
+	ld, cfg, err := openDir(dir, b, opt)
 	if err != nil {
 		return nil, err
 	}
+	m, err := ld.model(cfg)
+	if err != nil {
+		ld.set.Close()
+		return nil, err
+	}
+	return m, nil
+}
+
+// openDir reads the config and opens the weights of dir.
+func openDir(dir string, b backend.Backend, opt LoadOptions) (*loader, *Config, error) {
+	cfg, err := LoadConfig(dir)
+	if err != nil {
+		return nil, nil, err
+	}
 	set, err := safetensors.OpenDir(dir)
 	if err != nil {
-		return nil, err
+		return nil, nil, err
 	}
 	ld := &loader{b: b, set: set, opt: opt, dir: dir}
 	if format.IsMMFP4Dir(dir) {
 		h, err := format.ReadHeader(dir)
 		if err != nil {
 			set.Close()
-			return nil, err
+			return nil, nil, err
 		}
 		ld.group = h.GroupSize
+	} else {
+		// Without the header the group size is unknown and packed
+		// weights would read as missing ones.
+		for _, name := range set.Names() {
+			if strings.HasSuffix(name, ".qweight") {
+				set.Close()
+				return nil, nil, fmt.Errorf("%s: tensor %s is MMFP4-packed, but the format header %s is missing", dir, name, format.HeaderFile)
+			}
+		}
 	}
-	m, err := ld.model(cfg)
-	if err != nil {
-		set.Close()
-		return nil, err
-	}
-	return m, nil
+	return ld, cfg, nil
 }
 
 type loader struct {
@@ -57,26 +76,44 @@ type loader struct {
 
 // matrix loads weight name with shape [n, k], MMFP4-packed or dense.
 func (ld *loader) matrix(name string, n, k int) backend.Weight {
+	return ld.upload(ld.host(name, n, k))
+}
+
+// upload hands host weight data to the backend.
+func (ld *loader) upload(hw backend.HostWeight) backend.Weight {
 	if ld.err != nil {
 		return nil
 	}
+	w, err := ld.b.NewWeight(hw)
+	if err != nil {
+		ld.err = err
+	}
+	return w
+}
+
+// host reads weight name with shape [n, k], MMFP4-packed or dense, on the
+// host.
+func (ld *loader) host(name string, n, k int) backend.HostWeight {
 	hw := backend.HostWeight{Name: name, N: n, K: k}
+	if ld.err != nil {
+		return hw
+	}
 	qn, sn, rn := format.QuantizedNames(name)
 	if ld.group > 0 && ld.set.Has(qn) {
 		var ts [3]*safetensors.Tensor
 		for i, tn := range []string{qn, sn, rn} {
 			if ts[i], ld.err = ld.set.Tensor(tn); ld.err != nil {
-				return nil
+				return hw
 			}
 		}
 		q, err := format.MatrixFromTensors(ts[0], ts[1], ts[2], ld.group)
 		if err != nil {
 			ld.err = err
-			return nil
+			return hw
 		}
 		if q.N != n || q.K != k {
 			ld.err = fmt.Errorf("%s: tensor %s: MMFP4 matrix is [%d %d], want [%d %d]", ts[0].File, name, q.N, q.K, n, k)
-			return nil
+			return hw
 		}
 		if ld.opt.Dequantize {
 			hw.Dense = q.Dequantize()
@@ -85,15 +122,30 @@ func (ld *loader) matrix(name string, n, k int) backend.Weight {
 		}
 	} else {
 		hw.Dense = ld.floats(name, n, k)
-		if ld.err != nil {
-			return nil
+	}
+	return hw
+}
+
+// rowBlocks copies rows [from+i*stride, from+i*stride+n) of w for each i
+// < count into a new count*n x K weight: the per-head pieces of a matrix
+// whose rows interleave heads.
+func rowBlocks(w backend.HostWeight, name string, count, stride, from, n int) backend.HostWeight {
+	out := backend.HostWeight{Name: name, N: count * n, K: w.K}
+	for i := 0; i < count; i++ {
+		lo := from + i*stride
+		if w.Quant != nil {
+			q, groups := w.Quant, w.K/w.Quant.GroupSize
+			if out.Quant == nil {
+				out.Quant = &format.Matrix{N: count * n, K: w.K, GroupSize: q.GroupSize}
+			}
+			out.Quant.Codes = append(out.Quant.Codes, q.Codes[lo*w.K/2:(lo+n)*w.K/2]...)
+			out.Quant.Scales = append(out.Quant.Scales, q.Scales[lo*groups:(lo+n)*groups]...)
+			out.Quant.RowScale = append(out.Quant.RowScale, q.RowScale[lo:lo+n]...)
+		} else {
+			out.Dense = append(out.Dense, w.Dense[lo*w.K:(lo+n)*w.K]...)
 		}
 	}
-	w, err := ld.b.NewWeight(hw)
-	if err != nil {
-		ld.err = err
-	}
-	return w
+	return out
 }
 
 // vector loads a 1-D tensor of length k as a 1 x k weight.
@@ -173,7 +225,14 @@ func (ld *loader) model(c *Config) (*Model, error) {
 		}
 		a.KVA = ld.matrix(p+"self_attn.kv_a_proj_with_mqa.weight", c.KVLoraRank+c.QKRopeHeadDim, H)
 		a.KVANorm = ld.vector(p+"self_attn.kv_a_layernorm.weight", c.KVLoraRank)
-		a.KVB = ld.matrix(p+"self_attn.kv_b_proj.weight", heads*(c.QKNopeHeadDim+c.VHeadDim), c.KVLoraRank)
+		// kv_b_proj rows are, per head, dn key rows then dv value rows.
+		dn, dv := c.QKNopeHeadDim, c.VHeadDim
+		name := p + "self_attn.kv_b_proj.weight"
+		kvb := ld.host(name, heads*(dn+dv), c.KVLoraRank)
+		if ld.err == nil {
+			a.UK = ld.upload(rowBlocks(kvb, name+" (W_UK)", heads, dn+dv, 0, dn))
+			a.UV = ld.upload(rowBlocks(kvb, name+" (W_UV)", heads, dn+dv, dn, dv))
+		}
 		a.O = ld.matrix(p+"self_attn.o_proj.weight", H, heads*c.VHeadDim)
 
 		if c.Dense[i] {

@@ -1,12 +1,13 @@
 // Package glm4moelite is the glm4_moe_lite (GLM-4.7-Flash) forward pass:
 // MLA attention with a latent KV cache, a dense first MLP, and mixture-of-
 // experts layers with a sigmoid, bias-corrected top-k router. The code follows
-// DESIGN.md section 3 line by line and runs on any backend.Backend.
+// docs/design.md section 3 line by line and runs on any backend.Backend.
 package glm4moelite
 
 import (
 	"fmt"
 	"math"
+	"sync"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -31,6 +32,15 @@ type Model struct {
 	// DebugNaN checks every intermediate tensor and reports the first layer
 	// and tensor that holds a NaN or Inf.
 	DebugNaN bool
+
+	// Inspect, when set, is called with each intermediate tensor that
+	// DebugNaN checks (layer, name, tensor), before the check. Tests use it
+	// to compare the residual stream with a reference, or to replace it.
+	Inspect func(layer int, name string, t backend.Tensor)
+
+	// mu serialises forward passes: a backend runs one step at a time.
+	mu     sync.Mutex
+	nanErr error // first non-finite tensor of the current pass (DebugNaN)
 }
 
 // Layer is one decoder block.
@@ -47,8 +57,10 @@ type Attention struct {
 	QA, QANorm, QB backend.Weight // q_a_proj, q_a_layernorm, q_b_proj (QA nil: Q)
 	Q              backend.Weight // q_proj, when q_lora_rank is null
 	KVA, KVANorm   backend.Weight // kv_a_proj_with_mqa, kv_a_layernorm
-	KVB            backend.Weight // kv_b_proj: per head W_UK[dn] then W_UV[dv] rows
-	O              backend.Weight // o_proj
+	// kv_b_proj, split at load into its per-head key rows W_UK [H*dn, r]
+	// and value rows W_UV [H*dv, r].
+	UK, UV backend.Weight
+	O      backend.Weight // o_proj
 }
 
 // MLP is a SwiGLU feed-forward block.
@@ -64,88 +76,103 @@ type MoE struct {
 	Shared  *MLP // nil when n_shared_experts == 0
 }
 
-// State is one sequence: its latent cache and the next position. A Model
-// may run many States concurrently; one State is used by one goroutine.
-type State struct {
-	cache  backend.Cache
-	Pos    int
-	nanErr error // first non-finite tensor of the current pass (DebugNaN)
-}
+// Backend is the backend the model's weights live on.
+func (m *Model) Backend() backend.Backend { return m.b }
 
-// NewState allocates the cache of a sequence of up to capacity tokens.
-func (m *Model) NewState(capacity int) *State {
+// NewCachePool allocates a latent cache of blocks blocks of blockSize tokens
+// for this model's layers and shapes.
+func (m *Model) NewCachePool(blocks, blockSize int, dtype backend.CacheDType) (backend.CachePool, error) {
 	c := m.Config
-	return &State{cache: m.b.NewCache(c.NumLayers, capacity, c.KVLoraRank, c.QKRopeHeadDim)}
+	return m.b.NewCachePool(c.NumLayers, blocks, blockSize, c.KVLoraRank, c.QKRopeHeadDim, dtype)
 }
 
-// Capacity is the number of positions the state can hold.
-func (s *State) Capacity() int { return s.cache.Capacity() }
-
-// Forward runs ids at positions s.Pos, s.Pos+1, ... through the model,
-// appends them to the cache and returns the logits: of every position
-// (len(ids) rows of VocabSize) when allLogits, else of the last one only.
-func (m *Model) Forward(s *State, ids []int, allLogits bool) ([]float32, error) {
-	T := len(ids)
-	if T == 0 {
-		return nil, fmt.Errorf("forward: no tokens")
-	}
-	if s.Pos+T > s.cache.Capacity() {
-		return nil, fmt.Errorf("context full: %d cached + %d new tokens exceed the context of %d", s.Pos, T, s.cache.Capacity())
-	}
-	b, c := m.b, m.Config
-	s.nanErr = nil
-
-	x := b.NewTensor(T, c.HiddenSize)
-	if err := b.Embed(x, m.Embed, ids); err != nil {
+// Forward runs one step: every token of the batch goes through the model,
+// its latent is written to pool at its sequence's slot, and the logits of
+// the batch's Outputs rows are returned (len(Outputs) rows of VocabSize),
+// unchecked: see CheckLogits.
+// Forward passes are serialised; the backend is used by one at a time.
+func (m *Model) Forward(batch *backend.Batch, pool backend.CachePool) ([]float32, error) {
+	c := m.Config
+	if err := batch.Validate(c.VocabSize, pool.Blocks(), pool.BlockSize()); err != nil {
 		return nil, err
 	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	b := m.b
+	m.nanErr = nil
+	b.SetBatch(batch, pool)
+	T := batch.Rows()
+
+	x := b.NewTensor(T, c.HiddenSize)
+	b.Embed(x, m.Embed)
+	if r, err := m.firstNonFinite(x); err != nil {
+		return nil, fmt.Errorf("embedding (model.embed_tokens.weight) row of token %d at position %d: %w", batch.Tokens[r], batch.Positions[r], err)
+	}
 	for i := range m.Layers {
-		m.layer(i, x, s)
-		if s.nanErr != nil {
-			return nil, s.nanErr
+		if batch.Interrupt != nil {
+			if err := batch.Interrupt(); err != nil {
+				return nil, err
+			}
+		}
+		m.layer(i, x)
+		if m.nanErr != nil {
+			if pe, ok := m.nanErr.(positioned); ok {
+				return nil, fmt.Errorf(pe.format, batch.Positions[pe.row])
+			}
+			return nil, m.nanErr
 		}
 	}
-	s.Pos += T
-
-	if !allLogits {
-		x = b.Rows(x, T-1, T)
+	if len(batch.Outputs) == 0 {
+		return nil, b.Sync()
 	}
-	h := b.NewTensor(x.Rows(), c.HiddenSize)
-	b.RMSNorm(h, x, m.Norm, c.RMSNormEps)
-	logits := b.NewTensor(x.Rows(), c.VocabSize)
+	sel := b.NewTensor(len(batch.Outputs), c.HiddenSize)
+	b.SelectOutputs(sel, x)
+	h := b.NewTensor(sel.Rows(), c.HiddenSize)
+	b.RMSNorm(h, sel, m.Norm, c.RMSNormEps)
+	if r, err := m.firstNonFinite(h); err != nil {
+		return nil, fmt.Errorf("final norm (model.norm) at position %d: %w", batch.Positions[batch.Outputs[r]], err)
+	}
+	logits := b.NewTensor(sel.Rows(), c.VocabSize)
 	b.MatMul(logits, h, m.LMHead)
 	out := b.Download(logits)
-	first := s.Pos - x.Rows()
-	if err := checkFinite(out, c.VocabSize); err != nil {
-		return nil, fmt.Errorf("logits at position %d: %w (run with --debug-nan to find the layer)", first+err.(nonFinite).row, err)
+	if err := b.Sync(); err != nil {
+		return nil, err
 	}
+	if m.DebugNaN { // every tensor before was finite
+		if err := checkFinite(out, c.VocabSize); err != nil {
+			return nil, fmt.Errorf("lm_head output at position %d (its input, the final norm, is finite): %w", batch.Positions[batch.Outputs[err.(nonFinite).row]], err)
+		}
+	}
+	// Non-finite logits are left to the caller: one sequence's NaN must
+	// not fail the other sequences of the batch.
 	return out, nil
 }
 
 // layer is h = x + Attn(RMSNorm(x)); x = h + FFN(RMSNorm(h)), in place on x.
-func (m *Model) layer(i int, x backend.Tensor, s *State) {
+func (m *Model) layer(i int, x backend.Tensor) {
 	b, c, l := m.b, m.Config, &m.Layers[i]
 	h := b.NewTensor(x.Rows(), c.HiddenSize)
 
 	b.RMSNorm(h, x, l.InputNorm, c.RMSNormEps)
-	a := m.attention(i, h, s)
+	a := m.attention(i, h)
 	b.Add(x, x, a)
-	m.watch(s, i, "attention residual", x)
+	m.watch(i, "attention residual", x)
 
 	b.RMSNorm(h, x, l.PostAttnNorm, c.RMSNormEps)
 	var f backend.Tensor
 	if l.MLP != nil {
 		f = m.mlp(l.MLP, h)
 	} else {
-		f = m.moe(s, i, l.MoE, h)
+		f = m.moe(i, l.MoE, h)
 	}
 	b.Add(x, x, f)
-	m.watch(s, i, "ffn residual", x)
+	m.watch(i, "ffn residual", x)
 }
 
 // attention is MLA with the absorbed (latent-space) form: only the latent c
-// and the shared rotary key k_pe are cached.
-func (m *Model) attention(i int, h backend.Tensor, s *State) backend.Tensor {
+// and the shared rotary key k_pe are cached. Positions, cache slots and
+// each row's sequence come from the batch the backend was given.
+func (m *Model) attention(i int, h backend.Tensor) backend.Tensor {
 	b, c, a, sh := m.b, m.Config, &m.Layers[i].Attn, m.mla
 	T, dn, dr, r := h.Rows(), sh.NopeDim, sh.RopeDim, sh.Rank
 	qk := dn + dr
@@ -160,7 +187,7 @@ func (m *Model) attention(i int, h backend.Tensor, s *State) backend.Tensor {
 	} else {
 		b.MatMul(q, h, a.Q)
 	}
-	m.watch(s, i, "q", q)
+	m.watch(i, "q", q)
 
 	// [c | k_pe] = kv_a_proj_with_mqa(x); c = RMSNorm_kva(c).
 	kv := b.NewTensor(T, r+dr)
@@ -168,25 +195,25 @@ func (m *Model) attention(i int, h backend.Tensor, s *State) backend.Tensor {
 	latent := b.NewTensor(T, r)
 	b.RMSNorm(latent, b.Cols(kv, 0, r), a.KVANorm, loraNormEps)
 	kpe := b.Cols(kv, r, r+dr)
-	m.watch(s, i, "kv latent", latent)
+	m.watch(i, "kv latent", latent)
 
 	// RoPE on q_pe (every head) and on the shared k_pe.
-	b.RoPE(q, sh.Heads, qk, dn, dr, s.Pos, c.RopeTheta, c.RopeInterleave)
-	b.RoPE(kpe, 1, dr, 0, dr, s.Pos, c.RopeTheta, c.RopeInterleave)
-	b.CacheWrite(s.cache, i, s.Pos, latent, kpe)
+	b.RoPE(q, sh.Heads, qk, dn, dr, c.RopeTheta, c.RopeInterleave)
+	b.RoPE(kpe, 1, dr, 0, dr, c.RopeTheta, c.RopeInterleave)
+	b.CacheWrite(i, latent, kpe)
 
 	// score = (q_lat.c + q_pe.k_pe) / sqrt(dn+dr) with q_lat = W_UK^T q_nope;
 	// o_lat = sum p c; v = W_UV o_lat; out = o_proj(concat_h v).
 	qlat := b.NewTensor(T, sh.Heads*r)
-	b.AbsorbQuery(qlat, q, a.KVB, sh)
+	b.AbsorbQuery(qlat, q, a.UK, sh)
 	olat := b.NewTensor(T, sh.Heads*r)
-	b.LatentAttention(olat, qlat, q, s.cache, i, s.Pos, sh, float32(1/math.Sqrt(float64(qk))))
+	b.LatentAttention(olat, qlat, q, i, sh, float32(1/math.Sqrt(float64(qk))))
 	v := b.NewTensor(T, sh.Heads*sh.VDim)
-	b.ExpandValues(v, olat, a.KVB, sh)
-	m.watch(s, i, "attention values", v)
+	b.ExpandValues(v, olat, a.UV, sh)
+	m.watch(i, "attention values", v)
 	out := b.NewTensor(T, c.HiddenSize)
 	b.MatMul(out, v, a.O)
-	m.watch(s, i, "o_proj", out)
+	m.watch(i, "o_proj", out)
 	return out
 }
 
@@ -204,31 +231,59 @@ func (m *Model) mlp(p *MLP, h backend.Tensor) backend.Tensor {
 }
 
 // moe is sum_e w_e expert_e(x) + shared_expert(x), with fp32 router logits.
-func (m *Model) moe(s *State, i int, p *MoE, h backend.Tensor) backend.Tensor {
+func (m *Model) moe(i int, p *MoE, h backend.Tensor) backend.Tensor {
 	b, T := m.b, h.Rows()
 	logits := b.NewTensor(T, m.route.NumExperts)
 	b.MatMul(logits, h, p.Router)
-	m.watch(s, i, "router logits", logits)
+	m.watch(i, "router logits", logits)
 	routing := b.Route(logits, p.Bias, m.route)
 	out := b.NewTensor(T, m.Config.HiddenSize)
 	b.MoE(out, h, routing, p.Experts)
-	m.watch(s, i, "routed experts", out)
+	m.watch(i, "routed experts", out)
 	if p.Shared != nil {
 		b.Add(out, out, m.mlp(p.Shared, h))
-		m.watch(s, i, "shared expert", out)
+		m.watch(i, "shared expert", out)
 	}
 	return out
 }
 
-// watch records the first non-finite tensor when DebugNaN is on.
-func (m *Model) watch(s *State, layer int, name string, t backend.Tensor) {
-	if !m.DebugNaN || s.nanErr != nil {
+// watch hands t to Inspect, and records the first non-finite tensor of a
+// layer when DebugNaN is on.
+func (m *Model) watch(layer int, name string, t backend.Tensor) {
+	if m.Inspect != nil {
+		m.Inspect(layer, name, t)
+	}
+	if m.nanErr != nil {
 		return
 	}
-	if err := checkFinite(m.b.Download(t), t.Cols()); err != nil {
-		s.nanErr = fmt.Errorf("layer %d, tensor %q, row %d: %w", layer, name, err.(nonFinite).row, err)
+	if r, err := m.firstNonFinite(t); err != nil {
+		m.nanErr = positioned{row: r, format: fmt.Sprintf("layer %d, tensor %q, position %%d: %v", layer, name, err)}
 	}
 }
+
+// positioned is a non-finite tensor found in a layer; Forward fills in the
+// position of its row.
+type positioned struct {
+	row    int
+	format string
+}
+
+func (p positioned) Error() string { return fmt.Sprintf(p.format, p.row) }
+
+// firstNonFinite finds the first row of t with a NaN or Inf when DebugNaN
+// is on; it costs nothing otherwise.
+func (m *Model) firstNonFinite(t backend.Tensor) (row int, err error) {
+	if !m.DebugNaN {
+		return 0, nil
+	}
+	if err := checkFinite(m.b.Download(t), t.Cols()); err != nil {
+		return err.(nonFinite).row, err
+	}
+	return 0, nil
+}
+
+// CheckLogits reports the first non-finite value of a logits row.
+func CheckLogits(row []float32) error { return checkFinite(row, len(row)) }
 
 type nonFinite struct {
 	row, col int

@@ -20,6 +20,14 @@ const (
 	refDir     = "../../testdata/glm4moelite-tiny-ref"
 )
 
+// logitsBound bounds max|ours - transformers| / max|transformers| over the
+// logits of the whole float32 forward pass, about twice what is measured on
+// the fixture (9.8e-7 with its bf16 weights, 9.7e-7 with RTN weights): both
+// sides round in float32, in different orders. An RMSNorm eps off by 10x in
+// any layer moves the logits by 6e-6 or more; smaller mistakes are left to
+// the per-step comparisons of hidden_test.go.
+const logitsBound = 2e-6
+
 // reference is what tools/make_fixtures.py recorded with HF transformers.
 type reference struct {
 	prompt, greedy []int
@@ -99,10 +107,24 @@ func loadModel(t testing.TB, dir string, o cpu.Options, lo LoadOptions) *Model {
 	return m
 }
 
+// cacheDType is the latent cache precision of the golden tests: float32,
+// so they measure the forward pass alone (TestPagedBF16CacheMatchesReference
+// covers the serving default, bf16).
+const cacheDType = backend.CacheF32
+
+func newState(t testing.TB, m *Model, capacity int) *State {
+	t.Helper()
+	s, err := m.NewState(capacity, cacheDType)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
 // allLogits runs ids through a fresh state in one pass.
 func allLogits(t testing.TB, m *Model, ids []int) []float32 {
 	t.Helper()
-	out, err := m.Forward(m.NewState(len(ids)), ids, true)
+	out, err := m.ForwardSeq(newState(t, m, len(ids)), ids, true)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -170,8 +192,8 @@ func TestBF16LogitsMatchReference(t *testing.T) {
 	}
 	e := relMaxErr(ref.logits, got)
 	t.Logf("bf16 path: max|ours-ref|/max|ref| = %.2e over %d positions", e, len(seq))
-	if e >= 1e-2 {
-		t.Errorf("relative error %.3e >= 1e-2", e)
+	if e > logitsBound {
+		t.Errorf("relative error %.3e > %.0e", e, logitsBound)
 	}
 	for p := range seq {
 		if a, b := argmax(got[p*V:(p+1)*V]), argmax(ref.logits[p*V:(p+1)*V]); a != b {
@@ -183,8 +205,8 @@ func TestBF16LogitsMatchReference(t *testing.T) {
 // greedy prefills the prompt in one pass, then decodes n tokens one by one.
 func greedy(t testing.TB, m *Model, prompt []int, n int) (ids []int, stepLogits []float32) {
 	t.Helper()
-	s := m.NewState(len(prompt) + n)
-	logits, err := m.Forward(s, prompt, false)
+	s := newState(t, m, len(prompt)+n)
+	logits, err := m.ForwardSeq(s, prompt, false)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -195,7 +217,7 @@ func greedy(t testing.TB, m *Model, prompt []int, n int) (ids []int, stepLogits 
 		if i == n-1 {
 			break
 		}
-		if logits, err = m.Forward(s, []int{next}, false); err != nil {
+		if logits, err = m.ForwardSeq(s, []int{next}, false); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -221,7 +243,8 @@ func TestCachedDecodeMatchesRecompute(t *testing.T) {
 	full := allLogits(t, m, append(append([]int{}, ref.prompt...), ids...))
 	for i := range ids {
 		p := len(ref.prompt) - 1 + i
-		if e := relMaxErr(full[p*V:(p+1)*V], steps[i*V:(i+1)*V]); e > 1e-4 {
+		// Measured 0: the same rows run through the same kernels.
+		if e := relMaxErr(full[p*V:(p+1)*V], steps[i*V:(i+1)*V]); e > 1e-6 {
 			t.Errorf("step %d (position %d): cached logits differ from recompute by %.2e", i, p, e)
 		}
 	}
@@ -245,8 +268,8 @@ func TestPerturbedExpertIsCaught(t *testing.T) {
 	m := loadModel(t, dir, cpu.Options{}, LoadOptions{})
 	e := relMaxErr(ref.logits, allLogits(t, m, ref.sequence()))
 	t.Logf("one expert scaled by 1.5: relative error %.2e", e)
-	if e < 1e-2 {
-		t.Errorf("perturbed expert %s went unnoticed: relative error %.2e < 1e-2", target, e)
+	if e <= logitsBound {
+		t.Errorf("perturbed expert %s went unnoticed: relative error %.2e <= %.0e", target, e, logitsBound)
 	}
 }
 
@@ -292,7 +315,8 @@ func top1Agreement(a, b []float32, vocab int) float64 {
 
 // TestMMFP4MatchesItsDequantizedWeights compares the MMFP4 kernels with the
 // forward pass of the same weights expanded to float32. The float-activation
-// path must agree to 1e-2. The int8-activation path adds about 0.5% RMS
+// path differs only in float32 summation order (measured 4.7e-7) and must
+// agree to 2e-6. The int8-activation path adds about 0.5% RMS
 // noise per product (measured in backend/cpu); on this random model that
 // noise flips some expert choices, which moves individual logits by far more
 // than 1e-2, so it is held to a KL bound instead.
@@ -305,8 +329,8 @@ func TestMMFP4MatchesItsDequantizedWeights(t *testing.T) {
 	got := allLogits(t, loadModel(t, dir, cpu.Options{FloatActivations: true}, LoadOptions{}), seq)
 	e := relMaxErr(deq, got)
 	t.Logf("MMFP4, float activations, vs dequantized weights: max rel error %.2e", e)
-	if e >= 1e-2 {
-		t.Errorf("float activations: relative error %.3e >= 1e-2", e)
+	if e > 2e-6 {
+		t.Errorf("float activations: relative error %.3e > 2e-6", e)
 	}
 
 	V := deqModel.Config.VocabSize
@@ -329,8 +353,8 @@ func TestRTNMatchesTorchSimulation(t *testing.T) {
 	got := allLogits(t, loadModel(t, dir, cpu.Options{}, LoadOptions{Dequantize: true}), ref.sequence())
 	e := relMaxErr(ref.rtnLogits, got)
 	t.Logf("RTN g128 vs torch simulation: %.2e", e)
-	if e >= 1e-3 {
-		t.Errorf("relative error %.3e >= 1e-3: our RTN weights differ from the torch simulation", e)
+	if e > logitsBound {
+		t.Errorf("relative error %.3e > %.0e: our RTN weights differ from the torch simulation", e, logitsBound)
 	}
 }
 
@@ -373,13 +397,13 @@ func TestDebugNaNNamesLayerAndTensor(t *testing.T) {
 		t.Fatal(err)
 	}
 	m.Layers[2].Attn.KVANorm = w
-	if _, err := m.Forward(m.NewState(16), ref.prompt, false); err == nil {
+	if _, err := m.ForwardSeq(newState(t, m, 16), ref.prompt, false); err == nil {
 		t.Fatal("NaN logits went unreported")
 	} else {
 		t.Logf("without --debug-nan: %v", err)
 	}
 	m.DebugNaN = true
-	_, err = m.Forward(m.NewState(16), ref.prompt, false)
+	_, err = m.ForwardSeq(newState(t, m, 16), ref.prompt, false)
 	if err == nil {
 		t.Fatal("NaN went unreported with DebugNaN")
 	}
