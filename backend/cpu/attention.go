@@ -81,8 +81,8 @@ func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, layer int, s backend.MLAS
 		longest = max(longest, int(b.batch.Positions[t])+1)
 	}
 	chunks := 1
-	if T < 4*b.threads {
-		chunks = max(1, min(4*b.threads/T, longest/64)) // ranges of at least 64 positions
+	if T < 8*b.threads {
+		chunks = max(1, min(8*b.threads/T, longest/64)) // ranges of at least 64 positions
 	}
 	// Per (row, chunk): the unnormalised output, and per head the maximum
 	// score and the sum of exponentials.
@@ -138,9 +138,15 @@ func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, layer int, s backend.MLAS
 			}
 			out := orow[h*r : (h+1)*r]
 			clear(out)
-			for c, wc := range w {
-				k := i*chunks + c
-				axpy(out, wc/l, outs[(k*H+h)*r:(k*H+h+1)*r])
+			// Chunk c's output of head h is H*r floats after chunk c-1's.
+			first := outs[(i*chunks*H+h)*r:]
+			c := 0
+			for ; c+4 <= chunks; c += 4 {
+				coef := [4]float32{w[c] / l, w[c+1] / l, w[c+2] / l, w[c+3] / l}
+				b.axpy4F32(out, first[c*H*r:], H*r, &coef)
+			}
+			for ; c < chunks; c++ {
+				axpy(out, w[c]/l, first[c*H*r:c*H*r+r])
 			}
 		}
 	}
@@ -190,9 +196,27 @@ func (b *Backend) attendSpans(out, qrow, qmrow []float32, sp []span, P int, s ba
 		row := sc[h*P : (h+1)*P]
 		m[h] = b.maxF32(row)
 		l[h] = b.expF32(row, row, m[h])
-		clear(out[h*r : (h+1)*r])
 	}
+	clear(out)
 
+	// The weighted sum of the latents, heads in blocks of four on the 4x64
+	// matrix-product kernel (no horizontal sums; each 64-wide panel of the
+	// rows serves every block), the other heads four positions at a time.
+	gemmHeads := 0
+	if hasSgemm(b.isa) && r%64 == 0 {
+		gemmHeads = H &^ 3
+		for si, x := range sp {
+			k := x.j0 - base
+			for db := 0; db < r; db += 64 {
+				for h := 0; h < gemmHeads; h += 4 {
+					sgemm4x64Acc(sc[h*P+k:], P, x.data[db:], x.stride, x.n, out[h*r+db:], r, si > 0)
+				}
+			}
+		}
+		if gemmHeads == H {
+			return
+		}
+	}
 	var coef [4]float32
 	for _, x := range sp {
 		k := x.j0 - base
@@ -200,10 +224,10 @@ func (b *Backend) attendSpans(out, qrow, qmrow []float32, sp []span, P int, s ba
 		for ; i+4 <= x.n; i += 4 {
 			rows := x.data[i*x.stride:]
 			if fused {
-				axpyHx4(out, H, rows, r, x.stride, sc[k+i:], P)
+				axpyHx4(out[gemmHeads*r:], H-gemmHeads, rows, r, x.stride, sc[gemmHeads*P+k+i:], P)
 				continue
 			}
-			for h := 0; h < H; h++ {
+			for h := gemmHeads; h < H; h++ {
 				for j := range coef {
 					coef[j] = sc[h*P+k+i+j]
 				}
@@ -212,7 +236,7 @@ func (b *Backend) attendSpans(out, qrow, qmrow []float32, sp []span, P int, s ba
 		}
 		for ; i < x.n; i++ {
 			row := x.data[i*x.stride : i*x.stride+r]
-			for h := 0; h < H; h++ {
+			for h := gemmHeads; h < H; h++ {
 				axpy(out[h*r:(h+1)*r], sc[h*P+k+i], row)
 			}
 		}

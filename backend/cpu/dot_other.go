@@ -38,6 +38,8 @@ func hasSgemm(isa) bool { return false }
 
 func sgemm4x64([]float32, int, []float32, int, int, []float32, int) {}
 
+func sgemm4x64Acc([]float32, int, []float32, int, int, []float32, int, bool) {}
+
 func hasHeadKernels(isa, int, int) bool { return false }
 
 func scoresHx4([]float32, int, []float32, int, int, []float32, []float32, int, int, int, []float32, int, float32) {

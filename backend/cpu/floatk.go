@@ -2,6 +2,7 @@ package cpu
 
 import (
 	"math"
+	"math/bits"
 	"sync"
 )
 
@@ -10,21 +11,31 @@ import (
 // multiply-adds, other summation orders, a polynomial exp), so their tests
 // hold them to derived bounds instead of equality.
 
-// floatBufs recycles scratch buffers of float32 (getFloats): a fresh
-// allocation of a few hundred KB comes from new pages of memory, and
-// faulting those in can cost more than the work done in them.
-var floatBufs sync.Pool
+// floatBufs recycles scratch buffers of float32 (getFloats), one pool per
+// power-of-two size so that a request is not handed a smaller buffer to
+// throw away: a fresh allocation of a few hundred KB comes from new pages
+// of memory, and faulting those in can cost more than the work done in
+// them.
+var floatBufs floatPools
+
+type floatPools [40]sync.Pool
 
 // getFloats returns a pooled buffer of n floats (not zeroed); give it back
 // with floatBufs.Put.
 func getFloats(n int) *[]float32 {
-	bp, _ := floatBufs.Get().(*[]float32)
-	if bp == nil || cap(*bp) < n {
-		buf := make([]float32, n)
+	class := bits.Len(uint(max(n, 1) - 1))
+	bp, _ := floatBufs[class].Get().(*[]float32)
+	if bp == nil {
+		buf := make([]float32, 1<<class)
 		bp = &buf
 	}
 	*bp = (*bp)[:n]
 	return bp
+}
+
+// Put returns a buffer from getFloats.
+func (p *floatPools) Put(bp *[]float32) {
+	p[bits.Len(uint(cap(*bp)-1))].Put(bp)
 }
 
 // dotF32 is sum_k a[k]*b[k] over len(a).

@@ -22,7 +22,7 @@ func maxF32AVX512(x *float32, n int) float32
 func maxF32AVX2(x *float32, n int) float32
 
 //go:noescape
-func sgemm4x64AVX512(a *float32, aStride int, b *float32, bStride int, n int, c *float32, cStride int)
+func sgemm4x64AVX512(a *float32, aStride int, b *float32, bStride int, n int, c *float32, cStride int, accumulate int)
 
 //go:noescape
 func scoresHx4AVX512(q *float32, qStride int, qpe *float32, qpeStride int, heads int, lat, kpe *float32, rowStride, r, dr int, out *float32, outStride int, scale float32)
@@ -122,13 +122,22 @@ func maxF32SIMD(i isa, x []float32) (float32, bool) {
 
 func hasSgemm(i isa) bool { return i == isaAVX512 }
 
-// sgemm4x64 is sgemm4x64AVX512 on slices (checked for length).
+// sgemm4x64 is sgemm4x64AVX512 on slices (checked for length), writing c.
 func sgemm4x64(a []float32, aStride int, b []float32, bStride, n int, c []float32, cStride int) {
+	sgemm4x64Acc(a, aStride, b, bStride, n, c, cStride, false)
+}
+
+// sgemm4x64Acc is sgemm4x64, adding to c when accumulate is set.
+func sgemm4x64Acc(a []float32, aStride int, b []float32, bStride, n int, c []float32, cStride int, accumulate bool) {
 	_, _ = a[3*aStride+n-1], c[3*cStride+63]
 	if n > 0 {
 		_ = b[(n-1)*bStride+63]
 	}
-	sgemm4x64AVX512(&a[0], aStride, &b[0], bStride, n, &c[0], cStride)
+	acc := 0
+	if accumulate {
+		acc = 1
+	}
+	sgemm4x64AVX512(&a[0], aStride, &b[0], bStride, n, &c[0], cStride, acc)
 }
 
 // hasHeadKernels reports whether family i has scoresHx4 and axpyHx4 for

@@ -69,3 +69,6 @@ func gemmBlock(i isa, tile []byte, wsc []float32, groups int, x []int8, k int, x
 
 //go:noescape
 func readAVX512(p *byte, n int) uint64
+
+//go:noescape
+func fmaPeakAVX512(n int)

@@ -136,3 +136,84 @@ func BenchmarkPrefillGemm(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkLatentAttentionDecode times one decode row's attention at
+// GLM-4.7-Flash's shapes (20 heads, rank 512, rope 64) over a context of
+// 1024 cached positions, per cache dtype.
+func BenchmarkLatentAttentionDecode(b *testing.B) {
+	benchmode.Check(b)
+	s := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
+	const ctx, bs = 1024, 64
+	for _, dt := range []backend.CacheDType{backend.CacheF32, backend.CacheBF16} {
+		b.Run(dt.String(), func(b *testing.B) {
+			be := New(Options{})
+			p, err := be.NewCachePool(1, ctx/bs+1, bs, s.Rank, s.RopeDim, dt)
+			if err != nil {
+				b.Fatal(err)
+			}
+			blocks := make([]int32, ctx/bs+1)
+			for i := range blocks {
+				blocks[i] = int32(i)
+			}
+			r := rand.New(rand.NewPCG(1, 2))
+			fill := &backend.Batch{Seqs: []backend.Seq{{Len: ctx, Blocks: blocks}}}
+			for j := 0; j < ctx; j++ {
+				fill.Tokens = append(fill.Tokens, 0)
+				fill.Positions = append(fill.Positions, int32(j))
+			}
+			be.SetBatch(fill, p)
+			lat, kpe := be.NewTensor(ctx, s.Rank), be.NewTensor(ctx, s.RopeDim)
+			be.Upload(lat, randMat(r, ctx*s.Rank, 1))
+			be.Upload(kpe, randMat(r, ctx*s.RopeDim, 1))
+			be.CacheWrite(0, lat, kpe)
+			step := &backend.Batch{Tokens: []int32{0}, Positions: []int32{ctx}, Seqs: []backend.Seq{{Len: 1, Blocks: blocks}}}
+			be.SetBatch(step, p)
+			ql, q := be.NewTensor(1, s.Heads*s.Rank), be.NewTensor(1, s.Heads*(s.NopeDim+s.RopeDim))
+			be.Upload(ql, randMat(r, s.Heads*s.Rank, 0.05))
+			be.Upload(q, randMat(r, s.Heads*(s.NopeDim+s.RopeDim), 0.05))
+			out := be.NewTensor(1, s.Heads*s.Rank)
+			b.ResetTimer()
+			for i := 0; i < b.N; i++ {
+				be.LatentAttention(out, ql, q, 0, s, 0.07)
+			}
+			b.ReportMetric(b.Elapsed().Seconds()*1e6/float64(b.N), "us/op")
+		})
+	}
+}
+
+// BenchmarkMoEDecode runs one token through a GLM-4.7-Flash MoE layer's
+// routed experts (64 experts of 1536 x 2048, 4 chosen at random per step,
+// so their weights come from memory). GB/s counts the chosen experts'
+// weight bytes.
+func BenchmarkMoEDecode(b *testing.B) {
+	benchmode.Check(b)
+	const hidden, inter, E, topK = 2048, 1536, 64, 4
+	be := New(Options{})
+	r := rand.New(rand.NewPCG(5, 6))
+	var experts []backend.Expert
+	var bytes int64
+	for e := 0; e < E; e++ {
+		ws, n1 := benchWeights(b, be, inter, hidden, 2)
+		down, n2 := benchWeights(b, be, hidden, inter, 1)
+		experts = append(experts, backend.Expert{Gate: ws[0], Up: ws[1], Down: down[0]})
+		bytes = 2*n1 + n2
+	}
+	x, out := be.NewTensor(1, hidden), be.NewTensor(1, hidden)
+	be.Upload(x, randMat(r, hidden, 1))
+	routes := make([]*routing, 64)
+	for i := range routes {
+		perm := r.Perm(E)
+		routes[i] = &routing{topK: topK, experts: perm[:topK], weights: []float32{0.4, 0.3, 0.2, 0.1}}
+	}
+	step := bytes * topK
+	b.SetBytes(step)
+	var best passTimer
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		best.start()
+		be.MoE(out, x, routes[i%len(routes)], experts)
+		best.stop(step)
+	}
+	b.ReportMetric(float64(step)*float64(b.N)/b.Elapsed().Seconds()/1e9, "GB/s")
+	best.report(b)
+}

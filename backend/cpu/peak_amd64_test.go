@@ -54,3 +54,20 @@ func BenchmarkMemoryReadAVX512(b *testing.B) {
 	b.ReportMetric(float64(len(buf))*float64(b.N)/b.Elapsed().Seconds()/1e9, "GB/s")
 	best.report(b)
 }
+
+// BenchmarkFloatPeak runs independent AVX-512 float fused multiply-adds on
+// every thread: the float32 peak of the attention kernels (GFLOP/s counts
+// two operations per lane).
+func BenchmarkFloatPeak(b *testing.B) {
+	benchmode.Check(b)
+	if !hasAVX512 {
+		b.Skip("no AVX-512")
+	}
+	be := New(Options{})
+	const iters = 1 << 20
+	b.ResetTimer()
+	for i := 0; i < b.N; i++ {
+		be.workers.run(be.threads, 1, func(lo, hi int) { fmaPeakAVX512(iters) })
+	}
+	b.ReportMetric(float64(be.threads)*iters*16*16*2*float64(b.N)/b.Elapsed().Seconds()/1e9, "GFLOP/s")
+}

@@ -85,8 +85,10 @@ func (p *workerPool) run(n, grain int, fn func(lo, hi int)) {
 		}
 	}
 	t.do()
-	for t.done.Load() != t.chunks {
-		runtime.Gosched()
+	for i := 0; t.done.Load() != t.chunks; i++ {
+		if i%1024 == 1023 {
+			runtime.Gosched() // a worker was descheduled: let it run
+		}
 	}
 }
 

@@ -100,10 +100,12 @@ func (b *Backend) matMulQuantInt8(d, xm *mat, w *quant) {
 	})
 }
 
-// gemvGrain is the number of rows of m per work item: about 32 KB of codes,
-// a multiple of the kernels' 4-row blocks.
-var gemvChunkBytes = 32768
+// gemvChunkBytes is the size of a decode work item's codes: small enough
+// to balance two threads on a busy machine (32 KB and 128 KB measured
+// alike).
+const gemvChunkBytes = 32768
 
+// gemvGrain is the number of rows of m per work item.
 func gemvGrain(m *format.Matrix) int {
 	return max(4, (gemvChunkBytes/max(m.K/2, 1))&^3)
 }

@@ -1,11 +1,12 @@
 #include "textflag.h"
 
-// func sgemm4x64AVX512(a *float32, aStride int, b *float32, bStride int, n int, c *float32, cStride int)
+// func sgemm4x64AVX512(a *float32, aStride int, b *float32, bStride int, n int, c *float32, cStride int, accumulate int)
 //
-// c[h*cStride+k] = sum_{i<n} a[h*aStride+i] * b[i*bStride+k] for h < 4,
-// k < 64 (strides in floats): per step of i, four 64-float rows of b are
-// loaded once and multiplied by four broadcast values of a.
-TEXT ·sgemm4x64AVX512(SB), NOSPLIT, $0-56
+// c[h*cStride+k] (+)= sum_{i<n} a[h*aStride+i] * b[i*bStride+k] for h < 4,
+// k < 64 (strides in floats), adding to c when accumulate is not 0: per
+// step of i, four 64-float rows of b are loaded once and multiplied by
+// four broadcast values of a.
+TEXT ·sgemm4x64AVX512(SB), NOSPLIT, $0-64
 	MOVQ a+0(FP), R8
 	MOVQ aStride+8(FP), AX
 	SHLQ $2, AX
@@ -16,6 +17,9 @@ TEXT ·sgemm4x64AVX512(SB), NOSPLIT, $0-56
 	MOVQ bStride+24(FP), BX
 	SHLQ $2, BX
 	MOVQ n+32(FP), CX
+	MOVQ accumulate+56(FP), AX
+	TESTQ AX, AX
+	JNZ  load
 	VPXORD Z0, Z0, Z0
 	VPXORD Z1, Z1, Z1
 	VPXORD Z2, Z2, Z2
@@ -32,6 +36,33 @@ TEXT ·sgemm4x64AVX512(SB), NOSPLIT, $0-56
 	VPXORD Z13, Z13, Z13
 	VPXORD Z14, Z14, Z14
 	VPXORD Z15, Z15, Z15
+	JMP  ready
+
+load:
+	MOVQ c+40(FP), DI
+	MOVQ cStride+48(FP), AX
+	SHLQ $2, AX
+	VMOVUPS 0(DI), Z0
+	VMOVUPS 64(DI), Z1
+	VMOVUPS 128(DI), Z2
+	VMOVUPS 192(DI), Z3
+	ADDQ AX, DI
+	VMOVUPS 0(DI), Z4
+	VMOVUPS 64(DI), Z5
+	VMOVUPS 128(DI), Z6
+	VMOVUPS 192(DI), Z7
+	ADDQ AX, DI
+	VMOVUPS 0(DI), Z8
+	VMOVUPS 64(DI), Z9
+	VMOVUPS 128(DI), Z10
+	VMOVUPS 192(DI), Z11
+	ADDQ AX, DI
+	VMOVUPS 0(DI), Z12
+	VMOVUPS 64(DI), Z13
+	VMOVUPS 128(DI), Z14
+	VMOVUPS 192(DI), Z15
+
+ready:
 	TESTQ CX, CX
 	JZ   store
 

@@ -1,0 +1,128 @@
+package glm4moelite
+
+import (
+	"fmt"
+	"math"
+	"os"
+	"sort"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/mmfp4/mmfp4/backend"
+	"github.com/mmfp4/mmfp4/backend/cpu"
+	"github.com/mmfp4/mmfp4/internal/benchmode"
+)
+
+// timedBackend wraps a backend and adds up the wall time of each op, keyed
+// by op and weight shape: where the milliseconds of a step go.
+type timedBackend struct {
+	backend.Backend
+	spent map[string]time.Duration
+	calls map[string]int
+}
+
+func (b *timedBackend) time(key string, t0 time.Time) {
+	b.spent[key] += time.Since(t0)
+	b.calls[key]++
+}
+
+func wshape(w backend.Weight) string { return fmt.Sprintf("%dx%d", w.Rows(), w.Cols()) }
+
+func (b *timedBackend) Embed(dst backend.Tensor, table backend.Weight) {
+	defer b.time("Embed", time.Now())
+	b.Backend.Embed(dst, table)
+}
+func (b *timedBackend) MatMul(dst, x backend.Tensor, w backend.Weight) {
+	defer b.time("MatMul "+wshape(w), time.Now())
+	b.Backend.MatMul(dst, x, w)
+}
+func (b *timedBackend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float32) {
+	defer b.time("RMSNorm", time.Now())
+	b.Backend.RMSNorm(dst, x, gain, eps)
+}
+func (b *timedBackend) RoPE(x backend.Tensor, heads, headStride, offset, dim int, theta float64, interleaved bool) {
+	defer b.time("RoPE", time.Now())
+	b.Backend.RoPE(x, heads, headStride, offset, dim, theta, interleaved)
+}
+func (b *timedBackend) Add(dst, a, c backend.Tensor) {
+	defer b.time("Add", time.Now())
+	b.Backend.Add(dst, a, c)
+}
+func (b *timedBackend) SwiGLU(dst, gate, up backend.Tensor) {
+	defer b.time("SwiGLU", time.Now())
+	b.Backend.SwiGLU(dst, gate, up)
+}
+func (b *timedBackend) CacheWrite(layer int, latent, kpe backend.Tensor) {
+	defer b.time("CacheWrite", time.Now())
+	b.Backend.CacheWrite(layer, latent, kpe)
+}
+func (b *timedBackend) AbsorbQuery(qlat, q backend.Tensor, wUK backend.Weight, s backend.MLAShape) {
+	defer b.time("AbsorbQuery "+wshape(wUK), time.Now())
+	b.Backend.AbsorbQuery(qlat, q, wUK, s)
+}
+func (b *timedBackend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s backend.MLAShape, scale float32) {
+	defer b.time("LatentAttention", time.Now())
+	b.Backend.LatentAttention(olat, qlat, q, layer, s, scale)
+}
+func (b *timedBackend) ExpandValues(out, olat backend.Tensor, wUV backend.Weight, s backend.MLAShape) {
+	defer b.time("ExpandValues "+wshape(wUV), time.Now())
+	b.Backend.ExpandValues(out, olat, wUV, s)
+}
+func (b *timedBackend) Route(logits backend.Tensor, bias backend.Weight, cfg backend.RouterConfig) backend.Routing {
+	defer b.time("Route", time.Now())
+	return b.Backend.Route(logits, bias, cfg)
+}
+func (b *timedBackend) MoE(dst, x backend.Tensor, r backend.Routing, experts []backend.Expert) {
+	defer b.time("MoE (routed experts)", time.Now())
+	b.Backend.MoE(dst, x, r, experts)
+}
+func (b *timedBackend) Download(src backend.Tensor) []float32 {
+	defer b.time("Download", time.Now())
+	return b.Backend.Download(src)
+}
+
+// BenchmarkDecodeStepBreakdown decodes like BenchmarkDecodeStep (AVX-512 or
+// the best family here) and prints, for the fastest of its steps, the wall
+// time of each op: the per-step profile of a decode at real shapes.
+func BenchmarkDecodeStepBreakdown(b *testing.B) {
+	benchmode.Check(b)
+	const layers, ctx = 4, 1024
+	c := glmFlashConfig(layers)
+	tb := &timedBackend{Backend: cpu.New(cpu.Options{}), spent: map[string]time.Duration{}, calls: map[string]int{}}
+	m := synthModel(b, tb, c, 1)
+	s, err := m.NewState(ctx+1, backend.CacheBF16)
+	if err != nil {
+		b.Fatal(err)
+	}
+	fillCache(tb, m, s, ctx)
+	var best map[string]time.Duration
+	bestTotal := time.Duration(math.MaxInt64)
+	var calls map[string]int
+	b.ResetTimer()
+	for i := 0; i <= b.N; i++ {
+		tb.spent, tb.calls = map[string]time.Duration{}, map[string]int{}
+		s.Pos = ctx
+		t0 := time.Now()
+		if _, err := m.ForwardSeq(s, []int{i % c.VocabSize}, false); err != nil {
+			b.Fatal(err)
+		}
+		if d := time.Since(t0); i > 0 && d < bestTotal {
+			bestTotal, best, calls = d, tb.spent, tb.calls
+		}
+	}
+	var keys []string
+	var inOps time.Duration
+	for k, d := range best {
+		keys = append(keys, k)
+		inOps += d
+	}
+	sort.Slice(keys, func(i, j int) bool { return best[keys[i]] > best[keys[j]] })
+	var w strings.Builder
+	fmt.Fprintf(&w, "fastest step %.2f ms (%s, %d layers, ctx %d):\n", bestTotal.Seconds()*1e3, tb.Name(), layers, ctx)
+	for _, k := range keys {
+		fmt.Fprintf(&w, "  %-32s %3d calls %7.3f ms %5.1f%%\n", k, calls[k], best[k].Seconds()*1e3, 100*best[k].Seconds()/bestTotal.Seconds())
+	}
+	fmt.Fprintf(&w, "  %-32s           %7.3f ms %5.1f%%\n", "(between ops)", (bestTotal-inOps).Seconds()*1e3, 100*(bestTotal-inOps).Seconds()/bestTotal.Seconds())
+	fmt.Fprint(os.Stderr, w.String())
+}
