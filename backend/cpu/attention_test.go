@@ -173,3 +173,31 @@ func TestExpandValuesInt8MatchesPerHead(t *testing.T) {
 		}
 	}
 }
+
+// AbsorbQuery on MMFP4 weights (rows four at a time where a kernel has it)
+// against the pure-Go family, to float rounding: each output sums dn
+// products per column, so the bound is gamma-like in dn.
+func TestAbsorbQueryMatchesGo(t *testing.T) {
+	r := rand.New(rand.NewPCG(42, 1))
+	ref := New(Options{Threads: 1, Kernel: "go"})
+	s := backend.MLAShape{Heads: 3, NopeDim: 10, RopeDim: 4, VDim: 8, Rank: 256}
+	m := randQuant(r, s.Heads*s.NopeDim, s.Rank, 128)
+	for _, b := range backends(2) {
+		wUK, err := b.NewWeight(backend.HostWeight{Name: "w_uk", N: m.N, K: m.K, Quant: m})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, T := range []int{1, 3} {
+			q := b.NewTensor(T, s.Heads*(s.NopeDim+s.RopeDim))
+			b.Upload(q, randMat(r, T*s.Heads*(s.NopeDim+s.RopeDim), 1))
+			got, want := b.NewTensor(T, s.Heads*s.Rank), ref.NewTensor(T, s.Heads*s.Rank)
+			b.AbsorbQuery(got, q, wUK, s)
+			ref.AbsorbQuery(want, q, wUK, s)
+			e := relErr(ref.Download(want), b.Download(got))
+			t.Logf("%s T=%d: %.2e", b.isa, T, e)
+			if e > 1e-6 {
+				t.Errorf("%s T=%d: relative error %.2e", b.isa, T, e)
+			}
+		}
+	}
+}

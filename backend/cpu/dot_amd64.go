@@ -84,6 +84,9 @@ func gemv128(i isa, m *format.Matrix, lo, hi int, a *qacts, t int, out []float32
 func axpyCodes128(acc *float32, codes *byte, coef *float32, groups int)
 
 //go:noescape
+func axpyCodes4x128(acc *float32, codes *byte, rowBytes int, coef *float32, groups int)
+
+//go:noescape
 func axpyCodes128AVX2(acc *float32, codes *byte, coef *float32, groups int)
 
 // axpyCodes is the dispatching form of axpyCodesGo.
@@ -99,4 +102,17 @@ func (b *Backend) axpyCodes(acc []float32, codes []byte, coef []float32, G int) 
 		return
 	}
 	axpyCodesGo(acc, codes, coef, G)
+}
+
+// axpyCodes4 is axpyCodes for the four rows of codes rowBytes apart, with
+// coefficients coef[r*groups:(r+1)*groups] for row r; it reports false
+// where family i has no kernel for it.
+func axpyCodes4(i isa, acc []float32, codes []byte, rowBytes int, coef []float32, G int) bool {
+	groups := len(coef) / 4
+	if i != isaAVX512 || G != 128 || groups == 0 {
+		return false
+	}
+	_, _ = acc[groups*128-1], codes[3*rowBytes+groups*64-1]
+	axpyCodes4x128(&acc[0], &codes[0], rowBytes, &coef[0], groups)
+	return true
 }

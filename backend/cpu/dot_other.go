@@ -48,3 +48,5 @@ func scoresHx4([]float32, int, []float32, int, int, []float32, []float32, int, i
 func axpyHx4([]float32, int, []float32, int, int, []float32, int) {}
 
 func bf16ToF32SIMD(isa, []float32, []uint16) bool { return false }
+
+func axpyCodes4(isa, []float32, []byte, int, []float32, int) bool { return false }

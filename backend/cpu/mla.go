@@ -65,7 +65,7 @@ func (b *Backend) absorbQueryQuant(ql, qm *mat, w *quant, s backend.MLAShape) {
 		for h := lo; h < hi; h++ {
 			for t := 0; t < ql.rows; t++ {
 				clear(acc)
-				for i := 0; i < s.NopeDim; i++ {
+				for i := b.absorbRows4(acc, qm.row(t), m, h, s); i < s.NopeDim; i++ {
 					n := h*s.NopeDim + i
 					a := qm.row(t)[h*(s.NopeDim+s.RopeDim)+i] * m.RowScale[n] * 0.5
 					for g, sc := range m.Scales[n*groups : (n+1)*groups] {

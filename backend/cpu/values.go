@@ -1,6 +1,9 @@
 package cpu
 
-import "github.com/mmfp4/mmfp4/backend"
+import (
+	"github.com/mmfp4/mmfp4/backend"
+	"github.com/mmfp4/mmfp4/format"
+)
 
 // expandValuesInt8 is ExpandValues on MMFP4 weights in one dispatch: the
 // latent outputs of all heads are quantized once (a head's Rank columns are
@@ -31,4 +34,30 @@ func (b *Backend) expandValuesInt8(om, ol *mat, wUV backend.Weight, s backend.ML
 		}
 	})
 	return true
+}
+
+// absorbRows4 runs the rows of W_UK[h] four at a time through axpyCodes4
+// where the kernel family has it, adding into acc as absorbQueryQuant's
+// loop does, and returns how many rows it took (the loop does the rest).
+func (b *Backend) absorbRows4(acc, qrow []float32, m *format.Matrix, h int, s backend.MLAShape) int {
+	groups := m.K / m.GroupSize
+	var coef [4 * 64]float32
+	if groups > 64 {
+		return 0
+	}
+	i := 0
+	for ; i+4 <= s.NopeDim; i += 4 {
+		for r := 0; r < 4; r++ {
+			n := h*s.NopeDim + i + r
+			a := qrow[h*(s.NopeDim+s.RopeDim)+i+r] * m.RowScale[n] * 0.5
+			for g, sc := range m.Scales[n*groups : (n+1)*groups] {
+				coef[r*groups+g] = a * e4m3Table[sc]
+			}
+		}
+		n := h*s.NopeDim + i
+		if !axpyCodes4(b.isa, acc, m.Codes[n*m.K/2:], m.K/2, coef[:4*groups], m.GroupSize) {
+			return i
+		}
+	}
+	return i
 }
