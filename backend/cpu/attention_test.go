@@ -175,8 +175,8 @@ func TestExpandValuesInt8MatchesPerHead(t *testing.T) {
 }
 
 // AbsorbQuery on MMFP4 weights (rows four at a time where a kernel has it)
-// against the pure-Go family, to float rounding: each output sums dn
-// products per column, so the bound is gamma-like in dn.
+// against the pure-Go family, to float rounding (the families sum the dn
+// products of a column in different orders).
 func TestAbsorbQueryMatchesGo(t *testing.T) {
 	r := rand.New(rand.NewPCG(42, 1))
 	ref := New(Options{Threads: 1, Kernel: "go"})
@@ -195,7 +195,7 @@ func TestAbsorbQueryMatchesGo(t *testing.T) {
 			ref.AbsorbQuery(want, q, wUK, s)
 			e := relErr(ref.Download(want), b.Download(got))
 			t.Logf("%s T=%d: %.2e", b.isa, T, e)
-			if e > 1e-6 {
+			if e > 2e-7 { // up to 5.6e-8 measured
 				t.Errorf("%s T=%d: relative error %.2e", b.isa, T, e)
 			}
 		}
