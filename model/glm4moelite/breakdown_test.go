@@ -77,6 +77,22 @@ func (b *timedBackend) MoE(dst, x backend.Tensor, r backend.Routing, experts []b
 	defer b.time("MoE (routed experts)", time.Now())
 	b.Backend.MoE(dst, x, r, experts)
 }
+func (b *timedBackend) NewTensor(rows, cols int) backend.Tensor {
+	defer b.time("NewTensor", time.Now())
+	return b.Backend.NewTensor(rows, cols)
+}
+func (b *timedBackend) SetBatch(batch *backend.Batch, pool backend.CachePool) {
+	defer b.time("SetBatch", time.Now())
+	b.Backend.SetBatch(batch, pool)
+}
+func (b *timedBackend) SelectOutputs(dst, x backend.Tensor) {
+	defer b.time("SelectOutputs", time.Now())
+	b.Backend.SelectOutputs(dst, x)
+}
+func (b *timedBackend) Sync() error {
+	defer b.time("Sync", time.Now())
+	return b.Backend.Sync()
+}
 func (b *timedBackend) Download(src backend.Tensor) []float32 {
 	defer b.time("Download", time.Now())
 	return b.Backend.Download(src)
