@@ -30,7 +30,8 @@ func gemmGeometry(isa) (rows, tokens int, ok bool) { return 0, 0, false }
 
 func gemmPrep(isa, *format.Matrix, int, int, []byte) {}
 
-func gemmBlock(isa, []byte, []float32, int, []int8, int, []uint32, []float32, []float32) {}
+func gemmBlock(isa, []byte, []float32, int, []int8, int, []uint32, []float32, []float32, int, int, int) {
+}
 
 func maxF32SIMD(isa, []float32) (float32, bool) { return 0, false }
 

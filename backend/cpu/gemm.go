@@ -48,8 +48,11 @@ func (b *Backend) gemmInt8(d *mat, a *qacts, m *format.Matrix) bool {
 	// token's outputs are then a contiguous run of itemRows floats. The
 	// outputs of a batch are scattered over T rows far apart in memory, so
 	// long runs keep the cache and TLB misses of those writes few; the
-	// item's tiles (K bytes a row) stay within about half the L2 cache.
+	// item's tiles (K bytes a row) stay within about half the L2 cache, and
+	// there are at least 8 items a thread, so that the threads finish
+	// together.
 	itemRows := min(256, max(R, (gemmTileBudget/K)/R*R))
+	itemRows = min(itemRows, max(R, (m.N/(8*b.threads)+R-1)/R*R))
 	items := (m.N + itemRows - 1) / itemRows
 	tileBytes := groups * R * 128
 	tiles := itemRows / R
@@ -62,7 +65,6 @@ func (b *Backend) gemmInt8(d *mat, a *qacts, m *format.Matrix) bool {
 		defer gemmTiles.Put(bp)
 		wsc := make([]float32, itemRows*groups)
 		rs := make([]float32, itemRows)
-		out := make([]float32, itemRows*TB)
 		for item := lo; item < hi; item++ {
 			n0 := item * itemRows
 			rows := min(itemRows, m.N-n0)
@@ -88,14 +90,9 @@ func (b *Backend) gemmInt8(d *mat, a *qacts, m *format.Matrix) bool {
 			}
 			for t0 := 0; t0 < T; t0 += TB {
 				for j := 0; j < sub; j++ {
+					nj := n0 + R*j
 					gemmBlock(b.isa, (*bp)[j*tileBytes:(j+1)*tileBytes], wsc[j*R*groups:(j+1)*R*groups], groups,
-						xq[t0*K:], K, xsc[2*t0*groups:], rs[j*R:(j+1)*R], out[j*R*TB:(j+1)*R*TB])
-				}
-				for t := t0; t < min(t0+TB, T); t++ {
-					row := d.data[t*d.stride+n0 : t*d.stride+n0+rows]
-					for j := 0; j < sub; j++ {
-						copy(row[R*j:], out[j*R*TB+(t-t0)*R:j*R*TB+(t-t0+1)*R])
-					}
+						xq[t0*K:], K, xsc[2*t0*groups:], rs[j*R:(j+1)*R], d.data[t0*d.stride+nj:], d.stride, min(TB, T-t0), min(R, m.N-nj))
 				}
 			}
 		}

@@ -6,16 +6,16 @@ import "github.com/mmfp4/mmfp4/format"
 func gemmPrep16AVX512(codes *byte, offs *int32, groups int, tile *byte)
 
 //go:noescape
-func gemm16x8AVX512(tile *byte, wsc *float32, groups int, x *int8, k int, xsc *uint32, rs *float32, out *float32)
+func gemm16x8AVX512(tile *byte, wsc *float32, groups int, x *int8, k int, xsc *uint32, rs *float32, out *float32, outStride, tokens, rowMask int)
 
 //go:noescape
 func gemmPrep8AVX2(codes *byte, offs *int32, lanes *int32, groups int, tile *byte)
 
 //go:noescape
-func gemm8x4AVXVNNI(tile *byte, wsc *float32, groups int, x *int8, k int, xsc *uint32, rs *float32, out *float32)
+func gemm8x4AVXVNNI(tile *byte, wsc *float32, groups int, x *int8, k int, xsc *uint32, rs *float32, out *float32, outStride, tokens int, lanes *int32)
 
 //go:noescape
-func gemm8x4AVX2(tile *byte, wsc *float32, groups int, x *int8, k int, xsc *uint32, rs *float32, out *float32)
+func gemm8x4AVX2(tile *byte, wsc *float32, groups int, x *int8, k int, xsc *uint32, rs *float32, out *float32, outStride, tokens int, lanes *int32)
 
 //go:noescape
 func vnniPeakAVX512(n int)
@@ -51,19 +51,29 @@ func gemmPrep(i isa, m *format.Matrix, n0, rows int, tile []byte) {
 	}
 }
 
-// gemmBlock runs family i's kernel on one tile and one block of tokens
-// (x and xsc start at the block's first token).
-func gemmBlock(i isa, tile []byte, wsc []float32, groups int, x []int8, k int, xsc []uint32, rs, out []float32) {
+// gemmBlock runs family i's kernel on one tile and one block of tokens (x
+// and xsc start at the block's first token), writing the first rows
+// outputs of the first tokens tokens to out, rows outStride apart.
+func gemmBlock(i isa, tile []byte, wsc []float32, groups int, x []int8, k int, xsc []uint32, rs []float32, out []float32, outStride, tokens, rows int) {
 	R, TB, _ := gemmGeometry(i)
 	_, _, _, _ = tile[groups*R*128-1], wsc[groups*R-1], x[TB*k-1], xsc[2*TB*groups-1]
-	_, _ = rs[R-1], out[R*TB-1]
+	_, _ = rs[R-1], out[(tokens-1)*outStride+rows-1]
+	if tokens <= 0 || tokens > TB || rows <= 0 || rows > R {
+		panic("cpu backend: gemm block out of range")
+	}
 	switch i {
 	case isaAVX512:
-		gemm16x8AVX512(&tile[0], &wsc[0], groups, &x[0], k, &xsc[0], &rs[0], &out[0])
-	case isaAVXVNNI:
-		gemm8x4AVXVNNI(&tile[0], &wsc[0], groups, &x[0], k, &xsc[0], &rs[0], &out[0])
-	case isaAVX2:
-		gemm8x4AVX2(&tile[0], &wsc[0], groups, &x[0], k, &xsc[0], &rs[0], &out[0])
+		gemm16x8AVX512(&tile[0], &wsc[0], groups, &x[0], k, &xsc[0], &rs[0], &out[0], outStride, tokens, 1<<rows-1)
+	case isaAVXVNNI, isaAVX2:
+		var lanes [8]int32
+		for r := 0; r < rows; r++ {
+			lanes[r] = -1
+		}
+		if i == isaAVXVNNI {
+			gemm8x4AVXVNNI(&tile[0], &wsc[0], groups, &x[0], k, &xsc[0], &rs[0], &out[0], outStride, tokens, &lanes[0])
+		} else {
+			gemm8x4AVX2(&tile[0], &wsc[0], groups, &x[0], k, &xsc[0], &rs[0], &out[0], outStride, tokens, &lanes[0])
+		}
 	}
 }
 

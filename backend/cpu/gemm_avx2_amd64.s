@@ -48,10 +48,11 @@ prep2:
 	VZEROUPPER
 	RET
 
-// func gemm8x4AVXVNNI(tile *byte, wsc *float32, groups int, x *int8, k int, xsc *uint32, rs *float32, out *float32)
+// func gemm8x4AVXVNNI(tile *byte, wsc *float32, groups int, x *int8, k int, xsc *uint32, rs *float32, out *float32, outStride, tokens int, lanes *int32)
 //
-// For 4 tokens and the 8 rows of tile, as gemm16x8AVX512.
-TEXT ·gemm8x4AVXVNNI(SB), NOSPLIT, $0-64
+// For 4 tokens and the 8 rows of tile, as gemm16x8AVX512; lanes is -1 for
+// the rows to store, 0 for the others.
+TEXT ·gemm8x4AVXVNNI(SB), NOSPLIT, $0-88
 	MOVQ tile+0(FP), SI
 	MOVQ wsc+8(FP), DI
 	MOVQ groups+16(FP), CX
@@ -393,22 +394,39 @@ gemm8x4AVXVNNIgroup:
 
 	MOVQ rs+48(FP), AX
 	VMOVUPS (AX), Y12
+	MOVQ lanes+80(FP), AX
+	VMOVDQU (AX), Y13                // -1 for the rows to store
 	MOVQ out+56(FP), AX
+	MOVQ outStride+64(FP), BX
+	SHLQ $2, BX
+	MOVQ tokens+72(FP), CX
 	VMULPS Y12, Y4, Y4
-	VMOVUPS Y4, 0(AX)
+	VMASKMOVPS Y4, Y13, (AX)
+	DECQ CX
+	JZ   vstored
+	ADDQ BX, AX
 	VMULPS Y12, Y5, Y5
-	VMOVUPS Y5, 32(AX)
+	VMASKMOVPS Y5, Y13, (AX)
+	DECQ CX
+	JZ   vstored
+	ADDQ BX, AX
 	VMULPS Y12, Y6, Y6
-	VMOVUPS Y6, 64(AX)
+	VMASKMOVPS Y6, Y13, (AX)
+	DECQ CX
+	JZ   vstored
+	ADDQ BX, AX
 	VMULPS Y12, Y7, Y7
-	VMOVUPS Y7, 96(AX)
+	VMASKMOVPS Y7, Y13, (AX)
+
+vstored:
 	VZEROUPPER
 	RET
 
-// func gemm8x4AVX2(tile *byte, wsc *float32, groups int, x *int8, k int, xsc *uint32, rs *float32, out *float32)
+// func gemm8x4AVX2(tile *byte, wsc *float32, groups int, x *int8, k int, xsc *uint32, rs *float32, out *float32, outStride, tokens int, lanes *int32)
 //
-// For 4 tokens and the 8 rows of tile, as gemm16x8AVX512.
-TEXT ·gemm8x4AVX2(SB), NOSPLIT, $0-64
+// For 4 tokens and the 8 rows of tile, as gemm16x8AVX512; lanes is -1 for
+// the rows to store, 0 for the others.
+TEXT ·gemm8x4AVX2(SB), NOSPLIT, $0-88
 	MOVQ tile+0(FP), SI
 	MOVQ wsc+8(FP), DI
 	MOVQ groups+16(FP), CX
@@ -942,15 +960,31 @@ gemm8x4AVX2group:
 
 	MOVQ rs+48(FP), AX
 	VMOVUPS (AX), Y12
+	MOVQ lanes+80(FP), AX
+	VMOVDQU (AX), Y13                // -1 for the rows to store
 	MOVQ out+56(FP), AX
+	MOVQ outStride+64(FP), BX
+	SHLQ $2, BX
+	MOVQ tokens+72(FP), CX
 	VMULPS Y12, Y4, Y4
-	VMOVUPS Y4, 0(AX)
+	VMASKMOVPS Y4, Y13, (AX)
+	DECQ CX
+	JZ   mstored
+	ADDQ BX, AX
 	VMULPS Y12, Y5, Y5
-	VMOVUPS Y5, 32(AX)
+	VMASKMOVPS Y5, Y13, (AX)
+	DECQ CX
+	JZ   mstored
+	ADDQ BX, AX
 	VMULPS Y12, Y6, Y6
-	VMOVUPS Y6, 64(AX)
+	VMASKMOVPS Y6, Y13, (AX)
+	DECQ CX
+	JZ   mstored
+	ADDQ BX, AX
 	VMULPS Y12, Y7, Y7
-	VMOVUPS Y7, 96(AX)
+	VMASKMOVPS Y7, Y13, (AX)
+
+mstored:
 	VZEROUPPER
 	RET
 

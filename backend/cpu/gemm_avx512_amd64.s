@@ -249,14 +249,15 @@ prep:
 	VZEROUPPER
 	RET
 
-// func gemm16x8AVX512(tile *byte, wsc *float32, groups int, x *int8, k int, xsc *uint32, rs *float32, out *float32)
+// func gemm16x8AVX512(tile *byte, wsc *float32, groups int, x *int8, k int, xsc *uint32, rs *float32, out *float32, outStride, tokens, rowMask int)
 //
 // For 8 tokens t (activations at x + t*k, each group even columns first)
-// and the 16 rows of tile: out[t*16+r] = rs[r] * sum_g dot_g(r, t) *
-// wsc[g*16+r] * xs(t, g). xsc holds per token and group the pair
+// and the 16 rows of tile: out[t*outStride+r] = rs[r] * sum_g dot_g(r, t) *
+// wsc[g*16+r] * xs(t, g), stored for the first tokens tokens and the rows
+// set in rowMask only. xsc holds per token and group the pair
 // (xs as float32 bits, -12*sum of the group's activations), groups pairs
 // per token.
-TEXT ·gemm16x8AVX512(SB), NOSPLIT, $0-64
+TEXT ·gemm16x8AVX512(SB), NOSPLIT, $0-88
 	MOVQ tile+0(FP), SI
 	MOVQ wsc+8(FP), DI
 	MOVQ groups+16(FP), CX
@@ -633,23 +634,51 @@ group:
 
 	MOVQ rs+48(FP), AX
 	VMOVUPS (AX), Z26
+	MOVQ rowMask+80(FP), AX
+	KMOVW AX, K1
 	MOVQ out+56(FP), AX
+	MOVQ outStride+64(FP), BX
+	SHLQ $2, BX
+	MOVQ tokens+72(FP), CX
 	VMULPS Z26, Z16, Z16
-	VMOVUPS Z16, 0(AX)
+	VMOVUPS Z16, K1, (AX)
+	DECQ CX
+	JZ   stored
+	ADDQ BX, AX
 	VMULPS Z26, Z17, Z17
-	VMOVUPS Z17, 64(AX)
+	VMOVUPS Z17, K1, (AX)
+	DECQ CX
+	JZ   stored
+	ADDQ BX, AX
 	VMULPS Z26, Z18, Z18
-	VMOVUPS Z18, 128(AX)
+	VMOVUPS Z18, K1, (AX)
+	DECQ CX
+	JZ   stored
+	ADDQ BX, AX
 	VMULPS Z26, Z19, Z19
-	VMOVUPS Z19, 192(AX)
+	VMOVUPS Z19, K1, (AX)
+	DECQ CX
+	JZ   stored
+	ADDQ BX, AX
 	VMULPS Z26, Z20, Z20
-	VMOVUPS Z20, 256(AX)
+	VMOVUPS Z20, K1, (AX)
+	DECQ CX
+	JZ   stored
+	ADDQ BX, AX
 	VMULPS Z26, Z21, Z21
-	VMOVUPS Z21, 320(AX)
+	VMOVUPS Z21, K1, (AX)
+	DECQ CX
+	JZ   stored
+	ADDQ BX, AX
 	VMULPS Z26, Z22, Z22
-	VMOVUPS Z22, 384(AX)
+	VMOVUPS Z22, K1, (AX)
+	DECQ CX
+	JZ   stored
+	ADDQ BX, AX
 	VMULPS Z26, Z23, Z23
-	VMOVUPS Z23, 448(AX)
+	VMOVUPS Z23, K1, (AX)
+
+stored:
 	VZEROUPPER
 	RET
 

@@ -132,19 +132,44 @@ func (b *Backend) moeByExpert(d, xm *mat, rt *routing, experts []backend.Expert)
 			byExpert[e] = append(byExpert[e], use{t, ws[k]})
 		}
 	}
+	// The int8 path quantizes the tokens once for every expert's gate and
+	// up products, rather than twice per expert.
+	var acts *qacts
+	for e, ex := range experts {
+		if len(byExpert[e]) == 0 {
+			continue
+		}
+		if g, ok := ex.Gate.(*quant); ok && !b.floatActs && g.m.K == xm.cols {
+			acts = b.quantizeActivations(xm, g.m.GroupSize)
+		}
+		break
+	}
 	for e, uses := range byExpert {
 		if len(uses) == 0 {
 			continue
 		}
 		ex := experts[e]
-		in := asMat(b.NewTensor(len(uses), xm.cols))
-		for i, u := range uses {
-			copy(in.row(i), xm.row(u.token))
-		}
 		inter := ex.Gate.Rows()
 		gate, up := b.NewTensor(len(uses), inter), b.NewTensor(len(uses), inter)
-		b.MatMul(gate, in, ex.Gate)
-		b.MatMul(up, in, ex.Up)
+		gq, ok1 := ex.Gate.(*quant)
+		uq, ok2 := ex.Up.(*quant)
+		if acts != nil && ok1 && ok2 && gq.m.GroupSize == acts.g && uq.m.GroupSize == acts.g &&
+			gq.m.K == xm.cols && uq.m.K == xm.cols && uq.m.N == inter {
+			tokens := make([]int, len(uses))
+			for i, u := range uses {
+				tokens[i] = u.token
+			}
+			a := acts.gather(tokens)
+			b.matMulQuantActs(asMat(gate), a, gq.m)
+			b.matMulQuantActs(asMat(up), a, uq.m)
+		} else {
+			in := asMat(b.NewTensor(len(uses), xm.cols))
+			for i, u := range uses {
+				copy(in.row(i), xm.row(u.token))
+			}
+			b.MatMul(gate, in, ex.Gate)
+			b.MatMul(up, in, ex.Up)
+		}
 		b.SwiGLU(gate, gate, up)
 		out := b.NewTensor(len(uses), xm.cols)
 		b.MatMul(out, gate, ex.Down)

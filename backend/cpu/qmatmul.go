@@ -26,6 +26,19 @@ func (a *qacts) row(t int) ([]int8, []float32, []int32) {
 	return a.q[t*a.k : (t+1)*a.k], a.s[t*a.groups : (t+1)*a.groups], a.sum[t*a.groups : (t+1)*a.groups]
 }
 
+// gather returns the rows of a listed in rows, in that order.
+func (a *qacts) gather(rows []int) *qacts {
+	g := newQActs(len(rows), a.k, a.g)
+	for i, t := range rows {
+		q, s, sum := a.row(t)
+		gq, gs, gsum := g.row(i)
+		copy(gq, q)
+		copy(gs, s)
+		copy(gsum, sum)
+	}
+	return g
+}
+
 // quantizeActivations quantizes every row of x, split over rows.
 func (b *Backend) quantizeActivations(x *mat, group int) *qacts {
 	a := newQActs(x.rows, x.cols, group)
@@ -88,8 +101,12 @@ func quantizeRowGo(row []float32, group int, q []int8, scales []float32, sums []
 // codes times int8 activations sum exactly in int32, and the group's float
 // scale row_scale * e4m3(s) * x_scale / 2 is applied once.
 func (b *Backend) matMulQuantInt8(d, xm *mat, w *quant) {
-	m := w.m
-	a := b.quantizeActivations(xm, m.GroupSize)
+	b.matMulQuantActs(d, b.quantizeActivations(xm, w.m.GroupSize), w.m)
+}
+
+// matMulQuantActs is matMulQuantInt8 on activations already quantized with
+// m's group size.
+func (b *Backend) matMulQuantActs(d *mat, a *qacts, m *format.Matrix) {
 	if b.gemmInt8(d, a, m) {
 		return
 	}
