@@ -144,13 +144,30 @@ func (b *Backend) moeByExpert(d, xm *mat, rt *routing, experts []backend.Expert)
 		}
 		break
 	}
+	// The experts' inputs and outputs are temporaries of this op: they come
+	// from one pooled buffer rather than the step's arena, which keeps
+	// every tensor of every layer until the next step.
+	most, inter := 0, 0
+	for e, uses := range byExpert {
+		if len(uses) > 0 {
+			most, inter = max(most, len(uses)), max(inter, experts[e].Gate.Rows())
+		}
+	}
+	bp := getFloats(most * (2*xm.cols + 2*inter))
+	defer floatBufs.Put(bp)
+	scratch := *bp
+	view := func(off, rows, cols int) *mat {
+		s := scratch[off : off+rows*cols]
+		clear(s)
+		return &mat{rows: rows, cols: cols, stride: cols, data: s}
+	}
 	for e, uses := range byExpert {
 		if len(uses) == 0 {
 			continue
 		}
 		ex := experts[e]
 		inter := ex.Gate.Rows()
-		gate, up := b.NewTensor(len(uses), inter), b.NewTensor(len(uses), inter)
+		gate, up := view(most*xm.cols, len(uses), inter), view(most*(xm.cols+inter), len(uses), inter)
 		gq, ok1 := ex.Gate.(*quant)
 		uq, ok2 := ex.Up.(*quant)
 		if acts != nil && ok1 && ok2 && gq.m.GroupSize == acts.g && uq.m.GroupSize == acts.g &&
@@ -160,10 +177,10 @@ func (b *Backend) moeByExpert(d, xm *mat, rt *routing, experts []backend.Expert)
 				tokens[i] = u.token
 			}
 			a := acts.gather(tokens)
-			b.matMulQuantActs(asMat(gate), a, gq.m)
-			b.matMulQuantActs(asMat(up), a, uq.m)
+			b.matMulQuantActs(gate, a, gq.m)
+			b.matMulQuantActs(up, a, uq.m)
 		} else {
-			in := asMat(b.NewTensor(len(uses), xm.cols))
+			in := view(0, len(uses), xm.cols)
 			for i, u := range uses {
 				copy(in.row(i), xm.row(u.token))
 			}
@@ -171,11 +188,10 @@ func (b *Backend) moeByExpert(d, xm *mat, rt *routing, experts []backend.Expert)
 			b.MatMul(up, in, ex.Up)
 		}
 		b.SwiGLU(gate, gate, up)
-		out := b.NewTensor(len(uses), xm.cols)
+		out := view(most*(xm.cols+2*inter), len(uses), xm.cols)
 		b.MatMul(out, gate, ex.Down)
-		om := asMat(out)
 		for i, u := range uses {
-			axpy(d.row(u.token), u.weight, om.row(i))
+			axpy(d.row(u.token), u.weight, out.row(i))
 		}
 	}
 }
