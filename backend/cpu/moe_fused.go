@@ -90,8 +90,10 @@ func (b *Backend) moeFused(d, xm *mat, rt *routing, experts []backend.Expert) bo
 		}
 	})
 
+	// About 256 KB of codes per item, 64 KB per expert at top-4: longer
+	// runs stream faster (21-23 GB/s at 15 KB per expert, 27-32 at 64 KB).
 	N := d.cols
-	grain := max(4, (65536/len(slots)/max(inter/2, 1))&^3)
+	grain := max(4, (262144/len(slots)/max(inter/2, 1))&^3)
 	b.workers.run(N, grain, func(lo, hi int) {
 		out := make([]float32, hi-lo)
 		for si := range slots {
