@@ -87,7 +87,7 @@ func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, layer int, s backend.MLAS
 	// Per (row, chunk): the unnormalised output, and per head the maximum
 	// score and the sum of exponentials.
 	bp := getFloats(T * chunks * H * (r + 2))
-	defer floatBufs.Put(bp)
+	defer floatBufs.put(bp)
 	outs := (*bp)[:T*chunks*H*r]
 	ms := (*bp)[T*chunks*H*r : T*chunks*H*(r+1)]
 	ls := (*bp)[T*chunks*H*(r+1):]
@@ -118,7 +118,7 @@ func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, layer int, s backend.MLAS
 			b.attendSpans(outs[item*H*r:(item+1)*H*r], ql.row(t), qm.row(t), sp, j1-j0, s, scale,
 				ms[item*H:(item+1)*H], ls[item*H:(item+1)*H])
 			if buf != nil {
-				floatBufs.Put(buf)
+				floatBufs.put(buf)
 			}
 		}
 	})
@@ -160,7 +160,7 @@ func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, layer int, s backend.MLAS
 func (b *Backend) attendSpans(out, qrow, qmrow []float32, sp []span, P int, s backend.MLAShape, scale float32, m, l []float32) {
 	H, r, dr, qk := s.Heads, s.Rank, s.RopeDim, s.NopeDim+s.RopeDim
 	bp := getFloats(H * P)
-	defer floatBufs.Put(bp)
+	defer floatBufs.put(bp)
 	sc := *bp
 	fused := hasHeadKernels(b.isa, r, dr) // all heads in one call per 4 positions
 	base := sp[0].j0

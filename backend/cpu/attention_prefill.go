@@ -36,7 +36,7 @@ func (b *Backend) latentAttentionPrefill(om, ql, qm *mat, layer int, seq *backen
 	// The sequence's cache as one float32 matrix [P][D] (latent, then
 	// k_pe), and transposed, [D][P64] with zeros beyond P.
 	cp := getFloats(P * D)
-	defer floatBufs.Put(cp)
+	defer floatBufs.put(cp)
 	cc := *cp
 	for _, x := range b.spans(p, layer, seq, 0, P, cc, nil) {
 		if &x.data[0] != &cc[x.j0*D] {
@@ -44,7 +44,7 @@ func (b *Backend) latentAttentionPrefill(om, ql, qm *mat, layer int, seq *backen
 		}
 	}
 	ctp := getFloats(D * P64)
-	defer floatBufs.Put(ctp)
+	defer floatBufs.put(ctp)
 	ct := *ctp
 	b.workers.run(D, 16, func(lo, hi int) {
 		for d := lo; d < hi; d++ {
@@ -120,9 +120,9 @@ func (b *Backend) latentAttentionPrefill(om, ql, qm *mat, layer int, seq *backen
 					}
 				}
 			}
-			floatBufs.Put(qp)
-			floatBufs.Put(sp)
-			floatBufs.Put(op)
+			floatBufs.put(qp)
+			floatBufs.put(sp)
+			floatBufs.put(op)
 		}
 	})
 	return true

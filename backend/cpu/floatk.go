@@ -11,32 +11,36 @@ import (
 // multiply-adds, other summation orders, a polynomial exp), so their tests
 // hold them to derived bounds instead of equality.
 
-// floatBufs recycles scratch buffers of float32 (getFloats), one pool per
-// power-of-two size so that a request is not handed a smaller buffer to
-// throw away: a fresh allocation of a few hundred KB comes from new pages
-// of memory, and faulting those in can cost more than the work done in
-// them.
-var floatBufs floatPools
+// slicePool recycles scratch slices, one pool per power-of-two capacity so
+// that a request is not handed a smaller slice to throw away: a fresh
+// allocation of a few hundred KB comes from new pages of memory (or must
+// be zeroed), and that can cost more than the work done in it.
+type slicePool[T any] [40]sync.Pool
 
-type floatPools [40]sync.Pool
-
-// getFloats returns a pooled buffer of n floats (not zeroed); give it back
-// with floatBufs.Put.
-func getFloats(n int) *[]float32 {
+// get returns a pooled slice of n elements, not zeroed; give it back with
+// put.
+func (p *slicePool[T]) get(n int) *[]T {
 	class := bits.Len(uint(max(n, 1) - 1))
-	bp, _ := floatBufs[class].Get().(*[]float32)
+	bp, _ := p[class].Get().(*[]T)
 	if bp == nil {
-		buf := make([]float32, 1<<class)
+		buf := make([]T, 1<<class)
 		bp = &buf
 	}
 	*bp = (*bp)[:n]
 	return bp
 }
 
-// Put returns a buffer from getFloats.
-func (p *floatPools) Put(bp *[]float32) {
-	p[bits.Len(uint(cap(*bp)-1))].Put(bp)
-}
+func (p *slicePool[T]) put(bp *[]T) { p[bits.Len(uint(cap(*bp)-1))].Put(bp) }
+
+var (
+	floatBufs slicePool[float32]
+	int8Bufs  slicePool[int8]
+	int32Bufs slicePool[int32]
+	uint32Buf slicePool[uint32]
+)
+
+// getFloats is floatBufs.get.
+func getFloats(n int) *[]float32 { return floatBufs.get(n) }
 
 // dotF32 is sum_k a[k]*b[k] over len(a).
 func (b *Backend) dotF32(x, y []float32) float32 {

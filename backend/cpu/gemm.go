@@ -35,10 +35,16 @@ func (b *Backend) gemmInt8(d *mat, a *qacts, m *format.Matrix) bool {
 	// interleave each group's scale with its bias correction.
 	xq := a.q
 	if Tp != T {
-		xq = make([]int8, Tp*K)
-		copy(xq, a.q)
+		xp := int8Bufs.get(Tp * K)
+		defer int8Bufs.put(xp)
+		xq = *xp
+		copy(xq, a.q[:T*K])
+		clear(xq[T*K:])
 	}
-	xsc := make([]uint32, 2*Tp*groups)
+	xp := uint32Buf.get(2 * Tp * groups)
+	defer uint32Buf.put(xp)
+	xsc := *xp
+	clear(xsc[2*T*groups:])
 	for i := 0; i < T*groups; i++ {
 		xsc[2*i] = math.Float32bits(a.s[i])
 		xsc[2*i+1] = uint32(-12 * a.sum[i])

@@ -141,6 +141,7 @@ func (b *Backend) moeByExpert(d, xm *mat, rt *routing, experts []backend.Expert)
 		}
 		if g, ok := ex.Gate.(*quant); ok && !b.floatActs && g.m.K == xm.cols {
 			acts = b.quantizeActivations(xm, g.m.GroupSize)
+			defer acts.release()
 		}
 		break
 	}
@@ -154,7 +155,7 @@ func (b *Backend) moeByExpert(d, xm *mat, rt *routing, experts []backend.Expert)
 		}
 	}
 	bp := getFloats(most * (2*xm.cols + 2*inter))
-	defer floatBufs.Put(bp)
+	defer floatBufs.put(bp)
 	scratch := *bp
 	view := func(off, rows, cols int) *mat {
 		s := scratch[off : off+rows*cols]
@@ -179,6 +180,7 @@ func (b *Backend) moeByExpert(d, xm *mat, rt *routing, experts []backend.Expert)
 			a := acts.gather(tokens)
 			b.matMulQuantActs(gate, a, gq.m)
 			b.matMulQuantActs(up, a, uq.m)
+			a.release()
 		} else {
 			in := view(0, len(uses), xm.cols)
 			for i, u := range uses {

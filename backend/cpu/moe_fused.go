@@ -75,8 +75,10 @@ func (b *Backend) moeFused(d, xm *mat, rt *routing, experts []backend.Expert) bo
 	}
 
 	a := b.quantizeActivations(xm, 128)
+	defer a.release()
 	blocks := inter / 128
-	h := newQActs(len(slots), inter, 128)
+	h := pooledQActs(len(slots), inter, 128)
+	defer h.release()
 	b.workers.run(len(slots)*blocks, 1, func(lo, hi int) {
 		var gate, up, act [128]float32
 		for item := lo; item < hi; item++ {

@@ -13,6 +13,10 @@ type qacts struct {
 	q                  []int8    // [rows][k]
 	s                  []float32 // [rows][groups]: amax/127
 	sum                []int32   // [rows][groups]: sum of the group's int8 values
+
+	qp   *[]int8 // pooled backing of q, s, sum (pooledQActs)
+	sp   *[]float32
+	sump *[]int32
 }
 
 func newQActs(rows, k, g int) *qacts {
@@ -21,14 +25,35 @@ func newQActs(rows, k, g int) *qacts {
 		q: make([]int8, rows*k), s: make([]float32, rows*groups), sum: make([]int32, rows*groups)}
 }
 
+// pooledQActs is newQActs on pooled buffers (not zeroed: every row must be
+// written); release gives them back.
+func pooledQActs(rows, k, g int) *qacts {
+	groups := k / g
+	a := &qacts{rows: rows, k: k, g: g, groups: groups,
+		qp: int8Bufs.get(rows * k), sp: floatBufs.get(rows * groups), sump: int32Bufs.get(rows * groups)}
+	a.q, a.s, a.sum = *a.qp, *a.sp, *a.sump
+	return a
+}
+
+// release returns a pooledQActs's buffers; a must not be used after.
+func (a *qacts) release() {
+	if a.qp != nil {
+		int8Bufs.put(a.qp)
+		floatBufs.put(a.sp)
+		int32Bufs.put(a.sump)
+		a.qp, a.sp, a.sump, a.q, a.s, a.sum = nil, nil, nil, nil, nil, nil
+	}
+}
+
 // row returns token t's values, scales and sums.
 func (a *qacts) row(t int) ([]int8, []float32, []int32) {
 	return a.q[t*a.k : (t+1)*a.k], a.s[t*a.groups : (t+1)*a.groups], a.sum[t*a.groups : (t+1)*a.groups]
 }
 
-// gather returns the rows of a listed in rows, in that order.
+// gather returns the rows of a listed in rows, in that order, in pooled
+// buffers.
 func (a *qacts) gather(rows []int) *qacts {
-	g := newQActs(len(rows), a.k, a.g)
+	g := pooledQActs(len(rows), a.k, a.g)
 	for i, t := range rows {
 		q, s, sum := a.row(t)
 		gq, gs, gsum := g.row(i)
@@ -39,9 +64,10 @@ func (a *qacts) gather(rows []int) *qacts {
 	return g
 }
 
-// quantizeActivations quantizes every row of x, split over rows.
+// quantizeActivations quantizes every row of x, split over rows, into
+// pooled buffers (release them when done).
 func (b *Backend) quantizeActivations(x *mat, group int) *qacts {
-	a := newQActs(x.rows, x.cols, group)
+	a := pooledQActs(x.rows, x.cols, group)
 	b.workers.run(x.rows, max(1, 32768/max(x.cols, 1)), func(lo, hi int) {
 		for t := lo; t < hi; t++ {
 			q, s, sum := a.row(t)
@@ -101,7 +127,9 @@ func quantizeRowGo(row []float32, group int, q []int8, scales []float32, sums []
 // codes times int8 activations sum exactly in int32, and the group's float
 // scale row_scale * e4m3(s) * x_scale / 2 is applied once.
 func (b *Backend) matMulQuantInt8(d, xm *mat, w *quant) {
-	b.matMulQuantActs(d, b.quantizeActivations(xm, w.m.GroupSize), w.m)
+	a := b.quantizeActivations(xm, w.m.GroupSize)
+	b.matMulQuantActs(d, a, w.m)
+	a.release()
 }
 
 // matMulQuantActs is matMulQuantInt8 on activations already quantized with
