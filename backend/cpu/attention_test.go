@@ -187,7 +187,7 @@ func TestAbsorbQueryMatchesGo(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		for _, T := range []int{1, 3} {
+		for _, T := range []int{1, 3, 17, 22} { // from 16 rows: the matrix-product path
 			q := b.NewTensor(T, s.Heads*(s.NopeDim+s.RopeDim))
 			b.Upload(q, randMat(r, T*s.Heads*(s.NopeDim+s.RopeDim), 1))
 			got, want := b.NewTensor(T, s.Heads*s.Rank), ref.NewTensor(T, s.Heads*s.Rank)

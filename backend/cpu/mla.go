@@ -58,6 +58,9 @@ func (b *Backend) AbsorbQuery(qlat, q backend.Tensor, wUK backend.Weight, s back
 // accumulated in the de-interleaved order of axpyCodes and put back in
 // column order at the end.
 func (b *Backend) absorbQueryQuant(ql, qm *mat, w *quant, s backend.MLAShape) {
+	if b.absorbQueryGemm(ql, qm, w, s) {
+		return
+	}
 	m, G, groups := w.m, w.m.GroupSize, w.groups
 	b.parallel(s.Heads, func(lo, hi int) {
 		acc := make([]float32, s.Rank)

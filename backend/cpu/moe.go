@@ -33,9 +33,9 @@ func (b *Backend) Route(logits backend.Tensor, bias backend.Weight, cfg backend.
 		return &routing{topK: max(cfg.TopK, 1)}
 	}
 	r := &routing{topK: cfg.TopK, experts: make([]int, lm.rows*cfg.TopK), weights: make([]float32, lm.rows*cfg.TopK)}
-	for t := 0; t < lm.rows; t++ {
+	b.rows(lm.rows, 64*lm.cols, func(t int) {
 		SelectExperts(lm.row(t), bv, cfg, r.experts[t*cfg.TopK:(t+1)*cfg.TopK], r.weights[t*cfg.TopK:(t+1)*cfg.TopK])
-	}
+	})
 	return r
 }
 

@@ -15,7 +15,7 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 		b.badShape("rmsnorm in", [2]int{xm.rows, xm.cols}, [2]int{d.rows, d.cols}) {
 		return
 	}
-	for t := 0; t < xm.rows; t++ {
+	b.rows(xm.rows, xm.cols, func(t int) {
 		in, out := xm.row(t), d.row(t)
 		var ss float64
 		if b.isa != isaGo {
@@ -29,7 +29,23 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 		for i, v := range in {
 			out[i] = g[i] * (v * inv)
 		}
+	})
+}
+
+// rows calls fn for each row in [0, n); a batch of many rows of cols values
+// is split over the threads.
+func (b *Backend) rows(n, cols int, fn func(t int)) {
+	if n*cols < 1<<16 {
+		for t := 0; t < n; t++ {
+			fn(t)
+		}
+		return
 	}
+	b.parallel(n, func(lo, hi int) {
+		for t := lo; t < hi; t++ {
+			fn(t)
+		}
+	})
 }
 
 // RoPE rotates the rotary dims of each head in place, row t by the batch
@@ -45,10 +61,15 @@ func (b *Backend) RoPE(x backend.Tensor, heads, headStride, offset, dim int, the
 		return
 	}
 	half := dim / 2
-	cos := make([]float32, half)
-	sin := make([]float32, half)
 	freq := ropeFrequencies(theta, dim)
-	for t := 0; t < m.rows; t++ {
+	b.rows(m.rows, 32*heads*half, func(t int) {
+		var buf [2 * 128]float32
+		var cos, sin []float32
+		if half <= 128 {
+			cos, sin = buf[:half], buf[128:128+half]
+		} else {
+			cos, sin = make([]float32, half), make([]float32, half)
+		}
 		pos := float64(b.batch.Positions[t])
 		for i := 0; i < half; i++ {
 			// The angle is computed in float64: float32 holds pos * inv_freq
@@ -70,7 +91,7 @@ func (b *Backend) RoPE(x backend.Tensor, heads, headStride, offset, dim int, the
 				v[c] = x1*cos[i] + x0*sin[i]
 			}
 		}
-	}
+	})
 }
 
 // ropeCache holds the frequencies of each (theta, dim) seen.
@@ -100,12 +121,12 @@ func (b *Backend) Add(dst, a, c backend.Tensor) {
 		b.badShape("add", [2]int{cm.rows, cm.cols}, [2]int{d.rows, d.cols}) {
 		return
 	}
-	for t := 0; t < d.rows; t++ {
+	b.rows(d.rows, d.cols, func(t int) {
 		dr, ar, cr := d.row(t), am.row(t), cm.row(t)
 		for i := range dr {
 			dr[i] = ar[i] + cr[i]
 		}
-	}
+	})
 }
 
 func silu(x float32) float32 {
@@ -119,9 +140,9 @@ func (b *Backend) SwiGLU(dst, gate, up backend.Tensor) {
 		b.badShape("swiglu", [2]int{um.rows, um.cols}, [2]int{d.rows, d.cols}) {
 		return
 	}
-	for t := 0; t < d.rows; t++ {
+	b.rows(d.rows, d.cols, func(t int) {
 		b.siluMulF32(d.row(t), gm.row(t), um.row(t))
-	}
+	})
 }
 
 // SelectOutputs gathers the batch's output rows of x into dst.

@@ -62,3 +62,68 @@ func (b *Backend) absorbRows4(acc, qrow []float32, m *format.Matrix, h int, s ba
 	}
 	return i
 }
+
+// absorbQueryGemm is absorbQueryQuant for a batch of many rows (prefill):
+// each head's W_UK block is widened once to float32 (through the codes-axpy
+// kernel, then put in column order), and qlat[t,h] = q_nope[t,h] W_UK[h]
+// runs as a matrix product on the 4x64 kernel, instead of widening the
+// block's codes again for every row. It reports false where it does not
+// apply.
+func (b *Backend) absorbQueryGemm(ql, qm *mat, w *quant, s backend.MLAShape) bool {
+	m, r, dn, qk := w.m, s.Rank, s.NopeDim, s.NopeDim+s.RopeDim
+	T := ql.rows
+	if !hasSgemm(b.isa) || T < attnPrefillMinTokens || r%64 != 0 || m.GroupSize != 128 {
+		return false
+	}
+	G, groups := m.GroupSize, m.K/m.GroupSize
+	b.workers.run(s.Heads, 1, func(lo, hi int) {
+		wp := getFloats(dn * r)
+		defer floatBufs.put(wp)
+		wd := *wp // W_UK[h] as float32 [dn][r], column order
+		acc := make([]float32, r)
+		coef := make([]float32, groups)
+		pad := getFloats(4 * dn)
+		defer floatBufs.put(pad)
+		for h := lo; h < hi; h++ {
+			for i := 0; i < dn; i++ {
+				n := h*dn + i
+				for g, sc := range m.Scales[n*groups : (n+1)*groups] {
+					coef[g] = m.RowScale[n] * 0.5 * e4m3Table[sc]
+				}
+				clear(acc)
+				b.axpyCodes(acc, m.Codes[n*m.K/2:(n+1)*m.K/2], coef, G)
+				row := wd[i*r : (i+1)*r]
+				for g := 0; g < groups; g++ {
+					for k := 0; k < G/2; k++ {
+						row[g*G+2*k] = acc[g*G+k]
+						row[g*G+2*k+1] = acc[g*G+G/2+k]
+					}
+				}
+			}
+			for t := 0; t < T; t += 4 {
+				a, aStride, c, cStride := qm.data[t*qm.stride+h*qk:], qm.stride, ql.data[t*ql.stride+h*r:], ql.stride
+				if t+4 > T { // the last rows through a padded copy
+					p := *pad
+					clear(p)
+					for j := 0; j < T-t; j++ {
+						copy(p[j*dn:(j+1)*dn], qm.row(t + j)[h*qk:h*qk+dn])
+					}
+					a, aStride = p, dn
+					out := getFloats(4 * r)
+					for db := 0; db < r; db += 64 {
+						sgemm4x64(a, aStride, wd[db:], r, dn, (*out)[db:], r)
+					}
+					for j := 0; j < T-t; j++ {
+						copy(ql.row(t + j)[h*r:(h+1)*r], (*out)[j*r:(j+1)*r])
+					}
+					floatBufs.put(out)
+					continue
+				}
+				for db := 0; db < r; db += 64 {
+					sgemm4x64(a, aStride, wd[db:], r, dn, c[db:], cStride)
+				}
+			}
+		}
+	})
+	return true
+}

@@ -98,8 +98,8 @@ func (b *timedBackend) Download(src backend.Tensor) []float32 {
 	return b.Backend.Download(src)
 }
 
-// BenchmarkDecodeStepBreakdown decodes like BenchmarkDecodeStep (AVX-512 or
-// the best family here) and prints, for the fastest of its steps, the wall
+// BenchmarkDecodeStepBreakdown decodes like BenchmarkDecodeStep (the
+// default kernel family) and prints, for the fastest of its steps, the wall
 // time of each op: the per-step profile of a decode at real shapes.
 func BenchmarkDecodeStepBreakdown(b *testing.B) {
 	benchmode.Check(b)
@@ -112,17 +112,48 @@ func BenchmarkDecodeStepBreakdown(b *testing.B) {
 		b.Fatal(err)
 	}
 	fillCache(tb, m, s, ctx)
+	breakdown(b, tb, fmt.Sprintf("decode, %d layers, ctx %d", layers, ctx), func(i int) {
+		s.Pos = ctx
+		if _, err := m.ForwardSeq(s, []int{i % c.VocabSize}, false); err != nil {
+			b.Fatal(err)
+		}
+	})
+}
+
+// BenchmarkPrefillBreakdown is BenchmarkDecodeStepBreakdown for a prompt of
+// 512 tokens.
+func BenchmarkPrefillBreakdown(b *testing.B) {
+	benchmode.Check(b)
+	const layers, T = 4, 512
+	c := glmFlashConfig(layers)
+	tb := &timedBackend{Backend: cpu.New(cpu.Options{}), spent: map[string]time.Duration{}, calls: map[string]int{}}
+	m := synthModel(b, tb, c, 1)
+	ids := make([]int, T)
+	for i := range ids {
+		ids[i] = (i * 7919) % c.VocabSize
+	}
+	breakdown(b, tb, fmt.Sprintf("prefill of %d tokens, %d layers", T, layers), func(int) {
+		s, err := m.NewState(T, backend.CacheBF16)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := m.ForwardSeq(s, ids, false); err != nil {
+			b.Fatal(err)
+		}
+	})
+}
+
+// breakdown runs step b.N+1 times (the first one warms the backend's
+// arena) and prints the ops' wall times of the fastest run.
+func breakdown(b *testing.B, tb *timedBackend, what string, step func(i int)) {
 	var best map[string]time.Duration
 	bestTotal := time.Duration(math.MaxInt64)
 	var calls map[string]int
 	b.ResetTimer()
 	for i := 0; i <= b.N; i++ {
 		tb.spent, tb.calls = map[string]time.Duration{}, map[string]int{}
-		s.Pos = ctx
 		t0 := time.Now()
-		if _, err := m.ForwardSeq(s, []int{i % c.VocabSize}, false); err != nil {
-			b.Fatal(err)
-		}
+		step(i)
 		if d := time.Since(t0); i > 0 && d < bestTotal {
 			bestTotal, best, calls = d, tb.spent, tb.calls
 		}
@@ -135,10 +166,10 @@ func BenchmarkDecodeStepBreakdown(b *testing.B) {
 	}
 	sort.Slice(keys, func(i, j int) bool { return best[keys[i]] > best[keys[j]] })
 	var w strings.Builder
-	fmt.Fprintf(&w, "fastest step %.2f ms (%s, %d layers, ctx %d):\n", bestTotal.Seconds()*1e3, tb.Name(), layers, ctx)
+	fmt.Fprintf(&w, "fastest %s: %.2f ms (%s):\n", what, bestTotal.Seconds()*1e3, tb.Name())
 	for _, k := range keys {
-		fmt.Fprintf(&w, "  %-32s %3d calls %7.3f ms %5.1f%%\n", k, calls[k], best[k].Seconds()*1e3, 100*best[k].Seconds()/bestTotal.Seconds())
+		fmt.Fprintf(&w, "  %-32s %3d calls %8.3f ms %5.1f%%\n", k, calls[k], best[k].Seconds()*1e3, 100*best[k].Seconds()/bestTotal.Seconds())
 	}
-	fmt.Fprintf(&w, "  %-32s           %7.3f ms %5.1f%%\n", "(between ops)", (bestTotal-inOps).Seconds()*1e3, 100*(bestTotal-inOps).Seconds()/bestTotal.Seconds())
+	fmt.Fprintf(&w, "  %-32s           %8.3f ms %5.1f%%\n", "(between ops)", (bestTotal-inOps).Seconds()*1e3, 100*(bestTotal-inOps).Seconds()/bestTotal.Seconds())
 	fmt.Fprint(os.Stderr, w.String())
 }
