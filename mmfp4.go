@@ -34,11 +34,16 @@ type Options struct {
 	// DebugNaN checks every intermediate tensor and names the first layer and
 	// tensor that produce a NaN or Inf.
 	DebugNaN bool
+	// OnRoute, if set, is called by each MoE layer, in layer order, with the
+	// experts chosen for every token of the pass (TopK ids per token); for
+	// statistics such as expert usage. It must not keep the slice.
+	OnRoute func(experts []int)
 }
 
 // Model is a loaded model, ready to generate.
 type Model struct {
 	net        *glm4moelite.Model
+	cpu        *cpu.Backend
 	maxContext int
 	eos        []int
 	// Tokenizer is the model's tokenizer, or nil when the directory has no
@@ -51,7 +56,7 @@ type Model struct {
 // Load reads a model directory. Tokenizer files are not needed.
 func Load(dir string, opts Options) (*Model, error) {
 	start := time.Now()
-	b := cpu.New(cpu.Options{Threads: opts.Threads, FloatActivations: opts.FloatActivations})
+	b := cpu.New(cpu.Options{Threads: opts.Threads, FloatActivations: opts.FloatActivations, OnRoute: opts.OnRoute})
 	net, err := glm4moelite.Load(dir, b, glm4moelite.LoadOptions{})
 	if err != nil {
 		return nil, err
@@ -59,6 +64,7 @@ func Load(dir string, opts Options) (*Model, error) {
 	net.DebugNaN = opts.DebugNaN
 	ctxLen := opts.MaxContext
 	if mp := net.Config.MaxPositions; ctxLen < 0 || (mp > 0 && ctxLen > mp) {
+		net.Close()
 		return nil, fmt.Errorf("context of %d tokens: want 0 (default) to max_position_embeddings (%d)", ctxLen, mp)
 	}
 	if ctxLen == 0 {
@@ -69,11 +75,13 @@ func Load(dir string, opts Options) (*Model, error) {
 	}
 	eos, err := generationEOS(dir)
 	if err != nil {
+		net.Close()
 		return nil, err
 	}
 	var tok *tokenizer.Tokenizer
 	if _, err := os.Stat(filepath.Join(dir, "tokenizer.json")); err == nil {
 		if tok, err = tokenizer.Load(dir); err != nil {
+			net.Close()
 			return nil, err
 		}
 		if eos == nil {
@@ -83,8 +91,16 @@ func Load(dir string, opts Options) (*Model, error) {
 	if eos == nil {
 		eos = net.Config.EOSTokenIDs
 	}
-	return &Model{net: net, maxContext: ctxLen, eos: eos, Tokenizer: tok, LoadTime: time.Since(start)}, nil
+	return &Model{net: net, cpu: b, maxContext: ctxLen, eos: eos, Tokenizer: tok, LoadTime: time.Since(start)}, nil
 }
+
+// Close unmaps the weight files. The model must not be used afterwards.
+func (m *Model) Close() error { return m.net.Close() }
+
+// BytesRead is the number of bytes of weights and KV cache the model's ops
+// have read so far (see cpu.Backend.BytesRead); the difference over a
+// decode step is that step's memory traffic, the numerator of the roofline.
+func (m *Model) BytesRead() int64 { return m.cpu.BytesRead() }
 
 // ErrNoTokenizer is returned for text input when the model directory has no
 // tokenizer files.

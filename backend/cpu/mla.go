@@ -56,6 +56,7 @@ func (b *Backend) AbsorbQuery(qlat, q backend.Tensor, kvB backend.Weight, s back
 	checkShape("absorb out", [2]int{ql.rows, ql.cols}, [2]int{qm.rows, s.Heads * s.Rank})
 	checkShape("absorb in", [2]int{qm.rows, qm.cols}, [2]int{ql.rows, s.Heads * (s.NopeDim + s.RopeDim)})
 	checkShape("absorb kv_b", [2]int{kvB.Rows(), kvB.Cols()}, [2]int{s.Heads * (s.NopeDim + s.VDim), s.Rank})
+	b.count(int64(s.Heads*s.NopeDim) * rowBytes(kvB)) // the W_UK rows
 	if w, ok := kvB.(*quant); ok {
 		b.absorbQueryQuant(ql, qm, w, s)
 		return
@@ -115,6 +116,7 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, c backend.Cache,
 		panic(fmt.Sprintf("cpu backend: attention over positions [0,%d) beyond cache capacity %d", pos0+T, cc.capacity))
 	}
 	lat, kpe := cc.latent[layer], cc.kpe[layer]
+	b.count(4 * int64((pos0+T)*(cc.rank+cc.ropeDim))) // every cached position once
 	b.parallel(T*s.Heads, func(lo, hi int) {
 		scores := make([]float32, pos0+T)
 		for i := lo; i < hi; i++ {

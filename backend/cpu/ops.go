@@ -11,6 +11,7 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 	d, xm, g := asMat(dst), asMat(x), vector(gain)
 	checkShape("rmsnorm", [2]int{d.rows, d.cols}, [2]int{xm.rows, len(g)})
 	checkShape("rmsnorm in", [2]int{xm.rows, xm.cols}, [2]int{d.rows, d.cols})
+	b.count(4 * int64(len(g)))
 	for t := 0; t < xm.rows; t++ {
 		in, out := xm.row(t), d.row(t)
 		var ss float64

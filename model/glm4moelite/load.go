@@ -43,6 +43,7 @@ func Load(dir string, b backend.Backend, opt LoadOptions) (*Model, error) {
 		set.Close()
 		return nil, err
 	}
+	m.files = set
 	return m, nil
 }
 
@@ -90,6 +91,32 @@ func (ld *loader) matrix(name string, n, k int) backend.Weight {
 		}
 	}
 	w, err := ld.b.NewWeight(hw)
+	if err != nil {
+		ld.err = err
+	}
+	return w
+}
+
+// table loads the embedding. A bf16 table stays in its stored form (the
+// memory map) and rows are widened on lookup, instead of holding a float32
+// copy (1.27 GB at GLM-4.7-Flash's size); other forms load as matrix does.
+func (ld *loader) table(name string, n, k int) backend.Weight {
+	if ld.err != nil || ld.opt.Dequantize || !ld.set.Has(name) {
+		return ld.matrix(name, n, k)
+	}
+	t, err := ld.set.Tensor(name)
+	if err != nil {
+		ld.err = err
+		return nil
+	}
+	if t.DType != safetensors.BF16 {
+		return ld.matrix(name, n, k)
+	}
+	if err := t.Check(safetensors.BF16, n, k); err != nil {
+		ld.err = err
+		return nil
+	}
+	w, err := ld.b.NewWeight(backend.HostWeight{Name: name, N: n, K: k, BF16: t.Data})
 	if err != nil {
 		ld.err = err
 	}
@@ -156,7 +183,7 @@ func (ld *loader) model(c *Config) (*Model, error) {
 		route: backend.RouterConfig{TopK: c.ExpertsPerToken, Groups: c.NumGroups, TopKGroups: c.TopKGroups,
 			NormTopKProb: c.NormTopKProb, RoutedScaling: c.RoutedScaling, NumExperts: c.NumExperts},
 	}
-	m.Embed = ld.matrix("model.embed_tokens.weight", c.VocabSize, H)
+	m.Embed = ld.table("model.embed_tokens.weight", c.VocabSize, H)
 	for i := 0; i < c.NumLayers; i++ {
 		p := fmt.Sprintf("model.layers.%d.", i)
 		l := Layer{

@@ -6,6 +6,7 @@ package glm4moelite
 
 import (
 	"fmt"
+	"io"
 	"math"
 
 	"github.com/mmfp4/mmfp4/backend"
@@ -31,6 +32,18 @@ type Model struct {
 	// DebugNaN checks every intermediate tensor and reports the first layer
 	// and tensor that holds a NaN or Inf.
 	DebugNaN bool
+
+	files io.Closer // the memory-mapped weight files
+}
+
+// Close unmaps the weight files. The model must not be used afterwards.
+func (m *Model) Close() error {
+	if m.files == nil {
+		return nil
+	}
+	err := m.files.Close()
+	m.files = nil
+	return err
 }
 
 // Layer is one decoder block.
