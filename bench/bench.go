@@ -60,10 +60,13 @@ type Result struct {
 	ResidentFraction *float64 `json:"resident_fraction,omitempty"`
 	WeightsResident  bool     `json:"weights_resident"` // before the run, by mincore or the pre-read's speed
 	PreReadS         float64  `json:"preread_s"`
-	PreReadGBPerSec  float64  `json:"preread_gb_s"`
-	ColdLoadS        *float64 `json:"cold_load_s,omitempty"`
-	ColdNote         string   `json:"cold_note,omitempty"` // why there is no cold figure
-	LoadS            float64  `json:"load_s"`              // warm
+	// ResidentAfterPreRead is the share of pages cached after the pre-read:
+	// below 1 the page cache cannot hold the model next to everything else.
+	ResidentAfterPreRead *float64 `json:"resident_after_preread,omitempty"`
+	PreReadGBPerSec      float64  `json:"preread_gb_s"`
+	ColdLoadS            *float64 `json:"cold_load_s,omitempty"`
+	ColdNote             string   `json:"cold_note,omitempty"` // why there is no cold figure
+	LoadS                float64  `json:"load_s"`              // warm
 
 	PrefillS     float64 `json:"prefill_s"`
 	PrefillTokS  float64 `json:"prefill_tok_s"`
@@ -110,7 +113,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	log.phase(fmt.Sprintf("read bandwidth: %s buffer, %d threads, %s kernel", gib(o.BandwidthBytes), o.Threads, readKernel()), nil)
 	bw := MeasureReadBandwidth(o.BandwidthBytes, o.Threads, 10)
 	r.BandwidthGBs, r.BandwidthKernel = bw.GBPerSec, bw.Kernel
-	log.donef("%.1f GB/s", bw.GBPerSec)
+	log.donef("%.2f GB/s", bw.GBPerSec)
 
 	frac, known := residentFraction(files)
 	if known {
@@ -141,7 +144,13 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	case r.ColdLoadS == nil:
 		r.WeightsResident = r.PreReadGBPerSec > 2 // far above the disks of these machines
 	}
-	log.donef("%.1f s, %.2f GB/s", r.PreReadS, r.PreReadGBPerSec)
+	if f, ok := residentFraction(files); ok {
+		r.ResidentAfterPreRead = &f
+		if f < 0.99 {
+			log.warnf("only %.0f%% of the weights stayed in the page cache after the pre-read: the run will read from disk", 100*f)
+		}
+	}
+	log.donef("%.2f GB/s", r.PreReadGBPerSec)
 
 	var counts [][]int
 	var moeLayers, calls int
@@ -162,7 +171,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	}
 	defer m.Close()
 	r.LoadS = m.LoadTime.Seconds()
-	log.donef("%.2f s", r.LoadS)
+	log.donef("")
 	cfg := m.Config()
 	for _, dense := range cfg.Dense {
 		if !dense {
@@ -257,7 +266,7 @@ func coldLoad(o Options, files []string, log *progress) (*float64, string) {
 	}
 	s := m.LoadTime.Seconds()
 	m.Close()
-	log.donef("%.2f s", s)
+	log.donef("")
 	return &s, ""
 }
 

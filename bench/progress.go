@@ -86,3 +86,11 @@ func (p *progress) donef(format string, args ...any) {
 	}
 	fmt.Fprintf(p.w, "bench: %s done in %.1f s%s\n", name, time.Since(start).Seconds(), msg)
 }
+
+// warnf prints a line at once, outside the phase lines.
+func (p *progress) warnf(format string, args ...any) {
+	if p.w == nil {
+		return
+	}
+	fmt.Fprintf(p.w, "bench: warning: "+format+"\n", args...)
+}

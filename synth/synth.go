@@ -537,10 +537,12 @@ func (p *bufPool) get(n int) []byte {
 	return make([]byte, n)
 }
 
+// put keeps b for reuse, unless it is one of the few huge ones (the
+// embedding and lm_head), which would only hold memory.
 func (p *bufPool) put(b []byte) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if len(p.free) < 256 {
+	if cap(b) <= 32<<20 && len(p.free) < 64 {
 		p.free = append(p.free, b)
 	}
 }

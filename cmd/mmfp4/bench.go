@@ -96,7 +96,11 @@ func printBench(w io.Writer, r *bench.Result) {
 		resident += fmt.Sprintf(" (%.1f%% of pages in the page cache before the run)", 100**r.ResidentFraction)
 	}
 	row("weights resident", "%s", resident)
-	row("pre-read", "%.2f s (%.2f GB/s)", r.PreReadS, r.PreReadGBPerSec)
+	pre := fmt.Sprintf("%.2f s (%.2f GB/s)", r.PreReadS, r.PreReadGBPerSec)
+	if r.ResidentAfterPreRead != nil {
+		pre += fmt.Sprintf(", then %.1f%% of pages cached", 100**r.ResidentAfterPreRead)
+	}
+	row("pre-read", "%s", pre)
 	if r.ColdLoadS != nil {
 		row("load, cold", "%.2f s", *r.ColdLoadS)
 	} else {
