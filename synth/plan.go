@@ -85,6 +85,25 @@ func (t *tensor) headerEntry() format.HeaderTensor {
 // of RMS 1 gives outputs of RMS about 1, and the residual stream grows only
 // as the square root of the number of layers. The router's logits then have
 // a standard deviation of about 1, which spreads tokens over the experts.
+// Attention is the exception (qScale, oScale).
+// Random attention with scores of standard deviation 1 is nearly flat: it
+// averages the values of the whole context and adds about the same vector to
+// every token. Through 47 layers that shared part grows until most tokens
+// pick the same experts (measured: the busiest expert of a deep layer took 7
+// times its share). Sharper scores (queries 3x) and a smaller attention
+// output (0.3x) keep tokens apart, as the selective attention of a trained
+// model does; the busiest expert then takes no more than chance gives.
+const (
+	qScale = 3
+	oScale = 0.3
+)
+
+// biasStd is the spread of e_score_correction_bias. A trained model's bias
+// evens out its router's preferences; a random one can only add a
+// preference, so it is kept small (about 0.04 standard deviations of the
+// router logits at the selection threshold) but not zero.
+const biasStd = 0.005
+
 func plan(c *glm4moelite.Config, g int) ([]*tensor, error) {
 	H := c.HiddenSize
 	for _, d := range []struct {
@@ -121,13 +140,16 @@ func plan(c *glm4moelite.Config, g int) ([]*tensor, error) {
 			mat(p+"self_attn.q_a_proj.weight", c.QLoraRank, H)
 			norm(p+"self_attn.q_a_layernorm.weight", c.QLoraRank)
 			mat(p+"self_attn.q_b_proj.weight", c.NumHeads*qk, c.QLoraRank)
+			ts[len(ts)-1].std *= qScale
 		} else {
 			mat(p+"self_attn.q_proj.weight", c.NumHeads*qk, H)
+			ts[len(ts)-1].std *= qScale
 		}
 		mat(p+"self_attn.kv_a_proj_with_mqa.weight", c.KVLoraRank+c.QKRopeHeadDim, H)
 		norm(p+"self_attn.kv_a_layernorm.weight", c.KVLoraRank)
 		mat(p+"self_attn.kv_b_proj.weight", c.NumHeads*(c.QKNopeHeadDim+c.VHeadDim), c.KVLoraRank)
 		mat(p+"self_attn.o_proj.weight", H, c.NumHeads*c.VHeadDim)
+		ts[len(ts)-1].std *= oScale
 		norm(p+"post_attention_layernorm.weight", H)
 		if c.Dense[i] {
 			mlp(p+"mlp.", c.IntermediateSize)
@@ -135,7 +157,7 @@ func plan(c *glm4moelite.Config, g int) ([]*tensor, error) {
 		}
 		ts = append(ts,
 			&tensor{name: p + "mlp.gate.weight", kind: routerF32, n: c.NumExperts, k: H, std: 1 / math.Sqrt(float64(H))},
-			&tensor{name: p + "mlp.gate.e_score_correction_bias", kind: biasF32, n: 1, k: c.NumExperts, std: 0.02})
+			&tensor{name: p + "mlp.gate.e_score_correction_bias", kind: biasF32, n: 1, k: c.NumExperts, std: biasStd})
 		for e := 0; e < c.NumExperts; e++ {
 			mlp(fmt.Sprintf("%smlp.experts.%d.", p, e), c.MoEIntermediateSize)
 		}
