@@ -113,6 +113,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	log.phase(fmt.Sprintf("read bandwidth: %s buffer, %d threads, %s kernel", gib(o.BandwidthBytes), o.Threads, readKernel()), nil)
 	bw := MeasureReadBandwidth(o.BandwidthBytes, o.Threads, 10)
 	r.BandwidthGBs, r.BandwidthKernel = bw.GBPerSec, bw.Kernel
+	resetPeakRSS()
 	log.donef("%.2f GB/s", bw.GBPerSec)
 
 	frac, known := residentFraction(files)
