@@ -238,7 +238,6 @@ func (r *Result) generate(ctx context.Context, m *mmfp4.Model, prompt []int, gen
 		log.donef("failed")
 		return err
 	}
-	r.BytesPerTok = 0
 	r.PrefillS = res.PrefillTime.Seconds()
 	r.PrefillTokS = res.PrefillTokensPerSecond()
 	r.DecodeS = res.DecodeTime.Seconds()
