@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"runtime"
 	"sync"
+	"sync/atomic"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -18,6 +19,10 @@ type Options struct {
 	// instead of the default int8 per-group activations (DESIGN.md section 2);
 	// it is kept for accuracy comparison.
 	FloatActivations bool
+	// OnRoute, if set, is called by Route with the chosen expert ids of
+	// every token (TopK per token, token-major); for statistics such as
+	// expert usage. It must not keep the slice.
+	OnRoute func(experts []int)
 }
 
 // forceGo makes the kernels take their pure-Go reference path even where
@@ -38,6 +43,9 @@ type Backend struct {
 	pool   *pool
 	rowSeq []int32
 	slots  []int32
+
+	onRoute func([]int)
+	read    atomic.Int64 // bytes of weights and cache the ops have read
 }
 
 var _ backend.Backend = (*Backend)(nil)
@@ -48,8 +56,19 @@ func New(o Options) *Backend {
 	if t <= 0 {
 		t = runtime.GOMAXPROCS(0)
 	}
-	return &Backend{threads: t, floatActs: o.FloatActivations}
+	return &Backend{threads: t, floatActs: o.FloatActivations, onRoute: o.OnRoute}
 }
+
+// BytesRead is the number of bytes of weights and latent cache that the ops
+// have read since the backend was made: every matrix product counts its
+// whole weight (packed size for MMFP4), an embedding lookup its rows,
+// RMSNorm its gain, Route its bias, AbsorbQuery the W_UK rows, and
+// LatentAttention the cached positions it attends over. Activations are
+// not counted. Decode's bytes per token is the difference over a step.
+func (b *Backend) BytesRead() int64 { return b.read.Load() }
+
+// count adds n bytes to BytesRead: one atomic add per op.
+func (b *Backend) count(n int64) { b.read.Add(n) }
 
 // Name identifies the backend and its threading.
 func (b *Backend) Name() string {

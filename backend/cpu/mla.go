@@ -35,6 +35,7 @@ func (b *Backend) AbsorbQuery(qlat, q backend.Tensor, wUK backend.Weight, s back
 		b.badShape("absorb W_UK", [2]int{wUK.Rows(), wUK.Cols()}, [2]int{s.Heads * s.NopeDim, s.Rank}) {
 		return
 	}
+	b.count(weightBytes(wUK))
 	if w, ok := wUK.(*quant); ok {
 		b.absorbQueryQuant(ql, qm, w, s)
 		return
@@ -113,6 +114,10 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s bac
 		chunks = min(s.Heads, (b.threads+T-1)/T)
 	}
 	per := (s.Heads + chunks - 1) / chunks
+	perToken := int64(backend.CacheBytesPerToken(p.rank, p.ropeDim, p.dtype))
+	for t := 0; t < T; t++ { // each row reads its sequence's cached positions
+		b.count(perToken * int64(b.batch.Positions[t]+1))
+	}
 	b.parallel(T*chunks, func(lo, hi int) {
 		buf := make([]float32, p.width())
 		var scores []float32

@@ -36,6 +36,10 @@ func (b *Backend) Route(logits backend.Tensor, bias backend.Weight, cfg backend.
 	for t := 0; t < lm.rows; t++ {
 		SelectExperts(lm.row(t), bv, cfg, r.experts[t*cfg.TopK:(t+1)*cfg.TopK], r.weights[t*cfg.TopK:(t+1)*cfg.TopK])
 	}
+	b.count(4 * int64(len(bv)))
+	if b.onRoute != nil {
+		b.onRoute(r.experts)
+	}
 	return r
 }
 

@@ -6,6 +6,7 @@ package glm4moelite
 
 import (
 	"fmt"
+	"io"
 	"math"
 	"sync"
 
@@ -41,6 +42,18 @@ type Model struct {
 	// mu serialises forward passes: a backend runs one step at a time.
 	mu     sync.Mutex
 	nanErr error // first non-finite tensor of the current pass (DebugNaN)
+
+	files io.Closer // the memory-mapped weight files
+}
+
+// Close unmaps the weight files. The model must not be used afterwards.
+func (m *Model) Close() error {
+	if m.files == nil {
+		return nil
+	}
+	err := m.files.Close()
+	m.files = nil
+	return err
 }
 
 // Layer is one decoder block.
