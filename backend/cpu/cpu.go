@@ -265,3 +265,7 @@ func (b *Backend) badShape(op string, got, want [2]int) bool {
 	}
 	return false
 }
+
+// KernelName names the int8 MMFP4 dot-product kernel this machine runs:
+// "avx512-vnni" where the CPU and OS support it, else "go".
+func KernelName() string { return simdKernel }

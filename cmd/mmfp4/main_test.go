@@ -167,3 +167,19 @@ func TestTokenizerCommands(t *testing.T) {
 		}
 	}
 }
+
+// info always succeeds; on a machine without a GPU it says so.
+func TestInfoCommand(t *testing.T) {
+	out, _, err := run(t, "info")
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, want := range []string{"CPU:", "features:", "MMFP4 int8 kernel:", "NVRTC:"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("info output lacks %q:\n%s", want, out)
+		}
+	}
+	if !strings.Contains(out, "GPU:     none:") && !strings.Contains(out, "compute capability") {
+		t.Errorf("info output names neither a GPU nor its absence:\n%s", out)
+	}
+}

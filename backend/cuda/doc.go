@@ -1,0 +1,20 @@
+// Package cuda runs the MMFP4 kernels on NVIDIA GPUs without cgo.
+//
+// The CUDA driver API (libcuda.so.1) and NVRTC (libnvrtc.so*) are opened at
+// run time with purego, so a CGO_ENABLED=0 binary built anywhere uses a GPU
+// where one is present and reports ErrNoDriver elsewhere. Kernels are CUDA C
+// sources embedded in the binary (kernels/*.cu), compiled by NVRTC for the
+// device's architecture on first use and cached on disk under
+// os.UserCacheDir()/mmfp4/kernels, keyed by source hash, architecture and
+// driver version.
+//
+// A CUDA context is current per OS thread, so one goroutine locked to its
+// thread owns it: Device.Do runs closures there, and every driver call is
+// made from inside such a closure through the *Ctx it is given.
+//
+// Environment:
+//
+//	MMFP4_CUDA_LIB    path of libcuda.so.1 (default: the loader's search, then the usual places)
+//	MMFP4_NVRTC_LIB   path of libnvrtc.so (default: the loader's search, then /usr/local/cuda/lib64 and others)
+//	MMFP4_KERNEL_CACHE directory of the compiled-kernel cache ("off" disables it)
+package cuda

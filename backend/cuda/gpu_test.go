@@ -1,0 +1,354 @@
+//go:build linux || darwin || freebsd || netbsd
+
+package cuda
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"os"
+	"strconv"
+	"testing"
+
+	"github.com/mmfp4/mmfp4/backend"
+	"github.com/mmfp4/mmfp4/backend/cpu"
+	"github.com/mmfp4/mmfp4/format"
+)
+
+// testDevice opens GPU 0 for a test, or skips where there is no GPU, driver
+// or NVRTC. With MMFP4_REQUIRE_GPU=1 (set on GPU runs) it fails instead, so
+// that a GPU run cannot pass by skipping.
+func testDevice(t testing.TB) *Device {
+	t.Helper()
+	require := os.Getenv("MMFP4_REQUIRE_GPU") == "1"
+	d, err := Open(0)
+	if err == nil {
+		if _, _, _, err = NVRTCVersion(); err != nil {
+			d.Close()
+		}
+	}
+	if err != nil {
+		if !require && (errors.Is(err, ErrNoDriver) || errors.Is(err, ErrNoDevice) || errors.Is(err, ErrNoNVRTC)) {
+			t.Skipf("no CUDA GPU here (%v); set MMFP4_REQUIRE_GPU=1 to fail instead", err)
+		}
+		t.Fatal(err)
+	}
+	t.Cleanup(func() {
+		if err := d.Close(); err != nil {
+			t.Errorf("close: %v", err)
+		}
+	})
+	return d
+}
+
+// testRand draws inputs from a fixed seed, or from MMFP4_TEST_SEED (GPU runs
+// pass a fresh one each time and the log names it).
+func testRand(t testing.TB) *rand.Rand {
+	seed := uint64(1)
+	if s := os.Getenv("MMFP4_TEST_SEED"); s != "" {
+		v, err := strconv.ParseUint(s, 10, 64)
+		if err != nil {
+			t.Fatalf("MMFP4_TEST_SEED=%q: %v", s, err)
+		}
+		seed = v
+	}
+	t.Logf("seed %d", seed)
+	return rand.New(rand.NewPCG(seed, 0x6d6d667034))
+}
+
+func randVec(r *rand.Rand, n int, scale float64) []float32 {
+	v := make([]float32, n)
+	for i := range v {
+		v[i] = float32(r.NormFloat64() * scale)
+	}
+	return v
+}
+
+func relErr(ref, got []float32) float64 {
+	var num, den float64
+	for i := range ref {
+		d := float64(got[i]) - float64(ref[i])
+		num += d * d
+		den += float64(ref[i]) * float64(ref[i])
+	}
+	return math.Sqrt(num / den)
+}
+
+// quantizeRef is docs/format.md section 9 written out: per group of G values,
+// scale amax/127, int8 rounded half away from zero; plus each 32 values' sum.
+func quantizeRef(x []float32, G int) (q []int8, scales []float32, sums []int32) {
+	q = make([]int8, len(x))
+	scales = make([]float32, len(x)/G)
+	sums = make([]int32, len(x)/32)
+	for g := range scales {
+		seg := x[g*G : (g+1)*G]
+		var amax float32
+		for _, v := range seg {
+			amax = max(amax, float32(math.Abs(float64(v))))
+		}
+		if amax == 0 {
+			continue
+		}
+		s := amax / 127
+		scales[g] = s
+		for i, v := range seg {
+			r := v / s
+			if r >= 0 {
+				r += 0.5
+			} else {
+				r -= 0.5
+			}
+			q[g*G+i] = int8(max(-127, min(127, int32(r))))
+		}
+	}
+	for c := range sums {
+		for _, v := range q[c*32 : (c+1)*32] {
+			sums[c] += int32(v)
+		}
+	}
+	return
+}
+
+// poison fills n bytes at p with 0xFF (a NaN in every float32), so that an
+// output element the kernel fails to write shows.
+func poison(c *Ctx, p uint64, n int) error { return c.Memset(p, 0xFF, n) }
+
+// upload copies v into a new device buffer. Helpers used inside Device.Do
+// return errors: t.Fatal there would end the device's goroutine.
+func upload(c *Ctx, v []float32) (Buffer, error) {
+	b, err := c.Alloc(4 * len(v))
+	if err != nil {
+		return b, err
+	}
+	return b, CopyIn(c, b.Ptr, v)
+}
+
+// RMSNorm and quantization against the CPU backend's RMSNorm and the
+// format's quantization rule, on rows with a column stride.
+func TestRMSNormQuant(t *testing.T) {
+	d := testDevice(t)
+	r := testRand(t)
+	ref := cpu.New(cpu.Options{Threads: 2})
+	for _, c := range []struct{ T, K, G int }{{1, 2048, 128}, {5, 2048, 64}, {3, 768, 32}, {8, 10240, 128}, {2, 512, 128}} {
+		err := d.Do(func(ctx *Ctx) error {
+			ld := c.K + 32
+			x := randVec(r, c.T*ld, 2)
+			for i := 0; i < 7; i++ { // a zero group and a zero row quantize to zeros
+				copy(x[i*c.G:(i+1)*c.G], make([]float32, c.G))
+			}
+			gain := randVec(r, c.K, 0.5)
+			eps := float32(1e-5)
+
+			// CPU reference: RMSNorm on the unstrided rows.
+			xs := make([]float32, c.T*c.K)
+			for t := 0; t < c.T; t++ {
+				copy(xs[t*c.K:(t+1)*c.K], x[t*ld:t*ld+c.K])
+			}
+			in, out := ref.NewTensor(c.T, c.K), ref.NewTensor(c.T, c.K)
+			ref.Upload(in, xs)
+			g, err := ref.NewWeight(backend.HostWeight{Name: "gain", N: 1, K: c.K, Dense: gain})
+			if err != nil {
+				return err
+			}
+			ref.RMSNorm(out, in, g, eps)
+			want := ref.Download(out)
+
+			xb, err1 := upload(ctx, x)
+			gb, err2 := upload(ctx, gain)
+			ob, err3 := ctx.Alloc(4 * c.T * ld)
+			if err := errors.Join(err1, err2, err3); err != nil {
+				return err
+			}
+			a, err := ctx.NewQActs(c.T, c.K, c.G)
+			if err != nil {
+				return err
+			}
+			if err := errors.Join(poison(ctx, ob.Ptr, ob.Size), poison(ctx, a.Q, c.T*c.K)); err != nil {
+				return err
+			}
+			if err := ctx.RMSNormQuant(xb.Ptr, ld, gb.Ptr, eps, ob.Ptr, ld, c.T, c.K, c.G, a); err != nil {
+				return err
+			}
+			gotStrided := make([]float32, c.T*ld)
+			q := make([]int8, c.T*c.K)
+			sc := make([]float32, c.T*c.K/c.G)
+			sums := make([]int32, c.T*c.K/32)
+			if err := errors.Join(CopyOut(ctx, gotStrided, ob.Ptr), CopyOut(ctx, q, a.Q), CopyOut(ctx, sc, a.Scales), CopyOut(ctx, sums, a.Sums)); err != nil {
+				return err
+			}
+			got := make([]float32, c.T*c.K)
+			for t := 0; t < c.T; t++ {
+				copy(got[t*c.K:(t+1)*c.K], gotStrided[t*ld:t*ld+c.K])
+			}
+			// Same operations in the same precision: equal but for the
+			// order of the float64 sum of squares.
+			if e := relErr(want, got); !(e <= 1e-7) {
+				t.Errorf("T=%d K=%d: rmsnorm relative error %.3g", c.T, c.K, e)
+			}
+			// Quantization of the kernel's own float output must match the
+			// rule exactly.
+			for tk := 0; tk < c.T; tk++ {
+				wq, ws, wsum := quantizeRef(got[tk*c.K:(tk+1)*c.K], c.G)
+				for i := range wq {
+					if q[tk*c.K+i] != wq[i] {
+						return fmt.Errorf("T=%d K=%d G=%d: row %d q[%d] = %d, want %d", c.T, c.K, c.G, tk, i, q[tk*c.K+i], wq[i])
+					}
+				}
+				for i := range ws {
+					if sc[tk*len(ws)+i] != ws[i] {
+						return fmt.Errorf("T=%d K=%d G=%d: row %d scale[%d] = %g, want %g", c.T, c.K, c.G, tk, i, sc[tk*len(ws)+i], ws[i])
+					}
+				}
+				for i := range wsum {
+					if sums[tk*len(wsum)+i] != wsum[i] {
+						return fmt.Errorf("T=%d K=%d G=%d: row %d sum[%d] = %d, want %d", c.T, c.K, c.G, tk, i, sums[tk*len(wsum)+i], wsum[i])
+					}
+				}
+			}
+			return errors.Join(ctx.Free(xb), ctx.Free(gb), ctx.Free(ob), ctx.FreeQActs(a))
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// The GEMV kernels against the CPU backend's int8 MMFP4 product (same int8
+// activations, so only the float summation order differs) and against the
+// float64 product of the dequantized weights and the float activations.
+func TestGEMV(t *testing.T) {
+	d := testDevice(t)
+	r := testRand(t)
+	ref := cpu.New(cpu.Options{Threads: 2})
+	type shape struct{ N, K, G int }
+	shapes := []shape{{37, 256, 32}, {1000, 2048, 128}, {576, 2048, 64}, {2048, 1536, 128}, {300, 512, 128}, {130, 768, 128}, {64, 5120, 128}, {50, 10240, 128}}
+	for _, s := range shapes {
+		w := randVec(r, s.N*s.K, 0.02)
+		m, err := format.Quantize(w, s.N, s.K, format.QuantOptions{GroupSize: s.G})
+		if err != nil {
+			t.Fatal(err)
+		}
+		wd := m.Dequantize()
+		rw, err := ref.NewWeight(backend.HostWeight{Name: "w", N: s.N, K: s.K, Quant: m})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for T := 1; T <= 8; T++ {
+			if s.K >= 5120 && T != 1 && T != 8 {
+				continue
+			}
+			x := randVec(r, T*s.K, 1)
+			xt, yt := ref.NewTensor(T, s.K), ref.NewTensor(T, s.N)
+			ref.Upload(xt, x)
+			ref.MatMul(yt, xt, rw)
+			want := ref.Download(yt)
+			exact := make([]float32, T*s.N)
+			for tk := 0; tk < T; tk++ {
+				for n := 0; n < s.N; n++ {
+					var acc float64
+					for k := 0; k < s.K; k++ {
+						acc += float64(wd[n*s.K+k]) * float64(x[tk*s.K+k])
+					}
+					exact[tk*s.N+n] = float32(acc)
+				}
+			}
+			variants := []GEMVVariant{GEMVOffset}
+			if T == 1 {
+				variants = append(variants, GEMVSplit)
+			}
+			if s.G == 128 {
+				variants = append(variants, GEMVMMA)
+			}
+			for _, v := range variants {
+				ldy := s.N + 3*(T%2)
+				var got []float32
+				err := d.Do(func(c *Ctx) error {
+					qm, err := c.UploadMatrix(m)
+					if err != nil {
+						return err
+					}
+					xb, err := upload(c, x)
+					if err != nil {
+						return err
+					}
+					a, err := c.NewQActs(T, s.K, s.G)
+					if err != nil {
+						return err
+					}
+					yb, err := c.Alloc(4 * T * ldy)
+					if err != nil {
+						return err
+					}
+					if err := poison(c, yb.Ptr, yb.Size); err != nil {
+						return err
+					}
+					if err := c.RMSNormQuant(xb.Ptr, s.K, 0, 0, 0, 0, T, s.K, s.G, a); err != nil {
+						return err
+					}
+					if err := c.GEMV(yb.Ptr, ldy, qm, a, v); err != nil {
+						return err
+					}
+					all := make([]float32, T*ldy)
+					if err := CopyOut(c, all, yb.Ptr); err != nil {
+						return err
+					}
+					got = make([]float32, T*s.N)
+					for tk := 0; tk < T; tk++ {
+						copy(got[tk*s.N:(tk+1)*s.N], all[tk*ldy:tk*ldy+s.N])
+					}
+					return errors.Join(c.FreeMatrix(qm), c.Free(xb), c.FreeQActs(a), c.Free(yb))
+				})
+				if err != nil {
+					t.Fatal(err)
+				}
+				e1, e2 := relErr(want, got), relErr(exact, got)
+				// The same integer dot products: float rounding only.
+				if !(e1 <= 2e-6) {
+					t.Errorf("N=%d K=%d G=%d T=%d variant %d: relative error %.3g against the CPU int8 product", s.N, s.K, s.G, T, v, e1)
+				}
+				// int8 activations: about 2^-8 relative per element.
+				if !(e2 <= 1e-2) {
+					t.Errorf("N=%d K=%d G=%d T=%d variant %d: relative error %.3g against the float64 product", s.N, s.K, s.G, T, v, e2)
+				}
+				if T == 1 || T == 8 {
+					t.Logf("N=%d K=%d G=%d T=%d variant %d: rel err %.2g vs CPU int8, %.2g vs float64", s.N, s.K, s.G, T, v, e1, e2)
+				}
+			}
+		}
+	}
+}
+
+// TestSanitizerCanary writes far past the end of an output buffer. It runs
+// only with MMFP4_SANITIZER_CANARY=1, under compute-sanitizer, to show that
+// the sanitizer sees this binary's kernels: it must report errors there.
+func TestSanitizerCanary(t *testing.T) {
+	if os.Getenv("MMFP4_SANITIZER_CANARY") != "1" {
+		t.Skip("run under compute-sanitizer with MMFP4_SANITIZER_CANARY=1")
+	}
+	d := testDevice(t)
+	r := testRand(t)
+	m := synthMatrix(r, 1<<16, 256, 128)
+	err := d.Do(func(c *Ctx) error {
+		q, err := c.UploadMatrix(m)
+		if err != nil {
+			return err
+		}
+		a, err := c.NewQActs(1, 256, 128)
+		if err != nil {
+			return err
+		}
+		var small uint64
+		if err := check("cuMemAlloc", drv.cuMemAlloc(&small, 256)); err != nil {
+			return err
+		}
+		if err := c.GEMV(small, 1<<16, q, a, GEMVSplit); err != nil {
+			return err
+		}
+		c.Sync() // the sanitizer reports; the result does not matter
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}

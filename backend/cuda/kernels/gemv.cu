@@ -1,0 +1,155 @@
+// Decode GEMV on MMFP4 weights with int8 activations (docs/format.md
+// sections 5 and 9), for T = 1..8 tokens:
+//
+//   y[t*ldy + n] = row_scale[n]/2 * sum_g e4m3(s[n,g]) * xs[t,g] * acc[t,n,g]
+//   acc[t,n,g]   = sum_{k in g} 2*e2m1(q[n,k]) * xq[t,k]     (exact int32)
+//
+// The dp4a kernels (gemv_t<T>, gemv_split_t1) give each warp R = 4 rows
+// (matvec.cuh); gemv_mma uses the tensor cores. Blocks are 4 warps.
+
+// Kernels gemv_t<T> (offset form) and gemv_split_t1; grid = ceil(N / (WARPS*R))
+// blocks of 32*WARPS threads. gshift = log2(G/32).
+#define GEMV_KERNEL(NAME, T, R, SPLIT)                                                            \
+  extern "C" __global__ void __launch_bounds__(32 * WARPS) NAME(                                 \
+      const u8* __restrict__ codes, const u8* __restrict__ scales,                                \
+      const float* __restrict__ row_scale, int N, int K, int gshift, const i8* __restrict__ xq,   \
+      const float* __restrict__ xs, const i32* __restrict__ xsum, float* __restrict__ y, int ldy) { \
+    const int warp = blockIdx.x * WARPS + (threadIdx.x >> 5);                                     \
+    if (warp * R >= N) return;                                                                    \
+    gemv_rows<T, R, SPLIT>(codes, scales, row_scale, N, K, gshift, xq, xs, xsum, y, ldy, warp * R); \
+  }
+
+GEMV_KERNEL(gemv_split_t1, 1, 4, true)
+GEMV_KERNEL(gemv_t1, 1, 4, false)
+GEMV_KERNEL(gemv_t2, 2, 4, false)
+GEMV_KERNEL(gemv_t3, 3, 4, false)
+GEMV_KERNEL(gemv_t4, 4, 4, false)
+GEMV_KERNEL(gemv_t5, 5, 4, false)
+GEMV_KERNEL(gemv_t6, 6, 4, false)
+GEMV_KERNEL(gemv_t7, 7, 4, false)
+GEMV_KERNEL(gemv_t8, 8, 4, false)
+
+// ---------------------------------------------------------------------------
+// GEMV on the tensor cores for T = 1..8 tokens and G = 128:
+// mma.sync.m16n8k32 with the weights as A (16 rows x 32 k, unsigned: the
+// +128 offset codes of e2m1x4_biased) and the activations as B (32 k x 8
+// tokens, signed). A block of 4 warps owns 16 rows; warp w takes groups w,
+// w+4, ... (so that each warp has few groups in sequence and many bytes in
+// flight), and the warps' partial sums meet in shared memory at the end.
+// Lane l holds rows l/4 and l/4 + 8 of the block. Per group, thread
+// (g = l/4, i = l%4) loads 16 bytes of codes of each of its two rows
+// (columns 32i..32i+31 of the group) and the 32 activations of token g at
+// the same columns. The order of k inside an mma does not matter as long as
+// A and B agree, so mma j takes word j of each thread's codes (8 columns:
+// low half as k-slots 4i..4i+3, high half as 16+4i..16+4i+3) and the
+// matching 8 activation bytes. The four mmas cover the group once; the
+// group's int32 result, less 128 * sum(x) for the offset, is scaled in float
+// as in the other kernels.
+
+DEVICE void mma_u8s8(i32 (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.u8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// One group (128 columns) of the block's 16 rows: wa, wb are the thread's
+// codes of rows g and g+8, x0 and x1 token g's 32 activations.
+DEVICE void mma_group(i32 (&d)[4], uint4 wa, uint4 wb, uint4 x0, uint4 x1) {
+  mma_u8s8(d, e2m1x4_biased(wa.x), e2m1x4_biased(wb.x), e2m1x4_biased(wa.x >> 16), e2m1x4_biased(wb.x >> 16), x0.x, x0.y);
+  mma_u8s8(d, e2m1x4_biased(wa.y), e2m1x4_biased(wb.y), e2m1x4_biased(wa.y >> 16), e2m1x4_biased(wb.y >> 16), x0.z, x0.w);
+  mma_u8s8(d, e2m1x4_biased(wa.z), e2m1x4_biased(wb.z), e2m1x4_biased(wa.z >> 16), e2m1x4_biased(wb.z >> 16), x1.x, x1.y);
+  mma_u8s8(d, e2m1x4_biased(wa.w), e2m1x4_biased(wb.w), e2m1x4_biased(wa.w >> 16), e2m1x4_biased(wb.w >> 16), x1.z, x1.w);
+}
+
+DEVICE i32 group_sum(const i32* __restrict__ xsum, int grp) {
+  const int4 s = __ldg((const int4*)xsum + grp);
+  return s.x + s.y + s.z + s.w;
+}
+
+// U groups per warp are loaded before the first is used.
+template <int MMA_UNROLL>
+DEVICE void gemv_mma_block(const u8* __restrict__ codes, const u8* __restrict__ scales,
+                           const float* __restrict__ row_scale, int N, int K,
+                           const i8* __restrict__ xq, const float* __restrict__ xs,
+                           const i32* __restrict__ xsum, float* __restrict__ y, int ldy, int T) {
+  __shared__ float part[4][4][32];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, g = lane >> 2, i = lane & 3;
+  const int row0 = blockIdx.x * 16;
+  const int GK = K >> 7;
+  const int ra = min(row0 + g, N - 1), rb = min(row0 + g + 8, N - 1);
+  const u8* pa = codes + (size_t)ra * (K / 2) + i * 16;
+  const u8* pb = codes + (size_t)rb * (K / 2) + i * 16;
+  const u8* sa_p = scales + (size_t)ra * GK;
+  const u8* sb_p = scales + (size_t)rb * GK;
+  // B column g is token g (zeros past T); C columns are tokens 2i, 2i+1.
+  const bool has_x = g < T;
+  const i8* px = xq + (size_t)min(g, T - 1) * K + i * 32;
+  const int t0 = 2 * i, t1 = 2 * i + 1;
+  const int u0 = min(t0, T - 1), u1 = min(t1, T - 1);
+  const float* xs0 = xs + (size_t)u0 * GK;
+  const float* xs1 = xs + (size_t)u1 * GK;
+  const i32* xsum0 = xsum + (size_t)u0 * (K / 32);
+  const i32* xsum1 = xsum + (size_t)u1 * (K / 32);
+
+  float acc[4] = {0.f, 0.f, 0.f, 0.f};  // (ra,t0) (ra,t1) (rb,t0) (rb,t1)
+  for (int base = warp; base < GK; base += 4 * MMA_UNROLL) {
+    uint4 wa[MMA_UNROLL], wb[MMA_UNROLL], x0[MMA_UNROLL], x1[MMA_UNROLL];
+#pragma unroll
+    for (int u = 0; u < MMA_UNROLL; u++) {
+      const int grp = base + 4 * u;
+      x0[u] = x1[u] = make_uint4(0, 0, 0, 0);
+      if (grp < GK) {
+        wa[u] = load_stream16(pa + grp * 64);
+        wb[u] = load_stream16(pb + grp * 64);
+        if (has_x) {
+          const uint4* p = (const uint4*)(px + grp * 128);
+          x0[u] = __ldg(p);
+          x1[u] = __ldg(p + 1);
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < MMA_UNROLL; u++) {
+      const int grp = base + 4 * u;
+      if (grp < GK) {
+        i32 d[4] = {0, 0, 0, 0};
+        mma_group(d, wa[u], wb[u], x0[u], x1[u]);
+        const float sa = e4m3(__ldg(sa_p + grp)), sb = e4m3(__ldg(sb_p + grp));
+        const float f0 = __ldg(xs0 + grp), f1 = __ldg(xs1 + grp);
+        const i32 c0 = 128 * group_sum(xsum0, grp), c1 = 128 * group_sum(xsum1, grp);
+        acc[0] += (float)(d[0] - c0) * (sa * f0);
+        acc[1] += (float)(d[1] - c1) * (sa * f1);
+        acc[2] += (float)(d[2] - c0) * (sb * f0);
+        acc[3] += (float)(d[3] - c1) * (sb * f1);
+      }
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 4; j++) part[warp][j][lane] = acc[j];
+  __syncthreads();
+  if (warp != 0) return;
+#pragma unroll
+  for (int j = 0; j < 4; j++) acc[j] = (part[0][j][lane] + part[1][j][lane]) + (part[2][j][lane] + part[3][j][lane]);
+  if (row0 + g < N) {
+    const float s = row_scale[row0 + g] * 0.5f;
+    if (t0 < T) y[(size_t)t0 * ldy + row0 + g] = acc[0] * s;
+    if (t1 < T) y[(size_t)t1 * ldy + row0 + g] = acc[1] * s;
+  }
+  if (row0 + g + 8 < N) {
+    const float s = row_scale[row0 + g + 8] * 0.5f;
+    if (t0 < T) y[(size_t)t0 * ldy + row0 + g + 8] = acc[2] * s;
+    if (t1 < T) y[(size_t)t1 * ldy + row0 + g + 8] = acc[3] * s;
+  }
+}
+
+// Grid: ceil(N/16) blocks of 128 threads.
+#define GEMV_MMA_KERNEL(NAME, U)                                                                  \
+  extern "C" __global__ void __launch_bounds__(128) NAME(                                        \
+      const u8* __restrict__ codes, const u8* __restrict__ scales,                                \
+      const float* __restrict__ row_scale, int N, int K, const i8* __restrict__ xq,               \
+      const float* __restrict__ xs, const i32* __restrict__ xsum, float* __restrict__ y, int ldy, \
+      int T) {                                                                                    \
+    gemv_mma_block<U>(codes, scales, row_scale, N, K, xq, xs, xsum, y, ldy, T);                   \
+  }
+
+GEMV_MMA_KERNEL(gemv_mma, 2)

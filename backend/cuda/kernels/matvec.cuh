@@ -1,0 +1,127 @@
+// The dp4a matrix-vector core shared by the GEMV and MoE kernels: the
+// decode of a 16-byte chunk of codes (32 weights) against 32 int8
+// activations, and the warp-level product of R rows with T token rows.
+// Layout (docs/format.md sections 5 and 9): codes [N][K/2] (low nibble =
+// even column), scales [N][K/G]; xq [T][K] int8 in column order, xs [T][K/G],
+// xsum [T][K/32] (the sum of each 32 activations). Lane l reads chunks l and
+// l+32 of every row (16-byte coalesced loads, 2R of them in flight) and the
+// matching activations; the warp then sums its lanes.
+
+#define WARPS 4
+
+// One word of codes (8 nibbles = 8 consecutive columns) against 8 int8
+// activations (x0: columns 0-3, x1: 4-7), with the +128 offset of
+// e2m1x4_biased: the caller starts acc at -128 * sum(x).
+DEVICE i32 dot8_biased(u32 q, u32 x0, u32 x1, i32 acc) {
+  acc = dp4a_us(e2m1x4_biased(q), x0, acc);
+  return dp4a_us(e2m1x4_biased(q >> 16), x1, acc);
+}
+
+// The same product without the offset: positive and negative codes go
+// through separate dp4a into pos and neg, so no activation sum is needed
+// (fewer integer operations per weight, twice the dp4a; for T = 1).
+DEVICE void dot8_split(u32 q, u32 x0, u32 x1, i32& pos, i32& neg) {
+  const u32 n = q ^ 0x88888888u;
+  pos = dp4a_ss(prmt(E2M1_LO, E2M1_HI, q), x0, pos);
+  pos = dp4a_ss(prmt(E2M1_LO, E2M1_HI, q >> 16), x1, pos);
+  neg = dp4a_ss(prmt(E2M1_LO, E2M1_HI, n), x0, neg);
+  neg = dp4a_ss(prmt(E2M1_LO, E2M1_HI, n >> 16), x1, neg);
+}
+
+// The warp-summed products of R rows (row r: codes rc[r], group scales
+// rs[r]) with T token rows of activations, before the row scale: out[r][t]
+// = sum_g e4m3(s[r,g]) * xs[t,g] * acc[t,r,g], the same in every lane.
+template <int T, int R, bool SPLIT>
+DEVICE void gemv_dot(const u8* const (&rc)[R], const u8* const (&rs)[R], int K, int gshift,
+                     const i8* __restrict__ xq, const float* __restrict__ xs,
+                     const i32* __restrict__ xsum, float (&out)[R][T]) {
+  const int lane = threadIdx.x & 31;
+  const int C = K >> 5;        // chunks per row
+  const int GK = C >> gshift;  // groups per row
+
+#pragma unroll
+  for (int r = 0; r < R; r++)
+#pragma unroll
+    for (int t = 0; t < T; t++) out[r][t] = 0.f;
+
+  for (int c0 = 0; c0 < C; c0 += 64) {
+    uint4 w[2][R];
+    u32 s[2][R];
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      const int c = c0 + 32 * h + lane;
+      if (c < C) {
+#pragma unroll
+        for (int r = 0; r < R; r++) w[h][r] = load_stream16(rc[r] + c * 16);
+#pragma unroll
+        for (int r = 0; r < R; r++) s[h][r] = __ldg(rs[r] + (c >> gshift));
+      }
+    }
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      const int c = c0 + 32 * h + lane;
+      if (c >= C) continue;
+      const int g = c >> gshift;
+#pragma unroll
+      for (int t = 0; t < T; t++) {
+        const uint4* xp = (const uint4*)(xq + (size_t)t * K + c * 32);
+        const uint4 xa = __ldg(xp), xb = __ldg(xp + 1);
+        const float xscale = __ldg(xs + (size_t)t * GK + g);
+        const i32 base = SPLIT ? 0 : -128 * __ldg(xsum + (size_t)t * C + c);
+#pragma unroll
+        for (int r = 0; r < R; r++) {
+          const uint4 q = w[h][r];
+          i32 d = base;
+          if (SPLIT) {
+            i32 neg = 0;
+            dot8_split(q.x, xa.x, xa.y, d, neg);
+            dot8_split(q.y, xa.z, xa.w, d, neg);
+            dot8_split(q.z, xb.x, xb.y, d, neg);
+            dot8_split(q.w, xb.z, xb.w, d, neg);
+            d -= neg;
+          } else {
+            d = dot8_biased(q.x, xa.x, xa.y, d);
+            d = dot8_biased(q.y, xa.z, xa.w, d);
+            d = dot8_biased(q.z, xb.x, xb.y, d);
+            d = dot8_biased(q.w, xb.z, xb.w, d);
+          }
+          out[r][t] += (float)d * (e4m3(s[h][r]) * xscale);
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; r++)
+#pragma unroll
+    for (int t = 0; t < T; t++) out[r][t] = warp_sum(out[r][t]);
+}
+
+// R consecutive rows of one matrix, stored to y.
+template <int T, int R, bool SPLIT>
+DEVICE void gemv_rows(const u8* __restrict__ codes, const u8* __restrict__ scales,
+                      const float* __restrict__ row_scale, int N, int K, int gshift,
+                      const i8* __restrict__ xq, const float* __restrict__ xs,
+                      const i32* __restrict__ xsum, float* __restrict__ y, int ldy, int row0) {
+  const int lane = threadIdx.x & 31;
+  const int GK = (K >> 5) >> gshift;
+  const u8* rc[R];
+  const u8* rs[R];
+#pragma unroll
+  for (int r = 0; r < R; r++) {
+    const int n = min(row0 + r, N - 1);
+    rc[r] = codes + (size_t)n * (K / 2);
+    rs[r] = scales + (size_t)n * GK;
+  }
+  float out[R][T];
+  gemv_dot<T, R, SPLIT>(rc, rs, K, gshift, xq, xs, xsum, out);
+#pragma unroll
+  for (int r = 0; r < R; r++) {
+#pragma unroll
+    for (int t = 0; t < T; t++) {
+      if (lane == ((r * T + t) & 31) && row0 + r < N) {
+        y[(size_t)t * ldy + row0 + r] = out[r][t] * (row_scale[row0 + r] * 0.5f);
+      }
+    }
+  }
+}
+

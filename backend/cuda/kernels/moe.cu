@@ -1,0 +1,199 @@
+// Mixture of experts for one token (DESIGN.md section 3): the router, then
+// every selected expert's gate and up products with the SiLU product fused
+// (one launch over all experts), the int8 quantization of those (through
+// rmsnorm_quant), and the down products summed with the routing weights
+// (one launch). Slots 0..topk-1 are the routed experts ids[s] with weight
+// wts[s]; slots topk.. are the shared experts (table entries nexperts..),
+// weight 1.
+
+struct QMat {
+  const u8* codes;
+  const u8* scales;
+  const float* row_scale;
+};
+
+// One expert's three matrices: gate and up [I][K], down [K][I].
+struct Expert {
+  QMat gate, up, down;
+};
+
+DEVICE int slot_expert(const i32* __restrict__ ids, int slot, int topk, int nexperts) {
+  return slot < topk ? ids[slot] : nexperts + (slot - topk);
+}
+
+// silu(x) = x / (1 + e^-x), the exponential in double as the CPU backend
+// takes it.
+DEVICE float silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
+
+// Router, one block of 256 threads per token t: logits[e] = W[e] . x[t]
+// (fp32, W [E][K]), scores sigmoid(logits), choice scores + bias; with
+// groups > 1 only the best topk_groups groups (a group's worth is the sum of
+// its two best choices) stay eligible; the topk best choices win (ties to
+// the lower index) and their weights are their scores, normalised when
+// norm != 0, times scaling. As cpu.SelectExperts.
+#define ROUTE_THREADS 256
+#define MAX_EXPERTS 512
+#define MAX_GROUPS 64
+
+extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
+    moe_route(const float* __restrict__ W, const float* __restrict__ bias,
+              const float* __restrict__ x, int ldx, int E, int K, int topk, int groups,
+              int topk_groups, int norm, float scaling, i32* __restrict__ ids,
+              float* __restrict__ wts, float* __restrict__ logits_out) {
+  __shared__ float score[MAX_EXPERTS], choice[MAX_EXPERTS];
+  const int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const float* xr = x + (size_t)t * ldx;
+  for (int e = warp; e < E; e += ROUTE_THREADS / 32) {
+    const float* w = W + (size_t)e * K;
+    float acc = 0.f;
+    for (int k = lane * 4; k < K; k += 128) {
+      const float4 a = *(const float4*)(w + k), b = *(const float4*)(xr + k);
+      acc += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) {
+      if (logits_out) logits_out[(size_t)t * E + e] = acc;
+      const float s = (float)(1.0 / (1.0 + exp(-(double)acc)));
+      score[e] = s;
+      choice[e] = s + bias[e];
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  const float NEG_INF = __int_as_float(0xff800000);
+  if (groups > 1) {
+    // A group stays eligible when it ranks among the best topk_groups by
+    // worth, ties to the lower group (a stable sort, as the CPU's).
+    __shared__ float worth[MAX_GROUPS];
+    const int per = E / groups;
+    for (int g = 0; g < groups; g++) {
+      float m1 = NEG_INF, m2 = NEG_INF;
+      for (int e = g * per; e < (g + 1) * per; e++) {
+        const float v = choice[e];
+        if (v > m1) {
+          m2 = m1;
+          m1 = v;
+        } else if (v > m2) {
+          m2 = v;
+        }
+      }
+      worth[g] = m1 + m2;
+    }
+    for (int g = 0; g < groups; g++) {
+      int rank = 0;
+      for (int h = 0; h < groups; h++) rank += worth[h] > worth[g] || (worth[h] == worth[g] && h < g);
+      if (rank >= topk_groups) {
+        for (int e = g * per; e < (g + 1) * per; e++) choice[e] = NEG_INF;
+      }
+    }
+  }
+  __shared__ bool taken[MAX_EXPERTS];
+  for (int e = 0; e < E; e++) taken[e] = false;
+  float sum = 0.f;
+  for (int k = 0; k < topk; k++) {
+    int best = -1;
+    for (int e = 0; e < E; e++) {
+      if (!taken[e] && (best < 0 || choice[e] > choice[best])) best = e;
+    }
+    taken[best] = true;
+    ids[(size_t)t * topk + k] = best;
+    wts[(size_t)t * topk + k] = score[best];
+    sum += score[best];
+  }
+  for (int k = 0; k < topk; k++) {
+    float w = wts[(size_t)t * topk + k];
+    if (norm) w /= sum + 1e-20f;
+    wts[(size_t)t * topk + k] = w * scaling;
+  }
+}
+
+// Gate and up products of every slot's expert with the SiLU product:
+// h[slot][n] = silu(gate_n . x) * (up_n . x), for one token. Grid
+// (ceil(I/16), nslots) blocks of 4 warps; a warp takes 4 rows of gate and the
+// same 4 rows of up (8 rows in flight against the same activations).
+extern "C" __global__ void __launch_bounds__(128)
+    moe_gate_up(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
+                int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
+                const float* __restrict__ xs, const i32* __restrict__ xsum, float* __restrict__ h) {
+  const int slot = blockIdx.y, lane = threadIdx.x & 31;
+  const int row0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 4;
+  if (row0 >= I) return;
+  const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
+  const int GK = (K >> 5) >> gshift;
+  const u8* rc[8];
+  const u8* rs[8];
+#pragma unroll
+  for (int r = 0; r < 4; r++) {
+    const int n = min(row0 + r, I - 1);
+    rc[r] = ex.gate.codes + (size_t)n * (K / 2);
+    rs[r] = ex.gate.scales + (size_t)n * GK;
+    rc[4 + r] = ex.up.codes + (size_t)n * (K / 2);
+    rs[4 + r] = ex.up.scales + (size_t)n * GK;
+  }
+  float out[8][1];
+  gemv_dot<1, 8, true>(rc, rs, K, gshift, xq, xs, xsum, out);
+#pragma unroll
+  for (int r = 0; r < 4; r++) {
+    const int n = row0 + r;
+    if (lane == r && n < I) {
+      const float g = out[r][0] * (ex.gate.row_scale[n] * 0.5f);
+      const float u = out[4 + r][0] * (ex.up.row_scale[n] * 0.5f);
+      h[(size_t)slot * I + n] = silu(g) * u;
+    }
+  }
+}
+
+// Down products summed over the slots with their weights:
+// y[n] (+)= sum_s w_s * (down_s,n . hq[s]), for one token; hq holds each
+// slot's h quantized to int8 (nslots rows of I). Grid (ceil(N/16), nslots)
+// blocks of 4 warps, a warp taking 4 rows of one slot's down matrix, so that
+// every slot's weights stream at once. Each block leaves its products in
+// partial[slot][n]; the last block of a row block to finish (counted in
+// counters, which it resets) sums the slots in order, so the result does
+// not depend on the blocks' timing.
+extern "C" __global__ void __launch_bounds__(128)
+    moe_down(const Expert* __restrict__ experts, const i32* __restrict__ ids,
+             const float* __restrict__ wts, int topk, int nslots, int nexperts, int N, int I,
+             int gshift, const i8* __restrict__ hq, const float* __restrict__ hs,
+             const i32* __restrict__ hsum, float* __restrict__ partial, u32* __restrict__ counters,
+             float* __restrict__ y, int accumulate) {
+  __shared__ bool last;
+  const int slot = blockIdx.y, lane = threadIdx.x & 31;
+  const int row0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 4;
+  const int GK = (I >> 5) >> gshift;
+  if (row0 < N) {
+    const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
+    const u8* rc[4];
+    const u8* rs[4];
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      const int n = min(row0 + r, N - 1);
+      rc[r] = ex.down.codes + (size_t)n * (I / 2);
+      rs[r] = ex.down.scales + (size_t)n * GK;
+    }
+    float out[4][1];
+    gemv_dot<1, 4, true>(rc, rs, I, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK,
+                         hsum + (size_t)slot * (I / 32), out);
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      const int n = row0 + r;
+      if (lane == r && n < N) partial[(size_t)slot * N + n] = out[r][0] * (ex.down.row_scale[n] * 0.5f);
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&counters[blockIdx.x], 1u) == (u32)(nslots - 1);
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int n = blockIdx.x * 16 + threadIdx.x;
+  if (threadIdx.x < 16 && n < N) {
+    float total = 0.f;
+    for (int s = 0; s < nslots; s++) {
+      const float w = s < topk ? wts[s] : 1.f;
+      total += w * __ldcg(partial + (size_t)s * N + n);
+    }
+    y[n] = accumulate ? y[n] + total : total;
+  }
+  if (threadIdx.x == 0) counters[blockIdx.x] = 0;
+}

@@ -1,0 +1,87 @@
+// Device helpers shared by every kernel module; prepended to each .cu file.
+// NVRTC has no standard headers, so the fixed-width types are spelled out.
+typedef unsigned char u8;
+typedef signed char i8;
+typedef unsigned int u32;
+typedef int i32;
+typedef unsigned long long u64;
+
+#define DEVICE __device__ __forceinline__
+
+// A 16-byte weight load through the read-only path that does not allocate
+// in L1: weights are streamed once per step and would only evict the
+// activations, which every warp re-reads.
+DEVICE uint4 load_stream16(const void* p) {
+  uint4 v;
+  asm("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+      : "l"(p));
+  return v;
+}
+
+// prmt.b32 in its default mode: byte i of the result is byte (sel_i & 7) of
+// {b, a}, or, when bit 3 of the selector nibble sel_i is set, that byte's sign
+// bit replicated (0x00 or 0xFF).
+DEVICE u32 prmt(u32 a, u32 b, u32 sel) {
+  u32 d;
+  asm("prmt.b32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(sel));
+  return d;
+}
+
+// dp4a through inline PTX (NVRTC 11.8 does not resolve __dp4a): c plus the
+// sum of the four byte products, a's bytes unsigned (_us) or signed (_ss).
+DEVICE i32 dp4a_ss(u32 a, u32 b, i32 c) {
+  i32 d;
+  asm("dp4a.s32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+DEVICE i32 dp4a_us(u32 a, u32 b, i32 c) {
+  i32 d;
+  asm("dp4a.u32.s32 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(c));
+  return d;
+}
+
+// The doubled E2M1 magnitudes {0,1,2,3,4,6,8,12} of codes 0..7 as two
+// prmt source words.
+#define E2M1_LO 0x03020100u
+#define E2M1_HI 0x0C080604u
+
+// Doubled E2M1 values of four codes (the selector's low four nibbles, in
+// column order), offset by +128 so that every byte is non-negative:
+// 128 + 2*e2m1(code). Positive codes copy their magnitude from the table;
+// negative ones (bit 3 set) read as 0 through sign replication. The flipped
+// selector gives the magnitudes of the negative codes the same way; the two
+// words are disjoint, so 0x80 + pos - neg never carries across bytes.
+DEVICE u32 e2m1x4_biased(u32 sel) {
+  u32 pos = prmt(E2M1_LO, E2M1_HI, sel);
+  u32 neg = prmt(E2M1_LO, E2M1_HI, sel ^ 0x8888u);
+  return pos + 0x80808080u - neg;
+}
+
+// FP8 E4M3 scale byte to float, exactly: the 7 magnitude bits shifted into
+// place form 2^(e-127)*(1+m/8) (or, for e = 0, the subnormal m*2^-129), and
+// multiplying by 2^120 rebases the exponent. Needs denormals (no ftz). 0x7F
+// and 0xFF are NaN, as in the format.
+DEVICE float e4m3(u32 b) {
+  float v = __uint_as_float((b & 0x7Fu) << 20) * 0x1p120f;
+  if ((b & 0x7Fu) == 0x7Fu) v = __int_as_float(0x7fc00000);
+  return (b & 0x80u) ? -v : v;
+}
+
+DEVICE float warp_sum(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}
+
+DEVICE float warp_max(float v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));
+  return v;
+}
+
+DEVICE double warp_sum_d(double v) {
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  return v;
+}

@@ -1,0 +1,87 @@
+// RMSNorm fused with int8 activation quantization (docs/format.md section
+// 9), one block of 256 threads per token row t:
+//
+//   v[k]    = gain[k] * (x[k] * inv), inv = 1/sqrt(mean(x^2) + eps)   (gain != 0)
+//           = x[k]                                                   (gain == 0)
+//   out[k]  = v[k]                                                   (out != 0)
+//   xs[g]   = amax_g / 127; xq[k] = round_half_away(v[k] / xs[g]), clamped to
+//             [-127, 127], all zero when amax_g = 0                   (xq != 0)
+//   xsum[c] = sum of xq over columns 32c .. 32c+31
+//
+// Every step is evaluated as the CPU backend does it (the sum of squares in
+// float64, the division by the scale in float32, the rounding by adding 0.5
+// and truncating), so the int8 values are identical to the CPU's.
+
+#define QUANT_THREADS 256
+
+extern "C" __global__ void __launch_bounds__(QUANT_THREADS)
+    rmsnorm_quant(const float* __restrict__ x, int ldx, const float* __restrict__ gain, float eps,
+                  float* __restrict__ out, int ldo, i8* __restrict__ xq, float* __restrict__ xs,
+                  i32* __restrict__ xsum, int K, int G) {
+  __shared__ double partial[QUANT_THREADS / 32];
+  __shared__ float inv_s;
+  const int t = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const float* row = x + (size_t)t * ldx;
+
+  float inv = 1.f;
+  if (gain) {
+    double ss = 0;
+    for (int k = tid; k < K; k += QUANT_THREADS) {
+      const double v = row[k];
+      ss += v * v;
+    }
+    ss = warp_sum_d(ss);
+    if (lane == 0) partial[warp] = ss;
+    __syncthreads();
+    if (tid == 0) {
+      double total = 0;
+      for (int w = 0; w < QUANT_THREADS / 32; w++) total += partial[w];
+      inv_s = (float)(1.0 / sqrt(total / K + (double)eps));
+    }
+    __syncthreads();
+    inv = inv_s;
+  }
+
+  // One warp per group; lane l holds E = G/32 consecutive columns.
+  const int E = G >> 5;
+  for (int g = warp; g < K / G; g += QUANT_THREADS / 32) {
+    const int k0 = g * G + lane * E;
+    float v[4];
+    float amax = 0.f;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      if (e < E) {
+        float a = row[k0 + e];
+        if (gain) a = gain[k0 + e] * (a * inv);
+        v[e] = a;
+        amax = fmaxf(amax, fabsf(a));
+      }
+    }
+    if (out) {
+#pragma unroll
+      for (int e = 0; e < 4; e++)
+        if (e < E) out[(size_t)t * ldo + k0 + e] = v[e];
+    }
+    if (!xq) continue;
+    amax = warp_max(amax);
+    const float scale = amax / 127.f;
+    i32 sum = 0;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      if (e < E) {
+        i32 q = 0;
+        if (amax != 0.f) {
+          float r = v[e] / scale;
+          r = r >= 0.f ? r + 0.5f : r - 0.5f;
+          q = max(-127, min(127, (i32)r));
+        }
+        xq[(size_t)t * K + k0 + e] = (i8)q;
+        sum += q;
+      }
+    }
+    // Sum over the 32/E lanes that share a 32-column chunk.
+    for (int o = 1; o < 32 / E; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if ((lane & (32 / E - 1)) == 0) xsum[(size_t)t * (K / 32) + k0 / 32] = sum;
+    if (lane == 0) xs[(size_t)t * (K / G) + g] = amax == 0.f ? 0.f : scale;
+  }
+}

@@ -1,0 +1,83 @@
+package cuda
+
+import (
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+)
+
+func TestTargetArch(t *testing.T) {
+	all118 := []int{35, 37, 50, 52, 53, 60, 61, 62, 70, 72, 75, 80, 86, 87, 89, 90}
+	for _, c := range []struct {
+		cc, major int
+		archs     []int
+		want      string
+	}{
+		{90, 13, nil, "sm_90a"},
+		{90, 11, all118, "sm_90"},
+		{80, 12, nil, "sm_80"},
+		{100, 11, all118, "compute_90"}, // NVRTC older than the device: PTX
+		{120, 13, []int{75, 80, 90, 100, 120}, "sm_120"},
+	} {
+		if got := targetArch(c.cc, c.major, c.archs); got != c.want {
+			t.Errorf("targetArch(%d, %d) = %s, want %s", c.cc, c.major, got, c.want)
+		}
+	}
+}
+
+func TestCacheKey(t *testing.T) {
+	base := cacheKey("gemv", "src", "sm_90a", []string{"-lineinfo"}, [2]int{13, 0}, 13000)
+	if !strings.HasPrefix(base, "gemv-sm_90a-drv13000-") || !strings.HasSuffix(base, ".cubin") {
+		t.Fatalf("key %q", base)
+	}
+	for _, k := range []string{
+		cacheKey("gemv", "src2", "sm_90a", []string{"-lineinfo"}, [2]int{13, 0}, 13000),
+		cacheKey("gemv", "src", "sm_90", []string{"-lineinfo"}, [2]int{13, 0}, 13000),
+		cacheKey("gemv", "src", "sm_90a", nil, [2]int{13, 0}, 13000),
+		cacheKey("gemv", "src", "sm_90a", []string{"-lineinfo"}, [2]int{12, 8}, 13000),
+		cacheKey("gemv", "src", "sm_90a", []string{"-lineinfo"}, [2]int{13, 0}, 12080),
+	} {
+		if k == base {
+			t.Errorf("key %q does not change with its inputs", k)
+		}
+	}
+	if k := cacheKey("gemv", "src", "compute_90", nil, [2]int{11, 8}, 1); !strings.HasSuffix(k, ".ptx") {
+		t.Errorf("PTX key %q", k)
+	}
+}
+
+func TestCacheReadWrite(t *testing.T) {
+	dir := filepath.Join(t.TempDir(), "kernels")
+	if readCache(dir, "k") != nil {
+		t.Fatal("hit in an empty cache")
+	}
+	writeCache(dir, "k", []byte("image"))
+	if got := readCache(dir, "k"); string(got) != "image" {
+		t.Fatalf("read back %q", got)
+	}
+	entries, _ := os.ReadDir(dir)
+	if len(entries) != 1 {
+		t.Fatalf("temporary files left: %v", entries)
+	}
+	t.Setenv("MMFP4_KERNEL_CACHE", "off")
+	if cacheDir() != "" {
+		t.Fatal("MMFP4_KERNEL_CACHE=off does not disable the cache")
+	}
+}
+
+func TestModulesEmbedded(t *testing.T) {
+	mods := Modules()
+	if len(mods) < 2 {
+		t.Fatalf("modules %v", mods)
+	}
+	for _, m := range mods {
+		src, err := moduleSource(m)
+		if err != nil || !strings.Contains(src, "#line 1 \""+m+".cu\"") || !strings.HasPrefix(src, "#line 1 \"prelude.cuh\"") || !strings.Contains(src, "#line 1 \"matvec.cuh\"") {
+			t.Fatalf("module %s: %v", m, err)
+		}
+	}
+	if _, err := moduleSource("nope"); err == nil {
+		t.Fatal("unknown module: no error")
+	}
+}

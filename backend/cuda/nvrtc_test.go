@@ -1,0 +1,59 @@
+//go:build linux || darwin || freebsd || netbsd
+
+package cuda
+
+import (
+	"errors"
+	"os"
+	"strings"
+	"testing"
+)
+
+// TestCompileKernels compiles every embedded module with the local NVRTC,
+// without a GPU, so that a syntax or type error shows before any GPU time
+// is spent. CI installs NVRTC (Debian's 11.8) and sets MMFP4_REQUIRE_NVRTC=1:
+// there a missing library fails the test instead of skipping it.
+func TestCompileKernels(t *testing.T) {
+	major, minor, path, err := NVRTCVersion()
+	if errors.Is(err, ErrNoNVRTC) {
+		if os.Getenv("MMFP4_REQUIRE_NVRTC") == "1" {
+			t.Fatalf("MMFP4_REQUIRE_NVRTC=1 but NVRTC cannot be loaded: %v", err)
+		}
+		t.Skipf("SKIPPED: kernels not compile-checked: %v", err)
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Logf("NVRTC %d.%d from %s, archs %v", major, minor, path, rtcArchs)
+	archs := []string{"sm_90"}
+	if major >= 12 {
+		archs = append(archs, "sm_90a")
+	}
+	opts := append([]string{"-Xptxas=-v"}, compileOptions...)
+	for _, m := range Modules() {
+		src, err := moduleSource(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, arch := range archs {
+			img, log, err := nvrtcCompile(m, src, arch, opts)
+			if err != nil {
+				t.Errorf("%s for %s: %v", m, arch, err)
+				continue
+			}
+			if len(img) == 0 {
+				t.Errorf("%s for %s: empty image", m, arch)
+			}
+			if arch == "sm_90" {
+				t.Logf("%s (%s):\n%s", m, arch, strings.TrimSpace(log))
+			}
+			// Local memory in these kernels means an array indexed at run
+			// time or a spill: both slow the memory-bound loops badly.
+			for _, line := range strings.Split(log, "\n") {
+				if strings.Contains(line, "bytes spill") && !strings.Contains(line, "0 bytes spill stores, 0 bytes spill loads") {
+					t.Errorf("%s for %s spills: %s", m, arch, line)
+				}
+			}
+		}
+	}
+}

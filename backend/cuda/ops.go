@@ -1,0 +1,331 @@
+//go:build linux || darwin || freebsd || netbsd
+
+package cuda
+
+import (
+	"errors"
+	"fmt"
+	"math/bits"
+
+	"github.com/mmfp4/mmfp4/format"
+)
+
+// QMatrix is an MMFP4 matrix W[N,K] in device memory, in the file's layout
+// (docs/format.md section 5): codes [N][K/2], scales [N][K/G], row scales [N].
+type QMatrix struct {
+	N, K, G                 int
+	Codes, Scales, RowScale uint64
+	buf                     Buffer // one allocation holding all three
+}
+
+// UploadMatrix copies an MMFP4 matrix to the device as one allocation.
+func (c *Ctx) UploadMatrix(m *format.Matrix) (*QMatrix, error) {
+	if err := m.Validate(); err != nil {
+		return nil, err
+	}
+	if m.K%32 != 0 {
+		return nil, fmt.Errorf("cuda: MMFP4 matrix [%d,%d]: K must be a multiple of 32", m.N, m.K)
+	}
+	codes, scales := len(m.Codes), len(m.Scales)
+	scalesOff := align(codes, 256)
+	rowOff := align(scalesOff+scales, 256)
+	buf, err := c.Alloc(rowOff + 4*m.N)
+	if err != nil {
+		return nil, err
+	}
+	q := &QMatrix{N: m.N, K: m.K, G: m.GroupSize, Codes: buf.Ptr, Scales: buf.At(scalesOff), RowScale: buf.At(rowOff), buf: buf}
+	if err := errors.Join(CopyIn(c, q.Codes, m.Codes), CopyIn(c, q.Scales, m.Scales), CopyIn(c, q.RowScale, m.RowScale)); err != nil {
+		c.Free(buf)
+		return nil, err
+	}
+	return q, nil
+}
+
+// FreeMatrix returns q's memory to the pool.
+func (c *Ctx) FreeMatrix(q *QMatrix) error { return c.Free(q.buf) }
+
+// Bytes is the size of the matrix's codes and scales, what a product reads.
+func (q *QMatrix) Bytes() int { return q.N*q.K/2 + q.N*q.K/q.G + 4*q.N }
+
+func align(n, a int) int { return (n + a - 1) / a * a }
+
+// QActs holds T rows of K activations quantized to int8 per group of G
+// (docs/format.md section 9): Q [T][K] int8 in column order, Scales [T][K/G]
+// float32, and Sums [T][K/32] int32, the sum of each 32 values (the GEMV
+// kernels' offset decode needs it).
+type QActs struct {
+	T, K, G         int
+	Q, Scales, Sums uint64
+	buf             Buffer
+}
+
+// NewQActs allocates room for T quantized rows of K activations.
+func (c *Ctx) NewQActs(T, K, G int) (*QActs, error) {
+	if !format.ValidGroupSize(G) || K%G != 0 || T <= 0 {
+		return nil, fmt.Errorf("cuda: quantized activations %dx%d with group %d", T, K, G)
+	}
+	qOff := 0
+	sOff := align(T*K, 256)
+	sumOff := align(sOff+4*T*K/G, 256)
+	buf, err := c.Alloc(sumOff + 4*T*K/32)
+	if err != nil {
+		return nil, err
+	}
+	return &QActs{T: T, K: K, G: G, Q: buf.At(qOff), Scales: buf.At(sOff), Sums: buf.At(sumOff), buf: buf}, nil
+}
+
+// FreeQActs returns a's memory to the pool.
+func (c *Ctx) FreeQActs(a *QActs) error { return c.Free(a.buf) }
+
+// RMSNormQuant normalises a.T rows of x (row stride ldx floats) by their root
+// mean square and gain (gain 0: no normalisation), writes the float result to
+// out (row stride ldo; out 0: not written) and quantizes it into a (nil: not
+// quantized). eps is added to the mean square.
+func (c *Ctx) RMSNormQuant(x uint64, ldx int, gain uint64, eps float32, out uint64, ldo int, rows, K, G int, a *QActs) error {
+	var q, s, sums uint64
+	if a != nil {
+		if a.T != rows || a.K != K || a.G != G {
+			return fmt.Errorf("cuda: rmsnorm_quant: activations %dx%d/%d, want %dx%d/%d", a.T, a.K, a.G, rows, K, G)
+		}
+		q, s, sums = a.Q, a.Scales, a.Sums
+	}
+	if !format.ValidGroupSize(G) || K%G != 0 {
+		return fmt.Errorf("cuda: rmsnorm_quant: K=%d, group %d", K, G)
+	}
+	k, err := c.Kernel("quant", "rmsnorm_quant")
+	if err != nil {
+		return err
+	}
+	return c.Launch(k, D1(rows), D1(256), 0, x, ldx, gain, eps, out, ldo, q, s, sums, K, G)
+}
+
+// GEMVVariant picks the GEMV kernel.
+type GEMVVariant int
+
+const (
+	// GEMVAuto: the split dp4a kernel for one token, the tensor-core
+	// kernel for 3..8 tokens at G = 128, else the offset dp4a kernel.
+	GEMVAuto GEMVVariant = iota
+	// GEMVOffset: dp4a on the +128 offset codes, one dp4a per four weights
+	// and token.
+	GEMVOffset
+	// GEMVSplit: dp4a with positive and negative codes apart (two dp4a per
+	// four weights, fewer integer operations); one token only.
+	GEMVSplit
+	// GEMVMMA: int8 mma.sync on the offset codes, 16 rows x 8 tokens per
+	// instruction; G = 128 only.
+	GEMVMMA
+)
+
+const gemvRowsPerBlock = 4 * 4 // WARPS * R in gemv.cu
+
+var gemvKernels = [...]string{1: "gemv_t1", "gemv_t2", "gemv_t3", "gemv_t4", "gemv_t5", "gemv_t6", "gemv_t7", "gemv_t8"}
+
+// GEMV computes y[t*ldy + n] = sum_k W[n,k] x[t,k] for the a.T (1..8)
+// quantized rows of a, with the integer MMFP4 product.
+func (c *Ctx) GEMV(y uint64, ldy int, w *QMatrix, a *QActs, v GEMVVariant) error {
+	if a.K != w.K || a.G != w.G {
+		return fmt.Errorf("cuda: gemv: activations K=%d G=%d, weights [%d,%d] G=%d", a.K, a.G, w.N, w.K, w.G)
+	}
+	if a.T < 1 || a.T > 8 {
+		return fmt.Errorf("cuda: gemv: %d tokens, want 1..8", a.T)
+	}
+	if ldy < w.N && a.T > 1 {
+		return fmt.Errorf("cuda: gemv: output stride %d below N=%d", ldy, w.N)
+	}
+	if v == GEMVAuto {
+		// Measured on an H200 (docs/perf.md): split 95% of the copy
+		// bandwidth at one token; at two the offset dp4a kernel and the
+		// tensor-core kernel tie (67%, 65%); from three on dp4a falls off
+		// (51% at four) and the tensor cores hold about 61-65%.
+		switch {
+		case a.T == 1:
+			v = GEMVSplit
+		case a.T >= 3 && w.G == 128:
+			v = GEMVMMA
+		default:
+			v = GEMVOffset
+		}
+	}
+	switch v {
+	case GEMVMMA:
+		if w.G != 128 {
+			return fmt.Errorf("cuda: gemv: the tensor-core kernel needs group size 128, not %d", w.G)
+		}
+		k, err := c.Kernel("gemv", "gemv_mma")
+		if err != nil {
+			return err
+		}
+		return c.Launch(k, D1((w.N+15)/16), D1(128), 0, w.Codes, w.Scales, w.RowScale, w.N, w.K, a.Q, a.Scales, a.Sums, y, ldy, a.T)
+	case GEMVSplit:
+		if a.T != 1 {
+			return fmt.Errorf("cuda: gemv: the split kernel takes one token, not %d", a.T)
+		}
+	}
+	name := gemvKernels[a.T]
+	if v == GEMVSplit {
+		name = "gemv_split_t1"
+	}
+	k, err := c.Kernel("gemv", name)
+	if err != nil {
+		return err
+	}
+	gshift := bits.TrailingZeros(uint(w.G / 32))
+	grid := (w.N + gemvRowsPerBlock - 1) / gemvRowsPerBlock
+	return c.Launch(k, D1(grid), D1(128), 0, w.Codes, w.Scales, w.RowScale, w.N, w.K, gshift, a.Q, a.Scales, a.Sums, y, ldy)
+}
+
+// ExpertMats are one expert's matrices on the device: gate and up [I,K],
+// down [K,I].
+type ExpertMats struct{ Gate, Up, Down *QMatrix }
+
+// ExpertTable holds the device addresses of a MoE layer's experts, the
+// routed ones then the shared ones, for the MoE kernels to look up by id.
+type ExpertTable struct {
+	Routed, Shared int
+	I, K, G        int
+	buf            Buffer
+}
+
+// NewExpertTable checks that the experts share their shapes and group size
+// and uploads their addresses.
+func (c *Ctx) NewExpertTable(routed, shared []ExpertMats) (*ExpertTable, error) {
+	all := append(append([]ExpertMats{}, routed...), shared...)
+	if len(routed) == 0 {
+		return nil, fmt.Errorf("cuda: expert table without routed experts")
+	}
+	t := &ExpertTable{Routed: len(routed), Shared: len(shared), I: all[0].Gate.N, K: all[0].Gate.K, G: all[0].Gate.G}
+	ptrs := make([]uint64, 0, 9*len(all))
+	for i, e := range all {
+		for _, m := range []struct {
+			name string
+			q    *QMatrix
+			n, k int
+		}{{"gate", e.Gate, t.I, t.K}, {"up", e.Up, t.I, t.K}, {"down", e.Down, t.K, t.I}} {
+			if m.q.N != m.n || m.q.K != m.k || m.q.G != t.G {
+				return nil, fmt.Errorf("cuda: expert %d %s is [%d,%d] G=%d, want [%d,%d] G=%d", i, m.name, m.q.N, m.q.K, m.q.G, m.n, m.k, t.G)
+			}
+			ptrs = append(ptrs, m.q.Codes, m.q.Scales, m.q.RowScale)
+		}
+	}
+	buf, err := c.Alloc(8 * len(ptrs))
+	if err != nil {
+		return nil, err
+	}
+	t.buf = buf
+	return t, CopyIn(c, buf.Ptr, ptrs)
+}
+
+// FreeExpertTable returns the table's memory (not the matrices') to the pool.
+func (c *Ctx) FreeExpertTable(t *ExpertTable) error { return c.Free(t.buf) }
+
+// RouteConfig is the noaux_tc expert choice (DESIGN.md section 3).
+type RouteConfig struct {
+	TopK, Groups, TopKGroups int
+	Norm                     bool
+	Scaling                  float32
+}
+
+// Route chooses experts for T rows of normalised activations x (rows ldx
+// floats apart): gate holds the router's fp32 weights [E][K], bias its E
+// score corrections. It writes T*TopK expert ids (int32) and weights, and,
+// unless logits is 0, the T*E router logits.
+func (c *Ctx) Route(gate, bias, x uint64, ldx, T, E, K int, cfg RouteConfig, ids, wts, logits uint64) error {
+	switch {
+	case E > 512 || cfg.TopK < 1 || cfg.TopK > E || K%4 != 0 || ldx%4 != 0:
+		return fmt.Errorf("cuda: route: %d experts, top %d, K=%d, ldx=%d", E, cfg.TopK, K, ldx)
+	case cfg.Groups > 1 && (cfg.Groups > 64 || E%cfg.Groups != 0 || cfg.TopKGroups < 1):
+		return fmt.Errorf("cuda: route: %d experts in %d groups, top %d groups", E, cfg.Groups, cfg.TopKGroups)
+	}
+	k, err := c.Kernel("moe", "moe_route")
+	if err != nil {
+		return err
+	}
+	norm := 0
+	if cfg.Norm {
+		norm = 1
+	}
+	return c.Launch(k, D1(T), D1(256), 0, gate, bias, x, ldx, E, K, cfg.TopK, cfg.Groups, cfg.TopKGroups, norm, cfg.Scaling, ids, wts, logits)
+}
+
+// MoEScratch is the work space of MoE for one token: each slot's SiLU
+// product and its int8 form, each slot's down product, and the down
+// kernel's per-row-block counters (zero between calls).
+type MoEScratch struct {
+	H, Partial, Counters Buffer
+	HQ                   *QActs
+}
+
+// NewMoEScratch allocates MoE's work space for topk routed experts.
+func (c *Ctx) NewMoEScratch(t *ExpertTable, topk int) (*MoEScratch, error) {
+	slots := topk + t.Shared
+	s := &MoEScratch{}
+	var err1, err2, err3, err4 error
+	s.H, err1 = c.Alloc(4 * slots * t.I)
+	s.Partial, err2 = c.Alloc(4 * slots * t.K)
+	s.Counters, err3 = c.Alloc(4 * ((t.K + 15) / 16))
+	s.HQ, err4 = c.NewQActs(slots, t.I, t.G)
+	if err := errors.Join(err1, err2, err3, err4); err != nil {
+		c.Free(s.H)
+		c.Free(s.Partial)
+		c.Free(s.Counters)
+		if s.HQ != nil {
+			c.FreeQActs(s.HQ)
+		}
+		return nil, err
+	}
+	return s, c.Memset(s.Counters.Ptr, 0, s.Counters.Size)
+}
+
+// FreeMoEScratch returns the work space to the pool.
+func (c *Ctx) FreeMoEScratch(s *MoEScratch) error {
+	return errors.Join(c.Free(s.H), c.Free(s.Partial), c.Free(s.Counters), c.FreeQActs(s.HQ))
+}
+
+// MoE computes, for one token with quantized activations x,
+// y (+)= sum_k wts[k] * expert_{ids[k]}(x) + sum of the shared experts(x),
+// expert(x) = down(silu(gate x) * up x), in three launches: the gate and up
+// products of all experts with the SiLU product, the quantization of those,
+// and the down products of all experts summed with their weights. With
+// accumulate, the sum is added to y.
+func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, topk int, x *QActs, s *MoEScratch) error {
+	slots := topk + t.Shared
+	switch {
+	case x.T != 1 || x.K != t.K || x.G != t.G:
+		return fmt.Errorf("cuda: moe: activations %dx%d G=%d, want 1x%d G=%d", x.T, x.K, x.G, t.K, t.G)
+	case s.HQ.T != slots || s.HQ.K != t.I:
+		return fmt.Errorf("cuda: moe: scratch for %d slots of %d, want %d of %d", s.HQ.T, s.HQ.K, slots, t.I)
+	}
+	gshift := bits.TrailingZeros(uint(t.G / 32))
+	gu, err := c.Kernel("moe", "moe_gate_up")
+	if err != nil {
+		return err
+	}
+	down, err := c.Kernel("moe", "moe_down")
+	if err != nil {
+		return err
+	}
+	acc := 0
+	if accumulate {
+		acc = 1
+	}
+	if err := c.Launch(gu, Dim{uint32((t.I + 15) / 16), uint32(slots), 1}, D1(128), 0,
+		t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, x.Sums, s.H); err != nil {
+		return err
+	}
+	if err := c.RMSNormQuant(s.H.Ptr, t.I, 0, 0, 0, 0, slots, t.I, t.G, s.HQ); err != nil {
+		return err
+	}
+	return c.Launch(down, Dim{uint32((t.K + 15) / 16), uint32(slots), 1}, D1(128), 0,
+		t.buf, ids, wts, topk, slots, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, s.HQ.Sums,
+		s.Partial, s.Counters, y, acc)
+}
+
+// Spin keeps the GPU busy for about the given number of cycles (for timing).
+func (c *Ctx) Spin(cycles int64) error {
+	k, err := c.Kernel("util", "spin")
+	if err != nil {
+		return err
+	}
+	return c.Launch(k, D1(1), D1(1), 0, uint64(cycles))
+}
