@@ -34,3 +34,15 @@ func Probe(compileWithoutGPU bool) Report {
 	_, _, _, err := NVRTCVersion()
 	return Report{DeviceErr: errUnsupported, NVRTCErr: err}
 }
+
+// Options configure the CUDA backend.
+type Options struct {
+	Ordinal    int
+	NoFusedMoE bool
+}
+
+// Backend is the CUDA backend; on this system there is none.
+type Backend struct{}
+
+// New reports that there is no CUDA on this system.
+func New(o Options) (*Backend, error) { return nil, errUnsupported }
