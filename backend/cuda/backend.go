@@ -55,6 +55,20 @@ func New(o Options) (*Backend, error) {
 	return b, nil
 }
 
+// NewBackend is New for callers that pick a backend: it also refuses a GPU
+// older than compute capability minCC (10*major + minor).
+func NewBackend(o Options, minCC int) (backend.Backend, error) {
+	b, err := New(o)
+	if err != nil {
+		return nil, err
+	}
+	if cc := b.dev.Info().CC; cc < minCC {
+		b.Close()
+		return nil, fmt.Errorf("%w: GPU of compute capability %d.%d; the kernels need %d.%d or newer", ErrNoDevice, cc/10, cc%10, minCC/10, minCC%10)
+	}
+	return b, nil
+}
+
 // NewOnDevice returns a backend on an opened device, which the caller keeps
 // and closes.
 func NewOnDevice(d *Device, o Options) *Backend {

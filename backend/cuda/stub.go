@@ -2,7 +2,11 @@
 
 package cuda
 
-import "fmt"
+import (
+	"fmt"
+
+	"github.com/mmfp4/mmfp4/backend"
+)
 
 var errUnsupported = fmt.Errorf("%w: CUDA is used on Linux only", ErrNoDriver)
 
@@ -41,8 +45,5 @@ type Options struct {
 	NoFusedMoE bool
 }
 
-// Backend is the CUDA backend; on this system there is none.
-type Backend struct{}
-
-// New reports that there is no CUDA on this system.
-func New(o Options) (*Backend, error) { return nil, errUnsupported }
+// NewBackend reports that there is no CUDA on this system.
+func NewBackend(o Options, minCC int) (backend.Backend, error) { return nil, errUnsupported }
