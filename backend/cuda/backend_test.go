@@ -257,7 +257,13 @@ func TestBackendMoEMatchesCPU(t *testing.T) {
 		for _, kind := range []string{"mmfp4", "dense"} {
 			for _, T := range []int{1, 6} {
 				x := randVec(r, T*K, 1)
-				compareOp(t, g, c, fmt.Sprintf("moe %s T=%d fused=%v", kind, T, fused), 1e-5, func(b backend.Backend) []float32 {
+				// MMFP4 experts requantize the SwiGLU product to int8, where
+				// a last-bit difference can move a value by one step.
+				bound := 1e-5
+				if kind == "mmfp4" {
+					bound = 1e-3
+				}
+				compareOp(t, g, c, fmt.Sprintf("moe %s T=%d fused=%v", kind, T, fused), bound, func(b backend.Backend) []float32 {
 					b.SetBatch(simpleBatch(T, 0), nil)
 					var experts []backend.Expert
 					for _, h := range hosts[kind] {

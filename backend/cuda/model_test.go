@@ -4,6 +4,7 @@ package cuda
 
 import (
 	"encoding/binary"
+	"fmt"
 	"path/filepath"
 	"testing"
 
@@ -143,40 +144,48 @@ func quantizedFixture(t *testing.T) string {
 	return out
 }
 
+// The MMFP4 fixture is compared with a float32 cache: on this random tiny
+// model a single bf16 rounding step of one cached latent value moves the
+// CPU's logits by 2.2e-2 (relative to the largest; 1.4e-4 on the bf16
+// weights), so a last-bit difference before the cache's rounding would
+// decide a bf16 comparison, not the kernels.
 func TestModelMMFP4MatchesCPUOnGPU(t *testing.T) {
 	g, c := testBackends(t, Options{})
 	ref := loadGolden(t)
 	dir := quantizedFixture(t)
 	mg, mc := loadOn(t, dir, g), loadOn(t, dir, c)
 	seq := append(append([]int{}, ref.prompt...), ref.greedy...)
-	for _, dt := range []backend.CacheDType{backend.CacheF32, backend.CacheBF16} {
-		want := modelLogits(t, mc, seq, dt)
-		got := modelLogits(t, mg, seq, dt)
-		e := maxRelErr(want, got)
-		t.Logf("GPU vs CPU, MMFP4 g128, %v cache: max rel err %.2e over %d positions", dt, e, len(seq))
-		if e > 1e-2 {
-			t.Errorf("%v cache: relative error %.3e > 1e-2", dt, e)
-		}
+	want := modelLogits(t, mc, seq, backend.CacheF32)
+	got := modelLogits(t, mg, seq, backend.CacheF32)
+	e := maxRelErr(want, got)
+	t.Logf("GPU vs CPU, MMFP4 g128, f32 cache: max rel err %.2e over %d positions", e, len(seq))
+	if e > 1e-5 {
+		t.Errorf("relative error %.3e > 1e-5", e)
 	}
 }
 
-// Greedy decoding of 64 tokens gives the same ids on both backends, for the
-// bf16 and the MMFP4 weights, with the serving default bf16 cache.
+// Greedy decoding of 64 tokens gives the same ids on both backends: the
+// bf16 weights with the serving default bf16 cache, the MMFP4 weights with
+// a float32 cache (see above).
 func TestModelGreedyMatchesCPUOnGPU(t *testing.T) {
 	ref := loadGolden(t)
 	for _, fused := range []bool{true, false} {
 		g, c := testBackends(t, Options{NoFusedMoE: !fused})
-		for _, dir := range []string{fixtureDir, quantizedFixture(t)} {
-			mg, mc := loadOn(t, dir, g), loadOn(t, dir, c)
-			want := greedyIDs(t, mc, ref.prompt, 64, backend.CacheBF16)
-			got := greedyIDs(t, mg, ref.prompt, 64, backend.CacheBF16)
+		for _, run := range []struct {
+			dir string
+			dt  backend.CacheDType
+		}{{fixtureDir, backend.CacheBF16}, {quantizedFixture(t), backend.CacheF32}} {
+			mg, mc := loadOn(t, run.dir, g), loadOn(t, run.dir, c)
+			want := greedyIDs(t, mc, ref.prompt, 64, run.dt)
+			got := greedyIDs(t, mg, ref.prompt, 64, run.dt)
 			same := 0
 			for same < len(want) && got[same] == want[same] {
 				same++
 			}
-			t.Logf("%s, fused MoE %v: %d of 64 greedy ids identical", filepath.Base(dir), fused, same)
+			name := fmt.Sprintf("%s, %v cache, fused MoE %v", filepath.Base(run.dir), run.dt, fused)
+			t.Logf("%s: %d of 64 greedy ids identical", name, same)
 			if same != len(want) {
-				t.Errorf("%s, fused MoE %v: greedy ids differ at step %d:\n gpu %v\n cpu %v", filepath.Base(dir), fused, same, got, want)
+				t.Errorf("%s: greedy ids differ at step %d:\n gpu %v\n cpu %v", name, same, got, want)
 			}
 		}
 	}
