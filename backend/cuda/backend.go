@@ -34,6 +34,8 @@ type Backend struct {
 	pool  *cachePool
 	meta  batchMeta
 
+	pending []queuedOp // ops queued since the last flush
+
 	moe      map[*QMatrix]*moeLayer
 	identity map[int]uint64 // E -> E x E identity, for routing from logits
 }
@@ -78,6 +80,7 @@ func NewOnDevice(d *Device, o Options) *Backend {
 // Close frees the backend's device memory and, when New opened the device,
 // closes it.
 func (b *Backend) Close() error {
+	b.flush()
 	err := b.dev.Do(func(c *Ctx) error {
 		errs := []error{c.Sync(), b.weights.free(c), b.arena.free(c)}
 		if b.pool != nil {
@@ -112,8 +115,56 @@ func (b *Backend) fail(format string, args ...any) {
 	}
 }
 
-// do runs fn on the device thread, recording its error under op's name.
+// queuedOp is an op's device work, run later on the device thread.
+type queuedOp struct {
+	op string
+	fn func(c *Ctx) error
+}
+
+// maxQueued bounds the ops held before they are handed to the device
+// thread together.
+const maxQueued = 512
+
+// do queues fn for the device thread. Handing each op over on its own costs
+// a thread switch (tens of microseconds); queued ops go over in one. Their
+// arguments are fixed when queued: device addresses come from the arena,
+// which is bookkept on the host.
 func (b *Backend) do(op string, fn func(c *Ctx) error) {
+	if b.err != nil {
+		return // the step has failed (Sync reports it); its addresses may be 0
+	}
+	b.pending = append(b.pending, queuedOp{op, fn})
+	if len(b.pending) >= maxQueued {
+		b.flush()
+	}
+}
+
+// flush runs the queued ops on the device thread, stopping at the first
+// error, which it records.
+func (b *Backend) flush() {
+	if len(b.pending) == 0 {
+		return
+	}
+	ops := b.pending
+	err := b.dev.Do(func(c *Ctx) error {
+		for _, q := range ops {
+			if err := q.fn(c); err != nil {
+				return fmt.Errorf("%s: %w", q.op, err)
+			}
+		}
+		return nil
+	})
+	clear(ops)
+	b.pending = ops[:0]
+	if err != nil && b.err == nil {
+		b.err = fmt.Errorf("cuda backend: %w", err)
+	}
+}
+
+// now runs fn on the device thread after the queued ops, recording its
+// error under op's name.
+func (b *Backend) now(op string, fn func(c *Ctx) error) {
+	b.flush()
 	if err := b.dev.Do(fn); err != nil && b.err == nil {
 		b.err = fmt.Errorf("cuda backend: %s: %w", op, err)
 	}
@@ -122,7 +173,7 @@ func (b *Backend) do(op string, fn func(c *Ctx) error) {
 // Sync waits for the queued work and returns the first error since the
 // last Sync.
 func (b *Backend) Sync() error {
-	b.do("sync", func(c *Ctx) error { return c.Sync() })
+	b.now("sync", func(c *Ctx) error { return c.Sync() })
 	err := b.err
 	b.err = nil
 	return err
@@ -172,17 +223,24 @@ type arena struct {
 
 const minArena = 64 << 20
 
-func (a *arena) alloc(c *Ctx, n int) (uint64, error) {
+// take returns n bytes from the chunks already allocated, or false.
+func (a *arena) take(n int) (uint64, bool) {
 	n = align(max(n, 1), 256)
 	for a.cur < len(a.chunks) {
 		if a.off+n <= a.chunks[a.cur].Size {
 			p := a.chunks[a.cur].At(a.off)
 			a.off += n
-			return p, nil
+			return p, true
 		}
 		a.cur++
 		a.off = 0
 	}
+	return 0, false
+}
+
+// grow adds a chunk for n bytes and takes them from it.
+func (a *arena) grow(c *Ctx, n int) (uint64, error) {
+	n = align(max(n, 1), 256)
 	size := max(n, minArena)
 	if len(a.chunks) > 0 {
 		size = max(size, 2*a.chunks[len(a.chunks)-1].Size)
@@ -196,11 +254,8 @@ func (a *arena) alloc(c *Ctx, n int) (uint64, error) {
 	return buf.Ptr, nil
 }
 
-func (a *arena) reset(c *Ctx) error {
-	a.cur, a.off = 0, 0
-	if len(a.chunks) <= 1 {
-		return nil
-	}
+// merge replaces several chunks by one of their total size.
+func (a *arena) merge(c *Ctx) error {
 	total := 0
 	for _, b := range a.chunks {
 		total += b.Size
@@ -223,6 +278,21 @@ func (a *arena) free(c *Ctx) error {
 	}
 	a.chunks, a.cur, a.off = nil, 0, 0
 	return errors.Join(errs...)
+}
+
+// alloc returns n bytes of step memory (0 after a failure, recorded).
+// Growing the arena waits for the queued ops.
+func (b *Backend) alloc(n int) uint64 {
+	if p, ok := b.arena.take(n); ok {
+		return p
+	}
+	var p uint64
+	b.now("arena", func(c *Ctx) error {
+		var err error
+		p, err = b.arena.grow(c, n)
+		return err
+	})
+	return p
 }
 
 // tensor is a row-major float32 matrix in device memory; row t starts ld
@@ -282,6 +352,7 @@ func (b *Backend) NewWeight(hw backend.HostWeight) (backend.Weight, error) {
 		if m.K%32 != 0 {
 			return nil, fmt.Errorf("%s: MMFP4 matrix [%d,%d]: K must be a multiple of 32 on the GPU", hw.Name, m.N, m.K)
 		}
+		b.flush()
 		err := b.dev.Do(func(c *Ctx) error {
 			scalesOff := align(len(m.Codes), 256)
 			rowOff := align(scalesOff+len(m.Scales), 256)
@@ -299,6 +370,7 @@ func (b *Backend) NewWeight(hw backend.HostWeight) (backend.Weight, error) {
 		if len(hw.Dense) != hw.N*hw.K {
 			return nil, fmt.Errorf("%s: %d values, want %dx%d", hw.Name, len(hw.Dense), hw.N, hw.K)
 		}
+		b.flush()
 		err := b.dev.Do(func(c *Ctx) error {
 			p, err := b.weights.alloc(c, 4*len(hw.Dense))
 			if err != nil {
@@ -370,21 +442,22 @@ func (b *Backend) SetBatch(batch *backend.Batch, p backend.CachePool) {
 		}
 	}
 	b.meta.maxN = maxN
-	b.do("set batch", func(c *Ctx) error {
-		if err := b.arena.reset(c); err != nil {
-			return err
-		}
-		up := func(dst *uint64, v []int32) error {
-			p, err := b.arena.alloc(c, 4*len(v))
-			*dst = p
-			if err != nil {
-				return err
-			}
-			return CopyIn(c, p, v)
-		}
-		return errors.Join(up(&b.meta.pos, batch.Positions), up(&b.meta.rowSeq, rowSeq), up(&b.meta.slots, slots),
-			up(&b.meta.seqBlocks, seqBlocks), up(&b.meta.blocks, blocks), up(&b.meta.outputs, batch.Outputs))
-	})
+	b.arena.cur, b.arena.off = 0, 0
+	if len(b.arena.chunks) > 1 {
+		b.now("set batch", b.arena.merge)
+	}
+	up := func(dst *uint64, v []int32) {
+		v = append([]int32(nil), v...)
+		*dst = b.alloc(4 * len(v))
+		p := *dst
+		b.do("set batch", func(c *Ctx) error { return CopyIn(c, p, v) })
+	}
+	up(&b.meta.pos, batch.Positions)
+	up(&b.meta.rowSeq, rowSeq)
+	up(&b.meta.slots, slots)
+	up(&b.meta.seqBlocks, seqBlocks)
+	up(&b.meta.blocks, blocks)
+	up(&b.meta.outputs, batch.Outputs)
 }
 
 // NewTensor returns a zeroed tensor from the step's arena.
@@ -393,15 +466,10 @@ func (b *Backend) NewTensor(rows, cols int) backend.Tensor {
 		b.fail("tensor of %dx%d", rows, cols)
 		rows, cols = 0, 0
 	}
-	t := &tensor{rows: rows, cols: cols, ld: cols}
-	b.do("new tensor", func(c *Ctx) error {
-		p, err := b.arena.alloc(c, 4*rows*cols)
-		if err != nil {
-			return err
-		}
-		t.ptr = p
-		return c.Memset(p, 0, 4*rows*cols)
-	})
+	t := &tensor{rows: rows, cols: cols, ld: cols, ptr: b.alloc(4 * rows * cols)}
+	if t.ptr != 0 && rows*cols > 0 {
+		b.do("new tensor", func(c *Ctx) error { return c.Memset(t.ptr, 0, 4*rows*cols) })
+	}
 	return t
 }
 
@@ -412,6 +480,7 @@ func (b *Backend) Upload(dst backend.Tensor, src []float32) {
 		b.fail("upload of %d values into %dx%d tensor", len(src), d.rows, d.cols)
 		return
 	}
+	src = append([]float32(nil), src...) // the caller may reuse src
 	b.do("upload", func(c *Ctx) error {
 		if d.ld == d.cols {
 			return CopyIn(c, d.ptr, src)
@@ -432,7 +501,7 @@ func (b *Backend) Download(src backend.Tensor) []float32 {
 	if s.rows == 0 || s.cols == 0 {
 		return out
 	}
-	b.do("download", func(c *Ctx) error {
+	b.now("download", func(c *Ctx) error {
 		if s.ld == s.cols {
 			return CopyOut(c, out, s.ptr)
 		}
@@ -517,19 +586,16 @@ func (b *Backend) Embed(dst backend.Tensor, table backend.Weight) {
 	b.Upload(dst, host)
 }
 
-// quantize returns x's rows as int8 groups of G (as the CPU backend's
-// activations) in arena memory.
-func (b *Backend) quantize(c *Ctx, x *tensor, G int) (*QActs, error) {
+// quantize queues the quantization of x's rows to int8 groups of G (as the
+// CPU backend's activations) into arena memory.
+func (b *Backend) quantize(x *tensor, G int) *QActs {
 	T, K := x.rows, x.cols
-	qOff := 0
 	sOff := align(T*K, 256)
 	sumOff := align(sOff+4*T*K/G, 256)
-	p, err := b.arena.alloc(c, sumOff+4*T*K/32)
-	if err != nil {
-		return nil, err
-	}
-	a := &QActs{T: T, K: K, G: G, Q: p + uint64(qOff), Scales: p + uint64(sOff), Sums: p + uint64(sumOff)}
-	return a, c.RMSNormQuant(x.ptr, x.ld, 0, 0, 0, 0, T, K, G, a)
+	p := b.alloc(sumOff + 4*T*K/32)
+	a := &QActs{T: T, K: K, G: G, Q: p, Scales: p + uint64(sOff), Sums: p + uint64(sumOff)}
+	b.do("quantize", func(c *Ctx) error { return c.RMSNormQuant(x.ptr, x.ld, 0, 0, 0, 0, T, K, G, a) })
+	return a
 }
 
 // actRows is a view of rows [from, from+n) of a.
@@ -550,11 +616,8 @@ func (b *Backend) MatMul(dst, x backend.Tensor, wt backend.Weight) {
 			w.dense, w.n, w.k, xm.ptr, xm.ld, d.ptr, d.ld)
 		return
 	}
+	a := b.quantize(xm, w.q.G)
 	b.do("matmul", func(c *Ctx) error {
-		a, err := b.quantize(c, xm, w.q.G)
-		if err != nil {
-			return err
-		}
 		for t := 0; t < d.rows; t += 8 {
 			n := min(8, d.rows-t)
 			if err := c.GEMV(d.row(t), d.ld, w.q, actRows(a, t, n), GEMVAuto); err != nil {
@@ -634,11 +697,8 @@ func (b *Backend) RoPE(x backend.Tensor, heads, headStride, offset, dim int, the
 	if interleaved {
 		il = 1
 	}
+	p := b.alloc(4 * len(cs))
 	b.do("rope", func(c *Ctx) error {
-		p, err := b.arena.alloc(c, 4*len(cs))
-		if err != nil {
-			return err
-		}
 		if err := CopyIn(c, p, cs); err != nil {
 			return err
 		}
@@ -721,6 +781,7 @@ func (b *Backend) NewCachePool(layers, blocks, blockSize, rank, ropeDim int, dty
 	}
 	p := &cachePool{layers: layers, blocks: blocks, blockSize: blockSize, rank: rank, ropeDim: ropeDim, dtype: dtype}
 	p.layerBytes = align(blocks*blockSize*(rank+ropeDim)*elem, 256)
+	b.flush()
 	err := b.dev.Do(func(c *Ctx) error {
 		buf, err := c.Alloc(layers * p.layerBytes)
 		if err != nil {
@@ -793,22 +854,27 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s bac
 		b.badShape("attention q", [2]int{qm.rows, qm.cols}, [2]int{T, s.Heads * (s.NopeDim + s.RopeDim)}) {
 		return
 	}
+	if attentionWarps*4*s.Rank > 48<<10 {
+		b.fail("attention: rank %d needs more shared memory than 48 KiB", s.Rank)
+		return
+	}
 	maxN := b.meta.maxN
+	scratch := b.alloc(4 * T * s.Heads * maxN)
 	b.do("attention", func(c *Ctx) error {
-		scratch, err := b.arena.alloc(c, 4*T*s.Heads*maxN)
-		if err != nil {
-			return err
-		}
 		k, err := c.Kernel("ops", "latent_attention")
 		if err != nil {
 			return err
 		}
-		return c.Launch(k, Dim{uint32(T), uint32(s.Heads), 1}, D1(256), 0,
+		return c.Launch(k, Dim{uint32(T), uint32(s.Heads), 1}, D1(256), attentionWarps*4*s.Rank,
 			om.ptr, om.ld, ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer), p.kernelDType(),
 			b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
 			s.Heads, s.Rank, s.NopeDim, s.RopeDim, scale, scratch, maxN)
 	})
 }
+
+// attentionWarps is OPS_THREADS/32 in ops.cu: latent_attention keeps one
+// rank-sized accumulator per warp in shared memory.
+const attentionWarps = 8
 
 // ExpandValues applies the value up-projection head by head.
 func (b *Backend) ExpandValues(out, olat backend.Tensor, wUV backend.Weight, s backend.MLAShape) {
@@ -816,6 +882,21 @@ func (b *Backend) ExpandValues(out, olat backend.Tensor, wUV backend.Weight, s b
 	if b.badShape("expand out", [2]int{om.rows, om.cols}, [2]int{ol.rows, s.Heads * s.VDim}) ||
 		b.badShape("expand in", [2]int{ol.rows, ol.cols}, [2]int{om.rows, s.Heads * s.Rank}) ||
 		b.badShape("expand W_UV", [2]int{w.n, w.k}, [2]int{s.Heads * s.VDim, s.Rank}) {
+		return
+	}
+	if w.q != nil && ol.rows == 1 && s.Rank%w.q.G == 0 {
+		// One token: the heads' column blocks hold whole groups, so one
+		// quantization of the row serves every head's product.
+		a := b.quantize(ol, w.q.G)
+		b.do("expand values", func(c *Ctx) error {
+			for h := 0; h < s.Heads; h++ {
+				ah := &QActs{T: 1, K: s.Rank, G: a.G, Q: a.Q + uint64(h*s.Rank), Scales: a.Scales + uint64(4*h*s.Rank/a.G), Sums: a.Sums + uint64(4*h*s.Rank/32)}
+				if err := c.GEMV(om.ptr+uint64(4*h*s.VDim), om.ld, weightRows(w, h*s.VDim, s.VDim).q, ah, GEMVAuto); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
 		return
 	}
 	for h := 0; h < s.Heads; h++ {
@@ -854,6 +935,7 @@ func (b *Backend) Route(logits backend.Tensor, bias backend.Weight, cfg backend.
 	if lm.rows == 0 {
 		return r
 	}
+	r.ids, r.wts = b.alloc(4*lm.rows*cfg.TopK), b.alloc(4*lm.rows*cfg.TopK)
 	b.do("route", func(c *Ctx) error {
 		id, ok := b.identity[E]
 		if !ok {
@@ -869,13 +951,6 @@ func (b *Backend) Route(logits backend.Tensor, bias backend.Weight, cfg backend.
 				return err
 			}
 			b.identity[E], id = p, p
-		}
-		var err error
-		if r.ids, err = b.arena.alloc(c, 4*lm.rows*cfg.TopK); err != nil {
-			return err
-		}
-		if r.wts, err = b.arena.alloc(c, 4*lm.rows*cfg.TopK); err != nil {
-			return err
 		}
 		rc := RouteConfig{TopK: cfg.TopK, Groups: cfg.Groups, TopKGroups: cfg.TopKGroups, Norm: cfg.NormTopKProb, Scaling: cfg.RoutedScaling}
 		return c.Route(id, bv.dense, lm.ptr, lm.ld, lm.rows, E, E, rc, r.ids, r.wts, 0)
@@ -904,11 +979,8 @@ func (b *Backend) MoE(dst, x backend.Tensor, r backend.Routing, experts []backen
 	}
 	if !b.opts.NoFusedMoE && d.rows == 1 {
 		if l := b.moeLayer(experts, rt.topK); l != nil {
+			a := b.quantize(xm, l.table.G)
 			b.do("moe", func(c *Ctx) error {
-				a, err := b.quantize(c, xm, l.table.G)
-				if err != nil {
-					return err
-				}
 				return c.MoE(d.ptr, true, l.table, rt.ids, rt.wts, rt.topK, a, l.scratch[rt.topK])
 			})
 			return
@@ -929,6 +1001,7 @@ func (b *Backend) moeLayer(experts []backend.Expert, topK int) *moeLayer {
 		mats = append(mats, ExpertMats{Gate: g.q, Up: u.q, Down: dn.q})
 	}
 	l := b.moe[mats[0].Gate]
+	b.flush()
 	err := b.dev.Do(func(c *Ctx) error {
 		if l == nil {
 			t, err := c.NewExpertTable(mats, nil)
@@ -960,7 +1033,7 @@ func (b *Backend) moeGrouped(d, xm *tensor, rt *routing, experts []backend.Exper
 	T, K := xm.rows, rt.topK
 	ids := make([]int32, T*K)
 	wts := make([]float32, T*K)
-	b.do("moe routing download", func(c *Ctx) error {
+	b.now("moe routing download", func(c *Ctx) error {
 		return errors.Join(CopyOut(c, ids, rt.ids), CopyOut(c, wts, rt.wts))
 	})
 	if b.err != nil {
@@ -986,16 +1059,9 @@ func (b *Backend) moeGrouped(d, xm *tensor, rt *routing, experts []backend.Exper
 		ex := experts[e]
 		n := len(rs)
 		in := asTensor(b.NewTensor(n, xm.cols))
-		var rowPtr, wPtr uint64
+		rowPtr, wPtr, we := b.alloc(4*n), b.alloc(4*n), ws[e]
 		b.do("moe gather", func(c *Ctx) error {
-			var err error
-			if rowPtr, err = b.arena.alloc(c, 4*n); err != nil {
-				return err
-			}
-			if wPtr, err = b.arena.alloc(c, 4*n); err != nil {
-				return err
-			}
-			return errors.Join(CopyIn(c, rowPtr, rs), CopyIn(c, wPtr, ws[e]))
+			return errors.Join(CopyIn(c, rowPtr, rs), CopyIn(c, wPtr, we))
 		})
 		b.launch("moe gather", "ops", "gather_rows", D1(n), D1(256), in.ptr, in.ld, xm.ptr, xm.ld, rowPtr, xm.cols)
 		inter := ex.Gate.Rows()

@@ -182,8 +182,9 @@ func TestBackendAttentionMatchesCPU(t *testing.T) {
 	steps := []*backend.Batch{
 		{Seqs: []backend.Seq{{Start: 0, Len: 7, Blocks: []int32{9, 2, 14}}, {Start: 7, Len: 3, Blocks: []int32{5, 0}}}},
 		{Seqs: []backend.Seq{{Start: 0, Len: 1, Blocks: []int32{9, 2, 14}}, {Start: 1, Len: 2, Blocks: []int32{5, 0}}}},
+		{Seqs: []backend.Seq{{Start: 0, Len: 1, Blocks: []int32{9, 2, 14}}}},
 	}
-	for i, p := range [][]int32{{0, 1, 2, 3, 4, 5, 6, 0, 1, 2}, {7, 3, 4}} {
+	for i, p := range [][]int32{{0, 1, 2, 3, 4, 5, 6, 0, 1, 2}, {7, 3, 4}, {8}} {
 		steps[i].Positions = p
 		steps[i].Tokens = make([]int32, len(p))
 		steps[i].Outputs = []int32{0}

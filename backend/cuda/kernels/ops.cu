@@ -103,7 +103,8 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
 //   olat[t,h] = sum_j softmax(score)_j c_j
 // Scores go to scratch (maxn per (t,h)); each warp scores positions j in
 // turn; the softmax follows the CPU (exp in double of score - max, float64
-// sum); then each thread sums p_j c_j for its columns in order of j.
+// sum); then each warp sums p_j c_j over its positions (dynamic shared
+// memory: one rank-sized row per warp) and the warps' rows are added.
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     latent_attention(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,
                      const void* layer, int dtype, const i32* __restrict__ pos,
@@ -161,13 +162,21 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
   }
   __syncthreads();
   const float inv = (float)(1.0 / ssum);
+  // Each warp sums p_j c_j over its positions into its own row of acc;
+  // then the rows are added in warp order.
+  extern __shared__ float acc[];
+  float* mine = acc + (size_t)warp * rank;
+  for (int k = lane; k < rank; k += 32) mine[k] = 0.f;
+  for (int j = warp; j < n; j += OPS_THREADS / 32) {
+    const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+    const float pj = sc[j] * inv;
+    for (int k = lane; k < rank; k += 32) mine[k] += pj * cache_load(layer, dtype, slot, width, k);
+  }
+  __syncthreads();
   for (int k = threadIdx.x; k < rank; k += OPS_THREADS) {
-    float acc = 0.f;
-    for (int j = 0; j < n; j++) {
-      const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
-      acc = __fadd_rn(acc, __fmul_rn(__fmul_rn(sc[j], inv), cache_load(layer, dtype, slot, width, k)));
-    }
-    olat[(size_t)t * ldo + (size_t)h * rank + k] = acc;
+    float sum = 0.f;
+    for (int w = 0; w < OPS_THREADS / 32; w++) sum += acc[(size_t)w * rank + k];
+    olat[(size_t)t * ldo + (size_t)h * rank + k] = sum;
   }
 }
 
