@@ -36,6 +36,10 @@ type Backend struct {
 
 	pending []queuedOp // ops queued since the last flush
 
+	// splitFloats bounds the split attention kernel's partial sums
+	// (maxSplitFloats; tests set 0 to cover the other kernel).
+	splitFloats int
+
 	moe      map[*QMatrix]*moeLayer
 	identity map[int]uint64 // E -> E x E identity, for routing from logits
 }
@@ -74,7 +78,7 @@ func NewBackend(o Options, minCC int) (backend.Backend, error) {
 // NewOnDevice returns a backend on an opened device, which the caller keeps
 // and closes.
 func NewOnDevice(d *Device, o Options) *Backend {
-	return &Backend{dev: d, opts: o, moe: map[*QMatrix]*moeLayer{}, identity: map[int]uint64{}}
+	return &Backend{dev: d, opts: o, moe: map[*QMatrix]*moeLayer{}, identity: map[int]uint64{}, splitFloats: maxSplitFloats}
 }
 
 // Close frees the backend's device memory and, when New opened the device,
@@ -859,6 +863,29 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s bac
 		return
 	}
 	maxN := b.meta.maxN
+	if splits := (maxN + attentionSplitPos - 1) / attentionSplitPos; T*s.Heads*splits*s.Rank <= b.splitFloats {
+		// Few rows: spread each row's positions over blocks, then merge.
+		parts := T * s.Heads * splits
+		pm, ps, pacc := b.alloc(4*parts), b.alloc(4*parts), b.alloc(4*parts*s.Rank)
+		b.do("attention", func(c *Ctx) error {
+			k, err := c.Kernel("ops", "latent_attention_split")
+			if err != nil {
+				return err
+			}
+			if err := c.Launch(k, Dim{uint32(T), uint32(s.Heads), uint32(splits)}, D1(256), attentionWarps*4*s.Rank,
+				ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer), p.kernelDType(),
+				b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
+				s.Heads, s.Rank, s.NopeDim, s.RopeDim, scale, splits, pm, ps, pacc); err != nil {
+				return err
+			}
+			merge, err := c.Kernel("ops", "attention_merge")
+			if err != nil {
+				return err
+			}
+			return c.Launch(merge, Dim{uint32(T), uint32(s.Heads), 1}, D1(256), 0, om.ptr, om.ld, s.Heads, s.Rank, splits, pm, ps, pacc)
+		})
+		return
+	}
 	scratch := b.alloc(4 * T * s.Heads * maxN)
 	b.do("attention", func(c *Ctx) error {
 		k, err := c.Kernel("ops", "latent_attention")
@@ -875,6 +902,14 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s bac
 // attentionWarps is OPS_THREADS/32 in ops.cu: latent_attention keeps one
 // rank-sized accumulator per warp in shared memory.
 const attentionWarps = 8
+
+// attentionSplitPos is SPLIT_POS in ops.cu: the positions of one block of
+// the split attention kernel. maxSplitFloats bounds its partial sums (so
+// that long prefills take the one-block-per-row kernel).
+const (
+	attentionSplitPos = 64
+	maxSplitFloats    = 16 << 20
+)
 
 // ExpandValues applies the value up-projection head by head.
 func (b *Backend) ExpandValues(out, olat backend.Tensor, wUV backend.Weight, s backend.MLAShape) {

@@ -178,16 +178,31 @@ func TestBackendAttentionMatchesCPU(t *testing.T) {
 	r := testRand(t)
 	s := backend.MLAShape{Heads: 4, NopeDim: 32, RopeDim: 64, VDim: 48, Rank: 128}
 	qk := s.NopeDim + s.RopeDim
-	const blockSize, blocks, layers = 4, 16, 2
+	const blockSize, blocks, layers = 4, 64, 2
+	// Sequence C is long enough for several splits of the split kernel.
+	var blocksC []int32
+	for i := 0; i < 38; i++ {
+		blocksC = append(blocksC, int32(63-i))
+	}
 	steps := []*backend.Batch{
-		{Seqs: []backend.Seq{{Start: 0, Len: 7, Blocks: []int32{9, 2, 14}}, {Start: 7, Len: 3, Blocks: []int32{5, 0}}}},
-		{Seqs: []backend.Seq{{Start: 0, Len: 1, Blocks: []int32{9, 2, 14}}, {Start: 1, Len: 2, Blocks: []int32{5, 0}}}},
+		{Seqs: []backend.Seq{{Start: 0, Len: 7, Blocks: []int32{9, 2, 14}}, {Start: 7, Len: 3, Blocks: []int32{5, 0}}, {Start: 10, Len: 150, Blocks: blocksC}}},
+		{Seqs: []backend.Seq{{Start: 0, Len: 1, Blocks: []int32{9, 2, 14}}, {Start: 1, Len: 2, Blocks: []int32{5, 0}}, {Start: 3, Len: 1, Blocks: blocksC}}},
 		{Seqs: []backend.Seq{{Start: 0, Len: 1, Blocks: []int32{9, 2, 14}}}},
 	}
-	for i, p := range [][]int32{{0, 1, 2, 3, 4, 5, 6, 0, 1, 2}, {7, 3, 4}, {8}} {
+	seqStart := [][]int32{{0, 0, 0}, {7, 3, 150}, {8}}
+	for i, st := range steps {
+		var p []int32
+		for k, sq := range st.Seqs {
+			for j := 0; j < sq.Len; j++ {
+				p = append(p, seqStart[i][k]+int32(j))
+			}
+		}
 		steps[i].Positions = p
 		steps[i].Tokens = make([]int32, len(p))
 		steps[i].Outputs = []int32{0}
+		if err := st.Validate(1, blocks, blockSize); err != nil {
+			t.Fatalf("step %d: %v", i, err)
+		}
 	}
 	wUK := []backend.HostWeight{quantHost(t, r, "wuk", s.Heads*s.NopeDim, s.Rank, 32), denseHost(r, "wuk", s.Heads*s.NopeDim, s.Rank)}
 	wUV := []backend.HostWeight{quantHost(t, r, "wuv", s.Heads*s.VDim, s.Rank, 128), denseHost(r, "wuv", s.Heads*s.VDim, s.Rank)}
@@ -197,36 +212,42 @@ func TestBackendAttentionMatchesCPU(t *testing.T) {
 		T := st.Rows()
 		ins = append(ins, stepIn{randVec(r, T*s.Rank, 1), randVec(r, T*s.RopeDim, 1), randVec(r, T*s.Heads*qk, 1)})
 	}
-	for _, dt := range []backend.CacheDType{backend.CacheF32, backend.CacheBF16} {
-		for wi, wname := range []string{"mmfp4", "dense"} {
-			compareOp(t, g, c, fmt.Sprintf("attention %v cache, %s weights", dt, wname), 1e-5, func(b backend.Backend) []float32 {
-				pool, err := b.NewCachePool(layers, blocks, blockSize, s.Rank, s.RopeDim, dt)
-				if err != nil {
-					t.Fatal(err)
-				}
-				uk, uv := mustWeight(t, b, wUK[wi]), mustWeight(t, b, wUV[wi])
-				var out []float32
-				for i, st := range steps {
-					b.SetBatch(st, pool)
-					T := st.Rows()
-					lat, kpe, q := b.NewTensor(T, s.Rank), b.NewTensor(T, s.RopeDim), b.NewTensor(T, s.Heads*qk)
-					b.Upload(lat, ins[i].lat)
-					b.Upload(kpe, ins[i].kpe)
-					b.Upload(q, ins[i].q)
-					for l := 0; l < layers; l++ {
-						b.CacheWrite(l, lat, kpe)
+	for _, split := range []bool{true, false} {
+		g.splitFloats = 0
+		if split {
+			g.splitFloats = maxSplitFloats
+		}
+		for _, dt := range []backend.CacheDType{backend.CacheF32, backend.CacheBF16} {
+			for wi, wname := range []string{"mmfp4", "dense"} {
+				compareOp(t, g, c, fmt.Sprintf("attention split=%v %v cache, %s weights", split, dt, wname), 1e-5, func(b backend.Backend) []float32 {
+					pool, err := b.NewCachePool(layers, blocks, blockSize, s.Rank, s.RopeDim, dt)
+					if err != nil {
+						t.Fatal(err)
 					}
-					qlat, olat := b.NewTensor(T, s.Heads*s.Rank), b.NewTensor(T, s.Heads*s.Rank)
-					b.AbsorbQuery(qlat, q, uk, s)
-					b.LatentAttention(olat, qlat, q, 1, s, 0.07)
-					o := b.NewTensor(T, s.Heads*s.VDim)
-					b.ExpandValues(o, olat, uv, s)
-					out = append(out, b.Download(qlat)...)
-					out = append(out, b.Download(olat)...)
-					out = append(out, b.Download(o)...)
-				}
-				return out
-			})
+					uk, uv := mustWeight(t, b, wUK[wi]), mustWeight(t, b, wUV[wi])
+					var out []float32
+					for i, st := range steps {
+						b.SetBatch(st, pool)
+						T := st.Rows()
+						lat, kpe, q := b.NewTensor(T, s.Rank), b.NewTensor(T, s.RopeDim), b.NewTensor(T, s.Heads*qk)
+						b.Upload(lat, ins[i].lat)
+						b.Upload(kpe, ins[i].kpe)
+						b.Upload(q, ins[i].q)
+						for l := 0; l < layers; l++ {
+							b.CacheWrite(l, lat, kpe)
+						}
+						qlat, olat := b.NewTensor(T, s.Heads*s.Rank), b.NewTensor(T, s.Heads*s.Rank)
+						b.AbsorbQuery(qlat, q, uk, s)
+						b.LatentAttention(olat, qlat, q, 1, s, 0.07)
+						o := b.NewTensor(T, s.Heads*s.VDim)
+						b.ExpandValues(o, olat, uv, s)
+						out = append(out, b.Download(qlat)...)
+						out = append(out, b.Download(olat)...)
+						out = append(out, b.Download(o)...)
+					}
+					return out
+				})
+			}
 		}
 	}
 }

@@ -216,3 +216,101 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
   for (int k = threadIdx.x; k < cols; k += OPS_THREADS)
     dst[k] = __fadd_rn(dst[k], __fmul_rn(a, s[(size_t)i * lds + k]));
 }
+
+// Split latent attention for few rows: block (t, h, s) takes positions
+// [s*SPLIT_POS, (s+1)*SPLIT_POS) of row t and writes its partial softmax:
+// the local max m, sum of e_j = exp(score_j - m) and sum of e_j c_j;
+// attention_merge rescales the splits to the common max and divides.
+#define SPLIT_POS 64
+
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    latent_attention_split(const float* qlat, int ldql, const float* q, int ldq, const void* layer,
+                           int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,
+                           const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks,
+                           int block_size, int heads, int rank, int dn, int dr, float scale,
+                           int splits, float* part_m, float* part_s, float* part_acc) {
+  __shared__ float sc[SPLIT_POS];
+  __shared__ float smax;
+  extern __shared__ float acc[];
+  const int t = blockIdx.x, h = blockIdx.y, s = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, width = rank + dr;
+  const int n = pos[t] + 1, j0 = s * SPLIT_POS, j1 = min(n, j0 + SPLIT_POS);
+  const size_t part = ((size_t)t * heads + h) * splits + s;
+  if (j0 >= j1) {
+    if (threadIdx.x == 0) {
+      part_m[part] = __int_as_float(0xff800000);
+      part_s[part] = 0.f;
+    }
+    return;
+  }
+  const i32* table = blocks + seq_blocks[row_seq[t]];
+  const float* qv = qlat + (size_t)t * ldql + (size_t)h * rank;
+  const float* qpe = q + (size_t)t * ldq + (size_t)h * (dn + dr) + dn;
+  for (int j = j0 + warp; j < j1; j += OPS_THREADS / 32) {
+    const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+    float a = 0.f, b = 0.f;
+    for (int k = lane; k < rank; k += 32) a += qv[k] * cache_load(layer, dtype, slot, width, k);
+    for (int k = lane; k < dr; k += 32) b += qpe[k] * cache_load(layer, dtype, slot, width, rank + k);
+    a = warp_sum(a);
+    b = warp_sum(b);
+    if (lane == 0) sc[j - j0] = scale * (a + b);
+  }
+  __syncthreads();
+  if (warp == 0) {
+    float m = __int_as_float(0xff800000);
+    for (int j = lane; j < j1 - j0; j += 32) m = fmaxf(m, sc[j]);
+    m = warp_max(m);
+    if (lane == 0) smax = m;
+  }
+  __syncthreads();
+  const float m = smax;
+  if (warp == 0) {
+    float sum = 0.f;
+    for (int j = lane; j < j1 - j0; j += 32) {
+      const float e = (float)exp((double)(sc[j] - m));
+      sc[j] = e;
+      sum += e;
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) {
+      part_m[part] = m;
+      part_s[part] = sum;
+    }
+  }
+  __syncthreads();
+  float* mine = acc + (size_t)warp * rank;
+  for (int k = lane; k < rank; k += 32) mine[k] = 0.f;
+  for (int j = j0 + warp; j < j1; j += OPS_THREADS / 32) {
+    const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+    const float e = sc[j - j0];
+    for (int k = lane; k < rank; k += 32) mine[k] += e * cache_load(layer, dtype, slot, width, k);
+  }
+  __syncthreads();
+  for (int k = threadIdx.x; k < rank; k += OPS_THREADS) {
+    float sum = 0.f;
+    for (int w = 0; w < OPS_THREADS / 32; w++) sum += acc[(size_t)w * rank + k];
+    part_acc[part * rank + k] = sum;
+  }
+}
+
+// olat[t,h] = sum_s w_s acc_s / sum_s w_s s_s with w_s = exp(m_s - max m).
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    attention_merge(float* olat, int ldo, int heads, int rank, int splits, const float* part_m,
+                    const float* part_s, const float* part_acc) {
+  const int t = blockIdx.x, h = blockIdx.y;
+  const size_t base = ((size_t)t * heads + h) * splits;
+  float M = __int_as_float(0xff800000);
+  for (int s = 0; s < splits; s++) M = fmaxf(M, part_m[base + s]);
+  double total = 0;
+  for (int s = 0; s < splits; s++)
+    if (part_s[base + s] > 0.f) total += (double)part_s[base + s] * exp((double)(part_m[base + s] - M));
+  const float inv = (float)(1.0 / total);
+  for (int k = threadIdx.x; k < rank; k += OPS_THREADS) {
+    float sum = 0.f;
+    for (int s = 0; s < splits; s++) {
+      if (part_s[base + s] > 0.f)
+        sum += (float)exp((double)(part_m[base + s] - M)) * part_acc[(base + s) * rank + k];
+    }
+    olat[(size_t)t * ldo + (size_t)h * rank + k] = sum * inv;
+  }
+}
