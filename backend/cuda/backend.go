@@ -834,7 +834,7 @@ func (b *Backend) AbsorbQuery(qlat, q backend.Tensor, wUK backend.Weight, s back
 	if w.q != nil {
 		codes, scales, rows, G = w.q.Codes, w.q.Scales, w.q.RowScale, w.q.G
 	}
-	b.launch("absorb query", "ops", "absorb_query", Dim{uint32(ql.rows), uint32(s.Heads), 1}, D1(256),
+	b.launch("absorb query", "ops", "absorb_query", Dim{uint32(ql.rows), uint32(s.Heads), uint32((s.Rank + 63) / 64)}, D1(64),
 		ql.ptr, ql.ld, qm.ptr, qm.ld, w.dense, codes, scales, rows, G, s.Rank, s.NopeDim, s.RopeDim)
 }
 

@@ -174,8 +174,6 @@ func TestBackendOpsMatchCPU(t *testing.T) {
 // chunk each, then one decode token each), attention read through
 // scattered block tables.
 func TestBackendAttentionMatchesCPU(t *testing.T) {
-	g, c := testBackends(t, Options{})
-	r := testRand(t)
 	s := backend.MLAShape{Heads: 4, NopeDim: 32, RopeDim: 64, VDim: 48, Rank: 128}
 	qk := s.NopeDim + s.RopeDim
 	const blockSize, blocks, layers = 4, 64, 2
@@ -204,6 +202,8 @@ func TestBackendAttentionMatchesCPU(t *testing.T) {
 			t.Fatalf("step %d: %v", i, err)
 		}
 	}
+	g, c := testBackends(t, Options{})
+	r := testRand(t)
 	wUK := []backend.HostWeight{quantHost(t, r, "wuk", s.Heads*s.NopeDim, s.Rank, 32), denseHost(r, "wuk", s.Heads*s.NopeDim, s.Rank)}
 	wUV := []backend.HostWeight{quantHost(t, r, "wuv", s.Heads*s.VDim, s.Rank, 128), denseHost(r, "wuv", s.Heads*s.VDim, s.Rank)}
 	type stepIn struct{ lat, kpe, q []float32 }

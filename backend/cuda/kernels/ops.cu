@@ -193,13 +193,16 @@ DEVICE float weight_at(const float* dense, const u8* codes, const u8* scales, co
   return row_scale[n] * 0.5f * e4m3(scales[(size_t)n * (K / G) + k / G]) * v;
 }
 
-// qlat[t,h,r] = sum_i q_nope[t,h,i] W_UK[h*dn+i][r], grid (T, H).
-extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+// qlat[t,h,r] = sum_i q_nope[t,h,i] W_UK[h*dn+i][r], grid (T, H,
+// ceil(rank/64)) of 64 threads, one column r each (more blocks than heads
+// keep the SMs busy at one token).
+extern "C" __global__ void __launch_bounds__(64)
     absorb_query(float* qlat, int ldql, const float* q, int ldq, const float* dense, const u8* codes,
                  const u8* scales, const float* row_scale, int G, int rank, int dn, int dr) {
   const int t = blockIdx.x, h = blockIdx.y;
   const float* qn = q + (size_t)t * ldq + (size_t)h * (dn + dr);
-  for (int r = threadIdx.x; r < rank; r += OPS_THREADS) {
+  const int r = blockIdx.z * 64 + threadIdx.x;
+  if (r < rank) {
     float acc = 0.f;
     for (int i = 0; i < dn; i++) acc += qn[i] * weight_at(dense, codes, scales, row_scale, rank, G, h * dn + i, r);
     qlat[(size_t)t * ldql + (size_t)h * rank + r] = acc;
