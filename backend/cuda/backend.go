@@ -763,28 +763,38 @@ func (p *cachePool) DType() backend.CacheDType { return p.dtype }
 
 // kernelDType is the cache kernels' dtype code.
 func (p *cachePool) kernelDType() int {
-	if p.dtype == backend.CacheF32 {
+	switch p.dtype {
+	case backend.CacheF32:
 		return 1
+	case backend.CacheFP8:
+		return 2
 	}
 	return 0
 }
 
-// NewCachePool allocates a zeroed paged latent cache in f32 or bf16.
+// NewCachePool allocates a zeroed paged latent cache in f32, bf16 or fp8
+// (each slot: rank+ropeDim E4M3 codes, then the float32 scales of c and
+// k_pe).
 func (b *Backend) NewCachePool(layers, blocks, blockSize, rank, ropeDim int, dtype backend.CacheDType) (backend.CachePool, error) {
 	if layers <= 0 || blocks <= 0 || blockSize <= 0 || rank <= 0 || ropeDim < 0 || rank%2 != 0 || ropeDim%2 != 0 {
 		return nil, fmt.Errorf("cuda backend: cache pool of %d layers, %d blocks of %d, rank %d, rope dims %d", layers, blocks, blockSize, rank, ropeDim)
 	}
-	elem := 0
+	slotBytes := 0
 	switch dtype {
 	case backend.CacheF32:
-		elem = 4
+		slotBytes = 4 * (rank + ropeDim)
 	case backend.CacheBF16:
-		elem = 2
+		slotBytes = 2 * (rank + ropeDim)
+	case backend.CacheFP8:
+		if (rank+ropeDim)%4 != 0 {
+			return nil, fmt.Errorf("cuda backend: fp8 cache of rank %d + rope dims %d: the sum must be a multiple of 4", rank, ropeDim)
+		}
+		slotBytes = rank + ropeDim + 8
 	default:
-		return nil, fmt.Errorf("cuda backend: cache dtype %v is not supported yet (use bf16 or f32)", dtype)
+		return nil, fmt.Errorf("cuda backend: cache dtype %v is not supported yet (use bf16, fp8 or f32)", dtype)
 	}
 	p := &cachePool{layers: layers, blocks: blocks, blockSize: blockSize, rank: rank, ropeDim: ropeDim, dtype: dtype}
-	p.layerBytes = align(blocks*blockSize*(rank+ropeDim)*elem, 256)
+	p.layerBytes = align(blocks*blockSize*slotBytes, 256)
 	b.flush()
 	err := b.dev.Do(func(c *Ctx) error {
 		buf, err := c.Alloc(layers * p.layerBytes)
@@ -815,6 +825,11 @@ func (b *Backend) CacheWrite(layer int, latent, kpe backend.Tensor) {
 	}
 	if b.badShape("cache latent", [2]int{lm.rows, lm.cols}, [2]int{b.batch.Rows(), p.rank}) ||
 		b.badShape("cache kpe", [2]int{km.rows, km.cols}, [2]int{b.batch.Rows(), p.ropeDim}) || lm.rows == 0 {
+		return
+	}
+	if p.dtype == backend.CacheFP8 {
+		b.launch("cache write", "ops", "cache_write_fp8", D1(lm.rows), D1(256), p.layer(layer), b.meta.slots,
+			lm.ptr, lm.ld, km.ptr, km.ld, p.rank, p.ropeDim)
 		return
 	}
 	b.launch("cache write", "ops", "cache_write", D1(lm.rows), D1(256), p.layer(layer), p.kernelDType(), b.meta.slots,

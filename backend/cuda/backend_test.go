@@ -217,7 +217,7 @@ func TestBackendAttentionMatchesCPU(t *testing.T) {
 		if split {
 			g.splitFloats = maxSplitFloats
 		}
-		for _, dt := range []backend.CacheDType{backend.CacheF32, backend.CacheBF16} {
+		for _, dt := range []backend.CacheDType{backend.CacheF32, backend.CacheBF16, backend.CacheFP8} {
 			for wi, wname := range []string{"mmfp4", "dense"} {
 				// Part 0: qlat and olat; part 1: the expanded values, which on
 				// MMFP4 weights quantize olat to int8, where a last-bit
@@ -331,4 +331,53 @@ func TestBackendSyncReportsErrors(t *testing.T) {
 	if err := g.Sync(); err != nil {
 		t.Fatalf("error not cleared: %v", err)
 	}
+}
+
+// The fp8 cache's encoder against format.E4M3Encode on values spread over
+// every exponent (float32 bit patterns in steps), ties and both signs.
+func TestE4M3EncodeMatchesFormat(t *testing.T) {
+	d := testDevice(t)
+	var xs []float32
+	for u := uint32(0); u < 0x44000000; u += 0x1001 { // up to 512
+		f := math.Float32frombits(u)
+		xs = append(xs, f, -f)
+	}
+	for c := 0; c < 127; c++ { // midpoints between neighbouring codes
+		a, b := format.E4M3Decode(uint8(c)), format.E4M3Decode(uint8(c+1))
+		xs = append(xs, (a+b)/2, -(a+b)/2)
+	}
+	xs = append(xs, float32(math.NaN()), float32(math.Inf(1)), float32(math.Inf(-1)), 448, 464, 470, 1e30)
+	got := make([]byte, len(xs))
+	err := d.Do(func(c *Ctx) error {
+		in, err := upload(c, xs)
+		if err != nil {
+			return err
+		}
+		defer c.Free(in)
+		out, err := c.Alloc(len(xs))
+		if err != nil {
+			return err
+		}
+		defer c.Free(out)
+		k, err := c.Kernel("ops", "e4m3_encode_n")
+		if err != nil {
+			return err
+		}
+		if err := c.Launch(k, D1((len(xs)+255)/256), D1(256), 0, in, out, len(xs)); err != nil {
+			return err
+		}
+		return CopyOut(c, got, out.Ptr)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := 0
+	for i, x := range xs {
+		if want := format.E4M3Encode(x); got[i] != want {
+			if bad++; bad <= 5 {
+				t.Errorf("e4m3(%g) = %#x, want %#x", x, got[i], want)
+			}
+		}
+	}
+	t.Logf("%d values, %d mismatches", len(xs), bad)
 }

@@ -53,8 +53,8 @@ func cudaUnsuited(floatAct bool, dt backend.CacheDType) string {
 	switch {
 	case floatAct:
 		return "--float-activations is a CPU backend option"
-	case dt != backend.CacheBF16 && dt != backend.CacheF32:
-		return fmt.Sprintf("--kv-cache-dtype %v is not supported on the GPU yet (bf16 or f32)", dt)
+	case dt == backend.CacheFP4:
+		return fmt.Sprintf("--kv-cache-dtype %v is not supported on the GPU yet (bf16, fp8 or f32)", dt)
 	}
 	return ""
 }

@@ -76,10 +76,29 @@ DEVICE unsigned short f32_to_bf16(float f) {
 }
 DEVICE float bf16_to_f32(unsigned short h) { return __uint_as_float((u32)h << 16); }
 
-// Cache element j of slot: f32 (dtype 1) or bf16 (dtype 0).
-DEVICE float cache_load(const void* layer, int dtype, size_t slot, int width, int j) {
+// Cache element j of slot: f32 (dtype 1), bf16 (dtype 0), or fp8 (dtype 2:
+// each slot is width E4M3 codes then two float scales, for c and k_pe).
+DEVICE float cache_load(const void* layer, int dtype, size_t slot, int width, int rank, int j) {
   if (dtype == 1) return ((const float*)layer)[slot * width + j];
+  if (dtype == 2) {
+    const u8* rec = (const u8*)layer + slot * (width + 8);
+    const float* sc = (const float*)(rec + width);
+    return e4m3(rec[j]) * sc[j < rank ? 0 : 1];
+  }
   return bf16_to_f32(((const unsigned short*)layer)[slot * width + j]);
+}
+
+// Float to FP8 E4M3FN, round to nearest even, saturating finite values to
+// +-448, NaN to 0x7F, the sign kept (as format.E4M3Encode).
+DEVICE u32 e4m3_encode(float x) {
+  if (x != x) return 0x7Fu;
+  const u32 sign = (__float_as_uint(x) >> 24) & 0x80u;
+  const float a = fabsf(x);
+  if (a >= 448.f) return sign | 0x7Eu;
+  if (a < 0.015625f) return sign | (u32)rintf(a * 512.f);  // subnormal: steps of 2^-9
+  u32 u = __float_as_uint(a);
+  u += 0x7FFFFu + ((u >> 20) & 1u);  // round the mantissa to 3 bits, carry into the exponent
+  return sign | ((((u >> 23) - 120u) << 3) | ((u >> 20) & 7u));
 }
 
 // Stores row t's latent (rank values) and k_pe (rope values) at its slot of
@@ -95,6 +114,49 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
       ((float*)layer)[slot * width + j] = v;
     else
       ((unsigned short*)layer)[slot * width + j] = f32_to_bf16(v);
+  }
+}
+
+// FP8 cache write, one block per row t: each part (c: rank values, k_pe:
+// rope values) gets scale amax/448 and codes e4m3(v * (1/scale)), all zero
+// when the scale is 0 or NaN (as the CPU pool's encodeFP8).
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    cache_write_fp8(void* layer, const i32* __restrict__ slots, const float* lat, int ldl,
+                    const float* kpe, int ldk, int rank, int rope) {
+  __shared__ float part[2][OPS_THREADS / 32];
+  __shared__ float scales[2];
+  const int t = blockIdx.x, width = rank + rope, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  u8* rec = (u8*)layer + (size_t)slots[t] * (width + 8);
+  float m0 = 0.f, m1 = 0.f;
+  for (int j = threadIdx.x; j < width; j += OPS_THREADS) {
+    if (j < rank)
+      m0 = fmaxf(m0, fabsf(lat[(size_t)t * ldl + j]));
+    else
+      m1 = fmaxf(m1, fabsf(kpe[(size_t)t * ldk + j - rank]));
+  }
+  m0 = warp_max(m0);
+  m1 = warp_max(m1);
+  if (lane == 0) {
+    part[0][warp] = m0;
+    part[1][warp] = m1;
+  }
+  __syncthreads();
+  if (threadIdx.x < 2) {
+    float m = 0.f;
+    for (int w = 0; w < OPS_THREADS / 32; w++) m = fmaxf(m, part[threadIdx.x][w]);
+    const float sc = m / 448.f;
+    scales[threadIdx.x] = sc;
+    ((float*)(rec + width))[threadIdx.x] = sc;
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < width; j += OPS_THREADS) {
+    const float sc = scales[j < rank ? 0 : 1];
+    u32 code = 0;
+    if (sc != 0.f && sc == sc) {
+      const float v = j < rank ? lat[(size_t)t * ldl + j] : kpe[(size_t)t * ldk + j - rank];
+      code = e4m3_encode(__fmul_rn(v, 1.f / sc));
+    }
+    rec[j] = (u8)code;
   }
 }
 
@@ -126,8 +188,8 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
   for (int j = warp; j < n; j += OPS_THREADS / 32) {
     const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
     float a = 0.f, b = 0.f;
-    for (int k = lane; k < rank; k += 32) a += qv[k] * cache_load(layer, dtype, slot, width, k);
-    for (int k = lane; k < dr; k += 32) b += qpe[k] * cache_load(layer, dtype, slot, width, rank + k);
+    for (int k = lane; k < rank; k += 32) a += qv[k] * cache_load(layer, dtype, slot, width, rank, k);
+    for (int k = lane; k < dr; k += 32) b += qpe[k] * cache_load(layer, dtype, slot, width, rank, rank + k);
     a = warp_sum(a);
     b = warp_sum(b);
     if (lane == 0) sc[j] = scale * (a + b);
@@ -170,7 +232,7 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
   for (int j = warp; j < n; j += OPS_THREADS / 32) {
     const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
     const float pj = sc[j] * inv;
-    for (int k = lane; k < rank; k += 32) mine[k] += pj * cache_load(layer, dtype, slot, width, k);
+    for (int k = lane; k < rank; k += 32) mine[k] += pj * cache_load(layer, dtype, slot, width, rank, k);
   }
   __syncthreads();
   for (int k = threadIdx.x; k < rank; k += OPS_THREADS) {
@@ -252,8 +314,8 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
   for (int j = j0 + warp; j < j1; j += OPS_THREADS / 32) {
     const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
     float a = 0.f, b = 0.f;
-    for (int k = lane; k < rank; k += 32) a += qv[k] * cache_load(layer, dtype, slot, width, k);
-    for (int k = lane; k < dr; k += 32) b += qpe[k] * cache_load(layer, dtype, slot, width, rank + k);
+    for (int k = lane; k < rank; k += 32) a += qv[k] * cache_load(layer, dtype, slot, width, rank, k);
+    for (int k = lane; k < dr; k += 32) b += qpe[k] * cache_load(layer, dtype, slot, width, rank, rank + k);
     a = warp_sum(a);
     b = warp_sum(b);
     if (lane == 0) sc[j - j0] = scale * (a + b);
@@ -286,7 +348,7 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
   for (int j = j0 + warp; j < j1; j += OPS_THREADS / 32) {
     const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
     const float e = sc[j - j0];
-    for (int k = lane; k < rank; k += 32) mine[k] += e * cache_load(layer, dtype, slot, width, k);
+    for (int k = lane; k < rank; k += 32) mine[k] += e * cache_load(layer, dtype, slot, width, rank, k);
   }
   __syncthreads();
   for (int k = threadIdx.x; k < rank; k += OPS_THREADS) {
@@ -316,4 +378,10 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     }
     olat[(size_t)t * ldo + (size_t)h * rank + k] = sum * inv;
   }
+}
+
+// out[i] = e4m3_encode(x[i]), for testing the encoder against the format's.
+extern "C" __global__ void e4m3_encode_n(const float* x, u8* out, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = (u8)e4m3_encode(x[i]);
 }
