@@ -3,6 +3,7 @@ package mmfp4
 import (
 	"context"
 	"github.com/mmfp4/mmfp4/backend"
+	"github.com/mmfp4/mmfp4/engine"
 	"path/filepath"
 	"strings"
 	"testing"
@@ -87,26 +88,26 @@ func TestDecodeBytesReadMatchesTensorSizes(t *testing.T) {
 		t.Fatal(err)
 	}
 	for _, dir := range []string{fixture, mm} {
-		m, err := Load(dir, Options{})
+		// The counter is read after every engine step, on the engine's
+		// goroutine, so no later step's reads can slip in.
+		var m *Model
+		var afterStep []int64
+		m, err := Load(dir, Options{Engine: engine.Options{OnStep: func(engine.StepInfo) {
+			afterStep = append(afterStep, m.BytesRead())
+		}}})
 		if err != nil {
 			t.Fatal(err)
 		}
-		var atFirst int64
-		res, err := m.Generate(context.Background(), prompt, GenerateOptions{MaxTokens: 2, StopIDs: []int{},
-			OnToken: func(int) error {
-				if atFirst == 0 {
-					atFirst = m.BytesRead()
-				}
-				return nil
-			}})
+		res, err := m.Generate(context.Background(), prompt, GenerateOptions{MaxTokens: 2, StopIDs: []int{}})
 		if err != nil {
 			t.Fatal(err)
 		}
-		if len(res.Tokens) != 2 {
-			t.Fatalf("%s: %d tokens", dir, len(res.Tokens))
+		if len(res.Tokens) != 2 || len(afterStep) != 2 {
+			t.Fatalf("%s: %d tokens in %d steps, want 2 in 2 (prefill, one decode step)", dir, len(res.Tokens), len(afterStep))
 		}
+		atFirst := afterStep[0]
 		// One decode step ran, for the token at position len(prompt).
-		got := m.BytesRead() - atFirst
+		got := afterStep[1] - atFirst
 		want := expectedDecodeBytes(t, dir, len(prompt))
 		if got != want {
 			t.Errorf("%s: decode step read %d bytes, want %d from the tensor sizes", dir, got, want)
