@@ -437,6 +437,16 @@ func (e *Engine) step() {
 		}
 	}
 	info.Tokens = len(b.Tokens)
+	// A step whose every request has been cancelled stops between layers:
+	// one prefill chunk of a large model on a small CPU takes minutes.
+	b.Interrupt = func() error {
+		for _, c := range plan {
+			if c.s.ctx.Err() == nil {
+				return nil
+			}
+		}
+		return context.Canceled
+	}
 	logits, err := e.net.Forward(b, e.pool)
 	V := e.net.Config.VocabSize
 	now := time.Now()
@@ -445,7 +455,11 @@ func (e *Engine) step() {
 		s := c.s
 		if err != nil {
 			e.remove(s)
-			e.finish(s, FinishError, fmt.Errorf("forward pass: %w", err))
+			if cerr := s.ctx.Err(); cerr != nil && errors.Is(err, context.Canceled) {
+				e.finish(s, FinishCanceled, cerr)
+			} else {
+				e.finish(s, FinishError, fmt.Errorf("forward pass: %w", err))
+			}
 			continue
 		}
 		s.computed += c.n
