@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"encoding/json"
-	"errors"
 	"fmt"
 	"io"
 	"os"
@@ -39,9 +38,14 @@ func init() {
 				fmt.Fprintln(cmd.OutOrStdout(), "mmfp4 bench:", bench.ErrSkipped)
 				return nil
 			}
-			if o.Dir == "" {
-				return errors.New("--model is required")
+			if o.Dir == "" && !cmd.Flags().Changed("ctx") {
+				o.Ctx = 256 // the built-in model holds 512 positions
 			}
+			dir, err := modelDir(o.Dir)
+			if err != nil {
+				return err
+			}
+			o.Dir = dir
 			if o.Ctx < 1 {
 				return fmt.Errorf("--ctx %d: want at least 1", o.Ctx)
 			}
@@ -70,7 +74,7 @@ func init() {
 	}
 	f := cmd.Flags()
 	// -m is checked in RunE, so task mode can skip without it.
-	f.StringVarP(&o.Dir, "model", "m", "", "MMFP4 (or Hugging Face) model directory (required)")
+	f.StringVarP(&o.Dir, "model", "m", "", "MMFP4 (or Hugging Face) model directory (default: the built-in demo model, with --ctx 256)")
 	f.IntVar(&o.Ctx, "ctx", 1024, "prompt tokens (random ids) prefilled before decoding")
 	f.IntVar(&o.Gen, "gen", 128, "tokens decoded after the prompt")
 	f.IntVar(&o.Threads, "threads", 0, "CPU threads (0: all cores)")
