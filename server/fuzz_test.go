@@ -38,7 +38,7 @@ func FuzzParseRequest(f *testing.F) {
 				t.Fatalf("sampling %+v accepted", p)
 			case p.topLogprobs < 0 || p.topLogprobs > 20:
 				t.Fatalf("top_logprobs %d accepted", p.topLogprobs)
-			case p.messages == nil && p.prompt == nil:
+			case p.chat == nil && p.prompt == nil:
 				t.Fatal("no prompt and no messages accepted")
 			}
 			for _, st := range p.stop {

@@ -197,7 +197,7 @@ func (s *Server) promptIDs(m *mmfp4.Model, p *params, ep endpoint) ([]int, *apiE
 		if tok, err := m.Tokenizer(); err != nil || !tok.HasChatTemplate() {
 			return nil, badRequest("messages", "this model has no chat template; use /v1/completions")
 		}
-		ids, err := m.EncodeChat(p.messages, p.template)
+		ids, err := m.EncodeChat(p.chat.Messages, p.chat.Options)
 		if err != nil {
 			return nil, badRequest("messages", "rendering the chat template: %v", err)
 		}
