@@ -24,6 +24,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/mmfp4/mmfp4"
+	"github.com/mmfp4/mmfp4/constrain"
 	"github.com/mmfp4/mmfp4/engine"
 )
 
@@ -52,6 +53,11 @@ type Server struct {
 	metrics *metrics
 	created int64
 	keyHash [32]byte
+	// grammars are the compiled output constraints, shared by requests.
+	grammars *constrain.Cache
+	// replay, set only by tests, stands in for the engine: it returns the
+	// events a request's stream delivers.
+	replay func(engine.Request) []engine.Event
 }
 
 // New returns a server with no model yet.
@@ -65,7 +71,8 @@ func New(cfg Config) *Server {
 	if cfg.ModelName == "" {
 		cfg.ModelName = "mmfp4"
 	}
-	s := &Server{cfg: cfg, created: time.Now().Unix(), keyHash: sha256.Sum256([]byte(cfg.APIKey))}
+	s := &Server{cfg: cfg, created: time.Now().Unix(), keyHash: sha256.Sum256([]byte(cfg.APIKey)),
+		grammars: constrain.NewCache(64)}
 	s.metrics = newMetrics(func() (engine.Stats, bool) {
 		e := s.eng.Load()
 		if e == nil {

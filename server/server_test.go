@@ -84,13 +84,17 @@ func (s *testServer) post(t testing.TB, path, body string) (int, []byte) {
 	return resp.StatusCode, data
 }
 
+// chatParams asks for an answer without thinking (the fixture's template
+// would start the output inside <think>, making it reasoning).
 func chatParams(content string, maxTokens int64) openai.ChatCompletionNewParams {
-	return openai.ChatCompletionNewParams{
+	p := openai.ChatCompletionNewParams{
 		Model:       "tiny",
 		Messages:    []openai.ChatCompletionMessageParamUnion{openai.UserMessage(content)},
 		MaxTokens:   openai.Int(maxTokens),
 		Temperature: openai.Float(0),
 	}
+	p.SetExtraFields(map[string]any{"chat_template_kwargs": map[string]any{"enable_thinking": false}})
+	return p
 }
 
 func streamChat(t testing.TB, s *testServer, p openai.ChatCompletionNewParams) (string, string, openai.CompletionUsage) {
