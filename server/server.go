@@ -1,5 +1,6 @@
 // Package server is the OpenAI-compatible HTTP API over the engine:
-// /v1/chat/completions and /v1/completions (streaming and not),
+// /v1/chat/completions and /v1/completions (streaming and not), the
+// Anthropic Messages API (/v1/messages),
 // /v1/models, /tokenize, /detokenize, /health and /metrics. It is plain
 // net/http; a request's context is its sequence's context, so a client
 // that goes away frees its sequence and cache blocks within one step.
@@ -32,8 +33,8 @@ import (
 type Config struct {
 	// ModelName is the id clients use in "model" (and /v1/models lists).
 	ModelName string
-	// APIKey, if set, is required as "Authorization: Bearer KEY" on every
-	// endpoint but /health.
+	// APIKey, if set, is required as "Authorization: Bearer KEY" (or
+	// "x-api-key: KEY") on every endpoint but /health.
 	APIKey string
 	// CORSOrigins are the browser origins allowed to call the API; none by
 	// default. "*" allows any.
@@ -138,6 +139,9 @@ func (s *Server) auth(h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		if s.cfg.APIKey != "" {
 			got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+			if k := r.Header.Get("X-Api-Key"); !ok && k != "" {
+				got, ok = k, true // Anthropic clients send the key this way
+			}
 			sum := sha256.Sum256([]byte(got))
 			if !ok || subtle.ConstantTimeCompare(sum[:], s.keyHash[:]) != 1 {
 				writeError(w, &apiError{Status: http.StatusUnauthorized, Message: "missing or incorrect API key (Authorization: Bearer KEY)",
