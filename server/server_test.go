@@ -315,6 +315,19 @@ func TestAPIKeyAndHealth(t *testing.T) {
 			t.Errorf("%s without a key: %d", path, resp.StatusCode)
 		}
 	}
+	// Anthropic clients send the key as x-api-key.
+	for key, want := range map[string]int{"sekret": 200, "wrong": 401} {
+		req, _ := http.NewRequest("POST", s.ts.URL+"/v1/messages/count_tokens", strings.NewReader(`{"messages": [{"role": "user", "content": "Hi"}]}`))
+		req.Header.Set("x-api-key", key)
+		resp, err := s.http.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Errorf("x-api-key %s: %d, want %d", key, resp.StatusCode, want)
+		}
+	}
 	resp, err := s.http.Get(s.ts.URL + "/health")
 	if err != nil {
 		t.Fatal(err)

@@ -65,3 +65,52 @@ func TestJSONSchemaOutput(t *testing.T) {
 		t.Errorf("unsupported schema: %d %s", code, data)
 	}
 }
+
+// With thinking on, the server's grammar for json_schema lets reasoning
+// run free and constrains what follows </think>: a replayed output is
+// checked token by token against the constraint the request carries.
+func TestSchemaAfterThinking(t *testing.T) {
+	s := startServer(t, Config{}, engine.Options{})
+	tok, err := s.m.Tokenizer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	body := `{"messages": [{"role": "user", "content": "Give a"}], "response_format": {"type": "json_schema", "json_schema": {"name": "a",
+		"schema": {"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"], "additionalProperties": false}}}}`
+	for _, c := range []struct {
+		output string
+		ok     bool
+	}{
+		{"I think {\"a\": \"x\"} is wrong; <b>.</think>{\"a\": 12}", true},
+		{"Plan.</think>\n{\"a\": 3}", true},
+		{"Plan.</think>{\"a\": \"x\"}", false},
+		{"Plan.</think>Sure: {\"a\": 3}", false},
+	} {
+		ids, err := tok.Encode(c.output, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		accepted := true
+		s.srv.replay = func(req engine.Request) []engine.Event {
+			con := req.Constraint
+			if con == nil {
+				t.Fatal("a json_schema request without a constraint")
+			}
+			for _, id := range ids {
+				if con.Advance(id) != nil {
+					accepted = false
+					break
+				}
+			}
+			accepted = accepted && con.Done()
+			return []engine.Event{{Done: true, Finish: engine.FinishEOS}}
+		}
+		if code, data := s.post(t, "/v1/chat/completions", body); code != 200 {
+			t.Fatalf("%d %s", code, data)
+		}
+		if accepted != c.ok {
+			t.Errorf("%q: accepted %v, want %v", c.output, accepted, c.ok)
+		}
+	}
+	s.srv.replay = nil
+}
