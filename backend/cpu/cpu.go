@@ -182,6 +182,15 @@ func (a *arena) alloc(n int) []float32 {
 	return a.chunks[a.cur][:n:n]
 }
 
+// Mark returns the arena's fill point; Release(mark) frees everything
+// allocated after it. The model releases each layer's temporaries, so a
+// long prefill step holds one layer's tensors, not every layer's.
+func (b *Backend) Mark() int { return b.arena.cur<<32 | b.arena.off }
+
+// Release frees the tensors allocated since mark (see Mark); they must not
+// be used afterwards.
+func (b *Backend) Release(mark int) { b.arena.cur, b.arena.off = mark>>32, mark&(1<<32-1) }
+
 // reset makes the whole arena free again. Slices handed out before stay
 // valid memory, but later allocations overwrite them.
 func (a *arena) reset() {
