@@ -20,7 +20,6 @@ func TestBenchSkipsInTaskMode(t *testing.T) {
 func TestBenchBadFlags(t *testing.T) {
 	t.Setenv("ALPHAHENG_TASK_MODE", "")
 	for _, args := range [][]string{
-		{"bench"},
 		{"bench", "-m", fixture, "--gen", "1"},
 		{"bench", "-m", fixture, "--ctx", "0"},
 	} {
