@@ -85,6 +85,7 @@ func Load(dir string, opts Options) (*Model, error) {
 	}
 	eos, err := generationEOS(dir)
 	if err != nil {
+		net.Close()
 		return nil, err
 	}
 	if eos == nil {
@@ -124,13 +125,25 @@ func (m *Model) Engine() (*engine.Engine, error) {
 	return m.eng, m.engErr
 }
 
-// Close stops the engine, cancelling what it runs. The model's weights
-// stay mapped.
-func (m *Model) Close() {
+// Close stops the engine, cancelling what it runs, and unmaps the weight
+// files. The model must not be used afterwards.
+func (m *Model) Close() error {
 	m.engOnce.Do(func() { m.engErr = errors.New("the model is closed") })
 	if m.eng != nil {
 		m.eng.Close()
 	}
+	return m.net.Close()
+}
+
+// BytesRead is the number of bytes of weights and KV cache the model's ops
+// have read so far (see cpu.Backend.BytesRead); the difference over a
+// decode step is that step's memory traffic, the numerator of the roofline.
+// It is 0 on backends that do not count.
+func (m *Model) BytesRead() int64 {
+	if c, ok := m.net.Backend().(*cpu.Backend); ok {
+		return c.BytesRead()
+	}
+	return 0
 }
 
 // ErrNoTokenizer is returned for text input when the model directory has no

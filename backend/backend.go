@@ -33,12 +33,16 @@ type Weight interface {
 }
 
 // HostWeight is weight data on the host, handed to NewWeight. Exactly one of
-// Dense and Quant is set.
+// Dense, Quant and BF16 is set.
 type HostWeight struct {
 	Name  string         // checkpoint name, for error messages
 	N, K  int            // shape
 	Dense []float32      // row-major N*K values
 	Quant *format.Matrix // MMFP4 codes and scales (may alias a memory map)
+	// BF16 is row-major N*K little-endian bfloat16 values (may alias a
+	// memory map). The loader uses it for the embedding table, which only
+	// ever has single rows looked up, so it stays in its stored form.
+	BF16 []byte
 }
 
 // MLAShape gives the head geometry of multi-head latent attention.

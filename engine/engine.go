@@ -21,6 +21,7 @@ import (
 	"time"
 
 	"github.com/mmfp4/mmfp4/backend"
+	"github.com/mmfp4/mmfp4/constrain"
 	"github.com/mmfp4/mmfp4/kvcache"
 	"github.com/mmfp4/mmfp4/model/glm4moelite"
 	"github.com/mmfp4/mmfp4/sample"
@@ -93,6 +94,10 @@ type Request struct {
 	// that many alternatives too.
 	Logprobs    bool
 	TopLogprobs int
+	// Constraint, if set, restricts every sampled token (stop ids
+	// included) to its grammar; the sequence ends as EOS when the
+	// grammar's output is complete. One per request: it is not shared.
+	Constraint *constrain.Constraint
 }
 
 // Errors of Submit.
@@ -437,6 +442,16 @@ func (e *Engine) step() {
 		}
 	}
 	info.Tokens = len(b.Tokens)
+	// A step whose every request has been cancelled stops between layers:
+	// one prefill chunk of a large model on a small CPU takes minutes.
+	b.Interrupt = func() error {
+		for _, c := range plan {
+			if c.s.ctx.Err() == nil {
+				return nil
+			}
+		}
+		return context.Canceled
+	}
 	logits, err := e.net.Forward(b, e.pool)
 	V := e.net.Config.VocabSize
 	now := time.Now()
@@ -445,7 +460,11 @@ func (e *Engine) step() {
 		s := c.s
 		if err != nil {
 			e.remove(s)
-			e.finish(s, FinishError, fmt.Errorf("forward pass: %w", err))
+			if cerr := s.ctx.Err(); cerr != nil && errors.Is(err, context.Canceled) {
+				e.finish(s, FinishCanceled, cerr)
+			} else {
+				e.finish(s, FinishError, fmt.Errorf("forward pass: %w", err))
+			}
 			continue
 		}
 		s.computed += c.n
@@ -561,7 +580,15 @@ func (e *Engine) emit(s *seq, logits []float32, now time.Time) {
 		e.finish(s, FinishError, fmt.Errorf("logits at position %d: %w (run with --debug-nan to find the layer)", len(s.tokens)-1, err))
 		return
 	}
-	id, err := s.sampler.Sample(logits)
+	var id int
+	var err error
+	if c := s.req.Constraint; c != nil {
+		if id, err = c.Sample(s.sampler, logits); err == nil {
+			err = c.Advance(id)
+		}
+	} else {
+		id, err = s.sampler.Sample(logits)
+	}
 	if err != nil {
 		e.remove(s)
 		e.finish(s, FinishError, fmt.Errorf("sampling at position %d: %w", len(s.tokens), err))
@@ -591,6 +618,9 @@ func (e *Engine) emit(s *seq, logits []float32, now time.Time) {
 	s.stream.push(ev)
 	generated := len(s.tokens) - s.promptLen
 	switch {
+	case s.req.Constraint != nil && s.req.Constraint.Done():
+		e.remove(s)
+		e.finish(s, FinishEOS, nil)
 	case stopped:
 		s.text = nil // the text after the stop string is dropped
 		e.remove(s)

@@ -567,3 +567,46 @@ func TestNaNFailsOnlyItsSequence(t *testing.T) {
 	}
 	waitIdle(t, e)
 }
+
+// A request cancelled in the middle of a step stops it between layers: a
+// long prefill chunk does not run to its end first.
+func TestCancelStopsStepBetweenLayers(t *testing.T) {
+	_, tok := fixture(t)
+	net, err := glm4moelite.Load(fixtureDir, cpu.New(cpu.Options{Threads: 1}), glm4moelite.LoadOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	canceled := false
+	var after []int // layers that ran after the cancellation
+	net.Inspect = func(layer int, name string, _ backend.Tensor) {
+		if name != "ffn residual" {
+			return
+		}
+		if canceled {
+			after = append(after, layer)
+		}
+		if layer == 0 {
+			cancel()
+			canceled = true
+		}
+	}
+	e, err := New(net, tok, net.Config.EOSTokenIDs, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	st, err := e.Submit(ctx, Request{Prompt: refPrompt, StopIDs: []int{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := collect(t, st)
+	if r.final.Finish != FinishCanceled || len(r.tokens) != 0 {
+		t.Errorf("cancelled during prefill: %d tokens, %s (%v)", len(r.tokens), r.final.Finish, r.final.Err)
+	}
+	if !canceled || len(after) != 0 {
+		t.Errorf("cancelled %v; layers %v ran after the cancellation", canceled, after)
+	}
+	waitIdle(t, e)
+}

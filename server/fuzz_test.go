@@ -13,12 +13,19 @@ func FuzzParseRequest(f *testing.F) {
 		`{"prompt": "Once", "max_tokens": 3, "temperature": 0.5, "top_p": 0.9, "top_k": 40, "min_p": 0.1, "seed": 7, "logprobs": 2}`,
 		`{"prompt": [1, 2, 3], "stop": "x"}`,
 		`{"prompt": [[4, 5]]}`,
+		`{"messages": [{"role": "user", "content": "x"}], "tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "object"}}}], "tool_choice": "required", "parallel_tool_calls": false}`,
+		`{"messages": [{"role": "user", "content": "x"}], "reasoning_effort": "none", "response_format": {"type": "json_schema", "json_schema": {"name": "s", "schema": {"type": "integer"}}}}`,
+		`{"max_tokens": 4, "system": [{"type": "text", "text": "s"}], "messages": [{"role": "user", "content": [{"type": "tool_result", "tool_use_id": "a", "content": "r"}]}], "tools": [{"name": "f", "input_schema": {}}], "tool_choice": {"type": "tool", "name": "f"}, "thinking": {"type": "enabled"}}`,
 		`{"messages": [`, `[]`, `null`, `"x"`, "\xff", `{"max_tokens": 1e400}`,
 	} {
 		f.Add([]byte(seed))
 	}
 	f.Fuzz(func(t *testing.T, body []byte) {
-		for _, parse := range []func([]byte, int) (*params, *apiError){parseChat, parseCompletion} {
+		anthropic := func(body []byte, _ int) (*params, *apiError) {
+			p, _, err := parseAnthropic(body, true)
+			return p, err
+		}
+		for _, parse := range []func([]byte, int) (*params, *apiError){parseChat, parseCompletion, anthropic} {
 			p, err := parse(body, 4)
 			if err != nil {
 				if err.Status < 400 || err.Status >= 500 || err.Message == "" || err.Type == "" {
@@ -38,7 +45,7 @@ func FuzzParseRequest(f *testing.F) {
 				t.Fatalf("sampling %+v accepted", p)
 			case p.topLogprobs < 0 || p.topLogprobs > 20:
 				t.Fatalf("top_logprobs %d accepted", p.topLogprobs)
-			case p.messages == nil && p.prompt == nil:
+			case p.chat == nil && p.prompt == nil:
 				t.Fatal("no prompt and no messages accepted")
 			}
 			for _, st := range p.stop {

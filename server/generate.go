@@ -7,10 +7,12 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
 	"time"
 
 	"github.com/mmfp4/mmfp4"
+	"github.com/mmfp4/mmfp4/chat"
 	"github.com/mmfp4/mmfp4/engine"
 	"github.com/mmfp4/mmfp4/sample"
 )
@@ -37,6 +39,10 @@ type choiceEvent struct {
 // choiceState accumulates one choice.
 type choiceState struct {
 	text      string
+	parser    *chat.Parser // chat: reads reasoning, content and tool calls
+	parsed    []chat.Event // all of parser's events, for the whole response
+	fresh     []chat.Event // parser's events of the latest engine event
+	calls     bool         // a tool call was made
 	finish    string
 	usage     engine.Usage
 	logprobs  []tokenLogprob
@@ -49,13 +55,32 @@ type tokenLogprob struct {
 	top     []engine.TokenLogprob
 }
 
-func finishReason(f engine.Finish) string {
-	switch f {
-	case engine.FinishMaxTokens, engine.FinishContext:
+func finishReason(f engine.Finish, calls bool) string {
+	switch {
+	case f == engine.FinishMaxTokens, f == engine.FinishContext:
 		return "length"
+	case calls && f == engine.FinishEOS:
+		return "tool_calls"
 	default:
 		return "stop"
 	}
+}
+
+// eventSource is a request's stream of engine events.
+type eventSource interface {
+	Recv(ctx context.Context) (engine.Event, error)
+}
+
+// replayed is a stream of given events (tests).
+type replayed struct{ events []engine.Event }
+
+func (r *replayed) Recv(ctx context.Context) (engine.Event, error) {
+	if len(r.events) == 0 {
+		return engine.Event{}, io.EOF
+	}
+	ev := r.events[0]
+	r.events = r.events[1:]
+	return ev, nil
 }
 
 func (s *Server) generate(w http.ResponseWriter, r *http.Request, ep endpoint) {
@@ -83,7 +108,7 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, ep endpoint) {
 		writeError(w, aerr)
 		return
 	}
-	prompt, aerr := s.promptIDs(m, p, ep)
+	prompt, promptText, aerr := s.promptIDs(m, p, ep)
 	if aerr != nil {
 		writeError(w, aerr)
 		return
@@ -93,15 +118,31 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, ep endpoint) {
 		return
 	}
 
+	thinking := ep.chat && chat.EndsInThinking(promptText)
+	g, aerr := s.grammar(m, p, thinking)
+	if aerr != nil {
+		writeError(w, aerr)
+		return
+	}
+
 	ctx, cancel := context.WithCancel(r.Context())
 	defer cancel()
-	streams := make([]*engine.Stream, p.n)
+	streams := make([]eventSource, p.n)
 	for i := range streams {
-		req := engine.Request{Prompt: prompt, MaxTokens: p.maxTokens, Stop: p.stop, Text: hasTokenizer(m), SkipSpecial: true,
+		// Chat output keeps its special tokens: the parser reads the tags.
+		req := engine.Request{Prompt: prompt, MaxTokens: p.maxTokens, Stop: p.stop, Text: hasTokenizer(m), SkipSpecial: !ep.chat,
 			Logprobs: p.logprobs, TopLogprobs: p.topLogprobs,
 			Sampling: sample.Options{Temperature: float32(p.temperature), TopK: p.topK, TopP: float32(p.topP), MinP: float32(p.minP), Seed: seedFor(p.seed, i)}}
-		if p.ignoreEOS {
+		if p.ignoreEOS && g == nil {
+			// (A constrained output ends where its grammar says.)
 			req.StopIDs = []int{}
+		}
+		if g != nil {
+			req.Constraint = g.Start()
+		}
+		if s.replay != nil {
+			streams[i] = &replayed{s.replay(req)}
+			continue
 		}
 		st, err := eng.Submit(ctx, req)
 		if err != nil {
@@ -128,6 +169,11 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, ep endpoint) {
 	}
 	out := &response{s: s, m: m, ep: ep, p: p, id: newID(map[bool]string{true: "chatcmpl-", false: "cmpl-"}[ep.chat]),
 		created: time.Now().Unix(), fingerprint: s.fingerprint(eng), choices: make([]choiceState, p.n)}
+	if ep.chat {
+		for i := range out.choices {
+			out.choices[i].parser = chat.NewParser(p.chat.ParserOptions(promptText))
+		}
+	}
 	if p.stream {
 		out.startStream(w)
 	}
@@ -152,6 +198,16 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, ep endpoint) {
 			}
 		}
 		c.text += ev.Text
+		if c.parser != nil {
+			c.fresh = c.parser.Feed(ev.Text)
+			if ev.Done {
+				c.fresh = append(c.fresh, c.parser.Finish()...)
+			}
+			for _, pe := range c.fresh {
+				c.calls = c.calls || pe.Kind == chat.ToolCallStart
+			}
+			c.parsed = append(c.parsed, c.fresh...)
+		}
 		if ev.Done {
 			done++
 			if ev.Finish == engine.FinishError || ev.Finish == engine.FinishCanceled {
@@ -162,7 +218,7 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, ep endpoint) {
 				out.fail(w, e)
 				return
 			}
-			c.finish, c.usage = finishReason(ev.Finish), ev.Usage
+			c.finish, c.usage = finishReason(ev.Finish, c.calls), ev.Usage
 			s.metrics.e2e.Observe(time.Since(arrival).Seconds())
 			s.metrics.promptTokens.Add(float64(ev.Usage.PromptTokens))
 			s.metrics.generatedTokens.Add(float64(ev.Usage.CompletionTokens))
@@ -191,26 +247,34 @@ func seedFor(seed *int64, i int) uint64 {
 	return binary.LittleEndian.Uint64(b[:])
 }
 
-// promptIDs renders and encodes the prompt.
-func (s *Server) promptIDs(m *mmfp4.Model, p *params, ep endpoint) ([]int, *apiError) {
+// promptIDs renders and encodes the prompt; for chat it also returns the
+// rendered text, which tells how the output starts (inside <think> or not).
+func (s *Server) promptIDs(m *mmfp4.Model, p *params, ep endpoint) ([]int, string, *apiError) {
 	if ep.chat {
-		if tok, err := m.Tokenizer(); err != nil || !tok.HasChatTemplate() {
-			return nil, badRequest("messages", "this model has no chat template; use /v1/completions")
+		tok, err := m.Tokenizer()
+		if err != nil || !tok.HasChatTemplate() {
+			return nil, "", badRequest("messages", "this model has no chat template; use /v1/completions")
 		}
-		ids, err := m.EncodeChat(p.messages, p.template)
+		opt := p.chat.Options
+		opt.AddGenerationPrompt = true
+		text, err := tok.ApplyChatTemplate(p.chat.Messages, opt)
 		if err != nil {
-			return nil, badRequest("messages", "rendering the chat template: %v", err)
+			return nil, "", badRequest("messages", "rendering the chat template: %v", err)
 		}
-		return ids, nil
+		ids, err := tok.Encode(text, false)
+		if err != nil {
+			return nil, "", badRequest("messages", "encoding the rendered chat: %v", err)
+		}
+		return ids, text, nil
 	}
 	if p.prompt.isIDs {
-		return p.prompt.ids, nil
+		return p.prompt.ids, "", nil
 	}
 	ids, err := m.EncodeText(p.prompt.text)
 	if err != nil {
-		return nil, badRequest("prompt", "encoding the prompt: %v", err)
+		return nil, "", badRequest("prompt", "encoding the prompt: %v", err)
 	}
-	return ids, nil
+	return ids, "", nil
 }
 
 // submitError maps the engine's refusals to HTTP.
@@ -342,7 +406,7 @@ func (o *response) full() map[string]any {
 	for i, c := range o.choices {
 		ch := map[string]any{"index": i, "finish_reason": c.finish, "logprobs": o.logprobsJSON(c.logprobs)}
 		if o.ep.chat {
-			ch["message"] = map[string]any{"role": "assistant", "content": c.text}
+			ch["message"] = chatMessage(chat.Assemble(c.parsed))
 		} else {
 			ch["text"] = c.text
 		}
@@ -375,26 +439,91 @@ func (o *response) streamEvent(w http.ResponseWriter, i int, ev engine.Event) er
 	if !ev.Done && o.p.logprobs {
 		lps = c.logprobs[len(c.logprobs)-1:]
 	}
+	if o.ep.chat {
+		return o.streamChat(w, i, ev, lps)
+	}
 	if ev.Text == "" && !ev.Done && lps == nil {
 		return nil // a token with no text yet (part of a character or stop string)
 	}
-	ch := map[string]any{"index": i, "logprobs": nil, "finish_reason": nil}
+	ch := map[string]any{"index": i, "logprobs": nil, "finish_reason": nil, "text": ev.Text}
 	if lps != nil {
 		ch["logprobs"] = o.logprobsJSON(lps)
 	}
 	if ev.Done {
 		ch["finish_reason"] = c.finish
 	}
-	if o.ep.chat {
-		delta := map[string]any{}
-		if ev.Text != "" {
-			delta["content"] = ev.Text
-		}
-		ch["delta"] = delta
-	} else {
-		ch["text"] = ev.Text
-	}
 	return o.send(w, o.envelope([]map[string]any{ch}))
+}
+
+// streamChat sends the parsed output of choice i's latest engine event:
+// a chunk per piece of reasoning, content or tool call, then one with the
+// finish reason at the end. Logprobs ride on the first chunk of a token.
+func (o *response) streamChat(w http.ResponseWriter, i int, ev engine.Event, lps []tokenLogprob) error {
+	c := &o.choices[i]
+	var deltas []map[string]any
+	for _, pe := range c.fresh {
+		if d := chatDelta(pe); d != nil {
+			deltas = append(deltas, d)
+		}
+	}
+	if len(deltas) == 0 && lps != nil {
+		deltas = append(deltas, map[string]any{})
+	}
+	if ev.Done {
+		deltas = append(deltas, nil)
+	}
+	for k, d := range deltas {
+		ch := map[string]any{"index": i, "logprobs": nil, "finish_reason": nil, "delta": d}
+		if d == nil {
+			ch["delta"] = map[string]any{}
+			ch["finish_reason"] = c.finish
+		}
+		if k == 0 && lps != nil {
+			ch["logprobs"] = o.logprobsJSON(lps)
+		}
+		if err := o.send(w, o.envelope([]map[string]any{ch})); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// chatDelta is the streamed delta of one parser event, or nil for none.
+// Reasoning goes out under both names clients read: reasoning_content
+// and reasoning.
+func chatDelta(pe chat.Event) map[string]any {
+	switch pe.Kind {
+	case chat.ReasoningText:
+		return map[string]any{"reasoning_content": pe.Text, "reasoning": pe.Text}
+	case chat.ContentText:
+		return map[string]any{"content": pe.Text}
+	case chat.ToolCallStart:
+		return map[string]any{"tool_calls": []map[string]any{{"index": pe.Index, "id": pe.ID, "type": "function",
+			"function": map[string]any{"name": pe.Name, "arguments": ""}}}}
+	case chat.ToolCallArgs:
+		return map[string]any{"tool_calls": []map[string]any{{"index": pe.Index, "function": map[string]any{"arguments": pe.Text}}}}
+	}
+	return nil
+}
+
+// chatMessage is the whole response's message: content is null when the
+// answer is only tool calls.
+func chatMessage(r chat.Result) map[string]any {
+	msg := map[string]any{"role": "assistant", "content": r.Content}
+	if r.Reasoning != "" {
+		msg["reasoning_content"], msg["reasoning"] = r.Reasoning, r.Reasoning
+	}
+	if len(r.ToolCalls) > 0 {
+		if r.Content == "" {
+			msg["content"] = nil
+		}
+		calls := make([]map[string]any, len(r.ToolCalls))
+		for i, tc := range r.ToolCalls {
+			calls[i] = map[string]any{"id": tc.ID, "type": "function", "function": map[string]any{"name": tc.Name, "arguments": tc.Arguments}}
+		}
+		msg["tool_calls"] = calls
+	}
+	return msg
 }
 
 func (o *response) endStream(w http.ResponseWriter) {

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"unicode/utf8"
 
+	"github.com/mmfp4/mmfp4/chat"
 	"github.com/mmfp4/mmfp4/tokenizer"
 )
 
@@ -112,8 +113,15 @@ type streamOptions struct {
 	IncludeUsage bool `json:"include_usage"`
 }
 
+// responseFormat is "response_format": text, json_object, or json_schema
+// with the schema the output must satisfy.
 type responseFormat struct {
-	Type string `json:"type"`
+	Type       string `json:"type"`
+	JSONSchema *struct {
+		Name   string          `json:"name"`
+		Schema json.RawMessage `json:"schema"`
+		Strict *bool           `json:"strict"`
+	} `json:"json_schema"`
 }
 
 // chatRequest is the body of POST /v1/chat/completions.
@@ -123,6 +131,9 @@ type chatRequest struct {
 	Logprobs           bool                `json:"logprobs"`
 	TopLogprobs        *int                `json:"top_logprobs"`
 	Tools              []json.RawMessage   `json:"tools"`
+	ToolChoice         json.RawMessage     `json:"tool_choice"`
+	ParallelToolCalls  *bool               `json:"parallel_tool_calls"`
+	ReasoningEffort    string              `json:"reasoning_effort"`
 	ChatTemplateKwargs map[string]any      `json:"chat_template_kwargs"`
 }
 
@@ -149,9 +160,12 @@ type params struct {
 	topLogprobs   int
 	ignoreEOS     bool
 	model         string
-	template      tokenizer.ChatOptions
-	messages      []tokenizer.Message
-	prompt        *promptInput
+	// format is the response_format: "" (text), "json_object" or
+	// "json_schema" with schema.
+	format string
+	schema json.RawMessage
+	chat   *chat.Prepared // chat requests
+	prompt *promptInput   // completion requests
 }
 
 // decodeJSON reads a request body into v, turning every way it can be
@@ -255,8 +269,19 @@ func (f *samplingFields) check(maxN int) (*params, *apiError) {
 			return nil, badRequest(pen.name, "%s is not supported by this server (only 0)", pen.name)
 		}
 	}
-	if f.ResponseFormat != nil && f.ResponseFormat.Type != "" && f.ResponseFormat.Type != "text" {
-		return nil, badRequest("response_format", "response_format %q is not supported by this server (only \"text\")", f.ResponseFormat.Type)
+	if rf := f.ResponseFormat; rf != nil {
+		switch rf.Type {
+		case "", "text":
+		case "json_object":
+			p.format = rf.Type
+		case "json_schema":
+			if rf.JSONSchema == nil || len(bytes.TrimSpace(rf.JSONSchema.Schema)) == 0 || string(bytes.TrimSpace(rf.JSONSchema.Schema)) == "null" {
+				return nil, badRequest("response_format.json_schema.schema", `response_format "json_schema" needs json_schema.schema`)
+			}
+			p.format, p.schema = rf.Type, rf.JSONSchema.Schema
+		default:
+			return nil, badRequest("response_format.type", `response_format.type must be "text", "json_object" or "json_schema", got %q`, rf.Type)
+		}
 	}
 	if f.N != nil {
 		if *f.N < 1 || *f.N > maxN {
@@ -282,8 +307,6 @@ func (f *samplingFields) check(maxN int) (*params, *apiError) {
 	return p, nil
 }
 
-var knownRoles = map[string]bool{"system": true, "developer": true, "user": true, "assistant": true, "tool": true}
-
 // parseChat decodes and checks a chat completion request.
 func parseChat(body []byte, maxN int) (*params, *apiError) {
 	var req chatRequest
@@ -294,21 +317,19 @@ func parseChat(body []byte, maxN int) (*params, *apiError) {
 	if err != nil {
 		return nil, err
 	}
-	if len(req.Messages) == 0 {
-		return nil, badRequest("messages", "messages must be a non-empty list")
+	prep, perr := chat.Prepare(chat.Request{Messages: req.Messages, Tools: req.Tools, ToolChoice: req.ToolChoice,
+		ParallelToolCalls: req.ParallelToolCalls, ChatTemplateKwargs: req.ChatTemplateKwargs, ReasoningEffort: req.ReasoningEffort})
+	var re *chat.RequestError
+	switch {
+	case errors.As(perr, &re):
+		return nil, badRequest(re.Param, "%s", re.Msg)
+	case perr != nil:
+		return nil, badRequest("", "%v", perr)
 	}
-	for i, m := range req.Messages {
-		switch {
-		case m.Role == "":
-			return nil, badRequest(fmt.Sprintf("messages[%d].role", i), "messages[%d] has no role", i)
-		case !knownRoles[m.Role]:
-			return nil, badRequest(fmt.Sprintf("messages[%d].role", i), "messages[%d]: unknown role %q (want system, developer, user, assistant or tool)", i, m.Role)
-		}
-		if m.Role == "developer" {
-			req.Messages[i].Role = "system"
-		}
+	if p.format != "" && prep.Choice.Mode >= chat.ChoiceRequired {
+		return nil, badRequest("response_format", "response_format %q cannot be combined with tool_choice forcing a call", p.format)
 	}
-	p.messages = req.Messages
+	p.chat = prep
 	p.logprobs = req.Logprobs
 	if req.TopLogprobs != nil {
 		if *req.TopLogprobs < 0 || *req.TopLogprobs > 20 {
@@ -318,24 +339,6 @@ func parseChat(body []byte, maxN int) (*params, *apiError) {
 			return nil, badRequest("top_logprobs", "top_logprobs needs logprobs: true")
 		}
 		p.topLogprobs = *req.TopLogprobs
-	}
-	p.template = tokenizer.ChatOptions{AddGenerationPrompt: true}
-	for _, t := range req.Tools {
-		p.template.Tools = append(p.template.Tools, t)
-	}
-	for k, v := range req.ChatTemplateKwargs {
-		if k == "enable_thinking" {
-			b, ok := v.(bool)
-			if !ok {
-				return nil, badRequest("chat_template_kwargs", "chat_template_kwargs.enable_thinking must be a boolean")
-			}
-			p.template.EnableThinking = &b
-			continue
-		}
-		if p.template.Extra == nil {
-			p.template.Extra = map[string]any{}
-		}
-		p.template.Extra[k] = v
 	}
 	return p, nil
 }

@@ -1,5 +1,6 @@
 // Package server is the OpenAI-compatible HTTP API over the engine:
-// /v1/chat/completions and /v1/completions (streaming and not),
+// /v1/chat/completions and /v1/completions (streaming and not), the
+// Anthropic Messages API (/v1/messages),
 // /v1/models, /tokenize, /detokenize, /health and /metrics. It is plain
 // net/http; a request's context is its sequence's context, so a client
 // that goes away frees its sequence and cache blocks within one step.
@@ -24,6 +25,7 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/mmfp4/mmfp4"
+	"github.com/mmfp4/mmfp4/constrain"
 	"github.com/mmfp4/mmfp4/engine"
 )
 
@@ -31,8 +33,8 @@ import (
 type Config struct {
 	// ModelName is the id clients use in "model" (and /v1/models lists).
 	ModelName string
-	// APIKey, if set, is required as "Authorization: Bearer KEY" on every
-	// endpoint but /health.
+	// APIKey, if set, is required as "Authorization: Bearer KEY" (or
+	// "x-api-key: KEY") on every endpoint but /health.
 	APIKey string
 	// CORSOrigins are the browser origins allowed to call the API; none by
 	// default. "*" allows any.
@@ -52,6 +54,11 @@ type Server struct {
 	metrics *metrics
 	created int64
 	keyHash [32]byte
+	// grammars are the compiled output constraints, shared by requests.
+	grammars *constrain.Cache
+	// replay, set only by tests, stands in for the engine: it returns the
+	// events a request's stream delivers.
+	replay func(engine.Request) []engine.Event
 }
 
 // New returns a server with no model yet.
@@ -65,7 +72,8 @@ func New(cfg Config) *Server {
 	if cfg.ModelName == "" {
 		cfg.ModelName = "mmfp4"
 	}
-	s := &Server{cfg: cfg, created: time.Now().Unix(), keyHash: sha256.Sum256([]byte(cfg.APIKey))}
+	s := &Server{cfg: cfg, created: time.Now().Unix(), keyHash: sha256.Sum256([]byte(cfg.APIKey)),
+		grammars: constrain.NewCache(64)}
 	s.metrics = newMetrics(func() (engine.Stats, bool) {
 		e := s.eng.Load()
 		if e == nil {
@@ -106,6 +114,8 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/models", s.auth(s.models))
 	mux.HandleFunc("POST /v1/chat/completions", s.auth(s.chat))
 	mux.HandleFunc("POST /v1/completions", s.auth(s.completions))
+	mux.HandleFunc("POST /v1/messages", s.auth(s.messages))
+	mux.HandleFunc("POST /v1/messages/count_tokens", s.auth(s.countTokens))
 	mux.HandleFunc("POST /tokenize", s.auth(s.tokenize))
 	mux.HandleFunc("POST /detokenize", s.auth(s.detokenize))
 	mux.Handle("GET /metrics", s.auth(promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}).ServeHTTP))
@@ -129,6 +139,9 @@ func (s *Server) auth(h http.HandlerFunc) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		if s.cfg.APIKey != "" {
 			got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
+			if k := r.Header.Get("X-Api-Key"); !ok && k != "" {
+				got, ok = k, true // Anthropic clients send the key this way
+			}
 			sum := sha256.Sum256([]byte(got))
 			if !ok || subtle.ConstantTimeCompare(sum[:], s.keyHash[:]) != 1 {
 				writeError(w, &apiError{Status: http.StatusUnauthorized, Message: "missing or incorrect API key (Authorization: Bearer KEY)",

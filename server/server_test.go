@@ -84,13 +84,17 @@ func (s *testServer) post(t testing.TB, path, body string) (int, []byte) {
 	return resp.StatusCode, data
 }
 
+// chatParams asks for an answer without thinking (the fixture's template
+// would start the output inside <think>, making it reasoning).
 func chatParams(content string, maxTokens int64) openai.ChatCompletionNewParams {
-	return openai.ChatCompletionNewParams{
+	p := openai.ChatCompletionNewParams{
 		Model:       "tiny",
 		Messages:    []openai.ChatCompletionMessageParamUnion{openai.UserMessage(content)},
 		MaxTokens:   openai.Int(maxTokens),
 		Temperature: openai.Float(0),
 	}
+	p.SetExtraFields(map[string]any{"chat_template_kwargs": map[string]any{"enable_thinking": false}})
+	return p
 }
 
 func streamChat(t testing.TB, s *testServer, p openai.ChatCompletionNewParams) (string, string, openai.CompletionUsage) {
@@ -311,6 +315,19 @@ func TestAPIKeyAndHealth(t *testing.T) {
 			t.Errorf("%s without a key: %d", path, resp.StatusCode)
 		}
 	}
+	// Anthropic clients send the key as x-api-key.
+	for key, want := range map[string]int{"sekret": 200, "wrong": 401} {
+		req, _ := http.NewRequest("POST", s.ts.URL+"/v1/messages/count_tokens", strings.NewReader(`{"messages": [{"role": "user", "content": "Hi"}]}`))
+		req.Header.Set("x-api-key", key)
+		resp, err := s.http.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		resp.Body.Close()
+		if resp.StatusCode != want {
+			t.Errorf("x-api-key %s: %d, want %d", key, resp.StatusCode, want)
+		}
+	}
 	resp, err := s.http.Get(s.ts.URL + "/health")
 	if err != nil {
 		t.Fatal(err)
@@ -398,7 +415,12 @@ func TestBadInput(t *testing.T) {
 		{"empty stop", chat, `{` + msgs + `, "stop": [""]}`, 400, "stop strings"},
 		{"stream_options alone", chat, `{` + msgs + `, "stream_options": {"include_usage": true}}`, 400, "stream_options"},
 		{"penalty", chat, `{` + msgs + `, "presence_penalty": 0.5}`, 400, "not supported"},
-		{"response_format", chat, `{` + msgs + `, "response_format": {"type": "json_object"}}`, 400, "not supported"},
+		{"response_format", chat, `{` + msgs + `, "response_format": {"type": "xml"}}`, 400, "response_format.type"},
+		{"json_schema without schema", chat, `{` + msgs + `, "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}}`, 400, "json_schema.schema"},
+		{"tool_choice without tools", chat, `{` + msgs + `, "tool_choice": "required"}`, 400, "needs tools"},
+		{"tool_choice unknown", chat, `{` + msgs + `, "tools": [{"type": "function", "function": {"name": "f"}}], "tool_choice": {"type": "function", "function": {"name": "g"}}}`, 400, "not among the tools"},
+		{"reasoning_effort", chat, `{` + msgs + `, "reasoning_effort": "extreme"}`, 400, "reasoning_effort"},
+		{"enable_thinking type", chat, `{` + msgs + `, "chat_template_kwargs": {"enable_thinking": "yes"}}`, 400, "must be a boolean"},
 		{"context overflow", chat, `{` + msgs + `, "max_tokens": 200}`, 400, "more than the context of 64"},
 		{"prompt missing", comp, `{"max_tokens": 2}`, 400, "prompt is required"},
 		{"prompt empty", comp, `{"prompt": ""}`, 400, "must not be empty"},
@@ -426,9 +448,24 @@ func TestBadInput(t *testing.T) {
 	if _, err := s.client.Chat.Completions.New(context.Background(), chatParams("Hi", 2)); err != nil {
 		t.Fatalf("after the bad requests: %v", err)
 	}
-	if st := s.engine(t).Stats(); st.BlocksUsed != 0 || st.Running != 0 {
+	// The response reaches the client in the step that ends it; the
+	// sequence's blocks are freed right after, so wait for that.
+	if st := engineIdle(s.engine(t)); st.BlocksUsed != 0 || st.Running != 0 {
 		t.Errorf("bad requests left state behind: %+v", st)
 	}
+}
+
+// engineIdle waits up to 10 s for the engine to hold no blocks and run
+// nothing, and returns its stats then.
+func engineIdle(e *engine.Engine) engine.Stats {
+	deadline := time.Now().Add(10 * time.Second)
+	for time.Now().Before(deadline) {
+		if st := e.Stats(); st.BlocksUsed == 0 && st.Running == 0 && st.Waiting == 0 {
+			break
+		}
+		time.Sleep(time.Millisecond)
+	}
+	return e.Stats()
 }
 
 // metricValue reads one sample from /metrics.
@@ -576,15 +613,8 @@ func TestLoad(t *testing.T) {
 			t.Errorf("request %d (chat %v, stream %v): %v", i, j.chat, j.stream, errs[i])
 		}
 	}
-	e := s.engine(t)
+	st := engineIdle(s.engine(t))
 	deadline := time.Now().Add(10 * time.Second)
-	for time.Now().Before(deadline) {
-		if st := e.Stats(); st.BlocksUsed == 0 && st.Running == 0 && st.Waiting == 0 {
-			break
-		}
-		time.Sleep(time.Millisecond)
-	}
-	st := e.Stats()
 	t.Logf("64 requests, %d cancelled; engine after: %+v", cancelled, st)
 	if st.BlocksUsed != 0 || st.Running != 0 || st.Waiting != 0 {
 		t.Errorf("engine did not return to idle: %+v", st)

@@ -5,6 +5,7 @@ package cpu
 import (
 	"fmt"
 	"runtime"
+	"sync/atomic"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -17,6 +18,10 @@ type Options struct {
 	// instead of the default int8 per-group activations (DESIGN.md section 2);
 	// it is kept for accuracy comparison.
 	FloatActivations bool
+	// OnRoute, if set, is called by Route with the chosen expert ids of
+	// every token (TopK per token, token-major); for statistics such as
+	// expert usage. It must not keep the slice.
+	OnRoute func(experts []int)
 	// Kernel picks the SIMD kernels: "" (the best this CPU has, or the
 	// MMFP4_CPU_KERNEL environment variable), or one of Kernels().
 	Kernel string
@@ -38,6 +43,9 @@ type Backend struct {
 	pool   *pool
 	rowSeq []int32
 	slots  []int32
+
+	onRoute func([]int)
+	read    atomic.Int64 // bytes of weights and cache the ops have read
 }
 
 var _ backend.Backend = (*Backend)(nil)
@@ -48,8 +56,20 @@ func New(o Options) *Backend {
 	if t <= 0 {
 		t = runtime.GOMAXPROCS(0)
 	}
-	return &Backend{threads: t, floatActs: o.FloatActivations, isa: pickISA(o.Kernel), workers: sharedWorkers(t)}
+	return &Backend{threads: t, floatActs: o.FloatActivations, onRoute: o.OnRoute,
+		isa: pickISA(o.Kernel), workers: sharedWorkers(t)}
 }
+
+// BytesRead is the number of bytes of weights and latent cache that the ops
+// have read since the backend was made: every matrix product counts its
+// whole weight (packed size for MMFP4), an embedding lookup its rows,
+// RMSNorm its gain, Route its bias, AbsorbQuery the W_UK rows, and
+// LatentAttention the cached positions it attends over. Activations are
+// not counted. Decode's bytes per token is the difference over a step.
+func (b *Backend) BytesRead() int64 { return b.read.Load() }
+
+// count adds n bytes to BytesRead: one atomic add per op.
+func (b *Backend) count(n int64) { b.read.Add(n) }
 
 // Name identifies the backend and its threading.
 func (b *Backend) Name() string {
@@ -142,6 +162,15 @@ func (a *arena) alloc(n int) []float32 {
 	a.cur, a.off = len(a.chunks)-1, n
 	return a.chunks[a.cur][:n:n]
 }
+
+// Mark returns the arena's fill point; Release(mark) frees everything
+// allocated after it. The model releases each layer's temporaries, so a
+// long prefill step holds one layer's tensors, not every layer's.
+func (b *Backend) Mark() int { return b.arena.cur<<32 | b.arena.off }
+
+// Release frees the tensors allocated since mark (see Mark); they must not
+// be used afterwards.
+func (b *Backend) Release(mark int) { b.arena.cur, b.arena.off = mark>>32, mark&(1<<32-1) }
 
 // reset makes the whole arena free again. Slices handed out before stay
 // valid memory, but later allocations overwrite them.

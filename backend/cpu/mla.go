@@ -35,6 +35,7 @@ func (b *Backend) AbsorbQuery(qlat, q backend.Tensor, wUK backend.Weight, s back
 		b.badShape("absorb W_UK", [2]int{wUK.Rows(), wUK.Cols()}, [2]int{s.Heads * s.NopeDim, s.Rank}) {
 		return
 	}
+	b.count(weightBytes(wUK))
 	if w, ok := wUK.(*quant); ok {
 		b.absorbQueryQuant(ql, qm, w, s)
 		return
@@ -110,6 +111,10 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s bac
 		b.badShape("attention qlat", [2]int{ql.rows, ql.cols}, [2]int{T, s.Heads * s.Rank}) ||
 		b.badShape("attention q", [2]int{qm.rows, qm.cols}, [2]int{T, s.Heads * (s.NopeDim + s.RopeDim)}) {
 		return
+	}
+	perToken := int64(backend.CacheBytesPerToken(p.rank, p.ropeDim, p.dtype))
+	for t := 0; t < T; t++ { // each row reads its sequence's cached positions
+		b.count(perToken * int64(b.batch.Positions[t]+1))
 	}
 	if b.latentAttentionSIMD(om, ql, qm, layer, s, scale) {
 		return

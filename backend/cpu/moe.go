@@ -36,6 +36,10 @@ func (b *Backend) Route(logits backend.Tensor, bias backend.Weight, cfg backend.
 	b.rows(lm.rows, 64*lm.cols, func(t int) {
 		SelectExperts(lm.row(t), bv, cfg, r.experts[t*cfg.TopK:(t+1)*cfg.TopK], r.weights[t*cfg.TopK:(t+1)*cfg.TopK])
 	})
+	b.count(4 * int64(len(bv)))
+	if b.onRoute != nil {
+		b.onRoute(r.experts)
+	}
 	return r
 }
 
@@ -178,6 +182,7 @@ func (b *Backend) moeByExpert(d, xm *mat, rt *routing, experts []backend.Expert)
 				tokens[i] = u.token
 			}
 			a := acts.gather(tokens)
+			b.count(weightBytes(gq) + weightBytes(uq))
 			b.matMulQuantActs(gate, a, gq.m)
 			b.matMulQuantActs(up, a, uq.m)
 			a.release()

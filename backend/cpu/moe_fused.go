@@ -74,6 +74,16 @@ func (b *Backend) moeFused(d, xm *mat, rt *routing, experts []backend.Expert) bo
 		}
 	}
 
+	// Each chosen expert's three matrices count once, as on the per-expert
+	// path: the byte counter measures weights touched, not cache traffic.
+	counted := make(map[int]bool, len(slots))
+	for _, s := range slots {
+		if !counted[s.expert] {
+			counted[s.expert] = true
+			ex := experts[s.expert]
+			b.count(weightBytes(ex.Gate) + weightBytes(ex.Up) + weightBytes(ex.Down))
+		}
+	}
 	a := b.quantizeActivations(xm, 128)
 	defer a.release()
 	blocks := inter / 128

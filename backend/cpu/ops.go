@@ -15,6 +15,7 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 		b.badShape("rmsnorm in", [2]int{xm.rows, xm.cols}, [2]int{d.rows, d.cols}) {
 		return
 	}
+	b.count(4 * int64(len(g)))
 	b.rows(xm.rows, xm.cols, func(t int) {
 		in, out := xm.row(t), d.row(t)
 		var ss float64

@@ -18,6 +18,7 @@ func (b *Backend) expandValuesInt8(om, ol *mat, wUV backend.Weight, s backend.ML
 		w.m.K != s.Rank || w.m.N != s.Heads*s.VDim {
 		return false
 	}
+	b.count(weightBytes(w))
 	m, r, dv := w.m, s.Rank, s.VDim
 	a := b.quantizeActivations(ol, 128)
 	defer a.release()

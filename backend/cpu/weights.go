@@ -1,10 +1,12 @@
 package cpu
 
 import (
+	"encoding/binary"
 	"fmt"
 
 	"github.com/mmfp4/mmfp4/backend"
 	"github.com/mmfp4/mmfp4/format"
+	"github.com/mmfp4/mmfp4/safetensors"
 )
 
 // dense is a float32 weight matrix.
@@ -26,6 +28,46 @@ type quant struct {
 func (q *quant) Rows() int { return q.m.N }
 func (q *quant) Cols() int { return q.m.K }
 
+// bf16 is a bfloat16 weight matrix used in place (it may alias the memory
+// map); rows are widened to float32 when read.
+type bf16 struct {
+	n, k int
+	data []byte // 2*n*k bytes, little-endian
+}
+
+func (w *bf16) Rows() int { return w.n }
+func (w *bf16) Cols() int { return w.k }
+
+// row widens row n into buf[:k]; the conversion is exact.
+func (w *bf16) row(n int, buf []float32) []float32 {
+	buf = buf[:w.k]
+	src := w.data[2*n*w.k : 2*(n+1)*w.k]
+	for i := range buf {
+		buf[i] = safetensors.BF16ToFloat32(binary.LittleEndian.Uint16(src[2*i:]))
+	}
+	return buf
+}
+
+// weightBytes is the memory a full pass over w reads: what the byte counter
+// (BytesRead) adds for a matrix product.
+func weightBytes(w backend.Weight) int64 {
+	switch w := w.(type) {
+	case *dense:
+		return 4 * int64(len(w.w))
+	case *quant:
+		return int64(len(w.m.Codes) + len(w.m.Scales) + 4*len(w.m.RowScale))
+	case *bf16:
+		return int64(len(w.data))
+	default:
+		panic(fmt.Sprintf("cpu backend: weight of type %T from another backend", w))
+	}
+}
+
+// rowBytes is the memory read for one row of w.
+func rowBytes(w backend.Weight) int64 {
+	return weightBytes(w) / int64(w.Rows())
+}
+
 // e4m3Table decodes every FP8 E4M3 scale byte.
 var e4m3Table = func() (t [256]float32) {
 	for i := range t {
@@ -43,11 +85,25 @@ var pairTable = func() (t [256][2]int32) {
 	return
 }()
 
-// NewWeight wraps host weight data. Dense data is used as given; MMFP4 data
-// is validated and kept packed.
+// NewWeight wraps host weight data. Dense and bf16 data are used as given;
+// MMFP4 data is validated and kept packed.
 func (b *Backend) NewWeight(w backend.HostWeight) (backend.Weight, error) {
+	set := 0
+	for _, given := range []bool{w.Dense != nil, w.Quant != nil, w.BF16 != nil} {
+		if given {
+			set++
+		}
+	}
+	if set != 1 {
+		return nil, fmt.Errorf("%s: exactly one of dense, bf16 or MMFP4 data must be given", w.Name)
+	}
 	switch {
-	case w.Quant != nil && w.Dense == nil:
+	case w.BF16 != nil:
+		if w.N <= 0 || w.K <= 0 || len(w.BF16) != 2*w.N*w.K {
+			return nil, fmt.Errorf("%s: %d bf16 bytes, want %dx%dx2", w.Name, len(w.BF16), w.N, w.K)
+		}
+		return &bf16{n: w.N, k: w.K, data: w.BF16}, nil
+	case w.Quant != nil:
 		if err := w.Quant.Validate(); err != nil {
 			return nil, fmt.Errorf("%s: %w", w.Name, err)
 		}
@@ -55,17 +111,15 @@ func (b *Backend) NewWeight(w backend.HostWeight) (backend.Weight, error) {
 			return nil, fmt.Errorf("%s: MMFP4 matrix is %dx%d, want %dx%d", w.Name, w.Quant.N, w.Quant.K, w.N, w.K)
 		}
 		return &quant{m: w.Quant, groups: w.Quant.K / w.Quant.GroupSize}, nil
-	case w.Dense != nil && w.Quant == nil:
+	default:
 		if len(w.Dense) != w.N*w.K {
 			return nil, fmt.Errorf("%s: %d values, want %dx%d", w.Name, len(w.Dense), w.N, w.K)
 		}
 		return &dense{n: w.N, k: w.K, w: w.Dense}, nil
-	default:
-		return nil, fmt.Errorf("%s: exactly one of dense or MMFP4 data must be given", w.Name)
 	}
 }
 
-// weightRow returns row n of w as float32, decoding MMFP4 into buf.
+// weightRow returns row n of w as float32, decoding MMFP4 and bf16 into buf.
 func weightRow(w backend.Weight, n int, buf []float32) []float32 {
 	switch w := w.(type) {
 	case *dense:
@@ -73,6 +127,8 @@ func weightRow(w backend.Weight, n int, buf []float32) []float32 {
 	case *quant:
 		w.m.DequantizeRow(n, buf[:w.m.K])
 		return buf[:w.m.K]
+	case *bf16:
+		return w.row(n, buf)
 	default:
 		panic(fmt.Sprintf("cpu backend: weight of type %T from another backend", w))
 	}
@@ -90,6 +146,8 @@ func weightRows(w backend.Weight, from, n int) backend.Weight {
 		m.Scales = m.Scales[from*w.groups : (from+n)*w.groups]
 		m.RowScale = m.RowScale[from : from+n]
 		return &quant{m: &m, groups: w.groups}
+	case *bf16:
+		return &bf16{n: n, k: w.k, data: w.data[2*from*w.k : 2*(from+n)*w.k]}
 	default:
 		panic(fmt.Sprintf("cpu backend: weight of type %T from another backend", w))
 	}
@@ -119,6 +177,7 @@ func (b *Backend) Embed(dst backend.Tensor, table backend.Weight) {
 		row := d.row(t)
 		copy(row, weightRow(table, int(id), row))
 	}
+	b.count(int64(len(b.batch.Tokens)) * rowBytes(table))
 }
 
 func dot(a, b []float32) float32 {
@@ -151,6 +210,7 @@ func (b *Backend) MatMul(dst, x backend.Tensor, w backend.Weight) {
 		b.badShape("matmul in", [2]int{xm.rows, xm.cols}, [2]int{xm.rows, w.Cols()}) {
 		return
 	}
+	b.count(weightBytes(w))
 	switch w := w.(type) {
 	case *dense:
 		b.parallel(w.n, func(lo, hi int) {
@@ -167,6 +227,17 @@ func (b *Backend) MatMul(dst, x backend.Tensor, w backend.Weight) {
 		} else {
 			b.matMulQuantInt8(d, xm, w)
 		}
+	case *bf16:
+		// Only a tied lm_head on a bf16 embedding comes here.
+		b.parallel(w.n, func(lo, hi int) {
+			buf := make([]float32, w.k)
+			for n := lo; n < hi; n++ {
+				w.row(n, buf)
+				for t := 0; t < xm.rows; t++ {
+					d.data[t*d.stride+n] = b.dotF32(buf, xm.row(t))
+				}
+			}
+		})
 	default:
 		panic(fmt.Sprintf("cpu backend: weight of type %T from another backend", w))
 	}

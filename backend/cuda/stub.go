@@ -2,7 +2,11 @@
 
 package cuda
 
-import "fmt"
+import (
+	"fmt"
+
+	"github.com/mmfp4/mmfp4/backend"
+)
 
 var errUnsupported = fmt.Errorf("%w: CUDA is used on Linux only", ErrNoDriver)
 
@@ -34,3 +38,12 @@ func Probe(compileWithoutGPU bool) Report {
 	_, _, _, err := NVRTCVersion()
 	return Report{DeviceErr: errUnsupported, NVRTCErr: err}
 }
+
+// Options configure the CUDA backend.
+type Options struct {
+	Ordinal    int
+	NoFusedMoE bool
+}
+
+// NewBackend reports that there is no CUDA on this system.
+func NewBackend(o Options, minCC int) (backend.Backend, error) { return nil, errUnsupported }

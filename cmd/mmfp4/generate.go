@@ -11,7 +11,6 @@ import (
 
 	"github.com/mmfp4/mmfp4"
 	"github.com/mmfp4/mmfp4/backend"
-	"github.com/mmfp4/mmfp4/backend/cpu"
 	"github.com/mmfp4/mmfp4/engine"
 	"github.com/mmfp4/mmfp4/sample"
 )
@@ -24,6 +23,7 @@ type modelFlags struct {
 	floatAct bool
 	debugNaN bool
 	kvDType  string
+	device   string
 }
 
 func (f *modelFlags) register(c *cobra.Command) {
@@ -33,6 +33,7 @@ func (f *modelFlags) register(c *cobra.Command) {
 	c.Flags().BoolVar(&f.floatAct, "float-activations", false, "run MMFP4 products on float32 activations instead of int8")
 	c.Flags().BoolVar(&f.debugNaN, "debug-nan", false, "check every tensor and name the first layer and tensor that produce NaN/Inf")
 	c.Flags().StringVar(&f.kvDType, "kv-cache-dtype", "bf16", "latent cache precision: bf16, fp8, fp4 or f32")
+	c.Flags().StringVar(&f.device, "device", "auto", "compute device: cuda, cpu or auto (CUDA when a supported GPU is found)")
 }
 
 func (f *modelFlags) options() (mmfp4.Options, error) {
@@ -46,7 +47,10 @@ func (f *modelFlags) options() (mmfp4.Options, error) {
 	if err != nil {
 		return mmfp4.Options{}, fmt.Errorf("--kv-cache-dtype: %w", err)
 	}
-	b := cpu.New(cpu.Options{Threads: f.threads, FloatActivations: f.floatAct})
+	b, err := f.pickBackend(dt)
+	if err != nil {
+		return mmfp4.Options{}, err
+	}
 	return mmfp4.Options{Backend: b, MaxContext: f.ctx, Engine: engine.Options{CacheDType: dt}, DebugNaN: f.debugNaN}, nil
 }
 

@@ -79,7 +79,11 @@ It listens on 127.0.0.1 only unless --host says otherwise.`,
 			}
 			ready := make(chan loaded, 1)
 			go func() {
-				m, err := mmfp4.Load(mf.dir, opts)
+				var m *mmfp4.Model
+				dir, err := modelDir(mf.dir)
+				if err == nil {
+					m, err = mmfp4.Load(dir, opts)
+				}
 				if err == nil {
 					err = srv.SetModel(m)
 				}

@@ -31,6 +31,7 @@ func Load(dir string, b backend.Backend, opt LoadOptions) (*Model, error) {
 		ld.set.Close()
 		return nil, err
 	}
+	m.files = ld.set
 	return m, nil
 }
 
@@ -148,6 +149,32 @@ func rowBlocks(w backend.HostWeight, name string, count, stride, from, n int) ba
 	return out
 }
 
+// table loads the embedding. A bf16 table stays in its stored form (the
+// memory map) and rows are widened on lookup, instead of holding a float32
+// copy (1.27 GB at GLM-4.7-Flash's size); other forms load as matrix does.
+func (ld *loader) table(name string, n, k int) backend.Weight {
+	if ld.err != nil || ld.opt.Dequantize || !ld.set.Has(name) {
+		return ld.matrix(name, n, k)
+	}
+	t, err := ld.set.Tensor(name)
+	if err != nil {
+		ld.err = err
+		return nil
+	}
+	if t.DType != safetensors.BF16 {
+		return ld.matrix(name, n, k)
+	}
+	if err := t.Check(safetensors.BF16, n, k); err != nil {
+		ld.err = err
+		return nil
+	}
+	w, err := ld.b.NewWeight(backend.HostWeight{Name: name, N: n, K: k, BF16: t.Data})
+	if err != nil {
+		ld.err = err
+	}
+	return w
+}
+
 // vector loads a 1-D tensor of length k as a 1 x k weight.
 func (ld *loader) vector(name string, k int) backend.Weight {
 	return ld.dense(name, 1, k, k)
@@ -208,7 +235,7 @@ func (ld *loader) model(c *Config) (*Model, error) {
 		route: backend.RouterConfig{TopK: c.ExpertsPerToken, Groups: c.NumGroups, TopKGroups: c.TopKGroups,
 			NormTopKProb: c.NormTopKProb, RoutedScaling: c.RoutedScaling, NumExperts: c.NumExperts},
 	}
-	m.Embed = ld.matrix("model.embed_tokens.weight", c.VocabSize, H)
+	m.Embed = ld.table("model.embed_tokens.weight", c.VocabSize, H)
 	for i := 0; i < c.NumLayers; i++ {
 		p := fmt.Sprintf("model.layers.%d.", i)
 		l := Layer{

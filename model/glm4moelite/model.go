@@ -6,6 +6,7 @@ package glm4moelite
 
 import (
 	"fmt"
+	"io"
 	"math"
 	"sync"
 
@@ -41,6 +42,25 @@ type Model struct {
 	// mu serialises forward passes: a backend runs one step at a time.
 	mu     sync.Mutex
 	nanErr error // first non-finite tensor of the current pass (DebugNaN)
+
+	files io.Closer // the memory-mapped weight files
+}
+
+// Close unmaps the weight files. The model must not be used afterwards.
+func (m *Model) Close() error {
+	if m.files == nil {
+		return nil
+	}
+	err := m.files.Close()
+	m.files = nil
+	return err
+}
+
+// layerScoped is a backend whose per-step tensors can be freed layer by
+// layer (the CPU arena), so a step's memory is one layer's temporaries.
+type layerScoped interface {
+	Mark() int
+	Release(mark int)
 }
 
 // Layer is one decoder block.
@@ -108,13 +128,20 @@ func (m *Model) Forward(batch *backend.Batch, pool backend.CachePool) ([]float32
 	if r, err := m.firstNonFinite(x); err != nil {
 		return nil, fmt.Errorf("embedding (model.embed_tokens.weight) row of token %d at position %d: %w", batch.Tokens[r], batch.Positions[r], err)
 	}
+	scoped, _ := b.(layerScoped)
 	for i := range m.Layers {
 		if batch.Interrupt != nil {
 			if err := batch.Interrupt(); err != nil {
 				return nil, err
 			}
 		}
-		m.layer(i, x)
+		if scoped != nil {
+			mark := scoped.Mark()
+			m.layer(i, x)
+			scoped.Release(mark) // x was allocated before the mark
+		} else {
+			m.layer(i, x)
+		}
 		if m.nanErr != nil {
 			if pe, ok := m.nanErr.(positioned); ok {
 				return nil, fmt.Errorf(pe.format, batch.Positions[pe.row])

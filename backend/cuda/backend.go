@@ -1,0 +1,1126 @@
+//go:build linux || darwin || freebsd || netbsd
+
+package cuda
+
+import (
+	"errors"
+	"fmt"
+	"math"
+
+	"github.com/mmfp4/mmfp4/backend"
+)
+
+// Options configure the CUDA backend.
+type Options struct {
+	// Ordinal is the GPU to use.
+	Ordinal int
+	// NoFusedMoE routes single-token MoE through the grouped path (one
+	// product per expert) instead of the fused MoE kernels.
+	NoFusedMoE bool
+}
+
+// Backend implements backend.Backend on one GPU. Every op is queued on the
+// device's stream through Device.Do; the first error is kept for Sync.
+type Backend struct {
+	dev   *Device
+	owned bool // Close closes dev
+	opts  Options
+	err   error
+
+	weights slab  // weight memory, never freed before Close
+	arena   arena // per-step tensors and metadata
+
+	batch *backend.Batch
+	pool  *cachePool
+	meta  batchMeta
+
+	pending []queuedOp // ops queued since the last flush
+
+	// splitFloats bounds the split attention kernel's partial sums
+	// (maxSplitFloats; tests set 0 to cover the other kernel).
+	splitFloats int
+
+	moe      map[*QMatrix]*moeLayer
+	identity map[int]uint64 // E -> E x E identity, for routing from logits
+}
+
+var _ backend.Backend = (*Backend)(nil)
+
+// New opens GPU o.Ordinal and returns a backend on it. The error wraps
+// ErrNoDriver, ErrNoDevice or ErrNoNVRTC where CUDA cannot be used.
+func New(o Options) (*Backend, error) {
+	if _, _, _, err := NVRTCVersion(); err != nil {
+		return nil, err
+	}
+	d, err := Open(o.Ordinal)
+	if err != nil {
+		return nil, err
+	}
+	b := NewOnDevice(d, o)
+	b.owned = true
+	return b, nil
+}
+
+// NewBackend is New for callers that pick a backend: it also refuses a GPU
+// older than compute capability minCC (10*major + minor).
+func NewBackend(o Options, minCC int) (backend.Backend, error) {
+	b, err := New(o)
+	if err != nil {
+		return nil, err
+	}
+	if cc := b.dev.Info().CC; cc < minCC {
+		b.Close()
+		return nil, fmt.Errorf("%w: GPU of compute capability %d.%d; the kernels need %d.%d or newer", ErrNoDevice, cc/10, cc%10, minCC/10, minCC%10)
+	}
+	return b, nil
+}
+
+// NewOnDevice returns a backend on an opened device, which the caller keeps
+// and closes.
+func NewOnDevice(d *Device, o Options) *Backend {
+	return &Backend{dev: d, opts: o, moe: map[*QMatrix]*moeLayer{}, identity: map[int]uint64{}, splitFloats: maxSplitFloats}
+}
+
+// Close frees the backend's device memory and, when New opened the device,
+// closes it.
+func (b *Backend) Close() error {
+	b.flush()
+	err := b.dev.Do(func(c *Ctx) error {
+		errs := []error{c.Sync(), b.weights.free(c), b.arena.free(c)}
+		if b.pool != nil {
+			errs = append(errs, c.Free(b.pool.buf))
+		}
+		for _, l := range b.moe {
+			errs = append(errs, c.FreeExpertTable(l.table))
+			for _, s := range l.scratch {
+				errs = append(errs, c.FreeMoEScratch(s))
+			}
+		}
+		return errors.Join(errs...)
+	})
+	if b.owned {
+		err = errors.Join(err, b.dev.Close())
+	}
+	return err
+}
+
+// Name names the GPU.
+func (b *Backend) Name() string {
+	i := b.dev.Info()
+	return fmt.Sprintf("cuda (%s, %s, %d SMs)", i.Name, i.Arch(), i.SMs)
+}
+
+// Device is the GPU the backend runs on.
+func (b *Backend) Device() *Device { return b.dev }
+
+func (b *Backend) fail(format string, args ...any) {
+	if b.err == nil {
+		b.err = fmt.Errorf("cuda backend: "+format, args...)
+	}
+}
+
+// queuedOp is an op's device work, run later on the device thread.
+type queuedOp struct {
+	op string
+	fn func(c *Ctx) error
+}
+
+// maxQueued bounds the ops held before they are handed to the device
+// thread together.
+const maxQueued = 512
+
+// do queues fn for the device thread. Handing each op over on its own costs
+// a thread switch (tens of microseconds); queued ops go over in one. Their
+// arguments are fixed when queued: device addresses come from the arena,
+// which is bookkept on the host.
+func (b *Backend) do(op string, fn func(c *Ctx) error) {
+	if b.err != nil {
+		return // the step has failed (Sync reports it); its addresses may be 0
+	}
+	b.pending = append(b.pending, queuedOp{op, fn})
+	if len(b.pending) >= maxQueued {
+		b.flush()
+	}
+}
+
+// flush runs the queued ops on the device thread, stopping at the first
+// error, which it records.
+func (b *Backend) flush() {
+	if len(b.pending) == 0 {
+		return
+	}
+	ops := b.pending
+	err := b.dev.Do(func(c *Ctx) error {
+		for _, q := range ops {
+			if err := q.fn(c); err != nil {
+				return fmt.Errorf("%s: %w", q.op, err)
+			}
+		}
+		return nil
+	})
+	clear(ops)
+	b.pending = ops[:0]
+	if err != nil && b.err == nil {
+		b.err = fmt.Errorf("cuda backend: %w", err)
+	}
+}
+
+// now runs fn on the device thread after the queued ops, recording its
+// error under op's name.
+func (b *Backend) now(op string, fn func(c *Ctx) error) {
+	b.flush()
+	if err := b.dev.Do(fn); err != nil && b.err == nil {
+		b.err = fmt.Errorf("cuda backend: %s: %w", op, err)
+	}
+}
+
+// Sync waits for the queued work and returns the first error since the
+// last Sync.
+func (b *Backend) Sync() error {
+	b.now("sync", func(c *Ctx) error { return c.Sync() })
+	err := b.err
+	b.err = nil
+	return err
+}
+
+// slab sub-allocates weight memory from a few large allocations, so that
+// thousands of small matrices do not each round up to the pool's block.
+type slab struct {
+	chunks []Buffer
+	off    int // first free byte of the last chunk
+}
+
+const slabChunk = 256 << 20
+
+func (s *slab) alloc(c *Ctx, n int) (uint64, error) {
+	n = align(n, 256)
+	if len(s.chunks) == 0 || s.off+n > s.chunks[len(s.chunks)-1].Size {
+		buf, err := c.Alloc(max(n, slabChunk))
+		if err != nil {
+			return 0, err
+		}
+		s.chunks = append(s.chunks, buf)
+		s.off = 0
+	}
+	p := s.chunks[len(s.chunks)-1].At(s.off)
+	s.off += n
+	return p, nil
+}
+
+func (s *slab) free(c *Ctx) error {
+	var errs []error
+	for _, b := range s.chunks {
+		errs = append(errs, c.Free(b))
+	}
+	s.chunks, s.off = nil, 0
+	return errors.Join(errs...)
+}
+
+// arena hands out step-lifetime device memory; reset makes it all free and
+// merges the chunks a step outgrew into one. Reuse is safe because every op
+// runs in order on one stream.
+type arena struct {
+	chunks []Buffer
+	cur    int
+	off    int
+}
+
+const minArena = 64 << 20
+
+// take returns n bytes from the chunks already allocated, or false.
+func (a *arena) take(n int) (uint64, bool) {
+	n = align(max(n, 1), 256)
+	for a.cur < len(a.chunks) {
+		if a.off+n <= a.chunks[a.cur].Size {
+			p := a.chunks[a.cur].At(a.off)
+			a.off += n
+			return p, true
+		}
+		a.cur++
+		a.off = 0
+	}
+	return 0, false
+}
+
+// grow adds a chunk for n bytes and takes them from it.
+func (a *arena) grow(c *Ctx, n int) (uint64, error) {
+	n = align(max(n, 1), 256)
+	size := max(n, minArena)
+	if len(a.chunks) > 0 {
+		size = max(size, 2*a.chunks[len(a.chunks)-1].Size)
+	}
+	buf, err := c.Alloc(size)
+	if err != nil {
+		return 0, err
+	}
+	a.chunks = append(a.chunks, buf)
+	a.cur, a.off = len(a.chunks)-1, n
+	return buf.Ptr, nil
+}
+
+// merge replaces several chunks by one of their total size.
+func (a *arena) merge(c *Ctx) error {
+	total := 0
+	for _, b := range a.chunks {
+		total += b.Size
+	}
+	if err := a.free(c); err != nil {
+		return err
+	}
+	buf, err := c.Alloc(total)
+	if err != nil {
+		return err
+	}
+	a.chunks = []Buffer{buf}
+	return nil
+}
+
+func (a *arena) free(c *Ctx) error {
+	var errs []error
+	for _, b := range a.chunks {
+		errs = append(errs, c.Free(b))
+	}
+	a.chunks, a.cur, a.off = nil, 0, 0
+	return errors.Join(errs...)
+}
+
+// alloc returns n bytes of step memory (0 after a failure, recorded).
+// Growing the arena waits for the queued ops.
+func (b *Backend) alloc(n int) uint64 {
+	if p, ok := b.arena.take(n); ok {
+		return p
+	}
+	var p uint64
+	b.now("arena", func(c *Ctx) error {
+		var err error
+		p, err = b.arena.grow(c, n)
+		return err
+	})
+	return p
+}
+
+// tensor is a row-major float32 matrix in device memory; row t starts ld
+// floats after row t-1.
+type tensor struct {
+	rows, cols, ld int
+	ptr            uint64
+}
+
+func (t *tensor) Rows() int { return t.rows }
+func (t *tensor) Cols() int { return t.cols }
+
+// row is the address of row r.
+func (t *tensor) row(r int) uint64 { return t.ptr + 4*uint64(r*t.ld) }
+
+func asTensor(t backend.Tensor) *tensor {
+	m, ok := t.(*tensor)
+	if !ok {
+		panic(fmt.Sprintf("cuda backend: tensor of type %T from another backend", t))
+	}
+	return m
+}
+
+// weight is a matrix on the device: dense fp32 (dense != 0) or MMFP4 (q).
+// host is the caller's data, kept by reference for Embed's row lookups.
+type weight struct {
+	n, k  int
+	dense uint64
+	q     *QMatrix
+	host  backend.HostWeight
+}
+
+func (w *weight) Rows() int { return w.n }
+func (w *weight) Cols() int { return w.k }
+
+func asWeight(w backend.Weight) *weight {
+	m, ok := w.(*weight)
+	if !ok {
+		panic(fmt.Sprintf("cuda backend: weight of type %T from another backend", w))
+	}
+	return m
+}
+
+// NewWeight uploads w: MMFP4 codes, scales and row scales as they are in
+// the file, dense data as fp32.
+func (b *Backend) NewWeight(hw backend.HostWeight) (backend.Weight, error) {
+	w := &weight{n: hw.N, k: hw.K, host: hw}
+	switch {
+	case hw.Quant != nil && hw.Dense == nil:
+		m := hw.Quant
+		if err := m.Validate(); err != nil {
+			return nil, fmt.Errorf("%s: %w", hw.Name, err)
+		}
+		if m.N != hw.N || m.K != hw.K {
+			return nil, fmt.Errorf("%s: MMFP4 matrix is %dx%d, want %dx%d", hw.Name, m.N, m.K, hw.N, hw.K)
+		}
+		if m.K%32 != 0 {
+			return nil, fmt.Errorf("%s: MMFP4 matrix [%d,%d]: K must be a multiple of 32 on the GPU", hw.Name, m.N, m.K)
+		}
+		b.flush()
+		err := b.dev.Do(func(c *Ctx) error {
+			scalesOff := align(len(m.Codes), 256)
+			rowOff := align(scalesOff+len(m.Scales), 256)
+			p, err := b.weights.alloc(c, rowOff+4*m.N)
+			if err != nil {
+				return err
+			}
+			w.q = &QMatrix{N: m.N, K: m.K, G: m.GroupSize, Codes: p, Scales: p + uint64(scalesOff), RowScale: p + uint64(rowOff)}
+			return errors.Join(CopyIn(c, w.q.Codes, m.Codes), CopyIn(c, w.q.Scales, m.Scales), CopyIn(c, w.q.RowScale, m.RowScale))
+		})
+		if err != nil {
+			return nil, fmt.Errorf("%s: upload: %w", hw.Name, err)
+		}
+	case hw.Dense != nil && hw.Quant == nil:
+		if len(hw.Dense) != hw.N*hw.K {
+			return nil, fmt.Errorf("%s: %d values, want %dx%d", hw.Name, len(hw.Dense), hw.N, hw.K)
+		}
+		b.flush()
+		err := b.dev.Do(func(c *Ctx) error {
+			p, err := b.weights.alloc(c, 4*len(hw.Dense))
+			if err != nil {
+				return err
+			}
+			w.dense = p
+			return CopyIn(c, p, hw.Dense)
+		})
+		if err != nil {
+			return nil, fmt.Errorf("%s: upload: %w", hw.Name, err)
+		}
+	default:
+		return nil, fmt.Errorf("%s: exactly one of dense or MMFP4 data must be given", hw.Name)
+	}
+	return w, nil
+}
+
+// weightRows is a view of rows [from, from+n) of w.
+func weightRows(w *weight, from, n int) *weight {
+	v := &weight{n: n, k: w.k}
+	if w.q != nil {
+		q := *w.q
+		q.N = n
+		q.Codes += uint64(from * q.K / 2)
+		q.Scales += uint64(from * q.K / q.G)
+		q.RowScale += uint64(4 * from)
+		q.buf = Buffer{}
+		v.q = &q
+	} else {
+		v.dense = w.dense + uint64(4*from*w.k)
+	}
+	return v
+}
+
+// batchMeta is the step's batch on the device (int32 arrays).
+type batchMeta struct {
+	pos, rowSeq, slots, seqBlocks, blocks, outputs uint64
+	maxN                                           int
+}
+
+// SetBatch resets the arena and uploads the batch's positions, each row's
+// sequence and cache slot, the block tables and the output rows.
+func (b *Backend) SetBatch(batch *backend.Batch, p backend.CachePool) {
+	b.batch = batch
+	b.pool = nil
+	if p != nil {
+		cp, ok := p.(*cachePool)
+		if !ok {
+			panic(fmt.Sprintf("cuda backend: cache pool of type %T from another backend", p))
+		}
+		b.pool = cp
+	}
+	T := batch.Rows()
+	rowSeq := make([]int32, T)
+	slots := make([]int32, T)
+	seqBlocks := make([]int32, len(batch.Seqs))
+	var blocks []int32
+	maxN := 1
+	for i := range batch.Seqs {
+		s := &batch.Seqs[i]
+		seqBlocks[i] = int32(len(blocks))
+		blocks = append(blocks, s.Blocks...)
+		for t := s.Start; t < s.Start+s.Len && t < T; t++ {
+			rowSeq[t] = int32(i)
+			maxN = max(maxN, int(batch.Positions[t])+1)
+			if b.pool != nil {
+				slots[t] = int32(s.Slot(int(batch.Positions[t]), b.pool.blockSize))
+			}
+		}
+	}
+	b.meta.maxN = maxN
+	b.arena.cur, b.arena.off = 0, 0
+	if len(b.arena.chunks) > 1 {
+		b.now("set batch", b.arena.merge)
+	}
+	up := func(dst *uint64, v []int32) {
+		v = append([]int32(nil), v...)
+		*dst = b.alloc(4 * len(v))
+		p := *dst
+		b.do("set batch", func(c *Ctx) error { return CopyIn(c, p, v) })
+	}
+	up(&b.meta.pos, batch.Positions)
+	up(&b.meta.rowSeq, rowSeq)
+	up(&b.meta.slots, slots)
+	up(&b.meta.seqBlocks, seqBlocks)
+	up(&b.meta.blocks, blocks)
+	up(&b.meta.outputs, batch.Outputs)
+}
+
+// NewTensor returns a zeroed tensor from the step's arena.
+func (b *Backend) NewTensor(rows, cols int) backend.Tensor {
+	if rows < 0 || cols < 0 {
+		b.fail("tensor of %dx%d", rows, cols)
+		rows, cols = 0, 0
+	}
+	t := &tensor{rows: rows, cols: cols, ld: cols, ptr: b.alloc(4 * rows * cols)}
+	if t.ptr != 0 && rows*cols > 0 {
+		b.do("new tensor", func(c *Ctx) error { return c.Memset(t.ptr, 0, 4*rows*cols) })
+	}
+	return t
+}
+
+// Upload copies src (row-major) into dst.
+func (b *Backend) Upload(dst backend.Tensor, src []float32) {
+	d := asTensor(dst)
+	if len(src) != d.rows*d.cols {
+		b.fail("upload of %d values into %dx%d tensor", len(src), d.rows, d.cols)
+		return
+	}
+	src = append([]float32(nil), src...) // the caller may reuse src
+	b.do("upload", func(c *Ctx) error {
+		if d.ld == d.cols {
+			return CopyIn(c, d.ptr, src)
+		}
+		for t := 0; t < d.rows; t++ {
+			if err := CopyIn(c, d.row(t), src[t*d.cols:(t+1)*d.cols]); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// Download returns a row-major host copy of src.
+func (b *Backend) Download(src backend.Tensor) []float32 {
+	s := asTensor(src)
+	out := make([]float32, s.rows*s.cols)
+	if s.rows == 0 || s.cols == 0 {
+		return out
+	}
+	b.now("download", func(c *Ctx) error {
+		if s.ld == s.cols {
+			return CopyOut(c, out, s.ptr)
+		}
+		buf := make([]float32, (s.rows-1)*s.ld+s.cols)
+		if err := CopyOut(c, buf, s.ptr); err != nil {
+			return err
+		}
+		for t := 0; t < s.rows; t++ {
+			copy(out[t*s.cols:(t+1)*s.cols], buf[t*s.ld:])
+		}
+		return nil
+	})
+	return out
+}
+
+// Cols is a view of columns [from, to).
+func (b *Backend) Cols(t backend.Tensor, from, to int) backend.Tensor {
+	m := asTensor(t)
+	if from < 0 || to > m.cols || from > to {
+		b.fail("column view [%d,%d) of %d columns", from, to, m.cols)
+		from, to = 0, 0
+	}
+	return &tensor{rows: m.rows, cols: to - from, ld: m.ld, ptr: m.ptr + 4*uint64(from)}
+}
+
+// Rows is a view of rows [from, to).
+func (b *Backend) Rows(t backend.Tensor, from, to int) backend.Tensor {
+	m := asTensor(t)
+	if from < 0 || to > m.rows || from > to {
+		b.fail("row view [%d,%d) of %d rows", from, to, m.rows)
+		from, to = 0, 0
+	}
+	return &tensor{rows: to - from, cols: m.cols, ld: m.ld, ptr: m.row(from)}
+}
+
+func (b *Backend) badShape(op string, got, want [2]int) bool {
+	if got != want {
+		b.fail("%s: shape %v, want %v", op, got, want)
+		return true
+	}
+	return false
+}
+
+func (b *Backend) batchRows() int {
+	if b.batch == nil {
+		return 0
+	}
+	return b.batch.Rows()
+}
+
+// launch queues kernel mod.name.
+func (b *Backend) launch(op, mod, name string, grid, block Dim, args ...any) {
+	b.do(op, func(c *Ctx) error {
+		k, err := c.Kernel(mod, name)
+		if err != nil {
+			return err
+		}
+		return c.Launch(k, grid, block, 0, args...)
+	})
+}
+
+// Embed looks the batch's token rows up in the host copy of the table (a
+// few rows per step) and uploads them.
+func (b *Backend) Embed(dst backend.Tensor, table backend.Weight) {
+	d, w := asTensor(dst), asWeight(table)
+	if b.batch == nil || b.badShape("embed", [2]int{d.rows, d.cols}, [2]int{b.batch.Rows(), w.k}) {
+		return
+	}
+	host := make([]float32, d.rows*d.cols)
+	for t, id := range b.batch.Tokens {
+		if id < 0 || int(id) >= w.n {
+			b.fail("token id %d at row %d is outside the vocabulary [0, %d)", id, t, w.n)
+			return
+		}
+		row := host[t*w.k : (t+1)*w.k]
+		if q := w.host.Quant; q != nil {
+			q.DequantizeRow(int(id), row)
+		} else {
+			copy(row, w.host.Dense[int(id)*w.k:(int(id)+1)*w.k])
+		}
+	}
+	b.Upload(dst, host)
+}
+
+// quantize queues the quantization of x's rows to int8 groups of G (as the
+// CPU backend's activations) into arena memory.
+func (b *Backend) quantize(x *tensor, G int) *QActs {
+	T, K := x.rows, x.cols
+	sOff := align(T*K, 256)
+	sumOff := align(sOff+4*T*K/G, 256)
+	p := b.alloc(sumOff + 4*T*K/32)
+	a := &QActs{T: T, K: K, G: G, Q: p, Scales: p + uint64(sOff), Sums: p + uint64(sumOff)}
+	b.do("quantize", func(c *Ctx) error { return c.RMSNormQuant(x.ptr, x.ld, 0, 0, 0, 0, T, K, G, a) })
+	return a
+}
+
+// actRows is a view of rows [from, from+n) of a.
+func actRows(a *QActs, from, n int) *QActs {
+	return &QActs{T: n, K: a.K, G: a.G, Q: a.Q + uint64(from*a.K), Scales: a.Scales + uint64(4*from*a.K/a.G), Sums: a.Sums + uint64(4*from*a.K/32)}
+}
+
+// MatMul computes dst = x W^T: MMFP4 through the int8 GEMV kernels, eight
+// rows at a time; dense through a simple fp32 kernel.
+func (b *Backend) MatMul(dst, x backend.Tensor, wt backend.Weight) {
+	d, xm, w := asTensor(dst), asTensor(x), asWeight(wt)
+	if b.badShape("matmul out", [2]int{d.rows, d.cols}, [2]int{xm.rows, w.n}) ||
+		b.badShape("matmul in", [2]int{xm.rows, xm.cols}, [2]int{xm.rows, w.k}) || d.rows == 0 {
+		return
+	}
+	if w.q == nil {
+		b.launch("matmul", "ops", "dense_matmul", Dim{uint32((w.n + 7) / 8), uint32(d.rows), 1}, D1(256),
+			w.dense, w.n, w.k, xm.ptr, xm.ld, d.ptr, d.ld)
+		return
+	}
+	a := b.quantize(xm, w.q.G)
+	b.do("matmul", func(c *Ctx) error {
+		for t := 0; t < d.rows; t += 8 {
+			n := min(8, d.rows-t)
+			if err := c.GEMV(d.row(t), d.ld, w.q, actRows(a, t, n), GEMVAuto); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
+// vector returns a dense 1 x K weight.
+func (b *Backend) vector(what string, wt backend.Weight) (*weight, bool) {
+	w := asWeight(wt)
+	if w.q != nil || w.n != 1 {
+		b.fail("%s: want a dense vector, got %dx%d", what, w.n, w.k)
+		return nil, false
+	}
+	return w, true
+}
+
+// groupFor is the largest activation group the quantization kernel takes
+// that divides K (RMSNorm without quantization only needs one).
+func groupFor(K int) int {
+	for _, g := range []int{128, 64, 32} {
+		if K%g == 0 {
+			return g
+		}
+	}
+	return 0
+}
+
+// RMSNorm normalises each row by its root mean square, then applies gain.
+func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float32) {
+	d, xm := asTensor(dst), asTensor(x)
+	g, ok := b.vector("rmsnorm gain", gain)
+	if !ok || b.badShape("rmsnorm", [2]int{d.rows, d.cols}, [2]int{xm.rows, g.k}) ||
+		b.badShape("rmsnorm in", [2]int{xm.rows, xm.cols}, [2]int{d.rows, d.cols}) || d.rows == 0 {
+		return
+	}
+	G := groupFor(d.cols)
+	if G == 0 {
+		b.fail("rmsnorm: %d columns, want a multiple of 32", d.cols)
+		return
+	}
+	b.do("rmsnorm", func(c *Ctx) error {
+		return c.RMSNormQuant(xm.ptr, xm.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, nil)
+	})
+}
+
+// RoPE rotates the rotary dims of each head in place. The angles are
+// computed on the host exactly as the CPU backend computes them.
+func (b *Backend) RoPE(x backend.Tensor, heads, headStride, offset, dim int, theta float64, interleaved bool) {
+	m := asTensor(x)
+	if b.batch == nil || m.rows != b.batch.Rows() {
+		b.fail("rope: %d rows, batch of %d", m.rows, b.batchRows())
+		return
+	}
+	if offset < 0 || dim%2 != 0 || heads < 1 || (heads-1)*headStride+offset+dim > m.cols {
+		b.fail("rope: %d heads of stride %d, dims [%d,%d) in %d columns", heads, headStride, offset, offset+dim, m.cols)
+		return
+	}
+	T, half := m.rows, dim/2
+	if T == 0 || half == 0 {
+		return
+	}
+	cs := make([]float32, 2*T*half)
+	for t := 0; t < T; t++ {
+		pos := float64(b.batch.Positions[t])
+		for i := 0; i < half; i++ {
+			invFreq := float32(1 / math.Pow(theta, float64(float32(2*i)/float32(dim))))
+			angle := float32(pos) * invFreq
+			cs[t*half+i] = float32(math.Cos(float64(angle)))
+			cs[T*half+t*half+i] = float32(math.Sin(float64(angle)))
+		}
+	}
+	il := 0
+	if interleaved {
+		il = 1
+	}
+	p := b.alloc(4 * len(cs))
+	b.do("rope", func(c *Ctx) error {
+		if err := CopyIn(c, p, cs); err != nil {
+			return err
+		}
+		k, err := c.Kernel("ops", "rope_rows")
+		if err != nil {
+			return err
+		}
+		return c.Launch(k, D1(T), D1(256), 0, m.ptr, m.ld, heads, headStride, offset, dim, il, p, T)
+	})
+}
+
+// Add computes dst = a + b.
+func (b *Backend) Add(dst, a, c backend.Tensor) {
+	d, am, cm := asTensor(dst), asTensor(a), asTensor(c)
+	if b.badShape("add", [2]int{am.rows, am.cols}, [2]int{d.rows, d.cols}) ||
+		b.badShape("add", [2]int{cm.rows, cm.cols}, [2]int{d.rows, d.cols}) || d.rows == 0 {
+		return
+	}
+	b.launch("add", "ops", "add_rows", D1(d.rows), D1(256), d.ptr, d.ld, am.ptr, am.ld, cm.ptr, cm.ld, d.cols)
+}
+
+// SwiGLU computes dst = silu(gate) * up.
+func (b *Backend) SwiGLU(dst, gate, up backend.Tensor) {
+	d, gm, um := asTensor(dst), asTensor(gate), asTensor(up)
+	if b.badShape("swiglu", [2]int{gm.rows, gm.cols}, [2]int{d.rows, d.cols}) ||
+		b.badShape("swiglu", [2]int{um.rows, um.cols}, [2]int{d.rows, d.cols}) || d.rows == 0 {
+		return
+	}
+	b.launch("swiglu", "ops", "swiglu_rows", D1(d.rows), D1(256), d.ptr, d.ld, gm.ptr, gm.ld, um.ptr, um.ld, d.cols)
+}
+
+// SelectOutputs gathers the batch's output rows of x into dst.
+func (b *Backend) SelectOutputs(dst, x backend.Tensor) {
+	d, xm := asTensor(dst), asTensor(x)
+	if b.batch == nil || xm.rows != b.batch.Rows() {
+		b.fail("select outputs: %d rows, batch of %d", xm.rows, b.batchRows())
+		return
+	}
+	if b.badShape("select outputs", [2]int{d.rows, d.cols}, [2]int{len(b.batch.Outputs), xm.cols}) || d.rows == 0 {
+		return
+	}
+	b.launch("select outputs", "ops", "gather_rows", D1(d.rows), D1(256), d.ptr, d.ld, xm.ptr, xm.ld, b.meta.outputs, d.cols)
+}
+
+// cachePool is the paged latent cache in one device allocation: layer l's
+// slots follow layer l-1's, each slot rank+ropeDim values.
+type cachePool struct {
+	layers, blocks, blockSize, rank, ropeDim int
+	dtype                                    backend.CacheDType
+	buf                                      Buffer
+	layerBytes                               int
+}
+
+func (p *cachePool) Layers() int               { return p.layers }
+func (p *cachePool) Blocks() int               { return p.blocks }
+func (p *cachePool) BlockSize() int            { return p.blockSize }
+func (p *cachePool) DType() backend.CacheDType { return p.dtype }
+
+// kernelDType is the cache kernels' dtype code.
+func (p *cachePool) kernelDType() int {
+	switch p.dtype {
+	case backend.CacheF32:
+		return 1
+	case backend.CacheFP8:
+		return 2
+	}
+	return 0
+}
+
+// NewCachePool allocates a zeroed paged latent cache in f32, bf16 or fp8
+// (each slot: rank+ropeDim E4M3 codes, then the float32 scales of c and
+// k_pe).
+func (b *Backend) NewCachePool(layers, blocks, blockSize, rank, ropeDim int, dtype backend.CacheDType) (backend.CachePool, error) {
+	if layers <= 0 || blocks <= 0 || blockSize <= 0 || rank <= 0 || ropeDim < 0 || rank%2 != 0 || ropeDim%2 != 0 {
+		return nil, fmt.Errorf("cuda backend: cache pool of %d layers, %d blocks of %d, rank %d, rope dims %d", layers, blocks, blockSize, rank, ropeDim)
+	}
+	slotBytes := 0
+	switch dtype {
+	case backend.CacheF32:
+		slotBytes = 4 * (rank + ropeDim)
+	case backend.CacheBF16:
+		slotBytes = 2 * (rank + ropeDim)
+	case backend.CacheFP8:
+		if (rank+ropeDim)%4 != 0 {
+			return nil, fmt.Errorf("cuda backend: fp8 cache of rank %d + rope dims %d: the sum must be a multiple of 4", rank, ropeDim)
+		}
+		slotBytes = rank + ropeDim + 8
+	default:
+		return nil, fmt.Errorf("cuda backend: cache dtype %v is not supported yet (use bf16, fp8 or f32)", dtype)
+	}
+	p := &cachePool{layers: layers, blocks: blocks, blockSize: blockSize, rank: rank, ropeDim: ropeDim, dtype: dtype}
+	p.layerBytes = align(blocks*blockSize*slotBytes, 256)
+	b.flush()
+	err := b.dev.Do(func(c *Ctx) error {
+		buf, err := c.Alloc(layers * p.layerBytes)
+		if err != nil {
+			return err
+		}
+		p.buf = buf
+		return c.Memset(buf.Ptr, 0, buf.Size)
+	})
+	if err != nil {
+		return nil, fmt.Errorf("cuda backend: cache pool of %d bytes: %w", layers*p.layerBytes, err)
+	}
+	return p, nil
+}
+
+func (p *cachePool) layer(l int) uint64 { return p.buf.At(l * p.layerBytes) }
+
+// CacheWrite stores each row's latent and k_pe at its slot.
+func (b *Backend) CacheWrite(layer int, latent, kpe backend.Tensor) {
+	lm, km, p := asTensor(latent), asTensor(kpe), b.pool
+	switch {
+	case p == nil || b.batch == nil:
+		b.fail("cache write without a batch and cache pool (SetBatch)")
+		return
+	case layer < 0 || layer >= p.layers:
+		b.fail("cache write to layer %d of %d", layer, p.layers)
+		return
+	}
+	if b.badShape("cache latent", [2]int{lm.rows, lm.cols}, [2]int{b.batch.Rows(), p.rank}) ||
+		b.badShape("cache kpe", [2]int{km.rows, km.cols}, [2]int{b.batch.Rows(), p.ropeDim}) || lm.rows == 0 {
+		return
+	}
+	if p.dtype == backend.CacheFP8 {
+		b.launch("cache write", "ops", "cache_write_fp8", D1(lm.rows), D1(256), p.layer(layer), b.meta.slots,
+			lm.ptr, lm.ld, km.ptr, km.ld, p.rank, p.ropeDim)
+		return
+	}
+	b.launch("cache write", "ops", "cache_write", D1(lm.rows), D1(256), p.layer(layer), p.kernelDType(), b.meta.slots,
+		lm.ptr, lm.ld, km.ptr, km.ld, p.rank, p.ropeDim)
+}
+
+// AbsorbQuery computes qlat[t,h] = W_UK[h]^T q_nope[t,h].
+func (b *Backend) AbsorbQuery(qlat, q backend.Tensor, wUK backend.Weight, s backend.MLAShape) {
+	ql, qm, w := asTensor(qlat), asTensor(q), asWeight(wUK)
+	if b.badShape("absorb out", [2]int{ql.rows, ql.cols}, [2]int{qm.rows, s.Heads * s.Rank}) ||
+		b.badShape("absorb in", [2]int{qm.rows, qm.cols}, [2]int{ql.rows, s.Heads * (s.NopeDim + s.RopeDim)}) ||
+		b.badShape("absorb W_UK", [2]int{w.n, w.k}, [2]int{s.Heads * s.NopeDim, s.Rank}) || ql.rows == 0 {
+		return
+	}
+	var codes, scales, rows uint64
+	G := 32
+	if w.q != nil {
+		codes, scales, rows, G = w.q.Codes, w.q.Scales, w.q.RowScale, w.q.G
+	}
+	b.launch("absorb query", "ops", "absorb_query", Dim{uint32(ql.rows), uint32(s.Heads), uint32((s.Rank + 63) / 64)}, D1(64),
+		ql.ptr, ql.ld, qm.ptr, qm.ld, w.dense, codes, scales, rows, G, s.Rank, s.NopeDim, s.RopeDim)
+}
+
+// LatentAttention is causal attention over the bound pool in latent space.
+func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s backend.MLAShape, scale float32) {
+	om, ql, qm, p := asTensor(olat), asTensor(qlat), asTensor(q), b.pool
+	switch {
+	case p == nil || b.batch == nil:
+		b.fail("attention without a batch and cache pool (SetBatch)")
+		return
+	case layer < 0 || layer >= p.layers:
+		b.fail("attention over layer %d of %d", layer, p.layers)
+		return
+	case p.rank != s.Rank || p.ropeDim != s.RopeDim:
+		b.fail("attention of rank %d, rope dims %d over a pool of rank %d, rope dims %d", s.Rank, s.RopeDim, p.rank, p.ropeDim)
+		return
+	}
+	T := b.batch.Rows()
+	if b.badShape("attention out", [2]int{om.rows, om.cols}, [2]int{T, s.Heads * s.Rank}) ||
+		b.badShape("attention qlat", [2]int{ql.rows, ql.cols}, [2]int{T, s.Heads * s.Rank}) ||
+		b.badShape("attention q", [2]int{qm.rows, qm.cols}, [2]int{T, s.Heads * (s.NopeDim + s.RopeDim)}) {
+		return
+	}
+	if attentionWarps*4*s.Rank > 48<<10 {
+		b.fail("attention: rank %d needs more shared memory than 48 KiB", s.Rank)
+		return
+	}
+	maxN := b.meta.maxN
+	if splits := (maxN + attentionSplitPos - 1) / attentionSplitPos; T*s.Heads*splits*s.Rank <= b.splitFloats {
+		// Few rows: spread each row's positions over blocks, then merge.
+		parts := T * s.Heads * splits
+		pm, ps, pacc := b.alloc(4*parts), b.alloc(4*parts), b.alloc(4*parts*s.Rank)
+		b.do("attention", func(c *Ctx) error {
+			k, err := c.Kernel("ops", "latent_attention_split")
+			if err != nil {
+				return err
+			}
+			if err := c.Launch(k, Dim{uint32(T), uint32(s.Heads), uint32(splits)}, D1(256), attentionWarps*4*s.Rank,
+				ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer), p.kernelDType(),
+				b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
+				s.Heads, s.Rank, s.NopeDim, s.RopeDim, scale, splits, pm, ps, pacc); err != nil {
+				return err
+			}
+			merge, err := c.Kernel("ops", "attention_merge")
+			if err != nil {
+				return err
+			}
+			return c.Launch(merge, Dim{uint32(T), uint32(s.Heads), 1}, D1(256), 0, om.ptr, om.ld, s.Heads, s.Rank, splits, pm, ps, pacc)
+		})
+		return
+	}
+	scratch := b.alloc(4 * T * s.Heads * maxN)
+	b.do("attention", func(c *Ctx) error {
+		k, err := c.Kernel("ops", "latent_attention")
+		if err != nil {
+			return err
+		}
+		return c.Launch(k, Dim{uint32(T), uint32(s.Heads), 1}, D1(256), attentionWarps*4*s.Rank,
+			om.ptr, om.ld, ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer), p.kernelDType(),
+			b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
+			s.Heads, s.Rank, s.NopeDim, s.RopeDim, scale, scratch, maxN)
+	})
+}
+
+// attentionWarps is OPS_THREADS/32 in ops.cu: latent_attention keeps one
+// rank-sized accumulator per warp in shared memory.
+const attentionWarps = 8
+
+// attentionSplitPos is SPLIT_POS in ops.cu: the positions of one block of
+// the split attention kernel. maxSplitFloats bounds its partial sums (so
+// that long prefills take the one-block-per-row kernel).
+const (
+	attentionSplitPos = 64
+	maxSplitFloats    = 16 << 20
+)
+
+// ExpandValues applies the value up-projection head by head.
+func (b *Backend) ExpandValues(out, olat backend.Tensor, wUV backend.Weight, s backend.MLAShape) {
+	om, ol, w := asTensor(out), asTensor(olat), asWeight(wUV)
+	if b.badShape("expand out", [2]int{om.rows, om.cols}, [2]int{ol.rows, s.Heads * s.VDim}) ||
+		b.badShape("expand in", [2]int{ol.rows, ol.cols}, [2]int{om.rows, s.Heads * s.Rank}) ||
+		b.badShape("expand W_UV", [2]int{w.n, w.k}, [2]int{s.Heads * s.VDim, s.Rank}) {
+		return
+	}
+	if w.q != nil && ol.rows == 1 && s.Rank%w.q.G == 0 {
+		// One token: the heads' column blocks hold whole groups, so one
+		// quantization of the row serves every head's product.
+		a := b.quantize(ol, w.q.G)
+		b.do("expand values", func(c *Ctx) error {
+			for h := 0; h < s.Heads; h++ {
+				ah := &QActs{T: 1, K: s.Rank, G: a.G, Q: a.Q + uint64(h*s.Rank), Scales: a.Scales + uint64(4*h*s.Rank/a.G), Sums: a.Sums + uint64(4*h*s.Rank/32)}
+				if err := c.GEMV(om.ptr+uint64(4*h*s.VDim), om.ld, weightRows(w, h*s.VDim, s.VDim).q, ah, GEMVAuto); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		return
+	}
+	for h := 0; h < s.Heads; h++ {
+		b.MatMul(b.Cols(out, h*s.VDim, (h+1)*s.VDim), b.Cols(olat, h*s.Rank, (h+1)*s.Rank), weightRows(w, h*s.VDim, s.VDim))
+	}
+}
+
+// routing is the device record of each token's experts (int32 ids) and
+// weights, topK per token.
+type routing struct {
+	tokens, topK int
+	ids, wts     uint64
+}
+
+func (r *routing) Tokens() int { return r.tokens }
+
+// Route runs the router kernel on the logits: with an identity matrix as
+// the router weight, its fp32 product reproduces the logits exactly.
+func (b *Backend) Route(logits backend.Tensor, bias backend.Weight, cfg backend.RouterConfig) backend.Routing {
+	lm := asTensor(logits)
+	r := &routing{tokens: lm.rows, topK: max(cfg.TopK, 1)}
+	bv, ok := b.vector("router bias", bias)
+	if !ok || b.badShape("route", [2]int{lm.rows, lm.cols}, [2]int{lm.rows, bv.k}) ||
+		b.badShape("route", [2]int{lm.rows, lm.cols}, [2]int{lm.rows, cfg.NumExperts}) ||
+		cfg.TopK <= 0 || cfg.TopK > cfg.NumExperts {
+		b.fail("route: top-%d of %d experts", cfg.TopK, cfg.NumExperts)
+		r.tokens = 0
+		return r
+	}
+	E := cfg.NumExperts
+	if E%4 != 0 || lm.ld%4 != 0 || E > 512 {
+		b.fail("route: %d experts (row stride %d): the router kernel needs a multiple of 4, at most 512", E, lm.ld)
+		r.tokens = 0
+		return r
+	}
+	if lm.rows == 0 {
+		return r
+	}
+	r.ids, r.wts = b.alloc(4*lm.rows*cfg.TopK), b.alloc(4*lm.rows*cfg.TopK)
+	b.do("route", func(c *Ctx) error {
+		id, ok := b.identity[E]
+		if !ok {
+			eye := make([]float32, E*E)
+			for e := 0; e < E; e++ {
+				eye[e*E+e] = 1
+			}
+			p, err := b.weights.alloc(c, 4*len(eye))
+			if err != nil {
+				return err
+			}
+			if err := CopyIn(c, p, eye); err != nil {
+				return err
+			}
+			b.identity[E], id = p, p
+		}
+		rc := RouteConfig{TopK: cfg.TopK, Groups: cfg.Groups, TopKGroups: cfg.TopKGroups, Norm: cfg.NormTopKProb, Scaling: cfg.RoutedScaling}
+		return c.Route(id, bv.dense, lm.ptr, lm.ld, lm.rows, E, E, rc, r.ids, r.wts, 0)
+	})
+	return r
+}
+
+// moeLayer is a MoE layer's expert table and per-top-k scratch for the
+// fused single-token kernels.
+type moeLayer struct {
+	table   *ExpertTable
+	scratch map[int]*MoEScratch
+}
+
+// MoE adds sum_e w_e expert_e(x) to dst: one token with MMFP4 experts
+// through the fused kernels, otherwise grouped by expert as the CPU does.
+func (b *Backend) MoE(dst, x backend.Tensor, r backend.Routing, experts []backend.Expert) {
+	d, xm := asTensor(dst), asTensor(x)
+	rt, ok := r.(*routing)
+	if !ok {
+		panic(fmt.Sprintf("cuda backend: routing of type %T from another backend", r))
+	}
+	if b.badShape("moe", [2]int{d.rows, d.cols}, [2]int{xm.rows, xm.cols}) ||
+		b.badShape("moe routing", [2]int{rt.Tokens(), 1}, [2]int{xm.rows, 1}) || d.rows == 0 || len(experts) == 0 {
+		return
+	}
+	if !b.opts.NoFusedMoE && d.rows == 1 {
+		if l := b.moeLayer(experts, rt.topK); l != nil {
+			a := b.quantize(xm, l.table.G)
+			b.do("moe", func(c *Ctx) error {
+				return c.MoE(d.ptr, true, l.table, rt.ids, rt.wts, rt.topK, a, l.scratch[rt.topK])
+			})
+			return
+		}
+	}
+	b.moeGrouped(d, xm, rt, experts)
+}
+
+// moeLayer returns the fused kernels' table for experts, made on first use,
+// or nil where the experts do not suit them (dense, mixed shapes).
+func (b *Backend) moeLayer(experts []backend.Expert, topK int) *moeLayer {
+	var mats []ExpertMats
+	for _, e := range experts {
+		g, u, dn := asWeight(e.Gate), asWeight(e.Up), asWeight(e.Down)
+		if g.q == nil || u.q == nil || dn.q == nil {
+			return nil
+		}
+		mats = append(mats, ExpertMats{Gate: g.q, Up: u.q, Down: dn.q})
+	}
+	l := b.moe[mats[0].Gate]
+	b.flush()
+	err := b.dev.Do(func(c *Ctx) error {
+		if l == nil {
+			t, err := c.NewExpertTable(mats, nil)
+			if err != nil {
+				return err
+			}
+			l = &moeLayer{table: t, scratch: map[int]*MoEScratch{}}
+			b.moe[mats[0].Gate] = l
+		}
+		if l.scratch[topK] == nil {
+			s, err := c.NewMoEScratch(l.table, topK)
+			if err != nil {
+				return err
+			}
+			l.scratch[topK] = s
+		}
+		return nil
+	})
+	if err != nil {
+		return nil
+	}
+	return l
+}
+
+// moeGrouped runs each chosen expert on its tokens (gathered), then adds
+// the weighted outputs to their rows, experts in index order as on the CPU.
+// The routing is read back to the host to group the tokens.
+func (b *Backend) moeGrouped(d, xm *tensor, rt *routing, experts []backend.Expert) {
+	T, K := xm.rows, rt.topK
+	ids := make([]int32, T*K)
+	wts := make([]float32, T*K)
+	b.now("moe routing download", func(c *Ctx) error {
+		return errors.Join(CopyOut(c, ids, rt.ids), CopyOut(c, wts, rt.wts))
+	})
+	if b.err != nil {
+		return
+	}
+	rows := make([][]int32, len(experts))
+	ws := make([][]float32, len(experts))
+	for t := 0; t < T; t++ {
+		for k := 0; k < K; k++ {
+			e := int(ids[t*K+k])
+			if e < 0 || e >= len(experts) {
+				b.fail("moe: expert %d of %d", e, len(experts))
+				return
+			}
+			rows[e] = append(rows[e], int32(t))
+			ws[e] = append(ws[e], wts[t*K+k])
+		}
+	}
+	for e, rs := range rows {
+		if len(rs) == 0 {
+			continue
+		}
+		ex := experts[e]
+		n := len(rs)
+		in := asTensor(b.NewTensor(n, xm.cols))
+		rowPtr, wPtr, we := b.alloc(4*n), b.alloc(4*n), ws[e]
+		b.do("moe gather", func(c *Ctx) error {
+			return errors.Join(CopyIn(c, rowPtr, rs), CopyIn(c, wPtr, we))
+		})
+		b.launch("moe gather", "ops", "gather_rows", D1(n), D1(256), in.ptr, in.ld, xm.ptr, xm.ld, rowPtr, xm.cols)
+		inter := ex.Gate.Rows()
+		gate, up := b.NewTensor(n, inter), b.NewTensor(n, inter)
+		b.MatMul(gate, in, ex.Gate)
+		b.MatMul(up, in, ex.Up)
+		b.SwiGLU(gate, gate, up)
+		out := asTensor(b.NewTensor(n, xm.cols))
+		b.MatMul(out, gate, ex.Down)
+		b.launch("moe scatter", "ops", "scatter_axpy", D1(n), D1(256), d.ptr, d.ld, out.ptr, out.ld, rowPtr, wPtr, d.cols)
+	}
+}

@@ -1,0 +1,387 @@
+// The small ops of the backend.Backend implementation (backend.go): simple,
+// correct kernels that evaluate each op as backend/cpu does. Matrices are
+// row-major float32 with a row stride (ld) in floats, so column views work.
+
+#define OPS_THREADS 256
+
+// Dense product y[t][n] = W[n] . x[t], W fp32 [N][K]; one warp per output
+// row n, grid (ceil(N/8), T).
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    dense_matmul(const float* __restrict__ W, int N, int K, const float* __restrict__ x, int ldx,
+                 float* __restrict__ y, int ldy) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int n = blockIdx.x * (OPS_THREADS / 32) + warp, t = blockIdx.y;
+  if (n >= N) return;
+  const float* w = W + (size_t)n * K;
+  const float* xr = x + (size_t)t * ldx;
+  float acc = 0.f;
+  for (int k = lane; k < K; k += 32) acc += w[k] * xr[k];
+  acc = warp_sum(acc);
+  if (lane == 0) y[(size_t)t * ldy + n] = acc;
+}
+
+// dst = a + b, one block per row.
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    add_rows(float* d, int ldd, const float* a, int lda, const float* b, int ldb, int cols) {
+  const int t = blockIdx.x;
+  for (int i = threadIdx.x; i < cols; i += OPS_THREADS)
+    d[(size_t)t * ldd + i] = a[(size_t)t * lda + i] + b[(size_t)t * ldb + i];
+}
+
+// silu(x) = x / (1 + e^-x), the exponential in double as the CPU takes it.
+DEVICE float silu_ref(float x) { return x / (1.f + (float)exp(-(double)x)); }
+
+// dst = silu(gate) * up, one block per row.
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    swiglu_rows(float* d, int ldd, const float* g, int ldg, const float* u, int ldu, int cols) {
+  const int t = blockIdx.x;
+  for (int i = threadIdx.x; i < cols; i += OPS_THREADS)
+    d[(size_t)t * ldd + i] = __fmul_rn(silu_ref(g[(size_t)t * ldg + i]), u[(size_t)t * ldu + i]);
+}
+
+// Rotates, in place, dims [offset, offset+dim) of each head of row t with
+// the host-computed table cs: cos [T][dim/2] then sin [T][dim/2]. The
+// products are rounded separately (no fused multiply-add), as in Go.
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    rope_rows(float* x, int ldx, int heads, int head_stride, int offset, int dim, int interleaved,
+              const float* __restrict__ cs, int T) {
+  const int t = blockIdx.x, half = dim / 2;
+  const float* c = cs + (size_t)t * half;
+  const float* s = cs + (size_t)T * half + (size_t)t * half;
+  for (int j = threadIdx.x; j < heads * half; j += OPS_THREADS) {
+    const int h = j / half, i = j % half;
+    float* v = x + (size_t)t * ldx + h * head_stride + offset;
+    const int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+    const float x0 = v[a], x1 = v[b];
+    v[a] = __fsub_rn(__fmul_rn(x0, c[i]), __fmul_rn(x1, s[i]));
+    v[b] = __fadd_rn(__fmul_rn(x1, c[i]), __fmul_rn(x0, s[i]));
+  }
+}
+
+// dst row i = src row rows[i].
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    gather_rows(float* d, int ldd, const float* s, int lds, const i32* __restrict__ rows, int cols) {
+  const int i = blockIdx.x;
+  const float* src = s + (size_t)rows[i] * lds;
+  for (int k = threadIdx.x; k < cols; k += OPS_THREADS) d[(size_t)i * ldd + k] = src[k];
+}
+
+// Float32 to bfloat16, round half to even, NaN kept quiet (as
+// safetensors.Float32ToBF16).
+DEVICE unsigned short f32_to_bf16(float f) {
+  u32 b = __float_as_uint(f);
+  if (f != f) return (unsigned short)((b >> 16) | 0x0040);
+  b += 0x7FFFu + ((b >> 16) & 1u);
+  return (unsigned short)(b >> 16);
+}
+DEVICE float bf16_to_f32(unsigned short h) { return __uint_as_float((u32)h << 16); }
+
+// Cache element j of slot: f32 (dtype 1), bf16 (dtype 0), or fp8 (dtype 2:
+// each slot is width E4M3 codes then two float scales, for c and k_pe).
+DEVICE float cache_load(const void* layer, int dtype, size_t slot, int width, int rank, int j) {
+  if (dtype == 1) return ((const float*)layer)[slot * width + j];
+  if (dtype == 2) {
+    const u8* rec = (const u8*)layer + slot * (width + 8);
+    const float* sc = (const float*)(rec + width);
+    return e4m3(rec[j]) * sc[j < rank ? 0 : 1];
+  }
+  return bf16_to_f32(((const unsigned short*)layer)[slot * width + j]);
+}
+
+// Float to FP8 E4M3FN, round to nearest even, saturating finite values to
+// +-448, NaN to 0x7F, the sign kept (as format.E4M3Encode).
+DEVICE u32 e4m3_encode(float x) {
+  if (x != x) return 0x7Fu;
+  const u32 sign = (__float_as_uint(x) >> 24) & 0x80u;
+  const float a = fabsf(x);
+  if (a >= 448.f) return sign | 0x7Eu;
+  if (a < 0.015625f) return sign | (u32)rintf(a * 512.f);  // subnormal: steps of 2^-9
+  u32 u = __float_as_uint(a);
+  u += 0x7FFFFu + ((u >> 20) & 1u);  // round the mantissa to 3 bits, carry into the exponent
+  return sign | ((((u >> 23) - 120u) << 3) | ((u >> 20) & 7u));
+}
+
+// Stores row t's latent (rank values) and k_pe (rope values) at its slot of
+// one layer of the pool.
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    cache_write(void* layer, int dtype, const i32* __restrict__ slots, const float* lat, int ldl,
+                const float* kpe, int ldk, int rank, int rope) {
+  const int t = blockIdx.x, width = rank + rope;
+  const size_t slot = (size_t)slots[t];
+  for (int j = threadIdx.x; j < width; j += OPS_THREADS) {
+    const float v = j < rank ? lat[(size_t)t * ldl + j] : kpe[(size_t)t * ldk + j - rank];
+    if (dtype == 1)
+      ((float*)layer)[slot * width + j] = v;
+    else
+      ((unsigned short*)layer)[slot * width + j] = f32_to_bf16(v);
+  }
+}
+
+// FP8 cache write, one block per row t: each part (c: rank values, k_pe:
+// rope values) gets scale amax/448 and codes e4m3(v * (1/scale)), all zero
+// when the scale is 0 or NaN (as the CPU pool's encodeFP8).
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    cache_write_fp8(void* layer, const i32* __restrict__ slots, const float* lat, int ldl,
+                    const float* kpe, int ldk, int rank, int rope) {
+  __shared__ float part[2][OPS_THREADS / 32];
+  __shared__ float scales[2];
+  const int t = blockIdx.x, width = rank + rope, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  u8* rec = (u8*)layer + (size_t)slots[t] * (width + 8);
+  float m0 = 0.f, m1 = 0.f;
+  for (int j = threadIdx.x; j < width; j += OPS_THREADS) {
+    if (j < rank)
+      m0 = fmaxf(m0, fabsf(lat[(size_t)t * ldl + j]));
+    else
+      m1 = fmaxf(m1, fabsf(kpe[(size_t)t * ldk + j - rank]));
+  }
+  m0 = warp_max(m0);
+  m1 = warp_max(m1);
+  if (lane == 0) {
+    part[0][warp] = m0;
+    part[1][warp] = m1;
+  }
+  __syncthreads();
+  if (threadIdx.x < 2) {
+    float m = 0.f;
+    for (int w = 0; w < OPS_THREADS / 32; w++) m = fmaxf(m, part[threadIdx.x][w]);
+    const float sc = m / 448.f;
+    scales[threadIdx.x] = sc;
+    ((float*)(rec + width))[threadIdx.x] = sc;
+  }
+  __syncthreads();
+  for (int j = threadIdx.x; j < width; j += OPS_THREADS) {
+    const float sc = scales[j < rank ? 0 : 1];
+    u32 code = 0;
+    if (sc != 0.f && sc == sc) {
+      const float v = j < rank ? lat[(size_t)t * ldl + j] : kpe[(size_t)t * ldk + j - rank];
+      code = e4m3_encode(__fmul_rn(v, 1.f / sc));
+    }
+    rec[j] = (u8)code;
+  }
+}
+
+// Causal latent attention, one block per (row t, head h):
+//   score_j = scale * (qlat[t,h] . c_j + q_pe[t,h] . kpe_j), j = 0..pos[t]
+//   olat[t,h] = sum_j softmax(score)_j c_j
+// Scores go to scratch (maxn per (t,h)); each warp scores positions j in
+// turn; the softmax follows the CPU (exp in double of score - max, float64
+// sum); then each warp sums p_j c_j over its positions (dynamic shared
+// memory: one rank-sized row per warp) and the warps' rows are added.
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    latent_attention(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,
+                     const void* layer, int dtype, const i32* __restrict__ pos,
+                     const i32* __restrict__ row_seq, const i32* __restrict__ seq_blocks,
+                     const i32* __restrict__ blocks, int block_size, int heads, int rank, int dn,
+                     int dr, float scale, float* scratch, int maxn) {
+  __shared__ double dpart[OPS_THREADS / 32];
+  __shared__ float fpart[OPS_THREADS / 32];
+  __shared__ float smax;
+  __shared__ double ssum;
+  const int t = blockIdx.x, h = blockIdx.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, width = rank + dr;
+  const int n = pos[t] + 1;
+  const i32* table = blocks + seq_blocks[row_seq[t]];
+  const float* qv = qlat + (size_t)t * ldql + (size_t)h * rank;
+  const float* qpe = q + (size_t)t * ldq + (size_t)h * (dn + dr) + dn;
+  float* sc = scratch + ((size_t)t * heads + h) * maxn;
+
+  for (int j = warp; j < n; j += OPS_THREADS / 32) {
+    const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+    float a = 0.f, b = 0.f;
+    for (int k = lane; k < rank; k += 32) a += qv[k] * cache_load(layer, dtype, slot, width, rank, k);
+    for (int k = lane; k < dr; k += 32) b += qpe[k] * cache_load(layer, dtype, slot, width, rank, rank + k);
+    a = warp_sum(a);
+    b = warp_sum(b);
+    if (lane == 0) sc[j] = scale * (a + b);
+  }
+  __syncthreads();
+
+  float m = __int_as_float(0xff800000);
+  for (int j = threadIdx.x; j < n; j += OPS_THREADS) m = fmaxf(m, sc[j]);
+  m = warp_max(m);
+  if (lane == 0) fpart[warp] = m;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float mm = fpart[0];
+    for (int w = 1; w < OPS_THREADS / 32; w++) mm = fmaxf(mm, fpart[w]);
+    smax = mm;
+  }
+  __syncthreads();
+  m = smax;
+  double s = 0;
+  for (int j = threadIdx.x; j < n; j += OPS_THREADS) {
+    const float e = (float)exp((double)(sc[j] - m));
+    sc[j] = e;
+    s += (double)e;
+  }
+  s = warp_sum_d(s);
+  if (lane == 0) dpart[warp] = s;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double tot = 0;
+    for (int w = 0; w < OPS_THREADS / 32; w++) tot += dpart[w];
+    ssum = tot;
+  }
+  __syncthreads();
+  const float inv = (float)(1.0 / ssum);
+  // Each warp sums p_j c_j over its positions into its own row of acc;
+  // then the rows are added in warp order.
+  extern __shared__ float acc[];
+  float* mine = acc + (size_t)warp * rank;
+  for (int k = lane; k < rank; k += 32) mine[k] = 0.f;
+  for (int j = warp; j < n; j += OPS_THREADS / 32) {
+    const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+    const float pj = sc[j] * inv;
+    for (int k = lane; k < rank; k += 32) mine[k] += pj * cache_load(layer, dtype, slot, width, rank, k);
+  }
+  __syncthreads();
+  for (int k = threadIdx.x; k < rank; k += OPS_THREADS) {
+    float sum = 0.f;
+    for (int w = 0; w < OPS_THREADS / 32; w++) sum += acc[(size_t)w * rank + k];
+    olat[(size_t)t * ldo + (size_t)h * rank + k] = sum;
+  }
+}
+
+// Weight element W[n][k] of a dense fp32 (codes == 0) or MMFP4 matrix:
+// row_scale * e4m3(scale) * e2m1(code), via the doubled code / 2.
+DEVICE float weight_at(const float* dense, const u8* codes, const u8* scales, const float* row_scale,
+                       int K, int G, int n, int k) {
+  if (!codes) return dense[(size_t)n * K + k];
+  const u8 byte = codes[(size_t)n * (K / 2) + k / 2];
+  const int c = (k & 1) ? byte >> 4 : byte & 15;
+  const int m = c & 7;
+  float v = m < 5 ? (float)m : m == 5 ? 6.f : m == 6 ? 8.f : 12.f;
+  if (c & 8) v = -v;
+  return row_scale[n] * 0.5f * e4m3(scales[(size_t)n * (K / G) + k / G]) * v;
+}
+
+// qlat[t,h,r] = sum_i q_nope[t,h,i] W_UK[h*dn+i][r], grid (T, H,
+// ceil(rank/64)) of 64 threads, one column r each (more blocks than heads
+// keep the SMs busy at one token).
+extern "C" __global__ void __launch_bounds__(64)
+    absorb_query(float* qlat, int ldql, const float* q, int ldq, const float* dense, const u8* codes,
+                 const u8* scales, const float* row_scale, int G, int rank, int dn, int dr) {
+  const int t = blockIdx.x, h = blockIdx.y;
+  const float* qn = q + (size_t)t * ldq + (size_t)h * (dn + dr);
+  const int r = blockIdx.z * 64 + threadIdx.x;
+  if (r < rank) {
+    float acc = 0.f;
+    for (int i = 0; i < dn; i++) acc += qn[i] * weight_at(dense, codes, scales, row_scale, rank, G, h * dn + i, r);
+    qlat[(size_t)t * ldql + (size_t)h * rank + r] = acc;
+  }
+}
+
+// d row rows[i] += w[i] * src row i (each target row once per launch).
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    scatter_axpy(float* d, int ldd, const float* s, int lds, const i32* __restrict__ rows,
+                 const float* __restrict__ w, int cols) {
+  const int i = blockIdx.x;
+  float* dst = d + (size_t)rows[i] * ldd;
+  const float a = w[i];
+  for (int k = threadIdx.x; k < cols; k += OPS_THREADS)
+    dst[k] = __fadd_rn(dst[k], __fmul_rn(a, s[(size_t)i * lds + k]));
+}
+
+// Split latent attention for few rows: block (t, h, s) takes positions
+// [s*SPLIT_POS, (s+1)*SPLIT_POS) of row t and writes its partial softmax:
+// the local max m, sum of e_j = exp(score_j - m) and sum of e_j c_j;
+// attention_merge rescales the splits to the common max and divides.
+#define SPLIT_POS 64
+
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    latent_attention_split(const float* qlat, int ldql, const float* q, int ldq, const void* layer,
+                           int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,
+                           const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks,
+                           int block_size, int heads, int rank, int dn, int dr, float scale,
+                           int splits, float* part_m, float* part_s, float* part_acc) {
+  __shared__ float sc[SPLIT_POS];
+  __shared__ float smax;
+  extern __shared__ float acc[];
+  const int t = blockIdx.x, h = blockIdx.y, s = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, width = rank + dr;
+  const int n = pos[t] + 1, j0 = s * SPLIT_POS, j1 = min(n, j0 + SPLIT_POS);
+  const size_t part = ((size_t)t * heads + h) * splits + s;
+  if (j0 >= j1) {
+    if (threadIdx.x == 0) {
+      part_m[part] = __int_as_float(0xff800000);
+      part_s[part] = 0.f;
+    }
+    return;
+  }
+  const i32* table = blocks + seq_blocks[row_seq[t]];
+  const float* qv = qlat + (size_t)t * ldql + (size_t)h * rank;
+  const float* qpe = q + (size_t)t * ldq + (size_t)h * (dn + dr) + dn;
+  for (int j = j0 + warp; j < j1; j += OPS_THREADS / 32) {
+    const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+    float a = 0.f, b = 0.f;
+    for (int k = lane; k < rank; k += 32) a += qv[k] * cache_load(layer, dtype, slot, width, rank, k);
+    for (int k = lane; k < dr; k += 32) b += qpe[k] * cache_load(layer, dtype, slot, width, rank, rank + k);
+    a = warp_sum(a);
+    b = warp_sum(b);
+    if (lane == 0) sc[j - j0] = scale * (a + b);
+  }
+  __syncthreads();
+  if (warp == 0) {
+    float m = __int_as_float(0xff800000);
+    for (int j = lane; j < j1 - j0; j += 32) m = fmaxf(m, sc[j]);
+    m = warp_max(m);
+    if (lane == 0) smax = m;
+  }
+  __syncthreads();
+  const float m = smax;
+  if (warp == 0) {
+    float sum = 0.f;
+    for (int j = lane; j < j1 - j0; j += 32) {
+      const float e = (float)exp((double)(sc[j] - m));
+      sc[j] = e;
+      sum += e;
+    }
+    sum = warp_sum(sum);
+    if (lane == 0) {
+      part_m[part] = m;
+      part_s[part] = sum;
+    }
+  }
+  __syncthreads();
+  float* mine = acc + (size_t)warp * rank;
+  for (int k = lane; k < rank; k += 32) mine[k] = 0.f;
+  for (int j = j0 + warp; j < j1; j += OPS_THREADS / 32) {
+    const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+    const float e = sc[j - j0];
+    for (int k = lane; k < rank; k += 32) mine[k] += e * cache_load(layer, dtype, slot, width, rank, k);
+  }
+  __syncthreads();
+  for (int k = threadIdx.x; k < rank; k += OPS_THREADS) {
+    float sum = 0.f;
+    for (int w = 0; w < OPS_THREADS / 32; w++) sum += acc[(size_t)w * rank + k];
+    part_acc[part * rank + k] = sum;
+  }
+}
+
+// olat[t,h] = sum_s w_s acc_s / sum_s w_s s_s with w_s = exp(m_s - max m).
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    attention_merge(float* olat, int ldo, int heads, int rank, int splits, const float* part_m,
+                    const float* part_s, const float* part_acc) {
+  const int t = blockIdx.x, h = blockIdx.y;
+  const size_t base = ((size_t)t * heads + h) * splits;
+  float M = __int_as_float(0xff800000);
+  for (int s = 0; s < splits; s++) M = fmaxf(M, part_m[base + s]);
+  double total = 0;
+  for (int s = 0; s < splits; s++)
+    if (part_s[base + s] > 0.f) total += (double)part_s[base + s] * exp((double)(part_m[base + s] - M));
+  const float inv = (float)(1.0 / total);
+  for (int k = threadIdx.x; k < rank; k += OPS_THREADS) {
+    float sum = 0.f;
+    for (int s = 0; s < splits; s++) {
+      if (part_s[base + s] > 0.f)
+        sum += (float)exp((double)(part_m[base + s] - M)) * part_acc[(base + s) * rank + k];
+    }
+    olat[(size_t)t * ldo + (size_t)h * rank + k] = sum * inv;
+  }
+}
+
+// out[i] = e4m3_encode(x[i]), for testing the encoder against the format's.
+extern "C" __global__ void e4m3_encode_n(const float* x, u8* out, int n) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) out[i] = (u8)e4m3_encode(x[i]);
+}
