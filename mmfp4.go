@@ -135,6 +135,18 @@ func (m *Model) Close() error {
 	return m.net.Close()
 }
 
+// Prefault maps every page of the weight files into the process, so that
+// the first prefill does not pay a page fault per page of weights: worth its
+// time on the CPU backend, which reads the weights in place (on a GPU they
+// were copied at load, and it returns at once). It must not run
+// concurrently with Close.
+func (m *Model) Prefault() error {
+	if _, ok := m.net.Backend().(*cpu.Backend); !ok {
+		return nil
+	}
+	return m.net.Prefault()
+}
+
 // BytesRead is the number of bytes of weights and KV cache the model's ops
 // have read so far (see cpu.Backend.BytesRead); the difference over a
 // decode step is that step's memory traffic, the numerator of the roofline.

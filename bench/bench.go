@@ -21,6 +21,7 @@ import (
 
 	"github.com/mmfp4/mmfp4"
 	"github.com/mmfp4/mmfp4/backend/cpu"
+	"github.com/mmfp4/mmfp4/engine"
 	"github.com/mmfp4/mmfp4/internal/benchmode"
 	"github.com/mmfp4/mmfp4/sample"
 )
@@ -68,6 +69,7 @@ type Result struct {
 	ColdLoadS            *float64 `json:"cold_load_s,omitempty"`
 	ColdNote             string   `json:"cold_note,omitempty"` // why there is no cold figure
 	LoadS                float64  `json:"load_s"`              // warm
+	PrefaultS            float64  `json:"prefault_s"`          // mapping every weight page after the load
 
 	PrefillS     float64 `json:"prefill_s"`
 	PrefillTokS  float64 `json:"prefill_tok_s"`
@@ -166,15 +168,30 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 			calls++
 		}
 	}
-	opts := mmfp4.Options{Backend: cpu.New(cpuOpts), MaxContext: o.Ctx + o.Gen}
+	// Decode is timed and its bytes counted on the engine's goroutine,
+	// after each step: tokens reach the caller's callback through a
+	// channel, possibly after later steps have run.
+	var m *mmfp4.Model
+	steps := &stepLog{}
+	opts := mmfp4.Options{Backend: cpu.New(cpuOpts), MaxContext: o.Ctx + o.Gen,
+		Engine: engine.Options{OnStep: func(info engine.StepInfo) { steps.add(info, m.BytesRead()) }}}
 	log.phase("loading (warm)", nil)
-	m, err := mmfp4.Load(o.Dir, opts)
+	m, err = mmfp4.Load(o.Dir, opts)
 	if err != nil {
 		return nil, err
 	}
 	defer m.Close()
 	r.LoadS = m.LoadTime.Seconds()
 	log.donef("")
+	// As llama-bench's warm-up run does, keep first-touch page faults out
+	// of the prefill figure: map every page now, timed on its own.
+	log.phase("mapping the weight pages", nil)
+	start = time.Now()
+	if err := m.Prefault(); err != nil {
+		return nil, err
+	}
+	r.PrefaultS = time.Since(start).Seconds()
+	log.donef("%.2f s", r.PrefaultS)
 	cfg := m.Config()
 	for _, dense := range cfg.Dense {
 		if !dense {
@@ -196,7 +213,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	for i := range prompt {
 		prompt[i] = rng.IntN(cfg.VocabSize)
 	}
-	if err := r.generate(ctx, m, prompt, o.Gen, log); err != nil {
+	if err := r.generate(ctx, m, prompt, o.Gen, steps, log); err != nil {
 		return nil, err
 	}
 	r.PeakRSS = peakRSS()
@@ -208,12 +225,47 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	return r, nil
 }
 
+// stepLog records, for each engine step, when it ended, the backend's
+// byte counter then, and whether it prefilled.
+type stepLog struct {
+	mu      sync.Mutex
+	ends    []time.Time
+	bytes   []int64
+	prefill []bool
+}
+
+func (l *stepLog) add(info engine.StepInfo, bytesRead int64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.ends = append(l.ends, time.Now())
+	l.bytes = append(l.bytes, bytesRead)
+	l.prefill = append(l.prefill, info.Prefill > 0)
+}
+
+// decode returns the steps after the last prefill step, their wall time
+// (from the end of that prefill step to the end of the last step) and the
+// bytes they read.
+func (l *stepLog) decode() (steps int, d time.Duration, bytes int64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	last := -1
+	for i, p := range l.prefill {
+		if p {
+			last = i
+		}
+	}
+	n := len(l.ends) - 1
+	if last < 0 || n <= last {
+		return 0, 0, 0
+	}
+	return n - last, l.ends[n].Sub(l.ends[last]), l.bytes[n] - l.bytes[last]
+}
+
 // generate prefills prompt and decodes gen tokens, greedily and without
-// stopping at EOS, counting the bytes the decode steps read.
-func (r *Result) generate(ctx context.Context, m *mmfp4.Model, prompt []int, gen int, log *progress) error {
+// stopping at EOS; steps has recorded the engine's steps when it returns.
+func (r *Result) generate(ctx context.Context, m *mmfp4.Model, prompt []int, gen int, steps *stepLog, log *progress) error {
 	var mu sync.Mutex
 	tokens := 0
-	var atFirst int64
 	log.phase(fmt.Sprintf("prefill of %d tokens", len(prompt)), nil)
 	decodeStart := time.Time{}
 	res, err := m.Generate(ctx, prompt, mmfp4.GenerateOptions{MaxTokens: gen, StopIDs: []int{}, Sampling: sample.Options{},
@@ -222,7 +274,6 @@ func (r *Result) generate(ctx context.Context, m *mmfp4.Model, prompt []int, gen
 			defer mu.Unlock()
 			tokens++
 			if tokens == 1 {
-				atFirst = m.BytesRead()
 				decodeStart = time.Now()
 				log.donef("")
 				log.phase(fmt.Sprintf("decoding %d tokens", gen), func() string {
@@ -242,11 +293,14 @@ func (r *Result) generate(ctx context.Context, m *mmfp4.Model, prompt []int, gen
 	}
 	r.PrefillS = res.PrefillTime.Seconds()
 	r.PrefillTokS = res.PrefillTokensPerSecond()
-	r.DecodeS = res.DecodeTime.Seconds()
-	r.DecodeSteps = len(res.Tokens) - 1
-	r.DecodeTokS = res.DecodeTokensPerSecond()
-	if r.DecodeSteps > 0 {
-		r.BytesPerTok = (m.BytesRead() - atFirst) / int64(r.DecodeSteps)
+	n, d, bytes := steps.decode()
+	if n != len(res.Tokens)-1 {
+		return fmt.Errorf("bench: %d decode steps ran for %d tokens after the first", n, len(res.Tokens)-1)
+	}
+	r.DecodeSteps, r.DecodeS = n, d.Seconds()
+	if n > 0 && d > 0 {
+		r.DecodeTokS = float64(n) / d.Seconds()
+		r.BytesPerTok = bytes / int64(n)
 	}
 	log.donef("%.2f tok/s", r.DecodeTokS)
 	return nil
