@@ -20,6 +20,7 @@ import (
 	"time"
 
 	"github.com/mmfp4/mmfp4"
+	"github.com/mmfp4/mmfp4/backend"
 	"github.com/mmfp4/mmfp4/backend/cpu"
 	"github.com/mmfp4/mmfp4/engine"
 	"github.com/mmfp4/mmfp4/internal/benchmode"
@@ -174,7 +175,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	var m *mmfp4.Model
 	steps := &stepLog{}
 	opts := mmfp4.Options{Backend: cpu.New(cpuOpts), MaxContext: o.Ctx + o.Gen,
-		Engine: engine.Options{OnStep: func(info engine.StepInfo) { steps.add(info, m.BytesRead()) }}}
+		Engine: engine.Options{MaxNumSeqs: 1, OnStep: func(info engine.StepInfo) { steps.add(info, m.BytesRead()) }}}
 	log.phase("loading (warm)", nil)
 	m, err = mmfp4.Load(o.Dir, opts)
 	if err != nil {
@@ -205,8 +206,15 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		}
 	}
 	r.Backend = fmt.Sprintf("cpu, %d threads", o.Threads)
-	// The CPU backend caches c and k_pe per layer and position in float32.
-	r.KVCacheBytes = int64(cfg.NumLayers) * int64(o.Ctx+o.Gen) * int64(cfg.KVLoraRank+cfg.QKRopeHeadDim) * 4
+	// The engine's cache pool: one sequence of ctx+gen tokens in whole
+	// blocks, at the engine's cache precision.
+	e, err := m.Engine()
+	if err != nil {
+		return nil, err
+	}
+	eo := e.Options()
+	r.KVCacheBytes = int64(eo.CacheBlocks) * int64(eo.BlockSize) * int64(cfg.NumLayers) *
+		int64(backend.CacheBytesPerToken(cfg.KVLoraRank, cfg.QKRopeHeadDim, eo.CacheDType))
 
 	rng := rand.New(rand.NewPCG(o.Seed, 0x6d6d667034))
 	prompt := make([]int, o.Ctx)
