@@ -175,7 +175,7 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	var m *mmfp4.Model
 	steps := &stepLog{}
 	opts := mmfp4.Options{Backend: cpu.New(cpuOpts), MaxContext: o.Ctx + o.Gen,
-		Engine: engine.Options{MaxNumSeqs: 1, OnStep: func(info engine.StepInfo) { steps.add(info, m.BytesRead()) }}}
+		Engine: engine.Options{MaxNumSeqs: 1, MaxBatchTokens: engine.OneSequenceBatchTokens, OnStep: func(info engine.StepInfo) { steps.add(info, m.BytesRead()) }}}
 	log.phase("loading (warm)", nil)
 	m, err = mmfp4.Load(o.Dir, opts)
 	if err != nil {

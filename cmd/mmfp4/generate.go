@@ -63,6 +63,7 @@ func (f *modelFlags) load() (*mmfp4.Model, error) {
 	if err != nil {
 		return nil, err
 	}
+	o.Engine.MaxNumSeqs, o.Engine.MaxBatchTokens = 1, engine.OneSequenceBatchTokens
 	return mmfp4.Load(dir, o)
 }
 
