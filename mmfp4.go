@@ -334,16 +334,23 @@ func (m *Model) Generate(ctx context.Context, prompt []int, opts GenerateOptions
 }
 
 // Logits runs ids through a fresh sequence and returns the float32 logits of
-// every position, len(ids) rows of the vocabulary size.
+// every position, len(ids) rows of the vocabulary size. The cache lives for
+// this one pass only, so it is kept exact (float32).
 func (m *Model) Logits(ids []int) ([]float32, error) {
+	return m.LogitsWithCache(ids, backend.CacheF32)
+}
+
+// LogitsWithCache is Logits with the sequence's latent cache stored in
+// dtype, in the paged blocks serving uses: every position attends to the
+// rounded cache, as in serving, so the logits carry the cache's error.
+func (m *Model) LogitsWithCache(ids []int, dtype backend.CacheDType) ([]float32, error) {
 	if len(ids) == 0 {
 		return nil, errors.New("logits: no tokens")
 	}
 	if len(ids) > m.MaxContext() {
 		return nil, fmt.Errorf("logits: %d tokens exceed the context of %d", len(ids), m.MaxContext())
 	}
-	// The cache lives for this one pass only, so it is kept exact.
-	state, err := m.net.NewState(len(ids), backend.CacheF32)
+	state, err := m.net.NewState(len(ids), dtype)
 	if err != nil {
 		return nil, err
 	}
