@@ -45,7 +45,8 @@ func mappedKB(t *testing.T, path string) int {
 // size goes from the header pages read at open to the file's size.
 func TestPrefaultMapsEveryPage(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "big.safetensors")
-	const rows, cols = 1024, 1024 // 4 MiB of float32
+	const rows, cols = 4096, 1024 // 16 MiB of float32: far more than the pages
+	// that opening the file maps (its header's, in folios of up to 2 MiB)
 	a := tensor("a", F32, 7, rows, cols)
 	w, err := Create(path, []TensorInfo{a.info}, nil)
 	if err != nil {
