@@ -8,10 +8,8 @@ import (
 )
 
 // gemmMinTokens is the smallest batch that takes the blocked prefill
-// kernel: below it, widening the tile costs more than it saves. It is
-// above moeFusedMaxTokens, so the fused MoE path and the per-expert one
-// run the same (decode) kernel on the batches both accept.
-const gemmMinTokens = moeFusedMaxTokens + 1
+// kernel: below it, widening the tile costs more than it saves.
+const gemmMinTokens = 5
 
 // gemmTileBudget is the most bytes of widened tiles per work item.
 const gemmTileBudget = 512 << 10

@@ -14,7 +14,7 @@ import (
 // batch large enough for the per-head matrix products).
 func (b *Backend) expandValuesInt8(om, ol *mat, wUV backend.Weight, s backend.MLAShape) bool {
 	w, ok := wUV.(*quant)
-	if !ok || b.floatActs || w.m.GroupSize != 128 || s.Rank%128 != 0 || ol.rows > moeFusedMaxTokens ||
+	if !ok || b.floatActs || w.m.GroupSize != 128 || s.Rank%128 != 0 || ol.rows >= gemmMinTokens ||
 		w.m.K != s.Rank || w.m.N != s.Heads*s.VDim {
 		return false
 	}
