@@ -6,7 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strconv"
 	"strings"
+	"time"
 
 	"github.com/mmfp4/mmfp4/chat"
 	"github.com/mmfp4/mmfp4/engine"
@@ -238,6 +240,9 @@ func anthropicError(w http.ResponseWriter, e *apiError) {
 	case http.StatusServiceUnavailable:
 		typ = "overloaded_error"
 	}
+	if e.RetryAfter > 0 {
+		w.Header().Set("Retry-After", strconv.Itoa(e.RetryAfter))
+	}
 	writeJSON(w, e.Status, map[string]any{"type": "error", "error": map[string]any{"type": typ, "message": e.Message}})
 }
 
@@ -260,6 +265,7 @@ func (s *Server) countTokens(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) messages(w http.ResponseWriter, r *http.Request) {
+	arrival := time.Now()
 	m, eng, aerr := s.ready()
 	var p *params
 	var prompt []int
@@ -311,10 +317,14 @@ func (s *Server) messages(w http.ResponseWriter, r *http.Request) {
 	}
 	var all []chat.Event
 	calls := false
+	var lastToken time.Time
 	for {
 		ev, err := st.Recv(ctx)
 		if err != nil {
 			return // the client went away
+		}
+		if !ev.Done {
+			s.metrics.token(arrival, &lastToken, ev.Time)
 		}
 		evs := parser.Feed(ev.Text)
 		if ev.Done {
@@ -342,6 +352,7 @@ func (s *Server) messages(w http.ResponseWriter, r *http.Request) {
 			}
 			return
 		}
+		s.metrics.finished(arrival, ev.Usage)
 		stop, seq := anthropicStop(ev.Finish, calls, p.stop, ev)
 		if p.stream {
 			out.end(stop, seq, ev.Usage.CompletionTokens)

@@ -187,12 +187,7 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, ep endpoint) {
 		c := &out.choices[ce.index]
 		ev := ce.ev
 		if !ev.Done {
-			if c.lastToken.IsZero() {
-				s.metrics.ttft.Observe(ev.Time.Sub(arrival).Seconds())
-			} else {
-				s.metrics.itl.Observe(ev.Time.Sub(c.lastToken).Seconds())
-			}
-			c.lastToken = ev.Time
+			s.metrics.token(arrival, &c.lastToken, ev.Time)
 			if p.logprobs {
 				c.logprobs = append(c.logprobs, tokenLogprob{ev.Token, ev.Logprob, ev.TopLogprobs})
 			}
@@ -219,9 +214,7 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, ep endpoint) {
 				return
 			}
 			c.finish, c.usage = finishReason(ev.Finish, c.calls), ev.Usage
-			s.metrics.e2e.Observe(time.Since(arrival).Seconds())
-			s.metrics.promptTokens.Add(float64(ev.Usage.PromptTokens))
-			s.metrics.generatedTokens.Add(float64(ev.Usage.CompletionTokens))
+			s.metrics.finished(arrival, ev.Usage)
 		}
 		if p.stream {
 			if err := out.streamEvent(w, ce.index, ev); err != nil {
