@@ -133,8 +133,9 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, ep endpoint) {
 		req := engine.Request{Prompt: prompt, MaxTokens: p.maxTokens, Stop: p.stop, Text: hasTokenizer(m), SkipSpecial: !ep.chat,
 			Logprobs: p.logprobs, TopLogprobs: p.topLogprobs,
 			Sampling: sample.Options{Temperature: float32(p.temperature), TopK: p.topK, TopP: float32(p.topP), MinP: float32(p.minP), Seed: seedFor(p.seed, i)}}
-		if p.ignoreEOS && g == nil {
-			// (A constrained output ends where its grammar says.)
+		if p.ignoreEOS && (g == nil || p.format == "" && forbidsCall(p)) {
+			// (A constrained output ends where its grammar says; the one
+			// of tool_choice "none" is any text, so it may run on.)
 			req.StopIDs = []int{}
 		}
 		if g != nil {

@@ -48,7 +48,13 @@ func (s *Server) grammar(m *mmfp4.Model, p *params, thinking bool) (*constrain.G
 	if err != nil {
 		return nil, badRequest(param, "constrained output needs the model's tokenizer: %v", err)
 	}
-	v, err := constrain.VocabOf(tok, m.EOS())
+	eos := m.EOS()
+	if noCalls && p.ignoreEOS {
+		// No end ids: the output runs to max_tokens as ignore_eos asks,
+		// the end tokens being ordinary special tokens here.
+		eos = []int{}
+	}
+	v, err := constrain.VocabOf(tok, eos)
 	if err != nil {
 		return nil, &apiError{Status: http.StatusInternalServerError, Message: fmt.Sprintf("the vocabulary for constrained output: %v", err), Type: "server_error"}
 	}

@@ -199,6 +199,20 @@ func TestToolChoiceNone(t *testing.T) {
 	if msg := r.Choices[0].Message; msg["tool_calls"] != nil || msg["reasoning_content"] != "<tool_call>get_time</tool_call>" || msg["content"] != "" {
 		t.Errorf("a call under tool_choice none: %s", data)
 	}
+	// With ignore_eos the end ids are ordinary tokens to the constraint
+	// and stop nothing.
+	s.srv.replay = func(req engine.Request) []engine.Event {
+		eos := s.m.EOS()[0]
+		if req.StopIDs == nil || len(req.StopIDs) != 0 || req.Constraint == nil {
+			t.Errorf("ignore_eos under tool_choice none: stop ids %v, constraint %v", req.StopIDs, req.Constraint != nil)
+		} else if err := req.Constraint.Advance(eos); err != nil || req.Constraint.Done() || req.Constraint.Advance(callID) == nil {
+			t.Errorf("ignore_eos under tool_choice none: after the end id %d: %v, done %v", eos, err, req.Constraint.Done())
+		}
+		return []engine.Event{{Done: true, Finish: engine.FinishMaxTokens}}
+	}
+	if code, data := s.post(t, "/v1/chat/completions", strings.Replace(requests["/v1/chat/completions"], `"tool_choice"`, `"ignore_eos": true, "tool_choice"`, 1)); code != 200 {
+		t.Fatalf("%d %s", code, data)
+	}
 	// No tools, no constraint.
 	s.srv.replay = func(req engine.Request) []engine.Event {
 		if req.Constraint != nil {
