@@ -227,6 +227,14 @@ func parseAnthropic(body []byte, needMaxTokens bool) (*params, *anthropicRequest
 
 // anthropicError writes an error in Anthropic's shape.
 func anthropicError(w http.ResponseWriter, e *apiError) {
+	if e.RetryAfter > 0 {
+		w.Header().Set("Retry-After", strconv.Itoa(e.RetryAfter))
+	}
+	writeJSON(w, e.Status, anthropicErrorBody(e))
+}
+
+// anthropicErrorBody is e in Anthropic's shape, with its error type.
+func anthropicErrorBody(e *apiError) map[string]any {
 	typ := "api_error"
 	switch e.Status {
 	case http.StatusBadRequest, http.StatusRequestEntityTooLarge:
@@ -240,10 +248,7 @@ func anthropicError(w http.ResponseWriter, e *apiError) {
 	case http.StatusServiceUnavailable:
 		typ = "overloaded_error"
 	}
-	if e.RetryAfter > 0 {
-		w.Header().Set("Retry-After", strconv.Itoa(e.RetryAfter))
-	}
-	writeJSON(w, e.Status, map[string]any{"type": "error", "error": map[string]any{"type": typ, "message": e.Message}})
+	return map[string]any{"type": "error", "error": map[string]any{"type": typ, "message": e.Message}}
 }
 
 func (s *Server) countTokens(w http.ResponseWriter, r *http.Request) {
@@ -346,7 +351,7 @@ func (s *Server) messages(w http.ResponseWriter, r *http.Request) {
 				e = &apiError{Status: http.StatusServiceUnavailable, Message: "the request was cancelled: the server is shutting down"}
 			}
 			if p.stream {
-				out.send("error", map[string]any{"type": "error", "error": map[string]any{"type": "api_error", "message": e.Message}})
+				out.send("error", anthropicErrorBody(e))
 			} else {
 				anthropicError(w, e)
 			}

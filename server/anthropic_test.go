@@ -281,3 +281,22 @@ func TestAnthropicMetricsAndAuth(t *testing.T) {
 		}
 	}
 }
+
+// A request cut short by a shutdown ends its event stream with an error
+// event of Anthropic's overloaded type, and a whole response is a 503.
+func TestAnthropicCancelledError(t *testing.T) {
+	s := startServer(t, Config{}, engine.Options{})
+	s.srv.replay = func(engine.Request) []engine.Event {
+		return []engine.Event{{Done: true, Finish: engine.FinishCanceled}}
+	}
+	defer func() { s.srv.replay = nil }()
+	body := `{"model": "tiny", "max_tokens": 5, "messages": [{"role": "user", "content": "Hello"}]`
+	code, data := s.post(t, "/v1/messages", body+`, "stream": true}`)
+	if code != 200 || !strings.Contains(string(data), "event: error\ndata: {\"error\":{\"message\":") || !strings.Contains(string(data), `"type":"overloaded_error"`) {
+		t.Errorf("streamed: %d %s", code, data)
+	}
+	code, data = s.post(t, "/v1/messages", body+`}`)
+	if code != 503 || !strings.Contains(string(data), `"type":"overloaded_error"`) {
+		t.Errorf("whole: %d %s", code, data)
+	}
+}
