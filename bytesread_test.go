@@ -8,7 +8,7 @@ import (
 	"strings"
 	"testing"
 
-	"github.com/mmfp4/mmfp4/format"
+	"github.com/mmfp4/mmfp4/convert"
 	"github.com/mmfp4/mmfp4/model/glm4moelite"
 	"github.com/mmfp4/mmfp4/safetensors"
 )
@@ -84,7 +84,11 @@ func expectedDecodeBytes(t *testing.T, dir string, pos int) int64 {
 // (float32 weights in memory, bf16 embedding) and on its MMFP4 conversion.
 func TestDecodeBytesReadMatchesTensorSizes(t *testing.T) {
 	mm := filepath.Join(t.TempDir(), "mmfp4")
-	if _, err := format.ConvertDir(fixture, mm, format.ConvertOptions{}); err != nil {
+	policy, err := glm4moelite.ReadConvertPolicy(fixture)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := convert.Dir(fixture, mm, convert.Options{Policy: policy}); err != nil {
 		t.Fatal(err)
 	}
 	for _, dir := range []string{fixture, mm} {

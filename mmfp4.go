@@ -8,7 +8,6 @@ package mmfp4
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -46,7 +45,7 @@ type Options struct {
 type Model struct {
 	net     *glm4moelite.Model
 	engOpts engine.Options // resolved
-	eos     []int          // from generation_config.json or config.json; nil: ask the tokenizer
+	eos     []int          // tokenizer.StopIDs without the tokenizer; nil: ask the tokenizer
 	dir     string
 
 	tokOnce sync.Once
@@ -83,13 +82,10 @@ func Load(dir string, opts Options) (*Model, error) {
 	if err != nil {
 		return nil, err
 	}
-	eos, err := generationEOS(dir)
+	eos, err := tokenizer.StopIDs(dir, nil)
 	if err != nil {
 		net.Close()
 		return nil, err
-	}
-	if eos == nil {
-		eos = net.Config.EOSTokenIDs
 	}
 	return &Model{net: net, engOpts: engOpts, eos: eos, dir: dir, LoadTime: time.Since(start)}, nil
 }
@@ -135,6 +131,18 @@ func (m *Model) Close() error {
 	return m.net.Close()
 }
 
+// Prefault maps every page of the weight files into the process, so that
+// the first prefill does not pay a page fault per page of weights: worth its
+// time on the CPU backend, which reads the weights in place (on a GPU they
+// were copied at load, and it returns at once). It must not run
+// concurrently with Close.
+func (m *Model) Prefault() error {
+	if _, ok := m.net.Backend().(*cpu.Backend); !ok {
+		return nil
+	}
+	return m.net.Prefault()
+}
+
 // BytesRead is the number of bytes of weights and KV cache the model's ops
 // have read so far (see cpu.Backend.BytesRead); the difference over a
 // decode step is that step's memory traffic, the numerator of the roofline.
@@ -176,38 +184,13 @@ func (m *Model) EncodeChat(messages []tokenizer.Message, opt tokenizer.ChatOptio
 	return tok.Encode(text, false)
 }
 
-// generationEOS reads eos_token_id from generation_config.json, if present.
-func generationEOS(dir string) ([]int, error) {
-	path := filepath.Join(dir, "generation_config.json")
-	data, err := os.ReadFile(path)
-	if errors.Is(err, os.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
-	var g struct {
-		EOS json.RawMessage `json:"eos_token_id"`
-	}
-	if err := json.Unmarshal(data, &g); err != nil {
-		return nil, fmt.Errorf("%s: %w", path, err)
-	}
-	if g.EOS == nil {
-		return nil, nil
-	}
-	ids, err := glm4moelite.ParseTokenIDs(g.EOS)
-	if err != nil {
-		return nil, fmt.Errorf("%s: field \"eos_token_id\": %w", path, err)
-	}
-	return ids, nil
-}
-
 // Config is the model's parsed configuration.
 func (m *Model) Config() *glm4moelite.Config { return m.net.Config }
 
-// EOS are the token ids that end generation by default: eos_token_id of
-// generation_config.json, else of config.json, else the tokenizer's
-// eos_token (nil if the tokenizer cannot be loaded).
+// EOS are the token ids that end generation by default, as
+// tokenizer.StopIDs resolves them: eos_token_id of generation_config.json,
+// else of config.json, else the tokenizer's eos_token (nil if the tokenizer
+// cannot be loaded).
 func (m *Model) EOS() []int {
 	eos, _ := m.defaultStops()
 	return eos
@@ -363,16 +346,23 @@ func (m *Model) Generate(ctx context.Context, prompt []int, opts GenerateOptions
 }
 
 // Logits runs ids through a fresh sequence and returns the float32 logits of
-// every position, len(ids) rows of the vocabulary size.
+// every position, len(ids) rows of the vocabulary size. The cache lives for
+// this one pass only, so it is kept exact (float32).
 func (m *Model) Logits(ids []int) ([]float32, error) {
+	return m.LogitsWithCache(ids, backend.CacheF32)
+}
+
+// LogitsWithCache is Logits with the sequence's latent cache stored in
+// dtype, in the paged blocks serving uses: every position attends to the
+// rounded cache, as in serving, so the logits carry the cache's error.
+func (m *Model) LogitsWithCache(ids []int, dtype backend.CacheDType) ([]float32, error) {
 	if len(ids) == 0 {
 		return nil, errors.New("logits: no tokens")
 	}
 	if len(ids) > m.MaxContext() {
 		return nil, fmt.Errorf("logits: %d tokens exceed the context of %d", len(ids), m.MaxContext())
 	}
-	// The cache lives for this one pass only, so it is kept exact.
-	state, err := m.net.NewState(len(ids), backend.CacheF32)
+	state, err := m.net.NewState(len(ids), dtype)
 	if err != nil {
 		return nil, err
 	}

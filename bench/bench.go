@@ -20,7 +20,9 @@ import (
 	"time"
 
 	"github.com/mmfp4/mmfp4"
+	"github.com/mmfp4/mmfp4/backend"
 	"github.com/mmfp4/mmfp4/backend/cpu"
+	"github.com/mmfp4/mmfp4/engine"
 	"github.com/mmfp4/mmfp4/internal/benchmode"
 	"github.com/mmfp4/mmfp4/sample"
 )
@@ -68,6 +70,10 @@ type Result struct {
 	ColdLoadS            *float64 `json:"cold_load_s,omitempty"`
 	ColdNote             string   `json:"cold_note,omitempty"` // why there is no cold figure
 	LoadS                float64  `json:"load_s"`              // warm
+	PrefaultS            float64  `json:"prefault_s"`          // mapping every weight page after the load
+	// HugePageFraction is the share of the weights mapped in 2 MB pages
+	// after the prefault (Linux): the rest costs a TLB entry per 4 KB.
+	HugePageFraction *float64 `json:"huge_page_fraction,omitempty"`
 
 	PrefillS     float64 `json:"prefill_s"`
 	PrefillTokS  float64 `json:"prefill_tok_s"`
@@ -166,15 +172,34 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 			calls++
 		}
 	}
-	opts := mmfp4.Options{Backend: cpu.New(cpuOpts), MaxContext: o.Ctx + o.Gen}
+	// Decode is timed and its bytes counted on the engine's goroutine,
+	// after each step: tokens reach the caller's callback through a
+	// channel, possibly after later steps have run.
+	var m *mmfp4.Model
+	steps := &stepLog{}
+	opts := mmfp4.Options{Backend: cpu.New(cpuOpts), MaxContext: o.Ctx + o.Gen,
+		Engine: engine.Options{MaxNumSeqs: 1, MaxBatchTokens: engine.OneSequenceBatchTokens, OnStep: func(info engine.StepInfo) { steps.add(info, m.BytesRead()) }}}
 	log.phase("loading (warm)", nil)
-	m, err := mmfp4.Load(o.Dir, opts)
+	m, err = mmfp4.Load(o.Dir, opts)
 	if err != nil {
 		return nil, err
 	}
 	defer m.Close()
 	r.LoadS = m.LoadTime.Seconds()
 	log.donef("")
+	// As llama-bench's warm-up run does, keep first-touch page faults out
+	// of the prefill figure: map every page now, timed on its own.
+	log.phase("mapping the weight pages", nil)
+	start = time.Now()
+	if err := m.Prefault(); err != nil {
+		return nil, err
+	}
+	r.PrefaultS = time.Since(start).Seconds()
+	if n, ok := pmdMappedBytes(); ok {
+		f := min(float64(n)/float64(modelBytes), 1)
+		r.HugePageFraction = &f
+	}
+	log.donef("%.2f s", r.PrefaultS)
 	cfg := m.Config()
 	for _, dense := range cfg.Dense {
 		if !dense {
@@ -188,15 +213,22 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		}
 	}
 	r.Backend = fmt.Sprintf("cpu, %d threads", o.Threads)
-	// The CPU backend caches c and k_pe per layer and position in float32.
-	r.KVCacheBytes = int64(cfg.NumLayers) * int64(o.Ctx+o.Gen) * int64(cfg.KVLoraRank+cfg.QKRopeHeadDim) * 4
+	// The engine's cache pool: one sequence of ctx+gen tokens in whole
+	// blocks, at the engine's cache precision.
+	e, err := m.Engine()
+	if err != nil {
+		return nil, err
+	}
+	eo := e.Options()
+	r.KVCacheBytes = int64(eo.CacheBlocks) * int64(eo.BlockSize) * int64(cfg.NumLayers) *
+		int64(backend.CacheBytesPerToken(cfg.KVLoraRank, cfg.QKRopeHeadDim, eo.CacheDType))
 
 	rng := rand.New(rand.NewPCG(o.Seed, 0x6d6d667034))
 	prompt := make([]int, o.Ctx)
 	for i := range prompt {
 		prompt[i] = rng.IntN(cfg.VocabSize)
 	}
-	if err := r.generate(ctx, m, prompt, o.Gen, log); err != nil {
+	if err := r.generate(ctx, m, prompt, o.Gen, steps, log); err != nil {
 		return nil, err
 	}
 	r.PeakRSS = peakRSS()
@@ -208,12 +240,47 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	return r, nil
 }
 
+// stepLog records, for each engine step, when it ended, the backend's
+// byte counter then, and whether it prefilled.
+type stepLog struct {
+	mu      sync.Mutex
+	ends    []time.Time
+	bytes   []int64
+	prefill []bool
+}
+
+func (l *stepLog) add(info engine.StepInfo, bytesRead int64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	l.ends = append(l.ends, time.Now())
+	l.bytes = append(l.bytes, bytesRead)
+	l.prefill = append(l.prefill, info.Prefill > 0)
+}
+
+// decode returns the steps after the last prefill step, their wall time
+// (from the end of that prefill step to the end of the last step) and the
+// bytes they read.
+func (l *stepLog) decode() (steps int, d time.Duration, bytes int64) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	last := -1
+	for i, p := range l.prefill {
+		if p {
+			last = i
+		}
+	}
+	n := len(l.ends) - 1
+	if last < 0 || n <= last {
+		return 0, 0, 0
+	}
+	return n - last, l.ends[n].Sub(l.ends[last]), l.bytes[n] - l.bytes[last]
+}
+
 // generate prefills prompt and decodes gen tokens, greedily and without
-// stopping at EOS, counting the bytes the decode steps read.
-func (r *Result) generate(ctx context.Context, m *mmfp4.Model, prompt []int, gen int, log *progress) error {
+// stopping at EOS; steps has recorded the engine's steps when it returns.
+func (r *Result) generate(ctx context.Context, m *mmfp4.Model, prompt []int, gen int, steps *stepLog, log *progress) error {
 	var mu sync.Mutex
 	tokens := 0
-	var atFirst int64
 	log.phase(fmt.Sprintf("prefill of %d tokens", len(prompt)), nil)
 	decodeStart := time.Time{}
 	res, err := m.Generate(ctx, prompt, mmfp4.GenerateOptions{MaxTokens: gen, StopIDs: []int{}, Sampling: sample.Options{},
@@ -222,7 +289,6 @@ func (r *Result) generate(ctx context.Context, m *mmfp4.Model, prompt []int, gen
 			defer mu.Unlock()
 			tokens++
 			if tokens == 1 {
-				atFirst = m.BytesRead()
 				decodeStart = time.Now()
 				log.donef("")
 				log.phase(fmt.Sprintf("decoding %d tokens", gen), func() string {
@@ -242,11 +308,14 @@ func (r *Result) generate(ctx context.Context, m *mmfp4.Model, prompt []int, gen
 	}
 	r.PrefillS = res.PrefillTime.Seconds()
 	r.PrefillTokS = res.PrefillTokensPerSecond()
-	r.DecodeS = res.DecodeTime.Seconds()
-	r.DecodeSteps = len(res.Tokens) - 1
-	r.DecodeTokS = res.DecodeTokensPerSecond()
-	if r.DecodeSteps > 0 {
-		r.BytesPerTok = (m.BytesRead() - atFirst) / int64(r.DecodeSteps)
+	n, d, bytes := steps.decode()
+	if n != len(res.Tokens)-1 {
+		return fmt.Errorf("bench: %d decode steps ran for %d tokens after the first", n, len(res.Tokens)-1)
+	}
+	r.DecodeSteps, r.DecodeS = n, d.Seconds()
+	if n > 0 && d > 0 {
+		r.DecodeTokS = float64(n) / d.Seconds()
+		r.BytesPerTok = bytes / int64(n)
 	}
 	log.donef("%.2f tok/s", r.DecodeTokS)
 	return nil
@@ -292,14 +361,31 @@ func weightFiles(dir string) ([]string, int64, error) {
 	return paths, total, nil
 }
 
-// preRead reads the files once, threads chunks at a time.
+// preRead reads the files once, threads segments at a time.
 func preRead(ctx context.Context, paths []string, threads int) error {
+	// Each segment is read front to back through its own file handle: the
+	// kernel's readahead then grows, and on kernels with large page-cache
+	// folios the weights land in 2 MB folios, which the model's mapping
+	// maps with one entry each. Two threads taking turns on 8 MB chunks of
+	// one handle looked random to readahead and left 4 KB pages, over which
+	// the routed experts of a decode step ran 4x slower on this VM.
 	const chunk = 8 << 20
-	type job struct {
-		f   *os.File
-		off int64
+	type segment struct {
+		path    string
+		off, to int64
 	}
-	jobs := make(chan job)
+	var segs []segment
+	for _, p := range paths {
+		st, err := os.Stat(p)
+		if err != nil {
+			return err
+		}
+		per := max(st.Size()/int64(threads), 256<<20)
+		for off := int64(0); off < st.Size(); off += per {
+			segs = append(segs, segment{p, off, min(off+per, st.Size())})
+		}
+	}
+	jobs := make(chan segment)
 	errs := make(chan error, threads)
 	var wg sync.WaitGroup
 	for range threads {
@@ -307,8 +393,8 @@ func preRead(ctx context.Context, paths []string, threads int) error {
 		go func() {
 			defer wg.Done()
 			buf := make([]byte, chunk)
-			for j := range jobs {
-				if _, err := j.f.ReadAt(buf, j.off); err != nil && !errors.Is(err, io.EOF) {
+			for sg := range jobs {
+				if err := readSegment(ctx, sg.path, sg.off, sg.to, buf); err != nil {
 					errs <- err
 					return
 				}
@@ -316,37 +402,19 @@ func preRead(ctx context.Context, paths []string, threads int) error {
 		}()
 	}
 	var err error
-	var open []*os.File
 feed:
-	for _, p := range paths {
-		f, e := os.Open(p)
-		if e != nil {
-			err = e
-			break
-		}
-		open = append(open, f)
-		st, e := f.Stat()
-		if e != nil {
-			err = e
-			break
-		}
-		for off := int64(0); off < st.Size(); off += chunk {
-			select {
-			case jobs <- job{f, off}:
-			case e := <-errs:
-				err = e
-				break feed
-			case <-ctx.Done():
-				err = ctx.Err()
-				break feed
-			}
+	for _, sg := range segs {
+		select {
+		case jobs <- sg:
+		case err = <-errs:
+			break feed
+		case <-ctx.Done():
+			err = ctx.Err()
+			break feed
 		}
 	}
 	close(jobs)
 	wg.Wait()
-	for _, f := range open {
-		f.Close()
-	}
 	if err == nil {
 		select {
 		case err = <-errs:
@@ -354,6 +422,25 @@ feed:
 		}
 	}
 	return err
+}
+
+// readSegment reads [off, to) of path in order, buf at a time.
+func readSegment(ctx context.Context, path string, off, to int64, buf []byte) error {
+	f, err := os.Open(path)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	for ; off < to; off += int64(len(buf)) {
+		if err := ctx.Err(); err != nil {
+			return err
+		}
+		n := min(int64(len(buf)), to-off)
+		if _, err := f.ReadAt(buf[:n], off); err != nil && !errors.Is(err, io.EOF) {
+			return err
+		}
+	}
+	return nil
 }
 
 // device names the CPU: the model name from /proc/cpuinfo where there is

@@ -2,6 +2,8 @@ package bench
 
 import (
 	"os"
+	"strconv"
+	"strings"
 	"unsafe"
 
 	"golang.org/x/sys/unix"
@@ -59,4 +61,20 @@ func dropCache(paths []string) error {
 		}
 	}
 	return nil
+}
+
+// pmdMappedBytes is how much of this process's file mappings the kernel
+// maps with 2 MB entries (FilePmdMapped of /proc/self/smaps_rollup).
+func pmdMappedBytes() (int64, bool) {
+	b, err := os.ReadFile("/proc/self/smaps_rollup")
+	if err != nil {
+		return 0, false
+	}
+	for _, line := range strings.Split(string(b), "\n") {
+		if rest, ok := strings.CutPrefix(line, "FilePmdMapped:"); ok {
+			kb, err := strconv.ParseInt(strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(rest), "kB")), 10, 64)
+			return kb << 10, err == nil
+		}
+	}
+	return 0, false
 }

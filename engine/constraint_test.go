@@ -12,8 +12,8 @@ import (
 // unconstrained greedy output of the same prompt is something else.
 func TestConstraintShapesOutput(t *testing.T) {
 	e := newEngine(t, Options{})
-	net, tok := fixture(t)
-	v, err := constrain.VocabOf(tok, net.Config.EOSTokenIDs)
+	_, tok := fixture(t)
+	v, err := constrain.VocabOf(tok, tok.EOSIDs())
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -137,6 +137,13 @@ type Engine struct {
 	admitSeq uint64
 }
 
+// OneSequenceBatchTokens is the step size for a run of one sequence
+// (generate, bench): no other stream waits behind a long prefill step, and
+// a longer step shares each routed expert's widened weight tiles among more
+// tokens (1024-token steps prefilled a 1024-token prompt of GLM-4.7-Flash's
+// shapes 12-20% faster than 512-token steps, with no more memory).
+const OneSequenceBatchTokens = 1024
+
 const (
 	defaultMaxNumSeqs     = 16
 	defaultMaxBatchTokens = 512

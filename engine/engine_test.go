@@ -56,7 +56,7 @@ func fixture(t testing.TB) (*glm4moelite.Model, *tokenizer.Tokenizer) {
 func newEngine(t testing.TB, opt Options) *Engine {
 	t.Helper()
 	net, tok := fixture(t)
-	e, err := New(net, tok, net.Config.EOSTokenIDs, opt)
+	e, err := New(net, tok, tok.EOSIDs(), opt)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -592,7 +592,7 @@ func TestCancelStopsStepBetweenLayers(t *testing.T) {
 			canceled = true
 		}
 	}
-	e, err := New(net, tok, net.Config.EOSTokenIDs, Options{})
+	e, err := New(net, tok, tok.EOSIDs(), Options{})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -68,6 +68,21 @@ func (m *Matrix) Dequantize() []float32 {
 	return w
 }
 
+// RelError returns RelError(ref, m.Dequantize()) without holding a
+// dequantized copy of the matrix; ref is N*K values, row-major.
+func (m *Matrix) RelError(ref []float32) float64 {
+	if len(ref) != m.N*m.K {
+		panic(fmt.Sprintf("format.Matrix.RelError: %d reference values for a [%d,%d] matrix", len(ref), m.N, m.K))
+	}
+	var e errSums
+	deq := make([]float32, m.K)
+	for n := 0; n < m.N; n++ {
+		m.DequantizeRow(n, deq)
+		e.add(ref[n*m.K:(n+1)*m.K], deq)
+	}
+	return e.rel()
+}
+
 // RelError returns ||ref-got||_2 / ||ref||_2, accumulated in float64. It is 0
 // when both are zero and +Inf when only ref is.
 func RelError(ref, got []float32) float64 {

@@ -422,6 +422,9 @@ func TestGaussianError(t *testing.T) {
 				t.Fatal(err)
 			}
 			e := RelError(w, m.Dequantize())
+			if e2 := m.RelError(w); e2 != e { // same sums in the same order
+				t.Errorf("G=%d search=%v: Matrix.RelError %v, RelError of the dequantized copy %v", g, search, e2, e)
+			}
 			t.Logf("Gaussian %dx%d G=%d search=%v: relative error %.4f", n, k, g, search, e)
 			// E2M1 with per-group scales lands near 0.1; far above means a bug.
 			if e > 0.13 {

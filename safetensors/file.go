@@ -119,6 +119,19 @@ func (f *File) Tensor(name string) (*Tensor, error) {
 	}, nil
 }
 
+// Prefault maps every page of the file into the process ahead of use (see
+// prefault), so the first pass over its tensors takes no page faults. It
+// must not run concurrently with Close.
+func (f *File) Prefault() error {
+	if f.data == nil {
+		return fmt.Errorf("%s: prefault of a closed file", f.path)
+	}
+	if err := prefault(f.data); err != nil {
+		return fmt.Errorf("%s: mapping the pages: %w", f.path, err)
+	}
+	return nil
+}
+
 // Close unmaps the file. Tensors obtained from it must no longer be used.
 // Closing twice is harmless.
 func (f *File) Close() error {

@@ -15,3 +15,6 @@ func mapFile(fd *os.File, size int) ([]byte, func() error, error) {
 	}
 	return data, func() error { return nil }, nil
 }
+
+// prefault has nothing to do: the file was read into memory.
+func prefault([]byte) error { return nil }

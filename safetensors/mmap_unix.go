@@ -3,6 +3,7 @@
 package safetensors
 
 import (
+	"errors"
 	"os"
 
 	"golang.org/x/sys/unix"
@@ -15,5 +16,31 @@ func mapFile(fd *os.File, size int) ([]byte, func() error, error) {
 	if err != nil {
 		return nil, nil, err
 	}
+	// Where the kernel keeps file pages in 2 MB folios, pages read from disk
+	// through this mapping come in whole folios and are mapped with one
+	// entry each: fewer faults and TLB misses. Best effort.
+	_ = unix.Madvise(data, unix.MADV_HUGEPAGE)
 	return data, func() error { return unix.Munmap(data) }, nil
+}
+
+// prefaultChunk bounds one madvise call, so a closed file stops a prefault
+// within one chunk.
+const prefaultChunk = 64 << 20
+
+// prefault maps every page of data into the process, reading from disk what
+// the page cache lacks, so that the first pass over the weights takes no
+// page faults (a minor fault per 4 KB page cost a 1024-token prefill of a
+// 15 GB model several seconds). Kernels before 5.14 lack
+// MADV_POPULATE_READ: then pages keep loading on first touch.
+func prefault(data []byte) error {
+	for off := 0; off < len(data); off += prefaultChunk {
+		err := unix.Madvise(data[off:min(off+prefaultChunk, len(data))], unix.MADV_POPULATE_READ)
+		if errors.Is(err, unix.EINVAL) {
+			return nil
+		}
+		if err != nil {
+			return err
+		}
+	}
+	return nil
 }

@@ -141,6 +141,16 @@ func (s *Set) Metadata() map[string]string {
 	return m
 }
 
+// Prefault maps every page of every file of the set (File.Prefault).
+func (s *Set) Prefault() error {
+	for _, f := range s.files {
+		if err := f.Prefault(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // Close closes every file of the set.
 func (s *Set) Close() error {
 	var errs []error

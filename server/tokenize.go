@@ -1,8 +1,11 @@
 package server
 
 import (
+	"encoding/json"
+	"errors"
 	"net/http"
 
+	"github.com/mmfp4/mmfp4/chat"
 	"github.com/mmfp4/mmfp4/tokenizer"
 )
 
@@ -12,6 +15,7 @@ type tokenizeRequest struct {
 	Prompt              *string             `json:"prompt"`
 	AddSpecialTokens    *bool               `json:"add_special_tokens"`
 	Messages            []tokenizer.Message `json:"messages"`
+	Tools               []json.RawMessage   `json:"tools"`
 	AddGenerationPrompt *bool               `json:"add_generation_prompt"`
 	ChatTemplateKwargs  map[string]any      `json:"chat_template_kwargs"`
 }
@@ -46,12 +50,21 @@ func (s *Server) tokenize(w http.ResponseWriter, r *http.Request) {
 	case req.Prompt != nil && req.Messages == nil:
 		ids, err = tok.Encode(*req.Prompt, req.AddSpecialTokens == nil || *req.AddSpecialTokens)
 	case req.Messages != nil && req.Prompt == nil:
-		opt := tokenizer.ChatOptions{AddGenerationPrompt: req.AddGenerationPrompt == nil || *req.AddGenerationPrompt, Extra: req.ChatTemplateKwargs}
-		if b, ok := req.ChatTemplateKwargs["enable_thinking"].(bool); ok {
-			opt.EnableThinking = &b
+		// The messages are prepared as a chat completion's are, so the
+		// count is that of the same request's prompt.
+		p, perr := chat.Prepare(chat.Request{Messages: req.Messages, Tools: req.Tools, ChatTemplateKwargs: req.ChatTemplateKwargs})
+		var re *chat.RequestError
+		switch {
+		case errors.As(perr, &re):
+			writeError(w, badRequest(re.Param, "%s", re.Msg))
+			return
+		case perr != nil:
+			writeError(w, badRequest("messages", "%v", perr))
+			return
 		}
+		p.Options.AddGenerationPrompt = req.AddGenerationPrompt == nil || *req.AddGenerationPrompt
 		var text string
-		if text, err = tok.ApplyChatTemplate(req.Messages, opt); err == nil {
+		if text, err = tok.ApplyChatTemplate(p.Messages, p.Options); err == nil {
 			ids, err = tok.Encode(text, false)
 		}
 	default:

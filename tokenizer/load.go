@@ -11,8 +11,8 @@ import (
 )
 
 // Load reads a model directory: tokenizer.json (required) and, when
-// present, tokenizer_config.json, chat_template.jinja and
-// generation_config.json. Errors name the file and the field.
+// present, tokenizer_config.json and chat_template.jinja; the end ids come
+// from StopIDs. Errors name the file and the field.
 func Load(dir string) (*Tokenizer, error) {
 	tj, err := os.ReadFile(filepath.Join(dir, "tokenizer.json"))
 	if err != nil {
@@ -29,12 +29,13 @@ func Load(dir string) (*Tokenizer, error) {
 	if err := t.applyConfig(cfg); err != nil {
 		return nil, fmt.Errorf("tokenizer: tokenizer_config.json: %w", err)
 	}
-	gen, err := readOptionalJSON(filepath.Join(dir, "generation_config.json"))
-	if err != nil {
-		return nil, err
+	if t.eosToken != "" {
+		if _, ok := t.TokenID(t.eosToken); !ok {
+			return nil, fmt.Errorf("tokenizer: tokenizer_config.json: eos_token %q is not a token", t.eosToken)
+		}
 	}
-	if err := t.setEOS(gen); err != nil {
-		return nil, fmt.Errorf("tokenizer: generation_config.json: %w", err)
+	if t.eosIDs, err = StopIDs(dir, t); err != nil {
+		return nil, fmt.Errorf("tokenizer: %w", err)
 	}
 	// A separate chat_template.jinja wins over the config's template, as in
 	// transformers.
@@ -196,46 +197,6 @@ func tokenString(raw json.RawMessage) (string, error) {
 		return "", fmt.Errorf("want a string or {\"content\": ...}, got %s", raw)
 	}
 	return *obj.Content, nil
-}
-
-// setEOS collects the end ids: generation_config's eos_token_id first,
-// then the config's eos_token.
-func (t *Tokenizer) setEOS(gen map[string]json.RawMessage) error {
-	add := func(id int) {
-		for _, e := range t.eosIDs {
-			if e == id {
-				return
-			}
-		}
-		t.eosIDs = append(t.eosIDs, id)
-	}
-	if raw, ok := gen["eos_token_id"]; ok && !isNull(raw) {
-		var one int
-		var list []int
-		switch {
-		case json.Unmarshal(raw, &one) == nil:
-			add(one)
-		case json.Unmarshal(raw, &list) == nil:
-			for _, id := range list {
-				add(id)
-			}
-		default:
-			return fmt.Errorf("eos_token_id: want an int or a list of ints, got %s", raw)
-		}
-	}
-	if t.eosToken != "" {
-		id, ok := t.TokenID(t.eosToken)
-		if !ok {
-			return fmt.Errorf("eos_token %q is not a token", t.eosToken)
-		}
-		add(id)
-	}
-	for _, id := range t.eosIDs {
-		if id < 0 || id >= t.VocabSize() {
-			return fmt.Errorf("eos id %d is out of range", id)
-		}
-	}
-	return nil
 }
 
 // configTemplate reads tokenizer_config.json's chat_template: a string, or

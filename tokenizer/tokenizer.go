@@ -131,8 +131,8 @@ func (t *Tokenizer) decodeBytes(ids []int) (_ []byte, err error) {
 // VocabSize is one past the largest id, added tokens included.
 func (t *Tokenizer) VocabSize() int { return len(t.idToToken) }
 
-// EOSIDs lists the ids that end generation: generation_config.json's
-// eos_token_id (an int or a list), then tokenizer_config.json's eos_token.
+// EOSIDs lists the ids that end generation, as StopIDs resolved them when
+// the tokenizer was loaded.
 func (t *Tokenizer) EOSIDs() []int { return append([]int(nil), t.eosIDs...) }
 
 // TokenID returns the id of a token string (added tokens included).

@@ -9,7 +9,7 @@ import (
 	"testing"
 
 	"github.com/mmfp4/mmfp4/backend"
-	"github.com/mmfp4/mmfp4/format"
+	"github.com/mmfp4/mmfp4/convert"
 	"github.com/mmfp4/mmfp4/model/glm4moelite"
 	"github.com/mmfp4/mmfp4/safetensors"
 )
@@ -138,7 +138,11 @@ func TestModelBF16MatchesReferenceOnGPU(t *testing.T) {
 func quantizedFixture(t *testing.T) string {
 	t.Helper()
 	out := filepath.Join(t.TempDir(), "mmfp4")
-	if _, err := format.ConvertDir(fixtureDir, out, format.ConvertOptions{GroupSize: 128}); err != nil {
+	policy, err := glm4moelite.ReadConvertPolicy(fixtureDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := convert.Dir(fixtureDir, out, convert.Options{Policy: policy, GroupSize: 128}); err != nil {
 		t.Fatal(err)
 	}
 	return out

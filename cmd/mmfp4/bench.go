@@ -111,6 +111,10 @@ func printBench(w io.Writer, r *bench.Result) {
 		row("load, cold", "%s", r.ColdNote)
 	}
 	row("load, warm", "%.2f s", r.LoadS)
+	row("map weight pages", "%.2f s (after the load, before the prefill)", r.PrefaultS)
+	if r.HugePageFraction != nil {
+		row("weights in 2 MB pages", "%.1f%%", 100**r.HugePageFraction)
+	}
 	row("prefill", "%.2f tok/s (%d tokens in %.1f s)", r.PrefillTokS, r.Ctx, r.PrefillS)
 	row("decode", "%.2f tok/s (%d steps in %.1f s, after %d tokens)", r.DecodeTokS, r.DecodeSteps, r.DecodeS, r.Ctx)
 	row("read per decoded token", "%s (weights and KV cache)", humanBytes(r.BytesPerTok))

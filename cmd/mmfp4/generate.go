@@ -11,6 +11,7 @@ import (
 
 	"github.com/mmfp4/mmfp4"
 	"github.com/mmfp4/mmfp4/backend"
+	"github.com/mmfp4/mmfp4/chat"
 	"github.com/mmfp4/mmfp4/engine"
 	"github.com/mmfp4/mmfp4/sample"
 )
@@ -63,6 +64,7 @@ func (f *modelFlags) load() (*mmfp4.Model, error) {
 	if err != nil {
 		return nil, err
 	}
+	o.Engine.MaxNumSeqs, o.Engine.MaxBatchTokens = 1, engine.OneSequenceBatchTokens
 	return mmfp4.Load(dir, o)
 }
 
@@ -190,15 +192,12 @@ func encodeChatFile(m *mmfp4.Model, path string, thinkSet, think bool) ([]int, e
 	if err != nil {
 		return nil, fmt.Errorf("--chat: %w", err)
 	}
-	msgs, opt, err := parseChatFile(data)
+	p, err := chat.ParseFile(data)
 	if err != nil {
 		return nil, fmt.Errorf("--chat: %s: %w", path, err)
 	}
-	if len(msgs) == 0 {
-		return nil, fmt.Errorf("--chat: %s: no messages", path)
+	if thinkSet || p.Options.EnableThinking == nil {
+		p.Options.EnableThinking = &think
 	}
-	if thinkSet || opt.EnableThinking == nil {
-		opt.EnableThinking = &think
-	}
-	return m.EncodeChat(msgs, opt)
+	return m.EncodeChat(p.Messages, p.Options)
 }

@@ -27,11 +27,13 @@ func run(t *testing.T, args ...string) (stdout, stderr string, err error) {
 func runIn(t *testing.T, stdin string, args ...string) (stdout, stderr string, err error) {
 	t.Helper()
 	// Flags keep their values between Execute calls: reset them.
+	reset := func(f *pflag.Flag) {
+		_ = f.Value.Set(f.DefValue)
+		f.Changed = false
+	}
+	rootCmd.PersistentFlags().VisitAll(reset)
 	for _, c := range rootCmd.Commands() {
-		c.Flags().VisitAll(func(f *pflag.Flag) {
-			_ = f.Value.Set(f.DefValue)
-			f.Changed = false
-		})
+		c.Flags().VisitAll(reset)
 	}
 	var o, e bytes.Buffer
 	rootCmd.SetOut(&o)
@@ -298,5 +300,33 @@ func TestInfoCommand(t *testing.T) {
 	}
 	if !strings.Contains(out, "GPU:     none:") && !strings.Contains(out, "compute capability") {
 		t.Errorf("info output names neither a GPU nor its absence:\n%s", out)
+	}
+}
+
+// --cpuprofile leaves a pprof profile (gzip-compressed protobuf) behind, and
+// a command run after it without the flag writes none.
+func TestCPUProfileFlag(t *testing.T) {
+	path := filepath.Join(t.TempDir(), "cpu.prof")
+	if _, _, err := run(t, "generate", "-m", fixture, "--ids", "1,2,3", "-n", "2", "--cpuprofile", path); err != nil {
+		t.Fatal(err)
+	}
+	b, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(b) < 2 || b[0] != 0x1f || b[1] != 0x8b {
+		t.Fatalf("profile of %d bytes does not start with the gzip magic", len(b))
+	}
+	if err := os.Remove(path); err != nil {
+		t.Fatal(err)
+	}
+	if _, _, err := run(t, "generate", "-m", fixture, "--ids", "1,2,3", "-n", "2"); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := os.Stat(path); !os.IsNotExist(err) {
+		t.Errorf("a run without --cpuprofile wrote %s (%v)", path, err)
+	}
+	if _, _, err := run(t, "generate", "-m", fixture, "--ids", "1", "--cpuprofile", filepath.Join(path, "no", "such")); err == nil || !strings.Contains(err.Error(), "--cpuprofile") {
+		t.Errorf("unwritable profile path: %v", err)
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/mmfp4/mmfp4"
+	"github.com/mmfp4/mmfp4/backend"
 	"github.com/mmfp4/mmfp4/backend/cpu"
 	"github.com/mmfp4/mmfp4/model/glm4moelite"
 	"github.com/mmfp4/mmfp4/perplexity"
@@ -25,6 +26,7 @@ type pplFlags struct {
 	threads        int
 	floatAct       bool
 	json           bool
+	kvDType        string
 }
 
 // pplReport is what `mmfp4 ppl --json` prints, one line.
@@ -39,6 +41,8 @@ type pplReport struct {
 	MeanNLL     float64  `json:"mean_nll"`
 	Seconds     float64  `json:"seconds"`
 	LoadSeconds float64  `json:"load_seconds"`
+	KVDType     string   `json:"kv_cache_dtype"`
+	KVBytes     int      `json:"kv_bytes_per_token"` // all layers
 	Ref         string   `json:"ref,omitempty"`
 	KL          *float64 `json:"kl,omitempty"`
 	Top1        *float64 `json:"top1,omitempty"`
@@ -47,14 +51,18 @@ type pplReport struct {
 func init() {
 	var f pplFlags
 	cmd := &cobra.Command{
-		Use:   "ppl [-m DIR] --file TEXT [--ctx 512] [--stride N] [--ref DIR] [--json]",
+		Use:   "ppl [-m DIR] --file TEXT [--ctx 512] [--stride N] [--ref DIR] [--kv-cache-dtype f32] [--json]",
 		Short: "Perplexity of a model on a text file, with a sliding window",
 		Long: "Tokenizes the file with the model's tokenizer (with its special tokens, as\n" +
 			"HF's tokenizer(text) does) and scores it with windows of --ctx tokens that\n" +
 			"start every --stride tokens; each window scores only the tokens no earlier\n" +
 			"window scored (the Hugging Face perplexity guide's method). With --ref, the\n" +
 			"reference model runs on the same windows and the mean KL(ref || model) and\n" +
-			"the top-1 agreement are reported too.",
+			"the top-1 agreement are reported too.\n\n" +
+			"--kv-cache-dtype stores the model's latent cache as serving does (the paged\n" +
+			"blocks, every position attending to the rounded cache); the default f32 is\n" +
+			"exact. The reference always runs with the exact cache, so --ref with the same\n" +
+			"model measures what the cache precision alone costs.",
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			rep, err := runPPL(f, cmd.ErrOrStderr())
@@ -73,6 +81,7 @@ func init() {
 	fl.IntVar(&f.threads, "threads", 0, "CPU threads (0: all cores)")
 	fl.BoolVar(&f.floatAct, "float-activations", false, "run MMFP4 products on float32 activations instead of int8")
 	fl.BoolVar(&f.json, "json", false, "print one JSON line instead of the summary")
+	fl.StringVar(&f.kvDType, "kv-cache-dtype", "f32", "latent cache precision of the model (not of --ref): f32 (exact), bf16, fp8 or fp4")
 	_ = cmd.MarkFlagRequired("file")
 	rootCmd.AddCommand(cmd)
 }
@@ -87,6 +96,10 @@ func runPPL(f pplFlags, progress io.Writer) (*pplReport, error) {
 	}
 	if stride < 1 || stride > f.ctx {
 		return nil, fmt.Errorf("--stride %d: want 1 to --ctx (%d)", stride, f.ctx)
+	}
+	dtype, err := backend.ParseCacheDType(f.kvDType)
+	if err != nil {
+		return nil, fmt.Errorf("--kv-cache-dtype: %w", err)
 	}
 	text, err := readUTF8(f.file)
 	if err != nil {
@@ -105,9 +118,11 @@ func runPPL(f pplFlags, progress io.Writer) (*pplReport, error) {
 		return nil, fmt.Errorf("%s: %d tokens, fewer than one window of --ctx %d; give a longer file or a smaller --ctx",
 			f.file, len(ids), f.ctx)
 	}
-	vocab := m.Config().VocabSize
+	cfg := m.Config()
+	vocab := cfg.VocabSize
 	opt := perplexity.Options{Ctx: f.ctx, Stride: stride, Vocab: vocab}
-	rep := &pplReport{Model: dir, File: f.file, Ctx: f.ctx, Stride: stride}
+	rep := &pplReport{Model: dir, File: f.file, Ctx: f.ctx, Stride: stride, KVDType: dtype.String(),
+		KVBytes: backend.CacheBytesPerToken(cfg.KVLoraRank, cfg.QKRopeHeadDim, dtype) * cfg.NumLayers}
 	if f.ref != "" {
 		ref, refDir, err := loadForPPL(f.ref, "--ref", f.ctx, f)
 		if err != nil {
@@ -130,7 +145,8 @@ func runPPL(f pplFlags, progress io.Writer) (*pplReport, error) {
 		progressbar.OptionSetPredictTime(true), progressbar.OptionClearOnFinish())
 	opt.Progress = func(done, _ int) { _ = bar.Set(done) }
 	start = time.Now()
-	res, err := perplexity.Evaluate(ids, m.Logits, opt)
+	logits := func(ids []int) ([]float32, error) { return m.LogitsWithCache(ids, dtype) }
+	res, err := perplexity.Evaluate(ids, logits, opt)
 	_ = bar.Finish()
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", f.file, err)
@@ -202,6 +218,7 @@ func printPPL(w io.Writer, r *pplReport, asJSON bool) error {
 	}
 	fmt.Fprintf(w, "model %s\nfile %s: %d tokens scored in %d windows (ctx %d, stride %d)\n",
 		r.Model, r.File, r.Tokens, r.Windows, r.Ctx, r.Stride)
+	fmt.Fprintf(w, "KV cache %s: %d bytes per token (all layers)\n", r.KVDType, r.KVBytes)
 	fmt.Fprintf(w, "perplexity %.4f, mean NLL %.5f nats/token\n", r.PPL, r.MeanNLL)
 	if r.KL != nil {
 		fmt.Fprintf(w, "against %s: mean KL %.5f nats/token, top-1 agreement %.2f%%\n", r.Ref, *r.KL, 100**r.Top1)

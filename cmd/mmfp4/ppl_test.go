@@ -173,6 +173,32 @@ func TestPPLDefaultModelWithRef(t *testing.T) {
 	}
 }
 
+// --kv-cache-dtype runs the model on a rounded cache, the reference on the
+// exact one: against itself, the model's KL is 0 with the f32 cache and
+// grows as the cache gets coarser. Bytes per token follow the layouts of
+// docs/quality.md at the fixture's shapes (4 layers, rank 128, rope 16).
+func TestPPLKVCacheDType(t *testing.T) {
+	want := map[string]int{"f32": 4 * 144 * 4, "bf16": 2 * 144 * 4, "fp8": (144 + 8) * 4, "fp4": (64 + 16 + 4 + 8) * 4}
+	kl := map[string]float64{}
+	for _, d := range []string{"f32", "bf16", "fp8", "fp4"} {
+		r := pplJSON(t, "-m", fixture, "--ref", fixture, "--file", sotuSlice, "--ctx", "64", "--stride", "64", "--kv-cache-dtype", d)
+		if r.KVDType != d || r.KVBytes != want[d] || r.KL == nil {
+			t.Fatalf("%s: report %+v, want %d bytes per token", d, r, want[d])
+		}
+		t.Logf("%s: perplexity %.4f, KL %.3g, top-1 %.4f", d, r.PPL, *r.KL, *r.Top1)
+		kl[d] = *r.KL
+	}
+	if kl["f32"] != 0 || !(0 < kl["bf16"] && kl["bf16"] < kl["fp8"] && kl["fp8"] < kl["fp4"]) {
+		t.Errorf("KL from the exact cache: %v, want 0 for f32 and increasing from bf16 to fp4", kl)
+	}
+	// Measured: 3.6e-4, 7.2e-3, 2.6e-2 (random weights: see docs/quality.md).
+	for d, bound := range map[string]float64{"bf16": 1e-3, "fp8": 0.02, "fp4": 0.08} {
+		if kl[d] > bound {
+			t.Errorf("%s: KL %.3g from the exact cache, bound %g", d, kl[d], bound)
+		}
+	}
+}
+
 func TestPPLBadInput(t *testing.T) {
 	useTempCache(t)
 	dir := t.TempDir()
@@ -197,6 +223,7 @@ func TestPPLBadInput(t *testing.T) {
 		{[]string{"--file", sotuSlice, "--ref", sotuBF16, "-m", fixture, "--ctx", "64"}, []string{"--ref", "vocabulary"}},
 		{[]string{"--file", sotuSlice, "--ctx", "64", "--stride", "65"}, []string{"--stride 65"}},
 		{[]string{"--file", sotuSlice, "--ctx", "1"}, []string{"--ctx 1"}},
+		{[]string{"--file", sotuSlice, "--kv-cache-dtype", "fp5"}, []string{"--kv-cache-dtype", "fp5"}},
 		{[]string{"--file", filepath.Join(dir, "missing.txt")}, []string{"missing.txt"}},
 		{[]string{}, []string{"file"}},
 	} {

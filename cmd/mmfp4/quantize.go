@@ -14,6 +14,7 @@ import (
 	"github.com/schollz/progressbar/v3"
 	"github.com/spf13/cobra"
 
+	"github.com/mmfp4/mmfp4/convert"
 	"github.com/mmfp4/mmfp4/format"
 	"github.com/mmfp4/mmfp4/model/glm4moelite"
 )
@@ -43,7 +44,7 @@ func init() {
 			ctx, stop := interruptContext(cmd.Context())
 			defer stop()
 			return runQuantize(ctx, cmd.OutOrStdout(), cmd.ErrOrStderr(), in, out,
-				format.ConvertOptions{GroupSize: groupSize, Search: !rtn, Verify: glm4moelite.Check})
+				convert.Options{GroupSize: groupSize, Search: !rtn, Verify: glm4moelite.Check})
 		},
 	}
 	f := cmd.Flags()
@@ -68,8 +69,9 @@ func interruptContext(parent context.Context) (context.Context, context.CancelFu
 	return ctx, stop
 }
 
-func runQuantize(ctx context.Context, stdout, stderr io.Writer, in, out string, opt format.ConvertOptions) error {
-	partials, err := format.PartialDirs(out)
+// runQuantize converts in to out under glm4moelite's policy.
+func runQuantize(ctx context.Context, stdout, stderr io.Writer, in, out string, opt convert.Options) error {
+	partials, err := convert.PartialDirs(out)
 	if err != nil {
 		return err
 	}
@@ -84,6 +86,11 @@ func runQuantize(ctx context.Context, stdout, stderr io.Writer, in, out string, 
 			return verify(dir)
 		}
 	}
+	policy, err := glm4moelite.ReadConvertPolicy(in)
+	if err != nil {
+		return err
+	}
+	opt.Policy = policy
 	var bar *progressbar.ProgressBar // made on the first report, when the total is known
 	opt.Progress = func(done, total int64) {
 		if bar == nil {
@@ -97,7 +104,7 @@ func runQuantize(ctx context.Context, stdout, stderr io.Writer, in, out string, 
 		_ = bar.Set64(done)
 	}
 	start := time.Now()
-	rep, err := format.ConvertDirContext(ctx, in, out, opt)
+	rep, err := convert.DirContext(ctx, in, out, opt)
 	if err != nil {
 		if bar != nil {
 			_ = bar.Exit() // ends the bar's line where it stopped
@@ -119,7 +126,7 @@ func runQuantize(ctx context.Context, stdout, stderr io.Writer, in, out string, 
 
 // printQuality prints the worst tensors by relative reconstruction error,
 // then the mean and max over the quantized ones.
-func printQuality(w io.Writer, rep *format.Report) {
+func printQuality(w io.Writer, rep *convert.Report) {
 	const worst = 20
 	tw := tabwriter.NewWriter(w, 0, 0, 2, ' ', 0)
 	fmt.Fprintln(tw, "tensor\tshape\trel. error\t")

@@ -85,6 +85,11 @@ It listens on 127.0.0.1 only unless --host says otherwise.`,
 					m, err = mmfp4.Load(dir, opts)
 				}
 				if err == nil {
+					// The first requests should not pay a page fault per
+					// page of weights: map them all before answering 200.
+					err = m.Prefault()
+				}
+				if err == nil {
 					err = srv.SetModel(m)
 				}
 				ready <- loaded{m, err}

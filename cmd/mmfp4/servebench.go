@@ -46,13 +46,13 @@ func init() {
 		cacheMiB int64
 	)
 	cmd := &cobra.Command{
-		Use:   "serve-bench (-m DIR | --url URL) [--streams 1,4,16,64]",
+		Use:   "serve-bench [-m DIR | --url URL] [--streams 1,4,16,64]",
 		Short: "Load the HTTP server with concurrent streams; report aggregate tok/s and p50/p99 time to first token and inter-token latency",
 		Long: `Load the HTTP server with concurrent streaming completions and report, per
 number of streams, the aggregate generation speed and the p50/p99 time to first
-token (TTFT) and inter-token latency (ITL), measured by the client. With -m it
-serves the model in-process on a loopback port; with --url it loads a running
-server. Prompts are random token ids (no prefix reuse) and generation ignores
+token (TTFT) and inter-token latency (ITL), measured by the client. It serves
+the model of -m (default: the built-in demo model) in-process on a loopback
+port; with --url it loads a running server instead. Prompts are random token ids (no prefix reuse) and generation ignores
 EOS, so every stream produces exactly --gen tokens.`,
 		Args: cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
@@ -74,8 +74,9 @@ EOS, so every stream produces exactly --gen tokens.`,
 			log := cmd.ErrOrStderr()
 			vocab := 0
 			if url == "" {
-				if mf.dir == "" {
-					return fmt.Errorf("give -m DIR or --url URL")
+				dir, err := modelDir(mf.dir)
+				if err != nil {
+					return err
 				}
 				srv := server.New(server.Config{ModelName: "bench"})
 				opts, err := mf.options()
@@ -89,7 +90,7 @@ EOS, so every stream produces exactly --gen tokens.`,
 					opts.Engine.MaxNumSeqs = slices.Max(streams)
 				}
 				opts.Engine.OnStep = srv.OnStep
-				m, err := mmfp4.Load(mf.dir, opts)
+				m, err := mmfp4.Load(dir, opts)
 				if err != nil {
 					return err
 				}
@@ -109,7 +110,7 @@ EOS, so every stream produces exactly --gen tokens.`,
 				e, _ := m.Engine()
 				o := e.Options()
 				fmt.Fprintf(log, "serving %s in-process at %s: %d sequences per step, %d tokens per step, KV cache %d blocks of %d (%v)\n",
-					mf.dir, url, o.MaxNumSeqs, o.MaxBatchTokens, o.CacheBlocks, o.BlockSize, o.CacheDType)
+					dir, url, o.MaxNumSeqs, o.MaxBatchTokens, o.CacheBlocks, o.BlockSize, o.CacheDType)
 			}
 			if vocab == 0 {
 				vocab = 256 // ids every tokenizer has
@@ -133,7 +134,7 @@ EOS, so every stream produces exactly --gen tokens.`,
 		},
 	}
 	mf.register(cmd)
-	cmd.Flags().Lookup("model").Usage = "model directory to serve in-process"
+	cmd.Flags().Lookup("model").Usage = "model directory to serve in-process (default: the built-in demo model)"
 	delete(cmd.Flags().Lookup("model").Annotations, cobra.BashCompOneRequiredFlag) // --url needs no model
 	eo.register(cmd)
 	f := cmd.Flags()

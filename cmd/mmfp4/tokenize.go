@@ -11,6 +11,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/mmfp4/mmfp4/chat"
 	"github.com/mmfp4/mmfp4/tokenizer"
 )
 
@@ -100,12 +101,12 @@ func init() {
 			if err != nil {
 				return err
 			}
-			msgs, opt, err := parseChatFile(data)
+			p, err := chat.ParseFile(data)
 			if err != nil {
 				return fmt.Errorf("chat-template: %s: %w", messagesFile, err)
 			}
-			opt.AddGenerationPrompt = addGen
-			prompt, err := tok.ApplyChatTemplate(msgs, opt)
+			p.Options.AddGenerationPrompt = addGen
+			prompt, err := tok.ApplyChatTemplate(p.Messages, p.Options)
 			if err != nil {
 				return err
 			}
@@ -128,56 +129,4 @@ func loadTokenizer(dir string) (*tokenizer.Tokenizer, error) {
 		return nil, err
 	}
 	return tokenizer.Load(dir)
-}
-
-// parseChatFile reads a messages array or a {"messages", "tools", ...}
-// object.
-func parseChatFile(data []byte) ([]tokenizer.Message, tokenizer.ChatOptions, error) {
-	var opt tokenizer.ChatOptions
-	var msgs []tokenizer.Message
-	trimmed := bytes.TrimSpace(data)
-	if len(trimmed) > 0 && trimmed[0] == '[' {
-		if err := json.Unmarshal(trimmed, &msgs); err != nil {
-			return nil, opt, fmt.Errorf("bad messages: %w", err)
-		}
-		return msgs, opt, nil
-	}
-	var obj map[string]json.RawMessage
-	if err := json.Unmarshal(trimmed, &obj); err != nil {
-		return nil, opt, fmt.Errorf("want a JSON array of messages or an object with \"messages\": %w", err)
-	}
-	raw, ok := obj["messages"]
-	if !ok {
-		return nil, opt, errors.New("the object has no \"messages\"")
-	}
-	if err := json.Unmarshal(raw, &msgs); err != nil {
-		return nil, opt, fmt.Errorf("bad messages: %w", err)
-	}
-	for k, v := range obj {
-		switch k {
-		case "messages":
-		case "tools":
-			var tools []json.RawMessage
-			if err := json.Unmarshal(v, &tools); err != nil {
-				return nil, opt, fmt.Errorf("tools: want a list: %w", err)
-			}
-			for _, t := range tools {
-				opt.Tools = append(opt.Tools, t)
-			}
-		case "enable_thinking":
-			var b bool
-			if err := json.Unmarshal(v, &b); err != nil {
-				return nil, opt, fmt.Errorf("enable_thinking: want true or false")
-			}
-			opt.EnableThinking = &b
-		case "add_generation_prompt":
-			return nil, opt, errors.New(`the "add_generation_prompt" key is not read from the file: chat-template takes --add-generation-prompt, and generate always adds it`)
-		default:
-			if opt.Extra == nil {
-				opt.Extra = map[string]any{}
-			}
-			opt.Extra[k] = v
-		}
-	}
-	return msgs, opt, nil
 }

@@ -173,3 +173,65 @@ func breakdown(b *testing.B, tb *timedBackend, what string, step func(i int)) {
 	fmt.Fprintf(&w, "  %-32s           %8.3f ms %5.1f%%\n", "(between ops)", (bestTotal-inOps).Seconds()*1e3, 100*(bestTotal-inOps).Seconds()/bestTotal.Seconds())
 	fmt.Fprint(os.Stderr, w.String())
 }
+
+// BenchmarkDecodeStepBreakdownDir is BenchmarkDecodeStepBreakdown on a model
+// directory named by MMFP4_BENCH_MODEL (for example the output of `mmfp4
+// synth --preset glm-4.7-flash`), with its weights memory-mapped as `mmfp4
+// bench` has them. It prints the mean wall time of each op per step, over
+// b.N steps at ctx 1024.
+func BenchmarkDecodeStepBreakdownDir(b *testing.B) {
+	benchmode.Check(b)
+	dir := os.Getenv("MMFP4_BENCH_MODEL")
+	if dir == "" {
+		b.Skip("MMFP4_BENCH_MODEL names no model directory")
+	}
+	const ctx = 1024
+	tb := &timedBackend{Backend: cpu.New(cpu.Options{}), spent: map[string]time.Duration{}, calls: map[string]int{}}
+	m, err := Load(dir, tb, LoadOptions{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	defer m.Close()
+	s, err := m.NewState(ctx+b.N+2, backend.CacheBF16)
+	if err != nil {
+		b.Fatal(err)
+	}
+	// A 128-token prefill first maps every expert's pages into the
+	// process (each chosen about 8 times), as a prompt does before decode.
+	warm := make([]int, 128)
+	for i := range warm {
+		warm[i] = (i * 104729) % m.Config.VocabSize
+	}
+	if _, err := m.ForwardSeq(s, warm, false); err != nil {
+		b.Fatal(err)
+	}
+	fillCache(tb, m, s, ctx)
+	step := func(i int) {
+		if _, err := m.ForwardSeq(s, []int{(i * 7919) % m.Config.VocabSize}, false); err != nil {
+			b.Fatal(err)
+		}
+	}
+	step(0) // warms the arena
+	tb.spent, tb.calls = map[string]time.Duration{}, map[string]int{}
+	b.ResetTimer()
+	t0 := time.Now()
+	for i := 1; i <= b.N; i++ {
+		step(i)
+	}
+	total := time.Since(t0)
+	var keys []string
+	var inOps time.Duration
+	for k, d := range tb.spent {
+		keys = append(keys, k)
+		inOps += d
+	}
+	sort.Slice(keys, func(i, j int) bool { return tb.spent[keys[i]] > tb.spent[keys[j]] })
+	n := float64(b.N)
+	var w strings.Builder
+	fmt.Fprintf(&w, "mean decode step of %s at ctx %d: %.2f ms over %d steps (%s):\n", dir, ctx, total.Seconds()*1e3/n, b.N, tb.Name())
+	for _, k := range keys {
+		fmt.Fprintf(&w, "  %-32s %5.0f calls %8.3f ms %5.1f%%\n", k, float64(tb.calls[k])/n, tb.spent[k].Seconds()*1e3/n, 100*tb.spent[k].Seconds()/total.Seconds())
+	}
+	fmt.Fprintf(&w, "  %-32s             %8.3f ms %5.1f%%\n", "(between ops)", (total-inOps).Seconds()*1e3/n, 100*(total-inOps).Seconds()/total.Seconds())
+	fmt.Fprint(os.Stderr, w.String())
+}

@@ -36,48 +36,46 @@ type Config struct {
 	TieEmbeddings       bool
 	MaxPositions        int
 	Dense               []bool // per layer: dense MLP (true) or MoE (false)
-	BOSTokenID          int    // -1 when absent
-	EOSTokenIDs         []int
+	BOSTokenID          int    // -1 when absent (the end ids: tokenizer.StopIDs)
 }
 
 // rawConfig mirrors config.json; pointers tell a missing field from a zero.
 type rawConfig struct {
-	ModelType             *string          `json:"model_type"`
-	VocabSize             *int             `json:"vocab_size"`
-	HiddenSize            *int             `json:"hidden_size"`
-	IntermediateSize      *int             `json:"intermediate_size"`
-	MoEIntermediateSize   *int             `json:"moe_intermediate_size"`
-	NumHiddenLayers       *int             `json:"num_hidden_layers"`
-	NumAttentionHeads     *int             `json:"num_attention_heads"`
-	NumKeyValueHeads      *int             `json:"num_key_value_heads"`
-	QLoraRank             *int             `json:"q_lora_rank"`
-	KVLoraRank            *int             `json:"kv_lora_rank"`
-	QKNopeHeadDim         *int             `json:"qk_nope_head_dim"`
-	QKRopeHeadDim         *int             `json:"qk_rope_head_dim"`
-	VHeadDim              *int             `json:"v_head_dim"`
-	NRoutedExperts        *int             `json:"n_routed_experts"`
-	NSharedExperts        *int             `json:"n_shared_experts"`
-	NumExpertsPerTok      *int             `json:"num_experts_per_tok"`
-	NGroup                *int             `json:"n_group"`
-	TopKGroup             *int             `json:"topk_group"`
-	TopKMethod            *string          `json:"topk_method"`
-	ScoringFunc           *string          `json:"scoring_func"`
-	NormTopKProb          *bool            `json:"norm_topk_prob"`
-	RoutedScalingFactor   *float64         `json:"routed_scaling_factor"`
-	FirstKDenseReplace    *int             `json:"first_k_dense_replace"`
-	MLPLayerTypes         []string         `json:"mlp_layer_types"`
-	HiddenAct             *string          `json:"hidden_act"`
-	RMSNormEps            *float64         `json:"rms_norm_eps"`
-	RopeTheta             *float64         `json:"rope_theta"`
-	RopeScaling           map[string]any   `json:"rope_scaling"`
-	RopeParameters        map[string]any   `json:"rope_parameters"`
-	RopeInterleave        *bool            `json:"rope_interleave"`
-	PartialRotaryFactor   *float64         `json:"partial_rotary_factor"`
-	AttentionBias         *bool            `json:"attention_bias"`
-	TieWordEmbeddings     *bool            `json:"tie_word_embeddings"`
-	MaxPositionEmbeddings *int             `json:"max_position_embeddings"`
-	BOSTokenID            *int             `json:"bos_token_id"`
-	EOSTokenID            *json.RawMessage `json:"eos_token_id"`
+	ModelType             *string        `json:"model_type"`
+	VocabSize             *int           `json:"vocab_size"`
+	HiddenSize            *int           `json:"hidden_size"`
+	IntermediateSize      *int           `json:"intermediate_size"`
+	MoEIntermediateSize   *int           `json:"moe_intermediate_size"`
+	NumHiddenLayers       *int           `json:"num_hidden_layers"`
+	NumAttentionHeads     *int           `json:"num_attention_heads"`
+	NumKeyValueHeads      *int           `json:"num_key_value_heads"`
+	QLoraRank             *int           `json:"q_lora_rank"`
+	KVLoraRank            *int           `json:"kv_lora_rank"`
+	QKNopeHeadDim         *int           `json:"qk_nope_head_dim"`
+	QKRopeHeadDim         *int           `json:"qk_rope_head_dim"`
+	VHeadDim              *int           `json:"v_head_dim"`
+	NRoutedExperts        *int           `json:"n_routed_experts"`
+	NSharedExperts        *int           `json:"n_shared_experts"`
+	NumExpertsPerTok      *int           `json:"num_experts_per_tok"`
+	NGroup                *int           `json:"n_group"`
+	TopKGroup             *int           `json:"topk_group"`
+	TopKMethod            *string        `json:"topk_method"`
+	ScoringFunc           *string        `json:"scoring_func"`
+	NormTopKProb          *bool          `json:"norm_topk_prob"`
+	RoutedScalingFactor   *float64       `json:"routed_scaling_factor"`
+	FirstKDenseReplace    *int           `json:"first_k_dense_replace"`
+	MLPLayerTypes         []string       `json:"mlp_layer_types"`
+	HiddenAct             *string        `json:"hidden_act"`
+	RMSNormEps            *float64       `json:"rms_norm_eps"`
+	RopeTheta             *float64       `json:"rope_theta"`
+	RopeScaling           map[string]any `json:"rope_scaling"`
+	RopeParameters        map[string]any `json:"rope_parameters"`
+	RopeInterleave        *bool          `json:"rope_interleave"`
+	PartialRotaryFactor   *float64       `json:"partial_rotary_factor"`
+	AttentionBias         *bool          `json:"attention_bias"`
+	TieWordEmbeddings     *bool          `json:"tie_word_embeddings"`
+	MaxPositionEmbeddings *int           `json:"max_position_embeddings"`
+	BOSTokenID            *int           `json:"bos_token_id"`
 }
 
 // LoadConfig reads and validates DIR/config.json.
@@ -237,13 +235,6 @@ func ParseConfig(data []byte) (*Config, error) {
 		}
 	}
 
-	if r.EOSTokenID != nil {
-		ids, err := ParseTokenIDs(*r.EOSTokenID)
-		if err != nil {
-			return nil, fmt.Errorf(`field "eos_token_id": %w`, err)
-		}
-		c.EOSTokenIDs = ids
-	}
 	return c, nil
 }
 
@@ -283,24 +274,6 @@ func ropeTheta(r *rawConfig) (float64, error) {
 		return *r.RopeTheta, nil
 	}
 	return 0, errors.New(`field "rope_theta" (or "rope_parameters.rope_theta") is missing`)
-}
-
-// ParseTokenIDs reads a token id field that holds an integer, a list of
-// integers or null, as eos_token_id does in config.json and
-// generation_config.json.
-func ParseTokenIDs(raw json.RawMessage) ([]int, error) {
-	if string(raw) == "null" {
-		return nil, nil
-	}
-	var one int
-	if err := json.Unmarshal(raw, &one); err == nil {
-		return []int{one}, nil
-	}
-	var many []int
-	if err := json.Unmarshal(raw, &many); err != nil {
-		return nil, fmt.Errorf("want an integer or a list of integers")
-	}
-	return many, nil
 }
 
 func intOr(v *int, d int) int {

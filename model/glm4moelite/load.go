@@ -266,8 +266,8 @@ func (ld *loader) model(c *Config) (*Model, error) {
 			l.MLP = ld.mlp(p+"mlp.", H, c.IntermediateSize)
 		} else {
 			moe := &MoE{
-				Router: ld.dense(p+"mlp.gate.weight", c.NumExperts, H, c.NumExperts, H),
-				Bias:   ld.vector(p+"mlp.gate.e_score_correction_bias", c.NumExperts),
+				Router: ld.dense(p+routerWeight, c.NumExperts, H, c.NumExperts, H),
+				Bias:   ld.vector(p+routerBias, c.NumExperts),
 			}
 			for e := 0; e < c.NumExperts; e++ {
 				ex := ld.mlp(fmt.Sprintf("%smlp.experts.%d.", p, e), H, c.MoEIntermediateSize)

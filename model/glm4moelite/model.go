@@ -46,6 +46,17 @@ type Model struct {
 	files io.Closer // the memory-mapped weight files
 }
 
+// Prefault maps every page of the weight files into the process ahead of
+// the first forward pass, which then takes no page faults. It does nothing
+// for weights that are not memory-mapped, and must not run concurrently with
+// Close.
+func (m *Model) Prefault() error {
+	if p, ok := m.files.(interface{ Prefault() error }); ok {
+		return p.Prefault()
+	}
+	return nil
+}
+
 // Close unmaps the weight files. The model must not be used afterwards.
 func (m *Model) Close() error {
 	if m.files == nil {

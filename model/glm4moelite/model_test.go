@@ -11,7 +11,7 @@ import (
 
 	"github.com/mmfp4/mmfp4/backend"
 	"github.com/mmfp4/mmfp4/backend/cpu"
-	"github.com/mmfp4/mmfp4/format"
+	"github.com/mmfp4/mmfp4/convert"
 	"github.com/mmfp4/mmfp4/safetensors"
 )
 
@@ -288,7 +288,11 @@ func copyFile(t testing.TB, from, to string) {
 func quantizeFixture(t testing.TB, search bool) string {
 	t.Helper()
 	out := filepath.Join(t.TempDir(), "mmfp4")
-	if _, err := format.ConvertDir(fixtureDir, out, format.ConvertOptions{GroupSize: 128, Search: search}); err != nil {
+	policy, err := ReadConvertPolicy(fixtureDir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := convert.Dir(fixtureDir, out, convert.Options{Policy: policy, GroupSize: 128, Search: search}); err != nil {
 		t.Fatal(err)
 	}
 	return out

@@ -28,7 +28,9 @@ import (
 
 	"github.com/mmfp4/mmfp4"
 	"github.com/mmfp4/mmfp4/backend/cpu"
+	"github.com/mmfp4/mmfp4/convert"
 	"github.com/mmfp4/mmfp4/format"
+	"github.com/mmfp4/mmfp4/model/glm4moelite"
 	"github.com/mmfp4/mmfp4/perplexity"
 	"github.com/mmfp4/mmfp4/safetensors"
 )
@@ -75,7 +77,11 @@ func run(bf16, file, work string, ctx, stride int) error {
 			}
 			dir := filepath.Join(work, fmt.Sprintf("g%d-%s", g, map[bool]string{false: "rtn", true: "search"}[search]))
 			if err := ensure(dir, func() error {
-				_, err := format.ConvertDir(bf16, dir, format.ConvertOptions{GroupSize: g, Search: search})
+				policy, err := glm4moelite.ReadConvertPolicy(bf16)
+				if err != nil {
+					return err
+				}
+				_, err = convert.Dir(bf16, dir, convert.Options{Policy: policy, GroupSize: g, Search: search})
 				return err
 			}); err != nil {
 				return err

@@ -1,4 +1,4 @@
-package format
+package convert
 
 import (
 	"context"
@@ -8,11 +8,13 @@ import (
 	"slices"
 	"strings"
 	"testing"
+
+	"github.com/mmfp4/mmfp4/format"
 )
 
 // Cancelling the context between tensors stops the conversion and removes
 // the partial directory.
-func TestConvertDirContextCancelled(t *testing.T) {
+func TestDirContextCancelled(t *testing.T) {
 	src := t.TempDir()
 	fakeCheckpoint(t, src)
 	parent := t.TempDir()
@@ -20,7 +22,7 @@ func TestConvertDirContextCancelled(t *testing.T) {
 	defer cancel()
 	calls := 0
 	var sawPartial bool
-	_, err := ConvertDirContext(ctx, src, filepath.Join(parent, "out"), ConvertOptions{GroupSize: 32,
+	_, err := DirContext(ctx, src, filepath.Join(parent, "out"), Options{Policy: glm, GroupSize: 32,
 		Progress: func(done, total int64) {
 			calls++
 			if calls == 3 { // two tensors written
@@ -42,7 +44,7 @@ func TestConvertDirContextCancelled(t *testing.T) {
 
 // Verify sees the source first, then the complete output under its
 // temporary name; a rejected output is not moved into place.
-func TestConvertDirVerify(t *testing.T) {
+func TestDirVerify(t *testing.T) {
 	src := t.TempDir()
 	fakeCheckpoint(t, src)
 	parent := t.TempDir()
@@ -51,7 +53,7 @@ func TestConvertDirVerify(t *testing.T) {
 	verify := func(reject string) func(string) error {
 		return func(dir string) error {
 			seen = append(seen, dir)
-			if dir != src && !IsMMFP4Dir(dir) {
+			if dir != src && !format.IsMMFP4Dir(dir) {
 				t.Errorf("output %s verified before its header was written", dir)
 			}
 			if strings.Contains(dir, reject) {
@@ -60,7 +62,7 @@ func TestConvertDirVerify(t *testing.T) {
 			return nil
 		}
 	}
-	_, err := ConvertDir(src, out, ConvertOptions{Verify: verify(".partial-")})
+	_, err := Dir(src, out, Options{Policy: glm, Verify: verify(".partial-")})
 	if err == nil || !strings.Contains(err.Error(), "does not load") {
 		t.Errorf("rejected output: err = %v", err)
 	}
@@ -71,20 +73,20 @@ func TestConvertDirVerify(t *testing.T) {
 		t.Errorf("a rejected output left %v", ents)
 	}
 	seen = nil
-	if _, err := ConvertDir(src, out, ConvertOptions{Verify: verify(src)}); err == nil || !strings.Contains(err.Error(), "source does not load") {
+	if _, err := Dir(src, out, Options{Policy: glm, Verify: verify(src)}); err == nil || !strings.Contains(err.Error(), "source does not load") {
 		t.Errorf("rejected source: err = %v", err)
 	}
 	if len(seen) != 1 {
 		t.Errorf("Verify saw %v after rejecting the source", seen)
 	}
-	if _, err := ConvertDir(src, out, ConvertOptions{Verify: verify("no such dir")}); err != nil {
+	if _, err := Dir(src, out, Options{Policy: glm, Verify: verify("no such dir")}); err != nil {
 		t.Fatal(err)
 	}
-	if !IsMMFP4Dir(out) {
+	if !format.IsMMFP4Dir(out) {
 		t.Error("accepted output not in place")
 	}
 	// The output is MMFP4 already: converting it again is refused by name.
-	_, err = ConvertDir(out, filepath.Join(parent, "again"), ConvertOptions{})
+	_, err = Dir(out, filepath.Join(parent, "again"), Options{Policy: glm})
 	if err == nil || !strings.Contains(err.Error(), "MMFP4 model already") {
 		t.Errorf("re-convert: err = %v", err)
 	}

@@ -1,4 +1,8 @@
-package format
+// Package convert turns a Hugging Face checkpoint directory into an MMFP4
+// model directory. The codec is package format's; what to leave out and
+// what to keep in fp32 is the model architecture's Policy (for
+// glm4_moe_lite, glm4moelite.ConvertPolicy).
+package convert
 
 import (
 	"cmp"
@@ -13,14 +17,27 @@ import (
 	"os"
 	"path/filepath"
 	"slices"
-	"strconv"
 	"strings"
 
+	"github.com/mmfp4/mmfp4/format"
 	"github.com/mmfp4/mmfp4/safetensors"
 )
 
-// ConvertOptions controls ConvertDir.
-type ConvertOptions struct {
+// Policy is what the model architecture decides in a conversion. It is
+// read from the source's config (glm4moelite.ReadConvertPolicy), so the
+// converter itself knows no tensor names.
+type Policy interface {
+	// Skip reports whether a source tensor is left out: one the engine
+	// never loads.
+	Skip(name string) bool
+	// KeepF32 reports whether a tensor is stored exactly, in fp32, instead
+	// of being quantized or rounded to bf16.
+	KeepF32(name string) bool
+}
+
+// Options controls Dir.
+type Options struct {
+	Policy     Policy                  // required
 	GroupSize  int                     // 32, 64 or 128; 0 means 128
 	Search     bool                    // per-group scale search ("mse-search") instead of plain RTN
 	Progress   func(done, total int64) // bytes of source tensors processed; may be nil
@@ -33,10 +50,10 @@ type ConvertOptions struct {
 	Verify func(dir string) error
 }
 
-// Report is what ConvertDir did, for the quality table.
+// Report is what Dir did, for the quality table.
 type Report struct {
 	Rows        []ReportRow // one per written tensor, worst relative error first
-	Skipped     []string    // MTP tensors left out
+	Skipped     []string    // tensors the engine does not load (the MTP head), left out
 	SourceBytes int64       // bytes of the source tensors converted
 	OutputBytes int64       // bytes of all files in the output directory
 }
@@ -90,21 +107,25 @@ type job struct {
 	bytes    int64 // output bytes
 }
 
-// ConvertDir converts a Hugging Face glm4_moe_lite checkpoint in directory in
-// to an MMFP4 model directory out. out must not exist or be empty. The result
-// is assembled in a temporary directory next to out (see PartialDirs) and
-// renamed into place at the end, so a failed run leaves nothing behind.
-func ConvertDir(in, out string, opt ConvertOptions) (*Report, error) {
-	return ConvertDirContext(context.Background(), in, out, opt)
+// Dir converts a Hugging Face checkpoint in directory in to an MMFP4 model
+// directory out, under opt.Policy. out must not exist or be empty. The
+// result is assembled in a temporary directory next to out (see
+// PartialDirs) and renamed into place at the end, so a failed run leaves
+// nothing behind.
+func Dir(in, out string, opt Options) (*Report, error) {
+	return DirContext(context.Background(), in, out, opt)
 }
 
-// ConvertDirContext is ConvertDir that stops when ctx is cancelled: it checks
-// ctx between tensors, removes the partial output and returns ctx's error.
-func ConvertDirContext(ctx context.Context, in, out string, opt ConvertOptions) (*Report, error) {
+// DirContext is Dir that stops when ctx is cancelled: it checks ctx between
+// tensors, removes the partial output and returns ctx's error.
+func DirContext(ctx context.Context, in, out string, opt Options) (*Report, error) {
+	if opt.Policy == nil {
+		return nil, errors.New("convert: no Policy given: the model package says which tensors to skip and which to keep in fp32")
+	}
 	if opt.GroupSize == 0 {
 		opt.GroupSize = 128
 	}
-	if !ValidGroupSize(opt.GroupSize) {
+	if !format.ValidGroupSize(opt.GroupSize) {
 		return nil, fmt.Errorf("convert: group size %d: must be 32, 64 or 128", opt.GroupSize)
 	}
 	if opt.ShardBytes <= 0 {
@@ -113,12 +134,8 @@ func ConvertDirContext(ctx context.Context, in, out string, opt ConvertOptions) 
 	if err := checkOutDir(out); err != nil {
 		return nil, err
 	}
-	if IsMMFP4Dir(in) {
-		return nil, fmt.Errorf("%s holds an MMFP4 model already (it has %s): quantize reads a bf16/f16/f32 Hugging Face checkpoint", in, HeaderFile)
-	}
-	numLayers, err := readSourceConfig(in)
-	if err != nil {
-		return nil, err
+	if format.IsMMFP4Dir(in) {
+		return nil, fmt.Errorf("%s holds an MMFP4 model already (it has %s): quantize reads a bf16/f16/f32 Hugging Face checkpoint", in, format.HeaderFile)
 	}
 	set, err := safetensors.OpenDir(in)
 	if err != nil {
@@ -127,7 +144,7 @@ func ConvertDirContext(ctx context.Context, in, out string, opt ConvertOptions) 
 	defer set.Close()
 	for _, name := range set.Names() {
 		if strings.HasSuffix(name, ".qweight") {
-			return nil, fmt.Errorf("%s: tensor %s is MMFP4-packed already (and %s is missing): quantize reads a bf16/f16/f32 Hugging Face checkpoint", in, name, HeaderFile)
+			return nil, fmt.Errorf("%s: tensor %s is MMFP4-packed already (and %s is missing): quantize reads a bf16/f16/f32 Hugging Face checkpoint", in, name, format.HeaderFile)
 		}
 	}
 	if opt.Verify != nil {
@@ -139,7 +156,7 @@ func ConvertDirContext(ctx context.Context, in, out string, opt ConvertOptions) 
 	rep := &Report{}
 	var jobs []*job
 	for _, name := range set.Names() {
-		if isMTP(name, numLayers) {
+		if opt.Policy.Skip(name) {
 			rep.Skipped = append(rep.Skipped, name)
 			continue
 		}
@@ -147,7 +164,7 @@ func ConvertDirContext(ctx context.Context, in, out string, opt ConvertOptions) 
 		if err != nil {
 			return nil, err
 		}
-		j, err := planTensor(t, opt.GroupSize)
+		j, err := planTensor(t, opt.GroupSize, opt.Policy.KeepF32(t.Name))
 		if err != nil {
 			return nil, err
 		}
@@ -266,7 +283,7 @@ func partialPrefix(out string) string {
 
 // PartialDirs lists the temporary directories of conversions to out that
 // were killed before they could clean up (a running conversion to out has one
-// too). ConvertDir never removes them itself: it cannot tell an abandoned one
+// too). Dir never removes them itself: it cannot tell an abandoned one
 // from one that another conversion is still writing.
 func PartialDirs(out string) ([]string, error) {
 	parent := filepath.Dir(filepath.Clean(out))
@@ -300,56 +317,20 @@ func checkOutDir(out string) error {
 	return nil
 }
 
-// readSourceConfig checks in/config.json and returns num_hidden_layers.
-func readSourceConfig(in string) (int, error) {
-	path := filepath.Join(in, "config.json")
-	raw, err := os.ReadFile(path)
-	if err != nil {
-		return 0, err
-	}
-	var cfg struct {
-		ModelType       string `json:"model_type"`
-		NumHiddenLayers *int   `json:"num_hidden_layers"`
-	}
-	if err := json.Unmarshal(raw, &cfg); err != nil {
-		return 0, fmt.Errorf("%s: %w", path, err)
-	}
-	if cfg.ModelType != "glm4_moe_lite" {
-		return 0, fmt.Errorf("%s: field model_type is %q, want \"glm4_moe_lite\"", path, cfg.ModelType)
-	}
-	if cfg.NumHiddenLayers == nil || *cfg.NumHiddenLayers <= 0 {
-		return 0, fmt.Errorf("%s: field num_hidden_layers is missing or not positive", path)
-	}
-	return *cfg.NumHiddenLayers, nil
-}
-
-// isMTP reports whether name belongs to a layer at index >= numLayers: the
-// next-token-prediction head, which the engine does not load.
-func isMTP(name string, numLayers int) bool {
-	rest, ok := strings.CutPrefix(name, "model.layers.")
-	if !ok {
-		return false
-	}
-	idx, _, ok := strings.Cut(rest, ".")
-	l, err := strconv.Atoi(idx)
-	return ok && err == nil && l >= numLayers
-}
-
 func isFloat(d safetensors.DType) bool {
 	return d == safetensors.BF16 || d == safetensors.F16 || d == safetensors.F32
 }
 
-// planTensor decides what a source tensor becomes.
-func planTensor(t *safetensors.Tensor, g int) (*job, error) {
+// planTensor decides what a source tensor becomes. A keepF32 tensor is
+// stored exactly, as F32 (the policy says which: for glm4_moe_lite, the
+// router).
+func planTensor(t *safetensors.Tensor, g int, keepF32 bool) (*job, error) {
 	j := &job{name: t.Name, src: t}
-	// The router runs in fp32 and picks experts by small score differences,
-	// so it and its bias are kept exactly, as F32.
-	router := strings.HasSuffix(t.Name, ".mlp.gate.weight") || strings.HasSuffix(t.Name, ".e_score_correction_bias")
 	j.quantize = isFloat(t.DType) && len(t.Shape) == 2 && strings.HasSuffix(t.Name, ".weight") &&
-		!router && t.Shape[0] > 0 && t.Shape[1] > 0 && t.Shape[1]%g == 0
+		!keepF32 && t.Shape[0] > 0 && t.Shape[1] > 0 && t.Shape[1]%g == 0
 	if j.quantize {
 		n, k := t.Shape[0], t.Shape[1]
-		q, s, r := QuantizedNames(t.Name)
+		q, s, r := format.QuantizedNames(t.Name)
 		j.outputs = []safetensors.TensorInfo{
 			{Name: q, DType: safetensors.U8, Shape: []int{n, k / 2}},
 			{Name: s, DType: safetensors.F8E4M3, Shape: []int{n, k / g}},
@@ -359,12 +340,12 @@ func planTensor(t *safetensors.Tensor, g int) (*job, error) {
 		return j, nil
 	}
 	switch {
-	case router && isFloat(t.DType), t.DType == safetensors.F32:
+	case keepF32 && isFloat(t.DType), t.DType == safetensors.F32:
 		j.outDType = safetensors.F32
 	case isFloat(t.DType):
 		j.outDType = safetensors.BF16
-	case router:
-		return nil, fmt.Errorf("%s: tensor %s: router tensor has dtype %s, want a float type", t.File, t.Name, t.DType)
+	case keepF32:
+		return nil, fmt.Errorf("%s: tensor %s: kept in fp32, but its dtype is %s, not a float type", t.File, t.Name, t.DType)
 	default:
 		j.outDType = t.DType // not a float tensor: copied unchanged
 	}
@@ -394,7 +375,7 @@ func planShards(jobs []*job, maxBytes int64) [][]*job {
 }
 
 // convertTensor writes the outputs of one job and measures its error.
-func convertTensor(w *safetensors.Writer, j *job, opt ConvertOptions) (ReportRow, error) {
+func convertTensor(w *safetensors.Writer, j *job, opt Options) (ReportRow, error) {
 	t := j.src
 	row := ReportRow{Name: t.Name, Shape: t.Shape, Quantized: j.quantize}
 	if !j.quantize && j.outDType == t.DType {
@@ -413,15 +394,15 @@ func convertTensor(w *safetensors.Writer, j *job, opt ConvertOptions) (ReportRow
 		case safetensors.BF16:
 			data, got = bf16Bytes(x)
 		}
-		row.RelError = RelError(x, got)
+		row.RelError = format.RelError(x, got)
 		return row, w.Write(t.Name, data)
 	}
-	m, err := Quantize(x, t.Shape[0], t.Shape[1], QuantOptions{GroupSize: opt.GroupSize, Search: opt.Search})
+	m, err := format.Quantize(x, t.Shape[0], t.Shape[1], format.QuantOptions{GroupSize: opt.GroupSize, Search: opt.Search})
 	if err != nil {
 		return row, fmt.Errorf("%s: tensor %s: %w", t.File, t.Name, err)
 	}
-	row.RelError = matrixRelError(x, m)
-	q, s, r := QuantizedNames(t.Name)
+	row.RelError = m.RelError(x)
+	q, s, r := format.QuantizedNames(t.Name)
 	if err := w.Write(q, m.Codes); err != nil {
 		return row, err
 	}
@@ -429,18 +410,6 @@ func convertTensor(w *safetensors.Writer, j *job, opt ConvertOptions) (ReportRow
 		return row, err
 	}
 	return row, w.Write(r, float32Bytes(m.RowScale))
-}
-
-// matrixRelError is RelError(w, m.Dequantize()) without holding a second
-// copy of the matrix.
-func matrixRelError(w []float32, m *Matrix) float64 {
-	var e errSums
-	deq := make([]float32, m.K)
-	for n := 0; n < m.N; n++ {
-		m.DequantizeRow(n, deq)
-		e.add(w[n*m.K:(n+1)*m.K], deq)
-	}
-	return e.rel()
 }
 
 func float32Bytes(x []float32) []byte {
@@ -465,23 +434,23 @@ func bf16Bytes(x []float32) ([]byte, []float32) {
 }
 
 // buildHeader lists every converted tensor in mmfp4.json.
-func buildHeader(jobs []*job, opt ConvertOptions) *Header {
-	h := &Header{
-		Format:    FormatName,
-		Version:   FormatVersion,
+func buildHeader(jobs []*job, opt Options) *format.Header {
+	h := &format.Header{
+		Format:    format.FormatName,
+		Version:   format.FormatVersion,
 		GroupSize: opt.GroupSize,
-		Layout:    LayoutNK,
-		ScaleType: ScaleTypeE4M3,
-		Quantizer: QuantizerRTN,
-		Tensors:   []HeaderTensor{},
+		Layout:    format.LayoutNK,
+		ScaleType: format.ScaleTypeE4M3,
+		Quantizer: format.QuantizerRTN,
+		Tensors:   []format.HeaderTensor{},
 	}
 	if opt.Search {
-		h.Quantizer = QuantizerSearch
+		h.Quantizer = format.QuantizerSearch
 	}
 	for _, j := range jobs {
-		ht := HeaderTensor{Name: j.name, Shape: j.src.Shape, Quantized: j.quantize, DType: string(j.outDType)}
+		ht := format.HeaderTensor{Name: j.name, Shape: j.src.Shape, Quantized: j.quantize, DType: string(j.outDType)}
 		if j.quantize {
-			ht.DType = QuantizedDType
+			ht.DType = format.QuantizedDType
 			// The source dtype is that of the quantized weights; "mixed" if they differ.
 			switch src := string(j.src.DType); h.SourceDType {
 			case "":
@@ -496,12 +465,12 @@ func buildHeader(jobs []*job, opt ConvertOptions) *Header {
 	return h
 }
 
-func writeHeader(dir string, h *Header) error {
+func writeHeader(dir string, h *format.Header) error {
 	b, err := json.MarshalIndent(h, "", "  ")
 	if err != nil {
 		return err
 	}
-	return os.WriteFile(filepath.Join(dir, HeaderFile), append(b, '\n'), 0o644)
+	return os.WriteFile(filepath.Join(dir, format.HeaderFile), append(b, '\n'), 0o644)
 }
 
 // copyAuxFiles copies config.json, generation_config.json and the tokenizer
@@ -515,7 +484,7 @@ func copyAuxFiles(in, out string) error {
 	for _, e := range ents {
 		name := e.Name()
 		switch {
-		case name == HeaderFile || strings.HasSuffix(name, ".index.json"):
+		case name == format.HeaderFile || strings.HasSuffix(name, ".index.json"):
 			continue
 		case !slices.Contains([]string{".json", ".jinja", ".txt", ".model"}, filepath.Ext(name)):
 			continue

@@ -1,7 +1,8 @@
-package format
+package convert
 
 import (
 	"encoding/binary"
+	"maps"
 	"math"
 	"math/rand/v2"
 	"os"
@@ -10,6 +11,8 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/mmfp4/mmfp4/format"
+	"github.com/mmfp4/mmfp4/model/glm4moelite"
 	"github.com/mmfp4/mmfp4/safetensors"
 )
 
@@ -77,6 +80,10 @@ func writeFile(t *testing.T, path, content string) {
 	}
 }
 
+// glm is the policy of the fake checkpoint (num_hidden_layers 1), as
+// glm4moelite.ReadConvertPolicy reads it from its config.json.
+var glm = &glm4moelite.ConvertPolicy{NumLayers: 1}
+
 const (
 	qaProj    = "model.layers.0.self_attn.q_a_proj.weight"
 	router    = "model.layers.0.mlp.gate.weight"
@@ -138,13 +145,13 @@ func fakeCheckpoint(t *testing.T, dir string) map[string]srcTensor {
 	return m
 }
 
-func TestConvertDir(t *testing.T) {
+func TestDir(t *testing.T) {
 	for _, shardBytes := range []int64{0, 3000} {
 		src := t.TempDir()
 		ts := fakeCheckpoint(t, src)
 		out := filepath.Join(t.TempDir(), "out")
 		var lastDone, lastTotal int64
-		rep, err := ConvertDir(src, out, ConvertOptions{GroupSize: 64, Search: true, ShardBytes: shardBytes,
+		rep, err := Dir(src, out, Options{Policy: glm, GroupSize: 64, Search: true, ShardBytes: shardBytes,
 			Progress: func(done, total int64) { lastDone, lastTotal = done, total }})
 		if err != nil {
 			t.Fatal(err)
@@ -190,10 +197,10 @@ func compareFloat(a, b float64) int {
 
 func checkConverted(t *testing.T, out string, ts map[string]srcTensor, sharded bool) {
 	t.Helper()
-	if !IsMMFP4Dir(out) {
+	if !format.IsMMFP4Dir(out) {
 		t.Fatal("IsMMFP4Dir false for the output")
 	}
-	h, err := ReadHeader(out)
+	h, err := format.ReadHeader(out)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -201,14 +208,14 @@ func checkConverted(t *testing.T, out string, ts map[string]srcTensor, sharded b
 		h.ScaleType != "F8_E4M3" || h.Quantizer != "mse-search" || h.SourceDType != "mixed" {
 		t.Errorf("header %+v", *h)
 	}
-	wantHeader := map[string]HeaderTensor{
-		qaProj:  {qaProj, []int{20, 256}, true, "MMFP4"},
-		router:  {router, []int{8, 128}, false, "F32"},
-		routerB: {routerB, []int{8}, false, "F32"},
-		norm:    {norm, []int{128}, false, "BF16"},
-		oddK:    {oddK, []int{12, 100}, false, "BF16"},
-		lmHead:  {lmHead, []int{16, 128}, true, "MMFP4"},
-		embed:   {embed, []int{24, 128}, true, "MMFP4"},
+	wantHeader := map[string]format.HeaderTensor{
+		qaProj:  {Name: qaProj, Shape: []int{20, 256}, Quantized: true, DType: "MMFP4"},
+		router:  {Name: router, Shape: []int{8, 128}, Quantized: false, DType: "F32"},
+		routerB: {Name: routerB, Shape: []int{8}, Quantized: false, DType: "F32"},
+		norm:    {Name: norm, Shape: []int{128}, Quantized: false, DType: "BF16"},
+		oddK:    {Name: oddK, Shape: []int{12, 100}, Quantized: false, DType: "BF16"},
+		lmHead:  {Name: lmHead, Shape: []int{16, 128}, Quantized: true, DType: "MMFP4"},
+		embed:   {Name: embed, Shape: []int{24, 128}, Quantized: true, DType: "MMFP4"},
 	}
 	if len(h.Tensors) != len(wantHeader) {
 		t.Errorf("header lists %d tensors, want %d", len(h.Tensors), len(wantHeader))
@@ -239,7 +246,7 @@ func checkConverted(t *testing.T, out string, ts map[string]srcTensor, sharded b
 	defer set.Close()
 	var wantNames []string
 	for _, name := range []string{qaProj, lmHead, embed} {
-		q, s, r := QuantizedNames(name)
+		q, s, r := format.QuantizedNames(name)
 		wantNames = append(wantNames, q, s, r)
 	}
 	wantNames = append(wantNames, router, routerB, norm, oddK)
@@ -250,15 +257,15 @@ func checkConverted(t *testing.T, out string, ts map[string]srcTensor, sharded b
 
 	for _, name := range []string{qaProj, lmHead, embed} {
 		src := ts[name]
-		qn, sn, rn := QuantizedNames(name)
+		qn, sn, rn := format.QuantizedNames(name)
 		q, _ := set.Tensor(qn)
 		s, _ := set.Tensor(sn)
 		r, _ := set.Tensor(rn)
-		m, err := MatrixFromTensors(q, s, r, h.GroupSize)
+		m, err := format.MatrixFromTensors(q, s, r, h.GroupSize)
 		if err != nil {
 			t.Fatal(err)
 		}
-		want, err := Quantize(src.vals, src.shape[0], src.shape[1], QuantOptions{GroupSize: 64, Search: true})
+		want, err := format.Quantize(src.vals, src.shape[0], src.shape[1], format.QuantOptions{GroupSize: 64, Search: true})
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -294,11 +301,11 @@ func checkConverted(t *testing.T, out string, ts map[string]srcTensor, sharded b
 	checkKept(oddK, safetensors.BF16, oddBF16)
 }
 
-func TestConvertDirCopiesFiles(t *testing.T) {
+func TestDirCopiesFiles(t *testing.T) {
 	src := t.TempDir()
 	fakeCheckpoint(t, src)
 	out := t.TempDir() // exists and is empty: allowed
-	if _, err := ConvertDir(src, out, ConvertOptions{GroupSize: 32}); err != nil {
+	if _, err := Dir(src, out, Options{Policy: glm, GroupSize: 32}); err != nil {
 		t.Fatal(err)
 	}
 	for _, f := range []string{"config.json", "tokenizer.json", "tokenizer_config.json", "generation_config.json", "chat_template.jinja"} {
@@ -308,7 +315,7 @@ func TestConvertDirCopiesFiles(t *testing.T) {
 			t.Errorf("%s: not copied unchanged (%v, %v)", f, err1, err2)
 		}
 	}
-	h, err := ReadHeader(out)
+	h, err := format.ReadHeader(out)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -326,114 +333,86 @@ func TestConvertDirCopiesFiles(t *testing.T) {
 	}
 }
 
-func TestConvertDirErrors(t *testing.T) {
+func TestDirErrors(t *testing.T) {
 	src := t.TempDir()
 	fakeCheckpoint(t, src)
 
 	// An existing non-empty output is refused and left alone.
 	out := t.TempDir()
 	writeFile(t, filepath.Join(out, "keep.txt"), "mine")
-	if _, err := ConvertDir(src, out, ConvertOptions{}); err == nil || !strings.Contains(err.Error(), "not empty") {
+	if _, err := Dir(src, out, Options{Policy: glm}); err == nil || !strings.Contains(err.Error(), "not empty") {
 		t.Errorf("non-empty out: err = %v", err)
 	}
 	if b, _ := os.ReadFile(filepath.Join(out, "keep.txt")); string(b) != "mine" {
 		t.Error("non-empty out was modified")
 	}
 
-	// A wrong model_type names the file and the field.
-	writeFile(t, filepath.Join(src, "config.json"), `{"model_type": "llama", "num_hidden_layers": 1}`)
+	// No policy is an error, not a guess.
 	parent := t.TempDir()
-	_, err := ConvertDir(src, filepath.Join(parent, "out"), ConvertOptions{})
-	if err == nil || !strings.Contains(err.Error(), "config.json") || !strings.Contains(err.Error(), "model_type") {
-		t.Errorf("wrong model_type: err = %v", err)
-	}
-	os.Remove(filepath.Join(src, "config.json"))
-	if _, err := ConvertDir(src, filepath.Join(parent, "out"), ConvertOptions{}); err == nil {
-		t.Error("missing config.json accepted")
+	if _, err := Dir(src, filepath.Join(parent, "out"), Options{}); err == nil || !strings.Contains(err.Error(), "Policy") {
+		t.Errorf("no policy: err = %v", err)
 	}
 
 	// A failure halfway (a NaN weight) leaves nothing in the parent.
-	writeFile(t, filepath.Join(src, "config.json"), `{"model_type": "glm4_moe_lite", "num_hidden_layers": 1}`)
 	bad := randTensor(rand.New(rand.NewPCG(1, 1)), "model.layers.0.mlp.down_proj.weight", safetensors.F32, 4, 128)
 	bad.vals[5] = float32(math.NaN())
 	writeSafetensors(t, filepath.Join(src, "model-00002-of-00002.safetensors"), []srcTensor{bad})
 	os.Remove(filepath.Join(src, "model.safetensors.index.json"))
-	_, err = ConvertDir(src, filepath.Join(parent, "out"), ConvertOptions{})
+	_, err := Dir(src, filepath.Join(parent, "out"), Options{Policy: glm})
 	if err == nil || !strings.Contains(err.Error(), bad.name) {
 		t.Errorf("NaN weight: err = %v", err)
 	}
 	if ents, _ := os.ReadDir(parent); len(ents) != 0 {
 		t.Errorf("failed run left %v behind", ents)
 	}
-	if _, err := ConvertDir(src, filepath.Join(parent, "out"), ConvertOptions{GroupSize: 100}); err == nil {
+	if _, err := Dir(src, filepath.Join(parent, "out"), Options{Policy: glm, GroupSize: 100}); err == nil {
 		t.Error("group size 100 accepted")
 	}
 }
 
-func TestReadHeaderErrors(t *testing.T) {
-	good := `{"format":"mmfp4","version":1,"group_size":128,"layout":"nk-rowmajor-lownibble","scale_type":"F8_E4M3","quantizer":"rtn","source_dtype":"BF16","tensors":[]}`
-	cases := map[string]string{
-		"":           good,
-		"format":     strings.Replace(good, `"mmfp4"`, `"gguf"`, 1),
-		"version":    strings.Replace(good, `"version":1`, `"version":2`, 1),
-		"group_size": strings.Replace(good, `"group_size":128`, `"group_size":48`, 1),
-		"layout":     strings.Replace(good, `nk-rowmajor-lownibble`, `kn`, 1),
-		"scale_type": strings.Replace(good, `F8_E4M3`, `F16`, 1),
-	}
-	for field, content := range cases {
-		dir := t.TempDir()
-		writeFile(t, filepath.Join(dir, HeaderFile), content)
-		if !IsMMFP4Dir(dir) {
-			t.Errorf("%s: IsMMFP4Dir false", field)
-		}
-		_, err := ReadHeader(dir)
-		switch {
-		case field == "" && err != nil:
-			t.Errorf("good header rejected: %v", err)
-		case field != "" && (err == nil || !strings.Contains(err.Error(), HeaderFile) || !strings.Contains(err.Error(), field)):
-			t.Errorf("bad %s: err = %v", field, err)
-		}
-	}
-	if IsMMFP4Dir(t.TempDir()) {
-		t.Error("IsMMFP4Dir true for an empty directory")
-	}
-}
+// The converter follows its policy, not tensor names of its own: a policy
+// that skips the norm and keeps q_a_proj in fp32 gets exactly that.
+type testPolicy struct{ skip, keep string }
 
-func TestMatrixFromTensorsErrors(t *testing.T) {
-	mk := func(name string, dtype safetensors.DType, shape ...int) *safetensors.Tensor {
-		n := 1
-		for _, d := range shape {
-			n *= d
-		}
-		return &safetensors.Tensor{Name: name, DType: dtype, Shape: shape, Data: make([]byte, n*dtype.Size()), File: "shard.safetensors"}
-	}
-	q := mk("w.qweight", safetensors.U8, 4, 32)
-	s := mk("w.scales", safetensors.F8E4M3, 4, 2)
-	r := mk("w.row_scale", safetensors.F32, 4)
-	m, err := MatrixFromTensors(q, s, r, 32)
+func (p testPolicy) Skip(name string) bool    { return name == p.skip }
+func (p testPolicy) KeepF32(name string) bool { return name == p.keep }
+
+func TestDirFollowsPolicy(t *testing.T) {
+	src := t.TempDir()
+	ts := fakeCheckpoint(t, src)
+	out := filepath.Join(t.TempDir(), "out")
+	rep, err := Dir(src, out, Options{Policy: testPolicy{skip: norm, keep: qaProj}, GroupSize: 32})
 	if err != nil {
 		t.Fatal(err)
 	}
-	if m.N != 4 || m.K != 64 || &m.Codes[0] != &q.Data[0] || &m.Scales[0] != &s.Data[0] {
-		t.Errorf("matrix %dx%d, or its codes/scales are copies", m.N, m.K)
+	if !slices.Equal(rep.Skipped, []string{norm}) {
+		t.Errorf("skipped %v, want [%s]", rep.Skipped, norm)
 	}
-	bad := []struct {
-		q, s, r *safetensors.Tensor
-		g       int
-		tensor  string
-	}{
-		{mk("w.qweight", safetensors.I8, 4, 32), s, r, 32, "w.qweight"},
-		{mk("w.qweight", safetensors.U8, 128), s, r, 32, "w.qweight"},
-		{q, mk("w.scales", safetensors.U8, 4, 2), r, 32, "w.scales"},
-		{q, mk("w.scales", safetensors.F8E4M3, 4, 3), r, 32, "w.scales"},
-		{q, s, mk("w.row_scale", safetensors.BF16, 4), 32, "w.row_scale"},
-		{q, s, mk("w.row_scale", safetensors.F32, 5), 32, "w.row_scale"},
-		{q, s, r, 128, "w.qweight"},
+	h, err := format.ReadHeader(out)
+	if err != nil {
+		t.Fatal(err)
 	}
-	for i, c := range bad {
-		_, err := MatrixFromTensors(c.q, c.s, c.r, c.g)
-		if err == nil || !strings.Contains(err.Error(), "shard.safetensors") || !strings.Contains(err.Error(), c.tensor) {
-			t.Errorf("case %d: err = %v, want one naming shard.safetensors and %s", i, err, c.tensor)
-		}
+	got := map[string]string{}
+	for _, ht := range h.Tensors {
+		got[ht.Name] = ht.DType
+	}
+	// The router is quantized and the MTP layer kept: this policy does not
+	// protect them.
+	want := map[string]string{qaProj: "F32", router: "MMFP4", routerB: "F32", oddK: "BF16",
+		mtpWeight: "MMFP4", lmHead: "MMFP4", embed: "MMFP4"}
+	if !maps.Equal(got, want) {
+		t.Errorf("stored dtypes %v, want %v", got, want)
+	}
+	set, err := safetensors.OpenDir(out)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer set.Close()
+	q, err := set.Tensor(qaProj)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if v, err := q.Float32(); err != nil || !slices.Equal(v, ts[qaProj].vals) {
+		t.Errorf("%s not kept exactly (%v)", qaProj, err)
 	}
 }
