@@ -214,7 +214,7 @@ func TestAnthropicMessages(t *testing.T) {
 		t.Errorf("missing max_tokens: %d %s", code, data)
 	}
 	// The real model answers through the same path.
-	code, data = s.post(t, "/v1/messages", `{"model": "tiny", "max_tokens": 5, "thinking": {"type": "disabled"}, "messages": [{"role": "user", "content": "Hello"}]}`)
+	code, data = s.post(t, "/v1/messages", `{"model": "tiny", "max_tokens": 5, "temperature": 0, "thinking": {"type": "disabled"}, "messages": [{"role": "user", "content": "Hello"}]}`)
 	if code != 200 || !strings.Contains(string(data), `"stop_reason":"max_tokens"`) || !strings.Contains(string(data), `"output_tokens":5`) {
 		t.Errorf("real model: %d %s", code, data)
 	}
@@ -224,7 +224,9 @@ func TestAnthropicMessages(t *testing.T) {
 // key gets Anthropic's error shape.
 func TestAnthropicMetricsAndAuth(t *testing.T) {
 	s := startServer(t, Config{}, engine.Options{})
-	body := `{"model": "tiny", "max_tokens": 5, "thinking": {"type": "disabled"}, "messages": [{"role": "user", "content": "Hello"}]`
+	// Greedy, so that both requests run to max_tokens (sampled, the model
+	// may end sooner).
+	body := `{"model": "tiny", "max_tokens": 5, "temperature": 0, "thinking": {"type": "disabled"}, "messages": [{"role": "user", "content": "Hello"}]`
 	for _, tail := range []string{`}`, `, "stream": true}`} {
 		if code, data := s.post(t, "/v1/messages", body+tail); code != 200 {
 			t.Fatalf("%d %s", code, data)
