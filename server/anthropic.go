@@ -6,7 +6,9 @@ import (
 	"errors"
 	"fmt"
 	"net/http"
+	"strconv"
 	"strings"
+	"time"
 
 	"github.com/mmfp4/mmfp4/chat"
 	"github.com/mmfp4/mmfp4/engine"
@@ -225,6 +227,14 @@ func parseAnthropic(body []byte, needMaxTokens bool) (*params, *anthropicRequest
 
 // anthropicError writes an error in Anthropic's shape.
 func anthropicError(w http.ResponseWriter, e *apiError) {
+	if e.RetryAfter > 0 {
+		w.Header().Set("Retry-After", strconv.Itoa(e.RetryAfter))
+	}
+	writeJSON(w, e.Status, anthropicErrorBody(e))
+}
+
+// anthropicErrorBody is e in Anthropic's shape, with its error type.
+func anthropicErrorBody(e *apiError) map[string]any {
 	typ := "api_error"
 	switch e.Status {
 	case http.StatusBadRequest, http.StatusRequestEntityTooLarge:
@@ -238,7 +248,7 @@ func anthropicError(w http.ResponseWriter, e *apiError) {
 	case http.StatusServiceUnavailable:
 		typ = "overloaded_error"
 	}
-	writeJSON(w, e.Status, map[string]any{"type": "error", "error": map[string]any{"type": typ, "message": e.Message}})
+	return map[string]any{"type": "error", "error": map[string]any{"type": typ, "message": e.Message}}
 }
 
 func (s *Server) countTokens(w http.ResponseWriter, r *http.Request) {
@@ -260,6 +270,7 @@ func (s *Server) countTokens(w http.ResponseWriter, r *http.Request) {
 }
 
 func (s *Server) messages(w http.ResponseWriter, r *http.Request) {
+	arrival := time.Now()
 	m, eng, aerr := s.ready()
 	var p *params
 	var prompt []int
@@ -311,10 +322,14 @@ func (s *Server) messages(w http.ResponseWriter, r *http.Request) {
 	}
 	var all []chat.Event
 	calls := false
+	var lastToken time.Time
 	for {
 		ev, err := st.Recv(ctx)
 		if err != nil {
 			return // the client went away
+		}
+		if !ev.Done {
+			s.metrics.token(arrival, &lastToken, ev.Time)
 		}
 		evs := parser.Feed(ev.Text)
 		if ev.Done {
@@ -336,12 +351,13 @@ func (s *Server) messages(w http.ResponseWriter, r *http.Request) {
 				e = &apiError{Status: http.StatusServiceUnavailable, Message: "the request was cancelled: the server is shutting down"}
 			}
 			if p.stream {
-				out.send("error", map[string]any{"type": "error", "error": map[string]any{"type": "api_error", "message": e.Message}})
+				out.send("error", anthropicErrorBody(e))
 			} else {
 				anthropicError(w, e)
 			}
 			return
 		}
+		s.metrics.finished(arrival, ev.Usage)
 		stop, seq := anthropicStop(ev.Finish, calls, p.stop, ev)
 		if p.stream {
 			out.end(stop, seq, ev.Usage.CompletionTokens)

@@ -4,6 +4,8 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"io"
+	"net/http"
 	"reflect"
 	"strings"
 	"testing"
@@ -139,8 +141,9 @@ func TestAnthropicMessages(t *testing.T) {
 		if err := json.Unmarshal([]byte(c.want), &want); err != nil {
 			t.Fatal(err)
 		}
-		for cname, split := range chunkings {
-			s.srv.replay = replayer(t, s, c.output, engine.FinishEOS, split)
+		for _, ch := range chunkings {
+			cname := ch.name
+			s.srv.replay = replayer(t, s, c.output, engine.FinishEOS, ch.split)
 			thinking := `"enabled", "budget_tokens": 1024`
 			if !c.thinking {
 				thinking = `"disabled"`
@@ -211,8 +214,91 @@ func TestAnthropicMessages(t *testing.T) {
 		t.Errorf("missing max_tokens: %d %s", code, data)
 	}
 	// The real model answers through the same path.
-	code, data = s.post(t, "/v1/messages", `{"model": "tiny", "max_tokens": 5, "thinking": {"type": "disabled"}, "messages": [{"role": "user", "content": "Hello"}]}`)
+	code, data = s.post(t, "/v1/messages", `{"model": "tiny", "max_tokens": 5, "temperature": 0, "thinking": {"type": "disabled"}, "messages": [{"role": "user", "content": "Hello"}]}`)
 	if code != 200 || !strings.Contains(string(data), `"stop_reason":"max_tokens"`) || !strings.Contains(string(data), `"output_tokens":5`) {
 		t.Errorf("real model: %d %s", code, data)
+	}
+}
+
+// /v1/messages counts in the metrics as the OpenAI routes do, and a bad
+// key gets Anthropic's error shape.
+func TestAnthropicMetricsAndAuth(t *testing.T) {
+	s := startServer(t, Config{}, engine.Options{})
+	// Greedy, so that both requests run to max_tokens (sampled, the model
+	// may end sooner).
+	body := `{"model": "tiny", "max_tokens": 5, "temperature": 0, "thinking": {"type": "disabled"}, "messages": [{"role": "user", "content": "Hello"}]`
+	for _, tail := range []string{`}`, `, "stream": true}`} {
+		if code, data := s.post(t, "/v1/messages", body+tail); code != 200 {
+			t.Fatalf("%d %s", code, data)
+		}
+	}
+	code, data := s.post(t, "/v1/messages/count_tokens", body+`}`)
+	var count struct {
+		InputTokens int `json:"input_tokens"`
+	}
+	if code != 200 || json.Unmarshal(data, &count) != nil {
+		t.Fatalf("count_tokens: %d %s", code, data)
+	}
+	for metric, want := range map[string]float64{
+		"mmfp4:generation_tokens_total":           10,
+		"mmfp4:prompt_tokens_total":               float64(2 * count.InputTokens),
+		"mmfp4:e2e_request_latency_seconds_count": 2,
+		"mmfp4:time_to_first_token_seconds_count": 2,
+		"mmfp4:inter_token_latency_seconds_count": 8,
+	} {
+		if got := metricValue(t, s, metric); got != want {
+			t.Errorf("%s = %v, want %v", metric, got, want)
+		}
+	}
+
+	resp, err := s.http.Get(s.ts.URL + "/v1/messages")
+	if err != nil {
+		t.Fatal(err)
+	}
+	data, _ = io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if resp.StatusCode != 404 || !strings.Contains(string(data), `"type":"not_found_error"`) {
+		t.Errorf("GET /v1/messages: %d %s", resp.StatusCode, data)
+	}
+
+	k := startServer(t, Config{APIKey: "sekret"}, engine.Options{})
+	for _, path := range []string{"/v1/messages", "/v1/messages/count_tokens"} {
+		req, _ := http.NewRequest("POST", k.ts.URL+path, strings.NewReader(body+`}`))
+		req.Header.Set("x-api-key", "wrong")
+		resp, err := k.http.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var e struct {
+			Type  string `json:"type"`
+			Error struct {
+				Type    string `json:"type"`
+				Message string `json:"message"`
+			} `json:"error"`
+		}
+		err = json.NewDecoder(resp.Body).Decode(&e)
+		resp.Body.Close()
+		if resp.StatusCode != 401 || err != nil || e.Type != "error" || e.Error.Type != "authentication_error" || !strings.Contains(e.Error.Message, "x-api-key") {
+			t.Errorf("%s with a wrong key: %d %+v (%v)", path, resp.StatusCode, e, err)
+		}
+	}
+}
+
+// A request cut short by a shutdown ends its event stream with an error
+// event of Anthropic's overloaded type, and a whole response is a 503.
+func TestAnthropicCancelledError(t *testing.T) {
+	s := startServer(t, Config{}, engine.Options{})
+	s.srv.replay = func(engine.Request) []engine.Event {
+		return []engine.Event{{Done: true, Finish: engine.FinishCanceled}}
+	}
+	defer func() { s.srv.replay = nil }()
+	body := `{"model": "tiny", "max_tokens": 5, "messages": [{"role": "user", "content": "Hello"}]`
+	code, data := s.post(t, "/v1/messages", body+`, "stream": true}`)
+	if code != 200 || !strings.Contains(string(data), "event: error\ndata: {\"error\":{\"message\":") || !strings.Contains(string(data), `"type":"overloaded_error"`) {
+		t.Errorf("streamed: %d %s", code, data)
+	}
+	code, data = s.post(t, "/v1/messages", body+`}`)
+	if code != 503 || !strings.Contains(string(data), `"type":"overloaded_error"`) {
+		t.Errorf("whole: %d %s", code, data)
 	}
 }

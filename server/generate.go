@@ -133,8 +133,9 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, ep endpoint) {
 		req := engine.Request{Prompt: prompt, MaxTokens: p.maxTokens, Stop: p.stop, Text: hasTokenizer(m), SkipSpecial: !ep.chat,
 			Logprobs: p.logprobs, TopLogprobs: p.topLogprobs,
 			Sampling: sample.Options{Temperature: float32(p.temperature), TopK: p.topK, TopP: float32(p.topP), MinP: float32(p.minP), Seed: seedFor(p.seed, i)}}
-		if p.ignoreEOS && g == nil {
-			// (A constrained output ends where its grammar says.)
+		if p.ignoreEOS && (g == nil || p.format == "" && forbidsCall(p)) {
+			// (A constrained output ends where its grammar says; the one
+			// of tool_choice "none" is any text, so it may run on.)
 			req.StopIDs = []int{}
 		}
 		if g != nil {
@@ -187,12 +188,7 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, ep endpoint) {
 		c := &out.choices[ce.index]
 		ev := ce.ev
 		if !ev.Done {
-			if c.lastToken.IsZero() {
-				s.metrics.ttft.Observe(ev.Time.Sub(arrival).Seconds())
-			} else {
-				s.metrics.itl.Observe(ev.Time.Sub(c.lastToken).Seconds())
-			}
-			c.lastToken = ev.Time
+			s.metrics.token(arrival, &c.lastToken, ev.Time)
 			if p.logprobs {
 				c.logprobs = append(c.logprobs, tokenLogprob{ev.Token, ev.Logprob, ev.TopLogprobs})
 			}
@@ -219,9 +215,7 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, ep endpoint) {
 				return
 			}
 			c.finish, c.usage = finishReason(ev.Finish, c.calls), ev.Usage
-			s.metrics.e2e.Observe(time.Since(arrival).Seconds())
-			s.metrics.promptTokens.Add(float64(ev.Usage.PromptTokens))
-			s.metrics.generatedTokens.Add(float64(ev.Usage.CompletionTokens))
+			s.metrics.finished(arrival, ev.Usage)
 		}
 		if p.stream {
 			if err := out.streamEvent(w, ce.index, ev); err != nil {

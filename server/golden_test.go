@@ -4,8 +4,11 @@ import (
 	"bufio"
 	"bytes"
 	"encoding/json"
+	"flag"
 	"fmt"
 	"math/rand/v2"
+	"os"
+	"path/filepath"
 	"reflect"
 	"strings"
 	"testing"
@@ -30,40 +33,53 @@ var serverGolden = []struct {
 	thinking bool // the prompt ends inside <think>
 	output   string
 	finish   engine.Finish
-	message  string // the expected message, JSON
+	message  string // the expected OpenAI message, JSON
 	reason   string // the expected finish_reason
+	blocks   string // the expected Anthropic content blocks, JSON
+	stop     string // the expected stop_reason
 }{
 	{"plain answer", false, "Hello! How can I help you today?", engine.FinishEOS,
-		`{"role": "assistant", "content": "Hello! How can I help you today?"}`, "stop"},
+		`{"role": "assistant", "content": "Hello! How can I help you today?"}`, "stop",
+		`[{"type": "text", "text": "Hello! How can I help you today?"}]`, "end_turn"},
 	{"thinking then answer", true, "The user greets me; 2 < 3 and a <b> tag stay text.</think>\nHello there!", engine.FinishEOS,
-		`{"role": "assistant", "content": "Hello there!", "reasoning_content": "The user greets me; 2 < 3 and a <b> tag stay text.", "reasoning": "The user greets me; 2 < 3 and a <b> tag stay text."}`, "stop"},
+		`{"role": "assistant", "content": "Hello there!", "reasoning_content": "The user greets me; 2 < 3 and a <b> tag stay text.", "reasoning": "The user greets me; 2 < 3 and a <b> tag stay text."}`, "stop",
+		`[{"type": "thinking", "thinking": "The user greets me; 2 < 3 and a <b> tag stay text.", "signature": ""}, {"type": "text", "text": "Hello there!"}]`, "end_turn"},
 	{"one tool call", true, "I need the weather.</think>" +
 		"<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value><arg_key>days</arg_key><arg_value>3</arg_value></tool_call>", engine.FinishEOS,
 		`{"role": "assistant", "content": null, "reasoning_content": "I need the weather.", "reasoning": "I need the weather.",
-		  "tool_calls": [{"id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\",\"days\":3}"}}]}`, "tool_calls"},
+		  "tool_calls": [{"id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\",\"days\":3}"}}]}`, "tool_calls",
+		`[{"type": "thinking", "thinking": "I need the weather.", "signature": ""}, {"type": "tool_use", "id": "call_0", "name": "get_weather", "input": {"city": "Paris", "days": 3}}]`, "tool_use"},
 	{"parallel calls", false, "Checking both cities.\n" +
 		"<tool_call>get_weather\n<arg_key>city</arg_key>\n<arg_value>Paris</arg_value>\n</tool_call>\n" +
 		"<tool_call>get_weather<arg_key>city</arg_key><arg_value>São Paulo</arg_value><arg_key>days</arg_key><arg_value>2</arg_value></tool_call>", engine.FinishEOS,
 		`{"role": "assistant", "content": "Checking both cities.\n", "tool_calls": [
 		  {"id": "call_0", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"Paris\"}"}},
-		  {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"São Paulo\",\"days\":2}"}}]}`, "tool_calls"},
+		  {"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": "{\"city\":\"São Paulo\",\"days\":2}"}}]}`, "tool_calls",
+		`[{"type": "text", "text": "Checking both cities.\n"}, {"type": "tool_use", "id": "call_0", "name": "get_weather", "input": {"city": "Paris"}},
+		  {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "São Paulo", "days": 2}}]`, "tool_use"},
 	{"zero-argument call", true, "</think><tool_call>get_time</tool_call>", engine.FinishEOS,
-		`{"role": "assistant", "content": null, "tool_calls": [{"id": "call_0", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]}`, "tool_calls"},
+		`{"role": "assistant", "content": null, "tool_calls": [{"id": "call_0", "type": "function", "function": {"name": "get_time", "arguments": "{}"}}]}`, "tool_calls",
+		`[{"type": "tool_use", "id": "call_0", "name": "get_time", "input": {}}]`, "tool_use"},
 	{"nested JSON arguments", false, "<tool_call>search<arg_key>query</arg_key><arg_value>mla attention</arg_value>" +
 		"<arg_key>filters</arg_key><arg_value>{\"lang\": [\"en\", \"fr\"],\n \"since\": {\"year\": 2024, \"exact\": true}}</arg_value>" +
 		"<arg_key>limit</arg_key><arg_value> 10 </arg_value></tool_call>", engine.FinishEOS,
 		`{"role": "assistant", "content": null, "tool_calls": [{"id": "call_0", "type": "function", "function": {"name": "search",
-		  "arguments": "{\"query\":\"mla attention\",\"filters\":{\"lang\":[\"en\",\"fr\"],\"since\":{\"year\":2024,\"exact\":true}},\"limit\":10}"}}]}`, "tool_calls"},
+		  "arguments": "{\"query\":\"mla attention\",\"filters\":{\"lang\":[\"en\",\"fr\"],\"since\":{\"year\":2024,\"exact\":true}},\"limit\":10}"}}]}`, "tool_calls",
+		`[{"type": "tool_use", "id": "call_0", "name": "search", "input": {"query": "mla attention", "filters": {"lang": ["en", "fr"], "since": {"year": 2024, "exact": true}}, "limit": 10}}]`, "tool_use"},
 	{"string argument with tag-like text", false, "<tool_call>write_file<arg_key>path</arg_key><arg_value>a.go</arg_value><arg_key>content</arg_key><arg_value>" +
 		"if strings.HasSuffix(s, \"</arg_value>\") {\n\t// </arg_val <arg_key>k</arg_key> and </tool_call> are text here ✓\n}\n" +
 		"</arg_value></tool_call>", engine.FinishEOS,
 		`{"role": "assistant", "content": null, "tool_calls": [{"id": "call_0", "type": "function", "function": {"name": "write_file",
-		  "arguments": "{\"path\":\"a.go\",\"content\":\"if strings.HasSuffix(s, \\\"</arg_value>\\\") {\\n\\t// </arg_val <arg_key>k</arg_key> and </tool_call> are text here ✓\\n}\\n\"}"}}]}`, "tool_calls"},
+		  "arguments": "{\"path\":\"a.go\",\"content\":\"if strings.HasSuffix(s, \\\"</arg_value>\\\") {\\n\\t// </arg_val <arg_key>k</arg_key> and </tool_call> are text here ✓\\n}\\n\"}"}}]}`, "tool_calls",
+		`[{"type": "tool_use", "id": "call_0", "name": "write_file",
+		  "input": {"path": "a.go", "content": "if strings.HasSuffix(s, \"</arg_value>\") {\n\t// </arg_val <arg_key>k</arg_key> and </tool_call> are text here ✓\n}\n"}}]`, "tool_use"},
 	{"malformed call", false, "Let me look.<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}</tool_call>", engine.FinishEOS,
-		`{"role": "assistant", "content": "Let me look.<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}</tool_call>"}`, "stop"},
+		`{"role": "assistant", "content": "Let me look.<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}</tool_call>"}`, "stop",
+		`[{"type": "text", "text": "Let me look.<tool_call>{\"name\": \"get_weather\", \"arguments\": {\"city\": \"Paris\"}}</tool_call>"}]`, "end_turn"},
 	{"call cut off by max_tokens", false, "<tool_call>write_file<arg_key>path</arg_key><arg_value>notes.txt</arg_value><arg_key>content</arg_key><arg_value>line one\nline </arg", engine.FinishMaxTokens,
 		`{"role": "assistant", "content": null, "tool_calls": [{"id": "call_0", "type": "function", "function": {"name": "write_file",
-		  "arguments": "{\"path\":\"notes.txt\",\"content\":\"line one\\nline </arg\"}"}}]}`, "length"},
+		  "arguments": "{\"path\":\"notes.txt\",\"content\":\"line one\\nline </arg\"}"}}]}`, "length",
+		`[{"type": "tool_use", "id": "call_0", "name": "write_file", "input": {"path": "notes.txt", "content": "line one\nline </arg"}}]`, "max_tokens"},
 }
 
 // replayer returns a stand-in for the engine that encodes output with the
@@ -103,18 +119,18 @@ func replayer(t *testing.T, s *testServer, output string, finish engine.Finish, 
 	}
 }
 
-// chunkings are the ways the token stream is cut into engine steps.
-var chunkings = map[string]func(n int) []int{
-	"one token per step": func(n int) []int {
-		out := make([]int, n)
-		for i := range out {
-			out[i] = 1
-		}
-		return out
-	},
-	"all in one step": func(n int) []int { return []int{n} },
-	"random merges": func(n int) []int {
-		r := rand.New(rand.NewPCG(uint64(n), 7))
+// chunking is a way to cut the token stream into engine steps: split
+// returns the sizes of the steps for n tokens.
+type chunking struct {
+	name  string
+	split func(n int) []int
+}
+
+// randomMerges merges runs of 1 to 5 tokens into a step, at random with a
+// fixed seed.
+func randomMerges(seed uint64) chunking {
+	return chunking{fmt.Sprintf("random merges, seed %d", seed), func(n int) []int {
+		r := rand.New(rand.NewPCG(seed, uint64(n)))
 		var out []int
 		for n > 0 {
 			k := min(n, 1+r.IntN(5))
@@ -122,7 +138,20 @@ var chunkings = map[string]func(n int) []int{
 			n -= k
 		}
 		return out
-	},
+	}}
+}
+
+// chunkings are the ways the token stream is cut into engine steps.
+var chunkings = []chunking{
+	{"one token per step", func(n int) []int {
+		out := make([]int, n)
+		for i := range out {
+			out[i] = 1
+		}
+		return out
+	}},
+	randomMerges(1), randomMerges(2), randomMerges(3),
+	{"all in one step", func(n int) []int { return []int{n} }},
 }
 
 // normalizeIDs checks the tool call ids of a message and renames them
@@ -235,49 +264,189 @@ func reassemble(t *testing.T, body []byte) (map[string]any, string) {
 	return out, finish
 }
 
-// Every golden case, in every chunking: the whole response is the
-// expected one, and the stream reassembles to it.
+// updateDocs rewrites the golden-trace table in docs/agent.md from the
+// results of TestGoldenTraces.
+var updateDocs = flag.Bool("update-docs", false, "rewrite the golden-trace table in docs/agent.md")
+
+// Every golden case, in every chunking, through both APIs: the whole
+// response is the expected one, and the stream reassembles to it. The
+// results make the table in docs/agent.md, which must match them.
 func TestGoldenTraces(t *testing.T) {
 	s := startServer(t, Config{}, engine.Options{})
+	var table strings.Builder
+	table.WriteString("| case | chunking | OpenAI | OpenAI stream | Anthropic | Anthropic stream |\n| --- | --- | --- | --- | --- | --- |\n")
 	for _, c := range serverGolden {
-		var want map[string]any
-		if err := json.Unmarshal([]byte(c.message), &want); err != nil {
-			t.Fatalf("%s: expected message: %v", c.name, err)
-		}
-		for cname, split := range chunkings {
-			s.srv.replay = replayer(t, s, c.output, c.finish, split)
-			kwargs := ""
-			if !c.thinking {
-				kwargs = `, "chat_template_kwargs": {"enable_thinking": false}`
-			}
-			body := `{"messages": [{"role": "user", "content": "Hi"}], "tools": ` + goldenToolsJSON + kwargs
-			code, data := s.post(t, "/v1/chat/completions", body+`}`)
-			var whole struct {
-				Choices []struct {
-					FinishReason string         `json:"finish_reason"`
-					Message      map[string]any `json:"message"`
-				} `json:"choices"`
-			}
-			if code != 200 || json.Unmarshal(data, &whole) != nil || len(whole.Choices) != 1 {
-				t.Fatalf("%s, %s: %d %s", c.name, cname, code, data)
-			}
-			got := whole.Choices[0].Message
-			normalizeIDs(t, got)
-			if !reflect.DeepEqual(got, want) || whole.Choices[0].FinishReason != c.reason {
-				g, _ := json.Marshal(got)
-				t.Errorf("%s, %s:\n got %s (%s)\nwant %s (%s)", c.name, cname, g, whole.Choices[0].FinishReason, c.message, c.reason)
-			}
-			code, data = s.post(t, "/v1/chat/completions", body+`, "stream": true}`)
-			if code != 200 {
-				t.Fatalf("%s, %s: streaming: %d %s", c.name, cname, code, data)
-			}
-			streamed, finish := reassemble(t, data)
-			normalizeIDs(t, streamed)
-			if !reflect.DeepEqual(streamed, got) || finish != c.reason {
-				g, _ := json.Marshal(streamed)
-				t.Errorf("%s, %s: streamed\n got %s (%s)\nwant %s", c.name, cname, g, finish, c.message)
-			}
+		for _, ch := range chunkings {
+			s.srv.replay = replayer(t, s, c.output, c.finish, ch.split)
+			ow, ost := goldenOpenAI(t, s, c.name+", "+ch.name, c.thinking, c.message, c.reason)
+			aw, ast := goldenAnthropic(t, s, c.name+", "+ch.name, c.thinking, c.blocks, c.stop)
+			fmt.Fprintf(&table, "| %s | %s | %s | %s | %s | %s |\n", c.name, ch.name, verdict(ow), verdict(ost), verdict(aw), verdict(ast))
 		}
 	}
 	s.srv.replay = nil
+	checkDocTable(t, filepath.Join("..", "docs", "agent.md"), "golden traces", table.String())
+}
+
+func verdict(ok bool) string {
+	if ok {
+		return "pass"
+	}
+	return "FAIL"
+}
+
+// goldenOpenAI posts the golden request to /v1/chat/completions, whole and
+// streamed, and reports whether each matched.
+func goldenOpenAI(t *testing.T, s *testServer, name string, thinking bool, message, reason string) (wholeOK, streamOK bool) {
+	t.Helper()
+	var want map[string]any
+	if err := json.Unmarshal([]byte(message), &want); err != nil {
+		t.Fatalf("%s: expected message: %v", name, err)
+	}
+	kwargs := ""
+	if !thinking {
+		kwargs = `, "chat_template_kwargs": {"enable_thinking": false}`
+	}
+	body := `{"messages": [{"role": "user", "content": "Hi"}], "tools": ` + goldenToolsJSON + kwargs
+	code, data := s.post(t, "/v1/chat/completions", body+`}`)
+	var whole struct {
+		Choices []struct {
+			FinishReason string         `json:"finish_reason"`
+			Message      map[string]any `json:"message"`
+		} `json:"choices"`
+	}
+	if code != 200 || json.Unmarshal(data, &whole) != nil || len(whole.Choices) != 1 {
+		t.Fatalf("%s: %d %s", name, code, data)
+	}
+	got := whole.Choices[0].Message
+	normalizeIDs(t, got)
+	wholeOK = reflect.DeepEqual(got, want) && whole.Choices[0].FinishReason == reason
+	if !wholeOK {
+		g, _ := json.Marshal(got)
+		t.Errorf("%s:\n got %s (%s)\nwant %s (%s)", name, g, whole.Choices[0].FinishReason, message, reason)
+	}
+	code, data = s.post(t, "/v1/chat/completions", body+`, "stream": true}`)
+	if code != 200 {
+		t.Fatalf("%s: streaming: %d %s", name, code, data)
+	}
+	streamed, finish := reassemble(t, data)
+	normalizeIDs(t, streamed)
+	streamOK = reflect.DeepEqual(streamed, want) && finish == reason
+	if !streamOK {
+		g, _ := json.Marshal(streamed)
+		t.Errorf("%s: streamed\n got %s (%s)\nwant %s", name, g, finish, message)
+	}
+	return wholeOK, streamOK
+}
+
+// anthropicToolsOf turns OpenAI tools into Messages API tools.
+func anthropicToolsOf(t *testing.T, openaiTools string) string {
+	var tools []struct {
+		Function struct {
+			Name       string          `json:"name"`
+			Parameters json.RawMessage `json:"parameters"`
+		} `json:"function"`
+	}
+	if err := json.Unmarshal([]byte(openaiTools), &tools); err != nil {
+		t.Fatal(err)
+	}
+	var out []map[string]any
+	for _, tl := range tools {
+		out = append(out, map[string]any{"name": tl.Function.Name, "input_schema": tl.Function.Parameters})
+	}
+	data, _ := json.Marshal(out)
+	return string(data)
+}
+
+// goldenAnthropic posts the golden request to /v1/messages, whole and
+// streamed, and reports whether each matched: the content blocks and
+// stop_reason are the expected ones, the events come in Anthropic's order
+// and rebuild the whole message.
+func goldenAnthropic(t *testing.T, s *testServer, name string, thinking bool, blocks, stop string) (wholeOK, streamOK bool) {
+	t.Helper()
+	var want []any
+	if err := json.Unmarshal([]byte(blocks), &want); err != nil {
+		t.Fatalf("%s: expected blocks: %v", name, err)
+	}
+	mode := `"disabled"`
+	if thinking {
+		mode = `"enabled", "budget_tokens": 1024`
+	}
+	body := `{"model": "tiny", "max_tokens": 100, "thinking": {"type": ` + mode + `}, "tools": ` + anthropicToolsOf(t, goldenToolsJSON) +
+		`, "messages": [{"role": "user", "content": "Hi"}]`
+	code, data := s.post(t, "/v1/messages", body+`}`)
+	var whole map[string]any
+	if code != 200 || json.Unmarshal(data, &whole) != nil {
+		t.Fatalf("%s: %d %s", name, code, data)
+	}
+	if id, _ := whole["id"].(string); whole["type"] != "message" || whole["role"] != "assistant" || !strings.HasPrefix(id, "msg_") {
+		t.Errorf("%s: envelope %s", name, data)
+	}
+	normalizeBlockIDs(t, whole)
+	wholeOK = reflect.DeepEqual(whole["content"], want) && whole["stop_reason"] == stop
+	if !wholeOK {
+		g, _ := json.Marshal(whole["content"])
+		t.Errorf("%s:\n got %s (%v)\nwant %s (%s)", name, g, whole["stop_reason"], blocks, stop)
+	}
+	code, data = s.post(t, "/v1/messages", body+`, "stream": true}`)
+	if code != 200 {
+		t.Fatalf("%s: streaming %d %s", name, code, data)
+	}
+	streamed := reassembleAnthropic(t, data)
+	normalizeBlockIDs(t, streamed)
+	delete(streamed, "id")
+	delete(whole, "id")
+	streamOK = reflect.DeepEqual(streamed, whole) && wholeOK
+	if !streamOK {
+		a, _ := json.Marshal(streamed)
+		t.Errorf("%s: streamed\n got %s\nwant %s (%s)", name, a, blocks, stop)
+	}
+	return wholeOK, streamOK
+}
+
+// normalizeBlockIDs checks the ids of a message's tool_use blocks and
+// renames them call_0, call_1, ... in order.
+func normalizeBlockIDs(t *testing.T, msg map[string]any) {
+	content, _ := msg["content"].([]any)
+	seen := map[string]bool{}
+	n := 0
+	for _, b := range content {
+		if b := b.(map[string]any); b["type"] == "tool_use" {
+			id, _ := b["id"].(string)
+			if !strings.HasPrefix(id, "call_") || len(id) < 10 || seen[id] {
+				t.Errorf("tool_use id %q: want a fresh call_ id", id)
+			}
+			seen[id] = true
+			b["id"] = fmt.Sprintf("call_%d", n)
+			n++
+		}
+	}
+}
+
+// checkDocTable compares a table generated by a test with the one in a
+// doc, between the lines <!-- begin NAME --> and <!-- end NAME -->, and
+// rewrites it there under -update-docs.
+func checkDocTable(t *testing.T, path, name, table string) {
+	t.Helper()
+	doc, err := os.ReadFile(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	begin, end := "<!-- begin "+name+" -->\n", "<!-- end "+name+" -->"
+	i, j := bytes.Index(doc, []byte(begin)), bytes.Index(doc, []byte(end))
+	if i < 0 || j < i {
+		t.Fatalf("%s: no %q ... %q section", path, begin, end)
+	}
+	i += len(begin)
+	if string(doc[i:j]) == table {
+		return
+	}
+	if *updateDocs {
+		out := append(append(append([]byte{}, doc[:i]...), table...), doc[j:]...)
+		if err := os.WriteFile(path, out, 0o644); err != nil {
+			t.Fatal(err)
+		}
+		t.Logf("rewrote the %s table in %s", name, path)
+		return
+	}
+	t.Errorf("the %s table in %s is not what the test gives; run go test ./server -run TestGoldenTraces -update-docs\n%s", name, path, table)
 }

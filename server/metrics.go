@@ -1,6 +1,8 @@
 package server
 
 import (
+	"time"
+
 	"github.com/prometheus/client_golang/prometheus"
 
 	"github.com/mmfp4/mmfp4/engine"
@@ -64,4 +66,23 @@ func newMetrics(stats func() (engine.Stats, bool)) *metrics {
 func (m *metrics) onStep(s engine.StepInfo) {
 	m.stepSeqs.Observe(float64(s.Seqs))
 	m.stepTokens.Observe(float64(s.Tokens))
+}
+
+// token records a token of a sequence that arrived at arrival: the time to
+// its first token, or since its last one (kept in *last).
+func (m *metrics) token(arrival time.Time, last *time.Time, at time.Time) {
+	if last.IsZero() {
+		m.ttft.Observe(at.Sub(arrival).Seconds())
+	} else {
+		m.itl.Observe(at.Sub(*last).Seconds())
+	}
+	*last = at
+}
+
+// finished records a sequence that ended normally: its latency and its
+// prompt and generated tokens.
+func (m *metrics) finished(arrival time.Time, u engine.Usage) {
+	m.e2e.Observe(time.Since(arrival).Seconds())
+	m.promptTokens.Add(float64(u.PromptTokens))
+	m.generatedTokens.Add(float64(u.CompletionTokens))
 }

@@ -37,7 +37,7 @@ func TestSDKToolCallsAndReasoning(t *testing.T) {
 	ctx := context.Background()
 	output := "I need the weather.</think>" +
 		"<tool_call>get_weather<arg_key>city</arg_key><arg_value>Paris</arg_value><arg_key>days</arg_key><arg_value>3</arg_value></tool_call>"
-	s.srv.replay = replayer(t, s, output, engine.FinishEOS, chunkings["random merges"])
+	s.srv.replay = replayer(t, s, output, engine.FinishEOS, randomMerges(1).split)
 	defer func() { s.srv.replay = nil }()
 	p := openai.ChatCompletionNewParams{Model: "tiny", Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("Weather in Paris?")},
 		Tools: []openai.ChatCompletionToolUnionParam{weatherTool()}}

@@ -114,13 +114,18 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/models", s.auth(s.models))
 	mux.HandleFunc("POST /v1/chat/completions", s.auth(s.chat))
 	mux.HandleFunc("POST /v1/completions", s.auth(s.completions))
-	mux.HandleFunc("POST /v1/messages", s.auth(s.messages))
-	mux.HandleFunc("POST /v1/messages/count_tokens", s.auth(s.countTokens))
+	mux.HandleFunc("POST /v1/messages", s.authAs(s.messages, anthropicError))
+	mux.HandleFunc("POST /v1/messages/count_tokens", s.authAs(s.countTokens, anthropicError))
 	mux.HandleFunc("POST /tokenize", s.auth(s.tokenize))
 	mux.HandleFunc("POST /detokenize", s.auth(s.detokenize))
 	mux.Handle("GET /metrics", s.auth(promhttp.HandlerFor(s.metrics.reg, promhttp.HandlerOpts{}).ServeHTTP))
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
-		writeError(w, &apiError{Status: http.StatusNotFound, Message: fmt.Sprintf("no route for %s %s", r.Method, r.URL.Path), Type: "invalid_request_error"})
+		e := &apiError{Status: http.StatusNotFound, Message: fmt.Sprintf("no route for %s %s", r.Method, r.URL.Path), Type: "invalid_request_error"}
+		if strings.HasPrefix(r.URL.Path, "/v1/messages") {
+			anthropicError(w, e)
+			return
+		}
+		writeError(w, e)
 	})
 	return s.cors(mux)
 }
@@ -134,8 +139,13 @@ func (s *Server) health(w http.ResponseWriter, r *http.Request) {
 }
 
 // auth checks the API key in constant time (of the key's hash, so the
-// comparison does not reveal the key's length either).
-func (s *Server) auth(h http.HandlerFunc) http.HandlerFunc {
+// comparison does not reveal the key's length either), and answers a
+// failure in the OpenAI error shape.
+func (s *Server) auth(h http.HandlerFunc) http.HandlerFunc { return s.authAs(h, writeError) }
+
+// authAs is auth with the error written by fail (the Anthropic routes
+// answer in Anthropic's shape).
+func (s *Server) authAs(h http.HandlerFunc, fail func(http.ResponseWriter, *apiError)) http.HandlerFunc {
 	return func(w http.ResponseWriter, r *http.Request) {
 		if s.cfg.APIKey != "" {
 			got, ok := strings.CutPrefix(r.Header.Get("Authorization"), "Bearer ")
@@ -144,7 +154,7 @@ func (s *Server) auth(h http.HandlerFunc) http.HandlerFunc {
 			}
 			sum := sha256.Sum256([]byte(got))
 			if !ok || subtle.ConstantTimeCompare(sum[:], s.keyHash[:]) != 1 {
-				writeError(w, &apiError{Status: http.StatusUnauthorized, Message: "missing or incorrect API key (Authorization: Bearer KEY)",
+				fail(w, &apiError{Status: http.StatusUnauthorized, Message: "missing or incorrect API key (Authorization: Bearer KEY, or x-api-key: KEY)",
 					Type: "invalid_request_error", Code: strp("invalid_api_key")})
 				return
 			}

@@ -15,13 +15,27 @@ func forcesCall(p *params) bool {
 	return p.chat != nil && (p.chat.Choice.Mode == chat.ChoiceRequired || p.chat.Choice.Mode == chat.ChoiceFunction)
 }
 
+// forbidsCall reports whether tool_choice "none" rules out the calls of
+// tools the prompt lists.
+func forbidsCall(p *params) bool {
+	return p.chat != nil && p.chat.Choice.Mode == chat.ChoiceNone && len(p.chat.Tools) > 0
+}
+
 // grammar returns the grammar that the output of p must follow, or nil
 // when it is free: response_format json_object or json_schema, or the
 // tool-call format when tool_choice forces a call. With thinking (the
 // prompt ends inside <think>) the reasoning runs free and the constraint
 // starts after </think>. Grammars are shared through the server's cache.
+//
+// Under tool_choice "none" the tools stay in the prompt (the model is
+// told about them, and a long conversation keeps its cached prefix), so
+// the output is constrained never to start a <tool_call>, in the
+// reasoning or the answer: the client gets an answer rather than a call
+// it did not allow, or a call's tags as text. The parser, given no tools,
+// would read any call as text anyway.
 func (s *Server) grammar(m *mmfp4.Model, p *params, thinking bool) (*constrain.Grammar, *apiError) {
-	if p.format == "" && !forcesCall(p) {
+	noCalls := p.format == "" && forbidsCall(p)
+	if p.format == "" && !forcesCall(p) && !noCalls {
 		return nil, nil
 	}
 	param := "response_format"
@@ -34,7 +48,13 @@ func (s *Server) grammar(m *mmfp4.Model, p *params, thinking bool) (*constrain.G
 	if err != nil {
 		return nil, badRequest(param, "constrained output needs the model's tokenizer: %v", err)
 	}
-	v, err := constrain.VocabOf(tok, m.EOS())
+	eos := m.EOS()
+	if noCalls && p.ignoreEOS {
+		// No end ids: the output runs to max_tokens as ignore_eos asks,
+		// the end tokens being ordinary special tokens here.
+		eos = []int{}
+	}
+	v, err := constrain.VocabOf(tok, eos)
 	if err != nil {
 		return nil, &apiError{Status: http.StatusInternalServerError, Message: fmt.Sprintf("the vocabulary for constrained output: %v", err), Type: "server_error"}
 	}
@@ -48,14 +68,24 @@ func (s *Server) grammar(m *mmfp4.Model, p *params, thinking bool) (*constrain.G
 		Parallel bool
 	}
 	key.Vocab, key.Format, key.Schema, key.Thinking = fmt.Sprintf("%p", v), p.format, p.schema, thinking
-	if forcesCall(p) {
+	opt := constrain.Options{}
+	switch {
+	case noCalls:
+		// The same text for any tools and either way of starting; special
+		// tokens (</think> above all) stay allowed as their text.
+		key.Format, key.Thinking = "no tool calls", false
+		opt.AllowSpecial = true
+	case forcesCall(p):
 		key.Tools, key.Choice, key.Parallel = p.chat.Tools, p.chat.Choice, p.chat.Parallel
 	}
 	keyText, err := json.Marshal(key)
 	if err != nil {
 		return nil, badRequest(param, "%v", err)
 	}
-	g, err := s.grammars.Get(string(keyText), v, constrain.Options{}, func() (constrain.Expr, error) {
+	g, err := s.grammars.Get(string(keyText), v, opt, func() (constrain.Expr, error) {
+		if noCalls {
+			return chat.NoToolCallsExpr(), nil
+		}
 		var body constrain.Expr
 		var err error
 		switch p.format {

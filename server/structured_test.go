@@ -3,6 +3,7 @@ package server
 import (
 	"encoding/json"
 	"fmt"
+	"slices"
 	"strings"
 	"testing"
 
@@ -111,6 +112,116 @@ func TestSchemaAfterThinking(t *testing.T) {
 		if accepted != c.ok {
 			t.Errorf("%q: accepted %v, want %v", c.output, accepted, c.ok)
 		}
+	}
+	s.srv.replay = nil
+}
+
+// Under tool_choice "none" the request carries a constraint that refuses
+// <tool_call> anywhere (the reasoning included), as the special token or
+// spelled out, and allows any other output; through both APIs. Without
+// tools there is nothing to refuse and no constraint.
+func TestToolChoiceNone(t *testing.T) {
+	s := startServer(t, Config{}, engine.Options{})
+	tok, err := s.m.Tokenizer()
+	if err != nil {
+		t.Fatal(err)
+	}
+	callID, ok := tok.TokenID("<tool_call>")
+	if !ok {
+		t.Fatal("the fixture tokenizer has no <tool_call> token")
+	}
+	spelled, err := tok.Encode("<tool_call", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if slices.Contains(spelled, callID) {
+		t.Fatalf("%q encodes with the special token", "<tool_call")
+	}
+	text := func(s string) []int {
+		ids, err := tok.Encode(s, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		return ids
+	}
+	cases := []struct {
+		name string
+		ids  []int
+		ok   bool
+	}{
+		{"plain answer", text("Sure, the weather in Paris is mild."), true},
+		{"thinking then answer", text("Let me think; <b> and </tool_call> are text.</think>\nIt is noon."), true},
+		{"call token", append(text("I will call it."), callID), false},
+		{"call token in the reasoning", append(text("Maybe "), callID), false},
+		{"call spelled out", append(text("Here: "), append(spelled, text(">get_time</tool_call>")...)...), false},
+	}
+	requests := map[string]string{
+		"/v1/chat/completions": `{"messages": [{"role": "user", "content": "Time?"}], "tool_choice": "none", "tools": ` + goldenToolsJSON + `}`,
+		"/v1/messages": `{"model": "tiny", "max_tokens": 50, "tool_choice": {"type": "none"}, "tools": ` + anthropicToolsOf(t, goldenToolsJSON) +
+			`, "messages": [{"role": "user", "content": "Time?"}]}`,
+	}
+	for path, body := range requests {
+		for _, c := range cases {
+			accepted := true
+			s.srv.replay = func(req engine.Request) []engine.Event {
+				con := req.Constraint
+				if con == nil {
+					t.Fatalf("%s: tool_choice none without a constraint", path)
+				}
+				for _, id := range c.ids {
+					if con.Advance(id) != nil {
+						accepted = false
+						break
+					}
+				}
+				return []engine.Event{{Done: true, Finish: engine.FinishEOS}}
+			}
+			if code, data := s.post(t, path, body); code != 200 {
+				t.Fatalf("%s: %d %s", path, code, data)
+			}
+			if accepted != c.ok {
+				t.Errorf("%s, %s: accepted %v, want %v", path, c.name, accepted, c.ok)
+			}
+		}
+	}
+	// Should a call get through anyway, the parser reads it as text.
+	s.srv.replay = replayer(t, s, "<tool_call>get_time</tool_call>", engine.FinishEOS, chunkings[0].split)
+	code, data := s.post(t, "/v1/chat/completions", requests["/v1/chat/completions"])
+	var r struct {
+		Choices []struct {
+			Message map[string]any `json:"message"`
+		} `json:"choices"`
+	}
+	if code != 200 || json.Unmarshal(data, &r) != nil || len(r.Choices) != 1 {
+		t.Fatalf("%d %s", code, data)
+	}
+	// (The prompt ends inside <think>, so the text is reasoning.)
+	if msg := r.Choices[0].Message; msg["tool_calls"] != nil || msg["reasoning_content"] != "<tool_call>get_time</tool_call>" || msg["content"] != "" {
+		t.Errorf("a call under tool_choice none: %s", data)
+	}
+	// With ignore_eos the end ids are ordinary tokens to the constraint
+	// and stop nothing.
+	s.srv.replay = func(req engine.Request) []engine.Event {
+		eos := s.m.EOS()[0]
+		if req.StopIDs == nil || len(req.StopIDs) != 0 || req.Constraint == nil {
+			t.Errorf("ignore_eos under tool_choice none: stop ids %v, constraint %v", req.StopIDs, req.Constraint != nil)
+		} else if err := req.Constraint.Advance(eos); err != nil || req.Constraint.Done() || req.Constraint.Advance(callID) == nil {
+			t.Errorf("ignore_eos under tool_choice none: after the end id %d: %v, done %v", eos, err, req.Constraint.Done())
+		}
+		return []engine.Event{{Done: true, Finish: engine.FinishMaxTokens}}
+	}
+	if code, data := s.post(t, "/v1/chat/completions", strings.Replace(requests["/v1/chat/completions"], `"tool_choice"`, `"ignore_eos": true, "tool_choice"`, 1)); code != 200 {
+		t.Fatalf("%d %s", code, data)
+	}
+	// No tools, no constraint.
+	s.srv.replay = func(req engine.Request) []engine.Event {
+		if req.Constraint != nil {
+			t.Error("tool_choice none without tools got a constraint")
+		}
+		return []engine.Event{{Done: true, Finish: engine.FinishEOS}}
+	}
+	if code, data := s.post(t, "/v1/chat/completions", `{"messages": [{"role": "user", "content": "Hi"}], "tool_choice": "none"}`); code != 200 {
+		t.Fatalf("%d %s", code, data)
 	}
 	s.srv.replay = nil
 }
