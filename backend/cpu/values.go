@@ -22,7 +22,7 @@ func (b *Backend) expandValuesInt8(om, ol *mat, wUV backend.Weight, s backend.ML
 	m, r, dv := w.m, s.Rank, s.VDim
 	a := b.quantizeActivations(ol, 128)
 	defer a.release()
-	grain := min(dv, max(4, (16384/max(r/2, 1))&^3))
+	grain := dv // one head a work item: 64 KB of codes at GLM-4.7-Flash's shapes
 	blocks := (dv + grain - 1) / grain
 	b.workers.run(ol.rows*s.Heads*blocks, 1, func(lo, hi int) {
 		for item := lo; item < hi; item++ {
