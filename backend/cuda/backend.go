@@ -3,11 +3,15 @@
 package cuda
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
 	"math"
+	"os"
+	"sync/atomic"
 
 	"github.com/mmfp4/mmfp4/backend"
+	"github.com/mmfp4/mmfp4/safetensors"
 )
 
 // Options configure the CUDA backend.
@@ -42,7 +46,20 @@ type Backend struct {
 
 	moe      map[*QMatrix]*moeLayer
 	identity map[int]uint64 // E -> E x E identity, for routing from logits
+
+	read atomic.Int64 // BytesRead
+
+	prof *profiler // MMFP4_CUDA_PROFILE=1
 }
+
+// BytesRead is the number of bytes of weights and latent cache the ops have
+// read, counted as the CPU backend counts them (cpu.Backend.BytesRead): a
+// product its whole weight, an embedding lookup its rows, RMSNorm its gain,
+// Route its bias, attention the cached positions of each row, MoE each
+// chosen expert's three matrices.
+func (b *Backend) BytesRead() int64 { return b.read.Load() }
+
+func (b *Backend) count(n int64) { b.read.Add(n) }
 
 var _ backend.Backend = (*Backend)(nil)
 
@@ -78,7 +95,7 @@ func NewBackend(o Options, minCC int) (backend.Backend, error) {
 // NewOnDevice returns a backend on an opened device, which the caller keeps
 // and closes.
 func NewOnDevice(d *Device, o Options) *Backend {
-	return &Backend{dev: d, opts: o, moe: map[*QMatrix]*moeLayer{}, identity: map[int]uint64{}, splitFloats: maxSplitFloats}
+	return &Backend{dev: d, opts: o, moe: map[*QMatrix]*moeLayer{}, identity: map[int]uint64{}, splitFloats: maxSplitFloats, prof: newProfiler()}
 }
 
 // Close frees the backend's device memory and, when New opened the device,
@@ -87,6 +104,10 @@ func (b *Backend) Close() error {
 	b.flush()
 	err := b.dev.Do(func(c *Ctx) error {
 		errs := []error{c.Sync(), b.weights.free(c), b.arena.free(c)}
+		if b.prof != nil {
+			b.prof.report(os.Stderr)
+			errs = append(errs, b.prof.free(c))
+		}
 		if b.pool != nil {
 			errs = append(errs, c.Free(b.pool.buf))
 		}
@@ -151,6 +172,9 @@ func (b *Backend) flush() {
 	}
 	ops := b.pending
 	err := b.dev.Do(func(c *Ctx) error {
+		if b.prof != nil {
+			return b.prof.run(c, ops)
+		}
 		for _, q := range ops {
 			if err := q.fn(c); err != nil {
 				return fmt.Errorf("%s: %w", q.op, err)
@@ -386,10 +410,50 @@ func (b *Backend) NewWeight(hw backend.HostWeight) (backend.Weight, error) {
 		if err != nil {
 			return nil, fmt.Errorf("%s: upload: %w", hw.Name, err)
 		}
+	case hw.BF16 != nil && hw.Dense == nil && hw.Quant == nil:
+		// The embedding table: rows are looked up on the host (Embed), so
+		// it stays there; a product over it uploads it then (deviceDense).
+		if len(hw.BF16) != 2*hw.N*hw.K {
+			return nil, fmt.Errorf("%s: %d bf16 bytes, want 2x%dx%d", hw.Name, len(hw.BF16), hw.N, hw.K)
+		}
 	default:
-		return nil, fmt.Errorf("%s: exactly one of dense or MMFP4 data must be given", hw.Name)
+		return nil, fmt.Errorf("%s: exactly one of dense, MMFP4 or bf16 data must be given", hw.Name)
 	}
 	return w, nil
+}
+
+// deviceDense uploads a host-only (bf16) weight as fp32 on first use in a
+// product, so that a tied lm_head works too.
+func (b *Backend) deviceDense(w *weight) bool {
+	if w.q != nil || w.dense != 0 {
+		return true
+	}
+	if w.host.BF16 == nil {
+		b.fail("weight %s has no device data", w.host.Name)
+		return false
+	}
+	vals := make([]float32, w.n*w.k)
+	for i := range vals {
+		vals[i] = safetensors.BF16ToFloat32(binary.LittleEndian.Uint16(w.host.BF16[2*i:]))
+	}
+	b.now("upload "+w.host.Name, func(c *Ctx) error {
+		p, err := b.weights.alloc(c, 4*len(vals))
+		if err != nil {
+			return err
+		}
+		w.dense = p
+		return CopyIn(c, p, vals)
+	})
+	return w.dense != 0
+}
+
+// weightBytes is what a full pass over w reads, as the CPU backend counts
+// it (BytesRead).
+func weightBytes(w *weight) int64 {
+	if w.q != nil {
+		return int64(w.q.Bytes())
+	}
+	return 4 * int64(w.n) * int64(w.k)
 }
 
 // weightRows is a view of rows [from, from+n) of w.
@@ -575,6 +639,15 @@ func (b *Backend) Embed(dst backend.Tensor, table backend.Weight) {
 		return
 	}
 	host := make([]float32, d.rows*d.cols)
+	rowBytes := int64(4 * w.k)
+	switch {
+	case w.host.Quant != nil:
+		q := w.host.Quant
+		rowBytes = int64(len(q.Codes)+len(q.Scales)+4*len(q.RowScale)) / int64(w.n)
+	case w.host.BF16 != nil:
+		rowBytes = int64(2 * w.k)
+	}
+	b.count(int64(len(b.batch.Tokens)) * rowBytes)
 	for t, id := range b.batch.Tokens {
 		if id < 0 || int(id) >= w.n {
 			b.fail("token id %d at row %d is outside the vocabulary [0, %d)", id, t, w.n)
@@ -583,6 +656,11 @@ func (b *Backend) Embed(dst backend.Tensor, table backend.Weight) {
 		row := host[t*w.k : (t+1)*w.k]
 		if q := w.host.Quant; q != nil {
 			q.DequantizeRow(int(id), row)
+		} else if w.host.BF16 != nil {
+			src := w.host.BF16[2*int(id)*w.k:]
+			for i := range row {
+				row[i] = safetensors.BF16ToFloat32(binary.LittleEndian.Uint16(src[2*i:]))
+			}
 		} else {
 			copy(row, w.host.Dense[int(id)*w.k:(int(id)+1)*w.k])
 		}
@@ -615,13 +693,17 @@ func (b *Backend) MatMul(dst, x backend.Tensor, wt backend.Weight) {
 		b.badShape("matmul in", [2]int{xm.rows, xm.cols}, [2]int{xm.rows, w.k}) || d.rows == 0 {
 		return
 	}
+	if !b.deviceDense(w) {
+		return
+	}
+	b.count(weightBytes(w))
 	if w.q == nil {
-		b.launch("matmul", "ops", "dense_matmul", Dim{uint32((w.n + 7) / 8), uint32(d.rows), 1}, D1(256),
+		b.launch(b.opName("matmul", w), "ops", "dense_matmul", Dim{uint32((w.n + 7) / 8), uint32(d.rows), 1}, D1(256),
 			w.dense, w.n, w.k, xm.ptr, xm.ld, d.ptr, d.ld)
 		return
 	}
 	a := b.quantize(xm, w.q.G)
-	b.do("matmul", func(c *Ctx) error {
+	b.do(b.opName("matmul", w), func(c *Ctx) error {
 		for t := 0; t < d.rows; t += 8 {
 			n := min(8, d.rows-t)
 			if err := c.GEMV(d.row(t), d.ld, w.q, actRows(a, t, n), GEMVAuto); err != nil {
@@ -630,6 +712,18 @@ func (b *Backend) MatMul(dst, x backend.Tensor, wt backend.Weight) {
 		}
 		return nil
 	})
+}
+
+// opName is op, with the weight's shape when profiling.
+func (b *Backend) opName(op string, w *weight) string {
+	if b.prof == nil {
+		return op
+	}
+	kind := "dense"
+	if w.q != nil {
+		kind = "mmfp4"
+	}
+	return fmt.Sprintf("%s %s %dx%d", op, kind, w.n, w.k)
 }
 
 // vector returns a dense 1 x K weight.
@@ -666,6 +760,7 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 		b.fail("rmsnorm: %d columns, want a multiple of 32", d.cols)
 		return
 	}
+	b.count(4 * int64(g.k))
 	b.do("rmsnorm", func(c *Ctx) error {
 		return c.RMSNormQuant(xm.ptr, xm.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, nil)
 	})
@@ -844,6 +939,7 @@ func (b *Backend) AbsorbQuery(qlat, q backend.Tensor, wUK backend.Weight, s back
 		b.badShape("absorb W_UK", [2]int{w.n, w.k}, [2]int{s.Heads * s.NopeDim, s.Rank}) || ql.rows == 0 {
 		return
 	}
+	b.count(weightBytes(w))
 	var codes, scales, rows uint64
 	G := 32
 	if w.q != nil {
@@ -872,6 +968,10 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s bac
 		b.badShape("attention qlat", [2]int{ql.rows, ql.cols}, [2]int{T, s.Heads * s.Rank}) ||
 		b.badShape("attention q", [2]int{qm.rows, qm.cols}, [2]int{T, s.Heads * (s.NopeDim + s.RopeDim)}) {
 		return
+	}
+	perToken := int64(backend.CacheBytesPerToken(p.rank, p.ropeDim, p.dtype))
+	for t := 0; t < T; t++ {
+		b.count(perToken * int64(b.batch.Positions[t]+1))
 	}
 	if attentionWarps*4*s.Rank > 48<<10 {
 		b.fail("attention: rank %d needs more shared memory than 48 KiB", s.Rank)
@@ -935,6 +1035,9 @@ func (b *Backend) ExpandValues(out, olat backend.Tensor, wUV backend.Weight, s b
 		return
 	}
 	if w.q != nil && ol.rows == 1 && s.Rank%w.q.G == 0 {
+		b.count(weightBytes(w)) // the per-head MatMuls below count their rows
+	}
+	if w.q != nil && ol.rows == 1 && s.Rank%w.q.G == 0 {
 		// One token: the heads' column blocks hold whole groups, so one
 		// quantization of the row serves every head's product.
 		a := b.quantize(ol, w.q.G)
@@ -985,6 +1088,7 @@ func (b *Backend) Route(logits backend.Tensor, bias backend.Weight, cfg backend.
 	if lm.rows == 0 {
 		return r
 	}
+	b.count(4 * int64(bv.k))
 	r.ids, r.wts = b.alloc(4*lm.rows*cfg.TopK), b.alloc(4*lm.rows*cfg.TopK)
 	b.do("route", func(c *Ctx) error {
 		id, ok := b.identity[E]
@@ -1029,6 +1133,9 @@ func (b *Backend) MoE(dst, x backend.Tensor, r backend.Routing, experts []backen
 	}
 	if !b.opts.NoFusedMoE && d.rows == 1 {
 		if l := b.moeLayer(experts, rt.topK); l != nil {
+			// One token: topK distinct experts (the ids stay on the device).
+			e := experts[0]
+			b.count(int64(rt.topK) * (weightBytes(asWeight(e.Gate)) + weightBytes(asWeight(e.Up)) + weightBytes(asWeight(e.Down))))
 			a := b.quantize(xm, l.table.G)
 			b.do("moe", func(c *Ctx) error {
 				return c.MoE(d.ptr, true, l.table, rt.ids, rt.wts, rt.topK, a, l.scratch[rt.topK])
@@ -1042,6 +1149,11 @@ func (b *Backend) MoE(dst, x backend.Tensor, r backend.Routing, experts []backen
 // moeLayer returns the fused kernels' table for experts, made on first use,
 // or nil where the experts do not suit them (dense, mixed shapes).
 func (b *Backend) moeLayer(experts []backend.Expert, topK int) *moeLayer {
+	if q := asWeight(experts[0].Gate).q; q != nil {
+		if l := b.moe[q]; l != nil && l.scratch[topK] != nil {
+			return l // no device work: keep the step's ops queued
+		}
+	}
 	var mats []ExpertMats
 	for _, e := range experts {
 		g, u, dn := asWeight(e.Gate), asWeight(e.Up), asWeight(e.Down)

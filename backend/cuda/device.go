@@ -33,6 +33,8 @@ type Ctx struct {
 	// lastKernel is the most recently launched kernel, named in errors
 	// that surface later, at a synchronisation.
 	lastKernel string
+	// launches counts kernel launches (for profiles).
+	launches int
 
 	// Launch arguments are marshalled into these pinned buffers: one 8-byte
 	// slot per argument and the array of pointers to the slots that
@@ -397,6 +399,23 @@ func (c *Ctx) Record() (*Event, error) {
 	return e, nil
 }
 
+// NewEvent creates an event for RecordAt.
+func (c *Ctx) NewEvent() (*Event, error) {
+	e := &Event{}
+	return e, check("cuEventCreate", drv.cuEventCreate(&e.h, 0))
+}
+
+// RecordAt records e on the current stream.
+func (c *Ctx) RecordAt(e *Event) error {
+	return check("cuEventRecord", drv.cuEventRecord(e.h, c.stream))
+}
+
+// ElapsedDone returns the milliseconds between two completed events.
+func (c *Ctx) ElapsedDone(start, end *Event) (float32, error) {
+	var ms float32
+	return ms, check("cuEventElapsedTime", drv.cuEventElapsedTime(&ms, start.h, end.h))
+}
+
 // Elapsed waits for end and returns the milliseconds between two events.
 func (c *Ctx) Elapsed(start, end *Event) (float32, error) {
 	if err := check("cuEventSynchronize", drv.cuEventSynchronize(end.h)); err != nil {
@@ -522,6 +541,7 @@ func (c *Ctx) Launch(k *Kernel, grid, block Dim, shared int, args ...any) error 
 		params = unsafe.Pointer(&c.argPtrs[0])
 	}
 	c.lastKernel = k.Module + "." + k.Name
+	c.launches++
 	r := drv.cuLaunchKernel(k.fn, grid.X, max(grid.Y, 1), max(grid.Z, 1), block.X, max(block.Y, 1), max(block.Z, 1),
 		uint32(shared), c.stream, params, nil)
 	if r != 0 {
