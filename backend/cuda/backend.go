@@ -6,8 +6,10 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
 	"os"
+	"slices"
 	"sync/atomic"
 
 	"github.com/mmfp4/mmfp4/backend"
@@ -21,6 +23,9 @@ type Options struct {
 	// NoFusedMoE routes single-token MoE through the grouped path (one
 	// product per expert) instead of the fused MoE kernels.
 	NoFusedMoE bool
+	// NoGraphs issues every op as its own launch instead of replaying
+	// repeated steps as CUDA graphs (also MMFP4_CUDA_GRAPHS=0).
+	NoGraphs bool
 }
 
 // Backend implements backend.Backend on one GPU. Every op is queued on the
@@ -44,12 +49,40 @@ type Backend struct {
 	// (maxSplitFloats; tests set 0 to cover the other kernel).
 	splitFloats int
 
-	moe      map[*QMatrix]*moeLayer
-	identity map[int]uint64 // E -> E x E identity, for routing from logits
+	moe       map[*QMatrix]*moeLayer
+	moeShared map[*QMatrix]*moeLayer // tables with the shared experts
+	identity  map[int]uint64         // E -> E x E identity, for routing from logits
 
 	read atomic.Int64 // BytesRead
 
-	prof *profiler // MMFP4_CUDA_PROFILE=1
+	prof   *profiler   // MMFP4_CUDA_PROFILE=1
+	graphs *graphCache // nil: no graphs
+
+	// zero is the open range of new tensors that one memset clears
+	// (NewTensor); nil after a flush or SetBatch.
+	zero *zeroRange
+	// ropeTables are this step's RoPE cos/sin tables by (dim, theta).
+	ropeTables map[ropeKey]uint64
+	// quantized are int8 forms of tensors made this step (by RMSNorm, or by
+	// a product's quantization), for later products of the same tensor;
+	// an op that writes over a tensor drops its entry (wrote).
+	quantized []quantEntry
+}
+
+type zeroRange struct {
+	ptr   uint64
+	n     int
+	chunk int
+}
+
+type ropeKey struct {
+	dim   int
+	theta float64
+}
+
+type quantEntry struct {
+	src tensor
+	a   *QActs
 }
 
 // BytesRead is the number of bytes of weights and latent cache the ops have
@@ -95,7 +128,12 @@ func NewBackend(o Options, minCC int) (backend.Backend, error) {
 // NewOnDevice returns a backend on an opened device, which the caller keeps
 // and closes.
 func NewOnDevice(d *Device, o Options) *Backend {
-	return &Backend{dev: d, opts: o, moe: map[*QMatrix]*moeLayer{}, identity: map[int]uint64{}, splitFloats: maxSplitFloats, prof: newProfiler()}
+	b := &Backend{dev: d, opts: o, moe: map[*QMatrix]*moeLayer{}, moeShared: map[*QMatrix]*moeLayer{}, identity: map[int]uint64{}, splitFloats: maxSplitFloats, prof: newProfiler(),
+		ropeTables: map[ropeKey]uint64{}}
+	if !o.NoGraphs && os.Getenv("MMFP4_CUDA_GRAPHS") != "0" {
+		b.graphs = &graphCache{}
+	}
+	return b
 }
 
 // Close frees the backend's device memory and, when New opened the device,
@@ -108,10 +146,13 @@ func (b *Backend) Close() error {
 			b.prof.report(os.Stderr)
 			errs = append(errs, b.prof.free(c))
 		}
+		if b.graphs != nil {
+			errs = append(errs, b.graphs.free(c))
+		}
 		if b.pool != nil {
 			errs = append(errs, c.Free(b.pool.buf))
 		}
-		for _, l := range b.moe {
+		for _, l := range append(slices.Collect(maps.Values(b.moe)), slices.Collect(maps.Values(b.moeShared))...) {
 			errs = append(errs, c.FreeExpertTable(l.table))
 			for _, s := range l.scratch {
 				errs = append(errs, c.FreeMoEScratch(s))
@@ -147,8 +188,9 @@ type queuedOp struct {
 }
 
 // maxQueued bounds the ops held before they are handed to the device
-// thread together.
-const maxQueued = 512
+// thread together: a decode step of a large model fits, so that it is one
+// graph.
+const maxQueued = 16384
 
 // do queues fn for the device thread. Handing each op over on its own costs
 // a thread switch (tens of microseconds); queued ops go over in one. Their
@@ -171,16 +213,30 @@ func (b *Backend) flush() {
 		return
 	}
 	ops := b.pending
+	b.zero = nil // its memset is in this flush
 	err := b.dev.Do(func(c *Ctx) error {
-		if b.prof != nil {
+		if b.prof != nil && b.batchRows() == 1 {
 			return b.prof.run(c, ops)
 		}
+		if b.graphs == nil {
+			for _, q := range ops {
+				if err := q.fn(c); err != nil {
+					return fmt.Errorf("%s: %w", q.op, err)
+				}
+			}
+			return nil
+		}
+		gc := b.graphs
+		gc.rec.reset()
+		c.rec = &gc.rec
 		for _, q := range ops {
 			if err := q.fn(c); err != nil {
+				c.rec = nil
 				return fmt.Errorf("%s: %w", q.op, err)
 			}
 		}
-		return nil
+		c.rec = nil
+		return gc.run(c)
 	})
 	clear(ops)
 	b.pending = ops[:0]
@@ -511,21 +567,29 @@ func (b *Backend) SetBatch(batch *backend.Batch, p backend.CachePool) {
 	}
 	b.meta.maxN = maxN
 	b.arena.cur, b.arena.off = 0, 0
+	b.zero = nil
+	clear(b.ropeTables)
+	b.quantized = b.quantized[:0]
 	if len(b.arena.chunks) > 1 {
 		b.now("set batch", b.arena.merge)
 	}
-	up := func(dst *uint64, v []int32) {
-		v = append([]int32(nil), v...)
-		*dst = b.alloc(4 * len(v))
-		p := *dst
-		b.do("set batch", func(c *Ctx) error { return CopyIn(c, p, v) })
+	// One upload for all six arrays, each starting at a 256-byte boundary;
+	// the block tables padded so that the upload keeps its size (and a
+	// decode step its graph) while sequences grow by a block.
+	arrays := [][]int32{batch.Positions, rowSeq, slots, seqBlocks, blocks, batch.Outputs}
+	dsts := []*uint64{&b.meta.pos, &b.meta.rowSeq, &b.meta.slots, &b.meta.seqBlocks, &b.meta.blocks, &b.meta.outputs}
+	var all []int32
+	offs := make([]int, len(arrays))
+	for i, v := range arrays {
+		offs[i] = len(all)
+		all = append(all, v...)
+		all = append(all, make([]int32, (64-len(all)%64)%64)...)
 	}
-	up(&b.meta.pos, batch.Positions)
-	up(&b.meta.rowSeq, rowSeq)
-	up(&b.meta.slots, slots)
-	up(&b.meta.seqBlocks, seqBlocks)
-	up(&b.meta.blocks, blocks)
-	up(&b.meta.outputs, batch.Outputs)
+	meta := b.alloc(4 * len(all))
+	for i, d := range dsts {
+		*d = meta + uint64(4*offs[i])
+	}
+	b.do("set batch", func(c *Ctx) error { return CopyIn(c, meta, all) })
 }
 
 // NewTensor returns a zeroed tensor from the step's arena.
@@ -536,9 +600,24 @@ func (b *Backend) NewTensor(rows, cols int) backend.Tensor {
 	}
 	t := &tensor{rows: rows, cols: cols, ld: cols, ptr: b.alloc(4 * rows * cols)}
 	if t.ptr != 0 && rows*cols > 0 {
-		b.do("new tensor", func(c *Ctx) error { return c.Memset(t.ptr, 0, 4*rows*cols) })
+		b.zeroFill(t.ptr, 4*rows*cols)
 	}
 	return t
+}
+
+// zeroFill clears n bytes at p, a new allocation of the arena. Consecutive
+// new tensors share one memset: the open range's memset is queued before
+// any op that uses memory allocated after the range began, so extending it
+// over later allocations (other scratch included, which its users write
+// before reading) clears them in time.
+func (b *Backend) zeroFill(p uint64, n int) {
+	if z := b.zero; z != nil && z.chunk == b.arena.cur && p >= z.ptr {
+		z.n = max(z.n, int(p-z.ptr)+n)
+		return
+	}
+	z := &zeroRange{ptr: p, n: n, chunk: b.arena.cur}
+	b.zero = z // before do: a flush there closes the range
+	b.do("zero", func(c *Ctx) error { return c.Memset(z.ptr, 0, z.n) })
 }
 
 // Upload copies src (row-major) into dst.
@@ -549,6 +628,7 @@ func (b *Backend) Upload(dst backend.Tensor, src []float32) {
 		return
 	}
 	src = append([]float32(nil), src...) // the caller may reuse src
+	b.wrote(d)
 	b.do("upload", func(c *Ctx) error {
 		if d.ld == d.cols {
 			return CopyIn(c, d.ptr, src)
@@ -671,13 +751,42 @@ func (b *Backend) Embed(dst backend.Tensor, table backend.Weight) {
 // quantize queues the quantization of x's rows to int8 groups of G (as the
 // CPU backend's activations) into arena memory.
 func (b *Backend) quantize(x *tensor, G int) *QActs {
+	for _, e := range b.quantized {
+		if e.src == *x && e.a.G == G {
+			return e.a
+		}
+	}
+	a := b.quantizeInto(x, G)
+	b.do("quantize", func(c *Ctx) error { return c.RMSNormQuant(x.ptr, x.ld, 0, 0, 0, 0, x.rows, x.cols, G, a) })
+	b.quantized = append(b.quantized, quantEntry{*x, a})
+	return a
+}
+
+// span is the byte range t covers.
+func (t *tensor) span() (lo, hi uint64) {
+	if t.rows == 0 || t.cols == 0 {
+		return t.ptr, t.ptr
+	}
+	return t.ptr, t.ptr + 4*uint64((t.rows-1)*t.ld+t.cols)
+}
+
+// wrote drops the int8 forms of tensors that overlap t, which an op is
+// about to write.
+func (b *Backend) wrote(t *tensor) {
+	lo, hi := t.span()
+	b.quantized = slices.DeleteFunc(b.quantized, func(e quantEntry) bool {
+		l, h := e.src.span()
+		return l < hi && lo < h
+	})
+}
+
+// quantizeInto allocates the int8 form of x's rows in groups of G.
+func (b *Backend) quantizeInto(x *tensor, G int) *QActs {
 	T, K := x.rows, x.cols
 	sOff := align(T*K, 256)
 	sumOff := align(sOff+4*T*K/G, 256)
 	p := b.alloc(sumOff + 4*T*K/32)
-	a := &QActs{T: T, K: K, G: G, Q: p, Scales: p + uint64(sOff), Sums: p + uint64(sumOff)}
-	b.do("quantize", func(c *Ctx) error { return c.RMSNormQuant(x.ptr, x.ld, 0, 0, 0, 0, T, K, G, a) })
-	return a
+	return &QActs{T: T, K: K, G: G, Q: p, Scales: p + uint64(sOff), Sums: p + uint64(sumOff)}
 }
 
 // actRows is a view of rows [from, from+n) of a.
@@ -697,6 +806,7 @@ func (b *Backend) MatMul(dst, x backend.Tensor, wt backend.Weight) {
 		return
 	}
 	b.count(weightBytes(w))
+	b.wrote(d)
 	if w.q == nil {
 		b.launch(b.opName("matmul", w), "ops", "dense_matmul", Dim{uint32((w.n + 7) / 8), uint32(d.rows), 1}, D1(256),
 			w.dense, w.n, w.k, xm.ptr, xm.ld, d.ptr, d.ld)
@@ -761,9 +871,14 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 		return
 	}
 	b.count(4 * int64(g.k))
+	// The int8 form comes in the same pass, for the products that follow
+	// (a norm's output is what the projections read).
+	a := b.quantizeInto(d, G)
+	b.wrote(d)
 	b.do("rmsnorm", func(c *Ctx) error {
-		return c.RMSNormQuant(xm.ptr, xm.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, nil)
+		return c.RMSNormQuant(xm.ptr, xm.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
 	})
+	b.quantized = append(b.quantized, quantEntry{*d, a})
 }
 
 // RoPE rotates the rotary dims of each head in place. The angles are
@@ -782,31 +897,31 @@ func (b *Backend) RoPE(x backend.Tensor, heads, headStride, offset, dim int, the
 	if T == 0 || half == 0 {
 		return
 	}
-	cs := make([]float32, 2*T*half)
-	for t := 0; t < T; t++ {
-		pos := float64(b.batch.Positions[t])
-		for i := 0; i < half; i++ {
-			invFreq := float32(1 / math.Pow(theta, float64(float32(2*i)/float32(dim))))
-			angle := float32(pos) * invFreq
-			cs[t*half+i] = float32(math.Cos(float64(angle)))
-			cs[T*half+t*half+i] = float32(math.Sin(float64(angle)))
+	b.wrote(m)
+	// One table per step and (dim, theta): every layer rotates by the same
+	// positions.
+	key := ropeKey{dim, theta}
+	p, ok := b.ropeTables[key]
+	if !ok {
+		cs := make([]float32, 2*T*half)
+		for t := 0; t < T; t++ {
+			pos := float64(b.batch.Positions[t])
+			for i := 0; i < half; i++ {
+				invFreq := float32(1 / math.Pow(theta, float64(float32(2*i)/float32(dim))))
+				angle := float32(pos) * invFreq
+				cs[t*half+i] = float32(math.Cos(float64(angle)))
+				cs[T*half+t*half+i] = float32(math.Sin(float64(angle)))
+			}
 		}
+		p = b.alloc(4 * len(cs))
+		b.do("rope table", func(c *Ctx) error { return CopyIn(c, p, cs) })
+		b.ropeTables[key] = p
 	}
 	il := 0
 	if interleaved {
 		il = 1
 	}
-	p := b.alloc(4 * len(cs))
-	b.do("rope", func(c *Ctx) error {
-		if err := CopyIn(c, p, cs); err != nil {
-			return err
-		}
-		k, err := c.Kernel("ops", "rope_rows")
-		if err != nil {
-			return err
-		}
-		return c.Launch(k, D1(T), D1(256), 0, m.ptr, m.ld, heads, headStride, offset, dim, il, p, T)
-	})
+	b.launch("rope", "ops", "rope_rows", D1(T), D1(256), m.ptr, m.ld, heads, headStride, offset, dim, il, p, T)
 }
 
 // Add computes dst = a + b.
@@ -816,6 +931,7 @@ func (b *Backend) Add(dst, a, c backend.Tensor) {
 		b.badShape("add", [2]int{cm.rows, cm.cols}, [2]int{d.rows, d.cols}) || d.rows == 0 {
 		return
 	}
+	b.wrote(d)
 	b.launch("add", "ops", "add_rows", D1(d.rows), D1(256), d.ptr, d.ld, am.ptr, am.ld, cm.ptr, cm.ld, d.cols)
 }
 
@@ -826,6 +942,7 @@ func (b *Backend) SwiGLU(dst, gate, up backend.Tensor) {
 		b.badShape("swiglu", [2]int{um.rows, um.cols}, [2]int{d.rows, d.cols}) || d.rows == 0 {
 		return
 	}
+	b.wrote(d)
 	b.launch("swiglu", "ops", "swiglu_rows", D1(d.rows), D1(256), d.ptr, d.ld, gm.ptr, gm.ld, um.ptr, um.ld, d.cols)
 }
 
@@ -839,6 +956,7 @@ func (b *Backend) SelectOutputs(dst, x backend.Tensor) {
 	if b.badShape("select outputs", [2]int{d.rows, d.cols}, [2]int{len(b.batch.Outputs), xm.cols}) || d.rows == 0 {
 		return
 	}
+	b.wrote(d)
 	b.launch("select outputs", "ops", "gather_rows", D1(d.rows), D1(256), d.ptr, d.ld, xm.ptr, xm.ld, b.meta.outputs, d.cols)
 }
 
@@ -940,6 +1058,12 @@ func (b *Backend) AbsorbQuery(qlat, q backend.Tensor, wUK backend.Weight, s back
 		return
 	}
 	b.count(weightBytes(w))
+	b.wrote(ql)
+	if w.q != nil && s.Rank%32 == 0 && s.Rank <= 512 {
+		b.launch("absorb query", "ops", "absorb_query_q", Dim{uint32(ql.rows), uint32(s.Heads), 1}, D1(512),
+			ql.ptr, ql.ld, qm.ptr, qm.ld, w.q.Codes, w.q.Scales, w.q.RowScale, w.q.G, s.Rank, s.NopeDim, s.RopeDim)
+		return
+	}
 	var codes, scales, rows uint64
 	G := 32
 	if w.q != nil {
@@ -973,12 +1097,13 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s bac
 	for t := 0; t < T; t++ {
 		b.count(perToken * int64(b.batch.Positions[t]+1))
 	}
+	b.wrote(om)
 	if attentionWarps*4*s.Rank > 48<<10 {
 		b.fail("attention: rank %d needs more shared memory than 48 KiB", s.Rank)
 		return
 	}
 	maxN := b.meta.maxN
-	if splits := (maxN + attentionSplitPos - 1) / attentionSplitPos; T*s.Heads*splits*s.Rank <= b.splitFloats {
+	if splits := splitBucket((maxN + attentionSplitPos - 1) / attentionSplitPos); T*s.Heads*splits*s.Rank <= b.splitFloats {
 		// Few rows: spread each row's positions over blocks, then merge.
 		parts := T * s.Heads * splits
 		pm, ps, pacc := b.alloc(4*parts), b.alloc(4*parts), b.alloc(4*parts*s.Rank)
@@ -1014,6 +1139,20 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s bac
 	})
 }
 
+// splitBucket rounds the split count up (a power of two to 16, then a
+// multiple of 16; splits past a row's positions do nothing), so that
+// decode steps keep one launch shape, and so one graph, for many tokens.
+func splitBucket(n int) int {
+	if n > 16 {
+		return (n + 15) / 16 * 16
+	}
+	p := 1
+	for p < n {
+		p *= 2
+	}
+	return p
+}
+
 // attentionWarps is OPS_THREADS/32 in ops.cu: latent_attention keeps one
 // rank-sized accumulator per warp in shared memory.
 const attentionWarps = 8
@@ -1034,22 +1173,14 @@ func (b *Backend) ExpandValues(out, olat backend.Tensor, wUV backend.Weight, s b
 		b.badShape("expand W_UV", [2]int{w.n, w.k}, [2]int{s.Heads * s.VDim, s.Rank}) {
 		return
 	}
-	if w.q != nil && ol.rows == 1 && s.Rank%w.q.G == 0 {
-		b.count(weightBytes(w)) // the per-head MatMuls below count their rows
-	}
-	if w.q != nil && ol.rows == 1 && s.Rank%w.q.G == 0 {
+	b.wrote(om)
+	if w.q != nil && ol.rows == 1 && s.Rank%w.q.G == 0 && s.VDim%gemvRowsPerWarp == 0 {
 		// One token: the heads' column blocks hold whole groups, so one
-		// quantization of the row serves every head's product.
+		// quantization of the row serves every head, and one launch runs
+		// all heads' products (each warp's rows lie in one head).
+		b.count(weightBytes(w))
 		a := b.quantize(ol, w.q.G)
-		b.do("expand values", func(c *Ctx) error {
-			for h := 0; h < s.Heads; h++ {
-				ah := &QActs{T: 1, K: s.Rank, G: a.G, Q: a.Q + uint64(h*s.Rank), Scales: a.Scales + uint64(4*h*s.Rank/a.G), Sums: a.Sums + uint64(4*h*s.Rank/32)}
-				if err := c.GEMV(om.ptr+uint64(4*h*s.VDim), om.ld, weightRows(w, h*s.VDim, s.VDim).q, ah, GEMVAuto); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
+		b.do("expand values", func(c *Ctx) error { return c.GEMVHeads(om.ptr, w.q, a, s.Heads, s.VDim) })
 		return
 	}
 	for h := 0; h < s.Heads; h++ {
@@ -1112,6 +1243,93 @@ func (b *Backend) Route(logits backend.Tensor, bias backend.Weight, cfg backend.
 	return r
 }
 
+// MoEShared adds the routed experts' and the shared experts' outputs to
+// dst: for one token, all of them in the fused kernels' one pass (the
+// shared experts are slots after the routed ones, weight 1); otherwise MoE,
+// then each shared expert's block added to dst.
+func (b *Backend) MoEShared(dst, x backend.Tensor, r backend.Routing, experts, shared []backend.Expert) {
+	d, xm := asTensor(dst), asTensor(x)
+	rt, ok := r.(*routing)
+	if !ok {
+		panic(fmt.Sprintf("cuda backend: routing of type %T from another backend", r))
+	}
+	if !b.opts.NoFusedMoE && d.rows == 1 && xm.rows == 1 && rt.Tokens() == 1 && len(experts) > 0 && d.cols == xm.cols {
+		if l := b.moeLayerShared(experts, shared, rt.topK); l != nil {
+			b.wrote(d)
+			e := experts[0]
+			b.count(int64(rt.topK) * (weightBytes(asWeight(e.Gate)) + weightBytes(asWeight(e.Up)) + weightBytes(asWeight(e.Down))))
+			for _, s := range shared {
+				b.count(weightBytes(asWeight(s.Gate)) + weightBytes(asWeight(s.Up)) + weightBytes(asWeight(s.Down)))
+			}
+			a := b.quantize(xm, l.table.G)
+			b.do("moe", func(c *Ctx) error {
+				return c.MoE(d.ptr, true, l.table, rt.ids, rt.wts, rt.topK, a, l.scratch[rt.topK])
+			})
+			return
+		}
+	}
+	b.MoE(dst, x, r, experts)
+	for _, s := range shared {
+		inter := s.Gate.Rows()
+		g, u := b.NewTensor(xm.rows, inter), b.NewTensor(xm.rows, inter)
+		b.MatMul(g, x, s.Gate)
+		b.MatMul(u, x, s.Up)
+		b.SwiGLU(g, g, u)
+		out := b.NewTensor(xm.rows, xm.cols)
+		b.MatMul(out, g, s.Down)
+		b.Add(dst, dst, out)
+	}
+}
+
+// moeLayerShared is moeLayer for a table with the shared experts after the
+// routed ones.
+func (b *Backend) moeLayerShared(experts, shared []backend.Expert, topK int) *moeLayer {
+	if q := asWeight(experts[0].Gate).q; q != nil {
+		if l := b.moeShared[q]; l != nil && l.scratch[topK] != nil {
+			return l
+		}
+	}
+	mats := func(es []backend.Expert) []ExpertMats {
+		var out []ExpertMats
+		for _, e := range es {
+			g, u, dn := asWeight(e.Gate), asWeight(e.Up), asWeight(e.Down)
+			if g.q == nil || u.q == nil || dn.q == nil {
+				return nil
+			}
+			out = append(out, ExpertMats{Gate: g.q, Up: u.q, Down: dn.q})
+		}
+		return out
+	}
+	routed, sh := mats(experts), mats(shared)
+	if routed == nil || len(sh) != len(shared) {
+		return nil
+	}
+	l := b.moeShared[routed[0].Gate]
+	b.flush()
+	err := b.dev.Do(func(c *Ctx) error {
+		if l == nil {
+			t, err := c.NewExpertTable(routed, sh)
+			if err != nil {
+				return err
+			}
+			l = &moeLayer{table: t, scratch: map[int]*MoEScratch{}}
+			b.moeShared[routed[0].Gate] = l
+		}
+		if l.scratch[topK] == nil {
+			s, err := c.NewMoEScratch(l.table, topK)
+			if err != nil {
+				return err
+			}
+			l.scratch[topK] = s
+		}
+		return nil
+	})
+	if err != nil {
+		return nil
+	}
+	return l
+}
+
 // moeLayer is a MoE layer's expert table and per-top-k scratch for the
 // fused single-token kernels.
 type moeLayer struct {
@@ -1131,6 +1349,7 @@ func (b *Backend) MoE(dst, x backend.Tensor, r backend.Routing, experts []backen
 		b.badShape("moe routing", [2]int{rt.Tokens(), 1}, [2]int{xm.rows, 1}) || d.rows == 0 || len(experts) == 0 {
 		return
 	}
+	b.wrote(d)
 	if !b.opts.NoFusedMoE && d.rows == 1 {
 		if l := b.moeLayer(experts, rt.topK); l != nil {
 			// One token: topK distinct experts (the ids stay on the device).

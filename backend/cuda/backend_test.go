@@ -315,6 +315,34 @@ func TestBackendMoEMatchesCPU(t *testing.T) {
 					b.MoE(out, xt, rt, experts)
 					return append(b.Download(logits), b.Download(out)...)
 				})
+				// The last expert doubles as a shared expert: the GPU runs it
+				// in the same pass (MoEShared), the CPU as its own block.
+				compareOp(t, g, c, fmt.Sprintf("moe+shared %s T=%d fused=%v", kind, T, fused), bound, func(b backend.Backend) []float32 {
+					b.SetBatch(simpleBatch(T, 0), nil)
+					var experts []backend.Expert
+					for _, h := range hosts[kind] {
+						experts = append(experts, backend.Expert{Gate: mustWeight(t, b, h[0]), Up: mustWeight(t, b, h[1]), Down: mustWeight(t, b, h[2])})
+					}
+					shared := experts[E-1:]
+					xt := b.NewTensor(T, K)
+					b.Upload(xt, x)
+					logits := b.NewTensor(T, E)
+					b.MatMul(logits, xt, mustWeight(t, b, router))
+					rt := b.Route(logits, mustWeight(t, b, bias), cfg)
+					out := b.NewTensor(T, K)
+					if sm, ok := b.(backend.SharedMoE); ok {
+						sm.MoEShared(out, xt, rt, experts, shared)
+						return b.Download(out)
+					}
+					b.MoE(out, xt, rt, experts)
+					gt, ut, o := b.NewTensor(T, I), b.NewTensor(T, I), b.NewTensor(T, K)
+					b.MatMul(gt, xt, shared[0].Gate)
+					b.MatMul(ut, xt, shared[0].Up)
+					b.SwiGLU(gt, gt, ut)
+					b.MatMul(o, gt, shared[0].Down)
+					b.Add(out, out, o)
+					return b.Download(out)
+				})
 			}
 		}
 	}

@@ -12,7 +12,8 @@ import (
 	"text/tabwriter"
 )
 
-// profiler times every queued op on the device (MMFP4_CUDA_PROFILE=1): each
+// profiler times every queued op of one-row (decode) steps on the device
+// (MMFP4_CUDA_PROFILE=1): each
 // flush first queues a spin kernel long enough for the host to queue the
 // ops behind it, then an event between consecutive ops, so each op's time
 // is device time without the host's launch gaps (about what a graph replay

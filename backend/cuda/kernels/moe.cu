@@ -40,6 +40,8 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
               const float* __restrict__ x, int ldx, int E, int K, int topk, int groups,
               int topk_groups, int norm, float scaling, i32* __restrict__ ids,
               float* __restrict__ wts, float* __restrict__ logits_out) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   __shared__ float score[MAX_EXPERTS], choice[MAX_EXPERTS];
   const int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const float* xr = x + (size_t)t * ldx;
@@ -115,6 +117,8 @@ extern "C" __global__ void __launch_bounds__(128)
     moe_gate_up(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
                 int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
                 const float* __restrict__ xs, const i32* __restrict__ xsum, float* __restrict__ h) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   const int slot = blockIdx.y, lane = threadIdx.x & 31;
   const int row0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 4;
   if (row0 >= I) return;
@@ -157,6 +161,8 @@ extern "C" __global__ void __launch_bounds__(128)
              int gshift, const i8* __restrict__ hq, const float* __restrict__ hs,
              const i32* __restrict__ hsum, float* __restrict__ partial, u32* __restrict__ counters,
              float* __restrict__ y, int accumulate) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   __shared__ bool last;
   const int slot = blockIdx.y, lane = threadIdx.x & 31;
   const int row0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 4;
@@ -174,6 +180,90 @@ extern "C" __global__ void __launch_bounds__(128)
     float out[4][1];
     gemv_dot<1, 4, true>(rc, rs, I, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK,
                          hsum + (size_t)slot * (I / 32), out);
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      const int n = row0 + r;
+      if (lane == r && n < N) partial[(size_t)slot * N + n] = out[r][0] * (ex.down.row_scale[n] * 0.5f);
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&counters[blockIdx.x], 1u) == (u32)(nslots - 1);
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int n = blockIdx.x * 16 + threadIdx.x;
+  if (threadIdx.x < 16 && n < N) {
+    float total = 0.f;
+    for (int s = 0; s < nslots; s++) {
+      const float w = s < topk ? wts[s] : 1.f;
+      total += w * __ldcg(partial + (size_t)s * N + n);
+    }
+    y[n] = accumulate ? y[n] + total : total;
+  }
+  if (threadIdx.x == 0) counters[blockIdx.x] = 0;
+}
+
+// moe_down with the quantization of h fused in: each block first quantizes
+// its slot's row of h (I floats, as rmsnorm_quant does without a gain) into
+// shared memory, then runs its rows against it; the rest is moe_down.
+// I <= MOE_MAX_I.
+#define MOE_MAX_I 4096
+
+extern "C" __global__ void __launch_bounds__(128)
+    moe_down_q(const Expert* __restrict__ experts, const i32* __restrict__ ids,
+               const float* __restrict__ wts, int topk, int nslots, int nexperts, int N, int I,
+               int gshift, const float* __restrict__ h, float* __restrict__ partial,
+               u32* __restrict__ counters, float* __restrict__ y, int accumulate) {
+  PDL_LAUNCH();
+  __shared__ __align__(16) i8 sq[MOE_MAX_I];
+  __shared__ float ss[MOE_MAX_I / 32];
+  __shared__ bool last;
+  const int slot = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int row0 = (blockIdx.x * 4 + warp) * 4;
+  const int G = 32 << gshift, GK = I / G, E = G >> 5;
+  PDL_WAIT();
+  const float* hr = h + (size_t)slot * I;
+  for (int g = warp; g < GK; g += 4) {
+    const int k0 = g * G + lane * E;
+    float v[4];
+    float amax = 0.f;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      if (e < E) {
+        v[e] = __ldcg(hr + k0 + e);
+        amax = fmaxf(amax, fabsf(v[e]));
+      }
+    }
+    amax = warp_max(amax);
+    const float scale = amax / 127.f;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      if (e < E) {
+        i32 q = 0;
+        if (amax != 0.f) {
+          float r = v[e] / scale;
+          r = r >= 0.f ? r + 0.5f : r - 0.5f;
+          q = max(-127, min(127, (i32)r));
+        }
+        sq[k0 + e] = (i8)q;
+      }
+    }
+    if (lane == 0) ss[g] = amax == 0.f ? 0.f : scale;
+  }
+  __syncthreads();
+  if (row0 < N) {
+    const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
+    const u8* rc[4];
+    const u8* rs[4];
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      const int n = min(row0 + r, N - 1);
+      rc[r] = ex.down.codes + (size_t)n * (I / 2);
+      rs[r] = ex.down.scales + (size_t)n * GK;
+    }
+    float out[4][1];
+    gemv_dot<1, 4, true, true>(rc, rs, I, gshift, sq, ss, nullptr, out);
 #pragma unroll
     for (int r = 0; r < 4; r++) {
       const int n = row0 + r;

@@ -9,6 +9,8 @@
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     dense_matmul(const float* __restrict__ W, int N, int K, const float* __restrict__ x, int ldx,
                  float* __restrict__ y, int ldy) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int n = blockIdx.x * (OPS_THREADS / 32) + warp, t = blockIdx.y;
   if (n >= N) return;
@@ -23,6 +25,8 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
 // dst = a + b, one block per row.
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     add_rows(float* d, int ldd, const float* a, int lda, const float* b, int ldb, int cols) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   const int t = blockIdx.x;
   for (int i = threadIdx.x; i < cols; i += OPS_THREADS)
     d[(size_t)t * ldd + i] = a[(size_t)t * lda + i] + b[(size_t)t * ldb + i];
@@ -34,6 +38,8 @@ DEVICE float silu_ref(float x) { return x / (1.f + (float)exp(-(double)x)); }
 // dst = silu(gate) * up, one block per row.
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     swiglu_rows(float* d, int ldd, const float* g, int ldg, const float* u, int ldu, int cols) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   const int t = blockIdx.x;
   for (int i = threadIdx.x; i < cols; i += OPS_THREADS)
     d[(size_t)t * ldd + i] = __fmul_rn(silu_ref(g[(size_t)t * ldg + i]), u[(size_t)t * ldu + i]);
@@ -45,6 +51,8 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     rope_rows(float* x, int ldx, int heads, int head_stride, int offset, int dim, int interleaved,
               const float* __restrict__ cs, int T) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   const int t = blockIdx.x, half = dim / 2;
   const float* c = cs + (size_t)t * half;
   const float* s = cs + (size_t)T * half + (size_t)t * half;
@@ -61,6 +69,8 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
 // dst row i = src row rows[i].
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     gather_rows(float* d, int ldd, const float* s, int lds, const i32* __restrict__ rows, int cols) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   const int i = blockIdx.x;
   const float* src = s + (size_t)rows[i] * lds;
   for (int k = threadIdx.x; k < cols; k += OPS_THREADS) d[(size_t)i * ldd + k] = src[k];
@@ -106,6 +116,8 @@ DEVICE u32 e4m3_encode(float x) {
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     cache_write(void* layer, int dtype, const i32* __restrict__ slots, const float* lat, int ldl,
                 const float* kpe, int ldk, int rank, int rope) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   const int t = blockIdx.x, width = rank + rope;
   const size_t slot = (size_t)slots[t];
   for (int j = threadIdx.x; j < width; j += OPS_THREADS) {
@@ -123,6 +135,8 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     cache_write_fp8(void* layer, const i32* __restrict__ slots, const float* lat, int ldl,
                     const float* kpe, int ldk, int rank, int rope) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   __shared__ float part[2][OPS_THREADS / 32];
   __shared__ float scales[2];
   const int t = blockIdx.x, width = rank + rope, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -173,6 +187,8 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
                      const i32* __restrict__ row_seq, const i32* __restrict__ seq_blocks,
                      const i32* __restrict__ blocks, int block_size, int heads, int rank, int dn,
                      int dr, float scale, float* scratch, int maxn) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   __shared__ double dpart[OPS_THREADS / 32];
   __shared__ float fpart[OPS_THREADS / 32];
   __shared__ float smax;
@@ -261,6 +277,8 @@ DEVICE float weight_at(const float* dense, const u8* codes, const u8* scales, co
 extern "C" __global__ void __launch_bounds__(64)
     absorb_query(float* qlat, int ldql, const float* q, int ldq, const float* dense, const u8* codes,
                  const u8* scales, const float* row_scale, int G, int rank, int dn, int dr) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   const int t = blockIdx.x, h = blockIdx.y;
   const float* qn = q + (size_t)t * ldq + (size_t)h * (dn + dr);
   const int r = blockIdx.z * 64 + threadIdx.x;
@@ -275,6 +293,8 @@ extern "C" __global__ void __launch_bounds__(64)
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     scatter_axpy(float* d, int ldd, const float* s, int lds, const i32* __restrict__ rows,
                  const float* __restrict__ w, int cols) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   const int i = blockIdx.x;
   float* dst = d + (size_t)rows[i] * ldd;
   const float a = w[i];
@@ -294,6 +314,8 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
                            const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks,
                            int block_size, int heads, int rank, int dn, int dr, float scale,
                            int splits, float* part_m, float* part_s, float* part_acc) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   __shared__ float sc[SPLIT_POS];
   __shared__ float smax;
   extern __shared__ float acc[];
@@ -362,6 +384,8 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     attention_merge(float* olat, int ldo, int heads, int rank, int splits, const float* part_m,
                     const float* part_s, const float* part_acc) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   const int t = blockIdx.x, h = blockIdx.y;
   const size_t base = ((size_t)t * heads + h) * splits;
   float M = __int_as_float(0xff800000);
@@ -382,6 +406,81 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
 
 // out[i] = e4m3_encode(x[i]), for testing the encoder against the format's.
 extern "C" __global__ void e4m3_encode_n(const float* x, u8* out, int n) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n) out[i] = (u8)e4m3_encode(x[i]);
+}
+
+// The absorbed query on MMFP4 W_UK [H*dn][rank] (rank a multiple of 32, at
+// most 512), one block of ABSORB_WARPS warps per (row t, head h):
+//   qlat[t,h,c] = sum_i q_nope[t,h,i] W_UK[h*dn+i][c]
+// Each half-warp takes rows i = 2*warp+half, +2*ABSORB_WARPS, ...; lane l of
+// a half-warp holds columns [32l, 32l+32): one 16-byte load of codes per row,
+// inside one scale group (G >= 32). The row's factor q_i * row_scale/2 *
+// scale multiplies the doubled E2M1 values. The two halves of a warp meet
+// by a shuffle, the warps in shared memory, in a fixed order.
+#define ABSORB_WARPS 16
+#define ABSORB_UNROLL 8
+
+extern "C" __global__ void __launch_bounds__(32 * ABSORB_WARPS)
+    absorb_query_q(float* qlat, int ldql, const float* q, int ldq, const u8* __restrict__ codes,
+                   const u8* __restrict__ scales, const float* __restrict__ row_scale, int G,
+                   int rank, int dn, int dr) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  __shared__ float part[ABSORB_WARPS][512];
+  __shared__ float lut[16];
+  const int t = blockIdx.x, h = blockIdx.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, half = lane >> 4, l = lane & 15;
+  if (threadIdx.x < 16) {
+    const int m = threadIdx.x & 7, e = m >> 1, f = m & 1;
+    const float v = e == 0 ? (float)f : (float)((2 + f) << (e - 1));  // doubled E2M1
+    lut[threadIdx.x] = threadIdx.x & 8 ? -v : v;
+  }
+  __syncthreads();
+  const float* qn = q + (size_t)t * ldq + (size_t)h * (dn + dr);
+  const bool active = l < rank / 32;
+  const int GK = rank / G;
+  float acc[32];
+#pragma unroll
+  for (int e = 0; e < 32; e++) acc[e] = 0.f;
+  if (active) {
+    for (int i0 = 2 * warp + half; i0 < dn; i0 += 2 * ABSORB_WARPS * ABSORB_UNROLL) {
+      uint4 w[ABSORB_UNROLL];
+      float f[ABSORB_UNROLL];
+#pragma unroll
+      for (int u = 0; u < ABSORB_UNROLL; u++) {
+        const int i = i0 + 2 * ABSORB_WARPS * u;
+        f[u] = 0.f;
+        if (i < dn) {
+          const size_t n = (size_t)h * dn + i;
+          w[u] = load_stream16(codes + n * (rank / 2) + l * 16);
+          f[u] = qn[i] * (row_scale[n] * 0.5f) * e4m3(scales[n * GK + (l * 32) / G]);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < ABSORB_UNROLL; u++) {
+        if (i0 + 2 * ABSORB_WARPS * u < dn) {
+          const u32 words[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
+#pragma unroll
+          for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[8 * j + e] += f[u] * lut[(words[j] >> (4 * e)) & 15];
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < 32; e++) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], 16);
+  if (half == 0 && active) {
+#pragma unroll
+    for (int e = 0; e < 32; e++) part[warp][l * 32 + e] = acc[e];
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < rank; c += 32 * ABSORB_WARPS) {
+    float s = 0.f;
+    for (int w = 0; w < ABSORB_WARPS; w++) s += part[w][c];
+    qlat[(size_t)t * ldql + (size_t)h * rank + c] = s;
+  }
 }

@@ -18,6 +18,8 @@ extern "C" __global__ void __launch_bounds__(QUANT_THREADS)
     rmsnorm_quant(const float* __restrict__ x, int ldx, const float* __restrict__ gain, float eps,
                   float* __restrict__ out, int ldo, i8* __restrict__ xq, float* __restrict__ xs,
                   i32* __restrict__ xsum, int K, int G) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   __shared__ double partial[QUANT_THREADS / 32];
   __shared__ float inv_s;
   const int t = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
