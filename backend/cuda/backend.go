@@ -48,6 +48,9 @@ type Backend struct {
 	// splitFloats bounds the split attention kernel's partial sums
 	// (maxSplitFloats; tests set 0 to cover the other kernel).
 	splitFloats int
+	// noHeadsAttention leaves out the all-heads split kernel, and
+	// noRouteLogits the one-warp router (tests).
+	noHeadsAttention, noRouteLogits bool
 
 	moe       map[*QMatrix]*moeLayer
 	moeShared map[*QMatrix]*moeLayer // tables with the shared experts
@@ -1103,7 +1106,39 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s bac
 		return
 	}
 	maxN := b.meta.maxN
-	if splits := splitBucket((maxN + attentionSplitPos - 1) / attentionSplitPos); T*s.Heads*splits*s.Rank <= b.splitFloats {
+	width := s.Rank + s.RopeDim
+	heads := 4 * (attentionHeadsPos*(width+1) + s.Heads*width + s.Heads*attentionHeadsPos)
+	if splits := splitBucket((maxN + attentionHeadsPos - 1) / attentionHeadsPos); !b.noHeadsAttention && T*s.Heads*splits*s.Rank <= b.splitFloats &&
+		splits <= maxMergeSplits && heads <= b.dev.Info().SharedOptin {
+		// Few rows: blocks of positions, each read once for all heads.
+		parts := T * s.Heads * splits
+		pm, ps, pacc := b.alloc(4*parts), b.alloc(4*parts), b.alloc(4*parts*s.Rank)
+		b.do("attention", func(c *Ctx) error {
+			k, err := c.Kernel("ops", "latent_attention_heads")
+			if err != nil {
+				return err
+			}
+			if k.maxShared < heads {
+				if err := c.SetMaxShared(k, heads); err != nil {
+					return err
+				}
+				k.maxShared = heads
+			}
+			if err := c.Launch(k, Dim{uint32(T), uint32(splits), 1}, D1(256), heads,
+				ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer), p.kernelDType(),
+				b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
+				s.Heads, s.Rank, s.NopeDim, s.RopeDim, scale, splits, pm, ps, pacc); err != nil {
+				return err
+			}
+			merge, err := c.Kernel("ops", "attention_merge")
+			if err != nil {
+				return err
+			}
+			return c.Launch(merge, Dim{uint32(T), uint32(s.Heads), 1}, D1(256), 0, om.ptr, om.ld, s.Heads, s.Rank, splits, pm, ps, pacc)
+		})
+		return
+	}
+	if splits := splitBucket((maxN + attentionSplitPos - 1) / attentionSplitPos); T*s.Heads*splits*s.Rank <= b.splitFloats && splits <= maxMergeSplits {
 		// Few rows: spread each row's positions over blocks, then merge.
 		parts := T * s.Heads * splits
 		pm, ps, pacc := b.alloc(4*parts), b.alloc(4*parts), b.alloc(4*parts*s.Rank)
@@ -1165,6 +1200,13 @@ const (
 	maxSplitFloats    = 16 << 20
 )
 
+// attentionHeadsPos is ATT_P in ops.cu (the positions of one block of
+// latent_attention_heads), maxMergeSplits MERGE_MAX_SPLITS.
+const (
+	attentionHeadsPos = 32
+	maxMergeSplits    = 2048
+)
+
 // ExpandValues applies the value up-projection head by head.
 func (b *Backend) ExpandValues(out, olat backend.Tensor, wUV backend.Weight, s backend.MLAShape) {
 	om, ol, w := asTensor(out), asTensor(olat), asWeight(wUV)
@@ -1221,6 +1263,15 @@ func (b *Backend) Route(logits backend.Tensor, bias backend.Weight, cfg backend.
 	}
 	b.count(4 * int64(bv.k))
 	r.ids, r.wts = b.alloc(4*lm.rows*cfg.TopK), b.alloc(4*lm.rows*cfg.TopK)
+	if cfg.Groups <= 1 && cfg.TopK <= 32 && !b.noRouteLogits {
+		// No expert groups: one warp per token picks from the logits.
+		norm := 0
+		if cfg.NormTopKProb {
+			norm = 1
+		}
+		b.launch("route", "moe", "moe_route_logits", D1(lm.rows), D1(32), lm.ptr, lm.ld, bv.dense, E, cfg.TopK, norm, cfg.RoutedScaling, r.ids, r.wts)
+		return r
+	}
 	b.do("route", func(c *Ctx) error {
 		id, ok := b.identity[E]
 		if !ok {

@@ -90,6 +90,8 @@ type Kernel struct {
 	// Regs and LocalBytes are the compiler's register count and per-thread
 	// local memory (stack and spills).
 	Regs, LocalBytes int
+	// maxShared is the dynamic shared memory the kernel has been allowed.
+	maxShared int
 }
 
 const maxKernelArgs = 32

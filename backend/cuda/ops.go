@@ -96,7 +96,13 @@ func (c *Ctx) RMSNormQuant(x uint64, ldx int, gain uint64, eps float32, out uint
 	if err != nil {
 		return err
 	}
-	return c.Launch(k, D1(rows), D1(256), 0, x, ldx, gain, eps, out, ldo, q, s, sums, K, G)
+	// Without a norm, blocks of eight groups (QUANT_THREADS/32) each; a
+	// norm stays one block per row, since it may write over its input.
+	groupBlocks := 1
+	if gain == 0 {
+		groupBlocks = (K/G + 7) / 8
+	}
+	return c.Launch(k, Dim{uint32(rows), uint32(groupBlocks), 1}, D1(256), 0, x, ldx, gain, eps, out, ldo, q, s, sums, K, G)
 }
 
 // GEMVVariant picks the GEMV kernel.

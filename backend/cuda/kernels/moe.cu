@@ -287,3 +287,68 @@ extern "C" __global__ void __launch_bounds__(128)
   }
   if (threadIdx.x == 0) counters[blockIdx.x] = 0;
 }
+
+// The expert choice of moe_route from router logits when there are no
+// expert groups (groups <= 1), one warp per token: lane l holds experts l,
+// l+32, ... (E <= 32*ROUTE_PER). Each of the topk rounds takes the best
+// untaken choice, ties to the lower index, by a warp reduction; weights and
+// their normalisation as moe_route.
+#define ROUTE_PER 16
+
+extern "C" __global__ void __launch_bounds__(32)
+    moe_route_logits(const float* __restrict__ logits, int ld, const float* __restrict__ bias, int E,
+                     int topk, int norm, float scaling, i32* __restrict__ ids,
+                     float* __restrict__ wts) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  const int t = blockIdx.x, lane = threadIdx.x;
+  const float NEG_INF = __int_as_float(0xff800000);
+  float score[ROUTE_PER], choice[ROUTE_PER];
+#pragma unroll
+  for (int i = 0; i < ROUTE_PER; i++) {
+    const int e = lane + 32 * i;
+    score[i] = 0.f;
+    choice[i] = NEG_INF;
+    if (e < E) {
+      const float acc = logits[(size_t)t * ld + e];
+      const float sg = (float)(1.0 / (1.0 + exp(-(double)acc)));
+      score[i] = sg;
+      choice[i] = sg + bias[e];
+    }
+  }
+  u32 taken = 0;
+  float sum = 0.f, mine = 0.f;  // lane k keeps the k-th weight (topk <= 32)
+  for (int k = 0; k < topk; k++) {
+    float bv = NEG_INF, bs = 0.f;
+    int bi = 1 << 30;
+#pragma unroll
+    for (int i = 0; i < ROUTE_PER; i++) {
+      const int e = lane + 32 * i;
+      if (e < E && !(taken >> i & 1u) && (bi == (1 << 30) || choice[i] > bv)) {
+        bv = choice[i];
+        bi = e;
+        bs = score[i];
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      const float os = __shfl_xor_sync(0xffffffffu, bs, o);
+      if (oi != (1 << 30) && (bi == (1 << 30) || ov > bv || (ov == bv && oi < bi))) {
+        bv = ov;
+        bi = oi;
+        bs = os;
+      }
+    }
+    if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
+    sum += bs;
+    if (lane == k) mine = bs;
+    if (lane == 0) ids[(size_t)t * topk + k] = bi;
+  }
+  if (lane < topk) {
+    float w = mine;
+    if (norm) w /= sum + 1e-20f;
+    wts[(size_t)t * topk + lane] = w * scaling;
+  }
+}

@@ -381,26 +381,112 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
 }
 
 // olat[t,h] = sum_s w_s acc_s / sum_s w_s s_s with w_s = exp(m_s - max m).
+// The splits' weights are computed once per block (MERGE_MAX_SPLITS at
+// most), each as the float the column loop used to recompute.
+#define MERGE_MAX_SPLITS 2048
+
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     attention_merge(float* olat, int ldo, int heads, int rank, int splits, const float* part_m,
                     const float* part_s, const float* part_acc) {
   PDL_LAUNCH();
   PDL_WAIT();
+  __shared__ float w[MERGE_MAX_SPLITS];
+  __shared__ float inv_s;
   const int t = blockIdx.x, h = blockIdx.y;
   const size_t base = ((size_t)t * heads + h) * splits;
   float M = __int_as_float(0xff800000);
   for (int s = 0; s < splits; s++) M = fmaxf(M, part_m[base + s]);
-  double total = 0;
-  for (int s = 0; s < splits; s++)
-    if (part_s[base + s] > 0.f) total += (double)part_s[base + s] * exp((double)(part_m[base + s] - M));
-  const float inv = (float)(1.0 / total);
+  for (int s = threadIdx.x; s < splits; s += OPS_THREADS)
+    w[s] = part_s[base + s] > 0.f ? (float)exp((double)(part_m[base + s] - M)) : 0.f;
+  if (threadIdx.x == 0) {
+    double total = 0;
+    for (int s = 0; s < splits; s++)
+      if (part_s[base + s] > 0.f) total += (double)part_s[base + s] * exp((double)(part_m[base + s] - M));
+    inv_s = (float)(1.0 / total);
+  }
+  __syncthreads();
+  const float inv = inv_s;
   for (int k = threadIdx.x; k < rank; k += OPS_THREADS) {
     float sum = 0.f;
     for (int s = 0; s < splits; s++) {
-      if (part_s[base + s] > 0.f)
-        sum += (float)exp((double)(part_m[base + s] - M)) * part_acc[(base + s) * rank + k];
+      if (part_s[base + s] > 0.f) sum += w[s] * part_acc[(base + s) * rank + k];
     }
     olat[(size_t)t * ldo + (size_t)h * rank + k] = sum * inv;
+  }
+}
+
+// Split latent attention with every head in one block, for few rows: block
+// (t, s) stages positions [s*ATT_P, (s+1)*ATT_P) of row t (each cached
+// latent read once for all heads, as floats, rows padded by one against
+// bank conflicts) and the row's queries in shared memory; warp w scores
+// heads w, w+8, ... with lane j on position j; then each thread sums e_j c_j
+// for its (head, column) outputs. The partials are attention_merge's, as
+// latent_attention_split writes them. Dynamic shared memory:
+// 4 * (ATT_P*(rank+dr+1) + heads*(rank+dr) + heads*ATT_P) bytes.
+#define ATT_P 32
+
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    latent_attention_heads(const float* qlat, int ldql, const float* q, int ldq, const void* layer,
+                           int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,
+                           const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks,
+                           int block_size, int heads, int rank, int dn, int dr, float scale,
+                           int splits, float* part_m, float* part_s, float* part_acc) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  extern __shared__ float sm[];
+  const int t = blockIdx.x, s = blockIdx.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int width = rank + dr, ld = width + 1;
+  float* cb = sm;                   // [ATT_P][ld]
+  float* qs = cb + ATT_P * ld;      // [heads][width]: qlat, then q_pe
+  float* es = qs + heads * width;   // [heads][ATT_P]
+  const int n = pos[t] + 1, j0 = s * ATT_P, nj = min(n - j0, ATT_P);
+  const size_t part = (size_t)t * heads * splits + s;  // + h * splits
+  if (nj <= 0) {
+    for (int h = threadIdx.x; h < heads; h += OPS_THREADS) {
+      part_m[part + (size_t)h * splits] = __int_as_float(0xff800000);
+      part_s[part + (size_t)h * splits] = 0.f;
+    }
+    return;
+  }
+  const i32* table = blocks + seq_blocks[row_seq[t]];
+  for (int i = threadIdx.x; i < nj * width; i += OPS_THREADS) {
+    const int j = i / width, k = i - j * width, pj = j0 + j;
+    const size_t slot = (size_t)table[pj / block_size] * block_size + pj % block_size;
+    cb[j * ld + k] = cache_load(layer, dtype, slot, width, rank, k);
+  }
+  for (int i = threadIdx.x; i < heads * width; i += OPS_THREADS) {
+    const int h = i / width, k = i - h * width;
+    qs[i] = k < rank ? qlat[(size_t)t * ldql + (size_t)h * rank + k]
+                     : q[(size_t)t * ldq + (size_t)h * (dn + dr) + dn + (k - rank)];
+  }
+  __syncthreads();
+  for (int h = warp; h < heads; h += OPS_THREADS / 32) {
+    float sc = __int_as_float(0xff800000);
+    if (lane < nj) {
+      const float* qh = qs + h * width;
+      const float* cj = cb + lane * ld;
+      float a = 0.f, b = 0.f;
+      for (int k = 0; k < rank; k++) a += qh[k] * cj[k];
+      for (int k = rank; k < width; k++) b += qh[k] * cj[k];
+      sc = scale * (a + b);
+    }
+    const float m = warp_max(sc);
+    const float e = lane < nj ? (float)exp((double)(sc - m)) : 0.f;
+    const float sum = warp_sum(e);
+    es[h * ATT_P + lane] = e;
+    if (lane == 0) {
+      part_m[part + (size_t)h * splits] = m;
+      part_s[part + (size_t)h * splits] = sum;
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < heads * rank; i += OPS_THREADS) {
+    const int h = i / rank, k = i - h * rank;
+    const float* eh = es + h * ATT_P;
+    float acc = 0.f;
+    for (int j = 0; j < nj; j++) acc += eh[j] * cb[j * ld + k];
+    part_acc[(part + (size_t)h * splits) * rank + k] = acc;
   }
 }
 

@@ -10,7 +10,10 @@
 //
 // Every step is evaluated as the CPU backend does it (the sum of squares in
 // float64, the division by the scale in float32, the rounding by adding 0.5
-// and truncating), so the int8 values are identical to the CPU's.
+// and truncating), so the int8 values are identical to the CPU's. Grid
+// (rows, y): the y blocks of a row split its groups, eight at a time, so one
+// long row is not one block's serial work; y = 1 with a gain (the norm may
+// write over its input, which every block would read).
 
 #define QUANT_THREADS 256
 
@@ -46,7 +49,7 @@ extern "C" __global__ void __launch_bounds__(QUANT_THREADS)
 
   // One warp per group; lane l holds E = G/32 consecutive columns.
   const int E = G >> 5;
-  for (int g = warp; g < K / G; g += QUANT_THREADS / 32) {
+  for (int g = blockIdx.y * (QUANT_THREADS / 32) + warp; g < K / G; g += gridDim.y * (QUANT_THREADS / 32)) {
     const int k0 = g * G + lane * E;
     float v[4];
     float amax = 0.f;
