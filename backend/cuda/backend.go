@@ -906,14 +906,19 @@ func (b *Backend) RoPE(x backend.Tensor, heads, headStride, offset, dim int, the
 	key := ropeKey{dim, theta}
 	p, ok := b.ropeTables[key]
 	if !ok {
+		// As the CPU backend: frequencies and angles in float64 (float32
+		// holds pos * inv_freq only to about 1e-2 rad at long positions).
+		freq := make([]float64, half)
+		for i := range freq {
+			freq[i] = math.Pow(theta, -float64(2*i)/float64(dim))
+		}
 		cs := make([]float32, 2*T*half)
 		for t := 0; t < T; t++ {
 			pos := float64(b.batch.Positions[t])
 			for i := 0; i < half; i++ {
-				invFreq := float32(1 / math.Pow(theta, float64(float32(2*i)/float32(dim))))
-				angle := float32(pos) * invFreq
-				cs[t*half+i] = float32(math.Cos(float64(angle)))
-				cs[T*half+t*half+i] = float32(math.Sin(float64(angle)))
+				angle := pos * freq[i]
+				cs[t*half+i] = float32(math.Cos(angle))
+				cs[T*half+t*half+i] = float32(math.Sin(angle))
 			}
 		}
 		p = b.alloc(4 * len(cs))

@@ -381,8 +381,11 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
 }
 
 // olat[t,h] = sum_s w_s acc_s / sum_s w_s s_s with w_s = exp(m_s - max m).
-// The splits' weights are computed once per block (MERGE_MAX_SPLITS at
-// most), each as the float the column loop used to recompute.
+// The splits that hold positions are a prefix (their sums are at least 1);
+// their maxima and weights are staged in shared memory in parallel, and
+// each column's sum over them is a chain of independent loads. The values
+// are those of a sequential evaluation: weights rounded to float once, the
+// denominator summed in float64 in split order.
 #define MERGE_MAX_SPLITS 2048
 
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
@@ -391,26 +394,49 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
   PDL_LAUNCH();
   PDL_WAIT();
   __shared__ float w[MERGE_MAX_SPLITS];
+  __shared__ double term[MERGE_MAX_SPLITS];
+  __shared__ float fpart[OPS_THREADS / 32];
   __shared__ float inv_s;
-  const int t = blockIdx.x, h = blockIdx.y;
+  __shared__ int used_s;
+  const int t = blockIdx.x, h = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const size_t base = ((size_t)t * heads + h) * splits;
-  float M = __int_as_float(0xff800000);
-  for (int s = 0; s < splits; s++) M = fmaxf(M, part_m[base + s]);
-  for (int s = threadIdx.x; s < splits; s += OPS_THREADS)
-    w[s] = part_s[base + s] > 0.f ? (float)exp((double)(part_m[base + s] - M)) : 0.f;
+  float m = __int_as_float(0xff800000);
+  for (int s = threadIdx.x; s < splits; s += OPS_THREADS) {
+    w[s] = part_m[base + s];
+    term[s] = (double)part_s[base + s];
+    m = fmaxf(m, w[s]);
+  }
+  m = warp_max(m);
+  if (lane == 0) fpart[warp] = m;
+  __syncthreads();
+  float M = fpart[0];
+  for (int i = 1; i < OPS_THREADS / 32; i++) M = fmaxf(M, fpart[i]);
+  for (int s = threadIdx.x; s < splits; s += OPS_THREADS) {
+    const double e = exp((double)(w[s] - M));
+    const bool valid = term[s] > 0.0;
+    w[s] = valid ? (float)e : 0.f;
+    term[s] = valid ? term[s] * e : -1.0;
+  }
+  __syncthreads();
   if (threadIdx.x == 0) {
     double total = 0;
-    for (int s = 0; s < splits; s++)
-      if (part_s[base + s] > 0.f) total += (double)part_s[base + s] * exp((double)(part_m[base + s] - M));
+    int used = 0;
+    for (int s = 0; s < splits; s++) {
+      if (term[s] >= 0.0) {
+        total += term[s];
+        used = s + 1;
+      }
+    }
     inv_s = (float)(1.0 / total);
+    used_s = used;
   }
   __syncthreads();
   const float inv = inv_s;
+  const int used = used_s;
   for (int k = threadIdx.x; k < rank; k += OPS_THREADS) {
     float sum = 0.f;
-    for (int s = 0; s < splits; s++) {
-      if (part_s[base + s] > 0.f) sum += w[s] * part_acc[(base + s) * rank + k];
-    }
+#pragma unroll 4
+    for (int s = 0; s < used; s++) sum += w[s] * part_acc[(base + s) * rank + k];
     olat[(size_t)t * ldo + (size_t)h * rank + k] = sum * inv;
   }
 }
@@ -418,12 +444,28 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
 // Split latent attention with every head in one block, for few rows: block
 // (t, s) stages positions [s*ATT_P, (s+1)*ATT_P) of row t (each cached
 // latent read once for all heads, as floats, rows padded by one against
-// bank conflicts) and the row's queries in shared memory; warp w scores
+// bank conflicts) and the row's queries in shared memory. Warp w scores
 // heads w, w+8, ... with lane j on position j; then each thread sums e_j c_j
-// for its (head, column) outputs. The partials are attention_merge's, as
-// latent_attention_split writes them. Dynamic shared memory:
+// for its (head, column) outputs. The sums are taken in the order of
+// latent_attention_split (a score as 32 lane-strided partial sums added in
+// butterfly order; a column as eight position-strided partial sums added in
+// order), so one block of positions gives its partials bit for bit. The
+// partials are attention_merge's. Dynamic shared memory:
 // 4 * (ATT_P*(rank+dr+1) + heads*(rank+dr) + heads*ATT_P) bytes.
 #define ATT_P 32
+
+// p[0] = the sum of p[0..31] in warp_sum's butterfly order.
+DEVICE void butterfly32(float (&p)[32]) {
+#pragma unroll
+  for (int l = 0; l < 16; l++) p[l] = p[l] + p[l + 16];
+#pragma unroll
+  for (int l = 0; l < 8; l++) p[l] = p[l] + p[l + 8];
+#pragma unroll
+  for (int l = 0; l < 4; l++) p[l] = p[l] + p[l + 4];
+#pragma unroll
+  for (int l = 0; l < 2; l++) p[l] = p[l] + p[l + 2];
+  p[0] = p[0] + p[1];
+}
 
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     latent_attention_heads(const float* qlat, int ldql, const float* q, int ldq, const void* layer,
@@ -450,10 +492,10 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     return;
   }
   const i32* table = blocks + seq_blocks[row_seq[t]];
-  for (int i = threadIdx.x; i < nj * width; i += OPS_THREADS) {
-    const int j = i / width, k = i - j * width, pj = j0 + j;
+  for (int j = warp; j < nj; j += OPS_THREADS / 32) {
+    const int pj = j0 + j;
     const size_t slot = (size_t)table[pj / block_size] * block_size + pj % block_size;
-    cb[j * ld + k] = cache_load(layer, dtype, slot, width, rank, k);
+    for (int k = lane; k < width; k += 32) cb[j * ld + k] = cache_load(layer, dtype, slot, width, rank, k);
   }
   for (int i = threadIdx.x; i < heads * width; i += OPS_THREADS) {
     const int h = i / width, k = i - h * width;
@@ -466,10 +508,25 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     if (lane < nj) {
       const float* qh = qs + h * width;
       const float* cj = cb + lane * ld;
-      float a = 0.f, b = 0.f;
-      for (int k = 0; k < rank; k++) a += qh[k] * cj[k];
-      for (int k = rank; k < width; k++) b += qh[k] * cj[k];
-      sc = scale * (a + b);
+      float p[32];
+#pragma unroll
+      for (int l = 0; l < 32; l++) p[l] = 0.f;
+      for (int i = 0; i < rank; i += 32) {
+#pragma unroll
+        for (int l = 0; l < 32; l++)
+          if (i + l < rank) p[l] += qh[i + l] * cj[i + l];
+      }
+      butterfly32(p);
+      const float a = p[0];
+#pragma unroll
+      for (int l = 0; l < 32; l++) p[l] = 0.f;
+      for (int i = 0; i < dr; i += 32) {
+#pragma unroll
+        for (int l = 0; l < 32; l++)
+          if (i + l < dr) p[l] += qh[rank + i + l] * cj[rank + i + l];
+      }
+      butterfly32(p);
+      sc = scale * (a + p[0]);
     }
     const float m = warp_max(sc);
     const float e = lane < nj ? (float)exp((double)(sc - m)) : 0.f;
@@ -484,9 +541,18 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
   for (int i = threadIdx.x; i < heads * rank; i += OPS_THREADS) {
     const int h = i / rank, k = i - h * rank;
     const float* eh = es + h * ATT_P;
-    float acc = 0.f;
-    for (int j = 0; j < nj; j++) acc += eh[j] * cb[j * ld + k];
-    part_acc[(part + (size_t)h * splits) * rank + k] = acc;
+    float acc[8];
+#pragma unroll
+    for (int u = 0; u < 8; u++) acc[u] = 0.f;
+    for (int j = 0; j < nj; j += 8) {
+#pragma unroll
+      for (int u = 0; u < 8; u++)
+        if (j + u < nj) acc[u] += eh[j + u] * cb[(j + u) * ld + k];
+    }
+    float total = 0.f;
+#pragma unroll
+    for (int u = 0; u < 8; u++) total += acc[u];
+    part_acc[(part + (size_t)h * splits) * rank + k] = total;
   }
 }
 
