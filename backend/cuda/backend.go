@@ -70,6 +70,28 @@ type Backend struct {
 	// a product's quantization), for later products of the same tensor;
 	// an op that writes over a tensor drops its entry (wrote).
 	quantized []quantEntry
+	// lastAdd is the Add queued last (flushes counts the flushes, so that a
+	// flushed op is not mistaken for it): a RMSNorm of its result right
+	// after it replaces it with one fused launch.
+	lastAdd *addOp
+	flushes int
+	// lastDense is the dense product queued last: Route on its output
+	// right after it replaces it with the fused router kernel.
+	lastDense *denseOp
+	// routeCounters are moe_router_route's per-token counters (zero
+	// between launches).
+	routeCounters Buffer
+}
+
+type denseOp struct {
+	idx, flush int
+	d, x       tensor
+	w          *weight
+}
+
+type addOp struct {
+	idx, flush int
+	d, a, c    tensor
 }
 
 type zeroRange struct {
@@ -152,6 +174,7 @@ func (b *Backend) Close() error {
 		if b.graphs != nil {
 			errs = append(errs, b.graphs.free(c))
 		}
+		errs = append(errs, c.Free(b.routeCounters))
 		if b.pool != nil {
 			errs = append(errs, c.Free(b.pool.buf))
 		}
@@ -217,6 +240,7 @@ func (b *Backend) flush() {
 	}
 	ops := b.pending
 	b.zero = nil // its memset is in this flush
+	b.flushes++
 	err := b.dev.Do(func(c *Ctx) error {
 		if b.prof != nil && b.batchRows() == 1 {
 			return b.prof.run(c, ops)
@@ -813,6 +837,9 @@ func (b *Backend) MatMul(dst, x backend.Tensor, wt backend.Weight) {
 	if w.q == nil {
 		b.launch(b.opName("matmul", w), "ops", "dense_matmul", Dim{uint32((w.n + 7) / 8), uint32(d.rows), 1}, D1(256),
 			w.dense, w.n, w.k, xm.ptr, xm.ld, d.ptr, d.ld)
+		if b.err == nil {
+			b.lastDense = &denseOp{idx: len(b.pending) - 1, flush: b.flushes, d: *d, x: *xm, w: w}
+		}
 		return
 	}
 	a := b.quantize(xm, w.q.G)
@@ -876,11 +903,23 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 	b.count(4 * int64(g.k))
 	// The int8 form comes in the same pass, for the products that follow
 	// (a norm's output is what the projections read).
+	la := b.lastAdd
+	fuse := la != nil && la.flush == b.flushes && la.idx == len(b.pending)-1 && la.d == *xm
 	a := b.quantizeInto(d, G)
 	b.wrote(d)
-	b.do("rmsnorm", func(c *Ctx) error {
-		return c.RMSNormQuant(xm.ptr, xm.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
-	})
+	if fuse && la.flush == b.flushes && la.idx == len(b.pending)-1 {
+		// The Add just queued computed this norm's input: one launch for
+		// both (quantizeInto above queues nothing unless the arena grew,
+		// which flushes and is caught by the second check).
+		b.pending[la.idx] = queuedOp{"add+rmsnorm", func(c *Ctx) error {
+			return c.AddRMSNormQuant(la.d.ptr, la.d.ld, la.a.ptr, la.a.ld, la.c.ptr, la.c.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
+		}}
+		b.lastAdd = nil
+	} else {
+		b.do("rmsnorm", func(c *Ctx) error {
+			return c.RMSNormQuant(xm.ptr, xm.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
+		})
+	}
 	b.quantized = append(b.quantized, quantEntry{*d, a})
 }
 
@@ -941,6 +980,9 @@ func (b *Backend) Add(dst, a, c backend.Tensor) {
 	}
 	b.wrote(d)
 	b.launch("add", "ops", "add_rows", D1(d.rows), D1(256), d.ptr, d.ld, am.ptr, am.ld, cm.ptr, cm.ld, d.cols)
+	if b.err == nil {
+		b.lastAdd = &addOp{idx: len(b.pending) - 1, flush: b.flushes, d: *d, a: *am, c: *cm}
+	}
 }
 
 // SwiGLU computes dst = silu(gate) * up.
@@ -1269,11 +1311,25 @@ func (b *Backend) Route(logits backend.Tensor, bias backend.Weight, cfg backend.
 	b.count(4 * int64(bv.k))
 	r.ids, r.wts = b.alloc(4*lm.rows*cfg.TopK), b.alloc(4*lm.rows*cfg.TopK)
 	if cfg.Groups <= 1 && cfg.TopK <= 32 && !b.noRouteLogits {
-		// No expert groups: one warp per token picks from the logits.
 		norm := 0
 		if cfg.NormTopKProb {
 			norm = 1
 		}
+		if ld := b.lastDense; ld != nil && ld.flush == b.flushes && ld.idx == len(b.pending)-1 && ld.d == *lm && b.routeCountersFor(lm.rows) {
+			// The router's product was queued just before: one launch
+			// computes the logits (still written) and picks the experts.
+			b.pending[ld.idx] = queuedOp{"router+route", func(c *Ctx) error {
+				k, err := c.Kernel("moe", "moe_router_route")
+				if err != nil {
+					return err
+				}
+				return c.Launch(k, Dim{uint32((E + 7) / 8), uint32(lm.rows), 1}, D1(256), 0, ld.w.dense, E, ld.w.k, ld.x.ptr, ld.x.ld,
+					lm.ptr, lm.ld, bv.dense, cfg.TopK, norm, cfg.RoutedScaling, r.ids, r.wts, b.routeCounters)
+			}}
+			b.lastDense = nil
+			return r
+		}
+		// No expert groups: one warp per token picks from the logits.
 		b.launch("route", "moe", "moe_route_logits", D1(lm.rows), D1(32), lm.ptr, lm.ld, bv.dense, E, cfg.TopK, norm, cfg.RoutedScaling, r.ids, r.wts)
 		return r
 	}
@@ -1384,6 +1440,26 @@ func (b *Backend) moeLayerShared(experts, shared []backend.Expert, topK int) *mo
 		return nil
 	}
 	return l
+}
+
+// routeCountersFor makes sure there are zeroed router counters for rows
+// tokens (growing them waits for the queued ops, which the caller checks).
+func (b *Backend) routeCountersFor(rows int) bool {
+	if b.routeCounters.Size >= 4*rows {
+		return true
+	}
+	b.now("router counters", func(c *Ctx) error {
+		if err := c.Free(b.routeCounters); err != nil {
+			return err
+		}
+		buf, err := c.Alloc(4 * max(rows, 64))
+		if err != nil {
+			return err
+		}
+		b.routeCounters = buf
+		return c.Memset(buf.Ptr, 0, buf.Size)
+	})
+	return false // the queue was flushed: the product is no longer the last op
 }
 
 // moeLayer is a MoE layer's expert table and per-top-k scratch for the

@@ -148,6 +148,15 @@ func TestBackendOpsMatchCPU(t *testing.T) {
 				return b.Download(v)
 			})
 		}
+		// A norm right after the add that made its input runs fused on
+		// the GPU (add_rmsnorm_quant); both results are compared.
+		compareOp(t, g, c, fmt.Sprintf("T=%d add+rmsnorm", T), 1e-6, func(b backend.Backend) []float32 {
+			b.SetBatch(batch, nil)
+			xs, d := in(b, x, 512), b.NewTensor(T, 512)
+			b.Add(xs, xs, in(b, y, 512))
+			b.RMSNorm(d, xs, mustWeight(t, b, gain), 1e-6)
+			return append(b.Download(xs), b.Download(d)...)
+		})
 		compareOp(t, g, c, fmt.Sprintf("T=%d add", T), 0, func(b backend.Backend) []float32 {
 			b.SetBatch(batch, nil)
 			d := b.NewTensor(T, 512)

@@ -105,6 +105,22 @@ func (c *Ctx) RMSNormQuant(x uint64, ldx int, gain uint64, eps float32, out uint
 	return c.Launch(k, Dim{uint32(rows), uint32(groupBlocks), 1}, D1(256), 0, x, ldx, gain, eps, out, ldo, q, s, sums, K, G)
 }
 
+// AddRMSNormQuant is d = a + c (rows of K floats) followed by
+// RMSNormQuant of d, in one launch (one block per row).
+func (c *Ctx) AddRMSNormQuant(d uint64, ldd int, a uint64, lda int, cc uint64, ldc int, gain uint64, eps float32, out uint64, ldo int, rows, K, G int, q *QActs) error {
+	if q == nil || q.T != rows || q.K != K || q.G != G || gain == 0 {
+		return fmt.Errorf("cuda: add_rmsnorm_quant: want a gain and activations %dx%d/%d", rows, K, G)
+	}
+	if !format.ValidGroupSize(G) || K%G != 0 {
+		return fmt.Errorf("cuda: add_rmsnorm_quant: K=%d, group %d", K, G)
+	}
+	k, err := c.Kernel("quant", "add_rmsnorm_quant")
+	if err != nil {
+		return err
+	}
+	return c.Launch(k, D1(rows), D1(256), 0, d, ldd, a, lda, cc, ldc, gain, eps, out, ldo, q.Q, q.Scales, q.Sums, K, G)
+}
+
 // GEMVVariant picks the GEMV kernel.
 type GEMVVariant int
 

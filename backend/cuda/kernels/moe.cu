@@ -295,13 +295,11 @@ extern "C" __global__ void __launch_bounds__(128)
 // their normalisation as moe_route.
 #define ROUTE_PER 16
 
-extern "C" __global__ void __launch_bounds__(32)
-    moe_route_logits(const float* __restrict__ logits, int ld, const float* __restrict__ bias, int E,
-                     int topk, int norm, float scaling, i32* __restrict__ ids,
-                     float* __restrict__ wts) {
-  PDL_LAUNCH();
-  PDL_WAIT();
-  const int t = blockIdx.x, lane = threadIdx.x;
+// One warp's expert choice for one token from its logits (loaded through
+// L2: another block may have written them).
+DEVICE void route_warp(const float* logits, const float* __restrict__ bias, int E, int topk,
+                       int norm, float scaling, i32* __restrict__ ids, float* __restrict__ wts) {
+  const int lane = threadIdx.x & 31;
   const float NEG_INF = __int_as_float(0xff800000);
   float score[ROUTE_PER], choice[ROUTE_PER];
 #pragma unroll
@@ -310,7 +308,7 @@ extern "C" __global__ void __launch_bounds__(32)
     score[i] = 0.f;
     choice[i] = NEG_INF;
     if (e < E) {
-      const float acc = logits[(size_t)t * ld + e];
+      const float acc = __ldcg(logits + e);
       const float sg = (float)(1.0 / (1.0 + exp(-(double)acc)));
       score[i] = sg;
       choice[i] = sg + bias[e];
@@ -344,11 +342,55 @@ extern "C" __global__ void __launch_bounds__(32)
     if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
     sum += bs;
     if (lane == k) mine = bs;
-    if (lane == 0) ids[(size_t)t * topk + k] = bi;
+    if (lane == 0) ids[k] = bi;
   }
   if (lane < topk) {
     float w = mine;
     if (norm) w /= sum + 1e-20f;
-    wts[(size_t)t * topk + lane] = w * scaling;
+    wts[lane] = w * scaling;
   }
+}
+
+extern "C" __global__ void __launch_bounds__(32)
+    moe_route_logits(const float* __restrict__ logits, int ld, const float* __restrict__ bias, int E,
+                     int topk, int norm, float scaling, i32* __restrict__ ids,
+                     float* __restrict__ wts) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  const int t = blockIdx.x;
+  route_warp(logits + (size_t)t * ld, bias, E, topk, norm, scaling, ids + (size_t)t * topk, wts + (size_t)t * topk);
+}
+
+// The router's product and the expert choice in one launch: grid
+// (ceil(E/8), T) blocks of 8 warps, warp w of block b computing logit
+// e = 8b + w of token t exactly as dense_matmul does; the last block of a
+// token to finish (counters[t], which it resets) picks the experts as
+// moe_route_logits.
+extern "C" __global__ void __launch_bounds__(256)
+    moe_router_route(const float* __restrict__ W, int E, int K, const float* __restrict__ x, int ldx,
+                     float* logits, int ldl, const float* __restrict__ bias, int topk, int norm,
+                     float scaling, i32* __restrict__ ids, float* __restrict__ wts,
+                     u32* __restrict__ counters) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  __shared__ bool last;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = blockIdx.y;
+  const int e = blockIdx.x * 8 + warp;
+  if (e < E) {
+    const float* w = W + (size_t)e * K;
+    const float* xr = x + (size_t)t * ldx;
+    float acc = 0.f;
+#pragma unroll 8
+    for (int k = lane; k < K; k += 32) acc += w[k] * xr[k];
+    acc = warp_sum(acc);
+    if (lane == 0) logits[(size_t)t * ldl + e] = acc;
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&counters[t], 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  if (warp == 0) route_warp(logits + (size_t)t * ldl, bias, E, topk, norm, scaling, ids + (size_t)t * topk, wts + (size_t)t * topk);
+  if (threadIdx.x == 0) counters[t] = 0;
 }

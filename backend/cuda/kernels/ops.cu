@@ -17,6 +17,7 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
   const float* w = W + (size_t)n * K;
   const float* xr = x + (size_t)t * ldx;
   float acc = 0.f;
+#pragma unroll 8
   for (int k = lane; k < K; k += 32) acc += w[k] * xr[k];
   acc = warp_sum(acc);
   if (lane == 0) y[(size_t)t * ldy + n] = acc;
@@ -453,6 +454,7 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
 // partials are attention_merge's. Dynamic shared memory:
 // 4 * (ATT_P*(rank+dr+1) + heads*(rank+dr) + heads*ATT_P) bytes.
 #define ATT_P 32
+#define ATT_U 8
 
 // p[0] = the sum of p[0..31] in warp_sum's butterfly order.
 DEVICE void butterfly32(float (&p)[32]) {
@@ -491,16 +493,97 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     }
     return;
   }
+  __shared__ long long sslot[ATT_P];
   const i32* table = blocks + seq_blocks[row_seq[t]];
-  for (int j = warp; j < nj; j += OPS_THREADS / 32) {
-    const int pj = j0 + j;
-    const size_t slot = (size_t)table[pj / block_size] * block_size + pj % block_size;
-    for (int k = lane; k < width; k += 32) cb[j * ld + k] = cache_load(layer, dtype, slot, width, rank, k);
+  if (threadIdx.x < nj) {
+    const int pj = j0 + threadIdx.x;
+    sslot[threadIdx.x] = (long long)table[pj / block_size] * block_size + pj % block_size;
   }
-  for (int i = threadIdx.x; i < heads * width; i += OPS_THREADS) {
-    const int h = i / width, k = i - h * width;
-    qs[i] = k < rank ? qlat[(size_t)t * ldql + (size_t)h * rank + k]
-                     : q[(size_t)t * ldq + (size_t)h * (dn + dr) + dn + (k - rank)];
+  __syncthreads();
+  // The positions' latents: 16-byte loads, ATT_U per thread in flight.
+  if (dtype == 0 && width % 8 == 0) {
+    const int cpr = width >> 3, total = nj * cpr;
+    for (int c0 = threadIdx.x; c0 < total; c0 += OPS_THREADS * ATT_U) {
+      uint4 v[ATT_U];
+#pragma unroll
+      for (int u = 0; u < ATT_U; u++) {
+        const int c = c0 + u * OPS_THREADS;
+        if (c < total) {
+          const int j = c / cpr, kc = c - j * cpr;
+          v[u] = __ldcs((const uint4*)((const unsigned short*)layer + (size_t)sslot[j] * width + kc * 8));
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < ATT_U; u++) {
+        const int c = c0 + u * OPS_THREADS;
+        if (c < total) {
+          const int j = c / cpr, kc = c - j * cpr;
+          float* dst = cb + j * ld + kc * 8;
+          const u32 w4[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            dst[2 * e] = __uint_as_float(w4[e] << 16);
+            dst[2 * e + 1] = __uint_as_float(w4[e] & 0xffff0000u);
+          }
+        }
+      }
+    }
+  } else if (dtype == 1 && width % 4 == 0) {
+    const int cpr = width >> 2, total = nj * cpr;
+    for (int c0 = threadIdx.x; c0 < total; c0 += OPS_THREADS * ATT_U) {
+      float4 v[ATT_U];
+#pragma unroll
+      for (int u = 0; u < ATT_U; u++) {
+        const int c = c0 + u * OPS_THREADS;
+        if (c < total) {
+          const int j = c / cpr, kc = c - j * cpr;
+          v[u] = __ldcs((const float4*)((const float*)layer + (size_t)sslot[j] * width + kc * 4));
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < ATT_U; u++) {
+        const int c = c0 + u * OPS_THREADS;
+        if (c < total) {
+          const int j = c / cpr, kc = c - j * cpr;
+          float* dst = cb + j * ld + kc * 4;
+          dst[0] = v[u].x;
+          dst[1] = v[u].y;
+          dst[2] = v[u].z;
+          dst[3] = v[u].w;
+        }
+      }
+    }
+  } else {
+    for (int j = warp; j < nj; j += OPS_THREADS / 32)
+      for (int k = lane; k < width; k += 32) cb[j * ld + k] = cache_load(layer, dtype, (size_t)sslot[j], width, rank, k);
+  }
+  // The queries: float4 loads where everything is 16-byte aligned.
+  const float* qlr = qlat + (size_t)t * ldql;
+  const float* qr = q + (size_t)t * ldq;
+  if (rank % 4 == 0 && dr % 4 == 0 && dn % 4 == 0 && ((size_t)qlr & 15) == 0 && ((size_t)qr & 15) == 0) {
+    const int cpr = width >> 2, total = heads * cpr;
+    for (int c0 = threadIdx.x; c0 < total; c0 += OPS_THREADS * ATT_U) {
+      float4 v[ATT_U];
+#pragma unroll
+      for (int u = 0; u < ATT_U; u++) {
+        const int c = c0 + u * OPS_THREADS;
+        if (c < total) {
+          const int h = c / cpr, k = (c - h * cpr) * 4;
+          v[u] = k < rank ? *(const float4*)(qlr + (size_t)h * rank + k)
+                          : *(const float4*)(qr + (size_t)h * (dn + dr) + dn + (k - rank));
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < ATT_U; u++) {
+        const int c = c0 + u * OPS_THREADS;
+        if (c < total) *(float4*)(qs + (size_t)c * 4) = v[u];
+      }
+    }
+  } else {
+    for (int i = threadIdx.x; i < heads * width; i += OPS_THREADS) {
+      const int h = i / width, k = i - h * width;
+      qs[i] = k < rank ? qlr[(size_t)h * rank + k] : qr[(size_t)h * (dn + dr) + dn + (k - rank)];
+    }
   }
   __syncthreads();
   for (int h = warp; h < heads; h += OPS_THREADS / 32) {

@@ -17,16 +17,13 @@
 
 #define QUANT_THREADS 256
 
-extern "C" __global__ void __launch_bounds__(QUANT_THREADS)
-    rmsnorm_quant(const float* __restrict__ x, int ldx, const float* __restrict__ gain, float eps,
-                  float* __restrict__ out, int ldo, i8* __restrict__ xq, float* __restrict__ xs,
-                  i32* __restrict__ xsum, int K, int G) {
-  PDL_LAUNCH();
-  PDL_WAIT();
+// The work of one block on row t (row: its values).
+DEVICE void rmsnorm_quant_row(const float* row, int t, const float* __restrict__ gain, float eps,
+                              float* out, int ldo, i8* __restrict__ xq, float* __restrict__ xs,
+                              i32* __restrict__ xsum, int K, int G) {
   __shared__ double partial[QUANT_THREADS / 32];
   __shared__ float inv_s;
-  const int t = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const float* row = x + (size_t)t * ldx;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
   float inv = 1.f;
   if (gain) {
@@ -89,4 +86,29 @@ extern "C" __global__ void __launch_bounds__(QUANT_THREADS)
     if ((lane & (32 / E - 1)) == 0) xsum[(size_t)t * (K / 32) + k0 / 32] = sum;
     if (lane == 0) xs[(size_t)t * (K / G) + g] = amax == 0.f ? 0.f : scale;
   }
+}
+
+extern "C" __global__ void __launch_bounds__(QUANT_THREADS)
+    rmsnorm_quant(const float* x, int ldx, const float* __restrict__ gain, float eps, float* out,
+                  int ldo, i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum,
+                  int K, int G) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  rmsnorm_quant_row(x + (size_t)blockIdx.x * ldx, blockIdx.x, gain, eps, out, ldo, xq, xs, xsum, K, G);
+}
+
+// d = a + c, then rmsnorm_quant of d (the residual add before a norm, in
+// one launch); one block per row, grid.y = 1.
+extern "C" __global__ void __launch_bounds__(QUANT_THREADS)
+    add_rmsnorm_quant(float* d, int ldd, const float* a, int lda, const float* c, int ldc,
+                      const float* __restrict__ gain, float eps, float* out, int ldo,
+                      i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum, int K,
+                      int G) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  const int t = blockIdx.x;
+  float* row = d + (size_t)t * ldd;
+  for (int k = threadIdx.x; k < K; k += QUANT_THREADS) row[k] = a[(size_t)t * lda + k] + c[(size_t)t * ldc + k];
+  __syncthreads();
+  rmsnorm_quant_row(row, t, gain, eps, out, ldo, xq, xs, xsum, K, G);
 }
