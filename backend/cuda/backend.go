@@ -1154,8 +1154,14 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s bac
 	}
 	maxN := b.meta.maxN
 	width := s.Rank + s.RopeDim
-	heads := 4 * (attentionHeadsPos*(width+1) + s.Heads*width + s.Heads*attentionHeadsPos)
-	if splits := splitBucket((maxN + attentionHeadsPos - 1) / attentionHeadsPos); !b.noHeadsAttention && T*s.Heads*splits*s.Rank <= b.splitFloats &&
+	splits := splitBucket((maxN + attentionHeadsPos - 1) / attentionHeadsPos)
+	// Heads per block: enough blocks to cover the SMs, at most
+	// attentionHeadsMax heads each.
+	groups := max((s.Heads+attentionHeadsMax-1)/attentionHeadsMax, min(s.Heads, (b.dev.Info().SMs+T*splits-1)/(T*splits)))
+	hb := (s.Heads + groups - 1) / groups
+	groups = (s.Heads + hb - 1) / hb
+	heads := 4 * (attentionHeadsPos*(width+4) + hb*width + 17*hb*attentionHeadsPos)
+	if !b.noHeadsAttention && s.Rank%4 == 0 && s.RopeDim%4 == 0 && T*s.Heads*splits*s.Rank <= b.splitFloats &&
 		splits <= maxMergeSplits && heads <= b.dev.Info().SharedOptin {
 		// Few rows: blocks of positions, each read once for all heads.
 		parts := T * s.Heads * splits
@@ -1171,17 +1177,13 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s bac
 				}
 				k.maxShared = heads
 			}
-			if err := c.Launch(k, Dim{uint32(T), uint32(splits), 1}, D1(256), heads,
+			if err := c.Launch(k, Dim{uint32(T), uint32(splits), uint32(groups)}, D1(256), heads,
 				ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer), p.kernelDType(),
 				b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
-				s.Heads, s.Rank, s.NopeDim, s.RopeDim, scale, splits, pm, ps, pacc); err != nil {
+				s.Heads, hb, s.Rank, s.NopeDim, s.RopeDim, scale, splits, pm, ps, pacc); err != nil {
 				return err
 			}
-			merge, err := c.Kernel("ops", "attention_merge")
-			if err != nil {
-				return err
-			}
-			return c.Launch(merge, Dim{uint32(T), uint32(s.Heads), 1}, D1(256), 0, om.ptr, om.ld, s.Heads, s.Rank, splits, pm, ps, pacc)
+			return b.merge(c, om, T, s, splits, pm, ps, pacc)
 		})
 		return
 	}
@@ -1200,11 +1202,7 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s bac
 				s.Heads, s.Rank, s.NopeDim, s.RopeDim, scale, splits, pm, ps, pacc); err != nil {
 				return err
 			}
-			merge, err := c.Kernel("ops", "attention_merge")
-			if err != nil {
-				return err
-			}
-			return c.Launch(merge, Dim{uint32(T), uint32(s.Heads), 1}, D1(256), 0, om.ptr, om.ld, s.Heads, s.Rank, splits, pm, ps, pacc)
+			return b.merge(c, om, T, s, splits, pm, ps, pacc)
 		})
 		return
 	}
@@ -1219,6 +1217,15 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s bac
 			b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
 			s.Heads, s.Rank, s.NopeDim, s.RopeDim, scale, scratch, maxN)
 	})
+}
+
+// merge launches attention_merge: a block per row, head and 128 columns.
+func (b *Backend) merge(c *Ctx, om *tensor, T int, s backend.MLAShape, splits int, pm, ps, pacc uint64) error {
+	k, err := c.Kernel("ops", "attention_merge")
+	if err != nil {
+		return err
+	}
+	return c.Launch(k, Dim{uint32(T), uint32(s.Heads), uint32((s.Rank + 127) / 128)}, D1(128), 0, om.ptr, om.ld, s.Heads, s.Rank, splits, pm, ps, pacc)
 }
 
 // splitBucket rounds the split count up (a power of two to 16, then a
@@ -1251,6 +1258,7 @@ const (
 // latent_attention_heads), maxMergeSplits MERGE_MAX_SPLITS.
 const (
 	attentionHeadsPos = 32
+	attentionHeadsMax = 8 // ATT_HB
 	maxMergeSplits    = 2048
 )
 

@@ -382,27 +382,29 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
 }
 
 // olat[t,h] = sum_s w_s acc_s / sum_s w_s s_s with w_s = exp(m_s - max m).
-// The splits that hold positions are a prefix (their sums are at least 1);
-// their maxima and weights are staged in shared memory in parallel, and
-// each column's sum over them is a chain of independent loads. The values
-// are those of a sequential evaluation: weights rounded to float once, the
-// denominator summed in float64 in split order.
+// Grid (T, H, ceil(rank/MERGE_COLS)), a thread per column. The splits that
+// hold positions are a prefix (their sums are at least 1); their weights
+// are staged in shared memory, and each column's sum over them is a chain
+// of independent loads. The values are those of a sequential evaluation:
+// weights rounded to float once, the denominator summed in float64 in
+// split order.
 #define MERGE_MAX_SPLITS 2048
+#define MERGE_COLS 128
 
-extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+extern "C" __global__ void __launch_bounds__(MERGE_COLS)
     attention_merge(float* olat, int ldo, int heads, int rank, int splits, const float* part_m,
                     const float* part_s, const float* part_acc) {
   PDL_LAUNCH();
   PDL_WAIT();
   __shared__ float w[MERGE_MAX_SPLITS];
   __shared__ double term[MERGE_MAX_SPLITS];
-  __shared__ float fpart[OPS_THREADS / 32];
+  __shared__ float fpart[MERGE_COLS / 32];
   __shared__ float inv_s;
   __shared__ int used_s;
   const int t = blockIdx.x, h = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const size_t base = ((size_t)t * heads + h) * splits;
   float m = __int_as_float(0xff800000);
-  for (int s = threadIdx.x; s < splits; s += OPS_THREADS) {
+  for (int s = threadIdx.x; s < splits; s += MERGE_COLS) {
     w[s] = part_m[base + s];
     term[s] = (double)part_s[base + s];
     m = fmaxf(m, w[s]);
@@ -411,8 +413,8 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
   if (lane == 0) fpart[warp] = m;
   __syncthreads();
   float M = fpart[0];
-  for (int i = 1; i < OPS_THREADS / 32; i++) M = fmaxf(M, fpart[i]);
-  for (int s = threadIdx.x; s < splits; s += OPS_THREADS) {
+  for (int i = 1; i < MERGE_COLS / 32; i++) M = fmaxf(M, fpart[i]);
+  for (int s = threadIdx.x; s < splits; s += MERGE_COLS) {
     const double e = exp((double)(w[s] - M));
     const bool valid = term[s] > 0.0;
     w[s] = valid ? (float)e : 0.f;
@@ -432,68 +434,60 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     used_s = used;
   }
   __syncthreads();
+  const int k = blockIdx.z * MERGE_COLS + threadIdx.x;
+  if (k >= rank) return;
   const float inv = inv_s;
   const int used = used_s;
-  for (int k = threadIdx.x; k < rank; k += OPS_THREADS) {
-    float sum = 0.f;
-#pragma unroll 4
-    for (int s = 0; s < used; s++) sum += w[s] * part_acc[(base + s) * rank + k];
-    olat[(size_t)t * ldo + (size_t)h * rank + k] = sum * inv;
-  }
+  const float* pa = part_acc + base * rank + k;
+  float sum = 0.f;
+#pragma unroll 16
+  for (int s = 0; s < used; s++) sum += w[s] * pa[(size_t)s * rank];
+  olat[(size_t)t * ldo + (size_t)h * rank + k] = sum * inv;
 }
 
-// Split latent attention with every head in one block, for few rows: block
-// (t, s) stages positions [s*ATT_P, (s+1)*ATT_P) of row t (each cached
-// latent read once for all heads, as floats, rows padded by one against
-// bank conflicts) and the row's queries in shared memory. Warp w scores
-// heads w, w+8, ... with lane j on position j; then each thread sums e_j c_j
-// for its (head, column) outputs. The sums are taken in the order of
-// latent_attention_split (a score as 32 lane-strided partial sums added in
-// butterfly order; a column as eight position-strided partial sums added in
-// order), so one block of positions gives its partials bit for bit. The
-// partials are attention_merge's. Dynamic shared memory:
-// 4 * (ATT_P*(rank+dr+1) + heads*(rank+dr) + heads*ATT_P) bytes.
+// Split latent attention for few rows, several heads per block: block
+// (t, s, g) stages positions [s*ATT_P, (s+1)*ATT_P) of row t as floats
+// (rows ATT_LD = rank+dr+4 apart: 16-byte aligned, and float4 reads by
+// consecutive positions hit distinct banks) and the queries of heads
+// [g*hb, (g+1)*hb) (hb <= ATT_HB). Scores: lane j takes position j, warp w
+// the column chunks w, w+8, ... of every head of the block (each chunk of
+// the position read once for all heads); the warps' partial dots are added
+// in warp order. Then a thread per column pair sums e_j c_j for every head.
+// The partials are attention_merge's. rank and dr are multiples of 4.
+// Dynamic shared memory: 4 * (ATT_P*(rank+dr+4) + hb*(rank+dr)
+// + 2*8*hb*ATT_P + hb*ATT_P) bytes.
 #define ATT_P 32
 #define ATT_U 8
-
-// p[0] = the sum of p[0..31] in warp_sum's butterfly order.
-DEVICE void butterfly32(float (&p)[32]) {
-#pragma unroll
-  for (int l = 0; l < 16; l++) p[l] = p[l] + p[l + 16];
-#pragma unroll
-  for (int l = 0; l < 8; l++) p[l] = p[l] + p[l + 8];
-#pragma unroll
-  for (int l = 0; l < 4; l++) p[l] = p[l] + p[l + 4];
-#pragma unroll
-  for (int l = 0; l < 2; l++) p[l] = p[l] + p[l + 2];
-  p[0] = p[0] + p[1];
-}
+#define ATT_HB 8
 
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     latent_attention_heads(const float* qlat, int ldql, const float* q, int ldq, const void* layer,
                            int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,
                            const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks,
-                           int block_size, int heads, int rank, int dn, int dr, float scale,
+                           int block_size, int heads, int hb, int rank, int dn, int dr, float scale,
                            int splits, float* part_m, float* part_s, float* part_acc) {
   PDL_LAUNCH();
   PDL_WAIT();
   extern __shared__ float sm[];
-  const int t = blockIdx.x, s = blockIdx.y;
+  __shared__ long long sslot[ATT_P];
+  const int t = blockIdx.x, s = blockIdx.y, h0 = blockIdx.z * hb;
+  const int nh = min(hb, heads - h0);
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int width = rank + dr, ld = width + 1;
-  float* cb = sm;                   // [ATT_P][ld]
-  float* qs = cb + ATT_P * ld;      // [heads][width]: qlat, then q_pe
-  float* es = qs + heads * width;   // [heads][ATT_P]
+  const int width = rank + dr, ld = width + 4;
+  float* cb = sm;                      // [ATT_P][ld]
+  float* qs = cb + ATT_P * ld;         // [hb][width]: qlat, then q_pe
+  float* pa = qs + hb * width;         // [8][hb][ATT_P] partial qlat.c
+  float* pb = pa + 8 * hb * ATT_P;     // [8][hb][ATT_P] partial q_pe.kpe
+  float* es = pb + 8 * hb * ATT_P;     // [hb][ATT_P]
   const int n = pos[t] + 1, j0 = s * ATT_P, nj = min(n - j0, ATT_P);
-  const size_t part = (size_t)t * heads * splits + s;  // + h * splits
-  if (nj <= 0) {
-    for (int h = threadIdx.x; h < heads; h += OPS_THREADS) {
-      part_m[part + (size_t)h * splits] = __int_as_float(0xff800000);
-      part_s[part + (size_t)h * splits] = 0.f;
+  const size_t part = ((size_t)t * heads + h0) * splits + s;  // + u * splits
+  if (nj <= 0 || nh <= 0) {
+    for (int u = threadIdx.x; u < nh; u += OPS_THREADS) {
+      part_m[part + (size_t)u * splits] = __int_as_float(0xff800000);
+      part_s[part + (size_t)u * splits] = 0.f;
     }
     return;
   }
-  __shared__ long long sslot[ATT_P];
   const i32* table = blocks + seq_blocks[row_seq[t]];
   if (threadIdx.x < nj) {
     const int pj = j0 + threadIdx.x;
@@ -518,17 +512,15 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
         const int c = c0 + u * OPS_THREADS;
         if (c < total) {
           const int j = c / cpr, kc = c - j * cpr;
-          float* dst = cb + j * ld + kc * 8;
-          const u32 w4[4] = {v[u].x, v[u].y, v[u].z, v[u].w};
-#pragma unroll
-          for (int e = 0; e < 4; e++) {
-            dst[2 * e] = __uint_as_float(w4[e] << 16);
-            dst[2 * e + 1] = __uint_as_float(w4[e] & 0xffff0000u);
-          }
+          float4* dst = (float4*)(cb + j * ld + kc * 8);
+          dst[0] = make_float4(__uint_as_float(v[u].x << 16), __uint_as_float(v[u].x & 0xffff0000u),
+                               __uint_as_float(v[u].y << 16), __uint_as_float(v[u].y & 0xffff0000u));
+          dst[1] = make_float4(__uint_as_float(v[u].z << 16), __uint_as_float(v[u].z & 0xffff0000u),
+                               __uint_as_float(v[u].w << 16), __uint_as_float(v[u].w & 0xffff0000u));
         }
       }
     }
-  } else if (dtype == 1 && width % 4 == 0) {
+  } else if (dtype == 1) {
     const int cpr = width >> 2, total = nj * cpr;
     for (int c0 = threadIdx.x; c0 < total; c0 += OPS_THREADS * ATT_U) {
       float4 v[ATT_U];
@@ -545,11 +537,7 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
         const int c = c0 + u * OPS_THREADS;
         if (c < total) {
           const int j = c / cpr, kc = c - j * cpr;
-          float* dst = cb + j * ld + kc * 4;
-          dst[0] = v[u].x;
-          dst[1] = v[u].y;
-          dst[2] = v[u].z;
-          dst[3] = v[u].w;
+          *(float4*)(cb + j * ld + kc * 4) = v[u];
         }
       }
     }
@@ -557,85 +545,78 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     for (int j = warp; j < nj; j += OPS_THREADS / 32)
       for (int k = lane; k < width; k += 32) cb[j * ld + k] = cache_load(layer, dtype, (size_t)sslot[j], width, rank, k);
   }
-  // The queries: float4 loads where everything is 16-byte aligned.
-  const float* qlr = qlat + (size_t)t * ldql;
-  const float* qr = q + (size_t)t * ldq;
-  if (rank % 4 == 0 && dr % 4 == 0 && dn % 4 == 0 && ((size_t)qlr & 15) == 0 && ((size_t)qr & 15) == 0) {
-    const int cpr = width >> 2, total = heads * cpr;
-    for (int c0 = threadIdx.x; c0 < total; c0 += OPS_THREADS * ATT_U) {
-      float4 v[ATT_U];
+  const float* qlr = qlat + (size_t)t * ldql + (size_t)h0 * rank;
+  const float* qr = q + (size_t)t * ldq + (size_t)h0 * (dn + dr) + dn;
+  for (int i = threadIdx.x; i < nh * width; i += OPS_THREADS) {
+    const int u = i / width, k = i - u * width;
+    qs[i] = k < rank ? qlr[(size_t)u * rank + k] : qr[(size_t)u * (dn + dr) + (k - rank)];
+  }
+  __syncthreads();
+  {
+    float a[ATT_HB], b[ATT_HB];
 #pragma unroll
-      for (int u = 0; u < ATT_U; u++) {
-        const int c = c0 + u * OPS_THREADS;
-        if (c < total) {
-          const int h = c / cpr, k = (c - h * cpr) * 4;
-          v[u] = k < rank ? *(const float4*)(qlr + (size_t)h * rank + k)
-                          : *(const float4*)(qr + (size_t)h * (dn + dr) + dn + (k - rank));
+    for (int u = 0; u < ATT_HB; u++) a[u] = b[u] = 0.f;
+    const float* cj = cb + min(lane, nj - 1) * ld;
+    for (int c = warp; c < width / 4; c += OPS_THREADS / 32) {
+      const float4 cv = *(const float4*)(cj + 4 * c);
+      const bool lat = 4 * c < rank;
+#pragma unroll
+      for (int u = 0; u < ATT_HB; u++) {
+        if (u < nh) {
+          const float4 qv = *(const float4*)(qs + u * width + 4 * c);
+          const float d = qv.x * cv.x + qv.y * cv.y + qv.z * cv.z + qv.w * cv.w;
+          if (lat) a[u] += d; else b[u] += d;
         }
       }
-#pragma unroll
-      for (int u = 0; u < ATT_U; u++) {
-        const int c = c0 + u * OPS_THREADS;
-        if (c < total) *(float4*)(qs + (size_t)c * 4) = v[u];
-      }
     }
-  } else {
-    for (int i = threadIdx.x; i < heads * width; i += OPS_THREADS) {
-      const int h = i / width, k = i - h * width;
-      qs[i] = k < rank ? qlr[(size_t)h * rank + k] : qr[(size_t)h * (dn + dr) + dn + (k - rank)];
+#pragma unroll
+    for (int u = 0; u < ATT_HB; u++) {
+      if (u < nh) {
+        pa[(warp * hb + u) * ATT_P + lane] = a[u];
+        pb[(warp * hb + u) * ATT_P + lane] = b[u];
+      }
     }
   }
   __syncthreads();
-  for (int h = warp; h < heads; h += OPS_THREADS / 32) {
+  for (int u = warp; u < nh; u += OPS_THREADS / 32) {
     float sc = __int_as_float(0xff800000);
     if (lane < nj) {
-      const float* qh = qs + h * width;
-      const float* cj = cb + lane * ld;
-      float p[32];
-#pragma unroll
-      for (int l = 0; l < 32; l++) p[l] = 0.f;
-      for (int i = 0; i < rank; i += 32) {
-#pragma unroll
-        for (int l = 0; l < 32; l++)
-          if (i + l < rank) p[l] += qh[i + l] * cj[i + l];
+      float a = 0.f, b = 0.f;
+      for (int w = 0; w < OPS_THREADS / 32; w++) {
+        a += pa[(w * hb + u) * ATT_P + lane];
+        b += pb[(w * hb + u) * ATT_P + lane];
       }
-      butterfly32(p);
-      const float a = p[0];
-#pragma unroll
-      for (int l = 0; l < 32; l++) p[l] = 0.f;
-      for (int i = 0; i < dr; i += 32) {
-#pragma unroll
-        for (int l = 0; l < 32; l++)
-          if (i + l < dr) p[l] += qh[rank + i + l] * cj[rank + i + l];
-      }
-      butterfly32(p);
-      sc = scale * (a + p[0]);
+      sc = scale * (a + b);
     }
     const float m = warp_max(sc);
     const float e = lane < nj ? (float)exp((double)(sc - m)) : 0.f;
     const float sum = warp_sum(e);
-    es[h * ATT_P + lane] = e;
+    es[u * ATT_P + lane] = e;
     if (lane == 0) {
-      part_m[part + (size_t)h * splits] = m;
-      part_s[part + (size_t)h * splits] = sum;
+      part_m[part + (size_t)u * splits] = m;
+      part_s[part + (size_t)u * splits] = sum;
     }
   }
   __syncthreads();
-  for (int i = threadIdx.x; i < heads * rank; i += OPS_THREADS) {
-    const int h = i / rank, k = i - h * rank;
-    const float* eh = es + h * ATT_P;
-    float acc[8];
+  for (int k2 = threadIdx.x; k2 < rank / 2; k2 += OPS_THREADS) {
+    float acc[ATT_HB][2];
 #pragma unroll
-    for (int u = 0; u < 8; u++) acc[u] = 0.f;
-    for (int j = 0; j < nj; j += 8) {
+    for (int u = 0; u < ATT_HB; u++) acc[u][0] = acc[u][1] = 0.f;
+    for (int j = 0; j < nj; j++) {
+      const float2 cv = *(const float2*)(cb + j * ld + 2 * k2);
 #pragma unroll
-      for (int u = 0; u < 8; u++)
-        if (j + u < nj) acc[u] += eh[j + u] * cb[(j + u) * ld + k];
+      for (int u = 0; u < ATT_HB; u++) {
+        if (u < nh) {
+          const float e = es[u * ATT_P + j];
+          acc[u][0] += e * cv.x;
+          acc[u][1] += e * cv.y;
+        }
+      }
     }
-    float total = 0.f;
 #pragma unroll
-    for (int u = 0; u < 8; u++) total += acc[u];
-    part_acc[(part + (size_t)h * splits) * rank + k] = total;
+    for (int u = 0; u < ATT_HB; u++) {
+      if (u < nh) *(float2*)(part_acc + (part + (size_t)u * splits) * rank + 2 * k2) = make_float2(acc[u][0], acc[u][1]);
+    }
   }
 }
 
