@@ -911,12 +911,20 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 		// The Add just queued computed this norm's input: one launch for
 		// both (quantizeInto above queues nothing unless the arena grew,
 		// which flushes and is caught by the second check).
+		fast := rowNorm8(d.cols, G, []uint64{la.d.ptr, la.a.ptr, la.c.ptr, g.dense, d.ptr}, []int{la.d.ld, la.a.ld, la.c.ld, d.ld})
 		b.pending[la.idx] = queuedOp{"add+rmsnorm", func(c *Ctx) error {
+			if fast {
+				return c.RMSNormQuant8(0, 0, la.d.ptr, la.d.ld, la.a.ptr, la.a.ld, la.c.ptr, la.c.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
+			}
 			return c.AddRMSNormQuant(la.d.ptr, la.d.ld, la.a.ptr, la.a.ld, la.c.ptr, la.c.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
 		}}
 		b.lastAdd = nil
 	} else {
+		fast := rowNorm8(d.cols, G, []uint64{xm.ptr, g.dense, d.ptr}, []int{xm.ld, d.ld})
 		b.do("rmsnorm", func(c *Ctx) error {
+			if fast {
+				return c.RMSNormQuant8(xm.ptr, xm.ld, 0, 0, 0, 0, 0, 0, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
+			}
 			return c.RMSNormQuant(xm.ptr, xm.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
 		})
 	}

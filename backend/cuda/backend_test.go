@@ -148,6 +148,16 @@ func TestBackendOpsMatchCPU(t *testing.T) {
 				return b.Download(v)
 			})
 		}
+		// The norm's int8 form (made in the norm's own pass on the GPU)
+		// feeds the product: checked through the product's result.
+		wq := quantHost(t, r, "q128", 96, 512, 128)
+		compareOp(t, g, c, fmt.Sprintf("T=%d rmsnorm+matmul", T), 1e-5, func(b backend.Backend) []float32 {
+			b.SetBatch(batch, nil)
+			d, o := b.NewTensor(T, 512), b.NewTensor(T, 96)
+			b.RMSNorm(d, in(b, x, 512), mustWeight(t, b, gain), 1e-6)
+			b.MatMul(o, d, mustWeight(t, b, wq))
+			return b.Download(o)
+		})
 		// A norm right after the add that made its input runs fused on
 		// the GPU (add_rmsnorm_quant); both results are compared.
 		compareOp(t, g, c, fmt.Sprintf("T=%d add+rmsnorm", T), 1e-6, func(b backend.Backend) []float32 {

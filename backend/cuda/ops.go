@@ -105,6 +105,39 @@ func (c *Ctx) RMSNormQuant(x uint64, ldx int, gain uint64, eps float32, out uint
 	return c.Launch(k, Dim{uint32(rows), uint32(groupBlocks), 1}, D1(256), 0, x, ldx, gain, eps, out, ldo, q, s, sums, K, G)
 }
 
+// rowNorm8 reports whether rmsnorm_quant8 takes rows of K values in groups
+// of G at these addresses and strides (floats): K/8 threads a multiple of
+// 32 up to 1024, whole groups per warp, 16-byte alignment.
+func rowNorm8(K, G int, ptrs []uint64, lds []int) bool {
+	if K%256 != 0 || K/8 > 1024 || (G != 32 && G != 64 && G != 128) {
+		return false
+	}
+	for _, p := range ptrs {
+		if p%16 != 0 {
+			return false
+		}
+	}
+	for _, ld := range lds {
+		if ld%4 != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// RMSNormQuant8 is RMSNormQuant (with a gain and quantized output) or
+// AddRMSNormQuant (a != 0) on rows held in registers; see rowNorm8.
+func (c *Ctx) RMSNormQuant8(x uint64, ldx int, d uint64, ldd int, a uint64, lda int, cc uint64, ldc int, gain uint64, eps float32, out uint64, ldo int, rows, K, G int, q *QActs) error {
+	if q == nil || q.T != rows || q.K != K || q.G != G || gain == 0 {
+		return fmt.Errorf("cuda: rmsnorm_quant8: want a gain and activations %dx%d/%d", rows, K, G)
+	}
+	k, err := c.Kernel("quant", "rmsnorm_quant8")
+	if err != nil {
+		return err
+	}
+	return c.Launch(k, D1(rows), D1(K/8), 0, x, ldx, d, ldd, a, lda, cc, ldc, gain, eps, out, ldo, q.Q, q.Scales, q.Sums, K, G)
+}
+
 // AddRMSNormQuant is d = a + c (rows of K floats) followed by
 // RMSNormQuant of d, in one launch (one block per row).
 func (c *Ctx) AddRMSNormQuant(d uint64, ldd int, a uint64, lda int, cc uint64, ldc int, gain uint64, eps float32, out uint64, ldo int, rows, K, G int, q *QActs) error {
