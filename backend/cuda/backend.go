@@ -81,6 +81,16 @@ type Backend struct {
 	// routeCounters are moe_router_route's per-token counters (zero
 	// between launches).
 	routeCounters Buffer
+	// ropes are the last two RoPEs queued: a cache write right after two
+	// RoPEs of one table, the second of its key, takes them into its launch.
+	ropes [2]*ropeOp
+}
+
+type ropeOp struct {
+	idx, flush                         int
+	m                                  tensor
+	heads, headStride, offset, dim, il int
+	table                              uint64
 }
 
 type denseOp struct {
@@ -977,6 +987,9 @@ func (b *Backend) RoPE(x backend.Tensor, heads, headStride, offset, dim int, the
 		il = 1
 	}
 	b.launch("rope", "ops", "rope_rows", D1(T), D1(256), m.ptr, m.ld, heads, headStride, offset, dim, il, p, T)
+	if b.err == nil {
+		b.ropes = [2]*ropeOp{b.ropes[1], {idx: len(b.pending) - 1, flush: b.flushes, m: *m, heads: heads, headStride: headStride, offset: offset, dim: dim, il: il, table: p}}
+	}
 }
 
 // Add computes dst = a + b.
@@ -1096,6 +1109,18 @@ func (b *Backend) CacheWrite(layer int, latent, kpe backend.Tensor) {
 	}
 	if b.badShape("cache latent", [2]int{lm.rows, lm.cols}, [2]int{b.batch.Rows(), p.rank}) ||
 		b.badShape("cache kpe", [2]int{km.rows, km.cols}, [2]int{b.batch.Rows(), p.ropeDim}) || lm.rows == 0 {
+		return
+	}
+	if r1, r2 := b.ropes[0], b.ropes[1]; p.dtype != backend.CacheFP8 && r1 != nil && r2 != nil && r1.flush == b.flushes && r2.flush == b.flushes &&
+		r2.idx == len(b.pending)-1 && r1.idx == r2.idx-1 && r2.m == *km && r1.table == r2.table && r1.dim == r2.dim && r1.il == r2.il {
+		// Both RoPEs just queued (the queries', then this key's) run in
+		// the cache write's launch.
+		b.pending = b.pending[:r1.idx]
+		b.ropes = [2]*ropeOp{}
+		q := r1.m
+		b.launch("rope+cache write", "ops", "rope2_cache_write", D1(lm.rows), D1(256),
+			q.ptr, q.ld, r1.heads, r1.headStride, r1.offset, km.ptr, km.ld, r2.heads, r2.headStride, r2.offset, r2.dim, r2.il, r2.table, lm.rows,
+			p.layer(layer), p.kernelDType(), b.meta.slots, lm.ptr, lm.ld, p.rank, p.ropeDim)
 		return
 	}
 	if p.dtype == backend.CacheFP8 {

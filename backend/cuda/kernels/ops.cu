@@ -49,12 +49,9 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
 // Rotates, in place, dims [offset, offset+dim) of each head of row t with
 // the host-computed table cs: cos [T][dim/2] then sin [T][dim/2]. The
 // products are rounded separately (no fused multiply-add), as in Go.
-extern "C" __global__ void __launch_bounds__(OPS_THREADS)
-    rope_rows(float* x, int ldx, int heads, int head_stride, int offset, int dim, int interleaved,
-              const float* __restrict__ cs, int T) {
-  PDL_LAUNCH();
-  PDL_WAIT();
-  const int t = blockIdx.x, half = dim / 2;
+DEVICE void rope_row(float* x, int ldx, int heads, int head_stride, int offset, int dim,
+                     int interleaved, const float* __restrict__ cs, int T, int t) {
+  const int half = dim / 2;
   const float* c = cs + (size_t)t * half;
   const float* s = cs + (size_t)T * half + (size_t)t * half;
   for (int j = threadIdx.x; j < heads * half; j += OPS_THREADS) {
@@ -65,6 +62,14 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     v[a] = __fsub_rn(__fmul_rn(x0, c[i]), __fmul_rn(x1, s[i]));
     v[b] = __fadd_rn(__fmul_rn(x1, c[i]), __fmul_rn(x0, s[i]));
   }
+}
+
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    rope_rows(float* x, int ldx, int heads, int head_stride, int offset, int dim, int interleaved,
+              const float* __restrict__ cs, int T) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  rope_row(x, ldx, heads, head_stride, offset, dim, interleaved, cs, T, blockIdx.x);
 }
 
 // dst row i = src row rows[i].
@@ -120,6 +125,31 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
   PDL_LAUNCH();
   PDL_WAIT();
   const int t = blockIdx.x, width = rank + rope;
+  const size_t slot = (size_t)slots[t];
+  for (int j = threadIdx.x; j < width; j += OPS_THREADS) {
+    const float v = j < rank ? lat[(size_t)t * ldl + j] : kpe[(size_t)t * ldk + j - rank];
+    if (dtype == 1)
+      ((float*)layer)[slot * width + j] = v;
+    else
+      ((unsigned short*)layer)[slot * width + j] = f32_to_bf16(v);
+  }
+}
+
+// Two RoPEs of the same table (the queries' heads in q, the shared key in
+// kpe) and the cache write of the latent and the rotated key, for row t,
+// in one launch (bf16 or f32 cache): rope_rows twice, then cache_write.
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    rope2_cache_write(float* q, int ldq, int qheads, int qstride, int qoffset, float* kpe, int ldk,
+                      int kheads, int kstride, int koffset, int dim, int interleaved,
+                      const float* __restrict__ cs, int T, void* layer, int dtype,
+                      const i32* __restrict__ slots, const float* lat, int ldl, int rank,
+                      int rope) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  const int t = blockIdx.x, width = rank + rope;
+  rope_row(q, ldq, qheads, qstride, qoffset, dim, interleaved, cs, T, t);
+  rope_row(kpe, ldk, kheads, kstride, koffset, dim, interleaved, cs, T, t);
+  __syncthreads();
   const size_t slot = (size_t)slots[t];
   for (int j = threadIdx.x; j < width; j += OPS_THREADS) {
     const float v = j < rank ? lat[(size_t)t * ldl + j] : kpe[(size_t)t * ldk + j - rank];
