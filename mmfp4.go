@@ -148,7 +148,7 @@ func (m *Model) Prefault() error {
 // decode step is that step's memory traffic, the numerator of the roofline.
 // It is 0 on backends that do not count.
 func (m *Model) BytesRead() int64 {
-	if c, ok := m.net.Backend().(*cpu.Backend); ok {
+	if c, ok := m.net.Backend().(interface{ BytesRead() int64 }); ok {
 		return c.BytesRead()
 	}
 	return 0

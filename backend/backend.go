@@ -152,3 +152,12 @@ type Backend interface {
 	// MoE adds to dst, for each token, sum_e w_e * expert_e(x).
 	MoE(dst, x Tensor, r Routing, experts []Expert)
 }
+
+// SharedMoE is implemented by backends that run a MoE layer's shared
+// experts together with the routed ones (one pass over all their weights).
+// MoEShared adds to dst, for each token, sum_e w_e * expert_e(x) plus
+// sum_s shared_s(x): what MoE, then each shared expert's SwiGLU block
+// added to dst, computes.
+type SharedMoE interface {
+	MoEShared(dst, x Tensor, r Routing, experts, shared []Expert)
+}

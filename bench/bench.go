@@ -49,6 +49,19 @@ type Options struct {
 	Histogram bool
 	// Log receives progress lines (a long run must not look hung); nil: none.
 	Log io.Writer
+	// NewBackend makes the backend to measure; nil means the CPU backend
+	// with Threads. A backend with a MemoryBandwidth method (a GPU) is
+	// measured against that bandwidth instead of the CPU's read bandwidth,
+	// and the cold load is not measured.
+	NewBackend func() (backend.Backend, error)
+	// CacheDType is the latent cache precision (zero value bf16); the CPU
+	// run keeps its float32 per-layer cache whatever this says.
+	CacheDType backend.CacheDType
+}
+
+// bandwidthMeter is a backend that measures its own memory bandwidth.
+type bandwidthMeter interface {
+	MemoryBandwidth() (bytesPerSec float64, kernel string, err error)
 }
 
 // Result is what Run measured. JSON keys follow DESIGN.md section 7.
@@ -115,21 +128,44 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 	}
 	r := &Result{Device: device(), Threads: o.Threads, Ctx: o.Ctx, Gen: o.Gen, ModelBytes: modelBytes}
 
-	// The bandwidth test first, while its 1 GiB buffer is the only big thing
-	// in memory; it is handed back before the model loads.
-	log.phase(fmt.Sprintf("read bandwidth: %s buffer, %d threads, %s kernel", gib(o.BandwidthBytes), o.Threads, readKernel()), nil)
-	bw := MeasureReadBandwidth(o.BandwidthBytes, o.Threads, 10)
-	r.BandwidthGBs, r.BandwidthKernel = bw.GBPerSec, bw.Kernel
-	resetPeakRSS()
-	log.donef("%.2f GB/s", bw.GBPerSec)
+	var gpu backend.Backend
+	if o.NewBackend != nil {
+		if gpu, err = o.NewBackend(); err != nil {
+			return nil, err
+		}
+		if c, ok := gpu.(io.Closer); ok {
+			defer c.Close() // after the model's Close, deferred later
+		}
+		o.Cold = false
+	}
+	if gpu == nil {
+		// The bandwidth test first, while its 1 GiB buffer is the only big
+		// thing in memory; it is handed back before the model loads.
+		log.phase(fmt.Sprintf("read bandwidth: %s buffer, %d threads, %s kernel", gib(o.BandwidthBytes), o.Threads, readKernel()), nil)
+		bw := MeasureReadBandwidth(o.BandwidthBytes, o.Threads, 10)
+		r.BandwidthGBs, r.BandwidthKernel = bw.GBPerSec, bw.Kernel
+		resetPeakRSS()
+		log.donef("%.2f GB/s", bw.GBPerSec)
+	} else if m, ok := gpu.(bandwidthMeter); ok {
+		log.phase("device memory bandwidth", nil)
+		bw, kernel, err := m.MemoryBandwidth()
+		if err != nil {
+			return nil, err
+		}
+		r.BandwidthGBs, r.BandwidthKernel = bw/1e9, kernel
+		log.donef("%.2f GB/s", r.BandwidthGBs)
+	}
 
 	frac, known := residentFraction(files)
 	if known {
 		r.ResidentFraction = &frac
 	}
-	if o.Cold {
+	switch {
+	case o.Cold:
 		r.ColdLoadS, r.ColdNote = coldLoad(o, files, log)
-	} else {
+	case gpu != nil:
+		r.ColdNote = "not measured on a GPU backend"
+	default:
 		r.ColdNote = "not measured"
 	}
 	if err := ctx.Err(); err != nil {
@@ -172,13 +208,18 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 			calls++
 		}
 	}
+	var b backend.Backend = cpu.New(cpuOpts)
+	if gpu != nil {
+		b = gpu
+	}
 	// Decode is timed and its bytes counted on the engine's goroutine,
 	// after each step: tokens reach the caller's callback through a
 	// channel, possibly after later steps have run.
 	var m *mmfp4.Model
 	steps := &stepLog{}
-	opts := mmfp4.Options{Backend: cpu.New(cpuOpts), MaxContext: o.Ctx + o.Gen,
-		Engine: engine.Options{MaxNumSeqs: 1, MaxBatchTokens: engine.OneSequenceBatchTokens, OnStep: func(info engine.StepInfo) { steps.add(info, m.BytesRead()) }}}
+	opts := mmfp4.Options{Backend: b, MaxContext: o.Ctx + o.Gen,
+		Engine: engine.Options{CacheDType: o.CacheDType, MaxNumSeqs: 1, MaxBatchTokens: engine.OneSequenceBatchTokens,
+			OnStep: func(info engine.StepInfo) { steps.add(info, m.BytesRead()) }}}
 	log.phase("loading (warm)", nil)
 	m, err = mmfp4.Load(o.Dir, opts)
 	if err != nil {
@@ -213,6 +254,9 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		}
 	}
 	r.Backend = fmt.Sprintf("cpu, %d threads", o.Threads)
+	if gpu != nil {
+		r.Backend = gpu.Name()
+	}
 	// The engine's cache pool: one sequence of ctx+gen tokens in whole
 	// blocks, at the engine's cache precision.
 	e, err := m.Engine()

@@ -3,11 +3,17 @@
 package cuda
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"maps"
 	"math"
+	"os"
+	"slices"
+	"sync/atomic"
 
 	"github.com/mmfp4/mmfp4/backend"
+	"github.com/mmfp4/mmfp4/safetensors"
 )
 
 // Options configure the CUDA backend.
@@ -17,6 +23,9 @@ type Options struct {
 	// NoFusedMoE routes single-token MoE through the grouped path (one
 	// product per expert) instead of the fused MoE kernels.
 	NoFusedMoE bool
+	// NoGraphs issues every op as its own launch instead of replaying
+	// repeated steps as CUDA graphs (also MMFP4_CUDA_GRAPHS=0).
+	NoGraphs bool
 }
 
 // Backend implements backend.Backend on one GPU. Every op is queued on the
@@ -39,10 +48,86 @@ type Backend struct {
 	// splitFloats bounds the split attention kernel's partial sums
 	// (maxSplitFloats; tests set 0 to cover the other kernel).
 	splitFloats int
+	// noHeadsAttention leaves out the all-heads split kernel, and
+	// noRouteLogits the one-warp router (tests).
+	noHeadsAttention, noRouteLogits bool
 
-	moe      map[*QMatrix]*moeLayer
-	identity map[int]uint64 // E -> E x E identity, for routing from logits
+	moe       map[*QMatrix]*moeLayer
+	moeShared map[*QMatrix]*moeLayer // tables with the shared experts
+	identity  map[int]uint64         // E -> E x E identity, for routing from logits
+
+	read atomic.Int64 // BytesRead
+
+	prof   *profiler   // MMFP4_CUDA_PROFILE=1
+	graphs *graphCache // nil: no graphs
+
+	// zero is the open range of new tensors that one memset clears
+	// (NewTensor); nil after a flush or SetBatch.
+	zero *zeroRange
+	// ropeTables are this step's RoPE cos/sin tables by (dim, theta).
+	ropeTables map[ropeKey]uint64
+	// quantized are int8 forms of tensors made this step (by RMSNorm, or by
+	// a product's quantization), for later products of the same tensor;
+	// an op that writes over a tensor drops its entry (wrote).
+	quantized []quantEntry
+	// lastAdd is the Add queued last (flushes counts the flushes, so that a
+	// flushed op is not mistaken for it): a RMSNorm of its result right
+	// after it replaces it with one fused launch.
+	lastAdd *addOp
+	flushes int
+	// lastDense is the dense product queued last: Route on its output
+	// right after it replaces it with the fused router kernel.
+	lastDense *denseOp
+	// routeCounters are moe_router_route's per-token counters (zero
+	// between launches).
+	routeCounters Buffer
+	// ropes are the last two RoPEs queued: a cache write right after two
+	// RoPEs of one table, the second of its key, takes them into its launch.
+	ropes [2]*ropeOp
 }
+
+type ropeOp struct {
+	idx, flush                         int
+	m                                  tensor
+	heads, headStride, offset, dim, il int
+	table                              uint64
+}
+
+type denseOp struct {
+	idx, flush int
+	d, x       tensor
+	w          *weight
+}
+
+type addOp struct {
+	idx, flush int
+	d, a, c    tensor
+}
+
+type zeroRange struct {
+	ptr   uint64
+	n     int
+	chunk int
+}
+
+type ropeKey struct {
+	dim   int
+	theta float64
+}
+
+type quantEntry struct {
+	src tensor
+	a   *QActs
+}
+
+// BytesRead is the number of bytes of weights and latent cache the ops have
+// read, counted as the CPU backend counts them (cpu.Backend.BytesRead): a
+// product its whole weight, an embedding lookup its rows, RMSNorm its gain,
+// Route its bias, attention the cached positions of each row, MoE each
+// chosen expert's three matrices.
+func (b *Backend) BytesRead() int64 { return b.read.Load() }
+
+func (b *Backend) count(n int64) { b.read.Add(n) }
 
 var _ backend.Backend = (*Backend)(nil)
 
@@ -78,7 +163,12 @@ func NewBackend(o Options, minCC int) (backend.Backend, error) {
 // NewOnDevice returns a backend on an opened device, which the caller keeps
 // and closes.
 func NewOnDevice(d *Device, o Options) *Backend {
-	return &Backend{dev: d, opts: o, moe: map[*QMatrix]*moeLayer{}, identity: map[int]uint64{}, splitFloats: maxSplitFloats}
+	b := &Backend{dev: d, opts: o, moe: map[*QMatrix]*moeLayer{}, moeShared: map[*QMatrix]*moeLayer{}, identity: map[int]uint64{}, splitFloats: maxSplitFloats, prof: newProfiler(),
+		ropeTables: map[ropeKey]uint64{}}
+	if !o.NoGraphs && os.Getenv("MMFP4_CUDA_GRAPHS") != "0" {
+		b.graphs = &graphCache{}
+	}
+	return b
 }
 
 // Close frees the backend's device memory and, when New opened the device,
@@ -87,10 +177,18 @@ func (b *Backend) Close() error {
 	b.flush()
 	err := b.dev.Do(func(c *Ctx) error {
 		errs := []error{c.Sync(), b.weights.free(c), b.arena.free(c)}
+		if b.prof != nil {
+			b.prof.report(os.Stderr)
+			errs = append(errs, b.prof.free(c))
+		}
+		if b.graphs != nil {
+			errs = append(errs, b.graphs.free(c))
+		}
+		errs = append(errs, c.Free(b.routeCounters))
 		if b.pool != nil {
 			errs = append(errs, c.Free(b.pool.buf))
 		}
-		for _, l := range b.moe {
+		for _, l := range append(slices.Collect(maps.Values(b.moe)), slices.Collect(maps.Values(b.moeShared))...) {
 			errs = append(errs, c.FreeExpertTable(l.table))
 			for _, s := range l.scratch {
 				errs = append(errs, c.FreeMoEScratch(s))
@@ -126,8 +224,9 @@ type queuedOp struct {
 }
 
 // maxQueued bounds the ops held before they are handed to the device
-// thread together.
-const maxQueued = 512
+// thread together: a decode step of a large model fits, so that it is one
+// graph.
+const maxQueued = 16384
 
 // do queues fn for the device thread. Handing each op over on its own costs
 // a thread switch (tens of microseconds); queued ops go over in one. Their
@@ -150,13 +249,31 @@ func (b *Backend) flush() {
 		return
 	}
 	ops := b.pending
+	b.zero = nil // its memset is in this flush
+	b.flushes++
 	err := b.dev.Do(func(c *Ctx) error {
+		if b.prof != nil && b.batchRows() == 1 {
+			return b.prof.run(c, ops)
+		}
+		if b.graphs == nil {
+			for _, q := range ops {
+				if err := q.fn(c); err != nil {
+					return fmt.Errorf("%s: %w", q.op, err)
+				}
+			}
+			return nil
+		}
+		gc := b.graphs
+		gc.rec.reset()
+		c.rec = &gc.rec
 		for _, q := range ops {
 			if err := q.fn(c); err != nil {
+				c.rec = nil
 				return fmt.Errorf("%s: %w", q.op, err)
 			}
 		}
-		return nil
+		c.rec = nil
+		return gc.run(c)
 	})
 	clear(ops)
 	b.pending = ops[:0]
@@ -386,10 +503,50 @@ func (b *Backend) NewWeight(hw backend.HostWeight) (backend.Weight, error) {
 		if err != nil {
 			return nil, fmt.Errorf("%s: upload: %w", hw.Name, err)
 		}
+	case hw.BF16 != nil && hw.Dense == nil && hw.Quant == nil:
+		// The embedding table: rows are looked up on the host (Embed), so
+		// it stays there; a product over it uploads it then (deviceDense).
+		if len(hw.BF16) != 2*hw.N*hw.K {
+			return nil, fmt.Errorf("%s: %d bf16 bytes, want 2x%dx%d", hw.Name, len(hw.BF16), hw.N, hw.K)
+		}
 	default:
-		return nil, fmt.Errorf("%s: exactly one of dense or MMFP4 data must be given", hw.Name)
+		return nil, fmt.Errorf("%s: exactly one of dense, MMFP4 or bf16 data must be given", hw.Name)
 	}
 	return w, nil
+}
+
+// deviceDense uploads a host-only (bf16) weight as fp32 on first use in a
+// product, so that a tied lm_head works too.
+func (b *Backend) deviceDense(w *weight) bool {
+	if w.q != nil || w.dense != 0 {
+		return true
+	}
+	if w.host.BF16 == nil {
+		b.fail("weight %s has no device data", w.host.Name)
+		return false
+	}
+	vals := make([]float32, w.n*w.k)
+	for i := range vals {
+		vals[i] = safetensors.BF16ToFloat32(binary.LittleEndian.Uint16(w.host.BF16[2*i:]))
+	}
+	b.now("upload "+w.host.Name, func(c *Ctx) error {
+		p, err := b.weights.alloc(c, 4*len(vals))
+		if err != nil {
+			return err
+		}
+		w.dense = p
+		return CopyIn(c, p, vals)
+	})
+	return w.dense != 0
+}
+
+// weightBytes is what a full pass over w reads, as the CPU backend counts
+// it (BytesRead).
+func weightBytes(w *weight) int64 {
+	if w.q != nil {
+		return int64(w.q.Bytes())
+	}
+	return 4 * int64(w.n) * int64(w.k)
 }
 
 // weightRows is a view of rows [from, from+n) of w.
@@ -447,21 +604,29 @@ func (b *Backend) SetBatch(batch *backend.Batch, p backend.CachePool) {
 	}
 	b.meta.maxN = maxN
 	b.arena.cur, b.arena.off = 0, 0
+	b.zero = nil
+	clear(b.ropeTables)
+	b.quantized = b.quantized[:0]
 	if len(b.arena.chunks) > 1 {
 		b.now("set batch", b.arena.merge)
 	}
-	up := func(dst *uint64, v []int32) {
-		v = append([]int32(nil), v...)
-		*dst = b.alloc(4 * len(v))
-		p := *dst
-		b.do("set batch", func(c *Ctx) error { return CopyIn(c, p, v) })
+	// One upload for all six arrays, each starting at a 256-byte boundary;
+	// the block tables padded so that the upload keeps its size (and a
+	// decode step its graph) while sequences grow by a block.
+	arrays := [][]int32{batch.Positions, rowSeq, slots, seqBlocks, blocks, batch.Outputs}
+	dsts := []*uint64{&b.meta.pos, &b.meta.rowSeq, &b.meta.slots, &b.meta.seqBlocks, &b.meta.blocks, &b.meta.outputs}
+	var all []int32
+	offs := make([]int, len(arrays))
+	for i, v := range arrays {
+		offs[i] = len(all)
+		all = append(all, v...)
+		all = append(all, make([]int32, (64-len(all)%64)%64)...)
 	}
-	up(&b.meta.pos, batch.Positions)
-	up(&b.meta.rowSeq, rowSeq)
-	up(&b.meta.slots, slots)
-	up(&b.meta.seqBlocks, seqBlocks)
-	up(&b.meta.blocks, blocks)
-	up(&b.meta.outputs, batch.Outputs)
+	meta := b.alloc(4 * len(all))
+	for i, d := range dsts {
+		*d = meta + uint64(4*offs[i])
+	}
+	b.do("set batch", func(c *Ctx) error { return CopyIn(c, meta, all) })
 }
 
 // NewTensor returns a zeroed tensor from the step's arena.
@@ -472,9 +637,24 @@ func (b *Backend) NewTensor(rows, cols int) backend.Tensor {
 	}
 	t := &tensor{rows: rows, cols: cols, ld: cols, ptr: b.alloc(4 * rows * cols)}
 	if t.ptr != 0 && rows*cols > 0 {
-		b.do("new tensor", func(c *Ctx) error { return c.Memset(t.ptr, 0, 4*rows*cols) })
+		b.zeroFill(t.ptr, 4*rows*cols)
 	}
 	return t
+}
+
+// zeroFill clears n bytes at p, a new allocation of the arena. Consecutive
+// new tensors share one memset: the open range's memset is queued before
+// any op that uses memory allocated after the range began, so extending it
+// over later allocations (other scratch included, which its users write
+// before reading) clears them in time.
+func (b *Backend) zeroFill(p uint64, n int) {
+	if z := b.zero; z != nil && z.chunk == b.arena.cur && p >= z.ptr {
+		z.n = max(z.n, int(p-z.ptr)+n)
+		return
+	}
+	z := &zeroRange{ptr: p, n: n, chunk: b.arena.cur}
+	b.zero = z // before do: a flush there closes the range
+	b.do("zero", func(c *Ctx) error { return c.Memset(z.ptr, 0, z.n) })
 }
 
 // Upload copies src (row-major) into dst.
@@ -485,6 +665,7 @@ func (b *Backend) Upload(dst backend.Tensor, src []float32) {
 		return
 	}
 	src = append([]float32(nil), src...) // the caller may reuse src
+	b.wrote(d)
 	b.do("upload", func(c *Ctx) error {
 		if d.ld == d.cols {
 			return CopyIn(c, d.ptr, src)
@@ -575,6 +756,15 @@ func (b *Backend) Embed(dst backend.Tensor, table backend.Weight) {
 		return
 	}
 	host := make([]float32, d.rows*d.cols)
+	rowBytes := int64(4 * w.k)
+	switch {
+	case w.host.Quant != nil:
+		q := w.host.Quant
+		rowBytes = int64(len(q.Codes)+len(q.Scales)+4*len(q.RowScale)) / int64(w.n)
+	case w.host.BF16 != nil:
+		rowBytes = int64(2 * w.k)
+	}
+	b.count(int64(len(b.batch.Tokens)) * rowBytes)
 	for t, id := range b.batch.Tokens {
 		if id < 0 || int(id) >= w.n {
 			b.fail("token id %d at row %d is outside the vocabulary [0, %d)", id, t, w.n)
@@ -583,6 +773,11 @@ func (b *Backend) Embed(dst backend.Tensor, table backend.Weight) {
 		row := host[t*w.k : (t+1)*w.k]
 		if q := w.host.Quant; q != nil {
 			q.DequantizeRow(int(id), row)
+		} else if w.host.BF16 != nil {
+			src := w.host.BF16[2*int(id)*w.k:]
+			for i := range row {
+				row[i] = safetensors.BF16ToFloat32(binary.LittleEndian.Uint16(src[2*i:]))
+			}
 		} else {
 			copy(row, w.host.Dense[int(id)*w.k:(int(id)+1)*w.k])
 		}
@@ -593,13 +788,42 @@ func (b *Backend) Embed(dst backend.Tensor, table backend.Weight) {
 // quantize queues the quantization of x's rows to int8 groups of G (as the
 // CPU backend's activations) into arena memory.
 func (b *Backend) quantize(x *tensor, G int) *QActs {
+	for _, e := range b.quantized {
+		if e.src == *x && e.a.G == G {
+			return e.a
+		}
+	}
+	a := b.quantizeInto(x, G)
+	b.do("quantize", func(c *Ctx) error { return c.RMSNormQuant(x.ptr, x.ld, 0, 0, 0, 0, x.rows, x.cols, G, a) })
+	b.quantized = append(b.quantized, quantEntry{*x, a})
+	return a
+}
+
+// span is the byte range t covers.
+func (t *tensor) span() (lo, hi uint64) {
+	if t.rows == 0 || t.cols == 0 {
+		return t.ptr, t.ptr
+	}
+	return t.ptr, t.ptr + 4*uint64((t.rows-1)*t.ld+t.cols)
+}
+
+// wrote drops the int8 forms of tensors that overlap t, which an op is
+// about to write.
+func (b *Backend) wrote(t *tensor) {
+	lo, hi := t.span()
+	b.quantized = slices.DeleteFunc(b.quantized, func(e quantEntry) bool {
+		l, h := e.src.span()
+		return l < hi && lo < h
+	})
+}
+
+// quantizeInto allocates the int8 form of x's rows in groups of G.
+func (b *Backend) quantizeInto(x *tensor, G int) *QActs {
 	T, K := x.rows, x.cols
 	sOff := align(T*K, 256)
 	sumOff := align(sOff+4*T*K/G, 256)
 	p := b.alloc(sumOff + 4*T*K/32)
-	a := &QActs{T: T, K: K, G: G, Q: p, Scales: p + uint64(sOff), Sums: p + uint64(sumOff)}
-	b.do("quantize", func(c *Ctx) error { return c.RMSNormQuant(x.ptr, x.ld, 0, 0, 0, 0, T, K, G, a) })
-	return a
+	return &QActs{T: T, K: K, G: G, Q: p, Scales: p + uint64(sOff), Sums: p + uint64(sumOff)}
 }
 
 // actRows is a view of rows [from, from+n) of a.
@@ -615,13 +839,21 @@ func (b *Backend) MatMul(dst, x backend.Tensor, wt backend.Weight) {
 		b.badShape("matmul in", [2]int{xm.rows, xm.cols}, [2]int{xm.rows, w.k}) || d.rows == 0 {
 		return
 	}
+	if !b.deviceDense(w) {
+		return
+	}
+	b.count(weightBytes(w))
+	b.wrote(d)
 	if w.q == nil {
-		b.launch("matmul", "ops", "dense_matmul", Dim{uint32((w.n + 7) / 8), uint32(d.rows), 1}, D1(256),
+		b.launch(b.opName("matmul", w), "ops", "dense_matmul", Dim{uint32((w.n + 7) / 8), uint32(d.rows), 1}, D1(256),
 			w.dense, w.n, w.k, xm.ptr, xm.ld, d.ptr, d.ld)
+		if b.err == nil {
+			b.lastDense = &denseOp{idx: len(b.pending) - 1, flush: b.flushes, d: *d, x: *xm, w: w}
+		}
 		return
 	}
 	a := b.quantize(xm, w.q.G)
-	b.do("matmul", func(c *Ctx) error {
+	b.do(b.opName("matmul", w), func(c *Ctx) error {
 		for t := 0; t < d.rows; t += 8 {
 			n := min(8, d.rows-t)
 			if err := c.GEMV(d.row(t), d.ld, w.q, actRows(a, t, n), GEMVAuto); err != nil {
@@ -630,6 +862,18 @@ func (b *Backend) MatMul(dst, x backend.Tensor, wt backend.Weight) {
 		}
 		return nil
 	})
+}
+
+// opName is op, with the weight's shape when profiling.
+func (b *Backend) opName(op string, w *weight) string {
+	if b.prof == nil {
+		return op
+	}
+	kind := "dense"
+	if w.q != nil {
+		kind = "mmfp4"
+	}
+	return fmt.Sprintf("%s %s %dx%d", op, kind, w.n, w.k)
 }
 
 // vector returns a dense 1 x K weight.
@@ -666,9 +910,35 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 		b.fail("rmsnorm: %d columns, want a multiple of 32", d.cols)
 		return
 	}
-	b.do("rmsnorm", func(c *Ctx) error {
-		return c.RMSNormQuant(xm.ptr, xm.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, nil)
-	})
+	b.count(4 * int64(g.k))
+	// The int8 form comes in the same pass, for the products that follow
+	// (a norm's output is what the projections read).
+	la := b.lastAdd
+	fuse := la != nil && la.flush == b.flushes && la.idx == len(b.pending)-1 && la.d == *xm
+	a := b.quantizeInto(d, G)
+	b.wrote(d)
+	if fuse && la.flush == b.flushes && la.idx == len(b.pending)-1 {
+		// The Add just queued computed this norm's input: one launch for
+		// both (quantizeInto above queues nothing unless the arena grew,
+		// which flushes and is caught by the second check).
+		fast := rowNorm8(d.cols, G, []uint64{la.d.ptr, la.a.ptr, la.c.ptr, g.dense, d.ptr}, []int{la.d.ld, la.a.ld, la.c.ld, d.ld})
+		b.pending[la.idx] = queuedOp{"add+rmsnorm", func(c *Ctx) error {
+			if fast {
+				return c.RMSNormQuant8(0, 0, la.d.ptr, la.d.ld, la.a.ptr, la.a.ld, la.c.ptr, la.c.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
+			}
+			return c.AddRMSNormQuant(la.d.ptr, la.d.ld, la.a.ptr, la.a.ld, la.c.ptr, la.c.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
+		}}
+		b.lastAdd = nil
+	} else {
+		fast := rowNorm8(d.cols, G, []uint64{xm.ptr, g.dense, d.ptr}, []int{xm.ld, d.ld})
+		b.do("rmsnorm", func(c *Ctx) error {
+			if fast {
+				return c.RMSNormQuant8(xm.ptr, xm.ld, 0, 0, 0, 0, 0, 0, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
+			}
+			return c.RMSNormQuant(xm.ptr, xm.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
+		})
+	}
+	b.quantized = append(b.quantized, quantEntry{*d, a})
 }
 
 // RoPE rotates the rotary dims of each head in place. The angles are
@@ -687,31 +957,39 @@ func (b *Backend) RoPE(x backend.Tensor, heads, headStride, offset, dim int, the
 	if T == 0 || half == 0 {
 		return
 	}
-	cs := make([]float32, 2*T*half)
-	for t := 0; t < T; t++ {
-		pos := float64(b.batch.Positions[t])
-		for i := 0; i < half; i++ {
-			invFreq := float32(1 / math.Pow(theta, float64(float32(2*i)/float32(dim))))
-			angle := float32(pos) * invFreq
-			cs[t*half+i] = float32(math.Cos(float64(angle)))
-			cs[T*half+t*half+i] = float32(math.Sin(float64(angle)))
+	b.wrote(m)
+	// One table per step and (dim, theta): every layer rotates by the same
+	// positions.
+	key := ropeKey{dim, theta}
+	p, ok := b.ropeTables[key]
+	if !ok {
+		// As the CPU backend: frequencies and angles in float64 (float32
+		// holds pos * inv_freq only to about 1e-2 rad at long positions).
+		freq := make([]float64, half)
+		for i := range freq {
+			freq[i] = math.Pow(theta, -float64(2*i)/float64(dim))
 		}
+		cs := make([]float32, 2*T*half)
+		for t := 0; t < T; t++ {
+			pos := float64(b.batch.Positions[t])
+			for i := 0; i < half; i++ {
+				angle := pos * freq[i]
+				cs[t*half+i] = float32(math.Cos(angle))
+				cs[T*half+t*half+i] = float32(math.Sin(angle))
+			}
+		}
+		p = b.alloc(4 * len(cs))
+		b.do("rope table", func(c *Ctx) error { return CopyIn(c, p, cs) })
+		b.ropeTables[key] = p
 	}
 	il := 0
 	if interleaved {
 		il = 1
 	}
-	p := b.alloc(4 * len(cs))
-	b.do("rope", func(c *Ctx) error {
-		if err := CopyIn(c, p, cs); err != nil {
-			return err
-		}
-		k, err := c.Kernel("ops", "rope_rows")
-		if err != nil {
-			return err
-		}
-		return c.Launch(k, D1(T), D1(256), 0, m.ptr, m.ld, heads, headStride, offset, dim, il, p, T)
-	})
+	b.launch("rope", "ops", "rope_rows", D1(T), D1(256), m.ptr, m.ld, heads, headStride, offset, dim, il, p, T)
+	if b.err == nil {
+		b.ropes = [2]*ropeOp{b.ropes[1], {idx: len(b.pending) - 1, flush: b.flushes, m: *m, heads: heads, headStride: headStride, offset: offset, dim: dim, il: il, table: p}}
+	}
 }
 
 // Add computes dst = a + b.
@@ -721,7 +999,11 @@ func (b *Backend) Add(dst, a, c backend.Tensor) {
 		b.badShape("add", [2]int{cm.rows, cm.cols}, [2]int{d.rows, d.cols}) || d.rows == 0 {
 		return
 	}
+	b.wrote(d)
 	b.launch("add", "ops", "add_rows", D1(d.rows), D1(256), d.ptr, d.ld, am.ptr, am.ld, cm.ptr, cm.ld, d.cols)
+	if b.err == nil {
+		b.lastAdd = &addOp{idx: len(b.pending) - 1, flush: b.flushes, d: *d, a: *am, c: *cm}
+	}
 }
 
 // SwiGLU computes dst = silu(gate) * up.
@@ -731,6 +1013,7 @@ func (b *Backend) SwiGLU(dst, gate, up backend.Tensor) {
 		b.badShape("swiglu", [2]int{um.rows, um.cols}, [2]int{d.rows, d.cols}) || d.rows == 0 {
 		return
 	}
+	b.wrote(d)
 	b.launch("swiglu", "ops", "swiglu_rows", D1(d.rows), D1(256), d.ptr, d.ld, gm.ptr, gm.ld, um.ptr, um.ld, d.cols)
 }
 
@@ -744,6 +1027,7 @@ func (b *Backend) SelectOutputs(dst, x backend.Tensor) {
 	if b.badShape("select outputs", [2]int{d.rows, d.cols}, [2]int{len(b.batch.Outputs), xm.cols}) || d.rows == 0 {
 		return
 	}
+	b.wrote(d)
 	b.launch("select outputs", "ops", "gather_rows", D1(d.rows), D1(256), d.ptr, d.ld, xm.ptr, xm.ld, b.meta.outputs, d.cols)
 }
 
@@ -827,6 +1111,18 @@ func (b *Backend) CacheWrite(layer int, latent, kpe backend.Tensor) {
 		b.badShape("cache kpe", [2]int{km.rows, km.cols}, [2]int{b.batch.Rows(), p.ropeDim}) || lm.rows == 0 {
 		return
 	}
+	if r1, r2 := b.ropes[0], b.ropes[1]; p.dtype != backend.CacheFP8 && r1 != nil && r2 != nil && r1.flush == b.flushes && r2.flush == b.flushes &&
+		r2.idx == len(b.pending)-1 && r1.idx == r2.idx-1 && r2.m == *km && r1.table == r2.table && r1.dim == r2.dim && r1.il == r2.il {
+		// Both RoPEs just queued (the queries', then this key's) run in
+		// the cache write's launch.
+		b.pending = b.pending[:r1.idx]
+		b.ropes = [2]*ropeOp{}
+		q := r1.m
+		b.launch("rope+cache write", "ops", "rope2_cache_write", D1(lm.rows), D1(256),
+			q.ptr, q.ld, r1.heads, r1.headStride, r1.offset, km.ptr, km.ld, r2.heads, r2.headStride, r2.offset, r2.dim, r2.il, r2.table, lm.rows,
+			p.layer(layer), p.kernelDType(), b.meta.slots, lm.ptr, lm.ld, p.rank, p.ropeDim)
+		return
+	}
 	if p.dtype == backend.CacheFP8 {
 		b.launch("cache write", "ops", "cache_write_fp8", D1(lm.rows), D1(256), p.layer(layer), b.meta.slots,
 			lm.ptr, lm.ld, km.ptr, km.ld, p.rank, p.ropeDim)
@@ -842,6 +1138,13 @@ func (b *Backend) AbsorbQuery(qlat, q backend.Tensor, wUK backend.Weight, s back
 	if b.badShape("absorb out", [2]int{ql.rows, ql.cols}, [2]int{qm.rows, s.Heads * s.Rank}) ||
 		b.badShape("absorb in", [2]int{qm.rows, qm.cols}, [2]int{ql.rows, s.Heads * (s.NopeDim + s.RopeDim)}) ||
 		b.badShape("absorb W_UK", [2]int{w.n, w.k}, [2]int{s.Heads * s.NopeDim, s.Rank}) || ql.rows == 0 {
+		return
+	}
+	b.count(weightBytes(w))
+	b.wrote(ql)
+	if w.q != nil && s.Rank%32 == 0 && s.Rank <= 512 {
+		b.launch("absorb query", "ops", "absorb_query_q", Dim{uint32(ql.rows), uint32(s.Heads), 1}, D1(512),
+			ql.ptr, ql.ld, qm.ptr, qm.ld, w.q.Codes, w.q.Scales, w.q.RowScale, w.q.G, s.Rank, s.NopeDim, s.RopeDim)
 		return
 	}
 	var codes, scales, rows uint64
@@ -873,12 +1176,51 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s bac
 		b.badShape("attention q", [2]int{qm.rows, qm.cols}, [2]int{T, s.Heads * (s.NopeDim + s.RopeDim)}) {
 		return
 	}
+	perToken := int64(backend.CacheBytesPerToken(p.rank, p.ropeDim, p.dtype))
+	for t := 0; t < T; t++ {
+		b.count(perToken * int64(b.batch.Positions[t]+1))
+	}
+	b.wrote(om)
 	if attentionWarps*4*s.Rank > 48<<10 {
 		b.fail("attention: rank %d needs more shared memory than 48 KiB", s.Rank)
 		return
 	}
 	maxN := b.meta.maxN
-	if splits := (maxN + attentionSplitPos - 1) / attentionSplitPos; T*s.Heads*splits*s.Rank <= b.splitFloats {
+	width := s.Rank + s.RopeDim
+	splits := splitBucket((maxN + attentionHeadsPos - 1) / attentionHeadsPos)
+	// Heads per block: enough blocks to cover the SMs, at most
+	// attentionHeadsMax heads each.
+	groups := max((s.Heads+attentionHeadsMax-1)/attentionHeadsMax, min(s.Heads, (b.dev.Info().SMs+T*splits-1)/(T*splits)))
+	hb := (s.Heads + groups - 1) / groups
+	groups = (s.Heads + hb - 1) / hb
+	heads := 4 * (attentionHeadsPos*(width+4) + hb*width + 17*hb*attentionHeadsPos)
+	if !b.noHeadsAttention && s.Rank%4 == 0 && s.RopeDim%4 == 0 && T*s.Heads*splits*s.Rank <= b.splitFloats &&
+		splits <= maxMergeSplits && heads <= b.dev.Info().SharedOptin {
+		// Few rows: blocks of positions, each read once for all heads.
+		parts := T * s.Heads * splits
+		pm, ps, pacc := b.alloc(4*parts), b.alloc(4*parts), b.alloc(4*parts*s.Rank)
+		b.do("attention", func(c *Ctx) error {
+			k, err := c.Kernel("ops", "latent_attention_heads")
+			if err != nil {
+				return err
+			}
+			if k.maxShared < heads {
+				if err := c.SetMaxShared(k, heads); err != nil {
+					return err
+				}
+				k.maxShared = heads
+			}
+			if err := c.Launch(k, Dim{uint32(T), uint32(splits), uint32(groups)}, D1(256), heads,
+				ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer), p.kernelDType(),
+				b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
+				s.Heads, hb, s.Rank, s.NopeDim, s.RopeDim, scale, splits, pm, ps, pacc); err != nil {
+				return err
+			}
+			return b.merge(c, om, T, s, splits, pm, ps, pacc)
+		})
+		return
+	}
+	if splits := splitBucket((maxN + attentionSplitPos - 1) / attentionSplitPos); T*s.Heads*splits*s.Rank <= b.splitFloats && splits <= maxMergeSplits {
 		// Few rows: spread each row's positions over blocks, then merge.
 		parts := T * s.Heads * splits
 		pm, ps, pacc := b.alloc(4*parts), b.alloc(4*parts), b.alloc(4*parts*s.Rank)
@@ -893,11 +1235,7 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s bac
 				s.Heads, s.Rank, s.NopeDim, s.RopeDim, scale, splits, pm, ps, pacc); err != nil {
 				return err
 			}
-			merge, err := c.Kernel("ops", "attention_merge")
-			if err != nil {
-				return err
-			}
-			return c.Launch(merge, Dim{uint32(T), uint32(s.Heads), 1}, D1(256), 0, om.ptr, om.ld, s.Heads, s.Rank, splits, pm, ps, pacc)
+			return b.merge(c, om, T, s, splits, pm, ps, pacc)
 		})
 		return
 	}
@@ -914,6 +1252,29 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s bac
 	})
 }
 
+// merge launches attention_merge: a block per row, head and 128 columns.
+func (b *Backend) merge(c *Ctx, om *tensor, T int, s backend.MLAShape, splits int, pm, ps, pacc uint64) error {
+	k, err := c.Kernel("ops", "attention_merge")
+	if err != nil {
+		return err
+	}
+	return c.Launch(k, Dim{uint32(T), uint32(s.Heads), uint32((s.Rank + 127) / 128)}, D1(128), 0, om.ptr, om.ld, s.Heads, s.Rank, splits, pm, ps, pacc)
+}
+
+// splitBucket rounds the split count up (a power of two to 16, then a
+// multiple of 16; splits past a row's positions do nothing), so that
+// decode steps keep one launch shape, and so one graph, for many tokens.
+func splitBucket(n int) int {
+	if n > 16 {
+		return (n + 15) / 16 * 16
+	}
+	p := 1
+	for p < n {
+		p *= 2
+	}
+	return p
+}
+
 // attentionWarps is OPS_THREADS/32 in ops.cu: latent_attention keeps one
 // rank-sized accumulator per warp in shared memory.
 const attentionWarps = 8
@@ -926,6 +1287,14 @@ const (
 	maxSplitFloats    = 16 << 20
 )
 
+// attentionHeadsPos is ATT_P in ops.cu (the positions of one block of
+// latent_attention_heads), maxMergeSplits MERGE_MAX_SPLITS.
+const (
+	attentionHeadsPos = 32
+	attentionHeadsMax = 8 // ATT_HB
+	maxMergeSplits    = 2048
+)
+
 // ExpandValues applies the value up-projection head by head.
 func (b *Backend) ExpandValues(out, olat backend.Tensor, wUV backend.Weight, s backend.MLAShape) {
 	om, ol, w := asTensor(out), asTensor(olat), asWeight(wUV)
@@ -934,19 +1303,14 @@ func (b *Backend) ExpandValues(out, olat backend.Tensor, wUV backend.Weight, s b
 		b.badShape("expand W_UV", [2]int{w.n, w.k}, [2]int{s.Heads * s.VDim, s.Rank}) {
 		return
 	}
-	if w.q != nil && ol.rows == 1 && s.Rank%w.q.G == 0 {
+	b.wrote(om)
+	if w.q != nil && ol.rows == 1 && s.Rank%w.q.G == 0 && s.VDim%gemvRowsPerWarp == 0 {
 		// One token: the heads' column blocks hold whole groups, so one
-		// quantization of the row serves every head's product.
+		// quantization of the row serves every head, and one launch runs
+		// all heads' products (each warp's rows lie in one head).
+		b.count(weightBytes(w))
 		a := b.quantize(ol, w.q.G)
-		b.do("expand values", func(c *Ctx) error {
-			for h := 0; h < s.Heads; h++ {
-				ah := &QActs{T: 1, K: s.Rank, G: a.G, Q: a.Q + uint64(h*s.Rank), Scales: a.Scales + uint64(4*h*s.Rank/a.G), Sums: a.Sums + uint64(4*h*s.Rank/32)}
-				if err := c.GEMV(om.ptr+uint64(4*h*s.VDim), om.ld, weightRows(w, h*s.VDim, s.VDim).q, ah, GEMVAuto); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
+		b.do("expand values", func(c *Ctx) error { return c.GEMVHeads(om.ptr, w.q, a, s.Heads, s.VDim) })
 		return
 	}
 	for h := 0; h < s.Heads; h++ {
@@ -985,7 +1349,31 @@ func (b *Backend) Route(logits backend.Tensor, bias backend.Weight, cfg backend.
 	if lm.rows == 0 {
 		return r
 	}
+	b.count(4 * int64(bv.k))
 	r.ids, r.wts = b.alloc(4*lm.rows*cfg.TopK), b.alloc(4*lm.rows*cfg.TopK)
+	if cfg.Groups <= 1 && cfg.TopK <= 32 && !b.noRouteLogits {
+		norm := 0
+		if cfg.NormTopKProb {
+			norm = 1
+		}
+		if ld := b.lastDense; ld != nil && ld.flush == b.flushes && ld.idx == len(b.pending)-1 && ld.d == *lm && b.routeCountersFor(lm.rows) {
+			// The router's product was queued just before: one launch
+			// computes the logits (still written) and picks the experts.
+			b.pending[ld.idx] = queuedOp{"router+route", func(c *Ctx) error {
+				k, err := c.Kernel("moe", "moe_router_route")
+				if err != nil {
+					return err
+				}
+				return c.Launch(k, Dim{uint32((E + 7) / 8), uint32(lm.rows), 1}, D1(256), 0, ld.w.dense, E, ld.w.k, ld.x.ptr, ld.x.ld,
+					lm.ptr, lm.ld, bv.dense, cfg.TopK, norm, cfg.RoutedScaling, r.ids, r.wts, b.routeCounters)
+			}}
+			b.lastDense = nil
+			return r
+		}
+		// No expert groups: one warp per token picks from the logits.
+		b.launch("route", "moe", "moe_route_logits", D1(lm.rows), D1(32), lm.ptr, lm.ld, bv.dense, E, cfg.TopK, norm, cfg.RoutedScaling, r.ids, r.wts)
+		return r
+	}
 	b.do("route", func(c *Ctx) error {
 		id, ok := b.identity[E]
 		if !ok {
@@ -1008,6 +1396,113 @@ func (b *Backend) Route(logits backend.Tensor, bias backend.Weight, cfg backend.
 	return r
 }
 
+// MoEShared adds the routed experts' and the shared experts' outputs to
+// dst: for one token, all of them in the fused kernels' one pass (the
+// shared experts are slots after the routed ones, weight 1); otherwise MoE,
+// then each shared expert's block added to dst.
+func (b *Backend) MoEShared(dst, x backend.Tensor, r backend.Routing, experts, shared []backend.Expert) {
+	d, xm := asTensor(dst), asTensor(x)
+	rt, ok := r.(*routing)
+	if !ok {
+		panic(fmt.Sprintf("cuda backend: routing of type %T from another backend", r))
+	}
+	if !b.opts.NoFusedMoE && d.rows == 1 && xm.rows == 1 && rt.Tokens() == 1 && len(experts) > 0 && d.cols == xm.cols {
+		if l := b.moeLayerShared(experts, shared, rt.topK); l != nil {
+			b.wrote(d)
+			e := experts[0]
+			b.count(int64(rt.topK) * (weightBytes(asWeight(e.Gate)) + weightBytes(asWeight(e.Up)) + weightBytes(asWeight(e.Down))))
+			for _, s := range shared {
+				b.count(weightBytes(asWeight(s.Gate)) + weightBytes(asWeight(s.Up)) + weightBytes(asWeight(s.Down)))
+			}
+			a := b.quantize(xm, l.table.G)
+			b.do("moe", func(c *Ctx) error {
+				return c.MoE(d.ptr, true, l.table, rt.ids, rt.wts, rt.topK, a, l.scratch[rt.topK])
+			})
+			return
+		}
+	}
+	b.MoE(dst, x, r, experts)
+	for _, s := range shared {
+		inter := s.Gate.Rows()
+		g, u := b.NewTensor(xm.rows, inter), b.NewTensor(xm.rows, inter)
+		b.MatMul(g, x, s.Gate)
+		b.MatMul(u, x, s.Up)
+		b.SwiGLU(g, g, u)
+		out := b.NewTensor(xm.rows, xm.cols)
+		b.MatMul(out, g, s.Down)
+		b.Add(dst, dst, out)
+	}
+}
+
+// moeLayerShared is moeLayer for a table with the shared experts after the
+// routed ones.
+func (b *Backend) moeLayerShared(experts, shared []backend.Expert, topK int) *moeLayer {
+	if q := asWeight(experts[0].Gate).q; q != nil {
+		if l := b.moeShared[q]; l != nil && l.scratch[topK] != nil {
+			return l
+		}
+	}
+	mats := func(es []backend.Expert) []ExpertMats {
+		var out []ExpertMats
+		for _, e := range es {
+			g, u, dn := asWeight(e.Gate), asWeight(e.Up), asWeight(e.Down)
+			if g.q == nil || u.q == nil || dn.q == nil {
+				return nil
+			}
+			out = append(out, ExpertMats{Gate: g.q, Up: u.q, Down: dn.q})
+		}
+		return out
+	}
+	routed, sh := mats(experts), mats(shared)
+	if routed == nil || len(sh) != len(shared) {
+		return nil
+	}
+	l := b.moeShared[routed[0].Gate]
+	b.flush()
+	err := b.dev.Do(func(c *Ctx) error {
+		if l == nil {
+			t, err := c.NewExpertTable(routed, sh)
+			if err != nil {
+				return err
+			}
+			l = &moeLayer{table: t, scratch: map[int]*MoEScratch{}}
+			b.moeShared[routed[0].Gate] = l
+		}
+		if l.scratch[topK] == nil {
+			s, err := c.NewMoEScratch(l.table, topK)
+			if err != nil {
+				return err
+			}
+			l.scratch[topK] = s
+		}
+		return nil
+	})
+	if err != nil {
+		return nil
+	}
+	return l
+}
+
+// routeCountersFor makes sure there are zeroed router counters for rows
+// tokens (growing them waits for the queued ops, which the caller checks).
+func (b *Backend) routeCountersFor(rows int) bool {
+	if b.routeCounters.Size >= 4*rows {
+		return true
+	}
+	b.now("router counters", func(c *Ctx) error {
+		if err := c.Free(b.routeCounters); err != nil {
+			return err
+		}
+		buf, err := c.Alloc(4 * max(rows, 64))
+		if err != nil {
+			return err
+		}
+		b.routeCounters = buf
+		return c.Memset(buf.Ptr, 0, buf.Size)
+	})
+	return false // the queue was flushed: the product is no longer the last op
+}
+
 // moeLayer is a MoE layer's expert table and per-top-k scratch for the
 // fused single-token kernels.
 type moeLayer struct {
@@ -1027,8 +1522,12 @@ func (b *Backend) MoE(dst, x backend.Tensor, r backend.Routing, experts []backen
 		b.badShape("moe routing", [2]int{rt.Tokens(), 1}, [2]int{xm.rows, 1}) || d.rows == 0 || len(experts) == 0 {
 		return
 	}
+	b.wrote(d)
 	if !b.opts.NoFusedMoE && d.rows == 1 {
 		if l := b.moeLayer(experts, rt.topK); l != nil {
+			// One token: topK distinct experts (the ids stay on the device).
+			e := experts[0]
+			b.count(int64(rt.topK) * (weightBytes(asWeight(e.Gate)) + weightBytes(asWeight(e.Up)) + weightBytes(asWeight(e.Down))))
 			a := b.quantize(xm, l.table.G)
 			b.do("moe", func(c *Ctx) error {
 				return c.MoE(d.ptr, true, l.table, rt.ids, rt.wts, rt.topK, a, l.scratch[rt.topK])
@@ -1042,6 +1541,11 @@ func (b *Backend) MoE(dst, x backend.Tensor, r backend.Routing, experts []backen
 // moeLayer returns the fused kernels' table for experts, made on first use,
 // or nil where the experts do not suit them (dense, mixed shapes).
 func (b *Backend) moeLayer(experts []backend.Expert, topK int) *moeLayer {
+	if q := asWeight(experts[0].Gate).q; q != nil {
+		if l := b.moe[q]; l != nil && l.scratch[topK] != nil {
+			return l // no device work: keep the step's ops queued
+		}
+	}
 	var mats []ExpertMats
 	for _, e := range experts {
 		g, u, dn := asWeight(e.Gate), asWeight(e.Up), asWeight(e.Down)

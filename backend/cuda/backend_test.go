@@ -148,13 +148,34 @@ func TestBackendOpsMatchCPU(t *testing.T) {
 				return b.Download(v)
 			})
 		}
+		// The norm's int8 form (made in the norm's own pass on the GPU)
+		// feeds the product: checked through the product's result.
+		wq := quantHost(t, r, "q128", 96, 512, 128)
+		compareOp(t, g, c, fmt.Sprintf("T=%d rmsnorm+matmul", T), 1e-5, func(b backend.Backend) []float32 {
+			b.SetBatch(batch, nil)
+			d, o := b.NewTensor(T, 512), b.NewTensor(T, 96)
+			b.RMSNorm(d, in(b, x, 512), mustWeight(t, b, gain), 1e-6)
+			b.MatMul(o, d, mustWeight(t, b, wq))
+			return b.Download(o)
+		})
+		// A norm right after the add that made its input runs fused on
+		// the GPU (add_rmsnorm_quant); both results are compared.
+		compareOp(t, g, c, fmt.Sprintf("T=%d add+rmsnorm", T), 1e-6, func(b backend.Backend) []float32 {
+			b.SetBatch(batch, nil)
+			xs, d := in(b, x, 512), b.NewTensor(T, 512)
+			b.Add(xs, xs, in(b, y, 512))
+			b.RMSNorm(d, xs, mustWeight(t, b, gain), 1e-6)
+			return append(b.Download(xs), b.Download(d)...)
+		})
 		compareOp(t, g, c, fmt.Sprintf("T=%d add", T), 0, func(b backend.Backend) []float32 {
 			b.SetBatch(batch, nil)
 			d := b.NewTensor(T, 512)
 			b.Add(d, in(b, x, 512), in(b, y, 512))
 			return b.Download(d)
 		})
-		compareOp(t, g, c, fmt.Sprintf("T=%d swiglu", T), 0, func(b backend.Backend) []float32 {
+		// The CPU's SIMD SiLU takes its exponential in float32 (the GPU in
+		// float64, as the CPU's Go code): equal to about 1e-7.
+		compareOp(t, g, c, fmt.Sprintf("T=%d swiglu", T), 5e-7, func(b backend.Backend) []float32 {
 			b.SetBatch(batch, nil)
 			d := b.NewTensor(T, 256)
 			v := in(b, x, 512)
@@ -212,10 +233,12 @@ func TestBackendAttentionMatchesCPU(t *testing.T) {
 		T := st.Rows()
 		ins = append(ins, stepIn{randVec(r, T*s.Rank, 1), randVec(r, T*s.RopeDim, 1), randVec(r, T*s.Heads*qk, 1)})
 	}
-	for _, split := range []bool{true, false} {
-		g.splitFloats = 0
-		if split {
-			g.splitFloats = maxSplitFloats
+	for _, split := range []string{"heads", "split", "rows"} {
+		// heads: blocks of positions for all heads; split: a block per
+		// head and block of positions; rows: a block per head and row.
+		g.splitFloats, g.noHeadsAttention = maxSplitFloats, split == "split"
+		if split == "rows" {
+			g.splitFloats = 0
 		}
 		for _, dt := range []backend.CacheDType{backend.CacheF32, backend.CacheBF16, backend.CacheFP8} {
 			for wi, wname := range []string{"mmfp4", "dense"} {
@@ -272,7 +295,10 @@ func TestBackendAttentionMatchesCPU(t *testing.T) {
 func TestBackendMoEMatchesCPU(t *testing.T) {
 	const K, I, E, topK = 256, 128, 16, 4
 	r := testRand(t)
-	cfg := backend.RouterConfig{TopK: topK, Groups: 4, TopKGroups: 2, NormTopKProb: true, RoutedScaling: 1.8, NumExperts: E}
+	cfgs := []backend.RouterConfig{
+		{TopK: topK, Groups: 4, TopKGroups: 2, NormTopKProb: true, RoutedScaling: 1.8, NumExperts: E},
+		{TopK: topK, Groups: 1, TopKGroups: 1, NormTopKProb: true, RoutedScaling: 2.5, NumExperts: E}, // one warp per token
+	}
 	router := denseHost(r, "router", E, K)
 	bias := backend.HostWeight{Name: "bias", N: 1, K: E, Dense: randVec(r, E, 0.1)}
 	hosts := map[string][][3]backend.HostWeight{}
@@ -291,30 +317,60 @@ func TestBackendMoEMatchesCPU(t *testing.T) {
 	}
 	for _, fused := range []bool{true, false} {
 		g, c := testBackends(t, Options{NoFusedMoE: !fused})
-		for _, kind := range []string{"mmfp4", "dense"} {
-			for _, T := range []int{1, 6} {
-				x := randVec(r, T*K, 1)
-				// MMFP4 experts requantize the SwiGLU product to int8, where
-				// a last-bit difference can move a value by one step.
-				bound := 1e-5
-				if kind == "mmfp4" {
-					bound = 1e-3
-				}
-				compareOp(t, g, c, fmt.Sprintf("moe %s T=%d fused=%v", kind, T, fused), bound, func(b backend.Backend) []float32 {
-					b.SetBatch(simpleBatch(T, 0), nil)
-					var experts []backend.Expert
-					for _, h := range hosts[kind] {
-						experts = append(experts, backend.Expert{Gate: mustWeight(t, b, h[0]), Up: mustWeight(t, b, h[1]), Down: mustWeight(t, b, h[2])})
+		for _, cfg := range cfgs {
+			for _, kind := range []string{"mmfp4", "dense"} {
+				for _, T := range []int{1, 6} {
+					x := randVec(r, T*K, 1)
+					// MMFP4 experts requantize the SwiGLU product to int8, where
+					// a last-bit difference can move a value by one step.
+					bound := 1e-5
+					if kind == "mmfp4" {
+						bound = 1e-3
 					}
-					xt := b.NewTensor(T, K)
-					b.Upload(xt, x)
-					logits := b.NewTensor(T, E)
-					b.MatMul(logits, xt, mustWeight(t, b, router))
-					rt := b.Route(logits, mustWeight(t, b, bias), cfg)
-					out := b.NewTensor(T, K)
-					b.MoE(out, xt, rt, experts)
-					return append(b.Download(logits), b.Download(out)...)
-				})
+					compareOp(t, g, c, fmt.Sprintf("moe %s T=%d fused=%v groups=%d", kind, T, fused, cfg.Groups), bound, func(b backend.Backend) []float32 {
+						b.SetBatch(simpleBatch(T, 0), nil)
+						var experts []backend.Expert
+						for _, h := range hosts[kind] {
+							experts = append(experts, backend.Expert{Gate: mustWeight(t, b, h[0]), Up: mustWeight(t, b, h[1]), Down: mustWeight(t, b, h[2])})
+						}
+						xt := b.NewTensor(T, K)
+						b.Upload(xt, x)
+						logits := b.NewTensor(T, E)
+						b.MatMul(logits, xt, mustWeight(t, b, router))
+						rt := b.Route(logits, mustWeight(t, b, bias), cfg)
+						out := b.NewTensor(T, K)
+						b.MoE(out, xt, rt, experts)
+						return append(b.Download(logits), b.Download(out)...)
+					})
+					// The last expert doubles as a shared expert: the GPU runs it
+					// in the same pass (MoEShared), the CPU as its own block.
+					compareOp(t, g, c, fmt.Sprintf("moe+shared %s T=%d fused=%v groups=%d", kind, T, fused, cfg.Groups), bound, func(b backend.Backend) []float32 {
+						b.SetBatch(simpleBatch(T, 0), nil)
+						var experts []backend.Expert
+						for _, h := range hosts[kind] {
+							experts = append(experts, backend.Expert{Gate: mustWeight(t, b, h[0]), Up: mustWeight(t, b, h[1]), Down: mustWeight(t, b, h[2])})
+						}
+						shared := experts[E-1:]
+						xt := b.NewTensor(T, K)
+						b.Upload(xt, x)
+						logits := b.NewTensor(T, E)
+						b.MatMul(logits, xt, mustWeight(t, b, router))
+						rt := b.Route(logits, mustWeight(t, b, bias), cfg)
+						out := b.NewTensor(T, K)
+						if sm, ok := b.(backend.SharedMoE); ok {
+							sm.MoEShared(out, xt, rt, experts, shared)
+							return b.Download(out)
+						}
+						b.MoE(out, xt, rt, experts)
+						gt, ut, o := b.NewTensor(T, I), b.NewTensor(T, I), b.NewTensor(T, K)
+						b.MatMul(gt, xt, shared[0].Gate)
+						b.MatMul(ut, xt, shared[0].Up)
+						b.SwiGLU(gt, gt, ut)
+						b.MatMul(o, gt, shared[0].Down)
+						b.Add(out, out, o)
+						return b.Download(out)
+					})
+				}
 			}
 		}
 	}

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"os"
 	"runtime"
 	"unsafe"
 )
@@ -32,7 +33,12 @@ type Ctx struct {
 	arch    string
 	// lastKernel is the most recently launched kernel, named in errors
 	// that surface later, at a synchronisation.
-	lastKernel string
+	lastKernel *Kernel
+	// launches counts kernel launches (for profiles).
+	launches int
+	// rec, when set, receives launches, memsets and copies as records
+	// instead of issuing them (graph.go).
+	rec *recording
 
 	// Launch arguments are marshalled into these pinned buffers: one 8-byte
 	// slot per argument and the array of pointers to the slots that
@@ -40,7 +46,37 @@ type Ctx struct {
 	argVals []uint64
 	argPtrs []unsafe.Pointer
 	pin     runtime.Pinner
+
+	// pdl launches kernels with programmatic stream serialization (sm_90
+	// and later; MMFP4_CUDA_PDL=1): each may start while the one before
+	// finishes, and waits for it inside (PDL_WAIT in prelude.cuh).
+	pdl      bool
+	launchEx *launchConfig
 }
+
+// launchConfig is CUlaunchConfig with room for one CUlaunchAttribute.
+type launchConfig struct {
+	gridX, gridY, gridZ    uint32
+	blockX, blockY, blockZ uint32
+	shared                 uint32
+	_                      uint32
+	stream                 uintptr
+	attrs                  *launchAttr
+	nattrs                 uint32
+	_                      uint32
+	attr                   launchAttr
+}
+
+// launchAttr is CUlaunchAttribute: an id, padding, a 64-byte value.
+type launchAttr struct {
+	id  uint32
+	_   uint32
+	val [64]byte
+}
+
+// attrProgrammaticSerialization is
+// CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION.
+const attrProgrammaticSerialization = 6
 
 type module struct {
 	handle uintptr
@@ -54,6 +90,8 @@ type Kernel struct {
 	// Regs and LocalBytes are the compiler's register count and per-thread
 	// local memory (stack and spills).
 	Regs, LocalBytes int
+	// maxShared is the dynamic shared memory the kernel has been allowed.
+	maxShared int
 }
 
 const maxKernelArgs = 32
@@ -151,6 +189,13 @@ func openCtx(ordinal int) (*Ctx, error) {
 	c.argPtrs = make([]unsafe.Pointer, maxKernelArgs)
 	c.pin.Pin(&c.argVals[0])
 	c.pin.Pin(&c.argPtrs[0])
+	c.launchEx = &launchConfig{}
+	c.launchEx.attrs = &c.launchEx.attr
+	c.launchEx.nattrs = 1
+	c.launchEx.attr.id = attrProgrammaticSerialization
+	c.launchEx.attr.val[0] = 1
+	c.pin.Pin(c.launchEx)
+	c.pdl = info.CC >= 90 && os.Getenv("MMFP4_CUDA_PDL") == "1"
 	return c, nil
 }
 
@@ -316,6 +361,10 @@ func CopyIn[T any](c *Ctx, dst uint64, src []T) error {
 		return nil
 	}
 	n := uint64(len(src)) * uint64(unsafe.Sizeof(src[0]))
+	if c.rec != nil {
+		c.rec.upload(dst, unsafe.Pointer(&src[0]), n)
+		return nil
+	}
 	return check("cuMemcpyHtoDAsync", drv.cuMemcpyHtoDAsync(dst, unsafe.Pointer(&src[0]), n, c.stream))
 }
 
@@ -325,6 +374,9 @@ func CopyOut[T any](c *Ctx, dst []T, src uint64) error {
 		return nil
 	}
 	n := uint64(len(dst)) * uint64(unsafe.Sizeof(dst[0]))
+	if c.rec != nil {
+		return errors.New("cuda: a read-back cannot be queued with the step's ops")
+	}
 	if err := check("cuMemcpyDtoHAsync", drv.cuMemcpyDtoHAsync(unsafe.Pointer(&dst[0]), src, n, c.stream)); err != nil {
 		return c.annotate(err)
 	}
@@ -333,12 +385,28 @@ func CopyOut[T any](c *Ctx, dst []T, src uint64) error {
 
 // CopyDevice copies n bytes between device addresses.
 func (c *Ctx) CopyDevice(dst, src uint64, n int) error {
-	return check("cuMemcpyDtoDAsync", drv.cuMemcpyDtoDAsync(dst, src, uint64(n), c.stream))
+	if c.rec != nil {
+		c.rec.recs = append(c.rec.recs, record{kind: recCopy, dst: dst, src: src, n: uint64(n)})
+		return nil
+	}
+	return c.copyDeviceRaw(dst, src, uint64(n))
+}
+
+func (c *Ctx) copyDeviceRaw(dst, src, n uint64) error {
+	return check("cuMemcpyDtoDAsync", drv.cuMemcpyDtoDAsync(dst, src, n, c.stream))
 }
 
 // Memset fills n bytes at dst with v.
 func (c *Ctx) Memset(dst uint64, v byte, n int) error {
-	return check("cuMemsetD8Async", drv.cuMemsetD8Async(dst, v, uint64(n), c.stream))
+	if c.rec != nil {
+		c.rec.recs = append(c.rec.recs, record{kind: recMemset, dst: dst, val: v, n: uint64(n)})
+		return nil
+	}
+	return c.memsetRaw(dst, v, uint64(n))
+}
+
+func (c *Ctx) memsetRaw(dst uint64, v byte, n uint64) error {
+	return check("cuMemsetD8Async", drv.cuMemsetD8Async(dst, v, n, c.stream))
 }
 
 // Sync waits for the queued work. An error that a kernel caused surfaces
@@ -349,8 +417,8 @@ func (c *Ctx) Sync() error {
 
 func (c *Ctx) annotate(err error) error {
 	var e *Error
-	if errors.As(err, &e) && e.Kernel == "" && c.lastKernel != "" {
-		e.Kernel = "last launched: " + c.lastKernel
+	if errors.As(err, &e) && e.Kernel == "" && c.lastKernel != nil {
+		e.Kernel = "last launched: " + c.lastKernel.Module + "." + c.lastKernel.Name
 	}
 	return err
 }
@@ -395,6 +463,23 @@ func (c *Ctx) Record() (*Event, error) {
 		return nil, err
 	}
 	return e, nil
+}
+
+// NewEvent creates an event for RecordAt.
+func (c *Ctx) NewEvent() (*Event, error) {
+	e := &Event{}
+	return e, check("cuEventCreate", drv.cuEventCreate(&e.h, 0))
+}
+
+// RecordAt records e on the current stream.
+func (c *Ctx) RecordAt(e *Event) error {
+	return check("cuEventRecord", drv.cuEventRecord(e.h, c.stream))
+}
+
+// ElapsedDone returns the milliseconds between two completed events.
+func (c *Ctx) ElapsedDone(start, end *Event) (float32, error) {
+	var ms float32
+	return ms, check("cuEventElapsedTime", drv.cuEventElapsedTime(&ms, start.h, end.h))
 }
 
 // Elapsed waits for end and returns the milliseconds between two events.
@@ -494,8 +579,15 @@ func (c *Ctx) Launch(k *Kernel, grid, block Dim, shared int, args ...any) error 
 	if len(args) > maxKernelArgs {
 		return fmt.Errorf("cuda: kernel %s: %d arguments, at most %d", k.Name, len(args), maxKernelArgs)
 	}
+	var vals []uint64
+	if c.rec != nil {
+		c.rec.recs = append(c.rec.recs, record{kind: recLaunch, kernel: k, grid: grid, block: block, shared: uint32(shared), nargs: uint8(len(args))})
+		vals = c.rec.recs[len(c.rec.recs)-1].args[:len(args)]
+	} else {
+		vals = c.argVals[:len(args)]
+	}
 	for i, a := range args {
-		slot := &c.argVals[i]
+		slot := &vals[i]
 		switch v := a.(type) {
 		case Buffer:
 			*slot = v.Ptr
@@ -513,19 +605,43 @@ func (c *Ctx) Launch(k *Kernel, grid, block Dim, shared int, args ...any) error 
 		case float32:
 			*slot = uint64(math.Float32bits(v))
 		default:
+			if c.rec != nil {
+				c.rec.recs = c.rec.recs[:len(c.rec.recs)-1]
+			}
 			return fmt.Errorf("cuda: kernel %s: argument %d has unsupported type %T", k.Name, i, a)
 		}
-		c.argPtrs[i] = unsafe.Pointer(slot)
+	}
+	c.launches++
+	if c.rec != nil {
+		return nil
+	}
+	return c.launchRaw(k, grid, block, uint32(shared), vals)
+}
+
+// launchRaw launches k with its arguments marshalled as 8-byte slots.
+func (c *Ctx) launchRaw(k *Kernel, grid, block Dim, shared uint32, vals []uint64) error {
+	copy(c.argVals, vals)
+	for i := range vals {
+		c.argPtrs[i] = unsafe.Pointer(&c.argVals[i])
 	}
 	var params unsafe.Pointer
-	if len(args) > 0 {
+	if len(vals) > 0 {
 		params = unsafe.Pointer(&c.argPtrs[0])
 	}
-	c.lastKernel = k.Module + "." + k.Name
-	r := drv.cuLaunchKernel(k.fn, grid.X, max(grid.Y, 1), max(grid.Z, 1), block.X, max(block.Y, 1), max(block.Z, 1),
-		uint32(shared), c.stream, params, nil)
+	c.lastKernel = k
+	var r int32
+	if c.pdl {
+		cfg := c.launchEx
+		cfg.gridX, cfg.gridY, cfg.gridZ = grid.X, max(grid.Y, 1), max(grid.Z, 1)
+		cfg.blockX, cfg.blockY, cfg.blockZ = block.X, max(block.Y, 1), max(block.Z, 1)
+		cfg.shared, cfg.stream = shared, c.stream
+		r = drv.cuLaunchKernelEx(unsafe.Pointer(cfg), k.fn, params, nil)
+	} else {
+		r = drv.cuLaunchKernel(k.fn, grid.X, max(grid.Y, 1), max(grid.Z, 1), block.X, max(block.Y, 1), max(block.Z, 1),
+			shared, c.stream, params, nil)
+	}
 	if r != 0 {
-		return newError("cuLaunchKernel", c.lastKernel, r)
+		return newError("cuLaunchKernel", k.Module+"."+k.Name, r)
 	}
 	return nil
 }

@@ -48,6 +48,13 @@ var drv struct {
 	cuGetErrorName                              func(r int32, s **byte) int32
 	cuGetErrorString                            func(r int32, s **byte) int32
 	cuOccupancyMaxActiveBlocksPerMultiprocessor func(n *int32, fn uintptr, block int32, smem uint64) int32
+	cuStreamBeginCapture                        func(s uintptr, mode int32) int32
+	cuStreamEndCapture                          func(s uintptr, graph *uintptr) int32
+	cuGraphInstantiateWithFlags                 func(exec *uintptr, graph uintptr, flags uint64) int32
+	cuGraphLaunch                               func(exec, s uintptr) int32
+	cuGraphExecDestroy                          func(exec uintptr) int32
+	cuGraphDestroy                              func(graph uintptr) int32
+	cuLaunchKernelEx                            func(cfg unsafe.Pointer, fn uintptr, params unsafe.Pointer, extra unsafe.Pointer) int32
 }
 
 var (
@@ -102,6 +109,13 @@ func loadDriver() error {
 			"cuGetErrorName":                              &d.cuGetErrorName,
 			"cuGetErrorString":                            &d.cuGetErrorString,
 			"cuOccupancyMaxActiveBlocksPerMultiprocessor": &d.cuOccupancyMaxActiveBlocksPerMultiprocessor,
+			"cuStreamBeginCapture_v2":                     &d.cuStreamBeginCapture,
+			"cuStreamEndCapture":                          &d.cuStreamEndCapture,
+			"cuGraphInstantiateWithFlags":                 &d.cuGraphInstantiateWithFlags,
+			"cuGraphLaunch":                               &d.cuGraphLaunch,
+			"cuGraphExecDestroy":                          &d.cuGraphExecDestroy,
+			"cuGraphDestroy":                              &d.cuGraphDestroy,
+			"cuLaunchKernelEx":                            &d.cuLaunchKernelEx,
 		})
 		if err != nil {
 			drvErr = fmt.Errorf("%w: %v", ErrNoDriver, err)

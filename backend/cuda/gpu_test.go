@@ -181,9 +181,9 @@ func TestRMSNormQuant(t *testing.T) {
 			for t := 0; t < c.T; t++ {
 				copy(got[t*c.K:(t+1)*c.K], gotStrided[t*ld:t*ld+c.K])
 			}
-			// Same operations in the same precision: equal but for the
-			// order of the float64 sum of squares.
-			if e := relErr(want, got); !(e <= 1e-7) {
+			// Same operations, but the CPU's SIMD kernels sum the squares
+			// in float32 (the GPU in float64): 1.0e-7 measured.
+			if e := relErr(want, got); !(e <= 5e-7) {
 				t.Errorf("T=%d K=%d: rmsnorm relative error %.3g", c.T, c.K, e)
 			}
 			// Quantization of the kernel's own float output must match the

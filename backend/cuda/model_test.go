@@ -153,6 +153,14 @@ func quantizedFixture(t *testing.T) string {
 // CPU's logits by 2.2e-2 (relative to the largest; 1.4e-4 on the bf16
 // weights), so a last-bit difference before the cache's rounding would
 // decide a bf16 comparison, not the kernels.
+//
+// The attention output is requantized to int8 for the value product, so a
+// last-bit difference there moves a value by one int8 step, and this model's
+// logits by about 2e-2. The per-head split attention kernel happens to sum
+// in an order whose results requantize as the CPU's do here: it gives the
+// strict comparison. The all-heads kernel (the default at decode) sums in
+// another order; it is held to the requantization's effect (1.7e-2
+// measured), and to identical greedy ids below.
 func TestModelMMFP4MatchesCPUOnGPU(t *testing.T) {
 	g, c := testBackends(t, Options{})
 	ref := loadGolden(t)
@@ -160,11 +168,18 @@ func TestModelMMFP4MatchesCPUOnGPU(t *testing.T) {
 	mg, mc := loadOn(t, dir, g), loadOn(t, dir, c)
 	seq := append(append([]int{}, ref.prompt...), ref.greedy...)
 	want := modelLogits(t, mc, seq, backend.CacheF32)
-	got := modelLogits(t, mg, seq, backend.CacheF32)
-	e := maxRelErr(want, got)
-	t.Logf("GPU vs CPU, MMFP4 g128, f32 cache: max rel err %.2e over %d positions", e, len(seq))
-	if e > 1e-5 {
-		t.Errorf("relative error %.3e > 1e-5", e)
+	for _, heads := range []bool{false, true} {
+		g.noHeadsAttention = !heads
+		got := modelLogits(t, mg, seq, backend.CacheF32)
+		e := maxRelErr(want, got)
+		bound := 1e-5
+		if heads {
+			bound = 5e-2
+		}
+		t.Logf("GPU vs CPU, MMFP4 g128, f32 cache, all-heads attention %v: max rel err %.2e over %d positions", heads, e, len(seq))
+		if e > bound {
+			t.Errorf("all-heads attention %v: relative error %.3e > %.0e", heads, e, bound)
+		}
 	}
 }
 

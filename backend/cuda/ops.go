@@ -96,7 +96,62 @@ func (c *Ctx) RMSNormQuant(x uint64, ldx int, gain uint64, eps float32, out uint
 	if err != nil {
 		return err
 	}
-	return c.Launch(k, D1(rows), D1(256), 0, x, ldx, gain, eps, out, ldo, q, s, sums, K, G)
+	// Without a norm, blocks of eight groups (QUANT_THREADS/32) each; a
+	// norm stays one block per row, since it may write over its input.
+	groupBlocks := 1
+	if gain == 0 {
+		groupBlocks = (K/G + 7) / 8
+	}
+	return c.Launch(k, Dim{uint32(rows), uint32(groupBlocks), 1}, D1(256), 0, x, ldx, gain, eps, out, ldo, q, s, sums, K, G)
+}
+
+// rowNorm8 reports whether rmsnorm_quant8 takes rows of K values in groups
+// of G at these addresses and strides (floats): K/8 threads a multiple of
+// 32 up to 1024, whole groups per warp, 16-byte alignment.
+func rowNorm8(K, G int, ptrs []uint64, lds []int) bool {
+	if K%256 != 0 || K/8 > 1024 || (G != 32 && G != 64 && G != 128) {
+		return false
+	}
+	for _, p := range ptrs {
+		if p%16 != 0 {
+			return false
+		}
+	}
+	for _, ld := range lds {
+		if ld%4 != 0 {
+			return false
+		}
+	}
+	return true
+}
+
+// RMSNormQuant8 is RMSNormQuant (with a gain and quantized output) or
+// AddRMSNormQuant (a != 0) on rows held in registers; see rowNorm8.
+func (c *Ctx) RMSNormQuant8(x uint64, ldx int, d uint64, ldd int, a uint64, lda int, cc uint64, ldc int, gain uint64, eps float32, out uint64, ldo int, rows, K, G int, q *QActs) error {
+	if q == nil || q.T != rows || q.K != K || q.G != G || gain == 0 {
+		return fmt.Errorf("cuda: rmsnorm_quant8: want a gain and activations %dx%d/%d", rows, K, G)
+	}
+	k, err := c.Kernel("quant", "rmsnorm_quant8")
+	if err != nil {
+		return err
+	}
+	return c.Launch(k, D1(rows), D1(K/8), 0, x, ldx, d, ldd, a, lda, cc, ldc, gain, eps, out, ldo, q.Q, q.Scales, q.Sums, K, G)
+}
+
+// AddRMSNormQuant is d = a + c (rows of K floats) followed by
+// RMSNormQuant of d, in one launch (one block per row).
+func (c *Ctx) AddRMSNormQuant(d uint64, ldd int, a uint64, lda int, cc uint64, ldc int, gain uint64, eps float32, out uint64, ldo int, rows, K, G int, q *QActs) error {
+	if q == nil || q.T != rows || q.K != K || q.G != G || gain == 0 {
+		return fmt.Errorf("cuda: add_rmsnorm_quant: want a gain and activations %dx%d/%d", rows, K, G)
+	}
+	if !format.ValidGroupSize(G) || K%G != 0 {
+		return fmt.Errorf("cuda: add_rmsnorm_quant: K=%d, group %d", K, G)
+	}
+	k, err := c.Kernel("quant", "add_rmsnorm_quant")
+	if err != nil {
+		return err
+	}
+	return c.Launch(k, D1(rows), D1(256), 0, d, ldd, a, lda, cc, ldc, gain, eps, out, ldo, q.Q, q.Scales, q.Sums, K, G)
 }
 
 // GEMVVariant picks the GEMV kernel.
@@ -173,6 +228,31 @@ func (c *Ctx) GEMV(y uint64, ldy int, w *QMatrix, a *QActs, v GEMVVariant) error
 	gshift := bits.TrailingZeros(uint(w.G / 32))
 	grid := (w.N + gemvRowsPerBlock - 1) / gemvRowsPerBlock
 	return c.Launch(k, D1(grid), D1(128), 0, w.Codes, w.Scales, w.RowScale, w.N, w.K, gshift, a.Q, a.Scales, a.Sums, y, ldy)
+}
+
+// gemvRowsPerWarp is R in gemv.cu: the rows one warp of the dp4a kernels
+// takes.
+const gemvRowsPerWarp = 4
+
+// GEMVHeads computes, for one token, y[h*rows+n] = W[h*rows+n] . x_h for
+// heads heads: W [heads*rows, k] holds each head's rows in turn and x_h is
+// columns [h*k, (h+1)*k) of the quantized row a (a.K = heads*k, whole
+// groups per head). One launch of the split dp4a kernel.
+func (c *Ctx) GEMVHeads(y uint64, w *QMatrix, a *QActs, heads, rows int) error {
+	k := w.K
+	switch {
+	case a.T != 1 || a.K != heads*k || a.G != w.G || k%w.G != 0:
+		return fmt.Errorf("cuda: gemv heads: activations %dx%d G=%d for %d heads of [%d,%d] G=%d", a.T, a.K, a.G, heads, rows, k, w.G)
+	case w.N != heads*rows || rows%gemvRowsPerWarp != 0:
+		return fmt.Errorf("cuda: gemv heads: %d rows for %d heads of %d", w.N, heads, rows)
+	}
+	kern, err := c.Kernel("gemv", "gemv_split_heads")
+	if err != nil {
+		return err
+	}
+	gshift := bits.TrailingZeros(uint(w.G / 32))
+	grid := (w.N + gemvRowsPerBlock - 1) / gemvRowsPerBlock
+	return c.Launch(kern, D1(grid), D1(128), 0, w.Codes, w.Scales, w.RowScale, w.N, k, gshift, a.Q, a.Scales, a.Sums, y, rows)
 }
 
 // ExpertMats are one expert's matrices on the device: gate and up [I,K],
@@ -284,10 +364,12 @@ func (c *Ctx) FreeMoEScratch(s *MoEScratch) error {
 
 // MoE computes, for one token with quantized activations x,
 // y (+)= sum_k wts[k] * expert_{ids[k]}(x) + sum of the shared experts(x),
-// expert(x) = down(silu(gate x) * up x), in three launches: the gate and up
-// products of all experts with the SiLU product, the quantization of those,
-// and the down products of all experts summed with their weights. With
-// accumulate, the sum is added to y.
+// expert(x) = down(silu(gate x) * up x), in two launches: the gate and up
+// products of all experts with the SiLU product, and the down products of
+// all experts summed with their weights, each block quantizing its slot's
+// SiLU product first (three launches, the quantization apart, when the
+// intermediate size exceeds moeMaxI). With accumulate, the sum is added to
+// y.
 func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, topk int, x *QActs, s *MoEScratch) error {
 	slots := topk + t.Shared
 	switch {
@@ -313,6 +395,15 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 		t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, x.Sums, s.H); err != nil {
 		return err
 	}
+	if t.I <= moeMaxI {
+		// The quantization of h inside the down kernel: two launches.
+		dq, err := c.Kernel("moe", "moe_down_q")
+		if err != nil {
+			return err
+		}
+		return c.Launch(dq, Dim{uint32((t.K + 15) / 16), uint32(slots), 1}, D1(128), 0,
+			t.buf, ids, wts, topk, slots, t.Routed, t.K, t.I, gshift, s.H, s.Partial, s.Counters, y, acc)
+	}
 	if err := c.RMSNormQuant(s.H.Ptr, t.I, 0, 0, 0, 0, slots, t.I, t.G, s.HQ); err != nil {
 		return err
 	}
@@ -320,6 +411,10 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 		t.buf, ids, wts, topk, slots, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, s.HQ.Sums,
 		s.Partial, s.Counters, y, acc)
 }
+
+// moeMaxI is MOE_MAX_I in moe.cu: the largest intermediate size whose
+// quantization moe_down_q holds in shared memory.
+const moeMaxI = 4096
 
 // Spin keeps the GPU busy for about the given number of cycles (for timing).
 func (c *Ctx) Spin(cycles int64) error {

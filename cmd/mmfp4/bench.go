@@ -13,6 +13,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/mmfp4/mmfp4/backend"
 	"github.com/mmfp4/mmfp4/bench"
 	"github.com/mmfp4/mmfp4/internal/benchmode"
 )
@@ -22,6 +23,8 @@ func init() {
 		o       bench.Options
 		asJSON  bool
 		bwBytes int64
+		dev     string
+		kvDType string
 	)
 	cmd := &cobra.Command{
 		Use:   "bench -m DIR [--ctx 1024] [--gen 128] [--json]",
@@ -53,6 +56,20 @@ func init() {
 				return fmt.Errorf("--gen %d: want at least 2 (decode speed needs a step after the first token)", o.Gen)
 			}
 			o.BandwidthBytes = bwBytes << 20
+			dt, err := backend.ParseCacheDType(kvDType)
+			if err != nil {
+				return fmt.Errorf("--kv-cache-dtype: %w", err)
+			}
+			o.CacheDType = dt
+			switch dev {
+			case "cpu":
+			case "cuda":
+				// The CPU run always uses its float32 cache; the GPU's is chosen.
+				mf := modelFlags{device: dev}
+				o.NewBackend = func() (backend.Backend, error) { return mf.pickBackend(dt) }
+			default:
+				return fmt.Errorf("--device %q: want cpu or cuda", dev)
+			}
 			o.Log = cmd.ErrOrStderr()
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 			defer stop()
@@ -83,6 +100,8 @@ func init() {
 	f.BoolVar(&o.Histogram, "histogram", false, "count, per MoE layer, how often each expert is chosen")
 	f.Int64Var(&bwBytes, "bandwidth-mib", 1024, "buffer of the read-bandwidth test, MiB")
 	f.Uint64Var(&o.Seed, "seed", 1, "seed of the random prompt")
+	f.StringVar(&dev, "device", "cpu", "compute device: cpu or cuda")
+	f.StringVar(&kvDType, "kv-cache-dtype", "bf16", "latent cache precision on the GPU: bf16, fp8 or f32")
 	rootCmd.AddCommand(cmd)
 }
 

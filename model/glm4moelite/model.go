@@ -276,6 +276,11 @@ func (m *Model) moe(i int, p *MoE, h backend.Tensor) backend.Tensor {
 	m.watch(i, "router logits", logits)
 	routing := b.Route(logits, p.Bias, m.route)
 	out := b.NewTensor(T, m.Config.HiddenSize)
+	if sm, ok := b.(backend.SharedMoE); ok && p.Shared != nil {
+		sm.MoEShared(out, h, routing, p.Experts, []backend.Expert{{Gate: p.Shared.Gate, Up: p.Shared.Up, Down: p.Shared.Down}})
+		m.watch(i, "shared expert", out)
+		return out
+	}
 	b.MoE(out, h, routing, p.Experts)
 	m.watch(i, "routed experts", out)
 	if p.Shared != nil {

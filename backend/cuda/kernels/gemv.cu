@@ -14,12 +14,31 @@
       const u8* __restrict__ codes, const u8* __restrict__ scales,                                \
       const float* __restrict__ row_scale, int N, int K, int gshift, const i8* __restrict__ xq,   \
       const float* __restrict__ xs, const i32* __restrict__ xsum, float* __restrict__ y, int ldy) { \
+    PDL_LAUNCH();                                                                                 \
     const int warp = blockIdx.x * WARPS + (threadIdx.x >> 5);                                     \
     if (warp * R >= N) return;                                                                    \
     gemv_rows<T, R, SPLIT>(codes, scales, row_scale, N, K, gshift, xq, xs, xsum, y, ldy, warp * R); \
   }
 
 GEMV_KERNEL(gemv_split_t1, 1, 4, true)
+
+// One token against per-head column blocks: rows [h*rows, (h+1)*rows) of W
+// (K columns) take columns [h*K, (h+1)*K) of the quantized row (whole
+// groups), and y is one row of N. rows is a multiple of R, so each warp's
+// rows lie in one head. Grid = ceil(N / (WARPS*4)).
+extern "C" __global__ void __launch_bounds__(32 * WARPS)
+    gemv_split_heads(const u8* __restrict__ codes, const u8* __restrict__ scales,
+                     const float* __restrict__ row_scale, int N, int K, int gshift,
+                     const i8* __restrict__ xq, const float* __restrict__ xs,
+                     const i32* __restrict__ xsum, float* __restrict__ y, int rows) {
+  PDL_LAUNCH();
+  const int warp = blockIdx.x * WARPS + (threadIdx.x >> 5);
+  if (warp * 4 >= N) return;
+  const size_t h = (size_t)(warp * 4 / rows);
+  const int C = K >> 5;
+  gemv_rows<1, 4, true>(codes, scales, row_scale, N, K, gshift, xq + h * K, xs + h * (C >> gshift),
+                        xsum + h * C, y, N, warp * 4);
+}
 GEMV_KERNEL(gemv_t1, 1, 4, false)
 GEMV_KERNEL(gemv_t2, 2, 4, false)
 GEMV_KERNEL(gemv_t3, 3, 4, false)
@@ -149,6 +168,8 @@ DEVICE void gemv_mma_block(const u8* __restrict__ codes, const u8* __restrict__ 
       const float* __restrict__ row_scale, int N, int K, const i8* __restrict__ xq,               \
       const float* __restrict__ xs, const i32* __restrict__ xsum, float* __restrict__ y, int ldy, \
       int T) {                                                                                    \
+    PDL_LAUNCH();                                                                                 \
+    PDL_WAIT();                                                                                   \
     gemv_mma_block<U>(codes, scales, row_scale, N, K, xq, xs, xsum, y, ldy, T);                   \
   }
 

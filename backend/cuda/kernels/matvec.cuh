@@ -31,7 +31,8 @@ DEVICE void dot8_split(u32 q, u32 x0, u32 x1, i32& pos, i32& neg) {
 // The warp-summed products of R rows (row r: codes rc[r], group scales
 // rs[r]) with T token rows of activations, before the row scale: out[r][t]
 // = sum_g e4m3(s[r,g]) * xs[t,g] * acc[t,r,g], the same in every lane.
-template <int T, int R, bool SPLIT>
+// XSHARED: the activations are in shared memory (plain loads, not __ldg).
+template <int T, int R, bool SPLIT, bool XSHARED = false>
 DEVICE void gemv_dot(const u8* const (&rc)[R], const u8* const (&rs)[R], int K, int gshift,
                      const i8* __restrict__ xq, const float* __restrict__ xs,
                      const i32* __restrict__ xsum, float (&out)[R][T]) {
@@ -57,6 +58,9 @@ DEVICE void gemv_dot(const u8* const (&rc)[R], const u8* const (&rs)[R], int K, 
         for (int r = 0; r < R; r++) s[h][r] = __ldg(rs[r] + (c >> gshift));
       }
     }
+    // The weights are in flight; the activations come from the kernel
+    // before (programmatic dependent launch).
+    if (c0 == 0) PDL_WAIT();
 #pragma unroll
     for (int h = 0; h < 2; h++) {
       const int c = c0 + 32 * h + lane;
@@ -65,8 +69,8 @@ DEVICE void gemv_dot(const u8* const (&rc)[R], const u8* const (&rs)[R], int K, 
 #pragma unroll
       for (int t = 0; t < T; t++) {
         const uint4* xp = (const uint4*)(xq + (size_t)t * K + c * 32);
-        const uint4 xa = __ldg(xp), xb = __ldg(xp + 1);
-        const float xscale = __ldg(xs + (size_t)t * GK + g);
+        const uint4 xa = XSHARED ? xp[0] : __ldg(xp), xb = XSHARED ? xp[1] : __ldg(xp + 1);
+        const float xscale = XSHARED ? xs[(size_t)t * GK + g] : __ldg(xs + (size_t)t * GK + g);
         const i32 base = SPLIT ? 0 : -128 * __ldg(xsum + (size_t)t * C + c);
 #pragma unroll
         for (int r = 0; r < R; r++) {

@@ -40,6 +40,8 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
               const float* __restrict__ x, int ldx, int E, int K, int topk, int groups,
               int topk_groups, int norm, float scaling, i32* __restrict__ ids,
               float* __restrict__ wts, float* __restrict__ logits_out) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   __shared__ float score[MAX_EXPERTS], choice[MAX_EXPERTS];
   const int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const float* xr = x + (size_t)t * ldx;
@@ -115,6 +117,8 @@ extern "C" __global__ void __launch_bounds__(128)
     moe_gate_up(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
                 int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
                 const float* __restrict__ xs, const i32* __restrict__ xsum, float* __restrict__ h) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   const int slot = blockIdx.y, lane = threadIdx.x & 31;
   const int row0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 4;
   if (row0 >= I) return;
@@ -157,6 +161,8 @@ extern "C" __global__ void __launch_bounds__(128)
              int gshift, const i8* __restrict__ hq, const float* __restrict__ hs,
              const i32* __restrict__ hsum, float* __restrict__ partial, u32* __restrict__ counters,
              float* __restrict__ y, int accumulate) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   __shared__ bool last;
   const int slot = blockIdx.y, lane = threadIdx.x & 31;
   const int row0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 4;
@@ -196,4 +202,195 @@ extern "C" __global__ void __launch_bounds__(128)
     y[n] = accumulate ? y[n] + total : total;
   }
   if (threadIdx.x == 0) counters[blockIdx.x] = 0;
+}
+
+// moe_down with the quantization of h fused in: each block first quantizes
+// its slot's row of h (I floats, as rmsnorm_quant does without a gain) into
+// shared memory, then runs its rows against it; the rest is moe_down.
+// I <= MOE_MAX_I.
+#define MOE_MAX_I 4096
+
+extern "C" __global__ void __launch_bounds__(128)
+    moe_down_q(const Expert* __restrict__ experts, const i32* __restrict__ ids,
+               const float* __restrict__ wts, int topk, int nslots, int nexperts, int N, int I,
+               int gshift, const float* __restrict__ h, float* __restrict__ partial,
+               u32* __restrict__ counters, float* __restrict__ y, int accumulate) {
+  PDL_LAUNCH();
+  __shared__ __align__(16) i8 sq[MOE_MAX_I];
+  __shared__ float ss[MOE_MAX_I / 32];
+  __shared__ bool last;
+  const int slot = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int row0 = (blockIdx.x * 4 + warp) * 4;
+  const int G = 32 << gshift, GK = I / G, E = G >> 5;
+  PDL_WAIT();
+  const float* hr = h + (size_t)slot * I;
+  for (int g = warp; g < GK; g += 4) {
+    const int k0 = g * G + lane * E;
+    float v[4];
+    float amax = 0.f;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      if (e < E) {
+        v[e] = __ldcg(hr + k0 + e);
+        amax = fmaxf(amax, fabsf(v[e]));
+      }
+    }
+    amax = warp_max(amax);
+    const float scale = amax / 127.f;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      if (e < E) {
+        i32 q = 0;
+        if (amax != 0.f) {
+          float r = v[e] / scale;
+          r = r >= 0.f ? r + 0.5f : r - 0.5f;
+          q = max(-127, min(127, (i32)r));
+        }
+        sq[k0 + e] = (i8)q;
+      }
+    }
+    if (lane == 0) ss[g] = amax == 0.f ? 0.f : scale;
+  }
+  __syncthreads();
+  if (row0 < N) {
+    const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
+    const u8* rc[4];
+    const u8* rs[4];
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      const int n = min(row0 + r, N - 1);
+      rc[r] = ex.down.codes + (size_t)n * (I / 2);
+      rs[r] = ex.down.scales + (size_t)n * GK;
+    }
+    float out[4][1];
+    gemv_dot<1, 4, true, true>(rc, rs, I, gshift, sq, ss, nullptr, out);
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      const int n = row0 + r;
+      if (lane == r && n < N) partial[(size_t)slot * N + n] = out[r][0] * (ex.down.row_scale[n] * 0.5f);
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&counters[blockIdx.x], 1u) == (u32)(nslots - 1);
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int n = blockIdx.x * 16 + threadIdx.x;
+  if (threadIdx.x < 16 && n < N) {
+    float total = 0.f;
+    for (int s = 0; s < nslots; s++) {
+      const float w = s < topk ? wts[s] : 1.f;
+      total += w * __ldcg(partial + (size_t)s * N + n);
+    }
+    y[n] = accumulate ? y[n] + total : total;
+  }
+  if (threadIdx.x == 0) counters[blockIdx.x] = 0;
+}
+
+// The expert choice of moe_route from router logits when there are no
+// expert groups (groups <= 1), one warp per token: lane l holds experts l,
+// l+32, ... (E <= 32*ROUTE_PER). Each of the topk rounds takes the best
+// untaken choice, ties to the lower index, by a warp reduction; weights and
+// their normalisation as moe_route.
+#define ROUTE_PER 16
+
+// One warp's expert choice for one token from its logits (loaded through
+// L2: another block may have written them).
+DEVICE void route_warp(const float* logits, const float* __restrict__ bias, int E, int topk,
+                       int norm, float scaling, i32* __restrict__ ids, float* __restrict__ wts) {
+  const int lane = threadIdx.x & 31;
+  const float NEG_INF = __int_as_float(0xff800000);
+  float score[ROUTE_PER], choice[ROUTE_PER];
+#pragma unroll
+  for (int i = 0; i < ROUTE_PER; i++) {
+    const int e = lane + 32 * i;
+    score[i] = 0.f;
+    choice[i] = NEG_INF;
+    if (e < E) {
+      const float acc = __ldcg(logits + e);
+      const float sg = (float)(1.0 / (1.0 + exp(-(double)acc)));
+      score[i] = sg;
+      choice[i] = sg + bias[e];
+    }
+  }
+  u32 taken = 0;
+  float sum = 0.f, mine = 0.f;  // lane k keeps the k-th weight (topk <= 32)
+  for (int k = 0; k < topk; k++) {
+    float bv = NEG_INF, bs = 0.f;
+    int bi = 1 << 30;
+#pragma unroll
+    for (int i = 0; i < ROUTE_PER; i++) {
+      const int e = lane + 32 * i;
+      if (e < E && !(taken >> i & 1u) && (bi == (1 << 30) || choice[i] > bv)) {
+        bv = choice[i];
+        bi = e;
+        bs = score[i];
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      const float os = __shfl_xor_sync(0xffffffffu, bs, o);
+      if (oi != (1 << 30) && (bi == (1 << 30) || ov > bv || (ov == bv && oi < bi))) {
+        bv = ov;
+        bi = oi;
+        bs = os;
+      }
+    }
+    if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
+    sum += bs;
+    if (lane == k) mine = bs;
+    if (lane == 0) ids[k] = bi;
+  }
+  if (lane < topk) {
+    float w = mine;
+    if (norm) w /= sum + 1e-20f;
+    wts[lane] = w * scaling;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(32)
+    moe_route_logits(const float* __restrict__ logits, int ld, const float* __restrict__ bias, int E,
+                     int topk, int norm, float scaling, i32* __restrict__ ids,
+                     float* __restrict__ wts) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  const int t = blockIdx.x;
+  route_warp(logits + (size_t)t * ld, bias, E, topk, norm, scaling, ids + (size_t)t * topk, wts + (size_t)t * topk);
+}
+
+// The router's product and the expert choice in one launch: grid
+// (ceil(E/8), T) blocks of 8 warps, warp w of block b computing logit
+// e = 8b + w of token t exactly as dense_matmul does; the last block of a
+// token to finish (counters[t], which it resets) picks the experts as
+// moe_route_logits.
+extern "C" __global__ void __launch_bounds__(256)
+    moe_router_route(const float* __restrict__ W, int E, int K, const float* __restrict__ x, int ldx,
+                     float* logits, int ldl, const float* __restrict__ bias, int topk, int norm,
+                     float scaling, i32* __restrict__ ids, float* __restrict__ wts,
+                     u32* __restrict__ counters) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  __shared__ bool last;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = blockIdx.y;
+  const int e = blockIdx.x * 8 + warp;
+  if (e < E) {
+    const float* w = W + (size_t)e * K;
+    const float* xr = x + (size_t)t * ldx;
+    float acc = 0.f;
+#pragma unroll 8
+    for (int k = lane; k < K; k += 32) acc += w[k] * xr[k];
+    acc = warp_sum(acc);
+    if (lane == 0) logits[(size_t)t * ldl + e] = acc;
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&counters[t], 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  if (warp == 0) route_warp(logits + (size_t)t * ldl, bias, E, topk, norm, scaling, ids + (size_t)t * topk, wts + (size_t)t * topk);
+  if (threadIdx.x == 0) counters[t] = 0;
 }

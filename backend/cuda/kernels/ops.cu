@@ -9,12 +9,15 @@
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     dense_matmul(const float* __restrict__ W, int N, int K, const float* __restrict__ x, int ldx,
                  float* __restrict__ y, int ldy) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int n = blockIdx.x * (OPS_THREADS / 32) + warp, t = blockIdx.y;
   if (n >= N) return;
   const float* w = W + (size_t)n * K;
   const float* xr = x + (size_t)t * ldx;
   float acc = 0.f;
+#pragma unroll 8
   for (int k = lane; k < K; k += 32) acc += w[k] * xr[k];
   acc = warp_sum(acc);
   if (lane == 0) y[(size_t)t * ldy + n] = acc;
@@ -23,6 +26,8 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
 // dst = a + b, one block per row.
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     add_rows(float* d, int ldd, const float* a, int lda, const float* b, int ldb, int cols) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   const int t = blockIdx.x;
   for (int i = threadIdx.x; i < cols; i += OPS_THREADS)
     d[(size_t)t * ldd + i] = a[(size_t)t * lda + i] + b[(size_t)t * ldb + i];
@@ -34,6 +39,8 @@ DEVICE float silu_ref(float x) { return x / (1.f + (float)exp(-(double)x)); }
 // dst = silu(gate) * up, one block per row.
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     swiglu_rows(float* d, int ldd, const float* g, int ldg, const float* u, int ldu, int cols) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   const int t = blockIdx.x;
   for (int i = threadIdx.x; i < cols; i += OPS_THREADS)
     d[(size_t)t * ldd + i] = __fmul_rn(silu_ref(g[(size_t)t * ldg + i]), u[(size_t)t * ldu + i]);
@@ -42,10 +49,9 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
 // Rotates, in place, dims [offset, offset+dim) of each head of row t with
 // the host-computed table cs: cos [T][dim/2] then sin [T][dim/2]. The
 // products are rounded separately (no fused multiply-add), as in Go.
-extern "C" __global__ void __launch_bounds__(OPS_THREADS)
-    rope_rows(float* x, int ldx, int heads, int head_stride, int offset, int dim, int interleaved,
-              const float* __restrict__ cs, int T) {
-  const int t = blockIdx.x, half = dim / 2;
+DEVICE void rope_row(float* x, int ldx, int heads, int head_stride, int offset, int dim,
+                     int interleaved, const float* __restrict__ cs, int T, int t) {
+  const int half = dim / 2;
   const float* c = cs + (size_t)t * half;
   const float* s = cs + (size_t)T * half + (size_t)t * half;
   for (int j = threadIdx.x; j < heads * half; j += OPS_THREADS) {
@@ -58,9 +64,19 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
   }
 }
 
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    rope_rows(float* x, int ldx, int heads, int head_stride, int offset, int dim, int interleaved,
+              const float* __restrict__ cs, int T) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  rope_row(x, ldx, heads, head_stride, offset, dim, interleaved, cs, T, blockIdx.x);
+}
+
 // dst row i = src row rows[i].
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     gather_rows(float* d, int ldd, const float* s, int lds, const i32* __restrict__ rows, int cols) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   const int i = blockIdx.x;
   const float* src = s + (size_t)rows[i] * lds;
   for (int k = threadIdx.x; k < cols; k += OPS_THREADS) d[(size_t)i * ldd + k] = src[k];
@@ -106,7 +122,34 @@ DEVICE u32 e4m3_encode(float x) {
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     cache_write(void* layer, int dtype, const i32* __restrict__ slots, const float* lat, int ldl,
                 const float* kpe, int ldk, int rank, int rope) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   const int t = blockIdx.x, width = rank + rope;
+  const size_t slot = (size_t)slots[t];
+  for (int j = threadIdx.x; j < width; j += OPS_THREADS) {
+    const float v = j < rank ? lat[(size_t)t * ldl + j] : kpe[(size_t)t * ldk + j - rank];
+    if (dtype == 1)
+      ((float*)layer)[slot * width + j] = v;
+    else
+      ((unsigned short*)layer)[slot * width + j] = f32_to_bf16(v);
+  }
+}
+
+// Two RoPEs of the same table (the queries' heads in q, the shared key in
+// kpe) and the cache write of the latent and the rotated key, for row t,
+// in one launch (bf16 or f32 cache): rope_rows twice, then cache_write.
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    rope2_cache_write(float* q, int ldq, int qheads, int qstride, int qoffset, float* kpe, int ldk,
+                      int kheads, int kstride, int koffset, int dim, int interleaved,
+                      const float* __restrict__ cs, int T, void* layer, int dtype,
+                      const i32* __restrict__ slots, const float* lat, int ldl, int rank,
+                      int rope) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  const int t = blockIdx.x, width = rank + rope;
+  rope_row(q, ldq, qheads, qstride, qoffset, dim, interleaved, cs, T, t);
+  rope_row(kpe, ldk, kheads, kstride, koffset, dim, interleaved, cs, T, t);
+  __syncthreads();
   const size_t slot = (size_t)slots[t];
   for (int j = threadIdx.x; j < width; j += OPS_THREADS) {
     const float v = j < rank ? lat[(size_t)t * ldl + j] : kpe[(size_t)t * ldk + j - rank];
@@ -123,6 +166,8 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     cache_write_fp8(void* layer, const i32* __restrict__ slots, const float* lat, int ldl,
                     const float* kpe, int ldk, int rank, int rope) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   __shared__ float part[2][OPS_THREADS / 32];
   __shared__ float scales[2];
   const int t = blockIdx.x, width = rank + rope, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -173,6 +218,8 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
                      const i32* __restrict__ row_seq, const i32* __restrict__ seq_blocks,
                      const i32* __restrict__ blocks, int block_size, int heads, int rank, int dn,
                      int dr, float scale, float* scratch, int maxn) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   __shared__ double dpart[OPS_THREADS / 32];
   __shared__ float fpart[OPS_THREADS / 32];
   __shared__ float smax;
@@ -261,6 +308,8 @@ DEVICE float weight_at(const float* dense, const u8* codes, const u8* scales, co
 extern "C" __global__ void __launch_bounds__(64)
     absorb_query(float* qlat, int ldql, const float* q, int ldq, const float* dense, const u8* codes,
                  const u8* scales, const float* row_scale, int G, int rank, int dn, int dr) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   const int t = blockIdx.x, h = blockIdx.y;
   const float* qn = q + (size_t)t * ldq + (size_t)h * (dn + dr);
   const int r = blockIdx.z * 64 + threadIdx.x;
@@ -275,6 +324,8 @@ extern "C" __global__ void __launch_bounds__(64)
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     scatter_axpy(float* d, int ldd, const float* s, int lds, const i32* __restrict__ rows,
                  const float* __restrict__ w, int cols) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   const int i = blockIdx.x;
   float* dst = d + (size_t)rows[i] * ldd;
   const float a = w[i];
@@ -294,6 +345,8 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
                            const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks,
                            int block_size, int heads, int rank, int dn, int dr, float scale,
                            int splits, float* part_m, float* part_s, float* part_acc) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   __shared__ float sc[SPLIT_POS];
   __shared__ float smax;
   extern __shared__ float acc[];
@@ -359,29 +412,321 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
 }
 
 // olat[t,h] = sum_s w_s acc_s / sum_s w_s s_s with w_s = exp(m_s - max m).
-extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+// Grid (T, H, ceil(rank/MERGE_COLS)), a thread per column. The splits that
+// hold positions are a prefix (their sums are at least 1); their weights
+// are staged in shared memory, and each column's sum over them is a chain
+// of independent loads. The values are those of a sequential evaluation:
+// weights rounded to float once, the denominator summed in float64 in
+// split order.
+#define MERGE_MAX_SPLITS 2048
+#define MERGE_COLS 128
+
+extern "C" __global__ void __launch_bounds__(MERGE_COLS)
     attention_merge(float* olat, int ldo, int heads, int rank, int splits, const float* part_m,
                     const float* part_s, const float* part_acc) {
-  const int t = blockIdx.x, h = blockIdx.y;
+  PDL_LAUNCH();
+  PDL_WAIT();
+  __shared__ float w[MERGE_MAX_SPLITS];
+  __shared__ double term[MERGE_MAX_SPLITS];
+  __shared__ float fpart[MERGE_COLS / 32];
+  __shared__ float inv_s;
+  __shared__ int used_s;
+  const int t = blockIdx.x, h = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const size_t base = ((size_t)t * heads + h) * splits;
-  float M = __int_as_float(0xff800000);
-  for (int s = 0; s < splits; s++) M = fmaxf(M, part_m[base + s]);
-  double total = 0;
-  for (int s = 0; s < splits; s++)
-    if (part_s[base + s] > 0.f) total += (double)part_s[base + s] * exp((double)(part_m[base + s] - M));
-  const float inv = (float)(1.0 / total);
-  for (int k = threadIdx.x; k < rank; k += OPS_THREADS) {
-    float sum = 0.f;
+  float m = __int_as_float(0xff800000);
+  for (int s = threadIdx.x; s < splits; s += MERGE_COLS) {
+    w[s] = part_m[base + s];
+    term[s] = (double)part_s[base + s];
+    m = fmaxf(m, w[s]);
+  }
+  m = warp_max(m);
+  if (lane == 0) fpart[warp] = m;
+  __syncthreads();
+  float M = fpart[0];
+  for (int i = 1; i < MERGE_COLS / 32; i++) M = fmaxf(M, fpart[i]);
+  for (int s = threadIdx.x; s < splits; s += MERGE_COLS) {
+    const double e = exp((double)(w[s] - M));
+    const bool valid = term[s] > 0.0;
+    w[s] = valid ? (float)e : 0.f;
+    term[s] = valid ? term[s] * e : -1.0;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    double total = 0;
+    int used = 0;
     for (int s = 0; s < splits; s++) {
-      if (part_s[base + s] > 0.f)
-        sum += (float)exp((double)(part_m[base + s] - M)) * part_acc[(base + s) * rank + k];
+      if (term[s] >= 0.0) {
+        total += term[s];
+        used = s + 1;
+      }
     }
-    olat[(size_t)t * ldo + (size_t)h * rank + k] = sum * inv;
+    inv_s = (float)(1.0 / total);
+    used_s = used;
+  }
+  __syncthreads();
+  const int k = blockIdx.z * MERGE_COLS + threadIdx.x;
+  if (k >= rank) return;
+  const float inv = inv_s;
+  const int used = used_s;
+  const float* pa = part_acc + base * rank + k;
+  float sum = 0.f;
+#pragma unroll 16
+  for (int s = 0; s < used; s++) sum += w[s] * pa[(size_t)s * rank];
+  olat[(size_t)t * ldo + (size_t)h * rank + k] = sum * inv;
+}
+
+// Split latent attention for few rows, several heads per block: block
+// (t, s, g) stages positions [s*ATT_P, (s+1)*ATT_P) of row t as floats
+// (rows ATT_LD = rank+dr+4 apart: 16-byte aligned, and float4 reads by
+// consecutive positions hit distinct banks) and the queries of heads
+// [g*hb, (g+1)*hb) (hb <= ATT_HB). Scores: lane j takes position j, warp w
+// the column chunks w, w+8, ... of every head of the block (each chunk of
+// the position read once for all heads); the warps' partial dots are added
+// in warp order. Then a thread per column pair sums e_j c_j for every head.
+// The partials are attention_merge's. rank and dr are multiples of 4.
+// Dynamic shared memory: 4 * (ATT_P*(rank+dr+4) + hb*(rank+dr)
+// + 2*8*hb*ATT_P + hb*ATT_P) bytes.
+#define ATT_P 32
+#define ATT_U 8
+#define ATT_HB 8
+
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    latent_attention_heads(const float* qlat, int ldql, const float* q, int ldq, const void* layer,
+                           int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,
+                           const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks,
+                           int block_size, int heads, int hb, int rank, int dn, int dr, float scale,
+                           int splits, float* part_m, float* part_s, float* part_acc) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  extern __shared__ float sm[];
+  __shared__ long long sslot[ATT_P];
+  const int t = blockIdx.x, s = blockIdx.y, h0 = blockIdx.z * hb;
+  const int nh = min(hb, heads - h0);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int width = rank + dr, ld = width + 4;
+  float* cb = sm;                      // [ATT_P][ld]
+  float* qs = cb + ATT_P * ld;         // [hb][width]: qlat, then q_pe
+  float* pa = qs + hb * width;         // [8][hb][ATT_P] partial qlat.c
+  float* pb = pa + 8 * hb * ATT_P;     // [8][hb][ATT_P] partial q_pe.kpe
+  float* es = pb + 8 * hb * ATT_P;     // [hb][ATT_P]
+  const int n = pos[t] + 1, j0 = s * ATT_P, nj = min(n - j0, ATT_P);
+  const size_t part = ((size_t)t * heads + h0) * splits + s;  // + u * splits
+  if (nj <= 0 || nh <= 0) {
+    for (int u = threadIdx.x; u < nh; u += OPS_THREADS) {
+      part_m[part + (size_t)u * splits] = __int_as_float(0xff800000);
+      part_s[part + (size_t)u * splits] = 0.f;
+    }
+    return;
+  }
+  const i32* table = blocks + seq_blocks[row_seq[t]];
+  if (threadIdx.x < nj) {
+    const int pj = j0 + threadIdx.x;
+    sslot[threadIdx.x] = (long long)table[pj / block_size] * block_size + pj % block_size;
+  }
+  __syncthreads();
+  // The positions' latents: 16-byte loads, ATT_U per thread in flight.
+  if (dtype == 0 && width % 8 == 0) {
+    const int cpr = width >> 3, total = nj * cpr;
+    for (int c0 = threadIdx.x; c0 < total; c0 += OPS_THREADS * ATT_U) {
+      uint4 v[ATT_U];
+#pragma unroll
+      for (int u = 0; u < ATT_U; u++) {
+        const int c = c0 + u * OPS_THREADS;
+        if (c < total) {
+          const int j = c / cpr, kc = c - j * cpr;
+          v[u] = __ldcs((const uint4*)((const unsigned short*)layer + (size_t)sslot[j] * width + kc * 8));
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < ATT_U; u++) {
+        const int c = c0 + u * OPS_THREADS;
+        if (c < total) {
+          const int j = c / cpr, kc = c - j * cpr;
+          float4* dst = (float4*)(cb + j * ld + kc * 8);
+          dst[0] = make_float4(__uint_as_float(v[u].x << 16), __uint_as_float(v[u].x & 0xffff0000u),
+                               __uint_as_float(v[u].y << 16), __uint_as_float(v[u].y & 0xffff0000u));
+          dst[1] = make_float4(__uint_as_float(v[u].z << 16), __uint_as_float(v[u].z & 0xffff0000u),
+                               __uint_as_float(v[u].w << 16), __uint_as_float(v[u].w & 0xffff0000u));
+        }
+      }
+    }
+  } else if (dtype == 1) {
+    const int cpr = width >> 2, total = nj * cpr;
+    for (int c0 = threadIdx.x; c0 < total; c0 += OPS_THREADS * ATT_U) {
+      float4 v[ATT_U];
+#pragma unroll
+      for (int u = 0; u < ATT_U; u++) {
+        const int c = c0 + u * OPS_THREADS;
+        if (c < total) {
+          const int j = c / cpr, kc = c - j * cpr;
+          v[u] = __ldcs((const float4*)((const float*)layer + (size_t)sslot[j] * width + kc * 4));
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < ATT_U; u++) {
+        const int c = c0 + u * OPS_THREADS;
+        if (c < total) {
+          const int j = c / cpr, kc = c - j * cpr;
+          *(float4*)(cb + j * ld + kc * 4) = v[u];
+        }
+      }
+    }
+  } else {
+    for (int j = warp; j < nj; j += OPS_THREADS / 32)
+      for (int k = lane; k < width; k += 32) cb[j * ld + k] = cache_load(layer, dtype, (size_t)sslot[j], width, rank, k);
+  }
+  const float* qlr = qlat + (size_t)t * ldql + (size_t)h0 * rank;
+  const float* qr = q + (size_t)t * ldq + (size_t)h0 * (dn + dr) + dn;
+  for (int i = threadIdx.x; i < nh * width; i += OPS_THREADS) {
+    const int u = i / width, k = i - u * width;
+    qs[i] = k < rank ? qlr[(size_t)u * rank + k] : qr[(size_t)u * (dn + dr) + (k - rank)];
+  }
+  __syncthreads();
+  {
+    float a[ATT_HB], b[ATT_HB];
+#pragma unroll
+    for (int u = 0; u < ATT_HB; u++) a[u] = b[u] = 0.f;
+    const float* cj = cb + min(lane, nj - 1) * ld;
+    for (int c = warp; c < width / 4; c += OPS_THREADS / 32) {
+      const float4 cv = *(const float4*)(cj + 4 * c);
+      const bool lat = 4 * c < rank;
+#pragma unroll
+      for (int u = 0; u < ATT_HB; u++) {
+        if (u < nh) {
+          const float4 qv = *(const float4*)(qs + u * width + 4 * c);
+          const float d = qv.x * cv.x + qv.y * cv.y + qv.z * cv.z + qv.w * cv.w;
+          if (lat) a[u] += d; else b[u] += d;
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < ATT_HB; u++) {
+      if (u < nh) {
+        pa[(warp * hb + u) * ATT_P + lane] = a[u];
+        pb[(warp * hb + u) * ATT_P + lane] = b[u];
+      }
+    }
+  }
+  __syncthreads();
+  for (int u = warp; u < nh; u += OPS_THREADS / 32) {
+    float sc = __int_as_float(0xff800000);
+    if (lane < nj) {
+      float a = 0.f, b = 0.f;
+      for (int w = 0; w < OPS_THREADS / 32; w++) {
+        a += pa[(w * hb + u) * ATT_P + lane];
+        b += pb[(w * hb + u) * ATT_P + lane];
+      }
+      sc = scale * (a + b);
+    }
+    const float m = warp_max(sc);
+    const float e = lane < nj ? (float)exp((double)(sc - m)) : 0.f;
+    const float sum = warp_sum(e);
+    es[u * ATT_P + lane] = e;
+    if (lane == 0) {
+      part_m[part + (size_t)u * splits] = m;
+      part_s[part + (size_t)u * splits] = sum;
+    }
+  }
+  __syncthreads();
+  for (int k2 = threadIdx.x; k2 < rank / 2; k2 += OPS_THREADS) {
+    float acc[ATT_HB][2];
+#pragma unroll
+    for (int u = 0; u < ATT_HB; u++) acc[u][0] = acc[u][1] = 0.f;
+    for (int j = 0; j < nj; j++) {
+      const float2 cv = *(const float2*)(cb + j * ld + 2 * k2);
+#pragma unroll
+      for (int u = 0; u < ATT_HB; u++) {
+        if (u < nh) {
+          const float e = es[u * ATT_P + j];
+          acc[u][0] += e * cv.x;
+          acc[u][1] += e * cv.y;
+        }
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < ATT_HB; u++) {
+      if (u < nh) *(float2*)(part_acc + (part + (size_t)u * splits) * rank + 2 * k2) = make_float2(acc[u][0], acc[u][1]);
+    }
   }
 }
 
 // out[i] = e4m3_encode(x[i]), for testing the encoder against the format's.
 extern "C" __global__ void e4m3_encode_n(const float* x, u8* out, int n) {
+  PDL_LAUNCH();
+  PDL_WAIT();
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i < n) out[i] = (u8)e4m3_encode(x[i]);
+}
+
+// The absorbed query on MMFP4 W_UK [H*dn][rank] (rank a multiple of 32, at
+// most 512), one block of ABSORB_WARPS warps per (row t, head h):
+//   qlat[t,h,c] = sum_i q_nope[t,h,i] W_UK[h*dn+i][c]
+// Each half-warp takes rows i = 2*warp+half, +2*ABSORB_WARPS, ...; lane l of
+// a half-warp holds columns [32l, 32l+32): one 16-byte load of codes per row,
+// inside one scale group (G >= 32). The row's factor q_i * row_scale/2 *
+// scale multiplies the doubled E2M1 values. The two halves of a warp meet
+// by a shuffle, the warps in shared memory, in a fixed order.
+#define ABSORB_WARPS 16
+#define ABSORB_UNROLL 8
+
+extern "C" __global__ void __launch_bounds__(32 * ABSORB_WARPS)
+    absorb_query_q(float* qlat, int ldql, const float* q, int ldq, const u8* __restrict__ codes,
+                   const u8* __restrict__ scales, const float* __restrict__ row_scale, int G,
+                   int rank, int dn, int dr) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  __shared__ float part[ABSORB_WARPS][512];
+  __shared__ float lut[16];
+  const int t = blockIdx.x, h = blockIdx.y;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, half = lane >> 4, l = lane & 15;
+  if (threadIdx.x < 16) {
+    const int m = threadIdx.x & 7, e = m >> 1, f = m & 1;
+    const float v = e == 0 ? (float)f : (float)((2 + f) << (e - 1));  // doubled E2M1
+    lut[threadIdx.x] = threadIdx.x & 8 ? -v : v;
+  }
+  __syncthreads();
+  const float* qn = q + (size_t)t * ldq + (size_t)h * (dn + dr);
+  const bool active = l < rank / 32;
+  const int GK = rank / G;
+  float acc[32];
+#pragma unroll
+  for (int e = 0; e < 32; e++) acc[e] = 0.f;
+  if (active) {
+    for (int i0 = 2 * warp + half; i0 < dn; i0 += 2 * ABSORB_WARPS * ABSORB_UNROLL) {
+      uint4 w[ABSORB_UNROLL];
+      float f[ABSORB_UNROLL];
+#pragma unroll
+      for (int u = 0; u < ABSORB_UNROLL; u++) {
+        const int i = i0 + 2 * ABSORB_WARPS * u;
+        f[u] = 0.f;
+        if (i < dn) {
+          const size_t n = (size_t)h * dn + i;
+          w[u] = load_stream16(codes + n * (rank / 2) + l * 16);
+          f[u] = qn[i] * (row_scale[n] * 0.5f) * e4m3(scales[n * GK + (l * 32) / G]);
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < ABSORB_UNROLL; u++) {
+        if (i0 + 2 * ABSORB_WARPS * u < dn) {
+          const u32 words[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
+#pragma unroll
+          for (int j = 0; j < 4; j++)
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[8 * j + e] += f[u] * lut[(words[j] >> (4 * e)) & 15];
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int e = 0; e < 32; e++) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], 16);
+  if (half == 0 && active) {
+#pragma unroll
+    for (int e = 0; e < 32; e++) part[warp][l * 32 + e] = acc[e];
+  }
+  __syncthreads();
+  for (int c = threadIdx.x; c < rank; c += 32 * ABSORB_WARPS) {
+    float s = 0.f;
+    for (int w = 0; w < ABSORB_WARPS; w++) s += part[w][c];
+    qlat[(size_t)t * ldql + (size_t)h * rank + c] = s;
+  }
 }

@@ -85,3 +85,18 @@ DEVICE double warp_sum_d(double v) {
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
   return v;
 }
+
+// Programmatic dependent launch (sm_90): a kernel launched with the
+// programmatic-serialization attribute may start while the kernel before it
+// in the stream still runs. PDL_WAIT blocks until that kernel has finished
+// and its writes are visible: every kernel calls it before reading what an
+// earlier kernel wrote (the GEMV kernels first issue their weight loads,
+// which nothing in a step writes). PDL_LAUNCH lets the next kernel start.
+// Both are no-ops for a plain launch.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#define PDL_LAUNCH() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#else
+#define PDL_WAIT()
+#define PDL_LAUNCH()
+#endif

@@ -10,18 +10,20 @@
 //
 // Every step is evaluated as the CPU backend does it (the sum of squares in
 // float64, the division by the scale in float32, the rounding by adding 0.5
-// and truncating), so the int8 values are identical to the CPU's.
+// and truncating), so the int8 values are identical to the CPU's. Grid
+// (rows, y): the y blocks of a row split its groups, eight at a time, so one
+// long row is not one block's serial work; y = 1 with a gain (the norm may
+// write over its input, which every block would read).
 
 #define QUANT_THREADS 256
 
-extern "C" __global__ void __launch_bounds__(QUANT_THREADS)
-    rmsnorm_quant(const float* __restrict__ x, int ldx, const float* __restrict__ gain, float eps,
-                  float* __restrict__ out, int ldo, i8* __restrict__ xq, float* __restrict__ xs,
-                  i32* __restrict__ xsum, int K, int G) {
+// The work of one block on row t (row: its values).
+DEVICE void rmsnorm_quant_row(const float* row, int t, const float* __restrict__ gain, float eps,
+                              float* out, int ldo, i8* __restrict__ xq, float* __restrict__ xs,
+                              i32* __restrict__ xsum, int K, int G) {
   __shared__ double partial[QUANT_THREADS / 32];
   __shared__ float inv_s;
-  const int t = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const float* row = x + (size_t)t * ldx;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
   float inv = 1.f;
   if (gain) {
@@ -44,7 +46,7 @@ extern "C" __global__ void __launch_bounds__(QUANT_THREADS)
 
   // One warp per group; lane l holds E = G/32 consecutive columns.
   const int E = G >> 5;
-  for (int g = warp; g < K / G; g += QUANT_THREADS / 32) {
+  for (int g = blockIdx.y * (QUANT_THREADS / 32) + warp; g < K / G; g += gridDim.y * (QUANT_THREADS / 32)) {
     const int k0 = g * G + lane * E;
     float v[4];
     float amax = 0.f;
@@ -84,4 +86,115 @@ extern "C" __global__ void __launch_bounds__(QUANT_THREADS)
     if ((lane & (32 / E - 1)) == 0) xsum[(size_t)t * (K / 32) + k0 / 32] = sum;
     if (lane == 0) xs[(size_t)t * (K / G) + g] = amax == 0.f ? 0.f : scale;
   }
+}
+
+extern "C" __global__ void __launch_bounds__(QUANT_THREADS)
+    rmsnorm_quant(const float* x, int ldx, const float* __restrict__ gain, float eps, float* out,
+                  int ldo, i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum,
+                  int K, int G) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  rmsnorm_quant_row(x + (size_t)blockIdx.x * ldx, blockIdx.x, gain, eps, out, ldo, xq, xs, xsum, K, G);
+}
+
+// d = a + c, then rmsnorm_quant of d (the residual add before a norm, in
+// one launch); one block per row, grid.y = 1.
+extern "C" __global__ void __launch_bounds__(QUANT_THREADS)
+    add_rmsnorm_quant(float* d, int ldd, const float* a, int lda, const float* c, int ldc,
+                      const float* __restrict__ gain, float eps, float* out, int ldo,
+                      i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum, int K,
+                      int G) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  const int t = blockIdx.x;
+  float* row = d + (size_t)t * ldd;
+  for (int k = threadIdx.x; k < K; k += QUANT_THREADS) row[k] = a[(size_t)t * lda + k] + c[(size_t)t * ldc + k];
+  __syncthreads();
+  rmsnorm_quant_row(row, t, gain, eps, out, ldo, xq, xs, xsum, K, G);
+}
+
+// rmsnorm_quant with each row in registers: K/8 threads (a multiple of 32,
+// at most 1024) hold 8 consecutive values each, so a group of G = 32, 64 or
+// 128 columns is G/8 lanes of one warp and a row is read once. With a != 0
+// the row is d = a + c first (stored), as add_rmsnorm_quant; else x. The
+// gain is loaded before waiting for the kernel before. Same values as
+// rmsnorm_quant but for the order of the float64 sum of squares. Every row
+// pointer and stride is 16-byte aligned.
+extern "C" __global__ void __launch_bounds__(1024)
+    rmsnorm_quant8(const float* x, int ldx, float* d, int ldd, const float* a, int lda,
+                   const float* c, int ldc, const float* __restrict__ gain, float eps, float* out,
+                   int ldo, i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum,
+                   int K, int G) {
+  PDL_LAUNCH();
+  __shared__ double partial[32];
+  __shared__ float inv_s;
+  const int t = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, k0 = tid * 8;
+  float gv[8];
+  {
+    const float4 g0 = __ldg((const float4*)(gain + k0)), g1 = __ldg((const float4*)(gain + k0 + 4));
+    gv[0] = g0.x; gv[1] = g0.y; gv[2] = g0.z; gv[3] = g0.w;
+    gv[4] = g1.x; gv[5] = g1.y; gv[6] = g1.z; gv[7] = g1.w;
+  }
+  PDL_WAIT();
+  float v[8];
+  if (a) {
+    const float4* pa = (const float4*)(a + (size_t)t * lda + k0);
+    const float4* pc = (const float4*)(c + (size_t)t * ldc + k0);
+    const float4 a0 = pa[0], a1 = pa[1], c0 = pc[0], c1 = pc[1];
+    v[0] = a0.x + c0.x; v[1] = a0.y + c0.y; v[2] = a0.z + c0.z; v[3] = a0.w + c0.w;
+    v[4] = a1.x + c1.x; v[5] = a1.y + c1.y; v[6] = a1.z + c1.z; v[7] = a1.w + c1.w;
+    float4* pd = (float4*)(d + (size_t)t * ldd + k0);
+    pd[0] = make_float4(v[0], v[1], v[2], v[3]);
+    pd[1] = make_float4(v[4], v[5], v[6], v[7]);
+  } else {
+    const float4* px = (const float4*)(x + (size_t)t * ldx + k0);
+    const float4 x0 = px[0], x1 = px[1];
+    v[0] = x0.x; v[1] = x0.y; v[2] = x0.z; v[3] = x0.w;
+    v[4] = x1.x; v[5] = x1.y; v[6] = x1.z; v[7] = x1.w;
+  }
+  double ss = 0;
+#pragma unroll
+  for (int e = 0; e < 8; e++) ss += (double)v[e] * (double)v[e];
+  ss = warp_sum_d(ss);
+  if (lane == 0) partial[warp] = ss;
+  __syncthreads();
+  if (tid == 0) {
+    double total = 0;
+    for (int w = 0; w < (int)(blockDim.x >> 5); w++) total += partial[w];
+    inv_s = (float)(1.0 / sqrt(total / K + (double)eps));
+  }
+  __syncthreads();
+  const float inv = inv_s;
+#pragma unroll
+  for (int e = 0; e < 8; e++) v[e] = gv[e] * (v[e] * inv);
+  if (out) {
+    float4* po = (float4*)(out + (size_t)t * ldo + k0);
+    po[0] = make_float4(v[0], v[1], v[2], v[3]);
+    po[1] = make_float4(v[4], v[5], v[6], v[7]);
+  }
+  if (!xq) return;
+  const int L = G >> 3;  // lanes per group
+  float amax = 0.f;
+#pragma unroll
+  for (int e = 0; e < 8; e++) amax = fmaxf(amax, fabsf(v[e]));
+  for (int o = 1; o < L; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const float scale = amax / 127.f;
+  u32 packed[2] = {0u, 0u};
+  i32 sum = 0;
+#pragma unroll
+  for (int e = 0; e < 8; e++) {
+    i32 q = 0;
+    if (amax != 0.f) {
+      float r = v[e] / scale;
+      r = r >= 0.f ? r + 0.5f : r - 0.5f;
+      q = max(-127, min(127, (i32)r));
+    }
+    packed[e >> 2] |= ((u32)q & 0xFFu) << (8 * (e & 3));
+    sum += q;
+  }
+  *(uint2*)(xq + (size_t)t * K + k0) = make_uint2(packed[0], packed[1]);
+  sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+  sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+  if ((lane & 3) == 0) xsum[(size_t)t * (K / 32) + k0 / 32] = sum;
+  if ((lane & (L - 1)) == 0) xs[(size_t)t * (K / G) + k0 / G] = amax == 0.f ? 0.f : scale;
 }

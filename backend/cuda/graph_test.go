@@ -1,0 +1,54 @@
+//go:build linux || darwin || freebsd || netbsd
+
+package cuda
+
+import (
+	"testing"
+
+	"github.com/mmfp4/mmfp4/backend"
+)
+
+// Decode steps replayed as CUDA graphs give the logits that the same steps
+// give launched op by op, bit for bit (every kernel is deterministic), over
+// enough steps that the attention crosses a split bucket (the graph is
+// captured again there).
+func TestGraphReplayMatchesDirect(t *testing.T) {
+	dir := quantizedFixture(t)
+	ref := loadGolden(t)
+	const steps = 80 // the prompt plus 80 passes 64 positions
+	decode := func(o Options) ([]float32, *Backend) {
+		g, _ := testBackends(t, o)
+		m := loadOn(t, dir, g)
+		s, err := m.NewState(len(ref.prompt)+steps+1, backend.CacheBF16)
+		if err != nil {
+			t.Fatal(err)
+		}
+		logits, err := m.ForwardSeq(s, ref.prompt, false)
+		if err != nil {
+			t.Fatal(err)
+		}
+		all := append([]float32(nil), logits...)
+		for i := 0; i < steps; i++ {
+			if logits, err = m.ForwardSeq(s, []int{argmaxOf(logits)}, false); err != nil {
+				t.Fatal(err)
+			}
+			all = append(all, logits...)
+		}
+		return all, g
+	}
+	direct, _ := decode(Options{NoGraphs: true})
+	graphed, g := decode(Options{})
+	gc := g.graphs
+	t.Logf("graphs: %d replays, %d captures, %d flushes run directly", gc.Replays, gc.Captures, gc.Direct)
+	if gc.Replays < steps/2 || gc.Captures < 2 {
+		t.Errorf("%d of %d steps replayed, %d captures: want most steps replayed and a capture per split bucket", gc.Replays, steps, gc.Captures)
+	}
+	if len(graphed) != len(direct) {
+		t.Fatalf("%d logits with graphs, %d without", len(graphed), len(direct))
+	}
+	for i := range direct {
+		if graphed[i] != direct[i] {
+			t.Fatalf("logit %d (step %d): %v with graphs, %v without", i, i/(len(direct)/(steps+1)), graphed[i], direct[i])
+		}
+	}
+}
