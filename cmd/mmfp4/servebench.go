@@ -95,6 +95,10 @@ EOS, so every stream produces exactly --gen tokens.`,
 					return err
 				}
 				defer m.Close()
+				// As serve does: no page faults in the first requests.
+				if err := m.Prefault(); err != nil {
+					return err
+				}
 				if err := srv.SetModel(m); err != nil {
 					return err
 				}
