@@ -112,10 +112,39 @@ func (b *Backend) MoE(dst, x backend.Tensor, r backend.Routing, experts []backen
 		b.badShape("moe routing", [2]int{rt.Tokens(), 1}, [2]int{xm.rows, 1}) {
 		return
 	}
-	if b.moeFused(d, xm, rt, experts) {
+	if b.moeFused(d, xm, rt, experts, nil) {
 		return
 	}
 	b.moeByExpert(d, xm, rt, experts)
+}
+
+// MoEShared is MoE plus each shared expert's SwiGLU block, added to dst
+// after the routed experts (backend.SharedMoE). Small batches run the
+// shared experts inside the fused MoE's two dispatches, so their weights
+// stream with the routed ones; otherwise it is MoE, then each block.
+func (b *Backend) MoEShared(dst, x backend.Tensor, r backend.Routing, experts, shared []backend.Expert) {
+	d, xm := asMat(dst), asMat(x)
+	rt, ok := r.(*routing)
+	if !ok {
+		panic(fmt.Sprintf("cpu backend: routing of type %T from another backend", r))
+	}
+	if b.badShape("moe", [2]int{d.rows, d.cols}, [2]int{xm.rows, xm.cols}) ||
+		b.badShape("moe routing", [2]int{rt.Tokens(), 1}, [2]int{xm.rows, 1}) {
+		return
+	}
+	if b.moeFused(d, xm, rt, experts, shared) {
+		return
+	}
+	b.moeByExpert(d, xm, rt, experts)
+	for _, s := range shared {
+		g, u := b.NewTensor(xm.rows, s.Gate.Rows()), b.NewTensor(xm.rows, s.Up.Rows())
+		b.MatMul(g, x, s.Gate)
+		b.MatMul(u, x, s.Up)
+		b.SwiGLU(g, g, u)
+		out := b.NewTensor(xm.rows, s.Down.Rows())
+		b.MatMul(out, g, s.Down)
+		b.Add(dst, dst, out)
+	}
 }
 
 // moeByExpert runs each chosen expert once on all the tokens routed to it,

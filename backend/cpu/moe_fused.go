@@ -47,7 +47,11 @@ type moeGroup struct {
 // every expert token by token (fewer than gemmMinTokens tokens an expert):
 // the same kernels, and each token's expert outputs added in increasing
 // expert order, so the two agree bit for bit there.
-func (b *Backend) moeFused(d, xm *mat, rt *routing, experts []backend.Expert) bool {
+//
+// Shared experts (MoEShared) are groups of every token with weight 1,
+// numbered after the routed experts, so each token adds their outputs last,
+// as MoE followed by adding each shared block does.
+func (b *Backend) moeFused(d, xm *mat, rt *routing, experts, shared []backend.Expert) bool {
 	T := xm.rows
 	if b.floatActs || T > moeFusedMaxTokens || T == 0 {
 		return false
@@ -55,30 +59,45 @@ func (b *Backend) moeFused(d, xm *mat, rt *routing, experts []backend.Expert) bo
 	var slots []moeSlot
 	var groups []moeGroup
 	byExpert := map[int]int{} // expert -> index in groups
+	add := func(t, e int, w float32) bool {
+		gi, seen := byExpert[e]
+		if !seen {
+			var ex backend.Expert
+			if e < len(experts) {
+				ex = experts[e]
+			} else {
+				ex = shared[e-len(experts)]
+			}
+			g, ok1 := ex.Gate.(*quant)
+			u, ok2 := ex.Up.(*quant)
+			dn, ok3 := ex.Down.(*quant)
+			if !ok1 || !ok2 || !ok3 {
+				return false
+			}
+			gi = len(groups)
+			byExpert[e] = gi
+			groups = append(groups, moeGroup{gate: g.m, up: u.m, down: dn.m})
+			// Each chosen expert's three matrices count once, as on the
+			// per-expert path.
+			b.count(weightBytes(ex.Gate) + weightBytes(ex.Up) + weightBytes(ex.Down))
+		}
+		groups[gi].slots = append(groups[gi].slots, len(slots))
+		slots = append(slots, moeSlot{token: t, expert: e, weight: w})
+		return true
+	}
 	for t := 0; t < T; t++ {
 		ids, ws := rt.Choice(t)
 		for k, e := range ids {
-			if e < 0 || e >= len(experts) {
-				return false // the per-expert path reports it
+			if e < 0 || e >= len(experts) || !add(t, e, ws[k]) {
+				return false // the per-expert path reports a bad id
 			}
-			gi, seen := byExpert[e]
-			if !seen {
-				ex := experts[e]
-				g, ok1 := ex.Gate.(*quant)
-				u, ok2 := ex.Up.(*quant)
-				dn, ok3 := ex.Down.(*quant)
-				if !ok1 || !ok2 || !ok3 {
-					return false
-				}
-				gi = len(groups)
-				byExpert[e] = gi
-				groups = append(groups, moeGroup{gate: g.m, up: u.m, down: dn.m})
-				// Each chosen expert's three matrices count once, as on
-				// the per-expert path.
-				b.count(weightBytes(ex.Gate) + weightBytes(ex.Up) + weightBytes(ex.Down))
+		}
+	}
+	for s := range shared {
+		for t := 0; t < T; t++ {
+			if !add(t, len(experts)+s, 1) {
+				return false
 			}
-			groups[gi].slots = append(groups[gi].slots, len(slots))
-			slots = append(slots, moeSlot{token: t, expert: e, weight: ws[k]})
 		}
 	}
 	if len(slots) == 0 {

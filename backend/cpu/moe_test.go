@@ -71,7 +71,7 @@ func TestMoEFusedMatchesByExpert(t *testing.T) {
 				bitwise = bitwise && n < gemmMinTokens
 			}
 			if T <= moeFusedMaxTokens {
-				if !b.moeFused(fused, asMat(x), rt, experts) {
+				if !b.moeFused(fused, asMat(x), rt, experts, nil) {
 					t.Fatalf("%s T=%d: the fused path did not apply", b.isa, T)
 				}
 				for i := range fused.data {
@@ -112,6 +112,67 @@ func TestMoEFusedMatchesByExpert(t *testing.T) {
 				if e > 3e-2 { // int8 activations twice: about 1.7e-2 measured
 					t.Fatalf("%s T=%d %s: relative error %.3g against float64", b.isa, T, name, e)
 				}
+			}
+		}
+	}
+}
+
+// MoEShared equals MoE followed by the shared expert's block added to the
+// output: bit for bit where both run every product token by token (the
+// shared block then goes through MatMul's decode kernel), and to the int8
+// error model where the block's products widen tiles (5 tokens and more).
+func TestMoESharedMatchesMoEThenBlock(t *testing.T) {
+	r := rand.New(rand.NewPCG(31, 1))
+	const hidden, inter, E, topK = 256, 384, 6, 2
+	for _, b := range backends(2) {
+		experts := randExperts(t, b, r, E+1, hidden, inter)
+		shared := experts[E:]
+		experts = experts[:E]
+		for _, T := range []int{1, 3, 4, 7, 16, 20} {
+			rt := &routing{topK: topK, experts: make([]int, T*topK), weights: make([]float32, T*topK)}
+			perExpert := map[int]int{}
+			for tok := 0; tok < T; tok++ {
+				perm := r.Perm(E)
+				for k := 0; k < topK; k++ {
+					rt.experts[tok*topK+k] = perm[k]
+					rt.weights[tok*topK+k] = float32(r.Float64())
+					perExpert[perm[k]]++
+				}
+			}
+			x := b.NewTensor(T, hidden)
+			b.Upload(x, randMat(r, T*hidden, 1))
+			got, want := b.NewTensor(T, hidden), b.NewTensor(T, hidden)
+			b.MoEShared(got, x, rt, experts, shared)
+			b.MoE(want, x, rt, experts)
+			g, u := b.NewTensor(T, inter), b.NewTensor(T, inter)
+			b.MatMul(g, x, shared[0].Gate)
+			b.MatMul(u, x, shared[0].Up)
+			b.SwiGLU(g, g, u)
+			out := b.NewTensor(T, hidden)
+			b.MatMul(out, g, shared[0].Down)
+			b.Add(want, want, out)
+			if err := b.Sync(); err != nil {
+				t.Fatal(err)
+			}
+			gd, wd := b.Download(got), b.Download(want)
+			bitwise := T < gemmMinTokens
+			for _, n := range perExpert {
+				bitwise = bitwise && n < gemmMinTokens
+			}
+			if bitwise {
+				for i := range gd {
+					if math.Float32bits(gd[i]) != math.Float32bits(wd[i]) {
+						t.Fatalf("%s T=%d element %d: MoEShared %g, MoE then block %g", b.isa, T, i, gd[i], wd[i])
+					}
+				}
+				continue
+			}
+			e := relErr(wd, gd)
+			t.Logf("%s T=%d: relative difference %.2e", b.isa, T, e)
+			// Measured up to 5.1e-4 (an int8 step of the shared block's
+			// SwiGLU output that rounds the other way), 6e-8 otherwise.
+			if e > 5e-3 {
+				t.Fatalf("%s T=%d: MoEShared differs from MoE then block by %.3g", b.isa, T, e)
 			}
 		}
 	}

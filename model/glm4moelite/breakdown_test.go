@@ -77,6 +77,24 @@ func (b *timedBackend) MoE(dst, x backend.Tensor, r backend.Routing, experts []b
 	defer b.time("MoE (routed experts)", time.Now())
 	b.Backend.MoE(dst, x, r, experts)
 }
+func (b *timedBackend) MoEShared(dst, x backend.Tensor, r backend.Routing, experts, shared []backend.Expert) {
+	sm, ok := b.Backend.(backend.SharedMoE)
+	if !ok { // what the model does without it
+		b.MoE(dst, x, r, experts)
+		for _, s := range shared {
+			g, u := b.NewTensor(x.Rows(), s.Gate.Rows()), b.NewTensor(x.Rows(), s.Up.Rows())
+			b.MatMul(g, x, s.Gate)
+			b.MatMul(u, x, s.Up)
+			b.SwiGLU(g, g, u)
+			out := b.NewTensor(x.Rows(), s.Down.Rows())
+			b.MatMul(out, g, s.Down)
+			b.Add(dst, dst, out)
+		}
+		return
+	}
+	defer b.time("MoE (routed and shared experts)", time.Now())
+	sm.MoEShared(dst, x, r, experts, shared)
+}
 func (b *timedBackend) NewTensor(rows, cols int) backend.Tensor {
 	defer b.time("NewTensor", time.Now())
 	return b.Backend.NewTensor(rows, cols)
