@@ -75,6 +75,19 @@ type Expert struct {
 	Gate, Up, Down Weight
 }
 
+// RunExpert returns down(silu(gate(x)) * up(x)) computed on b, in new
+// tensors of the step: a dense layer's feed-forward block, and a shared
+// expert wherever a backend's fused MoE does not take it.
+func RunExpert(b Backend, x Tensor, e Expert) Tensor {
+	g, u := b.NewTensor(x.Rows(), e.Gate.Rows()), b.NewTensor(x.Rows(), e.Up.Rows())
+	b.MatMul(g, x, e.Gate)
+	b.MatMul(u, x, e.Up)
+	b.SwiGLU(g, g, u)
+	out := b.NewTensor(x.Rows(), e.Down.Rows())
+	b.MatMul(out, g, e.Down)
+	return out
+}
+
 // Backend is the set of ops the glm4_moe_lite forward pass needs.
 type Backend interface {
 	Name() string

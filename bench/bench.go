@@ -54,8 +54,7 @@ type Options struct {
 	// measured against that bandwidth instead of the CPU's read bandwidth,
 	// and the cold load is not measured.
 	NewBackend func() (backend.Backend, error)
-	// CacheDType is the latent cache precision (zero value bf16); the CPU
-	// run keeps its float32 per-layer cache whatever this says.
+	// CacheDType is the latent cache precision (zero value bf16).
 	CacheDType backend.CacheDType
 }
 

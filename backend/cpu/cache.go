@@ -127,21 +127,15 @@ func (p *pool) load(layer, slot int, buf []float32) []float32 {
 		}
 	case backend.CacheFP8:
 		sc := p.scale[layer][slot*2 : slot*2+2]
-		for i, v := range p.codes[layer][slot*w : (slot+1)*w] {
-			s := sc[0]
-			if i >= p.rank {
-				s = sc[1]
-			}
-			buf[i] = e4m3Table[v] * s
-		}
+		codes := p.codes[layer][slot*w : (slot+1)*w]
+		decodeFP8(codes[:p.rank], sc[0], buf[:p.rank])
+		decodeFP8(codes[p.rank:], sc[1], buf[p.rank:w])
 	case backend.CacheFP4:
 		n, gc := p.codeBytes(), groupsOf(p.rank)
 		codes := p.codes[layer][slot*n : (slot+1)*n]
 		sc := p.scale[layer][slot*2 : slot*2+2]
 		decodeFP4(codes[:p.rank/2], p.group[layer][slot*gc:(slot+1)*gc], sc[0], buf[:p.rank])
-		for i, v := range codes[p.rank/2:] {
-			buf[p.rank+i] = e4m3Table[v] * sc[1]
-		}
+		decodeFP8(codes[p.rank/2:], sc[1], buf[p.rank:w])
 	}
 	return buf[:w]
 }
@@ -167,6 +161,13 @@ func encodeFP8(x []float32, codes []byte) float32 {
 		codes[i] = format.E4M3Encode(v * inv)
 	}
 	return scale
+}
+
+// decodeFP8 is the inverse of encodeFP8: out[i] = e4m3(codes[i]) * scale.
+func decodeFP8(codes []byte, scale float32, out []float32) {
+	for i, v := range codes {
+		out[i] = e4m3Table[v] * scale
+	}
 }
 
 // encodeFP4 writes E2M1 codes of x in groups of FP4Group, each group with an

@@ -103,19 +103,7 @@ func SelectExperts(logits, bias []float32, cfg backend.RouterConfig, ids []int, 
 // MoE runs each chosen expert on the tokens routed to it and adds the
 // weighted outputs to dst.
 func (b *Backend) MoE(dst, x backend.Tensor, r backend.Routing, experts []backend.Expert) {
-	d, xm := asMat(dst), asMat(x)
-	rt, ok := r.(*routing)
-	if !ok {
-		panic(fmt.Sprintf("cpu backend: routing of type %T from another backend", r))
-	}
-	if b.badShape("moe", [2]int{d.rows, d.cols}, [2]int{xm.rows, xm.cols}) ||
-		b.badShape("moe routing", [2]int{rt.Tokens(), 1}, [2]int{xm.rows, 1}) {
-		return
-	}
-	if b.moeFused(d, xm, rt, experts, nil) {
-		return
-	}
-	b.moeByExpert(d, xm, rt, experts)
+	b.MoEShared(dst, x, r, experts, nil)
 }
 
 // MoEShared is MoE plus each shared expert's SwiGLU block, added to dst
@@ -137,13 +125,7 @@ func (b *Backend) MoEShared(dst, x backend.Tensor, r backend.Routing, experts, s
 	}
 	b.moeByExpert(d, xm, rt, experts)
 	for _, s := range shared {
-		g, u := b.NewTensor(xm.rows, s.Gate.Rows()), b.NewTensor(xm.rows, s.Up.Rows())
-		b.MatMul(g, x, s.Gate)
-		b.MatMul(u, x, s.Up)
-		b.SwiGLU(g, g, u)
-		out := b.NewTensor(xm.rows, s.Down.Rows())
-		b.MatMul(out, g, s.Down)
-		b.Add(dst, dst, out)
+		b.Add(dst, dst, backend.RunExpert(b, x, s))
 	}
 }
 

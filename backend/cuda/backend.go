@@ -1410,26 +1410,18 @@ func (b *Backend) MoEShared(dst, x backend.Tensor, r backend.Routing, experts, s
 		if l := b.moeLayerShared(experts, shared, rt.topK); l != nil {
 			b.wrote(d)
 			e := experts[0]
-			for range d.rows {
-				b.count(int64(rt.topK) * (weightBytes(asWeight(e.Gate)) + weightBytes(asWeight(e.Up)) + weightBytes(asWeight(e.Down))))
-				for _, s := range shared {
-					b.count(weightBytes(asWeight(s.Gate)) + weightBytes(asWeight(s.Up)) + weightBytes(asWeight(s.Down)))
-				}
+			perToken := int64(rt.topK) * (weightBytes(asWeight(e.Gate)) + weightBytes(asWeight(e.Up)) + weightBytes(asWeight(e.Down)))
+			for _, s := range shared {
+				perToken += weightBytes(asWeight(s.Gate)) + weightBytes(asWeight(s.Up)) + weightBytes(asWeight(s.Down))
 			}
+			b.count(int64(d.rows) * perToken)
 			b.moeRows(d, xm, rt, l)
 			return
 		}
 	}
 	b.MoE(dst, x, r, experts)
 	for _, s := range shared {
-		inter := s.Gate.Rows()
-		g, u := b.NewTensor(xm.rows, inter), b.NewTensor(xm.rows, inter)
-		b.MatMul(g, x, s.Gate)
-		b.MatMul(u, x, s.Up)
-		b.SwiGLU(g, g, u)
-		out := b.NewTensor(xm.rows, xm.cols)
-		b.MatMul(out, g, s.Down)
-		b.Add(dst, dst, out)
+		b.Add(dst, dst, backend.RunExpert(b, x, s))
 	}
 }
 

@@ -82,13 +82,7 @@ func (b *timedBackend) MoEShared(dst, x backend.Tensor, r backend.Routing, exper
 	if !ok { // what the model does without it
 		b.MoE(dst, x, r, experts)
 		for _, s := range shared {
-			g, u := b.NewTensor(x.Rows(), s.Gate.Rows()), b.NewTensor(x.Rows(), s.Up.Rows())
-			b.MatMul(g, x, s.Gate)
-			b.MatMul(u, x, s.Up)
-			b.SwiGLU(g, g, u)
-			out := b.NewTensor(x.Rows(), s.Down.Rows())
-			b.MatMul(out, g, s.Down)
-			b.Add(dst, dst, out)
+			b.Add(dst, dst, backend.RunExpert(b, x, s))
 		}
 		return
 	}

@@ -257,15 +257,7 @@ func (m *Model) attention(i int, h backend.Tensor) backend.Tensor {
 
 // mlp is down(silu(gate(x)) * up(x)).
 func (m *Model) mlp(p *MLP, h backend.Tensor) backend.Tensor {
-	b, T := m.b, h.Rows()
-	g := b.NewTensor(T, p.Gate.Rows())
-	u := b.NewTensor(T, p.Up.Rows())
-	b.MatMul(g, h, p.Gate)
-	b.MatMul(u, h, p.Up)
-	b.SwiGLU(g, g, u)
-	out := b.NewTensor(T, p.Down.Rows())
-	b.MatMul(out, g, p.Down)
-	return out
+	return backend.RunExpert(m.b, h, backend.Expert{Gate: p.Gate, Up: p.Up, Down: p.Down})
 }
 
 // moe is sum_e w_e expert_e(x) + shared_expert(x), with fp32 router logits.
