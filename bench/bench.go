@@ -97,6 +97,15 @@ type Result struct {
 	KVCacheBytes int64   `json:"kv_cache_bytes"`
 	RSSLimit     int64   `json:"rss_limit_bytes"` // 1.1 x model + KV cache
 
+	// Device memory, on a backend with its own (a GPU): weights, cache
+	// pools, step workspace, all that is in use on the device (the context
+	// and kernels too), and the time spent uploading the weights.
+	GPUWeightBytes    int64    `json:"gpu_weight_bytes,omitempty"`
+	GPUCacheBytes     int64    `json:"gpu_cache_bytes,omitempty"`
+	GPUWorkspaceBytes int64    `json:"gpu_workspace_bytes,omitempty"`
+	GPUUsedBytes      int64    `json:"gpu_used_bytes,omitempty"`
+	UploadS           *float64 `json:"upload_s,omitempty"`
+
 	BandwidthGBs     float64 `json:"bandwidth_gb_s"`
 	BandwidthKernel  string  `json:"bandwidth_kernel"`
 	RooflineFraction float64 `json:"roofline_fraction"`
@@ -275,6 +284,15 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		return nil, err
 	}
 	r.PeakRSS = peakRSS()
+	if mr, ok := b.(backend.MemoryReporter); ok {
+		mem, err := mr.DeviceMemory()
+		if err != nil {
+			return nil, err
+		}
+		r.GPUWeightBytes, r.GPUCacheBytes, r.GPUWorkspaceBytes = mem.WeightBytes, mem.CacheBytes, mem.WorkspaceBytes
+		r.GPUUsedBytes = mem.TotalBytes - mem.FreeBytes
+		r.UploadS = &mem.UploadSeconds
+	}
 	r.RSSLimit = int64(1.1*float64(modelBytes)) + r.KVCacheBytes
 	if r.BandwidthGBs > 0 {
 		r.RooflineFraction = r.DecodeTokS * float64(r.BytesPerTok) / (r.BandwidthGBs * 1e9)

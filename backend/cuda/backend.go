@@ -11,6 +11,7 @@ import (
 	"os"
 	"slices"
 	"sync/atomic"
+	"time"
 
 	"github.com/mmfp4/mmfp4/backend"
 	"github.com/mmfp4/mmfp4/safetensors"
@@ -38,6 +39,9 @@ type Backend struct {
 
 	weights slab  // weight memory, never freed before Close
 	arena   arena // per-step tensors and metadata
+
+	uploadTime time.Duration // spent copying weights in (DeviceMemory)
+	cacheBytes int64         // cache pools allocated (DeviceMemory)
 
 	batch *backend.Batch
 	pool  *cachePool
@@ -305,6 +309,7 @@ func (b *Backend) Sync() error {
 type slab struct {
 	chunks []Buffer
 	off    int // first free byte of the last chunk
+	used   int // bytes handed out
 }
 
 const slabChunk = 256 << 20
@@ -321,6 +326,7 @@ func (s *slab) alloc(c *Ctx, n int) (uint64, error) {
 	}
 	p := s.chunks[len(s.chunks)-1].At(s.off)
 	s.off += n
+	s.used += n
 	return p, nil
 }
 
@@ -329,7 +335,7 @@ func (s *slab) free(c *Ctx) error {
 	for _, b := range s.chunks {
 		errs = append(errs, c.Free(b))
 	}
-	s.chunks, s.off = nil, 0
+	s.chunks, s.off, s.used = nil, 0, 0
 	return errors.Join(errs...)
 }
 
@@ -461,6 +467,8 @@ func asWeight(w backend.Weight) *weight {
 // the file, dense data as fp32.
 func (b *Backend) NewWeight(hw backend.HostWeight) (backend.Weight, error) {
 	w := &weight{n: hw.N, k: hw.K, host: hw}
+	start := time.Now()
+	defer func() { b.uploadTime += time.Since(start) }()
 	switch {
 	case hw.Quant != nil && hw.Dense == nil:
 		m := hw.Quant
@@ -529,6 +537,8 @@ func (b *Backend) deviceDense(w *weight) bool {
 	for i := range vals {
 		vals[i] = safetensors.BF16ToFloat32(binary.LittleEndian.Uint16(w.host.BF16[2*i:]))
 	}
+	start := time.Now()
+	defer func() { b.uploadTime += time.Since(start) }()
 	b.now("upload "+w.host.Name, func(c *Ctx) error {
 		p, err := b.weights.alloc(c, 4*len(vals))
 		if err != nil {
@@ -1091,6 +1101,7 @@ func (b *Backend) NewCachePool(layers, blocks, blockSize, rank, ropeDim int, dty
 	if err != nil {
 		return nil, fmt.Errorf("cuda backend: cache pool of %d bytes: %w", layers*p.layerBytes, err)
 	}
+	b.cacheBytes += int64(p.buf.Size)
 	return p, nil
 }
 

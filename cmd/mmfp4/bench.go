@@ -130,6 +130,10 @@ func printBench(w io.Writer, r *bench.Result) {
 		row("load, cold", "%s", r.ColdNote)
 	}
 	row("load, warm", "%.2f s", r.LoadS)
+	if r.UploadS != nil {
+		row("upload to the device", "%.2f s (part of the load)", *r.UploadS)
+		row("device memory", "weights %s, KV cache %s, step workspace %s; %s in use on the device", humanBytes(r.GPUWeightBytes), humanBytes(r.GPUCacheBytes), humanBytes(r.GPUWorkspaceBytes), humanBytes(r.GPUUsedBytes))
+	}
 	row("map weight pages", "%.2f s (after the load, before the prefill)", r.PrefaultS)
 	if r.HugePageFraction != nil {
 		row("weights in 2 MB pages", "%.1f%%", 100**r.HugePageFraction)
