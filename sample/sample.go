@@ -4,7 +4,12 @@
 // Filters are applied in the same order as llama.cpp and Hugging Face
 // transformers: temperature scaling, then top-k, then top-p (nucleus), then
 // min-p. The surviving tokens are renormalised and one is drawn with a
-// math/rand/v2 PCG generator seeded from Options.Seed.
+// math/rand/v2 PCG generator seeded from Options.Seed: one uniform number
+// u in [0, 1) per token, mapped through the cumulative distribution of the
+// survivors taken in token id order. That order does not depend on how the
+// survivors were found, so a sampler elsewhere (a GPU's) given the same u
+// picks the same token; Uniform and SampleWith let a caller draw u here and
+// choose the token there.
 package sample
 
 import (
@@ -12,6 +17,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"slices"
 )
 
 // Options configures a Sampler. The zero value is greedy decoding.
@@ -83,11 +89,33 @@ func (s *Sampler) Sample(logits []float32) (int, error) {
 	if err != nil {
 		return 0, err
 	}
-	if s.opt.Temperature == 0 || len(logits) == 1 {
+	if !s.NeedsUniform(len(logits)) {
 		return best, nil
 	}
-	cand := s.filter(logits, best)
-	return s.draw(cand), nil
+	return s.draw(s.filter(logits, best), s.rng.Float64()), nil
+}
+
+// NeedsUniform reports whether choosing from n logits takes a random
+// number: not for greedy decoding, nor for a single token.
+func (s *Sampler) NeedsUniform(n int) bool { return s.opt.Temperature != 0 && n > 1 }
+
+// Uniform advances the generator and returns the number in [0, 1) that the
+// next Sample would have drawn, for SampleWith (or a device sampler) to use
+// in its place. Call it only where NeedsUniform is true, so that the stream
+// stays the one Sample would have used.
+func (s *Sampler) Uniform() float64 { return s.rng.Float64() }
+
+// SampleWith is Sample with the random number u in [0, 1) given (from
+// Uniform) instead of drawn; u is unused where NeedsUniform is false.
+func (s *Sampler) SampleWith(logits []float32, u float64) (int, error) {
+	best, err := scan(logits)
+	if err != nil {
+		return 0, err
+	}
+	if !s.NeedsUniform(len(logits)) {
+		return best, nil
+	}
+	return s.draw(s.filter(logits, best), u), nil
 }
 
 // scan checks that logits is non-empty and finite and returns the argmax,
@@ -200,14 +228,19 @@ func fillIota(idx []int32) {
 	}
 }
 
-// draw picks one of cand with probability proportional to s.w.
-func (s *Sampler) draw(cand []int32) int {
+// draw picks one of cand with probability proportional to s.w, by inverse
+// transform of u in [0, 1) over cand in id order (which it sorts cand into:
+// top-k and top-p leave it in the order their selection made).
+func (s *Sampler) draw(cand []int32, u float64) int {
+	if !slices.IsSorted(cand) {
+		slices.Sort(cand)
+	}
 	w := s.w
 	var z float64
 	for _, id := range cand {
 		z += w[id]
 	}
-	u := s.rng.Float64() * z
+	u *= z
 	var cum float64
 	last := cand[0]
 	for _, id := range cand {

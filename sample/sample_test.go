@@ -617,3 +617,83 @@ func TestEdgeCases(t *testing.T) {
 		}
 	}
 }
+
+// Uniform followed by SampleWith is Sample: the same tokens from the same
+// seed, whichever way each step is taken.
+func TestSampleWithSharesTheStream(t *testing.T) {
+	r := rand.New(rand.NewPCG(13, 14))
+	for _, o := range []Options{
+		{Seed: 3},
+		{Temperature: 0.7, Seed: 3},
+		{Temperature: 1.5, TopK: 40, TopP: 0.9, MinP: 0.05, Seed: 4},
+	} {
+		a, b := mustNew(t, o), mustNew(t, o)
+		for step := 0; step < 200; step++ {
+			l := make([]float32, 1+r.IntN(300))
+			for i := range l {
+				l[i] = float32(r.NormFloat64() * 2)
+			}
+			want, err := a.Sample(l)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var u float64
+			if b.NeedsUniform(len(l)) {
+				u = b.Uniform()
+			}
+			if got, err := b.SampleWith(l, u); err != nil || got != want {
+				t.Fatalf("%+v step %d: SampleWith %d, %v; Sample %d", o, step, got, err, want)
+			}
+		}
+	}
+}
+
+// SampleWith maps u through the cumulative distribution of the kept tokens
+// in id order (the contract a device sampler reproduces), whatever order
+// top-k and top-p selection leave them in.
+func TestSampleWithIsInverseCDFInIDOrder(t *testing.T) {
+	r := rand.New(rand.NewPCG(15, 16))
+	for trial := 0; trial < 300; trial++ {
+		n := 1 + r.IntN(3000)
+		logits := make([]float32, n)
+		levels := 1 + r.IntN(n+1) // few levels = many ties
+		for i := range logits {
+			logits[i] = float32(r.IntN(levels)) * float32(0.05+r.Float64()*0.01)
+		}
+		o := Options{Temperature: float32(0.3 + 2*r.Float64())}
+		if r.IntN(2) == 0 {
+			o.TopK = 1 + r.IntN(n+5)
+		}
+		if r.IntN(2) == 0 {
+			o.TopP = float32(r.Float64())
+		}
+		if r.IntN(2) == 0 {
+			o.MinP = float32(r.Float64() * 0.3)
+		}
+		ids, p := refDist(logits, o)
+		order := make([]int, len(ids))
+		for i := range order {
+			order[i] = i
+		}
+		slices.SortFunc(order, func(a, b int) int { return ids[a] - ids[b] })
+		s := mustNew(t, o)
+		for _, u := range []float64{0, 1e-12, r.Float64(), r.Float64(), r.Float64(), 1 - 1e-12} {
+			var cum float64
+			want := ids[order[len(order)-1]]
+			for _, j := range order {
+				cum += p[j]
+				if u < cum {
+					want = ids[j]
+					break
+				}
+			}
+			got, err := s.SampleWith(logits, u)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if got != want && n > 1 {
+				t.Fatalf("trial %d n=%d %+v u=%g: got %d, want %d", trial, n, o, u, got, want)
+			}
+		}
+	}
+}
