@@ -15,6 +15,10 @@ type Batch struct {
 	Seqs      []Seq
 	// Outputs are the rows whose logits the step returns, in order.
 	Outputs []int32
+	// Sample, if not empty, has one entry per output: a non-nil entry
+	// lets a backend that implements Sampler choose that output's token
+	// itself, so that the step returns its id instead of its logits.
+	Sample []*SampleParams
 	// Interrupt, if set, is called by the model before each layer; an error
 	// from it abandons the step. Backends ignore it.
 	Interrupt func() error
@@ -88,6 +92,9 @@ func (b *Batch) Validate(vocab, blocks, blockSize int) error {
 		if r < 0 || int(r) >= T {
 			return fmt.Errorf("batch: output row %d outside [0, %d)", r, T)
 		}
+	}
+	if len(b.Sample) != 0 && len(b.Sample) != len(b.Outputs) {
+		return fmt.Errorf("batch: %d sampling entries for %d outputs", len(b.Sample), len(b.Outputs))
 	}
 	return nil
 }

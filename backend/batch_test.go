@@ -31,6 +31,7 @@ func TestBatchValidate(t *testing.T) {
 		{"table short", "needs block table entry", func(b *Batch) { b.Positions = []int32{6, 7, 8, 0} }},
 		{"block range", "outside the pool", func(b *Batch) { b.Seqs[1].Blocks[0] = 3 }},
 		{"output", "output row", func(b *Batch) { b.Outputs[0] = 4 }},
+		{"sample entries", "2 outputs", func(b *Batch) { b.Sample = []*SampleParams{nil} }},
 	} {
 		b := good()
 		c.edit(b)

@@ -441,6 +441,7 @@ func (e *Engine) step() {
 		}
 		if s.computed+c.n == len(s.tokens) {
 			b.Outputs = append(b.Outputs, int32(len(b.Tokens)-1))
+			b.Sample = append(b.Sample, e.sampleParams(s))
 		}
 		if c.n == 1 && len(s.tokens) > s.promptLen {
 			info.Decode++
@@ -459,8 +460,7 @@ func (e *Engine) step() {
 		}
 		return context.Canceled
 	}
-	logits, err := e.net.Forward(b, e.pool)
-	V := e.net.Config.VocabSize
+	outs, err := e.net.ForwardOutputs(b, e.pool)
 	now := time.Now()
 	out := 0
 	for _, c := range plan {
@@ -477,7 +477,7 @@ func (e *Engine) step() {
 		s.computed += c.n
 		e.kv.Commit(&s.kv, s.tokens, s.computed)
 		if s.computed == len(s.tokens) {
-			e.emit(s, logits[out*V:(out+1)*V], now)
+			e.emit(s, outs[out], b.Sample[out], now)
 			out++
 		}
 	}
@@ -580,20 +580,45 @@ func (e *Engine) remove(s *seq) {
 	}
 }
 
-// emit samples s's next token from its logits row and sends it, or ends s.
-func (e *Engine) emit(s *seq, logits []float32, now time.Time) {
-	if err := glm4moelite.CheckLogits(logits); err != nil {
-		e.remove(s)
-		e.finish(s, FinishError, fmt.Errorf("logits at position %d: %w (run with --debug-nan to find the layer)", len(s.tokens)-1, err))
-		return
+// sampleParams returns the settings with which a backend may choose s's
+// next token itself, having drawn its random number from s's sampler, or
+// nil where the engine needs the logits (a grammar constraint,
+// log-probabilities).
+func (e *Engine) sampleParams(s *seq) *backend.SampleParams {
+	if s.req.Constraint != nil || s.req.Logprobs || s.req.TopLogprobs > 0 {
+		return nil
 	}
-	var id int
+	o := s.sampler.Options()
+	p := &backend.SampleParams{Temperature: o.Temperature, TopK: o.TopK, TopP: o.TopP, MinP: o.MinP}
+	if s.sampler.NeedsUniform(e.net.Config.VocabSize) {
+		p.U = s.sampler.Uniform()
+	}
+	return p
+}
+
+// emit sends s's next token, which the backend chose or s's sampler
+// chooses from the logits (with the random number drawn for p, if set),
+// or ends s.
+func (e *Engine) emit(s *seq, out glm4moelite.Output, p *backend.SampleParams, now time.Time) {
+	logits := out.Logits
+	if logits != nil {
+		if err := glm4moelite.CheckLogits(logits); err != nil {
+			e.remove(s)
+			e.finish(s, FinishError, fmt.Errorf("logits at position %d: %w (run with --debug-nan to find the layer)", len(s.tokens)-1, err))
+			return
+		}
+	}
+	id := out.ID
 	var err error
-	if c := s.req.Constraint; c != nil {
+	switch c := s.req.Constraint; {
+	case logits == nil:
+	case c != nil:
 		if id, err = c.Sample(s.sampler, logits); err == nil {
 			err = c.Advance(id)
 		}
-	} else {
+	case p != nil:
+		id, err = s.sampler.SampleWith(logits, p.U)
+	default:
 		id, err = s.sampler.Sample(logits)
 	}
 	if err != nil {

@@ -123,12 +123,78 @@ func (m *Model) NewCachePool(blocks, blockSize int, dtype backend.CacheDType) (b
 // unchecked: see CheckLogits.
 // Forward passes are serialised; the backend is used by one at a time.
 func (m *Model) Forward(batch *backend.Batch, pool backend.CachePool) ([]float32, error) {
-	c := m.Config
-	if err := batch.Validate(c.VocabSize, pool.Blocks(), pool.BlockSize()); err != nil {
+	if err := batch.Validate(m.Config.VocabSize, pool.Blocks(), pool.BlockSize()); err != nil {
 		return nil, err
 	}
 	m.mu.Lock()
 	defer m.mu.Unlock()
+	logits, err := m.run(batch, pool)
+	if logits == nil || err != nil {
+		return nil, err
+	}
+	return m.download(batch, logits)
+}
+
+// Output is one output row of a step (ForwardOutputs): the token the
+// backend chose for it, or its logits.
+type Output struct {
+	Logits []float32 // VocabSize values, unchecked (CheckLogits); nil when ID is set
+	ID     int
+}
+
+// ForwardOutputs is Forward for a batch whose Sample entries may ask for
+// the token instead of the logits: where the backend implements
+// backend.Sampler, an output with a Sample entry gets its token id, and
+// the others (or all, on other backends or with DebugNaN) their logits. An
+// output whose logits are not finite gets its logits, for CheckLogits to
+// report.
+func (m *Model) ForwardOutputs(batch *backend.Batch, pool backend.CachePool) ([]Output, error) {
+	V := m.Config.VocabSize
+	if err := batch.Validate(V, pool.Blocks(), pool.BlockSize()); err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	logits, err := m.run(batch, pool)
+	if logits == nil || err != nil {
+		return nil, err
+	}
+	outs := make([]Output, len(batch.Outputs))
+	sampler, ok := m.b.(backend.Sampler)
+	if !ok || len(batch.Sample) == 0 || m.DebugNaN {
+		flat, err := m.download(batch, logits)
+		if err != nil {
+			return nil, err
+		}
+		for i := range outs {
+			outs[i].Logits = flat[i*V : (i+1)*V]
+		}
+		return outs, nil
+	}
+	params := make([]backend.SampleParams, len(outs)) // rows without an entry: argmax, unused
+	for i, p := range batch.Sample {
+		if p != nil {
+			params[i] = *p
+		}
+	}
+	ids := sampler.SampleRows(logits, params)
+	if err := m.b.Sync(); err != nil {
+		return nil, err
+	}
+	for i := range outs {
+		if batch.Sample[i] != nil && ids[i] >= 0 {
+			outs[i].ID = int(ids[i])
+		} else {
+			outs[i].Logits = m.b.Download(m.b.Rows(logits, i, i+1))
+		}
+	}
+	return outs, m.b.Sync()
+}
+
+// run is the step of Forward up to the logits of the batch's outputs (nil
+// when it has none), with m.mu held.
+func (m *Model) run(batch *backend.Batch, pool backend.CachePool) (backend.Tensor, error) {
+	c := m.Config
 	b := m.b
 	m.nanErr = nil
 	b.SetBatch(batch, pool)
@@ -172,6 +238,12 @@ func (m *Model) Forward(batch *backend.Batch, pool backend.CachePool) ([]float32
 	}
 	logits := b.NewTensor(sel.Rows(), c.VocabSize)
 	b.MatMul(logits, h, m.LMHead)
+	return logits, nil
+}
+
+// download copies the logits of run to the host.
+func (m *Model) download(batch *backend.Batch, logits backend.Tensor) ([]float32, error) {
+	c, b := m.Config, m.b
 	out := b.Download(logits)
 	if err := b.Sync(); err != nil {
 		return nil, err
