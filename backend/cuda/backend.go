@@ -62,6 +62,8 @@ type Backend struct {
 
 	read atomic.Int64 // BytesRead
 
+	sampledRows int // rows whose token SampleRows chose (tests)
+
 	prof   *profiler   // MMFP4_CUDA_PROFILE=1
 	graphs *graphCache // nil: no graphs
 

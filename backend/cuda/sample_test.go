@@ -1,0 +1,230 @@
+//go:build linux || darwin || freebsd || netbsd
+
+package cuda
+
+import (
+	"context"
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"slices"
+	"testing"
+
+	"github.com/mmfp4/mmfp4"
+	"github.com/mmfp4/mmfp4/backend"
+	"github.com/mmfp4/mmfp4/engine"
+	"github.com/mmfp4/mmfp4/sample"
+)
+
+// sampleRow is one kind of logits row for the sampler tests.
+type sampleRow struct {
+	name string
+	make func(r *rand.Rand, n int) []float32
+}
+
+var sampleRows = []sampleRow{
+	{"lm-like", func(r *rand.Rand, n int) []float32 {
+		// Broad noise and a handful of clearly preferred tokens.
+		l := randVec(r, n, 2)
+		for i := 0; i < min(20, n/4); i++ {
+			l[r.IntN(n)] = float32(12 + r.Float64()*6)
+		}
+		return l
+	}},
+	{"ties", func(r *rand.Rand, n int) []float32 {
+		// Five levels: ties everywhere, the maximum included.
+		l := make([]float32, n)
+		for i := range l {
+			l[i] = float32(r.IntN(5)) * 0.75
+		}
+		return l
+	}},
+	{"peaked", func(r *rand.Rand, n int) []float32 {
+		l := randVec(r, n, 1)
+		l[r.IntN(n)] = 40
+		return l
+	}},
+	{"flat", func(r *rand.Rand, n int) []float32 { return make([]float32, n) }},
+	{"near-flat", func(r *rand.Rand, n int) []float32 { return randVec(r, n, 1e-3) }},
+	{"signed zeros", func(r *rand.Rand, n int) []float32 {
+		// +0 and -0 compare equal: ties broken by id, as on the host.
+		l := make([]float32, n)
+		for i := range l {
+			switch r.IntN(3) {
+			case 0:
+				l[i] = float32(math.Copysign(0, -1))
+			case 1:
+				l[i] = -1
+			}
+		}
+		return l
+	}},
+	{"NaN", func(r *rand.Rand, n int) []float32 {
+		l := randVec(r, n, 2)
+		l[r.IntN(n)] = float32(math.NaN())
+		return l
+	}},
+	{"+Inf", func(r *rand.Rand, n int) []float32 {
+		l := randVec(r, n, 2)
+		l[r.IntN(n)] = float32(math.Inf(1))
+		return l
+	}},
+	{"-Inf", func(r *rand.Rand, n int) []float32 {
+		l := randVec(r, n, 2)
+		l[n-1] = float32(math.Inf(-1))
+		return l
+	}},
+}
+
+// sampleSettings is the grid of settings each row is sampled with: every
+// temperature, top-k, top-p and min-p of the grid, each with several u.
+func sampleSettings(r *rand.Rand, n int) []backend.SampleParams {
+	var out []backend.SampleParams
+	for _, temp := range []float32{0, 0.7, 1.5} {
+		for _, k := range []int{0, 1, 40, 3000, n} {
+			for _, topP := range []float32{0.1, 0.9, 1} {
+				for _, minP := range []float32{0, 0.05} {
+					us := []float64{0, 1e-9, r.Float64(), r.Float64(), r.Float64(), 1 - 1e-6}
+					if temp == 0 {
+						us = us[2:3]
+					}
+					for _, u := range us {
+						out = append(out, backend.SampleParams{Temperature: temp, TopK: k, TopP: topP, MinP: minP, U: u})
+					}
+				}
+			}
+		}
+	}
+	return out
+}
+
+// hostChoice is package sample's choice, or -1 where it reports
+// non-finite logits.
+func hostChoice(t *testing.T, logits []float32, p backend.SampleParams) int32 {
+	t.Helper()
+	s, err := sample.New(sample.Options{Temperature: p.Temperature, TopK: p.TopK, TopP: p.TopP, MinP: p.MinP})
+	if err != nil {
+		t.Fatal(err)
+	}
+	id, err := s.SampleWith(logits, p.U)
+	if err != nil {
+		return -1
+	}
+	return int32(id)
+}
+
+// The device sampler chooses package sample's token for every row, setting
+// and u: vocabularies of 1 to GLM-4.7-Flash's 154,880, ties, signed zeros,
+// peaked and flat rows (the latter take the kernel's path for large
+// candidate sets), and rows with a NaN or an infinity (-1).
+func TestSampleRowsMatchesHost(t *testing.T) {
+	g, _ := testBackends(t, Options{})
+	r := rand.New(rand.NewPCG(41, 42))
+	bad := 0
+	for _, n := range []int{1, 7, 1000, 154880} {
+		for _, kind := range sampleRows {
+			row := kind.make(r, n)
+			params := sampleSettings(r, n)
+			g.SetBatch(simpleBatch(1, 1000), nil)
+			one := g.NewTensor(1, n)
+			g.Upload(one, row)
+			// Every setting samples the same row: a view whose rows are
+			// all that row (ld 0).
+			src := asTensor(one)
+			got := g.SampleRows(&tensor{rows: len(params), cols: n, ld: 0, ptr: src.ptr}, params)
+			if err := g.Sync(); err != nil {
+				t.Fatalf("n=%d %s: %v", n, kind.name, err)
+			}
+			for i, p := range params {
+				if want := hostChoice(t, row, p); got[i] != want {
+					if bad++; bad <= 20 {
+						t.Errorf("n=%d %s, %+v: device chose %d, package sample %d", n, kind.name, p, got[i], want)
+					}
+				}
+			}
+			t.Logf("n=%d %s: %d settings", n, kind.name, len(params))
+		}
+	}
+	if bad > 0 {
+		t.Errorf("%d choices differ", bad)
+	}
+}
+
+// Rows of one tensor (its own row stride, a column view of a wider one,
+// vocabularies that do not allow 16-byte loads) each get their own choice.
+func TestSampleRowsDistinctRows(t *testing.T) {
+	g, _ := testBackends(t, Options{})
+	r := rand.New(rand.NewPCG(43, 44))
+	for _, n := range []int{7, 1000, 1001, 154880} {
+		const rows = 12
+		g.SetBatch(simpleBatch(1, 1000), nil)
+		wide := g.NewTensor(rows, n+5)
+		host := make([]float32, rows*(n+5))
+		logits := make([][]float32, rows)
+		for i := range logits {
+			logits[i] = sampleRows[i%6].make(r, n)
+			copy(host[i*(n+5)+5:], logits[i])
+		}
+		g.Upload(wide, host)
+		params := make([]backend.SampleParams, rows)
+		for i := range params {
+			params[i] = backend.SampleParams{Temperature: []float32{0, 0.7, 1.5}[i%3], TopK: []int{0, 40}[i%2], TopP: []float32{1, 0.9}[i/6], MinP: 0.05, U: r.Float64()}
+		}
+		got := g.SampleRows(g.Cols(wide, 5, n+5), params)
+		if err := g.Sync(); err != nil {
+			t.Fatal(err)
+		}
+		for i, p := range params {
+			if want := hostChoice(t, logits[i], p); got[i] != want {
+				t.Errorf("n=%d row %d %+v: device chose %d, package sample %d", n, i, p, got[i], want)
+			}
+		}
+	}
+	// Settings for another number of rows than the tensor's: an error.
+	g.SetBatch(simpleBatch(1, 1000), nil)
+	g.SampleRows(g.NewTensor(2, 10), make([]backend.SampleParams, 3))
+	if err := g.Sync(); err == nil {
+		t.Error("3 settings for 2 rows: no error")
+	}
+}
+
+// Generation on the GPU, whose tokens the device sampler chooses, gives
+// the CPU's tokens on the fixture: greedy, and seeded sampling with and
+// without filters (what `mmfp4 generate --device cuda` runs).
+func TestGenerateSampledOnGPUMatchesCPU(t *testing.T) {
+	g, c := testBackends(t, Options{})
+	ref := loadGolden(t)
+	load := func(b backend.Backend) *mmfp4.Model {
+		m, err := mmfp4.Load(fixtureDir, mmfp4.Options{Backend: b, Engine: engine.Options{CacheBytes: 64 << 20}})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { m.Close() })
+		return m
+	}
+	mg, mc := load(g), load(c)
+	for _, so := range []sample.Options{
+		{},
+		{Temperature: 0.8, Seed: 7},
+		{Temperature: 1.5, TopK: 40, TopP: 0.9, MinP: 0.05, Seed: 11},
+	} {
+		gen := func(m *mmfp4.Model) []int {
+			res, err := m.Generate(context.Background(), ref.prompt, mmfp4.GenerateOptions{MaxTokens: 32, StopIDs: []int{}, Sampling: so})
+			if err != nil {
+				t.Fatal(err)
+			}
+			return res.Tokens
+		}
+		before := g.sampledRows
+		got, want := gen(mg), gen(mc)
+		name := fmt.Sprintf("%+v", so)
+		if g.sampledRows-before < len(want) {
+			t.Errorf("%s: the device sampler chose %d of %d tokens", name, g.sampledRows-before, len(want))
+		}
+		if !slices.Equal(got, want) {
+			t.Errorf("%s: GPU %v, CPU %v", name, got, want)
+		} else {
+			t.Logf("%s: %d tokens identical", name, len(got))
+		}
+	}
+}
