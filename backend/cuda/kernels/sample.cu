@@ -289,6 +289,19 @@ DEVICE int chunk_find(const double* w, int m, double x, bool strict, int lane) {
   return __shfl_sync(SAMPLE_FULL, found, L);
 }
 
+// The weight of the tokens of key >= K in the top-k set (key > kk, or
+// key == kk and id <= ik), summed in a fixed order; the exp is only taken
+// for those.
+DEVICE double top_k_mass(const float* row, int n, u32 K, u32 kk, int ik, double lmax, double inv_t) {
+  double s = 0;
+  for (int i = threadIdx.x; i < n; i += SAMPLE_THREADS) {
+    float v = row[i];
+    u32 key = rank_key(v);
+    if (key >= K && (key > kk || (key == kk && i <= ik))) s += exp(((double)v - lmax) * inv_t);
+  }
+  return sample_block_sum(s);
+}
+
 // sample_rows: block b chooses the token of row b of logits (n columns,
 // rows ld floats apart) with params[b], into ids[b].
 extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
@@ -417,6 +430,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
 
   if (tid == 0) s_int[1] = 0;
   __syncthreads();
+  u32 kmin = 0xffffffffu;  // the least key gathered
   for (int base = 0; base < n; base += SAMPLE_THREADS) {
     int i = base + tid;
     bool take = false;
@@ -425,6 +439,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
       v = row[i];
       u32 key = rank_key(v);
       take = IN_TOP_K(key, i) && SCALED(v) >= lo;
+      if (take) kmin = min(kmin, key);
     }
     u32 mask = __ballot_sync(SAMPLE_FULL, take);
     int off = 0;
@@ -498,17 +513,17 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
   int ip = n - 1;
   if (top_p) {
     const double target = (double)p.top_p * z;
-    u32 a = 0, b = rank_key(row[best]) + 1;  // mass(a) = z >= target > mass(b) = 0
+    // The search starts at the least gathered key: the tokens below it,
+    // outside the bound lo, are outside the nucleus, and their exp is
+    // never taken again. Rounding cannot break mass(a) >= target there
+    // (the bound leaves a margin of (1 - top_p) z / 2), but it is checked.
+    u32 a = (u32)sample_block_min((int)(kmin ^ 0x80000000u)) ^ 0x80000000u;
+    if (!(top_k_mass(row, n, a, kk, ik, lmax, inv_t) >= target)) a = 0;  // mass(0) = z
+    u32 b = rank_key(row[best]) + 1;  // mass(b) = 0 < target
     double mass_b = 0;
     while (b - a > 1) {
       u32 mid = a + (b - a) / 2;
-      double s = 0;
-      for (int i = tid; i < n; i += SAMPLE_THREADS) {
-        float v = row[i];
-        u32 key = rank_key(v);
-        if (key >= mid && IN_TOP_K(key, i)) s += exp(SCALED(v));
-      }
-      s = sample_block_sum(s);
+      double s = top_k_mass(row, n, mid, kk, ik, lmax, inv_t);
       if (s >= target) {
         a = mid;
       } else {
@@ -555,8 +570,9 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     __syncthreads();
     ip = nth_with_key(row, n, kp, kp == kk ? ik : n - 1, r);
   }
-#define SURVIVES(key, i, w) \
-  (IN_TOP_K(key, i) && ((key) > kp || ((key) == kp && (i) <= ip)) && !(min_p > 0 && !((w) >= min_p)))
+  // A survivor ranks at or before both cutoffs, and passes min-p.
+#define IN_CUT(key, i) (IN_TOP_K(key, i) && ((key) > kp || ((key) == kp && (i) <= ip)))
+#define MIN_P_OK(w) (!(min_p > 0 && !((w) >= min_p)))
 
   // The inverse transform in id order: threads take contiguous chunks.
   const int C = (n + SAMPLE_THREADS - 1) / SAMPLE_THREADS;
@@ -566,8 +582,9 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
   for (int i = lo_i; i < hi_i; i++) {
     float v = row[i];
     u32 key = rank_key(v);
+    if (!IN_CUT(key, i)) continue;
     double w = exp(SCALED(v));
-    if (SURVIVES(key, i, w) && w != 0) {
+    if (MIN_P_OK(w) && w != 0) {
       s += w;
       last = i;
     }
@@ -587,8 +604,9 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     for (int i = lo_i; i < n; i++) {
       float v = row[i];
       u32 key = rank_key(v);
+      if (!IN_CUT(key, i)) continue;
       double w = exp(SCALED(v));
-      if (SURVIVES(key, i, w)) {
+      if (MIN_P_OK(w)) {
         c += w;
         if (c > x) {
           pick = i;
@@ -598,7 +616,8 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     }
     ids[blockIdx.x] = pick;
   }
-#undef SURVIVES
+#undef MIN_P_OK
+#undef IN_CUT
 #undef SCALED
 #undef IN_TOP_K
 }
