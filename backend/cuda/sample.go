@@ -36,16 +36,7 @@ func (b *Backend) SampleRows(logits backend.Tensor, params []backend.SampleParam
 		b.fail("sample: rows of no logits")
 		return out
 	}
-	rec := make([]uint32, sampleRecordWords*len(params))
-	for i, p := range params {
-		r := rec[sampleRecordWords*i:]
-		r[0] = math.Float32bits(p.Temperature)
-		r[1] = uint32(int32(min(max(p.TopK, 0), math.MaxInt32)))
-		r[2] = math.Float32bits(p.TopP)
-		r[3] = math.Float32bits(p.MinP)
-		u := math.Float64bits(p.U)
-		r[4], r[5] = uint32(u), uint32(u>>32)
-	}
+	rec := sampleRecords(params)
 	pp := b.alloc(4 * len(rec))
 	ids := b.alloc(4 * len(out))
 	b.do("sample settings", func(c *Ctx) error { return CopyIn(c, pp, rec) })
@@ -56,4 +47,19 @@ func (b *Backend) SampleRows(logits backend.Tensor, params []backend.SampleParam
 	b.now("sample ids", func(c *Ctx) error { return CopyOut(c, out, ids) })
 	b.sampledRows += len(out)
 	return out
+}
+
+// sampleRecords lays the settings out as the kernel reads them.
+func sampleRecords(params []backend.SampleParams) []uint32 {
+	rec := make([]uint32, sampleRecordWords*len(params))
+	for i, p := range params {
+		r := rec[sampleRecordWords*i:]
+		r[0] = math.Float32bits(p.Temperature)
+		r[1] = uint32(int32(min(max(p.TopK, 0), math.MaxInt32)))
+		r[2] = math.Float32bits(p.TopP)
+		r[3] = math.Float32bits(p.MinP)
+		u := math.Float64bits(p.U)
+		r[4], r[5] = uint32(u), uint32(u>>32)
+	}
+	return rec
 }

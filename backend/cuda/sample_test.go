@@ -4,6 +4,7 @@ package cuda
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -100,7 +101,7 @@ func sampleSettings(r *rand.Rand, n int) []backend.SampleParams {
 
 // hostChoice is package sample's choice, or -1 where it reports
 // non-finite logits.
-func hostChoice(t *testing.T, logits []float32, p backend.SampleParams) int32 {
+func hostChoice(t testing.TB, logits []float32, p backend.SampleParams) int32 {
 	t.Helper()
 	s, err := sample.New(sample.Options{Temperature: p.Temperature, TopK: p.TopK, TopP: p.TopP, MinP: p.MinP})
 	if err != nil {
@@ -225,6 +226,88 @@ func TestGenerateSampledOnGPUMatchesCPU(t *testing.T) {
 			t.Errorf("%s: GPU %v, CPU %v", name, got, want)
 		} else {
 			t.Logf("%s: %d tokens identical", name, len(got))
+		}
+	}
+}
+
+// BenchmarkSampleRows times the sampling kernel alone (device time per
+// launch, between events) on rows of GLM-4.7-Flash's vocabulary, each in
+// its own memory, for one row and for 32.
+func BenchmarkSampleRows(b *testing.B) {
+	d := benchDevice(b)
+	r := rand.New(rand.NewPCG(47, 48))
+	const n = 154880
+	lm, flat := sampleRows[0].make(r, n), sampleRows[4].make(r, n)
+	cases := []struct {
+		name string
+		row  []float32
+		p    backend.SampleParams
+	}{
+		{"greedy", lm, backend.SampleParams{}},
+		{"temp0.8", lm, backend.SampleParams{Temperature: 0.8, U: 0.5}},
+		{"topk40", lm, backend.SampleParams{Temperature: 0.8, TopK: 40, U: 0.5}},
+		{"topp0.95", lm, backend.SampleParams{Temperature: 1, TopP: 0.95, U: 0.5}},
+		{"minp0.05", lm, backend.SampleParams{Temperature: 0.8, MinP: 0.05, U: 0.5}},
+		{"topk40-topp0.95-minp0.05", lm, backend.SampleParams{Temperature: 0.8, TopK: 40, TopP: 0.95, MinP: 0.05, U: 0.5}},
+		{"near-flat-topp0.95", flat, backend.SampleParams{Temperature: 1, TopP: 0.95, U: 0.5}},
+	}
+	for _, rows := range []int{1, 32} {
+		for _, c := range cases {
+			b.Run(fmt.Sprintf("rows=%d/%s", rows, c.name), func(b *testing.B) {
+				params := make([]backend.SampleParams, rows)
+				for i := range params {
+					params[i] = c.p
+				}
+				host := make([]float32, rows*n)
+				for i := 0; i < rows; i++ {
+					copy(host[i*n:], c.row)
+				}
+				err := d.Do(func(cx *Ctx) error {
+					lg, err := cx.Alloc(4 * len(host))
+					if err != nil {
+						return err
+					}
+					defer cx.Free(lg)
+					pp, err := cx.Alloc(4 * sampleRecordWords * rows)
+					if err != nil {
+						return err
+					}
+					defer cx.Free(pp)
+					ids, err := cx.Alloc(4 * rows)
+					if err != nil {
+						return err
+					}
+					defer cx.Free(ids)
+					k, err := cx.Kernel("sample", "sample_rows")
+					if err != nil {
+						return err
+					}
+					if err := errors.Join(CopyIn(cx, lg.Ptr, host), CopyIn(cx, pp.Ptr, sampleRecords(params))); err != nil {
+						return err
+					}
+					launch := func() error { return cx.Launch(k, D1(rows), D1(sampleThreads), 0, lg, n, n, pp, ids) }
+					if err := launch(); err != nil { // warm-up
+						return err
+					}
+					const reps = 20
+					ms, err := timeDevice(cx, reps, 1, launch)
+					if err != nil {
+						return err
+					}
+					got := make([]int32, rows)
+					if err := CopyOut(cx, got, ids.Ptr); err != nil {
+						return err
+					}
+					if want := hostChoice(b, c.row, c.p); got[0] != want {
+						return fmt.Errorf("device chose %d, package sample %d", got[0], want)
+					}
+					b.ReportMetric(float64(ms)*1e3/reps, "us/launch")
+					return nil
+				})
+				if err != nil {
+					b.Fatal(err)
+				}
+			})
 		}
 	}
 }
