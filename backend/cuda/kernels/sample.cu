@@ -37,6 +37,7 @@
 #define SAMPLE_THREADS 1024
 #define SAMPLE_WARPS (SAMPLE_THREADS / 32)
 #define SAMPLE_CAP 2048
+#define SAMPLE_UNROLL 4
 #define SAMPLE_FULL 0xffffffffu
 #define SAMPLE_NO_ID 0x7fffffff
 
@@ -157,21 +158,25 @@ DEVICE u32 select_key(const float* row, int n, int r, int* left) {
   for (int shift = 24; shift >= 0; shift -= 8) {
     if (tid < 256) hist[tid] = 0;
     __syncthreads();
-    for (int base = 0; base < n; base += SAMPLE_THREADS) {
-      int i = base + tid;
-      u32 key = 0;
-      bool in = false;
-      if (i < n) {
-        key = rank_key(row[i]);
-        in = (key & mask) == prefix;
+    // Four loads in flight per thread, then their counts.
+    for (int base = 0; base < n; base += SAMPLE_UNROLL * SAMPLE_THREADS) {
+      u32 keys[SAMPLE_UNROLL];
+#pragma unroll
+      for (int u = 0; u < SAMPLE_UNROLL; u++) {
+        int i = base + u * SAMPLE_THREADS + tid;
+        keys[u] = i < n ? rank_key(row[i]) : 0;
       }
-      u32 act = __ballot_sync(SAMPLE_FULL, in);
-      if (in) {
-        // Lanes of one warp with the same digit add once: the top digit
-        // of similar logits is shared by most of the row.
-        u32 bin = (key >> shift) & 255u;
-        u32 peers = __match_any_sync(act, bin);
-        if (lane == __ffs(peers) - 1) atomicAdd(&hist[bin], (u32)__popc(peers));
+#pragma unroll
+      for (int u = 0; u < SAMPLE_UNROLL; u++) {
+        bool in = base + u * SAMPLE_THREADS + tid < n && (keys[u] & mask) == prefix;
+        u32 act = __ballot_sync(SAMPLE_FULL, in);
+        if (in) {
+          // Lanes of one warp with the same digit add once: the top
+          // digit of similar logits is shared by most of the row.
+          u32 bin = (keys[u] >> shift) & 255u;
+          u32 peers = __match_any_sync(act, bin);
+          if (lane == __ffs(peers) - 1) atomicAdd(&hist[bin], (u32)__popc(peers));
+        }
       }
     }
     __syncthreads();
@@ -431,24 +436,29 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
   if (tid == 0) s_int[1] = 0;
   __syncthreads();
   u32 kmin = 0xffffffffu;  // the least key gathered
-  for (int base = 0; base < n; base += SAMPLE_THREADS) {
-    int i = base + tid;
-    bool take = false;
-    float v = 0;
-    if (i < n) {
-      v = row[i];
-      u32 key = rank_key(v);
-      take = IN_TOP_K(key, i) && SCALED(v) >= lo;
-      if (take) kmin = min(kmin, key);
+  for (int base = 0; base < n; base += SAMPLE_UNROLL * SAMPLE_THREADS) {
+    float vs[SAMPLE_UNROLL];
+#pragma unroll
+    for (int u = 0; u < SAMPLE_UNROLL; u++) {
+      int i = base + u * SAMPLE_THREADS + tid;
+      vs[u] = i < n ? row[i] : 0.0f;
     }
-    u32 mask = __ballot_sync(SAMPLE_FULL, take);
-    int off = 0;
-    if (lane == 0 && mask != 0) off = atomicAdd(&s_int[1], __popc(mask));
-    off = __shfl_sync(SAMPLE_FULL, off, 0);
-    int j = off + __popc(mask & ((1u << lane) - 1u));
-    if (take && j < SAMPLE_CAP) {
-      s_key[j] = v;
-      s_id[j] = i;
+#pragma unroll
+    for (int u = 0; u < SAMPLE_UNROLL; u++) {
+      int i = base + u * SAMPLE_THREADS + tid;
+      float v = vs[u];
+      u32 key = rank_key(v);
+      bool take = i < n && IN_TOP_K(key, i) && SCALED(v) >= lo;
+      if (take) kmin = min(kmin, key);
+      u32 mask = __ballot_sync(SAMPLE_FULL, take);
+      int off = 0;
+      if (lane == 0 && mask != 0) off = atomicAdd(&s_int[1], __popc(mask));
+      off = __shfl_sync(SAMPLE_FULL, off, 0);
+      int j = off + __popc(mask & ((1u << lane) - 1u));
+      if (take && j < SAMPLE_CAP) {
+        s_key[j] = v;
+        s_id[j] = i;
+      }
     }
   }
   __syncthreads();
