@@ -448,3 +448,37 @@ func TestSampleKernelAlgorithmMatchesHost(t *testing.T) {
 	}
 	t.Logf("%d rows took the multi-pass path", simLarge)
 }
+
+// The compare-exchange network of sort_gathered, transcribed: it sorts
+// every power-of-two length up to the kernel's candidate capacity, by rank
+// with ties to the lower id.
+func TestSortGatheredNetwork(t *testing.T) {
+	r := rand.New(rand.NewPCG(49, 50))
+	for M := 1; M <= simCap; M *= 2 {
+		key := make([]float32, M)
+		id := make([]int, M)
+		for i := range key {
+			key[i] = float32(r.IntN(7))
+			id[i] = r.IntN(1 << 20)
+		}
+		before := func(a, b int) bool { return key[a] > key[b] || (key[a] == key[b] && id[a] < id[b]) }
+		for size := 2; size <= M; size <<= 1 {
+			for stride := size >> 1; stride > 0; stride >>= 1 {
+				for j := 0; j < M/2; j++ {
+					a := 2*j - (j & (stride - 1))
+					b := a + stride
+					up := a&size == 0
+					if (up && before(b, a)) || (!up && before(a, b)) {
+						key[a], key[b] = key[b], key[a]
+						id[a], id[b] = id[b], id[a]
+					}
+				}
+			}
+		}
+		for i := 1; i < M; i++ {
+			if before(i, i-1) {
+				t.Fatalf("M=%d: not sorted at %d", M, i)
+			}
+		}
+	}
+}
