@@ -23,6 +23,7 @@ const (
 	simThreads = 1024
 	simWarps   = simThreads / 32
 	simCap     = 2048
+	simBuckets = 64
 )
 
 func simRankKey(f float32) uint32 {
@@ -238,13 +239,30 @@ func simSample(row []float32, p backend.SampleParams) int32 {
 	z, lo := 0.0, -1e300
 	if !(topP && k <= simCap) {
 		if topP {
+			var hist [simBuckets]uint64
 			z = strided(func(i int, v float32) float64 {
 				if inK(simRankKey(v), i) {
-					return math.Exp(scaled(v))
+					t := scaled(v)
+					w := math.Exp(t)
+					b := simBuckets - 1
+					if -t < simBuckets/4.0 {
+						b = min(int(-t*4), simBuckets-1)
+					}
+					hist[b] += uint64(w*0x1p40) + 1
+					return w
 				}
 				return 0
 			})
 			lo = math.Log((1-float64(p.TopP))*z) - math.Log(2*float64(n)) - 1e-6
+			budget := uint64((1 - float64(p.TopP)) * z * 0.5 * 0x1p40)
+			below, cut := uint64(0), simBuckets
+			for cut > 1 && below+hist[cut-1] < budget {
+				cut--
+				below += hist[cut]
+			}
+			if cut < simBuckets {
+				lo = math.Max(lo, -float64(cut)/4-1e-6)
+			}
 		}
 		if minP > 0 {
 			lo = math.Max(lo, math.Log(minP)-1e-6)
@@ -478,6 +496,33 @@ func TestSortGatheredNetwork(t *testing.T) {
 		for i := 1; i < M; i++ {
 			if before(i, i-1) {
 				t.Fatalf("M=%d: not sorted at %d", M, i)
+			}
+		}
+	}
+}
+
+// On a language-model-like row of GLM-4.7-Flash's vocabulary at T = 1,
+// top-p 0.9 and 0.95 keep a few hundred tokens in practice, but the bound
+// (1 - top_p) z / 2n alone keeps thousands, past the kernel's shared
+// memory: the weight histogram's bound keeps the row on the one-pass path,
+// and the choices stay package sample's.
+func TestSampleKernelBucketBound(t *testing.T) {
+	r := rand.New(rand.NewPCG(1, 2))
+	row := sampleRows[0].make(r, 154880)
+	for _, topP := range []float32{0.9, 0.95} {
+		for _, u := range []float64{0, 0.3, r.Float64(), 1 - 1e-6} {
+			p := backend.SampleParams{Temperature: 1, TopP: topP, U: u}
+			simLarge = 0
+			got := simSample(row, p)
+			if simLarge != 0 {
+				t.Errorf("%+v: took the multi-pass path", p)
+			}
+			s, err := sample.New(sample.Options{Temperature: 1, TopP: topP})
+			if err != nil {
+				t.Fatal(err)
+			}
+			if want, _ := s.SampleWith(row, u); int(got) != want {
+				t.Errorf("%+v: kernel algorithm chose %d, package sample %d", p, got, want)
 			}
 		}
 	}

@@ -29,15 +29,16 @@
 // atomics.
 //
 // Small candidate sets (the common case: a top-k of up to SAMPLE_CAP, or a
-// peaked distribution) are gathered into shared memory and sorted there.
-// Larger ones (flat distributions without a small top-k) are handled in
-// passes over the row: the top-p cutoff by bisection over the key, which
-// costs one pass with an exp per element and step.
+// top-p or min-p bound that leaves that few) are gathered into shared
+// memory and sorted there. Larger ones (flat distributions without a small
+// top-k) are handled in passes over the row: the top-p cutoff by bisection
+// over the key, a pass per step.
 
 #define SAMPLE_THREADS 1024
 #define SAMPLE_WARPS (SAMPLE_THREADS / 32)
 #define SAMPLE_CAP 2048
 #define SAMPLE_UNROLL 4
+#define SAMPLE_BUCKETS 64
 #define SAMPLE_FULL 0xffffffffu
 #define SAMPLE_NO_ID 0x7fffffff
 
@@ -411,24 +412,52 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
 #define SCALED(v) (((double)(v)-lmax) * inv_t)
 
   // The candidates worth gathering: the top-k set, less tokens with
-  // scaled logits below lo. Min-p keeps w >= min_p, so none below
+  // scaled logits t below lo. Min-p keeps w >= min_p, so none below
   // log(min_p) (less a margin for rounding). Top-p over a large set keeps
-  // a prefix of weight top_p * z, so it drops every token of weight below
-  // (1 - top_p) z / 2n: together they weigh less than the (1 - top_p) z
-  // the nucleus leaves out. A small top-k set is gathered whole, as top-p
-  // needs its total weight.
+  // a rank prefix of weight top_p * z, so any set of the lowest tokens
+  // that weighs less than (1 - top_p) z / 2 lies outside it, with a margin
+  // that rounding cannot eat: every token of weight below
+  // (1 - top_p) z / 2n, and the tokens of t below the bucket bound, from a
+  // histogram of the weight over t in steps of 1/4 (in fixed point, each
+  // token rounded up, so that it overstates the weight below). A small
+  // top-k set is gathered whole, as top-p needs its total weight.
   double z = 0;  // weight of the top-k set, for top-p
   double lo = -1e300;
   if (!(top_p && k <= SAMPLE_CAP)) {
     if (top_p) {
+      // s_w is free until the gathering: per-warp histograms of 64 buckets
+      // (integer atomics: the counts do not depend on timing).
+      unsigned long long* hist = reinterpret_cast<unsigned long long*>(s_w);
+      for (int j = tid; j < SAMPLE_WARPS * SAMPLE_BUCKETS; j += SAMPLE_THREADS) hist[j] = 0;
+      __syncthreads();
       double s = 0;
       for (int i = tid; i < n; i += SAMPLE_THREADS) {
         float v = row[i];
         u32 key = rank_key(v);
-        if (IN_TOP_K(key, i)) s += exp(SCALED(v));
+        if (IN_TOP_K(key, i)) {
+          double t = SCALED(v);
+          double w = exp(t);
+          s += w;
+          int b = -t < SAMPLE_BUCKETS / 4.0 ? (int)(-t * 4.0) : SAMPLE_BUCKETS - 1;
+          atomicAdd(&hist[warp * SAMPLE_BUCKETS + min(b, SAMPLE_BUCKETS - 1)], (unsigned long long)(w * 0x1p40) + 1ull);
+        }
       }
-      z = sample_block_sum(s);
+      z = sample_block_sum(s);  // its syncs order the histogram too
+      if (tid < SAMPLE_BUCKETS) {
+        unsigned long long c = 0;
+        for (int w = 0; w < SAMPLE_WARPS; w++) c += hist[w * SAMPLE_BUCKETS + tid];
+        hist[tid] = c;  // column tid is this thread's alone
+      }
+      __syncthreads();
       lo = log((1.0 - (double)p.top_p) * z) - log(2.0 * n) - 1e-6;
+      // Drop the buckets from the last up while they weigh less than the
+      // budget: tokens with t < -b/4 are in buckets b and above.
+      const unsigned long long budget = (unsigned long long)((1.0 - (double)p.top_p) * z * 0.5 * 0x1p40);
+      unsigned long long below = 0;
+      int cut = SAMPLE_BUCKETS;
+      while (cut > 1 && below + hist[cut - 1] < budget) below += hist[--cut];
+      if (cut < SAMPLE_BUCKETS) lo = fmax(lo, -cut / 4.0 - 1e-6);
+      __syncthreads();  // the histogram is read before s_w is reused
     }
     if (min_p > 0) lo = fmax(lo, log(min_p) - 1e-6);
   }
