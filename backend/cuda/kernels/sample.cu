@@ -431,6 +431,7 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
       for (int j = tid; j < SAMPLE_WARPS * SAMPLE_BUCKETS; j += SAMPLE_THREADS) hist[j] = 0;
       __syncthreads();
       double s = 0;
+      unsigned long long tail = 0;  // the last bucket, most of a peaked row
       for (int i = tid; i < n; i += SAMPLE_THREADS) {
         float v = row[i];
         u32 key = rank_key(v);
@@ -438,10 +439,16 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
           double t = SCALED(v);
           double w = exp(t);
           s += w;
-          int b = -t < SAMPLE_BUCKETS / 4.0 ? (int)(-t * 4.0) : SAMPLE_BUCKETS - 1;
-          atomicAdd(&hist[warp * SAMPLE_BUCKETS + min(b, SAMPLE_BUCKETS - 1)], (unsigned long long)(w * 0x1p40) + 1ull);
+          unsigned long long fixed = (unsigned long long)(w * 0x1p40) + 1ull;
+          int b = -t < SAMPLE_BUCKETS / 4.0 ? min((int)(-t * 4.0), SAMPLE_BUCKETS - 1) : SAMPLE_BUCKETS - 1;
+          if (b == SAMPLE_BUCKETS - 1) {
+            tail += fixed;
+          } else {
+            atomicAdd(&hist[warp * SAMPLE_BUCKETS + b], fixed);
+          }
         }
       }
+      if (tail != 0) atomicAdd(&hist[warp * SAMPLE_BUCKETS + SAMPLE_BUCKETS - 1], tail);
       z = sample_block_sum(s);  // its syncs order the histogram too
       if (tid < SAMPLE_BUCKETS) {
         unsigned long long c = 0;
