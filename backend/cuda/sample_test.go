@@ -114,6 +114,33 @@ func hostChoice(t testing.TB, logits []float32, p backend.SampleParams) int32 {
 	return int32(id)
 }
 
+// roundingTolerance is how far (relative to 1) the device's u times the
+// survivors' weight may sit from the host's, for a differing choice to
+// count as a rounding difference: the device sums the weights in another
+// order than the host (about 1e-13 relative apart for 154,880 terms, and
+// at most 154,880 x 2^-53 = 1.7e-11), which matters only where u lands on
+// the boundary between two tokens (where the row's tail of tiny weights
+// is, the boundaries are about 1e-11 apart).
+const roundingTolerance = 2e-11
+
+// choiceMatches compares the device's choice with package sample's: equal,
+// or (rounding) between the host's choices for u moved by the tolerance
+// either way, in id order.
+func choiceMatches(t testing.TB, logits []float32, p backend.SampleParams, got int32) (ok, rounding bool) {
+	t.Helper()
+	if got == hostChoice(t, logits, p) {
+		return true, false
+	}
+	if p.Temperature == 0 || got < 0 {
+		return false, false
+	}
+	lo, hi := p, p
+	lo.U = max(0, p.U-roundingTolerance)
+	hi.U = min(math.Nextafter(1, 0), p.U+roundingTolerance)
+	ok = hostChoice(t, logits, lo) <= got && got <= hostChoice(t, logits, hi)
+	return ok, ok
+}
+
 // The device sampler chooses package sample's token for every row, setting
 // and u: vocabularies of 1 to GLM-4.7-Flash's 154,880, ties, signed zeros,
 // peaked and flat rows (the latter take the kernel's path for large
@@ -121,7 +148,7 @@ func hostChoice(t testing.TB, logits []float32, p backend.SampleParams) int32 {
 func TestSampleRowsMatchesHost(t *testing.T) {
 	g, _ := testBackends(t, Options{})
 	r := rand.New(rand.NewPCG(41, 42))
-	bad := 0
+	bad, rounding := 0, 0
 	for _, n := range []int{1, 7, 1000, 154880} {
 		for _, kind := range sampleRows {
 			row := kind.make(r, n)
@@ -137,9 +164,14 @@ func TestSampleRowsMatchesHost(t *testing.T) {
 				t.Fatalf("n=%d %s: %v", n, kind.name, err)
 			}
 			for i, p := range params {
-				if want := hostChoice(t, row, p); got[i] != want {
+				ok, r := choiceMatches(t, row, p, got[i])
+				if r {
+					rounding++
+					t.Logf("n=%d %s, %+v: device chose %d, package sample %d: u is within %.0e of their boundary", n, kind.name, p, got[i], hostChoice(t, row, p), roundingTolerance)
+				}
+				if !ok {
 					if bad++; bad <= 20 {
-						t.Errorf("n=%d %s, %+v: device chose %d, package sample %d", n, kind.name, p, got[i], want)
+						t.Errorf("n=%d %s, %+v: device chose %d, package sample %d", n, kind.name, p, got[i], hostChoice(t, row, p))
 					}
 				}
 			}
@@ -148,6 +180,10 @@ func TestSampleRowsMatchesHost(t *testing.T) {
 	}
 	if bad > 0 {
 		t.Errorf("%d choices differ", bad)
+	}
+	// Boundaries are rare: a handful in these rows' tails at most.
+	if rounding > 5 {
+		t.Errorf("%d choices differ within the rounding tolerance: more than rounding explains", rounding)
 	}
 }
 
@@ -176,8 +212,11 @@ func TestSampleRowsDistinctRows(t *testing.T) {
 			t.Fatal(err)
 		}
 		for i, p := range params {
-			if want := hostChoice(t, logits[i], p); got[i] != want {
-				t.Errorf("n=%d row %d %+v: device chose %d, package sample %d", n, i, p, got[i], want)
+			if ok, r := choiceMatches(t, logits[i], p, got[i]); !ok || r {
+				t.Logf("n=%d row %d %+v: device chose %d, package sample %d (rounding: %v)", n, i, p, got[i], hostChoice(t, logits[i], p), r)
+				if !ok {
+					t.Fail()
+				}
 			}
 		}
 	}
