@@ -16,6 +16,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"math/bits"
 	"math/rand/v2"
 	"slices"
 )
@@ -60,8 +61,9 @@ type Sampler struct {
 	opt Options
 	rng *rand.Rand
 
-	idx []int32   // candidate token ids (a permutation of 0..n-1)
-	w   []float64 // unnormalised probabilities, indexed by token id
+	idx  []int32   // candidate token ids (a permutation of 0..n-1)
+	w    []float64 // unnormalised probabilities, indexed by token id
+	mark []uint64  // a bit per token id, for putting candidates in id order
 }
 
 // seedMix decorrelates the second PCG word from the first.
@@ -92,7 +94,7 @@ func (s *Sampler) Sample(logits []float32) (int, error) {
 	if !s.NeedsUniform(len(logits)) {
 		return best, nil
 	}
-	return s.draw(s.filter(logits, best), s.rng.Float64()), nil
+	return s.draw(s.filter(logits, best), s.rng.Float64(), len(logits)), nil
 }
 
 // NeedsUniform reports whether choosing from n logits takes a random
@@ -115,7 +117,7 @@ func (s *Sampler) SampleWith(logits []float32, u float64) (int, error) {
 	if !s.NeedsUniform(len(logits)) {
 		return best, nil
 	}
-	return s.draw(s.filter(logits, best), u), nil
+	return s.draw(s.filter(logits, best), u, len(logits)), nil
 }
 
 // scan checks that logits is non-empty and finite and returns the argmax,
@@ -228,13 +230,10 @@ func fillIota(idx []int32) {
 	}
 }
 
-// draw picks one of cand with probability proportional to s.w, by inverse
-// transform of u in [0, 1) over cand in id order (which it sorts cand into:
-// top-k and top-p leave it in the order their selection made).
-func (s *Sampler) draw(cand []int32, u float64) int {
-	if !slices.IsSorted(cand) {
-		slices.Sort(cand)
-	}
+// draw picks one of cand (ids below n) with probability proportional to
+// s.w, by inverse transform of u in [0, 1) over cand in id order.
+func (s *Sampler) draw(cand []int32, u float64, n int) int {
+	cand = s.inIDOrder(cand, n)
 	w := s.w
 	var z float64
 	for _, id := range cand {
@@ -254,4 +253,35 @@ func (s *Sampler) draw(cand []int32, u float64) int {
 		}
 	}
 	return int(last) // only reachable through rounding
+}
+
+// inIDOrder returns cand (ids below n) in increasing order: as it is when
+// sorted already (no top-k or top-p), sorted in place when short, else
+// rebuilt from a bitmap of the ids (sorting most of a large vocabulary
+// would cost several times the rest of the sampling).
+func (s *Sampler) inIDOrder(cand []int32, n int) []int32 {
+	if slices.IsSorted(cand) {
+		return cand
+	}
+	if len(cand) <= 4096 {
+		slices.Sort(cand)
+		return cand
+	}
+	words := (n + 63) / 64
+	if cap(s.mark) < words {
+		s.mark = make([]uint64, words)
+	}
+	mark := s.mark[:words]
+	clear(mark)
+	for _, id := range cand {
+		mark[id>>6] |= 1 << (id & 63)
+	}
+	out := cand[:0]
+	for i, m := range mark {
+		for m != 0 {
+			out = append(out, int32(i*64+bits.TrailingZeros64(m)))
+			m &= m - 1
+		}
+	}
+	return out
 }
