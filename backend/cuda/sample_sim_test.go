@@ -275,13 +275,14 @@ func simSample(row []float32, p backend.SampleParams) int32 {
 	}
 	var gathered []tok
 	kmin := uint32(math.MaxUint32)
+	bounded := k <= simCap || lo > -1e300
 	for i, v := range row {
-		if key := simRankKey(v); inK(key, i) && scaled(v) >= lo {
+		if key := simRankKey(v); bounded && inK(key, i) && scaled(v) >= lo {
 			gathered = append(gathered, tok{l: v, id: i})
 			kmin = min(kmin, key)
 		}
 	}
-	if m := len(gathered); m <= simCap {
+	if m := len(gathered); bounded && m <= simCap {
 		slices.SortFunc(gathered, func(a, b tok) int {
 			if a.l > b.l || (a.l == b.l && a.id < b.id) {
 				return -1

@@ -469,10 +469,13 @@ extern "C" __global__ void __launch_bounds__(SAMPLE_THREADS)
     if (min_p > 0) lo = fmax(lo, log(min_p) - 1e-6);
   }
 
-  if (tid == 0) s_int[1] = 0;
+  // Without a bound the candidates are the k > SAMPLE_CAP of the top-k
+  // set: no gathering (kmin is only used by top-p, which sets a bound).
+  const bool bounded = k <= SAMPLE_CAP || lo > -1e300;
+  if (tid == 0) s_int[1] = bounded ? 0 : k;
   __syncthreads();
   u32 kmin = 0xffffffffu;  // the least key gathered
-  for (int base = 0; base < n; base += SAMPLE_UNROLL * SAMPLE_THREADS) {
+  for (int base = 0; bounded && base < n; base += SAMPLE_UNROLL * SAMPLE_THREADS) {
     float vs[SAMPLE_UNROLL];
 #pragma unroll
     for (int u = 0; u < SAMPLE_UNROLL; u++) {
