@@ -26,6 +26,10 @@ type Options struct {
 	// NoGraphs issues every op as its own launch instead of replaying
 	// repeated steps as CUDA graphs (also MMFP4_CUDA_GRAPHS=0).
 	NoGraphs bool
+	// NoFusedGEMV keeps the single-token products' input preparation
+	// (norm, quantization) in launches of its own (fused.go; also
+	// MMFP4_CUDA_FUSE=0).
+	NoFusedGEMV bool
 }
 
 // Backend implements backend.Backend on one GPU. Every op is queued on the
@@ -84,6 +88,15 @@ type Backend struct {
 	// ropes are the last two RoPEs queued: a cache write right after two
 	// RoPEs of one table, the second of its key, takes them into its launch.
 	ropes [2]*ropeOp
+	// lastNorm is the single-row RMSNorm queued last and lastFused the
+	// fused product queued last (fused.go); counter is their block count.
+	lastNorm  *normOp
+	lastFused *fusedOp
+	counter   Buffer
+	// fusedLaunches counts the fused products queued by prologue mode, and
+	// fusedPairs those that took a second product (tests).
+	fusedLaunches [3]int
+	fusedPairs    int
 }
 
 type ropeOp struct {
@@ -168,6 +181,9 @@ func NewOnDevice(d *Device, o Options) *Backend {
 	if !o.NoGraphs && os.Getenv("MMFP4_CUDA_GRAPHS") != "0" {
 		b.graphs = &graphCache{}
 	}
+	if os.Getenv("MMFP4_CUDA_FUSE") == "0" {
+		b.opts.NoFusedGEMV = true
+	}
 	return b
 }
 
@@ -184,7 +200,7 @@ func (b *Backend) Close() error {
 		if b.graphs != nil {
 			errs = append(errs, b.graphs.free(c))
 		}
-		errs = append(errs, c.Free(b.routeCounters))
+		errs = append(errs, c.Free(b.routeCounters), c.Free(b.counter))
 		if b.pool != nil {
 			errs = append(errs, c.Free(b.pool.buf))
 		}
@@ -575,6 +591,7 @@ type batchMeta struct {
 // SetBatch resets the arena and uploads the batch's positions, each row's
 // sequence and cache slot, the block tables and the output rows.
 func (b *Backend) SetBatch(batch *backend.Batch, p backend.CachePool) {
+	b.fusedCounter()
 	b.batch = batch
 	b.pool = nil
 	if p != nil {
@@ -844,6 +861,9 @@ func (b *Backend) MatMul(dst, x backend.Tensor, wt backend.Weight) {
 	}
 	b.count(weightBytes(w))
 	b.wrote(d)
+	if b.fusedProduct(d, xm, w) {
+		return
+	}
 	if w.q == nil {
 		b.launch(b.opName("matmul", w), "ops", "dense_matmul", Dim{uint32((w.n + 7) / 8), uint32(d.rows), 1}, D1(256),
 			w.dense, w.n, w.k, xm.ptr, xm.ld, d.ptr, d.ld)
@@ -929,6 +949,10 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 			return c.AddRMSNormQuant(la.d.ptr, la.d.ld, la.a.ptr, la.a.ld, la.c.ptr, la.c.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
 		}}
 		b.lastAdd = nil
+		if d.rows == 1 && b.counter.Ptr != 0 {
+			b.lastNorm = &normOp{idx: la.idx, flush: b.flushes, out: *d, touched: []tensor{la.d, la.a, la.c, *d},
+				in: FusedIn{Mode: fuseAddNorm, D: la.d.ptr, A: la.a.ptr, C: la.c.ptr, Gain: g.dense, Eps: eps, Out: d.ptr, Q: a, Layout8: fast, Counter: b.counter.Ptr}}
+		}
 	} else {
 		fast := rowNorm8(d.cols, G, []uint64{xm.ptr, g.dense, d.ptr}, []int{xm.ld, d.ld})
 		b.do("rmsnorm", func(c *Ctx) error {
@@ -937,6 +961,10 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 			}
 			return c.RMSNormQuant(xm.ptr, xm.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
 		})
+		if d.rows == 1 && b.counter.Ptr != 0 && b.err == nil {
+			b.lastNorm = &normOp{idx: len(b.pending) - 1, flush: b.flushes, out: *d, touched: []tensor{*xm, *d},
+				in: FusedIn{Mode: fuseNorm, X: xm.ptr, Gain: g.dense, Eps: eps, Out: d.ptr, Q: a, Layout8: fast, Counter: b.counter.Ptr}}
+		}
 	}
 	b.quantized = append(b.quantized, quantEntry{*d, a})
 }
@@ -1309,6 +1337,9 @@ func (b *Backend) ExpandValues(out, olat backend.Tensor, wUV backend.Weight, s b
 		// quantization of the row serves every head, and one launch runs
 		// all heads' products (each warp's rows lie in one head).
 		b.count(weightBytes(w))
+		if b.fusedHeads(om, ol, w, s.Heads, s.Rank, s.VDim) {
+			return
+		}
 		a := b.quantize(ol, w.q.G)
 		b.do("expand values", func(c *Ctx) error { return c.GEMVHeads(om.ptr, w.q, a, s.Heads, s.VDim) })
 		return

@@ -215,22 +215,24 @@ func (m *Model) attention(i int, h backend.Tensor) backend.Tensor {
 	T, dn, dr, r := h.Rows(), sh.NopeDim, sh.RopeDim, sh.Rank
 	qk := dn + dr
 
-	// q = q_b_proj(RMSNorm_qa(q_a_proj(x))), per head [q_nope | q_pe].
+	// q = q_b_proj(RMSNorm_qa(q_a_proj(x))), per head [q_nope | q_pe];
+	// [c | k_pe] = kv_a_proj_with_mqa(x); c = RMSNorm_kva(c). The two
+	// products of x are issued back to back (a backend may run them as
+	// one).
 	q := b.NewTensor(T, sh.Heads*qk)
+	kv := b.NewTensor(T, r+dr)
+	latent := b.NewTensor(T, r)
 	if a.QA != nil {
 		qa := b.NewTensor(T, a.QA.Rows())
 		b.MatMul(qa, h, a.QA)
+		b.MatMul(kv, h, a.KVA)
 		b.RMSNorm(qa, qa, a.QANorm, loraNormEps)
 		b.MatMul(q, qa, a.QB)
 	} else {
 		b.MatMul(q, h, a.Q)
+		b.MatMul(kv, h, a.KVA)
 	}
 	m.watch(i, "q", q)
-
-	// [c | k_pe] = kv_a_proj_with_mqa(x); c = RMSNorm_kva(c).
-	kv := b.NewTensor(T, r+dr)
-	b.MatMul(kv, h, a.KVA)
-	latent := b.NewTensor(T, r)
 	b.RMSNorm(latent, b.Cols(kv, 0, r), a.KVANorm, loraNormEps)
 	kpe := b.Cols(kv, r, r+dr)
 	m.watch(i, "kv latent", latent)
