@@ -11,6 +11,7 @@ import (
 	"os"
 	"slices"
 	"sync/atomic"
+	"time"
 
 	"github.com/mmfp4/mmfp4/backend"
 	"github.com/mmfp4/mmfp4/safetensors"
@@ -97,6 +98,8 @@ type Backend struct {
 	// fusedPairs those that took a second product (tests).
 	fusedLaunches [3]int
 	fusedPairs    int
+
+	steps *stepTimer // MMFP4_CUDA_STEPTIME=1
 }
 
 type ropeOp struct {
@@ -176,7 +179,7 @@ func NewBackend(o Options, minCC int) (backend.Backend, error) {
 // NewOnDevice returns a backend on an opened device, which the caller keeps
 // and closes.
 func NewOnDevice(d *Device, o Options) *Backend {
-	b := &Backend{dev: d, opts: o, moe: map[*QMatrix]*moeLayer{}, moeShared: map[*QMatrix]*moeLayer{}, identity: map[int]uint64{}, splitFloats: maxSplitFloats, prof: newProfiler(),
+	b := &Backend{dev: d, opts: o, moe: map[*QMatrix]*moeLayer{}, moeShared: map[*QMatrix]*moeLayer{}, identity: map[int]uint64{}, splitFloats: maxSplitFloats, prof: newProfiler(), steps: newStepTimer(),
 		ropeTables: map[ropeKey]uint64{}}
 	if !o.NoGraphs && os.Getenv("MMFP4_CUDA_GRAPHS") != "0" {
 		b.graphs = &graphCache{}
@@ -193,6 +196,7 @@ func (b *Backend) Close() error {
 	b.flush()
 	err := b.dev.Do(func(c *Ctx) error {
 		errs := []error{c.Sync(), b.weights.free(c), b.arena.free(c)}
+		b.steps.report(os.Stderr)
 		if b.prof != nil {
 			b.prof.report(os.Stderr)
 			errs = append(errs, b.prof.free(c))
@@ -267,6 +271,8 @@ func (b *Backend) flush() {
 	ops := b.pending
 	b.zero = nil // its memset is in this flush
 	b.flushes++
+	t0 := time.Now()
+	defer b.steps.add(0, t0)
 	err := b.dev.Do(func(c *Ctx) error {
 		if b.prof != nil && b.batchRows() == 1 {
 			return b.prof.run(c, ops)
@@ -302,6 +308,8 @@ func (b *Backend) flush() {
 // error under op's name.
 func (b *Backend) now(op string, fn func(c *Ctx) error) {
 	b.flush()
+	t0 := time.Now()
+	defer b.steps.add(1, t0)
 	if err := b.dev.Do(fn); err != nil && b.err == nil {
 		b.err = fmt.Errorf("cuda backend: %s: %w", op, err)
 	}
@@ -592,6 +600,7 @@ type batchMeta struct {
 // sequence and cache slot, the block tables and the output rows.
 func (b *Backend) SetBatch(batch *backend.Batch, p backend.CachePool) {
 	b.fusedCounter()
+	b.steps.begin(batch.Rows())
 	b.batch = batch
 	b.pool = nil
 	if p != nil {

@@ -113,7 +113,10 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
 // h[slot][n] = silu(gate_n . x) * (up_n . x), for one token. Grid
 // (ceil(I/16), nslots) blocks of 4 warps; a warp takes 4 rows of gate and the
 // same 4 rows of up (8 rows in flight against the same activations).
-extern "C" __global__ void __launch_bounds__(128)
+// At most 128 registers a thread, so that four blocks fit on a
+// multiprocessor and the 5 x 96 blocks of GLM-4.7-Flash's MoE are resident
+// at once (168 registers left 3 a multiprocessor: two waves).
+extern "C" __global__ void __launch_bounds__(128, 4)
     moe_gate_up(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
                 int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
                 const float* __restrict__ xs, const i32* __restrict__ xsum, float* __restrict__ h) {
@@ -221,9 +224,39 @@ extern "C" __global__ void __launch_bounds__(128)
   __shared__ bool last;
   const int slot = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row0 = (blockIdx.x * 4 + warp) * 4;
+  __shared__ __align__(16) float sh[MOE_MAX_I];
   const int G = 32 << gshift, GK = I / G, E = G >> 5;
   PDL_WAIT();
+  // This block's rows of the slot's down matrix go to L2 while h is
+  // quantized below.
+  const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
+  const u8* rc[4];
+  const u8* rs[4];
+#pragma unroll
+  for (int r = 0; r < 4; r++) {
+    const int n = min(row0 + r, N - 1);
+    rc[r] = ex.down.codes + (size_t)n * (I / 2);
+    rs[r] = ex.down.scales + (size_t)n * GK;
+  }
+  if (row0 < N) {
+    const int lines = (I / 2 + 127) >> 7;
+#pragma unroll
+    for (int r = 0; r < 4; r++)
+      for (int i = lane; i < lines; i += 32) asm volatile("prefetch.global.L2 [%0];" ::"l"(rc[r] + (i << 7)));
+  }
+  // The slot's row of h into shared memory, every load issued first (I a
+  // multiple of 4, at most MOE_MAX_I).
   const float* hr = h + (size_t)slot * I;
+  {
+    float4 hv[MOE_MAX_I / 512];
+#pragma unroll
+    for (int j = 0; j < MOE_MAX_I / 512; j++)
+      if ((j * 128 + threadIdx.x) * 4 < I) hv[j] = __ldcg((const float4*)hr + j * 128 + threadIdx.x);
+#pragma unroll
+    for (int j = 0; j < MOE_MAX_I / 512; j++)
+      if ((j * 128 + threadIdx.x) * 4 < I) ((float4*)sh)[j * 128 + threadIdx.x] = hv[j];
+  }
+  __syncthreads();
   for (int g = warp; g < GK; g += 4) {
     const int k0 = g * G + lane * E;
     float v[4];
@@ -231,7 +264,7 @@ extern "C" __global__ void __launch_bounds__(128)
 #pragma unroll
     for (int e = 0; e < 4; e++) {
       if (e < E) {
-        v[e] = __ldcg(hr + k0 + e);
+        v[e] = sh[k0 + e];
         amax = fmaxf(amax, fabsf(v[e]));
       }
     }
@@ -253,15 +286,6 @@ extern "C" __global__ void __launch_bounds__(128)
   }
   __syncthreads();
   if (row0 < N) {
-    const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
-    const u8* rc[4];
-    const u8* rs[4];
-#pragma unroll
-    for (int r = 0; r < 4; r++) {
-      const int n = min(row0 + r, N - 1);
-      rc[r] = ex.down.codes + (size_t)n * (I / 2);
-      rs[r] = ex.down.scales + (size_t)n * GK;
-    }
     float out[4][1];
     gemv_dot<1, 4, true, true>(rc, rs, I, gshift, sq, ss, nullptr, out);
 #pragma unroll
@@ -361,6 +385,8 @@ extern "C" __global__ void __launch_bounds__(32)
   route_warp(logits + (size_t)t * ld, bias, E, topk, norm, scaling, ids + (size_t)t * topk, wts + (size_t)t * topk);
 }
 
+#define ROUTER_LOADS 32
+
 // The router's product and the expert choice in one launch: grid
 // (ceil(E/8), T) blocks of 8 warps, warp w of block b computing logit
 // e = 8b + w of token t exactly as dense_matmul does; the last block of a
@@ -380,8 +406,21 @@ extern "C" __global__ void __launch_bounds__(256)
     const float* w = W + (size_t)e * K;
     const float* xr = x + (size_t)t * ldx;
     float acc = 0.f;
-#pragma unroll 8
-    for (int k = lane; k < K; k += 32) acc += w[k] * xr[k];
+    // The same sum in the same order, with ROUTER_LOADS loads of each
+    // operand in flight before the first multiply.
+    for (int k0 = lane; k0 < K; k0 += 32 * ROUTER_LOADS) {
+      float wv[ROUTER_LOADS], xv[ROUTER_LOADS];
+#pragma unroll
+      for (int u = 0; u < ROUTER_LOADS; u++) {
+        if (k0 + 32 * u < K) {
+          wv[u] = w[k0 + 32 * u];
+          xv[u] = xr[k0 + 32 * u];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < ROUTER_LOADS; u++)
+        if (k0 + 32 * u < K) acc += wv[u] * xv[u];
+    }
     acc = warp_sum(acc);
     if (lane == 0) logits[(size_t)t * ldl + e] = acc;
   }
