@@ -31,6 +31,10 @@ type Options struct {
 	// (norm, quantization) in launches of its own (fused.go; also
 	// MMFP4_CUDA_FUSE=0).
 	NoFusedGEMV bool
+	// NoDecodeChunks hands a single-row step to the device in one piece
+	// at its first read-back instead of in chunks of layers (also
+	// MMFP4_CUDA_CHUNKS=0).
+	NoDecodeChunks bool
 }
 
 // Backend implements backend.Backend on one GPU. Every op is queued on the
@@ -187,6 +191,9 @@ func NewOnDevice(d *Device, o Options) *Backend {
 	if os.Getenv("MMFP4_CUDA_FUSE") == "0" {
 		b.opts.NoFusedGEMV = true
 	}
+	if os.Getenv("MMFP4_CUDA_CHUNKS") == "0" {
+		b.opts.NoDecodeChunks = true
+	}
 	return b
 }
 
@@ -301,6 +308,23 @@ func (b *Backend) flush() {
 	b.pending = ops[:0]
 	if err != nil && b.err == nil {
 		b.err = fmt.Errorf("cuda backend: %w", err)
+	}
+}
+
+// decodeChunkOps is the size of the pieces a single-row step goes to the
+// device in. Queued whole, a step's ops wait for the model's host code of
+// every layer (about 30 us a layer, recording included, on an H200's host)
+// before the GPU starts (about 100 us a layer); in pieces, the GPU runs the
+// first layers while the host queues the rest. Each piece is its own
+// graph, replayed from the second step on.
+const decodeChunkOps = 96
+
+// decodeChunk hands the queued ops to the device when a single-row step
+// has queued a piece's worth. It is called before an attention op, where
+// no fusion of the ops before with the ops after is lost.
+func (b *Backend) decodeChunk() {
+	if !b.opts.NoDecodeChunks && b.batchRows() == 1 && len(b.pending) >= decodeChunkOps {
+		b.flush()
 	}
 }
 
@@ -821,7 +845,7 @@ func (b *Backend) quantize(x *tensor, G int) *QActs {
 	}
 	a := b.quantizeInto(x, G)
 	b.do("quantize", func(c *Ctx) error { return c.RMSNormQuant(x.ptr, x.ld, 0, 0, 0, 0, x.rows, x.cols, G, a) })
-	b.quantized = append(b.quantized, quantEntry{*x, a})
+	b.rememberQuant(quantEntry{*x, a})
 	return a
 }
 
@@ -841,6 +865,21 @@ func (b *Backend) wrote(t *tensor) {
 		l, h := e.src.span()
 		return l < hi && lo < h
 	})
+}
+
+// maxQuantized bounds the int8 forms remembered: products of one tensor
+// follow it closely, and every op that writes scans the list (with a
+// decode step's hundreds of entries, that scanning was a tenth of the
+// step's host time).
+const maxQuantized = 16
+
+// rememberQuant records an int8 form for later products, forgetting the
+// oldest beyond maxQuantized.
+func (b *Backend) rememberQuant(e quantEntry) {
+	if len(b.quantized) >= maxQuantized {
+		b.quantized = slices.Delete(b.quantized, 0, len(b.quantized)-maxQuantized+1)
+	}
+	b.quantized = append(b.quantized, e)
 }
 
 // quantizeInto allocates the int8 form of x's rows in groups of G.
@@ -975,7 +1014,7 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 				in: FusedIn{Mode: fuseNorm, X: xm.ptr, Gain: g.dense, Eps: eps, Out: d.ptr, Q: a, Layout8: fast, Counter: b.counter.Ptr}}
 		}
 	}
-	b.quantized = append(b.quantized, quantEntry{*d, a})
+	b.rememberQuant(quantEntry{*d, a})
 }
 
 // RoPE rotates the rotary dims of each head in place. The angles are
@@ -1195,6 +1234,7 @@ func (b *Backend) AbsorbQuery(qlat, q backend.Tensor, wUK backend.Weight, s back
 
 // LatentAttention is causal attention over the bound pool in latent space.
 func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s backend.MLAShape, scale float32) {
+	b.decodeChunk()
 	om, ql, qm, p := asTensor(olat), asTensor(qlat), asTensor(q), b.pool
 	switch {
 	case p == nil || b.batch == nil:

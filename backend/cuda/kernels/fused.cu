@@ -28,8 +28,6 @@
 #define FUSE_NORM 1
 #define FUSE_ADD_NORM 2
 #define FUSED_ROWS 16  // WARPS * 4 rows per block
-#define NORM8_J 4      // norm input loads in flight per thread (x 8 values)
-#define QUANT_J 16     // quantization loads per thread (x 4 values): K <= 8192
 
 // Warms L2 with this warp's four rows of codes (each K/2 bytes), so that
 // their DRAM latency overlaps the prologue.
@@ -87,45 +85,32 @@ extern "C" __global__ void __launch_bounds__(128)
     // Pass 1: the input into shared memory and its sum of squares, in the
     // order of the standalone norm kernel.
     if (layout8) {
-      // Virtual thread vt = 128j + tid holds columns 8vt..8vt+7 (V % 32 ==
-      // 0, so whole warps take part or none); up to NORM8_J of them with
-      // every load issued before the first use.
-      const int V = K >> 3;
-      for (int j0 = 0; j0 * 128 < V; j0 += NORM8_J) {
-        float4 va[NORM8_J][2], vc[NORM8_J][2];
-#pragma unroll
-        for (int j = 0; j < NORM8_J; j++) {
-          const int k0 = ((j0 + j) * 128 + tid) * 8;
-          if ((j0 + j) * 128 + warp * 32 < V) {
-            const float4* pa = (const float4*)((mode == FUSE_ADD_NORM ? a : x) + k0);
-            va[j][0] = pa[0];
-            va[j][1] = pa[1];
-            if (mode == FUSE_ADD_NORM) {
-              const float4* pc = (const float4*)(c + k0);
-              vc[j][0] = pc[0];
-              vc[j][1] = pc[1];
-            }
-          }
+      const int V = K >> 3;  // virtual threads of 8 values, V % 32 == 0
+      for (int j = 0; j * 128 < V; j++) {
+        const int vt = j * 128 + tid;
+        if (j * 128 + warp * 32 >= V) break;  // warp-uniform
+        const int k0 = vt * 8;
+        float v[8];
+        if (mode == FUSE_ADD_NORM) {
+          const float4* pa = (const float4*)(a + k0);
+          const float4* pc = (const float4*)(c + k0);
+          const float4 a0 = pa[0], a1 = pa[1], c0 = pc[0], c1 = pc[1];
+          v[0] = a0.x + c0.x; v[1] = a0.y + c0.y; v[2] = a0.z + c0.z; v[3] = a0.w + c0.w;
+          v[4] = a1.x + c1.x; v[5] = a1.y + c1.y; v[6] = a1.z + c1.z; v[7] = a1.w + c1.w;
+        } else {
+          const float4* px = (const float4*)(x + k0);
+          const float4 x0 = px[0], x1 = px[1];
+          v[0] = x0.x; v[1] = x0.y; v[2] = x0.z; v[3] = x0.w;
+          v[4] = x1.x; v[5] = x1.y; v[6] = x1.z; v[7] = x1.w;
         }
+        double s = 0;
 #pragma unroll
-        for (int j = 0; j < NORM8_J; j++) {
-          if ((j0 + j) * 128 + warp * 32 >= V) break;  // warp-uniform
-          const int k0 = ((j0 + j) * 128 + tid) * 8;
-          float v[8] = {va[j][0].x, va[j][0].y, va[j][0].z, va[j][0].w,
-                        va[j][1].x, va[j][1].y, va[j][1].z, va[j][1].w};
-          if (mode == FUSE_ADD_NORM) {
-            v[0] += vc[j][0].x; v[1] += vc[j][0].y; v[2] += vc[j][0].z; v[3] += vc[j][0].w;
-            v[4] += vc[j][1].x; v[5] += vc[j][1].y; v[6] += vc[j][1].z; v[7] += vc[j][1].w;
-          }
-          double s = 0;
-#pragma unroll
-          for (int e = 0; e < 8; e++) {
-            s += (double)v[e] * (double)v[e];
-            raw[k0 + e] = v[e];
-          }
-          s = warp_sum_d(s);
-          if (lane == 0) partial[(j0 + j) * 4 + warp] = s;
+        for (int e = 0; e < 8; e++) {
+          s += (double)v[e] * (double)v[e];
+          raw[k0 + e] = v[e];
         }
+        s = warp_sum_d(s);
+        if (lane == 0) partial[j * 4 + warp] = s;
       }
     } else {
       for (int j = 0; j < 2; j++) {
@@ -157,38 +142,6 @@ extern "C" __global__ void __launch_bounds__(128)
     last = last_s;
   }
 
-  if (mode == FUSE_QUANT && (K & 127) == 0) {
-    // Quantization alone, K a multiple of 128: thread tid holds columns
-    // 4i..4i+3 for i = 128j + tid, every load issued first; a group is
-    // G/4 consecutive lanes of one warp.
-    float4 v[QUANT_J];
-#pragma unroll
-    for (int j = 0; j < QUANT_J; j++)
-      if ((j * 128 + tid) * 4 < K) v[j] = ((const float4*)x)[j * 128 + tid];
-    const int L = G >> 2;
-#pragma unroll
-    for (int j = 0; j < QUANT_J; j++) {
-      const int i = j * 128 + tid;
-      if (i * 4 >= K) break;  // warp-uniform: K/4 is a multiple of 32
-      float amax = fmaxf(fmaxf(fabsf(v[j].x), fabsf(v[j].y)), fmaxf(fabsf(v[j].z), fabsf(v[j].w)));
-      for (int o = 1; o < L; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-      const float scale = amax / 127.f;
-      const float f[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
-      u32 packed = 0;
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        i32 q = 0;
-        if (amax != 0.f) {
-          float r = f[e] / scale;
-          r = r >= 0.f ? r + 0.5f : r - 0.5f;
-          q = max(-127, min(127, (i32)r));
-        }
-        packed |= ((u32)q & 0xFFu) << (8 * e);
-      }
-      *(u32*)(sq + 4 * i) = packed;
-      if ((lane & (L - 1)) == 0) ss[(4 * i) / G] = amax == 0.f ? 0.f : scale;
-    }
-  } else
   // Pass 2: one warp per group, lane l holding E consecutive values (as
   // rmsnorm_quant_row; the int8 values do not depend on the layout).
   for (int g = warp; g < GK; g += 4) {
