@@ -104,6 +104,8 @@ type Backend struct {
 	fusedPairs    int
 
 	steps *stepTimer // MMFP4_CUDA_STEPTIME=1
+	// chunks counts the pieces this step has gone to the device in.
+	chunks int
 }
 
 type ropeOp struct {
@@ -320,10 +322,13 @@ func (b *Backend) flush() {
 const decodeChunkOps = 96
 
 // decodeChunk hands the queued ops to the device when a single-row step
-// has queued a piece's worth. It is called before an attention op, where
-// no fusion of the ops before with the ops after is lost.
+// has queued a piece's worth, or at its first attention op (a short first
+// piece: the GPU starts after the host has queued one layer, not seven). It
+// is called before an attention op, where no fusion of the ops before with
+// the ops after is lost.
 func (b *Backend) decodeChunk() {
-	if !b.opts.NoDecodeChunks && b.batchRows() == 1 && len(b.pending) >= decodeChunkOps {
+	if !b.opts.NoDecodeChunks && b.batchRows() == 1 && (len(b.pending) >= decodeChunkOps || b.chunks == 0) {
+		b.chunks++
 		b.flush()
 	}
 }
@@ -625,6 +630,7 @@ type batchMeta struct {
 func (b *Backend) SetBatch(batch *backend.Batch, p backend.CachePool) {
 	b.fusedCounter()
 	b.steps.begin(batch.Rows())
+	b.chunks = 0
 	b.batch = batch
 	b.pool = nil
 	if p != nil {
