@@ -31,6 +31,9 @@ type Options struct {
 	// (norm, quantization) in launches of its own (fused.go; also
 	// MMFP4_CUDA_FUSE=0).
 	NoFusedGEMV bool
+	// NoFusedRouter keeps the norm before a single-row router in a launch
+	// of its own (also MMFP4_CUDA_FUSE_ROUTER=0).
+	NoFusedRouter bool
 	// NoDecodeChunks hands a single-row step to the device in one piece
 	// at its first read-back instead of in chunks of layers (also
 	// MMFP4_CUDA_CHUNKS=0).
@@ -102,6 +105,8 @@ type Backend struct {
 	// fusedPairs those that took a second product (tests).
 	fusedLaunches [3]int
 	fusedPairs    int
+	fusedRouters  int
+	fusedLatent   int
 
 	steps *stepTimer // MMFP4_CUDA_STEPTIME=1
 	// chunks counts the pieces this step has gone to the device in.
@@ -192,6 +197,9 @@ func NewOnDevice(d *Device, o Options) *Backend {
 	}
 	if os.Getenv("MMFP4_CUDA_FUSE") == "0" {
 		b.opts.NoFusedGEMV = true
+	}
+	if os.Getenv("MMFP4_CUDA_FUSE_ROUTER") == "0" {
+		b.opts.NoFusedRouter = true
 	}
 	if os.Getenv("MMFP4_CUDA_CHUNKS") == "0" {
 		b.opts.NoDecodeChunks = true
@@ -1197,6 +1205,9 @@ func (b *Backend) CacheWrite(layer int, latent, kpe backend.Tensor) {
 		r2.idx == len(b.pending)-1 && r1.idx == r2.idx-1 && r2.m == *km && r1.table == r2.table && r1.dim == r2.dim && r1.il == r2.il {
 		// Both RoPEs just queued (the queries', then this key's) run in
 		// the cache write's launch.
+		if b.latentNorm(r1, r2, lm, km, layer) {
+			return
+		}
 		b.pending = b.pending[:r1.idx]
 		b.ropes = [2]*ropeOp{}
 		q := r1.m
@@ -1441,6 +1452,10 @@ func (b *Backend) Route(logits backend.Tensor, bias backend.Weight, cfg backend.
 		norm := 0
 		if cfg.NormTopKProb {
 			norm = 1
+		}
+		if ld := b.lastDense; ld != nil && ld.flush == b.flushes && ld.idx == len(b.pending)-1 && ld.d == *lm && b.routeCountersFor(lm.rows) &&
+			b.routerNorm(ld, lm, bv, cfg, norm, r) {
+			return r
 		}
 		if ld := b.lastDense; ld != nil && ld.flush == b.flushes && ld.idx == len(b.pending)-1 && ld.d == *lm && b.routeCountersFor(lm.rows) {
 			// The router's product was queued just before: one launch

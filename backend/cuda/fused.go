@@ -5,6 +5,9 @@ package cuda
 import (
 	"fmt"
 	"math/bits"
+	"slices"
+
+	"github.com/mmfp4/mmfp4/backend"
 )
 
 // Single-token products that prepare their own input (kernels/fused.cu):
@@ -259,4 +262,66 @@ func (b *Backend) fusedCounter() {
 		b.counter = buf
 		return c.Memset(buf.Ptr, 0, buf.Size)
 	})
+}
+
+// routerNormMaxK bounds the row moe_router_route_norm stages (2K floats of
+// shared memory, under the default 48 KB).
+const routerNormMaxK = 4096
+
+// routerNorm replaces the router's product ld and the single-row RMSNorm
+// queued just before it, which made its input, with one launch of
+// moe_router_route_norm that also picks the experts (Route), and reports
+// whether it did. The norm's outputs are written as before.
+func (b *Backend) routerNorm(ld *denseOp, lm *tensor, bias *weight, cfg backend.RouterConfig, norm int, r *routing) bool {
+	no := b.lastNorm
+	K := ld.w.k
+	if b.opts.NoFusedGEMV || b.opts.NoFusedRouter || no == nil || no.flush != b.flushes || no.idx != ld.idx-1 || no.out != ld.x ||
+		lm.rows != 1 || K > routerNormMaxK || (no.in.Layout8 && (K%256 != 0 || K/8 > 32*256)) || overlapsAny(lm, no.touched) {
+		return false
+	}
+	in, E, q := no.in, cfg.NumExperts, no.in.Q
+	l8 := 0
+	if in.Layout8 {
+		l8 = 1
+	}
+	b.pending = slices.Delete(b.pending, no.idx, no.idx+1)
+	b.pending[no.idx] = queuedOp{"add+rmsnorm+router+route", func(c *Ctx) error {
+		k, err := c.Kernel("moe", "moe_router_route_norm")
+		if err != nil {
+			return err
+		}
+		return c.Launch(k, D1((E+7)/8), D1(256), 8*K, ld.w.dense, E, K, lm.ptr, bias.dense, cfg.TopK, norm, cfg.RoutedScaling,
+			r.ids, r.wts, b.routeCounters, in.Mode, l8, in.X, in.D, in.A, in.C, in.Gain, in.Eps, in.Out, q.Q, q.Scales, q.Sums, q.G)
+	}}
+	b.lastNorm, b.lastDense = nil, nil
+	b.fusedRouters++
+	return true
+}
+
+// latentNorm replaces the single-row RMSNorm of the latent queued just
+// before the two RoPEs r1, r2 (the queries', the key's) and them with one
+// launch of rope2_norm_cache_write, which also writes the cache, and
+// reports whether it did. The latent's int8 form is not made (no product
+// reads it; a later one quantizes it again).
+func (b *Backend) latentNorm(r1, r2 *ropeOp, lm, km *tensor, layer int) bool {
+	no, p := b.lastNorm, b.pool
+	if b.opts.NoFusedGEMV || no == nil || no.flush != b.flushes || no.idx != r1.idx-1 || no.out != *lm || no.in.Mode != fuseNorm ||
+		lm.rows != 1 || overlapsAny(lm, []tensor{r1.m, r2.m}) || (no.in.Layout8 && lm.cols/8 > 32*256) {
+		return false
+	}
+	in := no.in
+	l8 := 0
+	if in.Layout8 {
+		l8 = 1
+	}
+	b.pending = b.pending[:no.idx]
+	b.ropes = [2]*ropeOp{}
+	b.lastNorm = nil
+	b.wrote(lm) // its int8 form is not made here
+	q := r1.m
+	b.launch("rmsnorm+rope+cache write", "ops", "rope2_norm_cache_write", D1(1), D1(256),
+		q.ptr, q.ld, r1.heads, r1.headStride, r1.offset, km.ptr, km.ld, r2.heads, r2.headStride, r2.offset, r2.dim, r2.il, r2.table,
+		p.layer(layer), p.kernelDType(), b.meta.slots, in.X, in.Gain, in.Eps, l8, lm.ptr, p.rank, p.ropeDim)
+	b.fusedLatent++
+	return true
 }
