@@ -31,9 +31,13 @@ type Options struct {
 	// (norm, quantization) in launches of its own (fused.go; also
 	// MMFP4_CUDA_FUSE=0).
 	NoFusedGEMV bool
-	// NoFusedRouter keeps the norm before a single-row router in a launch
-	// of its own (also MMFP4_CUDA_FUSE_ROUTER=0).
-	NoFusedRouter bool
+	// FusedRouter runs the norm before a single-row router in the router's
+	// launch (fused.go; also MMFP4_CUDA_FUSE_ROUTER=1). Off by default:
+	// measured slower on an H200 (docs/perf.md).
+	FusedRouter bool
+	// NoFusedLatent keeps the latent's norm out of the RoPE and cache
+	// write launch (also MMFP4_CUDA_FUSE_LATENT=0).
+	NoFusedLatent bool
 	// NoDecodeChunks hands a single-row step to the device in one piece
 	// at its first read-back instead of in chunks of layers (also
 	// MMFP4_CUDA_CHUNKS=0).
@@ -198,8 +202,11 @@ func NewOnDevice(d *Device, o Options) *Backend {
 	if os.Getenv("MMFP4_CUDA_FUSE") == "0" {
 		b.opts.NoFusedGEMV = true
 	}
-	if os.Getenv("MMFP4_CUDA_FUSE_ROUTER") == "0" {
-		b.opts.NoFusedRouter = true
+	if os.Getenv("MMFP4_CUDA_FUSE_ROUTER") == "1" {
+		b.opts.FusedRouter = true
+	}
+	if os.Getenv("MMFP4_CUDA_FUSE_LATENT") == "0" {
+		b.opts.NoFusedLatent = true
 	}
 	if os.Getenv("MMFP4_CUDA_CHUNKS") == "0" {
 		b.opts.NoDecodeChunks = true

@@ -251,7 +251,7 @@ func (b *Backend) fusedHeads(om, ol *tensor, w *weight, heads, rank, vdim int) b
 // fusedCounter makes sure the zeroed word the norm modes count blocks in
 // exists (allocating it waits for the queued ops).
 func (b *Backend) fusedCounter() {
-	if b.counter.Ptr != 0 || b.opts.NoFusedGEMV {
+	if b.counter.Ptr != 0 {
 		return
 	}
 	b.now("fused counter", func(c *Ctx) error {
@@ -275,7 +275,7 @@ const routerNormMaxK = 4096
 func (b *Backend) routerNorm(ld *denseOp, lm *tensor, bias *weight, cfg backend.RouterConfig, norm int, r *routing) bool {
 	no := b.lastNorm
 	K := ld.w.k
-	if b.opts.NoFusedGEMV || b.opts.NoFusedRouter || no == nil || no.flush != b.flushes || no.idx != ld.idx-1 || no.out != ld.x ||
+	if !b.opts.FusedRouter || no == nil || no.flush != b.flushes || no.idx != ld.idx-1 || no.out != ld.x ||
 		lm.rows != 1 || K > routerNormMaxK || (no.in.Layout8 && (K%256 != 0 || K/8 > 32*256)) || overlapsAny(lm, no.touched) {
 		return false
 	}
@@ -305,7 +305,7 @@ func (b *Backend) routerNorm(ld *denseOp, lm *tensor, bias *weight, cfg backend.
 // reads it; a later one quantizes it again).
 func (b *Backend) latentNorm(r1, r2 *ropeOp, lm, km *tensor, layer int) bool {
 	no, p := b.lastNorm, b.pool
-	if b.opts.NoFusedGEMV || no == nil || no.flush != b.flushes || no.idx != r1.idx-1 || no.out != *lm || no.in.Mode != fuseNorm ||
+	if b.opts.NoFusedLatent || no == nil || no.flush != b.flushes || no.idx != r1.idx-1 || no.out != *lm || no.in.Mode != fuseNorm ||
 		lm.rows != 1 || overlapsAny(lm, []tensor{r1.m, r2.m}) || (no.in.Layout8 && lm.cols/8 > 32*256) {
 		return false
 	}

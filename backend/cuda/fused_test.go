@@ -112,7 +112,7 @@ func TestFusedDecodeMatchesSeparate(t *testing.T) {
 		}
 		return all, g
 	}
-	want, _ := decode(Options{NoFusedGEMV: true})
+	want, _ := decode(Options{NoFusedGEMV: true, NoFusedLatent: true})
 	got, g := decode(Options{})
 	t.Logf("fused launches: %v, two products in one: %d", g.fusedLaunches, g.fusedPairs)
 	if g.fusedLaunches[fuseNorm] == 0 || g.fusedLaunches[fuseAddNorm] == 0 || g.fusedLaunches[fuseQuant] == 0 || g.fusedPairs == 0 || g.fusedLatent == 0 {
@@ -170,8 +170,8 @@ func TestFusedRouterMatchesSeparate(t *testing.T) {
 				got["wts"] = wts
 				return got, ids, g
 			}
-			want, wantIDs, _ := run(Options{NoFusedRouter: true})
-			got, gotIDs, g := run(Options{})
+			want, wantIDs, _ := run(Options{})
+			got, gotIDs, g := run(Options{FusedRouter: true})
 			if g.fusedRouters != 1 {
 				t.Errorf("%d fused router launches, want 1", g.fusedRouters)
 			}
@@ -214,6 +214,10 @@ func TestFusedLatentNormMatchesSeparate(t *testing.T) {
 				g.Upload(q, randVec(r, heads*(dn+dr), 1))
 				g.Upload(kv, randVec(r, rank+dr, 1))
 				kpe := g.Cols(kv, rank, rank+dr)
+				// The step's RoPE table is made by its first RoPE (an upload
+				// between the norm and the RoPEs, as in a decode step's first
+				// layer): a RoPE of another row first.
+				g.RoPE(g.NewTensor(1, dr), 1, dr, 0, dr, 10000, true)
 				g.RMSNorm(latent, g.Cols(kv, 0, rank), gain, 1e-6)
 				g.RoPE(q, heads, dn+dr, dn, dr, 10000, true)
 				g.RoPE(kpe, 1, dr, 0, dr, 10000, true)
@@ -227,7 +231,7 @@ func TestFusedLatentNormMatchesSeparate(t *testing.T) {
 				}
 				return got, rec, g
 			}
-			want, wantRec, _ := run(Options{NoFusedGEMV: true})
+			want, wantRec, _ := run(Options{NoFusedLatent: true})
 			got, gotRec, g := run(Options{})
 			if g.fusedLatent != 1 {
 				t.Errorf("%d fused latent norms, want 1", g.fusedLatent)
