@@ -27,17 +27,17 @@ type Options struct {
 	// NoGraphs issues every op as its own launch instead of replaying
 	// repeated steps as CUDA graphs (also MMFP4_CUDA_GRAPHS=0).
 	NoGraphs bool
-	// NoFusedGEMV keeps the single-token products' input preparation
-	// (norm, quantization) in launches of its own (fused.go; also
-	// MMFP4_CUDA_FUSE=0).
-	NoFusedGEMV bool
-	// FusedRouter runs the norm before a single-row router in the router's
-	// launch (fused.go; also MMFP4_CUDA_FUSE_ROUTER=1). Off by default:
-	// measured slower on an H200 (docs/perf.md).
-	FusedRouter bool
-	// NoFusedLatent keeps the latent's norm out of the RoPE and cache
-	// write launch (also MMFP4_CUDA_FUSE_LATENT=0).
-	NoFusedLatent bool
+	// Fewer launches per decode layer (fused.go), each bit for bit the
+	// separate launches, and each off by default: on an H200 none made
+	// decode faster (docs/perf.md, 2026-11-28 (2)). FusedGEMV runs a
+	// single-token product's input preparation (the norm before it, the
+	// residual add before that, or the int8 quantization) in the
+	// product's blocks, and q_a with kv_a in one launch (also
+	// MMFP4_CUDA_FUSE=1); FusedRouter the norm before a single-row router
+	// in the router's launch (MMFP4_CUDA_FUSE_ROUTER=1); FusedLatent the
+	// latent's norm in the RoPE and cache write launch
+	// (MMFP4_CUDA_FUSE_LATENT=1).
+	FusedGEMV, FusedRouter, FusedLatent bool
 	// NoDecodeChunks hands a single-row step to the device in one piece
 	// at its first read-back instead of in chunks of layers (also
 	// MMFP4_CUDA_CHUNKS=0).
@@ -199,14 +199,14 @@ func NewOnDevice(d *Device, o Options) *Backend {
 	if !o.NoGraphs && os.Getenv("MMFP4_CUDA_GRAPHS") != "0" {
 		b.graphs = &graphCache{}
 	}
-	if os.Getenv("MMFP4_CUDA_FUSE") == "0" {
-		b.opts.NoFusedGEMV = true
+	if os.Getenv("MMFP4_CUDA_FUSE") == "1" {
+		b.opts.FusedGEMV = true
 	}
 	if os.Getenv("MMFP4_CUDA_FUSE_ROUTER") == "1" {
 		b.opts.FusedRouter = true
 	}
-	if os.Getenv("MMFP4_CUDA_FUSE_LATENT") == "0" {
-		b.opts.NoFusedLatent = true
+	if os.Getenv("MMFP4_CUDA_FUSE_LATENT") == "1" {
+		b.opts.FusedLatent = true
 	}
 	if os.Getenv("MMFP4_CUDA_CHUNKS") == "0" {
 		b.opts.NoDecodeChunks = true

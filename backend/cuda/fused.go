@@ -173,7 +173,7 @@ func overlapsAny(a *tensor, ts []tensor) bool {
 // fusedProduct queues d = x W^T for one row with the input preparation in
 // the product's launch, and reports whether it did.
 func (b *Backend) fusedProduct(d, xm *tensor, w *weight) bool {
-	if b.opts.NoFusedGEMV || xm.rows != 1 || d.rows != 1 || w.q == nil || xm.cols > fusedMaxK || xm.ptr%16 != 0 || w.n > fusedMaxRows {
+	if !b.opts.FusedGEMV || xm.rows != 1 || d.rows != 1 || w.q == nil || xm.cols > fusedMaxK || xm.ptr%16 != 0 || w.n > fusedMaxRows {
 		return false
 	}
 	if overlaps(d, xm) {
@@ -234,7 +234,7 @@ func (f *fusedOp) name(b *Backend, two bool) string {
 // fusedHeads queues ExpandValues' one-token products with the quantization
 // of each head's block of olat in the launch, and reports whether it did.
 func (b *Backend) fusedHeads(om, ol *tensor, w *weight, heads, rank, vdim int) bool {
-	if b.opts.NoFusedGEMV || ol.rows != 1 || w.q == nil || rank > fusedMaxK || w.n > fusedMaxRows || vdim%gemvRowsPerBlock != 0 || ol.ptr%16 != 0 || overlaps(om, ol) {
+	if !b.opts.FusedGEMV || ol.rows != 1 || w.q == nil || rank > fusedMaxK || w.n > fusedMaxRows || vdim%gemvRowsPerBlock != 0 || ol.ptr%16 != 0 || overlaps(om, ol) {
 		return false
 	}
 	for _, e := range b.quantized {
@@ -251,7 +251,7 @@ func (b *Backend) fusedHeads(om, ol *tensor, w *weight, heads, rank, vdim int) b
 // fusedCounter makes sure the zeroed word the norm modes count blocks in
 // exists (allocating it waits for the queued ops).
 func (b *Backend) fusedCounter() {
-	if b.counter.Ptr != 0 {
+	if b.counter.Ptr != 0 || !(b.opts.FusedGEMV || b.opts.FusedRouter || b.opts.FusedLatent) {
 		return
 	}
 	b.now("fused counter", func(c *Ctx) error {
@@ -305,7 +305,7 @@ func (b *Backend) routerNorm(ld *denseOp, lm *tensor, bias *weight, cfg backend.
 // reads it; a later one quantizes it again).
 func (b *Backend) latentNorm(r1, r2 *ropeOp, lm, km *tensor, layer int) bool {
 	no, p := b.lastNorm, b.pool
-	if b.opts.NoFusedLatent || no == nil || no.flush != b.flushes || no.idx != r1.idx-1 || no.out != *lm || no.in.Mode != fuseNorm ||
+	if !b.opts.FusedLatent || no == nil || no.flush != b.flushes || no.idx != r1.idx-1 || no.out != *lm || no.in.Mode != fuseNorm ||
 		lm.rows != 1 || overlapsAny(lm, []tensor{r1.m, r2.m}) || (no.in.Layout8 && lm.cols/8 > 32*256) {
 		return false
 	}

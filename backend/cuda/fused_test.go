@@ -69,8 +69,8 @@ func TestFusedProductsMatchSeparate(t *testing.T) {
 				}
 				return got, g
 			}
-			want, _ := run(Options{NoFusedGEMV: true})
-			got, g := run(Options{})
+			want, _ := run(Options{})
+			got, g := run(Options{FusedGEMV: true})
 			t.Logf("fused launches: %v, two products in one: %d", g.fusedLaunches, g.fusedPairs)
 			if g.fusedLaunches != c.launches || g.fusedPairs != 1 {
 				t.Errorf("fused launches %v (quant, norm, add+norm), pairs %d: want %v and 1", g.fusedLaunches, g.fusedPairs, c.launches)
@@ -112,8 +112,8 @@ func TestFusedDecodeMatchesSeparate(t *testing.T) {
 		}
 		return all, g
 	}
-	want, _ := decode(Options{NoFusedGEMV: true, NoFusedLatent: true})
-	got, g := decode(Options{})
+	want, _ := decode(Options{})
+	got, g := decode(Options{FusedGEMV: true, FusedLatent: true})
 	t.Logf("fused launches: %v, two products in one: %d", g.fusedLaunches, g.fusedPairs)
 	if g.fusedLaunches[fuseNorm] == 0 || g.fusedLaunches[fuseAddNorm] == 0 || g.fusedLaunches[fuseQuant] == 0 || g.fusedPairs == 0 || g.fusedLatent == 0 {
 		t.Errorf("fused launches %v, pairs %d, latent norms %d: want every kind", g.fusedLaunches, g.fusedPairs, g.fusedLatent)
@@ -231,8 +231,8 @@ func TestFusedLatentNormMatchesSeparate(t *testing.T) {
 				}
 				return got, rec, g
 			}
-			want, wantRec, _ := run(Options{NoFusedLatent: true})
-			got, gotRec, g := run(Options{})
+			want, wantRec, _ := run(Options{})
+			got, gotRec, g := run(Options{FusedLatent: true})
 			if g.fusedLatent != 1 {
 				t.Errorf("%d fused latent norms, want 1", g.fusedLatent)
 			}
