@@ -128,7 +128,27 @@ func scan(logits []float32) (int, error) {
 	}
 	best := 0
 	bestV := float32(math.Inf(-1))
-	for i, v := range logits {
+	// Blocks of 8 first (a vocabulary's worth of logits every decode
+	// step): one test of the block's finiteness, as a tree sum of v-v (0
+	// for finite v, NaN for NaN or ±Inf, and NaN in any sum), and one
+	// look at its values only when one beats the best so far. A block that
+	// fails, and the tail, go value by value below.
+	i := 0
+	for ; i+8 <= len(logits); i += 8 {
+		b := logits[i : i+8 : i+8]
+		if ((b[0]-b[0])+(b[1]-b[1]))+((b[2]-b[2])+(b[3]-b[3]))+(((b[4]-b[4])+(b[5]-b[5]))+((b[6]-b[6])+(b[7]-b[7]))) != 0 {
+			break
+		}
+		if b[0] > bestV || b[1] > bestV || b[2] > bestV || b[3] > bestV || b[4] > bestV || b[5] > bestV || b[6] > bestV || b[7] > bestV {
+			for j, v := range b {
+				if v > bestV {
+					best, bestV = i+j, v
+				}
+			}
+		}
+	}
+	for ; i < len(logits); i++ {
+		v := logits[i]
 		// v-v is 0 for finite v and NaN for NaN or ±Inf.
 		if v-v != 0 {
 			return 0, fmt.Errorf("sample: logits[%d] is %g", i, v)

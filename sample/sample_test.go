@@ -1,6 +1,7 @@
 package sample
 
 import (
+	"fmt"
 	"math"
 	"math/rand/v2"
 	"slices"
@@ -550,6 +551,35 @@ func TestValidate(t *testing.T) {
 	for _, o := range good {
 		if err := o.Validate(); err != nil {
 			t.Errorf("Validate(%+v) = %v; want nil", o, err)
+		}
+	}
+}
+
+// Long rows go through scan's blocks of 8: the first non-finite value is
+// reported wherever it is, and ties keep the lowest id across blocks.
+func TestScanLongRows(t *testing.T) {
+	r := rand.New(rand.NewPCG(5, 6))
+	row := make([]float32, 77)
+	for i := range row {
+		row[i] = float32(r.IntN(9)) // many ties
+	}
+	want := 0
+	for i, v := range row {
+		if v > row[want] {
+			want = i
+		}
+	}
+	if got, err := scan(row); err != nil || got != want {
+		t.Fatalf("scan = %d, %v; want %d", got, err, want)
+	}
+	for _, bad := range []float32{float32(math.NaN()), float32(math.Inf(1)), float32(math.Inf(-1))} {
+		for pos := range row {
+			v := append([]float32(nil), row...)
+			v[pos] = bad
+			_, err := scan(v)
+			if err == nil || !strings.Contains(err.Error(), fmt.Sprintf("logits[%d]", pos)) {
+				t.Fatalf("%v at %d: %v", bad, pos, err)
+			}
 		}
 	}
 }

@@ -27,6 +27,21 @@ type Options struct {
 	// NoGraphs issues every op as its own launch instead of replaying
 	// repeated steps as CUDA graphs (also MMFP4_CUDA_GRAPHS=0).
 	NoGraphs bool
+	// Fewer launches per decode layer (fused.go), each bit for bit the
+	// separate launches, and each off by default: on an H200 none made
+	// decode faster (docs/perf.md, 2026-11-28 (2)). FusedGEMV runs a
+	// single-token product's input preparation (the norm before it, the
+	// residual add before that, or the int8 quantization) in the
+	// product's blocks, and q_a with kv_a in one launch (also
+	// MMFP4_CUDA_FUSE=1); FusedRouter the norm before a single-row router
+	// in the router's launch (MMFP4_CUDA_FUSE_ROUTER=1); FusedLatent the
+	// latent's norm in the RoPE and cache write launch
+	// (MMFP4_CUDA_FUSE_LATENT=1).
+	FusedGEMV, FusedRouter, FusedLatent bool
+	// NoDecodeChunks hands a single-row step to the device in one piece
+	// at its first read-back instead of in chunks of layers (also
+	// MMFP4_CUDA_CHUNKS=0).
+	NoDecodeChunks bool
 }
 
 // Backend implements backend.Backend on one GPU. Every op is queued on the
@@ -90,6 +105,21 @@ type Backend struct {
 	// ropes are the last two RoPEs queued: a cache write right after two
 	// RoPEs of one table, the second of its key, takes them into its launch.
 	ropes [2]*ropeOp
+	// lastNorm is the single-row RMSNorm queued last and lastFused the
+	// fused product queued last (fused.go); counter is their block count.
+	lastNorm  *normOp
+	lastFused *fusedOp
+	counter   Buffer
+	// fusedLaunches counts the fused products queued by prologue mode, and
+	// fusedPairs those that took a second product (tests).
+	fusedLaunches [3]int
+	fusedPairs    int
+	fusedRouters  int
+	fusedLatent   int
+
+	steps *stepTimer // MMFP4_CUDA_STEPTIME=1
+	// chunks counts the pieces this step has gone to the device in.
+	chunks int
 }
 
 type ropeOp struct {
@@ -169,10 +199,22 @@ func NewBackend(o Options, minCC int) (backend.Backend, error) {
 // NewOnDevice returns a backend on an opened device, which the caller keeps
 // and closes.
 func NewOnDevice(d *Device, o Options) *Backend {
-	b := &Backend{dev: d, opts: o, moe: map[*QMatrix]*moeLayer{}, moeShared: map[*QMatrix]*moeLayer{}, identity: map[int]uint64{}, splitFloats: maxSplitFloats, prof: newProfiler(),
+	b := &Backend{dev: d, opts: o, moe: map[*QMatrix]*moeLayer{}, moeShared: map[*QMatrix]*moeLayer{}, identity: map[int]uint64{}, splitFloats: maxSplitFloats, prof: newProfiler(), steps: newStepTimer(),
 		ropeTables: map[ropeKey]uint64{}}
 	if !o.NoGraphs && os.Getenv("MMFP4_CUDA_GRAPHS") != "0" {
 		b.graphs = &graphCache{}
+	}
+	if os.Getenv("MMFP4_CUDA_FUSE") == "1" {
+		b.opts.FusedGEMV = true
+	}
+	if os.Getenv("MMFP4_CUDA_FUSE_ROUTER") == "1" {
+		b.opts.FusedRouter = true
+	}
+	if os.Getenv("MMFP4_CUDA_FUSE_LATENT") == "1" {
+		b.opts.FusedLatent = true
+	}
+	if os.Getenv("MMFP4_CUDA_CHUNKS") == "0" {
+		b.opts.NoDecodeChunks = true
 	}
 	return b
 }
@@ -183,6 +225,7 @@ func (b *Backend) Close() error {
 	b.flush()
 	err := b.dev.Do(func(c *Ctx) error {
 		errs := []error{c.Sync(), b.weights.free(c), b.arena.free(c)}
+		b.steps.report(os.Stderr)
 		if b.prof != nil {
 			b.prof.report(os.Stderr)
 			errs = append(errs, b.prof.free(c))
@@ -190,7 +233,7 @@ func (b *Backend) Close() error {
 		if b.graphs != nil {
 			errs = append(errs, b.graphs.free(c))
 		}
-		errs = append(errs, c.Free(b.routeCounters))
+		errs = append(errs, c.Free(b.routeCounters), c.Free(b.counter))
 		if b.pool != nil {
 			errs = append(errs, c.Free(b.pool.buf))
 		}
@@ -257,6 +300,8 @@ func (b *Backend) flush() {
 	ops := b.pending
 	b.zero = nil // its memset is in this flush
 	b.flushes++
+	t0 := time.Now()
+	defer b.steps.add(0, t0)
 	err := b.dev.Do(func(c *Ctx) error {
 		if b.prof != nil && b.batchRows() == 1 {
 			return b.prof.run(c, ops)
@@ -288,10 +333,32 @@ func (b *Backend) flush() {
 	}
 }
 
+// decodeChunkOps is the size of the pieces a single-row step goes to the
+// device in. Queued whole, a step's ops wait for the model's host code of
+// every layer (about 30 us a layer, recording included, on an H200's host)
+// before the GPU starts (about 100 us a layer); in pieces, the GPU runs the
+// first layers while the host queues the rest. Each piece is its own
+// graph, replayed from the second step on.
+const decodeChunkOps = 96
+
+// decodeChunk hands the queued ops to the device when a single-row step
+// has queued a piece's worth, or at its first attention op (a short first
+// piece: the GPU starts after the host has queued one layer, not seven). It
+// is called before an attention op, where no fusion of the ops before with
+// the ops after is lost.
+func (b *Backend) decodeChunk() {
+	if !b.opts.NoDecodeChunks && b.batchRows() == 1 && (len(b.pending) >= decodeChunkOps || b.chunks == 0) {
+		b.chunks++
+		b.flush()
+	}
+}
+
 // now runs fn on the device thread after the queued ops, recording its
 // error under op's name.
 func (b *Backend) now(op string, fn func(c *Ctx) error) {
 	b.flush()
+	t0 := time.Now()
+	defer b.steps.add(1, t0)
 	if err := b.dev.Do(fn); err != nil && b.err == nil {
 		b.err = fmt.Errorf("cuda backend: %s: %w", op, err)
 	}
@@ -587,6 +654,9 @@ type batchMeta struct {
 // SetBatch resets the arena and uploads the batch's positions, each row's
 // sequence and cache slot, the block tables and the output rows.
 func (b *Backend) SetBatch(batch *backend.Batch, p backend.CachePool) {
+	b.fusedCounter()
+	b.steps.begin(batch.Rows())
+	b.chunks = 0
 	b.batch = batch
 	b.pool = nil
 	if p != nil {
@@ -807,7 +877,7 @@ func (b *Backend) quantize(x *tensor, G int) *QActs {
 	}
 	a := b.quantizeInto(x, G)
 	b.do("quantize", func(c *Ctx) error { return c.RMSNormQuant(x.ptr, x.ld, 0, 0, 0, 0, x.rows, x.cols, G, a) })
-	b.quantized = append(b.quantized, quantEntry{*x, a})
+	b.rememberQuant(quantEntry{*x, a})
 	return a
 }
 
@@ -827,6 +897,21 @@ func (b *Backend) wrote(t *tensor) {
 		l, h := e.src.span()
 		return l < hi && lo < h
 	})
+}
+
+// maxQuantized bounds the int8 forms remembered: products of one tensor
+// follow it closely, and every op that writes scans the list (with a
+// decode step's hundreds of entries, that scanning was a tenth of the
+// step's host time).
+const maxQuantized = 16
+
+// rememberQuant records an int8 form for later products, forgetting the
+// oldest beyond maxQuantized.
+func (b *Backend) rememberQuant(e quantEntry) {
+	if len(b.quantized) >= maxQuantized {
+		b.quantized = slices.Delete(b.quantized, 0, len(b.quantized)-maxQuantized+1)
+	}
+	b.quantized = append(b.quantized, e)
 }
 
 // quantizeInto allocates the int8 form of x's rows in groups of G.
@@ -856,6 +941,9 @@ func (b *Backend) MatMul(dst, x backend.Tensor, wt backend.Weight) {
 	}
 	b.count(weightBytes(w))
 	b.wrote(d)
+	if b.fusedProduct(d, xm, w) {
+		return
+	}
 	if w.q == nil {
 		b.launch(b.opName("matmul", w), "ops", "dense_matmul", Dim{uint32((w.n + 7) / 8), uint32(d.rows), 1}, D1(256),
 			w.dense, w.n, w.k, xm.ptr, xm.ld, d.ptr, d.ld)
@@ -941,6 +1029,10 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 			return c.AddRMSNormQuant(la.d.ptr, la.d.ld, la.a.ptr, la.a.ld, la.c.ptr, la.c.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
 		}}
 		b.lastAdd = nil
+		if d.rows == 1 && b.counter.Ptr != 0 {
+			b.lastNorm = &normOp{idx: la.idx, flush: b.flushes, out: *d, touched: []tensor{la.d, la.a, la.c, *d},
+				in: FusedIn{Mode: fuseAddNorm, D: la.d.ptr, A: la.a.ptr, C: la.c.ptr, Gain: g.dense, Eps: eps, Out: d.ptr, Q: a, Layout8: fast, Counter: b.counter.Ptr}}
+		}
 	} else {
 		fast := rowNorm8(d.cols, G, []uint64{xm.ptr, g.dense, d.ptr}, []int{xm.ld, d.ld})
 		b.do("rmsnorm", func(c *Ctx) error {
@@ -949,8 +1041,12 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 			}
 			return c.RMSNormQuant(xm.ptr, xm.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
 		})
+		if d.rows == 1 && b.counter.Ptr != 0 && b.err == nil {
+			b.lastNorm = &normOp{idx: len(b.pending) - 1, flush: b.flushes, out: *d, touched: []tensor{*xm, *d},
+				in: FusedIn{Mode: fuseNorm, X: xm.ptr, Gain: g.dense, Eps: eps, Out: d.ptr, Q: a, Layout8: fast, Counter: b.counter.Ptr}}
+		}
 	}
-	b.quantized = append(b.quantized, quantEntry{*d, a})
+	b.rememberQuant(quantEntry{*d, a})
 }
 
 // RoPE rotates the rotary dims of each head in place. The angles are
@@ -1128,6 +1224,9 @@ func (b *Backend) CacheWrite(layer int, latent, kpe backend.Tensor) {
 		r2.idx == len(b.pending)-1 && r1.idx == r2.idx-1 && r2.m == *km && r1.table == r2.table && r1.dim == r2.dim && r1.il == r2.il {
 		// Both RoPEs just queued (the queries', then this key's) run in
 		// the cache write's launch.
+		if b.latentNorm(r1, r2, lm, km, layer) {
+			return
+		}
 		b.pending = b.pending[:r1.idx]
 		b.ropes = [2]*ropeOp{}
 		q := r1.m
@@ -1171,6 +1270,7 @@ func (b *Backend) AbsorbQuery(qlat, q backend.Tensor, wUK backend.Weight, s back
 
 // LatentAttention is causal attention over the bound pool in latent space.
 func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s backend.MLAShape, scale float32) {
+	b.decodeChunk()
 	om, ql, qm, p := asTensor(olat), asTensor(qlat), asTensor(q), b.pool
 	switch {
 	case p == nil || b.batch == nil:
@@ -1322,6 +1422,9 @@ func (b *Backend) ExpandValues(out, olat backend.Tensor, wUV backend.Weight, s b
 		// quantization of the row serves every head, and one launch runs
 		// all heads' products (each warp's rows lie in one head).
 		b.count(weightBytes(w))
+		if b.fusedHeads(om, ol, w, s.Heads, s.Rank, s.VDim) {
+			return
+		}
 		a := b.quantize(ol, w.q.G)
 		b.do("expand values", func(c *Ctx) error { return c.GEMVHeads(om.ptr, w.q, a, s.Heads, s.VDim) })
 		return
@@ -1368,6 +1471,10 @@ func (b *Backend) Route(logits backend.Tensor, bias backend.Weight, cfg backend.
 		norm := 0
 		if cfg.NormTopKProb {
 			norm = 1
+		}
+		if ld := b.lastDense; ld != nil && ld.flush == b.flushes && ld.idx == len(b.pending)-1 && ld.d == *lm && b.routeCountersFor(lm.rows) &&
+			b.routerNorm(ld, lm, bv, cfg, norm, r) {
+			return r
 		}
 		if ld := b.lastDense; ld != nil && ld.flush == b.flushes && ld.idx == len(b.pending)-1 && ld.d == *lm && b.routeCountersFor(lm.rows) {
 			// The router's product was queued just before: one launch

@@ -113,7 +113,10 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
 // h[slot][n] = silu(gate_n . x) * (up_n . x), for one token. Grid
 // (ceil(I/16), nslots) blocks of 4 warps; a warp takes 4 rows of gate and the
 // same 4 rows of up (8 rows in flight against the same activations).
-extern "C" __global__ void __launch_bounds__(128)
+// At most 128 registers a thread, so that four blocks fit on a
+// multiprocessor and the 5 x 96 blocks of GLM-4.7-Flash's MoE are resident
+// at once (168 registers left 3 a multiprocessor: two waves).
+extern "C" __global__ void __launch_bounds__(128, 4)
     moe_gate_up(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
                 int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
                 const float* __restrict__ xs, const i32* __restrict__ xsum, float* __restrict__ h) {
@@ -221,9 +224,39 @@ extern "C" __global__ void __launch_bounds__(128)
   __shared__ bool last;
   const int slot = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row0 = (blockIdx.x * 4 + warp) * 4;
+  __shared__ __align__(16) float sh[MOE_MAX_I];
   const int G = 32 << gshift, GK = I / G, E = G >> 5;
   PDL_WAIT();
+  // This block's rows of the slot's down matrix go to L2 while h is
+  // quantized below.
+  const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
+  const u8* rc[4];
+  const u8* rs[4];
+#pragma unroll
+  for (int r = 0; r < 4; r++) {
+    const int n = min(row0 + r, N - 1);
+    rc[r] = ex.down.codes + (size_t)n * (I / 2);
+    rs[r] = ex.down.scales + (size_t)n * GK;
+  }
+  if (row0 < N) {
+    const int lines = (I / 2 + 127) >> 7;
+#pragma unroll
+    for (int r = 0; r < 4; r++)
+      for (int i = lane; i < lines; i += 32) asm volatile("prefetch.global.L2 [%0];" ::"l"(rc[r] + (i << 7)));
+  }
+  // The slot's row of h into shared memory, every load issued first (I a
+  // multiple of 4, at most MOE_MAX_I).
   const float* hr = h + (size_t)slot * I;
+  {
+    float4 hv[MOE_MAX_I / 512];
+#pragma unroll
+    for (int j = 0; j < MOE_MAX_I / 512; j++)
+      if ((j * 128 + threadIdx.x) * 4 < I) hv[j] = __ldcg((const float4*)hr + j * 128 + threadIdx.x);
+#pragma unroll
+    for (int j = 0; j < MOE_MAX_I / 512; j++)
+      if ((j * 128 + threadIdx.x) * 4 < I) ((float4*)sh)[j * 128 + threadIdx.x] = hv[j];
+  }
+  __syncthreads();
   for (int g = warp; g < GK; g += 4) {
     const int k0 = g * G + lane * E;
     float v[4];
@@ -231,7 +264,7 @@ extern "C" __global__ void __launch_bounds__(128)
 #pragma unroll
     for (int e = 0; e < 4; e++) {
       if (e < E) {
-        v[e] = __ldcg(hr + k0 + e);
+        v[e] = sh[k0 + e];
         amax = fmaxf(amax, fabsf(v[e]));
       }
     }
@@ -253,15 +286,6 @@ extern "C" __global__ void __launch_bounds__(128)
   }
   __syncthreads();
   if (row0 < N) {
-    const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
-    const u8* rc[4];
-    const u8* rs[4];
-#pragma unroll
-    for (int r = 0; r < 4; r++) {
-      const int n = min(row0 + r, N - 1);
-      rc[r] = ex.down.codes + (size_t)n * (I / 2);
-      rs[r] = ex.down.scales + (size_t)n * GK;
-    }
     float out[4][1];
     gemv_dot<1, 4, true, true>(rc, rs, I, gshift, sq, ss, nullptr, out);
 #pragma unroll
@@ -361,6 +385,8 @@ extern "C" __global__ void __launch_bounds__(32)
   route_warp(logits + (size_t)t * ld, bias, E, topk, norm, scaling, ids + (size_t)t * topk, wts + (size_t)t * topk);
 }
 
+#define ROUTER_LOADS 32
+
 // The router's product and the expert choice in one launch: grid
 // (ceil(E/8), T) blocks of 8 warps, warp w of block b computing logit
 // e = 8b + w of token t exactly as dense_matmul does; the last block of a
@@ -380,8 +406,21 @@ extern "C" __global__ void __launch_bounds__(256)
     const float* w = W + (size_t)e * K;
     const float* xr = x + (size_t)t * ldx;
     float acc = 0.f;
-#pragma unroll 8
-    for (int k = lane; k < K; k += 32) acc += w[k] * xr[k];
+    // The same sum in the same order, with ROUTER_LOADS loads of each
+    // operand in flight before the first multiply.
+    for (int k0 = lane; k0 < K; k0 += 32 * ROUTER_LOADS) {
+      float wv[ROUTER_LOADS], xv[ROUTER_LOADS];
+#pragma unroll
+      for (int u = 0; u < ROUTER_LOADS; u++) {
+        if (k0 + 32 * u < K) {
+          wv[u] = w[k0 + 32 * u];
+          xv[u] = xr[k0 + 32 * u];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < ROUTER_LOADS; u++)
+        if (k0 + 32 * u < K) acc += wv[u] * xv[u];
+    }
     acc = warp_sum(acc);
     if (lane == 0) logits[(size_t)t * ldl + e] = acc;
   }
@@ -393,4 +432,140 @@ extern "C" __global__ void __launch_bounds__(256)
   __threadfence();
   if (warp == 0) route_warp(logits + (size_t)t * ldl, bias, E, topk, norm, scaling, ids + (size_t)t * topk, wts + (size_t)t * topk);
   if (threadIdx.x == 0) counters[t] = 0;
+}
+
+// moe_router_route with the RMSNorm of its input (and the residual add
+// before it) in every block's prologue, one token: the block normalises
+// the row into shared memory in the order of the standalone norm kernel
+// (layout8: rmsnorm_quant8's K/8 threads of 8 values; else
+// rmsnorm_quant's stride of 256), takes its logits from there, and the
+// last block writes what the norm would have: d = a + c (mode 2), the
+// float output and its int8 form in groups of G. Modes as gemv_fused
+// (1: norm of x, 2: add then norm). Dynamic shared memory: 2K floats.
+extern "C" __global__ void __launch_bounds__(256)
+    moe_router_route_norm(const float* __restrict__ W, int E, int K, float* logits,
+                          const float* __restrict__ bias, int topk, int norm, float scaling,
+                          i32* __restrict__ ids, float* __restrict__ wts, u32* __restrict__ counters,
+                          int mode, int layout8, const float* x, float* d, const float* a,
+                          const float* c, const float* __restrict__ gain, float eps, float* out,
+                          i8* xq, float* xs, i32* xsum, int G) {
+  PDL_LAUNCH();
+  extern __shared__ __align__(16) float rsm[];
+  float* raw = rsm;    // [K] the input row
+  float* xn = rsm + K; // [K] its norm
+  __shared__ double partial[32];
+  __shared__ float inv_s;
+  __shared__ bool last;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  PDL_WAIT();
+  if (layout8) {
+    const int V = K >> 3;  // a multiple of 32
+    for (int j = 0; j * 256 + warp * 32 < V; j++) {
+      const int k0 = (j * 256 + tid) * 8;
+      float v[8];
+      if (mode == 2) {
+        const float4 a0 = *(const float4*)(a + k0), a1 = *(const float4*)(a + k0 + 4);
+        const float4 c0 = *(const float4*)(c + k0), c1 = *(const float4*)(c + k0 + 4);
+        v[0] = a0.x + c0.x; v[1] = a0.y + c0.y; v[2] = a0.z + c0.z; v[3] = a0.w + c0.w;
+        v[4] = a1.x + c1.x; v[5] = a1.y + c1.y; v[6] = a1.z + c1.z; v[7] = a1.w + c1.w;
+      } else {
+        const float4 x0 = *(const float4*)(x + k0), x1 = *(const float4*)(x + k0 + 4);
+        v[0] = x0.x; v[1] = x0.y; v[2] = x0.z; v[3] = x0.w;
+        v[4] = x1.x; v[5] = x1.y; v[6] = x1.z; v[7] = x1.w;
+      }
+      double s = 0;
+#pragma unroll
+      for (int e = 0; e < 8; e++) {
+        s += (double)v[e] * (double)v[e];
+        raw[k0 + e] = v[e];
+      }
+      s = warp_sum_d(s);
+      if (lane == 0) partial[j * 8 + warp] = s;
+    }
+  } else {
+    double s = 0;
+    for (int k = tid; k < K; k += 256) {
+      const float v = mode == 2 ? a[k] + c[k] : x[k];
+      raw[k] = v;
+      const double dv = v;
+      s += dv * dv;
+    }
+    s = warp_sum_d(s);
+    if (lane == 0) partial[warp] = s;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    const int nw = layout8 ? K >> 8 : 8;
+    double total = 0;
+    for (int w = 0; w < nw; w++) total += partial[w];
+    inv_s = (float)(1.0 / sqrt(total / K + (double)eps));
+  }
+  __syncthreads();
+  const float inv = inv_s;
+  for (int k = tid; k < K; k += 256) xn[k] = gain[k] * (raw[k] * inv);
+  __syncthreads();
+
+  const int e = blockIdx.x * 8 + warp;
+  if (e < E) {
+    const float* w = W + (size_t)e * K;
+    float acc = 0.f;
+    for (int k0 = lane; k0 < K; k0 += 32 * ROUTER_LOADS) {
+      float wv[ROUTER_LOADS];
+#pragma unroll
+      for (int u = 0; u < ROUTER_LOADS; u++)
+        if (k0 + 32 * u < K) wv[u] = w[k0 + 32 * u];
+#pragma unroll
+      for (int u = 0; u < ROUTER_LOADS; u++)
+        if (k0 + 32 * u < K) acc += wv[u] * xn[k0 + 32 * u];
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) logits[e] = acc;
+  }
+  __threadfence();
+  __syncthreads();
+  // Every block has read its input (the prologue above): the last one may
+  // write over it.
+  if (tid == 0) last = atomicAdd(&counters[0], 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  if (warp == 0) route_warp(logits, bias, E, topk, norm, scaling, ids, wts);
+  for (int k = tid; k < K; k += 256) {
+    if (mode == 2) d[k] = raw[k];
+    if (out) out[k] = xn[k];
+  }
+  // The int8 form, one warp per group as rmsnorm_quant_row.
+  const int Eg = G >> 5;
+  for (int g = warp; g < K / G; g += 8) {
+    const int k0 = g * G + lane * Eg;
+    float v[4];
+    float amax = 0.f;
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+      if (u < Eg) {
+        v[u] = xn[k0 + u];
+        amax = fmaxf(amax, fabsf(v[u]));
+      }
+    }
+    amax = warp_max(amax);
+    const float scale = amax / 127.f;
+    i32 sum = 0;
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+      if (u < Eg) {
+        i32 q = 0;
+        if (amax != 0.f) {
+          float r = v[u] / scale;
+          r = r >= 0.f ? r + 0.5f : r - 0.5f;
+          q = max(-127, min(127, (i32)r));
+        }
+        xq[k0 + u] = (i8)q;
+        sum += q;
+      }
+    }
+    for (int o = 1; o < 32 / Eg; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if ((lane & (32 / Eg - 1)) == 0) xsum[k0 / 32] = sum;
+    if (lane == 0) xs[g] = amax == 0.f ? 0.f : scale;
+  }
+  if (tid == 0) counters[0] = 0;
 }

@@ -160,6 +160,66 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
   }
 }
 
+// rope2_cache_write for one row with the latent's RMSNorm first: out =
+// gain * (x * inv) over the rank values of x, in the order of the
+// standalone norm kernel (layout8: rmsnorm_quant8's rank/8 threads of 8
+// values; else rmsnorm_quant's stride of 256), written to out, then cached.
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    rope2_norm_cache_write(float* q, int ldq, int qheads, int qstride, int qoffset, float* kpe,
+                           int ldk, int kheads, int kstride, int koffset, int dim, int interleaved,
+                           const float* __restrict__ cs, void* layer, int dtype,
+                           const i32* __restrict__ slots, const float* x,
+                           const float* __restrict__ gain, float eps, int layout8, float* out,
+                           int rank, int rope) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  __shared__ double partial[32];
+  __shared__ float inv_s;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, width = rank + rope;
+  if (layout8) {
+    const int V = rank >> 3;  // a multiple of 32
+    for (int j = 0; j * OPS_THREADS + warp * 32 < V; j++) {
+      const int k0 = (j * OPS_THREADS + tid) * 8;
+      const float4 x0 = *(const float4*)(x + k0), x1 = *(const float4*)(x + k0 + 4);
+      const float v[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
+      double s = 0;
+#pragma unroll
+      for (int e = 0; e < 8; e++) s += (double)v[e] * (double)v[e];
+      s = warp_sum_d(s);
+      if (lane == 0) partial[j * (OPS_THREADS / 32) + warp] = s;
+    }
+  } else {
+    double s = 0;
+    for (int k = tid; k < rank; k += 256) {
+      const double dv = x[k];
+      s += dv * dv;
+    }
+    s = warp_sum_d(s);
+    if (lane == 0) partial[warp] = s;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    const int nw = layout8 ? rank >> 8 : 8;
+    double total = 0;
+    for (int w = 0; w < nw; w++) total += partial[w];
+    inv_s = (float)(1.0 / sqrt(total / rank + (double)eps));
+  }
+  __syncthreads();
+  const float inv = inv_s;
+  for (int k = tid; k < rank; k += OPS_THREADS) out[k] = gain[k] * (x[k] * inv);
+  rope_row(q, ldq, qheads, qstride, qoffset, dim, interleaved, cs, 1, 0);
+  rope_row(kpe, ldk, kheads, kstride, koffset, dim, interleaved, cs, 1, 0);
+  __syncthreads();
+  const size_t slot = (size_t)slots[0];
+  for (int j = tid; j < width; j += OPS_THREADS) {
+    const float v = j < rank ? out[j] : kpe[j - rank];
+    if (dtype == 1)
+      ((float*)layer)[slot * width + j] = v;
+    else
+      ((unsigned short*)layer)[slot * width + j] = f32_to_bf16(v);
+  }
+}
+
 // FP8 cache write, one block per row t: each part (c: rank values, k_pe:
 // rope values) gets scale amax/448 and codes e4m3(v * (1/scale)), all zero
 // when the scale is 0 or NaN (as the CPU pool's encodeFP8).
