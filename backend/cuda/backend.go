@@ -252,7 +252,7 @@ func (b *Backend) flush() {
 	b.zero = nil // its memset is in this flush
 	b.flushes++
 	err := b.dev.Do(func(c *Ctx) error {
-		if b.prof != nil && b.batchRows() == 1 {
+		if b.prof != nil && (b.batchRows() == 1 || b.prof.all) {
 			return b.prof.run(c, ops)
 		}
 		if b.graphs == nil {
@@ -831,8 +831,9 @@ func actRows(a *QActs, from, n int) *QActs {
 	return &QActs{T: n, K: a.K, G: a.G, Q: a.Q + uint64(from*a.K), Scales: a.Scales + uint64(4*from*a.K/a.G), Sums: a.Sums + uint64(4*from*a.K/32)}
 }
 
-// MatMul computes dst = x W^T: MMFP4 through the int8 GEMV kernels, eight
-// rows at a time; dense through a simple fp32 kernel.
+// MatMul computes dst = x W^T: MMFP4 through the tensor-core GEMM from
+// gemmMinTokens rows on, else the int8 GEMV kernels, eight rows at a time;
+// dense through a simple fp32 kernel.
 func (b *Backend) MatMul(dst, x backend.Tensor, wt backend.Weight) {
 	d, xm, w := asTensor(dst), asTensor(x), asWeight(wt)
 	if b.badShape("matmul out", [2]int{d.rows, d.cols}, [2]int{xm.rows, w.n}) ||
@@ -853,6 +854,10 @@ func (b *Backend) MatMul(dst, x backend.Tensor, wt backend.Weight) {
 		return
 	}
 	a := b.quantize(xm, w.q.G)
+	if d.rows >= gemmMinTokens && GEMMFits(w.q.K, w.q.G) {
+		b.do(b.opName("matmul", w), func(c *Ctx) error { return c.GEMM(d.ptr, d.ld, w.q, a, GEMMTileAuto) })
+		return
+	}
 	b.do(b.opName("matmul", w), func(c *Ctx) error {
 		for t := 0; t < d.rows; t += 8 {
 			n := min(8, d.rows-t)
@@ -1406,8 +1411,9 @@ func (b *Backend) MoEShared(dst, x backend.Tensor, r backend.Routing, experts, s
 	if !ok {
 		panic(fmt.Sprintf("cuda backend: routing of type %T from another backend", r))
 	}
-	if !b.opts.NoFusedMoE && d.rows == xm.rows && d.rows <= moeFusedMaxTokens && rt.Tokens() == d.rows && len(experts) > 0 && d.cols == xm.cols {
-		if l := b.moeLayerShared(experts, shared, rt.topK); l != nil {
+	batched := d.rows >= moeBatchedMinTokens
+	if !b.opts.NoFusedMoE && d.rows == xm.rows && (d.rows <= moeFusedMaxTokens || batched) && rt.Tokens() == d.rows && len(experts) > 0 && d.cols == xm.cols {
+		if l := b.moeLayerShared(experts, shared, rt.topK); l != nil && (!batched || l.batchable()) {
 			b.wrote(d)
 			e := experts[0]
 			perToken := int64(rt.topK) * (weightBytes(asWeight(e.Gate)) + weightBytes(asWeight(e.Up)) + weightBytes(asWeight(e.Down)))
@@ -1415,7 +1421,11 @@ func (b *Backend) MoEShared(dst, x backend.Tensor, r backend.Routing, experts, s
 				perToken += weightBytes(asWeight(s.Gate)) + weightBytes(asWeight(s.Up)) + weightBytes(asWeight(s.Down))
 			}
 			b.count(int64(d.rows) * perToken)
-			b.moeRows(d, xm, rt, l)
+			if batched {
+				b.moeBatched(d, xm, rt, l)
+			} else {
+				b.moeRows(d, xm, rt, l)
+			}
 			return
 		}
 	}
@@ -1514,12 +1524,17 @@ func (b *Backend) MoE(dst, x backend.Tensor, r backend.Routing, experts []backen
 		return
 	}
 	b.wrote(d)
-	if !b.opts.NoFusedMoE && d.rows <= moeFusedMaxTokens {
-		if l := b.moeLayer(experts, rt.topK); l != nil {
+	batched := d.rows >= moeBatchedMinTokens
+	if !b.opts.NoFusedMoE && (d.rows <= moeFusedMaxTokens || batched) {
+		if l := b.moeLayer(experts, rt.topK); l != nil && (!batched || l.batchable()) {
 			// Each token: topK distinct experts (the ids stay on the device).
 			e := experts[0]
 			b.count(int64(d.rows*rt.topK) * (weightBytes(asWeight(e.Gate)) + weightBytes(asWeight(e.Up)) + weightBytes(asWeight(e.Down))))
-			b.moeRows(d, xm, rt, l)
+			if batched {
+				b.moeBatched(d, xm, rt, l)
+			} else {
+				b.moeRows(d, xm, rt, l)
+			}
 			return
 		}
 	}

@@ -23,6 +23,9 @@ type profiler struct {
 	events            []*Event
 	ops               map[string]*opTime
 	flushes, launches int
+	// all: every step, prefill too (MMFP4_CUDA_PROFILE=all), not only
+	// one-row steps.
+	all bool
 }
 
 type opTime struct {
@@ -31,10 +34,11 @@ type opTime struct {
 }
 
 func newProfiler() *profiler {
-	if os.Getenv("MMFP4_CUDA_PROFILE") != "1" {
+	v := os.Getenv("MMFP4_CUDA_PROFILE")
+	if v != "1" && v != "all" {
 		return nil
 	}
-	return &profiler{ops: map[string]*opTime{}}
+	return &profiler{ops: map[string]*opTime{}, all: v == "all"}
 }
 
 // hostPerOp bounds the host's time to queue one op (a few launches through
