@@ -54,8 +54,12 @@ func (t GEMMTile) threads() int {
 	return 128
 }
 
-// shared is the tile's dynamic shared memory (the cp.async stages).
-func (t GEMMTile) shared() int { return gemmStages * (gemmRows*gemmAStride + t.tokens()*gemmBK) }
+// shared is the tile's dynamic shared memory for gk scale groups a row:
+// the cp.async stages (codes, activations, activation scales), then the
+// block's weight scales.
+func (t GEMMTile) shared(gk int) int {
+	return gemmStages*(gemmRows*gemmAStride+t.tokens()*(gemmBK+16)) + gemmRows*gk
+}
 
 func pickTile(t GEMMTile, tokens int) GEMMTile {
 	if t != GEMMTileAuto {
@@ -70,16 +74,16 @@ func pickTile(t GEMMTile, tokens int) GEMMTile {
 // GEMMFits reports whether the tensor-core GEMM takes a matrix of K
 // columns in groups of G.
 func GEMMFits(K, G int) bool {
-	return K > 0 && K%gemmBK == 0 && (G == 32 || G == 64 || G == 128)
+	return K > 0 && K%gemmBK == 0 && (G == 32 || G == 64 || G == 128) && K/G <= 1024
 }
 
-// gemmKernel returns mod.name allowed the tile's shared memory.
-func (c *Ctx) gemmKernel(name string, t GEMMTile) (*Kernel, error) {
+// gemmKernel returns gemm.name allowed n bytes of shared memory.
+func (c *Ctx) gemmKernel(name string, n int) (*Kernel, error) {
 	k, err := c.Kernel("gemm", name)
 	if err != nil {
 		return nil, err
 	}
-	if n := t.shared(); k.maxShared < n {
+	if k.maxShared < n {
 		if err := c.SetMaxShared(k, n); err != nil {
 			return nil, err
 		}
@@ -102,12 +106,13 @@ func (c *Ctx) GEMM(y uint64, ldy int, w *QMatrix, a *QActs, tile GEMMTile) error
 		return fmt.Errorf("cuda: gemm: output stride %d below N=%d", ldy, w.N)
 	}
 	tile = pickTile(tile, a.T)
-	k, err := c.gemmKernel("gemm_"+tile.suffix(), tile)
+	shared := tile.shared(w.K / w.G)
+	k, err := c.gemmKernel("gemm_"+tile.suffix(), shared)
 	if err != nil {
 		return err
 	}
 	grid := Dim{uint32((w.N + gemmRows - 1) / gemmRows), uint32((a.T + tile.tokens() - 1) / tile.tokens()), 1}
-	return c.Launch(k, grid, D1(tile.threads()), tile.shared(), w.Codes, w.Scales, w.RowScale, w.N, w.K, w.G, a.Q, a.Scales, a.T, y, ldy)
+	return c.Launch(k, grid, D1(tile.threads()), shared, w.Codes, w.Scales, w.RowScale, w.N, w.K, w.G, a.Q, a.Scales, a.T, y, ldy)
 }
 
 // MoEBatch is the device work space of MoEBatched for T tokens: the pairs'
@@ -159,11 +164,12 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 	if err != nil {
 		return err
 	}
-	gu, err := c.gemmKernel("moe_gemm_gate_up_"+tile.suffix(), tile)
+	guShared, downShared := tile.shared(t.K/t.G), tile.shared(t.I/t.G)
+	gu, err := c.gemmKernel("moe_gemm_gate_up_"+tile.suffix(), guShared)
 	if err != nil {
 		return err
 	}
-	down, err := c.gemmKernel("moe_gemm_down_"+tile.suffix(), tile)
+	down, err := c.gemmKernel("moe_gemm_down_"+tile.suffix(), downShared)
 	if err != nil {
 		return err
 	}
@@ -175,7 +181,7 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 		s.Pos, s.List, s.TileE, s.TileS, s.TileN, s.NTiles); err != nil {
 		return err
 	}
-	if err := c.Launch(gu, Dim{uint32((t.I + 63) / 64), uint32(s.MaxTiles), 1}, D1(tile.threads()), tile.shared(),
+	if err := c.Launch(gu, Dim{uint32((t.I + 63) / 64), uint32(s.MaxTiles), 1}, D1(tile.threads()), guShared,
 		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, t.G, x.Q, x.Scales, s.H); err != nil {
 		return err
 	}
@@ -183,7 +189,7 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 	if err := c.RMSNormQuant(s.H, t.I, 0, 0, 0, 0, P, t.I, t.G, s.HQ); err != nil {
 		return err
 	}
-	if err := c.Launch(down, Dim{uint32((t.K + gemmRows - 1) / gemmRows), uint32(s.MaxTiles), 1}, D1(tile.threads()), tile.shared(),
+	if err := c.Launch(down, Dim{uint32((t.K + gemmRows - 1) / gemmRows), uint32(s.MaxTiles), 1}, D1(tile.threads()), downShared,
 		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, t.G, s.HQ.Q, s.HQ.Scales, s.Part); err != nil {
 		return err
 	}
@@ -196,7 +202,7 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 
 // gemmMinTokens is the smallest MMFP4 product (in token rows) that MatMul
 // runs on the tensor-core GEMM instead of the GEMV kernels.
-var gemmMinTokens = 16
+var gemmMinTokens = 32
 
 // moeBatchedMinTokens is the smallest batch whose MoE runs MoEBatched (the
 // experts' token segments through the GEMM) instead of the fused

@@ -13,8 +13,11 @@
 // warp (wm, wn) taking two m-tiles of 16 rows (shared rows 16wm.. and
 // 64+16wm..) and WT n-tiles of 8 tokens. K goes in stages of 128 columns
 // through a GEMM_STAGES-deep cp.async pipeline in shared memory: codes
-// [128 rows][64 bytes] (rows padded to 80 bytes: conflict-free word reads)
-// and activations [BT][128 bytes] (16-byte granules swizzled by token).
+// [128 rows][64 bytes] (rows padded to 80 bytes: conflict-free word reads),
+// activations [BT][128 bytes] (16-byte granules swizzled by token) and
+// their scales [BT][4 floats]; the block's weight scales for all of K are
+// loaded once, before the pipeline ([128][K/G] bytes after the stages), so
+// that no global load waits inside the loop.
 //
 // Inside a 32-column chunk the order of k does not matter as long as A and B
 // agree: thread (g = lane/4, i = lane%4) takes word i of the chunk's 16
@@ -57,6 +60,17 @@ DEVICE void cp_async16(u32 dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
 }
 
+// 4, 8 or 16 bytes through L1 (the activation scales of a stage).
+DEVICE void cp_async_small(u32 dst, const void* src, int bytes) {
+  if (bytes == 16) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+  } else if (bytes == 8) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src) : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
+  }
+}
+
 DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 
 template <int N>
@@ -95,11 +109,20 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
   constexpr int BT = 8 * WT * WN;
   constexpr int NT = 128 * WN;
   constexpr int ABYTES = GEMM_ROWS * GEMM_ASTRIDE;
-  constexpr int SBYTES = ABYTES + BT * GEMM_BK;
+  constexpr int XBYTES = BT * GEMM_BK;
+  constexpr int SBYTES = ABYTES + XBYTES + BT * 16;  // codes, activations, activation scales
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp & 3, wn = warp >> 2, g = lane >> 2, i = lane & 3;
   const int nk = K / GEMM_BK, GK = K / G;
+  const int gpb = GEMM_BK / G;  // groups per stage
   const int half = MODE == GEMM_GATE_UP ? 64 : 128;
+  // The block's weight scales for all of K, after the stages: [128][GK].
+  u8* sws = smem + GEMM_STAGES * SBYTES;
+  for (int idx = tid; idx < GEMM_ROWS * GK; idx += NT) {
+    const int r = idx / GK, gi = idx - r * GK;
+    const u8* base = (MODE == GEMM_GATE_UP && r >= 64) ? b.scales : a.scales;
+    sws[idx] = __ldg(base + (size_t)min(row0 + (r & (half - 1)), N - 1) * GK + gi);
+  }
 
   // Shared row r's codes (clamped to a valid row; its results are dropped).
   auto arow = [&](int r) -> const u8* {
@@ -121,29 +144,15 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
       const int r = idx >> 3, c = idx & 7;
       cp_async16(smem_addr(sb + gemm_bofs(r, c)), xq + (size_t)tokrow[r] * K + k0 + c * 16);
     }
+    for (int r = tid; r < BT; r += NT) {
+      cp_async_small(smem_addr(sb + XBYTES + r * 16), xs + (size_t)tokrow[r] * GK + s * gpb, 4 * gpb);
+    }
   };
 
   // This thread's weight rows (shared rows ra[m], ra[m] + 8) and scale rows.
-  // (32-bit offsets: fewer registers than pointers.)
   int ra[2];
-  u32 srow[2][2];
   ra[0] = 16 * wm + g;
   ra[1] = 64 + 16 * wm + g;
-  const u8* sbase1 = MODE == GEMM_GATE_UP ? b.scales : a.scales;  // m-tile 1's matrix
-#pragma unroll
-  for (int m = 0; m < 2; m++) {
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-      const int r = ra[m] + 8 * h;
-      srow[m][h] = (u32)min(row0 + (r & (half - 1)), N - 1) * (u32)GK;
-    }
-  }
-  // This thread's output tokens: 8nt + 2i + e of the warp's tokens.
-  u32 xsrow[WT][2];
-#pragma unroll
-  for (int nt = 0; nt < WT; nt++)
-#pragma unroll
-    for (int e = 0; e < 2; e++) xsrow[nt][e] = (u32)tokrow[wn * 8 * WT + 8 * nt + 2 * i + e] * (u32)GK;
 
   float acc[2][WT][4];
 #pragma unroll
@@ -166,18 +175,18 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     cp_async_commit();
     const u8* sa = smem + (kt % GEMM_STAGES) * SBYTES;
     const u8* sb = sa + ABYTES;
+    const float* sxs = (const float*)(sb + XBYTES);
     for (int j0 = 0; j0 < 4; j0 += spg) {
-      const int grp = (kt * GEMM_BK + j0 * 32) / G;
-      // The group's scales, loaded before its products.
+      const int gl = j0 / spg, grp = kt * gpb + gl;
       float ws[2][2], xv[WT][2];
 #pragma unroll
       for (int m = 0; m < 2; m++)
 #pragma unroll
-        for (int h = 0; h < 2; h++) ws[m][h] = e4m3(__ldg((m ? sbase1 : a.scales) + srow[m][h] + grp));
+        for (int h = 0; h < 2; h++) ws[m][h] = e4m3(sws[(ra[m] + 8 * h) * GK + grp]);
 #pragma unroll
       for (int nt = 0; nt < WT; nt++)
 #pragma unroll
-        for (int e = 0; e < 2; e++) xv[nt][e] = __ldg(xs + xsrow[nt][e] + grp);
+        for (int e = 0; e < 2; e++) xv[nt][e] = sxs[(wn * 8 * WT + 8 * nt + 2 * i + e) * 4 + gl];
       i32 d[2][WT][4];
 #pragma unroll
       for (int m = 0; m < 2; m++)
@@ -244,7 +253,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
 }
 
 // Dense product of T tokens: grid (ceil(N/128), ceil(T/BT)), 128*WN threads,
-// GEMM_STAGES * (GEMM_ROWS * GEMM_ASTRIDE + BT * GEMM_BK)
+// GEMM_STAGES * (GEMM_ROWS * GEMM_ASTRIDE + BT * (GEMM_BK + 16)) + 128 * K/G
 // bytes of dynamic shared memory.
 template <int WT, int WN>
 DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale, int N, int K, int G,
