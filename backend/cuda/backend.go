@@ -1193,16 +1193,22 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s bac
 	maxN := b.meta.maxN
 	width := s.Rank + s.RopeDim
 	splits := splitBucket((maxN + attentionHeadsPos - 1) / attentionHeadsPos)
+	// Many rows (a long prefill): the same kernels over chunks of rows
+	// whose partial sums fit splitFloats.
+	rows := T
+	if T*s.Heads*splits*s.Rank > b.splitFloats {
+		rows = b.splitFloats / (s.Heads * splits * s.Rank)
+	}
 	// Heads per block: enough blocks to cover the SMs, at most
 	// attentionHeadsMax heads each.
-	groups := max((s.Heads+attentionHeadsMax-1)/attentionHeadsMax, min(s.Heads, (b.dev.Info().SMs+T*splits-1)/(T*splits)))
+	groups := max((s.Heads+attentionHeadsMax-1)/attentionHeadsMax, min(s.Heads, (b.dev.Info().SMs+max(rows, 1)*splits-1)/(max(rows, 1)*splits)))
 	hb := (s.Heads + groups - 1) / groups
 	groups = (s.Heads + hb - 1) / hb
 	heads := 4 * (attentionHeadsPos*(width+4) + hb*width + 17*hb*attentionHeadsPos)
-	if !b.noHeadsAttention && s.Rank%4 == 0 && s.RopeDim%4 == 0 && T*s.Heads*splits*s.Rank <= b.splitFloats &&
+	if !b.noHeadsAttention && s.Rank%4 == 0 && s.RopeDim%4 == 0 && rows >= 1 &&
 		splits <= maxMergeSplits && heads <= b.dev.Info().SharedOptin {
-		// Few rows: blocks of positions, each read once for all heads.
-		parts := T * s.Heads * splits
+		// Blocks of positions, each read once for all heads.
+		parts := rows * s.Heads * splits
 		pm, ps, pacc := b.alloc(4*parts), b.alloc(4*parts), b.alloc(4*parts*s.Rank)
 		b.do("attention", func(c *Ctx) error {
 			k, err := c.Kernel("ops", "latent_attention_heads")
@@ -1215,13 +1221,19 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s bac
 				}
 				k.maxShared = heads
 			}
-			if err := c.Launch(k, Dim{uint32(T), uint32(splits), uint32(groups)}, D1(256), heads,
-				ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer), p.kernelDType(),
-				b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
-				s.Heads, hb, s.Rank, s.NopeDim, s.RopeDim, scale, splits, pm, ps, pacc); err != nil {
-				return err
+			for r0 := 0; r0 < T; r0 += rows {
+				n := min(rows, T-r0)
+				if err := c.Launch(k, Dim{uint32(n), uint32(splits), uint32(groups)}, D1(256), heads,
+					ql.row(r0), ql.ld, qm.row(r0), qm.ld, p.layer(layer), p.kernelDType(),
+					b.meta.pos+4*uint64(r0), b.meta.rowSeq+4*uint64(r0), b.meta.seqBlocks, b.meta.blocks, p.blockSize,
+					s.Heads, hb, s.Rank, s.NopeDim, s.RopeDim, scale, splits, pm, ps, pacc); err != nil {
+					return err
+				}
+				if err := b.merge(c, &tensor{rows: n, cols: om.cols, ld: om.ld, ptr: om.row(r0)}, n, s, splits, pm, ps, pacc); err != nil {
+					return err
+				}
 			}
-			return b.merge(c, om, T, s, splits, pm, ps, pacc)
+			return nil
 		})
 		return
 	}
@@ -1316,6 +1328,14 @@ func (b *Backend) ExpandValues(out, olat backend.Tensor, wUV backend.Weight, s b
 		b.count(weightBytes(w))
 		a := b.quantize(ol, w.q.G)
 		b.do("expand values", func(c *Ctx) error { return c.GEMVHeads(om.ptr, w.q, a, s.Heads, s.VDim) })
+		return
+	}
+	if w.q != nil && ol.rows >= 2 && s.Rank%w.q.G == 0 && GEMMFits(s.Rank, w.q.G) {
+		// Several tokens: every head's product in one GEMM launch, on one
+		// quantization of the rows (whole groups per head).
+		b.count(weightBytes(w))
+		a := b.quantize(ol, w.q.G)
+		b.do(b.opName("expand values", w), func(c *Ctx) error { return c.GEMMHeads(om.ptr, om.ld, w.q, a, s.Heads, s.VDim, GEMMTileAuto) })
 		return
 	}
 	for h := 0; h < s.Heads; h++ {

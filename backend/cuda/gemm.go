@@ -40,11 +40,17 @@ func (t GEMMTile) tokens() int {
 	return 16
 }
 
-func (t GEMMTile) suffix() string {
+// suffix names the kernel variant: the tile, and "_g128" for the one
+// specialised to groups of 128 (its stage loops unroll).
+func (t GEMMTile) suffix(G int) string {
+	s := "t16"
 	if t == GEMMTile64 {
-		return "t64"
+		s = "t64"
 	}
-	return "t16"
+	if G == 128 {
+		s += "_g128"
+	}
+	return s
 }
 
 func (t GEMMTile) threads() int {
@@ -105,14 +111,35 @@ func (c *Ctx) GEMM(y uint64, ldy int, w *QMatrix, a *QActs, tile GEMMTile) error
 	case ldy < w.N && a.T > 1:
 		return fmt.Errorf("cuda: gemm: output stride %d below N=%d", ldy, w.N)
 	}
+	return c.gemm(y, ldy, w.Codes, w.Scales, w.RowScale, w.N, w.K, w.G, a, 1, tile)
+}
+
+// gemm launches the dense GEMM kernel over heads products of n rows and k
+// columns (see GEMMHeads; heads = 1: one product).
+func (c *Ctx) gemm(y uint64, ldy int, codes, scales, rowScale uint64, n, k, G int, a *QActs, heads int, tile GEMMTile) error {
 	tile = pickTile(tile, a.T)
-	shared := tile.shared(w.K / w.G)
-	k, err := c.gemmKernel("gemm_"+tile.suffix(), shared)
+	shared := tile.shared(k / G)
+	kern, err := c.gemmKernel("gemm_"+tile.suffix(G), shared)
 	if err != nil {
 		return err
 	}
-	grid := Dim{uint32((w.N + gemmRows - 1) / gemmRows), uint32((a.T + tile.tokens() - 1) / tile.tokens()), 1}
-	return c.Launch(k, grid, D1(tile.threads()), shared, w.Codes, w.Scales, w.RowScale, w.N, w.K, w.G, a.Q, a.Scales, a.T, y, ldy)
+	grid := Dim{uint32((n + gemmRows - 1) / gemmRows), uint32((a.T + tile.tokens() - 1) / tile.tokens()), uint32(heads)}
+	return c.Launch(kern, grid, D1(tile.threads()), shared, codes, scales, rowScale, n, k, G, a.Q, a.K, a.Scales, a.K/G, a.T, y, ldy)
+}
+
+// GEMMHeads computes, for each head h < heads and each of the a.T rows,
+// y[t*ldy + h*rows + n] = W[h*rows+n] . x_h[t], where x_h is columns
+// [h*k, (h+1)*k) of the quantized row (a.K = heads*k, whole groups per
+// head) and W [heads*rows, k]: every head's product in one launch.
+func (c *Ctx) GEMMHeads(y uint64, ldy int, w *QMatrix, a *QActs, heads, rows int, tile GEMMTile) error {
+	k := w.K
+	switch {
+	case a.K != heads*k || a.G != w.G || k%w.G != 0 || !GEMMFits(k, w.G):
+		return fmt.Errorf("cuda: gemm heads: activations %dx%d G=%d for %d heads of [%d,%d] G=%d", a.T, a.K, a.G, heads, rows, k, w.G)
+	case w.N != heads*rows || ldy < w.N:
+		return fmt.Errorf("cuda: gemm heads: %d rows for %d heads of %d, output stride %d", w.N, heads, rows, ldy)
+	}
+	return c.gemm(y, ldy, w.Codes, w.Scales, w.RowScale, rows, k, w.G, a, heads, tile)
 }
 
 // MoEBatch is the device work space of MoEBatched for T tokens: the pairs'
@@ -165,11 +192,11 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 		return err
 	}
 	guShared, downShared := tile.shared(t.K/t.G), tile.shared(t.I/t.G)
-	gu, err := c.gemmKernel("moe_gemm_gate_up_"+tile.suffix(), guShared)
+	gu, err := c.gemmKernel("moe_gemm_gate_up_"+tile.suffix(t.G), guShared)
 	if err != nil {
 		return err
 	}
-	down, err := c.gemmKernel("moe_gemm_down_"+tile.suffix(), downShared)
+	down, err := c.gemmKernel("moe_gemm_down_"+tile.suffix(t.G), downShared)
 	if err != nil {
 		return err
 	}

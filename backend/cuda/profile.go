@@ -92,8 +92,15 @@ func (p *profiler) run(c *Ctx, ops []queuedOp) error {
 	}
 	p.flushes++
 	p.launches += c.launches - before
+	if p.all && p.flushes%profileEvery == 0 {
+		p.report(os.Stderr) // a server may never close the backend
+	}
 	return nil
 }
+
+// profileEvery is how often (in flushes) MMFP4_CUDA_PROFILE=all reports
+// the totals so far.
+const profileEvery = 10
 
 // report writes the totals, largest first.
 func (p *profiler) report(w io.Writer) {

@@ -102,10 +102,13 @@ DEVICE float gemm_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
 // (shared) of xq [.][K] / xs [.][K/G]; ntok tokens are valid. Output row of
 // tile token r: out + r*ldo (the caller offsets out to the tile's first
 // token).
-template <int WT, int WN, int MODE>
-DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8* __restrict__ xq,
-                      const float* __restrict__ xs, const int* tokrow, int ntok, float* __restrict__ out,
-                      int ldo, u8* smem) {
+// SPG: the 32-column chunks of a scale group when known at compile time
+// (4 for G = 128: the stage's loops unroll), or 0 (G/32 at run time). xq
+// rows are ldx bytes apart, xs rows ldxs floats.
+template <int WT, int WN, int MODE, int SPG>
+DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8* __restrict__ xq, int ldx,
+                      const float* __restrict__ xs, int ldxs, const int* tokrow, int ntok,
+                      float* __restrict__ out, int ldo, u8* smem) {
   constexpr int BT = 8 * WT * WN;
   constexpr int NT = 128 * WN;
   constexpr int ABYTES = GEMM_ROWS * GEMM_ASTRIDE;
@@ -142,10 +145,10 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     }
     for (int idx = tid; idx < BT * 8; idx += NT) {
       const int r = idx >> 3, c = idx & 7;
-      cp_async16(smem_addr(sb + gemm_bofs(r, c)), xq + (size_t)tokrow[r] * K + k0 + c * 16);
+      cp_async16(smem_addr(sb + gemm_bofs(r, c)), xq + (size_t)tokrow[r] * ldx + k0 + c * 16);
     }
     for (int r = tid; r < BT; r += NT) {
-      cp_async_small(smem_addr(sb + XBYTES + r * 16), xs + (size_t)tokrow[r] * GK + s * gpb, 4 * gpb);
+      cp_async_small(smem_addr(sb + XBYTES + r * 16), xs + (size_t)tokrow[r] * ldxs + s * gpb, 4 * gpb);
     }
   };
 
@@ -167,7 +170,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     if (s < nk) load_stage(s, s);
     cp_async_commit();
   }
-  const int spg = G / 32;  // 32-column chunks per group
+  const int spg = SPG ? SPG : G / 32;  // 32-column chunks per group
   for (int kt = 0; kt < nk; kt++) {
     cp_async_wait<GEMM_STAGES - 2>();
     __syncthreads();
@@ -176,6 +179,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     const u8* sa = smem + (kt % GEMM_STAGES) * SBYTES;
     const u8* sb = sa + ABYTES;
     const float* sxs = (const float*)(sb + XBYTES);
+#pragma unroll
     for (int j0 = 0; j0 < 4; j0 += spg) {
       const int gl = j0 / spg, grp = kt * gpb + gl;
       float ws[2][2], xv[WT][2];
@@ -194,6 +198,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
         for (int nt = 0; nt < WT; nt++)
 #pragma unroll
           for (int e = 0; e < 4; e++) d[m][nt][e] = 0;
+#pragma unroll
       for (int j = j0; j < j0 + spg; j++) {
         u32 af[2][4];
 #pragma unroll
@@ -255,32 +260,40 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
 // Dense product of T tokens: grid (ceil(N/128), ceil(T/BT)), 128*WN threads,
 // GEMM_STAGES * (GEMM_ROWS * GEMM_ASTRIDE + BT * (GEMM_BK + 16)) + 128 * K/G
 // bytes of dynamic shared memory.
-template <int WT, int WN>
+//
+// Grid z > 1: per-head products, head z taking weight rows [z*N, (z+1)*N),
+// activation columns [z*K, (z+1)*K) (whole groups) and output columns
+// [z*N, (z+1)*N).
+template <int WT, int WN, int SPG>
 DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale, int N, int K, int G,
-                       const i8* xq, const float* xs, int T, float* y, int ldy) {
+                       const i8* xq, int ldx, const float* xs, int ldxs, int T, float* y, int ldy) {
   constexpr int BT = 8 * WT * WN;
   extern __shared__ __align__(16) u8 gemm_smem_buf[];
   __shared__ int tokrow[BT];
   const int t0 = blockIdx.y * BT, ntok = min(BT, T - t0);
+  const size_t z = blockIdx.z, GK = K / G;
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = t0 + min(r, ntok - 1);
   PDL_WAIT();
   __syncthreads();
-  GQMat a = {codes, scales, row_scale};
-  gemm_tile<WT, WN, GEMM_PLAIN>(a, a, N, K, G, blockIdx.x * GEMM_ROWS, xq, xs, tokrow, ntok, y + (size_t)t0 * ldy,
-                                ldy, gemm_smem_buf);
+  GQMat a = {codes + z * N * (K / 2), scales + z * N * GK, row_scale + z * N};
+  gemm_tile<WT, WN, GEMM_PLAIN, SPG>(a, a, N, K, G, blockIdx.x * GEMM_ROWS, xq + z * K, ldx, xs + z * GK, ldxs,
+                                     tokrow, ntok, y + (size_t)t0 * ldy + z * N, ldy, gemm_smem_buf);
 }
 
-#define GEMM_DENSE_KERNEL(NAME, WT, WN)                                                            \
-  extern "C" __global__ void __launch_bounds__(128 * WN) NAME(                                    \
+#define GEMM_DENSE_KERNEL(NAME, WT, WN, SPG, MINB)                                                   \
+  extern "C" __global__ void __launch_bounds__(128 * WN, MINB) NAME(                                 \
       const u8* __restrict__ codes, const u8* __restrict__ scales,                                \
       const float* __restrict__ row_scale, int N, int K, int G, const i8* __restrict__ xq,        \
-      const float* __restrict__ xs, int T, float* __restrict__ y, int ldy) {                      \
+      int ldx, const float* __restrict__ xs, int ldxs, int T, float* __restrict__ y, int ldy) {   \
     PDL_LAUNCH();                                                                                 \
-    gemm_dense<WT, WN>(codes, scales, row_scale, N, K, G, xq, xs, T, y, ldy);                     \
+    gemm_dense<WT, WN, SPG>(codes, scales, row_scale, N, K, G, xq, ldx, xs, ldxs, T, y, ldy);     \
   }
 
-GEMM_DENSE_KERNEL(gemm_t64, 4, 2)
-GEMM_DENSE_KERNEL(gemm_t16, 2, 1)
+// (MINB: blocks per SM the registers must allow.)
+GEMM_DENSE_KERNEL(gemm_t64, 4, 2, 0, 2)
+GEMM_DENSE_KERNEL(gemm_t16, 2, 1, 0, 1)
+GEMM_DENSE_KERNEL(gemm_t64_g128, 4, 2, 4, 2)
+GEMM_DENSE_KERNEL(gemm_t16_g128, 2, 1, 4, 1)
 
 // ---------------------------------------------------------------------------
 // MoE over many tokens, on the device. A pair (t, k) is token t's slot k:
@@ -338,7 +351,7 @@ extern "C" __global__ void __launch_bounds__(MOE_GROUP_THREADS)
 // Gate and up products with the SiLU product over the tiles:
 // h[row][n] = silu(gate_e,n . x[list[row]]) * (up_e,n . x[list[row]]).
 // Grid (ceil(I/64), max tiles).
-template <int WT, int WN>
+template <int WT, int WN, int SPG>
 DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
                              const i32* ntiles, const i32* list, int I, int K, int G, const i8* xq,
                              const float* xs, float* h) {
@@ -352,13 +365,13 @@ DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i3
   const GExpert& ex = experts[tile_e[tile]];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = list[s0 + min(r, ntok - 1)];
   __syncthreads();
-  gemm_tile<WT, WN, GEMM_GATE_UP>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, xs, tokrow, ntok,
-                                  h + (size_t)s0 * I, I, gemm_smem_buf);
+  gemm_tile<WT, WN, GEMM_GATE_UP, SPG>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G, tokrow, ntok,
+                                       h + (size_t)s0 * I, I, gemm_smem_buf);
 }
 
 // Down products over the tiles: part[row][n] = down_e,n . hq[row].
 // Grid (ceil(N/128), max tiles).
-template <int WT, int WN>
+template <int WT, int WN, int SPG>
 DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
                           const i32* ntiles, int N, int I, int G, const i8* hq, const float* hs, float* part) {
   constexpr int BT = 8 * WT * WN;
@@ -371,18 +384,18 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
   const GExpert& ex = experts[tile_e[tile]];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = s0 + min(r, ntok - 1);
   __syncthreads();
-  gemm_tile<WT, WN, GEMM_PLAIN>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, hs, tokrow, ntok,
-                                part + (size_t)s0 * N, N, gemm_smem_buf);
+  gemm_tile<WT, WN, GEMM_PLAIN, SPG>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs, I / G, tokrow,
+                                     ntok, part + (size_t)s0 * N, N, gemm_smem_buf);
 }
 
-#define MOE_GEMM_KERNELS(SUFFIX, WT, WN)                                                           \
+#define MOE_GEMM_KERNELS(SUFFIX, WT, WN, SPG)                                                      \
   extern "C" __global__ void __launch_bounds__(128 * WN) moe_gemm_gate_up_##SUFFIX(               \
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,                             \
       const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K, int G,          \
       const i8* __restrict__ xq, const float* __restrict__ xs, float* __restrict__ h) {           \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_gate_up<WT, WN>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h);  \
+    moe_gemm_gate_up<WT, WN, SPG>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h);  \
   }                                                                                               \
   extern "C" __global__ void __launch_bounds__(128 * WN) moe_gemm_down_##SUFFIX(                  \
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
@@ -390,11 +403,13 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
       const i32* __restrict__ ntiles, int N, int I, int G, const i8* __restrict__ hq,             \
       const float* __restrict__ hs, float* __restrict__ part) {                                   \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_down<WT, WN>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part);        \
+    moe_gemm_down<WT, WN, SPG>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part);        \
   }
 
-MOE_GEMM_KERNELS(t64, 4, 2)
-MOE_GEMM_KERNELS(t16, 2, 1)
+MOE_GEMM_KERNELS(t64, 4, 2, 0)
+MOE_GEMM_KERNELS(t16, 2, 1, 0)
+MOE_GEMM_KERNELS(t64_g128, 4, 2, 4)
+MOE_GEMM_KERNELS(t16_g128, 2, 1, 4)
 
 // y[t] (+)= sum over token t's slots, in slot order, of weight * part[pos]:
 // the routed slots with their weights, the shared ones with weight 1 (the
