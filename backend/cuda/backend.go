@@ -1147,6 +1147,9 @@ func (b *Backend) AbsorbQuery(qlat, q backend.Tensor, wUK backend.Weight, s back
 	}
 	b.count(weightBytes(w))
 	b.wrote(ql)
+	if b.absorbMany(ql, qm, w, s) {
+		return
+	}
 	if w.q != nil && s.Rank%32 == 0 && s.Rank <= 512 {
 		b.launch("absorb query", "ops", "absorb_query_q", Dim{uint32(ql.rows), uint32(s.Heads), 1}, D1(512),
 			ql.ptr, ql.ld, qm.ptr, qm.ld, w.q.Codes, w.q.Scales, w.q.RowScale, w.q.G, s.Rank, s.NopeDim, s.RopeDim)

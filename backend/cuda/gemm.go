@@ -5,6 +5,8 @@ package cuda
 import (
 	"fmt"
 	"os"
+
+	"github.com/mmfp4/mmfp4/backend"
 )
 
 // GEMMTile picks the token tile of the tensor-core GEMM (gemm.cu).
@@ -229,7 +231,7 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 
 // gemmMinTokens is the smallest MMFP4 product (in token rows) that MatMul
 // runs on the tensor-core GEMM instead of the GEMV kernels.
-var gemmMinTokens = 32
+var gemmMinTokens = 48
 
 // moeBatchedMinTokens is the smallest batch whose MoE runs MoEBatched (the
 // experts' token segments through the GEMM) instead of the fused
@@ -268,4 +270,35 @@ func (b *Backend) moeBatched(d, xm *tensor, rt *routing, l *moeLayer) {
 	b.do("moe batched", func(c *Ctx) error {
 		return c.MoEBatched(d.ptr, d.ld, true, t, rt.ids, rt.wts, rt.topK, a, s)
 	})
+}
+
+// absorbTokens is ABSORB_T in gemm.cu; absorbManyMinTokens the smallest
+// batch that AbsorbQuery runs through absorb_query_many.
+const (
+	absorbTokens        = 8
+	absorbManyMinTokens = 8
+)
+
+// absorbMany queues absorb_query_many for AbsorbQuery when it applies
+// (MMFP4 W_UK, enough tokens, the head's codes in shared memory) and
+// reports whether it did.
+func (b *Backend) absorbMany(ql, qm *tensor, w *weight, s backend.MLAShape) bool {
+	if w.q == nil || ql.rows < absorbManyMinTokens || s.Rank > 512 || s.Rank%2 != 0 || s.Rank%w.q.G != 0 ||
+		(s.NopeDim*s.Rank/2)%16 != 0 {
+		return false
+	}
+	shared := s.NopeDim*s.Rank/2 + 4*absorbTokens*s.NopeDim*(s.Rank/w.q.G)
+	if shared > b.dev.Info().SharedOptin {
+		return false
+	}
+	q := w.q
+	b.do("absorb query", func(c *Ctx) error {
+		k, err := c.gemmKernel("absorb_query_many", shared)
+		if err != nil {
+			return err
+		}
+		return c.Launch(k, Dim{uint32((ql.rows + absorbTokens - 1) / absorbTokens), uint32(s.Heads), 1}, D1(256), shared,
+			ql.ptr, ql.ld, qm.ptr, qm.ld, q.Codes, q.Scales, q.RowScale, q.G, s.Rank, s.NopeDim, s.RopeDim, ql.rows)
+	})
+	return true
 }

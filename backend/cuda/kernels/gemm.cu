@@ -432,3 +432,67 @@ extern "C" __global__ void __launch_bounds__(256)
     *o = accumulate ? *o + total : total;
   }
 }
+
+// ---------------------------------------------------------------------------
+// The absorbed query of many tokens, qlat[t, h*rank + k] =
+// sum_i q_nope[t,h,i] * W_UK[h*dn + i, k], with W_UK in MMFP4 ([heads*dn,
+// rank]): a block takes ABSORB_T tokens of one head and keeps the head's
+// codes (dn x rank/2 bytes) in shared memory, so that they are read once per
+// ABSORB_T tokens instead of once per token. Each weight is the doubled
+// E2M1 value times coef[t][i][g] = q_nope[t,h,i] * (row_scale/2 * group
+// scale), the CPU backend's terms; thread j owns columns 2j and 2j+1 (one
+// byte of codes) for every token of the block. Grid (ceil(T/ABSORB_T),
+// heads), 256 threads (rank <= 512); dynamic shared memory dn*rank/2 +
+// 4*ABSORB_T*dn*(rank/G) bytes.
+#define ABSORB_T 8
+
+extern "C" __global__ void __launch_bounds__(256)
+    absorb_query_many(float* __restrict__ qlat, int ldql, const float* __restrict__ q, int ldq,
+                      const u8* __restrict__ codes, const u8* __restrict__ scales,
+                      const float* __restrict__ row_scale, int G, int rank, int dn, int dr, int T) {
+  PDL_LAUNCH();
+  extern __shared__ __align__(16) u8 absorb_smem[];
+  __shared__ float lut[16];
+  const int h = blockIdx.y, t0 = blockIdx.x * ABSORB_T, tid = threadIdx.x;
+  const int half = rank / 2, GK = rank / G;
+  u8* sc = absorb_smem;                                // [dn][rank/2] codes
+  float* coef = (float*)(absorb_smem + dn * half);    // [ABSORB_T][dn][GK]
+  if (tid < 16) {
+    const int m = tid & 7, e = m >> 1, f = m & 1;
+    const float v = e == 0 ? (float)f : (float)((2 + f) << (e - 1));  // doubled E2M1
+    lut[tid] = tid & 8 ? -v : v;
+  }
+  const u8* hc = codes + (size_t)h * dn * half;
+  for (int c = tid; c < dn * half / 16; c += 256) ((uint4*)sc)[c] = load_stream16(hc + 16 * c);
+  PDL_WAIT();
+  for (int idx = tid; idx < ABSORB_T * dn * GK; idx += 256) {
+    const int a = idx / (dn * GK), rem = idx - a * dn * GK, i = rem / GK, g = rem - i * GK;
+    const int t = t0 + a, row = h * dn + i;
+    const float qv = t < T ? q[(size_t)t * ldq + (size_t)h * (dn + dr) + i] : 0.f;
+    coef[idx] = qv * (row_scale[row] * 0.5f * e4m3(scales[(size_t)row * GK + g]));
+  }
+  __syncthreads();
+  if (2 * tid >= rank) return;
+  const int g = (2 * tid) / G;
+  float acc[ABSORB_T][2];
+#pragma unroll
+  for (int a = 0; a < ABSORB_T; a++) acc[a][0] = acc[a][1] = 0.f;
+  for (int i = 0; i < dn; i++) {
+    const u32 byte = sc[i * half + tid];
+    const float v0 = lut[byte & 15], v1 = lut[byte >> 4];
+#pragma unroll
+    for (int a = 0; a < ABSORB_T; a++) {
+      const float c = coef[(a * dn + i) * GK + g];
+      acc[a][0] += c * v0;
+      acc[a][1] += c * v1;
+    }
+  }
+#pragma unroll
+  for (int a = 0; a < ABSORB_T; a++) {
+    if (t0 + a < T) {
+      float* o = qlat + (size_t)(t0 + a) * ldql + (size_t)h * rank + 2 * tid;
+      o[0] = acc[a][0];
+      o[1] = acc[a][1];
+    }
+  }
+}
