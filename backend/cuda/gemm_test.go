@@ -145,9 +145,9 @@ func TestBackendMoEBatchedMatchesCPU(t *testing.T) {
 			}
 			hosts = append(hosts, h)
 		}
-		// 8 and 37 tokens: 16-token tiles; 200: 64-token tiles
-		// (moeBatchTile).
-		for _, T := range []int{8, 37, 200} {
+		// 8 and 20 tokens: GEMV tiles (up to 8 pairs); 37: 16-token
+		// tiles; 200: 64-token tiles (moeBatchTile).
+		for _, T := range []int{8, 20, 37, 200} {
 			x := randVec(r, T*K, 1)
 			for _, withShared := range []bool{false, true} {
 				name := fmt.Sprintf("moe batched G=%d T=%d shared=%v", G, T, withShared)
@@ -221,6 +221,14 @@ func newMoEBatch(c *Ctx, T, topk int, t *ExpertTable, tile GEMMTile) (*MoEBatch,
 	}
 	bufs = append(bufs, hq.buf)
 	s.HQ = hq
+	if tile == MoETileGEMV {
+		xg, err := c.NewQActs(P, t.K, t.G)
+		if err != nil {
+			return nil, bufs, err
+		}
+		bufs = append(bufs, xg.buf)
+		s.XG = xg
+	}
 	return s, bufs, nil
 }
 
@@ -358,7 +366,10 @@ func BenchmarkMoEBatched(b *testing.B) {
 				wts[t*topk+k] = 0.25
 			}
 		}
-		for _, v := range []string{"per_token", "batched_t16", "batched_t64"} {
+		for _, v := range []string{"per_token", "batched_gemv", "batched_t16", "batched_t64"} {
+			if v == "batched_gemv" && T > 128 {
+				continue
+			}
 			if v == "per_token" && T > 128 {
 				continue
 			}
@@ -394,10 +405,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 							return nil
 						}
 					default:
-						tile := GEMMTile16
-						if v == "batched_t64" {
-							tile = GEMMTile64
-						}
+						tile := map[string]GEMMTile{"batched_gemv": MoETileGEMV, "batched_t16": GEMMTile16, "batched_t64": GEMMTile64}[v]
 						s, bufs, err := newMoEBatch(c, T, topk, tab, tile)
 						defer func() {
 							for _, bb := range bufs {

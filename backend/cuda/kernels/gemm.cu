@@ -496,3 +496,122 @@ extern "C" __global__ void __launch_bounds__(256)
     }
   }
 }
+
+// ---------------------------------------------------------------------------
+// MoE tiles of at most 8 pairs through the dp4a GEMV core (matvec.cuh), for
+// small batches whose experts get a few tokens each: the tensor-core tiles
+// then mostly multiply padding, while these stream each expert's rows once
+// for its few tokens at the GEMV's bandwidth. moe_gather_q first copies the
+// quantized rows of the pairs' tokens into pair order (list), so that a
+// tile's activations are consecutive rows.
+
+// Grid P blocks of 128 threads: row p of (gq, gs, gsum) = row list[p] of
+// (xq, xs, xsum).
+extern "C" __global__ void __launch_bounds__(128)
+    moe_gather_q(const i32* __restrict__ list, int K, int G, const i8* __restrict__ xq,
+                 const float* __restrict__ xs, const i32* __restrict__ xsum, i8* __restrict__ gq,
+                 float* __restrict__ gs, i32* __restrict__ gsum) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  const int p = blockIdx.x, t = list[p], GK = K / G, C = K / 32;
+  const uint4* src = (const uint4*)(xq + (size_t)t * K);
+  uint4* dst = (uint4*)(gq + (size_t)p * K);
+  for (int i = threadIdx.x; i < K / 16; i += 128) dst[i] = src[i];
+  for (int i = threadIdx.x; i < GK; i += 128) gs[(size_t)p * GK + i] = xs[(size_t)t * GK + i];
+  for (int i = threadIdx.x; i < C; i += 128) gsum[(size_t)p * C + i] = xsum[(size_t)t * C + i];
+}
+
+// One warp's rows against the T (compile-time) pairs of a tile. GATE_UP:
+// rows n0, n0+1 of gate and of up, written as silu(gate) * up into
+// out[(s0+t)*ldo + n]; else rows n0..n0+3 of one matrix, written as is.
+template <int T, bool GATE_UP>
+DEVICE void moe_gemv_rows(const GQMat& m0, const GQMat& m1, int N, int K, int gshift, int n0, const i8* xq,
+                          const float* xs, const i32* xsum, float* out, int ldo) {
+  const int lane = threadIdx.x & 31, GK = (K >> 5) >> gshift;
+  const u8* rc[4];
+  const u8* rs[4];
+#pragma unroll
+  for (int r = 0; r < 4; r++) {
+    const GQMat& m = (GATE_UP && r >= 2) ? m1 : m0;
+    const int n = min(n0 + (GATE_UP ? (r & 1) : r), N - 1);
+    rc[r] = m.codes + (size_t)n * (K / 2);
+    rs[r] = m.scales + (size_t)n * GK;
+  }
+  float acc[4][T];
+  gemv_dot<T, 4, false>(rc, rs, K, gshift, xq, xs, xsum, acc);
+  if (GATE_UP) {
+#pragma unroll
+    for (int r = 0; r < 2; r++)
+#pragma unroll
+      for (int t = 0; t < T; t++) {
+        const int n = n0 + r;
+        if (lane == ((r * T + t) & 31) && n < N) {
+          const float g = acc[r][t] * (m0.row_scale[n] * 0.5f);
+          const float u = acc[2 + r][t] * (m1.row_scale[n] * 0.5f);
+          out[(size_t)t * ldo + n] = gemm_silu(g) * u;
+        }
+      }
+  } else {
+#pragma unroll
+    for (int r = 0; r < 4; r++)
+#pragma unroll
+      for (int t = 0; t < T; t++) {
+        const int n = n0 + r;
+        if (lane == ((r * T + t) & 31) && n < N) out[(size_t)t * ldo + n] = acc[r][t] * (m0.row_scale[n] * 0.5f);
+      }
+  }
+}
+
+template <bool GATE_UP>
+DEVICE void moe_gemv_tile(const GQMat& m0, const GQMat& m1, int N, int K, int gshift, int n0, int ntok,
+                          const i8* xq, const float* xs, const i32* xsum, float* out, int ldo) {
+  switch (ntok) {
+    case 1: moe_gemv_rows<1, GATE_UP>(m0, m1, N, K, gshift, n0, xq, xs, xsum, out, ldo); break;
+    case 2: moe_gemv_rows<2, GATE_UP>(m0, m1, N, K, gshift, n0, xq, xs, xsum, out, ldo); break;
+    case 3: moe_gemv_rows<3, GATE_UP>(m0, m1, N, K, gshift, n0, xq, xs, xsum, out, ldo); break;
+    case 4: moe_gemv_rows<4, GATE_UP>(m0, m1, N, K, gshift, n0, xq, xs, xsum, out, ldo); break;
+    case 5: moe_gemv_rows<5, GATE_UP>(m0, m1, N, K, gshift, n0, xq, xs, xsum, out, ldo); break;
+    case 6: moe_gemv_rows<6, GATE_UP>(m0, m1, N, K, gshift, n0, xq, xs, xsum, out, ldo); break;
+    case 7: moe_gemv_rows<7, GATE_UP>(m0, m1, N, K, gshift, n0, xq, xs, xsum, out, ldo); break;
+    default: moe_gemv_rows<8, GATE_UP>(m0, m1, N, K, gshift, n0, xq, xs, xsum, out, ldo); break;
+  }
+}
+
+// Gate/up over tiles of <= 8 pairs: grid (ceil(I/8), max tiles) blocks of
+// 4 warps, a warp taking 2 rows of gate and of up; x* are the gathered
+// rows (pair order).
+extern "C" __global__ void __launch_bounds__(128)
+    moe_gemv_gate_up(const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,
+                     const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
+                     const i32* __restrict__ ntiles, int I, int K, int gshift, const i8* __restrict__ xq,
+                     const float* __restrict__ xs, const i32* __restrict__ xsum, float* __restrict__ h) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  const int tile = blockIdx.y;
+  if (tile >= ntiles[0]) return;
+  const int n0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 2;
+  if (n0 >= I) return;
+  const int s0 = tile_s[tile], ntok = tile_n[tile], GK = (K >> 5) >> gshift;
+  const GExpert& ex = experts[tile_e[tile]];
+  moe_gemv_tile<true>(ex.gate, ex.up, I, K, gshift, n0, ntok, xq + (size_t)s0 * K, xs + (size_t)s0 * GK,
+                      xsum + (size_t)s0 * (K / 32), h + (size_t)s0 * I, I);
+}
+
+// Down over tiles of <= 8 pairs: grid (ceil(N/16), max tiles), a warp
+// taking 4 rows; part[row][n] as moe_gemm_down.
+extern "C" __global__ void __launch_bounds__(128)
+    moe_gemv_down(const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,
+                  const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
+                  const i32* __restrict__ ntiles, int N, int I, int gshift, const i8* __restrict__ hq,
+                  const float* __restrict__ hs, const i32* __restrict__ hsum, float* __restrict__ part) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  const int tile = blockIdx.y;
+  if (tile >= ntiles[0]) return;
+  const int n0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 4;
+  if (n0 >= N) return;
+  const int s0 = tile_s[tile], ntok = tile_n[tile], GK = (I >> 5) >> gshift;
+  const GExpert& ex = experts[tile_e[tile]];
+  moe_gemv_tile<false>(ex.down, ex.down, N, I, gshift, n0, ntok, hq + (size_t)s0 * I, hs + (size_t)s0 * GK,
+                       hsum + (size_t)s0 * (I / 32), part + (size_t)s0 * N, N);
+}
