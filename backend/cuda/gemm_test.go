@@ -136,6 +136,9 @@ func TestBackendMoEBatchedMatchesCPU(t *testing.T) {
 	router := denseHost(r, "router", E, K)
 	bias := backend.HostWeight{Name: "bias", N: 1, K: E, Dense: randVec(r, E, 0.1)}
 	g, c := testBackends(t, Options{})
+	// Down to 2 tokens, so that any threshold is covered.
+	defer func(v int) { moeBatchedMinTokens = v }(moeBatchedMinTokens)
+	moeBatchedMinTokens = 2
 	for _, G := range []int{128, 32} {
 		var hosts [][3]backend.HostWeight
 		for e := 0; e < E+1; e++ {
@@ -145,9 +148,9 @@ func TestBackendMoEBatchedMatchesCPU(t *testing.T) {
 			}
 			hosts = append(hosts, h)
 		}
-		// 8 and 20 tokens: GEMV tiles (up to 8 pairs); 37: 16-token
-		// tiles; 200: 64-token tiles (moeBatchTile).
-		for _, T := range []int{8, 20, 37, 200} {
+		// 2-20 tokens: GEMV tiles (up to 8 pairs); 37: 16-token tiles;
+		// 200: 64-token tiles (moeBatchTile).
+		for _, T := range []int{2, 5, 8, 20, 37, 200} {
 			x := randVec(r, T*K, 1)
 			for _, withShared := range []bool{false, true} {
 				name := fmt.Sprintf("moe batched G=%d T=%d shared=%v", G, T, withShared)
