@@ -298,10 +298,13 @@ func (b *Backend) moeBatched(d, xm *tensor, rt *routing, l *moeLayer) {
 }
 
 // absorbTokens is ABSORB_T in gemm.cu; absorbManyMinTokens the smallest
-// batch that AbsorbQuery runs through absorb_query_many.
+// batch that AbsorbQuery runs through absorb_query_many (prefills: its sums
+// run in another order than absorb_query_q's, which is kept for decode
+// batches and short prompts, where a last-bit change can move an int8
+// requantization further on).
 const (
 	absorbTokens        = 8
-	absorbManyMinTokens = 8
+	absorbManyMinTokens = 64
 )
 
 // absorbMany queues absorb_query_many for AbsorbQuery when it applies
