@@ -4,7 +4,6 @@ package cuda
 
 import (
 	"fmt"
-	"math/bits"
 	"os"
 
 	"github.com/mmfp4/mmfp4/backend"
@@ -20,9 +19,6 @@ const (
 	GEMMTile16
 	// GEMMTile64: blocks of 128 rows x 64 tokens (8 warps).
 	GEMMTile64
-	// MoETileGEMV (MoEBatched only): tiles of at most 8 pairs through the
-	// dp4a GEMV core, for experts that get a few tokens each.
-	MoETileGEMV
 )
 
 // gemmRows and gemmBK are GEMM_ROWS and GEMM_BK in gemm.cu: the weight rows
@@ -36,15 +32,18 @@ const (
 )
 
 // gemmWideTokens is where the 64-token tile takes over from the 16-token
-// one (per expert segment for the MoE kernels).
-const gemmWideTokens = 48
+// one in a product; moeWideTokens the same for the average expert segment
+// of MoEBatched (measured on an H200: the 16-token tile leads up to 128
+// tokens a product and ties at 256; in the MoE it leads at 10 tokens an
+// expert and trails from about 40).
+const (
+	gemmWideTokens = 256
+	moeWideTokens  = 32
+)
 
 func (t GEMMTile) tokens() int {
-	switch t {
-	case GEMMTile64:
+	if t == GEMMTile64 {
 		return 64
-	case MoETileGEMV:
-		return 8
 	}
 	return 16
 }
@@ -126,9 +125,6 @@ func (c *Ctx) GEMM(y uint64, ldy int, w *QMatrix, a *QActs, tile GEMMTile) error
 // gemm launches the dense GEMM kernel over heads products of n rows and k
 // columns (see GEMMHeads; heads = 1: one product).
 func (c *Ctx) gemm(y uint64, ldy int, codes, scales, rowScale uint64, n, k, G int, a *QActs, heads int, tile GEMMTile) error {
-	if tile == MoETileGEMV {
-		return fmt.Errorf("cuda: gemm: the GEMV tile is for MoEBatched only")
-	}
 	tile = pickTile(tile, a.T)
 	shared := tile.shared(k / G)
 	kern, err := c.gemmKernel("gemm_"+tile.suffix(G), shared)
@@ -164,26 +160,17 @@ type MoEBatch struct {
 	TileN, NTiles      uint64 // int32 [MaxTiles], [1]
 	H, Part            uint64 // float32 [T*Slots][I], [T*Slots][K]
 	HQ                 *QActs // T*Slots rows of I
-	XG                 *QActs // MoETileGEMV: the tokens' rows in pair order (T*Slots of K)
 	Tile               GEMMTile
 }
 
 // moeBatchTile picks the token tile for T tokens of slots pairs each over
-// experts experts: the GEMV tiles while a segment averages at most
-// moeGEMVTokens, the wide tile once it averages gemmWideTokens.
+// experts experts: the wide tile once a segment averages moeWideTokens.
 func moeBatchTile(T, slots, experts int) GEMMTile {
-	switch {
-	case T*slots <= moeGEMVTokens*experts:
-		return MoETileGEMV
-	case T*slots >= gemmWideTokens*experts:
+	if T*slots >= moeWideTokens*experts {
 		return GEMMTile64
 	}
 	return GEMMTile16
 }
-
-// moeGEMVTokens is the average segment (pairs per expert) up to which
-// MoEBatched takes the GEMV tiles.
-var moeGEMVTokens = 6
 
 // moeMaxTiles bounds the tiles of P pairs over ne experts: each expert's
 // rows make ceil(count/BT) tiles.
@@ -211,9 +198,6 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 	group, err := c.Kernel("gemm", "moe_group")
 	if err != nil {
 		return err
-	}
-	if tile == MoETileGEMV {
-		return c.moeBatchedGEMV(y, ldy, accumulate, t, ids, wts, topk, x, s, group)
 	}
 	guShared, downShared := tile.shared(t.K/t.G), tile.shared(t.I/t.G)
 	gu, err := c.gemmKernel("moe_gemm_gate_up_"+tile.suffix(t.G), guShared)
@@ -289,9 +273,6 @@ func (b *Backend) moeBatched(d, xm *tensor, rt *routing, l *moeLayer) {
 	s.TileE, s.TileS, s.TileN, s.NTiles = b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4)
 	s.H, s.Part = b.alloc(4*P*t.I), b.alloc(4*P*t.K)
 	s.HQ = b.quantizeInto(&tensor{rows: P, cols: t.I, ld: t.I}, t.G)
-	if tile == MoETileGEMV {
-		s.XG = b.quantizeInto(&tensor{rows: P, cols: t.K, ld: t.K}, t.G)
-	}
 	b.do("moe batched", func(c *Ctx) error {
 		return c.MoEBatched(d.ptr, d.ld, true, t, rt.ids, rt.wts, rt.topK, a, s)
 	})
@@ -329,48 +310,4 @@ func (b *Backend) absorbMany(ql, qm *tensor, w *weight, s backend.MLAShape) bool
 			ql.ptr, ql.ld, qm.ptr, qm.ld, q.Codes, q.Scales, q.RowScale, q.G, s.Rank, s.NopeDim, s.RopeDim, ql.rows)
 	})
 	return true
-}
-
-// moeBatchedGEMV is MoEBatched on tiles of at most 8 pairs through the
-// dp4a GEMV core: the grouping, a gather of the pairs' quantized rows, the
-// gate/up products, the quantization of their SiLU product, the down
-// products and the weighted sum (six launches).
-func (c *Ctx) moeBatchedGEMV(y uint64, ldy int, accumulate bool, t *ExpertTable, ids, wts uint64, topk int, x *QActs, s *MoEBatch, group *Kernel) error {
-	slots := topk + t.Shared
-	P := x.T * slots
-	if s.XG == nil || s.XG.T != P || s.XG.K != t.K || s.XG.G != t.G {
-		return fmt.Errorf("cuda: moe batched: no gathered rows for %d pairs", P)
-	}
-	var ks [4]*Kernel
-	for i, name := range []string{"moe_gather_q", "moe_gemv_gate_up", "moe_gemv_down", "moe_combine"} {
-		k, err := c.Kernel("gemm", name)
-		if err != nil {
-			return err
-		}
-		ks[i] = k
-	}
-	gshift := bits.TrailingZeros(uint(t.G / 32))
-	if err := c.Launch(group, D1(1), D1(1024), 0, ids, x.T, topk, t.Shared, t.Routed, MoETileGEMV.tokens(),
-		s.Pos, s.List, s.TileE, s.TileS, s.TileN, s.NTiles); err != nil {
-		return err
-	}
-	if err := c.Launch(ks[0], D1(P), D1(128), 0, s.List, t.K, t.G, x.Q, x.Scales, x.Sums, s.XG.Q, s.XG.Scales, s.XG.Sums); err != nil {
-		return err
-	}
-	if err := c.Launch(ks[1], Dim{uint32((t.I + 7) / 8), uint32(s.MaxTiles), 1}, D1(128), 0,
-		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.I, t.K, gshift, s.XG.Q, s.XG.Scales, s.XG.Sums, s.H); err != nil {
-		return err
-	}
-	if err := c.RMSNormQuant(s.H, t.I, 0, 0, 0, 0, P, t.I, t.G, s.HQ); err != nil {
-		return err
-	}
-	if err := c.Launch(ks[2], Dim{uint32((t.K + 15) / 16), uint32(s.MaxTiles), 1}, D1(128), 0,
-		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, s.HQ.Sums, s.Part); err != nil {
-		return err
-	}
-	acc := 0
-	if accumulate {
-		acc = 1
-	}
-	return c.Launch(ks[3], D1(x.T), D1(256), 0, s.Part, s.Pos, wts, topk, slots, t.K, y, ldy, acc)
 }

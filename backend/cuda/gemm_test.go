@@ -148,8 +148,7 @@ func TestBackendMoEBatchedMatchesCPU(t *testing.T) {
 			}
 			hosts = append(hosts, h)
 		}
-		// 2-20 tokens: GEMV tiles (up to 8 pairs); 37: 16-token tiles;
-		// 200: 64-token tiles (moeBatchTile).
+		// 2-37 tokens: 16-token tiles; 200: 64-token tiles (moeBatchTile).
 		for _, T := range []int{2, 5, 8, 20, 37, 200} {
 			x := randVec(r, T*K, 1)
 			for _, withShared := range []bool{false, true} {
@@ -224,14 +223,6 @@ func newMoEBatch(c *Ctx, T, topk int, t *ExpertTable, tile GEMMTile) (*MoEBatch,
 	}
 	bufs = append(bufs, hq.buf)
 	s.HQ = hq
-	if tile == MoETileGEMV {
-		xg, err := c.NewQActs(P, t.K, t.G)
-		if err != nil {
-			return nil, bufs, err
-		}
-		bufs = append(bufs, xg.buf)
-		s.XG = xg
-	}
 	return s, bufs, nil
 }
 
@@ -369,10 +360,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 				wts[t*topk+k] = 0.25
 			}
 		}
-		for _, v := range []string{"per_token", "batched_gemv", "batched_t16", "batched_t64"} {
-			if v == "batched_gemv" && T > 128 {
-				continue
-			}
+		for _, v := range []string{"per_token", "batched_t16", "batched_t64"} {
 			if v == "per_token" && T > 128 {
 				continue
 			}
@@ -408,7 +396,10 @@ func BenchmarkMoEBatched(b *testing.B) {
 							return nil
 						}
 					default:
-						tile := map[string]GEMMTile{"batched_gemv": MoETileGEMV, "batched_t16": GEMMTile16, "batched_t64": GEMMTile64}[v]
+						tile := GEMMTile16
+						if v == "batched_t64" {
+							tile = GEMMTile64
+						}
 						s, bufs, err := newMoEBatch(c, T, topk, tab, tile)
 						defer func() {
 							for _, bb := range bufs {
