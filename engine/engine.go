@@ -462,6 +462,10 @@ func (e *Engine) step() {
 	}
 	outs, err := e.net.ForwardOutputs(b, e.pool)
 	now := time.Now()
+	var picks []pick
+	if err == nil {
+		picks = e.pickAll(plan, outs, b.Sample)
+	}
 	out := 0
 	for _, c := range plan {
 		s := c.s
@@ -477,7 +481,7 @@ func (e *Engine) step() {
 		s.computed += c.n
 		e.kv.Commit(&s.kv, s.tokens, s.computed)
 		if s.computed == len(s.tokens) {
-			e.emit(s, outs[out], b.Sample[out], now)
+			e.emit(s, outs[out], b.Sample[out], &picks[out], now)
 			out++
 		}
 	}
@@ -596,28 +600,105 @@ func (e *Engine) sampleParams(s *seq) *backend.SampleParams {
 	return p
 }
 
-// emit sends s's next token, which the backend chose or s's sampler
-// chooses from the logits (with the random number drawn for p, if set),
-// or ends s.
-func (e *Engine) emit(s *seq, out glm4moelite.Output, p *backend.SampleParams, now time.Time) {
-	logits := out.Logits
-	if logits != nil {
-		if err := glm4moelite.CheckLogits(logits); err != nil {
-			e.remove(s)
-			e.finish(s, FinishError, fmt.Errorf("logits at position %d: %w (run with --debug-nan to find the layer)", len(s.tokens)-1, err))
+// pick is what emit needs from a sequence's logits row that depends on
+// nothing else: the row's check, the sampled token and the logprobs.
+type pick struct {
+	ready       bool // computed by pickAll (else emit computes it)
+	checkErr    error
+	id          int
+	err         error
+	logprob     float32
+	topLogprobs []TokenLogprob
+}
+
+// pickAll computes the picks of the step's output rows that came back as
+// logits (in plan order) on several goroutines: over a large vocabulary
+// the check, the argmax and above all the logprobs (an exp per vocabulary
+// entry) take milliseconds a sequence, which the engine's one goroutine
+// paid in series (at 32 sequences and 154,880 entries, most of a GPU
+// decode step). Each sequence's sampler is used by one goroutine only;
+// constrained sequences are left to emit, in order, and rows whose token
+// the backend chose need nothing.
+func (e *Engine) pickAll(plan []chunk, outs []glm4moelite.Output, params []*backend.SampleParams) []pick {
+	type job struct {
+		s   *seq
+		row []float32
+		sp  *backend.SampleParams
+		p   *pick
+	}
+	var jobs []job
+	picks := make([]pick, len(outs))
+	out := 0
+	for _, c := range plan {
+		if c.s.computed+c.n != len(c.s.tokens) {
+			continue
+		}
+		if c.s.req.Constraint == nil && outs[out].Logits != nil {
+			jobs = append(jobs, job{c.s, outs[out].Logits, params[out], &picks[out]})
+		}
+		out++
+	}
+	work := func(j job) {
+		p := j.p
+		p.ready = true
+		if p.checkErr = glm4moelite.CheckLogits(j.row); p.checkErr != nil {
 			return
 		}
+		if j.sp != nil {
+			p.id, p.err = j.s.sampler.SampleWith(j.row, j.sp.U)
+		} else {
+			p.id, p.err = j.s.sampler.Sample(j.row)
+		}
+		if p.err != nil {
+			return
+		}
+		if j.s.req.Logprobs || j.s.req.TopLogprobs > 0 {
+			p.logprob, p.topLogprobs = logprobs(j.row, p.id, j.s.req.TopLogprobs)
+		}
+	}
+	if len(jobs) < 2 {
+		for _, j := range jobs {
+			work(j)
+		}
+		return picks
+	}
+	var wg sync.WaitGroup
+	for _, j := range jobs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			work(j)
+		}()
+	}
+	wg.Wait()
+	return picks
+}
+
+// emit sends s's next token, which the backend chose (out.ID) or s's
+// sampler chooses from the logits (in p, computed by pickAll, or here, with
+// the random number drawn for sp if set), or ends s.
+func (e *Engine) emit(s *seq, out glm4moelite.Output, sp *backend.SampleParams, p *pick, now time.Time) {
+	logits := out.Logits
+	if logits != nil && !p.ready {
+		p.checkErr = glm4moelite.CheckLogits(logits)
+	}
+	if err := p.checkErr; err != nil {
+		e.remove(s)
+		e.finish(s, FinishError, fmt.Errorf("logits at position %d: %w (run with --debug-nan to find the layer)", len(s.tokens)-1, err))
+		return
 	}
 	id := out.ID
 	var err error
 	switch c := s.req.Constraint; {
 	case logits == nil:
+	case p.ready:
+		id, err = p.id, p.err
 	case c != nil:
 		if id, err = c.Sample(s.sampler, logits); err == nil {
 			err = c.Advance(id)
 		}
-	case p != nil:
-		id, err = s.sampler.SampleWith(logits, p.U)
+	case sp != nil:
+		id, err = s.sampler.SampleWith(logits, sp.U)
 	default:
 		id, err = s.sampler.Sample(logits)
 	}
@@ -633,7 +714,9 @@ func (e *Engine) emit(s *seq, out glm4moelite.Output, p *backend.SampleParams, n
 	}
 	s.tokens = append(s.tokens, int32(id))
 	ev := Event{Token: id, Time: now}
-	if s.req.Logprobs || s.req.TopLogprobs > 0 {
+	if p.ready {
+		ev.Logprob, ev.TopLogprobs = p.logprob, p.topLogprobs
+	} else if s.req.Logprobs || s.req.TopLogprobs > 0 {
 		ev.Logprob, ev.TopLogprobs = logprobs(logits, id, s.req.TopLogprobs)
 	}
 	var stopped bool
@@ -683,11 +766,17 @@ func (e *Engine) finish(s *seq, why Finish, err error) {
 }
 
 // logprobs returns the log-softmax of logits at id and the top k entries.
+// The logits are finite (CheckLogits ran first), so a plain comparison
+// finds the maximum (math.Max's NaN and signed-zero cases cost a third of
+// the function's time over a large vocabulary).
 func logprobs(logits []float32, id, k int) (float32, []TokenLogprob) {
-	mx := math.Inf(-1)
+	m := float32(math.Inf(-1))
 	for _, v := range logits {
-		mx = math.Max(mx, float64(v))
+		if v > m {
+			m = v
+		}
 	}
+	mx := float64(m)
 	var sum float64
 	for _, v := range logits {
 		sum += math.Exp(float64(v) - mx)

@@ -303,7 +303,7 @@ func (b *Backend) flush() {
 	t0 := time.Now()
 	defer b.steps.add(0, t0)
 	err := b.dev.Do(func(c *Ctx) error {
-		if b.prof != nil && b.batchRows() == 1 {
+		if b.prof != nil && (b.batchRows() == 1 || b.prof.all) {
 			return b.prof.run(c, ops)
 		}
 		if b.graphs == nil {
@@ -928,8 +928,9 @@ func actRows(a *QActs, from, n int) *QActs {
 	return &QActs{T: n, K: a.K, G: a.G, Q: a.Q + uint64(from*a.K), Scales: a.Scales + uint64(4*from*a.K/a.G), Sums: a.Sums + uint64(4*from*a.K/32)}
 }
 
-// MatMul computes dst = x W^T: MMFP4 through the int8 GEMV kernels, eight
-// rows at a time; dense through a simple fp32 kernel.
+// MatMul computes dst = x W^T: MMFP4 through the tensor-core GEMM from
+// gemmMinTokens rows on, else the int8 GEMV kernels, eight rows at a time;
+// dense through a simple fp32 kernel.
 func (b *Backend) MatMul(dst, x backend.Tensor, wt backend.Weight) {
 	d, xm, w := asTensor(dst), asTensor(x), asWeight(wt)
 	if b.badShape("matmul out", [2]int{d.rows, d.cols}, [2]int{xm.rows, w.n}) ||
@@ -953,6 +954,10 @@ func (b *Backend) MatMul(dst, x backend.Tensor, wt backend.Weight) {
 		return
 	}
 	a := b.quantize(xm, w.q.G)
+	if d.rows >= gemmMinTokens && GEMMFits(w.q.K, w.q.G) {
+		b.do(b.opName("matmul", w), func(c *Ctx) error { return c.GEMM(d.ptr, d.ld, w.q, a, GEMMTileAuto) })
+		return
+	}
 	b.do(b.opName("matmul", w), func(c *Ctx) error {
 		for t := 0; t < d.rows; t += 8 {
 			n := min(8, d.rows-t)
@@ -1254,6 +1259,9 @@ func (b *Backend) AbsorbQuery(qlat, q backend.Tensor, wUK backend.Weight, s back
 	}
 	b.count(weightBytes(w))
 	b.wrote(ql)
+	if b.absorbMany(ql, qm, w, s) {
+		return
+	}
 	if w.q != nil && s.Rank%32 == 0 && s.Rank <= 512 {
 		b.launch("absorb query", "ops", "absorb_query_q", Dim{uint32(ql.rows), uint32(s.Heads), 1}, D1(512),
 			ql.ptr, ql.ld, qm.ptr, qm.ld, w.q.Codes, w.q.Scales, w.q.RowScale, w.q.G, s.Rank, s.NopeDim, s.RopeDim)
@@ -1301,16 +1309,22 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s bac
 	maxN := b.meta.maxN
 	width := s.Rank + s.RopeDim
 	splits := splitBucket((maxN + attentionHeadsPos - 1) / attentionHeadsPos)
+	// Many rows (a long prefill): the same kernels over chunks of rows
+	// whose partial sums fit splitFloats.
+	rows := T
+	if T*s.Heads*splits*s.Rank > b.splitFloats {
+		rows = b.splitFloats / (s.Heads * splits * s.Rank)
+	}
 	// Heads per block: enough blocks to cover the SMs, at most
 	// attentionHeadsMax heads each.
-	groups := max((s.Heads+attentionHeadsMax-1)/attentionHeadsMax, min(s.Heads, (b.dev.Info().SMs+T*splits-1)/(T*splits)))
+	groups := max((s.Heads+attentionHeadsMax-1)/attentionHeadsMax, min(s.Heads, (b.dev.Info().SMs+max(rows, 1)*splits-1)/(max(rows, 1)*splits)))
 	hb := (s.Heads + groups - 1) / groups
 	groups = (s.Heads + hb - 1) / hb
 	heads := 4 * (attentionHeadsPos*(width+4) + hb*width + 17*hb*attentionHeadsPos)
-	if !b.noHeadsAttention && s.Rank%4 == 0 && s.RopeDim%4 == 0 && T*s.Heads*splits*s.Rank <= b.splitFloats &&
+	if !b.noHeadsAttention && s.Rank%4 == 0 && s.RopeDim%4 == 0 && rows >= 1 &&
 		splits <= maxMergeSplits && heads <= b.dev.Info().SharedOptin {
-		// Few rows: blocks of positions, each read once for all heads.
-		parts := T * s.Heads * splits
+		// Blocks of positions, each read once for all heads.
+		parts := rows * s.Heads * splits
 		pm, ps, pacc := b.alloc(4*parts), b.alloc(4*parts), b.alloc(4*parts*s.Rank)
 		b.do("attention", func(c *Ctx) error {
 			k, err := c.Kernel("ops", "latent_attention_heads")
@@ -1323,13 +1337,19 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s bac
 				}
 				k.maxShared = heads
 			}
-			if err := c.Launch(k, Dim{uint32(T), uint32(splits), uint32(groups)}, D1(256), heads,
-				ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer), p.kernelDType(),
-				b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
-				s.Heads, hb, s.Rank, s.NopeDim, s.RopeDim, scale, splits, pm, ps, pacc); err != nil {
-				return err
+			for r0 := 0; r0 < T; r0 += rows {
+				n := min(rows, T-r0)
+				if err := c.Launch(k, Dim{uint32(n), uint32(splits), uint32(groups)}, D1(256), heads,
+					ql.row(r0), ql.ld, qm.row(r0), qm.ld, p.layer(layer), p.kernelDType(),
+					b.meta.pos+4*uint64(r0), b.meta.rowSeq+4*uint64(r0), b.meta.seqBlocks, b.meta.blocks, p.blockSize,
+					s.Heads, hb, s.Rank, s.NopeDim, s.RopeDim, scale, splits, pm, ps, pacc); err != nil {
+					return err
+				}
+				if err := b.merge(c, &tensor{rows: n, cols: om.cols, ld: om.ld, ptr: om.row(r0)}, n, s, splits, pm, ps, pacc); err != nil {
+					return err
+				}
 			}
-			return b.merge(c, om, T, s, splits, pm, ps, pacc)
+			return nil
 		})
 		return
 	}
@@ -1429,6 +1449,14 @@ func (b *Backend) ExpandValues(out, olat backend.Tensor, wUV backend.Weight, s b
 		b.do("expand values", func(c *Ctx) error { return c.GEMVHeads(om.ptr, w.q, a, s.Heads, s.VDim) })
 		return
 	}
+	if w.q != nil && ol.rows >= 2 && s.Rank%w.q.G == 0 && GEMMFits(s.Rank, w.q.G) {
+		// Several tokens: every head's product in one GEMM launch, on one
+		// quantization of the rows (whole groups per head).
+		b.count(weightBytes(w))
+		a := b.quantize(ol, w.q.G)
+		b.do(b.opName("expand values", w), func(c *Ctx) error { return c.GEMMHeads(om.ptr, om.ld, w.q, a, s.Heads, s.VDim, GEMMTileAuto) })
+		return
+	}
 	for h := 0; h < s.Heads; h++ {
 		b.MatMul(b.Cols(out, h*s.VDim, (h+1)*s.VDim), b.Cols(olat, h*s.Rank, (h+1)*s.Rank), weightRows(w, h*s.VDim, s.VDim))
 	}
@@ -1526,8 +1554,9 @@ func (b *Backend) MoEShared(dst, x backend.Tensor, r backend.Routing, experts, s
 	if !ok {
 		panic(fmt.Sprintf("cuda backend: routing of type %T from another backend", r))
 	}
-	if !b.opts.NoFusedMoE && d.rows == xm.rows && d.rows <= moeFusedMaxTokens && rt.Tokens() == d.rows && len(experts) > 0 && d.cols == xm.cols {
-		if l := b.moeLayerShared(experts, shared, rt.topK); l != nil {
+	batched := d.rows >= moeBatchedMinTokens
+	if !b.opts.NoFusedMoE && d.rows == xm.rows && (d.rows <= moeFusedMaxTokens || batched) && rt.Tokens() == d.rows && len(experts) > 0 && d.cols == xm.cols {
+		if l := b.moeLayerShared(experts, shared, rt.topK); l != nil && (!batched || l.batchable()) {
 			b.wrote(d)
 			e := experts[0]
 			perToken := int64(rt.topK) * (weightBytes(asWeight(e.Gate)) + weightBytes(asWeight(e.Up)) + weightBytes(asWeight(e.Down)))
@@ -1535,7 +1564,11 @@ func (b *Backend) MoEShared(dst, x backend.Tensor, r backend.Routing, experts, s
 				perToken += weightBytes(asWeight(s.Gate)) + weightBytes(asWeight(s.Up)) + weightBytes(asWeight(s.Down))
 			}
 			b.count(int64(d.rows) * perToken)
-			b.moeRows(d, xm, rt, l)
+			if batched {
+				b.moeBatched(d, xm, rt, l)
+			} else {
+				b.moeRows(d, xm, rt, l)
+			}
 			return
 		}
 	}
@@ -1634,12 +1667,17 @@ func (b *Backend) MoE(dst, x backend.Tensor, r backend.Routing, experts []backen
 		return
 	}
 	b.wrote(d)
-	if !b.opts.NoFusedMoE && d.rows <= moeFusedMaxTokens {
-		if l := b.moeLayer(experts, rt.topK); l != nil {
+	batched := d.rows >= moeBatchedMinTokens
+	if !b.opts.NoFusedMoE && (d.rows <= moeFusedMaxTokens || batched) {
+		if l := b.moeLayer(experts, rt.topK); l != nil && (!batched || l.batchable()) {
 			// Each token: topK distinct experts (the ids stay on the device).
 			e := experts[0]
 			b.count(int64(d.rows*rt.topK) * (weightBytes(asWeight(e.Gate)) + weightBytes(asWeight(e.Up)) + weightBytes(asWeight(e.Down))))
-			b.moeRows(d, xm, rt, l)
+			if batched {
+				b.moeBatched(d, xm, rt, l)
+			} else {
+				b.moeRows(d, xm, rt, l)
+			}
 			return
 		}
 	}

@@ -233,12 +233,17 @@ func TestBackendAttentionMatchesCPU(t *testing.T) {
 		T := st.Rows()
 		ins = append(ins, stepIn{randVec(r, T*s.Rank, 1), randVec(r, T*s.RopeDim, 1), randVec(r, T*s.Heads*qk, 1)})
 	}
-	for _, split := range []string{"heads", "split", "rows"} {
+	for _, split := range []string{"heads", "split", "rows", "chunks"} {
 		// heads: blocks of positions for all heads; split: a block per
-		// head and block of positions; rows: a block per head and row.
+		// head and block of positions; rows: a block per head and row;
+		// chunks: heads over chunks of 7 rows (8 splits at 150 positions),
+		// as a long prefill runs.
 		g.splitFloats, g.noHeadsAttention = maxSplitFloats, split == "split"
-		if split == "rows" {
+		switch split {
+		case "rows":
 			g.splitFloats = 0
+		case "chunks":
+			g.splitFloats = 7 * s.Heads * 8 * s.Rank
 		}
 		for _, dt := range []backend.CacheDType{backend.CacheF32, backend.CacheBF16, backend.CacheFP8} {
 			for wi, wname := range []string{"mmfp4", "dense"} {

@@ -23,6 +23,9 @@ type profiler struct {
 	events            []*Event
 	ops               map[string]*opTime
 	flushes, launches int
+	// all: every step, prefill too (MMFP4_CUDA_PROFILE=all), not only
+	// one-row steps.
+	all bool
 }
 
 type opTime struct {
@@ -31,10 +34,11 @@ type opTime struct {
 }
 
 func newProfiler() *profiler {
-	if os.Getenv("MMFP4_CUDA_PROFILE") != "1" {
+	v := os.Getenv("MMFP4_CUDA_PROFILE")
+	if v != "1" && v != "all" {
 		return nil
 	}
-	return &profiler{ops: map[string]*opTime{}}
+	return &profiler{ops: map[string]*opTime{}, all: v == "all"}
 }
 
 // hostPerOp bounds the host's time to queue one op (a few launches through
@@ -88,8 +92,15 @@ func (p *profiler) run(c *Ctx, ops []queuedOp) error {
 	}
 	p.flushes++
 	p.launches += c.launches - before
+	if p.all && p.flushes%profileEvery == 0 {
+		p.report(os.Stderr) // a server may never close the backend
+	}
 	return nil
 }
+
+// profileEvery is how often (in flushes) MMFP4_CUDA_PROFILE=all reports
+// the totals so far.
+const profileEvery = 10
 
 // report writes the totals, largest first.
 func (p *profiler) report(w io.Writer) {

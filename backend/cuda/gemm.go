@@ -1,0 +1,313 @@
+//go:build linux || darwin || freebsd || netbsd
+
+package cuda
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/mmfp4/mmfp4/backend"
+)
+
+// GEMMTile picks the token tile of the tensor-core GEMM (gemm.cu).
+type GEMMTile int
+
+const (
+	// GEMMTileAuto: 64 tokens a block from gemmWideTokens tokens on, else 16.
+	GEMMTileAuto GEMMTile = iota
+	// GEMMTile16: blocks of 128 rows x 16 tokens (4 warps).
+	GEMMTile16
+	// GEMMTile64: blocks of 128 rows x 64 tokens (8 warps).
+	GEMMTile64
+)
+
+// gemmRows and gemmBK are GEMM_ROWS and GEMM_BK in gemm.cu: the weight rows
+// of a block and the columns of a pipeline stage (K must be a multiple).
+const (
+	gemmRows = 128
+	gemmBK   = 128
+	// gemmStages, gemmAStride: GEMM_STAGES, GEMM_ASTRIDE.
+	gemmStages  = 4
+	gemmAStride = 80
+)
+
+// gemmWideTokens is where the 64-token tile takes over from the 16-token
+// one in a product; moeWideTokens the same for the average expert segment
+// of MoEBatched (measured on an H200: the 16-token tile leads up to 128
+// tokens a product and ties at 256; in the MoE it leads at 10 tokens an
+// expert and trails from about 40).
+const (
+	gemmWideTokens = 256
+	moeWideTokens  = 32
+)
+
+func (t GEMMTile) tokens() int {
+	if t == GEMMTile64 {
+		return 64
+	}
+	return 16
+}
+
+// suffix names the kernel variant: the tile, and "_g128" for the one
+// specialised to groups of 128 (its stage loops unroll).
+func (t GEMMTile) suffix(G int) string {
+	s := "t16"
+	if t == GEMMTile64 {
+		s = "t64"
+	}
+	if G == 128 {
+		s += "_g128"
+	}
+	return s
+}
+
+func (t GEMMTile) threads() int {
+	if t == GEMMTile64 {
+		return 256
+	}
+	return 128
+}
+
+// shared is the tile's dynamic shared memory for gk scale groups a row:
+// the cp.async stages (codes, activations, activation scales), then the
+// block's weight scales.
+func (t GEMMTile) shared(gk int) int {
+	return gemmStages*(gemmRows*gemmAStride+t.tokens()*(gemmBK+16)) + gemmRows*gk
+}
+
+func pickTile(t GEMMTile, tokens int) GEMMTile {
+	if t != GEMMTileAuto {
+		return t
+	}
+	if tokens >= gemmWideTokens {
+		return GEMMTile64
+	}
+	return GEMMTile16
+}
+
+// GEMMFits reports whether the tensor-core GEMM takes a matrix of K
+// columns in groups of G.
+func GEMMFits(K, G int) bool {
+	return K > 0 && K%gemmBK == 0 && (G == 32 || G == 64 || G == 128) && K/G <= 1024
+}
+
+// gemmKernel returns gemm.name allowed n bytes of shared memory.
+func (c *Ctx) gemmKernel(name string, n int) (*Kernel, error) {
+	k, err := c.Kernel("gemm", name)
+	if err != nil {
+		return nil, err
+	}
+	if k.maxShared < n {
+		if err := c.SetMaxShared(k, n); err != nil {
+			return nil, err
+		}
+		k.maxShared = n
+	}
+	return k, nil
+}
+
+// GEMM computes y[t*ldy + n] = sum_k W[n,k] x[t,k] for the a.T quantized
+// rows of a on the tensor cores (the integer MMFP4 product of GEMV).
+func (c *Ctx) GEMM(y uint64, ldy int, w *QMatrix, a *QActs, tile GEMMTile) error {
+	switch {
+	case a.K != w.K || a.G != w.G:
+		return fmt.Errorf("cuda: gemm: activations K=%d G=%d, weights [%d,%d] G=%d", a.K, a.G, w.N, w.K, w.G)
+	case !GEMMFits(w.K, w.G):
+		return fmt.Errorf("cuda: gemm: K=%d G=%d: K must be a multiple of %d, G 32, 64 or 128", w.K, w.G, gemmBK)
+	case a.T < 1:
+		return fmt.Errorf("cuda: gemm: %d tokens", a.T)
+	case ldy < w.N && a.T > 1:
+		return fmt.Errorf("cuda: gemm: output stride %d below N=%d", ldy, w.N)
+	}
+	return c.gemm(y, ldy, w.Codes, w.Scales, w.RowScale, w.N, w.K, w.G, a, 1, tile)
+}
+
+// gemm launches the dense GEMM kernel over heads products of n rows and k
+// columns (see GEMMHeads; heads = 1: one product).
+func (c *Ctx) gemm(y uint64, ldy int, codes, scales, rowScale uint64, n, k, G int, a *QActs, heads int, tile GEMMTile) error {
+	tile = pickTile(tile, a.T)
+	shared := tile.shared(k / G)
+	kern, err := c.gemmKernel("gemm_"+tile.suffix(G), shared)
+	if err != nil {
+		return err
+	}
+	grid := Dim{uint32((n + gemmRows - 1) / gemmRows), uint32((a.T + tile.tokens() - 1) / tile.tokens()), uint32(heads)}
+	return c.Launch(kern, grid, D1(tile.threads()), shared, codes, scales, rowScale, n, k, G, a.Q, a.K, a.Scales, a.K/G, a.T, y, ldy)
+}
+
+// GEMMHeads computes, for each head h < heads and each of the a.T rows,
+// y[t*ldy + h*rows + n] = W[h*rows+n] . x_h[t], where x_h is columns
+// [h*k, (h+1)*k) of the quantized row (a.K = heads*k, whole groups per
+// head) and W [heads*rows, k]: every head's product in one launch.
+func (c *Ctx) GEMMHeads(y uint64, ldy int, w *QMatrix, a *QActs, heads, rows int, tile GEMMTile) error {
+	k := w.K
+	switch {
+	case a.K != heads*k || a.G != w.G || k%w.G != 0 || !GEMMFits(k, w.G):
+		return fmt.Errorf("cuda: gemm heads: activations %dx%d G=%d for %d heads of [%d,%d] G=%d", a.T, a.K, a.G, heads, rows, k, w.G)
+	case w.N != heads*rows || ldy < w.N:
+		return fmt.Errorf("cuda: gemm heads: %d rows for %d heads of %d, output stride %d", w.N, heads, rows, ldy)
+	}
+	return c.gemm(y, ldy, w.Codes, w.Scales, w.RowScale, rows, k, w.G, a, heads, tile)
+}
+
+// MoEBatch is the device work space of MoEBatched for T tokens: the pairs'
+// rows in expert order, the tiles, each pair's SiLU product (and its int8
+// form) and down product. All of it is step memory (the backend's arena).
+type MoEBatch struct {
+	T, Slots, MaxTiles int
+	Pos, List          uint64 // int32 [T*Slots]
+	TileE, TileS       uint64 // int32 [MaxTiles]
+	TileN, NTiles      uint64 // int32 [MaxTiles], [1]
+	H, Part            uint64 // float32 [T*Slots][I], [T*Slots][K]
+	HQ                 *QActs // T*Slots rows of I
+	Tile               GEMMTile
+}
+
+// moeBatchTile picks the token tile for T tokens of slots pairs each over
+// experts experts: the wide tile once a segment averages moeWideTokens.
+func moeBatchTile(T, slots, experts int) GEMMTile {
+	if T*slots >= moeWideTokens*experts {
+		return GEMMTile64
+	}
+	return GEMMTile16
+}
+
+// moeMaxTiles bounds the tiles of P pairs over ne experts: each expert's
+// rows make ceil(count/BT) tiles.
+func moeMaxTiles(P, ne, bt int) int { return P/bt + min(ne, P) + 1 }
+
+// MoEBatched computes, for the x.T quantized tokens of x,
+// y[t] (+)= sum_k wts[t,k] expert_{ids[t,k]}(x[t]) + the shared experts(x[t])
+// entirely on the device: moe_group sorts the pairs by expert, then the
+// gate/up GEMM with the SiLU product over each expert's rows, the int8
+// quantization of those, the down GEMM, and a weighted sum into y (five
+// launches, no host round trip).
+func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids, wts uint64, topk int, x *QActs, s *MoEBatch) error {
+	slots := topk + t.Shared
+	switch {
+	case x.K != t.K || x.G != t.G:
+		return fmt.Errorf("cuda: moe batched: activations %dx%d G=%d, want K=%d G=%d", x.T, x.K, x.G, t.K, t.G)
+	case !GEMMFits(t.K, t.G) || !GEMMFits(t.I, t.G):
+		return fmt.Errorf("cuda: moe batched: experts [%d,%d] G=%d do not suit the GEMM", t.I, t.K, t.G)
+	case s.T != x.T || s.Slots != slots || s.HQ.T != x.T*slots || s.HQ.K != t.I || s.HQ.G != t.G:
+		return fmt.Errorf("cuda: moe batched: work space for %d tokens of %d slots, want %d of %d", s.T, s.Slots, x.T, slots)
+	case t.Routed+t.Shared > 1024:
+		return fmt.Errorf("cuda: moe batched: %d experts, at most 1024", t.Routed+t.Shared)
+	}
+	tile := s.Tile
+	group, err := c.Kernel("gemm", "moe_group")
+	if err != nil {
+		return err
+	}
+	guShared, downShared := tile.shared(t.K/t.G), tile.shared(t.I/t.G)
+	gu, err := c.gemmKernel("moe_gemm_gate_up_"+tile.suffix(t.G), guShared)
+	if err != nil {
+		return err
+	}
+	down, err := c.gemmKernel("moe_gemm_down_"+tile.suffix(t.G), downShared)
+	if err != nil {
+		return err
+	}
+	comb, err := c.Kernel("gemm", "moe_combine")
+	if err != nil {
+		return err
+	}
+	if err := c.Launch(group, D1(1), D1(1024), 0, ids, x.T, topk, t.Shared, t.Routed, tile.tokens(),
+		s.Pos, s.List, s.TileE, s.TileS, s.TileN, s.NTiles); err != nil {
+		return err
+	}
+	if err := c.Launch(gu, Dim{uint32((t.I + 63) / 64), uint32(s.MaxTiles), 1}, D1(tile.threads()), guShared,
+		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, t.G, x.Q, x.Scales, s.H); err != nil {
+		return err
+	}
+	P := x.T * slots
+	if err := c.RMSNormQuant(s.H, t.I, 0, 0, 0, 0, P, t.I, t.G, s.HQ); err != nil {
+		return err
+	}
+	if err := c.Launch(down, Dim{uint32((t.K + gemmRows - 1) / gemmRows), uint32(s.MaxTiles), 1}, D1(tile.threads()), downShared,
+		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, t.G, s.HQ.Q, s.HQ.Scales, s.Part); err != nil {
+		return err
+	}
+	acc := 0
+	if accumulate {
+		acc = 1
+	}
+	return c.Launch(comb, D1(x.T), D1(256), 0, s.Part, s.Pos, wts, topk, slots, t.K, y, ldy, acc)
+}
+
+// gemmMinTokens is the smallest MMFP4 product (in token rows) that MatMul
+// runs on the tensor-core GEMM instead of the GEMV kernels.
+var gemmMinTokens = 48
+
+// moeBatchedMinTokens is the smallest batch whose MoE runs MoEBatched (the
+// experts' token segments through the GEMM) instead of the fused
+// single-token kernels once per token.
+var moeBatchedMinTokens = 8
+
+// MMFP4_CUDA_GEMM=0 turns both off (the GEMV kernels eight rows a launch,
+// the fused MoE per token up to moeFusedMaxTokens, then the grouped path),
+// for comparisons in one binary.
+func init() {
+	if os.Getenv("MMFP4_CUDA_GEMM") == "0" {
+		gemmMinTokens = 1 << 30
+		moeBatchedMinTokens = 1 << 30
+	}
+}
+
+// batchable reports whether the layer's experts suit MoEBatched.
+func (l *moeLayer) batchable() bool {
+	t := l.table
+	return GEMMFits(t.K, t.G) && GEMMFits(t.I, t.G) && t.Routed+t.Shared <= 1024
+}
+
+// moeBatched runs MoEBatched on the rows of xm, adding into d; its work
+// space comes from the step's arena.
+func (b *Backend) moeBatched(d, xm *tensor, rt *routing, l *moeLayer) {
+	t := l.table
+	T, slots := d.rows, rt.topK+t.Shared
+	P := T * slots
+	a := b.quantize(xm, t.G)
+	tile := moeBatchTile(T, slots, t.Routed+t.Shared)
+	s := &MoEBatch{T: T, Slots: slots, Tile: tile, MaxTiles: moeMaxTiles(P, t.Routed+t.Shared, tile.tokens())}
+	s.Pos, s.List = b.alloc(4*P), b.alloc(4*P)
+	s.TileE, s.TileS, s.TileN, s.NTiles = b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4)
+	s.H, s.Part = b.alloc(4*P*t.I), b.alloc(4*P*t.K)
+	s.HQ = b.quantizeInto(&tensor{rows: P, cols: t.I, ld: t.I}, t.G)
+	b.do("moe batched", func(c *Ctx) error {
+		return c.MoEBatched(d.ptr, d.ld, true, t, rt.ids, rt.wts, rt.topK, a, s)
+	})
+}
+
+// absorbTokens is ABSORB_T in gemm.cu; absorbManyMinTokens the smallest
+// batch that AbsorbQuery runs through absorb_query_many (prefills: its sums
+// run in another order than absorb_query_q's, which is kept for decode
+// batches and short prompts, where a last-bit change can move an int8
+// requantization further on).
+const (
+	absorbTokens        = 8
+	absorbManyMinTokens = 64
+)
+
+// absorbMany queues absorb_query_many for AbsorbQuery when it applies
+// (MMFP4 W_UK, enough tokens, the head's codes in shared memory) and
+// reports whether it did.
+func (b *Backend) absorbMany(ql, qm *tensor, w *weight, s backend.MLAShape) bool {
+	if w.q == nil || ql.rows < absorbManyMinTokens || s.Rank > 512 || s.Rank%2 != 0 || s.Rank%w.q.G != 0 ||
+		(s.NopeDim*s.Rank/2)%16 != 0 {
+		return false
+	}
+	shared := s.NopeDim*s.Rank/2 + 4*absorbTokens*s.NopeDim*(s.Rank/w.q.G)
+	if shared > b.dev.Info().SharedOptin {
+		return false
+	}
+	q := w.q
+	b.do("absorb query", func(c *Ctx) error {
+		k, err := c.gemmKernel("absorb_query_many", shared)
+		if err != nil {
+			return err
+		}
+		return c.Launch(k, Dim{uint32((ql.rows + absorbTokens - 1) / absorbTokens), uint32(s.Heads), 1}, D1(256), shared,
+			ql.ptr, ql.ld, qm.ptr, qm.ld, q.Codes, q.Scales, q.RowScale, q.G, s.Rank, s.NopeDim, s.RopeDim, ql.rows)
+	})
+	return true
+}
