@@ -70,6 +70,10 @@ type Backend struct {
 	// noHeadsAttention leaves out the all-heads split kernel, and
 	// noRouteLogits the one-warp router (tests).
 	noHeadsAttention, noRouteLogits bool
+	// noScope keeps every tensor of a step to its end; releases counts
+	// Release calls that freed memory (tests).
+	noScope  bool
+	releases int
 
 	moe       map[*QMatrix]*moeLayer
 	moeShared map[*QMatrix]*moeLayer // tables with the shared experts
@@ -489,6 +493,55 @@ func (b *Backend) alloc(n int) uint64 {
 		return err
 	})
 	return p
+}
+
+// scopedRows is the fewest rows a step needs for Mark and Release to free
+// a layer's tensors for the next (the model calls them around each layer):
+// a 1024-token prefill at GLM-4.7-Flash's shapes otherwise holds 17 GB of
+// temporaries to its end. A decode step's are small, and scoping it would
+// upload the RoPE table again in every layer.
+const scopedRows = 64
+
+// Mark returns the arena's position, for Release; -1 where the step is
+// too small to scope.
+func (b *Backend) Mark() int {
+	if b.noScope || b.batchRows() < scopedRows || len(b.arena.chunks) == 0 {
+		return -1
+	}
+	return b.arena.cur<<32 | b.arena.off
+}
+
+// Release makes the memory taken since mark free again, and forgets what
+// lived there: int8 forms, RoPE tables, the open zeroing range. Ops run in
+// stream order, so every op queued before, reader of that memory or not,
+// finishes before any later op writes it.
+func (b *Backend) Release(mark int) {
+	if mark < 0 {
+		return
+	}
+	cur, off := mark>>32, mark&(1<<32-1)
+	released := func(p uint64) bool {
+		for i := cur; i < len(b.arena.chunks); i++ {
+			ch := b.arena.chunks[i]
+			lo := ch.Ptr
+			if i == cur {
+				lo = ch.At(off)
+			}
+			if p >= lo && p < ch.Ptr+uint64(ch.Size) {
+				return true
+			}
+		}
+		return false
+	}
+	b.quantized = slices.DeleteFunc(b.quantized, func(e quantEntry) bool {
+		return released(e.src.ptr) || released(e.a.Q)
+	})
+	maps.DeleteFunc(b.ropeTables, func(_ ropeKey, p uint64) bool { return released(p) })
+	// A new tensor must get its own memset, queued after the ops that used
+	// its memory before.
+	b.zero = nil
+	b.arena.cur, b.arena.off = cur, off
+	b.releases++
 }
 
 // tensor is a row-major float32 matrix in device memory; row t starts ld

@@ -5,6 +5,8 @@ package cuda
 import (
 	"encoding/binary"
 	"fmt"
+	"math"
+	"math/rand/v2"
 	"path/filepath"
 	"testing"
 
@@ -206,6 +208,37 @@ func TestModelGreedyMatchesCPUOnGPU(t *testing.T) {
 			if same != len(want) {
 				t.Errorf("%s: greedy ids differ at step %d:\n gpu %v\n cpu %v", name, same, got, want)
 			}
+		}
+	}
+}
+
+// A prefill of scopedRows or more rows frees each layer's tensors for the
+// next (Mark, Release); its logits must be those of the same pass holding
+// every tensor to the end, bit for bit.
+func TestScopedPrefillMatchesUnscoped(t *testing.T) {
+	g, _ := testBackends(t, Options{})
+	m := loadOn(t, quantizedFixture(t), g)
+	r := rand.New(rand.NewPCG(11, 3))
+	ids := make([]int, scopedRows+37)
+	for i := range ids {
+		ids[i] = r.IntN(m.Config.VocabSize)
+	}
+	g.noScope = true
+	want := modelLogits(t, m, ids, backend.CacheBF16)
+	if g.releases != 0 {
+		t.Fatalf("%d releases with scoping off", g.releases)
+	}
+	g.noScope = false
+	got := modelLogits(t, m, ids, backend.CacheBF16)
+	if g.releases != len(m.Layers) {
+		t.Fatalf("%d releases over %d layers", g.releases, len(m.Layers))
+	}
+	if len(got) != len(want) {
+		t.Fatalf("%d logits scoped, %d unscoped", len(got), len(want))
+	}
+	for i := range want {
+		if math.Float32bits(got[i]) != math.Float32bits(want[i]) {
+			t.Fatalf("logit %d (row %d): scoped %v, unscoped %v", i, i/m.Config.VocabSize, got[i], want[i])
 		}
 	}
 }
