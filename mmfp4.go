@@ -41,6 +41,10 @@ type Options struct {
 	DebugNaN bool
 }
 
+// DeviceCacheReserve is the device memory left free for step tensors,
+// graphs and kernels when the cache is sized from a GPU's free memory.
+const DeviceCacheReserve = 4 << 30
+
 // Model is a loaded model, ready to generate.
 type Model struct {
 	net     *glm4moelite.Model
@@ -77,6 +81,19 @@ func Load(dir string, opts Options) (*Model, error) {
 	}
 	if opts.MaxContext > 0 {
 		opts.Engine.MaxModelLen = opts.MaxContext
+	}
+	// On a device of its own, the cache takes what the weights left, less
+	// DeviceCacheReserve (and, as always, no more than MaxNumSeqs full
+	// sequences).
+	if mr, ok := b.(backend.MemoryReporter); ok && opts.Engine.CacheBlocks == 0 && opts.Engine.CacheBytes == 0 {
+		mem, err := mr.DeviceMemory()
+		if err != nil {
+			net.Close()
+			return nil, fmt.Errorf("device memory: %w", err)
+		}
+		if left := mem.FreeBytes - DeviceCacheReserve; left > 0 {
+			opts.Engine.CacheBytes = left
+		}
 	}
 	engOpts, err := engine.Resolve(net.Config, opts.Engine)
 	if err != nil {

@@ -141,7 +141,7 @@ It listens on 127.0.0.1 only unless --host says otherwise.`,
 	f.StringSliceVar(&cors, "cors-origin", nil, "browser origins allowed to call the API (CORS is off by default; * allows any)")
 	f.DurationVar(&grace, "shutdown-timeout", 30*time.Second, "on SIGINT/SIGTERM, how long running requests may take before they are cancelled")
 	f.IntVar(&mf.ctx, "max-model-len", 0, "most tokens of one sequence, prompt and output (same as --ctx; default: the model's maximum, or what the KV cache holds)")
-	f.Int64Var(&cacheMiB, "kv-cache-memory", 0, "memory for the KV cache in MiB (default 4096, and no more than --max-num-seqs full sequences)")
+	f.Int64Var(&cacheMiB, "kv-cache-memory", 0, "memory for the KV cache in MiB (default: 4096 on the CPU, what the weights leave less 4 GiB on a GPU; never more than --max-num-seqs full sequences)")
 	eo.register(cmd)
 	rootCmd.AddCommand(cmd)
 }
