@@ -90,22 +90,26 @@ func BenchmarkGemvL2Lanes(b *testing.B) {
 	a := be.quantizeActivations(&mat{rows: 1, cols: 2048, stride: 2048, data: x}, 128)
 	out := make([]float32, 128)
 	bytes := float64(len(m.Codes) + len(m.Scales) + 4*len(m.RowScale))
-	var spent [2]time.Duration
+	var spent [3]time.Duration
 	xq, xs, xsum := a.row(0)
 	nb := make([]int32, 16*16)
 	cf := make([]float32, 128*16)
 	for i := 0; i < b.N; i++ {
 		t0 := time.Now()
 		for j := 0; j < 16; j++ {
-			if i%2 == 0 {
+			switch i % 3 {
+			case 0:
 				gemvAVX512(&m.Codes[0], &m.Scales[0], &m.RowScale[0], 128, 16, &xq[0], &xs[0], &xsum[0], &out[0])
-			} else {
+			case 1:
 				gemvLanesAVX512(&m.Codes[0], &m.Scales[0], &m.RowScale[0], 128, 16, &xq[0], &xs[0], &nb[0], &cf[0], &out[0])
+			case 2:
+				gemvLanes16AVX512(&m.Codes[0], &m.Scales[0], &m.RowScale[0], 128, 16, &xq[0], &xs[0], &cf[0], &out[0])
 			}
 		}
-		spent[i%2] += time.Since(t0)
+		spent[i%3] += time.Since(t0)
 	}
-	n := float64(b.N/2) * 16
+	n := float64(b.N/3) * 16
 	b.ReportMetric(bytes*n/spent[0].Seconds()/1e9, "tree-GB/s")
 	b.ReportMetric(bytes*n/spent[1].Seconds()/1e9, "lanes-GB/s")
+	b.ReportMetric(bytes*n/spent[2].Seconds()/1e9, "lanes16-GB/s")
 }
