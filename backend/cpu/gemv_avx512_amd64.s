@@ -225,7 +225,6 @@ reduce:
 	VZEROUPPER
 	RET
 
-
 // func quantRow128AVX512(x *float32, groups int, q *int8, s *float32, sum *int32)
 //
 // The int8 activation quantizer of quantizeRow for group size 128, bit for
