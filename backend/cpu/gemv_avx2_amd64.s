@@ -25,8 +25,9 @@ CONST8(gemv2NaN, 0x7fc00000)
 
 // Widen the 64 code bytes at off(SI): Y8/Y10 the even columns (activations
 // at 0 and 32 of the group's), Y9/Y11 the odd ones (64 and 96), as biased
-// bytes.
+// bytes. The line 4 KB ahead is prefetched, as in the AVX-512 kernels.
 #define WIDEN(off, off32) \
+	PREFETCHT0 4096+off(SI); \
 	VMOVDQU off(SI), Y9; \
 	VPAND Y14, Y9, Y8; \
 	VPSRLW $4, Y9, Y9; \

@@ -20,6 +20,8 @@ var glmShapes = []struct {
 }{
 	{"expert_1536x2048", 1536, 2048, 160},
 	{"down_2048x1536", 2048, 1536, 160},
+	{"q_b_5120x768", 5120, 768, 128},
+	{"o_proj_2048x5120", 2048, 5120, 48},
 	{"dense_10240x2048", 10240, 2048, 24},
 	{"lm_head_154880x2048", 154880, 2048, 1},
 }
@@ -216,4 +218,26 @@ func BenchmarkMoEDecode(b *testing.B) {
 	}
 	b.ReportMetric(float64(step)*float64(b.N)/b.Elapsed().Seconds()/1e9, "GB/s")
 	best.report(b)
+}
+
+// BenchmarkGemvL2 runs the decode kernel of each family on one thread over
+// a 128 x 2048 matrix (128 KB of codes) that stays in the L2 cache: the
+// kernel's compute rate per byte, which bounds what it can stream from
+// memory per core.
+func BenchmarkGemvL2(b *testing.B) {
+	benchmode.Check(b)
+	for _, k := range Kernels() {
+		b.Run(k, func(b *testing.B) {
+			be := New(Options{Kernel: k, Threads: 1})
+			r := rand.New(rand.NewPCG(1, 2))
+			m := randQuant(r, 128, 2048, 128)
+			x := randMat(r, 2048, 1)
+			a := be.quantizeActivations(&mat{rows: 1, cols: 2048, stride: 2048, data: x}, 128)
+			out := make([]float32, 128)
+			b.SetBytes(int64(len(m.Codes) + len(m.Scales) + 4*len(m.RowScale)))
+			for i := 0; i < b.N; i++ {
+				be.gemvRows(m, 0, 128, a, 0, out)
+			}
+		})
+	}
 }
