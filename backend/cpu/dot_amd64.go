@@ -27,9 +27,6 @@ func isaAvailable(i isa) bool {
 func gemvAVX512(codes *byte, scales *byte, rowScale *float32, rows, groups int, x *int8, xs *float32, xsum *int32, out *float32)
 
 //go:noescape
-func gemvLanes16AVX512(codes *byte, scales *byte, rowScale *float32, rows, groups int, x *int8, xs *float32, coef *float32, out *float32)
-
-//go:noescape
 func gemvAVXVNNI(codes *byte, scales *byte, rowScale *float32, rows, groups int, x *int8, xs *float32, xsum *int32, out *float32)
 
 //go:noescape
@@ -68,15 +65,6 @@ func gemv128(i isa, m *format.Matrix, lo, hi int, a *qacts, t int, out []float32
 	out = out[:hi-lo]
 	switch i {
 	case isaAVX512:
-		// Up to 16 groups (K <= 2048: the experts, lm_head, the attention's
-		// input projections) the lane kernel; wider rows (o_proj, the dense
-		// down projection) read faster from memory with the transpose one.
-		if groups <= 16 {
-			cf := floatBufs.get((hi - lo) * groups)
-			gemvLanes16AVX512(&codes[0], &scales[0], &rs[0], hi-lo, groups, &xq[0], &xs[0], &(*cf)[0], &out[0])
-			floatBufs.put(cf)
-			return true
-		}
 		gemvAVX512(&codes[0], &scales[0], &rs[0], hi-lo, groups, &xq[0], &xs[0], &xsum[0], &out[0])
 		return true
 	case isaAVXVNNI:

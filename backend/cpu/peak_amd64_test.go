@@ -1,9 +1,7 @@
 package cpu
 
 import (
-	"math/rand/v2"
 	"testing"
-	"time"
 
 	"github.com/mmfp4/mmfp4/internal/benchmode"
 )
@@ -72,39 +70,4 @@ func BenchmarkFloatPeak(b *testing.B) {
 		be.workers.run(be.threads, 1, func(lo, hi int) { fmaPeakAVX512(iters) })
 	}
 	b.ReportMetric(float64(be.threads)*iters*16*16*2*float64(b.N)/b.Elapsed().Seconds()/1e9, "GFLOP/s")
-}
-
-// BenchmarkGemvL2Lanes compares, call by call in turn on one thread, the
-// AVX-512 decode kernel that sums each group's lanes exactly by a transpose
-// (gemvAVX512) with the one that adds them in float (gemvLanes16AVX512),
-// on a 128 x 2048 matrix in the L2 cache.
-func BenchmarkGemvL2Lanes(b *testing.B) {
-	benchmode.Check(b)
-	if !hasAVX512 {
-		b.Skip("no AVX-512 VNNI")
-	}
-	be := New(Options{Threads: 1})
-	r := rand.New(rand.NewPCG(1, 2))
-	m := randQuant(r, 128, 2048, 128)
-	x := randMat(r, 2048, 1)
-	a := be.quantizeActivations(&mat{rows: 1, cols: 2048, stride: 2048, data: x}, 128)
-	out := make([]float32, 128)
-	bytes := float64(len(m.Codes) + len(m.Scales) + 4*len(m.RowScale))
-	var spent [2]time.Duration
-	xq, xs, xsum := a.row(0)
-	cf := make([]float32, 128*16)
-	for i := 0; i < b.N; i++ {
-		t0 := time.Now()
-		for j := 0; j < 16; j++ {
-			if i%2 == 0 {
-				gemvAVX512(&m.Codes[0], &m.Scales[0], &m.RowScale[0], 128, 16, &xq[0], &xs[0], &xsum[0], &out[0])
-			} else {
-				gemvLanes16AVX512(&m.Codes[0], &m.Scales[0], &m.RowScale[0], 128, 16, &xq[0], &xs[0], &cf[0], &out[0])
-			}
-		}
-		spent[i%2] += time.Since(t0)
-	}
-	n := float64(b.N/2) * 16
-	b.ReportMetric(bytes*n/spent[0].Seconds()/1e9, "tree-GB/s")
-	b.ReportMetric(bytes*n/spent[1].Seconds()/1e9, "lanes-GB/s")
 }
