@@ -1611,17 +1611,11 @@ func (b *Backend) MoEShared(dst, x backend.Tensor, r backend.Routing, experts, s
 	if !b.opts.NoFusedMoE && d.rows == xm.rows && (d.rows <= moeFusedMaxTokens || batched) && rt.Tokens() == d.rows && len(experts) > 0 && d.cols == xm.cols {
 		if l := b.moeLayerShared(experts, shared, rt.topK); l != nil && (!batched || l.batchable()) {
 			b.wrote(d)
-			e := experts[0]
-			perToken := int64(rt.topK) * (weightBytes(asWeight(e.Gate)) + weightBytes(asWeight(e.Up)) + weightBytes(asWeight(e.Down)))
+			perToken := int64(rt.topK) * expertBytes(experts[0])
 			for _, s := range shared {
-				perToken += weightBytes(asWeight(s.Gate)) + weightBytes(asWeight(s.Up)) + weightBytes(asWeight(s.Down))
+				perToken += expertBytes(s)
 			}
-			b.count(int64(d.rows) * perToken)
-			if batched {
-				b.moeBatched(d, xm, rt, l)
-			} else {
-				b.moeRows(d, xm, rt, l)
-			}
+			b.fusedMoE(d, xm, rt, l, batched, perToken)
 			return
 		}
 	}
@@ -1634,9 +1628,17 @@ func (b *Backend) MoEShared(dst, x backend.Tensor, r backend.Routing, experts, s
 // moeLayerShared is moeLayer for a table with the shared experts after the
 // routed ones.
 func (b *Backend) moeLayerShared(experts, shared []backend.Expert, topK int) *moeLayer {
+	return b.expertLayer(b.moeShared, experts, shared, topK)
+}
+
+// expertLayer returns the layer of cache (keyed by the first routed gate)
+// for these routed and shared experts, making its device table and topK
+// scratch on first use; nil where they do not suit the fused kernels
+// (dense, mixed shapes).
+func (b *Backend) expertLayer(cache map[*QMatrix]*moeLayer, experts, shared []backend.Expert, topK int) *moeLayer {
 	if q := asWeight(experts[0].Gate).q; q != nil {
-		if l := b.moeShared[q]; l != nil && l.scratch[topK] != nil {
-			return l
+		if l := cache[q]; l != nil && l.scratch[topK] != nil {
+			return l // no device work: keep the step's ops queued
 		}
 	}
 	mats := func(es []backend.Expert) []ExpertMats {
@@ -1654,7 +1656,7 @@ func (b *Backend) moeLayerShared(experts, shared []backend.Expert, topK int) *mo
 	if routed == nil || len(sh) != len(shared) {
 		return nil
 	}
-	l := b.moeShared[routed[0].Gate]
+	l := cache[routed[0].Gate]
 	b.flush()
 	err := b.dev.Do(func(c *Ctx) error {
 		if l == nil {
@@ -1663,7 +1665,7 @@ func (b *Backend) moeLayerShared(experts, shared []backend.Expert, topK int) *mo
 				return err
 			}
 			l = &moeLayer{table: t, scratch: map[int]*MoEScratch{}}
-			b.moeShared[routed[0].Gate] = l
+			cache[routed[0].Gate] = l
 		}
 		if l.scratch[topK] == nil {
 			s, err := c.NewMoEScratch(l.table, topK)
@@ -1724,17 +1726,27 @@ func (b *Backend) MoE(dst, x backend.Tensor, r backend.Routing, experts []backen
 	if !b.opts.NoFusedMoE && (d.rows <= moeFusedMaxTokens || batched) {
 		if l := b.moeLayer(experts, rt.topK); l != nil && (!batched || l.batchable()) {
 			// Each token: topK distinct experts (the ids stay on the device).
-			e := experts[0]
-			b.count(int64(d.rows*rt.topK) * (weightBytes(asWeight(e.Gate)) + weightBytes(asWeight(e.Up)) + weightBytes(asWeight(e.Down))))
-			if batched {
-				b.moeBatched(d, xm, rt, l)
-			} else {
-				b.moeRows(d, xm, rt, l)
-			}
+			b.fusedMoE(d, xm, rt, l, batched, int64(rt.topK)*expertBytes(experts[0]))
 			return
 		}
 	}
 	b.moeGrouped(d, xm, rt, experts)
+}
+
+// fusedMoE counts perToken bytes for each row and runs l's kernels: the
+// batched GEMMs, or the single-token kernels row by row.
+func (b *Backend) fusedMoE(d, xm *tensor, rt *routing, l *moeLayer, batched bool, perToken int64) {
+	b.count(int64(d.rows) * perToken)
+	if batched {
+		b.moeBatched(d, xm, rt, l)
+	} else {
+		b.moeRows(d, xm, rt, l)
+	}
+}
+
+// expertBytes is what one pass over e's three matrices reads.
+func expertBytes(e backend.Expert) int64 {
+	return weightBytes(asWeight(e.Gate)) + weightBytes(asWeight(e.Up)) + weightBytes(asWeight(e.Down))
 }
 
 // moeFusedMaxTokens is the largest batch whose MoE runs the fused
@@ -1764,43 +1776,7 @@ func (b *Backend) moeRows(d, xm *tensor, rt *routing, l *moeLayer) {
 // moeLayer returns the fused kernels' table for experts, made on first use,
 // or nil where the experts do not suit them (dense, mixed shapes).
 func (b *Backend) moeLayer(experts []backend.Expert, topK int) *moeLayer {
-	if q := asWeight(experts[0].Gate).q; q != nil {
-		if l := b.moe[q]; l != nil && l.scratch[topK] != nil {
-			return l // no device work: keep the step's ops queued
-		}
-	}
-	var mats []ExpertMats
-	for _, e := range experts {
-		g, u, dn := asWeight(e.Gate), asWeight(e.Up), asWeight(e.Down)
-		if g.q == nil || u.q == nil || dn.q == nil {
-			return nil
-		}
-		mats = append(mats, ExpertMats{Gate: g.q, Up: u.q, Down: dn.q})
-	}
-	l := b.moe[mats[0].Gate]
-	b.flush()
-	err := b.dev.Do(func(c *Ctx) error {
-		if l == nil {
-			t, err := c.NewExpertTable(mats, nil)
-			if err != nil {
-				return err
-			}
-			l = &moeLayer{table: t, scratch: map[int]*MoEScratch{}}
-			b.moe[mats[0].Gate] = l
-		}
-		if l.scratch[topK] == nil {
-			s, err := c.NewMoEScratch(l.table, topK)
-			if err != nil {
-				return err
-			}
-			l.scratch[topK] = s
-		}
-		return nil
-	})
-	if err != nil {
-		return nil
-	}
-	return l
+	return b.expertLayer(b.moe, experts, nil, topK)
 }
 
 // moeGrouped runs each chosen expert on its tokens (gathered), then adds
