@@ -170,12 +170,7 @@ extern "C" __global__ void __launch_bounds__(128)
 #pragma unroll
     for (int e = 0; e < 4; e++) {
       if (e < E) {
-        i32 q = 0;
-        if (amax != 0.f) {
-          float r = v[e] / scale;
-          r = r >= 0.f ? r + 0.5f : r - 0.5f;
-          q = max(-127, min(127, (i32)r));
-        }
+        const i32 q = quant8(v[e], amax, scale);
         sq[k0 + e] = (i8)q;
         if (last) xq[k0 + e] = (i8)q;
         sum += q;

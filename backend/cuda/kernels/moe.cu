@@ -150,45 +150,27 @@ extern "C" __global__ void __launch_bounds__(128, 4)
   }
 }
 
-// Down products summed over the slots with their weights:
-// y[n] (+)= sum_s w_s * (down_s,n . hq[s]), for one token; hq holds each
-// slot's h quantized to int8 (nslots rows of I). Grid (ceil(N/16), nslots)
-// blocks of 4 warps, a warp taking 4 rows of one slot's down matrix, so that
-// every slot's weights stream at once. Each block leaves its products in
-// partial[slot][n]; the last block of a row block to finish (counted in
-// counters, which it resets) sums the slots in order, so the result does
-// not depend on the blocks' timing.
-extern "C" __global__ void __launch_bounds__(128)
-    moe_down(const Expert* __restrict__ experts, const i32* __restrict__ ids,
-             const float* __restrict__ wts, int topk, int nslots, int nexperts, int N, int I,
-             int gshift, const i8* __restrict__ hq, const float* __restrict__ hs,
-             const i32* __restrict__ hsum, float* __restrict__ partial, u32* __restrict__ counters,
-             float* __restrict__ y, int accumulate) {
-  PDL_LAUNCH();
-  PDL_WAIT();
-  __shared__ bool last;
-  const int slot = blockIdx.y, lane = threadIdx.x & 31;
-  const int row0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 4;
-  const int GK = (I >> 5) >> gshift;
-  if (row0 < N) {
-    const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
-    const u8* rc[4];
-    const u8* rs[4];
+// A warp's 4 down-product rows from row0 of one slot (out, the same in
+// every lane, before the row scale) into partial[slot][n], one lane each.
+DEVICE void moe_down_store(const float (&out)[4][1], const float* __restrict__ row_scale, int row0,
+                           int N, int slot, float* __restrict__ partial) {
+  const int lane = threadIdx.x & 31;
 #pragma unroll
-    for (int r = 0; r < 4; r++) {
-      const int n = min(row0 + r, N - 1);
-      rc[r] = ex.down.codes + (size_t)n * (I / 2);
-      rs[r] = ex.down.scales + (size_t)n * GK;
-    }
-    float out[4][1];
-    gemv_dot<1, 4, true>(rc, rs, I, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK,
-                         hsum + (size_t)slot * (I / 32), out);
-#pragma unroll
-    for (int r = 0; r < 4; r++) {
-      const int n = row0 + r;
-      if (lane == r && n < N) partial[(size_t)slot * N + n] = out[r][0] * (ex.down.row_scale[n] * 0.5f);
-    }
+  for (int r = 0; r < 4; r++) {
+    const int n = row0 + r;
+    if (lane == r && n < N) partial[(size_t)slot * N + n] = out[r][0] * (row_scale[n] * 0.5f);
   }
+}
+
+// The end of a down kernel's block: the last of the nslots blocks of column
+// block blockIdx.x to finish (counted in counters, which it resets) sums
+// the slots' partial products in slot order with their weights (1 for the
+// shared slots after topk) into y, so the result does not depend on the
+// blocks' timing. Every thread of the block must call it.
+DEVICE void moe_down_sum(const float* __restrict__ partial, u32* __restrict__ counters,
+                         const float* __restrict__ wts, int topk, int nslots, int N,
+                         float* __restrict__ y, int accumulate) {
+  __shared__ bool last;
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) last = atomicAdd(&counters[blockIdx.x], 1u) == (u32)(nslots - 1);
@@ -207,6 +189,43 @@ extern "C" __global__ void __launch_bounds__(128)
   if (threadIdx.x == 0) counters[blockIdx.x] = 0;
 }
 
+// Down products summed over the slots with their weights:
+// y[n] (+)= sum_s w_s * (down_s,n . hq[s]), for one token; hq holds each
+// slot's h quantized to int8 (nslots rows of I). Grid (ceil(N/16), nslots)
+// blocks of 4 warps, a warp taking 4 rows of one slot's down matrix, so that
+// every slot's weights stream at once. Each block leaves its products in
+// partial[slot][n]; the last block of a row block to finish (counted in
+// counters, which it resets) sums the slots in order, so the result does
+// not depend on the blocks' timing.
+extern "C" __global__ void __launch_bounds__(128)
+    moe_down(const Expert* __restrict__ experts, const i32* __restrict__ ids,
+             const float* __restrict__ wts, int topk, int nslots, int nexperts, int N, int I,
+             int gshift, const i8* __restrict__ hq, const float* __restrict__ hs,
+             const i32* __restrict__ hsum, float* __restrict__ partial, u32* __restrict__ counters,
+             float* __restrict__ y, int accumulate) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  const int slot = blockIdx.y;
+  const int row0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 4;
+  const int GK = (I >> 5) >> gshift;
+  if (row0 < N) {
+    const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
+    const u8* rc[4];
+    const u8* rs[4];
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      const int n = min(row0 + r, N - 1);
+      rc[r] = ex.down.codes + (size_t)n * (I / 2);
+      rs[r] = ex.down.scales + (size_t)n * GK;
+    }
+    float out[4][1];
+    gemv_dot<1, 4, true>(rc, rs, I, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK,
+                         hsum + (size_t)slot * (I / 32), out);
+    moe_down_store(out, ex.down.row_scale, row0, N, slot, partial);
+  }
+  moe_down_sum(partial, counters, wts, topk, nslots, N, y, accumulate);
+}
+
 // moe_down with the quantization of h fused in: each block first quantizes
 // its slot's row of h (I floats, as rmsnorm_quant does without a gain) into
 // shared memory, then runs its rows against it; the rest is moe_down.
@@ -221,7 +240,6 @@ extern "C" __global__ void __launch_bounds__(128)
   PDL_LAUNCH();
   __shared__ __align__(16) i8 sq[MOE_MAX_I];
   __shared__ float ss[MOE_MAX_I / 32];
-  __shared__ bool last;
   const int slot = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row0 = (blockIdx.x * 4 + warp) * 4;
   __shared__ __align__(16) float sh[MOE_MAX_I];
@@ -273,12 +291,7 @@ extern "C" __global__ void __launch_bounds__(128)
 #pragma unroll
     for (int e = 0; e < 4; e++) {
       if (e < E) {
-        i32 q = 0;
-        if (amax != 0.f) {
-          float r = v[e] / scale;
-          r = r >= 0.f ? r + 0.5f : r - 0.5f;
-          q = max(-127, min(127, (i32)r));
-        }
+        const i32 q = quant8(v[e], amax, scale);
         sq[k0 + e] = (i8)q;
       }
     }
@@ -288,28 +301,9 @@ extern "C" __global__ void __launch_bounds__(128)
   if (row0 < N) {
     float out[4][1];
     gemv_dot<1, 4, true, true>(rc, rs, I, gshift, sq, ss, nullptr, out);
-#pragma unroll
-    for (int r = 0; r < 4; r++) {
-      const int n = row0 + r;
-      if (lane == r && n < N) partial[(size_t)slot * N + n] = out[r][0] * (ex.down.row_scale[n] * 0.5f);
-    }
+    moe_down_store(out, ex.down.row_scale, row0, N, slot, partial);
   }
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(&counters[blockIdx.x], 1u) == (u32)(nslots - 1);
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  const int n = blockIdx.x * 16 + threadIdx.x;
-  if (threadIdx.x < 16 && n < N) {
-    float total = 0.f;
-    for (int s = 0; s < nslots; s++) {
-      const float w = s < topk ? wts[s] : 1.f;
-      total += w * __ldcg(partial + (size_t)s * N + n);
-    }
-    y[n] = accumulate ? y[n] + total : total;
-  }
-  if (threadIdx.x == 0) counters[blockIdx.x] = 0;
+  moe_down_sum(partial, counters, wts, topk, nslots, N, y, accumulate);
 }
 
 // The expert choice of moe_route from router logits when there are no
@@ -553,12 +547,7 @@ extern "C" __global__ void __launch_bounds__(256)
 #pragma unroll
     for (int u = 0; u < 4; u++) {
       if (u < Eg) {
-        i32 q = 0;
-        if (amax != 0.f) {
-          float r = v[u] / scale;
-          r = r >= 0.f ? r + 0.5f : r - 0.5f;
-          q = max(-127, min(127, (i32)r));
-        }
+        const i32 q = quant8(v[u], amax, scale);
         xq[k0 + u] = (i8)q;
         sum += q;
       }

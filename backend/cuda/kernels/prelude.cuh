@@ -68,6 +68,16 @@ DEVICE float e4m3(u32 b) {
   return (b & 0x80u) ? -v : v;
 }
 
+// The int8 code of v in an activation group whose largest magnitude is
+// amax (scale = amax / 127): rounded half away from zero and clamped to
+// +-127, as the CPU backend quantizes; 0 for an all-zero group.
+DEVICE i32 quant8(float v, float amax, float scale) {
+  if (amax == 0.f) return 0;
+  float r = v / scale;
+  r = r >= 0.f ? r + 0.5f : r - 0.5f;
+  return max(-127, min(127, (i32)r));
+}
+
 DEVICE float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

@@ -71,12 +71,7 @@ DEVICE void rmsnorm_quant_row(const float* row, int t, const float* __restrict__
 #pragma unroll
     for (int e = 0; e < 4; e++) {
       if (e < E) {
-        i32 q = 0;
-        if (amax != 0.f) {
-          float r = v[e] / scale;
-          r = r >= 0.f ? r + 0.5f : r - 0.5f;
-          q = max(-127, min(127, (i32)r));
-        }
+        const i32 q = quant8(v[e], amax, scale);
         xq[(size_t)t * K + k0 + e] = (i8)q;
         sum += q;
       }
@@ -183,12 +178,7 @@ extern "C" __global__ void __launch_bounds__(1024)
   i32 sum = 0;
 #pragma unroll
   for (int e = 0; e < 8; e++) {
-    i32 q = 0;
-    if (amax != 0.f) {
-      float r = v[e] / scale;
-      r = r >= 0.f ? r + 0.5f : r - 0.5f;
-      q = max(-127, min(127, (i32)r));
-    }
+    const i32 q = quant8(v[e], amax, scale);
     packed[e >> 2] |= ((u32)q & 0xFFu) << (8 * (e & 3));
     sum += q;
   }
