@@ -12,7 +12,6 @@ import (
 	"errors"
 	"fmt"
 	"io"
-	"io/fs"
 	"math"
 	"os"
 	"path/filepath"
@@ -20,6 +19,7 @@ import (
 	"strings"
 
 	"github.com/mmfp4/mmfp4/format"
+	"github.com/mmfp4/mmfp4/internal/outdir"
 	"github.com/mmfp4/mmfp4/safetensors"
 )
 
@@ -131,7 +131,7 @@ func DirContext(ctx context.Context, in, out string, opt Options) (*Report, erro
 	if opt.ShardBytes <= 0 {
 		opt.ShardBytes = defaultShardBytes
 	}
-	if err := checkOutDir(out); err != nil {
+	if err := outdir.Check(out); err != nil {
 		return nil, err
 	}
 	if format.IsMMFP4Dir(in) {
@@ -175,100 +175,73 @@ func DirContext(ctx context.Context, in, out string, opt Options) (*Report, erro
 		return nil, fmt.Errorf("%s: no tensors to convert", in)
 	}
 
-	parent := filepath.Dir(filepath.Clean(out))
-	if err := os.MkdirAll(parent, 0o755); err != nil {
-		return nil, err
-	}
-	tmp, err := os.MkdirTemp(parent, partialPrefix(out))
+	// The output appears whole or not at all (outdir.Write).
+	rep.OutputBytes, err = outdir.Write(out, func(tmp string) error {
+		// Shards are planned from the output sizes up front: their names carry
+		// the shard count, and each file's header lists all of its tensors.
+		shards := planShards(jobs, opt.ShardBytes)
+		weightMap := map[string]string{}
+		var totalSize, processed int64
+		progress := func() {
+			if opt.Progress != nil {
+				opt.Progress(processed, rep.SourceBytes)
+			}
+		}
+		progress()
+		for i, shard := range shards {
+			file := "model.safetensors"
+			if len(shards) > 1 {
+				file = fmt.Sprintf("model-%05d-of-%05d.safetensors", i+1, len(shards))
+			}
+			var infos []safetensors.TensorInfo
+			for _, j := range shard {
+				infos = append(infos, j.outputs...)
+				for _, o := range j.outputs {
+					weightMap[o.Name] = file
+				}
+				totalSize += j.bytes
+			}
+			w, err := safetensors.Create(filepath.Join(tmp, file), infos, map[string]string{"format": "pt"})
+			if err != nil {
+				return err
+			}
+			for _, j := range shard {
+				if err := ctx.Err(); err != nil {
+					w.Abort()
+					return err
+				}
+				row, err := convertTensor(w, j, opt)
+				if err != nil {
+					w.Abort()
+					return err
+				}
+				rep.Rows = append(rep.Rows, row)
+				processed += int64(len(j.src.Data))
+				progress()
+			}
+			if err := w.Close(); err != nil {
+				return err
+			}
+		}
+		if err := safetensors.WriteIndex(tmp, weightMap, totalSize, nil); err != nil {
+			return err
+		}
+		if err := copyAuxFiles(in, tmp); err != nil {
+			return err
+		}
+		if err := writeHeader(tmp, buildHeader(jobs, opt)); err != nil {
+			return err
+		}
+		if opt.Verify != nil {
+			if err := opt.Verify(tmp); err != nil {
+				return fmt.Errorf("the converted model does not load; nothing was written to %s: %w", out, err)
+			}
+		}
+		return ctx.Err()
+	})
 	if err != nil {
 		return nil, err
 	}
-	done := false
-	defer func() {
-		if !done {
-			os.RemoveAll(tmp)
-		}
-	}()
-	if err := os.Chmod(tmp, 0o755); err != nil { // MkdirTemp makes it private
-		return nil, err
-	}
-
-	// Shards are planned from the output sizes up front: their names carry
-	// the shard count, and each file's header lists all of its tensors.
-	shards := planShards(jobs, opt.ShardBytes)
-	weightMap := map[string]string{}
-	var totalSize, processed int64
-	progress := func() {
-		if opt.Progress != nil {
-			opt.Progress(processed, rep.SourceBytes)
-		}
-	}
-	progress()
-	for i, shard := range shards {
-		file := "model.safetensors"
-		if len(shards) > 1 {
-			file = fmt.Sprintf("model-%05d-of-%05d.safetensors", i+1, len(shards))
-		}
-		var infos []safetensors.TensorInfo
-		for _, j := range shard {
-			infos = append(infos, j.outputs...)
-			for _, o := range j.outputs {
-				weightMap[o.Name] = file
-			}
-			totalSize += j.bytes
-		}
-		w, err := safetensors.Create(filepath.Join(tmp, file), infos, map[string]string{"format": "pt"})
-		if err != nil {
-			return nil, err
-		}
-		for _, j := range shard {
-			if err := ctx.Err(); err != nil {
-				w.Abort()
-				return nil, err
-			}
-			row, err := convertTensor(w, j, opt)
-			if err != nil {
-				w.Abort()
-				return nil, err
-			}
-			rep.Rows = append(rep.Rows, row)
-			processed += int64(len(j.src.Data))
-			progress()
-		}
-		if err := w.Close(); err != nil {
-			return nil, err
-		}
-	}
-	if err := safetensors.WriteIndex(tmp, weightMap, totalSize, nil); err != nil {
-		return nil, err
-	}
-	if err := copyAuxFiles(in, tmp); err != nil {
-		return nil, err
-	}
-	if err := writeHeader(tmp, buildHeader(jobs, opt)); err != nil {
-		return nil, err
-	}
-	if rep.OutputBytes, err = dirSize(tmp); err != nil {
-		return nil, err
-	}
-	if opt.Verify != nil {
-		if err := opt.Verify(tmp); err != nil {
-			return nil, fmt.Errorf("the converted model does not load; nothing was written to %s: %w", out, err)
-		}
-	}
-	if err := ctx.Err(); err != nil {
-		return nil, err
-	}
-
-	// Check again: out may have appeared while we worked.
-	if err := checkOutDir(out); err != nil {
-		return nil, err
-	}
-	os.Remove(out) // an existing empty directory; rename cannot replace it everywhere
-	if err := os.Rename(tmp, out); err != nil {
-		return nil, err
-	}
-	done = true
 
 	slices.SortStableFunc(rep.Rows, func(a, b ReportRow) int {
 		return cmp.Or(cmp.Compare(b.RelError, a.RelError), strings.Compare(a.Name, b.Name))
@@ -276,46 +249,11 @@ func DirContext(ctx context.Context, in, out string, opt Options) (*Report, erro
 	return rep, nil
 }
 
-// partialPrefix is the start of the names of out's temporary directories.
-func partialPrefix(out string) string {
-	return "." + filepath.Base(filepath.Clean(out)) + ".partial-"
-}
-
 // PartialDirs lists the temporary directories of conversions to out that
 // were killed before they could clean up (a running conversion to out has one
 // too). Dir never removes them itself: it cannot tell an abandoned one
 // from one that another conversion is still writing.
-func PartialDirs(out string) ([]string, error) {
-	parent := filepath.Dir(filepath.Clean(out))
-	ents, err := os.ReadDir(parent)
-	if errors.Is(err, fs.ErrNotExist) {
-		return nil, nil
-	}
-	if err != nil {
-		return nil, err
-	}
-	var dirs []string
-	for _, e := range ents {
-		if e.IsDir() && strings.HasPrefix(e.Name(), partialPrefix(out)) {
-			dirs = append(dirs, filepath.Join(parent, e.Name()))
-		}
-	}
-	return dirs, nil
-}
-
-// checkOutDir refuses an out that exists and is not an empty directory.
-func checkOutDir(out string) error {
-	ents, err := os.ReadDir(out)
-	switch {
-	case errors.Is(err, fs.ErrNotExist):
-		return nil
-	case err != nil:
-		return fmt.Errorf("output %s: %w", out, err)
-	case len(ents) > 0:
-		return fmt.Errorf("output %s exists and is not empty; refusing to overwrite it", out)
-	}
-	return nil
-}
+func PartialDirs(out string) ([]string, error) { return outdir.Partials(out) }
 
 func isFloat(d safetensors.DType) bool {
 	return d == safetensors.BF16 || d == safetensors.F16 || d == safetensors.F32
@@ -515,23 +453,4 @@ func copyFile(src, dst string) error {
 		return err
 	}
 	return w.Close()
-}
-
-// dirSize sums the sizes of the regular files directly in dir.
-func dirSize(dir string) (int64, error) {
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		return 0, err
-	}
-	var n int64
-	for _, e := range ents {
-		info, err := e.Info()
-		if err != nil {
-			return 0, err
-		}
-		if info.Mode().IsRegular() {
-			n += info.Size()
-		}
-	}
-	return n, nil
 }

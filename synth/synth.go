@@ -14,7 +14,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"io/fs"
 	"os"
 	"path/filepath"
 	"runtime"
@@ -24,6 +23,7 @@ import (
 	"time"
 
 	"github.com/mmfp4/mmfp4/format"
+	"github.com/mmfp4/mmfp4/internal/outdir"
 	"github.com/mmfp4/mmfp4/model/glm4moelite"
 	"github.com/mmfp4/mmfp4/safetensors"
 )
@@ -115,48 +115,17 @@ func Write(ctx context.Context, dir string, opt Options) (*Summary, error) {
 	if err != nil {
 		return nil, fmt.Errorf("config: %w", err)
 	}
-	if err := checkOutDir(dir); err != nil {
-		return nil, err
-	}
-
-	parent := filepath.Dir(filepath.Clean(dir))
-	if err := os.MkdirAll(parent, 0o755); err != nil {
-		return nil, err
-	}
-	tmp, err := os.MkdirTemp(parent, "."+filepath.Base(dir)+".partial-")
-	if err != nil {
-		return nil, err
-	}
-	done := false
-	defer func() {
-		if !done {
-			os.RemoveAll(tmp)
-		}
-	}()
-	if err := os.Chmod(tmp, 0o755); err != nil { // MkdirTemp makes it private
-		return nil, err
-	}
-
 	shards := planShards(tensors, opt.GroupSize, opt.ShardBytes)
-	if err := writeShards(ctx, tmp, tensors, shards, opt); err != nil {
-		return nil, err
-	}
-	if err := writeMeta(tmp, tensors, shards, opt.GroupSize, configJSON); err != nil {
-		return nil, err
-	}
-	if err := ctx.Err(); err != nil {
-		return nil, err
-	}
-	if err := checkOutDir(dir); err != nil { // it may have appeared meanwhile
-		return nil, err
-	}
-	os.Remove(dir) // an existing empty directory; rename cannot replace it everywhere
-	if err := os.Rename(tmp, dir); err != nil {
-		return nil, err
-	}
-	done = true
-	syncDir(parent)
-	size, err := dirSize(dir)
+	// The model appears whole or not at all (outdir.Write).
+	size, err := outdir.Write(dir, func(tmp string) error {
+		if err := writeShards(ctx, tmp, tensors, shards, opt); err != nil {
+			return err
+		}
+		if err := writeMeta(tmp, tensors, shards, opt.GroupSize, configJSON); err != nil {
+			return err
+		}
+		return ctx.Err()
+	})
 	if err != nil {
 		return nil, err
 	}
@@ -197,20 +166,6 @@ func resolveConfig(raw []byte, layers int) ([]byte, *glm4moelite.Config, error) 
 		return nil, nil, fmt.Errorf("config: %w", err)
 	}
 	return append(out, '\n'), cfg, nil
-}
-
-// checkOutDir refuses a dir that exists and is not an empty directory.
-func checkOutDir(dir string) error {
-	ents, err := os.ReadDir(dir)
-	switch {
-	case errors.Is(err, fs.ErrNotExist):
-		return nil
-	case err != nil:
-		return fmt.Errorf("output %s: %w", dir, err)
-	case len(ents) > 0:
-		return fmt.Errorf("output %s exists and is not empty; refusing to overwrite it", dir)
-	}
-	return nil
 }
 
 // shard is a run of consecutive tensors stored in one file.
@@ -429,7 +384,7 @@ func writeMeta(dir string, ts []*tensor, shards []shard, g int, configJSON []byt
 	if err := writeFileSync(filepath.Join(dir, "config.json"), configJSON); err != nil {
 		return err
 	}
-	syncDir(dir)
+	outdir.SyncDir(dir)
 	return nil
 }
 
@@ -446,32 +401,6 @@ func writeFileSync(path string, data []byte) error {
 		err = cerr
 	}
 	return err
-}
-
-// syncDir makes a directory's entries durable, where the system allows it.
-func syncDir(dir string) {
-	if f, err := os.Open(dir); err == nil {
-		_ = f.Sync()
-		f.Close()
-	}
-}
-
-func dirSize(dir string) (int64, error) {
-	ents, err := os.ReadDir(dir)
-	if err != nil {
-		return 0, err
-	}
-	var n int64
-	for _, e := range ents {
-		info, err := e.Info()
-		if err != nil {
-			return 0, err
-		}
-		if info.Mode().IsRegular() {
-			n += info.Size()
-		}
-	}
-	return n, nil
 }
 
 // budget bounds the bytes drawn ahead of the writer.
