@@ -522,13 +522,10 @@ func ExampleEngine() {
 	// Output: 253 54 340 340 max_tokens 4
 }
 
-// A sequence whose logits turn NaN fails alone; the sequence that shares
-// its steps completes as it would alone.
-func TestNaNFailsOnlyItsSequence(t *testing.T) {
-	net, err := glm4moelite.Load(fixtureDir, cpu.New(cpu.Options{Threads: 1}), glm4moelite.LoadOptions{})
-	if err != nil {
-		t.Fatal(err)
-	}
+// poisonEmbedding gives token id a NaN embedding row in net, so that the
+// logits of every sequence holding it turn NaN.
+func poisonEmbedding(t *testing.T, net *glm4moelite.Model, id int) {
+	t.Helper()
 	set, err := safetensors.OpenDir(fixtureDir)
 	if err != nil {
 		t.Fatal(err)
@@ -542,14 +539,24 @@ func TestNaNFailsOnlyItsSequence(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	const poisoned = 7
 	H := net.Config.HiddenSize
-	for i := poisoned * H; i < (poisoned+1)*H; i++ {
+	for i := id * H; i < (id+1)*H; i++ {
 		table[i] = float32(math.NaN())
 	}
 	if net.Embed, err = net.Backend().NewWeight(backend.HostWeight{Name: "embed", N: net.Config.VocabSize, K: H, Dense: table}); err != nil {
 		t.Fatal(err)
 	}
+}
+
+// A sequence whose logits turn NaN fails alone; the sequence that shares
+// its steps completes as it would alone.
+func TestNaNFailsOnlyItsSequence(t *testing.T) {
+	net, err := glm4moelite.Load(fixtureDir, cpu.New(cpu.Options{Threads: 1}), glm4moelite.LoadOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	const poisoned = 7
+	poisonEmbedding(t, net, poisoned)
 	e, err := New(net, nil, nil, Options{})
 	if err != nil {
 		t.Fatal(err)

@@ -2,7 +2,6 @@ package engine
 
 import (
 	"context"
-	"math"
 	"slices"
 	"strings"
 	"sync"
@@ -11,7 +10,6 @@ import (
 	"github.com/mmfp4/mmfp4/backend"
 	"github.com/mmfp4/mmfp4/backend/cpu"
 	"github.com/mmfp4/mmfp4/model/glm4moelite"
-	"github.com/mmfp4/mmfp4/safetensors"
 	"github.com/mmfp4/mmfp4/sample"
 )
 
@@ -211,28 +209,9 @@ func TestSampleParams(t *testing.T) {
 // the host path gives, and the other requests go on.
 func TestBackendSamplerNonFiniteRow(t *testing.T) {
 	errorOf := func(net *glm4moelite.Model) (string, []int) {
-		set, err := safetensors.OpenDir(fixtureDir)
-		if err != nil {
-			t.Fatal(err)
-		}
-		defer set.Close()
-		tn, err := set.Tensor("model.embed_tokens.weight")
-		if err != nil {
-			t.Fatal(err)
-		}
-		table, err := tn.Float32()
-		if err != nil {
-			t.Fatal(err)
-		}
 		// A NaN embedding row makes its sequence's logits NaN.
 		const poisoned = 7
-		H := net.Config.HiddenSize
-		for i := poisoned * H; i < (poisoned+1)*H; i++ {
-			table[i] = float32(math.NaN())
-		}
-		if net.Embed, err = net.Backend().NewWeight(backend.HostWeight{Name: "embed", N: net.Config.VocabSize, K: H, Dense: table}); err != nil {
-			t.Fatal(err)
-		}
+		poisonEmbedding(t, net, poisoned)
 		e, err := New(net, nil, nil, Options{})
 		if err != nil {
 			t.Fatal(err)
