@@ -57,58 +57,12 @@ func TestGEMM(t *testing.T) {
 			ref.Upload(xt, x)
 			ref.MatMul(yt, xt, rw)
 			want := ref.Download(yt)
-			exact := make([]float32, T*s.N)
-			for tk := 0; tk < T; tk++ {
-				for n := 0; n < s.N; n++ {
-					var acc float64
-					for k := 0; k < s.K; k++ {
-						acc += float64(wd[n*s.K+k]) * float64(x[tk*s.K+k])
-					}
-					exact[tk*s.N+n] = float32(acc)
-				}
-			}
+			exact := floatProduct(wd, x, T, s.N, s.K)
 			for _, tile := range []GEMMTile{GEMMTile16, GEMMTile64} {
 				ldy := s.N + 5*(T%2)
-				var got []float32
-				err := d.Do(func(c *Ctx) error {
-					qm, err := c.UploadMatrix(m)
-					if err != nil {
-						return err
-					}
-					xb, err := upload(c, x)
-					if err != nil {
-						return err
-					}
-					a, err := c.NewQActs(T, s.K, s.G)
-					if err != nil {
-						return err
-					}
-					yb, err := c.Alloc(4 * T * ldy)
-					if err != nil {
-						return err
-					}
-					if err := poison(c, yb.Ptr, yb.Size); err != nil {
-						return err
-					}
-					if err := c.RMSNormQuant(xb.Ptr, s.K, 0, 0, 0, 0, T, s.K, s.G, a); err != nil {
-						return err
-					}
-					if err := c.GEMM(yb.Ptr, ldy, qm, a, tile); err != nil {
-						return err
-					}
-					all := make([]float32, T*ldy)
-					if err := CopyOut(c, all, yb.Ptr); err != nil {
-						return err
-					}
-					got = make([]float32, T*s.N)
-					for tk := 0; tk < T; tk++ {
-						copy(got[tk*s.N:(tk+1)*s.N], all[tk*ldy:tk*ldy+s.N])
-					}
-					return errors.Join(c.FreeMatrix(qm), c.Free(xb), c.FreeQActs(a), c.Free(yb))
+				got := productOnDevice(t, d, m, x, T, ldy, func(c *Ctx, y uint64, qm *QMatrix, a *QActs) error {
+					return c.GEMM(y, ldy, qm, a, tile)
 				})
-				if err != nil {
-					t.Fatal(err)
-				}
 				e1, e2 := relErr(want, got), relErr(exact, got)
 				m1 := maxRelErr(want, got)
 				// The same integer dot products: float rounding only

@@ -243,16 +243,7 @@ func TestGEMV(t *testing.T) {
 			ref.Upload(xt, x)
 			ref.MatMul(yt, xt, rw)
 			want := ref.Download(yt)
-			exact := make([]float32, T*s.N)
-			for tk := 0; tk < T; tk++ {
-				for n := 0; n < s.N; n++ {
-					var acc float64
-					for k := 0; k < s.K; k++ {
-						acc += float64(wd[n*s.K+k]) * float64(x[tk*s.K+k])
-					}
-					exact[tk*s.N+n] = float32(acc)
-				}
-			}
+			exact := floatProduct(wd, x, T, s.N, s.K)
 			variants := []GEMVVariant{GEMVOffset}
 			if T == 1 {
 				variants = append(variants, GEMVSplit)
@@ -262,46 +253,9 @@ func TestGEMV(t *testing.T) {
 			}
 			for _, v := range variants {
 				ldy := s.N + 3*(T%2)
-				var got []float32
-				err := d.Do(func(c *Ctx) error {
-					qm, err := c.UploadMatrix(m)
-					if err != nil {
-						return err
-					}
-					xb, err := upload(c, x)
-					if err != nil {
-						return err
-					}
-					a, err := c.NewQActs(T, s.K, s.G)
-					if err != nil {
-						return err
-					}
-					yb, err := c.Alloc(4 * T * ldy)
-					if err != nil {
-						return err
-					}
-					if err := poison(c, yb.Ptr, yb.Size); err != nil {
-						return err
-					}
-					if err := c.RMSNormQuant(xb.Ptr, s.K, 0, 0, 0, 0, T, s.K, s.G, a); err != nil {
-						return err
-					}
-					if err := c.GEMV(yb.Ptr, ldy, qm, a, v); err != nil {
-						return err
-					}
-					all := make([]float32, T*ldy)
-					if err := CopyOut(c, all, yb.Ptr); err != nil {
-						return err
-					}
-					got = make([]float32, T*s.N)
-					for tk := 0; tk < T; tk++ {
-						copy(got[tk*s.N:(tk+1)*s.N], all[tk*ldy:tk*ldy+s.N])
-					}
-					return errors.Join(c.FreeMatrix(qm), c.Free(xb), c.FreeQActs(a), c.Free(yb))
+				got := productOnDevice(t, d, m, x, T, ldy, func(c *Ctx, y uint64, qm *QMatrix, a *QActs) error {
+					return c.GEMV(y, ldy, qm, a, v)
 				})
-				if err != nil {
-					t.Fatal(err)
-				}
 				e1, e2 := relErr(want, got), relErr(exact, got)
 				// The same integer dot products: float rounding only.
 				if !(e1 <= 2e-6) {
@@ -351,4 +305,69 @@ func TestSanitizerCanary(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+}
+
+// floatProduct is y = x W^T in float64, rounded once: the reference that
+// int8 activations approach (w [N][K] dequantized, x [T][K]).
+func floatProduct(w, x []float32, T, N, K int) []float32 {
+	y := make([]float32, T*N)
+	for tk := 0; tk < T; tk++ {
+		for n := 0; n < N; n++ {
+			var acc float64
+			for k := 0; k < K; k++ {
+				acc += float64(w[n*K+k]) * float64(x[tk*K+k])
+			}
+			y[tk*N+n] = float32(acc)
+		}
+	}
+	return y
+}
+
+// productOnDevice uploads m and x (T rows of m.K), quantizes x in m's
+// groups, runs product into a poisoned output of row stride ldy >= m.N and
+// returns its T x m.N values.
+func productOnDevice(t *testing.T, d *Device, m *format.Matrix, x []float32, T, ldy int, product func(c *Ctx, y uint64, qm *QMatrix, a *QActs) error) []float32 {
+	t.Helper()
+	N, K := m.N, m.K
+	var got []float32
+	err := d.Do(func(c *Ctx) error {
+		qm, err := c.UploadMatrix(m)
+		if err != nil {
+			return err
+		}
+		xb, err := upload(c, x)
+		if err != nil {
+			return err
+		}
+		a, err := c.NewQActs(T, K, m.GroupSize)
+		if err != nil {
+			return err
+		}
+		yb, err := c.Alloc(4 * T * ldy)
+		if err != nil {
+			return err
+		}
+		if err := poison(c, yb.Ptr, yb.Size); err != nil {
+			return err
+		}
+		if err := c.RMSNormQuant(xb.Ptr, K, 0, 0, 0, 0, T, K, m.GroupSize, a); err != nil {
+			return err
+		}
+		if err := product(c, yb.Ptr, qm, a); err != nil {
+			return err
+		}
+		all := make([]float32, T*ldy)
+		if err := CopyOut(c, all, yb.Ptr); err != nil {
+			return err
+		}
+		got = make([]float32, T*N)
+		for tk := 0; tk < T; tk++ {
+			copy(got[tk*N:(tk+1)*N], all[tk*ldy:tk*ldy+N])
+		}
+		return errors.Join(c.FreeMatrix(qm), c.Free(xb), c.FreeQActs(a), c.Free(yb))
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return got
 }
