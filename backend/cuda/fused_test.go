@@ -94,23 +94,7 @@ func TestFusedDecodeMatchesSeparate(t *testing.T) {
 	const steps = 24
 	decode := func(o Options) ([]float32, *Backend) {
 		g, _ := testBackends(t, o)
-		m := loadOn(t, dir, g)
-		s, err := m.NewState(len(ref.prompt)+steps+1, backend.CacheF32)
-		if err != nil {
-			t.Fatal(err)
-		}
-		logits, err := m.ForwardSeq(s, ref.prompt, false)
-		if err != nil {
-			t.Fatal(err)
-		}
-		all := append([]float32(nil), logits...)
-		for i := 0; i < steps; i++ {
-			if logits, err = m.ForwardSeq(s, []int{argmaxOf(logits)}, false); err != nil {
-				t.Fatal(err)
-			}
-			all = append(all, logits...)
-		}
-		return all, g
+		return greedyLogits(t, loadOn(t, dir, g), ref.prompt, steps, backend.CacheF32), g
 	}
 	want, _ := decode(Options{})
 	got, g := decode(Options{FusedGEMV: true, FusedLatent: true})

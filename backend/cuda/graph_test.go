@@ -18,23 +18,7 @@ func TestGraphReplayMatchesDirect(t *testing.T) {
 	const steps = 80 // the prompt plus 80 passes 64 positions
 	decode := func(o Options) ([]float32, *Backend) {
 		g, _ := testBackends(t, o)
-		m := loadOn(t, dir, g)
-		s, err := m.NewState(len(ref.prompt)+steps+1, backend.CacheBF16)
-		if err != nil {
-			t.Fatal(err)
-		}
-		logits, err := m.ForwardSeq(s, ref.prompt, false)
-		if err != nil {
-			t.Fatal(err)
-		}
-		all := append([]float32(nil), logits...)
-		for i := 0; i < steps; i++ {
-			if logits, err = m.ForwardSeq(s, []int{argmaxOf(logits)}, false); err != nil {
-				t.Fatal(err)
-			}
-			all = append(all, logits...)
-		}
-		return all, g
+		return greedyLogits(t, loadOn(t, dir, g), ref.prompt, steps, backend.CacheBF16), g
 	}
 	direct, _ := decode(Options{NoGraphs: true})
 	graphed, g := decode(Options{})

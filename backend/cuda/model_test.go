@@ -90,6 +90,29 @@ func argmaxOf(v []float32) int {
 	return best
 }
 
+// greedyLogits prefills prompt in one pass, then decodes steps greedy tokens
+// one by one, and returns the logits of the prompt's last row and of every
+// step, in order.
+func greedyLogits(t *testing.T, m *glm4moelite.Model, prompt []int, steps int, dt backend.CacheDType) []float32 {
+	t.Helper()
+	s, err := m.NewState(len(prompt)+steps+1, dt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	logits, err := m.ForwardSeq(s, prompt, false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	all := append([]float32(nil), logits...)
+	for i := 0; i < steps; i++ {
+		if logits, err = m.ForwardSeq(s, []int{argmaxOf(logits)}, false); err != nil {
+			t.Fatal(err)
+		}
+		all = append(all, logits...)
+	}
+	return all
+}
+
 // greedyIDs prefills prompt in one pass, then decodes n tokens one by one.
 func greedyIDs(t *testing.T, m *glm4moelite.Model, prompt []int, n int, dt backend.CacheDType) []int {
 	t.Helper()
