@@ -15,7 +15,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"math"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -586,14 +585,18 @@ func (e *Engine) remove(s *seq) {
 
 // sampleParams returns the settings with which a backend may choose s's
 // next token itself, having drawn its random number from s's sampler, or
-// nil where the engine needs the logits (a grammar constraint,
-// log-probabilities).
+// nil where the engine needs the logits (a grammar constraint;
+// log-probabilities, unless the backend computes them too).
 func (e *Engine) sampleParams(s *seq) *backend.SampleParams {
-	if s.req.Constraint != nil || s.req.Logprobs || s.req.TopLogprobs > 0 {
+	lp := s.req.Logprobs || s.req.TopLogprobs > 0
+	if s.req.Constraint != nil {
+		return nil
+	}
+	if _, ok := e.net.Backend().(backend.LogprobSampler); lp && !ok {
 		return nil
 	}
 	o := s.sampler.Options()
-	p := &backend.SampleParams{Temperature: o.Temperature, TopK: o.TopK, TopP: o.TopP, MinP: o.MinP}
+	p := &backend.SampleParams{Temperature: o.Temperature, TopK: o.TopK, TopP: o.TopP, MinP: o.MinP, Logprobs: lp, TopLogprobs: s.req.TopLogprobs}
 	if s.sampler.NeedsUniform(e.net.Config.VocabSize) {
 		p.U = s.sampler.Uniform()
 	}
@@ -714,9 +717,12 @@ func (e *Engine) emit(s *seq, out glm4moelite.Output, sp *backend.SampleParams, 
 	}
 	s.tokens = append(s.tokens, int32(id))
 	ev := Event{Token: id, Time: now}
-	if p.ready {
+	switch {
+	case p.ready:
 		ev.Logprob, ev.TopLogprobs = p.logprob, p.topLogprobs
-	} else if s.req.Logprobs || s.req.TopLogprobs > 0 {
+	case out.Logprobs != nil: // the backend's, with its id
+		ev.Logprob, ev.TopLogprobs = out.Logprobs.Chosen, out.Logprobs.Top
+	case s.req.Logprobs || s.req.TopLogprobs > 0:
 		ev.Logprob, ev.TopLogprobs = logprobs(logits, id, s.req.TopLogprobs)
 	}
 	var stopped bool
@@ -763,38 +769,4 @@ func (e *Engine) finish(s *seq, why Finish, err error) {
 	}
 	s.stream.push(ev)
 	s.stream.cancel() // release the context's resources
-}
-
-// logprobs returns the log-softmax of logits at id and the top k entries.
-// The logits are finite (CheckLogits ran first), so a plain comparison
-// finds the maximum (math.Max's NaN and signed-zero cases cost a third of
-// the function's time over a large vocabulary).
-func logprobs(logits []float32, id, k int) (float32, []TokenLogprob) {
-	m := float32(math.Inf(-1))
-	for _, v := range logits {
-		if v > m {
-			m = v
-		}
-	}
-	mx := float64(m)
-	var sum float64
-	for _, v := range logits {
-		sum += math.Exp(float64(v) - mx)
-	}
-	lse := mx + math.Log(sum)
-	lp := func(i int) float32 { return float32(float64(logits[i]) - lse) }
-	var top []TokenLogprob
-	for i := range logits {
-		if len(top) < k {
-			top = append(top, TokenLogprob{i, lp(i)})
-		} else if k > 0 && logits[i] > logits[top[k-1].ID] {
-			top[k-1] = TokenLogprob{i, lp(i)}
-		} else {
-			continue
-		}
-		for j := len(top) - 1; j > 0 && top[j].Logprob > top[j-1].Logprob; j-- {
-			top[j], top[j-1] = top[j-1], top[j]
-		}
-	}
-	return lp(id), top
 }

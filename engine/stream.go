@@ -5,6 +5,8 @@ import (
 	"io"
 	"sync"
 	"time"
+
+	"github.com/mmfp4/mmfp4/backend"
 )
 
 // Finish says why a sequence ended.
@@ -20,10 +22,7 @@ const (
 )
 
 // TokenLogprob is a token and its log-probability under the model.
-type TokenLogprob struct {
-	ID      int
-	Logprob float32
-}
+type TokenLogprob = backend.TokenLogprob
 
 // Usage counts a request's tokens.
 type Usage struct {

@@ -82,6 +82,7 @@ type Backend struct {
 	read atomic.Int64 // BytesRead
 
 	sampledRows int // rows whose token SampleRows chose (tests)
+	logprobRows int // rows whose log-probabilities SampleRowsLogprobs computed (tests)
 
 	prof   *profiler   // MMFP4_CUDA_PROFILE=1
 	graphs *graphCache // nil: no graphs

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"slices"
 	"sync"
 
 	"github.com/mmfp4/mmfp4/backend"
@@ -140,14 +141,18 @@ func (m *Model) Forward(batch *backend.Batch, pool backend.CachePool) ([]float32
 type Output struct {
 	Logits []float32 // VocabSize values, unchecked (CheckLogits); nil when ID is set
 	ID     int
+	// Logprobs of the row, with ID, where its Sample entry asked for them
+	// (the backend is a backend.LogprobSampler).
+	Logprobs *backend.RowLogprobs
 }
 
 // ForwardOutputs is Forward for a batch whose Sample entries may ask for
 // the token instead of the logits: where the backend implements
 // backend.Sampler, an output with a Sample entry gets its token id, and
 // the others (or all, on other backends or with DebugNaN) their logits. An
-// output whose logits are not finite gets its logits, for CheckLogits to
-// report.
+// entry that asks for log-probabilities gets its id only where the backend
+// is a backend.LogprobSampler, with them; otherwise its logits. An output
+// whose logits are not finite gets its logits, for CheckLogits to report.
 func (m *Model) ForwardOutputs(batch *backend.Batch, pool backend.CachePool) ([]Output, error) {
 	V := m.Config.VocabSize
 	if err := batch.Validate(V, pool.Blocks(), pool.BlockSize()); err != nil {
@@ -177,19 +182,31 @@ func (m *Model) ForwardOutputs(batch *backend.Batch, pool backend.CachePool) ([]
 			params[i] = *p
 		}
 	}
-	ids := sampler.SampleRows(logits, params)
+	var ids []int32
+	var lps []backend.RowLogprobs
+	if ls, ok := sampler.(backend.LogprobSampler); ok && slices.ContainsFunc(batch.Sample, wantsLogprobs) {
+		ids, lps = ls.SampleRowsLogprobs(logits, params)
+	} else {
+		ids = sampler.SampleRows(logits, params)
+	}
 	if err := m.b.Sync(); err != nil {
 		return nil, err
 	}
 	for i := range outs {
-		if batch.Sample[i] != nil && ids[i] >= 0 {
+		p := batch.Sample[i]
+		if p != nil && ids[i] >= 0 && (!p.Logprobs || lps != nil) {
 			outs[i].ID = int(ids[i])
+			if p.Logprobs {
+				outs[i].Logprobs = &lps[i]
+			}
 		} else {
 			outs[i].Logits = m.b.Download(m.b.Rows(logits, i, i+1))
 		}
 	}
 	return outs, m.b.Sync()
 }
+
+func wantsLogprobs(p *backend.SampleParams) bool { return p != nil && p.Logprobs }
 
 // run is the step of Forward up to the logits of the batch's outputs (nil
 // when it has none), with m.mu held.
