@@ -10,19 +10,37 @@ import "math"
 // in float64 with expNeg, within about 1e-10 relative of math.Exp's sum,
 // far below the float32 rounding of the results.
 func logprobs(logits []float32, id, k int) (float32, []TokenLogprob) {
-	m := float32(math.Inf(-1))
-	for _, v := range logits {
-		if v > m {
-			m = v
+	top := topLogits(logits, k)
+	var m float32
+	if len(top) > 0 {
+		m = logits[top[0].ID]
+	} else {
+		m = float32(math.Inf(-1))
+		for _, v := range logits {
+			if v > m {
+				m = v
+			}
 		}
 	}
 	lse := float64(m) + math.Log(sumExp(logits, m))
-	lp := func(i int) float32 { return float32(float64(logits[i]) - lse) }
-	var top []TokenLogprob
+	for j := range top {
+		top[j].Logprob = float32(float64(logits[top[j].ID]) - lse)
+	}
+	return float32(float64(logits[id]) - lse), top
+}
+
+// topLogits returns the ids of the k largest logits in rank order, their
+// log-probabilities unset; the first is the maximum.
+func topLogits(logits []float32, k int) []TokenLogprob {
+	if k <= 0 {
+		return nil
+	}
+	top := make([]TokenLogprob, 0, k)
+	var kth float32 // the k-th's logit, once there are k
 	for i, v := range logits {
 		if len(top) < k {
 			top = append(top, TokenLogprob{ID: i})
-		} else if k > 0 && v > logits[top[k-1].ID] {
+		} else if v > kth {
 			top[k-1].ID = i
 		} else {
 			continue
@@ -31,11 +49,9 @@ func logprobs(logits []float32, id, k int) (float32, []TokenLogprob) {
 		for j := len(top) - 1; j > 0 && logits[top[j].ID] > logits[top[j-1].ID]; j-- {
 			top[j], top[j-1] = top[j-1], top[j]
 		}
+		kth = logits[top[len(top)-1].ID]
 	}
-	for j := range top {
-		top[j].Logprob = lp(top[j].ID)
-	}
-	return lp(id), top
+	return top
 }
 
 // sumExp is the sum of exp(v - m) over logits in float64, in four

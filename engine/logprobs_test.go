@@ -247,9 +247,8 @@ func TestBackendLogprobsMatchHost(t *testing.T) {
 }
 
 // BenchmarkLogprobs times one row of GLM-4.7-Flash's vocabulary with the
-// 20 alternatives of the API's limit: logprobs, and the plain definition
-// with math.Exp (the engine's function before expNeg was the same but for
-// its top-k sorting).
+// 20 alternatives of the API's limit: logprobs, and the engine's function
+// before it (math.Exp).
 func BenchmarkLogprobs(b *testing.B) {
 	if os.Getenv("ALPHAHENG_TASK_MODE") == "1" {
 		b.Skip("benchmarks do not run in task mode (ALPHAHENG_TASK_MODE=1)")
@@ -268,8 +267,8 @@ func BenchmarkLogprobs(b *testing.B) {
 	}
 }
 
-// mathExpLogprobs is logprobs with math.Exp in the sum: the engine's
-// function before expNeg.
+// mathExpLogprobs is the engine's function before expNeg: math.Exp in the
+// sum, and its top sorted by log-probability.
 func mathExpLogprobs(logits []float32, id, k int) (float32, []TokenLogprob) {
 	m := float32(math.Inf(-1))
 	for _, v := range logits {
@@ -277,14 +276,25 @@ func mathExpLogprobs(logits []float32, id, k int) (float32, []TokenLogprob) {
 			m = v
 		}
 	}
-	var s float64
+	mx := float64(m)
+	var sum float64
 	for _, v := range logits {
-		s += math.Exp(float64(v) - float64(m))
+		sum += math.Exp(float64(v) - mx)
 	}
-	lse := float64(m) + math.Log(s)
-	_, top := logprobs(logits, id, k)
-	for j := range top {
-		top[j].Logprob = float32(float64(logits[top[j].ID]) - lse)
+	lse := mx + math.Log(sum)
+	lp := func(i int) float32 { return float32(float64(logits[i]) - lse) }
+	var top []TokenLogprob
+	for i := range logits {
+		if len(top) < k {
+			top = append(top, TokenLogprob{ID: i, Logprob: lp(i)})
+		} else if k > 0 && logits[i] > logits[top[k-1].ID] {
+			top[k-1] = TokenLogprob{ID: i, Logprob: lp(i)}
+		} else {
+			continue
+		}
+		for j := len(top) - 1; j > 0 && top[j].Logprob > top[j-1].Logprob; j-- {
+			top[j], top[j-1] = top[j-1], top[j]
+		}
 	}
-	return float32(float64(logits[id]) - lse), top
+	return lp(id), top
 }
