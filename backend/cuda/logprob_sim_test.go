@@ -45,14 +45,27 @@ func newSimWarpList() *simWarpList {
 	return w
 }
 
-// offer is lp_offer: v, i are the 32 lanes' candidates.
-func (w *simWarpList) offer(v [32]float32, i [32]int32, k int) {
+// offer is lp_offer: v, i are the 32 lanes' candidates; bound, if not nil,
+// is the block's bound, which a full list raises to its k-th.
+func (w *simWarpList) offer(v [32]float32, i [32]int32, k int, bound *float32) {
+	thr := float32(math.Inf(-1))
+	if bound != nil {
+		thr = *bound
+	}
 	var want uint32
 	for l := range 32 {
-		if simBefore(v[l], i[l], w.tv, w.ti) {
+		if v[l] >= thr && simBefore(v[l], i[l], w.tv, w.ti) {
 			want |= 1 << l
 		}
 	}
+	if want == 0 {
+		return
+	}
+	defer func() {
+		if bound != nil && w.ti != simNoID {
+			*bound = max(*bound, w.tv)
+		}
+	}()
 	for want != 0 {
 		L := bits.TrailingZeros32(want)
 		want &= want - 1
@@ -105,35 +118,39 @@ func simLogprobRow(row []float32, aligned bool, id, k int) (lp backend.RowLogpro
 			s[t] += float64(terms(m[t]))
 		}
 	}
+	bound := negInf
 	nv := 0
 	if aligned {
 		nv = n / 4
 	}
-	for base := 0; base < nv; base += simLPThreads {
+	const unroll = 4
+	for base := 0; base < nv; base += unroll * simLPThreads {
 		for w := range simLPWarps {
-			var cand [4][32]float32
-			var ids [4][32]int32
-			for l := range 32 {
-				t := 32*w + l
-				q := base + t
-				x := [4]float32{negInf, negInf, negInf, negInf}
-				if q < nv {
-					copy(x[:], row[4*q:4*q+4])
-				}
-				qm := max(max(x[0], x[1]), max(x[2], x[3]))
-				sum(t, qm, func(m float32) float32 {
-					return (expf(x[0]-m) + expf(x[1]-m)) + (expf(x[2]-m) + expf(x[3]-m))
-				}, ok(x[0]) && ok(x[1]) && ok(x[2]) && ok(x[3]))
-				for u := range 4 {
-					cand[u][l], ids[u][l] = x[u], simNoID
+			for u := range unroll {
+				var cand [4][32]float32
+				var ids [4][32]int32
+				for l := range 32 {
+					t := 32*w + l
+					q := base + u*simLPThreads + t
+					x := [4]float32{negInf, negInf, negInf, negInf}
 					if q < nv {
-						ids[u][l] = int32(4*q + u)
+						copy(x[:], row[4*q:4*q+4])
+					}
+					qm := max(max(x[0], x[1]), max(x[2], x[3]))
+					sum(t, qm, func(m float32) float32 {
+						return (expf(x[0]-m) + expf(x[1]-m)) + (expf(x[2]-m) + expf(x[3]-m))
+					}, ok(x[0]) && ok(x[1]) && ok(x[2]) && ok(x[3]))
+					for c := range 4 {
+						cand[c][l], ids[c][l] = x[c], simNoID
+						if q < nv {
+							ids[c][l] = int32(4*q + c)
+						}
 					}
 				}
-			}
-			if k > 0 {
-				for u := range 4 {
-					lists[w].offer(cand[u], ids[u], k)
+				if k > 0 {
+					for c := range 4 {
+						lists[w].offer(cand[c], ids[c], k, &bound)
+					}
 				}
 			}
 		}
@@ -153,7 +170,7 @@ func simLogprobRow(row []float32, aligned bool, id, k int) (lp backend.RowLogpro
 				cand[l], ids[l] = x, xi
 			}
 			if k > 0 {
-				lists[w].offer(cand, ids, k)
+				lists[w].offer(cand, ids, k, &bound)
 			}
 		}
 	}
@@ -192,7 +209,7 @@ func simLogprobRow(row []float32, aligned bool, id, k int) (lp backend.RowLogpro
 					cand[l], ids[l] = sv[base+l], si[base+l]
 				}
 			}
-			merged.offer(cand, ids, k)
+			merged.offer(cand, ids, k, nil)
 		}
 		for l := 0; l < k && merged.li[l] != simNoID; l++ {
 			lp.Top = append(lp.Top, backend.TokenLogprob{ID: int(merged.li[l]), Logprob: float32(float64(merged.lv[l]) - lse)})
