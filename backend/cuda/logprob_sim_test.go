@@ -229,8 +229,8 @@ func TestLogprobRowsSimulated(t *testing.T) {
 			row := kind.make(r, n)
 			for _, k := range []int{0, 1, 5, 20} {
 				for _, aligned := range []bool{true, false} {
-					if n == 154880 && (k == 20) != aligned {
-						continue // the full vocabulary twice, not eight times
+					if n == 154880 && !(k == 20 && aligned) {
+						continue // the full vocabulary once a row: the other cases are covered at 1001
 					}
 					id := r.IntN(n)
 					name := fmt.Sprintf("n=%d %s k=%d aligned=%v", n, kind.name, k, aligned)
