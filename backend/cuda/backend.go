@@ -106,6 +106,8 @@ type Backend struct {
 	// routeCounters are moe_router_route's per-token counters (zero
 	// between launches).
 	routeCounters Buffer
+	// streamCounters are MatMulStream's per-row-block counters.
+	streamCounters Buffer
 	// ropes are the last two RoPEs queued: a cache write right after two
 	// RoPEs of one table, the second of its key, takes them into its launch.
 	ropes [2]*ropeOp
@@ -237,7 +239,7 @@ func (b *Backend) Close() error {
 		if b.graphs != nil {
 			errs = append(errs, b.graphs.free(c))
 		}
-		errs = append(errs, c.Free(b.routeCounters), c.Free(b.counter))
+		errs = append(errs, c.Free(b.routeCounters), c.Free(b.streamCounters), c.Free(b.counter))
 		if b.pool != nil {
 			errs = append(errs, c.Free(b.pool.buf))
 		}
@@ -1007,6 +1009,9 @@ func (b *Backend) MatMul(dst, x backend.Tensor, wt backend.Weight) {
 		return
 	}
 	a := b.quantize(xm, w.q.G)
+	if b.streamProduct(d, a, w) {
+		return
+	}
 	if d.rows >= gemmMinTokens && GEMMFits(w.q.K, w.q.G) {
 		b.do(b.opName("matmul", w), func(c *Ctx) error { return c.GEMM(d.ptr, d.ld, w.q, a, GEMMTileAuto) })
 		return

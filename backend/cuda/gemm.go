@@ -5,6 +5,7 @@ package cuda
 import (
 	"fmt"
 	"os"
+	"strconv"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -263,6 +264,9 @@ func (l *moeLayer) batchable() bool {
 // moeBatched runs MoEBatched on the rows of xm, adding into d; its work
 // space comes from the step's arena.
 func (b *Backend) moeBatched(d, xm *tensor, rt *routing, l *moeLayer) {
+	if b.moeStreamed(d, xm, rt, l) {
+		return
+	}
 	t := l.table
 	T, slots := d.rows, rt.topK+t.Shared
 	P := T * slots
@@ -283,10 +287,17 @@ func (b *Backend) moeBatched(d, xm *tensor, rt *routing, l *moeLayer) {
 // run in another order than absorb_query_q's, which is kept for decode
 // batches and short prompts, where a last-bit change can move an int8
 // requantization further on).
-const (
-	absorbTokens        = 8
-	absorbManyMinTokens = 64
-)
+const absorbTokens = 8
+
+// absorbManyMinTokens: MMFP4_CUDA_ABSORB_MANY sets it, for comparisons in
+// one binary.
+var absorbManyMinTokens = 64
+
+func init() {
+	if v, err := strconv.Atoi(os.Getenv("MMFP4_CUDA_ABSORB_MANY")); err == nil && v >= 1 {
+		absorbManyMinTokens = v
+	}
+}
 
 // absorbMany queues absorb_query_many for AbsorbQuery when it applies
 // (MMFP4 W_UK, enough tokens, the head's codes in shared memory) and
