@@ -776,12 +776,7 @@ func logprobs(logits []float32, id, k int) (float32, []TokenLogprob) {
 			m = v
 		}
 	}
-	mx := float64(m)
-	var sum float64
-	for _, v := range logits {
-		sum += math.Exp(float64(v) - mx)
-	}
-	lse := mx + math.Log(sum)
+	lse := float64(m) + math.Log(expSum(logits, m))
 	lp := func(i int) float32 { return float32(float64(logits[i]) - lse) }
 	var top []TokenLogprob
 	for i := range logits {
