@@ -1512,6 +1512,9 @@ func (b *Backend) ExpandValues(out, olat backend.Tensor, wUV backend.Weight, s b
 		// quantization of the rows (whole groups per head).
 		b.count(weightBytes(w))
 		a := b.quantize(ol, w.q.G)
+		if b.streamHeads(om, a, w, s.Heads) {
+			return
+		}
 		b.do(b.opName("expand values", w), func(c *Ctx) error { return c.GEMMHeads(om.ptr, om.ld, w.q, a, s.Heads, s.VDim, GEMMTileAuto) })
 		return
 	}

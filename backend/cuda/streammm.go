@@ -22,8 +22,12 @@ const StreamMaxTokens = 64
 const streamCounters = 1024
 
 // StreamPlan is a launch shape of MatMulStream: D groups of 128 columns in
-// flight per warp (1, 2 or 4) and KS blocks over K for each row block.
-type StreamPlan struct{ D, KS int }
+// flight per warp (1, 2 or 4), KS blocks over K for each row block, and
+// whether the weight loads ask the L2 for 256-byte fetches (PF).
+type StreamPlan struct {
+	D, KS int
+	PF    bool
+}
 
 // StreamFits reports whether MatMulStream takes w: groups of 128, at least
 // 16 rows and a multiple of 16.
@@ -31,22 +35,48 @@ func StreamFits(w *QMatrix) bool {
 	return w.G == 128 && w.K%128 == 0 && w.N >= 16 && w.N%16 == 0
 }
 
-// PlanStream picks D and KS for an N x K product on a device of sms
-// multiprocessors: about two blocks a multiprocessor in all, with the
-// largest D that leaves enough D-group chunks of K to split over.
-func PlanStream(N, K, sms int) StreamPlan {
-	rowBlocks := (N + 127) / 128
-	want := max(1, (2*sms+rowBlocks-1)/rowBlocks)
+// streamMaxKS bounds the split of K: the last block of a row block reads
+// KS partial sums of each output.
+const streamMaxKS = 8
+
+// PlanStream picks D and KS for heads products of N x K over T rows on a
+// device of sms multiprocessors with sharedMax bytes of shared memory a
+// block: a block a multiprocessor in all where the row blocks are fewer,
+// with the largest D that leaves enough D-group chunks of K to split over,
+// and a split fine enough for the staged rows to fit.
+func PlanStream(N, K, heads, T, sms, sharedMax int) StreamPlan {
+	rowBlocks := heads * ((N + 127) / 128)
+	want := min(streamMaxKS, max(1, (sms+rowBlocks-1)/rowBlocks))
 	if rowBlocks > streamCounters {
 		want = 1
 	}
 	GK := K / 128
+	p := StreamPlan{D: 1, KS: min(want, GK), PF: streamPF}
 	for _, d := range []int{4, 2} {
 		if GK%d == 0 && GK/d >= want {
-			return StreamPlan{D: d, KS: want}
+			p = StreamPlan{D: d, KS: want, PF: streamPF}
+			break
 		}
 	}
-	return StreamPlan{D: 1, KS: min(want, GK)}
+	wt := streamTiles(T)
+	for p.KS < GK/p.D && streamShared(wt, K, p) > sharedMax {
+		p.KS++
+	}
+	return p
+}
+
+// streamPF: the dense products' loads ask for 256-byte L2 fetches
+// (MMFP4_CUDA_STREAM_PF=0 or 1 sets it, for comparisons).
+var streamPF = false
+
+// streamTiles is the number of 8-row n-tiles of T rows, rounded up to the
+// kernels' 1, 2, 4 or 8.
+func streamTiles(T int) int {
+	wt := 1
+	for 8*wt < T {
+		wt *= 2
+	}
+	return wt
 }
 
 // streamShared is the dynamic shared memory of a block: 8*wt staged rows
@@ -77,32 +107,53 @@ func (c *Ctx) streamKernel(name string, n int) (*Kernel, error) {
 // split plan (KS > 1) needs partial (4*KS*a.T*N bytes) and counters (one
 // zeroed u32 per row block, left zeroed).
 func (c *Ctx) MatMulStream(y uint64, ldy int, w *QMatrix, a *QActs, p StreamPlan, partial, counters uint64) error {
+	return c.matMulStream(y, ldy, w, a, 1, p, partial, counters)
+}
+
+// MatMulStreamHeads is MatMulStream over heads products (GEMMHeads'
+// layout): for each head h and row t, y[t*ldy + h*rows + n] =
+// W[h*rows+n] . x_h[t], x_h columns [h*w.K, (h+1)*w.K) of the row (a.K =
+// heads*w.K), W [heads*rows, w.K]. Plans, partial sums and counters as
+// MatMulStream's, for all heads together (4*KS*a.T*w.N bytes).
+func (c *Ctx) MatMulStreamHeads(y uint64, ldy int, w *QMatrix, a *QActs, heads int, p StreamPlan, partial, counters uint64) error {
+	return c.matMulStream(y, ldy, w, a, heads, p, partial, counters)
+}
+
+func (c *Ctx) matMulStream(y uint64, ldy int, w *QMatrix, a *QActs, heads int, p StreamPlan, partial, counters uint64) error {
 	GK := w.K / 128
+	rows := w.N / max(heads, 1)
 	switch {
-	case a.K != w.K || a.G != w.G:
-		return fmt.Errorf("cuda: stream product: activations K=%d G=%d, weights [%d,%d] G=%d", a.K, a.G, w.N, w.K, w.G)
-	case !StreamFits(w):
-		return fmt.Errorf("cuda: stream product: weights [%d,%d] G=%d do not suit it", w.N, w.K, w.G)
+	case heads < 1 || w.N%heads != 0 || a.K != heads*w.K || a.G != w.G:
+		return fmt.Errorf("cuda: stream product: activations K=%d G=%d, %d heads of weights [%d,%d] G=%d", a.K, a.G, heads, w.N, w.K, w.G)
+	case !StreamFits(&QMatrix{N: rows, K: w.K, G: w.G}):
+		return fmt.Errorf("cuda: stream product: weights [%d,%d] G=%d (%d heads) do not suit it", w.N, w.K, w.G, heads)
 	case a.T < 1 || a.T > StreamMaxTokens:
 		return fmt.Errorf("cuda: stream product: %d token rows, want 1 to %d", a.T, StreamMaxTokens)
 	case ldy < w.N && a.T > 1:
 		return fmt.Errorf("cuda: stream product: output stride %d below N=%d", ldy, w.N)
 	case p.D != 1 && p.D != 2 && p.D != 4 || GK%p.D != 0 || p.KS < 1 || p.KS > GK/p.D:
 		return fmt.Errorf("cuda: stream product: plan D=%d KS=%d for K=%d", p.D, p.KS, w.K)
-	case p.KS > 1 && (partial == 0 || counters == 0 || (w.N+127)/128 > streamCounters):
+	case p.KS > 1 && (partial == 0 || counters == 0 || heads*((rows+127)/128) > streamCounters):
 		return fmt.Errorf("cuda: stream product: split over K without partial sums or counters for %d rows", w.N)
 	}
-	wt := 1
-	for 8*wt < a.T {
-		wt *= 2
+	wt := streamTiles(a.T)
+	if wt >= 2 && p.D == 4 {
+		p.D = 2 // the same chunks of K, two groups at a time (stream.cu has no D = 4 past 8 rows)
 	}
 	shared := streamShared(wt, w.K, p)
-	k, err := c.streamKernel(fmt.Sprintf("mms_t%d_d%d", wt, p.D), shared)
+	if shared > c.info.SharedOptin {
+		return fmt.Errorf("cuda: stream product: %d rows of K=%d split %d ways need %d bytes of shared memory, at most %d", a.T, w.K, p.KS, shared, c.info.SharedOptin)
+	}
+	name := fmt.Sprintf("mms_t%d_d%d", wt, p.D)
+	if p.PF {
+		name += "p"
+	}
+	k, err := c.streamKernel(name, shared)
 	if err != nil {
 		return err
 	}
-	return c.Launch(k, Dim{uint32((w.N + 127) / 128), uint32(p.KS), 1}, D1(256), shared,
-		w.Codes, w.Scales, w.RowScale, w.N, w.K, a.Q, a.Scales, a.T, y, ldy, p.KS, partial, counters)
+	return c.Launch(k, Dim{uint32((rows + 127) / 128), uint32(p.KS), uint32(heads)}, D1(256), shared,
+		w.Codes, w.Scales, w.RowScale, rows, w.K, a.Q, a.Scales, a.T, y, ldy, p.KS, partial, counters)
 }
 
 // streamMaxTokens is the largest batch whose MMFP4 products MatMul runs
@@ -114,6 +165,9 @@ func init() {
 	if v, err := strconv.Atoi(os.Getenv("MMFP4_CUDA_STREAM_MM")); err == nil && v >= 0 {
 		streamMaxTokens = min(v, StreamMaxTokens)
 	}
+	if v := os.Getenv("MMFP4_CUDA_STREAM_PF"); v == "0" || v == "1" {
+		streamPF = v == "1"
+	}
 }
 
 // streamProduct queues MatMulStream for d = x W^T when it applies (2 to
@@ -122,7 +176,7 @@ func (b *Backend) streamProduct(d *tensor, a *QActs, w *weight) bool {
 	if d.rows < 2 || d.rows > streamMaxTokens || !StreamFits(w.q) {
 		return false
 	}
-	p := PlanStream(w.q.N, w.q.K, b.dev.Info().SMs)
+	p := PlanStream(w.q.N, w.q.K, 1, d.rows, b.dev.Info().SMs, b.dev.Info().SharedOptin)
 	var partial uint64
 	if p.KS > 1 {
 		if !b.streamCountersReady() {
@@ -132,6 +186,27 @@ func (b *Backend) streamProduct(d *tensor, a *QActs, w *weight) bool {
 	}
 	q, counters := w.q, b.streamCounters.Ptr
 	b.do(b.opName("matmul", w), func(c *Ctx) error { return c.MatMulStream(d.ptr, d.ld, q, a, p, partial, counters) })
+	return true
+}
+
+// streamHeads queues MatMulStreamHeads for ExpandValues' per-head
+// products when it applies and reports whether it did.
+func (b *Backend) streamHeads(om *tensor, a *QActs, w *weight, heads int) bool {
+	if om.rows < 2 || om.rows > streamMaxTokens || w.q.N%heads != 0 || !StreamFits(&QMatrix{N: w.q.N / heads, K: w.q.K, G: w.q.G}) {
+		return false
+	}
+	p := PlanStream(w.q.N/heads, w.q.K, heads, om.rows, b.dev.Info().SMs, b.dev.Info().SharedOptin)
+	var partial uint64
+	if p.KS > 1 {
+		if !b.streamCountersReady() {
+			return false
+		}
+		partial = b.alloc(4 * p.KS * om.rows * w.q.N)
+	}
+	q, counters := w.q, b.streamCounters.Ptr
+	b.do(b.opName("expand values", w), func(c *Ctx) error {
+		return c.MatMulStreamHeads(om.ptr, om.ld, q, a, heads, p, partial, counters)
+	})
 	return true
 }
 

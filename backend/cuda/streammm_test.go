@@ -6,6 +6,8 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"slices"
+	"strings"
 	"testing"
 
 	"github.com/mmfp4/mmfp4/backend"
@@ -36,7 +38,7 @@ func TestMatMulStream(t *testing.T) {
 		{1040, 1024, []int{16, 57}},   // a partial last row block
 		{16, 128, []int{3}},           // one m-tile, one group
 	}
-	sms := d.Info().SMs
+	sms, optin := d.Info().SMs, d.Info().SharedOptin
 	for _, s := range shapes {
 		w := randVec(r, s.N*s.K, 0.02)
 		m, err := format.Quantize(w, s.N, s.K, format.QuantOptions{GroupSize: 128})
@@ -49,14 +51,16 @@ func TestMatMulStream(t *testing.T) {
 			t.Fatal(err)
 		}
 		GK := s.K / 128
-		plans := []StreamPlan{PlanStream(s.N, s.K, sms), {D: 1, KS: 1}, {D: 1, KS: GK}}
-		if GK%2 == 0 {
-			plans = append(plans, StreamPlan{D: 2, KS: GK / 2})
-		}
-		if GK%4 == 0 {
-			plans = append(plans, StreamPlan{D: 4, KS: 1})
-		}
 		for _, T := range s.Ts {
+			plans := []StreamPlan{PlanStream(s.N, s.K, 1, T, sms, optin), {D: 1, KS: 1}, {D: 1, KS: GK, PF: true}}
+			if GK%2 == 0 {
+				plans = append(plans, StreamPlan{D: 2, KS: GK / 2})
+			}
+			if GK%4 == 0 {
+				plans = append(plans, StreamPlan{D: 4, KS: 1, PF: true})
+			}
+			// Plans whose staged rows exceed the shared memory are refused.
+			plans = slices.DeleteFunc(plans, func(p StreamPlan) bool { return streamShared(streamTiles(T), s.K, p) > optin })
 			x := randVec(r, T*s.K, 1)
 			for i := 0; i < 128; i++ { // a zero group
 				x[i] = 0
@@ -137,7 +141,7 @@ func BenchmarkMatMulStream(b *testing.B) {
 		{"q_b_5120x768", 5120, 768},
 		{"lm_head_154880x2048", 154880, 2048},
 	}
-	sms := d.Info().SMs
+	sms, optin := d.Info().SMs, d.Info().SharedOptin
 	for _, cs := range cases {
 		var q *QMatrix
 		err := d.Do(func(c *Ctx) error {
@@ -149,13 +153,22 @@ func BenchmarkMatMulStream(b *testing.B) {
 			b.Fatal(err)
 		}
 		for _, T := range []int{8, 32, 64} {
-			for _, v := range []string{"gemv8", "t16", "stream"} {
+			for _, v := range []string{"gemv8", "t16", "stream", "stream_pf", "stream_ks1"} {
 				b.Run(fmt.Sprintf("%s/T%d/%s", cs.name, T, v), func(b *testing.B) {
 					err := d.Do(func(c *Ctx) error {
 						xb, err1 := upload(c, randVec(r, T*cs.k, 1))
 						a, err2 := c.NewQActs(T, cs.k, 128)
 						y, err3 := c.Alloc(4 * T * cs.n)
-						p := PlanStream(cs.n, cs.k, sms)
+						p := PlanStream(cs.n, cs.k, 1, T, sms, optin)
+						switch v {
+						case "stream_pf":
+							p.PF = true
+						case "stream_ks1":
+							p.KS = 1
+							for p.KS < cs.k/128/p.D && streamShared(streamTiles(T), cs.k, p) > optin {
+								p.KS++
+							}
+						}
 						part, err4 := c.Alloc(4 * p.KS * T * cs.n)
 						cnt, err5 := c.Alloc(4 * streamCounters)
 						if err := errors.Join(err1, err2, err3, err4, err5); err != nil {
@@ -174,7 +187,7 @@ func BenchmarkMatMulStream(b *testing.B) {
 							switch v {
 							case "t16":
 								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTile16)
-							case "stream":
+							case "stream", "stream_pf", "stream_ks1":
 								return c.MatMulStream(y.Ptr, cs.n, q, a, p, part.Ptr, cnt.Ptr)
 							}
 							for t := 0; t < T; t += 8 {
@@ -198,7 +211,7 @@ func BenchmarkMatMulStream(b *testing.B) {
 						sec := float64(ms) / 1e3 / reps
 						b.ReportMetric(sec*1e6, "us/op")
 						b.ReportMetric(float64(q.Bytes())/sec/1e9, "GB/s")
-						if v == "stream" {
+						if strings.HasPrefix(v, "stream") {
 							b.ReportMetric(float64(p.D), "D")
 							b.ReportMetric(float64(p.KS), "KS")
 						}
@@ -235,6 +248,72 @@ func TestBackendAbsorbManyMatchesCPU(t *testing.T) {
 				b.AbsorbQuery(ql, qt, mustWeight(t, b, hw), s)
 				return b.Download(ql)
 			})
+		}
+	}
+}
+
+// ExpandValues of 2-64 rows through the per-head streaming product against
+// the CPU backend (the model's value shapes: 20 heads of 256 rows over a
+// latent of 512), and MatMulStreamHeads against GEMMHeads with forced plans.
+func TestMatMulStreamHeads(t *testing.T) {
+	r := testRand(t)
+	g, c := testBackends(t, Options{})
+	defer func(v int) { streamMaxTokens = v }(streamMaxTokens)
+	streamMaxTokens = StreamMaxTokens
+	s := backend.MLAShape{Heads: 20, NopeDim: 128, RopeDim: 64, VDim: 256, Rank: 512}
+	hw := quantHost(t, r, "wuv", s.Heads*s.VDim, s.Rank, 128)
+	for _, T := range []int{2, 9, 33, 64} {
+		x := randVec(r, T*s.Heads*s.Rank, 1)
+		compareOp(t, g, c, fmt.Sprintf("expand values T=%d", T), 1e-5, func(b backend.Backend) []float32 {
+			b.SetBatch(simpleBatch(T, 0), nil)
+			ol, om := b.NewTensor(T, s.Heads*s.Rank), b.NewTensor(T, s.Heads*s.VDim)
+			b.Upload(ol, x)
+			b.ExpandValues(om, ol, mustWeight(t, b, hw), s)
+			return b.Download(om)
+		})
+	}
+	d := g.Device()
+	for _, T := range []int{3, 17} {
+		x := randVec(r, T*s.Heads*s.Rank, 1)
+		N, K := s.Heads*s.VDim, s.Rank
+		run := func(p StreamPlan) []float32 {
+			return productOnDevice(t, d, hw.Quant, x, T, N, func(c *Ctx, y uint64, qm *QMatrix, a *QActs) error {
+				// productOnDevice quantizes rows of qm.K: requantize the
+				// whole row of heads*K instead.
+				xb, err := upload(c, x)
+				if err != nil {
+					return err
+				}
+				defer c.Free(xb)
+				ah, err := c.NewQActs(T, s.Heads*K, 128)
+				if err != nil {
+					return err
+				}
+				defer c.FreeQActs(ah)
+				if err := c.RMSNormQuant(xb.Ptr, s.Heads*K, 0, 0, 0, 0, T, s.Heads*K, 128, ah); err != nil {
+					return err
+				}
+				if p.D == 0 {
+					return c.GEMMHeads(y, N, qm, ah, s.Heads, s.VDim, GEMMTile16)
+				}
+				part, err1 := c.Alloc(4 * p.KS * T * N)
+				cnt, err2 := c.Alloc(4 * streamCounters)
+				if err := errors.Join(err1, err2, c.Memset(cnt.Ptr, 0, cnt.Size)); err != nil {
+					return err
+				}
+				defer c.Free(part)
+				defer c.Free(cnt)
+				return c.MatMulStreamHeads(y, N, qm, ah, s.Heads, p, part.Ptr, cnt.Ptr)
+			})
+		}
+		want := run(StreamPlan{})
+		for _, p := range []StreamPlan{PlanStream(s.VDim, K, s.Heads, T, d.Info().SMs, d.Info().SharedOptin), {D: 4, KS: 1}, {D: 1, KS: 4, PF: true}} {
+			got := run(p)
+			e, m := relErr(want, got), maxRelErr(want, got)
+			t.Logf("T=%d plan %+v: rel err %.2g (max %.2g) against GEMMHeads", T, p, e, m)
+			if !(e <= 2e-6) || !(m <= 1e-5) {
+				t.Errorf("T=%d plan %+v: relative error %.3g (max %.3g) against GEMMHeads", T, p, e, m)
+			}
 		}
 	}
 }
