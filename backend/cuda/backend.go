@@ -1742,10 +1742,12 @@ func (b *Backend) MoE(dst, x backend.Tensor, r backend.Routing, experts []backen
 }
 
 // fusedMoE counts perToken bytes for each row and runs l's kernels: the
-// batched GEMMs, or the single-token kernels row by row.
+// batched ones (streaming or tiled; the streaming ones also below
+// moeBatchedMinTokens, from moeStreamMinTokens), or the single-token
+// kernels row by row.
 func (b *Backend) fusedMoE(d, xm *tensor, rt *routing, l *moeLayer, batched bool, perToken int64) {
 	b.count(int64(d.rows) * perToken)
-	if batched {
+	if batched || b.moeStreams(d.rows, l.table) {
 		b.moeBatched(d, xm, rt, l)
 	} else {
 		b.moeRows(d, xm, rt, l)

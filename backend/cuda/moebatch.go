@@ -11,26 +11,22 @@ import (
 // MoEStream names a variant of the streaming batched MoE (stream.cu):
 // the 128-column groups each warp keeps in flight (D) and with them the
 // register budget (d4: two blocks of 256 threads a multiprocessor, d2:
-// three); a "p" variant's weight loads ask the L2 for 256-byte fetches.
+// three).
 type MoEStream string
 
 const (
-	MoEStreamD4  MoEStream = "d4"
-	MoEStreamD2  MoEStream = "d2"
-	MoEStreamD4P MoEStream = "d4p"
-	MoEStreamD2P MoEStream = "d2p"
+	MoEStreamD4 MoEStream = "d4"
+	MoEStreamD2 MoEStream = "d2"
 )
 
 func (v MoEStream) groups() int {
-	if v == MoEStreamD2 || v == MoEStreamD2P {
+	if v == MoEStreamD2 {
 		return 2
 	}
 	return 4
 }
 
-func (v MoEStream) valid() bool {
-	return v == MoEStreamD4 || v == MoEStreamD2 || v == MoEStreamD4P || v == MoEStreamD2P
-}
+func (v MoEStream) valid() bool { return v == MoEStreamD4 || v == MoEStreamD2 }
 
 // moeStreamTile is MB_TT in stream.cu: the pairs of a tile.
 const moeStreamTile = 8
@@ -103,13 +99,16 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 	return c.Launch(comb, Dim{uint32(x.T), uint32((t.K + 511) / 512), 1}, D1(128), 0, s.Part, s.Pos, wts, topk, slots, t.K, y, ldy, acc)
 }
 
-// moeStreamMaxTokens is the largest batch whose MoE takes MoEBatchedStream
-// (0: never); moeStreamVariant the variant. Measured on an H200 (full-size
-// layer, device time): 73 / 121 / 141 us at 8 / 32 / 64 tokens against the
-// tiled MoEBatched's 122 / 192 / 222, d2 and d4 within 1%.
+// moeStreamMinTokens and moeStreamMaxTokens bound the batches whose MoE
+// takes MoEBatchedStream; moeStreamVariant is the variant. Measured on an
+// H200 (full-size layer, device time): 40-42 / 49-50 / 72-74 / 120-121 /
+// 141 us at 2 / 4 / 8 / 32 / 64 tokens against the tiled MoEBatched's 72 /
+// 78 / 122 / 187-192 / 222 and the single-token kernels' 23-24 us a token;
+// d2 and d4 within 2% (so is asking the L2 for 256-byte fetches).
 // MMFP4_CUDA_MOE_STREAM sets the bound (0 turns the path off),
 // MMFP4_CUDA_MOE_STREAM_VARIANT the variant, for comparisons in one binary.
 var (
+	moeStreamMinTokens = 2
 	moeStreamMaxTokens = 64
 	moeStreamVariant   = MoEStreamD2
 )
@@ -123,13 +122,19 @@ func init() {
 	}
 }
 
+// moeStreams reports whether a batch of T tokens over t takes
+// MoEBatchedStream.
+func (b *Backend) moeStreams(T int, t *ExpertTable) bool {
+	return T >= moeStreamMinTokens && T <= moeStreamMaxTokens && MoEStreamFits(t, moeStreamVariant)
+}
+
 // moeStreamed runs MoEBatchedStream for the batch when it applies (batch
 // size, shapes) and reports whether it did; the work space comes from the
 // step's arena.
 func (b *Backend) moeStreamed(d, xm *tensor, rt *routing, l *moeLayer) bool {
 	t, v := l.table, moeStreamVariant
 	T := d.rows
-	if T > moeStreamMaxTokens || !MoEStreamFits(t, v) {
+	if !b.moeStreams(T, t) {
 		return false
 	}
 	slots := rt.topK + t.Shared

@@ -22,12 +22,8 @@ const StreamMaxTokens = 64
 const streamCounters = 1024
 
 // StreamPlan is a launch shape of MatMulStream: D groups of 128 columns in
-// flight per warp (1, 2 or 4), KS blocks over K for each row block, and
-// whether the weight loads ask the L2 for 256-byte fetches (PF).
-type StreamPlan struct {
-	D, KS int
-	PF    bool
-}
+// flight per warp (1, 2 or 4) and KS blocks over K for each row block.
+type StreamPlan struct{ D, KS int }
 
 // StreamFits reports whether MatMulStream takes w: groups of 128, at least
 // 16 rows and a multiple of 16.
@@ -41,20 +37,24 @@ const streamMaxKS = 8
 
 // PlanStream picks D and KS for heads products of N x K over T rows on a
 // device of sms multiprocessors with sharedMax bytes of shared memory a
-// block: a block a multiprocessor in all where the row blocks are fewer,
-// with the largest D that leaves enough D-group chunks of K to split over,
-// and a split fine enough for the staged rows to fit.
+// block. Measured on an H200 at 8-64 rows: splitting K pays where the
+// matrix makes few row blocks (o_proj's 16: 12.5 against 27.0 us at 32
+// rows; q_a's 6: 9.4 against 12.4) and not from about 32 (q_b's 40: 10.4
+// split 4 ways against 7.3), so KS is 1 from streamSplitRowBlocks row
+// blocks on and otherwise about one block a multiprocessor, at most
+// streamMaxKS; then the largest D that leaves enough D-group chunks of K
+// to split over, and a split fine enough for the staged rows to fit.
 func PlanStream(N, K, heads, T, sms, sharedMax int) StreamPlan {
 	rowBlocks := heads * ((N + 127) / 128)
 	want := min(streamMaxKS, max(1, (sms+rowBlocks-1)/rowBlocks))
-	if rowBlocks > streamCounters {
+	if rowBlocks >= streamSplitRowBlocks {
 		want = 1
 	}
 	GK := K / 128
-	p := StreamPlan{D: 1, KS: min(want, GK), PF: streamPF}
+	p := StreamPlan{D: 1, KS: min(want, GK)}
 	for _, d := range []int{4, 2} {
 		if GK%d == 0 && GK/d >= want {
-			p = StreamPlan{D: d, KS: want, PF: streamPF}
+			p = StreamPlan{D: d, KS: want}
 			break
 		}
 	}
@@ -65,9 +65,8 @@ func PlanStream(N, K, heads, T, sms, sharedMax int) StreamPlan {
 	return p
 }
 
-// streamPF: the dense products' loads ask for 256-byte L2 fetches
-// (MMFP4_CUDA_STREAM_PF=0 or 1 sets it, for comparisons).
-var streamPF = false
+// streamSplitRowBlocks: from this many row blocks on, K is not split.
+const streamSplitRowBlocks = 32
 
 // streamTiles is the number of 8-row n-tiles of T rows, rounded up to the
 // kernels' 1, 2, 4 or 8.
@@ -144,11 +143,7 @@ func (c *Ctx) matMulStream(y uint64, ldy int, w *QMatrix, a *QActs, heads int, p
 	if shared > c.info.SharedOptin {
 		return fmt.Errorf("cuda: stream product: %d rows of K=%d split %d ways need %d bytes of shared memory, at most %d", a.T, w.K, p.KS, shared, c.info.SharedOptin)
 	}
-	name := fmt.Sprintf("mms_t%d_d%d", wt, p.D)
-	if p.PF {
-		name += "p"
-	}
-	k, err := c.streamKernel(name, shared)
+	k, err := c.streamKernel(fmt.Sprintf("mms_t%d_d%d", wt, p.D), shared)
 	if err != nil {
 		return err
 	}
@@ -156,24 +151,31 @@ func (c *Ctx) matMulStream(y uint64, ldy int, w *QMatrix, a *QActs, heads int, p
 		w.Codes, w.Scales, w.RowScale, rows, w.K, a.Q, a.Scales, a.T, y, ldy, p.KS, partial, counters)
 }
 
-// streamMaxTokens is the largest batch whose MMFP4 products MatMul runs
-// through MatMulStream (0: never; MMFP4_CUDA_STREAM_MM sets it, for
-// comparisons in one binary).
-var streamMaxTokens = 0
+// streamMinTokens and streamMaxTokens bound the batches whose MMFP4
+// products MatMul (and ExpandValues) run through MatMulStream. Measured on
+// an H200 (device time, 8 / 32 / 64 rows): o_proj 8.5 / 12.5 / 17.0 us
+// against the GEMV's 8.3 / 32.9 / 65.5 and the GEMM's 37.8 / 38.3 / 38.5;
+// q_a 5.4 / 9.4 / 13.5 against 4.7 / 18.7 / 37.3 and 16.9 / 17.3 / 17.3;
+// the lm_head 66.9 / 102 / 185 against 62.5 / 254 / 526 and 97 / 167 /
+// 317. At 8 rows the one GEMV launch is as fast, so it keeps them.
+// MMFP4_CUDA_STREAM_MM sets the upper bound (0 turns the path off), for
+// comparisons in one binary.
+var (
+	streamMinTokens = 9
+	streamMaxTokens = StreamMaxTokens
+)
 
 func init() {
 	if v, err := strconv.Atoi(os.Getenv("MMFP4_CUDA_STREAM_MM")); err == nil && v >= 0 {
 		streamMaxTokens = min(v, StreamMaxTokens)
 	}
-	if v := os.Getenv("MMFP4_CUDA_STREAM_PF"); v == "0" || v == "1" {
-		streamPF = v == "1"
-	}
 }
 
-// streamProduct queues MatMulStream for d = x W^T when it applies (2 to
-// streamMaxTokens rows, a suitable matrix) and reports whether it did.
+// streamProduct queues MatMulStream for d = x W^T when it applies
+// (streamMinTokens to streamMaxTokens rows, a suitable matrix) and reports
+// whether it did.
 func (b *Backend) streamProduct(d *tensor, a *QActs, w *weight) bool {
-	if d.rows < 2 || d.rows > streamMaxTokens || !StreamFits(w.q) {
+	if d.rows < streamMinTokens || d.rows > streamMaxTokens || !StreamFits(w.q) {
 		return false
 	}
 	p := PlanStream(w.q.N, w.q.K, 1, d.rows, b.dev.Info().SMs, b.dev.Info().SharedOptin)
@@ -189,10 +191,16 @@ func (b *Backend) streamProduct(d *tensor, a *QActs, w *weight) bool {
 	return true
 }
 
+// streamHeadsOn routes ExpandValues' per-head products of streamMinTokens
+// to streamMaxTokens rows through MatMulStreamHeads. Off: at 32 rows on an
+// H200 it took 11.1 us a layer, as GEMMHeads' one launch (11.3); and its
+// test has not yet run on a GPU.
+var streamHeadsOn = false
+
 // streamHeads queues MatMulStreamHeads for ExpandValues' per-head
 // products when it applies and reports whether it did.
 func (b *Backend) streamHeads(om *tensor, a *QActs, w *weight, heads int) bool {
-	if om.rows < 2 || om.rows > streamMaxTokens || w.q.N%heads != 0 || !StreamFits(&QMatrix{N: w.q.N / heads, K: w.q.K, G: w.q.G}) {
+	if !streamHeadsOn || om.rows < streamMinTokens || om.rows > streamMaxTokens || w.q.N%heads != 0 || !StreamFits(&QMatrix{N: w.q.N / heads, K: w.q.K, G: w.q.G}) {
 		return false
 	}
 	p := PlanStream(w.q.N/heads, w.q.K, heads, om.rows, b.dev.Info().SMs, b.dev.Info().SharedOptin)

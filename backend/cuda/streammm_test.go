@@ -52,12 +52,12 @@ func TestMatMulStream(t *testing.T) {
 		}
 		GK := s.K / 128
 		for _, T := range s.Ts {
-			plans := []StreamPlan{PlanStream(s.N, s.K, 1, T, sms, optin), {D: 1, KS: 1}, {D: 1, KS: GK, PF: true}}
+			plans := []StreamPlan{PlanStream(s.N, s.K, 1, T, sms, optin), {D: 1, KS: 1}, {D: 1, KS: GK}}
 			if GK%2 == 0 {
 				plans = append(plans, StreamPlan{D: 2, KS: GK / 2})
 			}
 			if GK%4 == 0 {
-				plans = append(plans, StreamPlan{D: 4, KS: 1, PF: true})
+				plans = append(plans, StreamPlan{D: 4, KS: 1})
 			}
 			// Plans whose staged rows exceed the shared memory are refused.
 			plans = slices.DeleteFunc(plans, func(p StreamPlan) bool { return streamShared(streamTiles(T), s.K, p) > optin })
@@ -108,8 +108,8 @@ func TestMatMulStream(t *testing.T) {
 func TestBackendMatMulStreamMatchesCPU(t *testing.T) {
 	r := testRand(t)
 	g, c := testBackends(t, Options{})
-	defer func(v int) { streamMaxTokens = v }(streamMaxTokens)
-	streamMaxTokens = StreamMaxTokens
+	defer func(a, b int) { streamMinTokens, streamMaxTokens = a, b }(streamMinTokens, streamMaxTokens)
+	streamMinTokens, streamMaxTokens = 2, StreamMaxTokens
 	for _, s := range [][2]int{{2048, 5120}, {576, 2048}, {5120, 768}} {
 		hw := quantHost(t, r, "w", s[0], s[1], 128)
 		for _, T := range []int{2, 7, 33, 64} {
@@ -153,7 +153,7 @@ func BenchmarkMatMulStream(b *testing.B) {
 			b.Fatal(err)
 		}
 		for _, T := range []int{8, 32, 64} {
-			for _, v := range []string{"gemv8", "t16", "stream", "stream_pf", "stream_ks1"} {
+			for _, v := range []string{"gemv8", "t16", "stream", "stream_ks1"} {
 				b.Run(fmt.Sprintf("%s/T%d/%s", cs.name, T, v), func(b *testing.B) {
 					err := d.Do(func(c *Ctx) error {
 						xb, err1 := upload(c, randVec(r, T*cs.k, 1))
@@ -161,8 +161,6 @@ func BenchmarkMatMulStream(b *testing.B) {
 						y, err3 := c.Alloc(4 * T * cs.n)
 						p := PlanStream(cs.n, cs.k, 1, T, sms, optin)
 						switch v {
-						case "stream_pf":
-							p.PF = true
 						case "stream_ks1":
 							p.KS = 1
 							for p.KS < cs.k/128/p.D && streamShared(streamTiles(T), cs.k, p) > optin {
@@ -187,7 +185,7 @@ func BenchmarkMatMulStream(b *testing.B) {
 							switch v {
 							case "t16":
 								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTile16)
-							case "stream", "stream_pf", "stream_ks1":
+							case "stream", "stream_ks1":
 								return c.MatMulStream(y.Ptr, cs.n, q, a, p, part.Ptr, cnt.Ptr)
 							}
 							for t := 0; t < T; t += 8 {
@@ -258,8 +256,8 @@ func TestBackendAbsorbManyMatchesCPU(t *testing.T) {
 func TestMatMulStreamHeads(t *testing.T) {
 	r := testRand(t)
 	g, c := testBackends(t, Options{})
-	defer func(v int) { streamMaxTokens = v }(streamMaxTokens)
-	streamMaxTokens = StreamMaxTokens
+	defer func(a, b int, on bool) { streamMinTokens, streamMaxTokens, streamHeadsOn = a, b, on }(streamMinTokens, streamMaxTokens, streamHeadsOn)
+	streamMinTokens, streamMaxTokens, streamHeadsOn = 2, StreamMaxTokens, true
 	s := backend.MLAShape{Heads: 20, NopeDim: 128, RopeDim: 64, VDim: 256, Rank: 512}
 	hw := quantHost(t, r, "wuv", s.Heads*s.VDim, s.Rank, 128)
 	for _, T := range []int{2, 9, 33, 64} {
@@ -307,7 +305,7 @@ func TestMatMulStreamHeads(t *testing.T) {
 			})
 		}
 		want := run(StreamPlan{})
-		for _, p := range []StreamPlan{PlanStream(s.VDim, K, s.Heads, T, d.Info().SMs, d.Info().SharedOptin), {D: 4, KS: 1}, {D: 1, KS: 4, PF: true}} {
+		for _, p := range []StreamPlan{PlanStream(s.VDim, K, s.Heads, T, d.Info().SMs, d.Info().SharedOptin), {D: 4, KS: 1}, {D: 1, KS: 4}} {
 			got := run(p)
 			e, m := relErr(want, got), maxRelErr(want, got)
 			t.Logf("T=%d plan %+v: rel err %.2g (max %.2g) against GEMMHeads", T, p, e, m)

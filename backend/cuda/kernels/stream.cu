@@ -49,22 +49,6 @@ DEVICE void mb_cp4(void* dst, const void* src) {
 
 DEVICE void mb_cp_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
-// load_stream16 asking the L2 to fetch the 256 bytes around the address
-// (a row's next groups, which the warp reads right after: longer bursts
-// than the 64 bytes a row each load instruction covers).
-DEVICE uint4 mb_load_pf(const void* p) {
-  uint4 v;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
-      : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
-      : "l"(p));
-  return v;
-}
-
-template <bool PF>
-DEVICE uint4 mb_load(const void* p) {
-  return PF ? mb_load_pf(p) : load_stream16(p);
-}
-
 // Doubled E2M1 values of four codes as signed int8 bytes.
 DEVICE u32 mb_e2m1x4(u32 sel) { return e2m1x4_biased(sel) ^ 0x80808080u; }
 
@@ -105,8 +89,7 @@ DEVICE void mb_stage(u8* smem, int R, const i8* __restrict__ xq, const float* __
 // the ng groups (mb_stage with C = 128*ng). acc[m][n][e]: e = 0, 1: row
 // g, tokens 8n+2t, 8n+2t+1; e = 2, 3: row g+8. The first batch of weight
 // loads is issued before the staged rows are awaited (a block barrier:
-// every warp of the block calls this with the same ng); PF: the loads ask
-// the L2 for 256-byte fetches (mb_load_pf); pre() runs between
+// every warp of the block calls this with the same ng); pre() runs between
 // the two (the dense product waits for the kernel before and stages its
 // rows there, after its first weight loads).
 template <int D>
@@ -116,7 +99,7 @@ DEVICE u32 mb_scales(const u8* p) {
   return __ldg(p);
 }
 
-template <int MR, int WT, int D, bool PF, typename Pre>
+template <int MR, int WT, int D, typename Pre>
 DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K, int g0, int ng, const u8* smem,
                     float (&acc)[MR][WT][4], Pre pre) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -143,8 +126,8 @@ DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K,
 #pragma unroll
       for (int m = 0; m < MR; m++) {
         const u8* p = rc[m] + (g0 + s0 + d) * 64 + 16 * t;
-        w[d][m][0] = mb_load<PF>(p);
-        w[d][m][1] = mb_load<PF>(p + half8);
+        w[d][m][0] = load_stream16(p);
+        w[d][m][1] = load_stream16(p + half8);
       }
     if (s0 == 0) {
       pre();
@@ -186,7 +169,7 @@ DEVICE float mb_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
 // Grid (I/128, max tiles), 256 threads: warp w takes rows 16w.. of the
 // block's 128 rows (one h group) of gate and of up. I a multiple of 128,
 // K of 128 * D.
-template <int D, bool PF>
+template <int D>
 DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
                          const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
                          const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K,
@@ -206,7 +189,7 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
   const u8* rc[2] = {ex->gate.codes + row * (K / 2), ex->up.codes + row * (K / 2)};
   const u8* rs[2] = {ex->gate.scales + row * GK, ex->up.scales + row * GK};
   float acc[2][1][4];
-  mb_core<2, 1, D, PF>(rc, rs, K, 0, GK, mb_smem, acc, [] {});
+  mb_core<2, 1, D>(rc, rs, K, 0, GK, mb_smem, acc, [] {});
   float hv[4];
 #pragma unroll
   for (int e = 0; e < 4; e++) {
@@ -254,7 +237,7 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
 // tile's rows. Grid (ceil(N/256), max tiles), 256 threads: warp w takes
 // rows 32w.. of the block's 256 (two m-tiles; m-tiles past N are clamped
 // and dropped). N a multiple of 16, I of 128 * D.
-template <int D, bool PF>
+template <int D>
 DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
                       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
                       const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq,
@@ -278,7 +261,7 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
     rs[m] = dn.scales + row * GK;
   }
   float acc[2][1][4];
-  mb_core<2, 1, D, PF>(rc, rs, I, 0, GK, mb_smem, acc, [] {});
+  mb_core<2, 1, D>(rc, rs, I, 0, GK, mb_smem, acc, [] {});
 #pragma unroll
   for (int m = 0; m < 2; m++)
 #pragma unroll
@@ -288,29 +271,27 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
     }
 }
 
-// D: groups in flight per warp; PF: 256-byte L2 fetches; MINB: blocks a
-// multiprocessor must hold (the register budget).
-#define MOEB_KERNELS(SUFFIX, D, PF, MINB)                                                                    \
+// D: groups in flight per warp; MINB: blocks a multiprocessor must hold
+// (the register budget).
+#define MOEB_KERNELS(SUFFIX, D, MINB)                                                                    \
   extern "C" __global__ void __launch_bounds__(256, MINB) moeb_gate_up_##SUFFIX(                        \
       const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,                              \
       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,   \
       const i32* __restrict__ list, int I, int K, const i8* __restrict__ xq,                            \
       const float* __restrict__ xs, i8* __restrict__ hq, float* __restrict__ hs) {                      \
     PDL_LAUNCH();                                                                                       \
-    moeb_gate_up<D, PF>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs);               \
+    moeb_gate_up<D>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs);               \
   }                                                                                                     \
   extern "C" __global__ void __launch_bounds__(256, MINB) moeb_down_##SUFFIX(                           \
       const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,                              \
       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,   \
       int N, int I, const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) { \
     PDL_LAUNCH();                                                                                       \
-    moeb_down<D, PF>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);                          \
+    moeb_down<D>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);                          \
   }
 
-MOEB_KERNELS(d4, 4, false, 2)
-MOEB_KERNELS(d2, 2, false, 3)
-MOEB_KERNELS(d4p, 4, true, 2)
-MOEB_KERNELS(d2p, 2, true, 3)
+MOEB_KERNELS(d4, 4, 2)
+MOEB_KERNELS(d2, 2, 3)
 
 // ---------------------------------------------------------------------------
 // moe_group (gemm.cu) with the tiles made in parallel: one block of 1024
@@ -433,7 +414,7 @@ extern "C" __global__ void __launch_bounds__(128)
 // heads*K long, output columns [h*N, (h+1)*N), its own partial sums and
 // counters. Dynamic shared memory: mb_stage's for 8*WT rows of the
 // largest chunk range.
-template <int WT, int D, bool PF>
+template <int WT, int D>
 DEVICE void mms_dense(const u8* __restrict__ codes, const u8* __restrict__ scales,
                       const float* __restrict__ row_scale, int N, int K, const i8* __restrict__ xq,
                       const float* __restrict__ xs, int T, float* __restrict__ y, int ldy, int KS,
@@ -450,7 +431,7 @@ DEVICE void mms_dense(const u8* __restrict__ codes, const u8* __restrict__ scale
   const u8* rc[1] = {codes + (h * N + row) * (K / 2)};
   const u8* rs[1] = {scales + (h * N + row) * GK};
   float acc[1][WT][4];
-  mb_core<1, WT, D, PF>(rc, rs, K, g0, ng, mb_smem, acc, [&] {
+  mb_core<1, WT, D>(rc, rs, K, g0, ng, mb_smem, acc, [&] {
     PDL_WAIT();
     mb_stage(mb_smem, 8 * WT, xq + h * K, xs + h * GK, (int)gridDim.z * K, 128 * g0, 128 * ng,
              [&](int r) { return min(r, T - 1); });
@@ -516,30 +497,21 @@ DEVICE void mms_dense(const u8* __restrict__ codes, const u8* __restrict__ scale
 // MINB: blocks a multiprocessor must hold (the register budget; the
 // 64-token variants need more than 128 registers a thread). Past 8 rows
 // D = 4 spills: the host takes D = 2 there.
-#define MMS_KERNEL(NAME, WT, D, PF, MINB)                                                              \
+#define MMS_KERNEL(NAME, WT, D, MINB)                                                              \
   extern "C" __global__ void __launch_bounds__(256, MINB) NAME(                                        \
       const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale, \
       int N, int K, const i8* __restrict__ xq, const float* __restrict__ xs, int T,                    \
       float* __restrict__ y, int ldy, int KS, float* __restrict__ partial, u32* __restrict__ counters) { \
     PDL_LAUNCH();                                                                                      \
-    mms_dense<WT, D, PF>(codes, scales, row_scale, N, K, xq, xs, T, y, ldy, KS, partial, counters);   \
+    mms_dense<WT, D>(codes, scales, row_scale, N, K, xq, xs, T, y, ldy, KS, partial, counters);   \
   }
 
-MMS_KERNEL(mms_t1_d1, 1, 1, false, 2)
-MMS_KERNEL(mms_t2_d1, 2, 1, false, 2)
-MMS_KERNEL(mms_t4_d1, 4, 1, false, 2)
-MMS_KERNEL(mms_t8_d1, 8, 1, false, 1)
-MMS_KERNEL(mms_t1_d2, 1, 2, false, 2)
-MMS_KERNEL(mms_t2_d2, 2, 2, false, 2)
-MMS_KERNEL(mms_t4_d2, 4, 2, false, 2)
-MMS_KERNEL(mms_t8_d2, 8, 2, false, 1)
-MMS_KERNEL(mms_t1_d4, 1, 4, false, 2)
-MMS_KERNEL(mms_t1_d1p, 1, 1, true, 2)
-MMS_KERNEL(mms_t2_d1p, 2, 1, true, 2)
-MMS_KERNEL(mms_t4_d1p, 4, 1, true, 2)
-MMS_KERNEL(mms_t8_d1p, 8, 1, true, 1)
-MMS_KERNEL(mms_t1_d2p, 1, 2, true, 2)
-MMS_KERNEL(mms_t2_d2p, 2, 2, true, 2)
-MMS_KERNEL(mms_t4_d2p, 4, 2, true, 2)
-MMS_KERNEL(mms_t8_d2p, 8, 2, true, 1)
-MMS_KERNEL(mms_t1_d4p, 1, 4, true, 2)
+MMS_KERNEL(mms_t1_d1, 1, 1, 2)
+MMS_KERNEL(mms_t2_d1, 2, 1, 2)
+MMS_KERNEL(mms_t4_d1, 4, 1, 2)
+MMS_KERNEL(mms_t8_d1, 8, 1, 1)
+MMS_KERNEL(mms_t1_d2, 1, 2, 2)
+MMS_KERNEL(mms_t2_d2, 2, 2, 2)
+MMS_KERNEL(mms_t4_d2, 4, 2, 2)
+MMS_KERNEL(mms_t8_d2, 8, 2, 1)
+MMS_KERNEL(mms_t1_d4, 1, 4, 2)
