@@ -178,7 +178,11 @@ func (b *Backend) streamProduct(d *tensor, a *QActs, w *weight) bool {
 	if d.rows < streamMinTokens || d.rows > streamMaxTokens || !StreamFits(w.q) {
 		return false
 	}
-	p := PlanStream(w.q.N, w.q.K, 1, d.rows, b.dev.Info().SMs, b.dev.Info().SharedOptin)
+	info := b.dev.Info()
+	p := PlanStream(w.q.N, w.q.K, 1, d.rows, info.SMs, info.SharedOptin)
+	if !streamPlanOK(w.q.N, w.q.K, 1, d.rows, p, info.SharedOptin) {
+		return false
+	}
 	var partial uint64
 	if p.KS > 1 {
 		if !b.streamCountersReady() {
@@ -189,6 +193,12 @@ func (b *Backend) streamProduct(d *tensor, a *QActs, w *weight) bool {
 	q, counters := w.q, b.streamCounters.Ptr
 	b.do(b.opName("matmul", w), func(c *Ctx) error { return c.MatMulStream(d.ptr, d.ld, q, a, p, partial, counters) })
 	return true
+}
+
+// streamPlanOK reports whether plan p of heads N x K products over T rows
+// can launch: its staged rows fit, and a split has counters enough.
+func streamPlanOK(N, K, heads, T int, p StreamPlan, sharedMax int) bool {
+	return streamShared(streamTiles(T), K, p) <= sharedMax && (p.KS == 1 || heads*((N+127)/128) <= streamCounters)
 }
 
 // streamHeadsOn routes ExpandValues' per-head products of streamMinTokens
@@ -203,7 +213,11 @@ func (b *Backend) streamHeads(om *tensor, a *QActs, w *weight, heads int) bool {
 	if !streamHeadsOn || om.rows < streamMinTokens || om.rows > streamMaxTokens || w.q.N%heads != 0 || !StreamFits(&QMatrix{N: w.q.N / heads, K: w.q.K, G: w.q.G}) {
 		return false
 	}
-	p := PlanStream(w.q.N/heads, w.q.K, heads, om.rows, b.dev.Info().SMs, b.dev.Info().SharedOptin)
+	info := b.dev.Info()
+	p := PlanStream(w.q.N/heads, w.q.K, heads, om.rows, info.SMs, info.SharedOptin)
+	if !streamPlanOK(w.q.N/heads, w.q.K, heads, om.rows, p, info.SharedOptin) {
+		return false
+	}
 	var partial uint64
 	if p.KS > 1 {
 		if !b.streamCountersReady() {

@@ -1,7 +1,7 @@
 // MMFP4 products of few token rows (decode batches), groups of 128 only:
-// the batched MoE (after moe_group in gemm.cu has sorted the (token, slot)
-// pairs by expert into tiles of at most 8 pairs) and dense products of 2-64
-// rows. Each warp streams its weight rows straight from global memory into
+// the batched MoE (after moeb_group below has sorted the (token, slot)
+// pairs by expert into tiles of at most 8 pairs) and dense products of up
+// to 64 rows. Each warp streams its weight rows straight from global memory into
 // registers (16-byte loads, several 128-column groups in flight, no block
 // barrier in the loop) and multiplies them on the tensor cores with the
 // token rows staged in shared memory, so that the weights are read once at
@@ -11,7 +11,9 @@
 // The arithmetic is the GEMM's: codes widened exactly to int8 (2*e2m1),
 // mma.sync.m16n8k32.s8.s8.s32 per 128-column group into int32, then
 // acc += int * (weight scale * activation scale) group by group in fp32,
-// the row scale / 2 last; so the products equal the GEMM's bit for bit.
+// the row scale / 2 last; so the products equal the GEMM's bit for bit
+// (a dense product with K split over blocks adds its partial sums in
+// another order).
 //
 // Inside a group the order of k does not matter as long as A and B agree.
 // Thread (g = lane/4, t = lane%4) loads bytes [16t, 16t+16) of the group's
