@@ -107,6 +107,8 @@ type Backend struct {
 	// routeCounters are moe_router_route's per-token counters (zero
 	// between launches).
 	routeCounters Buffer
+	// streamCounters are MatMulStream's per-row-block counters.
+	streamCounters Buffer
 	// ropes are the last two RoPEs queued: a cache write right after two
 	// RoPEs of one table, the second of its key, takes them into its launch.
 	ropes [2]*ropeOp
@@ -238,7 +240,7 @@ func (b *Backend) Close() error {
 		if b.graphs != nil {
 			errs = append(errs, b.graphs.free(c))
 		}
-		errs = append(errs, c.Free(b.routeCounters), c.Free(b.counter))
+		errs = append(errs, c.Free(b.routeCounters), c.Free(b.streamCounters), c.Free(b.counter))
 		if b.pool != nil {
 			errs = append(errs, c.Free(b.pool.buf))
 		}
@@ -1008,6 +1010,9 @@ func (b *Backend) MatMul(dst, x backend.Tensor, wt backend.Weight) {
 		return
 	}
 	a := b.quantize(xm, w.q.G)
+	if b.streamProduct(d, a, w) {
+		return
+	}
 	if d.rows >= gemmMinTokens && GEMMFits(w.q.K, w.q.G) {
 		b.do(b.opName("matmul", w), func(c *Ctx) error { return c.GEMM(d.ptr, d.ld, w.q, a, GEMMTileAuto) })
 		return
@@ -1508,6 +1513,9 @@ func (b *Backend) ExpandValues(out, olat backend.Tensor, wUV backend.Weight, s b
 		// quantization of the rows (whole groups per head).
 		b.count(weightBytes(w))
 		a := b.quantize(ol, w.q.G)
+		if b.streamHeads(om, a, w, s.Heads) {
+			return
+		}
 		b.do(b.opName("expand values", w), func(c *Ctx) error { return c.GEMMHeads(om.ptr, om.ld, w.q, a, s.Heads, s.VDim, GEMMTileAuto) })
 		return
 	}
@@ -1735,10 +1743,12 @@ func (b *Backend) MoE(dst, x backend.Tensor, r backend.Routing, experts []backen
 }
 
 // fusedMoE counts perToken bytes for each row and runs l's kernels: the
-// batched GEMMs, or the single-token kernels row by row.
+// batched ones (streaming or tiled; the streaming ones also below
+// moeBatchedMinTokens, from moeStreamMinTokens), or the single-token
+// kernels row by row.
 func (b *Backend) fusedMoE(d, xm *tensor, rt *routing, l *moeLayer, batched bool, perToken int64) {
 	b.count(int64(d.rows) * perToken)
-	if batched {
+	if batched || b.moeStreams(d.rows, l.table) {
 		b.moeBatched(d, xm, rt, l)
 	} else {
 		b.moeRows(d, xm, rt, l)

@@ -5,6 +5,7 @@ package cuda
 import (
 	"fmt"
 	"os"
+	"strconv"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -263,6 +264,9 @@ func (l *moeLayer) batchable() bool {
 // moeBatched runs MoEBatched on the rows of xm, adding into d; its work
 // space comes from the step's arena.
 func (b *Backend) moeBatched(d, xm *tensor, rt *routing, l *moeLayer) {
+	if b.moeStreamed(d, xm, rt, l) {
+		return
+	}
 	t := l.table
 	T, slots := d.rows, rt.topK+t.Shared
 	P := T * slots
@@ -278,15 +282,21 @@ func (b *Backend) moeBatched(d, xm *tensor, rt *routing, l *moeLayer) {
 	})
 }
 
-// absorbTokens is ABSORB_T in gemm.cu; absorbManyMinTokens the smallest
-// batch that AbsorbQuery runs through absorb_query_many (prefills: its sums
-// run in another order than absorb_query_q's, which is kept for decode
-// batches and short prompts, where a last-bit change can move an int8
-// requantization further on).
-const (
-	absorbTokens        = 8
-	absorbManyMinTokens = 64
-)
+// absorbTokens is ABSORB_T in gemm.cu.
+const absorbTokens = 8
+
+// absorbManyMinTokens is the smallest batch that AbsorbQuery runs through
+// absorb_query_many (its sums run in another order than absorb_query_q's,
+// which smaller batches keep). Measured on an H200 at 32 rows: 25 us a
+// layer against absorb_query_q's 49 (8-31 rows not measured).
+// MMFP4_CUDA_ABSORB_MANY sets it, for comparisons in one binary.
+var absorbManyMinTokens = 32
+
+func init() {
+	if v, err := strconv.Atoi(os.Getenv("MMFP4_CUDA_ABSORB_MANY")); err == nil && v >= 1 {
+		absorbManyMinTokens = v
+	}
+}
 
 // absorbMany queues absorb_query_many for AbsorbQuery when it applies
 // (MMFP4 W_UK, enough tokens, the head's codes in shared memory) and

@@ -1,0 +1,519 @@
+// MMFP4 products of few token rows (decode batches), groups of 128 only:
+// the batched MoE (after moeb_group below has sorted the (token, slot)
+// pairs by expert into tiles of at most 8 pairs) and dense products of up
+// to 64 rows. Each warp streams its weight rows straight from global memory into
+// registers (16-byte loads, several 128-column groups in flight, no block
+// barrier in the loop) and multiplies them on the tensor cores with the
+// token rows staged in shared memory, so that the weights are read once at
+// nearly the copy bandwidth, where the tiled GEMM (gemm.cu) spent its time
+// filling a 128 x 16 tile through a block-wide pipeline.
+//
+// The arithmetic is the GEMM's: codes widened exactly to int8 (2*e2m1),
+// mma.sync.m16n8k32.s8.s8.s32 per 128-column group into int32, then
+// acc += int * (weight scale * activation scale) group by group in fp32,
+// the row scale / 2 last; so the products equal the GEMM's bit for bit
+// (a dense product with K split over blocks adds its partial sums in
+// another order).
+//
+// Inside a group the order of k does not matter as long as A and B agree.
+// Thread (g = lane/4, t = lane%4) loads bytes [16t, 16t+16) of the group's
+// 64 bytes of codes of rows g and g+8 (columns 32t..32t+31), and the 32
+// activations of token g at the same columns; mma j (0..3) takes word j of
+// its codes (columns 32t+8j..32t+8j+7: the low half as k-slots 4t..4t+3,
+// the high half as 16+4t..16+4t+3) against activation bytes 8j..8j+7.
+
+#define MB_WARPS 8
+#define MB_TT 8  // tokens of a tile: one mma n-tile
+
+// Layout of ExpertTable entries (gate, up, down).
+struct BMat {
+  const u8* codes;
+  const u8* scales;
+  const float* row_scale;
+};
+struct BExpert {
+  BMat gate, up, down;
+};
+
+DEVICE u32 mb_smem_addr(const void* p) {
+  u32 r;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+  return r;
+}
+
+DEVICE void mb_cp16(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(mb_smem_addr(dst)), "l"(src) : "memory");
+}
+
+DEVICE void mb_cp4(void* dst, const void* src) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(mb_smem_addr(dst)), "l"(src) : "memory");
+}
+
+DEVICE void mb_cp_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// Doubled E2M1 values of four codes as signed int8 bytes.
+DEVICE u32 mb_e2m1x4(u32 sel) { return e2m1x4_biased(sel) ^ 0x80808080u; }
+
+DEVICE void mb_mma(i32 (&d)[4], u32 w0, u32 w1, u32 b0, u32 b1) {
+  const u32 a0 = mb_e2m1x4(w0), a1 = mb_e2m1x4(w1), a2 = mb_e2m1x4(w0 >> 16), a3 = mb_e2m1x4(w1 >> 16);
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// Stages R token rows into shared memory: row r is columns [c0, c0+C) of
+// row src(r) of xq [.][K] int8, with its scales from xs [.][K/128] (C and
+// c0 multiples of 128). Shared layout: xsh [R][C+16] bytes (the padding
+// keeps the warp's 16-byte reads conflict-free), then xss [R][C/128+1]
+// floats. cp.async: mb_core waits for it.
+template <typename Src>
+DEVICE void mb_stage(u8* smem, int R, const i8* __restrict__ xq, const float* __restrict__ xs, int K, int c0,
+                     int C, Src src) {
+  const int ldx = C + 16, GC = C >> 7, ldxs = GC + 1, GK = K >> 7, g0 = c0 >> 7;
+  float* xss = (float*)(smem + R * ldx);
+  const int per = C >> 4;  // 16-byte pieces a row
+  for (int idx = threadIdx.x; idx < R * per; idx += blockDim.x) {
+    const int r = idx / per, c = idx - r * per;
+    mb_cp16(smem + r * ldx + 16 * c, xq + (size_t)src(r) * K + c0 + 16 * c);
+  }
+  for (int idx = threadIdx.x; idx < R * GC; idx += blockDim.x) {
+    const int r = idx / GC, c = idx - r * GC;
+    mb_cp4(xss + r * ldxs + c, xs + (size_t)src(r) * GK + g0 + c);
+  }
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+// The warp's product of MR m-tiles of 16 weight rows with WT n-tiles of 8
+// staged token rows, over the ng groups of 128 columns from group g0 (ng a
+// multiple of D, and g0 too, so that a row's D scales are one aligned
+// load). m-tile m: codes of row g (of the m-tile's 16) at rc[m], row g+8 at
+// rc[m] + 8*K/2; scale rows rs[m], rs[m] + 8*(K/128). The staged rows hold
+// the ng groups (mb_stage with C = 128*ng). acc[m][n][e]: e = 0, 1: row
+// g, tokens 8n+2t, 8n+2t+1; e = 2, 3: row g+8. The first batch of weight
+// loads is issued before the staged rows are awaited (a block barrier:
+// every warp of the block calls this with the same ng); pre() runs between
+// the two (the dense product waits for the kernel before and stages its
+// rows there, after its first weight loads).
+template <int D>
+DEVICE u32 mb_scales(const u8* p) {
+  if (D == 4) return __ldg((const u32*)p);
+  if (D == 2) return __ldg((const unsigned short*)p);
+  return __ldg(p);
+}
+
+template <int MR, int WT, int D, typename Pre>
+DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K, int g0, int ng, const u8* smem,
+                    float (&acc)[MR][WT][4], Pre pre) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int ldx = 128 * ng + 16, ldxs = ng + 1, GK = K >> 7;
+  const size_t half8 = (size_t)8 * (K / 2);
+  const u8* xrow = smem + g * ldx + 32 * t;
+  const float* xss = (const float*)(smem + 8 * WT * ldx);
+#pragma unroll
+  for (int m = 0; m < MR; m++)
+#pragma unroll
+    for (int n = 0; n < WT; n++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) acc[m][n][e] = 0.f;
+  for (int s0 = 0; s0 < ng; s0 += D) {
+    uint4 w[D][MR][2];
+    u32 sc[MR][2];
+#pragma unroll
+    for (int m = 0; m < MR; m++) {
+      sc[m][0] = mb_scales<D>(rs[m] + g0 + s0);
+      sc[m][1] = mb_scales<D>(rs[m] + 8 * GK + g0 + s0);
+    }
+#pragma unroll
+    for (int d = 0; d < D; d++)
+#pragma unroll
+      for (int m = 0; m < MR; m++) {
+        const u8* p = rc[m] + (g0 + s0 + d) * 64 + 16 * t;
+        w[d][m][0] = load_stream16(p);
+        w[d][m][1] = load_stream16(p + half8);
+      }
+    if (s0 == 0) {
+      pre();
+      mb_cp_wait_all();
+      __syncthreads();
+    }
+#pragma unroll
+    for (int d = 0; d < D; d++) {
+      const int s = s0 + d;
+#pragma unroll
+      for (int n = 0; n < WT; n++) {
+        const u8* xr = xrow + 8 * n * ldx + 128 * s;
+        const uint4 xa = *(const uint4*)xr, xb = *(const uint4*)(xr + 16);
+        const float x0 = xss[(8 * n + 2 * t) * ldxs + s], x1 = xss[(8 * n + 2 * t + 1) * ldxs + s];
+#pragma unroll
+        for (int m = 0; m < MR; m++) {
+          const uint4 wa = w[d][m][0], wb = w[d][m][1];
+          i32 q[4] = {0, 0, 0, 0};
+          mb_mma(q, wa.x, wb.x, xa.x, xa.y);
+          mb_mma(q, wa.y, wb.y, xa.z, xa.w);
+          mb_mma(q, wa.z, wb.z, xb.x, xb.y);
+          mb_mma(q, wa.w, wb.w, xb.z, xb.w);
+          const float s0f = e4m3((sc[m][0] >> (8 * d)) & 0xFFu), s1f = e4m3((sc[m][1] >> (8 * d)) & 0xFFu);
+          acc[m][n][0] += (float)q[0] * (s0f * x0);
+          acc[m][n][1] += (float)q[1] * (s0f * x1);
+          acc[m][n][2] += (float)q[2] * (s1f * x0);
+          acc[m][n][3] += (float)q[3] * (s1f * x1);
+        }
+      }
+    }
+  }
+}
+
+DEVICE float mb_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
+
+// Gate and up products of each tile with the SiLU product, quantized to
+// int8 in groups of 128 as rmsnorm_quant without a gain does:
+// hq[row][n], hs[row][n/128] for the tile's rows (row = tile_s + token).
+// Grid (I/128, max tiles), 256 threads: warp w takes rows 16w.. of the
+// block's 128 rows (one h group) of gate and of up. I a multiple of 128,
+// K of 128 * D.
+template <int D>
+DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
+                         const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
+                         const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K,
+                         const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,
+                         float* __restrict__ hs) {
+  extern __shared__ __align__(16) u8 mb_smem[];
+  __shared__ float wmax[MB_WARPS][MB_TT];
+  PDL_WAIT();
+  const int tile = blockIdx.y;
+  if (tile >= ntiles[0]) return;
+  const int s0 = tile_s[tile], ntok = tile_n[tile];
+  const BExpert* ex = experts + tile_e[tile];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * 128 + warp * 16, GK = K >> 7;
+  mb_stage(mb_smem, MB_TT, xq, xs, K, 0, K, [&](int r) { return list[s0 + min(r, ntok - 1)]; });
+  const size_t row = n0 + g;
+  const u8* rc[2] = {ex->gate.codes + row * (K / 2), ex->up.codes + row * (K / 2)};
+  const u8* rs[2] = {ex->gate.scales + row * GK, ex->up.scales + row * GK};
+  float acc[2][1][4];
+  mb_core<2, 1, D>(rc, rs, K, 0, GK, mb_smem, acc, [] {});
+  float hv[4];
+#pragma unroll
+  for (int e = 0; e < 4; e++) {
+    const int n = n0 + g + 8 * (e >> 1);
+    const float gv = acc[0][0][e] * (ex->gate.row_scale[n] * 0.5f);
+    const float uv = acc[1][0][e] * (ex->up.row_scale[n] * 0.5f);
+    hv[e] = mb_silu(gv) * uv;
+  }
+  // The largest magnitude of each token over the block's 128 rows.
+  float m0 = fmaxf(fabsf(hv[0]), fabsf(hv[2])), m1 = fmaxf(fabsf(hv[1]), fabsf(hv[3]));
+#pragma unroll
+  for (int o = 4; o < 32; o <<= 1) {
+    m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, o));
+    m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
+  }
+  if (g == 0) {
+    wmax[warp][2 * t] = m0;
+    wmax[warp][2 * t + 1] = m1;
+  }
+  __syncthreads();
+  float amax[2] = {0.f, 0.f};
+#pragma unroll
+  for (int w = 0; w < MB_WARPS; w++) {
+    amax[0] = fmaxf(amax[0], wmax[w][2 * t]);
+    amax[1] = fmaxf(amax[1], wmax[w][2 * t + 1]);
+  }
+#pragma unroll
+  for (int e = 0; e < 4; e++) {
+    const int tok = 2 * t + (e & 1), n = n0 + g + 8 * (e >> 1);
+    if (tok < ntok) {
+      const float a = amax[e & 1];
+      hq[(size_t)(s0 + tok) * I + n] = (i8)quant8(hv[e], a, a / 127.f);
+    }
+  }
+  if (warp == 0 && g == 0) {
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+      const int tok = 2 * t + e;
+      if (tok < ntok) hs[(size_t)(s0 + tok) * (I >> 7) + blockIdx.x] = amax[e] == 0.f ? 0.f : amax[e] / 127.f;
+    }
+  }
+}
+
+// Down products of each tile: part[row][n] = down_e,n . hq[row] for the
+// tile's rows. Grid (ceil(N/256), max tiles), 256 threads: warp w takes
+// rows 32w.. of the block's 256 (two m-tiles; m-tiles past N are clamped
+// and dropped). N a multiple of 16, I of 128 * D.
+template <int D>
+DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
+                      const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
+                      const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq,
+                      const float* __restrict__ hs, float* __restrict__ part) {
+  extern __shared__ __align__(16) u8 mb_smem[];
+  PDL_WAIT();
+  const int tile = blockIdx.y;
+  if (tile >= ntiles[0]) return;
+  const int s0 = tile_s[tile], ntok = tile_n[tile];
+  const BMat dn = experts[tile_e[tile]].down;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * 256 + warp * 32, GK = I >> 7;
+  mb_stage(mb_smem, MB_TT, hq, hs, I, 0, I, [&](int r) { return s0 + min(r, ntok - 1); });
+  // N a multiple of 16: a clamped m-tile starts at N - 16.
+  const u8* rc[2];
+  const u8* rs[2];
+#pragma unroll
+  for (int m = 0; m < 2; m++) {
+    const size_t row = min(n0 + 16 * m, N - 16) + g;
+    rc[m] = dn.codes + row * (I / 2);
+    rs[m] = dn.scales + row * GK;
+  }
+  float acc[2][1][4];
+  mb_core<2, 1, D>(rc, rs, I, 0, GK, mb_smem, acc, [] {});
+#pragma unroll
+  for (int m = 0; m < 2; m++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int tok = 2 * t + (e & 1), n = n0 + 16 * m + g + 8 * (e >> 1);
+      if (tok < ntok && n < N) part[(size_t)(s0 + tok) * N + n] = acc[m][0][e] * (dn.row_scale[n] * 0.5f);
+    }
+}
+
+// D: groups in flight per warp; MINB: blocks a multiprocessor must hold
+// (the register budget).
+#define MOEB_KERNELS(SUFFIX, D, MINB)                                                                    \
+  extern "C" __global__ void __launch_bounds__(256, MINB) moeb_gate_up_##SUFFIX(                        \
+      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,                              \
+      const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,   \
+      const i32* __restrict__ list, int I, int K, const i8* __restrict__ xq,                            \
+      const float* __restrict__ xs, i8* __restrict__ hq, float* __restrict__ hs) {                      \
+    PDL_LAUNCH();                                                                                       \
+    moeb_gate_up<D>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs);               \
+  }                                                                                                     \
+  extern "C" __global__ void __launch_bounds__(256, MINB) moeb_down_##SUFFIX(                           \
+      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,                              \
+      const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,   \
+      int N, int I, const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) { \
+    PDL_LAUNCH();                                                                                       \
+    moeb_down<D>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);                          \
+  }
+
+MOEB_KERNELS(d4, 4, 2)
+MOEB_KERNELS(d2, 2, 3)
+
+// ---------------------------------------------------------------------------
+// moe_group (gemm.cu) with the tiles made in parallel: one block of 1024
+// threads; the pairs' counts by expert (shared atomics), a block-wide
+// prefix sum of the counts and of the tiles (ceil(count/BT) an expert),
+// then each expert's thread writes its tiles. Same outputs as moe_group
+// but for the order of the pairs inside an expert's segment (atomic order
+// in both), which no result depends on.
+DEVICE int mb_block_scan(int v, int* warp_sums) {
+  // Inclusive prefix sum over the block's 1024 threads.
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int u = __shfl_up_sync(0xffffffffu, v, o);
+    if (lane >= o) v += u;
+  }
+  if (lane == 31) warp_sums[warp] = v;
+  __syncthreads();
+  if (warp == 0) {
+    int w = warp_sums[lane];
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) {
+      const int u = __shfl_up_sync(0xffffffffu, w, o);
+      if (lane >= o) w += u;
+    }
+    warp_sums[lane] = w;
+  }
+  __syncthreads();
+  const int r = v + (warp > 0 ? warp_sums[warp - 1] : 0);
+  __syncthreads();
+  return r;
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+    moeb_group(const i32* __restrict__ ids, int T, int topk, int S, int E, int BT, i32* __restrict__ pos,
+               i32* __restrict__ list, i32* __restrict__ tile_e, i32* __restrict__ tile_s,
+               i32* __restrict__ tile_n, i32* __restrict__ ntiles) {
+  PDL_LAUNCH();
+  __shared__ int cnt[1024], off[1024], sums[32];
+  const int slots = topk + S, P = T * slots, NE = E + S, e = threadIdx.x;
+  cnt[e] = 0;
+  PDL_WAIT();
+  __syncthreads();
+  for (int p = threadIdx.x; p < P; p += blockDim.x) {
+    const int t = p / slots, k = p - t * slots;
+    const int x = k < topk ? ids[t * topk + k] : E + (k - topk);
+    pos[p] = (x >= 0 && x < NE) ? atomicAdd(&cnt[x], 1) : -1;
+  }
+  __syncthreads();
+  const int c = e < NE ? cnt[e] : 0, nt = (c + BT - 1) / BT;
+  const int rows_incl = mb_block_scan(c, sums);
+  const int tiles_incl = mb_block_scan(nt, sums);
+  off[e] = rows_incl - c;
+  for (int j = 0; j < nt; j++) {
+    const int i = tiles_incl - nt + j;
+    tile_e[i] = e;
+    tile_s[i] = rows_incl - c + j * BT;
+    tile_n[i] = min(BT, c - j * BT);
+  }
+  if (e == blockDim.x - 1) ntiles[0] = tiles_incl;
+  __syncthreads();
+  for (int p = threadIdx.x; p < P; p += blockDim.x) {
+    const int t = p / slots, k = p - t * slots;
+    const int x = k < topk ? ids[t * topk + k] : E + (k - topk);
+    if (pos[p] < 0) continue;
+    const int row = off[x] + pos[p];
+    pos[p] = row;
+    list[row] = t;
+  }
+}
+
+// moe_combine (gemm.cu) spread wider: y[t] (+)= sum over token t's slots,
+// in slot order, of weight * part[pos] (routed slots with their weights,
+// shared ones with 1). Grid (T, ceil(N/512)), 128 threads of 4 columns
+// each (N a multiple of 4).
+extern "C" __global__ void __launch_bounds__(128)
+    moeb_combine(const float* __restrict__ part, const i32* __restrict__ pos, const float* __restrict__ wts,
+                 int topk, int slots, int N, float* __restrict__ y, int ldy, int accumulate) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  const int t = blockIdx.x, n = (blockIdx.y * 128 + threadIdx.x) * 4;
+  if (n >= N) return;
+  float4 total = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int k = 0; k < slots; k++) {
+    const int p = pos[t * slots + k];
+    if (p < 0) continue;
+    const float w = k < topk ? wts[t * topk + k] : 1.f;
+    const float4 v = __ldcg((const float4*)(part + (size_t)p * N + n));
+    total.x += w * v.x;
+    total.y += w * v.y;
+    total.z += w * v.z;
+    total.w += w * v.w;
+  }
+  float* o = y + (size_t)t * ldy + n;
+  if (accumulate) {
+    o[0] += total.x;
+    o[1] += total.y;
+    o[2] += total.z;
+    o[3] += total.w;
+  } else {
+    o[0] = total.x;
+    o[1] = total.y;
+    o[2] = total.z;
+    o[3] = total.w;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Dense product of T <= 8*WT token rows:
+//   y[t*ldy + n] = row_scale[n]/2 * sum_g e4m3(s[n,g]) * xs[t,g] * acc[t,n,g]
+// (the GEMM's terms). Grid (ceil(N/128), KS, heads), 256 threads: warp w
+// takes the m-tile of rows 128*bx + 16w (N a multiple of 16; m-tiles past
+// N are clamped and dropped); block z takes the D-group chunks
+// [z*NC/KS, (z+1)*NC/KS) of K's NC = K/(128*D). With KS = 1 it writes y;
+// else each block leaves its sums in partial[z][t][n] and the last block
+// of a row block to finish (counters[bx], which it resets) adds the KS
+// partial sums in order, so the result does not depend on the blocks'
+// timing. Grid z > 1: per-head products (as gemm_dense), head h taking
+// weight rows [h*N, (h+1)*N), activation columns [h*K, (h+1)*K) of rows
+// heads*K long, output columns [h*N, (h+1)*N), its own partial sums and
+// counters. Dynamic shared memory: mb_stage's for 8*WT rows of the
+// largest chunk range.
+template <int WT, int D>
+DEVICE void mms_dense(const u8* __restrict__ codes, const u8* __restrict__ scales,
+                      const float* __restrict__ row_scale, int N, int K, const i8* __restrict__ xq,
+                      const float* __restrict__ xs, int T, float* __restrict__ y, int ldy, int KS,
+                      float* __restrict__ partial, u32* __restrict__ counters) {
+  extern __shared__ __align__(16) u8 mb_smem[];
+  __shared__ bool last;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int bx = blockIdx.x, z = blockIdx.y, GK = K >> 7, NC = GK / D;
+  const size_t h = blockIdx.z;  // the pointers are offset where used: fewer live registers
+  const int c_lo = z * NC / KS, c_hi = (z + 1) * NC / KS;
+  const int g0 = c_lo * D, ng = (c_hi - c_lo) * D;
+  const int n0 = bx * 128 + warp * 16;
+  const size_t row = min(n0, N - 16) + g;
+  const u8* rc[1] = {codes + (h * N + row) * (K / 2)};
+  const u8* rs[1] = {scales + (h * N + row) * GK};
+  float acc[1][WT][4];
+  mb_core<1, WT, D>(rc, rs, K, g0, ng, mb_smem, acc, [&] {
+    PDL_WAIT();
+    mb_stage(mb_smem, 8 * WT, xq + h * K, xs + h * GK, (int)gridDim.z * K, 128 * g0, 128 * ng,
+             [&](int r) { return min(r, T - 1); });
+  });
+  row_scale += h * N;
+  y += h * N;
+  if (KS == 1) {
+#pragma unroll
+    for (int n = 0; n < WT; n++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int tok = 8 * n + 2 * t + (e & 1), r = n0 + g + 8 * (e >> 1);
+        if (tok < T && n0 < N) y[(size_t)tok * ldy + r] = acc[0][n][e] * (row_scale[r] * 0.5f);
+      }
+    return;
+  }
+  partial += h * KS * T * N;
+  counters += h * gridDim.x;
+  float* part = partial + (size_t)z * T * N;
+#pragma unroll
+  for (int n = 0; n < WT; n++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int tok = 8 * n + 2 * t + (e & 1), r = n0 + g + 8 * (e >> 1);
+      if (tok < T && n0 < N) part[(size_t)tok * N + r] = acc[0][n][e];
+    }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&counters[bx], 1u) == (u32)(KS - 1);
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  // Four columns a thread, up to 8 partial sums in flight, added in order.
+  const int quads = min(128, N - bx * 128) >> 2;
+  for (int idx = threadIdx.x; idx < T * 32; idx += blockDim.x) {
+    const int tok = idx >> 5, c = idx & 31;
+    if (c >= quads) continue;
+    const int n = bx * 128 + 4 * c;
+    float4 tot = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int k0 = 0; k0 < KS; k0 += 8) {
+      float4 v[8];
+#pragma unroll
+      for (int j = 0; j < 8; j++)
+        if (k0 + j < KS) v[j] = __ldcg((const float4*)(partial + ((size_t)(k0 + j) * T + tok) * N + n));
+#pragma unroll
+      for (int j = 0; j < 8; j++)
+        if (k0 + j < KS) {
+          tot.x += v[j].x;
+          tot.y += v[j].y;
+          tot.z += v[j].z;
+          tot.w += v[j].w;
+        }
+    }
+    float* o = y + (size_t)tok * ldy + n;
+    o[0] = tot.x * (row_scale[n] * 0.5f);
+    o[1] = tot.y * (row_scale[n + 1] * 0.5f);
+    o[2] = tot.z * (row_scale[n + 2] * 0.5f);
+    o[3] = tot.w * (row_scale[n + 3] * 0.5f);
+  }
+  if (threadIdx.x == 0) counters[bx] = 0;
+}
+
+// MINB: blocks a multiprocessor must hold (the register budget; the
+// 64-token variants need more than 128 registers a thread). Past 8 rows
+// D = 4 spills: the host takes D = 2 there.
+#define MMS_KERNEL(NAME, WT, D, MINB)                                                              \
+  extern "C" __global__ void __launch_bounds__(256, MINB) NAME(                                        \
+      const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale, \
+      int N, int K, const i8* __restrict__ xq, const float* __restrict__ xs, int T,                    \
+      float* __restrict__ y, int ldy, int KS, float* __restrict__ partial, u32* __restrict__ counters) { \
+    PDL_LAUNCH();                                                                                      \
+    mms_dense<WT, D>(codes, scales, row_scale, N, K, xq, xs, T, y, ldy, KS, partial, counters);   \
+  }
+
+MMS_KERNEL(mms_t1_d1, 1, 1, 2)
+MMS_KERNEL(mms_t2_d1, 2, 1, 2)
+MMS_KERNEL(mms_t4_d1, 4, 1, 2)
+MMS_KERNEL(mms_t8_d1, 8, 1, 1)
+MMS_KERNEL(mms_t1_d2, 1, 2, 2)
+MMS_KERNEL(mms_t2_d2, 2, 2, 2)
+MMS_KERNEL(mms_t4_d2, 4, 2, 2)
+MMS_KERNEL(mms_t8_d2, 8, 2, 1)
+MMS_KERNEL(mms_t1_d4, 1, 4, 2)

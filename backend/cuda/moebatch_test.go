@@ -1,0 +1,333 @@
+//go:build linux || darwin || freebsd || netbsd
+
+package cuda
+
+import (
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/mmfp4/mmfp4/backend"
+	"github.com/mmfp4/mmfp4/format"
+)
+
+// The streaming batched MoE against the tiled one (MoEBatched, whose gate
+// and up, down and sums it computes in the same order: the outputs should
+// be identical bit for bit) on the same routing, with odd token counts,
+// experts with more than one tile of 8 pairs, and both variants; every
+// output is written (poisoned before).
+func TestMoEBatchedStream(t *testing.T) {
+	d := testDevice(t)
+	r := testRand(t)
+	const K, I, E, topK = 1024, 512, 16, 4
+	var host [][3]*format.Matrix
+	for e := 0; e < E+1; e++ {
+		var h [3]*format.Matrix
+		for i, sh := range [3][2]int{{I, K}, {I, K}, {K, I}} {
+			m, err := format.Quantize(randVec(r, sh[0]*sh[1], 0.05), sh[0], sh[1], format.QuantOptions{GroupSize: 128})
+			if err != nil {
+				t.Fatal(err)
+			}
+			h[i] = m
+		}
+		host = append(host, h)
+	}
+	err := d.Do(func(c *Ctx) error {
+		var dev []ExpertMats
+		for _, h := range host {
+			g, err1 := c.UploadMatrix(h[0])
+			u, err2 := c.UploadMatrix(h[1])
+			dn, err3 := c.UploadMatrix(h[2])
+			if err := errors.Join(err1, err2, err3); err != nil {
+				return err
+			}
+			dev = append(dev, ExpertMats{Gate: g, Up: u, Down: dn})
+		}
+		defer func() {
+			for _, m := range dev {
+				c.FreeMatrix(m.Gate)
+				c.FreeMatrix(m.Up)
+				c.FreeMatrix(m.Down)
+			}
+		}()
+		tab, err := c.NewExpertTable(dev[:E], dev[E:])
+		if err != nil {
+			return err
+		}
+		defer c.FreeExpertTable(tab)
+		for _, T := range []int{3, 8, 17, 33, 64} {
+			ids, wts := randomRouting(r, T, E, topK)
+			run := func(stream MoEStream) ([]float32, error) {
+				idb, err1 := c.Alloc(4 * T * topK)
+				wtb, err2 := upload(c, wts)
+				xb, err3 := upload(c, randVecSeeded(T, K))
+				y, err4 := c.Alloc(4 * T * K)
+				a, err5 := c.NewQActs(T, K, 128)
+				if err := errors.Join(err1, err2, err3, err4, err5); err != nil {
+					return nil, err
+				}
+				defer c.Free(idb)
+				defer c.Free(wtb)
+				defer c.Free(xb)
+				defer c.Free(y)
+				defer c.FreeQActs(a)
+				if err := errors.Join(CopyIn(c, idb.Ptr, ids), poison(c, y.Ptr, y.Size), c.RMSNormQuant(xb.Ptr, K, 0, 0, 0, 0, T, K, 128, a)); err != nil {
+					return nil, err
+				}
+				s, bufs, err := newMoEStreamBatch(c, T, topK, tab, stream)
+				defer func() {
+					for _, bb := range bufs {
+						c.Free(bb)
+					}
+				}()
+				if err != nil {
+					return nil, err
+				}
+				if stream == "" {
+					err = c.MoEBatched(y.Ptr, K, false, tab, idb.Ptr, wtb.Ptr, topK, a, s)
+				} else {
+					if err := poison(c, s.HQ.Q, s.HQ.T*s.HQ.K); err != nil {
+						return nil, err
+					}
+					err = c.MoEBatchedStream(y.Ptr, K, false, tab, idb.Ptr, wtb.Ptr, topK, a, s, stream)
+				}
+				if err != nil {
+					return nil, err
+				}
+				out := make([]float32, T*K)
+				return out, CopyOut(c, out, y.Ptr)
+			}
+			want, err := run("")
+			if err != nil {
+				return err
+			}
+			for _, v := range []MoEStream{MoEStreamD4, MoEStreamD2} {
+				got, err := run(v)
+				if err != nil {
+					return fmt.Errorf("T=%d %s: %w", T, v, err)
+				}
+				diff := 0
+				for i := range want {
+					if got[i] != want[i] {
+						diff++
+					}
+				}
+				// Expected identical; a last-bit difference in the SiLU
+				// product could still move one int8 value by a step (about
+				// 1e-4 relative), so the bound is the batched MoE's.
+				e, m := relErr(want, got), maxRelErr(want, got)
+				t.Logf("T=%d %s: %d of %d outputs differ from the tiled MoE, relative error %.3g (max %.3g)", T, v, diff, len(want), e, m)
+				if !(e <= 1e-4) || !(m <= 1e-3) {
+					t.Errorf("T=%d %s: relative error %.3g (max %.3g) against the tiled MoE", T, v, e, m)
+				}
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// newMoEStreamBatch is newMoEBatch with room for the streaming kernels'
+// 8-pair tiles (stream != ""), else for the 16-token tile.
+func newMoEStreamBatch(c *Ctx, T, topk int, t *ExpertTable, stream MoEStream) (*MoEBatch, []Buffer, error) {
+	if stream == "" {
+		return newMoEBatch(c, T, topk, t, GEMMTile16)
+	}
+	s, bufs, err := newMoEBatch(c, T, topk, t, GEMMTile16)
+	if err != nil {
+		return s, bufs, err
+	}
+	n := moeMaxTiles(T*(topk+t.Shared), t.Routed+t.Shared, moeStreamTile)
+	for _, p := range []*uint64{&s.TileE, &s.TileS, &s.TileN} {
+		b, err := c.Alloc(4 * n)
+		if err != nil {
+			return s, bufs, err
+		}
+		bufs = append(bufs, b)
+		*p = b.Ptr
+	}
+	s.MaxTiles = n
+	return s, bufs, nil
+}
+
+// randomRouting draws topK distinct experts of E for each of T tokens, and
+// weights in (0.1, 1).
+func randomRouting(r *rand.Rand, T, E, topK int) ([]int32, []float32) {
+	ids := make([]int32, T*topK)
+	wts := make([]float32, T*topK)
+	for t := 0; t < T; t++ {
+		perm := r.Perm(E)
+		for k := 0; k < topK; k++ {
+			ids[t*topK+k] = int32(perm[k])
+			wts[t*topK+k] = float32(0.1 + 0.9*r.Float64())
+		}
+	}
+	return ids, wts
+}
+
+// randVecSeeded is randVec from a generator seeded by n and k, so that two
+// runs of one case see the same activations.
+func randVecSeeded(n, k int) []float32 {
+	return randVec(rand.New(rand.NewPCG(uint64(n), uint64(k))), n*k, 1)
+}
+
+// The backend's MoE and MoEShared through the streaming kernels, against
+// the CPU backend (routing from the device router), both variants, token
+// counts 3 to 64.
+func TestBackendMoEStreamMatchesCPU(t *testing.T) {
+	const K, I, E, topK = 1024, 512, 16, 4
+	r := testRand(t)
+	cfg := backend.RouterConfig{TopK: topK, Groups: 1, TopKGroups: 1, NormTopKProb: true, RoutedScaling: 1.8, NumExperts: E}
+	router := denseHost(r, "router", E, K)
+	bias := backend.HostWeight{Name: "bias", N: 1, K: E, Dense: randVec(r, E, 0.1)}
+	g, c := testBackends(t, Options{})
+	defer func(a, b int, v MoEStream) { moeBatchedMinTokens, moeStreamMaxTokens, moeStreamVariant = a, b, v }(moeBatchedMinTokens, moeStreamMaxTokens, moeStreamVariant)
+	moeBatchedMinTokens, moeStreamMaxTokens = 2, 1<<30
+	var hosts [][3]backend.HostWeight
+	for e := 0; e < E+1; e++ {
+		var h [3]backend.HostWeight
+		for i, sh := range [3][2]int{{I, K}, {I, K}, {K, I}} {
+			h[i] = quantHost(t, r, "expert", sh[0], sh[1], 128)
+		}
+		hosts = append(hosts, h)
+	}
+	for _, v := range []MoEStream{MoEStreamD4, MoEStreamD2} {
+		moeStreamVariant = v
+		for _, T := range []int{3, 17, 64} {
+			x := randVec(r, T*K, 1)
+			for _, withShared := range []bool{false, true} {
+				// As TestBackendMoEBatchedMatchesCPU: a last-bit difference
+				// can move one int8 value of the SwiGLU product by a step.
+				compareOp(t, g, c, fmt.Sprintf("moe stream %s T=%d shared=%v", v, T, withShared), 1e-3, func(b backend.Backend) []float32 {
+					b.SetBatch(simpleBatch(T, 0), nil)
+					var experts []backend.Expert
+					for _, h := range hosts {
+						experts = append(experts, backend.Expert{Gate: mustWeight(t, b, h[0]), Up: mustWeight(t, b, h[1]), Down: mustWeight(t, b, h[2])})
+					}
+					shared := experts[E:]
+					experts = experts[:E]
+					xt := b.NewTensor(T, K)
+					b.Upload(xt, x)
+					logits := b.NewTensor(T, E)
+					b.MatMul(logits, xt, mustWeight(t, b, router))
+					rt := b.Route(logits, mustWeight(t, b, bias), cfg)
+					out := b.NewTensor(T, K)
+					if !withShared {
+						b.MoE(out, xt, rt, experts)
+						return b.Download(out)
+					}
+					if sm, ok := b.(backend.SharedMoE); ok {
+						sm.MoEShared(out, xt, rt, experts, shared)
+						return b.Download(out)
+					}
+					b.MoE(out, xt, rt, experts)
+					gt, ut, o := b.NewTensor(T, I), b.NewTensor(T, I), b.NewTensor(T, K)
+					b.MatMul(gt, xt, shared[0].Gate)
+					b.MatMul(ut, xt, shared[0].Up)
+					b.SwiGLU(gt, gt, ut)
+					b.MatMul(o, gt, shared[0].Down)
+					b.Add(out, out, o)
+					return b.Download(out)
+				})
+			}
+		}
+	}
+}
+
+// BenchmarkMoEStream: a full-size MoE layer (64 experts of 1536x2048, top
+// 4, one shared expert) over T tokens, the tiled MoEBatched (16-token
+// tile) against both streaming variants. Device time; GB/s counts the
+// weights of the experts the routing touches, each once.
+func BenchmarkMoEStream(b *testing.B) {
+	d := benchDevice(b)
+	r := rand.New(rand.NewPCG(11, 11))
+	const E, I, K, topk = 64, 1536, 2048, 4
+	var tab *ExpertTable
+	var expertBytes int64
+	err := d.Do(func(c *Ctx) error {
+		var mats []ExpertMats
+		for e := 0; e < E+1; e++ {
+			g, err1 := c.UploadMatrix(synthMatrix(r, I, K, 128))
+			u, err2 := c.UploadMatrix(synthMatrix(r, I, K, 128))
+			dn, err3 := c.UploadMatrix(synthMatrix(r, K, I, 128))
+			if err := errors.Join(err1, err2, err3); err != nil {
+				return err
+			}
+			expertBytes = int64(g.Bytes() + u.Bytes() + dn.Bytes())
+			mats = append(mats, ExpertMats{Gate: g, Up: u, Down: dn})
+		}
+		var err error
+		tab, err = c.NewExpertTable(mats[:E], mats[E:])
+		return err
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, T := range []int{2, 4, 8, 16, 32, 64, 128} {
+		ids, wts := randomRouting(r, T, E, topk)
+		touched := map[int32]bool{}
+		for _, e := range ids {
+			touched[e] = true
+		}
+		bytes := float64(int64(len(touched)+1) * expertBytes)
+		for _, v := range []MoEStream{"", MoEStreamD4, MoEStreamD2} {
+			name := "tiled_t16"
+			if v != "" {
+				name = "stream_" + string(v)
+			}
+			b.Run(fmt.Sprintf("T%d/%s", T, name), func(b *testing.B) {
+				err := d.Do(func(c *Ctx) error {
+					idb, err1 := c.Alloc(4 * T * topk)
+					wtb, err2 := upload(c, wts)
+					xb, err3 := upload(c, randVec(r, T*K, 1))
+					y, err4 := c.Alloc(4 * T * K)
+					a, err5 := c.NewQActs(T, K, 128)
+					if err := errors.Join(err1, err2, err3, err4, err5); err != nil {
+						return err
+					}
+					defer c.Free(idb)
+					defer c.Free(wtb)
+					defer c.Free(xb)
+					defer c.Free(y)
+					defer c.FreeQActs(a)
+					if err := errors.Join(CopyIn(c, idb.Ptr, ids), c.RMSNormQuant(xb.Ptr, K, 0, 0, 0, 0, T, K, 128, a)); err != nil {
+						return err
+					}
+					s, bufs, err := newMoEStreamBatch(c, T, topk, tab, v)
+					defer func() {
+						for _, bb := range bufs {
+							c.Free(bb)
+						}
+					}()
+					if err != nil {
+						return err
+					}
+					run := func() error { return c.MoEBatched(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s) }
+					launches := 5
+					if v != "" {
+						launches = 4
+						run = func() error { return c.MoEBatchedStream(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s, v) }
+					}
+					if err := run(); err != nil {
+						return err
+					}
+					const reps = 20
+					ms, err := timeDevice(c, reps, launches, run)
+					if err != nil {
+						return err
+					}
+					sec := float64(ms) / 1e3 / reps
+					b.ReportMetric(sec*1e6, "us/op")
+					b.ReportMetric(bytes/sec/1e9, "GB/s")
+					return nil
+				})
+				if err != nil {
+					b.Fatal(err)
+				}
+			})
+		}
+	}
+}
