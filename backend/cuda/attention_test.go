@@ -1,0 +1,216 @@
+//go:build linux || darwin || freebsd || netbsd
+
+package cuda
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/mmfp4/mmfp4/backend"
+)
+
+// attnSeqs is a paged pool holding sequences of the given lengths in
+// scattered blocks: the prefill batch that writes them and, for each
+// sequence, its block table.
+func attnSeqs(r *rand.Rand, lens []int, blockSize int) (prefill *backend.Batch, tables [][]int32, blocks int) {
+	for _, n := range lens {
+		blocks += (n + blockSize - 1) / blockSize
+	}
+	blocks += 3
+	perm := r.Perm(blocks)
+	next := 0
+	prefill = &backend.Batch{}
+	for _, n := range lens {
+		var tb []int32
+		for i := 0; i < (n+blockSize-1)/blockSize; i++ {
+			tb = append(tb, int32(perm[next]))
+			next++
+		}
+		tables = append(tables, tb)
+		prefill.Seqs = append(prefill.Seqs, backend.Seq{Start: len(prefill.Tokens), Len: n, Blocks: tb})
+		for j := 0; j < n; j++ {
+			prefill.Tokens = append(prefill.Tokens, 0)
+			prefill.Positions = append(prefill.Positions, int32(j))
+		}
+	}
+	prefill.Outputs = []int32{0}
+	return prefill, tables, blocks
+}
+
+// decodeBatch is one row per chosen sequence, at its last position.
+func decodeBatch(lens []int, tables [][]int32, which []int) *backend.Batch {
+	b := &backend.Batch{Outputs: []int32{0}}
+	for _, i := range which {
+		b.Seqs = append(b.Seqs, backend.Seq{Start: len(b.Tokens), Len: 1, Blocks: tables[i]})
+		b.Tokens = append(b.Tokens, 0)
+		b.Positions = append(b.Positions, int32(lens[i]-1))
+	}
+	return b
+}
+
+// The single-launch decode attention against the CPU backend: contexts of
+// 1, 7, 1000 and 4099 positions, alone and as one batch of four rows, in
+// every cache format, at GLM-4.7-Flash's shapes and at a small odd one
+// (three heads, rope 32). The output is poisoned with NaN before each
+// launch, so an unwritten value fails; two layers are read in turn, so
+// the tickets are reused.
+func TestDecodeAttentionMatchesCPU(t *testing.T) {
+	g, c := testBackends(t, Options{})
+	r := testRand(t)
+	lens := []int{1, 7, 1000, 4099}
+	const blockSize, layers = 16, 2
+	prefill, tables, blocks := attnSeqs(r, lens, blockSize)
+	if err := prefill.Validate(1, blocks, blockSize); err != nil {
+		t.Fatal(err)
+	}
+	steps := [][]int{{0}, {1}, {2}, {3}, {0, 1, 2, 3}, {3, 1}}
+	shapes := []backend.MLAShape{
+		{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512},
+		{Heads: 3, NopeDim: 16, RopeDim: 32, VDim: 32, Rank: 256},
+	}
+	for _, s := range shapes {
+		qk := s.NopeDim + s.RopeDim
+		P := prefill.Rows()
+		lat := [layers][]float32{randVec(r, P*s.Rank, 1), randVec(r, P*s.Rank, 1)}
+		kpe := [layers][]float32{randVec(r, P*s.RopeDim, 1), randVec(r, P*s.RopeDim, 1)}
+		var qls, qs [][]float32
+		for _, st := range steps {
+			qls = append(qls, randVec(r, len(st)*s.Heads*s.Rank, 1))
+			qs = append(qs, randVec(r, len(st)*s.Heads*qk, 1))
+		}
+		for _, dt := range []backend.CacheDType{backend.CacheF32, backend.CacheBF16, backend.CacheFP8} {
+			for _, blocks := range []int{100, 250} {
+				g.decodeAttn, g.decodeBlocks = true, blocks
+				name := fmt.Sprintf("decode attention heads=%d rank=%d rope=%d %v cache, blocks %d%%", s.Heads, s.Rank, s.RopeDim, dt, blocks)
+				compareOp(t, g, c, name, 1e-5, func(b backend.Backend) []float32 {
+					pool, err := b.NewCachePool(layers, blocks, blockSize, s.Rank, s.RopeDim, dt)
+					if err != nil {
+						t.Fatal(err)
+					}
+					b.SetBatch(prefill, pool)
+					for l := 0; l < layers; l++ {
+						lt, kt := b.NewTensor(P, s.Rank), b.NewTensor(P, s.RopeDim)
+						b.Upload(lt, lat[l])
+						b.Upload(kt, kpe[l])
+						b.CacheWrite(l, lt, kt)
+					}
+					var out []float32
+					for i, st := range steps {
+						b.SetBatch(decodeBatch(lens, tables, st), pool)
+						T := len(st)
+						ql, q := b.NewTensor(T, s.Heads*s.Rank), b.NewTensor(T, s.Heads*qk)
+						b.Upload(ql, qls[i])
+						b.Upload(q, qs[i])
+						for l := 0; l < layers; l++ {
+							ol := b.NewTensor(T, s.Heads*s.Rank)
+							b.Upload(ol, nanVec(T*s.Heads*s.Rank))
+							b.LatentAttention(ol, ql, q, l, s, 0.07)
+							out = append(out, b.Download(ol)...)
+						}
+					}
+					return out
+				})
+			}
+		}
+	}
+}
+
+func nanVec(n int) []float32 {
+	v := make([]float32, n)
+	for i := range v {
+		v[i] = float32(math.NaN())
+	}
+	return v
+}
+
+// BenchmarkAttention times one row's latent attention at GLM-4.7-Flash's
+// shapes (20 heads, rank 512, rope 64, bf16 cache) at ctx 1024 and 8192:
+// device time per call (events around back-to-back launches behind a spin
+// kernel, what a graph replay sees) for the two-launch kernels and the
+// single-launch one with splits aimed at 50, 100 and 200% of the
+// multiprocessors in blocks. Calls rotate over
+// enough layers (over 100 MB) that the cache is read from memory, not L2.
+// GB/s counts the cache bytes read. Run with -test.benchtime=1x: each
+// call measures reps launches itself.
+func BenchmarkAttention(b *testing.B) {
+	d := benchDevice(b)
+	g := NewOnDevice(d, Options{NoGraphs: true})
+	defer g.Close()
+	r := testRand(b)
+	s := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
+	width := s.Rank + s.RopeDim
+	for _, ctx := range []int{1024, 8192} {
+		const blockSize = 64
+		layers := max(2, (128<<20)/(ctx*2*width))
+		nb := ctx / blockSize
+		pool, err := g.NewCachePool(layers, nb, blockSize, s.Rank, s.RopeDim, backend.CacheBF16)
+		if err != nil {
+			b.Fatal(err)
+		}
+		cp := pool.(*cachePool)
+		bits := make([]uint16, layers*nb*blockSize*width)
+		for i := range bits {
+			bits[i] = uint16(math.Float32bits(float32(r.NormFloat64())) >> 16)
+		}
+		if err := d.Do(func(c *Ctx) error { return CopyIn(c, cp.buf.Ptr, bits) }); err != nil {
+			b.Fatal(err)
+		}
+		batch := &backend.Batch{Tokens: []int32{0}, Positions: []int32{int32(ctx - 1)}, Outputs: []int32{0}, Seqs: []backend.Seq{{Start: 0, Len: 1}}}
+		for i := 0; i < nb; i++ {
+			batch.Seqs[0].Blocks = append(batch.Seqs[0].Blocks, int32((i*7)%nb))
+		}
+		g.SetBatch(batch, pool)
+		ql, q, ol := g.NewTensor(1, s.Heads*s.Rank), g.NewTensor(1, s.Heads*(s.NopeDim+s.RopeDim)), g.NewTensor(1, s.Heads*s.Rank)
+		g.Upload(ql, randVec(r, s.Heads*s.Rank, 1))
+		g.Upload(q, randVec(r, s.Heads*(s.NopeDim+s.RopeDim), 1))
+		if err := g.Sync(); err != nil {
+			b.Fatal(err)
+		}
+		bytes := float64(ctx * 2 * width)
+		for _, mode := range []struct {
+			name   string
+			on     bool
+			blocks int
+		}{{"two_launch", false, 100}, {"single_b50", true, 50}, {"single_b100", true, 100}, {"single_b200", true, 200}} {
+			b.Run(fmt.Sprintf("ctx%d_%s", ctx, mode.name), func(b *testing.B) {
+				g.decodeAttn, g.decodeBlocks = mode.on, mode.blocks
+				// Queue one op per layer and keep their launches.
+				var fns []func(c *Ctx) error
+				for l := 0; l < layers; l++ {
+					g.LatentAttention(ol, ql, q, l, s, 0.0417)
+					op := g.pending[len(g.pending)-1]
+					g.pending = g.pending[:len(g.pending)-1]
+					fns = append(fns, op.fn)
+				}
+				const reps = 200
+				var ms float32
+				err := d.Do(func(c *Ctx) error {
+					for _, fn := range fns { // warm-up, module load
+						if err := fn(c); err != nil {
+							return err
+						}
+					}
+					if err := c.Sync(); err != nil {
+						return err
+					}
+					i := 0
+					var err error
+					ms, err = timeDevice(c, reps, 2, func() error {
+						i++
+						return fns[i%len(fns)](c)
+					})
+					return err
+				})
+				if err != nil {
+					b.Fatal(err)
+				}
+				us := float64(ms) * 1e3 / reps
+				b.ReportMetric(us, "us/call")
+				b.ReportMetric(bytes/(us*1e-6)/1e9, "GB/s")
+				b.Logf("ctx %d %s: %.2f us/call, %.0f GB/s of cache (%d layers rotated)", ctx, mode.name, us, bytes/(us*1e-6)/1e9, layers)
+			})
+		}
+	}
+}
