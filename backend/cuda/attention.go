@@ -48,7 +48,7 @@ func (b *Backend) decodeAttnConfig() {
 // step keeps its graph).
 func (b *Backend) decodeSplits(T, pairs, maxN int) int {
 	target := max(1, b.decodeBlocks*b.dev.Info().SMs/100)
-	s := max(1, (target+T*pairs-1)/(T*pairs))
+	s := max(1, target/(T*pairs)) // rounded down: one block a multiprocessor holds
 	s = min(s, splitBucket((maxN+decodeAttnMinPos-1)/decodeAttnMinPos), decodeAttnMaxSplits)
 	return max(s, 1)
 }
