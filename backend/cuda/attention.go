@@ -70,6 +70,11 @@ func (b *Backend) decodeAttention(om, ql, qm *tensor, p *cachePool, layer int, s
 	case 2:
 		name = "attention_decode_fp8"
 	}
+	optin := b.dev.Info().SharedOptin
+	ch, shared := decodeAttnStage(optin, p.slotBytes(), s.Rank)
+	if ch < 8 || shared > optin-8<<10 {
+		return false
+	}
 	pairs := (s.Heads + 1) / 2
 	splits := b.decodeSplits(T, pairs, b.meta.maxN)
 	if !b.attnCountersFor(T * pairs) {
@@ -79,19 +84,33 @@ func (b *Backend) decodeAttention(om, ql, qm *tensor, p *cachePool, layer int, s
 	if splits > 1 {
 		pml, pacc = b.alloc(4*4*T*pairs*splits), b.alloc(4*2*T*pairs*splits*s.Rank)
 	}
-	shared := 4 * 8 * 2 * s.Rank // AD_WARPS warps' sums of two heads
 	counters := b.attnCounters.Ptr
 	b.do("attention", func(c *Ctx) error {
 		k, err := c.Kernel("attention", name)
 		if err != nil {
 			return err
 		}
+		if k.maxShared < shared {
+			if err := c.SetMaxShared(k, shared); err != nil {
+				return err
+			}
+			k.maxShared = shared
+		}
 		return c.Launch(k, Dim{uint32(splits), uint32(pairs), uint32(T)}, D1(256), shared,
 			om.ptr, om.ld, ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer),
 			b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
-			s.Heads, s.Rank, s.NopeDim, s.RopeDim, scale, pml, pacc, counters)
+			s.Heads, s.Rank, s.NopeDim, s.RopeDim, scale, ch, pml, pacc, counters)
 	})
 	return true
+}
+
+// decodeAttnStage is the kernel's rows per shared-memory stage (two
+// stages, at most 128 rows each, a multiple of 8, within optin bytes less
+// 8 KiB for its static arrays) and its dynamic shared memory, which also
+// holds the warps' value sums at the end (8 warps, 2 heads, rank floats).
+func decodeAttnStage(optin, rowBytes, rank int) (ch, shared int) {
+	ch = min(128, (optin-8<<10)/(2*rowBytes)) / 8 * 8
+	return ch, max(2*ch*rowBytes, 4*8*2*rank)
 }
 
 // attnCountersFor makes sure there are zeroed tickets for n row and head
@@ -114,4 +133,16 @@ func (b *Backend) attnCountersFor(n int) bool {
 		return c.Memset(buf.Ptr, 0, buf.Size)
 	})
 	return ok
+}
+
+// slotBytes is the size of one cached position: its latent and rope values
+// (f32 or bf16), or their E4M3 codes and two float32 scales (fp8).
+func (p *cachePool) slotBytes() int {
+	switch p.dtype {
+	case backend.CacheF32:
+		return 4 * (p.rank + p.ropeDim)
+	case backend.CacheFP8:
+		return p.rank + p.ropeDim + 8
+	}
+	return 2 * (p.rank + p.ropeDim)
 }

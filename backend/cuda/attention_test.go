@@ -81,9 +81,9 @@ func TestDecodeAttentionMatchesCPU(t *testing.T) {
 			qs = append(qs, randVec(r, len(st)*s.Heads*qk, 1))
 		}
 		for _, dt := range []backend.CacheDType{backend.CacheF32, backend.CacheBF16, backend.CacheFP8} {
-			for _, blocks := range []int{100, 250} {
-				g.decodeAttn, g.decodeBlocks = true, blocks
-				name := fmt.Sprintf("decode attention heads=%d rank=%d rope=%d %v cache, blocks %d%%", s.Heads, s.Rank, s.RopeDim, dt, blocks)
+			for _, pct := range []int{100, 250} {
+				g.decodeAttn, g.decodeBlocks = true, pct
+				name := fmt.Sprintf("decode attention heads=%d rank=%d rope=%d %v cache, blocks %d%%", s.Heads, s.Rank, s.RopeDim, dt, pct)
 				compareOp(t, g, c, name, 1e-5, func(b backend.Backend) []float32 {
 					pool, err := b.NewCachePool(layers, blocks, blockSize, s.Rank, s.RopeDim, dt)
 					if err != nil {

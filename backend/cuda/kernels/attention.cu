@@ -2,18 +2,20 @@
 //
 // Block (s, p, t) of the grid (splits, ceil(heads/2), rows) takes the
 // positions [s*chunk, (s+1)*chunk) of row t, chunk = ceil(n/splits) for
-// its n = pos[t]+1 positions, for the two heads 2p and 2p+1. Each of its
-// AD_WARPS warps walks positions s*chunk + warp + AD_WARPS*i with an
-// online softmax, AD_U positions per step (template arguments: AD_U, and
-// PF, whether the next step's cache loads are in flight while the current
-// one is summed). Lane l holds the latent dims
+// its n = pos[t]+1 positions, for the two heads 2p and 2p+1. It copies its
+// positions' cache rows into shared memory with cp.async, ch rows a stage
+// and two stages, so that all of a stage's loads are in flight at once
+// and the next stage's arrive while the current one is summed. Its
+// AD_WARPS warps each take positions warp + AD_WARPS*i of a stage, AD_U
+// at a step, with an online softmax. Lane l holds the latent dims
 // 128g + 4l + {0..3} (g < rank/128) and the rope dims 2l, 2l+1 (l <
 // rope/2) of the two queries, and the same dims of the running value sum,
-// so each cached position is read once, with coalesced 4-value loads, and
-// used for both heads' scores and value sums. The warps' partial softmax
-// states are combined in shared memory; with one split the block writes
-// olat, otherwise its partial state (max, sum, unnormalised values), and
-// the last block of the row and head pair to finish (an atomic ticket per
+// so each position's values are converted once and used for both heads'
+// scores and value sums; a step's 2*AD_U dot products are summed over the
+// warp by one transposing reduction. The warps' partial softmax states are
+// combined in shared memory; with one split the block writes olat,
+// otherwise its partial state (max, sum, unnormalised values), and the
+// last block of the row and head pair to finish (an atomic ticket per
 // (t, p), which it resets) merges the splits: one launch in all. Each
 // pair of heads reads the cache once (ten times for twenty heads, from L2).
 //
@@ -23,6 +25,7 @@
 #define AD_WARPS 8
 #define AD_THREADS (32 * AD_WARPS)
 #define AD_MAXS 256
+#define AD_U 4
 
 // A lane's raw share of one cached position: dtype 0 bf16, 1 f32, 2 fp8
 // (codes, then the float scales of the latent and the rope part).
@@ -45,29 +48,45 @@ struct ADRaw<2> {
   float2 sc;
 };
 
-DEVICE void ad_load(ADRaw<0>& r, const void* layer, long long slot, int width, int rank, int ng, int dr, int lane) {
-  const unsigned short* row = (const unsigned short*)layer + (size_t)slot * width;
+// A lane's share of one cache row staged in shared memory.
+DEVICE void ad_load(ADRaw<0>& r, const u8* row, int rank, int ng, int dr, int lane) {
+  const unsigned short* v = (const unsigned short*)row;
 #pragma unroll
   for (int g = 0; g < 4; g++)
-    if (g < ng) r.g[g] = __ldg((const uint2*)(row + 128 * g + 4 * lane));
-  r.pe = 2 * lane < dr ? __ldg((const u32*)(row + rank + 2 * lane)) : 0u;
+    if (g < ng) r.g[g] = *(const uint2*)(v + 128 * g + 4 * lane);
+  r.pe = 2 * lane < dr ? *(const u32*)(v + rank + 2 * lane) : 0u;
 }
 
-DEVICE void ad_load(ADRaw<1>& r, const void* layer, long long slot, int width, int rank, int ng, int dr, int lane) {
-  const float* row = (const float*)layer + (size_t)slot * width;
+DEVICE void ad_load(ADRaw<1>& r, const u8* row, int rank, int ng, int dr, int lane) {
+  const float* v = (const float*)row;
 #pragma unroll
   for (int g = 0; g < 4; g++)
-    if (g < ng) r.g[g] = __ldg((const float4*)(row + 128 * g + 4 * lane));
-  r.pe = 2 * lane < dr ? __ldg((const float2*)(row + rank + 2 * lane)) : make_float2(0.f, 0.f);
+    if (g < ng) r.g[g] = *(const float4*)(v + 128 * g + 4 * lane);
+  r.pe = 2 * lane < dr ? *(const float2*)(v + rank + 2 * lane) : make_float2(0.f, 0.f);
 }
 
-DEVICE void ad_load(ADRaw<2>& r, const void* layer, long long slot, int width, int rank, int ng, int dr, int lane) {
-  const u8* row = (const u8*)layer + (size_t)slot * (width + 8);
+DEVICE void ad_load(ADRaw<2>& r, const u8* row, int rank, int ng, int dr, int lane) {
 #pragma unroll
   for (int g = 0; g < 4; g++)
-    if (g < ng) r.g[g] = __ldg((const u32*)(row + 128 * g + 4 * lane));
-  r.pe = 2 * lane < dr ? (u32)__ldg((const unsigned short*)(row + rank + 2 * lane)) : 0u;
-  r.sc = __ldg((const float2*)(row + width));
+    if (g < ng) r.g[g] = *(const u32*)(row + 128 * g + 4 * lane);
+  r.pe = 2 * lane < dr ? (u32) * (const unsigned short*)(row + rank + 2 * lane) : 0u;
+  r.sc = *(const float2*)(row + rank + dr);
+}
+
+DEVICE u32 ad_smem(const void* p) {
+  u32 r;
+  asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
+  return r;
+}
+
+// One piece of a cache row into shared memory: 16 bytes (bf16 and f32
+// rows are multiples of 16) or 8 (fp8 rows, width + 8 bytes).
+template <int BYTES>
+DEVICE void ad_copy(u32 dst, const void* src) {
+  if (BYTES == 16)
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+  else
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src) : "memory");
 }
 
 DEVICE float ad_bf16(u32 w, int hi) { return __uint_as_float(hi ? (w & 0xffff0000u) : (w << 16)); }
@@ -115,17 +134,40 @@ DEVICE void ad_convert(const ADRaw<2>& r, float (&c)[16], float (&pe)[2], int ng
   pe[1] = e4m3((r.pe >> 8) & 0xffu) * r.sc.y;
 }
 
-template <int DT, int AD_U, bool PF>
+// Sums NV values (a power of two, at most 32) over the warp at once: at
+// each step the lanes with the step's bit set keep the upper half of the
+// values and the others the lower half, each adding its partner's copy.
+// Lane l ends with the full sum of value l / (32/NV) (whole for NV = 32;
+// the last steps are ordinary butterfly adds), in the same bits on every
+// lane that holds it.
+template <int NV>
+DEVICE float ad_transpose_sum(float (&v)[NV], int lane) {
+#pragma unroll
+  for (int w = NV / 2, bit = 16; w >= 1; w /= 2, bit /= 2) {
+    const bool up = lane & bit;
+#pragma unroll
+    for (int i = 0; i < w; i++) {
+      const float send = up ? v[i] : v[i + w];
+      const float keep = up ? v[i + w] : v[i];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, bit);
+    }
+  }
+#pragma unroll
+  for (int bit = 16 / NV; bit >= 1; bit /= 2) v[0] += __shfl_xor_sync(0xffffffffu, v[0], bit);
+  return v[0];
+}
+
+template <int DT>
 DEVICE void attention_decode_body(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,
                                   const void* layer, const i32* __restrict__ pos,
                                   const i32* __restrict__ row_seq, const i32* __restrict__ seq_blocks,
                                   const i32* __restrict__ blocks, int block_size, int heads, int rank,
-                                  int dn, int dr, float scale, float* part_ml, float* part_acc,
+                                  int dn, int dr, float scale, int ch, float* part_ml, float* part_acc,
                                   u32* counters) {
   PDL_LAUNCH();
   PDL_WAIT();
   extern __shared__ float4 ad_sm4[];
-  float* wacc = (float*)ad_sm4;  // [AD_WARPS][2][rank]
+  float* wacc = (float*)ad_sm4;  // [AD_WARPS][2][rank], after the stages are done with
   __shared__ float wm[AD_WARPS][2], wl[AD_WARPS][2], wscale[AD_WARPS][2], fin[2][2];
   __shared__ float mw[2][AD_MAXS];
   __shared__ int last_s;
@@ -164,88 +206,106 @@ DEVICE void attention_decode_body(float* olat, int ldo, const float* qlat, int l
 #pragma unroll
     for (int e = 0; e < 16; e++) acc[u][e] = 0.f;
 
-  // Step i covers this warp's positions i, i + AD_WARPS, ... (AD_U of them).
-  const int stride = AD_WARPS * AD_U;
-  ADRaw<DT> cur[AD_U], nxt[AD_U];
-  auto issue = [&](ADRaw<DT>(&r)[AD_U], int i0) {
-    long long sl = 0;
-    const int ii = i0 + AD_WARPS * lane;
-    if (lane < AD_U && ii < nb) {
-      const int j = j0 + ii;
-      sl = (long long)table[j / block_size] * block_size + j % block_size;
+  // Stage k holds positions j0 + k*ch + [0, ch): warp w copies rows w,
+  // w + AD_WARPS, ..., its lanes the row's pieces.
+  constexpr int PIECE = DT == 2 ? 8 : 16;
+  const int row_bytes = DT == 0 ? 2 * width : DT == 1 ? 4 * width : width + 8;
+  const int pieces = row_bytes / PIECE;
+  u8* stage_mem = (u8*)ad_sm4;
+  const u32 stage_base = ad_smem(stage_mem);
+  const int nch = (nb + ch - 1) / ch;
+  auto issue = [&](int k) {
+    u8* dst = stage_mem + (size_t)(k & 1) * ch * row_bytes;
+    const int r0 = k * ch, cnt = min(ch, nb - r0);
+    // Lane r looks up the slot of the warp's row r (ch <= 32*AD_WARPS),
+    // so the table loads are in flight together.
+    long long mine = 0;
+    if (warp + AD_WARPS * lane < cnt) {
+      const int j = j0 + r0 + warp + AD_WARPS * lane;
+      mine = (long long)table[j / block_size] * block_size + j % block_size;
     }
-#pragma unroll
-    for (int u = 0; u < AD_U; u++) {
-      const long long slot = __shfl_sync(0xffffffffu, sl, u);
-      if (i0 + AD_WARPS * u < nb)
-        ad_load(r[u], layer, slot, width, rank, ng, dr, lane);
-      else
-        r[u] = ADRaw<DT>{};  // zeros: an absent position adds 0 * c, never NaN
+    for (int i = warp, r = 0; i < cnt; i += AD_WARPS, r++) {
+      const long long slot = __shfl_sync(0xffffffffu, mine, r);
+      const u8* src = (const u8*)layer + slot * row_bytes;
+      const u32 d = stage_base + (u32)((dst - stage_mem) + (size_t)i * row_bytes);
+      for (int q = lane; q < pieces; q += 32) ad_copy<PIECE>(d + q * PIECE, src + q * PIECE);
     }
+    asm volatile("cp.async.commit_group;" ::: "memory");
   };
-  if (PF && warp < nb) issue(cur, warp);
-  for (int i0 = warp; i0 < nb; i0 += stride) {
-    if (!PF)
-      issue(cur, i0);
-    else if (i0 + stride < nb)
-      issue(nxt, i0 + stride);
-    // The raw values are converted where used, for the scores and again
-    // for the sums: registers, not conversions, bound the step.
-    float sc[AD_U][2];
-#pragma unroll
-    for (int u = 0; u < AD_U; u++) {
-      float c[16], pe[2];
-      ad_convert(cur[u], c, pe, ng);
-#pragma unroll
-      for (int h = 0; h < 2; h++) {
-        float a = 0.f;
-#pragma unroll
-        for (int e = 0; e < 16; e++) a += qa[h][e] * c[e];
-        a += qp[h][0] * pe[0] + qp[h][1] * pe[1];
-        sc[u][h] = a;
-      }
+  if (nch > 0) issue(0);
+  for (int k = 0; k < nch; k++) {
+    if (k + 1 < nch) {
+      issue(k + 1);
+      asm volatile("cp.async.wait_group 1;" ::: "memory");
+    } else {
+      asm volatile("cp.async.wait_group 0;" ::: "memory");
     }
-#pragma unroll
-    for (int u = 0; u < AD_U; u++) {
-      const bool valid = i0 + AD_WARPS * u < nb;
-#pragma unroll
-      for (int h = 0; h < 2; h++) sc[u][h] = valid ? scale * warp_sum(sc[u][h]) : __int_as_float(0xff800000);
-    }
-    // Online softmax (every lane holds the same scores: the branch is
-    // uniform over the warp).
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-      float mt = sc[0][h];
-#pragma unroll
-      for (int u = 1; u < AD_U; u++) mt = fmaxf(mt, sc[u][h]);
-      if (mt > m[h]) {
-        const float r = expf(m[h] - mt);
-        l[h] *= r;
-#pragma unroll
-        for (int e = 0; e < 16; e++) acc[h][e] *= r;
-        m[h] = mt;
-      }
+    __syncthreads();
+    const u8* rows = stage_mem + (size_t)(k & 1) * ch * row_bytes;
+    const int cnt = min(ch, nb - k * ch);
+    for (int i0 = warp; i0 < cnt; i0 += AD_WARPS * AD_U) {
+      // Scores: each lane's share of the 2*AD_U dot products, then one
+      // transposing reduction (ad_transpose_sum): afterwards the lanes
+      // [HB*i, HB*(i+1)) hold dot product i = 2u+h in full.
+      constexpr int NV = 2 * AD_U, HB = 32 / NV;
+      float c[AD_U][16], v[NV];
 #pragma unroll
       for (int u = 0; u < AD_U; u++) {
-        const float pu = i0 + AD_WARPS * u < nb ? expf(sc[u][h] - m[h]) : 0.f;
-        sc[u][h] = pu;
-        l[h] += pu;
+        ADRaw<DT> raw{};
+        if (i0 + AD_WARPS * u < cnt) ad_load(raw, rows + (size_t)(i0 + AD_WARPS * u) * row_bytes, rank, ng, dr, lane);
+        float pe[2];
+        ad_convert(raw, c[u], pe, ng);
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+          float a = 0.f;
+#pragma unroll
+          for (int e = 0; e < 16; e++) a += qa[h][e] * c[u][e];
+          a += qp[h][0] * pe[0] + qp[h][1] * pe[1];
+          v[2 * u + h] = a;
+        }
+      }
+      const int idx = lane / HB, hme = idx & 1;
+      const bool valid = i0 + AD_WARPS * (idx >> 1) < cnt;
+      const float dot = ad_transpose_sum<NV>(v, lane);
+      const float sme = valid ? scale * dot : __int_as_float(0xff800000);
+      // Online softmax: the step's maximum of each head reaches every
+      // lane (max is exact, so the branch below is uniform over the warp).
+      float mt = sme;
+#pragma unroll
+      for (int o = 2 * HB; o < 32; o *= 2) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
+      const float mo = __shfl_xor_sync(0xffffffffu, mt, HB);
+      const float mts[2] = {hme ? mo : mt, hme ? mt : mo};
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        if (mts[h] > m[h]) {
+          const float r = expf(m[h] - mts[h]);
+          l[h] *= r;
+#pragma unroll
+          for (int e = 0; e < 16; e++) acc[h][e] *= r;
+          m[h] = mts[h];
+        }
+      }
+      // (hme ? m[1] : m[0]), not m[hme]: a run-time index would put m in
+      // local memory.
+      const float pme = valid ? expf(sme - (hme ? m[1] : m[0])) : 0.f;
+      float ps = pme;
+#pragma unroll
+      for (int o = 2 * HB; o < 32; o *= 2) ps += __shfl_xor_sync(0xffffffffu, ps, o);
+      const float po = __shfl_xor_sync(0xffffffffu, ps, HB);
+      l[0] += hme ? po : ps;
+      l[1] += hme ? ps : po;
+#pragma unroll
+      for (int u = 0; u < AD_U; u++) {
+        const float p0 = __shfl_sync(0xffffffffu, pme, (2 * u) * HB);
+        const float p1 = __shfl_sync(0xffffffffu, pme, (2 * u + 1) * HB);
+#pragma unroll
+        for (int e = 0; e < 16; e++) {
+          acc[0][e] += p0 * c[u][e];
+          acc[1][e] += p1 * c[u][e];
+        }
       }
     }
-#pragma unroll
-    for (int u = 0; u < AD_U; u++) {
-      float c[16], pe[2];
-      ad_convert(cur[u], c, pe, ng);
-#pragma unroll
-      for (int e = 0; e < 16; e++) {
-        acc[0][e] += sc[u][0] * c[e];
-        acc[1][e] += sc[u][1] * c[e];
-      }
-    }
-    if (PF) {
-#pragma unroll
-      for (int u = 0; u < AD_U; u++) cur[u] = nxt[u];
-    }
+    __syncthreads();  // the stage is read before the next issue overwrites it
   }
 
   // Combine the warps: weights exp(m_w - M) over the warps that saw
@@ -343,20 +403,16 @@ DEVICE void attention_decode_body(float* olat, int ldo, const float* qlat, int l
   }
 }
 
-#define AD_KERNEL(name, DT, U, PF, MINB)                                                                                          \
-  extern "C" __global__ void __launch_bounds__(AD_THREADS, MINB)                                                     \
+#define AD_KERNEL(name, DT)                                                                                          \
+  extern "C" __global__ void __launch_bounds__(AD_THREADS, 1)                                                     \
       name(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const void* layer,           \
            const i32* __restrict__ pos, const i32* __restrict__ row_seq, const i32* __restrict__ seq_blocks,         \
            const i32* __restrict__ blocks, int block_size, int heads, int rank, int dn, int dr, float scale,         \
-           float* part_ml, float* part_acc, u32* counters) {                                                         \
-    attention_decode_body<DT, U, PF>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks, block_size,   \
-                              heads, rank, dn, dr, scale, part_ml, part_acc, counters);                              \
+           int ch, float* part_ml, float* part_acc, u32* counters) {                                                         \
+    attention_decode_body<DT>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks, block_size,   \
+                              heads, rank, dn, dr, scale, ch, part_ml, part_acc, counters);                              \
   }
 
-// Positions per step, and whether the next step's loads are issued before
-// the current step is summed: as much as fits 255 registers without
-// spilling (177-219 registers: one block a multiprocessor; a variant
-// capped at 128 registers for two spilled at every setting tried).
-AD_KERNEL(attention_decode_bf16, 0, 4, true, 1)
-AD_KERNEL(attention_decode_f32, 1, 2, true, 1)
-AD_KERNEL(attention_decode_fp8, 2, 4, true, 1)
+AD_KERNEL(attention_decode_bf16, 0)
+AD_KERNEL(attention_decode_f32, 1)
+AD_KERNEL(attention_decode_fp8, 2)
