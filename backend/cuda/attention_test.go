@@ -125,15 +125,15 @@ func nanVec(n int) []float32 {
 	return v
 }
 
-// BenchmarkAttention times one row's latent attention at GLM-4.7-Flash's
-// shapes (20 heads, rank 512, rope 64, bf16 cache) at ctx 1024 and 8192:
-// device time per call (events around back-to-back launches behind a spin
-// kernel, what a graph replay sees) for the two-launch kernels and the
-// single-launch one with splits aimed at 50, 100 and 200% of the
-// multiprocessors in blocks. Calls rotate over
-// enough layers (over 100 MB) that the cache is read from memory, not L2.
-// GB/s counts the cache bytes read. Run with -test.benchtime=1x: each
-// call measures reps launches itself.
+// BenchmarkAttention times decode latent attention at GLM-4.7-Flash's
+// shapes (20 heads, rank 512, rope 64, bf16 cache): one row at ctx 1024
+// and 8192, and 32 rows (32 sequences) at ctx 1024. Device time per call
+// (events around back-to-back launches behind a spin kernel, what a graph
+// replay sees) for the two-launch kernels and the single-launch one with
+// splits aimed at 50, 100 and 200% of the multiprocessors in blocks.
+// Calls rotate over enough layers (over 100 MB) that the cache is read
+// from memory, not L2. GB/s counts the cache bytes read. Run with
+// -test.benchtime=1x: each call measures reps launches itself.
 func BenchmarkAttention(b *testing.B) {
 	d := benchDevice(b)
 	g := NewOnDevice(d, Options{NoGraphs: true})
@@ -141,10 +141,11 @@ func BenchmarkAttention(b *testing.B) {
 	r := testRand(b)
 	s := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
 	width := s.Rank + s.RopeDim
-	for _, ctx := range []int{1024, 8192} {
+	for _, cs := range []struct{ rows, ctx int }{{1, 1024}, {1, 8192}, {32, 1024}} {
 		const blockSize = 64
-		layers := max(2, (128<<20)/(ctx*2*width))
-		nb := ctx / blockSize
+		per := cs.ctx / blockSize // blocks a sequence
+		nb := cs.rows * per
+		layers := max(2, (128<<20)/(cs.rows*cs.ctx*2*width))
 		pool, err := g.NewCachePool(layers, nb, blockSize, s.Rank, s.RopeDim, backend.CacheBF16)
 		if err != nil {
 			b.Fatal(err)
@@ -157,24 +158,32 @@ func BenchmarkAttention(b *testing.B) {
 		if err := d.Do(func(c *Ctx) error { return CopyIn(c, cp.buf.Ptr, bits) }); err != nil {
 			b.Fatal(err)
 		}
-		batch := &backend.Batch{Tokens: []int32{0}, Positions: []int32{int32(ctx - 1)}, Outputs: []int32{0}, Seqs: []backend.Seq{{Start: 0, Len: 1}}}
-		for i := 0; i < nb; i++ {
-			batch.Seqs[0].Blocks = append(batch.Seqs[0].Blocks, int32((i*7)%nb))
+		batch := &backend.Batch{Outputs: []int32{0}}
+		for t := 0; t < cs.rows; t++ {
+			sq := backend.Seq{Start: t, Len: 1}
+			for i := 0; i < per; i++ {
+				sq.Blocks = append(sq.Blocks, int32(t*per+(i*7)%per))
+			}
+			batch.Seqs = append(batch.Seqs, sq)
+			batch.Tokens = append(batch.Tokens, 0)
+			batch.Positions = append(batch.Positions, int32(cs.ctx-1))
 		}
 		g.SetBatch(batch, pool)
-		ql, q, ol := g.NewTensor(1, s.Heads*s.Rank), g.NewTensor(1, s.Heads*(s.NopeDim+s.RopeDim)), g.NewTensor(1, s.Heads*s.Rank)
-		g.Upload(ql, randVec(r, s.Heads*s.Rank, 1))
-		g.Upload(q, randVec(r, s.Heads*(s.NopeDim+s.RopeDim), 1))
+		T := cs.rows
+		ql, q, ol := g.NewTensor(T, s.Heads*s.Rank), g.NewTensor(T, s.Heads*(s.NopeDim+s.RopeDim)), g.NewTensor(T, s.Heads*s.Rank)
+		g.Upload(ql, randVec(r, T*s.Heads*s.Rank, 1))
+		g.Upload(q, randVec(r, T*s.Heads*(s.NopeDim+s.RopeDim), 1))
 		if err := g.Sync(); err != nil {
 			b.Fatal(err)
 		}
-		bytes := float64(ctx * 2 * width)
+		bytes := float64(T * cs.ctx * 2 * width)
 		for _, mode := range []struct {
 			name   string
 			on     bool
 			blocks int
 		}{{"two_launch", false, 100}, {"single_b50", true, 50}, {"single_b100", true, 100}, {"single_b200", true, 200}} {
-			b.Run(fmt.Sprintf("ctx%d_%s", ctx, mode.name), func(b *testing.B) {
+			name := fmt.Sprintf("rows%d_ctx%d_%s", T, cs.ctx, mode.name)
+			b.Run(name, func(b *testing.B) {
 				g.decodeAttn, g.decodeBlocks = mode.on, mode.blocks
 				// Queue one op per layer and keep their launches.
 				var fns []func(c *Ctx) error
@@ -209,7 +218,7 @@ func BenchmarkAttention(b *testing.B) {
 				us := float64(ms) * 1e3 / reps
 				b.ReportMetric(us, "us/call")
 				b.ReportMetric(bytes/(us*1e-6)/1e9, "GB/s")
-				b.Logf("ctx %d %s: %.2f us/call, %.0f GB/s of cache (%d layers rotated)", ctx, mode.name, us, bytes/(us*1e-6)/1e9, layers)
+				b.Logf("%s: %.2f us/call, %.0f GB/s of cache (%d layers rotated)", name, us, bytes/(us*1e-6)/1e9, layers)
 			})
 		}
 	}
