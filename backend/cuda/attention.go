@@ -3,6 +3,7 @@
 package cuda
 
 import (
+	"fmt"
 	"os"
 	"strconv"
 
@@ -59,17 +60,18 @@ func (b *Backend) decodeAttention(om, ql, qm *tensor, p *cachePool, layer int, s
 	T := b.batch.Rows()
 	// The kernel's lanes hold 4-value groups of 128 latent dims and two
 	// rope dims each; rows and fp8 scales must stay 8-byte aligned.
-	if !b.decodeAttn || T < 1 || T > decodeAttnRows || s.Rank%128 != 0 || s.Rank > 512 ||
+	if !b.decodeAttn || T < 1 || T > decodeAttnRows || (s.Rank != 128 && s.Rank != 256 && s.Rank != 512) ||
 		s.RopeDim%8 != 0 || s.RopeDim > 64 || ql.ld%4 != 0 || ql.ptr%16 != 0 || s.Heads < 1 {
 		return false
 	}
-	name := "attention_decode_bf16"
+	format := "bf16"
 	switch p.kernelDType() {
 	case 1:
-		name = "attention_decode_f32"
+		format = "f32"
 	case 2:
-		name = "attention_decode_fp8"
+		format = "fp8"
 	}
+	name := fmt.Sprintf("attention_decode_%s_r%d", format, s.Rank)
 	optin := b.dev.Info().SharedOptin
 	ch, shared := decodeAttnStage(optin, p.slotBytes(), s.Rank)
 	if ch < 8 || shared > optin-8<<10 {
@@ -85,6 +87,9 @@ func (b *Backend) decodeAttention(om, ql, qm *tensor, p *cachePool, layer int, s
 		pml, pacc = b.alloc(4*4*T*pairs*splits), b.alloc(4*2*T*pairs*splits*s.Rank)
 	}
 	counters := b.attnCounters.Ptr
+	if b.decodeStamps != 0 {
+		b.decodeStampBlocks = splits * pairs * T
+	}
 	b.do("attention", func(c *Ctx) error {
 		k, err := c.Kernel("attention", name)
 		if err != nil {
@@ -99,7 +104,7 @@ func (b *Backend) decodeAttention(om, ql, qm *tensor, p *cachePool, layer int, s
 		return c.Launch(k, Dim{uint32(splits), uint32(pairs), uint32(T)}, D1(256), shared,
 			om.ptr, om.ld, ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer),
 			b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
-			s.Heads, s.Rank, s.NopeDim, s.RopeDim, scale, ch, pml, pacc, counters)
+			s.Heads, s.Rank, s.NopeDim, s.RopeDim, scale, ch, pml, pacc, counters, b.decodeStamps)
 	})
 	return true
 }

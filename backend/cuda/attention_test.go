@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"sort"
 	"testing"
 
 	"github.com/mmfp4/mmfp4/backend"
@@ -221,5 +222,73 @@ func BenchmarkAttention(b *testing.B) {
 				b.Logf("%s: %.2f us/call, %.0f GB/s of cache (%d layers rotated)", name, us, bytes/(us*1e-6)/1e9, layers)
 			})
 		}
+		if T == 1 {
+			b.Run(fmt.Sprintf("rows1_ctx%d_phases", cs.ctx), func(b *testing.B) { attentionPhases(b, g, layers, ol, ql, q, s) })
+		}
 	}
+}
+
+// attentionPhases logs where a single-launch kernel's time goes: the
+// blocks' timer stamps (entry, metadata and queries, first stage in
+// shared memory, positions summed, ticket, done) of the last of 50
+// back-to-back launches, in us after the first block's entry: median and
+// latest over the blocks.
+func attentionPhases(b *testing.B, g *Backend, layers int, ol, ql, q backend.Tensor, s backend.MLAShape) {
+	g.decodeAttn, g.decodeBlocks = true, 100
+	var buf Buffer
+	if err := g.dev.Do(func(c *Ctx) error {
+		var err error
+		buf, err = c.Alloc(6 * 8 * 4096)
+		return err
+	}); err != nil {
+		b.Fatal(err)
+	}
+	g.decodeStamps = buf.Ptr
+	var fns []func(c *Ctx) error
+	for l := 0; l < layers; l++ {
+		g.LatentAttention(ol, ql, q, l, s, 0.0417)
+		fns = append(fns, g.pending[len(g.pending)-1].fn)
+		g.pending = g.pending[:len(g.pending)-1]
+	}
+	g.decodeStamps = 0
+	n := g.decodeStampBlocks
+	st := make([]uint64, 6*n)
+	err := g.dev.Do(func(c *Ctx) error {
+		for _, fn := range fns {
+			if err := fn(c); err != nil {
+				return err
+			}
+		}
+		i := 0
+		if _, err := timeDevice(c, 50, 1, func() error {
+			i++
+			return fns[i%len(fns)](c)
+		}); err != nil {
+			return err
+		}
+		if err := c.Sync(); err != nil {
+			return err
+		}
+		if err := CopyOut(c, st, buf.Ptr); err != nil {
+			return err
+		}
+		return c.Free(buf)
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	t0 := st[0]
+	for i := 0; i < n; i++ {
+		t0 = min(t0, st[6*i])
+	}
+	line := fmt.Sprintf("%d blocks, us after the first entry (median / latest):", n)
+	for k, what := range []string{"entry", "metadata", "first stage", "summed", "ticket", "done"} {
+		v := make([]float64, n)
+		for i := range v {
+			v[i] = float64(st[6*i+k]-t0) / 1e3
+		}
+		sort.Float64s(v)
+		line += fmt.Sprintf(" %s %.2f / %.2f;", what, v[n/2], v[n-1])
+	}
+	b.Log(line)
 }

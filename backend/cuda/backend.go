@@ -77,6 +77,11 @@ type Backend struct {
 	decodeAttn   bool
 	decodeBlocks int
 	attnCounters Buffer
+	// decodeStamps, when set, receives the kernel's per-block timer
+	// stamps (BenchmarkAttention); decodeStampBlocks is the last grid's
+	// block count.
+	decodeStamps      uint64
+	decodeStampBlocks int
 	// noScope keeps every tensor of a step to its end; releases counts
 	// Release calls that freed memory (tests).
 	noScope  bool

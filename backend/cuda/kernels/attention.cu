@@ -157,15 +157,36 @@ DEVICE float ad_transpose_sum(float (&v)[NV], int lane) {
   return v[0];
 }
 
-template <int DT>
+// stamps, when not null, gets each block's %globaltimer (ns) at six points
+// (entry, row metadata and queries read, first stage arrived, positions
+// summed, ticket taken, done), for BenchmarkAttention's breakdown.
+DEVICE unsigned long long ad_now() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+
+// The timer once dep has arrived (an operand: the read waits for it).
+DEVICE unsigned long long ad_now_after(int dep) {
+  unsigned long long t;
+  asm volatile("{ .reg .u32 d; mov.u32 d, %1; mov.u64 %0, %%globaltimer; }" : "=l"(t) : "r"(dep));
+  return t;
+}
+
+template <int DT, int NG>
 DEVICE void attention_decode_body(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,
                                   const void* layer, const i32* __restrict__ pos,
                                   const i32* __restrict__ row_seq, const i32* __restrict__ seq_blocks,
                                   const i32* __restrict__ blocks, int block_size, int heads, int rank,
                                   int dn, int dr, float scale, int ch, float* part_ml, float* part_acc,
-                                  u32* counters) {
+                                  u32* counters, unsigned long long* stamps) {
   PDL_LAUNCH();
   PDL_WAIT();
+  unsigned long long* stamp =
+      stamps ? stamps + 6 * (((size_t)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) : nullptr;
+#define AD_STAMP(k) \
+  if (stamp && threadIdx.x == 0) stamp[k] = ad_now()
+  AD_STAMP(0);
   extern __shared__ float4 ad_sm4[];
   float* wacc = (float*)ad_sm4;  // [AD_WARPS][2][rank], after the stages are done with
   __shared__ float wm[AD_WARPS][2], wl[AD_WARPS][2], wscale[AD_WARPS][2], fin[2][2];
@@ -173,11 +194,12 @@ DEVICE void attention_decode_body(float* olat, int ldo, const float* qlat, int l
   __shared__ int last_s;
   const int s = blockIdx.x, p = blockIdx.y, t = blockIdx.z, splits = gridDim.x, pairs = gridDim.y;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int h0 = 2 * p, nh = min(2, heads - h0), width = rank + dr, ng = rank >> 7;
+  const int h0 = 2 * p, nh = min(2, heads - h0), width = rank + dr, ng = NG;  // rank = 128*NG
   const int n = pos[t] + 1;
   const i32* table = blocks + seq_blocks[row_seq[t]];
   const int chunk = (n + splits - 1) / splits;
   const int j0 = s * chunk, nb = max(0, min(n, j0 + chunk) - j0);
+  if (stamp && threadIdx.x == 0) stamp[1] = ad_now_after(nb + table[0]);
 
   // The two heads' queries in the lanes' dims (head 2p+1 zero if absent).
   float qa[2][16], qp[2][2];
@@ -241,6 +263,7 @@ DEVICE void attention_decode_body(float* olat, int ldo, const float* qlat, int l
       asm volatile("cp.async.wait_group 0;" ::: "memory");
     }
     __syncthreads();
+    if (k == 0) AD_STAMP(2);
     const u8* rows = stage_mem + (size_t)(k & 1) * ch * row_bytes;
     const int cnt = min(ch, nb - k * ch);
     for (int i0 = warp; i0 < cnt; i0 += AD_WARPS * AD_U) {
@@ -251,8 +274,10 @@ DEVICE void attention_decode_body(float* olat, int ldo, const float* qlat, int l
       float c[AD_U][16], v[NV];
 #pragma unroll
       for (int u = 0; u < AD_U; u++) {
-        ADRaw<DT> raw{};
-        if (i0 + AD_WARPS * u < cnt) ad_load(raw, rows + (size_t)(i0 + AD_WARPS * u) * row_bytes, rank, ng, dr, lane);
+        // Past the stage's last row, a lane reads that row again; its
+        // score is masked below, so it adds 0 times finite values.
+        ADRaw<DT> raw;
+        ad_load(raw, rows + (size_t)min(i0 + AD_WARPS * u, cnt - 1) * row_bytes, rank, ng, dr, lane);
         float pe[2];
         ad_convert(raw, c[u], pe, ng);
 #pragma unroll
@@ -307,6 +332,7 @@ DEVICE void attention_decode_body(float* olat, int ldo, const float* qlat, int l
     }
     __syncthreads();  // the stage is read before the next issue overwrites it
   }
+  AD_STAMP(3);
 
   // Combine the warps: weights exp(m_w - M) over the warps that saw
   // positions, in warp order.
@@ -348,6 +374,8 @@ DEVICE void attention_decode_body(float* olat, int ldo, const float* qlat, int l
       for (int w = 0; w < AD_WARPS; w++) v += wscale[w][h] * wacc[((size_t)w * 2 + h) * rank + k];
       olat[(size_t)t * ldo + (size_t)(h0 + h) * rank + k] = v * (1.f / fin[h][1]);
     }
+    AD_STAMP(4);
+    AD_STAMP(5);
     return;
   }
   // A partial: (max, sum) per head, then the unnormalised value sums.
@@ -368,7 +396,11 @@ DEVICE void attention_decode_body(float* olat, int ldo, const float* qlat, int l
   __syncthreads();
   if (threadIdx.x == 0) last_s = atomicAdd(&counters[tp], 1u) == (u32)(splits - 1);
   __syncthreads();
-  if (!last_s) return;
+  AD_STAMP(4);
+  if (!last_s) {
+    AD_STAMP(5);
+    return;
+  }
   __threadfence();
   if (threadIdx.x == 0) counters[tp] = 0;  // ready for the next launch
 
@@ -401,18 +433,29 @@ DEVICE void attention_decode_body(float* olat, int ldo, const float* qlat, int l
     for (int j = 0; j < splits; j++) v += mw[h][j] * __ldcg(bacc + (size_t)j * 2 * rank + i);
     olat[(size_t)t * ldo + (size_t)(h0 + h) * rank + k] = v * (1.f / fin[h][1]);
   }
+  AD_STAMP(5);
+#undef AD_STAMP
 }
 
-#define AD_KERNEL(name, DT)                                                                                          \
-  extern "C" __global__ void __launch_bounds__(AD_THREADS, 1)                                                     \
-      name(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const void* layer,           \
-           const i32* __restrict__ pos, const i32* __restrict__ row_seq, const i32* __restrict__ seq_blocks,         \
-           const i32* __restrict__ blocks, int block_size, int heads, int rank, int dn, int dr, float scale,         \
-           int ch, float* part_ml, float* part_acc, u32* counters) {                                                         \
-    attention_decode_body<DT>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks, block_size,   \
-                              heads, rank, dn, dr, scale, ch, part_ml, part_acc, counters);                              \
+#define AD_KERNEL(name, DT, NG)                                                                            \
+  extern "C" __global__ void __launch_bounds__(AD_THREADS, 1)                                              \
+      name(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const void* layer,  \
+           const i32* __restrict__ pos, const i32* __restrict__ row_seq, const i32* __restrict__ seq_blocks, \
+           const i32* __restrict__ blocks, int block_size, int heads, int rank, int dn, int dr, float scale, \
+           int ch, float* part_ml, float* part_acc, u32* counters, unsigned long long* stamps) {              \
+    attention_decode_body<DT, NG>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks,  \
+                                  block_size, heads, rank, dn, dr, scale, ch, part_ml, part_acc, counters,  \
+                                  stamps);                                                                  \
   }
 
-AD_KERNEL(attention_decode_bf16, 0)
-AD_KERNEL(attention_decode_f32, 1)
-AD_KERNEL(attention_decode_fp8, 2)
+// One kernel per cache format and rank/128 (the lanes' column groups,
+// fixed at compile time).
+AD_KERNEL(attention_decode_bf16_r128, 0, 1)
+AD_KERNEL(attention_decode_bf16_r256, 0, 2)
+AD_KERNEL(attention_decode_bf16_r512, 0, 4)
+AD_KERNEL(attention_decode_f32_r128, 1, 1)
+AD_KERNEL(attention_decode_f32_r256, 1, 2)
+AD_KERNEL(attention_decode_f32_r512, 1, 4)
+AD_KERNEL(attention_decode_fp8_r128, 2, 1)
+AD_KERNEL(attention_decode_fp8_r256, 2, 2)
+AD_KERNEL(attention_decode_fp8_r512, 2, 4)
