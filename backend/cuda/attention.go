@@ -29,8 +29,9 @@ const (
 )
 
 // decodeAttnConfig reads MMFP4_CUDA_ATTN (0 turns the single-launch
-// kernel off) and MMFP4_CUDA_ATTN_BLOCKS (the blocks the splits aim at,
-// in percent of the multiprocessors; default 100).
+// kernel off), MMFP4_CUDA_ATTN_BLOCKS (the blocks the splits aim at, in
+// percent of the multiprocessors; default 100) and MMFP4_CUDA_ATTN_H1 (1:
+// the variant with one head a warp, sixteen warps a block).
 func (b *Backend) decodeAttnConfig() {
 	b.decodeAttn = true
 	b.decodeBlocks = 100
@@ -40,6 +41,8 @@ func (b *Backend) decodeAttnConfig() {
 	if v, err := strconv.Atoi(os.Getenv("MMFP4_CUDA_ATTN_BLOCKS")); err == nil && v > 0 && v <= 800 {
 		b.decodeBlocks = v
 	}
+	b.decodeOneHead = os.Getenv("MMFP4_CUDA_ATTN_H1") == "1"
+
 }
 
 // decodeSplits is how many blocks share a row's positions: enough, with
@@ -71,7 +74,10 @@ func (b *Backend) decodeAttention(om, ql, qm *tensor, p *cachePool, layer int, s
 	case 2:
 		format = "fp8"
 	}
-	name := fmt.Sprintf("attention_decode_%s_r%d", format, s.Rank)
+	name, threads := fmt.Sprintf("attention_decode_%s_r%d", format, s.Rank), 256
+	if b.decodeOneHead {
+		name, threads = name+"_h1", 512
+	}
 	optin := b.dev.Info().SharedOptin
 	ch, shared := decodeAttnStage(optin, p.slotBytes(), s.Rank)
 	if ch < 8 || shared > optin-8<<10 {
@@ -101,7 +107,7 @@ func (b *Backend) decodeAttention(om, ql, qm *tensor, p *cachePool, layer int, s
 			}
 			k.maxShared = shared
 		}
-		return c.Launch(k, Dim{uint32(splits), uint32(pairs), uint32(T)}, D1(256), shared,
+		return c.Launch(k, Dim{uint32(splits), uint32(pairs), uint32(T)}, D1(threads), shared,
 			om.ptr, om.ld, ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer),
 			b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
 			s.Heads, s.Rank, s.NopeDim, s.RopeDim, scale, ch, pml, pacc, counters, b.decodeStamps)

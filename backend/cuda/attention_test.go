@@ -82,9 +82,12 @@ func TestDecodeAttentionMatchesCPU(t *testing.T) {
 			qs = append(qs, randVec(r, len(st)*s.Heads*qk, 1))
 		}
 		for _, dt := range []backend.CacheDType{backend.CacheF32, backend.CacheBF16, backend.CacheFP8} {
-			for _, pct := range []int{100, 250} {
-				g.decodeAttn, g.decodeBlocks = true, pct
-				name := fmt.Sprintf("decode attention heads=%d rank=%d rope=%d %v cache, blocks %d%%", s.Heads, s.Rank, s.RopeDim, dt, pct)
+			for _, v := range []struct {
+				pct int
+				h1  bool
+			}{{100, false}, {250, false}, {100, true}} {
+				g.decodeAttn, g.decodeBlocks, g.decodeOneHead = true, v.pct, v.h1
+				name := fmt.Sprintf("decode attention heads=%d rank=%d rope=%d %v cache, blocks %d%%, one head a warp %v", s.Heads, s.Rank, s.RopeDim, dt, v.pct, v.h1)
 				compareOp(t, g, c, name, 1e-5, func(b backend.Backend) []float32 {
 					pool, err := b.NewCachePool(layers, blocks, blockSize, s.Rank, s.RopeDim, dt)
 					if err != nil {
@@ -131,7 +134,8 @@ func nanVec(n int) []float32 {
 // and 8192, and 32 rows (32 sequences) at ctx 1024. Device time per call
 // (events around back-to-back launches behind a spin kernel, what a graph
 // replay sees) for the two-launch kernels and the single-launch one with
-// splits aimed at 50, 100 and 200% of the multiprocessors in blocks.
+// splits aimed at 50, 100 and 200% of the multiprocessors in blocks, and
+// its variant with one head a warp.
 // Calls rotate over enough layers (over 100 MB) that the cache is read
 // from memory, not L2. GB/s counts the cache bytes read. Run with
 // -test.benchtime=1x: each call measures reps launches itself.
@@ -180,12 +184,13 @@ func BenchmarkAttention(b *testing.B) {
 		bytes := float64(T * cs.ctx * 2 * width)
 		for _, mode := range []struct {
 			name   string
-			on     bool
+			on, h1 bool
 			blocks int
-		}{{"two_launch", false, 100}, {"single_b50", true, 50}, {"single_b100", true, 100}, {"single_b200", true, 200}} {
+		}{{"two_launch", false, false, 100}, {"single_b50", true, false, 50}, {"single_b100", true, false, 100},
+			{"single_b200", true, false, 200}, {"single_h1_b100", true, true, 100}, {"single_h1_b200", true, true, 200}} {
 			name := fmt.Sprintf("rows%d_ctx%d_%s", T, cs.ctx, mode.name)
 			b.Run(name, func(b *testing.B) {
-				g.decodeAttn, g.decodeBlocks = mode.on, mode.blocks
+				g.decodeAttn, g.decodeBlocks, g.decodeOneHead = mode.on, mode.blocks, mode.h1
 				// Queue one op per layer and keep their launches.
 				var fns []func(c *Ctx) error
 				for l := 0; l < layers; l++ {
@@ -223,7 +228,12 @@ func BenchmarkAttention(b *testing.B) {
 			})
 		}
 		if T == 1 {
-			b.Run(fmt.Sprintf("rows1_ctx%d_phases", cs.ctx), func(b *testing.B) { attentionPhases(b, g, layers, ol, ql, q, s) })
+			for _, h1 := range []bool{false, true} {
+				b.Run(fmt.Sprintf("rows1_ctx%d_phases_h1_%v", cs.ctx, h1), func(b *testing.B) {
+					g.decodeOneHead = h1
+					attentionPhases(b, g, layers, ol, ql, q, s)
+				})
+			}
 		}
 	}
 }

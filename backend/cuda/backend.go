@@ -72,11 +72,11 @@ type Backend struct {
 	noHeadsAttention, noRouteLogits bool
 	// decodeAttn takes few-row attention through the single-launch
 	// kernel (attention.go), its splits aimed at decodeBlocks percent of
-	// the multiprocessors; attnCounters are its tickets (zero between
-	// launches).
-	decodeAttn   bool
-	decodeBlocks int
-	attnCounters Buffer
+	// the multiprocessors (decodeOneHead: one head a warp);
+	// attnCounters are its tickets (zero between launches).
+	decodeAttn, decodeOneHead bool
+	decodeBlocks              int
+	attnCounters              Buffer
 	// decodeStamps, when set, receives the kernel's per-block timer
 	// stamps (BenchmarkAttention); decodeStampBlocks is the last grid's
 	// block count.

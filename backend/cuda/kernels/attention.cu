@@ -22,10 +22,8 @@
 // Rounding: scores are scale * (sum of products), exp is expf, sums are
 // float32; the CPU reference differs only by rounding (the tests bound it).
 
-#define AD_WARPS 8
-#define AD_THREADS (32 * AD_WARPS)
+#define AD_PG 8  // position groups of a block (warps, or pairs of warps)
 #define AD_MAXS 256
-#define AD_U 4
 
 // A lane's raw share of one cached position: dtype 0 bf16, 1 f32, 2 fp8
 // (codes, then the float scales of the latent and the rope part).
@@ -173,7 +171,7 @@ DEVICE unsigned long long ad_now_after(int dep) {
   return t;
 }
 
-template <int DT, int NG>
+template <int DT, int NG, int HPW>
 DEVICE void attention_decode_body(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,
                                   const void* layer, const i32* __restrict__ pos,
                                   const i32* __restrict__ row_seq, const i32* __restrict__ seq_blocks,
@@ -188,12 +186,17 @@ DEVICE void attention_decode_body(float* olat, int ldo, const float* qlat, int l
   if (stamp && threadIdx.x == 0) stamp[k] = ad_now()
   AD_STAMP(0);
   extern __shared__ float4 ad_sm4[];
-  float* wacc = (float*)ad_sm4;  // [AD_WARPS][2][rank], after the stages are done with
-  __shared__ float wm[AD_WARPS][2], wl[AD_WARPS][2], wscale[AD_WARPS][2], fin[2][2];
+  float* wacc = (float*)ad_sm4;  // [AD_PG][2][rank], after the stages are done with
+  // HPW heads a warp: 2, eight warps (one a position group); or 1,
+  // sixteen warps (two a group, one per head), fewer registers each.
+  // AD_U positions a step: 4, or 2 with one head a warp (128 registers).
+  constexpr int AD_NW = AD_PG * (2 / HPW), AD_NT = 32 * AD_NW, AD_U = HPW == 2 ? 4 : 2;
+  __shared__ float wm[AD_PG][2], wl[AD_PG][2], wscale[AD_PG][2], fin[2][2];
   __shared__ float mw[2][AD_MAXS];
   __shared__ int last_s;
   const int s = blockIdx.x, p = blockIdx.y, t = blockIdx.z, splits = gridDim.x, pairs = gridDim.y;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int pg = HPW == 2 ? warp : warp >> 1, hw = HPW == 2 ? 0 : warp & 1;  // group, first head in the pair
   const int h0 = 2 * p, nh = min(2, heads - h0), width = rank + dr, ng = NG;  // rank = 128*NG
   const int n = pos[t] + 1;
   const i32* table = blocks + seq_blocks[row_seq[t]];
@@ -201,35 +204,38 @@ DEVICE void attention_decode_body(float* olat, int ldo, const float* qlat, int l
   const int j0 = s * chunk, nb = max(0, min(n, j0 + chunk) - j0);
   if (stamp && threadIdx.x == 0) stamp[1] = ad_now_after(nb + table[0]);
 
-  // The two heads' queries in the lanes' dims (head 2p+1 zero if absent).
-  float qa[2][16], qp[2][2];
+  // The warp's heads' queries in the lanes' dims (zero for an absent head).
+  float qa[HPW][16], qp[HPW][2];
 #pragma unroll
-  for (int u = 0; u < 2; u++) {
-    const float* ql = qlat + (size_t)t * ldql + (size_t)(h0 + u) * rank;
-    const float* qr = q + (size_t)t * ldq + (size_t)(h0 + u) * (dn + dr) + dn;
+  for (int u = 0; u < HPW; u++) {
+    const bool has = hw + u < nh;
+    const float* ql = qlat + (size_t)t * ldql + (size_t)(h0 + hw + u) * rank;
+    const float* qr = q + (size_t)t * ldq + (size_t)(h0 + hw + u) * (dn + dr) + dn;
 #pragma unroll
     for (int g = 0; g < 4; g++) {
       float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (u < nh && g < ng) v = *(const float4*)(ql + 128 * g + 4 * lane);
+      if (has && g < ng) v = *(const float4*)(ql + 128 * g + 4 * lane);
       qa[u][4 * g + 0] = v.x;
       qa[u][4 * g + 1] = v.y;
       qa[u][4 * g + 2] = v.z;
       qa[u][4 * g + 3] = v.w;
     }
-    const bool pe = u < nh && 2 * lane < dr;
+    const bool pe = has && 2 * lane < dr;
     qp[u][0] = pe ? qr[2 * lane] : 0.f;
     qp[u][1] = pe ? qr[2 * lane + 1] : 0.f;
   }
 
-  float m[2] = {__int_as_float(0xff800000), __int_as_float(0xff800000)}, l[2] = {0.f, 0.f};
-  float acc[2][16];
+  float m[HPW], l[HPW], acc[HPW][16];
 #pragma unroll
-  for (int u = 0; u < 2; u++)
+  for (int u = 0; u < HPW; u++) {
+    m[u] = __int_as_float(0xff800000);
+    l[u] = 0.f;
 #pragma unroll
     for (int e = 0; e < 16; e++) acc[u][e] = 0.f;
+  }
 
   // Stage k holds positions j0 + k*ch + [0, ch): warp w copies rows w,
-  // w + AD_WARPS, ..., its lanes the row's pieces.
+  // w + AD_NW, ..., its lanes the row's pieces.
   constexpr int PIECE = DT == 2 ? 8 : 16;
   const int row_bytes = DT == 0 ? 2 * width : DT == 1 ? 4 * width : width + 8;
   const int pieces = row_bytes / PIECE;
@@ -239,14 +245,14 @@ DEVICE void attention_decode_body(float* olat, int ldo, const float* qlat, int l
   auto issue = [&](int k) {
     u8* dst = stage_mem + (size_t)(k & 1) * ch * row_bytes;
     const int r0 = k * ch, cnt = min(ch, nb - r0);
-    // Lane r looks up the slot of the warp's row r (ch <= 32*AD_WARPS),
-    // so the table loads are in flight together.
+    // Lane r looks up the slot of the warp's row r (ch <= 32*AD_NW), so
+    // the table loads are in flight together.
     long long mine = 0;
-    if (warp + AD_WARPS * lane < cnt) {
-      const int j = j0 + r0 + warp + AD_WARPS * lane;
+    if (warp + AD_NW * lane < cnt) {
+      const int j = j0 + r0 + warp + AD_NW * lane;
       mine = (long long)table[j / block_size] * block_size + j % block_size;
     }
-    for (int i = warp, r = 0; i < cnt; i += AD_WARPS, r++) {
+    for (int i = warp, r = 0; i < cnt; i += AD_NW, r++) {
       const long long slot = __shfl_sync(0xffffffffu, mine, r);
       const u8* src = (const u8*)layer + slot * row_bytes;
       const u32 d = stage_base + (u32)((dst - stage_mem) + (size_t)i * row_bytes);
@@ -266,42 +272,48 @@ DEVICE void attention_decode_body(float* olat, int ldo, const float* qlat, int l
     if (k == 0) AD_STAMP(2);
     const u8* rows = stage_mem + (size_t)(k & 1) * ch * row_bytes;
     const int cnt = min(ch, nb - k * ch);
-    for (int i0 = warp; i0 < cnt; i0 += AD_WARPS * AD_U) {
-      // Scores: each lane's share of the 2*AD_U dot products, then one
+    for (int i0 = pg; i0 < cnt; i0 += AD_PG * AD_U) {
+      // Scores: each lane's share of the HPW*AD_U dot products, then one
       // transposing reduction (ad_transpose_sum): afterwards the lanes
-      // [HB*i, HB*(i+1)) hold dot product i = 2u+h in full.
-      constexpr int NV = 2 * AD_U, HB = 32 / NV;
+      // [HB*i, HB*(i+1)) hold dot product i = HPW*u + h in full.
+      constexpr int NV = HPW * AD_U, HB = 32 / NV;
       float c[AD_U][16], v[NV];
 #pragma unroll
       for (int u = 0; u < AD_U; u++) {
         // Past the stage's last row, a lane reads that row again; its
         // score is masked below, so it adds 0 times finite values.
         ADRaw<DT> raw;
-        ad_load(raw, rows + (size_t)min(i0 + AD_WARPS * u, cnt - 1) * row_bytes, rank, ng, dr, lane);
+        ad_load(raw, rows + (size_t)min(i0 + AD_PG * u, cnt - 1) * row_bytes, rank, ng, dr, lane);
         float pe[2];
         ad_convert(raw, c[u], pe, ng);
 #pragma unroll
-        for (int h = 0; h < 2; h++) {
+        for (int h = 0; h < HPW; h++) {
           float a = 0.f;
 #pragma unroll
           for (int e = 0; e < 16; e++) a += qa[h][e] * c[u][e];
           a += qp[h][0] * pe[0] + qp[h][1] * pe[1];
-          v[2 * u + h] = a;
+          v[HPW * u + h] = a;
         }
       }
-      const int idx = lane / HB, hme = idx & 1;
-      const bool valid = i0 + AD_WARPS * (idx >> 1) < cnt;
+      const int idx = lane / HB, hme = idx % HPW;
+      const bool valid = i0 + AD_PG * (idx / HPW) < cnt;
       const float dot = ad_transpose_sum<NV>(v, lane);
       const float sme = valid ? scale * dot : __int_as_float(0xff800000);
       // Online softmax: the step's maximum of each head reaches every
       // lane (max is exact, so the branch below is uniform over the warp).
       float mt = sme;
 #pragma unroll
-      for (int o = 2 * HB; o < 32; o *= 2) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
-      const float mo = __shfl_xor_sync(0xffffffffu, mt, HB);
-      const float mts[2] = {hme ? mo : mt, hme ? mt : mo};
+      for (int o = HPW * HB; o < 32; o *= 2) mt = fmaxf(mt, __shfl_xor_sync(0xffffffffu, mt, o));
+      float mts[HPW];
+      if (HPW == 2) {
+        const float mo = __shfl_xor_sync(0xffffffffu, mt, HB);
+        mts[0] = hme ? mo : mt;
+        mts[HPW - 1] = hme ? mt : mo;
+      } else {
+        mts[0] = mt;
+      }
 #pragma unroll
-      for (int h = 0; h < 2; h++) {
+      for (int h = 0; h < HPW; h++) {
         if (mts[h] > m[h]) {
           const float r = expf(m[h] - mts[h]);
           l[h] *= r;
@@ -312,21 +324,24 @@ DEVICE void attention_decode_body(float* olat, int ldo, const float* qlat, int l
       }
       // (hme ? m[1] : m[0]), not m[hme]: a run-time index would put m in
       // local memory.
-      const float pme = valid ? expf(sme - (hme ? m[1] : m[0])) : 0.f;
+      const float pme = valid ? expf(sme - (hme ? m[HPW - 1] : m[0])) : 0.f;
       float ps = pme;
 #pragma unroll
-      for (int o = 2 * HB; o < 32; o *= 2) ps += __shfl_xor_sync(0xffffffffu, ps, o);
-      const float po = __shfl_xor_sync(0xffffffffu, ps, HB);
-      l[0] += hme ? po : ps;
-      l[1] += hme ? ps : po;
+      for (int o = HPW * HB; o < 32; o *= 2) ps += __shfl_xor_sync(0xffffffffu, ps, o);
+      if (HPW == 2) {
+        const float po = __shfl_xor_sync(0xffffffffu, ps, HB);
+        l[0] += hme ? po : ps;
+        l[HPW - 1] += hme ? ps : po;
+      } else {
+        l[0] += ps;
+      }
 #pragma unroll
       for (int u = 0; u < AD_U; u++) {
-        const float p0 = __shfl_sync(0xffffffffu, pme, (2 * u) * HB);
-        const float p1 = __shfl_sync(0xffffffffu, pme, (2 * u + 1) * HB);
 #pragma unroll
-        for (int e = 0; e < 16; e++) {
-          acc[0][e] += p0 * c[u][e];
-          acc[1][e] += p1 * c[u][e];
+        for (int h = 0; h < HPW; h++) {
+          const float pu = __shfl_sync(0xffffffffu, pme, (HPW * u + h) * HB);
+#pragma unroll
+          for (int e = 0; e < 16; e++) acc[h][e] += pu * c[u][e];
         }
       }
     }
@@ -334,29 +349,27 @@ DEVICE void attention_decode_body(float* olat, int ldo, const float* qlat, int l
   }
   AD_STAMP(3);
 
-  // Combine the warps: weights exp(m_w - M) over the warps that saw
-  // positions, in warp order.
+  // Combine the position groups: weights exp(m_g - M) over the groups
+  // that saw positions, in group order.
 #pragma unroll
-  for (int h = 0; h < 2; h++) {
-    float* dst = wacc + ((size_t)warp * 2 + h) * rank;
+  for (int h = 0; h < HPW; h++) {
+    float* dst = wacc + ((size_t)pg * 2 + hw + h) * rank;
 #pragma unroll
     for (int g = 0; g < 4; g++)
       if (g < ng) *(float4*)(dst + 128 * g + 4 * lane) = make_float4(acc[h][4 * g], acc[h][4 * g + 1], acc[h][4 * g + 2], acc[h][4 * g + 3]);
-  }
-  if (lane == 0) {
-    wm[warp][0] = m[0];
-    wm[warp][1] = m[1];
-    wl[warp][0] = l[0];
-    wl[warp][1] = l[1];
+    if (lane == 0) {
+      wm[pg][hw + h] = m[h];
+      wl[pg][hw + h] = l[h];
+    }
   }
   __syncthreads();
   if (threadIdx.x < 2) {
     const int h = threadIdx.x;
     float M = __int_as_float(0xff800000);
-    for (int w = 0; w < AD_WARPS; w++)
+    for (int w = 0; w < AD_PG; w++)
       if (wl[w][h] > 0.f) M = fmaxf(M, wm[w][h]);
     float L = 0.f;
-    for (int w = 0; w < AD_WARPS; w++) {
+    for (int w = 0; w < AD_PG; w++) {
       const float e = wl[w][h] > 0.f ? expf(wm[w][h] - M) : 0.f;
       wscale[w][h] = e;
       L += e * wl[w][h];
@@ -367,11 +380,11 @@ DEVICE void attention_decode_body(float* olat, int ldo, const float* qlat, int l
   __syncthreads();
   const size_t tp = (size_t)t * pairs + p;
   if (splits == 1) {
-    for (int i = threadIdx.x; i < nh * rank; i += AD_THREADS) {
+    for (int i = threadIdx.x; i < nh * rank; i += AD_NT) {
       const int h = i / rank, k = i - h * rank;
       float v = 0.f;
 #pragma unroll
-      for (int w = 0; w < AD_WARPS; w++) v += wscale[w][h] * wacc[((size_t)w * 2 + h) * rank + k];
+      for (int w = 0; w < AD_PG; w++) v += wscale[w][h] * wacc[((size_t)w * 2 + h) * rank + k];
       olat[(size_t)t * ldo + (size_t)(h0 + h) * rank + k] = v * (1.f / fin[h][1]);
     }
     AD_STAMP(4);
@@ -381,11 +394,11 @@ DEVICE void attention_decode_body(float* olat, int ldo, const float* qlat, int l
   // A partial: (max, sum) per head, then the unnormalised value sums.
   float* pml = part_ml + (tp * splits + s) * 4;
   float* pacc = part_acc + (tp * splits + s) * 2 * rank;
-  for (int i = threadIdx.x; i < 2 * rank; i += AD_THREADS) {
+  for (int i = threadIdx.x; i < 2 * rank; i += AD_NT) {
     const int h = i / rank, k = i - h * rank;
     float v = 0.f;
 #pragma unroll
-    for (int w = 0; w < AD_WARPS; w++) v += wscale[w][h] * wacc[((size_t)w * 2 + h) * rank + k];
+    for (int w = 0; w < AD_PG; w++) v += wscale[w][h] * wacc[((size_t)w * 2 + h) * rank + k];
     pacc[i] = v;
   }
   if (threadIdx.x < 2) {
@@ -426,7 +439,7 @@ DEVICE void attention_decode_body(float* olat, int ldo, const float* qlat, int l
   }
   __syncthreads();
   const float* bacc = part_acc + tp * splits * 2 * rank;
-  for (int i = threadIdx.x; i < nh * rank; i += AD_THREADS) {
+  for (int i = threadIdx.x; i < nh * rank; i += AD_NT) {
     const int h = i / rank, k = i - h * rank;
     float v = 0.f;
 #pragma unroll 8
@@ -437,25 +450,34 @@ DEVICE void attention_decode_body(float* olat, int ldo, const float* qlat, int l
 #undef AD_STAMP
 }
 
-#define AD_KERNEL(name, DT, NG)                                                                            \
-  extern "C" __global__ void __launch_bounds__(AD_THREADS, 1)                                              \
+#define AD_KERNEL(name, DT, NG, HPW)                                                                       \
+  extern "C" __global__ void __launch_bounds__(32 * AD_PG * (2 / HPW), 1)                                  \
       name(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const void* layer,  \
            const i32* __restrict__ pos, const i32* __restrict__ row_seq, const i32* __restrict__ seq_blocks, \
            const i32* __restrict__ blocks, int block_size, int heads, int rank, int dn, int dr, float scale, \
            int ch, float* part_ml, float* part_acc, u32* counters, unsigned long long* stamps) {              \
-    attention_decode_body<DT, NG>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks,  \
-                                  block_size, heads, rank, dn, dr, scale, ch, part_ml, part_acc, counters,  \
-                                  stamps);                                                                  \
+    attention_decode_body<DT, NG, HPW>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks,     \
+                                       blocks, block_size, heads, rank, dn, dr, scale, ch, part_ml,        \
+                                       part_acc, counters, stamps);                                         \
   }
 
 // One kernel per cache format and rank/128 (the lanes' column groups,
-// fixed at compile time).
-AD_KERNEL(attention_decode_bf16_r128, 0, 1)
-AD_KERNEL(attention_decode_bf16_r256, 0, 2)
-AD_KERNEL(attention_decode_bf16_r512, 0, 4)
-AD_KERNEL(attention_decode_f32_r128, 1, 1)
-AD_KERNEL(attention_decode_f32_r256, 1, 2)
-AD_KERNEL(attention_decode_f32_r512, 1, 4)
-AD_KERNEL(attention_decode_fp8_r128, 2, 1)
-AD_KERNEL(attention_decode_fp8_r256, 2, 2)
-AD_KERNEL(attention_decode_fp8_r512, 2, 4)
+// fixed at compile time); _h1: one head a warp, sixteen warps.
+AD_KERNEL(attention_decode_bf16_r128, 0, 1, 2)
+AD_KERNEL(attention_decode_bf16_r256, 0, 2, 2)
+AD_KERNEL(attention_decode_bf16_r512, 0, 4, 2)
+AD_KERNEL(attention_decode_f32_r128, 1, 1, 2)
+AD_KERNEL(attention_decode_f32_r256, 1, 2, 2)
+AD_KERNEL(attention_decode_f32_r512, 1, 4, 2)
+AD_KERNEL(attention_decode_fp8_r128, 2, 1, 2)
+AD_KERNEL(attention_decode_fp8_r256, 2, 2, 2)
+AD_KERNEL(attention_decode_fp8_r512, 2, 4, 2)
+AD_KERNEL(attention_decode_bf16_r128_h1, 0, 1, 1)
+AD_KERNEL(attention_decode_bf16_r256_h1, 0, 2, 1)
+AD_KERNEL(attention_decode_bf16_r512_h1, 0, 4, 1)
+AD_KERNEL(attention_decode_f32_r128_h1, 1, 1, 1)
+AD_KERNEL(attention_decode_f32_r256_h1, 1, 2, 1)
+AD_KERNEL(attention_decode_f32_r512_h1, 1, 4, 1)
+AD_KERNEL(attention_decode_fp8_r128_h1, 2, 1, 1)
+AD_KERNEL(attention_decode_fp8_r256_h1, 2, 2, 1)
+AD_KERNEL(attention_decode_fp8_r512_h1, 2, 4, 1)
