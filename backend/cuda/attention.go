@@ -30,8 +30,9 @@ const (
 
 // decodeAttnConfig reads MMFP4_CUDA_ATTN (0 turns the single-launch
 // kernel off), MMFP4_CUDA_ATTN_BLOCKS (the blocks the splits aim at, in
-// percent of the multiprocessors; default 100) and MMFP4_CUDA_ATTN_H1 (1:
-// the variant with one head a warp, sixteen warps a block).
+// percent of the multiprocessors; default 100) and MMFP4_CUDA_ATTN_H1 (0:
+// two heads a warp, eight warps a block, instead of one head a warp and
+// sixteen warps; the default measured faster on an H200, docs/perf.md).
 func (b *Backend) decodeAttnConfig() {
 	b.decodeAttn = true
 	b.decodeBlocks = 100
@@ -41,7 +42,7 @@ func (b *Backend) decodeAttnConfig() {
 	if v, err := strconv.Atoi(os.Getenv("MMFP4_CUDA_ATTN_BLOCKS")); err == nil && v > 0 && v <= 800 {
 		b.decodeBlocks = v
 	}
-	b.decodeOneHead = os.Getenv("MMFP4_CUDA_ATTN_H1") == "1"
+	b.decodeOneHead = os.Getenv("MMFP4_CUDA_ATTN_H1") != "0"
 
 }
 
@@ -92,8 +93,8 @@ func (b *Backend) decodeAttention(om, ql, qm *tensor, p *cachePool, layer int, s
 	if splits > 1 {
 		pml, pacc = b.alloc(4*4*T*pairs*splits), b.alloc(4*2*T*pairs*splits*s.Rank)
 	}
-	counters := b.attnCounters.Ptr
-	if b.decodeStamps != 0 {
+	counters, stamps := b.attnCounters.Ptr, b.decodeStamps
+	if stamps != 0 {
 		b.decodeStampBlocks = splits * pairs * T
 	}
 	b.do("attention", func(c *Ctx) error {
@@ -110,7 +111,7 @@ func (b *Backend) decodeAttention(om, ql, qm *tensor, p *cachePool, layer int, s
 		return c.Launch(k, Dim{uint32(splits), uint32(pairs), uint32(T)}, D1(threads), shared,
 			om.ptr, om.ld, ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer),
 			b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
-			s.Heads, s.Rank, s.NopeDim, s.RopeDim, scale, ch, pml, pacc, counters, b.decodeStamps)
+			s.Heads, s.Rank, s.NopeDim, s.RopeDim, scale, ch, pml, pacc, counters, stamps)
 	})
 	return true
 }
