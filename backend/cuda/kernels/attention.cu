@@ -5,19 +5,21 @@
 // its n = pos[t]+1 positions, for the two heads 2p and 2p+1. It copies its
 // positions' cache rows into shared memory with cp.async, ch rows a stage
 // and two stages, so that all of a stage's loads are in flight at once
-// and the next stage's arrive while the current one is summed. Its
-// AD_WARPS warps each take positions warp + AD_WARPS*i of a stage, AD_U
-// at a step, with an online softmax. Lane l holds the latent dims
-// 128g + 4l + {0..3} (g < rank/128) and the rope dims 2l, 2l+1 (l <
-// rope/2) of the two queries, and the same dims of the running value sum,
-// so each position's values are converted once and used for both heads'
-// scores and value sums; a step's 2*AD_U dot products are summed over the
-// warp by one transposing reduction. The warps' partial softmax states are
-// combined in shared memory; with one split the block writes olat,
-// otherwise its partial state (max, sum, unnormalised values), and the
-// last block of the row and head pair to finish (an atomic ticket per
-// (t, p), which it resets) merges the splits: one launch in all. Each
-// pair of heads reads the cache once (ten times for twenty heads, from L2).
+// and the next stage's arrive while the current one is summed. AD_PG
+// position groups each take positions g + AD_PG*i of a stage, AD_U at a
+// step, with an online softmax: a group is one warp holding both heads
+// (HPW = 2) or two warps holding one head each (HPW = 1: fewer registers,
+// twice the warps). Lane l holds the latent dims 128g + 4l + {0..3}
+// (g < rank/128) and the rope dims 2l, 2l+1 (l < rope/2) of its queries,
+// and the same dims of the running value sums, so each position's values
+// are converted once a warp and used for its heads' scores and value
+// sums; a step's HPW*AD_U dot products are summed over the warp by one
+// transposing reduction. The groups' partial softmax states are combined
+// in shared memory; with one split the block writes olat, otherwise its
+// partial state (max, sum, unnormalised values), and the last block of
+// the row and head pair to finish (an atomic ticket per (t, p), which it
+// resets) merges the splits: one launch in all. Each pair of heads reads
+// the cache once (ten times for twenty heads, from L2).
 //
 // Rounding: scores are scale * (sum of products), exp is expf, sums are
 // float32; the CPU reference differs only by rounding (the tests bound it).
