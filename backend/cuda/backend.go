@@ -70,6 +70,18 @@ type Backend struct {
 	// noHeadsAttention leaves out the all-heads split kernel, and
 	// noRouteLogits the one-warp router (tests).
 	noHeadsAttention, noRouteLogits bool
+	// decodeAttn takes few-row attention through the single-launch
+	// kernel (attention.go), its splits aimed at decodeBlocks percent of
+	// the multiprocessors (decodeOneHead: one head a warp);
+	// attnCounters are its tickets (zero between launches).
+	decodeAttn, decodeOneHead bool
+	decodeBlocks              int
+	attnCounters              Buffer
+	// decodeStamps, when set, receives the kernel's per-block timer
+	// stamps (BenchmarkAttention); decodeStampBlocks is the last grid's
+	// block count.
+	decodeStamps      uint64
+	decodeStampBlocks int
 	// noScope keeps every tensor of a step to its end; releases counts
 	// Release calls that freed memory (tests).
 	noScope  bool
@@ -223,6 +235,7 @@ func NewOnDevice(d *Device, o Options) *Backend {
 	if os.Getenv("MMFP4_CUDA_CHUNKS") == "0" {
 		b.opts.NoDecodeChunks = true
 	}
+	b.decodeAttnConfig()
 	return b
 }
 
@@ -240,7 +253,7 @@ func (b *Backend) Close() error {
 		if b.graphs != nil {
 			errs = append(errs, b.graphs.free(c))
 		}
-		errs = append(errs, c.Free(b.routeCounters), c.Free(b.streamCounters), c.Free(b.counter))
+		errs = append(errs, c.Free(b.routeCounters), c.Free(b.streamCounters), c.Free(b.counter), c.Free(b.attnCounters))
 		if b.pool != nil {
 			errs = append(errs, c.Free(b.pool.buf))
 		}
@@ -1363,6 +1376,9 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s bac
 	b.wrote(om)
 	if attentionWarps*4*s.Rank > 48<<10 {
 		b.fail("attention: rank %d needs more shared memory than 48 KiB", s.Rank)
+		return
+	}
+	if b.decodeAttention(om, ql, qm, p, layer, s, scale) {
 		return
 	}
 	maxN := b.meta.maxN

@@ -233,12 +233,15 @@ func TestBackendAttentionMatchesCPU(t *testing.T) {
 		T := st.Rows()
 		ins = append(ins, stepIn{randVec(r, T*s.Rank, 1), randVec(r, T*s.RopeDim, 1), randVec(r, T*s.Heads*qk, 1)})
 	}
-	for _, split := range []string{"heads", "split", "rows", "chunks"} {
-		// heads: blocks of positions for all heads; split: a block per
-		// head and block of positions; rows: a block per head and row;
-		// chunks: heads over chunks of 7 rows (8 splits at 150 positions),
-		// as a long prefill runs.
+	for _, split := range []string{"decode", "decode2", "heads", "split", "rows", "chunks"} {
+		// decode: the single-launch kernel for the few-row steps (the
+		// others for the 160-row one), one head a warp (decode2: two);
+		// heads: blocks of positions for all
+		// heads; split: a block per head and block of positions; rows: a
+		// block per head and row; chunks: heads over chunks of 7 rows (8
+		// splits at 150 positions), as a long prefill runs.
 		g.splitFloats, g.noHeadsAttention = maxSplitFloats, split == "split"
+		g.decodeAttn, g.decodeOneHead = split == "decode" || split == "decode2", split == "decode"
 		switch split {
 		case "rows":
 			g.splitFloats = 0

@@ -183,9 +183,10 @@ func quantizedFixture(t *testing.T) string {
 // last-bit difference there moves a value by one int8 step, and this model's
 // logits by about 2e-2. The per-head split attention kernel happens to sum
 // in an order whose results requantize as the CPU's do here: it gives the
-// strict comparison. The all-heads kernel (the default at decode) sums in
-// another order; it is held to the requantization's effect (1.7e-2
-// measured), and to identical greedy ids below.
+// strict comparison. The all-heads kernel and the single-launch decode
+// kernel (attention.go) sum in other orders; they are held to the
+// requantization's effect (1.7e-2 measured for the all-heads kernel), and
+// to identical greedy ids below.
 func TestModelMMFP4MatchesCPUOnGPU(t *testing.T) {
 	g, c := testBackends(t, Options{})
 	ref := loadGolden(t)
@@ -193,17 +194,17 @@ func TestModelMMFP4MatchesCPUOnGPU(t *testing.T) {
 	mg, mc := loadOn(t, dir, g), loadOn(t, dir, c)
 	seq := append(append([]int{}, ref.prompt...), ref.greedy...)
 	want := modelLogits(t, mc, seq, backend.CacheF32)
-	for _, heads := range []bool{false, true} {
-		g.noHeadsAttention = !heads
+	for _, kernel := range []string{"split", "heads", "single-launch"} {
+		g.noHeadsAttention, g.decodeAttn = kernel == "split", kernel == "single-launch"
 		got := modelLogits(t, mg, seq, backend.CacheF32)
 		e := maxRelErr(want, got)
 		bound := 1e-5
-		if heads {
+		if kernel != "split" {
 			bound = 5e-2
 		}
-		t.Logf("GPU vs CPU, MMFP4 g128, f32 cache, all-heads attention %v: max rel err %.2e over %d positions", heads, e, len(seq))
+		t.Logf("GPU vs CPU, MMFP4 g128, f32 cache, %s attention: max rel err %.2e over %d positions", kernel, e, len(seq))
 		if e > bound {
-			t.Errorf("all-heads attention %v: relative error %.3e > %.0e", heads, e, bound)
+			t.Errorf("%s attention: relative error %.3e > %.0e", kernel, e, bound)
 		}
 	}
 }

@@ -1,0 +1,160 @@
+//go:build linux || darwin || freebsd || netbsd
+
+package cuda
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+
+	"github.com/mmfp4/mmfp4/backend"
+)
+
+// Single-launch decode attention (kernels/attention.cu): for a few rows, a
+// block per split of the positions and pair of heads, the splits merged
+// by the last block of each row and head pair to finish. The older path
+// (latent_attention_heads and attention_merge, two launches) stays for
+// prefill and for shapes the new kernel does not take.
+
+// decodeAttnRows is the most rows the single-launch kernel takes; longer
+// batches (prefill) keep the blocked kernels.
+const decodeAttnRows = 64
+
+// decodeAttnMaxSplits is AD_MAXS in attention.cu; decodeAttnMinPos the
+// fewest positions worth a split of their own (eight warps, a step or two
+// each).
+const (
+	decodeAttnMaxSplits = 256
+	decodeAttnMinPos    = 32
+)
+
+// decodeAttnConfig reads MMFP4_CUDA_ATTN (0 turns the single-launch
+// kernel off), MMFP4_CUDA_ATTN_BLOCKS (the blocks the splits aim at, in
+// percent of the multiprocessors; default 100) and MMFP4_CUDA_ATTN_H1 (0:
+// two heads a warp, eight warps a block, instead of one head a warp and
+// sixteen warps; the default measured faster on an H200, docs/perf.md).
+func (b *Backend) decodeAttnConfig() {
+	b.decodeAttn = true
+	b.decodeBlocks = 100
+	if os.Getenv("MMFP4_CUDA_ATTN") == "0" {
+		b.decodeAttn = false
+	}
+	if v, err := strconv.Atoi(os.Getenv("MMFP4_CUDA_ATTN_BLOCKS")); err == nil && v > 0 && v <= 800 {
+		b.decodeBlocks = v
+	}
+	b.decodeOneHead = os.Getenv("MMFP4_CUDA_ATTN_H1") != "0"
+
+}
+
+// decodeSplits is how many blocks share a row's positions: enough, with
+// the rows and head pairs, to make decodeBlocks percent of the
+// multiprocessors' count of blocks, but no more than the longest row has
+// positions for (bucketed as the other split kernels are, so a decode
+// step keeps its graph).
+func (b *Backend) decodeSplits(T, pairs, maxN int) int {
+	target := max(1, b.decodeBlocks*b.dev.Info().SMs/100)
+	s := max(1, target/(T*pairs)) // rounded down: one block a multiprocessor holds
+	s = min(s, splitBucket((maxN+decodeAttnMinPos-1)/decodeAttnMinPos), decodeAttnMaxSplits)
+	return max(s, 1)
+}
+
+// decodeAttention queues the single-launch kernel when it applies and
+// reports whether it did.
+func (b *Backend) decodeAttention(om, ql, qm *tensor, p *cachePool, layer int, s backend.MLAShape, scale float32) bool {
+	T := b.batch.Rows()
+	// The kernel's lanes hold 4-value groups of 128 latent dims and two
+	// rope dims each; rows and fp8 scales must stay 8-byte aligned.
+	if !b.decodeAttn || T < 1 || T > decodeAttnRows || (s.Rank != 128 && s.Rank != 256 && s.Rank != 512) ||
+		s.RopeDim%8 != 0 || s.RopeDim > 64 || ql.ld%4 != 0 || ql.ptr%16 != 0 || s.Heads < 1 {
+		return false
+	}
+	format := "bf16"
+	switch p.kernelDType() {
+	case 1:
+		format = "f32"
+	case 2:
+		format = "fp8"
+	}
+	name, threads := fmt.Sprintf("attention_decode_%s_r%d", format, s.Rank), 256
+	if b.decodeOneHead {
+		name, threads = name+"_h1", 512
+	}
+	optin := b.dev.Info().SharedOptin
+	ch, shared := decodeAttnStage(optin, p.slotBytes(), s.Rank)
+	if ch < 8 || shared > optin-8<<10 {
+		return false
+	}
+	pairs := (s.Heads + 1) / 2
+	splits := b.decodeSplits(T, pairs, b.meta.maxN)
+	if !b.attnCountersFor(T * pairs) {
+		return false
+	}
+	var pml, pacc uint64
+	if splits > 1 {
+		pml, pacc = b.alloc(4*4*T*pairs*splits), b.alloc(4*2*T*pairs*splits*s.Rank)
+	}
+	counters, stamps := b.attnCounters.Ptr, b.decodeStamps
+	if stamps != 0 {
+		b.decodeStampBlocks = splits * pairs * T
+	}
+	b.do("attention", func(c *Ctx) error {
+		k, err := c.Kernel("attention", name)
+		if err != nil {
+			return err
+		}
+		if k.maxShared < shared {
+			if err := c.SetMaxShared(k, shared); err != nil {
+				return err
+			}
+			k.maxShared = shared
+		}
+		return c.Launch(k, Dim{uint32(splits), uint32(pairs), uint32(T)}, D1(threads), shared,
+			om.ptr, om.ld, ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer),
+			b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
+			s.Heads, s.Rank, s.NopeDim, s.RopeDim, scale, ch, pml, pacc, counters, stamps)
+	})
+	return true
+}
+
+// decodeAttnStage is the kernel's rows per shared-memory stage (two
+// stages, at most 128 rows each, a multiple of 8, within optin bytes less
+// 8 KiB for its static arrays) and its dynamic shared memory, which also
+// holds the warps' value sums at the end (8 warps, 2 heads, rank floats).
+func decodeAttnStage(optin, rowBytes, rank int) (ch, shared int) {
+	ch = min(128, (optin-8<<10)/(2*rowBytes)) / 8 * 8
+	return ch, max(2*ch*rowBytes, 4*8*2*rank)
+}
+
+// attnCountersFor makes sure there are zeroed tickets for n row and head
+// pairs (the kernel's last block resets each after use).
+func (b *Backend) attnCountersFor(n int) bool {
+	if b.attnCounters.Size >= 4*n {
+		return true
+	}
+	ok := false
+	b.now("attention counters", func(c *Ctx) error {
+		if err := c.Free(b.attnCounters); err != nil {
+			return err
+		}
+		buf, err := c.Alloc(4 * max(n, 1024))
+		if err != nil {
+			return err
+		}
+		b.attnCounters = buf
+		ok = true
+		return c.Memset(buf.Ptr, 0, buf.Size)
+	})
+	return ok
+}
+
+// slotBytes is the size of one cached position: its latent and rope values
+// (f32 or bf16), or their E4M3 codes and two float32 scales (fp8).
+func (p *cachePool) slotBytes() int {
+	switch p.dtype {
+	case backend.CacheF32:
+		return 4 * (p.rank + p.ropeDim)
+	case backend.CacheFP8:
+		return p.rank + p.ropeDim + 8
+	}
+	return 2 * (p.rank + p.ropeDim)
+}

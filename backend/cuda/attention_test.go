@@ -1,0 +1,304 @@
+//go:build linux || darwin || freebsd || netbsd
+
+package cuda
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"sort"
+	"testing"
+
+	"github.com/mmfp4/mmfp4/backend"
+)
+
+// attnSeqs is a paged pool holding sequences of the given lengths in
+// scattered blocks: the prefill batch that writes them and, for each
+// sequence, its block table.
+func attnSeqs(r *rand.Rand, lens []int, blockSize int) (prefill *backend.Batch, tables [][]int32, blocks int) {
+	for _, n := range lens {
+		blocks += (n + blockSize - 1) / blockSize
+	}
+	blocks += 3
+	perm := r.Perm(blocks)
+	next := 0
+	prefill = &backend.Batch{}
+	for _, n := range lens {
+		var tb []int32
+		for i := 0; i < (n+blockSize-1)/blockSize; i++ {
+			tb = append(tb, int32(perm[next]))
+			next++
+		}
+		tables = append(tables, tb)
+		prefill.Seqs = append(prefill.Seqs, backend.Seq{Start: len(prefill.Tokens), Len: n, Blocks: tb})
+		for j := 0; j < n; j++ {
+			prefill.Tokens = append(prefill.Tokens, 0)
+			prefill.Positions = append(prefill.Positions, int32(j))
+		}
+	}
+	prefill.Outputs = []int32{0}
+	return prefill, tables, blocks
+}
+
+// decodeBatch is one row per chosen sequence, at its last position.
+func decodeBatch(lens []int, tables [][]int32, which []int) *backend.Batch {
+	b := &backend.Batch{Outputs: []int32{0}}
+	for _, i := range which {
+		b.Seqs = append(b.Seqs, backend.Seq{Start: len(b.Tokens), Len: 1, Blocks: tables[i]})
+		b.Tokens = append(b.Tokens, 0)
+		b.Positions = append(b.Positions, int32(lens[i]-1))
+	}
+	return b
+}
+
+// The single-launch decode attention against the CPU backend: contexts of
+// 1, 7, 1000 and 4099 positions, alone and as one batch of four rows, in
+// every cache format, at GLM-4.7-Flash's shapes and at a small odd one
+// (three heads, rope 32). The output is poisoned with NaN before each
+// launch, so an unwritten value fails; two layers are read in turn, so
+// the tickets are reused.
+func TestDecodeAttentionMatchesCPU(t *testing.T) {
+	g, c := testBackends(t, Options{})
+	r := testRand(t)
+	lens := []int{1, 7, 1000, 4099}
+	const blockSize, layers = 16, 2
+	prefill, tables, blocks := attnSeqs(r, lens, blockSize)
+	if err := prefill.Validate(1, blocks, blockSize); err != nil {
+		t.Fatal(err)
+	}
+	steps := [][]int{{0}, {1}, {2}, {3}, {0, 1, 2, 3}, {3, 1}}
+	shapes := []backend.MLAShape{
+		{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512},
+		{Heads: 3, NopeDim: 16, RopeDim: 32, VDim: 32, Rank: 256},
+	}
+	for _, s := range shapes {
+		qk := s.NopeDim + s.RopeDim
+		P := prefill.Rows()
+		lat := [layers][]float32{randVec(r, P*s.Rank, 1), randVec(r, P*s.Rank, 1)}
+		kpe := [layers][]float32{randVec(r, P*s.RopeDim, 1), randVec(r, P*s.RopeDim, 1)}
+		var qls, qs [][]float32
+		for _, st := range steps {
+			qls = append(qls, randVec(r, len(st)*s.Heads*s.Rank, 1))
+			qs = append(qs, randVec(r, len(st)*s.Heads*qk, 1))
+		}
+		for _, dt := range []backend.CacheDType{backend.CacheF32, backend.CacheBF16, backend.CacheFP8} {
+			for _, v := range []struct {
+				pct int
+				h1  bool
+			}{{100, false}, {250, false}, {100, true}} {
+				g.decodeAttn, g.decodeBlocks, g.decodeOneHead = true, v.pct, v.h1
+				name := fmt.Sprintf("decode attention heads=%d rank=%d rope=%d %v cache, blocks %d%%, one head a warp %v", s.Heads, s.Rank, s.RopeDim, dt, v.pct, v.h1)
+				compareOp(t, g, c, name, 1e-5, func(b backend.Backend) []float32 {
+					pool, err := b.NewCachePool(layers, blocks, blockSize, s.Rank, s.RopeDim, dt)
+					if err != nil {
+						t.Fatal(err)
+					}
+					b.SetBatch(prefill, pool)
+					for l := 0; l < layers; l++ {
+						lt, kt := b.NewTensor(P, s.Rank), b.NewTensor(P, s.RopeDim)
+						b.Upload(lt, lat[l])
+						b.Upload(kt, kpe[l])
+						b.CacheWrite(l, lt, kt)
+					}
+					var out []float32
+					for i, st := range steps {
+						b.SetBatch(decodeBatch(lens, tables, st), pool)
+						T := len(st)
+						ql, q := b.NewTensor(T, s.Heads*s.Rank), b.NewTensor(T, s.Heads*qk)
+						b.Upload(ql, qls[i])
+						b.Upload(q, qs[i])
+						for l := 0; l < layers; l++ {
+							ol := b.NewTensor(T, s.Heads*s.Rank)
+							b.Upload(ol, nanVec(T*s.Heads*s.Rank))
+							b.LatentAttention(ol, ql, q, l, s, 0.07)
+							out = append(out, b.Download(ol)...)
+						}
+					}
+					return out
+				})
+			}
+		}
+	}
+}
+
+func nanVec(n int) []float32 {
+	v := make([]float32, n)
+	for i := range v {
+		v[i] = float32(math.NaN())
+	}
+	return v
+}
+
+// BenchmarkAttention times decode latent attention at GLM-4.7-Flash's
+// shapes (20 heads, rank 512, rope 64, bf16 cache): one row at ctx 1024
+// and 8192, and 32 rows (32 sequences) at ctx 1024. Device time per call
+// (events around back-to-back launches behind a spin kernel, what a graph
+// replay sees) for the two-launch kernels and the single-launch one with
+// splits aimed at 50, 100 and 200% of the multiprocessors in blocks, and
+// its variant with one head a warp.
+// Calls rotate over enough layers (over 100 MB) that the cache is read
+// from memory, not L2. GB/s counts the cache bytes read. Run with
+// -test.benchtime=1x: each call measures reps launches itself.
+func BenchmarkAttention(b *testing.B) {
+	d := benchDevice(b)
+	g := NewOnDevice(d, Options{NoGraphs: true})
+	defer g.Close()
+	r := testRand(b)
+	s := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
+	width := s.Rank + s.RopeDim
+	for _, cs := range []struct{ rows, ctx int }{{1, 1024}, {1, 8192}, {32, 1024}} {
+		const blockSize = 64
+		per := cs.ctx / blockSize // blocks a sequence
+		nb := cs.rows * per
+		layers := max(2, (128<<20)/(cs.rows*cs.ctx*2*width))
+		pool, err := g.NewCachePool(layers, nb, blockSize, s.Rank, s.RopeDim, backend.CacheBF16)
+		if err != nil {
+			b.Fatal(err)
+		}
+		cp := pool.(*cachePool)
+		bits := make([]uint16, layers*nb*blockSize*width)
+		for i := range bits {
+			bits[i] = uint16(math.Float32bits(float32(r.NormFloat64())) >> 16)
+		}
+		if err := d.Do(func(c *Ctx) error { return CopyIn(c, cp.buf.Ptr, bits) }); err != nil {
+			b.Fatal(err)
+		}
+		batch := &backend.Batch{Outputs: []int32{0}}
+		for t := 0; t < cs.rows; t++ {
+			sq := backend.Seq{Start: t, Len: 1}
+			for i := 0; i < per; i++ {
+				sq.Blocks = append(sq.Blocks, int32(t*per+(i*7)%per))
+			}
+			batch.Seqs = append(batch.Seqs, sq)
+			batch.Tokens = append(batch.Tokens, 0)
+			batch.Positions = append(batch.Positions, int32(cs.ctx-1))
+		}
+		g.SetBatch(batch, pool)
+		T := cs.rows
+		ql, q, ol := g.NewTensor(T, s.Heads*s.Rank), g.NewTensor(T, s.Heads*(s.NopeDim+s.RopeDim)), g.NewTensor(T, s.Heads*s.Rank)
+		g.Upload(ql, randVec(r, T*s.Heads*s.Rank, 1))
+		g.Upload(q, randVec(r, T*s.Heads*(s.NopeDim+s.RopeDim), 1))
+		if err := g.Sync(); err != nil {
+			b.Fatal(err)
+		}
+		bytes := float64(T * cs.ctx * 2 * width)
+		for _, mode := range []struct {
+			name   string
+			on, h1 bool
+			blocks int
+		}{{"two_launch", false, false, 100}, {"single_b50", true, false, 50}, {"single_b100", true, false, 100},
+			{"single_b200", true, false, 200}, {"single_h1_b100", true, true, 100}, {"single_h1_b200", true, true, 200}} {
+			name := fmt.Sprintf("rows%d_ctx%d_%s", T, cs.ctx, mode.name)
+			b.Run(name, func(b *testing.B) {
+				g.decodeAttn, g.decodeBlocks, g.decodeOneHead = mode.on, mode.blocks, mode.h1
+				// Queue one op per layer and keep their launches.
+				var fns []func(c *Ctx) error
+				for l := 0; l < layers; l++ {
+					g.LatentAttention(ol, ql, q, l, s, 0.0417)
+					op := g.pending[len(g.pending)-1]
+					g.pending = g.pending[:len(g.pending)-1]
+					fns = append(fns, op.fn)
+				}
+				const reps = 200
+				var ms float32
+				err := d.Do(func(c *Ctx) error {
+					for _, fn := range fns { // warm-up, module load
+						if err := fn(c); err != nil {
+							return err
+						}
+					}
+					if err := c.Sync(); err != nil {
+						return err
+					}
+					i := 0
+					var err error
+					ms, err = timeDevice(c, reps, 2, func() error {
+						i++
+						return fns[i%len(fns)](c)
+					})
+					return err
+				})
+				if err != nil {
+					b.Fatal(err)
+				}
+				us := float64(ms) * 1e3 / reps
+				b.ReportMetric(us, "us/call")
+				b.ReportMetric(bytes/(us*1e-6)/1e9, "GB/s")
+				b.Logf("%s: %.2f us/call, %.0f GB/s of cache (%d layers rotated)", name, us, bytes/(us*1e-6)/1e9, layers)
+			})
+		}
+		if T == 1 {
+			for _, h1 := range []bool{false, true} {
+				b.Run(fmt.Sprintf("rows1_ctx%d_phases_h1_%v", cs.ctx, h1), func(b *testing.B) {
+					g.decodeOneHead = h1
+					attentionPhases(b, g, layers, ol, ql, q, s)
+				})
+			}
+		}
+	}
+}
+
+// attentionPhases logs where a single-launch kernel's time goes: the
+// blocks' timer stamps (entry, metadata and queries, first stage in
+// shared memory, positions summed, ticket, done) of the last of 50
+// back-to-back launches, in us after the first block's entry: median and
+// latest over the blocks.
+func attentionPhases(b *testing.B, g *Backend, layers int, ol, ql, q backend.Tensor, s backend.MLAShape) {
+	g.decodeAttn, g.decodeBlocks = true, 100
+	var buf Buffer
+	if err := g.dev.Do(func(c *Ctx) error {
+		var err error
+		buf, err = c.Alloc(6 * 8 * 4096)
+		return err
+	}); err != nil {
+		b.Fatal(err)
+	}
+	g.decodeStamps = buf.Ptr
+	var fns []func(c *Ctx) error
+	for l := 0; l < layers; l++ {
+		g.LatentAttention(ol, ql, q, l, s, 0.0417)
+		fns = append(fns, g.pending[len(g.pending)-1].fn)
+		g.pending = g.pending[:len(g.pending)-1]
+	}
+	g.decodeStamps = 0
+	n := g.decodeStampBlocks
+	st := make([]uint64, 6*n)
+	err := g.dev.Do(func(c *Ctx) error {
+		for _, fn := range fns {
+			if err := fn(c); err != nil {
+				return err
+			}
+		}
+		i := 0
+		if _, err := timeDevice(c, 50, 1, func() error {
+			i++
+			return fns[i%len(fns)](c)
+		}); err != nil {
+			return err
+		}
+		if err := c.Sync(); err != nil {
+			return err
+		}
+		if err := CopyOut(c, st, buf.Ptr); err != nil {
+			return err
+		}
+		return c.Free(buf)
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	t0 := st[0]
+	for i := 0; i < n; i++ {
+		t0 = min(t0, st[6*i])
+	}
+	line := fmt.Sprintf("%d blocks, us after the first entry (median / latest):", n)
+	for k, what := range []string{"entry", "metadata", "first stage", "summed", "ticket", "done"} {
+		v := make([]float64, n)
+		for i := range v {
+			v[i] = float64(st[6*i+k]-t0) / 1e3
+		}
+		sort.Float64s(v)
+		line += fmt.Sprintf(" %s %.2f / %.2f;", what, v[n/2], v[n-1])
+	}
+	b.Log(line)
+}
