@@ -334,6 +334,10 @@ func (c *Ctx) Route(gate, bias, x uint64, ldx, T, E, K int, cfg RouteConfig, ids
 type MoEScratch struct {
 	H, Partial, Counters Buffer
 	HQ                   *QActs
+	// Ctl holds moe_one's counters (zero between launches) and blocks its
+	// grid (0 until the first launch).
+	Ctl    Buffer
+	blocks int
 }
 
 // NewMoEScratch allocates MoE's work space for topk routed experts.
@@ -345,21 +349,24 @@ func (c *Ctx) NewMoEScratch(t *ExpertTable, topk int) (*MoEScratch, error) {
 	s.Partial, err2 = c.Alloc(4 * slots * t.K)
 	s.Counters, err3 = c.Alloc(4 * ((t.K + 15) / 16))
 	s.HQ, err4 = c.NewQActs(slots, t.I, t.G)
-	if err := errors.Join(err1, err2, err3, err4); err != nil {
+	var err5 error
+	s.Ctl, err5 = c.Alloc(4 * (moeOneCtl + (t.K+moeOneDNRows-1)/moeOneDNRows))
+	if err := errors.Join(err1, err2, err3, err4, err5); err != nil {
 		c.Free(s.H)
 		c.Free(s.Partial)
 		c.Free(s.Counters)
+		c.Free(s.Ctl)
 		if s.HQ != nil {
 			c.FreeQActs(s.HQ)
 		}
 		return nil, err
 	}
-	return s, c.Memset(s.Counters.Ptr, 0, s.Counters.Size)
+	return s, errors.Join(c.Memset(s.Counters.Ptr, 0, s.Counters.Size), c.Memset(s.Ctl.Ptr, 0, s.Ctl.Size))
 }
 
 // FreeMoEScratch returns the work space to the pool.
 func (c *Ctx) FreeMoEScratch(s *MoEScratch) error {
-	return errors.Join(c.Free(s.H), c.Free(s.Partial), c.Free(s.Counters), c.FreeQActs(s.HQ))
+	return errors.Join(c.Free(s.H), c.Free(s.Partial), c.Free(s.Counters), c.Free(s.Ctl), c.FreeQActs(s.HQ))
 }
 
 // MoE computes, for one token with quantized activations x,
@@ -411,6 +418,77 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 		t.buf, ids, wts, topk, slots, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, s.HQ.Sums,
 		s.Partial, s.Counters, y, acc)
 }
+
+// MoERouter is the router that moe_one runs before the experts: fp32
+// weights W [E][K] against the normalised row X (K floats), bias B, the
+// choice as moe_route_logits; the logits are written to Logits (E floats).
+type MoERouter struct {
+	W, X, Bias, Logits uint64
+	Norm               bool
+	Scaling            float32
+}
+
+// MoEOneFits reports whether moe_one takes this table with topk routed
+// experts (and, with router, runs the router too): whole items (I a
+// multiple of moeOneGURows, K of moeOneDNRows), rows of at most 64 chunks,
+// at most 16 slots, and at most 64 experts for its router.
+func MoEOneFits(t *ExpertTable, topk int, router bool) bool {
+	return t.K%moeOneDNRows == 0 && t.I%moeOneGURows == 0 && t.K <= 2048 && t.I <= 2048 && t.G <= 128 && t.I%t.G == 0 && t.K%t.G == 0 &&
+		topk >= 1 && topk <= 32 && topk+t.Shared <= 16 && (!router || t.Routed <= 64)
+}
+
+// MoEOne is MoE in one persistent launch (moe_one): with r, the router
+// first (writing the logits, ids and wts), else the routing read from ids
+// and wts. Same results as Route's fused router followed by MoE, bit for
+// bit.
+func (c *Ctx) MoEOne(y uint64, accumulate bool, t *ExpertTable, r *MoERouter, ids, wts uint64, topk int, x *QActs, s *MoEScratch) error {
+	slots := topk + t.Shared
+	switch {
+	case x.T != 1 || x.K != t.K || x.G != t.G:
+		return fmt.Errorf("cuda: moe one: activations %dx%d G=%d, want 1x%d G=%d", x.T, x.K, x.G, t.K, t.G)
+	case !MoEOneFits(t, topk, r != nil):
+		return fmt.Errorf("cuda: moe one: experts [%d,%d] G=%d, %d routed of %d and %d shared do not fit", t.I, t.K, t.G, topk, t.Routed, t.Shared)
+	case s.Ctl.Size < 4*(moeOneCtl+t.K/moeOneDNRows) || s.H.Size < 4*slots*t.I || s.Partial.Size < 4*slots*t.K:
+		return fmt.Errorf("cuda: moe one: scratch too small for %d slots", slots)
+	}
+	k, err := c.Kernel("moe", "moe_one")
+	if err != nil {
+		return err
+	}
+	items := slots * (t.I/moeOneGURows + t.K/moeOneDNRows)
+	var W, X, B, L uint64
+	norm, scaling := 0, float32(0)
+	if r != nil {
+		W, X, B, L, scaling = r.W, r.X, r.Bias, r.Logits, r.Scaling
+		if r.Norm {
+			norm = 1
+		}
+		items += (t.Routed + moeOneThreads/32 - 1) / (moeOneThreads / 32)
+	}
+	if s.blocks == 0 {
+		occ, err := c.Occupancy(k, moeOneThreads, 0)
+		if err != nil {
+			return err
+		}
+		s.blocks = max(1, occ) * max(1, c.Info().SMs)
+	}
+	acc := 0
+	if accumulate {
+		acc = 1
+	}
+	gshift := bits.TrailingZeros(uint(t.G / 32))
+	return c.Launch(k, D1(min(s.blocks, items)), D1(moeOneThreads), 0, t.buf, t.Routed, topk, t.Shared, t.I, t.K, gshift,
+		W, X, B, norm, scaling, L, ids, wts, x.Q, x.Scales, s.H, s.Partial, s.Ctl, y, acc)
+}
+
+// moeOneThreads, moeOneCtl, moeOneGURows and moeOneDNRows are
+// MOE1_THREADS, MOE1_CTL, MOE1_GU_ROWS and MOE1_DN_ROWS in moe.cu.
+const (
+	moeOneThreads = 128
+	moeOneCtl     = 32
+	moeOneGURows  = 8
+	moeOneDNRows  = 16
+)
 
 // moeMaxI is MOE_MAX_I in moe.cu: the largest intermediate size whose
 // quantization moe_down_q holds in shared memory.

@@ -315,13 +315,15 @@ extern "C" __global__ void __launch_bounds__(128)
 
 // One warp's expert choice for one token from its logits (loaded through
 // L2: another block may have written them).
-DEVICE void route_warp(const float* logits, const float* __restrict__ bias, int E, int topk,
-                       int norm, float scaling, i32* __restrict__ ids, float* __restrict__ wts) {
+// PER experts a lane (E <= 32 * PER).
+template <int PER>
+DEVICE void route_warp_n(const float* logits, const float* __restrict__ bias, int E, int topk,
+                         int norm, float scaling, i32* __restrict__ ids, float* __restrict__ wts) {
   const int lane = threadIdx.x & 31;
   const float NEG_INF = __int_as_float(0xff800000);
-  float score[ROUTE_PER], choice[ROUTE_PER];
+  float score[PER], choice[PER];
 #pragma unroll
-  for (int i = 0; i < ROUTE_PER; i++) {
+  for (int i = 0; i < PER; i++) {
     const int e = lane + 32 * i;
     score[i] = 0.f;
     choice[i] = NEG_INF;
@@ -338,7 +340,7 @@ DEVICE void route_warp(const float* logits, const float* __restrict__ bias, int 
     float bv = NEG_INF, bs = 0.f;
     int bi = 1 << 30;
 #pragma unroll
-    for (int i = 0; i < ROUTE_PER; i++) {
+    for (int i = 0; i < PER; i++) {
       const int e = lane + 32 * i;
       if (e < E && !(taken >> i & 1u) && (bi == (1 << 30) || choice[i] > bv)) {
         bv = choice[i];
@@ -367,6 +369,11 @@ DEVICE void route_warp(const float* logits, const float* __restrict__ bias, int 
     if (norm) w /= sum + 1e-20f;
     wts[lane] = w * scaling;
   }
+}
+
+DEVICE void route_warp(const float* logits, const float* __restrict__ bias, int E, int topk,
+                       int norm, float scaling, i32* __restrict__ ids, float* __restrict__ wts) {
+  route_warp_n<ROUTE_PER>(logits, bias, E, topk, norm, scaling, ids, wts);
 }
 
 extern "C" __global__ void __launch_bounds__(32)
@@ -557,4 +564,331 @@ extern "C" __global__ void __launch_bounds__(256)
     if (lane == 0) xs[g] = amax == 0.f ? 0.f : scale;
   }
   if (tid == 0) counters[0] = 0;
+}
+
+// ---------------------------------------------------------------------------
+// The whole MoE block of one token in one persistent launch (moe_one): the
+// router (optional), the gate/up products of every slot with the SiLU
+// product, and the down products summed with the routing weights. Blocks of
+// 4 warps take work items from a ticket counter in a fixed order:
+//   router items (one logit a warp), the shared experts' gate/up items
+//   (MOE1_GU_ROWS rows of h each), their down items (MOE1_DN_ROWS output
+//   rows each), then the same for the routed slots.
+// Three blocks a multiprocessor (166 registers a thread; with 4 rows a warp
+// at 128 registers, or 8 rows, the compiler spills).
+// An item waits (spinning) only on items with smaller tickets: routed items
+// on the router's count, a down item on its slot's count of finished
+// gate/up items. Each block takes its tickets in increasing order, so the
+// unfinished item with the smallest ticket is always held by a running
+// block and waits on nothing unfinished: no deadlock, whatever the number
+// of resident blocks. Weights are loaded into registers before the wait
+// (they depend on nothing but the expert id). Every product and sum is
+// computed as in moe_router_route, moe_gate_up and moe_down_q (same lanes,
+// same order), so the result is the same bit for bit.
+//
+// ctl (zero between launches; the last block to leave resets it):
+// [0] tickets, [1] router items done, [2] blocks done, [4+s] gate/up items
+// of slot s done, [MOE1_CTL + b] down items of output row block b done.
+#define MOE1_THREADS 128
+#define MOE1_MAX_SLOTS 16
+#define MOE1_MAX_I 2048
+// Rows per warp of a gate/up item (half gate, half up) and of a down item.
+#define MOE1_R 4
+#define MOE1_GU_ROWS (MOE1_THREADS / 32 * MOE1_R / 2)
+#define MOE1_DN_ROWS (MOE1_THREADS / 32 * MOE1_R)
+#define MOE1_CTL 32
+// Router loads of each operand in flight per lane (the sum's order does
+// not depend on it).
+#define MOE1_ROUTER_LOADS 8
+// Experts a lane holds in the choice (at most 32 * MOE1_ROUTE_PER experts).
+#define MOE1_ROUTE_PER 2
+
+DEVICE u32 ld_acquire(const u32* p) {
+  u32 v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Thread 0 spins until *p >= target; then the whole block goes on.
+DEVICE void moe1_wait(const u32* p, u32 target) {
+  if (threadIdx.x == 0) {
+    while (ld_acquire(p) < target) {
+    }
+  }
+  __syncthreads();
+}
+
+// Everything this block wrote is visible before *p is counted up.
+DEVICE void moe1_signal(u32* p) {
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) atomicAdd(p, 1u);
+}
+
+// The 16-byte code chunks (and their scale bytes) of R rows that lane l
+// multiplies: chunks l and l + 32 of each row (rows of C chunks, C <= 64).
+// Rows r < R/2 start at cb[0] + r * stride, the others at cb[1] + (r - R/2)
+// * stride (scales likewise with sstride).
+template <int R>
+DEVICE void moe1_load(const u8* const (&cb)[2], const u8* const (&sb)[2], int stride, int sstride, int C,
+                      int gshift, uint4 (&w)[2][R], u32 (&s)[2][R]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int p = 0; p < 2; p++) {
+    const int c = 32 * p + lane;
+    if (c < C) {
+#pragma unroll
+      for (int r = 0; r < R; r++)
+        w[p][r] = load_stream16(cb[r / (R / 2)] + (size_t)(r % (R / 2)) * stride + c * 16);
+#pragma unroll
+      for (int r = 0; r < R; r++) s[p][r] = __ldg(sb[r / (R / 2)] + (r % (R / 2)) * sstride + (c >> gshift));
+    }
+  }
+}
+
+// The warp-summed products of the loaded rows with one token's int8
+// activations, before the row scale (gemv_dot<1, R, true> for C <= 64).
+template <int R, bool XSHARED>
+DEVICE void moe1_dot(const uint4 (&w)[2][R], const u32 (&s)[2][R], int C, int gshift,
+                     const i8* __restrict__ xq, const float* __restrict__ xs, float (&out)[R]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int r = 0; r < R; r++) out[r] = 0.f;
+#pragma unroll
+  for (int p = 0; p < 2; p++) {
+    const int c = 32 * p + lane;
+    if (c >= C) continue;
+    const int g = c >> gshift;
+    const uint4* xp = (const uint4*)(xq + c * 32);
+    const uint4 xa = XSHARED ? xp[0] : __ldg(xp), xb = XSHARED ? xp[1] : __ldg(xp + 1);
+    const float xscale = XSHARED ? xs[g] : __ldg(xs + g);
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+      const uint4 q = w[p][r];
+      i32 d = 0, neg = 0;
+      dot8_split(q.x, xa.x, xa.y, d, neg);
+      dot8_split(q.y, xa.z, xa.w, d, neg);
+      dot8_split(q.z, xb.x, xb.y, d, neg);
+      dot8_split(q.w, xb.z, xb.w, d, neg);
+      d -= neg;
+      out[r] += (float)d * (e4m3(s[p][r]) * xscale);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; r++) out[r] = warp_sum(out[r]);
+}
+
+// Per-block state of moe_one.
+struct Moe1Shared {
+  i32 ids[MOE1_MAX_SLOTS];
+  float wts[MOE1_MAX_SLOTS];
+  int routed;  // ids and wts hold this token's routing
+  int next;    // the next ticket
+  int last;    // this block finished an output row block last
+  __align__(16) i8 hq[MOE1_MAX_I];
+  float hs[MOE1_MAX_I / 32];
+};
+
+extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
+    moe_one(const Expert* __restrict__ experts, int nexperts, int topk, int nshared, int I, int K,
+            int gshift, const float* __restrict__ W, const float* __restrict__ xf,
+            const float* __restrict__ bias, int norm, float scaling, float* logits, i32* ids,
+            float* wts, const i8* __restrict__ xq, const float* __restrict__ xs, float* h,
+            float* partial, u32* ctl, float* __restrict__ y, int accumulate) {
+  __shared__ Moe1Shared sm;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int S = topk + nshared;
+  const int NW = MOE1_THREADS / 32;                 // warps
+  const int nr = W ? (nexperts + NW - 1) / NW : 0;  // router items
+  const int ngu = I / MOE1_GU_ROWS, ndn = K / MOE1_DN_ROWS;  // items per slot
+  const int total = nr + S * (ngu + ndn);
+  const int G = 32 << gshift, GKx = (K >> 5) >> gshift, GKh = (I >> 5) >> gshift;
+  const int Cx = K >> 5, Ch = I >> 5;
+  PDL_LAUNCH();
+  PDL_WAIT();
+  if (tid == 0) {
+    sm.routed = 0;
+    sm.next = atomicAdd(&ctl[0], 1u);
+  }
+  __syncthreads();
+
+  // This token's routing into sm (after the router items, when the router
+  // runs here; else from ids and wts). Called by the whole block.
+  auto ensure_routed = [&]() {
+    if (sm.routed) return;
+    if (W) {
+      moe1_wait(&ctl[1], (u32)nr);
+      if (warp == 0) route_warp_n<MOE1_ROUTE_PER>(logits, bias, nexperts, topk, norm, scaling, sm.ids, sm.wts);
+    } else if (tid < topk) {
+      sm.ids[tid] = __ldcg(ids + tid);
+      sm.wts[tid] = __ldcg(wts + tid);
+    }
+    __syncthreads();
+    if (tid == 0) sm.routed = 1;
+  };
+  auto expert_of = [&](int slot) -> const Expert& {
+    return experts[slot < topk ? sm.ids[slot] : nexperts + (slot - topk)];
+  };
+
+  for (;;) {
+    const int item = sm.next;
+    __syncthreads();  // every thread has read sm.next
+    if (item >= total) break;
+    u32 next = 0;
+    if (tid == 0) next = atomicAdd(&ctl[0], 1u);  // in flight during the item
+
+    int it = item - nr;
+    if (it < 0) {
+      // Router: warp w computes logit NW * item + w as moe_router_route.
+      const int e = item * NW + warp;
+      if (e < nexperts) {
+        const float* wr = W + (size_t)e * K;
+        float acc = 0.f;
+        for (int k0 = lane; k0 < K; k0 += 32 * MOE1_ROUTER_LOADS) {
+          float wv[MOE1_ROUTER_LOADS], xv[MOE1_ROUTER_LOADS];
+#pragma unroll
+          for (int u = 0; u < MOE1_ROUTER_LOADS; u++) {
+            if (k0 + 32 * u < K) {
+              wv[u] = wr[k0 + 32 * u];
+              xv[u] = xf[k0 + 32 * u];
+            }
+          }
+#pragma unroll
+          for (int u = 0; u < MOE1_ROUTER_LOADS; u++)
+            if (k0 + 32 * u < K) acc += wv[u] * xv[u];
+        }
+        acc = warp_sum(acc);
+        if (lane == 0) logits[e] = acc;
+      }
+      moe1_signal(&ctl[1]);
+    } else {
+      // Shared experts' items first, then the routed slots'.
+      const int nsh = nshared * (ngu + ndn);
+      int slot, sub;
+      bool gu;
+      if (it < nsh) {
+        slot = topk + it / (ngu + ndn);
+        sub = it % (ngu + ndn);
+      } else {
+        it -= nsh;
+        const int ngur = topk * ngu;
+        if (it < ngur) {
+          slot = it / ngu;
+          sub = it % ngu;
+        } else {
+          slot = (it - ngur) / ndn;
+          sub = ngu + (it - ngur) % ndn;
+        }
+      }
+      gu = sub < ngu;
+      if (slot < topk) ensure_routed();
+      const Expert& ex = expert_of(slot);
+      if (gu) {
+        // Gate/up: warp w takes R/2 rows of this item's of both matrices.
+        const int row0 = sub * MOE1_GU_ROWS + warp * (MOE1_R / 2);
+        if (row0 < I) {
+          const u8* cb[2] = {ex.gate.codes + (size_t)row0 * (K / 2), ex.up.codes + (size_t)row0 * (K / 2)};
+          const u8* sb[2] = {ex.gate.scales + (size_t)row0 * GKx, ex.up.scales + (size_t)row0 * GKx};
+          uint4 w[2][MOE1_R];
+          u32 s[2][MOE1_R];
+          moe1_load<MOE1_R>(cb, sb, K / 2, GKx, Cx, gshift, w, s);
+          float out[MOE1_R];
+          moe1_dot<MOE1_R, false>(w, s, Cx, gshift, xq, xs, out);
+#pragma unroll
+          for (int r = 0; r < MOE1_R / 2; r++) {
+            const int n = row0 + r;
+            if (lane == r) {
+              const float g = out[r] * (ex.gate.row_scale[n] * 0.5f);
+              const float u = out[MOE1_R / 2 + r] * (ex.up.row_scale[n] * 0.5f);
+              h[(size_t)slot * I + n] = silu(g) * u;
+            }
+          }
+        }
+        moe1_signal(&ctl[4 + slot]);
+      } else {
+        // Down: warp w takes R rows of this item's output rows; the
+        // weights are requested before waiting for the slot's h.
+        const int b = sub - ngu, row0 = b * MOE1_DN_ROWS + warp * MOE1_R;
+        const bool mine = row0 < K;
+        uint4 w[2][MOE1_R];
+        u32 s[2][MOE1_R];
+        if (mine) {
+          const int r2 = row0 + MOE1_R / 2;
+          const u8* cb[2] = {ex.down.codes + (size_t)row0 * (I / 2), ex.down.codes + (size_t)r2 * (I / 2)};
+          const u8* sb[2] = {ex.down.scales + (size_t)row0 * GKh, ex.down.scales + (size_t)r2 * GKh};
+          moe1_load<MOE1_R>(cb, sb, I / 2, GKh, Ch, gshift, w, s);
+        }
+        moe1_wait(&ctl[4 + slot], (u32)ngu);
+        // The slot's h to int8 in groups of G, as moe_down_q.
+        const float* hr = h + (size_t)slot * I;
+        const int Eg = G >> 5;
+        for (int g = warp; g < GKh; g += NW) {
+          const int k0 = g * G + lane * Eg;
+          float v[4];
+          float amax = 0.f;
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            if (e < Eg) {
+              v[e] = __ldcg(hr + k0 + e);
+              amax = fmaxf(amax, fabsf(v[e]));
+            }
+          }
+          amax = warp_max(amax);
+          const float scale = amax / 127.f;
+#pragma unroll
+          for (int e = 0; e < 4; e++)
+            if (e < Eg) sm.hq[k0 + e] = (i8)quant8(v[e], amax, scale);
+          if (lane == 0) sm.hs[g] = amax == 0.f ? 0.f : scale;
+        }
+        __syncthreads();
+        if (mine) {
+          float out[MOE1_R];
+          moe1_dot<MOE1_R, true>(w, s, Ch, gshift, sm.hq, sm.hs, out);
+#pragma unroll
+          for (int r = 0; r < MOE1_R; r++) {
+            const int n = row0 + r;
+            if (lane == r) partial[(size_t)slot * K + n] = out[r] * (ex.down.row_scale[n] * 0.5f);
+          }
+        }
+        // The last of the S items of this row block sums the slots in
+        // order (moe_down_sum).
+        __threadfence();
+        __syncthreads();
+        if (tid == 0) sm.last = atomicAdd(&ctl[MOE1_CTL + b], 1u) == (u32)(S - 1);
+        __syncthreads();
+        if (sm.last) {
+          ensure_routed();
+          __threadfence();
+          const int n = b * MOE1_DN_ROWS + tid;
+          if (tid < MOE1_DN_ROWS) {
+            float t = 0.f;
+            for (int q = 0; q < S; q++) {
+              const float wq = q < topk ? sm.wts[q] : 1.f;
+              t += wq * __ldcg(partial + (size_t)q * K + n);
+            }
+            y[n] = accumulate ? y[n] + t : t;
+          }
+          if (tid == 0) ctl[MOE1_CTL + b] = 0;
+        }
+      }
+      // The routing for the caller, once (the first routed gate/up item).
+      if (W && slot == 0 && sub == 0 && tid < topk) {
+        ids[tid] = sm.ids[tid];
+        wts[tid] = sm.wts[tid];
+      }
+    }
+    if (tid == 0) sm.next = (int)next;
+    __syncthreads();
+  }
+  // The last block to leave resets the counters for the next launch.
+  if (tid == 0) {
+    __threadfence();
+    if (atomicAdd(&ctl[2], 1u) == gridDim.x - 1) {
+      ctl[0] = 0;
+      ctl[1] = 0;
+      ctl[2] = 0;
+      for (int q = 0; q < S; q++) ctl[4 + q] = 0;
+      __threadfence();
+    }
+  }
 }
