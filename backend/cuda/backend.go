@@ -1809,7 +1809,7 @@ func (b *Backend) moeOneLaunch(y uint64, x *tensor, rt *routing, l *moeLayer, a 
 	s := l.scratch[rt.topK]
 	var ro *MoERouter
 	if r := rt.router; r != nil && r.flush == b.flushes && r.idx < len(b.pending) && b.pending[r.idx].op == "router+route" &&
-		onlyZeroFills(b.pending[r.idx+1:]) && r.args.X == x.ptr && r.k == l.table.K && r.experts == l.table.Routed &&
+		onlyZeroFills(b.pending[r.idx+1:]) && r.args.X == x.ptr && (r.args.X|r.args.W)%16 == 0 && r.k == l.table.K && r.experts == l.table.Routed &&
 		MoEOneFits(l.table, rt.topK, true) {
 		b.pending = slices.Delete(b.pending, r.idx, r.idx+1)
 		ro = &r.args

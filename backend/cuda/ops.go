@@ -420,8 +420,9 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 }
 
 // MoERouter is the router that moe_one runs before the experts: fp32
-// weights W [E][K] against the normalised row X (K floats), bias B, the
-// choice as moe_route_logits; the logits are written to Logits (E floats).
+// weights W [E][K] against the normalised row X (K floats; both 16-byte
+// aligned), bias B, the choice as moe_route_logits; the logits are written
+// to Logits (E floats).
 type MoERouter struct {
 	W, X, Bias, Logits uint64
 	Norm               bool
@@ -448,6 +449,8 @@ func (c *Ctx) MoEOne(y uint64, accumulate bool, t *ExpertTable, r *MoERouter, id
 		return fmt.Errorf("cuda: moe one: activations %dx%d G=%d, want 1x%d G=%d", x.T, x.K, x.G, t.K, t.G)
 	case !MoEOneFits(t, topk, r != nil):
 		return fmt.Errorf("cuda: moe one: experts [%d,%d] G=%d, %d routed of %d and %d shared do not fit", t.I, t.K, t.G, topk, t.Routed, t.Shared)
+	case r != nil && (r.W%16 != 0 || r.X%16 != 0):
+		return fmt.Errorf("cuda: moe one: router weights or input not 16-byte aligned")
 	case s.Ctl.Size < 4*(moeOneCtl+t.K/moeOneDNRows) || s.H.Size < 4*slots*t.I || s.Partial.Size < 4*slots*t.K:
 		return fmt.Errorf("cuda: moe one: scratch too small for %d slots", slots)
 	}

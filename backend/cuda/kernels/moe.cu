@@ -597,9 +597,8 @@ extern "C" __global__ void __launch_bounds__(256)
 #define MOE1_GU_ROWS (MOE1_THREADS / 32 * MOE1_R / 2)
 #define MOE1_DN_ROWS (MOE1_THREADS / 32 * MOE1_R)
 #define MOE1_CTL 32
-// Router loads of each operand in flight per lane (the sum's order does
-// not depend on it).
-#define MOE1_ROUTER_LOADS 8
+// The router's row length at most (K).
+#define MOE1_MAX_K 2048
 // Experts a lane holds in the choice (at most 32 * MOE1_ROUTE_PER experts).
 #define MOE1_ROUTE_PER 2
 
@@ -685,9 +684,23 @@ struct Moe1Shared {
   int routed;  // ids and wts hold this token's routing
   int next;    // the next ticket
   int last;    // this block finished an output row block last
-  __align__(16) i8 hq[MOE1_MAX_I];
-  float hs[MOE1_MAX_I / 32];
+  union {
+    struct {  // a down item: the slot's h in int8
+      __align__(16) i8 hq[MOE1_MAX_I];
+      float hs[MOE1_MAX_I / 32];
+    } d;
+    struct {  // a router item: the input row and each warp's weight row
+      __align__(16) float x[MOE1_MAX_K];
+      __align__(16) float w[MOE1_THREADS / 32][MOE1_MAX_K];
+    } r;
+  } u;
 };
+
+// 16 bytes from global to shared memory without registers (cp.async).
+DEVICE void copy16_async(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((u32)__cvta_generic_to_shared(dst)), "l"(src)
+               : "memory");
+}
 
 extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
     moe_one(const Expert* __restrict__ experts, int nexperts, int topk, int nshared, int I, int K,
@@ -739,24 +752,21 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
 
     int it = item - nr;
     if (it < 0) {
-      // Router: warp w computes logit NW * item + w as moe_router_route.
+      // Router: warp w computes logit NW * item + w as moe_router_route
+      // (lane l sums columns l, l + 32, ... in order), from copies of the
+      // input and of its weight row in shared memory, every load issued
+      // at once.
       const int e = item * NW + warp;
+      for (int k = tid * 4; k < K; k += MOE1_THREADS * 4) copy16_async(&sm.u.r.x[k], xf + k);
       if (e < nexperts) {
         const float* wr = W + (size_t)e * K;
+        for (int k = lane * 4; k < K; k += 128) copy16_async(&sm.u.r.w[warp][k], wr + k);
+      }
+      asm volatile("cp.async.wait_all;" ::: "memory");
+      __syncthreads();
+      if (e < nexperts) {
         float acc = 0.f;
-        for (int k0 = lane; k0 < K; k0 += 32 * MOE1_ROUTER_LOADS) {
-          float wv[MOE1_ROUTER_LOADS], xv[MOE1_ROUTER_LOADS];
-#pragma unroll
-          for (int u = 0; u < MOE1_ROUTER_LOADS; u++) {
-            if (k0 + 32 * u < K) {
-              wv[u] = wr[k0 + 32 * u];
-              xv[u] = xf[k0 + 32 * u];
-            }
-          }
-#pragma unroll
-          for (int u = 0; u < MOE1_ROUTER_LOADS; u++)
-            if (k0 + 32 * u < K) acc += wv[u] * xv[u];
-        }
+        for (int k = lane; k < K; k += 32) acc += sm.u.r.w[warp][k] * sm.u.r.x[k];
         acc = warp_sum(acc);
         if (lane == 0) logits[e] = acc;
       }
@@ -837,13 +847,13 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
           const float scale = amax / 127.f;
 #pragma unroll
           for (int e = 0; e < 4; e++)
-            if (e < Eg) sm.hq[k0 + e] = (i8)quant8(v[e], amax, scale);
-          if (lane == 0) sm.hs[g] = amax == 0.f ? 0.f : scale;
+            if (e < Eg) sm.u.d.hq[k0 + e] = (i8)quant8(v[e], amax, scale);
+          if (lane == 0) sm.u.d.hs[g] = amax == 0.f ? 0.f : scale;
         }
         __syncthreads();
         if (mine) {
           float out[MOE1_R];
-          moe1_dot<MOE1_R, true>(w, s, Ch, gshift, sm.hq, sm.hs, out);
+          moe1_dot<MOE1_R, true>(w, s, Ch, gshift, sm.u.d.hq, sm.u.d.hs, out);
 #pragma unroll
           for (int r = 0; r < MOE1_R; r++) {
             const int n = row0 + r;
