@@ -480,9 +480,17 @@ func (c *Ctx) MoEOne(y uint64, accumulate bool, t *ExpertTable, r *MoERouter, id
 		acc = 1
 	}
 	gshift := bits.TrailingZeros(uint(t.G / 32))
+	pf := 1
+	if moeOneNoPrefetch {
+		pf = 0
+	}
 	return c.Launch(k, D1(min(s.blocks, items)), D1(moeOneThreads), 0, t.buf, t.Routed, topk, t.Shared, t.I, t.K, gshift,
-		W, X, B, norm, scaling, L, ids, wts, x.Q, x.Scales, s.H, s.Partial, s.Ctl, y, acc)
+		W, X, B, norm, scaling, L, ids, wts, x.Q, x.Scales, s.H, s.Partial, s.Ctl, y, acc, pf)
 }
+
+// moeOneNoPrefetch turns off moe_one's L2 prefetch of each block's next
+// item (benchmarks).
+var moeOneNoPrefetch bool
 
 // moeOneThreads, moeOneCtl, moeOneGURows and moeOneDNRows are
 // MOE1_THREADS, MOE1_CTL, MOE1_GU_ROWS and MOE1_DN_ROWS in moe.cu.

@@ -617,11 +617,45 @@ DEVICE void moe1_wait(const u32* p, u32 target) {
   __syncthreads();
 }
 
-// Everything this block wrote is visible before *p is counted up.
+// Everything this block wrote is visible before *p is counted up (the
+// barrier orders the block's writes before thread 0's fence).
 DEVICE void moe1_signal(u32* p) {
-  __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) atomicAdd(p, 1u);
+  if (threadIdx.x == 0) {
+    __threadfence();
+    atomicAdd(p, 1u);
+  }
+}
+
+// The lines of [p, p + bytes) into L2, spread over a warp's lanes.
+DEVICE void prefetch_span(const u8* p, int bytes) {
+  const int lane = threadIdx.x & 31;
+  const u8* a = (const u8*)((size_t)p & ~(size_t)127);
+  const int n = (int)(p + bytes - a);
+  for (int o = lane * 128; o < n; o += 32 * 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(a + o));
+}
+
+// The kind of work item it (0 router, 1 gate/up, 2 down), its slot and its
+// index sub among the slot's items (gate/up first, then down).
+DEVICE int moe1_item(int it, int nr, int topk, int nshared, int ngu, int ndn, int& slot, int& sub) {
+  if (it < nr) return 0;
+  it -= nr;
+  const int nsh = nshared * (ngu + ndn);
+  if (it < nsh) {
+    slot = topk + it / (ngu + ndn);
+    sub = it % (ngu + ndn);
+  } else {
+    it -= nsh;
+    const int ngur = topk * ngu;
+    if (it < ngur) {
+      slot = it / ngu;
+      sub = it % ngu;
+    } else {
+      slot = (it - ngur) / ndn;
+      sub = ngu + (it - ngur) % ndn;
+    }
+  }
+  return sub < ngu ? 1 : 2;
 }
 
 // The 16-byte code chunks (and their scale bytes) of R rows that lane l
@@ -707,7 +741,7 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
             int gshift, const float* __restrict__ W, const float* __restrict__ xf,
             const float* __restrict__ bias, int norm, float scaling, float* logits, i32* ids,
             float* wts, const i8* __restrict__ xq, const float* __restrict__ xs, float* h,
-            float* partial, u32* ctl, float* __restrict__ y, int accumulate) {
+            float* partial, u32* ctl, float* __restrict__ y, int accumulate, int prefetch) {
   __shared__ Moe1Shared sm;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int S = topk + nshared;
@@ -742,6 +776,24 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
   auto expert_of = [&](int slot) -> const Expert& {
     return experts[slot < topk ? sm.ids[slot] : nexperts + (slot - topk)];
   };
+  // Warp 0, once the item's own loads are issued: the next item's weight
+  // rows into L2 (when its expert is known), so that this block has two
+  // items' bytes in flight. next is valid in lane 0.
+  auto prefetch_next = [&](u32 next) {
+    if (!prefetch || warp != 0) return;
+    const int m = (int)__shfl_sync(0xffffffffu, next, 0);
+    int slot = 0, sub = 0;
+    if (m >= total || moe1_item(m, nr, topk, nshared, ngu, ndn, slot, sub) == 0) return;
+    if (slot < topk && !sm.routed) return;
+    const Expert& ex = expert_of(slot);
+    if (sub < ngu) {
+      const size_t off = (size_t)sub * MOE1_GU_ROWS * (K / 2);
+      prefetch_span(ex.gate.codes + off, MOE1_GU_ROWS * (K / 2));
+      prefetch_span(ex.up.codes + off, MOE1_GU_ROWS * (K / 2));
+    } else {
+      prefetch_span(ex.down.codes + (size_t)(sub - ngu) * MOE1_DN_ROWS * (I / 2), MOE1_DN_ROWS * (I / 2));
+    }
+  };
 
   for (;;) {
     const int item = sm.next;
@@ -750,8 +802,9 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
     u32 next = 0;
     if (tid == 0) next = atomicAdd(&ctl[0], 1u);  // in flight during the item
 
-    int it = item - nr;
-    if (it < 0) {
+    int slot = 0, sub = 0;
+    const int kind = moe1_item(item, nr, topk, nshared, ngu, ndn, slot, sub);
+    if (kind == 0) {
       // Router: warp w computes logit NW * item + w as moe_router_route
       // (lane l sums columns l, l + 32, ... in order), from copies of the
       // input and of its weight row in shared memory, every load issued
@@ -762,6 +815,7 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
         const float* wr = W + (size_t)e * K;
         for (int k = lane * 4; k < K; k += 128) copy16_async(&sm.u.r.w[warp][k], wr + k);
       }
+      prefetch_next(next);
       asm volatile("cp.async.wait_all;" ::: "memory");
       __syncthreads();
       if (e < nexperts) {
@@ -772,25 +826,7 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
       }
       moe1_signal(&ctl[1]);
     } else {
-      // Shared experts' items first, then the routed slots'.
-      const int nsh = nshared * (ngu + ndn);
-      int slot, sub;
-      bool gu;
-      if (it < nsh) {
-        slot = topk + it / (ngu + ndn);
-        sub = it % (ngu + ndn);
-      } else {
-        it -= nsh;
-        const int ngur = topk * ngu;
-        if (it < ngur) {
-          slot = it / ngu;
-          sub = it % ngu;
-        } else {
-          slot = (it - ngur) / ndn;
-          sub = ngu + (it - ngur) % ndn;
-        }
-      }
-      gu = sub < ngu;
+      const bool gu = kind == 1;
       if (slot < topk) ensure_routed();
       const Expert& ex = expert_of(slot);
       if (gu) {
@@ -802,6 +838,7 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
           uint4 w[2][MOE1_R];
           u32 s[2][MOE1_R];
           moe1_load<MOE1_R>(cb, sb, K / 2, GKx, Cx, gshift, w, s);
+          prefetch_next(next);
           float out[MOE1_R];
           moe1_dot<MOE1_R, false>(w, s, Cx, gshift, xq, xs, out);
 #pragma unroll
@@ -828,6 +865,7 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
           const u8* sb[2] = {ex.down.scales + (size_t)row0 * GKh, ex.down.scales + (size_t)r2 * GKh};
           moe1_load<MOE1_R>(cb, sb, I / 2, GKh, Ch, gshift, w, s);
         }
+        prefetch_next(next);
         moe1_wait(&ctl[4 + slot], (u32)ngu);
         // The slot's h to int8 in groups of G, as moe_down_q.
         const float* hr = h + (size_t)slot * I;
@@ -862,8 +900,8 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
         }
         // The last of the S items of this row block sums the slots in
         // order (moe_down_sum).
-        __threadfence();
         __syncthreads();
+        if (tid == 0) __threadfence();
         if (tid == 0) sm.last = atomicAdd(&ctl[MOE1_CTL + b], 1u) == (u32)(S - 1);
         __syncthreads();
         if (sm.last) {
