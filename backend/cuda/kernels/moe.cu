@@ -315,15 +315,13 @@ extern "C" __global__ void __launch_bounds__(128)
 
 // One warp's expert choice for one token from its logits (loaded through
 // L2: another block may have written them).
-// PER experts a lane (E <= 32 * PER).
-template <int PER>
-DEVICE void route_warp_n(const float* logits, const float* __restrict__ bias, int E, int topk,
-                         int norm, float scaling, i32* __restrict__ ids, float* __restrict__ wts) {
+DEVICE void route_warp(const float* logits, const float* __restrict__ bias, int E, int topk,
+                       int norm, float scaling, i32* __restrict__ ids, float* __restrict__ wts) {
   const int lane = threadIdx.x & 31;
   const float NEG_INF = __int_as_float(0xff800000);
-  float score[PER], choice[PER];
+  float score[ROUTE_PER], choice[ROUTE_PER];
 #pragma unroll
-  for (int i = 0; i < PER; i++) {
+  for (int i = 0; i < ROUTE_PER; i++) {
     const int e = lane + 32 * i;
     score[i] = 0.f;
     choice[i] = NEG_INF;
@@ -340,7 +338,7 @@ DEVICE void route_warp_n(const float* logits, const float* __restrict__ bias, in
     float bv = NEG_INF, bs = 0.f;
     int bi = 1 << 30;
 #pragma unroll
-    for (int i = 0; i < PER; i++) {
+    for (int i = 0; i < ROUTE_PER; i++) {
       const int e = lane + 32 * i;
       if (e < E && !(taken >> i & 1u) && (bi == (1 << 30) || choice[i] > bv)) {
         bv = choice[i];
@@ -369,11 +367,6 @@ DEVICE void route_warp_n(const float* logits, const float* __restrict__ bias, in
     if (norm) w /= sum + 1e-20f;
     wts[lane] = w * scaling;
   }
-}
-
-DEVICE void route_warp(const float* logits, const float* __restrict__ bias, int E, int topk,
-                       int norm, float scaling, i32* __restrict__ ids, float* __restrict__ wts) {
-  route_warp_n<ROUTE_PER>(logits, bias, E, topk, norm, scaling, ids, wts);
 }
 
 extern "C" __global__ void __launch_bounds__(32)
@@ -599,8 +592,10 @@ extern "C" __global__ void __launch_bounds__(256)
 #define MOE1_CTL 32
 // The router's row length at most (K).
 #define MOE1_MAX_K 2048
-// Experts a lane holds in the choice (at most 32 * MOE1_ROUTE_PER experts).
-#define MOE1_ROUTE_PER 2
+// Groups of h a warp quantizes with all loads in flight (the rest after).
+#define MOE1_QG 4
+// Experts of its router at most.
+#define MOE1_MAX_EXPERTS 64
 
 DEVICE u32 ld_acquire(const u32* p) {
   u32 v;
@@ -718,6 +713,7 @@ struct Moe1Shared {
   int routed;  // ids and wts hold this token's routing
   int next;    // the next ticket
   int last;    // this block finished an output row block last
+  float score[MOE1_MAX_EXPERTS], choice[MOE1_MAX_EXPERTS], pick[MOE1_MAX_SLOTS];
   union {
     struct {  // a down item: the slot's h in int8
       __align__(16) i8 hq[MOE1_MAX_I];
@@ -734,6 +730,43 @@ struct Moe1Shared {
 DEVICE void copy16_async(void* dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((u32)__cvta_generic_to_shared(dst)), "l"(src)
                : "memory");
+}
+
+// The expert choice of route_warp by the whole block, from E <= 64 logits
+// (through L2: other blocks wrote them): thread e ranks expert e's choice
+// among all (ties to the lower index); the first topk ranks win, in rank
+// order, and their weights are normalised in that order, as route_warp
+// does. The caller synchronises after.
+DEVICE void moe1_route(const float* logits, const float* __restrict__ bias, int E, int topk, int norm,
+                       float scaling, Moe1Shared& sm) {
+  const int tid = threadIdx.x;
+  if (tid < E) {
+    const float acc = __ldcg(logits + tid);
+    const float sg = (float)(1.0 / (1.0 + exp(-(double)acc)));
+    sm.score[tid] = sg;
+    sm.choice[tid] = sg + bias[tid];
+  }
+  __syncthreads();
+  if (tid < E) {
+    const float c = sm.choice[tid];
+    int rank = 0;
+    for (int j = 0; j < E; j++) {
+      const float o = sm.choice[j];
+      rank += o > c || (o == c && j < tid);
+    }
+    if (rank < topk) {
+      sm.ids[rank] = tid;
+      sm.pick[rank] = sm.score[tid];
+    }
+  }
+  __syncthreads();
+  if (tid < topk) {
+    float sum = 0.f;
+    for (int k = 0; k < topk; k++) sum += sm.pick[k];
+    float w = sm.pick[tid];
+    if (norm) w /= sum + 1e-20f;
+    sm.wts[tid] = w * scaling;
+  }
 }
 
 extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
@@ -765,7 +798,7 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
     if (sm.routed) return;
     if (W) {
       moe1_wait(&ctl[1], (u32)nr);
-      if (warp == 0) route_warp_n<MOE1_ROUTE_PER>(logits, bias, nexperts, topk, norm, scaling, sm.ids, sm.wts);
+      moe1_route(logits, bias, nexperts, topk, norm, scaling, sm);
     } else if (tid < topk) {
       sm.ids[tid] = __ldcg(ids + tid);
       sm.wts[tid] = __ldcg(wts + tid);
@@ -867,26 +900,43 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
         }
         prefetch_next(next);
         moe1_wait(&ctl[4 + slot], (u32)ngu);
-        // The slot's h to int8 in groups of G, as moe_down_q.
+        // The slot's h to int8 in groups of G, as moe_down_q: warp w takes
+        // groups w, w + NW, ..., the first MOE1_QG of them with every load
+        // issued before the first use.
         const float* hr = h + (size_t)slot * I;
         const int Eg = G >> 5;
-        for (int g = warp; g < GKh; g += NW) {
-          const int k0 = g * G + lane * Eg;
-          float v[4];
+        auto quant_group = [&](int g, const float (&v)[4]) {
           float amax = 0.f;
 #pragma unroll
-          for (int e = 0; e < 4; e++) {
-            if (e < Eg) {
-              v[e] = __ldcg(hr + k0 + e);
-              amax = fmaxf(amax, fabsf(v[e]));
-            }
-          }
+          for (int e = 0; e < 4; e++)
+            if (e < Eg) amax = fmaxf(amax, fabsf(v[e]));
           amax = warp_max(amax);
           const float scale = amax / 127.f;
+          const int k0 = g * G + lane * Eg;
 #pragma unroll
           for (int e = 0; e < 4; e++)
             if (e < Eg) sm.u.d.hq[k0 + e] = (i8)quant8(v[e], amax, scale);
           if (lane == 0) sm.u.d.hs[g] = amax == 0.f ? 0.f : scale;
+        };
+        {
+          float v[MOE1_QG][4];
+#pragma unroll
+          for (int j = 0; j < MOE1_QG; j++) {
+            const int g = warp + NW * j;
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+              if (g < GKh && e < Eg) v[j][e] = __ldcg(hr + g * G + lane * Eg + e);
+          }
+#pragma unroll
+          for (int j = 0; j < MOE1_QG; j++)
+            if (warp + NW * j < GKh) quant_group(warp + NW * j, v[j]);
+        }
+        for (int g = warp + NW * MOE1_QG; g < GKh; g += NW) {
+          float v[4];
+#pragma unroll
+          for (int e = 0; e < 4; e++)
+            if (e < Eg) v[e] = __ldcg(hr + g * G + lane * Eg + e);
+          quant_group(g, v);
         }
         __syncthreads();
         if (mine) {
