@@ -16,8 +16,7 @@ import (
 // device time per block:
 //   - router+two: the router launch (moe_router_route) then the two MoE
 //     launches, the current single-token path (three launches);
-//   - one+router: moe_one with its router (one launch), and the same
-//     without its L2 prefetch of each block's next item;
+//   - one+router: moe_one with its router (one launch);
 //   - two, one: the MoE alone on a given routing, two launches or one.
 //
 // Each call takes the next of 6 layers (its own shared expert and router,
@@ -133,12 +132,11 @@ func BenchmarkMoEOne(b *testing.B) {
 	}
 	i := 0
 	variants := []struct {
-		name       string
-		router     bool
-		noPrefetch bool
-		call       func(c *Ctx, L *layer, s int) error
+		name   string
+		router bool
+		call   func(c *Ctx, L *layer, s int) error
 	}{
-		{"router+two", true, false, func(c *Ctx, L *layer, s int) error {
+		{"router+two", true, func(c *Ctx, L *layer, s int) error {
 			ids, wts := L.ids.At(4*topK*s), L.wts.At(4*topK*s)
 			if err := c.Launch(L.routeKernel, Dim{uint32((E + 7) / 8), 1, 1}, D1(256), 0, L.W, E, K, xs[s], K,
 				L.logits.At(4*E*s), E, L.bias, topK, 1, float32(1.8), ids, wts, L.counters); err != nil {
@@ -146,18 +144,14 @@ func BenchmarkMoEOne(b *testing.B) {
 			}
 			return c.MoE(y.Ptr, false, L.tab, ids, wts, topK, xq[s], L.scr)
 		}},
-		{"one+router", true, false, func(c *Ctx, L *layer, s int) error {
+		{"one+router", true, func(c *Ctx, L *layer, s int) error {
 			rt := &MoERouter{W: L.W.Ptr, X: xs[s].Ptr, Bias: L.bias.Ptr, Logits: L.logits.At(4 * E * s), Norm: true, Scaling: 1.8}
 			return c.MoEOne(y.Ptr, false, L.tab, rt, L.ids.At(4*topK*s), L.wts.At(4*topK*s), topK, xq[s], L.scr)
 		}},
-		{"one+router-nopf", true, true, func(c *Ctx, L *layer, s int) error {
-			rt := &MoERouter{W: L.W.Ptr, X: xs[s].Ptr, Bias: L.bias.Ptr, Logits: L.logits.At(4 * E * s), Norm: true, Scaling: 1.8}
-			return c.MoEOne(y.Ptr, false, L.tab, rt, L.ids.At(4*topK*s), L.wts.At(4*topK*s), topK, xq[s], L.scr)
-		}},
-		{"two", false, false, func(c *Ctx, L *layer, s int) error {
+		{"two", false, func(c *Ctx, L *layer, s int) error {
 			return c.MoE(y.Ptr, false, L.tab, L.givenIDs.At(4*topK*s), L.givenWts.At(4*topK*s), topK, xq[s], L.scr)
 		}},
-		{"one", false, false, func(c *Ctx, L *layer, s int) error {
+		{"one", false, func(c *Ctx, L *layer, s int) error {
 			return c.MoEOne(y.Ptr, false, L.tab, nil, L.givenIDs.At(4*topK*s), L.givenWts.At(4*topK*s), topK, xq[s], L.scr)
 		}},
 	}
@@ -167,8 +161,6 @@ func BenchmarkMoEOne(b *testing.B) {
 			bytes += 4 * E * K
 		}
 		b.Run(v.name, func(b *testing.B) {
-			moeOneNoPrefetch = v.noPrefetch
-			defer func() { moeOneNoPrefetch = false }()
 			var ms float32
 			err := d.Do(func(c *Ctx) error {
 				call := func() error {

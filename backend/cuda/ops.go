@@ -265,6 +265,9 @@ type ExpertTable struct {
 	Routed, Shared int
 	I, K, G        int
 	buf            Buffer
+	// aligned: every matrix's codes, scales and row scales start on 16
+	// bytes (moe_one copies them in 16-byte pieces).
+	aligned bool
 }
 
 // NewExpertTable checks that the experts share their shapes and group size
@@ -274,7 +277,7 @@ func (c *Ctx) NewExpertTable(routed, shared []ExpertMats) (*ExpertTable, error) 
 	if len(routed) == 0 {
 		return nil, fmt.Errorf("cuda: expert table without routed experts")
 	}
-	t := &ExpertTable{Routed: len(routed), Shared: len(shared), I: all[0].Gate.N, K: all[0].Gate.K, G: all[0].Gate.G}
+	t := &ExpertTable{Routed: len(routed), Shared: len(shared), I: all[0].Gate.N, K: all[0].Gate.K, G: all[0].Gate.G, aligned: true}
 	ptrs := make([]uint64, 0, 9*len(all))
 	for i, e := range all {
 		for _, m := range []struct {
@@ -286,6 +289,7 @@ func (c *Ctx) NewExpertTable(routed, shared []ExpertMats) (*ExpertTable, error) 
 				return nil, fmt.Errorf("cuda: expert %d %s is [%d,%d] G=%d, want [%d,%d] G=%d", i, m.name, m.q.N, m.q.K, m.q.G, m.n, m.k, t.G)
 			}
 			ptrs = append(ptrs, m.q.Codes, m.q.Scales, m.q.RowScale)
+			t.aligned = t.aligned && (m.q.Codes|m.q.Scales|m.q.RowScale)%16 == 0
 		}
 	}
 	buf, err := c.Alloc(8 * len(ptrs))
@@ -431,10 +435,12 @@ type MoERouter struct {
 
 // MoEOneFits reports whether moe_one takes this table with topk routed
 // experts (and, with router, runs the router too): whole items (I a
-// multiple of moeOneGURows, K of moeOneDNRows), rows of at most 64 chunks,
-// at most 16 slots, and at most 64 experts for its router.
+// multiple of moeOneGURows, K of moeOneDNRows), rows of at most 64 chunks
+// in 16-byte pieces (K and I multiples of 32, an even number of groups
+// in K), at most 16 slots, and at most 64 experts for its router.
 func MoEOneFits(t *ExpertTable, topk int, router bool) bool {
-	return t.K%moeOneDNRows == 0 && t.I%moeOneGURows == 0 && t.K <= 2048 && t.I <= 2048 && t.G <= 128 && t.I%t.G == 0 && t.K%t.G == 0 &&
+	return t.aligned && t.K%32 == 0 && t.I%32 == 0 && t.K%moeOneDNRows == 0 && t.I%moeOneGURows == 0 && t.K <= 2048 && t.I <= 2048 &&
+		t.G <= 128 && t.I%t.G == 0 && t.K%t.G == 0 && (t.K/t.G)%2 == 0 &&
 		topk >= 1 && topk <= 32 && topk+t.Shared <= 16 && (!router || t.Routed <= 64)
 }
 
@@ -469,7 +475,10 @@ func (c *Ctx) MoEOne(y uint64, accumulate bool, t *ExpertTable, r *MoERouter, id
 		items += (t.Routed + moeOneThreads/32 - 1) / (moeOneThreads / 32)
 	}
 	if s.blocks == 0 {
-		occ, err := c.Occupancy(k, moeOneThreads, 0)
+		if err := c.SetMaxShared(k, moeOneShared); err != nil {
+			return err
+		}
+		occ, err := c.Occupancy(k, moeOneThreads, moeOneShared)
 		if err != nil {
 			return err
 		}
@@ -480,17 +489,9 @@ func (c *Ctx) MoEOne(y uint64, accumulate bool, t *ExpertTable, r *MoERouter, id
 		acc = 1
 	}
 	gshift := bits.TrailingZeros(uint(t.G / 32))
-	pf := 1
-	if moeOneNoPrefetch {
-		pf = 0
-	}
-	return c.Launch(k, D1(min(s.blocks, items)), D1(moeOneThreads), 0, t.buf, t.Routed, topk, t.Shared, t.I, t.K, gshift,
-		W, X, B, norm, scaling, L, ids, wts, x.Q, x.Scales, s.H, s.Partial, s.Ctl, y, acc, pf)
+	return c.Launch(k, D1(min(s.blocks, items)), D1(moeOneThreads), moeOneShared, t.buf, t.Routed, topk, t.Shared, t.I, t.K, gshift,
+		W, X, B, norm, scaling, L, ids, wts, x.Q, x.Scales, s.H, s.Partial, s.Ctl, y, acc)
 }
-
-// moeOneNoPrefetch turns off moe_one's L2 prefetch of each block's next
-// item (benchmarks).
-var moeOneNoPrefetch bool
 
 // moeOneThreads, moeOneCtl, moeOneGURows and moeOneDNRows are
 // MOE1_THREADS, MOE1_CTL, MOE1_GU_ROWS and MOE1_DN_ROWS in moe.cu.
@@ -499,6 +500,9 @@ const (
 	moeOneCtl     = 32
 	moeOneGURows  = 8
 	moeOneDNRows  = 16
+	// moeOneShared is moe_one's dynamic shared memory: MOE1_HEAD +
+	// MOE1_STAGES * MOE1_STAGE.
+	moeOneShared = 10240 + 3*(16*2048/2+16*2048/32+16*4)
 )
 
 // moeMaxI is MOE_MAX_I in moe.cu: the largest intermediate size whose

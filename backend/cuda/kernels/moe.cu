@@ -567,31 +567,44 @@ extern "C" __global__ void __launch_bounds__(256)
 //   router items (one logit a warp), the shared experts' gate/up items
 //   (MOE1_GU_ROWS rows of h each), their down items (MOE1_DN_ROWS output
 //   rows each), then the same for the routed slots.
-// Three blocks a multiprocessor (166 registers a thread; with 4 rows a warp
-// at 128 registers, or 8 rows, the compiler spills).
-// An item waits (spinning) only on items with smaller tickets: routed items
-// on the router's count, a down item on its slot's count of finished
-// gate/up items. Each block takes its tickets in increasing order, so the
+// Each block streams its items' weights (codes, scales, row scales) into a
+// ring of MOE1_STAGES shared-memory buffers with cp.async, MOE1_STAGES - 1
+// items ahead of the one it computes, so that about 32 KB a block stay in
+// flight while it computes, waits and signals.
+// An item waits (spinning) only on items with smaller tickets: a routed
+// item on the router's count, a down item on its slot's count of finished
+// gate/up items. Each block takes its tickets in increasing order and waits
+// only while computing an item (a routed item's loads, issued ahead, are
+// deferred to its turn when the routing is not known yet), so the
 // unfinished item with the smallest ticket is always held by a running
-// block and waits on nothing unfinished: no deadlock, whatever the number
-// of resident blocks. Weights are loaded into registers before the wait
-// (they depend on nothing but the expert id). Every product and sum is
-// computed as in moe_router_route, moe_gate_up and moe_down_q (same lanes,
-// same order), so the result is the same bit for bit.
+// block that waits on nothing unfinished: no deadlock, whatever the number
+// of resident blocks. Every product and sum is computed as in
+// moe_router_route, moe_gate_up and moe_down_q (same lanes, same order), so
+// the result is the same bit for bit.
 //
 // ctl (zero between launches; the last block to leave resets it):
 // [0] tickets, [1] router items done, [2] blocks done, [4+s] gate/up items
 // of slot s done, [MOE1_CTL + b] down items of output row block b done.
 #define MOE1_THREADS 128
+#define MOE1_NW (MOE1_THREADS / 32)
 #define MOE1_MAX_SLOTS 16
 #define MOE1_MAX_I 2048
+#define MOE1_MAX_K 2048
 // Rows per warp of a gate/up item (half gate, half up) and of a down item.
 #define MOE1_R 4
-#define MOE1_GU_ROWS (MOE1_THREADS / 32 * MOE1_R / 2)
-#define MOE1_DN_ROWS (MOE1_THREADS / 32 * MOE1_R)
+#define MOE1_GU_ROWS (MOE1_NW * MOE1_R / 2)
+#define MOE1_DN_ROWS (MOE1_NW * MOE1_R)
 #define MOE1_CTL 32
-// The router's row length at most (K).
-#define MOE1_MAX_K 2048
+#define MOE1_STAGES 3
+// A stage: the item's codes (16 rows of at most 1 KB), scales (16 rows of
+// at most 64 bytes) and row scales.
+#define MOE1_CODES (16 * MOE1_MAX_K / 2)
+#define MOE1_SCALES (16 * MOE1_MAX_K / 32)
+#define MOE1_STAGE (MOE1_CODES + MOE1_SCALES + 16 * 4)
+// Dynamic shared memory: the block's state (Moe1Shared) in the first
+// MOE1_HEAD bytes, then the stages (MOE1_HEAD + MOE1_STAGES * MOE1_STAGE
+// bytes in all: moeOneShared in ops.go).
+#define MOE1_HEAD 10240
 // Groups of h a warp quantizes with all loads in flight (the rest after).
 #define MOE1_QG 4
 // Experts of its router at most.
@@ -622,17 +635,22 @@ DEVICE void moe1_signal(u32* p) {
   }
 }
 
-// The lines of [p, p + bytes) into L2, spread over a warp's lanes.
-DEVICE void prefetch_span(const u8* p, int bytes) {
-  const int lane = threadIdx.x & 31;
-  const u8* a = (const u8*)((size_t)p & ~(size_t)127);
-  const int n = (int)(p + bytes - a);
-  for (int o = lane * 128; o < n; o += 32 * 128) asm volatile("prefetch.global.L2 [%0];" ::"l"(a + o));
+// 16 bytes from global to shared memory without registers (cp.async).
+DEVICE void copy16_async(void* dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((u32)__cvta_generic_to_shared(dst)), "l"(src)
+               : "memory");
+}
+
+// n bytes (a multiple of 16, both ends 16-byte aligned), spread over the
+// block's threads.
+DEVICE void copy_async(u8* dst, const u8* src, int n) {
+  for (int o = threadIdx.x * 16; o < n; o += MOE1_THREADS * 16) copy16_async(dst + o, src + o);
 }
 
 // The kind of work item it (0 router, 1 gate/up, 2 down), its slot and its
 // index sub among the slot's items (gate/up first, then down).
 DEVICE int moe1_item(int it, int nr, int topk, int nshared, int ngu, int ndn, int& slot, int& sub) {
+  slot = sub = 0;
   if (it < nr) return 0;
   it -= nr;
   const int nsh = nshared * (ngu + ndn);
@@ -653,31 +671,12 @@ DEVICE int moe1_item(int it, int nr, int topk, int nshared, int ngu, int ndn, in
   return sub < ngu ? 1 : 2;
 }
 
-// The 16-byte code chunks (and their scale bytes) of R rows that lane l
-// multiplies: chunks l and l + 32 of each row (rows of C chunks, C <= 64).
-// Rows r < R/2 start at cb[0] + r * stride, the others at cb[1] + (r - R/2)
-// * stride (scales likewise with sstride).
-template <int R>
-DEVICE void moe1_load(const u8* const (&cb)[2], const u8* const (&sb)[2], int stride, int sstride, int C,
-                      int gshift, uint4 (&w)[2][R], u32 (&s)[2][R]) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int p = 0; p < 2; p++) {
-    const int c = 32 * p + lane;
-    if (c < C) {
-#pragma unroll
-      for (int r = 0; r < R; r++)
-        w[p][r] = load_stream16(cb[r / (R / 2)] + (size_t)(r % (R / 2)) * stride + c * 16);
-#pragma unroll
-      for (int r = 0; r < R; r++) s[p][r] = __ldg(sb[r / (R / 2)] + (r % (R / 2)) * sstride + (c >> gshift));
-    }
-  }
-}
-
-// The warp-summed products of the loaded rows with one token's int8
-// activations, before the row scale (gemv_dot<1, R, true> for C <= 64).
+// The warp-summed products of R rows (codes and scale bytes in shared
+// memory, rows stride and sstride bytes apart) with one token's int8
+// activations, before the row scale: gemv_dot<1, R, true> for C <= 64
+// chunks, lane l taking chunks l and l + 32.
 template <int R, bool XSHARED>
-DEVICE void moe1_dot(const uint4 (&w)[2][R], const u32 (&s)[2][R], int C, int gshift,
+DEVICE void moe1_dot(const u8* codes, int stride, const u8* scales, int sstride, int C, int gshift,
                      const i8* __restrict__ xq, const float* __restrict__ xs, float (&out)[R]) {
   const int lane = threadIdx.x & 31;
 #pragma unroll
@@ -692,45 +691,38 @@ DEVICE void moe1_dot(const uint4 (&w)[2][R], const u32 (&s)[2][R], int C, int gs
     const float xscale = XSHARED ? xs[g] : __ldg(xs + g);
 #pragma unroll
     for (int r = 0; r < R; r++) {
-      const uint4 q = w[p][r];
+      const uint4 q = *(const uint4*)(codes + r * stride + c * 16);
       i32 d = 0, neg = 0;
       dot8_split(q.x, xa.x, xa.y, d, neg);
       dot8_split(q.y, xa.z, xa.w, d, neg);
       dot8_split(q.z, xb.x, xb.y, d, neg);
       dot8_split(q.w, xb.z, xb.w, d, neg);
       d -= neg;
-      out[r] += (float)d * (e4m3(s[p][r]) * xscale);
+      out[r] += (float)d * (e4m3(scales[r * sstride + g]) * xscale);
     }
   }
 #pragma unroll
   for (int r = 0; r < R; r++) out[r] = warp_sum(out[r]);
 }
 
-// Per-block state of moe_one.
+// Per-block state of moe_one (dynamic shared memory, then the stages).
 struct Moe1Shared {
   i32 ids[MOE1_MAX_SLOTS];
   float wts[MOE1_MAX_SLOTS];
-  int routed;  // ids and wts hold this token's routing
-  int next;    // the next ticket
-  int last;    // this block finished an output row block last
+  int tk[MOE1_STAGES];     // the ticket of each stage
+  int deferred[MOE1_STAGES];  // its loads wait for the routing
+  int routed;              // ids and wts hold this token's routing
+  int router_done;         // thread 0 saw the router's items done
+  int last;                // this block finished an output row block last
   float score[MOE1_MAX_EXPERTS], choice[MOE1_MAX_EXPERTS], pick[MOE1_MAX_SLOTS];
   union {
     struct {  // a down item: the slot's h in int8
       __align__(16) i8 hq[MOE1_MAX_I];
       float hs[MOE1_MAX_I / 32];
     } d;
-    struct {  // a router item: the input row and each warp's weight row
-      __align__(16) float x[MOE1_MAX_K];
-      __align__(16) float w[MOE1_THREADS / 32][MOE1_MAX_K];
-    } r;
+    __align__(16) float x[MOE1_MAX_K];  // a router item: the input row
   } u;
 };
-
-// 16 bytes from global to shared memory without registers (cp.async).
-DEVICE void copy16_async(void* dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"((u32)__cvta_generic_to_shared(dst)), "l"(src)
-               : "memory");
-}
 
 // The expert choice of route_warp by the whole block, from E <= 64 logits
 // (through L2: other blocks wrote them): thread e ranks expert e's choice
@@ -774,30 +766,28 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
             int gshift, const float* __restrict__ W, const float* __restrict__ xf,
             const float* __restrict__ bias, int norm, float scaling, float* logits, i32* ids,
             float* wts, const i8* __restrict__ xq, const float* __restrict__ xs, float* h,
-            float* partial, u32* ctl, float* __restrict__ y, int accumulate, int prefetch) {
-  __shared__ Moe1Shared sm;
+            float* partial, u32* ctl, float* __restrict__ y, int accumulate) {
+  extern __shared__ __align__(16) u8 moe1_smem[];
+  static_assert(sizeof(Moe1Shared) <= MOE1_HEAD, "moe_one's shared state outgrew MOE1_HEAD");
+  Moe1Shared& sm = *(Moe1Shared*)moe1_smem;
+  u8* const stages = moe1_smem + MOE1_HEAD;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int S = topk + nshared;
-  const int NW = MOE1_THREADS / 32;                 // warps
-  const int nr = W ? (nexperts + NW - 1) / NW : 0;  // router items
-  const int ngu = I / MOE1_GU_ROWS, ndn = K / MOE1_DN_ROWS;  // items per slot
+  const int nr = W ? (nexperts + MOE1_NW - 1) / MOE1_NW : 0;  // router items
+  const int ngu = I / MOE1_GU_ROWS, ndn = K / MOE1_DN_ROWS;     // items per slot
   const int total = nr + S * (ngu + ndn);
   const int G = 32 << gshift, GKx = (K >> 5) >> gshift, GKh = (I >> 5) >> gshift;
   const int Cx = K >> 5, Ch = I >> 5;
   PDL_LAUNCH();
   PDL_WAIT();
-  if (tid == 0) {
-    sm.routed = 0;
-    sm.next = atomicAdd(&ctl[0], 1u);
-  }
-  __syncthreads();
 
-  // This token's routing into sm (after the router items, when the router
-  // runs here; else from ids and wts). Called by the whole block.
-  auto ensure_routed = [&]() {
-    if (sm.routed) return;
+  auto expert_of = [&](int slot) -> const Expert& {
+    return experts[slot < topk ? sm.ids[slot] : nexperts + (slot - topk)];
+  };
+  // This token's routing into sm once the router's items are done (or
+  // from ids and wts when the router ran before). Block-wide.
+  auto route = [&]() {
     if (W) {
-      moe1_wait(&ctl[1], (u32)nr);
       moe1_route(logits, bias, nexperts, topk, norm, scaling, sm);
     } else if (tid < topk) {
       sm.ids[tid] = __ldcg(ids + tid);
@@ -805,168 +795,116 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
     }
     __syncthreads();
     if (tid == 0) sm.routed = 1;
+    __syncthreads();
   };
-  auto expert_of = [&](int slot) -> const Expert& {
-    return experts[slot < topk ? sm.ids[slot] : nexperts + (slot - topk)];
-  };
-  // Warp 0, once the item's own loads are issued: the next item's weight
-  // rows into L2 (when its expert is known), so that this block has two
-  // items' bytes in flight. next is valid in lane 0.
-  auto prefetch_next = [&](u32 next) {
-    if (!prefetch || warp != 0) return;
-    const int m = (int)__shfl_sync(0xffffffffu, next, 0);
-    int slot = 0, sub = 0;
-    if (m >= total || moe1_item(m, nr, topk, nshared, ngu, ndn, slot, sub) == 0) return;
-    if (slot < topk && !sm.routed) return;
-    const Expert& ex = expert_of(slot);
-    if (sub < ngu) {
-      const size_t off = (size_t)sub * MOE1_GU_ROWS * (K / 2);
-      prefetch_span(ex.gate.codes + off, MOE1_GU_ROWS * (K / 2));
-      prefetch_span(ex.up.codes + off, MOE1_GU_ROWS * (K / 2));
-    } else {
-      prefetch_span(ex.down.codes + (size_t)(sub - ngu) * MOE1_DN_ROWS * (I / 2), MOE1_DN_ROWS * (I / 2));
+  // Item t's weights into stage st (block-wide; one cp.async group per
+  // call, empty when there is nothing to load). A routed item's loads wait
+  // for the routing: without it, they are deferred to the item's turn
+  // (the result).
+  auto issue = [&](int t, int st) -> int {
+    int slot, sub;
+    const int kind = t < total ? moe1_item(t, nr, topk, nshared, ngu, ndn, slot, sub) : 0;
+    const int deferred = kind != 0 && slot < topk && !sm.routed;
+    if (kind != 0 && !deferred) {
+      const Expert& ex = expert_of(slot);
+      u8* b = stages + st * MOE1_STAGE;
+      if (kind == 1) {
+        const int row0 = sub * MOE1_GU_ROWS, cb = MOE1_GU_ROWS * (K / 2), sb = MOE1_GU_ROWS * GKx;
+        copy_async(b, ex.gate.codes + (size_t)row0 * (K / 2), cb);
+        copy_async(b + cb, ex.up.codes + (size_t)row0 * (K / 2), cb);
+        copy_async(b + MOE1_CODES, ex.gate.scales + (size_t)row0 * GKx, sb);
+        copy_async(b + MOE1_CODES + sb, ex.up.scales + (size_t)row0 * GKx, sb);
+        copy_async(b + MOE1_CODES + MOE1_SCALES, (const u8*)(ex.gate.row_scale + row0), MOE1_GU_ROWS * 4);
+        copy_async(b + MOE1_CODES + MOE1_SCALES + MOE1_GU_ROWS * 4, (const u8*)(ex.up.row_scale + row0), MOE1_GU_ROWS * 4);
+      } else {
+        const int row0 = (sub - ngu) * MOE1_DN_ROWS;
+        copy_async(b, ex.down.codes + (size_t)row0 * (I / 2), MOE1_DN_ROWS * (I / 2));
+        copy_async(b + MOE1_CODES, ex.down.scales + (size_t)row0 * GKh, MOE1_DN_ROWS * GKh);
+        copy_async(b + MOE1_CODES + MOE1_SCALES, (const u8*)(ex.down.row_scale + row0), MOE1_DN_ROWS * 4);
+      }
     }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+    return deferred;
   };
 
-  for (;;) {
-    const int item = sm.next;
-    __syncthreads();  // every thread has read sm.next
-    if (item >= total) break;
+  // Prologue: the first MOE1_STAGES tickets, loads for all but the last.
+  if (tid == 0) {
+    sm.routed = 0;
+    sm.router_done = nr == 0;
+    for (int st = 0; st < MOE1_STAGES; st++) sm.tk[st] = (int)atomicAdd(&ctl[0], 1u);
+  }
+  __syncthreads();
+  if (!W) route();
+  for (int st = 0; st < MOE1_STAGES - 1; st++) {
+    const int d = issue(sm.tk[st], st);
+    if (tid == 0) sm.deferred[st] = d;
+  }
+  __syncthreads();
+
+  for (int i = 0;; i++) {
+    const int cur = i % MOE1_STAGES, ahead = (i + MOE1_STAGES - 1) % MOE1_STAGES;
+    const int item = sm.tk[cur], deferred = sm.deferred[cur];
+    if (item >= total) break;  // the later tickets are larger
+    if (!sm.routed && sm.router_done) route();
+    const int dahead = issue(sm.tk[ahead], ahead);
     u32 next = 0;
     if (tid == 0) next = atomicAdd(&ctl[0], 1u);  // in flight during the item
-
-    int slot = 0, sub = 0;
+    int slot, sub;
     const int kind = moe1_item(item, nr, topk, nshared, ngu, ndn, slot, sub);
+    u8* const b = stages + cur * MOE1_STAGE;
+    if (kind != 0 && slot < topk && !sm.routed) {
+      moe1_wait(&ctl[1], (u32)nr);
+      route();
+    }
+    if (deferred) {
+      // Issued now, after the routing; the copies already in flight for the
+      // stages ahead are waited for too.
+      issue(item, cur);
+      asm volatile("cp.async.wait_all;" ::: "memory");
+    } else {
+      asm volatile("cp.async.wait_group %0;" ::"n"(MOE1_STAGES - 1) : "memory");
+    }
+    __syncthreads();
+
     if (kind == 0) {
       // Router: warp w computes logit NW * item + w as moe_router_route
-      // (lane l sums columns l, l + 32, ... in order), from copies of the
-      // input and of its weight row in shared memory, every load issued
-      // at once.
-      const int e = item * NW + warp;
-      for (int k = tid * 4; k < K; k += MOE1_THREADS * 4) copy16_async(&sm.u.r.x[k], xf + k);
+      // (lane l sums columns l, l + 32, ... in order): the weight row's
+      // loads all in flight, the input row from shared memory.
+      const int e = item * MOE1_NW + warp;
+      float wv[MOE1_MAX_K / 32];
       if (e < nexperts) {
         const float* wr = W + (size_t)e * K;
-        for (int k = lane * 4; k < K; k += 128) copy16_async(&sm.u.r.w[warp][k], wr + k);
+#pragma unroll
+        for (int u = 0; u < MOE1_MAX_K / 32; u++)
+          if (32 * u < K) wv[u] = wr[lane + 32 * u];
       }
-      prefetch_next(next);
-      asm volatile("cp.async.wait_all;" ::: "memory");
+      for (int k = tid * 4; k < K; k += MOE1_THREADS * 4) *(float4*)&sm.u.x[k] = *(const float4*)(xf + k);
       __syncthreads();
       if (e < nexperts) {
         float acc = 0.f;
-        for (int k = lane; k < K; k += 32) acc += sm.u.r.w[warp][k] * sm.u.r.x[k];
+#pragma unroll
+        for (int u = 0; u < MOE1_MAX_K / 32; u++)
+          if (32 * u < K) acc += wv[u] * sm.u.x[lane + 32 * u];
         acc = warp_sum(acc);
         if (lane == 0) logits[e] = acc;
       }
       moe1_signal(&ctl[1]);
-    } else {
-      const bool gu = kind == 1;
-      if (slot < topk) ensure_routed();
-      const Expert& ex = expert_of(slot);
-      if (gu) {
-        // Gate/up: warp w takes R/2 rows of this item's of both matrices.
-        const int row0 = sub * MOE1_GU_ROWS + warp * (MOE1_R / 2);
-        if (row0 < I) {
-          const u8* cb[2] = {ex.gate.codes + (size_t)row0 * (K / 2), ex.up.codes + (size_t)row0 * (K / 2)};
-          const u8* sb[2] = {ex.gate.scales + (size_t)row0 * GKx, ex.up.scales + (size_t)row0 * GKx};
-          uint4 w[2][MOE1_R];
-          u32 s[2][MOE1_R];
-          moe1_load<MOE1_R>(cb, sb, K / 2, GKx, Cx, gshift, w, s);
-          prefetch_next(next);
-          float out[MOE1_R];
-          moe1_dot<MOE1_R, false>(w, s, Cx, gshift, xq, xs, out);
+    } else if (kind == 1) {
+      // Gate/up: warp w takes R/2 rows of this item's of both matrices.
+      const int cb = MOE1_GU_ROWS * (K / 2), sb = MOE1_GU_ROWS * GKx, rw = warp * (MOE1_R / 2);
+      // Rows r < R/2 from gate, the others from up: two calls of R/2 rows
+      // would change nothing in the order, one call keeps the loads together.
+      float og[MOE1_R / 2], ou[MOE1_R / 2];
+      moe1_dot<MOE1_R / 2, false>(b + rw * (K / 2), K / 2, b + MOE1_CODES + rw * GKx, GKx, Cx, gshift, xq, xs, og);
+      moe1_dot<MOE1_R / 2, false>(b + cb + rw * (K / 2), K / 2, b + MOE1_CODES + sb + rw * GKx, GKx, Cx, gshift, xq, xs, ou);
+      const float* rs = (const float*)(b + MOE1_CODES + MOE1_SCALES);
 #pragma unroll
-          for (int r = 0; r < MOE1_R / 2; r++) {
-            const int n = row0 + r;
-            if (lane == r) {
-              const float g = out[r] * (ex.gate.row_scale[n] * 0.5f);
-              const float u = out[MOE1_R / 2 + r] * (ex.up.row_scale[n] * 0.5f);
-              h[(size_t)slot * I + n] = silu(g) * u;
-            }
-          }
-        }
-        moe1_signal(&ctl[4 + slot]);
-      } else {
-        // Down: warp w takes R rows of this item's output rows; the
-        // weights are requested before waiting for the slot's h.
-        const int b = sub - ngu, row0 = b * MOE1_DN_ROWS + warp * MOE1_R;
-        const bool mine = row0 < K;
-        uint4 w[2][MOE1_R];
-        u32 s[2][MOE1_R];
-        if (mine) {
-          const int r2 = row0 + MOE1_R / 2;
-          const u8* cb[2] = {ex.down.codes + (size_t)row0 * (I / 2), ex.down.codes + (size_t)r2 * (I / 2)};
-          const u8* sb[2] = {ex.down.scales + (size_t)row0 * GKh, ex.down.scales + (size_t)r2 * GKh};
-          moe1_load<MOE1_R>(cb, sb, I / 2, GKh, Ch, gshift, w, s);
-        }
-        prefetch_next(next);
-        moe1_wait(&ctl[4 + slot], (u32)ngu);
-        // The slot's h to int8 in groups of G, as moe_down_q: warp w takes
-        // groups w, w + NW, ..., the first MOE1_QG of them with every load
-        // issued before the first use.
-        const float* hr = h + (size_t)slot * I;
-        const int Eg = G >> 5;
-        auto quant_group = [&](int g, const float (&v)[4]) {
-          float amax = 0.f;
-#pragma unroll
-          for (int e = 0; e < 4; e++)
-            if (e < Eg) amax = fmaxf(amax, fabsf(v[e]));
-          amax = warp_max(amax);
-          const float scale = amax / 127.f;
-          const int k0 = g * G + lane * Eg;
-#pragma unroll
-          for (int e = 0; e < 4; e++)
-            if (e < Eg) sm.u.d.hq[k0 + e] = (i8)quant8(v[e], amax, scale);
-          if (lane == 0) sm.u.d.hs[g] = amax == 0.f ? 0.f : scale;
-        };
-        {
-          float v[MOE1_QG][4];
-#pragma unroll
-          for (int j = 0; j < MOE1_QG; j++) {
-            const int g = warp + NW * j;
-#pragma unroll
-            for (int e = 0; e < 4; e++)
-              if (g < GKh && e < Eg) v[j][e] = __ldcg(hr + g * G + lane * Eg + e);
-          }
-#pragma unroll
-          for (int j = 0; j < MOE1_QG; j++)
-            if (warp + NW * j < GKh) quant_group(warp + NW * j, v[j]);
-        }
-        for (int g = warp + NW * MOE1_QG; g < GKh; g += NW) {
-          float v[4];
-#pragma unroll
-          for (int e = 0; e < 4; e++)
-            if (e < Eg) v[e] = __ldcg(hr + g * G + lane * Eg + e);
-          quant_group(g, v);
-        }
-        __syncthreads();
-        if (mine) {
-          float out[MOE1_R];
-          moe1_dot<MOE1_R, true>(w, s, Ch, gshift, sm.u.d.hq, sm.u.d.hs, out);
-#pragma unroll
-          for (int r = 0; r < MOE1_R; r++) {
-            const int n = row0 + r;
-            if (lane == r) partial[(size_t)slot * K + n] = out[r] * (ex.down.row_scale[n] * 0.5f);
-          }
-        }
-        // The last of the S items of this row block sums the slots in
-        // order (moe_down_sum).
-        __syncthreads();
-        if (tid == 0) __threadfence();
-        if (tid == 0) sm.last = atomicAdd(&ctl[MOE1_CTL + b], 1u) == (u32)(S - 1);
-        __syncthreads();
-        if (sm.last) {
-          ensure_routed();
-          __threadfence();
-          const int n = b * MOE1_DN_ROWS + tid;
-          if (tid < MOE1_DN_ROWS) {
-            float t = 0.f;
-            for (int q = 0; q < S; q++) {
-              const float wq = q < topk ? sm.wts[q] : 1.f;
-              t += wq * __ldcg(partial + (size_t)q * K + n);
-            }
-            y[n] = accumulate ? y[n] + t : t;
-          }
-          if (tid == 0) ctl[MOE1_CTL + b] = 0;
+      for (int r = 0; r < MOE1_R / 2; r++) {
+        if (lane == r) {
+          const int n = sub * MOE1_GU_ROWS + rw + r;
+          const float g = og[r] * (rs[rw + r] * 0.5f);
+          const float u = ou[r] * (rs[MOE1_GU_ROWS + rw + r] * 0.5f);
+          h[(size_t)slot * I + n] = silu(g) * u;
         }
       }
       // The routing for the caller, once (the first routed gate/up item).
@@ -974,10 +912,95 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
         ids[tid] = sm.ids[tid];
         wts[tid] = sm.wts[tid];
       }
+      moe1_signal(&ctl[4 + slot]);
+    } else {
+      // Down: warp w takes R rows of this item's, after the slot's h is
+      // complete and quantized into shared memory.
+      const int bi = sub - ngu, rw = warp * MOE1_R;
+      moe1_wait(&ctl[4 + slot], (u32)ngu);
+      // The slot's h to int8 in groups of G, as moe_down_q: warp w takes
+      // groups w, w + NW, ..., the first MOE1_QG of them with every load
+      // issued before the first use.
+      const float* hr = h + (size_t)slot * I;
+      const int Eg = G >> 5;
+      auto quant_group = [&](int g, const float(&v)[4]) {
+        float amax = 0.f;
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+          if (e < Eg) amax = fmaxf(amax, fabsf(v[e]));
+        amax = warp_max(amax);
+        const float scale = amax / 127.f;
+        const int k0 = g * G + lane * Eg;
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+          if (e < Eg) sm.u.d.hq[k0 + e] = (i8)quant8(v[e], amax, scale);
+        if (lane == 0) sm.u.d.hs[g] = amax == 0.f ? 0.f : scale;
+      };
+      {
+        float v[MOE1_QG][4];
+#pragma unroll
+        for (int j = 0; j < MOE1_QG; j++) {
+          const int g = warp + MOE1_NW * j;
+#pragma unroll
+          for (int e = 0; e < 4; e++)
+            if (g < GKh && e < Eg) v[j][e] = __ldcg(hr + g * G + lane * Eg + e);
+        }
+#pragma unroll
+        for (int j = 0; j < MOE1_QG; j++)
+          if (warp + MOE1_NW * j < GKh) quant_group(warp + MOE1_NW * j, v[j]);
+      }
+      for (int g = warp + MOE1_NW * MOE1_QG; g < GKh; g += MOE1_NW) {
+        float v[4];
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+          if (e < Eg) v[e] = __ldcg(hr + g * G + lane * Eg + e);
+        quant_group(g, v);
+      }
+      __syncthreads();
+      float out[MOE1_R];
+      moe1_dot<MOE1_R, true>(b + rw * (I / 2), I / 2, b + MOE1_CODES + rw * GKh, GKh, Ch, gshift, sm.u.d.hq,
+                             sm.u.d.hs, out);
+      const float* rs = (const float*)(b + MOE1_CODES + MOE1_SCALES);
+#pragma unroll
+      for (int r = 0; r < MOE1_R; r++)
+        if (lane == r) partial[(size_t)slot * K + bi * MOE1_DN_ROWS + rw + r] = out[r] * (rs[rw + r] * 0.5f);
+      // The last of the S items of this row block sums the slots in
+      // order (moe_down_sum).
+      __syncthreads();
+      if (tid == 0) {
+        __threadfence();
+        sm.last = atomicAdd(&ctl[MOE1_CTL + bi], 1u) == (u32)(S - 1);
+      }
+      __syncthreads();
+      if (sm.last) {
+        if (!sm.routed) {
+          moe1_wait(&ctl[1], (u32)nr);
+          route();
+        }
+        __threadfence();
+        const int n = bi * MOE1_DN_ROWS + tid;
+        if (tid < MOE1_DN_ROWS) {
+          float t = 0.f;
+          for (int q = 0; q < S; q++) {
+            const float wq = q < topk ? sm.wts[q] : 1.f;
+            t += wq * __ldcg(partial + (size_t)q * K + n);
+          }
+          y[n] = accumulate ? y[n] + t : t;
+        }
+        if (tid == 0) ctl[MOE1_CTL + bi] = 0;
+      }
     }
-    if (tid == 0) sm.next = (int)next;
+    // The ticket for this stage, two items on; and whether the router is
+    // done, for the loads of routed items ahead.
+    __syncthreads();
+    if (tid == 0) {
+      sm.tk[cur] = (int)next;
+      sm.deferred[ahead] = dahead;
+      if (!sm.router_done) sm.router_done = ld_acquire(&ctl[1]) >= (u32)nr;
+    }
     __syncthreads();
   }
+  asm volatile("cp.async.wait_all;" ::: "memory");
   // The last block to leave resets the counters for the next launch.
   if (tid == 0) {
     __threadfence();
@@ -990,3 +1013,4 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
     }
   }
 }
+
