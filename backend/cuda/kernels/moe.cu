@@ -574,8 +574,8 @@ extern "C" __global__ void __launch_bounds__(256)
 // An item waits (spinning) only on items with smaller tickets: a routed
 // item on the router's count, a down item on its slot's count of finished
 // gate/up items. Each block takes its tickets in increasing order and waits
-// only while computing an item (a routed item's loads, issued ahead, are
-// deferred to its turn when the routing is not known yet), so the
+// only at an item's turn (a routed item's loads go out once the routing is
+// known, at the latest at its turn), so the
 // unfinished item with the smallest ticket is always held by a running
 // block that waits on nothing unfinished: no deadlock, whatever the number
 // of resident blocks. Every product and sum is computed as in
@@ -710,7 +710,6 @@ struct Moe1Shared {
   i32 ids[MOE1_MAX_SLOTS];
   float wts[MOE1_MAX_SLOTS];
   int tk[MOE1_STAGES];     // the ticket of each stage
-  int deferred[MOE1_STAGES];  // its loads wait for the routing
   int routed;              // ids and wts hold this token's routing
   int router_done;         // thread 0 saw the router's items done
   int last;                // this block finished an output row block last
@@ -769,6 +768,7 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
             float* partial, u32* ctl, float* __restrict__ y, int accumulate) {
   extern __shared__ __align__(16) u8 moe1_smem[];
   static_assert(sizeof(Moe1Shared) <= MOE1_HEAD, "moe_one's shared state outgrew MOE1_HEAD");
+  static_assert(MOE1_STAGES == 3, "the cp.async waits below count three stages");
   Moe1Shared& sm = *(Moe1Shared*)moe1_smem;
   u8* const stages = moe1_smem + MOE1_HEAD;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -798,14 +798,11 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
     __syncthreads();
   };
   // Item t's weights into stage st (block-wide; one cp.async group per
-  // call, empty when there is nothing to load). A routed item's loads wait
-  // for the routing: without it, they are deferred to the item's turn
-  // (the result).
-  auto issue = [&](int t, int st) -> int {
+  // call, empty when there is nothing to load).
+  auto issue = [&](int t, int st) {
     int slot, sub;
     const int kind = t < total ? moe1_item(t, nr, topk, nshared, ngu, ndn, slot, sub) : 0;
-    const int deferred = kind != 0 && slot < topk && !sm.routed;
-    if (kind != 0 && !deferred) {
+    if (kind != 0) {
       const Expert& ex = expert_of(slot);
       u8* b = stages + st * MOE1_STAGE;
       if (kind == 1) {
@@ -824,10 +821,24 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
       }
     }
     asm volatile("cp.async.commit_group;" ::: "memory");
-    return deferred;
+  };
+  // Loads are issued in ticket order (cp.async groups complete in commit
+  // order), as far as the routing allows: a routed item's loads wait until
+  // the routing is known. issued counts the tickets from item i on whose
+  // loads are committed (the same in every thread).
+  int issued = 0;
+  auto issue_more = [&](int i) {
+    while (issued < MOE1_STAGES) {
+      const int t = sm.tk[(i + issued) % MOE1_STAGES];
+      int slot, sub;
+      if (t < total && moe1_item(t, nr, topk, nshared, ngu, ndn, slot, sub) != 0 && slot < topk && !sm.routed) break;
+      issue(t, (i + issued) % MOE1_STAGES);
+      issued++;
+    }
   };
 
-  // Prologue: the first MOE1_STAGES tickets, loads for all but the last.
+  // Prologue: the first MOE1_STAGES tickets (their loads go out in the
+  // first iteration).
   if (tid == 0) {
     sm.routed = 0;
     sm.router_done = nr == 0;
@@ -835,34 +846,32 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
   }
   __syncthreads();
   if (!W) route();
-  for (int st = 0; st < MOE1_STAGES - 1; st++) {
-    const int d = issue(sm.tk[st], st);
-    if (tid == 0) sm.deferred[st] = d;
-  }
-  __syncthreads();
 
   for (int i = 0;; i++) {
-    const int cur = i % MOE1_STAGES, ahead = (i + MOE1_STAGES - 1) % MOE1_STAGES;
-    const int item = sm.tk[cur], deferred = sm.deferred[cur];
+    const int cur = i % MOE1_STAGES;
+    const int item = sm.tk[cur];
     if (item >= total) break;  // the later tickets are larger
     if (!sm.routed && sm.router_done) route();
-    const int dahead = issue(sm.tk[ahead], ahead);
+    issue_more(i);
     u32 next = 0;
     if (tid == 0) next = atomicAdd(&ctl[0], 1u);  // in flight during the item
     int slot, sub;
     const int kind = moe1_item(item, nr, topk, nshared, ngu, ndn, slot, sub);
     u8* const b = stages + cur * MOE1_STAGE;
-    if (kind != 0 && slot < topk && !sm.routed) {
+    if (issued == 0) {
+      // This item is routed and the routing unknown: its turn has come,
+      // so waiting here holds up no earlier item.
       moe1_wait(&ctl[1], (u32)nr);
       route();
+      issue_more(i);
     }
-    if (deferred) {
-      // Issued now, after the routing; the copies already in flight for the
-      // stages ahead are waited for too.
-      issue(item, cur);
-      asm volatile("cp.async.wait_all;" ::: "memory");
+    // This item's group is the oldest of the issued ones.
+    if (issued == 1) {
+      asm volatile("cp.async.wait_group 0;" ::: "memory");
+    } else if (issued == 2) {
+      asm volatile("cp.async.wait_group 1;" ::: "memory");
     } else {
-      asm volatile("cp.async.wait_group %0;" ::"n"(MOE1_STAGES - 1) : "memory");
+      asm volatile("cp.async.wait_group 2;" ::: "memory");
     }
     __syncthreads();
 
@@ -990,12 +999,12 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
         if (tid == 0) ctl[MOE1_CTL + bi] = 0;
       }
     }
-    // The ticket for this stage, two items on; and whether the router is
-    // done, for the loads of routed items ahead.
+    // The ticket for this stage, three items on; and whether the router
+    // is done, for the loads of routed items ahead.
+    issued--;
     __syncthreads();
     if (tid == 0) {
       sm.tk[cur] = (int)next;
-      sm.deferred[ahead] = dahead;
       if (!sm.router_done) sm.router_done = ld_acquire(&ctl[1]) >= (u32)nr;
     }
     __syncthreads();
