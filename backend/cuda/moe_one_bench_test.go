@@ -15,8 +15,10 @@ import (
 // 64 x 2048 fp32, 64 experts of 1536 x 2048, top 4, one shared expert),
 // device time per block:
 //   - router+two: the router launch (moe_router_route) then the two MoE
-//     launches, the current single-token path (three launches);
-//   - one+router: moe_one with its router (one launch);
+//     launches, the current single-token path (three launches), with and
+//     without (-nopf) the gate/up kernel's L2 prefetch of the down matrices;
+//   - one+router: moe_one with its router (one launch), with counted or
+//     fixed (-static) tickets;
 //   - two, one: the MoE alone on a given routing, two launches or one.
 //
 // Each call takes the next of 6 layers (its own shared expert and router,
@@ -131,29 +133,40 @@ func BenchmarkMoEOne(b *testing.B) {
 		b.Fatal(err)
 	}
 	i := 0
+	routerTwo := func(c *Ctx, L *layer, s int) error {
+		ids, wts := L.ids.At(4*topK*s), L.wts.At(4*topK*s)
+		if err := c.Launch(L.routeKernel, Dim{uint32((E + 7) / 8), 1, 1}, D1(256), 0, L.W, E, K, xs[s], K,
+			L.logits.At(4*E*s), E, L.bias, topK, 1, float32(1.8), ids, wts, L.counters); err != nil {
+			return err
+		}
+		return c.MoE(y.Ptr, false, L.tab, ids, wts, topK, xq[s], L.scr)
+	}
+	oneRouter := func(c *Ctx, L *layer, s int) error {
+		rt := &MoERouter{W: L.W.Ptr, X: xs[s].Ptr, Bias: L.bias.Ptr, Logits: L.logits.At(4 * E * s), Norm: true, Scaling: 1.8}
+		return c.MoEOne(y.Ptr, false, L.tab, rt, L.ids.At(4*topK*s), L.wts.At(4*topK*s), topK, xq[s], L.scr)
+	}
+	two := func(c *Ctx, L *layer, s int) error {
+		return c.MoE(y.Ptr, false, L.tab, L.givenIDs.At(4*topK*s), L.givenWts.At(4*topK*s), topK, xq[s], L.scr)
+	}
+	one := func(c *Ctx, L *layer, s int) error {
+		return c.MoEOne(y.Ptr, false, L.tab, nil, L.givenIDs.At(4*topK*s), L.givenWts.At(4*topK*s), topK, xq[s], L.scr)
+	}
 	variants := []struct {
 		name   string
 		router bool
-		call   func(c *Ctx, L *layer, s int) error
+		// noPrefetch: the gate/up kernel leaves the down matrices to
+		// the down kernel; static: moe_one with fixed tickets.
+		noPrefetch, static bool
+		call               func(c *Ctx, L *layer, s int) error
 	}{
-		{"router+two", true, func(c *Ctx, L *layer, s int) error {
-			ids, wts := L.ids.At(4*topK*s), L.wts.At(4*topK*s)
-			if err := c.Launch(L.routeKernel, Dim{uint32((E + 7) / 8), 1, 1}, D1(256), 0, L.W, E, K, xs[s], K,
-				L.logits.At(4*E*s), E, L.bias, topK, 1, float32(1.8), ids, wts, L.counters); err != nil {
-				return err
-			}
-			return c.MoE(y.Ptr, false, L.tab, ids, wts, topK, xq[s], L.scr)
-		}},
-		{"one+router", true, func(c *Ctx, L *layer, s int) error {
-			rt := &MoERouter{W: L.W.Ptr, X: xs[s].Ptr, Bias: L.bias.Ptr, Logits: L.logits.At(4 * E * s), Norm: true, Scaling: 1.8}
-			return c.MoEOne(y.Ptr, false, L.tab, rt, L.ids.At(4*topK*s), L.wts.At(4*topK*s), topK, xq[s], L.scr)
-		}},
-		{"two", false, func(c *Ctx, L *layer, s int) error {
-			return c.MoE(y.Ptr, false, L.tab, L.givenIDs.At(4*topK*s), L.givenWts.At(4*topK*s), topK, xq[s], L.scr)
-		}},
-		{"one", false, func(c *Ctx, L *layer, s int) error {
-			return c.MoEOne(y.Ptr, false, L.tab, nil, L.givenIDs.At(4*topK*s), L.givenWts.At(4*topK*s), topK, xq[s], L.scr)
-		}},
+		{"router+two", true, false, false, routerTwo},
+		{"router+two-nopf", true, true, false, routerTwo},
+		{"one+router", true, false, false, oneRouter},
+		{"one+router-static", true, false, true, oneRouter},
+		{"two", false, false, false, two},
+		{"two-nopf", false, true, false, two},
+		{"one", false, false, false, one},
+		{"one-static", false, false, true, one},
 	}
 	for _, v := range variants {
 		bytes := ebytes
@@ -161,6 +174,8 @@ func BenchmarkMoEOne(b *testing.B) {
 			bytes += 4 * E * K
 		}
 		b.Run(v.name, func(b *testing.B) {
+			moeDownPrefetch, moeOneStatic = !v.noPrefetch, v.static
+			defer func() { moeDownPrefetch, moeOneStatic = true, false }()
 			var ms float32
 			err := d.Do(func(c *Ctx) error {
 				call := func() error {

@@ -402,8 +402,12 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 	if accumulate {
 		acc = 1
 	}
+	pf := 0
+	if moeDownPrefetch {
+		pf = 1
+	}
 	if err := c.Launch(gu, Dim{uint32((t.I + 15) / 16), uint32(slots), 1}, D1(128), 0,
-		t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, x.Sums, s.H); err != nil {
+		t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, x.Sums, s.H, pf); err != nil {
 		return err
 	}
 	if t.I <= moeMaxI {
@@ -436,11 +440,11 @@ type MoERouter struct {
 // MoEOneFits reports whether moe_one takes this table with topk routed
 // experts (and, with router, runs the router too): whole items (I a
 // multiple of moeOneGURows, K of moeOneDNRows), rows of at most 64 chunks
-// in 16-byte pieces (K and I multiples of 32, an even number of groups
-// in K), at most 16 slots, and at most 64 experts for its router.
+// in 16-byte pieces (K and I multiples of 32), at most 16 slots, and at
+// most 64 experts for its router.
 func MoEOneFits(t *ExpertTable, topk int, router bool) bool {
 	return t.aligned && t.K%32 == 0 && t.I%32 == 0 && t.K%moeOneDNRows == 0 && t.I%moeOneGURows == 0 && t.K <= 2048 && t.I <= 2048 &&
-		t.G <= 128 && t.I%t.G == 0 && t.K%t.G == 0 && (t.K/t.G)%2 == 0 &&
+		t.G <= 128 && t.I%t.G == 0 && t.K%t.G == 0 &&
 		topk >= 1 && topk <= 32 && topk+t.Shared <= 16 && (!router || t.Routed <= 64)
 }
 
@@ -489,21 +493,33 @@ func (c *Ctx) MoEOne(y uint64, accumulate bool, t *ExpertTable, r *MoERouter, id
 		acc = 1
 	}
 	gshift := bits.TrailingZeros(uint(t.G / 32))
+	flags := 0
+	if moeOneStatic {
+		flags |= 1
+	}
 	return c.Launch(k, D1(min(s.blocks, items)), D1(moeOneThreads), moeOneShared, t.buf, t.Routed, topk, t.Shared, t.I, t.K, gshift,
-		W, X, B, norm, scaling, L, ids, wts, x.Q, x.Scales, s.H, s.Partial, s.Ctl, y, acc)
+		W, X, B, norm, scaling, L, ids, wts, x.Q, x.Scales, s.H, s.Partial, s.Ctl, y, acc, flags)
 }
 
 // moeOneThreads, moeOneCtl, moeOneGURows and moeOneDNRows are
 // MOE1_THREADS, MOE1_CTL, MOE1_GU_ROWS and MOE1_DN_ROWS in moe.cu.
 const (
 	moeOneThreads = 128
-	moeOneCtl     = 32
+	moeOneCtl     = 96 + 32*16
 	moeOneGURows  = 8
 	moeOneDNRows  = 16
 	// moeOneShared is moe_one's dynamic shared memory: MOE1_HEAD +
 	// MOE1_STAGES * MOE1_STAGE.
 	moeOneShared = 10240 + 3*(16*2048/2+16*2048/32+16*4)
 )
+
+// moeDownPrefetch has the gate/up kernel of MoE ask L2 for the down
+// matrices, which the down kernel then reads from there.
+var moeDownPrefetch = true
+
+// moeOneStatic has moe_one's blocks take fixed tickets (b, b + blocks, ...)
+// instead of counting them out (benchmarks).
+var moeOneStatic bool
 
 // moeMaxI is MOE_MAX_I in moe.cu: the largest intermediate size whose
 // quantization moe_down_q holds in shared memory.

@@ -116,16 +116,27 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
 // At most 128 registers a thread, so that four blocks fit on a
 // multiprocessor and the 5 x 96 blocks of GLM-4.7-Flash's MoE are resident
 // at once (168 registers left 3 a multiprocessor: two waves).
+// With prefetch_down, each block also asks L2 for its share of its slot's
+// down matrix (codes and scales), which the down kernel reads next.
 extern "C" __global__ void __launch_bounds__(128, 4)
     moe_gate_up(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
                 int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
-                const float* __restrict__ xs, const i32* __restrict__ xsum, float* __restrict__ h) {
+                const float* __restrict__ xs, const i32* __restrict__ xsum, float* __restrict__ h,
+                int prefetch_down) {
   PDL_LAUNCH();
   PDL_WAIT();
   const int slot = blockIdx.y, lane = threadIdx.x & 31;
   const int row0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 4;
-  if (row0 >= I) return;
   const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
+  if (prefetch_down) {
+    const size_t codes = (size_t)K * (I / 2), scales = (size_t)K * ((I >> 5) >> gshift);
+    const size_t per = ((codes + scales + gridDim.x - 1) / gridDim.x + 127) & ~(size_t)127;
+    for (size_t o = blockIdx.x * per + threadIdx.x * 128; o < min((size_t)(blockIdx.x + 1) * per, codes + scales); o += 128 * 128) {
+      const u8* p = o < codes ? ex.down.codes + o : ex.down.scales + (o - codes);
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+    }
+  }
+  if (row0 >= I) return;
   const int GK = (K >> 5) >> gshift;
   const u8* rc[8];
   const u8* rs[8];
@@ -582,9 +593,13 @@ extern "C" __global__ void __launch_bounds__(256)
 // moe_router_route, moe_gate_up and moe_down_q (same lanes, same order), so
 // the result is the same bit for bit.
 //
-// ctl (zero between launches; the last block to leave resets it):
-// [0] tickets, [1] router items done, [2] blocks done, [4+s] gate/up items
-// of slot s done, [MOE1_CTL + b] down items of output row block b done.
+// ctl (zero between launches; the last block to leave resets it), each
+// counter that blocks poll or take tickets from on its own 128-byte line:
+// [MOE1_TICKETS] tickets, [MOE1_ROUTED] router items done, [MOE1_LEFT]
+// blocks done, [MOE1_HDONE(s)] gate/up items of slot s done, [MOE1_CTL + b]
+// down items of output row block b done. With flags & 1, block b takes
+// tickets b, b + gridDim.x, ... instead (no ticket counter; needs every
+// block resident at once, as the grid is sized).
 #define MOE1_THREADS 128
 #define MOE1_NW (MOE1_THREADS / 32)
 #define MOE1_MAX_SLOTS 16
@@ -594,7 +609,11 @@ extern "C" __global__ void __launch_bounds__(256)
 #define MOE1_R 4
 #define MOE1_GU_ROWS (MOE1_NW * MOE1_R / 2)
 #define MOE1_DN_ROWS (MOE1_NW * MOE1_R)
-#define MOE1_CTL 32
+#define MOE1_TICKETS 0
+#define MOE1_ROUTED 32
+#define MOE1_LEFT 64
+#define MOE1_HDONE(s) (96 + 32 * (s))
+#define MOE1_CTL (96 + 32 * MOE1_MAX_SLOTS)
 #define MOE1_STAGES 3
 // A stage: the item's codes (16 rows of at most 1 KB), scales (16 rows of
 // at most 64 bytes) and row scales.
@@ -616,11 +635,12 @@ DEVICE u32 ld_acquire(const u32* p) {
   return v;
 }
 
-// Thread 0 spins until *p >= target; then the whole block goes on.
+// Thread 0 spins until *p >= target (pausing between reads, so that the
+// pollers leave the counter's L2 slice to the others); then the whole
+// block goes on.
 DEVICE void moe1_wait(const u32* p, u32 target) {
   if (threadIdx.x == 0) {
-    while (ld_acquire(p) < target) {
-    }
+    while (ld_acquire(p) < target) asm volatile("nanosleep.u32 200;");
   }
   __syncthreads();
 }
@@ -641,10 +661,16 @@ DEVICE void copy16_async(void* dst, const void* src) {
                : "memory");
 }
 
-// n bytes (a multiple of 16, both ends 16-byte aligned), spread over the
-// block's threads.
+// n bytes (a multiple of 16, both ends 16-byte aligned, or else of 4 and
+// 4-byte aligned), spread over the block's threads.
 DEVICE void copy_async(u8* dst, const u8* src, int n) {
-  for (int o = threadIdx.x * 16; o < n; o += MOE1_THREADS * 16) copy16_async(dst + o, src + o);
+  if ((n & 15) == 0) {
+    for (int o = threadIdx.x * 16; o < n; o += MOE1_THREADS * 16) copy16_async(dst + o, src + o);
+  } else {
+    for (int o = threadIdx.x * 4; o < n; o += MOE1_THREADS * 4)
+      asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"((u32)__cvta_generic_to_shared(dst + o)), "l"(src + o)
+                   : "memory");
+  }
 }
 
 // The kind of work item it (0 router, 1 gate/up, 2 down), its slot and its
@@ -765,7 +791,7 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
             int gshift, const float* __restrict__ W, const float* __restrict__ xf,
             const float* __restrict__ bias, int norm, float scaling, float* logits, i32* ids,
             float* wts, const i8* __restrict__ xq, const float* __restrict__ xs, float* h,
-            float* partial, u32* ctl, float* __restrict__ y, int accumulate) {
+            float* partial, u32* ctl, float* __restrict__ y, int accumulate, int flags) {
   extern __shared__ __align__(16) u8 moe1_smem[];
   static_assert(sizeof(Moe1Shared) <= MOE1_HEAD, "moe_one's shared state outgrew MOE1_HEAD");
   static_assert(MOE1_STAGES == 3, "the cp.async waits below count three stages");
@@ -842,7 +868,8 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
   if (tid == 0) {
     sm.routed = 0;
     sm.router_done = nr == 0;
-    for (int st = 0; st < MOE1_STAGES; st++) sm.tk[st] = (int)atomicAdd(&ctl[0], 1u);
+    for (int st = 0; st < MOE1_STAGES; st++)
+      sm.tk[st] = (flags & 1) ? (int)(blockIdx.x + st * gridDim.x) : (int)atomicAdd(&ctl[MOE1_TICKETS], 1u);
   }
   __syncthreads();
   if (!W) route();
@@ -854,14 +881,15 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
     if (!sm.routed && sm.router_done) route();
     issue_more(i);
     u32 next = 0;
-    if (tid == 0) next = atomicAdd(&ctl[0], 1u);  // in flight during the item
+    if (tid == 0)  // in flight during the item
+      next = (flags & 1) ? blockIdx.x + (i + MOE1_STAGES) * gridDim.x : atomicAdd(&ctl[MOE1_TICKETS], 1u);
     int slot, sub;
     const int kind = moe1_item(item, nr, topk, nshared, ngu, ndn, slot, sub);
     u8* const b = stages + cur * MOE1_STAGE;
     if (issued == 0) {
       // This item is routed and the routing unknown: its turn has come,
       // so waiting here holds up no earlier item.
-      moe1_wait(&ctl[1], (u32)nr);
+      moe1_wait(&ctl[MOE1_ROUTED], (u32)nr);
       route();
       issue_more(i);
     }
@@ -897,7 +925,7 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
         acc = warp_sum(acc);
         if (lane == 0) logits[e] = acc;
       }
-      moe1_signal(&ctl[1]);
+      moe1_signal(&ctl[MOE1_ROUTED]);
     } else if (kind == 1) {
       // Gate/up: warp w takes R/2 rows of this item's of both matrices.
       const int cb = MOE1_GU_ROWS * (K / 2), sb = MOE1_GU_ROWS * GKx, rw = warp * (MOE1_R / 2);
@@ -921,12 +949,12 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
         ids[tid] = sm.ids[tid];
         wts[tid] = sm.wts[tid];
       }
-      moe1_signal(&ctl[4 + slot]);
+      moe1_signal(&ctl[MOE1_HDONE(slot)]);
     } else {
       // Down: warp w takes R rows of this item's, after the slot's h is
       // complete and quantized into shared memory.
       const int bi = sub - ngu, rw = warp * MOE1_R;
-      moe1_wait(&ctl[4 + slot], (u32)ngu);
+      moe1_wait(&ctl[MOE1_HDONE(slot)], (u32)ngu);
       // The slot's h to int8 in groups of G, as moe_down_q: warp w takes
       // groups w, w + NW, ..., the first MOE1_QG of them with every load
       // issued before the first use.
@@ -983,7 +1011,7 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
       __syncthreads();
       if (sm.last) {
         if (!sm.routed) {
-          moe1_wait(&ctl[1], (u32)nr);
+          moe1_wait(&ctl[MOE1_ROUTED], (u32)nr);
           route();
         }
         __threadfence();
@@ -1005,7 +1033,7 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
     __syncthreads();
     if (tid == 0) {
       sm.tk[cur] = (int)next;
-      if (!sm.router_done) sm.router_done = ld_acquire(&ctl[1]) >= (u32)nr;
+      if (!sm.router_done) sm.router_done = ld_acquire(&ctl[MOE1_ROUTED]) >= (u32)nr;
     }
     __syncthreads();
   }
@@ -1013,11 +1041,11 @@ extern "C" __global__ void __launch_bounds__(MOE1_THREADS, 3)
   // The last block to leave resets the counters for the next launch.
   if (tid == 0) {
     __threadfence();
-    if (atomicAdd(&ctl[2], 1u) == gridDim.x - 1) {
-      ctl[0] = 0;
-      ctl[1] = 0;
-      ctl[2] = 0;
-      for (int q = 0; q < S; q++) ctl[4 + q] = 0;
+    if (atomicAdd(&ctl[MOE1_LEFT], 1u) == gridDim.x - 1) {
+      ctl[MOE1_TICKETS] = 0;
+      ctl[MOE1_ROUTED] = 0;
+      ctl[MOE1_LEFT] = 0;
+      for (int q = 0; q < S; q++) ctl[MOE1_HDONE(q)] = 0;
       __threadfence();
     }
   }
