@@ -227,6 +227,9 @@ func NewOnDevice(d *Device, o Options) *Backend {
 	if os.Getenv("MMFP4_CUDA_MOE_ONE") == "0" {
 		b.opts.NoMoEOne = true
 	}
+	if os.Getenv("MMFP4_CUDA_DOWN_PREFETCH") == "0" {
+		moeDownPrefetch = false // for comparison runs
+	}
 	if os.Getenv("MMFP4_CUDA_CHUNKS") == "0" {
 		b.opts.NoDecodeChunks = true
 	}
