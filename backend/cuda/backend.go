@@ -38,10 +38,12 @@ type Options struct {
 	// latent's norm in the RoPE and cache write launch
 	// (MMFP4_CUDA_FUSE_LATENT=1).
 	FusedGEMV, FusedRouter, FusedLatent bool
-	// NoMoEOne runs a single token's MoE as the router launch and two
-	// expert launches instead of moe_one's single persistent launch
-	// (also MMFP4_CUDA_MOE_ONE=0).
-	NoMoEOne bool
+	// MoEOne runs a single token's MoE (with the router launch queued
+	// just before it) as moe_one's single persistent launch instead of
+	// the router launch and two expert launches (also
+	// MMFP4_CUDA_MOE_ONE=1). Off by default: on an H200 it was slower
+	// (docs/perf.md, 2026-11-28 (3)).
+	MoEOne bool
 	// NoDecodeChunks hands a single-row step to the device in one piece
 	// at its first read-back instead of in chunks of layers (also
 	// MMFP4_CUDA_CHUNKS=0).
@@ -224,11 +226,11 @@ func NewOnDevice(d *Device, o Options) *Backend {
 	if os.Getenv("MMFP4_CUDA_FUSE_LATENT") == "1" {
 		b.opts.FusedLatent = true
 	}
-	if os.Getenv("MMFP4_CUDA_MOE_ONE") == "0" {
-		b.opts.NoMoEOne = true
+	if os.Getenv("MMFP4_CUDA_MOE_ONE") == "1" {
+		b.opts.MoEOne = true
 	}
-	if os.Getenv("MMFP4_CUDA_DOWN_PREFETCH") == "0" {
-		moeDownPrefetch = false // for comparison runs
+	if os.Getenv("MMFP4_CUDA_ROUTER_SLOW") == "1" {
+		routerSlow = true // comparison runs: the older router kernel
 	}
 	if os.Getenv("MMFP4_CUDA_CHUNKS") == "0" {
 		b.opts.NoDecodeChunks = true
@@ -1585,12 +1587,8 @@ func (b *Backend) Route(logits backend.Tensor, bias backend.Weight, cfg backend.
 			// The router's product was queued just before: one launch
 			// computes the logits (still written) and picks the experts.
 			b.pending[ld.idx] = queuedOp{"router+route", func(c *Ctx) error {
-				k, err := c.Kernel("moe", "moe_router_route")
-				if err != nil {
-					return err
-				}
-				return c.Launch(k, Dim{uint32((E + 7) / 8), uint32(lm.rows), 1}, D1(256), 0, ld.w.dense, E, ld.w.k, ld.x.ptr, ld.x.ld,
-					lm.ptr, lm.ld, bv.dense, cfg.TopK, norm, cfg.RoutedScaling, r.ids, r.wts, b.routeCounters)
+				return c.RouterRoute(ld.w.dense, E, ld.w.k, ld.x.ptr, ld.x.ld, lm.rows, lm.ptr, lm.ld, bv.dense, cfg.TopK, norm == 1,
+					cfg.RoutedScaling, r.ids, r.wts, b.routeCounters.Ptr)
 			}}
 			b.lastDense = nil
 			if lm.rows == 1 && lm.cols == E {
@@ -1793,7 +1791,7 @@ func (b *Backend) moeRows(d, xm *tensor, rt *routing, l *moeLayer) {
 		xr := &tensor{rows: 1, cols: xm.cols, ld: xm.ld, ptr: xm.row(t)}
 		dr := d.row(t)
 		a := b.quantize(xr, l.table.G)
-		if d.rows == 1 && !b.opts.NoMoEOne && MoEOneFits(l.table, rt.topK, false) {
+		if d.rows == 1 && b.opts.MoEOne && MoEOneFits(l.table, rt.topK, false) {
 			b.moeOneLaunch(dr, xr, rt, l, a)
 			return
 		}

@@ -14,9 +14,9 @@ import (
 // BenchmarkMoEOne: one token through a GLM-4.7-Flash MoE block (router of
 // 64 x 2048 fp32, 64 experts of 1536 x 2048, top 4, one shared expert),
 // device time per block:
-//   - router+two: the router launch (moe_router_route) then the two MoE
-//     launches, the current single-token path (three launches), with and
-//     without (-nopf) the gate/up kernel's L2 prefetch of the down matrices;
+//   - router+two: the router launch (moe_router_fast, or -slow:
+//     moe_router_route) then the two MoE launches, the single-token path
+//     (three launches);
 //   - one+router: moe_one with its router (one launch), with counted or
 //     fixed (-static) tickets;
 //   - two, one: the MoE alone on a given routing, two launches or one.
@@ -31,16 +31,14 @@ func BenchmarkMoEOne(b *testing.B) {
 	r := rand.New(rand.NewPCG(9, 10))
 	const K, I, E, topK, layers, sets = 2048, 1536, 64, 4, 6, 16
 	type layer struct {
-		tab          *ExpertTable
-		scr          *MoEScratch
-		W, bias      Buffer
-		counters     Buffer
-		routeKernel  *Kernel
-		ids, wts     Buffer // sets x topK, the router's output
-		logits       Buffer
-		givenIDs     Buffer // sets x topK random ids
-		givenWts     Buffer
-		expertsBytes float64
+		tab      *ExpertTable
+		scr      *MoEScratch
+		W, bias  Buffer
+		counters Buffer
+		ids, wts Buffer // sets x topK, the router's output
+		logits   Buffer
+		givenIDs Buffer // sets x topK random ids
+		givenWts Buffer
 	}
 	var (
 		ls     []*layer
@@ -72,16 +70,12 @@ func BenchmarkMoEOne(b *testing.B) {
 			routed = append(routed, m)
 		}
 		ebytes = float64(topK+1) * float64(routed[0].Gate.Bytes()+routed[0].Up.Bytes()+routed[0].Down.Bytes())
-		rk, err := c.Kernel("moe", "moe_router_route")
-		if err != nil {
-			return err
-		}
 		for l := 0; l < layers; l++ {
 			sh, err := upMats()
 			if err != nil {
 				return err
 			}
-			L := &layer{routeKernel: rk}
+			L := &layer{}
 			if L.tab, err = c.NewExpertTable(routed, []ExpertMats{sh}); err != nil {
 				return err
 			}
@@ -126,6 +120,7 @@ func BenchmarkMoEOne(b *testing.B) {
 			}
 			xs, xq = append(xs, xb), append(xq, a)
 		}
+		var err error
 		y, err = c.Alloc(4 * K)
 		return err
 	})
@@ -135,8 +130,7 @@ func BenchmarkMoEOne(b *testing.B) {
 	i := 0
 	routerTwo := func(c *Ctx, L *layer, s int) error {
 		ids, wts := L.ids.At(4*topK*s), L.wts.At(4*topK*s)
-		if err := c.Launch(L.routeKernel, Dim{uint32((E + 7) / 8), 1, 1}, D1(256), 0, L.W, E, K, xs[s], K,
-			L.logits.At(4*E*s), E, L.bias, topK, 1, float32(1.8), ids, wts, L.counters); err != nil {
+		if err := c.RouterRoute(L.W.Ptr, E, K, xs[s].Ptr, K, 1, L.logits.At(4*E*s), E, L.bias.Ptr, topK, true, 1.8, ids, wts, L.counters.Ptr); err != nil {
 			return err
 		}
 		return c.MoE(y.Ptr, false, L.tab, ids, wts, topK, xq[s], L.scr)
@@ -154,17 +148,16 @@ func BenchmarkMoEOne(b *testing.B) {
 	variants := []struct {
 		name   string
 		router bool
-		// noPrefetch: the gate/up kernel leaves the down matrices to
-		// the down kernel; static: moe_one with fixed tickets.
-		noPrefetch, static bool
-		call               func(c *Ctx, L *layer, s int) error
+		// slow: the router launch is moe_router_route (else
+		// moe_router_fast); static: moe_one with fixed tickets.
+		slow, static bool
+		call         func(c *Ctx, L *layer, s int) error
 	}{
 		{"router+two", true, false, false, routerTwo},
-		{"router+two-nopf", true, true, false, routerTwo},
+		{"router-slow+two", true, true, false, routerTwo},
 		{"one+router", true, false, false, oneRouter},
 		{"one+router-static", true, false, true, oneRouter},
 		{"two", false, false, false, two},
-		{"two-nopf", false, true, false, two},
 		{"one", false, false, false, one},
 		{"one-static", false, false, true, one},
 	}
@@ -174,8 +167,8 @@ func BenchmarkMoEOne(b *testing.B) {
 			bytes += 4 * E * K
 		}
 		b.Run(v.name, func(b *testing.B) {
-			moeDownPrefetch, moeOneStatic = !v.noPrefetch, v.static
-			defer func() { moeDownPrefetch, moeOneStatic = true, false }()
+			routerSlow, moeOneStatic = v.slow, v.static
+			defer func() { routerSlow, moeOneStatic = false, false }()
 			var ms float32
 			err := d.Do(func(c *Ctx) error {
 				call := func() error {

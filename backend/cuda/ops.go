@@ -332,6 +332,34 @@ func (c *Ctx) Route(gate, bias, x uint64, ldx, T, E, K int, cfg RouteConfig, ids
 	return c.Launch(k, D1(T), D1(256), 0, gate, bias, x, ldx, E, K, cfg.TopK, cfg.Groups, cfg.TopKGroups, norm, cfg.Scaling, ids, wts, logits)
 }
 
+// RouterRoute launches the router's product and the expert choice in one
+// kernel for T rows (x rows ldx floats apart, logits rows ldl): W [E][K]
+// fp32, bias E floats; ids and wts get topk entries a row; counters (T
+// words, zero between calls) count each row's blocks. moe_router_fast
+// where it fits (E <= 128, K <= 2048, 16-byte aligned rows), else
+// moe_router_route; both give the same bits.
+func (c *Ctx) RouterRoute(W uint64, E, K int, x uint64, ldx, T int, logits uint64, ldl int, bias uint64, topk int, norm bool, scaling float32, ids, wts, counters uint64) error {
+	n := 0
+	if norm {
+		n = 1
+	}
+	if E <= 128 && K <= 2048 && K%4 == 0 && ldx%4 == 0 && x%16 == 0 && topk <= 32 && !routerSlow {
+		k, err := c.Kernel("moe", "moe_router_fast")
+		if err != nil {
+			return err
+		}
+		return c.Launch(k, Dim{uint32((E + 3) / 4), uint32(T), 1}, D1(128), 4*K, W, E, K, x, ldx, logits, ldl, bias, topk, n, scaling, ids, wts, counters)
+	}
+	k, err := c.Kernel("moe", "moe_router_route")
+	if err != nil {
+		return err
+	}
+	return c.Launch(k, Dim{uint32((E + 7) / 8), uint32(T), 1}, D1(256), 0, W, E, K, x, ldx, logits, ldl, bias, topk, n, scaling, ids, wts, counters)
+}
+
+// routerSlow makes RouterRoute use moe_router_route always (benchmarks).
+var routerSlow bool
+
 // MoEScratch is the work space of MoE for one token: each slot's SiLU
 // product and its int8 form, each slot's down product, and the down
 // kernel's per-row-block counters (zero between calls).
@@ -402,12 +430,8 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 	if accumulate {
 		acc = 1
 	}
-	pf := 0
-	if moeDownPrefetch {
-		pf = 1
-	}
 	if err := c.Launch(gu, Dim{uint32((t.I + 15) / 16), uint32(slots), 1}, D1(128), 0,
-		t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, x.Sums, s.H, pf); err != nil {
+		t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, x.Sums, s.H); err != nil {
 		return err
 	}
 	if t.I <= moeMaxI {
@@ -512,10 +536,6 @@ const (
 	// MOE1_STAGES * MOE1_STAGE.
 	moeOneShared = 10240 + 3*(16*2048/2+16*2048/32+16*4)
 )
-
-// moeDownPrefetch has the gate/up kernel of MoE ask L2 for the down
-// matrices, which the down kernel then reads from there.
-var moeDownPrefetch = true
 
 // moeOneStatic has moe_one's blocks take fixed tickets (b, b + blocks, ...)
 // instead of counting them out (benchmarks).

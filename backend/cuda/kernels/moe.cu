@@ -116,27 +116,16 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
 // At most 128 registers a thread, so that four blocks fit on a
 // multiprocessor and the 5 x 96 blocks of GLM-4.7-Flash's MoE are resident
 // at once (168 registers left 3 a multiprocessor: two waves).
-// With prefetch_down, each block also asks L2 for its share of its slot's
-// down matrix (codes and scales), which the down kernel reads next.
 extern "C" __global__ void __launch_bounds__(128, 4)
     moe_gate_up(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
                 int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
-                const float* __restrict__ xs, const i32* __restrict__ xsum, float* __restrict__ h,
-                int prefetch_down) {
+                const float* __restrict__ xs, const i32* __restrict__ xsum, float* __restrict__ h) {
   PDL_LAUNCH();
   PDL_WAIT();
   const int slot = blockIdx.y, lane = threadIdx.x & 31;
   const int row0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 4;
-  const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
-  if (prefetch_down) {
-    const size_t codes = (size_t)K * (I / 2), scales = (size_t)K * ((I >> 5) >> gshift);
-    const size_t per = ((codes + scales + gridDim.x - 1) / gridDim.x + 127) & ~(size_t)127;
-    for (size_t o = blockIdx.x * per + threadIdx.x * 128; o < min((size_t)(blockIdx.x + 1) * per, codes + scales); o += 128 * 128) {
-      const u8* p = o < codes ? ex.down.codes + o : ex.down.scales + (o - codes);
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-    }
-  }
   if (row0 >= I) return;
+  const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
   const int GK = (K >> 5) >> gshift;
   const u8* rc[8];
   const u8* rs[8];
@@ -568,6 +557,83 @@ extern "C" __global__ void __launch_bounds__(256)
     if (lane == 0) xs[g] = amax == 0.f ? 0.f : scale;
   }
   if (tid == 0) counters[0] = 0;
+}
+
+// moe_router_route with one round of loads and a parallel choice: grid
+// (ceil(E/4), T) blocks of 4 warps, warp w of block b computing logit
+// e = 4b + w of token t in moe_router_route's order, its whole weight row
+// (K <= 2048) requested at once and the input row from shared memory
+// (dynamic, K floats); the last block of a token to finish (counters[t],
+// which it resets) ranks the E <= 128 choices, one thread per expert
+// (ties to the lower index), and writes the topk winners in rank order
+// with their weights normalised in that order: route_warp's result.
+#define ROUTER_FAST_MAX_K 2048
+extern "C" __global__ void __launch_bounds__(128)
+    moe_router_fast(const float* __restrict__ W, int E, int K, const float* __restrict__ x, int ldx,
+                    float* logits, int ldl, const float* __restrict__ bias, int topk, int norm,
+                    float scaling, i32* __restrict__ ids, float* __restrict__ wts,
+                    u32* __restrict__ counters) {
+  PDL_LAUNCH();
+  extern __shared__ __align__(16) float rxs[];  // [K] the input row
+  __shared__ float score[128], choice[128], pick[32];
+  __shared__ bool last;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, t = blockIdx.y;
+  const int e = blockIdx.x * 4 + warp;
+  float wv[ROUTER_FAST_MAX_K / 32];
+  if (e < E) {
+    const float* w = W + (size_t)e * K;
+#pragma unroll
+    for (int u = 0; u < ROUTER_FAST_MAX_K / 32; u++)
+      if (32 * u < K) wv[u] = w[lane + 32 * u];
+  }
+  PDL_WAIT();
+  const float* xr = x + (size_t)t * ldx;
+  for (int k = tid * 4; k < K; k += 512) *(float4*)&rxs[k] = *(const float4*)(xr + k);
+  __syncthreads();
+  if (e < E) {
+    float acc = 0.f;
+#pragma unroll
+    for (int u = 0; u < ROUTER_FAST_MAX_K / 32; u++)
+      if (32 * u < K) acc += wv[u] * rxs[lane + 32 * u];
+    acc = warp_sum(acc);
+    if (lane == 0) logits[(size_t)t * ldl + e] = acc;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    last = atomicAdd(&counters[t], 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  if (tid < E) {
+    const float acc = __ldcg(logits + (size_t)t * ldl + tid);
+    const float sg = (float)(1.0 / (1.0 + exp(-(double)acc)));
+    score[tid] = sg;
+    choice[tid] = sg + bias[tid];
+  }
+  __syncthreads();
+  if (tid < E) {
+    const float c = choice[tid];
+    int rank = 0;
+    for (int j = 0; j < E; j++) {
+      const float o = choice[j];
+      rank += o > c || (o == c && j < tid);
+    }
+    if (rank < topk) {
+      ids[(size_t)t * topk + rank] = tid;
+      pick[rank] = score[tid];
+    }
+  }
+  __syncthreads();
+  if (tid < topk) {
+    float sum = 0.f;
+    for (int k = 0; k < topk; k++) sum += pick[k];
+    float w = pick[tid];
+    if (norm) w /= sum + 1e-20f;
+    wts[(size_t)t * topk + tid] = w * scaling;
+  }
+  if (tid == 0) counters[t] = 0;
 }
 
 // ---------------------------------------------------------------------------
