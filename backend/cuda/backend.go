@@ -109,8 +109,8 @@ type Backend struct {
 	// lastDense is the dense product queued last: Route on its output
 	// right after it replaces it with the fused router kernel.
 	lastDense *denseOp
-	// routeCounters are moe_router_route's per-token counters (zero
-	// between launches).
+	// routeCounters are the router launch's per-token counters (zero
+	// between launches; RouterRoute).
 	routeCounters Buffer
 	// ropes are the last two RoPEs queued: a cache write right after two
 	// RoPEs of one table, the second of its key, takes them into its launch.
@@ -1540,8 +1540,8 @@ type routing struct {
 	router *routerOp
 }
 
-// routerOp is a queued single-token router launch (moe_router_route) and
-// its arguments.
+// routerOp is a queued single-token router launch (RouterRoute) and its
+// arguments.
 type routerOp struct {
 	idx, flush int
 	experts, k int // the router's weight is [experts, k]
@@ -1816,14 +1816,12 @@ func (b *Backend) moeOneLaunch(y uint64, x *tensor, rt *routing, l *moeLayer, a 
 		ro = &r.args
 		rt.router = nil
 	}
-	if ro != nil {
-		b.moeOne[1]++
-	} else {
-		b.moeOne[0]++
-	}
 	name := "moe one"
 	if ro != nil {
 		name = "router+moe one"
+		b.moeOne[1]++
+	} else {
+		b.moeOne[0]++
 	}
 	b.do(name, func(c *Ctx) error {
 		return c.MoEOne(y, true, l.table, ro, rt.ids, rt.wts, rt.topK, a, s)
