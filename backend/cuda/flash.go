@@ -1,0 +1,88 @@
+//go:build linux || darwin || freebsd || netbsd
+
+package cuda
+
+import (
+	"fmt"
+	"os"
+
+	"github.com/mmfp4/mmfp4/backend"
+)
+
+// flashMinRows is the smallest step (in rows) whose attention runs the
+// tensor-core flash kernel (kernels/flash.cu) instead of the split
+// kernels; 0 leaves it off. MMFP4_CUDA_FLASH=1 turns it on, =0 off.
+var flashMinRows = 0
+
+// flashTokens and flashHeads are FA_TQ and FA_HB in flash.cu: the tokens
+// and heads of one block.
+const (
+	flashTokens = 8
+	flashHeads  = 4
+)
+
+func init() {
+	switch os.Getenv("MMFP4_CUDA_FLASH") {
+	case "1":
+		flashMinRows = 64
+	case "0":
+		flashMinRows = 0
+	}
+}
+
+// flashShared is the flash kernel's dynamic shared memory for rows of
+// width w = rank + rope dims (see flash.cu).
+func flashShared(w int) int {
+	ld := w + 8
+	return 2*32*ld*2 + 64*ld*2 + 4*32*72*4 + 2*32*72*2 + (2*64+2*32)*4
+}
+
+// flashFits reports whether the flash kernel takes this attention: a bf16
+// or fp8 cache (values exact in bf16), rank 128, 256 or 512, rope dims a
+// multiple of 16, 16-byte aligned query rows, and enough shared memory.
+func (b *Backend) flashFits(ql, qm *tensor, p *cachePool, s backend.MLAShape) bool {
+	if p.dtype != backend.CacheBF16 && p.dtype != backend.CacheFP8 {
+		return false
+	}
+	switch s.Rank {
+	case 128, 256, 512:
+	default:
+		return false
+	}
+	return s.RopeDim%16 == 0 && s.NopeDim%4 == 0 && ql.ld%4 == 0 && qm.ld%4 == 0 &&
+		flashShared(s.Rank+s.RopeDim) <= b.dev.Info().SharedOptin
+}
+
+// flashUse reports whether a step of T rows over seqs sequences takes the
+// flash kernel: long enough, and most blocks' tokens in one sequence (or
+// always, flashAlways, in tests).
+func (b *Backend) flashUse(T, seqs int) bool {
+	if b.flashAlways {
+		return true
+	}
+	return b.flashMin > 0 && T >= b.flashMin && T >= flashTokens*seqs
+}
+
+// flashAttention queues the flash kernel over all T rows.
+func (b *Backend) flashAttention(om, ql, qm *tensor, p *cachePool, layer int, s backend.MLAShape, scale float32) {
+	T := b.batch.Rows()
+	shared := flashShared(s.Rank + s.RopeDim)
+	name := fmt.Sprintf("flash_latent_%d", s.Rank/64)
+	grid := Dim{uint32((T + flashTokens - 1) / flashTokens), uint32((s.Heads + flashHeads - 1) / flashHeads), 1}
+	b.do("attention", func(c *Ctx) error {
+		k, err := c.Kernel("flash", name)
+		if err != nil {
+			return err
+		}
+		if k.maxShared < shared {
+			if err := c.SetMaxShared(k, shared); err != nil {
+				return err
+			}
+			k.maxShared = shared
+		}
+		return c.Launch(k, grid, D1(256), shared,
+			om.ptr, om.ld, ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer), p.kernelDType(),
+			b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
+			T, s.Heads, s.NopeDim, s.RopeDim, scale)
+	})
+}

@@ -1,0 +1,234 @@
+//go:build linux || darwin || freebsd || netbsd
+
+package cuda
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"runtime"
+	"testing"
+
+	"github.com/mmfp4/mmfp4/backend"
+	"github.com/mmfp4/mmfp4/backend/cpu"
+)
+
+// flashSeq is one sequence of a flash test step: prefix positions already
+// cached by an earlier step, then n new rows.
+type flashSeq struct{ prefix, n int }
+
+// flashBatches builds the prefix step (nil when no sequence has a prefix)
+// and the attention step for seqs, with block tables that run backwards
+// through the pool so that no sequence's blocks are in order.
+func flashBatches(seqs []flashSeq, blockSize int) (pre, step *backend.Batch, blocks int) {
+	for _, s := range seqs {
+		blocks += (s.prefix + s.n + blockSize - 1) / blockSize
+	}
+	pre, step = &backend.Batch{}, &backend.Batch{}
+	next := blocks - 1
+	for _, s := range seqs {
+		var table []int32
+		for i := 0; i < (s.prefix+s.n+blockSize-1)/blockSize; i++ {
+			table = append(table, int32(next))
+			next--
+		}
+		if s.prefix > 0 {
+			pre.Seqs = append(pre.Seqs, backend.Seq{Start: len(pre.Positions), Len: s.prefix, Blocks: table})
+			for p := 0; p < s.prefix; p++ {
+				pre.Positions = append(pre.Positions, int32(p))
+			}
+		}
+		step.Seqs = append(step.Seqs, backend.Seq{Start: len(step.Positions), Len: s.n, Blocks: table})
+		for p := s.prefix; p < s.prefix+s.n; p++ {
+			step.Positions = append(step.Positions, int32(p))
+		}
+	}
+	for _, b := range []*backend.Batch{pre, step} {
+		b.Tokens = make([]int32, len(b.Positions))
+		b.Outputs = []int32{0}
+	}
+	if len(pre.Positions) == 0 {
+		pre = nil
+	}
+	return pre, step, blocks
+}
+
+// flashRun fills a pool of one layer through CacheWrite (the prefix step,
+// then the step's own rows) and returns the step's attention output over
+// it. olat starts as NaN so that an unwritten value fails the comparison.
+func flashRun(t *testing.T, b backend.Backend, seqs []flashSeq, s backend.MLAShape, dt backend.CacheDType, seed uint64) []float32 {
+	t.Helper()
+	const blockSize = 16
+	pre, step, blocks := flashBatches(seqs, blockSize)
+	for _, st := range []*backend.Batch{pre, step} {
+		if st != nil {
+			if err := st.Validate(1, blocks, blockSize); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	pool, err := b.NewCachePool(1, blocks, blockSize, s.Rank, s.RopeDim, dt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := rand.New(rand.NewPCG(seed, 0x666c617368))
+	write := func(st *backend.Batch) {
+		T := st.Rows()
+		b.SetBatch(st, pool)
+		lat, kpe := b.NewTensor(T, s.Rank), b.NewTensor(T, s.RopeDim)
+		b.Upload(lat, randVec(r, T*s.Rank, 1))
+		b.Upload(kpe, randVec(r, T*s.RopeDim, 1))
+		b.CacheWrite(0, lat, kpe)
+	}
+	if pre != nil {
+		write(pre)
+	}
+	write(step)
+	T := step.Rows()
+	qlat, q, olat := b.NewTensor(T, s.Heads*s.Rank), b.NewTensor(T, s.Heads*(s.NopeDim+s.RopeDim)), b.NewTensor(T, s.Heads*s.Rank)
+	b.Upload(qlat, randVec(r, T*s.Heads*s.Rank, 1))
+	b.Upload(q, randVec(r, T*s.Heads*(s.NopeDim+s.RopeDim), 1))
+	nan := make([]float32, T*s.Heads*s.Rank)
+	for i := range nan {
+		nan[i] = float32(math.NaN())
+	}
+	b.Upload(olat, nan)
+	b.LatentAttention(olat, qlat, q, 0, s, float32(1/math.Sqrt(float64(s.NopeDim+s.RopeDim))))
+	out := b.Download(olat)
+	if err := b.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// TestFlashAttentionMatchesCPU checks the flash kernel against the CPU
+// backend: 1, 17, 100 and 1024 new rows, with and without cached prefixes,
+// several sequences in one step (boundaries inside a block's 8 tokens),
+// bf16 and fp8 caches, ranks 512 (the model's shape), 256 and 128.
+func TestFlashAttentionMatchesCPU(t *testing.T) {
+	g, _ := testBackends(t, Options{})
+	c := cpu.New(cpu.Options{Threads: runtime.NumCPU()})
+	full := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
+	cases := []struct {
+		s    backend.MLAShape
+		seqs []flashSeq
+	}{
+		{full, []flashSeq{{0, 1}}},
+		{full, []flashSeq{{0, 17}}},
+		{full, []flashSeq{{0, 100}}},
+		{full, []flashSeq{{0, 1024}}},
+		{full, []flashSeq{{37, 1}}},
+		{full, []flashSeq{{37, 17}}},
+		{full, []flashSeq{{200, 100}}},
+		{full, []flashSeq{{611, 1024}}},
+		{full, []flashSeq{{5, 3}, {0, 13}, {90, 1}, {64, 30}}},
+		{backend.MLAShape{Heads: 7, NopeDim: 32, RopeDim: 32, VDim: 48, Rank: 256}, []flashSeq{{45, 77}}},
+		{backend.MLAShape{Heads: 4, NopeDim: 32, RopeDim: 64, VDim: 48, Rank: 128}, []flashSeq{{0, 100}, {129, 33}}},
+	}
+	for i, cs := range cases {
+		if testing.Short() && cs.s.Rank == 512 && len(cs.seqs) == 1 && cs.seqs[0].prefix+cs.seqs[0].n > 64 {
+			continue // the sanitizer's run: small steps only
+		}
+		for _, dt := range []backend.CacheDType{backend.CacheBF16, backend.CacheFP8} {
+			name := fmt.Sprintf("%v cache, heads %d rank %d, seqs %v", dt, cs.s.Heads, cs.s.Rank, cs.seqs)
+			seed := uint64(100 + i)
+			want := flashRun(t, c, cs.seqs, cs.s, dt, seed)
+			g.flashAlways = true
+			got := flashRun(t, g, cs.seqs, cs.s, dt, seed)
+			// The split kernels on the same inputs, for the log.
+			g.flashAlways, g.flashMin = false, 0
+			old := flashRun(t, g, cs.seqs, cs.s, dt, seed)
+			e, eOld := maxRelErr(want, got), maxRelErr(want, old)
+			t.Logf("%-70s flash max rel err %.2e (split kernels %.2e)", name, e, eOld)
+			if !(e <= 1e-5) {
+				t.Errorf("%s: flash max relative error %.3e above 1e-5", name, e)
+			}
+		}
+	}
+}
+
+// BenchmarkFlashAttention times one layer's attention of a 1024-token
+// prefill at GLM-4.7-Flash's shapes (20 heads, rank 512, rope 64) from an
+// empty cache and after a 1024-position prefix: the flash kernel against
+// the split kernels, device time of the queued launches (events), with
+// TFLOP/s over the causal work (2 * (rank+rope+rank) flops per row, head
+// and attended position).
+func BenchmarkFlashAttention(b *testing.B) {
+	d := benchDevice(b)
+	s := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
+	for _, prefix := range []int{0, 1024} {
+		for _, dt := range []backend.CacheDType{backend.CacheBF16, backend.CacheFP8} {
+			for _, kern := range []string{"flash", "split"} {
+				b.Run(fmt.Sprintf("T1024_prefix%d/%v/%s", prefix, dt, kern), func(b *testing.B) {
+					g := NewOnDevice(d, Options{NoGraphs: true})
+					defer g.Close()
+					r := rand.New(rand.NewPCG(11, 11))
+					const T, blockSize = 1024, 64
+					pre, step, blocks := flashBatches([]flashSeq{{prefix, T}}, blockSize)
+					pool, err := g.NewCachePool(1, blocks, blockSize, s.Rank, s.RopeDim, dt)
+					if err != nil {
+						b.Fatal(err)
+					}
+					for _, st := range []*backend.Batch{pre, step} {
+						if st == nil {
+							continue
+						}
+						g.SetBatch(st, pool)
+						n := st.Rows()
+						lat, kpe := g.NewTensor(n, s.Rank), g.NewTensor(n, s.RopeDim)
+						g.Upload(lat, randVec(r, n*s.Rank, 1))
+						g.Upload(kpe, randVec(r, n*s.RopeDim, 1))
+						g.CacheWrite(0, lat, kpe)
+					}
+					qlat, q, olat := g.NewTensor(T, s.Heads*s.Rank), g.NewTensor(T, s.Heads*(s.NopeDim+s.RopeDim)), g.NewTensor(T, s.Heads*s.Rank)
+					g.Upload(qlat, randVec(r, T*s.Heads*s.Rank, 1))
+					g.Upload(q, randVec(r, T*s.Heads*(s.NopeDim+s.RopeDim), 1))
+					g.flashMin, g.flashAlways = 0, kern == "flash"
+					scale := float32(1 / math.Sqrt(256))
+					g.LatentAttention(olat, qlat, q, 0, s, scale) // warm-up (compiles)
+					if err := g.Sync(); err != nil {
+						b.Fatal(err)
+					}
+					g.LatentAttention(olat, qlat, q, 0, s, scale)
+					ops := g.pending
+					g.pending = nil
+					launches := 0
+					err = d.Do(func(c *Ctx) error {
+						n := c.launches
+						for _, op := range ops {
+							if err := op.fn(c); err != nil {
+								return err
+							}
+						}
+						launches = c.launches - n
+						if err := c.Sync(); err != nil {
+							return err
+						}
+						const reps = 10
+						ms, err := timeDevice(c, reps, launches, func() error {
+							for _, op := range ops {
+								if err := op.fn(c); err != nil {
+									return err
+								}
+							}
+							return nil
+						})
+						if err != nil {
+							return err
+						}
+						sec := float64(ms) / 1e3 / reps
+						pairs := float64(T) * float64(prefix+prefix+T+1) / 2
+						flops := 2 * pairs * float64(s.Heads) * float64(2*s.Rank+s.RopeDim)
+						b.ReportMetric(sec*1e3, "ms/op")
+						b.ReportMetric(flops/sec/1e12, "TFLOP/s")
+						b.ReportMetric(float64(launches), "launches")
+						return nil
+					})
+					if err != nil {
+						b.Fatal(err)
+					}
+				})
+			}
+		}
+	}
+}

@@ -1,0 +1,371 @@
+// Flash-style causal latent attention for prefill, on the tensor cores.
+//
+// Every head attends over the same cached rows [c | k_pe] (MLA in latent
+// space), so a block takes the rows of FA_TQ consecutive tokens times FA_HB
+// heads (FA_M = 32 query rows) and streams the cached positions through
+// shared memory in tiles of FA_N = 64, once for all its rows, with an online
+// softmax:
+//   S = scale * [qlat | q_pe] . [c | k_pe]   (32 x 64, k = rank + dr)
+//   O = O * exp(m_old - m_new) + exp(S - m_new) . c
+// and O / l at the end.
+//
+// Exactness: the cached values are exact in bfloat16 (bf16 cache; the fp8
+// cache's E4M3 codes, its two per-position scales applied in fp32 outside
+// the products), so only the fp32 operands (the queries and the softmax
+// weights) are rounded, and each is split as hi + lo, two bfloat16 numbers
+// that carry 16 bits of its mantissa: every product is issued twice (hi
+// and lo) into fp32 accumulators, which leaves an error near fp32 summation
+// order instead of bf16's 3e-3.
+//
+// Warps (8): for S, warp w takes keys [32*(w&1), +32) and every fourth k
+// step (w>>1) for all 32 rows, keeping the latent and rope parts apart (the
+// fp8 scales differ); the four partial tiles go through shared memory and
+// are added in a fixed order. The softmax gives 8 threads to a row. For O,
+// warp w owns columns [w*rank/8, +rank/8) of all 32 rows.
+//
+// Grid (ceil(T/FA_TQ), ceil(H/FA_HB)); the last tokens (most positions)
+// start first. Tokens of one block from different sequences are done one
+// sequence after another.
+//
+// Shared memory (bytes): queries 2*32*(W+8)*2, keys 64*(W+8)*2, partial
+// scores 4*32*72*4, weights 2*32*72*2, and 2*64 + 2*32 floats, W = rank+dr.
+
+#define FA_TQ 8
+#define FA_HB 4
+#define FA_M 32
+#define FA_N 64
+#define FA_THREADS 256
+#define FA_SLD 72  // partial score row stride (floats)
+#define FA_PLD 72  // weight row stride (bf16)
+
+DEVICE u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+DEVICE void ldsm_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+
+DEVICE void ldsm_x4_t(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+
+// d += a . b, m16n8k16, bf16 operands, fp32 accumulators.
+DEVICE void mma_bf16(float* d, const u32* a, u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 16 bytes global -> shared, zero-filled when !valid.
+DEVICE void cp_async16(u32 dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// Round to nearest even bfloat16 (finite inputs), as bits.
+DEVICE u32 fa_bf16(float f) {
+  u32 b = __float_as_uint(f);
+  b += 0x7FFFu + ((b >> 16) & 1u);
+  return b >> 16;
+}
+
+// x = hi + lo (+ a rest under 2^-16 of x): the two halves as bf16 bits.
+DEVICE void split_bf16(float x, u32& hi, u32& lo) {
+  hi = fa_bf16(x);
+  lo = fa_bf16(x - __uint_as_float(hi << 16));
+}
+
+template <int NT>
+DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
+                         const float* __restrict__ q, int ldq, const u8* __restrict__ layer, int dtype,
+                         const i32* __restrict__ pos, const i32* __restrict__ row_seq,
+                         const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size,
+                         int T, int heads, int dn, int dr, float scale) {
+  constexpr int rank = NT * 64;  // warp w owns columns [w*NT*8, +NT*8)
+  extern __shared__ __align__(16) u8 fa_smem[];
+  const int W = rank + dr, ld = W + 8;  // bf16 row stride: an odd number of 16-byte units
+  unsigned short* qhi = (unsigned short*)fa_smem;
+  unsigned short* qlo = qhi + FA_M * ld;
+  unsigned short* ks = qlo + FA_M * ld;
+  float* sp = (float*)(ks + FA_N * ld);                // [4][FA_M][FA_SLD]
+  unsigned short* phi = (unsigned short*)(sp + 4 * FA_M * FA_SLD);  // [FA_M][FA_PLD]
+  unsigned short* plo = phi + FA_M * FA_PLD;
+  float* sc0 = (float*)(plo + FA_M * FA_PLD);  // [FA_N] scale of c (fp8), else 1
+  float* sc1 = sc0 + FA_N;                     // [FA_N] scale of k_pe
+  float* alpha_s = sc1 + FA_N;                 // [FA_M]
+  float* l_s = alpha_s + FA_M;                 // [FA_M]
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, c4 = lane & 3;
+  const int t0 = (gridDim.x - 1 - blockIdx.x) * FA_TQ, h0 = blockIdx.y * FA_HB;
+  const int nt = min(FA_TQ, T - t0);
+
+  // Queries: row r is token t0 + r/FA_HB, head h0 + r%FA_HB; zeros past
+  // the ends.
+  for (int i = tid; i < FA_M * (W / 4); i += FA_THREADS) {
+    const int r = i / (W / 4), k = (i % (W / 4)) * 4;
+    const int t = t0 + r / FA_HB, h = h0 + r % FA_HB;
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (t < T && h < heads) {
+      v = k < rank ? *(const float4*)(qlat + (size_t)t * ldql + (size_t)h * rank + k)
+                   : *(const float4*)(q + (size_t)t * ldq + (size_t)h * (dn + dr) + dn + (k - rank));
+    }
+    u32 h0b, l0b, h1b, l1b, h2b, l2b, h3b, l3b;
+    split_bf16(v.x, h0b, l0b);
+    split_bf16(v.y, h1b, l1b);
+    split_bf16(v.z, h2b, l2b);
+    split_bf16(v.w, h3b, l3b);
+    *(uint2*)(qhi + r * ld + k) = make_uint2(h0b | (h1b << 16), h2b | (h3b << 16));
+    *(uint2*)(qlo + r * ld + k) = make_uint2(l0b | (l1b << 16), l2b | (l3b << 16));
+  }
+
+  // Softmax role: row sr, keys [8*sq, +8).
+  const int sr = tid >> 3, sq = tid & 7;
+  // S role: key half kh, k steps kw, kw+4, ...
+  const int kh = warp & 1, kw = warp >> 1;
+  const int lsteps = rank / 16, steps = W / 16;
+  // ldmatrix lane addresses (bf16 offsets inside a 16x16 tile).
+  const int a_off = (lane & 15) * ld + (lane >> 4) * 8;                          // A, row-major
+  const int b_off = ((lane & 7) + ((lane >> 4) << 3)) * ld + ((lane >> 3) & 1) * 8;  // B from [key][k]
+  const int v_off = ((lane & 7) + (((lane >> 3) & 1) << 3)) * ld + (lane >> 4) * 8;  // B from [key][col], .trans
+  const int p_off = (lane & 15) * FA_PLD + (lane >> 4) * 8;
+
+  int ta = 0;
+  while (ta < nt) {
+    // One sequence's tokens [ta, tb) of the block.
+    const int seq = row_seq[t0 + ta];
+    int tb = ta + 1;
+    while (tb < nt && row_seq[t0 + tb] == seq) tb++;
+    int nkeys = 0;
+    for (int i = ta; i < tb; i++) nkeys = max(nkeys, pos[t0 + i] + 1);
+    const i32* table = blocks + seq_blocks[seq];
+    const int st = sr / FA_HB, sh = h0 + sr % FA_HB;
+    const int rowpos = (st >= ta && st < tb && sh < heads) ? pos[t0 + st] : -1;
+    float m_run = __int_as_float(0xff800000), l_run = 0.f;
+    float o[2][NT][4];
+#pragma unroll
+    for (int m = 0; m < 2; m++)
+#pragma unroll
+      for (int n = 0; n < NT; n++) o[m][n][0] = o[m][n][1] = o[m][n][2] = o[m][n][3] = 0.f;
+
+    for (int kb = 0; kb < nkeys; kb += FA_N) {
+      // The tile's cached rows as bf16 (zeros past nkeys).
+      if (dtype == 0) {
+        const int per = W / 8;  // 16-byte chunks a row
+        for (int i = tid; i < FA_N * per; i += FA_THREADS) {
+          const int jj = i / per, k = (i % per) * 8, j = kb + jj;
+          const bool valid = j < nkeys;
+          const size_t slot = valid ? (size_t)table[j / block_size] * block_size + j % block_size : 0;
+          cp_async16(smem_addr(ks + jj * ld + k), layer + (slot * W + k) * 2, valid);
+        }
+        if (tid < FA_N) sc0[tid] = sc1[tid] = 1.f;
+        cp_async_wait_all();
+      } else {
+        const int per = W / 8;  // 8 codes a chunk
+        for (int i = tid; i < FA_N * per; i += FA_THREADS) {
+          const int jj = i / per, k = (i % per) * 8, j = kb + jj;
+          uint4 out = make_uint4(0, 0, 0, 0);
+          if (j < nkeys) {
+            const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+            const uint2 v = *(const uint2*)(layer + slot * (W + 8) + k);
+            u32 b[8];
+#pragma unroll
+            for (int u = 0; u < 4; u++) {
+              b[u] = __float_as_uint(e4m3((v.x >> (8 * u)) & 0xFFu)) >> 16;
+              b[4 + u] = __float_as_uint(e4m3((v.y >> (8 * u)) & 0xFFu)) >> 16;
+            }
+            out = make_uint4(b[0] | (b[1] << 16), b[2] | (b[3] << 16), b[4] | (b[5] << 16), b[6] | (b[7] << 16));
+          }
+          *(uint4*)(ks + jj * ld + k) = out;
+        }
+        if (tid < FA_N) {
+          const int j = kb + tid;
+          float s0 = 0.f, s1 = 0.f;
+          if (j < nkeys) {
+            const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+            const float* sc = (const float*)(layer + slot * (W + 8) + W);
+            s0 = sc[0];
+            s1 = sc[1];
+          }
+          sc0[tid] = s0;
+          sc1[tid] = s1;
+        }
+      }
+      __syncthreads();
+
+      // S partials: 32 rows x 32 keys over this warp's k steps.
+      {
+        float al[2][4][4], ap[2][4][4];
+#pragma unroll
+        for (int m = 0; m < 2; m++)
+#pragma unroll
+          for (int n = 0; n < 4; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) al[m][n][e] = ap[m][n][e] = 0.f;
+        for (int s = kw; s < steps; s += 4) {
+          u32 ah[2][4], alo[2][4], b[4][2];
+#pragma unroll
+          for (int m = 0; m < 2; m++) {
+            ldsm_x4(smem_addr(qhi + m * 16 * ld + s * 16 + a_off), ah[m][0], ah[m][1], ah[m][2], ah[m][3]);
+            ldsm_x4(smem_addr(qlo + m * 16 * ld + s * 16 + a_off), alo[m][0], alo[m][1], alo[m][2], alo[m][3]);
+          }
+#pragma unroll
+          for (int np = 0; np < 2; np++)
+            ldsm_x4(smem_addr(ks + (kh * 32 + np * 16) * ld + s * 16 + b_off), b[2 * np][0], b[2 * np][1],
+                    b[2 * np + 1][0], b[2 * np + 1][1]);
+          if (s < lsteps) {
+#pragma unroll
+            for (int m = 0; m < 2; m++)
+#pragma unroll
+              for (int n = 0; n < 4; n++) {
+                mma_bf16(al[m][n], ah[m], b[n][0], b[n][1]);
+                mma_bf16(al[m][n], alo[m], b[n][0], b[n][1]);
+              }
+          } else {
+#pragma unroll
+            for (int m = 0; m < 2; m++)
+#pragma unroll
+              for (int n = 0; n < 4; n++) {
+                mma_bf16(ap[m][n], ah[m], b[n][0], b[n][1]);
+                mma_bf16(ap[m][n], alo[m], b[n][0], b[n][1]);
+              }
+          }
+        }
+        float* mine = sp + kw * FA_M * FA_SLD;
+#pragma unroll
+        for (int m = 0; m < 2; m++)
+#pragma unroll
+          for (int n = 0; n < 4; n++) {
+            const int col = kh * 32 + n * 8 + 2 * c4;
+            const float s00 = sc0[col], s01 = sc0[col + 1], s10 = sc1[col], s11 = sc1[col + 1];
+            const int row = m * 16 + g;
+            *(float2*)(mine + row * FA_SLD + col) =
+                make_float2(al[m][n][0] * s00 + ap[m][n][0] * s10, al[m][n][1] * s01 + ap[m][n][1] * s11);
+            *(float2*)(mine + (row + 8) * FA_SLD + col) =
+                make_float2(al[m][n][2] * s00 + ap[m][n][2] * s10, al[m][n][3] * s01 + ap[m][n][3] * s11);
+          }
+      }
+      __syncthreads();
+
+      // Online softmax: 8 threads a row.
+      {
+        float sv[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) sv[u] = 0.f;
+#pragma unroll
+        for (int w = 0; w < 4; w++) {
+          const float4 x0 = *(const float4*)(sp + (w * FA_M + sr) * FA_SLD + sq * 8);
+          const float4 x1 = *(const float4*)(sp + (w * FA_M + sr) * FA_SLD + sq * 8 + 4);
+          sv[0] += x0.x, sv[1] += x0.y, sv[2] += x0.z, sv[3] += x0.w;
+          sv[4] += x1.x, sv[5] += x1.y, sv[6] += x1.z, sv[7] += x1.w;
+        }
+        float mx = __int_as_float(0xff800000);
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+          const bool valid = kb + sq * 8 + u <= rowpos;
+          sv[u] = valid ? sv[u] * scale : __int_as_float(0xff800000);
+          mx = fmaxf(mx, sv[u]);
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+        const float m_new = fmaxf(m_run, mx);
+        const bool none = m_new == __int_as_float(0xff800000);
+        const float alpha = none ? 1.f : expf(m_run - m_new);
+        float sum = 0.f;
+        u32 hb[8], lb[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+          const float p = (none || sv[u] == __int_as_float(0xff800000)) ? 0.f : expf(sv[u] - m_new);
+          sum += p;
+          split_bf16(p * sc0[sq * 8 + u], hb[u], lb[u]);
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+        l_run = l_run * alpha + sum;
+        m_run = m_new;
+        *(uint4*)(phi + sr * FA_PLD + sq * 8) =
+            make_uint4(hb[0] | (hb[1] << 16), hb[2] | (hb[3] << 16), hb[4] | (hb[5] << 16), hb[6] | (hb[7] << 16));
+        *(uint4*)(plo + sr * FA_PLD + sq * 8) =
+            make_uint4(lb[0] | (lb[1] << 16), lb[2] | (lb[3] << 16), lb[4] | (lb[5] << 16), lb[6] | (lb[7] << 16));
+        if (sq == 0) alpha_s[sr] = alpha;
+      }
+      __syncthreads();
+
+      // O = O * alpha + P . c over this warp's columns.
+      {
+        const float a0 = alpha_s[g], a1 = alpha_s[g + 8], a2 = alpha_s[16 + g], a3 = alpha_s[24 + g];
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+          o[0][n][0] *= a0, o[0][n][1] *= a0, o[0][n][2] *= a1, o[0][n][3] *= a1;
+          o[1][n][0] *= a2, o[1][n][1] *= a2, o[1][n][2] *= a3, o[1][n][3] *= a3;
+        }
+        const int kmax = min(FA_N, nkeys - kb);
+#pragma unroll
+        for (int kk = 0; kk < FA_N / 16; kk++) {
+          if (kk * 16 >= kmax) break;
+          u32 ah[2][4], alo[2][4];
+#pragma unroll
+          for (int m = 0; m < 2; m++) {
+            ldsm_x4(smem_addr(phi + m * 16 * FA_PLD + kk * 16 + p_off), ah[m][0], ah[m][1], ah[m][2], ah[m][3]);
+            ldsm_x4(smem_addr(plo + m * 16 * FA_PLD + kk * 16 + p_off), alo[m][0], alo[m][1], alo[m][2], alo[m][3]);
+          }
+#pragma unroll
+          for (int np = 0; np < NT / 2; np++) {
+            u32 b0, b1, b2, b3;
+            ldsm_x4_t(smem_addr(ks + kk * 16 * ld + warp * NT * 8 + np * 16 + v_off), b0, b1, b2, b3);
+#pragma unroll
+            for (int m = 0; m < 2; m++) {
+              mma_bf16(o[m][2 * np], ah[m], b0, b1);
+              mma_bf16(o[m][2 * np], alo[m], b0, b1);
+              mma_bf16(o[m][2 * np + 1], ah[m], b2, b3);
+              mma_bf16(o[m][2 * np + 1], alo[m], b2, b3);
+            }
+          }
+        }
+      }
+      __syncthreads();
+    }
+
+    // O / l for this sequence's rows.
+    if (sq == 0) l_s[sr] = l_run;
+    __syncthreads();
+#pragma unroll
+    for (int m = 0; m < 2; m++)
+#pragma unroll
+      for (int hf = 0; hf < 2; hf++) {
+        const int row = m * 16 + hf * 8 + g, ti = row / FA_HB, h = h0 + row % FA_HB;
+        if (ti < ta || ti >= tb || h >= heads) continue;
+        const float inv = 1.f / l_s[row];
+        float* out = olat + (size_t)(t0 + ti) * ldo + (size_t)h * rank + warp * NT * 8 + 2 * c4;
+#pragma unroll
+        for (int n = 0; n < NT; n++)
+          *(float2*)(out + n * 8) = make_float2(o[m][n][2 * hf] * inv, o[m][n][2 * hf + 1] * inv);
+      }
+    __syncthreads();
+    ta = tb;
+  }
+}
+
+#define FLASH_LATENT(NT)                                                                                         \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)                                                    \
+      flash_latent_##NT(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,              \
+                        const u8* layer, int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq, \
+                        const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size,     \
+                        int T, int heads, int dn, int dr, float scale) {                                         \
+    PDL_LAUNCH();                                                                                                \
+    PDL_WAIT();                                                                                                  \
+    flash_latent<NT>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks, block_size, \
+                     T, heads, dn, dr, scale);                                                                   \
+  }
+
+FLASH_LATENT(2)
+FLASH_LATENT(4)
+FLASH_LATENT(8)
