@@ -73,8 +73,9 @@ type Backend struct {
 	// flashMin is the smallest step whose attention takes the flash
 	// kernel (flashMinRows; 0: never); flashAlways sends every step that
 	// fits it there (tests).
-	flashMin    int
-	flashAlways bool
+	flashMin     int
+	flashAlways  bool
+	flashVersion int // flashVersion
 	// noScope keeps every tensor of a step to its end; releases counts
 	// Release calls that freed memory (tests).
 	noScope  bool
@@ -208,7 +209,7 @@ func NewBackend(o Options, minCC int) (backend.Backend, error) {
 // NewOnDevice returns a backend on an opened device, which the caller keeps
 // and closes.
 func NewOnDevice(d *Device, o Options) *Backend {
-	b := &Backend{dev: d, opts: o, moe: map[*QMatrix]*moeLayer{}, moeShared: map[*QMatrix]*moeLayer{}, identity: map[int]uint64{}, splitFloats: maxSplitFloats, flashMin: flashMinRows, prof: newProfiler(), steps: newStepTimer(),
+	b := &Backend{dev: d, opts: o, moe: map[*QMatrix]*moeLayer{}, moeShared: map[*QMatrix]*moeLayer{}, identity: map[int]uint64{}, splitFloats: maxSplitFloats, flashMin: flashMinRows, flashVersion: flashVersion, prof: newProfiler(), steps: newStepTimer(),
 		ropeTables: map[ropeKey]uint64{}}
 	if !o.NoGraphs && os.Getenv("MMFP4_CUDA_GRAPHS") != "0" {
 		b.graphs = &graphCache{}

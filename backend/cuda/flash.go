@@ -11,8 +11,14 @@ import (
 
 // flashMinRows is the smallest step (in rows) whose attention runs the
 // tensor-core flash kernel (kernels/flash.cu) instead of the split
-// kernels; 0 leaves it off. MMFP4_CUDA_FLASH=1 turns it on, =0 off.
-var flashMinRows = 0
+// kernels; 0 leaves it off. flashVersion picks the kernel: 1, tiles of 64
+// positions loaded between steps; 2, tiles of 32 loaded while the tile
+// before is computed. MMFP4_CUDA_FLASH=1 or 2 turns that version on, =0
+// turns it off.
+var (
+	flashMinRows = 0
+	flashVersion = 2
+)
 
 // flashTokens and flashHeads are FA_TQ and FA_HB in flash.cu: the tokens
 // and heads of one block.
@@ -22,9 +28,9 @@ const (
 )
 
 func init() {
-	switch os.Getenv("MMFP4_CUDA_FLASH") {
-	case "1":
-		flashMinRows = 64
+	switch v := os.Getenv("MMFP4_CUDA_FLASH"); v {
+	case "1", "2":
+		flashMinRows, flashVersion = 64, int(v[0]-'0')
 	case "0":
 		flashMinRows = 0
 	}
@@ -32,8 +38,11 @@ func init() {
 
 // flashShared is the flash kernel's dynamic shared memory for rows of
 // width w = rank + rope dims (see flash.cu).
-func flashShared(w int) int {
+func flashShared(version, w int) int {
 	ld := w + 8
+	if version == 2 {
+		return 2*32*ld*2 + 2*32*ld*2 + 8*32*40*4 + 2*32*40*2 + (2*32+2*32)*4
+	}
 	return 2*32*ld*2 + 64*ld*2 + 4*32*72*4 + 2*32*72*2 + (2*64+2*32)*4
 }
 
@@ -50,7 +59,7 @@ func (b *Backend) flashFits(ql, qm *tensor, p *cachePool, s backend.MLAShape) bo
 		return false
 	}
 	return s.RopeDim%16 == 0 && s.NopeDim%4 == 0 && ql.ld%4 == 0 && qm.ld%4 == 0 &&
-		flashShared(s.Rank+s.RopeDim) <= b.dev.Info().SharedOptin
+		flashShared(b.flashVersion, s.Rank+s.RopeDim) <= b.dev.Info().SharedOptin
 }
 
 // flashUse reports whether a step of T rows over seqs sequences takes the
@@ -66,8 +75,11 @@ func (b *Backend) flashUse(T, seqs int) bool {
 // flashAttention queues the flash kernel over all T rows.
 func (b *Backend) flashAttention(om, ql, qm *tensor, p *cachePool, layer int, s backend.MLAShape, scale float32) {
 	T := b.batch.Rows()
-	shared := flashShared(s.Rank + s.RopeDim)
+	shared := flashShared(b.flashVersion, s.Rank+s.RopeDim)
 	name := fmt.Sprintf("flash_latent_%d", s.Rank/64)
+	if b.flashVersion == 2 {
+		name = fmt.Sprintf("flash_latent2_%d", s.Rank/64)
+	}
 	grid := Dim{uint32((T + flashTokens - 1) / flashTokens), uint32((s.Heads + flashHeads - 1) / flashHeads), 1}
 	b.do("attention", func(c *Ctx) error {
 		k, err := c.Kernel("flash", name)

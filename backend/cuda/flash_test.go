@@ -133,102 +133,116 @@ func TestFlashAttentionMatchesCPU(t *testing.T) {
 			name := fmt.Sprintf("%v cache, heads %d rank %d, seqs %v", dt, cs.s.Heads, cs.s.Rank, cs.seqs)
 			seed := uint64(100 + i)
 			want := flashRun(t, c, cs.seqs, cs.s, dt, seed)
-			g.flashAlways = true
-			got := flashRun(t, g, cs.seqs, cs.s, dt, seed)
+			var errs []float64
+			for _, v := range []int{1, 2} {
+				g.flashAlways, g.flashVersion = true, v
+				got := flashRun(t, g, cs.seqs, cs.s, dt, seed)
+				e := maxRelErr(want, got)
+				errs = append(errs, e)
+				if !(e <= 1e-5) {
+					t.Errorf("%s: flash version %d: max relative error %.3e above 1e-5", name, v, e)
+				}
+			}
 			// The split kernels on the same inputs, for the log.
 			g.flashAlways, g.flashMin = false, 0
 			old := flashRun(t, g, cs.seqs, cs.s, dt, seed)
-			e, eOld := maxRelErr(want, got), maxRelErr(want, old)
-			t.Logf("%-70s flash max rel err %.2e (split kernels %.2e)", name, e, eOld)
-			if !(e <= 1e-5) {
-				t.Errorf("%s: flash max relative error %.3e above 1e-5", name, e)
-			}
+			t.Logf("%-70s flash max rel err %.2e (v1), %.2e (v2); split kernels %.2e", name, errs[0], errs[1], maxRelErr(want, old))
 		}
 	}
 }
 
-// BenchmarkFlashAttention times one layer's attention of a 1024-token
-// prefill at GLM-4.7-Flash's shapes (20 heads, rank 512, rope 64) from an
-// empty cache and after a 1024-position prefix: the flash kernel against
-// the split kernels, device time of the queued launches (events), with
-// TFLOP/s over the causal work (2 * (rank+rope+rank) flops per row, head
-// and attended position).
+// BenchmarkFlashAttention times one layer's attention of a prefill at
+// GLM-4.7-Flash's shapes (20 heads, rank 512, rope 64): T new rows after a
+// cached prefix, the flash kernels against the split kernels, device time
+// of the queued launches (events), with TFLOP/s over the causal work
+// (2 * (rank+rope+rank) flops per row, head and attended position).
 func BenchmarkFlashAttention(b *testing.B) {
 	d := benchDevice(b)
 	s := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
-	for _, prefix := range []int{0, 1024} {
-		for _, dt := range []backend.CacheDType{backend.CacheBF16, backend.CacheFP8} {
-			for _, kern := range []string{"flash", "split"} {
-				b.Run(fmt.Sprintf("T1024_prefix%d/%v/%s", prefix, dt, kern), func(b *testing.B) {
-					g := NewOnDevice(d, Options{NoGraphs: true})
-					defer g.Close()
-					r := rand.New(rand.NewPCG(11, 11))
-					const T, blockSize = 1024, 64
-					pre, step, blocks := flashBatches([]flashSeq{{prefix, T}}, blockSize)
-					pool, err := g.NewCachePool(1, blocks, blockSize, s.Rank, s.RopeDim, dt)
-					if err != nil {
-						b.Fatal(err)
-					}
-					for _, st := range []*backend.Batch{pre, step} {
-						if st == nil {
-							continue
-						}
-						g.SetBatch(st, pool)
-						n := st.Rows()
-						lat, kpe := g.NewTensor(n, s.Rank), g.NewTensor(n, s.RopeDim)
-						g.Upload(lat, randVec(r, n*s.Rank, 1))
-						g.Upload(kpe, randVec(r, n*s.RopeDim, 1))
-						g.CacheWrite(0, lat, kpe)
-					}
-					qlat, q, olat := g.NewTensor(T, s.Heads*s.Rank), g.NewTensor(T, s.Heads*(s.NopeDim+s.RopeDim)), g.NewTensor(T, s.Heads*s.Rank)
-					g.Upload(qlat, randVec(r, T*s.Heads*s.Rank, 1))
-					g.Upload(q, randVec(r, T*s.Heads*(s.NopeDim+s.RopeDim), 1))
-					g.flashMin, g.flashAlways = 0, kern == "flash"
-					scale := float32(1 / math.Sqrt(256))
-					g.LatentAttention(olat, qlat, q, 0, s, scale) // warm-up (compiles)
-					if err := g.Sync(); err != nil {
-						b.Fatal(err)
-					}
-					g.LatentAttention(olat, qlat, q, 0, s, scale)
-					ops := g.pending
-					g.pending = nil
-					launches := 0
-					err = d.Do(func(c *Ctx) error {
-						n := c.launches
-						for _, op := range ops {
-							if err := op.fn(c); err != nil {
-								return err
-							}
-						}
-						launches = c.launches - n
-						if err := c.Sync(); err != nil {
-							return err
-						}
-						const reps = 10
-						ms, err := timeDevice(c, reps, launches, func() error {
-							for _, op := range ops {
-								if err := op.fn(c); err != nil {
-									return err
-								}
-							}
-							return nil
-						})
-						if err != nil {
-							return err
-						}
-						sec := float64(ms) / 1e3 / reps
-						pairs := float64(T) * float64(prefix+prefix+T+1) / 2
-						flops := 2 * pairs * float64(s.Heads) * float64(2*s.Rank+s.RopeDim)
-						b.ReportMetric(sec*1e3, "ms/op")
-						b.ReportMetric(flops/sec/1e12, "TFLOP/s")
-						b.ReportMetric(float64(launches), "launches")
-						return nil
-					})
-					if err != nil {
-						b.Fatal(err)
-					}
-				})
+	cases := []struct {
+		T, prefix int
+		dt        backend.CacheDType
+	}{
+		{1024, 0, backend.CacheBF16}, {1024, 0, backend.CacheFP8}, {1024, 1024, backend.CacheBF16}, {1024, 1024, backend.CacheFP8},
+		{256, 0, backend.CacheBF16}, {64, 0, backend.CacheBF16}, {64, 1024, backend.CacheBF16}, {16, 1024, backend.CacheBF16},
+	}
+	for _, cs := range cases {
+		for _, kern := range []string{"flash1", "flash2", "split"} {
+			b.Run(fmt.Sprintf("T%d_prefix%d/%v/%s", cs.T, cs.prefix, cs.dt, kern), func(b *testing.B) {
+				flashBench(b, d, s, cs.T, cs.prefix, cs.dt, kern)
+			})
+		}
+	}
+}
+
+func flashBench(b *testing.B, d *Device, s backend.MLAShape, T, prefix int, dt backend.CacheDType, kern string) {
+	g := NewOnDevice(d, Options{NoGraphs: true})
+	defer g.Close()
+	r := rand.New(rand.NewPCG(11, 11))
+	const blockSize = 64
+	pre, step, blocks := flashBatches([]flashSeq{{prefix, T}}, blockSize)
+	pool, err := g.NewCachePool(1, blocks, blockSize, s.Rank, s.RopeDim, dt)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, st := range []*backend.Batch{pre, step} {
+		if st == nil {
+			continue
+		}
+		g.SetBatch(st, pool)
+		n := st.Rows()
+		lat, kpe := g.NewTensor(n, s.Rank), g.NewTensor(n, s.RopeDim)
+		g.Upload(lat, randVec(r, n*s.Rank, 1))
+		g.Upload(kpe, randVec(r, n*s.RopeDim, 1))
+		g.CacheWrite(0, lat, kpe)
+	}
+	qlat, q, olat := g.NewTensor(T, s.Heads*s.Rank), g.NewTensor(T, s.Heads*(s.NopeDim+s.RopeDim)), g.NewTensor(T, s.Heads*s.Rank)
+	g.Upload(qlat, randVec(r, T*s.Heads*s.Rank, 1))
+	g.Upload(q, randVec(r, T*s.Heads*(s.NopeDim+s.RopeDim), 1))
+	g.flashMin, g.flashAlways = 0, kern != "split"
+	if g.flashAlways {
+		g.flashVersion = int(kern[5] - '0')
+	}
+	scale := float32(1 / math.Sqrt(256))
+	g.LatentAttention(olat, qlat, q, 0, s, scale) // warm-up (compiles)
+	if err := g.Sync(); err != nil {
+		b.Fatal(err)
+	}
+	g.LatentAttention(olat, qlat, q, 0, s, scale)
+	ops := g.pending
+	g.pending = nil
+	err = d.Do(func(c *Ctx) error {
+		n := c.launches
+		for _, op := range ops {
+			if err := op.fn(c); err != nil {
+				return err
 			}
 		}
+		launches := c.launches - n
+		if err := c.Sync(); err != nil {
+			return err
+		}
+		const reps = 10
+		ms, err := timeDevice(c, reps, launches, func() error {
+			for _, op := range ops {
+				if err := op.fn(c); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		sec := float64(ms) / 1e3 / reps
+		pairs := float64(T) * float64(2*prefix+T+1) / 2
+		flops := 2 * pairs * float64(s.Heads) * float64(2*s.Rank+s.RopeDim)
+		b.ReportMetric(sec*1e3, "ms/op")
+		b.ReportMetric(flops/sec/1e12, "TFLOP/s")
+		b.ReportMetric(float64(launches), "launches")
+		return nil
+	})
+	if err != nil {
+		b.Fatal(err)
 	}
 }
