@@ -81,15 +81,77 @@ DEVICE void split_bf16(float x, u32& hi, u32& lo) {
   lo = fa_bf16(x - __uint_as_float(hi << 16));
 }
 
-template <int NT>
+
+// Two E4M3 codes (bits 0-7 and 8-15) as two bf16 values (exact: E4M3 is a
+// subset of f16, and f16 values of at most 4 significant bits are exact in
+// bf16), the first in the low half.
+DEVICE u32 e4m3x2_bf16x2(u32 two) {
+  u32 h;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h) : "h"((unsigned short)two));
+  float lo, hi;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(lo) : "h"((unsigned short)(h & 0xFFFFu)));
+  asm("cvt.f32.f16 %0, %1;" : "=f"(hi) : "h"((unsigned short)(h >> 16)));
+  return (__float_as_uint(lo) >> 16) | (__float_as_uint(hi) & 0xFFFF0000u);
+}
+
+// Eight E4M3 codes as eight bf16 values.
+DEVICE uint4 e4m3x8_bf16(uint2 v) {
+  return make_uint4(e4m3x2_bf16x2(v.x), e4m3x2_bf16x2(v.x >> 16), e4m3x2_bf16x2(v.y), e4m3x2_bf16x2(v.y >> 16));
+}
+
+// The queries of the block's 32 rows (row r: token t0 + r/FA_HB, head
+// h0 + r%FA_HB; zeros past the ends) as hi and lo bf16 halves, W = rank +
+// dr columns: [qlat | q_pe]. All of a thread's loads are issued before the
+// first is used.
+template <int RANK, int W>
+DEVICE void load_queries(unsigned short* qhi, unsigned short* qlo, int ld, const float* __restrict__ qlat, int ldql,
+                         const float* __restrict__ q, int ldq, int t0, int h0, int T, int heads, int dn) {
+  constexpr int per = W / 4, total = FA_M * per, iters = (total + FA_THREADS - 1) / FA_THREADS;
+  constexpr int dr = W - RANK;
+  float4 v[iters];
+#pragma unroll
+  for (int u = 0; u < iters; u++) {
+    const int i = threadIdx.x + u * FA_THREADS;
+    const int r = i / per, k = (i % per) * 4;
+    const int t = t0 + r / FA_HB, h = h0 + r % FA_HB;
+    v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (i < total && t < T && h < heads)
+      v[u] = k < RANK ? *(const float4*)(qlat + (size_t)t * ldql + (size_t)h * RANK + k)
+                      : *(const float4*)(q + (size_t)t * ldq + (size_t)h * (dn + dr) + dn + (k - RANK));
+  }
+#pragma unroll
+  for (int u = 0; u < iters; u++) {
+    const int i = threadIdx.x + u * FA_THREADS;
+    if (i >= total) break;
+    const int r = i / per, k = (i % per) * 4;
+    u32 h0b, l0b, h1b, l1b, h2b, l2b, h3b, l3b;
+    split_bf16(v[u].x, h0b, l0b);
+    split_bf16(v[u].y, h1b, l1b);
+    split_bf16(v[u].z, h2b, l2b);
+    split_bf16(v[u].w, h3b, l3b);
+    *(uint2*)(qhi + r * ld + k) = make_uint2(h0b | (h1b << 16), h2b | (h3b << 16));
+    *(uint2*)(qlo + r * ld + k) = make_uint2(l0b | (l1b << 16), l2b | (l3b << 16));
+  }
+}
+
+// Cache slots of positions [kb, kb+n) into sslot (0 past nkeys), n <=
+// FA_THREADS.
+DEVICE void tile_slots(u32* sslot, int n, int kb, int nkeys, const i32* __restrict__ table, int block_size) {
+  if (threadIdx.x < n) {
+    const int j = kb + threadIdx.x;
+    sslot[threadIdx.x] = j < nkeys ? (u32)(table[j / block_size] * block_size + j % block_size) : 0u;
+  }
+}
+
+template <int NT, int DR>
 DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                          const float* __restrict__ q, int ldq, const u8* __restrict__ layer, int dtype,
                          const i32* __restrict__ pos, const i32* __restrict__ row_seq,
                          const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size,
-                         int T, int heads, int dn, int dr, float scale) {
+                         int T, int heads, int dn, float scale) {
   constexpr int rank = NT * 64;  // warp w owns columns [w*NT*8, +NT*8)
+  constexpr int W = rank + DR, ld = W + 8;  // bf16 row stride: an odd number of 16-byte units
   extern __shared__ __align__(16) u8 fa_smem[];
-  const int W = rank + dr, ld = W + 8;  // bf16 row stride: an odd number of 16-byte units
   unsigned short* qhi = (unsigned short*)fa_smem;
   unsigned short* qlo = qhi + FA_M * ld;
   unsigned short* ks = qlo + FA_M * ld;
@@ -100,36 +162,20 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   float* sc1 = sc0 + FA_N;                     // [FA_N] scale of k_pe
   float* alpha_s = sc1 + FA_N;                 // [FA_M]
   float* l_s = alpha_s + FA_M;                 // [FA_M]
+  u32* sslot = (u32*)(l_s + FA_M);             // [FA_N] cache slots of the next tile
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, c4 = lane & 3;
   const int t0 = (gridDim.x - 1 - blockIdx.x) * FA_TQ, h0 = blockIdx.y * FA_HB;
   const int nt = min(FA_TQ, T - t0);
 
-  // Queries: row r is token t0 + r/FA_HB, head h0 + r%FA_HB; zeros past
-  // the ends.
-  for (int i = tid; i < FA_M * (W / 4); i += FA_THREADS) {
-    const int r = i / (W / 4), k = (i % (W / 4)) * 4;
-    const int t = t0 + r / FA_HB, h = h0 + r % FA_HB;
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (t < T && h < heads) {
-      v = k < rank ? *(const float4*)(qlat + (size_t)t * ldql + (size_t)h * rank + k)
-                   : *(const float4*)(q + (size_t)t * ldq + (size_t)h * (dn + dr) + dn + (k - rank));
-    }
-    u32 h0b, l0b, h1b, l1b, h2b, l2b, h3b, l3b;
-    split_bf16(v.x, h0b, l0b);
-    split_bf16(v.y, h1b, l1b);
-    split_bf16(v.z, h2b, l2b);
-    split_bf16(v.w, h3b, l3b);
-    *(uint2*)(qhi + r * ld + k) = make_uint2(h0b | (h1b << 16), h2b | (h3b << 16));
-    *(uint2*)(qlo + r * ld + k) = make_uint2(l0b | (l1b << 16), l2b | (l3b << 16));
-  }
+  load_queries<rank, W>(qhi, qlo, ld, qlat, ldql, q, ldq, t0, h0, T, heads, dn);
 
   // Softmax role: row sr, keys [8*sq, +8).
   const int sr = tid >> 3, sq = tid & 7;
   // S role: key half kh, k steps kw, kw+4, ...
   const int kh = warp & 1, kw = warp >> 1;
-  const int lsteps = rank / 16, steps = W / 16;
+  constexpr int lsteps = rank / 16, steps = W / 16;
   // ldmatrix lane addresses (bf16 offsets inside a 16x16 tile).
   const int a_off = (lane & 15) * ld + (lane >> 4) * 8;                          // A, row-major
   const int b_off = ((lane & 7) + ((lane >> 4) << 3)) * ld + ((lane >> 3) & 1) * 8;  // B from [key][k]
@@ -153,49 +199,43 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
     for (int m = 0; m < 2; m++)
 #pragma unroll
       for (int n = 0; n < NT; n++) o[m][n][0] = o[m][n][1] = o[m][n][2] = o[m][n][3] = 0.f;
+    tile_slots(sslot, FA_N, 0, nkeys, table, block_size);
+    __syncthreads();
 
     for (int kb = 0; kb < nkeys; kb += FA_N) {
       // The tile's cached rows as bf16 (zeros past nkeys).
       if (dtype == 0) {
-        const int per = W / 8;  // 16-byte chunks a row
+        constexpr int per = W / 8;  // 16-byte chunks a row
+#pragma unroll 6
         for (int i = tid; i < FA_N * per; i += FA_THREADS) {
-          const int jj = i / per, k = (i % per) * 8, j = kb + jj;
-          const bool valid = j < nkeys;
-          const size_t slot = valid ? (size_t)table[j / block_size] * block_size + j % block_size : 0;
-          cp_async16(smem_addr(ks + jj * ld + k), layer + (slot * W + k) * 2, valid);
+          const int jj = i / per, k = (i % per) * 8;
+          cp_async16(smem_addr(ks + jj * ld + k), layer + ((size_t)sslot[jj] * W + k) * 2, kb + jj < nkeys);
         }
         if (tid < FA_N) sc0[tid] = sc1[tid] = 1.f;
         cp_async_wait_all();
       } else {
-        const int per = W / 8;  // 8 codes a chunk
-        for (int i = tid; i < FA_N * per; i += FA_THREADS) {
-          const int jj = i / per, k = (i % per) * 8, j = kb + jj;
-          uint4 out = make_uint4(0, 0, 0, 0);
-          if (j < nkeys) {
-            const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
-            const uint2 v = *(const uint2*)(layer + slot * (W + 8) + k);
-            u32 b[8];
+        // Records of W codes and two scales; all of a thread's loads are
+        // issued before the first is used.
+        constexpr int per = W / 8, iters = FA_N * per / FA_THREADS;
+        static_assert(FA_N * per % FA_THREADS == 0, "whole chunks a thread");
+        uint2 v[iters];
 #pragma unroll
-            for (int u = 0; u < 4; u++) {
-              b[u] = __float_as_uint(e4m3((v.x >> (8 * u)) & 0xFFu)) >> 16;
-              b[4 + u] = __float_as_uint(e4m3((v.y >> (8 * u)) & 0xFFu)) >> 16;
-            }
-            out = make_uint4(b[0] | (b[1] << 16), b[2] | (b[3] << 16), b[4] | (b[5] << 16), b[6] | (b[7] << 16));
-          }
-          *(uint4*)(ks + jj * ld + k) = out;
+        for (int u = 0; u < iters; u++) {
+          const int i = tid + u * FA_THREADS, jj = i / per, k = (i % per) * 8;
+          v[u] = kb + jj < nkeys ? *(const uint2*)(layer + (size_t)sslot[jj] * (W + 8) + k) : make_uint2(0, 0);
         }
-        if (tid < FA_N) {
-          const int j = kb + tid;
-          float s0 = 0.f, s1 = 0.f;
-          if (j < nkeys) {
-            const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
-            const float* sc = (const float*)(layer + slot * (W + 8) + W);
-            s0 = sc[0];
-            s1 = sc[1];
-          }
-          sc0[tid] = s0;
-          sc1[tid] = s1;
+        float s0 = 0.f, s1 = 0.f;
+        if (tid < FA_N && kb + tid < nkeys) {
+          const float* sc = (const float*)(layer + (size_t)sslot[tid] * (W + 8) + W);
+          s0 = sc[0];
+          s1 = sc[1];
         }
+#pragma unroll
+        for (int u = 0; u < iters; u++) {
+          const int i = tid + u * FA_THREADS, jj = i / per, k = (i % per) * 8;
+          *(uint4*)(ks + jj * ld + k) = e4m3x8_bf16(v[u]);
+        }
+        if (tid < FA_N) sc0[tid] = s0, sc1[tid] = s1;
       }
       __syncthreads();
 
@@ -252,6 +292,9 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
           }
       }
       __syncthreads();
+
+      // The next tile's slots (this tile's loads are done).
+      tile_slots(sslot, FA_N, kb + FA_N, nkeys, table, block_size);
 
       // Online softmax: 8 threads a row.
       {
@@ -354,21 +397,22 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   }
 }
 
-#define FLASH_LATENT(NT)                                                                                         \
+#define FLASH_LATENT(NT, DR)                                                                                     \
   extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)                                                    \
-      flash_latent_##NT(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,              \
+      flash_latent_##NT##_##DR(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,              \
                         const u8* layer, int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq, \
                         const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size,     \
-                        int T, int heads, int dn, int dr, float scale) {                                         \
+                        int T, int heads, int dn, float scale) {                                                 \
     PDL_LAUNCH();                                                                                                \
     PDL_WAIT();                                                                                                  \
-    flash_latent<NT>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks, block_size, \
-                     T, heads, dn, dr, scale);                                                                   \
+    flash_latent<NT, DR>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks,         \
+                         block_size, T, heads, dn, scale);                                                       \
   }
 
-FLASH_LATENT(2)
-FLASH_LATENT(4)
-FLASH_LATENT(8)
+// Instances: (rank/64, rope dims) of the model (8, 64) and of the tests.
+FLASH_LATENT(8, 64)
+FLASH_LATENT(4, 32)
+FLASH_LATENT(2, 64)
 
 // Version 2: tiles of FA2_N = 32 positions, loaded while the tile before
 // is computed. A bf16 cache goes into two buffers by cp.async; an fp8
@@ -389,15 +433,14 @@ DEVICE void cp_async8(u32 dst, const void* src) {
 DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
 DEVICE void cp_async_wait1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
 
-template <int NT>
+template <int NT, int DR>
 DEVICE void flash_latent2(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                           const float* __restrict__ q, int ldq, const u8* __restrict__ layer, int dtype,
                           const i32* __restrict__ pos, const i32* __restrict__ row_seq,
                           const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size,
-                          int T, int heads, int dn, int dr, float scale) {
-  constexpr int rank = NT * 64;
+                          int T, int heads, int dn, float scale) {
+  constexpr int rank = NT * 64, W = rank + DR, ld = W + 8;
   extern __shared__ __align__(16) u8 fa_smem[];
-  const int W = rank + dr, ld = W + 8;
   unsigned short* qhi = (unsigned short*)fa_smem;
   unsigned short* qlo = qhi + FA_M * ld;
   unsigned short* kbuf = qlo + FA_M * ld;  // [2][FA2_N][ld]; fp8: [FA2_N][ld] then the records
@@ -409,33 +452,19 @@ DEVICE void flash_latent2(float* __restrict__ olat, int ldo, const float* __rest
   float* sc1 = sc0 + FA2_N;
   float* alpha_s = sc1 + FA2_N;  // [FA_M]
   float* l_s = alpha_s + FA_M;   // [FA_M]
+  u32* sslot = (u32*)(l_s + FA_M);  // [2][FA2_N]: slots of tile i in sslot[i&1]
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, c4 = lane & 3;
   const int t0 = (gridDim.x - 1 - blockIdx.x) * FA_TQ, h0 = blockIdx.y * FA_HB;
   const int nt = min(FA_TQ, T - t0);
 
-  for (int i = tid; i < FA_M * (W / 4); i += FA_THREADS) {
-    const int r = i / (W / 4), k = (i % (W / 4)) * 4;
-    const int t = t0 + r / FA_HB, h = h0 + r % FA_HB;
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (t < T && h < heads) {
-      v = k < rank ? *(const float4*)(qlat + (size_t)t * ldql + (size_t)h * rank + k)
-                   : *(const float4*)(q + (size_t)t * ldq + (size_t)h * (dn + dr) + dn + (k - rank));
-    }
-    u32 h0b, l0b, h1b, l1b, h2b, l2b, h3b, l3b;
-    split_bf16(v.x, h0b, l0b);
-    split_bf16(v.y, h1b, l1b);
-    split_bf16(v.z, h2b, l2b);
-    split_bf16(v.w, h3b, l3b);
-    *(uint2*)(qhi + r * ld + k) = make_uint2(h0b | (h1b << 16), h2b | (h3b << 16));
-    *(uint2*)(qlo + r * ld + k) = make_uint2(l0b | (l1b << 16), l2b | (l3b << 16));
-  }
+  load_queries<rank, W>(qhi, qlo, ld, qlat, ldql, q, ldq, t0, h0, T, heads, dn);
   if (dtype == 0 && tid < FA2_N) sc0[tid] = sc1[tid] = 1.f;
 
   // Softmax role: row sr, positions [4*sq, +4).
   const int sr = tid >> 3, sq = tid & 7;
-  const int lsteps = rank / 16, steps = W / 16;
+  constexpr int lsteps = rank / 16, steps = W / 16;
   const int a_off = (lane & 15) * ld + (lane >> 4) * 8;
   const int b_off = ((lane & 7) + ((lane >> 4) << 3)) * ld + ((lane >> 3) & 1) * 8;
   const int v_off = ((lane & 7) + (((lane >> 3) & 1) << 3)) * ld + (lane >> 4) * 8;
@@ -461,28 +490,29 @@ DEVICE void flash_latent2(float* __restrict__ olat, int ldo, const float* __rest
     // Queue tile kb's loads: bf16 rows into buffer b, fp8 records into the
     // staging buffer (positions past nkeys: zeros, resp. not loaded).
     auto load = [&](int kb, int b) {
+      const u32* sl = sslot + ((kb / FA2_N) & 1) * FA2_N;
       if (dtype == 0) {
         unsigned short* ks = kbuf + b * FA2_N * ld;
-        const int per = W / 8;
+        constexpr int per = W / 8;
+#pragma unroll 3
         for (int i = tid; i < FA2_N * per; i += FA_THREADS) {
-          const int jj = i / per, k = (i % per) * 8, j = kb + jj;
-          const bool valid = j < nkeys;
-          const size_t slot = valid ? (size_t)table[j / block_size] * block_size + j % block_size : 0;
-          cp_async16(smem_addr(ks + jj * ld + k), layer + (slot * W + k) * 2, valid);
+          const int jj = i / per, k = (i % per) * 8;
+          cp_async16(smem_addr(ks + jj * ld + k), layer + ((size_t)sl[jj] * W + k) * 2, kb + jj < nkeys);
         }
       } else {
-        const int per = (W + 8) / 8;
+        constexpr int per = (W + 8) / 8;
+#pragma unroll 3
         for (int i = tid; i < FA2_N * per; i += FA_THREADS) {
-          const int jj = i / per, k = (i % per) * 8, j = kb + jj;
-          if (j < nkeys) {
-            const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
-            cp_async8(smem_addr(stage + jj * (W + 8) + k), layer + slot * (W + 8) + k);
-          }
+          const int jj = i / per, k = (i % per) * 8;
+          if (kb + jj < nkeys) cp_async8(smem_addr(stage + jj * (W + 8) + k), layer + (size_t)sl[jj] * (W + 8) + k);
         }
       }
       cp_async_commit();
     };
 
+    tile_slots(sslot, FA2_N, 0, nkeys, table, block_size);
+    tile_slots(sslot + FA2_N, FA2_N, FA2_N, nkeys, table, block_size);
+    __syncthreads();
     load(0, 0);
     for (int kb = 0, it = 0; kb < nkeys; kb += FA2_N, it++) {
       unsigned short* ks = kbuf;
@@ -500,20 +530,11 @@ DEVICE void flash_latent2(float* __restrict__ olat, int ldo, const float* __rest
       } else {
         cp_async_wait_all();
         __syncthreads();
-        const int per = W / 8;
+        constexpr int per = W / 8;
+#pragma unroll 3
         for (int i = tid; i < FA2_N * per; i += FA_THREADS) {
           const int jj = i / per, k = (i % per) * 8;
-          uint4 out = make_uint4(0, 0, 0, 0);
-          if (kb + jj < nkeys) {
-            const uint2 v = *(const uint2*)(stage + jj * (W + 8) + k);
-            u32 b[8];
-#pragma unroll
-            for (int u = 0; u < 4; u++) {
-              b[u] = __float_as_uint(e4m3((v.x >> (8 * u)) & 0xFFu)) >> 16;
-              b[4 + u] = __float_as_uint(e4m3((v.y >> (8 * u)) & 0xFFu)) >> 16;
-            }
-            out = make_uint4(b[0] | (b[1] << 16), b[2] | (b[3] << 16), b[4] | (b[5] << 16), b[6] | (b[7] << 16));
-          }
+          const uint4 out = kb + jj < nkeys ? e4m3x8_bf16(*(const uint2*)(stage + jj * (W + 8) + k)) : make_uint4(0, 0, 0, 0);
           *(uint4*)(ks + jj * ld + k) = out;
         }
         if (tid < FA2_N) {
@@ -579,6 +600,9 @@ DEVICE void flash_latent2(float* __restrict__ olat, int ldo, const float* __rest
           }
       }
       __syncthreads();
+
+      // Slots of tile i+2 into tile i's half (its loads are done).
+      tile_slots(sslot + (it & 1) * FA2_N, FA2_N, kb + 2 * FA2_N, nkeys, table, block_size);
 
       // Online softmax: 8 threads a row, 4 positions each.
       {
@@ -675,18 +699,18 @@ DEVICE void flash_latent2(float* __restrict__ olat, int ldo, const float* __rest
   }
 }
 
-#define FLASH_LATENT2(NT)                                                                                        \
+#define FLASH_LATENT2(NT, DR)                                                                                    \
   extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)                                                    \
-      flash_latent2_##NT(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,             \
+      flash_latent2_##NT##_##DR(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,             \
                          const u8* layer, int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq, \
                          const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size,    \
-                         int T, int heads, int dn, int dr, float scale) {                                        \
+                         int T, int heads, int dn, float scale) {                                                \
     PDL_LAUNCH();                                                                                                \
     PDL_WAIT();                                                                                                  \
-    flash_latent2<NT>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks, block_size, \
-                      T, heads, dn, dr, scale);                                                                  \
+    flash_latent2<NT, DR>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks,        \
+                          block_size, T, heads, dn, scale);                                                      \
   }
 
-FLASH_LATENT2(2)
-FLASH_LATENT2(4)
-FLASH_LATENT2(8)
+FLASH_LATENT2(8, 64)
+FLASH_LATENT2(4, 32)
+FLASH_LATENT2(2, 64)
