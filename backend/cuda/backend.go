@@ -67,15 +67,14 @@ type Backend struct {
 	// splitFloats bounds the split attention kernel's partial sums
 	// (maxSplitFloats; tests set 0 to cover the other kernel).
 	splitFloats int
-	// noHeadsAttention leaves out the all-heads split kernel, and
-	// noRouteLogits the one-warp router (tests).
-	noHeadsAttention, noRouteLogits bool
 	// flashMin is the smallest step whose attention takes the flash
 	// kernel (flashMinRows; 0: never); flashAlways sends every step that
 	// fits it there (tests).
-	flashMin     int
-	flashAlways  bool
-	flashVersion int // flashVersion
+	flashMin    int
+	flashAlways bool
+	// noHeadsAttention leaves out the all-heads split kernel, and
+	// noRouteLogits the one-warp router (tests).
+	noHeadsAttention, noRouteLogits bool
 	// noScope keeps every tensor of a step to its end; releases counts
 	// Release calls that freed memory (tests).
 	noScope  bool
@@ -209,7 +208,7 @@ func NewBackend(o Options, minCC int) (backend.Backend, error) {
 // NewOnDevice returns a backend on an opened device, which the caller keeps
 // and closes.
 func NewOnDevice(d *Device, o Options) *Backend {
-	b := &Backend{dev: d, opts: o, moe: map[*QMatrix]*moeLayer{}, moeShared: map[*QMatrix]*moeLayer{}, identity: map[int]uint64{}, splitFloats: maxSplitFloats, flashMin: flashMinRows, flashVersion: flashVersion, prof: newProfiler(), steps: newStepTimer(),
+	b := &Backend{dev: d, opts: o, moe: map[*QMatrix]*moeLayer{}, moeShared: map[*QMatrix]*moeLayer{}, identity: map[int]uint64{}, splitFloats: maxSplitFloats, flashMin: flashMinRows, prof: newProfiler(), steps: newStepTimer(),
 		ropeTables: map[ropeKey]uint64{}}
 	if !o.NoGraphs && os.Getenv("MMFP4_CUDA_GRAPHS") != "0" {
 		b.graphs = &graphCache{}
@@ -1361,12 +1360,12 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s bac
 		b.count(perToken * int64(b.batch.Positions[t]+1))
 	}
 	b.wrote(om)
-	if attentionWarps*4*s.Rank > 48<<10 {
-		b.fail("attention: rank %d needs more shared memory than 48 KiB", s.Rank)
-		return
-	}
 	if b.flashUse(T, len(b.batch.Seqs)) && b.flashFits(ql, qm, p, s) {
 		b.flashAttention(om, ql, qm, p, layer, s, scale)
+		return
+	}
+	if attentionWarps*4*s.Rank > 48<<10 {
+		b.fail("attention: rank %d needs more shared memory than 48 KiB", s.Rank)
 		return
 	}
 	maxN := b.meta.maxN

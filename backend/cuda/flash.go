@@ -12,16 +12,10 @@ import (
 
 // flashMinRows is the smallest step (in rows) whose attention runs the
 // tensor-core flash kernel (kernels/flash.cu) instead of the split
-// kernels; 0 leaves it off. flashVersion picks the kernel: 1, tiles of 64
-// positions loaded between steps; 2, tiles of 32 loaded while the tile
-// before is computed. MMFP4_CUDA_FLASH=1 or 2 picks that version, =0
-// turns the kernel off. On an H200 at 64 rows after 1024 cached positions
-// version 1 took 0.15 ms against 0.50 for the split kernels, at 16 rows
-// 0.15 against 0.12 (docs/perf.md).
-var (
-	flashMinRows = 64
-	flashVersion = 1
-)
+// kernels; 0 leaves it off (MMFP4_CUDA_FLASH=0). On an H200, after 1024
+// cached positions: 64 rows 0.11 ms against 0.50 for the split kernels,
+// 16 rows 0.10 against 0.12 (docs/perf.md).
+var flashMinRows = 64
 
 // flashTokens and flashHeads are FA_TQ and FA_HB in flash.cu: the tokens
 // and heads of one block.
@@ -31,21 +25,15 @@ const (
 )
 
 func init() {
-	switch v := os.Getenv("MMFP4_CUDA_FLASH"); v {
-	case "1", "2":
-		flashMinRows, flashVersion = 64, int(v[0]-'0')
-	case "0":
+	if os.Getenv("MMFP4_CUDA_FLASH") == "0" {
 		flashMinRows = 0
 	}
 }
 
 // flashShared is the flash kernel's dynamic shared memory for rows of
 // width w = rank + rope dims (see flash.cu).
-func flashShared(version, w int) int {
+func flashShared(w int) int {
 	ld := w + 8
-	if version == 2 {
-		return 2*32*ld*2 + 2*32*ld*2 + 8*32*40*4 + 2*32*40*2 + (2*32+2*32)*4 + 2*32*4
-	}
 	return 2*32*ld*2 + 64*ld*2 + 4*32*72*4 + 2*32*72*2 + (2*64+2*32)*4 + 64*4
 }
 
@@ -64,7 +52,7 @@ func (b *Backend) flashFits(ql, qm *tensor, p *cachePool, s backend.MLAShape) bo
 		return false
 	}
 	return s.NopeDim%4 == 0 && ql.ld%4 == 0 && qm.ld%4 == 0 &&
-		flashShared(b.flashVersion, s.Rank+s.RopeDim) <= b.dev.Info().SharedOptin
+		flashShared(s.Rank+s.RopeDim) <= b.dev.Info().SharedOptin
 }
 
 // flashUse reports whether a step of T rows over seqs sequences takes the
@@ -80,11 +68,8 @@ func (b *Backend) flashUse(T, seqs int) bool {
 // flashAttention queues the flash kernel over all T rows.
 func (b *Backend) flashAttention(om, ql, qm *tensor, p *cachePool, layer int, s backend.MLAShape, scale float32) {
 	T := b.batch.Rows()
-	shared := flashShared(b.flashVersion, s.Rank+s.RopeDim)
+	shared := flashShared(s.Rank + s.RopeDim)
 	name := fmt.Sprintf("flash_latent_%d_%d", s.Rank/64, s.RopeDim)
-	if b.flashVersion == 2 {
-		name = fmt.Sprintf("flash_latent2_%d_%d", s.Rank/64, s.RopeDim)
-	}
 	grid := Dim{uint32((T + flashTokens - 1) / flashTokens), uint32((s.Heads + flashHeads - 1) / flashHeads), 1}
 	b.do("attention", func(c *Ctx) error {
 		k, err := c.Kernel("flash", name)

@@ -133,20 +133,16 @@ func TestFlashAttentionMatchesCPU(t *testing.T) {
 			name := fmt.Sprintf("%v cache, heads %d rank %d, seqs %v", dt, cs.s.Heads, cs.s.Rank, cs.seqs)
 			seed := uint64(100 + i)
 			want := flashRun(t, c, cs.seqs, cs.s, dt, seed)
-			var errs []float64
-			for _, v := range []int{1, 2} {
-				g.flashAlways, g.flashVersion = true, v
-				got := flashRun(t, g, cs.seqs, cs.s, dt, seed)
-				e := maxRelErr(want, got)
-				errs = append(errs, e)
-				if !(e <= 1e-5) {
-					t.Errorf("%s: flash version %d: max relative error %.3e above 1e-5", name, v, e)
-				}
+			g.flashAlways = true
+			got := flashRun(t, g, cs.seqs, cs.s, dt, seed)
+			e := maxRelErr(want, got)
+			if !(e <= 1e-5) {
+				t.Errorf("%s: flash max relative error %.3e above 1e-5", name, e)
 			}
 			// The split kernels on the same inputs, for the log.
 			g.flashAlways, g.flashMin = false, 0
 			old := flashRun(t, g, cs.seqs, cs.s, dt, seed)
-			t.Logf("%-70s flash max rel err %.2e (v1), %.2e (v2); split kernels %.2e", name, errs[0], errs[1], maxRelErr(want, old))
+			t.Logf("%-70s flash max rel err %.2e; split kernels %.2e", name, e, maxRelErr(want, old))
 		}
 	}
 }
@@ -167,7 +163,7 @@ func BenchmarkFlashAttention(b *testing.B) {
 		{256, 0, backend.CacheBF16}, {64, 0, backend.CacheBF16}, {64, 1024, backend.CacheBF16}, {16, 1024, backend.CacheBF16},
 	}
 	for _, cs := range cases {
-		for _, kern := range []string{"flash1", "flash2", "split"} {
+		for _, kern := range []string{"flash", "split"} {
 			b.Run(fmt.Sprintf("T%d_prefix%d/%v/%s", cs.T, cs.prefix, cs.dt, kern), func(b *testing.B) {
 				flashBench(b, d, s, cs.T, cs.prefix, cs.dt, kern)
 			})
@@ -199,10 +195,7 @@ func flashBench(b *testing.B, d *Device, s backend.MLAShape, T, prefix int, dt b
 	qlat, q, olat := g.NewTensor(T, s.Heads*s.Rank), g.NewTensor(T, s.Heads*(s.NopeDim+s.RopeDim)), g.NewTensor(T, s.Heads*s.Rank)
 	g.Upload(qlat, randVec(r, T*s.Heads*s.Rank, 1))
 	g.Upload(q, randVec(r, T*s.Heads*(s.NopeDim+s.RopeDim), 1))
-	g.flashMin, g.flashAlways = 0, kern != "split"
-	if g.flashAlways {
-		g.flashVersion = int(kern[5] - '0')
-	}
+	g.flashMin, g.flashAlways = 0, kern == "flash"
 	scale := float32(1 / math.Sqrt(256))
 	g.LatentAttention(olat, qlat, q, 0, s, scale) // warm-up (compiles)
 	if err := g.Sync(); err != nil {

@@ -52,9 +52,10 @@ DEVICE void ldsm_x4_t(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
                : "r"(addr));
 }
 
-// d += a . b, m16n8k16, bf16 operands, fp32 accumulators.
+// d += a . b, m16n8k16, bf16 operands, fp32 accumulators. Not volatile:
+// the compiler may interleave independent products.
 DEVICE void mma_bf16(float* d, const u32* a, u32 b0, u32 b1) {
-  asm volatile(
+  asm(
       "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
       "{%0,%1,%2,%3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
@@ -248,7 +249,9 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
           for (int n = 0; n < 4; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) al[m][n][e] = ap[m][n][e] = 0.f;
-        for (int s = kw; s < steps; s += 4) {
+        // One k step s into acc: the hi halves into all eight tiles, then
+        // the lo halves, so that no product waits for the one just before.
+        auto step = [&](int s, float(&acc)[2][4][4]) {
           u32 ah[2][4], alo[2][4], b[4][2];
 #pragma unroll
           for (int m = 0; m < 2; m++) {
@@ -259,24 +262,21 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
           for (int np = 0; np < 2; np++)
             ldsm_x4(smem_addr(ks + (kh * 32 + np * 16) * ld + s * 16 + b_off), b[2 * np][0], b[2 * np][1],
                     b[2 * np + 1][0], b[2 * np + 1][1]);
-          if (s < lsteps) {
 #pragma unroll
-            for (int m = 0; m < 2; m++)
+          for (int m = 0; m < 2; m++)
 #pragma unroll
-              for (int n = 0; n < 4; n++) {
-                mma_bf16(al[m][n], ah[m], b[n][0], b[n][1]);
-                mma_bf16(al[m][n], alo[m], b[n][0], b[n][1]);
-              }
-          } else {
+            for (int n = 0; n < 4; n++) mma_bf16(acc[m][n], ah[m], b[n][0], b[n][1]);
 #pragma unroll
-            for (int m = 0; m < 2; m++)
+          for (int m = 0; m < 2; m++)
 #pragma unroll
-              for (int n = 0; n < 4; n++) {
-                mma_bf16(ap[m][n], ah[m], b[n][0], b[n][1]);
-                mma_bf16(ap[m][n], alo[m], b[n][0], b[n][1]);
-              }
-          }
-        }
+            for (int n = 0; n < 4; n++) mma_bf16(acc[m][n], alo[m], b[n][0], b[n][1]);
+        };
+        // This warp's k steps are kw, kw+4, ...: the latent ones (rank/16
+        // = 4 NT of them), then the rope ones.
+#pragma unroll 2
+        for (int i = 0; i < NT; i++) step(kw + 4 * i, al);
+#pragma unroll
+        for (int s = lsteps + kw; s < steps; s += 4) step(s, ap);
         float* mine = sp + kw * FA_M * FA_SLD;
 #pragma unroll
         for (int m = 0; m < 2; m++)
@@ -350,28 +350,27 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
           o[0][n][0] *= a0, o[0][n][1] *= a0, o[0][n][2] *= a1, o[0][n][3] *= a1;
           o[1][n][0] *= a2, o[1][n][1] *= a2, o[1][n][2] *= a3, o[1][n][3] *= a3;
         }
-        const int kmax = min(FA_N, nkeys - kb);
 #pragma unroll
         for (int kk = 0; kk < FA_N / 16; kk++) {
-          if (kk * 16 >= kmax) break;
           u32 ah[2][4], alo[2][4];
 #pragma unroll
           for (int m = 0; m < 2; m++) {
             ldsm_x4(smem_addr(phi + m * 16 * FA_PLD + kk * 16 + p_off), ah[m][0], ah[m][1], ah[m][2], ah[m][3]);
             ldsm_x4(smem_addr(plo + m * 16 * FA_PLD + kk * 16 + p_off), alo[m][0], alo[m][1], alo[m][2], alo[m][3]);
           }
+          u32 b[NT][2];
 #pragma unroll
-          for (int np = 0; np < NT / 2; np++) {
-            u32 b0, b1, b2, b3;
-            ldsm_x4_t(smem_addr(ks + kk * 16 * ld + warp * NT * 8 + np * 16 + v_off), b0, b1, b2, b3);
+          for (int np = 0; np < NT / 2; np++)
+            ldsm_x4_t(smem_addr(ks + kk * 16 * ld + warp * NT * 8 + np * 16 + v_off), b[2 * np][0], b[2 * np][1],
+                      b[2 * np + 1][0], b[2 * np + 1][1]);
 #pragma unroll
-            for (int m = 0; m < 2; m++) {
-              mma_bf16(o[m][2 * np], ah[m], b0, b1);
-              mma_bf16(o[m][2 * np], alo[m], b0, b1);
-              mma_bf16(o[m][2 * np + 1], ah[m], b2, b3);
-              mma_bf16(o[m][2 * np + 1], alo[m], b2, b3);
-            }
-          }
+          for (int m = 0; m < 2; m++)
+#pragma unroll
+            for (int n = 0; n < NT; n++) mma_bf16(o[m][n], ah[m], b[n][0], b[n][1]);
+#pragma unroll
+          for (int m = 0; m < 2; m++)
+#pragma unroll
+            for (int n = 0; n < NT; n++) mma_bf16(o[m][n], alo[m], b[n][0], b[n][1]);
         }
       }
       __syncthreads();
@@ -413,304 +412,3 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
 FLASH_LATENT(8, 64)
 FLASH_LATENT(4, 32)
 FLASH_LATENT(2, 64)
-
-// Version 2: tiles of FA2_N = 32 positions, loaded while the tile before
-// is computed. A bf16 cache goes into two buffers by cp.async; an fp8
-// cache's raw records (codes and scales) go by cp.async into a staging
-// buffer and are widened into the one bf16 buffer at the top of each
-// step. For S, warp w takes every eighth k step (w, w+8, ...) of all 32
-// rows and 32 positions; the eight partial tiles are added in warp order.
-// Shared memory (bytes): queries 2*32*(W+8)*2, keys 2*32*(W+8)*2 (bf16;
-// fp8: one buffer and 32*(W+8) bytes of records), partial scores
-// 8*32*40*4, weights 2*32*40*2, 2*32 + 2*32 floats.
-#define FA2_N 32
-#define FA2_SLD 40
-#define FA2_PLD 40
-
-DEVICE void cp_async8(u32 dst, const void* src) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src) : "memory");
-}
-DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-DEVICE void cp_async_wait1() { asm volatile("cp.async.wait_group 1;" ::: "memory"); }
-
-template <int NT, int DR>
-DEVICE void flash_latent2(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
-                          const float* __restrict__ q, int ldq, const u8* __restrict__ layer, int dtype,
-                          const i32* __restrict__ pos, const i32* __restrict__ row_seq,
-                          const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size,
-                          int T, int heads, int dn, float scale) {
-  constexpr int rank = NT * 64, W = rank + DR, ld = W + 8;
-  extern __shared__ __align__(16) u8 fa_smem[];
-  unsigned short* qhi = (unsigned short*)fa_smem;
-  unsigned short* qlo = qhi + FA_M * ld;
-  unsigned short* kbuf = qlo + FA_M * ld;  // [2][FA2_N][ld]; fp8: [FA2_N][ld] then the records
-  u8* stage = (u8*)(kbuf + FA2_N * ld);    // fp8 records [FA2_N][W+8]
-  float* sp = (float*)(kbuf + 2 * FA2_N * ld);                    // [8][FA_M][FA2_SLD]
-  unsigned short* phi = (unsigned short*)(sp + 8 * FA_M * FA2_SLD);  // [FA_M][FA2_PLD]
-  unsigned short* plo = phi + FA_M * FA2_PLD;
-  float* sc0 = (float*)(plo + FA_M * FA2_PLD);  // [FA2_N]
-  float* sc1 = sc0 + FA2_N;
-  float* alpha_s = sc1 + FA2_N;  // [FA_M]
-  float* l_s = alpha_s + FA_M;   // [FA_M]
-  u32* sslot = (u32*)(l_s + FA_M);  // [2][FA2_N]: slots of tile i in sslot[i&1]
-
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int g = lane >> 2, c4 = lane & 3;
-  const int t0 = (gridDim.x - 1 - blockIdx.x) * FA_TQ, h0 = blockIdx.y * FA_HB;
-  const int nt = min(FA_TQ, T - t0);
-
-  load_queries<rank, W>(qhi, qlo, ld, qlat, ldql, q, ldq, t0, h0, T, heads, dn);
-  if (dtype == 0 && tid < FA2_N) sc0[tid] = sc1[tid] = 1.f;
-
-  // Softmax role: row sr, positions [4*sq, +4).
-  const int sr = tid >> 3, sq = tid & 7;
-  constexpr int lsteps = rank / 16, steps = W / 16;
-  const int a_off = (lane & 15) * ld + (lane >> 4) * 8;
-  const int b_off = ((lane & 7) + ((lane >> 4) << 3)) * ld + ((lane >> 3) & 1) * 8;
-  const int v_off = ((lane & 7) + (((lane >> 3) & 1) << 3)) * ld + (lane >> 4) * 8;
-  const int p_off = (lane & 15) * FA2_PLD + (lane >> 4) * 8;
-
-  int ta = 0;
-  while (ta < nt) {
-    const int seq = row_seq[t0 + ta];
-    int tb = ta + 1;
-    while (tb < nt && row_seq[t0 + tb] == seq) tb++;
-    int nkeys = 0;
-    for (int i = ta; i < tb; i++) nkeys = max(nkeys, pos[t0 + i] + 1);
-    const i32* table = blocks + seq_blocks[seq];
-    const int st = sr / FA_HB, sh = h0 + sr % FA_HB;
-    const int rowpos = (st >= ta && st < tb && sh < heads) ? pos[t0 + st] : -1;
-    float m_run = __int_as_float(0xff800000), l_run = 0.f;
-    float o[2][NT][4];
-#pragma unroll
-    for (int m = 0; m < 2; m++)
-#pragma unroll
-      for (int n = 0; n < NT; n++) o[m][n][0] = o[m][n][1] = o[m][n][2] = o[m][n][3] = 0.f;
-
-    // Queue tile kb's loads: bf16 rows into buffer b, fp8 records into the
-    // staging buffer (positions past nkeys: zeros, resp. not loaded).
-    auto load = [&](int kb, int b) {
-      const u32* sl = sslot + ((kb / FA2_N) & 1) * FA2_N;
-      if (dtype == 0) {
-        unsigned short* ks = kbuf + b * FA2_N * ld;
-        constexpr int per = W / 8;
-#pragma unroll 3
-        for (int i = tid; i < FA2_N * per; i += FA_THREADS) {
-          const int jj = i / per, k = (i % per) * 8;
-          cp_async16(smem_addr(ks + jj * ld + k), layer + ((size_t)sl[jj] * W + k) * 2, kb + jj < nkeys);
-        }
-      } else {
-        constexpr int per = (W + 8) / 8;
-#pragma unroll 3
-        for (int i = tid; i < FA2_N * per; i += FA_THREADS) {
-          const int jj = i / per, k = (i % per) * 8;
-          if (kb + jj < nkeys) cp_async8(smem_addr(stage + jj * (W + 8) + k), layer + (size_t)sl[jj] * (W + 8) + k);
-        }
-      }
-      cp_async_commit();
-    };
-
-    tile_slots(sslot, FA2_N, 0, nkeys, table, block_size);
-    tile_slots(sslot + FA2_N, FA2_N, FA2_N, nkeys, table, block_size);
-    __syncthreads();
-    load(0, 0);
-    for (int kb = 0, it = 0; kb < nkeys; kb += FA2_N, it++) {
-      unsigned short* ks = kbuf;
-      if (dtype == 0) {
-        ks = kbuf + (it & 1) * FA2_N * ld;
-        // The other buffer was last read by the previous tile's O step,
-        // which the barrier at the end of that step closed.
-        if (kb + FA2_N < nkeys) {
-          load(kb + FA2_N, (it + 1) & 1);
-          cp_async_wait1();
-        } else {
-          cp_async_wait_all();
-        }
-        __syncthreads();
-      } else {
-        cp_async_wait_all();
-        __syncthreads();
-        constexpr int per = W / 8;
-#pragma unroll 3
-        for (int i = tid; i < FA2_N * per; i += FA_THREADS) {
-          const int jj = i / per, k = (i % per) * 8;
-          const uint4 out = kb + jj < nkeys ? e4m3x8_bf16(*(const uint2*)(stage + jj * (W + 8) + k)) : make_uint4(0, 0, 0, 0);
-          *(uint4*)(ks + jj * ld + k) = out;
-        }
-        if (tid < FA2_N) {
-          const bool valid = kb + tid < nkeys;
-          const float* sc = (const float*)(stage + tid * (W + 8) + W);
-          sc0[tid] = valid ? sc[0] : 0.f;
-          sc1[tid] = valid ? sc[1] : 0.f;
-        }
-        __syncthreads();
-        if (kb + FA2_N < nkeys) load(kb + FA2_N, 0);
-      }
-
-      // S partials: 32 rows x 32 positions over k steps warp, warp+8, ...
-      {
-        float al[2][4][4], ap[2][4][4];
-#pragma unroll
-        for (int m = 0; m < 2; m++)
-#pragma unroll
-          for (int n = 0; n < 4; n++)
-#pragma unroll
-            for (int e = 0; e < 4; e++) al[m][n][e] = ap[m][n][e] = 0.f;
-        for (int s = warp; s < steps; s += 8) {
-          u32 ah[2][4], alo[2][4], b[4][2];
-#pragma unroll
-          for (int m = 0; m < 2; m++) {
-            ldsm_x4(smem_addr(qhi + m * 16 * ld + s * 16 + a_off), ah[m][0], ah[m][1], ah[m][2], ah[m][3]);
-            ldsm_x4(smem_addr(qlo + m * 16 * ld + s * 16 + a_off), alo[m][0], alo[m][1], alo[m][2], alo[m][3]);
-          }
-#pragma unroll
-          for (int np = 0; np < 2; np++)
-            ldsm_x4(smem_addr(ks + np * 16 * ld + s * 16 + b_off), b[2 * np][0], b[2 * np][1], b[2 * np + 1][0],
-                    b[2 * np + 1][1]);
-          if (s < lsteps) {
-#pragma unroll
-            for (int m = 0; m < 2; m++)
-#pragma unroll
-              for (int n = 0; n < 4; n++) {
-                mma_bf16(al[m][n], ah[m], b[n][0], b[n][1]);
-                mma_bf16(al[m][n], alo[m], b[n][0], b[n][1]);
-              }
-          } else {
-#pragma unroll
-            for (int m = 0; m < 2; m++)
-#pragma unroll
-              for (int n = 0; n < 4; n++) {
-                mma_bf16(ap[m][n], ah[m], b[n][0], b[n][1]);
-                mma_bf16(ap[m][n], alo[m], b[n][0], b[n][1]);
-              }
-          }
-        }
-        float* mine = sp + warp * FA_M * FA2_SLD;
-#pragma unroll
-        for (int m = 0; m < 2; m++)
-#pragma unroll
-          for (int n = 0; n < 4; n++) {
-            const int col = n * 8 + 2 * c4;
-            const float s00 = sc0[col], s01 = sc0[col + 1], s10 = sc1[col], s11 = sc1[col + 1];
-            const int row = m * 16 + g;
-            *(float2*)(mine + row * FA2_SLD + col) =
-                make_float2(al[m][n][0] * s00 + ap[m][n][0] * s10, al[m][n][1] * s01 + ap[m][n][1] * s11);
-            *(float2*)(mine + (row + 8) * FA2_SLD + col) =
-                make_float2(al[m][n][2] * s00 + ap[m][n][2] * s10, al[m][n][3] * s01 + ap[m][n][3] * s11);
-          }
-      }
-      __syncthreads();
-
-      // Slots of tile i+2 into tile i's half (its loads are done).
-      tile_slots(sslot + (it & 1) * FA2_N, FA2_N, kb + 2 * FA2_N, nkeys, table, block_size);
-
-      // Online softmax: 8 threads a row, 4 positions each.
-      {
-        float sv[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-        for (int w = 0; w < 8; w++) {
-          const float4 x = *(const float4*)(sp + (w * FA_M + sr) * FA2_SLD + sq * 4);
-          sv[0] += x.x, sv[1] += x.y, sv[2] += x.z, sv[3] += x.w;
-        }
-        float mx = __int_as_float(0xff800000);
-#pragma unroll
-        for (int u = 0; u < 4; u++) {
-          const bool valid = kb + sq * 4 + u <= rowpos;
-          sv[u] = valid ? sv[u] * scale : __int_as_float(0xff800000);
-          mx = fmaxf(mx, sv[u]);
-        }
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
-        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
-        const float m_new = fmaxf(m_run, mx);
-        const bool none = m_new == __int_as_float(0xff800000);
-        const float alpha = none ? 1.f : expf(m_run - m_new);
-        float sum = 0.f;
-        u32 hb[4], lb[4];
-#pragma unroll
-        for (int u = 0; u < 4; u++) {
-          const float p = (none || sv[u] == __int_as_float(0xff800000)) ? 0.f : expf(sv[u] - m_new);
-          sum += p;
-          split_bf16(p * sc0[sq * 4 + u], hb[u], lb[u]);
-        }
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 4);
-        l_run = l_run * alpha + sum;
-        m_run = m_new;
-        *(uint2*)(phi + sr * FA2_PLD + sq * 4) = make_uint2(hb[0] | (hb[1] << 16), hb[2] | (hb[3] << 16));
-        *(uint2*)(plo + sr * FA2_PLD + sq * 4) = make_uint2(lb[0] | (lb[1] << 16), lb[2] | (lb[3] << 16));
-        if (sq == 0) alpha_s[sr] = alpha;
-      }
-      __syncthreads();
-
-      // O = O * alpha + P . c over this warp's columns.
-      {
-        const float a0 = alpha_s[g], a1 = alpha_s[g + 8], a2 = alpha_s[16 + g], a3 = alpha_s[24 + g];
-#pragma unroll
-        for (int n = 0; n < NT; n++) {
-          o[0][n][0] *= a0, o[0][n][1] *= a0, o[0][n][2] *= a1, o[0][n][3] *= a1;
-          o[1][n][0] *= a2, o[1][n][1] *= a2, o[1][n][2] *= a3, o[1][n][3] *= a3;
-        }
-        const int kmax = min(FA2_N, nkeys - kb);
-#pragma unroll
-        for (int kk = 0; kk < FA2_N / 16; kk++) {
-          if (kk * 16 >= kmax) break;
-          u32 ah[2][4], alo[2][4];
-#pragma unroll
-          for (int m = 0; m < 2; m++) {
-            ldsm_x4(smem_addr(phi + m * 16 * FA2_PLD + kk * 16 + p_off), ah[m][0], ah[m][1], ah[m][2], ah[m][3]);
-            ldsm_x4(smem_addr(plo + m * 16 * FA2_PLD + kk * 16 + p_off), alo[m][0], alo[m][1], alo[m][2],
-                    alo[m][3]);
-          }
-#pragma unroll
-          for (int np = 0; np < NT / 2; np++) {
-            u32 b0, b1, b2, b3;
-            ldsm_x4_t(smem_addr(ks + kk * 16 * ld + warp * NT * 8 + np * 16 + v_off), b0, b1, b2, b3);
-#pragma unroll
-            for (int m = 0; m < 2; m++) {
-              mma_bf16(o[m][2 * np], ah[m], b0, b1);
-              mma_bf16(o[m][2 * np], alo[m], b0, b1);
-              mma_bf16(o[m][2 * np + 1], ah[m], b2, b3);
-              mma_bf16(o[m][2 * np + 1], alo[m], b2, b3);
-            }
-          }
-        }
-      }
-      __syncthreads();
-    }
-
-    if (sq == 0) l_s[sr] = l_run;
-    __syncthreads();
-#pragma unroll
-    for (int m = 0; m < 2; m++)
-#pragma unroll
-      for (int hf = 0; hf < 2; hf++) {
-        const int row = m * 16 + hf * 8 + g, ti = row / FA_HB, h = h0 + row % FA_HB;
-        if (ti < ta || ti >= tb || h >= heads) continue;
-        const float inv = 1.f / l_s[row];
-        float* out = olat + (size_t)(t0 + ti) * ldo + (size_t)h * rank + warp * NT * 8 + 2 * c4;
-#pragma unroll
-        for (int n = 0; n < NT; n++)
-          *(float2*)(out + n * 8) = make_float2(o[m][n][2 * hf] * inv, o[m][n][2 * hf + 1] * inv);
-      }
-    __syncthreads();
-    ta = tb;
-  }
-}
-
-#define FLASH_LATENT2(NT, DR)                                                                                    \
-  extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)                                                    \
-      flash_latent2_##NT##_##DR(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,             \
-                         const u8* layer, int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq, \
-                         const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size,    \
-                         int T, int heads, int dn, float scale) {                                                \
-    PDL_LAUNCH();                                                                                                \
-    PDL_WAIT();                                                                                                  \
-    flash_latent2<NT, DR>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks,        \
-                          block_size, T, heads, dn, scale);                                                      \
-  }
-
-FLASH_LATENT2(8, 64)
-FLASH_LATENT2(4, 32)
-FLASH_LATENT2(2, 64)
