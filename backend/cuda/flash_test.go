@@ -160,7 +160,8 @@ func BenchmarkFlashAttention(b *testing.B) {
 		dt        backend.CacheDType
 	}{
 		{1024, 0, backend.CacheBF16}, {1024, 0, backend.CacheFP8}, {1024, 1024, backend.CacheBF16}, {1024, 1024, backend.CacheFP8},
-		{256, 0, backend.CacheBF16}, {64, 0, backend.CacheBF16}, {64, 1024, backend.CacheBF16}, {16, 1024, backend.CacheBF16},
+		{256, 0, backend.CacheBF16}, {64, 0, backend.CacheBF16}, {64, 1024, backend.CacheBF16},
+		{32, 0, backend.CacheBF16}, {32, 1024, backend.CacheBF16}, {16, 0, backend.CacheBF16}, {16, 1024, backend.CacheBF16},
 	}
 	for _, cs := range cases {
 		for _, kern := range []string{"flash", "split"} {
