@@ -25,10 +25,12 @@
 //
 // Grid (ceil(T/FA_TQ), ceil(H/FA_HB)); the last tokens (most positions)
 // start first. Tokens of one block from different sequences are done one
-// sequence after another.
+// sequence after another. Each tile's cache slots are looked up a tile
+// ahead (during the softmax), so the copies wait on no block-table load.
 //
 // Shared memory (bytes): queries 2*32*(W+8)*2, keys 64*(W+8)*2, partial
-// scores 4*32*72*4, weights 2*32*72*2, and 2*64 + 2*32 floats, W = rank+dr.
+// scores 4*32*72*4, weights 2*32*72*2, 2*64 + 2*32 floats and 64 slots,
+// W = rank+dr (flashShared in flash.go).
 
 #define FA_TQ 8
 #define FA_HB 4
