@@ -12,10 +12,11 @@ import (
 
 // flashMinRows is the smallest step (in rows) whose attention runs the
 // tensor-core flash kernel (kernels/flash.cu) instead of the split
-// kernels; 0 leaves it off (MMFP4_CUDA_FLASH=0). On an H200, after 1024
-// cached positions: 64 rows 0.11 ms against 0.50 for the split kernels,
-// 16 rows 0.10 against 0.12 (docs/perf.md).
-var flashMinRows = 64
+// kernels; 0 leaves it off (MMFP4_CUDA_FLASH=0). On an H200 the flash
+// kernel was the faster at every size measured, down to 16 rows: 0.013
+// against 0.016 ms from an empty cache, 0.098 against 0.119 after 1024
+// positions (docs/perf.md).
+var flashMinRows = 16
 
 // flashTokens and flashHeads are FA_TQ and FA_HB in flash.cu: the tokens
 // and heads of one block.
@@ -55,14 +56,25 @@ func (b *Backend) flashFits(ql, qm *tensor, p *cachePool, s backend.MLAShape) bo
 		flashShared(s.Rank+s.RopeDim) <= b.dev.Info().SharedOptin
 }
 
-// flashUse reports whether a step of T rows over seqs sequences takes the
-// flash kernel: long enough, and most blocks' tokens in one sequence (or
-// always, flashAlways, in tests).
-func (b *Backend) flashUse(T, seqs int) bool {
+// flashUse reports whether a step takes the flash kernel: at least
+// flashMin rows, and every sequence at least flashTokens of them (or
+// always, flashAlways, in tests). A block's tokens from different
+// sequences are done one sequence after another, each pass over that
+// sequence's whole cache, so a step mixing decode rows (one a sequence)
+// with a prompt chunk stays on the split kernels.
+func (b *Backend) flashUse(batch *backend.Batch) bool {
 	if b.flashAlways {
 		return true
 	}
-	return b.flashMin > 0 && T >= b.flashMin && T >= flashTokens*seqs
+	if b.flashMin <= 0 || batch.Rows() < b.flashMin {
+		return false
+	}
+	for _, s := range batch.Seqs {
+		if s.Len < flashTokens {
+			return false
+		}
+	}
+	return true
 }
 
 // flashAttention queues the flash kernel over all T rows.

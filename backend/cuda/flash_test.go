@@ -101,6 +101,39 @@ func flashRun(t *testing.T, b backend.Backend, seqs []flashSeq, s backend.MLASha
 	return out
 }
 
+// TestFlashUse checks which steps take the flash kernel: long enough, and
+// no sequence with fewer rows than a block's tokens (decode rows).
+func TestFlashUse(t *testing.T) {
+	b := &Backend{flashMin: 16}
+	step := func(lens ...int) *backend.Batch {
+		var seqs []flashSeq
+		for _, n := range lens {
+			seqs = append(seqs, flashSeq{100, n})
+		}
+		_, st, _ := flashBatches(seqs, 16)
+		return st
+	}
+	for _, c := range []struct {
+		lens []int
+		want bool
+	}{
+		{[]int{1024}, true}, {[]int{16}, true}, {[]int{15}, false}, {[]int{8, 8}, true},
+		{[]int{512, 1}, false}, {[]int{1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1}, false}, {[]int{7, 100}, false},
+	} {
+		if got := b.flashUse(step(c.lens...)); got != c.want {
+			t.Errorf("rows per sequence %v: flashUse %v, want %v", c.lens, got, c.want)
+		}
+	}
+	b.flashMin = 0
+	if b.flashUse(step(1024)) {
+		t.Error("flashMin 0: flashUse true, want false")
+	}
+	b.flashAlways = true
+	if !b.flashUse(step(1, 1)) {
+		t.Error("flashAlways: flashUse false, want true")
+	}
+}
+
 // TestFlashAttentionMatchesCPU checks the flash kernel against the CPU
 // backend: 1, 17, 100 and 1024 new rows, with and without cached prefixes,
 // several sequences in one step (boundaries inside a block's 8 tokens),
