@@ -73,6 +73,11 @@ type Backend struct {
 	// splitFloats bounds the split attention kernel's partial sums
 	// (maxSplitFloats; tests set 0 to cover the other kernel).
 	splitFloats int
+	// flashMin is the smallest step whose attention takes the flash
+	// kernel (flashMinRows; 0: never); flashAlways sends every step that
+	// fits it there (tests).
+	flashMin    int
+	flashAlways bool
 	// noHeadsAttention leaves out the all-heads split kernel, and
 	// noRouteLogits the one-warp router (tests).
 	noHeadsAttention, noRouteLogits bool
@@ -227,7 +232,7 @@ func NewBackend(o Options, minCC int) (backend.Backend, error) {
 // NewOnDevice returns a backend on an opened device, which the caller keeps
 // and closes.
 func NewOnDevice(d *Device, o Options) *Backend {
-	b := &Backend{dev: d, opts: o, moe: map[*QMatrix]*moeLayer{}, moeShared: map[*QMatrix]*moeLayer{}, identity: map[int]uint64{}, splitFloats: maxSplitFloats, prof: newProfiler(), steps: newStepTimer(),
+	b := &Backend{dev: d, opts: o, moe: map[*QMatrix]*moeLayer{}, moeShared: map[*QMatrix]*moeLayer{}, identity: map[int]uint64{}, splitFloats: maxSplitFloats, flashMin: flashMinRows, prof: newProfiler(), steps: newStepTimer(),
 		ropeTables: map[ropeKey]uint64{}}
 	if !o.NoGraphs && os.Getenv("MMFP4_CUDA_GRAPHS") != "0" {
 		b.graphs = &graphCache{}
@@ -1389,6 +1394,10 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s bac
 		b.count(perToken * int64(b.batch.Positions[t]+1))
 	}
 	b.wrote(om)
+	if b.flashUse(b.batch) && b.flashFits(ql, qm, p, s) {
+		b.flashAttention(om, ql, qm, p, layer, s, scale)
+		return
+	}
 	if attentionWarps*4*s.Rank > 48<<10 {
 		b.fail("attention: rank %d needs more shared memory than 48 KiB", s.Rank)
 		return

@@ -224,6 +224,7 @@ func TestBackendAttentionMatchesCPU(t *testing.T) {
 		}
 	}
 	g, c := testBackends(t, Options{})
+	g.flashMin = 0 // the split kernels (TestFlashAttentionMatchesCPU covers the flash kernel)
 	r := testRand(t)
 	wUK := []backend.HostWeight{quantHost(t, r, "wuk", s.Heads*s.NopeDim, s.Rank, 32), denseHost(r, "wuk", s.Heads*s.NopeDim, s.Rank)}
 	wUV := []backend.HostWeight{quantHost(t, r, "wuv", s.Heads*s.VDim, s.Rank, 128), denseHost(r, "wuv", s.Heads*s.VDim, s.Rank)}

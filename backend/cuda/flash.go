@@ -1,0 +1,102 @@
+//go:build linux || darwin || freebsd || netbsd
+
+package cuda
+
+import (
+	"fmt"
+	"os"
+	"slices"
+
+	"github.com/mmfp4/mmfp4/backend"
+)
+
+// flashMinRows is the smallest step (in rows) whose attention runs the
+// tensor-core flash kernel (kernels/flash.cu) instead of the split
+// kernels; 0 leaves it off (MMFP4_CUDA_FLASH=0). On an H200 the flash
+// kernel was the faster at every size measured, down to 16 rows: 0.013
+// against 0.016 ms from an empty cache, 0.098 against 0.119 after 1024
+// positions (docs/perf.md).
+var flashMinRows = 16
+
+// flashTokens and flashHeads are FA_TQ and FA_HB in flash.cu: the tokens
+// and heads of one block.
+const (
+	flashTokens = 8
+	flashHeads  = 4
+)
+
+func init() {
+	if os.Getenv("MMFP4_CUDA_FLASH") == "0" {
+		flashMinRows = 0
+	}
+}
+
+// flashShared is the flash kernel's dynamic shared memory for rows of
+// width w = rank + rope dims (see flash.cu).
+func flashShared(w int) int {
+	ld := w + 8
+	return 2*32*ld*2 + 64*ld*2 + 4*32*72*4 + 2*32*72*2 + (2*64+2*32)*4 + 64*4
+}
+
+// flashShapes are the (rank, rope dims) the flash kernel is compiled for:
+// the model's, and two for the tests.
+var flashShapes = [][2]int{{512, 64}, {256, 32}, {128, 64}}
+
+// flashFits reports whether the flash kernel takes this attention: a bf16
+// or fp8 cache (values exact in bf16), a compiled shape, 16-byte aligned
+// query rows, and enough shared memory.
+func (b *Backend) flashFits(ql, qm *tensor, p *cachePool, s backend.MLAShape) bool {
+	if p.dtype != backend.CacheBF16 && p.dtype != backend.CacheFP8 {
+		return false
+	}
+	if !slices.Contains(flashShapes, [2]int{s.Rank, s.RopeDim}) {
+		return false
+	}
+	return s.NopeDim%4 == 0 && ql.ld%4 == 0 && qm.ld%4 == 0 &&
+		flashShared(s.Rank+s.RopeDim) <= b.dev.Info().SharedOptin
+}
+
+// flashUse reports whether a step takes the flash kernel: at least
+// flashMin rows, and every sequence at least flashTokens of them (or
+// always, flashAlways, in tests). A block's tokens from different
+// sequences are done one sequence after another, each pass over that
+// sequence's whole cache, so a step mixing decode rows (one a sequence)
+// with a prompt chunk stays on the split kernels.
+func (b *Backend) flashUse(batch *backend.Batch) bool {
+	if b.flashAlways {
+		return true
+	}
+	if b.flashMin <= 0 || batch.Rows() < b.flashMin {
+		return false
+	}
+	for _, s := range batch.Seqs {
+		if s.Len < flashTokens {
+			return false
+		}
+	}
+	return true
+}
+
+// flashAttention queues the flash kernel over all T rows.
+func (b *Backend) flashAttention(om, ql, qm *tensor, p *cachePool, layer int, s backend.MLAShape, scale float32) {
+	T := b.batch.Rows()
+	shared := flashShared(s.Rank + s.RopeDim)
+	name := fmt.Sprintf("flash_latent_%d_%d", s.Rank/64, s.RopeDim)
+	grid := Dim{uint32((T + flashTokens - 1) / flashTokens), uint32((s.Heads + flashHeads - 1) / flashHeads), 1}
+	b.do("attention", func(c *Ctx) error {
+		k, err := c.Kernel("flash", name)
+		if err != nil {
+			return err
+		}
+		if k.maxShared < shared {
+			if err := c.SetMaxShared(k, shared); err != nil {
+				return err
+			}
+			k.maxShared = shared
+		}
+		return c.Launch(k, grid, D1(256), shared,
+			om.ptr, om.ld, ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer), p.kernelDType(),
+			b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
+			T, s.Heads, s.NopeDim, scale)
+	})
+}

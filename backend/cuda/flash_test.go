@@ -1,0 +1,275 @@
+//go:build linux || darwin || freebsd || netbsd
+
+package cuda
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"runtime"
+	"testing"
+
+	"github.com/mmfp4/mmfp4/backend"
+	"github.com/mmfp4/mmfp4/backend/cpu"
+)
+
+// flashSeq is one sequence of a flash test step: prefix positions already
+// cached by an earlier step, then n new rows.
+type flashSeq struct{ prefix, n int }
+
+// flashBatches builds the prefix step (nil when no sequence has a prefix)
+// and the attention step for seqs, with block tables that run backwards
+// through the pool so that no sequence's blocks are in order.
+func flashBatches(seqs []flashSeq, blockSize int) (pre, step *backend.Batch, blocks int) {
+	for _, s := range seqs {
+		blocks += (s.prefix + s.n + blockSize - 1) / blockSize
+	}
+	pre, step = &backend.Batch{}, &backend.Batch{}
+	next := blocks - 1
+	for _, s := range seqs {
+		var table []int32
+		for i := 0; i < (s.prefix+s.n+blockSize-1)/blockSize; i++ {
+			table = append(table, int32(next))
+			next--
+		}
+		if s.prefix > 0 {
+			pre.Seqs = append(pre.Seqs, backend.Seq{Start: len(pre.Positions), Len: s.prefix, Blocks: table})
+			for p := 0; p < s.prefix; p++ {
+				pre.Positions = append(pre.Positions, int32(p))
+			}
+		}
+		step.Seqs = append(step.Seqs, backend.Seq{Start: len(step.Positions), Len: s.n, Blocks: table})
+		for p := s.prefix; p < s.prefix+s.n; p++ {
+			step.Positions = append(step.Positions, int32(p))
+		}
+	}
+	for _, b := range []*backend.Batch{pre, step} {
+		b.Tokens = make([]int32, len(b.Positions))
+		b.Outputs = []int32{0}
+	}
+	if len(pre.Positions) == 0 {
+		pre = nil
+	}
+	return pre, step, blocks
+}
+
+// flashRun fills a pool of one layer through CacheWrite (the prefix step,
+// then the step's own rows) and returns the step's attention output over
+// it. olat starts as NaN so that an unwritten value fails the comparison.
+func flashRun(t *testing.T, b backend.Backend, seqs []flashSeq, s backend.MLAShape, dt backend.CacheDType, seed uint64) []float32 {
+	t.Helper()
+	const blockSize = 16
+	pre, step, blocks := flashBatches(seqs, blockSize)
+	for _, st := range []*backend.Batch{pre, step} {
+		if st != nil {
+			if err := st.Validate(1, blocks, blockSize); err != nil {
+				t.Fatal(err)
+			}
+		}
+	}
+	pool, err := b.NewCachePool(1, blocks, blockSize, s.Rank, s.RopeDim, dt)
+	if err != nil {
+		t.Fatal(err)
+	}
+	r := rand.New(rand.NewPCG(seed, 0x666c617368))
+	write := func(st *backend.Batch) {
+		T := st.Rows()
+		b.SetBatch(st, pool)
+		lat, kpe := b.NewTensor(T, s.Rank), b.NewTensor(T, s.RopeDim)
+		b.Upload(lat, randVec(r, T*s.Rank, 1))
+		b.Upload(kpe, randVec(r, T*s.RopeDim, 1))
+		b.CacheWrite(0, lat, kpe)
+	}
+	if pre != nil {
+		write(pre)
+	}
+	write(step)
+	T := step.Rows()
+	qlat, q, olat := b.NewTensor(T, s.Heads*s.Rank), b.NewTensor(T, s.Heads*(s.NopeDim+s.RopeDim)), b.NewTensor(T, s.Heads*s.Rank)
+	b.Upload(qlat, randVec(r, T*s.Heads*s.Rank, 1))
+	b.Upload(q, randVec(r, T*s.Heads*(s.NopeDim+s.RopeDim), 1))
+	nan := make([]float32, T*s.Heads*s.Rank)
+	for i := range nan {
+		nan[i] = float32(math.NaN())
+	}
+	b.Upload(olat, nan)
+	b.LatentAttention(olat, qlat, q, 0, s, float32(1/math.Sqrt(float64(s.NopeDim+s.RopeDim))))
+	out := b.Download(olat)
+	if err := b.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// TestFlashUse checks which steps take the flash kernel: long enough, and
+// no sequence with fewer rows than a block's tokens (decode rows).
+func TestFlashUse(t *testing.T) {
+	b := &Backend{flashMin: 16}
+	step := func(lens ...int) *backend.Batch {
+		var seqs []flashSeq
+		for _, n := range lens {
+			seqs = append(seqs, flashSeq{100, n})
+		}
+		_, st, _ := flashBatches(seqs, 16)
+		return st
+	}
+	for _, c := range []struct {
+		lens []int
+		want bool
+	}{
+		{[]int{1024}, true}, {[]int{16}, true}, {[]int{15}, false}, {[]int{8, 8}, true},
+		{[]int{512, 1}, false}, {[]int{1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1, 1}, false}, {[]int{7, 100}, false},
+	} {
+		if got := b.flashUse(step(c.lens...)); got != c.want {
+			t.Errorf("rows per sequence %v: flashUse %v, want %v", c.lens, got, c.want)
+		}
+	}
+	b.flashMin = 0
+	if b.flashUse(step(1024)) {
+		t.Error("flashMin 0: flashUse true, want false")
+	}
+	b.flashAlways = true
+	if !b.flashUse(step(1, 1)) {
+		t.Error("flashAlways: flashUse false, want true")
+	}
+}
+
+// TestFlashAttentionMatchesCPU checks the flash kernel against the CPU
+// backend: 1, 17, 100 and 1024 new rows, with and without cached prefixes,
+// several sequences in one step (boundaries inside a block's 8 tokens),
+// bf16 and fp8 caches, ranks 512 (the model's shape), 256 and 128.
+func TestFlashAttentionMatchesCPU(t *testing.T) {
+	g, _ := testBackends(t, Options{})
+	c := cpu.New(cpu.Options{Threads: runtime.NumCPU()})
+	full := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
+	cases := []struct {
+		s    backend.MLAShape
+		seqs []flashSeq
+	}{
+		{full, []flashSeq{{0, 1}}},
+		{full, []flashSeq{{0, 17}}},
+		{full, []flashSeq{{0, 100}}},
+		{full, []flashSeq{{0, 1024}}},
+		{full, []flashSeq{{37, 1}}},
+		{full, []flashSeq{{37, 17}}},
+		{full, []flashSeq{{200, 100}}},
+		{full, []flashSeq{{611, 1024}}},
+		{full, []flashSeq{{5, 3}, {0, 13}, {90, 1}, {64, 30}}},
+		{backend.MLAShape{Heads: 7, NopeDim: 32, RopeDim: 32, VDim: 48, Rank: 256}, []flashSeq{{45, 77}}},
+		{backend.MLAShape{Heads: 4, NopeDim: 32, RopeDim: 64, VDim: 48, Rank: 128}, []flashSeq{{0, 100}, {129, 33}}},
+	}
+	for i, cs := range cases {
+		if testing.Short() && cs.s.Rank == 512 && len(cs.seqs) == 1 && cs.seqs[0].prefix+cs.seqs[0].n > 64 {
+			continue // the sanitizer's run: small steps only
+		}
+		for _, dt := range []backend.CacheDType{backend.CacheBF16, backend.CacheFP8} {
+			name := fmt.Sprintf("%v cache, heads %d rank %d, seqs %v", dt, cs.s.Heads, cs.s.Rank, cs.seqs)
+			seed := uint64(100 + i)
+			want := flashRun(t, c, cs.seqs, cs.s, dt, seed)
+			g.flashAlways = true
+			got := flashRun(t, g, cs.seqs, cs.s, dt, seed)
+			e := maxRelErr(want, got)
+			if !(e <= 1e-5) {
+				t.Errorf("%s: flash max relative error %.3e above 1e-5", name, e)
+			}
+			// The split kernels on the same inputs, for the log.
+			g.flashAlways, g.flashMin = false, 0
+			old := flashRun(t, g, cs.seqs, cs.s, dt, seed)
+			t.Logf("%-70s flash max rel err %.2e; split kernels %.2e", name, e, maxRelErr(want, old))
+		}
+	}
+}
+
+// BenchmarkFlashAttention times one layer's attention of a prefill at
+// GLM-4.7-Flash's shapes (20 heads, rank 512, rope 64): T new rows after a
+// cached prefix, the flash kernels against the split kernels, device time
+// of the queued launches (events), with TFLOP/s over the causal work
+// (2 * (rank+rope+rank) flops per row, head and attended position).
+func BenchmarkFlashAttention(b *testing.B) {
+	d := benchDevice(b)
+	s := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
+	cases := []struct {
+		T, prefix int
+		dt        backend.CacheDType
+	}{
+		{1024, 0, backend.CacheBF16}, {1024, 0, backend.CacheFP8}, {1024, 1024, backend.CacheBF16}, {1024, 1024, backend.CacheFP8},
+		{256, 0, backend.CacheBF16}, {64, 0, backend.CacheBF16}, {64, 1024, backend.CacheBF16},
+		{32, 0, backend.CacheBF16}, {32, 1024, backend.CacheBF16}, {16, 0, backend.CacheBF16}, {16, 1024, backend.CacheBF16},
+	}
+	for _, cs := range cases {
+		for _, kern := range []string{"flash", "split"} {
+			b.Run(fmt.Sprintf("T%d_prefix%d/%v/%s", cs.T, cs.prefix, cs.dt, kern), func(b *testing.B) {
+				flashBench(b, d, s, cs.T, cs.prefix, cs.dt, kern)
+			})
+		}
+	}
+}
+
+func flashBench(b *testing.B, d *Device, s backend.MLAShape, T, prefix int, dt backend.CacheDType, kern string) {
+	g := NewOnDevice(d, Options{NoGraphs: true})
+	defer g.Close()
+	r := rand.New(rand.NewPCG(11, 11))
+	const blockSize = 64
+	pre, step, blocks := flashBatches([]flashSeq{{prefix, T}}, blockSize)
+	pool, err := g.NewCachePool(1, blocks, blockSize, s.Rank, s.RopeDim, dt)
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, st := range []*backend.Batch{pre, step} {
+		if st == nil {
+			continue
+		}
+		g.SetBatch(st, pool)
+		n := st.Rows()
+		lat, kpe := g.NewTensor(n, s.Rank), g.NewTensor(n, s.RopeDim)
+		g.Upload(lat, randVec(r, n*s.Rank, 1))
+		g.Upload(kpe, randVec(r, n*s.RopeDim, 1))
+		g.CacheWrite(0, lat, kpe)
+	}
+	qlat, q, olat := g.NewTensor(T, s.Heads*s.Rank), g.NewTensor(T, s.Heads*(s.NopeDim+s.RopeDim)), g.NewTensor(T, s.Heads*s.Rank)
+	g.Upload(qlat, randVec(r, T*s.Heads*s.Rank, 1))
+	g.Upload(q, randVec(r, T*s.Heads*(s.NopeDim+s.RopeDim), 1))
+	g.flashMin, g.flashAlways = 0, kern == "flash"
+	scale := float32(1 / math.Sqrt(256))
+	g.LatentAttention(olat, qlat, q, 0, s, scale) // warm-up (compiles)
+	if err := g.Sync(); err != nil {
+		b.Fatal(err)
+	}
+	g.LatentAttention(olat, qlat, q, 0, s, scale)
+	ops := g.pending
+	g.pending = nil
+	err = d.Do(func(c *Ctx) error {
+		n := c.launches
+		for _, op := range ops {
+			if err := op.fn(c); err != nil {
+				return err
+			}
+		}
+		launches := c.launches - n
+		if err := c.Sync(); err != nil {
+			return err
+		}
+		const reps = 10
+		ms, err := timeDevice(c, reps, launches, func() error {
+			for _, op := range ops {
+				if err := op.fn(c); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			return err
+		}
+		sec := float64(ms) / 1e3 / reps
+		pairs := float64(T) * float64(2*prefix+T+1) / 2
+		flops := 2 * pairs * float64(s.Heads) * float64(2*s.Rank+s.RopeDim)
+		b.ReportMetric(sec*1e3, "ms/op")
+		b.ReportMetric(flops/sec/1e12, "TFLOP/s")
+		b.ReportMetric(float64(launches), "launches")
+		return nil
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+}

@@ -1,0 +1,416 @@
+// Flash-style causal latent attention for prefill, on the tensor cores.
+//
+// Every head attends over the same cached rows [c | k_pe] (MLA in latent
+// space), so a block takes the rows of FA_TQ consecutive tokens times FA_HB
+// heads (FA_M = 32 query rows) and streams the cached positions through
+// shared memory in tiles of FA_N = 64, once for all its rows, with an online
+// softmax:
+//   S = scale * [qlat | q_pe] . [c | k_pe]   (32 x 64, k = rank + dr)
+//   O = O * exp(m_old - m_new) + exp(S - m_new) . c
+// and O / l at the end.
+//
+// Exactness: the cached values are exact in bfloat16 (bf16 cache; the fp8
+// cache's E4M3 codes, its two per-position scales applied in fp32 outside
+// the products), so only the fp32 operands (the queries and the softmax
+// weights) are rounded, and each is split as hi + lo, two bfloat16 numbers
+// that carry 16 bits of its mantissa: every product is issued twice (hi
+// and lo) into fp32 accumulators, which leaves an error near fp32 summation
+// order instead of bf16's 3e-3.
+//
+// Warps (8): for S, warp w takes keys [32*(w&1), +32) and every fourth k
+// step (w>>1) for all 32 rows, keeping the latent and rope parts apart (the
+// fp8 scales differ); the four partial tiles go through shared memory and
+// are added in a fixed order. The softmax gives 8 threads to a row. For O,
+// warp w owns columns [w*rank/8, +rank/8) of all 32 rows.
+//
+// Grid (ceil(T/FA_TQ), ceil(H/FA_HB)); the last tokens (most positions)
+// start first. Tokens of one block from different sequences are done one
+// sequence after another. Each tile's cache slots are looked up a tile
+// ahead (during the softmax), so the copies wait on no block-table load.
+//
+// Shared memory (bytes): queries 2*32*(W+8)*2, keys 64*(W+8)*2, partial
+// scores 4*32*72*4, weights 2*32*72*2, 2*64 + 2*32 floats and 64 slots,
+// W = rank+dr (flashShared in flash.go).
+
+#define FA_TQ 8
+#define FA_HB 4
+#define FA_M 32
+#define FA_N 64
+#define FA_THREADS 256
+#define FA_SLD 72  // partial score row stride (floats)
+#define FA_PLD 72  // weight row stride (bf16)
+
+DEVICE u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+DEVICE void ldsm_x4(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+
+DEVICE void ldsm_x4_t(u32 addr, u32& r0, u32& r1, u32& r2, u32& r3) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
+               : "=r"(r0), "=r"(r1), "=r"(r2), "=r"(r3)
+               : "r"(addr));
+}
+
+// d += a . b, m16n8k16, bf16 operands, fp32 accumulators. Not volatile:
+// the compiler may interleave independent products.
+DEVICE void mma_bf16(float* d, const u32* a, u32 b0, u32 b1) {
+  asm(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 16 bytes global -> shared, zero-filled when !valid.
+DEVICE void cp_async16(u32 dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// Round to nearest even bfloat16 (finite inputs), as bits.
+DEVICE u32 fa_bf16(float f) {
+  u32 b = __float_as_uint(f);
+  b += 0x7FFFu + ((b >> 16) & 1u);
+  return b >> 16;
+}
+
+// x = hi + lo (+ a rest under 2^-16 of x): the two halves as bf16 bits.
+DEVICE void split_bf16(float x, u32& hi, u32& lo) {
+  hi = fa_bf16(x);
+  lo = fa_bf16(x - __uint_as_float(hi << 16));
+}
+
+
+// Two E4M3 codes (bits 0-7 and 8-15) as two bf16 values (exact: E4M3 is a
+// subset of f16, and f16 values of at most 4 significant bits are exact in
+// bf16), the first in the low half.
+DEVICE u32 e4m3x2_bf16x2(u32 two) {
+  u32 h;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h) : "h"((unsigned short)two));
+  float lo, hi;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(lo) : "h"((unsigned short)(h & 0xFFFFu)));
+  asm("cvt.f32.f16 %0, %1;" : "=f"(hi) : "h"((unsigned short)(h >> 16)));
+  return (__float_as_uint(lo) >> 16) | (__float_as_uint(hi) & 0xFFFF0000u);
+}
+
+// Eight E4M3 codes as eight bf16 values.
+DEVICE uint4 e4m3x8_bf16(uint2 v) {
+  return make_uint4(e4m3x2_bf16x2(v.x), e4m3x2_bf16x2(v.x >> 16), e4m3x2_bf16x2(v.y), e4m3x2_bf16x2(v.y >> 16));
+}
+
+// The queries of the block's 32 rows (row r: token t0 + r/FA_HB, head
+// h0 + r%FA_HB; zeros past the ends) as hi and lo bf16 halves, W = rank +
+// dr columns: [qlat | q_pe]. All of a thread's loads are issued before the
+// first is used.
+template <int RANK, int W>
+DEVICE void load_queries(unsigned short* qhi, unsigned short* qlo, int ld, const float* __restrict__ qlat, int ldql,
+                         const float* __restrict__ q, int ldq, int t0, int h0, int T, int heads, int dn) {
+  constexpr int per = W / 4, total = FA_M * per, iters = (total + FA_THREADS - 1) / FA_THREADS;
+  constexpr int dr = W - RANK;
+  float4 v[iters];
+#pragma unroll
+  for (int u = 0; u < iters; u++) {
+    const int i = threadIdx.x + u * FA_THREADS;
+    const int r = i / per, k = (i % per) * 4;
+    const int t = t0 + r / FA_HB, h = h0 + r % FA_HB;
+    v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (i < total && t < T && h < heads)
+      v[u] = k < RANK ? *(const float4*)(qlat + (size_t)t * ldql + (size_t)h * RANK + k)
+                      : *(const float4*)(q + (size_t)t * ldq + (size_t)h * (dn + dr) + dn + (k - RANK));
+  }
+#pragma unroll
+  for (int u = 0; u < iters; u++) {
+    const int i = threadIdx.x + u * FA_THREADS;
+    if (i >= total) break;
+    const int r = i / per, k = (i % per) * 4;
+    u32 h0b, l0b, h1b, l1b, h2b, l2b, h3b, l3b;
+    split_bf16(v[u].x, h0b, l0b);
+    split_bf16(v[u].y, h1b, l1b);
+    split_bf16(v[u].z, h2b, l2b);
+    split_bf16(v[u].w, h3b, l3b);
+    *(uint2*)(qhi + r * ld + k) = make_uint2(h0b | (h1b << 16), h2b | (h3b << 16));
+    *(uint2*)(qlo + r * ld + k) = make_uint2(l0b | (l1b << 16), l2b | (l3b << 16));
+  }
+}
+
+// Cache slots of positions [kb, kb+n) into sslot (0 past nkeys), n <=
+// FA_THREADS.
+DEVICE void tile_slots(u32* sslot, int n, int kb, int nkeys, const i32* __restrict__ table, int block_size) {
+  if (threadIdx.x < n) {
+    const int j = kb + threadIdx.x;
+    sslot[threadIdx.x] = j < nkeys ? (u32)(table[j / block_size] * block_size + j % block_size) : 0u;
+  }
+}
+
+template <int NT, int DR>
+DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
+                         const float* __restrict__ q, int ldq, const u8* __restrict__ layer, int dtype,
+                         const i32* __restrict__ pos, const i32* __restrict__ row_seq,
+                         const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size,
+                         int T, int heads, int dn, float scale) {
+  constexpr int rank = NT * 64;  // warp w owns columns [w*NT*8, +NT*8)
+  constexpr int W = rank + DR, ld = W + 8;  // bf16 row stride: an odd number of 16-byte units
+  extern __shared__ __align__(16) u8 fa_smem[];
+  unsigned short* qhi = (unsigned short*)fa_smem;
+  unsigned short* qlo = qhi + FA_M * ld;
+  unsigned short* ks = qlo + FA_M * ld;
+  float* sp = (float*)(ks + FA_N * ld);                // [4][FA_M][FA_SLD]
+  unsigned short* phi = (unsigned short*)(sp + 4 * FA_M * FA_SLD);  // [FA_M][FA_PLD]
+  unsigned short* plo = phi + FA_M * FA_PLD;
+  float* sc0 = (float*)(plo + FA_M * FA_PLD);  // [FA_N] scale of c (fp8), else 1
+  float* sc1 = sc0 + FA_N;                     // [FA_N] scale of k_pe
+  float* alpha_s = sc1 + FA_N;                 // [FA_M]
+  float* l_s = alpha_s + FA_M;                 // [FA_M]
+  u32* sslot = (u32*)(l_s + FA_M);             // [FA_N] cache slots of the next tile
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, c4 = lane & 3;
+  const int t0 = (gridDim.x - 1 - blockIdx.x) * FA_TQ, h0 = blockIdx.y * FA_HB;
+  const int nt = min(FA_TQ, T - t0);
+
+  load_queries<rank, W>(qhi, qlo, ld, qlat, ldql, q, ldq, t0, h0, T, heads, dn);
+
+  // Softmax role: row sr, keys [8*sq, +8).
+  const int sr = tid >> 3, sq = tid & 7;
+  // S role: key half kh, k steps kw, kw+4, ...
+  const int kh = warp & 1, kw = warp >> 1;
+  constexpr int lsteps = rank / 16, steps = W / 16;
+  // ldmatrix lane addresses (bf16 offsets inside a 16x16 tile).
+  const int a_off = (lane & 15) * ld + (lane >> 4) * 8;                          // A, row-major
+  const int b_off = ((lane & 7) + ((lane >> 4) << 3)) * ld + ((lane >> 3) & 1) * 8;  // B from [key][k]
+  const int v_off = ((lane & 7) + (((lane >> 3) & 1) << 3)) * ld + (lane >> 4) * 8;  // B from [key][col], .trans
+  const int p_off = (lane & 15) * FA_PLD + (lane >> 4) * 8;
+
+  int ta = 0;
+  while (ta < nt) {
+    // One sequence's tokens [ta, tb) of the block.
+    const int seq = row_seq[t0 + ta];
+    int tb = ta + 1;
+    while (tb < nt && row_seq[t0 + tb] == seq) tb++;
+    int nkeys = 0;
+    for (int i = ta; i < tb; i++) nkeys = max(nkeys, pos[t0 + i] + 1);
+    const i32* table = blocks + seq_blocks[seq];
+    const int st = sr / FA_HB, sh = h0 + sr % FA_HB;
+    const int rowpos = (st >= ta && st < tb && sh < heads) ? pos[t0 + st] : -1;
+    float m_run = __int_as_float(0xff800000), l_run = 0.f;
+    float o[2][NT][4];
+#pragma unroll
+    for (int m = 0; m < 2; m++)
+#pragma unroll
+      for (int n = 0; n < NT; n++) o[m][n][0] = o[m][n][1] = o[m][n][2] = o[m][n][3] = 0.f;
+    tile_slots(sslot, FA_N, 0, nkeys, table, block_size);
+    __syncthreads();
+
+    for (int kb = 0; kb < nkeys; kb += FA_N) {
+      // The tile's cached rows as bf16 (zeros past nkeys).
+      if (dtype == 0) {
+        constexpr int per = W / 8;  // 16-byte chunks a row
+#pragma unroll 6
+        for (int i = tid; i < FA_N * per; i += FA_THREADS) {
+          const int jj = i / per, k = (i % per) * 8;
+          cp_async16(smem_addr(ks + jj * ld + k), layer + ((size_t)sslot[jj] * W + k) * 2, kb + jj < nkeys);
+        }
+        if (tid < FA_N) sc0[tid] = sc1[tid] = 1.f;
+        cp_async_wait_all();
+      } else {
+        // Records of W codes and two scales; all of a thread's loads are
+        // issued before the first is used.
+        constexpr int per = W / 8, iters = FA_N * per / FA_THREADS;
+        static_assert(FA_N * per % FA_THREADS == 0, "whole chunks a thread");
+        uint2 v[iters];
+#pragma unroll
+        for (int u = 0; u < iters; u++) {
+          const int i = tid + u * FA_THREADS, jj = i / per, k = (i % per) * 8;
+          v[u] = kb + jj < nkeys ? *(const uint2*)(layer + (size_t)sslot[jj] * (W + 8) + k) : make_uint2(0, 0);
+        }
+        float s0 = 0.f, s1 = 0.f;
+        if (tid < FA_N && kb + tid < nkeys) {
+          const float* sc = (const float*)(layer + (size_t)sslot[tid] * (W + 8) + W);
+          s0 = sc[0];
+          s1 = sc[1];
+        }
+#pragma unroll
+        for (int u = 0; u < iters; u++) {
+          const int i = tid + u * FA_THREADS, jj = i / per, k = (i % per) * 8;
+          *(uint4*)(ks + jj * ld + k) = e4m3x8_bf16(v[u]);
+        }
+        if (tid < FA_N) sc0[tid] = s0, sc1[tid] = s1;
+      }
+      __syncthreads();
+
+      // S partials: 32 rows x 32 keys over this warp's k steps.
+      {
+        float al[2][4][4], ap[2][4][4];
+#pragma unroll
+        for (int m = 0; m < 2; m++)
+#pragma unroll
+          for (int n = 0; n < 4; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++) al[m][n][e] = ap[m][n][e] = 0.f;
+        // One k step s into acc: the hi halves into all eight tiles, then
+        // the lo halves, so that no product waits for the one just before.
+        auto step = [&](int s, float(&acc)[2][4][4]) {
+          u32 ah[2][4], alo[2][4], b[4][2];
+#pragma unroll
+          for (int m = 0; m < 2; m++) {
+            ldsm_x4(smem_addr(qhi + m * 16 * ld + s * 16 + a_off), ah[m][0], ah[m][1], ah[m][2], ah[m][3]);
+            ldsm_x4(smem_addr(qlo + m * 16 * ld + s * 16 + a_off), alo[m][0], alo[m][1], alo[m][2], alo[m][3]);
+          }
+#pragma unroll
+          for (int np = 0; np < 2; np++)
+            ldsm_x4(smem_addr(ks + (kh * 32 + np * 16) * ld + s * 16 + b_off), b[2 * np][0], b[2 * np][1],
+                    b[2 * np + 1][0], b[2 * np + 1][1]);
+#pragma unroll
+          for (int m = 0; m < 2; m++)
+#pragma unroll
+            for (int n = 0; n < 4; n++) mma_bf16(acc[m][n], ah[m], b[n][0], b[n][1]);
+#pragma unroll
+          for (int m = 0; m < 2; m++)
+#pragma unroll
+            for (int n = 0; n < 4; n++) mma_bf16(acc[m][n], alo[m], b[n][0], b[n][1]);
+        };
+        // This warp's k steps are kw, kw+4, ...: the latent ones (rank/16
+        // = 4 NT of them), then the rope ones.
+#pragma unroll 2
+        for (int i = 0; i < NT; i++) step(kw + 4 * i, al);
+#pragma unroll
+        for (int s = lsteps + kw; s < steps; s += 4) step(s, ap);
+        float* mine = sp + kw * FA_M * FA_SLD;
+#pragma unroll
+        for (int m = 0; m < 2; m++)
+#pragma unroll
+          for (int n = 0; n < 4; n++) {
+            const int col = kh * 32 + n * 8 + 2 * c4;
+            const float s00 = sc0[col], s01 = sc0[col + 1], s10 = sc1[col], s11 = sc1[col + 1];
+            const int row = m * 16 + g;
+            *(float2*)(mine + row * FA_SLD + col) =
+                make_float2(al[m][n][0] * s00 + ap[m][n][0] * s10, al[m][n][1] * s01 + ap[m][n][1] * s11);
+            *(float2*)(mine + (row + 8) * FA_SLD + col) =
+                make_float2(al[m][n][2] * s00 + ap[m][n][2] * s10, al[m][n][3] * s01 + ap[m][n][3] * s11);
+          }
+      }
+      __syncthreads();
+
+      // The next tile's slots (this tile's loads are done).
+      tile_slots(sslot, FA_N, kb + FA_N, nkeys, table, block_size);
+
+      // Online softmax: 8 threads a row.
+      {
+        float sv[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) sv[u] = 0.f;
+#pragma unroll
+        for (int w = 0; w < 4; w++) {
+          const float4 x0 = *(const float4*)(sp + (w * FA_M + sr) * FA_SLD + sq * 8);
+          const float4 x1 = *(const float4*)(sp + (w * FA_M + sr) * FA_SLD + sq * 8 + 4);
+          sv[0] += x0.x, sv[1] += x0.y, sv[2] += x0.z, sv[3] += x0.w;
+          sv[4] += x1.x, sv[5] += x1.y, sv[6] += x1.z, sv[7] += x1.w;
+        }
+        float mx = __int_as_float(0xff800000);
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+          const bool valid = kb + sq * 8 + u <= rowpos;
+          sv[u] = valid ? sv[u] * scale : __int_as_float(0xff800000);
+          mx = fmaxf(mx, sv[u]);
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+        const float m_new = fmaxf(m_run, mx);
+        const bool none = m_new == __int_as_float(0xff800000);
+        const float alpha = none ? 1.f : expf(m_run - m_new);
+        float sum = 0.f;
+        u32 hb[8], lb[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+          const float p = (none || sv[u] == __int_as_float(0xff800000)) ? 0.f : expf(sv[u] - m_new);
+          sum += p;
+          split_bf16(p * sc0[sq * 8 + u], hb[u], lb[u]);
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+        l_run = l_run * alpha + sum;
+        m_run = m_new;
+        *(uint4*)(phi + sr * FA_PLD + sq * 8) =
+            make_uint4(hb[0] | (hb[1] << 16), hb[2] | (hb[3] << 16), hb[4] | (hb[5] << 16), hb[6] | (hb[7] << 16));
+        *(uint4*)(plo + sr * FA_PLD + sq * 8) =
+            make_uint4(lb[0] | (lb[1] << 16), lb[2] | (lb[3] << 16), lb[4] | (lb[5] << 16), lb[6] | (lb[7] << 16));
+        if (sq == 0) alpha_s[sr] = alpha;
+      }
+      __syncthreads();
+
+      // O = O * alpha + P . c over this warp's columns.
+      {
+        const float a0 = alpha_s[g], a1 = alpha_s[g + 8], a2 = alpha_s[16 + g], a3 = alpha_s[24 + g];
+#pragma unroll
+        for (int n = 0; n < NT; n++) {
+          o[0][n][0] *= a0, o[0][n][1] *= a0, o[0][n][2] *= a1, o[0][n][3] *= a1;
+          o[1][n][0] *= a2, o[1][n][1] *= a2, o[1][n][2] *= a3, o[1][n][3] *= a3;
+        }
+#pragma unroll
+        for (int kk = 0; kk < FA_N / 16; kk++) {
+          u32 ah[2][4], alo[2][4];
+#pragma unroll
+          for (int m = 0; m < 2; m++) {
+            ldsm_x4(smem_addr(phi + m * 16 * FA_PLD + kk * 16 + p_off), ah[m][0], ah[m][1], ah[m][2], ah[m][3]);
+            ldsm_x4(smem_addr(plo + m * 16 * FA_PLD + kk * 16 + p_off), alo[m][0], alo[m][1], alo[m][2], alo[m][3]);
+          }
+          u32 b[NT][2];
+#pragma unroll
+          for (int np = 0; np < NT / 2; np++)
+            ldsm_x4_t(smem_addr(ks + kk * 16 * ld + warp * NT * 8 + np * 16 + v_off), b[2 * np][0], b[2 * np][1],
+                      b[2 * np + 1][0], b[2 * np + 1][1]);
+#pragma unroll
+          for (int m = 0; m < 2; m++)
+#pragma unroll
+            for (int n = 0; n < NT; n++) mma_bf16(o[m][n], ah[m], b[n][0], b[n][1]);
+#pragma unroll
+          for (int m = 0; m < 2; m++)
+#pragma unroll
+            for (int n = 0; n < NT; n++) mma_bf16(o[m][n], alo[m], b[n][0], b[n][1]);
+        }
+      }
+      __syncthreads();
+    }
+
+    // O / l for this sequence's rows.
+    if (sq == 0) l_s[sr] = l_run;
+    __syncthreads();
+#pragma unroll
+    for (int m = 0; m < 2; m++)
+#pragma unroll
+      for (int hf = 0; hf < 2; hf++) {
+        const int row = m * 16 + hf * 8 + g, ti = row / FA_HB, h = h0 + row % FA_HB;
+        if (ti < ta || ti >= tb || h >= heads) continue;
+        const float inv = 1.f / l_s[row];
+        float* out = olat + (size_t)(t0 + ti) * ldo + (size_t)h * rank + warp * NT * 8 + 2 * c4;
+#pragma unroll
+        for (int n = 0; n < NT; n++)
+          *(float2*)(out + n * 8) = make_float2(o[m][n][2 * hf] * inv, o[m][n][2 * hf + 1] * inv);
+      }
+    __syncthreads();
+    ta = tb;
+  }
+}
+
+#define FLASH_LATENT(NT, DR)                                                                                     \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)                                                    \
+      flash_latent_##NT##_##DR(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,              \
+                        const u8* layer, int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq, \
+                        const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size,     \
+                        int T, int heads, int dn, float scale) {                                                 \
+    PDL_LAUNCH();                                                                                                \
+    PDL_WAIT();                                                                                                  \
+    flash_latent<NT, DR>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks,         \
+                         block_size, T, heads, dn, scale);                                                       \
+  }
+
+// Instances: (rank/64, rope dims) of the model (8, 64) and of the tests.
+FLASH_LATENT(8, 64)
+FLASH_LATENT(4, 32)
+FLASH_LATENT(2, 64)
