@@ -51,8 +51,13 @@ func (b *Backend) attendBF16(out, q []float32, p *pool, layer int, seq *backend.
 		slot := seq.Slot(j, bs)
 		rows := cache[slot*w : (slot+end-j)*w]
 		n, k := end-j, j-j0
+		// The rows stream from memory (a step visits every layer's cache
+		// once): the next four rows are requested before the current four
+		// are multiplied, the block's first four at its start.
+		prefetchRows(b.isa, rows[:min(n, 4)*w])
 		i := 0
 		for ; i+4 <= n; i += 4 {
+			prefetchRows(b.isa, rows[min(n, i+4)*w:min(n, i+8)*w])
 			scoresBF16x4(q, w, H, rows[i*w:], w, w, sc[k+i:], P, scale)
 		}
 		switch {

@@ -358,3 +358,23 @@ eoloop:
 eodone:
 	VZEROUPPER
 	RET
+
+// func prefetchLines(p *uint16, n int)
+//
+// PREFETCHT0 of every 64-byte line of the n values at p (n a multiple of
+// 32): the next cached rows of attention come from memory while the
+// current ones are multiplied.
+TEXT ·prefetchLines(SB), NOSPLIT, $0-16
+	MOVQ p+0(FP), SI
+	MOVQ n+8(FP), CX
+	SHRQ $5, CX
+	JZ   pfdone
+
+pfloop:
+	PREFETCHT0 (SI)
+	ADDQ $64, SI
+	DECQ CX
+	JNZ  pfloop
+
+pfdone:
+	RET

@@ -59,3 +59,5 @@ func scoresBF16x4([]float32, int, int, []uint16, int, int, []float32, int, float
 func axpyBF16x4x64([]float32, int, []uint16, int, int, []float32, int, bool) {}
 
 func evenOdd32SIMD(isa, []float32, []float32) bool { return false }
+
+func prefetchRows(isa, []uint16) {}

@@ -225,3 +225,15 @@ func evenOdd32SIMD(i isa, dst, src []float32) bool {
 	evenOdd32AVX512(&dst[0], &src[0], len(src)&^31)
 	return true
 }
+
+//go:noescape
+func prefetchLines(p *uint16, n int)
+
+// prefetchRows asks for the cache lines of rows (whole 64-byte lines
+// only) ahead of their use; it does nothing where there is no AVX-512
+// attention.
+func prefetchRows(i isa, rows []uint16) {
+	if i == isaAVX512 && len(rows) >= 32 {
+		prefetchLines(&rows[0], len(rows)&^31)
+	}
+}
