@@ -91,6 +91,18 @@ func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, layer int, s backend.MLAS
 	outs := (*bp)[:T*chunks*H*r]
 	ms := (*bp)[T*chunks*H*r : T*chunks*H*(r+1)]
 	ls := (*bp)[T*chunks*H*(r+1):]
+	// A bf16 pool is read in place, against each row's queries in the
+	// kernels' order (qperm), made once per row rather than per item.
+	var qperm []float32
+	w := r + s.RopeDim
+	if p.dtype == backend.CacheBF16 && hasBF16Attention(b.isa, H, r, s.RopeDim) {
+		qp := getFloats(T * H * w)
+		defer floatBufs.put(qp)
+		qperm = (*qp)[:T*H*w]
+		for i, t := range rows {
+			b.bf16Queries(qperm[i*H*w:(i+1)*H*w], ql.row(t), qm.row(t), s)
+		}
+	}
 	b.workers.run(T*chunks, 1, func(lo, hi int) {
 		var sp []span
 		for item := lo; item < hi; item++ {
@@ -104,6 +116,11 @@ func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, layer int, s backend.MLAS
 					ms[item*H+h], ls[item*H+h] = float32(math.Inf(-1)), 0
 				}
 				clear(outs[item*H*r : (item+1)*H*r])
+				continue
+			}
+			if qperm != nil {
+				b.attendBF16(outs[item*H*r:(item+1)*H*r], qperm[i*H*w:(i+1)*H*w], p, layer, seq, j0, j1, s, scale,
+					ms[item*H:(item+1)*H], ls[item*H:(item+1)*H])
 				continue
 			}
 			var buf *[]float32
@@ -122,7 +139,7 @@ func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, layer int, s backend.MLAS
 			}
 		}
 	})
-	w := make([]float32, chunks)
+	wt := make([]float32, chunks)
 	for i, t := range rows {
 		orow := om.row(t)
 		for h := 0; h < H; h++ {
@@ -131,10 +148,10 @@ func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, layer int, s backend.MLAS
 				m = max(m, ms[(i*chunks+c)*H+h])
 			}
 			var l float32
-			for c := range w {
+			for c := range wt {
 				k := (i*chunks+c)*H + h
-				w[c] = float32(math.Exp(float64(ms[k] - m)))
-				l += w[c] * ls[k]
+				wt[c] = float32(math.Exp(float64(ms[k] - m)))
+				l += wt[c] * ls[k]
 			}
 			out := orow[h*r : (h+1)*r]
 			clear(out)
@@ -142,11 +159,11 @@ func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, layer int, s backend.MLAS
 			first := outs[(i*chunks*H+h)*r:]
 			c := 0
 			for ; c+4 <= chunks; c += 4 {
-				coef := [4]float32{w[c] / l, w[c+1] / l, w[c+2] / l, w[c+3] / l}
+				coef := [4]float32{wt[c] / l, wt[c+1] / l, wt[c+2] / l, wt[c+3] / l}
 				b.axpy4F32(out, first[c*H*r:], H*r, &coef)
 			}
 			for ; c < chunks; c++ {
-				axpy(out, w[c]/l, first[c*H*r:c*H*r+r])
+				axpy(out, wt[c]/l, first[c*H*r:c*H*r+r])
 			}
 		}
 	}

@@ -110,6 +110,7 @@ func TestLatentAttentionSIMDMatchesGo(t *testing.T) {
 	shapes := []backend.MLAShape{
 		{Heads: 5, NopeDim: 8, RopeDim: 12, VDim: 8, Rank: 40},
 		{Heads: 5, NopeDim: 8, RopeDim: 16, VDim: 8, Rank: 128}, // odd heads through the fused kernels
+		{Heads: 8, NopeDim: 8, RopeDim: 32, VDim: 8, Rank: 64},  // the bf16 kernels' smallest sizes
 		{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512},
 	}
 	cases := []attnCase{
@@ -120,13 +121,15 @@ func TestLatentAttentionSIMDMatchesGo(t *testing.T) {
 		{"prefill", [][2]int{{0, 16}}, 16, backend.CacheF32},
 		{"prefill-chunk", [][2]int{{70, 37}, {9, 1}}, 6, backend.CacheF32},
 		{"bf16", [][2]int{{150, 1}, {3, 17}}, 16, backend.CacheBF16},
+		{"bf16-short", [][2]int{{2, 1}}, 16, backend.CacheBF16},
+		{"bf16-two", [][2]int{{200, 1}, {37, 1}}, 6, backend.CacheBF16}, // partial blocks of four positions
 		{"fp8", [][2]int{{40, 1}, {3, 17}}, 16, backend.CacheFP8},
 		{"fp4", [][2]int{{40, 1}}, 16, backend.CacheFP4},
 	}
 	for _, b := range backends(2)[:len(Kernels())-1] {
 		for _, s := range shapes {
 			for _, c := range cases {
-				if s.Rank == 512 && c.name != "decode-long" && c.name != "prefill-chunk" && c.name != "bf16" {
+				if s.Rank == 512 && c.name != "decode-long" && c.name != "prefill-chunk" && c.name != "bf16" && c.name != "bf16-two" {
 					continue // full size: a few cases, the race detector slows the reference
 				}
 				outs := runAttention(t, []*Backend{ref, b}, c, s, r)

@@ -51,3 +51,13 @@ func axpyHx4([]float32, int, []float32, int, int, []float32, int) {}
 func bf16ToF32SIMD(isa, []float32, []uint16) bool { return false }
 
 func axpyCodes4(isa, []float32, []byte, int, []float32, int) bool { return false }
+
+func hasBF16Attention(isa, int, int, int) bool { return false }
+
+func scoresBF16x4([]float32, int, int, []uint16, int, int, []float32, int, float32) {}
+
+func axpyBF16x4x64([]float32, int, []uint16, int, int, []float32, int, bool) {}
+
+func evenOdd32SIMD(isa, []float32, []float32) bool { return false }
+
+func prefetchRows(isa, []uint16) {}

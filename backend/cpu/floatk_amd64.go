@@ -174,3 +174,66 @@ func bf16ToF32SIMD(i isa, dst []float32, src []uint16) bool {
 	}
 	return false
 }
+
+//go:noescape
+func scoresBF16x4AVX512(q *float32, qStride, heads int, rows *uint16, rowStride, w int, out *float32, outStride int, scale float32)
+
+//go:noescape
+func axpyBF16x4x64AVX512(p *float32, pStride int, rows *uint16, rowStride, n int, out *float32, outStride int, accumulate int)
+
+// hasBF16Attention reports whether family i reads a bf16 cache in place in
+// decode attention for these sizes: heads in fours, the latent in panels
+// of 64 and each cached row (latent and rotary key) in blocks of 32.
+func hasBF16Attention(i isa, heads, r, dr int) bool {
+	return i == isaAVX512 && heads > 0 && heads%4 == 0 && r > 0 && r%64 == 0 && dr >= 0 && dr%32 == 0
+}
+
+// scoresBF16x4 is scoresBF16x4AVX512 on slices: q holds heads rows of w
+// values qStride apart, each block of 32 in even-then-odd order (evenOdd32),
+// rows four rows of w bf16 values rowStride apart, out heads rows of at
+// least four at outStride.
+func scoresBF16x4(q []float32, qStride, heads int, rows []uint16, rowStride, w int, out []float32, outStride int, scale float32) {
+	_, _, _ = q[(heads-1)*qStride+w-1], rows[3*rowStride+w-1], out[(heads-1)*outStride+3]
+	scoresBF16x4AVX512(&q[0], qStride, heads, &rows[0], rowStride, w, &out[0], outStride, scale)
+}
+
+// axpyBF16x4x64 is axpyBF16x4x64AVX512 on slices: p holds four rows of n
+// coefficients pStride apart, rows n rows of at least 64 bf16 values
+// rowStride apart, out four rows of 64 at outStride, added to when
+// accumulate is set and overwritten otherwise.
+func axpyBF16x4x64(p []float32, pStride int, rows []uint16, rowStride, n int, out []float32, outStride int, accumulate bool) {
+	_ = out[3*outStride+63]
+	if n > 0 {
+		_, _ = p[3*pStride+n-1], rows[(n-1)*rowStride+63]
+	}
+	acc := 0
+	if accumulate {
+		acc = 1
+	}
+	axpyBF16x4x64AVX512(&p[0], pStride, &rows[0], rowStride, n, &out[0], outStride, acc)
+}
+
+//go:noescape
+func evenOdd32AVX512(dst, src *float32, n int)
+
+// evenOdd32SIMD is evenOdd32 on AVX-512; it reports false elsewhere.
+func evenOdd32SIMD(i isa, dst, src []float32) bool {
+	if i != isaAVX512 || len(src) < 32 {
+		return false
+	}
+	_ = dst[len(src)-1]
+	evenOdd32AVX512(&dst[0], &src[0], len(src)&^31)
+	return true
+}
+
+//go:noescape
+func prefetchLines(p *uint16, n int)
+
+// prefetchRows asks for the cache lines of rows (whole 64-byte lines
+// only) ahead of their use; it does nothing where there is no AVX-512
+// attention.
+func prefetchRows(i isa, rows []uint16) {
+	if i == isaAVX512 && len(rows) >= 32 {
+		prefetchLines(&rows[0], len(rows)&^31)
+	}
+}

@@ -1,0 +1,380 @@
+#include "textflag.h"
+
+// Attention kernels that read a bf16 latent cache in place (AVX-512).
+//
+// A 64-byte load holds 32 bf16 values; dword i holds value 2i in its low
+// half and value 2i+1 in its high half. Shifting each dword left by 16
+// gives the even values as float32, masking off the low half the odd ones:
+// two instructions widen 32 values, with no shuffle. The kernels therefore
+// work on each block of 32 values in even-then-odd order: the queries are
+// given in that order, and the weighted sums are put back in column order
+// when they are stored.
+
+// bf16Interleave: indices that merge 16 even (table 0) and 16 odd (table 1)
+// values back into column order, first the low 16 columns, then the high.
+DATA bf16Interleave<>+0(SB)/4, $0
+DATA bf16Interleave<>+4(SB)/4, $16
+DATA bf16Interleave<>+8(SB)/4, $1
+DATA bf16Interleave<>+12(SB)/4, $17
+DATA bf16Interleave<>+16(SB)/4, $2
+DATA bf16Interleave<>+20(SB)/4, $18
+DATA bf16Interleave<>+24(SB)/4, $3
+DATA bf16Interleave<>+28(SB)/4, $19
+DATA bf16Interleave<>+32(SB)/4, $4
+DATA bf16Interleave<>+36(SB)/4, $20
+DATA bf16Interleave<>+40(SB)/4, $5
+DATA bf16Interleave<>+44(SB)/4, $21
+DATA bf16Interleave<>+48(SB)/4, $6
+DATA bf16Interleave<>+52(SB)/4, $22
+DATA bf16Interleave<>+56(SB)/4, $7
+DATA bf16Interleave<>+60(SB)/4, $23
+DATA bf16Interleave<>+64(SB)/4, $8
+DATA bf16Interleave<>+68(SB)/4, $24
+DATA bf16Interleave<>+72(SB)/4, $9
+DATA bf16Interleave<>+76(SB)/4, $25
+DATA bf16Interleave<>+80(SB)/4, $10
+DATA bf16Interleave<>+84(SB)/4, $26
+DATA bf16Interleave<>+88(SB)/4, $11
+DATA bf16Interleave<>+92(SB)/4, $27
+DATA bf16Interleave<>+96(SB)/4, $12
+DATA bf16Interleave<>+100(SB)/4, $28
+DATA bf16Interleave<>+104(SB)/4, $13
+DATA bf16Interleave<>+108(SB)/4, $29
+DATA bf16Interleave<>+112(SB)/4, $14
+DATA bf16Interleave<>+116(SB)/4, $30
+DATA bf16Interleave<>+120(SB)/4, $15
+DATA bf16Interleave<>+124(SB)/4, $31
+GLOBL bf16Interleave<>(SB), RODATA|NOPTR, $128
+
+// Four heads' queries against the four widened rows (even values in
+// Z20-Z23, odd in Z16-Z19): accumulators a0-a3 for rows 0-3.
+#define HEAD4(qp, a0, a1, a2, a3) \
+	VMOVUPS (qp)(R14*1), Z24; \
+	VMOVUPS 64(qp)(R14*1), Z25; \
+	VFMADD231PS Z24, Z20, a0; \
+	VFMADD231PS Z24, Z21, a1; \
+	VFMADD231PS Z24, Z22, a2; \
+	VFMADD231PS Z24, Z23, a3; \
+	VFMADD231PS Z25, Z16, a0; \
+	VFMADD231PS Z25, Z17, a1; \
+	VFMADD231PS Z25, Z18, a2; \
+	VFMADD231PS Z25, Z19, a3
+
+// The four rows' sums of one head, times the scale, stored at DI; DI moves
+// on by the output stride (R15 bytes).
+#define SCORES4(z0, z1, z2, z3, y0, y1, y2, y3, x0) \
+	VEXTRACTF64X4 $1, z0, Y16; \
+	VADDPS Y16, y0, y0; \
+	VEXTRACTF64X4 $1, z1, Y17; \
+	VADDPS Y17, y1, y1; \
+	VEXTRACTF64X4 $1, z2, Y18; \
+	VADDPS Y18, y2, y2; \
+	VEXTRACTF64X4 $1, z3, Y19; \
+	VADDPS Y19, y3, y3; \
+	VHADDPS y1, y0, y0; \
+	VHADDPS y3, y2, y2; \
+	VHADDPS y2, y0, y0; \
+	VEXTRACTF32X4 $1, y0, X16; \
+	VADDPS X16, x0, x0; \
+	VMULPS X30, x0, x0; \
+	VMOVUPS x0, (DI); \
+	ADDQ R15, DI
+
+// func scoresBF16x4AVX512(q *float32, qStride, heads int, rows *uint16, rowStride, w int, out *float32, outStride int, scale float32)
+//
+// out[h*outStride+j] = scale * sum_{k<w} q[h*qStride+k'] * row_j[k] for
+// h < heads (a multiple of 4) and the four rows j < 4 (rowStride values
+// apart), where q holds each block of 32 values in even-then-odd order (k'
+// is k's place in that order); w is a multiple of 32. Each block of the
+// rows is widened once for four heads: 32 multiply-adds per 8 widening
+// instructions.
+TEXT ·scoresBF16x4AVX512(SB), NOSPLIT, $0-68
+	MOVQ q+0(FP), SI
+	MOVQ heads+16(FP), CX
+	MOVQ rows+24(FP), R8
+	MOVQ rowStride+32(FP), BX
+	SHLQ $1, BX
+	LEAQ (R8)(BX*1), R9
+	LEAQ (R8)(BX*2), R10
+	LEAQ (R9)(BX*2), R11
+	MOVQ out+48(FP), DI
+	MOVQ outStride+56(FP), R15
+	SHLQ $2, R15
+	VBROADCASTSS scale+64(FP), Z30
+	MOVL $0xffff0000, AX
+	VPBROADCASTD AX, Z31
+	MOVQ w+40(FP), AX
+	SHLQ $1, AX
+	MOVQ AX, w+40(FP) // now the row length in bytes
+
+shead:
+	MOVQ qStride+8(FP), DX
+	SHLQ $2, DX
+	MOVQ SI, AX
+	LEAQ (SI)(DX*1), BX
+	LEAQ (SI)(DX*2), R12
+	LEAQ (BX)(DX*2), R13
+	VPXORD Z0, Z0, Z0
+	VPXORD Z1, Z1, Z1
+	VPXORD Z2, Z2, Z2
+	VPXORD Z3, Z3, Z3
+	VPXORD Z4, Z4, Z4
+	VPXORD Z5, Z5, Z5
+	VPXORD Z6, Z6, Z6
+	VPXORD Z7, Z7, Z7
+	VPXORD Z8, Z8, Z8
+	VPXORD Z9, Z9, Z9
+	VPXORD Z10, Z10, Z10
+	VPXORD Z11, Z11, Z11
+	VPXORD Z12, Z12, Z12
+	VPXORD Z13, Z13, Z13
+	VPXORD Z14, Z14, Z14
+	VPXORD Z15, Z15, Z15
+	XORQ DX, DX   // byte offset in the rows
+	XORQ R14, R14 // byte offset in the queries
+
+sblock:
+	VMOVDQU32 (R8)(DX*1), Z16
+	VMOVDQU32 (R9)(DX*1), Z17
+	VMOVDQU32 (R10)(DX*1), Z18
+	VMOVDQU32 (R11)(DX*1), Z19
+	VPSLLD $16, Z16, Z20
+	VPSLLD $16, Z17, Z21
+	VPSLLD $16, Z18, Z22
+	VPSLLD $16, Z19, Z23
+	VPANDD Z31, Z16, Z16
+	VPANDD Z31, Z17, Z17
+	VPANDD Z31, Z18, Z18
+	VPANDD Z31, Z19, Z19
+	HEAD4(AX, Z0, Z1, Z2, Z3)
+	HEAD4(BX, Z4, Z5, Z6, Z7)
+	HEAD4(R12, Z8, Z9, Z10, Z11)
+	HEAD4(R13, Z12, Z13, Z14, Z15)
+	ADDQ $64, DX
+	ADDQ $128, R14
+	CMPQ DX, w+40(FP)
+	JLT  sblock
+
+	SCORES4(Z0, Z1, Z2, Z3, Y0, Y1, Y2, Y3, X0)
+	SCORES4(Z4, Z5, Z6, Z7, Y4, Y5, Y6, Y7, X4)
+	SCORES4(Z8, Z9, Z10, Z11, Y8, Y9, Y10, Y11, X8)
+	SCORES4(Z12, Z13, Z14, Z15, Y12, Y13, Y14, Y15, X12)
+	MOVQ qStride+8(FP), DX
+	SHLQ $4, DX
+	ADDQ DX, SI // four heads on
+	SUBQ $4, CX
+	JNZ  shead
+	VZEROUPPER
+	RET
+
+// Four heads' coefficients (broadcast in Z20-Z23) times the widened values
+// of one row (even Z18, Z19; odd Z16, Z17).
+#define COEF4(c, a0, a1, a2, a3) \
+	VFMADD231PS c, Z18, a0; \
+	VFMADD231PS c, Z16, a1; \
+	VFMADD231PS c, Z19, a2; \
+	VFMADD231PS c, Z17, a3
+
+// One head's 64 sums (even and odd halves of two blocks) back in column
+// order, stored to (SET64) or added to (ADD64) the 64 floats at DI; DI
+// moves on by the output stride (BX bytes).
+#define MERGE16(e, o, idx) \
+	VMOVAPS idx, Z26; \
+	VPERMI2PS o, e, Z26
+
+#define SET64(e0, o0, e1, o1) \
+	MERGE16(e0, o0, Z24); \
+	VMOVUPS Z26, (DI); \
+	MERGE16(e0, o0, Z25); \
+	VMOVUPS Z26, 64(DI); \
+	MERGE16(e1, o1, Z24); \
+	VMOVUPS Z26, 128(DI); \
+	MERGE16(e1, o1, Z25); \
+	VMOVUPS Z26, 192(DI); \
+	ADDQ BX, DI
+
+#define ADD64(e0, o0, e1, o1) \
+	MERGE16(e0, o0, Z24); \
+	VADDPS (DI), Z26, Z26; \
+	VMOVUPS Z26, (DI); \
+	MERGE16(e0, o0, Z25); \
+	VADDPS 64(DI), Z26, Z26; \
+	VMOVUPS Z26, 64(DI); \
+	MERGE16(e1, o1, Z24); \
+	VADDPS 128(DI), Z26, Z26; \
+	VMOVUPS Z26, 128(DI); \
+	MERGE16(e1, o1, Z25); \
+	VADDPS 192(DI), Z26, Z26; \
+	VMOVUPS Z26, 192(DI); \
+	ADDQ BX, DI
+
+// func axpyBF16x4x64AVX512(p *float32, pStride int, rows *uint16, rowStride, n int, out *float32, outStride int, accumulate int)
+//
+// out[h*outStride+k] (+)= sum_{i<n} p[h*pStride+i] * row_i[k] for h < 4
+// and k < 64, rows rowStride values apart, adding to out when accumulate
+// is not 0: per row, two 64-byte loads widened by four instructions for 16
+// multiply-adds.
+TEXT ·axpyBF16x4x64AVX512(SB), NOSPLIT, $0-64
+	MOVQ p+0(FP), R8
+	MOVQ pStride+8(FP), AX
+	SHLQ $2, AX
+	LEAQ (R8)(AX*1), R9
+	LEAQ (R8)(AX*2), R10
+	LEAQ (R9)(AX*2), R11
+	MOVQ rows+16(FP), SI
+	MOVQ rowStride+24(FP), BX
+	SHLQ $1, BX
+	MOVQ n+32(FP), CX
+	MOVL $0xffff0000, AX
+	VPBROADCASTD AX, Z31
+	VPXORD Z0, Z0, Z0
+	VPXORD Z1, Z1, Z1
+	VPXORD Z2, Z2, Z2
+	VPXORD Z3, Z3, Z3
+	VPXORD Z4, Z4, Z4
+	VPXORD Z5, Z5, Z5
+	VPXORD Z6, Z6, Z6
+	VPXORD Z7, Z7, Z7
+	VPXORD Z8, Z8, Z8
+	VPXORD Z9, Z9, Z9
+	VPXORD Z10, Z10, Z10
+	VPXORD Z11, Z11, Z11
+	VPXORD Z12, Z12, Z12
+	VPXORD Z13, Z13, Z13
+	VPXORD Z14, Z14, Z14
+	VPXORD Z15, Z15, Z15
+	TESTQ CX, CX
+	JZ   vstore
+
+vrow:
+	VMOVDQU32 (SI), Z16
+	VMOVDQU32 64(SI), Z17
+	VPSLLD $16, Z16, Z18
+	VPSLLD $16, Z17, Z19
+	VPANDD Z31, Z16, Z16
+	VPANDD Z31, Z17, Z17
+	VBROADCASTSS (R8), Z20
+	VBROADCASTSS (R9), Z21
+	VBROADCASTSS (R10), Z22
+	VBROADCASTSS (R11), Z23
+	COEF4(Z20, Z0, Z1, Z2, Z3)
+	COEF4(Z21, Z4, Z5, Z6, Z7)
+	COEF4(Z22, Z8, Z9, Z10, Z11)
+	COEF4(Z23, Z12, Z13, Z14, Z15)
+	ADDQ $4, R8
+	ADDQ $4, R9
+	ADDQ $4, R10
+	ADDQ $4, R11
+	ADDQ BX, SI
+	DECQ CX
+	JNZ  vrow
+
+vstore:
+	VMOVDQU32 bf16Interleave<>+0(SB), Z24
+	VMOVDQU32 bf16Interleave<>+64(SB), Z25
+	MOVQ out+40(FP), DI
+	MOVQ outStride+48(FP), BX
+	SHLQ $2, BX
+	MOVQ accumulate+56(FP), AX
+	TESTQ AX, AX
+	JNZ  vadd
+	SET64(Z0, Z1, Z2, Z3)
+	SET64(Z4, Z5, Z6, Z7)
+	SET64(Z8, Z9, Z10, Z11)
+	SET64(Z12, Z13, Z14, Z15)
+	VZEROUPPER
+	RET
+
+vadd:
+	ADD64(Z0, Z1, Z2, Z3)
+	ADD64(Z4, Z5, Z6, Z7)
+	ADD64(Z8, Z9, Z10, Z11)
+	ADD64(Z12, Z13, Z14, Z15)
+	VZEROUPPER
+	RET
+
+// bf16EvenOdd: indices of the even, then the odd, values of 32.
+DATA bf16EvenOdd<>+0(SB)/4, $0
+DATA bf16EvenOdd<>+4(SB)/4, $2
+DATA bf16EvenOdd<>+8(SB)/4, $4
+DATA bf16EvenOdd<>+12(SB)/4, $6
+DATA bf16EvenOdd<>+16(SB)/4, $8
+DATA bf16EvenOdd<>+20(SB)/4, $10
+DATA bf16EvenOdd<>+24(SB)/4, $12
+DATA bf16EvenOdd<>+28(SB)/4, $14
+DATA bf16EvenOdd<>+32(SB)/4, $16
+DATA bf16EvenOdd<>+36(SB)/4, $18
+DATA bf16EvenOdd<>+40(SB)/4, $20
+DATA bf16EvenOdd<>+44(SB)/4, $22
+DATA bf16EvenOdd<>+48(SB)/4, $24
+DATA bf16EvenOdd<>+52(SB)/4, $26
+DATA bf16EvenOdd<>+56(SB)/4, $28
+DATA bf16EvenOdd<>+60(SB)/4, $30
+DATA bf16EvenOdd<>+64(SB)/4, $1
+DATA bf16EvenOdd<>+68(SB)/4, $3
+DATA bf16EvenOdd<>+72(SB)/4, $5
+DATA bf16EvenOdd<>+76(SB)/4, $7
+DATA bf16EvenOdd<>+80(SB)/4, $9
+DATA bf16EvenOdd<>+84(SB)/4, $11
+DATA bf16EvenOdd<>+88(SB)/4, $13
+DATA bf16EvenOdd<>+92(SB)/4, $15
+DATA bf16EvenOdd<>+96(SB)/4, $17
+DATA bf16EvenOdd<>+100(SB)/4, $19
+DATA bf16EvenOdd<>+104(SB)/4, $21
+DATA bf16EvenOdd<>+108(SB)/4, $23
+DATA bf16EvenOdd<>+112(SB)/4, $25
+DATA bf16EvenOdd<>+116(SB)/4, $27
+DATA bf16EvenOdd<>+120(SB)/4, $29
+DATA bf16EvenOdd<>+124(SB)/4, $31
+GLOBL bf16EvenOdd<>(SB), RODATA|NOPTR, $128
+
+// func evenOdd32AVX512(dst, src *float32, n int)
+//
+// Each block of 32 values of src to dst in even-then-odd order; n is a
+// multiple of 32.
+TEXT ·evenOdd32AVX512(SB), NOSPLIT, $0-24
+	MOVQ dst+0(FP), DI
+	MOVQ src+8(FP), SI
+	MOVQ n+16(FP), CX
+	SHRQ $5, CX
+	JZ   eodone
+	VMOVDQU32 bf16EvenOdd<>+0(SB), Z2
+	VMOVDQU32 bf16EvenOdd<>+64(SB), Z3
+
+eoloop:
+	VMOVUPS (SI), Z0
+	VMOVUPS 64(SI), Z1
+	VMOVAPS Z2, Z4
+	VPERMI2PS Z1, Z0, Z4
+	VMOVAPS Z3, Z5
+	VPERMI2PS Z1, Z0, Z5
+	VMOVUPS Z4, (DI)
+	VMOVUPS Z5, 64(DI)
+	ADDQ $128, SI
+	ADDQ $128, DI
+	DECQ CX
+	JNZ  eoloop
+
+eodone:
+	VZEROUPPER
+	RET
+
+// func prefetchLines(p *uint16, n int)
+//
+// PREFETCHT0 of every 64-byte line of the n values at p (n a multiple of
+// 32): the next cached rows of attention come from memory while the
+// current ones are multiplied.
+TEXT ·prefetchLines(SB), NOSPLIT, $0-16
+	MOVQ p+0(FP), SI
+	MOVQ n+8(FP), CX
+	SHRQ $5, CX
+	JZ   pfdone
+
+pfloop:
+	PREFETCHT0 (SI)
+	ADDQ $64, SI
+	DECQ CX
+	JNZ  pfloop
+
+pfdone:
+	RET
