@@ -38,12 +38,6 @@ type Options struct {
 	// latent's norm in the RoPE and cache write launch
 	// (MMFP4_CUDA_FUSE_LATENT=1).
 	FusedGEMV, FusedRouter, FusedLatent bool
-	// MoEOne runs a single token's MoE (with the router launch queued
-	// just before it) as moe_one's single persistent launch instead of
-	// the router launch and two expert launches (also
-	// MMFP4_CUDA_MOE_ONE=1). Off by default: on an H200 it was slower
-	// (docs/perf.md, 2026-11-28 (3)).
-	MoEOne bool
 	// NoDecodeChunks hands a single-row step to the device in one piece
 	// at its first read-back instead of in chunks of layers (also
 	// MMFP4_CUDA_CHUNKS=0).
@@ -146,9 +140,6 @@ type Backend struct {
 	fusedPairs    int
 	fusedRouters  int
 	fusedLatent   int
-	// moeOne counts moe_one launches, with the router in them or not
-	// (tests).
-	moeOne [2]int
 
 	steps *stepTimer // MMFP4_CUDA_STEPTIME=1
 	// chunks counts the pieces this step has gone to the device in.
@@ -245,9 +236,6 @@ func NewOnDevice(d *Device, o Options) *Backend {
 	}
 	if os.Getenv("MMFP4_CUDA_FUSE_LATENT") == "1" {
 		b.opts.FusedLatent = true
-	}
-	if os.Getenv("MMFP4_CUDA_MOE_ONE") == "1" {
-		b.opts.MoEOne = true
 	}
 	if os.Getenv("MMFP4_CUDA_ROUTER_SLOW") == "1" {
 		routerSlow = true // comparison runs: the older router kernel
@@ -1569,17 +1557,6 @@ func (b *Backend) ExpandValues(out, olat backend.Tensor, wUV backend.Weight, s b
 type routing struct {
 	tokens, topK int
 	ids, wts     uint64
-	// router is the queued router launch that wrote this routing, which
-	// a single-token MoE right after it may take into moe_one's launch.
-	router *routerOp
-}
-
-// routerOp is a queued single-token router launch (RouterRoute) and its
-// arguments.
-type routerOp struct {
-	idx, flush int
-	experts, k int // the router's weight is [experts, k]
-	args       MoERouter
 }
 
 func (r *routing) Tokens() int { return r.tokens }
@@ -1625,9 +1602,6 @@ func (b *Backend) Route(logits backend.Tensor, bias backend.Weight, cfg backend.
 					cfg.RoutedScaling, r.ids, r.wts, b.routeCounters.Ptr)
 			}}
 			b.lastDense = nil
-			if lm.rows == 1 && lm.cols == E {
-				r.router = &routerOp{idx: ld.idx, flush: b.flushes, experts: E, k: ld.w.k, args: MoERouter{W: ld.w.dense, X: ld.x.ptr, Bias: bv.dense, Logits: lm.ptr, Norm: norm == 1, Scaling: cfg.RoutedScaling}}
-			}
 			return r
 		}
 		// No expert groups: one warp per token picks from the logits.
@@ -1827,53 +1801,11 @@ func (b *Backend) moeRows(d, xm *tensor, rt *routing, l *moeLayer) {
 		xr := &tensor{rows: 1, cols: xm.cols, ld: xm.ld, ptr: xm.row(t)}
 		dr := d.row(t)
 		a := b.quantize(xr, l.table.G)
-		if d.rows == 1 && b.opts.MoEOne && MoEOneFits(l.table, rt.topK, false) {
-			b.moeOneLaunch(dr, xr, rt, l, a)
-			return
-		}
 		off := 4 * uint64(t*rt.topK)
 		b.do("moe", func(c *Ctx) error {
 			return c.MoE(dr, true, l.table, rt.ids+off, rt.wts+off, rt.topK, a, l.scratch[rt.topK])
 		})
 	}
-}
-
-// moeOneLaunch queues one token's MoE as one moe_one launch, taking in the
-// router launch that made rt when it is still the last op queued and
-// routed these experts (the launch then writes the logits, ids and
-// weights itself).
-func (b *Backend) moeOneLaunch(y uint64, x *tensor, rt *routing, l *moeLayer, a *QActs) {
-	s := l.scratch[rt.topK]
-	var ro *MoERouter
-	if r := rt.router; r != nil && r.flush == b.flushes && r.idx < len(b.pending) && b.pending[r.idx].op == "router+route" &&
-		onlyZeroFills(b.pending[r.idx+1:]) && r.args.X == x.ptr && (r.args.X|r.args.W)%16 == 0 && r.k == l.table.K && r.experts == l.table.Routed &&
-		MoEOneFits(l.table, rt.topK, true) {
-		b.pending = slices.Delete(b.pending, r.idx, r.idx+1)
-		ro = &r.args
-		rt.router = nil
-	}
-	name := "moe one"
-	if ro != nil {
-		name = "router+moe one"
-		b.moeOne[1]++
-	} else {
-		b.moeOne[0]++
-	}
-	b.do(name, func(c *Ctx) error {
-		return c.MoEOne(y, true, l.table, ro, rt.ids, rt.wts, rt.topK, a, s)
-	})
-}
-
-// onlyZeroFills reports whether ops are all clears of new tensors, which
-// touch none of a router launch's inputs or outputs (allocated before
-// them).
-func onlyZeroFills(ops []queuedOp) bool {
-	for _, o := range ops {
-		if o.op != "zero" {
-			return false
-		}
-	}
-	return true
 }
 
 // moeLayer returns the fused kernels' table for experts, made on first use,

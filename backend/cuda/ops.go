@@ -265,9 +265,6 @@ type ExpertTable struct {
 	Routed, Shared int
 	I, K, G        int
 	buf            Buffer
-	// aligned: every matrix's codes, scales and row scales start on 16
-	// bytes (moe_one copies them in 16-byte pieces).
-	aligned bool
 }
 
 // NewExpertTable checks that the experts share their shapes and group size
@@ -277,7 +274,7 @@ func (c *Ctx) NewExpertTable(routed, shared []ExpertMats) (*ExpertTable, error) 
 	if len(routed) == 0 {
 		return nil, fmt.Errorf("cuda: expert table without routed experts")
 	}
-	t := &ExpertTable{Routed: len(routed), Shared: len(shared), I: all[0].Gate.N, K: all[0].Gate.K, G: all[0].Gate.G, aligned: true}
+	t := &ExpertTable{Routed: len(routed), Shared: len(shared), I: all[0].Gate.N, K: all[0].Gate.K, G: all[0].Gate.G}
 	ptrs := make([]uint64, 0, 9*len(all))
 	for i, e := range all {
 		for _, m := range []struct {
@@ -289,7 +286,6 @@ func (c *Ctx) NewExpertTable(routed, shared []ExpertMats) (*ExpertTable, error) 
 				return nil, fmt.Errorf("cuda: expert %d %s is [%d,%d] G=%d, want [%d,%d] G=%d", i, m.name, m.q.N, m.q.K, m.q.G, m.n, m.k, t.G)
 			}
 			ptrs = append(ptrs, m.q.Codes, m.q.Scales, m.q.RowScale)
-			t.aligned = t.aligned && (m.q.Codes|m.q.Scales|m.q.RowScale)%16 == 0
 		}
 	}
 	buf, err := c.Alloc(8 * len(ptrs))
@@ -366,10 +362,6 @@ var routerSlow bool
 type MoEScratch struct {
 	H, Partial, Counters Buffer
 	HQ                   *QActs
-	// Ctl holds moe_one's counters (zero between launches) and blocks its
-	// grid (0 until the first launch).
-	Ctl    Buffer
-	blocks int
 }
 
 // NewMoEScratch allocates MoE's work space for topk routed experts.
@@ -381,24 +373,21 @@ func (c *Ctx) NewMoEScratch(t *ExpertTable, topk int) (*MoEScratch, error) {
 	s.Partial, err2 = c.Alloc(4 * slots * t.K)
 	s.Counters, err3 = c.Alloc(4 * ((t.K + 15) / 16))
 	s.HQ, err4 = c.NewQActs(slots, t.I, t.G)
-	var err5 error
-	s.Ctl, err5 = c.Alloc(4 * (moeOneCtl + (t.K+moeOneDNRows-1)/moeOneDNRows))
-	if err := errors.Join(err1, err2, err3, err4, err5); err != nil {
+	if err := errors.Join(err1, err2, err3, err4); err != nil {
 		c.Free(s.H)
 		c.Free(s.Partial)
 		c.Free(s.Counters)
-		c.Free(s.Ctl)
 		if s.HQ != nil {
 			c.FreeQActs(s.HQ)
 		}
 		return nil, err
 	}
-	return s, errors.Join(c.Memset(s.Counters.Ptr, 0, s.Counters.Size), c.Memset(s.Ctl.Ptr, 0, s.Ctl.Size))
+	return s, c.Memset(s.Counters.Ptr, 0, s.Counters.Size)
 }
 
 // FreeMoEScratch returns the work space to the pool.
 func (c *Ctx) FreeMoEScratch(s *MoEScratch) error {
-	return errors.Join(c.Free(s.H), c.Free(s.Partial), c.Free(s.Counters), c.Free(s.Ctl), c.FreeQActs(s.HQ))
+	return errors.Join(c.Free(s.H), c.Free(s.Partial), c.Free(s.Counters), c.FreeQActs(s.HQ))
 }
 
 // MoE computes, for one token with quantized activations x,
@@ -450,96 +439,6 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 		t.buf, ids, wts, topk, slots, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, s.HQ.Sums,
 		s.Partial, s.Counters, y, acc)
 }
-
-// MoERouter is the router that moe_one runs before the experts: fp32
-// weights W [E][K] against the normalised row X (K floats; both 16-byte
-// aligned), bias B, the choice as moe_route_logits; the logits are written
-// to Logits (E floats).
-type MoERouter struct {
-	W, X, Bias, Logits uint64
-	Norm               bool
-	Scaling            float32
-}
-
-// MoEOneFits reports whether moe_one takes this table with topk routed
-// experts (and, with router, runs the router too): whole items (I a
-// multiple of moeOneGURows, K of moeOneDNRows), rows of at most 64 chunks
-// in 16-byte pieces (K and I multiples of 32), at most 16 slots, and at
-// most 64 experts for its router.
-func MoEOneFits(t *ExpertTable, topk int, router bool) bool {
-	return t.aligned && t.K%32 == 0 && t.I%32 == 0 && t.K%moeOneDNRows == 0 && t.I%moeOneGURows == 0 && t.K <= 2048 && t.I <= 2048 &&
-		t.G <= 128 && t.I%t.G == 0 && t.K%t.G == 0 &&
-		topk >= 1 && topk <= 32 && topk+t.Shared <= 16 && (!router || t.Routed <= 64)
-}
-
-// MoEOne is MoE in one persistent launch (moe_one): with r, the router
-// first (writing the logits, ids and wts), else the routing read from ids
-// and wts. Same results as Route's fused router followed by MoE, bit for
-// bit.
-func (c *Ctx) MoEOne(y uint64, accumulate bool, t *ExpertTable, r *MoERouter, ids, wts uint64, topk int, x *QActs, s *MoEScratch) error {
-	slots := topk + t.Shared
-	switch {
-	case x.T != 1 || x.K != t.K || x.G != t.G:
-		return fmt.Errorf("cuda: moe one: activations %dx%d G=%d, want 1x%d G=%d", x.T, x.K, x.G, t.K, t.G)
-	case !MoEOneFits(t, topk, r != nil):
-		return fmt.Errorf("cuda: moe one: experts [%d,%d] G=%d, %d routed of %d and %d shared do not fit", t.I, t.K, t.G, topk, t.Routed, t.Shared)
-	case r != nil && (r.W%16 != 0 || r.X%16 != 0):
-		return fmt.Errorf("cuda: moe one: router weights or input not 16-byte aligned")
-	case s.Ctl.Size < 4*(moeOneCtl+t.K/moeOneDNRows) || s.H.Size < 4*slots*t.I || s.Partial.Size < 4*slots*t.K:
-		return fmt.Errorf("cuda: moe one: scratch too small for %d slots", slots)
-	}
-	k, err := c.Kernel("moe", "moe_one")
-	if err != nil {
-		return err
-	}
-	items := slots * (t.I/moeOneGURows + t.K/moeOneDNRows)
-	var W, X, B, L uint64
-	norm, scaling := 0, float32(0)
-	if r != nil {
-		W, X, B, L, scaling = r.W, r.X, r.Bias, r.Logits, r.Scaling
-		if r.Norm {
-			norm = 1
-		}
-		items += (t.Routed + moeOneThreads/32 - 1) / (moeOneThreads / 32)
-	}
-	if s.blocks == 0 {
-		if err := c.SetMaxShared(k, moeOneShared); err != nil {
-			return err
-		}
-		occ, err := c.Occupancy(k, moeOneThreads, moeOneShared)
-		if err != nil {
-			return err
-		}
-		s.blocks = max(1, occ) * max(1, c.Info().SMs)
-	}
-	acc := 0
-	if accumulate {
-		acc = 1
-	}
-	gshift := bits.TrailingZeros(uint(t.G / 32))
-	flags := 0
-	if moeOneStatic {
-		flags |= 1
-	}
-	return c.Launch(k, D1(min(s.blocks, items)), D1(moeOneThreads), moeOneShared, t.buf, t.Routed, topk, t.Shared, t.I, t.K, gshift,
-		W, X, B, norm, scaling, L, ids, wts, x.Q, x.Scales, s.H, s.Partial, s.Ctl, y, acc, flags)
-}
-
-// moeOneThreads, moeOneCtl, moeOneGURows and moeOneDNRows are
-// MOE1_THREADS, MOE1_CTL, MOE1_GU_ROWS and MOE1_DN_ROWS in moe.cu.
-const (
-	moeOneThreads = 128
-	moeOneCtl     = 96 + 32*16
-	moeOneGURows  = 8
-	moeOneDNRows  = 16
-	// moeOneShared is moe_one's dynamic shared memory: MOE1_HEAD +
-	// MOE1_STAGES * MOE1_STAGE.
-	moeOneShared = 10240 + 3*(16*2048/2+16*2048/32+16*4)
-)
-
-// moeOneStatic has moe_one's blocks take fixed tickets (b, b + blocks, ...)
-// instead of counting them out (benchmarks).
-var moeOneStatic bool
 
 // moeMaxI is MOE_MAX_I in moe.cu: the largest intermediate size whose
 // quantization moe_down_q holds in shared memory.

@@ -11,22 +11,20 @@ import (
 	"github.com/mmfp4/mmfp4/format"
 )
 
-// BenchmarkMoEOne: one token through a GLM-4.7-Flash MoE block (router of
-// 64 x 2048 fp32, 64 experts of 1536 x 2048, top 4, one shared expert),
+// BenchmarkRouterMoE: one token through a GLM-4.7-Flash MoE block (router
+// of 64 x 2048 fp32, 64 experts of 1536 x 2048, top 4, one shared expert),
 // device time per block:
 //   - router+two: the router launch (moe_router_fast, or -slow:
 //     moe_router_route) then the two MoE launches, the single-token path
 //     (three launches);
-//   - one+router: moe_one with its router (one launch), with counted or
-//     fixed (-static) tickets;
-//   - two, one: the MoE alone on a given routing, two launches or one.
+//   - two: the MoE alone on a given routing (two launches).
 //
 // Each call takes the next of 6 layers (its own shared expert and router,
 // the 64 routed experts common) and the next of 16 inputs (routing sets),
 // so that the shared expert and the routed ones come from memory, not L2,
 // as in a decode step. GB/s counts the weights read (5 experts, and the
 // router's 512 KB where it runs).
-func BenchmarkMoEOne(b *testing.B) {
+func BenchmarkRouterMoE(b *testing.B) {
 	d := benchDevice(b)
 	r := rand.New(rand.NewPCG(9, 10))
 	const K, I, E, topK, layers, sets = 2048, 1536, 64, 4, 6, 16
@@ -135,31 +133,20 @@ func BenchmarkMoEOne(b *testing.B) {
 		}
 		return c.MoE(y.Ptr, false, L.tab, ids, wts, topK, xq[s], L.scr)
 	}
-	oneRouter := func(c *Ctx, L *layer, s int) error {
-		rt := &MoERouter{W: L.W.Ptr, X: xs[s].Ptr, Bias: L.bias.Ptr, Logits: L.logits.At(4 * E * s), Norm: true, Scaling: 1.8}
-		return c.MoEOne(y.Ptr, false, L.tab, rt, L.ids.At(4*topK*s), L.wts.At(4*topK*s), topK, xq[s], L.scr)
-	}
 	two := func(c *Ctx, L *layer, s int) error {
 		return c.MoE(y.Ptr, false, L.tab, L.givenIDs.At(4*topK*s), L.givenWts.At(4*topK*s), topK, xq[s], L.scr)
-	}
-	one := func(c *Ctx, L *layer, s int) error {
-		return c.MoEOne(y.Ptr, false, L.tab, nil, L.givenIDs.At(4*topK*s), L.givenWts.At(4*topK*s), topK, xq[s], L.scr)
 	}
 	variants := []struct {
 		name   string
 		router bool
 		// slow: the router launch is moe_router_route (else
-		// moe_router_fast); static: moe_one with fixed tickets.
-		slow, static bool
-		call         func(c *Ctx, L *layer, s int) error
+		// moe_router_fast).
+		slow bool
+		call func(c *Ctx, L *layer, s int) error
 	}{
-		{"router+two", true, false, false, routerTwo},
-		{"router-slow+two", true, true, false, routerTwo},
-		{"one+router", true, false, false, oneRouter},
-		{"one+router-static", true, false, true, oneRouter},
-		{"two", false, false, false, two},
-		{"one", false, false, false, one},
-		{"one-static", false, false, true, one},
+		{"router+two", true, false, routerTwo},
+		{"router-slow+two", true, true, routerTwo},
+		{"two", false, false, two},
 	}
 	for _, v := range variants {
 		bytes := ebytes
@@ -167,8 +154,8 @@ func BenchmarkMoEOne(b *testing.B) {
 			bytes += 4 * E * K
 		}
 		b.Run(v.name, func(b *testing.B) {
-			routerSlow, moeOneStatic = v.slow, v.static
-			defer func() { routerSlow, moeOneStatic = false, false }()
+			routerSlow = v.slow
+			defer func() { routerSlow = false }()
 			var ms float32
 			err := d.Do(func(c *Ctx) error {
 				call := func() error {
