@@ -465,23 +465,18 @@ func (e *Engine) step() {
 	if err == nil {
 		picks = e.pickAll(plan, outs, b.Sample)
 	}
-	out := 0
-	for _, c := range plan {
-		s := c.s
-		if err != nil {
-			e.remove(s)
-			if cerr := s.ctx.Err(); cerr != nil && errors.Is(err, context.Canceled) {
-				e.finish(s, FinishCanceled, cerr)
-			} else {
-				e.finish(s, FinishError, fmt.Errorf("forward pass: %w", err))
+	// The step is recorded (OnStep) before its tokens and errors reach
+	// the streams, so a caller that sees its last token also sees the
+	// step that made it.
+	var done []*seq // sequences with an output this step, in output order
+	if err == nil {
+		for _, c := range plan {
+			s := c.s
+			s.computed += c.n
+			e.kv.Commit(&s.kv, s.tokens, s.computed)
+			if s.computed == len(s.tokens) {
+				done = append(done, s)
 			}
-			continue
-		}
-		s.computed += c.n
-		e.kv.Commit(&s.kv, s.tokens, s.computed)
-		if s.computed == len(s.tokens) {
-			e.emit(s, outs[out], b.Sample[out], &picks[out], now)
-			out++
 		}
 	}
 	info.Duration = time.Since(start)
@@ -491,6 +486,21 @@ func (e *Engine) step() {
 	e.mu.Unlock()
 	if e.opt.OnStep != nil {
 		e.opt.OnStep(info)
+	}
+	if err != nil {
+		for _, c := range plan {
+			s := c.s
+			e.remove(s)
+			if cerr := s.ctx.Err(); cerr != nil && errors.Is(err, context.Canceled) {
+				e.finish(s, FinishCanceled, cerr)
+			} else {
+				e.finish(s, FinishError, fmt.Errorf("forward pass: %w", err))
+			}
+		}
+		return
+	}
+	for i, s := range done {
+		e.emit(s, outs[i], b.Sample[i], &picks[i], now)
 	}
 }
 
