@@ -80,6 +80,57 @@ func TestGEMM(t *testing.T) {
 	}
 }
 
+// expertHosts makes n experts' gate, up ([I,K]) and down ([K,I]) MMFP4
+// weights with group size G.
+func expertHosts(t *testing.T, r *rand.Rand, n, I, K, G int) [][3]backend.HostWeight {
+	var hosts [][3]backend.HostWeight
+	for e := 0; e < n; e++ {
+		var h [3]backend.HostWeight
+		for i, sh := range [3][2]int{{I, K}, {I, K}, {K, I}} {
+			h[i] = quantHost(t, r, "expert", sh[0], sh[1], G)
+		}
+		hosts = append(hosts, h)
+	}
+	return hosts
+}
+
+// moeBlockOutput runs a MoE block on b for the T rows of x: the router's
+// product and choice, then the routed experts (all of hosts but the last),
+// with the last as the shared expert when withShared (through MoEShared
+// where b has it, else as separate ops).
+func moeBlockOutput(t *testing.T, b backend.Backend, hosts [][3]backend.HostWeight, router, bias backend.HostWeight, cfg backend.RouterConfig, x []float32, T int, withShared bool) []float32 {
+	E, K, I := len(hosts)-1, router.K, hosts[0][0].N
+	b.SetBatch(simpleBatch(T, 0), nil)
+	var experts []backend.Expert
+	for _, h := range hosts {
+		experts = append(experts, backend.Expert{Gate: mustWeight(t, b, h[0]), Up: mustWeight(t, b, h[1]), Down: mustWeight(t, b, h[2])})
+	}
+	shared := experts[E:]
+	experts = experts[:E]
+	xt := b.NewTensor(T, K)
+	b.Upload(xt, x)
+	logits := b.NewTensor(T, E)
+	b.MatMul(logits, xt, mustWeight(t, b, router))
+	rt := b.Route(logits, mustWeight(t, b, bias), cfg)
+	out := b.NewTensor(T, K)
+	if !withShared {
+		b.MoE(out, xt, rt, experts)
+		return b.Download(out)
+	}
+	if sm, ok := b.(backend.SharedMoE); ok {
+		sm.MoEShared(out, xt, rt, experts, shared)
+		return b.Download(out)
+	}
+	b.MoE(out, xt, rt, experts)
+	gt, ut, o := b.NewTensor(T, I), b.NewTensor(T, I), b.NewTensor(T, K)
+	b.MatMul(gt, xt, shared[0].Gate)
+	b.MatMul(ut, xt, shared[0].Up)
+	b.SwiGLU(gt, gt, ut)
+	b.MatMul(o, gt, shared[0].Down)
+	b.Add(out, out, o)
+	return b.Download(out)
+}
+
 // The backend's MoE and MoEShared over batches that take MoEBatched (the
 // device grouping and the GEMMs), against the CPU backend, with both token
 // tiles and group sizes 128 and 32.
@@ -94,14 +145,7 @@ func TestBackendMoEBatchedMatchesCPU(t *testing.T) {
 	defer func(v int) { moeBatchedMinTokens = v }(moeBatchedMinTokens)
 	moeBatchedMinTokens = 2
 	for _, G := range []int{128, 32} {
-		var hosts [][3]backend.HostWeight
-		for e := 0; e < E+1; e++ {
-			var h [3]backend.HostWeight
-			for i, sh := range [3][2]int{{I, K}, {I, K}, {K, I}} {
-				h[i] = quantHost(t, r, "expert", sh[0], sh[1], G)
-			}
-			hosts = append(hosts, h)
-		}
+		hosts := expertHosts(t, r, E+1, I, K, G)
 		// 2-37 tokens: 16-token tiles; 200: 64-token tiles (moeBatchTile).
 		for _, T := range []int{2, 5, 8, 20, 37, 200} {
 			x := randVec(r, T*K, 1)
@@ -116,35 +160,7 @@ func TestBackendMoEBatchedMatchesCPU(t *testing.T) {
 					bound = 3e-3
 				}
 				compareOp(t, g, c, name, bound, func(b backend.Backend) []float32 {
-					b.SetBatch(simpleBatch(T, 0), nil)
-					var experts []backend.Expert
-					for _, h := range hosts {
-						experts = append(experts, backend.Expert{Gate: mustWeight(t, b, h[0]), Up: mustWeight(t, b, h[1]), Down: mustWeight(t, b, h[2])})
-					}
-					shared := experts[E:]
-					experts = experts[:E]
-					xt := b.NewTensor(T, K)
-					b.Upload(xt, x)
-					logits := b.NewTensor(T, E)
-					b.MatMul(logits, xt, mustWeight(t, b, router))
-					rt := b.Route(logits, mustWeight(t, b, bias), cfg)
-					out := b.NewTensor(T, K)
-					if !withShared {
-						b.MoE(out, xt, rt, experts)
-						return b.Download(out)
-					}
-					if sm, ok := b.(backend.SharedMoE); ok {
-						sm.MoEShared(out, xt, rt, experts, shared)
-						return b.Download(out)
-					}
-					b.MoE(out, xt, rt, experts)
-					gt, ut, o := b.NewTensor(T, I), b.NewTensor(T, I), b.NewTensor(T, K)
-					b.MatMul(gt, xt, shared[0].Gate)
-					b.MatMul(ut, xt, shared[0].Up)
-					b.SwiGLU(gt, gt, ut)
-					b.MatMul(o, gt, shared[0].Down)
-					b.Add(out, out, o)
-					return b.Download(out)
+					return moeBlockOutput(t, b, hosts, router, bias, cfg, x, T, withShared)
 				})
 			}
 		}

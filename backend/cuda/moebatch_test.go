@@ -186,14 +186,7 @@ func TestBackendMoEStreamMatchesCPU(t *testing.T) {
 	g, c := testBackends(t, Options{})
 	defer func(a, b int, v MoEStream) { moeBatchedMinTokens, moeStreamMaxTokens, moeStreamVariant = a, b, v }(moeBatchedMinTokens, moeStreamMaxTokens, moeStreamVariant)
 	moeBatchedMinTokens, moeStreamMaxTokens = 2, 1<<30
-	var hosts [][3]backend.HostWeight
-	for e := 0; e < E+1; e++ {
-		var h [3]backend.HostWeight
-		for i, sh := range [3][2]int{{I, K}, {I, K}, {K, I}} {
-			h[i] = quantHost(t, r, "expert", sh[0], sh[1], 128)
-		}
-		hosts = append(hosts, h)
-	}
+	hosts := expertHosts(t, r, E+1, I, K, 128)
 	for _, v := range []MoEStream{MoEStreamD4, MoEStreamD2} {
 		moeStreamVariant = v
 		for _, T := range []int{3, 17, 64} {
@@ -202,35 +195,7 @@ func TestBackendMoEStreamMatchesCPU(t *testing.T) {
 				// As TestBackendMoEBatchedMatchesCPU: a last-bit difference
 				// can move one int8 value of the SwiGLU product by a step.
 				compareOp(t, g, c, fmt.Sprintf("moe stream %s T=%d shared=%v", v, T, withShared), 1e-3, func(b backend.Backend) []float32 {
-					b.SetBatch(simpleBatch(T, 0), nil)
-					var experts []backend.Expert
-					for _, h := range hosts {
-						experts = append(experts, backend.Expert{Gate: mustWeight(t, b, h[0]), Up: mustWeight(t, b, h[1]), Down: mustWeight(t, b, h[2])})
-					}
-					shared := experts[E:]
-					experts = experts[:E]
-					xt := b.NewTensor(T, K)
-					b.Upload(xt, x)
-					logits := b.NewTensor(T, E)
-					b.MatMul(logits, xt, mustWeight(t, b, router))
-					rt := b.Route(logits, mustWeight(t, b, bias), cfg)
-					out := b.NewTensor(T, K)
-					if !withShared {
-						b.MoE(out, xt, rt, experts)
-						return b.Download(out)
-					}
-					if sm, ok := b.(backend.SharedMoE); ok {
-						sm.MoEShared(out, xt, rt, experts, shared)
-						return b.Download(out)
-					}
-					b.MoE(out, xt, rt, experts)
-					gt, ut, o := b.NewTensor(T, I), b.NewTensor(T, I), b.NewTensor(T, K)
-					b.MatMul(gt, xt, shared[0].Gate)
-					b.MatMul(ut, xt, shared[0].Up)
-					b.SwiGLU(gt, gt, ut)
-					b.MatMul(o, gt, shared[0].Down)
-					b.Add(out, out, o)
-					return b.Download(out)
+					return moeBlockOutput(t, b, hosts, router, bias, cfg, x, T, withShared)
 				})
 			}
 		}
