@@ -14,7 +14,6 @@ import (
 
 	"github.com/mmfp4/mmfp4/backend"
 	"github.com/mmfp4/mmfp4/internal/benchmode"
-	"github.com/mmfp4/mmfp4/model/glm4moelite"
 )
 
 // BenchmarkExpertReadAnon asks whether routed-expert weights read faster
@@ -31,13 +30,6 @@ import (
 // reach), for comparison with the subset.
 func BenchmarkExpertReadAnon(b *testing.B) {
 	benchmode.Check(b)
-	dir := os.Getenv("MMFP4_BENCH_MODEL")
-	if dir == "" {
-		b.Skip("MMFP4_BENCH_MODEL names no model directory")
-	}
-	if !hasAVX512 {
-		b.Skip("no AVX-512")
-	}
 	nl := 12
 	if s := os.Getenv("MMFP4_BENCH_ANON_LAYERS"); s != "" {
 		v, err := strconv.Atoi(s)
@@ -46,24 +38,7 @@ func BenchmarkExpertReadAnon(b *testing.B) {
 		}
 		nl = v
 	}
-	be := New(Options{})
-	m, err := glm4moelite.Load(dir, be, glm4moelite.LoadOptions{})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer m.Close()
-	if err := m.Prefault(); err != nil {
-		b.Fatal(err)
-	}
-	var layers [][]backend.Expert
-	for _, l := range m.Layers {
-		if l.MoE != nil {
-			layers = append(layers, l.MoE.Experts)
-		}
-	}
-	if len(layers) == 0 {
-		b.Skip("no MoE layer")
-	}
+	be, _, layers := benchModelMoE(b)
 	nl = min(nl, len(layers))
 	// MMFP4_BENCH_ANON_FIRST picks the first layer of the copied run.
 	first := 0

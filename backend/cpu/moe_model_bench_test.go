@@ -13,6 +13,39 @@ import (
 	"github.com/mmfp4/mmfp4/model/glm4moelite"
 )
 
+// benchModelMoE loads the model named by MMFP4_BENCH_MODEL on a new CPU
+// backend, maps in all its pages, and returns its MoE layers' routed
+// experts; it skips without a model, without AVX-512 or without MoE
+// layers. The model is closed when b ends.
+func benchModelMoE(b *testing.B) (*Backend, *glm4moelite.Model, [][]backend.Expert) {
+	dir := os.Getenv("MMFP4_BENCH_MODEL")
+	if dir == "" {
+		b.Skip("MMFP4_BENCH_MODEL names no model directory")
+	}
+	if !hasAVX512 {
+		b.Skip("no AVX-512")
+	}
+	be := New(Options{})
+	m, err := glm4moelite.Load(dir, be, glm4moelite.LoadOptions{})
+	if err != nil {
+		b.Fatal(err)
+	}
+	b.Cleanup(func() { m.Close() })
+	if err := m.Prefault(); err != nil {
+		b.Fatal(err)
+	}
+	var layers [][]backend.Expert
+	for _, l := range m.Layers {
+		if l.MoE != nil {
+			layers = append(layers, l.MoE.Experts)
+		}
+	}
+	if len(layers) == 0 {
+		b.Skip("no MoE layer")
+	}
+	return be, m, layers
+}
+
 // BenchmarkMoEModelDir takes the routed experts of a memory-mapped model
 // (the directory named by MMFP4_BENCH_MODEL, for example `mmfp4 synth
 // --preset glm-4.7-flash`) apart: each pass picks a random MoE layer and 4
@@ -28,31 +61,7 @@ import (
 //   - moe_1t: the same on one thread.
 func BenchmarkMoEModelDir(b *testing.B) {
 	benchmode.Check(b)
-	dir := os.Getenv("MMFP4_BENCH_MODEL")
-	if dir == "" {
-		b.Skip("MMFP4_BENCH_MODEL names no model directory")
-	}
-	if !hasAVX512 {
-		b.Skip("no AVX-512")
-	}
-	be := New(Options{})
-	m, err := glm4moelite.Load(dir, be, glm4moelite.LoadOptions{})
-	if err != nil {
-		b.Fatal(err)
-	}
-	defer m.Close()
-	if err := m.Prefault(); err != nil {
-		b.Fatal(err)
-	}
-	var layers [][]backend.Expert
-	for _, l := range m.Layers {
-		if l.MoE != nil {
-			layers = append(layers, l.MoE.Experts)
-		}
-	}
-	if len(layers) == 0 {
-		b.Skip("no MoE layer")
-	}
+	be, m, layers := benchModelMoE(b)
 	const topK = 4
 	E := len(layers[0])
 	hidden := layers[0][0].Gate.Cols()
