@@ -1038,15 +1038,7 @@ func (b *Backend) MatMul(dst, x backend.Tensor, wt backend.Weight) {
 		b.do(b.opName("matmul", w), func(c *Ctx) error { return c.GEMM(d.ptr, d.ld, w.q, a, GEMMTileAuto) })
 		return
 	}
-	b.do(b.opName("matmul", w), func(c *Ctx) error {
-		for t := 0; t < d.rows; t += 8 {
-			n := min(8, d.rows-t)
-			if err := c.GEMV(d.row(t), d.ld, w.q, actRows(a, t, n), GEMVAuto); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
+	b.do(b.opName("matmul", w), func(c *Ctx) error { return c.GEMVRows(d.ptr, d.ld, w.q, a) })
 }
 
 // opName is op, with the weight's shape when profiling.

@@ -256,12 +256,7 @@ func BenchmarkGEMM(b *testing.B) {
 							case "t64":
 								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTile64)
 							}
-							for t := 0; t < T; t += 8 {
-								if err := c.GEMV(y.Ptr+uint64(4*t*cs.n), cs.n, q, actRows(a, t, min(8, T-t)), GEMVAuto); err != nil {
-									return err
-								}
-							}
-							return nil
+							return c.GEMVRows(y.Ptr, cs.n, q, a)
 						}
 						if v == "gemv8" {
 							launches = (T + 7) / 8

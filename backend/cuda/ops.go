@@ -176,6 +176,16 @@ const gemvRowsPerBlock = 4 * 4 // WARPS * R in gemv.cu
 
 var gemvKernels = [...]string{1: "gemv_t1", "gemv_t2", "gemv_t3", "gemv_t4", "gemv_t5", "gemv_t6", "gemv_t7", "gemv_t8"}
 
+// GEMVRows is GEMV over all a.T rows of a, eight rows a launch.
+func (c *Ctx) GEMVRows(y uint64, ldy int, w *QMatrix, a *QActs) error {
+	for t := 0; t < a.T; t += 8 {
+		if err := c.GEMV(y+4*uint64(t*ldy), ldy, w, actRows(a, t, min(8, a.T-t)), GEMVAuto); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // GEMV computes y[t*ldy + n] = sum_k W[n,k] x[t,k] for the a.T (1..8)
 // quantized rows of a, with the integer MMFP4 product.
 func (c *Ctx) GEMV(y uint64, ldy int, w *QMatrix, a *QActs, v GEMVVariant) error {

@@ -188,12 +188,7 @@ func BenchmarkMatMulStream(b *testing.B) {
 							case "stream", "stream_ks1":
 								return c.MatMulStream(y.Ptr, cs.n, q, a, p, part.Ptr, cnt.Ptr)
 							}
-							for t := 0; t < T; t += 8 {
-								if err := c.GEMV(y.Ptr+uint64(4*t*cs.n), cs.n, q, actRows(a, t, min(8, T-t)), GEMVAuto); err != nil {
-									return err
-								}
-							}
-							return nil
+							return c.GEMVRows(y.Ptr, cs.n, q, a)
 						}
 						if v == "gemv8" {
 							launches = (T + 7) / 8
