@@ -343,6 +343,7 @@ func (b *Backend) flush() {
 			return nil
 		}
 		gc := b.graphs
+		gc.once = b.batchRows() >= bigStepRows
 		gc.rec.reset()
 		c.rec = &gc.rec
 		for _, q := range ops {
@@ -375,11 +376,21 @@ const decodeChunkOps = 96
 // is called before an attention op, where no fusion of the ops before with
 // the ops after is lost.
 func (b *Backend) decodeChunk() {
-	if !b.opts.NoDecodeChunks && b.batchRows() == 1 && (len(b.pending) >= decodeChunkOps || b.chunks == 0) {
+	rows := b.batchRows()
+	if !b.opts.NoDecodeChunks && (rows == 1 || rows >= bigStepRows && bigChunks) && (len(b.pending) >= decodeChunkOps || b.chunks == 0) {
 		b.chunks++
 		b.flush()
 	}
 }
+
+// bigStepRows is the fewest rows of a step (a prompt's prefill) that also
+// goes to the device in pieces, like a single-row step: the GPU starts on
+// the first layer while the host queues the rest (a 1024-token prefill
+// queued whole left the GPU idle for the host's 20-30 ms). Such pieces do
+// not repeat, so no graph is kept for them.
+const bigStepRows = 128
+
+var bigChunks = os.Getenv("MMFP4_CUDA_BIGCHUNK") != "0" // measurement only
 
 // now runs fn on the device thread after the queued ops, recording its
 // error under op's name.

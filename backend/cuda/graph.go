@@ -94,6 +94,7 @@ type graphCache struct {
 	graphs  []*graph
 	flushes int
 	rec     recording
+	once    bool // the flush will not repeat: run it without a graph
 	// Replays and Captures count what happened, for tests and notes.
 	Replays, Captures, Direct int
 }
@@ -115,14 +116,14 @@ func (gc *graphCache) run(c *Ctx) error {
 	r := &gc.rec
 	var g *graph
 	for _, h := range gc.graphs {
-		if len(h.recs) == len(r.recs) && slices.Equal(h.recs, r.recs) {
+		if !gc.once && len(h.recs) == len(r.recs) && slices.Equal(h.recs, r.recs) {
 			g = h
 			break
 		}
 	}
 	if g == nil {
 		gc.Direct++
-		if len(r.recs) <= maxGraphRecords {
+		if !gc.once && len(r.recs) <= maxGraphRecords {
 			gc.add(c, &graph{recs: slices.Clone(r.recs)})
 		}
 		for i := range r.recs {

@@ -266,3 +266,33 @@ func TestScopedPrefillMatchesUnscoped(t *testing.T) {
 		}
 	}
 }
+
+// A prefill of bigStepRows or more rows goes to the device in pieces; its
+// logits must be those of the same pass handed over whole, bit for bit.
+func TestPrefillInPiecesMatchesWhole(t *testing.T) {
+	g, _ := testBackends(t, Options{})
+	m := loadOn(t, quantizedFixture(t), g)
+	r := rand.New(rand.NewPCG(12, 5))
+	ids := make([]int, bigStepRows+37)
+	for i := range ids {
+		ids[i] = r.IntN(m.Config.VocabSize)
+	}
+	g.opts.NoDecodeChunks = true
+	f0 := g.flushes
+	want := modelLogits(t, m, ids, backend.CacheBF16)
+	whole := g.flushes - f0
+	g.opts.NoDecodeChunks = false
+	f0 = g.flushes
+	got := modelLogits(t, m, ids, backend.CacheBF16)
+	if pieces := g.flushes - f0; pieces <= whole {
+		t.Fatalf("%d flushes in pieces, %d whole: the prefill did not go in pieces", pieces, whole)
+	}
+	if len(got) != len(want) {
+		t.Fatalf("%d logits in pieces, %d whole", len(got), len(want))
+	}
+	for i := range want {
+		if math.Float32bits(got[i]) != math.Float32bits(want[i]) {
+			t.Fatalf("logit %d (row %d): in pieces %v, whole %v", i, i/m.Config.VocabSize, got[i], want[i])
+		}
+	}
+}
