@@ -64,17 +64,14 @@ func (s *stepTimer) add(i int, since time.Time) {
 	}
 }
 
-// report prints one line per row count seen in at least four steps (fewer
-// are a prefill's pieces or a batch in transition).
+// report prints one line per row count.
 func (s *stepTimer) report(w io.Writer) {
 	if s == nil {
 		return
 	}
 	rows := make([]int, 0, len(s.buckets))
-	for r, t := range s.buckets {
-		if t.steps >= 4 {
-			rows = append(rows, r)
-		}
+	for r := range s.buckets {
+		rows = append(rows, r)
 	}
 	slices.Sort(rows)
 	for _, r := range rows {
