@@ -253,7 +253,7 @@ func (b *Backend) Close() error {
 	b.flush()
 	err := b.dev.Do(func(c *Ctx) error {
 		errs := []error{c.Sync(), b.weights.free(c), b.arena.free(c)}
-		b.steps.report(os.Stderr)
+		errs = append(errs, b.steps.report(c, os.Stderr))
 		if b.prof != nil {
 			b.prof.report(os.Stderr)
 			errs = append(errs, b.prof.free(c))
@@ -335,12 +335,14 @@ func (b *Backend) flush() {
 			return b.prof.run(c, ops)
 		}
 		if b.graphs == nil {
-			for _, q := range ops {
-				if err := q.fn(c); err != nil {
-					return fmt.Errorf("%s: %w", q.op, err)
+			return b.steps.around(c, func() error {
+				for _, q := range ops {
+					if err := q.fn(c); err != nil {
+						return fmt.Errorf("%s: %w", q.op, err)
+					}
 				}
-			}
-			return nil
+				return nil
+			})
 		}
 		gc := b.graphs
 		gc.once = b.batchRows() >= bigStepRows
@@ -353,7 +355,7 @@ func (b *Backend) flush() {
 			}
 		}
 		c.rec = nil
-		return gc.run(c)
+		return b.steps.around(c, func() error { return gc.run(c) })
 	})
 	clear(ops)
 	b.pending = ops[:0]
