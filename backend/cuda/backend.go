@@ -107,8 +107,13 @@ type Backend struct {
 	// zero is the open range of new tensors that one memset clears
 	// (NewTensor); nil after a flush or SetBatch.
 	zero *zeroRange
-	// ropeTables are this step's RoPE cos/sin tables by (dim, theta).
+	// ropeTables are this step's RoPE cos/sin tables by (dim, theta), in
+	// ropeBufs: outside the arena, so that a prefill freeing each layer's
+	// memory (Release) does not compute and upload them in every layer (a
+	// 1024-token prefill spent 50 ms of host time on the angles, and each
+	// upload from pageable memory waited for the GPU to reach it).
 	ropeTables map[ropeKey]uint64
+	ropeBufs   map[ropeKey]Buffer
 	// quantized are int8 forms of tensors made this step (by RMSNorm, or by
 	// a product's quantization), for later products of the same tensor;
 	// an op that writes over a tensor drops its entry (wrote).
@@ -224,7 +229,7 @@ func NewBackend(o Options, minCC int) (backend.Backend, error) {
 // and closes.
 func NewOnDevice(d *Device, o Options) *Backend {
 	b := &Backend{dev: d, opts: o, moe: map[*QMatrix]*moeLayer{}, moeShared: map[*QMatrix]*moeLayer{}, identity: map[int]uint64{}, splitFloats: maxSplitFloats, flashMin: flashMinRows, prof: newProfiler(), steps: newStepTimer(),
-		ropeTables: map[ropeKey]uint64{}}
+		ropeTables: map[ropeKey]uint64{}, ropeBufs: map[ropeKey]Buffer{}}
 	if !o.NoGraphs && os.Getenv("MMFP4_CUDA_GRAPHS") != "0" {
 		b.graphs = &graphCache{}
 	}
@@ -260,6 +265,9 @@ func (b *Backend) Close() error {
 		}
 		if b.graphs != nil {
 			errs = append(errs, b.graphs.free(c))
+		}
+		for _, buf := range b.ropeBufs {
+			errs = append(errs, c.Free(buf))
 		}
 		errs = append(errs, c.Free(b.routeCounters), c.Free(b.streamCounters), c.Free(b.counter), c.Free(b.attnCounters))
 		if b.pool != nil {
@@ -535,8 +543,7 @@ func (b *Backend) alloc(n int) uint64 {
 // scopedRows is the fewest rows a step needs for Mark and Release to free
 // a layer's tensors for the next (the model calls them around each layer):
 // a 1024-token prefill at GLM-4.7-Flash's shapes otherwise holds 17 GB of
-// temporaries to its end. A decode step's are small, and scoping it would
-// upload the RoPE table again in every layer.
+// temporaries to its end. A decode step's are small.
 const scopedRows = 64
 
 // Mark returns the arena's position, for Release; -1 where the step is
@@ -549,7 +556,7 @@ func (b *Backend) Mark() int {
 }
 
 // Release makes the memory taken since mark free again, and forgets what
-// lived there: int8 forms, RoPE tables, the open zeroing range. Ops run in
+// lived there: int8 forms, the open zeroing range. Ops run in
 // stream order, so every op queued before, reader of that memory or not,
 // finishes before any later op writes it.
 func (b *Backend) Release(mark int) {
@@ -573,7 +580,6 @@ func (b *Backend) Release(mark int) {
 	b.quantized = slices.DeleteFunc(b.quantized, func(e quantEntry) bool {
 		return released(e.src.ptr) || released(e.a.Q)
 	})
-	maps.DeleteFunc(b.ropeTables, func(_ ropeKey, p uint64) bool { return released(p) })
 	// A new tensor must get its own memset, queued after the ops that used
 	// its memory before.
 	b.zero = nil
@@ -1176,7 +1182,23 @@ func (b *Backend) RoPE(x backend.Tensor, heads, headStride, offset, dim int, the
 				cs[T*half+t*half+i] = float32(math.Sin(angle))
 			}
 		}
-		p = b.alloc(4 * len(cs))
+		if buf := b.ropeBufs[key]; buf.Size < 4*len(cs) {
+			b.now("rope table", func(c *Ctx) error {
+				nb, err := c.Alloc(4 * len(cs))
+				if err != nil {
+					return err
+				}
+				b.ropeBufs[key] = nb
+				if buf.Ptr != 0 {
+					return c.Free(buf) // later ops reuse it in stream order
+				}
+				return nil
+			})
+			if b.err != nil {
+				return
+			}
+		}
+		p = b.ropeBufs[key].Ptr
 		b.do("rope table", func(c *Ctx) error { return CopyIn(c, p, cs) })
 		b.ropeTables[key] = p
 	}
