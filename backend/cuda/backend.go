@@ -208,6 +208,10 @@ func New(o Options) (*Backend, error) {
 	}
 	b := NewOnDevice(d, o)
 	b.owned = true
+	if err := d.Do(func(c *Ctx) error { return c.Precompile() }); err != nil {
+		b.Close()
+		return nil, err
+	}
 	return b, nil
 }
 

@@ -81,3 +81,32 @@ func TestModulesEmbedded(t *testing.T) {
 		t.Fatal("unknown module: no error")
 	}
 }
+
+// Precompile fills an empty disk cache with every module, and each module
+// then loads (from that cache) with its kernels callable by name.
+func TestPrecompileFillsCache(t *testing.T) {
+	dir := t.TempDir()
+	t.Setenv("MMFP4_KERNEL_CACHE", dir)
+	d := testDevice(t)
+	err := d.Do(func(c *Ctx) error {
+		if err := c.Precompile(); err != nil {
+			return err
+		}
+		if len(c.compiles) != len(Modules()) {
+			t.Errorf("%d compiles started for %d modules in an empty cache", len(c.compiles), len(Modules()))
+		}
+		for _, name := range Modules() {
+			if _, err := c.module(name); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	files, _ := filepath.Glob(filepath.Join(dir, "*"))
+	if len(files) != len(Modules()) {
+		t.Errorf("%d files in the cache for %d modules: %v", len(files), len(Modules()), files)
+	}
+}
