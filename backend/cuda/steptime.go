@@ -24,6 +24,7 @@ type stepTimer struct {
 	start   time.Time
 	rows    int
 	cur     [2]time.Duration // this step's flush and wait
+	lead    time.Duration    // this step's host time before its first flush
 	buckets map[int]*stepTotals
 
 	events  []*Event // a pair a flush: before and after its work
@@ -33,8 +34,8 @@ type stepTimer struct {
 
 // stepTotals sums the steps of one row count.
 type stepTotals struct {
-	steps                    int
-	total, flush, wait, busy time.Duration
+	steps                          int
+	total, flush, wait, busy, lead time.Duration
 }
 
 func newStepTimer() *stepTimer {
@@ -60,9 +61,10 @@ func (s *stepTimer) begin(rows int) {
 		t.total += now.Sub(s.start)
 		t.flush += s.cur[0]
 		t.wait += s.cur[1]
+		t.lead += s.lead
 		s.harvest = t
 	}
-	s.start, s.rows, s.cur = now, rows, [2]time.Duration{}
+	s.start, s.rows, s.cur, s.lead = now, rows, [2]time.Duration{}, -1
 }
 
 // around runs work (a flush's launches) between two events, on the device
@@ -71,6 +73,9 @@ func (s *stepTimer) begin(rows int) {
 func (s *stepTimer) around(c *Ctx, work func() error) error {
 	if s == nil {
 		return work()
+	}
+	if s.lead < 0 {
+		s.lead = time.Since(s.start)
 	}
 	if err := s.collect(c); err != nil {
 		return err
@@ -133,8 +138,8 @@ func (s *stepTimer) report(c *Ctx, w io.Writer) error {
 	for _, r := range rows {
 		t := s.buckets[r]
 		ms := func(d time.Duration) float64 { return float64(d) / float64(t.steps) / 1e6 }
-		fmt.Fprintf(w, "cuda step time: %d steps of %d rows, per step %.3f ms = host %.3f ms (model, engine) + %.3f ms recording and launching + %.3f ms waiting for the device; device busy %.3f ms\n",
-			t.steps, r, ms(t.total), ms(t.total-t.flush-t.wait), ms(t.flush), ms(t.wait), ms(t.busy))
+		fmt.Fprintf(w, "cuda step time: %d steps of %d rows, per step %.3f ms = host %.3f ms (model, engine) + %.3f ms recording and launching + %.3f ms waiting for the device; device busy %.3f ms; first flush after %.3f ms\n",
+			t.steps, r, ms(t.total), ms(t.total-t.flush-t.wait), ms(t.flush), ms(t.wait), ms(t.busy), ms(t.lead))
 	}
 	return err
 }
