@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"encoding/json"
 	"fmt"
+	"io"
 	"math/rand/v2"
 	"net"
 	"net/http"
@@ -82,6 +83,9 @@ EOS, so every stream produces exactly --gen tokens.`,
 				opts, err := mf.options()
 				if err != nil {
 					return err
+				}
+				if c, ok := opts.Backend.(io.Closer); ok {
+					defer c.Close() // after the model's; a GPU backend reports its step times there
 				}
 				if err := eo.apply(&opts, cacheMiB); err != nil {
 					return err
