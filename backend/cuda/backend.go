@@ -376,35 +376,39 @@ func (b *Backend) flush() {
 	}
 }
 
-// decodeChunkOps is the size of the pieces a single-row step goes to the
-// device in. Queued whole, a step's ops wait for the model's host code of
-// every layer (about 30 us a layer, recording included, on an H200's host)
-// before the GPU starts (about 100 us a layer); in pieces, the GPU runs the
-// first layers while the host queues the rest. Each piece is its own
-// graph, replayed from the second step on.
+// decodeChunkOps is the size of the pieces a step goes to the device in.
+// Queued whole, a step's ops wait for the model's host code of every layer
+// (about 30 us a layer, recording included, on an H200's host) before the
+// GPU starts (about 100 us a layer at batch 1); in pieces, the GPU runs the
+// first layers while the host queues the rest. Each piece of a decode step
+// is its own graph, replayed from the second step on.
 const decodeChunkOps = 96
 
-// decodeChunk hands the queued ops to the device when a single-row step
-// has queued a piece's worth, or at its first attention op (a short first
-// piece: the GPU starts after the host has queued one layer, not seven). It
-// is called before an attention op, where no fusion of the ops before with
-// the ops after is lost.
+// decodeChunk hands the queued ops to the device when the step has queued
+// a piece's worth, or at its first attention op (a short first piece: the
+// GPU starts after the host has queued one layer, not seven). It is called
+// before an attention op, where no fusion of the ops before with the ops
+// after is lost.
 func (b *Backend) decodeChunk() {
 	rows := b.batchRows()
-	if !b.opts.NoDecodeChunks && (rows == 1 || rows >= bigStepRows && bigChunks) && (len(b.pending) >= decodeChunkOps || b.chunks == 0) {
+	if b.opts.NoDecodeChunks || !chunkBatches && rows > 1 && rows < bigStepRows || !bigChunks && rows >= bigStepRows {
+		return
+	}
+	if len(b.pending) >= decodeChunkOps || b.chunks == 0 {
 		b.chunks++
 		b.flush()
 	}
 }
 
-// bigStepRows is the fewest rows of a step (a prompt's prefill) that also
-// goes to the device in pieces, like a single-row step: the GPU starts on
-// the first layer while the host queues the rest (a 1024-token prefill
-// queued whole left the GPU idle for the host's 20-30 ms). Such pieces do
-// not repeat, so no graph is kept for them.
+// bigStepRows is the fewest rows of a step (a prompt's prefill) whose
+// pieces are not kept as graphs: they do not repeat. (A 1024-token prefill
+// queued whole left the GPU idle for the host's 20-30 ms.)
 const bigStepRows = 128
 
-var bigChunks = os.Getenv("MMFP4_CUDA_BIGCHUNK") != "0" // measurement only
+var (
+	bigChunks    = os.Getenv("MMFP4_CUDA_BIGCHUNK") != "0"   // measurement only
+	chunkBatches = os.Getenv("MMFP4_CUDA_CHUNKBATCH") != "0" // measurement only
+)
 
 // now runs fn on the device thread after the queued ops, recording its
 // error under op's name.

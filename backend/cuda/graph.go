@@ -99,10 +99,10 @@ type graphCache struct {
 	Replays, Captures, Direct int
 }
 
-// maxGraphs bounds the cached graphs (a decode step per batch size and
-// attention-length bucket, and the flushes of a step that does not fit
-// one queue).
-const maxGraphs = 32
+// maxGraphs bounds the cached graphs: a decode step's pieces (about 13 at
+// GLM-4.7-Flash's shapes) for each batch size and attention-length bucket
+// that recurs.
+const maxGraphs = 256
 
 // maxGraphRecords bounds the operations of a flush worth remembering (a
 // decode step of a 47-layer model has about 1,200; a long prefill many
