@@ -790,3 +790,28 @@ extern "C" __global__ void __launch_bounds__(32 * ABSORB_WARPS)
     qlat[(size_t)t * ldql + (size_t)h * rank + c] = s;
   }
 }
+
+// Embedding lookup on the device: row t of dst is row tokens[t] of an MMFP4
+// table, dequantized in the CPU's order, (row_scale * e4m3(scale)) *
+// e2m1(code), each product rounded (no contraction), so the rows are the
+// host's bit for bit. One block a row; each thread widens one code byte
+// (two columns) at a time. The host checks the ids before the launch.
+extern "C" __global__ void __launch_bounds__(256)
+    embed_rows_q(float* dst, int ld, const i32* __restrict__ tokens, const u8* __restrict__ codes,
+                 const u8* __restrict__ scales, const float* __restrict__ row_scale, int K, int G) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  const int t = blockIdx.x;
+  const size_t id = (size_t)tokens[t];
+  const u8* c = codes + id * (size_t)(K / 2);
+  const u8* s = scales + id * (size_t)(K / G);
+  const float rs = row_scale[id];
+  float* out = dst + (size_t)t * ld;
+  for (int i = threadIdx.x; i < K / 2; i += blockDim.x) {
+    const u32 byte = c[i];
+    const float d = __fmul_rn(rs, e4m3(s[(2 * i) / G]));
+    const u32 lo = byte & 15u, hi = byte >> 4;
+    out[2 * i] = __fmul_rn(d, e2m1_value(lo));
+    out[2 * i + 1] = __fmul_rn(d, e2m1_value(hi));
+  }
+}

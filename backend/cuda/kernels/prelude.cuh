@@ -58,6 +58,14 @@ DEVICE u32 e2m1x4_biased(u32 sel) {
   return pos + 0x80808080u - neg;
 }
 
+// The value of an E2M1 code (low four bits): magnitudes {0, 0.5, 1, 1.5,
+// 2, 3, 4, 6}, bit 3 the sign (code 8 is -0, as in the format's table).
+DEVICE float e2m1_value(u32 code) {
+  const u32 m = code & 7u;
+  const float v = m < 5u ? 0.5f * (float)m : m == 5u ? 3.f : m == 6u ? 4.f : 6.f;
+  return (code & 8u) ? -v : v;
+}
+
 // FP8 E4M3 scale byte to float, exactly: the 7 magnitude bits shifted into
 // place form 2^(e-127)*(1+m/8) (or, for e = 0, the subnormal m*2^-129), and
 // multiplying by 2^120 rebases the exponent. Needs denormals (no ftz). 0x7F
