@@ -60,7 +60,15 @@ DEVICE void gemv_dot(const u8* const (&rc)[R], const u8* const (&rs)[R], int K, 
     }
     // The weights are in flight; the activations come from the kernel
     // before (programmatic dependent launch).
-    if (c0 == 0) PDL_WAIT();
+    if (c0 == 0) {
+#if GEMV_L2_REST
+      // The rest of each row (past the 1024 bytes loaded above) into L2.
+      for (int i = 8 + lane; i < (C >> 3); i += 32)
+#pragma unroll
+        for (int r = 0; r < R; r++) asm volatile("prefetch.global.L2 [%0];" ::"l"(rc[r] + (i << 7)));
+#endif
+      PDL_WAIT();
+    }
 #pragma unroll
     for (int h = 0; h < 2; h++) {
       const int c = c0 + 32 * h + lane;

@@ -719,13 +719,17 @@ extern "C" __global__ void e4m3_encode_n(const float* x, u8* out, int n) {
 }
 
 // The absorbed query on MMFP4 W_UK [H*dn][rank] (rank a multiple of 32, at
-// most 512), one block of ABSORB_WARPS warps per (row t, head h):
+// most 512), one block of nw warps (blockDim.x / 32, at most ABSORB_WARPS)
+// per (row t, head h):
 //   qlat[t,h,c] = sum_i q_nope[t,h,i] W_UK[h*dn+i][c]
-// Each half-warp takes rows i = 2*warp+half, +2*ABSORB_WARPS, ...; lane l of
-// a half-warp holds columns [32l, 32l+32): one 16-byte load of codes per row,
+// Each half-warp takes rows i = 2*warp+half, +2*nw, ...; lane l of a
+// half-warp holds columns [32l, 32l+32): one 16-byte load of codes per row,
 // inside one scale group (G >= 32). The row's factor q_i * row_scale/2 *
 // scale multiplies the doubled E2M1 values. The two halves of a warp meet
-// by a shuffle, the warps in shared memory, in a fixed order.
+// by a shuffle, the warps in shared memory, in a fixed order. The first
+// ABSORB_UNROLL rows of each half-warp are loaded, and the rest warmed in
+// L2, before waiting for the kernel that wrote q (programmatic dependent
+// launch).
 #define ABSORB_WARPS 16
 #define ABSORB_UNROLL 8
 
@@ -734,10 +738,9 @@ extern "C" __global__ void __launch_bounds__(32 * ABSORB_WARPS)
                    const u8* __restrict__ scales, const float* __restrict__ row_scale, int G,
                    int rank, int dn, int dr) {
   PDL_LAUNCH();
-  PDL_WAIT();
   __shared__ float part[ABSORB_WARPS][512];
   __shared__ float lut[16];
-  const int t = blockIdx.x, h = blockIdx.y;
+  const int t = blockIdx.x, h = blockIdx.y, nw = blockDim.x >> 5;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, half = lane >> 4, l = lane & 15;
   if (threadIdx.x < 16) {
     const int m = threadIdx.x & 7, e = m >> 1, f = m & 1;
@@ -748,26 +751,46 @@ extern "C" __global__ void __launch_bounds__(32 * ABSORB_WARPS)
   const float* qn = q + (size_t)t * ldq + (size_t)h * (dn + dr);
   const bool active = l < rank / 32;
   const int GK = rank / G;
+  const u8* hc = codes + (size_t)h * dn * (rank / 2);
   float acc[32];
 #pragma unroll
   for (int e = 0; e < 32; e++) acc[e] = 0.f;
+  bool waited = false;
   if (active) {
-    for (int i0 = 2 * warp + half; i0 < dn; i0 += 2 * ABSORB_WARPS * ABSORB_UNROLL) {
+    for (int i0 = 2 * warp + half; i0 < dn; i0 += 2 * nw * ABSORB_UNROLL) {
+      // Only loads before the wait: arithmetic on a loaded value would
+      // stall there for it.
       uint4 w[ABSORB_UNROLL];
       float f[ABSORB_UNROLL];
+      u32 sb[ABSORB_UNROLL];
 #pragma unroll
       for (int u = 0; u < ABSORB_UNROLL; u++) {
-        const int i = i0 + 2 * ABSORB_WARPS * u;
+        const int i = i0 + 2 * nw * u;
         f[u] = 0.f;
+        sb[u] = 0u;
         if (i < dn) {
           const size_t n = (size_t)h * dn + i;
           w[u] = load_stream16(codes + n * (rank / 2) + l * 16);
-          f[u] = qn[i] * (row_scale[n] * 0.5f) * e4m3(scales[n * GK + (l * 32) / G]);
+          f[u] = row_scale[n];
+          sb[u] = scales[n * GK + (l * 32) / G];
         }
+      }
+      if (!waited) {
+        // Lanes at 128-byte steps of a row warm their line of the later rows.
+        if ((l & 7) == 0)
+          for (int i = i0 + 2 * nw * ABSORB_UNROLL; i < dn; i += 2 * nw)
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(hc + (size_t)i * (rank / 2) + l * 16));
+        PDL_WAIT();
+        waited = true;
       }
 #pragma unroll
       for (int u = 0; u < ABSORB_UNROLL; u++) {
-        if (i0 + 2 * ABSORB_WARPS * u < dn) {
+        const int i = i0 + 2 * nw * u;
+        if (i < dn) f[u] = qn[i] * (f[u] * 0.5f) * e4m3(sb[u]);
+      }
+#pragma unroll
+      for (int u = 0; u < ABSORB_UNROLL; u++) {
+        if (i0 + 2 * nw * u < dn) {
           const u32 words[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
 #pragma unroll
           for (int j = 0; j < 4; j++)
@@ -777,6 +800,7 @@ extern "C" __global__ void __launch_bounds__(32 * ABSORB_WARPS)
       }
     }
   }
+  if (!waited) PDL_WAIT();
 #pragma unroll
   for (int e = 0; e < 32; e++) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], 16);
   if (half == 0 && active) {
@@ -784,9 +808,9 @@ extern "C" __global__ void __launch_bounds__(32 * ABSORB_WARPS)
     for (int e = 0; e < 32; e++) part[warp][l * 32 + e] = acc[e];
   }
   __syncthreads();
-  for (int c = threadIdx.x; c < rank; c += 32 * ABSORB_WARPS) {
+  for (int c = threadIdx.x; c < rank; c += blockDim.x) {
     float s = 0.f;
-    for (int w = 0; w < ABSORB_WARPS; w++) s += part[w][c];
+    for (int w = 0; w < nw; w++) s += part[w][c];
     qlat[(size_t)t * ldql + (size_t)h * rank + c] = s;
   }
 }

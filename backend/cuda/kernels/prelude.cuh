@@ -100,13 +100,36 @@ DEVICE double warp_sum_d(double v) {
 // programmatic-serialization attribute may start while the kernel before it
 // in the stream still runs. PDL_WAIT blocks until that kernel has finished
 // and its writes are visible: every kernel calls it before reading what an
-// earlier kernel wrote (the GEMV kernels first issue their weight loads,
-// which nothing in a step writes). PDL_LAUNCH lets the next kernel start.
-// Both are no-ops for a plain launch.
+// earlier kernel wrote and before its first global write (the weight
+// kernels first issue their weight loads, which nothing in a step writes).
+// A kernel that never waits would let the one after it pass a wait while
+// the one before still runs. The trigger that lets the next kernel launch
+// is given once the wait has returned (PDL_TRIGGER 1), so that the next
+// kernel's blocks become resident and load their weights while this one
+// works, one kernel ahead; with PDL_TRIGGER 0 every kernel triggers at its
+// start (PDL_LAUNCH), and kernels further down the chain launch too. Both
+// are no-ops for a plain launch.
+#ifndef PDL_TRIGGER
+#define PDL_TRIGGER 1
+#endif
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
-#define PDL_LAUNCH() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#define PDL_GRID_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
+#define PDL_GRID_LAUNCH() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
 #else
-#define PDL_WAIT()
+#define PDL_GRID_WAIT()
+#define PDL_GRID_LAUNCH()
+#endif
+#if PDL_TRIGGER == 0
+#define PDL_WAIT() PDL_GRID_WAIT()
+#define PDL_LAUNCH() PDL_GRID_LAUNCH()
+#elif PDL_TRIGGER == 1
+#define PDL_WAIT() \
+  do {             \
+    PDL_GRID_WAIT(); \
+    PDL_GRID_LAUNCH(); \
+  } while (0)
+#define PDL_LAUNCH()
+#else
+#define PDL_WAIT() PDL_GRID_WAIT()
 #define PDL_LAUNCH()
 #endif
