@@ -49,11 +49,9 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
 // Rotates, in place, dims [offset, offset+dim) of each head of row t with
 // the host-computed table cs: cos [T][dim/2] then sin [T][dim/2]. The
 // products are rounded separately (no fused multiply-add), as in Go.
-DEVICE void rope_row(float* x, int ldx, int heads, int head_stride, int offset, int dim,
-                     int interleaved, const float* __restrict__ cs, int T, int t) {
+DEVICE void rope_row_cs(float* x, int ldx, int heads, int head_stride, int offset, int dim,
+                        int interleaved, const float* c, const float* s, int t) {
   const int half = dim / 2;
-  const float* c = cs + (size_t)t * half;
-  const float* s = cs + (size_t)T * half + (size_t)t * half;
   for (int j = threadIdx.x; j < heads * half; j += OPS_THREADS) {
     const int h = j / half, i = j % half;
     float* v = x + (size_t)t * ldx + h * head_stride + offset;
@@ -62,6 +60,13 @@ DEVICE void rope_row(float* x, int ldx, int heads, int head_stride, int offset, 
     v[a] = __fsub_rn(__fmul_rn(x0, c[i]), __fmul_rn(x1, s[i]));
     v[b] = __fadd_rn(__fmul_rn(x1, c[i]), __fmul_rn(x0, s[i]));
   }
+}
+
+DEVICE void rope_row(float* x, int ldx, int heads, int head_stride, int offset, int dim,
+                     int interleaved, const float* __restrict__ cs, int T, int t) {
+  const int half = dim / 2;
+  rope_row_cs(x, ldx, heads, head_stride, offset, dim, interleaved, cs + (size_t)t * half,
+              cs + (size_t)T * half + (size_t)t * half, t);
 }
 
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
@@ -145,12 +150,32 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
                       const i32* __restrict__ slots, const float* lat, int ldl, int rank,
                       int rope) {
   PDL_LAUNCH();
-  PDL_WAIT();
-  const int t = blockIdx.x, width = rank + rope;
-  rope_row(q, ldq, qheads, qstride, qoffset, dim, interleaved, cs, T, t);
-  rope_row(kpe, ldk, kheads, kstride, koffset, dim, interleaved, cs, T, t);
-  __syncthreads();
+  // The table row and the slot come from uploads before the step's
+  // kernels: they are loaded before waiting for the kernel before, into
+  // registers (a store here would stall on the load), and staged after.
+  __shared__ float tab[2 * OPS_THREADS];
+  const int t = blockIdx.x, width = rank + rope, half = dim / 2, tid = threadIdx.x;
+  const bool staged = half <= OPS_THREADS;
+  float c0 = 0.f, s0 = 0.f;
+  if (staged && tid < half) {
+    c0 = cs[(size_t)t * half + tid];
+    s0 = cs[(size_t)T * half + (size_t)t * half + tid];
+  }
   const size_t slot = (size_t)slots[t];
+  PDL_WAIT();
+  if (staged) {
+    if (tid < half) {
+      tab[tid] = c0;
+      tab[OPS_THREADS + tid] = s0;
+    }
+    __syncthreads();
+    rope_row_cs(q, ldq, qheads, qstride, qoffset, dim, interleaved, tab, tab + OPS_THREADS, t);
+    rope_row_cs(kpe, ldk, kheads, kstride, koffset, dim, interleaved, tab, tab + OPS_THREADS, t);
+  } else {
+    rope_row(q, ldq, qheads, qstride, qoffset, dim, interleaved, cs, T, t);
+    rope_row(kpe, ldk, kheads, kstride, koffset, dim, interleaved, cs, T, t);
+  }
+  __syncthreads();
   for (int j = threadIdx.x; j < width; j += OPS_THREADS) {
     const float v = j < rank ? lat[(size_t)t * ldl + j] : kpe[(size_t)t * ldk + j - rank];
     if (dtype == 1)
