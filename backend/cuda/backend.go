@@ -10,7 +10,6 @@ import (
 	"math"
 	"os"
 	"slices"
-	"strconv"
 	"sync/atomic"
 	"time"
 
@@ -1336,7 +1335,7 @@ func (b *Backend) AbsorbQuery(qlat, q backend.Tensor, wUK backend.Weight, s back
 		return
 	}
 	if w.q != nil && s.Rank%32 == 0 && s.Rank <= 512 {
-		b.launch("absorb query", "ops", "absorb_query_q", Dim{uint32(ql.rows), uint32(s.Heads), 1}, D1(absorbThreads),
+		b.launch("absorb query", "ops", "absorb_query_q", Dim{uint32(ql.rows), uint32(s.Heads), 1}, D1(32*absorbWarps),
 			ql.ptr, ql.ld, qm.ptr, qm.ld, w.q.Codes, w.q.Scales, w.q.RowScale, w.q.G, s.Rank, s.NopeDim, s.RopeDim)
 		return
 	}
@@ -1349,14 +1348,8 @@ func (b *Backend) AbsorbQuery(qlat, q backend.Tensor, wUK backend.Weight, s back
 		ql.ptr, ql.ld, qm.ptr, qm.ld, w.dense, codes, scales, rows, G, s.Rank, s.NopeDim, s.RopeDim)
 }
 
-// absorbThreads is the block size of absorb_query_q (measurement:
-// MMFP4_CUDA_ABSORB_THREADS).
-var absorbThreads = func() int {
-	if v, err := strconv.Atoi(os.Getenv("MMFP4_CUDA_ABSORB_THREADS")); err == nil && v >= 64 && v <= 512 && v%64 == 0 {
-		return v
-	}
-	return 512
-}()
+// absorbWarps is ABSORB_WARPS in ops.cu.
+const absorbWarps = 16
 
 // LatentAttention is causal attention over the bound pool in latent space.
 func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s backend.MLAShape, scale float32) {

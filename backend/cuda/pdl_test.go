@@ -28,13 +28,12 @@ type pdlLayer struct {
 
 type pdlBufs struct {
 	s                           pdlShape
-	absorbThreads               int
 	d, c, h, qa, kv, q, qlat, v uint64 // float rows; d is the residual, c o_proj's output
 	hq, qaq, olq, vq            *QActs
 }
 
 func newPDLBufs(c *Ctx, r *rand.Rand, s pdlShape) (*pdlBufs, error) {
-	b := &pdlBufs{s: s, absorbThreads: absorbThreads}
+	b := &pdlBufs{s: s}
 	var errs []error
 	alloc := func(n int) uint64 {
 		buf, err := c.Alloc(4 * n)
@@ -97,7 +96,7 @@ func (b *pdlBufs) queue(c *Ctx, l *pdlLayer) error {
 		c.GEMV(b.kv, s.kvRows, l.kva, b.hq, GEMVSplit),
 		c.RMSNormQuant8(b.qa, s.qRank, 0, 0, 0, 0, 0, 0, l.g2, eps, b.qa, s.qRank, 1, s.qRank, s.G, b.qaq),
 		c.GEMV(b.q, qRows, l.qb, b.qaq, GEMVSplit),
-		c.Launch(absorb, Dim{1, uint32(s.heads), 1}, D1(b.absorbThreads), 0, b.qlat, s.heads*s.rank, b.q, qRows,
+		c.Launch(absorb, Dim{1, uint32(s.heads), 1}, D1(32*absorbWarps), 0, b.qlat, s.heads*s.rank, b.q, qRows,
 			l.uk.Codes, l.uk.Scales, l.uk.RowScale, s.G, s.rank, s.nope, s.rope),
 		c.RMSNormQuant(b.qlat, s.heads*s.rank, 0, 0, 0, 0, 1, s.heads*s.rank, s.G, b.olq),
 		c.GEMVHeads(b.v, l.uv, b.olq, s.heads, s.vDim),
@@ -206,6 +205,11 @@ func TestPDLChainMatchesSerial(t *testing.T) {
 					return nil, err
 				}
 			}
+			for _, a := range []*QActs{b.hq, b.qaq, b.olq, b.vq} {
+				if err := errors.Join(poison(c, a.Q, a.T*a.K), poison(c, a.Scales, 4*a.T*a.K/a.G), poison(c, a.Sums, 4*a.T*a.K/32)); err != nil {
+					return nil, err
+				}
+			}
 			if err := fn(); err != nil {
 				return nil, err
 			}
@@ -227,19 +231,24 @@ func TestPDLChainMatchesSerial(t *testing.T) {
 		if err != nil {
 			return err
 		}
+		// The graph is captured first (capturedPDL runs the chain twice),
+		// then replayed once on the same inputs.
 		var g *graph
 		var release func()
+		if err := withPDL(c, true, func() error {
+			var err error
+			g, release, err = capturedPDL(c, chain)
+			return err
+		}); err != nil {
+			return err
+		}
+		defer release()
 		graphed, err := run(func() error {
-			return withPDL(c, true, func() error {
-				var err error
-				g, release, err = capturedPDL(c, chain)
-				return err
-			})
+			return check("cuGraphLaunch", drv.cuGraphLaunch(g.exec, c.stream))
 		})
 		if err != nil {
 			return err
 		}
-		defer release()
 		for name, want := range serial {
 			for what, got := range map[string][]byte{"direct": direct[name], "graph": graphed[name]} {
 				if i := firstDiff(want, got); i >= 0 {
@@ -253,15 +262,20 @@ func TestPDLChainMatchesSerial(t *testing.T) {
 			t.Errorf("graph of %d chained launches: %d edges, %d programmatic; want %d of each", launches, g.edges, g.programmatic, launches-1)
 		}
 		// A memset between two kernels: its edges are full dependencies.
-		cut, release2, err := capturedPDL(c, func() error {
-			return withPDL(c, true, func() error {
+		var cut *graph
+		if err := withPDL(c, true, func() error {
+			var release func()
+			var err error
+			cut, release, err = capturedPDL(c, func() error {
 				return errors.Join(b.queue(c, ls[0]), c.Memset(b.h, 0, 4), b.queue(c, ls[1]))
 			})
-		})
-		if err != nil {
+			if err == nil {
+				release()
+			}
+			return err
+		}); err != nil {
 			return err
 		}
-		release2()
 		want := 2*pdlLaunchesPerLayer - 2
 		t.Logf("with a memset between two layers: %d edges, %d programmatic", cut.edges, cut.programmatic)
 		if cut.edges >= 0 && (cut.edges != want+2 || cut.programmatic != want) {
@@ -343,12 +357,7 @@ func BenchmarkPDLLayer(b *testing.B) {
 		}
 		name := c.Info().Name
 		for round := 0; round < 2; round++ {
-			for _, v := range []struct {
-				on      bool
-				threads int
-			}{{false, 512}, {true, 512}, {false, 256}, {true, 256}} {
-				on := v.on
-				bufs.absorbThreads = v.threads
+			for _, on := range []bool{false, true} {
 				if on && c.info.CC < 90 {
 					continue
 				}
@@ -362,7 +371,7 @@ func BenchmarkPDLLayer(b *testing.B) {
 					if err != nil {
 						return err
 					}
-					b.Logf("%s: round %d: absorb %d threads: graph, PDL %-5v %6.2f us a layer (%d edges, %d programmatic)", name, round, v.threads, on, us/layers, g.edges, g.programmatic)
+					b.Logf("%s: round %d: graph, PDL %-5v %6.2f us a layer (%d edges, %d programmatic)", name, round, on, us/layers, g.edges, g.programmatic)
 					var runs []float64
 					for trial := 0; trial < 5; trial++ {
 						ms, err := timeDevice(c, 1, layers*pdlLaunchesPerLayer, chain)
@@ -372,7 +381,7 @@ func BenchmarkPDLLayer(b *testing.B) {
 						runs = append(runs, float64(ms)*1e3/layers)
 					}
 					slices.Sort(runs)
-					b.Logf("%s: round %d: absorb %d threads: direct, PDL %-5v %6.2f us a layer", name, round, v.threads, on, runs[len(runs)/2])
+					b.Logf("%s: round %d: direct, PDL %-5v %6.2f us a layer", name, round, on, runs[len(runs)/2])
 					return nil
 				})
 				if err != nil {

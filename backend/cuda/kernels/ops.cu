@@ -744,13 +744,12 @@ extern "C" __global__ void e4m3_encode_n(const float* x, u8* out, int n) {
 }
 
 // The absorbed query on MMFP4 W_UK [H*dn][rank] (rank a multiple of 32, at
-// most 512), one block of nw warps (blockDim.x / 32, at most ABSORB_WARPS)
-// per (row t, head h):
+// most 512), one block of ABSORB_WARPS warps per (row t, head h):
 //   qlat[t,h,c] = sum_i q_nope[t,h,i] W_UK[h*dn+i][c]
-// Each half-warp takes rows i = 2*warp+half, +2*nw, ...; lane l of a
-// half-warp holds columns [32l, 32l+32): one 16-byte load of codes per row,
-// inside one scale group (G >= 32). The row's factor q_i * row_scale/2 *
-// scale multiplies the doubled E2M1 values. The two halves of a warp meet
+// Each half-warp takes rows i = 2*warp+half, +2*ABSORB_WARPS, ...; lane l
+// of a half-warp holds columns [32l, 32l+32): one 16-byte load of codes per
+// row, inside one scale group (G >= 32). The row's factor q_i *
+// row_scale/2 * scale multiplies the doubled E2M1 values. The two halves of a warp meet
 // by a shuffle, the warps in shared memory, in a fixed order. The first
 // ABSORB_UNROLL rows of each half-warp are loaded, and the rest warmed in
 // L2, before waiting for the kernel that wrote q (programmatic dependent
@@ -765,7 +764,7 @@ extern "C" __global__ void __launch_bounds__(32 * ABSORB_WARPS)
   PDL_LAUNCH();
   __shared__ float part[ABSORB_WARPS][512];
   __shared__ float lut[16];
-  const int t = blockIdx.x, h = blockIdx.y, nw = blockDim.x >> 5;
+  const int t = blockIdx.x, h = blockIdx.y, nw = ABSORB_WARPS;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, half = lane >> 4, l = lane & 15;
   if (threadIdx.x < 16) {
     const int m = threadIdx.x & 7, e = m >> 1, f = m & 1;
@@ -833,7 +832,7 @@ extern "C" __global__ void __launch_bounds__(32 * ABSORB_WARPS)
     for (int e = 0; e < 32; e++) part[warp][l * 32 + e] = acc[e];
   }
   __syncthreads();
-  for (int c = threadIdx.x; c < rank; c += blockDim.x) {
+  for (int c = threadIdx.x; c < rank; c += 32 * ABSORB_WARPS) {
     float s = 0.f;
     for (int w = 0; w < nw; w++) s += part[w][c];
     qlat[(size_t)t * ldql + (size_t)h * rank + c] = s;

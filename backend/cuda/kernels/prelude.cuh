@@ -101,35 +101,22 @@ DEVICE double warp_sum_d(double v) {
 // in the stream still runs. PDL_WAIT blocks until that kernel has finished
 // and its writes are visible: every kernel calls it before reading what an
 // earlier kernel wrote and before its first global write (the weight
-// kernels first issue their weight loads, which nothing in a step writes).
-// A kernel that never waits would let the one after it pass a wait while
-// the one before still runs. The trigger that lets the next kernel launch
-// is given once the wait has returned (PDL_TRIGGER 1), so that the next
-// kernel's blocks become resident and load their weights while this one
-// works, one kernel ahead; with PDL_TRIGGER 0 every kernel triggers at its
-// start (PDL_LAUNCH), and kernels further down the chain launch too. Both
-// are no-ops for a plain launch.
-#ifndef PDL_TRIGGER
-#define PDL_TRIGGER 1
-#endif
+// kernels first issue their weight loads, which nothing in a step writes),
+// and every kernel calls it at all: one that never waits would let the
+// kernel after it pass its wait while the one before still runs. Once the
+// wait has returned, PDL_WAIT lets the next kernel launch, so that its
+// blocks become resident and issue their weight loads while this one
+// works: one kernel ahead. (Triggering at a kernel's start instead lets
+// kernels several steps down the chain launch and sit waiting; it measured
+// slower.) PDL_LAUNCH, at kernel starts, is kept as a marker and does
+// nothing. Both are no-ops for a plain launch.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define PDL_GRID_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
-#define PDL_GRID_LAUNCH() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
-#else
-#define PDL_GRID_WAIT()
-#define PDL_GRID_LAUNCH()
-#endif
-#if PDL_TRIGGER == 0
-#define PDL_WAIT() PDL_GRID_WAIT()
-#define PDL_LAUNCH() PDL_GRID_LAUNCH()
-#elif PDL_TRIGGER == 1
-#define PDL_WAIT() \
-  do {             \
-    PDL_GRID_WAIT(); \
-    PDL_GRID_LAUNCH(); \
+#define PDL_WAIT()                                                 \
+  do {                                                             \
+    asm volatile("griddepcontrol.wait;" ::: "memory");             \
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); \
   } while (0)
-#define PDL_LAUNCH()
 #else
-#define PDL_WAIT() PDL_GRID_WAIT()
-#define PDL_LAUNCH()
+#define PDL_WAIT()
 #endif
+#define PDL_LAUNCH()
