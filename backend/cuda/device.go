@@ -8,6 +8,8 @@ import (
 	"math"
 	"os"
 	"runtime"
+	"slices"
+	"strings"
 	"unsafe"
 )
 
@@ -547,7 +549,14 @@ func (c *Ctx) module(name string) (*module, error) {
 		return nil, err
 	}
 	dir := cacheDir()
-	key := cacheKey(name, src, arch, compileOptions, rtcVersion, c.info.DriverVersion)
+	opts := compileOptions
+	if v := os.Getenv("MMFP4_CUDA_DEFINES"); v != "" { // measurement only
+		opts = slices.Clone(opts)
+		for _, d := range strings.Split(v, ",") {
+			opts = append(opts, "-D"+d)
+		}
+	}
+	key := cacheKey(name, src, arch, opts, rtcVersion, c.info.DriverVersion)
 	m := &module{funcs: map[string]*Kernel{}}
 	if img := readCache(dir, key); img != nil {
 		if drv.cuModuleLoadData(&m.handle, unsafe.Pointer(&img[0])) == 0 {
@@ -556,7 +565,7 @@ func (c *Ctx) module(name string) (*module, error) {
 		}
 		// A stale or damaged file: compile afresh and overwrite it.
 	}
-	img, _, err := nvrtcCompile(name, src, arch, compileOptions)
+	img, _, err := nvrtcCompile(name, src, arch, opts)
 	if err != nil {
 		return nil, err
 	}

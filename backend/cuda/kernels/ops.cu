@@ -149,7 +149,7 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
                       const float* __restrict__ cs, int T, void* layer, int dtype,
                       const i32* __restrict__ slots, const float* lat, int ldl, int rank,
                       int rope) {
-  PDL_LAUNCH();
+  PDL_LAUNCH_EARLY();
   // The table row and the slot come from uploads before the step's
   // kernels: they are loaded before waiting for the kernel before, into
   // registers (a store here would stall on the load), and staged after.
