@@ -108,8 +108,11 @@ DEVICE double warp_sum_d(double v) {
 // blocks become resident and issue their weight loads while this one
 // works: one kernel ahead. (Triggering at a kernel's start instead lets
 // kernels several steps down the chain launch and sit waiting; it measured
-// slower.) PDL_LAUNCH, at kernel starts, is kept as a marker and does
-// nothing. Both are no-ops for a plain launch.
+// slower.) So when a kernel starts, the kernel before it has passed its
+// wait, and every kernel two or more launches back has finished: only the
+// immediate predecessor's output needs the wait. PDL_LAUNCH, at kernel
+// starts, is kept as a marker and does nothing. Both are no-ops for a
+// plain launch.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
 #define PDL_WAIT()                                                 \
   do {                                                             \
