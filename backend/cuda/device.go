@@ -8,8 +8,6 @@ import (
 	"math"
 	"os"
 	"runtime"
-	"slices"
-	"strings"
 	"unsafe"
 )
 
@@ -549,14 +547,7 @@ func (c *Ctx) module(name string) (*module, error) {
 		return nil, err
 	}
 	dir := cacheDir()
-	opts := compileOptions
-	if v := os.Getenv("MMFP4_CUDA_DEFINES"); v != "" { // measurement only
-		opts = slices.Clone(opts)
-		for _, d := range strings.Split(v, ",") {
-			opts = append(opts, "-D"+d)
-		}
-	}
-	key := cacheKey(name, src, arch, opts, rtcVersion, c.info.DriverVersion)
+	key := cacheKey(name, src, arch, compileOptions, rtcVersion, c.info.DriverVersion)
 	m := &module{funcs: map[string]*Kernel{}}
 	if img := readCache(dir, key); img != nil {
 		if drv.cuModuleLoadData(&m.handle, unsafe.Pointer(&img[0])) == 0 {
@@ -565,7 +556,7 @@ func (c *Ctx) module(name string) (*module, error) {
 		}
 		// A stale or damaged file: compile afresh and overwrite it.
 	}
-	img, _, err := nvrtcCompile(name, src, arch, opts)
+	img, _, err := nvrtcCompile(name, src, arch, compileOptions)
 	if err != nil {
 		return nil, err
 	}

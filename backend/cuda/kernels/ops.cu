@@ -149,7 +149,7 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
                       const float* __restrict__ cs, int T, void* layer, int dtype,
                       const i32* __restrict__ slots, const float* lat, int ldl, int rank,
                       int rope) {
-  PDL_LAUNCH_EARLY();
+  PDL_LAUNCH();
   // The table row and the slot come from uploads before the step's
   // kernels: they are loaded before waiting for the kernel before, into
   // registers (a store here would stall on the load), and staged after.
@@ -749,11 +749,11 @@ extern "C" __global__ void e4m3_encode_n(const float* x, u8* out, int n) {
 // Each half-warp takes rows i = 2*warp+half, +2*ABSORB_WARPS, ...; lane l
 // of a half-warp holds columns [32l, 32l+32): one 16-byte load of codes per
 // row, inside one scale group (G >= 32). The row's factor q_i *
-// row_scale/2 * scale multiplies the doubled E2M1 values. The two halves of a warp meet
-// by a shuffle, the warps in shared memory, in a fixed order. The first
-// ABSORB_UNROLL rows of each half-warp are loaded, and the rest warmed in
-// L2, before waiting for the kernel that wrote q (programmatic dependent
-// launch).
+// row_scale/2 * scale multiplies the doubled E2M1 values. The two halves of
+// a warp meet by a shuffle, the warps in shared memory, in a fixed order.
+// The first ABSORB_UNROLL rows of each half-warp are loaded, and the rest
+// warmed in L2, before waiting for the kernel that wrote q (programmatic
+// dependent launch).
 #define ABSORB_WARPS 16
 #define ABSORB_UNROLL 8
 
@@ -764,7 +764,7 @@ extern "C" __global__ void __launch_bounds__(32 * ABSORB_WARPS)
   PDL_LAUNCH();
   __shared__ float part[ABSORB_WARPS][512];
   __shared__ float lut[16];
-  const int t = blockIdx.x, h = blockIdx.y, nw = ABSORB_WARPS;
+  const int t = blockIdx.x, h = blockIdx.y;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, half = lane >> 4, l = lane & 15;
   if (threadIdx.x < 16) {
     const int m = threadIdx.x & 7, e = m >> 1, f = m & 1;
@@ -781,7 +781,7 @@ extern "C" __global__ void __launch_bounds__(32 * ABSORB_WARPS)
   for (int e = 0; e < 32; e++) acc[e] = 0.f;
   bool waited = false;
   if (active) {
-    for (int i0 = 2 * warp + half; i0 < dn; i0 += 2 * nw * ABSORB_UNROLL) {
+    for (int i0 = 2 * warp + half; i0 < dn; i0 += 2 * ABSORB_WARPS * ABSORB_UNROLL) {
       // Only loads before the wait: arithmetic on a loaded value would
       // stall there for it.
       uint4 w[ABSORB_UNROLL];
@@ -789,7 +789,7 @@ extern "C" __global__ void __launch_bounds__(32 * ABSORB_WARPS)
       u32 sb[ABSORB_UNROLL];
 #pragma unroll
       for (int u = 0; u < ABSORB_UNROLL; u++) {
-        const int i = i0 + 2 * nw * u;
+        const int i = i0 + 2 * ABSORB_WARPS * u;
         f[u] = 0.f;
         sb[u] = 0u;
         if (i < dn) {
@@ -802,19 +802,19 @@ extern "C" __global__ void __launch_bounds__(32 * ABSORB_WARPS)
       if (!waited) {
         // Lanes at 128-byte steps of a row warm their line of the later rows.
         if ((l & 7) == 0)
-          for (int i = i0 + 2 * nw * ABSORB_UNROLL; i < dn; i += 2 * nw)
+          for (int i = i0 + 2 * ABSORB_WARPS * ABSORB_UNROLL; i < dn; i += 2 * ABSORB_WARPS)
             asm volatile("prefetch.global.L2 [%0];" ::"l"(hc + (size_t)i * (rank / 2) + l * 16));
         PDL_WAIT();
         waited = true;
       }
 #pragma unroll
       for (int u = 0; u < ABSORB_UNROLL; u++) {
-        const int i = i0 + 2 * nw * u;
+        const int i = i0 + 2 * ABSORB_WARPS * u;
         if (i < dn) f[u] = qn[i] * (f[u] * 0.5f) * e4m3(sb[u]);
       }
 #pragma unroll
       for (int u = 0; u < ABSORB_UNROLL; u++) {
-        if (i0 + 2 * nw * u < dn) {
+        if (i0 + 2 * ABSORB_WARPS * u < dn) {
           const u32 words[4] = {w[u].x, w[u].y, w[u].z, w[u].w};
 #pragma unroll
           for (int j = 0; j < 4; j++)
@@ -834,7 +834,7 @@ extern "C" __global__ void __launch_bounds__(32 * ABSORB_WARPS)
   __syncthreads();
   for (int c = threadIdx.x; c < rank; c += 32 * ABSORB_WARPS) {
     float s = 0.f;
-    for (int w = 0; w < nw; w++) s += part[w][c];
+    for (int w = 0; w < ABSORB_WARPS; w++) s += part[w][c];
     qlat[(size_t)t * ldql + (size_t)h * rank + c] = s;
   }
 }

@@ -123,10 +123,3 @@ DEVICE double warp_sum_d(double v) {
 #define PDL_WAIT()
 #endif
 #define PDL_LAUNCH()
-// Measurement: small kernels (one block of norm or quantization) let the
-// next kernel launch at their start.
-#if defined(PDL_SMALL_EARLY) && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define PDL_LAUNCH_EARLY() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
-#else
-#define PDL_LAUNCH_EARLY()
-#endif

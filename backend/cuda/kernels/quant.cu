@@ -87,7 +87,7 @@ extern "C" __global__ void __launch_bounds__(QUANT_THREADS)
     rmsnorm_quant(const float* x, int ldx, const float* __restrict__ gain, float eps, float* out,
                   int ldo, i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum,
                   int K, int G) {
-  PDL_LAUNCH_EARLY();
+  PDL_LAUNCH();
   PDL_WAIT();
   rmsnorm_quant_row(x + (size_t)blockIdx.x * ldx, blockIdx.x, gain, eps, out, ldo, xq, xs, xsum, K, G);
 }
@@ -99,7 +99,7 @@ extern "C" __global__ void __launch_bounds__(QUANT_THREADS)
                       const float* __restrict__ gain, float eps, float* out, int ldo,
                       i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum, int K,
                       int G) {
-  PDL_LAUNCH_EARLY();
+  PDL_LAUNCH();
   PDL_WAIT();
   const int t = blockIdx.x;
   float* row = d + (size_t)t * ldd;
@@ -120,7 +120,7 @@ extern "C" __global__ void __launch_bounds__(1024)
                    const float* c, int ldc, const float* __restrict__ gain, float eps, float* out,
                    int ldo, i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum,
                    int K, int G) {
-  PDL_LAUNCH_EARLY();
+  PDL_LAUNCH();
   __shared__ double partial[32];
   __shared__ float inv_s;
   const int t = blockIdx.x, tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, k0 = tid * 8;
