@@ -1387,7 +1387,7 @@ func (b *Backend) AbsorbQuery(qlat, q backend.Tensor, wUK backend.Weight, s back
 		return
 	}
 	if w.q != nil && s.Rank%32 == 0 && s.Rank <= 512 {
-		b.launch("absorb query", "ops", "absorb_query_q", Dim{uint32(ql.rows), uint32(s.Heads), 1}, D1(512),
+		b.launch("absorb query", "ops", "absorb_query_q", Dim{uint32(ql.rows), uint32(s.Heads), 1}, D1(32*absorbWarps),
 			ql.ptr, ql.ld, qm.ptr, qm.ld, w.q.Codes, w.q.Scales, w.q.RowScale, w.q.G, s.Rank, s.NopeDim, s.RopeDim)
 		return
 	}
@@ -1399,6 +1399,9 @@ func (b *Backend) AbsorbQuery(qlat, q backend.Tensor, wUK backend.Weight, s back
 	b.launch("absorb query", "ops", "absorb_query", Dim{uint32(ql.rows), uint32(s.Heads), uint32((s.Rank + 63) / 64)}, D1(64),
 		ql.ptr, ql.ld, qm.ptr, qm.ld, w.dense, codes, scales, rows, G, s.Rank, s.NopeDim, s.RopeDim)
 }
+
+// absorbWarps is ABSORB_WARPS in ops.cu.
+const absorbWarps = 16
 
 // LatentAttention is causal attention over the bound pool in latent space.
 func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s backend.MLAShape, scale float32) {

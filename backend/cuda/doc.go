@@ -18,6 +18,6 @@
 //	MMFP4_NVRTC_LIB   path of libnvrtc.so (default: the loader's search, then /usr/local/cuda/lib64 and others)
 //	MMFP4_KERNEL_CACHE directory of the compiled-kernel cache ("off" disables it)
 //	MMFP4_CUDA_GRAPHS  "0": launch every op on its own instead of replaying repeated steps as CUDA graphs
-//	MMFP4_CUDA_PDL     "1": programmatic dependent launch (sm_90): each kernel starts while the one before drains
+//	MMFP4_CUDA_PDL     "0": no programmatic dependent launch (on by default on sm_90: each kernel starts while the one before drains)
 //	MMFP4_CUDA_PROFILE "1": time every op of decode steps on the device; totals on stderr at Close
 package cuda

@@ -6,6 +6,8 @@ import (
 	"fmt"
 	"sync"
 	"unsafe"
+
+	"github.com/ebitengine/purego"
 )
 
 // The subset of the CUDA driver API used here, bound with purego. CUresult
@@ -55,7 +57,19 @@ var drv struct {
 	cuGraphExecDestroy                          func(exec uintptr) int32
 	cuGraphDestroy                              func(graph uintptr) int32
 	cuLaunchKernelEx                            func(cfg unsafe.Pointer, fn uintptr, params unsafe.Pointer, extra unsafe.Pointer) int32
+	// cuGraphGetEdges_v2 (CUDA 12.3 and later) is bound where present: the
+	// tests read the edge types of captured graphs with it.
+	cuGraphGetEdges func(graph uintptr, from, to *uintptr, data *graphEdgeData, n *uint64) int32
 }
+
+// graphEdgeData is CUgraphEdgeData.
+type graphEdgeData struct {
+	fromPort, toPort, typ uint8
+	_                     [5]uint8
+}
+
+// edgeProgrammatic is CU_GRAPH_DEPENDENCY_TYPE_PROGRAMMATIC.
+const edgeProgrammatic = 1
 
 var (
 	drvOnce sync.Once
@@ -120,6 +134,9 @@ func loadDriver() error {
 		if err != nil {
 			drvErr = fmt.Errorf("%w: %v", ErrNoDriver, err)
 			return
+		}
+		if addr, err := purego.Dlsym(h, "cuGraphGetEdges_v2"); err == nil && addr != 0 {
+			purego.RegisterFunc(&d.cuGraphGetEdges, addr)
 		}
 		if r := drv.cuInit(0); r != 0 {
 			drvErr = fmt.Errorf("%w: %v", ErrNoDriver, newError("cuInit", "", r))

@@ -87,6 +87,10 @@ type graph struct {
 	exec    uintptr // 0 until captured (the list has been seen once)
 	staging Buffer  // the uploads' payload on the device
 	used    int     // last flush that ran it, for eviction
+	// edges and programmatic count the captured graph's dependencies and
+	// those of them that let a kernel start before the one before it ends
+	// (programmatic dependent launch); -1 where the driver cannot say.
+	edges, programmatic int
 }
 
 // graphCache holds the graphs of recent distinct flushes.
@@ -198,11 +202,38 @@ func (gc *graphCache) capture(c *Ctx, g *graph, payload int) error {
 		return err
 	}
 	defer drv.cuGraphDestroy(h)
+	g.edges, g.programmatic = graphEdges(h)
 	if r := drv.cuGraphInstantiateWithFlags(&g.exec, h, 0); r != 0 {
 		g.exec = 0
 		return newError("cuGraphInstantiateWithFlags", "", r)
 	}
 	return nil
+}
+
+// graphEdges counts a graph's edges and its programmatic ones (-1, -1
+// where the driver has no cuGraphGetEdges_v2).
+func graphEdges(h uintptr) (edges, programmatic int) {
+	if drv.cuGraphGetEdges == nil {
+		return -1, -1
+	}
+	var n uint64
+	if drv.cuGraphGetEdges(h, nil, nil, nil, &n) != 0 {
+		return -1, -1
+	}
+	if n == 0 {
+		return 0, 0
+	}
+	from, to := make([]uintptr, n), make([]uintptr, n)
+	data := make([]graphEdgeData, n)
+	if drv.cuGraphGetEdges(h, &from[0], &to[0], &data[0], &n) != 0 {
+		return -1, -1
+	}
+	for _, d := range data[:n] {
+		if d.typ == edgeProgrammatic {
+			programmatic++
+		}
+	}
+	return int(n), programmatic
 }
 
 func (gc *graphCache) drop(c *Ctx, g *graph) error {

@@ -24,6 +24,20 @@ func TestGraphReplayMatchesDirect(t *testing.T) {
 	graphed, g := decode(Options{})
 	gc := g.graphs
 	t.Logf("graphs: %d replays, %d captures, %d flushes run directly", gc.Replays, gc.Captures, gc.Direct)
+	var pdl bool
+	g.dev.Do(func(c *Ctx) error { pdl = c.pdl; return nil })
+	for _, h := range gc.graphs {
+		if h.exec != 0 {
+			launches := 0
+			for _, r := range h.recs {
+				if r.kind == recLaunch {
+					launches++
+				}
+			}
+			t.Logf("graph of %d launches and %d memsets and copies: %d edges, %d programmatic (programmatic launch %v)",
+				launches, len(h.recs)-launches, h.edges, h.programmatic, pdl)
+		}
+	}
 	if gc.Replays < steps/2 || gc.Captures < 2 {
 		t.Errorf("%d of %d steps replayed, %d captures: want most steps replayed and a capture per split bucket", gc.Replays, steps, gc.Captures)
 	}

@@ -54,6 +54,10 @@ func (p *profiler) run(c *Ctx, ops []queuedOp) error {
 		}
 		p.events = append(p.events, e)
 	}
+	// Ops timed one by one: without programmatic dependent launch, which
+	// would let each start inside the one before.
+	defer func(on bool) { c.pdl = on }(c.pdl)
+	c.pdl = false
 	clock := float64(c.info.ClockKHz) * 1e3
 	if err := c.Spin(int64(float64(len(ops))*hostPerOp*clock) + 100000); err != nil {
 		return err

@@ -32,7 +32,10 @@ DEVICE void dot8_split(u32 q, u32 x0, u32 x1, i32& pos, i32& neg) {
 // rs[r]) with T token rows of activations, before the row scale: out[r][t]
 // = sum_g e4m3(s[r,g]) * xs[t,g] * acc[t,r,g], the same in every lane.
 // XSHARED: the activations are in shared memory (plain loads, not __ldg).
-template <int T, int R, bool SPLIT, bool XSHARED = false>
+// L2REST: rows of more than 2048 columns have their rest (past the first
+// 1024 bytes, loaded into registers before the wait) warmed in L2 before
+// the wait too (a separate instance: the loop costs registers).
+template <int T, int R, bool SPLIT, bool XSHARED = false, bool L2REST = false>
 DEVICE void gemv_dot(const u8* const (&rc)[R], const u8* const (&rs)[R], int K, int gshift,
                      const i8* __restrict__ xq, const float* __restrict__ xs,
                      const i32* __restrict__ xsum, float (&out)[R][T]) {
@@ -60,7 +63,15 @@ DEVICE void gemv_dot(const u8* const (&rc)[R], const u8* const (&rs)[R], int K, 
     }
     // The weights are in flight; the activations come from the kernel
     // before (programmatic dependent launch).
-    if (c0 == 0) PDL_WAIT();
+    if (c0 == 0) {
+      if (L2REST) {
+#pragma unroll 1
+        for (int i = 8 + lane; i < (C >> 3); i += 32)
+#pragma unroll
+          for (int r = 0; r < R; r++) asm volatile("prefetch.global.L2 [%0];" ::"l"(rc[r] + (i << 7)));
+      }
+      PDL_WAIT();
+    }
 #pragma unroll
     for (int h = 0; h < 2; h++) {
       const int c = c0 + 32 * h + lane;
@@ -117,7 +128,7 @@ DEVICE void gemv_rows(const u8* __restrict__ codes, const u8* __restrict__ scale
     rs[r] = scales + (size_t)n * GK;
   }
   float out[R][T];
-  gemv_dot<T, R, SPLIT>(rc, rs, K, gshift, xq, xs, xsum, out);
+  gemv_dot<T, R, SPLIT, false, T == 1>(rc, rs, K, gshift, xq, xs, xsum, out);
 #pragma unroll
   for (int r = 0; r < R; r++) {
 #pragma unroll

@@ -49,11 +49,9 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
 // Rotates, in place, dims [offset, offset+dim) of each head of row t with
 // the host-computed table cs: cos [T][dim/2] then sin [T][dim/2]. The
 // products are rounded separately (no fused multiply-add), as in Go.
-DEVICE void rope_row(float* x, int ldx, int heads, int head_stride, int offset, int dim,
-                     int interleaved, const float* __restrict__ cs, int T, int t) {
+DEVICE void rope_row_cs(float* x, int ldx, int heads, int head_stride, int offset, int dim,
+                        int interleaved, const float* c, const float* s, int t) {
   const int half = dim / 2;
-  const float* c = cs + (size_t)t * half;
-  const float* s = cs + (size_t)T * half + (size_t)t * half;
   for (int j = threadIdx.x; j < heads * half; j += OPS_THREADS) {
     const int h = j / half, i = j % half;
     float* v = x + (size_t)t * ldx + h * head_stride + offset;
@@ -62,6 +60,13 @@ DEVICE void rope_row(float* x, int ldx, int heads, int head_stride, int offset, 
     v[a] = __fsub_rn(__fmul_rn(x0, c[i]), __fmul_rn(x1, s[i]));
     v[b] = __fadd_rn(__fmul_rn(x1, c[i]), __fmul_rn(x0, s[i]));
   }
+}
+
+DEVICE void rope_row(float* x, int ldx, int heads, int head_stride, int offset, int dim,
+                     int interleaved, const float* __restrict__ cs, int T, int t) {
+  const int half = dim / 2;
+  rope_row_cs(x, ldx, heads, head_stride, offset, dim, interleaved, cs + (size_t)t * half,
+              cs + (size_t)T * half + (size_t)t * half, t);
 }
 
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
@@ -145,12 +150,32 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
                       const i32* __restrict__ slots, const float* lat, int ldl, int rank,
                       int rope) {
   PDL_LAUNCH();
-  PDL_WAIT();
-  const int t = blockIdx.x, width = rank + rope;
-  rope_row(q, ldq, qheads, qstride, qoffset, dim, interleaved, cs, T, t);
-  rope_row(kpe, ldk, kheads, kstride, koffset, dim, interleaved, cs, T, t);
-  __syncthreads();
+  // The table row and the slot come from uploads before the step's
+  // kernels: they are loaded before waiting for the kernel before, into
+  // registers (a store here would stall on the load), and staged after.
+  __shared__ float tab[2 * OPS_THREADS];
+  const int t = blockIdx.x, width = rank + rope, half = dim / 2, tid = threadIdx.x;
+  const bool staged = half <= OPS_THREADS;
+  float c0 = 0.f, s0 = 0.f;
+  if (staged && tid < half) {
+    c0 = cs[(size_t)t * half + tid];
+    s0 = cs[(size_t)T * half + (size_t)t * half + tid];
+  }
   const size_t slot = (size_t)slots[t];
+  PDL_WAIT();
+  if (staged) {
+    if (tid < half) {
+      tab[tid] = c0;
+      tab[OPS_THREADS + tid] = s0;
+    }
+    __syncthreads();
+    rope_row_cs(q, ldq, qheads, qstride, qoffset, dim, interleaved, tab, tab + OPS_THREADS, t);
+    rope_row_cs(kpe, ldk, kheads, kstride, koffset, dim, interleaved, tab, tab + OPS_THREADS, t);
+  } else {
+    rope_row(q, ldq, qheads, qstride, qoffset, dim, interleaved, cs, T, t);
+    rope_row(kpe, ldk, kheads, kstride, koffset, dim, interleaved, cs, T, t);
+  }
+  __syncthreads();
   for (int j = threadIdx.x; j < width; j += OPS_THREADS) {
     const float v = j < rank ? lat[(size_t)t * ldl + j] : kpe[(size_t)t * ldk + j - rank];
     if (dtype == 1)
@@ -721,11 +746,14 @@ extern "C" __global__ void e4m3_encode_n(const float* x, u8* out, int n) {
 // The absorbed query on MMFP4 W_UK [H*dn][rank] (rank a multiple of 32, at
 // most 512), one block of ABSORB_WARPS warps per (row t, head h):
 //   qlat[t,h,c] = sum_i q_nope[t,h,i] W_UK[h*dn+i][c]
-// Each half-warp takes rows i = 2*warp+half, +2*ABSORB_WARPS, ...; lane l of
-// a half-warp holds columns [32l, 32l+32): one 16-byte load of codes per row,
-// inside one scale group (G >= 32). The row's factor q_i * row_scale/2 *
-// scale multiplies the doubled E2M1 values. The two halves of a warp meet
-// by a shuffle, the warps in shared memory, in a fixed order.
+// Each half-warp takes rows i = 2*warp+half, +2*ABSORB_WARPS, ...; lane l
+// of a half-warp holds columns [32l, 32l+32): one 16-byte load of codes per
+// row, inside one scale group (G >= 32). The row's factor q_i *
+// row_scale/2 * scale multiplies the doubled E2M1 values. The two halves of
+// a warp meet by a shuffle, the warps in shared memory, in a fixed order.
+// The first ABSORB_UNROLL rows of each half-warp are loaded, and the rest
+// warmed in L2, before waiting for the kernel that wrote q (programmatic
+// dependent launch).
 #define ABSORB_WARPS 16
 #define ABSORB_UNROLL 8
 
@@ -734,7 +762,6 @@ extern "C" __global__ void __launch_bounds__(32 * ABSORB_WARPS)
                    const u8* __restrict__ scales, const float* __restrict__ row_scale, int G,
                    int rank, int dn, int dr) {
   PDL_LAUNCH();
-  PDL_WAIT();
   __shared__ float part[ABSORB_WARPS][512];
   __shared__ float lut[16];
   const int t = blockIdx.x, h = blockIdx.y;
@@ -748,22 +775,42 @@ extern "C" __global__ void __launch_bounds__(32 * ABSORB_WARPS)
   const float* qn = q + (size_t)t * ldq + (size_t)h * (dn + dr);
   const bool active = l < rank / 32;
   const int GK = rank / G;
+  const u8* hc = codes + (size_t)h * dn * (rank / 2);
   float acc[32];
 #pragma unroll
   for (int e = 0; e < 32; e++) acc[e] = 0.f;
+  bool waited = false;
   if (active) {
     for (int i0 = 2 * warp + half; i0 < dn; i0 += 2 * ABSORB_WARPS * ABSORB_UNROLL) {
+      // Only loads before the wait: arithmetic on a loaded value would
+      // stall there for it.
       uint4 w[ABSORB_UNROLL];
       float f[ABSORB_UNROLL];
+      u32 sb[ABSORB_UNROLL];
 #pragma unroll
       for (int u = 0; u < ABSORB_UNROLL; u++) {
         const int i = i0 + 2 * ABSORB_WARPS * u;
         f[u] = 0.f;
+        sb[u] = 0u;
         if (i < dn) {
           const size_t n = (size_t)h * dn + i;
           w[u] = load_stream16(codes + n * (rank / 2) + l * 16);
-          f[u] = qn[i] * (row_scale[n] * 0.5f) * e4m3(scales[n * GK + (l * 32) / G]);
+          f[u] = row_scale[n];
+          sb[u] = scales[n * GK + (l * 32) / G];
         }
+      }
+      if (!waited) {
+        // Lanes at 128-byte steps of a row warm their line of the later rows.
+        if ((l & 7) == 0)
+          for (int i = i0 + 2 * ABSORB_WARPS * ABSORB_UNROLL; i < dn; i += 2 * ABSORB_WARPS)
+            asm volatile("prefetch.global.L2 [%0];" ::"l"(hc + (size_t)i * (rank / 2) + l * 16));
+        PDL_WAIT();
+        waited = true;
+      }
+#pragma unroll
+      for (int u = 0; u < ABSORB_UNROLL; u++) {
+        const int i = i0 + 2 * ABSORB_WARPS * u;
+        if (i < dn) f[u] = qn[i] * (f[u] * 0.5f) * e4m3(sb[u]);
       }
 #pragma unroll
       for (int u = 0; u < ABSORB_UNROLL; u++) {
@@ -777,6 +824,7 @@ extern "C" __global__ void __launch_bounds__(32 * ABSORB_WARPS)
       }
     }
   }
+  if (!waited) PDL_WAIT();
 #pragma unroll
   for (int e = 0; e < 32; e++) acc[e] += __shfl_xor_sync(0xffffffffu, acc[e], 16);
   if (half == 0 && active) {

@@ -108,13 +108,26 @@ DEVICE double warp_sum_d(double v) {
 // programmatic-serialization attribute may start while the kernel before it
 // in the stream still runs. PDL_WAIT blocks until that kernel has finished
 // and its writes are visible: every kernel calls it before reading what an
-// earlier kernel wrote (the GEMV kernels first issue their weight loads,
-// which nothing in a step writes). PDL_LAUNCH lets the next kernel start.
-// Both are no-ops for a plain launch.
+// earlier kernel wrote and before its first global write (the weight
+// kernels first issue their weight loads, which nothing in a step writes),
+// and every kernel calls it at all: one that never waits would let the
+// kernel after it pass its wait while the one before still runs. Once the
+// wait has returned, PDL_WAIT lets the next kernel launch, so that its
+// blocks become resident and issue their weight loads while this one
+// works: one kernel ahead. (Triggering at a kernel's start instead lets
+// kernels several steps down the chain launch and sit waiting; it measured
+// slower.) So when a kernel starts, the kernel before it has passed its
+// wait, and every kernel two or more launches back has finished: only the
+// immediate predecessor's output needs the wait. PDL_LAUNCH, at kernel
+// starts, is kept as a marker and does nothing. Both are no-ops for a
+// plain launch.
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define PDL_WAIT() asm volatile("griddepcontrol.wait;" ::: "memory")
-#define PDL_LAUNCH() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
+#define PDL_WAIT()                                                 \
+  do {                                                             \
+    asm volatile("griddepcontrol.wait;" ::: "memory");             \
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); \
+  } while (0)
 #else
 #define PDL_WAIT()
-#define PDL_LAUNCH()
 #endif
+#define PDL_LAUNCH()
