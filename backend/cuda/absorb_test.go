@@ -41,8 +41,9 @@ func rowRelErr(ref, got []float32, cols int) float64 {
 // 128 and 32, quantized weights and weights whose scales span the E4M3
 // range (normal and subnormal), odd token counts, and token rows scaled by
 // powers of two from 2^-24 to 2^24 (the kernel rescales each row for f16).
-// The error is taken per token row. absorb_query_many on the same inputs
-// is logged beside it.
+// The error is taken per token row. The CUDA-core kernels on the same
+// inputs (absorb_query_many from 2 rows, absorb_query_q for 1) are logged
+// beside it.
 func TestAbsorbTCMatchesCPU(t *testing.T) {
 	r := testRand(t)
 	g, c := testBackends(t, Options{})
@@ -56,9 +57,9 @@ func TestAbsorbTCMatchesCPU(t *testing.T) {
 	small := backend.MLAShape{Heads: 3, NopeDim: 128, RopeDim: 32, VDim: 128, Rank: 256}
 	shapes := []shape{{model, 128, "quantized"}, {model, 32, "quantized"}, {model, 128, "wide scales"},
 		{model, 64, "subnormal scales"}, {small, 32, "quantized"}}
-	tokens := []int{16, 17, 63, 100, 257}
+	tokens := []int{1, 5, 16, 17, 63, 100, 257}
 	if testing.Short() {
-		tokens = []int{17, 65}
+		tokens = []int{5, 65}
 	}
 	for _, sh := range shapes {
 		s := sh.s
@@ -92,13 +93,13 @@ func TestAbsorbTCMatchesCPU(t *testing.T) {
 				return out
 			}
 			want := run(c)
-			absorbTCMinTokens = 16
+			absorbTCMinTokens = 1
 			got := run(g)
 			absorbTCMinTokens, absorbManyMinTokens = 0, 2
-			many := run(g)
+			old := run(g)
 			name := fmt.Sprintf("dn=%d rank=%d G=%d %s T=%d", s.NopeDim, s.Rank, sh.G, sh.kind, T)
-			e, em := rowRelErr(want, got, s.Heads*s.Rank), rowRelErr(want, many, s.Heads*s.Rank)
-			t.Logf("%-48s max row rel err: tensor cores %.2e, absorb_query_many %.2e", name, e, em)
+			e, eo := rowRelErr(want, got, s.Heads*s.Rank), rowRelErr(want, old, s.Heads*s.Rank)
+			t.Logf("%-48s max row rel err: tensor cores %.2e, CUDA cores %.2e", name, e, eo)
 			if !(e <= 1e-5) {
 				t.Errorf("%s: max row relative error %.3e above 1e-5", name, e)
 			}
@@ -113,7 +114,7 @@ func TestAbsorbTCMatchesCPU(t *testing.T) {
 func BenchmarkAbsorbQuery(b *testing.B) {
 	d := benchDevice(b)
 	s := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
-	for _, T := range []int{16, 64, 256, 1024} {
+	for _, T := range []int{8, 16, 32, 64, 256, 1024} {
 		for _, kern := range []string{"tc", "many", "q"} {
 			b.Run(fmt.Sprintf("T%d/%s", T, kern), func(b *testing.B) {
 				absorbBench(b, d, s, T, kern)
