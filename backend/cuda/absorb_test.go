@@ -114,7 +114,7 @@ func TestAbsorbTCMatchesCPU(t *testing.T) {
 func BenchmarkAbsorbQuery(b *testing.B) {
 	d := benchDevice(b)
 	s := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
-	for _, T := range []int{8, 16, 32, 64, 256, 1024} {
+	for _, T := range []int{1, 4, 8, 16, 32, 64, 256, 1024} {
 		for _, kern := range []string{"tc", "many", "q"} {
 			b.Run(fmt.Sprintf("T%d/%s", T, kern), func(b *testing.B) {
 				absorbBench(b, d, s, T, kern)
