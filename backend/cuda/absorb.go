@@ -29,7 +29,7 @@ func init() {
 // absorbTCShared is the kernel's dynamic shared memory for dn contraction
 // rows (see absorb.cu).
 func absorbTCShared(dn int) int {
-	return 4*absorbTCM*(dn+8) + 2*dn*(absorbTCN+8) + 4*absorbTCM + 4*256
+	return 4*absorbTCM*(dn+8) + 2*dn*(absorbTCN+8) + 4*absorbTCM + 4*256 + 4*dn
 }
 
 // absorbTC queues the tensor-core absorbed query when it applies (MMFP4

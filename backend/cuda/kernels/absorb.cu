@@ -18,8 +18,8 @@
 // (dn) at once: the weight slab dequantized to f16 in shared memory, the
 // queries split in shared memory, then 8 warps of 32 x 32 outputs. Grid
 // (rank/AT_N, ceil(T/AT_M), heads), 256 threads; dynamic shared memory
-// 4*AT_M*(dn+8) + 2*dn*(AT_N+8) + 4*AT_M + 4*256 bytes (absorbTCShared in
-// absorb.go).
+// 4*AT_M*(dn+8) + 2*dn*(AT_N+8) + 4*AT_M + 4*256 + 4*dn bytes
+// (absorbTCShared in absorb.go).
 
 #define AT_M 64
 #define AT_N 128
@@ -74,6 +74,7 @@ __device__ __forceinline__ void absorb_query_tc(float* __restrict__ qlat, int ld
   unsigned short* bs = alo + AT_M * lda;           // [DN][AT_LDB]
   float* down = (float*)(bs + DN * AT_LDB);        // [AT_M] 2^-e of each row
   u32* lut = (u32*)(down + AT_M);                  // [256] a byte of codes as two doubled E2M1 f16
+  float* rsm = (float*)(lut + 256);                // [DN] row scales of the head
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int n0 = blockIdx.x * AT_N, t0 = blockIdx.y * AT_M, h = blockIdx.z;
@@ -92,6 +93,7 @@ __device__ __forceinline__ void absorb_query_tc(float* __restrict__ qlat, int ld
     cv[u] = load_stream16(codes + (size_t)row * (rank / 2) + col / 2);
     sv[u] = scales[(size_t)row * GK + col / G];
   }
+  if (tid < DN / 4) ((float4*)rsm)[tid] = *(const float4*)(row_scale + h * DN + 4 * tid);
   {
     // lut[b]: low half the doubled E2M1 value of nibble b&15, high half b>>4.
     float v[2];
@@ -103,7 +105,21 @@ __device__ __forceinline__ void absorb_query_tc(float* __restrict__ qlat, int ld
     }
     lut[tid] = f16x2_from(v[0], v[1]);
   }
+
+  // The queries: row r = tid/4 (token t0 + r), float4s j = tid%4, +4, ...
+  // of its DN values, loaded before the weight slab is dequantized.
+  PDL_WAIT();
+  constexpr int per = DN / 16;
+  const int qr = tid >> 2, j0 = tid & 3;  // this thread's query row and first float4
+  float4 x[per];
+#pragma unroll
+  for (int u = 0; u < per; u++) {
+    const int i = 4 * (j0 + 4 * u);
+    x[u] = t0 + qr < T ? *(const float4*)(q + (size_t)(t0 + qr) * ldq + (size_t)h * (DN + dr) + i)
+                      : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
   __syncthreads();
+
 #pragma unroll
   for (int u = 0; u < chunks; u++) {
     const int c = tid + 256 * u;
@@ -117,42 +133,31 @@ __device__ __forceinline__ void absorb_query_tc(float* __restrict__ qlat, int ld
     for (int j = 0; j < 4; j++) dst[j] = make_uint4(o[4 * j], o[4 * j + 1], o[4 * j + 2], o[4 * j + 3]);
   }
 
-  // The queries: row r = tid/4 (token t0 + r), float4s j = tid%4, +4, ...
-  // of its DN values, all loads issued first.
-  PDL_WAIT();
   {
-    constexpr int per = DN / 16;
-    const int r = tid >> 2, j0 = tid & 3, t = t0 + r;
-    float4 v[per];
-#pragma unroll
-    for (int u = 0; u < per; u++) {
-      const int i = 4 * (j0 + 4 * u);
-      v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
-      if (t < T) {
-        const float4 x = *(const float4*)(q + (size_t)t * ldq + (size_t)h * (DN + dr) + i);
-        const float4 rs = *(const float4*)(row_scale + h * DN + i);
-        v[u] = make_float4(x.x * rs.x * 0.5f, x.y * rs.y * 0.5f, x.z * rs.z * 0.5f, x.w * rs.w * 0.5f);
-      }
-    }
+    // a = q_nope * row_scale * 0.5 (the CPU's product order), then the
+    // row's scale and the split.
     float m = 0.f;
 #pragma unroll
-    for (int u = 0; u < per; u++)
-      m = fmaxf(m, fmaxf(fmaxf(fabsf(v[u].x), fabsf(v[u].y)), fmaxf(fabsf(v[u].z), fabsf(v[u].w))));
+    for (int u = 0; u < per; u++) {
+      const float4 rs = ((const float4*)rsm)[j0 + 4 * u];
+      x[u] = make_float4(x[u].x * rs.x * 0.5f, x[u].y * rs.y * 0.5f, x[u].z * rs.z * 0.5f, x[u].w * rs.w * 0.5f);
+      m = fmaxf(m, fmaxf(fmaxf(fabsf(x[u].x), fabsf(x[u].y)), fmaxf(fabsf(x[u].z), fabsf(x[u].w))));
+    }
     m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
     m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
     // 2^e with the row's largest magnitude times 2^e in [2^14, 2^15).
     const int eb = (__float_as_uint(m) >> 23) & 0xFF;
     const int e = (m == 0.f || eb == 0xFF) ? 0 : max(-126, min(126, 141 - eb));
     const float up = __uint_as_float((u32)(127 + e) << 23);
-    if (j0 == 0) down[r] = __uint_as_float((u32)(127 - e) << 23);
+    if (j0 == 0) down[qr] = __uint_as_float((u32)(127 - e) << 23);
 #pragma unroll
     for (int u = 0; u < per; u++) {
       const int i = 4 * (j0 + 4 * u);
       u32 h0, l0, h1, l1;
-      split_f16x2(v[u].x * up, v[u].y * up, h0, l0);
-      split_f16x2(v[u].z * up, v[u].w * up, h1, l1);
-      *(uint2*)(ahi + r * lda + i) = make_uint2(h0, h1);
-      *(uint2*)(alo + r * lda + i) = make_uint2(l0, l1);
+      split_f16x2(x[u].x * up, x[u].y * up, h0, l0);
+      split_f16x2(x[u].z * up, x[u].w * up, h1, l1);
+      *(uint2*)(ahi + qr * lda + i) = make_uint2(h0, h1);
+      *(uint2*)(alo + qr * lda + i) = make_uint2(l0, l1);
     }
   }
   __syncthreads();
@@ -203,7 +208,7 @@ __device__ __forceinline__ void absorb_query_tc(float* __restrict__ qlat, int ld
   for (int m = 0; m < 2; m++) {
 #pragma unroll
     for (int half = 0; half < 2; half++) {
-      const int r = wm + 16 * m + 8 * half, t = t0 + r;
+      const int r = wm + 16 * m + 8 * half + g, t = t0 + r;
       if (m < mt && t < T) {
         const float d = down[r];
         float* o = qlat + (size_t)t * ldql + (size_t)h * rank + n0 + wn + c2;
