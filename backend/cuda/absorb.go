@@ -5,12 +5,14 @@ package cuda
 import (
 	"fmt"
 	"os"
+	"strconv"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
 
 // absorbTCMinTokens is the smallest batch whose absorbed query runs on the
-// tensor cores (kernels/absorb.cu); 0 leaves it off (MMFP4_CUDA_ABSORB_TC=0).
+// tensor cores (kernels/absorb.cu); 0 leaves it off. MMFP4_CUDA_ABSORB_TC
+// sets it, for comparisons in one binary.
 var absorbTCMinTokens = 16
 
 // absorbTCM and absorbTCN are AT_M and AT_N in absorb.cu: the tokens and
@@ -21,8 +23,8 @@ const (
 )
 
 func init() {
-	if os.Getenv("MMFP4_CUDA_ABSORB_TC") == "0" {
-		absorbTCMinTokens = 0
+	if v, err := strconv.Atoi(os.Getenv("MMFP4_CUDA_ABSORB_TC")); err == nil && v >= 0 {
+		absorbTCMinTokens = v
 	}
 }
 
