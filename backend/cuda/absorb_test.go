@@ -41,9 +41,10 @@ func rowRelErr(ref, got []float32, cols int) float64 {
 // 128 and 32, quantized weights and weights whose scales span the E4M3
 // range (normal and subnormal), odd token counts, and token rows scaled by
 // powers of two from 2^-24 to 2^24 (the kernel rescales each row for f16).
-// The error is taken per token row. The CUDA-core kernels on the same
-// inputs (absorb_query_many from 2 rows, absorb_query_q for 1) are logged
-// beside it.
+// The error is taken per token row. The CUDA-core kernels, which remain
+// for other shapes, run on the same inputs (absorb_query_many from 2 rows,
+// absorb_query_q for 1). Bounds: a few times the largest errors measured
+// on an H200 (tensor cores 1.8e-6 in the first version, CUDA cores 6.2e-7).
 func TestAbsorbTCMatchesCPU(t *testing.T) {
 	r := testRand(t)
 	g, c := testBackends(t, Options{})
@@ -100,8 +101,11 @@ func TestAbsorbTCMatchesCPU(t *testing.T) {
 			name := fmt.Sprintf("dn=%d rank=%d G=%d %s T=%d", s.NopeDim, s.Rank, sh.G, sh.kind, T)
 			e, eo := rowRelErr(want, got, s.Heads*s.Rank), rowRelErr(want, old, s.Heads*s.Rank)
 			t.Logf("%-48s max row rel err: tensor cores %.2e, CUDA cores %.2e", name, e, eo)
-			if !(e <= 1e-5) {
-				t.Errorf("%s: max row relative error %.3e above 1e-5", name, e)
+			if !(e <= 5e-6) {
+				t.Errorf("%s: tensor cores: max row relative error %.3e above 5e-6", name, e)
+			}
+			if !(eo <= 2e-6) {
+				t.Errorf("%s: CUDA cores: max row relative error %.3e above 2e-6", name, eo)
 			}
 		}
 	}
@@ -174,6 +178,14 @@ func absorbBench(b *testing.B, d *Device, s backend.MLAShape, T int, kern string
 			return err
 		}
 		sec := float64(ms) / 1e3 / reps
+		if kern == "tc" {
+			k, err := c.Kernel("absorb", fmt.Sprintf("absorb_query_tc_%d", s.NopeDim))
+			if err != nil {
+				return err
+			}
+			b.ReportMetric(float64(k.Regs), "regs")
+			b.ReportMetric(float64(k.LocalBytes), "local-bytes")
+		}
 		b.ReportMetric(sec*1e6, "us/op")
 		b.ReportMetric(2*float64(T*s.Heads*s.NopeDim*s.Rank)/sec/1e12, "TFLOP/s")
 		return nil
