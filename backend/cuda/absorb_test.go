@@ -44,7 +44,7 @@ func rowRelErr(ref, got []float32, cols int) float64 {
 // The error is taken per token row. The CUDA-core kernels, which remain
 // for other shapes, run on the same inputs (absorb_query_many from 2 rows,
 // absorb_query_q for 1). Bounds: a few times the largest errors measured
-// on an H200 (tensor cores 1.8e-6 in the first version, CUDA cores 6.2e-7).
+// on an H200 (tensor cores 1.8e-6, CUDA cores 6.2e-7).
 func TestAbsorbTCMatchesCPU(t *testing.T) {
 	r := testRand(t)
 	g, c := testBackends(t, Options{})

@@ -8,11 +8,11 @@
 // Exactness: a doubled E2M1 value (at most 2 significant bits) times an
 // E4M3 scale (4) has at most 6 significant bits and lies in [2^-9, 5376],
 // so it is exact in f16. The fp32 query side is split as hi + lo, two f16
-// numbers that carry 21 bits of its mantissa, and every product is issued
-// for both halves into fp32 accumulators (one set for each half). f16 has
-// a narrow range, so each token's row is first multiplied by a power of
-// two that brings its largest magnitude into [2^14, 2^15) (exact), and the
-// output row by the inverse power.
+// numbers that carry 22 bits of its mantissa, and every product is issued
+// for both halves into fp32 accumulators. f16 has a narrow range, so each
+// token's row is first multiplied by a power of two that brings its
+// largest magnitude into [2^14, 2^15) (exact), and the output row by the
+// inverse power.
 //
 // Block: AT_M tokens x AT_N columns of one head, the whole contraction
 // (dn) at once: the weight slab dequantized to f16 in shared memory, the
@@ -31,15 +31,23 @@ DEVICE u32 f16x2_from(float lo, float hi) {
   return r;
 }
 
-// Two fp32 values as hi and lo f16 pairs: hi is x cut to its 11 leading
-// significant bits (exact in f16 for |x| >= 2^-14; below that hi is 0 and
-// lo takes x), lo = x - hi rounded to f16, so x = hi + lo + a rest under
-// 2^-21 of x (and under 2^-25 in absolute terms for tiny x).
-DEVICE u32 f16_hi_part(float x) { return fabsf(x) >= 0x1p-14f ? __float_as_uint(x) & 0xFFFFE000u : 0u; }
+DEVICE float f16_lo_to_f32(u32 h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)(h & 0xFFFFu)));
+  return f;
+}
+
+DEVICE float f16_hi_to_f32(u32 h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)(h >> 16)));
+  return f;
+}
+
+// Two fp32 values as hi and lo f16 pairs (x = hi + lo + a rest under 2^-22
+// of x when x is normal in f16 after scaling).
 DEVICE void split_f16x2(float x0, float x1, u32& hi, u32& lo) {
-  const float h0 = __uint_as_float(f16_hi_part(x0)), h1 = __uint_as_float(f16_hi_part(x1));
-  hi = f16x2_from(h0, h1);
-  lo = f16x2_from(x0 - h0, x1 - h1);
+  hi = f16x2_from(x0, x1);
+  lo = f16x2_from(x0 - f16_lo_to_f32(hi), x1 - f16_hi_to_f32(hi));
 }
 
 DEVICE u32 mul_f16x2(u32 a, u32 b) {
@@ -160,16 +168,11 @@ __device__ __forceinline__ void absorb_query_tc(float* __restrict__ qlat, int ld
   const int mt = t0 + wm + 16 < T ? 2 : 1;  // row tiles with tokens
   const int a_off = (lane & 15) * lda + (lane >> 4) * 8;                              // A, row-major
   const int b_off = ((lane & 7) + (((lane >> 3) & 1) << 3)) * AT_LDB + (lane >> 4) * 8;  // B [k][n], .trans
-  // Separate accumulators for the hi and lo products: twice the
-  // independent products in flight, and the lo sums (about 2^-11 of the
-  // hi ones) add little rounding of their own.
-  float acc[2][4][4], acl[2][4][4];
+  float acc[2][4][4];
 #pragma unroll
   for (int m = 0; m < 2; m++)
 #pragma unroll
-    for (int n = 0; n < 4; n++)
-#pragma unroll
-      for (int j = 0; j < 4; j++) acc[m][n][j] = acl[m][n][j] = 0.f;
+    for (int n = 0; n < 4; n++) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
 #pragma unroll
   for (int s = 0; s < DN / 16; s++) {
     u32 ah[2][4], al[2][4], b[4][2];
@@ -184,6 +187,8 @@ __device__ __forceinline__ void absorb_query_tc(float* __restrict__ qlat, int ld
     for (int np = 0; np < 2; np++)
       ldsm_x4_t(smem_addr(bs + 16 * s * AT_LDB + wn + 16 * np + b_off), b[2 * np][0], b[2 * np][1], b[2 * np + 1][0],
                 b[2 * np + 1][1]);
+    // All hi products, then all lo: each accumulator's two products are
+    // eight apart.
 #pragma unroll
     for (int m = 0; m < 2; m++)
       if (m < mt)
@@ -193,7 +198,7 @@ __device__ __forceinline__ void absorb_query_tc(float* __restrict__ qlat, int ld
     for (int m = 0; m < 2; m++)
       if (m < mt)
 #pragma unroll
-        for (int n = 0; n < 4; n++) mma_f16(acl[m][n], al[m], b[n][0], b[n][1]);
+        for (int n = 0; n < 4; n++) mma_f16(acc[m][n], al[m], b[n][0], b[n][1]);
   }
 
   // Fragment rows g and g+8 of each row tile, columns 2*(lane&3) + {0, 1}
@@ -209,8 +214,7 @@ __device__ __forceinline__ void absorb_query_tc(float* __restrict__ qlat, int ld
         float* o = qlat + (size_t)t * ldql + (size_t)h * rank + n0 + wn + c2;
 #pragma unroll
         for (int n = 0; n < 4; n++)
-          *(float2*)(o + 8 * n) = make_float2((acc[m][n][2 * half] + acl[m][n][2 * half]) * d,
-                                              (acc[m][n][2 * half + 1] + acl[m][n][2 * half + 1]) * d);
+          *(float2*)(o + 8 * n) = make_float2(acc[m][n][2 * half] * d, acc[m][n][2 * half + 1] * d);
       }
     }
   }
