@@ -1383,7 +1383,7 @@ func (b *Backend) AbsorbQuery(qlat, q backend.Tensor, wUK backend.Weight, s back
 	}
 	b.count(weightBytes(w))
 	b.wrote(ql)
-	if b.absorbMany(ql, qm, w, s) {
+	if b.absorbTC(ql, qm, w, s) || b.absorbMany(ql, qm, w, s) {
 		return
 	}
 	if w.q != nil && s.Rank%32 == 0 && s.Rank <= 512 {

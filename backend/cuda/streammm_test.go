@@ -225,8 +225,8 @@ func BenchmarkMatMulStream(b *testing.B) {
 func TestBackendAbsorbManyMatchesCPU(t *testing.T) {
 	r := testRand(t)
 	g, c := testBackends(t, Options{})
-	defer func(v int) { absorbManyMinTokens = v }(absorbManyMinTokens)
-	absorbManyMinTokens = 2
+	defer func(v, tc int) { absorbManyMinTokens, absorbTCMinTokens = v, tc }(absorbManyMinTokens, absorbTCMinTokens)
+	absorbManyMinTokens, absorbTCMinTokens = 2, 0
 	s := backend.MLAShape{Heads: 20, NopeDim: 128, RopeDim: 64, VDim: 128, Rank: 512}
 	qk := s.NopeDim + s.RopeDim
 	for _, G := range []int{128, 32} {

@@ -1,0 +1,71 @@
+//go:build linux || darwin || freebsd || netbsd
+
+package cuda
+
+import (
+	"fmt"
+	"os"
+	"strconv"
+
+	"github.com/mmfp4/mmfp4/backend"
+)
+
+// absorbTCMinTokens is the smallest batch whose absorbed query runs on the
+// tensor cores (kernels/absorb.cu); 0 leaves it off. MMFP4_CUDA_ABSORB_TC
+// sets it, for comparisons in one binary. On an H200 (20 heads, dn 192,
+// rank 512) the kernel was the fastest at every size measured, down to one
+// row: 5.8 us against absorb_query_q's 7.7 at 1 row, 6.0 against 19.7 at
+// 16, 55 against absorb_query_many's 288 at 1024 (docs/perf.md).
+var absorbTCMinTokens = 1
+
+// absorbTCM and absorbTCN are AT_M and AT_N in absorb.cu: the tokens and
+// columns of one block.
+const (
+	absorbTCM = 64
+	absorbTCN = 128
+)
+
+func init() {
+	if v, err := strconv.Atoi(os.Getenv("MMFP4_CUDA_ABSORB_TC")); err == nil && v >= 0 {
+		absorbTCMinTokens = v
+	}
+}
+
+// absorbTCShared is the kernel's dynamic shared memory for dn contraction
+// rows (see absorb.cu).
+func absorbTCShared(dn int) int {
+	return 4*absorbTCM*(dn+8) + 2*dn*(absorbTCN+8) + 4*absorbTCM + 4*256 + 4*dn
+}
+
+// absorbTC queues the tensor-core absorbed query when it applies (MMFP4
+// W_UK, at least absorbTCMinTokens rows, a compiled dn, whole column
+// slabs, aligned rows) and reports whether it did.
+func (b *Backend) absorbTC(ql, qm *tensor, w *weight, s backend.MLAShape) bool {
+	if absorbTCMinTokens <= 0 || ql.rows < absorbTCMinTokens || w.q == nil ||
+		(s.NopeDim != 128 && s.NopeDim != 192) || s.Rank%absorbTCN != 0 || w.q.G%32 != 0 ||
+		qm.ld%4 != 0 || (s.NopeDim+s.RopeDim)%4 != 0 || qm.ptr%16 != 0 || ql.ld%2 != 0 || ql.ptr%8 != 0 {
+		return false
+	}
+	shared := absorbTCShared(s.NopeDim)
+	if shared > b.dev.Info().SharedOptin {
+		return false
+	}
+	q := w.q
+	name := fmt.Sprintf("absorb_query_tc_%d", s.NopeDim)
+	grid := Dim{uint32(s.Rank / absorbTCN), uint32((ql.rows + absorbTCM - 1) / absorbTCM), uint32(s.Heads)}
+	b.do("absorb query", func(c *Ctx) error {
+		k, err := c.Kernel("absorb", name)
+		if err != nil {
+			return err
+		}
+		if k.maxShared < shared {
+			if err := c.SetMaxShared(k, shared); err != nil {
+				return err
+			}
+			k.maxShared = shared
+		}
+		return c.Launch(k, grid, D1(256), shared,
+			ql.ptr, ql.ld, qm.ptr, qm.ld, q.Codes, q.Scales, q.RowScale, q.G, s.Rank, s.RopeDim, ql.rows)
+	})
+	return true
+}

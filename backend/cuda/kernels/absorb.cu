@@ -1,0 +1,231 @@
+// The absorbed query of a prefill step on the tensor cores:
+//   qlat[t, h*rank + n] = sum_i q_nope[t,h,i] * W_UK[h*dn + i, n]
+// with W_UK in MMFP4 ([heads*dn, rank], groups of G along n). As on the
+// CPU, the weight is the doubled E2M1 value times the E4M3 group scale,
+// and the row scale (one per contraction index i) and the 1/2 go to the
+// query side: a[t,i] = q_nope[t,h,i] * row_scale[i] * 0.5.
+//
+// Exactness: a doubled E2M1 value (at most 2 significant bits) times an
+// E4M3 scale (4) has at most 6 significant bits and lies in [2^-9, 5376],
+// so it is exact in f16. The fp32 query side is split as hi + lo, two f16
+// numbers that carry 22 bits of its mantissa, and every product is issued
+// for both halves into fp32 accumulators. f16 has a narrow range, so each
+// token's row is first multiplied by a power of two that brings its
+// largest magnitude into [2^14, 2^15) (exact), and the output row by the
+// inverse power.
+//
+// Block: AT_M tokens x AT_N columns of one head, the whole contraction
+// (dn) at once: the weight slab dequantized to f16 in shared memory, the
+// queries split in shared memory, then 8 warps of 32 x 32 outputs. Grid
+// (rank/AT_N, ceil(T/AT_M), heads), 256 threads; dynamic shared memory
+// 4*AT_M*(dn+8) + 2*dn*(AT_N+8) + 4*AT_M + 4*256 + 4*dn bytes
+// (absorbTCShared in absorb.go).
+
+#define AT_M 64
+#define AT_N 128
+#define AT_LDB (AT_N + 8)  // f16 row stride of the weight slab
+
+DEVICE u32 f16x2_from(float lo, float hi) {
+  u32 r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+DEVICE float f16_lo_to_f32(u32 h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)(h & 0xFFFFu)));
+  return f;
+}
+
+DEVICE float f16_hi_to_f32(u32 h) {
+  float f;
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)(h >> 16)));
+  return f;
+}
+
+// Two fp32 values as hi and lo f16 pairs (x = hi + lo + a rest under 2^-22
+// of x when x is normal in f16 after scaling).
+DEVICE void split_f16x2(float x0, float x1, u32& hi, u32& lo) {
+  hi = f16x2_from(x0, x1);
+  lo = f16x2_from(x0 - f16_lo_to_f32(hi), x1 - f16_hi_to_f32(hi));
+}
+
+DEVICE u32 mul_f16x2(u32 a, u32 b) {
+  u32 r;
+  asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+
+// One E4M3 byte as an f16 pair (the value twice; exact).
+DEVICE u32 e4m3_f16x2(u32 b) {
+  u32 h;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h) : "h"((unsigned short)(b | (b << 8))));
+  return h;
+}
+
+template <int DN>
+__device__ __forceinline__ void absorb_query_tc(float* __restrict__ qlat, int ldql, const float* __restrict__ q,
+                                                int ldq, const u8* __restrict__ codes, const u8* __restrict__ scales,
+                                                const float* __restrict__ row_scale, int G, int rank, int dr, int T) {
+  constexpr int lda = DN + 8;  // f16 row stride of the queries: an odd number of 16-byte units
+  extern __shared__ __align__(16) u8 at_smem[];
+  unsigned short* ahi = (unsigned short*)at_smem;  // [AT_M][lda]
+  unsigned short* alo = ahi + AT_M * lda;          // [AT_M][lda]
+  unsigned short* bs = alo + AT_M * lda;           // [DN][AT_LDB]
+  float* down = (float*)(bs + DN * AT_LDB);        // [AT_M] 2^-e of each row
+  u32* lut = (u32*)(down + AT_M);                  // [256] a byte of codes as two doubled E2M1 f16
+  float* rsm = (float*)(lut + 256);                // [DN] row scales of the head
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int n0 = blockIdx.x * AT_N, t0 = blockIdx.y * AT_M, h = blockIdx.z;
+  const int GK = rank / G;
+  PDL_LAUNCH();
+
+  // The weight slab: rows h*DN + i, columns [n0, n0 + AT_N); chunk c is row
+  // c/4, columns 32*(c%4) + [0, 32): 16 bytes of codes in one group.
+  constexpr int chunks = DN * 4 / 256;
+  static_assert(DN * 4 % 256 == 0, "dn must be a multiple of 64");
+  uint4 cv[chunks];
+  u32 sv[chunks];
+#pragma unroll
+  for (int u = 0; u < chunks; u++) {
+    const int c = tid + 256 * u, row = h * DN + (c >> 2), col = n0 + 32 * (c & 3);
+    cv[u] = load_stream16(codes + (size_t)row * (rank / 2) + col / 2);
+    sv[u] = scales[(size_t)row * GK + col / G];
+  }
+  if (tid < DN / 4) ((float4*)rsm)[tid] = *(const float4*)(row_scale + h * DN + 4 * tid);
+  {
+    // lut[b]: low half the doubled E2M1 value of nibble b&15, high half b>>4.
+    float v[2];
+#pragma unroll
+    for (int k = 0; k < 2; k++) {
+      const int code = (tid >> (4 * k)) & 15, m = code & 7, e = m >> 1, f = m & 1;
+      const float mag = e == 0 ? (float)f : (float)((2 + f) << (e - 1));
+      v[k] = code & 8 ? -mag : mag;
+    }
+    lut[tid] = f16x2_from(v[0], v[1]);
+  }
+
+  // The queries: row r = tid/4 (token t0 + r), float4s j = tid%4, +4, ...
+  // of its DN values, loaded before the weight slab is dequantized.
+  PDL_WAIT();
+  constexpr int per = DN / 16;
+  const int qr = tid >> 2, j0 = tid & 3;  // this thread's query row and first float4
+  float4 x[per];
+#pragma unroll
+  for (int u = 0; u < per; u++) {
+    const int i = 4 * (j0 + 4 * u);
+    x[u] = t0 + qr < T ? *(const float4*)(q + (size_t)(t0 + qr) * ldq + (size_t)h * (DN + dr) + i)
+                      : make_float4(0.f, 0.f, 0.f, 0.f);
+  }
+  __syncthreads();
+
+#pragma unroll
+  for (int u = 0; u < chunks; u++) {
+    const int c = tid + 256 * u;
+    const u32 s2 = e4m3_f16x2(sv[u]);
+    const u32 w[4] = {cv[u].x, cv[u].y, cv[u].z, cv[u].w};
+    u32 o[16];
+#pragma unroll
+    for (int j = 0; j < 16; j++) o[j] = mul_f16x2(lut[(w[j >> 2] >> (8 * (j & 3))) & 0xFFu], s2);
+    uint4* dst = (uint4*)(bs + (c >> 2) * AT_LDB + 32 * (c & 3));
+#pragma unroll
+    for (int j = 0; j < 4; j++) dst[j] = make_uint4(o[4 * j], o[4 * j + 1], o[4 * j + 2], o[4 * j + 3]);
+  }
+
+  {
+    // a = q_nope * row_scale * 0.5 (the CPU's product order), then the
+    // row's scale and the split.
+    float m = 0.f;
+#pragma unroll
+    for (int u = 0; u < per; u++) {
+      const float4 rs = ((const float4*)rsm)[j0 + 4 * u];
+      x[u] = make_float4(x[u].x * rs.x * 0.5f, x[u].y * rs.y * 0.5f, x[u].z * rs.z * 0.5f, x[u].w * rs.w * 0.5f);
+      m = fmaxf(m, fmaxf(fmaxf(fabsf(x[u].x), fabsf(x[u].y)), fmaxf(fabsf(x[u].z), fabsf(x[u].w))));
+    }
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+    m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+    // 2^e with the row's largest magnitude times 2^e in [2^14, 2^15).
+    const int eb = (__float_as_uint(m) >> 23) & 0xFF;
+    const int e = (m == 0.f || eb == 0xFF) ? 0 : max(-126, min(126, 141 - eb));
+    const float up = __uint_as_float((u32)(127 + e) << 23);
+    if (j0 == 0) down[qr] = __uint_as_float((u32)(127 - e) << 23);
+#pragma unroll
+    for (int u = 0; u < per; u++) {
+      const int i = 4 * (j0 + 4 * u);
+      u32 h0, l0, h1, l1;
+      split_f16x2(x[u].x * up, x[u].y * up, h0, l0);
+      split_f16x2(x[u].z * up, x[u].w * up, h1, l1);
+      *(uint2*)(ahi + qr * lda + i) = make_uint2(h0, h1);
+      *(uint2*)(alo + qr * lda + i) = make_uint2(l0, l1);
+    }
+  }
+  __syncthreads();
+
+  // Warp w: rows 32*(w&1) + [0, 32), columns 32*(w>>1) + [0, 32).
+  const int wm = (warp & 1) * 32, wn = (warp >> 1) * 32;
+  if (t0 + wm >= T) return;
+  const int mt = t0 + wm + 16 < T ? 2 : 1;  // row tiles with tokens
+  const int a_off = (lane & 15) * lda + (lane >> 4) * 8;                              // A, row-major
+  const int b_off = ((lane & 7) + (((lane >> 3) & 1) << 3)) * AT_LDB + (lane >> 4) * 8;  // B [k][n], .trans
+  float acc[2][4][4];
+#pragma unroll
+  for (int m = 0; m < 2; m++)
+#pragma unroll
+    for (int n = 0; n < 4; n++) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
+#pragma unroll
+  for (int s = 0; s < DN / 16; s++) {
+    u32 ah[2][4], al[2][4], b[4][2];
+#pragma unroll
+    for (int m = 0; m < 2; m++) {
+      if (m < mt) {
+        ldsm_x4(smem_addr(ahi + (wm + 16 * m) * lda + 16 * s + a_off), ah[m][0], ah[m][1], ah[m][2], ah[m][3]);
+        ldsm_x4(smem_addr(alo + (wm + 16 * m) * lda + 16 * s + a_off), al[m][0], al[m][1], al[m][2], al[m][3]);
+      }
+    }
+#pragma unroll
+    for (int np = 0; np < 2; np++)
+      ldsm_x4_t(smem_addr(bs + 16 * s * AT_LDB + wn + 16 * np + b_off), b[2 * np][0], b[2 * np][1], b[2 * np + 1][0],
+                b[2 * np + 1][1]);
+    // All hi products, then all lo: each accumulator's two products are
+    // eight apart.
+#pragma unroll
+    for (int m = 0; m < 2; m++)
+      if (m < mt)
+#pragma unroll
+        for (int n = 0; n < 4; n++) mma_f16(acc[m][n], ah[m], b[n][0], b[n][1]);
+#pragma unroll
+    for (int m = 0; m < 2; m++)
+      if (m < mt)
+#pragma unroll
+        for (int n = 0; n < 4; n++) mma_f16(acc[m][n], al[m], b[n][0], b[n][1]);
+  }
+
+  // Fragment rows g and g+8 of each row tile, columns 2*(lane&3) + {0, 1}
+  // of each 8-column tile.
+  const int g = lane >> 2, c2 = 2 * (lane & 3);
+#pragma unroll
+  for (int m = 0; m < 2; m++) {
+#pragma unroll
+    for (int half = 0; half < 2; half++) {
+      const int r = wm + 16 * m + 8 * half + g, t = t0 + r;
+      if (m < mt && t < T) {
+        const float d = down[r];
+        float* o = qlat + (size_t)t * ldql + (size_t)h * rank + n0 + wn + c2;
+#pragma unroll
+        for (int n = 0; n < 4; n++)
+          *(float2*)(o + 8 * n) = make_float2(acc[m][n][2 * half] * d, acc[m][n][2 * half + 1] * d);
+      }
+    }
+  }
+}
+
+#define ABSORB_TC(DN)                                                                                             \
+  extern "C" __global__ void __launch_bounds__(256, 2)                                                          \
+      absorb_query_tc_##DN(float* __restrict__ qlat, int ldql, const float* __restrict__ q, int ldq,            \
+                           const u8* __restrict__ codes, const u8* __restrict__ scales,                         \
+                           const float* __restrict__ row_scale, int G, int rank, int dr, int T) {               \
+    absorb_query_tc<DN>(qlat, ldql, q, ldq, codes, scales, row_scale, G, rank, dr, T);                          \
+  }
+ABSORB_TC(128)
+ABSORB_TC(192)
