@@ -80,10 +80,19 @@ func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, layer int, s backend.MLAS
 	for _, t := range rows {
 		longest = max(longest, int(b.batch.Positions[t])+1)
 	}
+	// Positions split into ranges of at least 64 where rows are few. Each
+	// range costs a few microseconds (its softmax sums, its share of the
+	// merge): fewer than two rows a thread take two ranges a thread (one
+	// row on two threads: 4 ranges ran 5-7% faster than 16, docs/perf.md
+	// 2026-11-28 (4)); up to eight rows a thread, about eight a thread.
 	chunks := 1
-	if T < 8*b.threads {
-		chunks = max(1, min(8*b.threads/T, longest/64)) // ranges of at least 64 positions
+	switch {
+	case T < 2*b.threads:
+		chunks = (2*b.threads + T - 1) / T
+	case T < 8*b.threads:
+		chunks = 8 * b.threads / T
 	}
+	chunks = max(1, min(chunks, longest/64))
 	// Per (row, chunk): the unnormalised output, and per head the maximum
 	// score and the sum of exponentials.
 	bp := getFloats(T * chunks * H * (r + 2))

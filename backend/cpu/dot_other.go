@@ -61,3 +61,5 @@ func axpyBF16x4x64([]float32, int, []uint16, int, int, []float32, int, bool) {}
 func evenOdd32SIMD(isa, []float32, []float32) bool { return false }
 
 func prefetchRows(isa, []uint16) {}
+
+func interleaveSIMD(isa, []float32, []float32, int) bool { return false }

@@ -569,3 +569,55 @@ bfloop:
 	JNZ  bfloop
 	VZEROUPPER
 	RET
+
+// func interleave128AVX512(dst, src *float32, groups int)
+//
+// For each group of 128 values, dst[2k] = src[k] and dst[2k+1] = src[64+k]
+// (k < 64): the column order of sums kept even columns first, then odd.
+TEXT ·interleave128AVX512(SB), NOSPLIT, $0-24
+	MOVQ dst+0(FP), DI
+	MOVQ src+8(FP), SI
+	MOVQ groups+16(FP), CX
+	VMOVDQU32 interleaveIdx<>+0(SB), Z30
+	VMOVDQU32 interleaveIdx<>+64(SB), Z31
+
+#define INTERLEAVE16(off) \
+	VMOVUPS off(SI), Z0; \
+	VMOVUPS 256+off(SI), Z1; \
+	VMOVAPS Z0, Z2; \
+	VPERMT2PS Z1, Z30, Z2; \
+	VPERMT2PS Z1, Z31, Z0; \
+	VMOVUPS Z2, (2*off)(DI); \
+	VMOVUPS Z0, (2*off+64)(DI)
+
+ilvloop:
+	INTERLEAVE16(0)
+	INTERLEAVE16(64)
+	INTERLEAVE16(128)
+	INTERLEAVE16(192)
+	ADDQ $512, SI
+	ADDQ $512, DI
+	DECQ CX
+	JNZ  ilvloop
+	VZEROUPPER
+	RET
+
+// Lane 2i takes a[i] and lane 2i+1 b[i] (b is the second table, index
+// 16+i): the first 16 outputs from the first 8 of each, then the next.
+DATA interleaveIdx<>+0(SB)/8, $0x0000001000000000
+DATA interleaveIdx<>+8(SB)/8, $0x0000001100000001
+DATA interleaveIdx<>+16(SB)/8, $0x0000001200000002
+DATA interleaveIdx<>+24(SB)/8, $0x0000001300000003
+DATA interleaveIdx<>+32(SB)/8, $0x0000001400000004
+DATA interleaveIdx<>+40(SB)/8, $0x0000001500000005
+DATA interleaveIdx<>+48(SB)/8, $0x0000001600000006
+DATA interleaveIdx<>+56(SB)/8, $0x0000001700000007
+DATA interleaveIdx<>+64(SB)/8, $0x0000001800000008
+DATA interleaveIdx<>+72(SB)/8, $0x0000001900000009
+DATA interleaveIdx<>+80(SB)/8, $0x0000001a0000000a
+DATA interleaveIdx<>+88(SB)/8, $0x0000001b0000000b
+DATA interleaveIdx<>+96(SB)/8, $0x0000001c0000000c
+DATA interleaveIdx<>+104(SB)/8, $0x0000001d0000000d
+DATA interleaveIdx<>+112(SB)/8, $0x0000001e0000000e
+DATA interleaveIdx<>+120(SB)/8, $0x0000001f0000000f
+GLOBL interleaveIdx<>(SB), RODATA|NOPTR, $128

@@ -237,3 +237,17 @@ func prefetchRows(i isa, rows []uint16) {
 		prefetchLines(&rows[0], len(rows)&^31)
 	}
 }
+
+//go:noescape
+func interleave128AVX512(dst, src *float32, groups int)
+
+// interleaveSIMD is interleaveGroups for groups of 128 on AVX-512; it
+// reports false elsewhere.
+func interleaveSIMD(i isa, dst, src []float32, G int) bool {
+	if i != isaAVX512 || G != 128 || len(src) < 128 {
+		return false
+	}
+	_ = dst[len(src)-1]
+	interleave128AVX512(&dst[0], &src[0], len(src)/128)
+	return true
+}

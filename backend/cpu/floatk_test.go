@@ -3,6 +3,7 @@ package cpu
 import (
 	"math"
 	"math/rand/v2"
+	"slices"
 	"testing"
 
 	"github.com/mmfp4/mmfp4/backend"
@@ -150,6 +151,47 @@ func TestRMSNormFamiliesAgree(t *testing.T) {
 			ref.RMSNorm(want, x, g, 1e-5)
 			if e := relErr(ref.Download(want), b.Download(out)); e > 1e-6 {
 				t.Errorf("%s n=%d: relative error %.2e", b.isa, n, e)
+			}
+		}
+	}
+}
+
+// The AVX-512 interleave against the Go loop, bit for bit (a permutation),
+// on 1 to 5 groups of 128 with random values; the Go loop against its
+// definition on odd group sizes.
+func TestInterleaveGroups(t *testing.T) {
+	r := rand.New(rand.NewPCG(8, 9))
+	for groups := 1; groups <= 5; groups++ {
+		src := randMat(r, groups*128, 1)
+		want := make([]float32, len(src))
+		interleaveGroupsGo(want, src, 128)
+		for g := 0; g < groups; g++ {
+			for k := 0; k < 64; k++ {
+				if want[g*128+2*k] != src[g*128+k] || want[g*128+2*k+1] != src[g*128+64+k] {
+					t.Fatalf("groups=%d: Go order wrong at group %d column %d", groups, g, 2*k)
+				}
+			}
+		}
+		if !isaAvailable(isaAVX512) {
+			continue
+		}
+		got := make([]float32, len(src))
+		if !interleaveSIMD(isaAVX512, got, src, 128) {
+			t.Fatal("interleaveSIMD: no AVX-512 form for groups of 128")
+		}
+		if !slices.Equal(got, want) {
+			t.Errorf("groups=%d: AVX-512 interleave differs from Go", groups)
+		}
+	}
+	for _, G := range []int{2, 6, 34} {
+		src := randMat(r, 3*G, 1)
+		got := make([]float32, len(src))
+		interleaveGroupsGo(got, src, G)
+		for g := 0; g < 3; g++ {
+			for k := 0; k < G/2; k++ {
+				if got[g*G+2*k] != src[g*G+k] || got[g*G+2*k+1] != src[g*G+G/2+k] {
+					t.Fatalf("G=%d: wrong at group %d column %d", G, g, 2*k)
+				}
 			}
 		}
 	}

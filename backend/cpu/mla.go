@@ -77,13 +77,7 @@ func (b *Backend) absorbQueryQuant(ql, qm *mat, w *quant, s backend.MLAShape) {
 					}
 					b.axpyCodes(acc, m.Codes[n*m.K/2:(n+1)*m.K/2], coef, G)
 				}
-				out := ql.row(t)[h*s.Rank : (h+1)*s.Rank]
-				for g := 0; g < groups; g++ {
-					for k := 0; k < G/2; k++ {
-						out[g*G+2*k] = acc[g*G+k]
-						out[g*G+2*k+1] = acc[g*G+G/2+k]
-					}
-				}
+				b.interleaveGroups(ql.row(t)[h*s.Rank:(h+1)*s.Rank], acc, G)
 			}
 		}
 	})
@@ -192,5 +186,25 @@ func (b *Backend) ExpandValues(out, olat backend.Tensor, wUV backend.Weight, s b
 	for h := 0; h < s.Heads; h++ {
 		wuv := weightRows(wUV, h*s.VDim, s.VDim)
 		b.MatMul(b.Cols(out, h*s.VDim, (h+1)*s.VDim), b.Cols(olat, h*s.Rank, (h+1)*s.Rank), wuv)
+	}
+}
+
+// interleaveGroups puts sums kept in the order of axpyCodes (each group's
+// even columns, then its odd ones) back in column order: for each group of
+// G values, dst[2k] = src[k] and dst[2k+1] = src[G/2+k].
+func (b *Backend) interleaveGroups(dst, src []float32, G int) {
+	if interleaveSIMD(b.isa, dst, src, G) {
+		return
+	}
+	interleaveGroupsGo(dst, src, G)
+}
+
+// interleaveGroupsGo is the reference for interleaveGroups.
+func interleaveGroupsGo(dst, src []float32, G int) {
+	for g := 0; g+G <= len(src); g += G {
+		for k := 0; k < G/2; k++ {
+			dst[g+2*k] = src[g+k]
+			dst[g+2*k+1] = src[g+G/2+k]
+		}
 	}
 }

@@ -93,13 +93,7 @@ func (b *Backend) absorbQueryGemm(ql, qm *mat, w *quant, s backend.MLAShape) boo
 				}
 				clear(acc)
 				b.axpyCodes(acc, m.Codes[n*m.K/2:(n+1)*m.K/2], coef, G)
-				row := wd[i*r : (i+1)*r]
-				for g := 0; g < groups; g++ {
-					for k := 0; k < G/2; k++ {
-						row[g*G+2*k] = acc[g*G+k]
-						row[g*G+2*k+1] = acc[g*G+G/2+k]
-					}
-				}
+				b.interleaveGroups(wd[i*r:(i+1)*r], acc, G)
 			}
 			for t := 0; t < T; t += 4 {
 				a, aStride, c, cStride := qm.data[t*qm.stride+h*qk:], qm.stride, ql.data[t*ql.stride+h*r:], ql.stride

@@ -199,7 +199,19 @@ func BenchmarkDecodeStepBreakdownDir(b *testing.B) {
 		b.Skip("MMFP4_BENCH_MODEL names no model directory")
 	}
 	const ctx = 1024
-	tb := &timedBackend{Backend: cpu.New(cpu.Options{}), spent: map[string]time.Duration{}, calls: map[string]int{}}
+	// MMFP4_BENCH_FIXED_ROUTE=1 routes every token to experts 0-3 of each
+	// layer (the router still runs), so the routed experts' pages are the
+	// same every step: the step without the first touches of pages unused
+	// for a while (docs/perf.md, 2026-11-28 (4)).
+	var opts cpu.Options
+	if os.Getenv("MMFP4_BENCH_FIXED_ROUTE") == "1" {
+		opts.OnRoute = func(ids []int) {
+			for i := range ids {
+				ids[i] = i % 4
+			}
+		}
+	}
+	tb := &timedBackend{Backend: cpu.New(opts), spent: map[string]time.Duration{}, calls: map[string]int{}}
 	m, err := Load(dir, tb, LoadOptions{})
 	if err != nil {
 		b.Fatal(err)
