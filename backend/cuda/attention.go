@@ -43,6 +43,8 @@ func (b *Backend) decodeAttnConfig() {
 		b.decodeBlocks = v
 	}
 	b.decodeOneHead = os.Getenv("MMFP4_CUDA_ATTN_H1") != "0"
+	b.decodeMMA = os.Getenv("MMFP4_CUDA_ATTN_MMA") != "0"
+	b.decodeLastMerge = os.Getenv("MMFP4_CUDA_ATTN_MERGE") == "last"
 
 }
 
@@ -62,6 +64,9 @@ func (b *Backend) decodeSplits(T, pairs, maxN int) int {
 // reports whether it did.
 func (b *Backend) decodeAttention(om, ql, qm *tensor, p *cachePool, layer int, s backend.MLAShape, scale float32) bool {
 	T := b.batch.Rows()
+	if b.decodeMMAAttention(om, ql, qm, p, layer, s, scale) {
+		return true
+	}
 	// The kernel's lanes hold 4-value groups of 128 latent dims and two
 	// rope dims each; rows and fp8 scales must stay 8-byte aligned.
 	if !b.decodeAttn || T < 1 || T > decodeAttnRows || (s.Rank != 128 && s.Rank != 256 && s.Rank != 512) ||

@@ -82,12 +82,19 @@ func TestDecodeAttentionMatchesCPU(t *testing.T) {
 			qs = append(qs, randVec(r, len(st)*s.Heads*qk, 1))
 		}
 		for _, dt := range []backend.CacheDType{backend.CacheF32, backend.CacheBF16, backend.CacheFP8} {
-			for _, v := range []struct {
-				pct int
-				h1  bool
-			}{{100, false}, {250, false}, {100, true}} {
+			variants := []attnVariant{{pct: 100}, {pct: 250}, {pct: 100, h1: true}}
+			if dt == backend.CacheBF16 {
+				// The tensor-core kernel, merged by a second launch or by
+				// the last block; 300%: more splits than the short rows
+				// have positions (empty splits); 3%: a few splits, one
+				// for the batch of four rows.
+				variants = append(variants, attnVariant{pct: 100, mma: true}, attnVariant{pct: 300, mma: true},
+					attnVariant{pct: 100, mma: true, last: true}, attnVariant{pct: 3, mma: true})
+			}
+			for _, v := range variants {
 				g.decodeAttn, g.decodeBlocks, g.decodeOneHead = true, v.pct, v.h1
-				name := fmt.Sprintf("decode attention heads=%d rank=%d rope=%d %v cache, blocks %d%%, one head a warp %v", s.Heads, s.Rank, s.RopeDim, dt, v.pct, v.h1)
+				g.decodeMMA, g.decodeLastMerge = v.mma, v.last
+				name := fmt.Sprintf("decode attention heads=%d rank=%d rope=%d %v cache, blocks %d%%, one head a warp %v, tensor cores %v, last-block merge %v", s.Heads, s.Rank, s.RopeDim, dt, v.pct, v.h1, v.mma, v.last)
 				compareOp(t, g, c, name, 1e-5, func(b backend.Backend) []float32 {
 					pool, err := b.NewCachePool(layers, blocks, blockSize, s.Rank, s.RopeDim, dt)
 					if err != nil {
@@ -121,6 +128,14 @@ func TestDecodeAttentionMatchesCPU(t *testing.T) {
 	}
 }
 
+// attnVariant is one configuration of the decode attention kernels:
+// splits aimed at pct percent of the multiprocessors, one head a warp
+// (h1), the tensor-core kernel (mma) and its last-block merge (last).
+type attnVariant struct {
+	pct           int
+	h1, mma, last bool
+}
+
 func nanVec(n int) []float32 {
 	v := make([]float32, n)
 	for i := range v {
@@ -146,7 +161,7 @@ func BenchmarkAttention(b *testing.B) {
 	r := testRand(b)
 	s := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
 	width := s.Rank + s.RopeDim
-	for _, cs := range []struct{ rows, ctx int }{{1, 1024}, {1, 8192}, {32, 1024}} {
+	for _, cs := range []struct{ rows, ctx int }{{1, 128}, {1, 1024}, {1, 8192}, {8, 128}, {8, 1024}, {8, 8192}, {32, 128}, {32, 1024}} {
 		const blockSize = 64
 		per := cs.ctx / blockSize // blocks a sequence
 		nb := cs.rows * per
@@ -183,14 +198,17 @@ func BenchmarkAttention(b *testing.B) {
 		}
 		bytes := float64(T * cs.ctx * 2 * width)
 		for _, mode := range []struct {
-			name   string
-			on, h1 bool
-			blocks int
-		}{{"two_launch", false, false, 100}, {"single_b50", true, false, 50}, {"single_b100", true, false, 100},
-			{"single_b200", true, false, 200}, {"single_h1_b100", true, true, 100}, {"single_h1_b200", true, true, 200}} {
+			name              string
+			on, h1, mma, last bool
+			blocks            int
+		}{{"two_launch", false, false, false, false, 100}, {"single_b100", true, false, false, false, 100},
+			{"single_h1_b100", true, true, false, false, 100},
+			{"mma_b50", true, false, true, false, 50}, {"mma_b100", true, false, true, false, 100},
+			{"mma_b200", true, false, true, false, 200}, {"mma_last_b100", true, false, true, true, 100}} {
 			name := fmt.Sprintf("rows%d_ctx%d_%s", T, cs.ctx, mode.name)
 			b.Run(name, func(b *testing.B) {
 				g.decodeAttn, g.decodeBlocks, g.decodeOneHead = mode.on, mode.blocks, mode.h1
+				g.decodeMMA, g.decodeLastMerge = mode.mma, mode.last
 				// Queue one op per layer and keep their launches.
 				var fns []func(c *Ctx) error
 				for l := 0; l < layers; l++ {
@@ -230,7 +248,7 @@ func BenchmarkAttention(b *testing.B) {
 		if T == 1 {
 			for _, h1 := range []bool{false, true} {
 				b.Run(fmt.Sprintf("rows1_ctx%d_phases_h1_%v", cs.ctx, h1), func(b *testing.B) {
-					g.decodeOneHead = h1
+					g.decodeOneHead, g.decodeMMA = h1, false
 					attentionPhases(b, g, layers, ol, ql, q, s)
 				})
 			}

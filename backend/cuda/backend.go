@@ -81,7 +81,11 @@ type Backend struct {
 	// attnCounters are its tickets (zero between launches).
 	decodeAttn, decodeOneHead bool
 	decodeBlocks              int
-	attnCounters              Buffer
+	// decodeMMA takes bf16-cache decode attention through the
+	// tensor-core kernel (decodemma.go), its splits merged by a second
+	// launch, or by the last block of each row when decodeLastMerge.
+	decodeMMA, decodeLastMerge bool
+	attnCounters               Buffer
 	// decodeStamps, when set, receives the kernel's per-block timer
 	// stamps (BenchmarkAttention); decodeStampBlocks is the last grid's
 	// block count.

@@ -414,3 +414,370 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
 FLASH_LATENT(8, 64)
 FLASH_LATENT(4, 32)
 FLASH_LATENT(2, 64)
+
+// Decode attention on the tensor cores: a few rows (one a sequence), each
+// against its own cached positions, split over blocks by position.
+//
+// Block (s, t) of the grid (splits, rows) takes the positions [s*chunk,
+// +chunk) of row t (chunk = ceil(n/splits) rounded up to 16, n = pos[t]+1)
+// for all its heads (up to DM_NH = 24), in tiles of DM_TP = 32 positions
+// copied to shared memory by cp.async, two tiles in flight. With the heads
+// as the n side of m16n8k16 (3 tiles of 8):
+//   S^T (32 x 24)  = [c | k_pe] (32 x W) . [qlat | q_pe]^T   warp w: its own k steps
+//   O^T (rank x 24) += c^T (rank x 32) . P^T (32 x 24)        warp w: columns [w*rank/8, +rank/8)
+// The queries and the softmax weights are float32: each is split into
+// three bf16 parts (hi + mid + lo hold its 24 bits), each product issued
+// for the three parts into one fp32 accumulator, so the results stay
+// within float32 rounding of the CPU reference (the cache's values are
+// exact in bf16). Each warp keeps its queries' parts in registers for its
+// k steps (the latent ones that match its output columns, and one rope
+// step for warps < DR/16); the eight partial score tiles are added in
+// shared memory in a fixed order, then an online softmax per head.
+//
+// With one split the block writes olat; otherwise its partial (max, sum
+// and unnormalised values per head), merged by decode_combine (a second
+// launch) or, when counters is set, by the last block of the row to finish
+// (an atomic ticket per row, which it resets).
+
+#define DM_TP 32
+#define DM_THREADS 256
+#define DM_HT 3
+#define DM_NH (8 * DM_HT)
+#define DM_PLD (DM_TP + 8)  // weight row stride (bf16)
+#define DM_PROWS 80          // weight rows: part*DM_NH + head, padded to ten groups of 8
+#define DM_MAXS 256
+
+// x = hi + mid + lo exactly (finite x; each part a bf16 as bits).
+DEVICE void split3_bf16(float x, u32& hi, u32& mid, u32& lo) {
+  hi = fa_bf16(x);
+  const float r = x - __uint_as_float(hi << 16);
+  mid = fa_bf16(r);
+  lo = fa_bf16(r - __uint_as_float(mid << 16));
+}
+
+// One warp merges the splits of row t, head h, columns [c0, c0+128):
+// weights exp(m_s - M) (0 for a split that saw no positions) in wsm.
+DEVICE void dm_combine_warp(float* __restrict__ olat, int ldo, const float* part_ml, const float* part_acc, int t,
+                            int h, int c0, int S, int heads, int rank, float* wsm, int lane) {
+  const float* ml = part_ml + ((size_t)t * S * heads + h) * 2;
+  float M = __int_as_float(0xff800000);
+  for (int s = lane; s < S; s += 32) {
+    const float l = __ldcg(ml + (size_t)s * heads * 2 + 1);
+    if (l > 0.f) M = fmaxf(M, __ldcg(ml + (size_t)s * heads * 2));
+  }
+  M = warp_max(M);
+  float L = 0.f;
+  for (int s = lane; s < S; s += 32) {
+    const float l = __ldcg(ml + (size_t)s * heads * 2 + 1);
+    const float e = l > 0.f ? expf(__ldcg(ml + (size_t)s * heads * 2) - M) : 0.f;
+    wsm[s] = e;
+    L += e * l;
+  }
+  L = warp_sum(L);
+  __syncwarp();
+  const float* acc = part_acc + ((size_t)t * S * heads + h) * rank + c0 + 4 * lane;
+  float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 4
+  for (int s = 0; s < S; s++) {
+    const float w = wsm[s];
+    const float4 x = __ldcg((const float4*)(acc + (size_t)s * heads * rank));
+    v.x += w * x.x, v.y += w * x.y, v.z += w * x.z, v.w += w * x.w;
+  }
+  const float inv = 1.f / L;
+  *(float4*)(olat + (size_t)t * ldo + (size_t)h * rank + c0 + 4 * lane) =
+      make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
+  __syncwarp();
+}
+
+template <int RANK, int DR>
+DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
+                       const float* __restrict__ q, int ldq, const u8* __restrict__ layer,
+                       const i32* __restrict__ pos, const i32* __restrict__ row_seq,
+                       const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size, int heads,
+                       int dn, float scale, float* part_ml, float* part_acc, u32* counters) {
+  constexpr int W = RANK + DR, LD = W + 8;  // cached row stride in shared memory (bf16)
+  constexpr int KL = RANK / 128;            // latent k steps a warp; also its 16-column output tiles
+  constexpr int KR = DR / 16;               // rope k steps: one each for warps < KR
+  constexpr int KS = KL + 1;
+  constexpr int CH = W / 8;                 // 16-byte pieces of a cached row
+  constexpr int OLD = RANK + 4;             // output transpose row stride (floats)
+  static_assert(KR <= 8 && DR % 16 == 0 && RANK % 128 == 0, "shape");
+  static_assert(DM_THREADS / 8 == DM_TP, "eight threads copy a row");
+
+  extern __shared__ __align__(16) u8 dm_smem[];
+  unsigned short* stage = (unsigned short*)dm_smem;                // [2][DM_TP][LD]
+  float* ot = (float*)dm_smem;                                     // [DM_NH][OLD], after the tiles
+  constexpr int STAGE_BYTES = 2 * DM_TP * LD * 2 > DM_NH * OLD * 4 ? 2 * DM_TP * LD * 2 : DM_NH * OLD * 4;
+  float* sp = (float*)(dm_smem + STAGE_BYTES);                     // [8][DM_TP][DM_NH] partial scores
+  unsigned short* pw = (unsigned short*)(sp + 8 * DM_TP * DM_NH);  // [DM_PROWS][DM_PLD] weights
+  float* alpha_s = (float*)(pw + DM_PROWS * DM_PLD);               // [DM_NH]
+  float* m_s = alpha_s + DM_NH;
+  float* l_s = m_s + DM_NH;
+  __shared__ int last_s;
+
+  PDL_LAUNCH();
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c4 = lane & 3;
+  const int s = blockIdx.x, t = blockIdx.y, S = gridDim.x;
+  // Row metadata: uploaded before the step, written by no kernel.
+  const int n = pos[t] + 1;
+  const i32* table = blocks + seq_blocks[row_seq[t]];
+  const int chunk = ((n + S - 1) / S + 15) & ~15;
+  const int j0 = s * chunk, nb = max(0, min(n - j0, chunk)), ntiles = (nb + DM_TP - 1) / DM_TP;
+  PDL_WAIT();  // the queries and this step's cache entries
+
+  // Copies: thread tid takes row tid/8 of a tile, pieces tid%8 + 8i.
+  const int crow = tid >> 3, csub = tid & 7;
+  auto slot_of = [&](int k) -> u32 {
+    const int r = k * DM_TP + crow;
+    if (r >= nb) return 0u;
+    const int j = j0 + r;
+    return (u32)(table[j / block_size] * block_size + j % block_size);
+  };
+  const u32 stage_addr = smem_addr(stage);
+  auto issue = [&](int k, u32 slot) {
+    const bool valid = k * DM_TP + crow < nb;
+    const u8* src = layer + (size_t)slot * W * 2;
+    const u32 dst = stage_addr + (u32)(((k & 1) * DM_TP + crow) * LD * 2);
+#pragma unroll
+    for (int c = csub; c < CH; c += 8) cp_async16(dst + c * 16, src + c * 16, valid);
+    asm volatile("cp.async.commit_group;" ::: "memory");
+  };
+  u32 nslot = 0;
+  if (ntiles > 0) {
+    issue(0, slot_of(0));
+    nslot = slot_of(1);
+  }
+
+  // This warp's query parts as B fragments: k step kk covers query
+  // columns kcol(kk) .. +16; heads 8j + g.
+  auto kcol = [&](int kk) { return kk < KL ? (warp * KL + kk) * 16 : RANK + 16 * warp; };
+  u32 qb[KS][DM_HT][3][2];
+#pragma unroll
+  for (int kk = 0; kk < KS; kk++) {
+#pragma unroll
+    for (int j = 0; j < DM_HT; j++) {
+      const int h = 8 * j + g;
+      float2 v0 = make_float2(0.f, 0.f), v1 = v0;
+      if (h < heads && (kk < KL || warp < KR)) {
+        const int kc = kcol(kk);
+        const float* src = kk < KL ? qlat + (size_t)t * ldql + (size_t)h * RANK + kc
+                                   : q + (size_t)t * ldq + (size_t)h * (dn + DR) + dn + (kc - RANK);
+        v0 = *(const float2*)(src + 2 * c4);
+        v1 = *(const float2*)(src + 2 * c4 + 8);
+      }
+      u32 a[3], b[3], c[3], d[3];
+      split3_bf16(v0.x, a[0], a[1], a[2]);
+      split3_bf16(v0.y, b[0], b[1], b[2]);
+      split3_bf16(v1.x, c[0], c[1], c[2]);
+      split3_bf16(v1.y, d[0], d[1], d[2]);
+#pragma unroll
+      for (int p = 0; p < 3; p++) {
+        qb[kk][j][p][0] = a[p] | (b[p] << 16);
+        qb[kk][j][p][1] = c[p] | (d[p] << 16);
+      }
+    }
+  }
+
+  // Weights of the padding rows and heads stay zero; the softmax state
+  // lives in the threads tid < 8*DM_NH (head tid/8, positions tid%8 + 8i).
+  for (int i = tid; i < DM_PROWS * DM_PLD / 2; i += DM_THREADS) ((u32*)pw)[i] = 0u;
+  const int sh = tid >> 3, sq = tid & 7;
+  float m_run = __int_as_float(0xff800000), l_run = 0.f;
+
+  float o[KL][DM_HT][4];
+#pragma unroll
+  for (int m = 0; m < KL; m++)
+#pragma unroll
+    for (int j = 0; j < DM_HT; j++) o[m][j][0] = o[m][j][1] = o[m][j][2] = o[m][j][3] = 0.f;
+
+  const int a_off = ((lane & 15) * LD + (lane >> 4) * 8) * 2;                           // A from [pos][k]
+  const int t_off = (((lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * 8) * 2;  // A = c^T, .trans
+  const int b_off = (((lane & 7) + ((lane >> 4) << 3)) * DM_PLD + ((lane >> 3) & 1) * 8) * 2;  // B from [n][pos]
+  const u32 pw_addr = smem_addr(pw);
+
+  for (int k = 0; k < ntiles; k++) {
+    if (k + 1 < ntiles) {
+      issue(k + 1, nslot);
+      nslot = slot_of(k + 2);
+      asm volatile("cp.async.wait_group 1;" ::: "memory");
+    } else {
+      asm volatile("cp.async.wait_group 0;" ::: "memory");
+    }
+    __syncthreads();
+    const u32 tile = stage_addr + (u32)((k & 1) * DM_TP * LD * 2);
+
+    // Partial scores over this warp's k steps: 32 positions x 24 heads.
+    {
+      float sacc[2][DM_HT][4];
+#pragma unroll
+      for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int j = 0; j < DM_HT; j++) sacc[mt][j][0] = sacc[mt][j][1] = sacc[mt][j][2] = sacc[mt][j][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < KS; kk++) {
+        if (kk < KL || warp < KR) {
+          u32 a[2][4];
+#pragma unroll
+          for (int mt = 0; mt < 2; mt++)
+            ldsm_x4(tile + (u32)(mt * 16 * LD * 2 + kcol(kk) * 2 + a_off), a[mt][0], a[mt][1], a[mt][2], a[mt][3]);
+#pragma unroll
+          for (int p = 0; p < 3; p++)
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+              for (int j = 0; j < DM_HT; j++) mma_bf16(sacc[mt][j], a[mt], qb[kk][j][p][0], qb[kk][j][p][1]);
+        }
+      }
+      float* mine = sp + warp * DM_TP * DM_NH;
+#pragma unroll
+      for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+        for (int j = 0; j < DM_HT; j++) {
+          const int row = mt * 16 + g, col = 8 * j + 2 * c4;
+          *(float2*)(mine + row * DM_NH + col) = make_float2(sacc[mt][j][0], sacc[mt][j][1]);
+          *(float2*)(mine + (row + 8) * DM_NH + col) = make_float2(sacc[mt][j][2], sacc[mt][j][3]);
+        }
+    }
+    __syncthreads();
+
+    // Online softmax, eight threads a head (warps 0-5; every head slot,
+    // padding heads fully masked).
+    if (tid < 8 * DM_NH) {
+      float sv[DM_TP / 8];
+      float mx = __int_as_float(0xff800000);
+#pragma unroll
+      for (int i = 0; i < DM_TP / 8; i++) {
+        const int r = sq + 8 * i;
+        float a = 0.f;
+#pragma unroll
+        for (int w = 0; w < 8; w++) a += sp[(w * DM_TP + r) * DM_NH + sh];
+        const bool valid = sh < heads && k * DM_TP + r < nb;
+        sv[i] = valid ? a * scale : __int_as_float(0xff800000);
+        mx = fmaxf(mx, sv[i]);
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+      const float m_new = fmaxf(m_run, mx);
+      const bool none = m_new == __int_as_float(0xff800000);
+      const float alpha = none ? 1.f : expf(m_run - m_new);
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < DM_TP / 8; i++) {
+        const float p = (none || sv[i] == __int_as_float(0xff800000)) ? 0.f : expf(sv[i] - m_new);
+        sum += p;
+        u32 hi, mid, lo;
+        split3_bf16(p, hi, mid, lo);
+        const int r = sq + 8 * i;
+        pw[(0 * DM_NH + sh) * DM_PLD + r] = (unsigned short)hi;
+        pw[(1 * DM_NH + sh) * DM_PLD + r] = (unsigned short)mid;
+        pw[(2 * DM_NH + sh) * DM_PLD + r] = (unsigned short)lo;
+      }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+      l_run = l_run * alpha + sum;
+      m_run = m_new;
+      if (sq == 0) alpha_s[sh] = alpha;
+    }
+    __syncthreads();
+
+    // O^T = O^T * alpha + c^T . P^T over this warp's columns.
+    {
+#pragma unroll
+      for (int j = 0; j < DM_HT; j++) {
+        const float a0 = alpha_s[8 * j + 2 * c4], a1 = alpha_s[8 * j + 2 * c4 + 1];
+#pragma unroll
+        for (int m = 0; m < KL; m++) o[m][j][0] *= a0, o[m][j][1] *= a1, o[m][j][2] *= a0, o[m][j][3] *= a1;
+      }
+#pragma unroll
+      for (int ks = 0; ks < DM_TP / 16; ks++) {
+        u32 b[10][2];
+#pragma unroll
+        for (int rg = 0; rg < 10; rg += 2)
+          ldsm_x4(pw_addr + (u32)(rg * 8 * DM_PLD * 2 + ks * 32 + b_off), b[rg][0], b[rg][1], b[rg + 1][0],
+                  b[rg + 1][1]);
+        u32 a[KL][4];
+#pragma unroll
+        for (int m = 0; m < KL; m++)
+          ldsm_x4_t(tile + (u32)(ks * 16 * LD * 2 + (warp * KL + m) * 32 + t_off), a[m][0], a[m][1], a[m][2], a[m][3]);
+#pragma unroll
+        for (int p = 0; p < 3; p++)
+#pragma unroll
+          for (int m = 0; m < KL; m++)
+#pragma unroll
+            for (int j = 0; j < DM_HT; j++) mma_bf16(o[m][j], a[m], b[3 * p + j][0], b[3 * p + j][1]);
+      }
+    }
+    __syncthreads();  // the tile and the weights are read before they are rewritten
+  }
+
+  // Head-major values in shared memory (the tiles are done with).
+#pragma unroll
+  for (int m = 0; m < KL; m++)
+#pragma unroll
+    for (int j = 0; j < DM_HT; j++) {
+      const int col = (warp * KL + m) * 16 + g, h = 8 * j + 2 * c4;
+      ot[h * OLD + col] = o[m][j][0];
+      ot[(h + 1) * OLD + col] = o[m][j][1];
+      ot[h * OLD + col + 8] = o[m][j][2];
+      ot[(h + 1) * OLD + col + 8] = o[m][j][3];
+    }
+  if (tid < 8 * DM_NH && sq == 0) m_s[sh] = m_run, l_s[sh] = l_run;
+  __syncthreads();
+
+  constexpr int C4 = RANK / 4;
+  if (S == 1) {
+    for (int i = tid; i < heads * C4; i += DM_THREADS) {
+      const int h = i / C4, c = (i - h * C4) * 4;
+      const float4 v = *(const float4*)(ot + h * OLD + c);
+      const float inv = 1.f / l_s[h];
+      *(float4*)(olat + (size_t)t * ldo + (size_t)h * RANK + c) = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
+    }
+    return;
+  }
+  const size_t part = (size_t)t * S + s;
+  for (int i = tid; i < heads * C4; i += DM_THREADS) {
+    const int h = i / C4, c = (i - h * C4) * 4;
+    *(float4*)(part_acc + (part * heads + h) * RANK + c) = *(const float4*)(ot + h * OLD + c);
+  }
+  if (tid < heads) *(float2*)(part_ml + (part * heads + tid) * 2) = make_float2(m_s[tid], l_s[tid]);
+  if (counters == nullptr) return;
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) last_s = atomicAdd(&counters[t], 1u) == (u32)(S - 1);
+  __syncthreads();
+  if (!last_s) return;
+  __threadfence();
+  if (tid == 0) counters[t] = 0;  // ready for the next launch
+  float* wsm = sp + warp * DM_MAXS;
+  for (int task = warp; task < heads * (RANK / 128); task += DM_THREADS / 32) {
+    const int h = task / (RANK / 128), c0 = (task - h * (RANK / 128)) * 128;
+    dm_combine_warp(olat, ldo, part_ml, part_acc, t, h, c0, S, heads, RANK, wsm, lane);
+  }
+}
+
+#define DECODE_MMA(RANK, DR)                                                                                         \
+  extern "C" __global__ void __launch_bounds__(DM_THREADS, 1)                                                        \
+      decode_mma_##RANK##_##DR(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,            \
+                               const u8* layer, const i32* __restrict__ pos, const i32* __restrict__ row_seq,        \
+                               const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size,   \
+                               int heads, int dn, float scale, float* part_ml, float* part_acc, u32* counters) {     \
+    decode_mma<RANK, DR>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks, block_size, heads, \
+                         dn, scale, part_ml, part_acc, counters);                                                    \
+  }
+
+// Instances: the model's (rank 512, rope 64) and the tests' small shape.
+DECODE_MMA(512, 64)
+DECODE_MMA(256, 32)
+
+// The splits' merge as a second launch: grid (rank/128, heads, rows), one
+// warp a block.
+extern "C" __global__ void __launch_bounds__(32) decode_combine(float* olat, int ldo, const float* part_ml,
+                                                                const float* part_acc, int S, int heads, int rank) {
+  __shared__ float wsm[DM_MAXS];
+  PDL_LAUNCH();
+  PDL_WAIT();
+  dm_combine_warp(olat, ldo, part_ml, part_acc, blockIdx.z, blockIdx.y, blockIdx.x * 128, S, heads, rank, wsm,
+                  threadIdx.x);
+}

@@ -1,0 +1,104 @@
+//go:build linux || darwin || freebsd || netbsd
+
+package cuda
+
+import (
+	"fmt"
+	"slices"
+
+	"github.com/mmfp4/mmfp4/backend"
+)
+
+// Decode attention on the tensor cores (decode_mma in kernels/flash.cu):
+// for a few rows over a bf16 cache, a block per split of a row's
+// positions takes all of its heads; the splits are merged by a second
+// launch (decode_combine) or by the last block of the row to finish.
+
+// decodeMMAShapes are the (rank, rope dims) decode_mma is compiled for:
+// the model's and the tests' small one.
+var decodeMMAShapes = [][2]int{{512, 64}, {256, 32}}
+
+// Constants of flash.cu: positions a tile, heads a block at most (three
+// tiles of 8), threads, the most splits, positions a split is rounded to.
+const (
+	decodeMMATile    = 32
+	decodeMMAHeads   = 24
+	decodeMMAThreads = 256
+	decodeMMAMaxS    = 256
+	decodeMMAAlign   = 16
+)
+
+// decodeMMAShared is decode_mma's dynamic shared memory: two tiles of
+// cached rows (or the head-major values at the end, whichever is larger),
+// eight warps' partial scores, the weights' three parts and three floats
+// a head.
+func decodeMMAShared(rank, dr int) int {
+	ld := rank + dr + 8
+	stage := max(2*decodeMMATile*ld*2, decodeMMAHeads*(rank+4)*4)
+	return stage + 8*decodeMMATile*decodeMMAHeads*4 + 80*(decodeMMATile+8)*2 + 3*decodeMMAHeads*4
+}
+
+// decodeMMASplits is how many blocks share a row's positions: about
+// decodeBlocks percent of the multiprocessors in blocks over all rows,
+// at least 16 positions a split (bucketed as the other split kernels
+// are, so that a decode step keeps its graph).
+func (b *Backend) decodeMMASplits(T, maxN int) int {
+	target := max(1, b.decodeBlocks*b.dev.Info().SMs/100)
+	s := max(1, target/T)
+	s = min(s, splitBucket((maxN+decodeMMAAlign-1)/decodeMMAAlign), decodeMMAMaxS)
+	return max(s, 1)
+}
+
+// decodeMMAAttention queues the tensor-core decode kernel when it applies
+// and reports whether it did: a bf16 cache, a compiled shape, at most 24
+// heads and the float2/float4 alignment of its loads and stores.
+func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int, s backend.MLAShape, scale float32) bool {
+	T := b.batch.Rows()
+	if !b.decodeAttn || !b.decodeMMA || T < 1 || T > decodeAttnRows || p.dtype != backend.CacheBF16 ||
+		!slices.Contains(decodeMMAShapes, [2]int{s.Rank, s.RopeDim}) || s.Heads < 1 || s.Heads > decodeMMAHeads ||
+		ql.ld%2 != 0 || ql.ptr%8 != 0 || qm.ld%2 != 0 || qm.ptr%8 != 0 || s.NopeDim%2 != 0 ||
+		om.ld%4 != 0 || om.ptr%16 != 0 {
+		return false
+	}
+	shared := decodeMMAShared(s.Rank, s.RopeDim)
+	if shared > b.dev.Info().SharedOptin {
+		return false
+	}
+	S := b.decodeMMASplits(T, b.meta.maxN)
+	var pml, pacc, counters uint64
+	if S > 1 {
+		pml, pacc = b.alloc(4*2*T*S*s.Heads), b.alloc(4*T*S*s.Heads*s.Rank)
+		if b.decodeLastMerge {
+			if !b.attnCountersFor(T) {
+				return false
+			}
+			counters = b.attnCounters.Ptr
+		}
+	}
+	name := fmt.Sprintf("decode_mma_%d_%d", s.Rank, s.RopeDim)
+	b.do("attention", func(c *Ctx) error {
+		k, err := c.Kernel("flash", name)
+		if err != nil {
+			return err
+		}
+		if k.maxShared < shared {
+			if err := c.SetMaxShared(k, shared); err != nil {
+				return err
+			}
+			k.maxShared = shared
+		}
+		if err := c.Launch(k, Dim{uint32(S), uint32(T), 1}, D1(decodeMMAThreads), shared,
+			om.ptr, om.ld, ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer),
+			b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
+			s.Heads, s.NopeDim, scale, pml, pacc, counters); err != nil || S == 1 || counters != 0 {
+			return err
+		}
+		m, err := c.Kernel("flash", "decode_combine")
+		if err != nil {
+			return err
+		}
+		return c.Launch(m, Dim{uint32(s.Rank / 128), uint32(s.Heads), uint32(T)}, D1(32), 0,
+			om.ptr, om.ld, pml, pacc, S, s.Heads, s.Rank)
+	})
+	return true
+}
