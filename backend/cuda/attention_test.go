@@ -89,12 +89,13 @@ func TestDecodeAttentionMatchesCPU(t *testing.T) {
 				// have positions (empty splits); 3%: a few splits, one
 				// for the batch of four rows.
 				variants = append(variants, attnVariant{pct: 100, mma: true}, attnVariant{pct: 300, mma: true},
-					attnVariant{pct: 100, mma: true, last: true}, attnVariant{pct: 3, mma: true})
+					attnVariant{pct: 100, mma: true, last: true}, attnVariant{pct: 3, mma: true},
+					attnVariant{pct: 100, mma: true, tile: 16}, attnVariant{pct: 300, mma: true, tile: 32})
 			}
 			for _, v := range variants {
 				g.decodeAttn, g.decodeBlocks, g.decodeOneHead = true, v.pct, v.h1
-				g.decodeMMA, g.decodeLastMerge = v.mma, v.last
-				name := fmt.Sprintf("decode attention heads=%d rank=%d rope=%d %v cache, blocks %d%%, one head a warp %v, tensor cores %v, last-block merge %v", s.Heads, s.Rank, s.RopeDim, dt, v.pct, v.h1, v.mma, v.last)
+				g.decodeMMA, g.decodeLastMerge, g.decodeMMATile = v.mma, v.last, v.tile
+				name := fmt.Sprintf("decode attention heads=%d rank=%d rope=%d %v cache, blocks %d%%, one head a warp %v, tensor cores %v (tile %d), last-block merge %v", s.Heads, s.Rank, s.RopeDim, dt, v.pct, v.h1, v.mma, v.tile, v.last)
 				compareOp(t, g, c, name, 1e-5, func(b backend.Backend) []float32 {
 					pool, err := b.NewCachePool(layers, blocks, blockSize, s.Rank, s.RopeDim, dt)
 					if err != nil {
@@ -130,9 +131,10 @@ func TestDecodeAttentionMatchesCPU(t *testing.T) {
 
 // attnVariant is one configuration of the decode attention kernels:
 // splits aimed at pct percent of the multiprocessors, one head a warp
-// (h1), the tensor-core kernel (mma) and its last-block merge (last).
+// (h1), the tensor-core kernel (mma), its last-block merge (last) and
+// its tile (16 or 32 positions; 0: chosen by the splits).
 type attnVariant struct {
-	pct           int
+	pct, tile     int
 	h1, mma, last bool
 }
 
@@ -200,15 +202,16 @@ func BenchmarkAttention(b *testing.B) {
 		for _, mode := range []struct {
 			name              string
 			on, h1, mma, last bool
-			blocks            int
-		}{{"two_launch", false, false, false, false, 100}, {"single_b100", true, false, false, false, 100},
-			{"single_h1_b100", true, true, false, false, 100},
-			{"mma_b50", true, false, true, false, 50}, {"mma_b100", true, false, true, false, 100},
-			{"mma_b200", true, false, true, false, 200}, {"mma_last_b100", true, false, true, true, 100}} {
+			blocks, tile      int
+		}{{"two_launch", false, false, false, false, 100, 0}, {"single_b100", true, false, false, false, 100, 0},
+			{"single_h1_b100", true, true, false, false, 100, 0},
+			{"mma_b50", true, false, true, false, 50, 0}, {"mma_b100", true, false, true, false, 100, 0},
+			{"mma_b200", true, false, true, false, 200, 0}, {"mma_last_b100", true, false, true, true, 100, 0},
+			{"mma_t32_b100", true, false, true, false, 100, 32}} {
 			name := fmt.Sprintf("rows%d_ctx%d_%s", T, cs.ctx, mode.name)
 			b.Run(name, func(b *testing.B) {
 				g.decodeAttn, g.decodeBlocks, g.decodeOneHead = mode.on, mode.blocks, mode.h1
-				g.decodeMMA, g.decodeLastMerge = mode.mma, mode.last
+				g.decodeMMA, g.decodeLastMerge, g.decodeMMATile = mode.mma, mode.last, mode.tile
 				// Queue one op per layer and keep their launches.
 				var fns []func(c *Ctx) error
 				for l := 0; l < layers; l++ {

@@ -84,7 +84,9 @@ type Backend struct {
 	// decodeMMA takes bf16-cache decode attention through the
 	// tensor-core kernel (decodemma.go), its splits merged by a second
 	// launch, or by the last block of each row when decodeLastMerge.
+	// decodeMMATile, when not 0, fixes its tile (16 or 32 positions).
 	decodeMMA, decodeLastMerge bool
+	decodeMMATile              int
 	attnCounters               Buffer
 	// decodeStamps, when set, receives the kernel's per-block timer
 	// stamps (BenchmarkAttention); decodeStampBlocks is the last grid's

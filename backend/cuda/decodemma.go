@@ -18,24 +18,23 @@ import (
 // the model's and the tests' small one.
 var decodeMMAShapes = [][2]int{{512, 64}, {256, 32}}
 
-// Constants of flash.cu: positions a tile, heads a block at most (three
-// tiles of 8), threads, the most splits, positions a split is rounded to.
+// Constants of flash.cu: heads a block at most (three tiles of 8),
+// threads, the most splits, positions a split is rounded to.
 const (
-	decodeMMATile    = 32
 	decodeMMAHeads   = 24
 	decodeMMAThreads = 256
 	decodeMMAMaxS    = 256
 	decodeMMAAlign   = 16
 )
 
-// decodeMMAShared is decode_mma's dynamic shared memory: two tiles of
-// cached rows (or the head-major values at the end, whichever is larger),
-// eight warps' partial scores, the weights' three parts and three floats
-// a head.
-func decodeMMAShared(rank, dr int) int {
+// decodeMMAShared is decode_mma's dynamic shared memory for tiles of tp
+// positions: two tiles of cached rows (or the head-major values at the
+// end, whichever is larger), eight warps' partial scores, the weights'
+// three parts and three floats a head.
+func decodeMMAShared(rank, dr, tp int) int {
 	ld := rank + dr + 8
-	stage := max(2*decodeMMATile*ld*2, decodeMMAHeads*(rank+4)*4)
-	return stage + 8*decodeMMATile*decodeMMAHeads*4 + 80*(decodeMMATile+8)*2 + 3*decodeMMAHeads*4
+	stage := max(2*tp*ld*2, decodeMMAHeads*(rank+4)*4)
+	return stage + 8*tp*decodeMMAHeads*4 + 80*(tp+8)*2 + 3*decodeMMAHeads*4
 }
 
 // decodeMMASplits is how many blocks share a row's positions: about
@@ -60,11 +59,20 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 		om.ld%4 != 0 || om.ptr%16 != 0 {
 		return false
 	}
-	shared := decodeMMAShared(s.Rank, s.RopeDim)
+	S := b.decodeMMASplits(T, b.meta.maxN)
+	// Tiles of 16 positions when no split has more (one tile, half the
+	// products of 32), else 32.
+	tp := 32
+	if (b.meta.maxN+S-1)/S <= 16 {
+		tp = 16
+	}
+	if b.decodeMMATile != 0 {
+		tp = b.decodeMMATile
+	}
+	shared := decodeMMAShared(s.Rank, s.RopeDim, tp)
 	if shared > b.dev.Info().SharedOptin {
 		return false
 	}
-	S := b.decodeMMASplits(T, b.meta.maxN)
 	var pml, pacc, counters uint64
 	if S > 1 {
 		pml, pacc = b.alloc(4*2*T*S*s.Heads), b.alloc(4*T*S*s.Heads*s.Rank)
@@ -75,7 +83,7 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 			counters = b.attnCounters.Ptr
 		}
 	}
-	name := fmt.Sprintf("decode_mma_%d_%d", s.Rank, s.RopeDim)
+	name := fmt.Sprintf("decode_mma_%d_%d_t%d", s.Rank, s.RopeDim, tp)
 	b.do("attention", func(c *Ctx) error {
 		k, err := c.Kernel("flash", name)
 		if err != nil {

@@ -420,11 +420,11 @@ FLASH_LATENT(2, 64)
 //
 // Block (s, t) of the grid (splits, rows) takes the positions [s*chunk,
 // +chunk) of row t (chunk = ceil(n/splits) rounded up to 16, n = pos[t]+1)
-// for all its heads (up to DM_NH = 24), in tiles of DM_TP = 32 positions
-// copied to shared memory by cp.async, two tiles in flight. With the heads
-// as the n side of m16n8k16 (3 tiles of 8):
-//   S^T (32 x 24)  = [c | k_pe] (32 x W) . [qlat | q_pe]^T   warp w: its own k steps
-//   O^T (rank x 24) += c^T (rank x 32) . P^T (32 x 24)        warp w: columns [w*rank/8, +rank/8)
+// for all its heads (up to DM_NH = 24), in tiles of TP = 16 or 32
+// positions copied to shared memory by cp.async, two tiles in flight.
+// With the heads as the n side of m16n8k16 (3 tiles of 8):
+//   S^T (TP x 24)  = [c | k_pe] (TP x W) . [qlat | q_pe]^T   warp w: its own k steps
+//   O^T (rank x 24) += c^T (rank x TP) . P^T (TP x 24)        warp w: columns [w*rank/8, +rank/8)
 // The queries and the softmax weights are float32: each is split into
 // three bf16 parts (hi + mid + lo hold its 24 bits), each product issued
 // for the three parts into one fp32 accumulator, so the results stay
@@ -439,12 +439,10 @@ FLASH_LATENT(2, 64)
 // launch) or, when counters is set, by the last block of the row to finish
 // (an atomic ticket per row, which it resets).
 
-#define DM_TP 32
 #define DM_THREADS 256
 #define DM_HT 3
 #define DM_NH (8 * DM_HT)
-#define DM_PLD (DM_TP + 8)  // weight row stride (bf16)
-#define DM_PROWS 80          // weight rows: part*DM_NH + head, padded to ten groups of 8
+#define DM_PROWS 80  // weight rows: part*DM_NH + head, padded to ten groups of 8
 #define DM_MAXS 256
 
 // x = hi + mid + lo exactly (finite x; each part a bf16 as bits).
@@ -489,7 +487,7 @@ DEVICE void dm_combine_warp(float* __restrict__ olat, int ldo, const float* part
   __syncwarp();
 }
 
-template <int RANK, int DR>
+template <int RANK, int DR, int TP>
 DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                        const float* __restrict__ q, int ldq, const u8* __restrict__ layer,
                        const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -501,16 +499,21 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   constexpr int KS = KL + 1;
   constexpr int CH = W / 8;                 // 16-byte pieces of a cached row
   constexpr int OLD = RANK + 4;             // output transpose row stride (floats)
-  static_assert(KR <= 8 && DR % 16 == 0 && RANK % 128 == 0, "shape");
-  static_assert(DM_THREADS / 8 == DM_TP, "eight threads copy a row");
+  constexpr int PLD = TP + 8;               // weight row stride (bf16)
+  constexpr int MT = TP / 16;               // 16-position tiles of a tile
+  constexpr int TPR = DM_THREADS / TP;      // threads copying a row
+  // Score accumulators: one a part with one position tile (shorter
+  // chains of dependent products), else one for all three parts.
+  constexpr int NA = MT == 1 ? 3 : 1;
+  static_assert(KR <= 8 && DR % 16 == 0 && RANK % 128 == 0 && (TP == 16 || TP == 32), "shape");
 
   extern __shared__ __align__(16) u8 dm_smem[];
-  unsigned short* stage = (unsigned short*)dm_smem;                // [2][DM_TP][LD]
-  float* ot = (float*)dm_smem;                                     // [DM_NH][OLD], after the tiles
-  constexpr int STAGE_BYTES = 2 * DM_TP * LD * 2 > DM_NH * OLD * 4 ? 2 * DM_TP * LD * 2 : DM_NH * OLD * 4;
-  float* sp = (float*)(dm_smem + STAGE_BYTES);                     // [8][DM_TP][DM_NH] partial scores
-  unsigned short* pw = (unsigned short*)(sp + 8 * DM_TP * DM_NH);  // [DM_PROWS][DM_PLD] weights
-  float* alpha_s = (float*)(pw + DM_PROWS * DM_PLD);               // [DM_NH]
+  unsigned short* stage = (unsigned short*)dm_smem;             // [2][TP][LD]
+  float* ot = (float*)dm_smem;                                  // [DM_NH][OLD], after the tiles
+  constexpr int STAGE_BYTES = 2 * TP * LD * 2 > DM_NH * OLD * 4 ? 2 * TP * LD * 2 : DM_NH * OLD * 4;
+  float* sp = (float*)(dm_smem + STAGE_BYTES);                  // [8][TP][DM_NH] partial scores
+  unsigned short* pw = (unsigned short*)(sp + 8 * TP * DM_NH);  // [DM_PROWS][PLD] weights
+  float* alpha_s = (float*)(pw + DM_PROWS * PLD);               // [DM_NH]
   float* m_s = alpha_s + DM_NH;
   float* l_s = m_s + DM_NH;
   __shared__ int last_s;
@@ -522,24 +525,23 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   const int n = pos[t] + 1;
   const i32* table = blocks + seq_blocks[row_seq[t]];
   const int chunk = ((n + S - 1) / S + 15) & ~15;
-  const int j0 = s * chunk, nb = max(0, min(n - j0, chunk)), ntiles = (nb + DM_TP - 1) / DM_TP;
+  const int j0 = s * chunk, nb = max(0, min(n - j0, chunk)), ntiles = (nb + TP - 1) / TP;
   PDL_WAIT();  // the queries and this step's cache entries
 
-  // Copies: thread tid takes row tid/8 of a tile, pieces tid%8 + 8i.
-  const int crow = tid >> 3, csub = tid & 7;
+  // Copies: thread tid takes row tid/TPR of a tile, pieces tid%TPR + TPR*i.
+  const int crow = tid / TPR, csub = tid % TPR;
   auto slot_of = [&](int k) -> u32 {
-    const int r = k * DM_TP + crow;
+    const int r = k * TP + crow;
     if (r >= nb) return 0u;
     const int j = j0 + r;
     return (u32)(table[j / block_size] * block_size + j % block_size);
   };
   const u32 stage_addr = smem_addr(stage);
   auto issue = [&](int k, u32 slot) {
-    const bool valid = k * DM_TP + crow < nb;
+    const bool valid = k * TP + crow < nb;
     const u8* src = layer + (size_t)slot * W * 2;
-    const u32 dst = stage_addr + (u32)(((k & 1) * DM_TP + crow) * LD * 2);
-#pragma unroll
-    for (int c = csub; c < CH; c += 8) cp_async16(dst + c * 16, src + c * 16, valid);
+    const u32 dst = stage_addr + (u32)(((k & 1) * TP + crow) * LD * 2);
+    for (int c = csub; c < CH; c += TPR) cp_async16(dst + c * 16, src + c * 16, valid);
     asm volatile("cp.async.commit_group;" ::: "memory");
   };
   u32 nslot = 0;
@@ -580,7 +582,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 
   // Weights of the padding rows and heads stay zero; the softmax state
   // lives in the threads tid < 8*DM_NH (head tid/8, positions tid%8 + 8i).
-  for (int i = tid; i < DM_PROWS * DM_PLD / 2; i += DM_THREADS) ((u32*)pw)[i] = 0u;
+  for (int i = tid; i < DM_PROWS * PLD / 2; i += DM_THREADS) ((u32*)pw)[i] = 0u;
   const int sh = tid >> 3, sq = tid & 7;
   float m_run = __int_as_float(0xff800000), l_run = 0.f;
 
@@ -592,7 +594,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 
   const int a_off = ((lane & 15) * LD + (lane >> 4) * 8) * 2;                           // A from [pos][k]
   const int t_off = (((lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * 8) * 2;  // A = c^T, .trans
-  const int b_off = (((lane & 7) + ((lane >> 4) << 3)) * DM_PLD + ((lane >> 3) & 1) * 8) * 2;  // B from [n][pos]
+  const int b_off = (((lane & 7) + ((lane >> 4) << 3)) * PLD + ((lane >> 3) & 1) * 8) * 2;  // B from [n][pos]
   const u32 pw_addr = smem_addr(pw);
 
   for (int k = 0; k < ntiles; k++) {
@@ -604,38 +606,49 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
       asm volatile("cp.async.wait_group 0;" ::: "memory");
     }
     __syncthreads();
-    const u32 tile = stage_addr + (u32)((k & 1) * DM_TP * LD * 2);
+    const u32 tile = stage_addr + (u32)((k & 1) * TP * LD * 2);
 
-    // Partial scores over this warp's k steps: 32 positions x 24 heads.
+    // Partial scores over this warp's k steps: TP positions x 24 heads.
     {
-      float sacc[2][DM_HT][4];
+      float sacc[NA][MT][DM_HT][4];
 #pragma unroll
-      for (int mt = 0; mt < 2; mt++)
+      for (int a = 0; a < NA; a++)
 #pragma unroll
-        for (int j = 0; j < DM_HT; j++) sacc[mt][j][0] = sacc[mt][j][1] = sacc[mt][j][2] = sacc[mt][j][3] = 0.f;
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+          for (int j = 0; j < DM_HT; j++)
+            sacc[a][mt][j][0] = sacc[a][mt][j][1] = sacc[a][mt][j][2] = sacc[a][mt][j][3] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < KS; kk++) {
         if (kk < KL || warp < KR) {
-          u32 a[2][4];
+          u32 a[MT][4];
 #pragma unroll
-          for (int mt = 0; mt < 2; mt++)
+          for (int mt = 0; mt < MT; mt++)
             ldsm_x4(tile + (u32)(mt * 16 * LD * 2 + kcol(kk) * 2 + a_off), a[mt][0], a[mt][1], a[mt][2], a[mt][3]);
 #pragma unroll
           for (int p = 0; p < 3; p++)
 #pragma unroll
-            for (int mt = 0; mt < 2; mt++)
+            for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-              for (int j = 0; j < DM_HT; j++) mma_bf16(sacc[mt][j], a[mt], qb[kk][j][p][0], qb[kk][j][p][1]);
+              for (int j = 0; j < DM_HT; j++)
+                mma_bf16(sacc[p % NA][mt][j], a[mt], qb[kk][j][p][0], qb[kk][j][p][1]);
         }
       }
-      float* mine = sp + warp * DM_TP * DM_NH;
+      float* mine = sp + warp * TP * DM_NH;
 #pragma unroll
-      for (int mt = 0; mt < 2; mt++)
+      for (int mt = 0; mt < MT; mt++)
 #pragma unroll
         for (int j = 0; j < DM_HT; j++) {
+          float v[4];
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            v[e] = sacc[0][mt][j][e];
+#pragma unroll
+            for (int a = 1; a < NA; a++) v[e] += sacc[a][mt][j][e];
+          }
           const int row = mt * 16 + g, col = 8 * j + 2 * c4;
-          *(float2*)(mine + row * DM_NH + col) = make_float2(sacc[mt][j][0], sacc[mt][j][1]);
-          *(float2*)(mine + (row + 8) * DM_NH + col) = make_float2(sacc[mt][j][2], sacc[mt][j][3]);
+          *(float2*)(mine + row * DM_NH + col) = make_float2(v[0], v[1]);
+          *(float2*)(mine + (row + 8) * DM_NH + col) = make_float2(v[2], v[3]);
         }
     }
     __syncthreads();
@@ -643,15 +656,15 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
     // Online softmax, eight threads a head (warps 0-5; every head slot,
     // padding heads fully masked).
     if (tid < 8 * DM_NH) {
-      float sv[DM_TP / 8];
+      float sv[TP / 8];
       float mx = __int_as_float(0xff800000);
 #pragma unroll
-      for (int i = 0; i < DM_TP / 8; i++) {
+      for (int i = 0; i < TP / 8; i++) {
         const int r = sq + 8 * i;
         float a = 0.f;
 #pragma unroll
-        for (int w = 0; w < 8; w++) a += sp[(w * DM_TP + r) * DM_NH + sh];
-        const bool valid = sh < heads && k * DM_TP + r < nb;
+        for (int w = 0; w < 8; w++) a += sp[(w * TP + r) * DM_NH + sh];
+        const bool valid = sh < heads && k * TP + r < nb;
         sv[i] = valid ? a * scale : __int_as_float(0xff800000);
         mx = fmaxf(mx, sv[i]);
       }
@@ -663,15 +676,15 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
       const float alpha = none ? 1.f : expf(m_run - m_new);
       float sum = 0.f;
 #pragma unroll
-      for (int i = 0; i < DM_TP / 8; i++) {
+      for (int i = 0; i < TP / 8; i++) {
         const float p = (none || sv[i] == __int_as_float(0xff800000)) ? 0.f : expf(sv[i] - m_new);
         sum += p;
         u32 hi, mid, lo;
         split3_bf16(p, hi, mid, lo);
         const int r = sq + 8 * i;
-        pw[(0 * DM_NH + sh) * DM_PLD + r] = (unsigned short)hi;
-        pw[(1 * DM_NH + sh) * DM_PLD + r] = (unsigned short)mid;
-        pw[(2 * DM_NH + sh) * DM_PLD + r] = (unsigned short)lo;
+        pw[(0 * DM_NH + sh) * PLD + r] = (unsigned short)hi;
+        pw[(1 * DM_NH + sh) * PLD + r] = (unsigned short)mid;
+        pw[(2 * DM_NH + sh) * PLD + r] = (unsigned short)lo;
       }
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
@@ -691,11 +704,11 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
         for (int m = 0; m < KL; m++) o[m][j][0] *= a0, o[m][j][1] *= a1, o[m][j][2] *= a0, o[m][j][3] *= a1;
       }
 #pragma unroll
-      for (int ks = 0; ks < DM_TP / 16; ks++) {
+      for (int ks = 0; ks < MT; ks++) {
         u32 b[10][2];
 #pragma unroll
         for (int rg = 0; rg < 10; rg += 2)
-          ldsm_x4(pw_addr + (u32)(rg * 8 * DM_PLD * 2 + ks * 32 + b_off), b[rg][0], b[rg][1], b[rg + 1][0],
+          ldsm_x4(pw_addr + (u32)(rg * 8 * PLD * 2 + ks * 32 + b_off), b[rg][0], b[rg][1], b[rg + 1][0],
                   b[rg + 1][1]);
         u32 a[KL][4];
 #pragma unroll
@@ -757,19 +770,22 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   }
 }
 
-#define DECODE_MMA(RANK, DR)                                                                                         \
+#define DECODE_MMA(RANK, DR, TP)                                                                                     \
   extern "C" __global__ void __launch_bounds__(DM_THREADS, 1)                                                        \
-      decode_mma_##RANK##_##DR(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,            \
+      decode_mma_##RANK##_##DR##_t##TP(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,            \
                                const u8* layer, const i32* __restrict__ pos, const i32* __restrict__ row_seq,        \
                                const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size,   \
                                int heads, int dn, float scale, float* part_ml, float* part_acc, u32* counters) {     \
-    decode_mma<RANK, DR>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks, block_size, heads, \
+    decode_mma<RANK, DR, TP>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks, block_size, heads, \
                          dn, scale, part_ml, part_acc, counters);                                                    \
   }
 
-// Instances: the model's (rank 512, rope 64) and the tests' small shape.
-DECODE_MMA(512, 64)
-DECODE_MMA(256, 32)
+// Instances: the model's (rank 512, rope 64) and the tests' small shape,
+// tiles of 16 positions (splits of at most 16) and of 32.
+DECODE_MMA(512, 64, 16)
+DECODE_MMA(512, 64, 32)
+DECODE_MMA(256, 32, 16)
+DECODE_MMA(256, 32, 32)
 
 // The splits' merge as a second launch: grid (rank/128, heads, rows), one
 // warp a block.
