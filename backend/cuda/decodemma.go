@@ -105,7 +105,7 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 		if err != nil {
 			return err
 		}
-		return c.Launch(m, Dim{uint32(s.Rank / 128), uint32(s.Heads), uint32(T)}, D1(32), 0,
+		return c.Launch(m, Dim{uint32(s.Rank / 128), uint32(s.Heads), uint32(T)}, D1(256), 0,
 			om.ptr, om.ld, pml, pacc, S, s.Heads, s.Rank)
 	})
 	return true

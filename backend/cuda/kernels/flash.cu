@@ -787,13 +787,61 @@ DECODE_MMA(512, 64, 32)
 DECODE_MMA(256, 32, 16)
 DECODE_MMA(256, 32, 32)
 
-// The splits' merge as a second launch: grid (rank/128, heads, rows), one
-// warp a block.
-extern "C" __global__ void __launch_bounds__(32) decode_combine(float* olat, int ldo, const float* part_ml,
-                                                                const float* part_acc, int S, int heads, int rank) {
-  __shared__ float wsm[DM_MAXS];
+// The splits' merge as a second launch: grid (rank/128, heads, rows),
+// eight warps a block for one row, head and 128 columns. Warp w takes the
+// splits w, w+8, ...: its loads are issued before the maximum over all
+// splits is known, so a block waits on about one round of loads; the
+// warps' sums are then added in a fixed order.
+extern "C" __global__ void __launch_bounds__(256) decode_combine(float* olat, int ldo, const float* part_ml,
+                                                                 const float* part_acc, int S, int heads, int rank) {
+  __shared__ float4 red[8][32];
+  __shared__ float lred[8];
   PDL_LAUNCH();
   PDL_WAIT();
-  dm_combine_warp(olat, ldo, part_ml, part_acc, blockIdx.z, blockIdx.y, blockIdx.x * 128, S, heads, rank, wsm,
-                  threadIdx.x);
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int t = blockIdx.z, h = blockIdx.y, c0 = blockIdx.x * 128;
+  const size_t mls = (size_t)heads * 2, accs = (size_t)heads * rank;
+  const float* ml = part_ml + ((size_t)t * S * heads + h) * 2;
+  const float* acc = part_acc + ((size_t)t * S * heads + h) * rank + c0 + 4 * lane;
+  float M = __int_as_float(0xff800000), lw = 0.f;
+  float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int s0 = warp; s0 < S; s0 += 64) {
+    float2 v[8];
+    float4 x[8];
+#pragma unroll
+    for (int u = 0; u < 8; u++) {
+      const int s = s0 + 8 * u;
+      v[u] = s < S ? __ldcg((const float2*)(ml + s * mls)) : make_float2(0.f, 0.f);
+      x[u] = s < S ? __ldcg((const float4*)(acc + s * accs)) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    if (s0 == warp) {
+      for (int s = lane; s < S; s += 32) {
+        const float2 m = __ldcg((const float2*)(ml + s * mls));
+        if (m.y > 0.f) M = fmaxf(M, m.x);
+      }
+      M = warp_max(M);
+    }
+#pragma unroll
+    for (int u = 0; u < 8; u++) {
+      const float e = v[u].y > 0.f ? expf(v[u].x - M) : 0.f;
+      lw += e * v[u].y;
+      o.x += e * x[u].x, o.y += e * x[u].y, o.z += e * x[u].z, o.w += e * x[u].w;
+    }
+  }
+  red[warp][lane] = o;
+  if (lane == 0) lred[warp] = lw;
+  __syncthreads();
+  if (warp == 0) {
+    float4 r = red[0][lane];
+    float L = lred[0];
+#pragma unroll
+    for (int w = 1; w < 8; w++) {
+      const float4 y = red[w][lane];
+      r.x += y.x, r.y += y.y, r.z += y.z, r.w += y.w;
+      L += lred[w];
+    }
+    const float inv = 1.f / L;
+    *(float4*)(olat + (size_t)t * ldo + (size_t)h * rank + c0 + 4 * lane) =
+        make_float4(r.x * inv, r.y * inv, r.z * inv, r.w * inv);
+  }
 }
