@@ -147,12 +147,13 @@ func nanVec(n int) []float32 {
 }
 
 // BenchmarkAttention times decode latent attention at GLM-4.7-Flash's
-// shapes (20 heads, rank 512, rope 64, bf16 cache): one row at ctx 1024
-// and 8192, and 32 rows (32 sequences) at ctx 1024. Device time per call
-// (events around back-to-back launches behind a spin kernel, what a graph
-// replay sees) for the two-launch kernels and the single-launch one with
-// splits aimed at 50, 100 and 200% of the multiprocessors in blocks, and
-// its variant with one head a warp.
+// shapes (20 heads, rank 512, rope 64, bf16 cache): 1, 8 and 32 rows (one
+// a sequence) at ctx 128, 1024 and 8192 (not 32 rows at 8192). Device time
+// per call (events around back-to-back launches behind a spin kernel,
+// what a graph replay sees) for the two-launch CUDA-core kernels, the
+// single-launch one (and its variant with one head a warp), and the
+// tensor-core kernel with splits aimed at 25-200% of the multiprocessors
+// in blocks, its last-block merge and its tiles of 32 positions.
 // Calls rotate over enough layers (over 100 MB) that the cache is read
 // from memory, not L2. GB/s counts the cache bytes read. Run with
 // -test.benchtime=1x: each call measures reps launches itself.
@@ -205,6 +206,7 @@ func BenchmarkAttention(b *testing.B) {
 			blocks, tile      int
 		}{{"two_launch", false, false, false, false, 100, 0}, {"single_b100", true, false, false, false, 100, 0},
 			{"single_h1_b100", true, true, false, false, 100, 0},
+			{"mma_b25", true, false, true, false, 25, 0},
 			{"mma_b50", true, false, true, false, 50, 0}, {"mma_b100", true, false, true, false, 100, 0},
 			{"mma_b200", true, false, true, false, 200, 0}, {"mma_last_b100", true, false, true, true, 100, 0},
 			{"mma_t32_b100", true, false, true, false, 100, 32}} {
