@@ -90,12 +90,13 @@ func TestDecodeAttentionMatchesCPU(t *testing.T) {
 				// for the batch of four rows.
 				variants = append(variants, attnVariant{pct: 100, mma: true}, attnVariant{pct: 300, mma: true},
 					attnVariant{pct: 100, mma: true, last: true}, attnVariant{pct: 3, mma: true},
-					attnVariant{pct: 100, mma: true, tile: 16}, attnVariant{pct: 300, mma: true, tile: 32})
+					attnVariant{pct: 100, mma: true, tile: 16}, attnVariant{pct: 300, mma: true, tile: 32},
+					attnVariant{pct: 100, mma: true, early: true})
 			}
 			for _, v := range variants {
 				g.decodeAttn, g.decodeBlocks, g.decodeOneHead = true, v.pct, v.h1
-				g.decodeMMA, g.decodeLastMerge, g.decodeMMATile = v.mma, v.last, v.tile
-				name := fmt.Sprintf("decode attention heads=%d rank=%d rope=%d %v cache, blocks %d%%, one head a warp %v, tensor cores %v (tile %d), last-block merge %v", s.Heads, s.Rank, s.RopeDim, dt, v.pct, v.h1, v.mma, v.tile, v.last)
+				g.decodeMMA, g.decodeLastMerge, g.decodeMMATile, g.decodeCombineEarly = v.mma, v.last, v.tile, v.early
+				name := fmt.Sprintf("decode attention heads=%d rank=%d rope=%d %v cache, blocks %d%%, one head a warp %v, tensor cores %v (tile %d, last-block merge %v, early merge %v)", s.Heads, s.Rank, s.RopeDim, dt, v.pct, v.h1, v.mma, v.tile, v.last, v.early)
 				compareOp(t, g, c, name, 1e-5, func(b backend.Backend) []float32 {
 					pool, err := b.NewCachePool(layers, blocks, blockSize, s.Rank, s.RopeDim, dt)
 					if err != nil {
@@ -134,8 +135,8 @@ func TestDecodeAttentionMatchesCPU(t *testing.T) {
 // (h1), the tensor-core kernel (mma), its last-block merge (last) and
 // its tile (16 or 32 positions; 0: chosen by the splits).
 type attnVariant struct {
-	pct, tile     int
-	h1, mma, last bool
+	pct, tile            int
+	h1, mma, last, early bool
 }
 
 func nanVec(n int) []float32 {
@@ -201,19 +202,20 @@ func BenchmarkAttention(b *testing.B) {
 		}
 		bytes := float64(T * cs.ctx * 2 * width)
 		for _, mode := range []struct {
-			name              string
-			on, h1, mma, last bool
-			blocks, tile      int
-		}{{"two_launch", false, false, false, false, 100, 0}, {"single_b100", true, false, false, false, 100, 0},
-			{"single_h1_b100", true, true, false, false, 100, 0},
-			{"mma_b25", true, false, true, false, 25, 0},
-			{"mma_b50", true, false, true, false, 50, 0}, {"mma_b100", true, false, true, false, 100, 0},
-			{"mma_b200", true, false, true, false, 200, 0}, {"mma_last_b100", true, false, true, true, 100, 0},
-			{"mma_t32_b100", true, false, true, false, 100, 32}} {
+			name string
+			on   bool
+			attnVariant
+		}{{"two_launch", false, attnVariant{pct: 100}}, {"single_b100", true, attnVariant{pct: 100}},
+			{"single_h1_b100", true, attnVariant{pct: 100, h1: true}},
+			{"mma_b25", true, attnVariant{pct: 25, mma: true}}, {"mma_b50", true, attnVariant{pct: 50, mma: true}},
+			{"mma_b100", true, attnVariant{pct: 100, mma: true}}, {"mma_b200", true, attnVariant{pct: 200, mma: true}},
+			{"mma_last_b100", true, attnVariant{pct: 100, mma: true, last: true}},
+			{"mma_early_b100", true, attnVariant{pct: 100, mma: true, early: true}},
+			{"mma_t32_b100", true, attnVariant{pct: 100, mma: true, tile: 32}}} {
 			name := fmt.Sprintf("rows%d_ctx%d_%s", T, cs.ctx, mode.name)
 			b.Run(name, func(b *testing.B) {
-				g.decodeAttn, g.decodeBlocks, g.decodeOneHead = mode.on, mode.blocks, mode.h1
-				g.decodeMMA, g.decodeLastMerge, g.decodeMMATile = mode.mma, mode.last, mode.tile
+				g.decodeAttn, g.decodeBlocks, g.decodeOneHead = mode.on, mode.pct, mode.h1
+				g.decodeMMA, g.decodeLastMerge, g.decodeMMATile, g.decodeCombineEarly = mode.mma, mode.last, mode.tile, mode.early
 				// Queue one op per layer and keep their launches.
 				var fns []func(c *Ctx) error
 				for l := 0; l < layers; l++ {

@@ -85,9 +85,11 @@ type Backend struct {
 	// tensor-core kernel (decodemma.go), its splits merged by a second
 	// launch, or by the last block of each row when decodeLastMerge.
 	// decodeMMATile, when not 0, fixes its tile (16 or 32 positions).
-	decodeMMA, decodeLastMerge bool
-	decodeMMATile              int
-	attnCounters               Buffer
+	// decodeCombineEarly launches the merge with programmatic stream
+	// serialization, to start while the splits finish.
+	decodeMMA, decodeLastMerge, decodeCombineEarly bool
+	decodeMMATile                                  int
+	attnCounters                                   Buffer
 	// decodeStamps, when set, receives the kernel's per-block timer
 	// stamps (BenchmarkAttention); decodeStampBlocks is the last grid's
 	// block count.

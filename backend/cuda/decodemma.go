@@ -84,6 +84,7 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 		}
 	}
 	name := fmt.Sprintf("decode_mma_%d_%d_t%d", s.Rank, s.RopeDim, tp)
+	early := b.decodeCombineEarly
 	b.do("attention", func(c *Ctx) error {
 		k, err := c.Kernel("flash", name)
 		if err != nil {
@@ -105,6 +106,7 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 		if err != nil {
 			return err
 		}
+		m.early = early
 		return c.Launch(m, Dim{uint32(s.Rank / 128), uint32(s.Heads), uint32(T)}, D1(256), 0,
 			om.ptr, om.ld, pml, pacc, S, s.Heads, s.Rank)
 	})
