@@ -44,8 +44,12 @@ func (b *Backend) decodeAttnConfig() {
 	}
 	b.decodeOneHead = os.Getenv("MMFP4_CUDA_ATTN_H1") != "0"
 	b.decodeMMA = os.Getenv("MMFP4_CUDA_ATTN_MMA") != "0"
-	b.decodeLastMerge = os.Getenv("MMFP4_CUDA_ATTN_MERGE") == "last"
-	b.decodeCombineEarly = os.Getenv("MMFP4_CUDA_ATTN_MERGE") == "early"
+	switch os.Getenv("MMFP4_CUDA_ATTN_MERGE") {
+	case "launch":
+		b.decodeMerge = mergeLaunch
+	case "early":
+		b.decodeMerge = mergeEarly
+	}
 
 }
 

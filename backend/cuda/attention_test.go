@@ -84,19 +84,20 @@ func TestDecodeAttentionMatchesCPU(t *testing.T) {
 		for _, dt := range []backend.CacheDType{backend.CacheF32, backend.CacheBF16, backend.CacheFP8} {
 			variants := []attnVariant{{pct: 100}, {pct: 250}, {pct: 100, h1: true}}
 			if dt == backend.CacheBF16 {
-				// The tensor-core kernel, merged by a second launch or by
-				// the last block; 300%: more splits than the short rows
-				// have positions (empty splits); 3%: a few splits, one
-				// for the batch of four rows.
+				// The tensor-core kernel, merged in the launch or by a
+				// second one; 300%: more splits than the short rows have
+				// positions (empty splits), and more blocks than the
+				// device holds at once (a second launch); 3%: a few
+				// splits, one for the batch of four rows.
 				variants = append(variants, attnVariant{pct: 100, mma: true}, attnVariant{pct: 300, mma: true},
-					attnVariant{pct: 100, mma: true, last: true}, attnVariant{pct: 3, mma: true},
-					attnVariant{pct: 100, mma: true, tile: 16}, attnVariant{pct: 300, mma: true, tile: 32},
-					attnVariant{pct: 100, mma: true, early: true})
+					attnVariant{pct: 100, mma: true, merge: mergeLaunch}, attnVariant{pct: 3, mma: true},
+					attnVariant{pct: 100, mma: true, tile: 16}, attnVariant{pct: 100, mma: true, tile: 32},
+					attnVariant{pct: 100, mma: true, merge: mergeEarly})
 			}
 			for _, v := range variants {
 				g.decodeAttn, g.decodeBlocks, g.decodeOneHead = true, v.pct, v.h1
-				g.decodeMMA, g.decodeLastMerge, g.decodeMMATile, g.decodeCombineEarly = v.mma, v.last, v.tile, v.early
-				name := fmt.Sprintf("decode attention heads=%d rank=%d rope=%d %v cache, blocks %d%%, one head a warp %v, tensor cores %v (tile %d, last-block merge %v, early merge %v)", s.Heads, s.Rank, s.RopeDim, dt, v.pct, v.h1, v.mma, v.tile, v.last, v.early)
+				g.decodeMMA, g.decodeMerge, g.decodeMMATile = v.mma, v.merge, v.tile
+				name := fmt.Sprintf("decode attention heads=%d rank=%d rope=%d %v cache, blocks %d%%, one head a warp %v, tensor cores %v (tile %d, merge %d)", s.Heads, s.Rank, s.RopeDim, dt, v.pct, v.h1, v.mma, v.tile, v.merge)
 				compareOp(t, g, c, name, 1e-5, func(b backend.Backend) []float32 {
 					pool, err := b.NewCachePool(layers, blocks, blockSize, s.Rank, s.RopeDim, dt)
 					if err != nil {
@@ -132,11 +133,11 @@ func TestDecodeAttentionMatchesCPU(t *testing.T) {
 
 // attnVariant is one configuration of the decode attention kernels:
 // splits aimed at pct percent of the multiprocessors, one head a warp
-// (h1), the tensor-core kernel (mma), its last-block merge (last) and
+// (h1), the tensor-core kernel (mma), its merge (mergeInKernel, ...) and
 // its tile (16 or 32 positions; 0: chosen by the splits).
 type attnVariant struct {
-	pct, tile            int
-	h1, mma, last, early bool
+	pct, tile, merge int
+	h1, mma          bool
 }
 
 func nanVec(n int) []float32 {
@@ -209,13 +210,13 @@ func BenchmarkAttention(b *testing.B) {
 			{"single_h1_b100", true, attnVariant{pct: 100, h1: true}},
 			{"mma_b25", true, attnVariant{pct: 25, mma: true}}, {"mma_b50", true, attnVariant{pct: 50, mma: true}},
 			{"mma_b100", true, attnVariant{pct: 100, mma: true}}, {"mma_b200", true, attnVariant{pct: 200, mma: true}},
-			{"mma_last_b100", true, attnVariant{pct: 100, mma: true, last: true}},
-			{"mma_early_b100", true, attnVariant{pct: 100, mma: true, early: true}},
+			{"mma_launch_b100", true, attnVariant{pct: 100, mma: true, merge: mergeLaunch}},
+			{"mma_early_b100", true, attnVariant{pct: 100, mma: true, merge: mergeEarly}},
 			{"mma_t32_b100", true, attnVariant{pct: 100, mma: true, tile: 32}}} {
 			name := fmt.Sprintf("rows%d_ctx%d_%s", T, cs.ctx, mode.name)
 			b.Run(name, func(b *testing.B) {
 				g.decodeAttn, g.decodeBlocks, g.decodeOneHead = mode.on, mode.pct, mode.h1
-				g.decodeMMA, g.decodeLastMerge, g.decodeMMATile, g.decodeCombineEarly = mode.mma, mode.last, mode.tile, mode.early
+				g.decodeMMA, g.decodeMerge, g.decodeMMATile = mode.mma, mode.merge, mode.tile
 				// Queue one op per layer and keep their launches.
 				var fns []func(c *Ctx) error
 				for l := 0; l < layers; l++ {
@@ -252,13 +253,11 @@ func BenchmarkAttention(b *testing.B) {
 				b.Logf("%s: %.2f us/call, %.0f GB/s of cache (%d layers rotated)", name, us, bytes/(us*1e-6)/1e9, layers)
 			})
 		}
-		if T == 1 {
-			for _, h1 := range []bool{false, true} {
-				b.Run(fmt.Sprintf("rows1_ctx%d_phases_h1_%v", cs.ctx, h1), func(b *testing.B) {
-					g.decodeOneHead, g.decodeMMA = h1, false
-					attentionPhases(b, g, layers, ol, ql, q, s)
-				})
-			}
+		for _, mma := range []bool{false, true} {
+			b.Run(fmt.Sprintf("rows%d_ctx%d_phases_mma_%v", T, cs.ctx, mma), func(b *testing.B) {
+				g.decodeOneHead, g.decodeMMA, g.decodeMerge, g.decodeMMATile = true, mma, mergeInKernel, 0
+				attentionPhases(b, g, layers, ol, ql, q, s)
+			})
 		}
 	}
 }
@@ -317,7 +316,7 @@ func attentionPhases(b *testing.B, g *Backend, layers int, ol, ql, q backend.Ten
 		t0 = min(t0, st[6*i])
 	}
 	line := fmt.Sprintf("%d blocks, us after the first entry (median / latest):", n)
-	for k, what := range []string{"entry", "metadata", "first stage", "summed", "ticket", "done"} {
+	for k, what := range []string{"entry", "metadata", "first stage", "summed", "ticket or barrier", "done"} {
 		v := make([]float64, n)
 		for i := range v {
 			v[i] = float64(st[6*i+k]-t0) / 1e3

@@ -82,14 +82,13 @@ type Backend struct {
 	decodeAttn, decodeOneHead bool
 	decodeBlocks              int
 	// decodeMMA takes bf16-cache decode attention through the
-	// tensor-core kernel (decodemma.go), its splits merged by a second
-	// launch, or by the last block of each row when decodeLastMerge.
-	// decodeMMATile, when not 0, fixes its tile (16 or 32 positions).
-	// decodeCombineEarly launches the merge with programmatic stream
-	// serialization, to start while the splits finish.
-	decodeMMA, decodeLastMerge, decodeCombineEarly bool
-	decodeMMATile                                  int
-	attnCounters                                   Buffer
+	// tensor-core kernel (decodemma.go), its splits merged as decodeMerge
+	// says (mergeInKernel, mergeLaunch or mergeEarly); decodeMMATile, when
+	// not 0, fixes its tile (16 or 32 positions).
+	decodeMMA     bool
+	decodeMerge   int
+	decodeMMATile int
+	attnCounters  Buffer
 	// decodeStamps, when set, receives the kernel's per-block timer
 	// stamps (BenchmarkAttention); decodeStampBlocks is the last grid's
 	// block count.

@@ -11,29 +11,40 @@ import (
 
 // Decode attention on the tensor cores (decode_mma in kernels/flash.cu):
 // for a few rows over a bf16 cache, a block per split of a row's
-// positions takes all of its heads; the splits are merged by a second
-// launch (decode_combine) or by the last block of the row to finish.
+// positions takes all of its heads. The splits are merged in the same
+// launch (the row's blocks meet at a barrier, then each merges a share)
+// when the whole grid fits on the device at once, else by a second launch
+// (decode_combine).
 
 // decodeMMAShapes are the (rank, rope dims) decode_mma is compiled for:
 // the model's and the tests' small one.
 var decodeMMAShapes = [][2]int{{512, 64}, {256, 32}}
 
 // Constants of flash.cu: heads a block at most (three tiles of 8),
-// threads, the most splits, positions a split is rounded to.
+// threads, tiles in flight, the most splits, positions a split is rounded
+// to.
 const (
 	decodeMMAHeads   = 24
 	decodeMMAThreads = 256
+	decodeMMAStages  = 4
 	decodeMMAMaxS    = 256
 	decodeMMAAlign   = 16
 )
 
+// Merge modes of decode_mma's splits (Backend.decodeMerge).
+const (
+	mergeInKernel = iota // a barrier per row in the same launch, where the grid is resident
+	mergeLaunch          // decode_combine
+	mergeEarly           // decode_combine launched early (programmatic serialization)
+)
+
 // decodeMMAShared is decode_mma's dynamic shared memory for tiles of tp
-// positions: two tiles of cached rows (or the head-major values at the
-// end, whichever is larger), eight warps' partial scores, the weights'
-// three parts and three floats a head.
+// positions: the tiles in flight (or the head-major values at the end,
+// whichever is larger), eight warps' partial scores, the weights' three
+// parts and three floats a head.
 func decodeMMAShared(rank, dr, tp int) int {
 	ld := rank + dr + 8
-	stage := max(2*tp*ld*2, decodeMMAHeads*(rank+4)*4)
+	stage := max(decodeMMAStages*tp*ld*2, decodeMMAHeads*(rank+4)*4)
 	return stage + 8*tp*decodeMMAHeads*4 + 80*(tp+8)*2 + 3*decodeMMAHeads*4
 }
 
@@ -76,15 +87,18 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 	var pml, pacc, counters uint64
 	if S > 1 {
 		pml, pacc = b.alloc(4*2*T*S*s.Heads), b.alloc(4*T*S*s.Heads*s.Rank)
-		if b.decodeLastMerge {
-			if !b.attnCountersFor(T) {
-				return false
-			}
+		// Arrivals and departures of each row's barrier.
+		if b.decodeMerge == mergeInKernel && b.attnCountersFor(2*T) {
 			counters = b.attnCounters.Ptr
 		}
 	}
+	stamps := b.decodeStamps
+	if stamps != 0 {
+		b.decodeStampBlocks = S * T
+	}
 	name := fmt.Sprintf("decode_mma_%d_%d_t%d", s.Rank, s.RopeDim, tp)
-	early := b.decodeCombineEarly
+	early := b.decodeMerge == mergeEarly
+	sms := b.dev.Info().SMs
 	b.do("attention", func(c *Ctx) error {
 		k, err := c.Kernel("flash", name)
 		if err != nil {
@@ -96,10 +110,21 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 			}
 			k.maxShared = shared
 		}
+		cnt := counters
+		if cnt != 0 {
+			// The barrier needs every block of the grid resident at once.
+			occ, err := c.Occupancy(k, decodeMMAThreads, shared)
+			if err != nil {
+				return err
+			}
+			if S*T > occ*sms {
+				cnt = 0
+			}
+		}
 		if err := c.Launch(k, Dim{uint32(S), uint32(T), 1}, D1(decodeMMAThreads), shared,
 			om.ptr, om.ld, ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer),
 			b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
-			s.Heads, s.NopeDim, scale, pml, pacc, counters); err != nil || S == 1 || counters != 0 {
+			s.Heads, s.NopeDim, scale, pml, pacc, cnt, stamps); err != nil || S == 1 || cnt != 0 {
 			return err
 		}
 		m, err := c.Kernel("flash", "decode_combine")

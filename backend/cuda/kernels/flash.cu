@@ -421,28 +421,31 @@ FLASH_LATENT(2, 64)
 // Block (s, t) of the grid (splits, rows) takes the positions [s*chunk,
 // +chunk) of row t (chunk = ceil(n/splits) rounded up to 16, n = pos[t]+1)
 // for all its heads (up to DM_NH = 24), in tiles of TP = 16 or 32
-// positions copied to shared memory by cp.async, two tiles in flight.
+// positions copied to shared memory by cp.async, DM_NST tiles in flight.
 // With the heads as the n side of m16n8k16 (3 tiles of 8):
 //   S^T (TP x 24)  = [c | k_pe] (TP x W) . [qlat | q_pe]^T   warp w: its own k steps
 //   O^T (rank x 24) += c^T (rank x TP) . P^T (TP x 24)        warp w: columns [w*rank/8, +rank/8)
 // The queries and the softmax weights are float32: each is split into
 // three bf16 parts (hi + mid + lo hold its 24 bits), each product issued
-// for the three parts into one fp32 accumulator, so the results stay
-// within float32 rounding of the CPU reference (the cache's values are
-// exact in bf16). Each warp keeps its queries' parts in registers for its
-// k steps (the latent ones that match its output columns, and one rope
-// step for warps < DR/16); the eight partial score tiles are added in
-// shared memory in a fixed order, then an online softmax per head.
+// for the three parts into fp32 accumulators, so the results stay within
+// float32 rounding of the CPU reference (the cache's values are exact in
+// bf16). Each warp keeps its queries' parts in registers for its k steps
+// (the latent ones that match its output columns, and one rope step for
+// warps < DR/16); the eight partial score tiles are added in shared memory
+// in a fixed order, then an online softmax per head.
 //
 // With one split the block writes olat; otherwise its partial (max, sum
-// and unnormalised values per head), merged by decode_combine (a second
-// launch) or, when counters is set, by the last block of the row to finish
-// (an atomic ticket per row, which it resets).
+// and unnormalised values per head). With counters set, the row's blocks
+// then meet at a barrier (an arrival count per row; the host launches
+// this only when the whole grid is resident at once) and each merges a
+// share of the row's outputs (dm_merge_share); the last to leave resets
+// the counts. Else decode_combine (a second launch) merges.
 
 #define DM_THREADS 256
 #define DM_HT 3
 #define DM_NH (8 * DM_HT)
 #define DM_PROWS 80  // weight rows: part*DM_NH + head, padded to ten groups of 8
+#define DM_NST 4     // tiles in flight
 #define DM_MAXS 256
 
 // x = hi + mid + lo exactly (finite x; each part a bf16 as bits).
@@ -453,38 +456,87 @@ DEVICE void split3_bf16(float x, u32& hi, u32& mid, u32& lo) {
   lo = fa_bf16(r - __uint_as_float(mid << 16));
 }
 
-// One warp merges the splits of row t, head h, columns [c0, c0+128):
-// weights exp(m_s - M) (0 for a split that saw no positions) in wsm.
-DEVICE void dm_combine_warp(float* __restrict__ olat, int ldo, const float* part_ml, const float* part_acc, int t,
-                            int h, int c0, int S, int heads, int rank, float* wsm, int lane) {
-  const float* ml = part_ml + ((size_t)t * S * heads + h) * 2;
-  float M = __int_as_float(0xff800000);
-  for (int s = lane; s < S; s += 32) {
-    const float l = __ldcg(ml + (size_t)s * heads * 2 + 1);
-    if (l > 0.f) M = fmaxf(M, __ldcg(ml + (size_t)s * heads * 2));
+DEVICE u32 ld_acquire(const u32* p) {
+  u32 v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Block s of S merges its share of row t's outputs: float4 columns [f0,
+// f1) of the row's heads*rank/4, every split's partial weighted by exp(m_s
+// - M) of its head (0 for a split that saw no positions). Threads take a
+// column and every R-th split (R = threads a column); the R sums are added
+// in a fixed order. sm holds 2*S + DM_NH + 4*DM_THREADS floats.
+DEVICE void dm_merge_share(float* __restrict__ olat, int ldo, const float* part_ml, const float* part_acc, int t,
+                           int s, int S, int heads, int rank, float* sm) {
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int C4 = rank / 4, NF = heads * C4, per = (NF + S - 1) / S;
+  const int f0 = s * per, f1 = min(NF, f0 + per), nf = f1 - f0;
+  if (nf <= 0) return;
+  const int h0 = f0 / C4, nhs = (f1 - 1) / C4 - h0 + 1;  // heads of the share
+  float* wts = sm;                   // [nhs][S]
+  float* linv = sm + DM_NH + 2 * S;  // [nhs] (nhs*S <= 2*S + heads)
+  float4* red = (float4*)(sm + ((2 * DM_NH + 2 * S + 3) & ~3));
+  const size_t stride = (size_t)heads * rank;  // between splits
+  const float* ml = part_ml + (size_t)t * S * heads * 2;
+  for (int hh = warp; hh < nhs; hh += DM_THREADS / 32) {
+    const int h = h0 + hh;
+    float M = __int_as_float(0xff800000);
+    for (int q = lane; q < S; q += 32) {
+      const float2 v = __ldcg((const float2*)(ml + ((size_t)q * heads + h) * 2));
+      if (v.y > 0.f) M = fmaxf(M, v.x);
+    }
+    M = warp_max(M);
+    float L = 0.f;
+    for (int q = lane; q < S; q += 32) {
+      const float2 v = __ldcg((const float2*)(ml + ((size_t)q * heads + h) * 2));
+      const float e = v.y > 0.f ? expf(v.x - M) : 0.f;
+      wts[hh * S + q] = e;
+      L += e * v.y;
+    }
+    L = warp_sum(L);
+    if (lane == 0) linv[hh] = 1.f / L;
   }
-  M = warp_max(M);
-  float L = 0.f;
-  for (int s = lane; s < S; s += 32) {
-    const float l = __ldcg(ml + (size_t)s * heads * 2 + 1);
-    const float e = l > 0.f ? expf(__ldcg(ml + (size_t)s * heads * 2) - M) : 0.f;
-    wsm[s] = e;
-    L += e * l;
+  __syncthreads();
+  const int R = max(1, DM_THREADS / nf);
+  const float* acc = part_acc + (size_t)t * S * stride;
+  float4* out = (float4*)(olat + (size_t)t * ldo);
+  if (R == 1) {
+    for (int j = tid; j < nf; j += DM_THREADS) {
+      const int f = f0 + j, hh = f / C4 - h0;
+      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+      for (int q = 0; q < S; q++) {
+        const float w = wts[hh * S + q];
+        const float4 x = __ldcg((const float4*)(acc + q * stride + 4 * (size_t)f));
+        v.x += w * x.x, v.y += w * x.y, v.z += w * x.z, v.w += w * x.w;
+      }
+      const float inv = linv[hh];
+      out[f] = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
+    }
+    return;
   }
-  L = warp_sum(L);
-  __syncwarp();
-  const float* acc = part_acc + ((size_t)t * S * heads + h) * rank + c0 + 4 * lane;
-  float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-#pragma unroll 4
-  for (int s = 0; s < S; s++) {
-    const float w = wsm[s];
-    const float4 x = __ldcg((const float4*)(acc + (size_t)s * heads * rank));
-    v.x += w * x.x, v.y += w * x.y, v.z += w * x.z, v.w += w * x.w;
+  const int j = tid % nf, r = tid / nf, f = f0 + j, hh = f / C4 - h0;
+  if (r < R) {
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+    for (int q = r; q < S; q += R) {
+      const float w = wts[hh * S + q];
+      const float4 x = __ldcg((const float4*)(acc + q * stride + 4 * (size_t)f));
+      v.x += w * x.x, v.y += w * x.y, v.z += w * x.z, v.w += w * x.w;
+    }
+    red[r * nf + j] = v;
   }
-  const float inv = 1.f / L;
-  *(float4*)(olat + (size_t)t * ldo + (size_t)h * rank + c0 + 4 * lane) =
-      make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
-  __syncwarp();
+  __syncthreads();
+  if (tid < nf) {
+    float4 v = red[tid];
+    for (int q = 1; q < R; q++) {
+      const float4 x = red[q * nf + tid];
+      v.x += x.x, v.y += x.y, v.z += x.z, v.w += x.w;
+    }
+    const float inv = linv[hh];
+    out[f] = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
+  }
 }
 
 template <int RANK, int DR, int TP>
@@ -492,7 +544,8 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
                        const float* __restrict__ q, int ldq, const u8* __restrict__ layer,
                        const i32* __restrict__ pos, const i32* __restrict__ row_seq,
                        const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size, int heads,
-                       int dn, float scale, float* part_ml, float* part_acc, u32* counters) {
+                       int dn, float scale, float* part_ml, float* part_acc, u32* counters,
+                       unsigned long long* stamps) {
   constexpr int W = RANK + DR, LD = W + 8;  // cached row stride in shared memory (bf16)
   constexpr int KL = RANK / 128;            // latent k steps a warp; also its 16-column output tiles
   constexpr int KR = DR / 16;               // rope k steps: one each for warps < KR
@@ -508,19 +561,23 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   static_assert(KR <= 8 && DR % 16 == 0 && RANK % 128 == 0 && (TP == 16 || TP == 32), "shape");
 
   extern __shared__ __align__(16) u8 dm_smem[];
-  unsigned short* stage = (unsigned short*)dm_smem;             // [2][TP][LD]
-  float* ot = (float*)dm_smem;                                  // [DM_NH][OLD], after the tiles
-  constexpr int STAGE_BYTES = 2 * TP * LD * 2 > DM_NH * OLD * 4 ? 2 * TP * LD * 2 : DM_NH * OLD * 4;
-  float* sp = (float*)(dm_smem + STAGE_BYTES);                  // [8][TP][DM_NH] partial scores
+  unsigned short* stage = (unsigned short*)dm_smem;  // [DM_NST][TP][LD]
+  float* ot = (float*)dm_smem;                       // [DM_NH][OLD], after the tiles
+  constexpr int STAGE_BYTES = DM_NST * TP * LD * 2 > DM_NH * OLD * 4 ? DM_NST * TP * LD * 2 : DM_NH * OLD * 4;
+  float* sp = (float*)(dm_smem + STAGE_BYTES);                  // [8][TP][DM_NH] partial scores; the merge's
   unsigned short* pw = (unsigned short*)(sp + 8 * TP * DM_NH);  // [DM_PROWS][PLD] weights
   float* alpha_s = (float*)(pw + DM_PROWS * PLD);               // [DM_NH]
   float* m_s = alpha_s + DM_NH;
   float* l_s = m_s + DM_NH;
-  __shared__ int last_s;
+  static_assert(8 * TP * DM_NH >= 2 * DM_MAXS + 2 * DM_NH + 4 + 4 * DM_THREADS, "merge scratch");
 
   PDL_LAUNCH();
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c4 = lane & 3;
   const int s = blockIdx.x, t = blockIdx.y, S = gridDim.x;
+  unsigned long long* stamp = stamps ? stamps + 6 * ((size_t)t * S + s) : nullptr;
+#define DM_STAMP(k) \
+  if (stamp && tid == 0) stamp[k] = globaltimer()
+  DM_STAMP(0);
   // Row metadata: uploaded before the step, written by no kernel.
   const int n = pos[t] + 1;
   const i32* table = blocks + seq_blocks[row_seq[t]];
@@ -537,17 +594,23 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
     return (u32)(table[j / block_size] * block_size + j % block_size);
   };
   const u32 stage_addr = smem_addr(stage);
+  // Tile k into stage k % DM_NST (an empty group past the last tile, so
+  // that every iteration waits for the same count).
   auto issue = [&](int k, u32 slot) {
-    const bool valid = k * TP + crow < nb;
-    const u8* src = layer + (size_t)slot * W * 2;
-    const u32 dst = stage_addr + (u32)(((k & 1) * TP + crow) * LD * 2);
-    for (int c = csub; c < CH; c += TPR) cp_async16(dst + c * 16, src + c * 16, valid);
+    if (k < ntiles) {
+      const bool valid = k * TP + crow < nb;
+      const u8* src = layer + (size_t)slot * W * 2;
+      const u32 dst = stage_addr + (u32)(((k % DM_NST) * TP + crow) * LD * 2);
+      for (int c = csub; c < CH; c += TPR) cp_async16(dst + c * 16, src + c * 16, valid);
+    }
     asm volatile("cp.async.commit_group;" ::: "memory");
   };
-  u32 nslot = 0;
-  if (ntiles > 0) {
-    issue(0, slot_of(0));
-    nslot = slot_of(1);
+  u32 nslot = slot_of(0);
+  if (stamp && tid == 0) stamp[1] = globaltimer_after((int)nslot);
+#pragma unroll
+  for (int k = 0; k < DM_NST - 1; k++) {
+    issue(k, nslot);
+    nslot = slot_of(k + 1);
   }
 
   // This warp's query parts as B fragments: k step kk covers query
@@ -598,15 +661,12 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   const u32 pw_addr = smem_addr(pw);
 
   for (int k = 0; k < ntiles; k++) {
-    if (k + 1 < ntiles) {
-      issue(k + 1, nslot);
-      nslot = slot_of(k + 2);
-      asm volatile("cp.async.wait_group 1;" ::: "memory");
-    } else {
-      asm volatile("cp.async.wait_group 0;" ::: "memory");
-    }
+    issue(k + DM_NST - 1, nslot);
+    nslot = slot_of(k + DM_NST);
+    asm volatile("cp.async.wait_group %0;" ::"n"(DM_NST - 1) : "memory");
     __syncthreads();
-    const u32 tile = stage_addr + (u32)((k & 1) * TP * LD * 2);
+    if (k == 0) DM_STAMP(2);
+    const u32 tile = stage_addr + (u32)((k % DM_NST) * TP * LD * 2);
 
     // Partial scores over this warp's k steps: TP positions x 24 heads.
     {
@@ -724,6 +784,8 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
     }
     __syncthreads();  // the tile and the weights are read before they are rewritten
   }
+  asm volatile("cp.async.wait_group 0;" ::: "memory");  // the empty groups
+  DM_STAMP(3);
 
   // Head-major values in shared memory (the tiles are done with).
 #pragma unroll
@@ -747,6 +809,8 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
       const float inv = 1.f / l_s[h];
       *(float4*)(olat + (size_t)t * ldo + (size_t)h * RANK + c) = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
     }
+    DM_STAMP(4);
+    DM_STAMP(5);
     return;
   }
   const size_t part = (size_t)t * S + s;
@@ -755,29 +819,39 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
     *(float4*)(part_acc + (part * heads + h) * RANK + c) = *(const float4*)(ot + h * OLD + c);
   }
   if (tid < heads) *(float2*)(part_ml + (part * heads + tid) * 2) = make_float2(m_s[tid], l_s[tid]);
-  if (counters == nullptr) return;
-  __threadfence();
-  __syncthreads();
-  if (tid == 0) last_s = atomicAdd(&counters[t], 1u) == (u32)(S - 1);
-  __syncthreads();
-  if (!last_s) return;
-  __threadfence();
-  if (tid == 0) counters[t] = 0;  // ready for the next launch
-  float* wsm = sp + warp * DM_MAXS;
-  for (int task = warp; task < heads * (RANK / 128); task += DM_THREADS / 32) {
-    const int h = task / (RANK / 128), c0 = (task - h * (RANK / 128)) * 128;
-    dm_combine_warp(olat, ldo, part_ml, part_acc, t, h, c0, S, heads, RANK, wsm, lane);
+  if (counters == nullptr) {
+    DM_STAMP(4);
+    DM_STAMP(5);
+    return;
   }
+  // Barrier of the row's S blocks, then each merges its share.
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    atomicAdd(&counters[t], 1u);
+    while (ld_acquire(&counters[t]) < (u32)S) asm volatile("nanosleep.u32 32;");
+  }
+  __syncthreads();
+  DM_STAMP(4);
+  dm_merge_share(olat, ldo, part_ml, part_acc, t, s, S, heads, RANK, sp);
+  __syncthreads();
+  if (tid == 0 && atomicAdd(&counters[gridDim.y + t], 1u) == (u32)(S - 1)) {
+    counters[t] = 0;  // every block of the row has left the barrier
+    counters[gridDim.y + t] = 0;
+  }
+  DM_STAMP(5);
+#undef DM_STAMP
 }
 
 #define DECODE_MMA(RANK, DR, TP)                                                                                     \
   extern "C" __global__ void __launch_bounds__(DM_THREADS, 1)                                                        \
-      decode_mma_##RANK##_##DR##_t##TP(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,            \
-                               const u8* layer, const i32* __restrict__ pos, const i32* __restrict__ row_seq,        \
-                               const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size,   \
-                               int heads, int dn, float scale, float* part_ml, float* part_acc, u32* counters) {     \
-    decode_mma<RANK, DR, TP>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks, block_size, heads, \
-                         dn, scale, part_ml, part_acc, counters);                                                    \
+      decode_mma_##RANK##_##DR##_t##TP(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,    \
+                                       const u8* layer, const i32* __restrict__ pos, const i32* __restrict__ row_seq, \
+                                       const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks,           \
+                                       int block_size, int heads, int dn, float scale, float* part_ml,               \
+                                       float* part_acc, u32* counters, unsigned long long* stamps) {                 \
+    decode_mma<RANK, DR, TP>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks, block_size,     \
+                             heads, dn, scale, part_ml, part_acc, counters, stamps);                                 \
   }
 
 // Instances: the model's (rank 512, rope 64) and the tests' small shape,
