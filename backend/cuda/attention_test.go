@@ -155,7 +155,8 @@ func nanVec(n int) []float32 {
 // what a graph replay sees) for the two-launch CUDA-core kernels, the
 // single-launch one (and its variant with one head a warp), and the
 // tensor-core kernel with splits aimed at 25-200% of the multiprocessors
-// in blocks, its last-block merge and its tiles of 32 positions.
+// in blocks, its merge by a second launch (plain or early) and its tiles
+// of 32 positions; and per-block timer stamps of both kernels (phases).
 // Calls rotate over enough layers (over 100 MB) that the cache is read
 // from memory, not L2. GB/s counts the cache bytes read. Run with
 // -test.benchtime=1x: each call measures reps launches itself.

@@ -87,8 +87,9 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 	var pml, pacc, counters uint64
 	if S > 1 {
 		pml, pacc = b.alloc(4*2*T*S*s.Heads), b.alloc(4*T*S*s.Heads*s.Rank)
-		// Arrivals and departures of each row's barrier.
-		if b.decodeMerge == mergeInKernel && b.attnCountersFor(2*T) {
+		// Arrivals and departures of each row's barrier, and its heads'
+		// maxima.
+		if b.decodeMerge == mergeInKernel && b.attnCountersFor((2+decodeMMAHeads)*T) {
 			counters = b.attnCounters.Ptr
 		}
 	}
