@@ -16,6 +16,16 @@ import (
 // when the whole grid fits on the device at once, else by a second launch
 // (decode_combine).
 
+// pdlFlag is 1 where kernels are launched with programmatic stream
+// serialization (MMFP4_CUDA_PDL=1): decode_mma then copies the positions
+// of earlier steps before it waits for the kernel before.
+func pdlFlag(c *Ctx) int {
+	if c.pdl {
+		return 1
+	}
+	return 0
+}
+
 // decodeMMAShapes are the (rank, rope dims) decode_mma is compiled for:
 // the model's and the tests' small one.
 var decodeMMAShapes = [][2]int{{512, 64}, {256, 32}}
@@ -125,7 +135,7 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 		if err := c.Launch(k, Dim{uint32(S), uint32(T), 1}, D1(decodeMMAThreads), shared,
 			om.ptr, om.ld, ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer),
 			b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
-			s.Heads, s.NopeDim, scale, pml, pacc, cnt, stamps); err != nil || S == 1 || cnt != 0 {
+			s.Heads, s.NopeDim, scale, pml, pacc, cnt, pdlFlag(c), stamps); err != nil || S == 1 || cnt != 0 {
 			return err
 		}
 		m, err := c.Kernel("flash", "decode_combine")

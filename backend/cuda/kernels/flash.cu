@@ -530,7 +530,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
                        const float* __restrict__ q, int ldq, const u8* __restrict__ layer,
                        const i32* __restrict__ pos, const i32* __restrict__ row_seq,
                        const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size, int heads,
-                       int dn, float scale, float* part_ml, float* part_acc, u32* counters,
+                       int dn, float scale, float* part_ml, float* part_acc, u32* counters, int early,
                        unsigned long long* stamps) {
   constexpr int W = RANK + DR, LD = W + 8;  // cached row stride in shared memory (bf16)
   constexpr int KL = RANK / 128;            // latent k steps a warp; also its 16-column output tiles
@@ -569,7 +569,6 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   const i32* table = blocks + seq_blocks[row_seq[t]];
   const int chunk = ((n + S - 1) / S + 15) & ~15;
   const int j0 = s * chunk, nb = max(0, min(n - j0, chunk)), ntiles = (nb + TP - 1) / TP;
-  PDL_WAIT();  // the queries and this step's cache entries
 
   // Copies: thread tid takes row tid/TPR of a tile, pieces tid%TPR + TPR*i.
   const int crow = tid / TPR, csub = tid % TPR;
@@ -593,8 +592,22 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   };
   u32 nslot = slot_of(0);
   if (stamp && tid == 0) stamp[1] = globaltimer_after((int)nslot);
-#pragma unroll
-  for (int k = 0; k < DM_NST - 1; k++) {
+  // Under programmatic dependent launch (early), the leading tiles whose
+  // positions all precede this step's first row of the sequence (written
+  // by earlier steps) are copied before waiting for the kernel before.
+  int pre = 0;
+  if (early) {
+    int tf = t;
+    while (tf > 0 && row_seq[tf - 1] == row_seq[t]) tf--;
+    const int old = min(nb, pos[tf] - j0);  // positions of this split from earlier steps
+    pre = old > 0 ? min(DM_NST - 1, old / TP) : 0;
+  }
+  for (int k = 0; k < pre; k++) {
+    issue(k, nslot);
+    nslot = slot_of(k + 1);
+  }
+  PDL_WAIT();  // the queries and this step's cache entries
+  for (int k = pre; k < DM_NST - 1; k++) {
     issue(k, nslot);
     nslot = slot_of(k + 1);
   }
@@ -842,9 +855,9 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
                                        const u8* layer, const i32* __restrict__ pos, const i32* __restrict__ row_seq, \
                                        const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks,           \
                                        int block_size, int heads, int dn, float scale, float* part_ml,               \
-                                       float* part_acc, u32* counters, unsigned long long* stamps) {                 \
+                                       float* part_acc, u32* counters, int early, unsigned long long* stamps) {      \
     decode_mma<RANK, DR, TP>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks, block_size,     \
-                             heads, dn, scale, part_ml, part_acc, counters, stamps);                                 \
+                             heads, dn, scale, part_ml, part_acc, counters, early, stamps);                          \
   }
 
 // Instances: the model's (rank 512, rope 64) and the tests' small shape,
