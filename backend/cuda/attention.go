@@ -44,12 +44,6 @@ func (b *Backend) decodeAttnConfig() {
 	}
 	b.decodeOneHead = os.Getenv("MMFP4_CUDA_ATTN_H1") != "0"
 	b.decodeMMA = os.Getenv("MMFP4_CUDA_ATTN_MMA") != "0"
-	switch os.Getenv("MMFP4_CUDA_ATTN_MERGE") {
-	case "launch":
-		b.decodeMerge = mergeLaunch
-	case "early":
-		b.decodeMerge = mergeEarly
-	}
 
 }
 

@@ -92,7 +92,7 @@ func TestDecodeAttentionMatchesCPU(t *testing.T) {
 				variants = append(variants, attnVariant{pct: 100, mma: true}, attnVariant{pct: 300, mma: true},
 					attnVariant{pct: 100, mma: true, merge: mergeLaunch}, attnVariant{pct: 3, mma: true},
 					attnVariant{pct: 100, mma: true, tile: 16}, attnVariant{pct: 100, mma: true, tile: 32},
-					attnVariant{pct: 100, mma: true, merge: mergeEarly})
+					attnVariant{pct: 100, mma: true, merge: mergeInKernel})
 			}
 			for _, v := range variants {
 				g.decodeAttn, g.decodeBlocks, g.decodeOneHead = true, v.pct, v.h1
@@ -133,7 +133,7 @@ func TestDecodeAttentionMatchesCPU(t *testing.T) {
 
 // attnVariant is one configuration of the decode attention kernels:
 // splits aimed at pct percent of the multiprocessors, one head a warp
-// (h1), the tensor-core kernel (mma), its merge (mergeInKernel, ...) and
+// (h1), the tensor-core kernel (mma), its merge (mergeAuto, ...) and
 // its tile (16 or 32 positions; 0: chosen by the splits).
 type attnVariant struct {
 	pct, tile, merge int
@@ -155,7 +155,7 @@ func nanVec(n int) []float32 {
 // what a graph replay sees) for the two-launch CUDA-core kernels, the
 // single-launch one (and its variant with one head a warp), and the
 // tensor-core kernel with splits aimed at 25-200% of the multiprocessors
-// in blocks, its merge by a second launch (plain or early) and its tiles
+// in blocks (merged as mergeAuto chooses), its two merges and its tiles
 // of 32 positions; and per-block timer stamps of both kernels (phases).
 // Calls rotate over enough layers (over 100 MB) that the cache is read
 // from memory, not L2. GB/s counts the cache bytes read. Run with
@@ -212,7 +212,7 @@ func BenchmarkAttention(b *testing.B) {
 			{"mma_b25", true, attnVariant{pct: 25, mma: true}}, {"mma_b50", true, attnVariant{pct: 50, mma: true}},
 			{"mma_b100", true, attnVariant{pct: 100, mma: true}}, {"mma_b200", true, attnVariant{pct: 200, mma: true}},
 			{"mma_launch_b100", true, attnVariant{pct: 100, mma: true, merge: mergeLaunch}},
-			{"mma_early_b100", true, attnVariant{pct: 100, mma: true, merge: mergeEarly}},
+			{"mma_inkernel_b100", true, attnVariant{pct: 100, mma: true, merge: mergeInKernel}},
 			{"mma_t32_b100", true, attnVariant{pct: 100, mma: true, tile: 32}}} {
 			name := fmt.Sprintf("rows%d_ctx%d_%s", T, cs.ctx, mode.name)
 			b.Run(name, func(b *testing.B) {
@@ -256,7 +256,7 @@ func BenchmarkAttention(b *testing.B) {
 		}
 		for _, mma := range []bool{false, true} {
 			b.Run(fmt.Sprintf("rows%d_ctx%d_phases_mma_%v", T, cs.ctx, mma), func(b *testing.B) {
-				g.decodeOneHead, g.decodeMMA, g.decodeMerge, g.decodeMMATile = true, mma, mergeInKernel, 0
+				g.decodeOneHead, g.decodeMMA, g.decodeMerge, g.decodeMMATile = true, mma, mergeAuto, 0
 				attentionPhases(b, g, layers, ol, ql, q, s)
 			})
 		}

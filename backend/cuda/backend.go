@@ -83,7 +83,7 @@ type Backend struct {
 	decodeBlocks              int
 	// decodeMMA takes bf16-cache decode attention through the
 	// tensor-core kernel (decodemma.go), its splits merged as decodeMerge
-	// says (mergeInKernel, mergeLaunch or mergeEarly); decodeMMATile, when
+	// says (mergeAuto, mergeInKernel or mergeLaunch); decodeMMATile, when
 	// not 0, fixes its tile (16 or 32 positions).
 	decodeMMA     bool
 	decodeMerge   int

@@ -13,18 +13,12 @@ import (
 // for a few rows over a bf16 cache, a block per split of a row's
 // positions takes all of its heads. The splits are merged in the same
 // launch (the row's blocks meet at a barrier, then each merges a share)
-// when the whole grid fits on the device at once, else by a second launch
-// (decode_combine).
-
-// pdlFlag is 1 where kernels are launched with programmatic stream
-// serialization (MMFP4_CUDA_PDL=1): decode_mma then copies the positions
-// of earlier steps before it waits for the kernel before.
-func pdlFlag(c *Ctx) int {
-	if c.pdl {
-		return 1
-	}
-	return 0
-}
+// or by a second launch (decode_combine) started early with programmatic
+// serialization: on an H200 the second launch was the faster for one row
+// of up to 1024 positions (12.6 against 14.9 us at 1024), the barrier for
+// everything else measured (8 and 32 rows, and one row of 8192 positions:
+// 21.7 against 23.3 us); docs/perf.md. Grids larger than the device holds
+// at once always take the second launch.
 
 // decodeMMAShapes are the (rank, rope dims) decode_mma is compiled for:
 // the model's and the tests' small one.
@@ -41,12 +35,17 @@ const (
 	decodeMMAAlign   = 16
 )
 
-// Merge modes of decode_mma's splits (Backend.decodeMerge).
+// Merge modes of decode_mma's splits (Backend.decodeMerge; tests and
+// benchmarks fix one).
 const (
-	mergeInKernel = iota // a barrier per row in the same launch, where the grid is resident
-	mergeLaunch          // decode_combine
-	mergeEarly           // decode_combine launched early (programmatic serialization)
+	mergeAuto     = iota // mergeLaunch for one row of at most decodeMMALaunchMaxN positions, else mergeInKernel
+	mergeInKernel        // a barrier per row in the same launch, where the grid is resident
+	mergeLaunch          // decode_combine, launched early (programmatic serialization)
 )
+
+// decodeMMALaunchMaxN is the longest single row whose splits mergeAuto
+// merges by the second launch.
+const decodeMMALaunchMaxN = 4096
 
 // decodeMMAShared is decode_mma's dynamic shared memory for tiles of tp
 // positions: the tiles in flight (or the head-major values at the end,
@@ -97,9 +96,15 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 	var pml, pacc, counters uint64
 	if S > 1 {
 		pml, pacc = b.alloc(4*2*T*S*s.Heads), b.alloc(4*T*S*s.Heads*s.Rank)
-		// Arrivals and departures of each row's barrier, and its heads'
-		// maxima.
-		if b.decodeMerge == mergeInKernel && b.attnCountersFor((2+decodeMMAHeads)*T) {
+		// Arrivals and departures of each row's barrier.
+		merge := b.decodeMerge
+		if merge == mergeAuto {
+			merge = mergeInKernel
+			if T == 1 && b.meta.maxN <= decodeMMALaunchMaxN {
+				merge = mergeLaunch
+			}
+		}
+		if merge == mergeInKernel && b.attnCountersFor(2*T) {
 			counters = b.attnCounters.Ptr
 		}
 	}
@@ -108,7 +113,6 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 		b.decodeStampBlocks = S * T
 	}
 	name := fmt.Sprintf("decode_mma_%d_%d_t%d", s.Rank, s.RopeDim, tp)
-	early := b.decodeMerge == mergeEarly
 	sms := b.dev.Info().SMs
 	b.do("attention", func(c *Ctx) error {
 		k, err := c.Kernel("flash", name)
@@ -135,14 +139,14 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 		if err := c.Launch(k, Dim{uint32(S), uint32(T), 1}, D1(decodeMMAThreads), shared,
 			om.ptr, om.ld, ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer),
 			b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
-			s.Heads, s.NopeDim, scale, pml, pacc, cnt, pdlFlag(c), stamps); err != nil || S == 1 || cnt != 0 {
+			s.Heads, s.NopeDim, scale, pml, pacc, cnt, stamps); err != nil || S == 1 || cnt != 0 {
 			return err
 		}
 		m, err := c.Kernel("flash", "decode_combine")
 		if err != nil {
 			return err
 		}
-		m.early = early
+		m.early = true
 		return c.Launch(m, Dim{uint32(s.Rank / 128), uint32(s.Heads), uint32(T)}, D1(256), 0,
 			om.ptr, om.ld, pml, pacc, S, s.Heads, s.Rank)
 	})

@@ -462,66 +462,80 @@ DEVICE u32 ld_acquire(const u32* p) {
   return v;
 }
 
-// A float as an unsigned key of the same order (0 below every float), so
-// that a zeroed word is an empty maximum for atomicMax; and back.
-DEVICE u32 float_key(float f) {
-  const u32 b = __float_as_uint(f);
-  return (b & 0x80000000u) ? ~b : (b | 0x80000000u);
-}
-DEVICE float key_float(u32 k) { return __uint_as_float((k & 0x80000000u) ? (k & 0x7fffffffu) : ~k); }
-
 // Block s of S merges its share of row t's outputs: float4 columns [f0,
 // f1) of the row's heads*rank/4, every split's partial weighted by exp(m_s
-// - M) of its head (M from mkey, the heads' maxima over the splits; 0 for
-// a split that saw no positions). Threads take a column and every R-th
-// split (R = threads a column), all of their loads in flight at once; the
-// R sums are added in a fixed order. sm holds 5*DM_THREADS floats.
-DEVICE void dm_merge_share(float* __restrict__ olat, int ldo, const float* part_ml, const float* part_acc,
-                           const u32* mkey, int t, int s, int S, int heads, int rank, float* sm) {
-  const int tid = threadIdx.x;
+// - M) of its head (0 for a split that saw no positions). Threads take a
+// column and every R-th split (R = threads a column); the R sums are added
+// in a fixed order. sm holds 2*S + DM_NH + 4*DM_THREADS floats.
+DEVICE void dm_merge_share(float* __restrict__ olat, int ldo, const float* part_ml, const float* part_acc, int t,
+                           int s, int S, int heads, int rank, float* sm) {
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int C4 = rank / 4, NF = heads * C4, per = (NF + S - 1) / S;
-  const int f0 = s * per, nf = min(NF, f0 + per) - f0;
+  const int f0 = s * per, f1 = min(NF, f0 + per), nf = f1 - f0;
   if (nf <= 0) return;
-  float4* red = (float4*)sm;              // [R][nf]
-  float* lred = sm + 4 * DM_THREADS;      // [R][nf]
+  const int h0 = f0 / C4, nhs = (f1 - 1) / C4 - h0 + 1;  // heads of the share
+  float* wts = sm;                   // [nhs][S]
+  float* linv = sm + DM_NH + 2 * S;  // [nhs] (nhs*S <= 2*S + heads)
+  float4* red = (float4*)(sm + ((2 * DM_NH + 2 * S + 3) & ~3));
   const size_t stride = (size_t)heads * rank;  // between splits
   const float* ml = part_ml + (size_t)t * S * heads * 2;
+  for (int hh = warp; hh < nhs; hh += DM_THREADS / 32) {
+    const int h = h0 + hh;
+    float M = __int_as_float(0xff800000);
+    for (int q = lane; q < S; q += 32) {
+      const float2 v = __ldcg((const float2*)(ml + ((size_t)q * heads + h) * 2));
+      if (v.y > 0.f) M = fmaxf(M, v.x);
+    }
+    M = warp_max(M);
+    float L = 0.f;
+    for (int q = lane; q < S; q += 32) {
+      const float2 v = __ldcg((const float2*)(ml + ((size_t)q * heads + h) * 2));
+      const float e = v.y > 0.f ? expf(v.x - M) : 0.f;
+      wts[hh * S + q] = e;
+      L += e * v.y;
+    }
+    L = warp_sum(L);
+    if (lane == 0) linv[hh] = 1.f / L;
+  }
+  __syncthreads();
+  const int R = max(1, DM_THREADS / nf);
   const float* acc = part_acc + (size_t)t * S * stride;
   float4* out = (float4*)(olat + (size_t)t * ldo);
-  const int R = max(1, DM_THREADS / nf);
-  for (int j = tid % nf, r = tid / nf; r < R && j < nf; j += DM_THREADS) {
-    const int f = f0 + j, h = f / C4;
-    const float M = key_float(__ldcg(mkey + h));
-    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
-    float L = 0.f;
-#pragma unroll 16
-    for (int q = r; q < S; q += R) {
-      const float2 m = __ldcg((const float2*)(ml + ((size_t)q * heads + h) * 2));
-      const float4 x = __ldcg((const float4*)(acc + q * stride + 4 * (size_t)f));
-      const float e = m.y > 0.f ? expf(m.x - M) : 0.f;
-      L += e * m.y;
-      v.x += e * x.x, v.y += e * x.y, v.z += e * x.z, v.w += e * x.w;
-    }
-    if (R == 1) {
-      const float inv = 1.f / L;
+  if (R == 1) {
+    for (int j = tid; j < nf; j += DM_THREADS) {
+      const int f = f0 + j, hh = f / C4 - h0;
+      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+      for (int q = 0; q < S; q++) {
+        const float w = wts[hh * S + q];
+        const float4 x = __ldcg((const float4*)(acc + q * stride + 4 * (size_t)f));
+        v.x += w * x.x, v.y += w * x.y, v.z += w * x.z, v.w += w * x.w;
+      }
+      const float inv = linv[hh];
       out[f] = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
-    } else {
-      red[r * nf + j] = v;
-      lred[r * nf + j] = L;
     }
+    return;
   }
-  if (R == 1) return;
+  const int j = tid % nf, r = tid / nf, f = f0 + j, hh = f / C4 - h0;
+  if (r < R) {
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+    for (int q = r; q < S; q += R) {
+      const float w = wts[hh * S + q];
+      const float4 x = __ldcg((const float4*)(acc + q * stride + 4 * (size_t)f));
+      v.x += w * x.x, v.y += w * x.y, v.z += w * x.z, v.w += w * x.w;
+    }
+    red[r * nf + j] = v;
+  }
   __syncthreads();
   if (tid < nf) {
     float4 v = red[tid];
-    float L = lred[tid];
     for (int q = 1; q < R; q++) {
       const float4 x = red[q * nf + tid];
       v.x += x.x, v.y += x.y, v.z += x.z, v.w += x.w;
-      L += lred[q * nf + tid];
     }
-    const float inv = 1.f / L;
-    out[f0 + tid] = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
+    const float inv = linv[hh];
+    out[f] = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
   }
 }
 
@@ -530,7 +544,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
                        const float* __restrict__ q, int ldq, const u8* __restrict__ layer,
                        const i32* __restrict__ pos, const i32* __restrict__ row_seq,
                        const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size, int heads,
-                       int dn, float scale, float* part_ml, float* part_acc, u32* counters, int early,
+                       int dn, float scale, float* part_ml, float* part_acc, u32* counters,
                        unsigned long long* stamps) {
   constexpr int W = RANK + DR, LD = W + 8;  // cached row stride in shared memory (bf16)
   constexpr int KL = RANK / 128;            // latent k steps a warp; also its 16-column output tiles
@@ -555,7 +569,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   float* alpha_s = (float*)(pw + DM_PROWS * PLD);               // [DM_NH]
   float* m_s = alpha_s + DM_NH;
   float* l_s = m_s + DM_NH;
-  static_assert(8 * TP * DM_NH >= 5 * DM_THREADS, "merge scratch");
+  static_assert(8 * TP * DM_NH >= 2 * DM_MAXS + 2 * DM_NH + 4 + 4 * DM_THREADS, "merge scratch");
 
   PDL_LAUNCH();
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c4 = lane & 3;
@@ -569,6 +583,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   const i32* table = blocks + seq_blocks[row_seq[t]];
   const int chunk = ((n + S - 1) / S + 15) & ~15;
   const int j0 = s * chunk, nb = max(0, min(n - j0, chunk)), ntiles = (nb + TP - 1) / TP;
+  PDL_WAIT();  // the queries and this step's cache entries
 
   // Copies: thread tid takes row tid/TPR of a tile, pieces tid%TPR + TPR*i.
   const int crow = tid / TPR, csub = tid % TPR;
@@ -592,22 +607,8 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   };
   u32 nslot = slot_of(0);
   if (stamp && tid == 0) stamp[1] = globaltimer_after((int)nslot);
-  // Under programmatic dependent launch (early), the leading tiles whose
-  // positions all precede this step's first row of the sequence (written
-  // by earlier steps) are copied before waiting for the kernel before.
-  int pre = 0;
-  if (early) {
-    int tf = t;
-    while (tf > 0 && row_seq[tf - 1] == row_seq[t]) tf--;
-    const int old = min(nb, pos[tf] - j0);  // positions of this split from earlier steps
-    pre = old > 0 ? min(DM_NST - 1, old / TP) : 0;
-  }
-  for (int k = 0; k < pre; k++) {
-    issue(k, nslot);
-    nslot = slot_of(k + 1);
-  }
-  PDL_WAIT();  // the queries and this step's cache entries
-  for (int k = pre; k < DM_NST - 1; k++) {
+#pragma unroll
+  for (int k = 0; k < DM_NST - 1; k++) {
     issue(k, nslot);
     nslot = slot_of(k + 1);
   }
@@ -823,27 +824,20 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
     DM_STAMP(5);
     return;
   }
-  // counters: arrivals [T], departures [T], then each row's heads' maxima
-  // over the splits as keys [T][DM_NH]; all zero between launches.
-  const int T = gridDim.y;
-  u32* mkey = counters + 2 * T + t * DM_NH;
-  if (tid < heads && l_s[tid] > 0.f) atomicMax(mkey + tid, float_key(m_s[tid]));
   // Barrier of the row's S blocks, then each merges its share.
+  __threadfence();
   __syncthreads();
   if (tid == 0) {
-    __threadfence();
     atomicAdd(&counters[t], 1u);
-    while (ld_acquire(&counters[t]) < (u32)S) asm volatile("nanosleep.u32 20;");
-    __threadfence();
+    while (ld_acquire(&counters[t]) < (u32)S) asm volatile("nanosleep.u32 32;");
   }
   __syncthreads();
   DM_STAMP(4);
-  dm_merge_share(olat, ldo, part_ml, part_acc, mkey, t, s, S, heads, RANK, sp);
+  dm_merge_share(olat, ldo, part_ml, part_acc, t, s, S, heads, RANK, sp);
   __syncthreads();
-  if (tid == 0 && atomicAdd(&counters[T + t], 1u) == (u32)(S - 1)) {
-    counters[t] = 0;  // every block of the row has left the barrier and read mkey
-    counters[T + t] = 0;
-    for (int h = 0; h < DM_NH; h++) mkey[h] = 0u;
+  if (tid == 0 && atomicAdd(&counters[gridDim.y + t], 1u) == (u32)(S - 1)) {
+    counters[t] = 0;  // every block of the row has left the barrier
+    counters[gridDim.y + t] = 0;
   }
   DM_STAMP(5);
 #undef DM_STAMP
@@ -855,9 +849,9 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
                                        const u8* layer, const i32* __restrict__ pos, const i32* __restrict__ row_seq, \
                                        const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks,           \
                                        int block_size, int heads, int dn, float scale, float* part_ml,               \
-                                       float* part_acc, u32* counters, int early, unsigned long long* stamps) {      \
+                                       float* part_acc, u32* counters, unsigned long long* stamps) {                 \
     decode_mma<RANK, DR, TP>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks, block_size,     \
-                             heads, dn, scale, part_ml, part_acc, counters, early, stamps);                          \
+                             heads, dn, scale, part_ml, part_acc, counters, stamps);                                 \
   }
 
 // Instances: the model's (rank 512, rope 64) and the tests' small shape,
