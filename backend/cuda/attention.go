@@ -32,7 +32,9 @@ const (
 // kernel off), MMFP4_CUDA_ATTN_BLOCKS (the blocks the splits aim at, in
 // percent of the multiprocessors; default 100) and MMFP4_CUDA_ATTN_H1 (0:
 // two heads a warp, eight warps a block, instead of one head a warp and
-// sixteen warps; the default measured faster on an H200, docs/perf.md).
+// sixteen warps; the default measured faster on an H200, docs/perf.md);
+// MMFP4_CUDA_ATTN_MMA=0 keeps bf16 caches on the CUDA-core kernel instead
+// of the tensor-core one (decodemma.go), for comparisons.
 func (b *Backend) decodeAttnConfig() {
 	b.decodeAttn = true
 	b.decodeBlocks = 100
