@@ -96,7 +96,6 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 	var pml, pacc, counters uint64
 	if S > 1 {
 		pml, pacc = b.alloc(4*2*T*S*s.Heads), b.alloc(4*T*S*s.Heads*s.Rank)
-		// Arrivals and departures of each row's barrier.
 		merge := b.decodeMerge
 		if merge == mergeAuto {
 			merge = mergeInKernel
@@ -104,6 +103,7 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 				merge = mergeLaunch
 			}
 		}
+		// Arrivals and departures of each row's barrier.
 		if merge == mergeInKernel && b.attnCountersFor(2*T) {
 			counters = b.attnCounters.Ptr
 		}
