@@ -32,7 +32,9 @@ const (
 // kernel off), MMFP4_CUDA_ATTN_BLOCKS (the blocks the splits aim at, in
 // percent of the multiprocessors; default 100) and MMFP4_CUDA_ATTN_H1 (0:
 // two heads a warp, eight warps a block, instead of one head a warp and
-// sixteen warps; the default measured faster on an H200, docs/perf.md).
+// sixteen warps; the default measured faster on an H200, docs/perf.md);
+// MMFP4_CUDA_ATTN_MMA=0 keeps bf16 caches on the CUDA-core kernel instead
+// of the tensor-core one (decodemma.go), for comparisons.
 func (b *Backend) decodeAttnConfig() {
 	b.decodeAttn = true
 	b.decodeBlocks = 100
@@ -43,6 +45,7 @@ func (b *Backend) decodeAttnConfig() {
 		b.decodeBlocks = v
 	}
 	b.decodeOneHead = os.Getenv("MMFP4_CUDA_ATTN_H1") != "0"
+	b.decodeMMA = os.Getenv("MMFP4_CUDA_ATTN_MMA") != "0"
 
 }
 
@@ -62,6 +65,9 @@ func (b *Backend) decodeSplits(T, pairs, maxN int) int {
 // reports whether it did.
 func (b *Backend) decodeAttention(om, ql, qm *tensor, p *cachePool, layer int, s backend.MLAShape, scale float32) bool {
 	T := b.batch.Rows()
+	if b.decodeMMAAttention(om, ql, qm, p, layer, s, scale) {
+		return true
+	}
 	// The kernel's lanes hold 4-value groups of 128 latent dims and two
 	// rope dims each; rows and fp8 scales must stay 8-byte aligned.
 	if !b.decodeAttn || T < 1 || T > decodeAttnRows || (s.Rank != 128 && s.Rank != 256 && s.Rank != 512) ||

@@ -82,12 +82,22 @@ func TestDecodeAttentionMatchesCPU(t *testing.T) {
 			qs = append(qs, randVec(r, len(st)*s.Heads*qk, 1))
 		}
 		for _, dt := range []backend.CacheDType{backend.CacheF32, backend.CacheBF16, backend.CacheFP8} {
-			for _, v := range []struct {
-				pct int
-				h1  bool
-			}{{100, false}, {250, false}, {100, true}} {
+			variants := []attnVariant{{pct: 100}, {pct: 250}, {pct: 100, h1: true}}
+			if dt == backend.CacheBF16 {
+				// The tensor-core kernel, merged in the launch or by a
+				// second one; 300%: more splits than the short rows have
+				// positions (empty splits), and more blocks than the
+				// device holds at once (a second launch); 3%: a few
+				// splits, one for the batch of four rows.
+				variants = append(variants, attnVariant{pct: 100, mma: true}, attnVariant{pct: 300, mma: true},
+					attnVariant{pct: 100, mma: true, merge: mergeLaunch}, attnVariant{pct: 3, mma: true},
+					attnVariant{pct: 100, mma: true, tile: 16}, attnVariant{pct: 100, mma: true, tile: 32},
+					attnVariant{pct: 100, mma: true, merge: mergeInKernel})
+			}
+			for _, v := range variants {
 				g.decodeAttn, g.decodeBlocks, g.decodeOneHead = true, v.pct, v.h1
-				name := fmt.Sprintf("decode attention heads=%d rank=%d rope=%d %v cache, blocks %d%%, one head a warp %v", s.Heads, s.Rank, s.RopeDim, dt, v.pct, v.h1)
+				g.decodeMMA, g.decodeMerge, g.decodeMMATile = v.mma, v.merge, v.tile
+				name := fmt.Sprintf("decode attention heads=%d rank=%d rope=%d %v cache, blocks %d%%, one head a warp %v, tensor cores %v (tile %d, merge %d)", s.Heads, s.Rank, s.RopeDim, dt, v.pct, v.h1, v.mma, v.tile, v.merge)
 				compareOp(t, g, c, name, 1e-5, func(b backend.Backend) []float32 {
 					pool, err := b.NewCachePool(layers, blocks, blockSize, s.Rank, s.RopeDim, dt)
 					if err != nil {
@@ -121,6 +131,15 @@ func TestDecodeAttentionMatchesCPU(t *testing.T) {
 	}
 }
 
+// attnVariant is one configuration of the decode attention kernels:
+// splits aimed at pct percent of the multiprocessors, one head a warp
+// (h1), the tensor-core kernel (mma), its merge (mergeAuto, ...) and
+// its tile (16 or 32 positions; 0: chosen by the splits).
+type attnVariant struct {
+	pct, tile, merge int
+	h1, mma          bool
+}
+
 func nanVec(n int) []float32 {
 	v := make([]float32, n)
 	for i := range v {
@@ -130,12 +149,14 @@ func nanVec(n int) []float32 {
 }
 
 // BenchmarkAttention times decode latent attention at GLM-4.7-Flash's
-// shapes (20 heads, rank 512, rope 64, bf16 cache): one row at ctx 1024
-// and 8192, and 32 rows (32 sequences) at ctx 1024. Device time per call
-// (events around back-to-back launches behind a spin kernel, what a graph
-// replay sees) for the two-launch kernels and the single-launch one with
-// splits aimed at 50, 100 and 200% of the multiprocessors in blocks, and
-// its variant with one head a warp.
+// shapes (20 heads, rank 512, rope 64, bf16 cache): 1, 8 and 32 rows (one
+// a sequence) at ctx 128, 1024 and 8192 (not 32 rows at 8192). Device time
+// per call (events around back-to-back launches behind a spin kernel,
+// what a graph replay sees) for the two-launch CUDA-core kernels, the
+// single-launch one (and its variant with one head a warp), and the
+// tensor-core kernel with splits aimed at 25-200% of the multiprocessors
+// in blocks (merged as mergeAuto chooses), its two merges and its tiles
+// of 32 positions; and per-block timer stamps of both kernels (phases).
 // Calls rotate over enough layers (over 100 MB) that the cache is read
 // from memory, not L2. GB/s counts the cache bytes read. Run with
 // -test.benchtime=1x: each call measures reps launches itself.
@@ -146,7 +167,7 @@ func BenchmarkAttention(b *testing.B) {
 	r := testRand(b)
 	s := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
 	width := s.Rank + s.RopeDim
-	for _, cs := range []struct{ rows, ctx int }{{1, 1024}, {1, 8192}, {32, 1024}} {
+	for _, cs := range []struct{ rows, ctx int }{{1, 128}, {1, 1024}, {1, 8192}, {8, 128}, {8, 1024}, {8, 8192}, {32, 128}, {32, 1024}} {
 		const blockSize = 64
 		per := cs.ctx / blockSize // blocks a sequence
 		nb := cs.rows * per
@@ -183,14 +204,20 @@ func BenchmarkAttention(b *testing.B) {
 		}
 		bytes := float64(T * cs.ctx * 2 * width)
 		for _, mode := range []struct {
-			name   string
-			on, h1 bool
-			blocks int
-		}{{"two_launch", false, false, 100}, {"single_b50", true, false, 50}, {"single_b100", true, false, 100},
-			{"single_b200", true, false, 200}, {"single_h1_b100", true, true, 100}, {"single_h1_b200", true, true, 200}} {
+			name string
+			on   bool
+			attnVariant
+		}{{"two_launch", false, attnVariant{pct: 100}}, {"single_b100", true, attnVariant{pct: 100}},
+			{"single_h1_b100", true, attnVariant{pct: 100, h1: true}},
+			{"mma_b25", true, attnVariant{pct: 25, mma: true}}, {"mma_b50", true, attnVariant{pct: 50, mma: true}},
+			{"mma_b100", true, attnVariant{pct: 100, mma: true}}, {"mma_b200", true, attnVariant{pct: 200, mma: true}},
+			{"mma_launch_b100", true, attnVariant{pct: 100, mma: true, merge: mergeLaunch}},
+			{"mma_inkernel_b100", true, attnVariant{pct: 100, mma: true, merge: mergeInKernel}},
+			{"mma_t32_b100", true, attnVariant{pct: 100, mma: true, tile: 32}}} {
 			name := fmt.Sprintf("rows%d_ctx%d_%s", T, cs.ctx, mode.name)
 			b.Run(name, func(b *testing.B) {
-				g.decodeAttn, g.decodeBlocks, g.decodeOneHead = mode.on, mode.blocks, mode.h1
+				g.decodeAttn, g.decodeBlocks, g.decodeOneHead = mode.on, mode.pct, mode.h1
+				g.decodeMMA, g.decodeMerge, g.decodeMMATile = mode.mma, mode.merge, mode.tile
 				// Queue one op per layer and keep their launches.
 				var fns []func(c *Ctx) error
 				for l := 0; l < layers; l++ {
@@ -227,13 +254,11 @@ func BenchmarkAttention(b *testing.B) {
 				b.Logf("%s: %.2f us/call, %.0f GB/s of cache (%d layers rotated)", name, us, bytes/(us*1e-6)/1e9, layers)
 			})
 		}
-		if T == 1 {
-			for _, h1 := range []bool{false, true} {
-				b.Run(fmt.Sprintf("rows1_ctx%d_phases_h1_%v", cs.ctx, h1), func(b *testing.B) {
-					g.decodeOneHead = h1
-					attentionPhases(b, g, layers, ol, ql, q, s)
-				})
-			}
+		for _, mma := range []bool{false, true} {
+			b.Run(fmt.Sprintf("rows%d_ctx%d_phases_mma_%v", T, cs.ctx, mma), func(b *testing.B) {
+				g.decodeOneHead, g.decodeMMA, g.decodeMerge, g.decodeMMATile = true, mma, mergeAuto, 0
+				attentionPhases(b, g, layers, ol, ql, q, s)
+			})
 		}
 	}
 }
@@ -292,7 +317,7 @@ func attentionPhases(b *testing.B, g *Backend, layers int, ol, ql, q backend.Ten
 		t0 = min(t0, st[6*i])
 	}
 	line := fmt.Sprintf("%d blocks, us after the first entry (median / latest):", n)
-	for k, what := range []string{"entry", "metadata", "first stage", "summed", "ticket", "done"} {
+	for k, what := range []string{"entry", "metadata", "first stage", "summed", "ticket or barrier", "done"} {
 		v := make([]float64, n)
 		for i := range v {
 			v[i] = float64(st[6*i+k]-t0) / 1e3

@@ -81,7 +81,14 @@ type Backend struct {
 	// attnCounters are its tickets (zero between launches).
 	decodeAttn, decodeOneHead bool
 	decodeBlocks              int
-	attnCounters              Buffer
+	// decodeMMA takes bf16-cache decode attention through the
+	// tensor-core kernel (decodemma.go), its splits merged as decodeMerge
+	// says (mergeAuto, mergeInKernel or mergeLaunch); decodeMMATile, when
+	// not 0, fixes its tile (16 or 32 positions).
+	decodeMMA     bool
+	decodeMerge   int
+	decodeMMATile int
+	attnCounters  Buffer
 	// decodeStamps, when set, receives the kernel's per-block timer
 	// stamps (BenchmarkAttention); decodeStampBlocks is the last grid's
 	// block count.

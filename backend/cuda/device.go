@@ -55,6 +55,7 @@ type Ctx struct {
 	// prelude.cuh). Measured on an H200 (docs/perf.md): a decode step 8-9%
 	// shorter.
 	pdl      bool
+	pdlOK    bool // the device has programmatic dependent launch
 	launchEx *launchConfig
 }
 
@@ -96,6 +97,11 @@ type Kernel struct {
 	Regs, LocalBytes int
 	// maxShared is the dynamic shared memory the kernel has been allowed.
 	maxShared int
+	// early launches the kernel with programmatic stream serialization
+	// even when PDL is off (sm_90): its blocks may start once every block
+	// of the kernel before has triggered (PDL_LAUNCH), and wait (PDL_WAIT)
+	// for that kernel to finish before their first load.
+	early bool
 }
 
 const maxKernelArgs = 32
@@ -199,7 +205,8 @@ func openCtx(ordinal int) (*Ctx, error) {
 	c.launchEx.attr.id = attrProgrammaticSerialization
 	c.launchEx.attr.val[0] = 1
 	c.pin.Pin(c.launchEx)
-	c.pdl = info.CC >= 90 && os.Getenv("MMFP4_CUDA_PDL") != "0"
+	c.pdlOK = info.CC >= 90
+	c.pdl = c.pdlOK && os.Getenv("MMFP4_CUDA_PDL") != "0"
 	return c, nil
 }
 
@@ -687,7 +694,7 @@ func (c *Ctx) launchRaw(k *Kernel, grid, block Dim, shared uint32, vals []uint64
 	}
 	c.lastKernel = k
 	var r int32
-	if c.pdl {
+	if c.pdl || (k.early && c.pdlOK) {
 		cfg := c.launchEx
 		cfg.gridX, cfg.gridY, cfg.gridZ = grid.X, max(grid.Y, 1), max(grid.Z, 1)
 		cfg.blockX, cfg.blockY, cfg.blockZ = block.X, max(block.Y, 1), max(block.Z, 1)

@@ -160,18 +160,6 @@ DEVICE float ad_transpose_sum(float (&v)[NV], int lane) {
 // stamps, when not null, gets each block's %globaltimer (ns) at six points
 // (entry, row metadata and queries read, first stage arrived, positions
 // summed, ticket taken, done), for BenchmarkAttention's breakdown.
-DEVICE unsigned long long ad_now() {
-  unsigned long long t;
-  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-  return t;
-}
-
-// The timer once dep has arrived (an operand: the read waits for it).
-DEVICE unsigned long long ad_now_after(int dep) {
-  unsigned long long t;
-  asm volatile("{ .reg .u32 d; mov.u32 d, %1; mov.u64 %0, %%globaltimer; }" : "=l"(t) : "r"(dep));
-  return t;
-}
 
 template <int DT, int NG, int HPW>
 DEVICE void attention_decode_body(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,
@@ -185,7 +173,7 @@ DEVICE void attention_decode_body(float* olat, int ldo, const float* qlat, int l
   unsigned long long* stamp =
       stamps ? stamps + 6 * (((size_t)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) : nullptr;
 #define AD_STAMP(k) \
-  if (stamp && threadIdx.x == 0) stamp[k] = ad_now()
+  if (stamp && threadIdx.x == 0) stamp[k] = globaltimer()
   AD_STAMP(0);
   extern __shared__ float4 ad_sm4[];
   float* wacc = (float*)ad_sm4;  // [AD_PG][2][rank], after the stages are done with
@@ -204,7 +192,7 @@ DEVICE void attention_decode_body(float* olat, int ldo, const float* qlat, int l
   const i32* table = blocks + seq_blocks[row_seq[t]];
   const int chunk = (n + splits - 1) / splits;
   const int j0 = s * chunk, nb = max(0, min(n, j0 + chunk) - j0);
-  if (stamp && threadIdx.x == 0) stamp[1] = ad_now_after(nb + table[0]);
+  if (stamp && threadIdx.x == 0) stamp[1] = globaltimer_after(nb + table[0]);
 
   // The warp's heads' queries in the lanes' dims (zero for an absent head).
   float qa[HPW][16], qp[HPW][2];

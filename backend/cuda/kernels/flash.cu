@@ -390,3 +390,508 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
 FLASH_LATENT(8, 64)
 FLASH_LATENT(4, 32)
 FLASH_LATENT(2, 64)
+
+// Decode attention on the tensor cores: a few rows (one a sequence), each
+// against its own cached positions, split over blocks by position.
+//
+// Block (s, t) of the grid (splits, rows) takes the positions [s*chunk,
+// +chunk) of row t (chunk = ceil(n/splits) rounded up to 16, n = pos[t]+1)
+// for all its heads (up to DM_NH = 24), in tiles of TP = 16 or 32
+// positions copied to shared memory by cp.async, DM_NST tiles in flight.
+// With the heads as the n side of m16n8k16 (3 tiles of 8):
+//   S^T (TP x 24)  = [c | k_pe] (TP x W) . [qlat | q_pe]^T   warp w: its own k steps
+//   O^T (rank x 24) += c^T (rank x TP) . P^T (TP x 24)        warp w: columns [w*rank/8, +rank/8)
+// The queries and the softmax weights are float32: each is split into
+// three bf16 parts (hi + mid + lo hold its 24 bits), each product issued
+// for the three parts into fp32 accumulators, so the results stay within
+// float32 rounding of the CPU reference (the cache's values are exact in
+// bf16). Each warp keeps its queries' parts in registers for its k steps
+// (the latent ones that match its output columns, and one rope step for
+// warps < DR/16); the eight partial score tiles are added in shared memory
+// in a fixed order, then an online softmax per head.
+//
+// With one split the block writes olat; otherwise its partial (max, sum
+// and unnormalised values per head). With counters set, the row's blocks
+// then meet at a barrier (an arrival count per row; the host launches
+// this only when the whole grid is resident at once) and each merges a
+// share of the row's outputs (dm_merge_share); the last to leave resets
+// the counts. Else decode_combine (a second launch) merges.
+
+#define DM_THREADS 256
+#define DM_HT 3
+#define DM_NH (8 * DM_HT)
+#define DM_PROWS 80  // weight rows: part*DM_NH + head, padded to ten groups of 8
+#define DM_NST 4     // tiles in flight
+#define DM_MAXS 256
+
+// x = hi + mid + lo exactly (finite x; each part a bf16 as bits).
+DEVICE void split3_bf16(float x, u32& hi, u32& mid, u32& lo) {
+  hi = fa_bf16(x);
+  const float r = x - __uint_as_float(hi << 16);
+  mid = fa_bf16(r);
+  lo = fa_bf16(r - __uint_as_float(mid << 16));
+}
+
+DEVICE u32 ld_acquire(const u32* p) {
+  u32 v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
+// Block s of S merges its share of row t's outputs: float4 columns [f0,
+// f1) of the row's heads*rank/4, every split's partial weighted by exp(m_s
+// - M) of its head (0 for a split that saw no positions). Threads take a
+// column and every R-th split (R = threads a column); the R sums are added
+// in a fixed order. sm holds 2*S + DM_NH + 4*DM_THREADS floats.
+DEVICE void dm_merge_share(float* __restrict__ olat, int ldo, const float* part_ml, const float* part_acc, int t,
+                           int s, int S, int heads, int rank, float* sm) {
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int C4 = rank / 4, NF = heads * C4, per = (NF + S - 1) / S;
+  const int f0 = s * per, f1 = min(NF, f0 + per), nf = f1 - f0;
+  if (nf <= 0) return;
+  const int h0 = f0 / C4, nhs = (f1 - 1) / C4 - h0 + 1;  // heads of the share
+  float* wts = sm;                   // [nhs][S]
+  float* linv = sm + DM_NH + 2 * S;  // [nhs] (nhs*S <= 2*S + heads)
+  float4* red = (float4*)(sm + ((2 * DM_NH + 2 * S + 3) & ~3));
+  const size_t stride = (size_t)heads * rank;  // between splits
+  const float* ml = part_ml + (size_t)t * S * heads * 2;
+  for (int hh = warp; hh < nhs; hh += DM_THREADS / 32) {
+    const int h = h0 + hh;
+    float M = __int_as_float(0xff800000);
+    for (int q = lane; q < S; q += 32) {
+      const float2 v = __ldcg((const float2*)(ml + ((size_t)q * heads + h) * 2));
+      if (v.y > 0.f) M = fmaxf(M, v.x);
+    }
+    M = warp_max(M);
+    float L = 0.f;
+    for (int q = lane; q < S; q += 32) {
+      const float2 v = __ldcg((const float2*)(ml + ((size_t)q * heads + h) * 2));
+      const float e = v.y > 0.f ? expf(v.x - M) : 0.f;
+      wts[hh * S + q] = e;
+      L += e * v.y;
+    }
+    L = warp_sum(L);
+    if (lane == 0) linv[hh] = 1.f / L;
+  }
+  __syncthreads();
+  const int R = max(1, DM_THREADS / nf);
+  const float* acc = part_acc + (size_t)t * S * stride;
+  float4* out = (float4*)(olat + (size_t)t * ldo);
+  if (R == 1) {
+    for (int j = tid; j < nf; j += DM_THREADS) {
+      const int f = f0 + j, hh = f / C4 - h0;
+      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+      for (int q = 0; q < S; q++) {
+        const float w = wts[hh * S + q];
+        const float4 x = __ldcg((const float4*)(acc + q * stride + 4 * (size_t)f));
+        v.x += w * x.x, v.y += w * x.y, v.z += w * x.z, v.w += w * x.w;
+      }
+      const float inv = linv[hh];
+      out[f] = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
+    }
+    return;
+  }
+  const int j = tid % nf, r = tid / nf, f = f0 + j, hh = f / C4 - h0;
+  if (r < R) {
+    float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll 8
+    for (int q = r; q < S; q += R) {
+      const float w = wts[hh * S + q];
+      const float4 x = __ldcg((const float4*)(acc + q * stride + 4 * (size_t)f));
+      v.x += w * x.x, v.y += w * x.y, v.z += w * x.z, v.w += w * x.w;
+    }
+    red[r * nf + j] = v;
+  }
+  __syncthreads();
+  if (tid < nf) {
+    float4 v = red[tid];
+    for (int q = 1; q < R; q++) {
+      const float4 x = red[q * nf + tid];
+      v.x += x.x, v.y += x.y, v.z += x.z, v.w += x.w;
+    }
+    const float inv = linv[hh];
+    out[f] = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
+  }
+}
+
+template <int RANK, int DR, int TP>
+DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
+                       const float* __restrict__ q, int ldq, const u8* __restrict__ layer,
+                       const i32* __restrict__ pos, const i32* __restrict__ row_seq,
+                       const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size, int heads,
+                       int dn, float scale, float* part_ml, float* part_acc, u32* counters,
+                       unsigned long long* stamps) {
+  constexpr int W = RANK + DR, LD = W + 8;  // cached row stride in shared memory (bf16)
+  constexpr int KL = RANK / 128;            // latent k steps a warp; also its 16-column output tiles
+  constexpr int KR = DR / 16;               // rope k steps: one each for warps < KR
+  constexpr int KS = KL + 1;
+  constexpr int CH = W / 8;                 // 16-byte pieces of a cached row
+  constexpr int OLD = RANK + 4;             // output transpose row stride (floats)
+  constexpr int PLD = TP + 8;               // weight row stride (bf16)
+  constexpr int MT = TP / 16;               // 16-position tiles of a tile
+  constexpr int TPR = DM_THREADS / TP;      // threads copying a row
+  // Score accumulators: one a part with one position tile (shorter
+  // chains of dependent products), else one for all three parts.
+  constexpr int NA = MT == 1 ? 3 : 1;
+  static_assert(KR <= 8 && DR % 16 == 0 && RANK % 128 == 0 && (TP == 16 || TP == 32), "shape");
+
+  extern __shared__ __align__(16) u8 dm_smem[];
+  unsigned short* stage = (unsigned short*)dm_smem;  // [DM_NST][TP][LD]
+  float* ot = (float*)dm_smem;                       // [DM_NH][OLD], after the tiles
+  constexpr int STAGE_BYTES = DM_NST * TP * LD * 2 > DM_NH * OLD * 4 ? DM_NST * TP * LD * 2 : DM_NH * OLD * 4;
+  float* sp = (float*)(dm_smem + STAGE_BYTES);                  // [8][TP][DM_NH] partial scores; the merge's
+  unsigned short* pw = (unsigned short*)(sp + 8 * TP * DM_NH);  // [DM_PROWS][PLD] weights
+  float* alpha_s = (float*)(pw + DM_PROWS * PLD);               // [DM_NH]
+  float* m_s = alpha_s + DM_NH;
+  float* l_s = m_s + DM_NH;
+  static_assert(8 * TP * DM_NH >= 2 * DM_MAXS + 2 * DM_NH + 4 + 4 * DM_THREADS, "merge scratch");
+
+  PDL_LAUNCH();
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c4 = lane & 3;
+  const int s = blockIdx.x, t = blockIdx.y, S = gridDim.x;
+  unsigned long long* stamp = stamps ? stamps + 6 * ((size_t)t * S + s) : nullptr;
+#define DM_STAMP(k) \
+  if (stamp && tid == 0) stamp[k] = globaltimer()
+  DM_STAMP(0);
+  // Row metadata: uploaded before the step, written by no kernel.
+  const int n = pos[t] + 1;
+  const i32* table = blocks + seq_blocks[row_seq[t]];
+  const int chunk = ((n + S - 1) / S + 15) & ~15;
+  const int j0 = s * chunk, nb = max(0, min(n - j0, chunk)), ntiles = (nb + TP - 1) / TP;
+  PDL_WAIT();  // the queries and this step's cache entries
+
+  // Copies: thread tid takes row tid/TPR of a tile, pieces tid%TPR + TPR*i.
+  const int crow = tid / TPR, csub = tid % TPR;
+  auto slot_of = [&](int k) -> u32 {
+    const int r = k * TP + crow;
+    if (r >= nb) return 0u;
+    const int j = j0 + r;
+    return (u32)(table[j / block_size] * block_size + j % block_size);
+  };
+  const u32 stage_addr = smem_addr(stage);
+  // Tile k into stage k % DM_NST (an empty group past the last tile, so
+  // that every iteration waits for the same count).
+  auto issue = [&](int k, u32 slot) {
+    if (k < ntiles) {
+      const bool valid = k * TP + crow < nb;
+      const u8* src = layer + (size_t)slot * W * 2;
+      const u32 dst = stage_addr + (u32)(((k % DM_NST) * TP + crow) * LD * 2);
+      for (int c = csub; c < CH; c += TPR) cp_async16(dst + c * 16, src + c * 16, valid);
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+  };
+  u32 nslot = slot_of(0);
+  if (stamp && tid == 0) stamp[1] = globaltimer_after((int)nslot);
+#pragma unroll
+  for (int k = 0; k < DM_NST - 1; k++) {
+    issue(k, nslot);
+    nslot = slot_of(k + 1);
+  }
+
+  // This warp's query parts as B fragments: k step kk covers query
+  // columns kcol(kk) .. +16; heads 8j + g.
+  auto kcol = [&](int kk) { return kk < KL ? (warp * KL + kk) * 16 : RANK + 16 * warp; };
+  u32 qb[KS][DM_HT][3][2];
+#pragma unroll
+  for (int kk = 0; kk < KS; kk++) {
+#pragma unroll
+    for (int j = 0; j < DM_HT; j++) {
+      const int h = 8 * j + g;
+      float2 v0 = make_float2(0.f, 0.f), v1 = v0;
+      if (h < heads && (kk < KL || warp < KR)) {
+        const int kc = kcol(kk);
+        const float* src = kk < KL ? qlat + (size_t)t * ldql + (size_t)h * RANK + kc
+                                   : q + (size_t)t * ldq + (size_t)h * (dn + DR) + dn + (kc - RANK);
+        v0 = *(const float2*)(src + 2 * c4);
+        v1 = *(const float2*)(src + 2 * c4 + 8);
+      }
+      u32 a[3], b[3], c[3], d[3];
+      split3_bf16(v0.x, a[0], a[1], a[2]);
+      split3_bf16(v0.y, b[0], b[1], b[2]);
+      split3_bf16(v1.x, c[0], c[1], c[2]);
+      split3_bf16(v1.y, d[0], d[1], d[2]);
+#pragma unroll
+      for (int p = 0; p < 3; p++) {
+        qb[kk][j][p][0] = a[p] | (b[p] << 16);
+        qb[kk][j][p][1] = c[p] | (d[p] << 16);
+      }
+    }
+  }
+
+  // Weights of the padding rows and heads stay zero; the softmax state
+  // lives in the threads tid < 8*DM_NH (head tid/8, positions tid%8 + 8i).
+  for (int i = tid; i < DM_PROWS * PLD / 2; i += DM_THREADS) ((u32*)pw)[i] = 0u;
+  const int sh = tid >> 3, sq = tid & 7;
+  float m_run = __int_as_float(0xff800000), l_run = 0.f;
+
+  float o[KL][DM_HT][4];
+#pragma unroll
+  for (int m = 0; m < KL; m++)
+#pragma unroll
+    for (int j = 0; j < DM_HT; j++) o[m][j][0] = o[m][j][1] = o[m][j][2] = o[m][j][3] = 0.f;
+
+  const int a_off = ((lane & 15) * LD + (lane >> 4) * 8) * 2;                           // A from [pos][k]
+  const int t_off = (((lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * 8) * 2;  // A = c^T, .trans
+  const int b_off = (((lane & 7) + ((lane >> 4) << 3)) * PLD + ((lane >> 3) & 1) * 8) * 2;  // B from [n][pos]
+  const u32 pw_addr = smem_addr(pw);
+
+  for (int k = 0; k < ntiles; k++) {
+    issue(k + DM_NST - 1, nslot);
+    nslot = slot_of(k + DM_NST);
+    asm volatile("cp.async.wait_group %0;" ::"n"(DM_NST - 1) : "memory");
+    __syncthreads();
+    if (k == 0) DM_STAMP(2);
+    const u32 tile = stage_addr + (u32)((k % DM_NST) * TP * LD * 2);
+
+    // Partial scores over this warp's k steps: TP positions x 24 heads.
+    {
+      float sacc[NA][MT][DM_HT][4];
+#pragma unroll
+      for (int a = 0; a < NA; a++)
+#pragma unroll
+        for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+          for (int j = 0; j < DM_HT; j++)
+            sacc[a][mt][j][0] = sacc[a][mt][j][1] = sacc[a][mt][j][2] = sacc[a][mt][j][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < KS; kk++) {
+        if (kk < KL || warp < KR) {
+          u32 a[MT][4];
+#pragma unroll
+          for (int mt = 0; mt < MT; mt++)
+            ldsm_x4(tile + (u32)(mt * 16 * LD * 2 + kcol(kk) * 2 + a_off), a[mt][0], a[mt][1], a[mt][2], a[mt][3]);
+#pragma unroll
+          for (int p = 0; p < 3; p++)
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+              for (int j = 0; j < DM_HT; j++)
+                mma_bf16(sacc[p % NA][mt][j], a[mt], qb[kk][j][p][0], qb[kk][j][p][1]);
+        }
+      }
+      float* mine = sp + warp * TP * DM_NH;
+#pragma unroll
+      for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int j = 0; j < DM_HT; j++) {
+          float v[4];
+#pragma unroll
+          for (int e = 0; e < 4; e++) {
+            v[e] = sacc[0][mt][j][e];
+#pragma unroll
+            for (int a = 1; a < NA; a++) v[e] += sacc[a][mt][j][e];
+          }
+          const int row = mt * 16 + g, col = 8 * j + 2 * c4;
+          *(float2*)(mine + row * DM_NH + col) = make_float2(v[0], v[1]);
+          *(float2*)(mine + (row + 8) * DM_NH + col) = make_float2(v[2], v[3]);
+        }
+    }
+    __syncthreads();
+
+    // Online softmax, eight threads a head (warps 0-5; every head slot,
+    // padding heads fully masked).
+    if (tid < 8 * DM_NH) {
+      float sv[TP / 8];
+      float mx = __int_as_float(0xff800000);
+#pragma unroll
+      for (int i = 0; i < TP / 8; i++) {
+        const int r = sq + 8 * i;
+        float a = 0.f;
+#pragma unroll
+        for (int w = 0; w < 8; w++) a += sp[(w * TP + r) * DM_NH + sh];
+        const bool valid = sh < heads && k * TP + r < nb;
+        sv[i] = valid ? a * scale : __int_as_float(0xff800000);
+        mx = fmaxf(mx, sv[i]);
+      }
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+      const float m_new = fmaxf(m_run, mx);
+      const bool none = m_new == __int_as_float(0xff800000);
+      const float alpha = none ? 1.f : expf(m_run - m_new);
+      float sum = 0.f;
+#pragma unroll
+      for (int i = 0; i < TP / 8; i++) {
+        const float p = (none || sv[i] == __int_as_float(0xff800000)) ? 0.f : expf(sv[i] - m_new);
+        sum += p;
+        u32 hi, mid, lo;
+        split3_bf16(p, hi, mid, lo);
+        const int r = sq + 8 * i;
+        pw[(0 * DM_NH + sh) * PLD + r] = (unsigned short)hi;
+        pw[(1 * DM_NH + sh) * PLD + r] = (unsigned short)mid;
+        pw[(2 * DM_NH + sh) * PLD + r] = (unsigned short)lo;
+      }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+      l_run = l_run * alpha + sum;
+      m_run = m_new;
+      if (sq == 0) alpha_s[sh] = alpha;
+    }
+    __syncthreads();
+
+    // O^T = O^T * alpha + c^T . P^T over this warp's columns.
+    {
+#pragma unroll
+      for (int j = 0; j < DM_HT; j++) {
+        const float a0 = alpha_s[8 * j + 2 * c4], a1 = alpha_s[8 * j + 2 * c4 + 1];
+#pragma unroll
+        for (int m = 0; m < KL; m++) o[m][j][0] *= a0, o[m][j][1] *= a1, o[m][j][2] *= a0, o[m][j][3] *= a1;
+      }
+#pragma unroll
+      for (int ks = 0; ks < MT; ks++) {
+        u32 b[10][2];
+#pragma unroll
+        for (int rg = 0; rg < 10; rg += 2)
+          ldsm_x4(pw_addr + (u32)(rg * 8 * PLD * 2 + ks * 32 + b_off), b[rg][0], b[rg][1], b[rg + 1][0],
+                  b[rg + 1][1]);
+        u32 a[KL][4];
+#pragma unroll
+        for (int m = 0; m < KL; m++)
+          ldsm_x4_t(tile + (u32)(ks * 16 * LD * 2 + (warp * KL + m) * 32 + t_off), a[m][0], a[m][1], a[m][2], a[m][3]);
+#pragma unroll
+        for (int p = 0; p < 3; p++)
+#pragma unroll
+          for (int m = 0; m < KL; m++)
+#pragma unroll
+            for (int j = 0; j < DM_HT; j++) mma_bf16(o[m][j], a[m], b[3 * p + j][0], b[3 * p + j][1]);
+      }
+    }
+    __syncthreads();  // the tile and the weights are read before they are rewritten
+  }
+  asm volatile("cp.async.wait_group 0;" ::: "memory");  // the empty groups
+  DM_STAMP(3);
+
+  // Head-major values in shared memory (the tiles are done with).
+#pragma unroll
+  for (int m = 0; m < KL; m++)
+#pragma unroll
+    for (int j = 0; j < DM_HT; j++) {
+      const int col = (warp * KL + m) * 16 + g, h = 8 * j + 2 * c4;
+      ot[h * OLD + col] = o[m][j][0];
+      ot[(h + 1) * OLD + col] = o[m][j][1];
+      ot[h * OLD + col + 8] = o[m][j][2];
+      ot[(h + 1) * OLD + col + 8] = o[m][j][3];
+    }
+  if (tid < 8 * DM_NH && sq == 0) m_s[sh] = m_run, l_s[sh] = l_run;
+  __syncthreads();
+
+  constexpr int C4 = RANK / 4;
+  if (S == 1) {
+    for (int i = tid; i < heads * C4; i += DM_THREADS) {
+      const int h = i / C4, c = (i - h * C4) * 4;
+      const float4 v = *(const float4*)(ot + h * OLD + c);
+      const float inv = 1.f / l_s[h];
+      *(float4*)(olat + (size_t)t * ldo + (size_t)h * RANK + c) = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
+    }
+    DM_STAMP(4);
+    DM_STAMP(5);
+    return;
+  }
+  const size_t part = (size_t)t * S + s;
+  for (int i = tid; i < heads * C4; i += DM_THREADS) {
+    const int h = i / C4, c = (i - h * C4) * 4;
+    *(float4*)(part_acc + (part * heads + h) * RANK + c) = *(const float4*)(ot + h * OLD + c);
+  }
+  if (tid < heads) *(float2*)(part_ml + (part * heads + tid) * 2) = make_float2(m_s[tid], l_s[tid]);
+  if (counters == nullptr) {
+    DM_STAMP(4);
+    DM_STAMP(5);
+    return;
+  }
+  // Barrier of the row's S blocks, then each merges its share.
+  __threadfence();
+  __syncthreads();
+  if (tid == 0) {
+    atomicAdd(&counters[t], 1u);
+    while (ld_acquire(&counters[t]) < (u32)S) asm volatile("nanosleep.u32 32;");
+  }
+  __syncthreads();
+  DM_STAMP(4);
+  dm_merge_share(olat, ldo, part_ml, part_acc, t, s, S, heads, RANK, sp);
+  __syncthreads();
+  if (tid == 0 && atomicAdd(&counters[gridDim.y + t], 1u) == (u32)(S - 1)) {
+    counters[t] = 0;  // every block of the row has left the barrier
+    counters[gridDim.y + t] = 0;
+  }
+  DM_STAMP(5);
+#undef DM_STAMP
+}
+
+#define DECODE_MMA(RANK, DR, TP)                                                                                     \
+  extern "C" __global__ void __launch_bounds__(DM_THREADS, 1)                                                        \
+      decode_mma_##RANK##_##DR##_t##TP(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,    \
+                                       const u8* layer, const i32* __restrict__ pos, const i32* __restrict__ row_seq, \
+                                       const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks,           \
+                                       int block_size, int heads, int dn, float scale, float* part_ml,               \
+                                       float* part_acc, u32* counters, unsigned long long* stamps) {                 \
+    decode_mma<RANK, DR, TP>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks, block_size,     \
+                             heads, dn, scale, part_ml, part_acc, counters, stamps);                                 \
+  }
+
+// Instances: the model's (rank 512, rope 64) and the tests' small shape,
+// tiles of 16 positions (splits of at most 16) and of 32.
+DECODE_MMA(512, 64, 16)
+DECODE_MMA(512, 64, 32)
+DECODE_MMA(256, 32, 16)
+DECODE_MMA(256, 32, 32)
+
+// The splits' merge as a second launch: grid (rank/128, heads, rows),
+// eight warps a block for one row, head and 128 columns. Warp w takes the
+// splits w, w+8, ...: its loads are issued before the maximum over all
+// splits is known, so a block waits on about one round of loads; the
+// warps' sums are then added in a fixed order.
+extern "C" __global__ void __launch_bounds__(256) decode_combine(float* olat, int ldo, const float* part_ml,
+                                                                 const float* part_acc, int S, int heads, int rank) {
+  __shared__ float4 red[8][32];
+  __shared__ float lred[8];
+  PDL_LAUNCH();
+  PDL_WAIT();
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int t = blockIdx.z, h = blockIdx.y, c0 = blockIdx.x * 128;
+  const size_t mls = (size_t)heads * 2, accs = (size_t)heads * rank;
+  const float* ml = part_ml + ((size_t)t * S * heads + h) * 2;
+  const float* acc = part_acc + ((size_t)t * S * heads + h) * rank + c0 + 4 * lane;
+  float M = __int_as_float(0xff800000), lw = 0.f;
+  float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int s0 = warp; s0 < S; s0 += 64) {
+    float2 v[8];
+    float4 x[8];
+#pragma unroll
+    for (int u = 0; u < 8; u++) {
+      const int s = s0 + 8 * u;
+      v[u] = s < S ? __ldcg((const float2*)(ml + s * mls)) : make_float2(0.f, 0.f);
+      x[u] = s < S ? __ldcg((const float4*)(acc + s * accs)) : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+    if (s0 == warp) {
+      for (int s = lane; s < S; s += 32) {
+        const float2 m = __ldcg((const float2*)(ml + s * mls));
+        if (m.y > 0.f) M = fmaxf(M, m.x);
+      }
+      M = warp_max(M);
+    }
+#pragma unroll
+    for (int u = 0; u < 8; u++) {
+      const float e = v[u].y > 0.f ? expf(v[u].x - M) : 0.f;
+      lw += e * v[u].y;
+      o.x += e * x[u].x, o.y += e * x[u].y, o.z += e * x[u].z, o.w += e * x[u].w;
+    }
+  }
+  red[warp][lane] = o;
+  if (lane == 0) lred[warp] = lw;
+  __syncthreads();
+  if (warp == 0) {
+    float4 r = red[0][lane];
+    float L = lred[0];
+#pragma unroll
+    for (int w = 1; w < 8; w++) {
+      const float4 y = red[w][lane];
+      r.x += y.x, r.y += y.y, r.z += y.z, r.w += y.w;
+      L += lred[w];
+    }
+    const float inv = 1.f / L;
+    *(float4*)(olat + (size_t)t * ldo + (size_t)h * rank + c0 + 4 * lane) =
+        make_float4(r.x * inv, r.y * inv, r.z * inv, r.w * inv);
+  }
+}

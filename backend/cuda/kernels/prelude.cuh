@@ -131,3 +131,16 @@ DEVICE double warp_sum_d(double v) {
 #define PDL_WAIT()
 #endif
 #define PDL_LAUNCH()
+
+// The %globaltimer clock (ns), for kernels' timer stamps in benchmarks;
+// _after reads it once dep has arrived (an operand: the read waits for it).
+DEVICE unsigned long long globaltimer() {
+  unsigned long long t;
+  asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+  return t;
+}
+DEVICE unsigned long long globaltimer_after(int dep) {
+  unsigned long long t;
+  asm volatile("{ .reg .u32 d; mov.u32 d, %1; mov.u64 %0, %%globaltimer; }" : "=l"(t) : "r"(dep));
+  return t;
+}
