@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
+	"os"
 
 	"github.com/mmfp4/mmfp4/format"
 )
@@ -343,18 +344,32 @@ func (c *Ctx) Route(gate, bias, x uint64, ldx, T, E, K int, cfg RouteConfig, ids
 // fp32, bias E floats; ids and wts get topk entries a row; counters (T
 // words, zero between calls) count each row's blocks. moe_router_fast
 // where it fits (E <= 128, K <= 2048, 16-byte aligned rows), else
-// moe_router_route; both give the same bits.
-func (c *Ctx) RouterRoute(W uint64, E, K int, x uint64, ldx, T int, logits uint64, ldl int, bias uint64, topk int, norm bool, scaling float32, ids, wts, counters uint64) error {
+// moe_router_route; both give the same bits. With q (T rows of K in
+// groups of G, where RouterFastFits), the launch also writes x's int8 form
+// into q, as RMSNormQuant without a gain would.
+func (c *Ctx) RouterRoute(W uint64, E, K int, x uint64, ldx, T int, logits uint64, ldl int, bias uint64, topk int, norm bool, scaling float32, ids, wts, counters uint64, q *QActs) error {
 	n := 0
 	if norm {
 		n = 1
 	}
-	if E <= 128 && K <= 2048 && K%4 == 0 && ldx%4 == 0 && x%16 == 0 && topk <= 32 && !routerSlow {
+	if RouterFastFits(E, K, x, ldx, topk) {
 		k, err := c.Kernel("moe", "moe_router_fast")
 		if err != nil {
 			return err
 		}
-		return c.Launch(k, Dim{uint32((E + 3) / 4), uint32(T), 1}, D1(128), 4*K, W, E, K, x, ldx, logits, ldl, bias, topk, n, scaling, ids, wts, counters)
+		var xq, xs, xsum uint64
+		G := 32
+		if q != nil {
+			if q.T != T || q.K != K || !format.ValidGroupSize(q.G) || K%q.G != 0 {
+				return fmt.Errorf("cuda: router: activations %dx%d/%d for %d rows of %d", q.T, q.K, q.G, T, K)
+			}
+			xq, xs, xsum, G = q.Q, q.Scales, q.Sums, q.G
+		}
+		return c.Launch(k, Dim{uint32((E + 3) / 4), uint32(T), 1}, D1(128), 4*K, W, E, K, x, ldx, logits, ldl, bias, topk, n, scaling, ids, wts, counters,
+			xq, xs, xsum, G)
+	}
+	if q != nil {
+		return fmt.Errorf("cuda: router: the int8 form of the input needs moe_router_fast (E=%d, K=%d)", E, K)
 	}
 	k, err := c.Kernel("moe", "moe_router_route")
 	if err != nil {
@@ -362,6 +377,50 @@ func (c *Ctx) RouterRoute(W uint64, E, K int, x uint64, ldx, T int, logits uint6
 	}
 	return c.Launch(k, Dim{uint32((E + 7) / 8), uint32(T), 1}, D1(256), 0, W, E, K, x, ldx, logits, ldl, bias, topk, n, scaling, ids, wts, counters)
 }
+
+// RouterFastFits reports whether RouterRoute takes moe_router_fast for
+// these experts, input and choice (and so can write the input's int8
+// form): E <= 128, K <= 2048, 16-byte aligned rows.
+func RouterFastFits(E, K int, x uint64, ldx, topk int) bool {
+	return E <= 128 && K <= 2048 && K%4 == 0 && ldx%4 == 0 && x%16 == 0 && topk <= 32 && !routerSlow
+}
+
+// RouterShared is RouterRoute for one row that also writes the input's
+// int8 form into q and computes the shared experts' gate and up products
+// with the SiLU product into s (the slots after topk), in the router's
+// launch: the shared experts need no routing. MoERouted then finishes the
+// block. See RouterSharedFits for the shapes it takes.
+func (c *Ctx) RouterShared(W uint64, E, K int, x, logits, bias uint64, topk int, norm bool, scaling float32, ids, wts, counters uint64,
+	q *QActs, t *ExpertTable, s *MoEScratch) error {
+	if !RouterSharedFits(E, K, x, topk, t) || q.T != 1 || q.K != K || q.G != t.G || s.HQ.T != topk+t.Shared || s.HQ.K != t.I {
+		return fmt.Errorf("cuda: router with shared experts: E=%d K=%d, experts [%d,%d] G=%d, %d shared, activations %dx%d/%d",
+			E, K, t.I, t.K, t.G, t.Shared, q.T, q.K, q.G)
+	}
+	k, err := c.Kernel("moe", "moe_router_shared")
+	if err != nil {
+		return err
+	}
+	n := 0
+	if norm {
+		n = 1
+	}
+	nrb := (E + 3) / 4
+	return c.Launch(k, D1(nrb+t.Shared*t.I/16), D1(128), 4*K, W, E, K, x, logits, bias, topk, n, scaling, ids, wts, counters,
+		q.Q, q.Scales, q.Sums, q.G, nrb, t.buf, t.Routed, t.I, s.H)
+}
+
+// RouterSharedFits reports whether RouterShared takes this router (E
+// experts, K inputs at x) and table: moe_router_fast's conditions, the
+// experts' input K (at most 2048 columns, one round of loads a lane), at
+// least one shared expert, and an intermediate size a multiple of 16
+// (whole blocks of rows).
+func RouterSharedFits(E, K int, x uint64, topk int, t *ExpertTable) bool {
+	return RouterFastFits(E, K, x, K, topk) && t.K == K && K%t.G == 0 && t.Shared > 0 && t.I%16 == 0 && !routerSharedOff
+}
+
+// routerSharedOff keeps the shared experts out of the router launch
+// (MMFP4_CUDA_ROUTER_SHARED=0 while measuring).
+var routerSharedOff = os.Getenv("MMFP4_CUDA_ROUTER_SHARED") == "0"
 
 // routerSlow makes RouterRoute use moe_router_route always (benchmarks).
 var routerSlow bool
@@ -409,6 +468,16 @@ func (c *Ctx) FreeMoEScratch(s *MoEScratch) error {
 // intermediate size exceeds moeMaxI). With accumulate, the sum is added to
 // y.
 func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, topk int, x *QActs, s *MoEScratch) error {
+	return c.moe(y, accumulate, t, ids, wts, topk, x, s, false)
+}
+
+// MoERouted is MoE after RouterShared made the shared slots' SiLU
+// products in s: the gate and up launch covers the routed slots only.
+func (c *Ctx) MoERouted(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, topk int, x *QActs, s *MoEScratch) error {
+	return c.moe(y, accumulate, t, ids, wts, topk, x, s, true)
+}
+
+func (c *Ctx) moe(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, topk int, x *QActs, s *MoEScratch, sharedDone bool) error {
 	slots := topk + t.Shared
 	switch {
 	case x.T != 1 || x.K != t.K || x.G != t.G:
@@ -429,9 +498,21 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 	if accumulate {
 		acc = 1
 	}
-	if err := c.Launch(gu, Dim{uint32((t.I + 15) / 16), uint32(slots), 1}, D1(128), 0,
+	guSlots := slots
+	if sharedDone {
+		guSlots = topk
+	}
+	if err := c.Launch(gu, Dim{uint32((t.I + 15) / 16), uint32(guSlots), 1}, D1(128), 0,
 		t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, x.Sums, s.H); err != nil {
 		return err
+	}
+	if slots <= downSlotsMax && t.I <= downSlotsMaxI && t.I%32 == 0 && !moeDownOld {
+		// Every slot's down product of 4 rows in one block, summed there.
+		ds, err := c.Kernel("moe", "moe_down_slots")
+		if err != nil {
+			return err
+		}
+		return c.Launch(ds, D1((t.K+3)/4), D1(32*slots), slots*(t.I+t.I/8), t.buf, ids, wts, topk, t.Routed, t.K, t.I, gshift, s.H, y, acc)
 	}
 	if t.I <= moeMaxI {
 		// The quantization of h inside the down kernel: two launches.
@@ -449,6 +530,18 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 		t.buf, ids, wts, topk, slots, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, s.HQ.Sums,
 		s.Partial, s.Counters, y, acc)
 }
+
+// downSlotsMax and downSlotsMaxI are DOWN_SLOTS_MAX and DOWN_SLOTS_MAX_I
+// in moe.cu: the most slots (warps of a block) and the largest
+// intermediate size (one round of loads a lane) of moe_down_slots.
+const (
+	downSlotsMax  = 8
+	downSlotsMaxI = 2048
+)
+
+// moeDownOld makes MoE use moe_down_q (benchmarks and tests;
+// MMFP4_CUDA_MOE_DOWN=old while measuring).
+var moeDownOld = os.Getenv("MMFP4_CUDA_MOE_DOWN") == "old"
 
 // moeMaxI is MOE_MAX_I in moe.cu: the largest intermediate size whose
 // quantization moe_down_q holds in shared memory.

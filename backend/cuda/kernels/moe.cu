@@ -559,26 +559,28 @@ extern "C" __global__ void __launch_bounds__(256)
   if (tid == 0) counters[0] = 0;
 }
 
-// moe_router_route with one round of loads and a parallel choice: grid
-// (ceil(E/4), T) blocks of 4 warps, warp w of block b computing logit
-// e = 4b + w of token t in moe_router_route's order, its whole weight row
-// (K <= 2048) requested at once and the input row from shared memory
-// (dynamic, K floats); the last block of a token to finish (counters[t],
-// which it resets) ranks the E <= 128 choices, one thread per expert
-// (ties to the lower index), and writes the topk winners in rank order
-// with their weights normalised in that order: route_warp's result.
+// moe_router_route with one round of loads and a parallel choice: blocks
+// of 4 warps, warp w of block b computing logit e = 4b + w of token t in
+// moe_router_route's order, its whole weight row (K <= 2048) requested at
+// once and the input row from shared memory (rxs, K floats); the last of
+// the nb blocks of a token to finish (counters[t], which it resets) ranks
+// the E <= 128 choices, one thread per expert (ties to the lower index),
+// and writes the topk winners in rank order with their weights normalised
+// in that order: route_warp's result. With xq, the blocks also write the
+// input row's int8 form in groups of G (xq [T][K], xs, xsum as
+// rmsnorm_quant without a gain, the same bits), warp w of block b taking
+// groups b + w*nb, ...: the MoE kernels' input without a launch of its own.
 #define ROUTER_FAST_MAX_K 2048
-extern "C" __global__ void __launch_bounds__(128)
-    moe_router_fast(const float* __restrict__ W, int E, int K, const float* __restrict__ x, int ldx,
-                    float* logits, int ldl, const float* __restrict__ bias, int topk, int norm,
-                    float scaling, i32* __restrict__ ids, float* __restrict__ wts,
-                    u32* __restrict__ counters) {
-  PDL_LAUNCH();
-  extern __shared__ __align__(16) float rxs[];  // [K] the input row
+DEVICE void router_fast_block(int b, int nb, int t, float* rxs, const float* __restrict__ W, int E,
+                              int K, const float* __restrict__ x, int ldx, float* logits, int ldl,
+                              const float* __restrict__ bias, int topk, int norm, float scaling,
+                              i32* __restrict__ ids, float* __restrict__ wts,
+                              u32* __restrict__ counters, i8* __restrict__ xq,
+                              float* __restrict__ xs, i32* __restrict__ xsum, int G) {
   __shared__ float score[128], choice[128], pick[32];
   __shared__ bool last;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, t = blockIdx.y;
-  const int e = blockIdx.x * 4 + warp;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int e = b * 4 + warp;
   float wv[ROUTER_FAST_MAX_K / 32];
   if (e < E) {
     const float* w = W + (size_t)e * K;
@@ -598,10 +600,39 @@ extern "C" __global__ void __launch_bounds__(128)
     acc = warp_sum(acc);
     if (lane == 0) logits[(size_t)t * ldl + e] = acc;
   }
+  if (xq) {
+    const int Eg = G >> 5;
+    for (int g = warp * nb + b; g < K / G; g += 4 * nb) {
+      const int k0 = g * G + lane * Eg;
+      float v[4];
+      float amax = 0.f;
+#pragma unroll
+      for (int u = 0; u < 4; u++) {
+        if (u < Eg) {
+          v[u] = rxs[k0 + u];
+          amax = fmaxf(amax, fabsf(v[u]));
+        }
+      }
+      amax = warp_max(amax);
+      const float scale = amax / 127.f;
+      i32 sum = 0;
+#pragma unroll
+      for (int u = 0; u < 4; u++) {
+        if (u < Eg) {
+          const i32 q = quant8(v[u], amax, scale);
+          xq[(size_t)t * K + k0 + u] = (i8)q;
+          sum += q;
+        }
+      }
+      for (int o = 1; o < 32 / Eg; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      if ((lane & (32 / Eg - 1)) == 0) xsum[(size_t)t * (K / 32) + k0 / 32] = sum;
+      if (lane == 0) xs[(size_t)t * (K / G) + g] = amax == 0.f ? 0.f : scale;
+    }
+  }
   __syncthreads();
   if (tid == 0) {
     __threadfence();
-    last = atomicAdd(&counters[t], 1u) == gridDim.x - 1;
+    last = atomicAdd(&counters[t], 1u) == (u32)(nb - 1);
   }
   __syncthreads();
   if (!last) return;
@@ -634,4 +665,219 @@ extern "C" __global__ void __launch_bounds__(128)
     wts[(size_t)t * topk + tid] = w * scaling;
   }
   if (tid == 0) counters[t] = 0;
+}
+
+// The router launch: grid (ceil(E/4), T) blocks of router_fast_block;
+// dynamic shared memory K floats.
+extern "C" __global__ void __launch_bounds__(128)
+    moe_router_fast(const float* __restrict__ W, int E, int K, const float* __restrict__ x, int ldx,
+                    float* logits, int ldl, const float* __restrict__ bias, int topk, int norm,
+                    float scaling, i32* __restrict__ ids, float* __restrict__ wts,
+                    u32* __restrict__ counters, i8* __restrict__ xq, float* __restrict__ xs,
+                    i32* __restrict__ xsum, int G) {
+  PDL_LAUNCH();
+  extern __shared__ __align__(16) float rxs[];  // [K] the input row
+  router_fast_block(blockIdx.x, gridDim.x, blockIdx.y, rxs, W, E, K, x, ldx, logits, ldl, bias, topk,
+                    norm, scaling, ids, wts, counters, xq, xs, xsum, G);
+}
+
+// One 16-byte chunk of codes (32 weights) against 32 int8 activations
+// (xa: columns 0-15, xb: 16-31), as gemv_dot's split product.
+DEVICE i32 dot32_split(uint4 q, uint4 xa, uint4 xb) {
+  i32 d = 0, neg = 0;
+  dot8_split(q.x, xa.x, xa.y, d, neg);
+  dot8_split(q.y, xa.z, xa.w, d, neg);
+  dot8_split(q.z, xb.x, xb.y, d, neg);
+  dot8_split(q.w, xb.z, xb.w, d, neg);
+  return d - neg;
+}
+
+// gemv_dot in two halves for rows of at most 64 chunks (2048 columns),
+// so that a warp can request its weights, then do other work while they
+// come: rows_load issues every load of R rows (lane l: chunks l and l+32),
+// rows_dot multiplies them by int8 activations in shared memory (sq, with
+// group scales ss) and sums the warp, with gemv_dot's lanes, order and
+// operations (the same bits).
+template <int R>
+DEVICE void rows_load(const u8* const (&rc)[R], const u8* const (&rs)[R], int C, int gshift,
+                      uint4 (&w)[2][R], u32 (&s)[2][R]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    const int c = 32 * h + lane;
+    if (c < C) {
+#pragma unroll
+      for (int r = 0; r < R; r++) w[h][r] = load_stream16(rc[r] + c * 16);
+#pragma unroll
+      for (int r = 0; r < R; r++) s[h][r] = __ldg(rs[r] + (c >> gshift));
+    }
+  }
+}
+
+template <int R>
+DEVICE void rows_dot(const uint4 (&w)[2][R], const u32 (&s)[2][R], int C, int gshift,
+                     const i8* sq, const float* ss, float (&out)[R]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int r = 0; r < R; r++) out[r] = 0.f;
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    const int c = 32 * h + lane;
+    if (c >= C) continue;
+    const uint4* xp = (const uint4*)(sq + c * 32);
+    const uint4 xa = xp[0], xb = xp[1];
+    const float xscale = ss[c >> gshift];
+#pragma unroll
+    for (int r = 0; r < R; r++) out[r] += (float)dot32_split(w[h][r], xa, xb) * (e4m3(s[h][r]) * xscale);
+  }
+#pragma unroll
+  for (int r = 0; r < R; r++) out[r] = warp_sum(out[r]);
+}
+
+// Groups g0, g0+step, ... (< K/G) of a row of K floats (src, global or
+// shared) quantized by one warp into sq, ss (shared memory), as
+// rmsnorm_quant without a gain: the same codes and scales. Four groups'
+// loads are in flight at a time.
+DEVICE void quant_groups(const float* src, bool global, int K, int G, int g0, int step, i8* sq,
+                         float* ss) {
+  const int lane = threadIdx.x & 31, E = G >> 5, GK = K / G;
+  for (int g = g0; g < GK; g += 4 * step) {
+    float v[4][4];
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+      const int k0 = (g + u * step) * G + lane * E;
+#pragma unroll
+      for (int e = 0; e < 4; e++)
+        if (g + u * step < GK && e < E) v[u][e] = global ? __ldcg(src + k0 + e) : src[k0 + e];
+    }
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+      const int gu = g + u * step;
+      if (gu >= GK) break;
+      const int k0 = gu * G + lane * E;
+      float amax = 0.f;
+#pragma unroll
+      for (int e = 0; e < 4; e++)
+        if (e < E) amax = fmaxf(amax, fabsf(v[u][e]));
+      amax = warp_max(amax);
+      const float scale = amax / 127.f;
+#pragma unroll
+      for (int e = 0; e < 4; e++)
+        if (e < E) sq[k0 + e] = (i8)quant8(v[u][e], amax, scale);
+      if (lane == 0) ss[gu] = amax == 0.f ? 0.f : scale;
+    }
+  }
+}
+
+// The router launch with the shared experts' gate and up products: blocks
+// [0, nrb) are moe_router_fast's (one token, with xq), the rest compute
+// the shared slots' h as moe_gate_up does (4 warps of 4 rows of gate and
+// up, nsh blocks a slot), with the input quantized in each block's shared
+// memory: the shared experts need no routing, so their 3 MB stream while
+// the router's short blocks run. K <= 2048; I a multiple of 16. Dynamic
+// shared memory: 4*K bytes plus K + 4*K/32.
+extern "C" __global__ void __launch_bounds__(128)
+    moe_router_shared(const float* __restrict__ W, int E, int K, const float* __restrict__ x,
+                      float* logits, const float* __restrict__ bias, int topk, int norm,
+                      float scaling, i32* __restrict__ ids, float* __restrict__ wts,
+                      u32* __restrict__ counters, i8* __restrict__ xq, float* __restrict__ xs,
+                      i32* __restrict__ xsum, int G, int nrb, const Expert* __restrict__ experts,
+                      int nexperts, int I, float* __restrict__ h) {
+  PDL_LAUNCH();
+  extern __shared__ __align__(16) float rxs[];  // [K] the input row (router)
+  if ((int)blockIdx.x < nrb) {
+    router_fast_block(blockIdx.x, nrb, 0, rxs, W, E, K, x, K, logits, E, bias, topk, norm, scaling,
+                      ids, wts, counters, xq, xs, xsum, G);
+    return;
+  }
+  const int nsh = I / 16, b = blockIdx.x - nrb, sh = b / nsh, warp = threadIdx.x >> 5;
+  const int lane = threadIdx.x & 31, slot = topk + sh, gshift = __ffs(G >> 5) - 1;
+  const int row0 = ((b - sh * nsh) * 4 + warp) * 4, C = K >> 5, GK = K / G;
+  i8* sq = (i8*)rxs;
+  float* ss = (float*)(sq + K);
+  const Expert& ex = experts[nexperts + sh];
+  const u8* rc[8];
+  const u8* rs[8];
+#pragma unroll
+  for (int r = 0; r < 4; r++) {
+    rc[r] = ex.gate.codes + (size_t)(row0 + r) * (K / 2);
+    rs[r] = ex.gate.scales + (size_t)(row0 + r) * GK;
+    rc[4 + r] = ex.up.codes + (size_t)(row0 + r) * (K / 2);
+    rs[4 + r] = ex.up.scales + (size_t)(row0 + r) * GK;
+  }
+  uint4 w[2][8];
+  u32 s[2][8];
+  rows_load<8>(rc, rs, C, gshift, w, s);
+  PDL_WAIT();
+  quant_groups(x, true, K, G, warp, 4, sq, ss);
+  __syncthreads();
+  float out[8];
+  rows_dot<8>(w, s, C, gshift, sq, ss, out);
+#pragma unroll
+  for (int r = 0; r < 4; r++) {
+    const int n = row0 + r;
+    if (lane == r) {
+      const float g = out[r] * (ex.gate.row_scale[n] * 0.5f);
+      const float u = out[4 + r] * (ex.up.row_scale[n] * 0.5f);
+      h[(size_t)slot * I + n] = silu(g) * u;
+    }
+  }
+}
+
+// Down products of every slot for 4 output rows a block, summed over the
+// slots in the block: grid ceil(N/4) blocks of nslots warps, warp s taking
+// slot s. A warp requests its 4 rows' weights first (rows_load), then
+// quantizes its slot's h into shared memory (as moe_down_q), multiplies
+// (rows_dot, moe_down_q's products) and leaves the 4 products in shared
+// memory; the block then sums the slots in slot order with their weights
+// (moe_down_sum's order and operations). No partial products through
+// memory, no counters: one dependent chain a block. I <= DOWN_SLOTS_MAX_I.
+// Dynamic shared memory: nslots * (I + 4*I/32) bytes.
+#define DOWN_SLOTS_MAX_I 2048
+#define DOWN_SLOTS_MAX 8
+extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
+    moe_down_slots(const Expert* __restrict__ experts, const i32* __restrict__ ids,
+                   const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
+                   const float* __restrict__ h, float* __restrict__ y, int accumulate) {
+  PDL_LAUNCH();
+  extern __shared__ __align__(16) u8 dsm[];
+  __shared__ float part[DOWN_SLOTS_MAX][4], wsm[DOWN_SLOTS_MAX];
+  const int slot = threadIdx.x >> 5, lane = threadIdx.x & 31, nslots = blockDim.x >> 5;
+  const int row0 = blockIdx.x * 4;
+  const int G = 32 << gshift, GK = I / G, C = I >> 5;
+  i8* sq = (i8*)dsm + (size_t)slot * I;
+  float* ss = (float*)(dsm + (size_t)nslots * I) + (size_t)slot * (I / 32);
+  // The expert table is written once at load: a shared slot's weights
+  // need nothing from the kernels before this one.
+  if (slot < topk) PDL_WAIT();
+  const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
+  const u8* rc[4];
+  const u8* rs[4];
+#pragma unroll
+  for (int r = 0; r < 4; r++) {
+    const int n = min(row0 + r, N - 1);
+    rc[r] = ex.down.codes + (size_t)n * (I / 2);
+    rs[r] = ex.down.scales + (size_t)n * GK;
+  }
+  uint4 w[2][4];
+  u32 s[2][4];
+  rows_load<4>(rc, rs, C, gshift, w, s);
+  const float rsc = lane < 4 ? ex.down.row_scale[min(row0 + lane, N - 1)] : 0.f;
+  PDL_WAIT();
+  if (lane == 0) wsm[slot] = slot < topk ? wts[slot] : 1.f;
+  // The slot's h, written by the gate/up kernel.
+  quant_groups(h + (size_t)slot * I, true, I, G, 0, 1, sq, ss);
+  __syncwarp();
+  float out[4];
+  rows_dot<4>(w, s, C, gshift, sq, ss, out);
+#pragma unroll
+  for (int r = 0; r < 4; r++)
+    if (lane == r) part[slot][r] = out[r] * (rsc * 0.5f);
+  __syncthreads();
+  const int n = row0 + threadIdx.x;
+  if (threadIdx.x < 4 && n < N) {
+    float total = 0.f;
+    for (int k = 0; k < nslots; k++) total += wsm[k] * part[k][threadIdx.x];
+    y[n] = accumulate ? y[n] + total : total;
+  }
 }
