@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math/bits"
 	"os"
+	"strconv"
 
 	"github.com/mmfp4/mmfp4/format"
 )
@@ -406,8 +407,14 @@ func (c *Ctx) RouterShared(W uint64, E, K int, x, logits, bias uint64, topk int,
 	}
 	nrb := (E + 3) / 4
 	return c.Launch(k, D1(nrb+t.Shared*t.I/16), D1(128), 4*K, W, E, K, x, logits, bias, topk, n, scaling, ids, wts, counters,
-		q.Q, q.Scales, q.Sums, q.G, nrb, t.buf, t.Routed, t.I, s.H)
+		q.Q, q.Scales, q.Sums, q.G, nrb, t.buf, t.Routed, t.I, s.H, s.Sync, moePrefetch&3)
 }
+
+// moePrefetch (while measuring; MMFP4_CUDA_MOE_PF): bit 0, RouterShared's
+// shared blocks request the routed experts' gate and up matrices into L2
+// once the router has chosen; bit 1, their down matrices too; bit 2, the
+// gate and up launch requests each slot's down matrix into L2.
+var moePrefetch, _ = strconv.Atoi(os.Getenv("MMFP4_CUDA_MOE_PF"))
 
 // RouterSharedFits reports whether RouterShared takes this router (E
 // experts, K inputs at x) and table: moe_router_fast's conditions, the
@@ -431,32 +438,36 @@ var routerSlow bool
 type MoEScratch struct {
 	H, Partial, Counters Buffer
 	HQ                   *QActs
+	// Sync holds RouterShared's flag words (zero between calls).
+	Sync Buffer
 }
 
 // NewMoEScratch allocates MoE's work space for topk routed experts.
 func (c *Ctx) NewMoEScratch(t *ExpertTable, topk int) (*MoEScratch, error) {
 	slots := topk + t.Shared
 	s := &MoEScratch{}
-	var err1, err2, err3, err4 error
+	var err1, err2, err3, err4, err5 error
 	s.H, err1 = c.Alloc(4 * slots * t.I)
 	s.Partial, err2 = c.Alloc(4 * slots * t.K)
 	s.Counters, err3 = c.Alloc(4 * ((t.K + 15) / 16))
 	s.HQ, err4 = c.NewQActs(slots, t.I, t.G)
-	if err := errors.Join(err1, err2, err3, err4); err != nil {
+	s.Sync, err5 = c.Alloc(4 * 64)
+	if err := errors.Join(err1, err2, err3, err4, err5); err != nil {
 		c.Free(s.H)
 		c.Free(s.Partial)
 		c.Free(s.Counters)
+		c.Free(s.Sync)
 		if s.HQ != nil {
 			c.FreeQActs(s.HQ)
 		}
 		return nil, err
 	}
-	return s, c.Memset(s.Counters.Ptr, 0, s.Counters.Size)
+	return s, errors.Join(c.Memset(s.Counters.Ptr, 0, s.Counters.Size), c.Memset(s.Sync.Ptr, 0, s.Sync.Size))
 }
 
 // FreeMoEScratch returns the work space to the pool.
 func (c *Ctx) FreeMoEScratch(s *MoEScratch) error {
-	return errors.Join(c.Free(s.H), c.Free(s.Partial), c.Free(s.Counters), c.FreeQActs(s.HQ))
+	return errors.Join(c.Free(s.H), c.Free(s.Partial), c.Free(s.Counters), c.Free(s.Sync), c.FreeQActs(s.HQ))
 }
 
 // MoE computes, for one token with quantized activations x,
@@ -503,7 +514,7 @@ func (c *Ctx) moe(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 		guSlots = topk
 	}
 	if err := c.Launch(gu, Dim{uint32((t.I + 15) / 16), uint32(guSlots), 1}, D1(128), 0,
-		t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, x.Sums, s.H); err != nil {
+		t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, x.Sums, s.H, moePrefetch>>2&1); err != nil {
 		return err
 	}
 	if slots <= downSlotsMax && t.I <= downSlotsMaxI && t.I%32 == 0 && !moeDownOld {

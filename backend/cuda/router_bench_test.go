@@ -20,6 +20,7 @@ import (
 //     launch (three launches, the single-token path);
 //   - routershared+two: the same with the shared expert's gate and up
 //     products also in the router launch (RouterShared, MoERouted);
+//     -pfN: with moePrefetch N;
 //   - router+two: the router and the MoE, the input quantized beforehand;
 //   - two: the MoE alone on a given routing (two launches);
 //   - -old: the down products by moe_down_q (a block per slot, the sum by
@@ -169,14 +170,19 @@ func BenchmarkRouterMoE(b *testing.B) {
 		// oldDown: the down products by moe_down_q (else moe_down_slots).
 		oldDown bool
 		call    func(c *Ctx, L *layer, s int) error
+		pf      int // moePrefetch
 	}{
-		{"router+quant+two-old", true, true, routerTwo(1)},
-		{"router+quant+two", true, false, routerTwo(1)},
-		{"routerquant+two", true, false, routerTwo(2)},
-		{"routershared+two", true, false, routerTwo(3)},
-		{"router+two", true, false, routerTwo(0)},
-		{"two-old", false, true, two},
-		{"two", false, false, two},
+		{"router+quant+two-old", true, true, routerTwo(1), 0},
+		{"router+quant+two", true, false, routerTwo(1), 0},
+		{"routerquant+two", true, false, routerTwo(2), 0},
+		{"routershared+two", true, false, routerTwo(3), 0},
+		{"router+two", true, false, routerTwo(0), 0},
+		{"two-old", false, true, two, 0},
+		{"two", false, false, two, 0},
+		{"routershared+two-pf1", true, false, routerTwo(3), 1},
+		{"routershared+two-pf3", true, false, routerTwo(3), 3},
+		{"routershared+two-pf4", true, false, routerTwo(3), 4},
+		{"routershared+two-pf5", true, false, routerTwo(3), 5},
 	}
 	for _, v := range variants {
 		bytes := ebytes
@@ -184,8 +190,8 @@ func BenchmarkRouterMoE(b *testing.B) {
 			bytes += 4 * E * K
 		}
 		b.Run(v.name, func(b *testing.B) {
-			moeDownOld = v.oldDown
-			defer func() { moeDownOld = false }()
+			moeDownOld, moePrefetch = v.oldDown, v.pf
+			defer func() { moeDownOld, moePrefetch = false, 0 }()
 			var ms float32
 			err := d.Do(func(c *Ctx) error {
 				call := func() error {

@@ -250,10 +250,26 @@ func TestRouterSharedMatchesSeparate(t *testing.T) {
 				v := res{make([]float32, K), make([]float32, topK), make([]int32, topK), make([]int8, K), make([]float32, K/G)}
 				return v, errors.Join(CopyOut(c, v.y, yb.Ptr), CopyOut(c, v.ids, iP), CopyOut(c, v.wts, wP), CopyOut(c, v.q, q.Q), CopyOut(c, v.scales, q.Scales))
 			}
-			if err := errors.Join(CopyIn(c, yb.Ptr, y0), poison(c, scr.H.Ptr, scr.H.Size), poison(c, q1.Q, K),
-				c.RouterShared(wb.Ptr, E, K, xb.Ptr, lP, bb.Ptr, topK, true, 1.8, iP, wP, cP, q1, tab, scr),
-				c.MoERouted(yb.Ptr, true, tab, iP, wP, topK, q1, scr)); err != nil {
+			// With every prefetch (the shared blocks waiting for the
+			// router's flag), twice: the flag words must be reset.
+			moePrefetch = 7
+			defer func() { moePrefetch = 0 }()
+			for rep := 0; rep < 2; rep++ {
+				if err := errors.Join(CopyIn(c, yb.Ptr, y0), poison(c, scr.H.Ptr, scr.H.Size), poison(c, q1.Q, K),
+					c.RouterShared(wb.Ptr, E, K, xb.Ptr, lP, bb.Ptr, topK, true, 1.8, iP, wP, cP, q1, tab, scr),
+					c.MoERouted(yb.Ptr, true, tab, iP, wP, topK, q1, scr)); err != nil {
+					return err
+				}
+			}
+			moePrefetch = 0
+			sync := make([]uint32, 64)
+			if err := CopyOut(c, sync, scr.Sync.Ptr); err != nil {
 				return err
+			}
+			for i, v := range sync {
+				if v != 0 {
+					return fmt.Errorf("%+v: flag word %d is %d after the calls", sh, i, v)
+				}
 			}
 			got, err := get(q1)
 			if err != nil {

@@ -17,6 +17,25 @@ struct Expert {
   QMat gate, up, down;
 };
 
+// Share j of n of a [rows][cols] matrix's bytes (codes, group scales of G,
+// row scales) requested into L2 by the threads of a block, one 128-byte
+// line a request: the next launch's loads of it then hit L2.
+DEVICE void prefetch_lines(const u8* p, size_t bytes, int j, int n) {
+  const size_t lines = (bytes + 127) >> 7, lo = lines * j / n, hi = lines * (j + 1) / n;
+  for (size_t l = lo + threadIdx.x; l < hi; l += blockDim.x) asm volatile("prefetch.global.L2 [%0];" ::"l"(p + (l << 7)));
+}
+DEVICE void prefetch_mat(const QMat& m, int rows, int cols, int G, int j, int n) {
+  prefetch_lines(m.codes, (size_t)rows * (cols / 2), j, n);
+  prefetch_lines(m.scales, (size_t)rows * (cols / G), j, n);
+  prefetch_lines((const u8*)m.row_scale, (size_t)rows * 4, j, n);
+}
+
+DEVICE u32 ld_acquire(const u32* p) {
+  u32 v;
+  asm volatile("ld.acquire.gpu.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
 DEVICE int slot_expert(const i32* __restrict__ ids, int slot, int topk, int nexperts) {
   return slot < topk ? ids[slot] : nexperts + (slot - topk);
 }
@@ -116,16 +135,20 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
 // At most 128 registers a thread, so that four blocks fit on a
 // multiprocessor and the 5 x 96 blocks of GLM-4.7-Flash's MoE are resident
 // at once (168 registers left 3 a multiprocessor: two waves).
+// With pfdown, each block then requests its share of the slot's down
+// matrix into L2 for the down launch.
 extern "C" __global__ void __launch_bounds__(128, 4)
     moe_gate_up(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
                 int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
-                const float* __restrict__ xs, const i32* __restrict__ xsum, float* __restrict__ h) {
+                const float* __restrict__ xs, const i32* __restrict__ xsum, float* __restrict__ h,
+                int pfdown) {
   PDL_LAUNCH();
   PDL_WAIT();
   const int slot = blockIdx.y, lane = threadIdx.x & 31;
   const int row0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 4;
-  if (row0 >= I) return;
   const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
+  if (pfdown) prefetch_mat(ex.down, K, I, 32 << gshift, blockIdx.x, gridDim.x);
+  if (row0 >= I) return;
   const int GK = (K >> 5) >> gshift;
   const u8* rc[8];
   const u8* rs[8];
@@ -576,7 +599,8 @@ DEVICE void router_fast_block(int b, int nb, int t, float* rxs, const float* __r
                               const float* __restrict__ bias, int topk, int norm, float scaling,
                               i32* __restrict__ ids, float* __restrict__ wts,
                               u32* __restrict__ counters, i8* __restrict__ xq,
-                              float* __restrict__ xs, i32* __restrict__ xsum, int G) {
+                              float* __restrict__ xs, i32* __restrict__ xsum, int G,
+                              u32* __restrict__ routed) {
   __shared__ float score[128], choice[128], pick[32];
   __shared__ bool last;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -665,6 +689,14 @@ DEVICE void router_fast_block(int b, int nb, int t, float* rxs, const float* __r
     wts[(size_t)t * topk + tid] = w * scaling;
   }
   if (tid == 0) counters[t] = 0;
+  if (routed) {
+    // The choice is written: blocks waiting on it may read it.
+    __syncthreads();
+    if (tid == 0) {
+      __threadfence();
+      atomicExch(routed, 1u);
+    }
+  }
 }
 
 // The router launch: grid (ceil(E/4), T) blocks of router_fast_block;
@@ -678,7 +710,7 @@ extern "C" __global__ void __launch_bounds__(128)
   PDL_LAUNCH();
   extern __shared__ __align__(16) float rxs[];  // [K] the input row
   router_fast_block(blockIdx.x, gridDim.x, blockIdx.y, rxs, W, E, K, x, ldx, logits, ldl, bias, topk,
-                    norm, scaling, ids, wts, counters, xq, xs, xsum, G);
+                    norm, scaling, ids, wts, counters, xq, xs, xsum, G, nullptr);
 }
 
 // One 16-byte chunk of codes (32 weights) against 32 int8 activations
@@ -782,12 +814,12 @@ extern "C" __global__ void __launch_bounds__(128)
                       float scaling, i32* __restrict__ ids, float* __restrict__ wts,
                       u32* __restrict__ counters, i8* __restrict__ xq, float* __restrict__ xs,
                       i32* __restrict__ xsum, int G, int nrb, const Expert* __restrict__ experts,
-                      int nexperts, int I, float* __restrict__ h) {
+                      int nexperts, int I, float* __restrict__ h, u32* __restrict__ sync, int pf) {
   PDL_LAUNCH();
   extern __shared__ __align__(16) float rxs[];  // [K] the input row (router)
   if ((int)blockIdx.x < nrb) {
     router_fast_block(blockIdx.x, nrb, 0, rxs, W, E, K, x, K, logits, E, bias, topk, norm, scaling,
-                      ids, wts, counters, xq, xs, xsum, G);
+                      ids, wts, counters, xq, xs, xsum, G, pf ? sync : nullptr);
     return;
   }
   const int nsh = I / 16, b = blockIdx.x - nrb, sh = b / nsh, warp = threadIdx.x >> 5;
@@ -821,6 +853,34 @@ extern "C" __global__ void __launch_bounds__(128)
       const float u = out[4 + r] * (ex.up.row_scale[n] * 0.5f);
       h[(size_t)slot * I + n] = silu(g) * u;
     }
+  }
+  if (!pf) return;
+  // pf: the next launches' weights into L2 while this one ends: the shared
+  // slot's down matrix, then, once the router's last block has chosen
+  // (every block of this launch is resident, and the router's come first),
+  // the routed experts' gate and up (pf & 1) and down (pf & 2) matrices,
+  // each block its share. sync[0] is the router's flag, sync[32] counts
+  // the blocks that saw it; the last resets both.
+  const int nsb = gridDim.x - nrb, j = blockIdx.x - nrb;
+  prefetch_mat(ex.down, K, I, G, j - sh * nsh, nsh);
+  __shared__ i32 chosen[32];
+  if (threadIdx.x == 0) {
+    while (ld_acquire(sync) == 0) __nanosleep(100);
+    if (atomicAdd(sync + 32, 1u) == (u32)(nsb - 1)) {
+      sync[32] = 0;
+      atomicExch(sync, 0u);
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x < topk) chosen[threadIdx.x] = __ldcg(ids + threadIdx.x);
+  __syncthreads();
+  for (int k = 0; k < topk; k++) {
+    const Expert& re = experts[chosen[k]];
+    if (pf & 1) {
+      prefetch_mat(re.gate, I, K, G, j, nsb);
+      prefetch_mat(re.up, I, K, G, j, nsb);
+    }
+    if (pf & 2) prefetch_mat(re.down, K, I, G, j, nsb);
   }
 }
 
