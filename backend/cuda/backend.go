@@ -169,9 +169,6 @@ type routerOp struct {
 	idx, flush int
 	x          tensor
 	call       func(c *Ctx, q *QActs) error
-	// shared launches it as RouterShared, with the shared experts of t.
-	shared     func(c *Ctx, q *QActs, t *ExpertTable, s *MoEScratch) error
-	fitsShared func(t *ExpertTable) bool
 }
 
 type addOp struct {
@@ -1611,13 +1608,6 @@ func (b *Backend) Route(logits backend.Tensor, bias backend.Weight, cfg backend.
 				return c.RouterRoute(ld.w.dense, E, ld.w.k, ld.x.ptr, ld.x.ld, lm.rows, lm.ptr, lm.ld, bv.dense, cfg.TopK, norm == 1,
 					cfg.RoutedScaling, r.ids, r.wts, b.routeCounters.Ptr, q)
 			}}
-			ro.shared = func(c *Ctx, q *QActs, t *ExpertTable, s *MoEScratch) error {
-				return c.RouterShared(ld.w.dense, E, ld.w.k, ld.x.ptr, lm.ptr, bv.dense, cfg.TopK, norm == 1, cfg.RoutedScaling, r.ids, r.wts,
-					b.routeCounters.Ptr, q, t, s)
-			}
-			ro.fitsShared = func(t *ExpertTable) bool {
-				return lm.ld == E && RouterSharedFits(E, ld.w.k, ld.x.ptr, cfg.TopK, t)
-			}
 			b.pending[ld.idx] = queuedOp{"router+route", func(c *Ctx) error { return ro.call(c, nil) }}
 			b.lastDense = nil
 			if lm.rows == 1 && ld.x.rows == 1 && RouterFastFits(E, ld.w.k, ld.x.ptr, ld.x.ld, cfg.TopK) && !b.noRouterQuant {
@@ -1821,53 +1811,41 @@ func (b *Backend) moeRows(d, xm *tensor, rt *routing, l *moeLayer) {
 	for t := 0; t < d.rows; t++ {
 		xr := &tensor{rows: 1, cols: xm.cols, ld: xm.ld, ptr: xm.row(t)}
 		dr := d.row(t)
-		a, sharedDone := b.routerMoE(xr, l, rt.topK)
+		a := b.routerQuant(xr, l.table.G)
 		off := 4 * uint64(t*rt.topK)
-		if sharedDone {
-			b.do("moe", func(c *Ctx) error {
-				return c.MoERouted(dr, true, l.table, rt.ids+off, rt.wts+off, rt.topK, a, l.scratch[rt.topK])
-			})
-			continue
-		}
 		b.do("moe", func(c *Ctx) error {
 			return c.MoE(dr, true, l.table, rt.ids+off, rt.wts+off, rt.topK, a, l.scratch[rt.topK])
 		})
 	}
 }
 
-// routerMoE is quantize(x, G) for one row, written by the router launch
-// queued just before when that launch read x: one launch less in the
-// chain before the MoE kernels. Where it can, that launch also computes
-// the shared experts' SiLU products of l (sharedDone: MoERouted finishes).
-func (b *Backend) routerMoE(x *tensor, l *moeLayer, topK int) (a *QActs, sharedDone bool) {
-	ro, G := b.lastRouter, l.table.G
+// routerQuant is quantize(x, G) for one row, written by the router
+// launch queued just before when that launch read x: one launch less in
+// the chain before the MoE kernels.
+func (b *Backend) routerQuant(x *tensor, G int) *QActs {
+	ro := b.lastRouter
 	b.lastRouter = nil
 	fits := func() bool {
 		return ro != nil && ro.flush == b.flushes && ro.idx == len(b.pending)-1 && b.pending[ro.idx].op == "router+route" &&
 			x.rows == 1 && ro.x.ptr == x.ptr && ro.x.cols == x.cols
 	}
 	if !fits() || x.cols%G != 0 {
-		return b.quantize(x, G), false
+		return b.quantize(x, G)
 	}
 	for _, e := range b.quantized {
 		if e.src == *x && e.a.G == G {
-			return e.a, false
+			return e.a
 		}
 	}
-	a = b.quantizeInto(x, G)
+	a := b.quantizeInto(x, G)
 	b.rememberQuant(quantEntry{*x, a})
 	if !fits() { // the allocation handed the queue to the device
 		b.do("quantize", func(c *Ctx) error { return c.RMSNormQuant(x.ptr, x.ld, 0, 0, 0, 0, x.rows, x.cols, G, a) })
-		return a, false
-	}
-	if t, s := l.table, l.scratch[topK]; ro.fitsShared(t) {
-		shared := ro.shared
-		b.pending[ro.idx] = queuedOp{"router+route+quant+shared gate/up", func(c *Ctx) error { return shared(c, a, t, s) }}
-		return a, true
+		return a
 	}
 	call := ro.call
 	b.pending[ro.idx] = queuedOp{"router+route+quant", func(c *Ctx) error { return call(c, a) }}
-	return a, false
+	return a
 }
 
 // moeLayer returns the fused kernels' table for experts, made on first use,

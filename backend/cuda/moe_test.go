@@ -205,12 +205,14 @@ func TestMoE(t *testing.T) {
 	}
 }
 
-// moe_down_slots (every slot of 4 rows in one block) against moe_down_q
-// (a block per slot, the sum by the last block): the same bits, on random
-// experts at GLM-4.7-Flash's shape with group sizes 128 and 32, and at a
-// small shape with 3 groups a row, 6 routed and 2 shared slots, both
-// writing and adding to y.
-func TestMoEDownSlotsMatchesOld(t *testing.T) {
+// moe_gate_up_q and moe_down_hq (h quantized once a group by the gate/up
+// blocks, every slot of 4 rows in one down block) against moe_gate_up and
+// moe_down_q (each down block quantizing its slot's h, the sum by the last
+// block of a row block): the same bits, on random experts at
+// GLM-4.7-Flash's shape with group sizes 128 and 32, and at a small shape
+// with 3 groups a row, 6 routed and 2 shared slots, both writing and
+// adding to y; the group counters are zero again after each call.
+func TestMoEMatchesOldKernels(t *testing.T) {
 	d := testDevice(t)
 	r := testRand(t)
 	for _, tc := range []struct{ K, I, G, E, topK, shared int }{
@@ -281,7 +283,7 @@ func TestMoEDownSlotsMatchesOld(t *testing.T) {
 				zeros := 0
 				for i := range got {
 					if math.Float32bits(got[i]) != math.Float32bits(want[i]) {
-						return fmt.Errorf("%+v accumulate=%v: y[%d] = %g, moe_down_q %g", tc, acc, i, got[i], want[i])
+						return fmt.Errorf("%+v accumulate=%v: y[%d] = %g, old kernels %g", tc, acc, i, got[i], want[i])
 					}
 					if want[i] == 0 {
 						zeros++
@@ -289,6 +291,15 @@ func TestMoEDownSlotsMatchesOld(t *testing.T) {
 				}
 				if zeros > tc.K/100 {
 					return fmt.Errorf("%+v: %d of %d outputs are zero", tc, zeros, tc.K)
+				}
+				groups := make([]uint32, scr.Groups.Size/4)
+				if err := CopyOut(c, groups, scr.Groups.Ptr); err != nil {
+					return err
+				}
+				for i, v := range groups {
+					if v != 0 {
+						return fmt.Errorf("%+v: group counter %d is %d after the call", tc, i, v)
+					}
 				}
 			}
 			for _, m := range all {

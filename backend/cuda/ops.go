@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"math/bits"
 	"os"
-	"strconv"
 
 	"github.com/mmfp4/mmfp4/format"
 )
@@ -386,49 +385,6 @@ func RouterFastFits(E, K int, x uint64, ldx, topk int) bool {
 	return E <= 128 && K <= 2048 && K%4 == 0 && ldx%4 == 0 && x%16 == 0 && topk <= 32 && !routerSlow
 }
 
-// RouterShared is RouterRoute for one row that also writes the input's
-// int8 form into q and computes the shared experts' gate and up products
-// with the SiLU product into s (the slots after topk), in the router's
-// launch: the shared experts need no routing. MoERouted then finishes the
-// block. See RouterSharedFits for the shapes it takes.
-func (c *Ctx) RouterShared(W uint64, E, K int, x, logits, bias uint64, topk int, norm bool, scaling float32, ids, wts, counters uint64,
-	q *QActs, t *ExpertTable, s *MoEScratch) error {
-	if !RouterSharedFits(E, K, x, topk, t) || q.T != 1 || q.K != K || q.G != t.G || s.HQ.T != topk+t.Shared || s.HQ.K != t.I {
-		return fmt.Errorf("cuda: router with shared experts: E=%d K=%d, experts [%d,%d] G=%d, %d shared, activations %dx%d/%d",
-			E, K, t.I, t.K, t.G, t.Shared, q.T, q.K, q.G)
-	}
-	k, err := c.Kernel("moe", "moe_router_shared")
-	if err != nil {
-		return err
-	}
-	n := 0
-	if norm {
-		n = 1
-	}
-	nrb := (E + 3) / 4
-	return c.Launch(k, D1(nrb+t.Shared*t.I/16), D1(128), 4*K, W, E, K, x, logits, bias, topk, n, scaling, ids, wts, counters,
-		q.Q, q.Scales, q.Sums, q.G, nrb, t.buf, t.Routed, t.I, s.H, s.Sync, moePrefetch&3)
-}
-
-// moePrefetch (while measuring; MMFP4_CUDA_MOE_PF): bit 0, RouterShared's
-// shared blocks request the routed experts' gate and up matrices into L2
-// once the router has chosen; bit 1, their down matrices too; bit 2, the
-// gate and up launch requests each slot's down matrix into L2.
-var moePrefetch, _ = strconv.Atoi(os.Getenv("MMFP4_CUDA_MOE_PF"))
-
-// RouterSharedFits reports whether RouterShared takes this router (E
-// experts, K inputs at x) and table: moe_router_fast's conditions, the
-// experts' input K (at most 2048 columns, one round of loads a lane), at
-// least one shared expert, and an intermediate size a multiple of 16
-// (whole blocks of rows).
-func RouterSharedFits(E, K int, x uint64, topk int, t *ExpertTable) bool {
-	return RouterFastFits(E, K, x, K, topk) && t.K == K && K%t.G == 0 && t.Shared > 0 && t.I%16 == 0 && !routerSharedOff
-}
-
-// routerSharedOff keeps the shared experts out of the router launch
-// (MMFP4_CUDA_ROUTER_SHARED=0 while measuring).
-var routerSharedOff = os.Getenv("MMFP4_CUDA_ROUTER_SHARED") == "0"
-
 // routerSlow makes RouterRoute use moe_router_route always (benchmarks).
 var routerSlow bool
 
@@ -438,8 +394,9 @@ var routerSlow bool
 type MoEScratch struct {
 	H, Partial, Counters Buffer
 	HQ                   *QActs
-	// Sync holds RouterShared's flag words (zero between calls).
-	Sync Buffer
+	// Groups are moe_gate_up_q's counters, a word for each group of G rows
+	// of each slot's h (zero between calls).
+	Groups Buffer
 }
 
 // NewMoEScratch allocates MoE's work space for topk routed experts.
@@ -451,44 +408,37 @@ func (c *Ctx) NewMoEScratch(t *ExpertTable, topk int) (*MoEScratch, error) {
 	s.Partial, err2 = c.Alloc(4 * slots * t.K)
 	s.Counters, err3 = c.Alloc(4 * ((t.K + 15) / 16))
 	s.HQ, err4 = c.NewQActs(slots, t.I, t.G)
-	s.Sync, err5 = c.Alloc(4 * 64)
+	s.Groups, err5 = c.Alloc(4 * slots * t.I / t.G)
 	if err := errors.Join(err1, err2, err3, err4, err5); err != nil {
 		c.Free(s.H)
 		c.Free(s.Partial)
 		c.Free(s.Counters)
-		c.Free(s.Sync)
+		c.Free(s.Groups)
 		if s.HQ != nil {
 			c.FreeQActs(s.HQ)
 		}
 		return nil, err
 	}
-	return s, errors.Join(c.Memset(s.Counters.Ptr, 0, s.Counters.Size), c.Memset(s.Sync.Ptr, 0, s.Sync.Size))
+	return s, errors.Join(c.Memset(s.Counters.Ptr, 0, s.Counters.Size), c.Memset(s.Groups.Ptr, 0, s.Groups.Size))
 }
 
 // FreeMoEScratch returns the work space to the pool.
 func (c *Ctx) FreeMoEScratch(s *MoEScratch) error {
-	return errors.Join(c.Free(s.H), c.Free(s.Partial), c.Free(s.Counters), c.Free(s.Sync), c.FreeQActs(s.HQ))
+	return errors.Join(c.Free(s.H), c.Free(s.Partial), c.Free(s.Counters), c.Free(s.Groups), c.FreeQActs(s.HQ))
 }
 
 // MoE computes, for one token with quantized activations x,
 // y (+)= sum_k wts[k] * expert_{ids[k]}(x) + sum of the shared experts(x),
 // expert(x) = down(silu(gate x) * up x), in two launches: the gate and up
-// products of all experts with the SiLU product, and the down products of
-// all experts summed with their weights, each block quantizing its slot's
-// SiLU product first (three launches, the quantization apart, when the
-// intermediate size exceeds moeMaxI). With accumulate, the sum is added to
-// y.
+// products of all experts with the SiLU product, each group of h
+// quantized by the last block that wrote into it (moe_gate_up_q), then the
+// down products of every slot for a few rows in one block, summed there
+// with their weights (moe_down_hq). Shapes beyond those kernels (K or I
+// above 2048, more than 8 slots) take moe_gate_up and moe_down_q, each
+// down block quantizing its slot's h (or, when the intermediate size
+// exceeds moeMaxI, a quantization launch and moe_down). With accumulate,
+// the sum is added to y.
 func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, topk int, x *QActs, s *MoEScratch) error {
-	return c.moe(y, accumulate, t, ids, wts, topk, x, s, false)
-}
-
-// MoERouted is MoE after RouterShared made the shared slots' SiLU
-// products in s: the gate and up launch covers the routed slots only.
-func (c *Ctx) MoERouted(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, topk int, x *QActs, s *MoEScratch) error {
-	return c.moe(y, accumulate, t, ids, wts, topk, x, s, true)
-}
-
-func (c *Ctx) moe(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, topk int, x *QActs, s *MoEScratch, sharedDone bool) error {
 	slots := topk + t.Shared
 	switch {
 	case x.T != 1 || x.K != t.K || x.G != t.G:
@@ -497,6 +447,25 @@ func (c *Ctx) moe(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 		return fmt.Errorf("cuda: moe: scratch for %d slots of %d, want %d of %d", s.HQ.T, s.HQ.K, slots, t.I)
 	}
 	gshift := bits.TrailingZeros(uint(t.G / 32))
+	acc := 0
+	if accumulate {
+		acc = 1
+	}
+	if slots <= moeSlotsMax && t.K <= moeRowsMaxK && t.I <= moeRowsMaxK && t.I%t.G == 0 && !moeDownOld {
+		gu, err := c.Kernel("moe", "moe_gate_up_q")
+		if err != nil {
+			return err
+		}
+		down, err := c.Kernel("moe", "moe_down_hq")
+		if err != nil {
+			return err
+		}
+		if err := c.Launch(gu, Dim{uint32((t.I + 15) / 16), uint32(slots), 1}, D1(128), 0,
+			t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, s.H, s.HQ.Q, s.HQ.Scales, s.Groups); err != nil {
+			return err
+		}
+		return c.Launch(down, D1((t.K+3)/4), D1(32*slots), 0, t.buf, ids, wts, topk, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, y, acc)
+	}
 	gu, err := c.Kernel("moe", "moe_gate_up")
 	if err != nil {
 		return err
@@ -505,25 +474,9 @@ func (c *Ctx) moe(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 	if err != nil {
 		return err
 	}
-	acc := 0
-	if accumulate {
-		acc = 1
-	}
-	guSlots := slots
-	if sharedDone {
-		guSlots = topk
-	}
-	if err := c.Launch(gu, Dim{uint32((t.I + 15) / 16), uint32(guSlots), 1}, D1(128), 0,
-		t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, x.Sums, s.H, moePrefetch>>2&1); err != nil {
+	if err := c.Launch(gu, Dim{uint32((t.I + 15) / 16), uint32(slots), 1}, D1(128), 0,
+		t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, x.Sums, s.H); err != nil {
 		return err
-	}
-	if slots <= downSlotsMax && t.I <= downSlotsMaxI && t.I%32 == 0 && !moeDownOld {
-		// Every slot's down product of 4 rows in one block, summed there.
-		ds, err := c.Kernel("moe", "moe_down_slots")
-		if err != nil {
-			return err
-		}
-		return c.Launch(ds, D1((t.K+3)/4), D1(32*slots), slots*(t.I+t.I/8), t.buf, ids, wts, topk, t.Routed, t.K, t.I, gshift, s.H, y, acc)
 	}
 	if t.I <= moeMaxI {
 		// The quantization of h inside the down kernel: two launches.
@@ -542,16 +495,17 @@ func (c *Ctx) moe(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 		s.Partial, s.Counters, y, acc)
 }
 
-// downSlotsMax and downSlotsMaxI are DOWN_SLOTS_MAX and DOWN_SLOTS_MAX_I
-// in moe.cu: the most slots (warps of a block) and the largest
-// intermediate size (one round of loads a lane) of moe_down_slots.
+// moeSlotsMax is DOWN_SLOTS_MAX in moe.cu (the warps of a moe_down_hq
+// block), and moeRowsMaxK the longest rows of moe_gate_up_q and
+// moe_down_hq (ROUTER_FAST_MAX_K: one round of loads a lane, the input in
+// shared memory).
 const (
-	downSlotsMax  = 8
-	downSlotsMaxI = 2048
+	moeSlotsMax = 8
+	moeRowsMaxK = 2048
 )
 
-// moeDownOld makes MoE use moe_down_q (benchmarks and tests;
-// MMFP4_CUDA_MOE_DOWN=old while measuring).
+// moeDownOld makes MoE use moe_gate_up and moe_down_q (benchmarks and
+// tests; MMFP4_CUDA_MOE_DOWN=old while measuring).
 var moeDownOld = os.Getenv("MMFP4_CUDA_MOE_DOWN") == "old"
 
 // moeMaxI is MOE_MAX_I in moe.cu: the largest intermediate size whose

@@ -18,13 +18,11 @@ import (
 //     quantization of the MoE's input, then the two MoE launches;
 //   - routerquant+two: the same with the quantization in the router
 //     launch (three launches, the single-token path);
-//   - routershared+two: the same with the shared expert's gate and up
-//     products also in the router launch (RouterShared, MoERouted);
-//     -pfN: with moePrefetch N;
 //   - router+two: the router and the MoE, the input quantized beforehand;
 //   - two: the MoE alone on a given routing (two launches);
-//   - -old: the down products by moe_down_q (a block per slot, the sum by
-//     the last) instead of moe_down_slots.
+//   - -old: moe_gate_up and moe_down_q (each down block quantizing its
+//     slot's h, a block per slot, the sum by the last) instead of
+//     moe_gate_up_q and moe_down_hq.
 //
 // Each call takes the next of 6 layers (its own shared expert and router,
 // the 64 routed experts common) and the next of 16 inputs (routing sets),
@@ -134,18 +132,10 @@ func BenchmarkRouterMoE(b *testing.B) {
 	}
 	i := 0
 	// quant: 0 the MoE's input quantized beforehand (not timed), 1 by a
-	// launch of its own after the router, 2 by the router launch, 3 by
-	// the router launch with the shared expert's gate and up products
-	// (RouterShared, MoERouted).
+	// launch of its own after the router, 2 by the router launch.
 	routerTwo := func(quant int) func(c *Ctx, L *layer, s int) error {
 		return func(c *Ctx, L *layer, s int) error {
 			ids, wts := L.ids.At(4*topK*s), L.wts.At(4*topK*s)
-			if quant == 3 {
-				if err := c.RouterShared(L.W.Ptr, E, K, xs[s].Ptr, L.logits.At(4*E*s), L.bias.Ptr, topK, true, 1.8, ids, wts, L.counters.Ptr, xq[s], L.tab, L.scr); err != nil {
-					return err
-				}
-				return c.MoERouted(y.Ptr, false, L.tab, ids, wts, topK, xq[s], L.scr)
-			}
 			var q *QActs
 			if quant == 2 {
 				q = xq[s]
@@ -167,22 +157,17 @@ func BenchmarkRouterMoE(b *testing.B) {
 	variants := []struct {
 		name   string
 		router bool
-		// oldDown: the down products by moe_down_q (else moe_down_slots).
+		// oldDown: moe_gate_up and moe_down_q (else moe_gate_up_q and
+		// moe_down_hq).
 		oldDown bool
 		call    func(c *Ctx, L *layer, s int) error
-		pf      int // moePrefetch
 	}{
-		{"router+quant+two-old", true, true, routerTwo(1), 0},
-		{"router+quant+two", true, false, routerTwo(1), 0},
-		{"routerquant+two", true, false, routerTwo(2), 0},
-		{"routershared+two", true, false, routerTwo(3), 0},
-		{"router+two", true, false, routerTwo(0), 0},
-		{"two-old", false, true, two, 0},
-		{"two", false, false, two, 0},
-		{"routershared+two-pf1", true, false, routerTwo(3), 1},
-		{"routershared+two-pf3", true, false, routerTwo(3), 3},
-		{"routershared+two-pf4", true, false, routerTwo(3), 4},
-		{"routershared+two-pf5", true, false, routerTwo(3), 5},
+		{"router+quant+two-old", true, true, routerTwo(1)},
+		{"router+quant+two", true, false, routerTwo(1)},
+		{"routerquant+two", true, false, routerTwo(2)},
+		{"router+two", true, false, routerTwo(0)},
+		{"two-old", false, true, two},
+		{"two", false, false, two},
 	}
 	for _, v := range variants {
 		bytes := ebytes
@@ -190,8 +175,8 @@ func BenchmarkRouterMoE(b *testing.B) {
 			bytes += 4 * E * K
 		}
 		b.Run(v.name, func(b *testing.B) {
-			moeDownOld, moePrefetch = v.oldDown, v.pf
-			defer func() { moeDownOld, moePrefetch = false, 0 }()
+			moeDownOld = v.oldDown
+			defer func() { moeDownOld = false }()
 			var ms float32
 			err := d.Do(func(c *Ctx) error {
 				call := func() error {

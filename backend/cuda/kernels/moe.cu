@@ -17,25 +17,6 @@ struct Expert {
   QMat gate, up, down;
 };
 
-// Share j of n of a [rows][cols] matrix's bytes (codes, group scales of G,
-// row scales) requested into L2 by the threads of a block, one 128-byte
-// line a request: the next launch's loads of it then hit L2.
-DEVICE void prefetch_lines(const u8* p, size_t bytes, int j, int n) {
-  const size_t lines = (bytes + 127) >> 7, lo = lines * j / n, hi = lines * (j + 1) / n;
-  for (size_t l = lo + threadIdx.x; l < hi; l += blockDim.x) asm volatile("prefetch.global.L2 [%0];" ::"l"(p + (l << 7)));
-}
-DEVICE void prefetch_mat(const QMat& m, int rows, int cols, int G, int j, int n) {
-  prefetch_lines(m.codes, (size_t)rows * (cols / 2), j, n);
-  prefetch_lines(m.scales, (size_t)rows * (cols / G), j, n);
-  prefetch_lines((const u8*)m.row_scale, (size_t)rows * 4, j, n);
-}
-
-DEVICE u32 ld_acquire(const u32* p) {
-  u32 v;
-  asm volatile("ld.acquire.gpu.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
 DEVICE int slot_expert(const i32* __restrict__ ids, int slot, int topk, int nexperts) {
   return slot < topk ? ids[slot] : nexperts + (slot - topk);
 }
@@ -135,20 +116,16 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
 // At most 128 registers a thread, so that four blocks fit on a
 // multiprocessor and the 5 x 96 blocks of GLM-4.7-Flash's MoE are resident
 // at once (168 registers left 3 a multiprocessor: two waves).
-// With pfdown, each block then requests its share of the slot's down
-// matrix into L2 for the down launch.
 extern "C" __global__ void __launch_bounds__(128, 4)
     moe_gate_up(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
                 int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
-                const float* __restrict__ xs, const i32* __restrict__ xsum, float* __restrict__ h,
-                int pfdown) {
+                const float* __restrict__ xs, const i32* __restrict__ xsum, float* __restrict__ h) {
   PDL_LAUNCH();
   PDL_WAIT();
   const int slot = blockIdx.y, lane = threadIdx.x & 31;
   const int row0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 4;
-  const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
-  if (pfdown) prefetch_mat(ex.down, K, I, 32 << gshift, blockIdx.x, gridDim.x);
   if (row0 >= I) return;
+  const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
   const int GK = (K >> 5) >> gshift;
   const u8* rc[8];
   const u8* rs[8];
@@ -599,8 +576,7 @@ DEVICE void router_fast_block(int b, int nb, int t, float* rxs, const float* __r
                               const float* __restrict__ bias, int topk, int norm, float scaling,
                               i32* __restrict__ ids, float* __restrict__ wts,
                               u32* __restrict__ counters, i8* __restrict__ xq,
-                              float* __restrict__ xs, i32* __restrict__ xsum, int G,
-                              u32* __restrict__ routed) {
+                              float* __restrict__ xs, i32* __restrict__ xsum, int G) {
   __shared__ float score[128], choice[128], pick[32];
   __shared__ bool last;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -689,14 +665,6 @@ DEVICE void router_fast_block(int b, int nb, int t, float* rxs, const float* __r
     wts[(size_t)t * topk + tid] = w * scaling;
   }
   if (tid == 0) counters[t] = 0;
-  if (routed) {
-    // The choice is written: blocks waiting on it may read it.
-    __syncthreads();
-    if (tid == 0) {
-      __threadfence();
-      atomicExch(routed, 1u);
-    }
-  }
 }
 
 // The router launch: grid (ceil(E/4), T) blocks of router_fast_block;
@@ -710,7 +678,7 @@ extern "C" __global__ void __launch_bounds__(128)
   PDL_LAUNCH();
   extern __shared__ __align__(16) float rxs[];  // [K] the input row
   router_fast_block(blockIdx.x, gridDim.x, blockIdx.y, rxs, W, E, K, x, ldx, logits, ldl, bias, topk,
-                    norm, scaling, ids, wts, counters, xq, xs, xsum, G, nullptr);
+                    norm, scaling, ids, wts, counters, xq, xs, xsum, G);
 }
 
 // One 16-byte chunk of codes (32 weights) against 32 int8 activations
@@ -746,7 +714,9 @@ DEVICE void rows_load(const u8* const (&rc)[R], const u8* const (&rs)[R], int C,
   }
 }
 
-template <int R>
+// GLOBAL: sq and ss are in global memory, written by an earlier kernel
+// (read through the non-coherent path, as gemv_dot reads its input).
+template <int R, bool GLOBAL = false>
 DEVICE void rows_dot(const uint4 (&w)[2][R], const u32 (&s)[2][R], int C, int gshift,
                      const i8* sq, const float* ss, float (&out)[R]) {
   const int lane = threadIdx.x & 31;
@@ -757,8 +727,8 @@ DEVICE void rows_dot(const uint4 (&w)[2][R], const u32 (&s)[2][R], int C, int gs
     const int c = 32 * h + lane;
     if (c >= C) continue;
     const uint4* xp = (const uint4*)(sq + c * 32);
-    const uint4 xa = xp[0], xb = xp[1];
-    const float xscale = ss[c >> gshift];
+    const uint4 xa = GLOBAL ? __ldg(xp) : xp[0], xb = GLOBAL ? __ldg(xp + 1) : xp[1];
+    const float xscale = GLOBAL ? __ldg(ss + (c >> gshift)) : ss[c >> gshift];
 #pragma unroll
     for (int r = 0; r < R; r++) out[r] += (float)dot32_split(w[h][r], xa, xb) * (e4m3(s[h][r]) * xscale);
   }
@@ -801,114 +771,94 @@ DEVICE void quant_groups(const float* src, bool global, int K, int G, int g0, in
   }
 }
 
-// The router launch with the shared experts' gate and up products: blocks
-// [0, nrb) are moe_router_fast's (one token, with xq), the rest compute
-// the shared slots' h as moe_gate_up does (4 warps of 4 rows of gate and
-// up, nsh blocks a slot), with the input quantized in each block's shared
-// memory: the shared experts need no routing, so their 3 MB stream while
-// the router's short blocks run. K <= 2048; I a multiple of 16. Dynamic
-// shared memory: 4*K bytes plus K + 4*K/32.
-extern "C" __global__ void __launch_bounds__(128)
-    moe_router_shared(const float* __restrict__ W, int E, int K, const float* __restrict__ x,
-                      float* logits, const float* __restrict__ bias, int topk, int norm,
-                      float scaling, i32* __restrict__ ids, float* __restrict__ wts,
-                      u32* __restrict__ counters, i8* __restrict__ xq, float* __restrict__ xs,
-                      i32* __restrict__ xsum, int G, int nrb, const Expert* __restrict__ experts,
-                      int nexperts, int I, float* __restrict__ h, u32* __restrict__ sync, int pf) {
+
+// Gate and up products of every slot with the SiLU product, as moe_gate_up
+// (the same grid, rows and bits), for K <= 2048: a warp requests its 8
+// rows' weights at once (rows_load), the block copies the int8 input to
+// shared memory meanwhile, and the products read it from there. Then h
+// is quantized for the down products once, not in each of their blocks:
+// the last of the G/16 blocks that make a group of G rows of h (counted
+// in gcount[slot][group], which it resets) quantizes that group into
+// hq, hs (nslots rows of I, as rmsnorm_quant without a gain).
+extern "C" __global__ void __launch_bounds__(128, 4)
+    moe_gate_up_q(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
+                  int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
+                  const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq,
+                  float* __restrict__ hs, u32* __restrict__ gcount) {
   PDL_LAUNCH();
-  extern __shared__ __align__(16) float rxs[];  // [K] the input row (router)
-  if ((int)blockIdx.x < nrb) {
-    router_fast_block(blockIdx.x, nrb, 0, rxs, W, E, K, x, K, logits, E, bias, topk, norm, scaling,
-                      ids, wts, counters, xq, xs, xsum, G, pf ? sync : nullptr);
-    return;
-  }
-  const int nsh = I / 16, b = blockIdx.x - nrb, sh = b / nsh, warp = threadIdx.x >> 5;
-  const int lane = threadIdx.x & 31, slot = topk + sh, gshift = __ffs(G >> 5) - 1;
-  const int row0 = ((b - sh * nsh) * 4 + warp) * 4, C = K >> 5, GK = K / G;
-  i8* sq = (i8*)rxs;
-  float* ss = (float*)(sq + K);
-  const Expert& ex = experts[nexperts + sh];
+  __shared__ __align__(16) i8 sx[ROUTER_FAST_MAX_K];
+  __shared__ float sxs[ROUTER_FAST_MAX_K / 32];
+  __shared__ bool last;
+  const int slot = blockIdx.y, lane = threadIdx.x & 31, tid = threadIdx.x;
+  const int row0 = (blockIdx.x * 4 + (tid >> 5)) * 4;
+  const int G = 32 << gshift, GK = K / G, C = K >> 5;
+  // The expert table is written once at load: a shared slot's weights
+  // need nothing from the kernels before this one.
+  if (slot < topk) PDL_WAIT();
+  const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
   const u8* rc[8];
   const u8* rs[8];
 #pragma unroll
   for (int r = 0; r < 4; r++) {
-    rc[r] = ex.gate.codes + (size_t)(row0 + r) * (K / 2);
-    rs[r] = ex.gate.scales + (size_t)(row0 + r) * GK;
-    rc[4 + r] = ex.up.codes + (size_t)(row0 + r) * (K / 2);
-    rs[4 + r] = ex.up.scales + (size_t)(row0 + r) * GK;
+    const int n = min(row0 + r, I - 1);
+    rc[r] = ex.gate.codes + (size_t)n * (K / 2);
+    rs[r] = ex.gate.scales + (size_t)n * GK;
+    rc[4 + r] = ex.up.codes + (size_t)n * (K / 2);
+    rs[4 + r] = ex.up.scales + (size_t)n * GK;
   }
   uint4 w[2][8];
   u32 s[2][8];
   rows_load<8>(rc, rs, C, gshift, w, s);
   PDL_WAIT();
-  quant_groups(x, true, K, G, warp, 4, sq, ss);
+  for (int i = tid * 16; i < K; i += 128 * 16) *(uint4*)(sx + i) = __ldg((const uint4*)(xq + i));
+  for (int i = tid; i < GK; i += 128) sxs[i] = __ldg(xs + i);
   __syncthreads();
   float out[8];
-  rows_dot<8>(w, s, C, gshift, sq, ss, out);
+  rows_dot<8>(w, s, C, gshift, sx, sxs, out);
 #pragma unroll
   for (int r = 0; r < 4; r++) {
     const int n = row0 + r;
-    if (lane == r) {
+    if (lane == r && n < I) {
       const float g = out[r] * (ex.gate.row_scale[n] * 0.5f);
       const float u = out[4 + r] * (ex.up.row_scale[n] * 0.5f);
       h[(size_t)slot * I + n] = silu(g) * u;
     }
   }
-  if (!pf) return;
-  // pf: the next launches' weights into L2 while this one ends: the shared
-  // slot's down matrix, then, once the router's last block has chosen
-  // (every block of this launch is resident, and the router's come first),
-  // the routed experts' gate and up (pf & 1) and down (pf & 2) matrices,
-  // each block its share. sync[0] is the router's flag, sync[32] counts
-  // the blocks that saw it; the last resets both.
-  const int nsb = gridDim.x - nrb, j = blockIdx.x - nrb;
-  prefetch_mat(ex.down, K, I, G, j - sh * nsh, nsh);
-  __shared__ i32 chosen[32];
-  if (threadIdx.x == 0) {
-    while (ld_acquire(sync) == 0) __nanosleep(100);
-    if (atomicAdd(sync + 32, 1u) == (u32)(nsb - 1)) {
-      sync[32] = 0;
-      atomicExch(sync, 0u);
-    }
+  // A block's 16 rows lie in one group of G (16 divides G, and I is a
+  // multiple of G).
+  const int IG = I / G, grp = blockIdx.x * 16 / G;
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    last = atomicAdd(&gcount[slot * IG + grp], 1u) == (u32)(G / 16 - 1);
   }
   __syncthreads();
-  if (threadIdx.x < topk) chosen[threadIdx.x] = __ldcg(ids + threadIdx.x);
-  __syncthreads();
-  for (int k = 0; k < topk; k++) {
-    const Expert& re = experts[chosen[k]];
-    if (pf & 1) {
-      prefetch_mat(re.gate, I, K, G, j, nsb);
-      prefetch_mat(re.up, I, K, G, j, nsb);
-    }
-    if (pf & 2) prefetch_mat(re.down, K, I, G, j, nsb);
+  if (!last) return;
+  __threadfence();
+  if (tid < 32) {
+    quant_groups(h + (size_t)slot * I, true, I, G, grp, IG, hq + (size_t)slot * I, hs + (size_t)slot * IG);
+    if (tid == 0) gcount[slot * IG + grp] = 0;
   }
 }
 
 // Down products of every slot for 4 output rows a block, summed over the
-// slots in the block: grid ceil(N/4) blocks of nslots warps, warp s taking
-// slot s. A warp requests its 4 rows' weights first (rows_load), then
-// quantizes its slot's h into shared memory (as moe_down_q), multiplies
-// (rows_dot, moe_down_q's products) and leaves the 4 products in shared
-// memory; the block then sums the slots in slot order with their weights
-// (moe_down_sum's order and operations). No partial products through
-// memory, no counters: one dependent chain a block. I <= DOWN_SLOTS_MAX_I.
-// Dynamic shared memory: nslots * (I + 4*I/32) bytes.
-#define DOWN_SLOTS_MAX_I 2048
+// slots in the block, from h quantized by moe_gate_up_q: grid ceil(N/4)
+// blocks of nslots warps, warp s taking slot s's 4 rows (rows_load, then
+// rows_dot with hq, hs from global memory: moe_down_q's products, bit for
+// bit); the block sums the slots in slot order with their weights
+// (moe_down_sum's order and operations) in shared memory: no partial
+// products through memory, no counters. I <= 2048.
 #define DOWN_SLOTS_MAX 8
 extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
-    moe_down_slots(const Expert* __restrict__ experts, const i32* __restrict__ ids,
-                   const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
-                   const float* __restrict__ h, float* __restrict__ y, int accumulate) {
+    moe_down_hq(const Expert* __restrict__ experts, const i32* __restrict__ ids,
+                const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
+                const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
+                int accumulate) {
   PDL_LAUNCH();
-  extern __shared__ __align__(16) u8 dsm[];
   __shared__ float part[DOWN_SLOTS_MAX][4], wsm[DOWN_SLOTS_MAX];
   const int slot = threadIdx.x >> 5, lane = threadIdx.x & 31, nslots = blockDim.x >> 5;
   const int row0 = blockIdx.x * 4;
   const int G = 32 << gshift, GK = I / G, C = I >> 5;
-  i8* sq = (i8*)dsm + (size_t)slot * I;
-  float* ss = (float*)(dsm + (size_t)nslots * I) + (size_t)slot * (I / 32);
-  // The expert table is written once at load: a shared slot's weights
-  // need nothing from the kernels before this one.
   if (slot < topk) PDL_WAIT();
   const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
   const u8* rc[4];
@@ -925,11 +875,8 @@ extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
   const float rsc = lane < 4 ? ex.down.row_scale[min(row0 + lane, N - 1)] : 0.f;
   PDL_WAIT();
   if (lane == 0) wsm[slot] = slot < topk ? wts[slot] : 1.f;
-  // The slot's h, written by the gate/up kernel.
-  quant_groups(h + (size_t)slot * I, true, I, G, 0, 1, sq, ss);
-  __syncwarp();
   float out[4];
-  rows_dot<4>(w, s, C, gshift, sq, ss, out);
+  rows_dot<4, true>(w, s, C, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK, out);
 #pragma unroll
   for (int r = 0; r < 4; r++)
     if (lane == r) part[slot][r] = out[r] * (rsc * 0.5f);
