@@ -271,12 +271,14 @@ func TestMoEMatchesOldKernels(t *testing.T) {
 				got := make([]float32, tc.K)
 				return got, CopyOut(c, got, yb.Ptr)
 			}
-			for _, acc := range []bool{false, true} {
+			for i, acc := range []bool{false, true, false, true} {
 				want, err := run(true, acc)
 				if err != nil {
 					return err
 				}
+				moeGateUp8 = i >= 2
 				got, err := run(false, acc)
+				moeGateUp8 = false
 				if err != nil {
 					return err
 				}

@@ -452,7 +452,11 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 		acc = 1
 	}
 	if slots <= moeSlotsMax && t.K <= moeRowsMaxK && t.I <= moeRowsMaxK && t.I%t.G == 0 && !moeDownOld {
-		gu, err := c.Kernel("moe", "moe_gate_up_q")
+		name, threads := "moe_gate_up_q", 128
+		if moeGateUp8 {
+			name, threads = "moe_gate_up_q8", 256
+		}
+		gu, err := c.Kernel("moe", name)
 		if err != nil {
 			return err
 		}
@@ -460,7 +464,7 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 		if err != nil {
 			return err
 		}
-		if err := c.Launch(gu, Dim{uint32((t.I + 15) / 16), uint32(slots), 1}, D1(128), 0,
+		if err := c.Launch(gu, Dim{uint32((t.I + 15) / 16), uint32(slots), 1}, D1(threads), 0,
 			t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, s.H, s.HQ.Q, s.HQ.Scales, s.Groups); err != nil {
 			return err
 		}
@@ -507,6 +511,10 @@ const (
 // moeDownOld makes MoE use moe_gate_up and moe_down_q (benchmarks and
 // tests; MMFP4_CUDA_MOE_DOWN=old while measuring).
 var moeDownOld = os.Getenv("MMFP4_CUDA_MOE_DOWN") == "old"
+
+// moeGateUp8 takes moe_gate_up_q8 (8 warps of 2 rows) for the gate and
+// up products (while measuring; MMFP4_CUDA_MOE_GU8=1).
+var moeGateUp8 = os.Getenv("MMFP4_CUDA_MOE_GU8") == "1"
 
 // moeMaxI is MOE_MAX_I in moe.cu: the largest intermediate size whose
 // quantization moe_down_q holds in shared memory.

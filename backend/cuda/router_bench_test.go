@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"strings"
 	"testing"
 
 	"github.com/mmfp4/mmfp4/format"
@@ -168,6 +169,8 @@ func BenchmarkRouterMoE(b *testing.B) {
 		{"router+two", true, false, routerTwo(0)},
 		{"two-old", false, true, two},
 		{"two", false, false, two},
+		{"two-gu8", false, false, two},
+		{"routerquant+two-gu8", true, false, routerTwo(2)},
 	}
 	for _, v := range variants {
 		bytes := ebytes
@@ -175,8 +178,8 @@ func BenchmarkRouterMoE(b *testing.B) {
 			bytes += 4 * E * K
 		}
 		b.Run(v.name, func(b *testing.B) {
-			moeDownOld = v.oldDown
-			defer func() { moeDownOld = false }()
+			moeDownOld, moeGateUp8 = v.oldDown, strings.HasSuffix(v.name, "-gu8")
+			defer func() { moeDownOld, moeGateUp8 = false, false }()
 			var ms float32
 			err := d.Do(func(c *Ctx) error {
 				call := func() error {

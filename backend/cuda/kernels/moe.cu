@@ -716,6 +716,29 @@ DEVICE void rows_load(const u8* const (&rc)[R], const u8* const (&rs)[R], int C,
 
 // GLOBAL: sq and ss are in global memory, written by an earlier kernel
 // (read through the non-coherent path, as gemv_dot reads its input).
+// rows_load for P consecutive rows of two matrices (rows 0..P-1 of A at
+// codes cA and scales sA, then P of B), rows cstride and sstride bytes
+// apart: two base addresses instead of 2P.
+template <int P>
+DEVICE void rows_load2(const u8* cA, const u8* sA, const u8* cB, const u8* sB, int cstride,
+                       int sstride, int C, int gshift, uint4 (&w)[2][2 * P], u32 (&s)[2][2 * P]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    const int c = 32 * h + lane;
+    if (c < C) {
+#pragma unroll
+      for (int r = 0; r < P; r++) w[h][r] = load_stream16(cA + r * cstride + c * 16);
+#pragma unroll
+      for (int r = 0; r < P; r++) w[h][P + r] = load_stream16(cB + r * cstride + c * 16);
+#pragma unroll
+      for (int r = 0; r < P; r++) s[h][r] = __ldg(sA + r * sstride + (c >> gshift));
+#pragma unroll
+      for (int r = 0; r < P; r++) s[h][P + r] = __ldg(sB + r * sstride + (c >> gshift));
+    }
+  }
+}
+
 template <int R, bool GLOBAL = false>
 DEVICE void rows_dot(const uint4 (&w)[2][R], const u32 (&s)[2][R], int C, int gshift,
                      const i8* sq, const float* ss, float (&out)[R]) {
@@ -773,54 +796,48 @@ DEVICE void quant_groups(const float* src, bool global, int K, int G, int g0, in
 
 
 // Gate and up products of every slot with the SiLU product, as moe_gate_up
-// (the same grid, rows and bits), for K <= 2048: a warp requests its 8
-// rows' weights at once (rows_load), the block copies the int8 input to
-// shared memory meanwhile, and the products read it from there. Then h
-// is quantized for the down products once, not in each of their blocks:
-// the last of the G/16 blocks that make a group of G rows of h (counted
-// in gcount[slot][group], which it resets) quantizes that group into
-// hq, hs (nslots rows of I, as rmsnorm_quant without a gain).
-extern "C" __global__ void __launch_bounds__(128, 4)
-    moe_gate_up_q(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
-                  int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
-                  const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq,
-                  float* __restrict__ hs, u32* __restrict__ gcount) {
-  PDL_LAUNCH();
+// (the same rows of h, the same bits), for K <= 2048: grid (I/16, nslots)
+// blocks of 16 rows of h, W warps of P rows each (W*P = 16); a warp
+// requests its P rows of gate and of up at once (rows_load), the block
+// copies the int8 input to shared memory meanwhile, and the products read
+// it from there. Then h is quantized for the down products once, not in
+// each of their blocks: the last of the G/16 blocks that make a group of G
+// rows of h (counted in gcount[slot][group], which it resets) quantizes
+// that group into hq, hs (nslots rows of I, as rmsnorm_quant without a
+// gain).
+template <int W, int P>
+DEVICE void gate_up_q_block(const Expert* __restrict__ experts, const i32* __restrict__ ids,
+                            int topk, int nexperts, int I, int K, int gshift,
+                            const i8* __restrict__ xq, const float* __restrict__ xs,
+                            float* __restrict__ h, i8* __restrict__ hq, float* __restrict__ hs,
+                            u32* __restrict__ gcount) {
   __shared__ __align__(16) i8 sx[ROUTER_FAST_MAX_K];
   __shared__ float sxs[ROUTER_FAST_MAX_K / 32];
   __shared__ bool last;
   const int slot = blockIdx.y, lane = threadIdx.x & 31, tid = threadIdx.x;
-  const int row0 = (blockIdx.x * 4 + (tid >> 5)) * 4;
+  const int row0 = blockIdx.x * 16 + (tid >> 5) * P;
   const int G = 32 << gshift, GK = K / G, C = K >> 5;
   // The expert table is written once at load: a shared slot's weights
   // need nothing from the kernels before this one.
   if (slot < topk) PDL_WAIT();
   const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
-  const u8* rc[8];
-  const u8* rs[8];
-#pragma unroll
-  for (int r = 0; r < 4; r++) {
-    const int n = min(row0 + r, I - 1);
-    rc[r] = ex.gate.codes + (size_t)n * (K / 2);
-    rs[r] = ex.gate.scales + (size_t)n * GK;
-    rc[4 + r] = ex.up.codes + (size_t)n * (K / 2);
-    rs[4 + r] = ex.up.scales + (size_t)n * GK;
-  }
-  uint4 w[2][8];
-  u32 s[2][8];
-  rows_load<8>(rc, rs, C, gshift, w, s);
+  uint4 w[2][2 * P];
+  u32 s[2][2 * P];
+  rows_load2<P>(ex.gate.codes + (size_t)row0 * (K / 2), ex.gate.scales + (size_t)row0 * GK,
+                ex.up.codes + (size_t)row0 * (K / 2), ex.up.scales + (size_t)row0 * GK, K / 2, GK, C,
+                gshift, w, s);
   PDL_WAIT();
-  for (int i = tid * 16; i < K; i += 128 * 16) *(uint4*)(sx + i) = __ldg((const uint4*)(xq + i));
-  for (int i = tid; i < GK; i += 128) sxs[i] = __ldg(xs + i);
+  for (int i = tid * 16; i < K; i += 32 * W * 16) *(uint4*)(sx + i) = __ldg((const uint4*)(xq + i));
+  for (int i = tid; i < GK; i += 32 * W) sxs[i] = __ldg(xs + i);
   __syncthreads();
-  float out[8];
-  rows_dot<8>(w, s, C, gshift, sx, sxs, out);
+  float out[2 * P];
+  rows_dot<2 * P>(w, s, C, gshift, sx, sxs, out);
 #pragma unroll
-  for (int r = 0; r < 4; r++) {
+  for (int r = 0; r < P; r++) {
     const int n = row0 + r;
-    if (lane == r && n < I) {
+    if (lane == r) {
       const float g = out[r] * (ex.gate.row_scale[n] * 0.5f);
-      const float u = out[4 + r] * (ex.up.row_scale[n] * 0.5f);
+      const float u = out[P + r] * (ex.up.row_scale[n] * 0.5f);
       h[(size_t)slot * I + n] = silu(g) * u;
     }
   }
@@ -839,6 +856,26 @@ extern "C" __global__ void __launch_bounds__(128, 4)
     quant_groups(h + (size_t)slot * I, true, I, G, grp, IG, hq + (size_t)slot * I, hs + (size_t)slot * IG);
     if (tid == 0) gcount[slot * IG + grp] = 0;
   }
+}
+
+// 4 warps of 4 rows (128 registers: 4 blocks a multiprocessor).
+extern "C" __global__ void __launch_bounds__(128, 4)
+    moe_gate_up_q(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
+                  int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
+                  const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq,
+                  float* __restrict__ hs, u32* __restrict__ gcount) {
+  PDL_LAUNCH();
+  gate_up_q_block<4, 4>(experts, ids, topk, nexperts, I, K, gshift, xq, xs, h, hq, hs, gcount);
+}
+
+// 8 warps of 2 rows (64 registers: 4 blocks, 32 warps a multiprocessor).
+extern "C" __global__ void __launch_bounds__(256, 4)
+    moe_gate_up_q8(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
+                   int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
+                   const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq,
+                   float* __restrict__ hs, u32* __restrict__ gcount) {
+  PDL_LAUNCH();
+  gate_up_q_block<8, 2>(experts, ids, topk, nexperts, I, K, gshift, xq, xs, h, hq, hs, gcount);
 }
 
 // Down products of every slot for 4 output rows a block, summed over the
