@@ -271,14 +271,14 @@ func TestMoEMatchesOldKernels(t *testing.T) {
 				got := make([]float32, tc.K)
 				return got, CopyOut(c, got, yb.Ptr)
 			}
-			for i, acc := range []bool{false, true, false, true} {
+			for i, acc := range []bool{false, true, false, true, false} {
 				want, err := run(true, acc)
 				if err != nil {
 					return err
 				}
-				moeGateUp8 = i >= 2
+				moeNoCluster, moeDown2 = i >= 2, i == 4
 				got, err := run(false, acc)
-				moeGateUp8 = false
+				moeNoCluster, moeDown2 = false, false
 				if err != nil {
 					return err
 				}

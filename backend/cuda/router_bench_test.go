@@ -169,8 +169,9 @@ func BenchmarkRouterMoE(b *testing.B) {
 		{"router+two", true, false, routerTwo(0)},
 		{"two-old", false, true, two},
 		{"two", false, false, two},
-		{"two-gu8", false, false, two},
-		{"routerquant+two-gu8", true, false, routerTwo(2)},
+		{"two-counters", false, false, two},
+		{"two-down2", false, false, two},
+		{"routerquant+two-counters", true, false, routerTwo(2)},
 	}
 	for _, v := range variants {
 		bytes := ebytes
@@ -178,8 +179,8 @@ func BenchmarkRouterMoE(b *testing.B) {
 			bytes += 4 * E * K
 		}
 		b.Run(v.name, func(b *testing.B) {
-			moeDownOld, moeGateUp8 = v.oldDown, strings.HasSuffix(v.name, "-gu8")
-			defer func() { moeDownOld, moeGateUp8 = false, false }()
+			moeDownOld, moeNoCluster, moeDown2 = v.oldDown, strings.HasSuffix(v.name, "-counters"), strings.HasSuffix(v.name, "-down2")
+			defer func() { moeDownOld, moeNoCluster, moeDown2 = false, false, false }()
 			var ms float32
 			err := d.Do(func(c *Ctx) error {
 				call := func() error {
