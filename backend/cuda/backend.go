@@ -133,6 +133,10 @@ type Backend struct {
 	// lastDense is the dense product queued last: Route on its output
 	// right after it replaces it with the fused router kernel.
 	lastDense *denseOp
+	// lastRouter is the single-row router launch queued last: the MoE's
+	// quantization of the same input right after it goes into its launch.
+	lastRouter    *routerOp
+	noRouterQuant bool
 	// routeCounters are the router launch's per-token counters (zero
 	// between launches; RouterRoute).
 	routeCounters Buffer
@@ -169,6 +173,14 @@ type denseOp struct {
 	idx, flush int
 	d, x       tensor
 	w          *weight
+}
+
+// routerOp is a router launch queued as b.pending[idx], reading x; call
+// launches it, with q also writing x's int8 form.
+type routerOp struct {
+	idx, flush int
+	x          tensor
+	call       func(c *Ctx, q *QActs) error
 }
 
 type addOp struct {
@@ -255,6 +267,9 @@ func NewOnDevice(d *Device, o Options) *Backend {
 	}
 	if os.Getenv("MMFP4_CUDA_ROUTER_SLOW") == "1" {
 		routerSlow = true // comparison runs: the older router kernel
+	}
+	if os.Getenv("MMFP4_CUDA_ROUTER_QUANT") == "0" {
+		b.noRouterQuant = true // comparison runs: the MoE input quantized in a launch of its own
 	}
 	if os.Getenv("MMFP4_CUDA_CHUNKS") == "0" {
 		b.opts.NoDecodeChunks = true
@@ -1651,11 +1666,15 @@ func (b *Backend) Route(logits backend.Tensor, bias backend.Weight, cfg backend.
 		if ld := b.lastDense; ld != nil && ld.flush == b.flushes && ld.idx == len(b.pending)-1 && ld.d == *lm && b.routeCountersFor(lm.rows) {
 			// The router's product was queued just before: one launch
 			// computes the logits (still written) and picks the experts.
-			b.pending[ld.idx] = queuedOp{"router+route", func(c *Ctx) error {
+			ro := &routerOp{idx: ld.idx, flush: b.flushes, x: ld.x, call: func(c *Ctx, q *QActs) error {
 				return c.RouterRoute(ld.w.dense, E, ld.w.k, ld.x.ptr, ld.x.ld, lm.rows, lm.ptr, lm.ld, bv.dense, cfg.TopK, norm == 1,
-					cfg.RoutedScaling, r.ids, r.wts, b.routeCounters.Ptr)
+					cfg.RoutedScaling, r.ids, r.wts, b.routeCounters.Ptr, q)
 			}}
+			b.pending[ld.idx] = queuedOp{"router+route", func(c *Ctx) error { return ro.call(c, nil) }}
 			b.lastDense = nil
+			if lm.rows == 1 && ld.x.rows == 1 && RouterFastFits(E, ld.w.k, ld.x.ptr, ld.x.ld, cfg.TopK) && !b.noRouterQuant {
+				b.lastRouter = ro
+			}
 			return r
 		}
 		// No expert groups: one warp per token picks from the logits.
@@ -1854,12 +1873,41 @@ func (b *Backend) moeRows(d, xm *tensor, rt *routing, l *moeLayer) {
 	for t := 0; t < d.rows; t++ {
 		xr := &tensor{rows: 1, cols: xm.cols, ld: xm.ld, ptr: xm.row(t)}
 		dr := d.row(t)
-		a := b.quantize(xr, l.table.G)
+		a := b.routerQuant(xr, l.table.G)
 		off := 4 * uint64(t*rt.topK)
 		b.do("moe", func(c *Ctx) error {
 			return c.MoE(dr, true, l.table, rt.ids+off, rt.wts+off, rt.topK, a, l.scratch[rt.topK])
 		})
 	}
+}
+
+// routerQuant is quantize(x, G) for one row, written by the router
+// launch queued just before when that launch read x: one launch less in
+// the chain before the MoE kernels.
+func (b *Backend) routerQuant(x *tensor, G int) *QActs {
+	ro := b.lastRouter
+	b.lastRouter = nil
+	fits := func() bool {
+		return ro != nil && ro.flush == b.flushes && ro.idx == len(b.pending)-1 && b.pending[ro.idx].op == "router+route" &&
+			x.rows == 1 && ro.x.ptr == x.ptr && ro.x.cols == x.cols
+	}
+	if !fits() || x.cols%G != 0 {
+		return b.quantize(x, G)
+	}
+	for _, e := range b.quantized {
+		if e.src == *x && e.a.G == G {
+			return e.a
+		}
+	}
+	a := b.quantizeInto(x, G)
+	b.rememberQuant(quantEntry{*x, a})
+	if !fits() { // the allocation handed the queue to the device
+		b.do("quantize", func(c *Ctx) error { return c.RMSNormQuant(x.ptr, x.ld, 0, 0, 0, 0, x.rows, x.cols, G, a) })
+		return a
+	}
+	call := ro.call
+	b.pending[ro.idx] = queuedOp{"router+route+quant", func(c *Ctx) error { return call(c, a) }}
+	return a
 }
 
 // moeLayer returns the fused kernels' table for experts, made on first use,

@@ -204,3 +204,115 @@ func TestMoE(t *testing.T) {
 		}
 	}
 }
+
+// moe_gate_up_q and moe_down_hq (h quantized once a group by the gate/up
+// blocks, every slot of 4 rows in one down block) against moe_gate_up and
+// moe_down_q (each down block quantizing its slot's h, the sum by the last
+// block of a row block): the same bits, on random experts at
+// GLM-4.7-Flash's shape with group sizes 128 and 32, and at a small shape
+// with 3 groups a row, 6 routed and 2 shared slots, both writing and
+// adding to y; the group counters are zero again after each call.
+func TestMoEMatchesOldKernels(t *testing.T) {
+	d := testDevice(t)
+	r := testRand(t)
+	for _, tc := range []struct{ K, I, G, E, topK, shared int }{
+		{2048, 1536, 128, 8, 4, 1},
+		{2048, 1536, 32, 6, 4, 1},
+		{512, 384, 128, 10, 6, 2},
+	} {
+		err := d.Do(func(c *Ctx) error {
+			var all []ExpertMats
+			for e := 0; e < tc.E+tc.shared; e++ {
+				var q [3]*QMatrix
+				for i, m := range []*format.Matrix{synthMatrix(r, tc.I, tc.K, tc.G), synthMatrix(r, tc.I, tc.K, tc.G), synthMatrix(r, tc.K, tc.I, tc.G)} {
+					var err error
+					if q[i], err = c.UploadMatrix(m); err != nil {
+						return err
+					}
+				}
+				all = append(all, ExpertMats{q[0], q[1], q[2]})
+			}
+			tab, err := c.NewExpertTable(all[:tc.E], all[tc.E:])
+			if err != nil {
+				return err
+			}
+			scr, err := c.NewMoEScratch(tab, tc.topK)
+			if err != nil {
+				return err
+			}
+			xa, err := c.NewQActs(1, tc.K, tc.G)
+			if err != nil {
+				return err
+			}
+			ids := make([]int32, tc.topK)
+			for k, e := range r.Perm(tc.E)[:tc.topK] {
+				ids[k] = int32(e)
+			}
+			y0 := randVec(r, tc.K, 1)
+			xb, err1 := upload(c, randVec(r, tc.K, 1))
+			wb, err2 := upload(c, randVec(r, tc.topK, 0.5))
+			ib, err3 := c.Alloc(4 * tc.topK)
+			yb, err4 := c.Alloc(4 * tc.K)
+			if err := errors.Join(err1, err2, err3, err4, CopyIn(c, ib.Ptr, ids)); err != nil {
+				return err
+			}
+			if err := c.RMSNormQuant(xb.Ptr, tc.K, 0, 0, 0, 0, 1, tc.K, tc.G, xa); err != nil {
+				return err
+			}
+			run := func(old, acc bool) ([]float32, error) {
+				moeDownOld = old
+				defer func() { moeDownOld = false }()
+				if err := CopyIn(c, yb.Ptr, y0); err != nil {
+					return nil, err
+				}
+				if err := c.MoE(yb.Ptr, acc, tab, ib.Ptr, wb.Ptr, tc.topK, xa, scr); err != nil {
+					return nil, err
+				}
+				got := make([]float32, tc.K)
+				return got, CopyOut(c, got, yb.Ptr)
+			}
+			for i, acc := range []bool{false, true, false, true, false} {
+				want, err := run(true, acc)
+				if err != nil {
+					return err
+				}
+				moeNoCluster, moeDown2 = i >= 2, i == 4
+				got, err := run(false, acc)
+				moeNoCluster, moeDown2 = false, false
+				if err != nil {
+					return err
+				}
+				zeros := 0
+				for i := range got {
+					if math.Float32bits(got[i]) != math.Float32bits(want[i]) {
+						return fmt.Errorf("%+v accumulate=%v: y[%d] = %g, old kernels %g", tc, acc, i, got[i], want[i])
+					}
+					if want[i] == 0 {
+						zeros++
+					}
+				}
+				if zeros > tc.K/100 {
+					return fmt.Errorf("%+v: %d of %d outputs are zero", tc, zeros, tc.K)
+				}
+				groups := make([]uint32, scr.Groups.Size/4)
+				if err := CopyOut(c, groups, scr.Groups.Ptr); err != nil {
+					return err
+				}
+				for i, v := range groups {
+					if v != 0 {
+						return fmt.Errorf("%+v: group counter %d is %d after the call", tc, i, v)
+					}
+				}
+			}
+			for _, m := range all {
+				c.FreeMatrix(m.Gate)
+				c.FreeMatrix(m.Up)
+				c.FreeMatrix(m.Down)
+			}
+			return errors.Join(c.FreeExpertTable(tab), c.FreeMoEScratch(scr), c.FreeQActs(xa), c.Free(xb), c.Free(wb), c.Free(ib), c.Free(yb))
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+}

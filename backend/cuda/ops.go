@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
+	"os"
 
 	"github.com/mmfp4/mmfp4/format"
 )
@@ -343,24 +344,45 @@ func (c *Ctx) Route(gate, bias, x uint64, ldx, T, E, K int, cfg RouteConfig, ids
 // fp32, bias E floats; ids and wts get topk entries a row; counters (T
 // words, zero between calls) count each row's blocks. moe_router_fast
 // where it fits (E <= 128, K <= 2048, 16-byte aligned rows), else
-// moe_router_route; both give the same bits.
-func (c *Ctx) RouterRoute(W uint64, E, K int, x uint64, ldx, T int, logits uint64, ldl int, bias uint64, topk int, norm bool, scaling float32, ids, wts, counters uint64) error {
+// moe_router_route; both give the same bits. With q (T rows of K in
+// groups of G, where RouterFastFits), the launch also writes x's int8 form
+// into q, as RMSNormQuant without a gain would.
+func (c *Ctx) RouterRoute(W uint64, E, K int, x uint64, ldx, T int, logits uint64, ldl int, bias uint64, topk int, norm bool, scaling float32, ids, wts, counters uint64, q *QActs) error {
 	n := 0
 	if norm {
 		n = 1
 	}
-	if E <= 128 && K <= 2048 && K%4 == 0 && ldx%4 == 0 && x%16 == 0 && topk <= 32 && !routerSlow {
+	if RouterFastFits(E, K, x, ldx, topk) {
 		k, err := c.Kernel("moe", "moe_router_fast")
 		if err != nil {
 			return err
 		}
-		return c.Launch(k, Dim{uint32((E + 3) / 4), uint32(T), 1}, D1(128), 4*K, W, E, K, x, ldx, logits, ldl, bias, topk, n, scaling, ids, wts, counters)
+		var xq, xs, xsum uint64
+		G := 32
+		if q != nil {
+			if q.T != T || q.K != K || !format.ValidGroupSize(q.G) || K%q.G != 0 {
+				return fmt.Errorf("cuda: router: activations %dx%d/%d for %d rows of %d", q.T, q.K, q.G, T, K)
+			}
+			xq, xs, xsum, G = q.Q, q.Scales, q.Sums, q.G
+		}
+		return c.Launch(k, Dim{uint32((E + 3) / 4), uint32(T), 1}, D1(128), 4*K, W, E, K, x, ldx, logits, ldl, bias, topk, n, scaling, ids, wts, counters,
+			xq, xs, xsum, G)
+	}
+	if q != nil {
+		return fmt.Errorf("cuda: router: the int8 form of the input needs moe_router_fast (E=%d, K=%d)", E, K)
 	}
 	k, err := c.Kernel("moe", "moe_router_route")
 	if err != nil {
 		return err
 	}
 	return c.Launch(k, Dim{uint32((E + 7) / 8), uint32(T), 1}, D1(256), 0, W, E, K, x, ldx, logits, ldl, bias, topk, n, scaling, ids, wts, counters)
+}
+
+// RouterFastFits reports whether RouterRoute takes moe_router_fast for
+// these experts, input and choice (and so can write the input's int8
+// form): E <= 128, K <= 2048, 16-byte aligned rows.
+func RouterFastFits(E, K int, x uint64, ldx, topk int) bool {
+	return E <= 128 && K <= 2048 && K%4 == 0 && ldx%4 == 0 && x%16 == 0 && topk <= 32 && !routerSlow
 }
 
 // routerSlow makes RouterRoute use moe_router_route always (benchmarks).
@@ -372,42 +394,50 @@ var routerSlow bool
 type MoEScratch struct {
 	H, Partial, Counters Buffer
 	HQ                   *QActs
+	// Groups are moe_gate_up_q's counters, a word for each group of G rows
+	// of each slot's h (zero between calls).
+	Groups Buffer
 }
 
 // NewMoEScratch allocates MoE's work space for topk routed experts.
 func (c *Ctx) NewMoEScratch(t *ExpertTable, topk int) (*MoEScratch, error) {
 	slots := topk + t.Shared
 	s := &MoEScratch{}
-	var err1, err2, err3, err4 error
+	var err1, err2, err3, err4, err5 error
 	s.H, err1 = c.Alloc(4 * slots * t.I)
 	s.Partial, err2 = c.Alloc(4 * slots * t.K)
 	s.Counters, err3 = c.Alloc(4 * ((t.K + 15) / 16))
 	s.HQ, err4 = c.NewQActs(slots, t.I, t.G)
-	if err := errors.Join(err1, err2, err3, err4); err != nil {
+	s.Groups, err5 = c.Alloc(4 * slots * t.I / t.G)
+	if err := errors.Join(err1, err2, err3, err4, err5); err != nil {
 		c.Free(s.H)
 		c.Free(s.Partial)
 		c.Free(s.Counters)
+		c.Free(s.Groups)
 		if s.HQ != nil {
 			c.FreeQActs(s.HQ)
 		}
 		return nil, err
 	}
-	return s, c.Memset(s.Counters.Ptr, 0, s.Counters.Size)
+	return s, errors.Join(c.Memset(s.Counters.Ptr, 0, s.Counters.Size), c.Memset(s.Groups.Ptr, 0, s.Groups.Size))
 }
 
 // FreeMoEScratch returns the work space to the pool.
 func (c *Ctx) FreeMoEScratch(s *MoEScratch) error {
-	return errors.Join(c.Free(s.H), c.Free(s.Partial), c.Free(s.Counters), c.FreeQActs(s.HQ))
+	return errors.Join(c.Free(s.H), c.Free(s.Partial), c.Free(s.Counters), c.Free(s.Groups), c.FreeQActs(s.HQ))
 }
 
 // MoE computes, for one token with quantized activations x,
 // y (+)= sum_k wts[k] * expert_{ids[k]}(x) + sum of the shared experts(x),
 // expert(x) = down(silu(gate x) * up x), in two launches: the gate and up
-// products of all experts with the SiLU product, and the down products of
-// all experts summed with their weights, each block quantizing its slot's
-// SiLU product first (three launches, the quantization apart, when the
-// intermediate size exceeds moeMaxI). With accumulate, the sum is added to
-// y.
+// products of all experts with the SiLU product, each group of h
+// quantized by the last block that wrote into it (moe_gate_up_q), then the
+// down products of every slot for a few rows in one block, summed there
+// with their weights (moe_down_hq). Shapes beyond those kernels (K or I
+// above 2048, more than 8 slots) take moe_gate_up and moe_down_q, each
+// down block quantizing its slot's h (or, when the intermediate size
+// exceeds moeMaxI, a quantization launch and moe_down). With accumulate,
+// the sum is added to y.
 func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, topk int, x *QActs, s *MoEScratch) error {
 	slots := topk + t.Shared
 	switch {
@@ -417,6 +447,39 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 		return fmt.Errorf("cuda: moe: scratch for %d slots of %d, want %d of %d", s.HQ.T, s.HQ.K, slots, t.I)
 	}
 	gshift := bits.TrailingZeros(uint(t.G / 32))
+	acc := 0
+	if accumulate {
+		acc = 1
+	}
+	if slots <= moeSlotsMax && t.K <= moeRowsMaxK && t.I <= moeRowsMaxK && t.I%t.G == 0 && !moeDownOld {
+		dname, drows := "moe_down_hq", 4
+		if moeDown2 {
+			dname, drows = "moe_down_hq2", 2
+		}
+		down, err := c.Kernel("moe", dname)
+		if err != nil {
+			return err
+		}
+		if t.G == 128 && !moeNoCluster {
+			gu, err := c.Kernel("moe", "moe_gate_up_c")
+			if err != nil {
+				return err
+			}
+			err = c.Launch(gu, Dim{uint32(t.I / 16), uint32(slots), 1}, D1(128), 0,
+				t.buf, ids, topk, t.Routed, t.I, t.K, x.Q, x.Scales, s.HQ.Q, s.HQ.Scales)
+		} else {
+			gu, err := c.Kernel("moe", "moe_gate_up_q")
+			if err != nil {
+				return err
+			}
+			err = c.Launch(gu, Dim{uint32(t.I / 16), uint32(slots), 1}, D1(128), 0,
+				t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, s.H, s.HQ.Q, s.HQ.Scales, s.Groups)
+		}
+		if err != nil {
+			return err
+		}
+		return c.Launch(down, D1((t.K+drows-1)/drows), D1(32*slots), 0, t.buf, ids, wts, topk, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, y, acc)
+	}
 	gu, err := c.Kernel("moe", "moe_gate_up")
 	if err != nil {
 		return err
@@ -424,10 +487,6 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 	down, err := c.Kernel("moe", "moe_down")
 	if err != nil {
 		return err
-	}
-	acc := 0
-	if accumulate {
-		acc = 1
 	}
 	if err := c.Launch(gu, Dim{uint32((t.I + 15) / 16), uint32(slots), 1}, D1(128), 0,
 		t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, x.Sums, s.H); err != nil {
@@ -449,6 +508,28 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 		t.buf, ids, wts, topk, slots, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, s.HQ.Sums,
 		s.Partial, s.Counters, y, acc)
 }
+
+// moeSlotsMax is DOWN_SLOTS_MAX in moe.cu (the warps of a moe_down_hq
+// block), and moeRowsMaxK the longest rows of moe_gate_up_q and
+// moe_down_hq (ROUTER_FAST_MAX_K: one round of loads a lane, the input in
+// shared memory).
+const (
+	moeSlotsMax = 8
+	moeRowsMaxK = 2048
+)
+
+// moeDownOld makes MoE use moe_gate_up and moe_down_q (benchmarks and
+// tests; MMFP4_CUDA_MOE_DOWN=old while measuring).
+var moeDownOld = os.Getenv("MMFP4_CUDA_MOE_DOWN") == "old"
+
+// moeNoCluster takes moe_gate_up_q (a counter a group) where
+// moe_gate_up_c (a cluster a group) would do (while measuring;
+// MMFP4_CUDA_MOE_CLUSTER=0).
+var moeNoCluster = os.Getenv("MMFP4_CUDA_MOE_CLUSTER") == "0"
+
+// moeDown2 takes moe_down_hq2 (2 rows a block; while measuring,
+// MMFP4_CUDA_MOE_DOWN2=1).
+var moeDown2 = os.Getenv("MMFP4_CUDA_MOE_DOWN2") == "1"
 
 // moeMaxI is MOE_MAX_I in moe.cu: the largest intermediate size whose
 // quantization moe_down_q holds in shared memory.

@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"strings"
 	"testing"
 
 	"github.com/mmfp4/mmfp4/format"
@@ -14,10 +15,15 @@ import (
 // BenchmarkRouterMoE: one token through a GLM-4.7-Flash MoE block (router
 // of 64 x 2048 fp32, 64 experts of 1536 x 2048, top 4, one shared expert),
 // device time per block:
-//   - router+two: the router launch (moe_router_fast, or -slow:
-//     moe_router_route) then the two MoE launches, the single-token path
-//     (three launches);
-//   - two: the MoE alone on a given routing (two launches).
+//   - router+quant+two: the router launch (moe_router_fast), the
+//     quantization of the MoE's input, then the two MoE launches;
+//   - routerquant+two: the same with the quantization in the router
+//     launch (three launches, the single-token path);
+//   - router+two: the router and the MoE, the input quantized beforehand;
+//   - two: the MoE alone on a given routing (two launches);
+//   - -old: moe_gate_up and moe_down_q (each down block quantizing its
+//     slot's h, a block per slot, the sum by the last) instead of
+//     moe_gate_up_q and moe_down_hq.
 //
 // Each call takes the next of 6 layers (its own shared expert and router,
 // the 64 routed experts common) and the next of 16 inputs (routing sets),
@@ -126,12 +132,25 @@ func BenchmarkRouterMoE(b *testing.B) {
 		b.Fatal(err)
 	}
 	i := 0
-	routerTwo := func(c *Ctx, L *layer, s int) error {
-		ids, wts := L.ids.At(4*topK*s), L.wts.At(4*topK*s)
-		if err := c.RouterRoute(L.W.Ptr, E, K, xs[s].Ptr, K, 1, L.logits.At(4*E*s), E, L.bias.Ptr, topK, true, 1.8, ids, wts, L.counters.Ptr); err != nil {
-			return err
+	// quant: 0 the MoE's input quantized beforehand (not timed), 1 by a
+	// launch of its own after the router, 2 by the router launch.
+	routerTwo := func(quant int) func(c *Ctx, L *layer, s int) error {
+		return func(c *Ctx, L *layer, s int) error {
+			ids, wts := L.ids.At(4*topK*s), L.wts.At(4*topK*s)
+			var q *QActs
+			if quant == 2 {
+				q = xq[s]
+			}
+			if err := c.RouterRoute(L.W.Ptr, E, K, xs[s].Ptr, K, 1, L.logits.At(4*E*s), E, L.bias.Ptr, topK, true, 1.8, ids, wts, L.counters.Ptr, q); err != nil {
+				return err
+			}
+			if quant == 1 {
+				if err := c.RMSNormQuant(xs[s].Ptr, K, 0, 0, 0, 0, 1, K, 128, xq[s]); err != nil {
+					return err
+				}
+			}
+			return c.MoE(y.Ptr, false, L.tab, ids, wts, topK, xq[s], L.scr)
 		}
-		return c.MoE(y.Ptr, false, L.tab, ids, wts, topK, xq[s], L.scr)
 	}
 	two := func(c *Ctx, L *layer, s int) error {
 		return c.MoE(y.Ptr, false, L.tab, L.givenIDs.At(4*topK*s), L.givenWts.At(4*topK*s), topK, xq[s], L.scr)
@@ -139,14 +158,20 @@ func BenchmarkRouterMoE(b *testing.B) {
 	variants := []struct {
 		name   string
 		router bool
-		// slow: the router launch is moe_router_route (else
-		// moe_router_fast).
-		slow bool
-		call func(c *Ctx, L *layer, s int) error
+		// oldDown: moe_gate_up and moe_down_q (else moe_gate_up_q and
+		// moe_down_hq).
+		oldDown bool
+		call    func(c *Ctx, L *layer, s int) error
 	}{
-		{"router+two", true, false, routerTwo},
-		{"router-slow+two", true, true, routerTwo},
+		{"router+quant+two-old", true, true, routerTwo(1)},
+		{"router+quant+two", true, false, routerTwo(1)},
+		{"routerquant+two", true, false, routerTwo(2)},
+		{"router+two", true, false, routerTwo(0)},
+		{"two-old", false, true, two},
 		{"two", false, false, two},
+		{"two-counters", false, false, two},
+		{"two-down2", false, false, two},
+		{"routerquant+two-counters", true, false, routerTwo(2)},
 	}
 	for _, v := range variants {
 		bytes := ebytes
@@ -154,8 +179,8 @@ func BenchmarkRouterMoE(b *testing.B) {
 			bytes += 4 * E * K
 		}
 		b.Run(v.name, func(b *testing.B) {
-			routerSlow = v.slow
-			defer func() { routerSlow = false }()
+			moeDownOld, moeNoCluster, moeDown2 = v.oldDown, strings.HasSuffix(v.name, "-counters"), strings.HasSuffix(v.name, "-down2")
+			defer func() { moeDownOld, moeNoCluster, moeDown2 = false, false, false }()
 			var ms float32
 			err := d.Do(func(c *Ctx) error {
 				call := func() error {

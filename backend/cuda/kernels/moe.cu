@@ -559,26 +559,28 @@ extern "C" __global__ void __launch_bounds__(256)
   if (tid == 0) counters[0] = 0;
 }
 
-// moe_router_route with one round of loads and a parallel choice: grid
-// (ceil(E/4), T) blocks of 4 warps, warp w of block b computing logit
-// e = 4b + w of token t in moe_router_route's order, its whole weight row
-// (K <= 2048) requested at once and the input row from shared memory
-// (dynamic, K floats); the last block of a token to finish (counters[t],
-// which it resets) ranks the E <= 128 choices, one thread per expert
-// (ties to the lower index), and writes the topk winners in rank order
-// with their weights normalised in that order: route_warp's result.
+// moe_router_route with one round of loads and a parallel choice: blocks
+// of 4 warps, warp w of block b computing logit e = 4b + w of token t in
+// moe_router_route's order, its whole weight row (K <= 2048) requested at
+// once and the input row from shared memory (rxs, K floats); the last of
+// the nb blocks of a token to finish (counters[t], which it resets) ranks
+// the E <= 128 choices, one thread per expert (ties to the lower index),
+// and writes the topk winners in rank order with their weights normalised
+// in that order: route_warp's result. With xq, the blocks also write the
+// input row's int8 form in groups of G (xq [T][K], xs, xsum as
+// rmsnorm_quant without a gain, the same bits), warp w of block b taking
+// groups b + w*nb, ...: the MoE kernels' input without a launch of its own.
 #define ROUTER_FAST_MAX_K 2048
-extern "C" __global__ void __launch_bounds__(128)
-    moe_router_fast(const float* __restrict__ W, int E, int K, const float* __restrict__ x, int ldx,
-                    float* logits, int ldl, const float* __restrict__ bias, int topk, int norm,
-                    float scaling, i32* __restrict__ ids, float* __restrict__ wts,
-                    u32* __restrict__ counters) {
-  PDL_LAUNCH();
-  extern __shared__ __align__(16) float rxs[];  // [K] the input row
+DEVICE void router_fast_block(int b, int nb, int t, float* rxs, const float* __restrict__ W, int E,
+                              int K, const float* __restrict__ x, int ldx, float* logits, int ldl,
+                              const float* __restrict__ bias, int topk, int norm, float scaling,
+                              i32* __restrict__ ids, float* __restrict__ wts,
+                              u32* __restrict__ counters, i8* __restrict__ xq,
+                              float* __restrict__ xs, i32* __restrict__ xsum, int G) {
   __shared__ float score[128], choice[128], pick[32];
   __shared__ bool last;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, t = blockIdx.y;
-  const int e = blockIdx.x * 4 + warp;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int e = b * 4 + warp;
   float wv[ROUTER_FAST_MAX_K / 32];
   if (e < E) {
     const float* w = W + (size_t)e * K;
@@ -598,10 +600,39 @@ extern "C" __global__ void __launch_bounds__(128)
     acc = warp_sum(acc);
     if (lane == 0) logits[(size_t)t * ldl + e] = acc;
   }
+  if (xq) {
+    const int Eg = G >> 5;
+    for (int g = warp * nb + b; g < K / G; g += 4 * nb) {
+      const int k0 = g * G + lane * Eg;
+      float v[4];
+      float amax = 0.f;
+#pragma unroll
+      for (int u = 0; u < 4; u++) {
+        if (u < Eg) {
+          v[u] = rxs[k0 + u];
+          amax = fmaxf(amax, fabsf(v[u]));
+        }
+      }
+      amax = warp_max(amax);
+      const float scale = amax / 127.f;
+      i32 sum = 0;
+#pragma unroll
+      for (int u = 0; u < 4; u++) {
+        if (u < Eg) {
+          const i32 q = quant8(v[u], amax, scale);
+          xq[(size_t)t * K + k0 + u] = (i8)q;
+          sum += q;
+        }
+      }
+      for (int o = 1; o < 32 / Eg; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      if ((lane & (32 / Eg - 1)) == 0) xsum[(size_t)t * (K / 32) + k0 / 32] = sum;
+      if (lane == 0) xs[(size_t)t * (K / G) + g] = amax == 0.f ? 0.f : scale;
+    }
+  }
   __syncthreads();
   if (tid == 0) {
     __threadfence();
-    last = atomicAdd(&counters[t], 1u) == gridDim.x - 1;
+    last = atomicAdd(&counters[t], 1u) == (u32)(nb - 1);
   }
   __syncthreads();
   if (!last) return;
@@ -634,4 +665,334 @@ extern "C" __global__ void __launch_bounds__(128)
     wts[(size_t)t * topk + tid] = w * scaling;
   }
   if (tid == 0) counters[t] = 0;
+}
+
+// The router launch: grid (ceil(E/4), T) blocks of router_fast_block;
+// dynamic shared memory K floats.
+extern "C" __global__ void __launch_bounds__(128)
+    moe_router_fast(const float* __restrict__ W, int E, int K, const float* __restrict__ x, int ldx,
+                    float* logits, int ldl, const float* __restrict__ bias, int topk, int norm,
+                    float scaling, i32* __restrict__ ids, float* __restrict__ wts,
+                    u32* __restrict__ counters, i8* __restrict__ xq, float* __restrict__ xs,
+                    i32* __restrict__ xsum, int G) {
+  PDL_LAUNCH();
+  extern __shared__ __align__(16) float rxs[];  // [K] the input row
+  router_fast_block(blockIdx.x, gridDim.x, blockIdx.y, rxs, W, E, K, x, ldx, logits, ldl, bias, topk,
+                    norm, scaling, ids, wts, counters, xq, xs, xsum, G);
+}
+
+// One 16-byte chunk of codes (32 weights) against 32 int8 activations
+// (xa: columns 0-15, xb: 16-31), as gemv_dot's split product.
+DEVICE i32 dot32_split(uint4 q, uint4 xa, uint4 xb) {
+  i32 d = 0, neg = 0;
+  dot8_split(q.x, xa.x, xa.y, d, neg);
+  dot8_split(q.y, xa.z, xa.w, d, neg);
+  dot8_split(q.z, xb.x, xb.y, d, neg);
+  dot8_split(q.w, xb.z, xb.w, d, neg);
+  return d - neg;
+}
+
+// gemv_dot in two halves for rows of at most 64 chunks (2048 columns),
+// so that a warp can request its weights, then do other work while they
+// come: rows_load issues every load of R rows (lane l: chunks l and l+32),
+// rows_dot multiplies them by int8 activations in shared memory (sq, with
+// group scales ss) and sums the warp, with gemv_dot's lanes, order and
+// operations (the same bits).
+template <int R>
+DEVICE void rows_load(const u8* const (&rc)[R], const u8* const (&rs)[R], int C, int gshift,
+                      uint4 (&w)[2][R], u32 (&s)[2][R]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    const int c = 32 * h + lane;
+    if (c < C) {
+#pragma unroll
+      for (int r = 0; r < R; r++) w[h][r] = load_stream16(rc[r] + c * 16);
+#pragma unroll
+      for (int r = 0; r < R; r++) s[h][r] = __ldg(rs[r] + (c >> gshift));
+    }
+  }
+}
+
+// GLOBAL: sq and ss are in global memory, written by an earlier kernel
+// (read through the non-coherent path, as gemv_dot reads its input).
+// rows_load for P consecutive rows of two matrices (rows 0..P-1 of A at
+// codes cA and scales sA, then P of B), rows cstride and sstride bytes
+// apart: two base addresses instead of 2P.
+template <int P>
+DEVICE void rows_load2(const u8* cA, const u8* sA, const u8* cB, const u8* sB, int cstride,
+                       int sstride, int C, int gshift, uint4 (&w)[2][2 * P], u32 (&s)[2][2 * P]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    const int c = 32 * h + lane;
+    if (c < C) {
+#pragma unroll
+      for (int r = 0; r < P; r++) w[h][r] = load_stream16(cA + r * cstride + c * 16);
+#pragma unroll
+      for (int r = 0; r < P; r++) w[h][P + r] = load_stream16(cB + r * cstride + c * 16);
+#pragma unroll
+      for (int r = 0; r < P; r++) s[h][r] = __ldg(sA + r * sstride + (c >> gshift));
+#pragma unroll
+      for (int r = 0; r < P; r++) s[h][P + r] = __ldg(sB + r * sstride + (c >> gshift));
+    }
+  }
+}
+
+template <int R, bool GLOBAL = false>
+DEVICE void rows_dot(const uint4 (&w)[2][R], const u32 (&s)[2][R], int C, int gshift,
+                     const i8* sq, const float* ss, float (&out)[R]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int r = 0; r < R; r++) out[r] = 0.f;
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    const int c = 32 * h + lane;
+    if (c >= C) continue;
+    const uint4* xp = (const uint4*)(sq + c * 32);
+    const uint4 xa = GLOBAL ? __ldg(xp) : xp[0], xb = GLOBAL ? __ldg(xp + 1) : xp[1];
+    const float xscale = GLOBAL ? __ldg(ss + (c >> gshift)) : ss[c >> gshift];
+#pragma unroll
+    for (int r = 0; r < R; r++) out[r] += (float)dot32_split(w[h][r], xa, xb) * (e4m3(s[h][r]) * xscale);
+  }
+#pragma unroll
+  for (int r = 0; r < R; r++) out[r] = warp_sum(out[r]);
+}
+
+// Groups g0, g0+step, ... (< K/G) of a row of K floats (src, global or
+// shared) quantized by one warp into sq, ss (shared memory), as
+// rmsnorm_quant without a gain: the same codes and scales. Four groups'
+// loads are in flight at a time.
+DEVICE void quant_groups(const float* src, bool global, int K, int G, int g0, int step, i8* sq,
+                         float* ss) {
+  const int lane = threadIdx.x & 31, E = G >> 5, GK = K / G;
+  for (int g = g0; g < GK; g += 4 * step) {
+    float v[4][4];
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+      const int k0 = (g + u * step) * G + lane * E;
+#pragma unroll
+      for (int e = 0; e < 4; e++)
+        if (g + u * step < GK && e < E) v[u][e] = global ? __ldcg(src + k0 + e) : src[k0 + e];
+    }
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+      const int gu = g + u * step;
+      if (gu >= GK) break;
+      const int k0 = gu * G + lane * E;
+      float amax = 0.f;
+#pragma unroll
+      for (int e = 0; e < 4; e++)
+        if (e < E) amax = fmaxf(amax, fabsf(v[u][e]));
+      amax = warp_max(amax);
+      const float scale = amax / 127.f;
+#pragma unroll
+      for (int e = 0; e < 4; e++)
+        if (e < E) sq[k0 + e] = (i8)quant8(v[u][e], amax, scale);
+      if (lane == 0) ss[gu] = amax == 0.f ? 0.f : scale;
+    }
+  }
+}
+
+
+// Thread block clusters (sm_90): a barrier of all the cluster's threads
+// (arrive releases, wait acquires), and a float of block rank's shared
+// memory at the address of p in this block's.
+DEVICE void cluster_sync() {
+  asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
+}
+DEVICE float ld_cluster(const float* p, int rank) {
+  u32 a = (u32)__cvta_generic_to_shared(p), r;
+  float v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(r) : "memory");
+  return v;
+}
+
+// Gate and up products of every slot with the SiLU product, as moe_gate_up
+// (the same rows of h, the same bits), for K <= 2048: grid (I/16, nslots)
+// blocks of 16 rows of h, W warps of P rows each (W*P = 16); a warp
+// requests its P rows of gate and of up at once (rows_load), the block
+// copies the int8 input to shared memory meanwhile, and the products read
+// it from there. Then h is quantized for the down products once, not in
+// each of their blocks: the last of the G/16 blocks that make a group of G
+// rows of h (counted in gcount[slot][group], which it resets) quantizes
+// that group into hq, hs (nslots rows of I, as rmsnorm_quant without a
+// gain).
+template <int W, int P, bool CLUSTER>
+DEVICE void gate_up_q_block(const Expert* __restrict__ experts, const i32* __restrict__ ids,
+                            int topk, int nexperts, int I, int K, int gshift,
+                            const i8* __restrict__ xq, const float* __restrict__ xs,
+                            float* __restrict__ h, i8* __restrict__ hq, float* __restrict__ hs,
+                            u32* __restrict__ gcount) {
+  __shared__ __align__(16) i8 sx[ROUTER_FAST_MAX_K];
+  __shared__ float sxs[ROUTER_FAST_MAX_K / 32];
+  __shared__ bool last;
+  const int slot = blockIdx.y, lane = threadIdx.x & 31, tid = threadIdx.x;
+  const int row0 = blockIdx.x * 16 + (tid >> 5) * P;
+  const int G = 32 << gshift, GK = K / G, C = K >> 5;
+  // The expert table is written once at load: a shared slot's weights
+  // need nothing from the kernels before this one.
+  if (slot < topk) PDL_WAIT();
+  const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
+  uint4 w[2][2 * P];
+  u32 s[2][2 * P];
+  rows_load2<P>(ex.gate.codes + (size_t)row0 * (K / 2), ex.gate.scales + (size_t)row0 * GK,
+                ex.up.codes + (size_t)row0 * (K / 2), ex.up.scales + (size_t)row0 * GK, K / 2, GK, C,
+                gshift, w, s);
+  PDL_WAIT();
+  for (int i = tid * 16; i < K; i += 32 * W * 16) *(uint4*)(sx + i) = __ldg((const uint4*)(xq + i));
+  for (int i = tid; i < GK; i += 32 * W) sxs[i] = __ldg(xs + i);
+  __syncthreads();
+  float out[2 * P];
+  rows_dot<2 * P>(w, s, C, gshift, sx, sxs, out);
+  // A block's 16 rows lie in one group of G (16 divides G, and I is a
+  // multiple of G).
+  const int IG = I / G, grp = blockIdx.x * 16 / G;
+  if (CLUSTER) {
+    // A cluster of 8 blocks is one group of 128 rows: block 0 reads the
+    // others' rows from their shared memory and quantizes the group.
+    __shared__ float hsm[16];
+#pragma unroll
+    for (int r = 0; r < P; r++) {
+      const int n = row0 + r;
+      if (lane == r) {
+        const float g = out[r] * (ex.gate.row_scale[n] * 0.5f);
+        const float u = out[P + r] * (ex.up.row_scale[n] * 0.5f);
+        hsm[n - blockIdx.x * 16] = silu(g) * u;
+      }
+    }
+    cluster_sync();
+    float v[4];
+    const bool first = (blockIdx.x & 7) == 0 && tid < 32;
+    if (first) {
+#pragma unroll
+      for (int e = 0; e < 4; e++) v[e] = ld_cluster(&hsm[(lane * 4 + e) & 15], lane >> 2);
+    }
+    cluster_sync();  // no block leaves while its rows are read
+    if (first) {
+      float amax = 0.f;
+#pragma unroll
+      for (int e = 0; e < 4; e++) amax = fmaxf(amax, fabsf(v[e]));
+      amax = warp_max(amax);
+      const float scale = amax / 127.f;
+      const int k0 = grp * 128 + lane * 4;
+#pragma unroll
+      for (int e = 0; e < 4; e++) hq[(size_t)slot * I + k0 + e] = (i8)quant8(v[e], amax, scale);
+      if (lane == 0) hs[(size_t)slot * IG + grp] = amax == 0.f ? 0.f : scale;
+    }
+    return;
+  }
+#pragma unroll
+  for (int r = 0; r < P; r++) {
+    const int n = row0 + r;
+    if (lane == r) {
+      const float g = out[r] * (ex.gate.row_scale[n] * 0.5f);
+      const float u = out[P + r] * (ex.up.row_scale[n] * 0.5f);
+      h[(size_t)slot * I + n] = silu(g) * u;
+    }
+  }
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    last = atomicAdd(&gcount[slot * IG + grp], 1u) == (u32)(G / 16 - 1);
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  if (tid < 32) {
+    quant_groups(h + (size_t)slot * I, true, I, G, grp, IG, hq + (size_t)slot * I, hs + (size_t)slot * IG);
+    if (tid == 0) gcount[slot * IG + grp] = 0;
+  }
+}
+
+// 4 warps of 4 rows (128 registers: 4 blocks a multiprocessor).
+extern "C" __global__ void __launch_bounds__(128, 4)
+    moe_gate_up_q(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
+                  int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
+                  const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq,
+                  float* __restrict__ hs, u32* __restrict__ gcount) {
+  PDL_LAUNCH();
+  gate_up_q_block<4, 4, false>(experts, ids, topk, nexperts, I, K, gshift, xq, xs, h, hq, hs, gcount);
+}
+
+// moe_gate_up_q for groups of 128 (gshift 2) in clusters of 8 blocks, one
+// group a cluster: the group's quantization through the cluster's shared
+// memory and two cluster barriers instead of a fence, a counter and a
+// reload of h from L2 (h itself is not written).
+extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128, 4)
+    moe_gate_up_c(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
+                  int nexperts, int I, int K, const i8* __restrict__ xq,
+                  const float* __restrict__ xs, i8* __restrict__ hq, float* __restrict__ hs) {
+  PDL_LAUNCH();
+  gate_up_q_block<4, 4, true>(experts, ids, topk, nexperts, I, K, 2, xq, xs, nullptr, hq, hs, nullptr);
+}
+
+// Down products of every slot for 4 output rows a block, summed over the
+// slots in the block, from h quantized by moe_gate_up_q: grid ceil(N/4)
+// blocks of nslots warps, warp s taking slot s's 4 rows (rows_load, then
+// rows_dot with hq, hs from global memory: moe_down_q's products, bit for
+// bit); the block sums the slots in slot order with their weights
+// (moe_down_sum's order and operations) in shared memory: no partial
+// products through memory, no counters. I <= 2048.
+#define DOWN_SLOTS_MAX 8
+template <int R>
+DEVICE void down_hq_block(const Expert* __restrict__ experts, const i32* __restrict__ ids,
+                          const float* __restrict__ wts, int topk, int nexperts, int N, int I,
+                          int gshift, const i8* __restrict__ hq, const float* __restrict__ hs,
+                          float* __restrict__ y, int accumulate) {
+  __shared__ float part[DOWN_SLOTS_MAX][R], wsm[DOWN_SLOTS_MAX];
+  const int slot = threadIdx.x >> 5, lane = threadIdx.x & 31, nslots = blockDim.x >> 5;
+  const int row0 = blockIdx.x * R;
+  const int G = 32 << gshift, GK = I / G, C = I >> 5;
+  // The expert table is written once at load: a shared slot's weights
+  // need nothing from the kernels before this one.
+  if (slot < topk) PDL_WAIT();
+  const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
+  const u8* rc[R];
+  const u8* rs[R];
+#pragma unroll
+  for (int r = 0; r < R; r++) {
+    const int n = min(row0 + r, N - 1);
+    rc[r] = ex.down.codes + (size_t)n * (I / 2);
+    rs[r] = ex.down.scales + (size_t)n * GK;
+  }
+  uint4 w[2][R];
+  u32 s[2][R];
+  rows_load<R>(rc, rs, C, gshift, w, s);
+  const float rsc = lane < R ? ex.down.row_scale[min(row0 + lane, N - 1)] : 0.f;
+  PDL_WAIT();
+  if (lane == 0) wsm[slot] = slot < topk ? wts[slot] : 1.f;
+  float out[R];
+  rows_dot<R, true>(w, s, C, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK, out);
+#pragma unroll
+  for (int r = 0; r < R; r++)
+    if (lane == r) part[slot][r] = out[r] * (rsc * 0.5f);
+  __syncthreads();
+  const int n = row0 + threadIdx.x;
+  if (threadIdx.x < R && n < N) {
+    float total = 0.f;
+    for (int k = 0; k < nslots; k++) total += wsm[k] * part[k][threadIdx.x];
+    y[n] = accumulate ? y[n] + total : total;
+  }
+}
+
+// 4 rows a block.
+extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
+    moe_down_hq(const Expert* __restrict__ experts, const i32* __restrict__ ids,
+                const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
+                const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
+                int accumulate) {
+  PDL_LAUNCH();
+  down_hq_block<4>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate);
+}
+
+// 2 rows a block (twice the blocks, half the loads a warp).
+extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
+    moe_down_hq2(const Expert* __restrict__ experts, const i32* __restrict__ ids,
+                 const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
+                 const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
+                 int accumulate) {
+  PDL_LAUNCH();
+  down_hq_block<2>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate);
 }
