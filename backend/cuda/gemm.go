@@ -182,6 +182,8 @@ type MoEBatch struct {
 	H, Part            uint64 // float32 [T*Slots][I], [T*Slots][K]
 	HQ                 *QActs // T*Slots rows of I
 	Tile               GEMMTile
+	// FuseQuant: the gate/up kernel quantizes h itself (the W64 tile only).
+	FuseQuant bool
 }
 
 // moeBatchTile picks the token tile for T tokens of slots pairs each over
@@ -227,7 +229,12 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 		return err
 	}
 	guShared, downShared := tile.shared(t.K/t.G), tile.shared(t.I/t.G)
-	gu, err := c.gemmKernel("moe_gemm_gate_up_"+tile.suffix(t.G), guShared)
+	fuse := s.FuseQuant && tile == GEMMTileW64 && t.I%128 == 0
+	guName := "moe_gemm_gate_up_"
+	if fuse {
+		guName = "moe_gemm_gate_up_q_"
+	}
+	gu, err := c.gemmKernel(guName+tile.suffix(t.G), guShared)
 	if err != nil {
 		return err
 	}
@@ -247,13 +254,20 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 		s.Pos, s.List, s.TileE, s.TileS, s.TileN, s.NTiles); err != nil {
 		return err
 	}
-	if err := c.Launch(gu, Dim{uint32((t.I + 63) / 64), uint32(s.MaxTiles), 1}, D1(tile.threads()), guShared,
-		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, t.G, x.Q, x.Scales, s.H); err != nil {
-		return err
-	}
 	P := x.T * slots
-	if err := c.RMSNormQuant(s.H, t.I, 0, 0, 0, 0, P, t.I, t.G, s.HQ); err != nil {
-		return err
+	if fuse {
+		if err := c.Launch(gu, Dim{uint32(t.I / 128), uint32(s.MaxTiles), 1}, D1(tile.threads()), guShared,
+			t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, t.G, x.Q, x.Scales, s.H, s.HQ.Q, s.HQ.Scales); err != nil {
+			return err
+		}
+	} else {
+		if err := c.Launch(gu, Dim{uint32((t.I + 63) / 64), uint32(s.MaxTiles), 1}, D1(tile.threads()), guShared,
+			t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, t.G, x.Q, x.Scales, s.H); err != nil {
+			return err
+		}
+		if err := c.RMSNormQuant(s.H, t.I, 0, 0, 0, 0, P, t.I, t.G, s.HQ); err != nil {
+			return err
+		}
 	}
 	if err := c.Launch(down, Dim{uint32((t.K + gemmRows - 1) / gemmRows), uint32(s.MaxTiles), 1}, D1(tile.threads()), downShared,
 		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, t.G, s.HQ.Q, s.HQ.Scales, s.Part); err != nil {
@@ -289,6 +303,7 @@ var (
 	moeTileOverride  = GEMMTileAuto
 	gemmWideOverride = GEMMTileAuto
 	moeOldSmall      = os.Getenv("MMFP4_CUDA_MOE_OLD") == "1"
+	moeFuseQuant     = os.Getenv("MMFP4_CUDA_MOE_FUSEQ") == "1"
 )
 
 func init() {
@@ -331,7 +346,7 @@ func (b *Backend) moeBatched(d, xm *tensor, rt *routing, l *moeLayer) {
 	P := T * slots
 	a := b.quantize(xm, t.G)
 	tile := moeBatchTile(T, slots, t.Routed+t.Shared)
-	s := &MoEBatch{T: T, Slots: slots, Tile: tile, MaxTiles: moeMaxTiles(P, t.Routed+t.Shared, tile.tokens())}
+	s := &MoEBatch{T: T, Slots: slots, Tile: tile, MaxTiles: moeMaxTiles(P, t.Routed+t.Shared, tile.tokens()), FuseQuant: moeFuseQuant}
 	s.Pos, s.List = b.alloc(4*P), b.alloc(4*P)
 	s.TileE, s.TileS, s.TileN, s.NTiles = b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4)
 	s.H, s.Part = b.alloc(4*P*t.I), b.alloc(4*P*t.K)

@@ -142,21 +142,27 @@ func TestBackendMoEBatchedMatchesCPU(t *testing.T) {
 	bias := backend.HostWeight{Name: "bias", N: 1, K: E, Dense: randVec(r, E, 0.1)}
 	g, c := testBackends(t, Options{})
 	// Down to 2 tokens, so that any threshold is covered.
-	defer func(v int, tile GEMMTile) { moeBatchedMinTokens, moeTileOverride = v, tile }(moeBatchedMinTokens, moeTileOverride)
+	defer func(v int, tile GEMMTile, fq bool) {
+		moeBatchedMinTokens, moeTileOverride, moeFuseQuant = v, tile, fq
+	}(moeBatchedMinTokens, moeTileOverride, moeFuseQuant)
 	moeBatchedMinTokens = 2
 	for _, G := range []int{128, 32} {
 		hosts := expertHosts(t, r, E+1, I, K, G)
 		// 2-37 tokens: 16-token tiles; 200: 64-token tiles (moeBatchTile).
 		for _, T := range []int{2, 5, 8, 20, 37, 200} {
 			x := randVec(r, T*K, 1)
-			tiles := []GEMMTile{GEMMTileAuto}
+			type variant struct {
+				tile GEMMTile
+				fuse bool
+			}
+			vars := []variant{{GEMMTileAuto, false}}
 			if T >= 20 {
-				tiles = append(tiles, GEMMTileW64, GEMMTileW128)
+				vars = append(vars, variant{GEMMTileW64, false}, variant{GEMMTileW64, true}, variant{GEMMTileW128, false})
 			}
 			for _, withShared := range []bool{false, true} {
-				for _, tile := range tiles {
-					moeTileOverride = tile
-					name := fmt.Sprintf("moe batched G=%d T=%d shared=%v tile %s", G, T, withShared, tile.suffix(G))
+				for _, v := range vars {
+					moeTileOverride, moeFuseQuant = v.tile, v.fuse
+					name := fmt.Sprintf("moe batched G=%d T=%d shared=%v tile %s fused quant %v", G, T, withShared, v.tile.suffix(G), v.fuse)
 					// The SwiGLU product is requantized to int8, where a last-bit
 					// difference can move a value by one step (as the fused path);
 					// a step weighs more in groups of 32 (measured 1.1e-3 at 200
@@ -336,7 +342,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 				wts[t*topk+k] = 0.25
 			}
 		}
-		for _, v := range []string{"per_token", "batched_t16", "batched_t64", "batched_w64", "batched_w128"} {
+		for _, v := range []string{"per_token", "batched_t16", "batched_t64", "batched_w64", "batched_w64q", "batched_w128"} {
 			if v == "per_token" && T > 128 {
 				continue
 			}
@@ -372,7 +378,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 							return nil
 						}
 					default:
-						tile := map[string]GEMMTile{"batched_t16": GEMMTile16, "batched_t64": GEMMTile64, "batched_w64": GEMMTileW64, "batched_w128": GEMMTileW128}[v]
+						tile := map[string]GEMMTile{"batched_t16": GEMMTile16, "batched_t64": GEMMTile64, "batched_w64": GEMMTileW64, "batched_w64q": GEMMTileW64, "batched_w128": GEMMTileW128}[v]
 						s, bufs, err := newMoEBatch(c, T, topk, tab, tile)
 						defer func() {
 							for _, bb := range bufs {
@@ -381,6 +387,10 @@ func BenchmarkMoEBatched(b *testing.B) {
 						}()
 						if err != nil {
 							return err
+						}
+						s.FuseQuant = v == "batched_w64q"
+						if s.FuseQuant {
+							launches = 4
 						}
 						run = func() error { return c.MoEBatched(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s) }
 					}

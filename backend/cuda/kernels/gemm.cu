@@ -456,6 +456,70 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
     moe_gemm_down<MT, WT, WN, SPG>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part);        \
   }
 
+// Gate and up products with the SiLU product and its int8 quantization in
+// one launch (the w64 tile): a block takes 128 columns of h (whole groups
+// of G) in two passes of 64, each writing silu(gate) * up into h as the
+// plain kernel does, then reads its 128 columns back (from L2, written by
+// this block) and quantizes them group by group as rmsnorm_quant without a
+// gain does: hq[row][n] int8, hs[row][n/G] = amax/127 (0 for an all-zero
+// group). Grid (I/128, max tiles), 256 threads; I a multiple of 128.
+template <int SPG>
+DEVICE void moe_gemm_gate_up_q(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
+                               const i32* ntiles, const i32* list, int I, int K, int G, const i8* xq,
+                               const float* xs, float* h, i8* hq, float* hs) {
+  constexpr int BT = 64;
+  extern __shared__ __align__(16) u8 gemm_smem_buf[];
+  __shared__ int tokrow[BT];
+  PDL_WAIT();
+  const int tile = blockIdx.y;
+  if (tile >= ntiles[0]) return;
+  const int s0 = tile_s[tile], ntok = tile_n[tile];
+  const GExpert& ex = experts[tile_e[tile]];
+  for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = list[s0 + min(r, ntok - 1)];
+  __syncthreads();
+  float* hrow = h + (size_t)s0 * I;
+  for (int half = 0; half < 2; half++) {
+    gemm_tile<1, 8, 1, GEMM_GATE_UP, SPG>(ex.gate, ex.up, I, K, G, blockIdx.x * 128 + 64 * half, xq, K, xs, K / G,
+                                         tokrow, ntok, hrow, I, gemm_smem_buf);
+    __syncthreads();  // the stages are reused; h is visible to the block
+  }
+  // One warp per (token, group); lane l holds E = G/32 consecutive columns.
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, E = G >> 5, GB = 128 / G;
+  for (int idx = warp; idx < ntok * GB; idx += blockDim.x >> 5) {
+    const int tok = idx / GB, gi = idx - tok * GB;
+    const int c0 = blockIdx.x * 128 + gi * G;
+    const float* src = hrow + (size_t)tok * I + c0 + lane * E;
+    float v[4];
+    float amax = 0.f;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      if (e < E) {
+        v[e] = __ldcg(src + e);
+        amax = fmaxf(amax, fabsf(v[e]));
+      }
+    }
+    amax = warp_max(amax);
+    const float scale = amax / 127.f;
+#pragma unroll
+    for (int e = 0; e < 4; e++)
+      if (e < E) hq[(size_t)(s0 + tok) * I + c0 + lane * E + e] = (i8)quant8(v[e], amax, scale);
+    if (lane == 0) hs[(size_t)(s0 + tok) * (I / G) + c0 / G] = amax == 0.f ? 0.f : scale;
+  }
+}
+
+#define MOE_GEMM_GATE_UP_Q(SUFFIX, SPG)                                                                  \
+  extern "C" __global__ void __launch_bounds__(256, 2) moe_gemm_gate_up_q_##SUFFIX(                     \
+      const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                              \
+      const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,   \
+      const i32* __restrict__ list, int I, int K, int G, const i8* __restrict__ xq,                     \
+      const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq, float* __restrict__ hs) { \
+    PDL_LAUNCH();                                                                                       \
+    moe_gemm_gate_up_q<SPG>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h, hq, hs);   \
+  }
+
+MOE_GEMM_GATE_UP_Q(w64, 0)
+MOE_GEMM_GATE_UP_Q(w64_g128, 4)
+
 MOE_GEMM_KERNELS(t64, 2, 4, 2, 0, 1)
 MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1)
 MOE_GEMM_KERNELS(t64_g128, 2, 4, 2, 4, 1)
