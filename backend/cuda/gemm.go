@@ -26,6 +26,9 @@ const (
 	// GEMMTileW128: blocks of 128 rows x 128 tokens, 16 warps of 16 rows x
 	// 64 tokens.
 	GEMMTileW128
+	// GEMMTileW64M: GEMMTileW64 converting the group sums to float with
+	// integer and float adds (G = 128 only; the MoE with FuseQuant only).
+	GEMMTileW64M
 )
 
 // gemmRows and gemmBK are GEMM_ROWS and GEMM_BK in gemm.cu: the weight rows
@@ -50,7 +53,7 @@ const (
 
 func (t GEMMTile) tokens() int {
 	switch t {
-	case GEMMTile64, GEMMTileW64:
+	case GEMMTile64, GEMMTileW64, GEMMTileW64M:
 		return 64
 	case GEMMTileW128:
 		return 128
@@ -69,6 +72,8 @@ func (t GEMMTile) suffix(G int) string {
 		s = "w64"
 	case GEMMTileW128:
 		s = "w128"
+	case GEMMTileW64M:
+		s = "w64m"
 	}
 	if G == 128 {
 		s += "_g128"
@@ -78,7 +83,7 @@ func (t GEMMTile) suffix(G int) string {
 
 func (t GEMMTile) threads() int {
 	switch t {
-	case GEMMTile64, GEMMTileW64:
+	case GEMMTile64, GEMMTileW64, GEMMTileW64M:
 		return 256
 	case GEMMTileW128:
 		return 512
@@ -229,7 +234,7 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 		return err
 	}
 	guShared, downShared := tile.shared(t.K/t.G), tile.shared(t.I/t.G)
-	fuse := s.FuseQuant && tile == GEMMTileW64 && t.I%128 == 0
+	fuse := s.FuseQuant && (tile == GEMMTileW64 || tile == GEMMTileW64M) && t.I%128 == 0
 	guName := "moe_gemm_gate_up_"
 	if fuse {
 		guName = "moe_gemm_gate_up_q_"
@@ -316,12 +321,16 @@ func init() {
 		moeTileOverride = GEMMTileW64
 	case "w128":
 		moeTileOverride = GEMMTileW128
+	case "w64m":
+		moeTileOverride = GEMMTileW64M
 	}
 	switch os.Getenv("MMFP4_CUDA_GEMM_WIDE") {
 	case "w64":
 		gemmWideOverride = GEMMTileW64
 	case "w128":
 		gemmWideOverride = GEMMTileW128
+	case "w64m":
+		gemmWideOverride = GEMMTileW64M
 	}
 	if os.Getenv("MMFP4_CUDA_GEMM") == "0" {
 		gemmMinTokens = 1 << 30

@@ -58,7 +58,10 @@ func TestGEMM(t *testing.T) {
 			ref.MatMul(yt, xt, rw)
 			want := ref.Download(yt)
 			exact := floatProduct(wd, x, T, s.N, s.K)
-			for _, tile := range []GEMMTile{GEMMTile16, GEMMTile64, GEMMTileW64, GEMMTileW128} {
+			for _, tile := range []GEMMTile{GEMMTile16, GEMMTile64, GEMMTileW64, GEMMTileW128, GEMMTileW64M} {
+				if tile == GEMMTileW64M && s.G != 128 {
+					continue
+				}
 				ldy := s.N + 5*(T%2)
 				got := productOnDevice(t, d, m, x, T, ldy, func(c *Ctx, y uint64, qm *QMatrix, a *QActs) error {
 					return c.GEMM(y, ldy, qm, a, tile)
@@ -158,6 +161,9 @@ func TestBackendMoEBatchedMatchesCPU(t *testing.T) {
 			vars := []variant{{GEMMTileAuto, false}}
 			if T >= 20 {
 				vars = append(vars, variant{GEMMTileW64, false}, variant{GEMMTileW64, true}, variant{GEMMTileW128, false})
+				if G == 128 {
+					vars = append(vars, variant{GEMMTileW64M, true})
+				}
 			}
 			for _, withShared := range []bool{false, true} {
 				for _, v := range vars {
@@ -237,8 +243,8 @@ func BenchmarkGEMM(b *testing.B) {
 			b.Fatal(err)
 		}
 		for _, T := range []int{8, 16, 32, 64, 128, 256, 1024} {
-			for _, v := range []string{"gemv8", "t16", "t64", "w64", "w128"} {
-				if v == "gemv8" && T > 256 || (v == "w64" || v == "w128") && T < 64 {
+			for _, v := range []string{"gemv8", "t16", "t64", "w64", "w64m", "w128"} {
+				if v == "gemv8" && T > 256 || (v == "w64" || v == "w64m" || v == "w128") && T < 64 {
 					continue
 				}
 				b.Run(fmt.Sprintf("%s/T%d/%s", cs.name, T, v), func(b *testing.B) {
@@ -272,6 +278,8 @@ func BenchmarkGEMM(b *testing.B) {
 								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTileW64)
 							case "w128":
 								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTileW128)
+							case "w64m":
+								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTileW64M)
 							}
 							return c.GEMVRows(y.Ptr, cs.n, q, a)
 						}
@@ -342,7 +350,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 				wts[t*topk+k] = 0.25
 			}
 		}
-		for _, v := range []string{"per_token", "batched_t16", "batched_t64", "batched_w64", "batched_w64q", "batched_w128"} {
+		for _, v := range []string{"per_token", "batched_t16", "batched_t64", "batched_w64", "batched_w64q", "batched_w64qm", "batched_w128"} {
 			if v == "per_token" && T > 128 {
 				continue
 			}
@@ -378,7 +386,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 							return nil
 						}
 					default:
-						tile := map[string]GEMMTile{"batched_t16": GEMMTile16, "batched_t64": GEMMTile64, "batched_w64": GEMMTileW64, "batched_w64q": GEMMTileW64, "batched_w128": GEMMTileW128}[v]
+						tile := map[string]GEMMTile{"batched_t16": GEMMTile16, "batched_t64": GEMMTile64, "batched_w64": GEMMTileW64, "batched_w64q": GEMMTileW64, "batched_w64qm": GEMMTileW64M, "batched_w128": GEMMTileW128}[v]
 						s, bufs, err := newMoEBatch(c, T, topk, tab, tile)
 						defer func() {
 							for _, bb := range bufs {
@@ -388,7 +396,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 						if err != nil {
 							return err
 						}
-						s.FuseQuant = v == "batched_w64q"
+						s.FuseQuant = v == "batched_w64q" || v == "batched_w64qm"
 						if s.FuseQuant {
 							launches = 4
 						}
