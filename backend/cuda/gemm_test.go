@@ -340,7 +340,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	for _, T := range []int{1, 2, 4, 8, 16, 32, 64, 128, 512, 1024} {
+	for _, T := range []int{1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024} {
 		ids := make([]int32, T*topk)
 		wts := make([]float32, T*topk)
 		for t := 0; t < T; t++ {
