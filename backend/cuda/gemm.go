@@ -23,12 +23,9 @@ const (
 	// GEMMTileW64: blocks of 128 rows x 64 tokens, 8 warps of 16 rows x
 	// 64 tokens each (every widened code feeds 8 mma).
 	GEMMTileW64
-	// GEMMTileW128: blocks of 128 rows x 128 tokens, 16 warps of 16 rows x
-	// 64 tokens.
-	GEMMTileW128
-	// GEMMTileW64M: GEMMTileW64 converting the group sums to float with
-	// integer and float adds (G = 128 only; the MoE with FuseQuant only).
-	GEMMTileW64M
+	// GEMMTileW64F: GEMMTileW64 without the skipping of empty n-tiles
+	// (MoEBatched only; for comparison).
+	GEMMTileW64F
 )
 
 // gemmRows and gemmBK are GEMM_ROWS and GEMM_BK in gemm.cu: the weight rows
@@ -53,10 +50,8 @@ const (
 
 func (t GEMMTile) tokens() int {
 	switch t {
-	case GEMMTile64, GEMMTileW64, GEMMTileW64M:
+	case GEMMTile64, GEMMTileW64, GEMMTileW64F:
 		return 64
-	case GEMMTileW128:
-		return 128
 	}
 	return 16
 }
@@ -70,10 +65,8 @@ func (t GEMMTile) suffix(G int) string {
 		s = "t64"
 	case GEMMTileW64:
 		s = "w64"
-	case GEMMTileW128:
-		s = "w128"
-	case GEMMTileW64M:
-		s = "w64m"
+	case GEMMTileW64F:
+		s = "w64f"
 	}
 	if G == 128 {
 		s += "_g128"
@@ -83,10 +76,8 @@ func (t GEMMTile) suffix(G int) string {
 
 func (t GEMMTile) threads() int {
 	switch t {
-	case GEMMTile64, GEMMTileW64, GEMMTileW64M:
+	case GEMMTile64, GEMMTileW64, GEMMTileW64F:
 		return 256
-	case GEMMTileW128:
-		return 512
 	}
 	return 128
 }
@@ -106,7 +97,7 @@ func pickTile(t GEMMTile, tokens int) GEMMTile {
 		if gemmWideOverride != GEMMTileAuto {
 			return gemmWideOverride
 		}
-		return GEMMTile64
+		return GEMMTileW64
 	}
 	return GEMMTile16
 }
@@ -187,8 +178,6 @@ type MoEBatch struct {
 	H, Part            uint64 // float32 [T*Slots][I], [T*Slots][K]
 	HQ                 *QActs // T*Slots rows of I
 	Tile               GEMMTile
-	// FuseQuant: the gate/up kernel quantizes h itself (the W64 tile only).
-	FuseQuant bool
 }
 
 // moeBatchTile picks the token tile for T tokens of slots pairs each over
@@ -198,7 +187,7 @@ func moeBatchTile(T, slots, experts int) GEMMTile {
 		return moeTileOverride
 	}
 	if T*slots >= moeWideTokens*experts {
-		return GEMMTile64
+		return GEMMTileW64
 	}
 	return GEMMTile16
 }
@@ -234,12 +223,7 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 		return err
 	}
 	guShared, downShared := tile.shared(t.K/t.G), tile.shared(t.I/t.G)
-	fuse := s.FuseQuant && (tile == GEMMTileW64 || tile == GEMMTileW64M) && t.I%128 == 0
-	guName := "moe_gemm_gate_up_"
-	if fuse {
-		guName = "moe_gemm_gate_up_q_"
-	}
-	gu, err := c.gemmKernel(guName+tile.suffix(t.G), guShared)
+	gu, err := c.gemmKernel("moe_gemm_gate_up_"+tile.suffix(t.G), guShared)
 	if err != nil {
 		return err
 	}
@@ -259,20 +243,13 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 		s.Pos, s.List, s.TileE, s.TileS, s.TileN, s.NTiles); err != nil {
 		return err
 	}
+	if err := c.Launch(gu, Dim{uint32((t.I + 63) / 64), uint32(s.MaxTiles), 1}, D1(tile.threads()), guShared,
+		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, t.G, x.Q, x.Scales, s.H); err != nil {
+		return err
+	}
 	P := x.T * slots
-	if fuse {
-		if err := c.Launch(gu, Dim{uint32(t.I / 128), uint32(s.MaxTiles), 1}, D1(tile.threads()), guShared,
-			t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, t.G, x.Q, x.Scales, s.H, s.HQ.Q, s.HQ.Scales); err != nil {
-			return err
-		}
-	} else {
-		if err := c.Launch(gu, Dim{uint32((t.I + 63) / 64), uint32(s.MaxTiles), 1}, D1(tile.threads()), guShared,
-			t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, t.G, x.Q, x.Scales, s.H); err != nil {
-			return err
-		}
-		if err := c.RMSNormQuant(s.H, t.I, 0, 0, 0, 0, P, t.I, t.G, s.HQ); err != nil {
-			return err
-		}
+	if err := c.RMSNormQuant(s.H, t.I, 0, 0, 0, 0, P, t.I, t.G, s.HQ); err != nil {
+		return err
 	}
 	if err := c.Launch(down, Dim{uint32((t.K + gemmRows - 1) / gemmRows), uint32(s.MaxTiles), 1}, D1(tile.threads()), downShared,
 		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, t.G, s.HQ.Q, s.HQ.Scales, s.Part); err != nil {
@@ -308,7 +285,6 @@ var (
 	moeTileOverride  = GEMMTileAuto
 	gemmWideOverride = GEMMTileAuto
 	moeOldSmall      = os.Getenv("MMFP4_CUDA_MOE_OLD") == "1"
-	moeFuseQuant     = os.Getenv("MMFP4_CUDA_MOE_FUSEQ") == "1"
 )
 
 func init() {
@@ -319,18 +295,14 @@ func init() {
 		moeTileOverride = GEMMTile64
 	case "w64":
 		moeTileOverride = GEMMTileW64
-	case "w128":
-		moeTileOverride = GEMMTileW128
-	case "w64m":
-		moeTileOverride = GEMMTileW64M
+	case "w64f":
+		moeTileOverride = GEMMTileW64F
 	}
 	switch os.Getenv("MMFP4_CUDA_GEMM_WIDE") {
 	case "w64":
 		gemmWideOverride = GEMMTileW64
-	case "w128":
-		gemmWideOverride = GEMMTileW128
-	case "w64m":
-		gemmWideOverride = GEMMTileW64M
+	case "t64":
+		gemmWideOverride = GEMMTile64
 	}
 	if os.Getenv("MMFP4_CUDA_GEMM") == "0" {
 		gemmMinTokens = 1 << 30
@@ -355,7 +327,7 @@ func (b *Backend) moeBatched(d, xm *tensor, rt *routing, l *moeLayer) {
 	P := T * slots
 	a := b.quantize(xm, t.G)
 	tile := moeBatchTile(T, slots, t.Routed+t.Shared)
-	s := &MoEBatch{T: T, Slots: slots, Tile: tile, MaxTiles: moeMaxTiles(P, t.Routed+t.Shared, tile.tokens()), FuseQuant: moeFuseQuant}
+	s := &MoEBatch{T: T, Slots: slots, Tile: tile, MaxTiles: moeMaxTiles(P, t.Routed+t.Shared, tile.tokens())}
 	s.Pos, s.List = b.alloc(4*P), b.alloc(4*P)
 	s.TileE, s.TileS, s.TileN, s.NTiles = b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4)
 	s.H, s.Part = b.alloc(4*P*t.I), b.alloc(4*P*t.K)

@@ -58,10 +58,7 @@ func TestGEMM(t *testing.T) {
 			ref.MatMul(yt, xt, rw)
 			want := ref.Download(yt)
 			exact := floatProduct(wd, x, T, s.N, s.K)
-			for _, tile := range []GEMMTile{GEMMTile16, GEMMTile64, GEMMTileW64, GEMMTileW128, GEMMTileW64M} {
-				if tile == GEMMTileW64M && s.G != 128 {
-					continue
-				}
+			for _, tile := range []GEMMTile{GEMMTile16, GEMMTile64, GEMMTileW64} {
 				ldy := s.N + 5*(T%2)
 				got := productOnDevice(t, d, m, x, T, ldy, func(c *Ctx, y uint64, qm *QMatrix, a *QActs) error {
 					return c.GEMM(y, ldy, qm, a, tile)
@@ -145,30 +142,22 @@ func TestBackendMoEBatchedMatchesCPU(t *testing.T) {
 	bias := backend.HostWeight{Name: "bias", N: 1, K: E, Dense: randVec(r, E, 0.1)}
 	g, c := testBackends(t, Options{})
 	// Down to 2 tokens, so that any threshold is covered.
-	defer func(v int, tile GEMMTile, fq bool) {
-		moeBatchedMinTokens, moeTileOverride, moeFuseQuant = v, tile, fq
-	}(moeBatchedMinTokens, moeTileOverride, moeFuseQuant)
+	defer func(v int, tile GEMMTile) { moeBatchedMinTokens, moeTileOverride = v, tile }(moeBatchedMinTokens, moeTileOverride)
 	moeBatchedMinTokens = 2
 	for _, G := range []int{128, 32} {
 		hosts := expertHosts(t, r, E+1, I, K, G)
-		// 2-37 tokens: 16-token tiles; 200: 64-token tiles (moeBatchTile).
+		// 2-37 tokens: 16-token tiles; 200: 64-token tiles (moeBatchTile);
+		// from 20 tokens also each 64-token tile by name.
 		for _, T := range []int{2, 5, 8, 20, 37, 200} {
 			x := randVec(r, T*K, 1)
-			type variant struct {
-				tile GEMMTile
-				fuse bool
-			}
-			vars := []variant{{GEMMTileAuto, false}}
+			tiles := []GEMMTile{GEMMTileAuto}
 			if T >= 20 {
-				vars = append(vars, variant{GEMMTileW64, false}, variant{GEMMTileW64, true}, variant{GEMMTileW128, false})
-				if G == 128 {
-					vars = append(vars, variant{GEMMTileW64M, true})
-				}
+				tiles = append(tiles, GEMMTile64, GEMMTileW64, GEMMTileW64F)
 			}
 			for _, withShared := range []bool{false, true} {
-				for _, v := range vars {
-					moeTileOverride, moeFuseQuant = v.tile, v.fuse
-					name := fmt.Sprintf("moe batched G=%d T=%d shared=%v tile %s fused quant %v", G, T, withShared, v.tile.suffix(G), v.fuse)
+				for _, tile := range tiles {
+					moeTileOverride = tile
+					name := fmt.Sprintf("moe batched G=%d T=%d shared=%v tile %s", G, T, withShared, tile.suffix(G))
 					// The SwiGLU product is requantized to int8, where a last-bit
 					// difference can move a value by one step (as the fused path);
 					// a step weighs more in groups of 32 (measured 1.1e-3 at 200
@@ -243,8 +232,8 @@ func BenchmarkGEMM(b *testing.B) {
 			b.Fatal(err)
 		}
 		for _, T := range []int{8, 16, 32, 64, 128, 256, 1024} {
-			for _, v := range []string{"gemv8", "t16", "t64", "w64", "w64m", "w128"} {
-				if v == "gemv8" && T > 256 || (v == "w64" || v == "w64m" || v == "w128") && T < 64 {
+			for _, v := range []string{"gemv8", "t16", "t64", "w64"} {
+				if v == "gemv8" && T > 256 || v == "w64" && T < 64 {
 					continue
 				}
 				b.Run(fmt.Sprintf("%s/T%d/%s", cs.name, T, v), func(b *testing.B) {
@@ -276,10 +265,6 @@ func BenchmarkGEMM(b *testing.B) {
 								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTile64)
 							case "w64":
 								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTileW64)
-							case "w128":
-								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTileW128)
-							case "w64m":
-								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTileW64M)
 							}
 							return c.GEMVRows(y.Ptr, cs.n, q, a)
 						}
@@ -350,7 +335,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 				wts[t*topk+k] = 0.25
 			}
 		}
-		for _, v := range []string{"per_token", "batched_t16", "batched_t64", "batched_w64", "batched_w64q", "batched_w64qm", "batched_w128"} {
+		for _, v := range []string{"per_token", "batched_t16", "batched_t64", "batched_w64", "batched_w64f"} {
 			if v == "per_token" && T > 128 {
 				continue
 			}
@@ -386,7 +371,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 							return nil
 						}
 					default:
-						tile := map[string]GEMMTile{"batched_t16": GEMMTile16, "batched_t64": GEMMTile64, "batched_w64": GEMMTileW64, "batched_w64q": GEMMTileW64, "batched_w64qm": GEMMTileW64M, "batched_w128": GEMMTileW128}[v]
+						tile := map[string]GEMMTile{"batched_t16": GEMMTile16, "batched_t64": GEMMTile64, "batched_w64": GEMMTileW64, "batched_w64f": GEMMTileW64F}[v]
 						s, bufs, err := newMoEBatch(c, T, topk, tab, tile)
 						defer func() {
 							for _, bb := range bufs {
@@ -395,10 +380,6 @@ func BenchmarkMoEBatched(b *testing.B) {
 						}()
 						if err != nil {
 							return err
-						}
-						s.FuseQuant = v == "batched_w64q" || v == "batched_w64qm"
-						if s.FuseQuant {
-							launches = 4
 						}
 						run = func() error { return c.MoEBatched(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s) }
 					}

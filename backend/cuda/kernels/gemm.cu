@@ -114,18 +114,15 @@ DEVICE float gemm_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
 // their products to the gate warps through shared memory at the end. With
 // MT = 1 a warp also skips its n-tiles that hold no valid token (the short
 // last tile of an expert's segment).
-// CV: how a group's int32 sums become floats: 0 by cvt.rn.f32.s32, 1 by
-// adding them to the bits of 1.5 * 2^23 and subtracting that float (exact
-// for |sum| < 2^22; a group's sum is at most 12 * 127 * 128), which keeps
-// the conversion off the slower conversion pipe.
-template <int MT, int WT, int WN, int MODE, int SPG, int CV = 0>
+// SK = 1: a warp skips its n-tiles that hold no valid token (MT = 1 only).
+template <int MT, int WT, int WN, int MODE, int SPG, int SK>
 DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8* __restrict__ xq, int ldx,
                       const float* __restrict__ xs, int ldxs, const int* tokrow, int ntok,
                       float* __restrict__ out, int ldo, u8* smem) {
   constexpr int BT = 8 * WT * WN;
   constexpr int WM = 8 / MT;  // warps along the rows
   constexpr int NT = 32 * WM * WN;
-  constexpr bool SKIP = MT == 1;
+  constexpr bool SKIP = MT == 1 && SK == 1;
   constexpr int ABYTES = GEMM_ROWS * GEMM_ASTRIDE;
   constexpr int XBYTES = BT * GEMM_BK;
   constexpr int SBYTES = ABYTES + XBYTES + BT * 16;  // codes, activations, activation scales
@@ -242,14 +239,10 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
 #pragma unroll
         for (int nt = 0; nt < WT; nt++) {
           if (SKIP && nt >= ntv) continue;
-          float f[4];
-#pragma unroll
-          for (int e = 0; e < 4; e++)
-            f[e] = CV == 1 ? __int_as_float(d[m][nt][e] + 0x4B400000) - 12582912.f : (float)d[m][nt][e];
-          acc[m][nt][0] += f[0] * (ws[m][0] * xv[nt][0]);
-          acc[m][nt][1] += f[1] * (ws[m][0] * xv[nt][1]);
-          acc[m][nt][2] += f[2] * (ws[m][1] * xv[nt][0]);
-          acc[m][nt][3] += f[3] * (ws[m][1] * xv[nt][1]);
+          acc[m][nt][0] += (float)d[m][nt][0] * (ws[m][0] * xv[nt][0]);
+          acc[m][nt][1] += (float)d[m][nt][1] * (ws[m][0] * xv[nt][1]);
+          acc[m][nt][2] += (float)d[m][nt][2] * (ws[m][1] * xv[nt][0]);
+          acc[m][nt][3] += (float)d[m][nt][3] * (ws[m][1] * xv[nt][1]);
         }
     }
   }
@@ -318,7 +311,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
 // Grid z > 1: per-head products, head z taking weight rows [z*N, (z+1)*N),
 // activation columns [z*K, (z+1)*K) (whole groups) and output columns
 // [z*N, (z+1)*N).
-template <int MT, int WT, int WN, int SPG, int CV = 0>
+template <int MT, int WT, int WN, int SPG>
 DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale, int N, int K, int G,
                        const i8* xq, int ldx, const float* xs, int ldxs, int T, float* y, int ldy) {
   constexpr int BT = 8 * WT * WN;
@@ -330,7 +323,7 @@ DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale
   PDL_WAIT();
   __syncthreads();
   GQMat a = {codes + z * N * (K / 2), scales + z * N * GK, row_scale + z * N};
-  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, CV>(a, a, N, K, G, blockIdx.x * GEMM_ROWS, xq + z * K, ldx, xs + z * GK, ldxs,
+  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, 1>(a, a, N, K, G, blockIdx.x * GEMM_ROWS, xq + z * K, ldx, xs + z * GK, ldxs,
                                      tokrow, ntok, y + (size_t)t0 * ldy + z * N, ldy, gemm_smem_buf);
 }
 
@@ -350,8 +343,7 @@ GEMM_DENSE_KERNEL(gemm_t64_g128, 2, 4, 2, 4, 2)
 GEMM_DENSE_KERNEL(gemm_t16_g128, 2, 2, 1, 4, 1)
 GEMM_DENSE_KERNEL(gemm_w64, 1, 8, 1, 0, 2)
 GEMM_DENSE_KERNEL(gemm_w64_g128, 1, 8, 1, 4, 2)
-GEMM_DENSE_KERNEL(gemm_w128, 1, 8, 2, 0, 1)
-GEMM_DENSE_KERNEL(gemm_w128_g128, 1, 8, 2, 4, 1)
+
 
 // ---------------------------------------------------------------------------
 // MoE over many tokens, on the device. A pair (t, k) is token t's slot k:
@@ -409,7 +401,7 @@ extern "C" __global__ void __launch_bounds__(MOE_GROUP_THREADS)
 // Gate and up products with the SiLU product over the tiles:
 // h[row][n] = silu(gate_e,n . x[list[row]]) * (up_e,n . x[list[row]]).
 // Grid (ceil(I/64), max tiles).
-template <int MT, int WT, int WN, int SPG>
+template <int MT, int WT, int WN, int SPG, int SK>
 DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
                              const i32* ntiles, const i32* list, int I, int K, int G, const i8* xq,
                              const float* xs, float* h) {
@@ -423,13 +415,13 @@ DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i3
   const GExpert& ex = experts[tile_e[tile]];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = list[s0 + min(r, ntok - 1)];
   __syncthreads();
-  gemm_tile<MT, WT, WN, GEMM_GATE_UP, SPG>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G, tokrow, ntok,
+  gemm_tile<MT, WT, WN, GEMM_GATE_UP, SPG, SK>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G, tokrow, ntok,
                                        h + (size_t)s0 * I, I, gemm_smem_buf);
 }
 
 // Down products over the tiles: part[row][n] = down_e,n . hq[row].
 // Grid (ceil(N/128), max tiles).
-template <int MT, int WT, int WN, int SPG, int CV = 0>
+template <int MT, int WT, int WN, int SPG, int SK>
 DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
                           const i32* ntiles, int N, int I, int G, const i8* hq, const float* hs, float* part) {
   constexpr int BT = 8 * WT * WN;
@@ -442,18 +434,18 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
   const GExpert& ex = experts[tile_e[tile]];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = s0 + min(r, ntok - 1);
   __syncthreads();
-  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, CV>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs, I / G, tokrow,
+  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, SK>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs, I / G, tokrow,
                                      ntok, part + (size_t)s0 * N, N, gemm_smem_buf);
 }
 
-#define MOE_GEMM_KERNELS(SUFFIX, MT, WT, WN, SPG, MINB)                                            \
+#define MOE_GEMM_KERNELS(SUFFIX, MT, WT, WN, SPG, MINB, SK)                                            \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) moe_gemm_gate_up_##SUFFIX(               \
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,                             \
       const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K, int G,          \
       const i8* __restrict__ xq, const float* __restrict__ xs, float* __restrict__ h) {           \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_gate_up<MT, WT, WN, SPG>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h);  \
+    moe_gemm_gate_up<MT, WT, WN, SPG, SK>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h);  \
   }                                                                                               \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) moe_gemm_down_##SUFFIX(                  \
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
@@ -461,107 +453,17 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
       const i32* __restrict__ ntiles, int N, int I, int G, const i8* __restrict__ hq,             \
       const float* __restrict__ hs, float* __restrict__ part) {                                   \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_down<MT, WT, WN, SPG>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part);        \
+    moe_gemm_down<MT, WT, WN, SPG, SK>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part);        \
   }
 
-// Gate and up products with the SiLU product and its int8 quantization in
-// one launch (the w64 tile): a block takes 128 columns of h (whole groups
-// of G) in two passes of 64, each writing silu(gate) * up into h as the
-// plain kernel does, then reads its 128 columns back (from L2, written by
-// this block) and quantizes them group by group as rmsnorm_quant without a
-// gain does: hq[row][n] int8, hs[row][n/G] = amax/127 (0 for an all-zero
-// group). Grid (I/128, max tiles), 256 threads; I a multiple of 128.
-template <int SPG, int CV = 0>
-DEVICE void moe_gemm_gate_up_q(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
-                               const i32* ntiles, const i32* list, int I, int K, int G, const i8* xq,
-                               const float* xs, float* h, i8* hq, float* hs) {
-  constexpr int BT = 64;
-  extern __shared__ __align__(16) u8 gemm_smem_buf[];
-  __shared__ int tokrow[BT];
-  PDL_WAIT();
-  const int tile = blockIdx.y;
-  if (tile >= ntiles[0]) return;
-  const int s0 = tile_s[tile], ntok = tile_n[tile];
-  const GExpert& ex = experts[tile_e[tile]];
-  for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = list[s0 + min(r, ntok - 1)];
-  __syncthreads();
-  float* hrow = h + (size_t)s0 * I;
-  for (int half = 0; half < 2; half++) {
-    gemm_tile<1, 8, 1, GEMM_GATE_UP, SPG, CV>(ex.gate, ex.up, I, K, G, blockIdx.x * 128 + 64 * half, xq, K, xs, K / G,
-                                         tokrow, ntok, hrow, I, gemm_smem_buf);
-    __syncthreads();  // the stages are reused; h is visible to the block
-  }
-  // One warp per (token, group); lane l holds E = G/32 consecutive columns.
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, E = G >> 5, GB = 128 / G;
-  for (int idx = warp; idx < ntok * GB; idx += blockDim.x >> 5) {
-    const int tok = idx / GB, gi = idx - tok * GB;
-    const int c0 = blockIdx.x * 128 + gi * G;
-    const float* src = hrow + (size_t)tok * I + c0 + lane * E;
-    float v[4];
-    float amax = 0.f;
-#pragma unroll
-    for (int e = 0; e < 4; e++) {
-      if (e < E) {
-        v[e] = __ldcg(src + e);
-        amax = fmaxf(amax, fabsf(v[e]));
-      }
-    }
-    amax = warp_max(amax);
-    const float scale = amax / 127.f;
-#pragma unroll
-    for (int e = 0; e < 4; e++)
-      if (e < E) hq[(size_t)(s0 + tok) * I + c0 + lane * E + e] = (i8)quant8(v[e], amax, scale);
-    if (lane == 0) hs[(size_t)(s0 + tok) * (I / G) + c0 / G] = amax == 0.f ? 0.f : scale;
-  }
-}
-
-#define MOE_GEMM_GATE_UP_Q(SUFFIX, SPG)                                                                  \
-  extern "C" __global__ void __launch_bounds__(256, 2) moe_gemm_gate_up_q_##SUFFIX(                     \
-      const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                              \
-      const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,   \
-      const i32* __restrict__ list, int I, int K, int G, const i8* __restrict__ xq,                     \
-      const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq, float* __restrict__ hs) { \
-    PDL_LAUNCH();                                                                                       \
-    moe_gemm_gate_up_q<SPG>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h, hq, hs);   \
-  }
-
-MOE_GEMM_GATE_UP_Q(w64, 0)
-MOE_GEMM_GATE_UP_Q(w64_g128, 4)
-
-// The w64 kernels with the exact conversion trick (CV = 1), to compare.
-extern "C" __global__ void __launch_bounds__(256, 2)
-    moe_gemm_gate_up_q_w64m_g128(const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,
-                                 const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
-                                 const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K, int G,
-                                 const i8* __restrict__ xq, const float* __restrict__ xs, float* __restrict__ h,
-                                 i8* __restrict__ hq, float* __restrict__ hs) {
-  PDL_LAUNCH();
-  moe_gemm_gate_up_q<4, 1>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h, hq, hs);
-}
-extern "C" __global__ void __launch_bounds__(256, 2)
-    moe_gemm_down_w64m_g128(const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,
-                            const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
-                            const i32* __restrict__ ntiles, int N, int I, int G, const i8* __restrict__ hq,
-                            const float* __restrict__ hs, float* __restrict__ part) {
-  PDL_LAUNCH();
-  moe_gemm_down<1, 8, 1, 4, 1>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part);
-}
-extern "C" __global__ void __launch_bounds__(256, 2)
-    gemm_w64m_g128(const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale,
-                   int N, int K, int G, const i8* __restrict__ xq, int ldx, const float* __restrict__ xs, int ldxs,
-                   int T, float* __restrict__ y, int ldy) {
-  PDL_LAUNCH();
-  gemm_dense<1, 8, 1, 4, 1>(codes, scales, row_scale, N, K, G, xq, ldx, xs, ldxs, T, y, ldy);
-}
-
-MOE_GEMM_KERNELS(t64, 2, 4, 2, 0, 1)
-MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1)
-MOE_GEMM_KERNELS(t64_g128, 2, 4, 2, 4, 1)
-MOE_GEMM_KERNELS(t16_g128, 2, 2, 1, 4, 1)
-MOE_GEMM_KERNELS(w64, 1, 8, 1, 0, 2)
-MOE_GEMM_KERNELS(w64_g128, 1, 8, 1, 4, 2)
-MOE_GEMM_KERNELS(w128, 1, 8, 2, 0, 1)
-MOE_GEMM_KERNELS(w128_g128, 1, 8, 2, 4, 1)
+MOE_GEMM_KERNELS(t64, 2, 4, 2, 0, 1, 0)
+MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1, 0)
+MOE_GEMM_KERNELS(t64_g128, 2, 4, 2, 4, 1, 0)
+MOE_GEMM_KERNELS(t16_g128, 2, 2, 1, 4, 1, 0)
+MOE_GEMM_KERNELS(w64, 1, 8, 1, 0, 2, 1)
+MOE_GEMM_KERNELS(w64_g128, 1, 8, 1, 4, 2, 1)
+MOE_GEMM_KERNELS(w64f, 1, 8, 1, 0, 2, 0)
+MOE_GEMM_KERNELS(w64f_g128, 1, 8, 1, 4, 2, 0)
 
 // y[t] (+)= sum over token t's slots, in slot order, of weight * part[pos]:
 // the routed slots with their weights, the shared ones with weight 1 (the
