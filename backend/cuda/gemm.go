@@ -20,6 +20,15 @@ const (
 	GEMMTile16
 	// GEMMTile64: blocks of 128 rows x 64 tokens (8 warps).
 	GEMMTile64
+	// GEMMTileW64: blocks of 128 rows x 64 tokens, 8 warps of 16 rows x
+	// 64 tokens each (every widened code feeds 8 mma).
+	GEMMTileW64
+	// GEMMTileW64F: GEMMTileW64 without the skipping of empty n-tiles
+	// (MoEBatched only; for comparison).
+	GEMMTileW64F
+	// GEMMTileW64C: GEMMTileW64 checking n-tiles only where the warp has
+	// empty ones (a second copy of the loop; MoEBatched only).
+	GEMMTileW64C
 )
 
 // gemmRows and gemmBK are GEMM_ROWS and GEMM_BK in gemm.cu: the weight rows
@@ -43,7 +52,8 @@ const (
 )
 
 func (t GEMMTile) tokens() int {
-	if t == GEMMTile64 {
+	switch t {
+	case GEMMTile64, GEMMTileW64, GEMMTileW64F, GEMMTileW64C:
 		return 64
 	}
 	return 16
@@ -53,8 +63,15 @@ func (t GEMMTile) tokens() int {
 // specialised to groups of 128 (its stage loops unroll).
 func (t GEMMTile) suffix(G int) string {
 	s := "t16"
-	if t == GEMMTile64 {
+	switch t {
+	case GEMMTile64:
 		s = "t64"
+	case GEMMTileW64:
+		s = "w64"
+	case GEMMTileW64F:
+		s = "w64f"
+	case GEMMTileW64C:
+		s = "w64c"
 	}
 	if G == 128 {
 		s += "_g128"
@@ -63,7 +80,8 @@ func (t GEMMTile) suffix(G int) string {
 }
 
 func (t GEMMTile) threads() int {
-	if t == GEMMTile64 {
+	switch t {
+	case GEMMTile64, GEMMTileW64, GEMMTileW64F, GEMMTileW64C:
 		return 256
 	}
 	return 128
@@ -81,7 +99,10 @@ func pickTile(t GEMMTile, tokens int) GEMMTile {
 		return t
 	}
 	if tokens >= gemmWideTokens {
-		return GEMMTile64
+		if gemmWideOverride != GEMMTileAuto {
+			return gemmWideOverride
+		}
+		return GEMMTileW64
 	}
 	return GEMMTile16
 }
@@ -167,8 +188,11 @@ type MoEBatch struct {
 // moeBatchTile picks the token tile for T tokens of slots pairs each over
 // experts experts: the wide tile once a segment averages moeWideTokens.
 func moeBatchTile(T, slots, experts int) GEMMTile {
+	if moeTileOverride != GEMMTileAuto {
+		return moeTileOverride
+	}
 	if T*slots >= moeWideTokens*experts {
-		return GEMMTile64
+		return GEMMTileW64
 	}
 	return GEMMTile16
 }
@@ -196,7 +220,10 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 		return fmt.Errorf("cuda: moe batched: %d experts, at most 1024", t.Routed+t.Shared)
 	}
 	tile := s.Tile
-	group, err := c.Kernel("gemm", "moe_group")
+	group, err := c.Kernel("stream", "moeb_group")
+	if moeOldSmall {
+		group, err = c.Kernel("gemm", "moe_group")
+	}
 	if err != nil {
 		return err
 	}
@@ -209,7 +236,11 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 	if err != nil {
 		return err
 	}
-	comb, err := c.Kernel("gemm", "moe_combine")
+	wideComb := t.K%4 == 0 && !moeOldSmall
+	comb, err := c.Kernel("stream", "moeb_combine")
+	if !wideComb {
+		comb, err = c.Kernel("gemm", "moe_combine")
+	}
 	if err != nil {
 		return err
 	}
@@ -233,6 +264,9 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 	if accumulate {
 		acc = 1
 	}
+	if wideComb {
+		return c.Launch(comb, Dim{uint32(x.T), uint32((t.K + 511) / 512), 1}, D1(128), 0, s.Part, s.Pos, wts, topk, slots, t.K, y, ldy, acc)
+	}
 	return c.Launch(comb, D1(x.T), D1(256), 0, s.Part, s.Pos, wts, topk, slots, t.K, y, ldy, acc)
 }
 
@@ -248,7 +282,35 @@ var moeBatchedMinTokens = 8
 // MMFP4_CUDA_GEMM=0 turns both off (the GEMV kernels eight rows a launch,
 // the fused MoE per token up to moeFusedMaxTokens, then the grouped path),
 // for comparisons in one binary.
+// Measurement switches (for A/B runs in one binary):
+// MMFP4_CUDA_MOE_TILE=t16|t64|w64|w128 fixes MoEBatched's tile;
+// MMFP4_CUDA_MOE_OLD=1 takes the single-thread grouping and the narrow
+// combine; MMFP4_CUDA_GEMM_WIDE=w64|w128 the dense products' wide tile.
+var (
+	moeTileOverride  = GEMMTileAuto
+	gemmWideOverride = GEMMTileAuto
+	moeOldSmall      = os.Getenv("MMFP4_CUDA_MOE_OLD") == "1"
+)
+
 func init() {
+	switch os.Getenv("MMFP4_CUDA_MOE_TILE") {
+	case "t16":
+		moeTileOverride = GEMMTile16
+	case "t64":
+		moeTileOverride = GEMMTile64
+	case "w64":
+		moeTileOverride = GEMMTileW64
+	case "w64f":
+		moeTileOverride = GEMMTileW64F
+	case "w64c":
+		moeTileOverride = GEMMTileW64C
+	}
+	switch os.Getenv("MMFP4_CUDA_GEMM_WIDE") {
+	case "w64":
+		gemmWideOverride = GEMMTileW64
+	case "t64":
+		gemmWideOverride = GEMMTile64
+	}
 	if os.Getenv("MMFP4_CUDA_GEMM") == "0" {
 		gemmMinTokens = 1 << 30
 		moeBatchedMinTokens = 1 << 30

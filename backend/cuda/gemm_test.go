@@ -58,7 +58,7 @@ func TestGEMM(t *testing.T) {
 			ref.MatMul(yt, xt, rw)
 			want := ref.Download(yt)
 			exact := floatProduct(wd, x, T, s.N, s.K)
-			for _, tile := range []GEMMTile{GEMMTile16, GEMMTile64} {
+			for _, tile := range []GEMMTile{GEMMTile16, GEMMTile64, GEMMTileW64} {
 				ldy := s.N + 5*(T%2)
 				got := productOnDevice(t, d, m, x, T, ldy, func(c *Ctx, y uint64, qm *QMatrix, a *QActs) error {
 					return c.GEMM(y, ldy, qm, a, tile)
@@ -142,26 +142,34 @@ func TestBackendMoEBatchedMatchesCPU(t *testing.T) {
 	bias := backend.HostWeight{Name: "bias", N: 1, K: E, Dense: randVec(r, E, 0.1)}
 	g, c := testBackends(t, Options{})
 	// Down to 2 tokens, so that any threshold is covered.
-	defer func(v int) { moeBatchedMinTokens = v }(moeBatchedMinTokens)
+	defer func(v int, tile GEMMTile) { moeBatchedMinTokens, moeTileOverride = v, tile }(moeBatchedMinTokens, moeTileOverride)
 	moeBatchedMinTokens = 2
 	for _, G := range []int{128, 32} {
 		hosts := expertHosts(t, r, E+1, I, K, G)
-		// 2-37 tokens: 16-token tiles; 200: 64-token tiles (moeBatchTile).
+		// 2-37 tokens: 16-token tiles; 200: 64-token tiles (moeBatchTile);
+		// from 20 tokens also each 64-token tile by name.
 		for _, T := range []int{2, 5, 8, 20, 37, 200} {
 			x := randVec(r, T*K, 1)
+			tiles := []GEMMTile{GEMMTileAuto}
+			if T >= 20 {
+				tiles = append(tiles, GEMMTile64, GEMMTileW64, GEMMTileW64F, GEMMTileW64C)
+			}
 			for _, withShared := range []bool{false, true} {
-				name := fmt.Sprintf("moe batched G=%d T=%d shared=%v", G, T, withShared)
-				// The SwiGLU product is requantized to int8, where a last-bit
-				// difference can move a value by one step (as the fused path);
-				// a step weighs more in groups of 32 (measured 1.1e-3 at 200
-				// tokens, 2-4e-7 where no value moves).
-				bound := 1e-3
-				if G == 32 {
-					bound = 3e-3
+				for _, tile := range tiles {
+					moeTileOverride = tile
+					name := fmt.Sprintf("moe batched G=%d T=%d shared=%v tile %s", G, T, withShared, tile.suffix(G))
+					// The SwiGLU product is requantized to int8, where a last-bit
+					// difference can move a value by one step (as the fused path);
+					// a step weighs more in groups of 32 (measured 1.1e-3 at 200
+					// tokens, 2-4e-7 where no value moves).
+					bound := 1e-3
+					if G == 32 {
+						bound = 3e-3
+					}
+					compareOp(t, g, c, name, bound, func(b backend.Backend) []float32 {
+						return moeBlockOutput(t, b, hosts, router, bias, cfg, x, T, withShared)
+					})
 				}
-				compareOp(t, g, c, name, bound, func(b backend.Backend) []float32 {
-					return moeBlockOutput(t, b, hosts, router, bias, cfg, x, T, withShared)
-				})
 			}
 		}
 	}
@@ -224,8 +232,8 @@ func BenchmarkGEMM(b *testing.B) {
 			b.Fatal(err)
 		}
 		for _, T := range []int{8, 16, 32, 64, 128, 256, 1024} {
-			for _, v := range []string{"gemv8", "t16", "t64"} {
-				if v == "gemv8" && T > 256 {
+			for _, v := range []string{"gemv8", "t16", "t64", "w64"} {
+				if v == "gemv8" && T > 256 || v == "w64" && T < 64 {
 					continue
 				}
 				b.Run(fmt.Sprintf("%s/T%d/%s", cs.name, T, v), func(b *testing.B) {
@@ -255,6 +263,8 @@ func BenchmarkGEMM(b *testing.B) {
 								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTile16)
 							case "t64":
 								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTile64)
+							case "w64":
+								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTileW64)
 							}
 							return c.GEMVRows(y.Ptr, cs.n, q, a)
 						}
@@ -315,7 +325,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	for _, T := range []int{1, 2, 4, 8, 16, 32, 64, 128, 512, 1024} {
+	for _, T := range []int{1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024} {
 		ids := make([]int32, T*topk)
 		wts := make([]float32, T*topk)
 		for t := 0; t < T; t++ {
@@ -325,7 +335,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 				wts[t*topk+k] = 0.25
 			}
 		}
-		for _, v := range []string{"per_token", "batched_t16", "batched_t64"} {
+		for _, v := range []string{"per_token", "batched_t16", "batched_t64", "batched_w64", "batched_w64f", "batched_w64c"} {
 			if v == "per_token" && T > 128 {
 				continue
 			}
@@ -361,10 +371,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 							return nil
 						}
 					default:
-						tile := GEMMTile16
-						if v == "batched_t64" {
-							tile = GEMMTile64
-						}
+						tile := map[string]GEMMTile{"batched_t16": GEMMTile16, "batched_t64": GEMMTile64, "batched_w64": GEMMTileW64, "batched_w64f": GEMMTileW64F, "batched_w64c": GEMMTileW64C}[v]
 						s, bufs, err := newMoEBatch(c, T, topk, tab, tile)
 						defer func() {
 							for _, bb := range bufs {

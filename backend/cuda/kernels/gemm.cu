@@ -90,6 +90,65 @@ DEVICE int gemm_bofs(int r, int c) { return r * GEMM_BK + ((c ^ ((r & 3) << 1)) 
 
 DEVICE float gemm_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
 
+// One pipeline stage's products of gemm_tile (see there): codes at sa,
+// activations at sb and their scales at sxs, weight scales sws [128][GK].
+// C: skip the n-tiles from ntv on (each checked).
+template <int MT, int WT, int SPG, bool C>
+DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, const float* sxs, const u8* sws,
+                       const int (&ra)[MT], int GK, int kt, int gpb, int spg, int wn, int g, int i, int ntv) {
+#pragma unroll
+  for (int j0 = 0; j0 < 4; j0 += spg) {
+    const int gl = j0 / spg, grp = kt * gpb + gl;
+    float ws[MT][2], xv[WT][2];
+#pragma unroll
+    for (int m = 0; m < MT; m++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) ws[m][h] = e4m3(sws[(ra[m] + 8 * h) * GK + grp]);
+#pragma unroll
+    for (int nt = 0; nt < WT; nt++)
+#pragma unroll
+      for (int e = 0; e < 2; e++) xv[nt][e] = sxs[(wn * 8 * WT + 8 * nt + 2 * i + e) * 4 + gl];
+    i32 d[MT][WT][4];
+#pragma unroll
+    for (int m = 0; m < MT; m++)
+#pragma unroll
+      for (int nt = 0; nt < WT; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) d[m][nt][e] = 0;
+#pragma unroll
+    for (int j = j0; j < j0 + spg; j++) {
+      u32 af[MT][4];
+#pragma unroll
+      for (int m = 0; m < MT; m++) {
+        const u32 wa = *(const u32*)(sa + ra[m] * GEMM_ASTRIDE + 16 * j + 4 * i);
+        const u32 wb = *(const u32*)(sa + (ra[m] + 8) * GEMM_ASTRIDE + 16 * j + 4 * i);
+        af[m][0] = e2m1x4_signed(wa);
+        af[m][1] = e2m1x4_signed(wb);
+        af[m][2] = e2m1x4_signed(wa >> 16);
+        af[m][3] = e2m1x4_signed(wb >> 16);
+      }
+#pragma unroll
+      for (int nt = 0; nt < WT; nt++) {
+        if (C && nt >= ntv) continue;
+        const int r = wn * 8 * WT + 8 * nt + g;
+        const uint2 bv = *(const uint2*)(sb + gemm_bofs(r, 2 * j + (i >> 1)) + 8 * (i & 1));
+#pragma unroll
+        for (int m = 0; m < MT; m++) mma_s8(d[m][nt], af[m], bv.x, bv.y);
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < MT; m++)
+#pragma unroll
+      for (int nt = 0; nt < WT; nt++) {
+        if (C && nt >= ntv) continue;
+        acc[m][nt][0] += (float)d[m][nt][0] * (ws[m][0] * xv[nt][0]);
+        acc[m][nt][1] += (float)d[m][nt][1] * (ws[m][0] * xv[nt][1]);
+        acc[m][nt][2] += (float)d[m][nt][2] * (ws[m][1] * xv[nt][0]);
+        acc[m][nt][3] += (float)d[m][nt][3] * (ws[m][1] * xv[nt][1]);
+      }
+  }
+}
+
 // One block's tile. Weights: matrix a (rows [row0, row0+128) of N, or for
 // GATE_UP gate rows [row0, row0+64) from a and the same rows of up from b),
 // K columns, group size G. Activations: tile token r is row tokrow[r]
@@ -99,17 +158,31 @@ DEVICE float gemm_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
 // SPG: the 32-column chunks of a scale group when known at compile time
 // (4 for G = 128: the stage's loops unroll), or 0 (G/32 at run time). xq
 // rows are ldx bytes apart, xs rows ldxs floats.
-template <int WT, int WN, int MODE, int SPG>
+//
+// MT: the m-tiles of a warp. MT = 2: 4 x WN warps, warp (wm, wn) taking
+// shared rows 16wm.. and 64+16wm.. (for GATE_UP the gate and the up row of
+// one output in the same thread). MT = 1: 8 x WN warps, warp (wm, wn)
+// taking shared rows 16wm..16wm+15 only, so that each widened code feeds
+// WT mma instead of WT/2 per token; for GATE_UP the up warps (wm >= 4) hand
+// their products to the gate warps through shared memory at the end. With
+// MT = 1 a warp also skips its n-tiles that hold no valid token (the short
+// last tile of an expert's segment).
+// SK = 1: a warp skips its n-tiles that hold no valid token (MT = 1 only),
+// checking each; SK = 2: the same, through a second copy of the stage's
+// loop taken only when the warp has empty n-tiles.
+template <int MT, int WT, int WN, int MODE, int SPG, int SK>
 DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8* __restrict__ xq, int ldx,
                       const float* __restrict__ xs, int ldxs, const int* tokrow, int ntok,
                       float* __restrict__ out, int ldo, u8* smem) {
   constexpr int BT = 8 * WT * WN;
-  constexpr int NT = 128 * WN;
+  constexpr int WM = 8 / MT;  // warps along the rows
+  constexpr int NT = 32 * WM * WN;
+  constexpr bool SKIP = MT == 1 && SK >= 1;
   constexpr int ABYTES = GEMM_ROWS * GEMM_ASTRIDE;
   constexpr int XBYTES = BT * GEMM_BK;
   constexpr int SBYTES = ABYTES + XBYTES + BT * 16;  // codes, activations, activation scales
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int wm = warp & 3, wn = warp >> 2, g = lane >> 2, i = lane & 3;
+  const int wm = warp % WM, wn = warp / WM, g = lane >> 2, i = lane & 3;
   const int nk = K / GEMM_BK, GK = K / G;
   const int gpb = GEMM_BK / G;  // groups per stage
   const int half = MODE == GEMM_GATE_UP ? 64 : 128;
@@ -129,31 +202,48 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     }
     return a.codes + (size_t)min(row0 + r, N - 1) * (K / 2);
   };
+  // Each thread's cp.async sources and destinations, computed once: NA
+  // pieces of codes and NX of activations a stage, and one token's scales
+  // (tid < BT); a stage adds its column offset and buffer.
+  constexpr int NA = GEMM_ROWS * 4 / NT, NX = BT * 8 / NT;
+  static_assert(NA * NT == GEMM_ROWS * 4 && NX * NT == BT * 8 && BT <= NT, "gemm_tile copy split");
+  const u8* asrc[NA];
+  u32 adst[NA];
+#pragma unroll
+  for (int q = 0; q < NA; q++) {
+    const int idx = tid + q * NT, r = idx >> 2, c = idx & 3;
+    asrc[q] = arow(r) + c * 16;
+    adst[q] = smem_addr(smem + r * GEMM_ASTRIDE + c * 16);
+  }
+  const i8* xsrc[NX];
+  u32 xdst[NX];
+#pragma unroll
+  for (int q = 0; q < NX; q++) {
+    const int idx = tid + q * NT, r = idx >> 3, c = idx & 7;
+    xsrc[q] = xq + (size_t)tokrow[r] * ldx + c * 16;
+    xdst[q] = smem_addr(smem + ABYTES + gemm_bofs(r, c));
+  }
+  const float* ssrc = xs + (size_t)tokrow[min(tid, BT - 1)] * ldxs;
+  const u32 sdst = smem_addr(smem + ABYTES + XBYTES + tid * 16);
   auto load_stage = [&](int s, int buf) {
-    u8* sa = smem + buf * SBYTES;
-    u8* sb = sa + ABYTES;
-    const int k0 = s * GEMM_BK;
-    for (int idx = tid; idx < GEMM_ROWS * 4; idx += NT) {
-      const int r = idx >> 2, c = idx & 3;
-      cp_async16(smem_addr(sa + r * GEMM_ASTRIDE + c * 16), arow(r) + k0 / 2 + c * 16);
-    }
-    for (int idx = tid; idx < BT * 8; idx += NT) {
-      const int r = idx >> 3, c = idx & 7;
-      cp_async16(smem_addr(sb + gemm_bofs(r, c)), xq + (size_t)tokrow[r] * ldx + k0 + c * 16);
-    }
-    for (int r = tid; r < BT; r += NT) {
-      cp_async_small(smem_addr(sb + XBYTES + r * 16), xs + (size_t)tokrow[r] * ldxs + s * gpb, 4 * gpb);
-    }
+    const u32 so = buf * SBYTES;
+#pragma unroll
+    for (int q = 0; q < NA; q++) cp_async16(adst[q] + so, asrc[q] + s * (GEMM_BK / 2));
+#pragma unroll
+    for (int q = 0; q < NX; q++) cp_async16(xdst[q] + so, xsrc[q] + s * GEMM_BK);
+    if (tid < BT) cp_async_small(sdst + so, ssrc + s * gpb, 4 * gpb);
   };
 
   // This thread's weight rows (shared rows ra[m], ra[m] + 8) and scale rows.
-  int ra[2];
-  ra[0] = 16 * wm + g;
-  ra[1] = 64 + 16 * wm + g;
-
-  float acc[2][WT][4];
+  int ra[MT];
 #pragma unroll
-  for (int m = 0; m < 2; m++)
+  for (int m = 0; m < MT; m++) ra[m] = 64 * m + 16 * wm + g;
+  // This warp's n-tiles that hold a valid token (all of them unless SKIP).
+  const int ntv = SKIP ? min(WT, max(0, (ntok - wn * 8 * WT + 7) >> 3)) : WT;
+
+  float acc[MT][WT][4];
+#pragma unroll
+  for (int m = 0; m < MT; m++)
 #pragma unroll
     for (int nt = 0; nt < WT; nt++)
 #pragma unroll
@@ -173,59 +263,46 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     const u8* sa = smem + (kt % GEMM_STAGES) * SBYTES;
     const u8* sb = sa + ABYTES;
     const float* sxs = (const float*)(sb + XBYTES);
-#pragma unroll
-    for (int j0 = 0; j0 < 4; j0 += spg) {
-      const int gl = j0 / spg, grp = kt * gpb + gl;
-      float ws[2][2], xv[WT][2];
-#pragma unroll
-      for (int m = 0; m < 2; m++)
-#pragma unroll
-        for (int h = 0; h < 2; h++) ws[m][h] = e4m3(sws[(ra[m] + 8 * h) * GK + grp]);
-#pragma unroll
-      for (int nt = 0; nt < WT; nt++)
-#pragma unroll
-        for (int e = 0; e < 2; e++) xv[nt][e] = sxs[(wn * 8 * WT + 8 * nt + 2 * i + e) * 4 + gl];
-      i32 d[2][WT][4];
-#pragma unroll
-      for (int m = 0; m < 2; m++)
-#pragma unroll
-        for (int nt = 0; nt < WT; nt++)
-#pragma unroll
-          for (int e = 0; e < 4; e++) d[m][nt][e] = 0;
-#pragma unroll
-      for (int j = j0; j < j0 + spg; j++) {
-        u32 af[2][4];
-#pragma unroll
-        for (int m = 0; m < 2; m++) {
-          const u32 wa = *(const u32*)(sa + ra[m] * GEMM_ASTRIDE + 16 * j + 4 * i);
-          const u32 wb = *(const u32*)(sa + (ra[m] + 8) * GEMM_ASTRIDE + 16 * j + 4 * i);
-          af[m][0] = e2m1x4_signed(wa);
-          af[m][1] = e2m1x4_signed(wb);
-          af[m][2] = e2m1x4_signed(wa >> 16);
-          af[m][3] = e2m1x4_signed(wb >> 16);
-        }
-#pragma unroll
-        for (int nt = 0; nt < WT; nt++) {
-          const int r = wn * 8 * WT + 8 * nt + g;
-          const uint2 bv = *(const uint2*)(sb + gemm_bofs(r, 2 * j + (i >> 1)) + 8 * (i & 1));
-#pragma unroll
-          for (int m = 0; m < 2; m++) mma_s8(d[m][nt], af[m], bv.x, bv.y);
-        }
-      }
-#pragma unroll
-      for (int m = 0; m < 2; m++)
-#pragma unroll
-        for (int nt = 0; nt < WT; nt++) {
-          acc[m][nt][0] += (float)d[m][nt][0] * (ws[m][0] * xv[nt][0]);
-          acc[m][nt][1] += (float)d[m][nt][1] * (ws[m][0] * xv[nt][1]);
-          acc[m][nt][2] += (float)d[m][nt][2] * (ws[m][1] * xv[nt][0]);
-          acc[m][nt][3] += (float)d[m][nt][3] * (ws[m][1] * xv[nt][1]);
-        }
+    if (SKIP && ntv == 0) continue;
+    if (SK == 1 || (SK == 2 && ntv < WT)) {
+      gemm_stage<MT, WT, SPG, true>(acc, sa, sb, sxs, sws, ra, GK, kt, gpb, spg, wn, g, i, ntv);
+    } else {
+      gemm_stage<MT, WT, SPG, false>(acc, sa, sb, sxs, sws, ra, GK, kt, gpb, spg, wn, g, i, ntv);
     }
   }
   cp_async_wait<0>();
 
   // C fragment: e = 0, 1: row g, tokens 2i, 2i+1; e = 2, 3: row g+8.
+  if (MODE == GEMM_GATE_UP && MT == 1) {
+    // The up warps leave row_scale/2 * up in shared memory (the stages are
+    // free once every warp has passed the loop), [WN*WT*4][128] floats so
+    // that a warp's stores and loads are conflict-free; the gate warps
+    // holding the same (row, token) write silu(gate) * up.
+    float* su = (float*)smem;
+    const int hw = wm & 3, n0 = row0 + 16 * hw + g;
+    __syncthreads();
+    if (wm >= 4) {
+#pragma unroll
+      for (int nt = 0; nt < WT; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+          su[((wn * WT + nt) * 4 + e) * 128 + hw * 32 + lane] =
+              acc[0][nt][e] * (b.row_scale[min(n0 + 8 * (e >> 1), N - 1)] * 0.5f);
+    }
+    __syncthreads();
+    if (wm < 4) {
+#pragma unroll
+      for (int nt = 0; nt < WT; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int tok = wn * 8 * WT + 8 * nt + 2 * i + (e & 1), n = n0 + 8 * (e >> 1);
+          if (tok >= ntok || n >= N) continue;
+          const float gv = acc[0][nt][e] * (a.row_scale[n] * 0.5f);
+          out[(size_t)tok * ldo + n] = gemm_silu(gv) * su[((wn * WT + nt) * 4 + e) * 128 + hw * 32 + lane];
+        }
+    }
+    return;
+  }
 #pragma unroll
   for (int nt = 0; nt < WT; nt++) {
 #pragma unroll
@@ -237,12 +314,12 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
         const int n = row0 + ra[0] + 8 * (e >> 1);
         if (n < N) {
           const float gv = acc[0][nt][e] * (a.row_scale[n] * 0.5f);
-          const float uv = acc[1][nt][e] * (b.row_scale[n] * 0.5f);
+          const float uv = acc[MT - 1][nt][e] * (b.row_scale[n] * 0.5f);
           o[n] = gemm_silu(gv) * uv;
         }
       } else {
 #pragma unroll
-        for (int m = 0; m < 2; m++) {
+        for (int m = 0; m < MT; m++) {
           const int n = row0 + ra[m] + 8 * (e >> 1);
           if (n < N) o[n] = acc[m][nt][e] * (a.row_scale[n] * 0.5f);
         }
@@ -258,7 +335,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
 // Grid z > 1: per-head products, head z taking weight rows [z*N, (z+1)*N),
 // activation columns [z*K, (z+1)*K) (whole groups) and output columns
 // [z*N, (z+1)*N).
-template <int WT, int WN, int SPG>
+template <int MT, int WT, int WN, int SPG>
 DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale, int N, int K, int G,
                        const i8* xq, int ldx, const float* xs, int ldxs, int T, float* y, int ldy) {
   constexpr int BT = 8 * WT * WN;
@@ -270,24 +347,27 @@ DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale
   PDL_WAIT();
   __syncthreads();
   GQMat a = {codes + z * N * (K / 2), scales + z * N * GK, row_scale + z * N};
-  gemm_tile<WT, WN, GEMM_PLAIN, SPG>(a, a, N, K, G, blockIdx.x * GEMM_ROWS, xq + z * K, ldx, xs + z * GK, ldxs,
+  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, 1>(a, a, N, K, G, blockIdx.x * GEMM_ROWS, xq + z * K, ldx, xs + z * GK, ldxs,
                                      tokrow, ntok, y + (size_t)t0 * ldy + z * N, ldy, gemm_smem_buf);
 }
 
-#define GEMM_DENSE_KERNEL(NAME, WT, WN, SPG, MINB)                                                   \
-  extern "C" __global__ void __launch_bounds__(128 * WN, MINB) NAME(                                 \
+#define GEMM_DENSE_KERNEL(NAME, MT, WT, WN, SPG, MINB)                                               \
+  extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) NAME(                                 \
       const u8* __restrict__ codes, const u8* __restrict__ scales,                                \
       const float* __restrict__ row_scale, int N, int K, int G, const i8* __restrict__ xq,        \
       int ldx, const float* __restrict__ xs, int ldxs, int T, float* __restrict__ y, int ldy) {   \
     PDL_LAUNCH();                                                                                 \
-    gemm_dense<WT, WN, SPG>(codes, scales, row_scale, N, K, G, xq, ldx, xs, ldxs, T, y, ldy);     \
+    gemm_dense<MT, WT, WN, SPG>(codes, scales, row_scale, N, K, G, xq, ldx, xs, ldxs, T, y, ldy);     \
   }
 
 // (MINB: blocks per SM the registers must allow.)
-GEMM_DENSE_KERNEL(gemm_t64, 4, 2, 0, 2)
-GEMM_DENSE_KERNEL(gemm_t16, 2, 1, 0, 1)
-GEMM_DENSE_KERNEL(gemm_t64_g128, 4, 2, 4, 2)
-GEMM_DENSE_KERNEL(gemm_t16_g128, 2, 1, 4, 1)
+GEMM_DENSE_KERNEL(gemm_t64, 2, 4, 2, 0, 2)
+GEMM_DENSE_KERNEL(gemm_t16, 2, 2, 1, 0, 1)
+GEMM_DENSE_KERNEL(gemm_t64_g128, 2, 4, 2, 4, 2)
+GEMM_DENSE_KERNEL(gemm_t16_g128, 2, 2, 1, 4, 1)
+GEMM_DENSE_KERNEL(gemm_w64, 1, 8, 1, 0, 2)
+GEMM_DENSE_KERNEL(gemm_w64_g128, 1, 8, 1, 4, 2)
+
 
 // ---------------------------------------------------------------------------
 // MoE over many tokens, on the device. A pair (t, k) is token t's slot k:
@@ -345,7 +425,7 @@ extern "C" __global__ void __launch_bounds__(MOE_GROUP_THREADS)
 // Gate and up products with the SiLU product over the tiles:
 // h[row][n] = silu(gate_e,n . x[list[row]]) * (up_e,n . x[list[row]]).
 // Grid (ceil(I/64), max tiles).
-template <int WT, int WN, int SPG>
+template <int MT, int WT, int WN, int SPG, int SK>
 DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
                              const i32* ntiles, const i32* list, int I, int K, int G, const i8* xq,
                              const float* xs, float* h) {
@@ -359,13 +439,13 @@ DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i3
   const GExpert& ex = experts[tile_e[tile]];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = list[s0 + min(r, ntok - 1)];
   __syncthreads();
-  gemm_tile<WT, WN, GEMM_GATE_UP, SPG>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G, tokrow, ntok,
+  gemm_tile<MT, WT, WN, GEMM_GATE_UP, SPG, SK>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G, tokrow, ntok,
                                        h + (size_t)s0 * I, I, gemm_smem_buf);
 }
 
 // Down products over the tiles: part[row][n] = down_e,n . hq[row].
 // Grid (ceil(N/128), max tiles).
-template <int WT, int WN, int SPG>
+template <int MT, int WT, int WN, int SPG, int SK>
 DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
                           const i32* ntiles, int N, int I, int G, const i8* hq, const float* hs, float* part) {
   constexpr int BT = 8 * WT * WN;
@@ -378,32 +458,38 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
   const GExpert& ex = experts[tile_e[tile]];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = s0 + min(r, ntok - 1);
   __syncthreads();
-  gemm_tile<WT, WN, GEMM_PLAIN, SPG>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs, I / G, tokrow,
+  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, SK>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs, I / G, tokrow,
                                      ntok, part + (size_t)s0 * N, N, gemm_smem_buf);
 }
 
-#define MOE_GEMM_KERNELS(SUFFIX, WT, WN, SPG)                                                      \
-  extern "C" __global__ void __launch_bounds__(128 * WN) moe_gemm_gate_up_##SUFFIX(               \
+#define MOE_GEMM_KERNELS(SUFFIX, MT, WT, WN, SPG, MINB, SK)                                            \
+  extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) moe_gemm_gate_up_##SUFFIX(               \
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,                             \
       const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K, int G,          \
       const i8* __restrict__ xq, const float* __restrict__ xs, float* __restrict__ h) {           \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_gate_up<WT, WN, SPG>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h);  \
+    moe_gemm_gate_up<MT, WT, WN, SPG, SK>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h);  \
   }                                                                                               \
-  extern "C" __global__ void __launch_bounds__(128 * WN) moe_gemm_down_##SUFFIX(                  \
+  extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) moe_gemm_down_##SUFFIX(                  \
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,                             \
       const i32* __restrict__ ntiles, int N, int I, int G, const i8* __restrict__ hq,             \
       const float* __restrict__ hs, float* __restrict__ part) {                                   \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_down<WT, WN, SPG>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part);        \
+    moe_gemm_down<MT, WT, WN, SPG, SK>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part);        \
   }
 
-MOE_GEMM_KERNELS(t64, 4, 2, 0)
-MOE_GEMM_KERNELS(t16, 2, 1, 0)
-MOE_GEMM_KERNELS(t64_g128, 4, 2, 4)
-MOE_GEMM_KERNELS(t16_g128, 2, 1, 4)
+MOE_GEMM_KERNELS(t64, 2, 4, 2, 0, 1, 0)
+MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1, 0)
+MOE_GEMM_KERNELS(t64_g128, 2, 4, 2, 4, 1, 0)
+MOE_GEMM_KERNELS(t16_g128, 2, 2, 1, 4, 1, 0)
+MOE_GEMM_KERNELS(w64, 1, 8, 1, 0, 2, 1)
+MOE_GEMM_KERNELS(w64_g128, 1, 8, 1, 4, 2, 1)
+MOE_GEMM_KERNELS(w64f, 1, 8, 1, 0, 2, 0)
+MOE_GEMM_KERNELS(w64f_g128, 1, 8, 1, 4, 2, 0)
+MOE_GEMM_KERNELS(w64c, 1, 8, 1, 0, 2, 2)
+MOE_GEMM_KERNELS(w64c_g128, 1, 8, 1, 4, 2, 2)
 
 // y[t] (+)= sum over token t's slots, in slot order, of weight * part[pos]:
 // the routed slots with their weights, the shared ones with weight 1 (the
