@@ -488,8 +488,6 @@ MOE_GEMM_KERNELS(w64, 1, 8, 1, 0, 2, 1)
 MOE_GEMM_KERNELS(w64_g128, 1, 8, 1, 4, 2, 1)
 MOE_GEMM_KERNELS(w64f, 1, 8, 1, 0, 2, 0)
 MOE_GEMM_KERNELS(w64f_g128, 1, 8, 1, 4, 2, 0)
-MOE_GEMM_KERNELS(w64c, 1, 8, 1, 0, 2, 2)
-MOE_GEMM_KERNELS(w64c_g128, 1, 8, 1, 4, 2, 2)
 
 // y[t] (+)= sum over token t's slots, in slot order, of weight * part[pos]:
 // the routed slots with their weights, the shared ones with weight 1 (the
