@@ -412,8 +412,7 @@ const decodeChunkOps = 96
 // before an attention op, where no fusion of the ops before with the ops
 // after is lost.
 func (b *Backend) decodeChunk() {
-	rows := b.batchRows()
-	if b.opts.NoDecodeChunks || !chunkBatches && rows > 1 && rows < bigStepRows || !bigChunks && rows >= bigStepRows {
+	if b.opts.NoDecodeChunks {
 		return
 	}
 	if len(b.pending) >= decodeChunkOps || b.chunks == 0 {
@@ -423,14 +422,8 @@ func (b *Backend) decodeChunk() {
 }
 
 // bigStepRows is the fewest rows of a step (a prompt's prefill) whose
-// pieces are not kept as graphs: they do not repeat. (A 1024-token prefill
-// queued whole left the GPU idle for the host's 20-30 ms.)
+// pieces are not kept as graphs: they do not repeat.
 const bigStepRows = 128
-
-var (
-	bigChunks    = os.Getenv("MMFP4_CUDA_BIGCHUNK") != "0"   // measurement only
-	chunkBatches = os.Getenv("MMFP4_CUDA_CHUNKBATCH") != "0" // measurement only
-)
 
 // now runs fn on the device thread after the queued ops, recording its
 // error under op's name.
