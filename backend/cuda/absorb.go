@@ -54,15 +54,9 @@ func (b *Backend) absorbTC(ql, qm *tensor, w *weight, s backend.MLAShape) bool {
 	name := fmt.Sprintf("absorb_query_tc_%d", s.NopeDim)
 	grid := Dim{uint32(s.Rank / absorbTCN), uint32((ql.rows + absorbTCM - 1) / absorbTCM), uint32(s.Heads)}
 	b.do("absorb query", func(c *Ctx) error {
-		k, err := c.Kernel("absorb", name)
+		k, err := c.kernelShared("absorb", name, shared)
 		if err != nil {
 			return err
-		}
-		if k.maxShared < shared {
-			if err := c.SetMaxShared(k, shared); err != nil {
-				return err
-			}
-			k.maxShared = shared
 		}
 		return c.Launch(k, grid, D1(256), shared,
 			ql.ptr, ql.ld, qm.ptr, qm.ld, q.Codes, q.Scales, q.RowScale, q.G, s.Rank, s.RopeDim, ql.rows)

@@ -104,15 +104,9 @@ func (b *Backend) decodeAttention(om, ql, qm *tensor, p *cachePool, layer int, s
 		b.decodeStampBlocks = splits * pairs * T
 	}
 	b.do("attention", func(c *Ctx) error {
-		k, err := c.Kernel("attention", name)
+		k, err := c.kernelShared("attention", name, shared)
 		if err != nil {
 			return err
-		}
-		if k.maxShared < shared {
-			if err := c.SetMaxShared(k, shared); err != nil {
-				return err
-			}
-			k.maxShared = shared
 		}
 		return c.Launch(k, Dim{uint32(splits), uint32(pairs), uint32(T)}, D1(threads), shared,
 			om.ptr, om.ld, ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer),

@@ -1476,15 +1476,9 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s bac
 		parts := rows * s.Heads * splits
 		pm, ps, pacc := b.alloc(4*parts), b.alloc(4*parts), b.alloc(4*parts*s.Rank)
 		b.do("attention", func(c *Ctx) error {
-			k, err := c.Kernel("ops", "latent_attention_heads")
+			k, err := c.kernelShared("ops", "latent_attention_heads", heads)
 			if err != nil {
 				return err
-			}
-			if k.maxShared < heads {
-				if err := c.SetMaxShared(k, heads); err != nil {
-					return err
-				}
-				k.maxShared = heads
 			}
 			for r0 := 0; r0 < T; r0 += rows {
 				n := min(rows, T-r0)

@@ -115,15 +115,9 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 	name := fmt.Sprintf("decode_mma_%d_%d_t%d", s.Rank, s.RopeDim, tp)
 	sms := b.dev.Info().SMs
 	b.do("attention", func(c *Ctx) error {
-		k, err := c.Kernel("flash", name)
+		k, err := c.kernelShared("flash", name, shared)
 		if err != nil {
 			return err
-		}
-		if k.maxShared < shared {
-			if err := c.SetMaxShared(k, shared); err != nil {
-				return err
-			}
-			k.maxShared = shared
 		}
 		cnt := counters
 		if cnt != 0 {

@@ -710,6 +710,22 @@ func (c *Ctx) launchRaw(k *Kernel, grid, block Dim, shared uint32, vals []uint64
 	return nil
 }
 
+// kernelShared returns kernel mod.name allowed n bytes of dynamic shared
+// memory, raising its limit the first time it needs more.
+func (c *Ctx) kernelShared(mod, name string, n int) (*Kernel, error) {
+	k, err := c.Kernel(mod, name)
+	if err != nil {
+		return nil, err
+	}
+	if k.maxShared < n {
+		if err := c.SetMaxShared(k, n); err != nil {
+			return nil, err
+		}
+		k.maxShared = n
+	}
+	return k, nil
+}
+
 // SetMaxShared lets k use up to n bytes of dynamic shared memory.
 func (c *Ctx) SetMaxShared(k *Kernel, n int) error {
 	if r := drv.cuFuncSetAttribute(k.fn, 8, int32(n)); r != 0 {

@@ -84,15 +84,9 @@ func (b *Backend) flashAttention(om, ql, qm *tensor, p *cachePool, layer int, s 
 	name := fmt.Sprintf("flash_latent_%d_%d", s.Rank/64, s.RopeDim)
 	grid := Dim{uint32((T + flashTokens - 1) / flashTokens), uint32((s.Heads + flashHeads - 1) / flashHeads), 1}
 	b.do("attention", func(c *Ctx) error {
-		k, err := c.Kernel("flash", name)
+		k, err := c.kernelShared("flash", name, shared)
 		if err != nil {
 			return err
-		}
-		if k.maxShared < shared {
-			if err := c.SetMaxShared(k, shared); err != nil {
-				return err
-			}
-			k.maxShared = shared
 		}
 		return c.Launch(k, grid, D1(256), shared,
 			om.ptr, om.ld, ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer), p.kernelDType(),

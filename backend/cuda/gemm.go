@@ -108,21 +108,6 @@ func GEMMFits(K, G int) bool {
 	return K > 0 && K%gemmBK == 0 && (G == 32 || G == 64 || G == 128) && K/G <= 1024
 }
 
-// gemmKernel returns gemm.name allowed n bytes of shared memory.
-func (c *Ctx) gemmKernel(name string, n int) (*Kernel, error) {
-	k, err := c.Kernel("gemm", name)
-	if err != nil {
-		return nil, err
-	}
-	if k.maxShared < n {
-		if err := c.SetMaxShared(k, n); err != nil {
-			return nil, err
-		}
-		k.maxShared = n
-	}
-	return k, nil
-}
-
 // GEMM computes y[t*ldy + n] = sum_k W[n,k] x[t,k] for the a.T quantized
 // rows of a on the tensor cores (the integer MMFP4 product of GEMV).
 func (c *Ctx) GEMM(y uint64, ldy int, w *QMatrix, a *QActs, tile GEMMTile) error {
@@ -144,7 +129,7 @@ func (c *Ctx) GEMM(y uint64, ldy int, w *QMatrix, a *QActs, tile GEMMTile) error
 func (c *Ctx) gemm(y uint64, ldy int, codes, scales, rowScale uint64, n, k, G int, a *QActs, heads int, tile GEMMTile) error {
 	tile = pickTile(tile, a.T)
 	shared := tile.shared(k / G)
-	kern, err := c.gemmKernel("gemm_"+tile.suffix(G), shared)
+	kern, err := c.kernelShared("gemm", "gemm_"+tile.suffix(G), shared)
 	if err != nil {
 		return err
 	}
@@ -223,11 +208,11 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 		return err
 	}
 	guShared, downShared := tile.shared(t.K/t.G), tile.shared(t.I/t.G)
-	gu, err := c.gemmKernel("moe_gemm_gate_up_"+tile.suffix(t.G), guShared)
+	gu, err := c.kernelShared("gemm", "moe_gemm_gate_up_"+tile.suffix(t.G), guShared)
 	if err != nil {
 		return err
 	}
-	down, err := c.gemmKernel("moe_gemm_down_"+tile.suffix(t.G), downShared)
+	down, err := c.kernelShared("gemm", "moe_gemm_down_"+tile.suffix(t.G), downShared)
 	if err != nil {
 		return err
 	}
@@ -367,7 +352,7 @@ func (b *Backend) absorbMany(ql, qm *tensor, w *weight, s backend.MLAShape) bool
 	}
 	q := w.q
 	b.do("absorb query", func(c *Ctx) error {
-		k, err := c.gemmKernel("absorb_query_many", shared)
+		k, err := c.kernelShared("gemm", "absorb_query_many", shared)
 		if err != nil {
 			return err
 		}

@@ -86,21 +86,6 @@ func streamShared(wt, K int, p StreamPlan) int {
 	return 8 * wt * (128*ng + 16 + 4*(ng+1))
 }
 
-// streamKernel returns stream.name allowed n bytes of shared memory.
-func (c *Ctx) streamKernel(name string, n int) (*Kernel, error) {
-	k, err := c.Kernel("stream", name)
-	if err != nil {
-		return nil, err
-	}
-	if k.maxShared < n {
-		if err := c.SetMaxShared(k, n); err != nil {
-			return nil, err
-		}
-		k.maxShared = n
-	}
-	return k, nil
-}
-
 // MatMulStream computes y[t*ldy + n] = W[n] . x[t] for the a.T <= 64
 // quantized rows of a (the integer MMFP4 product of GEMV and GEMM). A
 // split plan (KS > 1) needs partial (4*KS*a.T*N bytes) and counters (one
@@ -143,7 +128,7 @@ func (c *Ctx) matMulStream(y uint64, ldy int, w *QMatrix, a *QActs, heads int, p
 	if shared > c.info.SharedOptin {
 		return fmt.Errorf("cuda: stream product: %d rows of K=%d split %d ways need %d bytes of shared memory, at most %d", a.T, w.K, p.KS, shared, c.info.SharedOptin)
 	}
-	k, err := c.streamKernel(fmt.Sprintf("mms_t%d_d%d", wt, p.D), shared)
+	k, err := c.kernelShared("stream", fmt.Sprintf("mms_t%d_d%d", wt, p.D), shared)
 	if err != nil {
 		return err
 	}
