@@ -379,7 +379,6 @@ func (b *Backend) flush() {
 			})
 		}
 		gc := b.graphs
-		gc.once = b.batchRows() >= bigStepRows
 		gc.rec.reset()
 		c.rec = &gc.rec
 		for _, q := range ops {
@@ -389,7 +388,8 @@ func (b *Backend) flush() {
 			}
 		}
 		c.rec = nil
-		return b.steps.around(c, func() error { return gc.run(c) })
+		once := b.batchRows() >= bigStepRows // a prefill's pieces do not repeat
+		return b.steps.around(c, func() error { return gc.run(c, once) })
 	})
 	clear(ops)
 	b.pending = ops[:0]
@@ -971,7 +971,7 @@ func (b *Backend) Embed(dst backend.Tensor, table backend.Weight) {
 		rowBytes = int64(2 * w.k)
 	}
 	b.count(int64(len(b.batch.Tokens)) * rowBytes)
-	if q := w.q; q != nil && q.K%q.G == 0 {
+	if q := w.q; q != nil {
 		// From the uploaded table: no host work or upload a row (a
 		// 1024-token prefill spent 15 ms of host time dequantizing here).
 		b.wrote(d)

@@ -612,7 +612,7 @@ func (c *Ctx) Precompile() error {
 			return err
 		}
 		key := cacheKey(name, src, arch, compileOptions, rtcVersion, c.info.DriverVersion)
-		if c.modules[name] != nil || c.compiles[name] != nil || readCache(dir, key) != nil {
+		if c.modules[name] != nil || c.compiles[name] != nil || inCache(dir, key) {
 			continue
 		}
 		j := &compileJob{done: make(chan struct{})}

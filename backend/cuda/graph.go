@@ -98,7 +98,6 @@ type graphCache struct {
 	graphs  []*graph
 	flushes int
 	rec     recording
-	once    bool // the flush will not repeat: run it without a graph
 	// Replays and Captures count what happened, for tests and notes.
 	Replays, Captures, Direct int
 }
@@ -114,20 +113,23 @@ const maxGraphs = 256
 const maxGraphRecords = 16384
 
 // run executes the recorded flush: by replaying its graph, capturing it
-// the second time it is seen, or issuing it directly.
-func (gc *graphCache) run(c *Ctx) error {
+// the second time it is seen, or issuing it directly. A flush that will not
+// repeat (once) is issued directly and not remembered.
+func (gc *graphCache) run(c *Ctx, once bool) error {
 	gc.flushes++
 	r := &gc.rec
 	var g *graph
-	for _, h := range gc.graphs {
-		if !gc.once && len(h.recs) == len(r.recs) && slices.Equal(h.recs, r.recs) {
-			g = h
-			break
+	if !once {
+		for _, h := range gc.graphs {
+			if len(h.recs) == len(r.recs) && slices.Equal(h.recs, r.recs) {
+				g = h
+				break
+			}
 		}
 	}
 	if g == nil {
 		gc.Direct++
-		if !gc.once && len(r.recs) <= maxGraphRecords {
+		if !once && len(r.recs) <= maxGraphRecords {
 			gc.add(c, &graph{recs: slices.Clone(r.recs)})
 		}
 		for i := range r.recs {

@@ -130,6 +130,16 @@ func readCache(dir, key string) []byte {
 	return b
 }
 
+// inCache reports whether readCache would find a non-empty image, without
+// reading it.
+func inCache(dir, key string) bool {
+	if dir == "" {
+		return false
+	}
+	fi, err := os.Stat(filepath.Join(dir, key))
+	return err == nil && fi.Size() > 0
+}
+
 // writeCache stores an image atomically (temporary file, then rename), so
 // that concurrent processes never read a half-written file. Failures only
 // cost a recompile next time, so they are ignored.

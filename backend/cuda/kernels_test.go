@@ -49,16 +49,20 @@ func TestCacheKey(t *testing.T) {
 
 func TestCacheReadWrite(t *testing.T) {
 	dir := filepath.Join(t.TempDir(), "kernels")
-	if readCache(dir, "k") != nil {
+	if readCache(dir, "k") != nil || inCache(dir, "k") {
 		t.Fatal("hit in an empty cache")
 	}
 	writeCache(dir, "k", []byte("image"))
-	if got := readCache(dir, "k"); string(got) != "image" {
-		t.Fatalf("read back %q", got)
+	if got := readCache(dir, "k"); string(got) != "image" || !inCache(dir, "k") {
+		t.Fatalf("read back %q (in the cache: %v)", got, inCache(dir, "k"))
 	}
 	entries, _ := os.ReadDir(dir)
 	if len(entries) != 1 {
 		t.Fatalf("temporary files left: %v", entries)
+	}
+	writeCache(dir, "empty", nil)
+	if readCache(dir, "empty") != nil || inCache(dir, "empty") {
+		t.Fatal("an empty file counts as a cached image")
 	}
 	t.Setenv("MMFP4_KERNEL_CACHE", "off")
 	if cacheDir() != "" {

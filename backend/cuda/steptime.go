@@ -24,7 +24,7 @@ type stepTimer struct {
 	start   time.Time
 	rows    int
 	cur     [2]time.Duration // this step's flush and wait
-	lead    time.Duration    // this step's host time before its first flush
+	lead    time.Duration    // this step's host time before its first flush (-1: none yet)
 	buckets map[int]*stepTotals
 
 	events  []*Event // a pair a flush: before and after its work
@@ -61,7 +61,7 @@ func (s *stepTimer) begin(rows int) {
 		t.total += now.Sub(s.start)
 		t.flush += s.cur[0]
 		t.wait += s.cur[1]
-		t.lead += s.lead
+		t.lead += max(s.lead, 0) // a step without a flush has no lead
 		s.harvest = t
 	}
 	s.start, s.rows, s.cur, s.lead = now, rows, [2]time.Duration{}, -1
