@@ -38,10 +38,9 @@ type Options struct {
 	// latent's norm in the RoPE and cache write launch
 	// (MMFP4_CUDA_FUSE_LATENT=1).
 	FusedGEMV, FusedRouter, FusedLatent bool
-	// NoDecodeChunks hands a single-row step to the device in one piece
-	// at its first read-back instead of in chunks of layers (also
-	// MMFP4_CUDA_CHUNKS=0).
-	NoDecodeChunks bool
+	// NoPieces hands a step to the device whole at its first read-back
+	// instead of in pieces of a few layers (also MMFP4_CUDA_CHUNKS=0).
+	NoPieces bool
 }
 
 // Backend implements backend.Backend on one GPU. Every op is queued on the
@@ -158,8 +157,8 @@ type Backend struct {
 	fusedLatent   int
 
 	steps *stepTimer // MMFP4_CUDA_STEPTIME=1
-	// chunks counts the pieces this step has gone to the device in.
-	chunks int
+	// pieces counts the pieces this step has gone to the device in.
+	pieces int
 }
 
 type ropeOp struct {
@@ -272,7 +271,7 @@ func NewOnDevice(d *Device, o Options) *Backend {
 		b.noRouterQuant = true // comparison runs: the MoE input quantized in a launch of its own
 	}
 	if os.Getenv("MMFP4_CUDA_CHUNKS") == "0" {
-		b.opts.NoDecodeChunks = true
+		b.opts.NoPieces = true
 	}
 	b.decodeAttnConfig()
 	return b
@@ -398,25 +397,25 @@ func (b *Backend) flush() {
 	}
 }
 
-// decodeChunkOps is the size of the pieces a step goes to the device in.
+// pieceOps is the size of the pieces a step goes to the device in.
 // Queued whole, a step's ops wait for the model's host code of every layer
 // (about 30 us a layer, recording included, on an H200's host) before the
 // GPU starts (about 100 us a layer at batch 1); in pieces, the GPU runs the
 // first layers while the host queues the rest. Each piece of a decode step
 // is its own graph, replayed from the second step on.
-const decodeChunkOps = 96
+const pieceOps = 96
 
-// decodeChunk hands the queued ops to the device when the step has queued
+// flushPiece hands the queued ops to the device when the step has queued
 // a piece's worth, or at its first attention op (a short first piece: the
 // GPU starts after the host has queued one layer, not seven). It is called
 // before an attention op, where no fusion of the ops before with the ops
 // after is lost.
-func (b *Backend) decodeChunk() {
-	if b.opts.NoDecodeChunks {
+func (b *Backend) flushPiece() {
+	if b.opts.NoPieces {
 		return
 	}
-	if len(b.pending) >= decodeChunkOps || b.chunks == 0 {
-		b.chunks++
+	if len(b.pending) >= pieceOps || b.pieces == 0 {
+		b.pieces++
 		b.flush()
 	}
 }
@@ -775,7 +774,7 @@ type batchMeta struct {
 func (b *Backend) SetBatch(batch *backend.Batch, p backend.CachePool) {
 	b.fusedCounter()
 	b.steps.begin(batch.Rows())
-	b.chunks = 0
+	b.pieces = 0
 	b.batch = batch
 	b.pool = nil
 	if p != nil {
@@ -1420,7 +1419,7 @@ const absorbWarps = 16
 
 // LatentAttention is causal attention over the bound pool in latent space.
 func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s backend.MLAShape, scale float32) {
-	b.decodeChunk()
+	b.flushPiece()
 	om, ql, qm, p := asTensor(olat), asTensor(qlat), asTensor(q), b.pool
 	switch {
 	case p == nil || b.batch == nil:

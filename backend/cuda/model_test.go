@@ -277,17 +277,17 @@ func TestPrefillInPiecesMatchesWhole(t *testing.T) {
 	for i := range ids {
 		ids[i] = r.IntN(m.Config.VocabSize)
 	}
-	g.opts.NoDecodeChunks = true
+	g.opts.NoPieces = true
 	want := modelLogits(t, m, ids, backend.CacheBF16)
-	if g.chunks != 0 {
-		t.Fatalf("%d pieces with pieces off", g.chunks)
+	if g.pieces != 0 {
+		t.Fatalf("%d pieces with pieces off", g.pieces)
 	}
-	g.opts.NoDecodeChunks = false
+	g.opts.NoPieces = false
 	got := modelLogits(t, m, ids, backend.CacheBF16)
-	if g.chunks == 0 {
+	if g.pieces == 0 {
 		t.Fatalf("the prefill of %d rows did not go in pieces", len(ids))
 	}
-	t.Logf("%d rows in %d pieces", len(ids), g.chunks)
+	t.Logf("%d rows in %d pieces", len(ids), g.pieces)
 	if len(got) != len(want) {
 		t.Fatalf("%d logits in pieces, %d whole", len(got), len(want))
 	}
