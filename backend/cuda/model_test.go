@@ -236,17 +236,36 @@ func TestModelGreedyMatchesCPUOnGPU(t *testing.T) {
 	}
 }
 
+// randomIDs draws n token ids below vocab.
+func randomIDs(r *rand.Rand, n, vocab int) []int {
+	ids := make([]int, n)
+	for i := range ids {
+		ids[i] = r.IntN(vocab)
+	}
+	return ids
+}
+
+// sameLogitBits fails t at the first logit of got whose bits differ from
+// want's; gotName and wantName say which pass made each.
+func sameLogitBits(t *testing.T, got, want []float32, vocab int, gotName, wantName string) {
+	t.Helper()
+	if len(got) != len(want) {
+		t.Fatalf("%d logits %s, %d %s", len(got), gotName, len(want), wantName)
+	}
+	for i := range want {
+		if math.Float32bits(got[i]) != math.Float32bits(want[i]) {
+			t.Fatalf("logit %d (row %d): %s %v, %s %v", i, i/vocab, gotName, got[i], wantName, want[i])
+		}
+	}
+}
+
 // A prefill of scopedRows or more rows frees each layer's tensors for the
 // next (Mark, Release); its logits must be those of the same pass holding
 // every tensor to the end, bit for bit.
 func TestScopedPrefillMatchesUnscoped(t *testing.T) {
 	g, _ := testBackends(t, Options{})
 	m := loadOn(t, quantizedFixture(t), g)
-	r := rand.New(rand.NewPCG(11, 3))
-	ids := make([]int, scopedRows+37)
-	for i := range ids {
-		ids[i] = r.IntN(m.Config.VocabSize)
-	}
+	ids := randomIDs(rand.New(rand.NewPCG(11, 3)), scopedRows+37, m.Config.VocabSize)
 	g.noScope = true
 	want := modelLogits(t, m, ids, backend.CacheBF16)
 	if g.releases != 0 {
@@ -257,14 +276,7 @@ func TestScopedPrefillMatchesUnscoped(t *testing.T) {
 	if g.releases != len(m.Layers) {
 		t.Fatalf("%d releases over %d layers", g.releases, len(m.Layers))
 	}
-	if len(got) != len(want) {
-		t.Fatalf("%d logits scoped, %d unscoped", len(got), len(want))
-	}
-	for i := range want {
-		if math.Float32bits(got[i]) != math.Float32bits(want[i]) {
-			t.Fatalf("logit %d (row %d): scoped %v, unscoped %v", i, i/m.Config.VocabSize, got[i], want[i])
-		}
-	}
+	sameLogitBits(t, got, want, m.Config.VocabSize, "scoped", "unscoped")
 }
 
 // A prefill of bigStepRows or more rows goes to the device in pieces; its
@@ -272,11 +284,7 @@ func TestScopedPrefillMatchesUnscoped(t *testing.T) {
 func TestPrefillInPiecesMatchesWhole(t *testing.T) {
 	g, _ := testBackends(t, Options{})
 	m := loadOn(t, quantizedFixture(t), g)
-	r := rand.New(rand.NewPCG(12, 5))
-	ids := make([]int, bigStepRows+37)
-	for i := range ids {
-		ids[i] = r.IntN(m.Config.VocabSize)
-	}
+	ids := randomIDs(rand.New(rand.NewPCG(12, 5)), bigStepRows+37, m.Config.VocabSize)
 	g.opts.NoPieces = true
 	want := modelLogits(t, m, ids, backend.CacheBF16)
 	if g.pieces != 0 {
@@ -288,12 +296,5 @@ func TestPrefillInPiecesMatchesWhole(t *testing.T) {
 		t.Fatalf("the prefill of %d rows did not go in pieces", len(ids))
 	}
 	t.Logf("%d rows in %d pieces", len(ids), g.pieces)
-	if len(got) != len(want) {
-		t.Fatalf("%d logits in pieces, %d whole", len(got), len(want))
-	}
-	for i := range want {
-		if math.Float32bits(got[i]) != math.Float32bits(want[i]) {
-			t.Fatalf("logit %d (row %d): in pieces %v, whole %v", i, i/m.Config.VocabSize, got[i], want[i])
-		}
-	}
+	sameLogitBits(t, got, want, m.Config.VocabSize, "in pieces", "whole")
 }
