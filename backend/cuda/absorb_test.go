@@ -155,29 +155,10 @@ func absorbBench(b *testing.B, d *Device, s backend.MLAShape, T int, kern string
 	ops := g.pending
 	g.pending = nil
 	err = d.Do(func(c *Ctx) error {
-		n := c.launches
-		for _, op := range ops {
-			if err := op.fn(c); err != nil {
-				return err
-			}
-		}
-		launches := c.launches - n
-		if err := c.Sync(); err != nil {
-			return err
-		}
-		const reps = 20
-		ms, err := timeDevice(c, reps, launches, func() error {
-			for _, op := range ops {
-				if err := op.fn(c); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
+		sec, _, err := timeQueued(c, ops, 20)
 		if err != nil {
 			return err
 		}
-		sec := float64(ms) / 1e3 / reps
 		if kern == "tc" {
 			k, err := c.Kernel("absorb", fmt.Sprintf("absorb_query_tc_%d", s.NopeDim))
 			if err != nil {

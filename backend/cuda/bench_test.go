@@ -72,6 +72,32 @@ func timeEvents(c *Ctx, reps int, fn func() error) (float32, error) {
 	return c.Elapsed(start, end)
 }
 
+// timeQueued runs the queued ops once, counting their launches, then
+// times reps runs of them (timeDevice): seconds a run, and a run's launches.
+func timeQueued(c *Ctx, ops []queuedOp, reps int) (sec float64, launches int, err error) {
+	run := func() error {
+		for _, op := range ops {
+			if err := op.fn(c); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	n := c.launches
+	if err := run(); err != nil {
+		return 0, 0, err
+	}
+	launches = c.launches - n
+	if err := c.Sync(); err != nil {
+		return 0, 0, err
+	}
+	ms, err := timeDevice(c, reps, launches, run)
+	if err != nil {
+		return 0, 0, err
+	}
+	return float64(ms) / 1e3 / float64(reps), launches, nil
+}
+
 // timeDevice queues a spin kernel long enough for the host to queue reps
 // calls of fn (launches calls each) behind it, then times those calls
 // between events: device time without the host's launch gaps, about what a

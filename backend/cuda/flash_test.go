@@ -239,29 +239,10 @@ func flashBench(b *testing.B, d *Device, s backend.MLAShape, T, prefix int, dt b
 	ops := g.pending
 	g.pending = nil
 	err = d.Do(func(c *Ctx) error {
-		n := c.launches
-		for _, op := range ops {
-			if err := op.fn(c); err != nil {
-				return err
-			}
-		}
-		launches := c.launches - n
-		if err := c.Sync(); err != nil {
-			return err
-		}
-		const reps = 10
-		ms, err := timeDevice(c, reps, launches, func() error {
-			for _, op := range ops {
-				if err := op.fn(c); err != nil {
-					return err
-				}
-			}
-			return nil
-		})
+		sec, launches, err := timeQueued(c, ops, 10)
 		if err != nil {
 			return err
 		}
-		sec := float64(ms) / 1e3 / reps
 		pairs := float64(T) * float64(2*prefix+T+1) / 2
 		flops := 2 * pairs * float64(s.Heads) * float64(2*s.Rank+s.RopeDim)
 		b.ReportMetric(sec*1e3, "ms/op")
