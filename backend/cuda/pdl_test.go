@@ -60,6 +60,19 @@ func (b *pdlBufs) reset(c *Ctx, r *rand.Rand) error {
 	return errors.Join(CopyIn(c, b.d, randVec(r, b.s.hidden, 1)), CopyIn(c, b.c, randVec(r, b.s.hidden, 0.5)))
 }
 
+// newPDLLayers makes n layers' weights.
+func newPDLLayers(c *Ctx, r *rand.Rand, sh pdlShape, n int) ([]*pdlLayer, error) {
+	var ls []*pdlLayer
+	for range n {
+		l, err := newPDLLayer(c, r, sh)
+		if err != nil {
+			return nil, err
+		}
+		ls = append(ls, l)
+	}
+	return ls, nil
+}
+
 func newPDLLayer(c *Ctx, r *rand.Rand, s pdlShape) (*pdlLayer, error) {
 	l := &pdlLayer{}
 	var errs []error
@@ -182,13 +195,9 @@ func TestPDLChainMatchesSerial(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		var ls []*pdlLayer
-		for i := 0; i < layers; i++ {
-			l, err := newPDLLayer(c, r, glmShape)
-			if err != nil {
-				return err
-			}
-			ls = append(ls, l)
+		ls, err := newPDLLayers(c, r, glmShape, layers)
+		if err != nil {
+			return err
 		}
 		seed := r.Uint64()
 		run := func(fn func() error) (map[string][]byte, error) {
@@ -339,13 +348,9 @@ func BenchmarkPDLLayer(b *testing.B) {
 		if err != nil {
 			return err
 		}
-		var ls []*pdlLayer
-		for i := 0; i < layers; i++ {
-			l, err := newPDLLayer(c, r, glmShape)
-			if err != nil {
-				return err
-			}
-			ls = append(ls, l)
+		ls, err := newPDLLayers(c, r, glmShape, layers)
+		if err != nil {
+			return err
 		}
 		chain := func() error {
 			for _, l := range ls {
