@@ -16,6 +16,15 @@ import (
 // The router against cpu.SelectExperts: the logits against a float64
 // product, then the choice made from the GPU's own logits, so that a near
 // tie cannot make the two sides differ.
+// freeExperts returns the experts' matrices to the pool.
+func freeExperts(c *Ctx, ms []ExpertMats) {
+	for _, m := range ms {
+		c.FreeMatrix(m.Gate)
+		c.FreeMatrix(m.Up)
+		c.FreeMatrix(m.Down)
+	}
+}
+
 func TestRoute(t *testing.T) {
 	d := testDevice(t)
 	r := testRand(t)
@@ -183,11 +192,7 @@ func TestMoE(t *testing.T) {
 					return fmt.Errorf("accumulating call: y[%d] = %g, want %g", i, twice[i], 2*got[i])
 				}
 			}
-			for _, m := range dev {
-				c.FreeMatrix(m.Gate)
-				c.FreeMatrix(m.Up)
-				c.FreeMatrix(m.Down)
-			}
+			freeExperts(c, dev)
 			return errors.Join(c.FreeExpertTable(tab), c.FreeMoEScratch(scr), c.FreeQActs(xa), c.Free(xb), c.Free(wb), c.Free(ib), c.Free(yb))
 		})
 		if err != nil {
@@ -304,11 +309,7 @@ func TestMoEMatchesOldKernels(t *testing.T) {
 					}
 				}
 			}
-			for _, m := range all {
-				c.FreeMatrix(m.Gate)
-				c.FreeMatrix(m.Up)
-				c.FreeMatrix(m.Down)
-			}
+			freeExperts(c, all)
 			return errors.Join(c.FreeExpertTable(tab), c.FreeMoEScratch(scr), c.FreeQActs(xa), c.Free(xb), c.Free(wb), c.Free(ib), c.Free(yb))
 		})
 		if err != nil {

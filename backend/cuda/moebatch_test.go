@@ -45,11 +45,7 @@ func TestMoEBatchedStream(t *testing.T) {
 			dev = append(dev, ExpertMats{Gate: g, Up: u, Down: dn})
 		}
 		defer func() {
-			for _, m := range dev {
-				c.FreeMatrix(m.Gate)
-				c.FreeMatrix(m.Up)
-				c.FreeMatrix(m.Down)
-			}
+			freeExperts(c, dev)
 		}()
 		tab, err := c.NewExpertTable(dev[:E], dev[E:])
 		if err != nil {
