@@ -267,8 +267,8 @@ func NewOnDevice(d *Device, o Options) *Backend {
 	if os.Getenv("MMFP4_CUDA_ROUTER_SLOW") == "1" {
 		routerSlow = true // comparison runs: the older router kernel
 	}
-	if os.Getenv("MMFP4_CUDA_ROUTER_QUANT") == "0" {
-		b.noRouterQuant = true // comparison runs: the MoE input quantized in a launch of its own
+	if moeDownOld {
+		b.noRouterQuant = true // comparison runs: the MoE chain before these kernels
 	}
 	if os.Getenv("MMFP4_CUDA_CHUNKS") == "0" {
 		b.opts.NoPieces = true

@@ -452,33 +452,19 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 		acc = 1
 	}
 	if slots <= moeSlotsMax && t.K <= moeRowsMaxK && t.I <= moeRowsMaxK && t.I%t.G == 0 && !moeDownOld {
-		dname, drows := "moe_down_hq", 4
-		if moeDown2 {
-			dname, drows = "moe_down_hq2", 2
-		}
-		down, err := c.Kernel("moe", dname)
+		gu, err := c.Kernel("moe", "moe_gate_up_q")
 		if err != nil {
 			return err
 		}
-		if t.G == 128 && !moeNoCluster {
-			gu, err := c.Kernel("moe", "moe_gate_up_c")
-			if err != nil {
-				return err
-			}
-			err = c.Launch(gu, Dim{uint32(t.I / 16), uint32(slots), 1}, D1(128), 0,
-				t.buf, ids, topk, t.Routed, t.I, t.K, x.Q, x.Scales, s.HQ.Q, s.HQ.Scales)
-		} else {
-			gu, err := c.Kernel("moe", "moe_gate_up_q")
-			if err != nil {
-				return err
-			}
-			err = c.Launch(gu, Dim{uint32(t.I / 16), uint32(slots), 1}, D1(128), 0,
-				t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, s.H, s.HQ.Q, s.HQ.Scales, s.Groups)
-		}
+		down, err := c.Kernel("moe", "moe_down_hq")
 		if err != nil {
 			return err
 		}
-		return c.Launch(down, D1((t.K+drows-1)/drows), D1(32*slots), 0, t.buf, ids, wts, topk, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, y, acc)
+		if err := c.Launch(gu, Dim{uint32((t.I + 15) / 16), uint32(slots), 1}, D1(128), 0,
+			t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, s.H, s.HQ.Q, s.HQ.Scales, s.Groups); err != nil {
+			return err
+		}
+		return c.Launch(down, D1((t.K+3)/4), D1(32*slots), 0, t.buf, ids, wts, topk, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, y, acc)
 	}
 	gu, err := c.Kernel("moe", "moe_gate_up")
 	if err != nil {
@@ -519,17 +505,10 @@ const (
 )
 
 // moeDownOld makes MoE use moe_gate_up and moe_down_q (benchmarks and
-// tests; MMFP4_CUDA_MOE_DOWN=old while measuring).
+// tests). MMFP4_CUDA_MOE_DOWN=old, for an A/B on the card, also keeps the
+// MoE input's quantization out of the router launch (Backend): the MoE
+// chain as it was before these kernels.
 var moeDownOld = os.Getenv("MMFP4_CUDA_MOE_DOWN") == "old"
-
-// moeNoCluster takes moe_gate_up_q (a counter a group) where
-// moe_gate_up_c (a cluster a group) would do (while measuring;
-// MMFP4_CUDA_MOE_CLUSTER=0).
-var moeNoCluster = os.Getenv("MMFP4_CUDA_MOE_CLUSTER") == "0"
-
-// moeDown2 takes moe_down_hq2 (2 rows a block; while measuring,
-// MMFP4_CUDA_MOE_DOWN2=1).
-var moeDown2 = os.Getenv("MMFP4_CUDA_MOE_DOWN2") == "1"
 
 // moeMaxI is MOE_MAX_I in moe.cu: the largest intermediate size whose
 // quantization moe_down_q holds in shared memory.

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"strings"
 	"testing"
 
 	"github.com/mmfp4/mmfp4/format"
@@ -169,9 +168,6 @@ func BenchmarkRouterMoE(b *testing.B) {
 		{"router+two", true, false, routerTwo(0)},
 		{"two-old", false, true, two},
 		{"two", false, false, two},
-		{"two-counters", false, false, two},
-		{"two-down2", false, false, two},
-		{"routerquant+two-counters", true, false, routerTwo(2)},
 	}
 	for _, v := range variants {
 		bytes := ebytes
@@ -179,8 +175,8 @@ func BenchmarkRouterMoE(b *testing.B) {
 			bytes += 4 * E * K
 		}
 		b.Run(v.name, func(b *testing.B) {
-			moeDownOld, moeNoCluster, moeDown2 = v.oldDown, strings.HasSuffix(v.name, "-counters"), strings.HasSuffix(v.name, "-down2")
-			defer func() { moeDownOld, moeNoCluster, moeDown2 = false, false, false }()
+			moeDownOld = v.oldDown
+			defer func() { moeDownOld = false }()
 			var ms float32
 			err := d.Do(func(c *Ctx) error {
 				call := func() error {

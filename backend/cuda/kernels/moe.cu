@@ -716,29 +716,6 @@ DEVICE void rows_load(const u8* const (&rc)[R], const u8* const (&rs)[R], int C,
 
 // GLOBAL: sq and ss are in global memory, written by an earlier kernel
 // (read through the non-coherent path, as gemv_dot reads its input).
-// rows_load for P consecutive rows of two matrices (rows 0..P-1 of A at
-// codes cA and scales sA, then P of B), rows cstride and sstride bytes
-// apart: two base addresses instead of 2P.
-template <int P>
-DEVICE void rows_load2(const u8* cA, const u8* sA, const u8* cB, const u8* sB, int cstride,
-                       int sstride, int C, int gshift, uint4 (&w)[2][2 * P], u32 (&s)[2][2 * P]) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int h = 0; h < 2; h++) {
-    const int c = 32 * h + lane;
-    if (c < C) {
-#pragma unroll
-      for (int r = 0; r < P; r++) w[h][r] = load_stream16(cA + r * cstride + c * 16);
-#pragma unroll
-      for (int r = 0; r < P; r++) w[h][P + r] = load_stream16(cB + r * cstride + c * 16);
-#pragma unroll
-      for (int r = 0; r < P; r++) s[h][r] = __ldg(sA + r * sstride + (c >> gshift));
-#pragma unroll
-      for (int r = 0; r < P; r++) s[h][P + r] = __ldg(sB + r * sstride + (c >> gshift));
-    }
-  }
-}
-
 template <int R, bool GLOBAL = false>
 DEVICE void rows_dot(const uint4 (&w)[2][R], const u32 (&s)[2][R], int C, int gshift,
                      const i8* sq, const float* ss, float (&out)[R]) {
@@ -795,103 +772,61 @@ DEVICE void quant_groups(const float* src, bool global, int K, int G, int g0, in
 }
 
 
-// Thread block clusters (sm_90): a barrier of all the cluster's threads
-// (arrive releases, wait acquires), and a float of block rank's shared
-// memory at the address of p in this block's.
-DEVICE void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.aligned;\n\tbarrier.cluster.wait.aligned;" ::: "memory");
-}
-DEVICE float ld_cluster(const float* p, int rank) {
-  u32 a = (u32)__cvta_generic_to_shared(p), r;
-  float v;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(rank));
-  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(r) : "memory");
-  return v;
-}
-
 // Gate and up products of every slot with the SiLU product, as moe_gate_up
-// (the same rows of h, the same bits), for K <= 2048: grid (I/16, nslots)
-// blocks of 16 rows of h, W warps of P rows each (W*P = 16); a warp
-// requests its P rows of gate and of up at once (rows_load), the block
-// copies the int8 input to shared memory meanwhile, and the products read
-// it from there. Then h is quantized for the down products once, not in
-// each of their blocks: the last of the G/16 blocks that make a group of G
-// rows of h (counted in gcount[slot][group], which it resets) quantizes
-// that group into hq, hs (nslots rows of I, as rmsnorm_quant without a
-// gain).
-template <int W, int P, bool CLUSTER>
-DEVICE void gate_up_q_block(const Expert* __restrict__ experts, const i32* __restrict__ ids,
-                            int topk, int nexperts, int I, int K, int gshift,
-                            const i8* __restrict__ xq, const float* __restrict__ xs,
-                            float* __restrict__ h, i8* __restrict__ hq, float* __restrict__ hs,
-                            u32* __restrict__ gcount) {
+// (the same grid, rows and bits), for K <= 2048: a warp requests its 8
+// rows' weights at once (rows_load), the block copies the int8 input to
+// shared memory meanwhile, and the products read it from there. Then h
+// is quantized for the down products once, not in each of their blocks:
+// the last of the G/16 blocks that make a group of G rows of h (counted
+// in gcount[slot][group], which it resets) quantizes that group into
+// hq, hs (nslots rows of I, as rmsnorm_quant without a gain).
+extern "C" __global__ void __launch_bounds__(128, 4)
+    moe_gate_up_q(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
+                  int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
+                  const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq,
+                  float* __restrict__ hs, u32* __restrict__ gcount) {
+  PDL_LAUNCH();
   __shared__ __align__(16) i8 sx[ROUTER_FAST_MAX_K];
   __shared__ float sxs[ROUTER_FAST_MAX_K / 32];
   __shared__ bool last;
   const int slot = blockIdx.y, lane = threadIdx.x & 31, tid = threadIdx.x;
-  const int row0 = blockIdx.x * 16 + (tid >> 5) * P;
+  const int row0 = (blockIdx.x * 4 + (tid >> 5)) * 4;
   const int G = 32 << gshift, GK = K / G, C = K >> 5;
   // The expert table is written once at load: a shared slot's weights
   // need nothing from the kernels before this one.
   if (slot < topk) PDL_WAIT();
   const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
-  uint4 w[2][2 * P];
-  u32 s[2][2 * P];
-  rows_load2<P>(ex.gate.codes + (size_t)row0 * (K / 2), ex.gate.scales + (size_t)row0 * GK,
-                ex.up.codes + (size_t)row0 * (K / 2), ex.up.scales + (size_t)row0 * GK, K / 2, GK, C,
-                gshift, w, s);
-  PDL_WAIT();
-  for (int i = tid * 16; i < K; i += 32 * W * 16) *(uint4*)(sx + i) = __ldg((const uint4*)(xq + i));
-  for (int i = tid; i < GK; i += 32 * W) sxs[i] = __ldg(xs + i);
-  __syncthreads();
-  float out[2 * P];
-  rows_dot<2 * P>(w, s, C, gshift, sx, sxs, out);
-  // A block's 16 rows lie in one group of G (16 divides G, and I is a
-  // multiple of G).
-  const int IG = I / G, grp = blockIdx.x * 16 / G;
-  if (CLUSTER) {
-    // A cluster of 8 blocks is one group of 128 rows: block 0 reads the
-    // others' rows from their shared memory and quantizes the group.
-    __shared__ float hsm[16];
+  const u8* rc[8];
+  const u8* rs[8];
 #pragma unroll
-    for (int r = 0; r < P; r++) {
-      const int n = row0 + r;
-      if (lane == r) {
-        const float g = out[r] * (ex.gate.row_scale[n] * 0.5f);
-        const float u = out[P + r] * (ex.up.row_scale[n] * 0.5f);
-        hsm[n - blockIdx.x * 16] = silu(g) * u;
-      }
-    }
-    cluster_sync();
-    float v[4];
-    const bool first = (blockIdx.x & 7) == 0 && tid < 32;
-    if (first) {
-#pragma unroll
-      for (int e = 0; e < 4; e++) v[e] = ld_cluster(&hsm[(lane * 4 + e) & 15], lane >> 2);
-    }
-    cluster_sync();  // no block leaves while its rows are read
-    if (first) {
-      float amax = 0.f;
-#pragma unroll
-      for (int e = 0; e < 4; e++) amax = fmaxf(amax, fabsf(v[e]));
-      amax = warp_max(amax);
-      const float scale = amax / 127.f;
-      const int k0 = grp * 128 + lane * 4;
-#pragma unroll
-      for (int e = 0; e < 4; e++) hq[(size_t)slot * I + k0 + e] = (i8)quant8(v[e], amax, scale);
-      if (lane == 0) hs[(size_t)slot * IG + grp] = amax == 0.f ? 0.f : scale;
-    }
-    return;
+  for (int r = 0; r < 4; r++) {
+    const int n = min(row0 + r, I - 1);
+    rc[r] = ex.gate.codes + (size_t)n * (K / 2);
+    rs[r] = ex.gate.scales + (size_t)n * GK;
+    rc[4 + r] = ex.up.codes + (size_t)n * (K / 2);
+    rs[4 + r] = ex.up.scales + (size_t)n * GK;
   }
+  uint4 w[2][8];
+  u32 s[2][8];
+  rows_load<8>(rc, rs, C, gshift, w, s);
+  PDL_WAIT();
+  for (int i = tid * 16; i < K; i += 128 * 16) *(uint4*)(sx + i) = __ldg((const uint4*)(xq + i));
+  for (int i = tid; i < GK; i += 128) sxs[i] = __ldg(xs + i);
+  __syncthreads();
+  float out[8];
+  rows_dot<8>(w, s, C, gshift, sx, sxs, out);
 #pragma unroll
-  for (int r = 0; r < P; r++) {
+  for (int r = 0; r < 4; r++) {
     const int n = row0 + r;
-    if (lane == r) {
+    if (lane == r && n < I) {
       const float g = out[r] * (ex.gate.row_scale[n] * 0.5f);
-      const float u = out[P + r] * (ex.up.row_scale[n] * 0.5f);
+      const float u = out[4 + r] * (ex.up.row_scale[n] * 0.5f);
       h[(size_t)slot * I + n] = silu(g) * u;
     }
   }
+  // A block's 16 rows lie in one group of G (16 divides G, and I is a
+  // multiple of G).
+  const int IG = I / G, grp = blockIdx.x * 16 / G;
   __syncthreads();
   if (tid == 0) {
     __threadfence();
@@ -906,28 +841,6 @@ DEVICE void gate_up_q_block(const Expert* __restrict__ experts, const i32* __res
   }
 }
 
-// 4 warps of 4 rows (128 registers: 4 blocks a multiprocessor).
-extern "C" __global__ void __launch_bounds__(128, 4)
-    moe_gate_up_q(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
-                  int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
-                  const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq,
-                  float* __restrict__ hs, u32* __restrict__ gcount) {
-  PDL_LAUNCH();
-  gate_up_q_block<4, 4, false>(experts, ids, topk, nexperts, I, K, gshift, xq, xs, h, hq, hs, gcount);
-}
-
-// moe_gate_up_q for groups of 128 (gshift 2) in clusters of 8 blocks, one
-// group a cluster: the group's quantization through the cluster's shared
-// memory and two cluster barriers instead of a fence, a counter and a
-// reload of h from L2 (h itself is not written).
-extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128, 4)
-    moe_gate_up_c(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
-                  int nexperts, int I, int K, const i8* __restrict__ xq,
-                  const float* __restrict__ xs, i8* __restrict__ hq, float* __restrict__ hs) {
-  PDL_LAUNCH();
-  gate_up_q_block<4, 4, true>(experts, ids, topk, nexperts, I, K, 2, xq, xs, nullptr, hq, hs, nullptr);
-}
-
 // Down products of every slot for 4 output rows a block, summed over the
 // slots in the block, from h quantized by moe_gate_up_q: grid ceil(N/4)
 // blocks of nslots warps, warp s taking slot s's 4 rows (rows_load, then
@@ -936,63 +849,42 @@ extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128, 4)
 // (moe_down_sum's order and operations) in shared memory: no partial
 // products through memory, no counters. I <= 2048.
 #define DOWN_SLOTS_MAX 8
-template <int R>
-DEVICE void down_hq_block(const Expert* __restrict__ experts, const i32* __restrict__ ids,
-                          const float* __restrict__ wts, int topk, int nexperts, int N, int I,
-                          int gshift, const i8* __restrict__ hq, const float* __restrict__ hs,
-                          float* __restrict__ y, int accumulate) {
-  __shared__ float part[DOWN_SLOTS_MAX][R], wsm[DOWN_SLOTS_MAX];
-  const int slot = threadIdx.x >> 5, lane = threadIdx.x & 31, nslots = blockDim.x >> 5;
-  const int row0 = blockIdx.x * R;
-  const int G = 32 << gshift, GK = I / G, C = I >> 5;
-  // The expert table is written once at load: a shared slot's weights
-  // need nothing from the kernels before this one.
-  if (slot < topk) PDL_WAIT();
-  const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
-  const u8* rc[R];
-  const u8* rs[R];
-#pragma unroll
-  for (int r = 0; r < R; r++) {
-    const int n = min(row0 + r, N - 1);
-    rc[r] = ex.down.codes + (size_t)n * (I / 2);
-    rs[r] = ex.down.scales + (size_t)n * GK;
-  }
-  uint4 w[2][R];
-  u32 s[2][R];
-  rows_load<R>(rc, rs, C, gshift, w, s);
-  const float rsc = lane < R ? ex.down.row_scale[min(row0 + lane, N - 1)] : 0.f;
-  PDL_WAIT();
-  if (lane == 0) wsm[slot] = slot < topk ? wts[slot] : 1.f;
-  float out[R];
-  rows_dot<R, true>(w, s, C, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK, out);
-#pragma unroll
-  for (int r = 0; r < R; r++)
-    if (lane == r) part[slot][r] = out[r] * (rsc * 0.5f);
-  __syncthreads();
-  const int n = row0 + threadIdx.x;
-  if (threadIdx.x < R && n < N) {
-    float total = 0.f;
-    for (int k = 0; k < nslots; k++) total += wsm[k] * part[k][threadIdx.x];
-    y[n] = accumulate ? y[n] + total : total;
-  }
-}
-
-// 4 rows a block.
 extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
     moe_down_hq(const Expert* __restrict__ experts, const i32* __restrict__ ids,
                 const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
                 const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
                 int accumulate) {
   PDL_LAUNCH();
-  down_hq_block<4>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate);
-}
-
-// 2 rows a block (twice the blocks, half the loads a warp).
-extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
-    moe_down_hq2(const Expert* __restrict__ experts, const i32* __restrict__ ids,
-                 const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
-                 const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
-                 int accumulate) {
-  PDL_LAUNCH();
-  down_hq_block<2>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate);
+  __shared__ float part[DOWN_SLOTS_MAX][4], wsm[DOWN_SLOTS_MAX];
+  const int slot = threadIdx.x >> 5, lane = threadIdx.x & 31, nslots = blockDim.x >> 5;
+  const int row0 = blockIdx.x * 4;
+  const int G = 32 << gshift, GK = I / G, C = I >> 5;
+  if (slot < topk) PDL_WAIT();
+  const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
+  const u8* rc[4];
+  const u8* rs[4];
+#pragma unroll
+  for (int r = 0; r < 4; r++) {
+    const int n = min(row0 + r, N - 1);
+    rc[r] = ex.down.codes + (size_t)n * (I / 2);
+    rs[r] = ex.down.scales + (size_t)n * GK;
+  }
+  uint4 w[2][4];
+  u32 s[2][4];
+  rows_load<4>(rc, rs, C, gshift, w, s);
+  const float rsc = lane < 4 ? ex.down.row_scale[min(row0 + lane, N - 1)] : 0.f;
+  PDL_WAIT();
+  if (lane == 0) wsm[slot] = slot < topk ? wts[slot] : 1.f;
+  float out[4];
+  rows_dot<4, true>(w, s, C, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK, out);
+#pragma unroll
+  for (int r = 0; r < 4; r++)
+    if (lane == r) part[slot][r] = out[r] * (rsc * 0.5f);
+  __syncthreads();
+  const int n = row0 + threadIdx.x;
+  if (threadIdx.x < 4 && n < N) {
+    float total = 0.f;
+    for (int k = 0; k < nslots; k++) total += wsm[k] * part[k][threadIdx.x];
+    y[n] = accumulate ? y[n] + total : total;
+  }
 }
