@@ -26,9 +26,6 @@ const (
 	// GEMMTileW64F: GEMMTileW64 without the skipping of empty n-tiles
 	// (MoEBatched only; for comparison).
 	GEMMTileW64F
-	// GEMMTileW64C: GEMMTileW64 checking n-tiles only where the warp has
-	// empty ones (a second copy of the loop; MoEBatched only).
-	GEMMTileW64C
 )
 
 // gemmRows and gemmBK are GEMM_ROWS and GEMM_BK in gemm.cu: the weight rows
@@ -53,7 +50,7 @@ const (
 
 func (t GEMMTile) tokens() int {
 	switch t {
-	case GEMMTile64, GEMMTileW64, GEMMTileW64F, GEMMTileW64C:
+	case GEMMTile64, GEMMTileW64, GEMMTileW64F:
 		return 64
 	}
 	return 16
@@ -70,8 +67,6 @@ func (t GEMMTile) suffix(G int) string {
 		s = "w64"
 	case GEMMTileW64F:
 		s = "w64f"
-	case GEMMTileW64C:
-		s = "w64c"
 	}
 	if G == 128 {
 		s += "_g128"
@@ -81,7 +76,7 @@ func (t GEMMTile) suffix(G int) string {
 
 func (t GEMMTile) threads() int {
 	switch t {
-	case GEMMTile64, GEMMTileW64, GEMMTileW64F, GEMMTileW64C:
+	case GEMMTile64, GEMMTileW64, GEMMTileW64F:
 		return 256
 	}
 	return 128
@@ -302,8 +297,6 @@ func init() {
 		moeTileOverride = GEMMTileW64
 	case "w64f":
 		moeTileOverride = GEMMTileW64F
-	case "w64c":
-		moeTileOverride = GEMMTileW64C
 	}
 	switch os.Getenv("MMFP4_CUDA_GEMM_WIDE") {
 	case "w64":

@@ -152,7 +152,7 @@ func TestBackendMoEBatchedMatchesCPU(t *testing.T) {
 			x := randVec(r, T*K, 1)
 			tiles := []GEMMTile{GEMMTileAuto}
 			if T >= 20 {
-				tiles = append(tiles, GEMMTile64, GEMMTileW64, GEMMTileW64F, GEMMTileW64C)
+				tiles = append(tiles, GEMMTile64, GEMMTileW64, GEMMTileW64F)
 			}
 			for _, withShared := range []bool{false, true} {
 				for _, tile := range tiles {
@@ -335,7 +335,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 				wts[t*topk+k] = 0.25
 			}
 		}
-		for _, v := range []string{"per_token", "batched_t16", "batched_t64", "batched_w64", "batched_w64f", "batched_w64c"} {
+		for _, v := range []string{"per_token", "batched_t16", "batched_t64", "batched_w64", "batched_w64f"} {
 			if v == "per_token" && T > 128 {
 				continue
 			}
@@ -371,7 +371,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 							return nil
 						}
 					default:
-						tile := map[string]GEMMTile{"batched_t16": GEMMTile16, "batched_t64": GEMMTile64, "batched_w64": GEMMTileW64, "batched_w64f": GEMMTileW64F, "batched_w64c": GEMMTileW64C}[v]
+						tile := map[string]GEMMTile{"batched_t16": GEMMTile16, "batched_t64": GEMMTile64, "batched_w64": GEMMTileW64, "batched_w64f": GEMMTileW64F}[v]
 						s, bufs, err := newMoEBatch(c, T, topk, tab, tile)
 						defer func() {
 							for _, bb := range bufs {
