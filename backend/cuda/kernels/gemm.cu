@@ -9,9 +9,11 @@
 // scale group at a time into int32; each group's sum is then scaled in fp32
 // into fp32 accumulators, and the row scale comes last.
 //
-// A block computes 128 weight rows x BT tokens (BT = 8*WT*WN): 4 x WN warps,
-// warp (wm, wn) taking two m-tiles of 16 rows (shared rows 16wm.. and
-// 64+16wm..) and WT n-tiles of 8 tokens. K goes in stages of 128 columns
+// A block computes 128 weight rows x BT tokens (BT = 8*WT*WN) with 8/MT x WN
+// warps, each taking MT m-tiles of 16 rows and WT n-tiles of 8 tokens (see
+// gemm_tile: the 16-token tile has two m-tiles a warp, the 64-token tile
+// one m-tile and eight n-tiles, so that each widened code feeds 8 mma). K
+// goes in stages of 128 columns
 // through a GEMM_STAGES-deep cp.async pipeline in shared memory: codes
 // [128 rows][64 bytes] (rows padded to 80 bytes: conflict-free word reads),
 // activations [BT][128 bytes] (16-byte granules swizzled by token) and
@@ -112,9 +114,8 @@ DEVICE float gemm_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
 // taking shared rows 16wm..16wm+15 only, so that each widened code feeds
 // WT mma instead of WT/2 per token; for GATE_UP the up warps (wm >= 4) hand
 // their products to the gate warps through shared memory at the end. With
-// MT = 1 a warp also skips its n-tiles that hold no valid token (the short
-// last tile of an expert's segment).
-// SK = 1: a warp skips its n-tiles that hold no valid token (MT = 1 only).
+// MT = 1 and SK = 1 a warp also skips its n-tiles that hold no valid token
+// (the short last tile of an expert's segment).
 template <int MT, int WT, int WN, int MODE, int SPG, int SK>
 DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8* __restrict__ xq, int ldx,
                       const float* __restrict__ xs, int ldxs, const int* tokrow, int ntok,
@@ -337,66 +338,21 @@ DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale
   }
 
 // (MINB: blocks per SM the registers must allow.)
-GEMM_DENSE_KERNEL(gemm_t64, 2, 4, 2, 0, 2)
 GEMM_DENSE_KERNEL(gemm_t16, 2, 2, 1, 0, 1)
-GEMM_DENSE_KERNEL(gemm_t64_g128, 2, 4, 2, 4, 2)
 GEMM_DENSE_KERNEL(gemm_t16_g128, 2, 2, 1, 4, 1)
-GEMM_DENSE_KERNEL(gemm_w64, 1, 8, 1, 0, 2)
-GEMM_DENSE_KERNEL(gemm_w64_g128, 1, 8, 1, 4, 2)
+GEMM_DENSE_KERNEL(gemm_t64, 1, 8, 1, 0, 2)
+GEMM_DENSE_KERNEL(gemm_t64_g128, 1, 8, 1, 4, 2)
 
 
 // ---------------------------------------------------------------------------
 // MoE over many tokens, on the device. A pair (t, k) is token t's slot k:
 // slots 0..topk-1 are the routed experts ids[t*topk+k] (weight wts[...]),
 // slots topk..topk+S-1 the shared experts (table entries E.., weight 1).
-// moe_group sorts the pairs by expert: pos[p] is pair p's row in expert
-// order, list[row] its token, and tiles (expert, first row, rows <= BT)
-// cover every expert's rows; ntiles[0] counts them. The GEMMs run over
-// (row blocks) x (tiles); blocks past ntiles exit.
-
-#define MOE_GROUP_THREADS 1024
-#define MOE_GROUP_MAX 1024
-
-extern "C" __global__ void __launch_bounds__(MOE_GROUP_THREADS)
-    moe_group(const i32* __restrict__ ids, int T, int topk, int S, int E, int BT, i32* __restrict__ pos,
-              i32* __restrict__ list, i32* __restrict__ tile_e, i32* __restrict__ tile_s,
-              i32* __restrict__ tile_n, i32* __restrict__ ntiles) {
-  PDL_LAUNCH();
-  __shared__ int cnt[MOE_GROUP_MAX], off[MOE_GROUP_MAX];
-  const int slots = topk + S, P = T * slots, NE = E + S;
-  for (int e = threadIdx.x; e < NE; e += blockDim.x) cnt[e] = 0;
-  PDL_WAIT();
-  __syncthreads();
-  for (int p = threadIdx.x; p < P; p += blockDim.x) {
-    const int t = p / slots, k = p - t * slots;
-    const int e = k < topk ? ids[t * topk + k] : E + (k - topk);
-    pos[p] = (e >= 0 && e < NE) ? atomicAdd(&cnt[e], 1) : -1;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int o = 0, n = 0;
-    for (int e = 0; e < NE; e++) {
-      off[e] = o;
-      for (int j = 0; j < cnt[e]; j += BT) {
-        tile_e[n] = e;
-        tile_s[n] = o + j;
-        tile_n[n] = min(BT, cnt[e] - j);
-        n++;
-      }
-      o += cnt[e];
-    }
-    ntiles[0] = n;
-  }
-  __syncthreads();
-  for (int p = threadIdx.x; p < P; p += blockDim.x) {
-    const int t = p / slots, k = p - t * slots;
-    const int e = k < topk ? ids[t * topk + k] : E + (k - topk);
-    if (pos[p] < 0) continue;
-    const int row = off[e] + pos[p];
-    pos[p] = row;
-    list[row] = t;
-  }
-}
+// moeb_group (stream.cu) sorts the pairs by expert: pos[p] is pair p's row
+// in expert order, list[row] its token, and tiles (expert, first row, rows
+// <= BT) cover every expert's rows; ntiles[0] counts them. The GEMMs run
+// over (row blocks) x (tiles); blocks past ntiles exit; moeb_combine
+// (stream.cu) sums each token's slots.
 
 // Gate and up products with the SiLU product over the tiles:
 // h[row][n] = silu(gate_e,n . x[list[row]]) * (up_e,n . x[list[row]]).
@@ -456,36 +412,10 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
     moe_gemm_down<MT, WT, WN, SPG, SK>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part);        \
   }
 
-MOE_GEMM_KERNELS(t64, 2, 4, 2, 0, 1, 0)
 MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1, 0)
-MOE_GEMM_KERNELS(t64_g128, 2, 4, 2, 4, 1, 0)
 MOE_GEMM_KERNELS(t16_g128, 2, 2, 1, 4, 1, 0)
-MOE_GEMM_KERNELS(w64, 1, 8, 1, 0, 2, 1)
-MOE_GEMM_KERNELS(w64_g128, 1, 8, 1, 4, 2, 1)
-MOE_GEMM_KERNELS(w64f, 1, 8, 1, 0, 2, 0)
-MOE_GEMM_KERNELS(w64f_g128, 1, 8, 1, 4, 2, 0)
-
-// y[t] (+)= sum over token t's slots, in slot order, of weight * part[pos]:
-// the routed slots with their weights, the shared ones with weight 1 (the
-// fused single-token kernel's order). Grid T blocks of 256 threads.
-extern "C" __global__ void __launch_bounds__(256)
-    moe_combine(const float* __restrict__ part, const i32* __restrict__ pos, const float* __restrict__ wts,
-                int topk, int slots, int N, float* __restrict__ y, int ldy, int accumulate) {
-  PDL_LAUNCH();
-  PDL_WAIT();
-  const int t = blockIdx.x;
-  for (int n = threadIdx.x; n < N; n += blockDim.x) {
-    float total = 0.f;
-    for (int k = 0; k < slots; k++) {
-      const int p = pos[t * slots + k];
-      if (p < 0) continue;
-      const float w = k < topk ? wts[t * topk + k] : 1.f;
-      total += w * part[(size_t)p * N + n];
-    }
-    float* o = y + (size_t)t * ldy + n;
-    *o = accumulate ? *o + total : total;
-  }
-}
+MOE_GEMM_KERNELS(t64, 1, 8, 1, 0, 2, 1)
+MOE_GEMM_KERNELS(t64_g128, 1, 8, 1, 4, 2, 1)
 
 // ---------------------------------------------------------------------------
 // The absorbed query of many tokens, qlat[t, h*rank + k] =
