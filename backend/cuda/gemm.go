@@ -18,14 +18,9 @@ const (
 	GEMMTileAuto GEMMTile = iota
 	// GEMMTile16: blocks of 128 rows x 16 tokens (4 warps).
 	GEMMTile16
-	// GEMMTile64: blocks of 128 rows x 64 tokens (8 warps).
+	// GEMMTile64: blocks of 128 rows x 64 tokens, 8 warps of 16 rows x 64
+	// tokens (each widened code feeds 8 mma).
 	GEMMTile64
-	// GEMMTileW64: blocks of 128 rows x 64 tokens, 8 warps of 16 rows x
-	// 64 tokens each (every widened code feeds 8 mma).
-	GEMMTileW64
-	// GEMMTileW64F: GEMMTileW64 without the skipping of empty n-tiles
-	// (MoEBatched only; for comparison).
-	GEMMTileW64F
 )
 
 // gemmRows and gemmBK are GEMM_ROWS and GEMM_BK in gemm.cu: the weight rows
@@ -40,9 +35,11 @@ const (
 
 // gemmWideTokens is where the 64-token tile takes over from the 16-token
 // one in a product; moeWideTokens the same for the average expert segment
-// of MoEBatched (measured on an H200: the 16-token tile leads up to 128
-// tokens a product and ties at 256; in the MoE it leads at 10 tokens an
-// expert and trails from about 40).
+// of MoEBatched (measured on an H200 with the earlier 64-token tile of two
+// m-tiles a warp: the 16-token tile leads up to 128 tokens a product and
+// ties at 256; in the MoE it leads at 10 tokens an expert and trails from
+// about 40. The present 64-token tile: MoE 364 against 314 us at 256
+// tokens, 625 against 906 at 1024).
 const (
 	gemmWideTokens = 256
 	moeWideTokens  = 32
@@ -50,7 +47,7 @@ const (
 
 func (t GEMMTile) tokens() int {
 	switch t {
-	case GEMMTile64, GEMMTileW64, GEMMTileW64F:
+	case GEMMTile64:
 		return 64
 	}
 	return 16
@@ -63,10 +60,6 @@ func (t GEMMTile) suffix(G int) string {
 	switch t {
 	case GEMMTile64:
 		s = "t64"
-	case GEMMTileW64:
-		s = "w64"
-	case GEMMTileW64F:
-		s = "w64f"
 	}
 	if G == 128 {
 		s += "_g128"
@@ -76,7 +69,7 @@ func (t GEMMTile) suffix(G int) string {
 
 func (t GEMMTile) threads() int {
 	switch t {
-	case GEMMTile64, GEMMTileW64, GEMMTileW64F:
+	case GEMMTile64:
 		return 256
 	}
 	return 128
@@ -94,10 +87,7 @@ func pickTile(t GEMMTile, tokens int) GEMMTile {
 		return t
 	}
 	if tokens >= gemmWideTokens {
-		if gemmWideOverride != GEMMTileAuto {
-			return gemmWideOverride
-		}
-		return GEMMTileW64
+		return GEMMTile64
 	}
 	return GEMMTile16
 }
@@ -165,6 +155,10 @@ type MoEBatch struct {
 	Tile               GEMMTile
 }
 
+// moeTileOverride, when set, is MoEBatched's tile for every batch (tests
+// cover each tile through it).
+var moeTileOverride = GEMMTileAuto
+
 // moeBatchTile picks the token tile for T tokens of slots pairs each over
 // experts experts: the wide tile once a segment averages moeWideTokens.
 func moeBatchTile(T, slots, experts int) GEMMTile {
@@ -172,7 +166,7 @@ func moeBatchTile(T, slots, experts int) GEMMTile {
 		return moeTileOverride
 	}
 	if T*slots >= moeWideTokens*experts {
-		return GEMMTileW64
+		return GEMMTile64
 	}
 	return GEMMTile16
 }
@@ -183,7 +177,7 @@ func moeMaxTiles(P, ne, bt int) int { return P/bt + min(ne, P) + 1 }
 
 // MoEBatched computes, for the x.T quantized tokens of x,
 // y[t] (+)= sum_k wts[t,k] expert_{ids[t,k]}(x[t]) + the shared experts(x[t])
-// entirely on the device: moe_group sorts the pairs by expert, then the
+// entirely on the device: moeb_group sorts the pairs by expert, then the
 // gate/up GEMM with the SiLU product over each expert's rows, the int8
 // quantization of those, the down GEMM, and a weighted sum into y (five
 // launches, no host round trip).
@@ -201,9 +195,6 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 	}
 	tile := s.Tile
 	group, err := c.Kernel("stream", "moeb_group")
-	if moeOldSmall {
-		group, err = c.Kernel("gemm", "moe_group")
-	}
 	if err != nil {
 		return err
 	}
@@ -216,11 +207,7 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 	if err != nil {
 		return err
 	}
-	wideComb := t.K%4 == 0 && !moeOldSmall
 	comb, err := c.Kernel("stream", "moeb_combine")
-	if !wideComb {
-		comb, err = c.Kernel("gemm", "moe_combine")
-	}
 	if err != nil {
 		return err
 	}
@@ -244,10 +231,7 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 	if accumulate {
 		acc = 1
 	}
-	if wideComb {
-		return c.Launch(comb, Dim{uint32(x.T), uint32((t.K + 511) / 512), 1}, D1(128), 0, s.Part, s.Pos, wts, topk, slots, t.K, y, ldy, acc)
-	}
-	return c.Launch(comb, D1(x.T), D1(256), 0, s.Part, s.Pos, wts, topk, slots, t.K, y, ldy, acc)
+	return c.Launch(comb, Dim{uint32(x.T), uint32((t.K + 511) / 512), 1}, D1(128), 0, s.Part, s.Pos, wts, topk, slots, t.K, y, ldy, acc)
 }
 
 // gemmMinTokens is the smallest MMFP4 product (in token rows) that MatMul
@@ -262,33 +246,7 @@ var moeBatchedMinTokens = 8
 // MMFP4_CUDA_GEMM=0 turns both off (the GEMV kernels eight rows a launch,
 // the fused MoE per token up to moeFusedMaxTokens, then the grouped path),
 // for comparisons in one binary.
-// Measurement switches (for A/B runs in one binary):
-// MMFP4_CUDA_MOE_TILE=t16|t64|w64|w128 fixes MoEBatched's tile;
-// MMFP4_CUDA_MOE_OLD=1 takes the single-thread grouping and the narrow
-// combine; MMFP4_CUDA_GEMM_WIDE=w64|w128 the dense products' wide tile.
-var (
-	moeTileOverride  = GEMMTileAuto
-	gemmWideOverride = GEMMTileAuto
-	moeOldSmall      = os.Getenv("MMFP4_CUDA_MOE_OLD") == "1"
-)
-
 func init() {
-	switch os.Getenv("MMFP4_CUDA_MOE_TILE") {
-	case "t16":
-		moeTileOverride = GEMMTile16
-	case "t64":
-		moeTileOverride = GEMMTile64
-	case "w64":
-		moeTileOverride = GEMMTileW64
-	case "w64f":
-		moeTileOverride = GEMMTileW64F
-	}
-	switch os.Getenv("MMFP4_CUDA_GEMM_WIDE") {
-	case "w64":
-		gemmWideOverride = GEMMTileW64
-	case "t64":
-		gemmWideOverride = GEMMTile64
-	}
 	if os.Getenv("MMFP4_CUDA_GEMM") == "0" {
 		gemmMinTokens = 1 << 30
 		moeBatchedMinTokens = 1 << 30

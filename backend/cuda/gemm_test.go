@@ -58,7 +58,7 @@ func TestGEMM(t *testing.T) {
 			ref.MatMul(yt, xt, rw)
 			want := ref.Download(yt)
 			exact := floatProduct(wd, x, T, s.N, s.K)
-			for _, tile := range []GEMMTile{GEMMTile16, GEMMTile64, GEMMTileW64} {
+			for _, tile := range []GEMMTile{GEMMTile16, GEMMTile64} {
 				ldy := s.N + 5*(T%2)
 				got := productOnDevice(t, d, m, x, T, ldy, func(c *Ctx, y uint64, qm *QMatrix, a *QActs) error {
 					return c.GEMM(y, ldy, qm, a, tile)
@@ -152,7 +152,7 @@ func TestBackendMoEBatchedMatchesCPU(t *testing.T) {
 			x := randVec(r, T*K, 1)
 			tiles := []GEMMTile{GEMMTileAuto}
 			if T >= 20 {
-				tiles = append(tiles, GEMMTile64, GEMMTileW64, GEMMTileW64F)
+				tiles = append(tiles, GEMMTile64)
 			}
 			for _, withShared := range []bool{false, true} {
 				for _, tile := range tiles {
@@ -232,8 +232,8 @@ func BenchmarkGEMM(b *testing.B) {
 			b.Fatal(err)
 		}
 		for _, T := range []int{8, 16, 32, 64, 128, 256, 1024} {
-			for _, v := range []string{"gemv8", "t16", "t64", "w64"} {
-				if v == "gemv8" && T > 256 || v == "w64" && T < 64 {
+			for _, v := range []string{"gemv8", "t16", "t64"} {
+				if v == "gemv8" && T > 256 {
 					continue
 				}
 				b.Run(fmt.Sprintf("%s/T%d/%s", cs.name, T, v), func(b *testing.B) {
@@ -263,8 +263,6 @@ func BenchmarkGEMM(b *testing.B) {
 								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTile16)
 							case "t64":
 								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTile64)
-							case "w64":
-								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTileW64)
 							}
 							return c.GEMVRows(y.Ptr, cs.n, q, a)
 						}
@@ -335,7 +333,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 				wts[t*topk+k] = 0.25
 			}
 		}
-		for _, v := range []string{"per_token", "batched_t16", "batched_t64", "batched_w64", "batched_w64f"} {
+		for _, v := range []string{"per_token", "batched_t16", "batched_t64"} {
 			if v == "per_token" && T > 128 {
 				continue
 			}
@@ -371,7 +369,10 @@ func BenchmarkMoEBatched(b *testing.B) {
 							return nil
 						}
 					default:
-						tile := map[string]GEMMTile{"batched_t16": GEMMTile16, "batched_t64": GEMMTile64, "batched_w64": GEMMTileW64, "batched_w64f": GEMMTileW64F}[v]
+						tile := GEMMTile16
+						if v == "batched_t64" {
+							tile = GEMMTile64
+						}
 						s, bufs, err := newMoEBatch(c, T, topk, tab, tile)
 						defer func() {
 							for _, bb := range bufs {

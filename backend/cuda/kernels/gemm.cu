@@ -9,9 +9,11 @@
 // scale group at a time into int32; each group's sum is then scaled in fp32
 // into fp32 accumulators, and the row scale comes last.
 //
-// A block computes 128 weight rows x BT tokens (BT = 8*WT*WN): 4 x WN warps,
-// warp (wm, wn) taking two m-tiles of 16 rows (shared rows 16wm.. and
-// 64+16wm..) and WT n-tiles of 8 tokens. K goes in stages of 128 columns
+// A block computes 128 weight rows x BT tokens (BT = 8*WT*WN) with 8/MT x WN
+// warps, each taking MT m-tiles of 16 rows and WT n-tiles of 8 tokens (see
+// gemm_tile: the 16-token tile has two m-tiles a warp, the 64-token tile
+// one m-tile and eight n-tiles, so that each widened code feeds 8 mma). K
+// goes in stages of 128 columns
 // through a GEMM_STAGES-deep cp.async pipeline in shared memory: codes
 // [128 rows][64 bytes] (rows padded to 80 bytes: conflict-free word reads),
 // activations [BT][128 bytes] (16-byte granules swizzled by token) and
@@ -90,65 +92,6 @@ DEVICE int gemm_bofs(int r, int c) { return r * GEMM_BK + ((c ^ ((r & 3) << 1)) 
 
 DEVICE float gemm_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
 
-// One pipeline stage's products of gemm_tile (see there): codes at sa,
-// activations at sb and their scales at sxs, weight scales sws [128][GK].
-// C: skip the n-tiles from ntv on (each checked).
-template <int MT, int WT, int SPG, bool C>
-DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, const float* sxs, const u8* sws,
-                       const int (&ra)[MT], int GK, int kt, int gpb, int spg, int wn, int g, int i, int ntv) {
-#pragma unroll
-  for (int j0 = 0; j0 < 4; j0 += spg) {
-    const int gl = j0 / spg, grp = kt * gpb + gl;
-    float ws[MT][2], xv[WT][2];
-#pragma unroll
-    for (int m = 0; m < MT; m++)
-#pragma unroll
-      for (int h = 0; h < 2; h++) ws[m][h] = e4m3(sws[(ra[m] + 8 * h) * GK + grp]);
-#pragma unroll
-    for (int nt = 0; nt < WT; nt++)
-#pragma unroll
-      for (int e = 0; e < 2; e++) xv[nt][e] = sxs[(wn * 8 * WT + 8 * nt + 2 * i + e) * 4 + gl];
-    i32 d[MT][WT][4];
-#pragma unroll
-    for (int m = 0; m < MT; m++)
-#pragma unroll
-      for (int nt = 0; nt < WT; nt++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) d[m][nt][e] = 0;
-#pragma unroll
-    for (int j = j0; j < j0 + spg; j++) {
-      u32 af[MT][4];
-#pragma unroll
-      for (int m = 0; m < MT; m++) {
-        const u32 wa = *(const u32*)(sa + ra[m] * GEMM_ASTRIDE + 16 * j + 4 * i);
-        const u32 wb = *(const u32*)(sa + (ra[m] + 8) * GEMM_ASTRIDE + 16 * j + 4 * i);
-        af[m][0] = e2m1x4_signed(wa);
-        af[m][1] = e2m1x4_signed(wb);
-        af[m][2] = e2m1x4_signed(wa >> 16);
-        af[m][3] = e2m1x4_signed(wb >> 16);
-      }
-#pragma unroll
-      for (int nt = 0; nt < WT; nt++) {
-        if (C && nt >= ntv) continue;
-        const int r = wn * 8 * WT + 8 * nt + g;
-        const uint2 bv = *(const uint2*)(sb + gemm_bofs(r, 2 * j + (i >> 1)) + 8 * (i & 1));
-#pragma unroll
-        for (int m = 0; m < MT; m++) mma_s8(d[m][nt], af[m], bv.x, bv.y);
-      }
-    }
-#pragma unroll
-    for (int m = 0; m < MT; m++)
-#pragma unroll
-      for (int nt = 0; nt < WT; nt++) {
-        if (C && nt >= ntv) continue;
-        acc[m][nt][0] += (float)d[m][nt][0] * (ws[m][0] * xv[nt][0]);
-        acc[m][nt][1] += (float)d[m][nt][1] * (ws[m][0] * xv[nt][1]);
-        acc[m][nt][2] += (float)d[m][nt][2] * (ws[m][1] * xv[nt][0]);
-        acc[m][nt][3] += (float)d[m][nt][3] * (ws[m][1] * xv[nt][1]);
-      }
-  }
-}
-
 // One block's tile. Weights: matrix a (rows [row0, row0+128) of N, or for
 // GATE_UP gate rows [row0, row0+64) from a and the same rows of up from b),
 // K columns, group size G. Activations: tile token r is row tokrow[r]
@@ -165,11 +108,8 @@ DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, cons
 // taking shared rows 16wm..16wm+15 only, so that each widened code feeds
 // WT mma instead of WT/2 per token; for GATE_UP the up warps (wm >= 4) hand
 // their products to the gate warps through shared memory at the end. With
-// MT = 1 a warp also skips its n-tiles that hold no valid token (the short
-// last tile of an expert's segment).
-// SK = 1: a warp skips its n-tiles that hold no valid token (MT = 1 only),
-// checking each; SK = 2: the same, through a second copy of the stage's
-// loop taken only when the warp has empty n-tiles.
+// MT = 1 and SK = 1 a warp also skips its n-tiles that hold no valid token
+// (the short last tile of an expert's segment).
 template <int MT, int WT, int WN, int MODE, int SPG, int SK>
 DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8* __restrict__ xq, int ldx,
                       const float* __restrict__ xs, int ldxs, const int* tokrow, int ntok,
@@ -177,7 +117,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
   constexpr int BT = 8 * WT * WN;
   constexpr int WM = 8 / MT;  // warps along the rows
   constexpr int NT = 32 * WM * WN;
-  constexpr bool SKIP = MT == 1 && SK >= 1;
+  constexpr bool SKIP = MT == 1 && SK == 1;
   constexpr int ABYTES = GEMM_ROWS * GEMM_ASTRIDE;
   constexpr int XBYTES = BT * GEMM_BK;
   constexpr int SBYTES = ABYTES + XBYTES + BT * 16;  // codes, activations, activation scales
@@ -202,36 +142,21 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     }
     return a.codes + (size_t)min(row0 + r, N - 1) * (K / 2);
   };
-  // Each thread's cp.async sources and destinations, computed once: NA
-  // pieces of codes and NX of activations a stage, and one token's scales
-  // (tid < BT); a stage adds its column offset and buffer.
-  constexpr int NA = GEMM_ROWS * 4 / NT, NX = BT * 8 / NT;
-  static_assert(NA * NT == GEMM_ROWS * 4 && NX * NT == BT * 8 && BT <= NT, "gemm_tile copy split");
-  const u8* asrc[NA];
-  u32 adst[NA];
-#pragma unroll
-  for (int q = 0; q < NA; q++) {
-    const int idx = tid + q * NT, r = idx >> 2, c = idx & 3;
-    asrc[q] = arow(r) + c * 16;
-    adst[q] = smem_addr(smem + r * GEMM_ASTRIDE + c * 16);
-  }
-  const i8* xsrc[NX];
-  u32 xdst[NX];
-#pragma unroll
-  for (int q = 0; q < NX; q++) {
-    const int idx = tid + q * NT, r = idx >> 3, c = idx & 7;
-    xsrc[q] = xq + (size_t)tokrow[r] * ldx + c * 16;
-    xdst[q] = smem_addr(smem + ABYTES + gemm_bofs(r, c));
-  }
-  const float* ssrc = xs + (size_t)tokrow[min(tid, BT - 1)] * ldxs;
-  const u32 sdst = smem_addr(smem + ABYTES + XBYTES + tid * 16);
   auto load_stage = [&](int s, int buf) {
-    const u32 so = buf * SBYTES;
-#pragma unroll
-    for (int q = 0; q < NA; q++) cp_async16(adst[q] + so, asrc[q] + s * (GEMM_BK / 2));
-#pragma unroll
-    for (int q = 0; q < NX; q++) cp_async16(xdst[q] + so, xsrc[q] + s * GEMM_BK);
-    if (tid < BT) cp_async_small(sdst + so, ssrc + s * gpb, 4 * gpb);
+    u8* sa = smem + buf * SBYTES;
+    u8* sb = sa + ABYTES;
+    const int k0 = s * GEMM_BK;
+    for (int idx = tid; idx < GEMM_ROWS * 4; idx += NT) {
+      const int r = idx >> 2, c = idx & 3;
+      cp_async16(smem_addr(sa + r * GEMM_ASTRIDE + c * 16), arow(r) + k0 / 2 + c * 16);
+    }
+    for (int idx = tid; idx < BT * 8; idx += NT) {
+      const int r = idx >> 3, c = idx & 7;
+      cp_async16(smem_addr(sb + gemm_bofs(r, c)), xq + (size_t)tokrow[r] * ldx + k0 + c * 16);
+    }
+    for (int r = tid; r < BT; r += NT) {
+      cp_async_small(smem_addr(sb + XBYTES + r * 16), xs + (size_t)tokrow[r] * ldxs + s * gpb, 4 * gpb);
+    }
   };
 
   // This thread's weight rows (shared rows ra[m], ra[m] + 8) and scale rows.
@@ -264,10 +189,56 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     const u8* sb = sa + ABYTES;
     const float* sxs = (const float*)(sb + XBYTES);
     if (SKIP && ntv == 0) continue;
-    if (SK == 1 || (SK == 2 && ntv < WT)) {
-      gemm_stage<MT, WT, SPG, true>(acc, sa, sb, sxs, sws, ra, GK, kt, gpb, spg, wn, g, i, ntv);
-    } else {
-      gemm_stage<MT, WT, SPG, false>(acc, sa, sb, sxs, sws, ra, GK, kt, gpb, spg, wn, g, i, ntv);
+#pragma unroll
+    for (int j0 = 0; j0 < 4; j0 += spg) {
+      const int gl = j0 / spg, grp = kt * gpb + gl;
+      float ws[MT][2], xv[WT][2];
+#pragma unroll
+      for (int m = 0; m < MT; m++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) ws[m][h] = e4m3(sws[(ra[m] + 8 * h) * GK + grp]);
+#pragma unroll
+      for (int nt = 0; nt < WT; nt++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) xv[nt][e] = sxs[(wn * 8 * WT + 8 * nt + 2 * i + e) * 4 + gl];
+      i32 d[MT][WT][4];
+#pragma unroll
+      for (int m = 0; m < MT; m++)
+#pragma unroll
+        for (int nt = 0; nt < WT; nt++)
+#pragma unroll
+          for (int e = 0; e < 4; e++) d[m][nt][e] = 0;
+#pragma unroll
+      for (int j = j0; j < j0 + spg; j++) {
+        u32 af[MT][4];
+#pragma unroll
+        for (int m = 0; m < MT; m++) {
+          const u32 wa = *(const u32*)(sa + ra[m] * GEMM_ASTRIDE + 16 * j + 4 * i);
+          const u32 wb = *(const u32*)(sa + (ra[m] + 8) * GEMM_ASTRIDE + 16 * j + 4 * i);
+          af[m][0] = e2m1x4_signed(wa);
+          af[m][1] = e2m1x4_signed(wb);
+          af[m][2] = e2m1x4_signed(wa >> 16);
+          af[m][3] = e2m1x4_signed(wb >> 16);
+        }
+#pragma unroll
+        for (int nt = 0; nt < WT; nt++) {
+          if (SKIP && nt >= ntv) continue;
+          const int r = wn * 8 * WT + 8 * nt + g;
+          const uint2 bv = *(const uint2*)(sb + gemm_bofs(r, 2 * j + (i >> 1)) + 8 * (i & 1));
+#pragma unroll
+          for (int m = 0; m < MT; m++) mma_s8(d[m][nt], af[m], bv.x, bv.y);
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < MT; m++)
+#pragma unroll
+        for (int nt = 0; nt < WT; nt++) {
+          if (SKIP && nt >= ntv) continue;
+          acc[m][nt][0] += (float)d[m][nt][0] * (ws[m][0] * xv[nt][0]);
+          acc[m][nt][1] += (float)d[m][nt][1] * (ws[m][0] * xv[nt][1]);
+          acc[m][nt][2] += (float)d[m][nt][2] * (ws[m][1] * xv[nt][0]);
+          acc[m][nt][3] += (float)d[m][nt][3] * (ws[m][1] * xv[nt][1]);
+        }
     }
   }
   cp_async_wait<0>();
@@ -361,66 +332,21 @@ DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale
   }
 
 // (MINB: blocks per SM the registers must allow.)
-GEMM_DENSE_KERNEL(gemm_t64, 2, 4, 2, 0, 2)
 GEMM_DENSE_KERNEL(gemm_t16, 2, 2, 1, 0, 1)
-GEMM_DENSE_KERNEL(gemm_t64_g128, 2, 4, 2, 4, 2)
 GEMM_DENSE_KERNEL(gemm_t16_g128, 2, 2, 1, 4, 1)
-GEMM_DENSE_KERNEL(gemm_w64, 1, 8, 1, 0, 2)
-GEMM_DENSE_KERNEL(gemm_w64_g128, 1, 8, 1, 4, 2)
+GEMM_DENSE_KERNEL(gemm_t64, 1, 8, 1, 0, 2)
+GEMM_DENSE_KERNEL(gemm_t64_g128, 1, 8, 1, 4, 2)
 
 
 // ---------------------------------------------------------------------------
 // MoE over many tokens, on the device. A pair (t, k) is token t's slot k:
 // slots 0..topk-1 are the routed experts ids[t*topk+k] (weight wts[...]),
 // slots topk..topk+S-1 the shared experts (table entries E.., weight 1).
-// moe_group sorts the pairs by expert: pos[p] is pair p's row in expert
-// order, list[row] its token, and tiles (expert, first row, rows <= BT)
-// cover every expert's rows; ntiles[0] counts them. The GEMMs run over
-// (row blocks) x (tiles); blocks past ntiles exit.
-
-#define MOE_GROUP_THREADS 1024
-#define MOE_GROUP_MAX 1024
-
-extern "C" __global__ void __launch_bounds__(MOE_GROUP_THREADS)
-    moe_group(const i32* __restrict__ ids, int T, int topk, int S, int E, int BT, i32* __restrict__ pos,
-              i32* __restrict__ list, i32* __restrict__ tile_e, i32* __restrict__ tile_s,
-              i32* __restrict__ tile_n, i32* __restrict__ ntiles) {
-  PDL_LAUNCH();
-  __shared__ int cnt[MOE_GROUP_MAX], off[MOE_GROUP_MAX];
-  const int slots = topk + S, P = T * slots, NE = E + S;
-  for (int e = threadIdx.x; e < NE; e += blockDim.x) cnt[e] = 0;
-  PDL_WAIT();
-  __syncthreads();
-  for (int p = threadIdx.x; p < P; p += blockDim.x) {
-    const int t = p / slots, k = p - t * slots;
-    const int e = k < topk ? ids[t * topk + k] : E + (k - topk);
-    pos[p] = (e >= 0 && e < NE) ? atomicAdd(&cnt[e], 1) : -1;
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int o = 0, n = 0;
-    for (int e = 0; e < NE; e++) {
-      off[e] = o;
-      for (int j = 0; j < cnt[e]; j += BT) {
-        tile_e[n] = e;
-        tile_s[n] = o + j;
-        tile_n[n] = min(BT, cnt[e] - j);
-        n++;
-      }
-      o += cnt[e];
-    }
-    ntiles[0] = n;
-  }
-  __syncthreads();
-  for (int p = threadIdx.x; p < P; p += blockDim.x) {
-    const int t = p / slots, k = p - t * slots;
-    const int e = k < topk ? ids[t * topk + k] : E + (k - topk);
-    if (pos[p] < 0) continue;
-    const int row = off[e] + pos[p];
-    pos[p] = row;
-    list[row] = t;
-  }
-}
+// moeb_group (stream.cu) sorts the pairs by expert: pos[p] is pair p's row
+// in expert order, list[row] its token, and tiles (expert, first row, rows
+// <= BT) cover every expert's rows; ntiles[0] counts them. The GEMMs run
+// over (row blocks) x (tiles); blocks past ntiles exit; moeb_combine
+// (stream.cu) sums each token's slots.
 
 // Gate and up products with the SiLU product over the tiles:
 // h[row][n] = silu(gate_e,n . x[list[row]]) * (up_e,n . x[list[row]]).
@@ -480,36 +406,10 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
     moe_gemm_down<MT, WT, WN, SPG, SK>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part);        \
   }
 
-MOE_GEMM_KERNELS(t64, 2, 4, 2, 0, 1, 0)
 MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1, 0)
-MOE_GEMM_KERNELS(t64_g128, 2, 4, 2, 4, 1, 0)
 MOE_GEMM_KERNELS(t16_g128, 2, 2, 1, 4, 1, 0)
-MOE_GEMM_KERNELS(w64, 1, 8, 1, 0, 2, 1)
-MOE_GEMM_KERNELS(w64_g128, 1, 8, 1, 4, 2, 1)
-MOE_GEMM_KERNELS(w64f, 1, 8, 1, 0, 2, 0)
-MOE_GEMM_KERNELS(w64f_g128, 1, 8, 1, 4, 2, 0)
-
-// y[t] (+)= sum over token t's slots, in slot order, of weight * part[pos]:
-// the routed slots with their weights, the shared ones with weight 1 (the
-// fused single-token kernel's order). Grid T blocks of 256 threads.
-extern "C" __global__ void __launch_bounds__(256)
-    moe_combine(const float* __restrict__ part, const i32* __restrict__ pos, const float* __restrict__ wts,
-                int topk, int slots, int N, float* __restrict__ y, int ldy, int accumulate) {
-  PDL_LAUNCH();
-  PDL_WAIT();
-  const int t = blockIdx.x;
-  for (int n = threadIdx.x; n < N; n += blockDim.x) {
-    float total = 0.f;
-    for (int k = 0; k < slots; k++) {
-      const int p = pos[t * slots + k];
-      if (p < 0) continue;
-      const float w = k < topk ? wts[t * topk + k] : 1.f;
-      total += w * part[(size_t)p * N + n];
-    }
-    float* o = y + (size_t)t * ldy + n;
-    *o = accumulate ? *o + total : total;
-  }
-}
+MOE_GEMM_KERNELS(t64, 1, 8, 1, 0, 2, 1)
+MOE_GEMM_KERNELS(t64_g128, 1, 8, 1, 4, 2, 1)
 
 // ---------------------------------------------------------------------------
 // The absorbed query of many tokens, qlat[t, h*rank + k] =
