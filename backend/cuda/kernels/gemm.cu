@@ -92,6 +92,65 @@ DEVICE int gemm_bofs(int r, int c) { return r * GEMM_BK + ((c ^ ((r & 3) << 1)) 
 
 DEVICE float gemm_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
 
+// One pipeline stage's products of gemm_tile (see there): codes at sa,
+// activations at sb and their scales at sxs, weight scales sws [128][GK].
+// C: skip the n-tiles from ntv on (each checked).
+template <int MT, int WT, int SPG, bool C>
+DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, const float* sxs, const u8* sws,
+                       const int (&ra)[MT], int GK, int kt, int gpb, int spg, int wn, int g, int i, int ntv) {
+#pragma unroll
+  for (int j0 = 0; j0 < 4; j0 += spg) {
+    const int gl = j0 / spg, grp = kt * gpb + gl;
+    float ws[MT][2], xv[WT][2];
+#pragma unroll
+    for (int m = 0; m < MT; m++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) ws[m][h] = e4m3(sws[(ra[m] + 8 * h) * GK + grp]);
+#pragma unroll
+    for (int nt = 0; nt < WT; nt++)
+#pragma unroll
+      for (int e = 0; e < 2; e++) xv[nt][e] = sxs[(wn * 8 * WT + 8 * nt + 2 * i + e) * 4 + gl];
+    i32 d[MT][WT][4];
+#pragma unroll
+    for (int m = 0; m < MT; m++)
+#pragma unroll
+      for (int nt = 0; nt < WT; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) d[m][nt][e] = 0;
+#pragma unroll
+    for (int j = j0; j < j0 + spg; j++) {
+      u32 af[MT][4];
+#pragma unroll
+      for (int m = 0; m < MT; m++) {
+        const u32 wa = *(const u32*)(sa + ra[m] * GEMM_ASTRIDE + 16 * j + 4 * i);
+        const u32 wb = *(const u32*)(sa + (ra[m] + 8) * GEMM_ASTRIDE + 16 * j + 4 * i);
+        af[m][0] = e2m1x4_signed(wa);
+        af[m][1] = e2m1x4_signed(wb);
+        af[m][2] = e2m1x4_signed(wa >> 16);
+        af[m][3] = e2m1x4_signed(wb >> 16);
+      }
+#pragma unroll
+      for (int nt = 0; nt < WT; nt++) {
+        if (C && nt >= ntv) continue;
+        const int r = wn * 8 * WT + 8 * nt + g;
+        const uint2 bv = *(const uint2*)(sb + gemm_bofs(r, 2 * j + (i >> 1)) + 8 * (i & 1));
+#pragma unroll
+        for (int m = 0; m < MT; m++) mma_s8(d[m][nt], af[m], bv.x, bv.y);
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < MT; m++)
+#pragma unroll
+      for (int nt = 0; nt < WT; nt++) {
+        if (C && nt >= ntv) continue;
+        acc[m][nt][0] += (float)d[m][nt][0] * (ws[m][0] * xv[nt][0]);
+        acc[m][nt][1] += (float)d[m][nt][1] * (ws[m][0] * xv[nt][1]);
+        acc[m][nt][2] += (float)d[m][nt][2] * (ws[m][1] * xv[nt][0]);
+        acc[m][nt][3] += (float)d[m][nt][3] * (ws[m][1] * xv[nt][1]);
+      }
+  }
+}
+
 // One block's tile. Weights: matrix a (rows [row0, row0+128) of N, or for
 // GATE_UP gate rows [row0, row0+64) from a and the same rows of up from b),
 // K columns, group size G. Activations: tile token r is row tokrow[r]
@@ -117,7 +176,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
   constexpr int BT = 8 * WT * WN;
   constexpr int WM = 8 / MT;  // warps along the rows
   constexpr int NT = 32 * WM * WN;
-  constexpr bool SKIP = MT == 1 && SK == 1;
+  constexpr bool SKIP = MT == 1 && SK >= 1;
   constexpr int ABYTES = GEMM_ROWS * GEMM_ASTRIDE;
   constexpr int XBYTES = BT * GEMM_BK;
   constexpr int SBYTES = ABYTES + XBYTES + BT * 16;  // codes, activations, activation scales
@@ -142,21 +201,36 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     }
     return a.codes + (size_t)min(row0 + r, N - 1) * (K / 2);
   };
+  // Each thread's cp.async sources and destinations, computed once: NA
+  // pieces of codes and NX of activations a stage, and one token's scales
+  // (tid < BT); a stage adds its column offset and buffer.
+  constexpr int NA = GEMM_ROWS * 4 / NT, NX = BT * 8 / NT;
+  static_assert(NA * NT == GEMM_ROWS * 4 && NX * NT == BT * 8 && BT <= NT, "gemm_tile copy split");
+  const u8* asrc[NA];
+  u32 adst[NA];
+#pragma unroll
+  for (int q = 0; q < NA; q++) {
+    const int idx = tid + q * NT, r = idx >> 2, c = idx & 3;
+    asrc[q] = arow(r) + c * 16;
+    adst[q] = smem_addr(smem + r * GEMM_ASTRIDE + c * 16);
+  }
+  const i8* xsrc[NX];
+  u32 xdst[NX];
+#pragma unroll
+  for (int q = 0; q < NX; q++) {
+    const int idx = tid + q * NT, r = idx >> 3, c = idx & 7;
+    xsrc[q] = xq + (size_t)tokrow[r] * ldx + c * 16;
+    xdst[q] = smem_addr(smem + ABYTES + gemm_bofs(r, c));
+  }
+  const float* ssrc = xs + (size_t)tokrow[min(tid, BT - 1)] * ldxs;
+  const u32 sdst = smem_addr(smem + ABYTES + XBYTES + tid * 16);
   auto load_stage = [&](int s, int buf) {
-    u8* sa = smem + buf * SBYTES;
-    u8* sb = sa + ABYTES;
-    const int k0 = s * GEMM_BK;
-    for (int idx = tid; idx < GEMM_ROWS * 4; idx += NT) {
-      const int r = idx >> 2, c = idx & 3;
-      cp_async16(smem_addr(sa + r * GEMM_ASTRIDE + c * 16), arow(r) + k0 / 2 + c * 16);
-    }
-    for (int idx = tid; idx < BT * 8; idx += NT) {
-      const int r = idx >> 3, c = idx & 7;
-      cp_async16(smem_addr(sb + gemm_bofs(r, c)), xq + (size_t)tokrow[r] * ldx + k0 + c * 16);
-    }
-    for (int r = tid; r < BT; r += NT) {
-      cp_async_small(smem_addr(sb + XBYTES + r * 16), xs + (size_t)tokrow[r] * ldxs + s * gpb, 4 * gpb);
-    }
+    const u32 so = buf * SBYTES;
+#pragma unroll
+    for (int q = 0; q < NA; q++) cp_async16(adst[q] + so, asrc[q] + s * (GEMM_BK / 2));
+#pragma unroll
+    for (int q = 0; q < NX; q++) cp_async16(xdst[q] + so, xsrc[q] + s * GEMM_BK);
+    if (tid < BT) cp_async_small(sdst + so, ssrc + s * gpb, 4 * gpb);
   };
 
   // This thread's weight rows (shared rows ra[m], ra[m] + 8) and scale rows.
@@ -189,57 +263,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     const u8* sb = sa + ABYTES;
     const float* sxs = (const float*)(sb + XBYTES);
     if (SKIP && ntv == 0) continue;
-#pragma unroll
-    for (int j0 = 0; j0 < 4; j0 += spg) {
-      const int gl = j0 / spg, grp = kt * gpb + gl;
-      float ws[MT][2], xv[WT][2];
-#pragma unroll
-      for (int m = 0; m < MT; m++)
-#pragma unroll
-        for (int h = 0; h < 2; h++) ws[m][h] = e4m3(sws[(ra[m] + 8 * h) * GK + grp]);
-#pragma unroll
-      for (int nt = 0; nt < WT; nt++)
-#pragma unroll
-        for (int e = 0; e < 2; e++) xv[nt][e] = sxs[(wn * 8 * WT + 8 * nt + 2 * i + e) * 4 + gl];
-      i32 d[MT][WT][4];
-#pragma unroll
-      for (int m = 0; m < MT; m++)
-#pragma unroll
-        for (int nt = 0; nt < WT; nt++)
-#pragma unroll
-          for (int e = 0; e < 4; e++) d[m][nt][e] = 0;
-#pragma unroll
-      for (int j = j0; j < j0 + spg; j++) {
-        u32 af[MT][4];
-#pragma unroll
-        for (int m = 0; m < MT; m++) {
-          const u32 wa = *(const u32*)(sa + ra[m] * GEMM_ASTRIDE + 16 * j + 4 * i);
-          const u32 wb = *(const u32*)(sa + (ra[m] + 8) * GEMM_ASTRIDE + 16 * j + 4 * i);
-          af[m][0] = e2m1x4_signed(wa);
-          af[m][1] = e2m1x4_signed(wb);
-          af[m][2] = e2m1x4_signed(wa >> 16);
-          af[m][3] = e2m1x4_signed(wb >> 16);
-        }
-#pragma unroll
-        for (int nt = 0; nt < WT; nt++) {
-          if (SKIP && nt >= ntv) continue;
-          const int r = wn * 8 * WT + 8 * nt + g;
-          const uint2 bv = *(const uint2*)(sb + gemm_bofs(r, 2 * j + (i >> 1)) + 8 * (i & 1));
-#pragma unroll
-          for (int m = 0; m < MT; m++) mma_s8(d[m][nt], af[m], bv.x, bv.y);
-        }
-      }
-#pragma unroll
-      for (int m = 0; m < MT; m++)
-#pragma unroll
-        for (int nt = 0; nt < WT; nt++) {
-          if (SKIP && nt >= ntv) continue;
-          acc[m][nt][0] += (float)d[m][nt][0] * (ws[m][0] * xv[nt][0]);
-          acc[m][nt][1] += (float)d[m][nt][1] * (ws[m][0] * xv[nt][1]);
-          acc[m][nt][2] += (float)d[m][nt][2] * (ws[m][1] * xv[nt][0]);
-          acc[m][nt][3] += (float)d[m][nt][3] * (ws[m][1] * xv[nt][1]);
-        }
-    }
+    gemm_stage<MT, WT, SPG, SKIP>(acc, sa, sb, sxs, sws, ra, GK, kt, gpb, spg, wn, g, i, ntv);
   }
   cp_async_wait<0>();
 
