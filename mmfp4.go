@@ -60,6 +60,13 @@ type Model struct {
 	eng     *engine.Engine
 	engErr  error
 
+	// scratch is the state LogitsWithCache reuses (a cache pool is not
+	// freed before the backend is, so a state per call would pile up
+	// device memory over a perplexity run's windows).
+	scratchMu sync.Mutex
+	scratch   *glm4moelite.State
+	scratchDT backend.CacheDType
+
 	// LoadTime is how long Load took.
 	LoadTime time.Duration
 }
@@ -380,9 +387,15 @@ func (m *Model) LogitsWithCache(ids []int, dtype backend.CacheDType) ([]float32,
 	if len(ids) > m.MaxContext() {
 		return nil, fmt.Errorf("logits: %d tokens exceed the context of %d", len(ids), m.MaxContext())
 	}
-	state, err := m.net.NewState(len(ids), dtype)
-	if err != nil {
-		return nil, err
+	m.scratchMu.Lock()
+	defer m.scratchMu.Unlock()
+	if m.scratch == nil || m.scratchDT != dtype || m.scratch.Capacity() < len(ids) {
+		state, err := m.net.NewState(len(ids), dtype)
+		if err != nil {
+			return nil, err
+		}
+		m.scratch, m.scratchDT = state, dtype
 	}
-	return m.net.ForwardSeq(state, ids, true)
+	m.scratch.Pos = 0 // earlier calls' positions are overwritten before they are read
+	return m.net.ForwardSeq(m.scratch, ids, true)
 }

@@ -10,6 +10,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/mmfp4/mmfp4/backend"
 	"github.com/mmfp4/mmfp4/sample"
 	"github.com/mmfp4/mmfp4/tokenizer"
 )
@@ -206,5 +207,36 @@ func TestGenerateText(t *testing.T) {
 	}
 	if res.CachedTokens != 0 {
 		t.Errorf("a %d-token prompt reported %d cached tokens (blocks are 64 tokens)", len(ids), res.CachedTokens)
+	}
+}
+
+// Logits reuses one cache between calls: each call must give the logits of
+// a fresh model whatever ran before, longer, shorter or in another dtype.
+func TestLogitsReuseMatchesFresh(t *testing.T) {
+	m, err := Load(fixture, Options{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	other := []int{7, 300, 12, 99, 5, 431, 250, 18, 77, 1, 64, 2, 3, 404}
+	calls := []struct {
+		ids []int
+		dt  backend.CacheDType
+	}{{prompt, backend.CacheF32}, {other[:5], backend.CacheF32}, {other, backend.CacheF32}, {prompt[:7], backend.CacheBF16}, {prompt, backend.CacheF32}}
+	for i, c := range calls {
+		got, err := m.LogitsWithCache(c.ids, c.dt)
+		if err != nil {
+			t.Fatal(err)
+		}
+		fresh, err := Load(fixture, Options{})
+		if err != nil {
+			t.Fatal(err)
+		}
+		want, err := fresh.LogitsWithCache(c.ids, c.dt)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if !slices.Equal(got, want) {
+			t.Errorf("call %d (%d tokens, %v cache): logits differ from a fresh model's", i, len(c.ids), c.dt)
+		}
 	}
 }

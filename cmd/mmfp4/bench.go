@@ -14,6 +14,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/mmfp4/mmfp4/backend"
+	"github.com/mmfp4/mmfp4/backend/cpu"
 	"github.com/mmfp4/mmfp4/bench"
 	"github.com/mmfp4/mmfp4/internal/benchmode"
 )
@@ -61,14 +62,25 @@ func init() {
 				return fmt.Errorf("--kv-cache-dtype: %w", err)
 			}
 			o.CacheDType = dt
+			// The CPU run always uses its float32 cache; the GPU's is chosen.
 			switch dev {
 			case "cpu":
 			case "cuda":
-				// The CPU run always uses its float32 cache; the GPU's is chosen.
 				mf := modelFlags{device: dev}
 				o.NewBackend = func() (backend.Backend, error) { return mf.pickBackend(dt) }
+			case "auto":
+				// Resolved here, so that a machine without a GPU runs the
+				// CPU bench (its bandwidth test, cold load and histogram).
+				mf := modelFlags{device: dev}
+				b, err := mf.pickBackend(dt)
+				if err != nil {
+					return err
+				}
+				if _, onCPU := b.(*cpu.Backend); !onCPU {
+					o.NewBackend = func() (backend.Backend, error) { return b, nil }
+				}
 			default:
-				return fmt.Errorf("--device %q: want cpu or cuda", dev)
+				return fmt.Errorf("--device %q: want cuda, cpu or auto", dev)
 			}
 			o.Log = cmd.ErrOrStderr()
 			ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
@@ -100,7 +112,7 @@ func init() {
 	f.BoolVar(&o.Histogram, "histogram", false, "count, per MoE layer, how often each expert is chosen")
 	f.Int64Var(&bwBytes, "bandwidth-mib", 1024, "buffer of the read-bandwidth test, MiB")
 	f.Uint64Var(&o.Seed, "seed", 1, "seed of the random prompt")
-	f.StringVar(&dev, "device", "cpu", "compute device: cpu or cuda")
+	f.StringVar(&dev, "device", "auto", "compute device: cuda, cpu or auto (CUDA when a supported GPU is found)")
 	f.StringVar(&kvDType, "kv-cache-dtype", "bf16", "latent cache precision on the GPU: bf16, fp8 or f32")
 	rootCmd.AddCommand(cmd)
 }

@@ -22,6 +22,7 @@ func TestBenchBadFlags(t *testing.T) {
 	for _, args := range [][]string{
 		{"bench", "-m", fixture, "--gen", "1"},
 		{"bench", "-m", fixture, "--ctx", "0"},
+		{"bench", "-m", fixture, "--device", "tpu"},
 	} {
 		if _, _, err := run(t, args...); err == nil {
 			t.Errorf("%v accepted", args)

@@ -13,7 +13,6 @@ import (
 
 	"github.com/mmfp4/mmfp4"
 	"github.com/mmfp4/mmfp4/backend"
-	"github.com/mmfp4/mmfp4/backend/cpu"
 	"github.com/mmfp4/mmfp4/model/glm4moelite"
 	"github.com/mmfp4/mmfp4/perplexity"
 )
@@ -27,6 +26,7 @@ type pplFlags struct {
 	floatAct       bool
 	json           bool
 	kvDType        string
+	device         string
 }
 
 // pplReport is what `mmfp4 ppl --json` prints, one line.
@@ -82,6 +82,7 @@ func init() {
 	fl.BoolVar(&f.floatAct, "float-activations", false, "run MMFP4 products on float32 activations instead of int8")
 	fl.BoolVar(&f.json, "json", false, "print one JSON line instead of the summary")
 	fl.StringVar(&f.kvDType, "kv-cache-dtype", "f32", "latent cache precision of the model (not of --ref): f32 (exact), bf16, fp8 or fp4")
+	fl.StringVar(&f.device, "device", "auto", "compute device: cuda, cpu or auto (CUDA when a supported GPU is found)")
 	_ = cmd.MarkFlagRequired("file")
 	rootCmd.AddCommand(cmd)
 }
@@ -106,7 +107,7 @@ func runPPL(f pplFlags, progress io.Writer) (*pplReport, error) {
 		return nil, err
 	}
 	start := time.Now()
-	m, dir, err := loadForPPL(f.dir, "--model", f.ctx, f)
+	m, dir, err := loadForPPL(f.dir, "--model", f.ctx, f, dtype)
 	if err != nil {
 		return nil, err
 	}
@@ -124,7 +125,7 @@ func runPPL(f pplFlags, progress io.Writer) (*pplReport, error) {
 	rep := &pplReport{Model: dir, File: f.file, Ctx: f.ctx, Stride: stride, KVDType: dtype.String(),
 		KVBytes: backend.CacheBytesPerToken(cfg.KVLoraRank, cfg.QKRopeHeadDim, dtype) * cfg.NumLayers}
 	if f.ref != "" {
-		ref, refDir, err := loadForPPL(f.ref, "--ref", f.ctx, f)
+		ref, refDir, err := loadForPPL(f.ref, "--ref", f.ctx, f, backend.CacheF32)
 		if err != nil {
 			return nil, err
 		}
@@ -160,8 +161,9 @@ func runPPL(f pplFlags, progress io.Writer) (*pplReport, error) {
 }
 
 // loadForPPL loads a model (the built-in one for an empty dir) whose
-// context holds a window of ctx tokens.
-func loadForPPL(dir, flag string, ctx int, f pplFlags) (*mmfp4.Model, string, error) {
+// context holds a window of ctx tokens, on the device of --device that runs
+// a cache of dtype.
+func loadForPPL(dir, flag string, ctx int, f pplFlags, dtype backend.CacheDType) (*mmfp4.Model, string, error) {
 	dir, err := modelDir(dir)
 	if err != nil {
 		return nil, "", err
@@ -176,7 +178,11 @@ func loadForPPL(dir, flag string, ctx int, f pplFlags) (*mmfp4.Model, string, er
 	if f.threads < 0 {
 		return nil, "", fmt.Errorf("--threads %d: want 0 (all cores) or a positive count", f.threads)
 	}
-	b := cpu.New(cpu.Options{Threads: f.threads, FloatActivations: f.floatAct})
+	mf := modelFlags{threads: f.threads, floatAct: f.floatAct, device: f.device}
+	b, err := mf.pickBackend(dtype)
+	if err != nil {
+		return nil, "", err
+	}
 	m, err := mmfp4.Load(dir, mmfp4.Options{Backend: b, MaxContext: ctx})
 	if err != nil {
 		return nil, "", fmt.Errorf("%s %s: %w", flag, dir, err)

@@ -225,6 +225,7 @@ func TestPPLBadInput(t *testing.T) {
 		{[]string{"--file", sotuSlice, "--ctx", "1"}, []string{"--ctx 1"}},
 		{[]string{"--file", sotuSlice, "--kv-cache-dtype", "fp5"}, []string{"--kv-cache-dtype", "fp5"}},
 		{[]string{"--file", filepath.Join(dir, "missing.txt")}, []string{"missing.txt"}},
+		{[]string{"--file", sotuSlice, "--device", "tpu"}, []string{"--device", "tpu"}},
 		{[]string{}, []string{"file"}},
 	} {
 		out, _, err := run(t, append([]string{"ppl"}, c.args...)...)
