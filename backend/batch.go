@@ -22,7 +22,15 @@ type Batch struct {
 	// Interrupt, if set, is called by the model before each layer; an error
 	// from it abandons the step. Backends ignore it.
 	Interrupt func() error
+	// Prev, if not empty, has one entry per row: where Prev[r] >= 0, row r's
+	// token is the id an AsyncSampler chose for output Prev[r] of the step
+	// queued just before this one (Tokens[r] is a placeholder), so that a
+	// step can be queued before the ids of the one before have come back.
+	Prev []int32
 }
+
+// FromPrev reports whether row r's token comes from the previous step.
+func (b *Batch) FromPrev(r int) bool { return len(b.Prev) > 0 && b.Prev[r] >= 0 }
 
 // Seq is one sequence's part of a batch.
 type Seq struct {
@@ -55,7 +63,13 @@ func (b *Batch) Validate(vocab, blocks, blockSize int) error {
 	if len(b.Positions) != T {
 		return fmt.Errorf("batch: %d positions for %d tokens", len(b.Positions), T)
 	}
+	if len(b.Prev) != 0 && len(b.Prev) != T {
+		return fmt.Errorf("batch: %d previous-step entries for %d tokens", len(b.Prev), T)
+	}
 	for t, id := range b.Tokens {
+		if b.FromPrev(t) {
+			continue
+		}
 		if id < 0 || int(id) >= vocab {
 			return fmt.Errorf("batch: token id %d at row %d is outside the vocabulary [0, %d)", id, t, vocab)
 		}

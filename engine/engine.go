@@ -134,6 +134,7 @@ type Engine struct {
 	queue    []*seq // waiting, in order
 	running  []*seq // in admission order
 	admitSeq uint64
+	ahead    *launched // a step on the device whose tokens are not handed out yet
 }
 
 // OneSequenceBatchTokens is the step size for a run of one sequence
@@ -250,6 +251,7 @@ type seq struct {
 	cached    int    // prompt tokens from the prefix cache at first admission
 	admitted  uint64 // admission order; 0 while waiting
 	everRan   bool
+	ended     bool // finished: a step queued ahead skips it
 }
 
 // Submit queues a request. The returned Stream delivers its tokens; the
@@ -353,7 +355,7 @@ func (e *Engine) Close() {
 func (e *Engine) loop() {
 	defer close(e.done)
 	for {
-		if len(e.queue) == 0 && len(e.running) == 0 {
+		if len(e.queue) == 0 && len(e.running) == 0 && e.ahead == nil {
 			select {
 			case <-e.wake:
 			case <-e.quit:
@@ -366,6 +368,10 @@ func (e *Engine) loop() {
 		e.mu.Unlock()
 		select {
 		case <-e.quit:
+			if e.ahead != nil {
+				_, _ = e.ahead.wait() // the device's work ends before the backend is reused
+				e.ahead = nil
+			}
 			for _, s := range append(e.running, e.queue...) {
 				e.finish(s, FinishCanceled, context.Canceled)
 			}
@@ -422,33 +428,81 @@ type chunk struct {
 	n int
 }
 
-// step schedules one batch, runs it and hands out the results.
+// launched is a step handed to the model: its plan, and the wait for its
+// outputs.
+type launched struct {
+	plan  []chunk
+	batch *backend.Batch
+	info  StepInfo
+	start time.Time
+	wait  func() ([]glm4moelite.Output, error)
+	async bool         // queued ahead of its ids (LaunchOutputs)
+	out   map[*seq]int // each sequence's output index
+}
+
+// step runs one batch and hands out its results. Where the model can queue
+// a step before the ids of the one before come back (Model.Async), a step
+// of plain decoding is launched, and the next is queued before the
+// engine waits for the first: the device runs the next step while the
+// engine hands out the tokens of the last and plans again.
 func (e *Engine) step() {
+	if cur := e.ahead; cur != nil {
+		e.ahead = e.launchAhead(cur)
+		outs, err := cur.wait()
+		e.finishStep(cur, outs, err)
+		return
+	}
 	plan := e.schedule()
 	if len(plan) == 0 {
 		return
 	}
-	start := time.Now()
+	l := e.launch(plan, nil)
+	if l.async {
+		e.ahead = l // handed out at the next step, after the next launch
+		return
+	}
+	outs, err := l.wait()
+	e.finishStep(l, outs, err)
+}
+
+// launch builds the batch of plan and hands it to the model, queued ahead
+// where it can be (every output sampled by the backend, no
+// log-probabilities); prev, if set, is the step before it, still on the
+// device, whose ids are the tokens of the rows that continue it.
+func (e *Engine) launch(plan []chunk, prev *launched) *launched {
+	l := &launched{plan: plan, start: time.Now(), out: map[*seq]int{}}
 	b := &backend.Batch{}
+	l.batch = b
 	info := StepInfo{Seqs: len(plan)}
+	async := e.net.Async()
 	for _, c := range plan {
 		s := c.s
 		b.Seqs = append(b.Seqs, backend.Seq{Start: len(b.Tokens), Len: c.n, Blocks: s.kv.Blocks})
-		for p := s.computed; p < s.computed+c.n; p++ {
-			b.Tokens = append(b.Tokens, s.tokens[p])
-			b.Positions = append(b.Positions, int32(p))
+		if prev != nil { // one row, whose token prev chose
+			b.Tokens = append(b.Tokens, 0)
+			b.Positions = append(b.Positions, int32(len(s.tokens)))
+			b.Prev = append(b.Prev, int32(prev.out[s]))
+		} else {
+			for p := s.computed; p < s.computed+c.n; p++ {
+				b.Tokens = append(b.Tokens, s.tokens[p])
+				b.Positions = append(b.Positions, int32(p))
+			}
 		}
-		if s.computed+c.n == len(s.tokens) {
+		if prev != nil || s.computed+c.n == len(s.tokens) {
+			l.out[s] = len(b.Outputs)
 			b.Outputs = append(b.Outputs, int32(len(b.Tokens)-1))
-			b.Sample = append(b.Sample, e.sampleParams(s))
+			p := e.sampleParams(s)
+			b.Sample = append(b.Sample, p)
+			async = async && p != nil && !p.Logprobs
 		}
-		if c.n == 1 && len(s.tokens) > s.promptLen {
+		if prev != nil || (c.n == 1 && len(s.tokens) > s.promptLen) {
 			info.Decode++
 		} else {
 			info.Prefill++
 		}
 	}
 	info.Tokens = len(b.Tokens)
+	l.info = info
 	// A step whose every request has been cancelled stops between layers:
 	// one prefill chunk of a large model on a small CPU takes minutes.
 	b.Interrupt = func() error {
@@ -459,8 +513,67 @@ func (e *Engine) step() {
 		}
 		return context.Canceled
 	}
-	outs, err := e.net.ForwardOutputs(b, e.pool)
+	if async && len(b.Outputs) > 0 {
+		wait, err := e.net.LaunchOutputs(b, e.pool)
+		if err == nil {
+			l.wait, l.async = wait, true
+			return l
+		}
+		if prev != nil {
+			l.wait = func() ([]glm4moelite.Output, error) { return nil, err }
+			return l
+		}
+	}
+	if prev != nil { // cannot happen: launchAhead checked the model
+		l.wait = func() ([]glm4moelite.Output, error) { return nil, errors.New("engine: a step queued ahead on a model that cannot") }
+		return l
+	}
+	l.wait = func() ([]glm4moelite.Output, error) { return e.net.ForwardOutputs(b, e.pool) }
+	return l
+}
+
+// launchAhead launches the step after cur before cur's ids are back, when
+// that step is one token for each running sequence, all of whose tokens
+// cur is choosing: no request waits for admission, every running sequence
+// has an output in cur sampled by the backend, none needs a cache block
+// that is not free, and cur is not a prefill (whose step's bytes the bench
+// keeps apart). Sequences that cur's token ends by their length limits are
+// left out; one that a stop id or string ends is computed in vain.
+func (e *Engine) launchAhead(cur *launched) *launched {
+	if !cur.async || cur.info.Prefill > 0 || len(e.queue) > 0 {
+		return nil
+	}
+	e.mu.Lock()
+	waiting := len(e.inbox)
+	e.mu.Unlock()
+	if waiting > 0 {
+		return nil
+	}
+	var plan []chunk
+	for _, s := range e.running {
+		if _, ok := cur.out[s]; !ok || s.req.Constraint != nil {
+			return nil
+		}
+		n := len(s.tokens) + 1 // with cur's token
+		if (s.req.MaxTokens > 0 && n-s.promptLen >= s.req.MaxTokens) || n >= e.opt.MaxModelLen {
+			continue
+		}
+		if e.kv.Grow(&s.kv, n) != nil {
+			return nil
+		}
+		plan = append(plan, chunk{s, 1})
+	}
+	if len(plan) == 0 {
+		return nil
+	}
+	return e.launch(plan, cur)
+}
+
+// finishStep records the step and hands out its tokens and errors.
+// Sequences that ended while it ran (a step queued ahead) are skipped.
+func (e *Engine) finishStep(l *launched, outs []glm4moelite.Output, err error) {
 	now := time.Now()
+	plan, b, info := l.plan, l.batch, l.info
 	var picks []pick
 	if err == nil {
 		picks = e.pickAll(plan, outs, b.Sample)
@@ -469,17 +582,26 @@ func (e *Engine) step() {
 	// the streams, so a caller that sees its last token also sees the
 	// step that made it.
 	var done []*seq // sequences with an output this step, in output order
+	var doneOut []int
 	if err == nil {
 		for _, c := range plan {
 			s := c.s
+			if s.ended {
+				continue
+			}
 			s.computed += c.n
+			if s.computed > len(s.tokens) { // cannot happen: the token before is handed out first
+				err = fmt.Errorf("engine: step ahead of its sequence (%d computed, %d tokens)", s.computed, len(s.tokens))
+				break
+			}
 			e.kv.Commit(&s.kv, s.tokens, s.computed)
-			if s.computed == len(s.tokens) {
+			if i, ok := l.out[s]; ok {
 				done = append(done, s)
+				doneOut = append(doneOut, i)
 			}
 		}
 	}
-	info.Duration = time.Since(start)
+	info.Duration = time.Since(l.start)
 	e.mu.Lock()
 	e.stats.Steps++
 	e.stats.MaxSeqsInStep = max(e.stats.MaxSeqsInStep, info.Seqs)
@@ -490,6 +612,9 @@ func (e *Engine) step() {
 	if err != nil {
 		for _, c := range plan {
 			s := c.s
+			if s.ended {
+				continue
+			}
 			e.remove(s)
 			if cerr := s.ctx.Err(); cerr != nil && errors.Is(err, context.Canceled) {
 				e.finish(s, FinishCanceled, cerr)
@@ -499,7 +624,8 @@ func (e *Engine) step() {
 		}
 		return
 	}
-	for i, s := range done {
+	for k, s := range done {
+		i := doneOut[k]
 		e.emit(s, outs[i], b.Sample[i], &picks[i], now)
 	}
 }
@@ -695,6 +821,9 @@ func (e *Engine) emit(s *seq, out glm4moelite.Output, sp *backend.SampleParams, 
 	if logits != nil && !p.ready {
 		p.checkErr = glm4moelite.CheckLogits(logits)
 	}
+	if logits == nil && out.ID < 0 {
+		p.checkErr = errors.New("not finite")
+	}
 	if err := p.checkErr; err != nil {
 		e.remove(s)
 		e.finish(s, FinishError, fmt.Errorf("logits at position %d: %w (run with --debug-nan to find the layer)", len(s.tokens)-1, err))
@@ -768,6 +897,7 @@ func (e *Engine) emit(s *seq, out glm4moelite.Output, sp *backend.SampleParams, 
 // finish releases s's blocks and sends its Done event. The caller has
 // taken s off the running list or the queue.
 func (e *Engine) finish(s *seq, why Finish, err error) {
+	s.ended = true
 	e.kv.Release(&s.kv)
 	ev := Event{Done: true, Finish: why, Time: time.Now(), Usage: Usage{
 		PromptTokens: s.promptLen, CachedTokens: s.cached, CompletionTokens: len(s.tokens) - s.promptLen}}

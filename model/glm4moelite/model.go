@@ -5,6 +5,7 @@
 package glm4moelite
 
 import (
+	"errors"
 	"fmt"
 	"io"
 	"math"
@@ -207,6 +208,56 @@ func (m *Model) ForwardOutputs(batch *backend.Batch, pool backend.CachePool) ([]
 }
 
 func wantsLogprobs(p *backend.SampleParams) bool { return p != nil && p.Logprobs }
+
+// Async reports whether LaunchOutputs can queue a step ahead of the ids of
+// the one before (the backend is a backend.AsyncSampler, DebugNaN off).
+func (m *Model) Async() bool {
+	_, ok := m.b.(backend.AsyncSampler)
+	return ok && !m.DebugNaN
+}
+
+// LaunchOutputs queues a step whose every output has a Sample entry that
+// asks for no log-probabilities, on a model that is Async, and returns
+// before its ids come back: wait returns them. The next batch may name
+// them in Batch.Prev and be launched before this wait. Each wait is called
+// once, in order, before the launch of the step after the next.
+func (m *Model) LaunchOutputs(batch *backend.Batch, pool backend.CachePool) (wait func() ([]Output, error), err error) {
+	as, ok := m.b.(backend.AsyncSampler)
+	if !ok || m.DebugNaN {
+		return nil, errors.New("model: steps cannot be queued ahead on this backend")
+	}
+	if len(batch.Outputs) == 0 || len(batch.Sample) != len(batch.Outputs) ||
+		slices.ContainsFunc(batch.Sample, func(p *backend.SampleParams) bool { return p == nil || p.Logprobs }) {
+		return nil, errors.New("model: a step queued ahead needs a sampling entry without log-probabilities for every output")
+	}
+	if err := batch.Validate(m.Config.VocabSize, pool.Blocks(), pool.BlockSize()); err != nil {
+		return nil, err
+	}
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	logits, err := m.run(batch, pool)
+	if err != nil {
+		return nil, err
+	}
+	params := make([]backend.SampleParams, len(batch.Sample))
+	for i, p := range batch.Sample {
+		params[i] = *p
+	}
+	ids := as.SampleRowsAsync(logits, params)
+	return func() ([]Output, error) {
+		m.mu.Lock()
+		defer m.mu.Unlock()
+		got, err := ids()
+		if err != nil {
+			return nil, err
+		}
+		outs := make([]Output, len(got))
+		for i, id := range got {
+			outs[i].ID = int(id) // -1: the row's logits are not finite
+		}
+		return outs, nil
+	}, nil
+}
 
 // run is the step of Forward up to the logits of the batch's outputs (nil
 // when it has none), with m.mu held.

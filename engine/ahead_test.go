@@ -1,0 +1,139 @@
+package engine
+
+import (
+	"context"
+	"runtime"
+	"slices"
+	"sync"
+	"testing"
+
+	"github.com/mmfp4/mmfp4/backend"
+	"github.com/mmfp4/mmfp4/backend/cpu"
+	"github.com/mmfp4/mmfp4/model/glm4moelite"
+	"github.com/mmfp4/mmfp4/sample"
+)
+
+// aheadBackend is the CPU backend as a backend.AsyncSampler, in the order
+// of work a GPU backend queues: a step's ids are chosen as
+// sample.Sampler.SampleWith chooses them and kept, and the rows of the next
+// batch that name them (Batch.Prev) take them when that batch is set.
+type aheadBackend struct {
+	*cpu.Backend
+	mu      sync.Mutex
+	last    []int32
+	pending int // SampleRowsAsync calls whose wait has not come
+	ahead   int // batches with rows from the step before
+	maxPend int
+}
+
+func (a *aheadBackend) SetBatch(b *backend.Batch, p backend.CachePool) {
+	if len(b.Prev) > 0 {
+		c := *b
+		c.Tokens = slices.Clone(b.Tokens)
+		for r, k := range b.Prev {
+			if k >= 0 {
+				c.Tokens[r] = a.last[k]
+			}
+		}
+		a.ahead++
+		b = &c
+	}
+	a.Backend.SetBatch(b, p)
+}
+
+func (a *aheadBackend) SampleRows(logits backend.Tensor, params []backend.SampleParams) []int32 {
+	V, all := logits.Cols(), a.Download(logits)
+	ids := make([]int32, len(params))
+	for i, p := range params {
+		s, err := sample.New(sample.Options{Temperature: p.Temperature, TopK: p.TopK, TopP: p.TopP, MinP: p.MinP})
+		id := -1
+		if err == nil {
+			if id, err = s.SampleWith(all[i*V:(i+1)*V], p.U); err != nil {
+				id = -1
+			}
+		}
+		ids[i] = int32(id)
+	}
+	return ids
+}
+
+func (a *aheadBackend) SampleRowsAsync(logits backend.Tensor, params []backend.SampleParams) func() ([]int32, error) {
+	ids := a.SampleRows(logits, params)
+	a.last = ids
+	a.mu.Lock()
+	a.pending++
+	a.maxPend = max(a.maxPend, a.pending)
+	a.mu.Unlock()
+	return func() ([]int32, error) {
+		a.mu.Lock()
+		a.pending--
+		a.mu.Unlock()
+		return ids, a.Sync()
+	}
+}
+
+// Steps queued ahead of their ids give every stream the tokens the
+// synchronous engine gives it: greedy and seeded sampling, streams of
+// different lengths ending at different steps, stop ids, and streams
+// joining while others decode.
+func TestStepsAheadMatchSync(t *testing.T) {
+	ab := &aheadBackend{Backend: cpu.New(cpu.Options{Threads: 1})}
+	aheadNet, err := glm4moelite.Load(fixtureDir, ab, glm4moelite.LoadOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !aheadNet.Async() {
+		t.Fatal("the test backend is not async")
+	}
+	syncNet, tok := fixture(t)
+	reqs := []Request{
+		{Prompt: refPrompt, MaxTokens: 9, StopIDs: []int{}},
+		{Prompt: []int{5, 6, 7}, MaxTokens: 14, StopIDs: []int{}, Sampling: sample.Options{Temperature: 0.9, TopP: 0.9, Seed: 7}},
+		{Prompt: []int{300, 301, 302, 303, 304, 305, 306, 307, 308}, MaxTokens: 5, StopIDs: []int{}, Sampling: sample.Options{Temperature: 1.3, TopK: 20, Seed: 3}},
+		{Prompt: refPrompt, MaxTokens: 20, StopIDs: []int{340}}, // the greedy continuation's third token stops it
+		{Prompt: []int{42}, MaxTokens: 11, StopIDs: []int{}, Sampling: sample.Options{Temperature: 0.7, MinP: 0.05, Seed: 11}},
+	}
+	outputs := func(net *glm4moelite.Model) []result {
+		e, err := New(net, tok, tok.EOSIDs(), Options{BlockSize: 8})
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer e.Close()
+		got := make([]result, len(reqs))
+		var wg sync.WaitGroup
+		for i, r := range reqs {
+			if i == 3 { // joins while the others decode
+				for e.Stats().Steps < 4 {
+					runtime.Gosched()
+				}
+			}
+			st, err := e.Submit(context.Background(), r)
+			if err != nil {
+				t.Fatal(err)
+			}
+			wg.Add(1)
+			go func() {
+				defer wg.Done()
+				got[i] = collect(t, st)
+			}()
+		}
+		wg.Wait()
+		waitIdle(t, e)
+		return got
+	}
+	want, got := outputs(syncNet), outputs(aheadNet)
+	for i := range reqs {
+		if !slices.Equal(got[i].tokens, want[i].tokens) || got[i].final.Finish != want[i].final.Finish ||
+			got[i].final.Usage != want[i].final.Usage {
+			t.Errorf("stream %d: %v (%s, %+v) with steps ahead, %v (%s, %+v) without", i,
+				got[i].tokens, got[i].final.Finish, got[i].final.Usage, want[i].tokens, want[i].final.Finish, want[i].final.Usage)
+		}
+	}
+	if ab.ahead == 0 {
+		t.Error("no step was queued ahead")
+	}
+	if ab.maxPend != 2 {
+		t.Errorf("at most %d steps' ids were outstanding, want 2", ab.maxPend)
+	}
+	t.Logf("%d of the steps were queued ahead", ab.ahead)
+}
