@@ -525,7 +525,9 @@ func (e *Engine) launch(plan []chunk, prev *launched) *launched {
 		}
 	}
 	if prev != nil { // cannot happen: launchAhead checked the model
-		l.wait = func() ([]glm4moelite.Output, error) { return nil, errors.New("engine: a step queued ahead on a model that cannot") }
+		l.wait = func() ([]glm4moelite.Output, error) {
+			return nil, errors.New("engine: a step queued ahead on a model that cannot")
+		}
 		return l
 	}
 	l.wait = func() ([]glm4moelite.Output, error) { return e.net.ForwardOutputs(b, e.pool) }
