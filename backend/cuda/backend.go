@@ -105,6 +105,7 @@ type Backend struct {
 	read atomic.Int64 // BytesRead
 
 	sampledRows int // rows whose token SampleRows chose (tests)
+	async       asyncIDs
 	logprobRows int // rows whose log-probabilities SampleRowsLogprobs computed (tests)
 
 	prof   *profiler   // MMFP4_CUDA_PROFILE=1
@@ -282,7 +283,7 @@ func NewOnDevice(d *Device, o Options) *Backend {
 func (b *Backend) Close() error {
 	b.flush()
 	err := b.dev.Do(func(c *Ctx) error {
-		errs := []error{c.Sync(), b.weights.free(c), b.arena.free(c)}
+		errs := []error{c.Sync(), b.weights.free(c), b.arena.free(c), b.async.free(c)}
 		errs = append(errs, b.steps.report(c, os.Stderr))
 		if b.prof != nil {
 			b.prof.report(os.Stderr)
@@ -766,6 +767,7 @@ func weightRows(w *weight, from, n int) *weight {
 // batchMeta is the step's batch on the device (int32 arrays).
 type batchMeta struct {
 	pos, rowSeq, slots, seqBlocks, blocks, outputs, tokens uint64
+	from                                                   uint64 // Batch.Prev, or 0
 	maxN                                                   int
 }
 
@@ -815,6 +817,10 @@ func (b *Backend) SetBatch(batch *backend.Batch, p backend.CachePool) {
 	// decode step its graph) while sequences grow by a block.
 	arrays := [][]int32{batch.Positions, rowSeq, slots, seqBlocks, blocks, batch.Outputs, batch.Tokens}
 	dsts := []*uint64{&b.meta.pos, &b.meta.rowSeq, &b.meta.slots, &b.meta.seqBlocks, &b.meta.blocks, &b.meta.outputs, &b.meta.tokens}
+	b.meta.from = 0
+	if len(batch.Prev) > 0 {
+		arrays, dsts = append(arrays, batch.Prev), append(dsts, &b.meta.from)
+	}
 	var all []int32
 	offs := make([]int, len(arrays))
 	for i, v := range arrays {
@@ -955,7 +961,20 @@ func (b *Backend) Embed(dst backend.Tensor, table backend.Weight) {
 	if b.batch == nil || b.badShape("embed", [2]int{d.rows, d.cols}, [2]int{b.batch.Rows(), w.k}) {
 		return
 	}
-	for t, id := range b.batch.Tokens {
+	tokens := b.batch.Tokens
+	if len(b.batch.Prev) > 0 && w.q == nil {
+		// Embedded on the host: the ids the step before chose are needed
+		// there first.
+		var err error
+		if tokens, err = b.async.resolve(b, b.batch); err != nil {
+			b.fail("embed: %v", err)
+			return
+		}
+	}
+	for t, id := range tokens {
+		if b.batch.FromPrev(t) && w.q != nil {
+			continue // chosen on the device, within the vocabulary
+		}
 		if id < 0 || int(id) >= w.n {
 			b.fail("token id %d at row %d is outside the vocabulary [0, %d)", id, t, w.n)
 			return
@@ -974,11 +993,15 @@ func (b *Backend) Embed(dst backend.Tensor, table backend.Weight) {
 		// From the uploaded table: no host work or upload a row (a
 		// 1024-token prefill spent 15 ms of host time dequantizing here).
 		b.wrote(d)
-		b.launch("embed", "ops", "embed_rows_q", D1(d.rows), D1(256), d.ptr, d.ld, b.meta.tokens, q.Codes, q.Scales, q.RowScale, q.K, q.G)
+		prev := uint64(0)
+		if b.meta.from != 0 {
+			prev = b.async.dev.Ptr
+		}
+		b.launch("embed", "ops", "embed_rows_q", D1(d.rows), D1(256), d.ptr, d.ld, b.meta.tokens, prev, b.meta.from, q.Codes, q.Scales, q.RowScale, q.K, q.G, w.n)
 		return
 	}
 	host := make([]float32, d.rows*d.cols)
-	for t, id := range b.batch.Tokens {
+	for t, id := range tokens {
 		row := host[t*w.k : (t+1)*w.k]
 		if q := w.host.Quant; q != nil {
 			q.DequantizeRow(int(id), row)

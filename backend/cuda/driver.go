@@ -29,6 +29,8 @@ var drv struct {
 	cuMemGetInfo                                func(free, total *uint64) int32
 	cuMemAlloc                                  func(ptr *uint64, bytes uint64) int32
 	cuMemFree                                   func(ptr uint64) int32
+	cuMemAllocHost                              func(pp *unsafe.Pointer, bytes uint64) int32
+	cuMemFreeHost                               func(p unsafe.Pointer) int32
 	cuMemcpyHtoDAsync                           func(dst uint64, src unsafe.Pointer, n uint64, stream uintptr) int32
 	cuMemcpyDtoHAsync                           func(dst unsafe.Pointer, src uint64, n uint64, stream uintptr) int32
 	cuMemcpyDtoDAsync                           func(dst, src uint64, n uint64, stream uintptr) int32

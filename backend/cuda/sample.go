@@ -3,7 +3,12 @@
 package cuda
 
 import (
+	"errors"
+	"fmt"
 	"math"
+	"slices"
+	"time"
+	"unsafe"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -137,4 +142,180 @@ func sampleRecords(params []backend.SampleParams) []uint32 {
 		r[4], r[5] = uint32(u), uint32(u>>32)
 	}
 	return rec
+}
+
+var _ backend.AsyncSampler = (*Backend)(nil)
+
+// asyncIDs holds the ids of steps sampled by SampleRowsAsync: on the
+// device, where the next step's embedding reads them (Batch.Prev), and in
+// two page-locked host slots that the copies back fill in turn, each with
+// an event that marks its copy done, so that one step's ids can be waited
+// for while the next step runs.
+type asyncIDs struct {
+	dev   Buffer // int32 ids of the latest step
+	old   []Buffer
+	host  [2]unsafe.Pointer // page-locked, hostN int32 each
+	hostN int
+	ev    [2]*Event
+	turn  int // the slot of the next call
+	last  func() ([]int32, error)
+	rows  int // of the last call
+}
+
+// SampleRowsAsync is SampleRows whose copy back is left running: wait
+// returns the ids once the copy of this step's has arrived.
+func (b *Backend) SampleRowsAsync(logits backend.Tensor, params []backend.SampleParams) func() ([]int32, error) {
+	a := &b.async
+	l := asTensor(logits)
+	rows := l.rows
+	fail := func(err error) func() ([]int32, error) {
+		b.fail("sample: %v", err)
+		return func() ([]int32, error) { return nil, b.Sync() }
+	}
+	switch {
+	case len(params) != rows:
+		return fail(fmt.Errorf("%d settings for %d rows", len(params), rows))
+	case rows == 0 || l.cols == 0:
+		return fail(fmt.Errorf("%d rows of %d logits", rows, l.cols))
+	}
+	if 4*rows > a.dev.Size || rows > a.hostN {
+		// The earlier device buffer may still be read by a queued
+		// embedding: it is freed with the backend.
+		n := max(rows, 256)
+		b.flush()
+		err := b.dev.Do(func(c *Ctx) error {
+			if a.dev.Size > 0 {
+				a.old = append(a.old, a.dev)
+			}
+			buf, err := c.Alloc(4 * n)
+			if err != nil {
+				return err
+			}
+			a.dev = buf
+			if n <= a.hostN {
+				return nil
+			}
+			if err := c.Sync(); err != nil { // no copy into the old slots is running
+				return err
+			}
+			for i := range a.host {
+				if a.host[i] != nil {
+					if err := check("cuMemFreeHost", drv.cuMemFreeHost(a.host[i])); err != nil {
+						return err
+					}
+					a.host[i] = nil
+				}
+				if err := check("cuMemAllocHost", drv.cuMemAllocHost(&a.host[i], uint64(4*n))); err != nil {
+					return err
+				}
+				if a.ev[i] == nil {
+					ev, err := c.NewEvent()
+					if err != nil {
+						return err
+					}
+					a.ev[i] = ev
+				}
+			}
+			a.hostN = n
+			return nil
+		})
+		if err != nil {
+			return fail(err)
+		}
+	}
+	pp := b.alloc(4 * sampleRecordWords * rows)
+	rec := sampleRecords(params)
+	b.do("sample settings", func(c *Ctx) error { return CopyIn(c, pp, rec) })
+	b.launch("sample", "sample", "sample_rows", D1(rows), D1(sampleThreads), l.ptr, l.ld, l.cols, pp, a.dev.Ptr)
+	slot := a.turn
+	a.turn ^= 1
+	host, ev, src := a.host[slot], a.ev[slot], a.dev.Ptr
+	b.flush()
+	if b.err == nil {
+		// Outside any graph: a copy into host memory with its event.
+		err := b.dev.Do(func(c *Ctx) error {
+			if err := check("cuMemcpyDtoHAsync", drv.cuMemcpyDtoHAsync(host, src, uint64(4*rows), c.stream)); err != nil {
+				return c.annotate(err)
+			}
+			return c.RecordAt(ev)
+		})
+		if err != nil {
+			b.fail("sample ids: %v", err)
+		}
+	}
+	b.sampledRows += rows
+	waited := false
+	wait := func() ([]int32, error) {
+		if waited {
+			return nil, errors.New("cuda backend: a step's ids waited for twice")
+		}
+		waited = true
+		b.flush() // what is queued after this step runs while the host waits
+		if err := b.err; err != nil {
+			b.err = nil
+			return nil, err
+		}
+		t0 := time.Now()
+		err := b.dev.Do(func(c *Ctx) error {
+			if err := check("cuEventSynchronize", drv.cuEventSynchronize(ev.h)); err != nil {
+				return c.annotate(err)
+			}
+			return nil
+		})
+		b.steps.add(1, t0)
+		if err != nil {
+			return nil, fmt.Errorf("cuda backend: sample ids: %w", err)
+		}
+		return slices.Clone(unsafe.Slice((*int32)(host), rows)), nil
+	}
+	a.last, a.rows = wait, rows
+	return wait
+}
+
+// resolve returns batch's tokens with the rows from the step before
+// filled in on the host, waiting for that step's ids.
+func (a *asyncIDs) resolve(b *Backend, batch *backend.Batch) ([]int32, error) {
+	if a.last == nil {
+		return nil, errors.New("tokens from a step before, but no step was sampled ahead")
+	}
+	b.flush()
+	var ids []int32
+	err := b.dev.Do(func(c *Ctx) error {
+		return check("cuEventSynchronize", drv.cuEventSynchronize(a.ev[a.turn^1].h))
+	})
+	if err != nil {
+		return nil, err
+	}
+	ids = unsafe.Slice((*int32)(a.host[a.turn^1]), a.rows)
+	out := slices.Clone(batch.Tokens)
+	for r := range out {
+		if batch.FromPrev(r) {
+			k := int(batch.Prev[r])
+			if k >= a.rows {
+				return nil, fmt.Errorf("row %d takes output %d of the step before, which had fewer", r, k)
+			}
+			out[r] = ids[k]
+		}
+	}
+	return out, nil
+}
+
+// free releases the buffers; the caller has synchronised.
+func (a *asyncIDs) free(c *Ctx) error {
+	var errs []error
+	for _, buf := range append(a.old, a.dev) {
+		if buf.Size > 0 {
+			errs = append(errs, c.Free(buf))
+		}
+	}
+	for i := range a.host {
+		if a.host[i] != nil {
+			errs = append(errs, check("cuMemFreeHost", drv.cuMemFreeHost(a.host[i])))
+		}
+		if a.ev[i] != nil {
+			errs = append(errs, c.DestroyEvent(a.ev[i]))
+		}
+	}
+	*a = asyncIDs{}
+	return errors.Join(errs...)
 }

@@ -845,12 +845,20 @@ extern "C" __global__ void __launch_bounds__(32 * ABSORB_WARPS)
 // host's bit for bit. One block a row; each thread widens one code byte
 // (two columns) at a time. The host checks the ids before the launch.
 extern "C" __global__ void __launch_bounds__(256)
-    embed_rows_q(float* dst, int ld, const i32* __restrict__ tokens, const u8* __restrict__ codes,
-                 const u8* __restrict__ scales, const float* __restrict__ row_scale, int K, int G) {
+    embed_rows_q(float* dst, int ld, const i32* __restrict__ tokens, const i32* __restrict__ prev,
+                 const i32* __restrict__ from, const u8* __restrict__ codes, const u8* __restrict__ scales,
+                 const float* __restrict__ row_scale, int K, int G, int vocab) {
   PDL_LAUNCH();
   PDL_WAIT();
   const int t = blockIdx.x;
-  const size_t id = (size_t)tokens[t];
+  // from (if set): row t's token is the id the step before sampled for
+  // its output from[t] (prev), where from[t] >= 0. That id is -1 where
+  // the row's logits were not finite: its sequence ends when the id comes
+  // back, and the row takes token 0 in vain meanwhile.
+  const int k = from ? from[t] : -1;
+  int v = k >= 0 ? prev[k] : tokens[t];
+  if (v < 0 || v >= vocab) v = 0;
+  const size_t id = (size_t)v;
   const u8* c = codes + id * (size_t)(K / 2);
   const u8* s = scales + id * (size_t)(K / G);
   const float rs = row_scale[id];
