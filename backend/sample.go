@@ -57,16 +57,17 @@ type LogprobSampler interface {
 	SampleRowsLogprobs(logits Tensor, params []SampleParams) ([]int32, []RowLogprobs)
 }
 
-// AsyncSampler is a Sampler that can leave a step's ids where they were
-// chosen, so that the next step is queued before they come back: that
-// step's rows name them in Batch.Prev.
+// AsyncSampler is a LogprobSampler that can leave a step's ids where they
+// were chosen, so that the next step is queued before they come back:
+// that step's rows name them in Batch.Prev.
 type AsyncSampler interface {
-	Sampler
-	// SampleRowsAsync queues what SampleRows does and returns at once;
-	// wait returns the ids once this step's have come back, without
-	// waiting for steps queued after it. The next batch given to SetBatch
-	// may take its tokens from these ids (Batch.Prev). The waits are
-	// called in order, each before the SampleRowsAsync of the step after
-	// next (at most two steps' ids are outstanding).
-	SampleRowsAsync(logits Tensor, params []SampleParams) (wait func() ([]int32, error))
+	LogprobSampler
+	// SampleRowsAsync queues what SampleRowsLogprobs does and returns at
+	// once; wait returns the ids, and the log-probabilities where asked
+	// (else nil), once this step's have come back, without waiting for
+	// steps queued after it. The next batch given to SetBatch may take
+	// its tokens from these ids (Batch.Prev). The waits are called in
+	// order, each before the SampleRowsAsync of the step after next (at
+	// most two steps' ids are outstanding).
+	SampleRowsAsync(logits Tensor, params []SampleParams) (wait func() ([]int32, []RowLogprobs, error))
 }

@@ -57,18 +57,31 @@ func (a *aheadBackend) SampleRows(logits backend.Tensor, params []backend.Sample
 	return ids
 }
 
-func (a *aheadBackend) SampleRowsAsync(logits backend.Tensor, params []backend.SampleParams) func() ([]int32, error) {
+// SampleRowsLogprobs adds the host's log-probabilities to SampleRows.
+func (a *aheadBackend) SampleRowsLogprobs(logits backend.Tensor, params []backend.SampleParams) ([]int32, []backend.RowLogprobs) {
 	ids := a.SampleRows(logits, params)
+	V, all := logits.Cols(), a.Download(logits)
+	lps := make([]backend.RowLogprobs, len(ids))
+	for i, p := range params {
+		if p.Logprobs && ids[i] >= 0 {
+			lps[i].Chosen, lps[i].Top = logprobs(all[i*V:(i+1)*V], int(ids[i]), p.TopLogprobs)
+		}
+	}
+	return ids, lps
+}
+
+func (a *aheadBackend) SampleRowsAsync(logits backend.Tensor, params []backend.SampleParams) func() ([]int32, []backend.RowLogprobs, error) {
+	ids, lps := a.SampleRowsLogprobs(logits, params)
 	a.last = ids
 	a.mu.Lock()
 	a.pending++
 	a.maxPend = max(a.maxPend, a.pending)
 	a.mu.Unlock()
-	return func() ([]int32, error) {
+	return func() ([]int32, []backend.RowLogprobs, error) {
 		a.mu.Lock()
 		a.pending--
 		a.mu.Unlock()
-		return ids, a.Sync()
+		return ids, lps, a.Sync()
 	}
 }
 
@@ -91,7 +104,7 @@ func TestStepsAheadMatchSync(t *testing.T) {
 		{Prompt: []int{5, 6, 7}, MaxTokens: 14, StopIDs: []int{}, Sampling: sample.Options{Temperature: 0.9, TopP: 0.9, Seed: 7}},
 		{Prompt: []int{300, 301, 302, 303, 304, 305, 306, 307, 308}, MaxTokens: 5, StopIDs: []int{}, Sampling: sample.Options{Temperature: 1.3, TopK: 20, Seed: 3}},
 		{Prompt: refPrompt, MaxTokens: 20, StopIDs: []int{340}}, // the greedy continuation's third token stops it
-		{Prompt: []int{42}, MaxTokens: 11, StopIDs: []int{}, Sampling: sample.Options{Temperature: 0.7, MinP: 0.05, Seed: 11}},
+		{Prompt: []int{42}, MaxTokens: 11, StopIDs: []int{}, Sampling: sample.Options{Temperature: 0.7, MinP: 0.05, Seed: 11}, Logprobs: true, TopLogprobs: 3},
 	}
 	outputs := func(net *glm4moelite.Model) []result {
 		e, err := New(net, tok, tok.EOSIDs(), Options{BlockSize: 8})
@@ -123,7 +136,7 @@ func TestStepsAheadMatchSync(t *testing.T) {
 	}
 	want, got := outputs(syncNet), outputs(aheadNet)
 	for i := range reqs {
-		if !slices.Equal(got[i].tokens, want[i].tokens) || got[i].final.Finish != want[i].final.Finish ||
+		if !slices.Equal(got[i].tokens, want[i].tokens) || !slices.EqualFunc(got[i].lps, want[i].lps, sameLogprobs) || got[i].final.Finish != want[i].final.Finish ||
 			got[i].final.Usage != want[i].final.Usage {
 			t.Errorf("stream %d: %v (%s, %+v) with steps ahead, %v (%s, %+v) without", i,
 				got[i].tokens, got[i].final.Finish, got[i].final.Usage, want[i].tokens, want[i].final.Finish, want[i].final.Usage)
@@ -136,4 +149,9 @@ func TestStepsAheadMatchSync(t *testing.T) {
 		t.Errorf("at most %d steps' ids were outstanding, want 2", ab.maxPend)
 	}
 	t.Logf("%d of the steps were queued ahead", ab.ahead)
+}
+
+// sameLogprobs compares two token events' log-probabilities.
+func sameLogprobs(a, b Event) bool {
+	return a.Logprob == b.Logprob && slices.Equal(a.TopLogprobs, b.TopLogprobs)
 }

@@ -466,8 +466,7 @@ func (e *Engine) step() {
 }
 
 // launch builds the batch of plan and hands it to the model, queued ahead
-// where it can be (every output sampled by the backend, no
-// log-probabilities); prev, if set, is the step before it, still on the
+// where it can be (every output sampled by the backend); prev, if set, is the step before it, still on the
 // device, whose ids are the tokens of the rows that continue it.
 func (e *Engine) launch(plan []chunk, prev *launched) *launched {
 	l := &launched{plan: plan, start: time.Now(), out: map[*seq]int{}}
@@ -493,7 +492,7 @@ func (e *Engine) launch(plan []chunk, prev *launched) *launched {
 			b.Outputs = append(b.Outputs, int32(len(b.Tokens)-1))
 			p := e.sampleParams(s)
 			b.Sample = append(b.Sample, p)
-			async = async && p != nil && !p.Logprobs
+			async = async && p != nil
 		}
 		if prev != nil || (c.n == 1 && len(s.tokens) > s.promptLen) {
 			info.Decode++

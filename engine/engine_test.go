@@ -66,6 +66,7 @@ func newEngine(t testing.TB, opt Options) *Engine {
 
 type result struct {
 	tokens []int
+	lps    []Event // the token events, for their log-probabilities
 	text   string
 	final  Event
 }
@@ -87,6 +88,7 @@ func collect(t testing.TB, st *Stream) result {
 			r.final = ev
 		} else {
 			r.tokens = append(r.tokens, ev.Token)
+			r.lps = append(r.lps, ev)
 		}
 	}
 }

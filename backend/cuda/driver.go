@@ -104,6 +104,8 @@ func loadDriver() error {
 			"cuMemGetInfo_v2":                             &d.cuMemGetInfo,
 			"cuMemAlloc_v2":                               &d.cuMemAlloc,
 			"cuMemFree_v2":                                &d.cuMemFree,
+			"cuMemAllocHost_v2":                           &d.cuMemAllocHost,
+			"cuMemFreeHost":                               &d.cuMemFreeHost,
 			"cuMemcpyHtoDAsync_v2":                        &d.cuMemcpyHtoDAsync,
 			"cuMemcpyDtoHAsync_v2":                        &d.cuMemcpyDtoHAsync,
 			"cuMemcpyDtoDAsync_v2":                        &d.cuMemcpyDtoDAsync,

@@ -48,22 +48,52 @@ func (b *Backend) SampleRowsLogprobs(logits backend.Tensor, params []backend.Sam
 }
 
 func (b *Backend) sampleRows(logits backend.Tensor, params []backend.SampleParams, withLogprobs bool) ([]int32, []backend.RowLogprobs) {
-	l := asTensor(logits)
 	out := make([]int32, len(params))
-	if len(params) != l.rows {
+	l, words, ok := b.sampleShape(logits, params, withLogprobs)
+	if !ok || words == 0 {
+		return out, nil
+	}
+	res := make([]int32, words)
+	ids := b.alloc(4 * words)
+	b.sampleQueue(l, params, withLogprobs, ids)
+	if b.err != nil {
+		return out, nil
+	}
+	b.now("sample ids", func(c *Ctx) error { return CopyOut(c, res, ids) })
+	got, lps, err := b.sampleResults(params, withLogprobs, res)
+	if err != nil {
+		b.fail("%v", err)
+		return out, nil
+	}
+	return got, lps
+}
+
+// sampleShape checks the rows against their settings and returns the
+// int32 words of the step's results: the ids, then with log-probabilities
+// one record a row.
+func (b *Backend) sampleShape(logits backend.Tensor, params []backend.SampleParams, withLogprobs bool) (*tensor, int, bool) {
+	l := asTensor(logits)
+	switch {
+	case len(params) != l.rows:
 		b.fail("sample: %d settings for %d rows", len(params), l.rows)
-		return out, nil
-	}
-	if l.rows == 0 {
-		return out, nil
-	}
-	if l.cols == 0 {
+		return l, 0, false
+	case l.rows == 0:
+		return l, 0, true
+	case l.cols == 0:
 		b.fail("sample: rows of no logits")
-		return out, nil
+		return l, 0, false
 	}
+	if withLogprobs && wantsLogprobs(params) {
+		return l, l.rows * (1 + logprobRecordWords), true
+	}
+	return l, l.rows, true
+}
+
+// sampleQueue queues the choice of each row's token into ids, and the
+// log-probability records after them where asked: one upload (settings,
+// then each row's number of top tokens or -1) and one or two launches.
+func (b *Backend) sampleQueue(l *tensor, params []backend.SampleParams, withLogprobs bool, ids uint64) {
 	rows := l.rows
-	// One upload (settings, then each row's number of top tokens or -1)
-	// and one download (ids, then the log-probability records).
 	rec := sampleRecords(params)
 	want := withLogprobs && wantsLogprobs(params)
 	if want {
@@ -75,26 +105,23 @@ func (b *Backend) sampleRows(logits backend.Tensor, params []backend.SampleParam
 			rec = append(rec, uint32(k))
 		}
 	}
-	res := make([]int32, rows)
-	if want {
-		res = make([]int32, rows+rows*logprobRecordWords)
-	}
 	pp := b.alloc(4 * len(rec))
-	ids := b.alloc(4 * len(res))
 	b.do("sample settings", func(c *Ctx) error { return CopyIn(c, pp, rec) })
 	b.launch("sample", "sample", "sample_rows", D1(rows), D1(sampleThreads), l.ptr, l.ld, l.cols, pp, ids)
 	if want {
 		b.launch("logprobs", "logprob", "logprob_rows", D1(rows), D1(logprobThreads), l.ptr, l.ld, l.cols,
 			pp+uint64(4*sampleRecordWords*rows), ids, ids+uint64(4*rows))
 	}
-	if b.err != nil {
-		return out, nil
-	}
-	b.now("sample ids", func(c *Ctx) error { return CopyOut(c, res, ids) })
-	copy(out, res)
 	b.sampledRows += rows
-	if !want {
-		return out, nil
+}
+
+// sampleResults reads the ids and the log-probability records of
+// sampleQueue.
+func (b *Backend) sampleResults(params []backend.SampleParams, withLogprobs bool, res []int32) ([]int32, []backend.RowLogprobs, error) {
+	rows := len(params)
+	out := slices.Clone(res[:rows])
+	if !withLogprobs || !wantsLogprobs(params) {
+		return out, nil, nil
 	}
 	lps := make([]backend.RowLogprobs, rows)
 	for i, p := range params {
@@ -106,8 +133,7 @@ func (b *Backend) sampleRows(logits backend.Tensor, params []backend.SampleParam
 		if n < 0 || n > backend.MaxTopLogprobs {
 			// The sampler found the row finite and the logprob kernel
 			// did not: they read the same memory, so this is a fault.
-			b.fail("logprobs: row %d: the sampler chose %d and the log-probability kernel reports %d", i, out[i], n)
-			return out, nil
+			return out, nil, fmt.Errorf("logprobs: row %d: the sampler chose %d and the log-probability kernel reports %d", i, out[i], n)
 		}
 		lp := &lps[i]
 		lp.Chosen = math.Float32frombits(uint32(r[1]))
@@ -116,7 +142,7 @@ func (b *Backend) sampleRows(logits backend.Tensor, params []backend.SampleParam
 		}
 		b.logprobRows++
 	}
-	return out, lps
+	return out, lps, nil
 }
 
 // wantsLogprobs: some row asks for log-probabilities.
@@ -158,75 +184,31 @@ type asyncIDs struct {
 	hostN int
 	ev    [2]*Event
 	turn  int // the slot of the next call
-	last  func() ([]int32, error)
+	last  int // the slot of the last call
 	rows  int // of the last call
 }
 
-// SampleRowsAsync is SampleRows whose copy back is left running: wait
-// returns the ids once the copy of this step's has arrived.
-func (b *Backend) SampleRowsAsync(logits backend.Tensor, params []backend.SampleParams) func() ([]int32, error) {
+// SampleRowsAsync is SampleRowsLogprobs whose copy back is left running:
+// wait returns the ids (and the log-probabilities asked for) once the copy
+// of this step's has arrived.
+func (b *Backend) SampleRowsAsync(logits backend.Tensor, params []backend.SampleParams) func() ([]int32, []backend.RowLogprobs, error) {
 	a := &b.async
-	l := asTensor(logits)
-	rows := l.rows
-	fail := func(err error) func() ([]int32, error) {
+	fail := func() func() ([]int32, []backend.RowLogprobs, error) {
+		return func() ([]int32, []backend.RowLogprobs, error) { return nil, nil, b.Sync() }
+	}
+	l, words, ok := b.sampleShape(logits, params, true)
+	if !ok {
+		return fail()
+	}
+	if words == 0 {
+		b.fail("sample: no rows")
+		return fail()
+	}
+	if err := a.reserve(b, words); err != nil {
 		b.fail("sample: %v", err)
-		return func() ([]int32, error) { return nil, b.Sync() }
+		return fail()
 	}
-	switch {
-	case len(params) != rows:
-		return fail(fmt.Errorf("%d settings for %d rows", len(params), rows))
-	case rows == 0 || l.cols == 0:
-		return fail(fmt.Errorf("%d rows of %d logits", rows, l.cols))
-	}
-	if 4*rows > a.dev.Size || rows > a.hostN {
-		// The earlier device buffer may still be read by a queued
-		// embedding: it is freed with the backend.
-		n := max(rows, 256)
-		b.flush()
-		err := b.dev.Do(func(c *Ctx) error {
-			if a.dev.Size > 0 {
-				a.old = append(a.old, a.dev)
-			}
-			buf, err := c.Alloc(4 * n)
-			if err != nil {
-				return err
-			}
-			a.dev = buf
-			if n <= a.hostN {
-				return nil
-			}
-			if err := c.Sync(); err != nil { // no copy into the old slots is running
-				return err
-			}
-			for i := range a.host {
-				if a.host[i] != nil {
-					if err := check("cuMemFreeHost", drv.cuMemFreeHost(a.host[i])); err != nil {
-						return err
-					}
-					a.host[i] = nil
-				}
-				if err := check("cuMemAllocHost", drv.cuMemAllocHost(&a.host[i], uint64(4*n))); err != nil {
-					return err
-				}
-				if a.ev[i] == nil {
-					ev, err := c.NewEvent()
-					if err != nil {
-						return err
-					}
-					a.ev[i] = ev
-				}
-			}
-			a.hostN = n
-			return nil
-		})
-		if err != nil {
-			return fail(err)
-		}
-	}
-	pp := b.alloc(4 * sampleRecordWords * rows)
-	rec := sampleRecords(params)
-	b.do("sample settings", func(c *Ctx) error { return CopyIn(c, pp, rec) })
-	b.launch("sample", "sample", "sample_rows", D1(rows), D1(sampleThreads), l.ptr, l.ld, l.cols, pp, a.dev.Ptr)
+	b.sampleQueue(l, params, true, a.dev.Ptr)
 	slot := a.turn
 	a.turn ^= 1
 	host, ev, src := a.host[slot], a.ev[slot], a.dev.Ptr
@@ -234,7 +216,7 @@ func (b *Backend) SampleRowsAsync(logits backend.Tensor, params []backend.Sample
 	if b.err == nil {
 		// Outside any graph: a copy into host memory with its event.
 		err := b.dev.Do(func(c *Ctx) error {
-			if err := check("cuMemcpyDtoHAsync", drv.cuMemcpyDtoHAsync(host, src, uint64(4*rows), c.stream)); err != nil {
+			if err := check("cuMemcpyDtoHAsync", drv.cuMemcpyDtoHAsync(host, src, uint64(4*words), c.stream)); err != nil {
 				return c.annotate(err)
 			}
 			return c.RecordAt(ev)
@@ -243,50 +225,88 @@ func (b *Backend) SampleRowsAsync(logits backend.Tensor, params []backend.Sample
 			b.fail("sample ids: %v", err)
 		}
 	}
-	b.sampledRows += rows
+	a.rows, a.last = l.rows, slot
 	waited := false
-	wait := func() ([]int32, error) {
+	return func() ([]int32, []backend.RowLogprobs, error) {
 		if waited {
-			return nil, errors.New("cuda backend: a step's ids waited for twice")
+			return nil, nil, errors.New("cuda backend: a step's ids waited for twice")
 		}
 		waited = true
 		b.flush() // what is queued after this step runs while the host waits
 		if err := b.err; err != nil {
 			b.err = nil
-			return nil, err
+			return nil, nil, err
 		}
 		t0 := time.Now()
 		err := b.dev.Do(func(c *Ctx) error {
-			if err := check("cuEventSynchronize", drv.cuEventSynchronize(ev.h)); err != nil {
-				return c.annotate(err)
-			}
-			return nil
+			return c.annotate(check("cuEventSynchronize", drv.cuEventSynchronize(ev.h)))
 		})
 		b.steps.add(1, t0)
 		if err != nil {
-			return nil, fmt.Errorf("cuda backend: sample ids: %w", err)
+			return nil, nil, fmt.Errorf("cuda backend: sample ids: %w", err)
 		}
-		return slices.Clone(unsafe.Slice((*int32)(host), rows)), nil
+		return b.sampleResults(params, true, unsafe.Slice((*int32)(host), words))
 	}
-	a.last, a.rows = wait, rows
-	return wait
+}
+
+// reserve makes the buffers hold a step's words of results.
+func (a *asyncIDs) reserve(b *Backend, words int) error {
+	if 4*words <= a.dev.Size && words <= a.hostN {
+		return nil
+	}
+	n := max(words, 1024)
+	b.flush()
+	return b.dev.Do(func(c *Ctx) error {
+		if a.dev.Size > 0 {
+			// A queued embedding may still read it: freed with the backend.
+			a.old = append(a.old, a.dev)
+		}
+		buf, err := c.Alloc(4 * n)
+		if err != nil {
+			return err
+		}
+		a.dev = buf
+		if err := c.Sync(); err != nil { // no copy into the old slots is running
+			return err
+		}
+		for i := range a.host {
+			if a.host[i] != nil {
+				if err := check("cuMemFreeHost", drv.cuMemFreeHost(a.host[i])); err != nil {
+					return err
+				}
+				a.host[i] = nil
+			}
+			if err := check("cuMemAllocHost", drv.cuMemAllocHost(&a.host[i], uint64(4*n))); err != nil {
+				return err
+			}
+			if a.ev[i] == nil {
+				ev, err := c.NewEvent()
+				if err != nil {
+					return err
+				}
+				a.ev[i] = ev
+			}
+		}
+		a.hostN = n
+		return nil
+	})
 }
 
 // resolve returns batch's tokens with the rows from the step before
 // filled in on the host, waiting for that step's ids.
 func (a *asyncIDs) resolve(b *Backend, batch *backend.Batch) ([]int32, error) {
-	if a.last == nil {
+	if a.hostN == 0 {
 		return nil, errors.New("tokens from a step before, but no step was sampled ahead")
 	}
 	b.flush()
 	var ids []int32
 	err := b.dev.Do(func(c *Ctx) error {
-		return check("cuEventSynchronize", drv.cuEventSynchronize(a.ev[a.turn^1].h))
+		return check("cuEventSynchronize", drv.cuEventSynchronize(a.ev[a.last].h))
 	})
 	if err != nil {
 		return nil, err
 	}
-	ids = unsafe.Slice((*int32)(a.host[a.turn^1]), a.rows)
+	ids = unsafe.Slice((*int32)(a.host[a.last]), a.rows)
 	out := slices.Clone(batch.Tokens)
 	for r := range out {
 		if batch.FromPrev(r) {

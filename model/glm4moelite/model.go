@@ -216,9 +216,10 @@ func (m *Model) Async() bool {
 	return ok && !m.DebugNaN
 }
 
-// LaunchOutputs queues a step whose every output has a Sample entry that
-// asks for no log-probabilities, on a model that is Async, and returns
-// before its ids come back: wait returns them. The next batch may name
+// LaunchOutputs queues a step whose every output has a Sample entry, on a
+// model that is Async, and returns before its ids come back: wait returns
+// them (an ID of -1 where the row's logits are not finite), with the
+// log-probabilities asked for. The next batch may name
 // them in Batch.Prev and be launched before this wait. Each wait is called
 // once, in order, before the launch of the step after the next.
 func (m *Model) LaunchOutputs(batch *backend.Batch, pool backend.CachePool) (wait func() ([]Output, error), err error) {
@@ -226,9 +227,8 @@ func (m *Model) LaunchOutputs(batch *backend.Batch, pool backend.CachePool) (wai
 	if !ok || m.DebugNaN {
 		return nil, errors.New("model: steps cannot be queued ahead on this backend")
 	}
-	if len(batch.Outputs) == 0 || len(batch.Sample) != len(batch.Outputs) ||
-		slices.ContainsFunc(batch.Sample, func(p *backend.SampleParams) bool { return p == nil || p.Logprobs }) {
-		return nil, errors.New("model: a step queued ahead needs a sampling entry without log-probabilities for every output")
+	if len(batch.Outputs) == 0 || len(batch.Sample) != len(batch.Outputs) || slices.Contains(batch.Sample, nil) {
+		return nil, errors.New("model: a step queued ahead needs a sampling entry for every output")
 	}
 	if err := batch.Validate(m.Config.VocabSize, pool.Blocks(), pool.BlockSize()); err != nil {
 		return nil, err
@@ -247,13 +247,16 @@ func (m *Model) LaunchOutputs(batch *backend.Batch, pool backend.CachePool) (wai
 	return func() ([]Output, error) {
 		m.mu.Lock()
 		defer m.mu.Unlock()
-		got, err := ids()
+		got, lps, err := ids()
 		if err != nil {
 			return nil, err
 		}
 		outs := make([]Output, len(got))
 		for i, id := range got {
 			outs[i].ID = int(id) // -1: the row's logits are not finite
+			if lps != nil && batch.Sample[i].Logprobs && id >= 0 {
+				outs[i].Logprobs = &lps[i]
+			}
 		}
 		return outs, nil
 	}, nil
