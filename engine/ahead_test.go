@@ -149,6 +149,36 @@ func TestStepsAheadMatchSync(t *testing.T) {
 		t.Errorf("at most %d steps' ids were outstanding, want 2", ab.maxPend)
 	}
 	t.Logf("%d of the steps were queued ahead", ab.ahead)
+
+	// A stream cancelled while steps run ahead ends as cancelled, leaves
+	// its blocks, and the stream beside it goes on as alone.
+	e, err := New(aheadNet, tok, tok.EOSIDs(), Options{BlockSize: 8})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer e.Close()
+	ctx, cancel := context.WithCancel(context.Background())
+	long, err := e.Submit(ctx, Request{Prompt: []int{5, 6, 7}, MaxTokens: 40, StopIDs: []int{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	other, err := e.Submit(context.Background(), reqs[0])
+	if err != nil {
+		t.Fatal(err)
+	}
+	ev, err := long.Recv(context.Background())
+	for i := 0; err == nil && !ev.Done && i < 3; i++ {
+		ev, err = long.Recv(context.Background())
+	}
+	cancel()
+	r := collect(t, long)
+	if r.final.Finish != FinishCanceled {
+		t.Errorf("cancelled stream ended %q", r.final.Finish)
+	}
+	if got := collect(t, other); !slices.Equal(got.tokens, want[0].tokens) {
+		t.Errorf("beside a cancelled stream: %v, alone %v", got.tokens, want[0].tokens)
+	}
+	waitIdle(t, e)
 }
 
 // sameLogprobs compares two token events' log-probabilities.
