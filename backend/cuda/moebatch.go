@@ -10,23 +10,15 @@ import (
 
 // MoEStream names a variant of the streaming batched MoE (stream.cu):
 // the 128-column groups each warp keeps in flight (D) and with them the
-// register budget (d4: two blocks of 256 threads a multiprocessor, d2:
-// three).
+// register budget. d2 (three blocks of 256 threads a multiprocessor) is
+// the one left: d4 (two blocks) measured within 2% of it.
 type MoEStream string
 
-const (
-	MoEStreamD4 MoEStream = "d4"
-	MoEStreamD2 MoEStream = "d2"
-)
+const MoEStreamD2 MoEStream = "d2"
 
-func (v MoEStream) groups() int {
-	if v == MoEStreamD2 {
-		return 2
-	}
-	return 4
-}
+func (v MoEStream) groups() int { return 2 }
 
-func (v MoEStream) valid() bool { return v == MoEStreamD4 || v == MoEStreamD2 }
+func (v MoEStream) valid() bool { return v == MoEStreamD2 }
 
 // moeStreamTile is MB_TT in stream.cu: the pairs of a tile.
 const moeStreamTile = 8
@@ -68,11 +60,18 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 	if err != nil {
 		return err
 	}
-	gu, err := c.Kernel("stream", "moeb_gate_up_"+string(v))
+	guName, downName, downRows := "moeb_gate_up_"+string(v), "moeb_down_"+string(v), 256
+	switch moeStreamKernels {
+	case "r1":
+		downName, downRows = "moeb_down_r1", 128
+	case "p":
+		guName, downName, downRows = "moeb_gate_up_p", "moeb_down_p", 128
+	}
+	gu, err := c.Kernel("stream", guName)
 	if err != nil {
 		return err
 	}
-	down, err := c.Kernel("stream", "moeb_down_"+string(v))
+	down, err := c.Kernel("stream", downName)
 	if err != nil {
 		return err
 	}
@@ -88,7 +87,7 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, x.Q, x.Scales, s.HQ.Q, s.HQ.Scales); err != nil {
 		return err
 	}
-	if err := c.Launch(down, Dim{uint32((t.K + 255) / 256), uint32(s.MaxTiles), 1}, D1(256), moeStreamShared(t.I),
+	if err := c.Launch(down, Dim{uint32((t.K + downRows - 1) / downRows), uint32(s.MaxTiles), 1}, D1(256), moeStreamShared(t.I),
 		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, s.HQ.Q, s.HQ.Scales, s.Part); err != nil {
 		return err
 	}
@@ -107,6 +106,21 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 // d2 and d4 within 2% (so is asking the L2 for 256-byte fetches).
 // MMFP4_CUDA_MOE_STREAM sets the bound (0 turns the path off),
 // MMFP4_CUDA_MOE_STREAM_VARIANT the variant, for comparisons in one binary.
+// moeStreamKernels picks the gate/up and down kernels: "" the variant's
+// own (down 256 rows a block), "r1" moeb_down_r1 (128 rows a block), "p"
+// the pipelined pair. MMFP4_CUDA_MOE_KERNELS sets it ("old" for ""), for
+// comparisons in one binary.
+var moeStreamKernels = "r1"
+
+func init() {
+	switch v := os.Getenv("MMFP4_CUDA_MOE_KERNELS"); v {
+	case "old":
+		moeStreamKernels = ""
+	case "r1", "p":
+		moeStreamKernels = v
+	}
+}
+
 var (
 	moeStreamMinTokens = 2
 	moeStreamMaxTokens = 64

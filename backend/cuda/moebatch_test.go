@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
+	"strings"
 	"testing"
 
 	"github.com/mmfp4/mmfp4/backend"
@@ -21,6 +22,7 @@ func TestMoEBatchedStream(t *testing.T) {
 	d := testDevice(t)
 	r := testRand(t)
 	const K, I, E, topK = 1024, 512, 16, 4
+	kernels := moeStreamKernels
 	var host [][3]*format.Matrix
 	for e := 0; e < E+1; e++ {
 		var h [3]*format.Matrix
@@ -98,8 +100,11 @@ func TestMoEBatchedStream(t *testing.T) {
 			if err != nil {
 				return err
 			}
-			for _, v := range []MoEStream{MoEStreamD4, MoEStreamD2} {
+			for _, ks := range []string{"", "r1", "p"} {
+				v := MoEStreamD2
+				moeStreamKernels = ks
 				got, err := run(v)
+				moeStreamKernels = kernels
 				if err != nil {
 					return fmt.Errorf("T=%d %s: %w", T, v, err)
 				}
@@ -113,9 +118,9 @@ func TestMoEBatchedStream(t *testing.T) {
 				// product could still move one int8 value by a step (about
 				// 1e-4 relative), so the bound is the batched MoE's.
 				e, m := relErr(want, got), maxRelErr(want, got)
-				t.Logf("T=%d %s: %d of %d outputs differ from the tiled MoE, relative error %.3g (max %.3g)", T, v, diff, len(want), e, m)
+				t.Logf("T=%d %s kernels %q: %d of %d outputs differ from the tiled MoE, relative error %.3g (max %.3g)", T, v, ks, diff, len(want), e, m)
 				if !(e <= 1e-4) || !(m <= 1e-3) {
-					t.Errorf("T=%d %s: relative error %.3g (max %.3g) against the tiled MoE", T, v, e, m)
+					t.Errorf("T=%d %s kernels %q: relative error %.3g (max %.3g) against the tiled MoE", T, v, ks, e, m)
 				}
 			}
 		}
@@ -183,14 +188,17 @@ func TestBackendMoEStreamMatchesCPU(t *testing.T) {
 	defer func(a, b int, v MoEStream) { moeBatchedMinTokens, moeStreamMaxTokens, moeStreamVariant = a, b, v }(moeBatchedMinTokens, moeStreamMaxTokens, moeStreamVariant)
 	moeBatchedMinTokens, moeStreamMaxTokens = 2, 1<<30
 	hosts := expertHosts(t, r, E+1, I, K, 128)
-	for _, v := range []MoEStream{MoEStreamD4, MoEStreamD2} {
+	defer func(k string) { moeStreamKernels = k }(moeStreamKernels)
+	for _, ks := range []string{"", "r1", "p"} {
+		v := MoEStreamD2
 		moeStreamVariant = v
+		moeStreamKernels = ks
 		for _, T := range []int{3, 17, 64} {
 			x := randVec(r, T*K, 1)
 			for _, withShared := range []bool{false, true} {
 				// As TestBackendMoEBatchedMatchesCPU: a last-bit difference
 				// can move one int8 value of the SwiGLU product by a step.
-				compareOp(t, g, c, fmt.Sprintf("moe stream %s T=%d shared=%v", v, T, withShared), 1e-3, func(b backend.Backend) []float32 {
+				compareOp(t, g, c, fmt.Sprintf("moe stream %s kernels %q T=%d shared=%v", v, ks, T, withShared), 1e-3, func(b backend.Backend) []float32 {
 					return moeBlockOutput(t, b, hosts, router, bias, cfg, x, T, withShared)
 				})
 			}
@@ -234,10 +242,13 @@ func BenchmarkMoEStream(b *testing.B) {
 			touched[e] = true
 		}
 		bytes := float64(int64(len(touched)+1) * expertBytes)
-		for _, v := range []MoEStream{"", MoEStreamD4, MoEStreamD2} {
-			name := "tiled_t16"
-			if v != "" {
-				name = "stream_" + string(v)
+		for _, name := range []string{"tiled_t16", "stream_d2", "stream_r1", "stream_p"} {
+			v, ks := MoEStreamD2, strings.TrimPrefix(name, "stream_")
+			switch name {
+			case "tiled_t16":
+				v = ""
+			case "stream_d2":
+				ks = ""
 			}
 			b.Run(fmt.Sprintf("T%d/%s", T, name), func(b *testing.B) {
 				err := d.Do(func(c *Ctx) error {
@@ -266,6 +277,8 @@ func BenchmarkMoEStream(b *testing.B) {
 					if err != nil {
 						return err
 					}
+					defer func(old string) { moeStreamKernels = old }(moeStreamKernels)
+					moeStreamKernels = ks
 					run := func() error { return c.MoEBatched(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s) }
 					launches := 5
 					if v != "" {

@@ -22,8 +22,30 @@ const StreamMaxTokens = 64
 const streamCounters = 1024
 
 // StreamPlan is a launch shape of MatMulStream: D groups of 128 columns in
-// flight per warp (1, 2 or 4) and KS blocks over K for each row block.
-type StreamPlan struct{ D, KS int }
+// flight per warp (1, 2 or 4), KS blocks over K for each row block, and MR
+// m-tiles of 16 rows a warp (0 or 1: one, 256 threads a block; 2: two, 128
+// threads a block, from 25 rows on).
+type StreamPlan struct {
+	D, KS, MR int
+	// Pipe (two m-tiles only): each warp's next batch of weights in
+	// flight while it multiplies the current one.
+	Pipe bool
+}
+
+// streamTwoTilesMin is the smallest row count whose plans take two m-tiles
+// a warp (each staged row read once for 32 weight rows instead of 16); 0
+// leaves them off. MMFP4_CUDA_STREAM_MR=1 turns them off, for comparisons
+// in one binary.
+var streamTwoTilesMin = 25
+
+// streamPipe makes two-m-tile plans pipelined (MMFP4_CUDA_STREAM_PIPE=1).
+var streamPipe = os.Getenv("MMFP4_CUDA_STREAM_PIPE") == "1"
+
+func init() {
+	if os.Getenv("MMFP4_CUDA_STREAM_MR") == "1" {
+		streamTwoTilesMin = 0
+	}
+}
 
 // StreamFits reports whether MatMulStream takes w: groups of 128, at least
 // 16 rows and a multiple of 16.
@@ -61,6 +83,9 @@ func PlanStream(N, K, heads, T, sms, sharedMax int) StreamPlan {
 	wt := streamTiles(T)
 	for p.KS < GK/p.D && streamShared(wt, K, p) > sharedMax {
 		p.KS++
+	}
+	if streamTwoTilesMin > 0 && T >= streamTwoTilesMin {
+		p.MR, p.Pipe = 2, streamPipe
 	}
 	return p
 }
@@ -115,8 +140,10 @@ func (c *Ctx) matMulStream(y uint64, ldy int, w *QMatrix, a *QActs, heads int, p
 		return fmt.Errorf("cuda: stream product: %d token rows, want 1 to %d", a.T, StreamMaxTokens)
 	case ldy < w.N && a.T > 1:
 		return fmt.Errorf("cuda: stream product: output stride %d below N=%d", ldy, w.N)
-	case p.D != 1 && p.D != 2 && p.D != 4 || GK%p.D != 0 || p.KS < 1 || p.KS > GK/p.D:
-		return fmt.Errorf("cuda: stream product: plan D=%d KS=%d for K=%d", p.D, p.KS, w.K)
+	case p.D != 1 && p.D != 2 && p.D != 4 || GK%p.D != 0 || p.KS < 1 || p.KS > GK/p.D || p.MR < 0 || p.MR > 2:
+		return fmt.Errorf("cuda: stream product: plan D=%d KS=%d MR=%d for K=%d", p.D, p.KS, p.MR, w.K)
+	case p.MR == 2 && a.T <= 16:
+		return fmt.Errorf("cuda: stream product: two m-tiles a warp for %d rows, want more than 16", a.T)
 	case p.KS > 1 && (partial == 0 || counters == 0 || heads*((rows+127)/128) > streamCounters):
 		return fmt.Errorf("cuda: stream product: split over K without partial sums or counters for %d rows", w.N)
 	}
@@ -128,11 +155,24 @@ func (c *Ctx) matMulStream(y uint64, ldy int, w *QMatrix, a *QActs, heads int, p
 	if shared > c.info.SharedOptin {
 		return fmt.Errorf("cuda: stream product: %d rows of K=%d split %d ways need %d bytes of shared memory, at most %d", a.T, w.K, p.KS, shared, c.info.SharedOptin)
 	}
-	k, err := c.kernelShared("stream", fmt.Sprintf("mms_t%d_d%d", wt, p.D), shared)
+	name, threads := fmt.Sprintf("mms_t%d_d%d", wt, p.D), 256
+	if p.MR == 2 {
+		if p.D == 4 {
+			p.D = 2
+		}
+		name, threads = fmt.Sprintf("mms_m2_t%d_d%d", wt, p.D), 128
+		if p.Pipe {
+			if wt == 8 {
+				p.D = 1 // the same chunks of K, one group at a time (registers)
+			}
+			name = fmt.Sprintf("mms_m2p_t%d_d%d", wt, p.D)
+		}
+	}
+	k, err := c.kernelShared("stream", name, shared)
 	if err != nil {
 		return err
 	}
-	return c.Launch(k, Dim{uint32((rows + 127) / 128), uint32(p.KS), uint32(heads)}, D1(256), shared,
+	return c.Launch(k, Dim{uint32((rows + 127) / 128), uint32(p.KS), uint32(heads)}, D1(threads), shared,
 		w.Codes, w.Scales, w.RowScale, rows, w.K, a.Q, a.Scales, a.T, y, ldy, p.KS, partial, counters)
 }
 

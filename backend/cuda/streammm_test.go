@@ -5,6 +5,7 @@ package cuda
 import (
 	"errors"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"slices"
 	"strings"
@@ -59,6 +60,12 @@ func TestMatMulStream(t *testing.T) {
 			if GK%4 == 0 {
 				plans = append(plans, StreamPlan{D: 4, KS: 1})
 			}
+			if T > 16 { // one and two m-tiles a warp, pipelined or not, for each plan
+				for i, p := range plans {
+					plans[i].MR, plans[i].Pipe = 1, false
+					plans = append(plans, StreamPlan{D: p.D, KS: p.KS, MR: 2}, StreamPlan{D: p.D, KS: p.KS, MR: 2, Pipe: true})
+				}
+			}
 			// Plans whose staged rows exceed the shared memory are refused.
 			plans = slices.DeleteFunc(plans, func(p StreamPlan) bool { return streamShared(streamTiles(T), s.K, p) > optin })
 			x := randVec(r, T*s.K, 1)
@@ -70,6 +77,7 @@ func TestMatMulStream(t *testing.T) {
 			ref.MatMul(yt, xt, rw)
 			want := ref.Download(yt)
 			exact := floatProduct(wd, x, T, s.N, s.K)
+			byPlan := map[StreamPlan][]float32{}
 			for _, p := range plans {
 				ldy := s.N + 4*(T%2)
 				got := productOnDevice(t, d, m, x, T, ldy, func(c *Ctx, y uint64, qm *QMatrix, a *QActs) error {
@@ -98,9 +106,32 @@ func TestMatMulStream(t *testing.T) {
 					t.Errorf("N=%d K=%d T=%d plan %+v: relative error %.3g against the float64 product", s.N, s.K, T, p, e2)
 				}
 				t.Logf("N=%d K=%d T=%d plan %+v: rel err %.2g (max %.2g) vs CPU int8, %.2g vs float64", s.N, s.K, T, p, e1, m1, e2)
+				// One or two m-tiles a warp: the same terms in the same
+				// order, so the same bits.
+				if p.MR == 2 {
+					if prev, ok := byPlan[StreamPlan{D: p.D, KS: p.KS, MR: 1}]; ok {
+						if diff := countDiff(prev, got); diff > 0 {
+							t.Errorf("N=%d K=%d T=%d plan %+v: %d of %d outputs differ from one m-tile a warp", s.N, s.K, T, p, diff, len(got))
+						}
+					} else {
+						t.Errorf("N=%d K=%d T=%d plan %+v: no one-m-tile twin ran", s.N, s.K, T, p)
+					}
+				}
+				byPlan[p] = got
 			}
 		}
 	}
+}
+
+// countDiff is the number of positions where a and b differ bit for bit.
+func countDiff(a, b []float32) int {
+	n := 0
+	for i := range a {
+		if math.Float32bits(a[i]) != math.Float32bits(b[i]) {
+			n++
+		}
+	}
+	return n
 }
 
 // The backend's MatMul of 2-64 rows through the streaming product against
@@ -153,7 +184,7 @@ func BenchmarkMatMulStream(b *testing.B) {
 			b.Fatal(err)
 		}
 		for _, T := range []int{8, 32, 64} {
-			for _, v := range []string{"gemv8", "t16", "stream", "stream_ks1"} {
+			for _, v := range []string{"gemv8", "t16", "stream", "stream_mr1", "stream_pipe", "stream_ks1"} {
 				b.Run(fmt.Sprintf("%s/T%d/%s", cs.name, T, v), func(b *testing.B) {
 					err := d.Do(func(c *Ctx) error {
 						xb, err1 := upload(c, randVec(r, T*cs.k, 1))
@@ -161,6 +192,10 @@ func BenchmarkMatMulStream(b *testing.B) {
 						y, err3 := c.Alloc(4 * T * cs.n)
 						p := PlanStream(cs.n, cs.k, 1, T, sms, optin)
 						switch v {
+						case "stream_mr1":
+							p.MR, p.Pipe = 1, false
+						case "stream_pipe":
+							p.Pipe = p.MR == 2
 						case "stream_ks1":
 							p.KS = 1
 							for p.KS < cs.k/128/p.D && streamShared(streamTiles(T), cs.k, p) > optin {
@@ -185,7 +220,7 @@ func BenchmarkMatMulStream(b *testing.B) {
 							switch v {
 							case "t16":
 								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTile16)
-							case "stream", "stream_ks1":
+							case "stream", "stream_mr1", "stream_pipe", "stream_ks1":
 								return c.MatMulStream(y.Ptr, cs.n, q, a, p, part.Ptr, cnt.Ptr)
 							}
 							return c.GEMVRows(y.Ptr, cs.n, q, a)
@@ -207,6 +242,7 @@ func BenchmarkMatMulStream(b *testing.B) {
 						if strings.HasPrefix(v, "stream") {
 							b.ReportMetric(float64(p.D), "D")
 							b.ReportMetric(float64(p.KS), "KS")
+							b.ReportMetric(float64(max(p.MR, 1)), "MR")
 						}
 						return nil
 					})

@@ -101,7 +101,59 @@ DEVICE u32 mb_scales(const u8* p) {
   return __ldg(p);
 }
 
-template <int MR, int WT, int D, typename Pre>
+// One batch of D groups of MR m-tiles (weights and scales) into registers.
+template <int MR, int D>
+DEVICE void mb_load(uint4 (&w)[D][MR][2], u32 (&sc)[MR][2], const u8* const (&rc)[MR], const u8* const (&rs)[MR],
+                    int gs, int GK, size_t half8, int t) {
+#pragma unroll
+  for (int m = 0; m < MR; m++) {
+    sc[m][0] = mb_scales<D>(rs[m] + gs);
+    sc[m][1] = mb_scales<D>(rs[m] + 8 * GK + gs);
+  }
+#pragma unroll
+  for (int d = 0; d < D; d++)
+#pragma unroll
+    for (int m = 0; m < MR; m++) {
+      const u8* p = rc[m] + (gs + d) * 64 + 16 * t;
+      w[d][m][0] = load_stream16(p);
+      w[d][m][1] = load_stream16(p + half8);
+    }
+}
+
+// The products of one loaded batch (staged groups s0..s0+D-1) into acc.
+template <int MR, int WT, int D>
+DEVICE void mb_apply(const uint4 (&w)[D][MR][2], const u32 (&sc)[MR][2], int s0, const u8* xrow, const float* xss,
+                     int ldx, int ldxs, int t, float (&acc)[MR][WT][4]) {
+#pragma unroll
+  for (int d = 0; d < D; d++) {
+    const int s = s0 + d;
+#pragma unroll
+    for (int n = 0; n < WT; n++) {
+      const u8* xr = xrow + 8 * n * ldx + 128 * s;
+      const uint4 xa = *(const uint4*)xr, xb = *(const uint4*)(xr + 16);
+      const float x0 = xss[(8 * n + 2 * t) * ldxs + s], x1 = xss[(8 * n + 2 * t + 1) * ldxs + s];
+#pragma unroll
+      for (int m = 0; m < MR; m++) {
+        const uint4 wa = w[d][m][0], wb = w[d][m][1];
+        i32 q[4] = {0, 0, 0, 0};
+        mb_mma(q, wa.x, wb.x, xa.x, xa.y);
+        mb_mma(q, wa.y, wb.y, xa.z, xa.w);
+        mb_mma(q, wa.z, wb.z, xb.x, xb.y);
+        mb_mma(q, wa.w, wb.w, xb.z, xb.w);
+        const float s0f = e4m3((sc[m][0] >> (8 * d)) & 0xFFu), s1f = e4m3((sc[m][1] >> (8 * d)) & 0xFFu);
+        acc[m][n][0] += (float)q[0] * (s0f * x0);
+        acc[m][n][1] += (float)q[1] * (s0f * x1);
+        acc[m][n][2] += (float)q[2] * (s1f * x0);
+        acc[m][n][3] += (float)q[3] * (s1f * x1);
+      }
+    }
+  }
+}
+
+// PIPE: the next batch's loads go out before the products of the current
+// one (two batches of registers), so a warp's loads overlap its own
+// arithmetic; the terms and their order are the same.
+template <int MR, int WT, int D, bool PIPE = false, typename Pre>
 DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K, int g0, int ng, const u8* smem,
                     float (&acc)[MR][WT][4], Pre pre) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -115,51 +167,32 @@ DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K,
     for (int n = 0; n < WT; n++)
 #pragma unroll
       for (int e = 0; e < 4; e++) acc[m][n][e] = 0.f;
-  for (int s0 = 0; s0 < ng; s0 += D) {
-    uint4 w[D][MR][2];
-    u32 sc[MR][2];
-#pragma unroll
-    for (int m = 0; m < MR; m++) {
-      sc[m][0] = mb_scales<D>(rs[m] + g0 + s0);
-      sc[m][1] = mb_scales<D>(rs[m] + 8 * GK + g0 + s0);
-    }
-#pragma unroll
-    for (int d = 0; d < D; d++)
-#pragma unroll
-      for (int m = 0; m < MR; m++) {
-        const u8* p = rc[m] + (g0 + s0 + d) * 64 + 16 * t;
-        w[d][m][0] = load_stream16(p);
-        w[d][m][1] = load_stream16(p + half8);
+  if (!PIPE) {
+    for (int s0 = 0; s0 < ng; s0 += D) {
+      uint4 w[D][MR][2];
+      u32 sc[MR][2];
+      mb_load<MR, D>(w, sc, rc, rs, g0 + s0, GK, half8, t);
+      if (s0 == 0) {
+        pre();
+        mb_cp_wait_all();
+        __syncthreads();
       }
-    if (s0 == 0) {
-      pre();
-      mb_cp_wait_all();
-      __syncthreads();
+      mb_apply<MR, WT, D>(w, sc, s0, xrow, xss, ldx, ldxs, t, acc);
     }
-#pragma unroll
-    for (int d = 0; d < D; d++) {
-      const int s = s0 + d;
-#pragma unroll
-      for (int n = 0; n < WT; n++) {
-        const u8* xr = xrow + 8 * n * ldx + 128 * s;
-        const uint4 xa = *(const uint4*)xr, xb = *(const uint4*)(xr + 16);
-        const float x0 = xss[(8 * n + 2 * t) * ldxs + s], x1 = xss[(8 * n + 2 * t + 1) * ldxs + s];
-#pragma unroll
-        for (int m = 0; m < MR; m++) {
-          const uint4 wa = w[d][m][0], wb = w[d][m][1];
-          i32 q[4] = {0, 0, 0, 0};
-          mb_mma(q, wa.x, wb.x, xa.x, xa.y);
-          mb_mma(q, wa.y, wb.y, xa.z, xa.w);
-          mb_mma(q, wa.z, wb.z, xb.x, xb.y);
-          mb_mma(q, wa.w, wb.w, xb.z, xb.w);
-          const float s0f = e4m3((sc[m][0] >> (8 * d)) & 0xFFu), s1f = e4m3((sc[m][1] >> (8 * d)) & 0xFFu);
-          acc[m][n][0] += (float)q[0] * (s0f * x0);
-          acc[m][n][1] += (float)q[1] * (s0f * x1);
-          acc[m][n][2] += (float)q[2] * (s1f * x0);
-          acc[m][n][3] += (float)q[3] * (s1f * x1);
-        }
-      }
-    }
+    return;
+  }
+  uint4 wa[D][MR][2], wb[D][MR][2];
+  u32 sa[MR][2], sb[MR][2];
+  mb_load<MR, D>(wa, sa, rc, rs, g0, GK, half8, t);
+  pre();
+  mb_cp_wait_all();
+  __syncthreads();
+  for (int s0 = 0; s0 < ng; s0 += 2 * D) {
+    if (s0 + D < ng) mb_load<MR, D>(wb, sb, rc, rs, g0 + s0 + D, GK, half8, t);
+    mb_apply<MR, WT, D>(wa, sa, s0, xrow, xss, ldx, ldxs, t, acc);
+    if (s0 + D >= ng) break;
+    if (s0 + 2 * D < ng) mb_load<MR, D>(wa, sa, rc, rs, g0 + s0 + 2 * D, GK, half8, t);
+    mb_apply<MR, WT, D>(wb, sb, s0 + D, xrow, xss, ldx, ldxs, t, acc);
   }
 }
 
@@ -171,7 +204,7 @@ DEVICE float mb_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
 // Grid (I/128, max tiles), 256 threads: warp w takes rows 16w.. of the
 // block's 128 rows (one h group) of gate and of up. I a multiple of 128,
 // K of 128 * D.
-template <int D>
+template <int D, bool PIPE = false>
 DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
                          const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
                          const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K,
@@ -191,7 +224,7 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
   const u8* rc[2] = {ex->gate.codes + row * (K / 2), ex->up.codes + row * (K / 2)};
   const u8* rs[2] = {ex->gate.scales + row * GK, ex->up.scales + row * GK};
   float acc[2][1][4];
-  mb_core<2, 1, D>(rc, rs, K, 0, GK, mb_smem, acc, [] {});
+  mb_core<2, 1, D, PIPE>(rc, rs, K, 0, GK, mb_smem, acc, [] {});
   float hv[4];
 #pragma unroll
   for (int e = 0; e < 4; e++) {
@@ -236,36 +269,41 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
 }
 
 // Down products of each tile: part[row][n] = down_e,n . hq[row] for the
-// tile's rows. Grid (ceil(N/256), max tiles), 256 threads: warp w takes
-// rows 32w.. of the block's 256 (two m-tiles; m-tiles past N are clamped
-// and dropped). N a multiple of 16, I of 128 * D.
-template <int D>
+// tile's rows. Grid (ceil(N/(128*MR)), max tiles), 256 threads: warp w
+// takes rows 16*MR*w.. of the block's 128*MR (MR m-tiles; m-tiles past N
+// are clamped and dropped). N a multiple of 16, I of 128 * D.
+// The tiles come from moeb_group, two launches back: the gate/up grid
+// waited for it before letting this grid start, so the tiles are read and
+// the first weights loaded before waiting for the gate/up products (the
+// staged hq rows), which overlaps the gate/up grid's last blocks.
+template <int MR, int D, bool PIPE = false>
 DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
                       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
                       const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq,
                       const float* __restrict__ hs, float* __restrict__ part) {
   extern __shared__ __align__(16) u8 mb_smem[];
-  PDL_WAIT();
   const int tile = blockIdx.y;
   if (tile >= ntiles[0]) return;
   const int s0 = tile_s[tile], ntok = tile_n[tile];
   const BMat dn = experts[tile_e[tile]].down;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int n0 = blockIdx.x * 256 + warp * 32, GK = I >> 7;
-  mb_stage(mb_smem, MB_TT, hq, hs, I, 0, I, [&](int r) { return s0 + min(r, ntok - 1); });
+  const int n0 = blockIdx.x * (128 * MR) + warp * (16 * MR), GK = I >> 7;
   // N a multiple of 16: a clamped m-tile starts at N - 16.
-  const u8* rc[2];
-  const u8* rs[2];
+  const u8* rc[MR];
+  const u8* rs[MR];
 #pragma unroll
-  for (int m = 0; m < 2; m++) {
+  for (int m = 0; m < MR; m++) {
     const size_t row = min(n0 + 16 * m, N - 16) + g;
     rc[m] = dn.codes + row * (I / 2);
     rs[m] = dn.scales + row * GK;
   }
-  float acc[2][1][4];
-  mb_core<2, 1, D>(rc, rs, I, 0, GK, mb_smem, acc, [] {});
+  float acc[MR][1][4];
+  mb_core<MR, 1, D, PIPE>(rc, rs, I, 0, GK, mb_smem, acc, [&] {
+    PDL_WAIT();
+    mb_stage(mb_smem, MB_TT, hq, hs, I, 0, I, [&](int r) { return s0 + min(r, ntok - 1); });
+  });
 #pragma unroll
-  for (int m = 0; m < 2; m++)
+  for (int m = 0; m < MR; m++)
 #pragma unroll
     for (int e = 0; e < 4; e++) {
       const int tok = 2 * t + (e & 1), n = n0 + 16 * m + g + 8 * (e >> 1);
@@ -289,11 +327,38 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,   \
       int N, int I, const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) { \
     PDL_LAUNCH();                                                                                       \
-    moeb_down<D>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);                          \
+    moeb_down<2, D>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);                       \
   }
 
-MOEB_KERNELS(d4, 4, 2)
 MOEB_KERNELS(d2, 2, 3)
+
+// The down products 128 rows a block (one m-tile a warp, four groups in
+// flight): twice the blocks of moeb_down_d2, so that the last wave of
+// blocks is less of the launch.
+extern "C" __global__ void __launch_bounds__(256, 3)
+    moeb_down_r1(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
+                 const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,
+                 int N, int I, const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) {
+  moeb_down<1, 4>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);
+}
+
+// Pipelined variants (mb_core's PIPE): gate/up one group a batch, down
+// one m-tile a warp and two groups a batch, each with the next batch in
+// flight.
+extern "C" __global__ void __launch_bounds__(256, 2)
+    moeb_gate_up_p(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
+                   const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,
+                   const i32* __restrict__ list, int I, int K, const i8* __restrict__ xq, const float* __restrict__ xs,
+                   i8* __restrict__ hq, float* __restrict__ hs) {
+  moeb_gate_up<1, true>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3)
+    moeb_down_p(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
+                const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,
+                int N, int I, const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) {
+  moeb_down<1, 2, true>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);
+}
 
 // ---------------------------------------------------------------------------
 // moe_group (gemm.cu) with the tiles made in parallel: one block of 1024
@@ -404,9 +469,10 @@ extern "C" __global__ void __launch_bounds__(128)
 // ---------------------------------------------------------------------------
 // Dense product of T <= 8*WT token rows:
 //   y[t*ldy + n] = row_scale[n]/2 * sum_g e4m3(s[n,g]) * xs[t,g] * acc[t,n,g]
-// (the GEMM's terms). Grid (ceil(N/128), KS, heads), 256 threads: warp w
-// takes the m-tile of rows 128*bx + 16w (N a multiple of 16; m-tiles past
-// N are clamped and dropped); block z takes the D-group chunks
+// (the GEMM's terms). Grid (ceil(N/128), KS, heads), 256/MR threads: warp
+// w takes the MR m-tiles of rows 128*bx + 16*MR*w (N a multiple of 16;
+// m-tiles past N are clamped and dropped; MR = 2 reads each staged row
+// once for two m-tiles, half the shared-memory reads a weight byte); block z takes the D-group chunks
 // [z*NC/KS, (z+1)*NC/KS) of K's NC = K/(128*D). With KS = 1 it writes y;
 // else each block leaves its sums in partial[z][t][n] and the last block
 // of a row block to finish (counters[bx], which it resets) adds the KS
@@ -416,7 +482,7 @@ extern "C" __global__ void __launch_bounds__(128)
 // heads*K long, output columns [h*N, (h+1)*N), its own partial sums and
 // counters. Dynamic shared memory: mb_stage's for 8*WT rows of the
 // largest chunk range.
-template <int WT, int D>
+template <int MR, int WT, int D, bool PIPE>
 DEVICE void mms_dense(const u8* __restrict__ codes, const u8* __restrict__ scales,
                       const float* __restrict__ row_scale, int N, int K, const i8* __restrict__ xq,
                       const float* __restrict__ xs, int T, float* __restrict__ y, int ldy, int KS,
@@ -428,12 +494,17 @@ DEVICE void mms_dense(const u8* __restrict__ codes, const u8* __restrict__ scale
   const size_t h = blockIdx.z;  // the pointers are offset where used: fewer live registers
   const int c_lo = z * NC / KS, c_hi = (z + 1) * NC / KS;
   const int g0 = c_lo * D, ng = (c_hi - c_lo) * D;
-  const int n0 = bx * 128 + warp * 16;
-  const size_t row = min(n0, N - 16) + g;
-  const u8* rc[1] = {codes + (h * N + row) * (K / 2)};
-  const u8* rs[1] = {scales + (h * N + row) * GK};
-  float acc[1][WT][4];
-  mb_core<1, WT, D>(rc, rs, K, g0, ng, mb_smem, acc, [&] {
+  const int n0 = bx * 128 + warp * (16 * MR);
+  const u8* rc[MR];
+  const u8* rs[MR];
+#pragma unroll
+  for (int m = 0; m < MR; m++) {
+    const size_t row = min(n0 + 16 * m, N - 16) + g;
+    rc[m] = codes + (h * N + row) * (K / 2);
+    rs[m] = scales + (h * N + row) * GK;
+  }
+  float acc[MR][WT][4];
+  mb_core<MR, WT, D, PIPE>(rc, rs, K, g0, ng, mb_smem, acc, [&] {
     PDL_WAIT();
     mb_stage(mb_smem, 8 * WT, xq + h * K, xs + h * GK, (int)gridDim.z * K, 128 * g0, 128 * ng,
              [&](int r) { return min(r, T - 1); });
@@ -442,24 +513,28 @@ DEVICE void mms_dense(const u8* __restrict__ codes, const u8* __restrict__ scale
   y += h * N;
   if (KS == 1) {
 #pragma unroll
-    for (int n = 0; n < WT; n++)
+    for (int m = 0; m < MR; m++)
 #pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const int tok = 8 * n + 2 * t + (e & 1), r = n0 + g + 8 * (e >> 1);
-        if (tok < T && n0 < N) y[(size_t)tok * ldy + r] = acc[0][n][e] * (row_scale[r] * 0.5f);
-      }
+      for (int n = 0; n < WT; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int tok = 8 * n + 2 * t + (e & 1), r = n0 + 16 * m + g + 8 * (e >> 1);
+          if (tok < T && n0 + 16 * m < N) y[(size_t)tok * ldy + r] = acc[m][n][e] * (row_scale[r] * 0.5f);
+        }
     return;
   }
   partial += h * KS * T * N;
   counters += h * gridDim.x;
   float* part = partial + (size_t)z * T * N;
 #pragma unroll
-  for (int n = 0; n < WT; n++)
+  for (int m = 0; m < MR; m++)
 #pragma unroll
-    for (int e = 0; e < 4; e++) {
-      const int tok = 8 * n + 2 * t + (e & 1), r = n0 + g + 8 * (e >> 1);
-      if (tok < T && n0 < N) part[(size_t)tok * N + r] = acc[0][n][e];
-    }
+    for (int n = 0; n < WT; n++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int tok = 8 * n + 2 * t + (e & 1), r = n0 + 16 * m + g + 8 * (e >> 1);
+        if (tok < T && n0 + 16 * m < N) part[(size_t)tok * N + r] = acc[m][n][e];
+      }
   __threadfence();
   __syncthreads();
   if (threadIdx.x == 0) last = atomicAdd(&counters[bx], 1u) == (u32)(KS - 1);
@@ -499,13 +574,14 @@ DEVICE void mms_dense(const u8* __restrict__ codes, const u8* __restrict__ scale
 // MINB: blocks a multiprocessor must hold (the register budget; the
 // 64-token variants need more than 128 registers a thread). Past 8 rows
 // D = 4 spills: the host takes D = 2 there.
-#define MMS_KERNEL(NAME, WT, D, MINB)                                                              \
-  extern "C" __global__ void __launch_bounds__(256, MINB) NAME(                                        \
+#define MMS_KERNEL(NAME, WT, D, MINB) MMS_KERNEL_MR(NAME, 1, WT, D, false, MINB)
+#define MMS_KERNEL_MR(NAME, MR, WT, D, PIPE, MINB)                                                 \
+  extern "C" __global__ void __launch_bounds__(256 / MR, MINB) NAME(                                   \
       const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale, \
       int N, int K, const i8* __restrict__ xq, const float* __restrict__ xs, int T,                    \
       float* __restrict__ y, int ldy, int KS, float* __restrict__ partial, u32* __restrict__ counters) { \
     PDL_LAUNCH();                                                                                      \
-    mms_dense<WT, D>(codes, scales, row_scale, N, K, xq, xs, T, y, ldy, KS, partial, counters);   \
+    mms_dense<MR, WT, D, PIPE>(codes, scales, row_scale, N, K, xq, xs, T, y, ldy, KS, partial, counters);   \
   }
 
 MMS_KERNEL(mms_t1_d1, 1, 1, 2)
@@ -517,3 +593,13 @@ MMS_KERNEL(mms_t2_d2, 2, 2, 2)
 MMS_KERNEL(mms_t4_d2, 4, 2, 2)
 MMS_KERNEL(mms_t8_d2, 8, 2, 1)
 MMS_KERNEL(mms_t1_d4, 1, 4, 2)
+
+// Two m-tiles a warp (128 threads a block), from 32 rows on.
+MMS_KERNEL_MR(mms_m2_t4_d1, 2, 4, 1, false, 4)
+MMS_KERNEL_MR(mms_m2_t4_d2, 2, 4, 2, false, 2)
+MMS_KERNEL_MR(mms_m2_t8_d1, 2, 8, 1, false, 2)
+MMS_KERNEL_MR(mms_m2_t8_d2, 2, 8, 2, false, 2)
+// ... and with the next batch of weights in flight (mb_core's PIPE).
+MMS_KERNEL_MR(mms_m2p_t4_d1, 2, 4, 1, true, 3)
+MMS_KERNEL_MR(mms_m2p_t4_d2, 2, 4, 2, true, 2)
+MMS_KERNEL_MR(mms_m2p_t8_d1, 2, 8, 1, true, 2)
