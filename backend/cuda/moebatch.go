@@ -66,6 +66,8 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 		downName, downRows = "moeb_down_r1", 128
 	case "p":
 		guName, downName, downRows = "moeb_gate_up_p", "moeb_down_p", 128
+	case "s":
+		guName, downName, downRows = "moeb_gate_up_s", "moeb_down_s", 128
 	}
 	gu, err := c.Kernel("stream", guName)
 	if err != nil {
@@ -108,7 +110,7 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 // MMFP4_CUDA_MOE_STREAM_VARIANT the variant, for comparisons in one binary.
 // moeStreamKernels picks the gate/up and down kernels: "" the variant's
 // own (down 256 rows a block), "r1" moeb_down_r1 (128 rows a block), "p"
-// the pipelined pair. MMFP4_CUDA_MOE_KERNELS sets it ("old" for ""), for
+// the pipelined pair, "s" the pair with mb_mma_split. MMFP4_CUDA_MOE_KERNELS sets it ("old" for ""), for
 // comparisons in one binary.
 var moeStreamKernels = "r1"
 
@@ -116,7 +118,7 @@ func init() {
 	switch v := os.Getenv("MMFP4_CUDA_MOE_KERNELS"); v {
 	case "old":
 		moeStreamKernels = ""
-	case "r1", "p":
+	case "r1", "p", "s":
 		moeStreamKernels = v
 	}
 }

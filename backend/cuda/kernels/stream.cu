@@ -61,6 +61,24 @@ DEVICE void mb_mma(i32 (&d)[4], u32 w0, u32 w1, u32 b0, u32 b1) {
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// The same product with the codes' positive and negative magnitudes in
+// separate mmas (p, n): 2 prmt a word of four codes and one xor a word of
+// eight, against mb_e2m1x4's 2 prmt, xor, add and xor; the caller
+// subtracts n from p (exact: the same integer sums).
+DEVICE void mb_mma_split(i32 (&p)[4], i32 (&n)[4], u32 w0, u32 w1, u32 b0, u32 b1) {
+  const u32 n0 = w0 ^ 0x88888888u, n1 = w1 ^ 0x88888888u;
+  const u32 p0 = prmt(E2M1_LO, E2M1_HI, w0), p1 = prmt(E2M1_LO, E2M1_HI, w1);
+  const u32 p2 = prmt(E2M1_LO, E2M1_HI, w0 >> 16), p3 = prmt(E2M1_LO, E2M1_HI, w1 >> 16);
+  const u32 m0 = prmt(E2M1_LO, E2M1_HI, n0), m1 = prmt(E2M1_LO, E2M1_HI, n1);
+  const u32 m2 = prmt(E2M1_LO, E2M1_HI, n0 >> 16), m3 = prmt(E2M1_LO, E2M1_HI, n1 >> 16);
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+r"(p[0]), "+r"(p[1]), "+r"(p[2]), "+r"(p[3])
+      : "r"(p0), "r"(p1), "r"(p2), "r"(p3), "r"(b0), "r"(b1));
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+r"(n[0]), "+r"(n[1]), "+r"(n[2]), "+r"(n[3])
+      : "r"(m0), "r"(m1), "r"(m2), "r"(m3), "r"(b0), "r"(b1));
+}
+
 // Stages R token rows into shared memory: row r is columns [c0, c0+C) of
 // row src(r) of xq [.][K] int8, with its scales from xs [.][K/128] (C and
 // c0 multiples of 128). Shared layout: xsh [R][C+16] bytes (the padding
@@ -121,7 +139,7 @@ DEVICE void mb_load(uint4 (&w)[D][MR][2], u32 (&sc)[MR][2], const u8* const (&rc
 }
 
 // The products of one loaded batch (staged groups s0..s0+D-1) into acc.
-template <int MR, int WT, int D>
+template <int MR, int WT, int D, bool SPLIT>
 DEVICE void mb_apply(const uint4 (&w)[D][MR][2], const u32 (&sc)[MR][2], int s0, const u8* xrow, const float* xss,
                      int ldx, int ldxs, int t, float (&acc)[MR][WT][4]) {
 #pragma unroll
@@ -136,10 +154,20 @@ DEVICE void mb_apply(const uint4 (&w)[D][MR][2], const u32 (&sc)[MR][2], int s0,
       for (int m = 0; m < MR; m++) {
         const uint4 wa = w[d][m][0], wb = w[d][m][1];
         i32 q[4] = {0, 0, 0, 0};
-        mb_mma(q, wa.x, wb.x, xa.x, xa.y);
-        mb_mma(q, wa.y, wb.y, xa.z, xa.w);
-        mb_mma(q, wa.z, wb.z, xb.x, xb.y);
-        mb_mma(q, wa.w, wb.w, xb.z, xb.w);
+        if (SPLIT) {
+          i32 qn[4] = {0, 0, 0, 0};
+          mb_mma_split(q, qn, wa.x, wb.x, xa.x, xa.y);
+          mb_mma_split(q, qn, wa.y, wb.y, xa.z, xa.w);
+          mb_mma_split(q, qn, wa.z, wb.z, xb.x, xb.y);
+          mb_mma_split(q, qn, wa.w, wb.w, xb.z, xb.w);
+#pragma unroll
+          for (int e = 0; e < 4; e++) q[e] -= qn[e];
+        } else {
+          mb_mma(q, wa.x, wb.x, xa.x, xa.y);
+          mb_mma(q, wa.y, wb.y, xa.z, xa.w);
+          mb_mma(q, wa.z, wb.z, xb.x, xb.y);
+          mb_mma(q, wa.w, wb.w, xb.z, xb.w);
+        }
         const float s0f = e4m3((sc[m][0] >> (8 * d)) & 0xFFu), s1f = e4m3((sc[m][1] >> (8 * d)) & 0xFFu);
         acc[m][n][0] += (float)q[0] * (s0f * x0);
         acc[m][n][1] += (float)q[1] * (s0f * x1);
@@ -150,10 +178,11 @@ DEVICE void mb_apply(const uint4 (&w)[D][MR][2], const u32 (&sc)[MR][2], int s0,
   }
 }
 
+// SPLIT: mb_mma_split's conversion (the same sums).
 // PIPE: the next batch's loads go out before the products of the current
 // one (two batches of registers), so a warp's loads overlap its own
 // arithmetic; the terms and their order are the same.
-template <int MR, int WT, int D, bool PIPE = false, typename Pre>
+template <int MR, int WT, int D, bool PIPE = false, bool SPLIT = false, typename Pre>
 DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K, int g0, int ng, const u8* smem,
                     float (&acc)[MR][WT][4], Pre pre) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -177,7 +206,7 @@ DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K,
         mb_cp_wait_all();
         __syncthreads();
       }
-      mb_apply<MR, WT, D>(w, sc, s0, xrow, xss, ldx, ldxs, t, acc);
+      mb_apply<MR, WT, D, SPLIT>(w, sc, s0, xrow, xss, ldx, ldxs, t, acc);
     }
     return;
   }
@@ -189,10 +218,10 @@ DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K,
   __syncthreads();
   for (int s0 = 0; s0 < ng; s0 += 2 * D) {
     if (s0 + D < ng) mb_load<MR, D>(wb, sb, rc, rs, g0 + s0 + D, GK, half8, t);
-    mb_apply<MR, WT, D>(wa, sa, s0, xrow, xss, ldx, ldxs, t, acc);
+    mb_apply<MR, WT, D, SPLIT>(wa, sa, s0, xrow, xss, ldx, ldxs, t, acc);
     if (s0 + D >= ng) break;
     if (s0 + 2 * D < ng) mb_load<MR, D>(wa, sa, rc, rs, g0 + s0 + 2 * D, GK, half8, t);
-    mb_apply<MR, WT, D>(wb, sb, s0 + D, xrow, xss, ldx, ldxs, t, acc);
+    mb_apply<MR, WT, D, SPLIT>(wb, sb, s0 + D, xrow, xss, ldx, ldxs, t, acc);
   }
 }
 
@@ -204,7 +233,7 @@ DEVICE float mb_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
 // Grid (I/128, max tiles), 256 threads: warp w takes rows 16w.. of the
 // block's 128 rows (one h group) of gate and of up. I a multiple of 128,
 // K of 128 * D.
-template <int D, bool PIPE = false>
+template <int D, bool PIPE = false, bool SPLIT = false>
 DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
                          const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
                          const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K,
@@ -224,7 +253,7 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
   const u8* rc[2] = {ex->gate.codes + row * (K / 2), ex->up.codes + row * (K / 2)};
   const u8* rs[2] = {ex->gate.scales + row * GK, ex->up.scales + row * GK};
   float acc[2][1][4];
-  mb_core<2, 1, D, PIPE>(rc, rs, K, 0, GK, mb_smem, acc, [] {});
+  mb_core<2, 1, D, PIPE, SPLIT>(rc, rs, K, 0, GK, mb_smem, acc, [] {});
   float hv[4];
 #pragma unroll
   for (int e = 0; e < 4; e++) {
@@ -276,7 +305,7 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
 // waited for it before letting this grid start, so the tiles are read and
 // the first weights loaded before waiting for the gate/up products (the
 // staged hq rows), which overlaps the gate/up grid's last blocks.
-template <int MR, int D, bool PIPE = false>
+template <int MR, int D, bool PIPE = false, bool SPLIT = false>
 DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
                       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
                       const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq,
@@ -298,7 +327,7 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
     rs[m] = dn.scales + row * GK;
   }
   float acc[MR][1][4];
-  mb_core<MR, 1, D, PIPE>(rc, rs, I, 0, GK, mb_smem, acc, [&] {
+  mb_core<MR, 1, D, PIPE, SPLIT>(rc, rs, I, 0, GK, mb_smem, acc, [&] {
     PDL_WAIT();
     mb_stage(mb_smem, MB_TT, hq, hs, I, 0, I, [&](int r) { return s0 + min(r, ntok - 1); });
   });
@@ -358,6 +387,23 @@ extern "C" __global__ void __launch_bounds__(256, 3)
                 const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,
                 int N, int I, const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) {
   moeb_down<1, 2, true>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);
+}
+
+// moeb_gate_up_d2 and moeb_down_r1 with mb_mma_split's conversion (two
+// blocks a multiprocessor: at three they spill).
+extern "C" __global__ void __launch_bounds__(256, 2)
+    moeb_gate_up_s(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
+                   const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,
+                   const i32* __restrict__ list, int I, int K, const i8* __restrict__ xq, const float* __restrict__ xs,
+                   i8* __restrict__ hq, float* __restrict__ hs) {
+  moeb_gate_up<2, false, true>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+    moeb_down_s(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
+                const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,
+                int N, int I, const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) {
+  moeb_down<1, 4, false, true>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);
 }
 
 // ---------------------------------------------------------------------------
