@@ -305,3 +305,54 @@ func BenchmarkMoEStream(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkStreamPattern (measurement only): 96 MB of codes (98,304 rows of
+// 2048 columns) read in the streaming kernels' pattern against one row's
+// 512 bytes a load instruction, the same loads in flight: whether the
+// pattern holds the streaming kernels below the copy rate.
+func BenchmarkStreamPattern(b *testing.B) {
+	d := benchDevice(b)
+	const N, K = 98304, 2048
+	// Modes 2 and 3: 0 and 1 at three blocks a multiprocessor (72 KB of
+	// unused shared memory a block), the streaming MoE's occupancy.
+	for _, mode := range []int{0, 1, 2, 3, 0, 1} {
+		b.Run(fmt.Sprintf("mode%d", mode), func(b *testing.B) {
+			err := d.Do(func(c *Ctx) error {
+				codes, err1 := c.Alloc(N * K / 2)
+				out, err2 := c.Alloc(4 * N * 2)
+				if err := errors.Join(err1, err2); err != nil {
+					return err
+				}
+				defer c.Free(codes)
+				defer c.Free(out)
+				if err := c.Memset(codes.Ptr, 0x5A, codes.Size); err != nil {
+					return err
+				}
+				shared := 0
+				if mode >= 2 {
+					shared = 72 << 10
+				}
+				k, err := c.kernelShared("stream", "mb_probe", shared)
+				if err != nil {
+					return err
+				}
+				run := func() error { return c.Launch(k, D1(N/128), D1(256), shared, codes.Ptr, K, mode%2, out.Ptr) }
+				if err := run(); err != nil {
+					return err
+				}
+				const reps = 20
+				ms, err := timeDevice(c, reps, 1, run)
+				if err != nil {
+					return err
+				}
+				sec := float64(ms) / 1e3 / reps
+				b.ReportMetric(sec*1e6, "us/op")
+				b.ReportMetric(float64(N*K/2)/sec/1e9, "GB/s")
+				return nil
+			})
+			if err != nil {
+				b.Fatal(err)
+			}
+		})
+	}
+}

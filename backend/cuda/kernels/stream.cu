@@ -649,3 +649,37 @@ MMS_KERNEL_MR(mms_m2_t8_d2, 2, 8, 2, false, 2)
 MMS_KERNEL_MR(mms_m2p_t4_d1, 2, 4, 1, true, 3)
 MMS_KERNEL_MR(mms_m2p_t4_d2, 2, 4, 2, true, 2)
 MMS_KERNEL_MR(mms_m2p_t8_d1, 2, 8, 1, true, 2)
+
+// Measurement only: reads rows [N][K/2] of codes 16 a warp, 128 a block,
+// in the streaming kernels' pattern (mode 0: each load instruction takes
+// 64 bytes of 8 rows, two groups of rows g and g+8 a batch) or one row's
+// 512 bytes an instruction (mode 1, four rows a batch): the same bytes,
+// the same loads in flight. out[thread] keeps the loads alive.
+extern "C" __global__ void __launch_bounds__(256) mb_probe(const u8* __restrict__ codes, int K, int mode,
+                                                          u32* __restrict__ out) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const size_t r0 = (size_t)blockIdx.x * 128 + warp * 16, RB = K / 2;
+  u32 acc = 0;
+  if (mode == 0) {
+    for (int s = 0; s < (int)RB; s += 128) {
+      uint4 v[4];
+#pragma unroll
+      for (int d = 0; d < 2; d++) {
+        v[2 * d] = load_stream16(codes + (r0 + g) * RB + s + 64 * d + 16 * t);
+        v[2 * d + 1] = load_stream16(codes + (r0 + g + 8) * RB + s + 64 * d + 16 * t);
+      }
+#pragma unroll
+      for (int j = 0; j < 4; j++) acc ^= v[j].x ^ v[j].y ^ v[j].z ^ v[j].w;
+    }
+  } else {
+    for (int r = 0; r < 16; r += 4)
+      for (int s = 0; s < (int)RB; s += 512) {
+        uint4 v[4];
+#pragma unroll
+        for (int j = 0; j < 4; j++) v[j] = load_stream16(codes + (r0 + r + j) * RB + s + 16 * lane);
+#pragma unroll
+        for (int j = 0; j < 4; j++) acc ^= v[j].x ^ v[j].y ^ v[j].z ^ v[j].w;
+      }
+  }
+  out[(size_t)blockIdx.x * 256 + threadIdx.x] = acc;
+}
