@@ -61,7 +61,17 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 		return err
 	}
 	guName, downName, downRows := "moeb_gate_up_"+string(v), "moeb_down_"+string(v), 256
-	switch moeStreamKernels {
+	guThreads, downThreads, guShared, downShared := 256, 256, moeStreamShared(t.K), moeStreamShared(t.I)
+	kernels := moeStreamKernels
+	if kernels == "w" && (t.K > 2048 || t.I > 2048) {
+		kernels = "r1" // the wide kernels take at most 8 warps of two groups
+	}
+	switch kernels {
+	case "w":
+		guName, downName, downRows = "moeb_gate_up_w", "moeb_down_w", 128
+		guThreads, downThreads = 32*t.K/256, 32*t.I/256
+		guShared += 4*(t.K/128)*2*4*32 + 4*moeStreamTile*132
+		downShared += 4 * (t.I / 128) * 2 * 4 * 32
 	case "r1":
 		downName, downRows = "moeb_down_r1", 128
 	case "p":
@@ -85,11 +95,11 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 		s.Pos, s.List, s.TileE, s.TileS, s.TileN, s.NTiles); err != nil {
 		return err
 	}
-	if err := c.Launch(gu, Dim{uint32(t.I / 128), uint32(s.MaxTiles), 1}, D1(256), moeStreamShared(t.K),
+	if err := c.Launch(gu, Dim{uint32(t.I / 128), uint32(s.MaxTiles), 1}, D1(guThreads), guShared,
 		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, x.Q, x.Scales, s.HQ.Q, s.HQ.Scales); err != nil {
 		return err
 	}
-	if err := c.Launch(down, Dim{uint32((t.K + downRows - 1) / downRows), uint32(s.MaxTiles), 1}, D1(256), moeStreamShared(t.I),
+	if err := c.Launch(down, Dim{uint32((t.K + downRows - 1) / downRows), uint32(s.MaxTiles), 1}, D1(downThreads), downShared,
 		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, s.HQ.Q, s.HQ.Scales, s.Part); err != nil {
 		return err
 	}
@@ -110,7 +120,8 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 // MMFP4_CUDA_MOE_STREAM_VARIANT the variant, for comparisons in one binary.
 // moeStreamKernels picks the gate/up and down kernels: "" the variant's
 // own (down 256 rows a block), "r1" moeb_down_r1 (128 rows a block), "p"
-// the pipelined pair, "s" the pair with mb_mma_split. MMFP4_CUDA_MOE_KERNELS sets it ("old" for ""), for
+// the pipelined pair, "s" the pair with mb_mma_split, "w" the wide layout
+// (a block's warps split K). MMFP4_CUDA_MOE_KERNELS sets it ("old" for ""), for
 // comparisons in one binary.
 var moeStreamKernels = "r1"
 
@@ -118,7 +129,7 @@ func init() {
 	switch v := os.Getenv("MMFP4_CUDA_MOE_KERNELS"); v {
 	case "old":
 		moeStreamKernels = ""
-	case "r1", "p", "s":
+	case "r1", "p", "s", "w":
 		moeStreamKernels = v
 	}
 }

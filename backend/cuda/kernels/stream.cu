@@ -340,6 +340,177 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
     }
 }
 
+// ---------------------------------------------------------------------------
+// The wide layout: the warps of a block split K, warp w taking D groups
+// from group w*D of the same 16*MR rows, so that the block asks for whole
+// rows at once (each row's K/2 bytes in one burst) where a warp of the
+// layout above walks its 16 rows 64*D bytes at a time. Each warp leaves
+// the term of each of its groups in shared memory, terms[group][m][e][lane],
+// and the sums add them in group order from zero: the same terms in the
+// same order as mb_core, so the same bits. Staged rows: all K columns
+// (mb_stage with c0 = 0, C = K). The first step's weights are loaded
+// before pre() and the wait for the staged rows; every step ends with a
+// block barrier (the terms complete).
+template <int MR, int D, typename Pre>
+DEVICE void mbw_step(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K, const u8* smem,
+                     float* __restrict__ terms, bool first, Pre pre) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int GK = K >> 7, ldx = K + 16, ldxs = GK + 1, gw = warp * D;
+  const size_t half8 = (size_t)8 * (K / 2);
+  const u8* xrow = smem + g * ldx + 32 * t;
+  const float* xss = (const float*)(smem + MB_TT * ldx);
+  uint4 w[D][MR][2];
+  u32 sc[MR][2];
+  mb_load<MR, D>(w, sc, rc, rs, gw, GK, half8, t);
+  if (first) {
+    pre();
+    mb_cp_wait_all();
+  }
+  __syncthreads();  // the staged rows (first step), the last step's terms read
+#pragma unroll
+  for (int d = 0; d < D; d++) {
+    uint4 wd[1][MR][2];
+    u32 sd[MR][2];
+#pragma unroll
+    for (int m = 0; m < MR; m++) {
+      wd[0][m][0] = w[d][m][0];
+      wd[0][m][1] = w[d][m][1];
+      sd[m][0] = sc[m][0] >> (8 * d);
+      sd[m][1] = sc[m][1] >> (8 * d);
+    }
+    float acc[MR][1][4];
+#pragma unroll
+    for (int m = 0; m < MR; m++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) acc[m][0][e] = 0.f;
+    mb_apply<MR, 1, 1, false>(wd, sd, gw + d, xrow, xss, ldx, ldxs, t, acc);
+#pragma unroll
+    for (int m = 0; m < MR; m++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) terms[(((gw + d) * MR + m) * 4 + e) * 32 + lane] = acc[m][0][e];
+  }
+  __syncthreads();
+}
+
+// The sum over K's GK groups of term v = (m, e, lane) of the last step.
+template <int MR>
+DEVICE float mbw_sum(const float* __restrict__ terms, int GK, int v) {
+  const int m = v >> 7, e = (v >> 5) & 3, l = v & 31;
+  float s = 0.f;
+  for (int gi = 0; gi < GK; gi++) s += terms[((gi * MR + m) * 4 + e) * 32 + l];
+  return s;
+}
+
+// moeb_gate_up in the wide layout: grid (I/128, max tiles), 32*K/(128*D)
+// threads (K at most 1024*D); eight steps of 16 rows of gate and of up;
+// the SiLU products kept in shared memory (h[token][row]) for the
+// quantization of the block's 128 rows.
+template <int D>
+DEVICE void moeb_gate_up_wide(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
+                              const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
+                              const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K,
+                              const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,
+                              float* __restrict__ hs) {
+  extern __shared__ __align__(16) u8 mb_smem[];
+  __shared__ float amax[MB_TT];
+  PDL_WAIT();
+  const int tile = blockIdx.y;
+  if (tile >= ntiles[0]) return;
+  const int s0 = tile_s[tile], ntok = tile_n[tile];
+  const BExpert* ex = experts + tile_e[tile];
+  const int lane = threadIdx.x & 31, g = lane >> 2, GK = K >> 7, nb = blockIdx.x * 128;
+  float* terms = (float*)(mb_smem + MB_TT * (K + 16) + 4 * MB_TT * (GK + 1));
+  float* h = terms + GK * 2 * 4 * 32;  // [MB_TT][132]
+  mb_stage(mb_smem, MB_TT, xq, xs, K, 0, K, [&](int r) { return list[s0 + min(r, ntok - 1)]; });
+  for (int j = 0; j < 8; j++) {
+    const size_t row = nb + 16 * j + g;
+    const u8* rc[2] = {ex->gate.codes + row * (K / 2), ex->up.codes + row * (K / 2)};
+    const u8* rs[2] = {ex->gate.scales + row * GK, ex->up.scales + row * GK};
+    mbw_step<2, D>(rc, rs, K, mb_smem, terms, j == 0, [] {});
+    for (int v = threadIdx.x; v < 128; v += blockDim.x) {
+      const int e = v >> 5, l = v & 31, r = 16 * j + (l >> 2) + 8 * (e >> 1), tok = 2 * (l & 3) + (e & 1);
+      const float gv = mbw_sum<2>(terms, GK, v) * (ex->gate.row_scale[nb + r] * 0.5f);
+      const float uv = mbw_sum<2>(terms, GK, v + 128) * (ex->up.row_scale[nb + r] * 0.5f);
+      h[tok * 132 + r] = mb_silu(gv) * uv;
+    }
+  }
+  __syncthreads();
+  // The largest magnitude of each token over the block's 128 rows.
+  for (int v = threadIdx.x; v < MB_TT * 32; v += blockDim.x) {
+    const int tok = v >> 5;
+    float m = 0.f;
+    for (int r = lane; r < 128; r += 32) m = fmaxf(m, fabsf(h[tok * 132 + r]));
+#pragma unroll
+    for (int o = 1; o < 32; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    if (lane == 0) amax[tok] = m;
+  }
+  __syncthreads();
+  for (int v = threadIdx.x; v < MB_TT * 128; v += blockDim.x) {
+    const int tok = v >> 7, r = v & 127;
+    if (tok < ntok) {
+      const float a = amax[tok];
+      hq[(size_t)(s0 + tok) * I + nb + r] = (i8)quant8(h[tok * 132 + r], a, a / 127.f);
+    }
+  }
+  if (threadIdx.x < ntok) {
+    const float a = amax[threadIdx.x];
+    hs[(size_t)(s0 + threadIdx.x) * (I >> 7) + blockIdx.x] = a == 0.f ? 0.f : a / 127.f;
+  }
+}
+
+// moeb_down in the wide layout: grid (ceil(N/128), max tiles), 32*I/(128*D)
+// threads (I at most 1024*D); four steps of two m-tiles. The tiles and the
+// first weights are read before the wait for the gate/up grid, as in
+// moeb_down.
+template <int D>
+DEVICE void moeb_down_wide(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
+                           const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
+                           const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq,
+                           const float* __restrict__ hs, float* __restrict__ part) {
+  extern __shared__ __align__(16) u8 mb_smem[];
+  const int tile = blockIdx.y;
+  if (tile >= ntiles[0]) return;
+  const int s0 = tile_s[tile], ntok = tile_n[tile];
+  const BMat dn = experts[tile_e[tile]].down;
+  const int g = (threadIdx.x & 31) >> 2, GK = I >> 7;
+  float* terms = (float*)(mb_smem + MB_TT * (I + 16) + 4 * MB_TT * (GK + 1));
+  for (int j = 0; j < 4; j++) {
+    const int n0 = blockIdx.x * 128 + 32 * j;
+    const u8* rc[2];
+    const u8* rs[2];
+#pragma unroll
+    for (int m = 0; m < 2; m++) {
+      const size_t row = min(n0 + 16 * m, N - 16) + g;  // N a multiple of 16
+      rc[m] = dn.codes + row * (I / 2);
+      rs[m] = dn.scales + row * GK;
+    }
+    mbw_step<2, D>(rc, rs, I, mb_smem, terms, j == 0, [&] {
+      PDL_WAIT();
+      mb_stage(mb_smem, MB_TT, hq, hs, I, 0, I, [&](int r) { return s0 + min(r, ntok - 1); });
+    });
+    for (int v = threadIdx.x; v < 256; v += blockDim.x) {
+      const int m = v >> 7, e = (v >> 5) & 3, l = v & 31;
+      const int n = n0 + 16 * m + (l >> 2) + 8 * (e >> 1), tok = 2 * (l & 3) + (e & 1);
+      if (tok < ntok && n < N) part[(size_t)(s0 + tok) * N + n] = mbw_sum<2>(terms, GK, v) * (dn.row_scale[n] * 0.5f);
+    }
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3)
+    moeb_gate_up_w(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
+                   const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,
+                   const i32* __restrict__ list, int I, int K, const i8* __restrict__ xq, const float* __restrict__ xs,
+                   i8* __restrict__ hq, float* __restrict__ hs) {
+  moeb_gate_up_wide<2>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3)
+    moeb_down_w(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
+                const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,
+                int N, int I, const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) {
+  moeb_down_wide<2>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);
+}
+
 // D: groups in flight per warp; MINB: blocks a multiprocessor must hold
 // (the register budget).
 #define MOEB_KERNELS(SUFFIX, D, MINB)                                                                    \
