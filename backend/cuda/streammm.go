@@ -22,30 +22,8 @@ const StreamMaxTokens = 64
 const streamCounters = 1024
 
 // StreamPlan is a launch shape of MatMulStream: D groups of 128 columns in
-// flight per warp (1, 2 or 4), KS blocks over K for each row block, and MR
-// m-tiles of 16 rows a warp (0 or 1: one, 256 threads a block; 2: two, 128
-// threads a block, from 25 rows on).
-type StreamPlan struct {
-	D, KS, MR int
-	// Pipe (two m-tiles only): each warp's next batch of weights in
-	// flight while it multiplies the current one.
-	Pipe bool
-}
-
-// streamTwoTilesMin is the smallest row count whose plans take two m-tiles
-// a warp (each staged row read once for 32 weight rows instead of 16); 0
-// leaves them off. MMFP4_CUDA_STREAM_MR=1 turns them off, for comparisons
-// in one binary.
-var streamTwoTilesMin = 25
-
-// streamPipe makes two-m-tile plans pipelined (MMFP4_CUDA_STREAM_PIPE=1).
-var streamPipe = os.Getenv("MMFP4_CUDA_STREAM_PIPE") == "1"
-
-func init() {
-	if os.Getenv("MMFP4_CUDA_STREAM_MR") == "1" {
-		streamTwoTilesMin = 0
-	}
-}
+// flight per warp (1, 2 or 4) and KS blocks over K for each row block.
+type StreamPlan struct{ D, KS int }
 
 // StreamFits reports whether MatMulStream takes w: groups of 128, at least
 // 16 rows and a multiple of 16.
@@ -83,9 +61,6 @@ func PlanStream(N, K, heads, T, sms, sharedMax int) StreamPlan {
 	wt := streamTiles(T)
 	for p.KS < GK/p.D && streamShared(wt, K, p) > sharedMax {
 		p.KS++
-	}
-	if streamTwoTilesMin > 0 && T >= streamTwoTilesMin {
-		p.MR, p.Pipe = 2, streamPipe
 	}
 	return p
 }
@@ -129,6 +104,22 @@ func (c *Ctx) MatMulStreamHeads(y uint64, ldy int, w *QMatrix, a *QActs, heads i
 }
 
 func (c *Ctx) matMulStream(y uint64, ldy int, w *QMatrix, a *QActs, heads int, p StreamPlan, partial, counters uint64) error {
+	if err := c.checkStream(ldy, w, a, heads, p, partial, counters); err != nil {
+		return err
+	}
+	k, shared, p, err := c.streamKernel(w.K, a.T, p)
+	if err != nil {
+		return err
+	}
+	rows := w.N / heads
+	rb := (rows + 127) / 128
+	return c.Launch(k, Dim{uint32(rb), uint32(p.KS), uint32(heads)}, D1(256), shared,
+		w.Codes, w.Scales, w.RowScale, rows, w.K, a.Q, a.Scales, a.T, y, ldy, p.KS, partial, counters,
+		rb, uint64(0), uint64(0), uint64(0), 0, uint64(0), 0, uint64(0))
+}
+
+// checkStream checks a MatMulStream launch's shapes and plan.
+func (c *Ctx) checkStream(ldy int, w *QMatrix, a *QActs, heads int, p StreamPlan, partial, counters uint64) error {
 	GK := w.K / 128
 	rows := w.N / max(heads, 1)
 	switch {
@@ -140,40 +131,56 @@ func (c *Ctx) matMulStream(y uint64, ldy int, w *QMatrix, a *QActs, heads int, p
 		return fmt.Errorf("cuda: stream product: %d token rows, want 1 to %d", a.T, StreamMaxTokens)
 	case ldy < w.N && a.T > 1:
 		return fmt.Errorf("cuda: stream product: output stride %d below N=%d", ldy, w.N)
-	case p.D != 1 && p.D != 2 && p.D != 4 || GK%p.D != 0 || p.KS < 1 || p.KS > GK/p.D || p.MR < 0 || p.MR > 2:
-		return fmt.Errorf("cuda: stream product: plan D=%d KS=%d MR=%d for K=%d", p.D, p.KS, p.MR, w.K)
-	case p.MR == 2 && a.T <= 16:
-		return fmt.Errorf("cuda: stream product: two m-tiles a warp for %d rows, want more than 16", a.T)
+	case p.D != 1 && p.D != 2 && p.D != 4 || GK%p.D != 0 || p.KS < 1 || p.KS > GK/p.D:
+		return fmt.Errorf("cuda: stream product: plan D=%d KS=%d for K=%d", p.D, p.KS, w.K)
 	case p.KS > 1 && (partial == 0 || counters == 0 || heads*((rows+127)/128) > streamCounters):
 		return fmt.Errorf("cuda: stream product: split over K without partial sums or counters for %d rows", w.N)
 	}
-	wt := streamTiles(a.T)
+	return nil
+}
+
+// streamKernel is the kernel of plan p for T rows of K columns, its
+// shared memory and the plan as launched.
+func (c *Ctx) streamKernel(K, T int, p StreamPlan) (*Kernel, int, StreamPlan, error) {
+	wt := streamTiles(T)
 	if wt >= 2 && p.D == 4 {
 		p.D = 2 // the same chunks of K, two groups at a time (stream.cu has no D = 4 past 8 rows)
 	}
-	shared := streamShared(wt, w.K, p)
+	shared := streamShared(wt, K, p)
 	if shared > c.info.SharedOptin {
-		return fmt.Errorf("cuda: stream product: %d rows of K=%d split %d ways need %d bytes of shared memory, at most %d", a.T, w.K, p.KS, shared, c.info.SharedOptin)
+		return nil, 0, p, fmt.Errorf("cuda: stream product: %d rows of K=%d split %d ways need %d bytes of shared memory, at most %d", T, K, p.KS, shared, c.info.SharedOptin)
 	}
-	name, threads := fmt.Sprintf("mms_t%d_d%d", wt, p.D), 256
-	if p.MR == 2 {
-		if p.D == 4 {
-			p.D = 2
-		}
-		name, threads = fmt.Sprintf("mms_m2_t%d_d%d", wt, p.D), 128
-		if p.Pipe {
-			if wt == 8 {
-				p.D = 1 // the same chunks of K, one group at a time (registers)
-			}
-			name = fmt.Sprintf("mms_m2p_t%d_d%d", wt, p.D)
-		}
+	k, err := c.kernelShared("stream", fmt.Sprintf("mms_t%d_d%d", wt, p.D), shared)
+	return k, shared, p, err
+}
+
+// MatMulStreamPair computes MatMulStream of two matrices of the same K
+// for the same rows in one launch (y1 = x W1^T, y2 = x W2^T), each output
+// the same as its own MatMulStream with plan p. A split plan needs
+// partial sums for each (4*KS*a.T*N bytes) and one counter per row block
+// of both.
+func (c *Ctx) MatMulStreamPair(y1 uint64, ldy1 int, w1 *QMatrix, y2 uint64, ldy2 int, w2 *QMatrix, a *QActs, p StreamPlan, partial1, partial2, counters uint64) error {
+	switch {
+	case w1.K != w2.K || w1.G != w2.G:
+		return fmt.Errorf("cuda: stream pair: weights [%d,%d] G=%d and [%d,%d] G=%d", w1.N, w1.K, w1.G, w2.N, w2.K, w2.G)
+	case !StreamFits(w2):
+		return fmt.Errorf("cuda: stream pair: weights [%d,%d] G=%d do not suit it", w2.N, w2.K, w2.G)
+	case ldy2 < w2.N && a.T > 1:
+		return fmt.Errorf("cuda: stream pair: output stride %d below N=%d", ldy2, w2.N)
+	case p.KS > 1 && (partial2 == 0 || (w1.N+127)/128+(w2.N+127)/128 > streamCounters):
+		return fmt.Errorf("cuda: stream pair: split over K without partial sums or counters for %d+%d rows", w1.N, w2.N)
 	}
-	k, err := c.kernelShared("stream", name, shared)
+	if err := c.checkStream(ldy1, w1, a, 1, p, partial1, counters); err != nil {
+		return err
+	}
+	k, shared, p, err := c.streamKernel(w1.K, a.T, p)
 	if err != nil {
 		return err
 	}
-	return c.Launch(k, Dim{uint32((rows + 127) / 128), uint32(p.KS), uint32(heads)}, D1(threads), shared,
-		w.Codes, w.Scales, w.RowScale, rows, w.K, a.Q, a.Scales, a.T, y, ldy, p.KS, partial, counters)
+	rb1, rb2 := (w1.N+127)/128, (w2.N+127)/128
+	return c.Launch(k, Dim{uint32(rb1 + rb2), uint32(p.KS), 1}, D1(256), shared,
+		w1.Codes, w1.Scales, w1.RowScale, w1.N, w1.K, a.Q, a.Scales, a.T, y1, ldy1, p.KS, partial1, counters,
+		rb1, w2.Codes, w2.Scales, w2.RowScale, w2.N, y2, ldy2, partial2)
 }
 
 // streamMinTokens and streamMaxTokens bound the batches whose MMFP4
@@ -215,8 +222,60 @@ func (b *Backend) streamProduct(d *tensor, a *QActs, w *weight) bool {
 		}
 		partial = b.alloc(4 * p.KS * d.rows * w.q.N)
 	}
+	if b.streamPaired(d, a, w) {
+		return true
+	}
 	q, counters := w.q, b.streamCounters.Ptr
 	b.do(b.opName("matmul", w), func(c *Ctx) error { return c.MatMulStream(d.ptr, d.ld, q, a, p, partial, counters) })
+	if b.err == nil {
+		b.lastStream = &streamOp{idx: len(b.pending) - 1, flush: b.flushes, a: a, d: *d, w: w}
+	}
+	return true
+}
+
+// streamOp is a MatMulStream queued (its place in the pending ops), which a
+// second product of the same quantized rows may join (MatMulStreamPair).
+type streamOp struct {
+	idx, flush int
+	a          *QActs
+	d          tensor
+	w          *weight
+	paired     bool
+}
+
+// streamPairOn lets two products of the same rows queued one after the
+// other (q_a and kv_a) share one launch; MMFP4_CUDA_STREAM_PAIR=0 turns it
+// off, for comparisons in one binary.
+var streamPairOn = os.Getenv("MMFP4_CUDA_STREAM_PAIR") != "0"
+
+// streamPaired turns the MatMulStream queued just before, of the same
+// quantized rows and K, into one launch with d = x W^T and reports whether
+// it did.
+func (b *Backend) streamPaired(d *tensor, a *QActs, w *weight) bool {
+	ls := b.lastStream
+	if !streamPairOn || ls == nil || ls.paired || ls.flush != b.flushes || ls.idx != len(b.pending)-1 || ls.a != a ||
+		ls.w.q.K != w.q.K || ls.w.q.G != w.q.G || overlaps(d, &ls.d) || !StreamFits(w.q) {
+		return false
+	}
+	info := b.dev.Info()
+	rows := 128 * ((ls.w.q.N+127)/128 + (w.q.N+127)/128)
+	p := PlanStream(rows, w.q.K, 1, d.rows, info.SMs, info.SharedOptin)
+	if !streamPlanOK(rows, w.q.K, 1, d.rows, p, info.SharedOptin) || (p.KS > 1 && b.streamCounters.Size == 0) {
+		return false // (making the counters here would run the queued ops)
+	}
+	var p1, p2 uint64
+	if p.KS > 1 {
+		p1, p2 = b.alloc(4*p.KS*d.rows*ls.w.q.N), b.alloc(4*p.KS*d.rows*w.q.N)
+	}
+	q1, q2, d1, counters := ls.w.q, w.q, ls.d, b.streamCounters.Ptr
+	name := "matmul pair"
+	if b.prof != nil {
+		name = fmt.Sprintf("matmul pair %dx%d+%dx%d", q1.N, q1.K, q2.N, q2.K)
+	}
+	b.pending[ls.idx] = queuedOp{name, func(c *Ctx) error {
+		return c.MatMulStreamPair(d1.ptr, d1.ld, q1, d.ptr, d.ld, q2, a, p, p1, p2, counters)
+	}}
+	ls.paired = true
 	return true
 }
 

@@ -179,10 +179,7 @@ DEVICE void mb_apply(const uint4 (&w)[D][MR][2], const u32 (&sc)[MR][2], int s0,
 }
 
 // SPLIT: mb_mma_split's conversion (the same sums).
-// PIPE: the next batch's loads go out before the products of the current
-// one (two batches of registers), so a warp's loads overlap its own
-// arithmetic; the terms and their order are the same.
-template <int MR, int WT, int D, bool PIPE = false, bool SPLIT = false, typename Pre>
+template <int MR, int WT, int D, bool SPLIT = false, typename Pre>
 DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K, int g0, int ng, const u8* smem,
                     float (&acc)[MR][WT][4], Pre pre) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -196,32 +193,16 @@ DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K,
     for (int n = 0; n < WT; n++)
 #pragma unroll
       for (int e = 0; e < 4; e++) acc[m][n][e] = 0.f;
-  if (!PIPE) {
-    for (int s0 = 0; s0 < ng; s0 += D) {
-      uint4 w[D][MR][2];
-      u32 sc[MR][2];
-      mb_load<MR, D>(w, sc, rc, rs, g0 + s0, GK, half8, t);
-      if (s0 == 0) {
-        pre();
-        mb_cp_wait_all();
-        __syncthreads();
-      }
-      mb_apply<MR, WT, D, SPLIT>(w, sc, s0, xrow, xss, ldx, ldxs, t, acc);
+  for (int s0 = 0; s0 < ng; s0 += D) {
+    uint4 w[D][MR][2];
+    u32 sc[MR][2];
+    mb_load<MR, D>(w, sc, rc, rs, g0 + s0, GK, half8, t);
+    if (s0 == 0) {
+      pre();
+      mb_cp_wait_all();
+      __syncthreads();
     }
-    return;
-  }
-  uint4 wa[D][MR][2], wb[D][MR][2];
-  u32 sa[MR][2], sb[MR][2];
-  mb_load<MR, D>(wa, sa, rc, rs, g0, GK, half8, t);
-  pre();
-  mb_cp_wait_all();
-  __syncthreads();
-  for (int s0 = 0; s0 < ng; s0 += 2 * D) {
-    if (s0 + D < ng) mb_load<MR, D>(wb, sb, rc, rs, g0 + s0 + D, GK, half8, t);
-    mb_apply<MR, WT, D, SPLIT>(wa, sa, s0, xrow, xss, ldx, ldxs, t, acc);
-    if (s0 + D >= ng) break;
-    if (s0 + 2 * D < ng) mb_load<MR, D>(wa, sa, rc, rs, g0 + s0 + 2 * D, GK, half8, t);
-    mb_apply<MR, WT, D, SPLIT>(wb, sb, s0 + D, xrow, xss, ldx, ldxs, t, acc);
+    mb_apply<MR, WT, D, SPLIT>(w, sc, s0, xrow, xss, ldx, ldxs, t, acc);
   }
 }
 
@@ -233,7 +214,7 @@ DEVICE float mb_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
 // Grid (I/128, max tiles), 256 threads: warp w takes rows 16w.. of the
 // block's 128 rows (one h group) of gate and of up. I a multiple of 128,
 // K of 128 * D.
-template <int D, bool PIPE = false, bool SPLIT = false>
+template <int D, bool SPLIT = false>
 DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
                          const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
                          const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K,
@@ -253,7 +234,7 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
   const u8* rc[2] = {ex->gate.codes + row * (K / 2), ex->up.codes + row * (K / 2)};
   const u8* rs[2] = {ex->gate.scales + row * GK, ex->up.scales + row * GK};
   float acc[2][1][4];
-  mb_core<2, 1, D, PIPE, SPLIT>(rc, rs, K, 0, GK, mb_smem, acc, [] {});
+  mb_core<2, 1, D, SPLIT>(rc, rs, K, 0, GK, mb_smem, acc, [] {});
   float hv[4];
 #pragma unroll
   for (int e = 0; e < 4; e++) {
@@ -305,7 +286,7 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
 // waited for it before letting this grid start, so the tiles are read and
 // the first weights loaded before waiting for the gate/up products (the
 // staged hq rows), which overlaps the gate/up grid's last blocks.
-template <int MR, int D, bool PIPE = false, bool SPLIT = false>
+template <int MR, int D, bool SPLIT = false>
 DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
                       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
                       const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq,
@@ -327,7 +308,7 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
     rs[m] = dn.scales + row * GK;
   }
   float acc[MR][1][4];
-  mb_core<MR, 1, D, PIPE, SPLIT>(rc, rs, I, 0, GK, mb_smem, acc, [&] {
+  mb_core<MR, 1, D, SPLIT>(rc, rs, I, 0, GK, mb_smem, acc, [&] {
     PDL_WAIT();
     mb_stage(mb_smem, MB_TT, hq, hs, I, 0, I, [&](int r) { return s0 + min(r, ntok - 1); });
   });
@@ -542,24 +523,6 @@ extern "C" __global__ void __launch_bounds__(256, 3)
   moeb_down<1, 4>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);
 }
 
-// Pipelined variants (mb_core's PIPE): gate/up one group a batch, down
-// one m-tile a warp and two groups a batch, each with the next batch in
-// flight.
-extern "C" __global__ void __launch_bounds__(256, 2)
-    moeb_gate_up_p(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
-                   const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,
-                   const i32* __restrict__ list, int I, int K, const i8* __restrict__ xq, const float* __restrict__ xs,
-                   i8* __restrict__ hq, float* __restrict__ hs) {
-  moeb_gate_up<1, true>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 3)
-    moeb_down_p(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
-                const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,
-                int N, int I, const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) {
-  moeb_down<1, 2, true>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);
-}
-
 // moeb_gate_up_d2 and moeb_down_r1 with mb_mma_split's conversion (two
 // blocks a multiprocessor: at three they spill).
 extern "C" __global__ void __launch_bounds__(256, 2)
@@ -567,14 +530,14 @@ extern "C" __global__ void __launch_bounds__(256, 2)
                    const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,
                    const i32* __restrict__ list, int I, int K, const i8* __restrict__ xq, const float* __restrict__ xs,
                    i8* __restrict__ hq, float* __restrict__ hs) {
-  moeb_gate_up<2, false, true>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs);
+  moeb_gate_up<2, true>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs);
 }
 
 extern "C" __global__ void __launch_bounds__(256, 2)
     moeb_down_s(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
                 const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,
                 int N, int I, const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) {
-  moeb_down<1, 4, false, true>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);
+  moeb_down<1, 4, true>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);
 }
 
 // ---------------------------------------------------------------------------
@@ -686,10 +649,9 @@ extern "C" __global__ void __launch_bounds__(128)
 // ---------------------------------------------------------------------------
 // Dense product of T <= 8*WT token rows:
 //   y[t*ldy + n] = row_scale[n]/2 * sum_g e4m3(s[n,g]) * xs[t,g] * acc[t,n,g]
-// (the GEMM's terms). Grid (ceil(N/128), KS, heads), 256/MR threads: warp
-// w takes the MR m-tiles of rows 128*bx + 16*MR*w (N a multiple of 16;
-// m-tiles past N are clamped and dropped; MR = 2 reads each staged row
-// once for two m-tiles, half the shared-memory reads a weight byte); block z takes the D-group chunks
+// (the GEMM's terms). Grid (ceil(N/128), KS, heads), 256 threads: warp w
+// takes the m-tile of rows 128*bx + 16w (N a multiple of 16; m-tiles past
+// N are clamped and dropped); block z takes the D-group chunks
 // [z*NC/KS, (z+1)*NC/KS) of K's NC = K/(128*D). With KS = 1 it writes y;
 // else each block leaves its sums in partial[z][t][n] and the last block
 // of a row block to finish (counters[bx], which it resets) adds the KS
@@ -698,30 +660,42 @@ extern "C" __global__ void __launch_bounds__(128)
 // weight rows [h*N, (h+1)*N), activation columns [h*K, (h+1)*K) of rows
 // heads*K long, output columns [h*N, (h+1)*N), its own partial sums and
 // counters. Dynamic shared memory: mb_stage's for 8*WT rows of the
-// largest chunk range.
-template <int MR, int WT, int D, bool PIPE>
+// largest chunk range. A pair (one head): row blocks from rb1 on are those
+// of a second product of the same rows (codes2 ... partial2, N2 rows,
+// output y2), so that two matrices of one input (q_a and kv_a) take one
+// launch; each output's sums are those of its own launch.
+template <int WT, int D>
 DEVICE void mms_dense(const u8* __restrict__ codes, const u8* __restrict__ scales,
                       const float* __restrict__ row_scale, int N, int K, const i8* __restrict__ xq,
                       const float* __restrict__ xs, int T, float* __restrict__ y, int ldy, int KS,
-                      float* __restrict__ partial, u32* __restrict__ counters) {
+                      float* __restrict__ partial, u32* __restrict__ counters, int rb1,
+                      const u8* __restrict__ codes2, const u8* __restrict__ scales2,
+                      const float* __restrict__ row_scale2, int N2, float* __restrict__ y2, int ldy2,
+                      float* __restrict__ partial2) {
   extern __shared__ __align__(16) u8 mb_smem[];
   __shared__ bool last;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int bx = blockIdx.x, z = blockIdx.y, GK = K >> 7, NC = GK / D;
+  const int cx = blockIdx.x, z = blockIdx.y, GK = K >> 7, NC = GK / D;
+  int bx = cx;
+  if (bx >= rb1) {
+    codes = codes2;
+    scales = scales2;
+    row_scale = row_scale2;
+    N = N2;
+    y = y2;
+    ldy = ldy2;
+    partial = partial2;
+    bx -= rb1;
+  }
   const size_t h = blockIdx.z;  // the pointers are offset where used: fewer live registers
   const int c_lo = z * NC / KS, c_hi = (z + 1) * NC / KS;
   const int g0 = c_lo * D, ng = (c_hi - c_lo) * D;
-  const int n0 = bx * 128 + warp * (16 * MR);
-  const u8* rc[MR];
-  const u8* rs[MR];
-#pragma unroll
-  for (int m = 0; m < MR; m++) {
-    const size_t row = min(n0 + 16 * m, N - 16) + g;
-    rc[m] = codes + (h * N + row) * (K / 2);
-    rs[m] = scales + (h * N + row) * GK;
-  }
-  float acc[MR][WT][4];
-  mb_core<MR, WT, D, PIPE>(rc, rs, K, g0, ng, mb_smem, acc, [&] {
+  const int n0 = bx * 128 + warp * 16;
+  const size_t row = min(n0, N - 16) + g;
+  const u8* rc[1] = {codes + (h * N + row) * (K / 2)};
+  const u8* rs[1] = {scales + (h * N + row) * GK};
+  float acc[1][WT][4];
+  mb_core<1, WT, D>(rc, rs, K, g0, ng, mb_smem, acc, [&] {
     PDL_WAIT();
     mb_stage(mb_smem, 8 * WT, xq + h * K, xs + h * GK, (int)gridDim.z * K, 128 * g0, 128 * ng,
              [&](int r) { return min(r, T - 1); });
@@ -730,31 +704,27 @@ DEVICE void mms_dense(const u8* __restrict__ codes, const u8* __restrict__ scale
   y += h * N;
   if (KS == 1) {
 #pragma unroll
-    for (int m = 0; m < MR; m++)
+    for (int n = 0; n < WT; n++)
 #pragma unroll
-      for (int n = 0; n < WT; n++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const int tok = 8 * n + 2 * t + (e & 1), r = n0 + 16 * m + g + 8 * (e >> 1);
-          if (tok < T && n0 + 16 * m < N) y[(size_t)tok * ldy + r] = acc[m][n][e] * (row_scale[r] * 0.5f);
-        }
+      for (int e = 0; e < 4; e++) {
+        const int tok = 8 * n + 2 * t + (e & 1), r = n0 + g + 8 * (e >> 1);
+        if (tok < T && n0 < N) y[(size_t)tok * ldy + r] = acc[0][n][e] * (row_scale[r] * 0.5f);
+      }
     return;
   }
   partial += h * KS * T * N;
   counters += h * gridDim.x;
   float* part = partial + (size_t)z * T * N;
 #pragma unroll
-  for (int m = 0; m < MR; m++)
+  for (int n = 0; n < WT; n++)
 #pragma unroll
-    for (int n = 0; n < WT; n++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const int tok = 8 * n + 2 * t + (e & 1), r = n0 + 16 * m + g + 8 * (e >> 1);
-        if (tok < T && n0 + 16 * m < N) part[(size_t)tok * N + r] = acc[m][n][e];
-      }
+    for (int e = 0; e < 4; e++) {
+      const int tok = 8 * n + 2 * t + (e & 1), r = n0 + g + 8 * (e >> 1);
+      if (tok < T && n0 < N) part[(size_t)tok * N + r] = acc[0][n][e];
+    }
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(&counters[bx], 1u) == (u32)(KS - 1);
+  if (threadIdx.x == 0) last = atomicAdd(&counters[cx], 1u) == (u32)(KS - 1);
   __syncthreads();
   if (!last) return;
   __threadfence();
@@ -785,20 +755,23 @@ DEVICE void mms_dense(const u8* __restrict__ codes, const u8* __restrict__ scale
     o[2] = tot.z * (row_scale[n + 2] * 0.5f);
     o[3] = tot.w * (row_scale[n + 3] * 0.5f);
   }
-  if (threadIdx.x == 0) counters[bx] = 0;
+  if (threadIdx.x == 0) counters[cx] = 0;
 }
 
 // MINB: blocks a multiprocessor must hold (the register budget; the
 // 64-token variants need more than 128 registers a thread). Past 8 rows
 // D = 4 spills: the host takes D = 2 there.
-#define MMS_KERNEL(NAME, WT, D, MINB) MMS_KERNEL_MR(NAME, 1, WT, D, false, MINB)
-#define MMS_KERNEL_MR(NAME, MR, WT, D, PIPE, MINB)                                                 \
-  extern "C" __global__ void __launch_bounds__(256 / MR, MINB) NAME(                                   \
+#define MMS_KERNEL(NAME, WT, D, MINB)                                                              \
+  extern "C" __global__ void __launch_bounds__(256, MINB) NAME(                                        \
       const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale, \
       int N, int K, const i8* __restrict__ xq, const float* __restrict__ xs, int T,                    \
-      float* __restrict__ y, int ldy, int KS, float* __restrict__ partial, u32* __restrict__ counters) { \
+      float* __restrict__ y, int ldy, int KS, float* __restrict__ partial, u32* __restrict__ counters, \
+      int rb1, const u8* __restrict__ codes2, const u8* __restrict__ scales2,                          \
+      const float* __restrict__ row_scale2, int N2, float* __restrict__ y2, int ldy2,                  \
+      float* __restrict__ partial2) {                                                                  \
     PDL_LAUNCH();                                                                                      \
-    mms_dense<MR, WT, D, PIPE>(codes, scales, row_scale, N, K, xq, xs, T, y, ldy, KS, partial, counters);   \
+    mms_dense<WT, D>(codes, scales, row_scale, N, K, xq, xs, T, y, ldy, KS, partial, counters, rb1,   \
+                     codes2, scales2, row_scale2, N2, y2, ldy2, partial2);                             \
   }
 
 MMS_KERNEL(mms_t1_d1, 1, 1, 2)
@@ -810,16 +783,6 @@ MMS_KERNEL(mms_t2_d2, 2, 2, 2)
 MMS_KERNEL(mms_t4_d2, 4, 2, 2)
 MMS_KERNEL(mms_t8_d2, 8, 2, 1)
 MMS_KERNEL(mms_t1_d4, 1, 4, 2)
-
-// Two m-tiles a warp (128 threads a block), from 32 rows on.
-MMS_KERNEL_MR(mms_m2_t4_d1, 2, 4, 1, false, 4)
-MMS_KERNEL_MR(mms_m2_t4_d2, 2, 4, 2, false, 2)
-MMS_KERNEL_MR(mms_m2_t8_d1, 2, 8, 1, false, 2)
-MMS_KERNEL_MR(mms_m2_t8_d2, 2, 8, 2, false, 2)
-// ... and with the next batch of weights in flight (mb_core's PIPE).
-MMS_KERNEL_MR(mms_m2p_t4_d1, 2, 4, 1, true, 3)
-MMS_KERNEL_MR(mms_m2p_t4_d2, 2, 4, 2, true, 2)
-MMS_KERNEL_MR(mms_m2p_t8_d1, 2, 8, 1, true, 2)
 
 // Measurement only: reads rows [N][K/2] of codes 16 a warp, 128 a block,
 // in the streaming kernels' pattern (mode 0: each load instruction takes
