@@ -74,10 +74,10 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 		downShared += 4 * (t.I / 128) * 2 * 4 * 32
 	case "r1":
 		downName, downRows = "moeb_down_r1", 128
-	case "p":
-		guName, downName, downRows = "moeb_gate_up_p", "moeb_down_p", 128
 	case "s":
 		guName, downName, downRows = "moeb_gate_up_s", "moeb_down_s", 128
+	case "f":
+		guName, downName, downRows = "moeb_gate_up_f", "moeb_down_f", 128
 	}
 	gu, err := c.Kernel("stream", guName)
 	if err != nil {
@@ -119,9 +119,9 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 // MMFP4_CUDA_MOE_STREAM sets the bound (0 turns the path off),
 // MMFP4_CUDA_MOE_STREAM_VARIANT the variant, for comparisons in one binary.
 // moeStreamKernels picks the gate/up and down kernels: "" the variant's
-// own (down 256 rows a block), "r1" moeb_down_r1 (128 rows a block), "p"
-// the pipelined pair, "s" the pair with mb_mma_split, "w" the wide layout
-// (a block's warps split K). MMFP4_CUDA_MOE_KERNELS sets it ("old" for ""), for
+// own (down 256 rows a block), "r1" moeb_down_r1 (128 rows a block), "s"
+// the pair with mb_mma_split, "w" the wide layout (a block's warps split
+// K), "f" with L2 prefetches ahead of the loads. MMFP4_CUDA_MOE_KERNELS sets it ("old" for ""), for
 // comparisons in one binary.
 var moeStreamKernels = "r1"
 
@@ -129,7 +129,7 @@ func init() {
 	switch v := os.Getenv("MMFP4_CUDA_MOE_KERNELS"); v {
 	case "old":
 		moeStreamKernels = ""
-	case "r1", "p", "s", "w":
+	case "r1", "s", "w", "f":
 		moeStreamKernels = v
 	}
 }

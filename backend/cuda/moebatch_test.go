@@ -100,7 +100,7 @@ func TestMoEBatchedStream(t *testing.T) {
 			if err != nil {
 				return err
 			}
-			for _, ks := range []string{"", "r1", "p", "s", "w"} {
+			for _, ks := range []string{"", "r1", "s", "w", "f"} {
 				v := MoEStreamD2
 				moeStreamKernels = ks
 				got, err := run(v)
@@ -189,7 +189,7 @@ func TestBackendMoEStreamMatchesCPU(t *testing.T) {
 	moeBatchedMinTokens, moeStreamMaxTokens = 2, 1<<30
 	hosts := expertHosts(t, r, E+1, I, K, 128)
 	defer func(k string) { moeStreamKernels = k }(moeStreamKernels)
-	for _, ks := range []string{"", "r1", "p", "s", "w"} {
+	for _, ks := range []string{"", "r1", "s", "w", "f"} {
 		v := MoEStreamD2
 		moeStreamVariant = v
 		moeStreamKernels = ks
@@ -242,7 +242,7 @@ func BenchmarkMoEStream(b *testing.B) {
 			touched[e] = true
 		}
 		bytes := float64(int64(len(touched)+1) * expertBytes)
-		for _, name := range []string{"tiled_t16", "stream_d2", "stream_r1", "stream_p", "stream_s", "stream_w"} {
+		for _, name := range []string{"tiled_t16", "stream_d2", "stream_r1", "stream_s", "stream_w", "stream_f"} {
 			v, ks := MoEStreamD2, strings.TrimPrefix(name, "stream_")
 			switch name {
 			case "tiled_t16":

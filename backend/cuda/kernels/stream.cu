@@ -178,8 +178,10 @@ DEVICE void mb_apply(const uint4 (&w)[D][MR][2], const u32 (&sc)[MR][2], int s0,
   }
 }
 
-// SPLIT: mb_mma_split's conversion (the same sums).
-template <int MR, int WT, int D, bool SPLIT = false, typename Pre>
+// SPLIT: mb_mma_split's conversion (the same sums). PF > 0: each batch
+// first asks the L2 for the batch PF batches ahead (one line of each row a
+// batch; lanes t = 0 of the warp), so that its loads find it there.
+template <int MR, int WT, int D, bool SPLIT = false, int PF = 0, typename Pre>
 DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K, int g0, int ng, const u8* smem,
                     float (&acc)[MR][WT][4], Pre pre) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -196,6 +198,16 @@ DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K,
   for (int s0 = 0; s0 < ng; s0 += D) {
     uint4 w[D][MR][2];
     u32 sc[MR][2];
+    if (PF > 0 && t == 0 && s0 + PF * D < ng) {
+#pragma unroll
+      for (int m = 0; m < MR; m++)
+#pragma unroll
+        for (int q = 0; q < (D + 1) / 2; q++) {  // 128-byte lines: two groups each
+          const u8* p = rc[m] + (g0 + s0 + PF * D + 2 * q) * 64;
+          asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
+          asm volatile("prefetch.global.L2 [%0];" ::"l"(p + half8));
+        }
+    }
     mb_load<MR, D>(w, sc, rc, rs, g0 + s0, GK, half8, t);
     if (s0 == 0) {
       pre();
@@ -214,7 +226,7 @@ DEVICE float mb_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
 // Grid (I/128, max tiles), 256 threads: warp w takes rows 16w.. of the
 // block's 128 rows (one h group) of gate and of up. I a multiple of 128,
 // K of 128 * D.
-template <int D, bool SPLIT = false>
+template <int D, bool SPLIT = false, int PF = 0>
 DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
                          const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
                          const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K,
@@ -234,7 +246,7 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
   const u8* rc[2] = {ex->gate.codes + row * (K / 2), ex->up.codes + row * (K / 2)};
   const u8* rs[2] = {ex->gate.scales + row * GK, ex->up.scales + row * GK};
   float acc[2][1][4];
-  mb_core<2, 1, D, SPLIT>(rc, rs, K, 0, GK, mb_smem, acc, [] {});
+  mb_core<2, 1, D, SPLIT, PF>(rc, rs, K, 0, GK, mb_smem, acc, [] {});
   float hv[4];
 #pragma unroll
   for (int e = 0; e < 4; e++) {
@@ -286,7 +298,7 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
 // waited for it before letting this grid start, so the tiles are read and
 // the first weights loaded before waiting for the gate/up products (the
 // staged hq rows), which overlaps the gate/up grid's last blocks.
-template <int MR, int D, bool SPLIT = false>
+template <int MR, int D, bool SPLIT = false, int PF = 0>
 DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
                       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
                       const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq,
@@ -308,7 +320,7 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
     rs[m] = dn.scales + row * GK;
   }
   float acc[MR][1][4];
-  mb_core<MR, 1, D, SPLIT>(rc, rs, I, 0, GK, mb_smem, acc, [&] {
+  mb_core<MR, 1, D, SPLIT, PF>(rc, rs, I, 0, GK, mb_smem, acc, [&] {
     PDL_WAIT();
     mb_stage(mb_smem, MB_TT, hq, hs, I, 0, I, [&](int r) { return s0 + min(r, ntok - 1); });
   });
@@ -521,6 +533,22 @@ extern "C" __global__ void __launch_bounds__(256, 3)
                  const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,
                  int N, int I, const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) {
   moeb_down<1, 4>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);
+}
+
+// moeb_gate_up_d2 and moeb_down_r1 with L2 prefetches PF batches ahead.
+extern "C" __global__ void __launch_bounds__(256, 3)
+    moeb_gate_up_f(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
+                   const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,
+                   const i32* __restrict__ list, int I, int K, const i8* __restrict__ xq, const float* __restrict__ xs,
+                   i8* __restrict__ hq, float* __restrict__ hs) {
+  moeb_gate_up<2, false, 2>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 3)
+    moeb_down_f(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
+                const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,
+                int N, int I, const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) {
+  moeb_down<1, 4, false, 1>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);
 }
 
 // moeb_gate_up_d2 and moeb_down_r1 with mb_mma_split's conversion (two
