@@ -40,7 +40,9 @@ func moeStreamShared(K int) int { return moeStreamTile*(K+16) + 4*moeStreamTile*
 // MoEBatchedStream computes what MoEBatched does, for few tokens an
 // expert: moeb_group sorts the pairs into tiles of at most eight, then
 // the gate/up kernel (SiLU product and its int8 quantization fused), the
-// down kernel and the weighted sum per token (four launches). s must have
+// down kernel and the weighted sum per token (four launches). The kernels
+// are moeb_gate_up_s and moeb_down_s (the variant's own with
+// MMFP4_CUDA_STREAM_OLD=1). s must have
 // room for the 8-pair tiles (MaxTiles >= moeMaxTiles(P, experts, 8));
 // s.H is not used.
 func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTable, ids, wts uint64, topk int, x *QActs, s *MoEBatch, v MoEStream) error {
@@ -60,24 +62,9 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 	if err != nil {
 		return err
 	}
-	guName, downName, downRows := "moeb_gate_up_"+string(v), "moeb_down_"+string(v), 256
-	guThreads, downThreads, guShared, downShared := 256, 256, moeStreamShared(t.K), moeStreamShared(t.I)
-	kernels := moeStreamKernels
-	if kernels == "w" && (t.K > 2048 || t.I > 2048) {
-		kernels = "r1" // the wide kernels take at most 8 warps of two groups
-	}
-	switch kernels {
-	case "w":
-		guName, downName, downRows = "moeb_gate_up_w", "moeb_down_w", 128
-		guThreads, downThreads = 32*t.K/256, 32*t.I/256
-		guShared += 4*(t.K/128)*2*4*32 + 4*moeStreamTile*132
-		downShared += 4 * (t.I / 128) * 2 * 4 * 32
-	case "r1":
-		downName, downRows = "moeb_down_r1", 128
-	case "s":
-		guName, downName, downRows = "moeb_gate_up_s", "moeb_down_s", 128
-	case "f":
-		guName, downName, downRows = "moeb_gate_up_f", "moeb_down_f", 128
+	guName, downName, downRows, threads := "moeb_gate_up_s", "moeb_down_s", 128, 256
+	if moeStreamOld {
+		guName, downName, downRows = "moeb_gate_up_"+string(v), "moeb_down_"+string(v), 256
 	}
 	gu, err := c.Kernel("stream", guName)
 	if err != nil {
@@ -95,11 +82,11 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 		s.Pos, s.List, s.TileE, s.TileS, s.TileN, s.NTiles); err != nil {
 		return err
 	}
-	if err := c.Launch(gu, Dim{uint32(t.I / 128), uint32(s.MaxTiles), 1}, D1(guThreads), guShared,
+	if err := c.Launch(gu, Dim{uint32(t.I / 128), uint32(s.MaxTiles), 1}, D1(threads), moeStreamShared(t.K),
 		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, x.Q, x.Scales, s.HQ.Q, s.HQ.Scales); err != nil {
 		return err
 	}
-	if err := c.Launch(down, Dim{uint32((t.K + downRows - 1) / downRows), uint32(s.MaxTiles), 1}, D1(downThreads), downShared,
+	if err := c.Launch(down, Dim{uint32((t.K + downRows - 1) / downRows), uint32(s.MaxTiles), 1}, D1(threads), moeStreamShared(t.I),
 		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, s.HQ.Q, s.HQ.Scales, s.Part); err != nil {
 		return err
 	}
@@ -112,40 +99,27 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 
 // moeStreamMinTokens and moeStreamMaxTokens bound the batches whose MoE
 // takes MoEBatchedStream; moeStreamVariant is the variant. Measured on an
-// H200 (full-size layer, device time): 40-42 / 49-50 / 72-74 / 120-121 /
-// 141 us at 2 / 4 / 8 / 32 / 64 tokens against the tiled MoEBatched's 72 /
-// 78 / 122 / 187-192 / 222 and the single-token kernels' 23-24 us a token;
-// d2 and d4 within 2% (so is asking the L2 for 256-byte fetches).
-// MMFP4_CUDA_MOE_STREAM sets the bound (0 turns the path off),
-// MMFP4_CUDA_MOE_STREAM_VARIANT the variant, for comparisons in one binary.
-// moeStreamKernels picks the gate/up and down kernels: "" the variant's
-// own (down 256 rows a block), "r1" moeb_down_r1 (128 rows a block), "s"
-// the pair with mb_mma_split, "w" the wide layout (a block's warps split
-// K), "f" with L2 prefetches ahead of the loads. MMFP4_CUDA_MOE_KERNELS sets it ("old" for ""), for
-// comparisons in one binary.
-var moeStreamKernels = "r1"
-
-func init() {
-	switch v := os.Getenv("MMFP4_CUDA_MOE_KERNELS"); v {
-	case "old":
-		moeStreamKernels = ""
-	case "r1", "s", "w", "f":
-		moeStreamKernels = v
-	}
-}
-
+// H200 (full-size layer, device time) with the earlier kernels: 40-42 /
+// 49-50 / 72-74 / 120-121 / 141 us at 2 / 4 / 8 / 32 / 64 tokens against
+// the tiled MoEBatched's 72 / 78 / 122 / 187-192 / 222 and the
+// single-token kernels' 23-24 us a token; now 62 / 108 / 123 at 8 / 32 /
+// 64 (docs/perf.md). MMFP4_CUDA_MOE_STREAM sets the bound (0 turns the
+// path off), for comparisons in one binary.
 var (
 	moeStreamMinTokens = 2
 	moeStreamMaxTokens = 64
 	moeStreamVariant   = MoEStreamD2
 )
 
+// moeStreamOld restores the earlier gate/up and down kernels (plain
+// widening, down products 256 rows a block), and MatMulStream products
+// one a launch (no pairs): MMFP4_CUDA_STREAM_OLD=1, for an A/B of both in
+// one binary.
+var moeStreamOld = os.Getenv("MMFP4_CUDA_STREAM_OLD") == "1"
+
 func init() {
 	if v, err := strconv.Atoi(os.Getenv("MMFP4_CUDA_MOE_STREAM")); err == nil && v >= 0 {
 		moeStreamMaxTokens = v
-	}
-	if v := MoEStream(os.Getenv("MMFP4_CUDA_MOE_STREAM_VARIANT")); v.valid() {
-		moeStreamVariant = v
 	}
 }
 

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"strings"
 	"testing"
 
 	"github.com/mmfp4/mmfp4/backend"
@@ -22,7 +21,7 @@ func TestMoEBatchedStream(t *testing.T) {
 	d := testDevice(t)
 	r := testRand(t)
 	const K, I, E, topK = 1024, 512, 16, 4
-	kernels := moeStreamKernels
+	defer func(old bool) { moeStreamOld = old }(moeStreamOld)
 	var host [][3]*format.Matrix
 	for e := 0; e < E+1; e++ {
 		var h [3]*format.Matrix
@@ -100,11 +99,10 @@ func TestMoEBatchedStream(t *testing.T) {
 			if err != nil {
 				return err
 			}
-			for _, ks := range []string{"", "r1", "s", "w", "f"} {
+			for _, old := range []bool{true, false} {
 				v := MoEStreamD2
-				moeStreamKernels = ks
+				moeStreamOld = old
 				got, err := run(v)
-				moeStreamKernels = kernels
 				if err != nil {
 					return fmt.Errorf("T=%d %s: %w", T, v, err)
 				}
@@ -118,9 +116,9 @@ func TestMoEBatchedStream(t *testing.T) {
 				// product could still move one int8 value by a step (about
 				// 1e-4 relative), so the bound is the batched MoE's.
 				e, m := relErr(want, got), maxRelErr(want, got)
-				t.Logf("T=%d %s kernels %q: %d of %d outputs differ from the tiled MoE, relative error %.3g (max %.3g)", T, v, ks, diff, len(want), e, m)
+				t.Logf("T=%d %s old=%v: %d of %d outputs differ from the tiled MoE, relative error %.3g (max %.3g)", T, v, old, diff, len(want), e, m)
 				if !(e <= 1e-4) || !(m <= 1e-3) {
-					t.Errorf("T=%d %s kernels %q: relative error %.3g (max %.3g) against the tiled MoE", T, v, ks, e, m)
+					t.Errorf("T=%d %s old=%v: relative error %.3g (max %.3g) against the tiled MoE", T, v, old, e, m)
 				}
 			}
 		}
@@ -188,17 +186,17 @@ func TestBackendMoEStreamMatchesCPU(t *testing.T) {
 	defer func(a, b int, v MoEStream) { moeBatchedMinTokens, moeStreamMaxTokens, moeStreamVariant = a, b, v }(moeBatchedMinTokens, moeStreamMaxTokens, moeStreamVariant)
 	moeBatchedMinTokens, moeStreamMaxTokens = 2, 1<<30
 	hosts := expertHosts(t, r, E+1, I, K, 128)
-	defer func(k string) { moeStreamKernels = k }(moeStreamKernels)
-	for _, ks := range []string{"", "r1", "s", "w", "f"} {
+	defer func(old bool) { moeStreamOld = old }(moeStreamOld)
+	for _, old := range []bool{true, false} {
 		v := MoEStreamD2
 		moeStreamVariant = v
-		moeStreamKernels = ks
+		moeStreamOld = old
 		for _, T := range []int{3, 17, 64} {
 			x := randVec(r, T*K, 1)
 			for _, withShared := range []bool{false, true} {
 				// As TestBackendMoEBatchedMatchesCPU: a last-bit difference
 				// can move one int8 value of the SwiGLU product by a step.
-				compareOp(t, g, c, fmt.Sprintf("moe stream %s kernels %q T=%d shared=%v", v, ks, T, withShared), 1e-3, func(b backend.Backend) []float32 {
+				compareOp(t, g, c, fmt.Sprintf("moe stream %s old=%v T=%d shared=%v", v, old, T, withShared), 1e-3, func(b backend.Backend) []float32 {
 					return moeBlockOutput(t, b, hosts, router, bias, cfg, x, T, withShared)
 				})
 			}
@@ -242,13 +240,10 @@ func BenchmarkMoEStream(b *testing.B) {
 			touched[e] = true
 		}
 		bytes := float64(int64(len(touched)+1) * expertBytes)
-		for _, name := range []string{"tiled_t16", "stream_d2", "stream_r1", "stream_s", "stream_w", "stream_f"} {
-			v, ks := MoEStreamD2, strings.TrimPrefix(name, "stream_")
-			switch name {
-			case "tiled_t16":
+		for _, name := range []string{"tiled_t16", "stream_old", "stream"} {
+			v := MoEStreamD2
+			if name == "tiled_t16" {
 				v = ""
-			case "stream_d2":
-				ks = ""
 			}
 			b.Run(fmt.Sprintf("T%d/%s", T, name), func(b *testing.B) {
 				err := d.Do(func(c *Ctx) error {
@@ -277,8 +272,8 @@ func BenchmarkMoEStream(b *testing.B) {
 					if err != nil {
 						return err
 					}
-					defer func(old string) { moeStreamKernels = old }(moeStreamKernels)
-					moeStreamKernels = ks
+					defer func(old bool) { moeStreamOld = old }(moeStreamOld)
+					moeStreamOld = name == "stream_old"
 					run := func() error { return c.MoEBatched(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s) }
 					launches := 5
 					if v != "" {
@@ -303,56 +298,5 @@ func BenchmarkMoEStream(b *testing.B) {
 				}
 			})
 		}
-	}
-}
-
-// BenchmarkStreamPattern (measurement only): 96 MB of codes (98,304 rows of
-// 2048 columns) read in the streaming kernels' pattern against one row's
-// 512 bytes a load instruction, the same loads in flight: whether the
-// pattern holds the streaming kernels below the copy rate.
-func BenchmarkStreamPattern(b *testing.B) {
-	d := benchDevice(b)
-	const N, K = 98304, 2048
-	// Modes 2 and 3: 0 and 1 at three blocks a multiprocessor (72 KB of
-	// unused shared memory a block), the streaming MoE's occupancy.
-	for _, mode := range []int{0, 1, 2, 3, 0, 1} {
-		b.Run(fmt.Sprintf("mode%d", mode), func(b *testing.B) {
-			err := d.Do(func(c *Ctx) error {
-				codes, err1 := c.Alloc(N * K / 2)
-				out, err2 := c.Alloc(4 * N * 2)
-				if err := errors.Join(err1, err2); err != nil {
-					return err
-				}
-				defer c.Free(codes)
-				defer c.Free(out)
-				if err := c.Memset(codes.Ptr, 0x5A, codes.Size); err != nil {
-					return err
-				}
-				shared := 0
-				if mode >= 2 {
-					shared = 72 << 10
-				}
-				k, err := c.kernelShared("stream", "mb_probe", shared)
-				if err != nil {
-					return err
-				}
-				run := func() error { return c.Launch(k, D1(N/128), D1(256), shared, codes.Ptr, K, mode%2, out.Ptr) }
-				if err := run(); err != nil {
-					return err
-				}
-				const reps = 20
-				ms, err := timeDevice(c, reps, 1, run)
-				if err != nil {
-					return err
-				}
-				sec := float64(ms) / 1e3 / reps
-				b.ReportMetric(sec*1e6, "us/op")
-				b.ReportMetric(float64(N*K/2)/sec/1e9, "GB/s")
-				return nil
-			})
-			if err != nil {
-				b.Fatal(err)
-			}
-		})
 	}
 }

@@ -101,17 +101,7 @@ DEVICE void mb_stage(u8* smem, int R, const i8* __restrict__ xq, const float* __
   asm volatile("cp.async.commit_group;" ::: "memory");
 }
 
-// The warp's product of MR m-tiles of 16 weight rows with WT n-tiles of 8
-// staged token rows, over the ng groups of 128 columns from group g0 (ng a
-// multiple of D, and g0 too, so that a row's D scales are one aligned
-// load). m-tile m: codes of row g (of the m-tile's 16) at rc[m], row g+8 at
-// rc[m] + 8*K/2; scale rows rs[m], rs[m] + 8*(K/128). The staged rows hold
-// the ng groups (mb_stage with C = 128*ng). acc[m][n][e]: e = 0, 1: row
-// g, tokens 8n+2t, 8n+2t+1; e = 2, 3: row g+8. The first batch of weight
-// loads is issued before the staged rows are awaited (a block barrier:
-// every warp of the block calls this with the same ng); pre() runs between
-// the two (the dense product waits for the kernel before and stages its
-// rows there, after its first weight loads).
+// A row's D scale bytes (D groups from an aligned group) as one load.
 template <int D>
 DEVICE u32 mb_scales(const u8* p) {
   if (D == 4) return __ldg((const u32*)p);
@@ -178,10 +168,19 @@ DEVICE void mb_apply(const uint4 (&w)[D][MR][2], const u32 (&sc)[MR][2], int s0,
   }
 }
 
-// SPLIT: mb_mma_split's conversion (the same sums). PF > 0: each batch
-// first asks the L2 for the batch PF batches ahead (one line of each row a
-// batch; lanes t = 0 of the warp), so that its loads find it there.
-template <int MR, int WT, int D, bool SPLIT = false, int PF = 0, typename Pre>
+// The warp's product of MR m-tiles of 16 weight rows with WT n-tiles of 8
+// staged token rows, over the ng groups of 128 columns from group g0 (ng a
+// multiple of D, and g0 too, so that a row's D scales are one aligned
+// load). m-tile m: codes of row g (of the m-tile's 16) at rc[m], row g+8 at
+// rc[m] + 8*K/2; scale rows rs[m], rs[m] + 8*(K/128). The staged rows hold
+// the ng groups (mb_stage with C = 128*ng). acc[m][n][e]: e = 0, 1: row
+// g, tokens 8n+2t, 8n+2t+1; e = 2, 3: row g+8. The first batch of weight
+// loads is issued before the staged rows are awaited (a block barrier:
+// every warp of the block calls this with the same ng); pre() runs between
+// the two (the dense product waits for the kernel before and stages its
+// rows there, after its first weight loads).
+// SPLIT: mb_mma_split's widening (the same sums).
+template <int MR, int WT, int D, bool SPLIT = false, typename Pre>
 DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K, int g0, int ng, const u8* smem,
                     float (&acc)[MR][WT][4], Pre pre) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -198,16 +197,6 @@ DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K,
   for (int s0 = 0; s0 < ng; s0 += D) {
     uint4 w[D][MR][2];
     u32 sc[MR][2];
-    if (PF > 0 && t == 0 && s0 + PF * D < ng) {
-#pragma unroll
-      for (int m = 0; m < MR; m++)
-#pragma unroll
-        for (int q = 0; q < (D + 1) / 2; q++) {  // 128-byte lines: two groups each
-          const u8* p = rc[m] + (g0 + s0 + PF * D + 2 * q) * 64;
-          asm volatile("prefetch.global.L2 [%0];" ::"l"(p));
-          asm volatile("prefetch.global.L2 [%0];" ::"l"(p + half8));
-        }
-    }
     mb_load<MR, D>(w, sc, rc, rs, g0 + s0, GK, half8, t);
     if (s0 == 0) {
       pre();
@@ -226,7 +215,7 @@ DEVICE float mb_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
 // Grid (I/128, max tiles), 256 threads: warp w takes rows 16w.. of the
 // block's 128 rows (one h group) of gate and of up. I a multiple of 128,
 // K of 128 * D.
-template <int D, bool SPLIT = false, int PF = 0>
+template <int D, bool SPLIT = false>
 DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
                          const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
                          const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K,
@@ -246,7 +235,7 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
   const u8* rc[2] = {ex->gate.codes + row * (K / 2), ex->up.codes + row * (K / 2)};
   const u8* rs[2] = {ex->gate.scales + row * GK, ex->up.scales + row * GK};
   float acc[2][1][4];
-  mb_core<2, 1, D, SPLIT, PF>(rc, rs, K, 0, GK, mb_smem, acc, [] {});
+  mb_core<2, 1, D, SPLIT>(rc, rs, K, 0, GK, mb_smem, acc, [] {});
   float hv[4];
 #pragma unroll
   for (int e = 0; e < 4; e++) {
@@ -298,7 +287,7 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
 // waited for it before letting this grid start, so the tiles are read and
 // the first weights loaded before waiting for the gate/up products (the
 // staged hq rows), which overlaps the gate/up grid's last blocks.
-template <int MR, int D, bool SPLIT = false, int PF = 0>
+template <int MR, int D, bool SPLIT = false>
 DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
                       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
                       const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq,
@@ -320,7 +309,7 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
     rs[m] = dn.scales + row * GK;
   }
   float acc[MR][1][4];
-  mb_core<MR, 1, D, SPLIT, PF>(rc, rs, I, 0, GK, mb_smem, acc, [&] {
+  mb_core<MR, 1, D, SPLIT>(rc, rs, I, 0, GK, mb_smem, acc, [&] {
     PDL_WAIT();
     mb_stage(mb_smem, MB_TT, hq, hs, I, 0, I, [&](int r) { return s0 + min(r, ntok - 1); });
   });
@@ -333,179 +322,9 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
     }
 }
 
-// ---------------------------------------------------------------------------
-// The wide layout: the warps of a block split K, warp w taking D groups
-// from group w*D of the same 16*MR rows, so that the block asks for whole
-// rows at once (each row's K/2 bytes in one burst) where a warp of the
-// layout above walks its 16 rows 64*D bytes at a time. Each warp leaves
-// the term of each of its groups in shared memory, terms[group][m][e][lane],
-// and the sums add them in group order from zero: the same terms in the
-// same order as mb_core, so the same bits. Staged rows: all K columns
-// (mb_stage with c0 = 0, C = K). The first step's weights are loaded
-// before pre() and the wait for the staged rows; every step ends with a
-// block barrier (the terms complete).
-template <int MR, int D, typename Pre>
-DEVICE void mbw_step(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K, const u8* smem,
-                     float* __restrict__ terms, bool first, Pre pre) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int GK = K >> 7, ldx = K + 16, ldxs = GK + 1, gw = warp * D;
-  const size_t half8 = (size_t)8 * (K / 2);
-  const u8* xrow = smem + g * ldx + 32 * t;
-  const float* xss = (const float*)(smem + MB_TT * ldx);
-  uint4 w[D][MR][2];
-  u32 sc[MR][2];
-  mb_load<MR, D>(w, sc, rc, rs, gw, GK, half8, t);
-  if (first) {
-    pre();
-    mb_cp_wait_all();
-  }
-  __syncthreads();  // the staged rows (first step), the last step's terms read
-#pragma unroll
-  for (int d = 0; d < D; d++) {
-    uint4 wd[1][MR][2];
-    u32 sd[MR][2];
-#pragma unroll
-    for (int m = 0; m < MR; m++) {
-      wd[0][m][0] = w[d][m][0];
-      wd[0][m][1] = w[d][m][1];
-      sd[m][0] = sc[m][0] >> (8 * d);
-      sd[m][1] = sc[m][1] >> (8 * d);
-    }
-    float acc[MR][1][4];
-#pragma unroll
-    for (int m = 0; m < MR; m++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) acc[m][0][e] = 0.f;
-    mb_apply<MR, 1, 1, false>(wd, sd, gw + d, xrow, xss, ldx, ldxs, t, acc);
-#pragma unroll
-    for (int m = 0; m < MR; m++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) terms[(((gw + d) * MR + m) * 4 + e) * 32 + lane] = acc[m][0][e];
-  }
-  __syncthreads();
-}
-
-// The sum over K's GK groups of term v = (m, e, lane) of the last step.
-template <int MR>
-DEVICE float mbw_sum(const float* __restrict__ terms, int GK, int v) {
-  const int m = v >> 7, e = (v >> 5) & 3, l = v & 31;
-  float s = 0.f;
-  for (int gi = 0; gi < GK; gi++) s += terms[((gi * MR + m) * 4 + e) * 32 + l];
-  return s;
-}
-
-// moeb_gate_up in the wide layout: grid (I/128, max tiles), 32*K/(128*D)
-// threads (K at most 1024*D); eight steps of 16 rows of gate and of up;
-// the SiLU products kept in shared memory (h[token][row]) for the
-// quantization of the block's 128 rows.
-template <int D>
-DEVICE void moeb_gate_up_wide(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
-                              const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
-                              const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K,
-                              const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,
-                              float* __restrict__ hs) {
-  extern __shared__ __align__(16) u8 mb_smem[];
-  __shared__ float amax[MB_TT];
-  PDL_WAIT();
-  const int tile = blockIdx.y;
-  if (tile >= ntiles[0]) return;
-  const int s0 = tile_s[tile], ntok = tile_n[tile];
-  const BExpert* ex = experts + tile_e[tile];
-  const int lane = threadIdx.x & 31, g = lane >> 2, GK = K >> 7, nb = blockIdx.x * 128;
-  float* terms = (float*)(mb_smem + MB_TT * (K + 16) + 4 * MB_TT * (GK + 1));
-  float* h = terms + GK * 2 * 4 * 32;  // [MB_TT][132]
-  mb_stage(mb_smem, MB_TT, xq, xs, K, 0, K, [&](int r) { return list[s0 + min(r, ntok - 1)]; });
-  for (int j = 0; j < 8; j++) {
-    const size_t row = nb + 16 * j + g;
-    const u8* rc[2] = {ex->gate.codes + row * (K / 2), ex->up.codes + row * (K / 2)};
-    const u8* rs[2] = {ex->gate.scales + row * GK, ex->up.scales + row * GK};
-    mbw_step<2, D>(rc, rs, K, mb_smem, terms, j == 0, [] {});
-    for (int v = threadIdx.x; v < 128; v += blockDim.x) {
-      const int e = v >> 5, l = v & 31, r = 16 * j + (l >> 2) + 8 * (e >> 1), tok = 2 * (l & 3) + (e & 1);
-      const float gv = mbw_sum<2>(terms, GK, v) * (ex->gate.row_scale[nb + r] * 0.5f);
-      const float uv = mbw_sum<2>(terms, GK, v + 128) * (ex->up.row_scale[nb + r] * 0.5f);
-      h[tok * 132 + r] = mb_silu(gv) * uv;
-    }
-  }
-  __syncthreads();
-  // The largest magnitude of each token over the block's 128 rows.
-  for (int v = threadIdx.x; v < MB_TT * 32; v += blockDim.x) {
-    const int tok = v >> 5;
-    float m = 0.f;
-    for (int r = lane; r < 128; r += 32) m = fmaxf(m, fabsf(h[tok * 132 + r]));
-#pragma unroll
-    for (int o = 1; o < 32; o <<= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
-    if (lane == 0) amax[tok] = m;
-  }
-  __syncthreads();
-  for (int v = threadIdx.x; v < MB_TT * 128; v += blockDim.x) {
-    const int tok = v >> 7, r = v & 127;
-    if (tok < ntok) {
-      const float a = amax[tok];
-      hq[(size_t)(s0 + tok) * I + nb + r] = (i8)quant8(h[tok * 132 + r], a, a / 127.f);
-    }
-  }
-  if (threadIdx.x < ntok) {
-    const float a = amax[threadIdx.x];
-    hs[(size_t)(s0 + threadIdx.x) * (I >> 7) + blockIdx.x] = a == 0.f ? 0.f : a / 127.f;
-  }
-}
-
-// moeb_down in the wide layout: grid (ceil(N/128), max tiles), 32*I/(128*D)
-// threads (I at most 1024*D); four steps of two m-tiles. The tiles and the
-// first weights are read before the wait for the gate/up grid, as in
-// moeb_down.
-template <int D>
-DEVICE void moeb_down_wide(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
-                           const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
-                           const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq,
-                           const float* __restrict__ hs, float* __restrict__ part) {
-  extern __shared__ __align__(16) u8 mb_smem[];
-  const int tile = blockIdx.y;
-  if (tile >= ntiles[0]) return;
-  const int s0 = tile_s[tile], ntok = tile_n[tile];
-  const BMat dn = experts[tile_e[tile]].down;
-  const int g = (threadIdx.x & 31) >> 2, GK = I >> 7;
-  float* terms = (float*)(mb_smem + MB_TT * (I + 16) + 4 * MB_TT * (GK + 1));
-  for (int j = 0; j < 4; j++) {
-    const int n0 = blockIdx.x * 128 + 32 * j;
-    const u8* rc[2];
-    const u8* rs[2];
-#pragma unroll
-    for (int m = 0; m < 2; m++) {
-      const size_t row = min(n0 + 16 * m, N - 16) + g;  // N a multiple of 16
-      rc[m] = dn.codes + row * (I / 2);
-      rs[m] = dn.scales + row * GK;
-    }
-    mbw_step<2, D>(rc, rs, I, mb_smem, terms, j == 0, [&] {
-      PDL_WAIT();
-      mb_stage(mb_smem, MB_TT, hq, hs, I, 0, I, [&](int r) { return s0 + min(r, ntok - 1); });
-    });
-    for (int v = threadIdx.x; v < 256; v += blockDim.x) {
-      const int m = v >> 7, e = (v >> 5) & 3, l = v & 31;
-      const int n = n0 + 16 * m + (l >> 2) + 8 * (e >> 1), tok = 2 * (l & 3) + (e & 1);
-      if (tok < ntok && n < N) part[(size_t)(s0 + tok) * N + n] = mbw_sum<2>(terms, GK, v) * (dn.row_scale[n] * 0.5f);
-    }
-  }
-}
-
-extern "C" __global__ void __launch_bounds__(256, 3)
-    moeb_gate_up_w(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
-                   const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,
-                   const i32* __restrict__ list, int I, int K, const i8* __restrict__ xq, const float* __restrict__ xs,
-                   i8* __restrict__ hq, float* __restrict__ hs) {
-  moeb_gate_up_wide<2>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 3)
-    moeb_down_w(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
-                const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,
-                int N, int I, const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) {
-  moeb_down_wide<2>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);
-}
-
-// D: groups in flight per warp; MINB: blocks a multiprocessor must hold
-// (the register budget).
+// The earlier pair (plain widening, down products 256 rows a block), kept
+// for MMFP4_CUDA_STREAM_OLD=1. D: groups in flight per warp; MINB: blocks a
+// multiprocessor must hold (the register budget).
 #define MOEB_KERNELS(SUFFIX, D, MINB)                                                                    \
   extern "C" __global__ void __launch_bounds__(256, MINB) moeb_gate_up_##SUFFIX(                        \
       const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,                              \
@@ -525,34 +344,13 @@ extern "C" __global__ void __launch_bounds__(256, 3)
 
 MOEB_KERNELS(d2, 2, 3)
 
-// The down products 128 rows a block (one m-tile a warp, four groups in
-// flight): twice the blocks of moeb_down_d2, so that the last wave of
-// blocks is less of the launch.
-extern "C" __global__ void __launch_bounds__(256, 3)
-    moeb_down_r1(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
-                 const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,
-                 int N, int I, const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) {
-  moeb_down<1, 4>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);
-}
-
-// moeb_gate_up_d2 and moeb_down_r1 with L2 prefetches PF batches ahead.
-extern "C" __global__ void __launch_bounds__(256, 3)
-    moeb_gate_up_f(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
-                   const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,
-                   const i32* __restrict__ list, int I, int K, const i8* __restrict__ xq, const float* __restrict__ xs,
-                   i8* __restrict__ hq, float* __restrict__ hs) {
-  moeb_gate_up<2, false, 2>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 3)
-    moeb_down_f(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
-                const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,
-                int N, int I, const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) {
-  moeb_down<1, 4, false, 1>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);
-}
-
-// moeb_gate_up_d2 and moeb_down_r1 with mb_mma_split's conversion (two
-// blocks a multiprocessor: at three they spill).
+// The pair in use: mb_mma_split's widening (about a quarter fewer
+// instructions a code), and the down products 128 rows a block (one m-tile
+// a warp, four groups in flight), twice the blocks of moeb_down_d2, so that
+// the last wave of blocks is less of the launch. Two blocks a
+// multiprocessor: at three they spill. On an H200 (BenchmarkMoEStream, a
+// full-size layer): 62 / 108 / 123 us at 8 / 32 / 64 tokens against the
+// d2 pair's 74 / 119 / 148.
 extern "C" __global__ void __launch_bounds__(256, 2)
     moeb_gate_up_s(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
                    const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,
@@ -811,37 +609,3 @@ MMS_KERNEL(mms_t2_d2, 2, 2, 2)
 MMS_KERNEL(mms_t4_d2, 4, 2, 2)
 MMS_KERNEL(mms_t8_d2, 8, 2, 1)
 MMS_KERNEL(mms_t1_d4, 1, 4, 2)
-
-// Measurement only: reads rows [N][K/2] of codes 16 a warp, 128 a block,
-// in the streaming kernels' pattern (mode 0: each load instruction takes
-// 64 bytes of 8 rows, two groups of rows g and g+8 a batch) or one row's
-// 512 bytes an instruction (mode 1, four rows a batch): the same bytes,
-// the same loads in flight. out[thread] keeps the loads alive.
-extern "C" __global__ void __launch_bounds__(256) mb_probe(const u8* __restrict__ codes, int K, int mode,
-                                                          u32* __restrict__ out) {
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const size_t r0 = (size_t)blockIdx.x * 128 + warp * 16, RB = K / 2;
-  u32 acc = 0;
-  if (mode == 0) {
-    for (int s = 0; s < (int)RB; s += 128) {
-      uint4 v[4];
-#pragma unroll
-      for (int d = 0; d < 2; d++) {
-        v[2 * d] = load_stream16(codes + (r0 + g) * RB + s + 64 * d + 16 * t);
-        v[2 * d + 1] = load_stream16(codes + (r0 + g + 8) * RB + s + 64 * d + 16 * t);
-      }
-#pragma unroll
-      for (int j = 0; j < 4; j++) acc ^= v[j].x ^ v[j].y ^ v[j].z ^ v[j].w;
-    }
-  } else {
-    for (int r = 0; r < 16; r += 4)
-      for (int s = 0; s < (int)RB; s += 512) {
-        uint4 v[4];
-#pragma unroll
-        for (int j = 0; j < 4; j++) v[j] = load_stream16(codes + (r0 + r + j) * RB + s + 16 * lane);
-#pragma unroll
-        for (int j = 0; j < 4; j++) acc ^= v[j].x ^ v[j].y ^ v[j].z ^ v[j].w;
-      }
-  }
-  out[(size_t)blockIdx.x * 256 + threadIdx.x] = acc;
-}
