@@ -62,9 +62,9 @@ DEVICE void mb_mma(i32 (&d)[4], u32 w0, u32 w1, u32 b0, u32 b1) {
 }
 
 // The same product with the codes' positive and negative magnitudes in
-// separate mmas (p, n): 2 prmt a word of four codes and one xor a word of
-// eight, against mb_e2m1x4's 2 prmt, xor, add and xor; the caller
-// subtracts n from p (exact: the same integer sums).
+// separate mmas (p, n): four codes take 2 prmt (and eight codes one xor),
+// against mb_e2m1x4's 2 prmt, 2 xor and an add, for an mma more; the
+// caller subtracts n from p (exact: the same integer sums).
 DEVICE void mb_mma_split(i32 (&p)[4], i32 (&n)[4], u32 w0, u32 w1, u32 b0, u32 b1) {
   const u32 n0 = w0 ^ 0x88888888u, n1 = w1 ^ 0x88888888u;
   const u32 p0 = prmt(E2M1_LO, E2M1_HI, w0), p1 = prmt(E2M1_LO, E2M1_HI, w1);
