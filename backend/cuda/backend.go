@@ -142,6 +142,10 @@ type Backend struct {
 	routeCounters Buffer
 	// streamCounters are MatMulStream's per-row-block counters.
 	streamCounters Buffer
+	// lastStream is the MatMulStream queued last, which a product of the
+	// same rows may join; streamPairs counts the pairs made.
+	lastStream  *streamOp
+	streamPairs int
 	// ropes are the last two RoPEs queued: a cache write right after two
 	// RoPEs of one table, the second of its key, takes them into its launch.
 	ropes [2]*ropeOp

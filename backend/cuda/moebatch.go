@@ -10,23 +10,15 @@ import (
 
 // MoEStream names a variant of the streaming batched MoE (stream.cu):
 // the 128-column groups each warp keeps in flight (D) and with them the
-// register budget (d4: two blocks of 256 threads a multiprocessor, d2:
-// three).
+// register budget. d2 (three blocks of 256 threads a multiprocessor) is
+// the one left: d4 (two blocks) measured within 2% of it.
 type MoEStream string
 
-const (
-	MoEStreamD4 MoEStream = "d4"
-	MoEStreamD2 MoEStream = "d2"
-)
+const MoEStreamD2 MoEStream = "d2"
 
-func (v MoEStream) groups() int {
-	if v == MoEStreamD2 {
-		return 2
-	}
-	return 4
-}
+func (v MoEStream) groups() int { return 2 }
 
-func (v MoEStream) valid() bool { return v == MoEStreamD4 || v == MoEStreamD2 }
+func (v MoEStream) valid() bool { return v == MoEStreamD2 }
 
 // moeStreamTile is MB_TT in stream.cu: the pairs of a tile.
 const moeStreamTile = 8
@@ -48,7 +40,9 @@ func moeStreamShared(K int) int { return moeStreamTile*(K+16) + 4*moeStreamTile*
 // MoEBatchedStream computes what MoEBatched does, for few tokens an
 // expert: moeb_group sorts the pairs into tiles of at most eight, then
 // the gate/up kernel (SiLU product and its int8 quantization fused), the
-// down kernel and the weighted sum per token (four launches). s must have
+// down kernel and the weighted sum per token (four launches). The kernels
+// are moeb_gate_up_s and moeb_down_s (the variant's own with
+// MMFP4_CUDA_STREAM_OLD=1). s must have
 // room for the 8-pair tiles (MaxTiles >= moeMaxTiles(P, experts, 8));
 // s.H is not used.
 func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTable, ids, wts uint64, topk int, x *QActs, s *MoEBatch, v MoEStream) error {
@@ -68,11 +62,15 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 	if err != nil {
 		return err
 	}
-	gu, err := c.Kernel("stream", "moeb_gate_up_"+string(v))
+	guName, downName, downRows, threads := "moeb_gate_up_s", "moeb_down_s", 128, 256
+	if moeStreamOld {
+		guName, downName, downRows = "moeb_gate_up_"+string(v), "moeb_down_"+string(v), 256
+	}
+	gu, err := c.Kernel("stream", guName)
 	if err != nil {
 		return err
 	}
-	down, err := c.Kernel("stream", "moeb_down_"+string(v))
+	down, err := c.Kernel("stream", downName)
 	if err != nil {
 		return err
 	}
@@ -84,11 +82,11 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 		s.Pos, s.List, s.TileE, s.TileS, s.TileN, s.NTiles); err != nil {
 		return err
 	}
-	if err := c.Launch(gu, Dim{uint32(t.I / 128), uint32(s.MaxTiles), 1}, D1(256), moeStreamShared(t.K),
+	if err := c.Launch(gu, Dim{uint32(t.I / 128), uint32(s.MaxTiles), 1}, D1(threads), moeStreamShared(t.K),
 		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, x.Q, x.Scales, s.HQ.Q, s.HQ.Scales); err != nil {
 		return err
 	}
-	if err := c.Launch(down, Dim{uint32((t.K + 255) / 256), uint32(s.MaxTiles), 1}, D1(256), moeStreamShared(t.I),
+	if err := c.Launch(down, Dim{uint32((t.K + downRows - 1) / downRows), uint32(s.MaxTiles), 1}, D1(threads), moeStreamShared(t.I),
 		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, s.HQ.Q, s.HQ.Scales, s.Part); err != nil {
 		return err
 	}
@@ -101,24 +99,27 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 
 // moeStreamMinTokens and moeStreamMaxTokens bound the batches whose MoE
 // takes MoEBatchedStream; moeStreamVariant is the variant. Measured on an
-// H200 (full-size layer, device time): 40-42 / 49-50 / 72-74 / 120-121 /
-// 141 us at 2 / 4 / 8 / 32 / 64 tokens against the tiled MoEBatched's 72 /
-// 78 / 122 / 187-192 / 222 and the single-token kernels' 23-24 us a token;
-// d2 and d4 within 2% (so is asking the L2 for 256-byte fetches).
-// MMFP4_CUDA_MOE_STREAM sets the bound (0 turns the path off),
-// MMFP4_CUDA_MOE_STREAM_VARIANT the variant, for comparisons in one binary.
+// H200 (full-size layer, device time) with the earlier kernels: 40-42 /
+// 49-50 / 72-74 / 120-121 / 141 us at 2 / 4 / 8 / 32 / 64 tokens against
+// the tiled MoEBatched's 72 / 78 / 122 / 187-192 / 222 and the
+// single-token kernels' 23-24 us a token; now 62 / 108 / 123 at 8 / 32 /
+// 64 (docs/perf.md). MMFP4_CUDA_MOE_STREAM sets the bound (0 turns the
+// path off), for comparisons in one binary.
 var (
 	moeStreamMinTokens = 2
 	moeStreamMaxTokens = 64
 	moeStreamVariant   = MoEStreamD2
 )
 
+// moeStreamOld restores the earlier gate/up and down kernels (plain
+// widening, down products 256 rows a block), and MatMulStream products
+// one a launch (no pairs): MMFP4_CUDA_STREAM_OLD=1, for an A/B of both in
+// one binary.
+var moeStreamOld = os.Getenv("MMFP4_CUDA_STREAM_OLD") == "1"
+
 func init() {
 	if v, err := strconv.Atoi(os.Getenv("MMFP4_CUDA_MOE_STREAM")); err == nil && v >= 0 {
 		moeStreamMaxTokens = v
-	}
-	if v := MoEStream(os.Getenv("MMFP4_CUDA_MOE_STREAM_VARIANT")); v.valid() {
-		moeStreamVariant = v
 	}
 }
 

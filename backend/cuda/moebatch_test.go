@@ -21,6 +21,7 @@ func TestMoEBatchedStream(t *testing.T) {
 	d := testDevice(t)
 	r := testRand(t)
 	const K, I, E, topK = 1024, 512, 16, 4
+	defer func(old bool) { moeStreamOld = old }(moeStreamOld)
 	var host [][3]*format.Matrix
 	for e := 0; e < E+1; e++ {
 		var h [3]*format.Matrix
@@ -98,7 +99,9 @@ func TestMoEBatchedStream(t *testing.T) {
 			if err != nil {
 				return err
 			}
-			for _, v := range []MoEStream{MoEStreamD4, MoEStreamD2} {
+			for _, old := range []bool{true, false} {
+				v := MoEStreamD2
+				moeStreamOld = old
 				got, err := run(v)
 				if err != nil {
 					return fmt.Errorf("T=%d %s: %w", T, v, err)
@@ -113,9 +116,9 @@ func TestMoEBatchedStream(t *testing.T) {
 				// product could still move one int8 value by a step (about
 				// 1e-4 relative), so the bound is the batched MoE's.
 				e, m := relErr(want, got), maxRelErr(want, got)
-				t.Logf("T=%d %s: %d of %d outputs differ from the tiled MoE, relative error %.3g (max %.3g)", T, v, diff, len(want), e, m)
+				t.Logf("T=%d %s old=%v: %d of %d outputs differ from the tiled MoE, relative error %.3g (max %.3g)", T, v, old, diff, len(want), e, m)
 				if !(e <= 1e-4) || !(m <= 1e-3) {
-					t.Errorf("T=%d %s: relative error %.3g (max %.3g) against the tiled MoE", T, v, e, m)
+					t.Errorf("T=%d %s old=%v: relative error %.3g (max %.3g) against the tiled MoE", T, v, old, e, m)
 				}
 			}
 		}
@@ -183,14 +186,17 @@ func TestBackendMoEStreamMatchesCPU(t *testing.T) {
 	defer func(a, b int, v MoEStream) { moeBatchedMinTokens, moeStreamMaxTokens, moeStreamVariant = a, b, v }(moeBatchedMinTokens, moeStreamMaxTokens, moeStreamVariant)
 	moeBatchedMinTokens, moeStreamMaxTokens = 2, 1<<30
 	hosts := expertHosts(t, r, E+1, I, K, 128)
-	for _, v := range []MoEStream{MoEStreamD4, MoEStreamD2} {
+	defer func(old bool) { moeStreamOld = old }(moeStreamOld)
+	for _, old := range []bool{true, false} {
+		v := MoEStreamD2
 		moeStreamVariant = v
+		moeStreamOld = old
 		for _, T := range []int{3, 17, 64} {
 			x := randVec(r, T*K, 1)
 			for _, withShared := range []bool{false, true} {
 				// As TestBackendMoEBatchedMatchesCPU: a last-bit difference
 				// can move one int8 value of the SwiGLU product by a step.
-				compareOp(t, g, c, fmt.Sprintf("moe stream %s T=%d shared=%v", v, T, withShared), 1e-3, func(b backend.Backend) []float32 {
+				compareOp(t, g, c, fmt.Sprintf("moe stream %s old=%v T=%d shared=%v", v, old, T, withShared), 1e-3, func(b backend.Backend) []float32 {
 					return moeBlockOutput(t, b, hosts, router, bias, cfg, x, T, withShared)
 				})
 			}
@@ -234,10 +240,10 @@ func BenchmarkMoEStream(b *testing.B) {
 			touched[e] = true
 		}
 		bytes := float64(int64(len(touched)+1) * expertBytes)
-		for _, v := range []MoEStream{"", MoEStreamD4, MoEStreamD2} {
-			name := "tiled_t16"
-			if v != "" {
-				name = "stream_" + string(v)
+		for _, name := range []string{"tiled_t16", "stream_old", "stream"} {
+			v := MoEStreamD2
+			if name == "tiled_t16" {
+				v = ""
 			}
 			b.Run(fmt.Sprintf("T%d/%s", T, name), func(b *testing.B) {
 				err := d.Do(func(c *Ctx) error {
@@ -266,6 +272,8 @@ func BenchmarkMoEStream(b *testing.B) {
 					if err != nil {
 						return err
 					}
+					defer func(old bool) { moeStreamOld = old }(moeStreamOld)
+					moeStreamOld = name == "stream_old"
 					run := func() error { return c.MoEBatched(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s) }
 					launches := 5
 					if v != "" {

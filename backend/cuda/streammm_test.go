@@ -5,6 +5,7 @@ package cuda
 import (
 	"errors"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"slices"
 	"strings"
@@ -307,6 +308,241 @@ func TestMatMulStreamHeads(t *testing.T) {
 			if !(e <= 2e-6) || !(m <= 1e-5) {
 				t.Errorf("T=%d plan %+v: relative error %.3g (max %.3g) against GEMMHeads", T, p, e, m)
 			}
+		}
+	}
+}
+
+// Two products of the same rows in one launch (MatMulStreamPair) against
+// each product's own MatMulStream launch with the same plan: the same sums
+// in the same order, so the same bits; at q_a and kv_a's shapes and odd
+// ones (a partial last row block in either matrix), unsplit and split K,
+// the plan chosen for the pair.
+func TestMatMulStreamPair(t *testing.T) {
+	d := testDevice(t)
+	r := testRand(t)
+	type pair struct{ N1, N2, K int }
+	sms, optin := d.Info().SMs, d.Info().SharedOptin
+	for _, s := range []pair{{768, 576, 2048}, {1040, 48, 1024}, {16, 1040, 512}} {
+		var ms [2]*format.Matrix
+		for i, n := range []int{s.N1, s.N2} {
+			m, err := format.Quantize(randVec(r, n*s.K, 0.02), n, s.K, format.QuantOptions{GroupSize: 128})
+			if err != nil {
+				t.Fatal(err)
+			}
+			ms[i] = m
+		}
+		GK := s.K / 128
+		for _, T := range []int{9, 32, 64} {
+			rows := 128 * ((s.N1+127)/128 + (s.N2+127)/128)
+			plans := []StreamPlan{PlanStream(rows, s.K, 1, T, sms, optin), {D: 1, KS: 1}, {D: 2, KS: GK / 2}}
+			x := randVec(r, T*s.K, 1)
+			for _, p := range plans {
+				if streamShared(streamTiles(T), s.K, p) > optin {
+					continue
+				}
+				var singles, paired [2][]float32
+				err := d.Do(func(c *Ctx) error {
+					var qm [2]*QMatrix
+					var ys [2]Buffer
+					for i := range ms {
+						q, err := c.UploadMatrix(ms[i])
+						if err != nil {
+							return err
+						}
+						defer c.FreeMatrix(q)
+						qm[i] = q
+						y, err := c.Alloc(4 * T * ms[i].N)
+						if err != nil {
+							return err
+						}
+						defer c.Free(y)
+						ys[i] = y
+					}
+					xb, err1 := upload(c, x)
+					a, err2 := c.NewQActs(T, s.K, 128)
+					p1, err3 := c.Alloc(4 * p.KS * T * s.N1)
+					p2, err4 := c.Alloc(4 * p.KS * T * s.N2)
+					cnt, err5 := c.Alloc(4 * streamCounters)
+					if err := errors.Join(err1, err2, err3, err4, err5); err != nil {
+						return err
+					}
+					defer c.Free(xb)
+					defer c.FreeQActs(a)
+					defer c.Free(p1)
+					defer c.Free(p2)
+					defer c.Free(cnt)
+					if err := errors.Join(c.Memset(cnt.Ptr, 0, cnt.Size), c.RMSNormQuant(xb.Ptr, s.K, 0, 0, 0, 0, T, s.K, 128, a)); err != nil {
+						return err
+					}
+					out := func(dst *[2][]float32) error {
+						for i := range ms {
+							dst[i] = make([]float32, T*ms[i].N)
+							if err := CopyOut(c, dst[i], ys[i].Ptr); err != nil {
+								return err
+							}
+						}
+						return nil
+					}
+					for i := range ms {
+						if err := poison(c, ys[i].Ptr, ys[i].Size); err != nil {
+							return err
+						}
+						part := []Buffer{p1, p2}[i]
+						if err := c.MatMulStream(ys[i].Ptr, ms[i].N, qm[i], a, p, part.Ptr, cnt.Ptr); err != nil {
+							return err
+						}
+					}
+					if err := out(&singles); err != nil {
+						return err
+					}
+					for i := range ms {
+						if err := poison(c, ys[i].Ptr, ys[i].Size); err != nil {
+							return err
+						}
+					}
+					// Twice: the first launch must leave the counters zeroed.
+					for i := 0; i < 2; i++ {
+						if err := c.MatMulStreamPair(ys[0].Ptr, s.N1, qm[0], ys[1].Ptr, s.N2, qm[1], a, p, p1.Ptr, p2.Ptr, cnt.Ptr); err != nil {
+							return err
+						}
+					}
+					return out(&paired)
+				})
+				if err != nil {
+					t.Fatalf("%+v T=%d plan %+v: %v", s, T, p, err)
+				}
+				for i := range ms {
+					if n := countDiff(singles[i], paired[i]); n > 0 {
+						t.Errorf("%+v T=%d plan %+v: product %d: %d of %d outputs differ from its own launch", s, T, p, i+1, n, len(paired[i]))
+					}
+				}
+				t.Logf("%+v T=%d plan %+v: both products as their own launches", s, T, p)
+			}
+		}
+	}
+}
+
+// countDiff is the number of positions where a and b differ bit for bit
+// (NaN poison included).
+func countDiff(a, b []float32) int {
+	n := 0
+	for i := range a {
+		if math.Float32bits(a[i]) != math.Float32bits(b[i]) {
+			n++
+		}
+	}
+	return n
+}
+
+// The backend's q_a and kv_a products of one input (two MatMuls queued one
+// after the other: one launch) against the CPU backend. A pair is not made
+// where the second product's allocation grows the step's arena (that runs
+// the queued ops), so the products are queued again until they pair, as
+// they do once the arena has its size.
+func TestBackendMatMulStreamPairMatchesCPU(t *testing.T) {
+	r := testRand(t)
+	g, c := testBackends(t, Options{})
+	defer func(a, b int) { streamMinTokens, streamMaxTokens = a, b }(streamMinTokens, streamMaxTokens)
+	streamMinTokens, streamMaxTokens = 2, StreamMaxTokens
+	w1, w2 := quantHost(t, r, "q_a", 768, 2048, 128), quantHost(t, r, "kv_a", 576, 2048, 128)
+	for _, T := range []int{9, 32, 64} {
+		x := randVec(r, T*2048, 1)
+		compareOp(t, g, c, fmt.Sprintf("stream matmul pair T=%d", T), 1e-5, func(b backend.Backend) []float32 {
+			b.SetBatch(simpleBatch(T, 0), nil)
+			xt, y1, y2 := b.NewTensor(T, 2048), b.NewTensor(T, 768), b.NewTensor(T, 576)
+			b.Upload(xt, x)
+			q1, q2 := mustWeight(t, b, w1), mustWeight(t, b, w2)
+			gb, onDevice := b.(*Backend)
+			pairs := 0
+			if onDevice {
+				pairs = gb.streamPairs
+			}
+			for round := 0; round < 6; round++ {
+				b.MatMul(y1, xt, q1)
+				b.MatMul(y2, xt, q2)
+				if !onDevice || gb.streamPairs > pairs {
+					break
+				}
+			}
+			if onDevice && gb.streamPairs == pairs {
+				t.Errorf("T=%d: the two products did not share a launch in 6 tries", T)
+			}
+			return append(b.Download(y1), b.Download(y2)...)
+		})
+	}
+}
+
+// BenchmarkMatMulStreamPair: q_a and kv_a of 8-64 rows as two launches
+// (each with its own plan) against one MatMulStreamPair launch. Device
+// time.
+func BenchmarkMatMulStreamPair(b *testing.B) {
+	d := benchDevice(b)
+	r := rand.New(rand.NewPCG(13, 13))
+	const N1, N2, K = 768, 576, 2048
+	sms, optin := d.Info().SMs, d.Info().SharedOptin
+	var q1, q2 *QMatrix
+	err := d.Do(func(c *Ctx) error {
+		var err1, err2 error
+		q1, err1 = c.UploadMatrix(synthMatrix(r, N1, K, 128))
+		q2, err2 = c.UploadMatrix(synthMatrix(r, N2, K, 128))
+		return errors.Join(err1, err2)
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, T := range []int{9, 32, 64} {
+		for _, v := range []string{"two", "pair"} {
+			b.Run(fmt.Sprintf("T%d/%s", T, v), func(b *testing.B) {
+				err := d.Do(func(c *Ctx) error {
+					xb, err1 := upload(c, randVec(r, T*K, 1))
+					a, err2 := c.NewQActs(T, K, 128)
+					y1, err3 := c.Alloc(4 * T * N1)
+					y2, err4 := c.Alloc(4 * T * N2)
+					part, err5 := c.Alloc(4 * 8 * T * (N1 + N2))
+					cnt, err6 := c.Alloc(4 * streamCounters)
+					if err := errors.Join(err1, err2, err3, err4, err5, err6); err != nil {
+						return err
+					}
+					defer c.Free(xb)
+					defer c.FreeQActs(a)
+					defer c.Free(y1)
+					defer c.Free(y2)
+					defer c.Free(part)
+					defer c.Free(cnt)
+					if err := errors.Join(c.Memset(cnt.Ptr, 0, cnt.Size), c.RMSNormQuant(xb.Ptr, K, 0, 0, 0, 0, T, K, 128, a)); err != nil {
+						return err
+					}
+					p1, p2 := PlanStream(N1, K, 1, T, sms, optin), PlanStream(N2, K, 1, T, sms, optin)
+					pp := PlanStream(128*((N1+127)/128+(N2+127)/128), K, 1, T, sms, optin)
+					part2 := part.Ptr + uint64(4*8*T*N1)
+					run := func() error {
+						if err := c.MatMulStream(y1.Ptr, N1, q1, a, p1, part.Ptr, cnt.Ptr); err != nil {
+							return err
+						}
+						return c.MatMulStream(y2.Ptr, N2, q2, a, p2, part2, cnt.Ptr)
+					}
+					launches := 2
+					if v == "pair" {
+						launches = 1
+						run = func() error {
+							return c.MatMulStreamPair(y1.Ptr, N1, q1, y2.Ptr, N2, q2, a, pp, part.Ptr, part2, cnt.Ptr)
+						}
+					}
+					if err := run(); err != nil {
+						return err
+					}
+					const reps = 20
+					ms, err := timeDevice(c, reps, launches, run)
+					if err != nil {
+						return err
+					}
+					b.ReportMetric(float64(ms)*1e3/reps, "us/op")
+					return nil
+				})
+				if err != nil {
+					b.Fatal(err)
+				}
+			})
 		}
 	}
 }

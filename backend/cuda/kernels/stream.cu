@@ -61,6 +61,24 @@ DEVICE void mb_mma(i32 (&d)[4], u32 w0, u32 w1, u32 b0, u32 b1) {
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
 
+// The same product with the codes' positive and negative magnitudes in
+// separate mmas (p, n): four codes take 2 prmt (and eight codes one xor),
+// against mb_e2m1x4's 2 prmt, 2 xor and an add, for an mma more; the
+// caller subtracts n from p (exact: the same integer sums).
+DEVICE void mb_mma_split(i32 (&p)[4], i32 (&n)[4], u32 w0, u32 w1, u32 b0, u32 b1) {
+  const u32 n0 = w0 ^ 0x88888888u, n1 = w1 ^ 0x88888888u;
+  const u32 p0 = prmt(E2M1_LO, E2M1_HI, w0), p1 = prmt(E2M1_LO, E2M1_HI, w1);
+  const u32 p2 = prmt(E2M1_LO, E2M1_HI, w0 >> 16), p3 = prmt(E2M1_LO, E2M1_HI, w1 >> 16);
+  const u32 m0 = prmt(E2M1_LO, E2M1_HI, n0), m1 = prmt(E2M1_LO, E2M1_HI, n1);
+  const u32 m2 = prmt(E2M1_LO, E2M1_HI, n0 >> 16), m3 = prmt(E2M1_LO, E2M1_HI, n1 >> 16);
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+r"(p[0]), "+r"(p[1]), "+r"(p[2]), "+r"(p[3])
+      : "r"(p0), "r"(p1), "r"(p2), "r"(p3), "r"(b0), "r"(b1));
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+r"(n[0]), "+r"(n[1]), "+r"(n[2]), "+r"(n[3])
+      : "r"(m0), "r"(m1), "r"(m2), "r"(m3), "r"(b0), "r"(b1));
+}
+
 // Stages R token rows into shared memory: row r is columns [c0, c0+C) of
 // row src(r) of xq [.][K] int8, with its scales from xs [.][K/128] (C and
 // c0 multiples of 128). Shared layout: xsh [R][C+16] bytes (the padding
@@ -83,6 +101,73 @@ DEVICE void mb_stage(u8* smem, int R, const i8* __restrict__ xq, const float* __
   asm volatile("cp.async.commit_group;" ::: "memory");
 }
 
+// A row's D scale bytes (D groups from an aligned group) as one load.
+template <int D>
+DEVICE u32 mb_scales(const u8* p) {
+  if (D == 4) return __ldg((const u32*)p);
+  if (D == 2) return __ldg((const unsigned short*)p);
+  return __ldg(p);
+}
+
+// One batch of D groups of MR m-tiles (weights and scales) into registers.
+template <int MR, int D>
+DEVICE void mb_load(uint4 (&w)[D][MR][2], u32 (&sc)[MR][2], const u8* const (&rc)[MR], const u8* const (&rs)[MR],
+                    int gs, int GK, size_t half8, int t) {
+#pragma unroll
+  for (int m = 0; m < MR; m++) {
+    sc[m][0] = mb_scales<D>(rs[m] + gs);
+    sc[m][1] = mb_scales<D>(rs[m] + 8 * GK + gs);
+  }
+#pragma unroll
+  for (int d = 0; d < D; d++)
+#pragma unroll
+    for (int m = 0; m < MR; m++) {
+      const u8* p = rc[m] + (gs + d) * 64 + 16 * t;
+      w[d][m][0] = load_stream16(p);
+      w[d][m][1] = load_stream16(p + half8);
+    }
+}
+
+// The products of one loaded batch (staged groups s0..s0+D-1) into acc.
+template <int MR, int WT, int D, bool SPLIT>
+DEVICE void mb_apply(const uint4 (&w)[D][MR][2], const u32 (&sc)[MR][2], int s0, const u8* xrow, const float* xss,
+                     int ldx, int ldxs, int t, float (&acc)[MR][WT][4]) {
+#pragma unroll
+  for (int d = 0; d < D; d++) {
+    const int s = s0 + d;
+#pragma unroll
+    for (int n = 0; n < WT; n++) {
+      const u8* xr = xrow + 8 * n * ldx + 128 * s;
+      const uint4 xa = *(const uint4*)xr, xb = *(const uint4*)(xr + 16);
+      const float x0 = xss[(8 * n + 2 * t) * ldxs + s], x1 = xss[(8 * n + 2 * t + 1) * ldxs + s];
+#pragma unroll
+      for (int m = 0; m < MR; m++) {
+        const uint4 wa = w[d][m][0], wb = w[d][m][1];
+        i32 q[4] = {0, 0, 0, 0};
+        if (SPLIT) {
+          i32 qn[4] = {0, 0, 0, 0};
+          mb_mma_split(q, qn, wa.x, wb.x, xa.x, xa.y);
+          mb_mma_split(q, qn, wa.y, wb.y, xa.z, xa.w);
+          mb_mma_split(q, qn, wa.z, wb.z, xb.x, xb.y);
+          mb_mma_split(q, qn, wa.w, wb.w, xb.z, xb.w);
+#pragma unroll
+          for (int e = 0; e < 4; e++) q[e] -= qn[e];
+        } else {
+          mb_mma(q, wa.x, wb.x, xa.x, xa.y);
+          mb_mma(q, wa.y, wb.y, xa.z, xa.w);
+          mb_mma(q, wa.z, wb.z, xb.x, xb.y);
+          mb_mma(q, wa.w, wb.w, xb.z, xb.w);
+        }
+        const float s0f = e4m3((sc[m][0] >> (8 * d)) & 0xFFu), s1f = e4m3((sc[m][1] >> (8 * d)) & 0xFFu);
+        acc[m][n][0] += (float)q[0] * (s0f * x0);
+        acc[m][n][1] += (float)q[1] * (s0f * x1);
+        acc[m][n][2] += (float)q[2] * (s1f * x0);
+        acc[m][n][3] += (float)q[3] * (s1f * x1);
+      }
+    }
+  }
+}
+
 // The warp's product of MR m-tiles of 16 weight rows with WT n-tiles of 8
 // staged token rows, over the ng groups of 128 columns from group g0 (ng a
 // multiple of D, and g0 too, so that a row's D scales are one aligned
@@ -94,14 +179,8 @@ DEVICE void mb_stage(u8* smem, int R, const i8* __restrict__ xq, const float* __
 // every warp of the block calls this with the same ng); pre() runs between
 // the two (the dense product waits for the kernel before and stages its
 // rows there, after its first weight loads).
-template <int D>
-DEVICE u32 mb_scales(const u8* p) {
-  if (D == 4) return __ldg((const u32*)p);
-  if (D == 2) return __ldg((const unsigned short*)p);
-  return __ldg(p);
-}
-
-template <int MR, int WT, int D, typename Pre>
+// SPLIT: mb_mma_split's widening (the same sums).
+template <int MR, int WT, int D, bool SPLIT = false, typename Pre>
 DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K, int g0, int ng, const u8* smem,
                     float (&acc)[MR][WT][4], Pre pre) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -118,48 +197,13 @@ DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K,
   for (int s0 = 0; s0 < ng; s0 += D) {
     uint4 w[D][MR][2];
     u32 sc[MR][2];
-#pragma unroll
-    for (int m = 0; m < MR; m++) {
-      sc[m][0] = mb_scales<D>(rs[m] + g0 + s0);
-      sc[m][1] = mb_scales<D>(rs[m] + 8 * GK + g0 + s0);
-    }
-#pragma unroll
-    for (int d = 0; d < D; d++)
-#pragma unroll
-      for (int m = 0; m < MR; m++) {
-        const u8* p = rc[m] + (g0 + s0 + d) * 64 + 16 * t;
-        w[d][m][0] = load_stream16(p);
-        w[d][m][1] = load_stream16(p + half8);
-      }
+    mb_load<MR, D>(w, sc, rc, rs, g0 + s0, GK, half8, t);
     if (s0 == 0) {
       pre();
       mb_cp_wait_all();
       __syncthreads();
     }
-#pragma unroll
-    for (int d = 0; d < D; d++) {
-      const int s = s0 + d;
-#pragma unroll
-      for (int n = 0; n < WT; n++) {
-        const u8* xr = xrow + 8 * n * ldx + 128 * s;
-        const uint4 xa = *(const uint4*)xr, xb = *(const uint4*)(xr + 16);
-        const float x0 = xss[(8 * n + 2 * t) * ldxs + s], x1 = xss[(8 * n + 2 * t + 1) * ldxs + s];
-#pragma unroll
-        for (int m = 0; m < MR; m++) {
-          const uint4 wa = w[d][m][0], wb = w[d][m][1];
-          i32 q[4] = {0, 0, 0, 0};
-          mb_mma(q, wa.x, wb.x, xa.x, xa.y);
-          mb_mma(q, wa.y, wb.y, xa.z, xa.w);
-          mb_mma(q, wa.z, wb.z, xb.x, xb.y);
-          mb_mma(q, wa.w, wb.w, xb.z, xb.w);
-          const float s0f = e4m3((sc[m][0] >> (8 * d)) & 0xFFu), s1f = e4m3((sc[m][1] >> (8 * d)) & 0xFFu);
-          acc[m][n][0] += (float)q[0] * (s0f * x0);
-          acc[m][n][1] += (float)q[1] * (s0f * x1);
-          acc[m][n][2] += (float)q[2] * (s1f * x0);
-          acc[m][n][3] += (float)q[3] * (s1f * x1);
-        }
-      }
-    }
+    mb_apply<MR, WT, D, SPLIT>(w, sc, s0, xrow, xss, ldx, ldxs, t, acc);
   }
 }
 
@@ -171,7 +215,7 @@ DEVICE float mb_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
 // Grid (I/128, max tiles), 256 threads: warp w takes rows 16w.. of the
 // block's 128 rows (one h group) of gate and of up. I a multiple of 128,
 // K of 128 * D.
-template <int D>
+template <int D, bool SPLIT = false>
 DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
                          const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
                          const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K,
@@ -191,7 +235,7 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
   const u8* rc[2] = {ex->gate.codes + row * (K / 2), ex->up.codes + row * (K / 2)};
   const u8* rs[2] = {ex->gate.scales + row * GK, ex->up.scales + row * GK};
   float acc[2][1][4];
-  mb_core<2, 1, D>(rc, rs, K, 0, GK, mb_smem, acc, [] {});
+  mb_core<2, 1, D, SPLIT>(rc, rs, K, 0, GK, mb_smem, acc, [] {});
   float hv[4];
 #pragma unroll
   for (int e = 0; e < 4; e++) {
@@ -236,36 +280,41 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
 }
 
 // Down products of each tile: part[row][n] = down_e,n . hq[row] for the
-// tile's rows. Grid (ceil(N/256), max tiles), 256 threads: warp w takes
-// rows 32w.. of the block's 256 (two m-tiles; m-tiles past N are clamped
-// and dropped). N a multiple of 16, I of 128 * D.
-template <int D>
+// tile's rows. Grid (ceil(N/(128*MR)), max tiles), 256 threads: warp w
+// takes rows 16*MR*w.. of the block's 128*MR (MR m-tiles; m-tiles past N
+// are clamped and dropped). N a multiple of 16, I of 128 * D.
+// The tiles come from moeb_group, two launches back: the gate/up grid
+// waited for it before letting this grid start, so the tiles are read and
+// the first weights loaded before waiting for the gate/up products (the
+// staged hq rows), which overlaps the gate/up grid's last blocks.
+template <int MR, int D, bool SPLIT = false>
 DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
                       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
                       const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq,
                       const float* __restrict__ hs, float* __restrict__ part) {
   extern __shared__ __align__(16) u8 mb_smem[];
-  PDL_WAIT();
   const int tile = blockIdx.y;
   if (tile >= ntiles[0]) return;
   const int s0 = tile_s[tile], ntok = tile_n[tile];
   const BMat dn = experts[tile_e[tile]].down;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int n0 = blockIdx.x * 256 + warp * 32, GK = I >> 7;
-  mb_stage(mb_smem, MB_TT, hq, hs, I, 0, I, [&](int r) { return s0 + min(r, ntok - 1); });
+  const int n0 = blockIdx.x * (128 * MR) + warp * (16 * MR), GK = I >> 7;
   // N a multiple of 16: a clamped m-tile starts at N - 16.
-  const u8* rc[2];
-  const u8* rs[2];
+  const u8* rc[MR];
+  const u8* rs[MR];
 #pragma unroll
-  for (int m = 0; m < 2; m++) {
+  for (int m = 0; m < MR; m++) {
     const size_t row = min(n0 + 16 * m, N - 16) + g;
     rc[m] = dn.codes + row * (I / 2);
     rs[m] = dn.scales + row * GK;
   }
-  float acc[2][1][4];
-  mb_core<2, 1, D>(rc, rs, I, 0, GK, mb_smem, acc, [] {});
+  float acc[MR][1][4];
+  mb_core<MR, 1, D, SPLIT>(rc, rs, I, 0, GK, mb_smem, acc, [&] {
+    PDL_WAIT();
+    mb_stage(mb_smem, MB_TT, hq, hs, I, 0, I, [&](int r) { return s0 + min(r, ntok - 1); });
+  });
 #pragma unroll
-  for (int m = 0; m < 2; m++)
+  for (int m = 0; m < MR; m++)
 #pragma unroll
     for (int e = 0; e < 4; e++) {
       const int tok = 2 * t + (e & 1), n = n0 + 16 * m + g + 8 * (e >> 1);
@@ -273,8 +322,9 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
     }
 }
 
-// D: groups in flight per warp; MINB: blocks a multiprocessor must hold
-// (the register budget).
+// The earlier pair (plain widening, down products 256 rows a block), kept
+// for MMFP4_CUDA_STREAM_OLD=1. D: groups in flight per warp; MINB: blocks a
+// multiprocessor must hold (the register budget).
 #define MOEB_KERNELS(SUFFIX, D, MINB)                                                                    \
   extern "C" __global__ void __launch_bounds__(256, MINB) moeb_gate_up_##SUFFIX(                        \
       const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,                              \
@@ -289,11 +339,32 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,   \
       int N, int I, const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) { \
     PDL_LAUNCH();                                                                                       \
-    moeb_down<D>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);                          \
+    moeb_down<2, D>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);                       \
   }
 
-MOEB_KERNELS(d4, 4, 2)
 MOEB_KERNELS(d2, 2, 3)
+
+// The pair in use: mb_mma_split's widening (about a quarter fewer
+// instructions a code), and the down products 128 rows a block (one m-tile
+// a warp, four groups in flight), twice the blocks of moeb_down_d2, so that
+// the last wave of blocks is less of the launch. Two blocks a
+// multiprocessor: at three they spill. On an H200 (BenchmarkMoEStream, a
+// full-size layer): 62 / 108 / 123 us at 8 / 32 / 64 tokens against the
+// d2 pair's 74 / 119 / 148.
+extern "C" __global__ void __launch_bounds__(256, 2)
+    moeb_gate_up_s(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
+                   const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,
+                   const i32* __restrict__ list, int I, int K, const i8* __restrict__ xq, const float* __restrict__ xs,
+                   i8* __restrict__ hq, float* __restrict__ hs) {
+  moeb_gate_up<2, true>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs);
+}
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+    moeb_down_s(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
+                const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,
+                int N, int I, const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) {
+  moeb_down<1, 4, true>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);
+}
 
 // ---------------------------------------------------------------------------
 // moe_group (gemm.cu) with the tiles made in parallel: one block of 1024
@@ -415,16 +486,33 @@ extern "C" __global__ void __launch_bounds__(128)
 // weight rows [h*N, (h+1)*N), activation columns [h*K, (h+1)*K) of rows
 // heads*K long, output columns [h*N, (h+1)*N), its own partial sums and
 // counters. Dynamic shared memory: mb_stage's for 8*WT rows of the
-// largest chunk range.
+// largest chunk range. A pair (one head): row blocks from rb1 on are those
+// of a second product of the same rows (codes2 ... partial2, N2 rows,
+// output y2), so that two matrices of one input (q_a and kv_a) take one
+// launch; each output's sums are those of its own launch.
 template <int WT, int D>
 DEVICE void mms_dense(const u8* __restrict__ codes, const u8* __restrict__ scales,
                       const float* __restrict__ row_scale, int N, int K, const i8* __restrict__ xq,
                       const float* __restrict__ xs, int T, float* __restrict__ y, int ldy, int KS,
-                      float* __restrict__ partial, u32* __restrict__ counters) {
+                      float* __restrict__ partial, u32* __restrict__ counters, int rb1,
+                      const u8* __restrict__ codes2, const u8* __restrict__ scales2,
+                      const float* __restrict__ row_scale2, int N2, float* __restrict__ y2, int ldy2,
+                      float* __restrict__ partial2) {
   extern __shared__ __align__(16) u8 mb_smem[];
   __shared__ bool last;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int bx = blockIdx.x, z = blockIdx.y, GK = K >> 7, NC = GK / D;
+  const int cx = blockIdx.x, z = blockIdx.y, GK = K >> 7, NC = GK / D;
+  int bx = cx;
+  if (bx >= rb1) {
+    codes = codes2;
+    scales = scales2;
+    row_scale = row_scale2;
+    N = N2;
+    y = y2;
+    ldy = ldy2;
+    partial = partial2;
+    bx -= rb1;
+  }
   const size_t h = blockIdx.z;  // the pointers are offset where used: fewer live registers
   const int c_lo = z * NC / KS, c_hi = (z + 1) * NC / KS;
   const int g0 = c_lo * D, ng = (c_hi - c_lo) * D;
@@ -462,7 +550,7 @@ DEVICE void mms_dense(const u8* __restrict__ codes, const u8* __restrict__ scale
     }
   __threadfence();
   __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(&counters[bx], 1u) == (u32)(KS - 1);
+  if (threadIdx.x == 0) last = atomicAdd(&counters[cx], 1u) == (u32)(KS - 1);
   __syncthreads();
   if (!last) return;
   __threadfence();
@@ -493,7 +581,7 @@ DEVICE void mms_dense(const u8* __restrict__ codes, const u8* __restrict__ scale
     o[2] = tot.z * (row_scale[n + 2] * 0.5f);
     o[3] = tot.w * (row_scale[n + 3] * 0.5f);
   }
-  if (threadIdx.x == 0) counters[bx] = 0;
+  if (threadIdx.x == 0) counters[cx] = 0;
 }
 
 // MINB: blocks a multiprocessor must hold (the register budget; the
@@ -503,9 +591,13 @@ DEVICE void mms_dense(const u8* __restrict__ codes, const u8* __restrict__ scale
   extern "C" __global__ void __launch_bounds__(256, MINB) NAME(                                        \
       const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale, \
       int N, int K, const i8* __restrict__ xq, const float* __restrict__ xs, int T,                    \
-      float* __restrict__ y, int ldy, int KS, float* __restrict__ partial, u32* __restrict__ counters) { \
+      float* __restrict__ y, int ldy, int KS, float* __restrict__ partial, u32* __restrict__ counters, \
+      int rb1, const u8* __restrict__ codes2, const u8* __restrict__ scales2,                          \
+      const float* __restrict__ row_scale2, int N2, float* __restrict__ y2, int ldy2,                  \
+      float* __restrict__ partial2) {                                                                  \
     PDL_LAUNCH();                                                                                      \
-    mms_dense<WT, D>(codes, scales, row_scale, N, K, xq, xs, T, y, ldy, KS, partial, counters);   \
+    mms_dense<WT, D>(codes, scales, row_scale, N, K, xq, xs, T, y, ldy, KS, partial, counters, rb1,   \
+                     codes2, scales2, row_scale2, N2, y2, ldy2, partial2);                             \
   }
 
 MMS_KERNEL(mms_t1_d1, 1, 1, 2)
