@@ -2,9 +2,13 @@ package cpu
 
 import (
 	"math"
+	"os"
+	"strconv"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
+
+var attChunks = func() int { v, _ := strconv.Atoi(os.Getenv("MMFP4_ATT_CHUNKS")); return v }() // measurement switch
 
 // span is a run of consecutive cached positions [j0, j0+n) whose values
 // (latent then k_pe, width wide) are rows stride floats apart in data.
@@ -92,6 +96,9 @@ func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, layer int, s backend.MLAS
 	case T < 8*b.threads:
 		chunks = 8 * b.threads / T
 	}
+	if attChunks > 0 {
+		chunks = attChunks
+	}
 	chunks = max(1, min(chunks, longest/64))
 	// Per (row, chunk): the unnormalised output, and per head the maximum
 	// score and the sum of exponentials.
@@ -149,8 +156,18 @@ func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, layer int, s backend.MLAS
 		}
 	})
 	wt := make([]float32, chunks)
+	evenOdd := qperm != nil && attendFused >= 1000000
+	var eo []float32
+	if evenOdd {
+		eb := getFloats(H * r)
+		defer floatBufs.put(eb)
+		eo = (*eb)[:H*r]
+	}
 	for i, t := range rows {
 		orow := om.row(t)
+		if evenOdd {
+			orow = eo
+		}
 		for h := 0; h < H; h++ {
 			m := float32(math.Inf(-1))
 			for c := 0; c < chunks; c++ {
@@ -174,6 +191,9 @@ func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, layer int, s backend.MLAS
 			for ; c < chunks; c++ {
 				axpy(out, wt[c]/l, first[c*H*r:c*H*r+r])
 			}
+		}
+		if evenOdd {
+			interleave32(om.row(t)[:H*r], eo)
 		}
 	}
 	return true
