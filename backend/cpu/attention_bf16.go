@@ -1,11 +1,11 @@
 package cpu
 
 import (
+	"github.com/mmfp4/mmfp4/backend"
 	"math"
 	"os"
 	"strconv"
 	"time"
-	"github.com/mmfp4/mmfp4/backend"
 )
 
 // evenOdd32 writes src into dst with each block of 32 values reordered:
@@ -229,3 +229,6 @@ func (b *Backend) attendBF16Tiles(out, q []float32, p *pool, layer int, seq *bac
 		}
 	}
 }
+
+// SetAttentionVariant is a measurement switch (to be removed).
+func SetAttentionVariant(v int) { attendFused = v }

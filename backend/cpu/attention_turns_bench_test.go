@@ -204,6 +204,7 @@ func BenchmarkScoresTileTurns(b *testing.B) {
 				}
 			case 5:
 				fmaPeakAVX512(1 << 10)
+
 			case 4:
 				for h := 0; h < H; h += 4 {
 					axpyBF16Panels(p[h*n:], n, rows, w, n, 8, out[h*512:], 512, ones4[:])
@@ -216,7 +217,7 @@ func BenchmarkScoresTileTurns(b *testing.B) {
 	}
 	for v, name := range names {
 		flops := 2.0 * H * n * w
-		if v == 4 {
+		if v == 4 || v == 6 {
 			flops = 2.0 * H * n * 512
 		}
 		if v == 5 {
