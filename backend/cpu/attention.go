@@ -2,13 +2,9 @@ package cpu
 
 import (
 	"math"
-	"os"
-	"strconv"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
-
-var attChunks = func() int { v, _ := strconv.Atoi(os.Getenv("MMFP4_ATT_CHUNKS")); return v }() // measurement switch
 
 // span is a run of consecutive cached positions [j0, j0+n) whose values
 // (latent then k_pe, width wide) are rows stride floats apart in data.
@@ -58,7 +54,8 @@ func (b *Backend) spans(p *pool, layer int, seq *backend.Seq, j0, j1 int, buf []
 // positions. An item's loops run over the positions four at a time and,
 // inside, over the heads, so each cached row is read from memory once per
 // item and then reused from the L1 cache by every head: first the scores,
-// then their exponentials, then the weighted sum of the latents. With few
+// then their exponentials, then the weighted sum of the latents (a bf16
+// cache does all three per tile of rows, attendBF16). With few
 // rows (decode) the positions are split over the threads, each range keeps
 // its own running maximum and sum, and the ranges are merged at the end.
 func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, layer int, s backend.MLAShape, scale float32) bool {
@@ -95,9 +92,6 @@ func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, layer int, s backend.MLAS
 		chunks = (2*b.threads + T - 1) / T
 	case T < 8*b.threads:
 		chunks = 8 * b.threads / T
-	}
-	if attChunks > 0 {
-		chunks = attChunks
 	}
 	chunks = max(1, min(chunks, longest/64))
 	// Per (row, chunk): the unnormalised output, and per head the maximum
@@ -156,7 +150,9 @@ func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, layer int, s backend.MLAS
 		}
 	})
 	wt := make([]float32, chunks)
-	evenOdd := qperm != nil && attendFused >= 1000000
+	// attendBF16 leaves its sums in even-then-odd order: merged as they
+	// are, then put back in column order.
+	evenOdd := qperm != nil
 	var eo []float32
 	if evenOdd {
 		eb := getFloats(H * r)

@@ -7,8 +7,8 @@
 // gives the even values as float32, masking off the low half the odd ones:
 // two instructions widen 32 values, with no shuffle. The kernels therefore
 // work on each block of 32 values in even-then-odd order: the queries are
-// given in that order, and the weighted sums are put back in column order
-// when they are stored.
+// given in that order, and the weighted sums are kept in it until the
+// attention of a row is done, then put back in column order.
 
 // bf16Interleave: indices that merge 16 even (table 0) and 16 odd (table 1)
 // values back into column order, first the low 16 columns, then the high.
@@ -174,129 +174,6 @@ sblock:
 	VFMADD231PS c, Z16, a1; \
 	VFMADD231PS c, Z19, a2; \
 	VFMADD231PS c, Z17, a3
-
-// One head's 64 sums (even and odd halves of two blocks) back in column
-// order, stored to (SET64) or added to the 64 floats at DI scaled by the
-// head's factor (ADD64, the factor broadcast in a); DI moves on by the
-// output stride (BX bytes).
-#define MERGE16(e, o, idx) \
-	VMOVAPS idx, Z26; \
-	VPERMI2PS o, e, Z26
-
-#define SET64(e0, o0, e1, o1) \
-	MERGE16(e0, o0, Z24); \
-	VMOVUPS Z26, (DI); \
-	MERGE16(e0, o0, Z25); \
-	VMOVUPS Z26, 64(DI); \
-	MERGE16(e1, o1, Z24); \
-	VMOVUPS Z26, 128(DI); \
-	MERGE16(e1, o1, Z25); \
-	VMOVUPS Z26, 192(DI); \
-	ADDQ BX, DI
-
-#define ADD64(e0, o0, e1, o1, a) \
-	MERGE16(e0, o0, Z24); \
-	VFMADD231PS (DI), a, Z26; \
-	VMOVUPS Z26, (DI); \
-	MERGE16(e0, o0, Z25); \
-	VFMADD231PS 64(DI), a, Z26; \
-	VMOVUPS Z26, 64(DI); \
-	MERGE16(e1, o1, Z24); \
-	VFMADD231PS 128(DI), a, Z26; \
-	VMOVUPS Z26, 128(DI); \
-	MERGE16(e1, o1, Z25); \
-	VFMADD231PS 192(DI), a, Z26; \
-	VMOVUPS Z26, 192(DI); \
-	ADDQ BX, DI
-
-// func axpyBF16x4x64AVX512(p *float32, pStride int, rows *uint16, rowStride, n int, out *float32, outStride int, alpha *float32)
-//
-// out[h*outStride+k] = alpha[h]*out[h*outStride+k] + sum_{i<n}
-// p[h*pStride+i] * row_i[k] for h < 4 and k < 64, rows rowStride values
-// apart; with alpha nil, out is overwritten by the sums. Per row, two
-// 64-byte loads widened by four instructions for 16 multiply-adds.
-TEXT ·axpyBF16x4x64AVX512(SB), NOSPLIT, $0-64
-	MOVQ p+0(FP), R8
-	MOVQ pStride+8(FP), AX
-	SHLQ $2, AX
-	LEAQ (R8)(AX*1), R9
-	LEAQ (R8)(AX*2), R10
-	LEAQ (R9)(AX*2), R11
-	MOVQ rows+16(FP), SI
-	MOVQ rowStride+24(FP), BX
-	SHLQ $1, BX
-	MOVQ n+32(FP), CX
-	MOVL $0xffff0000, AX
-	VPBROADCASTD AX, Z31
-	VPXORD Z0, Z0, Z0
-	VPXORD Z1, Z1, Z1
-	VPXORD Z2, Z2, Z2
-	VPXORD Z3, Z3, Z3
-	VPXORD Z4, Z4, Z4
-	VPXORD Z5, Z5, Z5
-	VPXORD Z6, Z6, Z6
-	VPXORD Z7, Z7, Z7
-	VPXORD Z8, Z8, Z8
-	VPXORD Z9, Z9, Z9
-	VPXORD Z10, Z10, Z10
-	VPXORD Z11, Z11, Z11
-	VPXORD Z12, Z12, Z12
-	VPXORD Z13, Z13, Z13
-	VPXORD Z14, Z14, Z14
-	VPXORD Z15, Z15, Z15
-	TESTQ CX, CX
-	JZ   vstore
-
-vrow:
-	VMOVDQU32 (SI), Z16
-	VMOVDQU32 64(SI), Z17
-	VPSLLD $16, Z16, Z18
-	VPSLLD $16, Z17, Z19
-	VPANDD Z31, Z16, Z16
-	VPANDD Z31, Z17, Z17
-	VBROADCASTSS (R8), Z20
-	VBROADCASTSS (R9), Z21
-	VBROADCASTSS (R10), Z22
-	VBROADCASTSS (R11), Z23
-	COEF4(Z20, Z0, Z1, Z2, Z3)
-	COEF4(Z21, Z4, Z5, Z6, Z7)
-	COEF4(Z22, Z8, Z9, Z10, Z11)
-	COEF4(Z23, Z12, Z13, Z14, Z15)
-	ADDQ $4, R8
-	ADDQ $4, R9
-	ADDQ $4, R10
-	ADDQ $4, R11
-	ADDQ BX, SI
-	DECQ CX
-	JNZ  vrow
-
-vstore:
-	VMOVDQU32 bf16Interleave<>+0(SB), Z24
-	VMOVDQU32 bf16Interleave<>+64(SB), Z25
-	MOVQ out+40(FP), DI
-	MOVQ outStride+48(FP), BX
-	SHLQ $2, BX
-	MOVQ alpha+56(FP), AX
-	TESTQ AX, AX
-	JNZ  vadd
-	SET64(Z0, Z1, Z2, Z3)
-	SET64(Z4, Z5, Z6, Z7)
-	SET64(Z8, Z9, Z10, Z11)
-	SET64(Z12, Z13, Z14, Z15)
-	VZEROUPPER
-	RET
-
-vadd:
-	VBROADCASTSS (AX), Z20
-	VBROADCASTSS 4(AX), Z21
-	VBROADCASTSS 8(AX), Z22
-	VBROADCASTSS 12(AX), Z23
-	ADD64(Z0, Z1, Z2, Z3, Z20)
-	ADD64(Z4, Z5, Z6, Z7, Z21)
-	ADD64(Z8, Z9, Z10, Z11, Z22)
-	ADD64(Z12, Z13, Z14, Z15, Z23)
-	VZEROUPPER
-	RET
 
 // bf16EvenOdd: indices of the even, then the odd, values of 32.
 DATA bf16EvenOdd<>+0(SB)/4, $0

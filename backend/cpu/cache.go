@@ -3,8 +3,6 @@ package cpu
 import (
 	"fmt"
 	"math"
-	"os"
-	"unsafe"
 
 	"github.com/mmfp4/mmfp4/backend"
 	"github.com/mmfp4/mmfp4/format"
@@ -51,8 +49,6 @@ func (p *pool) codeBytes() int {
 	return p.width()
 }
 
-var cacheHuge = os.Getenv("MMFP4_CACHE_4K") != "1" // measurement switch
-
 // NewCachePool allocates a paged latent cache.
 func (b *Backend) NewCachePool(layers, blocks, blockSize, rank, ropeDim int, dtype backend.CacheDType) (backend.CachePool, error) {
 	if layers <= 0 || blocks <= 0 || blockSize <= 0 || rank <= 0 || ropeDim < 0 || rank%2 != 0 || ropeDim%2 != 0 {
@@ -60,29 +56,12 @@ func (b *Backend) NewCachePool(layers, blocks, blockSize, rank, ropeDim int, dty
 	}
 	p := &pool{layers: layers, blocks: blocks, blockSize: blockSize, rank: rank, ropeDim: ropeDim, dtype: dtype}
 	slots, w := blocks*blockSize, p.width()
-	// float32 and bf16 rows are read in place by attention: one mapping
-	// for all layers, each layer's rows starting on a 64-byte line.
-	var mem []byte
-	layerBytes := 0
-	switch dtype {
-	case backend.CacheF32:
-		layerBytes = (slots*w*4 + 63) &^ 63
-	case backend.CacheBF16:
-		layerBytes = (slots*w*2 + 63) &^ 63
-	}
-	if layerBytes > 0 {
-		if cacheHuge {
-			mem = cacheMem(p, layers*layerBytes)
-		} else {
-			mem = make([]byte, layers*layerBytes)
-		}
-	}
 	for l := 0; l < layers; l++ {
 		switch dtype {
 		case backend.CacheF32:
-			p.f32 = append(p.f32, unsafe.Slice((*float32)(unsafe.Pointer(&mem[l*layerBytes])), slots*w))
+			p.f32 = append(p.f32, make([]float32, slots*w))
 		case backend.CacheBF16:
-			p.bf16 = append(p.bf16, unsafe.Slice((*uint16)(unsafe.Pointer(&mem[l*layerBytes])), slots*w))
+			p.bf16 = append(p.bf16, make([]uint16, slots*w))
 		case backend.CacheFP8:
 			p.codes = append(p.codes, make([]byte, slots*p.codeBytes()))
 			p.scale = append(p.scale, make([]float32, slots*2))

@@ -56,8 +56,6 @@ func hasBF16Attention(isa, int, int, int) bool { return false }
 
 func scoresBF16x4([]float32, int, int, []uint16, int, int, []float32, int, float32) {}
 
-func axpyBF16x4x64([]float32, int, []uint16, int, int, []float32, int, []float32) {}
-
 func scoresBF16Rows([]float32, int, []uint16, int, int, int, []float32, int, float32, []uint16) {}
 
 func softmaxRows([]float32, int, int, int, []float32, []float32, []float32) {}

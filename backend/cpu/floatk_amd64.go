@@ -181,9 +181,6 @@ func bf16ToF32SIMD(i isa, dst []float32, src []uint16) bool {
 func scoresBF16x4AVX512(q *float32, qStride, heads int, rows *uint16, rowStride, w int, out *float32, outStride int, scale float32)
 
 //go:noescape
-func axpyBF16x4x64AVX512(p *float32, pStride int, rows *uint16, rowStride, n int, out *float32, outStride int, alpha *float32)
-
-//go:noescape
 func scoresBF16RowsAVX512(q *float32, qStride int, rows *uint16, rowStride, n, w int, out *float32, outStride int, scale float32, pf *uint16, pfEnd uintptr)
 
 //go:noescape
@@ -239,22 +236,6 @@ func hasBF16Attention(i isa, heads, r, dr int) bool {
 func scoresBF16x4(q []float32, qStride, heads int, rows []uint16, rowStride, w int, out []float32, outStride int, scale float32) {
 	_, _, _ = q[(heads-1)*qStride+w-1], rows[3*rowStride+w-1], out[(heads-1)*outStride+3]
 	scoresBF16x4AVX512(&q[0], qStride, heads, &rows[0], rowStride, w, &out[0], outStride, scale)
-}
-
-// axpyBF16x4x64 is axpyBF16x4x64AVX512 on slices: p holds four rows of n
-// coefficients pStride apart, rows n rows of at least 64 bf16 values
-// rowStride apart, out four rows of 64 at outStride, scaled by alpha[h]
-// and added to, or overwritten when alpha is nil.
-func axpyBF16x4x64(p []float32, pStride int, rows []uint16, rowStride, n int, out []float32, outStride int, alpha []float32) {
-	_ = out[3*outStride+63]
-	if n > 0 {
-		_, _ = p[3*pStride+n-1], rows[(n-1)*rowStride+63]
-	}
-	var a *float32
-	if alpha != nil {
-		a = &alpha[:4][0]
-	}
-	axpyBF16x4x64AVX512(&p[0], pStride, &rows[0], rowStride, n, &out[0], outStride, a)
 }
 
 // scoresBF16Rows is scoresBF16RowsAVX512 on slices: q holds four heads'

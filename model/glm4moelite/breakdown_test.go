@@ -6,7 +6,6 @@ import (
 	"os"
 	"runtime/pprof"
 	"sort"
-	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -253,39 +252,12 @@ func BenchmarkDecodeStepBreakdownDir(b *testing.B) {
 		defer f.Close()
 		defer pprof.StopCPUProfile()
 	}
-	var ab []int
-	for _, f := range strings.Split(os.Getenv("MMFP4_BENCH_ATT_AB"), ",") {
-		if v, err := strconv.Atoi(f); err == nil {
-			ab = append(ab, v)
-		}
-	}
-	abAtt := make([][]float64, len(ab))
-	abStep := make([][]float64, len(ab))
 	b.ResetTimer()
 	t0 := time.Now()
 	for i := 1; i <= b.N; i++ {
-		if len(ab) > 0 {
-			k := i % len(ab)
-			cpu.SetAttentionVariant(ab[k])
-			before := tb.spent["LatentAttention"]
-			s0 := time.Now()
-			step(i)
-			abStep[k] = append(abStep[k], time.Since(s0).Seconds()*1e3)
-			abAtt[k] = append(abAtt[k], (tb.spent["LatentAttention"]-before).Seconds()*1e3)
-			continue
-		}
 		step(i)
 	}
 	total := time.Since(t0)
-	for k, v := range ab {
-		a, st := abAtt[k], abStep[k]
-		if len(a) == 0 {
-			continue
-		}
-		sort.Float64s(a)
-		sort.Float64s(st)
-		fmt.Fprintf(os.Stderr, "variant %8d: %d steps, attention min %.2f p25 %.2f median %.2f ms; step min %.2f median %.2f ms\n", v, len(a), a[0], a[len(a)/4], a[len(a)/2], st[0], st[len(st)/2])
-	}
 	var keys []string
 	var inOps time.Duration
 	for k, d := range tb.spent {
