@@ -129,8 +129,18 @@ func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, layer int, s backend.MLAS
 				continue
 			}
 			if qperm != nil {
+				// The item this thread most likely takes next (items go to
+				// the threads in turn): its first rows are prefetched
+				// during this one's last tile.
+				var after []uint16
+				if k := item + b.threads; k < T*chunks {
+					t2 := rows[k/chunks]
+					P2 := int(b.batch.Positions[t2]) + 1
+					c2 := k % chunks
+					after = p.bf16Tile(layer, &b.batch.Seqs[b.rowSeq[t2]], c2*P2/chunks, (c2+1)*P2/chunks)
+				}
 				b.attendBF16(outs[item*H*r:(item+1)*H*r], qperm[i*H*w:(i+1)*H*w], p, layer, seq, j0, j1, s, scale,
-					ms[item*H:(item+1)*H], ls[item*H:(item+1)*H])
+					ms[item*H:(item+1)*H], ls[item*H:(item+1)*H], after)
 				continue
 			}
 			var buf *[]float32
@@ -184,8 +194,9 @@ func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, layer int, s backend.MLAS
 				coef := [4]float32{wt[c] / l, wt[c+1] / l, wt[c+2] / l, wt[c+3] / l}
 				b.axpy4F32(out, first[c*H*r:], H*r, &coef)
 			}
-			for ; c < chunks; c++ {
-				axpy(out, wt[c]/l, first[c*H*r:c*H*r+r])
+			for ; c < chunks; c++ { // one row as four, three with weight 0
+				coef := [4]float32{wt[c] / l}
+				b.axpy4F32(out, first[c*H*r:c*H*r+r], 0, &coef)
 			}
 		}
 		if evenOdd {

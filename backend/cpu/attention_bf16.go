@@ -48,13 +48,13 @@ const bf16Tile = 64
 // accumulated before are scaled when the maximum grows), and the weighted
 // sums of the tile's latents, while the rows are still in the caches. The
 // next tile's lines are prefetched while the scores of this one are
-// computed. The kernels widen each 64-byte block of a row once for four
+// computed, and during the last tile the rows in after (the first tile of
+// the work item likely to come next). The kernels widen each 64-byte block of a row once for four
 // heads; out is left with each block of 32 in even-then-odd order
 // (evenOdd32), for the caller to put back. q is the row's queries from
 // bf16Queries; the caller checks hasBF16Attention.
-func (b *Backend) attendBF16(out, q []float32, p *pool, layer int, seq *backend.Seq, j0, j1 int, s backend.MLAShape, scale float32, m, l []float32) {
-	H, r := s.Heads, s.Rank
-	w, bs := p.width(), p.blockSize
+func (b *Backend) attendBF16(out, q []float32, p *pool, layer int, seq *backend.Seq, j0, j1 int, s backend.MLAShape, scale float32, m, l []float32, after []uint16) {
+	H, r, w := s.Heads, s.Rank, p.width()
 	const T = bf16Tile
 	bp := getFloats(H*T + 5*H)
 	defer floatBufs.put(bp)
@@ -62,19 +62,13 @@ func (b *Backend) attendBF16(out, q []float32, p *pool, layer int, seq *backend.
 	for h := 0; h < H; h++ {
 		m[h], l[h] = float32(math.Inf(-1)), 0
 	}
-	cache := p.bf16[layer]
-	tile := func(j int) []uint16 { // the rows of the tile starting at position j
-		n := min(j1, (j/bs+1)*bs, j+T) - j
-		slot := seq.Slot(j, bs)
-		return cache[slot*w : (slot+n)*w]
-	}
-	rows := tile(j0)
+	rows := p.bf16Tile(layer, seq, j0, j1)
 	prefetchRows(b.isa, rows)
 	for j := j0; j < j1; {
 		n := len(rows) / w
-		var next []uint16
+		next := after
 		if j+n < j1 {
-			next = tile(j + n)
+			next = p.bf16Tile(layer, seq, j+n, j1)
 		}
 		// Scores: four heads at a time over the tile's rows in fours
 		// (their queries stay in L1), each call prefetching a share of
@@ -113,7 +107,20 @@ func (b *Backend) attendBF16(out, q []float32, p *pool, layer int, seq *backend.
 		}
 		j += n
 		if j < j1 {
-			rows = tile(j)
+			rows = p.bf16Tile(layer, seq, j, j1)
 		}
 	}
+}
+
+// bf16Tile returns the cached rows of the tile of attendBF16 that starts
+// at position j of seq in layer, for a range of positions ending at j1:
+// up to bf16Tile rows, within j's cache block. It is empty when j >= j1.
+func (p *pool) bf16Tile(layer int, seq *backend.Seq, j, j1 int) []uint16 {
+	if j >= j1 {
+		return nil
+	}
+	w, bs := p.width(), p.blockSize
+	n := min(j1, (j/bs+1)*bs, j+bf16Tile) - j
+	slot := seq.Slot(j, bs)
+	return p.bf16[layer][slot*w : (slot+n)*w]
 }
