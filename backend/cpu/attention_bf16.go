@@ -49,10 +49,10 @@ const bf16Tile = 64
 // sums of the tile's latents, while the rows are still in the caches. The
 // next tile's lines are prefetched while the scores of this one are
 // computed, and during the last tile the rows in after (the first tile of
-// the work item likely to come next). The kernels widen each 64-byte block of a row once for four
-// heads; out is left with each block of 32 in even-then-odd order
-// (evenOdd32), for the caller to put back. q is the row's queries from
-// bf16Queries; the caller checks hasBF16Attention.
+// the work item likely to come next). The kernels widen each 64-byte
+// block of a row once for four heads; out is left with each block of 32
+// in even-then-odd order (evenOdd32), for the caller to put back. q is the
+// row's queries from bf16Queries; the caller checks hasBF16Attention.
 func (b *Backend) attendBF16(out, q []float32, p *pool, layer int, seq *backend.Seq, j0, j1 int, s backend.MLAShape, scale float32, m, l []float32, after []uint16) {
 	H, r, w := s.Heads, s.Rank, p.width()
 	const T = bf16Tile
