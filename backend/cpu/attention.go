@@ -54,7 +54,8 @@ func (b *Backend) spans(p *pool, layer int, seq *backend.Seq, j0, j1 int, buf []
 // positions. An item's loops run over the positions four at a time and,
 // inside, over the heads, so each cached row is read from memory once per
 // item and then reused from the L1 cache by every head: first the scores,
-// then their exponentials, then the weighted sum of the latents. With few
+// then their exponentials, then the weighted sum of the latents (a bf16
+// cache does all three per tile of rows, attendBF16). With few
 // rows (decode) the positions are split over the threads, each range keeps
 // its own running maximum and sum, and the ranges are merged at the end.
 func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, layer int, s backend.MLAShape, scale float32) bool {
@@ -128,8 +129,18 @@ func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, layer int, s backend.MLAS
 				continue
 			}
 			if qperm != nil {
+				// The item this thread most likely takes next (items go to
+				// the threads in turn): its first rows are prefetched
+				// during this one's last tile.
+				var after []uint16
+				if k := item + b.threads; k < T*chunks {
+					t2 := rows[k/chunks]
+					P2 := int(b.batch.Positions[t2]) + 1
+					c2 := k % chunks
+					after = p.bf16Tile(layer, &b.batch.Seqs[b.rowSeq[t2]], c2*P2/chunks, (c2+1)*P2/chunks)
+				}
 				b.attendBF16(outs[item*H*r:(item+1)*H*r], qperm[i*H*w:(i+1)*H*w], p, layer, seq, j0, j1, s, scale,
-					ms[item*H:(item+1)*H], ls[item*H:(item+1)*H])
+					ms[item*H:(item+1)*H], ls[item*H:(item+1)*H], after)
 				continue
 			}
 			var buf *[]float32
@@ -149,8 +160,20 @@ func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, layer int, s backend.MLAS
 		}
 	})
 	wt := make([]float32, chunks)
+	// attendBF16 leaves its sums in even-then-odd order: merged as they
+	// are, then put back in column order.
+	evenOdd := qperm != nil
+	var eo []float32
+	if evenOdd {
+		eb := getFloats(H * r)
+		defer floatBufs.put(eb)
+		eo = (*eb)[:H*r]
+	}
 	for i, t := range rows {
 		orow := om.row(t)
+		if evenOdd {
+			orow = eo
+		}
 		for h := 0; h < H; h++ {
 			m := float32(math.Inf(-1))
 			for c := 0; c < chunks; c++ {
@@ -171,9 +194,13 @@ func (b *Backend) latentAttentionSIMD(om, ql, qm *mat, layer int, s backend.MLAS
 				coef := [4]float32{wt[c] / l, wt[c+1] / l, wt[c+2] / l, wt[c+3] / l}
 				b.axpy4F32(out, first[c*H*r:], H*r, &coef)
 			}
-			for ; c < chunks; c++ {
-				axpy(out, wt[c]/l, first[c*H*r:c*H*r+r])
+			for ; c < chunks; c++ { // one row as four, three with weight 0
+				coef := [4]float32{wt[c] / l}
+				b.axpy4F32(out, first[c*H*r:c*H*r+r], 0, &coef)
 			}
+		}
+		if evenOdd {
+			interleave32(om.row(t)[:H*r], eo)
 		}
 	}
 	return true

@@ -7,8 +7,8 @@
 // gives the even values as float32, masking off the low half the odd ones:
 // two instructions widen 32 values, with no shuffle. The kernels therefore
 // work on each block of 32 values in even-then-odd order: the queries are
-// given in that order, and the weighted sums are put back in column order
-// when they are stored.
+// given in that order, and the weighted sums are kept in it until the
+// attention of a row is done, then put back in column order.
 
 // bf16Interleave: indices that merge 16 even (table 0) and 16 odd (table 1)
 // values back into column order, first the low 16 columns, then the high.
@@ -175,124 +175,6 @@ sblock:
 	VFMADD231PS c, Z19, a2; \
 	VFMADD231PS c, Z17, a3
 
-// One head's 64 sums (even and odd halves of two blocks) back in column
-// order, stored to (SET64) or added to (ADD64) the 64 floats at DI; DI
-// moves on by the output stride (BX bytes).
-#define MERGE16(e, o, idx) \
-	VMOVAPS idx, Z26; \
-	VPERMI2PS o, e, Z26
-
-#define SET64(e0, o0, e1, o1) \
-	MERGE16(e0, o0, Z24); \
-	VMOVUPS Z26, (DI); \
-	MERGE16(e0, o0, Z25); \
-	VMOVUPS Z26, 64(DI); \
-	MERGE16(e1, o1, Z24); \
-	VMOVUPS Z26, 128(DI); \
-	MERGE16(e1, o1, Z25); \
-	VMOVUPS Z26, 192(DI); \
-	ADDQ BX, DI
-
-#define ADD64(e0, o0, e1, o1) \
-	MERGE16(e0, o0, Z24); \
-	VADDPS (DI), Z26, Z26; \
-	VMOVUPS Z26, (DI); \
-	MERGE16(e0, o0, Z25); \
-	VADDPS 64(DI), Z26, Z26; \
-	VMOVUPS Z26, 64(DI); \
-	MERGE16(e1, o1, Z24); \
-	VADDPS 128(DI), Z26, Z26; \
-	VMOVUPS Z26, 128(DI); \
-	MERGE16(e1, o1, Z25); \
-	VADDPS 192(DI), Z26, Z26; \
-	VMOVUPS Z26, 192(DI); \
-	ADDQ BX, DI
-
-// func axpyBF16x4x64AVX512(p *float32, pStride int, rows *uint16, rowStride, n int, out *float32, outStride int, accumulate int)
-//
-// out[h*outStride+k] (+)= sum_{i<n} p[h*pStride+i] * row_i[k] for h < 4
-// and k < 64, rows rowStride values apart, adding to out when accumulate
-// is not 0: per row, two 64-byte loads widened by four instructions for 16
-// multiply-adds.
-TEXT ·axpyBF16x4x64AVX512(SB), NOSPLIT, $0-64
-	MOVQ p+0(FP), R8
-	MOVQ pStride+8(FP), AX
-	SHLQ $2, AX
-	LEAQ (R8)(AX*1), R9
-	LEAQ (R8)(AX*2), R10
-	LEAQ (R9)(AX*2), R11
-	MOVQ rows+16(FP), SI
-	MOVQ rowStride+24(FP), BX
-	SHLQ $1, BX
-	MOVQ n+32(FP), CX
-	MOVL $0xffff0000, AX
-	VPBROADCASTD AX, Z31
-	VPXORD Z0, Z0, Z0
-	VPXORD Z1, Z1, Z1
-	VPXORD Z2, Z2, Z2
-	VPXORD Z3, Z3, Z3
-	VPXORD Z4, Z4, Z4
-	VPXORD Z5, Z5, Z5
-	VPXORD Z6, Z6, Z6
-	VPXORD Z7, Z7, Z7
-	VPXORD Z8, Z8, Z8
-	VPXORD Z9, Z9, Z9
-	VPXORD Z10, Z10, Z10
-	VPXORD Z11, Z11, Z11
-	VPXORD Z12, Z12, Z12
-	VPXORD Z13, Z13, Z13
-	VPXORD Z14, Z14, Z14
-	VPXORD Z15, Z15, Z15
-	TESTQ CX, CX
-	JZ   vstore
-
-vrow:
-	VMOVDQU32 (SI), Z16
-	VMOVDQU32 64(SI), Z17
-	VPSLLD $16, Z16, Z18
-	VPSLLD $16, Z17, Z19
-	VPANDD Z31, Z16, Z16
-	VPANDD Z31, Z17, Z17
-	VBROADCASTSS (R8), Z20
-	VBROADCASTSS (R9), Z21
-	VBROADCASTSS (R10), Z22
-	VBROADCASTSS (R11), Z23
-	COEF4(Z20, Z0, Z1, Z2, Z3)
-	COEF4(Z21, Z4, Z5, Z6, Z7)
-	COEF4(Z22, Z8, Z9, Z10, Z11)
-	COEF4(Z23, Z12, Z13, Z14, Z15)
-	ADDQ $4, R8
-	ADDQ $4, R9
-	ADDQ $4, R10
-	ADDQ $4, R11
-	ADDQ BX, SI
-	DECQ CX
-	JNZ  vrow
-
-vstore:
-	VMOVDQU32 bf16Interleave<>+0(SB), Z24
-	VMOVDQU32 bf16Interleave<>+64(SB), Z25
-	MOVQ out+40(FP), DI
-	MOVQ outStride+48(FP), BX
-	SHLQ $2, BX
-	MOVQ accumulate+56(FP), AX
-	TESTQ AX, AX
-	JNZ  vadd
-	SET64(Z0, Z1, Z2, Z3)
-	SET64(Z4, Z5, Z6, Z7)
-	SET64(Z8, Z9, Z10, Z11)
-	SET64(Z12, Z13, Z14, Z15)
-	VZEROUPPER
-	RET
-
-vadd:
-	ADD64(Z0, Z1, Z2, Z3)
-	ADD64(Z4, Z5, Z6, Z7)
-	ADD64(Z8, Z9, Z10, Z11)
-	ADD64(Z12, Z13, Z14, Z15)
-	VZEROUPPER
-	RET
-
 // bf16EvenOdd: indices of the even, then the odd, values of 32.
 DATA bf16EvenOdd<>+0(SB)/4, $0
 DATA bf16EvenOdd<>+4(SB)/4, $2
@@ -377,4 +259,291 @@ pfloop:
 	JNZ  pfloop
 
 pfdone:
+	RET
+
+// func scoresBF16RowsAVX512(q *float32, qStride int, rows *uint16, rowStride, n, w int, out *float32, outStride int, scale float32, pf, pfEnd *uint16)
+//
+// scoresBF16x4AVX512 for four heads and n rows (a multiple of 4), four at a
+// time: out[h*outStride+j] for h < 4, j < n. The four heads' queries stay
+// in L1 across the rows. One line of [pf, pfEnd) is prefetched per block
+// of 32 values multiplied, so the next rows arrive while these are used.
+TEXT ·scoresBF16RowsAVX512(SB), NOSPLIT, $0-88
+	MOVQ q+0(FP), AX
+	MOVQ qStride+8(FP), DX
+	SHLQ $2, DX
+	LEAQ (AX)(DX*1), BX
+	LEAQ (AX)(DX*2), R12
+	LEAQ (BX)(DX*2), R13
+	MOVQ rows+16(FP), R8
+	MOVQ rowStride+24(FP), SI
+	SHLQ $1, SI
+	LEAQ (R8)(SI*1), R9
+	LEAQ (R8)(SI*2), R10
+	LEAQ (R9)(SI*2), R11
+	SHLQ $2, SI // four rows, in bytes
+	MOVQ n+32(FP), CX
+	SHRQ $2, CX
+	MOVQ out+48(FP), DI
+	MOVQ outStride+56(FP), R15
+	SHLQ $2, R15
+	VBROADCASTSS scale+64(FP), Z30
+	MOVL $0xffff0000, DX
+	VPBROADCASTD DX, Z31
+	MOVQ w+40(FP), DX
+	SHLQ $1, DX
+	MOVQ DX, w+40(FP) // now the row length in bytes
+	MOVQ pf+72(FP), R14
+	TESTQ CX, CX
+	JZ   rdone
+
+rgroup:
+	VPXORD Z0, Z0, Z0
+	VPXORD Z1, Z1, Z1
+	VPXORD Z2, Z2, Z2
+	VPXORD Z3, Z3, Z3
+	VPXORD Z4, Z4, Z4
+	VPXORD Z5, Z5, Z5
+	VPXORD Z6, Z6, Z6
+	VPXORD Z7, Z7, Z7
+	VPXORD Z8, Z8, Z8
+	VPXORD Z9, Z9, Z9
+	VPXORD Z10, Z10, Z10
+	VPXORD Z11, Z11, Z11
+	VPXORD Z12, Z12, Z12
+	VPXORD Z13, Z13, Z13
+	VPXORD Z14, Z14, Z14
+	VPXORD Z15, Z15, Z15
+	XORQ DX, DX // byte offset in the rows; the queries' is twice it
+
+rblock:
+	CMPQ R14, pfEnd+80(FP)
+	JAE  rnopf
+	PREFETCHT0 (R14)
+	ADDQ $64, R14
+
+rnopf:
+	VMOVDQU32 (R8)(DX*1), Z16
+	VMOVDQU32 (R9)(DX*1), Z17
+	VMOVDQU32 (R10)(DX*1), Z18
+	VMOVDQU32 (R11)(DX*1), Z19
+	VPSLLD $16, Z16, Z20
+	VPSLLD $16, Z17, Z21
+	VPSLLD $16, Z18, Z22
+	VPSLLD $16, Z19, Z23
+	VPANDD Z31, Z16, Z16
+	VPANDD Z31, Z17, Z17
+	VPANDD Z31, Z18, Z18
+	VPANDD Z31, Z19, Z19
+	VMOVUPS (AX)(DX*2), Z24
+	VMOVUPS 64(AX)(DX*2), Z25
+	VFMADD231PS Z24, Z20, Z0
+	VFMADD231PS Z24, Z21, Z1
+	VFMADD231PS Z24, Z22, Z2
+	VFMADD231PS Z24, Z23, Z3
+	VFMADD231PS Z25, Z16, Z0
+	VFMADD231PS Z25, Z17, Z1
+	VFMADD231PS Z25, Z18, Z2
+	VFMADD231PS Z25, Z19, Z3
+	VMOVUPS (BX)(DX*2), Z24
+	VMOVUPS 64(BX)(DX*2), Z25
+	VFMADD231PS Z24, Z20, Z4
+	VFMADD231PS Z24, Z21, Z5
+	VFMADD231PS Z24, Z22, Z6
+	VFMADD231PS Z24, Z23, Z7
+	VFMADD231PS Z25, Z16, Z4
+	VFMADD231PS Z25, Z17, Z5
+	VFMADD231PS Z25, Z18, Z6
+	VFMADD231PS Z25, Z19, Z7
+	VMOVUPS (R12)(DX*2), Z24
+	VMOVUPS 64(R12)(DX*2), Z25
+	VFMADD231PS Z24, Z20, Z8
+	VFMADD231PS Z24, Z21, Z9
+	VFMADD231PS Z24, Z22, Z10
+	VFMADD231PS Z24, Z23, Z11
+	VFMADD231PS Z25, Z16, Z8
+	VFMADD231PS Z25, Z17, Z9
+	VFMADD231PS Z25, Z18, Z10
+	VFMADD231PS Z25, Z19, Z11
+	VMOVUPS (R13)(DX*2), Z24
+	VMOVUPS 64(R13)(DX*2), Z25
+	VFMADD231PS Z24, Z20, Z12
+	VFMADD231PS Z24, Z21, Z13
+	VFMADD231PS Z24, Z22, Z14
+	VFMADD231PS Z24, Z23, Z15
+	VFMADD231PS Z25, Z16, Z12
+	VFMADD231PS Z25, Z17, Z13
+	VFMADD231PS Z25, Z18, Z14
+	VFMADD231PS Z25, Z19, Z15
+	ADDQ $64, DX
+	CMPQ DX, w+40(FP)
+	JLT  rblock
+
+	SCORES4(Z0, Z1, Z2, Z3, Y0, Y1, Y2, Y3, X0)
+	SCORES4(Z4, Z5, Z6, Z7, Y4, Y5, Y6, Y7, X4)
+	SCORES4(Z8, Z9, Z10, Z11, Y8, Y9, Y10, Y11, X8)
+	SCORES4(Z12, Z13, Z14, Z15, Y12, Y13, Y14, Y15, X12)
+	MOVQ R15, DX
+	SHLQ $2, DX
+	SUBQ DX, DI
+	ADDQ $16, DI // the next four rows' column
+	ADDQ SI, R8
+	ADDQ SI, R9
+	ADDQ SI, R10
+	ADDQ SI, R11
+	DECQ CX
+	JNZ  rgroup
+
+rdone:
+	VZEROUPPER
+	RET
+
+// One head's 64 sums in even-then-odd order per block of 32, stored to
+// (SETEO) or added to the 64 floats at DI scaled by the head's factor
+// broadcast in a (ADDEO); DI moves on by the output stride (BX bytes).
+#define SETEO(e0, o0, e1, o1) \
+	VMOVUPS e0, (DI); \
+	VMOVUPS o0, 64(DI); \
+	VMOVUPS e1, 128(DI); \
+	VMOVUPS o1, 192(DI); \
+	ADDQ BX, DI
+
+#define ADDEO(e0, o0, e1, o1, a) \
+	VFMADD231PS (DI), a, e0; \
+	VMOVUPS e0, (DI); \
+	VFMADD231PS 64(DI), a, o0; \
+	VMOVUPS o0, 64(DI); \
+	VFMADD231PS 128(DI), a, e1; \
+	VMOVUPS e1, 128(DI); \
+	VFMADD231PS 192(DI), a, o1; \
+	VMOVUPS o1, 192(DI); \
+	ADDQ BX, DI
+
+// func axpyBF16PanelsAVX512(p *float32, pStride int, rows *uint16, rowStride, n, panels int, out *float32, outStride int, alpha *float32)
+//
+// axpyBF16x4x64AVX512 for panels consecutive panels of 64 columns, with
+// the sums kept in even-then-odd order per block of 32 (evenOdd32's
+// order): out[h*outStride+64*k:][:64] for panel k, scaled by alpha[h] and
+// added to, or overwritten when alpha is nil.
+TEXT ·axpyBF16PanelsAVX512(SB), NOSPLIT, $0-72
+	MOVQ p+0(FP), R8
+	MOVQ pStride+8(FP), AX
+	SHLQ $2, AX
+	LEAQ (R8)(AX*1), R9
+	LEAQ (R8)(AX*2), R10
+	LEAQ (R9)(AX*2), R11
+	MOVQ rows+16(FP), R13
+	MOVQ rowStride+24(FP), BX
+	SHLQ $1, BX
+	MOVQ n+32(FP), CX
+	MOVQ panels+40(FP), DX
+	MOVQ out+48(FP), R12
+	MOVQ alpha+64(FP), AX
+	MOVL $0xffff0000, R14
+	VPBROADCASTD R14, Z31
+	TESTQ AX, AX
+	JZ   ppanel
+	VBROADCASTSS (AX), Z24
+	VBROADCASTSS 4(AX), Z25
+	VBROADCASTSS 8(AX), Z26
+	VBROADCASTSS 12(AX), Z27
+
+ppanel:
+	VPXORD Z0, Z0, Z0
+	VPXORD Z1, Z1, Z1
+	VPXORD Z2, Z2, Z2
+	VPXORD Z3, Z3, Z3
+	VPXORD Z4, Z4, Z4
+	VPXORD Z5, Z5, Z5
+	VPXORD Z6, Z6, Z6
+	VPXORD Z7, Z7, Z7
+	VPXORD Z8, Z8, Z8
+	VPXORD Z9, Z9, Z9
+	VPXORD Z10, Z10, Z10
+	VPXORD Z11, Z11, Z11
+	VPXORD Z12, Z12, Z12
+	VPXORD Z13, Z13, Z13
+	VPXORD Z14, Z14, Z14
+	VPXORD Z15, Z15, Z15
+	MOVQ R13, SI
+	XORQ R15, R15
+	TESTQ CX, CX
+	JZ   pstore
+
+prow:
+	VMOVDQU32 (SI), Z16
+	VMOVDQU32 64(SI), Z17
+	VPSLLD $16, Z16, Z18
+	VPSLLD $16, Z17, Z19
+	VPANDD Z31, Z16, Z16
+	VPANDD Z31, Z17, Z17
+	VBROADCASTSS (R8)(R15*4), Z20
+	VBROADCASTSS (R9)(R15*4), Z21
+	VBROADCASTSS (R10)(R15*4), Z22
+	VBROADCASTSS (R11)(R15*4), Z23
+	COEF4(Z20, Z0, Z1, Z2, Z3)
+	COEF4(Z21, Z4, Z5, Z6, Z7)
+	COEF4(Z22, Z8, Z9, Z10, Z11)
+	COEF4(Z23, Z12, Z13, Z14, Z15)
+	ADDQ BX, SI
+	INCQ R15
+	CMPQ R15, CX
+	JLT  prow
+
+pstore:
+	MOVQ R12, DI
+	MOVQ BX, R14 // the row stride, while BX is the output's
+	MOVQ outStride+56(FP), BX
+	SHLQ $2, BX
+	TESTQ AX, AX
+	JNZ  padd
+	SETEO(Z0, Z1, Z2, Z3)
+	SETEO(Z4, Z5, Z6, Z7)
+	SETEO(Z8, Z9, Z10, Z11)
+	SETEO(Z12, Z13, Z14, Z15)
+	JMP  pnext
+
+padd:
+	ADDEO(Z0, Z1, Z2, Z3, Z24)
+	ADDEO(Z4, Z5, Z6, Z7, Z25)
+	ADDEO(Z8, Z9, Z10, Z11, Z26)
+	ADDEO(Z12, Z13, Z14, Z15, Z27)
+
+pnext:
+	MOVQ R14, BX
+	ADDQ $256, R12 // the next 64 columns of out
+	ADDQ $128, R13 // and of the rows
+	DECQ DX
+	JNZ  ppanel
+	VZEROUPPER
+	RET
+
+// func interleave32AVX512(dst, src *float32, n int)
+//
+// Each block of 32 values of src, in even-then-odd order, back in column
+// order in dst; n is a multiple of 32.
+TEXT ·interleave32AVX512(SB), NOSPLIT, $0-24
+	MOVQ dst+0(FP), DI
+	MOVQ src+8(FP), SI
+	MOVQ n+16(FP), CX
+	SHRQ $5, CX
+	JZ   ildone
+	VMOVDQU32 bf16Interleave<>+0(SB), Z2
+	VMOVDQU32 bf16Interleave<>+64(SB), Z3
+
+illoop:
+	VMOVUPS (SI), Z0
+	VMOVUPS 64(SI), Z1
+	VMOVAPS Z2, Z4
+	VPERMI2PS Z1, Z0, Z4
+	VMOVAPS Z3, Z5
+	VPERMI2PS Z1, Z0, Z5
+	VMOVUPS Z4, (DI)
+	VMOVUPS Z5, 64(DI)
+	ADDQ $128, SI
+	ADDQ $128, DI
+	DECQ CX
+	JNZ  illoop
+
+ildone:
+	VZEROUPPER
 	RET

@@ -56,10 +56,16 @@ func hasBF16Attention(isa, int, int, int) bool { return false }
 
 func scoresBF16x4([]float32, int, int, []uint16, int, int, []float32, int, float32) {}
 
-func axpyBF16x4x64([]float32, int, []uint16, int, int, []float32, int, bool) {}
+func scoresBF16Rows([]float32, int, []uint16, int, int, int, []float32, int, float32, []uint16) {}
+
+func softmaxRows([]float32, int, int, int, []float32, []float32, []float32) {}
 
 func evenOdd32SIMD(isa, []float32, []float32) bool { return false }
 
 func prefetchRows(isa, []uint16) {}
 
 func interleaveSIMD(isa, []float32, []float32, int) bool { return false }
+
+func axpyBF16Panels([]float32, int, []uint16, int, int, int, []float32, int, []float32) {}
+
+func interleave32([]float32, []float32) {}

@@ -621,3 +621,115 @@ DATA interleaveIdx<>+104(SB)/8, $0x0000001d0000000d
 DATA interleaveIdx<>+112(SB)/8, $0x0000001e0000000e
 DATA interleaveIdx<>+120(SB)/8, $0x0000001f0000000f
 GLOBL interleaveIdx<>(SB), RODATA|NOPTR, $128
+
+// tailMask16: the mask of the first i lanes of 16, for i < 16.
+DATA tailMask16<>+0(SB)/2, $0x0000
+DATA tailMask16<>+2(SB)/2, $0x0001
+DATA tailMask16<>+4(SB)/2, $0x0003
+DATA tailMask16<>+6(SB)/2, $0x0007
+DATA tailMask16<>+8(SB)/2, $0x000f
+DATA tailMask16<>+10(SB)/2, $0x001f
+DATA tailMask16<>+12(SB)/2, $0x003f
+DATA tailMask16<>+14(SB)/2, $0x007f
+DATA tailMask16<>+16(SB)/2, $0x00ff
+DATA tailMask16<>+18(SB)/2, $0x01ff
+DATA tailMask16<>+20(SB)/2, $0x03ff
+DATA tailMask16<>+22(SB)/2, $0x07ff
+DATA tailMask16<>+24(SB)/2, $0x0fff
+DATA tailMask16<>+26(SB)/2, $0x1fff
+DATA tailMask16<>+28(SB)/2, $0x3fff
+DATA tailMask16<>+30(SB)/2, $0x7fff
+GLOBL tailMask16<>(SB), RODATA|NOPTR, $32
+
+// func softmaxRowsAVX512(sc *float32, scStride, heads, n int, m, l, alpha *float32)
+//
+// One step of a running softmax over a tile of n scores per head (n >= 1;
+// head h's at sc[h*scStride:]): with M = max(m[h], the tile's scores),
+// alpha[h] = exp(m[h] - M), each score becomes exp(score - M), l[h] =
+// l[h]*alpha[h] + their sum, and m[h] = M.
+TEXT ·softmaxRowsAVX512(SB), NOSPLIT, $0-56
+	MOVQ sc+0(FP), SI
+	MOVQ scStride+8(FP), R8
+	SHLQ $2, R8
+	MOVQ heads+16(FP), CX
+	MOVQ n+24(FP), DX
+	MOVQ m+32(FP), R9
+	MOVQ l+40(FP), R10
+	MOVQ alpha+48(FP), R11
+	MOVQ DX, BX
+	ANDQ $15, BX
+	LEAQ tailMask16<>(SB), R12
+	KMOVW (R12)(BX*2), K1
+	SHRQ $4, DX // whole vectors of 16
+	EXP_CONSTANTS
+
+smhead:
+	VBROADCASTSS (R9), Z0 // m[h]
+	VMOVAPS Z0, Z1
+	MOVQ SI, DI
+	MOVQ DX, R13
+	TESTQ R13, R13
+	JZ   smmaxtail
+
+smmax:
+	VMAXPS (DI), Z1, Z1
+	ADDQ $64, DI
+	DECQ R13
+	JNZ  smmax
+
+smmaxtail:
+	TESTQ BX, BX
+	JZ   smmaxdone
+	VMAXPS (DI), Z1, K1, Z1
+
+smmaxdone:
+	VSHUFF32X4 $0x4e, Z1, Z1, Z2
+	VMAXPS Z2, Z1, Z1
+	VSHUFF32X4 $0xb1, Z1, Z1, Z2
+	VMAXPS Z2, Z1, Z1
+	VPERMILPS $0x4e, Z1, Z2
+	VMAXPS Z2, Z1, Z1
+	VPERMILPS $0xb1, Z1, Z2
+	VMAXPS Z2, Z1, Z1 // the new maximum in every lane
+	VMOVSS X1, (R9)
+	VSUBPS Z1, Z0, Z2
+	EXP16(Z2, Z3, Z4) // alpha
+	VMOVSS X2, (R11)
+	VPXORD Z5, Z5, Z5
+	MOVQ SI, DI
+	MOVQ DX, R13
+	TESTQ R13, R13
+	JZ   smexptail
+
+smexp:
+	VMOVUPS (DI), Z6
+	VSUBPS Z1, Z6, Z6
+	EXP16(Z6, Z3, Z4)
+	VMOVUPS Z6, (DI)
+	VADDPS Z6, Z5, Z5
+	ADDQ $64, DI
+	DECQ R13
+	JNZ  smexp
+
+smexptail:
+	TESTQ BX, BX
+	JZ   smsum
+	VMOVUPS.Z (DI), K1, Z6
+	VSUBPS Z1, Z6, Z6
+	EXP16(Z6, Z3, Z4)
+	VMOVUPS Z6, K1, (DI)
+	VADDPS Z6, Z5, K1, Z5
+
+smsum:
+	HSUM16(Z5, Y5, X5, Y7, X7)
+	VMOVSS (R10), X8
+	VFMADD231SS X2, X8, X5
+	VMOVSS X5, (R10)
+	ADDQ R8, SI
+	ADDQ $4, R9
+	ADDQ $4, R10
+	ADDQ $4, R11
+	DECQ CX
+	JNZ  smhead
+	VZEROUPPER
+	RET

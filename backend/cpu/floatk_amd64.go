@@ -1,5 +1,7 @@
 package cpu
 
+import "unsafe"
+
 //go:noescape
 func dotF32AVX512(a, b *float32, n int) float32
 
@@ -179,7 +181,46 @@ func bf16ToF32SIMD(i isa, dst []float32, src []uint16) bool {
 func scoresBF16x4AVX512(q *float32, qStride, heads int, rows *uint16, rowStride, w int, out *float32, outStride int, scale float32)
 
 //go:noescape
-func axpyBF16x4x64AVX512(p *float32, pStride int, rows *uint16, rowStride, n int, out *float32, outStride int, accumulate int)
+func scoresBF16RowsAVX512(q *float32, qStride int, rows *uint16, rowStride, n, w int, out *float32, outStride int, scale float32, pf *uint16, pfEnd uintptr)
+
+//go:noescape
+func axpyBF16PanelsAVX512(p *float32, pStride int, rows *uint16, rowStride, n, panels int, out *float32, outStride int, alpha *float32)
+
+//go:noescape
+func interleave32AVX512(dst, src *float32, n int)
+
+// axpyBF16Panels is axpyBF16PanelsAVX512 on slices: p holds four rows of n
+// coefficients pStride apart, rows n rows of at least 64*panels bf16
+// values rowStride apart, out four rows of 64*panels at outStride (each
+// block of 32 in evenOdd32 order), scaled by alpha[h] and added to, or
+// overwritten when alpha is nil.
+func axpyBF16Panels(p []float32, pStride int, rows []uint16, rowStride, n, panels int, out []float32, outStride int, alpha []float32) {
+	if panels <= 0 {
+		return
+	}
+	_ = out[3*outStride+64*panels-1]
+	if n > 0 {
+		_, _ = p[3*pStride+n-1], rows[(n-1)*rowStride+64*panels-1]
+	}
+	var a *float32
+	if alpha != nil {
+		a = &alpha[:4][0]
+	}
+	axpyBF16PanelsAVX512(&p[0], pStride, &rows[0], rowStride, n, panels, &out[0], outStride, a)
+}
+
+// interleave32 writes each block of 32 values of src (in evenOdd32 order)
+// to dst in column order; len(src) is a multiple of 32.
+func interleave32(dst, src []float32) {
+	if len(src) == 0 {
+		return
+	}
+	_ = dst[len(src)-1]
+	interleave32AVX512(&dst[0], &src[0], len(src))
+}
+
+//go:noescape
+func softmaxRowsAVX512(sc *float32, scStride, heads, n int, m, l, alpha *float32)
 
 // hasBF16Attention reports whether family i reads a bf16 cache in place in
 // decode attention for these sizes: heads in fours, the latent in panels
@@ -197,20 +238,32 @@ func scoresBF16x4(q []float32, qStride, heads int, rows []uint16, rowStride, w i
 	scoresBF16x4AVX512(&q[0], qStride, heads, &rows[0], rowStride, w, &out[0], outStride, scale)
 }
 
-// axpyBF16x4x64 is axpyBF16x4x64AVX512 on slices: p holds four rows of n
-// coefficients pStride apart, rows n rows of at least 64 bf16 values
-// rowStride apart, out four rows of 64 at outStride, added to when
-// accumulate is set and overwritten otherwise.
-func axpyBF16x4x64(p []float32, pStride int, rows []uint16, rowStride, n int, out []float32, outStride int, accumulate bool) {
-	_ = out[3*outStride+63]
-	if n > 0 {
-		_, _ = p[3*pStride+n-1], rows[(n-1)*rowStride+63]
+// scoresBF16Rows is scoresBF16RowsAVX512 on slices: q holds four heads'
+// rows of w values qStride apart (in evenOdd32 order), rows n rows (a
+// multiple of 4) of w bf16 values rowStride apart, out four rows of n at
+// outStride; the whole 64-byte lines of pf are prefetched on the way.
+func scoresBF16Rows(q []float32, qStride int, rows []uint16, rowStride, n, w int, out []float32, outStride int, scale float32, pf []uint16) {
+	if n <= 0 {
+		return
 	}
-	acc := 0
-	if accumulate {
-		acc = 1
+	_, _, _ = q[3*qStride+w-1], rows[(n-1)*rowStride+w-1], out[3*outStride+n-1]
+	var pp *uint16
+	var end uintptr
+	if len(pf) >= 32 {
+		pp = &pf[0]
+		end = uintptr(unsafe.Pointer(pp)) + uintptr(len(pf)/32*64)
 	}
-	axpyBF16x4x64AVX512(&p[0], pStride, &rows[0], rowStride, n, &out[0], outStride, acc)
+	scoresBF16RowsAVX512(&q[0], qStride, &rows[0], rowStride, n, w, &out[0], outStride, scale, pp, end)
+}
+
+// softmaxRows is softmaxRowsAVX512 on slices: sc holds heads rows of n
+// scores scStride apart; m, l and alpha one value per head.
+func softmaxRows(sc []float32, scStride, heads, n int, m, l, alpha []float32) {
+	if heads <= 0 || n <= 0 {
+		return
+	}
+	_, _, _, _ = sc[(heads-1)*scStride+n-1], m[heads-1], l[heads-1], alpha[heads-1]
+	softmaxRowsAVX512(&sc[0], scStride, heads, n, &m[0], &l[0], &alpha[0])
 }
 
 //go:noescape
