@@ -452,11 +452,15 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 		acc = 1
 	}
 	if slots <= moeSlotsMax && t.K <= moeRowsMaxK && t.I <= moeRowsMaxK && t.I%t.G == 0 && !moeDownOld {
-		gu, err := c.Kernel("moe", "moe_gate_up_q")
+		guName, downName := "moe_gate_up_q", "moe_down_hq"
+		if moeDecode != "" {
+			guName, downName = guName+"_"+moeDecode, downName+"_"+moeDecode
+		}
+		gu, err := c.Kernel("moe", guName)
 		if err != nil {
 			return err
 		}
-		down, err := c.Kernel("moe", "moe_down_hq")
+		down, err := c.Kernel("moe", downName)
 		if err != nil {
 			return err
 		}
@@ -509,6 +513,22 @@ const (
 // MoE input's quantization out of the router launch (Backend): the MoE
 // chain as it was before these kernels.
 var moeDownOld = os.Getenv("MMFP4_CUDA_MOE_DOWN") == "old"
+
+// moeDecode picks the form of the products of MoE's single-token kernels:
+// "" moe_gate_up_q and moe_down_hq, "prev" their earlier form (the
+// table's low word rebuilt for each byte permute, the scales decoded in
+// integer operations, the SiLU products one lane after the other), "bal"
+// the high halves of most selectors through the multiply-add unit; all
+// give the same bits. MMFP4_CUDA_MOE_DECODE=prev|bal, for an A/B on the
+// card.
+var moeDecode = moeDecodeEnv(os.Getenv("MMFP4_CUDA_MOE_DECODE"))
+
+func moeDecodeEnv(v string) string {
+	if v == "prev" || v == "bal" {
+		return v
+	}
+	return ""
+}
 
 // moeMaxI is MOE_MAX_I in moe.cu: the largest intermediate size whose
 // quantization moe_down_q holds in shared memory.

@@ -692,6 +692,81 @@ DEVICE i32 dot32_split(uint4 q, uint4 xa, uint4 xb) {
   return d - neg;
 }
 
+// A table word (E2M1_LO) in a register that the compiler cannot rebuild
+// from its constant (it does not know that a byte permute with selector
+// 0x3210 copies its first operand), so that it keeps it in one register
+// instead of rebuilding the constant before every prmt (prmt takes one
+// immediate operand, and E2M1_HI is it).
+DEVICE u32 table_reg(u32 t) {
+  u32 lane;
+  asm volatile("mov.u32 %0, %%laneid;" : "=r"(lane));
+  u32 v;
+  asm volatile("prmt.b32 %0, %1, %2, 0x3210;" : "=r"(v) : "r"(t), "r"(lane));
+  return v;
+}
+
+// The high half of q as a selector through the integer multiply-add unit
+// (mul.hi by 2^16) instead of a shift: the logic unit, where every byte
+// permute goes, is the busier one in these products.
+DEVICE u32 hi16_mad(u32 q) {
+  u32 d;
+  asm("mul.hi.u32 %0, %1, 65536;" : "=r"(d) : "r"(q));
+  return d;
+}
+
+// dot32_split with the low half of the table in a register (lo). BAL:
+// words 1-3 take their high halves through hi16_mad (about as many
+// operations on the logic unit as on the multiply-add unit, which does the
+// dp4a).
+template <bool BAL>
+DEVICE i32 dot32_split_lo(uint4 q, uint4 xa, uint4 xb, u32 lo) {
+  i32 pos = 0, neg = 0;
+  const u32 w[4] = {q.x, q.y, q.z, q.w};
+  const u32 x[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    const u32 n = w[i] ^ 0x88888888u;
+    const bool mad = BAL && i >= 1;
+    pos = dp4a_ss(prmt(lo, E2M1_HI, w[i]), x[2 * i], pos);
+    pos = dp4a_ss(prmt(lo, E2M1_HI, mad ? hi16_mad(w[i]) : w[i] >> 16), x[2 * i + 1], pos);
+    neg = dp4a_ss(prmt(lo, E2M1_HI, n), x[2 * i], neg);
+    neg = dp4a_ss(prmt(lo, E2M1_HI, mad ? hi16_mad(n) : n >> 16), x[2 * i + 1], neg);
+  }
+  return pos - neg;
+}
+
+// Two FP8 E4M3 scale bytes (bits 0-7 and 8-15 of b) as a half2 through the
+// hardware conversion (sm_89 and later; rows_dot uses it only there), and
+// one half of it as a float: both steps exact, so the value is e4m3's (NaN
+// for 0x7F and 0xFF too).
+DEVICE u32 e4m3x2_half2(u32 b) {
+  u32 h2 = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm("{ .reg .b16 l; cvt.u16.u32 l, %1; cvt.rn.f16x2.e4m3x2 %0, l; }" : "=r"(h2) : "r"(b));
+#endif
+  return h2;
+}
+DEVICE float half2_lo(u32 h2) {
+  float f;
+  asm("{ .reg .b16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, l; }" : "=f"(f) : "r"(h2));
+  return f;
+}
+DEVICE float half2_hi(u32 h2) {
+  float f;
+  asm("{ .reg .b16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, h; }" : "=f"(f) : "r"(h2));
+  return f;
+}
+
+// The scale conversion of rows_dot's FAST form for all 256 bytes, in both
+// places of a pair (tests): out[2b] from byte b in bits 0-7, out[2b+1]
+// from byte b in bits 8-15. One block of 256 threads.
+extern "C" __global__ void moe_scale_convert(float* __restrict__ out) {
+  const u32 b = threadIdx.x;
+  const u32 h2 = e4m3x2_half2(b | (b << 8));
+  out[2 * b] = half2_lo(h2);
+  out[2 * b + 1] = half2_hi(h2);
+}
+
 // gemv_dot in two halves for rows of at most 64 chunks (2048 columns),
 // so that a warp can request its weights, then do other work while they
 // come: rows_load issues every load of R rows (lane l: chunks l and l+32),
@@ -716,10 +791,25 @@ DEVICE void rows_load(const u8* const (&rc)[R], const u8* const (&rs)[R], int C,
 
 // GLOBAL: sq and ss are in global memory, written by an earlier kernel
 // (read through the non-coherent path, as gemv_dot reads its input).
-template <int R, bool GLOBAL = false>
+// FAST (1 or 2, 0 the earlier form): the table's low word in a register
+// (table_reg), dot32_split_lo's products (BAL for 2), and the scales
+// converted by the hardware, the two chunks' scales of a row packed into
+// one register; the same integer products and float operations.
+template <int R, bool GLOBAL = false, int FAST = 1>
 DEVICE void rows_dot(const uint4 (&w)[2][R], const u32 (&s)[2][R], int C, int gshift,
                      const i8* sq, const float* ss, float (&out)[R]) {
   const int lane = threadIdx.x & 31;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  constexpr bool fast = FAST != 0;
+#else
+  constexpr bool fast = false;
+#endif
+  u32 lo = E2M1_LO, sc2[R];
+  if (fast) {
+    lo = table_reg(E2M1_LO);
+#pragma unroll
+    for (int r = 0; r < R; r++) sc2[r] = e4m3x2_half2(prmt(s[0][r], s[1][r], 0x0040));
+  }
 #pragma unroll
   for (int r = 0; r < R; r++) out[r] = 0.f;
 #pragma unroll
@@ -730,7 +820,14 @@ DEVICE void rows_dot(const uint4 (&w)[2][R], const u32 (&s)[2][R], int C, int gs
     const uint4 xa = GLOBAL ? __ldg(xp) : xp[0], xb = GLOBAL ? __ldg(xp + 1) : xp[1];
     const float xscale = GLOBAL ? __ldg(ss + (c >> gshift)) : ss[c >> gshift];
 #pragma unroll
-    for (int r = 0; r < R; r++) out[r] += (float)dot32_split(w[h][r], xa, xb) * (e4m3(s[h][r]) * xscale);
+    for (int r = 0; r < R; r++) {
+      if (fast) {
+        const float ws = h == 0 ? half2_lo(sc2[r]) : half2_hi(sc2[r]);
+        out[r] += (float)dot32_split_lo<FAST == 2>(w[h][r], xa, xb, lo) * (ws * xscale);
+      } else {
+        out[r] += (float)dot32_split(w[h][r], xa, xb) * (e4m3(s[h][r]) * xscale);
+      }
+    }
   }
 #pragma unroll
   for (int r = 0; r < R; r++) out[r] = warp_sum(out[r]);
@@ -780,12 +877,14 @@ DEVICE void quant_groups(const float* src, bool global, int K, int G, int g0, in
 // the last of the G/16 blocks that make a group of G rows of h (counted
 // in gcount[slot][group], which it resets) quantizes that group into
 // hq, hs (nslots rows of I, as rmsnorm_quant without a gain).
-extern "C" __global__ void __launch_bounds__(128, 4)
-    moe_gate_up_q(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
-                  int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
-                  const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq,
-                  float* __restrict__ hs, u32* __restrict__ gcount) {
-  PDL_LAUNCH();
+// FAST: rows_dot's FAST products, and the SiLU products of a warp's 4 rows
+// in lanes 0-3 at once instead of one lane after the other (the same
+// operations on each value).
+template <int FAST>
+DEVICE void gate_up_q(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
+                      int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
+                      const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq,
+                      float* __restrict__ hs, u32* __restrict__ gcount) {
   __shared__ __align__(16) i8 sx[ROUTER_FAST_MAX_K];
   __shared__ float sxs[ROUTER_FAST_MAX_K / 32];
   __shared__ bool last;
@@ -814,14 +913,27 @@ extern "C" __global__ void __launch_bounds__(128, 4)
   for (int i = tid; i < GK; i += 128) sxs[i] = __ldg(xs + i);
   __syncthreads();
   float out[8];
-  rows_dot<8>(w, s, C, gshift, sx, sxs, out);
+  rows_dot<8, false, FAST>(w, s, C, gshift, sx, sxs, out);
+  if (FAST) {
+    float og = out[0], ou = out[4];
 #pragma unroll
-  for (int r = 0; r < 4; r++) {
-    const int n = row0 + r;
-    if (lane == r && n < I) {
-      const float g = out[r] * (ex.gate.row_scale[n] * 0.5f);
-      const float u = out[4 + r] * (ex.up.row_scale[n] * 0.5f);
+    for (int r = 1; r < 4; r++)
+      if (lane == r) og = out[r], ou = out[4 + r];
+    const int n = row0 + lane;
+    if (lane < 4 && n < I) {
+      const float g = og * (ex.gate.row_scale[n] * 0.5f);
+      const float u = ou * (ex.up.row_scale[n] * 0.5f);
       h[(size_t)slot * I + n] = silu(g) * u;
+    }
+  } else {
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      const int n = row0 + r;
+      if (lane == r && n < I) {
+        const float g = out[r] * (ex.gate.row_scale[n] * 0.5f);
+        const float u = out[4 + r] * (ex.up.row_scale[n] * 0.5f);
+        h[(size_t)slot * I + n] = silu(g) * u;
+      }
     }
   }
   // A block's 16 rows lie in one group of G (16 divides G, and I is a
@@ -841,6 +953,35 @@ extern "C" __global__ void __launch_bounds__(128, 4)
   }
 }
 
+extern "C" __global__ void __launch_bounds__(128, 4)
+    moe_gate_up_q(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
+                  int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
+                  const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq,
+                  float* __restrict__ hs, u32* __restrict__ gcount) {
+  PDL_LAUNCH();
+  gate_up_q<1>(experts, ids, topk, nexperts, I, K, gshift, xq, xs, h, hq, hs, gcount);
+}
+
+// moe_gate_up_q with rows_dot's BAL products (the same bits; for A/B).
+extern "C" __global__ void __launch_bounds__(128, 4)
+    moe_gate_up_q_bal(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
+                      int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
+                      const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq,
+                      float* __restrict__ hs, u32* __restrict__ gcount) {
+  PDL_LAUNCH();
+  gate_up_q<2>(experts, ids, topk, nexperts, I, K, gshift, xq, xs, h, hq, hs, gcount);
+}
+
+// moe_gate_up_q with the earlier products (the same bits; for A/B).
+extern "C" __global__ void __launch_bounds__(128, 4)
+    moe_gate_up_q_prev(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
+                       int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
+                       const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq,
+                       float* __restrict__ hs, u32* __restrict__ gcount) {
+  PDL_LAUNCH();
+  gate_up_q<0>(experts, ids, topk, nexperts, I, K, gshift, xq, xs, h, hq, hs, gcount);
+}
+
 // Down products of every slot for 4 output rows a block, summed over the
 // slots in the block, from h quantized by moe_gate_up_q: grid ceil(N/4)
 // blocks of nslots warps, warp s taking slot s's 4 rows (rows_load, then
@@ -849,12 +990,11 @@ extern "C" __global__ void __launch_bounds__(128, 4)
 // (moe_down_sum's order and operations) in shared memory: no partial
 // products through memory, no counters. I <= 2048.
 #define DOWN_SLOTS_MAX 8
-extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
-    moe_down_hq(const Expert* __restrict__ experts, const i32* __restrict__ ids,
-                const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
-                const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
-                int accumulate) {
-  PDL_LAUNCH();
+template <int FAST>
+DEVICE void down_hq(const Expert* __restrict__ experts, const i32* __restrict__ ids,
+                    const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
+                    const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
+                    int accumulate) {
   __shared__ float part[DOWN_SLOTS_MAX][4], wsm[DOWN_SLOTS_MAX];
   const int slot = threadIdx.x >> 5, lane = threadIdx.x & 31, nslots = blockDim.x >> 5;
   const int row0 = blockIdx.x * 4;
@@ -876,7 +1016,7 @@ extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
   PDL_WAIT();
   if (lane == 0) wsm[slot] = slot < topk ? wts[slot] : 1.f;
   float out[4];
-  rows_dot<4, true>(w, s, C, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK, out);
+  rows_dot<4, true, FAST>(w, s, C, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK, out);
 #pragma unroll
   for (int r = 0; r < 4; r++)
     if (lane == r) part[slot][r] = out[r] * (rsc * 0.5f);
@@ -887,4 +1027,33 @@ extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
     for (int k = 0; k < nslots; k++) total += wsm[k] * part[k][threadIdx.x];
     y[n] = accumulate ? y[n] + total : total;
   }
+}
+
+extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
+    moe_down_hq(const Expert* __restrict__ experts, const i32* __restrict__ ids,
+                const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
+                const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
+                int accumulate) {
+  PDL_LAUNCH();
+  down_hq<1>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate);
+}
+
+// moe_down_hq with rows_dot's BAL products (the same bits; for A/B).
+extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
+    moe_down_hq_bal(const Expert* __restrict__ experts, const i32* __restrict__ ids,
+                    const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
+                    const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
+                    int accumulate) {
+  PDL_LAUNCH();
+  down_hq<2>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate);
+}
+
+// moe_down_hq with the earlier products (the same bits; for A/B).
+extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
+    moe_down_hq_prev(const Expert* __restrict__ experts, const i32* __restrict__ ids,
+                     const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
+                     const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
+                     int accumulate) {
+  PDL_LAUNCH();
+  down_hq<0>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate);
 }
