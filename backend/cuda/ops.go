@@ -468,7 +468,13 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 			t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, s.H, s.HQ.Q, s.HQ.Scales, s.Groups); err != nil {
 			return err
 		}
-		return c.Launch(down, D1((t.K+3)/4), D1(32*slots), 0, t.buf, ids, wts, topk, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, y, acc)
+		// The routing is an input of the gate/up launch just queued, so
+		// the down launch may read it before its wait (early).
+		early := 1
+		if moeDownLate || moeDecode == "prev" {
+			early = 0
+		}
+		return c.Launch(down, D1((t.K+3)/4), D1(32*slots), 0, t.buf, ids, wts, topk, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, y, acc, early)
 	}
 	gu, err := c.Kernel("moe", "moe_gate_up")
 	if err != nil {
@@ -517,11 +523,16 @@ var moeDownOld = os.Getenv("MMFP4_CUDA_MOE_DOWN") == "old"
 // moeDecode picks the form of the products of MoE's single-token kernels:
 // "" moe_gate_up_q and moe_down_hq, "prev" their earlier form (the
 // table's low word rebuilt for each byte permute, the scales decoded in
-// integer operations, the SiLU products one lane after the other), "bal"
+// integer operations, the SiLU products one lane after the other, the down
+// kernel's routed slots waiting before their loads), "bal"
 // the high halves of most selectors through the multiply-add unit; all
 // give the same bits. MMFP4_CUDA_MOE_DECODE=prev|bal, for an A/B on the
 // card.
 var moeDecode = moeDecodeEnv(os.Getenv("MMFP4_CUDA_MOE_DECODE"))
+
+// moeDownLate makes moe_down_hq's routed slots wait before requesting
+// their weights, as they did before (benchmarks).
+var moeDownLate bool
 
 func moeDecodeEnv(v string) string {
 	if v == "prev" || v == "bal" {

@@ -24,8 +24,11 @@ import (
 //     slot's h, a block per slot, the sum by the last) instead of
 //     moe_gate_up_q and moe_down_hq;
 //   - -prev, -bal: moe_gate_up_q and moe_down_hq with their earlier
-//     products, or with the selectors' high halves through the
-//     multiply-add unit (moeDecode).
+//     products (and the down kernel's routed slots waiting before their
+//     loads), or with the selectors' high halves through the multiply-add
+//     unit (moeDecode);
+//   - -late: the down kernel's routed slots waiting before their loads
+//     (moeDownLate).
 //
 // Each call takes the next of 6 layers (its own shared expert and router,
 // the 64 routed experts common) and the next of 16 inputs (routing sets),
@@ -178,6 +181,8 @@ func BenchmarkRouterMoE(b *testing.B) {
 		{"two-prev", false, false, "prev", two},
 		{"two-bal", false, false, "bal", two},
 		{"two", false, false, "", two},
+		{"two-late", false, false, "late", two},
+		{"routerquant+two-late", true, false, "late", routerTwo(2)},
 	}
 	// Two rounds, so that A/B pairs alternate in one process.
 	for _, v := range append(variants, variants...) {
@@ -186,8 +191,11 @@ func BenchmarkRouterMoE(b *testing.B) {
 			bytes += 4 * E * K
 		}
 		b.Run(v.name, func(b *testing.B) {
-			moeDownOld, moeDecode = v.oldDown, v.decode
-			defer func() { moeDownOld, moeDecode = false, "" }()
+			moeDownOld, moeDecode, moeDownLate = v.oldDown, v.decode, v.decode == "late"
+			if v.decode == "late" {
+				moeDecode = ""
+			}
+			defer func() { moeDownOld, moeDecode, moeDownLate = false, "", false }()
 			var ms float32
 			err := d.Do(func(c *Ctx) error {
 				call := func() error {

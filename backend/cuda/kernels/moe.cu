@@ -989,17 +989,24 @@ extern "C" __global__ void __launch_bounds__(128, 4)
 // bit); the block sums the slots in slot order with their weights
 // (moe_down_sum's order and operations) in shared memory: no partial
 // products through memory, no counters. I <= 2048.
+//
+// early: the routing (ids, wts) is read before the wait, so that every
+// slot's weights are requested before it, not only the shared slots'.
+// Right only when the routing was written two or more launches back, as
+// it is when this kernel follows moe_gate_up_q, which reads the same ids
+// after its own wait (prelude.cuh: every kernel two or more launches back
+// has finished when a kernel starts).
 #define DOWN_SLOTS_MAX 8
 template <int FAST>
 DEVICE void down_hq(const Expert* __restrict__ experts, const i32* __restrict__ ids,
                     const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
                     const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
-                    int accumulate) {
+                    int accumulate, int early) {
   __shared__ float part[DOWN_SLOTS_MAX][4], wsm[DOWN_SLOTS_MAX];
   const int slot = threadIdx.x >> 5, lane = threadIdx.x & 31, nslots = blockDim.x >> 5;
   const int row0 = blockIdx.x * 4;
   const int G = 32 << gshift, GK = I / G, C = I >> 5;
-  if (slot < topk) PDL_WAIT();
+  if (slot < topk && !early) PDL_WAIT();
   const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
   const u8* rc[4];
   const u8* rs[4];
@@ -1033,9 +1040,9 @@ extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
     moe_down_hq(const Expert* __restrict__ experts, const i32* __restrict__ ids,
                 const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
                 const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
-                int accumulate) {
+                int accumulate, int early) {
   PDL_LAUNCH();
-  down_hq<1>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate);
+  down_hq<1>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate, early);
 }
 
 // moe_down_hq with rows_dot's BAL products (the same bits; for A/B).
@@ -1043,9 +1050,9 @@ extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
     moe_down_hq_bal(const Expert* __restrict__ experts, const i32* __restrict__ ids,
                     const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
                     const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
-                    int accumulate) {
+                    int accumulate, int early) {
   PDL_LAUNCH();
-  down_hq<2>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate);
+  down_hq<2>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate, early);
 }
 
 // moe_down_hq with the earlier products (the same bits; for A/B).
@@ -1053,7 +1060,7 @@ extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
     moe_down_hq_prev(const Expert* __restrict__ experts, const i32* __restrict__ ids,
                      const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
                      const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
-                     int accumulate) {
+                     int accumulate, int early) {
   PDL_LAUNCH();
-  down_hq<0>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate);
+  down_hq<0>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate, early);
 }
