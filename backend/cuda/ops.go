@@ -342,9 +342,10 @@ func (c *Ctx) Route(gate, bias, x uint64, ldx, T, E, K int, cfg RouteConfig, ids
 // RouterRoute launches the router's product and the expert choice in one
 // kernel for T rows (x rows ldx floats apart, logits rows ldl): W [E][K]
 // fp32, bias E floats; ids and wts get topk entries a row; counters (T
-// words, zero between calls) count each row's blocks. moe_router_fast
-// where it fits (E <= 128, K <= 2048, 16-byte aligned rows), else
-// moe_router_route; both give the same bits. With q (T rows of K in
+// words, zero between calls) count each row's blocks. moe_router_cluster
+// for 64 experts and moe_router_fast for the others where they fit (E <=
+// 128, K <= 2048, 16-byte aligned rows), else moe_router_route; all give
+// the same bits. With q (T rows of K in
 // groups of G, where RouterFastFits), the launch also writes x's int8 form
 // into q, as RMSNormQuant without a gain would.
 func (c *Ctx) RouterRoute(W uint64, E, K int, x uint64, ldx, T int, logits uint64, ldl int, bias uint64, topk int, norm bool, scaling float32, ids, wts, counters uint64, q *QActs) error {
@@ -353,10 +354,6 @@ func (c *Ctx) RouterRoute(W uint64, E, K int, x uint64, ldx, T int, logits uint6
 		n = 1
 	}
 	if RouterFastFits(E, K, x, ldx, topk) {
-		k, err := c.Kernel("moe", "moe_router_fast")
-		if err != nil {
-			return err
-		}
 		var xq, xs, xsum uint64
 		G := 32
 		if q != nil {
@@ -364,6 +361,18 @@ func (c *Ctx) RouterRoute(W uint64, E, K int, x uint64, ldx, T int, logits uint6
 				return fmt.Errorf("cuda: router: activations %dx%d/%d for %d rows of %d", q.T, q.K, q.G, T, K)
 			}
 			xq, xs, xsum, G = q.Q, q.Scales, q.Sums, q.G
+		}
+		if E == routerClusterE && !routerNoCluster && moeDecode != "prev" {
+			k, err := c.Kernel("moe", "moe_router_cluster")
+			if err != nil {
+				return err
+			}
+			return c.Launch(k, Dim{routerClusterE / 8, uint32(T), 1}, D1(256), 4*K, W, K, x, ldx, logits, ldl, bias, topk, n, scaling, ids, wts,
+				xq, xs, xsum, G)
+		}
+		k, err := c.Kernel("moe", "moe_router_fast")
+		if err != nil {
+			return err
 		}
 		return c.Launch(k, Dim{uint32((E + 3) / 4), uint32(T), 1}, D1(128), 4*K, W, E, K, x, ldx, logits, ldl, bias, topk, n, scaling, ids, wts, counters,
 			xq, xs, xsum, G)
@@ -387,6 +396,14 @@ func RouterFastFits(E, K int, x uint64, ldx, topk int) bool {
 
 // routerSlow makes RouterRoute use moe_router_route always (benchmarks).
 var routerSlow bool
+
+// routerClusterE is the number of experts of moe_router_cluster (one
+// cluster of 8 blocks of 8 warps a row), which RouterRoute takes for them
+// instead of moe_router_fast (the same bits) unless routerNoCluster
+// (benchmarks and tests) or MMFP4_CUDA_MOE_DECODE=prev.
+const routerClusterE = 64
+
+var routerNoCluster bool
 
 // MoEScratch is the work space of MoE for one token: each slot's SiLU
 // product and its int8 form, each slot's down product, and the down
@@ -524,7 +541,8 @@ var moeDownOld = os.Getenv("MMFP4_CUDA_MOE_DOWN") == "old"
 // "" moe_gate_up_q and moe_down_hq, "prev" their earlier form (the
 // table's low word rebuilt for each byte permute, the scales decoded in
 // integer operations, the SiLU products one lane after the other, the down
-// kernel's routed slots waiting before their loads), "bal"
+// kernel's routed slots waiting before their loads, and the router launch
+// moe_router_fast for 64 experts too), "bal"
 // the high halves of most selectors through the multiply-add unit; all
 // give the same bits. MMFP4_CUDA_MOE_DECODE=prev|bal, for an A/B on the
 // card.

@@ -28,7 +28,9 @@ import (
 //     loads), or with the selectors' high halves through the multiply-add
 //     unit (moeDecode);
 //   - -late: the down kernel's routed slots waiting before their loads
-//     (moeDownLate).
+//     (moeDownLate);
+//   - -fastrouter: moe_router_fast instead of moe_router_cluster
+//     (routerNoCluster).
 //
 // Each call takes the next of 6 layers (its own shared expert and router,
 // the 64 routed experts common) and the next of 16 inputs (routing sets),
@@ -183,6 +185,7 @@ func BenchmarkRouterMoE(b *testing.B) {
 		{"two", false, false, "", two},
 		{"two-late", false, false, "late", two},
 		{"routerquant+two-late", true, false, "late", routerTwo(2)},
+		{"routerquant+two-fastrouter", true, false, "fastrouter", routerTwo(2)},
 	}
 	// Two rounds, so that A/B pairs alternate in one process.
 	for _, v := range append(variants, variants...) {
@@ -191,11 +194,12 @@ func BenchmarkRouterMoE(b *testing.B) {
 			bytes += 4 * E * K
 		}
 		b.Run(v.name, func(b *testing.B) {
-			moeDownOld, moeDecode, moeDownLate = v.oldDown, v.decode, v.decode == "late"
-			if v.decode == "late" {
+			moeDownOld, moeDecode = v.oldDown, v.decode
+			moeDownLate, routerNoCluster = v.decode == "late", v.decode == "fastrouter"
+			if moeDownLate || routerNoCluster {
 				moeDecode = ""
 			}
-			defer func() { moeDownOld, moeDecode, moeDownLate = false, "", false }()
+			defer func() { moeDownOld, moeDecode, moeDownLate, routerNoCluster = false, "", false, false }()
 			var ms float32
 			err := d.Do(func(c *Ctx) error {
 				call := func() error {

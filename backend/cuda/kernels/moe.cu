@@ -681,6 +681,126 @@ extern "C" __global__ void __launch_bounds__(128)
                     norm, scaling, ids, wts, counters, xq, xs, xsum, G);
 }
 
+// The router launch for E = 64 as one cluster of 8 blocks of 8 warps a
+// token (grid (8, T)): warp w of block b computes logit 8b + w as
+// router_fast_block's warps do, and stores it, besides logits, into the
+// shared memory of the cluster's first block, which after a cluster
+// barrier ranks the 64 choices as router_fast_block's last block does
+// (the same bits): no counter, no fences, no reload of the logits from
+// memory. The blocks also write the input row's int8 form (xq, xs, xsum),
+// warp w of block b taking groups b + 8w, .... Dynamic shared memory K
+// floats.
+#define ROUTER_CLUSTER 8
+DEVICE u32 cluster_rank() {
+  u32 r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+DEVICE void cluster_arrive() { asm volatile("barrier.cluster.arrive.aligned;" ::: "memory"); }
+DEVICE void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
+// v into the float at p (this block's shared memory) in the shared memory
+// of the cluster's block rank.
+DEVICE void st_cluster(float* p, u32 rank, float v) {
+  u32 a = (u32)__cvta_generic_to_shared(p), d;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(rank));
+  asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(d), "f"(v) : "memory");
+}
+
+extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bounds__(256)
+    moe_router_cluster(const float* __restrict__ W, int K, const float* __restrict__ x, int ldx,
+                       float* logits, int ldl, const float* __restrict__ bias, int topk, int norm,
+                       float scaling, i32* __restrict__ ids, float* __restrict__ wts,
+                       i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum, int G) {
+  PDL_LAUNCH();
+  extern __shared__ __align__(16) float rxs[];  // [K] the input row
+  __shared__ float clog[64], score[64], choice[64], pick[32];
+  const int E = 64, nb = ROUTER_CLUSTER, b = blockIdx.x, t = blockIdx.y;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int e = b * 8 + warp;
+  // Every block of the cluster has started before any writes into the
+  // first one's shared memory (the wait below, before the stores).
+  cluster_arrive();
+  float wv[ROUTER_FAST_MAX_K / 32];
+  {
+    const float* w = W + (size_t)e * K;
+#pragma unroll
+    for (int u = 0; u < ROUTER_FAST_MAX_K / 32; u++)
+      if (32 * u < K) wv[u] = w[lane + 32 * u];
+  }
+  PDL_WAIT();
+  const float* xr = x + (size_t)t * ldx;
+  for (int k = tid * 4; k < K; k += 1024) *(float4*)&rxs[k] = *(const float4*)(xr + k);
+  __syncthreads();
+  float acc = 0.f;
+#pragma unroll
+  for (int u = 0; u < ROUTER_FAST_MAX_K / 32; u++)
+    if (32 * u < K) acc += wv[u] * rxs[lane + 32 * u];
+  acc = warp_sum(acc);
+  if (lane == 0) logits[(size_t)t * ldl + e] = acc;
+  if (xq) {
+    const int Eg = G >> 5;
+    for (int g = warp * nb + b; g < K / G; g += 8 * nb) {
+      const int k0 = g * G + lane * Eg;
+      float v[4];
+      float amax = 0.f;
+#pragma unroll
+      for (int u = 0; u < 4; u++) {
+        if (u < Eg) {
+          v[u] = rxs[k0 + u];
+          amax = fmaxf(amax, fabsf(v[u]));
+        }
+      }
+      amax = warp_max(amax);
+      const float scale = amax / 127.f;
+      i32 sum = 0;
+#pragma unroll
+      for (int u = 0; u < 4; u++) {
+        if (u < Eg) {
+          const i32 q = quant8(v[u], amax, scale);
+          xq[(size_t)t * K + k0 + u] = (i8)q;
+          sum += q;
+        }
+      }
+      for (int o = 1; o < 32 / Eg; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      if ((lane & (32 / Eg - 1)) == 0) xsum[(size_t)t * (K / 32) + k0 / 32] = sum;
+      if (lane == 0) xs[(size_t)t * (K / G) + g] = amax == 0.f ? 0.f : scale;
+    }
+  }
+  cluster_wait();
+  if (lane == 0) st_cluster(&clog[e], 0, acc);
+  // The release of this arrive and the acquire of the wait order every
+  // block's stores into clog before the first block reads them.
+  cluster_arrive();
+  cluster_wait();
+  if (cluster_rank() != 0) return;
+  if (tid < E) {
+    const float sg = (float)(1.0 / (1.0 + exp(-(double)clog[tid])));
+    score[tid] = sg;
+    choice[tid] = sg + bias[tid];
+  }
+  __syncthreads();
+  if (tid < E) {
+    const float c = choice[tid];
+    int rank = 0;
+    for (int j = 0; j < E; j++) {
+      const float o = choice[j];
+      rank += o > c || (o == c && j < tid);
+    }
+    if (rank < topk) {
+      ids[(size_t)t * topk + rank] = tid;
+      pick[rank] = score[tid];
+    }
+  }
+  __syncthreads();
+  if (tid < topk) {
+    float sum = 0.f;
+    for (int k = 0; k < topk; k++) sum += pick[k];
+    float w = pick[tid];
+    if (norm) w /= sum + 1e-20f;
+    wts[(size_t)t * topk + tid] = w * scaling;
+  }
+}
+
 // One 16-byte chunk of codes (32 weights) against 32 int8 activations
 // (xa: columns 0-15, xb: 16-31), as gemv_dot's split product.
 DEVICE i32 dot32_split(uint4 q, uint4 xa, uint4 xb) {
@@ -755,6 +875,13 @@ DEVICE float half2_hi(u32 h2) {
   float f;
   asm("{ .reg .b16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, h; }" : "=f"(f) : "r"(h2));
   return f;
+}
+
+// atomicAdd at GPU scope with acquire and release semantics.
+DEVICE u32 atom_add_acq_rel(u32* p, u32 v) {
+  u32 old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  return old;
 }
 
 // The scale conversion of rows_dot's FAST form for all 256 bytes, in both
@@ -940,13 +1067,23 @@ DEVICE void gate_up_q(const Expert* __restrict__ experts, const i32* __restrict_
   // multiple of G).
   const int IG = I / G, grp = blockIdx.x * 16 / G;
   __syncthreads();
-  if (tid == 0) {
+  if (FAST) {
+    // One acquire-release atomic instead of two full fences around a
+    // relaxed one: the barrier before orders the block's stores of h
+    // before thread 0's release, and the barrier after orders its acquire
+    // before the other threads' loads.
+    if (tid == 0) last = atom_add_acq_rel(&gcount[slot * IG + grp], 1u) == (u32)(G / 16 - 1);
+    __syncthreads();
+    if (!last) return;
+  } else {
+    if (tid == 0) {
+      __threadfence();
+      last = atomicAdd(&gcount[slot * IG + grp], 1u) == (u32)(G / 16 - 1);
+    }
+    __syncthreads();
+    if (!last) return;
     __threadfence();
-    last = atomicAdd(&gcount[slot * IG + grp], 1u) == (u32)(G / 16 - 1);
   }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
   if (tid < 32) {
     quant_groups(h + (size_t)slot * I, true, I, G, grp, IG, hq + (size_t)slot * I, hs + (size_t)slot * IG);
     if (tid == 0) gcount[slot * IG + grp] = 0;
