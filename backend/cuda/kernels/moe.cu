@@ -1004,9 +1004,21 @@ DEVICE void quant_groups(const float* src, bool global, int K, int G, int g0, in
 // the last of the G/16 blocks that make a group of G rows of h (counted
 // in gcount[slot][group], which it resets) quantizes that group into
 // hq, hs (nslots rows of I, as rmsnorm_quant without a gain).
-// FAST: rows_dot's FAST products, and the SiLU products of a warp's 4 rows
-// in lanes 0-3 at once instead of one lane after the other (the same
-// operations on each value).
+// FAST: rows_dot's FAST products, the SiLU products of a warp's 4 rows in
+// lanes 0-3 at once instead of one lane after the other (the same
+// operations on each value), and the routed experts' pointers in shared
+// memory before the wait.
+// The gate and up pointers of an expert.
+struct GateUp {
+  const u8 *gc, *gs, *uc, *us;
+  const float *gr, *ur;
+};
+DEVICE GateUp gate_up_of(const Expert& e) {
+  return GateUp{e.gate.codes, e.gate.scales, e.up.codes, e.up.scales, e.gate.row_scale, e.up.row_scale};
+}
+// The most routed experts whose pointers gate_up_q holds in shared memory.
+#define MOE_TABLE_SMEM 128
+
 template <int FAST>
 DEVICE void gate_up_q(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
                       int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
@@ -1014,23 +1026,37 @@ DEVICE void gate_up_q(const Expert* __restrict__ experts, const i32* __restrict_
                       float* __restrict__ hs, u32* __restrict__ gcount) {
   __shared__ __align__(16) i8 sx[ROUTER_FAST_MAX_K];
   __shared__ float sxs[ROUTER_FAST_MAX_K / 32];
+  __shared__ GateUp tab[MOE_TABLE_SMEM];
   __shared__ bool last;
   const int slot = blockIdx.y, lane = threadIdx.x & 31, tid = threadIdx.x;
   const int row0 = (blockIdx.x * 4 + (tid >> 5)) * 4;
   const int G = 32 << gshift, GK = K / G, C = K >> 5;
-  // The expert table is written once at load: a shared slot's weights
-  // need nothing from the kernels before this one.
-  if (slot < topk) PDL_WAIT();
-  const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
+  const bool stab = FAST && slot < topk && nexperts <= MOE_TABLE_SMEM;
+  int eid;
+  if (stab) {
+    // The routed experts' gate and up pointers into shared memory while
+    // the router runs, so that after the wait only the routing is read
+    // from memory before the weights are requested.
+    for (int e = tid; e < nexperts; e += blockDim.x) tab[e] = gate_up_of(experts[e]);
+    __syncthreads();
+    PDL_WAIT();
+    eid = ids[slot];
+  } else {
+    // The expert table is written once at load: a shared slot's weights
+    // need nothing from the kernels before this one.
+    if (slot < topk) PDL_WAIT();
+    eid = slot_expert(ids, slot, topk, nexperts);
+  }
+  const GateUp ex = stab ? tab[eid] : gate_up_of(experts[eid]);
   const u8* rc[8];
   const u8* rs[8];
 #pragma unroll
   for (int r = 0; r < 4; r++) {
     const int n = min(row0 + r, I - 1);
-    rc[r] = ex.gate.codes + (size_t)n * (K / 2);
-    rs[r] = ex.gate.scales + (size_t)n * GK;
-    rc[4 + r] = ex.up.codes + (size_t)n * (K / 2);
-    rs[4 + r] = ex.up.scales + (size_t)n * GK;
+    rc[r] = ex.gc + (size_t)n * (K / 2);
+    rs[r] = ex.gs + (size_t)n * GK;
+    rc[4 + r] = ex.uc + (size_t)n * (K / 2);
+    rs[4 + r] = ex.us + (size_t)n * GK;
   }
   uint4 w[2][8];
   u32 s[2][8];
@@ -1048,8 +1074,9 @@ DEVICE void gate_up_q(const Expert* __restrict__ experts, const i32* __restrict_
       if (lane == r) og = out[r], ou = out[4 + r];
     const int n = row0 + lane;
     if (lane < 4 && n < I) {
-      const float g = og * (ex.gate.row_scale[n] * 0.5f);
-      const float u = ou * (ex.up.row_scale[n] * 0.5f);
+      const GateUp e = stab ? tab[eid] : gate_up_of(experts[eid]);
+      const float g = og * (e.gr[n] * 0.5f);
+      const float u = ou * (e.ur[n] * 0.5f);
       h[(size_t)slot * I + n] = silu(g) * u;
     }
   } else {
@@ -1057,8 +1084,8 @@ DEVICE void gate_up_q(const Expert* __restrict__ experts, const i32* __restrict_
     for (int r = 0; r < 4; r++) {
       const int n = row0 + r;
       if (lane == r && n < I) {
-        const float g = out[r] * (ex.gate.row_scale[n] * 0.5f);
-        const float u = out[4 + r] * (ex.up.row_scale[n] * 0.5f);
+        const float g = out[r] * (ex.gr[n] * 0.5f);
+        const float u = out[4 + r] * (ex.ur[n] * 0.5f);
         h[(size_t)slot * I + n] = silu(g) * u;
       }
     }
