@@ -175,17 +175,17 @@ func BenchmarkRouterMoE(b *testing.B) {
 	}{
 		{"router+quant+two-old", true, true, "", routerTwo(1)},
 		{"router+quant+two", true, false, "", routerTwo(1)},
-		{"routerquant+two-prev", true, false, "prev", routerTwo(2)},
-		{"routerquant+two-bal", true, false, "bal", routerTwo(2)},
 		{"routerquant+two", true, false, "", routerTwo(2)},
+		{"router+two-prev", true, false, "prev", routerTwo(0)},
+		{"router+two-bal", true, false, "bal", routerTwo(0)},
 		{"router+two", true, false, "", routerTwo(0)},
 		{"two-old", false, true, "", two},
 		{"two-prev", false, false, "prev", two},
 		{"two-bal", false, false, "bal", two},
 		{"two", false, false, "", two},
 		{"two-late", false, false, "late", two},
-		{"routerquant+two-late", true, false, "late", routerTwo(2)},
-		{"routerquant+two-fastrouter", true, false, "fastrouter", routerTwo(2)},
+		{"router+two-late", true, false, "late", routerTwo(0)},
+		{"router+two-fastrouter", true, false, "fastrouter", routerTwo(0)},
 	}
 	// Two rounds, so that A/B pairs alternate in one process.
 	for _, v := range append(variants, variants...) {
