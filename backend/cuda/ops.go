@@ -542,10 +542,8 @@ var moeDownOld = os.Getenv("MMFP4_CUDA_MOE_DOWN") == "old"
 // table's low word rebuilt for each byte permute, the scales decoded in
 // integer operations, the SiLU products one lane after the other, the down
 // kernel's routed slots waiting before their loads, and the router launch
-// moe_router_fast for 64 experts too), "bal"
-// the high halves of most selectors through the multiply-add unit; all
-// give the same bits. MMFP4_CUDA_MOE_DECODE=prev|bal, for an A/B on the
-// card.
+// moe_router_fast for 64 experts too); both give the same bits.
+// MMFP4_CUDA_MOE_DECODE=prev, for an A/B on the card.
 var moeDecode = moeDecodeEnv(os.Getenv("MMFP4_CUDA_MOE_DECODE"))
 
 // moeDownLate makes moe_down_hq's routed slots wait before requesting
@@ -553,7 +551,7 @@ var moeDecode = moeDecodeEnv(os.Getenv("MMFP4_CUDA_MOE_DECODE"))
 var moeDownLate bool
 
 func moeDecodeEnv(v string) string {
-	if v == "prev" || v == "bal" {
+	if v == "prev" {
 		return v
 	}
 	return ""

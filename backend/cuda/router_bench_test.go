@@ -23,10 +23,9 @@ import (
 //   - -old: moe_gate_up and moe_down_q (each down block quantizing its
 //     slot's h, a block per slot, the sum by the last) instead of
 //     moe_gate_up_q and moe_down_hq;
-//   - -prev, -bal: moe_gate_up_q and moe_down_hq with their earlier
-//     products (and the down kernel's routed slots waiting before their
-//     loads), or with the selectors' high halves through the multiply-add
-//     unit (moeDecode);
+//   - -prev: moe_gate_up_q and moe_down_hq with their earlier products
+//     (and the down kernel's routed slots waiting before their loads, the
+//     router launch moe_router_fast: MMFP4_CUDA_MOE_DECODE=prev);
 //   - -late: the down kernel's routed slots waiting before their loads
 //     (moeDownLate);
 //   - -fastrouter: moe_router_fast instead of moe_router_cluster
@@ -177,11 +176,9 @@ func BenchmarkRouterMoE(b *testing.B) {
 		{"router+quant+two", true, false, "", routerTwo(1)},
 		{"routerquant+two", true, false, "", routerTwo(2)},
 		{"router+two-prev", true, false, "prev", routerTwo(0)},
-		{"router+two-bal", true, false, "bal", routerTwo(0)},
 		{"router+two", true, false, "", routerTwo(0)},
 		{"two-old", false, true, "", two},
 		{"two-prev", false, false, "prev", two},
-		{"two-bal", false, false, "bal", two},
 		{"two", false, false, "", two},
 		{"two-late", false, false, "late", two},
 		{"router+two-late", true, false, "late", routerTwo(0)},

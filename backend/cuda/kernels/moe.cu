@@ -825,20 +825,7 @@ DEVICE u32 table_reg(u32 t) {
   return v;
 }
 
-// The high half of q as a selector through the integer multiply-add unit
-// (mul.hi by 2^16) instead of a shift: the logic unit, where every byte
-// permute goes, is the busier one in these products.
-DEVICE u32 hi16_mad(u32 q) {
-  u32 d;
-  asm("mul.hi.u32 %0, %1, 65536;" : "=r"(d) : "r"(q));
-  return d;
-}
-
-// dot32_split with the low half of the table in a register (lo). BAL:
-// words 1-3 take their high halves through hi16_mad (about as many
-// operations on the logic unit as on the multiply-add unit, which does the
-// dp4a).
-template <bool BAL>
+// dot32_split with the low half of the table in a register (lo).
 DEVICE i32 dot32_split_lo(uint4 q, uint4 xa, uint4 xb, u32 lo) {
   i32 pos = 0, neg = 0;
   const u32 w[4] = {q.x, q.y, q.z, q.w};
@@ -846,11 +833,10 @@ DEVICE i32 dot32_split_lo(uint4 q, uint4 xa, uint4 xb, u32 lo) {
 #pragma unroll
   for (int i = 0; i < 4; i++) {
     const u32 n = w[i] ^ 0x88888888u;
-    const bool mad = BAL && i >= 1;
     pos = dp4a_ss(prmt(lo, E2M1_HI, w[i]), x[2 * i], pos);
-    pos = dp4a_ss(prmt(lo, E2M1_HI, mad ? hi16_mad(w[i]) : w[i] >> 16), x[2 * i + 1], pos);
+    pos = dp4a_ss(prmt(lo, E2M1_HI, w[i] >> 16), x[2 * i + 1], pos);
     neg = dp4a_ss(prmt(lo, E2M1_HI, n), x[2 * i], neg);
-    neg = dp4a_ss(prmt(lo, E2M1_HI, mad ? hi16_mad(n) : n >> 16), x[2 * i + 1], neg);
+    neg = dp4a_ss(prmt(lo, E2M1_HI, n >> 16), x[2 * i + 1], neg);
   }
   return pos - neg;
 }
@@ -918,8 +904,8 @@ DEVICE void rows_load(const u8* const (&rc)[R], const u8* const (&rs)[R], int C,
 
 // GLOBAL: sq and ss are in global memory, written by an earlier kernel
 // (read through the non-coherent path, as gemv_dot reads its input).
-// FAST (1 or 2, 0 the earlier form): the table's low word in a register
-// (table_reg), dot32_split_lo's products (BAL for 2), and the scales
+// FAST (0 the earlier form): the table's low word in a register
+// (table_reg), dot32_split_lo's products, and the scales
 // converted by the hardware, the two chunks' scales of a row packed into
 // one register; the same integer products and float operations.
 template <int R, bool GLOBAL = false, int FAST = 1>
@@ -950,7 +936,7 @@ DEVICE void rows_dot(const uint4 (&w)[2][R], const u32 (&s)[2][R], int C, int gs
     for (int r = 0; r < R; r++) {
       if (fast) {
         const float ws = h == 0 ? half2_lo(sc2[r]) : half2_hi(sc2[r]);
-        out[r] += (float)dot32_split_lo<FAST == 2>(w[h][r], xa, xb, lo) * (ws * xscale);
+        out[r] += (float)dot32_split_lo(w[h][r], xa, xb, lo) * (ws * xscale);
       } else {
         out[r] += (float)dot32_split(w[h][r], xa, xb) * (e4m3(s[h][r]) * xscale);
       }
@@ -1126,16 +1112,6 @@ extern "C" __global__ void __launch_bounds__(128, 4)
   gate_up_q<1>(experts, ids, topk, nexperts, I, K, gshift, xq, xs, h, hq, hs, gcount);
 }
 
-// moe_gate_up_q with rows_dot's BAL products (the same bits; for A/B).
-extern "C" __global__ void __launch_bounds__(128, 4)
-    moe_gate_up_q_bal(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
-                      int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
-                      const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq,
-                      float* __restrict__ hs, u32* __restrict__ gcount) {
-  PDL_LAUNCH();
-  gate_up_q<2>(experts, ids, topk, nexperts, I, K, gshift, xq, xs, h, hq, hs, gcount);
-}
-
 // moe_gate_up_q with the earlier products (the same bits; for A/B).
 extern "C" __global__ void __launch_bounds__(128, 4)
     moe_gate_up_q_prev(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
@@ -1207,16 +1183,6 @@ extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
                 int accumulate, int early) {
   PDL_LAUNCH();
   down_hq<1>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate, early);
-}
-
-// moe_down_hq with rows_dot's BAL products (the same bits; for A/B).
-extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
-    moe_down_hq_bal(const Expert* __restrict__ experts, const i32* __restrict__ ids,
-                    const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
-                    const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
-                    int accumulate, int early) {
-  PDL_LAUNCH();
-  down_hq<2>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate, early);
 }
 
 // moe_down_hq with the earlier products (the same bits; for A/B).
