@@ -405,6 +405,10 @@ const routerClusterE = 64
 
 var routerNoCluster bool
 
+// moeNoGateCluster makes MoE take moe_gate_up_q instead of moe_gate_up_qc
+// (benchmarks and tests).
+var moeNoGateCluster bool
+
 // MoEScratch is the work space of MoE for one token: each slot's SiLU
 // product and its int8 form, each slot's down product, and the down
 // kernel's per-row-block counters (zero between calls).
@@ -470,8 +474,12 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 	}
 	if slots <= moeSlotsMax && t.K <= moeRowsMaxK && t.I <= moeRowsMaxK && t.I%t.G == 0 && !moeDownOld {
 		guName, downName := "moe_gate_up_q", "moe_down_hq"
-		if moeDecode != "" {
+		switch {
+		case moeDecode != "":
 			guName, downName = guName+"_"+moeDecode, downName+"_"+moeDecode
+		case t.I%128 == 0 && t.G <= 128 && !moeNoGateCluster:
+			// Clusters of 8 blocks (128 rows of h) quantize h.
+			guName = "moe_gate_up_qc"
 		}
 		gu, err := c.Kernel("moe", guName)
 		if err != nil {

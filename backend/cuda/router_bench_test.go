@@ -29,7 +29,9 @@ import (
 //   - -late: the down kernel's routed slots waiting before their loads
 //     (moeDownLate);
 //   - -fastrouter: moe_router_fast instead of moe_router_cluster
-//     (routerNoCluster).
+//     (routerNoCluster);
+//   - -nocluster: moe_gate_up_q instead of moe_gate_up_qc
+//     (moeNoGateCluster).
 //
 // Each call takes the next of 6 layers (its own shared expert and router,
 // the 64 routed experts common) and the next of 16 inputs (routing sets),
@@ -183,6 +185,8 @@ func BenchmarkRouterMoE(b *testing.B) {
 		{"two-late", false, false, "late", two},
 		{"router+two-late", true, false, "late", routerTwo(0)},
 		{"router+two-fastrouter", true, false, "fastrouter", routerTwo(0)},
+		{"two-nocluster", false, false, "nocluster", two},
+		{"router+two-nocluster", true, false, "nocluster", routerTwo(0)},
 	}
 	// Two rounds, so that A/B pairs alternate in one process.
 	for _, v := range append(variants, variants...) {
@@ -192,11 +196,13 @@ func BenchmarkRouterMoE(b *testing.B) {
 		}
 		b.Run(v.name, func(b *testing.B) {
 			moeDownOld, moeDecode = v.oldDown, v.decode
-			moeDownLate, routerNoCluster = v.decode == "late", v.decode == "fastrouter"
-			if moeDownLate || routerNoCluster {
+			moeDownLate, routerNoCluster, moeNoGateCluster = v.decode == "late", v.decode == "fastrouter", v.decode == "nocluster"
+			if moeDownLate || routerNoCluster || moeNoGateCluster {
 				moeDecode = ""
 			}
-			defer func() { moeDownOld, moeDecode, moeDownLate, routerNoCluster = false, "", false, false }()
+			defer func() {
+				moeDownOld, moeDecode, moeDownLate, routerNoCluster, moeNoGateCluster = false, "", false, false, false
+			}()
 			var ms float32
 			err := d.Do(func(c *Ctx) error {
 				call := func() error {
