@@ -211,9 +211,8 @@ func TestMoE(t *testing.T) {
 }
 
 // moe_gate_up_q and moe_down_hq (h quantized once a group by the gate/up
-// blocks, every slot of 4 rows in one down block; by default h quantized
-// in clusters, moe_gate_up_qc), also with their _prev products and with
-// moe_gate_up_q, against moe_gate_up and
+// blocks, every slot of 4 rows in one down block), also with their _prev
+// products, against moe_gate_up and
 // moe_down_q (each down block quantizing its slot's h, the sum by the last
 // block of a row block): the same bits, on random experts at
 // GLM-4.7-Flash's shape with group sizes 128 and 32, and at a small shape
@@ -269,11 +268,11 @@ func TestMoEMatchesOldKernels(t *testing.T) {
 			// kernels: "old" moe_gate_up and moe_down_q, else moe_gate_up_q
 			// and moe_down_hq with the products of that moeDecode.
 			run := func(kernels string, acc bool) ([]float32, error) {
-				moeDownOld, moeNoGateCluster = kernels == "old", kernels == "nocluster"
+				moeDownOld = kernels == "old"
 				if kernels == "prev" {
 					moeDecode = kernels
 				}
-				defer func() { moeDownOld, moeDecode, moeNoGateCluster = false, "", false }()
+				defer func() { moeDownOld, moeDecode = false, "" }()
 				if err := CopyIn(c, yb.Ptr, y0); err != nil {
 					return nil, err
 				}
@@ -292,7 +291,7 @@ func TestMoEMatchesOldKernels(t *testing.T) {
 				if err != nil {
 					return err
 				}
-				for _, form := range []string{"prev", "nocluster"} {
+				for _, form := range []string{"prev"} {
 					other, err := run(form, acc)
 					if err != nil {
 						return err

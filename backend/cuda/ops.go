@@ -405,10 +405,6 @@ const routerClusterE = 64
 
 var routerNoCluster bool
 
-// moeNoGateCluster makes MoE take moe_gate_up_q instead of moe_gate_up_qc
-// (benchmarks and tests).
-var moeNoGateCluster bool
-
 // MoEScratch is the work space of MoE for one token: each slot's SiLU
 // product and its int8 form, each slot's down product, and the down
 // kernel's per-row-block counters (zero between calls).
@@ -474,12 +470,8 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 	}
 	if slots <= moeSlotsMax && t.K <= moeRowsMaxK && t.I <= moeRowsMaxK && t.I%t.G == 0 && !moeDownOld {
 		guName, downName := "moe_gate_up_q", "moe_down_hq"
-		switch {
-		case moeDecode != "":
+		if moeDecode != "" {
 			guName, downName = guName+"_"+moeDecode, downName+"_"+moeDecode
-		case t.I%128 == 0 && t.G <= 128 && !moeNoGateCluster:
-			// Clusters of 8 blocks (128 rows of h) quantize h.
-			guName = "moe_gate_up_qc"
 		}
 		gu, err := c.Kernel("moe", guName)
 		if err != nil {
@@ -496,7 +488,7 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 		// The routing is an input of the gate/up launch just queued, so
 		// the down launch may read it before its wait (early).
 		early := 1
-		if moeDownLate || moeDecode == "prev" {
+		if moeDecode == "prev" {
 			early = 0
 		}
 		return c.Launch(down, D1((t.K+3)/4), D1(32*slots), 0, t.buf, ids, wts, topk, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, y, acc, early)
@@ -553,10 +545,6 @@ var moeDownOld = os.Getenv("MMFP4_CUDA_MOE_DOWN") == "old"
 // moe_router_fast for 64 experts too); both give the same bits.
 // MMFP4_CUDA_MOE_DECODE=prev, for an A/B on the card.
 var moeDecode = moeDecodeEnv(os.Getenv("MMFP4_CUDA_MOE_DECODE"))
-
-// moeDownLate makes moe_down_hq's routed slots wait before requesting
-// their weights, as they did before (benchmarks).
-var moeDownLate bool
 
 func moeDecodeEnv(v string) string {
 	if v == "prev" {

@@ -26,12 +26,8 @@ import (
 //   - -prev: moe_gate_up_q and moe_down_hq with their earlier products
 //     (and the down kernel's routed slots waiting before their loads, the
 //     router launch moe_router_fast: MMFP4_CUDA_MOE_DECODE=prev);
-//   - -late: the down kernel's routed slots waiting before their loads
-//     (moeDownLate);
 //   - -fastrouter: moe_router_fast instead of moe_router_cluster
-//     (routerNoCluster);
-//   - -nocluster: moe_gate_up_q instead of moe_gate_up_qc
-//     (moeNoGateCluster).
+//     (routerNoCluster).
 //
 // Each call takes the next of 6 layers (its own shared expert and router,
 // the 64 routed experts common) and the next of 16 inputs (routing sets),
@@ -182,11 +178,7 @@ func BenchmarkRouterMoE(b *testing.B) {
 		{"two-old", false, true, "", two},
 		{"two-prev", false, false, "prev", two},
 		{"two", false, false, "", two},
-		{"two-late", false, false, "late", two},
-		{"router+two-late", true, false, "late", routerTwo(0)},
 		{"router+two-fastrouter", true, false, "fastrouter", routerTwo(0)},
-		{"two-nocluster", false, false, "nocluster", two},
-		{"router+two-nocluster", true, false, "nocluster", routerTwo(0)},
 	}
 	// Two rounds, so that A/B pairs alternate in one process.
 	for _, v := range append(variants, variants...) {
@@ -195,14 +187,11 @@ func BenchmarkRouterMoE(b *testing.B) {
 			bytes += 4 * E * K
 		}
 		b.Run(v.name, func(b *testing.B) {
-			moeDownOld, moeDecode = v.oldDown, v.decode
-			moeDownLate, routerNoCluster, moeNoGateCluster = v.decode == "late", v.decode == "fastrouter", v.decode == "nocluster"
-			if moeDownLate || routerNoCluster || moeNoGateCluster {
+			moeDownOld, moeDecode, routerNoCluster = v.oldDown, v.decode, v.decode == "fastrouter"
+			if routerNoCluster {
 				moeDecode = ""
 			}
-			defer func() {
-				moeDownOld, moeDecode, moeDownLate, routerNoCluster, moeNoGateCluster = false, "", false, false, false
-			}()
+			defer func() { moeDownOld, moeDecode, routerNoCluster = false, "", false }()
 			var ms float32
 			err := d.Do(func(c *Ctx) error {
 				call := func() error {

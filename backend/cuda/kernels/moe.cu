@@ -982,18 +982,6 @@ DEVICE void quant_groups(const float* src, bool global, int K, int G, int g0, in
 }
 
 
-// Gate and up products of every slot with the SiLU product, as moe_gate_up
-// (the same grid, rows and bits), for K <= 2048: a warp requests its 8
-// rows' weights at once (rows_load), the block copies the int8 input to
-// shared memory meanwhile, and the products read it from there. Then h
-// is quantized for the down products once, not in each of their blocks:
-// the last of the G/16 blocks that make a group of G rows of h (counted
-// in gcount[slot][group], which it resets) quantizes that group into
-// hq, hs (nslots rows of I, as rmsnorm_quant without a gain).
-// FAST: rows_dot's FAST products, the SiLU products of a warp's 4 rows in
-// lanes 0-3 at once instead of one lane after the other (the same
-// operations on each value), and the routed experts' pointers in shared
-// memory before the wait.
 // The gate and up pointers of an expert.
 struct GateUp {
   const u8 *gc, *gs, *uc, *us;
@@ -1005,20 +993,24 @@ DEVICE GateUp gate_up_of(const Expert& e) {
 // The most routed experts whose pointers gate_up_q holds in shared memory.
 #define MOE_TABLE_SMEM 128
 
-//
-// CL (with FAST; the kernel a cluster of 8 blocks along x, I a multiple
-// of 128 and G at most 128): the cluster's 128 rows of h go into its first
-// block's shared memory, which after a cluster barrier quantizes them
-// (quant_groups on the same values): no h through memory, no counter.
-template <int FAST, bool CL = false>
+// Gate and up products of every slot with the SiLU product, as moe_gate_up
+// (the same grid, rows and bits), for K <= 2048: a warp requests its 8
+// rows' weights at once (rows_load), the block copies the int8 input to
+// shared memory meanwhile, and the products read it from there. Then h
+// is quantized for the down products once, not in each of their blocks:
+// the last of the G/16 blocks that make a group of G rows of h (counted
+// in gcount[slot][group], which it resets) quantizes that group into
+// hq, hs (nslots rows of I, as rmsnorm_quant without a gain).
+// FAST: rows_dot's FAST products, the SiLU products of a warp's 4 rows in
+// lanes 0-3 at once instead of one lane after the other (the same
+// operations on each value), the routed experts' pointers in shared
+// memory before the wait, and the group count by one acquire-release
+// atomic.
+template <int FAST>
 DEVICE void gate_up_q(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
                       int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
                       const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq,
                       float* __restrict__ hs, u32* __restrict__ gcount) {
-  __shared__ float hsm[CL ? 128 : 1];
-  // Every block of the cluster runs before any writes into the first
-  // one's shared memory (the wait before those stores).
-  if (CL) cluster_arrive();
   __shared__ __align__(16) i8 sx[ROUTER_FAST_MAX_K];
   __shared__ float sxs[ROUTER_FAST_MAX_K / 32];
   __shared__ GateUp tab[MOE_TABLE_SMEM];
@@ -1068,26 +1060,11 @@ DEVICE void gate_up_q(const Expert* __restrict__ experts, const i32* __restrict_
     for (int r = 1; r < 4; r++)
       if (lane == r) og = out[r], ou = out[4 + r];
     const int n = row0 + lane;
-    float hv = 0.f;
     if (lane < 4 && n < I) {
       const GateUp e = stab ? tab[eid] : gate_up_of(experts[eid]);
       const float g = og * (e.gr[n] * 0.5f);
       const float u = ou * (e.ur[n] * 0.5f);
-      hv = silu(g) * u;
-      if (!CL) h[(size_t)slot * I + n] = hv;
-    }
-    if (CL) {
-      cluster_wait();
-      if (lane < 4) st_cluster(&hsm[(blockIdx.x & 7) * 16 + (tid >> 5) * 4 + lane], 0, hv);
-      // The release of this arrive and the acquire of the first block's
-      // wait order the stores before its reads.
-      cluster_arrive();
-      if (cluster_rank() != 0) return;
-      cluster_wait();
-      const int base = (blockIdx.x & ~7) * 16;
-      quant_groups(hsm, false, 128, G, tid >> 5, 4, hq + (size_t)slot * I + base,
-                   hs + (size_t)slot * (I / G) + base / G);
-      return;
+      h[(size_t)slot * I + n] = silu(g) * u;
     }
   } else {
 #pragma unroll
@@ -1136,18 +1113,8 @@ extern "C" __global__ void __launch_bounds__(128, 4)
   gate_up_q<1>(experts, ids, topk, nexperts, I, K, gshift, xq, xs, h, hq, hs, gcount);
 }
 
-// moe_gate_up_q with h quantized in clusters of 8 blocks (gate_up_q's CL):
-// I a multiple of 128, G at most 128.
-extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128, 4)
-    moe_gate_up_qc(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
-                   int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
-                   const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq,
-                   float* __restrict__ hs, u32* __restrict__ gcount) {
-  PDL_LAUNCH();
-  gate_up_q<1, true>(experts, ids, topk, nexperts, I, K, gshift, xq, xs, h, hq, hs, gcount);
-}
-
-// moe_gate_up_q with the earlier products (the same bits; for A/B).
+// moe_gate_up_q in its earlier form (gate_up_q's FAST parts off): the same
+// bits; MMFP4_CUDA_MOE_DECODE=prev, for an A/B.
 extern "C" __global__ void __launch_bounds__(128, 4)
     moe_gate_up_q_prev(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
                        int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
@@ -1220,7 +1187,8 @@ extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
   down_hq<1>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate, early);
 }
 
-// moe_down_hq with the earlier products (the same bits; for A/B).
+// moe_down_hq with the earlier products (the same bits; with early = 0,
+// MMFP4_CUDA_MOE_DECODE=prev, for an A/B).
 extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
     moe_down_hq_prev(const Expert* __restrict__ experts, const i32* __restrict__ ids,
                      const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
