@@ -211,7 +211,8 @@ func TestMoE(t *testing.T) {
 }
 
 // moe_gate_up_q and moe_down_hq (h quantized once a group by the gate/up
-// blocks, every slot of 4 rows in one down block) against moe_gate_up and
+// blocks, every slot of 4 rows in one down block), also with their _prev
+// products, against moe_gate_up and
 // moe_down_q (each down block quantizing its slot's h, the sum by the last
 // block of a row block): the same bits, on random experts at
 // GLM-4.7-Flash's shape with group sizes 128 and 32, and at a small shape
@@ -264,9 +265,14 @@ func TestMoEMatchesOldKernels(t *testing.T) {
 			if err := c.RMSNormQuant(xb.Ptr, tc.K, 0, 0, 0, 0, 1, tc.K, tc.G, xa); err != nil {
 				return err
 			}
-			run := func(old, acc bool) ([]float32, error) {
-				moeDownOld = old
-				defer func() { moeDownOld = false }()
+			// kernels: "old" moe_gate_up and moe_down_q, else moe_gate_up_q
+			// and moe_down_hq with the products of that moeDecode.
+			run := func(kernels string, acc bool) ([]float32, error) {
+				moeDownOld = kernels == "old"
+				if kernels == "prev" {
+					moeDecode = kernels
+				}
+				defer func() { moeDownOld, moeDecode = false, "" }()
 				if err := CopyIn(c, yb.Ptr, y0); err != nil {
 					return nil, err
 				}
@@ -277,13 +283,24 @@ func TestMoEMatchesOldKernels(t *testing.T) {
 				return got, CopyOut(c, got, yb.Ptr)
 			}
 			for _, acc := range []bool{false, true} {
-				want, err := run(true, acc)
+				want, err := run("old", acc)
 				if err != nil {
 					return err
 				}
-				got, err := run(false, acc)
+				got, err := run("", acc)
 				if err != nil {
 					return err
+				}
+				for _, form := range []string{"prev"} {
+					other, err := run(form, acc)
+					if err != nil {
+						return err
+					}
+					for i := range other {
+						if math.Float32bits(other[i]) != math.Float32bits(want[i]) {
+							return fmt.Errorf("%+v accumulate=%v: y[%d] = %g with the %s products, old kernels %g", tc, acc, i, other[i], form, want[i])
+						}
+					}
 				}
 				zeros := 0
 				for i := range got {
@@ -312,6 +329,47 @@ func TestMoEMatchesOldKernels(t *testing.T) {
 		})
 		if err != nil {
 			t.Fatal(err)
+		}
+	}
+}
+
+// The hardware E4M3 conversion of the single-token MoE kernels' scales
+// against format.E4M3Decode, for every byte in both places of a pair: the
+// same float bits (NaN for NaN).
+func TestMoEScaleConvert(t *testing.T) {
+	d := testDevice(t)
+	got := make([]float32, 512)
+	cc := 0
+	err := d.Do(func(c *Ctx) error {
+		if cc = c.info.CC; cc < 89 {
+			return nil
+		}
+		out, err := c.Alloc(4 * len(got))
+		if err != nil {
+			return err
+		}
+		defer c.Free(out)
+		k, err := c.Kernel("moe", "moe_scale_convert")
+		if err != nil {
+			return err
+		}
+		if err := c.Launch(k, D1(1), D1(256), 0, out.Ptr); err != nil {
+			return err
+		}
+		return CopyOut(c, got, out.Ptr)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cc < 89 {
+		t.Skipf("SKIPPED: compute capability %d has no E4M3 conversion (the kernels decode scales in integer operations there)", cc)
+	}
+	for b := 0; b < 256; b++ {
+		want := format.E4M3Decode(uint8(b))
+		for i, v := range got[2*b : 2*b+2] {
+			if math.Float32bits(v) != math.Float32bits(want) && !(v != v && want != want) {
+				t.Errorf("byte %#02x in place %d: %g, want %g", b, i, v, want)
+			}
 		}
 	}
 }

@@ -342,9 +342,10 @@ func (c *Ctx) Route(gate, bias, x uint64, ldx, T, E, K int, cfg RouteConfig, ids
 // RouterRoute launches the router's product and the expert choice in one
 // kernel for T rows (x rows ldx floats apart, logits rows ldl): W [E][K]
 // fp32, bias E floats; ids and wts get topk entries a row; counters (T
-// words, zero between calls) count each row's blocks. moe_router_fast
-// where it fits (E <= 128, K <= 2048, 16-byte aligned rows), else
-// moe_router_route; both give the same bits. With q (T rows of K in
+// words, zero between calls) count each row's blocks. moe_router_cluster
+// for 64 experts and moe_router_fast for the others where they fit (E <=
+// 128, K <= 2048, 16-byte aligned rows), else moe_router_route; all give
+// the same bits. With q (T rows of K in
 // groups of G, where RouterFastFits), the launch also writes x's int8 form
 // into q, as RMSNormQuant without a gain would.
 func (c *Ctx) RouterRoute(W uint64, E, K int, x uint64, ldx, T int, logits uint64, ldl int, bias uint64, topk int, norm bool, scaling float32, ids, wts, counters uint64, q *QActs) error {
@@ -353,10 +354,6 @@ func (c *Ctx) RouterRoute(W uint64, E, K int, x uint64, ldx, T int, logits uint6
 		n = 1
 	}
 	if RouterFastFits(E, K, x, ldx, topk) {
-		k, err := c.Kernel("moe", "moe_router_fast")
-		if err != nil {
-			return err
-		}
 		var xq, xs, xsum uint64
 		G := 32
 		if q != nil {
@@ -364,6 +361,18 @@ func (c *Ctx) RouterRoute(W uint64, E, K int, x uint64, ldx, T int, logits uint6
 				return fmt.Errorf("cuda: router: activations %dx%d/%d for %d rows of %d", q.T, q.K, q.G, T, K)
 			}
 			xq, xs, xsum, G = q.Q, q.Scales, q.Sums, q.G
+		}
+		if E == routerClusterE && !routerNoCluster && moeDecode != "prev" {
+			k, err := c.Kernel("moe", "moe_router_cluster")
+			if err != nil {
+				return err
+			}
+			return c.Launch(k, Dim{routerClusterE / 8, uint32(T), 1}, D1(256), 4*K, W, K, x, ldx, logits, ldl, bias, topk, n, scaling, ids, wts,
+				xq, xs, xsum, G)
+		}
+		k, err := c.Kernel("moe", "moe_router_fast")
+		if err != nil {
+			return err
 		}
 		return c.Launch(k, Dim{uint32((E + 3) / 4), uint32(T), 1}, D1(128), 4*K, W, E, K, x, ldx, logits, ldl, bias, topk, n, scaling, ids, wts, counters,
 			xq, xs, xsum, G)
@@ -387,6 +396,14 @@ func RouterFastFits(E, K int, x uint64, ldx, topk int) bool {
 
 // routerSlow makes RouterRoute use moe_router_route always (benchmarks).
 var routerSlow bool
+
+// routerClusterE is the number of experts of moe_router_cluster (one
+// cluster of 8 blocks of 8 warps a row), which RouterRoute takes for them
+// instead of moe_router_fast (the same bits) unless routerNoCluster
+// (benchmarks and tests) or MMFP4_CUDA_MOE_DECODE=prev.
+const routerClusterE = 64
+
+var routerNoCluster bool
 
 // MoEScratch is the work space of MoE for one token: each slot's SiLU
 // product and its int8 form, each slot's down product, and the down
@@ -452,11 +469,15 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 		acc = 1
 	}
 	if slots <= moeSlotsMax && t.K <= moeRowsMaxK && t.I <= moeRowsMaxK && t.I%t.G == 0 && !moeDownOld {
-		gu, err := c.Kernel("moe", "moe_gate_up_q")
+		guName, downName := "moe_gate_up_q", "moe_down_hq"
+		if moeDecode != "" {
+			guName, downName = guName+"_"+moeDecode, downName+"_"+moeDecode
+		}
+		gu, err := c.Kernel("moe", guName)
 		if err != nil {
 			return err
 		}
-		down, err := c.Kernel("moe", "moe_down_hq")
+		down, err := c.Kernel("moe", downName)
 		if err != nil {
 			return err
 		}
@@ -464,7 +485,13 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 			t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, s.H, s.HQ.Q, s.HQ.Scales, s.Groups); err != nil {
 			return err
 		}
-		return c.Launch(down, D1((t.K+3)/4), D1(32*slots), 0, t.buf, ids, wts, topk, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, y, acc)
+		// The routing is an input of the gate/up launch just queued, so
+		// the down launch may read it before its wait (early).
+		early := 1
+		if moeDecode == "prev" {
+			early = 0
+		}
+		return c.Launch(down, D1((t.K+3)/4), D1(32*slots), 0, t.buf, ids, wts, topk, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, y, acc, early)
 	}
 	gu, err := c.Kernel("moe", "moe_gate_up")
 	if err != nil {
@@ -509,6 +536,22 @@ const (
 // MoE input's quantization out of the router launch (Backend): the MoE
 // chain as it was before these kernels.
 var moeDownOld = os.Getenv("MMFP4_CUDA_MOE_DOWN") == "old"
+
+// moeDecode picks the form of the products of MoE's single-token kernels:
+// "" moe_gate_up_q and moe_down_hq, "prev" their earlier form (the
+// table's low word rebuilt for each byte permute, the scales decoded in
+// integer operations, the SiLU products one lane after the other, the down
+// kernel's routed slots waiting before their loads, and the router launch
+// moe_router_fast for 64 experts too); both give the same bits.
+// MMFP4_CUDA_MOE_DECODE=prev, for an A/B on the card.
+var moeDecode = moeDecodeEnv(os.Getenv("MMFP4_CUDA_MOE_DECODE"))
+
+func moeDecodeEnv(v string) string {
+	if v == "prev" {
+		return v
+	}
+	return ""
+}
 
 // moeMaxI is MOE_MAX_I in moe.cu: the largest intermediate size whose
 // quantization moe_down_q holds in shared memory.

@@ -22,7 +22,12 @@ import (
 //   - two: the MoE alone on a given routing (two launches);
 //   - -old: moe_gate_up and moe_down_q (each down block quantizing its
 //     slot's h, a block per slot, the sum by the last) instead of
-//     moe_gate_up_q and moe_down_hq.
+//     moe_gate_up_q and moe_down_hq;
+//   - -prev: moe_gate_up_q and moe_down_hq with their earlier products
+//     (and the down kernel's routed slots waiting before their loads, the
+//     router launch moe_router_fast: MMFP4_CUDA_MOE_DECODE=prev);
+//   - -fastrouter: moe_router_fast instead of moe_router_cluster
+//     (routerNoCluster).
 //
 // Each call takes the next of 6 layers (its own shared expert and router,
 // the 64 routed experts common) and the next of 16 inputs (routing sets),
@@ -160,23 +165,33 @@ func BenchmarkRouterMoE(b *testing.B) {
 		// oldDown: moe_gate_up and moe_down_q (else moe_gate_up_q and
 		// moe_down_hq).
 		oldDown bool
-		call    func(c *Ctx, L *layer, s int) error
+		// decode: moeDecode, the form of moe_gate_up_q's and
+		// moe_down_hq's products.
+		decode string
+		call   func(c *Ctx, L *layer, s int) error
 	}{
-		{"router+quant+two-old", true, true, routerTwo(1)},
-		{"router+quant+two", true, false, routerTwo(1)},
-		{"routerquant+two", true, false, routerTwo(2)},
-		{"router+two", true, false, routerTwo(0)},
-		{"two-old", false, true, two},
-		{"two", false, false, two},
+		{"router+quant+two-old", true, true, "", routerTwo(1)},
+		{"router+quant+two", true, false, "", routerTwo(1)},
+		{"routerquant+two", true, false, "", routerTwo(2)},
+		{"router+two-prev", true, false, "prev", routerTwo(0)},
+		{"router+two", true, false, "", routerTwo(0)},
+		{"two-old", false, true, "", two},
+		{"two-prev", false, false, "prev", two},
+		{"two", false, false, "", two},
+		{"router+two-fastrouter", true, false, "fastrouter", routerTwo(0)},
 	}
-	for _, v := range variants {
+	// Two rounds, so that A/B pairs alternate in one process.
+	for _, v := range append(variants, variants...) {
 		bytes := ebytes
 		if v.router {
 			bytes += 4 * E * K
 		}
 		b.Run(v.name, func(b *testing.B) {
-			moeDownOld = v.oldDown
-			defer func() { moeDownOld = false }()
+			moeDownOld, moeDecode, routerNoCluster = v.oldDown, v.decode, v.decode == "fastrouter"
+			if routerNoCluster {
+				moeDecode = ""
+			}
+			defer func() { moeDownOld, moeDecode, routerNoCluster = false, "", false }()
 			var ms float32
 			err := d.Do(func(c *Ctx) error {
 				call := func() error {

@@ -12,8 +12,9 @@ import (
 	"github.com/mmfp4/mmfp4/backend/cpu"
 )
 
-// The router launch's two kernels (moe_router_fast, moe_router_route) give
-// the same logits, experts and weights bit for bit, and agree with a
+// The router launch's kernels (moe_router_cluster for 64 experts,
+// moe_router_fast, moe_router_route) give the same logits, experts and
+// weights bit for bit, and agree with a
 // float64 product and cpu.SelectExperts, for a few rows at once.
 func TestRouterRouteFastMatchesSlow(t *testing.T) {
 	d := testDevice(t)
@@ -25,10 +26,12 @@ func TestRouterRouteFastMatchesSlow(t *testing.T) {
 			logits, wts []float32
 			ids         []int32
 		}
-		run := func(slow bool) result {
+		// kernel: 0 the default (moe_router_cluster for E = 64), 1
+		// moe_router_fast, 2 moe_router_route.
+		run := func(kernel int) result {
 			res := result{make([]float32, T*E), make([]float32, T*topK), make([]int32, T*topK)}
-			routerSlow = slow
-			defer func() { routerSlow = false }()
+			routerNoCluster, routerSlow = kernel == 1, kernel == 2
+			defer func() { routerNoCluster, routerSlow = false, false }()
 			err := d.Do(func(c *Ctx) error {
 				wb, err1 := upload(c, W)
 				xb, err2 := upload(c, x)
@@ -56,7 +59,17 @@ func TestRouterRouteFastMatchesSlow(t *testing.T) {
 			}
 			return res
 		}
-		fast, slow := run(false), run(true)
+		def, fast, slow := run(0), run(1), run(2)
+		for i := range def.logits {
+			if def.logits[i] != fast.logits[i] {
+				t.Fatalf("E=%d K=%d: logit %d: %v default, %v fast", E, K, i, def.logits[i], fast.logits[i])
+			}
+		}
+		for i := range def.ids {
+			if def.ids[i] != fast.ids[i] || def.wts[i] != fast.wts[i] {
+				t.Fatalf("E=%d K=%d: choice %d: %d %v default, %d %v fast", E, K, i, def.ids[i], def.wts[i], fast.ids[i], fast.wts[i])
+			}
+		}
 		for i := range fast.logits {
 			if fast.logits[i] != slow.logits[i] {
 				t.Fatalf("E=%d K=%d: logit %d: %v fast, %v slow", E, K, i, fast.logits[i], slow.logits[i])

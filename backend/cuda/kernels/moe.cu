@@ -681,6 +681,126 @@ extern "C" __global__ void __launch_bounds__(128)
                     norm, scaling, ids, wts, counters, xq, xs, xsum, G);
 }
 
+// The router launch for E = 64 as one cluster of 8 blocks of 8 warps a
+// token (grid (8, T)): warp w of block b computes logit 8b + w as
+// router_fast_block's warps do, and stores it, besides logits, into the
+// shared memory of the cluster's first block, which after a cluster
+// barrier ranks the 64 choices as router_fast_block's last block does
+// (the same bits): no counter, no fences, no reload of the logits from
+// memory. The blocks also write the input row's int8 form (xq, xs, xsum),
+// warp w of block b taking groups b + 8w, .... Dynamic shared memory K
+// floats.
+#define ROUTER_CLUSTER 8
+DEVICE u32 cluster_rank() {
+  u32 r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+DEVICE void cluster_arrive() { asm volatile("barrier.cluster.arrive.aligned;" ::: "memory"); }
+DEVICE void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
+// v into the float at p (this block's shared memory) in the shared memory
+// of the cluster's block rank.
+DEVICE void st_cluster(float* p, u32 rank, float v) {
+  u32 a = (u32)__cvta_generic_to_shared(p), d;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(rank));
+  asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(d), "f"(v) : "memory");
+}
+
+extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bounds__(256)
+    moe_router_cluster(const float* __restrict__ W, int K, const float* __restrict__ x, int ldx,
+                       float* logits, int ldl, const float* __restrict__ bias, int topk, int norm,
+                       float scaling, i32* __restrict__ ids, float* __restrict__ wts,
+                       i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum, int G) {
+  PDL_LAUNCH();
+  extern __shared__ __align__(16) float rxs[];  // [K] the input row
+  __shared__ float clog[64], score[64], choice[64], pick[32];
+  const int E = 64, nb = ROUTER_CLUSTER, b = blockIdx.x, t = blockIdx.y;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int e = b * 8 + warp;
+  // Every block of the cluster has started before any writes into the
+  // first one's shared memory (the wait below, before the stores).
+  cluster_arrive();
+  float wv[ROUTER_FAST_MAX_K / 32];
+  {
+    const float* w = W + (size_t)e * K;
+#pragma unroll
+    for (int u = 0; u < ROUTER_FAST_MAX_K / 32; u++)
+      if (32 * u < K) wv[u] = w[lane + 32 * u];
+  }
+  PDL_WAIT();
+  const float* xr = x + (size_t)t * ldx;
+  for (int k = tid * 4; k < K; k += 1024) *(float4*)&rxs[k] = *(const float4*)(xr + k);
+  __syncthreads();
+  float acc = 0.f;
+#pragma unroll
+  for (int u = 0; u < ROUTER_FAST_MAX_K / 32; u++)
+    if (32 * u < K) acc += wv[u] * rxs[lane + 32 * u];
+  acc = warp_sum(acc);
+  if (lane == 0) logits[(size_t)t * ldl + e] = acc;
+  if (xq) {
+    const int Eg = G >> 5;
+    for (int g = warp * nb + b; g < K / G; g += 8 * nb) {
+      const int k0 = g * G + lane * Eg;
+      float v[4];
+      float amax = 0.f;
+#pragma unroll
+      for (int u = 0; u < 4; u++) {
+        if (u < Eg) {
+          v[u] = rxs[k0 + u];
+          amax = fmaxf(amax, fabsf(v[u]));
+        }
+      }
+      amax = warp_max(amax);
+      const float scale = amax / 127.f;
+      i32 sum = 0;
+#pragma unroll
+      for (int u = 0; u < 4; u++) {
+        if (u < Eg) {
+          const i32 q = quant8(v[u], amax, scale);
+          xq[(size_t)t * K + k0 + u] = (i8)q;
+          sum += q;
+        }
+      }
+      for (int o = 1; o < 32 / Eg; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+      if ((lane & (32 / Eg - 1)) == 0) xsum[(size_t)t * (K / 32) + k0 / 32] = sum;
+      if (lane == 0) xs[(size_t)t * (K / G) + g] = amax == 0.f ? 0.f : scale;
+    }
+  }
+  cluster_wait();
+  if (lane == 0) st_cluster(&clog[e], 0, acc);
+  // The release of this arrive and the acquire of the wait order every
+  // block's stores into clog before the first block reads them.
+  cluster_arrive();
+  cluster_wait();
+  if (cluster_rank() != 0) return;
+  if (tid < E) {
+    const float sg = (float)(1.0 / (1.0 + exp(-(double)clog[tid])));
+    score[tid] = sg;
+    choice[tid] = sg + bias[tid];
+  }
+  __syncthreads();
+  if (tid < E) {
+    const float c = choice[tid];
+    int rank = 0;
+    for (int j = 0; j < E; j++) {
+      const float o = choice[j];
+      rank += o > c || (o == c && j < tid);
+    }
+    if (rank < topk) {
+      ids[(size_t)t * topk + rank] = tid;
+      pick[rank] = score[tid];
+    }
+  }
+  __syncthreads();
+  if (tid < topk) {
+    float sum = 0.f;
+    for (int k = 0; k < topk; k++) sum += pick[k];
+    float w = pick[tid];
+    if (norm) w /= sum + 1e-20f;
+    wts[(size_t)t * topk + tid] = w * scaling;
+  }
+}
+
 // One 16-byte chunk of codes (32 weights) against 32 int8 activations
 // (xa: columns 0-15, xb: 16-31), as gemv_dot's split product.
 DEVICE i32 dot32_split(uint4 q, uint4 xa, uint4 xb) {
@@ -690,6 +810,74 @@ DEVICE i32 dot32_split(uint4 q, uint4 xa, uint4 xb) {
   dot8_split(q.z, xb.x, xb.y, d, neg);
   dot8_split(q.w, xb.z, xb.w, d, neg);
   return d - neg;
+}
+
+// A table word (E2M1_LO) in a register that the compiler cannot rebuild
+// from its constant (it does not know that a byte permute with selector
+// 0x3210 copies its first operand), so that it keeps it in one register
+// instead of rebuilding the constant before every prmt (prmt takes one
+// immediate operand, and E2M1_HI is it).
+DEVICE u32 table_reg(u32 t) {
+  u32 lane;
+  asm volatile("mov.u32 %0, %%laneid;" : "=r"(lane));
+  u32 v;
+  asm volatile("prmt.b32 %0, %1, %2, 0x3210;" : "=r"(v) : "r"(t), "r"(lane));
+  return v;
+}
+
+// dot32_split with the low half of the table in a register (lo).
+DEVICE i32 dot32_split_lo(uint4 q, uint4 xa, uint4 xb, u32 lo) {
+  i32 pos = 0, neg = 0;
+  const u32 w[4] = {q.x, q.y, q.z, q.w};
+  const u32 x[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    const u32 n = w[i] ^ 0x88888888u;
+    pos = dp4a_ss(prmt(lo, E2M1_HI, w[i]), x[2 * i], pos);
+    pos = dp4a_ss(prmt(lo, E2M1_HI, w[i] >> 16), x[2 * i + 1], pos);
+    neg = dp4a_ss(prmt(lo, E2M1_HI, n), x[2 * i], neg);
+    neg = dp4a_ss(prmt(lo, E2M1_HI, n >> 16), x[2 * i + 1], neg);
+  }
+  return pos - neg;
+}
+
+// Two FP8 E4M3 scale bytes (bits 0-7 and 8-15 of b) as a half2 through the
+// hardware conversion (sm_89 and later; rows_dot uses it only there), and
+// one half of it as a float: both steps exact, so the value is e4m3's (NaN
+// for 0x7F and 0xFF too).
+DEVICE u32 e4m3x2_half2(u32 b) {
+  u32 h2 = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm("{ .reg .b16 l; cvt.u16.u32 l, %1; cvt.rn.f16x2.e4m3x2 %0, l; }" : "=r"(h2) : "r"(b));
+#endif
+  return h2;
+}
+DEVICE float half2_lo(u32 h2) {
+  float f;
+  asm("{ .reg .b16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, l; }" : "=f"(f) : "r"(h2));
+  return f;
+}
+DEVICE float half2_hi(u32 h2) {
+  float f;
+  asm("{ .reg .b16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, h; }" : "=f"(f) : "r"(h2));
+  return f;
+}
+
+// atomicAdd at GPU scope with acquire and release semantics.
+DEVICE u32 atom_add_acq_rel(u32* p, u32 v) {
+  u32 old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  return old;
+}
+
+// The scale conversion of rows_dot's FAST form for all 256 bytes, in both
+// places of a pair (tests): out[2b] from byte b in bits 0-7, out[2b+1]
+// from byte b in bits 8-15. One block of 256 threads.
+extern "C" __global__ void moe_scale_convert(float* __restrict__ out) {
+  const u32 b = threadIdx.x;
+  const u32 h2 = e4m3x2_half2(b | (b << 8));
+  out[2 * b] = half2_lo(h2);
+  out[2 * b + 1] = half2_hi(h2);
 }
 
 // gemv_dot in two halves for rows of at most 64 chunks (2048 columns),
@@ -716,10 +904,25 @@ DEVICE void rows_load(const u8* const (&rc)[R], const u8* const (&rs)[R], int C,
 
 // GLOBAL: sq and ss are in global memory, written by an earlier kernel
 // (read through the non-coherent path, as gemv_dot reads its input).
-template <int R, bool GLOBAL = false>
+// FAST (0 the earlier form): the table's low word in a register
+// (table_reg), dot32_split_lo's products, and the scales
+// converted by the hardware, the two chunks' scales of a row packed into
+// one register; the same integer products and float operations.
+template <int R, bool GLOBAL = false, int FAST = 1>
 DEVICE void rows_dot(const uint4 (&w)[2][R], const u32 (&s)[2][R], int C, int gshift,
                      const i8* sq, const float* ss, float (&out)[R]) {
   const int lane = threadIdx.x & 31;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  constexpr bool fast = FAST != 0;
+#else
+  constexpr bool fast = false;
+#endif
+  u32 lo = E2M1_LO, sc2[R];
+  if (fast) {
+    lo = table_reg(E2M1_LO);
+#pragma unroll
+    for (int r = 0; r < R; r++) sc2[r] = e4m3x2_half2(prmt(s[0][r], s[1][r], 0x0040));
+  }
 #pragma unroll
   for (int r = 0; r < R; r++) out[r] = 0.f;
 #pragma unroll
@@ -730,7 +933,14 @@ DEVICE void rows_dot(const uint4 (&w)[2][R], const u32 (&s)[2][R], int C, int gs
     const uint4 xa = GLOBAL ? __ldg(xp) : xp[0], xb = GLOBAL ? __ldg(xp + 1) : xp[1];
     const float xscale = GLOBAL ? __ldg(ss + (c >> gshift)) : ss[c >> gshift];
 #pragma unroll
-    for (int r = 0; r < R; r++) out[r] += (float)dot32_split(w[h][r], xa, xb) * (e4m3(s[h][r]) * xscale);
+    for (int r = 0; r < R; r++) {
+      if (fast) {
+        const float ws = h == 0 ? half2_lo(sc2[r]) : half2_hi(sc2[r]);
+        out[r] += (float)dot32_split_lo(w[h][r], xa, xb, lo) * (ws * xscale);
+      } else {
+        out[r] += (float)dot32_split(w[h][r], xa, xb) * (e4m3(s[h][r]) * xscale);
+      }
+    }
   }
 #pragma unroll
   for (int r = 0; r < R; r++) out[r] = warp_sum(out[r]);
@@ -772,6 +982,17 @@ DEVICE void quant_groups(const float* src, bool global, int K, int G, int g0, in
 }
 
 
+// The gate and up pointers of an expert.
+struct GateUp {
+  const u8 *gc, *gs, *uc, *us;
+  const float *gr, *ur;
+};
+DEVICE GateUp gate_up_of(const Expert& e) {
+  return GateUp{e.gate.codes, e.gate.scales, e.up.codes, e.up.scales, e.gate.row_scale, e.up.row_scale};
+}
+// The most routed experts whose pointers gate_up_q holds in shared memory.
+#define MOE_TABLE_SMEM 128
+
 // Gate and up products of every slot with the SiLU product, as moe_gate_up
 // (the same grid, rows and bits), for K <= 2048: a warp requests its 8
 // rows' weights at once (rows_load), the block copies the int8 input to
@@ -780,31 +1001,49 @@ DEVICE void quant_groups(const float* src, bool global, int K, int G, int g0, in
 // the last of the G/16 blocks that make a group of G rows of h (counted
 // in gcount[slot][group], which it resets) quantizes that group into
 // hq, hs (nslots rows of I, as rmsnorm_quant without a gain).
-extern "C" __global__ void __launch_bounds__(128, 4)
-    moe_gate_up_q(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
-                  int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
-                  const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq,
-                  float* __restrict__ hs, u32* __restrict__ gcount) {
-  PDL_LAUNCH();
+// FAST: rows_dot's FAST products, the SiLU products of a warp's 4 rows in
+// lanes 0-3 at once instead of one lane after the other (the same
+// operations on each value), the routed experts' pointers in shared
+// memory before the wait, and the group count by one acquire-release
+// atomic.
+template <int FAST>
+DEVICE void gate_up_q(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
+                      int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
+                      const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq,
+                      float* __restrict__ hs, u32* __restrict__ gcount) {
   __shared__ __align__(16) i8 sx[ROUTER_FAST_MAX_K];
   __shared__ float sxs[ROUTER_FAST_MAX_K / 32];
+  __shared__ GateUp tab[MOE_TABLE_SMEM];
   __shared__ bool last;
   const int slot = blockIdx.y, lane = threadIdx.x & 31, tid = threadIdx.x;
   const int row0 = (blockIdx.x * 4 + (tid >> 5)) * 4;
   const int G = 32 << gshift, GK = K / G, C = K >> 5;
-  // The expert table is written once at load: a shared slot's weights
-  // need nothing from the kernels before this one.
-  if (slot < topk) PDL_WAIT();
-  const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
+  const bool stab = FAST && slot < topk && nexperts <= MOE_TABLE_SMEM;
+  int eid;
+  if (stab) {
+    // The routed experts' gate and up pointers into shared memory while
+    // the router runs, so that after the wait only the routing is read
+    // from memory before the weights are requested.
+    for (int e = tid; e < nexperts; e += blockDim.x) tab[e] = gate_up_of(experts[e]);
+    __syncthreads();
+    PDL_WAIT();
+    eid = ids[slot];
+  } else {
+    // The expert table is written once at load: a shared slot's weights
+    // need nothing from the kernels before this one.
+    if (slot < topk) PDL_WAIT();
+    eid = slot_expert(ids, slot, topk, nexperts);
+  }
+  const GateUp ex = stab ? tab[eid] : gate_up_of(experts[eid]);
   const u8* rc[8];
   const u8* rs[8];
 #pragma unroll
   for (int r = 0; r < 4; r++) {
     const int n = min(row0 + r, I - 1);
-    rc[r] = ex.gate.codes + (size_t)n * (K / 2);
-    rs[r] = ex.gate.scales + (size_t)n * GK;
-    rc[4 + r] = ex.up.codes + (size_t)n * (K / 2);
-    rs[4 + r] = ex.up.scales + (size_t)n * GK;
+    rc[r] = ex.gc + (size_t)n * (K / 2);
+    rs[r] = ex.gs + (size_t)n * GK;
+    rc[4 + r] = ex.uc + (size_t)n * (K / 2);
+    rs[4 + r] = ex.us + (size_t)n * GK;
   }
   uint4 w[2][8];
   u32 s[2][8];
@@ -814,31 +1053,75 @@ extern "C" __global__ void __launch_bounds__(128, 4)
   for (int i = tid; i < GK; i += 128) sxs[i] = __ldg(xs + i);
   __syncthreads();
   float out[8];
-  rows_dot<8>(w, s, C, gshift, sx, sxs, out);
+  rows_dot<8, false, FAST>(w, s, C, gshift, sx, sxs, out);
+  if (FAST) {
+    float og = out[0], ou = out[4];
 #pragma unroll
-  for (int r = 0; r < 4; r++) {
-    const int n = row0 + r;
-    if (lane == r && n < I) {
-      const float g = out[r] * (ex.gate.row_scale[n] * 0.5f);
-      const float u = out[4 + r] * (ex.up.row_scale[n] * 0.5f);
+    for (int r = 1; r < 4; r++)
+      if (lane == r) og = out[r], ou = out[4 + r];
+    const int n = row0 + lane;
+    if (lane < 4 && n < I) {
+      const GateUp e = stab ? tab[eid] : gate_up_of(experts[eid]);
+      const float g = og * (e.gr[n] * 0.5f);
+      const float u = ou * (e.ur[n] * 0.5f);
       h[(size_t)slot * I + n] = silu(g) * u;
+    }
+  } else {
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      const int n = row0 + r;
+      if (lane == r && n < I) {
+        const float g = out[r] * (ex.gr[n] * 0.5f);
+        const float u = out[4 + r] * (ex.ur[n] * 0.5f);
+        h[(size_t)slot * I + n] = silu(g) * u;
+      }
     }
   }
   // A block's 16 rows lie in one group of G (16 divides G, and I is a
   // multiple of G).
   const int IG = I / G, grp = blockIdx.x * 16 / G;
   __syncthreads();
-  if (tid == 0) {
+  if (FAST) {
+    // One acquire-release atomic instead of two full fences around a
+    // relaxed one: the barrier before orders the block's stores of h
+    // before thread 0's release, and the barrier after orders its acquire
+    // before the other threads' loads.
+    if (tid == 0) last = atom_add_acq_rel(&gcount[slot * IG + grp], 1u) == (u32)(G / 16 - 1);
+    __syncthreads();
+    if (!last) return;
+  } else {
+    if (tid == 0) {
+      __threadfence();
+      last = atomicAdd(&gcount[slot * IG + grp], 1u) == (u32)(G / 16 - 1);
+    }
+    __syncthreads();
+    if (!last) return;
     __threadfence();
-    last = atomicAdd(&gcount[slot * IG + grp], 1u) == (u32)(G / 16 - 1);
   }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
   if (tid < 32) {
     quant_groups(h + (size_t)slot * I, true, I, G, grp, IG, hq + (size_t)slot * I, hs + (size_t)slot * IG);
     if (tid == 0) gcount[slot * IG + grp] = 0;
   }
+}
+
+extern "C" __global__ void __launch_bounds__(128, 4)
+    moe_gate_up_q(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
+                  int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
+                  const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq,
+                  float* __restrict__ hs, u32* __restrict__ gcount) {
+  PDL_LAUNCH();
+  gate_up_q<1>(experts, ids, topk, nexperts, I, K, gshift, xq, xs, h, hq, hs, gcount);
+}
+
+// moe_gate_up_q in its earlier form (gate_up_q's FAST parts off): the same
+// bits; MMFP4_CUDA_MOE_DECODE=prev, for an A/B.
+extern "C" __global__ void __launch_bounds__(128, 4)
+    moe_gate_up_q_prev(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
+                       int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
+                       const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq,
+                       float* __restrict__ hs, u32* __restrict__ gcount) {
+  PDL_LAUNCH();
+  gate_up_q<0>(experts, ids, topk, nexperts, I, K, gshift, xq, xs, h, hq, hs, gcount);
 }
 
 // Down products of every slot for 4 output rows a block, summed over the
@@ -848,18 +1131,24 @@ extern "C" __global__ void __launch_bounds__(128, 4)
 // bit); the block sums the slots in slot order with their weights
 // (moe_down_sum's order and operations) in shared memory: no partial
 // products through memory, no counters. I <= 2048.
+//
+// early: the routing (ids, wts) is read before the wait, so that every
+// slot's weights are requested before it, not only the shared slots'.
+// Right only when the routing was written two or more launches back, as
+// it is when this kernel follows moe_gate_up_q, which reads the same ids
+// after its own wait (prelude.cuh: every kernel two or more launches back
+// has finished when a kernel starts).
 #define DOWN_SLOTS_MAX 8
-extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
-    moe_down_hq(const Expert* __restrict__ experts, const i32* __restrict__ ids,
-                const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
-                const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
-                int accumulate) {
-  PDL_LAUNCH();
+template <int FAST>
+DEVICE void down_hq(const Expert* __restrict__ experts, const i32* __restrict__ ids,
+                    const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
+                    const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
+                    int accumulate, int early) {
   __shared__ float part[DOWN_SLOTS_MAX][4], wsm[DOWN_SLOTS_MAX];
   const int slot = threadIdx.x >> 5, lane = threadIdx.x & 31, nslots = blockDim.x >> 5;
   const int row0 = blockIdx.x * 4;
   const int G = 32 << gshift, GK = I / G, C = I >> 5;
-  if (slot < topk) PDL_WAIT();
+  if (slot < topk && !early) PDL_WAIT();
   const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
   const u8* rc[4];
   const u8* rs[4];
@@ -876,7 +1165,7 @@ extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
   PDL_WAIT();
   if (lane == 0) wsm[slot] = slot < topk ? wts[slot] : 1.f;
   float out[4];
-  rows_dot<4, true>(w, s, C, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK, out);
+  rows_dot<4, true, FAST>(w, s, C, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK, out);
 #pragma unroll
   for (int r = 0; r < 4; r++)
     if (lane == r) part[slot][r] = out[r] * (rsc * 0.5f);
@@ -887,4 +1176,24 @@ extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
     for (int k = 0; k < nslots; k++) total += wsm[k] * part[k][threadIdx.x];
     y[n] = accumulate ? y[n] + total : total;
   }
+}
+
+extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
+    moe_down_hq(const Expert* __restrict__ experts, const i32* __restrict__ ids,
+                const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
+                const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
+                int accumulate, int early) {
+  PDL_LAUNCH();
+  down_hq<1>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate, early);
+}
+
+// moe_down_hq with the earlier products (the same bits; with early = 0,
+// MMFP4_CUDA_MOE_DECODE=prev, for an A/B).
+extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
+    moe_down_hq_prev(const Expert* __restrict__ experts, const i32* __restrict__ ids,
+                     const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
+                     const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
+                     int accumulate, int early) {
+  PDL_LAUNCH();
+  down_hq<0>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate, early);
 }
