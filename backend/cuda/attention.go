@@ -46,7 +46,8 @@ func (b *Backend) decodeAttnConfig() {
 	}
 	b.decodeOneHead = os.Getenv("MMFP4_CUDA_ATTN_H1") != "0"
 	b.decodeMMA = os.Getenv("MMFP4_CUDA_ATTN_MMA") != "0"
-
+	b.decodeAhead = os.Getenv("MMFP4_CUDA_ATTN_EARLY") != "0"
+	b.combineQuant = os.Getenv("MMFP4_CUDA_ATTN_QUANT") != "0"
 }
 
 // decodeSplits is how many blocks share a row's positions: enough, with

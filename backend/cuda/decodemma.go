@@ -112,8 +112,14 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 	if stamps != 0 {
 		b.decodeStampBlocks = S * T
 	}
+	ahead := 0
+	if b.decodeAhead {
+		ahead = 1
+	}
+	var cq *combineOp
 	name := fmt.Sprintf("decode_mma_%d_%d_t%d", s.Rank, s.RopeDim, tp)
 	sms := b.dev.Info().SMs
+	idx, flush := len(b.pending), b.flushes
 	b.do("attention", func(c *Ctx) error {
 		k, err := c.kernelShared("flash", name, shared)
 		if err != nil {
@@ -133,7 +139,7 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 		if err := c.Launch(k, Dim{uint32(S), uint32(T), 1}, D1(decodeMMAThreads), shared,
 			om.ptr, om.ld, ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer),
 			b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
-			s.Heads, s.NopeDim, scale, pml, pacc, cnt, stamps); err != nil || S == 1 || cnt != 0 {
+			s.Heads, s.NopeDim, scale, pml, pacc, cnt, ahead, stamps); err != nil || S == 1 || cnt != 0 {
 			return err
 		}
 		m, err := c.Kernel("flash", "decode_combine")
@@ -141,8 +147,26 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 			return err
 		}
 		m.early = true
+		var xq, xs, xsum uint64
+		G := 0
+		if cq != nil && cq.a != nil {
+			xq, xs, xsum, G = cq.a.Q, cq.a.Scales, cq.a.Sums, cq.a.G
+		}
 		return c.Launch(m, Dim{uint32(s.Rank / 128), uint32(s.Heads), uint32(T)}, D1(256), 0,
-			om.ptr, om.ld, pml, pacc, S, s.Heads, s.Rank)
+			om.ptr, om.ld, pml, pacc, S, s.Heads, s.Rank, xq, xs, xsum, G)
 	})
+	if S > 1 && counters == 0 && b.combineQuant && b.flushes == flush && len(b.pending) == idx+1 {
+		cq = &combineOp{idx: idx, flush: flush, om: *om}
+		b.lastCombine = cq
+	}
 	return true
+}
+
+// combineOp is a queued decode_combine launch: a quantization of its
+// output queued right after it (Backend.quantize) sets a, and the launch
+// writes the int8 form too.
+type combineOp struct {
+	idx, flush int
+	om         tensor
+	a          *QActs
 }

@@ -520,7 +520,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
                        const float* __restrict__ q, int ldq, const u8* __restrict__ layer,
                        const i32* __restrict__ pos, const i32* __restrict__ row_seq,
                        const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size, int heads,
-                       int dn, float scale, float* part_ml, float* part_acc, u32* counters,
+                       int dn, float scale, float* part_ml, float* part_acc, u32* counters, int ahead,
                        unsigned long long* stamps) {
   constexpr int W = RANK + DR, LD = W + 8;  // cached row stride in shared memory (bf16)
   constexpr int KL = RANK / 128;            // latent k steps a warp; also its 16-column output tiles
@@ -559,7 +559,12 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   const i32* table = blocks + seq_blocks[row_seq[t]];
   const int chunk = ((n + S - 1) / S + 15) & ~15;
   const int j0 = s * chunk, nb = max(0, min(n - j0, chunk)), ntiles = (nb + TP - 1) / TP;
-  PDL_WAIT();  // the queries and this step's cache entries
+  // Positions before `early` were written by earlier steps (this step's
+  // rows of one sequence are at most gridDim.y consecutive positions
+  // ending at or after this row's), so with ahead set their copies are
+  // issued before the wait for the kernel before; the rest (this step's
+  // entries, which a kernel of this step may still be writing) after it.
+  const int early = ahead ? n - (int)gridDim.y : -1;
 
   // Copies: thread tid takes row tid/TPR of a tile, pieces tid%TPR + TPR*i.
   const int crow = tid / TPR, csub = tid % TPR;
@@ -570,24 +575,37 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
     return (u32)(table[j / block_size] * block_size + j % block_size);
   };
   const u32 stage_addr = smem_addr(stage);
-  // Tile k into stage k % DM_NST (an empty group past the last tile, so
-  // that every iteration waits for the same count).
-  auto issue = [&](int k, u32 slot) {
+  // Tile k into stage k % DM_NST: part 0 the rows copied before the wait
+  // (earlier steps' positions, and zero fill past the split), part 1 the
+  // others, part 2 all; parts 1 and 2 close a group (an empty one past
+  // the last tile, so that every iteration waits for the same count).
+  auto issue = [&](int k, u32 slot, int part) {
     if (k < ntiles) {
-      const bool valid = k * TP + crow < nb;
-      const u8* src = layer + (size_t)slot * W * 2;
-      const u32 dst = stage_addr + (u32)(((k % DM_NST) * TP + crow) * LD * 2);
-      for (int c = csub; c < CH; c += TPR) cp_async16(dst + c * 16, src + c * 16, valid);
+      const int r = k * TP + crow;
+      const bool valid = r < nb, before = ahead && (!valid || j0 + r < early);
+      if (part == 2 || (part == 0) == before) {
+        const u8* src = layer + (size_t)slot * W * 2;
+        const u32 dst = stage_addr + (u32)(((k % DM_NST) * TP + crow) * LD * 2);
+        for (int c = csub; c < CH; c += TPR) cp_async16(dst + c * 16, src + c * 16, valid);
+      }
     }
-    asm volatile("cp.async.commit_group;" ::: "memory");
+    if (part != 0) asm volatile("cp.async.commit_group;" ::: "memory");
   };
-  u32 nslot = slot_of(0);
-  if (stamp && tid == 0) stamp[1] = globaltimer_after((int)nslot);
+  u32 lead[DM_NST - 1];
 #pragma unroll
-  for (int k = 0; k < DM_NST - 1; k++) {
-    issue(k, nslot);
-    nslot = slot_of(k + 1);
+  for (int k = 0; k < DM_NST - 1; k++) lead[k] = slot_of(k);
+  if (stamp && tid == 0) stamp[1] = globaltimer_after((int)lead[0]);
+  if (ahead) {
+#pragma unroll
+    for (int k = 0; k < DM_NST - 1; k++) issue(k, lead[k], 0);
   }
+  // Weights of the padding rows and heads stay zero.
+  for (int i = tid; i < DM_PROWS * PLD / 2; i += DM_THREADS) ((u32*)pw)[i] = 0u;
+  PDL_WAIT();  // the queries and this step's cache entries
+
+#pragma unroll
+  for (int k = 0; k < DM_NST - 1; k++) issue(k, lead[k], ahead ? 1 : 2);
+  u32 nslot = slot_of(DM_NST - 1);
 
   // This warp's query parts as B fragments: k step kk covers query
   // columns kcol(kk) .. +16; heads 8j + g.
@@ -619,9 +637,8 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
     }
   }
 
-  // Weights of the padding rows and heads stay zero; the softmax state
-  // lives in the threads tid < 8*DM_NH (head tid/8, positions tid%8 + 8i).
-  for (int i = tid; i < DM_PROWS * PLD / 2; i += DM_THREADS) ((u32*)pw)[i] = 0u;
+  // The softmax state lives in the threads tid < 8*DM_NH (head tid/8,
+  // positions tid%8 + 8i).
   const int sh = tid >> 3, sq = tid & 7;
   float m_run = __int_as_float(0xff800000), l_run = 0.f;
 
@@ -637,7 +654,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   const u32 pw_addr = smem_addr(pw);
 
   for (int k = 0; k < ntiles; k++) {
-    issue(k + DM_NST - 1, nslot);
+    issue(k + DM_NST - 1, nslot, 2);
     nslot = slot_of(k + DM_NST);
     asm volatile("cp.async.wait_group %0;" ::"n"(DM_NST - 1) : "memory");
     __syncthreads();
@@ -825,9 +842,10 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
                                        const u8* layer, const i32* __restrict__ pos, const i32* __restrict__ row_seq, \
                                        const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks,           \
                                        int block_size, int heads, int dn, float scale, float* part_ml,               \
-                                       float* part_acc, u32* counters, unsigned long long* stamps) {                 \
+                                       float* part_acc, u32* counters, int ahead,                                    \
+                                       unsigned long long* stamps) {                                                 \
     decode_mma<RANK, DR, TP>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks, block_size,     \
-                             heads, dn, scale, part_ml, part_acc, counters, stamps);                                 \
+                             heads, dn, scale, part_ml, part_acc, counters, ahead, stamps);                          \
   }
 
 // Instances: the model's (rank 512, rope 64) and the tests' small shape,
@@ -841,9 +859,14 @@ DECODE_MMA(256, 32, 32)
 // eight warps a block for one row, head and 128 columns. Warp w takes the
 // splits w, w+8, ...: its loads are issued before the maximum over all
 // splits is known, so a block waits on about one round of loads; the
-// warps' sums are then added in a fixed order.
+// warps' sums are then added in a fixed order. With xq set, the merged
+// row's int8 form in groups of G (32, 64 or 128 columns, within a head's
+// 128) is written as rmsnorm_quant writes it without a gain (quant.cu),
+// for the value expansion: codes, scales and the sums of 32 codes.
 extern "C" __global__ void __launch_bounds__(256) decode_combine(float* olat, int ldo, const float* part_ml,
-                                                                 const float* part_acc, int S, int heads, int rank) {
+                                                                 const float* part_acc, int S, int heads, int rank,
+                                                                 i8* __restrict__ xq, float* __restrict__ xs,
+                                                                 i32* __restrict__ xsum, int G) {
   __shared__ float4 red[8][32];
   __shared__ float lred[8];
   PDL_LAUNCH();
@@ -891,7 +914,24 @@ extern "C" __global__ void __launch_bounds__(256) decode_combine(float* olat, in
       L += lred[w];
     }
     const float inv = 1.f / L;
-    *(float4*)(olat + (size_t)t * ldo + (size_t)h * rank + c0 + 4 * lane) =
-        make_float4(r.x * inv, r.y * inv, r.z * inv, r.w * inv);
+    const float4 out = make_float4(r.x * inv, r.y * inv, r.z * inv, r.w * inv);
+    const int col = h * rank + c0 + 4 * lane;
+    *(float4*)(olat + (size_t)t * ldo + col) = out;
+    if (xq) {
+      // A group is G/4 consecutive lanes; 32 columns are 8.
+      float amax = fmaxf(fmaxf(fabsf(out.x), fabsf(out.y)), fmaxf(fabsf(out.z), fabsf(out.w)));
+      for (int m = 1; m < G / 4; m <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+      const float scale = amax / 127.f;
+      const i32 q0 = quant8(out.x, amax, scale), q1 = quant8(out.y, amax, scale);
+      const i32 q2 = quant8(out.z, amax, scale), q3 = quant8(out.w, amax, scale);
+      const size_t K = (size_t)heads * rank;
+      *(u32*)(xq + t * K + col) = (u32)(q0 & 0xFF) | ((u32)(q1 & 0xFF) << 8) | ((u32)(q2 & 0xFF) << 16) | ((u32)q3 << 24);
+      i32 sum = q0 + q1 + q2 + q3;
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+      if ((lane & 7) == 0) xsum[t * (K / 32) + col / 32] = sum;
+      if ((lane & (G / 4 - 1)) == 0) xs[t * (K / G) + col / G] = amax == 0.f ? 0.f : scale;
+    }
   }
 }
