@@ -282,7 +282,8 @@ func chainLaunches(t *testing.T, g *Backend, cs *chainSteps, in *chainInputs) ma
 // expansion, over 48 layers in turn (cache and weights over 100 MB), in a
 // graph with programmatic dependent launch off and on: device time a
 // layer, with the cache copies before the wait (ahead) and the merge's
-// quantization on and off. Run with -test.benchtime=1x.
+// quantization on and off, splits aimed at 100% and 50% of the
+// multiprocessors. Run with -test.benchtime=1x.
 func BenchmarkDecodeChain(b *testing.B) {
 	d := benchDevice(b)
 	g := NewOnDevice(d, Options{NoGraphs: true})
@@ -325,8 +326,11 @@ func BenchmarkDecodeChain(b *testing.B) {
 	}
 	name := d.Info().Name
 	for round := 0; round < 2; round++ {
-		for _, mode := range []struct{ ahead, quant bool }{{false, false}, {true, false}, {false, true}, {true, true}} {
-			g.decodeAhead, g.combineQuant = mode.ahead, mode.quant
+		for _, mode := range []struct {
+			ahead, quant bool
+			pct          int
+		}{{false, false, 100}, {true, false, 100}, {false, true, 100}, {true, true, 100}, {true, true, 50}, {false, false, 50}} {
+			g.decodeAhead, g.combineQuant, g.decodeBlocks = mode.ahead, mode.quant, mode.pct
 			n0 := len(g.pending)
 			for l := 0; l < layers; l++ {
 				g.CacheWrite(l, lat, kpe)
@@ -356,8 +360,8 @@ func BenchmarkDecodeChain(b *testing.B) {
 						if err != nil {
 							return err
 						}
-						b.Logf("%s: round %d: ctx %d, copies before the wait %-5v, merge quantizes %-5v, PDL %-5v: %6.2f us a layer (%d ops)",
-							name, round, ctx, mode.ahead, mode.quant, on, us/layers, len(ops)/layers)
+						b.Logf("%s: round %d: ctx %d, splits at %d%% of the SMs, copies before the wait %-5v, merge quantizes %-5v, PDL %-5v: %6.2f us a layer (%d ops)",
+							name, round, ctx, mode.pct, mode.ahead, mode.quant, on, us/layers, len(ops)/layers)
 						return nil
 					})
 				})
