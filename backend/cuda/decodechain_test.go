@@ -325,6 +325,18 @@ func BenchmarkDecodeChain(b *testing.B) {
 		b.Fatal(err)
 	}
 	name := d.Info().Name
+	queue := func() {
+		for l := 0; l < layers; l++ {
+			g.CacheWrite(l, lat, kpe)
+			g.AbsorbQuery(qlat, q, uks[l], s)
+			g.LatentAttention(olat, qlat, q, l, s, 0.0625)
+			g.ExpandValues(v, olat, uvs[l], s)
+		}
+	}
+	for _, ahead := range []bool{false, true} {
+		g.decodeAhead, g.combineQuant, g.decodeBlocks = ahead, true, 100
+		chainPhases(b, g, queue)
+	}
 	for round := 0; round < 2; round++ {
 		for _, mode := range []struct {
 			ahead, quant bool
@@ -332,12 +344,7 @@ func BenchmarkDecodeChain(b *testing.B) {
 		}{{false, false, 100}, {true, false, 100}, {false, true, 100}, {true, true, 100}, {true, true, 50}, {false, false, 50}} {
 			g.decodeAhead, g.combineQuant, g.decodeBlocks = mode.ahead, mode.quant, mode.pct
 			n0 := len(g.pending)
-			for l := 0; l < layers; l++ {
-				g.CacheWrite(l, lat, kpe)
-				g.AbsorbQuery(qlat, q, uks[l], s)
-				g.LatentAttention(olat, qlat, q, l, s, 0.0625)
-				g.ExpandValues(v, olat, uvs[l], s)
-			}
+			queue()
 			ops := slices.Clone(g.pending[n0:])
 			g.pending = g.pending[:n0]
 			g.quantized = nil
@@ -371,6 +378,72 @@ func BenchmarkDecodeChain(b *testing.B) {
 			}
 		}
 	}
+}
+
+// chainPhases logs decode_mma's timer stamps (median over the blocks of
+// the last layer's launch, us after its first block's entry) in the
+// replayed chain, PDL on.
+func chainPhases(b *testing.B, g *Backend, queue func()) {
+	var buf Buffer
+	if err := g.dev.Do(func(c *Ctx) error {
+		var err error
+		buf, err = c.Alloc(6 * 8 * 4096)
+		return err
+	}); err != nil {
+		b.Fatal(err)
+	}
+	g.decodeStamps = buf.Ptr
+	n0 := len(g.pending)
+	queue()
+	ops := slices.Clone(g.pending[n0:])
+	g.pending = g.pending[:n0]
+	g.quantized = nil
+	g.decodeStamps = 0
+	n := g.decodeStampBlocks
+	st := make([]uint64, 6*n)
+	err := g.dev.Do(func(c *Ctx) error {
+		return withPDL(c, true, func() error {
+			gr, release, err := capturedPDL(c, func() error {
+				for _, op := range ops {
+					if err := op.fn(c); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+			if err != nil {
+				return err
+			}
+			defer release()
+			if _, err := timeReplay(c, gr.exec, 2); err != nil {
+				return err
+			}
+			if err := c.Sync(); err != nil {
+				return err
+			}
+			if err := CopyOut(c, st, buf.Ptr); err != nil {
+				return err
+			}
+			return c.Free(buf)
+		})
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	t0 := st[0]
+	for i := 0; i < n; i++ {
+		t0 = min(t0, st[6*i])
+	}
+	line := fmt.Sprintf("copies before the wait %v: %d blocks, us after the first entry (median / latest):", g.decodeAhead, n)
+	for k, what := range []string{"entry", "wait returned", "first tile", "summed", "partials", "done"} {
+		v := make([]float64, n)
+		for i := range v {
+			v[i] = float64(st[6*i+k]-t0) / 1e3
+		}
+		slices.Sort(v)
+		line += fmt.Sprintf(" %s %.2f / %.2f;", what, v[n/2], v[n-1])
+	}
+	b.Log(line)
 }
 
 func mustWeightB(b *testing.B, g *Backend, r *rand.Rand, name string, n, k int) backend.Weight {

@@ -398,6 +398,10 @@ FLASH_LATENT(2, 64)
 // +chunk) of row t (chunk = ceil(n/splits) rounded up to 16, n = pos[t]+1)
 // for all its heads (up to DM_NH = 24), in tiles of TP = 16 or 32
 // positions copied to shared memory by cp.async, DM_NST tiles in flight.
+// The leading tiles' rows of positions written by earlier steps are
+// copied before the wait for the kernel before (with ahead set): under
+// programmatic dependent launch they stream while the absorbed query
+// still runs; this step's rows (and the queries) are read after it.
 // With the heads as the n side of m16n8k16 (3 tiles of 8):
 //   S^T (TP x 24)  = [c | k_pe] (TP x W) . [qlat | q_pe]^T   warp w: its own k steps
 //   O^T (rank x 24) += c^T (rank x TP) . P^T (TP x 24)        warp w: columns [w*rank/8, +rank/8)
@@ -416,6 +420,10 @@ FLASH_LATENT(2, 64)
 // this only when the whole grid is resident at once) and each merges a
 // share of the row's outputs (dm_merge_share); the last to leave resets
 // the counts. Else decode_combine (a second launch) merges.
+//
+// Timer stamps (benchmarks), per block: entry, the wait returned, first
+// tile in shared memory, positions done, partials written (or barrier
+// passed), done.
 
 #define DM_THREADS 256
 #define DM_HT 3
@@ -594,7 +602,6 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   u32 lead[DM_NST - 1];
 #pragma unroll
   for (int k = 0; k < DM_NST - 1; k++) lead[k] = slot_of(k);
-  if (stamp && tid == 0) stamp[1] = globaltimer_after((int)lead[0]);
   if (ahead) {
 #pragma unroll
     for (int k = 0; k < DM_NST - 1; k++) issue(k, lead[k], 0);
@@ -602,6 +609,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   // Weights of the padding rows and heads stay zero.
   for (int i = tid; i < DM_PROWS * PLD / 2; i += DM_THREADS) ((u32*)pw)[i] = 0u;
   PDL_WAIT();  // the queries and this step's cache entries
+  if (stamp && tid == 0) stamp[1] = globaltimer_after((int)lead[0]);
 
 #pragma unroll
   for (int k = 0; k < DM_NST - 1; k++) issue(k, lead[k], ahead ? 1 : 2);
