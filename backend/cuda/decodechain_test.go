@@ -15,12 +15,14 @@ import (
 // chainShape is GLM-4.7-Flash's attention.
 var chainShape = backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
 
-// chainSteps are decode steps over two sequences of a paged bf16 pool
+// chainSteps are decode steps over three sequences of a paged bf16 pool
 // whose first lens positions a prefill wrote: sequence 0 alone four
-// times, three rows of sequence 0 in one step, then a row of each.
+// times (one row, the splits merged by a second launch), three rows of
+// sequence 0 in one step, a row of sequences 0 and 1 (merged in the
+// launch), sequence 2 alone (one split), and a row of each.
 type chainSteps struct {
-	lens   [2]int
-	tables [2][]int32
+	lens   [3]int
+	tables [3][]int32
 	blocks int
 	steps  []*backend.Batch
 }
@@ -28,7 +30,7 @@ type chainSteps struct {
 const chainBlockSize = 16
 
 func newChainSteps(r *rand.Rand) *chainSteps {
-	cs := &chainSteps{lens: [2]int{1000, 300}}
+	cs := &chainSteps{lens: [3]int{1000, 300, 5}}
 	extra := 12 // positions the decode steps add at most
 	perm := r.Perm(100)
 	next := 0
@@ -64,6 +66,8 @@ func newChainSteps(r *rand.Rand) *chainSteps {
 	step(0)
 	step(0, 0, 0)
 	step(0, 1)
+	step(2)
+	step(0, 1, 2)
 	return cs
 }
 
@@ -180,8 +184,10 @@ func sameBits(a, b []float32) int {
 // compute without either (the separate quantization), bit for bit,
 // launched directly and replayed from graphs, with the step's cache write
 // two launches before the attention (as a decode layer runs) and right
-// before it; and olat and the values match the CPU backend. W_UV groups of
-// 128 (the model's) and 32.
+// before it; and olat and the values match the CPU backend. The steps
+// take every way the output is written (one split; splits merged by a
+// second launch; merged in the launch). W_UV groups of 128 (the model's)
+// and 32.
 func TestDecodeChainMatchesSerial(t *testing.T) {
 	g, c := testBackends(t, Options{NoGraphs: true})
 	if g.dev.Info().CC < 90 {

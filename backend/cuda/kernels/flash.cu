@@ -446,21 +446,48 @@ DEVICE u32 ld_acquire(const u32* p) {
   return v;
 }
 
+// The int8 form of row t of a K-column output held four values a lane
+// (lane: columns [4f, 4f+4)), as rmsnorm_quant writes it without a gain
+// (quant.cu): codes, a scale per group of G = 32, 64 or 128 columns and
+// the sums of 32 codes. The G/4 lanes of a group are consecutive lanes of
+// one warp (f = lane mod 32) and all valid or all not; whole warps call
+// it.
+DEVICE void quant_row4(float4 v, bool valid, int f, int t, int K, int G, i8* __restrict__ xq,
+                       float* __restrict__ xs, i32* __restrict__ xsum) {
+  float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+  for (int m = 1; m < G / 4; m <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+  const float scale = amax / 127.f;
+  const i32 q0 = quant8(v.x, amax, scale), q1 = quant8(v.y, amax, scale);
+  const i32 q2 = quant8(v.z, amax, scale), q3 = quant8(v.w, amax, scale);
+  i32 sum = q0 + q1 + q2 + q3;
+  sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+  sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+  sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+  if (!valid) return;
+  const int col = 4 * f, lane = threadIdx.x & 31;
+  *(u32*)(xq + (size_t)t * K + col) = (u32)(q0 & 0xFF) | ((u32)(q1 & 0xFF) << 8) | ((u32)(q2 & 0xFF) << 16) | ((u32)q3 << 24);
+  if ((lane & 7) == 0) xsum[(size_t)t * (K / 32) + col / 32] = sum;
+  if ((lane & (G / 4 - 1)) == 0) xs[(size_t)t * (K / G) + col / G] = amax == 0.f ? 0.f : scale;
+}
+
 // Block s of S merges its share of row t's outputs: float4 columns [f0,
 // f1) of the row's heads*rank/4, every split's partial weighted by exp(m_s
 // - M) of its head (0 for a split that saw no positions). Threads take a
 // column and every R-th split (R = threads a column); the R sums are added
 // in a fixed order. sm holds 2*S + DM_NH + 4*DM_THREADS floats.
 DEVICE void dm_merge_share(float* __restrict__ olat, int ldo, const float* part_ml, const float* part_acc, int t,
-                           int s, int S, int heads, int rank, float* sm) {
+                           int s, int S, int heads, int rank, float* sm, i8* __restrict__ xq, float* __restrict__ xs,
+                           i32* __restrict__ xsum, int G) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int C4 = rank / 4, NF = heads * C4, per = (NF + S - 1) / S;
+  // Shares of whole 32-float4 chunks: a quantization group never
+  // straddles two blocks, and a warp's lanes hold consecutive columns.
+  const int C4 = rank / 4, NF = heads * C4, per = ((NF + S - 1) / S + 31) & ~31;
   const int f0 = s * per, f1 = min(NF, f0 + per), nf = f1 - f0;
   if (nf <= 0) return;
   const int h0 = f0 / C4, nhs = (f1 - 1) / C4 - h0 + 1;  // heads of the share
-  float* wts = sm;                   // [nhs][S]
-  float* linv = sm + DM_NH + 2 * S;  // [nhs] (nhs*S <= 2*S + heads)
-  float4* red = (float4*)(sm + ((2 * DM_NH + 2 * S + 3) & ~3));
+  float* wts = sm;                // [nhs][S]
+  float* linv = sm + nhs * S;     // [nhs]
+  float4* red = (float4*)(sm + ((nhs * S + nhs + 3) & ~3));
   const size_t stride = (size_t)heads * rank;  // between splits
   const float* ml = part_ml + (size_t)t * S * heads * 2;
   for (int hh = warp; hh < nhs; hh += DM_THREADS / 32) {
@@ -486,17 +513,24 @@ DEVICE void dm_merge_share(float* __restrict__ olat, int ldo, const float* part_
   const float* acc = part_acc + (size_t)t * S * stride;
   float4* out = (float4*)(olat + (size_t)t * ldo);
   if (R == 1) {
-    for (int j = tid; j < nf; j += DM_THREADS) {
-      const int f = f0 + j, hh = f / C4 - h0;
-      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int jb = 0; jb < nf; jb += DM_THREADS) {
+      const int j = jb + tid, f = f0 + j;
+      const bool ok = j < nf;
+      float4 r = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (ok) {
+        const int hh = f / C4 - h0;
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 8
-      for (int q = 0; q < S; q++) {
-        const float w = wts[hh * S + q];
-        const float4 x = __ldcg((const float4*)(acc + q * stride + 4 * (size_t)f));
-        v.x += w * x.x, v.y += w * x.y, v.z += w * x.z, v.w += w * x.w;
+        for (int q = 0; q < S; q++) {
+          const float w = wts[hh * S + q];
+          const float4 x = __ldcg((const float4*)(acc + q * stride + 4 * (size_t)f));
+          v.x += w * x.x, v.y += w * x.y, v.z += w * x.z, v.w += w * x.w;
+        }
+        const float inv = linv[hh];
+        r = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
+        out[f] = r;
       }
-      const float inv = linv[hh];
-      out[f] = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
+      if (xq) quant_row4(r, ok, f, t, NF * 4, G, xq, xs, xsum);
     }
     return;
   }
@@ -512,6 +546,7 @@ DEVICE void dm_merge_share(float* __restrict__ olat, int ldo, const float* part_
     red[r * nf + j] = v;
   }
   __syncthreads();
+  float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
   if (tid < nf) {
     float4 v = red[tid];
     for (int q = 1; q < R; q++) {
@@ -519,8 +554,10 @@ DEVICE void dm_merge_share(float* __restrict__ olat, int ldo, const float* part_
       v.x += x.x, v.y += x.y, v.z += x.z, v.w += x.w;
     }
     const float inv = linv[hh];
-    out[f] = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
+    o = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
+    out[f] = o;
   }
+  if (xq) quant_row4(o, tid < nf, f0 + tid, t, NF * 4, G, xq, xs, xsum);
 }
 
 template <int RANK, int DR, int TP>
@@ -529,6 +566,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
                        const i32* __restrict__ pos, const i32* __restrict__ row_seq,
                        const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size, int heads,
                        int dn, float scale, float* part_ml, float* part_acc, u32* counters, int ahead,
+                       i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum, int G,
                        unsigned long long* stamps) {
   constexpr int W = RANK + DR, LD = W + 8;  // cached row stride in shared memory (bf16)
   constexpr int KL = RANK / 128;            // latent k steps a warp; also its 16-column output tiles
@@ -804,11 +842,18 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 
   constexpr int C4 = RANK / 4;
   if (S == 1) {
-    for (int i = tid; i < heads * C4; i += DM_THREADS) {
-      const int h = i / C4, c = (i - h * C4) * 4;
-      const float4 v = *(const float4*)(ot + h * OLD + c);
-      const float inv = 1.f / l_s[h];
-      *(float4*)(olat + (size_t)t * ldo + (size_t)h * RANK + c) = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
+    for (int ib = 0; ib < heads * C4; ib += DM_THREADS) {
+      const int i = ib + tid;
+      const bool ok = i < heads * C4;
+      float4 r = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (ok) {
+        const int h = i / C4, c = (i - h * C4) * 4;
+        const float4 v = *(const float4*)(ot + h * OLD + c);
+        const float inv = 1.f / l_s[h];
+        r = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
+        *(float4*)(olat + (size_t)t * ldo + (size_t)h * RANK + c) = r;
+      }
+      if (xq) quant_row4(r, ok, i, t, heads * RANK, G, xq, xs, xsum);
     }
     DM_STAMP(4);
     DM_STAMP(5);
@@ -834,7 +879,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   }
   __syncthreads();
   DM_STAMP(4);
-  dm_merge_share(olat, ldo, part_ml, part_acc, t, s, S, heads, RANK, sp);
+  dm_merge_share(olat, ldo, part_ml, part_acc, t, s, S, heads, RANK, sp, xq, xs, xsum, G);
   __syncthreads();
   if (tid == 0 && atomicAdd(&counters[gridDim.y + t], 1u) == (u32)(S - 1)) {
     counters[t] = 0;  // every block of the row has left the barrier
@@ -850,10 +895,10 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
                                        const u8* layer, const i32* __restrict__ pos, const i32* __restrict__ row_seq, \
                                        const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks,           \
                                        int block_size, int heads, int dn, float scale, float* part_ml,               \
-                                       float* part_acc, u32* counters, int ahead,                                    \
-                                       unsigned long long* stamps) {                                                 \
+                                       float* part_acc, u32* counters, int ahead, i8* xq, float* xs, i32* xsum,      \
+                                       int G, unsigned long long* stamps) {                                          \
     decode_mma<RANK, DR, TP>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks, block_size,     \
-                             heads, dn, scale, part_ml, part_acc, counters, ahead, stamps);                          \
+                             heads, dn, scale, part_ml, part_acc, counters, ahead, xq, xs, xsum, G, stamps);         \
   }
 
 // Instances: the model's (rank 512, rope 64) and the tests' small shape,
@@ -925,21 +970,6 @@ extern "C" __global__ void __launch_bounds__(256) decode_combine(float* olat, in
     const float4 out = make_float4(r.x * inv, r.y * inv, r.z * inv, r.w * inv);
     const int col = h * rank + c0 + 4 * lane;
     *(float4*)(olat + (size_t)t * ldo + col) = out;
-    if (xq) {
-      // A group is G/4 consecutive lanes; 32 columns are 8.
-      float amax = fmaxf(fmaxf(fabsf(out.x), fabsf(out.y)), fmaxf(fabsf(out.z), fabsf(out.w)));
-      for (int m = 1; m < G / 4; m <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
-      const float scale = amax / 127.f;
-      const i32 q0 = quant8(out.x, amax, scale), q1 = quant8(out.y, amax, scale);
-      const i32 q2 = quant8(out.z, amax, scale), q3 = quant8(out.w, amax, scale);
-      const size_t K = (size_t)heads * rank;
-      *(u32*)(xq + t * K + col) = (u32)(q0 & 0xFF) | ((u32)(q1 & 0xFF) << 8) | ((u32)(q2 & 0xFF) << 16) | ((u32)q3 << 24);
-      i32 sum = q0 + q1 + q2 + q3;
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 4);
-      if ((lane & 7) == 0) xsum[t * (K / 32) + col / 32] = sum;
-      if ((lane & (G / 4 - 1)) == 0) xs[t * (K / G) + col / G] = amax == 0.f ? 0.f : scale;
-    }
+    if (xq) quant_row4(out, true, col / 4, t, heads * rank, G, xq, xs, xsum);
   }
 }
