@@ -288,8 +288,9 @@ func chainLaunches(t *testing.T, g *Backend, cs *chainSteps, in *chainInputs) ma
 // expansion, over 48 layers in turn (cache and weights over 100 MB), in a
 // graph with programmatic dependent launch off and on: device time a
 // layer, with the cache copies before the wait (ahead) and the merge's
-// quantization on and off, splits aimed at 100% and 50% of the
-// multiprocessors. Run with -test.benchtime=1x.
+// quantization on and off, splits aimed at 100% and 25% of the
+// multiprocessors, the splits merged by the second launch (as mergeAuto
+// does at batch 1) or in the launch. Run with -test.benchtime=1x.
 func BenchmarkDecodeChain(b *testing.B) {
 	d := benchDevice(b)
 	g := NewOnDevice(d, Options{NoGraphs: true})
@@ -340,15 +341,16 @@ func BenchmarkDecodeChain(b *testing.B) {
 		}
 	}
 	for _, ahead := range []bool{false, true} {
-		g.decodeAhead, g.combineQuant, g.decodeBlocks = ahead, true, 100
+		g.decodeAhead, g.combineQuant, g.decodeBlocks, g.decodeMerge = ahead, true, 100, mergeAuto
 		chainPhases(b, g, queue)
 	}
 	for round := 0; round < 2; round++ {
 		for _, mode := range []struct {
 			ahead, quant bool
-			pct          int
-		}{{false, false, 100}, {true, false, 100}, {false, true, 100}, {true, true, 100}, {true, true, 50}, {false, false, 50}} {
-			g.decodeAhead, g.combineQuant, g.decodeBlocks = mode.ahead, mode.quant, mode.pct
+			pct, merge   int
+		}{{false, false, 100, mergeAuto}, {true, false, 100, mergeAuto}, {false, true, 100, mergeAuto}, {true, true, 100, mergeAuto},
+			{true, true, 25, mergeAuto}, {true, true, 100, mergeInKernel}} {
+			g.decodeAhead, g.combineQuant, g.decodeBlocks, g.decodeMerge = mode.ahead, mode.quant, mode.pct, mode.merge
 			n0 := len(g.pending)
 			queue()
 			ops := slices.Clone(g.pending[n0:])
@@ -373,8 +375,8 @@ func BenchmarkDecodeChain(b *testing.B) {
 						if err != nil {
 							return err
 						}
-						b.Logf("%s: round %d: ctx %d, splits at %d%% of the SMs, copies before the wait %-5v, merge quantizes %-5v, PDL %-5v: %6.2f us a layer (%d ops)",
-							name, round, ctx, mode.pct, mode.ahead, mode.quant, on, us/layers, len(ops)/layers)
+						b.Logf("%s: round %d: ctx %d, splits at %d%% of the SMs, merge %d, copies before the wait %-5v, int8 form %-5v, PDL %-5v: %6.2f us a layer (%d ops)",
+							name, round, ctx, mode.pct, mode.merge, mode.ahead, mode.quant, on, us/layers, len(ops)/layers)
 						return nil
 					})
 				})
