@@ -212,7 +212,7 @@ func TestDecodeChainMatchesSerial(t *testing.T) {
 		cpuOl, cpuV := runChain(t, c, cs, in, uk, uv, layers, 0)
 		for order := 0; order < 2; order++ {
 			setPDL(false)
-			g.decodeAhead, g.combineQuant = false, false
+			g.decodeAhead, g.combineQuant, g.combineTrigger = false, false, false
 			wantOl, wantV := runChain(t, g, cs, in, uk, uv, layers, order)
 			name := fmt.Sprintf("W_UV groups of %d, order %d", G, order)
 			if e := maxRelErr(cpuOl, wantOl); !(e <= 1e-5) {
@@ -224,11 +224,13 @@ func TestDecodeChainMatchesSerial(t *testing.T) {
 			}
 			setPDL(true)
 			for _, v := range []struct {
-				what         string
-				b            *Backend
-				ahead, quant bool
-			}{{"direct", g, true, true}, {"direct, loads after the wait", g, false, true}, {"direct, separate quantization", g, true, false}, {"graphs", gg, true, true}} {
-				v.b.decodeAhead, v.b.combineQuant = v.ahead, v.quant
+				what                  string
+				b                     *Backend
+				ahead, quant, trigger bool
+			}{{"direct", g, true, true, false}, {"direct, loads after the wait", g, false, true, false},
+				{"direct, separate quantization", g, true, false, false}, {"direct, merge triggers early", g, true, true, true},
+				{"graphs", gg, true, true, false}} {
+				v.b.decodeAhead, v.b.combineQuant, v.b.combineTrigger = v.ahead, v.quant, v.trigger
 				ol, vals := runChain(t, v.b, cs, in, uk, uv, layers, order)
 				if i := sameBits(wantOl, ol); i >= 0 {
 					t.Errorf("%s, PDL (%s): olat value %d of %d differs from the serial launches", name, v.what, i, len(ol))
@@ -241,7 +243,7 @@ func TestDecodeChainMatchesSerial(t *testing.T) {
 		}
 	}
 	// The merge wrote the quantization: one fewer launch a layer.
-	g.decodeAhead, g.combineQuant = true, true
+	g.decodeAhead, g.combineQuant, g.combineTrigger = true, true, false
 	if n := chainLaunches(t, g, cs, in); n[true] != n[false]-1 {
 		t.Errorf("launches a layer with the merge quantizing %d, without %d: want one fewer", n[true], n[false])
 	}
@@ -341,16 +343,18 @@ func BenchmarkDecodeChain(b *testing.B) {
 		}
 	}
 	for _, ahead := range []bool{false, true} {
-		g.decodeAhead, g.combineQuant, g.decodeBlocks, g.decodeMerge = ahead, true, 100, mergeAuto
+		g.decodeAhead, g.combineQuant, g.combineTrigger, g.decodeBlocks, g.decodeMerge = ahead, true, false, 100, mergeAuto
 		chainPhases(b, g, queue)
 	}
 	for round := 0; round < 2; round++ {
 		for _, mode := range []struct {
-			ahead, quant bool
-			pct, merge   int
-		}{{false, false, 100, mergeAuto}, {true, false, 100, mergeAuto}, {false, true, 100, mergeAuto}, {true, true, 100, mergeAuto},
-			{true, true, 25, mergeAuto}, {true, true, 100, mergeInKernel}} {
-			g.decodeAhead, g.combineQuant, g.decodeBlocks, g.decodeMerge = mode.ahead, mode.quant, mode.pct, mode.merge
+			ahead, quant, trigger bool
+			pct, merge            int
+		}{{false, false, false, 100, mergeAuto}, {true, false, false, 100, mergeAuto}, {false, true, false, 100, mergeAuto},
+			{true, true, false, 100, mergeAuto}, {true, true, true, 100, mergeAuto}, {true, true, false, 25, mergeAuto},
+			{true, true, false, 100, mergeInKernel}} {
+			g.decodeAhead, g.combineQuant, g.combineTrigger = mode.ahead, mode.quant, mode.trigger
+			g.decodeBlocks, g.decodeMerge = mode.pct, mode.merge
 			n0 := len(g.pending)
 			queue()
 			ops := slices.Clone(g.pending[n0:])
@@ -375,8 +379,8 @@ func BenchmarkDecodeChain(b *testing.B) {
 						if err != nil {
 							return err
 						}
-						b.Logf("%s: round %d: ctx %d, splits at %d%% of the SMs, merge %d, copies before the wait %-5v, int8 form %-5v, PDL %-5v: %6.2f us a layer (%d ops)",
-							name, round, ctx, mode.pct, mode.merge, mode.ahead, mode.quant, on, us/layers, len(ops)/layers)
+						b.Logf("%s: round %d: ctx %d, splits at %d%% of the SMs, merge %d, copies before the wait %-5v, int8 form %-5v, merge triggers early %-5v, PDL %-5v: %6.2f us a layer (%d ops)",
+							name, round, ctx, mode.pct, mode.merge, mode.ahead, mode.quant, mode.trigger, on, us/layers, len(ops)/layers)
 						return nil
 					})
 				})

@@ -915,14 +915,17 @@ DECODE_MMA(256, 32, 32)
 // warps' sums are then added in a fixed order. With xq set, the merged
 // row's int8 form in groups of G (32, 64 or 128 columns, within a head's
 // 128) is written as rmsnorm_quant writes it without a gain (quant.cu),
-// for the value expansion: codes, scales and the sums of 32 codes.
+// for the value expansion: codes, scales and the sums of 32 codes. With
+// trigger set, the next kernel may launch at once (PDL_TRIGGER), so that
+// its weight loads overlap the attention, not only this merge.
 extern "C" __global__ void __launch_bounds__(256) decode_combine(float* olat, int ldo, const float* part_ml,
                                                                  const float* part_acc, int S, int heads, int rank,
                                                                  i8* __restrict__ xq, float* __restrict__ xs,
-                                                                 i32* __restrict__ xsum, int G) {
+                                                                 i32* __restrict__ xsum, int G, int trigger) {
   __shared__ float4 red[8][32];
   __shared__ float lred[8];
   PDL_LAUNCH();
+  if (trigger) PDL_TRIGGER();
   PDL_WAIT();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int t = blockIdx.z, h = blockIdx.y, c0 = blockIdx.x * 128;
