@@ -295,7 +295,7 @@ func chainLaunches(t *testing.T, g *Backend, cs *chainSteps, in *chainInputs) ma
 // does at batch 1) or in the launch. Run with -test.benchtime=1x.
 func BenchmarkDecodeChain(b *testing.B) {
 	d := benchDevice(b)
-	g := NewOnDevice(d, Options{NoGraphs: true})
+	g := NewOnDevice(d, Options{NoGraphs: true, NoPieces: true})
 	defer g.Close()
 	r := rand.New(rand.NewPCG(7, 7))
 	s := chainShape
@@ -334,13 +334,29 @@ func BenchmarkDecodeChain(b *testing.B) {
 		b.Fatal(err)
 	}
 	name := d.Info().Name
-	queue := func() {
-		for l := 0; l < layers; l++ {
+	// queue returns the layers' ops, taken from the queue layer by layer
+	// (a layer queued again if the arena's growth flushed it).
+	queue := func() []queuedOp {
+		var ops []queuedOp
+		for l, tries := 0, 0; l < layers; {
+			f, n0 := g.flushes, len(g.pending)
 			g.CacheWrite(l, lat, kpe)
 			g.AbsorbQuery(qlat, q, uks[l], s)
 			g.LatentAttention(olat, qlat, q, l, s, 0.0625)
 			g.ExpandValues(v, olat, uvs[l], s)
+			if g.flushes != f && tries < 3 {
+				tries++
+				continue
+			}
+			if g.flushes != f {
+				b.Fatal("the queue flushes in every try")
+			}
+			ops = append(ops, g.pending[n0:]...)
+			g.pending = g.pending[:n0]
+			l++
 		}
+		g.quantized = nil
+		return ops
 	}
 	for _, ahead := range []bool{false, true} {
 		g.decodeAhead, g.combineQuant, g.combineTrigger, g.decodeBlocks, g.decodeMerge = ahead, true, false, 100, mergeAuto
@@ -355,11 +371,7 @@ func BenchmarkDecodeChain(b *testing.B) {
 			{true, true, false, 100, mergeInKernel}} {
 			g.decodeAhead, g.combineQuant, g.combineTrigger = mode.ahead, mode.quant, mode.trigger
 			g.decodeBlocks, g.decodeMerge = mode.pct, mode.merge
-			n0 := len(g.pending)
-			queue()
-			ops := slices.Clone(g.pending[n0:])
-			g.pending = g.pending[:n0]
-			g.quantized = nil
+			ops := queue()
 			for _, on := range []bool{false, true} {
 				err := d.Do(func(c *Ctx) error {
 					return withPDL(c, on, func() error {
@@ -395,7 +407,7 @@ func BenchmarkDecodeChain(b *testing.B) {
 // chainPhases logs decode_mma's timer stamps (median over the blocks of
 // the last layer's launch, us after its first block's entry) in the
 // replayed chain, PDL on.
-func chainPhases(b *testing.B, g *Backend, queue func()) {
+func chainPhases(b *testing.B, g *Backend, queue func() []queuedOp) {
 	var buf Buffer
 	if err := g.dev.Do(func(c *Ctx) error {
 		var err error
@@ -405,11 +417,7 @@ func chainPhases(b *testing.B, g *Backend, queue func()) {
 		b.Fatal(err)
 	}
 	g.decodeStamps = buf.Ptr
-	n0 := len(g.pending)
-	queue()
-	ops := slices.Clone(g.pending[n0:])
-	g.pending = g.pending[:n0]
-	g.quantized = nil
+	ops := queue()
 	g.decodeStamps = 0
 	n := g.decodeStampBlocks
 	st := make([]uint64, 6*n)
@@ -447,7 +455,7 @@ func chainPhases(b *testing.B, g *Backend, queue func()) {
 		t0 = min(t0, st[6*i])
 	}
 	line := fmt.Sprintf("copies before the wait %v: %d blocks, us after the first entry (median / latest):", g.decodeAhead, n)
-	for k, what := range []string{"entry", "wait returned", "first tile", "summed", "partials", "done"} {
+	for k, what := range []string{"entry", "wait returned", "queries", "first tile", "summed", "written"} {
 		v := make([]float64, n)
 		for i := range v {
 			v[i] = float64(st[6*i+k]-t0) / 1e3

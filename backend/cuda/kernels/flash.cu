@@ -421,9 +421,9 @@ FLASH_LATENT(2, 64)
 // share of the row's outputs (dm_merge_share); the last to leave resets
 // the counts. Else decode_combine (a second launch) merges.
 //
-// Timer stamps (benchmarks), per block: entry, the wait returned, first
-// tile in shared memory, positions done, partials written (or barrier
-// passed), done.
+// Timer stamps (benchmarks), per block: entry, the wait returned, warp
+// 0's queries in registers, first tile in shared memory, positions done,
+// output or partials written (or merged).
 
 #define DM_THREADS 256
 #define DM_HT 3
@@ -682,6 +682,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
       }
     }
   }
+  if (stamp && tid == 0) stamp[2] = globaltimer_after((int)(qb[0][0][0][0] ^ qb[KS - 1][DM_HT - 1][2][1]));
 
   // The softmax state lives in the threads tid < 8*DM_NH (head tid/8,
   // positions tid%8 + 8i).
@@ -704,7 +705,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
     nslot = slot_of(k + DM_NST);
     asm volatile("cp.async.wait_group %0;" ::"n"(DM_NST - 1) : "memory");
     __syncthreads();
-    if (k == 0) DM_STAMP(2);
+    if (k == 0) DM_STAMP(3);
     const u32 tile = stage_addr + (u32)((k % DM_NST) * TP * LD * 2);
 
     // Partial scores over this warp's k steps: TP positions x 24 heads.
@@ -824,7 +825,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
     __syncthreads();  // the tile and the weights are read before they are rewritten
   }
   asm volatile("cp.async.wait_group 0;" ::: "memory");  // the empty groups
-  DM_STAMP(3);
+  DM_STAMP(4);
 
   // Head-major values in shared memory (the tiles are done with).
 #pragma unroll
@@ -855,7 +856,6 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
       }
       if (xq) quant_row4(r, ok, i, t, heads * RANK, G, xq, xs, xsum);
     }
-    DM_STAMP(4);
     DM_STAMP(5);
     return;
   }
@@ -866,7 +866,6 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   }
   if (tid < heads) *(float2*)(part_ml + (part * heads + tid) * 2) = make_float2(m_s[tid], l_s[tid]);
   if (counters == nullptr) {
-    DM_STAMP(4);
     DM_STAMP(5);
     return;
   }
@@ -878,7 +877,6 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
     while (ld_acquire(&counters[t]) < (u32)S) asm volatile("nanosleep.u32 32;");
   }
   __syncthreads();
-  DM_STAMP(4);
   dm_merge_share(olat, ldo, part_ml, part_acc, t, s, S, heads, RANK, sp, xq, xs, xsum, G);
   __syncthreads();
   if (tid == 0 && atomicAdd(&counters[gridDim.y + t], 1u) == (u32)(S - 1)) {
