@@ -566,7 +566,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
                        const i32* __restrict__ pos, const i32* __restrict__ row_seq,
                        const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size, int heads,
                        int dn, float scale, float* part_ml, float* part_acc, u32* counters, int ahead,
-                       i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum, int G,
+                       int stage_q, i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum, int G,
                        unsigned long long* stamps) {
   constexpr int W = RANK + DR, LD = W + 8;  // cached row stride in shared memory (bf16)
   constexpr int KL = RANK / 128;            // latent k steps a warp; also its 16-column output tiles
@@ -591,6 +591,8 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   float* alpha_s = (float*)(pw + DM_PROWS * PLD);               // [DM_NH]
   float* m_s = alpha_s + DM_NH;
   float* l_s = m_s + DM_NH;
+  constexpr int QLD = W + 8;  // staged query row stride (floats)
+  float* qs = l_s + DM_NH;    // [heads][QLD] with stage_q
   static_assert(8 * TP * DM_NH >= 2 * DM_MAXS + 2 * DM_NH + 4 + 4 * DM_THREADS, "merge scratch");
 
   PDL_LAUNCH();
@@ -649,9 +651,27 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   PDL_WAIT();  // the queries and this step's cache entries
   if (stamp && tid == 0) stamp[1] = globaltimer_after((int)lead[0]);
 
+  if (stage_q) {
+    // The queries [qlat | q_pe] of the row's heads into shared memory, in
+    // the first tile's group: 16-byte copies, a warp's covering 512
+    // contiguous bytes (the fragments' own loads touch a line a head).
+    constexpr int P = W / 4;
+    const float* qrow = qlat + (size_t)t * ldql;
+    const float* prow = q + (size_t)t * ldq + dn;
+    const u32 qs_addr = smem_addr(qs);
+    for (int i = tid; i < heads * P; i += DM_THREADS) {
+      const int h = i / P, c = (i - h * P) * 4;
+      const float* src = c < RANK ? qrow + (size_t)h * RANK + c : prow + (size_t)h * (dn + DR) + (c - RANK);
+      cp_async16(qs_addr + (u32)((h * QLD + c) * 4), src, true);
+    }
+  }
 #pragma unroll
   for (int k = 0; k < DM_NST - 1; k++) issue(k, lead[k], ahead ? 1 : 2);
   u32 nslot = slot_of(DM_NST - 1);
+  if (stage_q) {
+    asm volatile("cp.async.wait_group %0;" ::"n"(DM_NST - 2) : "memory");
+    __syncthreads();
+  }
 
   // This warp's query parts as B fragments: k step kk covers query
   // columns kcol(kk) .. +16; heads 8j + g.
@@ -665,10 +685,16 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
       float2 v0 = make_float2(0.f, 0.f), v1 = v0;
       if (h < heads && (kk < KL || warp < KR)) {
         const int kc = kcol(kk);
-        const float* src = kk < KL ? qlat + (size_t)t * ldql + (size_t)h * RANK + kc
-                                   : q + (size_t)t * ldq + (size_t)h * (dn + DR) + dn + (kc - RANK);
-        v0 = *(const float2*)(src + 2 * c4);
-        v1 = *(const float2*)(src + 2 * c4 + 8);
+        if (stage_q) {
+          const float* src = qs + h * QLD + kc;
+          v0 = *(const float2*)(src + 2 * c4);
+          v1 = *(const float2*)(src + 2 * c4 + 8);
+        } else {
+          const float* src = kk < KL ? qlat + (size_t)t * ldql + (size_t)h * RANK + kc
+                                     : q + (size_t)t * ldq + (size_t)h * (dn + DR) + dn + (kc - RANK);
+          v0 = *(const float2*)(src + 2 * c4);
+          v1 = *(const float2*)(src + 2 * c4 + 8);
+        }
       }
       u32 a[3], b[3], c[3], d[3];
       split3_bf16(v0.x, a[0], a[1], a[2]);
@@ -893,10 +919,11 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
                                        const u8* layer, const i32* __restrict__ pos, const i32* __restrict__ row_seq, \
                                        const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks,           \
                                        int block_size, int heads, int dn, float scale, float* part_ml,               \
-                                       float* part_acc, u32* counters, int ahead, i8* xq, float* xs, i32* xsum,      \
-                                       int G, unsigned long long* stamps) {                                          \
+                                       float* part_acc, u32* counters, int ahead, int stage_q, i8* xq, float* xs,    \
+                                       i32* xsum, int G, unsigned long long* stamps) {                               \
     decode_mma<RANK, DR, TP>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks, block_size,     \
-                             heads, dn, scale, part_ml, part_acc, counters, ahead, xq, xs, xsum, G, stamps);         \
+                             heads, dn, scale, part_ml, part_acc, counters, ahead, stage_q, xq, xs, xsum, G,         \
+                             stamps);                                                                                \
   }
 
 // Instances: the model's (rank 512, rope 64) and the tests' small shape,
