@@ -228,8 +228,8 @@ func TestDecodeChainMatchesSerial(t *testing.T) {
 				b                             *Backend
 				ahead, quant, trigger, stageQ bool
 			}{{"direct", g, true, true, false, true}, {"direct, loads after the wait", g, false, true, false, true},
-				{"direct, separate quantization", g, true, false, false, true}, {"direct, merge triggers early", g, true, true, true, true},
-				{"direct, queries not staged", g, true, true, false, false}, {"graphs", gg, true, true, false, true}} {
+				{"direct, separate quantization", g, true, false, false, true}, {"direct, queries not staged", g, true, true, false, false},
+				{"graphs", gg, true, true, false, true}, {"direct, merge triggers early", g, true, true, true, true}} {
 				v.b.decodeAhead, v.b.combineQuant, v.b.combineTrigger, v.b.decodeStageQ = v.ahead, v.quant, v.trigger, v.stageQ
 				ol, vals := runChain(t, v.b, cs, in, uk, uv, layers, order)
 				if i := sameBits(wantOl, ol); i >= 0 {
@@ -367,8 +367,8 @@ func BenchmarkDecodeChain(b *testing.B) {
 			ahead, quant, trigger, stageQ bool
 			pct, merge                    int
 		}{{false, false, false, false, 100, mergeAuto}, {true, true, false, false, 100, mergeAuto}, {true, true, false, true, 100, mergeAuto},
-			{false, true, false, true, 100, mergeAuto}, {true, true, true, true, 100, mergeAuto}, {true, true, false, true, 25, mergeAuto},
-			{true, true, false, true, 100, mergeInKernel}} {
+			{false, true, false, true, 100, mergeAuto}, {true, true, false, true, 25, mergeAuto},
+			{true, true, false, true, 100, mergeInKernel}, {true, true, true, true, 100, mergeAuto}} {
 			g.decodeAhead, g.combineQuant, g.combineTrigger, g.decodeStageQ = mode.ahead, mode.quant, mode.trigger, mode.stageQ
 			g.decodeBlocks, g.decodeMerge = mode.pct, mode.merge
 			ops := queue()
