@@ -48,7 +48,6 @@ func (b *Backend) decodeAttnConfig() {
 	b.decodeMMA = os.Getenv("MMFP4_CUDA_ATTN_MMA") != "0"
 	b.decodeAhead = os.Getenv("MMFP4_CUDA_ATTN_EARLY") != "0"
 	b.combineQuant = os.Getenv("MMFP4_CUDA_ATTN_QUANT") != "0"
-	b.decodeStageQ = os.Getenv("MMFP4_CUDA_ATTN_QSTAGE") != "0"
 }
 
 // decodeSplits is how many blocks share a row's positions: enough, with

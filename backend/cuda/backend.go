@@ -94,9 +94,6 @@ type Backend struct {
 	// form of its output that the value expansion's quantization asks for
 	// right after (lastDecodeAttn, quantize).
 	decodeAhead, combineQuant bool
-	// decodeStageQ lets the tensor-core kernel copy the queries to shared
-	// memory before building its fragments.
-	decodeStageQ bool
 	// combineTrigger lets the kernel after decode_combine launch when
 	// decode_combine does (measurements).
 	combineTrigger bool

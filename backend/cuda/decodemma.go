@@ -93,13 +93,6 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 	if shared > b.dev.Info().SharedOptin {
 		return false
 	}
-	// The queries staged in shared memory by 16-byte copies, where the
-	// rows are aligned for them and the room is there.
-	stageQ := 0
-	if qs := 4 * s.Heads * (s.Rank + s.RopeDim + 8); b.decodeStageQ && ql.ld%4 == 0 && ql.ptr%16 == 0 &&
-		qm.ld%4 == 0 && qm.ptr%16 == 0 && s.NopeDim%4 == 0 && shared+qs <= b.dev.Info().SharedOptin {
-		stageQ, shared = 1, shared+qs
-	}
 	var pml, pacc, counters uint64
 	if S > 1 {
 		pml, pacc = b.alloc(4*2*T*S*s.Heads), b.alloc(4*T*S*s.Heads*s.Rank)
@@ -156,7 +149,7 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 		if err := c.Launch(k, Dim{uint32(S), uint32(T), 1}, D1(decodeMMAThreads), shared,
 			om.ptr, om.ld, ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer),
 			b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
-			s.Heads, s.NopeDim, scale, pml, pacc, cnt, ahead, stageQ, xq, xs, xsum, G, stamps); err != nil || S == 1 || cnt != 0 {
+			s.Heads, s.NopeDim, scale, pml, pacc, cnt, ahead, xq, xs, xsum, G, stamps); err != nil || S == 1 || cnt != 0 {
 			return err
 		}
 		m, err := c.Kernel("flash", "decode_combine")
