@@ -94,10 +94,7 @@ type Backend struct {
 	// form of its output that the value expansion's quantization asks for
 	// right after (lastDecodeAttn, quantize).
 	decodeAhead, combineQuant bool
-	// combineTrigger lets the kernel after decode_combine launch when
-	// decode_combine does (measurements).
-	combineTrigger bool
-	lastDecodeAttn *decodeAttnOp
+	lastDecodeAttn            *decodeAttnOp
 	// decodeStamps, when set, receives the kernel's per-block timer
 	// stamps (BenchmarkAttention); decodeStampBlocks is the last grid's
 	// block count.

@@ -212,7 +212,7 @@ func TestDecodeChainMatchesSerial(t *testing.T) {
 		cpuOl, cpuV := runChain(t, c, cs, in, uk, uv, layers, 0)
 		for order := 0; order < 2; order++ {
 			setPDL(false)
-			g.decodeAhead, g.combineQuant, g.combineTrigger = false, false, false
+			g.decodeAhead, g.combineQuant = false, false
 			wantOl, wantV := runChain(t, g, cs, in, uk, uv, layers, order)
 			name := fmt.Sprintf("W_UV groups of %d, order %d", G, order)
 			if e := maxRelErr(cpuOl, wantOl); !(e <= 1e-5) {
@@ -224,13 +224,12 @@ func TestDecodeChainMatchesSerial(t *testing.T) {
 			}
 			setPDL(true)
 			for _, v := range []struct {
-				what                  string
-				b                     *Backend
-				ahead, quant, trigger bool
-			}{{"direct", g, true, true, false}, {"direct, loads after the wait", g, false, true, false},
-				{"direct, separate quantization", g, true, false, false}, {"graphs", gg, true, true, false},
-				{"direct, merge triggers early", g, true, true, true}} {
-				v.b.decodeAhead, v.b.combineQuant, v.b.combineTrigger = v.ahead, v.quant, v.trigger
+				what         string
+				b            *Backend
+				ahead, quant bool
+			}{{"direct", g, true, true}, {"direct, loads after the wait", g, false, true},
+				{"direct, separate quantization", g, true, false}, {"graphs", gg, true, true}} {
+				v.b.decodeAhead, v.b.combineQuant = v.ahead, v.quant
 				ol, vals := runChain(t, v.b, cs, in, uk, uv, layers, order)
 				if i := sameBits(wantOl, ol); i >= 0 {
 					t.Errorf("%s, PDL (%s): olat value %d of %d differs from the serial launches", name, v.what, i, len(ol))
@@ -243,7 +242,7 @@ func TestDecodeChainMatchesSerial(t *testing.T) {
 		}
 	}
 	// The merge wrote the quantization: one fewer launch a layer.
-	g.decodeAhead, g.combineQuant, g.combineTrigger = true, true, false
+	g.decodeAhead, g.combineQuant = true, true
 	if n := chainLaunches(t, g, cs, in); n[true] != n[false]-1 {
 		t.Errorf("launches a layer with the merge quantizing %d, without %d: want one fewer", n[true], n[false])
 	}
@@ -359,15 +358,15 @@ func BenchmarkDecodeChain(b *testing.B) {
 		return ops
 	}
 	for _, ahead := range []bool{false, true} {
-		g.decodeAhead, g.combineQuant, g.combineTrigger, g.decodeBlocks, g.decodeMerge = ahead, true, false, 100, mergeAuto
+		g.decodeAhead, g.combineQuant, g.decodeBlocks, g.decodeMerge = ahead, true, 100, mergeAuto
 		chainPhases(b, g, queue)
 	}
 	for _, mode := range []struct {
-		ahead, quant, trigger bool
-		pct, merge            int
-	}{{false, false, false, 100, mergeAuto}, {true, true, false, 100, mergeAuto}, {false, true, false, 100, mergeAuto},
-		{true, true, false, 25, mergeAuto}, {true, true, false, 100, mergeInKernel}, {true, true, true, 100, mergeAuto}} {
-		g.decodeAhead, g.combineQuant, g.combineTrigger = mode.ahead, mode.quant, mode.trigger
+		ahead, quant bool
+		pct, merge   int
+	}{{false, false, 100, mergeAuto}, {true, true, 100, mergeAuto}, {false, true, 100, mergeAuto},
+		{true, true, 25, mergeAuto}, {true, true, 100, mergeInKernel}} {
+		g.decodeAhead, g.combineQuant = mode.ahead, mode.quant
 		g.decodeBlocks, g.decodeMerge = mode.pct, mode.merge
 		ops := queue()
 		for _, on := range []bool{false, true} {
@@ -390,8 +389,8 @@ func BenchmarkDecodeChain(b *testing.B) {
 						return err
 					}
 					// Printed, not logged: a benchmark's log is cut at ten lines.
-					fmt.Printf("%s: ctx %d, splits at %d%% of the SMs, merge %d, copies before the wait %-5v, int8 form %-5v, merge triggers early %-5v, PDL %-5v: %6.2f us a layer (%d ops)\n",
-						name, ctx, mode.pct, mode.merge, mode.ahead, mode.quant, mode.trigger, on, us/layers, len(ops)/layers)
+					fmt.Printf("%s: ctx %d, splits at %d%% of the SMs, merge %d, copies before the wait %-5v, int8 form %-5v, PDL %-5v: %6.2f us a layer (%d ops)\n",
+						name, ctx, mode.pct, mode.merge, mode.ahead, mode.quant, on, us/layers, len(ops)/layers)
 					return nil
 				})
 			})

@@ -116,10 +116,6 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 	if b.decodeAhead {
 		ahead = 1
 	}
-	trigger := 0
-	if b.combineTrigger {
-		trigger = 1
-	}
 	var cq *decodeAttnOp
 	name := fmt.Sprintf("decode_mma_%d_%d_t%d", s.Rank, s.RopeDim, tp)
 	sms := b.dev.Info().SMs
@@ -158,7 +154,7 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 		}
 		m.early = true
 		return c.Launch(m, Dim{uint32(s.Rank / 128), uint32(s.Heads), uint32(T)}, D1(256), 0,
-			om.ptr, om.ld, pml, pacc, S, s.Heads, s.Rank, xq, xs, xsum, G, trigger)
+			om.ptr, om.ld, pml, pacc, S, s.Heads, s.Rank, xq, xs, xsum, G)
 	})
 	if b.combineQuant && b.flushes == flush && len(b.pending) == idx+1 {
 		cq = &decodeAttnOp{idx: idx, flush: flush, om: *om}

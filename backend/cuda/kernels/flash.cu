@@ -432,23 +432,12 @@ FLASH_LATENT(2, 64)
 #define DM_NST 4     // tiles in flight
 #define DM_MAXS 256
 
-// Two floats as bf16x2 rounded to nearest even, x in the low half: one
-// conversion instruction, the bits of fa_bf16 for finite values.
-DEVICE u32 bf16x2_rn(float x, float y) {
-  u32 d;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(y), "f"(x));
-  return d;
-}
-
-// x = hi + mid + lo and y likewise, exactly (finite values), each part a
-// bf16x2 with x in the low half: a third of the instructions of splitting
-// each value by fa_bf16 (the queries' 60 splits a thread were a
-// quarter of the kernel's time after its wait).
-DEVICE void split3_bf16x2(float x, float y, u32& hi, u32& mid, u32& lo) {
-  hi = bf16x2_rn(x, y);
-  const float rx = x - __uint_as_float(hi << 16), ry = y - __uint_as_float(hi & 0xFFFF0000u);
-  mid = bf16x2_rn(rx, ry);
-  lo = bf16x2_rn(rx - __uint_as_float(mid << 16), ry - __uint_as_float(mid & 0xFFFF0000u));
+// x = hi + mid + lo exactly (finite x; each part a bf16 as bits).
+DEVICE void split3_bf16(float x, u32& hi, u32& mid, u32& lo) {
+  hi = fa_bf16(x);
+  const float r = x - __uint_as_float(hi << 16);
+  mid = fa_bf16(r);
+  lo = fa_bf16(r - __uint_as_float(mid << 16));
 }
 
 DEVICE u32 ld_acquire(const u32* p) {
@@ -681,8 +670,16 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
         v0 = *(const float2*)(src + 2 * c4);
         v1 = *(const float2*)(src + 2 * c4 + 8);
       }
-      split3_bf16x2(v0.x, v0.y, qb[kk][j][0][0], qb[kk][j][1][0], qb[kk][j][2][0]);
-      split3_bf16x2(v1.x, v1.y, qb[kk][j][0][1], qb[kk][j][1][1], qb[kk][j][2][1]);
+      u32 a[3], b[3], c[3], d[3];
+      split3_bf16(v0.x, a[0], a[1], a[2]);
+      split3_bf16(v0.y, b[0], b[1], b[2]);
+      split3_bf16(v1.x, c[0], c[1], c[2]);
+      split3_bf16(v1.y, d[0], d[1], d[2]);
+#pragma unroll
+      for (int p = 0; p < 3; p++) {
+        qb[kk][j][p][0] = a[p] | (b[p] << 16);
+        qb[kk][j][p][1] = c[p] | (d[p] << 16);
+      }
     }
   }
   if (stamp && tid == 0) stamp[2] = globaltimer_after((int)(qb[0][0][0][0] ^ qb[KS - 1][DM_HT - 1][2][1]));
@@ -779,22 +776,15 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
       const float alpha = none ? 1.f : expf(m_run - m_new);
       float sum = 0.f;
 #pragma unroll
-      for (int i = 0; i < TP / 8; i += 2) {
-        float p[2];
-#pragma unroll
-        for (int e = 0; e < 2; e++) {
-          p[e] = (none || sv[i + e] == __int_as_float(0xff800000)) ? 0.f : expf(sv[i + e] - m_new);
-          sum += p[e];
-        }
-        u32 parts[3];
-        split3_bf16x2(p[0], p[1], parts[0], parts[1], parts[2]);
-#pragma unroll
-        for (int e = 0; e < 2; e++) {
-          const int r = sq + 8 * (i + e);
-#pragma unroll
-          for (int part = 0; part < 3; part++)
-            pw[(part * DM_NH + sh) * PLD + r] = (unsigned short)(parts[part] >> (16 * e));
-        }
+      for (int i = 0; i < TP / 8; i++) {
+        const float p = (none || sv[i] == __int_as_float(0xff800000)) ? 0.f : expf(sv[i] - m_new);
+        sum += p;
+        u32 hi, mid, lo;
+        split3_bf16(p, hi, mid, lo);
+        const int r = sq + 8 * i;
+        pw[(0 * DM_NH + sh) * PLD + r] = (unsigned short)hi;
+        pw[(1 * DM_NH + sh) * PLD + r] = (unsigned short)mid;
+        pw[(2 * DM_NH + sh) * PLD + r] = (unsigned short)lo;
       }
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
@@ -923,17 +913,14 @@ DECODE_MMA(256, 32, 32)
 // warps' sums are then added in a fixed order. With xq set, the merged
 // row's int8 form in groups of G (32, 64 or 128 columns, within a head's
 // 128) is written as rmsnorm_quant writes it without a gain (quant.cu),
-// for the value expansion: codes, scales and the sums of 32 codes. With
-// trigger set, the next kernel may launch at once (PDL_TRIGGER), so that
-// its weight loads overlap the attention, not only this merge.
+// for the value expansion: codes, scales and the sums of 32 codes.
 extern "C" __global__ void __launch_bounds__(256) decode_combine(float* olat, int ldo, const float* part_ml,
                                                                  const float* part_acc, int S, int heads, int rank,
                                                                  i8* __restrict__ xq, float* __restrict__ xs,
-                                                                 i32* __restrict__ xsum, int G, int trigger) {
+                                                                 i32* __restrict__ xsum, int G) {
   __shared__ float4 red[8][32];
   __shared__ float lred[8];
   PDL_LAUNCH();
-  if (trigger) PDL_TRIGGER();
   PDL_WAIT();
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int t = blockIdx.z, h = blockIdx.y, c0 = blockIdx.x * 128;

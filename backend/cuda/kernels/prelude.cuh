@@ -127,14 +127,8 @@ DEVICE double warp_sum_d(double v) {
     asm volatile("griddepcontrol.wait;" ::: "memory");             \
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); \
   } while (0)
-// PDL_TRIGGER lets the next kernel launch now, before this one waits: for
-// a short kernel whose successor should start its weight loads a kernel
-// earlier. (The successor then may start while the kernel two launches
-// back still runs.)
-#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
 #else
 #define PDL_WAIT()
-#define PDL_TRIGGER()
 #endif
 #define PDL_LAUNCH()
 
