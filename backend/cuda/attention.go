@@ -34,7 +34,10 @@ const (
 // two heads a warp, eight warps a block, instead of one head a warp and
 // sixteen warps; the default measured faster on an H200, docs/perf.md);
 // MMFP4_CUDA_ATTN_MMA=0 keeps bf16 caches on the CUDA-core kernel instead
-// of the tensor-core one (decodemma.go), for comparisons.
+// of the tensor-core one (decodemma.go), for comparisons;
+// MMFP4_CUDA_ATTN_EARLY=0 makes the tensor-core kernel copy its cache rows
+// only after its wait and leaves olat's int8 form to a separate launch
+// (as before; for an A/B).
 func (b *Backend) decodeAttnConfig() {
 	b.decodeAttn = true
 	b.decodeBlocks = 100
@@ -46,7 +49,8 @@ func (b *Backend) decodeAttnConfig() {
 	}
 	b.decodeOneHead = os.Getenv("MMFP4_CUDA_ATTN_H1") != "0"
 	b.decodeMMA = os.Getenv("MMFP4_CUDA_ATTN_MMA") != "0"
-
+	b.decodeAhead = os.Getenv("MMFP4_CUDA_ATTN_EARLY") != "0"
+	b.combineQuant = b.decodeAhead
 }
 
 // decodeSplits is how many blocks share a row's positions: enough, with

@@ -317,7 +317,11 @@ func attentionPhases(b *testing.B, g *Backend, layers int, ol, ql, q backend.Ten
 		t0 = min(t0, st[6*i])
 	}
 	line := fmt.Sprintf("%d blocks, us after the first entry (median / latest):", n)
-	for k, what := range []string{"entry", "metadata", "first stage", "summed", "ticket or barrier", "done"} {
+	whats := []string{"entry", "metadata", "first stage", "summed", "ticket or barrier", "done"}
+	if g.decodeMMA {
+		whats = []string{"entry", "wait returned", "queries", "first tile", "summed", "written"}
+	}
+	for k, what := range whats {
 		v := make([]float64, n)
 		for i := range v {
 			v[i] = float64(st[6*i+k]-t0) / 1e3

@@ -88,6 +88,13 @@ type Backend struct {
 	decodeMerge   int
 	decodeMMATile int
 	attnCounters  Buffer
+	// decodeAhead lets the tensor-core kernel copy earlier steps' cache
+	// rows before it waits for the kernel before (programmatic dependent
+	// launch); combineQuant lets it (or its merge launch) write the int8
+	// form of its output that the value expansion's quantization asks for
+	// right after (lastDecodeAttn, quantize).
+	decodeAhead, combineQuant bool
+	lastDecodeAttn            *decodeAttnOp
 	// decodeStamps, when set, receives the kernel's per-block timer
 	// stamps (BenchmarkAttention); decodeStampBlocks is the last grid's
 	// block count.
@@ -1029,8 +1036,18 @@ func (b *Backend) quantize(x *tensor, G int) *QActs {
 			return e.a
 		}
 	}
+	lc := b.lastDecodeAttn
+	fold := lc != nil && lc.flush == b.flushes && lc.idx == len(b.pending)-1 && lc.om == *x && 128%G == 0
 	a := b.quantizeInto(x, G)
-	b.do("quantize", func(c *Ctx) error { return c.RMSNormQuant(x.ptr, x.ld, 0, 0, 0, 0, x.rows, x.cols, G, a) })
+	if fold && lc.flush == b.flushes && lc.idx == len(b.pending)-1 {
+		// The decode attention queued just before writes x: it writes the
+		// int8 form too (quantizeInto queues nothing unless the arena
+		// grew, which flushes and is caught by the second check).
+		lc.a = a
+		b.lastDecodeAttn = nil
+	} else {
+		b.do("quantize", func(c *Ctx) error { return c.RMSNormQuant(x.ptr, x.ld, 0, 0, 0, 0, x.rows, x.cols, G, a) })
+	}
 	b.rememberQuant(quantEntry{*x, a})
 	return a
 }

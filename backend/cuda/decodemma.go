@@ -112,8 +112,14 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 	if stamps != 0 {
 		b.decodeStampBlocks = S * T
 	}
+	ahead := 0
+	if b.decodeAhead {
+		ahead = 1
+	}
+	var cq *decodeAttnOp
 	name := fmt.Sprintf("decode_mma_%d_%d_t%d", s.Rank, s.RopeDim, tp)
 	sms := b.dev.Info().SMs
+	idx, flush := len(b.pending), b.flushes
 	b.do("attention", func(c *Ctx) error {
 		k, err := c.kernelShared("flash", name, shared)
 		if err != nil {
@@ -130,10 +136,16 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 				cnt = 0
 			}
 		}
+		// The int8 form of the output, where a quantization asked for it.
+		var xq, xs, xsum uint64
+		G := 0
+		if cq != nil && cq.a != nil {
+			xq, xs, xsum, G = cq.a.Q, cq.a.Scales, cq.a.Sums, cq.a.G
+		}
 		if err := c.Launch(k, Dim{uint32(S), uint32(T), 1}, D1(decodeMMAThreads), shared,
 			om.ptr, om.ld, ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer),
 			b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
-			s.Heads, s.NopeDim, scale, pml, pacc, cnt, stamps); err != nil || S == 1 || cnt != 0 {
+			s.Heads, s.NopeDim, scale, pml, pacc, cnt, ahead, xq, xs, xsum, G, stamps); err != nil || S == 1 || cnt != 0 {
 			return err
 		}
 		m, err := c.Kernel("flash", "decode_combine")
@@ -142,7 +154,21 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 		}
 		m.early = true
 		return c.Launch(m, Dim{uint32(s.Rank / 128), uint32(s.Heads), uint32(T)}, D1(256), 0,
-			om.ptr, om.ld, pml, pacc, S, s.Heads, s.Rank)
+			om.ptr, om.ld, pml, pacc, S, s.Heads, s.Rank, xq, xs, xsum, G)
 	})
+	if b.combineQuant && b.flushes == flush && len(b.pending) == idx+1 {
+		cq = &decodeAttnOp{idx: idx, flush: flush, om: *om}
+		b.lastDecodeAttn = cq
+	}
 	return true
+}
+
+// decodeAttnOp is a queued decode_mma op: a quantization of its output
+// queued right after it (Backend.quantize) sets a, and whichever launch
+// writes the output (decode_mma itself with one split or merging in the
+// launch, else decode_combine) writes its int8 form too.
+type decodeAttnOp struct {
+	idx, flush int
+	om         tensor
+	a          *QActs
 }

@@ -398,6 +398,10 @@ FLASH_LATENT(2, 64)
 // +chunk) of row t (chunk = ceil(n/splits) rounded up to 16, n = pos[t]+1)
 // for all its heads (up to DM_NH = 24), in tiles of TP = 16 or 32
 // positions copied to shared memory by cp.async, DM_NST tiles in flight.
+// The leading tiles' rows of positions written by earlier steps are
+// copied before the wait for the kernel before (with ahead set): under
+// programmatic dependent launch they stream while the absorbed query
+// still runs; this step's rows (and the queries) are read after it.
 // With the heads as the n side of m16n8k16 (3 tiles of 8):
 //   S^T (TP x 24)  = [c | k_pe] (TP x W) . [qlat | q_pe]^T   warp w: its own k steps
 //   O^T (rank x 24) += c^T (rank x TP) . P^T (TP x 24)        warp w: columns [w*rank/8, +rank/8)
@@ -416,6 +420,10 @@ FLASH_LATENT(2, 64)
 // this only when the whole grid is resident at once) and each merges a
 // share of the row's outputs (dm_merge_share); the last to leave resets
 // the counts. Else decode_combine (a second launch) merges.
+//
+// Timer stamps (benchmarks), per block: entry, the wait returned, warp
+// 0's queries in registers, first tile in shared memory, positions done,
+// output or partials written (or merged).
 
 #define DM_THREADS 256
 #define DM_HT 3
@@ -438,21 +446,48 @@ DEVICE u32 ld_acquire(const u32* p) {
   return v;
 }
 
+// The int8 form of row t of a K-column output held four values a lane
+// (lane: columns [4f, 4f+4)), as rmsnorm_quant writes it without a gain
+// (quant.cu): codes, a scale per group of G = 32, 64 or 128 columns and
+// the sums of 32 codes. The G/4 lanes of a group are consecutive lanes of
+// one warp (f = lane mod 32) and all valid or all not; whole warps call
+// it.
+DEVICE void quant_row4(float4 v, bool valid, int f, int t, int K, int G, i8* __restrict__ xq,
+                       float* __restrict__ xs, i32* __restrict__ xsum) {
+  float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
+  for (int m = 1; m < G / 4; m <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
+  const float scale = amax / 127.f;
+  const i32 q0 = quant8(v.x, amax, scale), q1 = quant8(v.y, amax, scale);
+  const i32 q2 = quant8(v.z, amax, scale), q3 = quant8(v.w, amax, scale);
+  i32 sum = q0 + q1 + q2 + q3;
+  sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+  sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+  sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+  if (!valid) return;
+  const int col = 4 * f, lane = threadIdx.x & 31;
+  *(u32*)(xq + (size_t)t * K + col) = (u32)(q0 & 0xFF) | ((u32)(q1 & 0xFF) << 8) | ((u32)(q2 & 0xFF) << 16) | ((u32)q3 << 24);
+  if ((lane & 7) == 0) xsum[(size_t)t * (K / 32) + col / 32] = sum;
+  if ((lane & (G / 4 - 1)) == 0) xs[(size_t)t * (K / G) + col / G] = amax == 0.f ? 0.f : scale;
+}
+
 // Block s of S merges its share of row t's outputs: float4 columns [f0,
 // f1) of the row's heads*rank/4, every split's partial weighted by exp(m_s
 // - M) of its head (0 for a split that saw no positions). Threads take a
 // column and every R-th split (R = threads a column); the R sums are added
 // in a fixed order. sm holds 2*S + DM_NH + 4*DM_THREADS floats.
 DEVICE void dm_merge_share(float* __restrict__ olat, int ldo, const float* part_ml, const float* part_acc, int t,
-                           int s, int S, int heads, int rank, float* sm) {
+                           int s, int S, int heads, int rank, float* sm, i8* __restrict__ xq, float* __restrict__ xs,
+                           i32* __restrict__ xsum, int G) {
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int C4 = rank / 4, NF = heads * C4, per = (NF + S - 1) / S;
+  // Shares of whole 32-float4 chunks: a quantization group never
+  // straddles two blocks, and a warp's lanes hold consecutive columns.
+  const int C4 = rank / 4, NF = heads * C4, per = ((NF + S - 1) / S + 31) & ~31;
   const int f0 = s * per, f1 = min(NF, f0 + per), nf = f1 - f0;
   if (nf <= 0) return;
   const int h0 = f0 / C4, nhs = (f1 - 1) / C4 - h0 + 1;  // heads of the share
-  float* wts = sm;                   // [nhs][S]
-  float* linv = sm + DM_NH + 2 * S;  // [nhs] (nhs*S <= 2*S + heads)
-  float4* red = (float4*)(sm + ((2 * DM_NH + 2 * S + 3) & ~3));
+  float* wts = sm;                // [nhs][S]
+  float* linv = sm + nhs * S;     // [nhs]
+  float4* red = (float4*)(sm + ((nhs * S + nhs + 3) & ~3));
   const size_t stride = (size_t)heads * rank;  // between splits
   const float* ml = part_ml + (size_t)t * S * heads * 2;
   for (int hh = warp; hh < nhs; hh += DM_THREADS / 32) {
@@ -478,17 +513,24 @@ DEVICE void dm_merge_share(float* __restrict__ olat, int ldo, const float* part_
   const float* acc = part_acc + (size_t)t * S * stride;
   float4* out = (float4*)(olat + (size_t)t * ldo);
   if (R == 1) {
-    for (int j = tid; j < nf; j += DM_THREADS) {
-      const int f = f0 + j, hh = f / C4 - h0;
-      float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int jb = 0; jb < nf; jb += DM_THREADS) {
+      const int j = jb + tid, f = f0 + j;
+      const bool ok = j < nf;
+      float4 r = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (ok) {
+        const int hh = f / C4 - h0;
+        float4 v = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll 8
-      for (int q = 0; q < S; q++) {
-        const float w = wts[hh * S + q];
-        const float4 x = __ldcg((const float4*)(acc + q * stride + 4 * (size_t)f));
-        v.x += w * x.x, v.y += w * x.y, v.z += w * x.z, v.w += w * x.w;
+        for (int q = 0; q < S; q++) {
+          const float w = wts[hh * S + q];
+          const float4 x = __ldcg((const float4*)(acc + q * stride + 4 * (size_t)f));
+          v.x += w * x.x, v.y += w * x.y, v.z += w * x.z, v.w += w * x.w;
+        }
+        const float inv = linv[hh];
+        r = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
+        out[f] = r;
       }
-      const float inv = linv[hh];
-      out[f] = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
+      if (xq) quant_row4(r, ok, f, t, NF * 4, G, xq, xs, xsum);
     }
     return;
   }
@@ -504,6 +546,7 @@ DEVICE void dm_merge_share(float* __restrict__ olat, int ldo, const float* part_
     red[r * nf + j] = v;
   }
   __syncthreads();
+  float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
   if (tid < nf) {
     float4 v = red[tid];
     for (int q = 1; q < R; q++) {
@@ -511,8 +554,10 @@ DEVICE void dm_merge_share(float* __restrict__ olat, int ldo, const float* part_
       v.x += x.x, v.y += x.y, v.z += x.z, v.w += x.w;
     }
     const float inv = linv[hh];
-    out[f] = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
+    o = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
+    out[f] = o;
   }
+  if (xq) quant_row4(o, tid < nf, f0 + tid, t, NF * 4, G, xq, xs, xsum);
 }
 
 template <int RANK, int DR, int TP>
@@ -520,7 +565,8 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
                        const float* __restrict__ q, int ldq, const u8* __restrict__ layer,
                        const i32* __restrict__ pos, const i32* __restrict__ row_seq,
                        const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size, int heads,
-                       int dn, float scale, float* part_ml, float* part_acc, u32* counters,
+                       int dn, float scale, float* part_ml, float* part_acc, u32* counters, int ahead,
+                       i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum, int G,
                        unsigned long long* stamps) {
   constexpr int W = RANK + DR, LD = W + 8;  // cached row stride in shared memory (bf16)
   constexpr int KL = RANK / 128;            // latent k steps a warp; also its 16-column output tiles
@@ -559,7 +605,12 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   const i32* table = blocks + seq_blocks[row_seq[t]];
   const int chunk = ((n + S - 1) / S + 15) & ~15;
   const int j0 = s * chunk, nb = max(0, min(n - j0, chunk)), ntiles = (nb + TP - 1) / TP;
-  PDL_WAIT();  // the queries and this step's cache entries
+  // Positions before `early` were written by earlier steps (this step's
+  // rows of one sequence are at most gridDim.y consecutive positions
+  // ending at or after this row's), so with ahead set their copies are
+  // issued before the wait for the kernel before; the rest (this step's
+  // entries, which a kernel of this step may still be writing) after it.
+  const int early = ahead ? n - (int)gridDim.y : -1;
 
   // Copies: thread tid takes row tid/TPR of a tile, pieces tid%TPR + TPR*i.
   const int crow = tid / TPR, csub = tid % TPR;
@@ -570,24 +621,37 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
     return (u32)(table[j / block_size] * block_size + j % block_size);
   };
   const u32 stage_addr = smem_addr(stage);
-  // Tile k into stage k % DM_NST (an empty group past the last tile, so
-  // that every iteration waits for the same count).
-  auto issue = [&](int k, u32 slot) {
+  // Tile k into stage k % DM_NST: part 0 the rows copied before the wait
+  // (earlier steps' positions, and zero fill past the split), part 1 the
+  // others, part 2 all; parts 1 and 2 close a group (an empty one past
+  // the last tile, so that every iteration waits for the same count).
+  auto issue = [&](int k, u32 slot, int part) {
     if (k < ntiles) {
-      const bool valid = k * TP + crow < nb;
-      const u8* src = layer + (size_t)slot * W * 2;
-      const u32 dst = stage_addr + (u32)(((k % DM_NST) * TP + crow) * LD * 2);
-      for (int c = csub; c < CH; c += TPR) cp_async16(dst + c * 16, src + c * 16, valid);
+      const int r = k * TP + crow;
+      const bool valid = r < nb, before = ahead && (!valid || j0 + r < early);
+      if (part == 2 || (part == 0) == before) {
+        const u8* src = layer + (size_t)slot * W * 2;
+        const u32 dst = stage_addr + (u32)(((k % DM_NST) * TP + crow) * LD * 2);
+        for (int c = csub; c < CH; c += TPR) cp_async16(dst + c * 16, src + c * 16, valid);
+      }
     }
-    asm volatile("cp.async.commit_group;" ::: "memory");
+    if (part != 0) asm volatile("cp.async.commit_group;" ::: "memory");
   };
-  u32 nslot = slot_of(0);
-  if (stamp && tid == 0) stamp[1] = globaltimer_after((int)nslot);
+  u32 lead[DM_NST - 1];
 #pragma unroll
-  for (int k = 0; k < DM_NST - 1; k++) {
-    issue(k, nslot);
-    nslot = slot_of(k + 1);
+  for (int k = 0; k < DM_NST - 1; k++) lead[k] = slot_of(k);
+  if (ahead) {
+#pragma unroll
+    for (int k = 0; k < DM_NST - 1; k++) issue(k, lead[k], 0);
   }
+  // Weights of the padding rows and heads stay zero.
+  for (int i = tid; i < DM_PROWS * PLD / 2; i += DM_THREADS) ((u32*)pw)[i] = 0u;
+  PDL_WAIT();  // the queries and this step's cache entries
+  if (stamp && tid == 0) stamp[1] = globaltimer_after((int)lead[0]);
+
+#pragma unroll
+  for (int k = 0; k < DM_NST - 1; k++) issue(k, lead[k], ahead ? 1 : 2);
+  u32 nslot = slot_of(DM_NST - 1);
 
   // This warp's query parts as B fragments: k step kk covers query
   // columns kcol(kk) .. +16; heads 8j + g.
@@ -618,10 +682,10 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
       }
     }
   }
+  if (stamp && tid == 0) stamp[2] = globaltimer_after((int)(qb[0][0][0][0] ^ qb[KS - 1][DM_HT - 1][2][1]));
 
-  // Weights of the padding rows and heads stay zero; the softmax state
-  // lives in the threads tid < 8*DM_NH (head tid/8, positions tid%8 + 8i).
-  for (int i = tid; i < DM_PROWS * PLD / 2; i += DM_THREADS) ((u32*)pw)[i] = 0u;
+  // The softmax state lives in the threads tid < 8*DM_NH (head tid/8,
+  // positions tid%8 + 8i).
   const int sh = tid >> 3, sq = tid & 7;
   float m_run = __int_as_float(0xff800000), l_run = 0.f;
 
@@ -637,11 +701,11 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   const u32 pw_addr = smem_addr(pw);
 
   for (int k = 0; k < ntiles; k++) {
-    issue(k + DM_NST - 1, nslot);
+    issue(k + DM_NST - 1, nslot, 2);
     nslot = slot_of(k + DM_NST);
     asm volatile("cp.async.wait_group %0;" ::"n"(DM_NST - 1) : "memory");
     __syncthreads();
-    if (k == 0) DM_STAMP(2);
+    if (k == 0) DM_STAMP(3);
     const u32 tile = stage_addr + (u32)((k % DM_NST) * TP * LD * 2);
 
     // Partial scores over this warp's k steps: TP positions x 24 heads.
@@ -761,7 +825,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
     __syncthreads();  // the tile and the weights are read before they are rewritten
   }
   asm volatile("cp.async.wait_group 0;" ::: "memory");  // the empty groups
-  DM_STAMP(3);
+  DM_STAMP(4);
 
   // Head-major values in shared memory (the tiles are done with).
 #pragma unroll
@@ -779,13 +843,19 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 
   constexpr int C4 = RANK / 4;
   if (S == 1) {
-    for (int i = tid; i < heads * C4; i += DM_THREADS) {
-      const int h = i / C4, c = (i - h * C4) * 4;
-      const float4 v = *(const float4*)(ot + h * OLD + c);
-      const float inv = 1.f / l_s[h];
-      *(float4*)(olat + (size_t)t * ldo + (size_t)h * RANK + c) = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
+    for (int ib = 0; ib < heads * C4; ib += DM_THREADS) {
+      const int i = ib + tid;
+      const bool ok = i < heads * C4;
+      float4 r = make_float4(0.f, 0.f, 0.f, 0.f);
+      if (ok) {
+        const int h = i / C4, c = (i - h * C4) * 4;
+        const float4 v = *(const float4*)(ot + h * OLD + c);
+        const float inv = 1.f / l_s[h];
+        r = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
+        *(float4*)(olat + (size_t)t * ldo + (size_t)h * RANK + c) = r;
+      }
+      if (xq) quant_row4(r, ok, i, t, heads * RANK, G, xq, xs, xsum);
     }
-    DM_STAMP(4);
     DM_STAMP(5);
     return;
   }
@@ -796,7 +866,6 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   }
   if (tid < heads) *(float2*)(part_ml + (part * heads + tid) * 2) = make_float2(m_s[tid], l_s[tid]);
   if (counters == nullptr) {
-    DM_STAMP(4);
     DM_STAMP(5);
     return;
   }
@@ -808,8 +877,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
     while (ld_acquire(&counters[t]) < (u32)S) asm volatile("nanosleep.u32 32;");
   }
   __syncthreads();
-  DM_STAMP(4);
-  dm_merge_share(olat, ldo, part_ml, part_acc, t, s, S, heads, RANK, sp);
+  dm_merge_share(olat, ldo, part_ml, part_acc, t, s, S, heads, RANK, sp, xq, xs, xsum, G);
   __syncthreads();
   if (tid == 0 && atomicAdd(&counters[gridDim.y + t], 1u) == (u32)(S - 1)) {
     counters[t] = 0;  // every block of the row has left the barrier
@@ -825,9 +893,10 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
                                        const u8* layer, const i32* __restrict__ pos, const i32* __restrict__ row_seq, \
                                        const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks,           \
                                        int block_size, int heads, int dn, float scale, float* part_ml,               \
-                                       float* part_acc, u32* counters, unsigned long long* stamps) {                 \
+                                       float* part_acc, u32* counters, int ahead, i8* xq, float* xs, i32* xsum,      \
+                                       int G, unsigned long long* stamps) {                                          \
     decode_mma<RANK, DR, TP>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks, block_size,     \
-                             heads, dn, scale, part_ml, part_acc, counters, stamps);                                 \
+                             heads, dn, scale, part_ml, part_acc, counters, ahead, xq, xs, xsum, G, stamps);         \
   }
 
 // Instances: the model's (rank 512, rope 64) and the tests' small shape,
@@ -841,9 +910,14 @@ DECODE_MMA(256, 32, 32)
 // eight warps a block for one row, head and 128 columns. Warp w takes the
 // splits w, w+8, ...: its loads are issued before the maximum over all
 // splits is known, so a block waits on about one round of loads; the
-// warps' sums are then added in a fixed order.
+// warps' sums are then added in a fixed order. With xq set, the merged
+// row's int8 form in groups of G (32, 64 or 128 columns, within a head's
+// 128) is written as rmsnorm_quant writes it without a gain (quant.cu),
+// for the value expansion: codes, scales and the sums of 32 codes.
 extern "C" __global__ void __launch_bounds__(256) decode_combine(float* olat, int ldo, const float* part_ml,
-                                                                 const float* part_acc, int S, int heads, int rank) {
+                                                                 const float* part_acc, int S, int heads, int rank,
+                                                                 i8* __restrict__ xq, float* __restrict__ xs,
+                                                                 i32* __restrict__ xsum, int G) {
   __shared__ float4 red[8][32];
   __shared__ float lred[8];
   PDL_LAUNCH();
@@ -891,7 +965,9 @@ extern "C" __global__ void __launch_bounds__(256) decode_combine(float* olat, in
       L += lred[w];
     }
     const float inv = 1.f / L;
-    *(float4*)(olat + (size_t)t * ldo + (size_t)h * rank + c0 + 4 * lane) =
-        make_float4(r.x * inv, r.y * inv, r.z * inv, r.w * inv);
+    const float4 out = make_float4(r.x * inv, r.y * inv, r.z * inv, r.w * inv);
+    const int col = h * rank + c0 + 4 * lane;
+    *(float4*)(olat + (size_t)t * ldo + col) = out;
+    if (xq) quant_row4(out, true, col / 4, t, heads * rank, G, xq, xs, xsum);
   }
 }

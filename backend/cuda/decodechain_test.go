@@ -1,0 +1,473 @@
+//go:build linux || darwin || freebsd || netbsd
+
+package cuda
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"slices"
+	"testing"
+
+	"github.com/mmfp4/mmfp4/backend"
+)
+
+// chainShape is GLM-4.7-Flash's attention.
+var chainShape = backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
+
+// chainSteps are decode steps over three sequences of a paged bf16 pool
+// whose first lens positions a prefill wrote: sequence 0 alone four
+// times (one row, the splits merged by a second launch), three rows of
+// sequence 0 in one step, a row of sequences 0 and 1 (merged in the
+// launch), sequence 2 alone (one split), and a row of each.
+type chainSteps struct {
+	lens   [3]int
+	tables [3][]int32
+	blocks int
+	steps  []*backend.Batch
+}
+
+const chainBlockSize = 16
+
+func newChainSteps(r *rand.Rand) *chainSteps {
+	cs := &chainSteps{lens: [3]int{1000, 300, 5}}
+	extra := 12 // positions the decode steps add at most
+	perm := r.Perm(100)
+	next := 0
+	for i, n := range cs.lens {
+		for j := 0; j < (n+extra+chainBlockSize-1)/chainBlockSize; j++ {
+			cs.tables[i] = append(cs.tables[i], int32(perm[next]))
+			next++
+		}
+	}
+	cs.blocks = 100
+	p := cs.lens
+	step := func(rows ...int) {
+		b := &backend.Batch{Outputs: []int32{0}}
+		for k := 0; k < len(rows); {
+			sq := rows[k]
+			n := 0
+			for k+n < len(rows) && rows[k+n] == sq {
+				n++
+			}
+			b.Seqs = append(b.Seqs, backend.Seq{Start: k, Len: n, Blocks: cs.tables[sq]})
+			for j := 0; j < n; j++ {
+				b.Tokens = append(b.Tokens, 0)
+				b.Positions = append(b.Positions, int32(p[sq]))
+				p[sq]++
+			}
+			k += n
+		}
+		cs.steps = append(cs.steps, b)
+	}
+	step(0)
+	step(0)
+	step(0)
+	step(0)
+	step(0, 0, 0)
+	step(0, 1)
+	step(2)
+	step(0, 1, 2)
+	return cs
+}
+
+// prefill is the batch that writes both sequences' first positions.
+func (cs *chainSteps) prefill() *backend.Batch {
+	b := &backend.Batch{Outputs: []int32{0}}
+	for i, n := range cs.lens {
+		b.Seqs = append(b.Seqs, backend.Seq{Start: len(b.Tokens), Len: n, Blocks: cs.tables[i]})
+		for j := 0; j < n; j++ {
+			b.Tokens = append(b.Tokens, 0)
+			b.Positions = append(b.Positions, int32(j))
+		}
+	}
+	return b
+}
+
+// chainInputs are the cache rows and queries: the prefill's, then each
+// step's.
+type chainInputs struct {
+	lat, kpe, q [][]float32
+}
+
+func newChainInputs(r *rand.Rand, cs *chainSteps, s backend.MLAShape, layers int) *chainInputs {
+	in := &chainInputs{}
+	qk := s.NopeDim + s.RopeDim
+	for i, b := range append([]*backend.Batch{cs.prefill()}, cs.steps...) {
+		T := b.Rows()
+		for l := 0; l < layers; l++ {
+			in.lat = append(in.lat, randVec(r, T*s.Rank, 1))
+			in.kpe = append(in.kpe, randVec(r, T*s.RopeDim, 1))
+		}
+		if i > 0 {
+			in.q = append(in.q, randVec(r, T*s.Heads*qk, 1))
+		}
+	}
+	return in
+}
+
+// runChain runs the steps on b: each step writes its rows into the cache
+// of every layer, absorbs the query, attends and expands the values, as a
+// decode layer does (order 0), or with the cache write right before the
+// attention (order 1: the kernel before the attention writes the step's
+// rows). It returns each step's olat and values of every layer.
+func runChain(t *testing.T, b backend.Backend, cs *chainSteps, in *chainInputs, uk, uv backend.HostWeight, layers, order int) (olats, vals []float32) {
+	t.Helper()
+	s := chainShape
+	qk := s.NopeDim + s.RopeDim
+	pool, err := b.NewCachePool(layers, cs.blocks, chainBlockSize, s.Rank, s.RopeDim, backend.CacheBF16)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wk, wv := mustWeight(t, b, uk), mustWeight(t, b, uv)
+	pre := cs.prefill()
+	b.SetBatch(pre, pool)
+	for l := 0; l < layers; l++ {
+		lt, kt := b.NewTensor(pre.Rows(), s.Rank), b.NewTensor(pre.Rows(), s.RopeDim)
+		b.Upload(lt, in.lat[l])
+		b.Upload(kt, in.kpe[l])
+		b.CacheWrite(l, lt, kt)
+	}
+	for i, st := range cs.steps {
+		b.SetBatch(st, pool)
+		T := st.Rows()
+		q := b.NewTensor(T, s.Heads*qk)
+		b.Upload(q, in.q[i])
+		var lats, kpes, ols, vs []backend.Tensor
+		for l := 0; l < layers; l++ {
+			lt, kt := b.NewTensor(T, s.Rank), b.NewTensor(T, s.RopeDim)
+			b.Upload(lt, in.lat[(i+1)*layers+l])
+			b.Upload(kt, in.kpe[(i+1)*layers+l])
+			lats, kpes = append(lats, lt), append(kpes, kt)
+		}
+		for l := 0; l < layers; l++ {
+			qlat, olat, v := b.NewTensor(T, s.Heads*s.Rank), b.NewTensor(T, s.Heads*s.Rank), b.NewTensor(T, s.Heads*s.VDim)
+			if order == 0 {
+				b.CacheWrite(l, lats[l], kpes[l])
+				b.AbsorbQuery(qlat, q, wk, s)
+			} else {
+				b.AbsorbQuery(qlat, q, wk, s)
+				b.CacheWrite(l, lats[l], kpes[l])
+			}
+			b.LatentAttention(olat, qlat, q, l, s, 0.0625)
+			b.ExpandValues(v, olat, wv, s)
+			ols, vs = append(ols, olat), append(vs, v)
+		}
+		for l := range ols {
+			olats = append(olats, b.Download(ols[l])...)
+			vals = append(vals, b.Download(vs[l])...)
+		}
+	}
+	if err := b.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	return olats, vals
+}
+
+// sameBits reports the first index where a and b differ in bits, or -1.
+func sameBits(a, b []float32) int {
+	if len(a) != len(b) {
+		return min(len(a), len(b))
+	}
+	for i := range a {
+		if math.Float32bits(a[i]) != math.Float32bits(b[i]) {
+			return i
+		}
+	}
+	return -1
+}
+
+// Decode attention in a chain of programmatic dependent launches: the
+// tensor-core kernel copying earlier steps' cache rows before it waits
+// for the kernel before, and its merge writing the int8 form of its
+// output for the value expansion, compute what the serial launches
+// compute without either (the separate quantization), bit for bit,
+// launched directly and replayed from graphs, with the step's cache write
+// two launches before the attention (as a decode layer runs) and right
+// before it; and olat and the values match the CPU backend. The steps
+// take every way the output is written (one split; splits merged by a
+// second launch; merged in the launch). W_UV groups of 128 (the model's)
+// and 32.
+func TestDecodeChainMatchesSerial(t *testing.T) {
+	g, c := testBackends(t, Options{NoGraphs: true})
+	if g.dev.Info().CC < 90 {
+		t.Skipf("programmatic dependent launch needs compute capability 9.0, the device has %d", g.dev.Info().CC)
+	}
+	gg := NewOnDevice(g.dev, Options{})
+	defer gg.Close()
+	r := testRand(t)
+	const layers = 2
+	s := chainShape
+	cs := newChainSteps(r)
+	in := newChainInputs(r, cs, s, layers)
+	setPDL := func(on bool) {
+		if err := g.dev.Do(func(c *Ctx) error { c.pdl = on; return nil }); err != nil {
+			t.Fatal(err)
+		}
+	}
+	defer setPDL(g.dev.c.pdlOK)
+	for _, G := range []int{128, 32} {
+		uk := quantHost(t, r, "wuk", s.Heads*s.NopeDim, s.Rank, 128)
+		uv := quantHost(t, r, "wuv", s.Heads*s.VDim, s.Rank, G)
+		cpuOl, cpuV := runChain(t, c, cs, in, uk, uv, layers, 0)
+		for order := 0; order < 2; order++ {
+			setPDL(false)
+			g.decodeAhead, g.combineQuant = false, false
+			wantOl, wantV := runChain(t, g, cs, in, uk, uv, layers, order)
+			name := fmt.Sprintf("W_UV groups of %d, order %d", G, order)
+			if e := maxRelErr(cpuOl, wantOl); !(e <= 1e-5) {
+				t.Errorf("%s: olat max relative error %.3e against the CPU, above 1e-5", name, e)
+			}
+			// An olat value a last bit apart can move an int8 code by one.
+			if e := maxRelErr(cpuV, wantV); !(e <= 1e-3) {
+				t.Errorf("%s: values max relative error %.3e against the CPU, above 1e-3", name, e)
+			}
+			setPDL(true)
+			for _, v := range []struct {
+				what         string
+				b            *Backend
+				ahead, quant bool
+			}{{"direct", g, true, true}, {"direct, loads after the wait", g, false, true},
+				{"direct, separate quantization", g, true, false}, {"graphs", gg, true, true}} {
+				v.b.decodeAhead, v.b.combineQuant = v.ahead, v.quant
+				ol, vals := runChain(t, v.b, cs, in, uk, uv, layers, order)
+				if i := sameBits(wantOl, ol); i >= 0 {
+					t.Errorf("%s, PDL (%s): olat value %d of %d differs from the serial launches", name, v.what, i, len(ol))
+				}
+				if i := sameBits(wantV, vals); i >= 0 {
+					t.Errorf("%s, PDL (%s): value %d of %d differs from the serial launches", name, v.what, i, len(vals))
+				}
+			}
+			t.Logf("%s: olat %.2e, values %.2e from the CPU; PDL variants bit for bit as the serial launches unless reported", name, maxRelErr(cpuOl, wantOl), maxRelErr(cpuV, wantV))
+		}
+	}
+	// The merge wrote the quantization: one fewer launch a layer.
+	g.decodeAhead, g.combineQuant = true, true
+	if n := chainLaunches(t, g, cs, in); n[true] != n[false]-1 {
+		t.Errorf("launches a layer with the merge quantizing %d, without %d: want one fewer", n[true], n[false])
+	}
+}
+
+// chainLaunches counts the ops one decode layer of the first step queues,
+// with and without the merge's quantization.
+func chainLaunches(t *testing.T, g *Backend, cs *chainSteps, in *chainInputs) map[bool]int {
+	s := chainShape
+	r := rand.New(rand.NewPCG(3, 3))
+	uk := quantHost(t, r, "wuk", s.Heads*s.NopeDim, s.Rank, 128)
+	uv := quantHost(t, r, "wuv", s.Heads*s.VDim, s.Rank, 128)
+	pool, err := g.NewCachePool(1, cs.blocks, chainBlockSize, s.Rank, s.RopeDim, backend.CacheBF16)
+	if err != nil {
+		t.Fatal(err)
+	}
+	wk, wv := mustWeight(t, g, uk), mustWeight(t, g, uv)
+	out := map[bool]int{}
+	for _, quant := range []bool{false, true} {
+		g.combineQuant = quant
+		g.SetBatch(cs.steps[0], pool)
+		q := g.NewTensor(1, s.Heads*(s.NopeDim+s.RopeDim))
+		g.Upload(q, in.q[0])
+		qlat, olat, v := g.NewTensor(1, s.Heads*s.Rank), g.NewTensor(1, s.Heads*s.Rank), g.NewTensor(1, s.Heads*s.VDim)
+		if err := g.Sync(); err != nil {
+			t.Fatal(err)
+		}
+		n0 := len(g.pending)
+		g.AbsorbQuery(qlat, q, wk, s)
+		g.LatentAttention(olat, qlat, q, 0, s, 0.0625)
+		g.ExpandValues(v, olat, wv, s)
+		out[quant] = len(g.pending) - n0
+		if err := g.Sync(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	return out
+}
+
+// BenchmarkDecodeChain: the attention of a batch-1 decode layer at
+// GLM-4.7-Flash's shapes, ctx 1024 (bf16 cache): the cache write of the
+// step's row, the absorbed query, the attention (two launches), the
+// quantization of its output unless the merge writes it, and the value
+// expansion, over 48 layers in turn (cache and weights over 100 MB), in a
+// graph with programmatic dependent launch off and on: device time a
+// layer, with the cache copies before the wait (ahead) and the merge's
+// quantization on and off, splits aimed at 100% and 25% of the
+// multiprocessors, the splits merged by the second launch (as mergeAuto
+// does at batch 1) or in the launch. Run with -test.benchtime=1x.
+func BenchmarkDecodeChain(b *testing.B) {
+	d := benchDevice(b)
+	g := NewOnDevice(d, Options{NoGraphs: true, NoPieces: true})
+	defer g.Close()
+	r := rand.New(rand.NewPCG(7, 7))
+	s := chainShape
+	qk := s.NopeDim + s.RopeDim
+	const layers, ctx = 48, 1024
+	pool, err := g.NewCachePool(layers, ctx/chainBlockSize, chainBlockSize, s.Rank, s.RopeDim, backend.CacheBF16)
+	if err != nil {
+		b.Fatal(err)
+	}
+	cp := pool.(*cachePool)
+	bits := make([]uint16, cp.buf.Size/2)
+	for i := range bits {
+		bits[i] = uint16(math.Float32bits(float32(r.NormFloat64())) >> 16)
+	}
+	if err := d.Do(func(c *Ctx) error { return CopyIn(c, cp.buf.Ptr, bits) }); err != nil {
+		b.Fatal(err)
+	}
+	var uks, uvs []backend.Weight
+	for l := 0; l < layers; l++ {
+		uks = append(uks, mustWeightB(b, g, r, "wuk", s.Heads*s.NopeDim, s.Rank))
+		uvs = append(uvs, mustWeightB(b, g, r, "wuv", s.Heads*s.VDim, s.Rank))
+	}
+	batch := &backend.Batch{Outputs: []int32{0}, Tokens: []int32{0}, Positions: []int32{ctx - 1}}
+	sq := backend.Seq{Start: 0, Len: 1}
+	for i := 0; i < ctx/chainBlockSize; i++ {
+		sq.Blocks = append(sq.Blocks, int32((i*7)%(ctx/chainBlockSize)))
+	}
+	batch.Seqs = []backend.Seq{sq}
+	g.SetBatch(batch, pool)
+	q, lat, kpe := g.NewTensor(1, s.Heads*qk), g.NewTensor(1, s.Rank), g.NewTensor(1, s.RopeDim)
+	g.Upload(q, randVec(r, s.Heads*qk, 1))
+	g.Upload(lat, randVec(r, s.Rank, 1))
+	g.Upload(kpe, randVec(r, s.RopeDim, 1))
+	qlat, olat, v := g.NewTensor(1, s.Heads*s.Rank), g.NewTensor(1, s.Heads*s.Rank), g.NewTensor(1, s.Heads*s.VDim)
+	if err := g.Sync(); err != nil {
+		b.Fatal(err)
+	}
+	name := d.Info().Name
+	// queue returns the layers' ops, taken from the queue layer by layer
+	// (a layer queued again if the arena's growth flushed it).
+	queue := func() []queuedOp {
+		var ops []queuedOp
+		for l, tries := 0, 0; l < layers; {
+			f, n0 := g.flushes, len(g.pending)
+			g.CacheWrite(l, lat, kpe)
+			g.AbsorbQuery(qlat, q, uks[l], s)
+			g.LatentAttention(olat, qlat, q, l, s, 0.0625)
+			g.ExpandValues(v, olat, uvs[l], s)
+			if g.flushes != f && tries < 3 {
+				tries++
+				continue
+			}
+			if g.flushes != f {
+				b.Fatal("the queue flushes in every try")
+			}
+			ops = append(ops, g.pending[n0:]...)
+			g.pending = g.pending[:n0]
+			l++
+		}
+		g.quantized = nil
+		return ops
+	}
+	for _, ahead := range []bool{false, true} {
+		g.decodeAhead, g.combineQuant, g.decodeBlocks, g.decodeMerge = ahead, true, 100, mergeAuto
+		chainPhases(b, g, queue)
+	}
+	for _, mode := range []struct {
+		ahead, quant bool
+		pct, merge   int
+	}{{false, false, 100, mergeAuto}, {true, true, 100, mergeAuto}, {false, true, 100, mergeAuto},
+		{true, true, 25, mergeAuto}, {true, true, 100, mergeInKernel}} {
+		g.decodeAhead, g.combineQuant = mode.ahead, mode.quant
+		g.decodeBlocks, g.decodeMerge = mode.pct, mode.merge
+		ops := queue()
+		for _, on := range []bool{false, true} {
+			err := d.Do(func(c *Ctx) error {
+				return withPDL(c, on, func() error {
+					gr, release, err := capturedPDL(c, func() error {
+						for _, op := range ops {
+							if err := op.fn(c); err != nil {
+								return err
+							}
+						}
+						return nil
+					})
+					if err != nil {
+						return err
+					}
+					defer release()
+					us, err := timeReplay(c, gr.exec, 5)
+					if err != nil {
+						return err
+					}
+					// Printed, not logged: a benchmark's log is cut at ten lines.
+					fmt.Printf("%s: ctx %d, splits at %d%% of the SMs, merge %d, copies before the wait %-5v, int8 form %-5v, PDL %-5v: %6.2f us a layer (%d ops)\n",
+						name, ctx, mode.pct, mode.merge, mode.ahead, mode.quant, on, us/layers, len(ops)/layers)
+					return nil
+				})
+			})
+			if err != nil {
+				b.Fatal(err)
+			}
+		}
+	}
+}
+
+// chainPhases logs decode_mma's timer stamps (median over the blocks of
+// the last layer's launch, us after its first block's entry) in the
+// replayed chain, PDL on.
+func chainPhases(b *testing.B, g *Backend, queue func() []queuedOp) {
+	var buf Buffer
+	if err := g.dev.Do(func(c *Ctx) error {
+		var err error
+		buf, err = c.Alloc(6 * 8 * 4096)
+		return err
+	}); err != nil {
+		b.Fatal(err)
+	}
+	g.decodeStamps = buf.Ptr
+	ops := queue()
+	g.decodeStamps = 0
+	n := g.decodeStampBlocks
+	st := make([]uint64, 6*n)
+	err := g.dev.Do(func(c *Ctx) error {
+		return withPDL(c, true, func() error {
+			gr, release, err := capturedPDL(c, func() error {
+				for _, op := range ops {
+					if err := op.fn(c); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+			if err != nil {
+				return err
+			}
+			defer release()
+			if _, err := timeReplay(c, gr.exec, 2); err != nil {
+				return err
+			}
+			if err := c.Sync(); err != nil {
+				return err
+			}
+			if err := CopyOut(c, st, buf.Ptr); err != nil {
+				return err
+			}
+			return c.Free(buf)
+		})
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	t0 := st[0]
+	for i := 0; i < n; i++ {
+		t0 = min(t0, st[6*i])
+	}
+	line := fmt.Sprintf("copies before the wait %v: %d blocks, us after the first entry (median / latest):", g.decodeAhead, n)
+	for k, what := range []string{"entry", "wait returned", "queries", "first tile", "summed", "written"} {
+		v := make([]float64, n)
+		for i := range v {
+			v[i] = float64(st[6*i+k]-t0) / 1e3
+		}
+		slices.Sort(v)
+		line += fmt.Sprintf(" %s %.2f / %.2f;", what, v[n/2], v[n-1])
+	}
+	fmt.Println(line)
+}
+
+func mustWeightB(b *testing.B, g *Backend, r *rand.Rand, name string, n, k int) backend.Weight {
+	b.Helper()
+	w, err := g.NewWeight(backend.HostWeight{Name: name, N: n, K: k, Quant: synthMatrix(r, n, k, 128)})
+	if err != nil {
+		b.Fatal(err)
+	}
+	return w
+}
