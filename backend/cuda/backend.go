@@ -163,10 +163,12 @@ type Backend struct {
 	// lastGEMV, lastValues and lastNorm8 are the single-token product,
 	// value expansion and single-row norm queued last, which the op after
 	// may join (chain.go); chainMerges counts the joins by kind (tests).
-	lastGEMV    *gemvOp
-	lastValues  *valuesOp
-	lastNorm8   *norm8Op
-	chainMerges [3]int
+	lastGEMV   *gemvOp
+	lastValues *valuesOp
+	lastNorm8  *norm8Op
+	// lastRopeCache is the RoPE + cache write launch queued last.
+	lastRopeCache *ropeCacheOp
+	chainMerges   [4]int
 
 	steps *stepTimer // MMFP4_CUDA_STEPTIME=1
 	// pieces counts the pieces this step has gone to the device in.
@@ -1405,6 +1407,7 @@ func (b *Backend) CacheWrite(layer int, latent, kpe backend.Tensor) {
 		b.launch("rope+cache write", "ops", "rope2_cache_write", D1(lm.rows), D1(256),
 			q.ptr, q.ld, r1.heads, r1.headStride, r1.offset, km.ptr, km.ld, r2.heads, r2.headStride, r2.offset, r2.dim, r2.il, r2.table, lm.rows,
 			p.layer(layer), p.kernelDType(), b.meta.slots, lm.ptr, lm.ld, p.rank, p.ropeDim)
+		b.noteRopeCache(r1, r2, km, lm, p.layer(layer), b.meta.slots, p.kernelDType(), p.rank, p.ropeDim)
 		return
 	}
 	if p.dtype == backend.CacheFP8 {

@@ -5,11 +5,13 @@ package cuda
 import (
 	"fmt"
 	"math/bits"
+
+	"github.com/mmfp4/mmfp4/backend"
 )
 
 // Fewer dependent launches in a batch-1 decode layer: at one token a
 // layer's device time is mostly a chain of small launches, each waiting
-// for the one before. Three pairs of ops that do not depend on each other
+// for the one before. Four pairs of ops that do not depend on each other
 // share a launch, each block computing what the separate launch computes,
 // bit for bit:
 //   - two products of one quantized row (q_a and kv_a): GEMVPair;
@@ -18,7 +20,9 @@ import (
 //     quantization groups of the output;
 //   - two single-row norms with no dependency between them (the q_a norm
 //     and the latent's norm, with q_b's product queued between them, which
-//     reads neither the second norm's input nor output): RMSNormQuant8Pair.
+//     reads neither the second norm's input nor output): RMSNormQuant8Pair;
+//   - the RoPEs and cache write before the absorbed query, and the absorbed
+//     query (absorb_query_tc_rope).
 // Options.SeparateChain (MMFP4_CUDA_CHAIN=0) turns them off.
 
 // GEMVPair computes y1 = W1 x and y2 = W2 x for one token's quantized row a
@@ -229,4 +233,60 @@ const (
 	chainPair = iota
 	chainValues
 	chainNorms
+	chainRope
 )
+
+// ropeCacheOp is a rope2_cache_write launch queued as b.pending[idx]
+// (CacheWrite): RoPEs r1 (the queries') and r2 (the key's, in kpe) and the
+// cache write of lat and kpe.
+type ropeCacheOp struct {
+	idx, flush   int
+	r1, r2       ropeOp
+	kpe, lat     tensor
+	layer, slots uint64
+	dtype        int
+	rank, rope   int
+}
+
+// noteRopeCache remembers a rope2_cache_write launch just queued.
+func (b *Backend) noteRopeCache(r1, r2 *ropeOp, kpe, lat *tensor, layer, slots uint64, dtype, rank, rope int) {
+	b.lastRopeCache = nil
+	if b.err == nil {
+		b.lastRopeCache = &ropeCacheOp{idx: len(b.pending) - 1, flush: b.flushes, r1: *r1, r2: *r2, kpe: *kpe, lat: *lat,
+			layer: layer, slots: slots, dtype: dtype, rank: rank, rope: rope}
+	}
+}
+
+// absorbRope queues the tensor-core absorbed query of qm into ql with the
+// RoPE and cache write queued just before it in one launch
+// (absorb_query_tc_rope), and reports whether it did: the RoPE must rotate
+// qm's columns after each head's first NopeDim (which the absorbed query
+// reads), and nothing either writes may overlap what the other reads or
+// writes. One row of the RoPE's a block of the extra head slice.
+func (b *Backend) absorbRope(ql, qm *tensor, w *QMatrix, s backend.MLAShape, grid Dim, shared int) bool {
+	rc := b.lastRopeCache
+	if !b.chained() || rc == nil || rc.flush != b.flushes || rc.idx != len(b.pending)-1 {
+		return false
+	}
+	r1, r2 := rc.r1, rc.r2
+	T := ql.rows
+	if r1.m != *qm || rc.lat.rows != T || T > int(grid.X) || grid.Y != 1 || r1.headStride != s.NopeDim+s.RopeDim || r1.offset < s.NopeDim ||
+		r1.offset+r1.dim > r1.headStride || rc.rank != s.Rank || rc.rope != s.RopeDim || overlapsAny(ql, []tensor{*qm, rc.kpe, rc.lat}) {
+		return false
+	}
+	name := fmt.Sprintf("absorb_query_tc_rope_%d", s.NopeDim)
+	grid.Z++
+	b.pending[rc.idx] = queuedOp{"absorb query+rope+cache write", func(c *Ctx) error {
+		k, err := c.kernelShared("absorb", name, shared)
+		if err != nil {
+			return err
+		}
+		return c.Launch(k, grid, D1(256), shared,
+			ql.ptr, ql.ld, qm.ptr, qm.ld, w.Codes, w.Scales, w.RowScale, w.G, s.Rank, s.RopeDim, T, s.Heads,
+			r1.m.ptr, r1.heads, r1.headStride, r1.offset, rc.kpe.ptr, rc.kpe.ld, r2.heads, r2.headStride, r2.offset, r2.dim, r2.il, r2.table,
+			rc.layer, rc.dtype, rc.slots, rc.lat.ptr, rc.lat.ld)
+	}}
+	b.lastRopeCache = nil
+	b.chainMerges[chainRope]++
+	return true
+}
