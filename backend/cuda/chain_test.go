@@ -4,6 +4,7 @@ package cuda
 
 import (
 	"bytes"
+	"errors"
 	"fmt"
 	"math/rand/v2"
 	"testing"
@@ -45,17 +46,17 @@ func quantForm(t *testing.T, g *Backend, x backend.Tensor, G int) []byte {
 // quantizes its input again (groups of 32, the norms' of 128).
 func TestChainLaunchesMatchSeparate(t *testing.T) {
 	for _, c := range []struct {
-		hidden, qRank, heads, rank, vdim int
-		G, uvG, oG                       int
-		dtype                            backend.CacheDType
-		merges                           [4]int // pairs, values, norms, absorbed queries with the RoPE
+		hidden, qRank, heads, nope, rank, vdim int
+		G, uvG, oG                             int
+		dtype                                  backend.CacheDType
+		merges                                 [4]int // pairs, values, norms, absorbed queries with the RoPE
 	}{
-		{2048, 768, 20, 512, 256, 128, 128, 128, backend.CacheBF16, [4]int{1, 1, 1, 1}},
-		{2048, 768, 20, 512, 256, 32, 64, 32, backend.CacheF32, [4]int{1, 1, 0, 1}}, // q_b quantizes the q_a norm again: no pair of norms
-		{2048, 768, 20, 512, 256, 128, 32, 64, backend.CacheBF16, [4]int{1, 1, 1, 1}},
-		{1056, 352, 3, 96, 32, 32, 32, 32, backend.CacheBF16, [4]int{1, 1, 0, 0}}, // rank 96: no tensor-core absorbed query
+		{2048, 768, 20, 192, 512, 256, 128, 128, 128, backend.CacheBF16, [4]int{1, 1, 1, 1}},
+		{2048, 768, 20, 128, 512, 256, 32, 64, 32, backend.CacheF32, [4]int{1, 1, 0, 1}}, // q_b quantizes the q_a norm again: no pair of norms
+		{2048, 768, 20, 192, 512, 256, 128, 32, 64, backend.CacheBF16, [4]int{1, 1, 1, 1}},
+		{1056, 352, 3, 128, 96, 32, 32, 32, 32, backend.CacheBF16, [4]int{1, 1, 0, 0}}, // rank 96: no tensor-core absorbed query
 	} {
-		t.Run(fmt.Sprintf("hidden%d_G%d_uv%d_o%d", c.hidden, c.G, c.uvG, c.oG), func(t *testing.T) {
+		t.Run(fmt.Sprintf("hidden%d_nope%d_G%d_uv%d_o%d", c.hidden, c.nope, c.G, c.uvG, c.oG), func(t *testing.T) {
 			const pos = 37
 			run := func(o Options) (map[string][]float32, map[string][]byte, *Backend) {
 				g, _ := testBackends(t, o)
@@ -64,9 +65,9 @@ func TestChainLaunchesMatchSeparate(t *testing.T) {
 				vec := func(name string, k int) backend.Weight {
 					return mustWeight(t, g, backend.HostWeight{Name: name, N: 1, K: k, Dense: randVec(r, k, 1)})
 				}
-				qa, kva, qb := qh("q_a", c.qRank, c.hidden, c.G), qh("kv_a", c.rank+64, c.hidden, c.G), qh("q_b", c.heads*192, c.qRank, c.G)
+				qa, kva, qb := qh("q_a", c.qRank, c.hidden, c.G), qh("kv_a", c.rank+64, c.hidden, c.G), qh("q_b", c.heads*(c.nope+64), c.qRank, c.G)
 				uv, ow := qh("uv", c.heads*c.vdim, c.rank, c.uvG), qh("o", c.hidden, c.heads*c.vdim, c.oG)
-				uk := qh("uk", c.heads*128, c.rank, c.G)
+				uk := qh("uk", c.heads*c.nope, c.rank, c.G)
 				qaNorm, kvNorm := vec("qa_norm", c.qRank), vec("kv_norm", c.rank)
 				pool, err := g.NewCachePool(1, 4, 16, c.rank, 64, c.dtype)
 				if err != nil {
@@ -79,10 +80,10 @@ func TestChainLaunchesMatchSeparate(t *testing.T) {
 				}
 				g.SetBatch(simpleBatch(1, pos), pool)
 				h, olat := tensor(c.hidden, 1), tensor(c.heads*c.rank, 0.3)
-				qaOut, kv, q := g.NewTensor(1, c.qRank), g.NewTensor(1, c.rank+64), g.NewTensor(1, c.heads*192)
+				qaOut, kv, q := g.NewTensor(1, c.qRank), g.NewTensor(1, c.rank+64), g.NewTensor(1, c.heads*(c.nope+64))
 				latent, v, out := g.NewTensor(1, c.rank), g.NewTensor(1, c.heads*c.vdim), g.NewTensor(1, c.hidden)
 				qlat := g.NewTensor(1, c.heads*c.rank)
-				sh := backend.MLAShape{Heads: c.heads, NopeDim: 128, RopeDim: 64, Rank: c.rank, VDim: c.vdim}
+				sh := backend.MLAShape{Heads: c.heads, NopeDim: c.nope, RopeDim: 64, Rank: c.rank, VDim: c.vdim}
 				// The decode layer's order (glm4moelite.Model.attention).
 				g.MatMul(qaOut, h, qa)
 				g.MatMul(kv, h, kva)
@@ -90,7 +91,7 @@ func TestChainLaunchesMatchSeparate(t *testing.T) {
 				g.MatMul(q, qaOut, qb)
 				g.RMSNorm(latent, g.Cols(kv, 0, c.rank), kvNorm, 1e-6)
 				kpe := g.Cols(kv, c.rank, c.rank+64)
-				g.RoPE(q, c.heads, 192, 128, 64, 1e6, true)
+				g.RoPE(q, c.heads, c.nope+64, c.nope, 64, 1e6, true)
 				g.RoPE(kpe, 1, 64, 0, 64, 1e6, true)
 				g.CacheWrite(0, latent, kpe)
 				g.AbsorbQuery(qlat, q, uk, sh)
@@ -165,5 +166,258 @@ func TestChainDecodeMatchesSeparate(t *testing.T) {
 		if got[i] != want[i] {
 			t.Fatalf("logit %d (step %d): %v shared, %v separate", i, i/(len(want)/(steps+1)), got[i], want[i])
 		}
+	}
+}
+
+// chainBufs adds to pdlBufs what the latent's half of the chain needs: the
+// latent row and its int8 form, its norm's gain, one layer of a bf16 cache
+// with the row's slot, and a RoPE table.
+type chainBufs struct {
+	*pdlBufs
+	lat, latGain, cache, slots, table uint64
+	latq                              *QActs
+}
+
+const chainSlot = 5
+
+func newChainBufs(c *Ctx, r *rand.Rand, s pdlShape) (*chainBufs, error) {
+	pb, err := newPDLBufs(c, r, s)
+	if err != nil {
+		return nil, err
+	}
+	b := &chainBufs{pdlBufs: pb}
+	var errs []error
+	up := func(v []float32) uint64 {
+		buf, err := upload(c, v)
+		errs = append(errs, err)
+		return buf.Ptr
+	}
+	b.lat, b.latGain, b.table = up(make([]float32, s.rank)), up(randVec(r, s.rank, 1)), up(randVec(r, s.rope, 1))
+	cache, err := c.Alloc(2 * (s.rank + s.rope) * 8)
+	errs = append(errs, err, c.Memset(cache.Ptr, 0, cache.Size))
+	b.cache = cache.Ptr
+	slots, err := c.Alloc(4)
+	errs = append(errs, err, CopyIn(c, slots.Ptr, []int32{chainSlot}))
+	b.slots = slots.Ptr
+	b.latq, err = c.NewQActs(1, s.rank, s.G)
+	errs = append(errs, err)
+	return b, errors.Join(errs...)
+}
+
+// queueChain launches the attention half of one decode layer as the
+// backend's batch-1 path does, with the launches of chain.go shared
+// (merged) or apart: the residual add and norm, q_a and kv_a, the q_a
+// norm, q_b, the latent's norm, the RoPEs and cache write, the absorbed
+// query, the quantization of the (stand-in) attention output, the value
+// expansion, the quantization of v and o_proj. 12 launches apart, 8 shared.
+func (b *chainBufs) queueChain(c *Ctx, l *pdlLayer, merged bool) error {
+	s := b.s
+	const eps = 1e-5
+	qRows := s.heads * (s.nope + s.rope)
+	kpe := b.kv + 4*uint64(s.rank)
+	shared := absorbTCShared(s.nope)
+	name := fmt.Sprintf("absorb_query_tc_%d", s.nope)
+	if merged {
+		name = fmt.Sprintf("absorb_query_tc_rope_%d", s.nope)
+	}
+	absorb, err := c.kernelShared("absorb", name, shared)
+	if err != nil {
+		return err
+	}
+	ropeCache, err := c.Kernel("ops", "rope2_cache_write")
+	if err != nil {
+		return err
+	}
+	grid := Dim{uint32(s.rank / absorbTCN), 1, uint32(s.heads)}
+	absorbArgs := []any{b.qlat, s.heads * s.rank, b.q, qRows, l.uk.Codes, l.uk.Scales, l.uk.RowScale, s.G, s.rank, s.rope, 1}
+	ropeArgs := []any{b.q, qRows, s.heads, s.nope + s.rope, s.nope, kpe, s.kvRows, 1, s.rope, 0, s.rope, 1, b.table}
+	cacheArgs := []any{b.cache, 0, b.slots, b.lat}
+	errs := []error{c.RMSNormQuant8(0, 0, b.d, s.hidden, b.d, s.hidden, b.c, s.hidden, l.g1, eps, b.h, s.hidden, 1, s.hidden, s.G, b.hq)}
+	if merged {
+		grid.Z++
+		args := append(append(append(absorbArgs, s.heads), ropeArgs[:1]...), ropeArgs[2:]...)
+		args = append(append(args, cacheArgs...), s.rank)
+		errs = append(errs,
+			c.GEMVPair(b.qa, l.qa, b.kv, l.kva, b.hq),
+			c.RMSNormQuant8Pair(norm8{x: b.qa, out: b.qa, gain: l.g2, eps: eps, q: b.qaq}, norm8{x: b.kv, out: b.lat, gain: b.latGain, eps: eps, q: b.latq}),
+			c.GEMV(b.q, qRows, l.qb, b.qaq, GEMVSplit),
+			c.Launch(absorb, grid, D1(256), shared, args...),
+			c.RMSNormQuant(b.qlat, s.heads*s.rank, 0, 0, 0, 0, 1, s.heads*s.rank, s.G, b.olq),
+			c.GEMVHeadsQuant(b.v, l.uv, b.olq, s.heads, s.vDim, b.vq))
+	} else {
+		errs = append(errs,
+			c.GEMV(b.qa, s.qRank, l.qa, b.hq, GEMVSplit),
+			c.GEMV(b.kv, s.kvRows, l.kva, b.hq, GEMVSplit),
+			c.RMSNormQuant8(b.qa, s.qRank, 0, 0, 0, 0, 0, 0, l.g2, eps, b.qa, s.qRank, 1, s.qRank, s.G, b.qaq),
+			c.GEMV(b.q, qRows, l.qb, b.qaq, GEMVSplit),
+			c.RMSNormQuant8(b.kv, s.kvRows, 0, 0, 0, 0, 0, 0, b.latGain, eps, b.lat, s.rank, 1, s.rank, s.G, b.latq),
+			c.Launch(ropeCache, D1(1), D1(256), 0, append(append(ropeArgs, 1), b.cache, 0, b.slots, b.lat, s.rank, s.rank, s.rope)...),
+			c.Launch(absorb, grid, D1(256), shared, absorbArgs...),
+			c.RMSNormQuant(b.qlat, s.heads*s.rank, 0, 0, 0, 0, 1, s.heads*s.rank, s.G, b.olq),
+			c.GEMVHeads(b.v, l.uv, b.olq, s.heads, s.vDim),
+			c.RMSNormQuant(b.v, s.heads*s.vDim, 0, 0, 0, 0, 1, s.heads*s.vDim, s.G, b.vq))
+	}
+	errs = append(errs, c.GEMV(b.c, s.hidden, l.o, b.vq, GEMVSplit))
+	return errors.Join(errs...)
+}
+
+// outputs adds the latent, its int8 form and the cache to pdlBufs'.
+func (b *chainBufs) outputs(c *Ctx) (map[string][]byte, error) {
+	out, err := b.pdlBufs.outputs(c)
+	if err != nil {
+		return nil, err
+	}
+	s := b.s
+	for name, v := range map[string]struct {
+		p uint64
+		n int
+	}{"lat": {b.lat, 4 * s.rank}, "latq.q": {b.latq.Q, s.rank}, "latq.s": {b.latq.Scales, 4 * s.rank / s.G}, "latq.sum": {b.latq.Sums, 4 * s.rank / 32},
+		"cache": {b.cache, 2 * (s.rank + s.rope) * 8}} {
+		buf := make([]byte, v.n)
+		if err := CopyOut(c, buf, v.p); err != nil {
+			return nil, err
+		}
+		out[name] = buf
+	}
+	return out, nil
+}
+
+// The attention half of three decode layers at GLM-4.7-Flash's shapes with
+// the launches of chain.go shared gives the bytes of the separate launches
+// (every float row, int8 form and the cache), replayed from a graph with
+// programmatic dependent launch (where the device has it) and launched
+// one by one without.
+func TestChainLayerMatchesSeparate(t *testing.T) {
+	d := testDevice(t)
+	r := testRand(t)
+	const layers = 3
+	err := d.Do(func(c *Ctx) error {
+		b, err := newChainBufs(c, r, glmShape)
+		if err != nil {
+			return err
+		}
+		ls, err := newPDLLayers(c, r, glmShape, layers)
+		if err != nil {
+			return err
+		}
+		seed := r.Uint64()
+		run := func(merged, graphed bool) (map[string][]byte, error) {
+			if err := errors.Join(b.reset(c, rand.New(rand.NewPCG(seed, 3))), c.Memset(b.cache, 0, 2*(glmShape.rank+glmShape.rope)*8),
+				poison(c, b.lat, 4*glmShape.rank), poison(c, b.v, 4*glmShape.heads*glmShape.vDim), poison(c, b.vq.Q, glmShape.heads*glmShape.vDim)); err != nil {
+				return nil, err
+			}
+			chain := func() error {
+				for _, l := range ls {
+					if err := b.queueChain(c, l, merged); err != nil {
+						return err
+					}
+				}
+				return nil
+			}
+			if !graphed {
+				if err := withPDL(c, false, chain); err != nil {
+					return nil, err
+				}
+				return b.outputs(c)
+			}
+			var g *graph
+			var release func()
+			if err := withPDL(c, c.Info().CC >= 90, func() error {
+				var err error
+				g, release, err = capturedPDL(c, chain)
+				return err
+			}); err != nil {
+				return nil, err
+			}
+			defer release()
+			if err := errors.Join(b.reset(c, rand.New(rand.NewPCG(seed, 3))), c.Memset(b.cache, 0, 2*(glmShape.rank+glmShape.rope)*8)); err != nil {
+				return nil, err
+			}
+			if err := check("cuGraphLaunch", drv.cuGraphLaunch(g.exec, c.stream)); err != nil {
+				return nil, err
+			}
+			return b.outputs(c)
+		}
+		want, err := run(false, false)
+		if err != nil {
+			return err
+		}
+		for _, graphed := range []bool{false, true} {
+			got, err := run(true, graphed)
+			if err != nil {
+				return err
+			}
+			for name, w := range want {
+				if i := firstDiff(w, got[name]); i >= 0 {
+					t.Errorf("%s, shared launches (graph %v): byte %d of %d differs from the separate launches", name, graphed, i, len(w))
+				}
+			}
+		}
+		nonzero := 0
+		for _, v := range want["cache"] {
+			if v != 0 {
+				nonzero++
+			}
+		}
+		if nonzero < glmShape.rank {
+			t.Errorf("the cache holds %d nonzero bytes, want a slot's record", nonzero)
+		}
+		return c.Sync()
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// BenchmarkChainLayer: the attention half of a decode layer at
+// GLM-4.7-Flash's shapes (the attention itself left out) over 24 layers'
+// weights in turn, as 12 separate launches and as 8 with chain.go's
+// shared launches, replayed from a graph with programmatic dependent
+// launch: device time per layer.
+func BenchmarkChainLayer(b *testing.B) {
+	d := benchDevice(b)
+	r := rand.New(rand.NewPCG(9, 11))
+	const layers = 24
+	err := d.Do(func(c *Ctx) error {
+		bufs, err := newChainBufs(c, r, glmShape)
+		if err != nil {
+			return err
+		}
+		ls, err := newPDLLayers(c, r, glmShape, layers)
+		if err != nil {
+			return err
+		}
+		name := c.Info().Name
+		for round := 0; round < 2; round++ {
+			for _, merged := range []bool{false, true} {
+				err := withPDL(c, c.info.CC >= 90, func() error {
+					g, release, err := capturedPDL(c, func() error {
+						for _, l := range ls {
+							if err := bufs.queueChain(c, l, merged); err != nil {
+								return err
+							}
+						}
+						return nil
+					})
+					if err != nil {
+						return err
+					}
+					defer release()
+					us, err := timeReplay(c, g.exec, 5)
+					if err != nil {
+						return err
+					}
+					b.Logf("%s: round %d: shared launches %-5v %6.2f us a layer (PDL %v)", name, round, merged, us/layers, c.pdl)
+					return nil
+				})
+				if err != nil {
+					return err
+				}
+			}
+		}
+		return c.Sync()
+	})
+	if err != nil {
+		b.Fatal(err)
 	}
 }
