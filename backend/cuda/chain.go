@@ -152,7 +152,7 @@ func (b *Backend) pairName(w1, w2 *QMatrix) string {
 // noteGEMV remembers a single-token product just queued (pairProduct).
 func (b *Backend) noteGEMV(d *tensor, a *QActs, w *weight) {
 	b.lastGEMV = nil
-	if b.err == nil && d.rows == 1 && a.T == 1 {
+	if b.err == nil && len(b.pending) > 0 && d.rows == 1 && a.T == 1 {
 		b.lastGEMV = &gemvOp{idx: len(b.pending) - 1, flush: b.flushes, a: a, w: w.q, out: []tensor{*d}}
 	}
 }
@@ -181,7 +181,7 @@ func (b *Backend) valuesQuant(x *tensor, w *weight) bool {
 // noteValues remembers a single-token value expansion just queued.
 func (b *Backend) noteValues(out *tensor, w *QMatrix, a *QActs, heads, rows int) {
 	b.lastValues = nil
-	if b.err == nil {
+	if b.err == nil && len(b.pending) > 0 {
 		b.lastValues = &valuesOp{idx: len(b.pending) - 1, flush: b.flushes, out: *out, w: w, a: a, heads: heads, rows: rows}
 	}
 }
@@ -223,7 +223,7 @@ func (b *Backend) pairNorm(n norm8, x, out *tensor) bool {
 // noteNorm8 remembers a single-row norm just queued (pairNorm).
 func (b *Backend) noteNorm8(n norm8, x, out *tensor) {
 	b.lastNorm8 = nil
-	if b.err == nil {
+	if b.err == nil && len(b.pending) > 0 {
 		b.lastNorm8 = &norm8Op{idx: len(b.pending) - 1, flush: b.flushes, n: n, x: *x, out: *out}
 	}
 }
@@ -251,7 +251,7 @@ type ropeCacheOp struct {
 // noteRopeCache remembers a rope2_cache_write launch just queued.
 func (b *Backend) noteRopeCache(r1, r2 *ropeOp, kpe, lat *tensor, layer, slots uint64, dtype, rank, rope int) {
 	b.lastRopeCache = nil
-	if b.err == nil {
+	if b.err == nil && len(b.pending) > 0 {
 		b.lastRopeCache = &ropeCacheOp{idx: len(b.pending) - 1, flush: b.flushes, r1: *r1, r2: *r2, kpe: *kpe, lat: *lat,
 			layer: layer, slots: slots, dtype: dtype, rank: rank, rope: rope}
 	}
@@ -262,7 +262,8 @@ func (b *Backend) noteRopeCache(r1, r2 *ropeOp, kpe, lat *tensor, layer, slots u
 // (absorb_query_tc_rope), and reports whether it did: the RoPE must rotate
 // qm's columns after each head's first NopeDim (which the absorbed query
 // reads), and nothing either writes may overlap what the other reads or
-// writes. One row of the RoPE's a block of the extra head slice.
+// writes. One row (the kernel takes up to rank/128 rows, a block of the
+// extra head slice each; only one is tested).
 func (b *Backend) absorbRope(ql, qm *tensor, w *QMatrix, s backend.MLAShape, grid Dim, shared int) bool {
 	rc := b.lastRopeCache
 	if !b.chained() || rc == nil || rc.flush != b.flushes || rc.idx != len(b.pending)-1 {
@@ -270,7 +271,7 @@ func (b *Backend) absorbRope(ql, qm *tensor, w *QMatrix, s backend.MLAShape, gri
 	}
 	r1, r2 := rc.r1, rc.r2
 	T := ql.rows
-	if r1.m != *qm || rc.lat.rows != T || T > int(grid.X) || grid.Y != 1 || r1.headStride != s.NopeDim+s.RopeDim || r1.offset < s.NopeDim ||
+	if T != 1 || r1.m != *qm || rc.lat.rows != T || grid.Y != 1 || r1.headStride != s.NopeDim+s.RopeDim || r1.offset < s.NopeDim ||
 		r1.offset+r1.dim > r1.headStride || rc.rank != s.Rank || rc.rope != s.RopeDim || overlapsAny(ql, []tensor{*qm, rc.kpe, rc.lat}) {
 		return false
 	}
