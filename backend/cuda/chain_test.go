@@ -116,7 +116,7 @@ func TestChainLaunchesMatchSeparate(t *testing.T) {
 			want, wantForms, _ := run(Options{SeparateChain: true})
 			got, gotForms, g := run(Options{})
 			if g.chainMerges != c.merges {
-				t.Errorf("merged launches %v (pairs, values, norms), want %v", g.chainMerges, c.merges)
+				t.Errorf("merged launches %v (pairs, values, norms, absorbed queries with the RoPE), want %v", g.chainMerges, c.merges)
 			}
 			for name, w := range want {
 				nonzero := 0
@@ -205,19 +205,21 @@ func newChainBufs(c *Ctx, r *rand.Rand, s pdlShape) (*chainBufs, error) {
 }
 
 // queueChain launches the attention half of one decode layer as the
-// backend's batch-1 path does, with the launches of chain.go shared
-// (merged) or apart: the residual add and norm, q_a and kv_a, the q_a
-// norm, q_b, the latent's norm, the RoPEs and cache write, the absorbed
-// query, the quantization of the (stand-in) attention output, the value
-// expansion, the quantization of v and o_proj. 12 launches apart, 8 shared.
-func (b *chainBufs) queueChain(c *Ctx, l *pdlLayer, merged bool) error {
+// backend's batch-1 path does, with the launches of chain.go shared where
+// merged has bit 1<<kind (chainPair, ...) set, else apart: the residual
+// add and norm, q_a and kv_a, the q_a norm, q_b, the latent's norm, the
+// RoPEs and cache write, the absorbed query, the quantization of the
+// (stand-in) attention output, the value expansion, the quantization of v
+// and o_proj. 12 launches all apart, 8 all shared.
+func (b *chainBufs) queueChain(c *Ctx, l *pdlLayer, merged int) error {
 	s := b.s
 	const eps = 1e-5
+	on := func(kind int) bool { return merged&(1<<kind) != 0 }
 	qRows := s.heads * (s.nope + s.rope)
 	kpe := b.kv + 4*uint64(s.rank)
 	shared := absorbTCShared(s.nope)
 	name := fmt.Sprintf("absorb_query_tc_%d", s.nope)
-	if merged {
+	if on(chainRope) {
 		name = fmt.Sprintf("absorb_query_tc_rope_%d", s.nope)
 	}
 	absorb, err := c.kernelShared("absorb", name, shared)
@@ -231,35 +233,45 @@ func (b *chainBufs) queueChain(c *Ctx, l *pdlLayer, merged bool) error {
 	grid := Dim{uint32(s.rank / absorbTCN), 1, uint32(s.heads)}
 	absorbArgs := []any{b.qlat, s.heads * s.rank, b.q, qRows, l.uk.Codes, l.uk.Scales, l.uk.RowScale, s.G, s.rank, s.rope, 1}
 	ropeArgs := []any{b.q, qRows, s.heads, s.nope + s.rope, s.nope, kpe, s.kvRows, 1, s.rope, 0, s.rope, 1, b.table}
-	cacheArgs := []any{b.cache, 0, b.slots, b.lat}
+	qaNorm := norm8{x: b.qa, out: b.qa, gain: l.g2, eps: eps, q: b.qaq}
+	latNorm := norm8{x: b.kv, out: b.lat, gain: b.latGain, eps: eps, q: b.latq}
+	norm := func(n norm8) error {
+		return c.RMSNormQuant8(n.x, n.q.K, 0, 0, 0, 0, 0, 0, n.gain, n.eps, n.out, n.q.K, 1, n.q.K, s.G, n.q)
+	}
 	errs := []error{c.RMSNormQuant8(0, 0, b.d, s.hidden, b.d, s.hidden, b.c, s.hidden, l.g1, eps, b.h, s.hidden, 1, s.hidden, s.G, b.hq)}
-	if merged {
+	if on(chainPair) {
+		errs = append(errs, c.GEMVPair(b.qa, l.qa, b.kv, l.kva, b.hq))
+	} else {
+		errs = append(errs, c.GEMV(b.qa, s.qRank, l.qa, b.hq, GEMVSplit), c.GEMV(b.kv, s.kvRows, l.kva, b.hq, GEMVSplit))
+	}
+	if on(chainNorms) {
+		errs = append(errs, c.RMSNormQuant8Pair(qaNorm, latNorm), c.GEMV(b.q, qRows, l.qb, b.qaq, GEMVSplit))
+	} else {
+		errs = append(errs, norm(qaNorm), c.GEMV(b.q, qRows, l.qb, b.qaq, GEMVSplit), norm(latNorm))
+	}
+	if on(chainRope) {
 		grid.Z++
 		args := append(append(append(absorbArgs, s.heads), ropeArgs[:1]...), ropeArgs[2:]...)
-		args = append(append(args, cacheArgs...), s.rank)
-		errs = append(errs,
-			c.GEMVPair(b.qa, l.qa, b.kv, l.kva, b.hq),
-			c.RMSNormQuant8Pair(norm8{x: b.qa, out: b.qa, gain: l.g2, eps: eps, q: b.qaq}, norm8{x: b.kv, out: b.lat, gain: b.latGain, eps: eps, q: b.latq}),
-			c.GEMV(b.q, qRows, l.qb, b.qaq, GEMVSplit),
-			c.Launch(absorb, grid, D1(256), shared, args...),
-			c.RMSNormQuant(b.qlat, s.heads*s.rank, 0, 0, 0, 0, 1, s.heads*s.rank, s.G, b.olq),
-			c.GEMVHeadsQuant(b.v, l.uv, b.olq, s.heads, s.vDim, b.vq))
+		args = append(args, b.cache, 0, b.slots, b.lat, s.rank)
+		errs = append(errs, c.Launch(absorb, grid, D1(256), shared, args...))
 	} else {
 		errs = append(errs,
-			c.GEMV(b.qa, s.qRank, l.qa, b.hq, GEMVSplit),
-			c.GEMV(b.kv, s.kvRows, l.kva, b.hq, GEMVSplit),
-			c.RMSNormQuant8(b.qa, s.qRank, 0, 0, 0, 0, 0, 0, l.g2, eps, b.qa, s.qRank, 1, s.qRank, s.G, b.qaq),
-			c.GEMV(b.q, qRows, l.qb, b.qaq, GEMVSplit),
-			c.RMSNormQuant8(b.kv, s.kvRows, 0, 0, 0, 0, 0, 0, b.latGain, eps, b.lat, s.rank, 1, s.rank, s.G, b.latq),
 			c.Launch(ropeCache, D1(1), D1(256), 0, append(append(ropeArgs, 1), b.cache, 0, b.slots, b.lat, s.rank, s.rank, s.rope)...),
-			c.Launch(absorb, grid, D1(256), shared, absorbArgs...),
-			c.RMSNormQuant(b.qlat, s.heads*s.rank, 0, 0, 0, 0, 1, s.heads*s.rank, s.G, b.olq),
-			c.GEMVHeads(b.v, l.uv, b.olq, s.heads, s.vDim),
+			c.Launch(absorb, grid, D1(256), shared, absorbArgs...))
+	}
+	errs = append(errs, c.RMSNormQuant(b.qlat, s.heads*s.rank, 0, 0, 0, 0, 1, s.heads*s.rank, s.G, b.olq))
+	if on(chainValues) {
+		errs = append(errs, c.GEMVHeadsQuant(b.v, l.uv, b.olq, s.heads, s.vDim, b.vq))
+	} else {
+		errs = append(errs, c.GEMVHeads(b.v, l.uv, b.olq, s.heads, s.vDim),
 			c.RMSNormQuant(b.v, s.heads*s.vDim, 0, 0, 0, 0, 1, s.heads*s.vDim, s.G, b.vq))
 	}
 	errs = append(errs, c.GEMV(b.c, s.hidden, l.o, b.vq, GEMVSplit))
 	return errors.Join(errs...)
 }
+
+// chainAll sets every merge of queueChain.
+const chainAll = 1<<chainPair | 1<<chainValues | 1<<chainNorms | 1<<chainRope
 
 // outputs adds the latent, its int8 form and the cache to pdlBufs'.
 func (b *chainBufs) outputs(c *Ctx) (map[string][]byte, error) {
@@ -301,7 +313,7 @@ func TestChainLayerMatchesSeparate(t *testing.T) {
 			return err
 		}
 		seed := r.Uint64()
-		run := func(merged, graphed bool) (map[string][]byte, error) {
+		run := func(merged int, graphed bool) (map[string][]byte, error) {
 			if err := errors.Join(b.reset(c, rand.New(rand.NewPCG(seed, 3))), c.Memset(b.cache, 0, 2*(glmShape.rank+glmShape.rope)*8),
 				poison(c, b.lat, 4*glmShape.rank), poison(c, b.v, 4*glmShape.heads*glmShape.vDim), poison(c, b.vq.Q, glmShape.heads*glmShape.vDim)); err != nil {
 				return nil, err
@@ -338,12 +350,12 @@ func TestChainLayerMatchesSeparate(t *testing.T) {
 			}
 			return b.outputs(c)
 		}
-		want, err := run(false, false)
+		want, err := run(0, false)
 		if err != nil {
 			return err
 		}
 		for _, graphed := range []bool{false, true} {
-			got, err := run(true, graphed)
+			got, err := run(chainAll, graphed)
 			if err != nil {
 				return err
 			}
@@ -371,9 +383,9 @@ func TestChainLayerMatchesSeparate(t *testing.T) {
 
 // BenchmarkChainLayer: the attention half of a decode layer at
 // GLM-4.7-Flash's shapes (the attention itself left out) over 24 layers'
-// weights in turn, as 12 separate launches and as 8 with chain.go's
-// shared launches, replayed from a graph with programmatic dependent
-// launch: device time per layer.
+// weights in turn, as 12 separate launches, as 8 with all of chain.go's
+// shared launches, and with each of them left out, replayed from a graph
+// with programmatic dependent launch: device time per layer.
 func BenchmarkChainLayer(b *testing.B) {
 	d := benchDevice(b)
 	r := rand.New(rand.NewPCG(9, 11))
@@ -389,7 +401,7 @@ func BenchmarkChainLayer(b *testing.B) {
 		}
 		name := c.Info().Name
 		for round := 0; round < 2; round++ {
-			for _, merged := range []bool{false, true} {
+			for _, merged := range []int{0, chainAll, chainAll &^ (1 << chainPair), chainAll &^ (1 << chainValues), chainAll &^ (1 << chainNorms), chainAll &^ (1 << chainRope)} {
 				err := withPDL(c, c.info.CC >= 90, func() error {
 					g, release, err := capturedPDL(c, func() error {
 						for _, l := range ls {
@@ -407,7 +419,7 @@ func BenchmarkChainLayer(b *testing.B) {
 					if err != nil {
 						return err
 					}
-					b.Logf("%s: round %d: shared launches %-5v %6.2f us a layer (PDL %v)", name, round, merged, us/layers, c.pdl)
+					b.Logf("%s: round %d: shared launches %04b (rope norms values pair) %6.2f us a layer (PDL %v)", name, round, merged, us/layers, c.pdl)
 					return nil
 				})
 				if err != nil {
