@@ -5,8 +5,6 @@ package cuda
 import (
 	"fmt"
 	"math/bits"
-	"os"
-	"strings"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -125,19 +123,15 @@ type norm8Op struct {
 	paired     bool
 }
 
-// chained reports whether the batch-1 launch merge of kind is on.
-// MEASUREMENT ONLY (to be removed): MMFP4_CUDA_CHAIN_OFF lists kinds
-// (pair, values, norms, rope) to leave apart.
-func (b *Backend) chained(kind int) bool {
-	return !b.opts.SeparateChain && !strings.Contains(os.Getenv("MMFP4_CUDA_CHAIN_OFF"), [...]string{"pair", "values", "norms", "rope"}[kind])
-}
+// chained reports whether the batch-1 launch merges are on.
+func (b *Backend) chained() bool { return !b.opts.SeparateChain }
 
 // pairProduct queues d = w a for one token in the launch of the product
 // queued just before it, when that one read the same quantized row, and
 // reports whether it did.
 func (b *Backend) pairProduct(d *tensor, a *QActs, w *weight) bool {
 	g := b.lastGEMV
-	if !b.chained(chainPair) || g == nil || g.flush != b.flushes || g.idx != len(b.pending)-1 || len(g.out) != 1 || g.a != a ||
+	if !b.chained() || g == nil || g.flush != b.flushes || g.idx != len(b.pending)-1 || len(g.out) != 1 || g.a != a ||
 		d.rows != 1 || a.T != 1 || g.w.K != w.q.K || g.w.G != w.q.G || overlaps(d, &g.out[0]) {
 		return false
 	}
@@ -168,7 +162,7 @@ func (b *Backend) noteGEMV(d *tensor, a *QActs, w *weight) {
 // whether it did (the form is then remembered for x's products).
 func (b *Backend) valuesQuant(x *tensor, w *weight) bool {
 	v := b.lastValues
-	if !b.chained(chainValues) || v == nil || v.flush != b.flushes || v.idx != len(b.pending)-1 || v.out != *x || w.q == nil ||
+	if !b.chained() || v == nil || v.flush != b.flushes || v.idx != len(b.pending)-1 || v.out != *x || w.q == nil ||
 		!headsQuantOK(v.heads, v.rows, v.w.K, v.w.G, w.q.G) {
 		return false
 	}
@@ -199,7 +193,7 @@ func (b *Backend) noteValues(out *tensor, w *QMatrix, a *QActs, heads, rows int)
 // into other launches; with them on, norms are not paired.
 func (b *Backend) pairNorm(n norm8, x, out *tensor) bool {
 	p := b.lastNorm8
-	if !b.chained(chainNorms) || b.opts.FusedGEMV || b.opts.FusedLatent || p == nil || p.flush != b.flushes || p.paired {
+	if !b.chained() || b.opts.FusedGEMV || b.opts.FusedLatent || p == nil || p.flush != b.flushes || p.paired {
 		return false
 	}
 	switch len(b.pending) - 1 {
@@ -272,7 +266,7 @@ func (b *Backend) noteRopeCache(r1, r2 *ropeOp, kpe, lat *tensor, layer, slots u
 // extra head slice each; only one is tested).
 func (b *Backend) absorbRope(ql, qm *tensor, w *QMatrix, s backend.MLAShape, grid Dim, shared int) bool {
 	rc := b.lastRopeCache
-	if !b.chained(chainRope) || rc == nil || rc.flush != b.flushes || rc.idx != len(b.pending)-1 {
+	if !b.chained() || rc == nil || rc.flush != b.flushes || rc.idx != len(b.pending)-1 {
 		return false
 	}
 	r1, r2 := rc.r1, rc.r2
