@@ -5,6 +5,7 @@ package cuda
 import (
 	"fmt"
 	"math/bits"
+	"os"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -79,8 +80,9 @@ type norm8 struct {
 }
 
 // RMSNormQuant8Pair runs two single-row norms (RMSNormQuant8 of one row
-// each, with a gain and an int8 form) in one launch.
-func (c *Ctx) RMSNormQuant8Pair(n1, n2 norm8) error {
+// each, with a gain and an int8 form) in one launch; early as
+// rmsNormQuant8's.
+func (c *Ctx) RMSNormQuant8Pair(n1, n2 norm8, early bool) error {
 	for _, n := range []norm8{n1, n2} {
 		if n.q == nil || n.q.T != 1 || n.gain == 0 || !rowNorm8(n.q.K, n.q.G, []uint64{n.x, n.gain, n.out}, nil) {
 			return fmt.Errorf("cuda: rmsnorm_quant8 pair: want a gain and activations of one row")
@@ -92,7 +94,7 @@ func (c *Ctx) RMSNormQuant8Pair(n1, n2 norm8) error {
 	}
 	return c.Launch(k, D1(2), D1(max(n1.q.K, n2.q.K)/8), 0,
 		n1.x, n1.gain, n1.eps, n1.out, n1.q.Q, n1.q.Scales, n1.q.Sums, n1.q.K, n1.q.G,
-		n2.x, n2.gain, n2.eps, n2.out, n2.q.Q, n2.q.Scales, n2.q.Sums, n2.q.K, n2.q.G)
+		n2.x, n2.gain, n2.eps, n2.out, n2.q.Q, n2.q.Scales, n2.q.Sums, n2.q.K, n2.q.G, boolInt(early))
 }
 
 // The backend's side: the ops are queued as usual and remembered; the
@@ -214,8 +216,12 @@ func (b *Backend) pairNorm(n norm8, x, out *tensor) bool {
 		return false
 	}
 	n1 := p.n
-	b.pending[p.idx] = queuedOp{"rmsnorm pair", func(c *Ctx) error { return c.RMSNormQuant8Pair(n1, n) }}
+	// With the product between them, the launch is followed by a product,
+	// which reads only weights before its wait.
+	early := normEarly && len(b.pending)-1 == p.idx+1
+	b.pending[p.idx] = queuedOp{"rmsnorm pair", func(c *Ctx) error { return c.RMSNormQuant8Pair(n1, n, early) }}
 	p.paired = true
+	b.lastEarlyNorm = nil
 	b.chainMerges[chainNorms]++
 	return true
 }
@@ -290,4 +296,38 @@ func (b *Backend) absorbRope(ql, qm *tensor, w *QMatrix, s backend.MLAShape, gri
 	b.lastRopeCache = nil
 	b.chainMerges[chainRope]++
 	return true
+}
+
+// normEarly: single-row norms whose next launch is a single-token product
+// of their output let it launch at their start (MMFP4_CUDA_NORM_EARLY=1;
+// MEASUREMENT ONLY).
+var normEarly = os.Getenv("MMFP4_CUDA_NORM_EARLY") == "1"
+
+// earlyNorm is a single-row norm launch (rmsnorm_quant8, with or without
+// its residual add) queued as b.pending[idx], writing out; early queues it
+// again with the early trigger.
+type earlyNorm struct {
+	idx, flush int
+	out        tensor
+	early      queuedOp
+}
+
+// noteEarlyNorm remembers the norm launch just queued as pending[idx].
+func (b *Backend) noteEarlyNorm(idx int, out *tensor, early queuedOp) {
+	b.lastEarlyNorm = nil
+	if normEarly && !b.opts.FusedGEMV && !b.opts.FusedRouter && !b.opts.FusedLatent && b.err == nil && idx >= 0 && idx < len(b.pending) {
+		b.lastEarlyNorm = &earlyNorm{idx: idx, flush: b.flushes, out: *out, early: early}
+	}
+}
+
+// triggerEarly lets the norm queued last, which wrote x, launch its
+// successor at its start, when that successor is a single-token product
+// of x (called just before it is queued).
+func (b *Backend) triggerEarly(x *tensor) {
+	e := b.lastEarlyNorm
+	if e == nil || e.flush != b.flushes || e.idx != len(b.pending)-1 || e.out != *x {
+		return
+	}
+	b.pending[e.idx] = e.early
+	b.lastEarlyNorm = nil
 }

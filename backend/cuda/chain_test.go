@@ -235,17 +235,18 @@ func (b *chainBufs) queueChain(c *Ctx, l *pdlLayer, merged int) error {
 	ropeArgs := []any{b.q, qRows, s.heads, s.nope + s.rope, s.nope, kpe, s.kvRows, 1, s.rope, 0, s.rope, 1, b.table}
 	qaNorm := norm8{x: b.qa, out: b.qa, gain: l.g2, eps: eps, q: b.qaq}
 	latNorm := norm8{x: b.kv, out: b.lat, gain: b.latGain, eps: eps, q: b.latq}
+	early := merged&chainEarly != 0
 	norm := func(n norm8) error {
-		return c.RMSNormQuant8(n.x, n.q.K, 0, 0, 0, 0, 0, 0, n.gain, n.eps, n.out, n.q.K, 1, n.q.K, s.G, n.q)
+		return c.rmsNormQuant8(early, n.x, n.q.K, 0, 0, 0, 0, 0, 0, n.gain, n.eps, n.out, n.q.K, 1, n.q.K, s.G, n.q)
 	}
-	errs := []error{c.RMSNormQuant8(0, 0, b.d, s.hidden, b.d, s.hidden, b.c, s.hidden, l.g1, eps, b.h, s.hidden, 1, s.hidden, s.G, b.hq)}
+	errs := []error{c.rmsNormQuant8(early, 0, 0, b.d, s.hidden, b.d, s.hidden, b.c, s.hidden, l.g1, eps, b.h, s.hidden, 1, s.hidden, s.G, b.hq)}
 	if on(chainPair) {
 		errs = append(errs, c.GEMVPair(b.qa, l.qa, b.kv, l.kva, b.hq))
 	} else {
 		errs = append(errs, c.GEMV(b.qa, s.qRank, l.qa, b.hq, GEMVSplit), c.GEMV(b.kv, s.kvRows, l.kva, b.hq, GEMVSplit))
 	}
 	if on(chainNorms) {
-		errs = append(errs, c.RMSNormQuant8Pair(qaNorm, latNorm), c.GEMV(b.q, qRows, l.qb, b.qaq, GEMVSplit))
+		errs = append(errs, c.RMSNormQuant8Pair(qaNorm, latNorm, merged&chainEarly != 0), c.GEMV(b.q, qRows, l.qb, b.qaq, GEMVSplit))
 	} else {
 		errs = append(errs, norm(qaNorm), c.GEMV(b.q, qRows, l.qb, b.qaq, GEMVSplit), norm(latNorm))
 	}
@@ -270,8 +271,12 @@ func (b *chainBufs) queueChain(c *Ctx, l *pdlLayer, merged int) error {
 	return errors.Join(errs...)
 }
 
-// chainAll sets every merge of queueChain.
-const chainAll = 1<<chainPair | 1<<chainValues | 1<<chainNorms | 1<<chainRope
+// chainAll sets every merge of queueChain; chainEarly makes the norms
+// before products trigger at their start.
+const (
+	chainAll   = 1<<chainPair | 1<<chainValues | 1<<chainNorms | 1<<chainRope
+	chainEarly = 1 << 4
+)
 
 // outputs adds the latent, its int8 form and the cache to pdlBufs'.
 func (b *chainBufs) outputs(c *Ctx) (map[string][]byte, error) {
@@ -298,7 +303,8 @@ func (b *chainBufs) outputs(c *Ctx) (map[string][]byte, error) {
 // the launches of chain.go shared gives the bytes of the separate launches
 // (every float row, int8 form and the cache), replayed from a graph with
 // programmatic dependent launch (where the device has it) and launched
-// one by one without.
+// one by one without; also with the norms before products triggering at
+// their start.
 func TestChainLayerMatchesSeparate(t *testing.T) {
 	d := testDevice(t)
 	r := testRand(t)
@@ -354,14 +360,16 @@ func TestChainLayerMatchesSeparate(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		for _, graphed := range []bool{false, true} {
-			got, err := run(chainAll, graphed)
-			if err != nil {
-				return err
-			}
-			for name, w := range want {
-				if i := firstDiff(w, got[name]); i >= 0 {
-					t.Errorf("%s, shared launches (graph %v): byte %d of %d differs from the separate launches", name, graphed, i, len(w))
+		for _, merged := range []int{chainAll, chainAll | chainEarly} {
+			for _, graphed := range []bool{false, true} {
+				got, err := run(merged, graphed)
+				if err != nil {
+					return err
+				}
+				for name, w := range want {
+					if i := firstDiff(w, got[name]); i >= 0 {
+						t.Errorf("%s, shared launches %05b (graph %v): byte %d of %d differs from the separate launches", name, merged, graphed, i, len(w))
+					}
 				}
 			}
 		}
@@ -401,7 +409,7 @@ func BenchmarkChainLayer(b *testing.B) {
 		}
 		name := c.Info().Name
 		for round := 0; round < 2; round++ {
-			for _, merged := range []int{0, chainAll, chainAll &^ (1 << chainPair), chainAll &^ (1 << chainValues), chainAll &^ (1 << chainNorms), chainAll &^ (1 << chainRope)} {
+			for _, merged := range []int{0, chainAll, chainAll | chainEarly, chainEarly, chainAll &^ (1 << chainNorms), chainAll&^(1<<chainNorms) | chainEarly} {
 				err := withPDL(c, c.info.CC >= 90, func() error {
 					g, release, err := capturedPDL(c, func() error {
 						for _, l := range ls {
@@ -419,7 +427,7 @@ func BenchmarkChainLayer(b *testing.B) {
 					if err != nil {
 						return err
 					}
-					b.Logf("%s: round %d: shared launches %04b (rope norms values pair) %6.2f us a layer (PDL %v)", name, round, merged, us/layers, c.pdl)
+					b.Logf("%s: round %d: shared launches %05b (early rope norms values pair) %6.2f us a layer (PDL %v)", name, round, merged, us/layers, c.pdl)
 					return nil
 				})
 				if err != nil {
