@@ -53,8 +53,8 @@ func headsQuantOK(heads, rows, k, G, qg int) bool {
 
 // GEMVHeadsQuant is GEMVHeads with the int8 form of y (one row of
 // heads*rows values in groups of q.G) written by the same launch, as
-// RMSNormQuant without a gain would write it.
-func (c *Ctx) GEMVHeadsQuant(y uint64, w *QMatrix, a *QActs, heads, rows int, q *QActs) error {
+// RMSNormQuant without a gain would write it; early as rmsNormQuant8's.
+func (c *Ctx) GEMVHeadsQuant(y uint64, w *QMatrix, a *QActs, heads, rows int, q *QActs, early bool) error {
 	k := w.K
 	switch {
 	case a.T != 1 || a.K != heads*k || a.G != w.G || w.N != heads*rows:
@@ -67,7 +67,7 @@ func (c *Ctx) GEMVHeadsQuant(y uint64, w *QMatrix, a *QActs, heads, rows int, q 
 		return err
 	}
 	return c.Launch(kern, D1(w.N/q.G), D1(4*q.G), 0, w.Codes, w.Scales, w.RowScale, k, bits.TrailingZeros(uint(w.G/32)),
-		a.Q, a.Scales, y, rows, q.G, q.Q, q.Scales, q.Sums)
+		a.Q, a.Scales, y, rows, q.G, q.Q, q.Scales, q.Sums, boolInt(early))
 }
 
 // norm8 is one single-row RMSNorm of rmsnorm_quant8 without a residual
@@ -173,7 +173,9 @@ func (b *Backend) valuesQuant(x *tensor, w *weight) bool {
 		return false // the arena grew, which flushed the queued ops
 	}
 	y, wv, a, heads, rows := x.ptr, v.w, v.a, v.heads, v.rows
-	b.pending[v.idx] = queuedOp{"expand values+quantize", func(c *Ctx) error { return c.GEMVHeadsQuant(y, wv, a, heads, rows, q) }}
+	// The launch after is this single-token product.
+	early := earlyTrigger
+	b.pending[v.idx] = queuedOp{"expand values+quantize", func(c *Ctx) error { return c.GEMVHeadsQuant(y, wv, a, heads, rows, q, early) }}
 	b.rememberQuant(quantEntry{*x, q})
 	b.lastValues = nil
 	b.chainMerges[chainValues]++
@@ -218,7 +220,7 @@ func (b *Backend) pairNorm(n norm8, x, out *tensor) bool {
 	n1 := p.n
 	// With the product between them, the launch is followed by a product,
 	// which reads only weights before its wait.
-	early := normEarly && len(b.pending)-1 == p.idx+1
+	early := earlyTrigger && len(b.pending)-1 == p.idx+1
 	b.pending[p.idx] = queuedOp{"rmsnorm pair", func(c *Ctx) error { return c.RMSNormQuant8Pair(n1, n, early) }}
 	p.paired = true
 	b.lastEarlyNorm = nil
@@ -298,10 +300,10 @@ func (b *Backend) absorbRope(ql, qm *tensor, w *QMatrix, s backend.MLAShape, gri
 	return true
 }
 
-// normEarly: single-row norms whose next launch is a single-token product
-// of their output let it launch at their start (MMFP4_CUDA_NORM_EARLY=1;
-// MEASUREMENT ONLY).
-var normEarly = os.Getenv("MMFP4_CUDA_NORM_EARLY") == "1"
+// earlyTrigger: single-row norms whose next launch is a single-token product
+// of their output, and the value expansion with o_proj's input, let that
+// product launch at their start (MMFP4_CUDA_NORM_EARLY=1; MEASUREMENT ONLY).
+var earlyTrigger = os.Getenv("MMFP4_CUDA_NORM_EARLY") == "1"
 
 // earlyNorm is a single-row norm launch (rmsnorm_quant8, with or without
 // its residual add) queued as b.pending[idx], writing out; early queues it
@@ -315,7 +317,7 @@ type earlyNorm struct {
 // noteEarlyNorm remembers the norm launch just queued as pending[idx].
 func (b *Backend) noteEarlyNorm(idx int, out *tensor, early queuedOp) {
 	b.lastEarlyNorm = nil
-	if normEarly && !b.opts.FusedGEMV && !b.opts.FusedRouter && !b.opts.FusedLatent && b.err == nil && idx >= 0 && idx < len(b.pending) {
+	if earlyTrigger && !b.opts.FusedGEMV && !b.opts.FusedRouter && !b.opts.FusedLatent && b.err == nil && idx >= 0 && idx < len(b.pending) {
 		b.lastEarlyNorm = &earlyNorm{idx: idx, flush: b.flushes, out: *out, early: early}
 	}
 }

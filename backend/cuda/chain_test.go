@@ -262,7 +262,7 @@ func (b *chainBufs) queueChain(c *Ctx, l *pdlLayer, merged int) error {
 	}
 	errs = append(errs, c.RMSNormQuant(b.qlat, s.heads*s.rank, 0, 0, 0, 0, 1, s.heads*s.rank, s.G, b.olq))
 	if on(chainValues) {
-		errs = append(errs, c.GEMVHeadsQuant(b.v, l.uv, b.olq, s.heads, s.vDim, b.vq))
+		errs = append(errs, c.GEMVHeadsQuant(b.v, l.uv, b.olq, s.heads, s.vDim, b.vq, early))
 	} else {
 		errs = append(errs, c.GEMVHeads(b.v, l.uv, b.olq, s.heads, s.vDim),
 			c.RMSNormQuant(b.v, s.heads*s.vDim, 0, 0, 0, 0, 1, s.heads*s.vDim, s.G, b.vq))
