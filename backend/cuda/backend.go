@@ -168,8 +168,8 @@ type Backend struct {
 	lastNorm8  *norm8Op
 	// lastRopeCache is the RoPE + cache write launch queued last.
 	lastRopeCache *ropeCacheOp
-	lastEarlyNorm *earlyNorm
-	chainMerges   [4]int
+	chainMerges   [5]int
+	latentMode    int
 
 	steps *stepTimer // MMFP4_CUDA_STEPTIME=1
 	// pieces counts the pieces this step has gone to the device in.
@@ -285,6 +285,7 @@ func NewOnDevice(d *Device, o Options) *Backend {
 	if moeDownOld {
 		b.noRouterQuant = true // comparison runs: the MoE chain before these kernels
 	}
+	b.latentMode = latentModeEnv()
 	if os.Getenv("MMFP4_CUDA_CHAIN") == "0" {
 		b.opts.SeparateChain = true
 	}
@@ -1110,9 +1111,6 @@ func (b *Backend) MatMul(dst, x backend.Tensor, wt backend.Weight) {
 	if b.pairProduct(d, a, w) {
 		return
 	}
-	if d.rows == 1 {
-		b.triggerEarly(xm)
-	}
 	b.do(b.opName("matmul", w), func(c *Ctx) error { return c.GEMVRows(d.ptr, d.ld, w.q, a) })
 	b.noteGEMV(d, a, w)
 }
@@ -1181,11 +1179,7 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 			}
 			return c.AddRMSNormQuant(la.d.ptr, la.d.ld, la.a.ptr, la.a.ld, la.c.ptr, la.c.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
 		}}
-		if fast && d.rows == 1 {
-			b.noteEarlyNorm(la.idx, d, queuedOp{"add+rmsnorm", func(c *Ctx) error {
-				return c.rmsNormQuant8(true, 0, 0, la.d.ptr, la.d.ld, la.a.ptr, la.a.ld, la.c.ptr, la.c.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
-			}})
-		}
+
 		b.lastAdd = nil
 		if d.rows == 1 && b.counter.Ptr != 0 {
 			b.lastNorm = &normOp{idx: la.idx, flush: b.flushes, out: *d, touched: []tensor{la.d, la.a, la.c, *d},
@@ -1207,9 +1201,6 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 		})
 		if fast && d.rows == 1 {
 			b.noteNorm8(n, xm, d)
-			b.noteEarlyNorm(len(b.pending)-1, d, queuedOp{"rmsnorm", func(c *Ctx) error {
-				return c.rmsNormQuant8(true, xm.ptr, xm.ld, 0, 0, 0, 0, 0, 0, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
-			}})
 		}
 		if d.rows == 1 && b.counter.Ptr != 0 && b.err == nil {
 			b.lastNorm = &normOp{idx: len(b.pending) - 1, flush: b.flushes, out: *d, touched: []tensor{*xm, *d},

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"math/bits"
 	"os"
+	"slices"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -53,8 +54,8 @@ func headsQuantOK(heads, rows, k, G, qg int) bool {
 
 // GEMVHeadsQuant is GEMVHeads with the int8 form of y (one row of
 // heads*rows values in groups of q.G) written by the same launch, as
-// RMSNormQuant without a gain would write it; early as rmsNormQuant8's.
-func (c *Ctx) GEMVHeadsQuant(y uint64, w *QMatrix, a *QActs, heads, rows int, q *QActs, early bool) error {
+// RMSNormQuant without a gain would write it.
+func (c *Ctx) GEMVHeadsQuant(y uint64, w *QMatrix, a *QActs, heads, rows int, q *QActs) error {
 	k := w.K
 	switch {
 	case a.T != 1 || a.K != heads*k || a.G != w.G || w.N != heads*rows:
@@ -67,7 +68,7 @@ func (c *Ctx) GEMVHeadsQuant(y uint64, w *QMatrix, a *QActs, heads, rows int, q 
 		return err
 	}
 	return c.Launch(kern, D1(w.N/q.G), D1(4*q.G), 0, w.Codes, w.Scales, w.RowScale, k, bits.TrailingZeros(uint(w.G/32)),
-		a.Q, a.Scales, y, rows, q.G, q.Q, q.Scales, q.Sums, boolInt(early))
+		a.Q, a.Scales, y, rows, q.G, q.Q, q.Scales, q.Sums)
 }
 
 // norm8 is one single-row RMSNorm of rmsnorm_quant8 without a residual
@@ -80,9 +81,8 @@ type norm8 struct {
 }
 
 // RMSNormQuant8Pair runs two single-row norms (RMSNormQuant8 of one row
-// each, with a gain and an int8 form) in one launch; early as
-// rmsNormQuant8's.
-func (c *Ctx) RMSNormQuant8Pair(n1, n2 norm8, early bool) error {
+// each, with a gain and an int8 form) in one launch.
+func (c *Ctx) RMSNormQuant8Pair(n1, n2 norm8) error {
 	for _, n := range []norm8{n1, n2} {
 		if n.q == nil || n.q.T != 1 || n.gain == 0 || !rowNorm8(n.q.K, n.q.G, []uint64{n.x, n.gain, n.out}, nil) {
 			return fmt.Errorf("cuda: rmsnorm_quant8 pair: want a gain and activations of one row")
@@ -94,7 +94,7 @@ func (c *Ctx) RMSNormQuant8Pair(n1, n2 norm8, early bool) error {
 	}
 	return c.Launch(k, D1(2), D1(max(n1.q.K, n2.q.K)/8), 0,
 		n1.x, n1.gain, n1.eps, n1.out, n1.q.Q, n1.q.Scales, n1.q.Sums, n1.q.K, n1.q.G,
-		n2.x, n2.gain, n2.eps, n2.out, n2.q.Q, n2.q.Scales, n2.q.Sums, n2.q.K, n2.q.G, boolInt(early))
+		n2.x, n2.gain, n2.eps, n2.out, n2.q.Q, n2.q.Scales, n2.q.Sums, n2.q.K, n2.q.G)
 }
 
 // The backend's side: the ops are queued as usual and remembered; the
@@ -173,9 +173,7 @@ func (b *Backend) valuesQuant(x *tensor, w *weight) bool {
 		return false // the arena grew, which flushed the queued ops
 	}
 	y, wv, a, heads, rows := x.ptr, v.w, v.a, v.heads, v.rows
-	// The launch after is this single-token product.
-	early := earlyTrigger
-	b.pending[v.idx] = queuedOp{"expand values+quantize", func(c *Ctx) error { return c.GEMVHeadsQuant(y, wv, a, heads, rows, q, early) }}
+	b.pending[v.idx] = queuedOp{"expand values+quantize", func(c *Ctx) error { return c.GEMVHeadsQuant(y, wv, a, heads, rows, q) }}
 	b.rememberQuant(quantEntry{*x, q})
 	b.lastValues = nil
 	b.chainMerges[chainValues]++
@@ -197,7 +195,7 @@ func (b *Backend) noteValues(out *tensor, w *QMatrix, a *QActs, heads, rows int)
 // into other launches; with them on, norms are not paired.
 func (b *Backend) pairNorm(n norm8, x, out *tensor) bool {
 	p := b.lastNorm8
-	if !b.chained() || b.opts.FusedGEMV || b.opts.FusedLatent || p == nil || p.flush != b.flushes || p.paired {
+	if !b.chained() || b.latentMode != latentPair || b.opts.FusedGEMV || b.opts.FusedLatent || p == nil || p.flush != b.flushes || p.paired {
 		return false
 	}
 	switch len(b.pending) - 1 {
@@ -218,12 +216,8 @@ func (b *Backend) pairNorm(n norm8, x, out *tensor) bool {
 		return false
 	}
 	n1 := p.n
-	// With the product between them, the launch is followed by a product,
-	// which reads only weights before its wait.
-	early := earlyTrigger && len(b.pending)-1 == p.idx+1
-	b.pending[p.idx] = queuedOp{"rmsnorm pair", func(c *Ctx) error { return c.RMSNormQuant8Pair(n1, n, early) }}
+	b.pending[p.idx] = queuedOp{"rmsnorm pair", func(c *Ctx) error { return c.RMSNormQuant8Pair(n1, n) }}
 	p.paired = true
-	b.lastEarlyNorm = nil
 	b.chainMerges[chainNorms]++
 	return true
 }
@@ -242,7 +236,28 @@ const (
 	chainValues
 	chainNorms
 	chainRope
+	chainLatent
 )
+
+// Where the latent's norm goes (Backend.latentMode): into the q_a norm's
+// launch (latentPair), into the absorbed query's with the RoPE
+// (latentInAbsorb), or its own launch (latentApart). MEASUREMENT:
+// MMFP4_CUDA_LATENT=absorb|apart.
+const (
+	latentPair = iota
+	latentInAbsorb
+	latentApart
+)
+
+func latentModeEnv() int {
+	switch os.Getenv("MMFP4_CUDA_LATENT") {
+	case "absorb":
+		return latentInAbsorb
+	case "apart":
+		return latentApart
+	}
+	return latentPair
+}
 
 // ropeCacheOp is a rope2_cache_write launch queued as b.pending[idx]
 // (CacheWrite): RoPEs r1 (the queries') and r2 (the key's, in kpe) and the
@@ -285,51 +300,32 @@ func (b *Backend) absorbRope(ql, qm *tensor, w *QMatrix, s backend.MLAShape, gri
 	}
 	name := fmt.Sprintf("absorb_query_tc_rope_%d", s.NopeDim)
 	grid.Z++
-	b.pending[rc.idx] = queuedOp{"absorb query+rope+cache write", func(c *Ctx) error {
+	// The latent's norm queued just before the RoPEs goes in too
+	// (latentInAbsorb): its int8 form is then not made.
+	var nx, ngain uint64
+	var neps float32
+	idx, op := rc.idx, "absorb query+rope+cache write"
+	if n := b.lastNorm8; b.latentMode == latentInAbsorb && n != nil && n.flush == b.flushes && n.idx == idx-1 && !n.paired &&
+		n.out == rc.lat && n.n.q.K == s.Rank && !overlapsAny(&n.x, []tensor{*ql, r1.m, rc.kpe}) && !overlapsAny(&n.out, []tensor{*ql, r1.m, rc.kpe}) {
+		nx, ngain, neps = n.x.ptr, n.n.gain, n.n.eps
+		b.pending = slices.Delete(b.pending, n.idx, n.idx+1)
+		idx--
+		b.wrote(&n.out)
+		b.lastNorm8 = nil
+		op = "absorb query+rmsnorm+rope+cache write"
+		b.chainMerges[chainLatent]++
+	}
+	b.pending[idx] = queuedOp{op, func(c *Ctx) error {
 		k, err := c.kernelShared("absorb", name, shared)
 		if err != nil {
 			return err
 		}
 		return c.Launch(k, grid, D1(256), shared,
-			ql.ptr, ql.ld, qm.ptr, qm.ld, w.Codes, w.Scales, w.RowScale, w.G, s.Rank, s.RopeDim, T, s.Heads,
+			ql.ptr, ql.ld, qm.ptr, qm.ld, w.Codes, w.Scales, w.RowScale, w.G, s.Rank, s.RopeDim, T,
 			r1.m.ptr, r1.heads, r1.headStride, r1.offset, rc.kpe.ptr, rc.kpe.ld, r2.heads, r2.headStride, r2.offset, r2.dim, r2.il, r2.table,
-			rc.layer, rc.dtype, rc.slots, rc.lat.ptr, rc.lat.ld)
+			rc.layer, rc.dtype, rc.slots, rc.lat.ptr, rc.lat.ld, nx, ngain, neps)
 	}}
 	b.lastRopeCache = nil
 	b.chainMerges[chainRope]++
 	return true
-}
-
-// earlyTrigger: single-row norms whose next launch is a single-token product
-// of their output, and the value expansion with o_proj's input, let that
-// product launch at their start (MMFP4_CUDA_NORM_EARLY=1; MEASUREMENT ONLY).
-var earlyTrigger = os.Getenv("MMFP4_CUDA_NORM_EARLY") == "1"
-
-// earlyNorm is a single-row norm launch (rmsnorm_quant8, with or without
-// its residual add) queued as b.pending[idx], writing out; early queues it
-// again with the early trigger.
-type earlyNorm struct {
-	idx, flush int
-	out        tensor
-	early      queuedOp
-}
-
-// noteEarlyNorm remembers the norm launch just queued as pending[idx].
-func (b *Backend) noteEarlyNorm(idx int, out *tensor, early queuedOp) {
-	b.lastEarlyNorm = nil
-	if earlyTrigger && !b.opts.FusedGEMV && !b.opts.FusedRouter && !b.opts.FusedLatent && b.err == nil && idx >= 0 && idx < len(b.pending) {
-		b.lastEarlyNorm = &earlyNorm{idx: idx, flush: b.flushes, out: *out, early: early}
-	}
-}
-
-// triggerEarly lets the norm queued last, which wrote x, launch its
-// successor at its start, when that successor is a single-token product
-// of x (called just before it is queued).
-func (b *Backend) triggerEarly(x *tensor) {
-	e := b.lastEarlyNorm
-	if e == nil || e.flush != b.flushes || e.idx != len(b.pending)-1 || e.out != *x {
-		return
-	}
-	b.pending[e.idx] = e.early
-	b.lastEarlyNorm = nil
 }

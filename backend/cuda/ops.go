@@ -129,13 +129,6 @@ func rowNorm8(K, G int, ptrs []uint64, lds []int) bool {
 // RMSNormQuant8 is RMSNormQuant (with a gain and quantized output) or
 // AddRMSNormQuant (a != 0) on rows held in registers; see rowNorm8.
 func (c *Ctx) RMSNormQuant8(x uint64, ldx int, d uint64, ldd int, a uint64, lda int, cc uint64, ldc int, gain uint64, eps float32, out uint64, ldo int, rows, K, G int, q *QActs) error {
-	return c.rmsNormQuant8(false, x, ldx, d, ldd, a, lda, cc, ldc, gain, eps, out, ldo, rows, K, G, q)
-}
-
-// rmsNormQuant8 is RMSNormQuant8; early lets the next kernel launch at the
-// norm's start (programmatic dependent launch), for a successor that reads
-// only weights before its wait.
-func (c *Ctx) rmsNormQuant8(early bool, x uint64, ldx int, d uint64, ldd int, a uint64, lda int, cc uint64, ldc int, gain uint64, eps float32, out uint64, ldo int, rows, K, G int, q *QActs) error {
 	if q == nil || q.T != rows || q.K != K || q.G != G || gain == 0 {
 		return fmt.Errorf("cuda: rmsnorm_quant8: want a gain and activations %dx%d/%d", rows, K, G)
 	}
@@ -143,7 +136,7 @@ func (c *Ctx) rmsNormQuant8(early bool, x uint64, ldx int, d uint64, ldd int, a 
 	if err != nil {
 		return err
 	}
-	return c.Launch(k, D1(rows), D1(K/8), 0, x, ldx, d, ldd, a, lda, cc, ldc, gain, eps, out, ldo, q.Q, q.Scales, q.Sums, K, G, boolInt(early))
+	return c.Launch(k, D1(rows), D1(K/8), 0, x, ldx, d, ldd, a, lda, cc, ldc, gain, eps, out, ldo, q.Q, q.Scales, q.Sums, K, G)
 }
 
 // AddRMSNormQuant is d = a + c (rows of K floats) followed by
@@ -528,11 +521,4 @@ func (c *Ctx) Spin(cycles int64) error {
 		return err
 	}
 	return c.Launch(k, D1(1), D1(1), 0, uint64(cycles))
-}
-
-func boolInt(v bool) int {
-	if v {
-		return 1
-	}
-	return 0
 }

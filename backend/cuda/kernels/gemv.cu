@@ -75,16 +75,13 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS)
 // past the 16th adds an exact zero, so the half-warp's sum is that kernel's
 // value bit for bit. The block then quantizes its qg values as
 // rmsnorm_quant (without a gain) does: yq, ys and ysum as QActs of one row.
-// early: the next kernel (a product reading only weights before its wait)
-// may launch at once.
 extern "C" __global__ void __launch_bounds__(512)
     gemv_heads_quant(const u8* __restrict__ codes, const u8* __restrict__ scales,
                      const float* __restrict__ row_scale, int K, int gshift,
                      const i8* __restrict__ xq, const float* __restrict__ xs,
                      float* __restrict__ y, int rows, int qg, i8* __restrict__ yq,
-                     float* __restrict__ ys, i32* __restrict__ ysum, int early) {
+                     float* __restrict__ ys, i32* __restrict__ ysum) {
   PDL_LAUNCH();
-  if (early) PDL_TRIGGER();
   __shared__ float vals[128];
   const int lane = threadIdx.x & 31, sl = lane & 15;
   const int local = (threadIdx.x >> 5) * 8 + (lane >> 4) * 4;  // the half-warp's first row in the block

@@ -127,15 +127,8 @@ DEVICE double warp_sum_d(double v) {
     asm volatile("griddepcontrol.wait;" ::: "memory");             \
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory"); \
   } while (0)
-// PDL_TRIGGER lets the next kernel launch at once: for a kernel whose
-// successor reads nothing but weights before its own wait (a product after
-// a norm), so that the successor's weight loads overlap this kernel's
-// whole run. The successor then cannot assume that the kernel before this
-// one has finished when it starts.
-#define PDL_TRIGGER() asm volatile("griddepcontrol.launch_dependents;" ::: "memory")
 #else
 #define PDL_WAIT()
-#define PDL_TRIGGER()
 #endif
 #define PDL_LAUNCH()
 

@@ -114,10 +114,9 @@ extern "C" __global__ void __launch_bounds__(QUANT_THREADS)
 // the row is d = a + c first (stored), as add_rmsnorm_quant; else x. The
 // gain is loaded before waiting for the kernel before. Same values as
 // rmsnorm_quant but for the order of the float64 sum of squares. Every row
-// pointer and stride is 16-byte aligned. early: the next kernel may launch
-// at once (PDL_TRIGGER), for a successor that reads only weights before its
-// wait. rmsnorm_quant8_row is one block's work on row t; threads from K/8
-// on (whole warps) only take part in the block's barriers.
+// pointer and stride is 16-byte aligned. rmsnorm_quant8_row is one block's
+// work on row t; threads from K/8 on (whole warps) only take part in the
+// block's barriers.
 DEVICE void rmsnorm_quant8_row(const float* x, int ldx, float* d, int ldd, const float* a, int lda,
                                const float* c, int ldc, const float* __restrict__ gain, float eps,
                                float* out, int ldo, i8* __restrict__ xq, float* __restrict__ xs,
@@ -198,24 +197,22 @@ extern "C" __global__ void __launch_bounds__(1024)
     rmsnorm_quant8(const float* x, int ldx, float* d, int ldd, const float* a, int lda,
                    const float* c, int ldc, const float* __restrict__ gain, float eps, float* out,
                    int ldo, i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum,
-                   int K, int G, int early) {
+                   int K, int G) {
   PDL_LAUNCH();
-  if (early) PDL_TRIGGER();
   rmsnorm_quant8_row(x, ldx, d, ldd, a, lda, c, ldc, gain, eps, out, ldo, xq, xs, xsum, K, G, blockIdx.x);
 }
 
 // Two single-row norms of rmsnorm_quant8 (no residual add) in one launch,
 // block 0 the first, block 1 the second (the q_a norm and the latent's norm
 // of a decode layer, which both read the q_a/kv_a launch's outputs):
-// max(K1, K2)/8 threads; early as rmsnorm_quant8's.
+// max(K1, K2)/8 threads.
 extern "C" __global__ void __launch_bounds__(1024)
     rmsnorm_quant8_pair(const float* x1, const float* __restrict__ gain1, float eps1, float* out1,
                         i8* __restrict__ xq1, float* __restrict__ xs1, i32* __restrict__ xsum1,
                         int K1, int G1, const float* x2, const float* __restrict__ gain2,
                         float eps2, float* out2, i8* __restrict__ xq2, float* __restrict__ xs2,
-                        i32* __restrict__ xsum2, int K2, int G2, int early) {
+                        i32* __restrict__ xsum2, int K2, int G2) {
   PDL_LAUNCH();
-  if (early) PDL_TRIGGER();
   if (blockIdx.x == 0) {
     rmsnorm_quant8_row(x1, 0, nullptr, 0, nullptr, 0, nullptr, 0, gain1, eps1, out1, 0, xq1, xs1, xsum1, K1, G1, 0);
   } else {
