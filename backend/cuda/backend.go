@@ -40,8 +40,9 @@ type Options struct {
 	FusedGEMV, FusedRouter, FusedLatent bool
 	// SeparateChain keeps apart the ops that a single-token decode layer
 	// otherwise runs in shared launches (chain.go: q_a with kv_a, the
-	// value expansion with its output's quantization, the two norms of the
-	// attention's input; also MMFP4_CUDA_CHAIN=0).
+	// value expansion with its output's quantization, the q_a norm with the
+	// latent's norm, the RoPEs and cache write with the absorbed query;
+	// also MMFP4_CUDA_CHAIN=0).
 	SeparateChain bool
 	// NoPieces hands a step to the device whole at its first read-back
 	// instead of in pieces of a few layers (also MMFP4_CUDA_CHUNKS=0).
@@ -168,8 +169,7 @@ type Backend struct {
 	lastNorm8  *norm8Op
 	// lastRopeCache is the RoPE + cache write launch queued last.
 	lastRopeCache *ropeCacheOp
-	chainMerges   [5]int
-	latentMode    int
+	chainMerges   [4]int
 
 	steps *stepTimer // MMFP4_CUDA_STEPTIME=1
 	// pieces counts the pieces this step has gone to the device in.
@@ -285,7 +285,6 @@ func NewOnDevice(d *Device, o Options) *Backend {
 	if moeDownOld {
 		b.noRouterQuant = true // comparison runs: the MoE chain before these kernels
 	}
-	b.latentMode = latentModeEnv()
 	if os.Getenv("MMFP4_CUDA_CHAIN") == "0" {
 		b.opts.SeparateChain = true
 	}
@@ -1179,7 +1178,6 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 			}
 			return c.AddRMSNormQuant(la.d.ptr, la.d.ld, la.a.ptr, la.a.ld, la.c.ptr, la.c.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
 		}}
-
 		b.lastAdd = nil
 		if d.rows == 1 && b.counter.Ptr != 0 {
 			b.lastNorm = &normOp{idx: la.idx, flush: b.flushes, out: *d, touched: []tensor{la.d, la.a, la.c, *d},

@@ -5,8 +5,6 @@ package cuda
 import (
 	"fmt"
 	"math/bits"
-	"os"
-	"slices"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -195,7 +193,7 @@ func (b *Backend) noteValues(out *tensor, w *QMatrix, a *QActs, heads, rows int)
 // into other launches; with them on, norms are not paired.
 func (b *Backend) pairNorm(n norm8, x, out *tensor) bool {
 	p := b.lastNorm8
-	if !b.chained() || b.latentMode != latentPair || b.opts.FusedGEMV || b.opts.FusedLatent || p == nil || p.flush != b.flushes || p.paired {
+	if !b.chained() || b.opts.FusedGEMV || b.opts.FusedLatent || p == nil || p.flush != b.flushes || p.paired {
 		return false
 	}
 	switch len(b.pending) - 1 {
@@ -236,28 +234,7 @@ const (
 	chainValues
 	chainNorms
 	chainRope
-	chainLatent
 )
-
-// Where the latent's norm goes (Backend.latentMode): into the q_a norm's
-// launch (latentPair), into the absorbed query's with the RoPE
-// (latentInAbsorb), or its own launch (latentApart). MEASUREMENT:
-// MMFP4_CUDA_LATENT=absorb|apart.
-const (
-	latentPair = iota
-	latentInAbsorb
-	latentApart
-)
-
-func latentModeEnv() int {
-	switch os.Getenv("MMFP4_CUDA_LATENT") {
-	case "absorb":
-		return latentInAbsorb
-	case "apart":
-		return latentApart
-	}
-	return latentPair
-}
 
 // ropeCacheOp is a rope2_cache_write launch queued as b.pending[idx]
 // (CacheWrite): RoPEs r1 (the queries') and r2 (the key's, in kpe) and the
@@ -300,30 +277,15 @@ func (b *Backend) absorbRope(ql, qm *tensor, w *QMatrix, s backend.MLAShape, gri
 	}
 	name := fmt.Sprintf("absorb_query_tc_rope_%d", s.NopeDim)
 	grid.Z++
-	// The latent's norm queued just before the RoPEs goes in too
-	// (latentInAbsorb): its int8 form is then not made.
-	var nx, ngain uint64
-	var neps float32
-	idx, op := rc.idx, "absorb query+rope+cache write"
-	if n := b.lastNorm8; b.latentMode == latentInAbsorb && n != nil && n.flush == b.flushes && n.idx == idx-1 && !n.paired &&
-		n.out == rc.lat && n.n.q.K == s.Rank && !overlapsAny(&n.x, []tensor{*ql, r1.m, rc.kpe}) && !overlapsAny(&n.out, []tensor{*ql, r1.m, rc.kpe}) {
-		nx, ngain, neps = n.x.ptr, n.n.gain, n.n.eps
-		b.pending = slices.Delete(b.pending, n.idx, n.idx+1)
-		idx--
-		b.wrote(&n.out)
-		b.lastNorm8 = nil
-		op = "absorb query+rmsnorm+rope+cache write"
-		b.chainMerges[chainLatent]++
-	}
-	b.pending[idx] = queuedOp{op, func(c *Ctx) error {
+	b.pending[rc.idx] = queuedOp{"absorb query+rope+cache write", func(c *Ctx) error {
 		k, err := c.kernelShared("absorb", name, shared)
 		if err != nil {
 			return err
 		}
 		return c.Launch(k, grid, D1(256), shared,
-			ql.ptr, ql.ld, qm.ptr, qm.ld, w.Codes, w.Scales, w.RowScale, w.G, s.Rank, s.RopeDim, T,
+			ql.ptr, ql.ld, qm.ptr, qm.ld, w.Codes, w.Scales, w.RowScale, w.G, s.Rank, s.RopeDim, T, s.Heads,
 			r1.m.ptr, r1.heads, r1.headStride, r1.offset, rc.kpe.ptr, rc.kpe.ld, r2.heads, r2.headStride, r2.offset, r2.dim, r2.il, r2.table,
-			rc.layer, rc.dtype, rc.slots, rc.lat.ptr, rc.lat.ld, nx, ngain, neps)
+			rc.layer, rc.dtype, rc.slots, rc.lat.ptr, rc.lat.ld)
 	}}
 	b.lastRopeCache = nil
 	b.chainMerges[chainRope]++

@@ -7,7 +7,6 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"strings"
 	"testing"
 
 	"github.com/mmfp4/mmfp4/backend"
@@ -59,9 +58,8 @@ func TestChainLaunchesMatchSeparate(t *testing.T) {
 	} {
 		t.Run(fmt.Sprintf("hidden%d_nope%d_G%d_uv%d_o%d", c.hidden, c.nope, c.G, c.uvG, c.oG), func(t *testing.T) {
 			const pos = 37
-			run := func(o Options, mode int) (map[string][]float32, map[string][]byte, *Backend) {
+			run := func(o Options) (map[string][]float32, map[string][]byte, *Backend) {
 				g, _ := testBackends(t, o)
-				g.latentMode = mode
 				r := rand.New(rand.NewPCG(41, uint64(c.hidden+c.G+c.uvG+c.oG)))
 				qh := func(name string, n, k, G int) backend.Weight { return mustWeight(t, g, quantHost(t, r, name, n, k, G)) }
 				vec := func(name string, k int) backend.Weight {
@@ -86,9 +84,6 @@ func TestChainLaunchesMatchSeparate(t *testing.T) {
 				latent, v, out := g.NewTensor(1, c.rank), g.NewTensor(1, c.heads*c.vdim), g.NewTensor(1, c.hidden)
 				qlat := g.NewTensor(1, c.heads*c.rank)
 				sh := backend.MLAShape{Heads: c.heads, NopeDim: c.nope, RopeDim: 64, Rank: c.rank, VDim: c.vdim}
-				// The step's RoPE table comes with its first RoPE (an upload,
-				// in a decode step before the first layer's latent norm).
-				g.RoPE(g.NewTensor(1, 64), 1, 64, 0, 64, 1e6, true)
 				// The decode layer's order (glm4moelite.Model.attention).
 				g.MatMul(qaOut, h, qa)
 				g.MatMul(kv, h, kva)
@@ -109,53 +104,40 @@ func TestChainLaunchesMatchSeparate(t *testing.T) {
 				cp := pool.(*cachePool)
 				rec := make([]byte, cp.layerBytes)
 				g.now("read cache", func(c *Ctx) error { return CopyOut(c, rec, cp.layer(0)) })
-				forms := map[string][]byte{"qa": quantForm(t, g, qaOut, groupFor(c.qRank)), "v": quantForm(t, g, v, c.oG), "cache": rec}
-				if mode != latentInAbsorb {
-					// (There the latent's int8 form is not made.)
-					forms["latent"] = quantForm(t, g, latent, groupFor(c.rank))
+				forms := map[string][]byte{
+					"qa": quantForm(t, g, qaOut, groupFor(c.qRank)), "latent": quantForm(t, g, latent, groupFor(c.rank)), "v": quantForm(t, g, v, c.oG),
+					"cache": rec,
 				}
 				if err := g.Sync(); err != nil {
 					t.Fatal(err)
 				}
 				return got, forms, g
 			}
-			want, wantForms, _ := run(Options{SeparateChain: true}, latentPair)
-			for _, mode := range []int{latentPair, latentInAbsorb} {
-				got, gotForms, g := run(Options{}, mode)
-				merges := [5]int{c.merges[0], c.merges[1], c.merges[2], c.merges[3], 0}
-				if mode == latentInAbsorb {
-					merges[chainNorms] = 0
-					if c.rank%256 == 0 {
-						merges[chainLatent] = merges[chainRope]
+			want, wantForms, _ := run(Options{SeparateChain: true})
+			got, gotForms, g := run(Options{})
+			if g.chainMerges != c.merges {
+				t.Errorf("merged launches %v (pairs, values, norms, absorbed queries with the RoPE), want %v", g.chainMerges, c.merges)
+			}
+			for name, w := range want {
+				nonzero := 0
+				for i := range w {
+					if got[name][i] != w[i] {
+						t.Fatalf("%s[%d] = %v shared, %v separate", name, i, got[name][i], w[i])
+					}
+					if w[i] != 0 {
+						nonzero++
 					}
 				}
-				if g.chainMerges != merges {
-					t.Errorf("latent mode %d: merged launches %v (pairs, values, norms, absorbed queries with the RoPE, and with the latent's norm), want %v", mode, g.chainMerges, merges)
+				if nonzero < len(w)/2 {
+					t.Errorf("%s: %d of %d values nonzero", name, nonzero, len(w))
 				}
-				for name, w := range want {
-					nonzero := 0
-					for i := range w {
-						if got[name][i] != w[i] {
-							t.Fatalf("%s[%d] = %v shared, %v separate", name, i, got[name][i], w[i])
-						}
-						if w[i] != 0 {
-							nonzero++
-						}
-					}
-					if nonzero < len(w)/2 {
-						t.Errorf("%s: %d of %d values nonzero", name, nonzero, len(w))
-					}
+			}
+			for name, w := range wantForms {
+				if w == nil || gotForms[name] == nil {
+					t.Fatalf("%s: no int8 form (separate %v, shared %v)", name, w != nil, gotForms[name] != nil)
 				}
-				for name, w := range wantForms {
-					if name == "latent" && mode == latentInAbsorb {
-						continue
-					}
-					if w == nil || gotForms[name] == nil {
-						t.Fatalf("%s: no int8 form (separate %v, shared %v)", name, w != nil, gotForms[name] != nil)
-					}
-					if !bytes.Equal(gotForms[name], w) {
-						t.Fatalf("%s: int8 forms differ at byte %d", name, firstDiff(gotForms[name], w))
-					}
+				if !bytes.Equal(gotForms[name], w) {
+					t.Fatalf("%s: int8 forms differ at byte %d", name, firstDiff(gotForms[name], w))
 				}
 			}
 		})
@@ -262,24 +244,15 @@ func (b *chainBufs) queueChain(c *Ctx, l *pdlLayer, merged int) error {
 	} else {
 		errs = append(errs, c.GEMV(b.qa, s.qRank, l.qa, b.hq, GEMVSplit), c.GEMV(b.kv, s.kvRows, l.kva, b.hq, GEMVSplit))
 	}
-	latInAbsorb := on(chainLatent) && on(chainRope)
-	switch {
-	case on(chainNorms):
+	if on(chainNorms) {
 		errs = append(errs, c.RMSNormQuant8Pair(qaNorm, latNorm), c.GEMV(b.q, qRows, l.qb, b.qaq, GEMVSplit))
-	case latInAbsorb:
-		errs = append(errs, norm(qaNorm), c.GEMV(b.q, qRows, l.qb, b.qaq, GEMVSplit))
-	default:
+	} else {
 		errs = append(errs, norm(qaNorm), c.GEMV(b.q, qRows, l.qb, b.qaq, GEMVSplit), norm(latNorm))
 	}
 	if on(chainRope) {
 		grid.Z++
-		args := append(append(absorbArgs, ropeArgs[:1]...), ropeArgs[2:]...)
+		args := append(append(append(absorbArgs, s.heads), ropeArgs[:1]...), ropeArgs[2:]...)
 		args = append(args, b.cache, 0, b.slots, b.lat, s.rank)
-		if latInAbsorb {
-			args = append(args, b.kv, b.latGain, float32(eps))
-		} else {
-			args = append(args, uint64(0), uint64(0), float32(0))
-		}
 		errs = append(errs, c.Launch(absorb, grid, D1(256), shared, args...))
 	} else {
 		errs = append(errs,
@@ -297,9 +270,7 @@ func (b *chainBufs) queueChain(c *Ctx, l *pdlLayer, merged int) error {
 	return errors.Join(errs...)
 }
 
-// chainAll sets the merges of queueChain with the latent's norm in the
-// q_a norm's launch (1<<chainLatent instead of 1<<chainNorms puts it in the
-// absorbed query's).
+// chainAll sets every merge of queueChain.
 const chainAll = 1<<chainPair | 1<<chainValues | 1<<chainNorms | 1<<chainRope
 
 // outputs adds the latent, its int8 form and the cache to pdlBufs'.
@@ -327,8 +298,7 @@ func (b *chainBufs) outputs(c *Ctx) (map[string][]byte, error) {
 // the launches of chain.go shared gives the bytes of the separate launches
 // (every float row, int8 form and the cache), replayed from a graph with
 // programmatic dependent launch (where the device has it) and launched
-// one by one without; also with the latent's norm in the absorbed query's
-// launch instead of the q_a norm's.
+// one by one without.
 func TestChainLayerMatchesSeparate(t *testing.T) {
 	d := testDevice(t)
 	r := testRand(t)
@@ -384,19 +354,14 @@ func TestChainLayerMatchesSeparate(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		for _, merged := range []int{chainAll, chainAll&^(1<<chainNorms) | 1<<chainLatent} {
-			for _, graphed := range []bool{false, true} {
-				got, err := run(merged, graphed)
-				if err != nil {
-					return err
-				}
-				for name, w := range want {
-					if merged&(1<<chainLatent) != 0 && strings.HasPrefix(name, "latq") {
-						continue // the latent's int8 form is not made there
-					}
-					if i := firstDiff(w, got[name]); i >= 0 {
-						t.Errorf("%s, shared launches %05b (graph %v): byte %d of %d differs from the separate launches", name, merged, graphed, i, len(w))
-					}
+		for _, graphed := range []bool{false, true} {
+			got, err := run(chainAll, graphed)
+			if err != nil {
+				return err
+			}
+			for name, w := range want {
+				if i := firstDiff(w, got[name]); i >= 0 {
+					t.Errorf("%s, shared launches (graph %v): byte %d of %d differs from the separate launches", name, graphed, i, len(w))
 				}
 			}
 		}
@@ -436,7 +401,7 @@ func BenchmarkChainLayer(b *testing.B) {
 		}
 		name := c.Info().Name
 		for round := 0; round < 2; round++ {
-			for _, merged := range []int{0, chainAll, chainAll &^ (1 << chainNorms), chainAll&^(1<<chainNorms) | 1<<chainLatent} {
+			for _, merged := range []int{0, chainAll, chainAll &^ (1 << chainPair), chainAll &^ (1 << chainValues), chainAll &^ (1 << chainNorms), chainAll &^ (1 << chainRope)} {
 				err := withPDL(c, c.info.CC >= 90, func() error {
 					g, release, err := capturedPDL(c, func() error {
 						for _, l := range ls {
@@ -454,7 +419,7 @@ func BenchmarkChainLayer(b *testing.B) {
 					if err != nil {
 						return err
 					}
-					b.Logf("%s: round %d: shared launches %05b (latent-in-absorb rope norms values pair) %6.2f us a layer (PDL %v)", name, round, merged, us/layers, c.pdl)
+					b.Logf("%s: round %d: shared launches %04b (rope norms values pair) %6.2f us a layer (PDL %v)", name, round, merged, us/layers, c.pdl)
 					return nil
 				})
 				if err != nil {

@@ -121,7 +121,7 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
                       int rope) {
   PDL_LAUNCH();
   rope2_cache_write_row(q, ldq, qheads, qstride, qoffset, kpe, ldk, kheads, kstride, koffset, dim, interleaved, cs, T,
-                        layer, dtype, slots, lat, ldl, rank, rope, blockIdx.x, true, nullptr, nullptr, 0.f, nullptr);
+                        layer, dtype, slots, lat, ldl, rank, rope, blockIdx.x, true);
 }
 
 // rope2_cache_write for one row with the latent's RMSNorm first: out =

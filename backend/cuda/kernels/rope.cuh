@@ -38,16 +38,12 @@ DEVICE void rope_row(float* x, int ldx, int heads, int head_stride, int offset, 
 
 // The work of rope2_cache_write (ops.cu) on row t: both RoPEs, then the
 // cache write of the latent and the rotated key. Threads from ROPE_THREADS
-// on, or all with on false, only take part in the block's barriers. With
-// nx (one row, t = 0), the latent is first the RMSNorm of nx's rank values
-// with ngain and neps, written to nout (lat's row), in rmsnorm_quant8's
-// order (rank a multiple of 256; its int8 form is not made).
+// on, or all with on false, only take part in the block's barriers.
 DEVICE void rope2_cache_write_row(float* q, int ldq, int qheads, int qstride, int qoffset, float* kpe,
                                   int ldk, int kheads, int kstride, int koffset, int dim,
                                   int interleaved, const float* __restrict__ cs, int T, void* layer,
                                   int dtype, const i32* __restrict__ slots, const float* lat, int ldl,
-                                  int rank, int rope, int t, bool on, const float* nx,
-                                  const float* __restrict__ ngain, float neps, float* nout) {
+                                  int rank, int rope, int t, bool on) {
   // The table row and the slot come from uploads before the step's
   // kernels: they are loaded before waiting for the kernel before, into
   // registers (a store here would stall on the load), and staged after.
@@ -62,35 +58,6 @@ DEVICE void rope2_cache_write_row(float* q, int ldq, int qheads, int qstride, in
   }
   const size_t slot = on ? (size_t)slots[t] : 0;
   PDL_WAIT();
-  if (nx) {
-    // Thread j*ROPE_THREADS + tid of rmsnorm_quant8 holds values 8i..8i+7.
-    __shared__ double npart[32];
-    __shared__ float ninv;
-    const int warp = tid >> 5, lane = tid & 31, V = rank >> 3;
-    if (on) {
-      for (int j = 0; j * ROPE_THREADS + warp * 32 < V; j++) {
-        const int k0 = (j * ROPE_THREADS + tid) * 8;
-        const float4 x0 = *(const float4*)(nx + k0), x1 = *(const float4*)(nx + k0 + 4);
-        const float v[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
-        double ss = 0;
-#pragma unroll
-        for (int e = 0; e < 8; e++) ss += (double)v[e] * (double)v[e];
-        ss = warp_sum_d(ss);
-        if (lane == 0) npart[j * (ROPE_THREADS / 32) + warp] = ss;
-      }
-    }
-    __syncthreads();
-    if (on && tid == 0) {
-      double total = 0;
-      for (int w = 0; w < (rank >> 8); w++) total += npart[w];
-      ninv = (float)(1.0 / sqrt(total / rank + (double)neps));
-    }
-    __syncthreads();
-    if (on) {
-      const float inv = ninv;
-      for (int k = tid; k < rank; k += ROPE_THREADS) nout[k] = ngain[k] * (nx[k] * inv);
-    }
-  }
   if (staged) {
     if (on && tid < half) {
       tab[tid] = c0;
