@@ -38,6 +38,12 @@ type Options struct {
 	// latent's norm in the RoPE and cache write launch
 	// (MMFP4_CUDA_FUSE_LATENT=1).
 	FusedGEMV, FusedRouter, FusedLatent bool
+	// SeparateChain keeps apart the ops that a single-token decode layer
+	// otherwise runs in shared launches (chain.go: q_a with kv_a, the
+	// value expansion with its output's quantization, the q_a norm with the
+	// latent's norm, the RoPEs and cache write with the absorbed query;
+	// also MMFP4_CUDA_CHAIN=0).
+	SeparateChain bool
 	// NoPieces hands a step to the device whole at its first read-back
 	// instead of in pieces of a few layers (also MMFP4_CUDA_CHUNKS=0).
 	NoPieces bool
@@ -167,6 +173,15 @@ type Backend struct {
 	fusedPairs    int
 	fusedRouters  int
 	fusedLatent   int
+	// lastGEMV, lastValues and lastNorm8 are the single-token product,
+	// value expansion and single-row norm queued last, which the op after
+	// may join (chain.go); chainMerges counts the joins by kind (tests).
+	lastGEMV   *gemvOp
+	lastValues *valuesOp
+	lastNorm8  *norm8Op
+	// lastRopeCache is the RoPE + cache write launch queued last.
+	lastRopeCache *ropeCacheOp
+	chainMerges   [4]int
 
 	steps *stepTimer // MMFP4_CUDA_STEPTIME=1
 	// pieces counts the pieces this step has gone to the device in.
@@ -281,6 +296,9 @@ func NewOnDevice(d *Device, o Options) *Backend {
 	}
 	if moeDownOld {
 		b.noRouterQuant = true // comparison runs: the MoE chain before these kernels
+	}
+	if os.Getenv("MMFP4_CUDA_CHAIN") == "0" {
+		b.opts.SeparateChain = true
 	}
 	if os.Getenv("MMFP4_CUDA_CHUNKS") == "0" {
 		b.opts.NoPieces = true
@@ -1124,6 +1142,7 @@ func (b *Backend) MatMul(dst, x backend.Tensor, wt backend.Weight) {
 		}
 		return
 	}
+	b.valuesQuant(xm, w)
 	a := b.quantize(xm, w.q.G)
 	if b.streamProduct(d, a, w) {
 		return
@@ -1132,7 +1151,11 @@ func (b *Backend) MatMul(dst, x backend.Tensor, wt backend.Weight) {
 		b.do(b.opName("matmul", w), func(c *Ctx) error { return c.GEMM(d.ptr, d.ld, w.q, a, GEMMTileAuto) })
 		return
 	}
+	if b.pairProduct(d, a, w) {
+		return
+	}
 	b.do(b.opName("matmul", w), func(c *Ctx) error { return c.GEMVRows(d.ptr, d.ld, w.q, a) })
+	b.noteGEMV(d, a, w)
 }
 
 // opName is op, with the weight's shape when profiling.
@@ -1206,12 +1229,21 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 		}
 	} else {
 		fast := rowNorm8(d.cols, G, []uint64{xm.ptr, g.dense, d.ptr}, []int{xm.ld, d.ld})
+		n := norm8{x: xm.ptr, out: d.ptr, gain: g.dense, eps: eps, q: a}
+		if fast && d.rows == 1 && b.pairNorm(n, xm, d) {
+			// In the launch of the norm queued before (chain.go).
+			b.rememberQuant(quantEntry{*d, a})
+			return
+		}
 		b.do("rmsnorm", func(c *Ctx) error {
 			if fast {
 				return c.RMSNormQuant8(xm.ptr, xm.ld, 0, 0, 0, 0, 0, 0, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
 			}
 			return c.RMSNormQuant(xm.ptr, xm.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
 		})
+		if fast && d.rows == 1 {
+			b.noteNorm8(n, xm, d)
+		}
 		if d.rows == 1 && b.counter.Ptr != 0 && b.err == nil {
 			b.lastNorm = &normOp{idx: len(b.pending) - 1, flush: b.flushes, out: *d, touched: []tensor{*xm, *d},
 				in: FusedIn{Mode: fuseNorm, X: xm.ptr, Gain: g.dense, Eps: eps, Out: d.ptr, Q: a, Layout8: fast, Counter: b.counter.Ptr}}
@@ -1420,6 +1452,7 @@ func (b *Backend) CacheWrite(layer int, latent, kpe backend.Tensor) {
 		b.launch("rope+cache write", "ops", "rope2_cache_write", D1(lm.rows), D1(256),
 			q.ptr, q.ld, r1.heads, r1.headStride, r1.offset, km.ptr, km.ld, r2.heads, r2.headStride, r2.offset, r2.dim, r2.il, r2.table, lm.rows,
 			p.layer(layer), p.kernelDType(), b.meta.slots, lm.ptr, lm.ld, p.rank, p.ropeDim)
+		b.noteRopeCache(r1, r2, km, lm, p.layer(layer), b.meta.slots, p.kernelDType(), p.rank, p.ropeDim)
 		return
 	}
 	if p.dtype == backend.CacheFP8 {
@@ -1633,6 +1666,7 @@ func (b *Backend) ExpandValues(out, olat backend.Tensor, wUV backend.Weight, s b
 		}
 		a := b.quantize(ol, w.q.G)
 		b.do("expand values", func(c *Ctx) error { return c.GEMVHeads(om.ptr, w.q, a, s.Heads, s.VDim) })
+		b.noteValues(om, w.q, a, s.Heads, s.VDim)
 		return
 	}
 	if w.q != nil && ol.rows >= 2 && s.Rank%w.q.G == 0 && GEMMFits(s.Rank, w.q.G) {

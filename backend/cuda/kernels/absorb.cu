@@ -229,3 +229,30 @@ __device__ __forceinline__ void absorb_query_tc(float* __restrict__ qlat, int ld
   }
 ABSORB_TC(128)
 ABSORB_TC(192)
+
+// absorb_query_tc with the RoPEs and the cache write of rope2_cache_write
+// (rope.cuh) in blocks of an extra head slice, blockIdx.z = heads: block
+// (x, 0, heads) does row x (T at most rank/AT_N). They share nothing with
+// the absorbed query, which reads q's first DN columns of each head and
+// writes qlat, while the RoPE rotates q's columns [qoffset, qoffset + dim)
+// of each head (qoffset >= DN) and kpe, and stores lat and kpe in the cache:
+// one launch less in a decode layer, each block computing what it computes
+// in its own launch. rq is q for the RoPE (written; q is read-only here).
+#define ABSORB_TC_ROPE(DN)                                                                                        \
+  extern "C" __global__ void __launch_bounds__(256, 2) absorb_query_tc_rope_##DN(                               \
+      float* __restrict__ qlat, int ldql, const float* __restrict__ q, int ldq, const u8* __restrict__ codes,   \
+      const u8* __restrict__ scales, const float* __restrict__ row_scale, int G, int rank, int dr, int T,        \
+      int heads, float* rq, int qheads, int qstride, int qoffset, float* kpe, int ldk, int kheads, int kstride,  \
+      int koffset, int dim, int interleaved, const float* __restrict__ cs, void* layer, int dtype,               \
+      const i32* __restrict__ slots, const float* lat, int ldl) {                                               \
+    if ((int)blockIdx.z == heads) {                                                                              \
+      PDL_LAUNCH();                                                                                              \
+      rope2_cache_write_row(rq, ldq, qheads, qstride, qoffset, kpe, ldk, kheads, kstride, koffset, dim,          \
+                            interleaved, cs, T, layer, dtype, slots, lat, ldl, rank, dr, blockIdx.x,             \
+                            blockIdx.y == 0 && (int)blockIdx.x < T);                                             \
+      return;                                                                                                    \
+    }                                                                                                            \
+    absorb_query_tc<DN>(qlat, ldql, q, ldq, codes, scales, row_scale, G, rank, dr, T);                          \
+  }
+ABSORB_TC_ROPE(128)
+ABSORB_TC_ROPE(192)

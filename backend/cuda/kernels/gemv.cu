@@ -39,6 +39,122 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS)
   gemv_rows<1, 4, true>(codes, scales, row_scale, N, K, gshift, xq + h * K, xs + h * (C >> gshift),
                         xsum + h * C, y, N, warp * 4);
 }
+
+// Two products of one token's quantized row in one launch (q_a and kv_a of
+// a decode layer read the same input): blocks [0, ceil(N1/16)) take matrix
+// 1's rows into y1, the rest matrix 2's into y2, each block exactly as
+// gemv_split_t1 would (the same values, bit for bit). Both matrices have K
+// columns in groups of the same size.
+extern "C" __global__ void __launch_bounds__(32 * WARPS)
+    gemv_split_pair(const u8* __restrict__ codes1, const u8* __restrict__ scales1,
+                    const float* __restrict__ rs1, int N1, float* __restrict__ y1,
+                    const u8* __restrict__ codes2, const u8* __restrict__ scales2,
+                    const float* __restrict__ rs2, int N2, float* __restrict__ y2, int K,
+                    int gshift, const i8* __restrict__ xq, const float* __restrict__ xs,
+                    const i32* __restrict__ xsum) {
+  PDL_LAUNCH();
+  const int nb1 = (N1 + WARPS * 4 - 1) / (WARPS * 4);
+  const bool second = (int)blockIdx.x >= nb1;
+  const int N = second ? N2 : N1;
+  const int warp = ((int)blockIdx.x - (second ? nb1 : 0)) * WARPS + (threadIdx.x >> 5);
+  if (warp * 4 >= N) return;
+  if (second) {
+    gemv_rows<1, 4, true>(codes2, scales2, rs2, N2, K, gshift, xq, xs, xsum, y2, N2, warp * 4);
+  } else {
+    gemv_rows<1, 4, true>(codes1, scales1, rs1, N1, K, gshift, xq, xs, xsum, y1, N1, warp * 4);
+  }
+}
+
+// gemv_split_heads for rows of at most 512 columns (K/32 <= 16 chunks) with
+// the int8 quantization of its output (docs/format.md section 9) in the
+// same launch, for the product that reads it (o_proj after the value
+// expansion). A block owns qg consecutive rows, one group of the output's
+// quantization (qg = 32, 64 or 128; qg*4 threads): half-warp j takes rows
+// 4j..4j+3 of the block (one head: rows % 4 == 0), lane l of the half chunk
+// l of each. With at most 16 chunks a row, every lane of gemv_split_heads
+// past the 16th adds an exact zero, so the half-warp's sum is that kernel's
+// value bit for bit. The block then quantizes its qg values as
+// rmsnorm_quant (without a gain) does: yq, ys and ysum as QActs of one row.
+extern "C" __global__ void __launch_bounds__(512)
+    gemv_heads_quant(const u8* __restrict__ codes, const u8* __restrict__ scales,
+                     const float* __restrict__ row_scale, int K, int gshift,
+                     const i8* __restrict__ xq, const float* __restrict__ xs,
+                     float* __restrict__ y, int rows, int qg, i8* __restrict__ yq,
+                     float* __restrict__ ys, i32* __restrict__ ysum) {
+  PDL_LAUNCH();
+  __shared__ float vals[128];
+  const int lane = threadIdx.x & 31, sl = lane & 15;
+  const int local = (threadIdx.x >> 5) * 8 + (lane >> 4) * 4;  // the half-warp's first row in the block
+  const int row0 = blockIdx.x * qg + local;
+  const int C = K >> 5, GK = C >> gshift;
+  const size_t h = (size_t)(row0 / rows);
+  const bool on = sl < C;
+  uint4 w[4];
+  u32 s[4];
+  if (on) {
+#pragma unroll
+    for (int r = 0; r < 4; r++) w[r] = load_stream16(codes + (size_t)(row0 + r) * (K / 2) + sl * 16);
+#pragma unroll
+    for (int r = 0; r < 4; r++) s[r] = __ldg(scales + (size_t)(row0 + r) * GK + (sl >> gshift));
+  }
+  PDL_WAIT();
+  float out[4] = {0.f, 0.f, 0.f, 0.f};
+  if (on) {
+    const uint4* xp = (const uint4*)(xq + h * K + sl * 32);
+    const uint4 xa = __ldg(xp), xb = __ldg(xp + 1);
+    const float xscale = __ldg(xs + h * GK + (sl >> gshift));
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      const uint4 q = w[r];
+      i32 d = 0, neg = 0;
+      dot8_split(q.x, xa.x, xa.y, d, neg);
+      dot8_split(q.y, xa.z, xa.w, d, neg);
+      dot8_split(q.z, xb.x, xb.y, d, neg);
+      dot8_split(q.w, xb.z, xb.w, d, neg);
+      d -= neg;
+      out[r] += (float)d * (e4m3(s[r]) * xscale);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 4; r++)
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) out[r] += __shfl_xor_sync(0xffffffffu, out[r], o);
+#pragma unroll
+  for (int r = 0; r < 4; r++) {
+    if (sl == r) {
+      const float v = out[r] * (row_scale[row0 + r] * 0.5f);
+      y[row0 + r] = v;
+      vals[local + r] = v;
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x >= 32) return;
+  // One warp over the group, lane l holding E = qg/32 consecutive values.
+  const int E = qg >> 5, k0 = lane * E;
+  float v[4];
+  float amax = 0.f;
+#pragma unroll
+  for (int e = 0; e < 4; e++) {
+    if (e < E) {
+      v[e] = vals[k0 + e];
+      amax = fmaxf(amax, fabsf(v[e]));
+    }
+  }
+  amax = warp_max(amax);
+  const float scale = amax / 127.f;
+  i32 sum = 0;
+#pragma unroll
+  for (int e = 0; e < 4; e++) {
+    if (e < E) {
+      const i32 q = quant8(v[e], amax, scale);
+      yq[(size_t)blockIdx.x * qg + k0 + e] = (i8)q;
+      sum += q;
+    }
+  }
+  for (int o = 1; o < 32 / E; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if ((lane & (32 / E - 1)) == 0) ysum[((size_t)blockIdx.x * qg + k0) / 32] = sum;
+  if (lane == 0) ys[blockIdx.x] = amax == 0.f ? 0.f : scale;
+}
 GEMV_KERNEL(gemv_t1, 1, 4, false)
 GEMV_KERNEL(gemv_t2, 2, 4, false)
 GEMV_KERNEL(gemv_t3, 3, 4, false)

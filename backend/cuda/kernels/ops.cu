@@ -46,29 +46,6 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     d[(size_t)t * ldd + i] = __fmul_rn(silu_ref(g[(size_t)t * ldg + i]), u[(size_t)t * ldu + i]);
 }
 
-// Rotates, in place, dims [offset, offset+dim) of each head of row t with
-// the host-computed table cs: cos [T][dim/2] then sin [T][dim/2]. The
-// products are rounded separately (no fused multiply-add), as in Go.
-DEVICE void rope_row_cs(float* x, int ldx, int heads, int head_stride, int offset, int dim,
-                        int interleaved, const float* c, const float* s, int t) {
-  const int half = dim / 2;
-  for (int j = threadIdx.x; j < heads * half; j += OPS_THREADS) {
-    const int h = j / half, i = j % half;
-    float* v = x + (size_t)t * ldx + h * head_stride + offset;
-    const int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
-    const float x0 = v[a], x1 = v[b];
-    v[a] = __fsub_rn(__fmul_rn(x0, c[i]), __fmul_rn(x1, s[i]));
-    v[b] = __fadd_rn(__fmul_rn(x1, c[i]), __fmul_rn(x0, s[i]));
-  }
-}
-
-DEVICE void rope_row(float* x, int ldx, int heads, int head_stride, int offset, int dim,
-                     int interleaved, const float* __restrict__ cs, int T, int t) {
-  const int half = dim / 2;
-  rope_row_cs(x, ldx, heads, head_stride, offset, dim, interleaved, cs + (size_t)t * half,
-              cs + (size_t)T * half + (size_t)t * half, t);
-}
-
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     rope_rows(float* x, int ldx, int heads, int head_stride, int offset, int dim, int interleaved,
               const float* __restrict__ cs, int T) {
@@ -87,14 +64,6 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
   for (int k = threadIdx.x; k < cols; k += OPS_THREADS) d[(size_t)i * ldd + k] = src[k];
 }
 
-// Float32 to bfloat16, round half to even, NaN kept quiet (as
-// safetensors.Float32ToBF16).
-DEVICE unsigned short f32_to_bf16(float f) {
-  u32 b = __float_as_uint(f);
-  if (f != f) return (unsigned short)((b >> 16) | 0x0040);
-  b += 0x7FFFu + ((b >> 16) & 1u);
-  return (unsigned short)(b >> 16);
-}
 DEVICE float bf16_to_f32(unsigned short h) { return __uint_as_float((u32)h << 16); }
 
 // Cache element j of slot: f32 (dtype 1), bf16 (dtype 0), or fp8 (dtype 2:
@@ -142,7 +111,8 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
 
 // Two RoPEs of the same table (the queries' heads in q, the shared key in
 // kpe) and the cache write of the latent and the rotated key, for row t,
-// in one launch (bf16 or f32 cache): rope_rows twice, then cache_write.
+// in one launch (bf16 or f32 cache): rope_rows twice, then cache_write
+// (rope2_cache_write_row, rope.cuh).
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     rope2_cache_write(float* q, int ldq, int qheads, int qstride, int qoffset, float* kpe, int ldk,
                       int kheads, int kstride, int koffset, int dim, int interleaved,
@@ -150,39 +120,8 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
                       const i32* __restrict__ slots, const float* lat, int ldl, int rank,
                       int rope) {
   PDL_LAUNCH();
-  // The table row and the slot come from uploads before the step's
-  // kernels: they are loaded before waiting for the kernel before, into
-  // registers (a store here would stall on the load), and staged after.
-  __shared__ float tab[2 * OPS_THREADS];
-  const int t = blockIdx.x, width = rank + rope, half = dim / 2, tid = threadIdx.x;
-  const bool staged = half <= OPS_THREADS;
-  float c0 = 0.f, s0 = 0.f;
-  if (staged && tid < half) {
-    c0 = cs[(size_t)t * half + tid];
-    s0 = cs[(size_t)T * half + (size_t)t * half + tid];
-  }
-  const size_t slot = (size_t)slots[t];
-  PDL_WAIT();
-  if (staged) {
-    if (tid < half) {
-      tab[tid] = c0;
-      tab[OPS_THREADS + tid] = s0;
-    }
-    __syncthreads();
-    rope_row_cs(q, ldq, qheads, qstride, qoffset, dim, interleaved, tab, tab + OPS_THREADS, t);
-    rope_row_cs(kpe, ldk, kheads, kstride, koffset, dim, interleaved, tab, tab + OPS_THREADS, t);
-  } else {
-    rope_row(q, ldq, qheads, qstride, qoffset, dim, interleaved, cs, T, t);
-    rope_row(kpe, ldk, kheads, kstride, koffset, dim, interleaved, cs, T, t);
-  }
-  __syncthreads();
-  for (int j = threadIdx.x; j < width; j += OPS_THREADS) {
-    const float v = j < rank ? lat[(size_t)t * ldl + j] : kpe[(size_t)t * ldk + j - rank];
-    if (dtype == 1)
-      ((float*)layer)[slot * width + j] = v;
-    else
-      ((unsigned short*)layer)[slot * width + j] = f32_to_bf16(v);
-  }
+  rope2_cache_write_row(q, ldq, qheads, qstride, qoffset, kpe, ldk, kheads, kstride, koffset, dim, interleaved, cs, T,
+                        layer, dtype, slots, lat, ldl, rank, rope, blockIdx.x, true);
 }
 
 // rope2_cache_write for one row with the latent's RMSNorm first: out =

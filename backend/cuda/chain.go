@@ -1,0 +1,293 @@
+//go:build linux || darwin || freebsd || netbsd
+
+package cuda
+
+import (
+	"fmt"
+	"math/bits"
+
+	"github.com/mmfp4/mmfp4/backend"
+)
+
+// Fewer dependent launches in a batch-1 decode layer: at one token a
+// layer's device time is mostly a chain of small launches, each waiting
+// for the one before. Four pairs of ops that do not depend on each other
+// share a launch, each block computing what the separate launch computes,
+// bit for bit:
+//   - two products of one quantized row (q_a and kv_a): GEMVPair;
+//   - the value expansion and the int8 form of its output, for the product
+//     that reads it (o_proj): GEMVHeadsQuant, each block owning whole
+//     quantization groups of the output;
+//   - two single-row norms with no dependency between them (the q_a norm
+//     and the latent's norm, with q_b's product queued between them, which
+//     reads neither the second norm's input nor output): RMSNormQuant8Pair;
+//   - the RoPEs and cache write before the absorbed query, and the absorbed
+//     query (absorb_query_tc_rope).
+// Options.SeparateChain (MMFP4_CUDA_CHAIN=0) turns them off.
+
+// GEMVPair computes y1 = W1 x and y2 = W2 x for one token's quantized row a
+// in one launch (gemv_split_t1's values, bit for bit).
+func (c *Ctx) GEMVPair(y1 uint64, w1 *QMatrix, y2 uint64, w2 *QMatrix, a *QActs) error {
+	if a.T != 1 || a.K != w1.K || a.K != w2.K || a.G != w1.G || a.G != w2.G {
+		return fmt.Errorf("cuda: gemv pair: activations %dx%d G=%d, weights [%d,%d] G=%d and [%d,%d] G=%d", a.T, a.K, a.G, w1.N, w1.K, w1.G, w2.N, w2.K, w2.G)
+	}
+	k, err := c.Kernel("gemv", "gemv_split_pair")
+	if err != nil {
+		return err
+	}
+	nb := (w1.N+gemvRowsPerBlock-1)/gemvRowsPerBlock + (w2.N+gemvRowsPerBlock-1)/gemvRowsPerBlock
+	return c.Launch(k, D1(nb), D1(128), 0, w1.Codes, w1.Scales, w1.RowScale, w1.N, y1, w2.Codes, w2.Scales, w2.RowScale, w2.N, y2,
+		w1.K, bits.TrailingZeros(uint(w1.G/32)), a.Q, a.Scales, a.Sums)
+}
+
+// headsQuantMaxK bounds the columns of gemv_heads_quant's rows (16 chunks
+// of 32: a half-warp a row).
+const headsQuantMaxK = 512
+
+// headsQuantOK reports whether GEMVHeadsQuant takes heads products of rows
+// x k weights in groups of G whose output is quantized in groups of qg.
+func headsQuantOK(heads, rows, k, G, qg int) bool {
+	return k <= headsQuantMaxK && k%G == 0 && rows%gemvRowsPerWarp == 0 && (qg == 32 || qg == 64 || qg == 128) && (heads*rows)%qg == 0
+}
+
+// GEMVHeadsQuant is GEMVHeads with the int8 form of y (one row of
+// heads*rows values in groups of q.G) written by the same launch, as
+// RMSNormQuant without a gain would write it.
+func (c *Ctx) GEMVHeadsQuant(y uint64, w *QMatrix, a *QActs, heads, rows int, q *QActs) error {
+	k := w.K
+	switch {
+	case a.T != 1 || a.K != heads*k || a.G != w.G || w.N != heads*rows:
+		return fmt.Errorf("cuda: gemv heads quant: activations %dx%d G=%d for %d heads of [%d,%d] G=%d", a.T, a.K, a.G, heads, rows, k, w.G)
+	case q.T != 1 || q.K != w.N || !headsQuantOK(heads, rows, k, w.G, q.G):
+		return fmt.Errorf("cuda: gemv heads quant: output form %dx%d G=%d for %d heads of %d rows of %d columns", q.T, q.K, q.G, heads, rows, k)
+	}
+	kern, err := c.Kernel("gemv", "gemv_heads_quant")
+	if err != nil {
+		return err
+	}
+	return c.Launch(kern, D1(w.N/q.G), D1(4*q.G), 0, w.Codes, w.Scales, w.RowScale, k, bits.TrailingZeros(uint(w.G/32)),
+		a.Q, a.Scales, y, rows, q.G, q.Q, q.Scales, q.Sums)
+}
+
+// norm8 is one single-row RMSNorm of rmsnorm_quant8 without a residual
+// add: out = gain * norm(x), and its int8 form q.
+type norm8 struct {
+	x, out uint64
+	gain   uint64
+	eps    float32
+	q      *QActs
+}
+
+// RMSNormQuant8Pair runs two single-row norms (RMSNormQuant8 of one row
+// each, with a gain and an int8 form) in one launch.
+func (c *Ctx) RMSNormQuant8Pair(n1, n2 norm8) error {
+	for _, n := range []norm8{n1, n2} {
+		if n.q == nil || n.q.T != 1 || n.gain == 0 || !rowNorm8(n.q.K, n.q.G, []uint64{n.x, n.gain, n.out}, nil) {
+			return fmt.Errorf("cuda: rmsnorm_quant8 pair: want a gain and activations of one row")
+		}
+	}
+	k, err := c.Kernel("quant", "rmsnorm_quant8_pair")
+	if err != nil {
+		return err
+	}
+	return c.Launch(k, D1(2), D1(max(n1.q.K, n2.q.K)/8), 0,
+		n1.x, n1.gain, n1.eps, n1.out, n1.q.Q, n1.q.Scales, n1.q.Sums, n1.q.K, n1.q.G,
+		n2.x, n2.gain, n2.eps, n2.out, n2.q.Q, n2.q.Scales, n2.q.Sums, n2.q.K, n2.q.G)
+}
+
+// The backend's side: the ops are queued as usual and remembered; the
+// next op, when it can share the launch, replaces the queued one.
+
+// gemvOp is a single-token product queued as b.pending[idx]: y = w a.
+type gemvOp struct {
+	idx, flush int
+	a          *QActs
+	w          *QMatrix
+	out        []tensor // its outputs (two once paired)
+}
+
+// valuesOp is a single-token value expansion queued as b.pending[idx].
+type valuesOp struct {
+	idx, flush  int
+	out         tensor
+	w           *QMatrix
+	a           *QActs
+	heads, rows int
+}
+
+// norm8Op is a single-row RMSNorm queued as b.pending[idx].
+type norm8Op struct {
+	idx, flush int
+	n          norm8
+	x, out     tensor
+	paired     bool
+}
+
+// chained reports whether the batch-1 launch merges are on.
+func (b *Backend) chained() bool { return !b.opts.SeparateChain }
+
+// pairProduct queues d = w a for one token in the launch of the product
+// queued just before it, when that one read the same quantized row, and
+// reports whether it did.
+func (b *Backend) pairProduct(d *tensor, a *QActs, w *weight) bool {
+	g := b.lastGEMV
+	if !b.chained() || g == nil || g.flush != b.flushes || g.idx != len(b.pending)-1 || len(g.out) != 1 || g.a != a ||
+		d.rows != 1 || a.T != 1 || g.w.K != w.q.K || g.w.G != w.q.G || overlaps(d, &g.out[0]) {
+		return false
+	}
+	w1, w2, y1, y2 := g.w, w.q, g.out[0].ptr, d.ptr
+	b.pending[g.idx] = queuedOp{b.pairName(w1, w2), func(c *Ctx) error { return c.GEMVPair(y1, w1, y2, w2, a) }}
+	g.out = append(g.out, *d)
+	b.chainMerges[chainPair]++
+	return true
+}
+
+func (b *Backend) pairName(w1, w2 *QMatrix) string {
+	if b.prof == nil {
+		return "matmul pair"
+	}
+	return fmt.Sprintf("matmul pair mmfp4 %dx%d+%dx%d", w1.N, w1.K, w2.N, w2.K)
+}
+
+// noteGEMV remembers a single-token product just queued (pairProduct).
+func (b *Backend) noteGEMV(d *tensor, a *QActs, w *weight) {
+	b.lastGEMV = nil
+	if b.err == nil && len(b.pending) > 0 && d.rows == 1 && a.T == 1 {
+		b.lastGEMV = &gemvOp{idx: len(b.pending) - 1, flush: b.flushes, a: a, w: w.q, out: []tensor{*d}}
+	}
+}
+
+// valuesQuant makes the int8 form of x, in groups of w's G, in the launch
+// of the value expansion queued just before, which wrote x, and reports
+// whether it did (the form is then remembered for x's products).
+func (b *Backend) valuesQuant(x *tensor, w *weight) bool {
+	v := b.lastValues
+	if !b.chained() || v == nil || v.flush != b.flushes || v.idx != len(b.pending)-1 || v.out != *x || w.q == nil ||
+		!headsQuantOK(v.heads, v.rows, v.w.K, v.w.G, w.q.G) {
+		return false
+	}
+	q := b.quantizeInto(x, w.q.G)
+	if v.flush != b.flushes || v.idx != len(b.pending)-1 {
+		return false // the arena grew, which flushed the queued ops
+	}
+	y, wv, a, heads, rows := x.ptr, v.w, v.a, v.heads, v.rows
+	b.pending[v.idx] = queuedOp{"expand values+quantize", func(c *Ctx) error { return c.GEMVHeadsQuant(y, wv, a, heads, rows, q) }}
+	b.rememberQuant(quantEntry{*x, q})
+	b.lastValues = nil
+	b.chainMerges[chainValues]++
+	return true
+}
+
+// noteValues remembers a single-token value expansion just queued.
+func (b *Backend) noteValues(out *tensor, w *QMatrix, a *QActs, heads, rows int) {
+	b.lastValues = nil
+	if b.err == nil && len(b.pending) > 0 {
+		b.lastValues = &valuesOp{idx: len(b.pending) - 1, flush: b.flushes, out: *out, w: w, a: a, heads: heads, rows: rows}
+	}
+}
+
+// pairNorm queues the single-row norm n (of x into out) in the launch of
+// the single-row norm queued before it, when only a single-token product
+// that neither writes x or out nor reads out lies between them, and reports
+// whether it did. The fused-product and fused-latent paths take norms
+// into other launches; with them on, norms are not paired.
+func (b *Backend) pairNorm(n norm8, x, out *tensor) bool {
+	p := b.lastNorm8
+	if !b.chained() || b.opts.FusedGEMV || b.opts.FusedLatent || p == nil || p.flush != b.flushes || p.paired {
+		return false
+	}
+	switch len(b.pending) - 1 {
+	case p.idx:
+	case p.idx + 1:
+		// The one op between: a product of one token, which reads only its
+		// quantized row (never x or out: those are float tensors).
+		g := b.lastGEMV
+		if g == nil || g.flush != b.flushes || g.idx != p.idx+1 || overlapsAny(x, g.out) || overlapsAny(out, g.out) {
+			return false
+		}
+	default:
+		return false
+	}
+	// This norm must not read what the first writes, nor write what it
+	// reads or writes.
+	if overlaps(x, &p.out) || overlaps(out, &p.x) || overlaps(out, &p.out) {
+		return false
+	}
+	n1 := p.n
+	b.pending[p.idx] = queuedOp{"rmsnorm pair", func(c *Ctx) error { return c.RMSNormQuant8Pair(n1, n) }}
+	p.paired = true
+	b.chainMerges[chainNorms]++
+	return true
+}
+
+// noteNorm8 remembers a single-row norm just queued (pairNorm).
+func (b *Backend) noteNorm8(n norm8, x, out *tensor) {
+	b.lastNorm8 = nil
+	if b.err == nil && len(b.pending) > 0 {
+		b.lastNorm8 = &norm8Op{idx: len(b.pending) - 1, flush: b.flushes, n: n, x: *x, out: *out}
+	}
+}
+
+// Kinds of chainMerges.
+const (
+	chainPair = iota
+	chainValues
+	chainNorms
+	chainRope
+)
+
+// ropeCacheOp is a rope2_cache_write launch queued as b.pending[idx]
+// (CacheWrite): RoPEs r1 (the queries') and r2 (the key's, in kpe) and the
+// cache write of lat and kpe.
+type ropeCacheOp struct {
+	idx, flush   int
+	r1, r2       ropeOp
+	kpe, lat     tensor
+	layer, slots uint64
+	dtype        int
+	rank, rope   int
+}
+
+// noteRopeCache remembers a rope2_cache_write launch just queued.
+func (b *Backend) noteRopeCache(r1, r2 *ropeOp, kpe, lat *tensor, layer, slots uint64, dtype, rank, rope int) {
+	b.lastRopeCache = nil
+	if b.err == nil && len(b.pending) > 0 {
+		b.lastRopeCache = &ropeCacheOp{idx: len(b.pending) - 1, flush: b.flushes, r1: *r1, r2: *r2, kpe: *kpe, lat: *lat,
+			layer: layer, slots: slots, dtype: dtype, rank: rank, rope: rope}
+	}
+}
+
+// absorbRope queues the tensor-core absorbed query of qm into ql with the
+// RoPE and cache write queued just before it in one launch
+// (absorb_query_tc_rope), and reports whether it did: the RoPE must rotate
+// qm's columns after each head's first NopeDim (which the absorbed query
+// reads), and nothing either writes may overlap what the other reads or
+// writes. One row (the kernel takes up to rank/128 rows, a block of the
+// extra head slice each; only one is tested).
+func (b *Backend) absorbRope(ql, qm *tensor, w *QMatrix, s backend.MLAShape, grid Dim, shared int) bool {
+	rc := b.lastRopeCache
+	if !b.chained() || rc == nil || rc.flush != b.flushes || rc.idx != len(b.pending)-1 {
+		return false
+	}
+	r1, r2 := rc.r1, rc.r2
+	T := ql.rows
+	if T != 1 || r1.m != *qm || rc.lat.rows != T || grid.Y != 1 || r1.headStride != s.NopeDim+s.RopeDim || r1.offset < s.NopeDim ||
+		r1.offset+r1.dim > r1.headStride || rc.rank != s.Rank || rc.rope != s.RopeDim || overlapsAny(ql, []tensor{*qm, rc.kpe, rc.lat}) {
+		return false
+	}
+	name := fmt.Sprintf("absorb_query_tc_rope_%d", s.NopeDim)
+	grid.Z++
+	b.pending[rc.idx] = queuedOp{"absorb query+rope+cache write", func(c *Ctx) error {
+		k, err := c.kernelShared("absorb", name, shared)
+		if err != nil {
+			return err
+		}
+		return c.Launch(k, grid, D1(256), shared,
+			ql.ptr, ql.ld, qm.ptr, qm.ld, w.Codes, w.Scales, w.RowScale, w.G, s.Rank, s.RopeDim, T, s.Heads,
+			r1.m.ptr, r1.heads, r1.headStride, r1.offset, rc.kpe.ptr, rc.kpe.ld, r2.heads, r2.headStride, r2.offset, r2.dim, r2.il, r2.table,
+			rc.layer, rc.dtype, rc.slots, rc.lat.ptr, rc.lat.ld)
+	}}
+	b.lastRopeCache = nil
+	b.chainMerges[chainRope]++
+	return true
+}

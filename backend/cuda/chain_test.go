@@ -1,0 +1,435 @@
+//go:build linux || darwin || freebsd || netbsd
+
+package cuda
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/mmfp4/mmfp4/backend"
+)
+
+// quantForm reads back the int8 form (codes, scales, sums) the backend
+// remembers for x in groups of G, or nil.
+func quantForm(t *testing.T, g *Backend, x backend.Tensor, G int) []byte {
+	t.Helper()
+	for _, e := range g.quantized {
+		if e.src == *asTensor(x) && e.a.G == G {
+			a := e.a
+			q, s, sums := make([]byte, a.T*a.K), make([]byte, 4*a.T*a.K/a.G), make([]byte, 4*a.T*a.K/32)
+			g.now("read int8 form", func(c *Ctx) error {
+				if err := CopyOut(c, q, a.Q); err != nil {
+					return err
+				}
+				if err := CopyOut(c, s, a.Scales); err != nil {
+					return err
+				}
+				return CopyOut(c, sums, a.Sums)
+			})
+			return append(append(q, s...), sums...)
+		}
+	}
+	return nil
+}
+
+// The shared launches of a single-token decode layer (chain.go) compute
+// what the separate launches compute, bit for bit: q_a and kv_a of one
+// input, the q_a norm and the latent's norm around q_b, the RoPEs and
+// cache write with the absorbed query (also the cache's bytes, bf16 and
+// f32), the value expansion with the int8 form of its output in o_proj's
+// groups (also those int8 forms' bytes), at GLM-4.7-Flash's attention shapes with
+// groups of 128 and of 32 and 64, and at a shape whose norms are not
+// paired (rmsnorm_quant8 does not take 352 or 96 columns), nor where q_b
+// quantizes its input again (groups of 32, the norms' of 128).
+func TestChainLaunchesMatchSeparate(t *testing.T) {
+	for _, c := range []struct {
+		hidden, qRank, heads, nope, rank, vdim int
+		G, uvG, oG                             int
+		dtype                                  backend.CacheDType
+		merges                                 [4]int // pairs, values, norms, absorbed queries with the RoPE
+	}{
+		{2048, 768, 20, 192, 512, 256, 128, 128, 128, backend.CacheBF16, [4]int{1, 1, 1, 1}},
+		{2048, 768, 20, 128, 512, 256, 32, 64, 32, backend.CacheF32, [4]int{1, 1, 0, 1}}, // q_b quantizes the q_a norm again: no pair of norms
+		{2048, 768, 20, 192, 512, 256, 128, 32, 64, backend.CacheBF16, [4]int{1, 1, 1, 1}},
+		{1056, 352, 3, 128, 96, 32, 32, 32, 32, backend.CacheBF16, [4]int{1, 1, 0, 0}}, // rank 96: no tensor-core absorbed query
+	} {
+		t.Run(fmt.Sprintf("hidden%d_nope%d_G%d_uv%d_o%d", c.hidden, c.nope, c.G, c.uvG, c.oG), func(t *testing.T) {
+			const pos = 37
+			run := func(o Options) (map[string][]float32, map[string][]byte, *Backend) {
+				g, _ := testBackends(t, o)
+				r := rand.New(rand.NewPCG(41, uint64(c.hidden+c.G+c.uvG+c.oG)))
+				qh := func(name string, n, k, G int) backend.Weight { return mustWeight(t, g, quantHost(t, r, name, n, k, G)) }
+				vec := func(name string, k int) backend.Weight {
+					return mustWeight(t, g, backend.HostWeight{Name: name, N: 1, K: k, Dense: randVec(r, k, 1)})
+				}
+				qa, kva, qb := qh("q_a", c.qRank, c.hidden, c.G), qh("kv_a", c.rank+64, c.hidden, c.G), qh("q_b", c.heads*(c.nope+64), c.qRank, c.G)
+				uv, ow := qh("uv", c.heads*c.vdim, c.rank, c.uvG), qh("o", c.hidden, c.heads*c.vdim, c.oG)
+				uk := qh("uk", c.heads*c.nope, c.rank, c.G)
+				qaNorm, kvNorm := vec("qa_norm", c.qRank), vec("kv_norm", c.rank)
+				pool, err := g.NewCachePool(1, 4, 16, c.rank, 64, c.dtype)
+				if err != nil {
+					t.Fatal(err)
+				}
+				tensor := func(cols int, scale float64) backend.Tensor {
+					x := g.NewTensor(1, cols)
+					g.Upload(x, randVec(r, cols, scale))
+					return x
+				}
+				g.SetBatch(simpleBatch(1, pos), pool)
+				h, olat := tensor(c.hidden, 1), tensor(c.heads*c.rank, 0.3)
+				qaOut, kv, q := g.NewTensor(1, c.qRank), g.NewTensor(1, c.rank+64), g.NewTensor(1, c.heads*(c.nope+64))
+				latent, v, out := g.NewTensor(1, c.rank), g.NewTensor(1, c.heads*c.vdim), g.NewTensor(1, c.hidden)
+				qlat := g.NewTensor(1, c.heads*c.rank)
+				sh := backend.MLAShape{Heads: c.heads, NopeDim: c.nope, RopeDim: 64, Rank: c.rank, VDim: c.vdim}
+				// The decode layer's order (glm4moelite.Model.attention).
+				g.MatMul(qaOut, h, qa)
+				g.MatMul(kv, h, kva)
+				g.RMSNorm(qaOut, qaOut, qaNorm, 1e-6)
+				g.MatMul(q, qaOut, qb)
+				g.RMSNorm(latent, g.Cols(kv, 0, c.rank), kvNorm, 1e-6)
+				kpe := g.Cols(kv, c.rank, c.rank+64)
+				g.RoPE(q, c.heads, c.nope+64, c.nope, 64, 1e6, true)
+				g.RoPE(kpe, 1, 64, 0, 64, 1e6, true)
+				g.CacheWrite(0, latent, kpe)
+				g.AbsorbQuery(qlat, q, uk, sh)
+				g.ExpandValues(v, olat, uv, sh)
+				g.MatMul(out, v, ow)
+				got := map[string][]float32{}
+				for name, x := range map[string]backend.Tensor{"qa": qaOut, "kv": kv, "q": q, "latent": latent, "qlat": qlat, "v": v, "out": out} {
+					got[name] = g.Download(x)
+				}
+				cp := pool.(*cachePool)
+				rec := make([]byte, cp.layerBytes)
+				g.now("read cache", func(c *Ctx) error { return CopyOut(c, rec, cp.layer(0)) })
+				forms := map[string][]byte{
+					"qa": quantForm(t, g, qaOut, groupFor(c.qRank)), "latent": quantForm(t, g, latent, groupFor(c.rank)), "v": quantForm(t, g, v, c.oG),
+					"cache": rec,
+				}
+				if err := g.Sync(); err != nil {
+					t.Fatal(err)
+				}
+				return got, forms, g
+			}
+			want, wantForms, _ := run(Options{SeparateChain: true})
+			got, gotForms, g := run(Options{})
+			if g.chainMerges != c.merges {
+				t.Errorf("merged launches %v (pairs, values, norms, absorbed queries with the RoPE), want %v", g.chainMerges, c.merges)
+			}
+			for name, w := range want {
+				nonzero := 0
+				for i := range w {
+					if got[name][i] != w[i] {
+						t.Fatalf("%s[%d] = %v shared, %v separate", name, i, got[name][i], w[i])
+					}
+					if w[i] != 0 {
+						nonzero++
+					}
+				}
+				if nonzero < len(w)/2 {
+					t.Errorf("%s: %d of %d values nonzero", name, nonzero, len(w))
+				}
+			}
+			for name, w := range wantForms {
+				if w == nil || gotForms[name] == nil {
+					t.Fatalf("%s: no int8 form (separate %v, shared %v)", name, w != nil, gotForms[name] != nil)
+				}
+				if !bytes.Equal(gotForms[name], w) {
+					t.Fatalf("%s: int8 forms differ at byte %d", name, firstDiff(gotForms[name], w))
+				}
+			}
+		})
+	}
+}
+
+// Decode steps of the MMFP4 fixture give the same logits with the shared
+// launches as without, bit for bit (its q_a/kv_a pairs and value
+// expansions; its 128-column norms are not paired, and its 32 nope columns
+// take the CUDA-core absorbed query, which has no RoPE form).
+func TestChainDecodeMatchesSeparate(t *testing.T) {
+	dir := quantizedFixture(t)
+	ref := loadGolden(t)
+	const steps = 24
+	decode := func(o Options) ([]float32, *Backend) {
+		g, _ := testBackends(t, o)
+		return greedyLogits(t, loadOn(t, dir, g), ref.prompt, steps, backend.CacheF32), g
+	}
+	want, _ := decode(Options{SeparateChain: true})
+	got, g := decode(Options{})
+	t.Logf("merged launches (pairs, values, norms, absorbed queries with the RoPE): %v", g.chainMerges)
+	if g.chainMerges[chainPair] == 0 || g.chainMerges[chainValues] == 0 {
+		t.Errorf("merged launches %v: want pairs and values", g.chainMerges)
+	}
+	for i := range want {
+		if got[i] != want[i] {
+			t.Fatalf("logit %d (step %d): %v shared, %v separate", i, i/(len(want)/(steps+1)), got[i], want[i])
+		}
+	}
+}
+
+// chainBufs adds to pdlBufs what the latent's half of the chain needs: the
+// latent row and its int8 form, its norm's gain, one layer of a bf16 cache
+// with the row's slot, and a RoPE table.
+type chainBufs struct {
+	*pdlBufs
+	lat, latGain, cache, slots, table uint64
+	latq                              *QActs
+}
+
+const chainSlot = 5
+
+func newChainBufs(c *Ctx, r *rand.Rand, s pdlShape) (*chainBufs, error) {
+	pb, err := newPDLBufs(c, r, s)
+	if err != nil {
+		return nil, err
+	}
+	b := &chainBufs{pdlBufs: pb}
+	var errs []error
+	up := func(v []float32) uint64 {
+		buf, err := upload(c, v)
+		errs = append(errs, err)
+		return buf.Ptr
+	}
+	b.lat, b.latGain, b.table = up(make([]float32, s.rank)), up(randVec(r, s.rank, 1)), up(randVec(r, s.rope, 1))
+	cache, err := c.Alloc(2 * (s.rank + s.rope) * 8)
+	errs = append(errs, err, c.Memset(cache.Ptr, 0, cache.Size))
+	b.cache = cache.Ptr
+	slots, err := c.Alloc(4)
+	errs = append(errs, err, CopyIn(c, slots.Ptr, []int32{chainSlot}))
+	b.slots = slots.Ptr
+	b.latq, err = c.NewQActs(1, s.rank, s.G)
+	errs = append(errs, err)
+	return b, errors.Join(errs...)
+}
+
+// queueChain launches the attention half of one decode layer as the
+// backend's batch-1 path does, with the launches of chain.go shared where
+// merged has bit 1<<kind (chainPair, ...) set, else apart: the residual
+// add and norm, q_a and kv_a, the q_a norm, q_b, the latent's norm, the
+// RoPEs and cache write, the absorbed query, the quantization of the
+// (stand-in) attention output, the value expansion, the quantization of v
+// and o_proj. 12 launches all apart, 8 all shared.
+func (b *chainBufs) queueChain(c *Ctx, l *pdlLayer, merged int) error {
+	s := b.s
+	const eps = 1e-5
+	on := func(kind int) bool { return merged&(1<<kind) != 0 }
+	qRows := s.heads * (s.nope + s.rope)
+	kpe := b.kv + 4*uint64(s.rank)
+	shared := absorbTCShared(s.nope)
+	name := fmt.Sprintf("absorb_query_tc_%d", s.nope)
+	if on(chainRope) {
+		name = fmt.Sprintf("absorb_query_tc_rope_%d", s.nope)
+	}
+	absorb, err := c.kernelShared("absorb", name, shared)
+	if err != nil {
+		return err
+	}
+	ropeCache, err := c.Kernel("ops", "rope2_cache_write")
+	if err != nil {
+		return err
+	}
+	grid := Dim{uint32(s.rank / absorbTCN), 1, uint32(s.heads)}
+	absorbArgs := []any{b.qlat, s.heads * s.rank, b.q, qRows, l.uk.Codes, l.uk.Scales, l.uk.RowScale, s.G, s.rank, s.rope, 1}
+	ropeArgs := []any{b.q, qRows, s.heads, s.nope + s.rope, s.nope, kpe, s.kvRows, 1, s.rope, 0, s.rope, 1, b.table}
+	qaNorm := norm8{x: b.qa, out: b.qa, gain: l.g2, eps: eps, q: b.qaq}
+	latNorm := norm8{x: b.kv, out: b.lat, gain: b.latGain, eps: eps, q: b.latq}
+	norm := func(n norm8) error {
+		return c.RMSNormQuant8(n.x, n.q.K, 0, 0, 0, 0, 0, 0, n.gain, n.eps, n.out, n.q.K, 1, n.q.K, s.G, n.q)
+	}
+	errs := []error{c.RMSNormQuant8(0, 0, b.d, s.hidden, b.d, s.hidden, b.c, s.hidden, l.g1, eps, b.h, s.hidden, 1, s.hidden, s.G, b.hq)}
+	if on(chainPair) {
+		errs = append(errs, c.GEMVPair(b.qa, l.qa, b.kv, l.kva, b.hq))
+	} else {
+		errs = append(errs, c.GEMV(b.qa, s.qRank, l.qa, b.hq, GEMVSplit), c.GEMV(b.kv, s.kvRows, l.kva, b.hq, GEMVSplit))
+	}
+	if on(chainNorms) {
+		errs = append(errs, c.RMSNormQuant8Pair(qaNorm, latNorm), c.GEMV(b.q, qRows, l.qb, b.qaq, GEMVSplit))
+	} else {
+		errs = append(errs, norm(qaNorm), c.GEMV(b.q, qRows, l.qb, b.qaq, GEMVSplit), norm(latNorm))
+	}
+	if on(chainRope) {
+		grid.Z++
+		args := append(append(append(absorbArgs, s.heads), ropeArgs[:1]...), ropeArgs[2:]...)
+		args = append(args, b.cache, 0, b.slots, b.lat, s.rank)
+		errs = append(errs, c.Launch(absorb, grid, D1(256), shared, args...))
+	} else {
+		errs = append(errs,
+			c.Launch(ropeCache, D1(1), D1(256), 0, append(append(ropeArgs, 1), b.cache, 0, b.slots, b.lat, s.rank, s.rank, s.rope)...),
+			c.Launch(absorb, grid, D1(256), shared, absorbArgs...))
+	}
+	errs = append(errs, c.RMSNormQuant(b.qlat, s.heads*s.rank, 0, 0, 0, 0, 1, s.heads*s.rank, s.G, b.olq))
+	if on(chainValues) {
+		errs = append(errs, c.GEMVHeadsQuant(b.v, l.uv, b.olq, s.heads, s.vDim, b.vq))
+	} else {
+		errs = append(errs, c.GEMVHeads(b.v, l.uv, b.olq, s.heads, s.vDim),
+			c.RMSNormQuant(b.v, s.heads*s.vDim, 0, 0, 0, 0, 1, s.heads*s.vDim, s.G, b.vq))
+	}
+	errs = append(errs, c.GEMV(b.c, s.hidden, l.o, b.vq, GEMVSplit))
+	return errors.Join(errs...)
+}
+
+// chainAll sets every merge of queueChain.
+const chainAll = 1<<chainPair | 1<<chainValues | 1<<chainNorms | 1<<chainRope
+
+// outputs adds the latent, its int8 form and the cache to pdlBufs'.
+func (b *chainBufs) outputs(c *Ctx) (map[string][]byte, error) {
+	out, err := b.pdlBufs.outputs(c)
+	if err != nil {
+		return nil, err
+	}
+	s := b.s
+	for name, v := range map[string]struct {
+		p uint64
+		n int
+	}{"lat": {b.lat, 4 * s.rank}, "latq.q": {b.latq.Q, s.rank}, "latq.s": {b.latq.Scales, 4 * s.rank / s.G}, "latq.sum": {b.latq.Sums, 4 * s.rank / 32},
+		"cache": {b.cache, 2 * (s.rank + s.rope) * 8}} {
+		buf := make([]byte, v.n)
+		if err := CopyOut(c, buf, v.p); err != nil {
+			return nil, err
+		}
+		out[name] = buf
+	}
+	return out, nil
+}
+
+// The attention half of three decode layers at GLM-4.7-Flash's shapes with
+// the launches of chain.go shared gives the bytes of the separate launches
+// (every float row, int8 form and the cache), replayed from a graph with
+// programmatic dependent launch (where the device has it) and launched
+// one by one without.
+func TestChainLayerMatchesSeparate(t *testing.T) {
+	d := testDevice(t)
+	r := testRand(t)
+	const layers = 3
+	err := d.Do(func(c *Ctx) error {
+		b, err := newChainBufs(c, r, glmShape)
+		if err != nil {
+			return err
+		}
+		ls, err := newPDLLayers(c, r, glmShape, layers)
+		if err != nil {
+			return err
+		}
+		seed := r.Uint64()
+		run := func(merged int, graphed bool) (map[string][]byte, error) {
+			if err := errors.Join(b.reset(c, rand.New(rand.NewPCG(seed, 3))), c.Memset(b.cache, 0, 2*(glmShape.rank+glmShape.rope)*8),
+				poison(c, b.lat, 4*glmShape.rank), poison(c, b.v, 4*glmShape.heads*glmShape.vDim), poison(c, b.vq.Q, glmShape.heads*glmShape.vDim)); err != nil {
+				return nil, err
+			}
+			chain := func() error {
+				for _, l := range ls {
+					if err := b.queueChain(c, l, merged); err != nil {
+						return err
+					}
+				}
+				return nil
+			}
+			if !graphed {
+				if err := withPDL(c, false, chain); err != nil {
+					return nil, err
+				}
+				return b.outputs(c)
+			}
+			var g *graph
+			var release func()
+			if err := withPDL(c, c.Info().CC >= 90, func() error {
+				var err error
+				g, release, err = capturedPDL(c, chain)
+				return err
+			}); err != nil {
+				return nil, err
+			}
+			defer release()
+			if err := errors.Join(b.reset(c, rand.New(rand.NewPCG(seed, 3))), c.Memset(b.cache, 0, 2*(glmShape.rank+glmShape.rope)*8)); err != nil {
+				return nil, err
+			}
+			if err := check("cuGraphLaunch", drv.cuGraphLaunch(g.exec, c.stream)); err != nil {
+				return nil, err
+			}
+			return b.outputs(c)
+		}
+		want, err := run(0, false)
+		if err != nil {
+			return err
+		}
+		for _, graphed := range []bool{false, true} {
+			got, err := run(chainAll, graphed)
+			if err != nil {
+				return err
+			}
+			for name, w := range want {
+				if i := firstDiff(w, got[name]); i >= 0 {
+					t.Errorf("%s, shared launches (graph %v): byte %d of %d differs from the separate launches", name, graphed, i, len(w))
+				}
+			}
+		}
+		nonzero := 0
+		for _, v := range want["cache"] {
+			if v != 0 {
+				nonzero++
+			}
+		}
+		if nonzero < glmShape.rank {
+			t.Errorf("the cache holds %d nonzero bytes, want a slot's record", nonzero)
+		}
+		return c.Sync()
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// BenchmarkChainLayer: the attention half of a decode layer at
+// GLM-4.7-Flash's shapes (the attention itself left out) over 24 layers'
+// weights in turn, as 12 separate launches, as 8 with all of chain.go's
+// shared launches, and with each of them left out, replayed from a graph
+// with programmatic dependent launch: device time per layer.
+func BenchmarkChainLayer(b *testing.B) {
+	d := benchDevice(b)
+	r := rand.New(rand.NewPCG(9, 11))
+	const layers = 24
+	err := d.Do(func(c *Ctx) error {
+		bufs, err := newChainBufs(c, r, glmShape)
+		if err != nil {
+			return err
+		}
+		ls, err := newPDLLayers(c, r, glmShape, layers)
+		if err != nil {
+			return err
+		}
+		name := c.Info().Name
+		for round := 0; round < 2; round++ {
+			for _, merged := range []int{0, chainAll, chainAll &^ (1 << chainPair), chainAll &^ (1 << chainValues), chainAll &^ (1 << chainNorms), chainAll &^ (1 << chainRope)} {
+				err := withPDL(c, c.info.CC >= 90, func() error {
+					g, release, err := capturedPDL(c, func() error {
+						for _, l := range ls {
+							if err := bufs.queueChain(c, l, merged); err != nil {
+								return err
+							}
+						}
+						return nil
+					})
+					if err != nil {
+						return err
+					}
+					defer release()
+					us, err := timeReplay(c, g.exec, 5)
+					if err != nil {
+						return err
+					}
+					b.Logf("%s: round %d: shared launches %04b (rope norms values pair) %6.2f us a layer (PDL %v)", name, round, merged, us/layers, c.pdl)
+					return nil
+				})
+				if err != nil {
+					return err
+				}
+			}
+		}
+		return c.Sync()
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+}
