@@ -119,7 +119,7 @@ func (c *Ctx) GEMM(y uint64, ldy int, w *QMatrix, a *QActs, tile GEMMTile) error
 func (c *Ctx) gemm(y uint64, ldy int, codes, scales, rowScale uint64, n, k, G int, a *QActs, heads int, tile GEMMTile) error {
 	tile = pickTile(tile, a.T)
 	shared := tile.shared(k / G)
-	kern, err := c.kernelShared("gemm", "gemm_"+tile.suffix(G), shared)
+	kern, err := c.kernelShared(gemmModule, "gemm_"+tile.suffix(G), shared)
 	if err != nil {
 		return err
 	}
@@ -199,11 +199,11 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 		return err
 	}
 	guShared, downShared := tile.shared(t.K/t.G), tile.shared(t.I/t.G)
-	gu, err := c.kernelShared("gemm", "moe_gemm_gate_up_"+tile.suffix(t.G), guShared)
+	gu, err := c.kernelShared(gemmModule, "moe_gemm_gate_up_"+tile.suffix(t.G), guShared)
 	if err != nil {
 		return err
 	}
-	down, err := c.kernelShared("gemm", "moe_gemm_down_"+tile.suffix(t.G), downShared)
+	down, err := c.kernelShared(gemmModule, "moe_gemm_down_"+tile.suffix(t.G), downShared)
 	if err != nil {
 		return err
 	}
@@ -232,6 +232,16 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 		acc = 1
 	}
 	return c.Launch(comb, Dim{uint32(x.T), uint32((t.K + 511) / 512), 1}, D1(128), 0, s.Part, s.Pos, wts, topk, slots, t.K, y, ldy, acc)
+}
+
+// gemmModule holds the GEMM kernels; MMFP4_CUDA_GEMM_BASE=1 takes the
+// earlier ones (kernels/gemmbase.cu), for an A/B in one binary.
+var gemmModule = "gemm"
+
+func init() {
+	if os.Getenv("MMFP4_CUDA_GEMM_BASE") == "1" {
+		gemmModule = "gemmbase"
+	}
 }
 
 // gemmMinTokens is the smallest MMFP4 product (in token rows) that MatMul

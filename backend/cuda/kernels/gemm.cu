@@ -124,7 +124,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp % WM, wn = warp / WM, g = lane >> 2, i = lane & 3;
   const int nk = K / GEMM_BK, GK = K / G;
-  const int gpb = GEMM_BK / G;  // groups per stage
+  const int gpb = SPG ? GEMM_BK / (32 * SPG) : GEMM_BK / G;  // groups per stage
   const int half = MODE == GEMM_GATE_UP ? 64 : 128;
   // The block's weight scales for all of K, after the stages: [128][GK].
   u8* sws = smem + GEMM_STAGES * SBYTES;
@@ -142,21 +142,30 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     }
     return a.codes + (size_t)min(row0 + r, N - 1) * (K / 2);
   };
+  // Each thread's cp.async sources and shared offsets for every stage,
+  // computed once: the stage loads are then AIT + XIT 16-byte copies (and
+  // one small one) at fixed offsets, with no per-stage loop or address
+  // arithmetic beyond the column offset.
+  constexpr int AIT = GEMM_ROWS * 4 / NT, XIT = BT * 8 / NT;
+  static_assert(AIT * NT == GEMM_ROWS * 4 && XIT * NT == BT * 8 && XIT >= 1, "stage copies must divide evenly");
+  const u8* asrc[AIT];
+  const i8* xsrc[XIT];
+#pragma unroll
+  for (int it = 0; it < AIT; it++) asrc[it] = arow((tid >> 2) + it * (NT / 4)) + (tid & 3) * 16;
+#pragma unroll
+  for (int it = 0; it < XIT; it++) xsrc[it] = xq + (size_t)tokrow[(tid >> 3) + it * (NT / 8)] * ldx + (tid & 7) * 16;
+  const float* ssrc = xs + (size_t)tokrow[min(tid, BT - 1)] * ldxs;
+  const u32 sbase = smem_addr(smem);
+  const u32 adst = (tid >> 2) * GEMM_ASTRIDE + (tid & 3) * 16;
+  const u32 xdst = ABYTES + gemm_bofs(tid >> 3, tid & 7);
   auto load_stage = [&](int s, int buf) {
-    u8* sa = smem + buf * SBYTES;
-    u8* sb = sa + ABYTES;
+    const u32 base = sbase + buf * SBYTES;
     const int k0 = s * GEMM_BK;
-    for (int idx = tid; idx < GEMM_ROWS * 4; idx += NT) {
-      const int r = idx >> 2, c = idx & 3;
-      cp_async16(smem_addr(sa + r * GEMM_ASTRIDE + c * 16), arow(r) + k0 / 2 + c * 16);
-    }
-    for (int idx = tid; idx < BT * 8; idx += NT) {
-      const int r = idx >> 3, c = idx & 7;
-      cp_async16(smem_addr(sb + gemm_bofs(r, c)), xq + (size_t)tokrow[r] * ldx + k0 + c * 16);
-    }
-    for (int r = tid; r < BT; r += NT) {
-      cp_async_small(smem_addr(sb + XBYTES + r * 16), xs + (size_t)tokrow[r] * ldxs + s * gpb, 4 * gpb);
-    }
+#pragma unroll
+    for (int it = 0; it < AIT; it++) cp_async16(base + adst + it * (NT / 4) * GEMM_ASTRIDE, asrc[it] + k0 / 2);
+#pragma unroll
+    for (int it = 0; it < XIT; it++) cp_async16(base + xdst + it * (NT / 8) * GEMM_BK, xsrc[it] + k0);
+    if (tid < BT) cp_async_small(base + ABYTES + XBYTES + tid * 16, ssrc + s * gpb, 4 * gpb);
   };
 
   // This thread's weight rows (shared rows ra[m], ra[m] + 8) and scale rows.
@@ -233,7 +242,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
       for (int m = 0; m < MT; m++)
 #pragma unroll
         for (int nt = 0; nt < WT; nt++) {
-          if (SKIP && nt >= ntv) continue;
+          // (n-tiles past ntv scale a zero sum: no branch around them.)
           acc[m][nt][0] += (float)d[m][nt][0] * (ws[m][0] * xv[nt][0]);
           acc[m][nt][1] += (float)d[m][nt][1] * (ws[m][0] * xv[nt][1]);
           acc[m][nt][2] += (float)d[m][nt][2] * (ws[m][1] * xv[nt][0]);

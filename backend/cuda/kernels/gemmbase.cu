@@ -1,0 +1,416 @@
+// MEASUREMENT ONLY (deleted before merge): the GEMM kernels as they were, for
+// an A/B in one binary (MMFP4_CUDA_GEMM_BASE=1).
+// MMFP4 GEMM on the tensor cores for many tokens (prefill, batched MoE):
+//
+//   y[t*ldy + n] = row_scale[n]/2 * sum_g e4m3(s[n,g]) * xs[t,g] * acc[t,n,g]
+//   acc[t,n,g]   = sum_{k in g} 2*e2m1(q[n,k]) * xq[t,k]     (exact int32)
+//
+// the math of the GEMV kernels (matvec.cuh) and of the CPU reference. The
+// codes are widened exactly to int8 (2*e2m1 is an integer in [-12, 12]) and
+// multiplied with the int8 activations by mma.sync.m16n8k32.s8.s8.s32, one
+// scale group at a time into int32; each group's sum is then scaled in fp32
+// into fp32 accumulators, and the row scale comes last.
+//
+// A block computes 128 weight rows x BT tokens (BT = 8*WT*WN) with 8/MT x WN
+// warps, each taking MT m-tiles of 16 rows and WT n-tiles of 8 tokens (see
+// gemm_tile: the 16-token tile has two m-tiles a warp, the 64-token tile
+// one m-tile and eight n-tiles, so that each widened code feeds 8 mma). K
+// goes in stages of 128 columns
+// through a GEMM_STAGES-deep cp.async pipeline in shared memory: codes
+// [128 rows][64 bytes] (rows padded to 80 bytes: conflict-free word reads),
+// activations [BT][128 bytes] (16-byte granules swizzled by token) and
+// their scales [BT][4 floats]; the block's weight scales for all of K are
+// loaded once, before the pipeline ([128][K/G] bytes after the stages), so
+// that no global load waits inside the loop.
+//
+// Inside a 32-column chunk the order of k does not matter as long as A and B
+// agree: thread (g = lane/4, i = lane%4) takes word i of the chunk's 16
+// bytes of codes (columns 8i..8i+7; low half as k-slots 4i..4i+3, high half
+// as 16+4i..16+4i+3) and the same 8 columns of its token's activations (one
+// 8-byte read), so no shuffling is needed. Each mma stays inside one chunk,
+// and so inside one scale group (G = 32, 64 or 128).
+//
+// Modes: GEMM_PLAIN writes the products (a dense product, or the down
+// products of a MoE's token segments); GEMM_GATE_UP takes shared rows 0..63
+// from a gate matrix and 64..127 from the same rows of an up matrix, so that
+// each thread holds gate and up of the same (row, token) and writes
+// silu(gate) * up.
+
+#define GEMM_ROWS 128
+#define GEMM_BK 128
+#define GEMM_STAGES 4
+#define GEMM_ASTRIDE 80  // bytes per shared row of codes (64 + 16 padding)
+#define GEMM_PLAIN 0
+#define GEMM_GATE_UP 1
+
+struct GQMat {
+  const u8* codes;
+  const u8* scales;
+  const float* row_scale;
+};
+
+// A MoE layer's expert (the layout of ExpertTable: gate, up, down).
+struct GExpert {
+  GQMat gate, up, down;
+};
+
+DEVICE void cp_async16(u32 dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+
+// 4, 8 or 16 bytes through L1 (the activation scales of a stage).
+DEVICE void cp_async_small(u32 dst, const void* src, int bytes) {
+  if (bytes == 16) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+  } else if (bytes == 8) {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src) : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
+  }
+}
+
+DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+template <int N>
+DEVICE void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+
+// Doubled E2M1 values of four codes as signed int8 bytes: the +128 offset
+// form of e2m1x4_biased with the offset taken off bytewise (x ^ 0x80 is
+// x - 128 for the bytes 116..140 it holds).
+DEVICE u32 e2m1x4_signed(u32 sel) { return e2m1x4_biased(sel) ^ 0x80808080u; }
+
+DEVICE void mma_s8(i32 (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// The activation byte offset of granule c (16 bytes) of tile token r in a
+// stage: granules are swizzled so that the 8-byte reads of a half warp (4
+// tokens x 4 lanes) fall in distinct banks.
+DEVICE int gemm_bofs(int r, int c) { return r * GEMM_BK + ((c ^ ((r & 3) << 1)) << 4); }
+
+DEVICE float gemm_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
+
+// One block's tile. Weights: matrix a (rows [row0, row0+128) of N, or for
+// GATE_UP gate rows [row0, row0+64) from a and the same rows of up from b),
+// K columns, group size G. Activations: tile token r is row tokrow[r]
+// (shared) of xq [.][K] / xs [.][K/G]; ntok tokens are valid. Output row of
+// tile token r: out + r*ldo (the caller offsets out to the tile's first
+// token).
+// SPG: the 32-column chunks of a scale group when known at compile time
+// (4 for G = 128: the stage's loops unroll), or 0 (G/32 at run time). xq
+// rows are ldx bytes apart, xs rows ldxs floats.
+//
+// MT: the m-tiles of a warp. MT = 2: 4 x WN warps, warp (wm, wn) taking
+// shared rows 16wm.. and 64+16wm.. (for GATE_UP the gate and the up row of
+// one output in the same thread). MT = 1: 8 x WN warps, warp (wm, wn)
+// taking shared rows 16wm..16wm+15 only, so that each widened code feeds
+// WT mma instead of WT/2 per token; for GATE_UP the up warps (wm >= 4) hand
+// their products to the gate warps through shared memory at the end. With
+// MT = 1 and SK = 1 a warp also skips its n-tiles that hold no valid token
+// (the short last tile of an expert's segment).
+template <int MT, int WT, int WN, int MODE, int SPG, int SK>
+DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8* __restrict__ xq, int ldx,
+                      const float* __restrict__ xs, int ldxs, const int* tokrow, int ntok,
+                      float* __restrict__ out, int ldo, u8* smem) {
+  constexpr int BT = 8 * WT * WN;
+  constexpr int WM = 8 / MT;  // warps along the rows
+  constexpr int NT = 32 * WM * WN;
+  constexpr bool SKIP = MT == 1 && SK == 1;
+  constexpr int ABYTES = GEMM_ROWS * GEMM_ASTRIDE;
+  constexpr int XBYTES = BT * GEMM_BK;
+  constexpr int SBYTES = ABYTES + XBYTES + BT * 16;  // codes, activations, activation scales
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp % WM, wn = warp / WM, g = lane >> 2, i = lane & 3;
+  const int nk = K / GEMM_BK, GK = K / G;
+  const int gpb = GEMM_BK / G;  // groups per stage
+  const int half = MODE == GEMM_GATE_UP ? 64 : 128;
+  // The block's weight scales for all of K, after the stages: [128][GK].
+  u8* sws = smem + GEMM_STAGES * SBYTES;
+  for (int idx = tid; idx < GEMM_ROWS * GK; idx += NT) {
+    const int r = idx / GK, gi = idx - r * GK;
+    const u8* base = (MODE == GEMM_GATE_UP && r >= 64) ? b.scales : a.scales;
+    sws[idx] = __ldg(base + (size_t)min(row0 + (r & (half - 1)), N - 1) * GK + gi);
+  }
+
+  // Shared row r's codes (clamped to a valid row; its results are dropped).
+  auto arow = [&](int r) -> const u8* {
+    if (MODE == GEMM_GATE_UP) {
+      const int n = min(row0 + (r & 63), N - 1);
+      return (r < 64 ? a.codes : b.codes) + (size_t)n * (K / 2);
+    }
+    return a.codes + (size_t)min(row0 + r, N - 1) * (K / 2);
+  };
+  auto load_stage = [&](int s, int buf) {
+    u8* sa = smem + buf * SBYTES;
+    u8* sb = sa + ABYTES;
+    const int k0 = s * GEMM_BK;
+    for (int idx = tid; idx < GEMM_ROWS * 4; idx += NT) {
+      const int r = idx >> 2, c = idx & 3;
+      cp_async16(smem_addr(sa + r * GEMM_ASTRIDE + c * 16), arow(r) + k0 / 2 + c * 16);
+    }
+    for (int idx = tid; idx < BT * 8; idx += NT) {
+      const int r = idx >> 3, c = idx & 7;
+      cp_async16(smem_addr(sb + gemm_bofs(r, c)), xq + (size_t)tokrow[r] * ldx + k0 + c * 16);
+    }
+    for (int r = tid; r < BT; r += NT) {
+      cp_async_small(smem_addr(sb + XBYTES + r * 16), xs + (size_t)tokrow[r] * ldxs + s * gpb, 4 * gpb);
+    }
+  };
+
+  // This thread's weight rows (shared rows ra[m], ra[m] + 8) and scale rows.
+  int ra[MT];
+#pragma unroll
+  for (int m = 0; m < MT; m++) ra[m] = 64 * m + 16 * wm + g;
+  // This warp's n-tiles that hold a valid token (all of them unless SKIP).
+  const int ntv = SKIP ? min(WT, max(0, (ntok - wn * 8 * WT + 7) >> 3)) : WT;
+
+  float acc[MT][WT][4];
+#pragma unroll
+  for (int m = 0; m < MT; m++)
+#pragma unroll
+    for (int nt = 0; nt < WT; nt++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) acc[m][nt][e] = 0.f;
+
+#pragma unroll
+  for (int s = 0; s < GEMM_STAGES - 1; s++) {
+    if (s < nk) load_stage(s, s);
+    cp_async_commit();
+  }
+  const int spg = SPG ? SPG : G / 32;  // 32-column chunks per group
+  for (int kt = 0; kt < nk; kt++) {
+    cp_async_wait<GEMM_STAGES - 2>();
+    __syncthreads();
+    if (kt + GEMM_STAGES - 1 < nk) load_stage(kt + GEMM_STAGES - 1, (kt + GEMM_STAGES - 1) % GEMM_STAGES);
+    cp_async_commit();
+    const u8* sa = smem + (kt % GEMM_STAGES) * SBYTES;
+    const u8* sb = sa + ABYTES;
+    const float* sxs = (const float*)(sb + XBYTES);
+    if (SKIP && ntv == 0) continue;
+#pragma unroll
+    for (int j0 = 0; j0 < 4; j0 += spg) {
+      const int gl = j0 / spg, grp = kt * gpb + gl;
+      float ws[MT][2], xv[WT][2];
+#pragma unroll
+      for (int m = 0; m < MT; m++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) ws[m][h] = e4m3(sws[(ra[m] + 8 * h) * GK + grp]);
+#pragma unroll
+      for (int nt = 0; nt < WT; nt++)
+#pragma unroll
+        for (int e = 0; e < 2; e++) xv[nt][e] = sxs[(wn * 8 * WT + 8 * nt + 2 * i + e) * 4 + gl];
+      i32 d[MT][WT][4];
+#pragma unroll
+      for (int m = 0; m < MT; m++)
+#pragma unroll
+        for (int nt = 0; nt < WT; nt++)
+#pragma unroll
+          for (int e = 0; e < 4; e++) d[m][nt][e] = 0;
+#pragma unroll
+      for (int j = j0; j < j0 + spg; j++) {
+        u32 af[MT][4];
+#pragma unroll
+        for (int m = 0; m < MT; m++) {
+          const u32 wa = *(const u32*)(sa + ra[m] * GEMM_ASTRIDE + 16 * j + 4 * i);
+          const u32 wb = *(const u32*)(sa + (ra[m] + 8) * GEMM_ASTRIDE + 16 * j + 4 * i);
+          af[m][0] = e2m1x4_signed(wa);
+          af[m][1] = e2m1x4_signed(wb);
+          af[m][2] = e2m1x4_signed(wa >> 16);
+          af[m][3] = e2m1x4_signed(wb >> 16);
+        }
+#pragma unroll
+        for (int nt = 0; nt < WT; nt++) {
+          if (SKIP && nt >= ntv) continue;
+          const int r = wn * 8 * WT + 8 * nt + g;
+          const uint2 bv = *(const uint2*)(sb + gemm_bofs(r, 2 * j + (i >> 1)) + 8 * (i & 1));
+#pragma unroll
+          for (int m = 0; m < MT; m++) mma_s8(d[m][nt], af[m], bv.x, bv.y);
+        }
+      }
+#pragma unroll
+      for (int m = 0; m < MT; m++)
+#pragma unroll
+        for (int nt = 0; nt < WT; nt++) {
+          if (SKIP && nt >= ntv) continue;
+          acc[m][nt][0] += (float)d[m][nt][0] * (ws[m][0] * xv[nt][0]);
+          acc[m][nt][1] += (float)d[m][nt][1] * (ws[m][0] * xv[nt][1]);
+          acc[m][nt][2] += (float)d[m][nt][2] * (ws[m][1] * xv[nt][0]);
+          acc[m][nt][3] += (float)d[m][nt][3] * (ws[m][1] * xv[nt][1]);
+        }
+    }
+  }
+  cp_async_wait<0>();
+
+  // C fragment: e = 0, 1: row g, tokens 2i, 2i+1; e = 2, 3: row g+8.
+  if (MODE == GEMM_GATE_UP && MT == 1) {
+    // The up warps leave row_scale/2 * up in shared memory (the stages are
+    // free once every warp has passed the loop), [WN*WT*4][128] floats so
+    // that a warp's stores and loads are conflict-free; the gate warps
+    // holding the same (row, token) write silu(gate) * up.
+    float* su = (float*)smem;
+    const int hw = wm & 3, n0 = row0 + 16 * hw + g;
+    __syncthreads();
+    if (wm >= 4) {
+#pragma unroll
+      for (int nt = 0; nt < WT; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+          su[((wn * WT + nt) * 4 + e) * 128 + hw * 32 + lane] =
+              acc[0][nt][e] * (b.row_scale[min(n0 + 8 * (e >> 1), N - 1)] * 0.5f);
+    }
+    __syncthreads();
+    if (wm < 4) {
+#pragma unroll
+      for (int nt = 0; nt < WT; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int tok = wn * 8 * WT + 8 * nt + 2 * i + (e & 1), n = n0 + 8 * (e >> 1);
+          if (tok >= ntok || n >= N) continue;
+          const float gv = acc[0][nt][e] * (a.row_scale[n] * 0.5f);
+          out[(size_t)tok * ldo + n] = gemm_silu(gv) * su[((wn * WT + nt) * 4 + e) * 128 + hw * 32 + lane];
+        }
+    }
+    return;
+  }
+#pragma unroll
+  for (int nt = 0; nt < WT; nt++) {
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int tok = wn * 8 * WT + 8 * nt + 2 * i + (e & 1);
+      if (tok >= ntok) continue;
+      float* o = out + (size_t)tok * ldo;
+      if (MODE == GEMM_GATE_UP) {
+        const int n = row0 + ra[0] + 8 * (e >> 1);
+        if (n < N) {
+          const float gv = acc[0][nt][e] * (a.row_scale[n] * 0.5f);
+          const float uv = acc[MT - 1][nt][e] * (b.row_scale[n] * 0.5f);
+          o[n] = gemm_silu(gv) * uv;
+        }
+      } else {
+#pragma unroll
+        for (int m = 0; m < MT; m++) {
+          const int n = row0 + ra[m] + 8 * (e >> 1);
+          if (n < N) o[n] = acc[m][nt][e] * (a.row_scale[n] * 0.5f);
+        }
+      }
+    }
+  }
+}
+
+// Dense product of T tokens: grid (ceil(N/128), ceil(T/BT)), 128*WN threads,
+// GEMM_STAGES * (GEMM_ROWS * GEMM_ASTRIDE + BT * (GEMM_BK + 16)) + 128 * K/G
+// bytes of dynamic shared memory.
+//
+// Grid z > 1: per-head products, head z taking weight rows [z*N, (z+1)*N),
+// activation columns [z*K, (z+1)*K) (whole groups) and output columns
+// [z*N, (z+1)*N).
+template <int MT, int WT, int WN, int SPG>
+DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale, int N, int K, int G,
+                       const i8* xq, int ldx, const float* xs, int ldxs, int T, float* y, int ldy) {
+  constexpr int BT = 8 * WT * WN;
+  extern __shared__ __align__(16) u8 gemm_smem_buf[];
+  __shared__ int tokrow[BT];
+  const int t0 = blockIdx.y * BT, ntok = min(BT, T - t0);
+  const size_t z = blockIdx.z, GK = K / G;
+  for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = t0 + min(r, ntok - 1);
+  PDL_WAIT();
+  __syncthreads();
+  GQMat a = {codes + z * N * (K / 2), scales + z * N * GK, row_scale + z * N};
+  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, 1>(a, a, N, K, G, blockIdx.x * GEMM_ROWS, xq + z * K, ldx, xs + z * GK, ldxs,
+                                     tokrow, ntok, y + (size_t)t0 * ldy + z * N, ldy, gemm_smem_buf);
+}
+
+#define GEMM_DENSE_KERNEL(NAME, MT, WT, WN, SPG, MINB)                                               \
+  extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) NAME(                                 \
+      const u8* __restrict__ codes, const u8* __restrict__ scales,                                \
+      const float* __restrict__ row_scale, int N, int K, int G, const i8* __restrict__ xq,        \
+      int ldx, const float* __restrict__ xs, int ldxs, int T, float* __restrict__ y, int ldy) {   \
+    PDL_LAUNCH();                                                                                 \
+    gemm_dense<MT, WT, WN, SPG>(codes, scales, row_scale, N, K, G, xq, ldx, xs, ldxs, T, y, ldy);     \
+  }
+
+// (MINB: blocks per SM the registers must allow.)
+GEMM_DENSE_KERNEL(gemm_t16, 2, 2, 1, 0, 1)
+GEMM_DENSE_KERNEL(gemm_t16_g128, 2, 2, 1, 4, 1)
+GEMM_DENSE_KERNEL(gemm_t64, 1, 8, 1, 0, 2)
+GEMM_DENSE_KERNEL(gemm_t64_g128, 1, 8, 1, 4, 2)
+
+
+// ---------------------------------------------------------------------------
+// MoE over many tokens, on the device. A pair (t, k) is token t's slot k:
+// slots 0..topk-1 are the routed experts ids[t*topk+k] (weight wts[...]),
+// slots topk..topk+S-1 the shared experts (table entries E.., weight 1).
+// moeb_group (stream.cu) sorts the pairs by expert: pos[p] is pair p's row
+// in expert order, list[row] its token, and tiles (expert, first row, rows
+// <= BT) cover every expert's rows; ntiles[0] counts them. The GEMMs run
+// over (row blocks) x (tiles); blocks past ntiles exit; moeb_combine
+// (stream.cu) sums each token's slots.
+
+// Gate and up products with the SiLU product over the tiles:
+// h[row][n] = silu(gate_e,n . x[list[row]]) * (up_e,n . x[list[row]]).
+// Grid (ceil(I/64), max tiles).
+template <int MT, int WT, int WN, int SPG, int SK>
+DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
+                             const i32* ntiles, const i32* list, int I, int K, int G, const i8* xq,
+                             const float* xs, float* h) {
+  constexpr int BT = 8 * WT * WN;
+  extern __shared__ __align__(16) u8 gemm_smem_buf[];
+  __shared__ int tokrow[BT];
+  PDL_WAIT();
+  const int tile = blockIdx.y;
+  if (tile >= ntiles[0]) return;
+  const int s0 = tile_s[tile], ntok = tile_n[tile];
+  const GExpert& ex = experts[tile_e[tile]];
+  for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = list[s0 + min(r, ntok - 1)];
+  __syncthreads();
+  gemm_tile<MT, WT, WN, GEMM_GATE_UP, SPG, SK>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G, tokrow, ntok,
+                                       h + (size_t)s0 * I, I, gemm_smem_buf);
+}
+
+// Down products over the tiles: part[row][n] = down_e,n . hq[row].
+// Grid (ceil(N/128), max tiles).
+template <int MT, int WT, int WN, int SPG, int SK>
+DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
+                          const i32* ntiles, int N, int I, int G, const i8* hq, const float* hs, float* part) {
+  constexpr int BT = 8 * WT * WN;
+  extern __shared__ __align__(16) u8 gemm_smem_buf[];
+  __shared__ int tokrow[BT];
+  PDL_WAIT();
+  const int tile = blockIdx.y;
+  if (tile >= ntiles[0]) return;
+  const int s0 = tile_s[tile], ntok = tile_n[tile];
+  const GExpert& ex = experts[tile_e[tile]];
+  for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = s0 + min(r, ntok - 1);
+  __syncthreads();
+  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, SK>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs, I / G, tokrow,
+                                     ntok, part + (size_t)s0 * N, N, gemm_smem_buf);
+}
+
+#define MOE_GEMM_KERNELS(SUFFIX, MT, WT, WN, SPG, MINB, SK)                                            \
+  extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) moe_gemm_gate_up_##SUFFIX(               \
+      const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
+      const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,                             \
+      const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K, int G,          \
+      const i8* __restrict__ xq, const float* __restrict__ xs, float* __restrict__ h) {           \
+    PDL_LAUNCH();                                                                                 \
+    moe_gemm_gate_up<MT, WT, WN, SPG, SK>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h);  \
+  }                                                                                               \
+  extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) moe_gemm_down_##SUFFIX(                  \
+      const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
+      const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,                             \
+      const i32* __restrict__ ntiles, int N, int I, int G, const i8* __restrict__ hq,             \
+      const float* __restrict__ hs, float* __restrict__ part) {                                   \
+    PDL_LAUNCH();                                                                                 \
+    moe_gemm_down<MT, WT, WN, SPG, SK>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part);        \
+  }
+
+MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1, 0)
+MOE_GEMM_KERNELS(t16_g128, 2, 2, 1, 4, 1, 0)
+MOE_GEMM_KERNELS(t64, 1, 8, 1, 0, 2, 1)
+MOE_GEMM_KERNELS(t64_g128, 1, 8, 1, 4, 2, 1)
+
+
