@@ -329,3 +329,45 @@ func (b *Backend) absorbMany(ql, qm *tensor, w *weight, s backend.MLAShape) bool
 	})
 	return true
 }
+
+// routerManyTokens is ROUTER_MANY_T in gemm.cu; routerManyMinRows the
+// smallest batch whose router runs router_many instead of moe_router_fast
+// (one block per token and four experts, each re-reading its experts' rows).
+const routerManyTokens = 16
+
+var routerManyMinRows = 256
+
+// MMFP4_CUDA_ROUTER_MANY sets routerManyMinRows ("off": never), for
+// comparisons in one binary.
+func init() {
+	if v := os.Getenv("MMFP4_CUDA_ROUTER_MANY"); v == "off" {
+		routerManyMinRows = 1 << 30
+	} else if n, err := strconv.Atoi(v); err == nil && n >= 1 {
+		routerManyMinRows = n
+	}
+}
+
+// RouterManyFits reports whether RouterMany takes these experts and input.
+func RouterManyFits(E, K int, x uint64, ldx, topk int) bool {
+	return E >= 1 && E <= 128 && K >= 32 && K <= 2048 && K%32 == 0 && ldx%4 == 0 && x%16 == 0 && topk >= 1 && topk <= 32 && topk <= E
+}
+
+// RouterMany computes what RouterRoute computes without the int8 form of
+// the input (the same logits, experts and weights, bit for bit) for the T
+// rows of x, with each expert's weights read once per routerManyTokens
+// rows. counters holds ceil(T/routerManyTokens) zeroed words (left zeroed).
+func (c *Ctx) RouterMany(W uint64, E, K int, x uint64, ldx, T int, logits uint64, ldl int, bias uint64, topk int, norm bool, scaling float32, ids, wts, counters uint64) error {
+	if !RouterManyFits(E, K, x, ldx, topk) || T < 1 {
+		return fmt.Errorf("cuda: router many: %d experts of %d columns, top %d, %d rows (stride %d)", E, K, topk, T, ldx)
+	}
+	k, err := c.Kernel("gemm", "router_many")
+	if err != nil {
+		return err
+	}
+	n := 0
+	if norm {
+		n = 1
+	}
+	return c.Launch(k, Dim{uint32((E + 15) / 16), uint32((T + routerManyTokens - 1) / routerManyTokens), 1}, D1(512), 0,
+		W, E, K, x, ldx, T, logits, ldl, bias, topk, n, scaling, ids, wts, counters)
+}

@@ -17,7 +17,8 @@
 // through a GEMM_STAGES-deep cp.async pipeline in shared memory: codes
 // [128 rows][64 bytes] (rows padded to 80 bytes: conflict-free word reads),
 // activations [BT][128 bytes] (16-byte granules swizzled by token) and
-// their scales [BT][4 floats]; the block's weight scales for all of K are
+// their scales [4 groups][BT floats] (a thread's two tokens' scales are one
+// 8-byte read); the block's weight scales for all of K are
 // loaded once, before the pipeline ([128][K/G] bytes after the stages), so
 // that no global load waits inside the loop.
 //
@@ -165,7 +166,8 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     for (int it = 0; it < AIT; it++) cp_async16(base + adst + it * (NT / 4) * GEMM_ASTRIDE, asrc[it] + k0 / 2);
 #pragma unroll
     for (int it = 0; it < XIT; it++) cp_async16(base + xdst + it * (NT / 8) * GEMM_BK, xsrc[it] + k0);
-    if (tid < BT) cp_async_small(base + ABYTES + XBYTES + tid * 16, ssrc + s * gpb, 4 * gpb);
+    if (tid < BT)
+      for (int gl = 0; gl < gpb; gl++) cp_async_small(base + ABYTES + XBYTES + (gl * BT + tid) * 4, ssrc + s * gpb + gl, 4);
   };
 
   // This thread's weight rows (shared rows ra[m], ra[m] + 8) and scale rows.
@@ -207,9 +209,11 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
 #pragma unroll
         for (int h = 0; h < 2; h++) ws[m][h] = e4m3(sws[(ra[m] + 8 * h) * GK + grp]);
 #pragma unroll
-      for (int nt = 0; nt < WT; nt++)
-#pragma unroll
-        for (int e = 0; e < 2; e++) xv[nt][e] = sxs[(wn * 8 * WT + 8 * nt + 2 * i + e) * 4 + gl];
+      for (int nt = 0; nt < WT; nt++) {
+        const float2 v = *(const float2*)(sxs + gl * BT + wn * 8 * WT + 8 * nt + 2 * i);
+        xv[nt][0] = v.x;
+        xv[nt][1] = v.y;
+      }
       i32 d[MT][WT][4];
 #pragma unroll
       for (int m = 0; m < MT; m++)
@@ -482,4 +486,111 @@ extern "C" __global__ void __launch_bounds__(256)
       o[1] = acc[a][1];
     }
   }
+}
+
+// ---------------------------------------------------------------------------
+// The router of many tokens (prefill): logits[t][e] = W[e] . x[t] and each
+// token's choice, as moe_router_fast computes them (the same products in
+// the same order, so the same bits: lane l sums W[e][l+32u] * x[t][l+32u]
+// over u, then the warp sum), but a warp keeps its expert's row in
+// registers for ROUTER_MANY_T tokens instead of one, so the router's
+// weights are read from L2 once per ROUTER_MANY_T tokens. Grid
+// (ceil(E/16), ceil(T/ROUTER_MANY_T)), 512 threads (warp w: expert
+// 16*blockIdx.x + w); the tokens' rows go through shared memory
+// ROUTER_MANY_C at a time. The last block of a token group (counted in
+// counters[group], which it resets) picks the experts of its tokens, four
+// tokens at a time (128 threads each), as moe_router_fast's last block.
+// E <= 128, K <= 2048 with K % 32 == 0, 16-byte aligned rows.
+#define ROUTER_MANY_T 16
+#define ROUTER_MANY_C 4
+#define ROUTER_MANY_MAX_K 2048
+
+extern "C" __global__ void __launch_bounds__(512)
+    router_many(const float* __restrict__ W, int E, int K, const float* __restrict__ x, int ldx, int T,
+                float* logits, int ldl, const float* __restrict__ bias, int topk, int norm, float scaling,
+                i32* __restrict__ ids, float* __restrict__ wts, u32* __restrict__ counters) {
+  PDL_LAUNCH();
+  __shared__ __align__(16) float rx[ROUTER_MANY_C * ROUTER_MANY_MAX_K];
+  __shared__ float score[4][128], choice[4][128], pick[4][32];
+  __shared__ bool last;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int e = blockIdx.x * 16 + warp, t0 = blockIdx.y * ROUTER_MANY_T;
+  const int nt = min(ROUTER_MANY_T, T - t0);
+  float wv[ROUTER_MANY_MAX_K / 32];
+  if (e < E) {
+    const float* w = W + (size_t)e * K;
+#pragma unroll
+    for (int u = 0; u < ROUTER_MANY_MAX_K / 32; u++)
+      if (32 * u < K) wv[u] = w[lane + 32 * u];
+  }
+  PDL_WAIT();
+  for (int c0 = 0; c0 < nt; c0 += ROUTER_MANY_C) {
+    const int nc = min(ROUTER_MANY_C, nt - c0);
+    __syncthreads();  // every warp is done with the previous rows
+    for (int idx = tid * 4; idx < nc * K; idx += 512 * 4) {
+      const int r = idx / K, k = idx - r * K;
+      *(float4*)&rx[r * K + k] = *(const float4*)(x + (size_t)(t0 + c0 + r) * ldx + k);
+    }
+    __syncthreads();
+    if (e < E) {
+      float acc[ROUTER_MANY_C];
+#pragma unroll
+      for (int r = 0; r < ROUTER_MANY_C; r++) acc[r] = 0.f;
+#pragma unroll
+      for (int u = 0; u < ROUTER_MANY_MAX_K / 32; u++)
+        if (32 * u < K) {
+#pragma unroll
+          for (int r = 0; r < ROUTER_MANY_C; r++)
+            if (r < nc) acc[r] += wv[u] * rx[r * K + lane + 32 * u];
+        }
+#pragma unroll
+      for (int r = 0; r < ROUTER_MANY_C; r++) {
+        if (r >= nc) break;
+        const float s = warp_sum(acc[r]);
+        if (lane == 0) logits[(size_t)(t0 + c0 + r) * ldl + e] = s;
+      }
+    }
+  }
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    last = atomicAdd(&counters[blockIdx.y], 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int sub = tid >> 7, lt = tid & 127;
+  for (int r0 = 0; r0 < nt; r0 += 4) {
+    const int r = r0 + sub, t = t0 + r;
+    const bool on = r < nt;
+    if (on && lt < E) {
+      const float acc = __ldcg(logits + (size_t)t * ldl + lt);
+      const float sg = (float)(1.0 / (1.0 + exp(-(double)acc)));
+      score[sub][lt] = sg;
+      choice[sub][lt] = sg + bias[lt];
+    }
+    __syncthreads();
+    if (on && lt < E) {
+      const float c = choice[sub][lt];
+      int rank = 0;
+      for (int j = 0; j < E; j++) {
+        const float o = choice[sub][j];
+        rank += o > c || (o == c && j < lt);
+      }
+      if (rank < topk) {
+        ids[(size_t)t * topk + rank] = lt;
+        pick[sub][rank] = score[sub][lt];
+      }
+    }
+    __syncthreads();
+    if (on && lt < topk) {
+      float sum = 0.f;
+      for (int k = 0; k < topk; k++) sum += pick[sub][k];
+      float w = pick[sub][lt];
+      if (norm) w /= sum + 1e-20f;
+      wts[(size_t)t * topk + lt] = w * scaling;
+    }
+    __syncthreads();
+  }
+  if (tid == 0) counters[blockIdx.y] = 0;
 }
