@@ -76,10 +76,10 @@ func (t GEMMTile) threads() int {
 }
 
 // shared is the tile's dynamic shared memory for gk scale groups a row:
-// the cp.async stages (codes, activations, activation scales), then the
-// block's weight scales.
+// the cp.async stages (codes, activations, activation scales), the E4M3
+// table (256 floats), then the block's weight scales.
 func (t GEMMTile) shared(gk int) int {
-	return gemmStages*(gemmRows*gemmAStride+t.tokens()*(gemmBK+16)) + gemmRows*gk
+	return gemmStages*(gemmRows*gemmAStride+t.tokens()*(gemmBK+16)) + 1024 + gemmRows*gk
 }
 
 func pickTile(t GEMMTile, tokens int) GEMMTile {

@@ -19,8 +19,9 @@
 // activations [BT][128 bytes] (16-byte granules swizzled by token) and
 // their scales [4 groups][BT floats] (a thread's two tokens' scales are one
 // 8-byte read); the block's weight scales for all of K are
-// loaded once, before the pipeline ([128][K/G] bytes after the stages), so
-// that no global load waits inside the loop.
+// loaded once, before the pipeline ([128][K/G] bytes after the stages and
+// a 256-entry table of E4M3 values), so that no global load waits inside
+// the loop.
 //
 // Inside a 32-column chunk the order of k does not matter as long as A and B
 // agree: thread (g = lane/4, i = lane%4) takes word i of the chunk's 16
@@ -93,6 +94,71 @@ DEVICE int gemm_bofs(int r, int c) { return r * GEMM_BK + ((c ^ ((r & 3) << 1)) 
 
 DEVICE float gemm_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
 
+// One stage of a warp's products (see gemm_tile): grp0 is the stage's first
+// scale group. PART checks each n-tile against ntv, the warp's n-tiles that
+// hold a valid token (the short last tile of a segment); full tiles take the
+// copy without the checks, so their products need no predicates and their
+// first mma of a group adds to zero.
+template <int MT, int WT, int WN, int SPG, bool PART>
+DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, const float* sxs, const float* slut,
+                       const u8* sws, const int (&ra)[MT], int GK, int grp0, int spg, int wn, int g, int i,
+                       int ntv) {
+  constexpr int BT = 8 * WT * WN;
+#pragma unroll
+  for (int j0 = 0; j0 < 4; j0 += spg) {
+    const int gl = j0 / spg, grp = grp0 + gl;
+    float ws[MT][2], xv[WT][2];
+#pragma unroll
+    for (int m = 0; m < MT; m++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) ws[m][h] = slut[sws[(ra[m] + 8 * h) * GK + grp]];
+#pragma unroll
+    for (int nt = 0; nt < WT; nt++) {
+      const float2 v = *(const float2*)(sxs + gl * BT + wn * 8 * WT + 8 * nt + 2 * i);
+      xv[nt][0] = v.x;
+      xv[nt][1] = v.y;
+    }
+    i32 d[MT][WT][4];
+#pragma unroll
+    for (int m = 0; m < MT; m++)
+#pragma unroll
+      for (int nt = 0; nt < WT; nt++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) d[m][nt][e] = 0;
+#pragma unroll
+    for (int j = j0; j < j0 + spg; j++) {
+      u32 af[MT][4];
+#pragma unroll
+      for (int m = 0; m < MT; m++) {
+        const u32 wa = *(const u32*)(sa + ra[m] * GEMM_ASTRIDE + 16 * j + 4 * i);
+        const u32 wb = *(const u32*)(sa + (ra[m] + 8) * GEMM_ASTRIDE + 16 * j + 4 * i);
+        af[m][0] = e2m1x4_signed(wa);
+        af[m][1] = e2m1x4_signed(wb);
+        af[m][2] = e2m1x4_signed(wa >> 16);
+        af[m][3] = e2m1x4_signed(wb >> 16);
+      }
+#pragma unroll
+      for (int nt = 0; nt < WT; nt++) {
+        if (PART && nt >= ntv) continue;
+        const int r = wn * 8 * WT + 8 * nt + g;
+        const uint2 bv = *(const uint2*)(sb + gemm_bofs(r, 2 * j + (i >> 1)) + 8 * (i & 1));
+#pragma unroll
+        for (int m = 0; m < MT; m++) mma_s8(d[m][nt], af[m], bv.x, bv.y);
+      }
+    }
+#pragma unroll
+    for (int m = 0; m < MT; m++)
+#pragma unroll
+      for (int nt = 0; nt < WT; nt++) {
+        // (n-tiles past ntv scale a zero sum: no branch around them.)
+        acc[m][nt][0] += (float)d[m][nt][0] * (ws[m][0] * xv[nt][0]);
+        acc[m][nt][1] += (float)d[m][nt][1] * (ws[m][0] * xv[nt][1]);
+        acc[m][nt][2] += (float)d[m][nt][2] * (ws[m][1] * xv[nt][0]);
+        acc[m][nt][3] += (float)d[m][nt][3] * (ws[m][1] * xv[nt][1]);
+      }
+  }
+}
+
 // One block's tile. Weights: matrix a (rows [row0, row0+128) of N, or for
 // GATE_UP gate rows [row0, row0+64) from a and the same rows of up from b),
 // K columns, group size G. Activations: tile token r is row tokrow[r]
@@ -128,7 +194,11 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
   const int gpb = SPG ? GEMM_BK / (32 * SPG) : GEMM_BK / G;  // groups per stage
   const int half = MODE == GEMM_GATE_UP ? 64 : 128;
   // The block's weight scales for all of K, after the stages: [128][GK].
-  u8* sws = smem + GEMM_STAGES * SBYTES;
+  // Before them, the E4M3 value of every byte (a group scale is then one
+  // byte read and one table read, not a conversion).
+  float* slut = (float*)(smem + GEMM_STAGES * SBYTES);
+  u8* sws = smem + GEMM_STAGES * SBYTES + 256 * 4;
+  for (int idx = tid; idx < 256; idx += NT) slut[idx] = e4m3(idx);
   for (int idx = tid; idx < GEMM_ROWS * GK; idx += NT) {
     const int r = idx / GK, gi = idx - r * GK;
     const u8* base = (MODE == GEMM_GATE_UP && r >= 64) ? b.scales : a.scales;
@@ -200,58 +270,10 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     const u8* sb = sa + ABYTES;
     const float* sxs = (const float*)(sb + XBYTES);
     if (SKIP && ntv == 0) continue;
-#pragma unroll
-    for (int j0 = 0; j0 < 4; j0 += spg) {
-      const int gl = j0 / spg, grp = kt * gpb + gl;
-      float ws[MT][2], xv[WT][2];
-#pragma unroll
-      for (int m = 0; m < MT; m++)
-#pragma unroll
-        for (int h = 0; h < 2; h++) ws[m][h] = e4m3(sws[(ra[m] + 8 * h) * GK + grp]);
-#pragma unroll
-      for (int nt = 0; nt < WT; nt++) {
-        const float2 v = *(const float2*)(sxs + gl * BT + wn * 8 * WT + 8 * nt + 2 * i);
-        xv[nt][0] = v.x;
-        xv[nt][1] = v.y;
-      }
-      i32 d[MT][WT][4];
-#pragma unroll
-      for (int m = 0; m < MT; m++)
-#pragma unroll
-        for (int nt = 0; nt < WT; nt++)
-#pragma unroll
-          for (int e = 0; e < 4; e++) d[m][nt][e] = 0;
-#pragma unroll
-      for (int j = j0; j < j0 + spg; j++) {
-        u32 af[MT][4];
-#pragma unroll
-        for (int m = 0; m < MT; m++) {
-          const u32 wa = *(const u32*)(sa + ra[m] * GEMM_ASTRIDE + 16 * j + 4 * i);
-          const u32 wb = *(const u32*)(sa + (ra[m] + 8) * GEMM_ASTRIDE + 16 * j + 4 * i);
-          af[m][0] = e2m1x4_signed(wa);
-          af[m][1] = e2m1x4_signed(wb);
-          af[m][2] = e2m1x4_signed(wa >> 16);
-          af[m][3] = e2m1x4_signed(wb >> 16);
-        }
-#pragma unroll
-        for (int nt = 0; nt < WT; nt++) {
-          if (SKIP && nt >= ntv) continue;
-          const int r = wn * 8 * WT + 8 * nt + g;
-          const uint2 bv = *(const uint2*)(sb + gemm_bofs(r, 2 * j + (i >> 1)) + 8 * (i & 1));
-#pragma unroll
-          for (int m = 0; m < MT; m++) mma_s8(d[m][nt], af[m], bv.x, bv.y);
-        }
-      }
-#pragma unroll
-      for (int m = 0; m < MT; m++)
-#pragma unroll
-        for (int nt = 0; nt < WT; nt++) {
-          // (n-tiles past ntv scale a zero sum: no branch around them.)
-          acc[m][nt][0] += (float)d[m][nt][0] * (ws[m][0] * xv[nt][0]);
-          acc[m][nt][1] += (float)d[m][nt][1] * (ws[m][0] * xv[nt][1]);
-          acc[m][nt][2] += (float)d[m][nt][2] * (ws[m][1] * xv[nt][0]);
-          acc[m][nt][3] += (float)d[m][nt][3] * (ws[m][1] * xv[nt][1]);
-        }
+    if (SKIP && ntv < WT) {
+      gemm_stage<MT, WT, WN, SPG, true>(acc, sa, sb, sxs, slut, sws, ra, GK, kt * gpb, spg, wn, g, i, ntv);
+    } else {
+      gemm_stage<MT, WT, WN, SPG, false>(acc, sa, sb, sxs, slut, sws, ra, GK, kt * gpb, spg, wn, g, i, ntv);
     }
   }
   cp_async_wait<0>();
@@ -313,7 +335,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
 }
 
 // Dense product of T tokens: grid (ceil(N/128), ceil(T/BT)), 128*WN threads,
-// GEMM_STAGES * (GEMM_ROWS * GEMM_ASTRIDE + BT * (GEMM_BK + 16)) + 128 * K/G
+// GEMM_STAGES * (GEMM_ROWS * GEMM_ASTRIDE + BT * (GEMM_BK + 16)) + 1024 + 128 * K/G
 // bytes of dynamic shared memory.
 //
 // Grid z > 1: per-head products, head z taking weight rows [z*N, (z+1)*N),
