@@ -142,9 +142,10 @@ func TestBackendMoEBatchedMatchesCPU(t *testing.T) {
 	router := denseHost(r, "router", E, K)
 	bias := backend.HostWeight{Name: "bias", N: 1, K: E, Dense: randVec(r, E, 0.1)}
 	g, c := testBackends(t, Options{})
-	// Down to 2 tokens, so that any threshold is covered.
-	defer func(v int, tile GEMMTile) { moeBatchedMinTokens, moeTileOverride = v, tile }(moeBatchedMinTokens, moeTileOverride)
-	moeBatchedMinTokens = 2
+	// Down to 2 tokens, so that any threshold is covered; the router of 20
+	// tokens and more through router_many.
+	defer func(v, rm int, tile GEMMTile) { moeBatchedMinTokens, routerManyMinRows, moeTileOverride = v, rm, tile }(moeBatchedMinTokens, routerManyMinRows, moeTileOverride)
+	moeBatchedMinTokens, routerManyMinRows = 2, 20
 	for _, G := range []int{128, 32} {
 		hosts := expertHosts(t, r, E+1, I, K, G)
 		// 2-37 tokens: 16-token tiles; 200: 64-token tiles (moeBatchTile);
