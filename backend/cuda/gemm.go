@@ -333,7 +333,7 @@ func (b *Backend) absorbMany(ql, qm *tensor, w *weight, s backend.MLAShape) bool
 // routerManyTokens is ROUTER_MANY_T in gemm.cu; routerManyMinRows the
 // smallest batch whose router runs router_many instead of moe_router_fast
 // (one block per token and four experts, each re-reading its experts' rows).
-const routerManyTokens = 16
+const routerManyTokens = 32
 
 var routerManyMinRows = 256
 
@@ -360,7 +360,8 @@ func (c *Ctx) RouterMany(W uint64, E, K int, x uint64, ldx, T int, logits uint64
 	if !RouterManyFits(E, K, x, ldx, topk) || T < 1 {
 		return fmt.Errorf("cuda: router many: %d experts of %d columns, top %d, %d rows (stride %d)", E, K, topk, T, ldx)
 	}
-	k, err := c.Kernel("gemm", "router_many")
+	shared := 2 * 4 * K * 4 // two chunks of ROUTER_MANY_C rows
+	k, err := c.kernelShared("gemm", "router_many", shared)
 	if err != nil {
 		return err
 	}
@@ -368,6 +369,6 @@ func (c *Ctx) RouterMany(W uint64, E, K int, x uint64, ldx, T int, logits uint64
 	if norm {
 		n = 1
 	}
-	return c.Launch(k, Dim{uint32((E + 15) / 16), uint32((T + routerManyTokens - 1) / routerManyTokens), 1}, D1(512), 0,
+	return c.Launch(k, Dim{uint32((E + 7) / 8), uint32((T + routerManyTokens - 1) / routerManyTokens), 1}, D1(256), shared,
 		W, E, K, x, ldx, T, logits, ldl, bias, topk, n, scaling, ids, wts, counters)
 }

@@ -517,27 +517,31 @@ extern "C" __global__ void __launch_bounds__(256)
 // over u, then the warp sum), but a warp keeps its expert's row in
 // registers for ROUTER_MANY_T tokens instead of one, so the router's
 // weights are read from L2 once per ROUTER_MANY_T tokens. Grid
-// (ceil(E/16), ceil(T/ROUTER_MANY_T)), 512 threads (warp w: expert
-// 16*blockIdx.x + w); the tokens' rows go through shared memory
-// ROUTER_MANY_C at a time. The last block of a token group (counted in
-// counters[group], which it resets) picks the experts of its tokens, four
-// tokens at a time (128 threads each), as moe_router_fast's last block.
-// E <= 128, K <= 2048 with K % 32 == 0, 16-byte aligned rows.
-#define ROUTER_MANY_T 16
+// (ceil(E/8), ceil(T/ROUTER_MANY_T)), 256 threads (warp w: expert
+// 8*blockIdx.x + w); the tokens' rows come through shared memory
+// ROUTER_MANY_C at a time, the next chunk's copy in flight (cp.async)
+// while the warps multiply this one. The last block of a token group
+// (counted in counters[group], which it resets) picks the experts of its
+// tokens, 256/E' tokens at a time (E' = E rounded up to 32, 64 or 128
+// threads a token), as moe_router_fast's last block. E <= 128, K <= 2048
+// with K % 32 == 0, 16-byte aligned rows; dynamic shared memory
+// 2 * ROUTER_MANY_C * K floats.
+#define ROUTER_MANY_T 32
 #define ROUTER_MANY_C 4
 #define ROUTER_MANY_MAX_K 2048
 
-extern "C" __global__ void __launch_bounds__(512)
+extern "C" __global__ void __launch_bounds__(256)
     router_many(const float* __restrict__ W, int E, int K, const float* __restrict__ x, int ldx, int T,
                 float* logits, int ldl, const float* __restrict__ bias, int topk, int norm, float scaling,
                 i32* __restrict__ ids, float* __restrict__ wts, u32* __restrict__ counters) {
   PDL_LAUNCH();
-  __shared__ __align__(16) float rx[ROUTER_MANY_C * ROUTER_MANY_MAX_K];
-  __shared__ float score[4][128], choice[4][128], pick[4][32];
+  extern __shared__ __align__(16) float rx[];  // [2][ROUTER_MANY_C][K]
+  __shared__ float score[256], choice[256], pick[8][32];
   __shared__ bool last;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int e = blockIdx.x * 16 + warp, t0 = blockIdx.y * ROUTER_MANY_T;
+  const int e = blockIdx.x * 8 + warp, t0 = blockIdx.y * ROUTER_MANY_T;
   const int nt = min(ROUTER_MANY_T, T - t0);
+  const int nchunks = (nt + ROUTER_MANY_C - 1) / ROUTER_MANY_C;
   float wv[ROUTER_MANY_MAX_K / 32];
   if (e < E) {
     const float* w = W + (size_t)e * K;
@@ -546,14 +550,28 @@ extern "C" __global__ void __launch_bounds__(512)
       if (32 * u < K) wv[u] = w[lane + 32 * u];
   }
   PDL_WAIT();
-  for (int c0 = 0; c0 < nt; c0 += ROUTER_MANY_C) {
-    const int nc = min(ROUTER_MANY_C, nt - c0);
-    __syncthreads();  // every warp is done with the previous rows
-    for (int idx = tid * 4; idx < nc * K; idx += 512 * 4) {
+  // Chunk c's rows (clamped to the last token) into buffer c & 1.
+  auto load = [&](int c) {
+    float* dst = rx + (c & 1) * ROUTER_MANY_C * K;
+    for (int idx = tid * 4; idx < ROUTER_MANY_C * K; idx += 256 * 4) {
       const int r = idx / K, k = idx - r * K;
-      *(float4*)&rx[r * K + k] = *(const float4*)(x + (size_t)(t0 + c0 + r) * ldx + k);
+      const int t = t0 + min(c * ROUTER_MANY_C + r, nt - 1);
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst + idx)), "l"(x + (size_t)t * ldx + k)
+                   : "memory");
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+  };
+  load(0);
+  for (int c = 0; c < nchunks; c++) {
+    if (c + 1 < nchunks) {
+      load(c + 1);
+      asm volatile("cp.async.wait_group 1;" ::: "memory");
+    } else {
+      asm volatile("cp.async.wait_group 0;" ::: "memory");
     }
     __syncthreads();
+    const float* cx = rx + (c & 1) * ROUTER_MANY_C * K;
+    const int nc = min(ROUTER_MANY_C, nt - c * ROUTER_MANY_C);
     if (e < E) {
       float acc[ROUTER_MANY_C];
 #pragma unroll
@@ -562,18 +580,16 @@ extern "C" __global__ void __launch_bounds__(512)
       for (int u = 0; u < ROUTER_MANY_MAX_K / 32; u++)
         if (32 * u < K) {
 #pragma unroll
-          for (int r = 0; r < ROUTER_MANY_C; r++)
-            if (r < nc) acc[r] += wv[u] * rx[r * K + lane + 32 * u];
+          for (int r = 0; r < ROUTER_MANY_C; r++) acc[r] += wv[u] * cx[r * K + lane + 32 * u];
         }
 #pragma unroll
       for (int r = 0; r < ROUTER_MANY_C; r++) {
-        if (r >= nc) break;
         const float s = warp_sum(acc[r]);
-        if (lane == 0) logits[(size_t)(t0 + c0 + r) * ldl + e] = s;
+        if (lane == 0 && r < nc) logits[(size_t)(t0 + c * ROUTER_MANY_C + r) * ldl + e] = s;
       }
     }
+    __syncthreads();  // every warp is done with this buffer before it is refilled
   }
-  __syncthreads();
   if (tid == 0) {
     __threadfence();
     last = atomicAdd(&counters[blockIdx.y], 1u) == gridDim.x - 1;
@@ -581,27 +597,30 @@ extern "C" __global__ void __launch_bounds__(512)
   __syncthreads();
   if (!last) return;
   __threadfence();
-  const int sub = tid >> 7, lt = tid & 127;
-  for (int r0 = 0; r0 < nt; r0 += 4) {
+  const int per = E <= 32 ? 32 : E <= 64 ? 64 : 128, tp = 256 / per;
+  const int sub = tid / per, lt = tid - sub * per;
+  float* sc = score + sub * per;
+  float* ch = choice + sub * per;
+  for (int r0 = 0; r0 < nt; r0 += tp) {
     const int r = r0 + sub, t = t0 + r;
     const bool on = r < nt;
     if (on && lt < E) {
       const float acc = __ldcg(logits + (size_t)t * ldl + lt);
       const float sg = (float)(1.0 / (1.0 + exp(-(double)acc)));
-      score[sub][lt] = sg;
-      choice[sub][lt] = sg + bias[lt];
+      sc[lt] = sg;
+      ch[lt] = sg + bias[lt];
     }
     __syncthreads();
     if (on && lt < E) {
-      const float c = choice[sub][lt];
+      const float cv = ch[lt];
       int rank = 0;
       for (int j = 0; j < E; j++) {
-        const float o = choice[sub][j];
-        rank += o > c || (o == c && j < lt);
+        const float o = ch[j];
+        rank += o > cv || (o == cv && j < lt);
       }
       if (rank < topk) {
         ids[(size_t)t * topk + rank] = lt;
-        pick[sub][rank] = score[sub][lt];
+        pick[sub][rank] = sc[lt];
       }
     }
     __syncthreads();
