@@ -550,17 +550,6 @@ func (a *arena) free(c *Ctx) error {
 // alloc returns n bytes of step memory (0 after a failure, recorded).
 // Growing the arena waits for the queued ops.
 func (b *Backend) alloc(n int) uint64 {
-	// An op's scratch in a large step closes the open zero range, so that
-	// the next tensor's memset does not sweep the scratch too (a 1024-row
-	// MoE's is 73 MB); small steps keep one memset for more tensors.
-	if b.zero != nil && b.batchRows() >= scopedRows {
-		b.zero = nil
-	}
-	return b.arenaAlloc(n)
-}
-
-// arenaAlloc takes n bytes of step memory from the arena.
-func (b *Backend) arenaAlloc(n int) uint64 {
 	if p, ok := b.arena.take(n); ok {
 		return p
 	}
@@ -846,7 +835,7 @@ func (b *Backend) NewTensor(rows, cols int) backend.Tensor {
 		b.fail("tensor of %dx%d", rows, cols)
 		rows, cols = 0, 0
 	}
-	t := &tensor{rows: rows, cols: cols, ld: cols, ptr: b.arenaAlloc(4 * rows * cols)}
+	t := &tensor{rows: rows, cols: cols, ld: cols, ptr: b.alloc(4 * rows * cols)}
 	if t.ptr != 0 && rows*cols > 0 {
 		b.zeroFill(t.ptr, 4*rows*cols)
 	}
