@@ -217,6 +217,8 @@ func BenchmarkGEMM(b *testing.B) {
 		name string
 		n, k int
 	}{
+		{"q_a_768x2048", 768, 2048},
+		{"kv_a_576x2048", 576, 2048},
 		{"expert_gate_1536x2048", 1536, 2048},
 		{"expert_down_2048x1536", 2048, 1536},
 		{"q_b_5120x768", 5120, 768},
