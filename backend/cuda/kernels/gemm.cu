@@ -150,7 +150,7 @@ DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, cons
     for (int m = 0; m < MT; m++)
 #pragma unroll
       for (int nt = 0; nt < WT; nt++) {
-        if (PART && nt >= ntv) continue;
+        // (n-tiles past ntv scale a zero sum: no branch around them.)
         acc[m][nt][0] += (float)d[m][nt][0] * (ws[m][0] * xv[nt][0]);
         acc[m][nt][1] += (float)d[m][nt][1] * (ws[m][0] * xv[nt][1]);
         acc[m][nt][2] += (float)d[m][nt][2] * (ws[m][1] * xv[nt][0]);
