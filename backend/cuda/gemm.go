@@ -76,10 +76,10 @@ func (t GEMMTile) threads() int {
 }
 
 // shared is the tile's dynamic shared memory for gk scale groups a row:
-// the cp.async stages (codes, activations, activation scales), then the
-// block's weight scales.
+// the cp.async stages (codes, activations, activation scales), the E4M3
+// table (256 floats), then the block's weight scales.
 func (t GEMMTile) shared(gk int) int {
-	return gemmStages*(gemmRows*gemmAStride+t.tokens()*(gemmBK+16)) + gemmRows*gk
+	return gemmStages*(gemmRows*gemmAStride+t.tokens()*(gemmBK+16)) + 1024 + gemmRows*gk
 }
 
 func pickTile(t GEMMTile, tokens int) GEMMTile {
@@ -318,4 +318,49 @@ func (b *Backend) absorbMany(ql, qm *tensor, w *weight, s backend.MLAShape) bool
 			ql.ptr, ql.ld, qm.ptr, qm.ld, q.Codes, q.Scales, q.RowScale, q.G, s.Rank, s.NopeDim, s.RopeDim, ql.rows)
 	})
 	return true
+}
+
+// routerManyTokens is ROUTER_MANY_T in gemm.cu; routerManyMinRows the
+// smallest batch whose router runs router_many instead of moe_router_fast
+// (one block per token and four experts, each re-reading its experts'
+// rows). Measured on an H200 (BenchmarkRouterMany, 64 experts of 2048):
+// 52 against 78 us at 1024 rows, 42 against 23 at 256.
+const routerManyTokens = 32
+
+var routerManyMinRows = 512
+
+// MMFP4_CUDA_ROUTER_MANY sets routerManyMinRows ("off": never), for
+// comparisons in one binary.
+func init() {
+	if v := os.Getenv("MMFP4_CUDA_ROUTER_MANY"); v == "off" {
+		routerManyMinRows = 1 << 30
+	} else if n, err := strconv.Atoi(v); err == nil && n >= 1 {
+		routerManyMinRows = n
+	}
+}
+
+// RouterManyFits reports whether RouterMany takes these experts and input.
+func RouterManyFits(E, K int, x uint64, ldx, topk int) bool {
+	return E >= 1 && E <= 128 && K >= 32 && K <= 2048 && K%32 == 0 && ldx%4 == 0 && x%16 == 0 && topk >= 1 && topk <= 32 && topk <= E
+}
+
+// RouterMany computes what RouterRoute computes without the int8 form of
+// the input (the same logits, experts and weights, bit for bit) for the T
+// rows of x, with each expert's weights read once per routerManyTokens
+// rows. counters holds ceil(T/routerManyTokens) zeroed words (left zeroed).
+func (c *Ctx) RouterMany(W uint64, E, K int, x uint64, ldx, T int, logits uint64, ldl int, bias uint64, topk int, norm bool, scaling float32, ids, wts, counters uint64) error {
+	if !RouterManyFits(E, K, x, ldx, topk) || T < 1 {
+		return fmt.Errorf("cuda: router many: %d experts of %d columns, top %d, %d rows (stride %d)", E, K, topk, T, ldx)
+	}
+	shared := 2 * 4 * K * 4 // two chunks of ROUTER_MANY_C rows
+	k, err := c.kernelShared("gemm", "router_many", shared)
+	if err != nil {
+		return err
+	}
+	n := 0
+	if norm {
+		n = 1
+	}
+	return c.Launch(k, Dim{uint32((E + 7) / 8), uint32((T + routerManyTokens - 1) / routerManyTokens), 1}, D1(256), shared,
+		W, E, K, x, ldx, T, logits, ldl, bias, topk, n, scaling, ids, wts, counters)
 }

@@ -5,6 +5,7 @@ package cuda
 import (
 	"errors"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"testing"
 
@@ -141,9 +142,10 @@ func TestBackendMoEBatchedMatchesCPU(t *testing.T) {
 	router := denseHost(r, "router", E, K)
 	bias := backend.HostWeight{Name: "bias", N: 1, K: E, Dense: randVec(r, E, 0.1)}
 	g, c := testBackends(t, Options{})
-	// Down to 2 tokens, so that any threshold is covered.
-	defer func(v int, tile GEMMTile) { moeBatchedMinTokens, moeTileOverride = v, tile }(moeBatchedMinTokens, moeTileOverride)
-	moeBatchedMinTokens = 2
+	// Down to 2 tokens, so that any threshold is covered; the router of 20
+	// tokens and more through router_many.
+	defer func(v, rm int, tile GEMMTile) { moeBatchedMinTokens, routerManyMinRows, moeTileOverride = v, rm, tile }(moeBatchedMinTokens, routerManyMinRows, moeTileOverride)
+	moeBatchedMinTokens, routerManyMinRows = 2, 20
 	for _, G := range []int{128, 32} {
 		hosts := expertHosts(t, r, E+1, I, K, G)
 		// 2-37 tokens: 16-token tiles; 200: 64-token tiles (moeBatchTile);
@@ -215,6 +217,8 @@ func BenchmarkGEMM(b *testing.B) {
 		name string
 		n, k int
 	}{
+		{"q_a_768x2048", 768, 2048},
+		{"kv_a_576x2048", 576, 2048},
 		{"expert_gate_1536x2048", 1536, 2048},
 		{"expert_down_2048x1536", 2048, 1536},
 		{"q_b_5120x768", 5120, 768},
@@ -395,6 +399,122 @@ func BenchmarkMoEBatched(b *testing.B) {
 					sec := float64(ms) / 1e3 / reps
 					b.ReportMetric(sec*1e6, "us/op")
 					b.ReportMetric(sec*1e6/float64(T), "us/token")
+					return nil
+				})
+				if err != nil {
+					b.Fatal(err)
+				}
+			})
+		}
+	}
+}
+
+// RouterMany gives RouterRoute's logits, experts and weights bit for bit
+// (moe_router_fast: the same products in the same order), leaves its
+// counters zeroed (two calls in a row agree), at the model's shape and odd
+// ones (rows not a multiple of the token group, experts not of 16).
+func TestRouterManyMatchesRouterRoute(t *testing.T) {
+	d := testDevice(t)
+	r := testRand(t)
+	for _, sh := range []struct{ E, K, T, topK int }{
+		{64, 2048, 1024, 4}, {64, 2048, 37, 4}, {64, 2048, 3, 4}, {16, 512, 20, 4}, {128, 1056, 33, 8}, {100, 2048, 50, 8}, {5, 64, 17, 2},
+	} {
+		E, K, T, topK := sh.E, sh.K, sh.T, sh.topK
+		W, x, bias := randVec(r, E*K, 0.02), randVec(r, T*K, 1), randVec(r, E, 0.05)
+		var got [2][3][]float32
+		var ids [2][]int32
+		err := d.Do(func(c *Ctx) error {
+			wb, err1 := upload(c, W)
+			xb, err2 := upload(c, x)
+			bb, err3 := upload(c, bias)
+			out, err4 := c.Alloc(4 * (T*E + 2*T*topK + T))
+			if err := errors.Join(err1, err2, err3, err4); err != nil {
+				return err
+			}
+			defer func() { c.Free(wb); c.Free(xb); c.Free(bb); c.Free(out) }()
+			lP, iP, wP, cP := out.Ptr, out.At(4*T*E), out.At(4*(T*E+T*topK)), out.At(4*(T*E+2*T*topK))
+			for v := 0; v < 2; v++ {
+				if err := errors.Join(poison(c, out.Ptr, 4*(T*E+2*T*topK)), c.Memset(cP, 0, 4*T)); err != nil {
+					return err
+				}
+				for rep := 0; rep < 2; rep++ { // the counters must be left zeroed
+					var err error
+					if v == 0 {
+						err = c.RouterMany(wb.Ptr, E, K, xb.Ptr, K, T, lP, E, bb.Ptr, topK, true, 1.8, iP, wP, cP)
+					} else {
+						err = c.RouterRoute(wb.Ptr, E, K, xb.Ptr, K, T, lP, E, bb.Ptr, topK, true, 1.8, iP, wP, cP, nil)
+					}
+					if err != nil {
+						return err
+					}
+				}
+				got[v][0], got[v][1], ids[v] = make([]float32, T*E), make([]float32, T*topK), make([]int32, T*topK)
+				got[v][2] = make([]float32, T)
+				if err := errors.Join(CopyOut(c, got[v][0], lP), CopyOut(c, ids[v], iP), CopyOut(c, got[v][1], wP), CopyOut(c, got[v][2], cP)); err != nil {
+					return err
+				}
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for i := range got[0][0] {
+			if math.Float32bits(got[0][0][i]) != math.Float32bits(got[1][0][i]) {
+				t.Fatalf("E=%d K=%d T=%d: logit %d: %v, router_fast %v", E, K, T, i, got[0][0][i], got[1][0][i])
+			}
+		}
+		for i := range ids[0] {
+			if ids[0][i] != ids[1][i] || math.Float32bits(got[0][1][i]) != math.Float32bits(got[1][1][i]) {
+				t.Fatalf("E=%d K=%d T=%d: choice %d: %d %v, router_fast %d %v", E, K, T, i, ids[0][i], got[0][1][i], ids[1][i], got[1][1][i])
+			}
+		}
+		for i, v := range got[0][2] {
+			if v != 0 {
+				t.Fatalf("E=%d K=%d T=%d: counter %d left at %v", E, K, T, i, math.Float32bits(v))
+			}
+		}
+		t.Logf("E=%d K=%d T=%d top %d: logits, experts and weights identical to router_fast", E, K, T, topK)
+	}
+}
+
+// BenchmarkRouterMany: the router of a prefill batch (64 experts of 2048
+// columns, top 4), router_many against moe_router_fast (device time).
+func BenchmarkRouterMany(b *testing.B) {
+	d := benchDevice(b)
+	r := rand.New(rand.NewPCG(12, 12))
+	const E, K, topK = 64, 2048, 4
+	for _, T := range []int{64, 256, 1024} {
+		for _, v := range []string{"fast", "many"} {
+			b.Run(fmt.Sprintf("T%d/%s", T, v), func(b *testing.B) {
+				err := d.Do(func(c *Ctx) error {
+					wb, err1 := upload(c, randVec(r, E*K, 0.02))
+					xb, err2 := upload(c, randVec(r, T*K, 1))
+					bb, err3 := upload(c, randVec(r, E, 0.05))
+					out, err4 := c.Alloc(4 * (T*E + 2*T*topK + T))
+					if err := errors.Join(err1, err2, err3, err4); err != nil {
+						return err
+					}
+					defer func() { c.Free(wb); c.Free(xb); c.Free(bb); c.Free(out) }()
+					lP, iP, wP, cP := out.Ptr, out.At(4*T*E), out.At(4*(T*E+T*topK)), out.At(4*(T*E+2*T*topK))
+					if err := c.Memset(cP, 0, 4*T); err != nil {
+						return err
+					}
+					run := func() error {
+						if v == "many" {
+							return c.RouterMany(wb.Ptr, E, K, xb.Ptr, K, T, lP, E, bb.Ptr, topK, true, 1.8, iP, wP, cP)
+						}
+						return c.RouterRoute(wb.Ptr, E, K, xb.Ptr, K, T, lP, E, bb.Ptr, topK, true, 1.8, iP, wP, cP, nil)
+					}
+					if err := run(); err != nil {
+						return err
+					}
+					const reps = 20
+					ms, err := timeDevice(c, reps, 1, run)
+					if err != nil {
+						return err
+					}
+					b.ReportMetric(float64(ms)*1e3/reps, "us/op")
 					return nil
 				})
 				if err != nil {

@@ -17,9 +17,11 @@
 // through a GEMM_STAGES-deep cp.async pipeline in shared memory: codes
 // [128 rows][64 bytes] (rows padded to 80 bytes: conflict-free word reads),
 // activations [BT][128 bytes] (16-byte granules swizzled by token) and
-// their scales [BT][4 floats]; the block's weight scales for all of K are
-// loaded once, before the pipeline ([128][K/G] bytes after the stages), so
-// that no global load waits inside the loop.
+// their scales [4 groups][BT floats] (a thread's two tokens' scales are one
+// 8-byte read); the block's weight scales for all of K are
+// loaded once, before the pipeline ([128][K/G] bytes after the stages and
+// a 256-entry table of E4M3 values), so that no global load waits inside
+// the loop.
 //
 // Inside a 32-column chunk the order of k does not matter as long as A and B
 // agree: thread (g = lane/4, i = lane%4) takes word i of the chunk's 16
@@ -92,24 +94,30 @@ DEVICE int gemm_bofs(int r, int c) { return r * GEMM_BK + ((c ^ ((r & 3) << 1)) 
 
 DEVICE float gemm_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
 
-// One pipeline stage's products of gemm_tile (see there): codes at sa,
-// activations at sb and their scales at sxs, weight scales sws [128][GK].
-// C: skip the n-tiles from ntv on (each checked).
-template <int MT, int WT, int SPG, bool C>
-DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, const float* sxs, const u8* sws,
-                       const int (&ra)[MT], int GK, int kt, int gpb, int spg, int wn, int g, int i, int ntv) {
+// One stage of a warp's products (see gemm_tile): grp0 is the stage's first
+// scale group. PART checks each n-tile against ntv, the warp's n-tiles that
+// hold a valid token (the short last tile of a segment); full tiles take the
+// copy without the checks, so their products need no predicates and their
+// first mma of a group adds to zero.
+template <int MT, int WT, int WN, int SPG, bool PART>
+DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, const float* sxs, const float* slut,
+                       const u8* sws, const int (&ra)[MT], int GK, int grp0, int spg, int wn, int g, int i,
+                       int ntv) {
+  constexpr int BT = 8 * WT * WN;
 #pragma unroll
   for (int j0 = 0; j0 < 4; j0 += spg) {
-    const int gl = j0 / spg, grp = kt * gpb + gl;
+    const int gl = j0 / spg, grp = grp0 + gl;
     float ws[MT][2], xv[WT][2];
 #pragma unroll
     for (int m = 0; m < MT; m++)
 #pragma unroll
-      for (int h = 0; h < 2; h++) ws[m][h] = e4m3(sws[(ra[m] + 8 * h) * GK + grp]);
+      for (int h = 0; h < 2; h++) ws[m][h] = slut[sws[(ra[m] + 8 * h) * GK + grp]];
 #pragma unroll
-    for (int nt = 0; nt < WT; nt++)
-#pragma unroll
-      for (int e = 0; e < 2; e++) xv[nt][e] = sxs[(wn * 8 * WT + 8 * nt + 2 * i + e) * 4 + gl];
+    for (int nt = 0; nt < WT; nt++) {
+      const float2 v = *(const float2*)(sxs + gl * BT + wn * 8 * WT + 8 * nt + 2 * i);
+      xv[nt][0] = v.x;
+      xv[nt][1] = v.y;
+    }
     i32 d[MT][WT][4];
 #pragma unroll
     for (int m = 0; m < MT; m++)
@@ -131,7 +139,7 @@ DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, cons
       }
 #pragma unroll
       for (int nt = 0; nt < WT; nt++) {
-        if (C && nt >= ntv) continue;
+        if (PART && nt >= ntv) continue;
         const int r = wn * 8 * WT + 8 * nt + g;
         const uint2 bv = *(const uint2*)(sb + gemm_bofs(r, 2 * j + (i >> 1)) + 8 * (i & 1));
 #pragma unroll
@@ -142,7 +150,7 @@ DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, cons
     for (int m = 0; m < MT; m++)
 #pragma unroll
       for (int nt = 0; nt < WT; nt++) {
-        if (C && nt >= ntv) continue;
+        // (n-tiles past ntv scale a zero sum: no branch around them.)
         acc[m][nt][0] += (float)d[m][nt][0] * (ws[m][0] * xv[nt][0]);
         acc[m][nt][1] += (float)d[m][nt][1] * (ws[m][0] * xv[nt][1]);
         acc[m][nt][2] += (float)d[m][nt][2] * (ws[m][1] * xv[nt][0]);
@@ -176,17 +184,21 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
   constexpr int BT = 8 * WT * WN;
   constexpr int WM = 8 / MT;  // warps along the rows
   constexpr int NT = 32 * WM * WN;
-  constexpr bool SKIP = MT == 1 && SK >= 1;
+  constexpr bool SKIP = MT == 1 && SK == 1;
   constexpr int ABYTES = GEMM_ROWS * GEMM_ASTRIDE;
   constexpr int XBYTES = BT * GEMM_BK;
   constexpr int SBYTES = ABYTES + XBYTES + BT * 16;  // codes, activations, activation scales
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int wm = warp % WM, wn = warp / WM, g = lane >> 2, i = lane & 3;
   const int nk = K / GEMM_BK, GK = K / G;
-  const int gpb = GEMM_BK / G;  // groups per stage
+  const int gpb = SPG ? GEMM_BK / (32 * SPG) : GEMM_BK / G;  // groups per stage
   const int half = MODE == GEMM_GATE_UP ? 64 : 128;
   // The block's weight scales for all of K, after the stages: [128][GK].
-  u8* sws = smem + GEMM_STAGES * SBYTES;
+  // Before them, the E4M3 value of every byte (a group scale is then one
+  // byte read and one table read, not a conversion).
+  float* slut = (float*)(smem + GEMM_STAGES * SBYTES);
+  u8* sws = smem + GEMM_STAGES * SBYTES + 256 * 4;
+  for (int idx = tid; idx < 256; idx += NT) slut[idx] = e4m3(idx);
   for (int idx = tid; idx < GEMM_ROWS * GK; idx += NT) {
     const int r = idx / GK, gi = idx - r * GK;
     const u8* base = (MODE == GEMM_GATE_UP && r >= 64) ? b.scales : a.scales;
@@ -201,36 +213,31 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     }
     return a.codes + (size_t)min(row0 + r, N - 1) * (K / 2);
   };
-  // Each thread's cp.async sources and destinations, computed once: NA
-  // pieces of codes and NX of activations a stage, and one token's scales
-  // (tid < BT); a stage adds its column offset and buffer.
-  constexpr int NA = GEMM_ROWS * 4 / NT, NX = BT * 8 / NT;
-  static_assert(NA * NT == GEMM_ROWS * 4 && NX * NT == BT * 8 && BT <= NT, "gemm_tile copy split");
-  const u8* asrc[NA];
-  u32 adst[NA];
+  // Each thread's cp.async sources and shared offsets for every stage,
+  // computed once: the stage loads are then AIT + XIT 16-byte copies (and
+  // one small one) at fixed offsets, with no per-stage loop or address
+  // arithmetic beyond the column offset.
+  constexpr int AIT = GEMM_ROWS * 4 / NT, XIT = BT * 8 / NT;
+  static_assert(AIT * NT == GEMM_ROWS * 4 && XIT * NT == BT * 8 && XIT >= 1, "stage copies must divide evenly");
+  const u8* asrc[AIT];
+  const i8* xsrc[XIT];
 #pragma unroll
-  for (int q = 0; q < NA; q++) {
-    const int idx = tid + q * NT, r = idx >> 2, c = idx & 3;
-    asrc[q] = arow(r) + c * 16;
-    adst[q] = smem_addr(smem + r * GEMM_ASTRIDE + c * 16);
-  }
-  const i8* xsrc[NX];
-  u32 xdst[NX];
+  for (int it = 0; it < AIT; it++) asrc[it] = arow((tid >> 2) + it * (NT / 4)) + (tid & 3) * 16;
 #pragma unroll
-  for (int q = 0; q < NX; q++) {
-    const int idx = tid + q * NT, r = idx >> 3, c = idx & 7;
-    xsrc[q] = xq + (size_t)tokrow[r] * ldx + c * 16;
-    xdst[q] = smem_addr(smem + ABYTES + gemm_bofs(r, c));
-  }
+  for (int it = 0; it < XIT; it++) xsrc[it] = xq + (size_t)tokrow[(tid >> 3) + it * (NT / 8)] * ldx + (tid & 7) * 16;
   const float* ssrc = xs + (size_t)tokrow[min(tid, BT - 1)] * ldxs;
-  const u32 sdst = smem_addr(smem + ABYTES + XBYTES + tid * 16);
+  const u32 sbase = smem_addr(smem);
+  const u32 adst = (tid >> 2) * GEMM_ASTRIDE + (tid & 3) * 16;
+  const u32 xdst = ABYTES + gemm_bofs(tid >> 3, tid & 7);
   auto load_stage = [&](int s, int buf) {
-    const u32 so = buf * SBYTES;
+    const u32 base = sbase + buf * SBYTES;
+    const int k0 = s * GEMM_BK;
 #pragma unroll
-    for (int q = 0; q < NA; q++) cp_async16(adst[q] + so, asrc[q] + s * (GEMM_BK / 2));
+    for (int it = 0; it < AIT; it++) cp_async16(base + adst + it * (NT / 4) * GEMM_ASTRIDE, asrc[it] + k0 / 2);
 #pragma unroll
-    for (int q = 0; q < NX; q++) cp_async16(xdst[q] + so, xsrc[q] + s * GEMM_BK);
-    if (tid < BT) cp_async_small(sdst + so, ssrc + s * gpb, 4 * gpb);
+    for (int it = 0; it < XIT; it++) cp_async16(base + xdst + it * (NT / 8) * GEMM_BK, xsrc[it] + k0);
+    if (tid < BT)
+      for (int gl = 0; gl < gpb; gl++) cp_async_small(base + ABYTES + XBYTES + (gl * BT + tid) * 4, ssrc + s * gpb + gl, 4);
   };
 
   // This thread's weight rows (shared rows ra[m], ra[m] + 8) and scale rows.
@@ -263,7 +270,11 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     const u8* sb = sa + ABYTES;
     const float* sxs = (const float*)(sb + XBYTES);
     if (SKIP && ntv == 0) continue;
-    gemm_stage<MT, WT, SPG, SKIP>(acc, sa, sb, sxs, sws, ra, GK, kt, gpb, spg, wn, g, i, ntv);
+    if (SKIP && ntv < WT) {
+      gemm_stage<MT, WT, WN, SPG, true>(acc, sa, sb, sxs, slut, sws, ra, GK, kt * gpb, spg, wn, g, i, ntv);
+    } else {
+      gemm_stage<MT, WT, WN, SPG, false>(acc, sa, sb, sxs, slut, sws, ra, GK, kt * gpb, spg, wn, g, i, ntv);
+    }
   }
   cp_async_wait<0>();
 
@@ -324,7 +335,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
 }
 
 // Dense product of T tokens: grid (ceil(N/128), ceil(T/BT)), 128*WN threads,
-// GEMM_STAGES * (GEMM_ROWS * GEMM_ASTRIDE + BT * (GEMM_BK + 16)) + 128 * K/G
+// GEMM_STAGES * (GEMM_ROWS * GEMM_ASTRIDE + BT * (GEMM_BK + 16)) + 1024 + 128 * K/G
 // bytes of dynamic shared memory.
 //
 // Grid z > 1: per-head products, head z taking weight rows [z*N, (z+1)*N),
@@ -497,4 +508,130 @@ extern "C" __global__ void __launch_bounds__(256)
       o[1] = acc[a][1];
     }
   }
+}
+
+// ---------------------------------------------------------------------------
+// The router of many tokens (prefill): logits[t][e] = W[e] . x[t] and each
+// token's choice, as moe_router_fast computes them (the same products in
+// the same order, so the same bits: lane l sums W[e][l+32u] * x[t][l+32u]
+// over u, then the warp sum), but a warp keeps its expert's row in
+// registers for ROUTER_MANY_T tokens instead of one, so the router's
+// weights are read from L2 once per ROUTER_MANY_T tokens. Grid
+// (ceil(E/8), ceil(T/ROUTER_MANY_T)), 256 threads (warp w: expert
+// 8*blockIdx.x + w); the tokens' rows come through shared memory
+// ROUTER_MANY_C at a time, the next chunk's copy in flight (cp.async)
+// while the warps multiply this one. The last block of a token group
+// (counted in counters[group], which it resets) picks the experts of its
+// tokens, 256/E' tokens at a time (E' = E rounded up to 32, 64 or 128
+// threads a token), as moe_router_fast's last block. E <= 128, K <= 2048
+// with K % 32 == 0, 16-byte aligned rows; dynamic shared memory
+// 2 * ROUTER_MANY_C * K floats.
+#define ROUTER_MANY_T 32
+#define ROUTER_MANY_C 4
+#define ROUTER_MANY_MAX_K 2048
+
+extern "C" __global__ void __launch_bounds__(256)
+    router_many(const float* __restrict__ W, int E, int K, const float* __restrict__ x, int ldx, int T,
+                float* logits, int ldl, const float* __restrict__ bias, int topk, int norm, float scaling,
+                i32* __restrict__ ids, float* __restrict__ wts, u32* __restrict__ counters) {
+  PDL_LAUNCH();
+  extern __shared__ __align__(16) float rx[];  // [2][ROUTER_MANY_C][K]
+  __shared__ float score[256], choice[256], pick[8][32];
+  __shared__ bool last;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int e = blockIdx.x * 8 + warp, t0 = blockIdx.y * ROUTER_MANY_T;
+  const int nt = min(ROUTER_MANY_T, T - t0);
+  const int nchunks = (nt + ROUTER_MANY_C - 1) / ROUTER_MANY_C;
+  float wv[ROUTER_MANY_MAX_K / 32];
+  if (e < E) {
+    const float* w = W + (size_t)e * K;
+#pragma unroll
+    for (int u = 0; u < ROUTER_MANY_MAX_K / 32; u++)
+      if (32 * u < K) wv[u] = w[lane + 32 * u];
+  }
+  PDL_WAIT();
+  // Chunk c's rows (clamped to the last token) into buffer c & 1.
+  auto load = [&](int c) {
+    float* dst = rx + (c & 1) * ROUTER_MANY_C * K;
+    for (int idx = tid * 4; idx < ROUTER_MANY_C * K; idx += 256 * 4) {
+      const int r = idx / K, k = idx - r * K;
+      const int t = t0 + min(c * ROUTER_MANY_C + r, nt - 1);
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst + idx)), "l"(x + (size_t)t * ldx + k)
+                   : "memory");
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+  };
+  load(0);
+  for (int c = 0; c < nchunks; c++) {
+    if (c + 1 < nchunks) {
+      load(c + 1);
+      asm volatile("cp.async.wait_group 1;" ::: "memory");
+    } else {
+      asm volatile("cp.async.wait_group 0;" ::: "memory");
+    }
+    __syncthreads();
+    const float* cx = rx + (c & 1) * ROUTER_MANY_C * K;
+    const int nc = min(ROUTER_MANY_C, nt - c * ROUTER_MANY_C);
+    if (e < E) {
+      float acc[ROUTER_MANY_C];
+#pragma unroll
+      for (int r = 0; r < ROUTER_MANY_C; r++) acc[r] = 0.f;
+#pragma unroll
+      for (int u = 0; u < ROUTER_MANY_MAX_K / 32; u++)
+        if (32 * u < K) {
+#pragma unroll
+          for (int r = 0; r < ROUTER_MANY_C; r++) acc[r] += wv[u] * cx[r * K + lane + 32 * u];
+        }
+#pragma unroll
+      for (int r = 0; r < ROUTER_MANY_C; r++) {
+        const float s = warp_sum(acc[r]);
+        if (lane == 0 && r < nc) logits[(size_t)(t0 + c * ROUTER_MANY_C + r) * ldl + e] = s;
+      }
+    }
+    __syncthreads();  // every warp is done with this buffer before it is refilled
+  }
+  if (tid == 0) {
+    __threadfence();
+    last = atomicAdd(&counters[blockIdx.y], 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int per = E <= 32 ? 32 : E <= 64 ? 64 : 128, tp = 256 / per;
+  const int sub = tid / per, lt = tid - sub * per;
+  float* sc = score + sub * per;
+  float* ch = choice + sub * per;
+  for (int r0 = 0; r0 < nt; r0 += tp) {
+    const int r = r0 + sub, t = t0 + r;
+    const bool on = r < nt;
+    if (on && lt < E) {
+      const float acc = __ldcg(logits + (size_t)t * ldl + lt);
+      const float sg = (float)(1.0 / (1.0 + exp(-(double)acc)));
+      sc[lt] = sg;
+      ch[lt] = sg + bias[lt];
+    }
+    __syncthreads();
+    if (on && lt < E) {
+      const float cv = ch[lt];
+      int rank = 0;
+      for (int j = 0; j < E; j++) {
+        const float o = ch[j];
+        rank += o > cv || (o == cv && j < lt);
+      }
+      if (rank < topk) {
+        ids[(size_t)t * topk + rank] = lt;
+        pick[sub][rank] = sc[lt];
+      }
+    }
+    __syncthreads();
+    if (on && lt < topk) {
+      float sum = 0.f;
+      for (int k = 0; k < topk; k++) sum += pick[sub][k];
+      float w = pick[sub][lt];
+      if (norm) w /= sum + 1e-20f;
+      wts[(size_t)t * topk + lt] = w * scaling;
+    }
+    __syncthreads();
+  }
+  if (tid == 0) counters[blockIdx.y] = 0;
 }
