@@ -362,7 +362,7 @@ func (c *Ctx) RouterRoute(W uint64, E, K int, x uint64, ldx, T int, logits uint6
 			}
 			xq, xs, xsum, G = q.Q, q.Scales, q.Sums, q.G
 		}
-		if E == routerClusterE && !routerNoCluster && moeDecode != "prev" {
+		if E == routerClusterE && !routerNoCluster {
 			k, err := c.Kernel("moe", "moe_router_cluster")
 			if err != nil {
 				return err
@@ -400,7 +400,7 @@ var routerSlow bool
 // routerClusterE is the number of experts of moe_router_cluster (one
 // cluster of 8 blocks of 8 warps a row), which RouterRoute takes for them
 // instead of moe_router_fast (the same bits) unless routerNoCluster
-// (benchmarks and tests) or MMFP4_CUDA_MOE_DECODE=prev.
+// (benchmarks and tests).
 const routerClusterE = 64
 
 var routerNoCluster bool
@@ -469,15 +469,11 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 		acc = 1
 	}
 	if slots <= moeSlotsMax && t.K <= moeRowsMaxK && t.I <= moeRowsMaxK && t.I%t.G == 0 && !moeDownOld {
-		guName, downName := "moe_gate_up_q", "moe_down_hq"
-		if moeDecode != "" {
-			guName, downName = guName+"_"+moeDecode, downName+"_"+moeDecode
-		}
-		gu, err := c.Kernel("moe", guName)
+		gu, err := c.Kernel("moe", "moe_gate_up_q")
 		if err != nil {
 			return err
 		}
-		down, err := c.Kernel("moe", downName)
+		down, err := c.Kernel("moe", "moe_down_hq")
 		if err != nil {
 			return err
 		}
@@ -486,12 +482,8 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 			return err
 		}
 		// The routing is an input of the gate/up launch just queued, so
-		// the down launch may read it before its wait (early).
-		early := 1
-		if moeDecode == "prev" {
-			early = 0
-		}
-		return c.Launch(down, D1((t.K+3)/4), D1(32*slots), 0, t.buf, ids, wts, topk, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, y, acc, early)
+		// the down launch may read it before its wait (early = 1).
+		return c.Launch(down, D1((t.K+3)/4), D1(32*slots), 0, t.buf, ids, wts, topk, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, y, acc, 1)
 	}
 	gu, err := c.Kernel("moe", "moe_gate_up")
 	if err != nil {
@@ -536,22 +528,6 @@ const (
 // MoE input's quantization out of the router launch (Backend): the MoE
 // chain as it was before these kernels.
 var moeDownOld = os.Getenv("MMFP4_CUDA_MOE_DOWN") == "old"
-
-// moeDecode picks the form of the products of MoE's single-token kernels:
-// "" moe_gate_up_q and moe_down_hq, "prev" their earlier form (the
-// table's low word rebuilt for each byte permute, the scales decoded in
-// integer operations, the SiLU products one lane after the other, the down
-// kernel's routed slots waiting before their loads, and the router launch
-// moe_router_fast for 64 experts too); both give the same bits.
-// MMFP4_CUDA_MOE_DECODE=prev, for an A/B on the card.
-var moeDecode = moeDecodeEnv(os.Getenv("MMFP4_CUDA_MOE_DECODE"))
-
-func moeDecodeEnv(v string) string {
-	if v == "prev" {
-		return v
-	}
-	return ""
-}
 
 // moeMaxI is MOE_MAX_I in moe.cu: the largest intermediate size whose
 // quantization moe_down_q holds in shared memory.

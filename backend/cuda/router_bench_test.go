@@ -23,9 +23,6 @@ import (
 //   - -old: moe_gate_up and moe_down_q (each down block quantizing its
 //     slot's h, a block per slot, the sum by the last) instead of
 //     moe_gate_up_q and moe_down_hq;
-//   - -prev: moe_gate_up_q and moe_down_hq with their earlier products
-//     (and the down kernel's routed slots waiting before their loads, the
-//     router launch moe_router_fast: MMFP4_CUDA_MOE_DECODE=prev);
 //   - -fastrouter: moe_router_fast instead of moe_router_cluster
 //     (routerNoCluster).
 //
@@ -165,20 +162,18 @@ func BenchmarkRouterMoE(b *testing.B) {
 		// oldDown: moe_gate_up and moe_down_q (else moe_gate_up_q and
 		// moe_down_hq).
 		oldDown bool
-		// decode: moeDecode, the form of moe_gate_up_q's and
-		// moe_down_hq's products.
-		decode string
-		call   func(c *Ctx, L *layer, s int) error
+		// fastRouter: moe_router_fast for 64 experts instead of the
+		// cluster router.
+		fastRouter bool
+		call       func(c *Ctx, L *layer, s int) error
 	}{
-		{"router+quant+two-old", true, true, "", routerTwo(1)},
-		{"router+quant+two", true, false, "", routerTwo(1)},
-		{"routerquant+two", true, false, "", routerTwo(2)},
-		{"router+two-prev", true, false, "prev", routerTwo(0)},
-		{"router+two", true, false, "", routerTwo(0)},
-		{"two-old", false, true, "", two},
-		{"two-prev", false, false, "prev", two},
-		{"two", false, false, "", two},
-		{"router+two-fastrouter", true, false, "fastrouter", routerTwo(0)},
+		{"router+quant+two-old", true, true, false, routerTwo(1)},
+		{"router+quant+two", true, false, false, routerTwo(1)},
+		{"routerquant+two", true, false, false, routerTwo(2)},
+		{"router+two", true, false, false, routerTwo(0)},
+		{"two-old", false, true, false, two},
+		{"two", false, false, false, two},
+		{"router+two-fastrouter", true, false, true, routerTwo(0)},
 	}
 	// Two rounds, so that A/B pairs alternate in one process.
 	for _, v := range append(variants, variants...) {
@@ -187,11 +182,8 @@ func BenchmarkRouterMoE(b *testing.B) {
 			bytes += 4 * E * K
 		}
 		b.Run(v.name, func(b *testing.B) {
-			moeDownOld, moeDecode, routerNoCluster = v.oldDown, v.decode, v.decode == "fastrouter"
-			if routerNoCluster {
-				moeDecode = ""
-			}
-			defer func() { moeDownOld, moeDecode, routerNoCluster = false, "", false }()
+			moeDownOld, routerNoCluster = v.oldDown, v.fastRouter
+			defer func() { moeDownOld, routerNoCluster = false, false }()
 			var ms float32
 			err := d.Do(func(c *Ctx) error {
 				call := func() error {

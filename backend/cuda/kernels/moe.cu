@@ -1113,17 +1113,6 @@ extern "C" __global__ void __launch_bounds__(128, 4)
   gate_up_q<1>(experts, ids, topk, nexperts, I, K, gshift, xq, xs, h, hq, hs, gcount);
 }
 
-// moe_gate_up_q in its earlier form (gate_up_q's FAST parts off): the same
-// bits; MMFP4_CUDA_MOE_DECODE=prev, for an A/B.
-extern "C" __global__ void __launch_bounds__(128, 4)
-    moe_gate_up_q_prev(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
-                       int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
-                       const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq,
-                       float* __restrict__ hs, u32* __restrict__ gcount) {
-  PDL_LAUNCH();
-  gate_up_q<0>(experts, ids, topk, nexperts, I, K, gshift, xq, xs, h, hq, hs, gcount);
-}
-
 // Down products of every slot for 4 output rows a block, summed over the
 // slots in the block, from h quantized by moe_gate_up_q: grid ceil(N/4)
 // blocks of nslots warps, warp s taking slot s's 4 rows (rows_load, then
@@ -1185,15 +1174,4 @@ extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
                 int accumulate, int early) {
   PDL_LAUNCH();
   down_hq<1>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate, early);
-}
-
-// moe_down_hq with the earlier products (the same bits; with early = 0,
-// MMFP4_CUDA_MOE_DECODE=prev, for an A/B).
-extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
-    moe_down_hq_prev(const Expert* __restrict__ experts, const i32* __restrict__ ids,
-                     const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
-                     const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
-                     int accumulate, int early) {
-  PDL_LAUNCH();
-  down_hq<0>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate, early);
 }
