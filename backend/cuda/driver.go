@@ -14,7 +14,10 @@ import (
 // is int32, handles (context, module, function, stream, event) are uintptr,
 // device pointers are uint64. Unversioned names are bound to the symbols
 // that cuda.h maps them to (cuMemAlloc -> cuMemAlloc_v2, ...).
-var drv struct {
+var drv driverAPI
+
+// driverAPI holds the driver's functions, bound by loadDriver.
+type driverAPI struct {
 	cuInit                                      func(flags uint32) int32
 	cuDriverGetVersion                          func(v *int32) int32
 	cuDeviceGetCount                            func(n *int32) int32
@@ -89,52 +92,7 @@ func loadDriver() error {
 		}
 		drvPath = path
 		d := &drv
-		err = bind(path, h, map[string]any{
-			"cuInit":                                      &d.cuInit,
-			"cuDriverGetVersion":                          &d.cuDriverGetVersion,
-			"cuDeviceGetCount":                            &d.cuDeviceGetCount,
-			"cuDeviceGet":                                 &d.cuDeviceGet,
-			"cuDeviceGetName":                             &d.cuDeviceGetName,
-			"cuDeviceGetAttribute":                        &d.cuDeviceGetAttribute,
-			"cuDeviceTotalMem_v2":                         &d.cuDeviceTotalMem,
-			"cuDevicePrimaryCtxRetain":                    &d.cuDevicePrimaryCtxRetain,
-			"cuDevicePrimaryCtxRelease_v2":                &d.cuDevicePrimaryCtxRelease,
-			"cuCtxSetCurrent":                             &d.cuCtxSetCurrent,
-			"cuCtxSynchronize":                            &d.cuCtxSynchronize,
-			"cuMemGetInfo_v2":                             &d.cuMemGetInfo,
-			"cuMemAlloc_v2":                               &d.cuMemAlloc,
-			"cuMemFree_v2":                                &d.cuMemFree,
-			"cuMemAllocHost_v2":                           &d.cuMemAllocHost,
-			"cuMemFreeHost":                               &d.cuMemFreeHost,
-			"cuMemcpyHtoDAsync_v2":                        &d.cuMemcpyHtoDAsync,
-			"cuMemcpyDtoHAsync_v2":                        &d.cuMemcpyDtoHAsync,
-			"cuMemcpyDtoDAsync_v2":                        &d.cuMemcpyDtoDAsync,
-			"cuMemsetD8Async":                             &d.cuMemsetD8Async,
-			"cuModuleLoadData":                            &d.cuModuleLoadData,
-			"cuModuleUnload":                              &d.cuModuleUnload,
-			"cuModuleGetFunction":                         &d.cuModuleGetFunction,
-			"cuFuncGetAttribute":                          &d.cuFuncGetAttribute,
-			"cuFuncSetAttribute":                          &d.cuFuncSetAttribute,
-			"cuLaunchKernel":                              &d.cuLaunchKernel,
-			"cuStreamCreate":                              &d.cuStreamCreate,
-			"cuStreamDestroy_v2":                          &d.cuStreamDestroy,
-			"cuStreamSynchronize":                         &d.cuStreamSynchronize,
-			"cuEventCreate":                               &d.cuEventCreate,
-			"cuEventRecord":                               &d.cuEventRecord,
-			"cuEventSynchronize":                          &d.cuEventSynchronize,
-			"cuEventElapsedTime":                          &d.cuEventElapsedTime,
-			"cuEventDestroy_v2":                           &d.cuEventDestroy,
-			"cuGetErrorName":                              &d.cuGetErrorName,
-			"cuGetErrorString":                            &d.cuGetErrorString,
-			"cuOccupancyMaxActiveBlocksPerMultiprocessor": &d.cuOccupancyMaxActiveBlocksPerMultiprocessor,
-			"cuStreamBeginCapture_v2":                     &d.cuStreamBeginCapture,
-			"cuStreamEndCapture":                          &d.cuStreamEndCapture,
-			"cuGraphInstantiateWithFlags":                 &d.cuGraphInstantiateWithFlags,
-			"cuGraphLaunch":                               &d.cuGraphLaunch,
-			"cuGraphExecDestroy":                          &d.cuGraphExecDestroy,
-			"cuGraphDestroy":                              &d.cuGraphDestroy,
-			"cuLaunchKernelEx":                            &d.cuLaunchKernelEx,
-		})
+		err = bind(path, h, d.symbols())
 		if err != nil {
 			drvErr = fmt.Errorf("%w: %v", ErrNoDriver, err)
 			return
@@ -203,4 +161,55 @@ func check(call string, r int32) error {
 		return nil
 	}
 	return newError(call, "", r)
+}
+
+// symbols maps each required driver symbol to the field it binds (every
+// func field but cuGraphGetEdges, which is optional).
+func (d *driverAPI) symbols() map[string]any {
+	return map[string]any{
+		"cuInit":                                      &d.cuInit,
+		"cuDriverGetVersion":                          &d.cuDriverGetVersion,
+		"cuDeviceGetCount":                            &d.cuDeviceGetCount,
+		"cuDeviceGet":                                 &d.cuDeviceGet,
+		"cuDeviceGetName":                             &d.cuDeviceGetName,
+		"cuDeviceGetAttribute":                        &d.cuDeviceGetAttribute,
+		"cuDeviceTotalMem_v2":                         &d.cuDeviceTotalMem,
+		"cuDevicePrimaryCtxRetain":                    &d.cuDevicePrimaryCtxRetain,
+		"cuDevicePrimaryCtxRelease_v2":                &d.cuDevicePrimaryCtxRelease,
+		"cuCtxSetCurrent":                             &d.cuCtxSetCurrent,
+		"cuCtxSynchronize":                            &d.cuCtxSynchronize,
+		"cuMemGetInfo_v2":                             &d.cuMemGetInfo,
+		"cuMemAlloc_v2":                               &d.cuMemAlloc,
+		"cuMemFree_v2":                                &d.cuMemFree,
+		"cuMemAllocHost_v2":                           &d.cuMemAllocHost,
+		"cuMemFreeHost":                               &d.cuMemFreeHost,
+		"cuMemcpyHtoDAsync_v2":                        &d.cuMemcpyHtoDAsync,
+		"cuMemcpyDtoHAsync_v2":                        &d.cuMemcpyDtoHAsync,
+		"cuMemcpyDtoDAsync_v2":                        &d.cuMemcpyDtoDAsync,
+		"cuMemsetD8Async":                             &d.cuMemsetD8Async,
+		"cuModuleLoadData":                            &d.cuModuleLoadData,
+		"cuModuleUnload":                              &d.cuModuleUnload,
+		"cuModuleGetFunction":                         &d.cuModuleGetFunction,
+		"cuFuncGetAttribute":                          &d.cuFuncGetAttribute,
+		"cuFuncSetAttribute":                          &d.cuFuncSetAttribute,
+		"cuLaunchKernel":                              &d.cuLaunchKernel,
+		"cuStreamCreate":                              &d.cuStreamCreate,
+		"cuStreamDestroy_v2":                          &d.cuStreamDestroy,
+		"cuStreamSynchronize":                         &d.cuStreamSynchronize,
+		"cuEventCreate":                               &d.cuEventCreate,
+		"cuEventRecord":                               &d.cuEventRecord,
+		"cuEventSynchronize":                          &d.cuEventSynchronize,
+		"cuEventElapsedTime":                          &d.cuEventElapsedTime,
+		"cuEventDestroy_v2":                           &d.cuEventDestroy,
+		"cuGetErrorName":                              &d.cuGetErrorName,
+		"cuGetErrorString":                            &d.cuGetErrorString,
+		"cuOccupancyMaxActiveBlocksPerMultiprocessor": &d.cuOccupancyMaxActiveBlocksPerMultiprocessor,
+		"cuStreamBeginCapture_v2":                     &d.cuStreamBeginCapture,
+		"cuStreamEndCapture":                          &d.cuStreamEndCapture,
+		"cuGraphInstantiateWithFlags":                 &d.cuGraphInstantiateWithFlags,
+		"cuGraphLaunch":                               &d.cuGraphLaunch,
+		"cuGraphExecDestroy":                          &d.cuGraphExecDestroy,
+		"cuGraphDestroy":                              &d.cuGraphDestroy,
+		"cuLaunchKernelEx":                            &d.cuLaunchKernelEx,
+	}
 }
