@@ -559,6 +559,76 @@ extern "C" __global__ void __launch_bounds__(256)
   if (tid == 0) counters[0] = 0;
 }
 
+// The router's input row (rxs, K floats) in int8 groups of G for the MoE
+// kernels (xq [T][K], xs, xsum as rmsnorm_quant without a gain, the same
+// bits): this warp takes groups g0, g0 + gstep, ... of token t.
+DEVICE void router_quant_groups(const float* rxs, int K, int G, int t, int g0, int gstep, int lane,
+                                i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum) {
+  const int Eg = G >> 5;
+  for (int g = g0; g < K / G; g += gstep) {
+    const int k0 = g * G + lane * Eg;
+    float v[4];
+    float amax = 0.f;
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+      if (u < Eg) {
+        v[u] = rxs[k0 + u];
+        amax = fmaxf(amax, fabsf(v[u]));
+      }
+    }
+    amax = warp_max(amax);
+    const float scale = amax / 127.f;
+    i32 sum = 0;
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+      if (u < Eg) {
+        const i32 q = quant8(v[u], amax, scale);
+        xq[(size_t)t * K + k0 + u] = (i8)q;
+        sum += q;
+      }
+    }
+    for (int o = 1; o < 32 / Eg; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if ((lane & (32 / Eg - 1)) == 0) xsum[(size_t)t * (K / 32) + k0 / 32] = sum;
+    if (lane == 0) xs[(size_t)t * (K / G) + g] = amax == 0.f ? 0.f : scale;
+  }
+}
+
+// The choice of token t's experts from its E logits (lg, thread tid's
+// logit for tid < E), every thread of the block taking part: the sigmoid
+// scores with the bias, ranked one thread per expert (ties to the lower
+// index), the topk winners written in rank order with their weights
+// normalised in that order: route_warp's result.
+DEVICE void router_choose(int tid, int E, float lg, const float* __restrict__ bias, int topk, int norm,
+                          float scaling, int t, i32* __restrict__ ids, float* __restrict__ wts,
+                          float* score, float* choice, float* pick) {
+  if (tid < E) {
+    const float sg = (float)(1.0 / (1.0 + exp(-(double)lg)));
+    score[tid] = sg;
+    choice[tid] = sg + bias[tid];
+  }
+  __syncthreads();
+  if (tid < E) {
+    const float c = choice[tid];
+    int rank = 0;
+    for (int j = 0; j < E; j++) {
+      const float o = choice[j];
+      rank += o > c || (o == c && j < tid);
+    }
+    if (rank < topk) {
+      ids[(size_t)t * topk + rank] = tid;
+      pick[rank] = score[tid];
+    }
+  }
+  __syncthreads();
+  if (tid < topk) {
+    float sum = 0.f;
+    for (int k = 0; k < topk; k++) sum += pick[k];
+    float w = pick[tid];
+    if (norm) w /= sum + 1e-20f;
+    wts[(size_t)t * topk + tid] = w * scaling;
+  }
+}
+
 // moe_router_route with one round of loads and a parallel choice: blocks
 // of 4 warps, warp w of block b computing logit e = 4b + w of token t in
 // moe_router_route's order, its whole weight row (K <= 2048) requested at
@@ -600,35 +670,7 @@ DEVICE void router_fast_block(int b, int nb, int t, float* rxs, const float* __r
     acc = warp_sum(acc);
     if (lane == 0) logits[(size_t)t * ldl + e] = acc;
   }
-  if (xq) {
-    const int Eg = G >> 5;
-    for (int g = warp * nb + b; g < K / G; g += 4 * nb) {
-      const int k0 = g * G + lane * Eg;
-      float v[4];
-      float amax = 0.f;
-#pragma unroll
-      for (int u = 0; u < 4; u++) {
-        if (u < Eg) {
-          v[u] = rxs[k0 + u];
-          amax = fmaxf(amax, fabsf(v[u]));
-        }
-      }
-      amax = warp_max(amax);
-      const float scale = amax / 127.f;
-      i32 sum = 0;
-#pragma unroll
-      for (int u = 0; u < 4; u++) {
-        if (u < Eg) {
-          const i32 q = quant8(v[u], amax, scale);
-          xq[(size_t)t * K + k0 + u] = (i8)q;
-          sum += q;
-        }
-      }
-      for (int o = 1; o < 32 / Eg; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-      if ((lane & (32 / Eg - 1)) == 0) xsum[(size_t)t * (K / 32) + k0 / 32] = sum;
-      if (lane == 0) xs[(size_t)t * (K / G) + g] = amax == 0.f ? 0.f : scale;
-    }
-  }
+  if (xq) router_quant_groups(rxs, K, G, t, warp * nb + b, 4 * nb, lane, xq, xs, xsum);
   __syncthreads();
   if (tid == 0) {
     __threadfence();
@@ -637,33 +679,8 @@ DEVICE void router_fast_block(int b, int nb, int t, float* rxs, const float* __r
   __syncthreads();
   if (!last) return;
   __threadfence();
-  if (tid < E) {
-    const float acc = __ldcg(logits + (size_t)t * ldl + tid);
-    const float sg = (float)(1.0 / (1.0 + exp(-(double)acc)));
-    score[tid] = sg;
-    choice[tid] = sg + bias[tid];
-  }
-  __syncthreads();
-  if (tid < E) {
-    const float c = choice[tid];
-    int rank = 0;
-    for (int j = 0; j < E; j++) {
-      const float o = choice[j];
-      rank += o > c || (o == c && j < tid);
-    }
-    if (rank < topk) {
-      ids[(size_t)t * topk + rank] = tid;
-      pick[rank] = score[tid];
-    }
-  }
-  __syncthreads();
-  if (tid < topk) {
-    float sum = 0.f;
-    for (int k = 0; k < topk; k++) sum += pick[k];
-    float w = pick[tid];
-    if (norm) w /= sum + 1e-20f;
-    wts[(size_t)t * topk + tid] = w * scaling;
-  }
+  const float lg = tid < E ? __ldcg(logits + (size_t)t * ldl + tid) : 0.f;
+  router_choose(tid, E, lg, bias, topk, norm, scaling, t, ids, wts, score, choice, pick);
   if (tid == 0) counters[t] = 0;
 }
 
@@ -737,35 +754,7 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
     if (32 * u < K) acc += wv[u] * rxs[lane + 32 * u];
   acc = warp_sum(acc);
   if (lane == 0) logits[(size_t)t * ldl + e] = acc;
-  if (xq) {
-    const int Eg = G >> 5;
-    for (int g = warp * nb + b; g < K / G; g += 8 * nb) {
-      const int k0 = g * G + lane * Eg;
-      float v[4];
-      float amax = 0.f;
-#pragma unroll
-      for (int u = 0; u < 4; u++) {
-        if (u < Eg) {
-          v[u] = rxs[k0 + u];
-          amax = fmaxf(amax, fabsf(v[u]));
-        }
-      }
-      amax = warp_max(amax);
-      const float scale = amax / 127.f;
-      i32 sum = 0;
-#pragma unroll
-      for (int u = 0; u < 4; u++) {
-        if (u < Eg) {
-          const i32 q = quant8(v[u], amax, scale);
-          xq[(size_t)t * K + k0 + u] = (i8)q;
-          sum += q;
-        }
-      }
-      for (int o = 1; o < 32 / Eg; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-      if ((lane & (32 / Eg - 1)) == 0) xsum[(size_t)t * (K / 32) + k0 / 32] = sum;
-      if (lane == 0) xs[(size_t)t * (K / G) + g] = amax == 0.f ? 0.f : scale;
-    }
-  }
+  if (xq) router_quant_groups(rxs, K, G, t, warp * nb + b, 8 * nb, lane, xq, xs, xsum);
   cluster_wait();
   if (lane == 0) st_cluster(&clog[e], 0, acc);
   // The release of this arrive and the acquire of the wait order every
@@ -773,32 +762,8 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
   cluster_arrive();
   cluster_wait();
   if (cluster_rank() != 0) return;
-  if (tid < E) {
-    const float sg = (float)(1.0 / (1.0 + exp(-(double)clog[tid])));
-    score[tid] = sg;
-    choice[tid] = sg + bias[tid];
-  }
-  __syncthreads();
-  if (tid < E) {
-    const float c = choice[tid];
-    int rank = 0;
-    for (int j = 0; j < E; j++) {
-      const float o = choice[j];
-      rank += o > c || (o == c && j < tid);
-    }
-    if (rank < topk) {
-      ids[(size_t)t * topk + rank] = tid;
-      pick[rank] = score[tid];
-    }
-  }
-  __syncthreads();
-  if (tid < topk) {
-    float sum = 0.f;
-    for (int k = 0; k < topk; k++) sum += pick[k];
-    float w = pick[tid];
-    if (norm) w /= sum + 1e-20f;
-    wts[(size_t)t * topk + tid] = w * scaling;
-  }
+  router_choose(tid, E, tid < E ? clog[tid] : 0.f, bias, topk, norm, scaling, t, ids, wts, score, choice,
+                pick);
 }
 
 // One 16-byte chunk of codes (32 weights) against 32 int8 activations
