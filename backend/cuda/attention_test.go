@@ -6,7 +6,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
-	"sort"
+	"slices"
 	"testing"
 
 	"github.com/mmfp4/mmfp4/backend"
@@ -312,22 +312,29 @@ func attentionPhases(b *testing.B, g *Backend, layers int, ol, ql, q backend.Ten
 	if err != nil {
 		b.Fatal(err)
 	}
-	t0 := st[0]
-	for i := 0; i < n; i++ {
-		t0 = min(t0, st[6*i])
-	}
-	line := fmt.Sprintf("%d blocks, us after the first entry (median / latest):", n)
 	whats := []string{"entry", "metadata", "first stage", "summed", "ticket or barrier", "done"}
 	if g.decodeMMA {
 		whats = []string{"entry", "wait returned", "queries", "first tile", "summed", "written"}
 	}
+	b.Log(stampSummary("", st, n, whats))
+}
+
+// stampSummary reports the timer stamps of n blocks (six a block, in
+// nanoseconds, the block's entry first), for each of whats the median and
+// the latest in microseconds after the earliest entry.
+func stampSummary(prefix string, st []uint64, n int, whats []string) string {
+	t0 := st[0]
+	for i := 0; i < n; i++ {
+		t0 = min(t0, st[6*i])
+	}
+	line := fmt.Sprintf("%s%d blocks, us after the first entry (median / latest):", prefix, n)
 	for k, what := range whats {
 		v := make([]float64, n)
 		for i := range v {
 			v[i] = float64(st[6*i+k]-t0) / 1e3
 		}
-		sort.Float64s(v)
+		slices.Sort(v)
 		line += fmt.Sprintf(" %s %.2f / %.2f;", what, v[n/2], v[n-1])
 	}
-	b.Log(line)
+	return line
 }

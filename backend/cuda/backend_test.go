@@ -39,7 +39,7 @@ func testBackends(t *testing.T, o Options) (*Backend, *cpu.Backend) {
 	return g, cpu.New(cpu.Options{Threads: 2})
 }
 
-func mustWeight(t *testing.T, b backend.Backend, hw backend.HostWeight) backend.Weight {
+func mustWeight(t testing.TB, b backend.Backend, hw backend.HostWeight) backend.Weight {
 	t.Helper()
 	w, err := b.NewWeight(hw)
 	if err != nil {

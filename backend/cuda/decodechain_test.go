@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
-	"slices"
 	"testing"
 
 	"github.com/mmfp4/mmfp4/backend"
@@ -314,8 +313,8 @@ func BenchmarkDecodeChain(b *testing.B) {
 	}
 	var uks, uvs []backend.Weight
 	for l := 0; l < layers; l++ {
-		uks = append(uks, mustWeightB(b, g, r, "wuk", s.Heads*s.NopeDim, s.Rank))
-		uvs = append(uvs, mustWeightB(b, g, r, "wuv", s.Heads*s.VDim, s.Rank))
+		uks = append(uks, mustWeight(b, g, backend.HostWeight{Name: "wuk", N: s.Heads * s.NopeDim, K: s.Rank, Quant: synthMatrix(r, s.Heads*s.NopeDim, s.Rank, 128)}))
+		uvs = append(uvs, mustWeight(b, g, backend.HostWeight{Name: "wuv", N: s.Heads * s.VDim, K: s.Rank, Quant: synthMatrix(r, s.Heads*s.VDim, s.Rank, 128)}))
 	}
 	batch := &backend.Batch{Outputs: []int32{0}, Tokens: []int32{0}, Positions: []int32{ctx - 1}}
 	sq := backend.Seq{Start: 0, Len: 1}
@@ -447,27 +446,6 @@ func chainPhases(b *testing.B, g *Backend, queue func() []queuedOp) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	t0 := st[0]
-	for i := 0; i < n; i++ {
-		t0 = min(t0, st[6*i])
-	}
-	line := fmt.Sprintf("copies before the wait %v: %d blocks, us after the first entry (median / latest):", g.decodeAhead, n)
-	for k, what := range []string{"entry", "wait returned", "queries", "first tile", "summed", "written"} {
-		v := make([]float64, n)
-		for i := range v {
-			v[i] = float64(st[6*i+k]-t0) / 1e3
-		}
-		slices.Sort(v)
-		line += fmt.Sprintf(" %s %.2f / %.2f;", what, v[n/2], v[n-1])
-	}
-	fmt.Println(line)
-}
-
-func mustWeightB(b *testing.B, g *Backend, r *rand.Rand, name string, n, k int) backend.Weight {
-	b.Helper()
-	w, err := g.NewWeight(backend.HostWeight{Name: name, N: n, K: k, Quant: synthMatrix(r, n, k, 128)})
-	if err != nil {
-		b.Fatal(err)
-	}
-	return w
+	fmt.Println(stampSummary(fmt.Sprintf("copies before the wait %v: ", g.decodeAhead), st, n,
+		[]string{"entry", "wait returned", "queries", "first tile", "summed", "written"}))
 }
