@@ -512,21 +512,19 @@ func (e *Engine) launch(plan []chunk, prev *launched) *launched {
 		}
 		return context.Canceled
 	}
+	var err error
 	if async && len(b.Outputs) > 0 {
-		wait, err := e.net.LaunchOutputs(b, e.pool)
-		if err == nil {
+		var wait func() ([]glm4moelite.Output, error)
+		if wait, err = e.net.LaunchOutputs(b, e.pool); err == nil {
 			l.wait, l.async = wait, true
 			return l
 		}
-		if prev != nil {
-			l.wait = func() ([]glm4moelite.Output, error) { return nil, err }
-			return l
-		}
 	}
-	if prev != nil { // cannot happen: launchAhead checked the model
-		l.wait = func() ([]glm4moelite.Output, error) {
-			return nil, errors.New("engine: a step queued ahead on a model that cannot")
+	if prev != nil { // its tokens are on the device: no synchronous fallback
+		if err == nil { // cannot happen: launchAhead checked the model
+			err = errors.New("engine: a step queued ahead on a model that cannot")
 		}
+		l.wait = func() ([]glm4moelite.Output, error) { return nil, err }
 		return l
 	}
 	l.wait = func() ([]glm4moelite.Output, error) { return e.net.ForwardOutputs(b, e.pool) }
