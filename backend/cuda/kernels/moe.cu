@@ -428,6 +428,40 @@ extern "C" __global__ void __launch_bounds__(256)
   if (threadIdx.x == 0) counters[t] = 0;
 }
 
+// The router's input row (rxs, K floats) in int8 groups of G for the MoE
+// kernels (xq [T][K], xs, xsum as rmsnorm_quant without a gain, the same
+// bits): this warp takes groups g0, g0 + gstep, ... of token t.
+DEVICE void router_quant_groups(const float* rxs, int K, int G, int t, int g0, int gstep, int lane,
+                                i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum) {
+  const int Eg = G >> 5;
+  for (int g = g0; g < K / G; g += gstep) {
+    const int k0 = g * G + lane * Eg;
+    float v[4];
+    float amax = 0.f;
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+      if (u < Eg) {
+        v[u] = rxs[k0 + u];
+        amax = fmaxf(amax, fabsf(v[u]));
+      }
+    }
+    amax = warp_max(amax);
+    const float scale = amax / 127.f;
+    i32 sum = 0;
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+      if (u < Eg) {
+        const i32 q = quant8(v[u], amax, scale);
+        xq[(size_t)t * K + k0 + u] = (i8)q;
+        sum += q;
+      }
+    }
+    for (int o = 1; o < 32 / Eg; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if ((lane & (32 / Eg - 1)) == 0) xsum[(size_t)t * (K / 32) + k0 / 32] = sum;
+    if (lane == 0) xs[(size_t)t * (K / G) + g] = amax == 0.f ? 0.f : scale;
+  }
+}
+
 // moe_router_route with the RMSNorm of its input (and the residual add
 // before it) in every block's prologue, one token: the block normalises
 // the row into shared memory in the order of the standalone norm kernel
@@ -529,68 +563,8 @@ extern "C" __global__ void __launch_bounds__(256)
     if (out) out[k] = xn[k];
   }
   // The int8 form, one warp per group as rmsnorm_quant_row.
-  const int Eg = G >> 5;
-  for (int g = warp; g < K / G; g += 8) {
-    const int k0 = g * G + lane * Eg;
-    float v[4];
-    float amax = 0.f;
-#pragma unroll
-    for (int u = 0; u < 4; u++) {
-      if (u < Eg) {
-        v[u] = xn[k0 + u];
-        amax = fmaxf(amax, fabsf(v[u]));
-      }
-    }
-    amax = warp_max(amax);
-    const float scale = amax / 127.f;
-    i32 sum = 0;
-#pragma unroll
-    for (int u = 0; u < 4; u++) {
-      if (u < Eg) {
-        const i32 q = quant8(v[u], amax, scale);
-        xq[k0 + u] = (i8)q;
-        sum += q;
-      }
-    }
-    for (int o = 1; o < 32 / Eg; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    if ((lane & (32 / Eg - 1)) == 0) xsum[k0 / 32] = sum;
-    if (lane == 0) xs[g] = amax == 0.f ? 0.f : scale;
-  }
+  router_quant_groups(xn, K, G, 0, warp, 8, lane, xq, xs, xsum);
   if (tid == 0) counters[0] = 0;
-}
-
-// The router's input row (rxs, K floats) in int8 groups of G for the MoE
-// kernels (xq [T][K], xs, xsum as rmsnorm_quant without a gain, the same
-// bits): this warp takes groups g0, g0 + gstep, ... of token t.
-DEVICE void router_quant_groups(const float* rxs, int K, int G, int t, int g0, int gstep, int lane,
-                                i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum) {
-  const int Eg = G >> 5;
-  for (int g = g0; g < K / G; g += gstep) {
-    const int k0 = g * G + lane * Eg;
-    float v[4];
-    float amax = 0.f;
-#pragma unroll
-    for (int u = 0; u < 4; u++) {
-      if (u < Eg) {
-        v[u] = rxs[k0 + u];
-        amax = fmaxf(amax, fabsf(v[u]));
-      }
-    }
-    amax = warp_max(amax);
-    const float scale = amax / 127.f;
-    i32 sum = 0;
-#pragma unroll
-    for (int u = 0; u < 4; u++) {
-      if (u < Eg) {
-        const i32 q = quant8(v[u], amax, scale);
-        xq[(size_t)t * K + k0 + u] = (i8)q;
-        sum += q;
-      }
-    }
-    for (int o = 1; o < 32 / Eg; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    if ((lane & (32 / Eg - 1)) == 0) xsum[(size_t)t * (K / 32) + k0 / 32] = sum;
-    if (lane == 0) xs[(size_t)t * (K / G) + g] = amax == 0.f ? 0.f : scale;
-  }
 }
 
 // The choice of token t's experts from its E logits (lg, thread tid's
