@@ -72,17 +72,20 @@ func timeEvents(c *Ctx, reps int, fn func() error) (float32, error) {
 	return c.Elapsed(start, end)
 }
 
+// runOps runs queued ops in order, stopping at the first error.
+func runOps(c *Ctx, ops []queuedOp) error {
+	for _, op := range ops {
+		if err := op.fn(c); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
 // timeQueued runs the queued ops once, counting their launches, then
 // times reps runs of them (timeDevice): seconds a run, and a run's launches.
 func timeQueued(c *Ctx, ops []queuedOp, reps int) (sec float64, launches int, err error) {
-	run := func() error {
-		for _, op := range ops {
-			if err := op.fn(c); err != nil {
-				return err
-			}
-		}
-		return nil
-	}
+	run := func() error { return runOps(c, ops) }
 	n := c.launches
 	if err := run(); err != nil {
 		return 0, 0, err

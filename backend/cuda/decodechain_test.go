@@ -371,14 +371,7 @@ func BenchmarkDecodeChain(b *testing.B) {
 		for _, on := range []bool{false, true} {
 			err := d.Do(func(c *Ctx) error {
 				return withPDL(c, on, func() error {
-					gr, release, err := capturedPDL(c, func() error {
-						for _, op := range ops {
-							if err := op.fn(c); err != nil {
-								return err
-							}
-						}
-						return nil
-					})
+					gr, release, err := capturedPDL(c, func() error { return runOps(c, ops) })
 					if err != nil {
 						return err
 					}
@@ -419,14 +412,7 @@ func chainPhases(b *testing.B, g *Backend, queue func() []queuedOp) {
 	st := make([]uint64, 6*n)
 	err := g.dev.Do(func(c *Ctx) error {
 		return withPDL(c, true, func() error {
-			gr, release, err := capturedPDL(c, func() error {
-				for _, op := range ops {
-					if err := op.fn(c); err != nil {
-						return err
-					}
-				}
-				return nil
-			})
+			gr, release, err := capturedPDL(c, func() error { return runOps(c, ops) })
 			if err != nil {
 				return err
 			}
