@@ -482,8 +482,8 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 			return err
 		}
 		// The routing is an input of the gate/up launch just queued, so
-		// the down launch may read it before its wait (early = 1).
-		return c.Launch(down, D1((t.K+3)/4), D1(32*slots), 0, t.buf, ids, wts, topk, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, y, acc, 1)
+		// the down launch reads it before its wait.
+		return c.Launch(down, D1((t.K+3)/4), D1(32*slots), 0, t.buf, ids, wts, topk, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, y, acc)
 	}
 	gu, err := c.Kernel("moe", "moe_gate_up")
 	if err != nil {

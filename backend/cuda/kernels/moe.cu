@@ -1060,23 +1060,22 @@ extern "C" __global__ void __launch_bounds__(128, 4)
 // (moe_down_sum's order and operations) in shared memory: no partial
 // products through memory, no counters. I <= 2048.
 //
-// early: the routing (ids, wts) is read before the wait, so that every
-// slot's weights are requested before it, not only the shared slots'.
-// Right only when the routing was written two or more launches back, as
-// it is when this kernel follows moe_gate_up_q, which reads the same ids
-// after its own wait (prelude.cuh: every kernel two or more launches back
-// has finished when a kernel starts).
+// The routing (ids, wts) is read before the wait, so that every slot's
+// weights are requested before it, not only the shared slots'. Right
+// because the routing was written two or more launches back: this kernel
+// follows moe_gate_up_q, which reads the same ids after its own wait
+// (prelude.cuh: every kernel two or more launches back has finished when
+// a kernel starts).
 #define DOWN_SLOTS_MAX 8
 template <int FAST>
 DEVICE void down_hq(const Expert* __restrict__ experts, const i32* __restrict__ ids,
                     const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
                     const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
-                    int accumulate, int early) {
+                    int accumulate) {
   __shared__ float part[DOWN_SLOTS_MAX][4], wsm[DOWN_SLOTS_MAX];
   const int slot = threadIdx.x >> 5, lane = threadIdx.x & 31, nslots = blockDim.x >> 5;
   const int row0 = blockIdx.x * 4;
   const int G = 32 << gshift, GK = I / G, C = I >> 5;
-  if (slot < topk && !early) PDL_WAIT();
   const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
   const u8* rc[4];
   const u8* rs[4];
@@ -1110,7 +1109,7 @@ extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
     moe_down_hq(const Expert* __restrict__ experts, const i32* __restrict__ ids,
                 const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
                 const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
-                int accumulate, int early) {
+                int accumulate) {
   PDL_LAUNCH();
-  down_hq<1>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate, early);
+  down_hq<1>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate);
 }
