@@ -1333,6 +1333,9 @@ func (b *Backend) Add(dst, a, c backend.Tensor) {
 	}
 }
 
+// swigluCols is SWIGLU_COLS in ops.cu: the columns of one block.
+const swigluCols = 1024
+
 // SwiGLU computes dst = silu(gate) * up.
 func (b *Backend) SwiGLU(dst, gate, up backend.Tensor) {
 	d, gm, um := asTensor(dst), asTensor(gate), asTensor(up)
@@ -1341,7 +1344,7 @@ func (b *Backend) SwiGLU(dst, gate, up backend.Tensor) {
 		return
 	}
 	b.wrote(d)
-	b.launch("swiglu", "ops", "swiglu_rows", D1(d.rows), D1(256), d.ptr, d.ld, gm.ptr, gm.ld, um.ptr, um.ld, d.cols)
+	b.launch("swiglu", "ops", "swiglu_rows", Dim{uint32((d.cols + swigluCols - 1) / swigluCols), uint32(d.rows), 1}, D1(256), d.ptr, d.ld, gm.ptr, gm.ld, um.ptr, um.ld, d.cols)
 }
 
 // SelectOutputs gathers the batch's output rows of x into dst.

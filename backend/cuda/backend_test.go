@@ -182,6 +182,15 @@ func TestBackendOpsMatchCPU(t *testing.T) {
 			b.SwiGLU(d, b.Cols(v, 0, 256), b.Cols(v, 256, 512))
 			return b.Download(d)
 		})
+		// Rows wider than one block's 1024 columns, the last slice short.
+		wide := randVec(r, T*2*2500, 4)
+		compareOp(t, g, c, fmt.Sprintf("T=%d swiglu 2500", T), 5e-7, func(b backend.Backend) []float32 {
+			b.SetBatch(batch, nil)
+			d := b.NewTensor(T, 2500)
+			v := in(b, wide, 5000)
+			b.SwiGLU(d, b.Cols(v, 0, 2500), b.Cols(v, 2500, 5000))
+			return b.Download(d)
+		})
 		compareOp(t, g, c, fmt.Sprintf("T=%d select outputs", T), 0, func(b backend.Backend) []float32 {
 			b.SetBatch(batch, nil)
 			d := b.NewTensor(2, 512)

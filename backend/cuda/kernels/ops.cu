@@ -36,13 +36,17 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
 // silu(x) = x / (1 + e^-x), the exponential in double as the CPU takes it.
 DEVICE float silu_ref(float x) { return x / (1.f + (float)exp(-(double)x)); }
 
-// dst = silu(gate) * up, one block per row.
+// dst = silu(gate) * up; blockIdx.y is the row, blockIdx.x a slice of
+// SWIGLU_COLS columns (one block for a 10240-wide row took 24 us: each
+// thread's 40 exponentials in double ran one after another).
+#define SWIGLU_COLS 1024
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     swiglu_rows(float* d, int ldd, const float* g, int ldg, const float* u, int ldu, int cols) {
   PDL_LAUNCH();
   PDL_WAIT();
-  const int t = blockIdx.x;
-  for (int i = threadIdx.x; i < cols; i += OPS_THREADS)
+  const int t = blockIdx.y;
+  const int end = min(cols, ((int)blockIdx.x + 1) * SWIGLU_COLS);
+  for (int i = blockIdx.x * SWIGLU_COLS + threadIdx.x; i < end; i += OPS_THREADS)
     d[(size_t)t * ldd + i] = __fmul_rn(silu_ref(g[(size_t)t * ldg + i]), u[(size_t)t * ldu + i]);
 }
 
