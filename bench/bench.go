@@ -87,15 +87,18 @@ type Result struct {
 	// after the prefault (Linux): the rest costs a TLB entry per 4 KB.
 	HugePageFraction *float64 `json:"huge_page_fraction,omitempty"`
 
-	PrefillS     float64 `json:"prefill_s"`
-	PrefillTokS  float64 `json:"prefill_tok_s"`
-	DecodeS      float64 `json:"decode_s"`
-	DecodeSteps  int     `json:"decode_steps"`
-	DecodeTokS   float64 `json:"decode_tok_s"`
-	BytesPerTok  int64   `json:"bytes_per_token"`
-	PeakRSS      int64   `json:"peak_rss_bytes"`
-	KVCacheBytes int64   `json:"kv_cache_bytes"`
-	RSSLimit     int64   `json:"rss_limit_bytes"` // 1.1 x model + KV cache
+	// FirstPrefillTokS is the warm-up's prefill on a GPU: the first step of
+	// its size after the load, which loads kernels and grows step memory.
+	FirstPrefillTokS *float64 `json:"first_prefill_tok_s,omitempty"`
+	PrefillS         float64  `json:"prefill_s"`
+	PrefillTokS      float64  `json:"prefill_tok_s"`
+	DecodeS          float64  `json:"decode_s"`
+	DecodeSteps      int      `json:"decode_steps"`
+	DecodeTokS       float64  `json:"decode_tok_s"`
+	BytesPerTok      int64    `json:"bytes_per_token"`
+	PeakRSS          int64    `json:"peak_rss_bytes"`
+	KVCacheBytes     int64    `json:"kv_cache_bytes"`
+	RSSLimit         int64    `json:"rss_limit_bytes"` // 1.1 x model + KV cache
 
 	// Device memory, on a backend with its own (a GPU): weights, cache
 	// pools, step workspace, all that is in use on the device (the context
@@ -276,10 +279,31 @@ func Run(ctx context.Context, o Options) (*Result, error) {
 		int64(backend.CacheBytesPerToken(cfg.KVLoraRank, cfg.QKRopeHeadDim, eo.CacheDType))
 
 	rng := rand.New(rand.NewPCG(o.Seed, 0x6d6d667034))
-	prompt := make([]int, o.Ctx)
-	for i := range prompt {
-		prompt[i] = rng.IntN(cfg.VocabSize)
+	randomPrompt := func() []int {
+		p := make([]int, o.Ctx)
+		for i := range p {
+			p[i] = rng.IntN(cfg.VocabSize)
+		}
+		return p
 	}
+	// On a GPU the first step of a size loads kernel modules and grows the
+	// device's step memory: as llama-bench's warm-up run does, a
+	// generation on another prompt of the same length runs before the
+	// timed one. Its prefill is reported as the first after the load. On
+	// the CPU a warm-up would double a run of minutes for little: the
+	// weight pages are mapped above.
+	if gpu != nil {
+		log.phase(fmt.Sprintf("warm-up: prefill of %d tokens and a decode step", o.Ctx), nil)
+		res, err := m.Generate(ctx, randomPrompt(), mmfp4.GenerateOptions{MaxTokens: 2, StopIDs: []int{}})
+		if err != nil {
+			log.donef("failed")
+			return nil, fmt.Errorf("warm-up: %w", err)
+		}
+		f := res.PrefillTokensPerSecond()
+		r.FirstPrefillTokS = &f
+		log.donef("first prefill %.2f tok/s", f)
+	}
+	prompt := randomPrompt()
 	if err := r.generate(ctx, m, prompt, o.Gen, steps, log); err != nil {
 		return nil, err
 	}

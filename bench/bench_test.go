@@ -5,6 +5,9 @@ import (
 	"encoding/json"
 	"errors"
 	"testing"
+
+	"github.com/mmfp4/mmfp4/backend"
+	"github.com/mmfp4/mmfp4/backend/cpu"
 )
 
 const fixture = "../testdata/glm4moelite-tiny"
@@ -64,6 +67,25 @@ func TestRunTinyModel(t *testing.T) {
 		if _, ok := m[k]; !ok {
 			t.Errorf("JSON lacks %q", k)
 		}
+	}
+}
+
+// A backend of its own (a GPU's, here the CPU's standing in for it) gets a
+// warm-up generation before the timed one, whose sequence must leave the
+// one-sequence cache pool free for the timed run.
+func TestRunWarmsUpADeviceBackend(t *testing.T) {
+	t.Setenv("ALPHAHENG_TASK_MODE", "")
+	const ctx, gen = 40, 6
+	r, err := Run(context.Background(), Options{Dir: fixture, Ctx: ctx, Gen: gen,
+		NewBackend: func() (backend.Backend, error) { return cpu.New(cpu.Options{Threads: 1}), nil }})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if r.FirstPrefillTokS == nil || !(*r.FirstPrefillTokS > 0) {
+		t.Errorf("no first-prefill figure from the warm-up: %v", r.FirstPrefillTokS)
+	}
+	if r.DecodeSteps != gen-1 || !(r.PrefillTokS > 0) || !(r.DecodeTokS > 0) {
+		t.Errorf("timed run: %d decode steps (want %d), prefill %.1f, decode %.1f tok/s", r.DecodeSteps, gen-1, r.PrefillTokS, r.DecodeTokS)
 	}
 }
 

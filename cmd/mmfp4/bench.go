@@ -150,6 +150,9 @@ func printBench(w io.Writer, r *bench.Result) {
 	if r.HugePageFraction != nil {
 		row("weights in 2 MB pages", "%.1f%%", 100**r.HugePageFraction)
 	}
+	if r.FirstPrefillTokS != nil {
+		row("first prefill", "%.2f tok/s (the warm-up run's, right after the load)", *r.FirstPrefillTokS)
+	}
 	row("prefill", "%.2f tok/s (%d tokens in %.1f s)", r.PrefillTokS, r.Ctx, r.PrefillS)
 	row("decode", "%.2f tok/s (%d steps in %.1f s, after %d tokens)", r.DecodeTokS, r.DecodeSteps, r.DecodeS, r.Ctx)
 	row("read per decoded token", "%s (weights and KV cache)", humanBytes(r.BytesPerTok))
