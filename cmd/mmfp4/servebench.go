@@ -124,6 +124,12 @@ EOS, so every stream produces exactly --gen tokens.`,
 				vocab = 256 // ids every tokenizer has
 			}
 			client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 256}}
+			// A warm-up at the largest level, not reported (as llama-bench's
+			// warm-up run): the server's first steps of a size load kernels
+			// and grow step memory.
+			if w := runLevel(client, url, slices.Max(streams), promptN, min(genN, 4), vocab); w.FailedStream > 0 {
+				fmt.Fprintf(log, "warm-up: %d of %d streams failed\n", w.FailedStream, w.Streams)
+			}
 			var results []levelResult
 			for _, n := range streams {
 				r := runLevel(client, url, n, promptN, genN, vocab)
