@@ -877,6 +877,20 @@ func (b *Backend) NewTensor(rows, cols int) backend.Tensor {
 	return t
 }
 
+// NewUnzeroed returns a tensor from the step's arena without clearing it.
+// In a step of scopedRows or more it closes the open zeroing range, so that
+// the next zeroed tensor's memset does not sweep this one too.
+func (b *Backend) NewUnzeroed(rows, cols int) backend.Tensor {
+	if rows < 0 || cols < 0 {
+		b.fail("tensor of %dx%d", rows, cols)
+		rows, cols = 0, 0
+	}
+	if b.batchRows() >= scopedRows {
+		b.zero = nil
+	}
+	return &tensor{rows: rows, cols: cols, ld: cols, ptr: b.alloc(4 * rows * cols)}
+}
+
 // zeroFill clears n bytes at p, a new allocation of the arena. Consecutive
 // new tensors share one memset: the open range's memset is queued before
 // any op that uses memory allocated after the range began, so extending it

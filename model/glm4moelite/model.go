@@ -271,7 +271,7 @@ func (m *Model) run(batch *backend.Batch, pool backend.CachePool) (backend.Tenso
 	b.SetBatch(batch, pool)
 	T := batch.Rows()
 
-	x := b.NewTensor(T, c.HiddenSize)
+	x := backend.NewOutput(b, T, c.HiddenSize)
 	b.Embed(x, m.Embed)
 	if r, err := m.firstNonFinite(x); err != nil {
 		return nil, fmt.Errorf("embedding (model.embed_tokens.weight) row of token %d at position %d: %w", batch.Tokens[r], batch.Positions[r], err)
@@ -300,14 +300,14 @@ func (m *Model) run(batch *backend.Batch, pool backend.CachePool) (backend.Tenso
 	if len(batch.Outputs) == 0 {
 		return nil, b.Sync()
 	}
-	sel := b.NewTensor(len(batch.Outputs), c.HiddenSize)
+	sel := backend.NewOutput(b, len(batch.Outputs), c.HiddenSize)
 	b.SelectOutputs(sel, x)
-	h := b.NewTensor(sel.Rows(), c.HiddenSize)
+	h := backend.NewOutput(b, sel.Rows(), c.HiddenSize)
 	b.RMSNorm(h, sel, m.Norm, c.RMSNormEps)
 	if r, err := m.firstNonFinite(h); err != nil {
 		return nil, fmt.Errorf("final norm (model.norm) at position %d: %w", batch.Positions[batch.Outputs[r]], err)
 	}
-	logits := b.NewTensor(sel.Rows(), c.VocabSize)
+	logits := backend.NewOutput(b, sel.Rows(), c.VocabSize)
 	b.MatMul(logits, h, m.LMHead)
 	return logits, nil
 }
@@ -332,7 +332,7 @@ func (m *Model) download(batch *backend.Batch, logits backend.Tensor) ([]float32
 // layer is h = x + Attn(RMSNorm(x)); x = h + FFN(RMSNorm(h)), in place on x.
 func (m *Model) layer(i int, x backend.Tensor) {
 	b, c, l := m.b, m.Config, &m.Layers[i]
-	h := b.NewTensor(x.Rows(), c.HiddenSize)
+	h := backend.NewOutput(b, x.Rows(), c.HiddenSize)
 
 	b.RMSNorm(h, x, l.InputNorm, c.RMSNormEps)
 	a := m.attention(i, h)
@@ -362,11 +362,11 @@ func (m *Model) attention(i int, h backend.Tensor) backend.Tensor {
 	// [c | k_pe] = kv_a_proj_with_mqa(x); c = RMSNorm_kva(c). The two
 	// products of x are issued back to back (a backend may run them as
 	// one).
-	q := b.NewTensor(T, sh.Heads*qk)
-	kv := b.NewTensor(T, r+dr)
-	latent := b.NewTensor(T, r)
+	q := backend.NewOutput(b, T, sh.Heads*qk)
+	kv := backend.NewOutput(b, T, r+dr)
+	latent := backend.NewOutput(b, T, r)
 	if a.QA != nil {
-		qa := b.NewTensor(T, a.QA.Rows())
+		qa := backend.NewOutput(b, T, a.QA.Rows())
 		b.MatMul(qa, h, a.QA)
 		b.MatMul(kv, h, a.KVA)
 		b.RMSNorm(qa, qa, a.QANorm, loraNormEps)
@@ -387,14 +387,14 @@ func (m *Model) attention(i int, h backend.Tensor) backend.Tensor {
 
 	// score = (q_lat.c + q_pe.k_pe) / sqrt(dn+dr) with q_lat = W_UK^T q_nope;
 	// o_lat = sum p c; v = W_UV o_lat; out = o_proj(concat_h v).
-	qlat := b.NewTensor(T, sh.Heads*r)
+	qlat := backend.NewOutput(b, T, sh.Heads*r)
 	b.AbsorbQuery(qlat, q, a.UK, sh)
-	olat := b.NewTensor(T, sh.Heads*r)
+	olat := backend.NewOutput(b, T, sh.Heads*r)
 	b.LatentAttention(olat, qlat, q, i, sh, float32(1/math.Sqrt(float64(qk))))
-	v := b.NewTensor(T, sh.Heads*sh.VDim)
+	v := backend.NewOutput(b, T, sh.Heads*sh.VDim)
 	b.ExpandValues(v, olat, a.UV, sh)
 	m.watch(i, "attention values", v)
-	out := b.NewTensor(T, c.HiddenSize)
+	out := backend.NewOutput(b, T, c.HiddenSize)
 	b.MatMul(out, v, a.O)
 	m.watch(i, "o_proj", out)
 	return out
@@ -408,7 +408,7 @@ func (m *Model) mlp(p *MLP, h backend.Tensor) backend.Tensor {
 // moe is sum_e w_e expert_e(x) + shared_expert(x), with fp32 router logits.
 func (m *Model) moe(i int, p *MoE, h backend.Tensor) backend.Tensor {
 	b, T := m.b, h.Rows()
-	logits := b.NewTensor(T, m.route.NumExperts)
+	logits := backend.NewOutput(b, T, m.route.NumExperts)
 	b.MatMul(logits, h, p.Router)
 	m.watch(i, "router logits", logits)
 	routing := b.Route(logits, p.Bias, m.route)
