@@ -63,14 +63,19 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 		return err
 	}
 	guName, downName, downRows, threads := "moeb_gate_up_s", "moeb_down_s", 128, 256
+	guRows, guThreads, guShared, downShared := 128, 256, moeStreamShared(t.K), moeStreamShared(t.I)
 	if moeStreamOld {
 		guName, downName, downRows = "moeb_gate_up_"+string(v), "moeb_down_"+string(v), 256
 	}
-	gu, err := c.Kernel("stream", guName)
+	if cp := moeCPOn; cp != nil && !moeStreamOld && cp.fits(t, c.info.SharedOptin) {
+		guName, guRows, guThreads, guShared = cp.GU.name("moeb_gate_up"), 16*cp.GU.W, 32*cp.GU.W, cp.GU.shared(t.K, 2)
+		downName, downRows, threads, downShared = cp.Down.name("moeb_down"), 16*cp.Down.W, 32*cp.Down.W, cp.Down.shared(t.I, 1)
+	}
+	gu, err := c.kernelShared("stream", guName, guShared)
 	if err != nil {
 		return err
 	}
-	down, err := c.Kernel("stream", downName)
+	down, err := c.kernelShared("stream", downName, downShared)
 	if err != nil {
 		return err
 	}
@@ -82,11 +87,11 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 		s.Pos, s.List, s.TileE, s.TileS, s.TileN, s.NTiles); err != nil {
 		return err
 	}
-	if err := c.Launch(gu, Dim{uint32(t.I / 128), uint32(s.MaxTiles), 1}, D1(threads), moeStreamShared(t.K),
+	if err := c.Launch(gu, Dim{uint32(t.I / guRows), uint32(s.MaxTiles), 1}, D1(guThreads), guShared,
 		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, x.Q, x.Scales, s.HQ.Q, s.HQ.Scales); err != nil {
 		return err
 	}
-	if err := c.Launch(down, Dim{uint32((t.K + downRows - 1) / downRows), uint32(s.MaxTiles), 1}, D1(threads), moeStreamShared(t.I),
+	if err := c.Launch(down, Dim{uint32((t.K + downRows - 1) / downRows), uint32(s.MaxTiles), 1}, D1(threads), downShared,
 		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, s.HQ.Q, s.HQ.Scales, s.Part); err != nil {
 		return err
 	}
@@ -150,4 +155,55 @@ func (b *Backend) moeStreamed(d, xm *tensor, rt *routing, l *moeLayer) bool {
 		return c.MoEBatchedStream(d.ptr, d.ld, true, t, rt.ids, rt.wts, rt.topK, a, s, v)
 	})
 	return true
+}
+
+// moeCPKernel is one instance of the cp.async MoE kernels (stream.cu):
+// W warps a block, D groups a stage, S stages a warp.
+type moeCPKernel struct{ W, D, S int }
+
+func (k moeCPKernel) name(prefix string) string {
+	return fmt.Sprintf("%s_c%d_%d_%d", prefix, k.W, k.D, k.S)
+}
+
+// shared is the kernel's dynamic shared memory for rows of K columns and
+// MR m-tiles a warp: the staged token rows, the warps' rings, their scales.
+func (k moeCPKernel) shared(K, mr int) int {
+	return 8*(K+16) + 32*(K/128+1) + k.W*k.S*mr*16*64*k.D + k.W*mr*16*(K/128)
+}
+
+// MoECP pairs a gate/up and a down instance of the cp.async kernels.
+type MoECP struct{ GU, Down moeCPKernel }
+
+func (p MoECP) String() string { return p.GU.name("gu") + "+" + p.Down.name("down") }
+
+// fits reports whether the pair takes t's experts.
+func (p MoECP) fits(t *ExpertTable, sharedMax int) bool {
+	GK, GI := t.K/128, t.I/128
+	return t.I%(16*p.GU.W) == 0 && GK%p.GU.D == 0 && GI%p.Down.D == 0 && GK%4 == 0 && GI%4 == 0 &&
+		p.GU.shared(t.K, 2) <= sharedMax && p.Down.shared(t.I, 1) <= sharedMax
+}
+
+// moeCPVariants are the instances stream.cu has; moeCPOn the pair in use
+// (nil: the register kernels).
+var moeCPVariants = []MoECP{
+	{moeCPKernel{8, 1, 4}, moeCPKernel{8, 4, 3}},
+	{moeCPKernel{8, 1, 5}, moeCPKernel{8, 4, 3}},
+	{moeCPKernel{16, 2, 3}, moeCPKernel{16, 4, 3}},
+	{moeCPKernel{16, 1, 6}, moeCPKernel{8, 2, 4}},
+	{moeCPKernel{8, 1, 5}, moeCPKernel{8, 4, 2}},
+	{moeCPKernel{8, 1, 3}, moeCPKernel{8, 2, 3}},
+}
+
+var moeCPOn = &moeCPVariants[1]
+
+func init() {
+	switch v := os.Getenv("MMFP4_CUDA_MOE_CP"); v {
+	case "":
+	case "off":
+		moeCPOn = nil
+	default:
+		if i, err := strconv.Atoi(v); err == nil && i >= 0 && i < len(moeCPVariants) {
+			moeCPOn = &moeCPVariants[i]
+		}
+	}
 }

@@ -21,7 +21,7 @@ func TestMoEBatchedStream(t *testing.T) {
 	d := testDevice(t)
 	r := testRand(t)
 	const K, I, E, topK = 1024, 512, 16, 4
-	defer func(old bool) { moeStreamOld = old }(moeStreamOld)
+	defer func(old bool, cp *MoECP) { moeStreamOld, moeCPOn = old, cp }(moeStreamOld, moeCPOn)
 	var host [][3]*format.Matrix
 	for e := 0; e < E+1; e++ {
 		var h [3]*format.Matrix
@@ -99,12 +99,21 @@ func TestMoEBatchedStream(t *testing.T) {
 			if err != nil {
 				return err
 			}
-			for _, old := range []bool{true, false} {
+			for i := -2; i < len(moeCPVariants); i++ {
 				v := MoEStreamD2
-				moeStreamOld = old
+				old := i == -2
+				moeStreamOld, moeCPOn = old, nil
+				name := "s"
+				if old {
+					name = "d2"
+				}
+				if i >= 0 {
+					moeCPOn = &moeCPVariants[i]
+					name = moeCPOn.String()
+				}
 				got, err := run(v)
 				if err != nil {
-					return fmt.Errorf("T=%d %s: %w", T, v, err)
+					return fmt.Errorf("T=%d %s: %w", T, name, err)
 				}
 				diff := 0
 				for i := range want {
@@ -116,9 +125,9 @@ func TestMoEBatchedStream(t *testing.T) {
 				// product could still move one int8 value by a step (about
 				// 1e-4 relative), so the bound is the batched MoE's.
 				e, m := relErr(want, got), maxRelErr(want, got)
-				t.Logf("T=%d %s old=%v: %d of %d outputs differ from the tiled MoE, relative error %.3g (max %.3g)", T, v, old, diff, len(want), e, m)
+				t.Logf("T=%d %s: %d of %d outputs differ from the tiled MoE, relative error %.3g (max %.3g)", T, name, diff, len(want), e, m)
 				if !(e <= 1e-4) || !(m <= 1e-3) {
-					t.Errorf("T=%d %s old=%v: relative error %.3g (max %.3g) against the tiled MoE", T, v, old, e, m)
+					t.Errorf("T=%d %s: relative error %.3g (max %.3g) against the tiled MoE", T, name, e, m)
 				}
 			}
 		}
@@ -186,17 +195,21 @@ func TestBackendMoEStreamMatchesCPU(t *testing.T) {
 	defer func(a, b int, v MoEStream) { moeBatchedMinTokens, moeStreamMaxTokens, moeStreamVariant = a, b, v }(moeBatchedMinTokens, moeStreamMaxTokens, moeStreamVariant)
 	moeBatchedMinTokens, moeStreamMaxTokens = 2, 1<<30
 	hosts := expertHosts(t, r, E+1, I, K, 128)
-	defer func(old bool) { moeStreamOld = old }(moeStreamOld)
-	for _, old := range []bool{true, false} {
+	defer func(old bool, cp *MoECP) { moeStreamOld, moeCPOn = old, cp }(moeStreamOld, moeCPOn)
+	for i := -2; i < len(moeCPVariants); i++ {
 		v := MoEStreamD2
 		moeStreamVariant = v
-		moeStreamOld = old
+		old := i == -2
+		moeStreamOld, moeCPOn = old, nil
+		if i >= 0 {
+			moeCPOn = &moeCPVariants[i]
+		}
 		for _, T := range []int{3, 17, 64} {
 			x := randVec(r, T*K, 1)
 			for _, withShared := range []bool{false, true} {
 				// As TestBackendMoEBatchedMatchesCPU: a last-bit difference
 				// can move one int8 value of the SwiGLU product by a step.
-				compareOp(t, g, c, fmt.Sprintf("moe stream %s old=%v T=%d shared=%v", v, old, T, withShared), 1e-3, func(b backend.Backend) []float32 {
+				compareOp(t, g, c, fmt.Sprintf("moe stream %s old=%v cp=%d T=%d shared=%v", v, old, i, T, withShared), 1e-3, func(b backend.Backend) []float32 {
 					return moeBlockOutput(t, b, hosts, router, bias, cfg, x, T, withShared)
 				})
 			}
@@ -240,10 +253,23 @@ func BenchmarkMoEStream(b *testing.B) {
 			touched[e] = true
 		}
 		bytes := float64(int64(len(touched)+1) * expertBytes)
-		for _, name := range []string{"tiled_t16", "stream_old", "stream"} {
+		names := []string{"tiled_t16", "stream_old", "stream"}
+		for _, cp := range moeCPVariants {
+			names = append(names, cp.String())
+		}
+		if T < 8 || T > 64 {
+			names = names[:3]
+		}
+		for _, name := range names {
 			v := MoEStreamD2
 			if name == "tiled_t16" {
 				v = ""
+			}
+			var cp *MoECP
+			for i := range moeCPVariants {
+				if moeCPVariants[i].String() == name {
+					cp = &moeCPVariants[i]
+				}
 			}
 			b.Run(fmt.Sprintf("T%d/%s", T, name), func(b *testing.B) {
 				err := d.Do(func(c *Ctx) error {
@@ -272,8 +298,26 @@ func BenchmarkMoEStream(b *testing.B) {
 					if err != nil {
 						return err
 					}
-					defer func(old bool) { moeStreamOld = old }(moeStreamOld)
-					moeStreamOld = name == "stream_old"
+					defer func(old bool, c *MoECP) { moeStreamOld, moeCPOn = old, c }(moeStreamOld, moeCPOn)
+					moeStreamOld, moeCPOn = name == "stream_old", cp
+					if cp != nil && T == 32 {
+						for _, kk := range []struct {
+							k     moeCPKernel
+							pfx   string
+							K, mr int
+						}{{cp.GU, "moeb_gate_up", K, 2}, {cp.Down, "moeb_down", I, 1}} {
+							sh := kk.k.shared(kk.K, kk.mr)
+							k, err := c.kernelShared("stream", kk.k.name(kk.pfx), sh)
+							if err != nil {
+								return err
+							}
+							occ, err := c.Occupancy(k, 32*kk.k.W, sh)
+							if err != nil {
+								return err
+							}
+							b.Logf("%s: %d bytes of shared memory, %d blocks of %d warps a multiprocessor", kk.k.name(kk.pfx), sh, occ, kk.k.W)
+						}
+					}
 					run := func() error { return c.MoEBatched(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s) }
 					launches := 5
 					if v != "" {

@@ -367,6 +367,254 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 }
 
 // ---------------------------------------------------------------------------
+// The same products with each warp's weights landing in shared memory
+// (cp.async) instead of registers: a ring of S stages a warp, each stage D
+// groups of the warp's MR m-tiles, so that S-1 batches of weights stay in
+// flight while the warp works on one (the register kernels above have
+// nothing in flight between a batch's arrival and the next batch's loads,
+// and no registers left for a second batch). The copies read whole 16-byte
+// pieces of 64*D contiguous bytes of a row (4 rows a warp instruction at D
+// = 2) and the fragments are read back as mb_load would have loaded them;
+// the arithmetic is mb_apply's with SPLIT, so the sums are the same bit for
+// bit. No block barrier in the loop: each warp waits for its own copies.
+// A stage is [MR][16 rows][64*D bytes], the 16-byte pieces of odd rows
+// swapped by halves (piece c at c ^ 4) when D >= 2, so that the quarter
+// warps' reads of two rows hit distinct banks. The rows' scales (all K/128
+// of them) are copied to [MR][16][GK] bytes a warp before the loop (GK a
+// multiple of 4).
+
+DEVICE void mb_wait_group0() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
+template <int N>
+DEVICE void mb_wait_group() {
+  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
+}
+DEVICE void mb_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+
+// Stage bytes of a warp's ring.
+template <int MR, int D>
+struct MbStage {
+  static const int bytes = MR * 16 * 64 * D;
+};
+
+// Copies batch b (groups b*D .. b*D+D-1) of the warp's m-tiles (row 0 of
+// m-tile m at base[m], rows rowb bytes apart) into stage dst.
+template <int MR, int D>
+DEVICE void mb_copy_batch(u8* dst, const u8* const (&base)[MR], size_t rowb, int b, int lane) {
+#pragma unroll
+  for (int m = 0; m < MR; m++)
+#pragma unroll
+    for (int j = 0; j < 2 * D; j++) {
+      const int i = j * 32 + lane, r = i / (4 * D), c = i % (4 * D);
+      const int sw = D >= 2 ? 4 * (r & 1) : 0;
+      mb_cp16(dst + m * (16 * 64 * D) + r * (64 * D) + 16 * (c ^ sw), base[m] + r * rowb + (size_t)b * (64 * D) + 16 * c);
+    }
+}
+
+// The warp's product of MR m-tiles of 16 weight rows (row 0 at base[m],
+// scales at sbase[m], rows K/2 and K/128 bytes apart) with the 8 staged
+// token rows, over all K/128 groups (a multiple of D). ring: the warp's S
+// stages; wsc: its MR*16*(K/128) scale bytes. pre() runs after the first
+// S-1 batches of copies are issued and must stage the token rows
+// (mb_stage); then every thread waits for all its copies and the block
+// meets once.
+template <int MR, int D, int S, typename Pre>
+DEVICE void mb_core_cp(const u8* const (&base)[MR], const u8* const (&sbase)[MR], int K, const u8* smem, u8* ring,
+                       u8* wsc, float (&acc)[MR][1][4], Pre pre) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int ldx = K + 16, ldxs = (K >> 7) + 1, GK = K >> 7, nb = GK / D;
+  const size_t rowb = (size_t)(K / 2);
+  const u8* xrow = smem + g * ldx + 32 * t;
+  const float* xss = (const float*)(smem + 8 * ldx);
+#pragma unroll
+  for (int m = 0; m < MR; m++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) acc[m][0][e] = 0.f;
+  const int words = GK >> 2;
+#pragma unroll
+  for (int m = 0; m < MR; m++)
+    for (int i = lane; i < 16 * words; i += 32) {
+      const int r = i / words, w = i - r * words;
+      mb_cp4(wsc + (m * 16 + r) * GK + 4 * w, sbase[m] + (size_t)r * GK + 4 * w);
+    }
+#pragma unroll
+  for (int s = 0; s < S - 1; s++) {
+    if (s < nb) mb_copy_batch<MR, D>(ring + s * MbStage<MR, D>::bytes, base, rowb, s, lane);
+    mb_commit();
+  }
+  pre();
+  mb_cp_wait_all();
+  __syncthreads();
+  const int sw = D >= 2 ? 4 * (g & 1) : 0;
+  for (int b = 0; b < nb; b++) {
+    if (b > 0) {
+      mb_wait_group<S - 2>();
+      __syncwarp();
+    }
+    if (b + S - 1 < nb) mb_copy_batch<MR, D>(ring + ((b + S - 1) % S) * MbStage<MR, D>::bytes, base, rowb, b + S - 1, lane);
+    mb_commit();
+    const u8* st = ring + (b % S) * MbStage<MR, D>::bytes;
+#pragma unroll
+    for (int d = 0; d < D; d++) {
+      const int s = b * D + d;
+      const u8* xr = xrow + 128 * s;
+      const uint4 xa = *(const uint4*)xr, xb = *(const uint4*)(xr + 16);
+      const float x0 = xss[(2 * t) * ldxs + s], x1 = xss[(2 * t + 1) * ldxs + s];
+#pragma unroll
+      for (int m = 0; m < MR; m++) {
+        const u8* p = st + m * (16 * 64 * D) + g * (64 * D) + 16 * ((4 * d + t) ^ sw);
+        const uint4 wa = *(const uint4*)p, wb = *(const uint4*)(p + 8 * 64 * D);
+        i32 q[4] = {0, 0, 0, 0}, qn[4] = {0, 0, 0, 0};
+        mb_mma_split(q, qn, wa.x, wb.x, xa.x, xa.y);
+        mb_mma_split(q, qn, wa.y, wb.y, xa.z, xa.w);
+        mb_mma_split(q, qn, wa.z, wb.z, xb.x, xb.y);
+        mb_mma_split(q, qn, wa.w, wb.w, xb.z, xb.w);
+#pragma unroll
+        for (int e = 0; e < 4; e++) q[e] -= qn[e];
+        const float s0f = e4m3(wsc[(m * 16 + g) * GK + s]), s1f = e4m3(wsc[(m * 16 + g + 8) * GK + s]);
+        acc[m][0][0] += (float)q[0] * (s0f * x0);
+        acc[m][0][1] += (float)q[1] * (s0f * x1);
+        acc[m][0][2] += (float)q[2] * (s1f * x0);
+        acc[m][0][3] += (float)q[3] * (s1f * x1);
+      }
+    }
+  }
+}
+
+// Dynamic shared memory of the cp.async kernels: the staged token rows
+// (mb_stage's layout for 8 rows of K), then W warps' rings, then their
+// scales.
+#define MBC_STAGED(K) (8 * ((K) + 16) + 32 * ((K) / 128 + 1))
+
+// moeb_gate_up with the ring: W warps a block (W/8 groups of h, 128 rows
+// of gate and of up each), grid (I/(16*W), max tiles).
+template <int W, int D, int S>
+DEVICE void moeb_gate_up_cp(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
+                            const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
+                            const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K,
+                            const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,
+                            float* __restrict__ hs) {
+  extern __shared__ __align__(16) u8 mb_smem[];
+  __shared__ float wmax[W][MB_TT];
+  PDL_WAIT();
+  const int tile = blockIdx.y;
+  if (tile >= ntiles[0]) return;
+  const int s0 = tile_s[tile], ntok = tile_n[tile];
+  const BExpert* ex = experts + tile_e[tile];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * (16 * W) + warp * 16, GK = K >> 7;
+  u8* ring = mb_smem + MBC_STAGED(K) + warp * S * MbStage<2, D>::bytes;
+  u8* wsc = mb_smem + MBC_STAGED(K) + W * S * MbStage<2, D>::bytes + warp * 2 * 16 * GK;
+  const u8* base[2] = {ex->gate.codes + (size_t)n0 * (K / 2), ex->up.codes + (size_t)n0 * (K / 2)};
+  const u8* sbase[2] = {ex->gate.scales + (size_t)n0 * GK, ex->up.scales + (size_t)n0 * GK};
+  float acc[2][1][4];
+  mb_core_cp<2, D, S>(base, sbase, K, mb_smem, ring, wsc, acc, [&] {
+    mb_stage(mb_smem, MB_TT, xq, xs, K, 0, K, [&](int r) { return list[s0 + min(r, ntok - 1)]; });
+  });
+  float hv[4];
+#pragma unroll
+  for (int e = 0; e < 4; e++) {
+    const int n = n0 + g + 8 * (e >> 1);
+    const float gv = acc[0][0][e] * (ex->gate.row_scale[n] * 0.5f);
+    const float uv = acc[1][0][e] * (ex->up.row_scale[n] * 0.5f);
+    hv[e] = mb_silu(gv) * uv;
+  }
+  float m0 = fmaxf(fabsf(hv[0]), fabsf(hv[2])), m1 = fmaxf(fabsf(hv[1]), fabsf(hv[3]));
+#pragma unroll
+  for (int o = 4; o < 32; o <<= 1) {
+    m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, o));
+    m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
+  }
+  if (g == 0) {
+    wmax[warp][2 * t] = m0;
+    wmax[warp][2 * t + 1] = m1;
+  }
+  __syncthreads();
+  // The largest magnitude of each token over the warp's group of h (the
+  // 8 warps from 8*(warp/8)).
+  const int w0 = warp & ~7;
+  float amax[2] = {0.f, 0.f};
+#pragma unroll
+  for (int w = 0; w < 8; w++) {
+    amax[0] = fmaxf(amax[0], wmax[w0 + w][2 * t]);
+    amax[1] = fmaxf(amax[1], wmax[w0 + w][2 * t + 1]);
+  }
+#pragma unroll
+  for (int e = 0; e < 4; e++) {
+    const int tok = 2 * t + (e & 1), n = n0 + g + 8 * (e >> 1);
+    if (tok < ntok) {
+      const float a = amax[e & 1];
+      hq[(size_t)(s0 + tok) * I + n] = (i8)quant8(hv[e], a, a / 127.f);
+    }
+  }
+  if ((warp & 7) == 0 && g == 0) {
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+      const int tok = 2 * t + e;
+      if (tok < ntok) hs[(size_t)(s0 + tok) * (I >> 7) + (n0 >> 7)] = amax[e] == 0.f ? 0.f : amax[e] / 127.f;
+    }
+  }
+}
+
+// moeb_down with the ring: W warps a block of 16*W rows, one m-tile a
+// warp; grid (ceil(N/(16*W)), max tiles).
+template <int W, int D, int S>
+DEVICE void moeb_down_cp(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
+                         const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
+                         const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq,
+                         const float* __restrict__ hs, float* __restrict__ part) {
+  extern __shared__ __align__(16) u8 mb_smem[];
+  const int tile = blockIdx.y;
+  if (tile >= ntiles[0]) return;
+  const int s0 = tile_s[tile], ntok = tile_n[tile];
+  const BMat dn = experts[tile_e[tile]].down;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * (16 * W) + warp * 16, GK = I >> 7;
+  const int r0 = min(n0, N - 16);
+  u8* ring = mb_smem + MBC_STAGED(I) + warp * S * MbStage<1, D>::bytes;
+  u8* wsc = mb_smem + MBC_STAGED(I) + W * S * MbStage<1, D>::bytes + warp * 16 * GK;
+  const u8* base[1] = {dn.codes + (size_t)r0 * (I / 2)};
+  const u8* sbase[1] = {dn.scales + (size_t)r0 * GK};
+  float acc[1][1][4];
+  mb_core_cp<1, D, S>(base, sbase, I, mb_smem, ring, wsc, acc, [&] {
+    PDL_WAIT();
+    mb_stage(mb_smem, MB_TT, hq, hs, I, 0, I, [&](int r) { return s0 + min(r, ntok - 1); });
+  });
+#pragma unroll
+  for (int e = 0; e < 4; e++) {
+    const int tok = 2 * t + (e & 1), n = n0 + g + 8 * (e >> 1);
+    if (tok < ntok && n0 < N) part[(size_t)(s0 + tok) * N + n] = acc[0][0][e] * (dn.row_scale[n] * 0.5f);
+  }
+}
+
+// Instances: moeb_gate_up_c<W>_<D>_<S>, moeb_down_c<W>_<D>_<S>.
+#define MOEB_GU_CP(W, D, S, MINB)                                                                          \
+  extern "C" __global__ void __launch_bounds__(32 * W, MINB) moeb_gate_up_c##W##_##D##_##S(                \
+      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s, \
+      const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, const i32* __restrict__ list, int I,  \
+      int K, const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,                  \
+      float* __restrict__ hs) {                                                                            \
+    moeb_gate_up_cp<W, D, S>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs);         \
+  }
+#define MOEB_DOWN_CP(W, D, S, MINB)                                                                        \
+  extern "C" __global__ void __launch_bounds__(32 * W, MINB) moeb_down_c##W##_##D##_##S(                   \
+      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s, \
+      const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, int N, int I,                        \
+      const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) {                 \
+    moeb_down_cp<W, D, S>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);                    \
+  }
+
+MOEB_GU_CP(8, 1, 4, 2)
+MOEB_GU_CP(8, 1, 5, 2)
+MOEB_GU_CP(16, 2, 3, 1)
+MOEB_GU_CP(16, 1, 6, 1)
+MOEB_GU_CP(8, 1, 3, 3)
+MOEB_DOWN_CP(8, 2, 4, 2)
+MOEB_DOWN_CP(8, 4, 2, 2)
+MOEB_DOWN_CP(8, 4, 3, 2)
+MOEB_DOWN_CP(16, 4, 3, 1)
+MOEB_DOWN_CP(8, 2, 3, 3)
+
+// ---------------------------------------------------------------------------
 // moe_group (gemm.cu) with the tiles made in parallel: one block of 1024
 // threads; the pairs' counts by expert (shared atomics), a block-wide
 // prefix sum of the counts and of the tiles (ceil(count/BT) an expert),
