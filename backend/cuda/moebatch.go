@@ -45,7 +45,11 @@ func moeStreamShared(K int) int { return moeStreamTile*(K+16) + 4*moeStreamTile*
 // MMFP4_CUDA_STREAM_OLD=1). s must have
 // room for the 8-pair tiles (MaxTiles >= moeMaxTiles(P, experts, 8));
 // s.H is not used.
-func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTable, ids, wts uint64, topk int, x *QActs, s *MoEBatch, v MoEStream) error {
+//
+// counters (moeStreamCounters bytes, any content; 0 for none) let the
+// fused cp.async down kernel add each token's slots itself (three
+// launches).
+func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTable, ids, wts uint64, topk int, x *QActs, s *MoEBatch, v MoEStream, counters uint64) error {
 	slots := topk + t.Shared
 	P := x.T * slots
 	switch {
@@ -67,9 +71,43 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 	if moeStreamOld {
 		guName, downName, downRows = "moeb_gate_up_"+string(v), "moeb_down_"+string(v), 256
 	}
+	fuse := false
 	if cp := moeCPOn; cp != nil && !moeStreamOld && cp.fits(t, c.info.SharedOptin) {
 		guName, guRows, guThreads, guShared = cp.GU.name("moeb_gate_up"), 16*cp.GU.W, 32*cp.GU.W, cp.GU.shared(t.K, 2)
 		downName, downRows, threads, downShared = cp.Down.name("moeb_down"), 16*cp.Down.W, 32*cp.Down.W, cp.Down.shared(t.I, 1)
+		if fuse = cp.Fuse && counters != 0; fuse {
+			downName += "f"
+		}
+	}
+	acc := 0
+	if accumulate {
+		acc = 1
+	}
+	if fuse {
+		groupZ, err := c.Kernel("stream", "moeb_group_z")
+		if err != nil {
+			return err
+		}
+		gu, err := c.kernelShared("stream", guName, guShared)
+		if err != nil {
+			return err
+		}
+		down, err := c.kernelShared("stream", downName, downShared)
+		if err != nil {
+			return err
+		}
+		ncb := (t.K + downRows - 1) / downRows
+		if err := c.Launch(groupZ, D1(1), D1(1024), 0, ids, x.T, topk, t.Shared, t.Routed, moeStreamTile,
+			s.Pos, s.List, s.TileE, s.TileS, s.TileN, s.NTiles, counters, x.T*ncb); err != nil {
+			return err
+		}
+		if err := c.Launch(gu, Dim{uint32(t.I / guRows), uint32(s.MaxTiles), 1}, D1(guThreads), guShared,
+			t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, x.Q, x.Scales, s.HQ.Q, s.HQ.Scales); err != nil {
+			return err
+		}
+		return c.Launch(down, Dim{uint32(ncb), uint32(s.MaxTiles), 1}, D1(threads), downShared,
+			t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, s.HQ.Q, s.HQ.Scales, s.Part,
+			s.List, s.Pos, wts, topk, slots, counters, y, ldy, acc)
 	}
 	gu, err := c.kernelShared("stream", guName, guShared)
 	if err != nil {
@@ -94,10 +132,6 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 	if err := c.Launch(down, Dim{uint32((t.K + downRows - 1) / downRows), uint32(s.MaxTiles), 1}, D1(threads), downShared,
 		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, s.HQ.Q, s.HQ.Scales, s.Part); err != nil {
 		return err
-	}
-	acc := 0
-	if accumulate {
-		acc = 1
 	}
 	return c.Launch(comb, Dim{uint32(x.T), uint32((t.K + 511) / 512), 1}, D1(128), 0, s.Part, s.Pos, wts, topk, slots, t.K, y, ldy, acc)
 }
@@ -151,8 +185,9 @@ func (b *Backend) moeStreamed(d, xm *tensor, rt *routing, l *moeLayer) bool {
 	s.TileE, s.TileS, s.TileN, s.NTiles = b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4)
 	s.Part = b.alloc(4 * P * t.K)
 	s.HQ = b.quantizeInto(&tensor{rows: P, cols: t.I, ld: t.I}, t.G)
+	counters := b.alloc(moeStreamCounters(T, t.K))
 	b.do("moe batched", func(c *Ctx) error {
-		return c.MoEBatchedStream(d.ptr, d.ld, true, t, rt.ids, rt.wts, rt.topK, a, s, v)
+		return c.MoEBatchedStream(d.ptr, d.ld, true, t, rt.ids, rt.wts, rt.topK, a, s, v, counters)
 	})
 	return true
 }
@@ -171,10 +206,25 @@ func (k moeCPKernel) shared(K, mr int) int {
 	return 8*(K+16) + 32*(K/128+1) + k.W*k.S*mr*16*64*k.D + k.W*mr*16*(K/128)
 }
 
-// MoECP pairs a gate/up and a down instance of the cp.async kernels.
-type MoECP struct{ GU, Down moeCPKernel }
+// MoECP pairs a gate/up and a down instance of the cp.async kernels; Fuse:
+// the down kernel adds the slots up (no combine launch).
+type MoECP struct {
+	GU, Down moeCPKernel
+	Fuse     bool
+}
 
-func (p MoECP) String() string { return p.GU.name("gu") + "+" + p.Down.name("down") }
+func (p MoECP) String() string {
+	s := p.GU.name("gu") + "+" + p.Down.name("down")
+	if p.Fuse {
+		s += "f"
+	}
+	return s
+}
+
+// moeStreamCounters is the size of MoEBatchedStream's counters for T
+// tokens of K columns: one u32 a token and block of the down kernel (at
+// least 128 rows a block).
+func moeStreamCounters(T, K int) int { return 4 * T * ((K + 127) / 128) }
 
 // fits reports whether the pair takes t's experts.
 func (p MoECP) fits(t *ExpertTable, sharedMax int) bool {
@@ -186,12 +236,14 @@ func (p MoECP) fits(t *ExpertTable, sharedMax int) bool {
 // moeCPVariants are the instances stream.cu has; moeCPOn the pair in use
 // (nil: the register kernels).
 var moeCPVariants = []MoECP{
-	{moeCPKernel{8, 1, 4}, moeCPKernel{8, 4, 3}},
-	{moeCPKernel{8, 1, 5}, moeCPKernel{8, 4, 3}},
-	{moeCPKernel{16, 2, 3}, moeCPKernel{16, 4, 3}},
-	{moeCPKernel{16, 1, 6}, moeCPKernel{8, 2, 4}},
-	{moeCPKernel{8, 1, 5}, moeCPKernel{8, 4, 2}},
-	{moeCPKernel{8, 1, 3}, moeCPKernel{8, 2, 3}},
+	{moeCPKernel{8, 1, 4}, moeCPKernel{8, 4, 3}, false},
+	{moeCPKernel{8, 1, 5}, moeCPKernel{8, 4, 3}, false},
+	{moeCPKernel{16, 2, 3}, moeCPKernel{16, 4, 3}, false},
+	{moeCPKernel{16, 1, 6}, moeCPKernel{8, 2, 4}, false},
+	{moeCPKernel{8, 1, 5}, moeCPKernel{8, 4, 2}, false},
+	{moeCPKernel{8, 1, 3}, moeCPKernel{8, 2, 3}, false},
+	{moeCPKernel{8, 1, 5}, moeCPKernel{8, 4, 3}, true},
+	{moeCPKernel{16, 2, 3}, moeCPKernel{16, 4, 3}, true},
 }
 
 var moeCPOn = &moeCPVariants[1]

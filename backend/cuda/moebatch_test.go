@@ -87,7 +87,7 @@ func TestMoEBatchedStream(t *testing.T) {
 					if err := poison(c, s.HQ.Q, s.HQ.T*s.HQ.K); err != nil {
 						return nil, err
 					}
-					err = c.MoEBatchedStream(y.Ptr, K, false, tab, idb.Ptr, wtb.Ptr, topK, a, s, stream)
+					err = c.MoEBatchedStream(y.Ptr, K, false, tab, idb.Ptr, wtb.Ptr, topK, a, s, stream, s.H)
 				}
 				if err != nil {
 					return nil, err
@@ -322,7 +322,7 @@ func BenchmarkMoEStream(b *testing.B) {
 					launches := 5
 					if v != "" {
 						launches = 4
-						run = func() error { return c.MoEBatchedStream(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s, v) }
+						run = func() error { return c.MoEBatchedStream(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s, v, s.H) }
 					}
 					if err := run(); err != nil {
 						return err

@@ -557,12 +557,17 @@ DEVICE void moeb_gate_up_cp(const BExpert* __restrict__ experts, const i32* __re
 
 // moeb_down with the ring: W warps a block of 16*W rows, one m-tile a
 // warp; grid (ceil(N/(16*W)), max tiles).
-template <int W, int D, int S>
+// FUSE: the block also does moeb_combine's work for the tokens whose last
+// slot it wrote (see below), and the combine launch goes.
+template <int W, int D, int S, bool FUSE>
 DEVICE void moeb_down_cp(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
                          const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
                          const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq,
-                         const float* __restrict__ hs, float* __restrict__ part) {
+                         const float* __restrict__ hs, float* __restrict__ part, const i32* __restrict__ list,
+                         const i32* __restrict__ pos, const float* __restrict__ wts, int topk, int slots,
+                         u32* __restrict__ cnt, float* __restrict__ y, int ldy, int accumulate) {
   extern __shared__ __align__(16) u8 mb_smem[];
+  __shared__ int last_tok[MB_TT];
   const int tile = blockIdx.y;
   if (tile >= ntiles[0]) return;
   const int s0 = tile_s[tile], ntok = tile_n[tile];
@@ -584,6 +589,54 @@ DEVICE void moeb_down_cp(const BExpert* __restrict__ experts, const i32* __restr
     const int tok = 2 * t + (e & 1), n = n0 + g + 8 * (e >> 1);
     if (tok < ntok && n0 < N) part[(size_t)(s0 + tok) * N + n] = acc[0][0][e] * (dn.row_scale[n] * 0.5f);
   }
+  if (!FUSE) return;
+  // Each (token, column block) gets one part row from each of the token's
+  // slots, each from the block of that slot's tile: the block that brings
+  // the token's counter (zeroed by moeb_group_z) to its slot count adds
+  // them up for its columns, as moeb_combine does (slot order, the same
+  // sums), after the others' rows are visible (fence, counter, fence).
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x < MB_TT) {
+    int tt = -1;
+    if ((int)threadIdx.x < ntok) {
+      const int tok = list[s0 + threadIdx.x];
+      int nv = 0;
+      for (int k = 0; k < slots; k++) nv += pos[tok * slots + k] >= 0;
+      if (atomicAdd(&cnt[tok * gridDim.x + blockIdx.x], 1u) == (u32)(nv - 1)) tt = tok;
+    }
+    last_tok[threadIdx.x] = tt;
+  }
+  __syncthreads();
+  __threadfence();
+  const int quads = 4 * W;  // 16*W columns
+  for (int idx = threadIdx.x; idx < MB_TT * quads; idx += blockDim.x) {
+    const int j = idx / quads, n = blockIdx.x * (16 * W) + 4 * (idx - j * quads), tt = last_tok[j];
+    if (tt < 0 || n >= N) continue;
+    float4 total = make_float4(0.f, 0.f, 0.f, 0.f);
+    for (int k = 0; k < slots; k++) {
+      const int p = pos[tt * slots + k];
+      if (p < 0) continue;
+      const float w = k < topk ? wts[tt * topk + k] : 1.f;
+      const float4 v = __ldcg((const float4*)(part + (size_t)p * N + n));
+      total.x += w * v.x;
+      total.y += w * v.y;
+      total.z += w * v.z;
+      total.w += w * v.w;
+    }
+    float* o = y + (size_t)tt * ldy + n;
+    if (accumulate) {
+      o[0] += total.x;
+      o[1] += total.y;
+      o[2] += total.z;
+      o[3] += total.w;
+    } else {
+      o[0] = total.x;
+      o[1] = total.y;
+      o[2] = total.z;
+      o[3] = total.w;
+    }
+  }
 }
 
 // Instances: moeb_gate_up_c<W>_<D>_<S>, moeb_down_c<W>_<D>_<S>.
@@ -595,12 +648,22 @@ DEVICE void moeb_down_cp(const BExpert* __restrict__ experts, const i32* __restr
       float* __restrict__ hs) {                                                                            \
     moeb_gate_up_cp<W, D, S>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs);         \
   }
-#define MOEB_DOWN_CP(W, D, S, MINB)                                                                        \
-  extern "C" __global__ void __launch_bounds__(32 * W, MINB) moeb_down_c##W##_##D##_##S(                   \
-      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s, \
-      const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, int N, int I,                        \
-      const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) {                 \
-    moeb_down_cp<W, D, S>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);                    \
+#define MOEB_DOWN_CP(W, D, S, MINB)                                                                          \
+  extern "C" __global__ void __launch_bounds__(32 * W, MINB) moeb_down_c##W##_##D##_##S(                     \
+      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s,   \
+      const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, int N, int I,                          \
+      const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) {                   \
+    moeb_down_cp<W, D, S, false>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part, 0, 0, 0, 0, 0, \
+                                 0, 0, 0, 0);                                                                \
+  }                                                                                                          \
+  extern "C" __global__ void __launch_bounds__(32 * W, MINB) moeb_down_c##W##_##D##_##S##f(                  \
+      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s,   \
+      const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, int N, int I,                          \
+      const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part,                     \
+      const i32* __restrict__ list, const i32* __restrict__ pos, const float* __restrict__ wts, int topk,    \
+      int slots, u32* __restrict__ cnt, float* __restrict__ y, int ldy, int accumulate) {                    \
+    moeb_down_cp<W, D, S, true>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part, list, pos, wts, \
+                                topk, slots, cnt, y, ldy, accumulate);                                       \
   }
 
 MOEB_GU_CP(8, 1, 4, 2)
@@ -646,11 +709,31 @@ DEVICE int mb_block_scan(int v, int* warp_sums) {
   return r;
 }
 
+DEVICE void mb_group(const i32* __restrict__ ids, int T, int topk, int S, int E, int BT, i32* __restrict__ pos,
+                     i32* __restrict__ list, i32* __restrict__ tile_e, i32* __restrict__ tile_s,
+                     i32* __restrict__ tile_n, i32* __restrict__ ntiles);
+
 extern "C" __global__ void __launch_bounds__(1024)
     moeb_group(const i32* __restrict__ ids, int T, int topk, int S, int E, int BT, i32* __restrict__ pos,
                i32* __restrict__ list, i32* __restrict__ tile_e, i32* __restrict__ tile_s,
                i32* __restrict__ tile_n, i32* __restrict__ ntiles) {
-  PDL_LAUNCH();
+  mb_group(ids, T, topk, S, E, BT, pos, list, tile_e, tile_s, tile_n, ntiles);
+}
+
+// moeb_group that also zeroes the nz counters of the fused down kernel
+// (moeb_down_c*f, two launches later: finished writing them before this
+// kernel starts, and reading them after it ends).
+extern "C" __global__ void __launch_bounds__(1024)
+    moeb_group_z(const i32* __restrict__ ids, int T, int topk, int S, int E, int BT, i32* __restrict__ pos,
+                 i32* __restrict__ list, i32* __restrict__ tile_e, i32* __restrict__ tile_s,
+                 i32* __restrict__ tile_n, i32* __restrict__ ntiles, u32* __restrict__ cnt, int nz) {
+  for (int i = threadIdx.x; i < nz; i += blockDim.x) cnt[i] = 0;
+  mb_group(ids, T, topk, S, E, BT, pos, list, tile_e, tile_s, tile_n, ntiles);
+}
+
+DEVICE void mb_group(const i32* __restrict__ ids, int T, int topk, int S, int E, int BT, i32* __restrict__ pos,
+                     i32* __restrict__ list, i32* __restrict__ tile_e, i32* __restrict__ tile_s,
+                     i32* __restrict__ tile_n, i32* __restrict__ ntiles) {
   __shared__ int cnt[1024], off[1024], sums[32];
   const int slots = topk + S, P = T * slots, NE = E + S, e = threadIdx.x;
   cnt[e] = 0;
