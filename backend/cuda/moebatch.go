@@ -246,7 +246,7 @@ var moeCPVariants = []MoECP{
 	{moeCPKernel{16, 2, 3}, moeCPKernel{16, 4, 3}, true},
 }
 
-var moeCPOn = &moeCPVariants[1]
+var moeCPOn = &moeCPVariants[6]
 
 func init() {
 	switch v := os.Getenv("MMFP4_CUDA_MOE_CP"); v {
