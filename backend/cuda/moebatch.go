@@ -194,10 +194,18 @@ func (b *Backend) moeStreamed(d, xm *tensor, rt *routing, l *moeLayer) bool {
 
 // moeCPKernel is one instance of the cp.async MoE kernels (stream.cu):
 // W warps a block, D groups a stage, S stages a warp.
-type moeCPKernel struct{ W, D, S int }
+// V: scales through the hardware E4M3 conversion.
+type moeCPKernel struct {
+	W, D, S int
+	V       bool
+}
 
 func (k moeCPKernel) name(prefix string) string {
-	return fmt.Sprintf("%s_c%d_%d_%d", prefix, k.W, k.D, k.S)
+	v := ""
+	if k.V {
+		v = "v"
+	}
+	return fmt.Sprintf("%s_c%d_%d_%d%s", prefix, k.W, k.D, k.S, v)
 }
 
 // shared is the kernel's dynamic shared memory for rows of K columns and
@@ -236,14 +244,15 @@ func (p MoECP) fits(t *ExpertTable, sharedMax int) bool {
 // moeCPVariants are the instances stream.cu has; moeCPOn the pair in use
 // (nil: the register kernels).
 var moeCPVariants = []MoECP{
-	{moeCPKernel{8, 1, 4}, moeCPKernel{8, 4, 3}, false},
-	{moeCPKernel{8, 1, 5}, moeCPKernel{8, 4, 3}, false},
-	{moeCPKernel{16, 2, 3}, moeCPKernel{16, 4, 3}, false},
-	{moeCPKernel{16, 1, 6}, moeCPKernel{8, 2, 4}, false},
-	{moeCPKernel{8, 1, 5}, moeCPKernel{8, 4, 2}, false},
-	{moeCPKernel{8, 1, 3}, moeCPKernel{8, 2, 3}, false},
-	{moeCPKernel{8, 1, 5}, moeCPKernel{8, 4, 3}, true},
-	{moeCPKernel{16, 2, 3}, moeCPKernel{16, 4, 3}, true},
+	{moeCPKernel{8, 1, 4, false}, moeCPKernel{8, 4, 3, false}, false},
+	{moeCPKernel{8, 1, 5, false}, moeCPKernel{8, 4, 3, false}, false},
+	{moeCPKernel{16, 2, 3, false}, moeCPKernel{16, 4, 3, false}, false},
+	{moeCPKernel{16, 1, 6, false}, moeCPKernel{8, 2, 4, false}, false},
+	{moeCPKernel{8, 1, 5, false}, moeCPKernel{8, 4, 2, false}, false},
+	{moeCPKernel{8, 1, 3, false}, moeCPKernel{8, 2, 3, false}, false},
+	{moeCPKernel{8, 1, 5, false}, moeCPKernel{8, 4, 3, false}, true},
+	{moeCPKernel{16, 2, 3, false}, moeCPKernel{16, 4, 3, false}, true},
+	{moeCPKernel{8, 1, 5, true}, moeCPKernel{8, 4, 3, true}, true},
 }
 
 var moeCPOn = &moeCPVariants[6]

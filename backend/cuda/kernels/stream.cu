@@ -417,7 +417,17 @@ DEVICE void mb_copy_batch(u8* dst, const u8* const (&base)[MR], size_t rowb, int
 // S-1 batches of copies are issued and must stage the token rows
 // (mb_stage); then every thread waits for all its copies and the block
 // meets once.
-template <int MR, int D, int S, typename Pre>
+// Two E4M3 scale bytes (lo, hi) to floats through the hardware conversion
+// (sm_89 and later): exact, as e4m3() (every E4M3 value is an fp16 value).
+DEVICE void mb_e4m3x2(u32 lo, u32 hi, float& f0, float& f1) {
+  const u32 x = lo | (hi << 8);
+  asm("{ .reg .b16 x, l, h; .reg .b32 r; cvt.u16.u32 x, %2; cvt.rn.f16x2.e4m3x2 r, x; mov.b32 {l, h}, r;"
+      " cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }"
+      : "=f"(f0), "=f"(f1)
+      : "r"(x));
+}
+
+template <int MR, int D, int S, bool CVT = false, typename Pre>
 DEVICE void mb_core_cp(const u8* const (&base)[MR], const u8* const (&sbase)[MR], int K, const u8* smem, u8* ring,
                        u8* wsc, float (&acc)[MR][1][4], Pre pre) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -470,7 +480,13 @@ DEVICE void mb_core_cp(const u8* const (&base)[MR], const u8* const (&sbase)[MR]
         mb_mma_split(q, qn, wa.w, wb.w, xb.z, xb.w);
 #pragma unroll
         for (int e = 0; e < 4; e++) q[e] -= qn[e];
-        const float s0f = e4m3(wsc[(m * 16 + g) * GK + s]), s1f = e4m3(wsc[(m * 16 + g + 8) * GK + s]);
+        float s0f, s1f;
+        if (CVT) {
+          mb_e4m3x2(wsc[(m * 16 + g) * GK + s], wsc[(m * 16 + g + 8) * GK + s], s0f, s1f);
+        } else {
+          s0f = e4m3(wsc[(m * 16 + g) * GK + s]);
+          s1f = e4m3(wsc[(m * 16 + g + 8) * GK + s]);
+        }
         acc[m][0][0] += (float)q[0] * (s0f * x0);
         acc[m][0][1] += (float)q[1] * (s0f * x1);
         acc[m][0][2] += (float)q[2] * (s1f * x0);
@@ -487,7 +503,7 @@ DEVICE void mb_core_cp(const u8* const (&base)[MR], const u8* const (&sbase)[MR]
 
 // moeb_gate_up with the ring: W warps a block (W/8 groups of h, 128 rows
 // of gate and of up each), grid (I/(16*W), max tiles).
-template <int W, int D, int S>
+template <int W, int D, int S, bool CVT>
 DEVICE void moeb_gate_up_cp(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
                             const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
                             const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K,
@@ -507,7 +523,7 @@ DEVICE void moeb_gate_up_cp(const BExpert* __restrict__ experts, const i32* __re
   const u8* base[2] = {ex->gate.codes + (size_t)n0 * (K / 2), ex->up.codes + (size_t)n0 * (K / 2)};
   const u8* sbase[2] = {ex->gate.scales + (size_t)n0 * GK, ex->up.scales + (size_t)n0 * GK};
   float acc[2][1][4];
-  mb_core_cp<2, D, S>(base, sbase, K, mb_smem, ring, wsc, acc, [&] {
+  mb_core_cp<2, D, S, CVT>(base, sbase, K, mb_smem, ring, wsc, acc, [&] {
     mb_stage(mb_smem, MB_TT, xq, xs, K, 0, K, [&](int r) { return list[s0 + min(r, ntok - 1)]; });
   });
   float hv[4];
@@ -559,7 +575,7 @@ DEVICE void moeb_gate_up_cp(const BExpert* __restrict__ experts, const i32* __re
 // warp; grid (ceil(N/(16*W)), max tiles).
 // FUSE: the block also does moeb_combine's work for the tokens whose last
 // slot it wrote (see below), and the combine launch goes.
-template <int W, int D, int S, bool FUSE>
+template <int W, int D, int S, bool FUSE, bool CVT>
 DEVICE void moeb_down_cp(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
                          const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
                          const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq,
@@ -580,7 +596,7 @@ DEVICE void moeb_down_cp(const BExpert* __restrict__ experts, const i32* __restr
   const u8* base[1] = {dn.codes + (size_t)r0 * (I / 2)};
   const u8* sbase[1] = {dn.scales + (size_t)r0 * GK};
   float acc[1][1][4];
-  mb_core_cp<1, D, S>(base, sbase, I, mb_smem, ring, wsc, acc, [&] {
+  mb_core_cp<1, D, S, CVT>(base, sbase, I, mb_smem, ring, wsc, acc, [&] {
     PDL_WAIT();
     mb_stage(mb_smem, MB_TT, hq, hs, I, 0, I, [&](int r) { return s0 + min(r, ntok - 1); });
   });
@@ -640,42 +656,44 @@ DEVICE void moeb_down_cp(const BExpert* __restrict__ experts, const i32* __restr
 }
 
 // Instances: moeb_gate_up_c<W>_<D>_<S>, moeb_down_c<W>_<D>_<S>.
-#define MOEB_GU_CP(W, D, S, MINB)                                                                          \
-  extern "C" __global__ void __launch_bounds__(32 * W, MINB) moeb_gate_up_c##W##_##D##_##S(                \
+#define MOEB_GU_CP(W, D, S, MINB, CVT, SFX)                                                                \
+  extern "C" __global__ void __launch_bounds__(32 * W, MINB) moeb_gate_up_c##W##_##D##_##S##SFX(           \
       const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s, \
       const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, const i32* __restrict__ list, int I,  \
       int K, const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,                  \
       float* __restrict__ hs) {                                                                            \
-    moeb_gate_up_cp<W, D, S>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs);         \
+    moeb_gate_up_cp<W, D, S, CVT>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs);    \
   }
-#define MOEB_DOWN_CP(W, D, S, MINB)                                                                          \
-  extern "C" __global__ void __launch_bounds__(32 * W, MINB) moeb_down_c##W##_##D##_##S(                     \
-      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s,   \
-      const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, int N, int I,                          \
-      const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) {                   \
-    moeb_down_cp<W, D, S, false>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part, 0, 0, 0, 0, 0, \
-                                 0, 0, 0, 0);                                                                \
-  }                                                                                                          \
-  extern "C" __global__ void __launch_bounds__(32 * W, MINB) moeb_down_c##W##_##D##_##S##f(                  \
-      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s,   \
-      const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, int N, int I,                          \
-      const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part,                     \
-      const i32* __restrict__ list, const i32* __restrict__ pos, const float* __restrict__ wts, int topk,    \
-      int slots, u32* __restrict__ cnt, float* __restrict__ y, int ldy, int accumulate) {                    \
-    moeb_down_cp<W, D, S, true>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part, list, pos, wts, \
-                                topk, slots, cnt, y, ldy, accumulate);                                       \
+#define MOEB_DOWN_CP(W, D, S, MINB, CVT, SFX)                                                                \
+  extern "C" __global__ void __launch_bounds__(32 * W, MINB) moeb_down_c##W##_##D##_##S##SFX(                  \
+      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s,     \
+      const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, int N, int I,                            \
+      const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) {                     \
+    moeb_down_cp<W, D, S, false, CVT>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part, 0, 0, 0, 0, \
+                                      0, 0, 0, 0, 0);                                                          \
+  }                                                                                                            \
+  extern "C" __global__ void __launch_bounds__(32 * W, MINB) moeb_down_c##W##_##D##_##S##SFX##f(               \
+      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s,     \
+      const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, int N, int I,                            \
+      const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part,                       \
+      const i32* __restrict__ list, const i32* __restrict__ pos, const float* __restrict__ wts, int topk,      \
+      int slots, u32* __restrict__ cnt, float* __restrict__ y, int ldy, int accumulate) {                      \
+    moeb_down_cp<W, D, S, true, CVT>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part, list, pos,   \
+                                     wts, topk, slots, cnt, y, ldy, accumulate);                               \
   }
 
-MOEB_GU_CP(8, 1, 4, 2)
-MOEB_GU_CP(8, 1, 5, 2)
-MOEB_GU_CP(16, 2, 3, 1)
-MOEB_GU_CP(16, 1, 6, 1)
-MOEB_GU_CP(8, 1, 3, 3)
-MOEB_DOWN_CP(8, 2, 4, 2)
-MOEB_DOWN_CP(8, 4, 2, 2)
-MOEB_DOWN_CP(8, 4, 3, 2)
-MOEB_DOWN_CP(16, 4, 3, 1)
-MOEB_DOWN_CP(8, 2, 3, 3)
+MOEB_GU_CP(8, 1, 4, 2, false, )
+MOEB_GU_CP(8, 1, 5, 2, false, )
+MOEB_GU_CP(16, 2, 3, 1, false, )
+MOEB_GU_CP(16, 1, 6, 1, false, )
+MOEB_GU_CP(8, 1, 3, 3, false, )
+MOEB_GU_CP(8, 1, 5, 2, true, v)
+MOEB_DOWN_CP(8, 2, 4, 2, false, )
+MOEB_DOWN_CP(8, 4, 2, 2, false, )
+MOEB_DOWN_CP(8, 4, 3, 2, false, )
+MOEB_DOWN_CP(16, 4, 3, 1, false, )
+MOEB_DOWN_CP(8, 2, 3, 3, false, )
+MOEB_DOWN_CP(8, 4, 3, 2, true, v)
 
 // ---------------------------------------------------------------------------
 // moe_group (gemm.cu) with the tiles made in parallel: one block of 1024
