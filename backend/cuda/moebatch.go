@@ -73,7 +73,7 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 	}
 	fuse := false
 	if cp := moeCPOn; cp != nil && !moeStreamOld && cp.fits(t, c.info.SharedOptin) {
-		guName, guRows, guThreads, guShared = cp.GU.name("moeb_gate_up"), 16*cp.GU.W, 32*cp.GU.W, cp.GU.shared(t.K, 2)
+		guName, guRows, guThreads, guShared = cp.GU.name("moeb_gate_up"), cp.GU.rows(), 32*cp.GU.W, cp.GU.shared(t.K, 2)
 		downName, downRows, threads, downShared = cp.Down.name("moeb_down"), 16*cp.Down.W, 32*cp.Down.W, cp.Down.shared(t.I, 1)
 		if fuse = cp.Fuse && counters != 0; fuse {
 			downName += "f"
@@ -194,10 +194,11 @@ func (b *Backend) moeStreamed(d, xm *tensor, rt *routing, l *moeLayer) bool {
 
 // moeCPKernel is one instance of the cp.async MoE kernels (stream.cu):
 // W warps a block, D groups a stage, S stages a warp.
-// V: scales through the hardware E4M3 conversion.
+// V: scales through the hardware E4M3 conversion. PW (gate/up only): 16
+// warps, gate and up rows in separate warps (moeb_gate_up_pw).
 type moeCPKernel struct {
 	W, D, S int
-	V       bool
+	V, PW   bool
 }
 
 func (k moeCPKernel) name(prefix string) string {
@@ -205,13 +206,27 @@ func (k moeCPKernel) name(prefix string) string {
 	if k.V {
 		v = "v"
 	}
+	if k.PW {
+		return fmt.Sprintf("%s_pw%d_%d%s", prefix, k.D, k.S, v)
+	}
 	return fmt.Sprintf("%s_c%d_%d_%d%s", prefix, k.W, k.D, k.S, v)
 }
 
 // shared is the kernel's dynamic shared memory for rows of K columns and
 // MR m-tiles a warp: the staged token rows, the warps' rings, their scales.
 func (k moeCPKernel) shared(K, mr int) int {
+	if k.PW {
+		mr = 1
+	}
 	return 8*(K+16) + 32*(K/128+1) + k.W*k.S*mr*16*64*k.D + k.W*mr*16*(K/128)
+}
+
+// rows is the gate/up kernel's rows of h a block.
+func (k moeCPKernel) rows() int {
+	if k.PW {
+		return 128
+	}
+	return 16 * k.W
 }
 
 // MoECP pairs a gate/up and a down instance of the cp.async kernels; Fuse:
@@ -237,22 +252,25 @@ func moeStreamCounters(T, K int) int { return 4 * T * ((K + 127) / 128) }
 // fits reports whether the pair takes t's experts.
 func (p MoECP) fits(t *ExpertTable, sharedMax int) bool {
 	GK, GI := t.K/128, t.I/128
-	return t.I%(16*p.GU.W) == 0 && GK%p.GU.D == 0 && GI%p.Down.D == 0 && GK%4 == 0 && GI%4 == 0 &&
+	return t.I%p.GU.rows() == 0 && GK%p.GU.D == 0 && GI%p.Down.D == 0 && GK%4 == 0 && GI%4 == 0 &&
 		p.GU.shared(t.K, 2) <= sharedMax && p.Down.shared(t.I, 1) <= sharedMax
 }
 
 // moeCPVariants are the instances stream.cu has; moeCPOn the pair in use
 // (nil: the register kernels).
 var moeCPVariants = []MoECP{
-	{moeCPKernel{8, 1, 4, false}, moeCPKernel{8, 4, 3, false}, false},
-	{moeCPKernel{8, 1, 5, false}, moeCPKernel{8, 4, 3, false}, false},
-	{moeCPKernel{16, 2, 3, false}, moeCPKernel{16, 4, 3, false}, false},
-	{moeCPKernel{16, 1, 6, false}, moeCPKernel{8, 2, 4, false}, false},
-	{moeCPKernel{8, 1, 5, false}, moeCPKernel{8, 4, 2, false}, false},
-	{moeCPKernel{8, 1, 3, false}, moeCPKernel{8, 2, 3, false}, false},
-	{moeCPKernel{8, 1, 5, false}, moeCPKernel{8, 4, 3, false}, true},
-	{moeCPKernel{16, 2, 3, false}, moeCPKernel{16, 4, 3, false}, true},
-	{moeCPKernel{8, 1, 5, true}, moeCPKernel{8, 4, 3, true}, true},
+	{moeCPKernel{8, 1, 4, false, false}, moeCPKernel{8, 4, 3, false, false}, false},
+	{moeCPKernel{8, 1, 5, false, false}, moeCPKernel{8, 4, 3, false, false}, false},
+	{moeCPKernel{16, 2, 3, false, false}, moeCPKernel{16, 4, 3, false, false}, false},
+	{moeCPKernel{16, 1, 6, false, false}, moeCPKernel{8, 2, 4, false, false}, false},
+	{moeCPKernel{8, 1, 5, false, false}, moeCPKernel{8, 4, 2, false, false}, false},
+	{moeCPKernel{8, 1, 3, false, false}, moeCPKernel{8, 2, 3, false, false}, false},
+	{moeCPKernel{8, 1, 5, false, false}, moeCPKernel{8, 4, 3, false, false}, true},
+	{moeCPKernel{16, 2, 3, false, false}, moeCPKernel{16, 4, 3, false, false}, true},
+	{moeCPKernel{8, 1, 5, true, false}, moeCPKernel{8, 4, 3, true, false}, true},
+	{moeCPKernel{16, 2, 4, false, true}, moeCPKernel{8, 4, 3, false, false}, true},
+	{moeCPKernel{16, 2, 6, false, true}, moeCPKernel{8, 4, 3, false, false}, true},
+	{moeCPKernel{16, 4, 3, false, true}, moeCPKernel{8, 4, 3, false, false}, true},
 }
 
 var moeCPOn = &moeCPVariants[6]
