@@ -46,10 +46,10 @@ func moeStreamShared(K int) int { return moeStreamTile*(K+16) + 4*moeStreamTile*
 // room for the 8-pair tiles (MaxTiles >= moeMaxTiles(P, experts, 8));
 // s.H is not used.
 //
-// counters (moeStreamCounters bytes, any content; 0 for none) let the
-// fused cp.async down kernel add each token's slots itself (three
-// launches).
-func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTable, ids, wts uint64, topk int, x *QActs, s *MoEBatch, v MoEStream, counters uint64) error {
+// rec (moeTileRec bytes a tile, s.MaxTiles of them; 0 for none) holds
+// each tile's expert entry, written by moeb_group_x, so that the products
+// find their weights in one round trip.
+func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTable, ids, wts uint64, topk int, x *QActs, s *MoEBatch, v MoEStream, rec uint64) error {
 	slots := topk + t.Shared
 	P := x.T * slots
 	switch {
@@ -62,58 +62,27 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 	case s.MaxTiles < moeMaxTiles(P, t.Routed+t.Shared, moeStreamTile):
 		return fmt.Errorf("cuda: moe stream: %d tiles, want %d", s.MaxTiles, moeMaxTiles(P, t.Routed+t.Shared, moeStreamTile))
 	}
-	group, err := c.Kernel("stream", "moeb_group")
+	groupName := "moeb_group"
+	if rec != 0 && !moeStreamOld {
+		groupName = "moeb_group_x"
+	}
+	group, err := c.Kernel("stream", groupName)
 	if err != nil {
 		return err
 	}
-	guName, downName, downRows, threads := "moeb_gate_up_s", "moeb_down_s", 128, 256
-	guRows, guThreads, guShared, downShared := 128, 256, moeStreamShared(t.K), moeStreamShared(t.I)
+	kern := moeStreamKernels
+	if kern == "s2f" && rec == 0 {
+		kern = "s2" // the flags live in the tile records
+	}
+	guName, downName, downRows, threads := "moeb_gate_up_"+kern, "moeb_down_"+kern, 128, 256
 	if moeStreamOld {
 		guName, downName, downRows = "moeb_gate_up_"+string(v), "moeb_down_"+string(v), 256
 	}
-	fuse := false
-	if cp := moeCPOn; cp != nil && !moeStreamOld && cp.fits(t, c.info.SharedOptin) {
-		guName, guRows, guThreads, guShared = cp.GU.name("moeb_gate_up"), cp.GU.rows(), 32*cp.GU.W, cp.GU.shared(t.K, 2)
-		downName, downRows, threads, downShared = cp.Down.name("moeb_down"), 16*cp.Down.W, 32*cp.Down.W, cp.Down.shared(t.I, 1)
-		if fuse = cp.Fuse && counters != 0; fuse {
-			downName += "f"
-		}
-	}
-	acc := 0
-	if accumulate {
-		acc = 1
-	}
-	if fuse {
-		groupZ, err := c.Kernel("stream", "moeb_group_z")
-		if err != nil {
-			return err
-		}
-		gu, err := c.kernelShared("stream", guName, guShared)
-		if err != nil {
-			return err
-		}
-		down, err := c.kernelShared("stream", downName, downShared)
-		if err != nil {
-			return err
-		}
-		ncb := (t.K + downRows - 1) / downRows
-		if err := c.Launch(groupZ, D1(1), D1(1024), 0, ids, x.T, topk, t.Shared, t.Routed, moeStreamTile,
-			s.Pos, s.List, s.TileE, s.TileS, s.TileN, s.NTiles, counters, x.T*ncb); err != nil {
-			return err
-		}
-		if err := c.Launch(gu, Dim{uint32(t.I / guRows), uint32(s.MaxTiles), 1}, D1(guThreads), guShared,
-			t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, x.Q, x.Scales, s.HQ.Q, s.HQ.Scales); err != nil {
-			return err
-		}
-		return c.Launch(down, Dim{uint32(ncb), uint32(s.MaxTiles), 1}, D1(threads), downShared,
-			t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, s.HQ.Q, s.HQ.Scales, s.Part,
-			s.List, s.Pos, wts, topk, slots, counters, y, ldy, acc)
-	}
-	gu, err := c.kernelShared("stream", guName, guShared)
+	gu, err := c.Kernel("stream", guName)
 	if err != nil {
 		return err
 	}
-	down, err := c.kernelShared("stream", downName, downShared)
+	down, err := c.Kernel("stream", downName)
 	if err != nil {
 		return err
 	}
@@ -121,17 +90,27 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 	if err != nil {
 		return err
 	}
-	if err := c.Launch(group, D1(1), D1(1024), 0, ids, x.T, topk, t.Shared, t.Routed, moeStreamTile,
-		s.Pos, s.List, s.TileE, s.TileS, s.TileN, s.NTiles); err != nil {
+	groupArgs := []any{ids, x.T, topk, t.Shared, t.Routed, moeStreamTile, s.Pos, s.List, s.TileE, s.TileS, s.TileN, s.NTiles}
+	guArgs := []any{t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, x.Q, x.Scales, s.HQ.Q, s.HQ.Scales}
+	downArgs := []any{t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, s.HQ.Q, s.HQ.Scales, s.Part}
+	if !moeStreamOld {
+		guArgs, downArgs = append(guArgs, rec), append(downArgs, rec)
+		if rec != 0 {
+			groupArgs = append(groupArgs, t.buf, rec)
+		}
+	}
+	if err := c.Launch(group, D1(1), D1(1024), 0, groupArgs...); err != nil {
 		return err
 	}
-	if err := c.Launch(gu, Dim{uint32(t.I / guRows), uint32(s.MaxTiles), 1}, D1(guThreads), guShared,
-		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, x.Q, x.Scales, s.HQ.Q, s.HQ.Scales); err != nil {
+	if err := c.Launch(gu, Dim{uint32(t.I / 128), uint32(s.MaxTiles), 1}, D1(threads), moeStreamShared(t.K), guArgs...); err != nil {
 		return err
 	}
-	if err := c.Launch(down, Dim{uint32((t.K + downRows - 1) / downRows), uint32(s.MaxTiles), 1}, D1(threads), downShared,
-		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, s.HQ.Q, s.HQ.Scales, s.Part); err != nil {
+	if err := c.Launch(down, Dim{uint32((t.K + downRows - 1) / downRows), uint32(s.MaxTiles), 1}, D1(threads), moeStreamShared(t.I), downArgs...); err != nil {
 		return err
+	}
+	acc := 0
+	if accumulate {
+		acc = 1
 	}
 	return c.Launch(comb, Dim{uint32(x.T), uint32((t.K + 511) / 512), 1}, D1(128), 0, s.Part, s.Pos, wts, topk, slots, t.K, y, ldy, acc)
 }
@@ -155,6 +134,25 @@ var (
 // one a launch (no pairs): MMFP4_CUDA_STREAM_OLD=1, for an A/B of both in
 // one binary.
 var moeStreamOld = os.Getenv("MMFP4_CUDA_STREAM_OLD") == "1"
+
+// moeStreamKernels is the gate/up and down pair (moeb_gate_up_<it>,
+// moeb_down_<it>), and moeStreamRec whether the backend gives them tile
+// records (for measurement).
+// MMFP4_CUDA_MOE_KERN=s|s2|s2f and MMFP4_CUDA_MOE_REC=0 set them (measurement).
+var (
+	moeStreamKernels = "s2f"
+	moeStreamRec     = os.Getenv("MMFP4_CUDA_MOE_REC") != "0"
+)
+
+func init() {
+	if k := os.Getenv("MMFP4_CUDA_MOE_KERN"); k == "s" || k == "s2" || k == "s2f" {
+		moeStreamKernels = k
+	}
+}
+
+// moeTileRec is the size of an MbTile (stream.cu): a BExpert (nine
+// pointers) and four 32-bit words.
+const moeTileRec = 88
 
 func init() {
 	if v, err := strconv.Atoi(os.Getenv("MMFP4_CUDA_MOE_STREAM")); err == nil && v >= 0 {
@@ -185,104 +183,12 @@ func (b *Backend) moeStreamed(d, xm *tensor, rt *routing, l *moeLayer) bool {
 	s.TileE, s.TileS, s.TileN, s.NTiles = b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4)
 	s.Part = b.alloc(4 * P * t.K)
 	s.HQ = b.quantizeInto(&tensor{rows: P, cols: t.I, ld: t.I}, t.G)
-	counters := b.alloc(moeStreamCounters(T, t.K))
+	var rec uint64
+	if moeStreamRec {
+		rec = b.alloc(moeTileRec * s.MaxTiles)
+	}
 	b.do("moe batched", func(c *Ctx) error {
-		return c.MoEBatchedStream(d.ptr, d.ld, true, t, rt.ids, rt.wts, rt.topK, a, s, v, counters)
+		return c.MoEBatchedStream(d.ptr, d.ld, true, t, rt.ids, rt.wts, rt.topK, a, s, v, rec)
 	})
 	return true
-}
-
-// moeCPKernel is one instance of the cp.async MoE kernels (stream.cu):
-// W warps a block, D groups a stage, S stages a warp.
-// V: scales through the hardware E4M3 conversion. PW (gate/up only): 16
-// warps, gate and up rows in separate warps (moeb_gate_up_pw).
-type moeCPKernel struct {
-	W, D, S int
-	V, PW   bool
-}
-
-func (k moeCPKernel) name(prefix string) string {
-	v := ""
-	if k.V {
-		v = "v"
-	}
-	if k.PW {
-		return fmt.Sprintf("%s_pw%d_%d%s", prefix, k.D, k.S, v)
-	}
-	return fmt.Sprintf("%s_c%d_%d_%d%s", prefix, k.W, k.D, k.S, v)
-}
-
-// shared is the kernel's dynamic shared memory for rows of K columns and
-// MR m-tiles a warp: the staged token rows, the warps' rings, their scales.
-func (k moeCPKernel) shared(K, mr int) int {
-	if k.PW {
-		mr = 1
-	}
-	return 8*(K+16) + 32*(K/128+1) + k.W*k.S*mr*16*64*k.D + k.W*mr*16*(K/128)
-}
-
-// rows is the gate/up kernel's rows of h a block.
-func (k moeCPKernel) rows() int {
-	if k.PW {
-		return 128
-	}
-	return 16 * k.W
-}
-
-// MoECP pairs a gate/up and a down instance of the cp.async kernels; Fuse:
-// the down kernel adds the slots up (no combine launch).
-type MoECP struct {
-	GU, Down moeCPKernel
-	Fuse     bool
-}
-
-func (p MoECP) String() string {
-	s := p.GU.name("gu") + "+" + p.Down.name("down")
-	if p.Fuse {
-		s += "f"
-	}
-	return s
-}
-
-// moeStreamCounters is the size of MoEBatchedStream's counters for T
-// tokens of K columns: one u32 a token and block of the down kernel (at
-// least 128 rows a block).
-func moeStreamCounters(T, K int) int { return 4 * T * ((K + 127) / 128) }
-
-// fits reports whether the pair takes t's experts.
-func (p MoECP) fits(t *ExpertTable, sharedMax int) bool {
-	GK, GI := t.K/128, t.I/128
-	return t.I%p.GU.rows() == 0 && GK%p.GU.D == 0 && GI%p.Down.D == 0 && GK%4 == 0 && GI%4 == 0 &&
-		p.GU.shared(t.K, 2) <= sharedMax && p.Down.shared(t.I, 1) <= sharedMax
-}
-
-// moeCPVariants are the instances stream.cu has; moeCPOn the pair in use
-// (nil: the register kernels).
-var moeCPVariants = []MoECP{
-	{moeCPKernel{8, 1, 4, false, false}, moeCPKernel{8, 4, 3, false, false}, false},
-	{moeCPKernel{8, 1, 5, false, false}, moeCPKernel{8, 4, 3, false, false}, false},
-	{moeCPKernel{16, 2, 3, false, false}, moeCPKernel{16, 4, 3, false, false}, false},
-	{moeCPKernel{16, 1, 6, false, false}, moeCPKernel{8, 2, 4, false, false}, false},
-	{moeCPKernel{8, 1, 5, false, false}, moeCPKernel{8, 4, 2, false, false}, false},
-	{moeCPKernel{8, 1, 3, false, false}, moeCPKernel{8, 2, 3, false, false}, false},
-	{moeCPKernel{8, 1, 5, false, false}, moeCPKernel{8, 4, 3, false, false}, true},
-	{moeCPKernel{16, 2, 3, false, false}, moeCPKernel{16, 4, 3, false, false}, true},
-	{moeCPKernel{8, 1, 5, true, false}, moeCPKernel{8, 4, 3, true, false}, true},
-	{moeCPKernel{16, 2, 4, false, true}, moeCPKernel{8, 4, 3, false, false}, true},
-	{moeCPKernel{16, 2, 6, false, true}, moeCPKernel{8, 4, 3, false, false}, true},
-	{moeCPKernel{16, 4, 3, false, true}, moeCPKernel{8, 4, 3, false, false}, true},
-}
-
-var moeCPOn = &moeCPVariants[6]
-
-func init() {
-	switch v := os.Getenv("MMFP4_CUDA_MOE_CP"); v {
-	case "":
-	case "off":
-		moeCPOn = nil
-	default:
-		if i, err := strconv.Atoi(v); err == nil && i >= 0 && i < len(moeCPVariants) {
-			moeCPOn = &moeCPVariants[i]
-		}
-	}
 }

@@ -21,7 +21,7 @@ func TestMoEBatchedStream(t *testing.T) {
 	d := testDevice(t)
 	r := testRand(t)
 	const K, I, E, topK = 1024, 512, 16, 4
-	defer func(old bool, cp *MoECP) { moeStreamOld, moeCPOn = old, cp }(moeStreamOld, moeCPOn)
+	defer restoreMoEStream()()
 	var host [][3]*format.Matrix
 	for e := 0; e < E+1; e++ {
 		var h [3]*format.Matrix
@@ -55,7 +55,7 @@ func TestMoEBatchedStream(t *testing.T) {
 		defer c.FreeExpertTable(tab)
 		for _, T := range []int{3, 8, 17, 33, 64} {
 			ids, wts := randomRouting(r, T, E, topK)
-			run := func(stream MoEStream) ([]float32, error) {
+			run := func(stream MoEStream, withRec bool) ([]float32, error) {
 				idb, err1 := c.Alloc(4 * T * topK)
 				wtb, err2 := upload(c, wts)
 				xb, err3 := upload(c, randVecSeeded(T, K))
@@ -87,7 +87,16 @@ func TestMoEBatchedStream(t *testing.T) {
 					if err := poison(c, s.HQ.Q, s.HQ.T*s.HQ.K); err != nil {
 						return nil, err
 					}
-					err = c.MoEBatchedStream(y.Ptr, K, false, tab, idb.Ptr, wtb.Ptr, topK, a, s, stream, s.H)
+					var rec uint64
+					if withRec {
+						rb, err := c.Alloc(moeTileRec * s.MaxTiles)
+						if err != nil {
+							return nil, err
+						}
+						defer c.Free(rb)
+						rec = rb.Ptr
+					}
+					err = c.MoEBatchedStream(y.Ptr, K, false, tab, idb.Ptr, wtb.Ptr, topK, a, s, stream, rec)
 				}
 				if err != nil {
 					return nil, err
@@ -95,25 +104,16 @@ func TestMoEBatchedStream(t *testing.T) {
 				out := make([]float32, T*K)
 				return out, CopyOut(c, out, y.Ptr)
 			}
-			want, err := run("")
+			want, err := run("", false)
 			if err != nil {
 				return err
 			}
-			for i := -2; i < len(moeCPVariants); i++ {
+			for _, sv := range moeStreamVariants {
 				v := MoEStreamD2
-				old := i == -2
-				moeStreamOld, moeCPOn = old, nil
-				name := "s"
-				if old {
-					name = "d2"
-				}
-				if i >= 0 {
-					moeCPOn = &moeCPVariants[i]
-					name = moeCPOn.String()
-				}
-				got, err := run(v)
+				sv.set()
+				got, err := run(v, sv.rec)
 				if err != nil {
-					return fmt.Errorf("T=%d %s: %w", T, name, err)
+					return fmt.Errorf("T=%d %s: %w", T, sv.name, err)
 				}
 				diff := 0
 				for i := range want {
@@ -125,9 +125,9 @@ func TestMoEBatchedStream(t *testing.T) {
 				// product could still move one int8 value by a step (about
 				// 1e-4 relative), so the bound is the batched MoE's.
 				e, m := relErr(want, got), maxRelErr(want, got)
-				t.Logf("T=%d %s: %d of %d outputs differ from the tiled MoE, relative error %.3g (max %.3g)", T, name, diff, len(want), e, m)
+				t.Logf("T=%d %s: %d of %d outputs differ from the tiled MoE, relative error %.3g (max %.3g)", T, sv.name, diff, len(want), e, m)
 				if !(e <= 1e-4) || !(m <= 1e-3) {
-					t.Errorf("T=%d %s: relative error %.3g (max %.3g) against the tiled MoE", T, name, e, m)
+					t.Errorf("T=%d %s: relative error %.3g (max %.3g) against the tiled MoE", T, sv.name, e, m)
 				}
 			}
 		}
@@ -136,6 +136,36 @@ func TestMoEBatchedStream(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+}
+
+// moeStreamVariantCfg is a configuration of MoEBatchedStream for the tests
+// and benchmarks: the earlier kernels (old), or the pair kern with or
+// without tile records.
+type moeStreamVariantCfg struct {
+	name string
+	old  bool
+	kern string
+	rec  bool
+}
+
+var moeStreamVariants = []moeStreamVariantCfg{
+	{"old", true, "s", false},
+	{"s", false, "s", false},
+	{"s_rec", false, "s", true},
+	{"s2", false, "s2", false},
+	{"s2_rec", false, "s2", true},
+	{"s2f_rec", false, "s2f", true},
+}
+
+func (v moeStreamVariantCfg) set() {
+	moeStreamOld, moeStreamKernels, moeStreamRec = v.old, v.kern, v.rec
+}
+
+// restoreMoEStream returns a function that puts the package's MoE
+// configuration back.
+func restoreMoEStream() func() {
+	old, kern, rec := moeStreamOld, moeStreamKernels, moeStreamRec
+	return func() { moeStreamOld, moeStreamKernels, moeStreamRec = old, kern, rec }
 }
 
 // newMoEStreamBatch is newMoEBatch with room for the streaming kernels'
@@ -195,21 +225,17 @@ func TestBackendMoEStreamMatchesCPU(t *testing.T) {
 	defer func(a, b int, v MoEStream) { moeBatchedMinTokens, moeStreamMaxTokens, moeStreamVariant = a, b, v }(moeBatchedMinTokens, moeStreamMaxTokens, moeStreamVariant)
 	moeBatchedMinTokens, moeStreamMaxTokens = 2, 1<<30
 	hosts := expertHosts(t, r, E+1, I, K, 128)
-	defer func(old bool, cp *MoECP) { moeStreamOld, moeCPOn = old, cp }(moeStreamOld, moeCPOn)
-	for i := -2; i < len(moeCPVariants); i++ {
+	defer restoreMoEStream()()
+	for _, sv := range moeStreamVariants {
 		v := MoEStreamD2
 		moeStreamVariant = v
-		old := i == -2
-		moeStreamOld, moeCPOn = old, nil
-		if i >= 0 {
-			moeCPOn = &moeCPVariants[i]
-		}
+		sv.set()
 		for _, T := range []int{3, 17, 64} {
 			x := randVec(r, T*K, 1)
 			for _, withShared := range []bool{false, true} {
 				// As TestBackendMoEBatchedMatchesCPU: a last-bit difference
 				// can move one int8 value of the SwiGLU product by a step.
-				compareOp(t, g, c, fmt.Sprintf("moe stream %s old=%v cp=%d T=%d shared=%v", v, old, i, T, withShared), 1e-3, func(b backend.Backend) []float32 {
+				compareOp(t, g, c, fmt.Sprintf("moe stream %s T=%d shared=%v", sv.name, T, withShared), 1e-3, func(b backend.Backend) []float32 {
 					return moeBlockOutput(t, b, hosts, router, bias, cfg, x, T, withShared)
 				})
 			}
@@ -253,22 +279,19 @@ func BenchmarkMoEStream(b *testing.B) {
 			touched[e] = true
 		}
 		bytes := float64(int64(len(touched)+1) * expertBytes)
-		names := []string{"tiled_t16", "stream_old", "stream"}
-		for _, cp := range moeCPVariants {
-			names = append(names, cp.String())
-		}
-		if T < 8 || T > 64 {
-			names = names[:3]
+		names := []string{"tiled_t16"}
+		for _, sv := range moeStreamVariants {
+			names = append(names, sv.name)
 		}
 		for _, name := range names {
 			v := MoEStreamD2
 			if name == "tiled_t16" {
 				v = ""
 			}
-			var cp *MoECP
-			for i := range moeCPVariants {
-				if moeCPVariants[i].String() == name {
-					cp = &moeCPVariants[i]
+			var sv moeStreamVariantCfg
+			for _, x := range moeStreamVariants {
+				if x.name == name {
+					sv = x
 				}
 			}
 			b.Run(fmt.Sprintf("T%d/%s", T, name), func(b *testing.B) {
@@ -298,31 +321,22 @@ func BenchmarkMoEStream(b *testing.B) {
 					if err != nil {
 						return err
 					}
-					defer func(old bool, c *MoECP) { moeStreamOld, moeCPOn = old, c }(moeStreamOld, moeCPOn)
-					moeStreamOld, moeCPOn = name == "stream_old", cp
-					if cp != nil && T == 32 {
-						for _, kk := range []struct {
-							k     moeCPKernel
-							pfx   string
-							K, mr int
-						}{{cp.GU, "moeb_gate_up", K, 2}, {cp.Down, "moeb_down", I, 1}} {
-							sh := kk.k.shared(kk.K, kk.mr)
-							k, err := c.kernelShared("stream", kk.k.name(kk.pfx), sh)
-							if err != nil {
-								return err
-							}
-							occ, err := c.Occupancy(k, 32*kk.k.W, sh)
-							if err != nil {
-								return err
-							}
-							b.Logf("%s: %d bytes of shared memory, %d blocks of %d warps a multiprocessor", kk.k.name(kk.pfx), sh, occ, kk.k.W)
+					defer restoreMoEStream()()
+					sv.set()
+					var rec uint64
+					if sv.rec {
+						rb, err := c.Alloc(moeTileRec * s.MaxTiles)
+						if err != nil {
+							return err
 						}
+						defer c.Free(rb)
+						rec = rb.Ptr
 					}
 					run := func() error { return c.MoEBatched(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s) }
 					launches := 5
 					if v != "" {
 						launches = 4
-						run = func() error { return c.MoEBatchedStream(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s, v, s.H) }
+						run = func() error { return c.MoEBatchedStream(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s, v, rec) }
 					}
 					if err := run(); err != nil {
 						return err

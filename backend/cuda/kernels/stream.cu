@@ -35,6 +35,23 @@ struct BExpert {
   BMat gate, up, down;
 };
 
+// A tile as moeb_group_x leaves it: its expert's matrices and its pairs'
+// rows [s0, s0+n), so that the products find their weights in one round
+// trip to memory instead of three dependent ones (the tile, then the
+// expert's entry, then the weights).
+// done: the gate/up blocks of the tile that have finished (FLAG kernels).
+struct MbTile {
+  BExpert ex;
+  i32 s0, n;
+  u32 done, pad;
+};
+
+DEVICE u32 mb_ld_acquire(const u32* p) {
+  u32 v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
 DEVICE u32 mb_smem_addr(const void* p) {
   u32 r;
   asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
@@ -128,8 +145,19 @@ DEVICE void mb_load(uint4 (&w)[D][MR][2], u32 (&sc)[MR][2], const u8* const (&rc
     }
 }
 
+// Two E4M3 scale bytes (the low two of x) as floats through the hardware
+// conversion (sm_89 and later): exact, as e4m3() (every E4M3 value is an
+// fp16 value), in 4 instructions for the two instead of about 14.
+DEVICE void mb_e4m3x2(u32 x, float& f0, float& f1) {
+  asm("{ .reg .b16 x, l, h; .reg .b32 r; cvt.u16.u32 x, %2; cvt.rn.f16x2.e4m3x2 r, x; mov.b32 {l, h}, r;"
+      " cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }"
+      : "=f"(f0), "=f"(f1)
+      : "r"(x));
+}
+
 // The products of one loaded batch (staged groups s0..s0+D-1) into acc.
-template <int MR, int WT, int D, bool SPLIT>
+// CVT: the scales through mb_e4m3x2 (the same values).
+template <int MR, int WT, int D, bool SPLIT, bool CVT = false>
 DEVICE void mb_apply(const uint4 (&w)[D][MR][2], const u32 (&sc)[MR][2], int s0, const u8* xrow, const float* xss,
                      int ldx, int ldxs, int t, float (&acc)[MR][WT][4]) {
 #pragma unroll
@@ -158,7 +186,13 @@ DEVICE void mb_apply(const uint4 (&w)[D][MR][2], const u32 (&sc)[MR][2], int s0,
           mb_mma(q, wa.z, wb.z, xb.x, xb.y);
           mb_mma(q, wa.w, wb.w, xb.z, xb.w);
         }
-        const float s0f = e4m3((sc[m][0] >> (8 * d)) & 0xFFu), s1f = e4m3((sc[m][1] >> (8 * d)) & 0xFFu);
+        float s0f, s1f;
+        if (CVT) {
+          mb_e4m3x2(prmt(sc[m][0], sc[m][1], d | ((4 + d) << 4)), s0f, s1f);
+        } else {
+          s0f = e4m3((sc[m][0] >> (8 * d)) & 0xFFu);
+          s1f = e4m3((sc[m][1] >> (8 * d)) & 0xFFu);
+        }
         acc[m][n][0] += (float)q[0] * (s0f * x0);
         acc[m][n][1] += (float)q[1] * (s0f * x1);
         acc[m][n][2] += (float)q[2] * (s1f * x0);
@@ -180,7 +214,7 @@ DEVICE void mb_apply(const uint4 (&w)[D][MR][2], const u32 (&sc)[MR][2], int s0,
 // the two (the dense product waits for the kernel before and stages its
 // rows there, after its first weight loads).
 // SPLIT: mb_mma_split's widening (the same sums).
-template <int MR, int WT, int D, bool SPLIT = false, typename Pre>
+template <int MR, int WT, int D, bool SPLIT = false, bool CVT = false, typename Pre>
 DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K, int g0, int ng, const u8* smem,
                     float (&acc)[MR][WT][4], Pre pre) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -203,7 +237,7 @@ DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K,
       mb_cp_wait_all();
       __syncthreads();
     }
-    mb_apply<MR, WT, D, SPLIT>(w, sc, s0, xrow, xss, ldx, ldxs, t, acc);
+    mb_apply<MR, WT, D, SPLIT, CVT>(w, sc, s0, xrow, xss, ldx, ldxs, t, acc);
   }
 }
 
@@ -215,33 +249,61 @@ DEVICE float mb_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
 // Grid (I/128, max tiles), 256 threads: warp w takes rows 16w.. of the
 // block's 128 rows (one h group) of gate and of up. I a multiple of 128,
 // K of 128 * D.
-template <int D, bool SPLIT = false>
+// rec (moeb_group_x's tiles, or null): the tile from there instead of
+// tile_e, tile_s, tile_n and experts. CVT: mb_apply's; RS: the row scales
+// read with the first weights instead of after the products.
+// FLAG (with rec): each block counts itself done in its tile's record
+// once its h rows are written, for moeb_down's FLAG.
+template <int D, bool SPLIT = false, bool CVT = false, bool RS = false, bool FLAG = false>
 DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
                          const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
                          const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K,
                          const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,
-                         float* __restrict__ hs) {
+                         float* __restrict__ hs, const MbTile* __restrict__ rec) {
   extern __shared__ __align__(16) u8 mb_smem[];
   __shared__ float wmax[MB_WARPS][MB_TT];
   PDL_WAIT();
   const int tile = blockIdx.y;
-  if (tile >= ntiles[0]) return;
-  const int s0 = tile_s[tile], ntok = tile_n[tile];
-  const BExpert* ex = experts + tile_e[tile];
+  int s0, ntok;
+  BMat gate, up;
+  if (rec) {
+    const int nt = ntiles[0];
+    s0 = rec[tile].s0;
+    ntok = rec[tile].n;
+    gate = rec[tile].ex.gate;
+    up = rec[tile].ex.up;
+    if (tile >= nt) return;
+  } else {
+    if (tile >= ntiles[0]) return;
+    s0 = tile_s[tile];
+    ntok = tile_n[tile];
+    const BExpert* ex = experts + tile_e[tile];
+    gate = ex->gate;
+    up = ex->up;
+  }
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * 128 + warp * 16, GK = K >> 7;
   mb_stage(mb_smem, MB_TT, xq, xs, K, 0, K, [&](int r) { return list[s0 + min(r, ntok - 1)]; });
   const size_t row = n0 + g;
-  const u8* rc[2] = {ex->gate.codes + row * (K / 2), ex->up.codes + row * (K / 2)};
-  const u8* rs[2] = {ex->gate.scales + row * GK, ex->up.scales + row * GK};
+  const u8* rc[2] = {gate.codes + row * (K / 2), up.codes + row * (K / 2)};
+  const u8* rs[2] = {gate.scales + row * GK, up.scales + row * GK};
+  float rsc[2][2];
+  if (RS) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      rsc[0][h] = __ldg(gate.row_scale + row + 8 * h);
+      rsc[1][h] = __ldg(up.row_scale + row + 8 * h);
+    }
+  }
   float acc[2][1][4];
-  mb_core<2, 1, D, SPLIT>(rc, rs, K, 0, GK, mb_smem, acc, [] {});
+  mb_core<2, 1, D, SPLIT, CVT>(rc, rs, K, 0, GK, mb_smem, acc, [] {});
   float hv[4];
 #pragma unroll
   for (int e = 0; e < 4; e++) {
     const int n = n0 + g + 8 * (e >> 1);
-    const float gv = acc[0][0][e] * (ex->gate.row_scale[n] * 0.5f);
-    const float uv = acc[1][0][e] * (ex->up.row_scale[n] * 0.5f);
+    const float rg = RS ? rsc[0][e >> 1] : gate.row_scale[n], ru = RS ? rsc[1][e >> 1] : up.row_scale[n];
+    const float gv = acc[0][0][e] * (rg * 0.5f);
+    const float uv = acc[1][0][e] * (ru * 0.5f);
     hv[e] = mb_silu(gv) * uv;
   }
   // The largest magnitude of each token over the block's 128 rows.
@@ -277,6 +339,11 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
       if (tok < ntok) hs[(size_t)(s0 + tok) * (I >> 7) + blockIdx.x] = amax[e] == 0.f ? 0.f : amax[e] / 127.f;
     }
   }
+  if (FLAG && rec) {
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) atomicAdd((u32*)&rec[tile].done, 1u);
+  }
 }
 
 // Down products of each tile: part[row][n] = down_e,n . hq[row] for the
@@ -287,16 +354,34 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
 // waited for it before letting this grid start, so the tiles are read and
 // the first weights loaded before waiting for the gate/up products (the
 // staged hq rows), which overlaps the gate/up grid's last blocks.
-template <int MR, int D, bool SPLIT = false>
+// rec, CVT, RS: as moeb_gate_up's. FLAG (with rec): instead of waiting for
+// the whole gate/up grid (PDL_WAIT), wait for the I/128 gate/up blocks of
+// this tile (their count in the tile's record), so that the down blocks
+// fill the gate/up grid's last wave; the wait for the whole grid comes at
+// the end (it has finished by then), so that the launches after still
+// find every kernel two launches back finished. No deadlock: this grid
+// starts only once every gate/up block has started.
+template <int MR, int D, bool SPLIT = false, bool CVT = false, bool RS = false, bool FLAG = false>
 DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
                       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
                       const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq,
-                      const float* __restrict__ hs, float* __restrict__ part) {
+                      const float* __restrict__ hs, float* __restrict__ part, const MbTile* __restrict__ rec) {
   extern __shared__ __align__(16) u8 mb_smem[];
   const int tile = blockIdx.y;
-  if (tile >= ntiles[0]) return;
-  const int s0 = tile_s[tile], ntok = tile_n[tile];
-  const BMat dn = experts[tile_e[tile]].down;
+  int s0, ntok;
+  BMat dn;
+  if (rec) {
+    const int nt = ntiles[0];
+    s0 = rec[tile].s0;
+    ntok = rec[tile].n;
+    dn = rec[tile].ex.down;
+    if (tile >= nt) return;
+  } else {
+    if (tile >= ntiles[0]) return;
+    s0 = tile_s[tile];
+    ntok = tile_n[tile];
+    dn = experts[tile_e[tile]].down;
+  }
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * (128 * MR) + warp * (16 * MR), GK = I >> 7;
   // N a multiple of 16: a clamped m-tile starts at N - 16.
@@ -308,9 +393,27 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
     rc[m] = dn.codes + row * (I / 2);
     rs[m] = dn.scales + row * GK;
   }
+  float rsc[MR][2];
+  if (RS) {
+#pragma unroll
+    for (int m = 0; m < MR; m++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) rsc[m][h] = __ldg(dn.row_scale + min(n0 + 16 * m, N - 16) + g + 8 * h);
+  }
   float acc[MR][1][4];
-  mb_core<MR, 1, D, SPLIT>(rc, rs, I, 0, GK, mb_smem, acc, [&] {
-    PDL_WAIT();
+  mb_core<MR, 1, D, SPLIT, CVT>(rc, rs, I, 0, GK, mb_smem, acc, [&] {
+    if (FLAG && rec) {
+      if (threadIdx.x == 0) {
+        while (mb_ld_acquire(&rec[tile].done) < (u32)(I >> 7)) asm volatile("nanosleep.u32 64;");
+        __threadfence();
+      }
+      __syncthreads();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+    } else {
+      PDL_WAIT();
+    }
     mb_stage(mb_smem, MB_TT, hq, hs, I, 0, I, [&](int r) { return s0 + min(r, ntok - 1); });
   });
 #pragma unroll
@@ -318,8 +421,12 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
 #pragma unroll
     for (int e = 0; e < 4; e++) {
       const int tok = 2 * t + (e & 1), n = n0 + 16 * m + g + 8 * (e >> 1);
-      if (tok < ntok && n < N) part[(size_t)(s0 + tok) * N + n] = acc[m][0][e] * (dn.row_scale[n] * 0.5f);
+      const float r = RS ? rsc[m][e >> 1] : dn.row_scale[n];
+      if (tok < ntok && n < N) part[(size_t)(s0 + tok) * N + n] = acc[m][0][e] * (r * 0.5f);
     }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (FLAG && rec) asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 }
 
 // The earlier pair (plain widening, down products 256 rows a block), kept
@@ -332,14 +439,14 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
       const i32* __restrict__ list, int I, int K, const i8* __restrict__ xq,                            \
       const float* __restrict__ xs, i8* __restrict__ hq, float* __restrict__ hs) {                      \
     PDL_LAUNCH();                                                                                       \
-    moeb_gate_up<D>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs);               \
+    moeb_gate_up<D>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs, nullptr);      \
   }                                                                                                     \
   extern "C" __global__ void __launch_bounds__(256, MINB) moeb_down_##SUFFIX(                           \
       const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,                              \
       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,   \
       int N, int I, const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) { \
     PDL_LAUNCH();                                                                                       \
-    moeb_down<2, D>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);                       \
+    moeb_down<2, D>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part, nullptr);              \
   }
 
 MOEB_KERNELS(d2, 2, 3)
@@ -351,443 +458,27 @@ MOEB_KERNELS(d2, 2, 3)
 // multiprocessor: at three they spill. On an H200 (BenchmarkMoEStream, a
 // full-size layer): 62 / 108 / 123 us at 8 / 32 / 64 tokens against the
 // d2 pair's 74 / 119 / 148.
-extern "C" __global__ void __launch_bounds__(256, 2)
-    moeb_gate_up_s(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
-                   const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,
-                   const i32* __restrict__ list, int I, int K, const i8* __restrict__ xq, const float* __restrict__ xs,
-                   i8* __restrict__ hq, float* __restrict__ hs) {
-  moeb_gate_up<2, true>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 2)
-    moeb_down_s(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
-                const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,
-                int N, int I, const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) {
-  moeb_down<1, 4, true>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);
-}
-
-// ---------------------------------------------------------------------------
-// The same products with each warp's weights landing in shared memory
-// (cp.async) instead of registers: a ring of S stages a warp, each stage D
-// groups of the warp's MR m-tiles, so that S-1 batches of weights stay in
-// flight while the warp works on one (the register kernels above have
-// nothing in flight between a batch's arrival and the next batch's loads,
-// and no registers left for a second batch). The copies read whole 16-byte
-// pieces of 64*D contiguous bytes of a row (4 rows a warp instruction at D
-// = 2) and the fragments are read back as mb_load would have loaded them;
-// the arithmetic is mb_apply's with SPLIT, so the sums are the same bit for
-// bit. No block barrier in the loop: each warp waits for its own copies.
-// A stage is [MR][16 rows][64*D bytes], the 16-byte pieces of odd rows
-// swapped by halves (piece c at c ^ 4) when D >= 2, so that the quarter
-// warps' reads of two rows hit distinct banks. The rows' scales (all K/128
-// of them) are copied to [MR][16][GK] bytes a warp before the loop (GK a
-// multiple of 4).
-
-DEVICE void mb_wait_group0() { asm volatile("cp.async.wait_group 0;" ::: "memory"); }
-template <int N>
-DEVICE void mb_wait_group() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-DEVICE void mb_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-// Stage bytes of a warp's ring.
-template <int MR, int D>
-struct MbStage {
-  static const int bytes = MR * 16 * 64 * D;
-};
-
-// Copies batch b (groups b*D .. b*D+D-1) of the warp's m-tiles (row 0 of
-// m-tile m at base[m], rows rowb bytes apart) into stage dst.
-template <int MR, int D>
-DEVICE void mb_copy_batch(u8* dst, const u8* const (&base)[MR], size_t rowb, int b, int lane) {
-#pragma unroll
-  for (int m = 0; m < MR; m++)
-#pragma unroll
-    for (int j = 0; j < 2 * D; j++) {
-      const int i = j * 32 + lane, r = i / (4 * D), c = i % (4 * D);
-      const int sw = D >= 2 ? 4 * (r & 1) : 0;
-      mb_cp16(dst + m * (16 * 64 * D) + r * (64 * D) + 16 * (c ^ sw), base[m] + r * rowb + (size_t)b * (64 * D) + 16 * c);
-    }
-}
-
-// The warp's product of MR m-tiles of 16 weight rows (row 0 at base[m],
-// scales at sbase[m], rows K/2 and K/128 bytes apart) with the 8 staged
-// token rows, over all K/128 groups (a multiple of D). ring: the warp's S
-// stages; wsc: its MR*16*(K/128) scale bytes. pre() runs after the first
-// S-1 batches of copies are issued and must stage the token rows
-// (mb_stage); then every thread waits for all its copies and the block
-// meets once.
-// Two E4M3 scale bytes (lo, hi) to floats through the hardware conversion
-// (sm_89 and later): exact, as e4m3() (every E4M3 value is an fp16 value).
-DEVICE void mb_e4m3x2(u32 lo, u32 hi, float& f0, float& f1) {
-  const u32 x = lo | (hi << 8);
-  asm("{ .reg .b16 x, l, h; .reg .b32 r; cvt.u16.u32 x, %2; cvt.rn.f16x2.e4m3x2 r, x; mov.b32 {l, h}, r;"
-      " cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }"
-      : "=f"(f0), "=f"(f1)
-      : "r"(x));
-}
-
-template <int MR, int D, int S, bool CVT = false, typename Pre>
-DEVICE void mb_core_cp(const u8* const (&base)[MR], const u8* const (&sbase)[MR], int K, const u8* smem, u8* ring,
-                       u8* wsc, float (&acc)[MR][1][4], Pre pre) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int ldx = K + 16, ldxs = (K >> 7) + 1, GK = K >> 7, nb = GK / D;
-  const size_t rowb = (size_t)(K / 2);
-  const u8* xrow = smem + g * ldx + 32 * t;
-  const float* xss = (const float*)(smem + 8 * ldx);
-#pragma unroll
-  for (int m = 0; m < MR; m++)
-#pragma unroll
-    for (int e = 0; e < 4; e++) acc[m][0][e] = 0.f;
-  const int words = GK >> 2;
-#pragma unroll
-  for (int m = 0; m < MR; m++)
-    for (int i = lane; i < 16 * words; i += 32) {
-      const int r = i / words, w = i - r * words;
-      mb_cp4(wsc + (m * 16 + r) * GK + 4 * w, sbase[m] + (size_t)r * GK + 4 * w);
-    }
-#pragma unroll
-  for (int s = 0; s < S - 1; s++) {
-    if (s < nb) mb_copy_batch<MR, D>(ring + s * MbStage<MR, D>::bytes, base, rowb, s, lane);
-    mb_commit();
-  }
-  pre();
-  mb_cp_wait_all();
-  __syncthreads();
-  const int sw = D >= 2 ? 4 * (g & 1) : 0;
-  for (int b = 0; b < nb; b++) {
-    if (b > 0) {
-      mb_wait_group<S - 2>();
-      __syncwarp();
-    }
-    if (b + S - 1 < nb) mb_copy_batch<MR, D>(ring + ((b + S - 1) % S) * MbStage<MR, D>::bytes, base, rowb, b + S - 1, lane);
-    mb_commit();
-    const u8* st = ring + (b % S) * MbStage<MR, D>::bytes;
-#pragma unroll
-    for (int d = 0; d < D; d++) {
-      const int s = b * D + d;
-      const u8* xr = xrow + 128 * s;
-      const uint4 xa = *(const uint4*)xr, xb = *(const uint4*)(xr + 16);
-      const float x0 = xss[(2 * t) * ldxs + s], x1 = xss[(2 * t + 1) * ldxs + s];
-#pragma unroll
-      for (int m = 0; m < MR; m++) {
-        const u8* p = st + m * (16 * 64 * D) + g * (64 * D) + 16 * ((4 * d + t) ^ sw);
-        const uint4 wa = *(const uint4*)p, wb = *(const uint4*)(p + 8 * 64 * D);
-        i32 q[4] = {0, 0, 0, 0}, qn[4] = {0, 0, 0, 0};
-        mb_mma_split(q, qn, wa.x, wb.x, xa.x, xa.y);
-        mb_mma_split(q, qn, wa.y, wb.y, xa.z, xa.w);
-        mb_mma_split(q, qn, wa.z, wb.z, xb.x, xb.y);
-        mb_mma_split(q, qn, wa.w, wb.w, xb.z, xb.w);
-#pragma unroll
-        for (int e = 0; e < 4; e++) q[e] -= qn[e];
-        float s0f, s1f;
-        if (CVT) {
-          mb_e4m3x2(wsc[(m * 16 + g) * GK + s], wsc[(m * 16 + g + 8) * GK + s], s0f, s1f);
-        } else {
-          s0f = e4m3(wsc[(m * 16 + g) * GK + s]);
-          s1f = e4m3(wsc[(m * 16 + g + 8) * GK + s]);
-        }
-        acc[m][0][0] += (float)q[0] * (s0f * x0);
-        acc[m][0][1] += (float)q[1] * (s0f * x1);
-        acc[m][0][2] += (float)q[2] * (s1f * x0);
-        acc[m][0][3] += (float)q[3] * (s1f * x1);
-      }
-    }
-  }
-}
-
-// Dynamic shared memory of the cp.async kernels: the staged token rows
-// (mb_stage's layout for 8 rows of K), then W warps' rings, then their
-// scales.
-#define MBC_STAGED(K) (8 * ((K) + 16) + 32 * ((K) / 128 + 1))
-
-// moeb_gate_up with the ring: W warps a block (W/8 groups of h, 128 rows
-// of gate and of up each), grid (I/(16*W), max tiles).
-template <int W, int D, int S, bool CVT>
-DEVICE void moeb_gate_up_cp(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
-                            const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
-                            const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K,
-                            const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,
-                            float* __restrict__ hs) {
-  extern __shared__ __align__(16) u8 mb_smem[];
-  __shared__ float wmax[W][MB_TT];
-  PDL_WAIT();
-  const int tile = blockIdx.y;
-  if (tile >= ntiles[0]) return;
-  const int s0 = tile_s[tile], ntok = tile_n[tile];
-  const BExpert* ex = experts + tile_e[tile];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int n0 = blockIdx.x * (16 * W) + warp * 16, GK = K >> 7;
-  u8* ring = mb_smem + MBC_STAGED(K) + warp * S * MbStage<2, D>::bytes;
-  u8* wsc = mb_smem + MBC_STAGED(K) + W * S * MbStage<2, D>::bytes + warp * 2 * 16 * GK;
-  const u8* base[2] = {ex->gate.codes + (size_t)n0 * (K / 2), ex->up.codes + (size_t)n0 * (K / 2)};
-  const u8* sbase[2] = {ex->gate.scales + (size_t)n0 * GK, ex->up.scales + (size_t)n0 * GK};
-  float acc[2][1][4];
-  mb_core_cp<2, D, S, CVT>(base, sbase, K, mb_smem, ring, wsc, acc, [&] {
-    mb_stage(mb_smem, MB_TT, xq, xs, K, 0, K, [&](int r) { return list[s0 + min(r, ntok - 1)]; });
-  });
-  float hv[4];
-#pragma unroll
-  for (int e = 0; e < 4; e++) {
-    const int n = n0 + g + 8 * (e >> 1);
-    const float gv = acc[0][0][e] * (ex->gate.row_scale[n] * 0.5f);
-    const float uv = acc[1][0][e] * (ex->up.row_scale[n] * 0.5f);
-    hv[e] = mb_silu(gv) * uv;
-  }
-  float m0 = fmaxf(fabsf(hv[0]), fabsf(hv[2])), m1 = fmaxf(fabsf(hv[1]), fabsf(hv[3]));
-#pragma unroll
-  for (int o = 4; o < 32; o <<= 1) {
-    m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, o));
-    m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
-  }
-  if (g == 0) {
-    wmax[warp][2 * t] = m0;
-    wmax[warp][2 * t + 1] = m1;
-  }
-  __syncthreads();
-  // The largest magnitude of each token over the warp's group of h (the
-  // 8 warps from 8*(warp/8)).
-  const int w0 = warp & ~7;
-  float amax[2] = {0.f, 0.f};
-#pragma unroll
-  for (int w = 0; w < 8; w++) {
-    amax[0] = fmaxf(amax[0], wmax[w0 + w][2 * t]);
-    amax[1] = fmaxf(amax[1], wmax[w0 + w][2 * t + 1]);
-  }
-#pragma unroll
-  for (int e = 0; e < 4; e++) {
-    const int tok = 2 * t + (e & 1), n = n0 + g + 8 * (e >> 1);
-    if (tok < ntok) {
-      const float a = amax[e & 1];
-      hq[(size_t)(s0 + tok) * I + n] = (i8)quant8(hv[e], a, a / 127.f);
-    }
-  }
-  if ((warp & 7) == 0 && g == 0) {
-#pragma unroll
-    for (int e = 0; e < 2; e++) {
-      const int tok = 2 * t + e;
-      if (tok < ntok) hs[(size_t)(s0 + tok) * (I >> 7) + (n0 >> 7)] = amax[e] == 0.f ? 0.f : amax[e] / 127.f;
-    }
-  }
-}
-
-// moeb_gate_up with the ring, the gate and the up rows in separate warps:
-// 16 warps a block of one group of h (128 columns), warp w < 8 taking the
-// gate rows 16w.. and warp 8 + w the same up rows, whose sums go to the
-// gate warp through shared memory. Grid (I/128, max tiles): twice the
-// blocks of moeb_gate_up_c8 at half the work each, so a shorter tail.
-template <int D, int S, bool CVT>
-DEVICE void moeb_gate_up_pw(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
-                            const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
-                            const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K,
-                            const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,
-                            float* __restrict__ hs) {
-  extern __shared__ __align__(16) u8 mb_smem[];
-  __shared__ float wmax[8][MB_TT];
-  __shared__ float upv[8][4][32];
-  PDL_WAIT();
-  const int tile = blockIdx.y;
-  if (tile >= ntiles[0]) return;
-  const int s0 = tile_s[tile], ntok = tile_n[tile];
-  const BExpert* ex = experts + tile_e[tile];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int up = warp >> 3, wi = warp & 7;
-  const int n0 = blockIdx.x * 128 + wi * 16, GK = K >> 7;
-  u8* ring = mb_smem + MBC_STAGED(K) + warp * S * MbStage<1, D>::bytes;
-  u8* wsc = mb_smem + MBC_STAGED(K) + 16 * S * MbStage<1, D>::bytes + warp * 16 * GK;
-  const u8* base[1] = {(up ? ex->up.codes : ex->gate.codes) + (size_t)n0 * (K / 2)};
-  const u8* sbase[1] = {(up ? ex->up.scales : ex->gate.scales) + (size_t)n0 * GK};
-  float acc[1][1][4];
-  mb_core_cp<1, D, S, CVT>(base, sbase, K, mb_smem, ring, wsc, acc, [&] {
-    mb_stage(mb_smem, MB_TT, xq, xs, K, 0, K, [&](int r) { return list[s0 + min(r, ntok - 1)]; });
-  });
-  if (up) {
-#pragma unroll
-    for (int e = 0; e < 4; e++) {
-      const int n = n0 + g + 8 * (e >> 1);
-      upv[wi][e][lane] = acc[0][0][e] * (ex->up.row_scale[n] * 0.5f);
-    }
-  }
-  __syncthreads();
-  float hv[4];
-  if (!up) {
-#pragma unroll
-    for (int e = 0; e < 4; e++) {
-      const int n = n0 + g + 8 * (e >> 1);
-      const float gv = acc[0][0][e] * (ex->gate.row_scale[n] * 0.5f);
-      hv[e] = mb_silu(gv) * upv[wi][e][lane];
-    }
-    float m0 = fmaxf(fabsf(hv[0]), fabsf(hv[2])), m1 = fmaxf(fabsf(hv[1]), fabsf(hv[3]));
-#pragma unroll
-    for (int o = 4; o < 32; o <<= 1) {
-      m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, o));
-      m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
-    }
-    if (g == 0) {
-      wmax[wi][2 * t] = m0;
-      wmax[wi][2 * t + 1] = m1;
-    }
-  }
-  __syncthreads();
-  if (up) return;
-  float amax[2] = {0.f, 0.f};
-#pragma unroll
-  for (int w = 0; w < 8; w++) {
-    amax[0] = fmaxf(amax[0], wmax[w][2 * t]);
-    amax[1] = fmaxf(amax[1], wmax[w][2 * t + 1]);
-  }
-#pragma unroll
-  for (int e = 0; e < 4; e++) {
-    const int tok = 2 * t + (e & 1), n = n0 + g + 8 * (e >> 1);
-    if (tok < ntok) {
-      const float a = amax[e & 1];
-      hq[(size_t)(s0 + tok) * I + n] = (i8)quant8(hv[e], a, a / 127.f);
-    }
-  }
-  if (wi == 0 && g == 0) {
-#pragma unroll
-    for (int e = 0; e < 2; e++) {
-      const int tok = 2 * t + e;
-      if (tok < ntok) hs[(size_t)(s0 + tok) * (I >> 7) + blockIdx.x] = amax[e] == 0.f ? 0.f : amax[e] / 127.f;
-    }
-  }
-}
-
-#define MOEB_GU_PW(D, S, CVT, SFX)                                                                         \
-  extern "C" __global__ void __launch_bounds__(512, 1) moeb_gate_up_pw##D##_##S##SFX(                     \
-      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s, \
-      const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, const i32* __restrict__ list, int I,  \
-      int K, const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,                  \
-      float* __restrict__ hs) {                                                                            \
-    moeb_gate_up_pw<D, S, CVT>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs);       \
+#define MOEB_S_KERNELS(SUFFIX, CVT, RS, FLAG)                                                                        \
+  extern "C" __global__ void __launch_bounds__(256, 2) moeb_gate_up_##SUFFIX(                                   \
+      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s,      \
+      const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, const i32* __restrict__ list, int I,       \
+      int K, const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,                       \
+      float* __restrict__ hs, const MbTile* __restrict__ rec) {                                                 \
+    moeb_gate_up<2, true, CVT, RS, FLAG>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs, rec);  \
+  }                                                                                                             \
+  extern "C" __global__ void __launch_bounds__(256, 2) moeb_down_##SUFFIX(                                      \
+      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s,      \
+      const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq,  \
+      const float* __restrict__ hs, float* __restrict__ part, const MbTile* __restrict__ rec) {                 \
+    moeb_down<1, 4, true, CVT, RS, FLAG>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part, rec);           \
   }
 
-// moeb_down with the ring: W warps a block of 16*W rows, one m-tile a
-// warp; grid (ceil(N/(16*W)), max tiles).
-// FUSE: the block also does moeb_combine's work for the tokens whose last
-// slot it wrote (see below), and the combine launch goes.
-template <int W, int D, int S, bool FUSE, bool CVT>
-DEVICE void moeb_down_cp(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
-                         const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
-                         const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq,
-                         const float* __restrict__ hs, float* __restrict__ part, const i32* __restrict__ list,
-                         const i32* __restrict__ pos, const float* __restrict__ wts, int topk, int slots,
-                         u32* __restrict__ cnt, float* __restrict__ y, int ldy, int accumulate) {
-  extern __shared__ __align__(16) u8 mb_smem[];
-  __shared__ int last_tok[MB_TT];
-  const int tile = blockIdx.y;
-  if (tile >= ntiles[0]) return;
-  const int s0 = tile_s[tile], ntok = tile_n[tile];
-  const BMat dn = experts[tile_e[tile]].down;
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int n0 = blockIdx.x * (16 * W) + warp * 16, GK = I >> 7;
-  const int r0 = min(n0, N - 16);
-  u8* ring = mb_smem + MBC_STAGED(I) + warp * S * MbStage<1, D>::bytes;
-  u8* wsc = mb_smem + MBC_STAGED(I) + W * S * MbStage<1, D>::bytes + warp * 16 * GK;
-  const u8* base[1] = {dn.codes + (size_t)r0 * (I / 2)};
-  const u8* sbase[1] = {dn.scales + (size_t)r0 * GK};
-  float acc[1][1][4];
-  mb_core_cp<1, D, S, CVT>(base, sbase, I, mb_smem, ring, wsc, acc, [&] {
-    PDL_WAIT();
-    mb_stage(mb_smem, MB_TT, hq, hs, I, 0, I, [&](int r) { return s0 + min(r, ntok - 1); });
-  });
-#pragma unroll
-  for (int e = 0; e < 4; e++) {
-    const int tok = 2 * t + (e & 1), n = n0 + g + 8 * (e >> 1);
-    if (tok < ntok && n0 < N) part[(size_t)(s0 + tok) * N + n] = acc[0][0][e] * (dn.row_scale[n] * 0.5f);
-  }
-  if (!FUSE) return;
-  // Each (token, column block) gets one part row from each of the token's
-  // slots, each from the block of that slot's tile: the block that brings
-  // the token's counter (zeroed by moeb_group_z) to its slot count adds
-  // them up for its columns, as moeb_combine does (slot order, the same
-  // sums), after the others' rows are visible (fence, counter, fence).
-  __threadfence();
-  __syncthreads();
-  if (threadIdx.x < MB_TT) {
-    int tt = -1;
-    if ((int)threadIdx.x < ntok) {
-      const int tok = list[s0 + threadIdx.x];
-      int nv = 0;
-      for (int k = 0; k < slots; k++) nv += pos[tok * slots + k] >= 0;
-      if (atomicAdd(&cnt[tok * gridDim.x + blockIdx.x], 1u) == (u32)(nv - 1)) tt = tok;
-    }
-    last_tok[threadIdx.x] = tt;
-  }
-  __syncthreads();
-  __threadfence();
-  const int quads = 4 * W;  // 16*W columns
-  for (int idx = threadIdx.x; idx < MB_TT * quads; idx += blockDim.x) {
-    const int j = idx / quads, n = blockIdx.x * (16 * W) + 4 * (idx - j * quads), tt = last_tok[j];
-    if (tt < 0 || n >= N) continue;
-    float4 total = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int k = 0; k < slots; k++) {
-      const int p = pos[tt * slots + k];
-      if (p < 0) continue;
-      const float w = k < topk ? wts[tt * topk + k] : 1.f;
-      const float4 v = __ldcg((const float4*)(part + (size_t)p * N + n));
-      total.x += w * v.x;
-      total.y += w * v.y;
-      total.z += w * v.z;
-      total.w += w * v.w;
-    }
-    float* o = y + (size_t)tt * ldy + n;
-    if (accumulate) {
-      o[0] += total.x;
-      o[1] += total.y;
-      o[2] += total.z;
-      o[3] += total.w;
-    } else {
-      o[0] = total.x;
-      o[1] = total.y;
-      o[2] = total.z;
-      o[3] = total.w;
-    }
-  }
-}
-
-// Instances: moeb_gate_up_c<W>_<D>_<S>, moeb_down_c<W>_<D>_<S>.
-#define MOEB_GU_CP(W, D, S, MINB, CVT, SFX)                                                                \
-  extern "C" __global__ void __launch_bounds__(32 * W, MINB) moeb_gate_up_c##W##_##D##_##S##SFX(           \
-      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s, \
-      const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, const i32* __restrict__ list, int I,  \
-      int K, const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,                  \
-      float* __restrict__ hs) {                                                                            \
-    moeb_gate_up_cp<W, D, S, CVT>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs);    \
-  }
-#define MOEB_DOWN_CP(W, D, S, MINB, CVT, SFX)                                                                \
-  extern "C" __global__ void __launch_bounds__(32 * W, MINB) moeb_down_c##W##_##D##_##S##SFX(                  \
-      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s,     \
-      const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, int N, int I,                            \
-      const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) {                     \
-    moeb_down_cp<W, D, S, false, CVT>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part, 0, 0, 0, 0, \
-                                      0, 0, 0, 0, 0);                                                          \
-  }                                                                                                            \
-  extern "C" __global__ void __launch_bounds__(32 * W, MINB) moeb_down_c##W##_##D##_##S##SFX##f(               \
-      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s,     \
-      const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, int N, int I,                            \
-      const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part,                       \
-      const i32* __restrict__ list, const i32* __restrict__ pos, const float* __restrict__ wts, int topk,      \
-      int slots, u32* __restrict__ cnt, float* __restrict__ y, int ldy, int accumulate) {                      \
-    moeb_down_cp<W, D, S, true, CVT>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part, list, pos,   \
-                                     wts, topk, slots, cnt, y, ldy, accumulate);                               \
-  }
-
-MOEB_GU_CP(8, 1, 4, 2, false, )
-MOEB_GU_CP(8, 1, 5, 2, false, )
-MOEB_GU_CP(16, 2, 3, 1, false, )
-MOEB_GU_CP(16, 1, 6, 1, false, )
-MOEB_GU_CP(8, 1, 3, 3, false, )
-MOEB_GU_CP(8, 1, 5, 2, true, v)
-MOEB_GU_PW(2, 4, false, )
-MOEB_GU_PW(2, 6, false, )
-MOEB_GU_PW(4, 3, false, )
-MOEB_DOWN_CP(8, 2, 4, 2, false, )
-MOEB_DOWN_CP(8, 4, 2, 2, false, )
-MOEB_DOWN_CP(8, 4, 3, 2, false, )
-MOEB_DOWN_CP(16, 4, 3, 1, false, )
-MOEB_DOWN_CP(8, 2, 3, 3, false, )
-MOEB_DOWN_CP(8, 4, 3, 2, true, v)
+MOEB_S_KERNELS(s, false, false, false)
+// The same with the scales through the hardware conversion and the row
+// scales read early.
+MOEB_S_KERNELS(s2, true, true, false)
+// And the down blocks waiting for their own tile's gate/up blocks only.
+MOEB_S_KERNELS(s2f, true, true, true)
 
 // ---------------------------------------------------------------------------
 // moe_group (gemm.cu) with the tiles made in parallel: one block of 1024
@@ -821,34 +512,16 @@ DEVICE int mb_block_scan(int v, int* warp_sums) {
   return r;
 }
 
+// rec and experts (or null): each tile's record (MbTile) too.
 DEVICE void mb_group(const i32* __restrict__ ids, int T, int topk, int S, int E, int BT, i32* __restrict__ pos,
                      i32* __restrict__ list, i32* __restrict__ tile_e, i32* __restrict__ tile_s,
-                     i32* __restrict__ tile_n, i32* __restrict__ ntiles);
-
-extern "C" __global__ void __launch_bounds__(1024)
-    moeb_group(const i32* __restrict__ ids, int T, int topk, int S, int E, int BT, i32* __restrict__ pos,
-               i32* __restrict__ list, i32* __restrict__ tile_e, i32* __restrict__ tile_s,
-               i32* __restrict__ tile_n, i32* __restrict__ ntiles) {
-  mb_group(ids, T, topk, S, E, BT, pos, list, tile_e, tile_s, tile_n, ntiles);
-}
-
-// moeb_group that also zeroes the nz counters of the fused down kernel
-// (moeb_down_c*f, two launches later: finished writing them before this
-// kernel starts, and reading them after it ends).
-extern "C" __global__ void __launch_bounds__(1024)
-    moeb_group_z(const i32* __restrict__ ids, int T, int topk, int S, int E, int BT, i32* __restrict__ pos,
-                 i32* __restrict__ list, i32* __restrict__ tile_e, i32* __restrict__ tile_s,
-                 i32* __restrict__ tile_n, i32* __restrict__ ntiles, u32* __restrict__ cnt, int nz) {
-  for (int i = threadIdx.x; i < nz; i += blockDim.x) cnt[i] = 0;
-  mb_group(ids, T, topk, S, E, BT, pos, list, tile_e, tile_s, tile_n, ntiles);
-}
-
-DEVICE void mb_group(const i32* __restrict__ ids, int T, int topk, int S, int E, int BT, i32* __restrict__ pos,
-                     i32* __restrict__ list, i32* __restrict__ tile_e, i32* __restrict__ tile_s,
-                     i32* __restrict__ tile_n, i32* __restrict__ ntiles) {
+                     i32* __restrict__ tile_n, i32* __restrict__ ntiles, const BExpert* __restrict__ experts,
+                     MbTile* __restrict__ rec) {
   __shared__ int cnt[1024], off[1024], sums[32];
   const int slots = topk + S, P = T * slots, NE = E + S, e = threadIdx.x;
   cnt[e] = 0;
+  BExpert mine;
+  if (rec && e < NE) mine = experts[e];  // the table does not change: read before the wait
   PDL_WAIT();
   __syncthreads();
   for (int p = threadIdx.x; p < P; p += blockDim.x) {
@@ -866,6 +539,12 @@ DEVICE void mb_group(const i32* __restrict__ ids, int T, int topk, int S, int E,
     tile_e[i] = e;
     tile_s[i] = rows_incl - c + j * BT;
     tile_n[i] = min(BT, c - j * BT);
+    if (rec) {
+      rec[i].ex = mine;
+      rec[i].s0 = rows_incl - c + j * BT;
+      rec[i].n = min(BT, c - j * BT);
+      rec[i].done = 0;
+    }
   }
   if (e == blockDim.x - 1) ntiles[0] = tiles_incl;
   __syncthreads();
@@ -877,6 +556,23 @@ DEVICE void mb_group(const i32* __restrict__ ids, int T, int topk, int S, int E,
     pos[p] = row;
     list[row] = t;
   }
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+    moeb_group(const i32* __restrict__ ids, int T, int topk, int S, int E, int BT, i32* __restrict__ pos,
+               i32* __restrict__ list, i32* __restrict__ tile_e, i32* __restrict__ tile_s,
+               i32* __restrict__ tile_n, i32* __restrict__ ntiles) {
+  mb_group(ids, T, topk, S, E, BT, pos, list, tile_e, tile_s, tile_n, ntiles, nullptr, nullptr);
+}
+
+// moeb_group that also leaves each tile's record in rec (experts: the
+// table of BExpert entries).
+extern "C" __global__ void __launch_bounds__(1024)
+    moeb_group_x(const i32* __restrict__ ids, int T, int topk, int S, int E, int BT, i32* __restrict__ pos,
+                 i32* __restrict__ list, i32* __restrict__ tile_e, i32* __restrict__ tile_s,
+                 i32* __restrict__ tile_n, i32* __restrict__ ntiles, const BExpert* __restrict__ experts,
+                 MbTile* __restrict__ rec) {
+  mb_group(ids, T, topk, S, E, BT, pos, list, tile_e, tile_s, tile_n, ntiles, experts, rec);
 }
 
 // moe_combine (gemm.cu) spread wider: y[t] (+)= sum over token t's slots,
