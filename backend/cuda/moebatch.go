@@ -86,7 +86,11 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 	if err != nil {
 		return err
 	}
-	comb, err := c.Kernel("stream", "moeb_combine")
+	combName := "moeb_combine"
+	if kern != "s" && !moeStreamOld && slots <= moeCombineMaxSlots {
+		combName = "moeb_combine_w"
+	}
+	comb, err := c.Kernel("stream", combName)
 	if err != nil {
 		return err
 	}
@@ -149,6 +153,10 @@ func init() {
 		moeStreamKernels = k
 	}
 }
+
+// moeCombineMaxSlots is MB_MAXS in stream.cu: the most slots a token
+// moeb_combine_w takes.
+const moeCombineMaxSlots = 16
 
 // moeTileRec is the size of an MbTile (stream.cu): a BExpert (nine
 // pointers) and four 32-bit words.
