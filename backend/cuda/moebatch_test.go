@@ -15,7 +15,7 @@ import (
 // The streaming batched MoE against the tiled one (MoEBatched, whose gate
 // and up, down and sums it computes in the same order: the outputs should
 // be identical bit for bit) on the same routing, with odd token counts,
-// experts with more than one tile of 8 pairs, and both variants; every
+// experts with more than one tile of 8 pairs, and each of moeStreamVariants; every
 // output is written (poisoned before).
 func TestMoEBatchedStream(t *testing.T) {
 	d := testDevice(t)
@@ -55,7 +55,7 @@ func TestMoEBatchedStream(t *testing.T) {
 		defer c.FreeExpertTable(tab)
 		for _, T := range []int{3, 8, 17, 33, 64} {
 			ids, wts := randomRouting(r, T, E, topK)
-			run := func(stream MoEStream, withRec bool) ([]float32, error) {
+			run := func(stream, withRec bool) ([]float32, error) {
 				idb, err1 := c.Alloc(4 * T * topK)
 				wtb, err2 := upload(c, wts)
 				xb, err3 := upload(c, randVecSeeded(T, K))
@@ -81,7 +81,7 @@ func TestMoEBatchedStream(t *testing.T) {
 				if err != nil {
 					return nil, err
 				}
-				if stream == "" {
+				if !stream {
 					err = c.MoEBatched(y.Ptr, K, false, tab, idb.Ptr, wtb.Ptr, topK, a, s)
 				} else {
 					if err := poison(c, s.HQ.Q, s.HQ.T*s.HQ.K); err != nil {
@@ -96,7 +96,7 @@ func TestMoEBatchedStream(t *testing.T) {
 						defer c.Free(rb)
 						rec = rb.Ptr
 					}
-					err = c.MoEBatchedStream(y.Ptr, K, false, tab, idb.Ptr, wtb.Ptr, topK, a, s, stream, rec)
+					err = c.MoEBatchedStream(y.Ptr, K, false, tab, idb.Ptr, wtb.Ptr, topK, a, s, rec)
 				}
 				if err != nil {
 					return nil, err
@@ -104,14 +104,13 @@ func TestMoEBatchedStream(t *testing.T) {
 				out := make([]float32, T*K)
 				return out, CopyOut(c, out, y.Ptr)
 			}
-			want, err := run("", false)
+			want, err := run(false, false)
 			if err != nil {
 				return err
 			}
 			for _, sv := range moeStreamVariants {
-				v := MoEStreamD2
 				sv.set()
-				got, err := run(v, sv.rec)
+				got, err := run(true, sv.rec)
 				if err != nil {
 					return fmt.Errorf("T=%d %s: %w", T, sv.name, err)
 				}
@@ -139,39 +138,32 @@ func TestMoEBatchedStream(t *testing.T) {
 }
 
 // moeStreamVariantCfg is a configuration of MoEBatchedStream for the tests
-// and benchmarks: the earlier kernels (old), or the pair kern with or
-// without tile records.
+// and benchmarks: main's earlier pair, or the pair in use with or without
+// tile records.
 type moeStreamVariantCfg struct {
-	name string
-	old  bool
-	kern string
-	rec  bool
+	name      string
+	main, rec bool
 }
 
 var moeStreamVariants = []moeStreamVariantCfg{
-	{"old", true, "s", false},
-	{"s", false, "s", false},
-	{"s_rec", false, "s", true},
-	{"s2", false, "s2", false},
-	{"s2_rec", false, "s2", true},
-	{"s2f_rec", false, "s2f", true},
+	{"main", true, false},
+	{"new", false, true},
+	{"new_norec", false, false},
 }
 
-func (v moeStreamVariantCfg) set() {
-	moeStreamOld, moeStreamKernels, moeStreamRec = v.old, v.kern, v.rec
-}
+func (v moeStreamVariantCfg) set() { moeStreamMain = v.main }
 
 // restoreMoEStream returns a function that puts the package's MoE
 // configuration back.
 func restoreMoEStream() func() {
-	old, kern, rec := moeStreamOld, moeStreamKernels, moeStreamRec
-	return func() { moeStreamOld, moeStreamKernels, moeStreamRec = old, kern, rec }
+	main := moeStreamMain
+	return func() { moeStreamMain = main }
 }
 
 // newMoEStreamBatch is newMoEBatch with room for the streaming kernels'
-// 8-pair tiles (stream != ""), else for the 16-token tile.
-func newMoEStreamBatch(c *Ctx, T, topk int, t *ExpertTable, stream MoEStream) (*MoEBatch, []Buffer, error) {
-	if stream == "" {
+// 8-pair tiles (stream), else for the 16-token tile.
+func newMoEStreamBatch(c *Ctx, T, topk int, t *ExpertTable, stream bool) (*MoEBatch, []Buffer, error) {
+	if !stream {
 		return newMoEBatch(c, T, topk, t, GEMMTile16)
 	}
 	s, bufs, err := newMoEBatch(c, T, topk, t, GEMMTile16)
@@ -213,7 +205,7 @@ func randVecSeeded(n, k int) []float32 {
 }
 
 // The backend's MoE and MoEShared through the streaming kernels, against
-// the CPU backend (routing from the device router), both variants, token
+// the CPU backend (routing from the device router), each of moeStreamVariants, token
 // counts 3 to 64.
 func TestBackendMoEStreamMatchesCPU(t *testing.T) {
 	const K, I, E, topK = 1024, 512, 16, 4
@@ -222,20 +214,20 @@ func TestBackendMoEStreamMatchesCPU(t *testing.T) {
 	router := denseHost(r, "router", E, K)
 	bias := backend.HostWeight{Name: "bias", N: 1, K: E, Dense: randVec(r, E, 0.1)}
 	g, c := testBackends(t, Options{})
-	defer func(a, b int, v MoEStream) { moeBatchedMinTokens, moeStreamMaxTokens, moeStreamVariant = a, b, v }(moeBatchedMinTokens, moeStreamMaxTokens, moeStreamVariant)
+	defer func(a, b int) { moeBatchedMinTokens, moeStreamMaxTokens = a, b }(moeBatchedMinTokens, moeStreamMaxTokens)
 	moeBatchedMinTokens, moeStreamMaxTokens = 2, 1<<30
 	hosts := expertHosts(t, r, E+1, I, K, 128)
 	defer restoreMoEStream()()
 	for _, sv := range moeStreamVariants {
-		v := MoEStreamD2
-		moeStreamVariant = v
 		sv.set()
 		for _, T := range []int{3, 17, 64} {
 			x := randVec(r, T*K, 1)
 			for _, withShared := range []bool{false, true} {
 				// As TestBackendMoEBatchedMatchesCPU: a last-bit difference
-				// can move one int8 value of the SwiGLU product by a step.
-				compareOp(t, g, c, fmt.Sprintf("moe stream %s T=%d shared=%v", sv.name, T, withShared), 1e-3, func(b backend.Backend) []float32 {
+				// can move one int8 value of the SwiGLU product by a step;
+				// on an H200 that reached 1.02e-3 once in 66 fresh draws (a
+				// kernel identical bit for bit to the tiled MoE), so 2e-3.
+				compareOp(t, g, c, fmt.Sprintf("moe stream %s T=%d shared=%v", sv.name, T, withShared), 2e-3, func(b backend.Backend) []float32 {
 					return moeBlockOutput(t, b, hosts, router, bias, cfg, x, T, withShared)
 				})
 			}
@@ -245,7 +237,7 @@ func TestBackendMoEStreamMatchesCPU(t *testing.T) {
 
 // BenchmarkMoEStream: a full-size MoE layer (64 experts of 1536x2048, top
 // 4, one shared expert) over T tokens, the tiled MoEBatched (16-token
-// tile) against both streaming variants. Device time; GB/s counts the
+// tile) against each of moeStreamVariants. Device time; GB/s counts the
 // weights of the experts the routing touches, each once.
 func BenchmarkMoEStream(b *testing.B) {
 	d := benchDevice(b)
@@ -284,10 +276,7 @@ func BenchmarkMoEStream(b *testing.B) {
 			names = append(names, sv.name)
 		}
 		for _, name := range names {
-			v := MoEStreamD2
-			if name == "tiled_t16" {
-				v = ""
-			}
+			stream := name != "tiled_t16"
 			var sv moeStreamVariantCfg
 			for _, x := range moeStreamVariants {
 				if x.name == name {
@@ -312,7 +301,7 @@ func BenchmarkMoEStream(b *testing.B) {
 					if err := errors.Join(CopyIn(c, idb.Ptr, ids), c.RMSNormQuant(xb.Ptr, K, 0, 0, 0, 0, T, K, 128, a)); err != nil {
 						return err
 					}
-					s, bufs, err := newMoEStreamBatch(c, T, topk, tab, v)
+					s, bufs, err := newMoEStreamBatch(c, T, topk, tab, stream)
 					defer func() {
 						for _, bb := range bufs {
 							c.Free(bb)
@@ -334,9 +323,9 @@ func BenchmarkMoEStream(b *testing.B) {
 					}
 					run := func() error { return c.MoEBatched(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s) }
 					launches := 5
-					if v != "" {
+					if stream {
 						launches = 4
-						run = func() error { return c.MoEBatchedStream(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s, v, rec) }
+						run = func() error { return c.MoEBatchedStream(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s, rec) }
 					}
 					if err := run(); err != nil {
 						return err

@@ -429,35 +429,14 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
 #endif
 }
 
-// The earlier pair (plain widening, down products 256 rows a block), kept
-// for MMFP4_CUDA_STREAM_OLD=1. D: groups in flight per warp; MINB: blocks a
-// multiprocessor must hold (the register budget).
-#define MOEB_KERNELS(SUFFIX, D, MINB)                                                                    \
-  extern "C" __global__ void __launch_bounds__(256, MINB) moeb_gate_up_##SUFFIX(                        \
-      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,                              \
-      const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,   \
-      const i32* __restrict__ list, int I, int K, const i8* __restrict__ xq,                            \
-      const float* __restrict__ xs, i8* __restrict__ hq, float* __restrict__ hs) {                      \
-    PDL_LAUNCH();                                                                                       \
-    moeb_gate_up<D>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs, nullptr);      \
-  }                                                                                                     \
-  extern "C" __global__ void __launch_bounds__(256, MINB) moeb_down_##SUFFIX(                           \
-      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,                              \
-      const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,   \
-      int N, int I, const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) { \
-    PDL_LAUNCH();                                                                                       \
-    moeb_down<2, D>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part, nullptr);              \
-  }
-
-MOEB_KERNELS(d2, 2, 3)
-
-// The pair in use: mb_mma_split's widening (about a quarter fewer
-// instructions a code), and the down products 128 rows a block (one m-tile
-// a warp, four groups in flight), twice the blocks of moeb_down_d2, so that
-// the last wave of blocks is less of the launch. Two blocks a
-// multiprocessor: at three they spill. On an H200 (BenchmarkMoEStream, a
-// full-size layer): 62 / 108 / 123 us at 8 / 32 / 64 tokens against the
-// d2 pair's 74 / 119 / 148.
+// The pairs: mb_mma_split's widening (about a quarter fewer instructions a
+// code than mb_mma's), down products 128 rows a block (one m-tile a warp,
+// four groups in flight). Two blocks a multiprocessor: at three they
+// spill. s: main's earlier pair (MMFP4_CUDA_MOE_MAIN=1); s2f: the scales
+// through the hardware conversion, the row scales read early, tile records
+// and down blocks that wait for their own tile only. On an H200
+// (BenchmarkMoEStream, a full-size layer): s 63.5 / 106.1 / 122.3 us at 8 /
+// 32 / 64 tokens, s2f with moeb_combine_w 59.5 / 99.0 / 117.1.
 #define MOEB_S_KERNELS(SUFFIX, CVT, RS, FLAG)                                                                        \
   extern "C" __global__ void __launch_bounds__(256, 2) moeb_gate_up_##SUFFIX(                                   \
       const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s,      \
@@ -474,10 +453,6 @@ MOEB_KERNELS(d2, 2, 3)
   }
 
 MOEB_S_KERNELS(s, false, false, false)
-// The same with the scales through the hardware conversion and the row
-// scales read early.
-MOEB_S_KERNELS(s2, true, true, false)
-// And the down blocks waiting for their own tile's gate/up blocks only.
 MOEB_S_KERNELS(s2f, true, true, true)
 
 // ---------------------------------------------------------------------------
