@@ -251,7 +251,8 @@ DEVICE float mb_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
 // K of 128 * D.
 // rec (moeb_group_x's tiles, or null): the tile from there instead of
 // tile_e, tile_s, tile_n and experts. CVT: mb_apply's; RS: the row scales
-// read with the first weights instead of after the products.
+// read with the first weights instead of after the products, and the
+// token rows staged after the first weight loads.
 // FLAG (with rec): each block counts itself done in its tile's record
 // once its h rows are written, for moeb_down's FLAG.
 template <int D, bool SPLIT = false, bool CVT = false, bool RS = false, bool FLAG = false>
@@ -283,7 +284,10 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
   }
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * 128 + warp * 16, GK = K >> 7;
-  mb_stage(mb_smem, MB_TT, xq, xs, K, 0, K, [&](int r) { return list[s0 + min(r, ntok - 1)]; });
+  const auto stage = [&] {
+    mb_stage(mb_smem, MB_TT, xq, xs, K, 0, K, [&](int r) { return list[s0 + min(r, ntok - 1)]; });
+  };
+  if (!RS) stage();
   const size_t row = n0 + g;
   const u8* rc[2] = {gate.codes + row * (K / 2), up.codes + row * (K / 2)};
   const u8* rs[2] = {gate.scales + row * GK, up.scales + row * GK};
@@ -295,8 +299,12 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
       rsc[1][h] = __ldg(up.row_scale + row + 8 * h);
     }
   }
+  // RS: the token rows are staged after the first weight loads are issued
+  // (their addresses wait for a round trip, the list).
   float acc[2][1][4];
-  mb_core<2, 1, D, SPLIT, CVT>(rc, rs, K, 0, GK, mb_smem, acc, [] {});
+  mb_core<2, 1, D, SPLIT, CVT>(rc, rs, K, 0, GK, mb_smem, acc, [&] {
+    if (RS) stage();
+  });
   float hv[4];
 #pragma unroll
   for (int e = 0; e < 4; e++) {
