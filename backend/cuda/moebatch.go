@@ -104,7 +104,8 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 // time) with the earlier kernels: 40-42 / 49-50 / 72-74 / 120-121 / 141 us
 // at 2 / 4 / 8 / 32 / 64 tokens against the tiled MoEBatched's 72 / 78 /
 // 122 / 187-192 / 222 and the single-token kernels' 23-24 us a token; now
-// RESULT at 8 / 32 / 64 (docs/perf.md).
+// 59.5 / 99.1 / 117.2 at 8 / 32 / 64 against the tiled 90 / 142 / 164
+// (docs/perf.md, 2026-11-28 (6)).
 var (
 	moeStreamMinTokens = 2
 	moeStreamMaxTokens = 64
