@@ -15,13 +15,13 @@ import (
 // The streaming batched MoE against the tiled one (MoEBatched, whose gate
 // and up, down and sums it computes in the same order: the outputs should
 // be identical bit for bit) on the same routing, with odd token counts,
-// experts with more than one tile of 8 pairs, and both variants; every
+// experts with more than one tile of 8 pairs, and each of moeStreamVariants; every
 // output is written (poisoned before).
 func TestMoEBatchedStream(t *testing.T) {
 	d := testDevice(t)
 	r := testRand(t)
 	const K, I, E, topK = 1024, 512, 16, 4
-	defer func(old bool) { moeStreamOld = old }(moeStreamOld)
+	defer restoreMoEStream()()
 	var host [][3]*format.Matrix
 	for e := 0; e < E+1; e++ {
 		var h [3]*format.Matrix
@@ -55,7 +55,7 @@ func TestMoEBatchedStream(t *testing.T) {
 		defer c.FreeExpertTable(tab)
 		for _, T := range []int{3, 8, 17, 33, 64} {
 			ids, wts := randomRouting(r, T, E, topK)
-			run := func(stream MoEStream) ([]float32, error) {
+			run := func(stream, withRec bool) ([]float32, error) {
 				idb, err1 := c.Alloc(4 * T * topK)
 				wtb, err2 := upload(c, wts)
 				xb, err3 := upload(c, randVecSeeded(T, K))
@@ -81,13 +81,22 @@ func TestMoEBatchedStream(t *testing.T) {
 				if err != nil {
 					return nil, err
 				}
-				if stream == "" {
+				if !stream {
 					err = c.MoEBatched(y.Ptr, K, false, tab, idb.Ptr, wtb.Ptr, topK, a, s)
 				} else {
 					if err := poison(c, s.HQ.Q, s.HQ.T*s.HQ.K); err != nil {
 						return nil, err
 					}
-					err = c.MoEBatchedStream(y.Ptr, K, false, tab, idb.Ptr, wtb.Ptr, topK, a, s, stream)
+					var rec uint64
+					if withRec {
+						rb, err := c.Alloc(moeTileRec * s.MaxTiles)
+						if err != nil {
+							return nil, err
+						}
+						defer c.Free(rb)
+						rec = rb.Ptr
+					}
+					err = c.MoEBatchedStream(y.Ptr, K, false, tab, idb.Ptr, wtb.Ptr, topK, a, s, rec)
 				}
 				if err != nil {
 					return nil, err
@@ -95,16 +104,15 @@ func TestMoEBatchedStream(t *testing.T) {
 				out := make([]float32, T*K)
 				return out, CopyOut(c, out, y.Ptr)
 			}
-			want, err := run("")
+			want, err := run(false, false)
 			if err != nil {
 				return err
 			}
-			for _, old := range []bool{true, false} {
-				v := MoEStreamD2
-				moeStreamOld = old
-				got, err := run(v)
+			for _, sv := range moeStreamVariants {
+				sv.set()
+				got, err := run(true, sv.rec)
 				if err != nil {
-					return fmt.Errorf("T=%d %s: %w", T, v, err)
+					return fmt.Errorf("T=%d %s: %w", T, sv.name, err)
 				}
 				diff := 0
 				for i := range want {
@@ -116,9 +124,9 @@ func TestMoEBatchedStream(t *testing.T) {
 				// product could still move one int8 value by a step (about
 				// 1e-4 relative), so the bound is the batched MoE's.
 				e, m := relErr(want, got), maxRelErr(want, got)
-				t.Logf("T=%d %s old=%v: %d of %d outputs differ from the tiled MoE, relative error %.3g (max %.3g)", T, v, old, diff, len(want), e, m)
+				t.Logf("T=%d %s: %d of %d outputs differ from the tiled MoE, relative error %.3g (max %.3g)", T, sv.name, diff, len(want), e, m)
 				if !(e <= 1e-4) || !(m <= 1e-3) {
-					t.Errorf("T=%d %s old=%v: relative error %.3g (max %.3g) against the tiled MoE", T, v, old, e, m)
+					t.Errorf("T=%d %s: relative error %.3g (max %.3g) against the tiled MoE", T, sv.name, e, m)
 				}
 			}
 		}
@@ -129,10 +137,33 @@ func TestMoEBatchedStream(t *testing.T) {
 	}
 }
 
+// moeStreamVariantCfg is a configuration of MoEBatchedStream for the tests
+// and benchmarks: main's earlier pair, or the pair in use with or without
+// tile records.
+type moeStreamVariantCfg struct {
+	name      string
+	main, rec bool
+}
+
+var moeStreamVariants = []moeStreamVariantCfg{
+	{"main", true, false},
+	{"new", false, true},
+	{"new_norec", false, false},
+}
+
+func (v moeStreamVariantCfg) set() { moeStreamMain = v.main }
+
+// restoreMoEStream returns a function that puts the package's MoE
+// configuration back.
+func restoreMoEStream() func() {
+	main := moeStreamMain
+	return func() { moeStreamMain = main }
+}
+
 // newMoEStreamBatch is newMoEBatch with room for the streaming kernels'
-// 8-pair tiles (stream != ""), else for the 16-token tile.
-func newMoEStreamBatch(c *Ctx, T, topk int, t *ExpertTable, stream MoEStream) (*MoEBatch, []Buffer, error) {
-	if stream == "" {
+// 8-pair tiles (stream), else for the 16-token tile.
+func newMoEStreamBatch(c *Ctx, T, topk int, t *ExpertTable, stream bool) (*MoEBatch, []Buffer, error) {
+	if !stream {
 		return newMoEBatch(c, T, topk, t, GEMMTile16)
 	}
 	s, bufs, err := newMoEBatch(c, T, topk, t, GEMMTile16)
@@ -174,7 +205,7 @@ func randVecSeeded(n, k int) []float32 {
 }
 
 // The backend's MoE and MoEShared through the streaming kernels, against
-// the CPU backend (routing from the device router), both variants, token
+// the CPU backend (routing from the device router), each of moeStreamVariants, token
 // counts 3 to 64.
 func TestBackendMoEStreamMatchesCPU(t *testing.T) {
 	const K, I, E, topK = 1024, 512, 16, 4
@@ -183,20 +214,20 @@ func TestBackendMoEStreamMatchesCPU(t *testing.T) {
 	router := denseHost(r, "router", E, K)
 	bias := backend.HostWeight{Name: "bias", N: 1, K: E, Dense: randVec(r, E, 0.1)}
 	g, c := testBackends(t, Options{})
-	defer func(a, b int, v MoEStream) { moeBatchedMinTokens, moeStreamMaxTokens, moeStreamVariant = a, b, v }(moeBatchedMinTokens, moeStreamMaxTokens, moeStreamVariant)
+	defer func(a, b int) { moeBatchedMinTokens, moeStreamMaxTokens = a, b }(moeBatchedMinTokens, moeStreamMaxTokens)
 	moeBatchedMinTokens, moeStreamMaxTokens = 2, 1<<30
 	hosts := expertHosts(t, r, E+1, I, K, 128)
-	defer func(old bool) { moeStreamOld = old }(moeStreamOld)
-	for _, old := range []bool{true, false} {
-		v := MoEStreamD2
-		moeStreamVariant = v
-		moeStreamOld = old
+	defer restoreMoEStream()()
+	for _, sv := range moeStreamVariants {
+		sv.set()
 		for _, T := range []int{3, 17, 64} {
 			x := randVec(r, T*K, 1)
 			for _, withShared := range []bool{false, true} {
 				// As TestBackendMoEBatchedMatchesCPU: a last-bit difference
-				// can move one int8 value of the SwiGLU product by a step.
-				compareOp(t, g, c, fmt.Sprintf("moe stream %s old=%v T=%d shared=%v", v, old, T, withShared), 1e-3, func(b backend.Backend) []float32 {
+				// can move one int8 value of the SwiGLU product by a step;
+				// on an H200 that reached 1.02e-3 once in 66 fresh draws (a
+				// kernel identical bit for bit to the tiled MoE), so 2e-3.
+				compareOp(t, g, c, fmt.Sprintf("moe stream %s T=%d shared=%v", sv.name, T, withShared), 2e-3, func(b backend.Backend) []float32 {
 					return moeBlockOutput(t, b, hosts, router, bias, cfg, x, T, withShared)
 				})
 			}
@@ -206,7 +237,7 @@ func TestBackendMoEStreamMatchesCPU(t *testing.T) {
 
 // BenchmarkMoEStream: a full-size MoE layer (64 experts of 1536x2048, top
 // 4, one shared expert) over T tokens, the tiled MoEBatched (16-token
-// tile) against both streaming variants. Device time; GB/s counts the
+// tile) against each of moeStreamVariants. Device time; GB/s counts the
 // weights of the experts the routing touches, each once.
 func BenchmarkMoEStream(b *testing.B) {
 	d := benchDevice(b)
@@ -240,10 +271,17 @@ func BenchmarkMoEStream(b *testing.B) {
 			touched[e] = true
 		}
 		bytes := float64(int64(len(touched)+1) * expertBytes)
-		for _, name := range []string{"tiled_t16", "stream_old", "stream"} {
-			v := MoEStreamD2
-			if name == "tiled_t16" {
-				v = ""
+		names := []string{"tiled_t16"}
+		for _, sv := range moeStreamVariants {
+			names = append(names, sv.name)
+		}
+		for _, name := range names {
+			stream := name != "tiled_t16"
+			var sv moeStreamVariantCfg
+			for _, x := range moeStreamVariants {
+				if x.name == name {
+					sv = x
+				}
 			}
 			b.Run(fmt.Sprintf("T%d/%s", T, name), func(b *testing.B) {
 				err := d.Do(func(c *Ctx) error {
@@ -263,7 +301,7 @@ func BenchmarkMoEStream(b *testing.B) {
 					if err := errors.Join(CopyIn(c, idb.Ptr, ids), c.RMSNormQuant(xb.Ptr, K, 0, 0, 0, 0, T, K, 128, a)); err != nil {
 						return err
 					}
-					s, bufs, err := newMoEStreamBatch(c, T, topk, tab, v)
+					s, bufs, err := newMoEStreamBatch(c, T, topk, tab, stream)
 					defer func() {
 						for _, bb := range bufs {
 							c.Free(bb)
@@ -272,13 +310,22 @@ func BenchmarkMoEStream(b *testing.B) {
 					if err != nil {
 						return err
 					}
-					defer func(old bool) { moeStreamOld = old }(moeStreamOld)
-					moeStreamOld = name == "stream_old"
+					defer restoreMoEStream()()
+					sv.set()
+					var rec uint64
+					if sv.rec {
+						rb, err := c.Alloc(moeTileRec * s.MaxTiles)
+						if err != nil {
+							return err
+						}
+						defer c.Free(rb)
+						rec = rb.Ptr
+					}
 					run := func() error { return c.MoEBatched(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s) }
 					launches := 5
-					if v != "" {
+					if stream {
 						launches = 4
-						run = func() error { return c.MoEBatchedStream(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s, v) }
+						run = func() error { return c.MoEBatchedStream(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s, rec) }
 					}
 					if err := run(); err != nil {
 						return err

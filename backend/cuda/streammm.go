@@ -2,11 +2,7 @@
 
 package cuda
 
-import (
-	"fmt"
-	"os"
-	"strconv"
-)
+import "fmt"
 
 // The streaming dense MMFP4 product of few token rows (mms_* in
 // stream.cu): warps stream 16 weight rows each straight into registers and
@@ -190,18 +186,10 @@ func (c *Ctx) MatMulStreamPair(y1 uint64, ldy1 int, w1 *QMatrix, y2 uint64, ldy2
 // q_a 5.4 / 9.4 / 13.5 against 4.7 / 18.7 / 37.3 and 16.9 / 17.3 / 17.3;
 // the lm_head 66.9 / 102 / 185 against 62.5 / 254 / 526 and 97 / 167 /
 // 317. At 8 rows the one GEMV launch is as fast, so it keeps them.
-// MMFP4_CUDA_STREAM_MM sets the upper bound (0 turns the path off), for
-// comparisons in one binary.
 var (
 	streamMinTokens = 9
 	streamMaxTokens = StreamMaxTokens
 )
-
-func init() {
-	if v, err := strconv.Atoi(os.Getenv("MMFP4_CUDA_STREAM_MM")); err == nil && v >= 0 {
-		streamMaxTokens = min(v, StreamMaxTokens)
-	}
-}
 
 // streamProduct queues MatMulStream for d = x W^T when it applies
 // (streamMinTokens to streamMaxTokens rows, a suitable matrix) and reports
@@ -243,18 +231,13 @@ type streamOp struct {
 	paired     bool
 }
 
-// streamPairOn lets two products of the same rows queued one after the
-// other (q_a and kv_a) share one launch (off with MMFP4_CUDA_STREAM_OLD=1).
-// On an H200 at 9 / 32 / 64 rows: 5.0 / 7.3 / 11.5 us against two launches'
-// 9.3 / 13.8 / 22.1 (BenchmarkMatMulStreamPair).
-var streamPairOn = !moeStreamOld
-
 // streamPaired turns the MatMulStream queued just before, of the same
 // quantized rows and K, into one launch with d = x W^T and reports whether
-// it did.
+// it did. On an H200 at 9 / 32 / 64 rows: 5.0 / 7.3 / 11.5 us against two
+// launches' 9.3 / 13.8 / 22.1 (BenchmarkMatMulStreamPair).
 func (b *Backend) streamPaired(d *tensor, a *QActs, w *weight) bool {
 	ls := b.lastStream
-	if !streamPairOn || ls == nil || ls.paired || ls.flush != b.flushes || ls.idx != len(b.pending)-1 || ls.a != a ||
+	if ls == nil || ls.paired || ls.flush != b.flushes || ls.idx != len(b.pending)-1 || ls.a != a ||
 		ls.w.q.K != w.q.K || ls.w.q.G != w.q.G || overlaps(d, &ls.d) || !StreamFits(w.q) {
 		return false
 	}

@@ -35,6 +35,23 @@ struct BExpert {
   BMat gate, up, down;
 };
 
+// A tile as moeb_group_x leaves it: its expert's matrices and its pairs'
+// rows [s0, s0+n), so that the products find their weights in one round
+// trip to memory instead of three dependent ones (the tile, then the
+// expert's entry, then the weights).
+// done: the gate/up blocks of the tile that have finished (FLAG kernels).
+struct MbTile {
+  BExpert ex;
+  i32 s0, n;
+  u32 done, pad;
+};
+
+DEVICE u32 mb_ld_acquire(const u32* p) {
+  u32 v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
 DEVICE u32 mb_smem_addr(const void* p) {
   u32 r;
   asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
@@ -128,8 +145,19 @@ DEVICE void mb_load(uint4 (&w)[D][MR][2], u32 (&sc)[MR][2], const u8* const (&rc
     }
 }
 
+// Two E4M3 scale bytes (the low two of x) as floats through the hardware
+// conversion (sm_89 and later): exact, as e4m3() (every E4M3 value is an
+// fp16 value), in 4 instructions for the two instead of about 14.
+DEVICE void mb_e4m3x2(u32 x, float& f0, float& f1) {
+  asm("{ .reg .b16 x, l, h; .reg .b32 r; cvt.u16.u32 x, %2; cvt.rn.f16x2.e4m3x2 r, x; mov.b32 {l, h}, r;"
+      " cvt.f32.f16 %0, l; cvt.f32.f16 %1, h; }"
+      : "=f"(f0), "=f"(f1)
+      : "r"(x));
+}
+
 // The products of one loaded batch (staged groups s0..s0+D-1) into acc.
-template <int MR, int WT, int D, bool SPLIT>
+// CVT: the scales through mb_e4m3x2 (the same values).
+template <int MR, int WT, int D, bool SPLIT, bool CVT = false>
 DEVICE void mb_apply(const uint4 (&w)[D][MR][2], const u32 (&sc)[MR][2], int s0, const u8* xrow, const float* xss,
                      int ldx, int ldxs, int t, float (&acc)[MR][WT][4]) {
 #pragma unroll
@@ -158,7 +186,13 @@ DEVICE void mb_apply(const uint4 (&w)[D][MR][2], const u32 (&sc)[MR][2], int s0,
           mb_mma(q, wa.z, wb.z, xb.x, xb.y);
           mb_mma(q, wa.w, wb.w, xb.z, xb.w);
         }
-        const float s0f = e4m3((sc[m][0] >> (8 * d)) & 0xFFu), s1f = e4m3((sc[m][1] >> (8 * d)) & 0xFFu);
+        float s0f, s1f;
+        if (CVT) {
+          mb_e4m3x2(prmt(sc[m][0], sc[m][1], d | ((4 + d) << 4)), s0f, s1f);
+        } else {
+          s0f = e4m3((sc[m][0] >> (8 * d)) & 0xFFu);
+          s1f = e4m3((sc[m][1] >> (8 * d)) & 0xFFu);
+        }
         acc[m][n][0] += (float)q[0] * (s0f * x0);
         acc[m][n][1] += (float)q[1] * (s0f * x1);
         acc[m][n][2] += (float)q[2] * (s1f * x0);
@@ -180,7 +214,7 @@ DEVICE void mb_apply(const uint4 (&w)[D][MR][2], const u32 (&sc)[MR][2], int s0,
 // the two (the dense product waits for the kernel before and stages its
 // rows there, after its first weight loads).
 // SPLIT: mb_mma_split's widening (the same sums).
-template <int MR, int WT, int D, bool SPLIT = false, typename Pre>
+template <int MR, int WT, int D, bool SPLIT = false, bool CVT = false, typename Pre>
 DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K, int g0, int ng, const u8* smem,
                     float (&acc)[MR][WT][4], Pre pre) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -203,7 +237,7 @@ DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K,
       mb_cp_wait_all();
       __syncthreads();
     }
-    mb_apply<MR, WT, D, SPLIT>(w, sc, s0, xrow, xss, ldx, ldxs, t, acc);
+    mb_apply<MR, WT, D, SPLIT, CVT>(w, sc, s0, xrow, xss, ldx, ldxs, t, acc);
   }
 }
 
@@ -215,33 +249,69 @@ DEVICE float mb_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
 // Grid (I/128, max tiles), 256 threads: warp w takes rows 16w.. of the
 // block's 128 rows (one h group) of gate and of up. I a multiple of 128,
 // K of 128 * D.
-template <int D, bool SPLIT = false>
+// rec (moeb_group_x's tiles, or null): the tile from there instead of
+// tile_e, tile_s, tile_n and experts. CVT: mb_apply's; RS: the row scales
+// read with the first weights instead of after the products, and the
+// token rows staged after the first weight loads.
+// FLAG (with rec): each block counts itself done in its tile's record
+// once its h rows are written, for moeb_down's FLAG.
+template <int D, bool SPLIT = false, bool CVT = false, bool RS = false, bool FLAG = false>
 DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
                          const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
                          const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K,
                          const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,
-                         float* __restrict__ hs) {
+                         float* __restrict__ hs, const MbTile* __restrict__ rec) {
   extern __shared__ __align__(16) u8 mb_smem[];
   __shared__ float wmax[MB_WARPS][MB_TT];
   PDL_WAIT();
   const int tile = blockIdx.y;
-  if (tile >= ntiles[0]) return;
-  const int s0 = tile_s[tile], ntok = tile_n[tile];
-  const BExpert* ex = experts + tile_e[tile];
+  int s0, ntok;
+  BMat gate, up;
+  if (rec) {
+    const int nt = ntiles[0];
+    s0 = rec[tile].s0;
+    ntok = rec[tile].n;
+    gate = rec[tile].ex.gate;
+    up = rec[tile].ex.up;
+    if (tile >= nt) return;
+  } else {
+    if (tile >= ntiles[0]) return;
+    s0 = tile_s[tile];
+    ntok = tile_n[tile];
+    const BExpert* ex = experts + tile_e[tile];
+    gate = ex->gate;
+    up = ex->up;
+  }
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * 128 + warp * 16, GK = K >> 7;
-  mb_stage(mb_smem, MB_TT, xq, xs, K, 0, K, [&](int r) { return list[s0 + min(r, ntok - 1)]; });
+  const auto stage = [&] {
+    mb_stage(mb_smem, MB_TT, xq, xs, K, 0, K, [&](int r) { return list[s0 + min(r, ntok - 1)]; });
+  };
+  if (!RS) stage();
   const size_t row = n0 + g;
-  const u8* rc[2] = {ex->gate.codes + row * (K / 2), ex->up.codes + row * (K / 2)};
-  const u8* rs[2] = {ex->gate.scales + row * GK, ex->up.scales + row * GK};
+  const u8* rc[2] = {gate.codes + row * (K / 2), up.codes + row * (K / 2)};
+  const u8* rs[2] = {gate.scales + row * GK, up.scales + row * GK};
+  float rsc[2][2];
+  if (RS) {
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      rsc[0][h] = __ldg(gate.row_scale + row + 8 * h);
+      rsc[1][h] = __ldg(up.row_scale + row + 8 * h);
+    }
+  }
+  // RS: the token rows are staged after the first weight loads are issued
+  // (their addresses wait for a round trip, the list).
   float acc[2][1][4];
-  mb_core<2, 1, D, SPLIT>(rc, rs, K, 0, GK, mb_smem, acc, [] {});
+  mb_core<2, 1, D, SPLIT, CVT>(rc, rs, K, 0, GK, mb_smem, acc, [&] {
+    if (RS) stage();
+  });
   float hv[4];
 #pragma unroll
   for (int e = 0; e < 4; e++) {
     const int n = n0 + g + 8 * (e >> 1);
-    const float gv = acc[0][0][e] * (ex->gate.row_scale[n] * 0.5f);
-    const float uv = acc[1][0][e] * (ex->up.row_scale[n] * 0.5f);
+    const float rg = RS ? rsc[0][e >> 1] : gate.row_scale[n], ru = RS ? rsc[1][e >> 1] : up.row_scale[n];
+    const float gv = acc[0][0][e] * (rg * 0.5f);
+    const float uv = acc[1][0][e] * (ru * 0.5f);
     hv[e] = mb_silu(gv) * uv;
   }
   // The largest magnitude of each token over the block's 128 rows.
@@ -277,6 +347,11 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
       if (tok < ntok) hs[(size_t)(s0 + tok) * (I >> 7) + blockIdx.x] = amax[e] == 0.f ? 0.f : amax[e] / 127.f;
     }
   }
+  if (FLAG && rec) {
+    __threadfence();
+    __syncthreads();
+    if (threadIdx.x == 0) atomicAdd((u32*)&rec[tile].done, 1u);
+  }
 }
 
 // Down products of each tile: part[row][n] = down_e,n . hq[row] for the
@@ -287,16 +362,34 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
 // waited for it before letting this grid start, so the tiles are read and
 // the first weights loaded before waiting for the gate/up products (the
 // staged hq rows), which overlaps the gate/up grid's last blocks.
-template <int MR, int D, bool SPLIT = false>
+// rec, CVT, RS: as moeb_gate_up's. FLAG (with rec): instead of waiting for
+// the whole gate/up grid (PDL_WAIT), wait for the I/128 gate/up blocks of
+// this tile (their count in the tile's record), so that the down blocks
+// fill the gate/up grid's last wave; the wait for the whole grid comes at
+// the end (it has finished by then), so that the launches after still
+// find every kernel two launches back finished. No deadlock: this grid
+// starts only once every gate/up block has started.
+template <int MR, int D, bool SPLIT = false, bool CVT = false, bool RS = false, bool FLAG = false>
 DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
                       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
                       const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq,
-                      const float* __restrict__ hs, float* __restrict__ part) {
+                      const float* __restrict__ hs, float* __restrict__ part, const MbTile* __restrict__ rec) {
   extern __shared__ __align__(16) u8 mb_smem[];
   const int tile = blockIdx.y;
-  if (tile >= ntiles[0]) return;
-  const int s0 = tile_s[tile], ntok = tile_n[tile];
-  const BMat dn = experts[tile_e[tile]].down;
+  int s0, ntok;
+  BMat dn;
+  if (rec) {
+    const int nt = ntiles[0];
+    s0 = rec[tile].s0;
+    ntok = rec[tile].n;
+    dn = rec[tile].ex.down;
+    if (tile >= nt) return;
+  } else {
+    if (tile >= ntiles[0]) return;
+    s0 = tile_s[tile];
+    ntok = tile_n[tile];
+    dn = experts[tile_e[tile]].down;
+  }
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * (128 * MR) + warp * (16 * MR), GK = I >> 7;
   // N a multiple of 16: a clamped m-tile starts at N - 16.
@@ -308,9 +401,27 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
     rc[m] = dn.codes + row * (I / 2);
     rs[m] = dn.scales + row * GK;
   }
+  float rsc[MR][2];
+  if (RS) {
+#pragma unroll
+    for (int m = 0; m < MR; m++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) rsc[m][h] = __ldg(dn.row_scale + min(n0 + 16 * m, N - 16) + g + 8 * h);
+  }
   float acc[MR][1][4];
-  mb_core<MR, 1, D, SPLIT>(rc, rs, I, 0, GK, mb_smem, acc, [&] {
-    PDL_WAIT();
+  mb_core<MR, 1, D, SPLIT, CVT>(rc, rs, I, 0, GK, mb_smem, acc, [&] {
+    if (FLAG && rec) {
+      if (threadIdx.x == 0) {
+        while (mb_ld_acquire(&rec[tile].done) < (u32)(I >> 7)) asm volatile("nanosleep.u32 64;");
+        __threadfence();
+      }
+      __syncthreads();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+    } else {
+      PDL_WAIT();
+    }
     mb_stage(mb_smem, MB_TT, hq, hs, I, 0, I, [&](int r) { return s0 + min(r, ntok - 1); });
   });
 #pragma unroll
@@ -318,53 +429,39 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
 #pragma unroll
     for (int e = 0; e < 4; e++) {
       const int tok = 2 * t + (e & 1), n = n0 + 16 * m + g + 8 * (e >> 1);
-      if (tok < ntok && n < N) part[(size_t)(s0 + tok) * N + n] = acc[m][0][e] * (dn.row_scale[n] * 0.5f);
+      const float r = RS ? rsc[m][e >> 1] : dn.row_scale[n];
+      if (tok < ntok && n < N) part[(size_t)(s0 + tok) * N + n] = acc[m][0][e] * (r * 0.5f);
     }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  if (FLAG && rec) asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
 }
 
-// The earlier pair (plain widening, down products 256 rows a block), kept
-// for MMFP4_CUDA_STREAM_OLD=1. D: groups in flight per warp; MINB: blocks a
-// multiprocessor must hold (the register budget).
-#define MOEB_KERNELS(SUFFIX, D, MINB)                                                                    \
-  extern "C" __global__ void __launch_bounds__(256, MINB) moeb_gate_up_##SUFFIX(                        \
-      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,                              \
-      const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,   \
-      const i32* __restrict__ list, int I, int K, const i8* __restrict__ xq,                            \
-      const float* __restrict__ xs, i8* __restrict__ hq, float* __restrict__ hs) {                      \
-    PDL_LAUNCH();                                                                                       \
-    moeb_gate_up<D>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs);               \
-  }                                                                                                     \
-  extern "C" __global__ void __launch_bounds__(256, MINB) moeb_down_##SUFFIX(                           \
-      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,                              \
-      const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,   \
-      int N, int I, const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) { \
-    PDL_LAUNCH();                                                                                       \
-    moeb_down<2, D>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);                       \
+// The pairs: mb_mma_split's widening (about a quarter fewer instructions a
+// code than mb_mma's), down products 128 rows a block (one m-tile a warp,
+// four groups in flight). Two blocks a multiprocessor: at three they
+// spill. s: main's earlier pair (MMFP4_CUDA_MOE_MAIN=1); s2f: the scales
+// through the hardware conversion, the row scales read early, tile records
+// and down blocks that wait for their own tile only. On an H200
+// (BenchmarkMoEStream, a full-size layer): s 63.5 / 106.1 / 122.3 us at 8 /
+// 32 / 64 tokens, s2f with moeb_combine_w 59.5 / 99.0 / 117.1.
+#define MOEB_S_KERNELS(SUFFIX, CVT, RS, FLAG)                                                                        \
+  extern "C" __global__ void __launch_bounds__(256, 2) moeb_gate_up_##SUFFIX(                                   \
+      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s,      \
+      const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, const i32* __restrict__ list, int I,       \
+      int K, const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,                       \
+      float* __restrict__ hs, const MbTile* __restrict__ rec) {                                                 \
+    moeb_gate_up<2, true, CVT, RS, FLAG>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs, rec);  \
+  }                                                                                                             \
+  extern "C" __global__ void __launch_bounds__(256, 2) moeb_down_##SUFFIX(                                      \
+      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s,      \
+      const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq,  \
+      const float* __restrict__ hs, float* __restrict__ part, const MbTile* __restrict__ rec) {                 \
+    moeb_down<1, 4, true, CVT, RS, FLAG>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part, rec);           \
   }
 
-MOEB_KERNELS(d2, 2, 3)
-
-// The pair in use: mb_mma_split's widening (about a quarter fewer
-// instructions a code), and the down products 128 rows a block (one m-tile
-// a warp, four groups in flight), twice the blocks of moeb_down_d2, so that
-// the last wave of blocks is less of the launch. Two blocks a
-// multiprocessor: at three they spill. On an H200 (BenchmarkMoEStream, a
-// full-size layer): 62 / 108 / 123 us at 8 / 32 / 64 tokens against the
-// d2 pair's 74 / 119 / 148.
-extern "C" __global__ void __launch_bounds__(256, 2)
-    moeb_gate_up_s(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
-                   const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,
-                   const i32* __restrict__ list, int I, int K, const i8* __restrict__ xq, const float* __restrict__ xs,
-                   i8* __restrict__ hq, float* __restrict__ hs) {
-  moeb_gate_up<2, true>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs);
-}
-
-extern "C" __global__ void __launch_bounds__(256, 2)
-    moeb_down_s(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
-                const i32* __restrict__ tile_s, const i32* __restrict__ tile_n, const i32* __restrict__ ntiles,
-                int N, int I, const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part) {
-  moeb_down<1, 4, true>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part);
-}
+MOEB_S_KERNELS(s, false, false, false)
+MOEB_S_KERNELS(s2f, true, true, true)
 
 // ---------------------------------------------------------------------------
 // moe_group (gemm.cu) with the tiles made in parallel: one block of 1024
@@ -398,14 +495,16 @@ DEVICE int mb_block_scan(int v, int* warp_sums) {
   return r;
 }
 
-extern "C" __global__ void __launch_bounds__(1024)
-    moeb_group(const i32* __restrict__ ids, int T, int topk, int S, int E, int BT, i32* __restrict__ pos,
-               i32* __restrict__ list, i32* __restrict__ tile_e, i32* __restrict__ tile_s,
-               i32* __restrict__ tile_n, i32* __restrict__ ntiles) {
-  PDL_LAUNCH();
+// rec and experts (or null): each tile's record (MbTile) too.
+DEVICE void mb_group(const i32* __restrict__ ids, int T, int topk, int S, int E, int BT, i32* __restrict__ pos,
+                     i32* __restrict__ list, i32* __restrict__ tile_e, i32* __restrict__ tile_s,
+                     i32* __restrict__ tile_n, i32* __restrict__ ntiles, const BExpert* __restrict__ experts,
+                     MbTile* __restrict__ rec) {
   __shared__ int cnt[1024], off[1024], sums[32];
   const int slots = topk + S, P = T * slots, NE = E + S, e = threadIdx.x;
   cnt[e] = 0;
+  BExpert mine;
+  if (rec && e < NE) mine = experts[e];  // the table does not change: read before the wait
   PDL_WAIT();
   __syncthreads();
   for (int p = threadIdx.x; p < P; p += blockDim.x) {
@@ -423,6 +522,12 @@ extern "C" __global__ void __launch_bounds__(1024)
     tile_e[i] = e;
     tile_s[i] = rows_incl - c + j * BT;
     tile_n[i] = min(BT, c - j * BT);
+    if (rec) {
+      rec[i].ex = mine;
+      rec[i].s0 = rows_incl - c + j * BT;
+      rec[i].n = min(BT, c - j * BT);
+      rec[i].done = 0;
+    }
   }
   if (e == blockDim.x - 1) ntiles[0] = tiles_incl;
   __syncthreads();
@@ -434,6 +539,23 @@ extern "C" __global__ void __launch_bounds__(1024)
     pos[p] = row;
     list[row] = t;
   }
+}
+
+extern "C" __global__ void __launch_bounds__(1024)
+    moeb_group(const i32* __restrict__ ids, int T, int topk, int S, int E, int BT, i32* __restrict__ pos,
+               i32* __restrict__ list, i32* __restrict__ tile_e, i32* __restrict__ tile_s,
+               i32* __restrict__ tile_n, i32* __restrict__ ntiles) {
+  mb_group(ids, T, topk, S, E, BT, pos, list, tile_e, tile_s, tile_n, ntiles, nullptr, nullptr);
+}
+
+// moeb_group that also leaves each tile's record in rec (experts: the
+// table of BExpert entries).
+extern "C" __global__ void __launch_bounds__(1024)
+    moeb_group_x(const i32* __restrict__ ids, int T, int topk, int S, int E, int BT, i32* __restrict__ pos,
+                 i32* __restrict__ list, i32* __restrict__ tile_e, i32* __restrict__ tile_s,
+                 i32* __restrict__ tile_n, i32* __restrict__ ntiles, const BExpert* __restrict__ experts,
+                 MbTile* __restrict__ rec) {
+  mb_group(ids, T, topk, S, E, BT, pos, list, tile_e, tile_s, tile_n, ntiles, experts, rec);
 }
 
 // moe_combine (gemm.cu) spread wider: y[t] (+)= sum over token t's slots,
@@ -464,6 +586,55 @@ extern "C" __global__ void __launch_bounds__(128)
     o[1] += total.y;
     o[2] += total.z;
     o[3] += total.w;
+  } else {
+    o[0] = total.x;
+    o[1] = total.y;
+    o[2] = total.z;
+    o[3] = total.w;
+  }
+}
+
+// moeb_combine with its loads in flight together: the slots' rows, the
+// weights and the output it adds to are read before the wait for the down
+// kernel (they come from kernels two or more launches back), then every
+// slot's partial row at once, instead of a chain of two dependent reads a
+// slot. The same sums in the same order. At most MB_MAXS slots.
+#define MB_MAXS 16
+extern "C" __global__ void __launch_bounds__(128)
+    moeb_combine_w(const float* __restrict__ part, const i32* __restrict__ pos, const float* __restrict__ wts,
+                   int topk, int slots, int N, float* __restrict__ y, int ldy, int accumulate) {
+  const int t = blockIdx.x, n = (blockIdx.y * 128 + threadIdx.x) * 4;
+  const bool on = n < N;
+  int p[MB_MAXS];
+  float w[MB_MAXS];
+#pragma unroll
+  for (int k = 0; k < MB_MAXS; k++) {
+    p[k] = k < slots ? pos[t * slots + k] : -1;
+    w[k] = k < topk ? wts[t * topk + k] : 1.f;
+  }
+  float* o = y + (size_t)t * ldy + n;
+  float4 prev = make_float4(0.f, 0.f, 0.f, 0.f);
+  if (on && accumulate) prev = make_float4(o[0], o[1], o[2], o[3]);
+  PDL_WAIT();
+  if (!on) return;
+  float4 v[MB_MAXS];
+#pragma unroll
+  for (int k = 0; k < MB_MAXS; k++)
+    if (p[k] >= 0) v[k] = __ldcg((const float4*)(part + (size_t)p[k] * N + n));
+  float4 total = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+  for (int k = 0; k < MB_MAXS; k++) {
+    if (p[k] < 0) continue;
+    total.x += w[k] * v[k].x;
+    total.y += w[k] * v[k].y;
+    total.z += w[k] * v[k].z;
+    total.w += w[k] * v[k].w;
+  }
+  if (accumulate) {
+    o[0] = prev.x + total.x;
+    o[1] = prev.y + total.y;
+    o[2] = prev.z + total.z;
+    o[3] = prev.w + total.w;
   } else {
     o[0] = total.x;
     o[1] = total.y;
