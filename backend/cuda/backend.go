@@ -32,17 +32,14 @@ type Options struct {
 	// decode faster (docs/perf.md, 2026-11-28 (2)). FusedGEMV runs a
 	// single-token product's input preparation (the norm before it, the
 	// residual add before that, or the int8 quantization) in the
-	// product's blocks, and q_a with kv_a in one launch (also
-	// MMFP4_CUDA_FUSE=1); FusedRouter the norm before a single-row router
-	// in the router's launch (MMFP4_CUDA_FUSE_ROUTER=1); FusedLatent the
-	// latent's norm in the RoPE and cache write launch
-	// (MMFP4_CUDA_FUSE_LATENT=1).
+	// product's blocks, and q_a with kv_a in one launch; FusedRouter the
+	// norm before a single-row router in the router's launch; FusedLatent
+	// the latent's norm in the RoPE and cache write launch.
 	FusedGEMV, FusedRouter, FusedLatent bool
 	// SeparateChain keeps apart the ops that a single-token decode layer
 	// otherwise runs in shared launches (chain.go: q_a with kv_a, the
 	// value expansion with its output's quantization, the q_a norm with the
-	// latent's norm, the RoPEs and cache write with the absorbed query;
-	// also MMFP4_CUDA_CHAIN=0).
+	// latent's norm, the RoPEs and cache write with the absorbed query).
 	SeparateChain bool
 	// NoPieces hands a step to the device whole at its first read-back
 	// instead of in pieces of a few layers (also MMFP4_CUDA_CHUNKS=0).
@@ -281,24 +278,6 @@ func NewOnDevice(d *Device, o Options) *Backend {
 		ropeTables: map[ropeKey]uint64{}, ropeBufs: map[ropeKey]Buffer{}}
 	if !o.NoGraphs && os.Getenv("MMFP4_CUDA_GRAPHS") != "0" {
 		b.graphs = &graphCache{}
-	}
-	if os.Getenv("MMFP4_CUDA_FUSE") == "1" {
-		b.opts.FusedGEMV = true
-	}
-	if os.Getenv("MMFP4_CUDA_FUSE_ROUTER") == "1" {
-		b.opts.FusedRouter = true
-	}
-	if os.Getenv("MMFP4_CUDA_FUSE_LATENT") == "1" {
-		b.opts.FusedLatent = true
-	}
-	if os.Getenv("MMFP4_CUDA_ROUTER_SLOW") == "1" {
-		routerSlow = true // comparison runs: the older router kernel
-	}
-	if moeDownOld {
-		b.noRouterQuant = true // comparison runs: the MoE chain before these kernels
-	}
-	if os.Getenv("MMFP4_CUDA_CHAIN") == "0" {
-		b.opts.SeparateChain = true
 	}
 	if os.Getenv("MMFP4_CUDA_CHUNKS") == "0" {
 		b.opts.NoPieces = true

@@ -23,7 +23,7 @@ import (
 //     reads neither the second norm's input nor output): RMSNormQuant8Pair;
 //   - the RoPEs and cache write before the absorbed query, and the absorbed
 //     query (absorb_query_tc_rope).
-// Options.SeparateChain (MMFP4_CUDA_CHAIN=0) turns them off.
+// Options.SeparateChain turns them off.
 
 // GEMVPair computes y1 = W1 x and y2 = W2 x for one token's quantized row a
 // in one launch (gemv_split_t1's values, bit for bit).

@@ -247,6 +247,35 @@ func TestDecodeChainMatchesSerial(t *testing.T) {
 	}
 }
 
+// The queries and softmax weights split two at a time by the hardware
+// conversion give the bits of the split one value at a time (fa_bf16),
+// over every way the chain's steps write the output.
+func TestDecodeMMASplitMatchesOneAtATime(t *testing.T) {
+	g, _ := testBackends(t, Options{NoGraphs: true})
+	defer func() { decodeMMAOneSplit = false }()
+	r := testRand(t)
+	const layers = 2
+	s := chainShape
+	cs := newChainSteps(r)
+	in := newChainInputs(r, cs, s, layers)
+	uk := quantHost(t, r, "wuk", s.Heads*s.NopeDim, s.Rank, 128)
+	uv := quantHost(t, r, "wuv", s.Heads*s.VDim, s.Rank, 128)
+	for _, tile := range []int{0, 16, 32} {
+		g.decodeMMATile = tile
+		decodeMMAOneSplit = true
+		wantOl, wantV := runChain(t, g, cs, in, uk, uv, layers, 0)
+		decodeMMAOneSplit = false
+		ol, v := runChain(t, g, cs, in, uk, uv, layers, 0)
+		if i := sameBits(wantOl, ol); i >= 0 {
+			t.Errorf("tile %d: olat value %d of %d: %g, one at a time %g", tile, i, len(ol), ol[i], wantOl[i])
+		}
+		if i := sameBits(wantV, v); i >= 0 {
+			t.Errorf("tile %d: value %d of %d differs", tile, i, len(v))
+		}
+	}
+	g.decodeMMATile = 0
+}
+
 // chainLaunches counts the ops one decode layer of the first step queues,
 // with and without the merge's quantization.
 func chainLaunches(t *testing.T, g *Backend, cs *chainSteps, in *chainInputs) map[bool]int {
@@ -356,17 +385,24 @@ func BenchmarkDecodeChain(b *testing.B) {
 		g.quantized = nil
 		return ops
 	}
-	for _, ahead := range []bool{false, true} {
-		g.decodeAhead, g.combineQuant, g.decodeBlocks, g.decodeMerge = ahead, true, 100, mergeAuto
+	defer func() { decodeMMAOneSplit = false }()
+	for _, one := range []bool{true, false} {
+		decodeMMAOneSplit = one
+		g.decodeAhead, g.combineQuant, g.decodeBlocks, g.decodeMerge = true, true, 100, mergeAuto
 		chainPhases(b, g, queue)
 	}
 	for _, mode := range []struct {
 		ahead, quant bool
 		pct, merge   int
-	}{{false, false, 100, mergeAuto}, {true, true, 100, mergeAuto}, {false, true, 100, mergeAuto},
-		{true, true, 25, mergeAuto}, {true, true, 100, mergeInKernel}} {
+		one          bool
+		tile         int
+	}{{false, false, 100, mergeAuto, true, 0}, {true, true, 100, mergeAuto, true, 0}, {true, true, 100, mergeAuto, false, 0},
+		{true, true, 25, mergeAuto, true, 0}, {true, true, 25, mergeAuto, false, 0}, {true, true, 25, mergeAuto, false, 16},
+		{true, true, 12, mergeAuto, false, 0}, {true, true, 100, mergeInKernel, false, 0}, {true, true, 25, mergeInKernel, false, 0},
+		{true, true, 100, mergeAuto, true, 0}, {true, true, 100, mergeAuto, false, 0}} {
 		g.decodeAhead, g.combineQuant = mode.ahead, mode.quant
 		g.decodeBlocks, g.decodeMerge = mode.pct, mode.merge
+		decodeMMAOneSplit, g.decodeMMATile = mode.one, mode.tile
 		ops := queue()
 		for _, on := range []bool{false, true} {
 			err := d.Do(func(c *Ctx) error {
@@ -381,8 +417,8 @@ func BenchmarkDecodeChain(b *testing.B) {
 						return err
 					}
 					// Printed, not logged: a benchmark's log is cut at ten lines.
-					fmt.Printf("%s: ctx %d, splits at %d%% of the SMs, merge %d, copies before the wait %-5v, int8 form %-5v, PDL %-5v: %6.2f us a layer (%d ops)\n",
-						name, ctx, mode.pct, mode.merge, mode.ahead, mode.quant, on, us/layers, len(ops)/layers)
+					fmt.Printf("%s: ctx %d, splits at %d%% of the SMs, merge %d, tile %d, split one at a time %-5v, copies before the wait %-5v, int8 form %-5v, PDL %-5v: %6.2f us a layer (%d ops)\n",
+						name, ctx, mode.pct, mode.merge, mode.tile, mode.one, mode.ahead, mode.quant, on, us/layers, len(ops)/layers)
 					return nil
 				})
 			})
@@ -432,6 +468,6 @@ func chainPhases(b *testing.B, g *Backend, queue func() []queuedOp) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	fmt.Println(stampSummary(fmt.Sprintf("copies before the wait %v: ", g.decodeAhead), st, n,
+	fmt.Println(stampSummary(fmt.Sprintf("split one at a time %v: ", decodeMMAOneSplit), st, n,
 		[]string{"entry", "wait returned", "queries", "first tile", "summed", "written"}))
 }

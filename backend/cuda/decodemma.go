@@ -43,6 +43,10 @@ const (
 	mergeLaunch          // decode_combine, launched early (programmatic serialization)
 )
 
+// decodeMMAOneSplit takes the kernels that split the queries and the
+// softmax weights one value at a time (the same bits; comparisons only).
+var decodeMMAOneSplit bool
+
 // decodeMMALaunchMaxN is the longest single row whose splits mergeAuto
 // merges by the second launch.
 const decodeMMALaunchMaxN = 4096
@@ -118,6 +122,9 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 	}
 	var cq *decodeAttnOp
 	name := fmt.Sprintf("decode_mma_%d_%d_t%d", s.Rank, s.RopeDim, tp)
+	if decodeMMAOneSplit {
+		name += "_f"
+	}
 	sms := b.dev.Info().SMs
 	idx, flush := len(b.pending), b.flushes
 	b.do("attention", func(c *Ctx) error {

@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
-	"os"
 
 	"github.com/mmfp4/mmfp4/format"
 )
@@ -524,10 +523,8 @@ const (
 )
 
 // moeDownOld makes MoE use moe_gate_up and moe_down_q (benchmarks and
-// tests). MMFP4_CUDA_MOE_DOWN=old, for an A/B on the card, also keeps the
-// MoE input's quantization out of the router launch (Backend): the MoE
-// chain as it was before these kernels.
-var moeDownOld = os.Getenv("MMFP4_CUDA_MOE_DOWN") == "old"
+// tests).
+var moeDownOld bool
 
 // moeMaxI is MOE_MAX_I in moe.cu: the largest intermediate size whose
 // quantization moe_down_q holds in shared memory.

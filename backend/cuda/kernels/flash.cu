@@ -440,6 +440,26 @@ DEVICE void split3_bf16(float x, u32& hi, u32& mid, u32& lo) {
   lo = fa_bf16(r - __uint_as_float(mid << 16));
 }
 
+// Two floats rounded to nearest even bfloat16 in one conversion (sm_80+),
+// lo in the low half: fa_bf16's bits for finite values.
+DEVICE u32 bf16x2_rn(float lo, float hi) {
+  u32 d;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  return d;
+}
+
+// split3_bf16 of x0 and x1 at once, each part packed (x0's in the low
+// half): the same parts, a third of the instructions.
+DEVICE void split3_bf16x2(float x0, float x1, u32& hi, u32& mid, u32& lo) {
+  hi = bf16x2_rn(x0, x1);
+  x0 -= __uint_as_float(hi << 16);
+  x1 -= __uint_as_float(hi & 0xFFFF0000u);
+  mid = bf16x2_rn(x0, x1);
+  x0 -= __uint_as_float(mid << 16);
+  x1 -= __uint_as_float(mid & 0xFFFF0000u);
+  lo = bf16x2_rn(x0, x1);
+}
+
 DEVICE u32 ld_acquire(const u32* p) {
   u32 v;
   asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
@@ -560,7 +580,7 @@ DEVICE void dm_merge_share(float* __restrict__ olat, int ldo, const float* part_
   if (xq) quant_row4(o, tid < nf, f0 + tid, t, NF * 4, G, xq, xs, xsum);
 }
 
-template <int RANK, int DR, int TP>
+template <int RANK, int DR, int TP, bool CVT>
 DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                        const float* __restrict__ q, int ldq, const u8* __restrict__ layer,
                        const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -670,15 +690,20 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
         v0 = *(const float2*)(src + 2 * c4);
         v1 = *(const float2*)(src + 2 * c4 + 8);
       }
-      u32 a[3], b[3], c[3], d[3];
-      split3_bf16(v0.x, a[0], a[1], a[2]);
-      split3_bf16(v0.y, b[0], b[1], b[2]);
-      split3_bf16(v1.x, c[0], c[1], c[2]);
-      split3_bf16(v1.y, d[0], d[1], d[2]);
+      if (CVT) {
+        split3_bf16x2(v0.x, v0.y, qb[kk][j][0][0], qb[kk][j][1][0], qb[kk][j][2][0]);
+        split3_bf16x2(v1.x, v1.y, qb[kk][j][0][1], qb[kk][j][1][1], qb[kk][j][2][1]);
+      } else {
+        u32 a[3], b[3], c[3], d[3];
+        split3_bf16(v0.x, a[0], a[1], a[2]);
+        split3_bf16(v0.y, b[0], b[1], b[2]);
+        split3_bf16(v1.x, c[0], c[1], c[2]);
+        split3_bf16(v1.y, d[0], d[1], d[2]);
 #pragma unroll
-      for (int p = 0; p < 3; p++) {
-        qb[kk][j][p][0] = a[p] | (b[p] << 16);
-        qb[kk][j][p][1] = c[p] | (d[p] << 16);
+        for (int p = 0; p < 3; p++) {
+          qb[kk][j][p][0] = a[p] | (b[p] << 16);
+          qb[kk][j][p][1] = c[p] | (d[p] << 16);
+        }
       }
     }
   }
@@ -775,16 +800,35 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
       const bool none = m_new == __int_as_float(0xff800000);
       const float alpha = none ? 1.f : expf(m_run - m_new);
       float sum = 0.f;
+      if (CVT) {
+        // Positions sq + 8i and sq + 8(i+1) split together.
 #pragma unroll
-      for (int i = 0; i < TP / 8; i++) {
-        const float p = (none || sv[i] == __int_as_float(0xff800000)) ? 0.f : expf(sv[i] - m_new);
-        sum += p;
-        u32 hi, mid, lo;
-        split3_bf16(p, hi, mid, lo);
-        const int r = sq + 8 * i;
-        pw[(0 * DM_NH + sh) * PLD + r] = (unsigned short)hi;
-        pw[(1 * DM_NH + sh) * PLD + r] = (unsigned short)mid;
-        pw[(2 * DM_NH + sh) * PLD + r] = (unsigned short)lo;
+        for (int i = 0; i < TP / 8; i += 2) {
+          const float p0 = (none || sv[i] == __int_as_float(0xff800000)) ? 0.f : expf(sv[i] - m_new);
+          const float p1 = (none || sv[i + 1] == __int_as_float(0xff800000)) ? 0.f : expf(sv[i + 1] - m_new);
+          sum += p0;
+          sum += p1;
+          u32 part[3];
+          split3_bf16x2(p0, p1, part[0], part[1], part[2]);
+          const int r = sq + 8 * i;
+#pragma unroll
+          for (int q = 0; q < 3; q++) {
+            pw[(q * DM_NH + sh) * PLD + r] = (unsigned short)(part[q] & 0xFFFFu);
+            pw[(q * DM_NH + sh) * PLD + r + 8] = (unsigned short)(part[q] >> 16);
+          }
+        }
+      } else {
+#pragma unroll
+        for (int i = 0; i < TP / 8; i++) {
+          const float p = (none || sv[i] == __int_as_float(0xff800000)) ? 0.f : expf(sv[i] - m_new);
+          sum += p;
+          u32 hi, mid, lo;
+          split3_bf16(p, hi, mid, lo);
+          const int r = sq + 8 * i;
+          pw[(0 * DM_NH + sh) * PLD + r] = (unsigned short)hi;
+          pw[(1 * DM_NH + sh) * PLD + r] = (unsigned short)mid;
+          pw[(2 * DM_NH + sh) * PLD + r] = (unsigned short)lo;
+        }
       }
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
@@ -887,24 +931,30 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 #undef DM_STAMP
 }
 
-#define DECODE_MMA(RANK, DR, TP)                                                                                     \
+#define DECODE_MMA(RANK, DR, TP, CVT, SUF)                                                                           \
   extern "C" __global__ void __launch_bounds__(DM_THREADS, 1)                                                        \
-      decode_mma_##RANK##_##DR##_t##TP(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,    \
-                                       const u8* layer, const i32* __restrict__ pos, const i32* __restrict__ row_seq, \
-                                       const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks,           \
-                                       int block_size, int heads, int dn, float scale, float* part_ml,               \
-                                       float* part_acc, u32* counters, int ahead, i8* xq, float* xs, i32* xsum,      \
-                                       int G, unsigned long long* stamps) {                                          \
-    decode_mma<RANK, DR, TP>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks, block_size,     \
-                             heads, dn, scale, part_ml, part_acc, counters, ahead, xq, xs, xsum, G, stamps);         \
+      decode_mma_##RANK##_##DR##_t##TP##SUF(float* olat, int ldo, const float* qlat, int ldql, const float* q,       \
+                                            int ldq, const u8* layer, const i32* __restrict__ pos,                  \
+                                            const i32* __restrict__ row_seq, const i32* __restrict__ seq_blocks,    \
+                                            const i32* __restrict__ blocks, int block_size, int heads, int dn,      \
+                                            float scale, float* part_ml, float* part_acc, u32* counters, int ahead, \
+                                            i8* xq, float* xs, i32* xsum, int G, unsigned long long* stamps) {      \
+    decode_mma<RANK, DR, TP, CVT>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks,            \
+                                  block_size, heads, dn, scale, part_ml, part_acc, counters, ahead, xq, xs, xsum,  \
+                                  G, stamps);                                                                      \
   }
 
 // Instances: the model's (rank 512, rope 64) and the tests' small shape,
-// tiles of 16 positions (splits of at most 16) and of 32.
-DECODE_MMA(512, 64, 16)
-DECODE_MMA(512, 64, 32)
-DECODE_MMA(256, 32, 16)
-DECODE_MMA(256, 32, 32)
+// tiles of 16 positions (splits of at most 16) and of 32; _f: the parts
+// split one value at a time by fa_bf16 (the same bits; for comparisons).
+DECODE_MMA(512, 64, 16, true, )
+DECODE_MMA(512, 64, 32, true, )
+DECODE_MMA(256, 32, 16, true, )
+DECODE_MMA(256, 32, 32, true, )
+DECODE_MMA(512, 64, 16, false, _f)
+DECODE_MMA(512, 64, 32, false, _f)
+DECODE_MMA(256, 32, 16, false, _f)
+DECODE_MMA(256, 32, 32, false, _f)
 
 // The splits' merge as a second launch: grid (rank/128, heads, rows),
 // eight warps a block for one row, head and 128 columns. Warp w takes the
