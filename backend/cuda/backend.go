@@ -178,7 +178,7 @@ type Backend struct {
 	lastNorm8  *norm8Op
 	// lastRopeCache is the RoPE + cache write launch queued last.
 	lastRopeCache *ropeCacheOp
-	chainMerges   [4]int
+	chainMerges   [5]int
 
 	steps *stepTimer // MMFP4_CUDA_STEPTIME=1
 	// pieces counts the pieces this step has gone to the device in.
@@ -1202,7 +1202,7 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 			return c.AddRMSNormQuant(la.d.ptr, la.d.ld, la.a.ptr, la.a.ld, la.c.ptr, la.c.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
 		}}
 		b.lastAdd = nil
-		if d.rows == 1 && b.counter.Ptr != 0 {
+		if d.rows == 1 {
 			b.lastNorm = &normOp{idx: la.idx, flush: b.flushes, out: *d, touched: []tensor{la.d, la.a, la.c, *d},
 				in: FusedIn{Mode: fuseAddNorm, D: la.d.ptr, A: la.a.ptr, C: la.c.ptr, Gain: g.dense, Eps: eps, Out: d.ptr, Q: a, Layout8: fast, Counter: b.counter.Ptr}}
 		}
@@ -1717,7 +1717,10 @@ func (b *Backend) Route(logits backend.Tensor, bias backend.Weight, cfg backend.
 				return c.RouterRoute(ld.w.dense, E, ld.w.k, ld.x.ptr, ld.x.ld, lm.rows, lm.ptr, lm.ld, bv.dense, cfg.TopK, norm == 1,
 					cfg.RoutedScaling, r.ids, r.wts, b.routeCounters.Ptr, q)
 			}}
-			b.pending[ld.idx] = queuedOp{"router+route", func(c *Ctx) error { return ro.call(c, nil) }}
+			if call, ok := b.routerNormCall(ld, lm, bv, cfg, norm, r); ok {
+				ro.idx, ro.call = ld.idx-1, call // the norm before it in its launch (chain.go)
+			}
+			b.pending[ro.idx] = queuedOp{"router+route", func(c *Ctx) error { return ro.call(c, nil) }}
 			b.lastDense = nil
 			if lm.rows == 1 && ld.x.rows == 1 && RouterFastFits(E, ld.w.k, ld.x.ptr, ld.x.ld, cfg.TopK) && !b.noRouterQuant {
 				b.lastRouter = ro
