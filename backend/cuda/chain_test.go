@@ -403,6 +403,7 @@ func BenchmarkChainLayer(b *testing.B) {
 	d := benchDevice(b)
 	r := rand.New(rand.NewPCG(9, 11))
 	const layers = 24
+	defer func() { gemvNoRegs = false }()
 	err := d.Do(func(c *Ctx) error {
 		bufs, err := newChainBufs(c, r, glmShape)
 		if err != nil {
@@ -414,7 +415,8 @@ func BenchmarkChainLayer(b *testing.B) {
 		}
 		name := c.Info().Name
 		for round := 0; round < 2; round++ {
-			for _, merged := range []int{0, chainAll, chainAll &^ (1 << chainPairNorms), chainAll &^ (1 << chainValues), chainAll &^ (1 << chainRope)} {
+			for i, merged := range []int{0, chainAll, chainAll &^ (1 << chainPairNorms), chainAll &^ (1 << chainValues), chainAll &^ (1 << chainRope), chainAll} {
+				gemvNoRegs = i == 5 // o_proj on gemv_split_t1
 				err := withPDL(c, c.info.CC >= 90, func() error {
 					g, release, err := capturedPDL(c, func() error {
 						for _, l := range ls {
@@ -432,7 +434,7 @@ func BenchmarkChainLayer(b *testing.B) {
 					if err != nil {
 						return err
 					}
-					b.Logf("%s: round %d: shared launches %06b (pair+norms router+norm rope norms values pair) %6.2f us a layer (PDL %v)", name, round, merged, us/layers, c.pdl)
+					b.Logf("%s: round %d: shared launches %06b (pair+norms router+norm rope norms values pair), o_proj all loads before the wait %v: %6.2f us a layer (PDL %v)", name, round, merged, !gemvNoRegs, us/layers, c.pdl)
 					return nil
 				})
 				if err != nil {
@@ -615,5 +617,73 @@ func TestChainRouterNormMatchesSeparate(t *testing.T) {
 				}
 			}
 		})
+	}
+}
+
+// gemv_split_t1_regs (every chunk requested before the wait) gives
+// gemv_split_t1's bits, at o_proj's shape and at widths with a short last
+// round of chunks, groups of 32, 64 and 128, on fresh random weights and
+// activations.
+func TestGEMVRegsMatchesSplit(t *testing.T) {
+	d := testDevice(t)
+	r := testRand(t)
+	defer func() { gemvNoRegs = false }()
+	err := d.Do(func(c *Ctx) error {
+		for _, sh := range []struct{ N, K, G int }{{2048, 5120, 128}, {37, 5120, 32}, {130, 2080, 32}, {64, 4096, 64}, {300, 3072, 128}} {
+			w, err := c.UploadMatrix(synthMatrix(r, sh.N, sh.K, sh.G))
+			if err != nil {
+				return err
+			}
+			xb, err := upload(c, randVec(r, sh.K, 1))
+			if err != nil {
+				return err
+			}
+			a, err := c.NewQActs(1, sh.K, sh.G)
+			if err != nil {
+				return err
+			}
+			y, err := c.Alloc(4 * sh.N)
+			if err != nil {
+				return err
+			}
+			if err := c.RMSNormQuant(xb.Ptr, sh.K, 0, 0, 0, 0, 1, sh.K, sh.G, a); err != nil {
+				return err
+			}
+			run := func(old bool) ([]float32, error) {
+				gemvNoRegs = old
+				if err := poison(c, y.Ptr, 4*sh.N); err != nil {
+					return nil, err
+				}
+				if err := c.GEMV(y.Ptr, sh.N, w, a, GEMVSplit); err != nil {
+					return nil, err
+				}
+				out := make([]float32, sh.N)
+				return out, CopyOut(c, out, y.Ptr)
+			}
+			want, err := run(true)
+			if err != nil {
+				return err
+			}
+			got, err := run(false)
+			if err != nil {
+				return err
+			}
+			if i := sameBits(want, got); i >= 0 {
+				t.Errorf("%dx%d G=%d: row %d: %v, gemv_split_t1 %v", sh.N, sh.K, sh.G, i, got[i], want[i])
+			}
+			nonzero := 0
+			for _, v := range got {
+				if v != 0 {
+					nonzero++
+				}
+			}
+			if nonzero < sh.N/2 {
+				t.Errorf("%dx%d G=%d: %d of %d rows nonzero", sh.N, sh.K, sh.G, nonzero, sh.N)
+			}
+		}
+		return c.Sync()
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 }
