@@ -178,8 +178,7 @@ type Backend struct {
 	lastNorm8  *norm8Op
 	// lastRopeCache is the RoPE + cache write launch queued last.
 	lastRopeCache *ropeCacheOp
-	chainMerges   [6]int
-	chainCounters Buffer // gemv_split_pair_norms' two words (chain.go)
+	chainMerges   [5]int
 
 	steps *stepTimer // MMFP4_CUDA_STEPTIME=1
 	// pieces counts the pieces this step has gone to the device in.
@@ -304,7 +303,7 @@ func (b *Backend) Close() error {
 		for _, buf := range b.ropeBufs {
 			errs = append(errs, c.Free(buf))
 		}
-		errs = append(errs, c.Free(b.routeCounters), c.Free(b.streamCounters), c.Free(b.counter), c.Free(b.attnCounters), c.Free(b.chainCounters))
+		errs = append(errs, c.Free(b.routeCounters), c.Free(b.streamCounters), c.Free(b.counter), c.Free(b.attnCounters))
 		if b.pool != nil {
 			errs = append(errs, c.Free(b.pool.buf))
 		}
@@ -784,7 +783,6 @@ type batchMeta struct {
 // sequence and cache slot, the block tables and the output rows.
 func (b *Backend) SetBatch(batch *backend.Batch, p backend.CachePool) {
 	b.fusedCounter()
-	b.chainCountersFor()
 	b.steps.begin(batch.Rows())
 	b.pieces = 0
 	b.batch = batch

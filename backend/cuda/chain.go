@@ -108,7 +108,6 @@ type gemvOp struct {
 	a          *QActs
 	w          *QMatrix
 	out        []tensor // its outputs (two once paired)
-	w2         *QMatrix // the second product's weights, once paired
 }
 
 // valuesOp is a single-token value expansion queued as b.pending[idx].
@@ -120,15 +119,12 @@ type valuesOp struct {
 	heads, rows int
 }
 
-// norm8Op is a single-row RMSNorm queued as b.pending[idx]; pair, when
-// set, is the product pair queued just before it, whose first output the
-// norm reads.
+// norm8Op is a single-row RMSNorm queued as b.pending[idx].
 type norm8Op struct {
 	idx, flush int
 	n          norm8
 	x, out     tensor
 	paired     bool
-	pair       *gemvOp
 }
 
 // chained reports whether the batch-1 launch merges are on.
@@ -146,7 +142,6 @@ func (b *Backend) pairProduct(d *tensor, a *QActs, w *weight) bool {
 	w1, w2, y1, y2 := g.w, w.q, g.out[0].ptr, d.ptr
 	b.pending[g.idx] = queuedOp{b.pairName(w1, w2), func(c *Ctx) error { return c.GEMVPair(y1, w1, y2, w2, a) }}
 	g.out = append(g.out, *d)
-	g.w2 = w2
 	b.chainMerges[chainPair]++
 	return true
 }
@@ -223,92 +218,17 @@ func (b *Backend) pairNorm(n norm8, x, out *tensor) bool {
 		return false
 	}
 	n1 := p.n
+	b.pending[p.idx] = queuedOp{"rmsnorm pair", func(c *Ctx) error { return c.RMSNormQuant8Pair(n1, n) }}
 	p.paired = true
 	b.chainMerges[chainNorms]++
-	if b.pairNorms(p, n, x) {
-		return true
-	}
-	b.pending[p.idx] = queuedOp{"rmsnorm pair", func(c *Ctx) error { return c.RMSNormQuant8Pair(n1, n) }}
 	return true
 }
 
-// pairNorms moves the norms p and n (the q_a norm and the latent's norm,
-// paired) into the launch of the product pair queued just before p, whose
-// outputs they read (n's input x the start of the pair's second output),
-// removing p's op, and reports whether it did.
-func (b *Backend) pairNorms(p *norm8Op, n norm8, x *tensor) bool {
-	g := p.pair
-	if g == nil || g.flush != b.flushes || g.idx != p.idx-1 || len(g.out) != 2 || x.rows != 1 || x.ptr != g.out[1].ptr ||
-		!pairNormFits(p.n) || !pairNormFits(n) || b.chainCounters.Size < 8 {
-		return false
-	}
-	if l := b.lastGEMV; l != nil && l.idx > p.idx {
-		l.idx-- // the product queued after p (q_b) moves up
-	}
-	w1, w2, y1, y2, a, n1, cnt := g.w, g.w2, g.out[0].ptr, g.out[1].ptr, g.a, p.n, b.chainCounters.Ptr
-	if w2 == nil {
-		return false
-	}
-	b.pending[g.idx] = queuedOp{b.pairName(w1, w2) + "+norms", func(c *Ctx) error { return c.GEMVPairNorms(y1, w1, y2, w2, a, cnt, n1, n) }}
-	b.pending = slices.Delete(b.pending, p.idx, p.idx+1)
-	b.chainMerges[chainPairNorms]++
-	return true
-}
-
-// pairNormFits reports whether gemv_split_pair_norms' blocks (128 threads)
-// take the norm n: K/8 threads in whole warps.
-func pairNormFits(n norm8) bool {
-	K := n.q.K
-	return K%256 == 0 && K/8 <= 128
-}
-
-// GEMVPairNorms is GEMVPair with the norms n1 (of y1) and n2 (of y2's first
-// n2.q.K values) in the same launch, as RMSNormQuant8Pair computes them;
-// counters are two zeroed words (zero again after).
-func (c *Ctx) GEMVPairNorms(y1 uint64, w1 *QMatrix, y2 uint64, w2 *QMatrix, a *QActs, counters uint64, n1, n2 norm8) error {
-	if a.T != 1 || a.K != w1.K || a.K != w2.K || a.G != w1.G || a.G != w2.G {
-		return fmt.Errorf("cuda: gemv pair with norms: activations %dx%d G=%d, weights [%d,%d] G=%d and [%d,%d] G=%d", a.T, a.K, a.G, w1.N, w1.K, w1.G, w2.N, w2.K, w2.G)
-	}
-	if n1.x != y1 || n2.x != y2 || n1.q.K != w1.N || n2.q.K > w2.N || !pairNormFits(n1) || !pairNormFits(n2) || counters == 0 {
-		return fmt.Errorf("cuda: gemv pair with norms: norms of %d and %d values for outputs of %d and %d", n1.q.K, n2.q.K, w1.N, w2.N)
-	}
-	k, err := c.Kernel("gemv", "gemv_split_pair_norms")
-	if err != nil {
-		return err
-	}
-	nb := (w1.N+gemvRowsPerBlock-1)/gemvRowsPerBlock + (w2.N+gemvRowsPerBlock-1)/gemvRowsPerBlock
-	return c.Launch(k, D1(nb), D1(128), 0, w1.Codes, w1.Scales, w1.RowScale, w1.N, y1, w2.Codes, w2.Scales, w2.RowScale, w2.N, y2,
-		w1.K, bits.TrailingZeros(uint(w1.G/32)), a.Q, a.Scales, a.Sums, counters,
-		n1.gain, n1.eps, n1.out, n1.q.Q, n1.q.Scales, n1.q.Sums, n1.q.K, n1.q.G,
-		n2.gain, n2.eps, n2.out, n2.q.Q, n2.q.Scales, n2.q.Sums, n2.q.K, n2.q.G)
-}
-
-// chainCountersFor makes the two zeroed words of gemv_split_pair_norms,
-// once (a launch between ops would flush the queue).
-func (b *Backend) chainCountersFor() {
-	if b.chainCounters.Size >= 8 || !b.chained() {
-		return
-	}
-	b.now("chain counters", func(c *Ctx) error {
-		buf, err := c.Alloc(256)
-		if err != nil {
-			return err
-		}
-		b.chainCounters = buf
-		return c.Memset(buf.Ptr, 0, buf.Size)
-	})
-}
-
-// noteNorm8 remembers a single-row norm just queued (pairNorm), and the
-// product pair queued before it when the norm reads its first output.
+// noteNorm8 remembers a single-row norm just queued (pairNorm).
 func (b *Backend) noteNorm8(n norm8, x, out *tensor) {
 	b.lastNorm8 = nil
 	if b.err == nil && len(b.pending) > 0 {
-		no := &norm8Op{idx: len(b.pending) - 1, flush: b.flushes, n: n, x: *x, out: *out}
-		if g := b.lastGEMV; g != nil && g.flush == b.flushes && g.idx == no.idx-1 && len(g.out) == 2 && g.out[0] == *x && x.rows == 1 {
-			no.pair = g
-		}
-		b.lastNorm8 = no
+		b.lastNorm8 = &norm8Op{idx: len(b.pending) - 1, flush: b.flushes, n: n, x: *x, out: *out}
 	}
 }
 
@@ -319,7 +239,6 @@ const (
 	chainNorms
 	chainRope
 	chainRouterNorm
-	chainPairNorms
 )
 
 // ropeCacheOp is a rope2_cache_write launch queued as b.pending[idx]

@@ -49,12 +49,12 @@ func TestChainLaunchesMatchSeparate(t *testing.T) {
 		hidden, qRank, heads, nope, rank, vdim int
 		G, uvG, oG                             int
 		dtype                                  backend.CacheDType
-		merges                                 [6]int // pairs, values, norms, absorbed queries with the RoPE, routers with their norm, norms in the pair's launch
+		merges                                 [5]int // pairs, values, norms, absorbed queries with the RoPE, routers with their norm
 	}{
-		{2048, 768, 20, 192, 512, 256, 128, 128, 128, backend.CacheBF16, [6]int{1, 1, 1, 1, 0, 1}},
-		{2048, 768, 20, 128, 512, 256, 32, 64, 32, backend.CacheF32, [6]int{1, 1, 0, 1}}, // q_b quantizes the q_a norm again: no pair of norms
-		{2048, 768, 20, 192, 512, 256, 128, 32, 64, backend.CacheBF16, [6]int{1, 1, 1, 1, 0, 1}},
-		{1056, 352, 3, 128, 96, 32, 32, 32, 32, backend.CacheBF16, [6]int{1, 1, 0, 0}}, // rank 96: no tensor-core absorbed query
+		{2048, 768, 20, 192, 512, 256, 128, 128, 128, backend.CacheBF16, [5]int{1, 1, 1, 1}},
+		{2048, 768, 20, 128, 512, 256, 32, 64, 32, backend.CacheF32, [5]int{1, 1, 0, 1}}, // q_b quantizes the q_a norm again: no pair of norms
+		{2048, 768, 20, 192, 512, 256, 128, 32, 64, backend.CacheBF16, [5]int{1, 1, 1, 1}},
+		{1056, 352, 3, 128, 96, 32, 32, 32, 32, backend.CacheBF16, [5]int{1, 1, 0, 0}}, // rank 96: no tensor-core absorbed query
 	} {
 		t.Run(fmt.Sprintf("hidden%d_nope%d_G%d_uv%d_o%d", c.hidden, c.nope, c.G, c.uvG, c.oG), func(t *testing.T) {
 			const pos = 37
@@ -176,7 +176,7 @@ type chainBufs struct {
 	*pdlBufs
 	lat, latGain, cache, slots, table uint64
 	latq                              *QActs
-	counters                          uint64 // gemv_split_pair_norms'
+	counter                           uint64 // a zeroed word (gemv_fused's)
 }
 
 const chainSlot = 5
@@ -199,9 +199,9 @@ func newChainBufs(c *Ctx, r *rand.Rand, s pdlShape) (*chainBufs, error) {
 	b.cache = cache.Ptr
 	slots, err := c.Alloc(4)
 	errs = append(errs, err, CopyIn(c, slots.Ptr, []int32{chainSlot}))
-	cnt, err := c.Alloc(8)
+	cnt, err := c.Alloc(256)
 	errs = append(errs, err, c.Memset(cnt.Ptr, 0, cnt.Size))
-	b.counters = cnt.Ptr
+	b.counter = cnt.Ptr
 	b.slots = slots.Ptr
 	b.latq, err = c.NewQActs(1, s.rank, s.G)
 	errs = append(errs, err)
@@ -214,9 +214,7 @@ func newChainBufs(c *Ctx, r *rand.Rand, s pdlShape) (*chainBufs, error) {
 // add and norm, q_a and kv_a, the q_a norm, q_b, the latent's norm, the
 // RoPEs and cache write, the absorbed query, the quantization of the
 // (stand-in) attention output, the value expansion, the quantization of v
-// and o_proj. 12 launches all apart, 8 all shared, 7 with the norms in the
-// pair's launch (chainPairNorms, which takes the place of chainPair and
-// chainNorms).
+// and o_proj. 12 launches all apart, 8 all shared.
 func (b *chainBufs) queueChain(c *Ctx, l *pdlLayer, merged int) error {
 	s := b.s
 	const eps = 1e-5
@@ -244,20 +242,25 @@ func (b *chainBufs) queueChain(c *Ctx, l *pdlLayer, merged int) error {
 	norm := func(n norm8) error {
 		return c.RMSNormQuant8(n.x, n.q.K, 0, 0, 0, 0, 0, 0, n.gain, n.eps, n.out, n.q.K, 1, n.q.K, s.G, n.q)
 	}
-	errs := []error{c.RMSNormQuant8(0, 0, b.d, s.hidden, b.d, s.hidden, b.c, s.hidden, l.g1, eps, b.h, s.hidden, 1, s.hidden, s.G, b.hq)}
+	var errs []error
+	if merged&benchFusedPair != 0 {
+		// The residual add and norm in every block of the pair's launch
+		// (gemv_fused, Options.FusedGEMV's kernel), the last writing them.
+		in := FusedIn{Mode: fuseAddNorm, D: b.d, A: b.d, C: b.c, Gain: l.g1, Eps: eps, Out: b.h, Q: b.hq, Layout8: true, Counter: b.counter}
+		errs = append(errs, c.GEMVFused(in, s.hidden, FusedOut{l.qa, b.qa}, FusedOut{l.kva, b.kv}, 0))
+	} else {
+		errs = append(errs, c.RMSNormQuant8(0, 0, b.d, s.hidden, b.d, s.hidden, b.c, s.hidden, l.g1, eps, b.h, s.hidden, 1, s.hidden, s.G, b.hq))
+	}
 	switch {
-	case on(chainPairNorms): // below, with the norms
+	case merged&benchFusedPair != 0:
 	case on(chainPair):
 		errs = append(errs, c.GEMVPair(b.qa, l.qa, b.kv, l.kva, b.hq))
 	default:
 		errs = append(errs, c.GEMV(b.qa, s.qRank, l.qa, b.hq, GEMVSplit), c.GEMV(b.kv, s.kvRows, l.kva, b.hq, GEMVSplit))
 	}
-	switch {
-	case on(chainPairNorms):
-		errs = append(errs, c.GEMVPairNorms(b.qa, l.qa, b.kv, l.kva, b.hq, b.counters, qaNorm, latNorm), c.GEMV(b.q, qRows, l.qb, b.qaq, GEMVSplit))
-	case on(chainNorms):
+	if on(chainNorms) {
 		errs = append(errs, c.RMSNormQuant8Pair(qaNorm, latNorm), c.GEMV(b.q, qRows, l.qb, b.qaq, GEMVSplit))
-	default:
+	} else {
 		errs = append(errs, norm(qaNorm), c.GEMV(b.q, qRows, l.qb, b.qaq, GEMVSplit), norm(latNorm))
 	}
 	if on(chainRope) {
@@ -281,8 +284,12 @@ func (b *chainBufs) queueChain(c *Ctx, l *pdlLayer, merged int) error {
 	return errors.Join(errs...)
 }
 
+// benchFusedPair (a merged bit of queueChain, BenchmarkChainLayer): the
+// residual add and norm in the q_a/kv_a pair's launch (gemv_fused).
+const benchFusedPair = 1 << 5
+
 // chainAll sets every merge of queueChain.
-const chainAll = 1<<chainPair | 1<<chainValues | 1<<chainNorms | 1<<chainRope | 1<<chainPairNorms
+const chainAll = 1<<chainPair | 1<<chainValues | 1<<chainNorms | 1<<chainRope
 
 // outputs adds the latent, its int8 form and the cache to pdlBufs'.
 func (b *chainBufs) outputs(c *Ctx) (map[string][]byte, error) {
@@ -365,16 +372,14 @@ func TestChainLayerMatchesSeparate(t *testing.T) {
 		if err != nil {
 			return err
 		}
-		for _, merged := range []int{chainAll, chainAll &^ (1 << chainPairNorms)} {
-			for _, graphed := range []bool{false, true} {
-				got, err := run(merged, graphed)
-				if err != nil {
-					return err
-				}
-				for name, w := range want {
-					if i := firstDiff(w, got[name]); i >= 0 {
-						t.Errorf("%s, shared launches %06b (graph %v): byte %d of %d differs from the separate launches", name, merged, graphed, i, len(w))
-					}
+		for _, graphed := range []bool{false, true} {
+			got, err := run(chainAll, graphed)
+			if err != nil {
+				return err
+			}
+			for name, w := range want {
+				if i := firstDiff(w, got[name]); i >= 0 {
+					t.Errorf("%s, shared launches (graph %v): byte %d of %d differs from the separate launches", name, graphed, i, len(w))
 				}
 			}
 		}
@@ -415,8 +420,8 @@ func BenchmarkChainLayer(b *testing.B) {
 		}
 		name := c.Info().Name
 		for round := 0; round < 2; round++ {
-			for i, merged := range []int{0, chainAll, chainAll &^ (1 << chainPairNorms), chainAll &^ (1 << chainValues), chainAll &^ (1 << chainRope), chainAll} {
-				gemvNoRegs = i == 5 // o_proj on gemv_split_t1
+			for i, merged := range []int{0, chainAll, chainAll | benchFusedPair, chainAll} {
+				gemvNoRegs = i == 3 // o_proj on gemv_split_t1
 				err := withPDL(c, c.info.CC >= 90, func() error {
 					g, release, err := capturedPDL(c, func() error {
 						for _, l := range ls {
@@ -434,7 +439,7 @@ func BenchmarkChainLayer(b *testing.B) {
 					if err != nil {
 						return err
 					}
-					b.Logf("%s: round %d: shared launches %06b (pair+norms router+norm rope norms values pair), o_proj all loads before the wait %v: %6.2f us a layer (PDL %v)", name, round, merged, !gemvNoRegs, us/layers, c.pdl)
+					b.Logf("%s: round %d: shared launches %06b (add+norm in the pair, -, rope norms values pair), o_proj all loads before the wait %v: %6.2f us a layer (PDL %v)", name, round, merged, !gemvNoRegs, us/layers, c.pdl)
 					return nil
 				})
 				if err != nil {

@@ -130,52 +130,6 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS)
   }
 }
 
-// gemv_split_pair with the single-row norm of each output in the same
-// launch (the q_a norm of y1 and the latent's norm of the first K2
-// values of y2, a decode layer's next launch otherwise): the last block of
-// each matrix to finish (counters[0] and [1], which it resets) runs
-// rmsnorm_quant8's block on its matrix's output, the same bits. K1/8 and
-// K2/8 at most 32*WARPS threads, multiples of 32.
-extern "C" __global__ void __launch_bounds__(32 * WARPS)
-    gemv_split_pair_norms(const u8* __restrict__ codes1, const u8* __restrict__ scales1,
-                          const float* __restrict__ rs1, int N1, float* y1,
-                          const u8* __restrict__ codes2, const u8* __restrict__ scales2,
-                          const float* __restrict__ rs2, int N2, float* y2, int K,
-                          int gshift, const i8* __restrict__ xq, const float* __restrict__ xs,
-                          const i32* __restrict__ xsum, u32* counters,
-                          const float* __restrict__ gain1, float eps1, float* out1, i8* __restrict__ nq1,
-                          float* __restrict__ ns1, i32* __restrict__ nsum1, int K1, int G1,
-                          const float* __restrict__ gain2, float eps2, float* out2, i8* __restrict__ nq2,
-                          float* __restrict__ ns2, i32* __restrict__ nsum2, int K2, int G2) {
-  PDL_LAUNCH();
-  __shared__ bool last;
-  const int nb1 = (N1 + WARPS * 4 - 1) / (WARPS * 4), nb2 = (N2 + WARPS * 4 - 1) / (WARPS * 4);
-  const bool second = (int)blockIdx.x >= nb1;
-  const int N = second ? N2 : N1;
-  const int warp = ((int)blockIdx.x - (second ? nb1 : 0)) * WARPS + (threadIdx.x >> 5);
-  if (warp * 4 < N) {
-    if (second) {
-      gemv_rows<1, 4, true>(codes2, scales2, rs2, N2, K, gshift, xq, xs, xsum, y2, N2, warp * 4);
-    } else {
-      gemv_rows<1, 4, true>(codes1, scales1, rs1, N1, K, gshift, xq, xs, xsum, y1, N1, warp * 4);
-    }
-  }
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    __threadfence();
-    last = atomicAdd(&counters[second], 1u) == (u32)((second ? nb2 : nb1) - 1);
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  if (second) {
-    rmsnorm_quant8_row(y2, 0, nullptr, 0, nullptr, 0, nullptr, 0, gain2, eps2, out2, 0, nq2, ns2, nsum2, K2, G2, 0);
-  } else {
-    rmsnorm_quant8_row(y1, 0, nullptr, 0, nullptr, 0, nullptr, 0, gain1, eps1, out1, 0, nq1, ns1, nsum1, K1, G1, 0);
-  }
-  if (threadIdx.x == 0) counters[second] = 0;
-}
-
 // gemv_split_heads for rows of at most 512 columns (K/32 <= 16 chunks) with
 // the int8 quantization of its output (docs/format.md section 9) in the
 // same launch, for the product that reads it (o_proj after the value
