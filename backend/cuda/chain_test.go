@@ -692,3 +692,50 @@ func TestGEMVRegsMatchesSplit(t *testing.T) {
 		t.Fatal(err)
 	}
 }
+
+// With chainAddNorm the residual add and norm before q_a and kv_a run in
+// their launch (gemv_fused) and give the separate launches' bits: the
+// residual, the norm and its int8 form, and both products.
+func TestChainAddNormPairMatchesSeparate(t *testing.T) {
+	const K, qRank, kvRows = 2048, 768, 576
+	defer func() { chainAddNorm = false }()
+	run := func(on bool) (map[string][]float32, []byte, *Backend) {
+		chainAddNorm = on
+		g, _ := testBackends(t, Options{})
+		r := rand.New(rand.NewPCG(29, 31))
+		gain := mustWeight(t, g, backend.HostWeight{Name: "norm", N: 1, K: K, Dense: randVec(r, K, 1)})
+		qa := mustWeight(t, g, quantHost(t, r, "q_a", qRank, K, 128))
+		kva := mustWeight(t, g, quantHost(t, r, "kv_a", kvRows, K, 128))
+		g.SetBatch(simpleBatch(1, 0), nil)
+		x, a := g.NewTensor(1, K), g.NewTensor(1, K)
+		g.Upload(x, randVec(r, K, 1))
+		g.Upload(a, randVec(r, K, 0.5))
+		h, yq, ykv := g.NewTensor(1, K), g.NewTensor(1, qRank), g.NewTensor(1, kvRows)
+		g.Add(x, x, a)
+		g.RMSNorm(h, x, gain, 1e-5)
+		g.MatMul(yq, h, qa)
+		g.MatMul(ykv, h, kva)
+		got := map[string][]float32{}
+		for name, v := range map[string]backend.Tensor{"x": x, "h": h, "q_a": yq, "kv_a": ykv} {
+			got[name] = g.Download(v)
+		}
+		form := quantForm(t, g, h, 128)
+		if err := g.Sync(); err != nil {
+			t.Fatal(err)
+		}
+		return got, form, g
+	}
+	want, wantForm, _ := run(false)
+	got, gotForm, g := run(true)
+	if g.fusedLaunches[fuseAddNorm] != 1 || g.fusedPairs != 1 {
+		t.Errorf("fused launches %v, pairs %d: want one add+norm launch with both products", g.fusedLaunches, g.fusedPairs)
+	}
+	for name, w := range want {
+		if i := sameBits(w, got[name]); i >= 0 {
+			t.Errorf("%s[%d] = %v in the products' launch, %v separate", name, i, got[name][i], w[i])
+		}
+	}
+	if wantForm == nil || !bytes.Equal(gotForm, wantForm) {
+		t.Errorf("the norm's int8 form differs (separate %d bytes, shared %d)", len(wantForm), len(gotForm))
+	}
+}
