@@ -176,7 +176,6 @@ type chainBufs struct {
 	*pdlBufs
 	lat, latGain, cache, slots, table uint64
 	latq                              *QActs
-	counter                           uint64 // a zeroed word (gemv_fused's)
 }
 
 const chainSlot = 5
@@ -199,9 +198,6 @@ func newChainBufs(c *Ctx, r *rand.Rand, s pdlShape) (*chainBufs, error) {
 	b.cache = cache.Ptr
 	slots, err := c.Alloc(4)
 	errs = append(errs, err, CopyIn(c, slots.Ptr, []int32{chainSlot}))
-	cnt, err := c.Alloc(256)
-	errs = append(errs, err, c.Memset(cnt.Ptr, 0, cnt.Size))
-	b.counter = cnt.Ptr
 	b.slots = slots.Ptr
 	b.latq, err = c.NewQActs(1, s.rank, s.G)
 	errs = append(errs, err)
@@ -242,20 +238,10 @@ func (b *chainBufs) queueChain(c *Ctx, l *pdlLayer, merged int) error {
 	norm := func(n norm8) error {
 		return c.RMSNormQuant8(n.x, n.q.K, 0, 0, 0, 0, 0, 0, n.gain, n.eps, n.out, n.q.K, 1, n.q.K, s.G, n.q)
 	}
-	var errs []error
-	if merged&benchFusedPair != 0 {
-		// The residual add and norm in every block of the pair's launch
-		// (gemv_fused, Options.FusedGEMV's kernel), the last writing them.
-		in := FusedIn{Mode: fuseAddNorm, D: b.d, A: b.d, C: b.c, Gain: l.g1, Eps: eps, Out: b.h, Q: b.hq, Layout8: true, Counter: b.counter}
-		errs = append(errs, c.GEMVFused(in, s.hidden, FusedOut{l.qa, b.qa}, FusedOut{l.kva, b.kv}, 0))
-	} else {
-		errs = append(errs, c.RMSNormQuant8(0, 0, b.d, s.hidden, b.d, s.hidden, b.c, s.hidden, l.g1, eps, b.h, s.hidden, 1, s.hidden, s.G, b.hq))
-	}
-	switch {
-	case merged&benchFusedPair != 0:
-	case on(chainPair):
+	errs := []error{c.RMSNormQuant8(0, 0, b.d, s.hidden, b.d, s.hidden, b.c, s.hidden, l.g1, eps, b.h, s.hidden, 1, s.hidden, s.G, b.hq)}
+	if on(chainPair) {
 		errs = append(errs, c.GEMVPair(b.qa, l.qa, b.kv, l.kva, b.hq))
-	default:
+	} else {
 		errs = append(errs, c.GEMV(b.qa, s.qRank, l.qa, b.hq, GEMVSplit), c.GEMV(b.kv, s.kvRows, l.kva, b.hq, GEMVSplit))
 	}
 	if on(chainNorms) {
@@ -283,10 +269,6 @@ func (b *chainBufs) queueChain(c *Ctx, l *pdlLayer, merged int) error {
 	errs = append(errs, c.GEMV(b.c, s.hidden, l.o, b.vq, GEMVSplit))
 	return errors.Join(errs...)
 }
-
-// benchFusedPair (a merged bit of queueChain, BenchmarkChainLayer): the
-// residual add and norm in the q_a/kv_a pair's launch (gemv_fused).
-const benchFusedPair = 1 << 5
 
 // chainAll sets every merge of queueChain.
 const chainAll = 1<<chainPair | 1<<chainValues | 1<<chainNorms | 1<<chainRope
@@ -420,8 +402,8 @@ func BenchmarkChainLayer(b *testing.B) {
 		}
 		name := c.Info().Name
 		for round := 0; round < 2; round++ {
-			for i, merged := range []int{0, chainAll, chainAll | benchFusedPair, chainAll} {
-				gemvNoRegs = i == 3 // o_proj on gemv_split_t1
+			for i, merged := range []int{0, chainAll, chainAll} {
+				gemvNoRegs = i == 2 // o_proj on gemv_split_t1
 				err := withPDL(c, c.info.CC >= 90, func() error {
 					g, release, err := capturedPDL(c, func() error {
 						for _, l := range ls {
@@ -439,7 +421,7 @@ func BenchmarkChainLayer(b *testing.B) {
 					if err != nil {
 						return err
 					}
-					b.Logf("%s: round %d: shared launches %06b (add+norm in the pair, -, rope norms values pair), o_proj all loads before the wait %v: %6.2f us a layer (PDL %v)", name, round, merged, !gemvNoRegs, us/layers, c.pdl)
+					b.Logf("%s: round %d: shared launches %04b (rope norms values pair), o_proj all loads before the wait %v: %6.2f us a layer (PDL %v)", name, round, merged, !gemvNoRegs, us/layers, c.pdl)
 					return nil
 				})
 				if err != nil {
@@ -690,52 +672,5 @@ func TestGEMVRegsMatchesSplit(t *testing.T) {
 	})
 	if err != nil {
 		t.Fatal(err)
-	}
-}
-
-// With chainAddNorm the residual add and norm before q_a and kv_a run in
-// their launch (gemv_fused) and give the separate launches' bits: the
-// residual, the norm and its int8 form, and both products.
-func TestChainAddNormPairMatchesSeparate(t *testing.T) {
-	const K, qRank, kvRows = 2048, 768, 576
-	defer func() { chainAddNorm = false }()
-	run := func(on bool) (map[string][]float32, []byte, *Backend) {
-		chainAddNorm = on
-		g, _ := testBackends(t, Options{})
-		r := rand.New(rand.NewPCG(29, 31))
-		gain := mustWeight(t, g, backend.HostWeight{Name: "norm", N: 1, K: K, Dense: randVec(r, K, 1)})
-		qa := mustWeight(t, g, quantHost(t, r, "q_a", qRank, K, 128))
-		kva := mustWeight(t, g, quantHost(t, r, "kv_a", kvRows, K, 128))
-		g.SetBatch(simpleBatch(1, 0), nil)
-		x, a := g.NewTensor(1, K), g.NewTensor(1, K)
-		g.Upload(x, randVec(r, K, 1))
-		g.Upload(a, randVec(r, K, 0.5))
-		h, yq, ykv := g.NewTensor(1, K), g.NewTensor(1, qRank), g.NewTensor(1, kvRows)
-		g.Add(x, x, a)
-		g.RMSNorm(h, x, gain, 1e-5)
-		g.MatMul(yq, h, qa)
-		g.MatMul(ykv, h, kva)
-		got := map[string][]float32{}
-		for name, v := range map[string]backend.Tensor{"x": x, "h": h, "q_a": yq, "kv_a": ykv} {
-			got[name] = g.Download(v)
-		}
-		form := quantForm(t, g, h, 128)
-		if err := g.Sync(); err != nil {
-			t.Fatal(err)
-		}
-		return got, form, g
-	}
-	want, wantForm, _ := run(false)
-	got, gotForm, g := run(true)
-	if g.fusedLaunches[fuseAddNorm] != 1 || g.fusedPairs != 1 {
-		t.Errorf("fused launches %v, pairs %d: want one add+norm launch with both products", g.fusedLaunches, g.fusedPairs)
-	}
-	for name, w := range want {
-		if i := sameBits(w, got[name]); i >= 0 {
-			t.Errorf("%s[%d] = %v in the products' launch, %v separate", name, i, got[name][i], w[i])
-		}
-	}
-	if wantForm == nil || !bytes.Equal(gotForm, wantForm) {
-		t.Errorf("the norm's int8 form differs (separate %d bytes, shared %d)", len(wantForm), len(gotForm))
 	}
 }

@@ -173,15 +173,14 @@ func overlapsAny(a *tensor, ts []tensor) bool {
 // fusedProduct queues d = x W^T for one row with the input preparation in
 // the product's launch, and reports whether it did.
 func (b *Backend) fusedProduct(d, xm *tensor, w *weight) bool {
-	addNorm := b.addNormProducts()
-	if !(b.opts.FusedGEMV || addNorm) || xm.rows != 1 || d.rows != 1 || w.q == nil || xm.cols > fusedMaxK || xm.ptr%16 != 0 || w.n > fusedMaxRows {
+	if !b.opts.FusedGEMV || xm.rows != 1 || d.rows != 1 || w.q == nil || xm.cols > fusedMaxK || xm.ptr%16 != 0 || w.n > fusedMaxRows {
 		return false
 	}
 	if overlaps(d, xm) {
 		return false
 	}
 	// A second product of the input just used joins that launch.
-	if lf := b.lastFused; lf != nil && (b.opts.FusedGEMV || lf.in.Mode == fuseAddNorm) && lf.flush == b.flushes && lf.idx == len(b.pending)-1 && !lf.two && lf.o1.W.N+w.n <= fusedMaxRows &&
+	if lf := b.lastFused; lf != nil && lf.flush == b.flushes && lf.idx == len(b.pending)-1 && !lf.two && lf.o1.W.N+w.n <= fusedMaxRows &&
 		lf.x == *xm && lf.o1.W.G == w.q.G && !overlaps(d, &lf.y1) && !overlapsAny(d, lf.touched) {
 		in, o1, o2, K := lf.in, lf.o1, FusedOut{w.q, d.ptr}, lf.K
 		b.pending[lf.idx] = queuedOp{lf.name(b, true), func(c *Ctx) error { return c.GEMVFused(in, K, o1, o2, 0) }}
@@ -190,8 +189,8 @@ func (b *Backend) fusedProduct(d, xm *tensor, w *weight) bool {
 		return true
 	}
 	// The norm queued last made this input: its launch becomes this one.
-	if no := b.lastNorm; no != nil && (b.opts.FusedGEMV || no.in.Mode == fuseAddNorm) && no.flush == b.flushes && no.idx == len(b.pending)-1 &&
-		no.out == *xm && no.in.Q.G == w.q.G && !overlapsAny(d, no.touched) && no.in.Counter != 0 {
+	if no := b.lastNorm; no != nil && no.flush == b.flushes && no.idx == len(b.pending)-1 && no.out == *xm && no.in.Q.G == w.q.G &&
+		!overlapsAny(d, no.touched) {
 		in, o1, K := no.in, FusedOut{w.q, d.ptr}, xm.cols
 		f := &fusedOp{idx: no.idx, flush: b.flushes, in: in, x: *xm, touched: no.touched, o1: o1, y1: *d, K: K}
 		b.pending[no.idx] = queuedOp{f.name(b, false), func(c *Ctx) error { return c.GEMVFused(in, K, o1, FusedOut{}, 0) }}
@@ -202,7 +201,7 @@ func (b *Backend) fusedProduct(d, xm *tensor, w *weight) bool {
 	}
 	// An input with no int8 form yet: quantized in the product's blocks
 	// (nothing else sees that form).
-	if !b.opts.FusedGEMV || xm.cols > fusedQuantMaxK {
+	if xm.cols > fusedQuantMaxK {
 		return false
 	}
 	for _, e := range b.quantized {
@@ -252,7 +251,7 @@ func (b *Backend) fusedHeads(om, ol *tensor, w *weight, heads, rank, vdim int) b
 // fusedCounter makes sure the zeroed word the norm modes count blocks in
 // exists (allocating it waits for the queued ops).
 func (b *Backend) fusedCounter() {
-	if b.counter.Ptr != 0 || !(b.opts.FusedGEMV || b.opts.FusedRouter || b.opts.FusedLatent || b.addNormProducts()) {
+	if b.counter.Ptr != 0 || !(b.opts.FusedGEMV || b.opts.FusedRouter || b.opts.FusedLatent) {
 		return
 	}
 	b.now("fused counter", func(c *Ctx) error {
@@ -326,12 +325,3 @@ func (b *Backend) latentNorm(r1, r2 *ropeOp, lm, km *tensor, layer int) bool {
 	b.fusedLatent++
 	return true
 }
-
-// chainAddNorm lets a single-row residual add and norm go into the blocks
-// of the one-token products of its output (q_a and kv_a), as
-// Options.FusedGEMV does for every norm (comparisons; off).
-var chainAddNorm bool
-
-// addNormProducts reports whether the residual add and norm before a
-// decode layer's first products runs in their launch.
-func (b *Backend) addNormProducts() bool { return chainAddNorm && b.chained() }
