@@ -1643,11 +1643,7 @@ func (b *Backend) ExpandValues(out, olat backend.Tensor, wUV backend.Weight, s b
 		if b.fusedHeads(om, ol, w, s.Heads, s.Rank, s.VDim) {
 			return
 		}
-		lc := b.lastDecodeAttn
 		a := b.quantize(ol, w.q.G)
-		if b.mergedValues(lc, om, ol, w.q, a, s) {
-			return
-		}
 		b.do("expand values", func(c *Ctx) error { return c.GEMVHeads(om.ptr, w.q, a, s.Heads, s.VDim) })
 		b.noteValues(om, w.q, a, s.Heads, s.VDim)
 		return

@@ -117,7 +117,6 @@ type valuesOp struct {
 	w           *QMatrix
 	a           *QActs
 	heads, rows int
-	merge       *mergeIn // the attention's splits merged in the launch
 }
 
 // norm8Op is a single-row RMSNorm queued as b.pending[idx].
@@ -176,13 +175,7 @@ func (b *Backend) valuesQuant(x *tensor, w *weight) bool {
 		return false // the arena grew, which flushed the queued ops
 	}
 	y, wv, a, heads, rows := x.ptr, v.w, v.a, v.heads, v.rows
-	if m := v.merge; m != nil {
-		b.pending[v.idx] = queuedOp{"attention merge+expand values+quantize", func(c *Ctx) error {
-			return c.DecodeCombineValues(y, wv, heads, rows, q, q.G, m.parts, m.olat, &m.oa)
-		}}
-	} else {
-		b.pending[v.idx] = queuedOp{"expand values+quantize", func(c *Ctx) error { return c.GEMVHeadsQuant(y, wv, a, heads, rows, q) }}
-	}
+	b.pending[v.idx] = queuedOp{"expand values+quantize", func(c *Ctx) error { return c.GEMVHeadsQuant(y, wv, a, heads, rows, q) }}
 	b.rememberQuant(quantEntry{*x, q})
 	b.lastValues = nil
 	b.chainMerges[chainValues]++

@@ -3,7 +3,6 @@
 package cuda
 
 import (
-	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -248,35 +247,6 @@ func TestDecodeChainMatchesSerial(t *testing.T) {
 	}
 }
 
-// The queries and softmax weights split two at a time by the hardware
-// conversion give the bits of the split one value at a time (fa_bf16),
-// over every way the chain's steps write the output.
-func TestDecodeMMASplitMatchesOneAtATime(t *testing.T) {
-	g, _ := testBackends(t, Options{NoGraphs: true})
-	defer func() { decodeMMAOneSplit = false }()
-	r := testRand(t)
-	const layers = 2
-	s := chainShape
-	cs := newChainSteps(r)
-	in := newChainInputs(r, cs, s, layers)
-	uk := quantHost(t, r, "wuk", s.Heads*s.NopeDim, s.Rank, 128)
-	uv := quantHost(t, r, "wuv", s.Heads*s.VDim, s.Rank, 128)
-	for _, tile := range []int{0, 16, 32} {
-		g.decodeMMATile = tile
-		decodeMMAOneSplit = true
-		wantOl, wantV := runChain(t, g, cs, in, uk, uv, layers, 0)
-		decodeMMAOneSplit = false
-		ol, v := runChain(t, g, cs, in, uk, uv, layers, 0)
-		if i := sameBits(wantOl, ol); i >= 0 {
-			t.Errorf("tile %d: olat value %d of %d: %g, one at a time %g", tile, i, len(ol), ol[i], wantOl[i])
-		}
-		if i := sameBits(wantV, v); i >= 0 {
-			t.Errorf("tile %d: value %d of %d differs", tile, i, len(v))
-		}
-	}
-	g.decodeMMATile = 0
-}
-
 // chainLaunches counts the ops one decode layer of the first step queues,
 // with and without the merge's quantization.
 func chainLaunches(t *testing.T, g *Backend, cs *chainSteps, in *chainInputs) map[bool]int {
@@ -386,21 +356,16 @@ func BenchmarkDecodeChain(b *testing.B) {
 		g.quantized = nil
 		return ops
 	}
-	defer func() { decodeMMAOneSplit, mergeValues = false, true }()
 	g.decodeAhead, g.combineQuant, g.decodeBlocks, g.decodeMerge = true, true, 100, mergeAuto
 	chainPhases(b, g, queue)
 	for _, mode := range []struct {
 		ahead, quant bool
 		pct, merge   int
-		one          bool
 		tile         int
-		mv           bool
-	}{{true, true, 100, mergeAuto, false, 0, false}, {true, true, 100, mergeAuto, false, 0, true}, {true, true, 100, mergeAuto, true, 0, false},
-		{true, true, 25, mergeAuto, false, 0, false}, {true, true, 25, mergeAuto, false, 0, true}, {true, true, 25, mergeAuto, false, 16, true},
-		{true, true, 100, mergeInKernel, false, 0, false}, {true, true, 100, mergeAuto, false, 0, false}, {true, true, 100, mergeAuto, false, 0, true}} {
+	}{{false, false, 100, mergeAuto, 0}, {true, true, 100, mergeAuto, 0}, {true, true, 25, mergeAuto, 0}, {true, true, 25, mergeAuto, 16},
+		{true, true, 12, mergeAuto, 0}, {true, true, 100, mergeInKernel, 0}, {true, true, 25, mergeInKernel, 0}} {
 		g.decodeAhead, g.combineQuant = mode.ahead, mode.quant
-		g.decodeBlocks, g.decodeMerge = mode.pct, mode.merge
-		decodeMMAOneSplit, g.decodeMMATile, mergeValues = mode.one, mode.tile, mode.mv
+		g.decodeBlocks, g.decodeMerge, g.decodeMMATile = mode.pct, mode.merge, mode.tile
 		ops := queue()
 		for _, on := range []bool{false, true} {
 			err := d.Do(func(c *Ctx) error {
@@ -415,8 +380,8 @@ func BenchmarkDecodeChain(b *testing.B) {
 						return err
 					}
 					// Printed, not logged: a benchmark's log is cut at ten lines.
-					fmt.Printf("%s: ctx %d, splits at %d%% of the SMs, merge %d, tile %d, split one at a time %-5v, merged by the values %-5v, PDL %-5v: %6.2f us a layer (%d ops)\n",
-						name, ctx, mode.pct, mode.merge, mode.tile, mode.one, mode.mv, on, us/layers, len(ops)/layers)
+					fmt.Printf("%s: ctx %d, splits at %d%% of the SMs, merge %d, tile %d, copies before the wait %-5v, int8 form %-5v, PDL %-5v: %6.2f us a layer (%d ops)\n",
+						name, ctx, mode.pct, mode.merge, mode.tile, mode.ahead, mode.quant, on, us/layers, len(ops)/layers)
 					return nil
 				})
 			})
@@ -466,103 +431,6 @@ func chainPhases(b *testing.B, g *Backend, queue func() []queuedOp) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	fmt.Println(stampSummary(fmt.Sprintf("split one at a time %v: ", decodeMMAOneSplit), st, n,
+	fmt.Println(stampSummary(fmt.Sprintf("copies before the wait %v: ", g.decodeAhead), st, n,
 		[]string{"entry", "wait returned", "queries", "first tile", "summed", "written"}))
-}
-
-// decode_combine_values (the splits' merge in the value expansion's
-// launch) writes what decode_combine and the value expansion write, bit
-// for bit: olat and its int8 form, the values and (with o_proj's groups)
-// their int8 form; on fresh random partials with empty splits, 33, 64 and
-// 100 splits, W_UV groups of 128 and 32.
-func TestDecodeCombineValuesMatchesSeparate(t *testing.T) {
-	d := testDevice(t)
-	r := testRand(t)
-	const heads, rank, rows = 20, 512, 256
-	err := d.Do(func(c *Ctx) error {
-		read := func(p uint64, n int) []byte {
-			buf := make([]byte, n)
-			if err := CopyOut(c, buf, p); err != nil {
-				t.Fatal(err)
-			}
-			return buf
-		}
-		form := func(a *QActs) []byte {
-			return append(append(read(a.Q, a.T*a.K), read(a.Scales, 4*a.T*a.K/a.G)...), read(a.Sums, 4*a.T*a.K/32)...)
-		}
-		for _, v := range []struct{ S, G, qg int }{{64, 128, 128}, {33, 32, 64}, {100, 128, 32}, {64, 128, 0}} {
-			w, err := c.UploadMatrix(synthMatrix(r, heads*rows, rank, v.G))
-			if err != nil {
-				return err
-			}
-			ml := make([]float32, 2*v.S*heads)
-			for i := 0; i < v.S*heads; i++ {
-				ml[2*i] = float32(r.NormFloat64() * 3)
-				if r.IntN(5) > 0 {
-					ml[2*i+1] = float32(1 + 10*r.Float64())
-				}
-			}
-			mlb, e1 := upload(c, ml)
-			accb, e2 := upload(c, randVec(r, v.S*heads*rank, 1))
-			if err := errors.Join(e1, e2); err != nil {
-				return err
-			}
-			parts := splitParts{ml: mlb.Ptr, acc: accb.Ptr, S: v.S}
-			run := func(fused bool) map[string][]byte {
-				olat, e1 := c.Alloc(4 * heads * rank)
-				y, e2 := c.Alloc(4 * heads * rows)
-				oa, e3 := c.NewQActs(1, heads*rank, v.G)
-				if err := errors.Join(e1, e2, e3, poison(c, olat.Ptr, 4*heads*rank), poison(c, y.Ptr, 4*heads*rows)); err != nil {
-					t.Fatal(err)
-				}
-				var q *QActs
-				if v.qg != 0 {
-					if q, err = c.NewQActs(1, heads*rows, v.qg); err != nil {
-						t.Fatal(err)
-					}
-				}
-				if fused {
-					err = c.DecodeCombineValues(y.Ptr, w, heads, rows, q, 128, parts, olat.Ptr, oa)
-				} else {
-					var m *Kernel
-					if m, err = c.Kernel("flash", "decode_combine"); err == nil {
-						err = c.Launch(m, Dim{rank / 128, heads, 1}, D1(256), 0, olat.Ptr, heads*rank, parts.ml, parts.acc, v.S, heads, rank,
-							oa.Q, oa.Scales, oa.Sums, oa.G)
-					}
-					if err == nil && q != nil {
-						err = c.GEMVHeadsQuant(y.Ptr, w, oa, heads, rows, q)
-					} else if err == nil {
-						err = c.GEMVHeads(y.Ptr, w, oa, heads, rows)
-					}
-				}
-				if err == nil {
-					err = c.Sync()
-				}
-				if err != nil {
-					t.Fatal(err)
-				}
-				out := map[string][]byte{"olat": read(olat.Ptr, 4*heads*rank), "olat int8": form(oa), "values": read(y.Ptr, 4*heads*rows)}
-				if q != nil {
-					out["values int8"] = form(q)
-				}
-				if err := errors.Join(c.Free(olat), c.Free(y)); err != nil {
-					t.Fatal(err)
-				}
-				return out
-			}
-			want, got := run(false), run(true)
-			for name, wb := range want {
-				if i := firstDiff(wb, got[name]); i >= 0 {
-					t.Errorf("%d splits, W_UV groups of %d, o_proj groups of %d: %s differs at byte %d of %d", v.S, v.G, v.qg, name, i, len(wb))
-				}
-			}
-			if err := errors.Join(c.Free(mlb), c.Free(accb)); err != nil {
-				return err
-			}
-		}
-		return nil
-	})
-	if err != nil {
-		t.Fatal(err)
-	}
 }

@@ -432,14 +432,6 @@ FLASH_LATENT(2, 64)
 #define DM_NST 4     // tiles in flight
 #define DM_MAXS 256
 
-// x = hi + mid + lo exactly (finite x; each part a bf16 as bits).
-DEVICE void split3_bf16(float x, u32& hi, u32& mid, u32& lo) {
-  hi = fa_bf16(x);
-  const float r = x - __uint_as_float(hi << 16);
-  mid = fa_bf16(r);
-  lo = fa_bf16(r - __uint_as_float(mid << 16));
-}
-
 // Two floats rounded to nearest even bfloat16 in one conversion (sm_80+),
 // lo in the low half: fa_bf16's bits for finite values.
 DEVICE u32 bf16x2_rn(float lo, float hi) {
@@ -448,8 +440,9 @@ DEVICE u32 bf16x2_rn(float lo, float hi) {
   return d;
 }
 
-// split3_bf16 of x0 and x1 at once, each part packed (x0's in the low
-// half): the same parts, a third of the instructions.
+// x0 = hi + mid + lo exactly and x1 the same (finite values), each part a
+// bf16 rounded to nearest even (fa_bf16's bits), packed two a word (x0's
+// in the low half): one conversion a part for two values.
 DEVICE void split3_bf16x2(float x0, float x1, u32& hi, u32& mid, u32& lo) {
   hi = bf16x2_rn(x0, x1);
   x0 -= __uint_as_float(hi << 16);
@@ -580,7 +573,7 @@ DEVICE void dm_merge_share(float* __restrict__ olat, int ldo, const float* part_
   if (xq) quant_row4(o, tid < nf, f0 + tid, t, NF * 4, G, xq, xs, xsum);
 }
 
-template <int RANK, int DR, int TP, bool CVT>
+template <int RANK, int DR, int TP>
 DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                        const float* __restrict__ q, int ldq, const u8* __restrict__ layer,
                        const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -690,21 +683,8 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
         v0 = *(const float2*)(src + 2 * c4);
         v1 = *(const float2*)(src + 2 * c4 + 8);
       }
-      if (CVT) {
-        split3_bf16x2(v0.x, v0.y, qb[kk][j][0][0], qb[kk][j][1][0], qb[kk][j][2][0]);
-        split3_bf16x2(v1.x, v1.y, qb[kk][j][0][1], qb[kk][j][1][1], qb[kk][j][2][1]);
-      } else {
-        u32 a[3], b[3], c[3], d[3];
-        split3_bf16(v0.x, a[0], a[1], a[2]);
-        split3_bf16(v0.y, b[0], b[1], b[2]);
-        split3_bf16(v1.x, c[0], c[1], c[2]);
-        split3_bf16(v1.y, d[0], d[1], d[2]);
-#pragma unroll
-        for (int p = 0; p < 3; p++) {
-          qb[kk][j][p][0] = a[p] | (b[p] << 16);
-          qb[kk][j][p][1] = c[p] | (d[p] << 16);
-        }
-      }
+      split3_bf16x2(v0.x, v0.y, qb[kk][j][0][0], qb[kk][j][1][0], qb[kk][j][2][0]);
+      split3_bf16x2(v1.x, v1.y, qb[kk][j][0][1], qb[kk][j][1][1], qb[kk][j][2][1]);
     }
   }
   if (stamp && tid == 0) stamp[2] = globaltimer_after((int)(qb[0][0][0][0] ^ qb[KS - 1][DM_HT - 1][2][1]));
@@ -800,34 +780,20 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
       const bool none = m_new == __int_as_float(0xff800000);
       const float alpha = none ? 1.f : expf(m_run - m_new);
       float sum = 0.f;
-      if (CVT) {
-        // Positions sq + 8i and sq + 8(i+1) split together.
+      // Positions sq + 8i and sq + 8(i+1) split together.
 #pragma unroll
-        for (int i = 0; i < TP / 8; i += 2) {
-          const float p0 = (none || sv[i] == __int_as_float(0xff800000)) ? 0.f : expf(sv[i] - m_new);
-          const float p1 = (none || sv[i + 1] == __int_as_float(0xff800000)) ? 0.f : expf(sv[i + 1] - m_new);
-          sum += p0;
-          sum += p1;
-          u32 part[3];
-          split3_bf16x2(p0, p1, part[0], part[1], part[2]);
-          const int r = sq + 8 * i;
+      for (int i = 0; i < TP / 8; i += 2) {
+        const float p0 = (none || sv[i] == __int_as_float(0xff800000)) ? 0.f : expf(sv[i] - m_new);
+        const float p1 = (none || sv[i + 1] == __int_as_float(0xff800000)) ? 0.f : expf(sv[i + 1] - m_new);
+        sum += p0;
+        sum += p1;
+        u32 part[3];
+        split3_bf16x2(p0, p1, part[0], part[1], part[2]);
+        const int r = sq + 8 * i;
 #pragma unroll
-          for (int q = 0; q < 3; q++) {
-            pw[(q * DM_NH + sh) * PLD + r] = (unsigned short)(part[q] & 0xFFFFu);
-            pw[(q * DM_NH + sh) * PLD + r + 8] = (unsigned short)(part[q] >> 16);
-          }
-        }
-      } else {
-#pragma unroll
-        for (int i = 0; i < TP / 8; i++) {
-          const float p = (none || sv[i] == __int_as_float(0xff800000)) ? 0.f : expf(sv[i] - m_new);
-          sum += p;
-          u32 hi, mid, lo;
-          split3_bf16(p, hi, mid, lo);
-          const int r = sq + 8 * i;
-          pw[(0 * DM_NH + sh) * PLD + r] = (unsigned short)hi;
-          pw[(1 * DM_NH + sh) * PLD + r] = (unsigned short)mid;
-          pw[(2 * DM_NH + sh) * PLD + r] = (unsigned short)lo;
+        for (int q = 0; q < 3; q++) {
+          pw[(q * DM_NH + sh) * PLD + r] = (unsigned short)(part[q] & 0xFFFFu);
+          pw[(q * DM_NH + sh) * PLD + r + 8] = (unsigned short)(part[q] >> 16);
         }
       }
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
@@ -931,30 +897,24 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 #undef DM_STAMP
 }
 
-#define DECODE_MMA(RANK, DR, TP, CVT, SUF)                                                                           \
+#define DECODE_MMA(RANK, DR, TP)                                                                                     \
   extern "C" __global__ void __launch_bounds__(DM_THREADS, 1)                                                        \
-      decode_mma_##RANK##_##DR##_t##TP##SUF(float* olat, int ldo, const float* qlat, int ldql, const float* q,       \
-                                            int ldq, const u8* layer, const i32* __restrict__ pos,                  \
-                                            const i32* __restrict__ row_seq, const i32* __restrict__ seq_blocks,    \
-                                            const i32* __restrict__ blocks, int block_size, int heads, int dn,      \
-                                            float scale, float* part_ml, float* part_acc, u32* counters, int ahead, \
-                                            i8* xq, float* xs, i32* xsum, int G, unsigned long long* stamps) {      \
-    decode_mma<RANK, DR, TP, CVT>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks,            \
-                                  block_size, heads, dn, scale, part_ml, part_acc, counters, ahead, xq, xs, xsum,  \
-                                  G, stamps);                                                                      \
+      decode_mma_##RANK##_##DR##_t##TP(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,    \
+                                       const u8* layer, const i32* __restrict__ pos, const i32* __restrict__ row_seq, \
+                                       const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks,           \
+                                       int block_size, int heads, int dn, float scale, float* part_ml,               \
+                                       float* part_acc, u32* counters, int ahead, i8* xq, float* xs, i32* xsum,      \
+                                       int G, unsigned long long* stamps) {                                          \
+    decode_mma<RANK, DR, TP>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks, block_size,     \
+                             heads, dn, scale, part_ml, part_acc, counters, ahead, xq, xs, xsum, G, stamps);         \
   }
 
 // Instances: the model's (rank 512, rope 64) and the tests' small shape,
-// tiles of 16 positions (splits of at most 16) and of 32; _f: the parts
-// split one value at a time by fa_bf16 (the same bits; for comparisons).
-DECODE_MMA(512, 64, 16, true, )
-DECODE_MMA(512, 64, 32, true, )
-DECODE_MMA(256, 32, 16, true, )
-DECODE_MMA(256, 32, 32, true, )
-DECODE_MMA(512, 64, 16, false, _f)
-DECODE_MMA(512, 64, 32, false, _f)
-DECODE_MMA(256, 32, 16, false, _f)
-DECODE_MMA(256, 32, 32, false, _f)
+// tiles of 16 positions (splits of at most 16) and of 32.
+DECODE_MMA(512, 64, 16)
+DECODE_MMA(512, 64, 32)
+DECODE_MMA(256, 32, 16)
+DECODE_MMA(256, 32, 32)
 
 // The splits' merge as a second launch: grid (rank/128, heads, rows),
 // eight warps a block for one row, head and 128 columns. Warp w takes the
@@ -1020,155 +980,4 @@ extern "C" __global__ void __launch_bounds__(256) decode_combine(float* olat, in
     *(float4*)(olat + (size_t)t * ldo + col) = out;
     if (xq) quant_row4(out, true, col / 4, t, heads * rank, G, xq, xs, xsum);
   }
-}
-
-// decode_combine and the value expansion with its output's int8 form
-// (gemv_heads_quant) in one launch, for one row: the block of qg rows of
-// head h first merges that head's splits into shared memory as
-// decode_combine does (warp class w = s mod 8 summing its splits in order,
-// the eight classes then added in order: the same bits), quantizes the
-// merged row in W_UV's groups of G as decode_combine's quant_row4 (the same
-// int8 form), and takes its products from there as gemv_heads_quant does
-// from memory. The head's first block also writes olat and its int8 form
-// (olq, ols, olsum). yq null: no int8 form of y (qg still sets the block).
-// K (rank) 512, at most DM_MAXS splits.
-extern "C" __global__ void __launch_bounds__(512)
-    decode_combine_values(const u8* __restrict__ codes, const u8* __restrict__ scales,
-                          const float* __restrict__ row_scale, int K, int gshift, float* __restrict__ y,
-                          int rows, int qg, i8* __restrict__ yq, float* __restrict__ ys, i32* __restrict__ ysum,
-                          const float* part_ml, const float* part_acc, int S, int heads, float* __restrict__ olat,
-                          i8* __restrict__ olq, float* __restrict__ ols, i32* __restrict__ olsum, int G) {
-  PDL_LAUNCH();
-  __shared__ float4 red[8][128];
-  __shared__ float esm[DM_MAXS], lsm[DM_MAXS], lred[8], vals[128];
-  __shared__ float m_all;
-  __shared__ __align__(16) i8 xq_sh[512];
-  __shared__ float xs_sh[16];
-  __shared__ i32 xsum_sh[16];
-  const int tid = threadIdx.x, NT = blockDim.x, warp = tid >> 5, lane = tid & 31, sl = lane & 15;
-  const int local = warp * 8 + (lane >> 4) * 4;  // the half-warp's first row in the block
-  const int row0 = blockIdx.x * qg + local;
-  const int C = K >> 5, GK = C >> gshift;
-  const int h = (blockIdx.x * qg) / rows;
-  const bool on = sl < C;
-  uint4 w[4];
-  u32 s[4];
-  if (on) {
-#pragma unroll
-    for (int r = 0; r < 4; r++) w[r] = load_stream16(codes + (size_t)(row0 + r) * (K / 2) + sl * 16);
-#pragma unroll
-    for (int r = 0; r < 4; r++) s[r] = __ldg(scales + (size_t)(row0 + r) * GK + (sl >> gshift));
-  }
-  PDL_WAIT();
-  // The splits' maxima, weights and sums (decode_combine's M, e and lw).
-  const size_t mls = (size_t)heads * 2, accs = (size_t)heads * K;
-  const float* ml = part_ml + (size_t)h * 2;
-  const float* acc = part_acc + (size_t)h * K;
-  if (warp == 0) {
-    float M = __int_as_float(0xff800000);
-    for (int q = lane; q < S; q += 32) {
-      const float2 m = __ldcg((const float2*)(ml + q * mls));
-      if (m.y > 0.f) M = fmaxf(M, m.x);
-    }
-    M = warp_max(M);
-    if (lane == 0) m_all = M;
-  }
-  __syncthreads();
-  for (int q = tid; q < S; q += NT) {
-    const float2 m = __ldcg((const float2*)(ml + q * mls));
-    esm[q] = m.y > 0.f ? expf(m.x - m_all) : 0.f;
-    lsm[q] = m.y;
-  }
-  __syncthreads();
-  if (tid < 8) {
-    float lw = 0.f;
-    for (int q = tid; q < S; q += 8) lw += esm[q] * lsm[q];
-    lred[tid] = lw;
-  }
-  for (int task = tid; task < 8 * 128; task += NT) {
-    const int f = task & 127, cl = task >> 7;
-    float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-    for (int q = cl; q < S; q += 8) {
-      const float e = esm[q];
-      const float4 x = __ldcg((const float4*)(acc + q * accs + 4 * f));
-      o.x += e * x.x, o.y += e * x.y, o.z += e * x.z, o.w += e * x.w;
-    }
-    red[cl][f] = o;
-  }
-  __syncthreads();
-  if (tid < 128) {
-    float4 r = red[0][tid];
-    float L = lred[0];
-#pragma unroll
-    for (int q = 1; q < 8; q++) {
-      const float4 v = red[q][tid];
-      r.x += v.x, r.y += v.y, r.z += v.z, r.w += v.w;
-      L += lred[q];
-    }
-    const float inv = 1.f / L;
-    const float4 out = make_float4(r.x * inv, r.y * inv, r.z * inv, r.w * inv);
-    quant_row4(out, true, tid, 0, K, G, xq_sh, xs_sh, xsum_sh);
-    if (row0 - local == h * rows) {  // the head's first block
-      *(float4*)(olat + (size_t)h * K + 4 * tid) = out;
-      if (olq) quant_row4(out, true, h * (K / 4) + tid, 0, heads * K, G, olq, ols, olsum);
-    }
-  }
-  __syncthreads();
-  float out[4] = {0.f, 0.f, 0.f, 0.f};
-  if (on) {
-    const uint4* xp = (const uint4*)(xq_sh + sl * 32);
-    const uint4 xa = xp[0], xb = xp[1];
-    const float xscale = xs_sh[sl >> gshift];
-#pragma unroll
-    for (int r = 0; r < 4; r++) {
-      const uint4 q = w[r];
-      i32 d = 0, neg = 0;
-      dot8_split(q.x, xa.x, xa.y, d, neg);
-      dot8_split(q.y, xa.z, xa.w, d, neg);
-      dot8_split(q.z, xb.x, xb.y, d, neg);
-      dot8_split(q.w, xb.z, xb.w, d, neg);
-      d -= neg;
-      out[r] += (float)d * (e4m3(s[r]) * xscale);
-    }
-  }
-#pragma unroll
-  for (int r = 0; r < 4; r++)
-#pragma unroll
-    for (int o = 8; o > 0; o >>= 1) out[r] += __shfl_xor_sync(0xffffffffu, out[r], o);
-#pragma unroll
-  for (int r = 0; r < 4; r++) {
-    if (sl == r) {
-      const float v = out[r] * (row_scale[row0 + r] * 0.5f);
-      y[row0 + r] = v;
-      vals[local + r] = v;
-    }
-  }
-  if (!yq) return;
-  __syncthreads();
-  if (tid >= 32) return;
-  // One warp over the group, lane l holding E = qg/32 consecutive values.
-  const int E = qg >> 5, k0 = lane * E;
-  float v[4];
-  float amax = 0.f;
-#pragma unroll
-  for (int e = 0; e < 4; e++) {
-    if (e < E) {
-      v[e] = vals[k0 + e];
-      amax = fmaxf(amax, fabsf(v[e]));
-    }
-  }
-  amax = warp_max(amax);
-  const float scale = amax / 127.f;
-  i32 sum = 0;
-#pragma unroll
-  for (int e = 0; e < 4; e++) {
-    if (e < E) {
-      const i32 q = quant8(v[e], amax, scale);
-      yq[(size_t)blockIdx.x * qg + k0 + e] = (i8)q;
-      sum += q;
-    }
-  }
-  for (int o = 1; o < 32 / E; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  if ((lane & (32 / E - 1)) == 0) ysum[((size_t)blockIdx.x * qg + k0) / 32] = sum;
-  if (lane == 0) ys[blockIdx.x] = amax == 0.f ? 0.f : scale;
 }
