@@ -4,8 +4,6 @@ package cuda
 
 import (
 	"fmt"
-	"os"
-	"strconv"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -28,29 +26,19 @@ const (
 	decodeAttnMinPos    = 32
 )
 
-// decodeAttnConfig reads MMFP4_CUDA_ATTN (0 turns the single-launch
-// kernel off), MMFP4_CUDA_ATTN_BLOCKS (the blocks the splits aim at, in
-// percent of the multiprocessors; default 100) and MMFP4_CUDA_ATTN_H1 (0:
-// two heads a warp, eight warps a block, instead of one head a warp and
-// sixteen warps; the default measured faster on an H200, docs/perf.md);
-// MMFP4_CUDA_ATTN_MMA=0 keeps bf16 caches on the CUDA-core kernel instead
-// of the tensor-core one (decodemma.go), for comparisons;
-// MMFP4_CUDA_ATTN_EARLY=0 makes the tensor-core kernel copy its cache rows
-// only after its wait and leaves olat's int8 form to a separate launch
-// (as before; for an A/B).
+// decodeAttnConfig sets the decode attention's defaults (tests and
+// benchmarks change them): the single-launch kernel, splits aimed at every
+// multiprocessor, one head a warp (faster on an H200 than two, docs/perf.md),
+// bf16 caches on the tensor-core kernel (decodemma.go), its cache rows
+// copied before its wait and olat's int8 form written by whichever launch
+// writes olat.
 func (b *Backend) decodeAttnConfig() {
 	b.decodeAttn = true
 	b.decodeBlocks = 100
-	if os.Getenv("MMFP4_CUDA_ATTN") == "0" {
-		b.decodeAttn = false
-	}
-	if v, err := strconv.Atoi(os.Getenv("MMFP4_CUDA_ATTN_BLOCKS")); err == nil && v > 0 && v <= 800 {
-		b.decodeBlocks = v
-	}
-	b.decodeOneHead = os.Getenv("MMFP4_CUDA_ATTN_H1") != "0"
-	b.decodeMMA = os.Getenv("MMFP4_CUDA_ATTN_MMA") != "0"
-	b.decodeAhead = os.Getenv("MMFP4_CUDA_ATTN_EARLY") != "0"
-	b.combineQuant = b.decodeAhead
+	b.decodeOneHead = true
+	b.decodeMMA = true
+	b.decodeAhead = true
+	b.combineQuant = true
 }
 
 // decodeSplits is how many blocks share a row's positions: enough, with

@@ -32,17 +32,14 @@ type Options struct {
 	// decode faster (docs/perf.md, 2026-11-28 (2)). FusedGEMV runs a
 	// single-token product's input preparation (the norm before it, the
 	// residual add before that, or the int8 quantization) in the
-	// product's blocks, and q_a with kv_a in one launch (also
-	// MMFP4_CUDA_FUSE=1); FusedRouter the norm before a single-row router
-	// in the router's launch (MMFP4_CUDA_FUSE_ROUTER=1); FusedLatent the
-	// latent's norm in the RoPE and cache write launch
-	// (MMFP4_CUDA_FUSE_LATENT=1).
+	// product's blocks, and q_a with kv_a in one launch; FusedRouter the
+	// norm before a single-row router in the router's launch; FusedLatent
+	// the latent's norm in the RoPE and cache write launch.
 	FusedGEMV, FusedRouter, FusedLatent bool
 	// SeparateChain keeps apart the ops that a single-token decode layer
 	// otherwise runs in shared launches (chain.go: q_a with kv_a, the
 	// value expansion with its output's quantization, the q_a norm with the
-	// latent's norm, the RoPEs and cache write with the absorbed query;
-	// also MMFP4_CUDA_CHAIN=0).
+	// latent's norm, the RoPEs and cache write with the absorbed query).
 	SeparateChain bool
 	// NoPieces hands a step to the device whole at its first read-back
 	// instead of in pieces of a few layers (also MMFP4_CUDA_CHUNKS=0).
@@ -181,7 +178,7 @@ type Backend struct {
 	lastNorm8  *norm8Op
 	// lastRopeCache is the RoPE + cache write launch queued last.
 	lastRopeCache *ropeCacheOp
-	chainMerges   [4]int
+	chainMerges   [5]int
 
 	steps *stepTimer // MMFP4_CUDA_STEPTIME=1
 	// pieces counts the pieces this step has gone to the device in.
@@ -281,24 +278,6 @@ func NewOnDevice(d *Device, o Options) *Backend {
 		ropeTables: map[ropeKey]uint64{}, ropeBufs: map[ropeKey]Buffer{}}
 	if !o.NoGraphs && os.Getenv("MMFP4_CUDA_GRAPHS") != "0" {
 		b.graphs = &graphCache{}
-	}
-	if os.Getenv("MMFP4_CUDA_FUSE") == "1" {
-		b.opts.FusedGEMV = true
-	}
-	if os.Getenv("MMFP4_CUDA_FUSE_ROUTER") == "1" {
-		b.opts.FusedRouter = true
-	}
-	if os.Getenv("MMFP4_CUDA_FUSE_LATENT") == "1" {
-		b.opts.FusedLatent = true
-	}
-	if os.Getenv("MMFP4_CUDA_ROUTER_SLOW") == "1" {
-		routerSlow = true // comparison runs: the older router kernel
-	}
-	if moeDownOld {
-		b.noRouterQuant = true // comparison runs: the MoE chain before these kernels
-	}
-	if os.Getenv("MMFP4_CUDA_CHAIN") == "0" {
-		b.opts.SeparateChain = true
 	}
 	if os.Getenv("MMFP4_CUDA_CHUNKS") == "0" {
 		b.opts.NoPieces = true
@@ -1237,7 +1216,7 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 			return c.AddRMSNormQuant(la.d.ptr, la.d.ld, la.a.ptr, la.a.ld, la.c.ptr, la.c.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
 		}}
 		b.lastAdd = nil
-		if d.rows == 1 && b.counter.Ptr != 0 {
+		if d.rows == 1 {
 			b.lastNorm = &normOp{idx: la.idx, flush: b.flushes, out: *d, touched: []tensor{la.d, la.a, la.c, *d},
 				in: FusedIn{Mode: fuseAddNorm, D: la.d.ptr, A: la.a.ptr, C: la.c.ptr, Gain: g.dense, Eps: eps, Out: d.ptr, Q: a, Layout8: fast, Counter: b.counter.Ptr}}
 		}
@@ -1755,7 +1734,10 @@ func (b *Backend) Route(logits backend.Tensor, bias backend.Weight, cfg backend.
 				return c.RouterRoute(ld.w.dense, E, ld.w.k, ld.x.ptr, ld.x.ld, lm.rows, lm.ptr, lm.ld, bv.dense, cfg.TopK, norm == 1,
 					cfg.RoutedScaling, r.ids, r.wts, b.routeCounters.Ptr, q)
 			}}
-			b.pending[ld.idx] = queuedOp{"router+route", func(c *Ctx) error { return ro.call(c, nil) }}
+			if call, ok := b.routerNormCall(ld, lm, bv, cfg, norm, r); ok {
+				ro.idx, ro.call = ld.idx-1, call // the norm before it in its launch (chain.go)
+			}
+			b.pending[ro.idx] = queuedOp{"router+route", func(c *Ctx) error { return ro.call(c, nil) }}
 			b.lastDense = nil
 			if lm.rows == 1 && ld.x.rows == 1 && RouterFastFits(E, ld.w.k, ld.x.ptr, ld.x.ld, cfg.TopK) && !b.noRouterQuant {
 				b.lastRouter = ro

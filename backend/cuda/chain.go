@@ -5,6 +5,7 @@ package cuda
 import (
 	"fmt"
 	"math/bits"
+	"slices"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -22,8 +23,11 @@ import (
 //     and the latent's norm, with q_b's product queued between them, which
 //     reads neither the second norm's input nor output): RMSNormQuant8Pair;
 //   - the RoPEs and cache write before the absorbed query, and the absorbed
-//     query (absorb_query_tc_rope).
-// Options.SeparateChain (MMFP4_CUDA_CHAIN=0) turns them off.
+//     query (absorb_query_tc_rope);
+//   - the residual add and single-row norm before the router, and the
+//     router (moe_router_cluster_norm: every block of the cluster
+//     normalises the row).
+// Options.SeparateChain turns them off.
 
 // GEMVPair computes y1 = W1 x and y2 = W2 x for one token's quantized row a
 // in one launch (gemv_split_t1's values, bit for bit).
@@ -234,6 +238,7 @@ const (
 	chainValues
 	chainNorms
 	chainRope
+	chainRouterNorm
 )
 
 // ropeCacheOp is a rope2_cache_write launch queued as b.pending[idx]
@@ -290,4 +295,64 @@ func (b *Backend) absorbRope(ql, qm *tensor, w *QMatrix, s backend.MLAShape, gri
 	b.lastRopeCache = nil
 	b.chainMerges[chainRope]++
 	return true
+}
+
+// routerNormFits reports whether RouterClusterNorm takes a norm of K
+// values in int8 groups of G before a router of E experts choosing topk:
+// the cluster router's 64 experts, rmsnorm_quant8's layout (K a multiple
+// of 256) and at most 2048 values.
+func routerNormFits(E, K, G, topk int) bool {
+	return E == routerClusterE && K%256 == 0 && K <= 2048 && (G == 32 || G == 64 || G == 128) && topk <= 32
+}
+
+// RouterClusterNorm is the single-row residual add and norm in
+// (fuseAddNorm in rmsnorm_quant8's layout: what RMSNormQuant8 writes, bit
+// for bit) and the
+// router of its output (RouterRoute with moe_router_cluster: the logits,
+// ids and weights, and with q the output's int8 form in q's groups) in one
+// launch. The norm's output row is the router's input.
+func (c *Ctx) RouterClusterNorm(W uint64, K int, logits, bias uint64, topk int, norm bool, scaling float32, ids, wts uint64, q *QActs, in FusedIn) error {
+	nq := in.Q
+	if nq == nil || nq.T != 1 || nq.K != K || in.Gain == 0 || in.Mode != fuseAddNorm || !routerNormFits(routerClusterE, K, nq.G, topk) {
+		return fmt.Errorf("cuda: router with its norm: %d values, want a residual add and one row of a multiple of 256 up to 2048 with a gain", K)
+	}
+	var xq, xs, xsum uint64
+	G := 32
+	if q != nil {
+		if q.T != 1 || q.K != K || (q.G != 32 && q.G != 64 && q.G != 128) {
+			return fmt.Errorf("cuda: router with its norm: activations %dx%d/%d for one row of %d", q.T, q.K, q.G, K)
+		}
+		xq, xs, xsum, G = q.Q, q.Scales, q.Sums, q.G
+	}
+	n := 0
+	if norm {
+		n = 1
+	}
+	k, err := c.Kernel("moe", "moe_router_cluster_norm")
+	if err != nil {
+		return err
+	}
+	return c.Launch(k, Dim{routerClusterE / 8, 1, 1}, D1(256), 4*K, W, K, logits, bias, topk, n, scaling, ids, wts, xq, xs, xsum, G,
+		in.D, in.A, in.C, in.Gain, in.Eps, in.Out, nq.Q, nq.Scales, nq.Sums, nq.G)
+}
+
+// routerNormCall returns the router launch ld's product and the choice
+// would make, with the single-row residual add and norm queued just before
+// it (which made its input) in the same launch, and removes that norm's op from the
+// queue; ok is false, and nothing changes, where they cannot share it.
+func (b *Backend) routerNormCall(ld *denseOp, lm *tensor, bias *weight, cfg backend.RouterConfig, norm int, r *routing) (call func(c *Ctx, q *QActs) error, ok bool) {
+	no := b.lastNorm
+	E, K := cfg.NumExperts, ld.w.k
+	if !b.chained() || b.opts.FusedRouter || no == nil || no.flush != b.flushes || no.idx != ld.idx-1 || no.out != ld.x || no.in.Mode != fuseAddNorm || !no.in.Layout8 ||
+		lm.rows != 1 || ld.x.rows != 1 || !RouterFastFits(E, K, ld.x.ptr, ld.x.ld, cfg.TopK) || !routerNormFits(E, K, no.in.Q.G, cfg.TopK) ||
+		routerNoCluster || overlapsAny(lm, no.touched) || lm.ptr%4 != 0 {
+		return nil, false
+	}
+	in := no.in
+	b.pending = slices.Delete(b.pending, no.idx, no.idx+1)
+	b.lastNorm = nil
+	b.chainMerges[chainRouterNorm]++
+	return func(c *Ctx, q *QActs) error {
+		return c.RouterClusterNorm(ld.w.dense, K, lm.ptr, bias.dense, cfg.TopK, norm == 1, cfg.RoutedScaling, r.ids, r.wts, q, in)
+	}, true
 }

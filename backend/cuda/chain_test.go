@@ -49,12 +49,12 @@ func TestChainLaunchesMatchSeparate(t *testing.T) {
 		hidden, qRank, heads, nope, rank, vdim int
 		G, uvG, oG                             int
 		dtype                                  backend.CacheDType
-		merges                                 [4]int // pairs, values, norms, absorbed queries with the RoPE
+		merges                                 [5]int // pairs, values, norms, absorbed queries with the RoPE, routers with their norm
 	}{
-		{2048, 768, 20, 192, 512, 256, 128, 128, 128, backend.CacheBF16, [4]int{1, 1, 1, 1}},
-		{2048, 768, 20, 128, 512, 256, 32, 64, 32, backend.CacheF32, [4]int{1, 1, 0, 1}}, // q_b quantizes the q_a norm again: no pair of norms
-		{2048, 768, 20, 192, 512, 256, 128, 32, 64, backend.CacheBF16, [4]int{1, 1, 1, 1}},
-		{1056, 352, 3, 128, 96, 32, 32, 32, 32, backend.CacheBF16, [4]int{1, 1, 0, 0}}, // rank 96: no tensor-core absorbed query
+		{2048, 768, 20, 192, 512, 256, 128, 128, 128, backend.CacheBF16, [5]int{1, 1, 1, 1}},
+		{2048, 768, 20, 128, 512, 256, 32, 64, 32, backend.CacheF32, [5]int{1, 1, 0, 1}}, // q_b quantizes the q_a norm again: no pair of norms
+		{2048, 768, 20, 192, 512, 256, 128, 32, 64, backend.CacheBF16, [5]int{1, 1, 1, 1}},
+		{1056, 352, 3, 128, 96, 32, 32, 32, 32, backend.CacheBF16, [5]int{1, 1, 0, 0}}, // rank 96: no tensor-core absorbed query
 	} {
 		t.Run(fmt.Sprintf("hidden%d_nope%d_G%d_uv%d_o%d", c.hidden, c.nope, c.G, c.uvG, c.oG), func(t *testing.T) {
 			const pos = 37
@@ -116,7 +116,7 @@ func TestChainLaunchesMatchSeparate(t *testing.T) {
 			want, wantForms, _ := run(Options{SeparateChain: true})
 			got, gotForms, g := run(Options{})
 			if g.chainMerges != c.merges {
-				t.Errorf("merged launches %v (pairs, values, norms, absorbed queries with the RoPE), want %v", g.chainMerges, c.merges)
+				t.Errorf("merged launches %v (pairs, values, norms, absorbed queries with the RoPE, routers with their norm), want %v", g.chainMerges, c.merges)
 			}
 			for name, w := range want {
 				nonzero := 0
@@ -390,6 +390,7 @@ func BenchmarkChainLayer(b *testing.B) {
 	d := benchDevice(b)
 	r := rand.New(rand.NewPCG(9, 11))
 	const layers = 24
+	defer func() { gemvNoRegs = false }()
 	err := d.Do(func(c *Ctx) error {
 		bufs, err := newChainBufs(c, r, glmShape)
 		if err != nil {
@@ -401,7 +402,8 @@ func BenchmarkChainLayer(b *testing.B) {
 		}
 		name := c.Info().Name
 		for round := 0; round < 2; round++ {
-			for _, merged := range []int{0, chainAll, chainAll &^ (1 << chainPair), chainAll &^ (1 << chainValues), chainAll &^ (1 << chainNorms), chainAll &^ (1 << chainRope)} {
+			for i, merged := range []int{0, chainAll, chainAll} {
+				gemvNoRegs = i == 2 // o_proj on gemv_split_t1
 				err := withPDL(c, c.info.CC >= 90, func() error {
 					g, release, err := capturedPDL(c, func() error {
 						for _, l := range ls {
@@ -419,7 +421,7 @@ func BenchmarkChainLayer(b *testing.B) {
 					if err != nil {
 						return err
 					}
-					b.Logf("%s: round %d: shared launches %04b (rope norms values pair) %6.2f us a layer (PDL %v)", name, round, merged, us/layers, c.pdl)
+					b.Logf("%s: round %d: shared launches %04b (rope norms values pair), o_proj all loads before the wait %v: %6.2f us a layer (PDL %v)", name, round, merged, !gemvNoRegs, us/layers, c.pdl)
 					return nil
 				})
 				if err != nil {
@@ -431,5 +433,244 @@ func BenchmarkChainLayer(b *testing.B) {
 	})
 	if err != nil {
 		b.Fatal(err)
+	}
+}
+
+// moe_router_cluster_norm writes what the residual add and norm
+// (rmsnorm_quant8) and the cluster router after it write, bit for bit:
+// the residual sum (also in place over either input), the norm's output and
+// its int8 form, the logits, experts and weights, and the MoE's int8 form
+// of the norm's output in groups of 32, 64 and 128 (or none), on fresh
+// random rows.
+func TestRouterClusterNormMatchesSeparate(t *testing.T) {
+	d := testDevice(t)
+	defer d.Close()
+	r := testRand(t)
+	const E, K, topK = 64, 2048, 4
+	if d.Info().CC < 90 {
+		t.Skipf("the cluster router needs compute capability 9.0, the device has %d", d.Info().CC)
+	}
+	err := d.Do(func(c *Ctx) error {
+		W, e1 := upload(c, randVec(r, E*K, 0.02))
+		bias, e2 := upload(c, randVec(r, E, 0.05))
+		gain, e3 := upload(c, randVec(r, K, 1))
+		counters, e4 := c.Alloc(4 * 64)
+		if err := errors.Join(e1, e2, e3, e4, c.Memset(counters.Ptr, 0, counters.Size)); err != nil {
+			return err
+		}
+		read := func(p uint64, n int) []byte {
+			buf := make([]byte, n)
+			if err := CopyOut(c, buf, p); err != nil {
+				t.Fatal(err)
+			}
+			return buf
+		}
+		form := func(a *QActs) []byte {
+			if a == nil {
+				return nil
+			}
+			return append(append(read(a.Q, K), read(a.Scales, 4*K/a.G)...), read(a.Sums, 4*K/32)...)
+		}
+		for trial, v := range []struct {
+			nG, qG int
+			alias  int // 0: d apart, 1: d is a, 2: d is c
+		}{{128, 32, 0}, {128, 0, 1}, {64, 128, 2}, {32, 64, 0}, {128, 128, 1}} {
+			av, cv := randVec(r, K, 1), randVec(r, K, 0.5)
+			// run queues the pair of launches (fused false) or the one, and
+			// reads back every output.
+			run := func(fused bool) map[string][]byte {
+				ab, e1 := upload(c, av)
+				cb, e2 := upload(c, cv)
+				db, e3 := c.Alloc(4 * K)
+				hb, e4 := c.Alloc(4 * K)
+				lg, e5 := c.Alloc(4 * E)
+				ids, e6 := c.Alloc(4 * topK)
+				wts, e7 := c.Alloc(4 * topK)
+				nq, e8 := c.NewQActs(1, K, v.nG)
+				if err := errors.Join(e1, e2, e3, e4, e5, e6, e7, e8); err != nil {
+					t.Fatal(err)
+				}
+				var q *QActs
+				if v.qG != 0 {
+					var err error
+					if q, err = c.NewQActs(1, K, v.qG); err != nil {
+						t.Fatal(err)
+					}
+				}
+				dp := []uint64{db.Ptr, ab.Ptr, cb.Ptr}[v.alias]
+				var err error
+				if fused {
+					in := FusedIn{Mode: fuseAddNorm, D: dp, A: ab.Ptr, C: cb.Ptr, Gain: gain.Ptr, Eps: 1e-5, Out: hb.Ptr, Q: nq, Layout8: true}
+					err = c.RouterClusterNorm(W.Ptr, K, lg.Ptr, bias.Ptr, topK, true, 1.8, ids.Ptr, wts.Ptr, q, in)
+				} else {
+					err = c.RMSNormQuant8(0, 0, dp, K, ab.Ptr, K, cb.Ptr, K, gain.Ptr, 1e-5, hb.Ptr, K, 1, K, v.nG, nq)
+					if err == nil {
+						err = c.RouterRoute(W.Ptr, E, K, hb.Ptr, K, 1, lg.Ptr, E, bias.Ptr, topK, true, 1.8, ids.Ptr, wts.Ptr, counters.Ptr, q)
+					}
+				}
+				if err == nil {
+					err = c.Sync()
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+				out := map[string][]byte{"sum": read(dp, 4*K), "norm": read(hb.Ptr, 4*K), "norm int8": form(nq), "moe int8": form(q),
+					"logits": read(lg.Ptr, 4*E), "ids": read(ids.Ptr, 4*topK), "wts": read(wts.Ptr, 4*topK)}
+				for _, b := range []Buffer{ab, cb, db, hb, lg, ids, wts} {
+					if err := c.Free(b); err != nil {
+						t.Fatal(err)
+					}
+				}
+				return out
+			}
+			want, got := run(false), run(true)
+			for name, w := range want {
+				if !bytes.Equal(got[name], w) {
+					t.Errorf("trial %d (%+v): %s differs at byte %d", trial, v, name, firstDiff(got[name], w))
+				}
+			}
+			ids := want["ids"]
+			t.Logf("trial %d (%+v): experts %v, all outputs bit for bit", trial, v, ids)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// The backend queues the residual add and norm before the router in the
+// router's launch (with PDL, as a decode layer runs) and gets the separate
+// launches' bits: the residual, the norm, the logits, the experts and a
+// product of the norm's int8 form; at a width the launch does not take
+// (1056), the two stay apart.
+func TestChainRouterNormMatchesSeparate(t *testing.T) {
+	for _, K := range []int{2048, 1056} {
+		t.Run(fmt.Sprint(K), func(t *testing.T) {
+			const E, topK = 64, 4
+			run := func(o Options) (map[string][]float32, []int32, *Backend) {
+				g, _ := testBackends(t, o)
+				if g.dev.Info().CC < 90 {
+					t.Skipf("the cluster router needs compute capability 9.0, the device has %d", g.dev.Info().CC)
+				}
+				r := rand.New(rand.NewPCG(23, uint64(K)))
+				gain := mustWeight(t, g, backend.HostWeight{Name: "norm", N: 1, K: K, Dense: randVec(r, K, 1)})
+				router := mustWeight(t, g, denseHost(r, "router", E, K))
+				bias := mustWeight(t, g, backend.HostWeight{Name: "bias", N: 1, K: E, Dense: randVec(r, E, 0.01)})
+				up := mustWeight(t, g, quantHost(t, r, "up", 256, K, groupFor(K)))
+				g.SetBatch(simpleBatch(1, 0), nil)
+				g.routeCountersFor(1)
+				x, a := g.NewTensor(1, K), g.NewTensor(1, K)
+				g.Upload(x, randVec(r, K, 1))
+				g.Upload(a, randVec(r, K, 0.5))
+				h, logits, y := g.NewTensor(1, K), g.NewTensor(1, E), g.NewTensor(1, 256)
+				g.Add(x, x, a)
+				g.RMSNorm(h, x, gain, 1e-5)
+				g.MatMul(logits, h, router)
+				rt := g.Route(logits, bias, backend.RouterConfig{TopK: topK, Groups: 1, TopKGroups: 1, NormTopKProb: true, RoutedScaling: 1.8, NumExperts: E}).(*routing)
+				g.MatMul(y, h, up)
+				got := map[string][]float32{}
+				for name, v := range map[string]backend.Tensor{"x": x, "h": h, "logits": logits, "y": y} {
+					got[name] = g.Download(v)
+				}
+				ids, wts := make([]int32, topK), make([]float32, topK)
+				g.now("read routing", func(c *Ctx) error {
+					if err := CopyOut(c, ids, rt.ids); err != nil {
+						return err
+					}
+					return CopyOut(c, wts, rt.wts)
+				})
+				if err := g.Sync(); err != nil {
+					t.Fatal(err)
+				}
+				got["wts"] = wts
+				return got, ids, g
+			}
+			want, wantIDs, _ := run(Options{SeparateChain: true})
+			got, gotIDs, g := run(Options{})
+			if n, w := g.chainMerges[chainRouterNorm], map[bool]int{true: 1}[K%256 == 0]; n != w {
+				t.Errorf("%d routers with their norm, want %d", n, w)
+			}
+			for i := range wantIDs {
+				if gotIDs[i] != wantIDs[i] {
+					t.Fatalf("expert %d: %d shared, %d separate", i, gotIDs[i], wantIDs[i])
+				}
+			}
+			for name, w := range want {
+				for i := range w {
+					if got[name][i] != w[i] {
+						t.Fatalf("%s[%d] = %v shared, %v separate", name, i, got[name][i], w[i])
+					}
+				}
+			}
+		})
+	}
+}
+
+// gemv_split_t1_regs (every chunk requested before the wait) gives
+// gemv_split_t1's bits, at o_proj's shape and at widths with a short last
+// round of chunks, groups of 32, 64 and 128, on fresh random weights and
+// activations.
+func TestGEMVRegsMatchesSplit(t *testing.T) {
+	d := testDevice(t)
+	r := testRand(t)
+	defer func() { gemvNoRegs = false }()
+	err := d.Do(func(c *Ctx) error {
+		for _, sh := range []struct{ N, K, G int }{{2048, 5120, 128}, {37, 5120, 32}, {130, 2080, 32}, {64, 4096, 64}, {300, 3072, 128}} {
+			w, err := c.UploadMatrix(synthMatrix(r, sh.N, sh.K, sh.G))
+			if err != nil {
+				return err
+			}
+			xb, err := upload(c, randVec(r, sh.K, 1))
+			if err != nil {
+				return err
+			}
+			a, err := c.NewQActs(1, sh.K, sh.G)
+			if err != nil {
+				return err
+			}
+			y, err := c.Alloc(4 * sh.N)
+			if err != nil {
+				return err
+			}
+			if err := c.RMSNormQuant(xb.Ptr, sh.K, 0, 0, 0, 0, 1, sh.K, sh.G, a); err != nil {
+				return err
+			}
+			run := func(old bool) ([]float32, error) {
+				gemvNoRegs = old
+				if err := poison(c, y.Ptr, 4*sh.N); err != nil {
+					return nil, err
+				}
+				if err := c.GEMV(y.Ptr, sh.N, w, a, GEMVSplit); err != nil {
+					return nil, err
+				}
+				out := make([]float32, sh.N)
+				return out, CopyOut(c, out, y.Ptr)
+			}
+			want, err := run(true)
+			if err != nil {
+				return err
+			}
+			got, err := run(false)
+			if err != nil {
+				return err
+			}
+			if i := sameBits(want, got); i >= 0 {
+				t.Errorf("%dx%d G=%d: row %d: %v, gemv_split_t1 %v", sh.N, sh.K, sh.G, i, got[i], want[i])
+			}
+			nonzero := 0
+			for _, v := range got {
+				if v != 0 {
+					nonzero++
+				}
+			}
+			if nonzero < sh.N/2 {
+				t.Errorf("%dx%d G=%d: %d of %d rows nonzero", sh.N, sh.K, sh.G, nonzero, sh.N)
+			}
+		}
+		return c.Sync()
+	})
+	if err != nil {
+		t.Fatal(err)
 	}
 }

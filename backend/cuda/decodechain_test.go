@@ -356,17 +356,16 @@ func BenchmarkDecodeChain(b *testing.B) {
 		g.quantized = nil
 		return ops
 	}
-	for _, ahead := range []bool{false, true} {
-		g.decodeAhead, g.combineQuant, g.decodeBlocks, g.decodeMerge = ahead, true, 100, mergeAuto
-		chainPhases(b, g, queue)
-	}
+	g.decodeAhead, g.combineQuant, g.decodeBlocks, g.decodeMerge = true, true, 100, mergeAuto
+	chainPhases(b, g, queue)
 	for _, mode := range []struct {
 		ahead, quant bool
 		pct, merge   int
-	}{{false, false, 100, mergeAuto}, {true, true, 100, mergeAuto}, {false, true, 100, mergeAuto},
-		{true, true, 25, mergeAuto}, {true, true, 100, mergeInKernel}} {
+		tile         int
+	}{{false, false, 100, mergeAuto, 0}, {true, true, 100, mergeAuto, 0}, {true, true, 25, mergeAuto, 0}, {true, true, 25, mergeAuto, 16},
+		{true, true, 12, mergeAuto, 0}, {true, true, 100, mergeInKernel, 0}, {true, true, 25, mergeInKernel, 0}} {
 		g.decodeAhead, g.combineQuant = mode.ahead, mode.quant
-		g.decodeBlocks, g.decodeMerge = mode.pct, mode.merge
+		g.decodeBlocks, g.decodeMerge, g.decodeMMATile = mode.pct, mode.merge, mode.tile
 		ops := queue()
 		for _, on := range []bool{false, true} {
 			err := d.Do(func(c *Ctx) error {
@@ -381,8 +380,8 @@ func BenchmarkDecodeChain(b *testing.B) {
 						return err
 					}
 					// Printed, not logged: a benchmark's log is cut at ten lines.
-					fmt.Printf("%s: ctx %d, splits at %d%% of the SMs, merge %d, copies before the wait %-5v, int8 form %-5v, PDL %-5v: %6.2f us a layer (%d ops)\n",
-						name, ctx, mode.pct, mode.merge, mode.ahead, mode.quant, on, us/layers, len(ops)/layers)
+					fmt.Printf("%s: ctx %d, splits at %d%% of the SMs, merge %d, tile %d, copies before the wait %-5v, int8 form %-5v, PDL %-5v: %6.2f us a layer (%d ops)\n",
+						name, ctx, mode.pct, mode.merge, mode.tile, mode.ahead, mode.quant, on, us/layers, len(ops)/layers)
 					return nil
 				})
 			})

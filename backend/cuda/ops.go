@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
-	"os"
 
 	"github.com/mmfp4/mmfp4/format"
 )
@@ -231,6 +230,9 @@ func (c *Ctx) GEMV(y uint64, ldy int, w *QMatrix, a *QActs, v GEMVVariant) error
 	name := gemvKernels[a.T]
 	if v == GEMVSplit {
 		name = "gemv_split_t1"
+		if C := w.K / 32; C > 64 && C <= 32*gemvRegsC && !gemvNoRegs {
+			name = "gemv_split_t1_regs"
+		}
 	}
 	k, err := c.Kernel("gemv", name)
 	if err != nil {
@@ -240,6 +242,13 @@ func (c *Ctx) GEMV(y uint64, ldy int, w *QMatrix, a *QActs, v GEMVVariant) error
 	grid := (w.N + gemvRowsPerBlock - 1) / gemvRowsPerBlock
 	return c.Launch(k, D1(grid), D1(128), 0, w.Codes, w.Scales, w.RowScale, w.N, w.K, gshift, a.Q, a.Scales, a.Sums, y, ldy)
 }
+
+// gemvRegsC is GEMV_REGS_C in gemv.cu: gemv_split_t1_regs takes rows of
+// up to 32*gemvRegsC chunks (32 columns each), all requested before its
+// wait; gemvNoRegs keeps such rows on gemv_split_t1 (comparisons).
+const gemvRegsC = 5
+
+var gemvNoRegs bool
 
 // gemvRowsPerWarp is R in gemv.cu: the rows one warp of the dp4a kernels
 // takes.
@@ -524,10 +533,8 @@ const (
 )
 
 // moeDownOld makes MoE use moe_gate_up and moe_down_q (benchmarks and
-// tests). MMFP4_CUDA_MOE_DOWN=old, for an A/B on the card, also keeps the
-// MoE input's quantization out of the router launch (Backend): the MoE
-// chain as it was before these kernels.
-var moeDownOld = os.Getenv("MMFP4_CUDA_MOE_DOWN") == "old"
+// tests).
+var moeDownOld bool
 
 // moeMaxI is MOE_MAX_I in moe.cu: the largest intermediate size whose
 // quantization moe_down_q holds in shared memory.

@@ -24,7 +24,11 @@ import (
 //     slot's h, a block per slot, the sum by the last) instead of
 //     moe_gate_up_q and moe_down_hq;
 //   - -fastrouter: moe_router_fast instead of moe_router_cluster
-//     (routerNoCluster).
+//     (routerNoCluster);
+//   - addnorm+router+two: the residual add and norm before the router
+//     (rmsnorm_quant8, writing the MoE's input and its int8 form), the
+//     router and the MoE; routernorm+two: the add and norm in the router's
+//     launch (moe_router_cluster_norm).
 //
 // Each call takes the next of 6 layers (its own shared expert and router,
 // the 64 routed experts common) and the next of 16 inputs (routing sets),
@@ -51,6 +55,10 @@ func BenchmarkRouterMoE(b *testing.B) {
 		xq     []*QActs
 		y      Buffer
 		ebytes float64
+		// The residual add and norm before the router: d = xs[s] + cv,
+		// h its norm (gain), nq h's int8 form.
+		cv, dv, hv, gain Buffer
+		nq               *QActs
 	)
 	err := d.Do(func(c *Ctx) error {
 		if _, err := measureCopy(c); err != nil {
@@ -125,9 +133,14 @@ func BenchmarkRouterMoE(b *testing.B) {
 			}
 			xs, xq = append(xs, xb), append(xq, a)
 		}
-		var err error
-		y, err = c.Alloc(4 * K)
-		return err
+		var e1, e2, e3, e4, e5, e6 error
+		y, e1 = c.Alloc(4 * K)
+		cv, e2 = upload(c, randVec(r, K, 0.5))
+		dv, e3 = c.Alloc(4 * K)
+		hv, e4 = c.Alloc(4 * K)
+		gain, e5 = upload(c, randVec(r, K, 1))
+		nq, e6 = c.NewQActs(1, K, 128)
+		return errors.Join(e1, e2, e3, e4, e5, e6)
 	})
 	if err != nil {
 		b.Fatal(err)
@@ -153,6 +166,25 @@ func BenchmarkRouterMoE(b *testing.B) {
 			return c.MoE(y.Ptr, false, L.tab, ids, wts, topK, xq[s], L.scr)
 		}
 	}
+	normRouterTwo := func(fused bool) func(c *Ctx, L *layer, s int) error {
+		return func(c *Ctx, L *layer, s int) error {
+			ids, wts := L.ids.At(4*topK*s), L.wts.At(4*topK*s)
+			if fused {
+				in := FusedIn{Mode: fuseAddNorm, D: dv.Ptr, A: xs[s].Ptr, C: cv.Ptr, Gain: gain.Ptr, Eps: 1e-5, Out: hv.Ptr, Q: nq, Layout8: true}
+				if err := c.RouterClusterNorm(L.W.Ptr, K, L.logits.At(4*E*s), L.bias.Ptr, topK, true, 1.8, ids, wts, nil, in); err != nil {
+					return err
+				}
+			} else {
+				if err := c.RMSNormQuant8(0, 0, dv.Ptr, K, xs[s].Ptr, K, cv.Ptr, K, gain.Ptr, 1e-5, hv.Ptr, K, 1, K, 128, nq); err != nil {
+					return err
+				}
+				if err := c.RouterRoute(L.W.Ptr, E, K, hv.Ptr, K, 1, L.logits.At(4*E*s), E, L.bias.Ptr, topK, true, 1.8, ids, wts, L.counters.Ptr, nil); err != nil {
+					return err
+				}
+			}
+			return c.MoE(y.Ptr, false, L.tab, ids, wts, topK, nq, L.scr)
+		}
+	}
 	two := func(c *Ctx, L *layer, s int) error {
 		return c.MoE(y.Ptr, false, L.tab, L.givenIDs.At(4*topK*s), L.givenWts.At(4*topK*s), topK, xq[s], L.scr)
 	}
@@ -174,6 +206,8 @@ func BenchmarkRouterMoE(b *testing.B) {
 		{"two-old", false, true, false, two},
 		{"two", false, false, false, two},
 		{"router+two-fastrouter", true, false, true, routerTwo(0)},
+		{"addnorm+router+two", true, false, false, normRouterTwo(false)},
+		{"routernorm+two", true, false, false, normRouterTwo(true)},
 	}
 	// Two rounds, so that A/B pairs alternate in one process.
 	for _, v := range append(variants, variants...) {

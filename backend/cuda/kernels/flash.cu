@@ -432,12 +432,25 @@ FLASH_LATENT(2, 64)
 #define DM_NST 4     // tiles in flight
 #define DM_MAXS 256
 
-// x = hi + mid + lo exactly (finite x; each part a bf16 as bits).
-DEVICE void split3_bf16(float x, u32& hi, u32& mid, u32& lo) {
-  hi = fa_bf16(x);
-  const float r = x - __uint_as_float(hi << 16);
-  mid = fa_bf16(r);
-  lo = fa_bf16(r - __uint_as_float(mid << 16));
+// Two floats rounded to nearest even bfloat16 in one conversion (sm_80+),
+// lo in the low half: fa_bf16's bits for finite values.
+DEVICE u32 bf16x2_rn(float lo, float hi) {
+  u32 d;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  return d;
+}
+
+// x0 = hi + mid + lo exactly and x1 the same (finite values), each part a
+// bf16 rounded to nearest even (fa_bf16's bits), packed two a word (x0's
+// in the low half): one conversion a part for two values.
+DEVICE void split3_bf16x2(float x0, float x1, u32& hi, u32& mid, u32& lo) {
+  hi = bf16x2_rn(x0, x1);
+  x0 -= __uint_as_float(hi << 16);
+  x1 -= __uint_as_float(hi & 0xFFFF0000u);
+  mid = bf16x2_rn(x0, x1);
+  x0 -= __uint_as_float(mid << 16);
+  x1 -= __uint_as_float(mid & 0xFFFF0000u);
+  lo = bf16x2_rn(x0, x1);
 }
 
 DEVICE u32 ld_acquire(const u32* p) {
@@ -670,16 +683,8 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
         v0 = *(const float2*)(src + 2 * c4);
         v1 = *(const float2*)(src + 2 * c4 + 8);
       }
-      u32 a[3], b[3], c[3], d[3];
-      split3_bf16(v0.x, a[0], a[1], a[2]);
-      split3_bf16(v0.y, b[0], b[1], b[2]);
-      split3_bf16(v1.x, c[0], c[1], c[2]);
-      split3_bf16(v1.y, d[0], d[1], d[2]);
-#pragma unroll
-      for (int p = 0; p < 3; p++) {
-        qb[kk][j][p][0] = a[p] | (b[p] << 16);
-        qb[kk][j][p][1] = c[p] | (d[p] << 16);
-      }
+      split3_bf16x2(v0.x, v0.y, qb[kk][j][0][0], qb[kk][j][1][0], qb[kk][j][2][0]);
+      split3_bf16x2(v1.x, v1.y, qb[kk][j][0][1], qb[kk][j][1][1], qb[kk][j][2][1]);
     }
   }
   if (stamp && tid == 0) stamp[2] = globaltimer_after((int)(qb[0][0][0][0] ^ qb[KS - 1][DM_HT - 1][2][1]));
@@ -775,16 +780,21 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
       const bool none = m_new == __int_as_float(0xff800000);
       const float alpha = none ? 1.f : expf(m_run - m_new);
       float sum = 0.f;
+      // Positions sq + 8i and sq + 8(i+1) split together.
 #pragma unroll
-      for (int i = 0; i < TP / 8; i++) {
-        const float p = (none || sv[i] == __int_as_float(0xff800000)) ? 0.f : expf(sv[i] - m_new);
-        sum += p;
-        u32 hi, mid, lo;
-        split3_bf16(p, hi, mid, lo);
+      for (int i = 0; i < TP / 8; i += 2) {
+        const float p0 = (none || sv[i] == __int_as_float(0xff800000)) ? 0.f : expf(sv[i] - m_new);
+        const float p1 = (none || sv[i + 1] == __int_as_float(0xff800000)) ? 0.f : expf(sv[i + 1] - m_new);
+        sum += p0;
+        sum += p1;
+        u32 part[3];
+        split3_bf16x2(p0, p1, part[0], part[1], part[2]);
         const int r = sq + 8 * i;
-        pw[(0 * DM_NH + sh) * PLD + r] = (unsigned short)hi;
-        pw[(1 * DM_NH + sh) * PLD + r] = (unsigned short)mid;
-        pw[(2 * DM_NH + sh) * PLD + r] = (unsigned short)lo;
+#pragma unroll
+        for (int q = 0; q < 3; q++) {
+          pw[(q * DM_NH + sh) * PLD + r] = (unsigned short)(part[q] & 0xFFFFu);
+          pw[(q * DM_NH + sh) * PLD + r + 8] = (unsigned short)(part[q] >> 16);
+        }
       }
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);

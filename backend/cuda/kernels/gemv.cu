@@ -22,6 +22,71 @@
 
 GEMV_KERNEL(gemv_split_t1, 1, 4, true)
 
+// gemv_split_t1 for rows of 64*32 < K <= GEMV_REGS_C*32 columns (o_proj's
+// 5120 at batch 1): a lane requests all its chunks of the warp's 4 rows
+// (chunks lane, lane + 32, ...) before the wait, so that after it only
+// the activations are read, where gemv_dot waits for a round of loads
+// (from L2, prefetched) for each 64 chunks. The same sums in the same
+// order: the same bits.
+#define GEMV_REGS_C 5
+extern "C" __global__ void __launch_bounds__(32 * WARPS)
+    gemv_split_t1_regs(const u8* __restrict__ codes, const u8* __restrict__ scales,
+                       const float* __restrict__ row_scale, int N, int K, int gshift,
+                       const i8* __restrict__ xq, const float* __restrict__ xs,
+                       const i32* __restrict__ xsum, float* __restrict__ y, int ldy) {
+  PDL_LAUNCH();
+  const int warp = blockIdx.x * WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
+  const int row0 = warp * 4;
+  if (row0 >= N) return;
+  const int C = K >> 5, GK = C >> gshift;
+  const u8* rc[4];
+  const u8* rs[4];
+#pragma unroll
+  for (int r = 0; r < 4; r++) {
+    const int n = min(row0 + r, N - 1);
+    rc[r] = codes + (size_t)n * (K / 2);
+    rs[r] = scales + (size_t)n * GK;
+  }
+  uint4 w[GEMV_REGS_C][4];
+  u32 s[GEMV_REGS_C][4];
+#pragma unroll
+  for (int j = 0; j < GEMV_REGS_C; j++) {
+    const int c = 32 * j + lane;
+    if (c < C) {
+#pragma unroll
+      for (int r = 0; r < 4; r++) w[j][r] = load_stream16(rc[r] + c * 16);
+#pragma unroll
+      for (int r = 0; r < 4; r++) s[j][r] = __ldg(rs[r] + (c >> gshift));
+    }
+  }
+  PDL_WAIT();
+  float out[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int j = 0; j < GEMV_REGS_C; j++) {
+    const int c = 32 * j + lane;
+    if (c >= C) continue;
+    const uint4* xp = (const uint4*)(xq + c * 32);
+    const uint4 xa = __ldg(xp), xb = __ldg(xp + 1);
+    const float xscale = __ldg(xs + (c >> gshift));
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      const uint4 q = w[j][r];
+      i32 d = 0, neg = 0;
+      dot8_split(q.x, xa.x, xa.y, d, neg);
+      dot8_split(q.y, xa.z, xa.w, d, neg);
+      dot8_split(q.z, xb.x, xb.y, d, neg);
+      dot8_split(q.w, xb.z, xb.w, d, neg);
+      d -= neg;
+      out[r] += (float)d * (e4m3(s[j][r]) * xscale);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 4; r++) out[r] = warp_sum(out[r]);
+#pragma unroll
+  for (int r = 0; r < 4; r++)
+    if (lane == r && row0 + r < N) y[row0 + r] = out[r] * (row_scale[row0 + r] * 0.5f);
+}
+
 // One token against per-head column blocks: rows [h*rows, (h+1)*rows) of W
 // (K columns) take columns [h*K, (h+1)*K) of the quantized row (whole
 // groups), and y is one row of N. rows is a multiple of R, so each warp's
