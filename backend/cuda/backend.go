@@ -145,8 +145,7 @@ type Backend struct {
 	lastDense *denseOp
 	// lastRouter is the single-row router launch queued last: the MoE's
 	// quantization of the same input right after it goes into its launch.
-	lastRouter    *routerOp
-	noRouterQuant bool
+	lastRouter *routerOp
 	// routeCounters are the router launch's per-token counters (zero
 	// between launches; RouterRoute).
 	routeCounters Buffer
@@ -1739,7 +1738,7 @@ func (b *Backend) Route(logits backend.Tensor, bias backend.Weight, cfg backend.
 			}
 			b.pending[ro.idx] = queuedOp{"router+route", func(c *Ctx) error { return ro.call(c, nil) }}
 			b.lastDense = nil
-			if lm.rows == 1 && ld.x.rows == 1 && RouterFastFits(E, ld.w.k, ld.x.ptr, ld.x.ld, cfg.TopK) && !b.noRouterQuant {
+			if lm.rows == 1 && ld.x.rows == 1 && RouterFastFits(E, ld.w.k, ld.x.ptr, ld.x.ld, cfg.TopK) {
 				b.lastRouter = ro
 			}
 			return r
