@@ -18,7 +18,14 @@ type Device struct {
 	info   Info
 	closed bool
 	c      *Ctx
+	// late is a panic or runtime.Goexit of a closure passed to Go, kept
+	// by the device's thread for the next Do to raise.
+	late any
 }
+
+// queuedCalls is how many closures Go may leave queued before it waits
+// for the device's thread to take one.
+const queuedCalls = 64
 
 // Ctx is the device as seen from its owning thread. It is handed to the
 // closures that Device.Do runs and must not be kept or used outside them.
@@ -113,7 +120,7 @@ func Open(ordinal int) (*Device, error) {
 	if err := loadDriver(); err != nil {
 		return nil, err
 	}
-	d := &Device{calls: make(chan func())}
+	d := &Device{calls: make(chan func(), queuedCalls)}
 	started := make(chan error)
 	go d.loop(ordinal, started)
 	if err := <-started; err != nil {
@@ -286,6 +293,9 @@ func (d *Device) Do(fn func(c *Ctx) error) error {
 				err = errGoexit
 				go d.serveOnNewThread()
 			}
+			if pv == nil && d.late != nil {
+				pv, d.late = d.late, nil
+			}
 			close(done)
 		}()
 		err = fn(d.c)
@@ -296,6 +306,31 @@ func (d *Device) Do(fn func(c *Ctx) error) error {
 		panic(pv)
 	}
 	return err
+}
+
+// Go queues fn to run on the device's thread after the closures queued
+// before it, and returns without waiting (unless queuedCalls are already
+// waiting). A panic in fn is raised by the next Do; fn reports errors
+// through state of its own, which a later Do may read.
+func (d *Device) Go(fn func(c *Ctx)) {
+	if d.closed {
+		panic("cuda: Go on a closed device")
+	}
+	d.calls <- func() {
+		returned := false
+		defer func() {
+			pv := recover()
+			if !returned && pv == nil {
+				pv = errGoexit
+				go d.serveOnNewThread()
+			}
+			if pv != nil && d.late == nil {
+				d.late = pv
+			}
+		}()
+		fn(d.c)
+		returned = true
+	}
 }
 
 // Close waits for queued work, frees the device memory this device
