@@ -96,11 +96,10 @@ func (s *stepTimer) begin(rows int) {
 	s.start, s.rows, s.cur, s.lead = now, rows, [2]time.Duration{}, -1
 }
 
-// flushed notes a flush's hand-over on the model's thread and returns the
-// step it belongs to.
-func (s *stepTimer) flushed() (id int) {
+// flushed notes a flush's hand-over on the model's thread.
+func (s *stepTimer) flushed() {
 	if s == nil {
-		return 0
+		return
 	}
 	if s.lead < 0 {
 		s.lead = time.Since(s.start)
@@ -110,7 +109,6 @@ func (s *stepTimer) flushed() (id int) {
 	} else {
 		s.buckets[s.rows] = &stepTotals{flushes: 1}
 	}
-	return s.id
 }
 
 // add adds the time since since to this step's hand (0) or wait (1).
@@ -121,8 +119,8 @@ func (s *stepTimer) add(i int, since time.Time) {
 }
 
 // around runs work (a flush's launches) between two events, on the device
-// thread, for step id of rows, and adds ft to that row count's totals.
-func (s *stepTimer) around(c *Ctx, id, rows int, ft *flushTimes, work func() error) error {
+// thread, for step id of rows.
+func (s *stepTimer) around(c *Ctx, id, rows int, work func() error) error {
 	if s == nil {
 		return work()
 	}
@@ -151,16 +149,19 @@ func (s *stepTimer) around(c *Ctx, id, rows int, ft *flushTimes, work func() err
 	if err := c.RecordAt(st.events[len(st.events)-2]); err != nil {
 		return err
 	}
-	err := work()
+	if err := work(); err != nil {
+		return err
+	}
+	return c.RecordAt(st.events[len(st.events)-1])
+}
+
+// note adds a flush's times to its row count's totals (device thread).
+func (s *stepTimer) note(rows int, ft *flushTimes) {
 	t := s.totals(rows)
 	t.flushes++
 	t.record += ft.record
 	t.lookup += ft.lookup
 	t.launch += ft.launch
-	if err != nil {
-		return err
-	}
-	return c.RecordAt(st.events[len(st.events)-1])
 }
 
 func (s *stepTimer) totals(rows int) *deviceTotals {
