@@ -297,7 +297,7 @@ func NewBackend(o Options, minCC int) (backend.Backend, error) {
 // NewOnDevice returns a backend on an opened device, which the caller keeps
 // and closes.
 func NewOnDevice(d *Device, o Options) *Backend {
-	b := &Backend{dev: d, opts: o, moe: map[*QMatrix]*moeLayer{}, moeShared: map[*QMatrix]*moeLayer{}, identity: map[int]uint64{}, splitFloats: maxSplitFloats, flashMin: flashMinRows, prof: newProfiler(), steps: newStepTimer(),
+	b := &Backend{dev: d, opts: o, moe: map[*QMatrix]*moeLayer{}, moeShared: map[*QMatrix]*moeLayer{}, identity: map[int]uint64{}, splitFloats: maxSplitFloats, flashMin: flashMinRows, prof: newProfiler(), steps: newStepTimer(d),
 		ropeTables: map[ropeKey]uint64{}, ropeBufs: map[ropeKey]Buffer{}}
 	if !o.NoGraphs && os.Getenv("MMFP4_CUDA_GRAPHS") != "0" {
 		b.graphs = &graphCache{}
@@ -320,9 +320,6 @@ func NewOnDevice(d *Device, o Options) *Backend {
 	if os.Getenv("MMFP4_CUDA_CHAIN") == "0" {
 		b.opts.SeparateChain = true
 	}
-	if os.Getenv("MMFP4_CUDA_CHUNKS") == "0" {
-		b.opts.NoPieces = true // measurement only
-	}
 	if os.Getenv("MMFP4_CUDA_FLUSH_WAIT") == "1" {
 		b.opts.WaitFlushes = true
 	}
@@ -337,7 +334,7 @@ func (b *Backend) Close() error {
 	b.flush()
 	err := b.dev.Do(func(c *Ctx) error {
 		errs := []error{c.Sync(), b.weights.free(c), b.arena.free(c), b.async.free(c)}
-		errs = append(errs, b.steps.report(c, os.Stderr))
+		errs = append(errs, b.steps.report(c, os.Stderr, b.graphs))
 		if b.prof != nil {
 			b.prof.report(os.Stderr)
 			errs = append(errs, b.prof.free(c))
@@ -427,9 +424,8 @@ func (b *Backend) flushOps(hold bool) {
 	ops := b.pending
 	b.zero = nil // its memset is in this flush
 	b.flushes++
-	t0 := time.Now()
-	defer b.steps.add(0, t0)
-	b.steps.flushed()
+	t0, w0 := b.steps.flushStart()
+	defer b.steps.flushEnd(t0, w0)
 	id, rows := b.stepNo, b.batchRows()
 	if b.opts.WaitFlushes {
 		err := b.dev.Do(func(c *Ctx) error { return b.runOps(c, ops, id, rows, hold) })
@@ -593,8 +589,6 @@ const bigStepRows = 128
 // error under op's name.
 func (b *Backend) now(op string, fn func(c *Ctx) error) {
 	b.flush()
-	t0 := time.Now()
-	defer b.steps.add(1, t0)
 	err := b.dev.Do(fn)
 	b.settle()
 	if err != nil && b.err == nil {

@@ -8,6 +8,8 @@ import (
 	"math"
 	"os"
 	"runtime"
+	"sync/atomic"
+	"time"
 	"unsafe"
 )
 
@@ -21,6 +23,8 @@ type Device struct {
 	// late is a panic or runtime.Goexit of a closure passed to Go, kept
 	// by the device's thread for the next Do to raise.
 	late any
+	// waitNS sums the time callers have spent in Do (the step timer).
+	waitNS atomic.Int64
 }
 
 // queuedCalls is how many closures Go may leave queued before it waits
@@ -284,6 +288,8 @@ func (d *Device) Do(fn func(c *Ctx) error) error {
 		err error
 		pv  any
 	)
+	t0 := time.Now()
+	defer func() { d.waitNS.Add(int64(time.Since(t0))) }()
 	done := make(chan struct{})
 	d.calls <- func() {
 		returned := false
@@ -307,6 +313,9 @@ func (d *Device) Do(fn func(c *Ctx) error) error {
 	}
 	return err
 }
+
+// waited is the time callers have spent in Do.
+func (d *Device) waited() time.Duration { return time.Duration(d.waitNS.Load()) }
 
 // Go queues fn to run on the device's thread after the closures queued
 // before it, and returns without waiting (unless queuedCalls are already

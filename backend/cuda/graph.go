@@ -4,7 +4,6 @@ package cuda
 
 import (
 	"fmt"
-	"os"
 	"slices"
 	"time"
 	"unsafe"
@@ -93,53 +92,6 @@ type graph struct {
 	// those of them that let a kernel start before the one before it ends
 	// (programmatic dependent launch); -1 where the driver cannot say.
 	edges, programmatic int
-	// host are page-locked copies of the payload, used in turn, and ev the
-	// event after each one's copy to the device.
-	host [stagingSlots]unsafe.Pointer
-	ev   [stagingSlots]*Event
-	turn int
-}
-
-// stagingSlots is how many page-locked copies of a graph's payload it
-// keeps. A copy from pageable memory may wait for the stream to reach it
-// (the driver stages it first), which would make the device thread wait
-// for the step before; from page-locked memory it returns at once, and a
-// slot is refilled only once the event after its last copy has passed (two
-// replays of one graph are in flight at most while steps are queued
-// ahead).
-const stagingSlots = 3
-
-// pinnedStaging: replays copy their payload from page-locked memory
-// (MMFP4_CUDA_PINNED=0: from the recording's, as before; measurement only).
-var pinnedStaging = os.Getenv("MMFP4_CUDA_PINNED") != "0"
-
-// upload copies a replay's payload into g's staging buffer on the device.
-func (g *graph) upload(c *Ctx, p []byte) error {
-	n := uint64(len(p))
-	if !pinnedStaging {
-		return check("cuMemcpyHtoDAsync", drv.cuMemcpyHtoDAsync(g.staging.Ptr, unsafe.Pointer(&p[0]), n, c.stream))
-	}
-	i := g.turn
-	g.turn = (g.turn + 1) % stagingSlots
-	if g.host[i] == nil {
-		if err := check("cuMemAllocHost", drv.cuMemAllocHost(&g.host[i], n)); err != nil {
-			return err
-		}
-		ev, err := c.NewEvent()
-		if err != nil {
-			drv.cuMemFreeHost(g.host[i])
-			g.host[i] = nil
-			return err
-		}
-		g.ev[i] = ev
-	} else if err := check("cuEventSynchronize", drv.cuEventSynchronize(g.ev[i].h)); err != nil {
-		return c.annotate(err)
-	}
-	copy(unsafe.Slice((*byte)(g.host[i]), n), p)
-	if err := check("cuMemcpyHtoDAsync", drv.cuMemcpyHtoDAsync(g.staging.Ptr, g.host[i], n, c.stream)); err != nil {
-		return err
-	}
-	return c.RecordAt(g.ev[i])
 }
 
 // graphCache holds the graphs of recent distinct flushes.
@@ -213,7 +165,7 @@ func (gc *graphCache) run(c *Ctx, once bool, ft *flushTimes) error {
 	}
 	gc.Replays++
 	if len(r.payload) > 0 {
-		if err := g.upload(c, r.payload); err != nil {
+		if err := check("cuMemcpyHtoDAsync", drv.cuMemcpyHtoDAsync(g.staging.Ptr, unsafe.Pointer(&r.payload[0]), uint64(len(r.payload)), c.stream)); err != nil {
 			return err
 		}
 	}
@@ -312,22 +264,6 @@ func (gc *graphCache) drop(c *Ctx, g *graph) error {
 	if g.staging.Ptr != 0 {
 		c.Free(g.staging)
 		g.staging = Buffer{}
-	}
-	for i, h := range g.host {
-		if h == nil {
-			continue
-		}
-		// Its copy may not have run yet.
-		if e := check("cuEventSynchronize", drv.cuEventSynchronize(g.ev[i].h)); e != nil && err == nil {
-			err = e
-		}
-		if e := check("cuMemFreeHost", drv.cuMemFreeHost(h)); e != nil && err == nil {
-			err = e
-		}
-		if e := c.DestroyEvent(g.ev[i]); e != nil && err == nil {
-			err = e
-		}
-		g.host[i], g.ev[i] = nil, nil
 	}
 	return err
 }

@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"math"
 	"slices"
-	"time"
 	"unsafe"
 
 	"github.com/mmfp4/mmfp4/backend"
@@ -229,7 +228,6 @@ func (b *Backend) SampleRowsAsync(logits backend.Tensor, params []backend.Sample
 		}
 		waited = true
 		b.flush() // what is queued after this step runs while the host waits
-		t0 := time.Now()
 		var err error
 		if b.err == nil {
 			err = b.dev.Do(func(c *Ctx) error {
@@ -237,7 +235,6 @@ func (b *Backend) SampleRowsAsync(logits backend.Tensor, params []backend.Sample
 			})
 			b.settle()
 		}
-		b.steps.add(1, t0)
 		if err := b.err; err != nil {
 			b.err = nil
 			return nil, nil, err

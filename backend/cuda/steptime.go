@@ -15,26 +15,31 @@ import (
 // step's row count, so that batch-1 decode and a serving batch of 32 rows
 // are reported apart. A step runs from one SetBatch to the next. On the
 // model's thread: handing flushes to the device thread (hand), and waiting
-// in calls that return only once the device thread has run them (wait:
-// read-backs, syncs, and through them the device thread's backlog and the
-// device); the rest is the model's and the caller's host code, the
-// engine's included. On the device thread, for the same steps: running the
-// queued ops' closures (record: their host code and the recording of their
-// launches), finding the graph (lookup) and the driver calls that launch
-// it (launch). Events around each flush's work give the device's busy
-// time; the step's wall time less that is the GPU idling.
+// in every other call that returns only once the device thread has run it
+// (wait, Device.Do: read-backs, syncs, and through them the device
+// thread's backlog and the device); the rest is the model's and the
+// caller's host code, the engine's included. On the device thread, for the
+// same steps: running the queued ops' closures (their host code and the
+// recording of their launches), finding the graph, and the driver calls
+// that launch it. Events around each flush's launches give the device's
+// busy time; the step's wall time less that is the GPU idling.
 //
 // The device thread reads a step's events two steps later, when they are
 // complete: a step queued ahead of the one before (Batch.Prev) must not
 // wait for that one here.
 type stepTimer struct {
 	// The model's thread.
+	d       *Device
 	id      int // of the current step (0: none yet)
 	start   time.Time
 	rows    int
-	cur     [2]time.Duration // this step's hand and wait
-	lead    time.Duration    // this step's host time before its first flush (-1: none yet)
+	hand    time.Duration // this step's time handing flushes over
+	lead    time.Duration // this step's host time before its first flush (-1: none yet)
 	buckets map[int]*stepTotals
+	// waited is the device's Do time (Device.waited) at the step's start,
+	// and handWait the part of the step's that flushes spent (waiting for
+	// the device thread where flushes wait, WaitFlushes).
+	waited, handWait time.Duration
 
 	// The device thread.
 	dev    map[int]*deviceTotals
@@ -66,11 +71,11 @@ type flushTimes struct {
 	record, lookup, launch time.Duration
 }
 
-func newStepTimer() *stepTimer {
+func newStepTimer(d *Device) *stepTimer {
 	if os.Getenv("MMFP4_CUDA_STEPTIME") != "1" {
 		return nil
 	}
-	return &stepTimer{buckets: map[int]*stepTotals{}, dev: map[int]*deviceTotals{}}
+	return &stepTimer{d: d, buckets: map[int]*stepTotals{}, dev: map[int]*deviceTotals{}}
 }
 
 // begin ends the step before and starts one of the given rows (model's
@@ -79,7 +84,7 @@ func (s *stepTimer) begin(rows int) {
 	if s == nil {
 		return
 	}
-	now := time.Now()
+	now, waited := time.Now(), s.d.waited()
 	if s.id > 0 {
 		t := s.buckets[s.rows]
 		if t == nil {
@@ -88,18 +93,20 @@ func (s *stepTimer) begin(rows int) {
 		}
 		t.steps++
 		t.total += now.Sub(s.start)
-		t.hand += s.cur[0]
-		t.wait += s.cur[1]
+		t.hand += s.hand
+		t.wait += waited - s.waited - s.handWait
 		t.lead += max(s.lead, 0) // a step without a flush has no lead
 	}
 	s.id++
-	s.start, s.rows, s.cur, s.lead = now, rows, [2]time.Duration{}, -1
+	s.start, s.rows, s.lead = now, rows, -1
+	s.hand, s.handWait, s.waited = 0, 0, waited
 }
 
-// flushed notes a flush's hand-over on the model's thread.
-func (s *stepTimer) flushed() {
+// flushStart notes the start of a flush's hand-over on the model's thread;
+// flushEnd its end.
+func (s *stepTimer) flushStart() (time.Time, time.Duration) {
 	if s == nil {
-		return
+		return time.Time{}, 0
 	}
 	if s.lead < 0 {
 		s.lead = time.Since(s.start)
@@ -109,12 +116,13 @@ func (s *stepTimer) flushed() {
 	} else {
 		s.buckets[s.rows] = &stepTotals{flushes: 1}
 	}
+	return time.Now(), s.d.waited()
 }
 
-// add adds the time since since to this step's hand (0) or wait (1).
-func (s *stepTimer) add(i int, since time.Time) {
+func (s *stepTimer) flushEnd(t0 time.Time, waited time.Duration) {
 	if s != nil {
-		s.cur[i] += time.Since(since)
+		s.hand += time.Since(t0)
+		s.handWait += s.d.waited() - waited
 	}
 }
 
@@ -192,11 +200,15 @@ func (s *stepTimer) collect(c *Ctx, before int) error {
 	return nil
 }
 
-// report prints one line per row count, on the device thread after a
-// sync, and frees the events. The step in progress is not counted.
-func (s *stepTimer) report(c *Ctx, w io.Writer) error {
+// report prints two lines per row count, and the graph cache's counts
+// (gc may be nil), on the device thread after a sync, and frees the
+// events. The step in progress is not counted.
+func (s *stepTimer) report(c *Ctx, w io.Writer, gc *graphCache) error {
 	if s == nil {
 		return nil
+	}
+	if gc != nil {
+		fmt.Fprintf(w, "cuda step time: graphs: %d flushes replayed, %d captured, %d issued directly; %d graphs cached\n", gc.Replays, gc.Captures, gc.Direct, len(gc.graphs))
 	}
 	err := s.collect(c, -1)
 	for _, e := range s.spares {
