@@ -627,6 +627,10 @@ func (c *Ctx) module(name string) (*module, error) {
 	return m, nil
 }
 
+// preloadModules: Precompile loads the cached modules
+// (MMFP4_CUDA_LAZY_MODULES=1: at first use; measurement only).
+var preloadModules = os.Getenv("MMFP4_CUDA_LAZY_MODULES") != "1"
+
 // compileJob is one module's compile on another thread.
 type compileJob struct {
 	done chan struct{}
@@ -635,11 +639,13 @@ type compileJob struct {
 }
 
 // Precompile starts compiling every embedded module that is not in the disk
-// cache, on up to one thread a CPU, and returns at once; a module's first
-// use waits for its compile. On a fresh machine the kernels are then
-// compiled side by side while the weights upload (each module's first
-// launch compiled it alone: about 20 s in all on an H200's host), not one
-// by one inside the first requests.
+// cache, on up to one thread a CPU, and returns; a module's first use waits
+// for its compile. On a fresh machine the kernels are then compiled side by
+// side while the weights upload (each module's first launch compiled it
+// alone: about 20 s in all on an H200's host), not one by one inside the
+// first requests. The modules in the cache are loaded here: loaded at
+// first use, they held up the first prefill (about 50 ms of the device
+// thread's time on an H200's host, while the device waited for part of it).
 func (c *Ctx) Precompile() error {
 	arch, err := c.Arch()
 	if err != nil {
@@ -656,7 +662,15 @@ func (c *Ctx) Precompile() error {
 			return err
 		}
 		key := cacheKey(name, src, arch, compileOptions, rtcVersion, c.info.DriverVersion)
-		if c.modules[name] != nil || c.compiles[name] != nil || inCache(dir, key) {
+		if c.modules[name] != nil || c.compiles[name] != nil {
+			continue
+		}
+		if inCache(dir, key) {
+			if preloadModules {
+				if _, err := c.module(name); err != nil {
+					return err
+				}
+			}
 			continue
 		}
 		j := &compileJob{done: make(chan struct{})}
