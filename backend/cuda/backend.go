@@ -199,13 +199,8 @@ type Backend struct {
 	handed   int
 	lateErr  error
 	spareOps chan []queuedOp
-	// stepGraphs launches a step queued ahead (Batch.Prev) as one graph:
-	// its pieces still go to the device thread as they are queued, which
-	// records them, but the launch waits for the step's last flush (the
-	// device is busy with the step before meanwhile). holding: the
-	// device thread holds such records; stepNo counts SetBatch calls.
-	stepGraphs, holding bool
-	stepNo              int
+	// stepNo counts SetBatch calls (the step timer's steps).
+	stepNo int
 }
 
 type ropeOp struct {
@@ -323,7 +318,6 @@ func NewOnDevice(d *Device, o Options) *Backend {
 	if os.Getenv("MMFP4_CUDA_FLUSH_WAIT") == "1" {
 		b.opts.WaitFlushes = true
 	}
-	b.stepGraphs = os.Getenv("MMFP4_CUDA_STEPGRAPH") == "1"
 	b.decodeAttnConfig()
 	return b
 }
@@ -410,17 +404,10 @@ func (b *Backend) do(op string, fn func(c *Ctx) error) {
 // in order, so a later Do finds these ops launched; their first error is
 // kept for the next Sync (settle), and the device thread skips the ops
 // handed over after it until then.
-func (b *Backend) flush() { b.flushOps(false) }
-
-// flushOps is flush; hold (a piece of a step queued ahead, stepGraphs)
-// lets the device thread record the ops and keep the records, to be
-// launched as one graph with the rest of the step's at the next flush
-// that does not hold.
-func (b *Backend) flushOps(hold bool) {
-	if len(b.pending) == 0 && (hold || !b.holding) {
+func (b *Backend) flush() {
+	if len(b.pending) == 0 {
 		return
 	}
-	b.holding = hold
 	ops := b.pending
 	b.zero = nil // its memset is in this flush
 	b.flushes++
@@ -428,7 +415,7 @@ func (b *Backend) flushOps(hold bool) {
 	defer b.steps.flushEnd(t0, w0)
 	id, rows := b.stepNo, b.batchRows()
 	if b.opts.WaitFlushes {
-		err := b.dev.Do(func(c *Ctx) error { return b.runOps(c, ops, id, rows, hold) })
+		err := b.dev.Do(func(c *Ctx) error { return b.runOps(c, ops, id, rows) })
 		clear(ops)
 		b.pending = ops[:0]
 		b.settle()
@@ -450,7 +437,7 @@ func (b *Backend) flushOps(hold bool) {
 	spare := b.spareOps
 	b.dev.Go(func(c *Ctx) {
 		if b.lateErr == nil {
-			if err := b.runOps(c, ops, id, rows, hold); err != nil {
+			if err := b.runOps(c, ops, id, rows); err != nil {
 				b.lateErr = fmt.Errorf("cuda backend: %w", err)
 			}
 		}
@@ -464,9 +451,8 @@ func (b *Backend) flushOps(hold bool) {
 
 // runOps runs a flush's ops on the device thread: recorded and launched
 // as a graph, or one by one where graphs are off or the profile times
-// them. rows is the step's row count, id its number (SetBatch calls);
-// hold keeps the records for the next flush of the step (flushOps).
-func (b *Backend) runOps(c *Ctx, ops []queuedOp, id, rows int, hold bool) error {
+// them. rows is the step's row count, id its number (SetBatch calls).
+func (b *Backend) runOps(c *Ctx, ops []queuedOp, id, rows int) error {
 	if b.prof != nil && (rows == 1 || b.prof.all) {
 		return b.prof.run(c, ops)
 	}
@@ -491,10 +477,7 @@ func (b *Backend) runOps(c *Ctx, ops []queuedOp, id, rows int, hold bool) error 
 	}
 	t0 := time.Now()
 	gc := b.graphs
-	if !gc.held || gc.heldStep != id {
-		gc.rec.reset()
-	}
-	gc.held = false
+	gc.rec.reset()
 	c.rec = &gc.rec
 	for _, q := range ops {
 		if err := q.fn(c); err != nil {
@@ -505,10 +488,6 @@ func (b *Backend) runOps(c *Ctx, ops []queuedOp, id, rows int, hold bool) error 
 	c.rec = nil
 	if ft != nil {
 		ft.record = time.Since(t0)
-	}
-	if hold {
-		gc.held, gc.heldStep = true, id
-		return nil
 	}
 	once := rows >= bigStepRows // a prefill's pieces do not repeat
 	return b.steps.around(c, id, rows, func() error { return gc.run(c, once, ft) })
@@ -577,7 +556,7 @@ func (b *Backend) flushPiece() {
 	}
 	if len(b.pending) >= pieceOps || b.pieces == 0 {
 		b.pieces++
-		b.flushOps(b.stepGraphs && b.graphs != nil && b.prof == nil && b.batch != nil && len(b.batch.Prev) > 0)
+		b.flush()
 	}
 }
 
@@ -934,9 +913,6 @@ type batchMeta struct {
 // SetBatch resets the arena and uploads the batch's positions, each row's
 // sequence and cache slot, the block tables and the output rows.
 func (b *Backend) SetBatch(batch *backend.Batch, p backend.CachePool) {
-	if b.holding {
-		b.flush()
-	}
 	b.drain() // the ops handed over may still read b.meta
 	b.fusedCounter()
 	b.stepNo++

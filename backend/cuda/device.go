@@ -627,10 +627,6 @@ func (c *Ctx) module(name string) (*module, error) {
 	return m, nil
 }
 
-// preloadModules: Precompile loads the cached modules
-// (MMFP4_CUDA_LAZY_MODULES=1: at first use; measurement only).
-var preloadModules = os.Getenv("MMFP4_CUDA_LAZY_MODULES") != "1"
-
 // compileJob is one module's compile on another thread.
 type compileJob struct {
 	done chan struct{}
@@ -666,10 +662,8 @@ func (c *Ctx) Precompile() error {
 			continue
 		}
 		if inCache(dir, key) {
-			if preloadModules {
-				if _, err := c.module(name); err != nil {
-					return err
-				}
+			if _, err := c.module(name); err != nil {
+				return err
 			}
 			continue
 		}

@@ -99,10 +99,6 @@ type graphCache struct {
 	graphs  []*graph
 	flushes int
 	rec     recording
-	// held: rec holds the records of step heldStep's flushes so far, to
-	// be launched with the next's.
-	held     bool
-	heldStep int
 	// Replays and Captures count what happened, for tests and notes.
 	Replays, Captures, Direct int
 }
