@@ -320,10 +320,11 @@ func (d *Device) waited() time.Duration { return time.Duration(d.waitNS.Load()) 
 // Go queues fn to run on the device's thread after the closures queued
 // before it, and returns without waiting (unless queuedCalls are already
 // waiting). A panic in fn is raised by the next Do; fn reports errors
-// through state of its own, which a later Do may read.
+// through state of its own, which a later Do may read. On a closed device
+// fn does not run (the next Do reports the device closed).
 func (d *Device) Go(fn func(c *Ctx)) {
 	if d.closed {
-		panic("cuda: Go on a closed device")
+		return
 	}
 	d.calls <- func() {
 		returned := false

@@ -211,6 +211,7 @@ func (b *Backend) SampleRowsAsync(logits backend.Tensor, params []backend.Sample
 	slot := a.turn
 	a.turn ^= 1
 	host, ev, src := a.host[slot], a.ev[slot], a.dev.Ptr
+	b.flush()
 	if b.err == nil {
 		// Outside any graph: a copy into host memory with its event.
 		b.handOver("sample ids", func(c *Ctx) error {
