@@ -42,8 +42,12 @@ type Options struct {
 	// latent's norm, the RoPEs and cache write with the absorbed query).
 	SeparateChain bool
 	// NoPieces hands a step to the device whole at its first read-back
-	// instead of in pieces of a few layers (also MMFP4_CUDA_CHUNKS=0).
+	// instead of in pieces of a few layers.
 	NoPieces bool
+	// WaitFlushes makes each flush wait until the device thread has
+	// recorded and launched its ops, instead of handing them over and
+	// queuing the next meanwhile (also MMFP4_CUDA_FLUSH_WAIT=1).
+	WaitFlushes bool
 }
 
 // Backend implements backend.Backend on one GPU. Every op is queued on the
@@ -182,6 +186,17 @@ type Backend struct {
 	steps *stepTimer // MMFP4_CUDA_STEPTIME=1
 	// pieces counts the pieces this step has gone to the device in.
 	pieces int
+
+	// Flushes handed over without waiting (flush): handed counts those
+	// since the last call that waited for the device thread; lateErr is
+	// the first error of one, set on the device thread and read here after
+	// a Do (settle); spareOps are queues the device thread has finished
+	// with, for reuse.
+	handed   int
+	lateErr  error
+	spareOps chan []queuedOp
+	// stepNo counts SetBatch calls (the step timer's steps).
+	stepNo int
 }
 
 type ropeOp struct {
@@ -273,13 +288,13 @@ func NewBackend(o Options, minCC int) (backend.Backend, error) {
 // NewOnDevice returns a backend on an opened device, which the caller keeps
 // and closes.
 func NewOnDevice(d *Device, o Options) *Backend {
-	b := &Backend{dev: d, opts: o, moe: map[*QMatrix]*moeLayer{}, moeShared: map[*QMatrix]*moeLayer{}, identity: map[int]uint64{}, splitFloats: maxSplitFloats, flashMin: flashMinRows, prof: newProfiler(), steps: newStepTimer(),
+	b := &Backend{dev: d, opts: o, moe: map[*QMatrix]*moeLayer{}, moeShared: map[*QMatrix]*moeLayer{}, identity: map[int]uint64{}, splitFloats: maxSplitFloats, flashMin: flashMinRows, prof: newProfiler(), steps: newStepTimer(d),
 		ropeTables: map[ropeKey]uint64{}, ropeBufs: map[ropeKey]Buffer{}}
 	if !o.NoGraphs && os.Getenv("MMFP4_CUDA_GRAPHS") != "0" {
 		b.graphs = &graphCache{}
 	}
-	if os.Getenv("MMFP4_CUDA_CHUNKS") == "0" {
-		b.opts.NoPieces = true
+	if os.Getenv("MMFP4_CUDA_FLUSH_WAIT") == "1" {
+		b.opts.WaitFlushes = true
 	}
 	b.decodeAttnConfig()
 	return b
@@ -291,7 +306,7 @@ func (b *Backend) Close() error {
 	b.flush()
 	err := b.dev.Do(func(c *Ctx) error {
 		errs := []error{c.Sync(), b.weights.free(c), b.arena.free(c), b.async.free(c)}
-		errs = append(errs, b.steps.report(c, os.Stderr))
+		errs = append(errs, b.steps.report(c, os.Stderr, b.graphs))
 		if b.prof != nil {
 			b.prof.report(os.Stderr)
 			errs = append(errs, b.prof.free(c))
@@ -360,8 +375,13 @@ func (b *Backend) do(op string, fn func(c *Ctx) error) {
 	}
 }
 
-// flush runs the queued ops on the device thread, stopping at the first
-// error, which it records.
+// flush hands the queued ops to the device thread, which records and
+// launches them (as a graph where the same ops were seen before), stopping
+// at the first error. It does not wait: the model queues the next piece
+// while the device thread works. The device thread runs what it is given
+// in order, so a later Do finds these ops launched; their first error is
+// kept for the next Sync (settle), and the device thread skips the ops
+// handed over after it until then.
 func (b *Backend) flush() {
 	if len(b.pending) == 0 {
 		return
@@ -369,39 +389,129 @@ func (b *Backend) flush() {
 	ops := b.pending
 	b.zero = nil // its memset is in this flush
 	b.flushes++
-	t0 := time.Now()
-	defer b.steps.add(0, t0)
-	err := b.dev.Do(func(c *Ctx) error {
-		if b.prof != nil && (b.batchRows() == 1 || b.prof.all) {
-			return b.prof.run(c, ops)
+	t0, w0 := b.steps.flushStart()
+	defer b.steps.flushEnd(t0, w0)
+	id, rows := b.stepNo, b.batchRows()
+	if b.opts.WaitFlushes {
+		err := b.dev.Do(func(c *Ctx) error { return b.runOps(c, ops, id, rows) })
+		clear(ops)
+		b.pending = ops[:0]
+		b.settle()
+		if err != nil && b.err == nil {
+			b.err = fmt.Errorf("cuda backend: %w", err)
 		}
-		if b.graphs == nil {
-			return b.steps.around(c, func() error {
-				for _, q := range ops {
-					if err := q.fn(c); err != nil {
-						return fmt.Errorf("%s: %w", q.op, err)
-					}
-				}
-				return nil
-			})
-		}
-		gc := b.graphs
-		gc.rec.reset()
-		c.rec = &gc.rec
-		for _, q := range ops {
-			if err := q.fn(c); err != nil {
-				c.rec = nil
-				return fmt.Errorf("%s: %w", q.op, err)
+		return
+	}
+	if b.spareOps == nil {
+		b.spareOps = make(chan []queuedOp, 4)
+	}
+	select {
+	case q := <-b.spareOps:
+		b.pending = q
+	default:
+		b.pending = make([]queuedOp, 0, max(cap(ops), pieceOps))
+	}
+	b.handed++
+	spare := b.spareOps
+	b.dev.Go(func(c *Ctx) {
+		if b.lateErr == nil {
+			if err := b.runOps(c, ops, id, rows); err != nil {
+				b.lateErr = fmt.Errorf("cuda backend: %w", err)
 			}
 		}
-		c.rec = nil
-		once := b.batchRows() >= bigStepRows // a prefill's pieces do not repeat
-		return b.steps.around(c, func() error { return gc.run(c, once) })
+		clear(ops)
+		select {
+		case spare <- ops[:0]:
+		default:
+		}
 	})
-	clear(ops)
-	b.pending = ops[:0]
-	if err != nil && b.err == nil {
-		b.err = fmt.Errorf("cuda backend: %w", err)
+}
+
+// runOps runs a flush's ops on the device thread: recorded and launched
+// as a graph, or one by one where graphs are off or the profile times
+// them. rows is the step's row count, id its number (SetBatch calls).
+func (b *Backend) runOps(c *Ctx, ops []queuedOp, id, rows int) error {
+	if b.prof != nil && (rows == 1 || b.prof.all) {
+		return b.prof.run(c, ops)
+	}
+	var ft *flushTimes
+	if b.steps != nil {
+		ft = &flushTimes{}
+		defer b.steps.note(rows, ft)
+	}
+	if b.graphs == nil {
+		return b.steps.around(c, id, rows, func() error {
+			if ft != nil {
+				t0 := time.Now()
+				defer func() { ft.launch = time.Since(t0) }()
+			}
+			for _, q := range ops {
+				if err := q.fn(c); err != nil {
+					return fmt.Errorf("%s: %w", q.op, err)
+				}
+			}
+			return nil
+		})
+	}
+	t0 := time.Now()
+	gc := b.graphs
+	gc.rec.reset()
+	c.rec = &gc.rec
+	for _, q := range ops {
+		if err := q.fn(c); err != nil {
+			c.rec = nil
+			return fmt.Errorf("%s: %w", q.op, err)
+		}
+	}
+	c.rec = nil
+	if ft != nil {
+		ft.record = time.Since(t0)
+	}
+	once := rows >= bigStepRows // a prefill's pieces do not repeat
+	return b.steps.around(c, id, rows, func() error { return gc.run(c, once, ft) })
+}
+
+// settle takes the error of a flush that was handed over without waiting,
+// after a Do (which ran after it).
+func (b *Backend) settle() {
+	b.handed = 0
+	if b.lateErr != nil {
+		if b.err == nil {
+			b.err = b.lateErr
+		}
+		b.lateErr = nil
+	}
+}
+
+// handOver runs fn on the device thread after the queued ops without
+// waiting for it (as flush hands over ops); its error, under op's name,
+// surfaces as a flush's does.
+func (b *Backend) handOver(op string, fn func(c *Ctx) error) {
+	b.flush()
+	if b.opts.WaitFlushes {
+		err := b.dev.Do(fn)
+		b.settle()
+		if err != nil && b.err == nil {
+			b.err = fmt.Errorf("cuda backend: %s: %w", op, err)
+		}
+		return
+	}
+	b.handed++
+	b.dev.Go(func(c *Ctx) {
+		if b.lateErr == nil {
+			if err := fn(c); err != nil {
+				b.lateErr = fmt.Errorf("cuda backend: %s: %w", op, err)
+			}
+		}
+	})
+}
+
+// drain waits until the device thread has run the flushes handed over,
+// and takes their error.
+func (b *Backend) drain() {
+	if b.handed > 0 {
+		b.dev.Do(func(c *Ctx) error { return nil })
+		b.settle()
 	}
 }
 
@@ -436,9 +546,9 @@ const bigStepRows = 128
 // error under op's name.
 func (b *Backend) now(op string, fn func(c *Ctx) error) {
 	b.flush()
-	t0 := time.Now()
-	defer b.steps.add(1, t0)
-	if err := b.dev.Do(fn); err != nil && b.err == nil {
+	err := b.dev.Do(fn)
+	b.settle()
+	if err != nil && b.err == nil {
 		b.err = fmt.Errorf("cuda backend: %s: %w", op, err)
 	}
 }
@@ -781,7 +891,9 @@ type batchMeta struct {
 // SetBatch resets the arena and uploads the batch's positions, each row's
 // sequence and cache slot, the block tables and the output rows.
 func (b *Backend) SetBatch(batch *backend.Batch, p backend.CachePool) {
+	b.drain() // the ops handed over may still read b.meta
 	b.fusedCounter()
+	b.stepNo++
 	b.steps.begin(batch.Rows())
 	b.pieces = 0
 	b.batch = batch

@@ -8,6 +8,8 @@ import (
 	"math"
 	"os"
 	"runtime"
+	"sync/atomic"
+	"time"
 	"unsafe"
 )
 
@@ -18,7 +20,16 @@ type Device struct {
 	info   Info
 	closed bool
 	c      *Ctx
+	// late is a panic or runtime.Goexit of a closure passed to Go, kept
+	// by the device's thread for the next Do to raise.
+	late any
+	// waitNS sums the time callers have spent in Do (the step timer).
+	waitNS atomic.Int64
 }
+
+// queuedCalls is how many closures Go may leave queued before it waits
+// for the device's thread to take one.
+const queuedCalls = 64
 
 // Ctx is the device as seen from its owning thread. It is handed to the
 // closures that Device.Do runs and must not be kept or used outside them.
@@ -113,7 +124,7 @@ func Open(ordinal int) (*Device, error) {
 	if err := loadDriver(); err != nil {
 		return nil, err
 	}
-	d := &Device{calls: make(chan func())}
+	d := &Device{calls: make(chan func(), queuedCalls)}
 	started := make(chan error)
 	go d.loop(ordinal, started)
 	if err := <-started; err != nil {
@@ -277,6 +288,8 @@ func (d *Device) Do(fn func(c *Ctx) error) error {
 		err error
 		pv  any
 	)
+	t0 := time.Now()
+	defer func() { d.waitNS.Add(int64(time.Since(t0))) }()
 	done := make(chan struct{})
 	d.calls <- func() {
 		returned := false
@@ -285,6 +298,9 @@ func (d *Device) Do(fn func(c *Ctx) error) error {
 			if !returned && pv == nil {
 				err = errGoexit
 				go d.serveOnNewThread()
+			}
+			if pv == nil && d.late != nil {
+				pv, d.late = d.late, nil
 			}
 			close(done)
 		}()
@@ -296,6 +312,35 @@ func (d *Device) Do(fn func(c *Ctx) error) error {
 		panic(pv)
 	}
 	return err
+}
+
+// waited is the time callers have spent in Do.
+func (d *Device) waited() time.Duration { return time.Duration(d.waitNS.Load()) }
+
+// Go queues fn to run on the device's thread after the closures queued
+// before it, and returns without waiting (unless queuedCalls are already
+// waiting). A panic in fn is raised by the next Do; fn reports errors
+// through state of its own, which a later Do may read. On a closed device
+// fn does not run (the next Do reports the device closed).
+func (d *Device) Go(fn func(c *Ctx)) {
+	if d.closed {
+		return
+	}
+	d.calls <- func() {
+		returned := false
+		defer func() {
+			pv := recover()
+			if !returned && pv == nil {
+				pv = errGoexit
+				go d.serveOnNewThread()
+			}
+			if pv != nil && d.late == nil {
+				d.late = pv
+			}
+		}()
+		fn(d.c)
+		returned = true
+	}
 }
 
 // Close waits for queued work, frees the device memory this device
@@ -591,11 +636,13 @@ type compileJob struct {
 }
 
 // Precompile starts compiling every embedded module that is not in the disk
-// cache, on up to one thread a CPU, and returns at once; a module's first
-// use waits for its compile. On a fresh machine the kernels are then
-// compiled side by side while the weights upload (each module's first
-// launch compiled it alone: about 20 s in all on an H200's host), not one
-// by one inside the first requests.
+// cache, on up to one thread a CPU, and returns; a module's first use waits
+// for its compile. On a fresh machine the kernels are then compiled side by
+// side while the weights upload (each module's first launch compiled it
+// alone: about 20 s in all on an H200's host), not one by one inside the
+// first requests. The modules in the cache are loaded here: loaded at
+// first use, they held up the first prefill (about 50 ms of the device
+// thread's time on an H200's host, while the device waited for part of it).
 func (c *Ctx) Precompile() error {
 	arch, err := c.Arch()
 	if err != nil {
@@ -612,7 +659,13 @@ func (c *Ctx) Precompile() error {
 			return err
 		}
 		key := cacheKey(name, src, arch, compileOptions, rtcVersion, c.info.DriverVersion)
-		if c.modules[name] != nil || c.compiles[name] != nil || inCache(dir, key) {
+		if c.modules[name] != nil || c.compiles[name] != nil {
+			continue
+		}
+		if inCache(dir, key) {
+			if _, err := c.module(name); err != nil {
+				return err
+			}
 			continue
 		}
 		j := &compileJob{done: make(chan struct{})}

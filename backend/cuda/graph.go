@@ -5,6 +5,7 @@ package cuda
 import (
 	"fmt"
 	"slices"
+	"time"
 	"unsafe"
 )
 
@@ -114,8 +115,17 @@ const maxGraphRecords = 16384
 
 // run executes the recorded flush: by replaying its graph, capturing it
 // the second time it is seen, or issuing it directly. A flush that will not
-// repeat (once) is issued directly and not remembered.
-func (gc *graphCache) run(c *Ctx, once bool) error {
+// repeat (once) is issued directly and not remembered. ft, when not nil,
+// receives the time spent finding the graph and launching.
+func (gc *graphCache) run(c *Ctx, once bool, ft *flushTimes) error {
+	var t0 time.Time
+	if ft != nil {
+		t0 = time.Now()
+		defer func() {
+			t1 := time.Now()
+			ft.launch += t1.Sub(t0) - ft.lookup
+		}()
+	}
 	gc.flushes++
 	r := &gc.rec
 	var g *graph
@@ -126,6 +136,9 @@ func (gc *graphCache) run(c *Ctx, once bool) error {
 				break
 			}
 		}
+	}
+	if ft != nil {
+		ft.lookup = time.Since(t0)
 	}
 	if g == nil {
 		gc.Direct++

@@ -9,11 +9,11 @@ import "github.com/mmfp4/mmfp4/backend"
 func (b *Backend) DeviceMemory() (backend.DeviceMemory, error) {
 	b.flush()
 	m := backend.DeviceMemory{
-		WeightBytes:   int64(b.weights.used),
 		CacheBytes:    b.cacheBytes,
 		UploadSeconds: b.uploadTime.Seconds(),
 	}
 	err := b.dev.Do(func(c *Ctx) error {
+		m.WeightBytes = int64(b.weights.used) // a queued op may have taken some
 		for _, ch := range b.arena.chunks {
 			m.WorkspaceBytes += int64(ch.Size)
 		}

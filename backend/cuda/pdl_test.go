@@ -159,7 +159,7 @@ func capturedPDL(c *Ctx, fn func() error) (*graph, func(), error) {
 		if err != nil {
 			return nil, nil, err
 		}
-		if err := gc.run(c, false); err != nil {
+		if err := gc.run(c, false, nil); err != nil {
 			return nil, nil, err
 		}
 	}

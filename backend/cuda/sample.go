@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"math"
 	"slices"
-	"time"
 	"unsafe"
 
 	"github.com/mmfp4/mmfp4/backend"
@@ -215,15 +214,12 @@ func (b *Backend) SampleRowsAsync(logits backend.Tensor, params []backend.Sample
 	b.flush()
 	if b.err == nil {
 		// Outside any graph: a copy into host memory with its event.
-		err := b.dev.Do(func(c *Ctx) error {
+		b.handOver("sample ids", func(c *Ctx) error {
 			if err := check("cuMemcpyDtoHAsync", drv.cuMemcpyDtoHAsync(host, src, uint64(4*words), c.stream)); err != nil {
 				return c.annotate(err)
 			}
 			return c.RecordAt(ev)
 		})
-		if err != nil {
-			b.fail("sample ids: %v", err)
-		}
 	}
 	a.rows, a.last = l.rows, slot
 	waited := false
@@ -233,15 +229,17 @@ func (b *Backend) SampleRowsAsync(logits backend.Tensor, params []backend.Sample
 		}
 		waited = true
 		b.flush() // what is queued after this step runs while the host waits
+		var err error
+		if b.err == nil {
+			err = b.dev.Do(func(c *Ctx) error {
+				return c.annotate(check("cuEventSynchronize", drv.cuEventSynchronize(ev.h)))
+			})
+			b.settle()
+		}
 		if err := b.err; err != nil {
 			b.err = nil
 			return nil, nil, err
 		}
-		t0 := time.Now()
-		err := b.dev.Do(func(c *Ctx) error {
-			return c.annotate(check("cuEventSynchronize", drv.cuEventSynchronize(ev.h)))
-		})
-		b.steps.add(1, t0)
 		if err != nil {
 			return nil, nil, fmt.Errorf("cuda backend: sample ids: %w", err)
 		}

@@ -11,47 +11,81 @@ import (
 	"time"
 )
 
-// stepTimer splits the wall time of steps into the host's work and the
-// wait for the device (MMFP4_CUDA_STEPTIME=1), by the step's row count, so
-// that batch-1 decode and a serving batch of 32 rows are reported apart: a
-// step runs from one SetBatch to the next; flush is the time spent
-// recording the queued ops and launching them (or their graph), wait the
-// time in the device calls after a flush (read-backs and syncs, which wait
-// for the launched work). The rest is the model's and the caller's host
-// code, the engine's included. Events around each flush's work give the
-// device's busy time; the step's wall time less that is the GPU idling.
+// stepTimer splits the wall time of steps (MMFP4_CUDA_STEPTIME=1), by the
+// step's row count, so that batch-1 decode and a serving batch of 32 rows
+// are reported apart. A step runs from one SetBatch to the next. On the
+// model's thread: handing flushes to the device thread (hand), and waiting
+// in every other call that returns only once the device thread has run it
+// (wait, Device.Do: read-backs, syncs, and through them the device
+// thread's backlog and the device); the rest is the model's and the
+// caller's host code, the engine's included. On the device thread, for the
+// same steps: running the queued ops' closures (their host code and the
+// recording of their launches), finding the graph, and the driver calls
+// that launch it. Events around each flush's launches give the device's
+// busy time; the step's wall time less that is the GPU idling.
+//
+// The device thread reads a step's events two steps later, when they are
+// complete: a step queued ahead of the one before (Batch.Prev) must not
+// wait for that one here.
 type stepTimer struct {
+	// The model's thread.
+	d       *Device
+	id      int // of the current step (0: none yet)
 	start   time.Time
 	rows    int
-	cur     [2]time.Duration // this step's flush and wait
-	lead    time.Duration    // this step's host time before its first flush (-1: none yet)
+	hand    time.Duration // this step's time handing flushes over
+	lead    time.Duration // this step's host time before its first flush (-1: none yet)
 	buckets map[int]*stepTotals
+	// waited is the device's Do time (Device.waited) at the step's start,
+	// and handWait the part of the step's that flushes spent (waiting for
+	// the device thread where flushes wait, WaitFlushes).
+	waited, handWait time.Duration
 
-	events  []*Event // a pair a flush: before and after its work
-	used    int      // pairs recorded in this step
-	harvest *stepTotals
+	// The device thread.
+	dev    map[int]*deviceTotals
+	open   []*stepEvents // steps whose events are not read yet, oldest first
+	spares []*Event
 }
 
-// stepTotals sums the steps of one row count.
+// stepTotals sums the steps of one row count, on the model's thread.
 type stepTotals struct {
-	steps                          int
-	total, flush, wait, busy, lead time.Duration
+	steps, flushes          int
+	total, hand, wait, lead time.Duration
 }
 
-func newStepTimer() *stepTimer {
+// deviceTotals sums the device thread's work for steps of one row count.
+type deviceTotals struct {
+	steps, flushes         int
+	record, lookup, launch time.Duration
+	busy                   time.Duration
+}
+
+// stepEvents are one step's event pairs, a pair a flush.
+type stepEvents struct {
+	id, rows int
+	events   []*Event
+}
+
+// flushTimes is what the device thread measured of one flush.
+type flushTimes struct {
+	record, lookup, launch time.Duration
+}
+
+func newStepTimer(d *Device) *stepTimer {
 	if os.Getenv("MMFP4_CUDA_STEPTIME") != "1" {
 		return nil
 	}
-	return &stepTimer{buckets: map[int]*stepTotals{}}
+	return &stepTimer{d: d, buckets: map[int]*stepTotals{}, dev: map[int]*deviceTotals{}}
 }
 
-// begin ends the step before and starts one of the given rows.
+// begin ends the step before and starts one of the given rows (model's
+// thread).
 func (s *stepTimer) begin(rows int) {
 	if s == nil {
 		return
 	}
-	now := time.Now()
-	if !s.start.IsZero() {
+	now, waited := time.Now(), s.d.waited()
+	if s.id > 0 {
 		t := s.buckets[s.rows]
 		if t == nil {
 			t = &stepTotals{}
@@ -59,77 +93,128 @@ func (s *stepTimer) begin(rows int) {
 		}
 		t.steps++
 		t.total += now.Sub(s.start)
-		t.flush += s.cur[0]
-		t.wait += s.cur[1]
+		t.hand += s.hand
+		t.wait += waited - s.waited - s.handWait
 		t.lead += max(s.lead, 0) // a step without a flush has no lead
-		s.harvest = t
 	}
-	s.start, s.rows, s.cur, s.lead = now, rows, [2]time.Duration{}, -1
+	s.id++
+	s.start, s.rows, s.lead = now, rows, -1
+	s.hand, s.handWait, s.waited = 0, 0, waited
 }
 
-// around runs work (a flush's launches) between two events, on the device
-// thread, after adding the previous step's pairs to its row count's busy
-// time (that step has been read back, so they are complete).
-func (s *stepTimer) around(c *Ctx, work func() error) error {
+// flushStart notes the start of a flush's hand-over on the model's thread;
+// flushEnd its end.
+func (s *stepTimer) flushStart() (time.Time, time.Duration) {
 	if s == nil {
-		return work()
+		return time.Time{}, 0
 	}
 	if s.lead < 0 {
 		s.lead = time.Since(s.start)
 	}
-	if err := s.collect(c); err != nil {
+	if t := s.buckets[s.rows]; t != nil {
+		t.flushes++
+	} else {
+		s.buckets[s.rows] = &stepTotals{flushes: 1}
+	}
+	return time.Now(), s.d.waited()
+}
+
+func (s *stepTimer) flushEnd(t0 time.Time, waited time.Duration) {
+	if s != nil {
+		s.hand += time.Since(t0)
+		s.handWait += s.d.waited() - waited
+	}
+}
+
+// around runs work (a flush's launches) between two events, on the device
+// thread, for step id of rows.
+func (s *stepTimer) around(c *Ctx, id, rows int, work func() error) error {
+	if s == nil {
+		return work()
+	}
+	if err := s.collect(c, id-1); err != nil {
 		return err
 	}
-	for len(s.events) < 2*s.used+2 {
-		e, err := c.NewEvent()
-		if err != nil {
-			return err
-		}
-		s.events = append(s.events, e)
+	var st *stepEvents
+	if n := len(s.open); n > 0 && s.open[n-1].id == id {
+		st = s.open[n-1]
+	} else {
+		st = &stepEvents{id: id, rows: rows}
+		s.open = append(s.open, st)
+		s.totals(rows).steps++
 	}
-	if err := c.RecordAt(s.events[2*s.used]); err != nil {
+	for range 2 {
+		if len(s.spares) == 0 {
+			e, err := c.NewEvent()
+			if err != nil {
+				return err
+			}
+			s.spares = append(s.spares, e)
+		}
+		st.events = append(st.events, s.spares[len(s.spares)-1])
+		s.spares = s.spares[:len(s.spares)-1]
+	}
+	if err := c.RecordAt(st.events[len(st.events)-2]); err != nil {
 		return err
 	}
 	if err := work(); err != nil {
 		return err
 	}
-	s.used++
-	return c.RecordAt(s.events[2*s.used-1])
+	return c.RecordAt(st.events[len(st.events)-1])
 }
 
-// collect adds the ended step's event pairs to its row count's busy time.
-func (s *stepTimer) collect(c *Ctx) error {
-	if s.harvest == nil {
-		return nil
+// note adds a flush's times to its row count's totals (device thread).
+func (s *stepTimer) note(rows int, ft *flushTimes) {
+	t := s.totals(rows)
+	t.flushes++
+	t.record += ft.record
+	t.lookup += ft.lookup
+	t.launch += ft.launch
+}
+
+func (s *stepTimer) totals(rows int) *deviceTotals {
+	t := s.dev[rows]
+	if t == nil {
+		t = &deviceTotals{}
+		s.dev[rows] = t
 	}
-	for i := 0; i < s.used; i++ {
-		ms, err := c.Elapsed(s.events[2*i], s.events[2*i+1])
-		if err != nil {
-			return err
+	return t
+}
+
+// collect adds the event pairs of the steps before step before to their
+// row counts' busy time (those steps' ids have been read back, so the
+// events are complete; before < 0: every step, after a sync).
+func (s *stepTimer) collect(c *Ctx, before int) error {
+	for len(s.open) > 0 && (before < 0 || s.open[0].id < before) {
+		st := s.open[0]
+		for i := 0; i+1 < len(st.events); i += 2 {
+			ms, err := c.Elapsed(st.events[i], st.events[i+1])
+			if err != nil {
+				return err
+			}
+			s.totals(st.rows).busy += time.Duration(float64(ms) * 1e6)
 		}
-		s.harvest.busy += time.Duration(float64(ms) * 1e6)
+		s.spares = append(s.spares, st.events...)
+		s.open = s.open[1:]
 	}
-	s.harvest, s.used = nil, 0
 	return nil
 }
 
-func (s *stepTimer) add(i int, since time.Time) {
-	if s != nil {
-		s.cur[i] += time.Since(since)
-	}
-}
-
-// report prints one line per row count, on the device thread after a
-// sync, and frees the events. The step in progress is not counted.
-func (s *stepTimer) report(c *Ctx, w io.Writer) error {
+// report prints two lines per row count, and the graph cache's counts
+// (gc may be nil), on the device thread after a sync, and frees the
+// events. The step in progress is not counted.
+func (s *stepTimer) report(c *Ctx, w io.Writer, gc *graphCache) error {
 	if s == nil {
 		return nil
 	}
-	err := s.collect(c)
-	for _, e := range s.events {
+	if gc != nil {
+		fmt.Fprintf(w, "cuda step time: graphs: %d flushes replayed, %d captured, %d issued directly; %d graphs cached\n", gc.Replays, gc.Captures, gc.Direct, len(gc.graphs))
+	}
+	err := s.collect(c, -1)
+	for _, e := range s.spares {
 		err = errors.Join(err, c.DestroyEvent(e))
 	}
-	s.events = nil
+	s.spares = nil
 	rows := make([]int, 0, len(s.buckets))
 	for r := range s.buckets {
 		rows = append(rows, r)
@@ -137,9 +222,21 @@ func (s *stepTimer) report(c *Ctx, w io.Writer) error {
 	slices.Sort(rows)
 	for _, r := range rows {
 		t := s.buckets[r]
+		if t.steps == 0 {
+			continue
+		}
 		ms := func(d time.Duration) float64 { return float64(d) / float64(t.steps) / 1e6 }
-		fmt.Fprintf(w, "cuda step time: %d steps of %d rows, per step %.3f ms = host %.3f ms (model, engine) + %.3f ms recording and launching + %.3f ms waiting for the device; device busy %.3f ms; first flush after %.3f ms\n",
-			t.steps, r, ms(t.total), ms(t.total-t.flush-t.wait), ms(t.flush), ms(t.wait), ms(t.busy), ms(t.lead))
+		d := s.dev[r]
+		if d == nil || d.steps == 0 {
+			d = &deviceTotals{steps: 1}
+		}
+		dms := func(x time.Duration) float64 { return float64(x) / float64(d.steps) / 1e6 }
+		// The device thread's figures are a step's averages over the steps
+		// it saw (the one in progress included).
+		fmt.Fprintf(w, "cuda step time: %d steps of %d rows, per step %.3f ms = host %.3f ms (model, engine) + %.3f ms handing over + %.3f ms waiting; device busy %.3f ms; first flush after %.3f ms\n",
+			t.steps, r, ms(t.total), ms(t.total-t.hand-t.wait), ms(t.hand), ms(t.wait), dms(d.busy), ms(t.lead))
+		fmt.Fprintf(w, "cuda step time, device thread: %d steps of %d rows, per step %.3f ms running the ops' closures + %.3f ms finding graphs + %.3f ms launching, %.1f flushes\n",
+			d.steps, r, dms(d.record), dms(d.lookup), dms(d.launch), float64(d.flushes)/float64(d.steps))
 	}
 	return err
 }
