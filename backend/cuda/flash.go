@@ -25,22 +25,43 @@ const (
 	flashHeads  = 4
 )
 
+// flashVariant picks the flash kernel's variant (suffix qQpPdD of its
+// name): Q, P 1 when the queries' and the weights' lo halves are
+// multiplied too, D 1 with two key tiles.
+var flashVariant = "q1p1d0"
+
+// flashVariants are the compiled variants.
+var flashVariants = []string{"q1p1d0", "q1p0d0", "q0p0d0", "q0p0d1"}
+
 func init() {
-	if os.Getenv("MMFP4_CUDA_FLASH") == "0" {
+	switch v := os.Getenv("MMFP4_CUDA_FLASH"); {
+	case v == "0":
 		flashMinRows = 0
+	case slices.Contains(flashVariants, v):
+		flashVariant = v
 	}
 }
 
 // flashShared is the flash kernel's dynamic shared memory for rows of
-// width w = rank + rope dims (see flash.cu).
-func flashShared(w int) int {
+// width w = rank + rope dims (see flash.cu) in variant v.
+func flashShared(w int, v string) int {
 	ld := w + 8
-	return 2*32*ld*2 + 64*ld*2 + 4*32*72*4 + 2*32*72*2 + (2*64+2*32)*4 + 64*4
+	qn, pn, nb := 1, 1, 1
+	if v[1] == '1' {
+		qn = 2
+	}
+	if v[3] == '1' {
+		pn = 2
+	}
+	if v[5] == '1' {
+		nb = 2
+	}
+	return qn*32*ld*2 + nb*64*ld*2 + 4*32*72*4 + pn*32*72*2 + (2*64+2*32)*4 + nb*64*4
 }
 
 // flashShapes are the (rank, rope dims) the flash kernel is compiled for:
-// the model's, and two for the tests.
-var flashShapes = [][2]int{{512, 64}, {256, 32}, {128, 64}}
+// the model's, two for the kernel tests and the tiny test model's.
+var flashShapes = [][2]int{{512, 64}, {256, 32}, {128, 64}, {128, 16}}
 
 // flashFits reports whether the flash kernel takes this attention: a bf16
 // or fp8 cache (values exact in bf16), a compiled shape, 16-byte aligned
@@ -53,7 +74,7 @@ func (b *Backend) flashFits(ql, qm *tensor, p *cachePool, s backend.MLAShape) bo
 		return false
 	}
 	return s.NopeDim%4 == 0 && ql.ld%4 == 0 && qm.ld%4 == 0 &&
-		flashShared(s.Rank+s.RopeDim) <= b.dev.Info().SharedOptin
+		flashShared(s.Rank+s.RopeDim, flashVariant) <= b.dev.Info().SharedOptin
 }
 
 // flashUse reports whether a step takes the flash kernel: at least
@@ -80,8 +101,8 @@ func (b *Backend) flashUse(batch *backend.Batch) bool {
 // flashAttention queues the flash kernel over all T rows.
 func (b *Backend) flashAttention(om, ql, qm *tensor, p *cachePool, layer int, s backend.MLAShape, scale float32) {
 	T := b.batch.Rows()
-	shared := flashShared(s.Rank + s.RopeDim)
-	name := fmt.Sprintf("flash_latent_%d_%d", s.Rank/64, s.RopeDim)
+	shared := flashShared(s.Rank+s.RopeDim, flashVariant)
+	name := fmt.Sprintf("flash_latent_%d_%d_%s", s.Rank/64, s.RopeDim, flashVariant)
 	grid := Dim{uint32((T + flashTokens - 1) / flashTokens), uint32((s.Heads + flashHeads - 1) / flashHeads), 1}
 	b.do("attention", func(c *Ctx) error {
 		k, err := c.kernelShared("flash", name, shared)
