@@ -27,11 +27,11 @@ const (
 
 // flashVariant picks the flash kernel's variant (suffix qQpPdD of its
 // name): Q, P 1 when the queries' and the weights' lo halves are
-// multiplied too, D 1 with two key tiles.
+// multiplied too, D 1 with two key tiles, r: the queries in registers.
 var flashVariant = "q1p1d0"
 
 // flashVariants are the compiled variants.
-var flashVariants = []string{"q1p1d0", "q1p0d0", "q0p0d0", "q0p0d1"}
+var flashVariants = []string{"q1p1d0", "q1p0d0", "q0p0d0", "q0p0d1", "q0p0d1r"}
 
 func init() {
 	switch v := os.Getenv("MMFP4_CUDA_FLASH"); {

@@ -113,6 +113,17 @@ DEVICE void load_queries(unsigned short* qhi, unsigned short* qlo, int ld, const
   }
 }
 
+// mma_bf16 kept in program order among the volatile asm (the shared
+// memory loads): the compiler then cannot hoist every step's loads ahead
+// of the products, which would need more registers than there are.
+DEVICE void mma_bf16_ordered(float* d, const u32* a, u32 b0, u32 b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
+      "{%0,%1,%2,%3};"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
 // Cache slots of positions [kb, kb+n) into sslot (0 past nkeys), n <=
 // FA_THREADS.
 DEVICE void tile_slots(u32* sslot, int n, int kb, int nkeys, const i32* __restrict__ table, int block_size) {
@@ -124,8 +135,9 @@ DEVICE void tile_slots(u32* sslot, int n, int kb, int nkeys, const i32* __restri
 
 // QLO, PLO: the queries' and the weights' lo halves are multiplied too
 // (else bf16 operands); DB: two key tiles, the next one's copies (bf16
-// cache) in flight during this one's products.
-template <int NT, int DR, bool QLO, bool PLO, bool DB>
+// cache) in flight during this one's products; QR: each warp's query
+// fragments in registers.
+template <int NT, int DR, bool QLO, bool PLO, bool DB, bool QR>
 DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                          const float* __restrict__ q, int ldq, const u8* __restrict__ layer, int dtype,
                          const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -164,6 +176,22 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   const int b_off = ((lane & 7) + ((lane >> 4) << 3)) * ld + ((lane >> 3) & 1) * 8;  // B from [key][k]
   const int v_off = ((lane & 7) + (((lane >> 3) & 1) << 3)) * ld + (lane >> 4) * 8;  // B from [key][col], .trans
   const int p_off = (lane & 15) * FA_PLD + (lane >> 4) * 8;
+
+  // With QR, this warp's query fragments for its k steps (NT latent ones
+  // and at most one rope one), kept in registers for the whole block.
+  static_assert(!QR || (!QLO && DR <= 64), "QR: bf16 queries, one rope step a warp");
+  constexpr int QRN = NT > 4 ? NT / 2 : NT;  // steps from registers
+  u32 qf[QR ? QRN : 1][2][4];
+  if (QR) {
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < QRN; i++) {
+      const int s = kw + 4 * i;
+#pragma unroll
+      for (int m = 0; m < 2; m++)
+        ldsm_x4(smem_addr(qhi + m * 16 * ld + s * 16 + a_off), qf[i][m][0], qf[i][m][1], qf[i][m][2], qf[i][m][3]);
+    }
+  }
 
   // Copies of a tile of the bf16 cache (zeros past nkeys).
   auto issue_bf16 = [&](unsigned short* dst, const u32* sl, int kb, int nkeys) {
@@ -212,16 +240,10 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
         cp_async_wait_all();  // with DB, copies issued a tile earlier
       } else {
         // Records of W codes and two scales; all of a thread's loads are
-        // issued before the first is used.
+        // issued before the first is used (in two rounds with QR, whose
+        // query fragments hold 72 registers).
         constexpr int per = W / 8, total = FA_N * per, iters = (total + FA_THREADS - 1) / FA_THREADS;
-        uint2 v[iters];
-#pragma unroll
-        for (int u = 0; u < iters; u++) {
-          const int i = tid + u * FA_THREADS, jj = i / per, k = (i % per) * 8;
-          v[u] = (total % FA_THREADS == 0 || i < total) && kb + jj < nkeys
-                     ? *(const uint2*)(layer + (size_t)slots[jj] * (W + 8) + k)
-                     : make_uint2(0, 0);
-        }
+        constexpr int batch = QR ? (iters + 1) / 2 : iters;
         float s0 = 0.f, s1 = 0.f;
         if (tid < FA_N && kb + tid < nkeys) {
           const float* sc = (const float*)(layer + (size_t)slots[tid] * (W + 8) + W);
@@ -229,9 +251,21 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
           s1 = sc[1];
         }
 #pragma unroll
-        for (int u = 0; u < iters; u++) {
-          const int i = tid + u * FA_THREADS, jj = i / per, k = (i % per) * 8;
-          if (total % FA_THREADS == 0 || i < total) *(uint4*)(ks + jj * ld + k) = e4m3x8_bf16(v[u]);
+        for (int u0 = 0; u0 < iters; u0 += batch) {
+          uint2 v[batch];
+#pragma unroll
+          for (int u = 0; u < batch; u++) {
+            const int i = tid + (u0 + u) * FA_THREADS, jj = i / per, k = (i % per) * 8;
+            v[u] = (u0 + u < iters) && (total % FA_THREADS == 0 || i < total) && kb + jj < nkeys
+                       ? *(const uint2*)(layer + (size_t)slots[jj] * (W + 8) + k)
+                       : make_uint2(0, 0);
+          }
+#pragma unroll
+          for (int u = 0; u < batch; u++) {
+            const int i = tid + (u0 + u) * FA_THREADS, jj = i / per, k = (i % per) * 8;
+            if ((u0 + u < iters) && (total % FA_THREADS == 0 || i < total))
+              *(uint4*)(ks + jj * ld + k) = e4m3x8_bf16(v[u]);
+          }
         }
         if (tid < FA_N) sc0[tid] = s0, sc1[tid] = s1;
       }
@@ -254,11 +288,16 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
             for (int e = 0; e < 4; e++) al[m][n][e] = ap[m][n][e] = 0.f;
         // One k step s into acc: the hi halves into all eight tiles, then
         // the lo halves, so that no product waits for the one just before.
-        auto step = [&](int s, float(&acc)[2][4][4]) {
+        auto step = [&](int s, int idx, float(&acc)[2][4][4]) {
           u32 ah[2][4], alo[2][4], b[4][2];
 #pragma unroll
           for (int m = 0; m < 2; m++) {
-            ldsm_x4(smem_addr(qhi + m * 16 * ld + s * 16 + a_off), ah[m][0], ah[m][1], ah[m][2], ah[m][3]);
+            if (QR && idx < QRN) {
+#pragma unroll
+              for (int e = 0; e < 4; e++) ah[m][e] = qf[idx][m][e];
+            } else {
+              ldsm_x4(smem_addr(qhi + m * 16 * ld + s * 16 + a_off), ah[m][0], ah[m][1], ah[m][2], ah[m][3]);
+            }
             if (QLO)
               ldsm_x4(smem_addr(qlo + m * 16 * ld + s * 16 + a_off), alo[m][0], alo[m][1], alo[m][2], alo[m][3]);
           }
@@ -269,7 +308,12 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
 #pragma unroll
           for (int m = 0; m < 2; m++)
 #pragma unroll
-            for (int n = 0; n < 4; n++) mma_bf16(acc[m][n], ah[m], b[n][0], b[n][1]);
+            for (int n = 0; n < 4; n++) {
+              if (QR)
+                mma_bf16_ordered(acc[m][n], ah[m], b[n][0], b[n][1]);
+              else
+                mma_bf16(acc[m][n], ah[m], b[n][0], b[n][1]);
+            }
           if (QLO) {
 #pragma unroll
             for (int m = 0; m < 2; m++)
@@ -279,23 +323,54 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
         };
         // This warp's k steps are kw, kw+4, ...: the latent ones (rank/16
         // = 4 NT of them), then the rope ones.
-#pragma unroll 2
-        for (int i = 0; i < NT; i++) step(kw + 4 * i, al);
-#pragma unroll
-        for (int s = lsteps + kw; s < steps; s += 4) step(s, ap);
         float* mine = sp + kw * FA_M * FA_SLD;
+        if (QR) {
+          // One set of accumulators: the rope step's scaled partial goes
+          // to shared memory first, and the latent one is added to it
+          // there (the same sum as below).
+          if (lsteps + kw < steps) step(lsteps + kw, NT, al);
 #pragma unroll
-        for (int m = 0; m < 2; m++)
+          for (int m = 0; m < 2; m++)
 #pragma unroll
-          for (int n = 0; n < 4; n++) {
-            const int col = kh * 32 + n * 8 + 2 * c4;
-            const float s00 = sc0[col], s01 = sc0[col + 1], s10 = sc1[col], s11 = sc1[col + 1];
-            const int row = m * 16 + g;
-            *(float2*)(mine + row * FA_SLD + col) =
-                make_float2(al[m][n][0] * s00 + ap[m][n][0] * s10, al[m][n][1] * s01 + ap[m][n][1] * s11);
-            *(float2*)(mine + (row + 8) * FA_SLD + col) =
-                make_float2(al[m][n][2] * s00 + ap[m][n][2] * s10, al[m][n][3] * s01 + ap[m][n][3] * s11);
-          }
+            for (int n = 0; n < 4; n++) {
+              const int col = kh * 32 + n * 8 + 2 * c4, row = m * 16 + g;
+              const float s10 = sc1[col], s11 = sc1[col + 1];
+              *(float2*)(mine + row * FA_SLD + col) = make_float2(al[m][n][0] * s10, al[m][n][1] * s11);
+              *(float2*)(mine + (row + 8) * FA_SLD + col) = make_float2(al[m][n][2] * s10, al[m][n][3] * s11);
+              al[m][n][0] = al[m][n][1] = al[m][n][2] = al[m][n][3] = 0.f;
+            }
+#pragma unroll
+          for (int i = 0; i < NT; i++) step(kw + 4 * i, i, al);
+#pragma unroll
+          for (int m = 0; m < 2; m++)
+#pragma unroll
+            for (int n = 0; n < 4; n++) {
+              const int col = kh * 32 + n * 8 + 2 * c4, row = m * 16 + g;
+              const float s00 = sc0[col], s01 = sc0[col + 1];
+              float2* p0 = (float2*)(mine + row * FA_SLD + col);
+              float2* p1 = (float2*)(mine + (row + 8) * FA_SLD + col);
+              const float2 r0 = *p0, r1 = *p1;
+              *p0 = make_float2(al[m][n][0] * s00 + r0.x, al[m][n][1] * s01 + r0.y);
+              *p1 = make_float2(al[m][n][2] * s00 + r1.x, al[m][n][3] * s01 + r1.y);
+            }
+        } else {
+#pragma unroll 2
+          for (int i = 0; i < NT; i++) step(kw + 4 * i, 0, al);
+#pragma unroll
+          for (int s = lsteps + kw; s < steps; s += 4) step(s, 0, ap);
+#pragma unroll
+          for (int m = 0; m < 2; m++)
+#pragma unroll
+            for (int n = 0; n < 4; n++) {
+              const int col = kh * 32 + n * 8 + 2 * c4;
+              const float s00 = sc0[col], s01 = sc0[col + 1], s10 = sc1[col], s11 = sc1[col + 1];
+              const int row = m * 16 + g;
+              *(float2*)(mine + row * FA_SLD + col) =
+                  make_float2(al[m][n][0] * s00 + ap[m][n][0] * s10, al[m][n][1] * s01 + ap[m][n][1] * s11);
+              *(float2*)(mine + (row + 8) * FA_SLD + col) =
+                  make_float2(al[m][n][2] * s00 + ap[m][n][2] * s10, al[m][n][3] * s01 + ap[m][n][3] * s11);
+            }
+        }
       }
       __syncthreads();
 
@@ -412,22 +487,26 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   }
 }
 
-#define FLASH_LATENT(NT, DR, Q, P, D)                                                                            \
+#define FLASH_LATENT(NT, DR, Q, P, D, R, V)                                                                            \
   extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)                                                    \
-      flash_latent_##NT##_##DR##_q##Q##p##P##d##D(float* olat, int ldo, const float* qlat, int ldql, const float* q, \
+      flash_latent_##NT##_##DR##_##V(float* olat, int ldo, const float* qlat, int ldql, const float* q, \
                         int ldq, const u8* layer, int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq, \
                         const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size,     \
                         int T, int heads, int dn, float scale) {                                                 \
     PDL_LAUNCH();                                                                                                \
     PDL_WAIT();                                                                                                  \
-    flash_latent<NT, DR, Q, P, D>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks, \
+    flash_latent<NT, DR, Q, P, D, R>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks, \
                                   block_size, T, heads, dn, scale);                                              \
   }
 
 // Instances: (rank/64, rope dims) of the model (8, 64) and of the tests
 // (the last, the tiny test model's).
 #define FLASH_VARIANTS(NT, DR) \
-  FLASH_LATENT(NT, DR, 1, 1, 0) FLASH_LATENT(NT, DR, 1, 0, 0) FLASH_LATENT(NT, DR, 0, 0, 0) FLASH_LATENT(NT, DR, 0, 0, 1)
+  FLASH_LATENT(NT, DR, 1, 1, 0, 0, q1p1d0)   \
+  FLASH_LATENT(NT, DR, 1, 0, 0, 0, q1p0d0)   \
+  FLASH_LATENT(NT, DR, 0, 0, 0, 0, q0p0d0)   \
+  FLASH_LATENT(NT, DR, 0, 0, 1, 0, q0p0d1)   \
+  FLASH_LATENT(NT, DR, 0, 0, 1, 1, q0p0d1r)
 FLASH_VARIANTS(8, 64)
 FLASH_VARIANTS(4, 32)
 FLASH_VARIANTS(2, 64)
