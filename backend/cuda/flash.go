@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"os"
 	"slices"
+	"strings"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -27,11 +28,12 @@ const (
 
 // flashVariant picks the flash kernel's variant (suffix qQpPdD of its
 // name): Q, P 1 when the queries' and the weights' lo halves are
-// multiplied too, D 1 with two key tiles, r: the queries in registers.
+// multiplied too, D 1 with two key tiles, r: the queries in registers,
+// w: 16 warps.
 var flashVariant = "q1p1d0"
 
 // flashVariants are the compiled variants.
-var flashVariants = []string{"q1p1d0", "q1p0d0", "q0p0d0", "q0p0d1", "q0p0d1r"}
+var flashVariants = []string{"q1p1d0", "q1p0d0", "q0p0d0", "q0p0d1", "q0p0d1r", "q0p0d1w"}
 
 func init() {
 	switch v := os.Getenv("MMFP4_CUDA_FLASH"); {
@@ -103,13 +105,17 @@ func (b *Backend) flashAttention(om, ql, qm *tensor, p *cachePool, layer int, s 
 	T := b.batch.Rows()
 	shared := flashShared(s.Rank+s.RopeDim, flashVariant)
 	name := fmt.Sprintf("flash_latent_%d_%d_%s", s.Rank/64, s.RopeDim, flashVariant)
+	threads := 256
+	if strings.HasSuffix(flashVariant, "w") {
+		threads = 512
+	}
 	grid := Dim{uint32((T + flashTokens - 1) / flashTokens), uint32((s.Heads + flashHeads - 1) / flashHeads), 1}
 	b.do("attention", func(c *Ctx) error {
 		k, err := c.kernelShared("flash", name, shared)
 		if err != nil {
 			return err
 		}
-		return c.Launch(k, grid, D1(256), shared,
+		return c.Launch(k, grid, D1(threads), shared,
 			om.ptr, om.ld, ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer), p.kernelDType(),
 			b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
 			T, s.Heads, s.NopeDim, scale)

@@ -82,15 +82,15 @@ DEVICE uint4 e4m3x8_bf16(uint2 v) {
 // h0 + r%FA_HB; zeros past the ends) as hi and lo bf16 halves, W = rank +
 // dr columns: [qlat | q_pe]. All of a thread's loads are issued before the
 // first is used.
-template <int RANK, int W, bool LO>
+template <int RANK, int W, bool LO, int THREADS>
 DEVICE void load_queries(unsigned short* qhi, unsigned short* qlo, int ld, const float* __restrict__ qlat, int ldql,
                          const float* __restrict__ q, int ldq, int t0, int h0, int T, int heads, int dn) {
-  constexpr int per = W / 4, total = FA_M * per, iters = (total + FA_THREADS - 1) / FA_THREADS;
+  constexpr int per = W / 4, total = FA_M * per, iters = (total + THREADS - 1) / THREADS;
   constexpr int dr = W - RANK;
   float4 v[iters];
 #pragma unroll
   for (int u = 0; u < iters; u++) {
-    const int i = threadIdx.x + u * FA_THREADS;
+    const int i = threadIdx.x + u * THREADS;
     const int r = i / per, k = (i % per) * 4;
     const int t = t0 + r / FA_HB, h = h0 + r % FA_HB;
     v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -100,7 +100,7 @@ DEVICE void load_queries(unsigned short* qhi, unsigned short* qlo, int ld, const
   }
 #pragma unroll
   for (int u = 0; u < iters; u++) {
-    const int i = threadIdx.x + u * FA_THREADS;
+    const int i = threadIdx.x + u * THREADS;
     if (i >= total) break;
     const int r = i / per, k = (i % per) * 4;
     u32 h0b, l0b, h1b, l1b, h2b, l2b, h3b, l3b;
@@ -111,6 +111,10 @@ DEVICE void load_queries(unsigned short* qhi, unsigned short* qlo, int ld, const
     *(uint2*)(qhi + r * ld + k) = make_uint2(h0b | (h1b << 16), h2b | (h3b << 16));
     if (LO) *(uint2*)(qlo + r * ld + k) = make_uint2(l0b | (l1b << 16), l2b | (l3b << 16));
   }
+}
+
+DEVICE void ldsm_x2_t(u32 addr, u32& r0, u32& r1) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];" : "=r"(r0), "=r"(r1) : "r"(addr));
 }
 
 // mma_bf16 kept in program order among the volatile asm (the shared
@@ -137,7 +141,7 @@ DEVICE void tile_slots(u32* sslot, int n, int kb, int nkeys, const i32* __restri
 // (else bf16 operands); DB: two key tiles, the next one's copies (bf16
 // cache) in flight during this one's products; QR: each warp's query
 // fragments in registers.
-template <int NT, int DR, bool QLO, bool PLO, bool DB, bool QR>
+template <int NT, int DR, bool QLO, bool PLO, bool DB, bool QR, int NW>
 DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                          const float* __restrict__ q, int ldq, const u8* __restrict__ layer, int dtype,
                          const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -146,6 +150,11 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   constexpr int rank = NT * 64;  // warp w owns columns [w*NT*8, +NT*8)
   constexpr int W = rank + DR, ld = W + 8;  // bf16 row stride: an odd number of 16-byte units
   constexpr int NB = DB ? 2 : 1;            // key tiles
+  constexpr int THREADS = NW * 32;
+  // S: warp w takes keys [KN*(w%KQ), +KN) (NN tiles of 8); O: columns
+  // [CW*w, +CW) (ON tiles of 8).
+  constexpr int KQ = NW / 4, KN = FA_N / KQ, NN = KN / 8, CW = rank / NW, ON = CW / 8;
+  static_assert(NW == 8 || NW == 16, "8 or 16 warps");
   extern __shared__ __align__(16) u8 fa_smem[];
   unsigned short* qhi = (unsigned short*)fa_smem;
   unsigned short* qlo = qhi + FA_M * ld;                       // with QLO
@@ -164,12 +173,12 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   const int t0 = (gridDim.x - 1 - blockIdx.x) * FA_TQ, h0 = blockIdx.y * FA_HB;
   const int nt = min(FA_TQ, T - t0);
 
-  load_queries<rank, W, QLO>(qhi, qlo, ld, qlat, ldql, q, ldq, t0, h0, T, heads, dn);
+  load_queries<rank, W, QLO, THREADS>(qhi, qlo, ld, qlat, ldql, q, ldq, t0, h0, T, heads, dn);
 
   // Softmax role: row sr, keys [8*sq, +8).
   const int sr = tid >> 3, sq = tid & 7;
   // S role: key half kh, k steps kw, kw+4, ...
-  const int kh = warp & 1, kw = warp >> 1;
+  const int kh = warp % KQ, kw = warp / KQ;
   constexpr int lsteps = rank / 16, steps = W / 16;
   // ldmatrix lane addresses (bf16 offsets inside a 16x16 tile).
   const int a_off = (lane & 15) * ld + (lane >> 4) * 8;                          // A, row-major
@@ -179,7 +188,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
 
   // With QR, this warp's query fragments for its k steps (NT latent ones
   // and at most one rope one), kept in registers for the whole block.
-  static_assert(!QR || (!QLO && DR <= 64), "QR: bf16 queries, one rope step a warp");
+  static_assert(!QR || (!QLO && DR <= 64 && NW == 8), "QR: bf16 queries, one rope step a warp, 8 warps");
   constexpr int QRN = NT > 4 ? NT / 2 : NT;  // steps from registers
   u32 qf[QR ? QRN : 1][2][4];
   if (QR) {
@@ -197,7 +206,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   auto issue_bf16 = [&](unsigned short* dst, const u32* sl, int kb, int nkeys) {
     constexpr int per = W / 8;  // 16-byte chunks a row
 #pragma unroll 6
-    for (int i = tid; i < FA_N * per; i += FA_THREADS) {
+    for (int i = tid; i < FA_N * per; i += THREADS) {
       const int jj = i / per, k = (i % per) * 8;
       cp_async16(smem_addr(dst + jj * ld + k), layer + ((size_t)sl[jj] * W + k) * 2, kb + jj < nkeys);
     }
@@ -215,11 +224,11 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
     const int st = sr / FA_HB, sh = h0 + sr % FA_HB;
     const int rowpos = (st >= ta && st < tb && sh < heads) ? pos[t0 + st] : -1;
     float m_run = __int_as_float(0xff800000), l_run = 0.f;
-    float o[2][NT][4];
+    float o[2][ON][4];
 #pragma unroll
     for (int m = 0; m < 2; m++)
 #pragma unroll
-      for (int n = 0; n < NT; n++) o[m][n][0] = o[m][n][1] = o[m][n][2] = o[m][n][3] = 0.f;
+      for (int n = 0; n < ON; n++) o[m][n][0] = o[m][n][1] = o[m][n][2] = o[m][n][3] = 0.f;
     // Slots of the first NB tiles (tile i in sslot[i]).
     tile_slots(sslot, NB * FA_N, 0, nkeys, table, block_size);
     if (dtype == 0 && tid < FA_N) sc0[tid] = sc1[tid] = 1.f;
@@ -242,7 +251,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
         // Records of W codes and two scales; all of a thread's loads are
         // issued before the first is used (in two rounds with QR, whose
         // query fragments hold 72 registers).
-        constexpr int per = W / 8, total = FA_N * per, iters = (total + FA_THREADS - 1) / FA_THREADS;
+        constexpr int per = W / 8, total = FA_N * per, iters = (total + THREADS - 1) / THREADS;
         constexpr int batch = QR ? (iters + 1) / 2 : iters;
         float s0 = 0.f, s1 = 0.f;
         if (tid < FA_N && kb + tid < nkeys) {
@@ -255,15 +264,15 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
           uint2 v[batch];
 #pragma unroll
           for (int u = 0; u < batch; u++) {
-            const int i = tid + (u0 + u) * FA_THREADS, jj = i / per, k = (i % per) * 8;
-            v[u] = (u0 + u < iters) && (total % FA_THREADS == 0 || i < total) && kb + jj < nkeys
+            const int i = tid + (u0 + u) * THREADS, jj = i / per, k = (i % per) * 8;
+            v[u] = (u0 + u < iters) && (total % THREADS == 0 || i < total) && kb + jj < nkeys
                        ? *(const uint2*)(layer + (size_t)slots[jj] * (W + 8) + k)
                        : make_uint2(0, 0);
           }
 #pragma unroll
           for (int u = 0; u < batch; u++) {
-            const int i = tid + (u0 + u) * FA_THREADS, jj = i / per, k = (i % per) * 8;
-            if ((u0 + u < iters) && (total % FA_THREADS == 0 || i < total))
+            const int i = tid + (u0 + u) * THREADS, jj = i / per, k = (i % per) * 8;
+            if ((u0 + u < iters) && (total % THREADS == 0 || i < total))
               *(uint4*)(ks + jj * ld + k) = e4m3x8_bf16(v[u]);
           }
         }
@@ -279,17 +288,17 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
 
       // S partials: 32 rows x 32 keys over this warp's k steps.
       {
-        float al[2][4][4], ap[2][4][4];
+        float al[2][NN][4], ap[2][NN][4];
 #pragma unroll
         for (int m = 0; m < 2; m++)
 #pragma unroll
-          for (int n = 0; n < 4; n++)
+          for (int n = 0; n < NN; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) al[m][n][e] = ap[m][n][e] = 0.f;
         // One k step s into acc: the hi halves into all eight tiles, then
         // the lo halves, so that no product waits for the one just before.
-        auto step = [&](int s, int idx, float(&acc)[2][4][4]) {
-          u32 ah[2][4], alo[2][4], b[4][2];
+        auto step = [&](int s, int idx, float(&acc)[2][NN][4]) {
+          u32 ah[2][4], alo[2][4], b[NN][2];
 #pragma unroll
           for (int m = 0; m < 2; m++) {
             if (QR && idx < QRN) {
@@ -302,13 +311,13 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
               ldsm_x4(smem_addr(qlo + m * 16 * ld + s * 16 + a_off), alo[m][0], alo[m][1], alo[m][2], alo[m][3]);
           }
 #pragma unroll
-          for (int np = 0; np < 2; np++)
-            ldsm_x4(smem_addr(ks + (kh * 32 + np * 16) * ld + s * 16 + b_off), b[2 * np][0], b[2 * np][1],
+          for (int np = 0; np < NN / 2; np++)
+            ldsm_x4(smem_addr(ks + (kh * KN + np * 16) * ld + s * 16 + b_off), b[2 * np][0], b[2 * np][1],
                     b[2 * np + 1][0], b[2 * np + 1][1]);
 #pragma unroll
           for (int m = 0; m < 2; m++)
 #pragma unroll
-            for (int n = 0; n < 4; n++) {
+            for (int n = 0; n < NN; n++) {
               if (QR)
                 mma_bf16_ordered(acc[m][n], ah[m], b[n][0], b[n][1]);
               else
@@ -318,13 +327,13 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
 #pragma unroll
             for (int m = 0; m < 2; m++)
 #pragma unroll
-              for (int n = 0; n < 4; n++) mma_bf16(acc[m][n], alo[m], b[n][0], b[n][1]);
+              for (int n = 0; n < NN; n++) mma_bf16(acc[m][n], alo[m], b[n][0], b[n][1]);
           }
         };
         // This warp's k steps are kw, kw+4, ...: the latent ones (rank/16
         // = 4 NT of them), then the rope ones.
         float* mine = sp + kw * FA_M * FA_SLD;
-        if (QR) {
+        if (QR || NW == 16) {
           // One set of accumulators: the rope step's scaled partial goes
           // to shared memory first, and the latent one is added to it
           // there (the same sum as below).
@@ -332,20 +341,20 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
 #pragma unroll
           for (int m = 0; m < 2; m++)
 #pragma unroll
-            for (int n = 0; n < 4; n++) {
-              const int col = kh * 32 + n * 8 + 2 * c4, row = m * 16 + g;
+            for (int n = 0; n < NN; n++) {
+              const int col = kh * KN + n * 8 + 2 * c4, row = m * 16 + g;
               const float s10 = sc1[col], s11 = sc1[col + 1];
               *(float2*)(mine + row * FA_SLD + col) = make_float2(al[m][n][0] * s10, al[m][n][1] * s11);
               *(float2*)(mine + (row + 8) * FA_SLD + col) = make_float2(al[m][n][2] * s10, al[m][n][3] * s11);
               al[m][n][0] = al[m][n][1] = al[m][n][2] = al[m][n][3] = 0.f;
             }
 #pragma unroll
-          for (int i = 0; i < NT; i++) step(kw + 4 * i, i, al);
+          for (int i = 0; i < NT; i++) step(kw + 4 * i, QR ? i : 0, al);
 #pragma unroll
           for (int m = 0; m < 2; m++)
 #pragma unroll
-            for (int n = 0; n < 4; n++) {
-              const int col = kh * 32 + n * 8 + 2 * c4, row = m * 16 + g;
+            for (int n = 0; n < NN; n++) {
+              const int col = kh * KN + n * 8 + 2 * c4, row = m * 16 + g;
               const float s00 = sc0[col], s01 = sc0[col + 1];
               float2* p0 = (float2*)(mine + row * FA_SLD + col);
               float2* p1 = (float2*)(mine + (row + 8) * FA_SLD + col);
@@ -361,8 +370,8 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
 #pragma unroll
           for (int m = 0; m < 2; m++)
 #pragma unroll
-            for (int n = 0; n < 4; n++) {
-              const int col = kh * 32 + n * 8 + 2 * c4;
+            for (int n = 0; n < NN; n++) {
+              const int col = kh * KN + n * 8 + 2 * c4;
               const float s00 = sc0[col], s01 = sc0[col + 1], s10 = sc1[col], s11 = sc1[col + 1];
               const int row = m * 16 + g;
               *(float2*)(mine + row * FA_SLD + col) =
@@ -377,8 +386,8 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
       // Slots of the tile NB ahead (this buffer's slots are used).
       tile_slots(sslot + cur * FA_N, FA_N, kb + NB * FA_N, nkeys, table, block_size);
 
-      // Online softmax: 8 threads a row.
-      {
+      // Online softmax: 8 threads a row (the first 256 threads).
+      if (tid < FA_M * 8) {
         float sv[8];
 #pragma unroll
         for (int u = 0; u < 8; u++) sv[u] = 0.f;
@@ -431,7 +440,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
       {
         const float a0 = alpha_s[g], a1 = alpha_s[g + 8], a2 = alpha_s[16 + g], a3 = alpha_s[24 + g];
 #pragma unroll
-        for (int n = 0; n < NT; n++) {
+        for (int n = 0; n < ON; n++) {
           o[0][n][0] *= a0, o[0][n][1] *= a0, o[0][n][2] *= a1, o[0][n][3] *= a1;
           o[1][n][0] *= a2, o[1][n][1] *= a2, o[1][n][2] *= a3, o[1][n][3] *= a3;
         }
@@ -444,20 +453,21 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
             if (PLO)
               ldsm_x4(smem_addr(plo + m * 16 * FA_PLD + kk * 16 + p_off), alo[m][0], alo[m][1], alo[m][2], alo[m][3]);
           }
-          u32 b[NT][2];
+          u32 b[ON][2];
 #pragma unroll
-          for (int np = 0; np < NT / 2; np++)
-            ldsm_x4_t(smem_addr(ks + kk * 16 * ld + warp * NT * 8 + np * 16 + v_off), b[2 * np][0], b[2 * np][1],
+          for (int np = 0; np < ON / 2; np++)
+            ldsm_x4_t(smem_addr(ks + kk * 16 * ld + warp * CW + np * 16 + v_off), b[2 * np][0], b[2 * np][1],
                       b[2 * np + 1][0], b[2 * np + 1][1]);
+          if (ON % 2) ldsm_x2_t(smem_addr(ks + kk * 16 * ld + warp * CW + (ON - 1) * 8 + v_off), b[ON - 1][0], b[ON - 1][1]);
 #pragma unroll
           for (int m = 0; m < 2; m++)
 #pragma unroll
-            for (int n = 0; n < NT; n++) mma_bf16(o[m][n], ah[m], b[n][0], b[n][1]);
+            for (int n = 0; n < ON; n++) mma_bf16(o[m][n], ah[m], b[n][0], b[n][1]);
           if (PLO) {
 #pragma unroll
             for (int m = 0; m < 2; m++)
 #pragma unroll
-              for (int n = 0; n < NT; n++) mma_bf16(o[m][n], alo[m], b[n][0], b[n][1]);
+              for (int n = 0; n < ON; n++) mma_bf16(o[m][n], alo[m], b[n][0], b[n][1]);
           }
         }
       }
@@ -468,7 +478,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
     }
 
     // O / l for this sequence's rows.
-    if (sq == 0) l_s[sr] = l_run;
+    if (tid < FA_M * 8 && sq == 0) l_s[sr] = l_run;
     __syncthreads();
 #pragma unroll
     for (int m = 0; m < 2; m++)
@@ -477,9 +487,9 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
         const int row = m * 16 + hf * 8 + g, ti = row / FA_HB, h = h0 + row % FA_HB;
         if (ti < ta || ti >= tb || h >= heads) continue;
         const float inv = 1.f / l_s[row];
-        float* out = olat + (size_t)(t0 + ti) * ldo + (size_t)h * rank + warp * NT * 8 + 2 * c4;
+        float* out = olat + (size_t)(t0 + ti) * ldo + (size_t)h * rank + warp * CW + 2 * c4;
 #pragma unroll
-        for (int n = 0; n < NT; n++)
+        for (int n = 0; n < ON; n++)
           *(float2*)(out + n * 8) = make_float2(o[m][n][2 * hf] * inv, o[m][n][2 * hf + 1] * inv);
       }
     __syncthreads();
@@ -487,26 +497,27 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   }
 }
 
-#define FLASH_LATENT(NT, DR, Q, P, D, R, V)                                                                            \
-  extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)                                                    \
+#define FLASH_LATENT(NT, DR, Q, P, D, R, NW, V)                                                                            \
+  extern "C" __global__ void __launch_bounds__(NW * 32, 1)                                                    \
       flash_latent_##NT##_##DR##_##V(float* olat, int ldo, const float* qlat, int ldql, const float* q, \
                         int ldq, const u8* layer, int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq, \
                         const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size,     \
                         int T, int heads, int dn, float scale) {                                                 \
     PDL_LAUNCH();                                                                                                \
     PDL_WAIT();                                                                                                  \
-    flash_latent<NT, DR, Q, P, D, R>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks, \
+    flash_latent<NT, DR, Q, P, D, R, NW>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks, \
                                   block_size, T, heads, dn, scale);                                              \
   }
 
 // Instances: (rank/64, rope dims) of the model (8, 64) and of the tests
 // (the last, the tiny test model's).
 #define FLASH_VARIANTS(NT, DR) \
-  FLASH_LATENT(NT, DR, 1, 1, 0, 0, q1p1d0)   \
-  FLASH_LATENT(NT, DR, 1, 0, 0, 0, q1p0d0)   \
-  FLASH_LATENT(NT, DR, 0, 0, 0, 0, q0p0d0)   \
-  FLASH_LATENT(NT, DR, 0, 0, 1, 0, q0p0d1)   \
-  FLASH_LATENT(NT, DR, 0, 0, 1, 1, q0p0d1r)
+  FLASH_LATENT(NT, DR, 1, 1, 0, 0, 8, q1p1d0)   \
+  FLASH_LATENT(NT, DR, 1, 0, 0, 0, 8, q1p0d0)   \
+  FLASH_LATENT(NT, DR, 0, 0, 0, 0, 8, q0p0d0)   \
+  FLASH_LATENT(NT, DR, 0, 0, 1, 0, 8, q0p0d1)   \
+  FLASH_LATENT(NT, DR, 0, 0, 1, 1, 8, q0p0d1r)  \
+  FLASH_LATENT(NT, DR, 0, 0, 1, 0, 16, q0p0d1w)
 FLASH_VARIANTS(8, 64)
 FLASH_VARIANTS(4, 32)
 FLASH_VARIANTS(2, 64)
