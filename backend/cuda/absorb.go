@@ -9,10 +9,11 @@ import (
 )
 
 // absorbTCMinTokens is the smallest batch whose absorbed query runs on the
-// tensor cores (kernels/absorb.cu); 0 leaves it off (tests). On an H200 (20 heads, dn 192,
-// rank 512) the kernel was the fastest at every size measured, down to one
-// row: 5.8 us against absorb_query_q's 7.7 at 1 row, 6.0 against 19.7 at
-// 16, 55 against absorb_query_many's 288 at 1024 (docs/perf.md).
+// tensor cores (kernels/absorb.cu); 0 leaves it off (tests). On an H200
+// (20 heads, dn 192, rank 512) the kernel was the fastest at every size
+// measured, down to one row: 5.8 us against absorb_query_q's 7.7 at 1 row,
+// 6.0 against 19.7 at 16, 55 against absorb_query_many's 288 at 1024
+// (docs/perf.md).
 var absorbTCMinTokens = 1
 
 // absorbTCM and absorbTCN are AT_M and AT_N in absorb.cu: the tokens and
