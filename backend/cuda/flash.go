@@ -28,12 +28,12 @@ const (
 
 // flashVariant picks the flash kernel's variant (suffix qQpPdD of its
 // name): Q, P 1 when the queries' and the weights' lo halves are
-// multiplied too, D 1 with two key tiles, r: the queries in registers,
-// w: 16 warps.
-var flashVariant = "q1p1d0"
+// multiplied too, D 1 with two key tiles, t: tiles of 32 positions and
+// two blocks a multiprocessor.
+var flashVariant = "q0p0d1"
 
 // flashVariants are the compiled variants.
-var flashVariants = []string{"q1p1d0", "q1p0d0", "q0p0d0", "q0p0d1", "q0p0d1r", "q0p0d1w"}
+var flashVariants = []string{"q1p1d0", "q0p0d1", "q0p0d0t"}
 
 func init() {
 	switch v := os.Getenv("MMFP4_CUDA_FLASH"); {
@@ -48,7 +48,10 @@ func init() {
 // width w = rank + rope dims (see flash.cu) in variant v.
 func flashShared(w int, v string) int {
 	ld := w + 8
-	qn, pn, nb := 1, 1, 1
+	qn, pn, nb, tn := 1, 1, 1, 64
+	if strings.HasSuffix(v, "t") {
+		tn = 32
+	}
 	if v[1] == '1' {
 		qn = 2
 	}
@@ -58,7 +61,7 @@ func flashShared(w int, v string) int {
 	if v[5] == '1' {
 		nb = 2
 	}
-	return qn*32*ld*2 + nb*64*ld*2 + 4*32*72*4 + pn*32*72*2 + (2*64+2*32)*4 + nb*64*4
+	return qn*32*ld*2 + nb*tn*ld*2 + 4*32*(tn+8)*4 + pn*32*(tn+8)*2 + (2*tn+2*32)*4 + nb*tn*4
 }
 
 // flashShapes are the (rank, rope dims) the flash kernel is compiled for:
@@ -105,17 +108,13 @@ func (b *Backend) flashAttention(om, ql, qm *tensor, p *cachePool, layer int, s 
 	T := b.batch.Rows()
 	shared := flashShared(s.Rank+s.RopeDim, flashVariant)
 	name := fmt.Sprintf("flash_latent_%d_%d_%s", s.Rank/64, s.RopeDim, flashVariant)
-	threads := 256
-	if strings.HasSuffix(flashVariant, "w") {
-		threads = 512
-	}
 	grid := Dim{uint32((T + flashTokens - 1) / flashTokens), uint32((s.Heads + flashHeads - 1) / flashHeads), 1}
 	b.do("attention", func(c *Ctx) error {
 		k, err := c.kernelShared("flash", name, shared)
 		if err != nil {
 			return err
 		}
-		return c.Launch(k, grid, D1(threads), shared,
+		return c.Launch(k, grid, D1(256), shared,
 			om.ptr, om.ld, ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer), p.kernelDType(),
 			b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
 			T, s.Heads, s.NopeDim, scale)

@@ -45,6 +45,10 @@ DEVICE void cp_async16(u32 dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
                : "memory");
 }
+// 8 bytes global -> shared (through L1), zero-filled when !valid.
+DEVICE void cp_async8(u32 dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(dst), "l"(src), "r"(valid ? 8 : 0) : "memory");
+}
 DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
 // Round to nearest even bfloat16 (finite inputs), as bits.
@@ -141,7 +145,7 @@ DEVICE void tile_slots(u32* sslot, int n, int kb, int nkeys, const i32* __restri
 // (else bf16 operands); DB: two key tiles, the next one's copies (bf16
 // cache) in flight during this one's products; QR: each warp's query
 // fragments in registers.
-template <int NT, int DR, bool QLO, bool PLO, bool DB, bool QR, int NW>
+template <int NT, int DR, bool QLO, bool PLO, bool DB, bool QR, int NW, int TN>
 DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                          const float* __restrict__ q, int ldq, const u8* __restrict__ layer, int dtype,
                          const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -153,20 +157,23 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   constexpr int THREADS = NW * 32;
   // S: warp w takes keys [KN*(w%KQ), +KN) (NN tiles of 8); O: columns
   // [CW*w, +CW) (ON tiles of 8).
-  constexpr int KQ = NW / 4, KN = FA_N / KQ, NN = KN / 8, CW = rank / NW, ON = CW / 8;
+  constexpr int SLD = TN + 8, PLD = TN + 8;  // partial score (float) and weight (bf16) row strides
+  constexpr int KT = TN / 8;                   // keys a softmax thread
+  static_assert(TN == 64 || TN == 32, "tiles of 64 or 32 positions");
+  constexpr int KQ = NW / 4, KN = TN / KQ, NN = KN / 8, CW = rank / NW, ON = CW / 8;
   static_assert(NW == 8 || NW == 16, "8 or 16 warps");
   extern __shared__ __align__(16) u8 fa_smem[];
   unsigned short* qhi = (unsigned short*)fa_smem;
   unsigned short* qlo = qhi + FA_M * ld;                       // with QLO
-  unsigned short* kbuf = qhi + (QLO ? 2 : 1) * FA_M * ld;      // [NB][FA_N][ld]
-  float* sp = (float*)(kbuf + NB * FA_N * ld);                 // [4][FA_M][FA_SLD]
-  unsigned short* phi = (unsigned short*)(sp + 4 * FA_M * FA_SLD);  // [FA_M][FA_PLD]
-  unsigned short* plo = phi + FA_M * FA_PLD;                   // with PLO
-  float* sc0 = (float*)(phi + (PLO ? 2 : 1) * FA_M * FA_PLD);  // [FA_N] scale of c (fp8), else 1
-  float* sc1 = sc0 + FA_N;                     // [FA_N] scale of k_pe
-  float* alpha_s = sc1 + FA_N;                 // [FA_M]
+  unsigned short* kbuf = qhi + (QLO ? 2 : 1) * FA_M * ld;      // [NB][TN][ld]
+  float* sp = (float*)(kbuf + NB * TN * ld);                 // [4][FA_M][SLD]
+  unsigned short* phi = (unsigned short*)(sp + 4 * FA_M * SLD);  // [FA_M][PLD]
+  unsigned short* plo = phi + FA_M * PLD;                   // with PLO
+  float* sc0 = (float*)(phi + (PLO ? 2 : 1) * FA_M * PLD);  // [TN] scale of c (fp8), else 1
+  float* sc1 = sc0 + TN;                     // [TN] scale of k_pe
+  float* alpha_s = sc1 + TN;                 // [FA_M]
   float* l_s = alpha_s + FA_M;                 // [FA_M]
-  u32* sslot = (u32*)(l_s + FA_M);             // [NB][FA_N] cache slots of the next tiles
+  u32* sslot = (u32*)(l_s + FA_M);             // [NB][TN] cache slots of the next tiles
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, c4 = lane & 3;
@@ -184,7 +191,10 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   const int a_off = (lane & 15) * ld + (lane >> 4) * 8;                          // A, row-major
   const int b_off = ((lane & 7) + ((lane >> 4) << 3)) * ld + ((lane >> 3) & 1) * 8;  // B from [key][k]
   const int v_off = ((lane & 7) + (((lane >> 3) & 1) << 3)) * ld + (lane >> 4) * 8;  // B from [key][col], .trans
-  const int p_off = (lane & 15) * FA_PLD + (lane >> 4) * 8;
+  const int p_off = (lane & 15) * PLD + (lane >> 4) * 8;
+  // The same as shared-memory byte addresses.
+  const u32 qa = smem_addr(qhi) + 2 * a_off, pa = smem_addr(phi) + 2 * p_off;
+  const u32 kba = smem_addr(kbuf) + 2 * b_off, kva = smem_addr(kbuf) + 2 * v_off;
 
   // With QR, this warp's query fragments for its k steps (NT latent ones
   // and at most one rope one), kept in registers for the whole block.
@@ -205,8 +215,16 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   // Copies of a tile of the bf16 cache (zeros past nkeys).
   auto issue_bf16 = [&](unsigned short* dst, const u32* sl, int kb, int nkeys) {
     constexpr int per = W / 8;  // 16-byte chunks a row
+    if (TN == 32) {
+#pragma unroll 2
+      for (int i = tid; i < TN * per; i += THREADS) {
+        const int jj = i / per, k = (i % per) * 8;
+        cp_async16(smem_addr(dst + jj * ld + k), layer + ((size_t)sl[jj] * W + k) * 2, kb + jj < nkeys);
+      }
+      return;
+    }
 #pragma unroll 6
-    for (int i = tid; i < FA_N * per; i += THREADS) {
+    for (int i = tid; i < TN * per; i += THREADS) {
       const int jj = i / per, k = (i % per) * 8;
       cp_async16(smem_addr(dst + jj * ld + k), layer + ((size_t)sl[jj] * W + k) * 2, kb + jj < nkeys);
     }
@@ -230,8 +248,8 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
 #pragma unroll
       for (int n = 0; n < ON; n++) o[m][n][0] = o[m][n][1] = o[m][n][2] = o[m][n][3] = 0.f;
     // Slots of the first NB tiles (tile i in sslot[i]).
-    tile_slots(sslot, NB * FA_N, 0, nkeys, table, block_size);
-    if (dtype == 0 && tid < FA_N) sc0[tid] = sc1[tid] = 1.f;
+    tile_slots(sslot, NB * TN, 0, nkeys, table, block_size);
+    if (dtype == 0 && tid < TN) sc0[tid] = sc1[tid] = 1.f;
     __syncthreads();
     if (DB && dtype == 0) {
       issue_bf16(kbuf, sslot, 0, nkeys);
@@ -239,22 +257,43 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
     }
 
     int it = 0;
-    for (int kb = 0; kb < nkeys; kb += FA_N, it++) {
+    for (int kb = 0; kb < nkeys; kb += TN, it++) {
       const int cur = DB ? (it & 1) : 0;
-      unsigned short* ks = kbuf + cur * FA_N * ld;
-      const u32* slots = sslot + cur * FA_N;
+      unsigned short* ks = kbuf + cur * TN * ld;
+      const u32* slots = sslot + cur * TN;
       // The tile's cached rows as bf16 (zeros past nkeys).
       if (dtype == 0) {
         if (!DB) issue_bf16(ks, slots, kb, nkeys);
         cp_async_wait_all();  // with DB, copies issued a tile earlier
+      } else if (TN == 32) {
+        // The tile's records (W codes, two scales) copied as they are into
+        // the partial scores' space (free until this tile's products),
+        // then widened to bf16 there.
+        u8* stg = (u8*)sp;
+        constexpr int rec = W + 8, ch = rec / 8;
+        static_assert(TN != 32 || TN * rec <= 4 * FA_M * SLD * 4, "records fit the partial scores' space");
+        for (int i = tid; i < TN * ch; i += THREADS) {
+          const int jj = i / ch, c = i - jj * ch;
+          cp_async8(smem_addr(stg + jj * rec + c * 8), layer + (size_t)slots[jj] * rec + c * 8, kb + jj < nkeys);
+        }
+        cp_async_wait_all();
+        __syncthreads();
+        for (int i = tid; i < TN * (W / 8); i += THREADS) {
+          const int jj = i / (W / 8), k = (i - jj * (W / 8)) * 8;
+          *(uint4*)(ks + jj * ld + k) = e4m3x8_bf16(*(const uint2*)(stg + jj * rec + k));
+        }
+        if (tid < TN) {
+          const float2 sc = *(const float2*)(stg + tid * rec + W);
+          sc0[tid] = sc.x, sc1[tid] = sc.y;
+        }
       } else {
         // Records of W codes and two scales; all of a thread's loads are
         // issued before the first is used (in two rounds with QR, whose
         // query fragments hold 72 registers).
-        constexpr int per = W / 8, total = FA_N * per, iters = (total + THREADS - 1) / THREADS;
+        constexpr int per = W / 8, total = TN * per, iters = (total + THREADS - 1) / THREADS;
         constexpr int batch = QR ? (iters + 1) / 2 : iters;
         float s0 = 0.f, s1 = 0.f;
-        if (tid < FA_N && kb + tid < nkeys) {
+        if (tid < TN && kb + tid < nkeys) {
           const float* sc = (const float*)(layer + (size_t)slots[tid] * (W + 8) + W);
           s0 = sc[0];
           s1 = sc[1];
@@ -276,13 +315,13 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
               *(uint4*)(ks + jj * ld + k) = e4m3x8_bf16(v[u]);
           }
         }
-        if (tid < FA_N) sc0[tid] = s0, sc1[tid] = s1;
+        if (tid < TN) sc0[tid] = s0, sc1[tid] = s1;
       }
       __syncthreads();
       // With DB, the next tile's copies into the other buffer: every warp
       // is past the products of the tile before, which used it.
-      if (DB && dtype == 0 && kb + FA_N < nkeys) {
-        issue_bf16(kbuf + (cur ^ 1) * FA_N * ld, sslot + (cur ^ 1) * FA_N, kb + FA_N, nkeys);
+      if (DB && dtype == 0 && kb + TN < nkeys) {
+        issue_bf16(kbuf + (cur ^ 1) * TN * ld, sslot + (cur ^ 1) * TN, kb + TN, nkeys);
         asm volatile("cp.async.commit_group;" ::: "memory");
       }
 
@@ -299,26 +338,40 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
         // the lo halves, so that no product waits for the one just before.
         auto step = [&](int s, int idx, float(&acc)[2][NN][4]) {
           u32 ah[2][4], alo[2][4], b[NN][2];
+          if (TN == 32) {
+            // B first, then each row tile's A and products (registers).
+#pragma unroll
+            for (int np = 0; np < NN / 2; np++)
+              ldsm_x4(kba + 2 * ((cur * TN + kh * KN + np * 16) * ld + s * 16), b[2 * np][0], b[2 * np][1],
+                      b[2 * np + 1][0], b[2 * np + 1][1]);
+#pragma unroll
+            for (int m = 0; m < 2; m++) {
+              ldsm_x4(qa + 2 * (m * 16 * ld + s * 16), ah[0][0], ah[0][1], ah[0][2], ah[0][3]);
+#pragma unroll
+              for (int n = 0; n < NN; n++) mma_bf16_ordered(acc[m][n], ah[0], b[n][0], b[n][1]);
+            }
+            return;
+          }
 #pragma unroll
           for (int m = 0; m < 2; m++) {
             if (QR && idx < QRN) {
 #pragma unroll
               for (int e = 0; e < 4; e++) ah[m][e] = qf[idx][m][e];
             } else {
-              ldsm_x4(smem_addr(qhi + m * 16 * ld + s * 16 + a_off), ah[m][0], ah[m][1], ah[m][2], ah[m][3]);
+              ldsm_x4(qa + 2 * (m * 16 * ld + s * 16), ah[m][0], ah[m][1], ah[m][2], ah[m][3]);
             }
             if (QLO)
               ldsm_x4(smem_addr(qlo + m * 16 * ld + s * 16 + a_off), alo[m][0], alo[m][1], alo[m][2], alo[m][3]);
           }
 #pragma unroll
           for (int np = 0; np < NN / 2; np++)
-            ldsm_x4(smem_addr(ks + (kh * KN + np * 16) * ld + s * 16 + b_off), b[2 * np][0], b[2 * np][1],
+            ldsm_x4(kba + 2 * ((cur * TN + kh * KN + np * 16) * ld + s * 16), b[2 * np][0], b[2 * np][1],
                     b[2 * np + 1][0], b[2 * np + 1][1]);
 #pragma unroll
           for (int m = 0; m < 2; m++)
 #pragma unroll
             for (int n = 0; n < NN; n++) {
-              if (QR)
+              if (QR || TN == 32)
                 mma_bf16_ordered(acc[m][n], ah[m], b[n][0], b[n][1]);
               else
                 mma_bf16(acc[m][n], ah[m], b[n][0], b[n][1]);
@@ -332,8 +385,8 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
         };
         // This warp's k steps are kw, kw+4, ...: the latent ones (rank/16
         // = 4 NT of them), then the rope ones.
-        float* mine = sp + kw * FA_M * FA_SLD;
-        if (QR || NW == 16) {
+        float* mine = sp + kw * FA_M * SLD;
+        if (QR || NW == 16 || TN == 32) {
           // One set of accumulators: the rope step's scaled partial goes
           // to shared memory first, and the latent one is added to it
           // there (the same sum as below).
@@ -344,8 +397,8 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
             for (int n = 0; n < NN; n++) {
               const int col = kh * KN + n * 8 + 2 * c4, row = m * 16 + g;
               const float s10 = sc1[col], s11 = sc1[col + 1];
-              *(float2*)(mine + row * FA_SLD + col) = make_float2(al[m][n][0] * s10, al[m][n][1] * s11);
-              *(float2*)(mine + (row + 8) * FA_SLD + col) = make_float2(al[m][n][2] * s10, al[m][n][3] * s11);
+              *(float2*)(mine + row * SLD + col) = make_float2(al[m][n][0] * s10, al[m][n][1] * s11);
+              *(float2*)(mine + (row + 8) * SLD + col) = make_float2(al[m][n][2] * s10, al[m][n][3] * s11);
               al[m][n][0] = al[m][n][1] = al[m][n][2] = al[m][n][3] = 0.f;
             }
 #pragma unroll
@@ -356,8 +409,8 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
             for (int n = 0; n < NN; n++) {
               const int col = kh * KN + n * 8 + 2 * c4, row = m * 16 + g;
               const float s00 = sc0[col], s01 = sc0[col + 1];
-              float2* p0 = (float2*)(mine + row * FA_SLD + col);
-              float2* p1 = (float2*)(mine + (row + 8) * FA_SLD + col);
+              float2* p0 = (float2*)(mine + row * SLD + col);
+              float2* p1 = (float2*)(mine + (row + 8) * SLD + col);
               const float2 r0 = *p0, r1 = *p1;
               *p0 = make_float2(al[m][n][0] * s00 + r0.x, al[m][n][1] * s01 + r0.y);
               *p1 = make_float2(al[m][n][2] * s00 + r1.x, al[m][n][3] * s01 + r1.y);
@@ -374,9 +427,9 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
               const int col = kh * KN + n * 8 + 2 * c4;
               const float s00 = sc0[col], s01 = sc0[col + 1], s10 = sc1[col], s11 = sc1[col + 1];
               const int row = m * 16 + g;
-              *(float2*)(mine + row * FA_SLD + col) =
+              *(float2*)(mine + row * SLD + col) =
                   make_float2(al[m][n][0] * s00 + ap[m][n][0] * s10, al[m][n][1] * s01 + ap[m][n][1] * s11);
-              *(float2*)(mine + (row + 8) * FA_SLD + col) =
+              *(float2*)(mine + (row + 8) * SLD + col) =
                   make_float2(al[m][n][2] * s00 + ap[m][n][2] * s10, al[m][n][3] * s01 + ap[m][n][3] * s11);
             }
         }
@@ -384,24 +437,24 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
       __syncthreads();
 
       // Slots of the tile NB ahead (this buffer's slots are used).
-      tile_slots(sslot + cur * FA_N, FA_N, kb + NB * FA_N, nkeys, table, block_size);
+      tile_slots(sslot + cur * TN, TN, kb + NB * TN, nkeys, table, block_size);
 
       // Online softmax: 8 threads a row (the first 256 threads).
       if (tid < FA_M * 8) {
-        float sv[8];
+        float sv[KT];
 #pragma unroll
-        for (int u = 0; u < 8; u++) sv[u] = 0.f;
+        for (int u = 0; u < KT; u++) sv[u] = 0.f;
 #pragma unroll
-        for (int w = 0; w < 4; w++) {
-          const float4 x0 = *(const float4*)(sp + (w * FA_M + sr) * FA_SLD + sq * 8);
-          const float4 x1 = *(const float4*)(sp + (w * FA_M + sr) * FA_SLD + sq * 8 + 4);
-          sv[0] += x0.x, sv[1] += x0.y, sv[2] += x0.z, sv[3] += x0.w;
-          sv[4] += x1.x, sv[5] += x1.y, sv[6] += x1.z, sv[7] += x1.w;
-        }
+        for (int w = 0; w < 4; w++)
+#pragma unroll
+          for (int c = 0; c < KT / 4; c++) {
+            const float4 x = *(const float4*)(sp + (w * FA_M + sr) * SLD + sq * KT + 4 * c);
+            sv[4 * c] += x.x, sv[4 * c + 1] += x.y, sv[4 * c + 2] += x.z, sv[4 * c + 3] += x.w;
+          }
         float mx = __int_as_float(0xff800000);
 #pragma unroll
-        for (int u = 0; u < 8; u++) {
-          const bool valid = kb + sq * 8 + u <= rowpos;
+        for (int u = 0; u < KT; u++) {
+          const bool valid = kb + sq * KT + u <= rowpos;
           sv[u] = valid ? sv[u] * scale : __int_as_float(0xff800000);
           mx = fmaxf(mx, sv[u]);
         }
@@ -412,26 +465,29 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
         const bool none = m_new == __int_as_float(0xff800000);
         const float alpha = none ? 1.f : expf(m_run - m_new);
         float sum = 0.f;
-        u32 hb[8], lb[8];
+        u32 hb[KT], lb[KT];
 #pragma unroll
-        for (int u = 0; u < 8; u++) {
+        for (int u = 0; u < KT; u++) {
           const float p = (none || sv[u] == __int_as_float(0xff800000)) ? 0.f : expf(sv[u] - m_new);
           sum += p;
           if (PLO)
-            split_bf16(p * sc0[sq * 8 + u], hb[u], lb[u]);
+            split_bf16(p * sc0[sq * KT + u], hb[u], lb[u]);
           else
-            hb[u] = fa_bf16(p * sc0[sq * 8 + u]);
+            hb[u] = fa_bf16(p * sc0[sq * KT + u]);
         }
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
         sum += __shfl_xor_sync(0xffffffffu, sum, 4);
         l_run = l_run * alpha + sum;
         m_run = m_new;
-        *(uint4*)(phi + sr * FA_PLD + sq * 8) =
-            make_uint4(hb[0] | (hb[1] << 16), hb[2] | (hb[3] << 16), hb[4] | (hb[5] << 16), hb[6] | (hb[7] << 16));
-        if (PLO)
-          *(uint4*)(plo + sr * FA_PLD + sq * 8) =
-              make_uint4(lb[0] | (lb[1] << 16), lb[2] | (lb[3] << 16), lb[4] | (lb[5] << 16), lb[6] | (lb[7] << 16));
+#pragma unroll
+        for (int c = 0; c < KT / 4; c++) {
+          *(uint2*)(phi + sr * PLD + sq * KT + 4 * c) =
+              make_uint2(hb[4 * c] | (hb[4 * c + 1] << 16), hb[4 * c + 2] | (hb[4 * c + 3] << 16));
+          if (PLO)
+            *(uint2*)(plo + sr * PLD + sq * KT + 4 * c) =
+                make_uint2(lb[4 * c] | (lb[4 * c + 1] << 16), lb[4 * c + 2] | (lb[4 * c + 3] << 16));
+        }
         if (sq == 0) alpha_s[sr] = alpha;
       }
       __syncthreads();
@@ -445,20 +501,35 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
           o[1][n][0] *= a2, o[1][n][1] *= a2, o[1][n][2] *= a3, o[1][n][3] *= a3;
         }
 #pragma unroll
-        for (int kk = 0; kk < FA_N / 16; kk++) {
+        for (int kk = 0; kk < TN / 16; kk++) {
           u32 ah[2][4], alo[2][4];
 #pragma unroll
           for (int m = 0; m < 2; m++) {
-            ldsm_x4(smem_addr(phi + m * 16 * FA_PLD + kk * 16 + p_off), ah[m][0], ah[m][1], ah[m][2], ah[m][3]);
+            ldsm_x4(pa + 2 * (m * 16 * PLD + kk * 16), ah[m][0], ah[m][1], ah[m][2], ah[m][3]);
             if (PLO)
-              ldsm_x4(smem_addr(plo + m * 16 * FA_PLD + kk * 16 + p_off), alo[m][0], alo[m][1], alo[m][2], alo[m][3]);
+              ldsm_x4(smem_addr(plo + m * 16 * PLD + kk * 16 + p_off), alo[m][0], alo[m][1], alo[m][2], alo[m][3]);
+          }
+          if (TN == 32) {
+            // Two column tiles at a time, in program order (registers).
+#pragma unroll
+            for (int np = 0; np < ON / 2; np++) {
+              u32 b0, b1, b2, b3;
+              ldsm_x4_t(kva + 2 * ((cur * TN + kk * 16) * ld + warp * CW + np * 16), b0, b1, b2, b3);
+#pragma unroll
+              for (int m = 0; m < 2; m++) {
+                mma_bf16_ordered(o[m][2 * np], ah[m], b0, b1);
+                mma_bf16_ordered(o[m][2 * np + 1], ah[m], b2, b3);
+              }
+            }
+            static_assert(TN != 32 || (!PLO && ON % 2 == 0), "t: bf16 weights, whole pairs of column tiles");
+            continue;
           }
           u32 b[ON][2];
 #pragma unroll
           for (int np = 0; np < ON / 2; np++)
-            ldsm_x4_t(smem_addr(ks + kk * 16 * ld + warp * CW + np * 16 + v_off), b[2 * np][0], b[2 * np][1],
+            ldsm_x4_t(kva + 2 * ((cur * TN + kk * 16) * ld + warp * CW + np * 16), b[2 * np][0], b[2 * np][1],
                       b[2 * np + 1][0], b[2 * np + 1][1]);
-          if (ON % 2) ldsm_x2_t(smem_addr(ks + kk * 16 * ld + warp * CW + (ON - 1) * 8 + v_off), b[ON - 1][0], b[ON - 1][1]);
+          if (ON % 2) ldsm_x2_t(kva + 2 * ((cur * TN + kk * 16) * ld + warp * CW + (ON - 1) * 8), b[ON - 1][0], b[ON - 1][1]);
 #pragma unroll
           for (int m = 0; m < 2; m++)
 #pragma unroll
@@ -497,27 +568,24 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   }
 }
 
-#define FLASH_LATENT(NT, DR, Q, P, D, R, NW, V)                                                                            \
-  extern "C" __global__ void __launch_bounds__(NW * 32, 1)                                                    \
+#define FLASH_LATENT(NT, DR, Q, P, D, R, NW, TN, OCC, V)                                                                            \
+  extern "C" __global__ void __launch_bounds__(NW * 32, OCC)                                                    \
       flash_latent_##NT##_##DR##_##V(float* olat, int ldo, const float* qlat, int ldql, const float* q, \
                         int ldq, const u8* layer, int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq, \
                         const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size,     \
                         int T, int heads, int dn, float scale) {                                                 \
     PDL_LAUNCH();                                                                                                \
     PDL_WAIT();                                                                                                  \
-    flash_latent<NT, DR, Q, P, D, R, NW>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks, \
+    flash_latent<NT, DR, Q, P, D, R, NW, TN>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks, \
                                   block_size, T, heads, dn, scale);                                              \
   }
 
 // Instances: (rank/64, rope dims) of the model (8, 64) and of the tests
 // (the last, the tiny test model's).
 #define FLASH_VARIANTS(NT, DR) \
-  FLASH_LATENT(NT, DR, 1, 1, 0, 0, 8, q1p1d0)   \
-  FLASH_LATENT(NT, DR, 1, 0, 0, 0, 8, q1p0d0)   \
-  FLASH_LATENT(NT, DR, 0, 0, 0, 0, 8, q0p0d0)   \
-  FLASH_LATENT(NT, DR, 0, 0, 1, 0, 8, q0p0d1)   \
-  FLASH_LATENT(NT, DR, 0, 0, 1, 1, 8, q0p0d1r)  \
-  FLASH_LATENT(NT, DR, 0, 0, 1, 0, 16, q0p0d1w)
+  FLASH_LATENT(NT, DR, 1, 1, 0, 0, 8, 64, 1, q1p1d0)   \
+  FLASH_LATENT(NT, DR, 0, 0, 1, 0, 8, 64, 1, q0p0d1)   \
+  FLASH_LATENT(NT, DR, 0, 0, 0, 0, 8, 32, 2, q0p0d0t)
 FLASH_VARIANTS(8, 64)
 FLASH_VARIANTS(4, 32)
 FLASH_VARIANTS(2, 64)
