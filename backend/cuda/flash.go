@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"slices"
-	"strings"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -28,12 +27,11 @@ const (
 
 // flashVariant picks the flash kernel's variant (suffix qQpPdD of its
 // name): Q, P 1 when the queries' and the weights' lo halves are
-// multiplied too, D 1 with two key tiles, t: tiles of 32 positions and
-// two blocks a multiprocessor.
+// multiplied too, D 1 with two key tiles.
 var flashVariant = "q0p0d1"
 
 // flashVariants are the compiled variants.
-var flashVariants = []string{"q1p1d0", "q0p0d1", "q0p0d0t"}
+var flashVariants = []string{"q1p1d0", "q1p0d0", "q0p0d1"}
 
 func init() {
 	switch v := os.Getenv("MMFP4_CUDA_FLASH"); {
@@ -49,9 +47,6 @@ func init() {
 func flashShared(w int, v string) int {
 	ld := w + 8
 	qn, pn, nb, tn := 1, 1, 1, 64
-	if strings.HasSuffix(v, "t") {
-		tn = 32
-	}
 	if v[1] == '1' {
 		qn = 2
 	}

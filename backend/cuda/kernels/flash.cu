@@ -45,10 +45,6 @@ DEVICE void cp_async16(u32 dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
                : "memory");
 }
-// 8 bytes global -> shared (through L1), zero-filled when !valid.
-DEVICE void cp_async8(u32 dst, const void* src, bool valid) {
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(dst), "l"(src), "r"(valid ? 8 : 0) : "memory");
-}
 DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
 // Round to nearest even bfloat16 (finite inputs), as bits.
@@ -86,15 +82,15 @@ DEVICE uint4 e4m3x8_bf16(uint2 v) {
 // h0 + r%FA_HB; zeros past the ends) as hi and lo bf16 halves, W = rank +
 // dr columns: [qlat | q_pe]. All of a thread's loads are issued before the
 // first is used.
-template <int RANK, int W, bool LO, int THREADS>
+template <int RANK, int W, bool LO>
 DEVICE void load_queries(unsigned short* qhi, unsigned short* qlo, int ld, const float* __restrict__ qlat, int ldql,
                          const float* __restrict__ q, int ldq, int t0, int h0, int T, int heads, int dn) {
-  constexpr int per = W / 4, total = FA_M * per, iters = (total + THREADS - 1) / THREADS;
+  constexpr int per = W / 4, total = FA_M * per, iters = (total + FA_THREADS - 1) / FA_THREADS;
   constexpr int dr = W - RANK;
   float4 v[iters];
 #pragma unroll
   for (int u = 0; u < iters; u++) {
-    const int i = threadIdx.x + u * THREADS;
+    const int i = threadIdx.x + u * FA_THREADS;
     const int r = i / per, k = (i % per) * 4;
     const int t = t0 + r / FA_HB, h = h0 + r % FA_HB;
     v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -104,7 +100,7 @@ DEVICE void load_queries(unsigned short* qhi, unsigned short* qlo, int ld, const
   }
 #pragma unroll
   for (int u = 0; u < iters; u++) {
-    const int i = threadIdx.x + u * THREADS;
+    const int i = threadIdx.x + u * FA_THREADS;
     if (i >= total) break;
     const int r = i / per, k = (i % per) * 4;
     u32 h0b, l0b, h1b, l1b, h2b, l2b, h3b, l3b;
@@ -115,21 +111,6 @@ DEVICE void load_queries(unsigned short* qhi, unsigned short* qlo, int ld, const
     *(uint2*)(qhi + r * ld + k) = make_uint2(h0b | (h1b << 16), h2b | (h3b << 16));
     if (LO) *(uint2*)(qlo + r * ld + k) = make_uint2(l0b | (l1b << 16), l2b | (l3b << 16));
   }
-}
-
-DEVICE void ldsm_x2_t(u32 addr, u32& r0, u32& r1) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x2.trans.shared.b16 {%0,%1}, [%2];" : "=r"(r0), "=r"(r1) : "r"(addr));
-}
-
-// mma_bf16 kept in program order among the volatile asm (the shared
-// memory loads): the compiler then cannot hoist every step's loads ahead
-// of the products, which would need more registers than there are.
-DEVICE void mma_bf16_ordered(float* d, const u32* a, u32 b0, u32 b1) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, "
-      "{%0,%1,%2,%3};"
-      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
 // Cache slots of positions [kb, kb+n) into sslot (0 past nkeys), n <=
@@ -143,9 +124,8 @@ DEVICE void tile_slots(u32* sslot, int n, int kb, int nkeys, const i32* __restri
 
 // QLO, PLO: the queries' and the weights' lo halves are multiplied too
 // (else bf16 operands); DB: two key tiles, the next one's copies (bf16
-// cache) in flight during this one's products; QR: each warp's query
-// fragments in registers.
-template <int NT, int DR, bool QLO, bool PLO, bool DB, bool QR, int NW, int TN>
+// cache) in flight during this one's products.
+template <int NT, int DR, bool QLO, bool PLO, bool DB>
 DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                          const float* __restrict__ q, int ldq, const u8* __restrict__ layer, int dtype,
                          const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -154,77 +134,42 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   constexpr int rank = NT * 64;  // warp w owns columns [w*NT*8, +NT*8)
   constexpr int W = rank + DR, ld = W + 8;  // bf16 row stride: an odd number of 16-byte units
   constexpr int NB = DB ? 2 : 1;            // key tiles
-  constexpr int THREADS = NW * 32;
-  // S: warp w takes keys [KN*(w%KQ), +KN) (NN tiles of 8); O: columns
-  // [CW*w, +CW) (ON tiles of 8).
-  constexpr int SLD = TN + 8, PLD = TN + 8;  // partial score (float) and weight (bf16) row strides
-  constexpr int KT = TN / 8;                   // keys a softmax thread
-  static_assert(TN == 64 || TN == 32, "tiles of 64 or 32 positions");
-  constexpr int KQ = NW / 4, KN = TN / KQ, NN = KN / 8, CW = rank / NW, ON = CW / 8;
-  static_assert(NW == 8 || NW == 16, "8 or 16 warps");
   extern __shared__ __align__(16) u8 fa_smem[];
   unsigned short* qhi = (unsigned short*)fa_smem;
   unsigned short* qlo = qhi + FA_M * ld;                       // with QLO
-  unsigned short* kbuf = qhi + (QLO ? 2 : 1) * FA_M * ld;      // [NB][TN][ld]
-  float* sp = (float*)(kbuf + NB * TN * ld);                 // [4][FA_M][SLD]
-  unsigned short* phi = (unsigned short*)(sp + 4 * FA_M * SLD);  // [FA_M][PLD]
-  unsigned short* plo = phi + FA_M * PLD;                   // with PLO
-  float* sc0 = (float*)(phi + (PLO ? 2 : 1) * FA_M * PLD);  // [TN] scale of c (fp8), else 1
-  float* sc1 = sc0 + TN;                     // [TN] scale of k_pe
-  float* alpha_s = sc1 + TN;                 // [FA_M]
+  unsigned short* kbuf = qhi + (QLO ? 2 : 1) * FA_M * ld;      // [NB][FA_N][ld]
+  float* sp = (float*)(kbuf + NB * FA_N * ld);                 // [4][FA_M][FA_SLD]
+  unsigned short* phi = (unsigned short*)(sp + 4 * FA_M * FA_SLD);  // [FA_M][FA_PLD]
+  unsigned short* plo = phi + FA_M * FA_PLD;                   // with PLO
+  float* sc0 = (float*)(phi + (PLO ? 2 : 1) * FA_M * FA_PLD);  // [FA_N] scale of c (fp8), else 1
+  float* sc1 = sc0 + FA_N;                     // [FA_N] scale of k_pe
+  float* alpha_s = sc1 + FA_N;                 // [FA_M]
   float* l_s = alpha_s + FA_M;                 // [FA_M]
-  u32* sslot = (u32*)(l_s + FA_M);             // [NB][TN] cache slots of the next tiles
+  u32* sslot = (u32*)(l_s + FA_M);             // [NB][FA_N] cache slots of the next tiles
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, c4 = lane & 3;
   const int t0 = (gridDim.x - 1 - blockIdx.x) * FA_TQ, h0 = blockIdx.y * FA_HB;
   const int nt = min(FA_TQ, T - t0);
 
-  load_queries<rank, W, QLO, THREADS>(qhi, qlo, ld, qlat, ldql, q, ldq, t0, h0, T, heads, dn);
+  load_queries<rank, W, QLO>(qhi, qlo, ld, qlat, ldql, q, ldq, t0, h0, T, heads, dn);
 
   // Softmax role: row sr, keys [8*sq, +8).
   const int sr = tid >> 3, sq = tid & 7;
   // S role: key half kh, k steps kw, kw+4, ...
-  const int kh = warp % KQ, kw = warp / KQ;
+  const int kh = warp & 1, kw = warp >> 1;
   constexpr int lsteps = rank / 16, steps = W / 16;
   // ldmatrix lane addresses (bf16 offsets inside a 16x16 tile).
   const int a_off = (lane & 15) * ld + (lane >> 4) * 8;                          // A, row-major
   const int b_off = ((lane & 7) + ((lane >> 4) << 3)) * ld + ((lane >> 3) & 1) * 8;  // B from [key][k]
   const int v_off = ((lane & 7) + (((lane >> 3) & 1) << 3)) * ld + (lane >> 4) * 8;  // B from [key][col], .trans
-  const int p_off = (lane & 15) * PLD + (lane >> 4) * 8;
-  // The same as shared-memory byte addresses.
-  const u32 qa = smem_addr(qhi) + 2 * a_off, pa = smem_addr(phi) + 2 * p_off;
-  const u32 kba = smem_addr(kbuf) + 2 * b_off, kva = smem_addr(kbuf) + 2 * v_off;
-
-  // With QR, this warp's query fragments for its k steps (NT latent ones
-  // and at most one rope one), kept in registers for the whole block.
-  static_assert(!QR || (!QLO && DR <= 64 && NW == 8), "QR: bf16 queries, one rope step a warp, 8 warps");
-  constexpr int QRN = NT > 4 ? NT / 2 : NT;  // steps from registers
-  u32 qf[QR ? QRN : 1][2][4];
-  if (QR) {
-    __syncthreads();
-#pragma unroll
-    for (int i = 0; i < QRN; i++) {
-      const int s = kw + 4 * i;
-#pragma unroll
-      for (int m = 0; m < 2; m++)
-        ldsm_x4(smem_addr(qhi + m * 16 * ld + s * 16 + a_off), qf[i][m][0], qf[i][m][1], qf[i][m][2], qf[i][m][3]);
-    }
-  }
+  const int p_off = (lane & 15) * FA_PLD + (lane >> 4) * 8;
 
   // Copies of a tile of the bf16 cache (zeros past nkeys).
   auto issue_bf16 = [&](unsigned short* dst, const u32* sl, int kb, int nkeys) {
     constexpr int per = W / 8;  // 16-byte chunks a row
-    if (TN == 32) {
-#pragma unroll 2
-      for (int i = tid; i < TN * per; i += THREADS) {
-        const int jj = i / per, k = (i % per) * 8;
-        cp_async16(smem_addr(dst + jj * ld + k), layer + ((size_t)sl[jj] * W + k) * 2, kb + jj < nkeys);
-      }
-      return;
-    }
 #pragma unroll 6
-    for (int i = tid; i < TN * per; i += THREADS) {
+    for (int i = tid; i < FA_N * per; i += FA_THREADS) {
       const int jj = i / per, k = (i % per) * 8;
       cp_async16(smem_addr(dst + jj * ld + k), layer + ((size_t)sl[jj] * W + k) * 2, kb + jj < nkeys);
     }
@@ -242,14 +187,14 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
     const int st = sr / FA_HB, sh = h0 + sr % FA_HB;
     const int rowpos = (st >= ta && st < tb && sh < heads) ? pos[t0 + st] : -1;
     float m_run = __int_as_float(0xff800000), l_run = 0.f;
-    float o[2][ON][4];
+    float o[2][NT][4];
 #pragma unroll
     for (int m = 0; m < 2; m++)
 #pragma unroll
-      for (int n = 0; n < ON; n++) o[m][n][0] = o[m][n][1] = o[m][n][2] = o[m][n][3] = 0.f;
+      for (int n = 0; n < NT; n++) o[m][n][0] = o[m][n][1] = o[m][n][2] = o[m][n][3] = 0.f;
     // Slots of the first NB tiles (tile i in sslot[i]).
-    tile_slots(sslot, NB * TN, 0, nkeys, table, block_size);
-    if (dtype == 0 && tid < TN) sc0[tid] = sc1[tid] = 1.f;
+    tile_slots(sslot, NB * FA_N, 0, nkeys, table, block_size);
+    if (dtype == 0 && tid < FA_N) sc0[tid] = sc1[tid] = 1.f;
     __syncthreads();
     if (DB && dtype == 0) {
       issue_bf16(kbuf, sslot, 0, nkeys);
@@ -257,204 +202,122 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
     }
 
     int it = 0;
-    for (int kb = 0; kb < nkeys; kb += TN, it++) {
+    for (int kb = 0; kb < nkeys; kb += FA_N, it++) {
       const int cur = DB ? (it & 1) : 0;
-      unsigned short* ks = kbuf + cur * TN * ld;
-      const u32* slots = sslot + cur * TN;
+      unsigned short* ks = kbuf + cur * FA_N * ld;
+      const u32* slots = sslot + cur * FA_N;
       // The tile's cached rows as bf16 (zeros past nkeys).
       if (dtype == 0) {
         if (!DB) issue_bf16(ks, slots, kb, nkeys);
         cp_async_wait_all();  // with DB, copies issued a tile earlier
-      } else if (TN == 32) {
-        // The tile's records (W codes, two scales) copied as they are into
-        // the partial scores' space (free until this tile's products),
-        // then widened to bf16 there.
-        u8* stg = (u8*)sp;
-        constexpr int rec = W + 8, ch = rec / 8;
-        static_assert(TN != 32 || TN * rec <= 4 * FA_M * SLD * 4, "records fit the partial scores' space");
-        for (int i = tid; i < TN * ch; i += THREADS) {
-          const int jj = i / ch, c = i - jj * ch;
-          cp_async8(smem_addr(stg + jj * rec + c * 8), layer + (size_t)slots[jj] * rec + c * 8, kb + jj < nkeys);
-        }
-        cp_async_wait_all();
-        __syncthreads();
-        for (int i = tid; i < TN * (W / 8); i += THREADS) {
-          const int jj = i / (W / 8), k = (i - jj * (W / 8)) * 8;
-          *(uint4*)(ks + jj * ld + k) = e4m3x8_bf16(*(const uint2*)(stg + jj * rec + k));
-        }
-        if (tid < TN) {
-          const float2 sc = *(const float2*)(stg + tid * rec + W);
-          sc0[tid] = sc.x, sc1[tid] = sc.y;
-        }
       } else {
         // Records of W codes and two scales; all of a thread's loads are
-        // issued before the first is used (in two rounds with QR, whose
-        // query fragments hold 72 registers).
-        constexpr int per = W / 8, total = TN * per, iters = (total + THREADS - 1) / THREADS;
-        constexpr int batch = QR ? (iters + 1) / 2 : iters;
+        // issued before the first is used.
+        constexpr int per = W / 8, total = FA_N * per, iters = (total + FA_THREADS - 1) / FA_THREADS;
+        uint2 v[iters];
+#pragma unroll
+        for (int u = 0; u < iters; u++) {
+          const int i = tid + u * FA_THREADS, jj = i / per, k = (i % per) * 8;
+          v[u] = (total % FA_THREADS == 0 || i < total) && kb + jj < nkeys
+                     ? *(const uint2*)(layer + (size_t)slots[jj] * (W + 8) + k)
+                     : make_uint2(0, 0);
+        }
         float s0 = 0.f, s1 = 0.f;
-        if (tid < TN && kb + tid < nkeys) {
+        if (tid < FA_N && kb + tid < nkeys) {
           const float* sc = (const float*)(layer + (size_t)slots[tid] * (W + 8) + W);
           s0 = sc[0];
           s1 = sc[1];
         }
 #pragma unroll
-        for (int u0 = 0; u0 < iters; u0 += batch) {
-          uint2 v[batch];
-#pragma unroll
-          for (int u = 0; u < batch; u++) {
-            const int i = tid + (u0 + u) * THREADS, jj = i / per, k = (i % per) * 8;
-            v[u] = (u0 + u < iters) && (total % THREADS == 0 || i < total) && kb + jj < nkeys
-                       ? *(const uint2*)(layer + (size_t)slots[jj] * (W + 8) + k)
-                       : make_uint2(0, 0);
-          }
-#pragma unroll
-          for (int u = 0; u < batch; u++) {
-            const int i = tid + (u0 + u) * THREADS, jj = i / per, k = (i % per) * 8;
-            if ((u0 + u < iters) && (total % THREADS == 0 || i < total))
-              *(uint4*)(ks + jj * ld + k) = e4m3x8_bf16(v[u]);
-          }
+        for (int u = 0; u < iters; u++) {
+          const int i = tid + u * FA_THREADS, jj = i / per, k = (i % per) * 8;
+          if (total % FA_THREADS == 0 || i < total) *(uint4*)(ks + jj * ld + k) = e4m3x8_bf16(v[u]);
         }
-        if (tid < TN) sc0[tid] = s0, sc1[tid] = s1;
+        if (tid < FA_N) sc0[tid] = s0, sc1[tid] = s1;
       }
       __syncthreads();
       // With DB, the next tile's copies into the other buffer: every warp
       // is past the products of the tile before, which used it.
-      if (DB && dtype == 0 && kb + TN < nkeys) {
-        issue_bf16(kbuf + (cur ^ 1) * TN * ld, sslot + (cur ^ 1) * TN, kb + TN, nkeys);
+      if (DB && dtype == 0 && kb + FA_N < nkeys) {
+        issue_bf16(kbuf + (cur ^ 1) * FA_N * ld, sslot + (cur ^ 1) * FA_N, kb + FA_N, nkeys);
         asm volatile("cp.async.commit_group;" ::: "memory");
       }
 
       // S partials: 32 rows x 32 keys over this warp's k steps.
       {
-        float al[2][NN][4], ap[2][NN][4];
+        float al[2][4][4], ap[2][4][4];
 #pragma unroll
         for (int m = 0; m < 2; m++)
 #pragma unroll
-          for (int n = 0; n < NN; n++)
+          for (int n = 0; n < 4; n++)
 #pragma unroll
             for (int e = 0; e < 4; e++) al[m][n][e] = ap[m][n][e] = 0.f;
         // One k step s into acc: the hi halves into all eight tiles, then
         // the lo halves, so that no product waits for the one just before.
-        auto step = [&](int s, int idx, float(&acc)[2][NN][4]) {
-          u32 ah[2][4], alo[2][4], b[NN][2];
-          if (TN == 32) {
-            // B first, then each row tile's A and products (registers).
-#pragma unroll
-            for (int np = 0; np < NN / 2; np++)
-              ldsm_x4(kba + 2 * ((cur * TN + kh * KN + np * 16) * ld + s * 16), b[2 * np][0], b[2 * np][1],
-                      b[2 * np + 1][0], b[2 * np + 1][1]);
-#pragma unroll
-            for (int m = 0; m < 2; m++) {
-              ldsm_x4(qa + 2 * (m * 16 * ld + s * 16), ah[0][0], ah[0][1], ah[0][2], ah[0][3]);
-#pragma unroll
-              for (int n = 0; n < NN; n++) mma_bf16_ordered(acc[m][n], ah[0], b[n][0], b[n][1]);
-            }
-            return;
-          }
+        auto step = [&](int s, float(&acc)[2][4][4]) {
+          u32 ah[2][4], alo[2][4], b[4][2];
 #pragma unroll
           for (int m = 0; m < 2; m++) {
-            if (QR && idx < QRN) {
-#pragma unroll
-              for (int e = 0; e < 4; e++) ah[m][e] = qf[idx][m][e];
-            } else {
-              ldsm_x4(qa + 2 * (m * 16 * ld + s * 16), ah[m][0], ah[m][1], ah[m][2], ah[m][3]);
-            }
+            ldsm_x4(smem_addr(qhi + m * 16 * ld + s * 16 + a_off), ah[m][0], ah[m][1], ah[m][2], ah[m][3]);
             if (QLO)
               ldsm_x4(smem_addr(qlo + m * 16 * ld + s * 16 + a_off), alo[m][0], alo[m][1], alo[m][2], alo[m][3]);
           }
 #pragma unroll
-          for (int np = 0; np < NN / 2; np++)
-            ldsm_x4(kba + 2 * ((cur * TN + kh * KN + np * 16) * ld + s * 16), b[2 * np][0], b[2 * np][1],
+          for (int np = 0; np < 2; np++)
+            ldsm_x4(smem_addr(ks + (kh * 32 + np * 16) * ld + s * 16 + b_off), b[2 * np][0], b[2 * np][1],
                     b[2 * np + 1][0], b[2 * np + 1][1]);
 #pragma unroll
           for (int m = 0; m < 2; m++)
 #pragma unroll
-            for (int n = 0; n < NN; n++) {
-              if (QR || TN == 32)
-                mma_bf16_ordered(acc[m][n], ah[m], b[n][0], b[n][1]);
-              else
-                mma_bf16(acc[m][n], ah[m], b[n][0], b[n][1]);
-            }
+            for (int n = 0; n < 4; n++) mma_bf16(acc[m][n], ah[m], b[n][0], b[n][1]);
           if (QLO) {
 #pragma unroll
             for (int m = 0; m < 2; m++)
 #pragma unroll
-              for (int n = 0; n < NN; n++) mma_bf16(acc[m][n], alo[m], b[n][0], b[n][1]);
+              for (int n = 0; n < 4; n++) mma_bf16(acc[m][n], alo[m], b[n][0], b[n][1]);
           }
         };
         // This warp's k steps are kw, kw+4, ...: the latent ones (rank/16
         // = 4 NT of them), then the rope ones.
-        float* mine = sp + kw * FA_M * SLD;
-        if (QR || NW == 16 || TN == 32) {
-          // One set of accumulators: the rope step's scaled partial goes
-          // to shared memory first, and the latent one is added to it
-          // there (the same sum as below).
-          if (lsteps + kw < steps) step(lsteps + kw, NT, al);
-#pragma unroll
-          for (int m = 0; m < 2; m++)
-#pragma unroll
-            for (int n = 0; n < NN; n++) {
-              const int col = kh * KN + n * 8 + 2 * c4, row = m * 16 + g;
-              const float s10 = sc1[col], s11 = sc1[col + 1];
-              *(float2*)(mine + row * SLD + col) = make_float2(al[m][n][0] * s10, al[m][n][1] * s11);
-              *(float2*)(mine + (row + 8) * SLD + col) = make_float2(al[m][n][2] * s10, al[m][n][3] * s11);
-              al[m][n][0] = al[m][n][1] = al[m][n][2] = al[m][n][3] = 0.f;
-            }
-#pragma unroll
-          for (int i = 0; i < NT; i++) step(kw + 4 * i, QR ? i : 0, al);
-#pragma unroll
-          for (int m = 0; m < 2; m++)
-#pragma unroll
-            for (int n = 0; n < NN; n++) {
-              const int col = kh * KN + n * 8 + 2 * c4, row = m * 16 + g;
-              const float s00 = sc0[col], s01 = sc0[col + 1];
-              float2* p0 = (float2*)(mine + row * SLD + col);
-              float2* p1 = (float2*)(mine + (row + 8) * SLD + col);
-              const float2 r0 = *p0, r1 = *p1;
-              *p0 = make_float2(al[m][n][0] * s00 + r0.x, al[m][n][1] * s01 + r0.y);
-              *p1 = make_float2(al[m][n][2] * s00 + r1.x, al[m][n][3] * s01 + r1.y);
-            }
-        } else {
 #pragma unroll 2
-          for (int i = 0; i < NT; i++) step(kw + 4 * i, 0, al);
+        for (int i = 0; i < NT; i++) step(kw + 4 * i, al);
 #pragma unroll
-          for (int s = lsteps + kw; s < steps; s += 4) step(s, 0, ap);
+        for (int s = lsteps + kw; s < steps; s += 4) step(s, ap);
+        float* mine = sp + kw * FA_M * FA_SLD;
 #pragma unroll
-          for (int m = 0; m < 2; m++)
+        for (int m = 0; m < 2; m++)
 #pragma unroll
-            for (int n = 0; n < NN; n++) {
-              const int col = kh * KN + n * 8 + 2 * c4;
-              const float s00 = sc0[col], s01 = sc0[col + 1], s10 = sc1[col], s11 = sc1[col + 1];
-              const int row = m * 16 + g;
-              *(float2*)(mine + row * SLD + col) =
-                  make_float2(al[m][n][0] * s00 + ap[m][n][0] * s10, al[m][n][1] * s01 + ap[m][n][1] * s11);
-              *(float2*)(mine + (row + 8) * SLD + col) =
-                  make_float2(al[m][n][2] * s00 + ap[m][n][2] * s10, al[m][n][3] * s01 + ap[m][n][3] * s11);
-            }
-        }
+          for (int n = 0; n < 4; n++) {
+            const int col = kh * 32 + n * 8 + 2 * c4;
+            const float s00 = sc0[col], s01 = sc0[col + 1], s10 = sc1[col], s11 = sc1[col + 1];
+            const int row = m * 16 + g;
+            *(float2*)(mine + row * FA_SLD + col) =
+                make_float2(al[m][n][0] * s00 + ap[m][n][0] * s10, al[m][n][1] * s01 + ap[m][n][1] * s11);
+            *(float2*)(mine + (row + 8) * FA_SLD + col) =
+                make_float2(al[m][n][2] * s00 + ap[m][n][2] * s10, al[m][n][3] * s01 + ap[m][n][3] * s11);
+          }
       }
       __syncthreads();
 
       // Slots of the tile NB ahead (this buffer's slots are used).
-      tile_slots(sslot + cur * TN, TN, kb + NB * TN, nkeys, table, block_size);
+      tile_slots(sslot + cur * FA_N, FA_N, kb + NB * FA_N, nkeys, table, block_size);
 
-      // Online softmax: 8 threads a row (the first 256 threads).
-      if (tid < FA_M * 8) {
-        float sv[KT];
+      // Online softmax: 8 threads a row.
+      {
+        float sv[8];
 #pragma unroll
-        for (int u = 0; u < KT; u++) sv[u] = 0.f;
+        for (int u = 0; u < 8; u++) sv[u] = 0.f;
 #pragma unroll
-        for (int w = 0; w < 4; w++)
-#pragma unroll
-          for (int c = 0; c < KT / 4; c++) {
-            const float4 x = *(const float4*)(sp + (w * FA_M + sr) * SLD + sq * KT + 4 * c);
-            sv[4 * c] += x.x, sv[4 * c + 1] += x.y, sv[4 * c + 2] += x.z, sv[4 * c + 3] += x.w;
-          }
+        for (int w = 0; w < 4; w++) {
+          const float4 x0 = *(const float4*)(sp + (w * FA_M + sr) * FA_SLD + sq * 8);
+          const float4 x1 = *(const float4*)(sp + (w * FA_M + sr) * FA_SLD + sq * 8 + 4);
+          sv[0] += x0.x, sv[1] += x0.y, sv[2] += x0.z, sv[3] += x0.w;
+          sv[4] += x1.x, sv[5] += x1.y, sv[6] += x1.z, sv[7] += x1.w;
+        }
         float mx = __int_as_float(0xff800000);
 #pragma unroll
-        for (int u = 0; u < KT; u++) {
-          const bool valid = kb + sq * KT + u <= rowpos;
+        for (int u = 0; u < 8; u++) {
+          const bool valid = kb + sq * 8 + u <= rowpos;
           sv[u] = valid ? sv[u] * scale : __int_as_float(0xff800000);
           mx = fmaxf(mx, sv[u]);
         }
@@ -465,29 +328,26 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
         const bool none = m_new == __int_as_float(0xff800000);
         const float alpha = none ? 1.f : expf(m_run - m_new);
         float sum = 0.f;
-        u32 hb[KT], lb[KT];
+        u32 hb[8], lb[8];
 #pragma unroll
-        for (int u = 0; u < KT; u++) {
+        for (int u = 0; u < 8; u++) {
           const float p = (none || sv[u] == __int_as_float(0xff800000)) ? 0.f : expf(sv[u] - m_new);
           sum += p;
           if (PLO)
-            split_bf16(p * sc0[sq * KT + u], hb[u], lb[u]);
+            split_bf16(p * sc0[sq * 8 + u], hb[u], lb[u]);
           else
-            hb[u] = fa_bf16(p * sc0[sq * KT + u]);
+            hb[u] = fa_bf16(p * sc0[sq * 8 + u]);
         }
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
         sum += __shfl_xor_sync(0xffffffffu, sum, 4);
         l_run = l_run * alpha + sum;
         m_run = m_new;
-#pragma unroll
-        for (int c = 0; c < KT / 4; c++) {
-          *(uint2*)(phi + sr * PLD + sq * KT + 4 * c) =
-              make_uint2(hb[4 * c] | (hb[4 * c + 1] << 16), hb[4 * c + 2] | (hb[4 * c + 3] << 16));
-          if (PLO)
-            *(uint2*)(plo + sr * PLD + sq * KT + 4 * c) =
-                make_uint2(lb[4 * c] | (lb[4 * c + 1] << 16), lb[4 * c + 2] | (lb[4 * c + 3] << 16));
-        }
+        *(uint4*)(phi + sr * FA_PLD + sq * 8) =
+            make_uint4(hb[0] | (hb[1] << 16), hb[2] | (hb[3] << 16), hb[4] | (hb[5] << 16), hb[6] | (hb[7] << 16));
+        if (PLO)
+          *(uint4*)(plo + sr * FA_PLD + sq * 8) =
+              make_uint4(lb[0] | (lb[1] << 16), lb[2] | (lb[3] << 16), lb[4] | (lb[5] << 16), lb[6] | (lb[7] << 16));
         if (sq == 0) alpha_s[sr] = alpha;
       }
       __syncthreads();
@@ -496,49 +356,33 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
       {
         const float a0 = alpha_s[g], a1 = alpha_s[g + 8], a2 = alpha_s[16 + g], a3 = alpha_s[24 + g];
 #pragma unroll
-        for (int n = 0; n < ON; n++) {
+        for (int n = 0; n < NT; n++) {
           o[0][n][0] *= a0, o[0][n][1] *= a0, o[0][n][2] *= a1, o[0][n][3] *= a1;
           o[1][n][0] *= a2, o[1][n][1] *= a2, o[1][n][2] *= a3, o[1][n][3] *= a3;
         }
 #pragma unroll
-        for (int kk = 0; kk < TN / 16; kk++) {
+        for (int kk = 0; kk < FA_N / 16; kk++) {
           u32 ah[2][4], alo[2][4];
 #pragma unroll
           for (int m = 0; m < 2; m++) {
-            ldsm_x4(pa + 2 * (m * 16 * PLD + kk * 16), ah[m][0], ah[m][1], ah[m][2], ah[m][3]);
+            ldsm_x4(smem_addr(phi + m * 16 * FA_PLD + kk * 16 + p_off), ah[m][0], ah[m][1], ah[m][2], ah[m][3]);
             if (PLO)
-              ldsm_x4(smem_addr(plo + m * 16 * PLD + kk * 16 + p_off), alo[m][0], alo[m][1], alo[m][2], alo[m][3]);
+              ldsm_x4(smem_addr(plo + m * 16 * FA_PLD + kk * 16 + p_off), alo[m][0], alo[m][1], alo[m][2], alo[m][3]);
           }
-          if (TN == 32) {
-            // Two column tiles at a time, in program order (registers).
+          u32 b[NT][2];
 #pragma unroll
-            for (int np = 0; np < ON / 2; np++) {
-              u32 b0, b1, b2, b3;
-              ldsm_x4_t(kva + 2 * ((cur * TN + kk * 16) * ld + warp * CW + np * 16), b0, b1, b2, b3);
-#pragma unroll
-              for (int m = 0; m < 2; m++) {
-                mma_bf16_ordered(o[m][2 * np], ah[m], b0, b1);
-                mma_bf16_ordered(o[m][2 * np + 1], ah[m], b2, b3);
-              }
-            }
-            static_assert(TN != 32 || (!PLO && ON % 2 == 0), "t: bf16 weights, whole pairs of column tiles");
-            continue;
-          }
-          u32 b[ON][2];
-#pragma unroll
-          for (int np = 0; np < ON / 2; np++)
-            ldsm_x4_t(kva + 2 * ((cur * TN + kk * 16) * ld + warp * CW + np * 16), b[2 * np][0], b[2 * np][1],
+          for (int np = 0; np < NT / 2; np++)
+            ldsm_x4_t(smem_addr(ks + kk * 16 * ld + warp * NT * 8 + np * 16 + v_off), b[2 * np][0], b[2 * np][1],
                       b[2 * np + 1][0], b[2 * np + 1][1]);
-          if (ON % 2) ldsm_x2_t(kva + 2 * ((cur * TN + kk * 16) * ld + warp * CW + (ON - 1) * 8), b[ON - 1][0], b[ON - 1][1]);
 #pragma unroll
           for (int m = 0; m < 2; m++)
 #pragma unroll
-            for (int n = 0; n < ON; n++) mma_bf16(o[m][n], ah[m], b[n][0], b[n][1]);
+            for (int n = 0; n < NT; n++) mma_bf16(o[m][n], ah[m], b[n][0], b[n][1]);
           if (PLO) {
 #pragma unroll
             for (int m = 0; m < 2; m++)
 #pragma unroll
-              for (int n = 0; n < ON; n++) mma_bf16(o[m][n], alo[m], b[n][0], b[n][1]);
+              for (int n = 0; n < NT; n++) mma_bf16(o[m][n], alo[m], b[n][0], b[n][1]);
           }
         }
       }
@@ -549,7 +393,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
     }
 
     // O / l for this sequence's rows.
-    if (tid < FA_M * 8 && sq == 0) l_s[sr] = l_run;
+    if (sq == 0) l_s[sr] = l_run;
     __syncthreads();
 #pragma unroll
     for (int m = 0; m < 2; m++)
@@ -558,9 +402,9 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
         const int row = m * 16 + hf * 8 + g, ti = row / FA_HB, h = h0 + row % FA_HB;
         if (ti < ta || ti >= tb || h >= heads) continue;
         const float inv = 1.f / l_s[row];
-        float* out = olat + (size_t)(t0 + ti) * ldo + (size_t)h * rank + warp * CW + 2 * c4;
+        float* out = olat + (size_t)(t0 + ti) * ldo + (size_t)h * rank + warp * NT * 8 + 2 * c4;
 #pragma unroll
-        for (int n = 0; n < ON; n++)
+        for (int n = 0; n < NT; n++)
           *(float2*)(out + n * 8) = make_float2(o[m][n][2 * hf] * inv, o[m][n][2 * hf + 1] * inv);
       }
     __syncthreads();
@@ -568,24 +412,22 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   }
 }
 
-#define FLASH_LATENT(NT, DR, Q, P, D, R, NW, TN, OCC, V)                                                                            \
-  extern "C" __global__ void __launch_bounds__(NW * 32, OCC)                                                    \
-      flash_latent_##NT##_##DR##_##V(float* olat, int ldo, const float* qlat, int ldql, const float* q, \
+#define FLASH_LATENT(NT, DR, Q, P, D)                                                                            \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)                                                    \
+      flash_latent_##NT##_##DR##_q##Q##p##P##d##D(float* olat, int ldo, const float* qlat, int ldql, const float* q, \
                         int ldq, const u8* layer, int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq, \
                         const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size,     \
                         int T, int heads, int dn, float scale) {                                                 \
     PDL_LAUNCH();                                                                                                \
     PDL_WAIT();                                                                                                  \
-    flash_latent<NT, DR, Q, P, D, R, NW, TN>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks, \
+    flash_latent<NT, DR, Q, P, D>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks, \
                                   block_size, T, heads, dn, scale);                                              \
   }
 
 // Instances: (rank/64, rope dims) of the model (8, 64) and of the tests
 // (the last, the tiny test model's).
 #define FLASH_VARIANTS(NT, DR) \
-  FLASH_LATENT(NT, DR, 1, 1, 0, 0, 8, 64, 1, q1p1d0)   \
-  FLASH_LATENT(NT, DR, 0, 0, 1, 0, 8, 64, 1, q0p0d1)   \
-  FLASH_LATENT(NT, DR, 0, 0, 0, 0, 8, 32, 2, q0p0d0t)
+  FLASH_LATENT(NT, DR, 1, 1, 0) FLASH_LATENT(NT, DR, 1, 0, 0) FLASH_LATENT(NT, DR, 0, 0, 1)
 FLASH_VARIANTS(8, 64)
 FLASH_VARIANTS(4, 32)
 FLASH_VARIANTS(2, 64)
