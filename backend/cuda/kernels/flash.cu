@@ -9,13 +9,19 @@
 //   O = O * exp(m_old - m_new) + exp(S - m_new) . c
 // and O / l at the end.
 //
-// Exactness: the cached values are exact in bfloat16 (bf16 cache; the fp8
+// Rounding: the cached values are exact in bfloat16 (bf16 cache; the fp8
 // cache's E4M3 codes, its two per-position scales applied in fp32 outside
 // the products), so only the fp32 operands (the queries and the softmax
-// weights) are rounded, and each is split as hi + lo, two bfloat16 numbers
-// that carry 16 bits of its mantissa: every product is issued twice (hi
-// and lo) into fp32 accumulators, which leaves an error near fp32 summation
-// order instead of bf16's 3e-3.
+// weights) are rounded. Two forms:
+// - bf16 operands (the bf16 cache's default): the queries and the weights
+//   rounded to bfloat16, fp32 accumulators, as flash attention commonly
+//   does; max |err| / max |ref| 1.7e-3 to 3.1e-3 against the CPU on an
+//   H200. Their shared memory leaves room for two key tiles, so the next
+//   tile's copies land during this one's products.
+// - exact (the fp8 cache, and every cache with MMFP4_CUDA_FLASH_EXACT=1):
+//   each operand split as hi + lo, two bfloat16 numbers that carry 16 bits
+//   of its mantissa, every product issued for both halves: an error near
+//   fp32 summation order (under 1e-5), twice the tensor work, one tile.
 //
 // Warps (8): for S, warp w takes keys [32*(w&1), +32) and every fourth k
 // step (w>>1) for all 32 rows, keeping the latent and rope parts apart (the
@@ -25,12 +31,14 @@
 //
 // Grid (ceil(T/FA_TQ), ceil(H/FA_HB)); the last tokens (most positions)
 // start first. Tokens of one block from different sequences are done one
-// sequence after another. Each tile's cache slots are looked up a tile
-// ahead (during the softmax), so the copies wait on no block-table load.
+// sequence after another. Each tile's cache slots are looked up a tile (two
+// with two key tiles) ahead, during the softmax, so the copies wait on no
+// block-table load.
 //
-// Shared memory (bytes): queries 2*32*(W+8)*2, keys 64*(W+8)*2, partial
-// scores 4*32*72*4, weights 2*32*72*2, 2*64 + 2*32 floats and 64 slots,
-// W = rank+dr (flashShared in flash.go).
+// Shared memory (bytes), W = rank+dr, with parts p = 2 exact, else 1 and
+// key tiles n = 1 exact, else 2: queries p*32*(W+8)*2, keys n*64*(W+8)*2,
+// partial scores 4*32*72*4, weights p*32*72*2, 2*64 + 2*32 floats and n*64
+// slots (flashShared in flash.go).
 
 #define FA_TQ 8
 #define FA_HB 4
@@ -122,10 +130,10 @@ DEVICE void tile_slots(u32* sslot, int n, int kb, int nkeys, const i32* __restri
   }
 }
 
-// QLO, PLO: the queries' and the weights' lo halves are multiplied too
-// (else bf16 operands); DB: two key tiles, the next one's copies (bf16
-// cache) in flight during this one's products.
-template <int NT, int DR, bool QLO, bool PLO, bool DB>
+// EXACT: the queries and the weights split hi + lo, one key tile (196 KB).
+// Else bf16 operands and two key tiles (155 + 75 KB): the next tile's
+// copies (bf16 cache) are in flight during this one's products.
+template <int NT, int DR, bool EXACT>
 DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                          const float* __restrict__ q, int ldq, const u8* __restrict__ layer, int dtype,
                          const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -133,7 +141,8 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
                          int T, int heads, int dn, float scale) {
   constexpr int rank = NT * 64;  // warp w owns columns [w*NT*8, +NT*8)
   constexpr int W = rank + DR, ld = W + 8;  // bf16 row stride: an odd number of 16-byte units
-  constexpr int NB = DB ? 2 : 1;            // key tiles
+  constexpr bool QLO = EXACT, PLO = EXACT, DB = !EXACT;  // lo halves, two key tiles
+  constexpr int NB = DB ? 2 : 1;                         // key tiles
   extern __shared__ __align__(16) u8 fa_smem[];
   unsigned short* qhi = (unsigned short*)fa_smem;
   unsigned short* qlo = qhi + FA_M * ld;                       // with QLO
@@ -412,26 +421,27 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   }
 }
 
-#define FLASH_LATENT(NT, DR, Q, P, D)                                                                            \
-  extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)                                                    \
-      flash_latent_##NT##_##DR##_q##Q##p##P##d##D(float* olat, int ldo, const float* qlat, int ldql, const float* q, \
-                        int ldq, const u8* layer, int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq, \
-                        const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size,     \
-                        int T, int heads, int dn, float scale) {                                                 \
-    PDL_LAUNCH();                                                                                                \
-    PDL_WAIT();                                                                                                  \
-    flash_latent<NT, DR, Q, P, D>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks, \
-                                  block_size, T, heads, dn, scale);                                              \
+#define FLASH_LATENT(NT, DR, X, NAME)                                                                     \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)                                            \
+      NAME(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const u8* layer,        \
+           int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,                             \
+           const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size, int T, int heads, \
+           int dn, float scale) {                                                                             \
+    PDL_LAUNCH();                                                                                            \
+    PDL_WAIT();                                                                                              \
+    flash_latent<NT, DR, X>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks,   \
+                            block_size, T, heads, dn, scale);                                                \
   }
 
 // Instances: (rank/64, rope dims) of the model (8, 64) and of the tests
-// (the last, the tiny test model's).
-#define FLASH_VARIANTS(NT, DR) \
-  FLASH_LATENT(NT, DR, 1, 1, 0) FLASH_LATENT(NT, DR, 1, 0, 0) FLASH_LATENT(NT, DR, 0, 0, 1)
-FLASH_VARIANTS(8, 64)
-FLASH_VARIANTS(4, 32)
-FLASH_VARIANTS(2, 64)
-FLASH_VARIANTS(2, 16)
+// (the last, the tiny test model's), each with bf16 operands and exact.
+#define FLASH_FORMS(NT, DR)                            \
+  FLASH_LATENT(NT, DR, false, flash_latent_##NT##_##DR) \
+  FLASH_LATENT(NT, DR, true, flash_latent_##NT##_##DR##_exact)
+FLASH_FORMS(8, 64)
+FLASH_FORMS(4, 32)
+FLASH_FORMS(2, 64)
+FLASH_FORMS(2, 16)
 
 // Decode attention on the tensor cores: a few rows (one a sequence), each
 // against its own cached positions, split over blocks by position.
