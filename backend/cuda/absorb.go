@@ -4,18 +4,16 @@ package cuda
 
 import (
 	"fmt"
-	"os"
-	"strconv"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
 
 // absorbTCMinTokens is the smallest batch whose absorbed query runs on the
-// tensor cores (kernels/absorb.cu); 0 leaves it off. MMFP4_CUDA_ABSORB_TC
-// sets it, for comparisons in one binary. On an H200 (20 heads, dn 192,
-// rank 512) the kernel was the fastest at every size measured, down to one
-// row: 5.8 us against absorb_query_q's 7.7 at 1 row, 6.0 against 19.7 at
-// 16, 55 against absorb_query_many's 288 at 1024 (docs/perf.md).
+// tensor cores (kernels/absorb.cu); 0 leaves it off (tests). On an H200
+// (20 heads, dn 192, rank 512) the kernel was the fastest at every size
+// measured, down to one row: 5.8 us against absorb_query_q's 7.7 at 1 row,
+// 6.0 against 19.7 at 16, 55 against absorb_query_many's 288 at 1024
+// (docs/perf.md).
 var absorbTCMinTokens = 1
 
 // absorbTCM and absorbTCN are AT_M and AT_N in absorb.cu: the tokens and
@@ -24,12 +22,6 @@ const (
 	absorbTCM = 64
 	absorbTCN = 128
 )
-
-func init() {
-	if v, err := strconv.Atoi(os.Getenv("MMFP4_CUDA_ABSORB_TC")); err == nil && v >= 0 {
-		absorbTCMinTokens = v
-	}
-}
 
 // absorbTCShared is the kernel's dynamic shared memory for dn contraction
 // rows (see absorb.cu).

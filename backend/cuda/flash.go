@@ -12,10 +12,12 @@ import (
 
 // flashMinRows is the smallest step (in rows) whose attention runs the
 // tensor-core flash kernel (kernels/flash.cu) instead of the split
-// kernels; 0 leaves it off (MMFP4_CUDA_FLASH=0). On an H200 the flash
-// kernel was the faster at every size measured, down to 16 rows: 0.013
-// against 0.016 ms from an empty cache, 0.098 against 0.119 after 1024
-// positions (docs/perf.md).
+// kernels; 0 leaves it off (tests). On an H200 the flash kernel was the
+// faster at every size measured, down to 16 rows: 0.013 against 0.016 ms
+// from an empty cache, 0.098 against 0.119 after 1024 positions
+// (docs/perf.md). Since then the split kernels take 16 rows after 1024
+// positions in 0.023 ms against the flash kernel's 0.075; the threshold
+// for steps after a long prefix has not been measured again.
 var flashMinRows = 16
 
 // flashTokens and flashHeads are FA_TQ and FA_HB in flash.cu: the tokens
@@ -25,22 +27,38 @@ const (
 	flashHeads  = 4
 )
 
-func init() {
-	if os.Getenv("MMFP4_CUDA_FLASH") == "0" {
-		flashMinRows = 0
-	}
+// flashExact sends every cache precision to the flash kernel's exact form
+// (queries and softmax weights split hi + lo); otherwise the bf16 cache
+// takes the form with bf16 operands: 0.21 against 0.28 ms a layer at 1024
+// rows on an H200, max |err| / max |ref| about 3e-3 instead of 1e-5
+// (docs/perf.md). The fp8 cache always takes the exact form: with bf16
+// operands it gained less (0.25 against 0.27 ms) and the tiny test model's
+// logits moved by 1.2e-2 (the next layer's E4M3 codes amplify small
+// changes). MMFP4_CUDA_FLASH_EXACT=1 sets it.
+var flashExact = os.Getenv("MMFP4_CUDA_FLASH_EXACT") == "1"
+
+// flashExactFor reports whether a cache of precision dt takes the exact
+// form.
+func flashExactFor(dt backend.CacheDType) bool {
+	return flashExact || dt != backend.CacheBF16
 }
 
 // flashShared is the flash kernel's dynamic shared memory for rows of
-// width w = rank + rope dims (see flash.cu).
-func flashShared(w int) int {
+// width w = rank + rope dims (see flash.cu): the exact form keeps two
+// parts of the queries and of the weights and one key tile, the other
+// one part and two key tiles.
+func flashShared(w int, exact bool) int {
 	ld := w + 8
-	return 2*32*ld*2 + 64*ld*2 + 4*32*72*4 + 2*32*72*2 + (2*64+2*32)*4 + 64*4
+	parts, tiles := 1, 2
+	if exact {
+		parts, tiles = 2, 1
+	}
+	return parts*32*ld*2 + tiles*64*ld*2 + 4*32*72*4 + parts*32*72*2 + (2*64+2*32)*4 + tiles*64*4
 }
 
 // flashShapes are the (rank, rope dims) the flash kernel is compiled for:
-// the model's, and two for the tests.
-var flashShapes = [][2]int{{512, 64}, {256, 32}, {128, 64}}
+// the model's, two for the kernel tests and the tiny test model's.
+var flashShapes = [][2]int{{512, 64}, {256, 32}, {128, 64}, {128, 16}}
 
 // flashFits reports whether the flash kernel takes this attention: a bf16
 // or fp8 cache (values exact in bf16), a compiled shape, 16-byte aligned
@@ -53,7 +71,7 @@ func (b *Backend) flashFits(ql, qm *tensor, p *cachePool, s backend.MLAShape) bo
 		return false
 	}
 	return s.NopeDim%4 == 0 && ql.ld%4 == 0 && qm.ld%4 == 0 &&
-		flashShared(s.Rank+s.RopeDim) <= b.dev.Info().SharedOptin
+		flashShared(s.Rank+s.RopeDim, flashExactFor(p.dtype)) <= b.dev.Info().SharedOptin
 }
 
 // flashUse reports whether a step takes the flash kernel: at least
@@ -80,8 +98,12 @@ func (b *Backend) flashUse(batch *backend.Batch) bool {
 // flashAttention queues the flash kernel over all T rows.
 func (b *Backend) flashAttention(om, ql, qm *tensor, p *cachePool, layer int, s backend.MLAShape, scale float32) {
 	T := b.batch.Rows()
-	shared := flashShared(s.Rank + s.RopeDim)
+	exact := flashExactFor(p.dtype)
+	shared := flashShared(s.Rank+s.RopeDim, exact)
 	name := fmt.Sprintf("flash_latent_%d_%d", s.Rank/64, s.RopeDim)
+	if exact {
+		name += "_exact"
+	}
 	grid := Dim{uint32((T + flashTokens - 1) / flashTokens), uint32((s.Heads + flashHeads - 1) / flashHeads), 1}
 	b.do("attention", func(c *Ctx) error {
 		k, err := c.kernelShared("flash", name, shared)

@@ -9,13 +9,19 @@
 //   O = O * exp(m_old - m_new) + exp(S - m_new) . c
 // and O / l at the end.
 //
-// Exactness: the cached values are exact in bfloat16 (bf16 cache; the fp8
+// Rounding: the cached values are exact in bfloat16 (bf16 cache; the fp8
 // cache's E4M3 codes, its two per-position scales applied in fp32 outside
 // the products), so only the fp32 operands (the queries and the softmax
-// weights) are rounded, and each is split as hi + lo, two bfloat16 numbers
-// that carry 16 bits of its mantissa: every product is issued twice (hi
-// and lo) into fp32 accumulators, which leaves an error near fp32 summation
-// order instead of bf16's 3e-3.
+// weights) are rounded. Two forms:
+// - bf16 operands (the bf16 cache's default): the queries and the weights
+//   rounded to bfloat16, fp32 accumulators, as flash attention commonly
+//   does; max |err| / max |ref| 1.7e-3 to 3.1e-3 against the CPU on an
+//   H200. Their shared memory leaves room for two key tiles, so the next
+//   tile's copies land during this one's products.
+// - exact (the fp8 cache, and every cache with MMFP4_CUDA_FLASH_EXACT=1):
+//   each operand split as hi + lo, two bfloat16 numbers that carry 16 bits
+//   of its mantissa, every product issued for both halves: an error near
+//   fp32 summation order (under 1e-5), twice the tensor work, one tile.
 //
 // Warps (8): for S, warp w takes keys [32*(w&1), +32) and every fourth k
 // step (w>>1) for all 32 rows, keeping the latent and rope parts apart (the
@@ -25,12 +31,14 @@
 //
 // Grid (ceil(T/FA_TQ), ceil(H/FA_HB)); the last tokens (most positions)
 // start first. Tokens of one block from different sequences are done one
-// sequence after another. Each tile's cache slots are looked up a tile
-// ahead (during the softmax), so the copies wait on no block-table load.
+// sequence after another. Each tile's cache slots are looked up a tile (two
+// with two key tiles) ahead, during the softmax, so the copies wait on no
+// block-table load.
 //
-// Shared memory (bytes): queries 2*32*(W+8)*2, keys 64*(W+8)*2, partial
-// scores 4*32*72*4, weights 2*32*72*2, 2*64 + 2*32 floats and 64 slots,
-// W = rank+dr (flashShared in flash.go).
+// Shared memory (bytes), W = rank+dr, with parts p = 2 exact, else 1 and
+// key tiles n = 1 exact, else 2: queries p*32*(W+8)*2, keys n*64*(W+8)*2,
+// partial scores 4*32*72*4, weights p*32*72*2, 2*64 + 2*32 floats and n*64
+// slots (flashShared in flash.go).
 
 #define FA_TQ 8
 #define FA_HB 4
@@ -82,7 +90,7 @@ DEVICE uint4 e4m3x8_bf16(uint2 v) {
 // h0 + r%FA_HB; zeros past the ends) as hi and lo bf16 halves, W = rank +
 // dr columns: [qlat | q_pe]. All of a thread's loads are issued before the
 // first is used.
-template <int RANK, int W>
+template <int RANK, int W, bool LO>
 DEVICE void load_queries(unsigned short* qhi, unsigned short* qlo, int ld, const float* __restrict__ qlat, int ldql,
                          const float* __restrict__ q, int ldq, int t0, int h0, int T, int heads, int dn) {
   constexpr int per = W / 4, total = FA_M * per, iters = (total + FA_THREADS - 1) / FA_THREADS;
@@ -109,7 +117,7 @@ DEVICE void load_queries(unsigned short* qhi, unsigned short* qlo, int ld, const
     split_bf16(v[u].z, h2b, l2b);
     split_bf16(v[u].w, h3b, l3b);
     *(uint2*)(qhi + r * ld + k) = make_uint2(h0b | (h1b << 16), h2b | (h3b << 16));
-    *(uint2*)(qlo + r * ld + k) = make_uint2(l0b | (l1b << 16), l2b | (l3b << 16));
+    if (LO) *(uint2*)(qlo + r * ld + k) = make_uint2(l0b | (l1b << 16), l2b | (l3b << 16));
   }
 }
 
@@ -122,7 +130,10 @@ DEVICE void tile_slots(u32* sslot, int n, int kb, int nkeys, const i32* __restri
   }
 }
 
-template <int NT, int DR>
+// EXACT: the queries and the weights split hi + lo, one key tile (196 KB).
+// Else bf16 operands and two key tiles (155 + 75 KB): the next tile's
+// copies (bf16 cache) are in flight during this one's products.
+template <int NT, int DR, bool EXACT>
 DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                          const float* __restrict__ q, int ldq, const u8* __restrict__ layer, int dtype,
                          const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -130,25 +141,27 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
                          int T, int heads, int dn, float scale) {
   constexpr int rank = NT * 64;  // warp w owns columns [w*NT*8, +NT*8)
   constexpr int W = rank + DR, ld = W + 8;  // bf16 row stride: an odd number of 16-byte units
+  constexpr bool QLO = EXACT, PLO = EXACT, DB = !EXACT;  // lo halves, two key tiles
+  constexpr int NB = DB ? 2 : 1;                         // key tiles
   extern __shared__ __align__(16) u8 fa_smem[];
   unsigned short* qhi = (unsigned short*)fa_smem;
-  unsigned short* qlo = qhi + FA_M * ld;
-  unsigned short* ks = qlo + FA_M * ld;
-  float* sp = (float*)(ks + FA_N * ld);                // [4][FA_M][FA_SLD]
+  unsigned short* qlo = qhi + FA_M * ld;                       // with QLO
+  unsigned short* kbuf = qhi + (QLO ? 2 : 1) * FA_M * ld;      // [NB][FA_N][ld]
+  float* sp = (float*)(kbuf + NB * FA_N * ld);                 // [4][FA_M][FA_SLD]
   unsigned short* phi = (unsigned short*)(sp + 4 * FA_M * FA_SLD);  // [FA_M][FA_PLD]
-  unsigned short* plo = phi + FA_M * FA_PLD;
-  float* sc0 = (float*)(plo + FA_M * FA_PLD);  // [FA_N] scale of c (fp8), else 1
+  unsigned short* plo = phi + FA_M * FA_PLD;                   // with PLO
+  float* sc0 = (float*)(phi + (PLO ? 2 : 1) * FA_M * FA_PLD);  // [FA_N] scale of c (fp8), else 1
   float* sc1 = sc0 + FA_N;                     // [FA_N] scale of k_pe
   float* alpha_s = sc1 + FA_N;                 // [FA_M]
   float* l_s = alpha_s + FA_M;                 // [FA_M]
-  u32* sslot = (u32*)(l_s + FA_M);             // [FA_N] cache slots of the next tile
+  u32* sslot = (u32*)(l_s + FA_M);             // [NB][FA_N] cache slots of the next tiles
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, c4 = lane & 3;
   const int t0 = (gridDim.x - 1 - blockIdx.x) * FA_TQ, h0 = blockIdx.y * FA_HB;
   const int nt = min(FA_TQ, T - t0);
 
-  load_queries<rank, W>(qhi, qlo, ld, qlat, ldql, q, ldq, t0, h0, T, heads, dn);
+  load_queries<rank, W, QLO>(qhi, qlo, ld, qlat, ldql, q, ldq, t0, h0, T, heads, dn);
 
   // Softmax role: row sr, keys [8*sq, +8).
   const int sr = tid >> 3, sq = tid & 7;
@@ -160,6 +173,16 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   const int b_off = ((lane & 7) + ((lane >> 4) << 3)) * ld + ((lane >> 3) & 1) * 8;  // B from [key][k]
   const int v_off = ((lane & 7) + (((lane >> 3) & 1) << 3)) * ld + (lane >> 4) * 8;  // B from [key][col], .trans
   const int p_off = (lane & 15) * FA_PLD + (lane >> 4) * 8;
+
+  // Copies of a tile of the bf16 cache (zeros past nkeys).
+  auto issue_bf16 = [&](unsigned short* dst, const u32* sl, int kb, int nkeys) {
+    constexpr int per = W / 8;  // 16-byte chunks a row
+#pragma unroll 6
+    for (int i = tid; i < FA_N * per; i += FA_THREADS) {
+      const int jj = i / per, k = (i % per) * 8;
+      cp_async16(smem_addr(dst + jj * ld + k), layer + ((size_t)sl[jj] * W + k) * 2, kb + jj < nkeys);
+    }
+  };
 
   int ta = 0;
   while (ta < nt) {
@@ -178,45 +201,56 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
     for (int m = 0; m < 2; m++)
 #pragma unroll
       for (int n = 0; n < NT; n++) o[m][n][0] = o[m][n][1] = o[m][n][2] = o[m][n][3] = 0.f;
-    tile_slots(sslot, FA_N, 0, nkeys, table, block_size);
+    // Slots of the first NB tiles (tile i in sslot[i]).
+    tile_slots(sslot, NB * FA_N, 0, nkeys, table, block_size);
+    if (dtype == 0 && tid < FA_N) sc0[tid] = sc1[tid] = 1.f;
     __syncthreads();
+    if (DB && dtype == 0) {
+      issue_bf16(kbuf, sslot, 0, nkeys);
+      asm volatile("cp.async.commit_group;" ::: "memory");
+    }
 
-    for (int kb = 0; kb < nkeys; kb += FA_N) {
+    int it = 0;
+    for (int kb = 0; kb < nkeys; kb += FA_N, it++) {
+      const int cur = DB ? (it & 1) : 0;
+      unsigned short* ks = kbuf + cur * FA_N * ld;
+      const u32* slots = sslot + cur * FA_N;
       // The tile's cached rows as bf16 (zeros past nkeys).
       if (dtype == 0) {
-        constexpr int per = W / 8;  // 16-byte chunks a row
-#pragma unroll 6
-        for (int i = tid; i < FA_N * per; i += FA_THREADS) {
-          const int jj = i / per, k = (i % per) * 8;
-          cp_async16(smem_addr(ks + jj * ld + k), layer + ((size_t)sslot[jj] * W + k) * 2, kb + jj < nkeys);
-        }
-        if (tid < FA_N) sc0[tid] = sc1[tid] = 1.f;
-        cp_async_wait_all();
+        if (!DB) issue_bf16(ks, slots, kb, nkeys);
+        cp_async_wait_all();  // with DB, copies issued a tile earlier
       } else {
         // Records of W codes and two scales; all of a thread's loads are
         // issued before the first is used.
-        constexpr int per = W / 8, iters = FA_N * per / FA_THREADS;
-        static_assert(FA_N * per % FA_THREADS == 0, "whole chunks a thread");
+        constexpr int per = W / 8, total = FA_N * per, iters = (total + FA_THREADS - 1) / FA_THREADS;
         uint2 v[iters];
 #pragma unroll
         for (int u = 0; u < iters; u++) {
           const int i = tid + u * FA_THREADS, jj = i / per, k = (i % per) * 8;
-          v[u] = kb + jj < nkeys ? *(const uint2*)(layer + (size_t)sslot[jj] * (W + 8) + k) : make_uint2(0, 0);
+          v[u] = (total % FA_THREADS == 0 || i < total) && kb + jj < nkeys
+                     ? *(const uint2*)(layer + (size_t)slots[jj] * (W + 8) + k)
+                     : make_uint2(0, 0);
         }
         float s0 = 0.f, s1 = 0.f;
         if (tid < FA_N && kb + tid < nkeys) {
-          const float* sc = (const float*)(layer + (size_t)sslot[tid] * (W + 8) + W);
+          const float* sc = (const float*)(layer + (size_t)slots[tid] * (W + 8) + W);
           s0 = sc[0];
           s1 = sc[1];
         }
 #pragma unroll
         for (int u = 0; u < iters; u++) {
           const int i = tid + u * FA_THREADS, jj = i / per, k = (i % per) * 8;
-          *(uint4*)(ks + jj * ld + k) = e4m3x8_bf16(v[u]);
+          if (total % FA_THREADS == 0 || i < total) *(uint4*)(ks + jj * ld + k) = e4m3x8_bf16(v[u]);
         }
         if (tid < FA_N) sc0[tid] = s0, sc1[tid] = s1;
       }
       __syncthreads();
+      // With DB, the next tile's copies into the other buffer: every warp
+      // is past the products of the tile before, which used it.
+      if (DB && dtype == 0 && kb + FA_N < nkeys) {
+        issue_bf16(kbuf + (cur ^ 1) * FA_N * ld, sslot + (cur ^ 1) * FA_N, kb + FA_N, nkeys);
+        asm volatile("cp.async.commit_group;" ::: "memory");
+      }
 
       // S partials: 32 rows x 32 keys over this warp's k steps.
       {
@@ -234,7 +268,8 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
 #pragma unroll
           for (int m = 0; m < 2; m++) {
             ldsm_x4(smem_addr(qhi + m * 16 * ld + s * 16 + a_off), ah[m][0], ah[m][1], ah[m][2], ah[m][3]);
-            ldsm_x4(smem_addr(qlo + m * 16 * ld + s * 16 + a_off), alo[m][0], alo[m][1], alo[m][2], alo[m][3]);
+            if (QLO)
+              ldsm_x4(smem_addr(qlo + m * 16 * ld + s * 16 + a_off), alo[m][0], alo[m][1], alo[m][2], alo[m][3]);
           }
 #pragma unroll
           for (int np = 0; np < 2; np++)
@@ -244,10 +279,12 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
           for (int m = 0; m < 2; m++)
 #pragma unroll
             for (int n = 0; n < 4; n++) mma_bf16(acc[m][n], ah[m], b[n][0], b[n][1]);
+          if (QLO) {
 #pragma unroll
-          for (int m = 0; m < 2; m++)
+            for (int m = 0; m < 2; m++)
 #pragma unroll
-            for (int n = 0; n < 4; n++) mma_bf16(acc[m][n], alo[m], b[n][0], b[n][1]);
+              for (int n = 0; n < 4; n++) mma_bf16(acc[m][n], alo[m], b[n][0], b[n][1]);
+          }
         };
         // This warp's k steps are kw, kw+4, ...: the latent ones (rank/16
         // = 4 NT of them), then the rope ones.
@@ -271,8 +308,8 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
       }
       __syncthreads();
 
-      // The next tile's slots (this tile's loads are done).
-      tile_slots(sslot, FA_N, kb + FA_N, nkeys, table, block_size);
+      // Slots of the tile NB ahead (this buffer's slots are used).
+      tile_slots(sslot + cur * FA_N, FA_N, kb + NB * FA_N, nkeys, table, block_size);
 
       // Online softmax: 8 threads a row.
       {
@@ -305,7 +342,10 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
         for (int u = 0; u < 8; u++) {
           const float p = (none || sv[u] == __int_as_float(0xff800000)) ? 0.f : expf(sv[u] - m_new);
           sum += p;
-          split_bf16(p * sc0[sq * 8 + u], hb[u], lb[u]);
+          if (PLO)
+            split_bf16(p * sc0[sq * 8 + u], hb[u], lb[u]);
+          else
+            hb[u] = fa_bf16(p * sc0[sq * 8 + u]);
         }
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
@@ -314,8 +354,9 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
         m_run = m_new;
         *(uint4*)(phi + sr * FA_PLD + sq * 8) =
             make_uint4(hb[0] | (hb[1] << 16), hb[2] | (hb[3] << 16), hb[4] | (hb[5] << 16), hb[6] | (hb[7] << 16));
-        *(uint4*)(plo + sr * FA_PLD + sq * 8) =
-            make_uint4(lb[0] | (lb[1] << 16), lb[2] | (lb[3] << 16), lb[4] | (lb[5] << 16), lb[6] | (lb[7] << 16));
+        if (PLO)
+          *(uint4*)(plo + sr * FA_PLD + sq * 8) =
+              make_uint4(lb[0] | (lb[1] << 16), lb[2] | (lb[3] << 16), lb[4] | (lb[5] << 16), lb[6] | (lb[7] << 16));
         if (sq == 0) alpha_s[sr] = alpha;
       }
       __syncthreads();
@@ -334,7 +375,8 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
 #pragma unroll
           for (int m = 0; m < 2; m++) {
             ldsm_x4(smem_addr(phi + m * 16 * FA_PLD + kk * 16 + p_off), ah[m][0], ah[m][1], ah[m][2], ah[m][3]);
-            ldsm_x4(smem_addr(plo + m * 16 * FA_PLD + kk * 16 + p_off), alo[m][0], alo[m][1], alo[m][2], alo[m][3]);
+            if (PLO)
+              ldsm_x4(smem_addr(plo + m * 16 * FA_PLD + kk * 16 + p_off), alo[m][0], alo[m][1], alo[m][2], alo[m][3]);
           }
           u32 b[NT][2];
 #pragma unroll
@@ -345,13 +387,18 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
           for (int m = 0; m < 2; m++)
 #pragma unroll
             for (int n = 0; n < NT; n++) mma_bf16(o[m][n], ah[m], b[n][0], b[n][1]);
+          if (PLO) {
 #pragma unroll
-          for (int m = 0; m < 2; m++)
+            for (int m = 0; m < 2; m++)
 #pragma unroll
-            for (int n = 0; n < NT; n++) mma_bf16(o[m][n], alo[m], b[n][0], b[n][1]);
+              for (int n = 0; n < NT; n++) mma_bf16(o[m][n], alo[m], b[n][0], b[n][1]);
+          }
         }
       }
-      __syncthreads();
+      // Without DB the next tile's copies overwrite this one. With DB the
+      // next barrier (the top of the loop) orders the reads of the
+      // weights and this buffer before their next writes.
+      if (!DB) __syncthreads();
     }
 
     // O / l for this sequence's rows.
@@ -374,22 +421,27 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   }
 }
 
-#define FLASH_LATENT(NT, DR)                                                                                     \
-  extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)                                                    \
-      flash_latent_##NT##_##DR(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,              \
-                        const u8* layer, int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq, \
-                        const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size,     \
-                        int T, int heads, int dn, float scale) {                                                 \
-    PDL_LAUNCH();                                                                                                \
-    PDL_WAIT();                                                                                                  \
-    flash_latent<NT, DR>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks,         \
-                         block_size, T, heads, dn, scale);                                                       \
+#define FLASH_LATENT(NT, DR, X, NAME)                                                                     \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)                                            \
+      NAME(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const u8* layer,        \
+           int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,                             \
+           const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size, int T, int heads, \
+           int dn, float scale) {                                                                             \
+    PDL_LAUNCH();                                                                                            \
+    PDL_WAIT();                                                                                              \
+    flash_latent<NT, DR, X>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks,   \
+                            block_size, T, heads, dn, scale);                                                \
   }
 
-// Instances: (rank/64, rope dims) of the model (8, 64) and of the tests.
-FLASH_LATENT(8, 64)
-FLASH_LATENT(4, 32)
-FLASH_LATENT(2, 64)
+// Instances: (rank/64, rope dims) of the model (8, 64) and of the tests
+// (the last, the tiny test model's), each with bf16 operands and exact.
+#define FLASH_FORMS(NT, DR)                            \
+  FLASH_LATENT(NT, DR, false, flash_latent_##NT##_##DR) \
+  FLASH_LATENT(NT, DR, true, flash_latent_##NT##_##DR##_exact)
+FLASH_FORMS(8, 64)
+FLASH_FORMS(4, 32)
+FLASH_FORMS(2, 64)
+FLASH_FORMS(2, 16)
 
 // Decode attention on the tensor cores: a few rows (one a sequence), each
 // against its own cached positions, split over blocks by position.
