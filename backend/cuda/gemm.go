@@ -62,10 +62,14 @@ func (t GEMMTile) suffix(G int) string {
 		s = "t64"
 	}
 	if G == 128 {
-		s += "_g128"
+		s += "_g128" + gemmVariant
 	}
 	return s
 }
+
+// gemmVariant selects a variant of the G = 128 kernels ("", "_v1".."_v3",
+// see GEMM_V_* in gemm.cu), for comparisons in one binary.
+var gemmVariant = ""
 
 func (t GEMMTile) threads() int {
 	switch t {

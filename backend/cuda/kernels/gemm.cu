@@ -94,16 +94,93 @@ DEVICE int gemm_bofs(int r, int c) { return r * GEMM_BK + ((c ^ ((r & 3) << 1)) 
 
 DEVICE float gemm_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
 
+// Variants (V, bits): GEMM_V_MAGIC starts each group's int32 sums at the
+// bits of the float 1.5 * 2^23 instead of 0, so that the sum s (|s| <
+// 2^22: at most 128 products of 12 * 128) comes out as the float 1.5 * 2^23
+// + s exactly and one float subtraction gives (float)s, without the
+// conversion instruction (a quarter-rate pipe). GEMM_V_PAIR waits at one
+// barrier for two stages. GEMM_V_HALF (groups of 128): see gemm_stage.
+#define GEMM_V_MAGIC 1
+#define GEMM_V_PAIR 2
+#define GEMM_V_HALF 4
+#define GEMM_MAGIC_I 0x4B400000
+#define GEMM_MAGIC_F 12582912.f
+
+template <int V>
+DEVICE float gemm_sum(i32 d) {
+  if (V & GEMM_V_MAGIC) return __int_as_float(d) - GEMM_MAGIC_F;
+  return (float)d;
+}
+
 // One stage of a warp's products (see gemm_tile): grp0 is the stage's first
 // scale group. PART checks each n-tile against ntv, the warp's n-tiles that
 // hold a valid token (the short last tile of a segment); full tiles take the
 // copy without the checks, so their products need no predicates and their
 // first mma of a group adds to zero.
-template <int MT, int WT, int WN, int SPG, bool PART>
+template <int MT, int WT, int WN, int SPG, bool PART, int V>
 DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, const float* sxs, const float* slut,
                        const u8* sws, const int (&ra)[MT], int GK, int grp0, int spg, int wn, int g, int i,
                        int ntv) {
   constexpr int BT = 8 * WT * WN;
+  if constexpr ((V & GEMM_V_HALF) != 0 && SPG == 4 && WT % 2 == 0) {
+    // One group a stage: the stage's codes widened first, then the n-tiles
+    // in two halves, each half's sums scaled as soon as they are complete,
+    // so that the scaling of the first half can overlap the mma of the
+    // second.
+    constexpr int WH = WT / 2;
+    const int grp = grp0;
+    float ws[MT][2];
+#pragma unroll
+    for (int m = 0; m < MT; m++)
+#pragma unroll
+      for (int h = 0; h < 2; h++) ws[m][h] = slut[sws[(ra[m] + 8 * h) * GK + grp]];
+    u32 af[4][MT][4];
+#pragma unroll
+    for (int j = 0; j < 4; j++)
+#pragma unroll
+      for (int m = 0; m < MT; m++) {
+        const u32 wa = *(const u32*)(sa + ra[m] * GEMM_ASTRIDE + 16 * j + 4 * i);
+        const u32 wb = *(const u32*)(sa + (ra[m] + 8) * GEMM_ASTRIDE + 16 * j + 4 * i);
+        af[j][m][0] = e2m1x4_signed(wa);
+        af[j][m][1] = e2m1x4_signed(wb);
+        af[j][m][2] = e2m1x4_signed(wa >> 16);
+        af[j][m][3] = e2m1x4_signed(wb >> 16);
+      }
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++) {
+      i32 d[MT][WH][4];
+#pragma unroll
+      for (int m = 0; m < MT; m++)
+#pragma unroll
+        for (int nt = 0; nt < WH; nt++)
+#pragma unroll
+          for (int e = 0; e < 4; e++) d[m][nt][e] = (V & GEMM_V_MAGIC) ? GEMM_MAGIC_I : 0;
+#pragma unroll
+      for (int j = 0; j < 4; j++)
+#pragma unroll
+        for (int n = 0; n < WH; n++) {
+          const int nt = hh * WH + n;
+          if (PART && nt >= ntv) continue;
+          const int r = wn * 8 * WT + 8 * nt + g;
+          const uint2 bv = *(const uint2*)(sb + gemm_bofs(r, 2 * j + (i >> 1)) + 8 * (i & 1));
+#pragma unroll
+          for (int m = 0; m < MT; m++) mma_s8(d[m][n], af[j][m], bv.x, bv.y);
+        }
+#pragma unroll
+      for (int n = 0; n < WH; n++) {
+        const int nt = hh * WH + n;
+        const float2 v = *(const float2*)(sxs + wn * 8 * WT + 8 * nt + 2 * i);
+#pragma unroll
+        for (int m = 0; m < MT; m++) {
+          acc[m][nt][0] += gemm_sum<V>(d[m][n][0]) * (ws[m][0] * v.x);
+          acc[m][nt][1] += gemm_sum<V>(d[m][n][1]) * (ws[m][0] * v.y);
+          acc[m][nt][2] += gemm_sum<V>(d[m][n][2]) * (ws[m][1] * v.x);
+          acc[m][nt][3] += gemm_sum<V>(d[m][n][3]) * (ws[m][1] * v.y);
+        }
+      }
+    }
+    return;
+  }
 #pragma unroll
   for (int j0 = 0; j0 < 4; j0 += spg) {
     const int gl = j0 / spg, grp = grp0 + gl;
@@ -124,7 +201,7 @@ DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, cons
 #pragma unroll
       for (int nt = 0; nt < WT; nt++)
 #pragma unroll
-        for (int e = 0; e < 4; e++) d[m][nt][e] = 0;
+        for (int e = 0; e < 4; e++) d[m][nt][e] = (V & GEMM_V_MAGIC) ? GEMM_MAGIC_I : 0;
 #pragma unroll
     for (int j = j0; j < j0 + spg; j++) {
       u32 af[MT][4];
@@ -151,10 +228,10 @@ DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, cons
 #pragma unroll
       for (int nt = 0; nt < WT; nt++) {
         // (n-tiles past ntv scale a zero sum: no branch around them.)
-        acc[m][nt][0] += (float)d[m][nt][0] * (ws[m][0] * xv[nt][0]);
-        acc[m][nt][1] += (float)d[m][nt][1] * (ws[m][0] * xv[nt][1]);
-        acc[m][nt][2] += (float)d[m][nt][2] * (ws[m][1] * xv[nt][0]);
-        acc[m][nt][3] += (float)d[m][nt][3] * (ws[m][1] * xv[nt][1]);
+        acc[m][nt][0] += gemm_sum<V>(d[m][nt][0]) * (ws[m][0] * xv[nt][0]);
+        acc[m][nt][1] += gemm_sum<V>(d[m][nt][1]) * (ws[m][0] * xv[nt][1]);
+        acc[m][nt][2] += gemm_sum<V>(d[m][nt][2]) * (ws[m][1] * xv[nt][0]);
+        acc[m][nt][3] += gemm_sum<V>(d[m][nt][3]) * (ws[m][1] * xv[nt][1]);
       }
   }
 }
@@ -177,7 +254,7 @@ DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, cons
 // their products to the gate warps through shared memory at the end. With
 // MT = 1 and SK = 1 a warp also skips its n-tiles that hold no valid token
 // (the short last tile of an expert's segment).
-template <int MT, int WT, int WN, int MODE, int SPG, int SK>
+template <int MT, int WT, int WN, int MODE, int SPG, int SK, int V>
 DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8* __restrict__ xq, int ldx,
                       const float* __restrict__ xs, int ldxs, const int* tokrow, int ntok,
                       float* __restrict__ out, int ldo, u8* smem) {
@@ -255,25 +332,46 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
 #pragma unroll
       for (int e = 0; e < 4; e++) acc[m][nt][e] = 0.f;
 
-#pragma unroll
-  for (int s = 0; s < GEMM_STAGES - 1; s++) {
-    if (s < nk) load_stage(s, s);
-    cp_async_commit();
-  }
   const int spg = SPG ? SPG : G / 32;  // 32-column chunks per group
-  for (int kt = 0; kt < nk; kt++) {
-    cp_async_wait<GEMM_STAGES - 2>();
-    __syncthreads();
-    if (kt + GEMM_STAGES - 1 < nk) load_stage(kt + GEMM_STAGES - 1, (kt + GEMM_STAGES - 1) % GEMM_STAGES);
-    cp_async_commit();
+  auto compute = [&](int kt) {
     const u8* sa = smem + (kt % GEMM_STAGES) * SBYTES;
     const u8* sb = sa + ABYTES;
     const float* sxs = (const float*)(sb + XBYTES);
-    if (SKIP && ntv == 0) continue;
+    if (SKIP && ntv == 0) return;
     if (SKIP && ntv < WT) {
-      gemm_stage<MT, WT, WN, SPG, true>(acc, sa, sb, sxs, slut, sws, ra, GK, kt * gpb, spg, wn, g, i, ntv);
+      gemm_stage<MT, WT, WN, SPG, true, V>(acc, sa, sb, sxs, slut, sws, ra, GK, kt * gpb, spg, wn, g, i, ntv);
     } else {
-      gemm_stage<MT, WT, WN, SPG, false>(acc, sa, sb, sxs, slut, sws, ra, GK, kt * gpb, spg, wn, g, i, ntv);
+      gemm_stage<MT, WT, WN, SPG, false, V>(acc, sa, sb, sxs, slut, sws, ra, GK, kt * gpb, spg, wn, g, i, ntv);
+    }
+  };
+  if (V & GEMM_V_PAIR) {
+    // Stages 2p and 2p+1 behind one barrier; the barrier frees the previous
+    // pair's buffers, which take the next pair.
+    static_assert(GEMM_STAGES == 4, "pairs of stages take four buffers");
+    load_stage(0, 0);
+    if (1 < nk) load_stage(1, 1);
+    cp_async_commit();
+    for (int kt = 0; kt < nk; kt += 2) {
+      cp_async_wait<0>();
+      __syncthreads();
+      if (kt + 2 < nk) load_stage(kt + 2, (kt + 2) % GEMM_STAGES);
+      if (kt + 3 < nk) load_stage(kt + 3, (kt + 3) % GEMM_STAGES);
+      cp_async_commit();
+      compute(kt);
+      if (kt + 1 < nk) compute(kt + 1);
+    }
+  } else {
+#pragma unroll
+    for (int s = 0; s < GEMM_STAGES - 1; s++) {
+      if (s < nk) load_stage(s, s);
+      cp_async_commit();
+    }
+    for (int kt = 0; kt < nk; kt++) {
+      cp_async_wait<GEMM_STAGES - 2>();
+      __syncthreads();
+      if (kt + GEMM_STAGES - 1 < nk) load_stage(kt + GEMM_STAGES - 1, (kt + GEMM_STAGES - 1) % GEMM_STAGES);
+      cp_async_commit();
+      compute(kt);
     }
   }
   cp_async_wait<0>();
@@ -341,7 +439,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
 // Grid z > 1: per-head products, head z taking weight rows [z*N, (z+1)*N),
 // activation columns [z*K, (z+1)*K) (whole groups) and output columns
 // [z*N, (z+1)*N).
-template <int MT, int WT, int WN, int SPG>
+template <int MT, int WT, int WN, int SPG, int V>
 DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale, int N, int K, int G,
                        const i8* xq, int ldx, const float* xs, int ldxs, int T, float* y, int ldy) {
   constexpr int BT = 8 * WT * WN;
@@ -353,24 +451,30 @@ DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale
   PDL_WAIT();
   __syncthreads();
   GQMat a = {codes + z * N * (K / 2), scales + z * N * GK, row_scale + z * N};
-  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, 1>(a, a, N, K, G, blockIdx.x * GEMM_ROWS, xq + z * K, ldx, xs + z * GK, ldxs,
+  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, 1, V>(a, a, N, K, G, blockIdx.x * GEMM_ROWS, xq + z * K, ldx, xs + z * GK, ldxs,
                                      tokrow, ntok, y + (size_t)t0 * ldy + z * N, ldy, gemm_smem_buf);
 }
 
-#define GEMM_DENSE_KERNEL(NAME, MT, WT, WN, SPG, MINB)                                               \
+#define GEMM_DENSE_KERNEL(NAME, MT, WT, WN, SPG, MINB, V)                                               \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) NAME(                                 \
       const u8* __restrict__ codes, const u8* __restrict__ scales,                                \
       const float* __restrict__ row_scale, int N, int K, int G, const i8* __restrict__ xq,        \
       int ldx, const float* __restrict__ xs, int ldxs, int T, float* __restrict__ y, int ldy) {   \
     PDL_LAUNCH();                                                                                 \
-    gemm_dense<MT, WT, WN, SPG>(codes, scales, row_scale, N, K, G, xq, ldx, xs, ldxs, T, y, ldy);     \
+    gemm_dense<MT, WT, WN, SPG, V>(codes, scales, row_scale, N, K, G, xq, ldx, xs, ldxs, T, y, ldy);     \
   }
 
 // (MINB: blocks per SM the registers must allow.)
-GEMM_DENSE_KERNEL(gemm_t16, 2, 2, 1, 0, 1)
-GEMM_DENSE_KERNEL(gemm_t16_g128, 2, 2, 1, 4, 1)
-GEMM_DENSE_KERNEL(gemm_t64, 1, 8, 1, 0, 2)
-GEMM_DENSE_KERNEL(gemm_t64_g128, 1, 8, 1, 4, 2)
+GEMM_DENSE_KERNEL(gemm_t16, 2, 2, 1, 0, 1, 0)
+GEMM_DENSE_KERNEL(gemm_t16_g128, 2, 2, 1, 4, 1, 0)
+GEMM_DENSE_KERNEL(gemm_t64, 1, 8, 1, 0, 2, 0)
+GEMM_DENSE_KERNEL(gemm_t64_g128, 1, 8, 1, 4, 2, 0)
+GEMM_DENSE_KERNEL(gemm_t64_g128_v1, 1, 8, 1, 4, 2, 1)
+GEMM_DENSE_KERNEL(gemm_t64_g128_v2, 1, 8, 1, 4, 2, 2)
+GEMM_DENSE_KERNEL(gemm_t64_g128_v3, 1, 8, 1, 4, 2, 3)
+GEMM_DENSE_KERNEL(gemm_t64_g128_v4, 1, 8, 1, 4, 2, 4)
+GEMM_DENSE_KERNEL(gemm_t64_g128_v6, 1, 8, 1, 4, 2, 6)
+GEMM_DENSE_KERNEL(gemm_t64_g128_v7, 1, 8, 1, 4, 2, 7)
 
 
 // ---------------------------------------------------------------------------
@@ -386,7 +490,7 @@ GEMM_DENSE_KERNEL(gemm_t64_g128, 1, 8, 1, 4, 2)
 // Gate and up products with the SiLU product over the tiles:
 // h[row][n] = silu(gate_e,n . x[list[row]]) * (up_e,n . x[list[row]]).
 // Grid (ceil(I/64), max tiles).
-template <int MT, int WT, int WN, int SPG, int SK>
+template <int MT, int WT, int WN, int SPG, int SK, int V>
 DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
                              const i32* ntiles, const i32* list, int I, int K, int G, const i8* xq,
                              const float* xs, float* h) {
@@ -400,13 +504,13 @@ DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i3
   const GExpert& ex = experts[tile_e[tile]];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = list[s0 + min(r, ntok - 1)];
   __syncthreads();
-  gemm_tile<MT, WT, WN, GEMM_GATE_UP, SPG, SK>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G, tokrow, ntok,
+  gemm_tile<MT, WT, WN, GEMM_GATE_UP, SPG, SK, V>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G, tokrow, ntok,
                                        h + (size_t)s0 * I, I, gemm_smem_buf);
 }
 
 // Down products over the tiles: part[row][n] = down_e,n . hq[row].
 // Grid (ceil(N/128), max tiles).
-template <int MT, int WT, int WN, int SPG, int SK>
+template <int MT, int WT, int WN, int SPG, int SK, int V>
 DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
                           const i32* ntiles, int N, int I, int G, const i8* hq, const float* hs, float* part) {
   constexpr int BT = 8 * WT * WN;
@@ -419,18 +523,18 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
   const GExpert& ex = experts[tile_e[tile]];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = s0 + min(r, ntok - 1);
   __syncthreads();
-  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, SK>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs, I / G, tokrow,
+  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, SK, V>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs, I / G, tokrow,
                                      ntok, part + (size_t)s0 * N, N, gemm_smem_buf);
 }
 
-#define MOE_GEMM_KERNELS(SUFFIX, MT, WT, WN, SPG, MINB, SK)                                            \
+#define MOE_GEMM_KERNELS(SUFFIX, MT, WT, WN, SPG, MINB, SK, V)                                            \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) moe_gemm_gate_up_##SUFFIX(               \
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,                             \
       const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K, int G,          \
       const i8* __restrict__ xq, const float* __restrict__ xs, float* __restrict__ h) {           \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_gate_up<MT, WT, WN, SPG, SK>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h);  \
+    moe_gemm_gate_up<MT, WT, WN, SPG, SK, V>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h);  \
   }                                                                                               \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) moe_gemm_down_##SUFFIX(                  \
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
@@ -438,13 +542,19 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
       const i32* __restrict__ ntiles, int N, int I, int G, const i8* __restrict__ hq,             \
       const float* __restrict__ hs, float* __restrict__ part) {                                   \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_down<MT, WT, WN, SPG, SK>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part);        \
+    moe_gemm_down<MT, WT, WN, SPG, SK, V>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part);        \
   }
 
-MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1, 0)
-MOE_GEMM_KERNELS(t16_g128, 2, 2, 1, 4, 1, 0)
-MOE_GEMM_KERNELS(t64, 1, 8, 1, 0, 2, 1)
-MOE_GEMM_KERNELS(t64_g128, 1, 8, 1, 4, 2, 1)
+MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1, 0, 0)
+MOE_GEMM_KERNELS(t16_g128, 2, 2, 1, 4, 1, 0, 0)
+MOE_GEMM_KERNELS(t64, 1, 8, 1, 0, 2, 1, 0)
+MOE_GEMM_KERNELS(t64_g128, 1, 8, 1, 4, 2, 1, 0)
+MOE_GEMM_KERNELS(t64_g128_v1, 1, 8, 1, 4, 2, 1, 1)
+MOE_GEMM_KERNELS(t64_g128_v2, 1, 8, 1, 4, 2, 1, 2)
+MOE_GEMM_KERNELS(t64_g128_v3, 1, 8, 1, 4, 2, 1, 3)
+MOE_GEMM_KERNELS(t64_g128_v4, 1, 8, 1, 4, 2, 1, 4)
+MOE_GEMM_KERNELS(t64_g128_v6, 1, 8, 1, 4, 2, 1, 6)
+MOE_GEMM_KERNELS(t64_g128_v7, 1, 8, 1, 4, 2, 1, 7)
 
 // ---------------------------------------------------------------------------
 // The absorbed query of many tokens, qlat[t, h*rank + k] =
