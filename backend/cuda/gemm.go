@@ -4,8 +4,6 @@ package cuda
 
 import (
 	"fmt"
-	"os"
-	"strconv"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -247,16 +245,6 @@ var gemmMinTokens = 48
 // single-token kernels once per token.
 var moeBatchedMinTokens = 8
 
-// MMFP4_CUDA_GEMM=0 turns both off (the GEMV kernels eight rows a launch,
-// the fused MoE per token up to moeFusedMaxTokens, then the grouped path),
-// for comparisons in one binary.
-func init() {
-	if os.Getenv("MMFP4_CUDA_GEMM") == "0" {
-		gemmMinTokens = 1 << 30
-		moeBatchedMinTokens = 1 << 30
-	}
-}
-
 // batchable reports whether the layer's experts suit MoEBatched.
 func (l *moeLayer) batchable() bool {
 	t := l.table
@@ -291,14 +279,7 @@ const absorbTokens = 8
 // absorb_query_many (its sums run in another order than absorb_query_q's,
 // which smaller batches keep). Measured on an H200 at 32 rows: 25 us a
 // layer against absorb_query_q's 49 (8-31 rows not measured).
-// MMFP4_CUDA_ABSORB_MANY sets it, for comparisons in one binary.
 var absorbManyMinTokens = 32
-
-func init() {
-	if v, err := strconv.Atoi(os.Getenv("MMFP4_CUDA_ABSORB_MANY")); err == nil && v >= 1 {
-		absorbManyMinTokens = v
-	}
-}
 
 // absorbMany queues absorb_query_many for AbsorbQuery when it applies
 // (MMFP4 W_UK, enough tokens, the head's codes in shared memory) and
@@ -332,16 +313,6 @@ func (b *Backend) absorbMany(ql, qm *tensor, w *weight, s backend.MLAShape) bool
 const routerManyTokens = 32
 
 var routerManyMinRows = 512
-
-// MMFP4_CUDA_ROUTER_MANY sets routerManyMinRows ("off": never), for
-// comparisons in one binary.
-func init() {
-	if v := os.Getenv("MMFP4_CUDA_ROUTER_MANY"); v == "off" {
-		routerManyMinRows = 1 << 30
-	} else if n, err := strconv.Atoi(v); err == nil && n >= 1 {
-		routerManyMinRows = n
-	}
-}
 
 // RouterManyFits reports whether RouterMany takes these experts and input.
 func RouterManyFits(E, K int, x uint64, ldx, topk int) bool {
