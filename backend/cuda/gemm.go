@@ -65,7 +65,7 @@ func (t GEMMTile) suffix(G int) string {
 	return s
 }
 
-// gemmVariant selects a variant of the G = 128 kernels ("", "_v1".."_v3",
+// gemmVariant selects a variant of the G = 128 kernels ("" or "_vN",
 // see GEMM_V_* in gemm.cu), for comparisons in one binary.
 var gemmVariant = ""
 

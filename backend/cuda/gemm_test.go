@@ -243,7 +243,7 @@ func BenchmarkGEMM(b *testing.B) {
 			b.Fatal(err)
 		}
 		for _, T := range []int{8, 16, 32, 64, 128, 256, 1024} {
-			for _, v := range []string{"t16", "t64", "t64_v1", "t64_v2", "t64_v3", "t64_v4", "t64_v6", "t64_v7"} {
+			for _, v := range []string{"t16", "t64", "t64_v1", "t64_v2", "t64_v4", "t64_v6", "t64_v12", "t64_v14"} {
 				if T != 256 && T != 1024 {
 					continue
 				}
@@ -346,7 +346,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 				wts[t*topk+k] = 0.25
 			}
 		}
-		for _, v := range []string{"batched_t16", "batched_t64", "batched_t64_v1", "batched_t64_v2", "batched_t64_v3", "batched_t64_v4", "batched_t64_v6", "batched_t64_v7"} {
+		for _, v := range []string{"batched_t16", "batched_t64", "batched_t64_v1", "batched_t64_v2", "batched_t64_v4", "batched_t64_v6", "batched_t64_v12", "batched_t64_v14"} {
 			if T != 256 && T != 1024 {
 				continue
 			}
@@ -556,7 +556,7 @@ func TestGEMMVariantsBitExact(t *testing.T) {
 		{37, 128, []int{3, 64}},
 		{130, 384, []int{2, 31, 63, 257}},
 	}
-	variants := []string{"_v1", "_v2", "_v3", "_v4", "_v6", "_v7"}
+	variants := []string{"_v1", "_v2", "_v4", "_v6", "_v12", "_v14"}
 	defer func(s string) { gemmVariant = s }(gemmVariant)
 	for _, s := range shapes {
 		m, err := format.Quantize(randVec(r, s.N*s.K, 0.02), s.N, s.K, format.QuantOptions{GroupSize: 128})

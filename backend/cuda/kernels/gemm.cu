@@ -100,9 +100,12 @@ DEVICE float gemm_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
 // + s exactly and one float subtraction gives (float)s, without the
 // conversion instruction (a quarter-rate pipe). GEMM_V_PAIR waits at one
 // barrier for two stages. GEMM_V_HALF (groups of 128): see gemm_stage.
+// GEMM_V_SKIP: the short last tile of a segment scales only its n-tiles
+// with a valid token (the others' outputs are never written).
 #define GEMM_V_MAGIC 1
 #define GEMM_V_PAIR 2
 #define GEMM_V_HALF 4
+#define GEMM_V_SKIP 8
 #define GEMM_MAGIC_I 0x4B400000
 #define GEMM_MAGIC_F 12582912.f
 
@@ -169,6 +172,7 @@ DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, cons
 #pragma unroll
       for (int n = 0; n < WH; n++) {
         const int nt = hh * WH + n;
+        if ((V & GEMM_V_SKIP) && PART && nt >= ntv) continue;
         const float2 v = *(const float2*)(sxs + wn * 8 * WT + 8 * nt + 2 * i);
 #pragma unroll
         for (int m = 0; m < MT; m++) {
@@ -228,6 +232,7 @@ DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, cons
 #pragma unroll
       for (int nt = 0; nt < WT; nt++) {
         // (n-tiles past ntv scale a zero sum: no branch around them.)
+        if ((V & GEMM_V_SKIP) && PART && nt >= ntv) continue;
         acc[m][nt][0] += gemm_sum<V>(d[m][nt][0]) * (ws[m][0] * xv[nt][0]);
         acc[m][nt][1] += gemm_sum<V>(d[m][nt][1]) * (ws[m][0] * xv[nt][1]);
         acc[m][nt][2] += gemm_sum<V>(d[m][nt][2]) * (ws[m][1] * xv[nt][0]);
@@ -471,10 +476,10 @@ GEMM_DENSE_KERNEL(gemm_t64, 1, 8, 1, 0, 2, 0)
 GEMM_DENSE_KERNEL(gemm_t64_g128, 1, 8, 1, 4, 2, 0)
 GEMM_DENSE_KERNEL(gemm_t64_g128_v1, 1, 8, 1, 4, 2, 1)
 GEMM_DENSE_KERNEL(gemm_t64_g128_v2, 1, 8, 1, 4, 2, 2)
-GEMM_DENSE_KERNEL(gemm_t64_g128_v3, 1, 8, 1, 4, 2, 3)
 GEMM_DENSE_KERNEL(gemm_t64_g128_v4, 1, 8, 1, 4, 2, 4)
 GEMM_DENSE_KERNEL(gemm_t64_g128_v6, 1, 8, 1, 4, 2, 6)
-GEMM_DENSE_KERNEL(gemm_t64_g128_v7, 1, 8, 1, 4, 2, 7)
+GEMM_DENSE_KERNEL(gemm_t64_g128_v12, 1, 8, 1, 4, 2, 12)
+GEMM_DENSE_KERNEL(gemm_t64_g128_v14, 1, 8, 1, 4, 2, 14)
 
 
 // ---------------------------------------------------------------------------
@@ -551,10 +556,10 @@ MOE_GEMM_KERNELS(t64, 1, 8, 1, 0, 2, 1, 0)
 MOE_GEMM_KERNELS(t64_g128, 1, 8, 1, 4, 2, 1, 0)
 MOE_GEMM_KERNELS(t64_g128_v1, 1, 8, 1, 4, 2, 1, 1)
 MOE_GEMM_KERNELS(t64_g128_v2, 1, 8, 1, 4, 2, 1, 2)
-MOE_GEMM_KERNELS(t64_g128_v3, 1, 8, 1, 4, 2, 1, 3)
 MOE_GEMM_KERNELS(t64_g128_v4, 1, 8, 1, 4, 2, 1, 4)
 MOE_GEMM_KERNELS(t64_g128_v6, 1, 8, 1, 4, 2, 1, 6)
-MOE_GEMM_KERNELS(t64_g128_v7, 1, 8, 1, 4, 2, 1, 7)
+MOE_GEMM_KERNELS(t64_g128_v12, 1, 8, 1, 4, 2, 1, 12)
+MOE_GEMM_KERNELS(t64_g128_v14, 1, 8, 1, 4, 2, 1, 14)
 
 // ---------------------------------------------------------------------------
 // The absorbed query of many tokens, qlat[t, h*rank + k] =
