@@ -129,6 +129,78 @@ func (c *Ctx) gemm(y uint64, ldy int, codes, scales, rowScale uint64, n, k, G in
 	return c.Launch(kern, grid, D1(tile.threads()), shared, codes, scales, rowScale, n, k, G, a.Q, a.K, a.Scales, a.K/G, a.T, y, ldy)
 }
 
+// GEMMPair computes y1 = W1 x and y2 = W2 x (as GEMM) for the same
+// quantized rows a in one launch: products whose blocks alone fill less
+// than a wave of the device (q_a and kv_a of a prefill) run side by side.
+func (c *Ctx) GEMMPair(y1 uint64, ldy1 int, w1 *QMatrix, y2 uint64, ldy2 int, w2 *QMatrix, a *QActs, tile GEMMTile) error {
+	switch {
+	case a.K != w1.K || a.G != w1.G || a.K != w2.K || a.G != w2.G:
+		return fmt.Errorf("cuda: gemm pair: activations K=%d G=%d, weights [%d,%d] G=%d and [%d,%d] G=%d", a.K, a.G, w1.N, w1.K, w1.G, w2.N, w2.K, w2.G)
+	case !GEMMFits(a.K, a.G):
+		return fmt.Errorf("cuda: gemm pair: K=%d G=%d: K must be a multiple of %d, G 32, 64 or 128", a.K, a.G, gemmBK)
+	case a.T < 1:
+		return fmt.Errorf("cuda: gemm pair: %d tokens", a.T)
+	case a.T > 1 && (ldy1 < w1.N || ldy2 < w2.N):
+		return fmt.Errorf("cuda: gemm pair: output strides %d, %d below N=%d, %d", ldy1, ldy2, w1.N, w2.N)
+	}
+	tile = pickTile(tile, a.T)
+	shared := tile.shared(a.K / a.G)
+	kern, err := c.kernelShared("gemm", "gemm_pair_"+tile.suffix(a.G), shared)
+	if err != nil {
+		return err
+	}
+	rows := max(w1.N, w2.N)
+	grid := Dim{uint32((rows + gemmRows - 1) / gemmRows), uint32((a.T + tile.tokens() - 1) / tile.tokens()), 2}
+	return c.Launch(kern, grid, D1(tile.threads()), shared, w1.Codes, w1.Scales, w1.RowScale, w1.N, y1, ldy1,
+		w2.Codes, w2.Scales, w2.RowScale, w2.N, y2, ldy2, a.K, a.G, a.Q, a.K, a.Scales, a.K/a.G, a.T)
+}
+
+// gemmOp is a GEMM just queued, which the next product of the same rows
+// may join (gemmPair).
+type gemmOp struct {
+	idx, flush int
+	a          *QActs
+	w          *QMatrix
+	out        tensor
+}
+
+// gemmPairMaxBlocks: a product joins the one queued before it when each
+// alone has fewer 64-token blocks than this (the H200's 132
+// multiprocessors).
+const gemmPairMaxBlocks = 132
+
+// gemmPair queues d = x w^T (the rows of a) in the launch of the GEMM
+// queued just before it, when that one read the same rows and neither
+// fills a wave alone, and reports whether it did.
+func (b *Backend) gemmPair(d *tensor, a *QActs, w *weight) bool {
+	g := b.lastGEMM
+	b.lastGEMM = nil
+	blocks := func(n int) int { return (n + gemmRows - 1) / gemmRows * ((a.T + 63) / 64) }
+	if !b.chained() || g == nil || g.flush != b.flushes || g.idx != len(b.pending)-1 || g.a != a ||
+		g.w.K != w.q.K || g.w.G != w.q.G || overlaps(d, &g.out) ||
+		blocks(g.w.N) >= gemmPairMaxBlocks || blocks(w.q.N) >= gemmPairMaxBlocks {
+		return false
+	}
+	w1, w2, o1, o2 := g.w, w.q, g.out, *d
+	name := "matmul pair"
+	if b.prof != nil {
+		name = fmt.Sprintf("matmul pair mmfp4 %dx%d+%dx%d", w1.N, w1.K, w2.N, w2.K)
+	}
+	b.pending[g.idx] = queuedOp{name, func(c *Ctx) error {
+		return c.GEMMPair(o1.ptr, o1.ld, w1, o2.ptr, o2.ld, w2, a, GEMMTileAuto)
+	}}
+	b.gemmPairs++
+	return true
+}
+
+// noteGEMM remembers a GEMM just queued (gemmPair).
+func (b *Backend) noteGEMM(d *tensor, a *QActs, w *weight) {
+	b.lastGEMM = nil
+	if b.err == nil && len(b.pending) > 0 {
+		b.lastGEMM = &gemmOp{idx: len(b.pending) - 1, flush: b.flushes, a: a, w: w.q, out: *d}
+	}
+}
+
 // GEMMHeads computes, for each head h < heads and each of the a.T rows,
 // y[t*ldy + h*rows + n] = W[h*rows+n] . x_h[t], where x_h is columns
 // [h*k, (h+1)*k) of the quantized row (a.K = heads*k, whole groups per

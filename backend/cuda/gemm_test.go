@@ -244,7 +244,7 @@ func BenchmarkGEMM(b *testing.B) {
 		}
 		for _, T := range []int{8, 16, 32, 64, 128, 256, 1024} {
 			for _, v := range []string{"t16", "t64", "t64_v1", "t64_v2", "t64_v4", "t64_v6", "t64_v12", "t64_v14"} {
-				if T != 256 && T != 1024 {
+				if T != 1024 {
 					continue
 				}
 				b.Run(fmt.Sprintf("%s/T%d/%s", cs.name, T, v), func(b *testing.B) {
@@ -625,6 +625,177 @@ func TestGEMMVariantsBitExact(t *testing.T) {
 					t.Errorf("moe T=%d tile %d variant %s: %d of %d values differ", T, tile.tokens(), v, diff, len(want))
 				}
 			}
+		}
+	}
+}
+
+// GEMMPair gives each product's GEMM bits (the same kernel, two matrices
+// side by side), at the q_a/kv_a shapes and odd ones, both tiles; and the
+// backend joins two products of the same rows into one pair launch,
+// against the CPU backend.
+func TestGEMMPair(t *testing.T) {
+	d := testDevice(t)
+	r := rand.New(rand.NewPCG(31, 7))
+	type shape struct {
+		N1, N2, K, G int
+		Ts           []int
+	}
+	for _, s := range []shape{
+		{768, 576, 2048, 128, []int{1, 37, 300, 1024}},
+		{576, 768, 2048, 128, []int{64}},
+		{100, 300, 256, 32, []int{7, 70}},
+		{130, 37, 384, 64, []int{129}},
+	} {
+		m1, err1 := format.Quantize(randVec(r, s.N1*s.K, 0.02), s.N1, s.K, format.QuantOptions{GroupSize: s.G})
+		m2, err2 := format.Quantize(randVec(r, s.N2*s.K, 0.02), s.N2, s.K, format.QuantOptions{GroupSize: s.G})
+		if err := errors.Join(err1, err2); err != nil {
+			t.Fatal(err)
+		}
+		for _, T := range s.Ts {
+			x := randVec(r, T*s.K, 1)
+			for _, tile := range []GEMMTile{GEMMTile16, GEMMTile64} {
+				var want1, want2, got1, got2 []float32
+				err := d.Do(func(c *Ctx) error {
+					q1, err1 := c.UploadMatrix(m1)
+					q2, err2 := c.UploadMatrix(m2)
+					xb, err3 := upload(c, x)
+					a, err4 := c.NewQActs(T, s.K, s.G)
+					ya, err5 := c.Alloc(4 * T * s.N1)
+					yb, err6 := c.Alloc(4 * T * s.N2)
+					if err := errors.Join(err1, err2, err3, err4, err5, err6); err != nil {
+						return err
+					}
+					defer func() {
+						c.FreeMatrix(q1)
+						c.FreeMatrix(q2)
+						c.Free(xb)
+						c.FreeQActs(a)
+						c.Free(ya)
+						c.Free(yb)
+					}()
+					if err := c.RMSNormQuant(xb.Ptr, s.K, 0, 0, 0, 0, T, s.K, s.G, a); err != nil {
+						return err
+					}
+					out := func(buf Buffer, n int) ([]float32, error) {
+						v := make([]float32, T*n)
+						return v, CopyOut(c, v, buf.Ptr)
+					}
+					var e1, e2 error
+					if err := errors.Join(poison(c, ya.Ptr, ya.Size), poison(c, yb.Ptr, yb.Size),
+						c.GEMM(ya.Ptr, s.N1, q1, a, tile), c.GEMM(yb.Ptr, s.N2, q2, a, tile)); err != nil {
+						return err
+					}
+					want1, e1 = out(ya, s.N1)
+					want2, e2 = out(yb, s.N2)
+					if err := errors.Join(e1, e2, poison(c, ya.Ptr, ya.Size), poison(c, yb.Ptr, yb.Size),
+						c.GEMMPair(ya.Ptr, s.N1, q1, yb.Ptr, s.N2, q2, a, tile)); err != nil {
+						return err
+					}
+					got1, e1 = out(ya, s.N1)
+					got2, e2 = out(yb, s.N2)
+					return errors.Join(e1, e2)
+				})
+				if err != nil {
+					t.Fatal(err)
+				}
+				diff := 0
+				for i := range want1 {
+					if math.Float32bits(got1[i]) != math.Float32bits(want1[i]) {
+						diff++
+					}
+				}
+				for i := range want2 {
+					if math.Float32bits(got2[i]) != math.Float32bits(want2[i]) {
+						diff++
+					}
+				}
+				t.Logf("pair %dx%d+%dx%d G=%d T=%d tile %d: %d of %d values differ from the single GEMMs", s.N1, s.K, s.N2, s.K, s.G, T, tile.tokens(), diff, len(want1)+len(want2))
+				if diff != 0 {
+					t.Errorf("pair %dx%d+%dx%d G=%d T=%d tile %d: %d of %d values differ from the single GEMMs", s.N1, s.K, s.N2, s.K, s.G, T, tile.tokens(), diff, len(want1)+len(want2))
+				}
+			}
+		}
+	}
+
+	// Through the backend: q_a- and kv_a-like products of the same rows.
+	g, c := testBackends(t, Options{})
+	const K, N1, N2 = 512, 384, 320
+	w1, w2 := quantHost(t, r, "qa", N1, K, 128), quantHost(t, r, "kva", N2, K, 128)
+	for _, T := range []int{100, 300} { // past the streaming kernels' rows
+		x := randVec(r, T*K, 1)
+		before := g.gemmPairs
+		compareOp(t, g, c, fmt.Sprintf("matmul pair T=%d", T), 1e-5, func(b backend.Backend) []float32 {
+			b.SetBatch(simpleBatch(T, 0), nil)
+			xt, y1, y2 := b.NewTensor(T, K), b.NewTensor(T, N1), b.NewTensor(T, N2)
+			b.Upload(xt, x)
+			b.MatMul(y1, xt, mustWeight(t, b, w1))
+			b.MatMul(y2, xt, mustWeight(t, b, w2))
+			return append(b.Download(y1), b.Download(y2)...)
+		})
+		if g.gemmPairs != before+1 {
+			t.Errorf("T=%d: %d pair launches, want 1", T, g.gemmPairs-before)
+		}
+	}
+}
+
+// BenchmarkGEMMPair: q_a (768x2048) and kv_a (576x2048) of the same rows,
+// as two GEMM launches and as one GEMMPair, each tile (device time).
+func BenchmarkGEMMPair(b *testing.B) {
+	d := benchDevice(b)
+	r := rand.New(rand.NewPCG(9, 10))
+	const K = 2048
+	var q1, q2 *QMatrix
+	err := d.Do(func(c *Ctx) error {
+		var err1, err2 error
+		q1, err1 = c.UploadMatrix(synthMatrix(r, 768, K, 128))
+		q2, err2 = c.UploadMatrix(synthMatrix(r, 576, K, 128))
+		return errors.Join(err1, err2)
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, T := range []int{256, 1024} {
+		for _, v := range []string{"two_t16", "two_t64", "pair_t16", "pair_t64"} {
+			b.Run(fmt.Sprintf("T%d/%s", T, v), func(b *testing.B) {
+				err := d.Do(func(c *Ctx) error {
+					xb, err1 := upload(c, randVec(r, T*K, 1))
+					a, err2 := c.NewQActs(T, K, 128)
+					y1, err3 := c.Alloc(4 * T * 768)
+					y2, err4 := c.Alloc(4 * T * 576)
+					if err := errors.Join(err1, err2, err3, err4); err != nil {
+						return err
+					}
+					defer func() { c.Free(xb); c.FreeQActs(a); c.Free(y1); c.Free(y2) }()
+					if err := c.RMSNormQuant(xb.Ptr, K, 0, 0, 0, 0, T, K, 128, a); err != nil {
+						return err
+					}
+					tile := GEMMTile16
+					if strings.HasSuffix(v, "t64") {
+						tile = GEMMTile64
+					}
+					launches := 2
+					run := func() error {
+						return errors.Join(c.GEMM(y1.Ptr, 768, q1, a, tile), c.GEMM(y2.Ptr, 576, q2, a, tile))
+					}
+					if strings.HasPrefix(v, "pair") {
+						launches = 1
+						run = func() error { return c.GEMMPair(y1.Ptr, 768, q1, y2.Ptr, 576, q2, a, tile) }
+					}
+					if err := run(); err != nil {
+						return err
+					}
+					const reps = 20
+					ms, err := timeDevice(c, reps, launches, run)
+					if err != nil {
+						return err
+					}
+					b.ReportMetric(float64(ms)*1e3/reps, "us/op")
+					return nil
+				})
+				if err != nil {
+					b.Fatal(err)
+				}
+			})
 		}
 	}
 }

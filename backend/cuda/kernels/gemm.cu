@@ -446,12 +446,12 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
 // [z*N, (z+1)*N).
 template <int MT, int WT, int WN, int SPG, int V>
 DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale, int N, int K, int G,
-                       const i8* xq, int ldx, const float* xs, int ldxs, int T, float* y, int ldy) {
+                       const i8* xq, int ldx, const float* xs, int ldxs, int T, float* y, int ldy, size_t z) {
   constexpr int BT = 8 * WT * WN;
   extern __shared__ __align__(16) u8 gemm_smem_buf[];
   __shared__ int tokrow[BT];
   const int t0 = blockIdx.y * BT, ntok = min(BT, T - t0);
-  const size_t z = blockIdx.z, GK = K / G;
+  const size_t GK = K / G;
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = t0 + min(r, ntok - 1);
   PDL_WAIT();
   __syncthreads();
@@ -466,8 +466,31 @@ DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale
       const float* __restrict__ row_scale, int N, int K, int G, const i8* __restrict__ xq,        \
       int ldx, const float* __restrict__ xs, int ldxs, int T, float* __restrict__ y, int ldy) {   \
     PDL_LAUNCH();                                                                                 \
-    gemm_dense<MT, WT, WN, SPG, V>(codes, scales, row_scale, N, K, G, xq, ldx, xs, ldxs, T, y, ldy);     \
+    gemm_dense<MT, WT, WN, SPG, V>(codes, scales, row_scale, N, K, G, xq, ldx, xs, ldxs, T, y, ldy, blockIdx.z); \
   }
+
+// Two products of the same activations in one launch (q_a and kv_a of a
+// prefill, each under one wave of blocks alone): grid (ceil(max(N1,
+// N2)/128), ceil(T/BT), 2), z picking the matrix; a block past its
+// matrix's rows exits. The same sums as two gemm launches.
+#define GEMM_PAIR_KERNEL(NAME, MT, WT, WN, SPG, MINB)                                                      \
+  extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) NAME(                                 \
+      const u8* __restrict__ codes1, const u8* __restrict__ scales1, const float* __restrict__ rs1, int N1, \
+      float* __restrict__ y1, int ldy1, const u8* __restrict__ codes2, const u8* __restrict__ scales2,     \
+      const float* __restrict__ rs2, int N2, float* __restrict__ y2, int ldy2, int K, int G,               \
+      const i8* __restrict__ xq, int ldx, const float* __restrict__ xs, int ldxs, int T) {                 \
+    PDL_LAUNCH();                                                                                          \
+    const bool two = blockIdx.z == 1;                                                                      \
+    const int N = two ? N2 : N1;                                                                           \
+    if ((int)blockIdx.x * GEMM_ROWS >= N) return;                                                          \
+    gemm_dense<MT, WT, WN, SPG, 0>(two ? codes2 : codes1, two ? scales2 : scales1, two ? rs2 : rs1, N, K, G, xq, \
+                                   ldx, xs, ldxs, T, two ? y2 : y1, two ? ldy2 : ldy1, 0);                 \
+  }
+
+GEMM_PAIR_KERNEL(gemm_pair_t16, 2, 2, 1, 0, 1)
+GEMM_PAIR_KERNEL(gemm_pair_t16_g128, 2, 2, 1, 4, 1)
+GEMM_PAIR_KERNEL(gemm_pair_t64, 1, 8, 1, 0, 2)
+GEMM_PAIR_KERNEL(gemm_pair_t64_g128, 1, 8, 1, 4, 2)
 
 // (MINB: blocks per SM the registers must allow.)
 GEMM_DENSE_KERNEL(gemm_t16, 2, 2, 1, 0, 1, 0)
