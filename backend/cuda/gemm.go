@@ -386,6 +386,15 @@ const routerManyTokens = 32
 
 var routerManyMinRows = 512
 
+// routerTiled runs RouterMany through router_tiles (ROUTER_TILE_E experts
+// and ROUTER_TILE_KC columns a block) instead of router_many (measurement).
+var routerTiled = true
+
+const (
+	routerTileExperts = 16
+	routerTileCols    = 256
+)
+
 // RouterManyFits reports whether RouterMany takes these experts and input.
 func RouterManyFits(E, K int, x uint64, ldx, topk int) bool {
 	return E >= 1 && E <= 128 && K >= 32 && K <= 2048 && K%32 == 0 && ldx%4 == 0 && x%16 == 0 && topk >= 1 && topk <= 32 && topk <= E
@@ -399,15 +408,25 @@ func (c *Ctx) RouterMany(W uint64, E, K int, x uint64, ldx, T int, logits uint64
 	if !RouterManyFits(E, K, x, ldx, topk) || T < 1 {
 		return fmt.Errorf("cuda: router many: %d experts of %d columns, top %d, %d rows (stride %d)", E, K, topk, T, ldx)
 	}
+	n := 0
+	if norm {
+		n = 1
+	}
+	groups := uint32((T + routerManyTokens - 1) / routerManyTokens)
+	if routerTiled {
+		shared := 2 * (routerManyTokens + routerTileExperts) * routerTileCols * 4
+		k, err := c.kernelShared("gemm", "router_tiles", shared)
+		if err != nil {
+			return err
+		}
+		return c.Launch(k, Dim{uint32((E + routerTileExperts - 1) / routerTileExperts), groups, 1}, D1(256), shared,
+			W, E, K, x, ldx, T, logits, ldl, bias, topk, n, scaling, ids, wts, counters)
+	}
 	shared := 2 * 4 * K * 4 // two chunks of ROUTER_MANY_C rows
 	k, err := c.kernelShared("gemm", "router_many", shared)
 	if err != nil {
 		return err
 	}
-	n := 0
-	if norm {
-		n = 1
-	}
-	return c.Launch(k, Dim{uint32((E + 7) / 8), uint32((T + routerManyTokens - 1) / routerManyTokens), 1}, D1(256), shared,
+	return c.Launch(k, Dim{uint32((E + 7) / 8), groups, 1}, D1(256), shared,
 		W, E, K, x, ldx, T, logits, ldl, bias, topk, n, scaling, ids, wts, counters)
 }

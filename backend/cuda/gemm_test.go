@@ -430,10 +430,16 @@ func BenchmarkMoEBatched(b *testing.B) {
 func TestRouterManyMatchesRouterRoute(t *testing.T) {
 	d := testDevice(t)
 	r := testRand(t)
-	for _, sh := range []struct{ E, K, T, topK int }{
-		{64, 2048, 1024, 4}, {64, 2048, 37, 4}, {64, 2048, 3, 4}, {16, 512, 20, 4}, {128, 1056, 33, 8}, {100, 2048, 50, 8}, {5, 64, 17, 2},
+	for _, sh := range []struct {
+		E, K, T, topK int
+		tiled         bool
+	}{
+		{64, 2048, 1024, 4, false}, {64, 2048, 37, 4, false}, {64, 2048, 3, 4, false}, {16, 512, 20, 4, false},
+		{128, 1056, 33, 8, false}, {100, 2048, 50, 8, false}, {5, 64, 17, 2, false},
+		{64, 2048, 1024, 4, true}, {64, 2048, 37, 4, true}, {64, 2048, 3, 4, true}, {16, 512, 20, 4, true},
+		{128, 1056, 33, 8, true}, {100, 2048, 50, 8, true}, {5, 64, 17, 2, true}, {64, 2048, 300, 4, true},
 	} {
-		E, K, T, topK := sh.E, sh.K, sh.T, sh.topK
+		E, K, T, topK, tiled := sh.E, sh.K, sh.T, sh.topK, sh.tiled
 		W, x, bias := randVec(r, E*K, 0.02), randVec(r, T*K, 1), randVec(r, E, 0.05)
 		var got [2][3][]float32
 		var ids [2][]int32
@@ -454,6 +460,8 @@ func TestRouterManyMatchesRouterRoute(t *testing.T) {
 				for rep := 0; rep < 2; rep++ { // the counters must be left zeroed
 					var err error
 					if v == 0 {
+						defer func(v bool) { routerTiled = v }(routerTiled)
+						routerTiled = tiled
 						err = c.RouterMany(wb.Ptr, E, K, xb.Ptr, K, T, lP, E, bb.Ptr, topK, true, 1.8, iP, wP, cP)
 					} else {
 						err = c.RouterRoute(wb.Ptr, E, K, xb.Ptr, K, T, lP, E, bb.Ptr, topK, true, 1.8, iP, wP, cP, nil)
@@ -475,12 +483,12 @@ func TestRouterManyMatchesRouterRoute(t *testing.T) {
 		}
 		for i := range got[0][0] {
 			if math.Float32bits(got[0][0][i]) != math.Float32bits(got[1][0][i]) {
-				t.Fatalf("E=%d K=%d T=%d: logit %d: %v, router_fast %v", E, K, T, i, got[0][0][i], got[1][0][i])
+				t.Fatalf("E=%d K=%d T=%d tiled %v: logit %d: %v, router_fast %v", E, K, T, tiled, i, got[0][0][i], got[1][0][i])
 			}
 		}
 		for i := range ids[0] {
 			if ids[0][i] != ids[1][i] || math.Float32bits(got[0][1][i]) != math.Float32bits(got[1][1][i]) {
-				t.Fatalf("E=%d K=%d T=%d: choice %d: %d %v, router_fast %d %v", E, K, T, i, ids[0][i], got[0][1][i], ids[1][i], got[1][1][i])
+				t.Fatalf("E=%d K=%d T=%d tiled %v: choice %d: %d %v, router_fast %d %v", E, K, T, tiled, i, ids[0][i], got[0][1][i], ids[1][i], got[1][1][i])
 			}
 		}
 		for i, v := range got[0][2] {
@@ -488,7 +496,7 @@ func TestRouterManyMatchesRouterRoute(t *testing.T) {
 				t.Fatalf("E=%d K=%d T=%d: counter %d left at %v", E, K, T, i, math.Float32bits(v))
 			}
 		}
-		t.Logf("E=%d K=%d T=%d top %d: logits, experts and weights identical to router_fast", E, K, T, topK)
+		t.Logf("E=%d K=%d T=%d top %d tiled %v: logits, experts and weights identical to router_fast", E, K, T, topK, tiled)
 	}
 }
 
@@ -499,7 +507,7 @@ func BenchmarkRouterMany(b *testing.B) {
 	r := rand.New(rand.NewPCG(12, 12))
 	const E, K, topK = 64, 2048, 4
 	for _, T := range []int{64, 256, 1024} {
-		for _, v := range []string{"fast", "many"} {
+		for _, v := range []string{"fast", "many", "tiles"} {
 			b.Run(fmt.Sprintf("T%d/%s", T, v), func(b *testing.B) {
 				err := d.Do(func(c *Ctx) error {
 					wb, err1 := upload(c, randVec(r, E*K, 0.02))
@@ -515,7 +523,9 @@ func BenchmarkRouterMany(b *testing.B) {
 						return err
 					}
 					run := func() error {
-						if v == "many" {
+						if v != "fast" {
+							defer func(v bool) { routerTiled = v }(routerTiled)
+							routerTiled = v == "tiles"
 							return c.RouterMany(wb.Ptr, E, K, xb.Ptr, K, T, lP, E, bb.Ptr, topK, true, 1.8, iP, wP, cP)
 						}
 						return c.RouterRoute(wb.Ptr, E, K, xb.Ptr, K, T, lP, E, bb.Ptr, topK, true, 1.8, iP, wP, cP, nil)

@@ -649,6 +649,62 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // ---------------------------------------------------------------------------
+// The choice of a token group's experts by the group's last block (counted
+// in counters[blockIdx.y], which it resets), from the logits of all the
+// group's blocks, 256/E' tokens at a time (E' = E rounded up to 32, 64 or
+// 128 threads a token), as moe_router_fast's last block.
+DEVICE void router_many_pick(float* logits, int ldl, int E, int t0, int nt, const float* __restrict__ bias, int topk,
+                             int norm, float scaling, i32* __restrict__ ids, float* __restrict__ wts,
+                             u32* __restrict__ counters) {
+  __shared__ float score[256], choice[256], pick[8][32];
+  __shared__ bool last;
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    __threadfence();
+    last = atomicAdd(&counters[blockIdx.y], 1u) == gridDim.x - 1;
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int per = E <= 32 ? 32 : E <= 64 ? 64 : 128, tp = 256 / per;
+  const int sub = tid / per, lt = tid - sub * per;
+  float* sc = score + sub * per;
+  float* ch = choice + sub * per;
+  for (int r0 = 0; r0 < nt; r0 += tp) {
+    const int r = r0 + sub, t = t0 + r;
+    const bool on = r < nt;
+    if (on && lt < E) {
+      const float acc = __ldcg(logits + (size_t)t * ldl + lt);
+      const float sg = (float)(1.0 / (1.0 + exp(-(double)acc)));
+      sc[lt] = sg;
+      ch[lt] = sg + bias[lt];
+    }
+    __syncthreads();
+    if (on && lt < E) {
+      const float cv = ch[lt];
+      int rank = 0;
+      for (int j = 0; j < E; j++) {
+        const float o = ch[j];
+        rank += o > cv || (o == cv && j < lt);
+      }
+      if (rank < topk) {
+        ids[(size_t)t * topk + rank] = lt;
+        pick[sub][rank] = sc[lt];
+      }
+    }
+    __syncthreads();
+    if (on && lt < topk) {
+      float sum = 0.f;
+      for (int k = 0; k < topk; k++) sum += pick[sub][k];
+      float w = pick[sub][lt];
+      if (norm) w /= sum + 1e-20f;
+      wts[(size_t)t * topk + lt] = w * scaling;
+    }
+    __syncthreads();
+  }
+  if (tid == 0) counters[blockIdx.y] = 0;
+}
+
 // The router of many tokens (prefill): logits[t][e] = W[e] . x[t] and each
 // token's choice, as moe_router_fast computes them (the same products in
 // the same order, so the same bits: lane l sums W[e][l+32u] * x[t][l+32u]
@@ -674,8 +730,6 @@ extern "C" __global__ void __launch_bounds__(256)
                 i32* __restrict__ ids, float* __restrict__ wts, u32* __restrict__ counters) {
   PDL_LAUNCH();
   extern __shared__ __align__(16) float rx[];  // [2][ROUTER_MANY_C][K]
-  __shared__ float score[256], choice[256], pick[8][32];
-  __shared__ bool last;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int e = blockIdx.x * 8 + warp, t0 = blockIdx.y * ROUTER_MANY_T;
   const int nt = min(ROUTER_MANY_T, T - t0);
@@ -728,48 +782,87 @@ extern "C" __global__ void __launch_bounds__(256)
     }
     __syncthreads();  // every warp is done with this buffer before it is refilled
   }
-  if (tid == 0) {
-    __threadfence();
-    last = atomicAdd(&counters[blockIdx.y], 1u) == gridDim.x - 1;
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  const int per = E <= 32 ? 32 : E <= 64 ? 64 : 128, tp = 256 / per;
-  const int sub = tid / per, lt = tid - sub * per;
-  float* sc = score + sub * per;
-  float* ch = choice + sub * per;
-  for (int r0 = 0; r0 < nt; r0 += tp) {
-    const int r = r0 + sub, t = t0 + r;
-    const bool on = r < nt;
-    if (on && lt < E) {
-      const float acc = __ldcg(logits + (size_t)t * ldl + lt);
-      const float sg = (float)(1.0 / (1.0 + exp(-(double)acc)));
-      sc[lt] = sg;
-      ch[lt] = sg + bias[lt];
+  router_many_pick(logits, ldl, E, t0, nt, bias, topk, norm, scaling, ids, wts, counters);
+}
+
+// The same logits (and choice) with the work of a warp blocked as 8 tokens
+// x 8 experts instead of 32 tokens x 1 expert, so that a column's shared
+// loads feed 64 FMAs instead of 1 (lane l still sums W[e][l+32u] *
+// x[t][l+32u] over u in order from 0, then the warp sum: the same bits).
+// Grid (ceil(E/16), ceil(T/ROUTER_MANY_T)), 256 threads: warp w takes
+// tokens 8(w%4).. and experts 8(w/4).. of the block's 32 tokens and 16
+// experts. K goes through shared memory ROUTER_TILE_KC columns at a time
+// (the tokens' and the experts' rows, cp.async, the next chunk in flight);
+// dynamic shared memory 2 * 48 * ROUTER_TILE_KC floats.
+#define ROUTER_TILE_E 16
+#define ROUTER_TILE_KC 256
+
+extern "C" __global__ void __launch_bounds__(256)
+    router_tiles(const float* __restrict__ W, int E, int K, const float* __restrict__ x, int ldx, int T,
+                 float* logits, int ldl, const float* __restrict__ bias, int topk, int norm, float scaling,
+                 i32* __restrict__ ids, float* __restrict__ wts, u32* __restrict__ counters) {
+  PDL_LAUNCH();
+  constexpr int TT = ROUTER_MANY_T, KC = ROUTER_TILE_KC, ROWS = ROUTER_MANY_T + ROUTER_TILE_E;
+  extern __shared__ __align__(16) float rt[];  // [2][ROWS][KC]: the tokens' columns, then the experts'
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int e0 = blockIdx.x * ROUTER_TILE_E, t0 = blockIdx.y * TT;
+  const int nt = min(TT, T - t0);
+  const int wt = (warp & 3) * 8, we = (warp >> 2) * 8;
+  const int nchunks = (K + KC - 1) / KC;
+  PDL_WAIT();
+  auto load = [&](int c) {
+    float* dst = rt + (c & 1) * ROWS * KC;
+    const int k0 = c * KC, kc = min(KC, K - k0);
+    for (int idx = tid * 4; idx < ROWS * KC; idx += 256 * 4) {
+      const int r = idx / KC, k = idx - r * KC;
+      if (k >= kc) continue;
+      const float* src = r < TT ? x + (size_t)(t0 + min(r, nt - 1)) * ldx : W + (size_t)min(e0 + r - TT, E - 1) * K;
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst + idx)), "l"(src + k0 + k)
+                   : "memory");
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+  };
+  float acc[8][8];
+#pragma unroll
+  for (int r = 0; r < 8; r++)
+#pragma unroll
+    for (int j = 0; j < 8; j++) acc[r][j] = 0.f;
+  load(0);
+  for (int c = 0; c < nchunks; c++) {
+    if (c + 1 < nchunks) {
+      load(c + 1);
+      asm volatile("cp.async.wait_group 1;" ::: "memory");
+    } else {
+      asm volatile("cp.async.wait_group 0;" ::: "memory");
     }
     __syncthreads();
-    if (on && lt < E) {
-      const float cv = ch[lt];
-      int rank = 0;
-      for (int j = 0; j < E; j++) {
-        const float o = ch[j];
-        rank += o > cv || (o == cv && j < lt);
+    const float* cx = rt + (c & 1) * ROWS * KC;
+    const float* cw = cx + TT * KC;
+    const int nu = min(KC, K - c * KC) / 32;
+#pragma unroll
+    for (int u = 0; u < KC / 32; u++) {
+      if (u < nu) {
+        float xv[8], wv[8];
+#pragma unroll
+        for (int r = 0; r < 8; r++) xv[r] = cx[(wt + r) * KC + lane + 32 * u];
+#pragma unroll
+        for (int j = 0; j < 8; j++) wv[j] = cw[(we + j) * KC + lane + 32 * u];
+#pragma unroll
+        for (int r = 0; r < 8; r++)
+#pragma unroll
+          for (int j = 0; j < 8; j++) acc[r][j] += wv[j] * xv[r];
       }
-      if (rank < topk) {
-        ids[(size_t)t * topk + rank] = lt;
-        pick[sub][rank] = sc[lt];
-      }
     }
-    __syncthreads();
-    if (on && lt < topk) {
-      float sum = 0.f;
-      for (int k = 0; k < topk; k++) sum += pick[sub][k];
-      float w = pick[sub][lt];
-      if (norm) w /= sum + 1e-20f;
-      wts[(size_t)t * topk + lt] = w * scaling;
-    }
-    __syncthreads();
+    __syncthreads();  // every warp is done with this buffer before it is refilled
   }
-  if (tid == 0) counters[blockIdx.y] = 0;
+#pragma unroll
+  for (int r = 0; r < 8; r++)
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      const float v = warp_sum(acc[r][j]);
+      const int t = wt + r, e = e0 + we + j;
+      if (lane == ((8 * r + j) & 31) && t < nt && e < E) logits[(size_t)(t0 + t) * ldl + e] = v;
+    }
+  __syncthreads();  // the block's logits are written before its count
+  router_many_pick(logits, ldl, E, t0, nt, bias, topk, norm, scaling, ids, wts, counters);
 }
