@@ -60,7 +60,10 @@ func (t GEMMTile) suffix(G int) string {
 		s = "t64"
 	}
 	if G == 128 {
-		s += "_g128" + gemmVariant
+		s += "_g128"
+		if t == GEMMTile64 {
+			s += gemmVariant
+		}
 	}
 	return s
 }
@@ -229,6 +232,12 @@ type MoEBatch struct {
 	Tile               GEMMTile
 }
 
+// moeSplitShort sends the short last tiles of the 64-token tiling (at most
+// moeShortTokens tokens) to the 16-token kernels (measurement).
+var moeSplitShort = false
+
+const moeShortTokens = 16
+
 // moeTileOverride, when set, is MoEBatched's tile for every batch (tests
 // cover each tile through it).
 var moeTileOverride = GEMMTileAuto
@@ -289,17 +298,46 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 		s.Pos, s.List, s.TileE, s.TileS, s.TileN, s.NTiles); err != nil {
 		return err
 	}
+	// With the 64-token tile, a segment's short last tile (moeShortTokens
+	// tokens or fewer) can go to the 16-token kernels in launches of their
+	// own, each launch taking the tiles whose size lies in [nmin, nmax].
+	split := tile == GEMMTile64 && moeSplitShort
+	var gu16, down16 *Kernel
+	g16, d16 := GEMMTile16.shared(t.K/t.G), GEMMTile16.shared(t.I/t.G)
+	nmin := 1
+	if split {
+		if gu16, err = c.kernelShared("gemm", "moe_gemm_gate_up_"+GEMMTile16.suffix(t.G), g16); err != nil {
+			return err
+		}
+		if down16, err = c.kernelShared("gemm", "moe_gemm_down_"+GEMMTile16.suffix(t.G), d16); err != nil {
+			return err
+		}
+		nmin = moeShortTokens + 1
+	}
+	const all = 1 << 30
 	if err := c.Launch(gu, Dim{uint32((t.I + 63) / 64), uint32(s.MaxTiles), 1}, D1(tile.threads()), guShared,
-		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, t.G, x.Q, x.Scales, s.H); err != nil {
+		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, t.G, x.Q, x.Scales, s.H, nmin, all); err != nil {
 		return err
+	}
+	if split {
+		if err := c.Launch(gu16, Dim{uint32((t.I + 63) / 64), uint32(s.MaxTiles), 1}, D1(GEMMTile16.threads()), g16,
+			t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, t.G, x.Q, x.Scales, s.H, 1, moeShortTokens); err != nil {
+			return err
+		}
 	}
 	P := x.T * slots
 	if err := c.RMSNormQuant(s.H, t.I, 0, 0, 0, 0, P, t.I, t.G, s.HQ); err != nil {
 		return err
 	}
 	if err := c.Launch(down, Dim{uint32((t.K + gemmRows - 1) / gemmRows), uint32(s.MaxTiles), 1}, D1(tile.threads()), downShared,
-		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, t.G, s.HQ.Q, s.HQ.Scales, s.Part); err != nil {
+		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, t.G, s.HQ.Q, s.HQ.Scales, s.Part, nmin, all); err != nil {
 		return err
+	}
+	if split {
+		if err := c.Launch(down16, Dim{uint32((t.K + gemmRows - 1) / gemmRows), uint32(s.MaxTiles), 1}, D1(GEMMTile16.threads()), d16,
+			t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, t.G, s.HQ.Q, s.HQ.Scales, s.Part, 1, moeShortTokens); err != nil {
+			return err
+		}
 	}
 	acc := 0
 	if accumulate {

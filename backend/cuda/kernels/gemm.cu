@@ -497,12 +497,7 @@ GEMM_DENSE_KERNEL(gemm_t16, 2, 2, 1, 0, 1, 0)
 GEMM_DENSE_KERNEL(gemm_t16_g128, 2, 2, 1, 4, 1, 0)
 GEMM_DENSE_KERNEL(gemm_t64, 1, 8, 1, 0, 2, 0)
 GEMM_DENSE_KERNEL(gemm_t64_g128, 1, 8, 1, 4, 2, 0)
-GEMM_DENSE_KERNEL(gemm_t64_g128_v1, 1, 8, 1, 4, 2, 1)
-GEMM_DENSE_KERNEL(gemm_t64_g128_v2, 1, 8, 1, 4, 2, 2)
-GEMM_DENSE_KERNEL(gemm_t64_g128_v4, 1, 8, 1, 4, 2, 4)
-GEMM_DENSE_KERNEL(gemm_t64_g128_v6, 1, 8, 1, 4, 2, 6)
-GEMM_DENSE_KERNEL(gemm_t64_g128_v12, 1, 8, 1, 4, 2, 12)
-GEMM_DENSE_KERNEL(gemm_t64_g128_v14, 1, 8, 1, 4, 2, 14)
+GEMM_DENSE_KERNEL(gemm_t64_g128_v8, 1, 8, 1, 4, 2, 8)
 
 
 // ---------------------------------------------------------------------------
@@ -521,7 +516,7 @@ GEMM_DENSE_KERNEL(gemm_t64_g128_v14, 1, 8, 1, 4, 2, 14)
 template <int MT, int WT, int WN, int SPG, int SK, int V>
 DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
                              const i32* ntiles, const i32* list, int I, int K, int G, const i8* xq,
-                             const float* xs, float* h) {
+                             const float* xs, float* h, int nmin, int nmax) {
   constexpr int BT = 8 * WT * WN;
   extern __shared__ __align__(16) u8 gemm_smem_buf[];
   __shared__ int tokrow[BT];
@@ -529,6 +524,7 @@ DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i3
   const int tile = blockIdx.y;
   if (tile >= ntiles[0]) return;
   const int s0 = tile_s[tile], ntok = tile_n[tile];
+  if (ntok < nmin || ntok > nmax) return;  // another launch's tile
   const GExpert& ex = experts[tile_e[tile]];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = list[s0 + min(r, ntok - 1)];
   __syncthreads();
@@ -540,7 +536,8 @@ DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i3
 // Grid (ceil(N/128), max tiles).
 template <int MT, int WT, int WN, int SPG, int SK, int V>
 DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
-                          const i32* ntiles, int N, int I, int G, const i8* hq, const float* hs, float* part) {
+                          const i32* ntiles, int N, int I, int G, const i8* hq, const float* hs, float* part,
+                          int nmin, int nmax) {
   constexpr int BT = 8 * WT * WN;
   extern __shared__ __align__(16) u8 gemm_smem_buf[];
   __shared__ int tokrow[BT];
@@ -548,6 +545,7 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
   const int tile = blockIdx.y;
   if (tile >= ntiles[0]) return;
   const int s0 = tile_s[tile], ntok = tile_n[tile];
+  if (ntok < nmin || ntok > nmax) return;  // another launch's tile
   const GExpert& ex = experts[tile_e[tile]];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = s0 + min(r, ntok - 1);
   __syncthreads();
@@ -560,29 +558,24 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,                             \
       const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K, int G,          \
-      const i8* __restrict__ xq, const float* __restrict__ xs, float* __restrict__ h) {           \
+      const i8* __restrict__ xq, const float* __restrict__ xs, float* __restrict__ h, int nmin, int nmax) { \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_gate_up<MT, WT, WN, SPG, SK, V>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h);  \
+    moe_gemm_gate_up<MT, WT, WN, SPG, SK, V>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h, nmin, nmax); \
   }                                                                                               \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) moe_gemm_down_##SUFFIX(                  \
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,                             \
       const i32* __restrict__ ntiles, int N, int I, int G, const i8* __restrict__ hq,             \
-      const float* __restrict__ hs, float* __restrict__ part) {                                   \
+      const float* __restrict__ hs, float* __restrict__ part, int nmin, int nmax) {               \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_down<MT, WT, WN, SPG, SK, V>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part);        \
+    moe_gemm_down<MT, WT, WN, SPG, SK, V>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part, nmin, nmax); \
   }
 
 MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1, 0, 0)
 MOE_GEMM_KERNELS(t16_g128, 2, 2, 1, 4, 1, 0, 0)
 MOE_GEMM_KERNELS(t64, 1, 8, 1, 0, 2, 1, 0)
 MOE_GEMM_KERNELS(t64_g128, 1, 8, 1, 4, 2, 1, 0)
-MOE_GEMM_KERNELS(t64_g128_v1, 1, 8, 1, 4, 2, 1, 1)
-MOE_GEMM_KERNELS(t64_g128_v2, 1, 8, 1, 4, 2, 1, 2)
-MOE_GEMM_KERNELS(t64_g128_v4, 1, 8, 1, 4, 2, 1, 4)
-MOE_GEMM_KERNELS(t64_g128_v6, 1, 8, 1, 4, 2, 1, 6)
-MOE_GEMM_KERNELS(t64_g128_v12, 1, 8, 1, 4, 2, 1, 12)
-MOE_GEMM_KERNELS(t64_g128_v14, 1, 8, 1, 4, 2, 1, 14)
+MOE_GEMM_KERNELS(t64_g128_v8, 1, 8, 1, 4, 2, 1, 8)
 
 // ---------------------------------------------------------------------------
 // The absorbed query of many tokens, qlat[t, h*rank + k] =
