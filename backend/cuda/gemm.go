@@ -19,6 +19,9 @@ const (
 	// GEMMTile64: blocks of 128 rows x 64 tokens, 8 warps of 16 rows x 64
 	// tokens (each widened code feeds 8 mma).
 	GEMMTile64
+	// GEMMTile96: blocks of 128 rows x 96 tokens (the batched MoE, groups
+	// of 128 only).
+	GEMMTile96
 )
 
 // gemmRows and gemmBK are GEMM_ROWS and GEMM_BK in gemm.cu: the weight rows
@@ -47,6 +50,8 @@ func (t GEMMTile) tokens() int {
 	switch t {
 	case GEMMTile64:
 		return 64
+	case GEMMTile96:
+		return 96
 	}
 	return 16
 }
@@ -58,6 +63,8 @@ func (t GEMMTile) suffix(G int) string {
 	switch t {
 	case GEMMTile64:
 		s = "t64"
+	case GEMMTile96:
+		s = "t96"
 	}
 	if G == 128 {
 		s += "_g128"
@@ -74,7 +81,7 @@ var gemmVariant = ""
 
 func (t GEMMTile) threads() int {
 	switch t {
-	case GEMMTile64:
+	case GEMMTile64, GEMMTile96:
 		return 256
 	}
 	return 128
@@ -82,9 +89,9 @@ func (t GEMMTile) threads() int {
 
 // shared is the tile's dynamic shared memory for gk scale groups a row:
 // the cp.async stages (codes, activations, activation scales), the E4M3
-// table (256 floats), then the block's weight scales.
+// table (256 floats), then the block's weight scales and row scales.
 func (t GEMMTile) shared(gk int) int {
-	return gemmStages*(gemmRows*gemmAStride+t.tokens()*(gemmBK+16)) + 1024 + gemmRows*gk
+	return gemmStages*(gemmRows*gemmAStride+t.tokens()*(gemmBK+16)) + 1024 + gemmRows*gk + 4*gemmRows
 }
 
 func pickTile(t GEMMTile, tokens int) GEMMTile {

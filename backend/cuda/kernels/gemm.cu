@@ -286,6 +286,12 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     const u8* base = (MODE == GEMM_GATE_UP && r >= 64) ? b.scales : a.scales;
     sws[idx] = __ldg(base + (size_t)min(row0 + (r & (half - 1)), N - 1) * GK + gi);
   }
+  // The gate/up product's row scales (gate rows 0..63, up rows 64..127),
+  // after the weight scales, so that no pointer to them stays live through
+  // the loop.
+  float* srs = (float*)(sws + GEMM_ROWS * GK);
+  if (MODE == GEMM_GATE_UP && MT == 1)
+    for (int r = tid; r < GEMM_ROWS; r += NT) srs[r] = (r < 64 ? a : b).row_scale[min(row0 + (r & 63), N - 1)];
 
   // Shared row r's codes (clamped to a valid row; its results are dropped).
   auto arow = [&](int r) -> const u8* {
@@ -396,7 +402,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
 #pragma unroll
         for (int e = 0; e < 4; e++)
           su[((wn * WT + nt) * 4 + e) * 128 + hw * 32 + lane] =
-              acc[0][nt][e] * (b.row_scale[min(n0 + 8 * (e >> 1), N - 1)] * 0.5f);
+              acc[0][nt][e] * (srs[64 + 16 * hw + g + 8 * (e >> 1)] * 0.5f);
     }
     __syncthreads();
     if (wm < 4) {
@@ -406,7 +412,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
         for (int e = 0; e < 4; e++) {
           const int tok = wn * 8 * WT + 8 * nt + 2 * i + (e & 1), n = n0 + 8 * (e >> 1);
           if (tok >= ntok || n >= N) continue;
-          const float gv = acc[0][nt][e] * (a.row_scale[n] * 0.5f);
+          const float gv = acc[0][nt][e] * (srs[16 * hw + g + 8 * (e >> 1)] * 0.5f);
           out[(size_t)tok * ldo + n] = gemm_silu(gv) * su[((wn * WT + nt) * 4 + e) * 128 + hw * 32 + lane];
         }
     }
@@ -438,7 +444,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
 }
 
 // Dense product of T tokens: grid (ceil(N/128), ceil(T/BT)), 128*WN threads,
-// GEMM_STAGES * (GEMM_ROWS * GEMM_ASTRIDE + BT * (GEMM_BK + 16)) + 1024 + 128 * K/G
+// GEMM_STAGES * (GEMM_ROWS * GEMM_ASTRIDE + BT * (GEMM_BK + 16)) + 1024 + 128 * K/G + 512
 // bytes of dynamic shared memory.
 //
 // Grid z > 1: per-head products, head z taking weight rows [z*N, (z+1)*N),
@@ -576,6 +582,7 @@ MOE_GEMM_KERNELS(t16_g128, 2, 2, 1, 4, 1, 0, 0)
 MOE_GEMM_KERNELS(t64, 1, 8, 1, 0, 2, 1, 0)
 MOE_GEMM_KERNELS(t64_g128, 1, 8, 1, 4, 2, 1, 0)
 MOE_GEMM_KERNELS(t64_g128_v8, 1, 8, 1, 4, 2, 1, 8)
+MOE_GEMM_KERNELS(t96_g128, 1, 12, 1, 4, 2, 1, 12)
 
 // ---------------------------------------------------------------------------
 // The absorbed query of many tokens, qlat[t, h*rank + k] =
