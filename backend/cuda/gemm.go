@@ -19,9 +19,6 @@ const (
 	// GEMMTile64: blocks of 128 rows x 64 tokens, 8 warps of 16 rows x 64
 	// tokens (each widened code feeds 8 mma).
 	GEMMTile64
-	// GEMMTile96: blocks of 128 rows x 96 tokens (the batched MoE, groups
-	// of 128 only).
-	GEMMTile96
 )
 
 // gemmRows and gemmBK are GEMM_ROWS and GEMM_BK in gemm.cu: the weight rows
@@ -50,8 +47,6 @@ func (t GEMMTile) tokens() int {
 	switch t {
 	case GEMMTile64:
 		return 64
-	case GEMMTile96:
-		return 96
 	}
 	return 16
 }
@@ -63,25 +58,16 @@ func (t GEMMTile) suffix(G int) string {
 	switch t {
 	case GEMMTile64:
 		s = "t64"
-	case GEMMTile96:
-		s = "t96"
 	}
 	if G == 128 {
 		s += "_g128"
-		if t == GEMMTile64 {
-			s += gemmVariant
-		}
 	}
 	return s
 }
 
-// gemmVariant selects a variant of the G = 128 kernels ("" or "_vN",
-// see GEMM_V_* in gemm.cu), for comparisons in one binary.
-var gemmVariant = ""
-
 func (t GEMMTile) threads() int {
 	switch t {
-	case GEMMTile64, GEMMTile96:
+	case GEMMTile64:
 		return 256
 	}
 	return 128
@@ -89,9 +75,9 @@ func (t GEMMTile) threads() int {
 
 // shared is the tile's dynamic shared memory for gk scale groups a row:
 // the cp.async stages (codes, activations, activation scales), the E4M3
-// table (256 floats), then the block's weight scales and row scales.
+// table (256 floats), then the block's weight scales.
 func (t GEMMTile) shared(gk int) int {
-	return gemmStages*(gemmRows*gemmAStride+t.tokens()*(gemmBK+16)) + 1024 + gemmRows*gk + 4*gemmRows
+	return gemmStages*(gemmRows*gemmAStride+t.tokens()*(gemmBK+16)) + 1024 + gemmRows*gk
 }
 
 func pickTile(t GEMMTile, tokens int) GEMMTile {
@@ -237,13 +223,27 @@ type MoEBatch struct {
 	H, Part            uint64 // float32 [T*Slots][I], [T*Slots][K]
 	HQ                 *QActs // T*Slots rows of I
 	Tile               GEMMTile
+	// Split (with the 64-token tile): the segments' last tiles of at most
+	// moeShortTokens tokens go through the 16-token kernels, in two more
+	// launches.
+	Split bool
 }
 
-// moeSplitShort sends the short last tiles of the 64-token tiling (at most
-// moeShortTokens tokens) to the 16-token kernels (measurement).
-var moeSplitShort = false
+// moeShortTokens: MoEBatch.Split's short tiles. moeSplitTokens: the
+// average segment from which MoEBatched splits them off. A few tokens over
+// a 64-token tile still make a pass over the expert's weights in a 64-token
+// block; in 16-token blocks that pass costs less, but the two launches
+// more. Measured on an H200 (BenchmarkMoEBatched, 64 experts, uniform
+// random routing): 1024 tokens (segments of 64 on average) 510 against 523
+// us, 512 tokens (32) 341 against 334.
+const (
+	moeShortTokens = 16
+	moeSplitTokens = 64
+)
 
-const moeShortTokens = 16
+// moeSplitOverride, when not 0, sets MoEBatch.Split for every batch (1: on,
+// -1: off; tests).
+var moeSplitOverride = 0
 
 // moeTileOverride, when set, is MoEBatched's tile for every batch (tests
 // cover each tile through it).
@@ -308,7 +308,7 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 	// With the 64-token tile, a segment's short last tile (moeShortTokens
 	// tokens or fewer) can go to the 16-token kernels in launches of their
 	// own, each launch taking the tiles whose size lies in [nmin, nmax].
-	split := tile == GEMMTile64 && moeSplitShort
+	split := tile == GEMMTile64 && s.Split
 	var gu16, down16 *Kernel
 	g16, d16 := GEMMTile16.shared(t.K/t.G), GEMMTile16.shared(t.I/t.G)
 	nmin := 1
@@ -379,7 +379,11 @@ func (b *Backend) moeBatched(d, xm *tensor, rt *routing, l *moeLayer) {
 	P := T * slots
 	a := b.quantize(xm, t.G)
 	tile := moeBatchTile(T, slots, t.Routed+t.Shared)
-	s := &MoEBatch{T: T, Slots: slots, Tile: tile, MaxTiles: moeMaxTiles(P, t.Routed+t.Shared, tile.tokens())}
+	split := P >= moeSplitTokens*(t.Routed+t.Shared)
+	if moeSplitOverride != 0 {
+		split = moeSplitOverride > 0
+	}
+	s := &MoEBatch{T: T, Slots: slots, Tile: tile, Split: split, MaxTiles: moeMaxTiles(P, t.Routed+t.Shared, tile.tokens())}
 	s.Pos, s.List = b.alloc(4*P), b.alloc(4*P)
 	s.TileE, s.TileS, s.TileN, s.NTiles = b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4)
 	s.H, s.Part = b.alloc(4*P*t.I), b.alloc(4*P*t.K)
@@ -426,18 +430,17 @@ func (b *Backend) absorbMany(ql, qm *tensor, w *weight, s backend.MLAShape) bool
 // smallest batch whose router runs router_many instead of moe_router_fast
 // (one block per token and four experts, each re-reading its experts'
 // rows). Measured on an H200 (BenchmarkRouterMany, 64 experts of 2048):
-// 52 against 78 us at 1024 rows, 42 against 23 at 256.
+// 40.8 against 140.2 us at 1024 rows, 40.1 against 37.5 at 256.
 const routerManyTokens = 32
 
 var routerManyMinRows = 512
 
-// routerTiled runs RouterMany through router_tiles (ROUTER_TILE_E experts
-// and ROUTER_TILE_KC columns a block) instead of router_many (measurement).
-var routerTiled = true
-
+// routerManyExperts and routerManyCols are ROUTER_MANY_E and
+// ROUTER_MANY_KC in gemm.cu: the experts of a block and the columns of a
+// shared-memory chunk.
 const (
-	routerTileExperts = 16
-	routerTileCols    = 256
+	routerManyExperts = 16
+	routerManyCols    = 256
 )
 
 // RouterManyFits reports whether RouterMany takes these experts and input.
@@ -448,7 +451,8 @@ func RouterManyFits(E, K int, x uint64, ldx, topk int) bool {
 // RouterMany computes what RouterRoute computes without the int8 form of
 // the input (the same logits, experts and weights, bit for bit) for the T
 // rows of x, with each expert's weights read once per routerManyTokens
-// rows. counters holds ceil(T/routerManyTokens) zeroed words (left zeroed).
+// rows and each row once per routerManyExperts experts. counters holds
+// ceil(T/routerManyTokens) zeroed words (left zeroed).
 func (c *Ctx) RouterMany(W uint64, E, K int, x uint64, ldx, T int, logits uint64, ldl int, bias uint64, topk int, norm bool, scaling float32, ids, wts, counters uint64) error {
 	if !RouterManyFits(E, K, x, ldx, topk) || T < 1 {
 		return fmt.Errorf("cuda: router many: %d experts of %d columns, top %d, %d rows (stride %d)", E, K, topk, T, ldx)
@@ -457,21 +461,11 @@ func (c *Ctx) RouterMany(W uint64, E, K int, x uint64, ldx, T int, logits uint64
 	if norm {
 		n = 1
 	}
-	groups := uint32((T + routerManyTokens - 1) / routerManyTokens)
-	if routerTiled {
-		shared := 2 * (routerManyTokens + routerTileExperts) * routerTileCols * 4
-		k, err := c.kernelShared("gemm", "router_tiles", shared)
-		if err != nil {
-			return err
-		}
-		return c.Launch(k, Dim{uint32((E + routerTileExperts - 1) / routerTileExperts), groups, 1}, D1(256), shared,
-			W, E, K, x, ldx, T, logits, ldl, bias, topk, n, scaling, ids, wts, counters)
-	}
-	shared := 2 * 4 * K * 4 // two chunks of ROUTER_MANY_C rows
+	shared := 2 * (routerManyTokens + routerManyExperts) * routerManyCols * 4
 	k, err := c.kernelShared("gemm", "router_many", shared)
 	if err != nil {
 		return err
 	}
-	return c.Launch(k, Dim{uint32((E + 7) / 8), groups, 1}, D1(256), shared,
+	return c.Launch(k, Dim{uint32((E + routerManyExperts - 1) / routerManyExperts), uint32((T + routerManyTokens - 1) / routerManyTokens), 1}, D1(256), shared,
 		W, E, K, x, ldx, T, logits, ldl, bias, topk, n, scaling, ids, wts, counters)
 }

@@ -94,97 +94,17 @@ DEVICE int gemm_bofs(int r, int c) { return r * GEMM_BK + ((c ^ ((r & 3) << 1)) 
 
 DEVICE float gemm_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
 
-// Variants (V, bits): GEMM_V_MAGIC starts each group's int32 sums at the
-// bits of the float 1.5 * 2^23 instead of 0, so that the sum s (|s| <
-// 2^22: at most 128 products of 12 * 128) comes out as the float 1.5 * 2^23
-// + s exactly and one float subtraction gives (float)s, without the
-// conversion instruction (a quarter-rate pipe). GEMM_V_PAIR waits at one
-// barrier for two stages. GEMM_V_HALF (groups of 128): see gemm_stage.
-// GEMM_V_SKIP: the short last tile of a segment scales only its n-tiles
-// with a valid token (the others' outputs are never written).
-#define GEMM_V_MAGIC 1
-#define GEMM_V_PAIR 2
-#define GEMM_V_HALF 4
-#define GEMM_V_SKIP 8
-#define GEMM_MAGIC_I 0x4B400000
-#define GEMM_MAGIC_F 12582912.f
-
-template <int V>
-DEVICE float gemm_sum(i32 d) {
-  if (V & GEMM_V_MAGIC) return __int_as_float(d) - GEMM_MAGIC_F;
-  return (float)d;
-}
-
 // One stage of a warp's products (see gemm_tile): grp0 is the stage's first
 // scale group. PART checks each n-tile against ntv, the warp's n-tiles that
-// hold a valid token (the short last tile of a segment); full tiles take the
-// copy without the checks, so their products need no predicates and their
-// first mma of a group adds to zero.
-template <int MT, int WT, int WN, int SPG, bool PART, int V>
+// hold a valid token (the short last tile of a segment), and neither
+// multiplies nor scales the others (their outputs are never written); full
+// tiles take the copy without the checks, so their products need no
+// predicates and their first mma of a group adds to zero.
+template <int MT, int WT, int WN, int SPG, bool PART>
 DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, const float* sxs, const float* slut,
                        const u8* sws, const int (&ra)[MT], int GK, int grp0, int spg, int wn, int g, int i,
                        int ntv) {
   constexpr int BT = 8 * WT * WN;
-  if constexpr ((V & GEMM_V_HALF) != 0 && SPG == 4 && WT % 2 == 0) {
-    // One group a stage: the stage's codes widened first, then the n-tiles
-    // in two halves, each half's sums scaled as soon as they are complete,
-    // so that the scaling of the first half can overlap the mma of the
-    // second.
-    constexpr int WH = WT / 2;
-    const int grp = grp0;
-    float ws[MT][2];
-#pragma unroll
-    for (int m = 0; m < MT; m++)
-#pragma unroll
-      for (int h = 0; h < 2; h++) ws[m][h] = slut[sws[(ra[m] + 8 * h) * GK + grp]];
-    u32 af[4][MT][4];
-#pragma unroll
-    for (int j = 0; j < 4; j++)
-#pragma unroll
-      for (int m = 0; m < MT; m++) {
-        const u32 wa = *(const u32*)(sa + ra[m] * GEMM_ASTRIDE + 16 * j + 4 * i);
-        const u32 wb = *(const u32*)(sa + (ra[m] + 8) * GEMM_ASTRIDE + 16 * j + 4 * i);
-        af[j][m][0] = e2m1x4_signed(wa);
-        af[j][m][1] = e2m1x4_signed(wb);
-        af[j][m][2] = e2m1x4_signed(wa >> 16);
-        af[j][m][3] = e2m1x4_signed(wb >> 16);
-      }
-#pragma unroll
-    for (int hh = 0; hh < 2; hh++) {
-      i32 d[MT][WH][4];
-#pragma unroll
-      for (int m = 0; m < MT; m++)
-#pragma unroll
-        for (int nt = 0; nt < WH; nt++)
-#pragma unroll
-          for (int e = 0; e < 4; e++) d[m][nt][e] = (V & GEMM_V_MAGIC) ? GEMM_MAGIC_I : 0;
-#pragma unroll
-      for (int j = 0; j < 4; j++)
-#pragma unroll
-        for (int n = 0; n < WH; n++) {
-          const int nt = hh * WH + n;
-          if (PART && nt >= ntv) continue;
-          const int r = wn * 8 * WT + 8 * nt + g;
-          const uint2 bv = *(const uint2*)(sb + gemm_bofs(r, 2 * j + (i >> 1)) + 8 * (i & 1));
-#pragma unroll
-          for (int m = 0; m < MT; m++) mma_s8(d[m][n], af[j][m], bv.x, bv.y);
-        }
-#pragma unroll
-      for (int n = 0; n < WH; n++) {
-        const int nt = hh * WH + n;
-        if ((V & GEMM_V_SKIP) && PART && nt >= ntv) continue;
-        const float2 v = *(const float2*)(sxs + wn * 8 * WT + 8 * nt + 2 * i);
-#pragma unroll
-        for (int m = 0; m < MT; m++) {
-          acc[m][nt][0] += gemm_sum<V>(d[m][n][0]) * (ws[m][0] * v.x);
-          acc[m][nt][1] += gemm_sum<V>(d[m][n][1]) * (ws[m][0] * v.y);
-          acc[m][nt][2] += gemm_sum<V>(d[m][n][2]) * (ws[m][1] * v.x);
-          acc[m][nt][3] += gemm_sum<V>(d[m][n][3]) * (ws[m][1] * v.y);
-        }
-      }
-    }
-    return;
-  }
 #pragma unroll
   for (int j0 = 0; j0 < 4; j0 += spg) {
     const int gl = j0 / spg, grp = grp0 + gl;
@@ -205,7 +125,7 @@ DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, cons
 #pragma unroll
       for (int nt = 0; nt < WT; nt++)
 #pragma unroll
-        for (int e = 0; e < 4; e++) d[m][nt][e] = (V & GEMM_V_MAGIC) ? GEMM_MAGIC_I : 0;
+        for (int e = 0; e < 4; e++) d[m][nt][e] = 0;
 #pragma unroll
     for (int j = j0; j < j0 + spg; j++) {
       u32 af[MT][4];
@@ -231,12 +151,11 @@ DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, cons
     for (int m = 0; m < MT; m++)
 #pragma unroll
       for (int nt = 0; nt < WT; nt++) {
-        // (n-tiles past ntv scale a zero sum: no branch around them.)
-        if ((V & GEMM_V_SKIP) && PART && nt >= ntv) continue;
-        acc[m][nt][0] += gemm_sum<V>(d[m][nt][0]) * (ws[m][0] * xv[nt][0]);
-        acc[m][nt][1] += gemm_sum<V>(d[m][nt][1]) * (ws[m][0] * xv[nt][1]);
-        acc[m][nt][2] += gemm_sum<V>(d[m][nt][2]) * (ws[m][1] * xv[nt][0]);
-        acc[m][nt][3] += gemm_sum<V>(d[m][nt][3]) * (ws[m][1] * xv[nt][1]);
+        if (PART && nt >= ntv) continue;
+        acc[m][nt][0] += (float)d[m][nt][0] * (ws[m][0] * xv[nt][0]);
+        acc[m][nt][1] += (float)d[m][nt][1] * (ws[m][0] * xv[nt][1]);
+        acc[m][nt][2] += (float)d[m][nt][2] * (ws[m][1] * xv[nt][0]);
+        acc[m][nt][3] += (float)d[m][nt][3] * (ws[m][1] * xv[nt][1]);
       }
   }
 }
@@ -259,7 +178,7 @@ DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, cons
 // their products to the gate warps through shared memory at the end. With
 // MT = 1 and SK = 1 a warp also skips its n-tiles that hold no valid token
 // (the short last tile of an expert's segment).
-template <int MT, int WT, int WN, int MODE, int SPG, int SK, int V>
+template <int MT, int WT, int WN, int MODE, int SPG, int SK>
 DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8* __restrict__ xq, int ldx,
                       const float* __restrict__ xs, int ldxs, const int* tokrow, int ntok,
                       float* __restrict__ out, int ldo, u8* smem) {
@@ -286,12 +205,6 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     const u8* base = (MODE == GEMM_GATE_UP && r >= 64) ? b.scales : a.scales;
     sws[idx] = __ldg(base + (size_t)min(row0 + (r & (half - 1)), N - 1) * GK + gi);
   }
-  // The gate/up product's row scales (gate rows 0..63, up rows 64..127),
-  // after the weight scales, so that no pointer to them stays live through
-  // the loop.
-  float* srs = (float*)(sws + GEMM_ROWS * GK);
-  if (MODE == GEMM_GATE_UP && MT == 1)
-    for (int r = tid; r < GEMM_ROWS; r += NT) srs[r] = (r < 64 ? a : b).row_scale[min(row0 + (r & 63), N - 1)];
 
   // Shared row r's codes (clamped to a valid row; its results are dropped).
   auto arow = [&](int r) -> const u8* {
@@ -343,46 +256,25 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
 #pragma unroll
       for (int e = 0; e < 4; e++) acc[m][nt][e] = 0.f;
 
+#pragma unroll
+  for (int s = 0; s < GEMM_STAGES - 1; s++) {
+    if (s < nk) load_stage(s, s);
+    cp_async_commit();
+  }
   const int spg = SPG ? SPG : G / 32;  // 32-column chunks per group
-  auto compute = [&](int kt) {
+  for (int kt = 0; kt < nk; kt++) {
+    cp_async_wait<GEMM_STAGES - 2>();
+    __syncthreads();
+    if (kt + GEMM_STAGES - 1 < nk) load_stage(kt + GEMM_STAGES - 1, (kt + GEMM_STAGES - 1) % GEMM_STAGES);
+    cp_async_commit();
     const u8* sa = smem + (kt % GEMM_STAGES) * SBYTES;
     const u8* sb = sa + ABYTES;
     const float* sxs = (const float*)(sb + XBYTES);
-    if (SKIP && ntv == 0) return;
+    if (SKIP && ntv == 0) continue;
     if (SKIP && ntv < WT) {
-      gemm_stage<MT, WT, WN, SPG, true, V>(acc, sa, sb, sxs, slut, sws, ra, GK, kt * gpb, spg, wn, g, i, ntv);
+      gemm_stage<MT, WT, WN, SPG, true>(acc, sa, sb, sxs, slut, sws, ra, GK, kt * gpb, spg, wn, g, i, ntv);
     } else {
-      gemm_stage<MT, WT, WN, SPG, false, V>(acc, sa, sb, sxs, slut, sws, ra, GK, kt * gpb, spg, wn, g, i, ntv);
-    }
-  };
-  if (V & GEMM_V_PAIR) {
-    // Stages 2p and 2p+1 behind one barrier; the barrier frees the previous
-    // pair's buffers, which take the next pair.
-    static_assert(GEMM_STAGES == 4, "pairs of stages take four buffers");
-    load_stage(0, 0);
-    if (1 < nk) load_stage(1, 1);
-    cp_async_commit();
-    for (int kt = 0; kt < nk; kt += 2) {
-      cp_async_wait<0>();
-      __syncthreads();
-      if (kt + 2 < nk) load_stage(kt + 2, (kt + 2) % GEMM_STAGES);
-      if (kt + 3 < nk) load_stage(kt + 3, (kt + 3) % GEMM_STAGES);
-      cp_async_commit();
-      compute(kt);
-      if (kt + 1 < nk) compute(kt + 1);
-    }
-  } else {
-#pragma unroll
-    for (int s = 0; s < GEMM_STAGES - 1; s++) {
-      if (s < nk) load_stage(s, s);
-      cp_async_commit();
-    }
-    for (int kt = 0; kt < nk; kt++) {
-      cp_async_wait<GEMM_STAGES - 2>();
-      __syncthreads();
-      if (kt + GEMM_STAGES - 1 < nk) load_stage(kt + GEMM_STAGES - 1, (kt + GEMM_STAGES - 1) % GEMM_STAGES);
-      cp_async_commit();
-      compute(kt);
+      gemm_stage<MT, WT, WN, SPG, false>(acc, sa, sb, sxs, slut, sws, ra, GK, kt * gpb, spg, wn, g, i, ntv);
     }
   }
   cp_async_wait<0>();
@@ -402,7 +294,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
 #pragma unroll
         for (int e = 0; e < 4; e++)
           su[((wn * WT + nt) * 4 + e) * 128 + hw * 32 + lane] =
-              acc[0][nt][e] * (srs[64 + 16 * hw + g + 8 * (e >> 1)] * 0.5f);
+              acc[0][nt][e] * (b.row_scale[min(n0 + 8 * (e >> 1), N - 1)] * 0.5f);
     }
     __syncthreads();
     if (wm < 4) {
@@ -412,7 +304,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
         for (int e = 0; e < 4; e++) {
           const int tok = wn * 8 * WT + 8 * nt + 2 * i + (e & 1), n = n0 + 8 * (e >> 1);
           if (tok >= ntok || n >= N) continue;
-          const float gv = acc[0][nt][e] * (srs[16 * hw + g + 8 * (e >> 1)] * 0.5f);
+          const float gv = acc[0][nt][e] * (a.row_scale[n] * 0.5f);
           out[(size_t)tok * ldo + n] = gemm_silu(gv) * su[((wn * WT + nt) * 4 + e) * 128 + hw * 32 + lane];
         }
     }
@@ -444,13 +336,13 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
 }
 
 // Dense product of T tokens: grid (ceil(N/128), ceil(T/BT)), 128*WN threads,
-// GEMM_STAGES * (GEMM_ROWS * GEMM_ASTRIDE + BT * (GEMM_BK + 16)) + 1024 + 128 * K/G + 512
+// GEMM_STAGES * (GEMM_ROWS * GEMM_ASTRIDE + BT * (GEMM_BK + 16)) + 1024 + 128 * K/G
 // bytes of dynamic shared memory.
 //
 // Grid z > 1: per-head products, head z taking weight rows [z*N, (z+1)*N),
 // activation columns [z*K, (z+1)*K) (whole groups) and output columns
 // [z*N, (z+1)*N).
-template <int MT, int WT, int WN, int SPG, int V>
+template <int MT, int WT, int WN, int SPG>
 DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale, int N, int K, int G,
                        const i8* xq, int ldx, const float* xs, int ldxs, int T, float* y, int ldy, size_t z) {
   constexpr int BT = 8 * WT * WN;
@@ -462,17 +354,17 @@ DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale
   PDL_WAIT();
   __syncthreads();
   GQMat a = {codes + z * N * (K / 2), scales + z * N * GK, row_scale + z * N};
-  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, 1, V>(a, a, N, K, G, blockIdx.x * GEMM_ROWS, xq + z * K, ldx, xs + z * GK, ldxs,
+  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, 1>(a, a, N, K, G, blockIdx.x * GEMM_ROWS, xq + z * K, ldx, xs + z * GK, ldxs,
                                      tokrow, ntok, y + (size_t)t0 * ldy + z * N, ldy, gemm_smem_buf);
 }
 
-#define GEMM_DENSE_KERNEL(NAME, MT, WT, WN, SPG, MINB, V)                                               \
+#define GEMM_DENSE_KERNEL(NAME, MT, WT, WN, SPG, MINB)                                               \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) NAME(                                 \
       const u8* __restrict__ codes, const u8* __restrict__ scales,                                \
       const float* __restrict__ row_scale, int N, int K, int G, const i8* __restrict__ xq,        \
       int ldx, const float* __restrict__ xs, int ldxs, int T, float* __restrict__ y, int ldy) {   \
     PDL_LAUNCH();                                                                                 \
-    gemm_dense<MT, WT, WN, SPG, V>(codes, scales, row_scale, N, K, G, xq, ldx, xs, ldxs, T, y, ldy, blockIdx.z); \
+    gemm_dense<MT, WT, WN, SPG>(codes, scales, row_scale, N, K, G, xq, ldx, xs, ldxs, T, y, ldy, blockIdx.z); \
   }
 
 // Two products of the same activations in one launch (q_a and kv_a of a
@@ -489,7 +381,7 @@ DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale
     const bool two = blockIdx.z == 1;                                                                      \
     const int N = two ? N2 : N1;                                                                           \
     if ((int)blockIdx.x * GEMM_ROWS >= N) return;                                                          \
-    gemm_dense<MT, WT, WN, SPG, 0>(two ? codes2 : codes1, two ? scales2 : scales1, two ? rs2 : rs1, N, K, G, xq, \
+    gemm_dense<MT, WT, WN, SPG>(two ? codes2 : codes1, two ? scales2 : scales1, two ? rs2 : rs1, N, K, G, xq, \
                                    ldx, xs, ldxs, T, two ? y2 : y1, two ? ldy2 : ldy1, 0);                 \
   }
 
@@ -499,11 +391,10 @@ GEMM_PAIR_KERNEL(gemm_pair_t64, 1, 8, 1, 0, 2)
 GEMM_PAIR_KERNEL(gemm_pair_t64_g128, 1, 8, 1, 4, 2)
 
 // (MINB: blocks per SM the registers must allow.)
-GEMM_DENSE_KERNEL(gemm_t16, 2, 2, 1, 0, 1, 0)
-GEMM_DENSE_KERNEL(gemm_t16_g128, 2, 2, 1, 4, 1, 0)
-GEMM_DENSE_KERNEL(gemm_t64, 1, 8, 1, 0, 2, 0)
-GEMM_DENSE_KERNEL(gemm_t64_g128, 1, 8, 1, 4, 2, 0)
-GEMM_DENSE_KERNEL(gemm_t64_g128_v8, 1, 8, 1, 4, 2, 8)
+GEMM_DENSE_KERNEL(gemm_t16, 2, 2, 1, 0, 1)
+GEMM_DENSE_KERNEL(gemm_t16_g128, 2, 2, 1, 4, 1)
+GEMM_DENSE_KERNEL(gemm_t64, 1, 8, 1, 0, 2)
+GEMM_DENSE_KERNEL(gemm_t64_g128, 1, 8, 1, 4, 2)
 
 
 // ---------------------------------------------------------------------------
@@ -518,8 +409,10 @@ GEMM_DENSE_KERNEL(gemm_t64_g128_v8, 1, 8, 1, 4, 2, 8)
 
 // Gate and up products with the SiLU product over the tiles:
 // h[row][n] = silu(gate_e,n . x[list[row]]) * (up_e,n . x[list[row]]).
-// Grid (ceil(I/64), max tiles).
-template <int MT, int WT, int WN, int SPG, int SK, int V>
+// Grid (ceil(I/64), max tiles); a launch takes the tiles of nmin to nmax
+// tokens (the 64-token kernels can leave a segment's short last tile to the
+// 16-token ones).
+template <int MT, int WT, int WN, int SPG, int SK>
 DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
                              const i32* ntiles, const i32* list, int I, int K, int G, const i8* xq,
                              const float* xs, float* h, int nmin, int nmax) {
@@ -534,13 +427,13 @@ DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i3
   const GExpert& ex = experts[tile_e[tile]];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = list[s0 + min(r, ntok - 1)];
   __syncthreads();
-  gemm_tile<MT, WT, WN, GEMM_GATE_UP, SPG, SK, V>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G, tokrow, ntok,
+  gemm_tile<MT, WT, WN, GEMM_GATE_UP, SPG, SK>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G, tokrow, ntok,
                                        h + (size_t)s0 * I, I, gemm_smem_buf);
 }
 
 // Down products over the tiles: part[row][n] = down_e,n . hq[row].
-// Grid (ceil(N/128), max tiles).
-template <int MT, int WT, int WN, int SPG, int SK, int V>
+// Grid (ceil(N/128), max tiles), the tiles of nmin to nmax tokens.
+template <int MT, int WT, int WN, int SPG, int SK>
 DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
                           const i32* ntiles, int N, int I, int G, const i8* hq, const float* hs, float* part,
                           int nmin, int nmax) {
@@ -555,18 +448,18 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
   const GExpert& ex = experts[tile_e[tile]];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = s0 + min(r, ntok - 1);
   __syncthreads();
-  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, SK, V>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs, I / G, tokrow,
+  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, SK>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs, I / G, tokrow,
                                      ntok, part + (size_t)s0 * N, N, gemm_smem_buf);
 }
 
-#define MOE_GEMM_KERNELS(SUFFIX, MT, WT, WN, SPG, MINB, SK, V)                                            \
+#define MOE_GEMM_KERNELS(SUFFIX, MT, WT, WN, SPG, MINB, SK)                                                  \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) moe_gemm_gate_up_##SUFFIX(               \
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,                             \
       const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K, int G,          \
       const i8* __restrict__ xq, const float* __restrict__ xs, float* __restrict__ h, int nmin, int nmax) { \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_gate_up<MT, WT, WN, SPG, SK, V>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h, nmin, nmax); \
+    moe_gemm_gate_up<MT, WT, WN, SPG, SK>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h, nmin, nmax); \
   }                                                                                               \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) moe_gemm_down_##SUFFIX(                  \
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
@@ -574,15 +467,13 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
       const i32* __restrict__ ntiles, int N, int I, int G, const i8* __restrict__ hq,             \
       const float* __restrict__ hs, float* __restrict__ part, int nmin, int nmax) {               \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_down<MT, WT, WN, SPG, SK, V>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part, nmin, nmax); \
+    moe_gemm_down<MT, WT, WN, SPG, SK>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part, nmin, nmax); \
   }
 
-MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1, 0, 0)
-MOE_GEMM_KERNELS(t16_g128, 2, 2, 1, 4, 1, 0, 0)
-MOE_GEMM_KERNELS(t64, 1, 8, 1, 0, 2, 1, 0)
-MOE_GEMM_KERNELS(t64_g128, 1, 8, 1, 4, 2, 1, 0)
-MOE_GEMM_KERNELS(t64_g128_v8, 1, 8, 1, 4, 2, 1, 8)
-MOE_GEMM_KERNELS(t96_g128, 1, 12, 1, 4, 2, 1, 12)
+MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1, 0)
+MOE_GEMM_KERNELS(t16_g128, 2, 2, 1, 4, 1, 0)
+MOE_GEMM_KERNELS(t64, 1, 8, 1, 0, 2, 1)
+MOE_GEMM_KERNELS(t64_g128, 1, 8, 1, 4, 2, 1)
 
 // ---------------------------------------------------------------------------
 // The absorbed query of many tokens, qlat[t, h*rank + k] =
@@ -708,104 +599,29 @@ DEVICE void router_many_pick(float* logits, int ldl, int E, int t0, int nt, cons
 // The router of many tokens (prefill): logits[t][e] = W[e] . x[t] and each
 // token's choice, as moe_router_fast computes them (the same products in
 // the same order, so the same bits: lane l sums W[e][l+32u] * x[t][l+32u]
-// over u, then the warp sum), but a warp keeps its expert's row in
-// registers for ROUTER_MANY_T tokens instead of one, so the router's
-// weights are read from L2 once per ROUTER_MANY_T tokens. Grid
-// (ceil(E/8), ceil(T/ROUTER_MANY_T)), 256 threads (warp w: expert
-// 8*blockIdx.x + w); the tokens' rows come through shared memory
-// ROUTER_MANY_C at a time, the next chunk's copy in flight (cp.async)
-// while the warps multiply this one. The last block of a token group
-// (counted in counters[group], which it resets) picks the experts of its
-// tokens, 256/E' tokens at a time (E' = E rounded up to 32, 64 or 128
-// threads a token), as moe_router_fast's last block. E <= 128, K <= 2048
-// with K % 32 == 0, 16-byte aligned rows; dynamic shared memory
-// 2 * ROUTER_MANY_C * K floats.
+// over u in order from 0, then the warp sum), with the work of a warp
+// blocked as 8 tokens x 8 experts, so that a column's shared loads feed 64
+// FMAs. Grid (ceil(E/ROUTER_MANY_E), ceil(T/ROUTER_MANY_T)), 256 threads:
+// warp w takes tokens 8(w%4).. and experts 8(w/4).. of the block's 32
+// tokens and 16 experts. K goes through shared memory ROUTER_MANY_KC
+// columns at a time (the tokens' and the experts' rows, cp.async, the next
+// chunk in flight). The last block of a token group picks the experts of
+// its tokens (router_many_pick). E <= 128, K <= 2048 with K % 32 == 0,
+// 16-byte aligned rows; dynamic shared memory 2 * (ROUTER_MANY_T +
+// ROUTER_MANY_E) * ROUTER_MANY_KC floats.
 #define ROUTER_MANY_T 32
-#define ROUTER_MANY_C 4
-#define ROUTER_MANY_MAX_K 2048
+#define ROUTER_MANY_E 16
+#define ROUTER_MANY_KC 256
 
 extern "C" __global__ void __launch_bounds__(256)
     router_many(const float* __restrict__ W, int E, int K, const float* __restrict__ x, int ldx, int T,
                 float* logits, int ldl, const float* __restrict__ bias, int topk, int norm, float scaling,
                 i32* __restrict__ ids, float* __restrict__ wts, u32* __restrict__ counters) {
   PDL_LAUNCH();
-  extern __shared__ __align__(16) float rx[];  // [2][ROUTER_MANY_C][K]
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int e = blockIdx.x * 8 + warp, t0 = blockIdx.y * ROUTER_MANY_T;
-  const int nt = min(ROUTER_MANY_T, T - t0);
-  const int nchunks = (nt + ROUTER_MANY_C - 1) / ROUTER_MANY_C;
-  float wv[ROUTER_MANY_MAX_K / 32];
-  if (e < E) {
-    const float* w = W + (size_t)e * K;
-#pragma unroll
-    for (int u = 0; u < ROUTER_MANY_MAX_K / 32; u++)
-      if (32 * u < K) wv[u] = w[lane + 32 * u];
-  }
-  PDL_WAIT();
-  // Chunk c's rows (clamped to the last token) into buffer c & 1.
-  auto load = [&](int c) {
-    float* dst = rx + (c & 1) * ROUTER_MANY_C * K;
-    for (int idx = tid * 4; idx < ROUTER_MANY_C * K; idx += 256 * 4) {
-      const int r = idx / K, k = idx - r * K;
-      const int t = t0 + min(c * ROUTER_MANY_C + r, nt - 1);
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst + idx)), "l"(x + (size_t)t * ldx + k)
-                   : "memory");
-    }
-    asm volatile("cp.async.commit_group;" ::: "memory");
-  };
-  load(0);
-  for (int c = 0; c < nchunks; c++) {
-    if (c + 1 < nchunks) {
-      load(c + 1);
-      asm volatile("cp.async.wait_group 1;" ::: "memory");
-    } else {
-      asm volatile("cp.async.wait_group 0;" ::: "memory");
-    }
-    __syncthreads();
-    const float* cx = rx + (c & 1) * ROUTER_MANY_C * K;
-    const int nc = min(ROUTER_MANY_C, nt - c * ROUTER_MANY_C);
-    if (e < E) {
-      float acc[ROUTER_MANY_C];
-#pragma unroll
-      for (int r = 0; r < ROUTER_MANY_C; r++) acc[r] = 0.f;
-#pragma unroll
-      for (int u = 0; u < ROUTER_MANY_MAX_K / 32; u++)
-        if (32 * u < K) {
-#pragma unroll
-          for (int r = 0; r < ROUTER_MANY_C; r++) acc[r] += wv[u] * cx[r * K + lane + 32 * u];
-        }
-#pragma unroll
-      for (int r = 0; r < ROUTER_MANY_C; r++) {
-        const float s = warp_sum(acc[r]);
-        if (lane == 0 && r < nc) logits[(size_t)(t0 + c * ROUTER_MANY_C + r) * ldl + e] = s;
-      }
-    }
-    __syncthreads();  // every warp is done with this buffer before it is refilled
-  }
-  router_many_pick(logits, ldl, E, t0, nt, bias, topk, norm, scaling, ids, wts, counters);
-}
-
-// The same logits (and choice) with the work of a warp blocked as 8 tokens
-// x 8 experts instead of 32 tokens x 1 expert, so that a column's shared
-// loads feed 64 FMAs instead of 1 (lane l still sums W[e][l+32u] *
-// x[t][l+32u] over u in order from 0, then the warp sum: the same bits).
-// Grid (ceil(E/16), ceil(T/ROUTER_MANY_T)), 256 threads: warp w takes
-// tokens 8(w%4).. and experts 8(w/4).. of the block's 32 tokens and 16
-// experts. K goes through shared memory ROUTER_TILE_KC columns at a time
-// (the tokens' and the experts' rows, cp.async, the next chunk in flight);
-// dynamic shared memory 2 * 48 * ROUTER_TILE_KC floats.
-#define ROUTER_TILE_E 16
-#define ROUTER_TILE_KC 256
-
-extern "C" __global__ void __launch_bounds__(256)
-    router_tiles(const float* __restrict__ W, int E, int K, const float* __restrict__ x, int ldx, int T,
-                 float* logits, int ldl, const float* __restrict__ bias, int topk, int norm, float scaling,
-                 i32* __restrict__ ids, float* __restrict__ wts, u32* __restrict__ counters) {
-  PDL_LAUNCH();
-  constexpr int TT = ROUTER_MANY_T, KC = ROUTER_TILE_KC, ROWS = ROUTER_MANY_T + ROUTER_TILE_E;
+  constexpr int TT = ROUTER_MANY_T, KC = ROUTER_MANY_KC, ROWS = ROUTER_MANY_T + ROUTER_MANY_E;
   extern __shared__ __align__(16) float rt[];  // [2][ROWS][KC]: the tokens' columns, then the experts'
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int e0 = blockIdx.x * ROUTER_TILE_E, t0 = blockIdx.y * TT;
+  const int e0 = blockIdx.x * ROUTER_MANY_E, t0 = blockIdx.y * TT;
   const int nt = min(TT, T - t0);
   const int wt = (warp & 3) * 8, we = (warp >> 2) * 8;
   const int nchunks = (K + KC - 1) / KC;
