@@ -177,6 +177,8 @@ type Backend struct {
 	// value expansion and single-row norm queued last, which the op after
 	// may join (chain.go); chainMerges counts the joins by kind (tests).
 	lastGEMV   *gemvOp
+	lastGEMM   *gemmOp // and gemmPairs counts its joins (gemm.go)
+	gemmPairs  int
 	lastValues *valuesOp
 	lastNorm8  *norm8Op
 	// lastRopeCache is the RoPE + cache write launch queued last.
@@ -1252,7 +1254,11 @@ func (b *Backend) MatMul(dst, x backend.Tensor, wt backend.Weight) {
 		return
 	}
 	if d.rows >= gemmMinTokens && GEMMFits(w.q.K, w.q.G) {
+		if b.gemmPair(d, a, w) {
+			return
+		}
 		b.do(b.opName("matmul", w), func(c *Ctx) error { return c.GEMM(d.ptr, d.ld, w.q, a, GEMMTileAuto) })
+		b.noteGEMM(d, a, w)
 		return
 	}
 	if b.pairProduct(d, a, w) {

@@ -4,8 +4,6 @@ package cuda
 
 import (
 	"fmt"
-	"os"
-	"strconv"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -127,6 +125,78 @@ func (c *Ctx) gemm(y uint64, ldy int, codes, scales, rowScale uint64, n, k, G in
 	return c.Launch(kern, grid, D1(tile.threads()), shared, codes, scales, rowScale, n, k, G, a.Q, a.K, a.Scales, a.K/G, a.T, y, ldy)
 }
 
+// GEMMPair computes y1 = W1 x and y2 = W2 x (as GEMM) for the same
+// quantized rows a in one launch: products whose blocks alone fill less
+// than a wave of the device (q_a and kv_a of a prefill) run side by side.
+func (c *Ctx) GEMMPair(y1 uint64, ldy1 int, w1 *QMatrix, y2 uint64, ldy2 int, w2 *QMatrix, a *QActs, tile GEMMTile) error {
+	switch {
+	case a.K != w1.K || a.G != w1.G || a.K != w2.K || a.G != w2.G:
+		return fmt.Errorf("cuda: gemm pair: activations K=%d G=%d, weights [%d,%d] G=%d and [%d,%d] G=%d", a.K, a.G, w1.N, w1.K, w1.G, w2.N, w2.K, w2.G)
+	case !GEMMFits(a.K, a.G):
+		return fmt.Errorf("cuda: gemm pair: K=%d G=%d: K must be a multiple of %d, G 32, 64 or 128", a.K, a.G, gemmBK)
+	case a.T < 1:
+		return fmt.Errorf("cuda: gemm pair: %d tokens", a.T)
+	case a.T > 1 && (ldy1 < w1.N || ldy2 < w2.N):
+		return fmt.Errorf("cuda: gemm pair: output strides %d, %d below N=%d, %d", ldy1, ldy2, w1.N, w2.N)
+	}
+	tile = pickTile(tile, a.T)
+	shared := tile.shared(a.K / a.G)
+	kern, err := c.kernelShared("gemm", "gemm_pair_"+tile.suffix(a.G), shared)
+	if err != nil {
+		return err
+	}
+	rows := max(w1.N, w2.N)
+	grid := Dim{uint32((rows + gemmRows - 1) / gemmRows), uint32((a.T + tile.tokens() - 1) / tile.tokens()), 2}
+	return c.Launch(kern, grid, D1(tile.threads()), shared, w1.Codes, w1.Scales, w1.RowScale, w1.N, y1, ldy1,
+		w2.Codes, w2.Scales, w2.RowScale, w2.N, y2, ldy2, a.K, a.G, a.Q, a.K, a.Scales, a.K/a.G, a.T)
+}
+
+// gemmOp is a GEMM just queued, which the next product of the same rows
+// may join (gemmPair).
+type gemmOp struct {
+	idx, flush int
+	a          *QActs
+	w          *QMatrix
+	out        tensor
+}
+
+// gemmPairMaxBlocks: a product joins the one queued before it when each
+// alone has fewer 64-token blocks than this (the H200's 132
+// multiprocessors).
+const gemmPairMaxBlocks = 132
+
+// gemmPair queues d = x w^T (the rows of a) in the launch of the GEMM
+// queued just before it, when that one read the same rows and neither
+// fills a wave alone, and reports whether it did.
+func (b *Backend) gemmPair(d *tensor, a *QActs, w *weight) bool {
+	g := b.lastGEMM
+	b.lastGEMM = nil
+	blocks := func(n int) int { return (n + gemmRows - 1) / gemmRows * ((a.T + 63) / 64) }
+	if !b.chained() || g == nil || g.flush != b.flushes || g.idx != len(b.pending)-1 || g.a != a ||
+		g.w.K != w.q.K || g.w.G != w.q.G || overlaps(d, &g.out) ||
+		blocks(g.w.N) >= gemmPairMaxBlocks || blocks(w.q.N) >= gemmPairMaxBlocks {
+		return false
+	}
+	w1, w2, o1, o2 := g.w, w.q, g.out, *d
+	name := "matmul pair"
+	if b.prof != nil {
+		name = fmt.Sprintf("matmul pair mmfp4 %dx%d+%dx%d", w1.N, w1.K, w2.N, w2.K)
+	}
+	b.pending[g.idx] = queuedOp{name, func(c *Ctx) error {
+		return c.GEMMPair(o1.ptr, o1.ld, w1, o2.ptr, o2.ld, w2, a, GEMMTileAuto)
+	}}
+	b.gemmPairs++
+	return true
+}
+
+// noteGEMM remembers a GEMM just queued (gemmPair).
+func (b *Backend) noteGEMM(d *tensor, a *QActs, w *weight) {
+	b.lastGEMM = nil
+	if b.err == nil && len(b.pending) > 0 {
+		b.lastGEMM = &gemmOp{idx: len(b.pending) - 1, flush: b.flushes, a: a, w: w.q, out: *d}
+	}
+}
+
 // GEMMHeads computes, for each head h < heads and each of the a.T rows,
 // y[t*ldy + h*rows + n] = W[h*rows+n] . x_h[t], where x_h is columns
 // [h*k, (h+1)*k) of the quantized row (a.K = heads*k, whole groups per
@@ -153,7 +223,27 @@ type MoEBatch struct {
 	H, Part            uint64 // float32 [T*Slots][I], [T*Slots][K]
 	HQ                 *QActs // T*Slots rows of I
 	Tile               GEMMTile
+	// Split (with the 64-token tile): the segments' last tiles of at most
+	// moeShortTokens tokens go through the 16-token kernels, in two more
+	// launches.
+	Split bool
 }
+
+// moeShortTokens: MoEBatch.Split's short tiles. moeSplitTokens: the
+// average segment from which MoEBatched splits them off. A few tokens over
+// a 64-token tile still make a pass over the expert's weights in a 64-token
+// block; in 16-token blocks that pass costs less, but the two launches
+// more. Measured on an H200 (BenchmarkMoEBatched, 64 experts, uniform
+// random routing): 1024 tokens (segments of 64 on average) 510 against 523
+// us, 512 tokens (32) 341 against 334.
+const (
+	moeShortTokens = 16
+	moeSplitTokens = 64
+)
+
+// moeSplitOverride, when not 0, sets MoEBatch.Split for every batch (1: on,
+// -1: off; tests).
+var moeSplitOverride = 0
 
 // moeTileOverride, when set, is MoEBatched's tile for every batch (tests
 // cover each tile through it).
@@ -215,17 +305,46 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 		s.Pos, s.List, s.TileE, s.TileS, s.TileN, s.NTiles); err != nil {
 		return err
 	}
+	// With the 64-token tile, a segment's short last tile (moeShortTokens
+	// tokens or fewer) can go to the 16-token kernels in launches of their
+	// own, each launch taking the tiles whose size lies in [nmin, nmax].
+	split := tile == GEMMTile64 && s.Split
+	var gu16, down16 *Kernel
+	g16, d16 := GEMMTile16.shared(t.K/t.G), GEMMTile16.shared(t.I/t.G)
+	nmin := 1
+	if split {
+		if gu16, err = c.kernelShared("gemm", "moe_gemm_gate_up_"+GEMMTile16.suffix(t.G), g16); err != nil {
+			return err
+		}
+		if down16, err = c.kernelShared("gemm", "moe_gemm_down_"+GEMMTile16.suffix(t.G), d16); err != nil {
+			return err
+		}
+		nmin = moeShortTokens + 1
+	}
+	const all = 1 << 30
 	if err := c.Launch(gu, Dim{uint32((t.I + 63) / 64), uint32(s.MaxTiles), 1}, D1(tile.threads()), guShared,
-		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, t.G, x.Q, x.Scales, s.H); err != nil {
+		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, t.G, x.Q, x.Scales, s.H, nmin, all); err != nil {
 		return err
+	}
+	if split {
+		if err := c.Launch(gu16, Dim{uint32((t.I + 63) / 64), uint32(s.MaxTiles), 1}, D1(GEMMTile16.threads()), g16,
+			t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, t.G, x.Q, x.Scales, s.H, 1, moeShortTokens); err != nil {
+			return err
+		}
 	}
 	P := x.T * slots
 	if err := c.RMSNormQuant(s.H, t.I, 0, 0, 0, 0, P, t.I, t.G, s.HQ); err != nil {
 		return err
 	}
 	if err := c.Launch(down, Dim{uint32((t.K + gemmRows - 1) / gemmRows), uint32(s.MaxTiles), 1}, D1(tile.threads()), downShared,
-		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, t.G, s.HQ.Q, s.HQ.Scales, s.Part); err != nil {
+		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, t.G, s.HQ.Q, s.HQ.Scales, s.Part, nmin, all); err != nil {
 		return err
+	}
+	if split {
+		if err := c.Launch(down16, Dim{uint32((t.K + gemmRows - 1) / gemmRows), uint32(s.MaxTiles), 1}, D1(GEMMTile16.threads()), d16,
+			t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, t.G, s.HQ.Q, s.HQ.Scales, s.Part, 1, moeShortTokens); err != nil {
+			return err
+		}
 	}
 	acc := 0
 	if accumulate {
@@ -242,16 +361,6 @@ var gemmMinTokens = 48
 // experts' token segments through the GEMM) instead of the fused
 // single-token kernels once per token.
 var moeBatchedMinTokens = 8
-
-// MMFP4_CUDA_GEMM=0 turns both off (the GEMV kernels eight rows a launch,
-// the fused MoE per token up to moeFusedMaxTokens, then the grouped path),
-// for comparisons in one binary.
-func init() {
-	if os.Getenv("MMFP4_CUDA_GEMM") == "0" {
-		gemmMinTokens = 1 << 30
-		moeBatchedMinTokens = 1 << 30
-	}
-}
 
 // batchable reports whether the layer's experts suit MoEBatched.
 func (l *moeLayer) batchable() bool {
@@ -270,7 +379,11 @@ func (b *Backend) moeBatched(d, xm *tensor, rt *routing, l *moeLayer) {
 	P := T * slots
 	a := b.quantize(xm, t.G)
 	tile := moeBatchTile(T, slots, t.Routed+t.Shared)
-	s := &MoEBatch{T: T, Slots: slots, Tile: tile, MaxTiles: moeMaxTiles(P, t.Routed+t.Shared, tile.tokens())}
+	split := P >= moeSplitTokens*(t.Routed+t.Shared)
+	if moeSplitOverride != 0 {
+		split = moeSplitOverride > 0
+	}
+	s := &MoEBatch{T: T, Slots: slots, Tile: tile, Split: split, MaxTiles: moeMaxTiles(P, t.Routed+t.Shared, tile.tokens())}
 	s.Pos, s.List = b.alloc(4*P), b.alloc(4*P)
 	s.TileE, s.TileS, s.TileN, s.NTiles = b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4)
 	s.H, s.Part = b.alloc(4*P*t.I), b.alloc(4*P*t.K)
@@ -287,14 +400,7 @@ const absorbTokens = 8
 // absorb_query_many (its sums run in another order than absorb_query_q's,
 // which smaller batches keep). Measured on an H200 at 32 rows: 25 us a
 // layer against absorb_query_q's 49 (8-31 rows not measured).
-// MMFP4_CUDA_ABSORB_MANY sets it, for comparisons in one binary.
 var absorbManyMinTokens = 32
-
-func init() {
-	if v, err := strconv.Atoi(os.Getenv("MMFP4_CUDA_ABSORB_MANY")); err == nil && v >= 1 {
-		absorbManyMinTokens = v
-	}
-}
 
 // absorbMany queues absorb_query_many for AbsorbQuery when it applies
 // (MMFP4 W_UK, enough tokens, the head's codes in shared memory) and
@@ -324,20 +430,18 @@ func (b *Backend) absorbMany(ql, qm *tensor, w *weight, s backend.MLAShape) bool
 // smallest batch whose router runs router_many instead of moe_router_fast
 // (one block per token and four experts, each re-reading its experts'
 // rows). Measured on an H200 (BenchmarkRouterMany, 64 experts of 2048):
-// 52 against 78 us at 1024 rows, 42 against 23 at 256.
+// 40.8 against 140.2 us at 1024 rows, 40.1 against 37.5 at 256.
 const routerManyTokens = 32
 
 var routerManyMinRows = 512
 
-// MMFP4_CUDA_ROUTER_MANY sets routerManyMinRows ("off": never), for
-// comparisons in one binary.
-func init() {
-	if v := os.Getenv("MMFP4_CUDA_ROUTER_MANY"); v == "off" {
-		routerManyMinRows = 1 << 30
-	} else if n, err := strconv.Atoi(v); err == nil && n >= 1 {
-		routerManyMinRows = n
-	}
-}
+// routerManyExperts and routerManyCols are ROUTER_MANY_E and
+// ROUTER_MANY_KC in gemm.cu: the experts of a block and the columns of a
+// shared-memory chunk.
+const (
+	routerManyExperts = 16
+	routerManyCols    = 256
+)
 
 // RouterManyFits reports whether RouterMany takes these experts and input.
 func RouterManyFits(E, K int, x uint64, ldx, topk int) bool {
@@ -347,20 +451,21 @@ func RouterManyFits(E, K int, x uint64, ldx, topk int) bool {
 // RouterMany computes what RouterRoute computes without the int8 form of
 // the input (the same logits, experts and weights, bit for bit) for the T
 // rows of x, with each expert's weights read once per routerManyTokens
-// rows. counters holds ceil(T/routerManyTokens) zeroed words (left zeroed).
+// rows and each row once per routerManyExperts experts. counters holds
+// ceil(T/routerManyTokens) zeroed words (left zeroed).
 func (c *Ctx) RouterMany(W uint64, E, K int, x uint64, ldx, T int, logits uint64, ldl int, bias uint64, topk int, norm bool, scaling float32, ids, wts, counters uint64) error {
 	if !RouterManyFits(E, K, x, ldx, topk) || T < 1 {
 		return fmt.Errorf("cuda: router many: %d experts of %d columns, top %d, %d rows (stride %d)", E, K, topk, T, ldx)
-	}
-	shared := 2 * 4 * K * 4 // two chunks of ROUTER_MANY_C rows
-	k, err := c.kernelShared("gemm", "router_many", shared)
-	if err != nil {
-		return err
 	}
 	n := 0
 	if norm {
 		n = 1
 	}
-	return c.Launch(k, Dim{uint32((E + 7) / 8), uint32((T + routerManyTokens - 1) / routerManyTokens), 1}, D1(256), shared,
+	shared := 2 * (routerManyTokens + routerManyExperts) * routerManyCols * 4
+	k, err := c.kernelShared("gemm", "router_many", shared)
+	if err != nil {
+		return err
+	}
+	return c.Launch(k, Dim{uint32((E + routerManyExperts - 1) / routerManyExperts), uint32((T + routerManyTokens - 1) / routerManyTokens), 1}, D1(256), shared,
 		W, E, K, x, ldx, T, logits, ldl, bias, topk, n, scaling, ids, wts, counters)
 }

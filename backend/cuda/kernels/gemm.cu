@@ -96,9 +96,10 @@ DEVICE float gemm_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
 
 // One stage of a warp's products (see gemm_tile): grp0 is the stage's first
 // scale group. PART checks each n-tile against ntv, the warp's n-tiles that
-// hold a valid token (the short last tile of a segment); full tiles take the
-// copy without the checks, so their products need no predicates and their
-// first mma of a group adds to zero.
+// hold a valid token (the short last tile of a segment), and neither
+// multiplies nor scales the others (their outputs are never written); full
+// tiles take the copy without the checks, so their products need no
+// predicates and their first mma of a group adds to zero.
 template <int MT, int WT, int WN, int SPG, bool PART>
 DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, const float* sxs, const float* slut,
                        const u8* sws, const int (&ra)[MT], int GK, int grp0, int spg, int wn, int g, int i,
@@ -150,7 +151,7 @@ DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, cons
     for (int m = 0; m < MT; m++)
 #pragma unroll
       for (int nt = 0; nt < WT; nt++) {
-        // (n-tiles past ntv scale a zero sum: no branch around them.)
+        if (PART && nt >= ntv) continue;
         acc[m][nt][0] += (float)d[m][nt][0] * (ws[m][0] * xv[nt][0]);
         acc[m][nt][1] += (float)d[m][nt][1] * (ws[m][0] * xv[nt][1]);
         acc[m][nt][2] += (float)d[m][nt][2] * (ws[m][1] * xv[nt][0]);
@@ -343,12 +344,12 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
 // [z*N, (z+1)*N).
 template <int MT, int WT, int WN, int SPG>
 DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale, int N, int K, int G,
-                       const i8* xq, int ldx, const float* xs, int ldxs, int T, float* y, int ldy) {
+                       const i8* xq, int ldx, const float* xs, int ldxs, int T, float* y, int ldy, size_t z) {
   constexpr int BT = 8 * WT * WN;
   extern __shared__ __align__(16) u8 gemm_smem_buf[];
   __shared__ int tokrow[BT];
   const int t0 = blockIdx.y * BT, ntok = min(BT, T - t0);
-  const size_t z = blockIdx.z, GK = K / G;
+  const size_t GK = K / G;
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = t0 + min(r, ntok - 1);
   PDL_WAIT();
   __syncthreads();
@@ -363,8 +364,31 @@ DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale
       const float* __restrict__ row_scale, int N, int K, int G, const i8* __restrict__ xq,        \
       int ldx, const float* __restrict__ xs, int ldxs, int T, float* __restrict__ y, int ldy) {   \
     PDL_LAUNCH();                                                                                 \
-    gemm_dense<MT, WT, WN, SPG>(codes, scales, row_scale, N, K, G, xq, ldx, xs, ldxs, T, y, ldy);     \
+    gemm_dense<MT, WT, WN, SPG>(codes, scales, row_scale, N, K, G, xq, ldx, xs, ldxs, T, y, ldy, blockIdx.z); \
   }
+
+// Two products of the same activations in one launch (q_a and kv_a of a
+// prefill, each under one wave of blocks alone): grid (ceil(max(N1,
+// N2)/128), ceil(T/BT), 2), z picking the matrix; a block past its
+// matrix's rows exits. The same sums as two gemm launches.
+#define GEMM_PAIR_KERNEL(NAME, MT, WT, WN, SPG, MINB)                                                      \
+  extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) NAME(                                 \
+      const u8* __restrict__ codes1, const u8* __restrict__ scales1, const float* __restrict__ rs1, int N1, \
+      float* __restrict__ y1, int ldy1, const u8* __restrict__ codes2, const u8* __restrict__ scales2,     \
+      const float* __restrict__ rs2, int N2, float* __restrict__ y2, int ldy2, int K, int G,               \
+      const i8* __restrict__ xq, int ldx, const float* __restrict__ xs, int ldxs, int T) {                 \
+    PDL_LAUNCH();                                                                                          \
+    const bool two = blockIdx.z == 1;                                                                      \
+    const int N = two ? N2 : N1;                                                                           \
+    if ((int)blockIdx.x * GEMM_ROWS >= N) return;                                                          \
+    gemm_dense<MT, WT, WN, SPG>(two ? codes2 : codes1, two ? scales2 : scales1, two ? rs2 : rs1, N, K, G, xq, \
+                                   ldx, xs, ldxs, T, two ? y2 : y1, two ? ldy2 : ldy1, 0);                 \
+  }
+
+GEMM_PAIR_KERNEL(gemm_pair_t16, 2, 2, 1, 0, 1)
+GEMM_PAIR_KERNEL(gemm_pair_t16_g128, 2, 2, 1, 4, 1)
+GEMM_PAIR_KERNEL(gemm_pair_t64, 1, 8, 1, 0, 2)
+GEMM_PAIR_KERNEL(gemm_pair_t64_g128, 1, 8, 1, 4, 2)
 
 // (MINB: blocks per SM the registers must allow.)
 GEMM_DENSE_KERNEL(gemm_t16, 2, 2, 1, 0, 1)
@@ -385,11 +409,13 @@ GEMM_DENSE_KERNEL(gemm_t64_g128, 1, 8, 1, 4, 2)
 
 // Gate and up products with the SiLU product over the tiles:
 // h[row][n] = silu(gate_e,n . x[list[row]]) * (up_e,n . x[list[row]]).
-// Grid (ceil(I/64), max tiles).
+// Grid (ceil(I/64), max tiles); a launch takes the tiles of nmin to nmax
+// tokens (the 64-token kernels can leave a segment's short last tile to the
+// 16-token ones).
 template <int MT, int WT, int WN, int SPG, int SK>
 DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
                              const i32* ntiles, const i32* list, int I, int K, int G, const i8* xq,
-                             const float* xs, float* h) {
+                             const float* xs, float* h, int nmin, int nmax) {
   constexpr int BT = 8 * WT * WN;
   extern __shared__ __align__(16) u8 gemm_smem_buf[];
   __shared__ int tokrow[BT];
@@ -397,6 +423,7 @@ DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i3
   const int tile = blockIdx.y;
   if (tile >= ntiles[0]) return;
   const int s0 = tile_s[tile], ntok = tile_n[tile];
+  if (ntok < nmin || ntok > nmax) return;  // another launch's tile
   const GExpert& ex = experts[tile_e[tile]];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = list[s0 + min(r, ntok - 1)];
   __syncthreads();
@@ -405,10 +432,11 @@ DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i3
 }
 
 // Down products over the tiles: part[row][n] = down_e,n . hq[row].
-// Grid (ceil(N/128), max tiles).
+// Grid (ceil(N/128), max tiles), the tiles of nmin to nmax tokens.
 template <int MT, int WT, int WN, int SPG, int SK>
 DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
-                          const i32* ntiles, int N, int I, int G, const i8* hq, const float* hs, float* part) {
+                          const i32* ntiles, int N, int I, int G, const i8* hq, const float* hs, float* part,
+                          int nmin, int nmax) {
   constexpr int BT = 8 * WT * WN;
   extern __shared__ __align__(16) u8 gemm_smem_buf[];
   __shared__ int tokrow[BT];
@@ -416,6 +444,7 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
   const int tile = blockIdx.y;
   if (tile >= ntiles[0]) return;
   const int s0 = tile_s[tile], ntok = tile_n[tile];
+  if (ntok < nmin || ntok > nmax) return;  // another launch's tile
   const GExpert& ex = experts[tile_e[tile]];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = s0 + min(r, ntok - 1);
   __syncthreads();
@@ -423,22 +452,22 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
                                      ntok, part + (size_t)s0 * N, N, gemm_smem_buf);
 }
 
-#define MOE_GEMM_KERNELS(SUFFIX, MT, WT, WN, SPG, MINB, SK)                                            \
+#define MOE_GEMM_KERNELS(SUFFIX, MT, WT, WN, SPG, MINB, SK)                                                  \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) moe_gemm_gate_up_##SUFFIX(               \
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,                             \
       const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K, int G,          \
-      const i8* __restrict__ xq, const float* __restrict__ xs, float* __restrict__ h) {           \
+      const i8* __restrict__ xq, const float* __restrict__ xs, float* __restrict__ h, int nmin, int nmax) { \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_gate_up<MT, WT, WN, SPG, SK>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h);  \
+    moe_gemm_gate_up<MT, WT, WN, SPG, SK>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h, nmin, nmax); \
   }                                                                                               \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) moe_gemm_down_##SUFFIX(                  \
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,                             \
       const i32* __restrict__ ntiles, int N, int I, int G, const i8* __restrict__ hq,             \
-      const float* __restrict__ hs, float* __restrict__ part) {                                   \
+      const float* __restrict__ hs, float* __restrict__ part, int nmin, int nmax) {               \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_down<MT, WT, WN, SPG, SK>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part);        \
+    moe_gemm_down<MT, WT, WN, SPG, SK>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part, nmin, nmax); \
   }
 
 MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1, 0)
@@ -511,85 +540,16 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // ---------------------------------------------------------------------------
-// The router of many tokens (prefill): logits[t][e] = W[e] . x[t] and each
-// token's choice, as moe_router_fast computes them (the same products in
-// the same order, so the same bits: lane l sums W[e][l+32u] * x[t][l+32u]
-// over u, then the warp sum), but a warp keeps its expert's row in
-// registers for ROUTER_MANY_T tokens instead of one, so the router's
-// weights are read from L2 once per ROUTER_MANY_T tokens. Grid
-// (ceil(E/8), ceil(T/ROUTER_MANY_T)), 256 threads (warp w: expert
-// 8*blockIdx.x + w); the tokens' rows come through shared memory
-// ROUTER_MANY_C at a time, the next chunk's copy in flight (cp.async)
-// while the warps multiply this one. The last block of a token group
-// (counted in counters[group], which it resets) picks the experts of its
-// tokens, 256/E' tokens at a time (E' = E rounded up to 32, 64 or 128
-// threads a token), as moe_router_fast's last block. E <= 128, K <= 2048
-// with K % 32 == 0, 16-byte aligned rows; dynamic shared memory
-// 2 * ROUTER_MANY_C * K floats.
-#define ROUTER_MANY_T 32
-#define ROUTER_MANY_C 4
-#define ROUTER_MANY_MAX_K 2048
-
-extern "C" __global__ void __launch_bounds__(256)
-    router_many(const float* __restrict__ W, int E, int K, const float* __restrict__ x, int ldx, int T,
-                float* logits, int ldl, const float* __restrict__ bias, int topk, int norm, float scaling,
-                i32* __restrict__ ids, float* __restrict__ wts, u32* __restrict__ counters) {
-  PDL_LAUNCH();
-  extern __shared__ __align__(16) float rx[];  // [2][ROUTER_MANY_C][K]
+// The choice of a token group's experts by the group's last block (counted
+// in counters[blockIdx.y], which it resets), from the logits of all the
+// group's blocks, 256/E' tokens at a time (E' = E rounded up to 32, 64 or
+// 128 threads a token), as moe_router_fast's last block.
+DEVICE void router_many_pick(float* logits, int ldl, int E, int t0, int nt, const float* __restrict__ bias, int topk,
+                             int norm, float scaling, i32* __restrict__ ids, float* __restrict__ wts,
+                             u32* __restrict__ counters) {
   __shared__ float score[256], choice[256], pick[8][32];
   __shared__ bool last;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int e = blockIdx.x * 8 + warp, t0 = blockIdx.y * ROUTER_MANY_T;
-  const int nt = min(ROUTER_MANY_T, T - t0);
-  const int nchunks = (nt + ROUTER_MANY_C - 1) / ROUTER_MANY_C;
-  float wv[ROUTER_MANY_MAX_K / 32];
-  if (e < E) {
-    const float* w = W + (size_t)e * K;
-#pragma unroll
-    for (int u = 0; u < ROUTER_MANY_MAX_K / 32; u++)
-      if (32 * u < K) wv[u] = w[lane + 32 * u];
-  }
-  PDL_WAIT();
-  // Chunk c's rows (clamped to the last token) into buffer c & 1.
-  auto load = [&](int c) {
-    float* dst = rx + (c & 1) * ROUTER_MANY_C * K;
-    for (int idx = tid * 4; idx < ROUTER_MANY_C * K; idx += 256 * 4) {
-      const int r = idx / K, k = idx - r * K;
-      const int t = t0 + min(c * ROUTER_MANY_C + r, nt - 1);
-      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst + idx)), "l"(x + (size_t)t * ldx + k)
-                   : "memory");
-    }
-    asm volatile("cp.async.commit_group;" ::: "memory");
-  };
-  load(0);
-  for (int c = 0; c < nchunks; c++) {
-    if (c + 1 < nchunks) {
-      load(c + 1);
-      asm volatile("cp.async.wait_group 1;" ::: "memory");
-    } else {
-      asm volatile("cp.async.wait_group 0;" ::: "memory");
-    }
-    __syncthreads();
-    const float* cx = rx + (c & 1) * ROUTER_MANY_C * K;
-    const int nc = min(ROUTER_MANY_C, nt - c * ROUTER_MANY_C);
-    if (e < E) {
-      float acc[ROUTER_MANY_C];
-#pragma unroll
-      for (int r = 0; r < ROUTER_MANY_C; r++) acc[r] = 0.f;
-#pragma unroll
-      for (int u = 0; u < ROUTER_MANY_MAX_K / 32; u++)
-        if (32 * u < K) {
-#pragma unroll
-          for (int r = 0; r < ROUTER_MANY_C; r++) acc[r] += wv[u] * cx[r * K + lane + 32 * u];
-        }
-#pragma unroll
-      for (int r = 0; r < ROUTER_MANY_C; r++) {
-        const float s = warp_sum(acc[r]);
-        if (lane == 0 && r < nc) logits[(size_t)(t0 + c * ROUTER_MANY_C + r) * ldl + e] = s;
-      }
-    }
-    __syncthreads();  // every warp is done with this buffer before it is refilled
-  }
+  const int tid = threadIdx.x;
   if (tid == 0) {
     __threadfence();
     last = atomicAdd(&counters[blockIdx.y], 1u) == gridDim.x - 1;
@@ -634,4 +594,91 @@ extern "C" __global__ void __launch_bounds__(256)
     __syncthreads();
   }
   if (tid == 0) counters[blockIdx.y] = 0;
+}
+
+// The router of many tokens (prefill): logits[t][e] = W[e] . x[t] and each
+// token's choice, as moe_router_fast computes them (the same products in
+// the same order, so the same bits: lane l sums W[e][l+32u] * x[t][l+32u]
+// over u in order from 0, then the warp sum), with the work of a warp
+// blocked as 8 tokens x 8 experts, so that a column's shared loads feed 64
+// FMAs. Grid (ceil(E/ROUTER_MANY_E), ceil(T/ROUTER_MANY_T)), 256 threads:
+// warp w takes tokens 8(w%4).. and experts 8(w/4).. of the block's 32
+// tokens and 16 experts. K goes through shared memory ROUTER_MANY_KC
+// columns at a time (the tokens' and the experts' rows, cp.async, the next
+// chunk in flight). The last block of a token group picks the experts of
+// its tokens (router_many_pick). E <= 128, K <= 2048 with K % 32 == 0,
+// 16-byte aligned rows; dynamic shared memory 2 * (ROUTER_MANY_T +
+// ROUTER_MANY_E) * ROUTER_MANY_KC floats.
+#define ROUTER_MANY_T 32
+#define ROUTER_MANY_E 16
+#define ROUTER_MANY_KC 256
+
+extern "C" __global__ void __launch_bounds__(256)
+    router_many(const float* __restrict__ W, int E, int K, const float* __restrict__ x, int ldx, int T,
+                float* logits, int ldl, const float* __restrict__ bias, int topk, int norm, float scaling,
+                i32* __restrict__ ids, float* __restrict__ wts, u32* __restrict__ counters) {
+  PDL_LAUNCH();
+  constexpr int TT = ROUTER_MANY_T, KC = ROUTER_MANY_KC, ROWS = ROUTER_MANY_T + ROUTER_MANY_E;
+  extern __shared__ __align__(16) float rt[];  // [2][ROWS][KC]: the tokens' columns, then the experts'
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int e0 = blockIdx.x * ROUTER_MANY_E, t0 = blockIdx.y * TT;
+  const int nt = min(TT, T - t0);
+  const int wt = (warp & 3) * 8, we = (warp >> 2) * 8;
+  const int nchunks = (K + KC - 1) / KC;
+  PDL_WAIT();
+  auto load = [&](int c) {
+    float* dst = rt + (c & 1) * ROWS * KC;
+    const int k0 = c * KC, kc = min(KC, K - k0);
+    for (int idx = tid * 4; idx < ROWS * KC; idx += 256 * 4) {
+      const int r = idx / KC, k = idx - r * KC;
+      if (k >= kc) continue;
+      const float* src = r < TT ? x + (size_t)(t0 + min(r, nt - 1)) * ldx : W + (size_t)min(e0 + r - TT, E - 1) * K;
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem_addr(dst + idx)), "l"(src + k0 + k)
+                   : "memory");
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+  };
+  float acc[8][8];
+#pragma unroll
+  for (int r = 0; r < 8; r++)
+#pragma unroll
+    for (int j = 0; j < 8; j++) acc[r][j] = 0.f;
+  load(0);
+  for (int c = 0; c < nchunks; c++) {
+    if (c + 1 < nchunks) {
+      load(c + 1);
+      asm volatile("cp.async.wait_group 1;" ::: "memory");
+    } else {
+      asm volatile("cp.async.wait_group 0;" ::: "memory");
+    }
+    __syncthreads();
+    const float* cx = rt + (c & 1) * ROWS * KC;
+    const float* cw = cx + TT * KC;
+    const int nu = min(KC, K - c * KC) / 32;
+#pragma unroll
+    for (int u = 0; u < KC / 32; u++) {
+      if (u < nu) {
+        float xv[8], wv[8];
+#pragma unroll
+        for (int r = 0; r < 8; r++) xv[r] = cx[(wt + r) * KC + lane + 32 * u];
+#pragma unroll
+        for (int j = 0; j < 8; j++) wv[j] = cw[(we + j) * KC + lane + 32 * u];
+#pragma unroll
+        for (int r = 0; r < 8; r++)
+#pragma unroll
+          for (int j = 0; j < 8; j++) acc[r][j] += wv[j] * xv[r];
+      }
+    }
+    __syncthreads();  // every warp is done with this buffer before it is refilled
+  }
+#pragma unroll
+  for (int r = 0; r < 8; r++)
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      const float v = warp_sum(acc[r][j]);
+      const int t = wt + r, e = e0 + we + j;
+      if (lane == ((8 * r + j) & 31) && t < nt && e < E) logits[(size_t)(t0 + t) * ldl + e] = v;
+    }
+  __syncthreads();  // the block's logits are written before its count
+  router_many_pick(logits, ldl, E, t0, nt, bias, topk, norm, scaling, ids, wts, counters);
 }
