@@ -118,7 +118,7 @@ var moeStreamMain = os.Getenv("MMFP4_CUDA_MOE_MAIN") == "1"
 
 // moeCombineMaxSlots is MB_MAXS in stream.cu: the most slots a token
 // moeb_combine_w takes.
-const moeCombineMaxSlots = 16
+const moeCombineMaxSlots = 8
 
 // moeTileRec is the size of an MbTile (stream.cu): a BExpert (nine
 // pointers) and four 32-bit words.

@@ -598,8 +598,10 @@ extern "C" __global__ void __launch_bounds__(128)
 // weights and the output it adds to are read before the wait for the down
 // kernel (they come from kernels two or more launches back), then every
 // slot's partial row at once, instead of a chain of two dependent reads a
-// slot. The same sums in the same order. At most MB_MAXS slots.
-#define MB_MAXS 16
+// slot. The same sums in the same order. At most MB_MAXS slots (8: with
+// 16, NVRTC 13 spilled 4 bytes for sm_90; GLM-4.7-Flash has 5, and more
+// slots take moeb_combine).
+#define MB_MAXS 8
 extern "C" __global__ void __launch_bounds__(128)
     moeb_combine_w(const float* __restrict__ part, const i32* __restrict__ pos, const float* __restrict__ wts,
                    int topk, int slots, int N, float* __restrict__ y, int ldy, int accumulate) {
