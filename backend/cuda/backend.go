@@ -46,7 +46,7 @@ type Options struct {
 	NoPieces bool
 	// WaitFlushes makes each flush wait until the device thread has
 	// recorded and launched its ops, instead of handing them over and
-	// queuing the next meanwhile (also MMFP4_CUDA_FLUSH_WAIT=1).
+	// queuing the next meanwhile (tests compare the two).
 	WaitFlushes bool
 }
 
@@ -294,9 +294,6 @@ func NewOnDevice(d *Device, o Options) *Backend {
 		ropeTables: map[ropeKey]uint64{}, ropeBufs: map[ropeKey]Buffer{}}
 	if !o.NoGraphs && os.Getenv("MMFP4_CUDA_GRAPHS") != "0" {
 		b.graphs = &graphCache{}
-	}
-	if os.Getenv("MMFP4_CUDA_FLUSH_WAIT") == "1" {
-		b.opts.WaitFlushes = true
 	}
 	b.decodeAttnConfig()
 	return b
