@@ -548,61 +548,15 @@ func TestChainRouterNormMatchesSeparate(t *testing.T) {
 	for _, K := range []int{2048, 1056} {
 		t.Run(fmt.Sprint(K), func(t *testing.T) {
 			const E, topK = 64, 4
-			run := func(o Options) (map[string][]float32, []int32, *Backend) {
-				g, _ := testBackends(t, o)
-				if g.dev.Info().CC < 90 {
-					t.Skipf("the cluster router needs compute capability 9.0, the device has %d", g.dev.Info().CC)
-				}
-				r := rand.New(rand.NewPCG(23, uint64(K)))
-				gain := mustWeight(t, g, backend.HostWeight{Name: "norm", N: 1, K: K, Dense: randVec(r, K, 1)})
-				router := mustWeight(t, g, denseHost(r, "router", E, K))
-				bias := mustWeight(t, g, backend.HostWeight{Name: "bias", N: 1, K: E, Dense: randVec(r, E, 0.01)})
-				up := mustWeight(t, g, quantHost(t, r, "up", 256, K, groupFor(K)))
-				g.SetBatch(simpleBatch(1, 0), nil)
-				g.routeCountersFor(1)
-				x, a := g.NewTensor(1, K), g.NewTensor(1, K)
-				g.Upload(x, randVec(r, K, 1))
-				g.Upload(a, randVec(r, K, 0.5))
-				h, logits, y := g.NewTensor(1, K), g.NewTensor(1, E), g.NewTensor(1, 256)
-				g.Add(x, x, a)
-				g.RMSNorm(h, x, gain, 1e-5)
-				g.MatMul(logits, h, router)
-				rt := g.Route(logits, bias, backend.RouterConfig{TopK: topK, Groups: 1, TopKGroups: 1, NormTopKProb: true, RoutedScaling: 1.8, NumExperts: E}).(*routing)
-				g.MatMul(y, h, up)
-				got := map[string][]float32{}
-				for name, v := range map[string]backend.Tensor{"x": x, "h": h, "logits": logits, "y": y} {
-					got[name] = g.Download(v)
-				}
-				ids, wts := make([]int32, topK), make([]float32, topK)
-				g.now("read routing", func(c *Ctx) error {
-					if err := CopyOut(c, ids, rt.ids); err != nil {
-						return err
-					}
-					return CopyOut(c, wts, rt.wts)
-				})
-				if err := g.Sync(); err != nil {
-					t.Fatal(err)
-				}
-				got["wts"] = wts
-				return got, ids, g
+			if cc := testDevice(t).Info().CC; cc < 90 {
+				t.Skipf("the cluster router needs compute capability 9.0, the device has %d", cc)
 			}
-			want, wantIDs, _ := run(Options{SeparateChain: true})
-			got, gotIDs, g := run(Options{})
+			want, wantIDs, _ := runRouterStep(t, Options{SeparateChain: true}, 23, K, E, topK)
+			got, gotIDs, g := runRouterStep(t, Options{}, 23, K, E, topK)
 			if n, w := g.chainMerges[chainRouterNorm], map[bool]int{true: 1}[K%256 == 0]; n != w {
 				t.Errorf("%d routers with their norm, want %d", n, w)
 			}
-			for i := range wantIDs {
-				if gotIDs[i] != wantIDs[i] {
-					t.Fatalf("expert %d: %d shared, %d separate", i, gotIDs[i], wantIDs[i])
-				}
-			}
-			for name, w := range want {
-				for i := range w {
-					if got[name][i] != w[i] {
-						t.Fatalf("%s[%d] = %v shared, %v separate", name, i, got[name][i], w[i])
-					}
-				}
-			}
+			sameRouterStep(t, "shared", got, gotIDs, want, wantIDs)
 		})
 	}
 }

@@ -117,62 +117,75 @@ func TestFusedRouterMatchesSeparate(t *testing.T) {
 	for _, K := range []int{2048, 1056} {
 		t.Run(fmt.Sprint(K), func(t *testing.T) {
 			const E, topK = 64, 4
-			run := func(o Options) (map[string][]float32, []int32, *Backend) {
-				g, _ := testBackends(t, o)
-				r := rand.New(rand.NewPCG(21, uint64(K)))
-				gain := mustWeight(t, g, backend.HostWeight{Name: "norm", N: 1, K: K, Dense: randVec(r, K, 1)})
-				router := mustWeight(t, g, denseHost(r, "router", E, K))
-				bias := mustWeight(t, g, backend.HostWeight{Name: "bias", N: 1, K: E, Dense: randVec(r, E, 0.01)})
-				// The product after the route reads the norm's int8 form
-				// (groups of groupFor(K), as the norm makes it).
-				up := mustWeight(t, g, quantHost(t, r, "up", 256, K, groupFor(K)))
-				g.SetBatch(simpleBatch(1, 0), nil)
-				g.routeCountersFor(1) // allocated before the step: no flush inside it
-				x, a := g.NewTensor(1, K), g.NewTensor(1, K)
-				g.Upload(x, randVec(r, K, 1))
-				g.Upload(a, randVec(r, K, 0.5))
-				h, logits, y := g.NewTensor(1, K), g.NewTensor(1, E), g.NewTensor(1, 256)
-				g.Add(x, x, a)
-				g.RMSNorm(h, x, gain, 1e-5)
-				g.MatMul(logits, h, router)
-				rt := g.Route(logits, bias, backend.RouterConfig{TopK: topK, Groups: 1, TopKGroups: 1, NormTopKProb: true, RoutedScaling: 1.8, NumExperts: E}).(*routing)
-				g.MatMul(y, h, up)
-				got := map[string][]float32{}
-				for name, v := range map[string]backend.Tensor{"x": x, "h": h, "logits": logits, "y": y} {
-					got[name] = g.Download(v)
-				}
-				ids, wts := make([]int32, topK), make([]float32, topK)
-				g.now("read routing", func(c *Ctx) error {
-					if err := CopyOut(c, ids, rt.ids); err != nil {
-						return err
-					}
-					return CopyOut(c, wts, rt.wts)
-				})
-				if err := g.Sync(); err != nil {
-					t.Fatal(err)
-				}
-				got["wts"] = wts
-				return got, ids, g
-			}
-			want, wantIDs, _ := run(Options{})
-			got, gotIDs, g := run(Options{FusedRouter: true})
+			want, wantIDs, _ := runRouterStep(t, Options{}, 21, K, E, topK)
+			got, gotIDs, g := runRouterStep(t, Options{FusedRouter: true}, 21, K, E, topK)
 			if g.fusedRouters != 1 {
 				t.Errorf("%d fused router launches, want 1", g.fusedRouters)
 			}
 			t.Logf("experts %v / %v", gotIDs, wantIDs)
-			for i := range wantIDs {
-				if gotIDs[i] != wantIDs[i] {
-					t.Fatalf("expert %d: %d fused, %d separate", i, gotIDs[i], wantIDs[i])
-				}
-			}
-			for name, w := range want {
-				for i := range w {
-					if got[name][i] != w[i] {
-						t.Fatalf("%s[%d] = %v fused, %v separate", name, i, got[name][i], w[i])
-					}
-				}
-			}
+			sameRouterStep(t, "fused", got, gotIDs, want, wantIDs)
 		})
+	}
+}
+
+// runRouterStep queues, on a backend with options o, the residual add and
+// norm before a router of E experts over K columns (top topK), the router's
+// product and route, and a product of the norm's int8 form, on inputs drawn
+// from seed; it returns the residual, the norm, the logits, the product and
+// the routing weights, the chosen experts, and the backend.
+func runRouterStep(t *testing.T, o Options, seed uint64, K, E, topK int) (map[string][]float32, []int32, *Backend) {
+	g, _ := testBackends(t, o)
+	r := rand.New(rand.NewPCG(seed, uint64(K)))
+	gain := mustWeight(t, g, backend.HostWeight{Name: "norm", N: 1, K: K, Dense: randVec(r, K, 1)})
+	router := mustWeight(t, g, denseHost(r, "router", E, K))
+	bias := mustWeight(t, g, backend.HostWeight{Name: "bias", N: 1, K: E, Dense: randVec(r, E, 0.01)})
+	// The product after the route reads the norm's int8 form
+	// (groups of groupFor(K), as the norm makes it).
+	up := mustWeight(t, g, quantHost(t, r, "up", 256, K, groupFor(K)))
+	g.SetBatch(simpleBatch(1, 0), nil)
+	g.routeCountersFor(1) // allocated before the step: no flush inside it
+	x, a := g.NewTensor(1, K), g.NewTensor(1, K)
+	g.Upload(x, randVec(r, K, 1))
+	g.Upload(a, randVec(r, K, 0.5))
+	h, logits, y := g.NewTensor(1, K), g.NewTensor(1, E), g.NewTensor(1, 256)
+	g.Add(x, x, a)
+	g.RMSNorm(h, x, gain, 1e-5)
+	g.MatMul(logits, h, router)
+	rt := g.Route(logits, bias, backend.RouterConfig{TopK: topK, Groups: 1, TopKGroups: 1, NormTopKProb: true, RoutedScaling: 1.8, NumExperts: E}).(*routing)
+	g.MatMul(y, h, up)
+	got := map[string][]float32{}
+	for name, v := range map[string]backend.Tensor{"x": x, "h": h, "logits": logits, "y": y} {
+		got[name] = g.Download(v)
+	}
+	ids, wts := make([]int32, topK), make([]float32, topK)
+	g.now("read routing", func(c *Ctx) error {
+		if err := CopyOut(c, ids, rt.ids); err != nil {
+			return err
+		}
+		return CopyOut(c, wts, rt.wts)
+	})
+	if err := g.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	got["wts"] = wts
+	return got, ids, g
+}
+
+// sameRouterStep fails t where two runRouterStep results differ in any bit;
+// how names the first run's launches in the message.
+func sameRouterStep(t *testing.T, how string, got map[string][]float32, gotIDs []int32, want map[string][]float32, wantIDs []int32) {
+	t.Helper()
+	for i := range wantIDs {
+		if gotIDs[i] != wantIDs[i] {
+			t.Fatalf("expert %d: %d %s, %d separate", i, gotIDs[i], how, wantIDs[i])
+		}
+	}
+	for name, w := range want {
+		for i := range w {
+			if got[name][i] != w[i] {
+				t.Fatalf("%s[%d] = %v %s, %v separate", name, i, got[name][i], how, w[i])
+			}
+		}
 	}
 }
 
