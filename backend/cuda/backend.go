@@ -955,29 +955,30 @@ func (b *Backend) SetBatch(batch *backend.Batch, p backend.CachePool) {
 
 // NewTensor returns a zeroed tensor from the step's arena.
 func (b *Backend) NewTensor(rows, cols int) backend.Tensor {
+	t := b.newTensor(rows, cols)
+	if t.ptr != 0 && t.rows*t.cols > 0 {
+		b.zeroFill(t.ptr, 4*t.rows*t.cols)
+	}
+	return t
+}
+
+// newTensor takes a rows x cols tensor from the step's arena, uncleared.
+func (b *Backend) newTensor(rows, cols int) *tensor {
 	if rows < 0 || cols < 0 {
 		b.fail("tensor of %dx%d", rows, cols)
 		rows, cols = 0, 0
 	}
-	t := &tensor{rows: rows, cols: cols, ld: cols, ptr: b.alloc(4 * rows * cols)}
-	if t.ptr != 0 && rows*cols > 0 {
-		b.zeroFill(t.ptr, 4*rows*cols)
-	}
-	return t
+	return &tensor{rows: rows, cols: cols, ld: cols, ptr: b.alloc(4 * rows * cols)}
 }
 
 // NewUnzeroed returns a tensor from the step's arena without clearing it.
 // In a step of scopedRows or more it closes the open zeroing range, so that
 // the next zeroed tensor's memset does not sweep this one too.
 func (b *Backend) NewUnzeroed(rows, cols int) backend.Tensor {
-	if rows < 0 || cols < 0 {
-		b.fail("tensor of %dx%d", rows, cols)
-		rows, cols = 0, 0
-	}
 	if b.batchRows() >= scopedRows {
 		b.zero = nil
 	}
-	return &tensor{rows: rows, cols: cols, ld: cols, ptr: b.alloc(4 * rows * cols)}
+	return b.newTensor(rows, cols)
 }
 
 // zeroFill clears n bytes at p, a new allocation of the arena. Consecutive
