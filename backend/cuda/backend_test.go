@@ -175,22 +175,20 @@ func TestBackendOpsMatchCPU(t *testing.T) {
 		})
 		// The CPU's SIMD SiLU takes its exponential in float32 (the GPU in
 		// float64, as the CPU's Go code): equal to about 1e-7.
-		compareOp(t, g, c, fmt.Sprintf("T=%d swiglu", T), 5e-7, func(b backend.Backend) []float32 {
-			b.SetBatch(batch, nil)
-			d := b.NewTensor(T, 256)
-			v := in(b, x, 512)
-			b.SwiGLU(d, b.Cols(v, 0, 256), b.Cols(v, 256, 512))
-			return b.Download(d)
-		})
-		// Rows wider than one block's 1024 columns, the last slice short.
-		wide := randVec(r, T*2*2500, 4)
-		compareOp(t, g, c, fmt.Sprintf("T=%d swiglu 2500", T), 5e-7, func(b backend.Backend) []float32 {
-			b.SetBatch(batch, nil)
-			d := b.NewTensor(T, 2500)
-			v := in(b, wide, 5000)
-			b.SwiGLU(d, b.Cols(v, 0, 2500), b.Cols(v, 2500, 5000))
-			return b.Download(d)
-		})
+		// Rows of 2500 are wider than one block's 1024 columns, the last
+		// slice short.
+		for _, sw := range []struct {
+			cols int
+			v    []float32
+		}{{256, x}, {2500, randVec(r, T*2*2500, 4)}} {
+			compareOp(t, g, c, fmt.Sprintf("T=%d swiglu %d", T, sw.cols), 5e-7, func(b backend.Backend) []float32 {
+				b.SetBatch(batch, nil)
+				d := b.NewTensor(T, sw.cols)
+				v := in(b, sw.v, 2*sw.cols)
+				b.SwiGLU(d, b.Cols(v, 0, sw.cols), b.Cols(v, sw.cols, 2*sw.cols))
+				return b.Download(d)
+			})
+		}
 		compareOp(t, g, c, fmt.Sprintf("T=%d select outputs", T), 0, func(b backend.Backend) []float32 {
 			b.SetBatch(batch, nil)
 			d := b.NewTensor(2, 512)
