@@ -113,6 +113,21 @@ func timeDevice(c *Ctx, reps, launches int, fn func() error) (float32, error) {
 	return timeEvents(c, reps, fn)
 }
 
+// benchUsPerOp runs run once (compiling and warming), then times 20 runs of
+// launches launches each and reports the device microseconds a run.
+func benchUsPerOp(b *testing.B, c *Ctx, launches int, run func() error) error {
+	if err := run(); err != nil {
+		return err
+	}
+	const reps = 20
+	ms, err := timeDevice(c, reps, launches, run)
+	if err != nil {
+		return err
+	}
+	b.ReportMetric(float64(ms)*1e3/reps, "us/op")
+	return nil
+}
+
 func BenchmarkCopy(b *testing.B) {
 	d := benchDevice(b)
 	err := d.Do(func(c *Ctx) error {

@@ -543,16 +543,7 @@ func BenchmarkRouterMany(b *testing.B) {
 						}
 						return c.RouterRoute(wb.Ptr, E, K, xb.Ptr, K, T, lP, E, bb.Ptr, topK, true, 1.8, iP, wP, cP, nil)
 					}
-					if err := run(); err != nil {
-						return err
-					}
-					const reps = 20
-					ms, err := timeDevice(c, reps, 1, run)
-					if err != nil {
-						return err
-					}
-					b.ReportMetric(float64(ms)*1e3/reps, "us/op")
-					return nil
+					return benchUsPerOp(b, c, 1, run)
 				})
 				if err != nil {
 					b.Fatal(err)
@@ -764,16 +755,7 @@ func BenchmarkGEMMPair(b *testing.B) {
 						launches = 1
 						run = func() error { return c.GEMMPair(y1.Ptr, 768, q1, y2.Ptr, 576, q2, a, tile) }
 					}
-					if err := run(); err != nil {
-						return err
-					}
-					const reps = 20
-					ms, err := timeDevice(c, reps, launches, run)
-					if err != nil {
-						return err
-					}
-					b.ReportMetric(float64(ms)*1e3/reps, "us/op")
-					return nil
+					return benchUsPerOp(b, c, launches, run)
 				})
 				if err != nil {
 					b.Fatal(err)

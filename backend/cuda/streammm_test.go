@@ -528,16 +528,7 @@ func BenchmarkMatMulStreamPair(b *testing.B) {
 							return c.MatMulStreamPair(y1.Ptr, N1, q1, y2.Ptr, N2, q2, a, pp, part.Ptr, part2, cnt.Ptr)
 						}
 					}
-					if err := run(); err != nil {
-						return err
-					}
-					const reps = 20
-					ms, err := timeDevice(c, reps, launches, run)
-					if err != nil {
-						return err
-					}
-					b.ReportMetric(float64(ms)*1e3/reps, "us/op")
-					return nil
+					return benchUsPerOp(b, c, launches, run)
 				})
 				if err != nil {
 					b.Fatal(err)
