@@ -219,35 +219,39 @@ DATA bf16EvenOdd<>+120(SB)/4, $29
 DATA bf16EvenOdd<>+124(SB)/4, $31
 GLOBL bf16EvenOdd<>(SB), RODATA|NOPTR, $128
 
+// PERMUTE32 is the body of the two reorders below: each block of 32
+// floats of src to dst through the index tables at t0 (dst's first 16)
+// and t1 (its last 16); n is a multiple of 32.
+#define PERMUTE32(t0, t1) \
+	MOVQ dst+0(FP), DI \
+	MOVQ src+8(FP), SI \
+	MOVQ n+16(FP), CX \
+	SHRQ $5, CX \
+	JZ   done \
+	VMOVDQU32 t0, Z2 \
+	VMOVDQU32 t1, Z3 \
+loop: \
+	VMOVUPS (SI), Z0 \
+	VMOVUPS 64(SI), Z1 \
+	VMOVAPS Z2, Z4 \
+	VPERMI2PS Z1, Z0, Z4 \
+	VMOVAPS Z3, Z5 \
+	VPERMI2PS Z1, Z0, Z5 \
+	VMOVUPS Z4, (DI) \
+	VMOVUPS Z5, 64(DI) \
+	ADDQ $128, SI \
+	ADDQ $128, DI \
+	DECQ CX \
+	JNZ  loop \
+done: \
+	VZEROUPPER
+
 // func evenOdd32AVX512(dst, src *float32, n int)
 //
 // Each block of 32 values of src to dst in even-then-odd order; n is a
 // multiple of 32.
 TEXT ·evenOdd32AVX512(SB), NOSPLIT, $0-24
-	MOVQ dst+0(FP), DI
-	MOVQ src+8(FP), SI
-	MOVQ n+16(FP), CX
-	SHRQ $5, CX
-	JZ   eodone
-	VMOVDQU32 bf16EvenOdd<>+0(SB), Z2
-	VMOVDQU32 bf16EvenOdd<>+64(SB), Z3
-
-eoloop:
-	VMOVUPS (SI), Z0
-	VMOVUPS 64(SI), Z1
-	VMOVAPS Z2, Z4
-	VPERMI2PS Z1, Z0, Z4
-	VMOVAPS Z3, Z5
-	VPERMI2PS Z1, Z0, Z5
-	VMOVUPS Z4, (DI)
-	VMOVUPS Z5, 64(DI)
-	ADDQ $128, SI
-	ADDQ $128, DI
-	DECQ CX
-	JNZ  eoloop
-
-eodone:
-	VZEROUPPER
+	PERMUTE32(bf16EvenOdd<>+0(SB), bf16EvenOdd<>+64(SB))
 	RET
 
 // func prefetchLines(p *uint16, n int)
@@ -454,28 +458,5 @@ pnext:
 // Each block of 32 values of src, in even-then-odd order, back in column
 // order in dst; n is a multiple of 32.
 TEXT ·interleave32AVX512(SB), NOSPLIT, $0-24
-	MOVQ dst+0(FP), DI
-	MOVQ src+8(FP), SI
-	MOVQ n+16(FP), CX
-	SHRQ $5, CX
-	JZ   ildone
-	VMOVDQU32 bf16Interleave<>+0(SB), Z2
-	VMOVDQU32 bf16Interleave<>+64(SB), Z3
-
-illoop:
-	VMOVUPS (SI), Z0
-	VMOVUPS 64(SI), Z1
-	VMOVAPS Z2, Z4
-	VPERMI2PS Z1, Z0, Z4
-	VMOVAPS Z3, Z5
-	VPERMI2PS Z1, Z0, Z5
-	VMOVUPS Z4, (DI)
-	VMOVUPS Z5, 64(DI)
-	ADDQ $128, SI
-	ADDQ $128, DI
-	DECQ CX
-	JNZ  illoop
-
-ildone:
-	VZEROUPPER
+	PERMUTE32(bf16Interleave<>+0(SB), bf16Interleave<>+64(SB))
 	RET
