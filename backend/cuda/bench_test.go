@@ -309,6 +309,52 @@ func BenchmarkRMSNormQuant(b *testing.B) {
 	}
 }
 
+// BenchmarkQuantizeRows: the activations of a prefill's value expansion
+// (1024 x 20 heads x 512) and o_proj (1024 x 5120), and of a 32-row serving
+// step, quantized without a norm: quant_rows against rmsnorm_quant's
+// one-group-a-warp form, by turns.
+func BenchmarkQuantizeRows(b *testing.B) {
+	d := benchDevice(b)
+	r := rand.New(rand.NewPCG(9, 9))
+	for _, s := range []struct{ T, K int }{{1024, 10240}, {1024, 5120}, {32, 10240}, {32, 5120}} {
+		b.Run(fmt.Sprintf("T%d_K%d", s.T, s.K), func(b *testing.B) {
+			err := d.Do(func(c *Ctx) error {
+				const G = 128
+				xb, err1 := upload(c, randVec(r, s.T*s.K, 1))
+				a, err2 := c.NewQActs(s.T, s.K, G)
+				k, err3 := c.Kernel("quant", "rmsnorm_quant")
+				if err := errors.Join(err1, err2, err3); err != nil {
+					return err
+				}
+				old := func() error {
+					return c.Launch(k, Dim{uint32(s.T), uint32((s.K/G + 7) / 8), 1}, D1(256), 0, xb.Ptr, s.K, uint64(0), float32(0), uint64(0), 0, a.Q, a.Scales, a.Sums, s.K, G)
+				}
+				rows := func() error { return c.RMSNormQuant(xb.Ptr, s.K, 0, 0, 0, 0, s.T, s.K, G, a) }
+				for round := 0; round < 2; round++ {
+					for _, v := range []struct {
+						name string
+						run  func() error
+					}{{"rmsnorm_quant", old}, {"quant_rows", rows}} {
+						if err := v.run(); err != nil {
+							return err
+						}
+						ms, err := timeDevice(c, 50, 1, v.run)
+						if err != nil {
+							return err
+						}
+						us := float64(ms) * 1e3 / 50
+						b.Logf("%s: %dx%d %s %.2f us (%.0f GB/s)", c.Info().Name, s.T, s.K, v.name, us, float64(s.T*s.K*5)/us/1e3)
+					}
+				}
+				return errors.Join(c.Free(xb), c.FreeQActs(a))
+			})
+			if err != nil {
+				b.Fatal(err)
+			}
+		})
+	}
+}
+
 // BenchmarkMoE: one token through a GLM-4.7-Flash MoE layer (64 experts of
 // 1536 x 2048, top 4, one shared expert): gate+up+SiLU, quantization and
 // weighted down, three launches. The routed experts change every call (16

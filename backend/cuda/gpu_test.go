@@ -214,6 +214,67 @@ func TestRMSNormQuant(t *testing.T) {
 	}
 }
 
+// Quantization without a norm (quant_rows, and rmsnorm_quant where a row
+// is not 16-byte aligned) against the format's rule, bit for bit: rows with
+// a stride, zero groups, every group size, one row to a whole prefill.
+func TestQuantizeRowsMatchesRule(t *testing.T) {
+	d := testDevice(t)
+	r := testRand(t)
+	for _, c := range []struct{ T, K, G, ld int }{
+		{1, 2048, 128, 2048}, {5, 576, 64, 580}, {17, 96, 32, 100}, {37, 768, 32, 768},
+		{300, 10240, 128, 10244}, {1024, 5120, 128, 5120}, {3, 512, 128, 513},
+	} {
+		err := d.Do(func(ctx *Ctx) error {
+			x := randVec(r, c.T*c.ld, 3)
+			for i := 0; i < 5; i++ { // zero groups quantize to zeros
+				copy(x[i*c.ld:i*c.ld+c.G], make([]float32, c.G))
+			}
+			xb, err := upload(ctx, x)
+			if err != nil {
+				return err
+			}
+			a, err := ctx.NewQActs(c.T, c.K, c.G)
+			if err != nil {
+				return err
+			}
+			if err := errors.Join(poison(ctx, a.Q, c.T*c.K), poison(ctx, a.Scales, 4*c.T*c.K/c.G), poison(ctx, a.Sums, 4*c.T*c.K/32)); err != nil {
+				return err
+			}
+			if err := ctx.RMSNormQuant(xb.Ptr, c.ld, 0, 0, 0, 0, c.T, c.K, c.G, a); err != nil {
+				return err
+			}
+			q := make([]int8, c.T*c.K)
+			sc := make([]float32, c.T*c.K/c.G)
+			sums := make([]int32, c.T*c.K/32)
+			if err := errors.Join(CopyOut(ctx, q, a.Q), CopyOut(ctx, sc, a.Scales), CopyOut(ctx, sums, a.Sums)); err != nil {
+				return err
+			}
+			for tk := 0; tk < c.T; tk++ {
+				wq, ws, wsum := quantizeRef(x[tk*c.ld:tk*c.ld+c.K], c.G)
+				for i := range wq {
+					if q[tk*c.K+i] != wq[i] {
+						return fmt.Errorf("%+v: row %d q[%d] = %d, want %d", c, tk, i, q[tk*c.K+i], wq[i])
+					}
+				}
+				for i := range ws {
+					if math.Float32bits(sc[tk*len(ws)+i]) != math.Float32bits(ws[i]) {
+						return fmt.Errorf("%+v: row %d scale[%d] = %g, want %g", c, tk, i, sc[tk*len(ws)+i], ws[i])
+					}
+				}
+				for i := range wsum {
+					if sums[tk*len(wsum)+i] != wsum[i] {
+						return fmt.Errorf("%+v: row %d sum[%d] = %d, want %d", c, tk, i, sums[tk*len(wsum)+i], wsum[i])
+					}
+				}
+			}
+			return errors.Join(ctx.Free(xb), ctx.FreeQActs(a))
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
 // The GEMV kernels against the CPU backend's int8 MMFP4 product (same int8
 // activations, so only the float summation order differs) and against the
 // float64 product of the dequantized weights and the float activations.

@@ -92,6 +92,9 @@ func (c *Ctx) RMSNormQuant(x uint64, ldx int, gain uint64, eps float32, out uint
 	if !format.ValidGroupSize(G) || K%G != 0 {
 		return fmt.Errorf("cuda: rmsnorm_quant: K=%d, group %d", K, G)
 	}
+	if gain == 0 && out == 0 && a != nil && x%16 == 0 && ldx%4 == 0 {
+		return c.quantRows(x, ldx, rows, K, G, a)
+	}
 	k, err := c.Kernel("quant", "rmsnorm_quant")
 	if err != nil {
 		return err
@@ -103,6 +106,25 @@ func (c *Ctx) RMSNormQuant(x uint64, ldx int, gain uint64, eps float32, out uint
 		groupBlocks = (K/G + 7) / 8
 	}
 	return c.Launch(k, Dim{uint32(rows), uint32(groupBlocks), 1}, D1(256), 0, x, ldx, gain, eps, out, ldo, q, s, sums, K, G)
+}
+
+// quantRows is RMSNormQuant without a norm or a float output (quant_rows):
+// up to eight groups a warp, fewer where that would leave fewer than two
+// blocks of eight warps a multiprocessor.
+func (c *Ctx) quantRows(x uint64, ldx int, rows, K, G int, a *QActs) error {
+	k, err := c.Kernel("quant", "quant_rows")
+	if err != nil {
+		return err
+	}
+	const warps, maxGroups = 8, 8
+	groups := rows * (K / G)
+	if groups == 0 {
+		return nil
+	}
+	gpw := groups / (2 * max(c.Info().SMs, 1) * warps)
+	gpw = max(1, min(maxGroups, gpw))
+	per := warps * gpw
+	return c.Launch(k, D1((groups+per-1)/per), D1(warps*32), 0, x, ldx, a.Q, a.Scales, a.Sums, rows, K, G, gpw)
 }
 
 // rowNorm8 reports whether rmsnorm_quant8 takes rows of K values in groups
