@@ -466,6 +466,20 @@ func (c *Ctx) RouterMany(W uint64, E, K int, x uint64, ldx, T int, logits uint64
 	if err != nil {
 		return err
 	}
-	return c.Launch(k, Dim{uint32((E + routerManyExperts - 1) / routerManyExperts), uint32((T + routerManyTokens - 1) / routerManyTokens), 1}, D1(256), shared,
-		W, E, K, x, ldx, T, logits, ldl, bias, topk, n, scaling, ids, wts, counters)
+	grid := Dim{uint32((E + routerManyExperts - 1) / routerManyExperts), uint32((T + routerManyTokens - 1) / routerManyTokens), 1}
+	if !routerPickRows {
+		return c.Launch(k, grid, D1(256), shared, W, E, K, x, ldx, T, logits, ldl, bias, topk, n, scaling, ids, wts, counters, 1)
+	}
+	pick, err := c.Kernel("gemm", "router_pick_rows")
+	if err != nil {
+		return err
+	}
+	if err := c.Launch(k, grid, D1(256), shared, W, E, K, x, ldx, T, logits, ldl, bias, topk, n, scaling, ids, wts, counters, 0); err != nil {
+		return err
+	}
+	return c.Launch(pick, D1((T+7)/8), D1(256), 0, logits, ldl, E, T, bias, topk, n, scaling, ids, wts)
 }
+
+// routerPickRows: RouterMany's expert choice in a second launch, a warp a
+// row (router_pick_rows), rather than by each row group's last block.
+var routerPickRows = false

@@ -451,6 +451,15 @@ func BenchmarkMoEBatched(b *testing.B) {
 // counters zeroed (two calls in a row agree), at the model's shape and odd
 // ones (rows not a multiple of the token group, experts not of 16).
 func TestRouterManyMatchesRouterRoute(t *testing.T) {
+	defer func(v bool) { routerPickRows = v }(routerPickRows)
+	for _, pickRows := range []bool{false, true} {
+		routerPickRows = pickRows
+		t.Logf("expert choice a warp a row: %v", pickRows)
+		routerManyMatchesRouterRoute(t)
+	}
+}
+
+func routerManyMatchesRouterRoute(t *testing.T) {
 	d := testDevice(t)
 	r := testRand(t)
 	for _, sh := range []struct{ E, K, T, topK int }{
@@ -522,8 +531,10 @@ func BenchmarkRouterMany(b *testing.B) {
 	r := rand.New(rand.NewPCG(12, 12))
 	const E, K, topK = 64, 2048, 4
 	for _, T := range []int{64, 256, 1024} {
-		for _, v := range []string{"fast", "many"} {
+		for _, v := range []string{"fast", "many", "many_pickrows"} {
 			b.Run(fmt.Sprintf("T%d/%s", T, v), func(b *testing.B) {
+				defer func(p bool) { routerPickRows = p }(routerPickRows)
+				routerPickRows = v == "many_pickrows"
 				err := d.Do(func(c *Ctx) error {
 					wb, err1 := upload(c, randVec(r, E*K, 0.02))
 					xb, err2 := upload(c, randVec(r, T*K, 1))
@@ -538,7 +549,7 @@ func BenchmarkRouterMany(b *testing.B) {
 						return err
 					}
 					run := func() error {
-						if v == "many" {
+						if v != "fast" {
 							return c.RouterMany(wb.Ptr, E, K, xb.Ptr, K, T, lP, E, bb.Ptr, topK, true, 1.8, iP, wP, cP)
 						}
 						return c.RouterRoute(wb.Ptr, E, K, xb.Ptr, K, T, lP, E, bb.Ptr, topK, true, 1.8, iP, wP, cP, nil)

@@ -616,7 +616,7 @@ DEVICE void router_many_pick(float* logits, int ldl, int E, int t0, int nt, cons
 extern "C" __global__ void __launch_bounds__(256)
     router_many(const float* __restrict__ W, int E, int K, const float* __restrict__ x, int ldx, int T,
                 float* logits, int ldl, const float* __restrict__ bias, int topk, int norm, float scaling,
-                i32* __restrict__ ids, float* __restrict__ wts, u32* __restrict__ counters) {
+                i32* __restrict__ ids, float* __restrict__ wts, u32* __restrict__ counters, int pick) {
   PDL_LAUNCH();
   constexpr int TT = ROUTER_MANY_T, KC = ROUTER_MANY_KC, ROWS = ROUTER_MANY_T + ROUTER_MANY_E;
   extern __shared__ __align__(16) float rt[];  // [2][ROWS][KC]: the tokens' columns, then the experts'
@@ -679,6 +679,63 @@ extern "C" __global__ void __launch_bounds__(256)
       const int t = wt + r, e = e0 + we + j;
       if (lane == ((8 * r + j) & 31) && t < nt && e < E) logits[(size_t)(t0 + t) * ldl + e] = v;
     }
+  if (!pick) return;  // router_pick_rows chooses
   __syncthreads();  // the block's logits are written before its count
   router_many_pick(logits, ldl, E, t0, nt, bias, topk, norm, scaling, ids, wts, counters);
+}
+
+// The choice of router_many_pick for every row of logits at once, one warp a
+// row (lane l takes experts l, l+32, ...; the ranks by shuffles), instead of
+// the last block of each 32-row group taking its rows a few at a time after
+// the products: the same sigmoid, ranks and weight sums in the same order,
+// so the same bits. 256 threads, ceil(T/8) blocks; E <= 128.
+extern "C" __global__ void __launch_bounds__(256)
+    router_pick_rows(const float* logits, int ldl, int E, int T, const float* __restrict__ bias, int topk,
+                     int norm, float scaling, i32* __restrict__ ids, float* __restrict__ wts) {
+  PDL_LAUNCH();
+  __shared__ float pick[8][32];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int t = blockIdx.x * 8 + warp;
+  float bv[4];
+#pragma unroll
+  for (int i = 0; i < 4; i++) bv[i] = lane + 32 * i < E ? bias[lane + 32 * i] : 0.f;
+  PDL_WAIT();
+  if (t >= T) return;
+  float sc[4], ch[4];
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    sc[i] = ch[i] = 0.f;
+    if (lane + 32 * i < E) {
+      const float acc = logits[(size_t)t * ldl + lane + 32 * i];
+      const float sg = (float)(1.0 / (1.0 + exp(-(double)acc)));
+      sc[i] = sg;
+      ch[i] = sg + bv[i];
+    }
+  }
+  int rank[4] = {0, 0, 0, 0};
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    if (32 * i >= E) break;
+    for (int s = 0; s < 32 && 32 * i + s < E; s++) {
+      const int j = 32 * i + s;
+      const float o = __shfl_sync(0xffffffffu, ch[i], s);
+#pragma unroll
+      for (int m = 0; m < 4; m++) rank[m] += o > ch[m] || (o == ch[m] && j < lane + 32 * m);
+    }
+  }
+#pragma unroll
+  for (int m = 0; m < 4; m++) {
+    if (lane + 32 * m < E && rank[m] < topk) {
+      ids[(size_t)t * topk + rank[m]] = lane + 32 * m;
+      pick[warp][rank[m]] = sc[m];
+    }
+  }
+  __syncwarp();
+  if (lane < topk) {
+    float sum = 0.f;
+    for (int k = 0; k < topk; k++) sum += pick[warp][k];
+    float w = pick[warp][lane];
+    if (norm) w /= sum + 1e-20f;
+    wts[(size_t)t * topk + lane] = w * scaling;
+  }
 }
