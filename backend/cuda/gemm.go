@@ -481,5 +481,7 @@ func (c *Ctx) RouterMany(W uint64, E, K int, x uint64, ldx, T int, logits uint64
 }
 
 // routerPickRows: RouterMany's expert choice in a second launch, a warp a
-// row (router_pick_rows), rather than by each row group's last block.
-var routerPickRows = false
+// row (router_pick_rows), rather than by each row group's last block
+// (H200, BenchmarkRouterMany: 40.8 -> 36.8 us at 1024 rows, 40.1 -> 29.6
+// at 256, 39.7 -> 29.6 at 64).
+var routerPickRows = true

@@ -92,7 +92,7 @@ func (c *Ctx) RMSNormQuant(x uint64, ldx int, gain uint64, eps float32, out uint
 	if !format.ValidGroupSize(G) || K%G != 0 {
 		return fmt.Errorf("cuda: rmsnorm_quant: K=%d, group %d", K, G)
 	}
-	if gain == 0 && out == 0 && a != nil && x%16 == 0 && ldx%4 == 0 {
+	if gain == 0 && out == 0 && a != nil && x%16 == 0 && ldx%4 == 0 && rows*(K/G) < 1<<30 {
 		return c.quantRows(x, ldx, rows, K, G, a)
 	}
 	k, err := c.Kernel("quant", "rmsnorm_quant")

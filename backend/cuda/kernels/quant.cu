@@ -234,32 +234,35 @@ DEVICE void quant_rows_warp(const float* x, int ldx, i8* __restrict__ xq, float*
                             i32* __restrict__ xsum, int rows, int K, int gpw) {
   constexpr int G = 32 * E;
   const int lane = threadIdx.x & 31;
-  const int ng = K / G;
-  const long total = (long)rows * ng;
-  const long first = ((long)blockIdx.x * (QUANT_THREADS / 32) + (threadIdx.x >> 5)) * gpw;
+  const int ng = K / G, total = rows * ng;  // under 2^31 (checked by the caller)
+  const int first = (blockIdx.x * (QUANT_THREADS / 32) + (threadIdx.x >> 5)) * gpw;
+  if (first >= total) return;
+  // The groups' rows and columns by stepping, not by a division each.
+  const int t0 = first / ng, g0 = first - t0 * ng;
   float v[QR_GROUPS][E];
+  {
+    int t = t0, g = g0;
 #pragma unroll
-  for (int j = 0; j < QR_GROUPS; j++) {
-    const long gi = first + j;
-    if (j < gpw && gi < total) {
-      const int t = (int)(gi / ng), g = (int)(gi % ng);
-      const float* p = x + (size_t)t * ldx + g * G + lane * E;
-      if (E == 4) {
-        const float4 f = *(const float4*)p;
-        v[j][0] = f.x; v[j][1] = f.y; v[j][2] = f.z; v[j][3] = f.w;
-      } else if (E == 2) {
-        const float2 f = *(const float2*)p;
-        v[j][0] = f.x; v[j][1] = f.y;
-      } else {
-        v[j][0] = p[0];
+    for (int j = 0; j < QR_GROUPS; j++) {
+      if (j < gpw && first + j < total) {
+        const float* p = x + (size_t)t * ldx + g * G + lane * E;
+        if (E == 4) {
+          const float4 f = *(const float4*)p;
+          v[j][0] = f.x; v[j][1] = f.y; v[j][2] = f.z; v[j][3] = f.w;
+        } else if (E == 2) {
+          const float2 f = *(const float2*)p;
+          v[j][0] = f.x; v[j][1] = f.y;
+        } else {
+          v[j][0] = p[0];
+        }
       }
+      if (++g == ng) g = 0, t++;
     }
   }
+  int t = t0, g = g0;
 #pragma unroll
   for (int j = 0; j < QR_GROUPS; j++) {
-    const long gi = first + j;
-    if (j >= gpw || gi >= total) break;  // the same for the whole warp
-    const int t = (int)(gi / ng), g = (int)(gi % ng);
+    if (j >= gpw || first + j >= total) break;  // the same for the whole warp
     const int k0 = g * G + lane * E;
     float amax = 0.f;
 #pragma unroll
@@ -286,6 +289,7 @@ DEVICE void quant_rows_warp(const float* x, int ldx, i8* __restrict__ xq, float*
     for (int s = 1; s < 32 / E; s <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, s);
     if ((lane & (32 / E - 1)) == 0) xsum[(size_t)t * (K / 32) + k0 / 32] = sum;
     if (lane == 0) xs[(size_t)t * ng + g] = amax == 0.f ? 0.f : scale;
+    if (++g == ng) g = 0, t++;
   }
 }
 
