@@ -435,12 +435,14 @@ const routerManyTokens = 32
 
 var routerManyMinRows = 512
 
-// routerManyExperts and routerManyCols are ROUTER_MANY_E and
-// ROUTER_MANY_KC in gemm.cu: the experts of a block and the columns of a
-// shared-memory chunk.
+// routerManyExperts, routerManyCols and routerManyStages are
+// ROUTER_MANY_E, ROUTER_MANY_KC and ROUTER_MANY_STAGES in gemm.cu: the
+// experts of a block, the columns of a shared-memory chunk and the chunks
+// held at once.
 const (
 	routerManyExperts = 16
-	routerManyCols    = 256
+	routerManyCols    = 128
+	routerManyStages  = 4
 )
 
 // RouterManyFits reports whether RouterMany takes these experts and input.
@@ -461,7 +463,7 @@ func (c *Ctx) RouterMany(W uint64, E, K int, x uint64, ldx, T int, logits uint64
 	if norm {
 		n = 1
 	}
-	shared := 2 * (routerManyTokens + routerManyExperts) * routerManyCols * 4
+	shared := routerManyStages * (routerManyTokens + routerManyExperts) * routerManyCols * 4
 	k, err := c.kernelShared("gemm", "router_many", shared)
 	if err != nil {
 		return err
