@@ -435,14 +435,12 @@ const routerManyTokens = 32
 
 var routerManyMinRows = 512
 
-// routerManyExperts, routerManyCols and routerManyStages are
-// ROUTER_MANY_E, ROUTER_MANY_KC and ROUTER_MANY_STAGES in gemm.cu: the
-// experts of a block, the columns of a shared-memory chunk and the chunks
-// held at once.
+// routerManyExperts and routerManyCols are ROUTER_MANY_E and
+// ROUTER_MANY_KC in gemm.cu: the experts of a block and the columns of a
+// shared-memory chunk.
 const (
 	routerManyExperts = 16
-	routerManyCols    = 128
-	routerManyStages  = 4
+	routerManyCols    = 256
 )
 
 // RouterManyFits reports whether RouterMany takes these experts and input.
@@ -463,7 +461,7 @@ func (c *Ctx) RouterMany(W uint64, E, K int, x uint64, ldx, T int, logits uint64
 	if norm {
 		n = 1
 	}
-	shared := routerManyStages * (routerManyTokens + routerManyExperts) * routerManyCols * 4
+	shared := 2 * (routerManyTokens + routerManyExperts) * routerManyCols * 4
 	k, err := c.kernelShared("gemm", "router_many", shared)
 	if err != nil {
 		return err

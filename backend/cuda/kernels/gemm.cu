@@ -605,16 +605,13 @@ DEVICE void router_many_pick(float* logits, int ldl, int E, int t0, int nt, cons
 // warp w takes tokens 8(w%4).. and experts 8(w/4).. of the block's 32
 // tokens and 16 experts. K goes through shared memory ROUTER_MANY_KC
 // columns at a time (the tokens' and the experts' rows, cp.async, the next
-// ROUTER_MANY_STAGES - 1 chunks in flight: with one, each chunk's load
-// latency was most of the kernel). The last block of a token group picks
-// the experts of its tokens (router_many_pick), unless pick is 0. E <= 128,
-// K <= 2048 with K % 32 == 0, 16-byte aligned rows; dynamic shared memory
-// ROUTER_MANY_STAGES * (ROUTER_MANY_T + ROUTER_MANY_E) * ROUTER_MANY_KC
-// floats.
+// chunk in flight). The last block of a token group picks the experts of
+// its tokens (router_many_pick). E <= 128, K <= 2048 with K % 32 == 0,
+// 16-byte aligned rows; dynamic shared memory 2 * (ROUTER_MANY_T +
+// ROUTER_MANY_E) * ROUTER_MANY_KC floats.
 #define ROUTER_MANY_T 32
 #define ROUTER_MANY_E 16
-#define ROUTER_MANY_KC 128
-#define ROUTER_MANY_STAGES 4
+#define ROUTER_MANY_KC 256
 
 extern "C" __global__ void __launch_bounds__(256)
     router_many(const float* __restrict__ W, int E, int K, const float* __restrict__ x, int ldx, int T,
@@ -622,8 +619,7 @@ extern "C" __global__ void __launch_bounds__(256)
                 i32* __restrict__ ids, float* __restrict__ wts, u32* __restrict__ counters, int pick) {
   PDL_LAUNCH();
   constexpr int TT = ROUTER_MANY_T, KC = ROUTER_MANY_KC, ROWS = ROUTER_MANY_T + ROUTER_MANY_E;
-  constexpr int NS = ROUTER_MANY_STAGES;
-  extern __shared__ __align__(16) float rt[];  // [NS][ROWS][KC]: the tokens' columns, then the experts'
+  extern __shared__ __align__(16) float rt[];  // [2][ROWS][KC]: the tokens' columns, then the experts'
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int e0 = blockIdx.x * ROUTER_MANY_E, t0 = blockIdx.y * TT;
   const int nt = min(TT, T - t0);
@@ -631,7 +627,7 @@ extern "C" __global__ void __launch_bounds__(256)
   const int nchunks = (K + KC - 1) / KC;
   PDL_WAIT();
   auto load = [&](int c) {
-    float* dst = rt + (c % NS) * ROWS * KC;
+    float* dst = rt + (c & 1) * ROWS * KC;
     const int k0 = c * KC, kc = min(KC, K - k0);
     for (int idx = tid * 4; idx < ROWS * KC; idx += 256 * 4) {
       const int r = idx / KC, k = idx - r * KC;
@@ -647,25 +643,16 @@ extern "C" __global__ void __launch_bounds__(256)
   for (int r = 0; r < 8; r++)
 #pragma unroll
     for (int j = 0; j < 8; j++) acc[r][j] = 0.f;
-  // One commit group a chunk (empty past the last), so that waiting for
-  // all but the newest NS - 1 groups waits for chunk c.
-#pragma unroll
-  for (int c = 0; c < NS - 1; c++) {
-    if (c < nchunks) {
-      load(c);
-    } else {
-      asm volatile("cp.async.commit_group;" ::: "memory");
-    }
-  }
+  load(0);
   for (int c = 0; c < nchunks; c++) {
-    if (c + NS - 1 < nchunks) {
-      load(c + NS - 1);
+    if (c + 1 < nchunks) {
+      load(c + 1);
+      asm volatile("cp.async.wait_group 1;" ::: "memory");
     } else {
-      asm volatile("cp.async.commit_group;" ::: "memory");
+      asm volatile("cp.async.wait_group 0;" ::: "memory");
     }
-    asm volatile("cp.async.wait_group %0;" ::"n"(NS - 1) : "memory");
     __syncthreads();
-    const float* cx = rt + (c % NS) * ROWS * KC;
+    const float* cx = rt + (c & 1) * ROWS * KC;
     const float* cw = cx + TT * KC;
     const int nu = min(KC, K - c * KC) / 32;
 #pragma unroll
