@@ -431,7 +431,7 @@ func (b *Backend) absorbMany(ql, qm *tensor, w *weight, s backend.MLAShape) bool
 // (one block per token and four experts, each re-reading its experts'
 // rows). Measured on an H200 (BenchmarkRouterMany, 64 experts of 2048):
 // 40.8 against 140.2 us at 1024 rows, 40.1 against 37.5 at 256.
-const routerManyTokens = 32
+const routerManyTokens = 16
 
 var routerManyMinRows = 512
 

@@ -600,16 +600,18 @@ DEVICE void router_many_pick(float* logits, int ldl, int E, int t0, int nt, cons
 // token's choice, as moe_router_fast computes them (the same products in
 // the same order, so the same bits: lane l sums W[e][l+32u] * x[t][l+32u]
 // over u in order from 0, then the warp sum), with the work of a warp
-// blocked as 8 tokens x 8 experts, so that a column's shared loads feed 64
+// blocked as 4 tokens x 8 experts, so that a column's shared loads feed 32
 // FMAs. Grid (ceil(E/ROUTER_MANY_E), ceil(T/ROUTER_MANY_T)), 256 threads:
-// warp w takes tokens 8(w%4).. and experts 8(w/4).. of the block's 32
-// tokens and 16 experts. K goes through shared memory ROUTER_MANY_KC
+// warp w takes tokens 4(w%4).. and experts 8(w/4).. of the block's 16
+// tokens and 16 experts (with 8 tokens a warp and 32 a block, one block of
+// 8 warps a multiprocessor issued an instruction every 3.9 cycles a warp:
+// the products took about 30 us at any row count). K goes through shared memory ROUTER_MANY_KC
 // columns at a time (the tokens' and the experts' rows, cp.async, the next
 // chunk in flight). The last block of a token group picks the experts of
 // its tokens (router_many_pick). E <= 128, K <= 2048 with K % 32 == 0,
 // 16-byte aligned rows; dynamic shared memory 2 * (ROUTER_MANY_T +
 // ROUTER_MANY_E) * ROUTER_MANY_KC floats.
-#define ROUTER_MANY_T 32
+#define ROUTER_MANY_T 16
 #define ROUTER_MANY_E 16
 #define ROUTER_MANY_KC 256
 
@@ -623,7 +625,7 @@ extern "C" __global__ void __launch_bounds__(256)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int e0 = blockIdx.x * ROUTER_MANY_E, t0 = blockIdx.y * TT;
   const int nt = min(TT, T - t0);
-  const int wt = (warp & 3) * 8, we = (warp >> 2) * 8;
+  const int wt = (warp & 3) * 4, we = (warp >> 2) * 8;
   const int nchunks = (K + KC - 1) / KC;
   PDL_WAIT();
   auto load = [&](int c) {
@@ -638,9 +640,9 @@ extern "C" __global__ void __launch_bounds__(256)
     }
     asm volatile("cp.async.commit_group;" ::: "memory");
   };
-  float acc[8][8];
+  float acc[4][8];
 #pragma unroll
-  for (int r = 0; r < 8; r++)
+  for (int r = 0; r < 4; r++)
 #pragma unroll
     for (int j = 0; j < 8; j++) acc[r][j] = 0.f;
   load(0);
@@ -658,13 +660,13 @@ extern "C" __global__ void __launch_bounds__(256)
 #pragma unroll
     for (int u = 0; u < KC / 32; u++) {
       if (u < nu) {
-        float xv[8], wv[8];
+        float xv[4], wv[8];
 #pragma unroll
-        for (int r = 0; r < 8; r++) xv[r] = cx[(wt + r) * KC + lane + 32 * u];
+        for (int r = 0; r < 4; r++) xv[r] = cx[(wt + r) * KC + lane + 32 * u];
 #pragma unroll
         for (int j = 0; j < 8; j++) wv[j] = cw[(we + j) * KC + lane + 32 * u];
 #pragma unroll
-        for (int r = 0; r < 8; r++)
+        for (int r = 0; r < 4; r++)
 #pragma unroll
           for (int j = 0; j < 8; j++) acc[r][j] += wv[j] * xv[r];
       }
@@ -672,7 +674,7 @@ extern "C" __global__ void __launch_bounds__(256)
     __syncthreads();  // every warp is done with this buffer before it is refilled
   }
 #pragma unroll
-  for (int r = 0; r < 8; r++)
+  for (int r = 0; r < 4; r++)
 #pragma unroll
     for (int j = 0; j < 8; j++) {
       const float v = warp_sum(acc[r][j]);
