@@ -5,6 +5,7 @@ package cuda
 import (
 	"fmt"
 	"math/bits"
+	"os"
 	"slices"
 
 	"github.com/mmfp4/mmfp4/backend"
@@ -117,6 +118,7 @@ type valuesOp struct {
 	w           *QMatrix
 	a           *QActs
 	heads, rows int
+	merge       *mergeIn // the attention's splits merged in the launch
 }
 
 // norm8Op is a single-row RMSNorm queued as b.pending[idx].
@@ -175,7 +177,13 @@ func (b *Backend) valuesQuant(x *tensor, w *weight) bool {
 		return false // the arena grew, which flushed the queued ops
 	}
 	y, wv, a, heads, rows := x.ptr, v.w, v.a, v.heads, v.rows
-	b.pending[v.idx] = queuedOp{"expand values+quantize", func(c *Ctx) error { return c.GEMVHeadsQuant(y, wv, a, heads, rows, q) }}
+	if m := v.merge; m != nil {
+		b.pending[v.idx] = queuedOp{"attention merge+expand values+quantize", func(c *Ctx) error {
+			return c.DecodeCombineValues(y, wv, heads, rows, q, q.G, m.parts, m.olat, &m.oa)
+		}}
+	} else {
+		b.pending[v.idx] = queuedOp{"expand values+quantize", func(c *Ctx) error { return c.GEMVHeadsQuant(y, wv, a, heads, rows, q) }}
+	}
 	b.rememberQuant(quantEntry{*x, q})
 	b.lastValues = nil
 	b.chainMerges[chainValues]++
@@ -239,6 +247,7 @@ const (
 	chainNorms
 	chainRope
 	chainRouterNorm
+	chainNormGEMV
 )
 
 // ropeCacheOp is a rope2_cache_write launch queued as b.pending[idx]
@@ -281,6 +290,9 @@ func (b *Backend) absorbRope(ql, qm *tensor, w *QMatrix, s backend.MLAShape, gri
 		return false
 	}
 	name := fmt.Sprintf("absorb_query_tc_rope_%d", s.NopeDim)
+	if absorbLate && s.NopeDim == 192 {
+		name = "absorb_query_tc_rope_late_192"
+	}
 	grid.Z++
 	b.pending[rc.idx] = queuedOp{"absorb query+rope+cache write", func(c *Ctx) error {
 		k, err := c.kernelShared("absorb", name, shared)
@@ -356,3 +368,92 @@ func (b *Backend) routerNormCall(ld *denseOp, lm *tensor, bias *weight, cfg back
 		return c.RouterClusterNorm(ld.w.dense, K, lm.ptr, bias.dense, cfg.TopK, norm == 1, cfg.RoutedScaling, r.ids, r.wts, q, in)
 	}, true
 }
+
+// normGEMVFits reports whether NormGEMV takes a norm of K values in int8
+// groups of G before a product of rows of K columns in groups of G: K a
+// multiple of 256 of at most 1024 (a block's 128 threads of 8 values, one
+// chunk of 32 columns a lane).
+func normGEMVFits(K, G int) bool {
+	return K%256 == 0 && K <= 1024 && (G == 32 || G == 64 || G == 128)
+}
+
+// NormGEMV is the single-row norm n (RMSNormQuant8 of one row, with a
+// gain and its int8 form) and y = w norm(x) (GEMVRows of one token, from
+// n's int8 form) in one launch, with the independent single-row norm n2
+// in an extra block when n2.q is not nil (norm_gemv_t1: every output the
+// separate launches' bits). n.out must not overlap n.x.
+func (c *Ctx) NormGEMV(y uint64, w *QMatrix, n, n2 norm8) error {
+	q := n.q
+	if q == nil || q.T != 1 || n.gain == 0 || q.K != w.K || q.G != w.G || !normGEMVFits(q.K, q.G) {
+		return fmt.Errorf("cuda: norm and product: want a gain and one row of a multiple of 256 up to 1024 in the product's groups")
+	}
+	var gain2, x2, out2, q2, s2, sum2 uint64
+	K2, G2 := 0, 0
+	if m := n2.q; m != nil {
+		if m.T != 1 || n2.gain == 0 || !normGEMVFits(m.K, m.G) {
+			return fmt.Errorf("cuda: norm and product: second norm of %d values in groups of %d", m.K, m.G)
+		}
+		x2, gain2, out2, q2, s2, sum2, K2, G2 = n2.x, n2.gain, n2.out, m.Q, m.Scales, m.Sums, m.K, m.G
+	}
+	k, err := c.Kernel("quant", "norm_gemv_t1")
+	if err != nil {
+		return err
+	}
+	nb := (w.N + gemvRowsPerBlock - 1) / gemvRowsPerBlock
+	if n2.q != nil {
+		nb++
+	}
+	return c.Launch(k, D1(nb), D1(128), 0, w.Codes, w.Scales, w.RowScale, w.N, y, w.K, bits.TrailingZeros(uint(w.G/32)),
+		n.x, n.gain, n.eps, n.out, q.Q, q.Scales, q.Sums, x2, gain2, n2.eps, out2, q2, s2, sum2, K2, G2)
+}
+
+// normGEMV is NormGEMV queued as b.pending[idx].
+type normGEMVOp struct {
+	idx, flush int
+	y          uint64
+	w          *QMatrix
+	n          norm8
+	touched    []tensor // what it reads or writes: x, out, y
+	paired     bool
+}
+
+// normProducts lets a single-token product take the single-row norm
+// queued just before it, which made its input, into its launch
+// (NormGEMV); MMFP4_CUDA_NORM_GEMV=0 keeps them apart.
+var normProducts = os.Getenv("MMFP4_CUDA_NORM_GEMV") != "0"
+
+// normProduct queues d = w a in the launch of the single-row norm queued
+// just before it, whose int8 form a is, and reports whether it did.
+func (b *Backend) normProduct(d *tensor, a *QActs, w *weight) bool {
+	p := b.lastNorm8
+	if !normProducts || !b.chained() || b.opts.FusedGEMV || b.opts.FusedLatent || p == nil || p.flush != b.flushes ||
+		p.idx != len(b.pending)-1 || p.paired || p.n.q != a || d.rows != 1 || w.q.K != a.K || w.q.G != a.G ||
+		!normGEMVFits(a.K, a.G) || overlaps(&p.x, &p.out) || overlaps(d, &p.x) || overlaps(d, &p.out) {
+		return false
+	}
+	op := &normGEMVOp{idx: p.idx, flush: b.flushes, y: d.ptr, w: w.q, n: p.n, touched: []tensor{p.x, p.out, *d}}
+	b.pending[p.idx] = queuedOp{"rmsnorm+matmul", func(c *Ctx) error { return c.NormGEMV(op.y, op.w, op.n, norm8{}) }}
+	b.lastNorm8, b.lastNorm, b.lastGEMV = nil, nil, nil
+	b.lastNormGEMV = op
+	b.chainMerges[chainNormGEMV]++
+	return true
+}
+
+// normBeside queues the single-row norm n (of x into out) as the extra
+// block of the norm and product launch queued just before it, when
+// neither reads what the other writes, and reports whether it did.
+func (b *Backend) normBeside(n norm8, x, out *tensor) bool {
+	p := b.lastNormGEMV
+	if p == nil || p.flush != b.flushes || p.idx != len(b.pending)-1 || p.paired || !normGEMVFits(n.q.K, n.q.G) ||
+		overlapsAny(x, p.touched[1:]) || overlapsAny(out, p.touched) {
+		return false
+	}
+	p.paired = true
+	b.pending[p.idx] = queuedOp{"rmsnorm+matmul+rmsnorm", func(c *Ctx) error { return c.NormGEMV(p.y, p.w, p.n, n) }}
+	b.chainMerges[chainNorms]++
+	return true
+}
+
+// absorbLate takes absorb_query_tc_rope_late_192, which dequantizes its
+// weights after the wait (comparisons).
+var absorbLate bool

@@ -3,10 +3,12 @@
 package cuda
 
 import (
+	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
 	"testing"
+	"time"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -293,6 +295,14 @@ func chainLaunches(t *testing.T, g *Backend, cs *chainSteps, in *chainInputs) ma
 // does at batch 1) or in the launch. Run with -test.benchtime=1x.
 func BenchmarkDecodeChain(b *testing.B) {
 	d := benchDevice(b)
+	// The modules first, with their time printed: compiling the flash
+	// module alone takes about 10 s on a fresh machine, and a benchmark
+	// cut by its time limit there prints nothing.
+	t0 := time.Now()
+	if err := d.Do(func(c *Ctx) error { return compileModules(c, "flash", "absorb", "ops", "gemv", "quant") }); err != nil {
+		b.Fatal(err)
+	}
+	fmt.Printf("decode chain: modules ready in %.1f s\n", time.Since(t0).Seconds())
 	g := NewOnDevice(d, Options{NoGraphs: true, NoPieces: true})
 	defer g.Close()
 	r := rand.New(rand.NewPCG(7, 7))
@@ -356,18 +366,28 @@ func BenchmarkDecodeChain(b *testing.B) {
 		g.quantized = nil
 		return ops
 	}
+	defer func(v bool) { mergeValues = v }(mergeValues)
+	mergeValues = false
 	g.decodeAhead, g.combineQuant, g.decodeBlocks, g.decodeMerge = true, true, 100, mergeAuto
 	chainPhases(b, g, queue)
-	for _, mode := range []struct {
-		ahead, quant bool
-		pct, merge   int
-		tile         int
-	}{{false, false, 100, mergeAuto, 0}, {true, true, 100, mergeAuto, 0}, {true, true, 25, mergeAuto, 0}, {true, true, 25, mergeAuto, 16},
-		{true, true, 12, mergeAuto, 0}, {true, true, 100, mergeInKernel, 0}, {true, true, 25, mergeInKernel, 0}} {
-		g.decodeAhead, g.combineQuant = mode.ahead, mode.quant
+	g.decodeBlocks = 25
+	chainPhases(b, g, queue)
+	type mode struct {
+		pct, merge, tile int
+		values, pdlOff   bool // splits merged by the value expansion; also timed with PDL off
+	}
+	for _, mode := range []mode{{100, mergeAuto, 0, false, true}, {100, mergeAuto, 0, true, true},
+		{50, mergeAuto, 0, false, false}, {50, mergeAuto, 0, true, false},
+		{25, mergeAuto, 0, false, false}, {25, mergeAuto, 0, true, false}, {25, mergeAuto, 16, false, false},
+		{12, mergeAuto, 0, false, false}, {12, mergeAuto, 0, true, false},
+		{100, mergeInKernel, 0, false, false}, {25, mergeInKernel, 0, false, false}} {
 		g.decodeBlocks, g.decodeMerge, g.decodeMMATile = mode.pct, mode.merge, mode.tile
+		mergeValues = mode.values
 		ops := queue()
 		for _, on := range []bool{false, true} {
+			if !on && !mode.pdlOff {
+				continue
+			}
 			err := d.Do(func(c *Ctx) error {
 				return withPDL(c, on, func() error {
 					gr, release, err := capturedPDL(c, func() error { return runOps(c, ops) })
@@ -380,8 +400,8 @@ func BenchmarkDecodeChain(b *testing.B) {
 						return err
 					}
 					// Printed, not logged: a benchmark's log is cut at ten lines.
-					fmt.Printf("%s: ctx %d, splits at %d%% of the SMs, merge %d, tile %d, copies before the wait %-5v, int8 form %-5v, PDL %-5v: %6.2f us a layer (%d ops)\n",
-						name, ctx, mode.pct, mode.merge, mode.tile, mode.ahead, mode.quant, on, us/layers, len(ops)/layers)
+					fmt.Printf("%s: ctx %d, splits at %3d%% of the SMs, merge %d, tile %2d, merge in the values %-5v, PDL %-5v: %6.2f us a layer (%d ops)\n",
+						name, ctx, mode.pct, mode.merge, mode.tile, mode.values, on, us/layers, len(ops)/layers)
 					return nil
 				})
 			})
@@ -390,6 +410,17 @@ func BenchmarkDecodeChain(b *testing.B) {
 			}
 		}
 	}
+}
+
+// compileModules loads the named kernel modules (compiling those not in
+// the disk cache).
+func compileModules(c *Ctx, mods ...string) error {
+	for _, m := range mods {
+		if _, err := c.module(m); err != nil {
+			return err
+		}
+	}
+	return nil
 }
 
 // chainPhases logs decode_mma's timer stamps (median over the blocks of
@@ -431,6 +462,104 @@ func chainPhases(b *testing.B, g *Backend, queue func() []queuedOp) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	fmt.Println(stampSummary(fmt.Sprintf("copies before the wait %v: ", g.decodeAhead), st, n,
+	fmt.Println(stampSummary(fmt.Sprintf("splits at %d%% (%d blocks): ", g.decodeBlocks, n), st, n,
 		[]string{"entry", "wait returned", "queries", "first tile", "summed", "written"}))
+}
+
+// decode_combine_values (the splits' merge in the value expansion's
+// launch) writes what decode_combine and the value expansion write, bit
+// for bit: olat and its int8 form, the values and (with o_proj's groups)
+// their int8 form; on fresh random partials with empty splits, 5, 16, 32,
+// 33, 64 and 100 splits (two rounds of loads), W_UV groups of 128 and 32,
+// o_proj groups of 128, 64 and 32.
+func TestDecodeCombineValuesMatchesSeparate(t *testing.T) {
+	d := testDevice(t)
+	r := testRand(t)
+	const heads, rank, rows = 20, 512, 256
+	err := d.Do(func(c *Ctx) error {
+		read := func(p uint64, n int) []byte {
+			buf := make([]byte, n)
+			if err := CopyOut(c, buf, p); err != nil {
+				t.Fatal(err)
+			}
+			return buf
+		}
+		form := func(a *QActs) []byte {
+			return append(append(read(a.Q, a.T*a.K), read(a.Scales, 4*a.T*a.K/a.G)...), read(a.Sums, 4*a.T*a.K/32)...)
+		}
+		for _, v := range []struct{ S, G, qg int }{{64, 128, 128}, {33, 32, 64}, {100, 128, 32}, {64, 128, 0}, {16, 128, 128}, {32, 128, 64}, {5, 128, 128}} {
+			w, err := c.UploadMatrix(synthMatrix(r, heads*rows, rank, v.G))
+			if err != nil {
+				return err
+			}
+			ml := make([]float32, 2*v.S*heads)
+			for i := 0; i < v.S*heads; i++ {
+				ml[2*i] = float32(r.NormFloat64() * 3)
+				if r.IntN(5) > 0 {
+					ml[2*i+1] = float32(1 + 10*r.Float64())
+				}
+			}
+			mlb, e1 := upload(c, ml)
+			accb, e2 := upload(c, randVec(r, v.S*heads*rank, 1))
+			if err := errors.Join(e1, e2); err != nil {
+				return err
+			}
+			parts := splitParts{ml: mlb.Ptr, acc: accb.Ptr, S: v.S}
+			run := func(fused bool) map[string][]byte {
+				olat, e1 := c.Alloc(4 * heads * rank)
+				y, e2 := c.Alloc(4 * heads * rows)
+				oa, e3 := c.NewQActs(1, heads*rank, v.G)
+				if err := errors.Join(e1, e2, e3, poison(c, olat.Ptr, 4*heads*rank), poison(c, y.Ptr, 4*heads*rows)); err != nil {
+					t.Fatal(err)
+				}
+				var q *QActs
+				if v.qg != 0 {
+					if q, err = c.NewQActs(1, heads*rows, v.qg); err != nil {
+						t.Fatal(err)
+					}
+				}
+				if fused {
+					err = c.DecodeCombineValues(y.Ptr, w, heads, rows, q, 128, parts, olat.Ptr, oa)
+				} else {
+					var m *Kernel
+					if m, err = c.Kernel("flash", "decode_combine"); err == nil {
+						err = c.Launch(m, Dim{rank / 128, heads, 1}, D1(256), 0, olat.Ptr, heads*rank, parts.ml, parts.acc, v.S, heads, rank,
+							oa.Q, oa.Scales, oa.Sums, oa.G)
+					}
+					if err == nil && q != nil {
+						err = c.GEMVHeadsQuant(y.Ptr, w, oa, heads, rows, q)
+					} else if err == nil {
+						err = c.GEMVHeads(y.Ptr, w, oa, heads, rows)
+					}
+				}
+				if err == nil {
+					err = c.Sync()
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+				out := map[string][]byte{"olat": read(olat.Ptr, 4*heads*rank), "olat int8": form(oa), "values": read(y.Ptr, 4*heads*rows)}
+				if q != nil {
+					out["values int8"] = form(q)
+				}
+				if err := errors.Join(c.Free(olat), c.Free(y)); err != nil {
+					t.Fatal(err)
+				}
+				return out
+			}
+			want, got := run(false), run(true)
+			for name, wb := range want {
+				if i := firstDiff(wb, got[name]); i >= 0 {
+					t.Errorf("%d splits, W_UV groups of %d, o_proj groups of %d: %s differs at byte %d of %d", v.S, v.G, v.qg, name, i, len(wb))
+				}
+			}
+			if err := errors.Join(c.Free(mlb), c.Free(accb)); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 }

@@ -4,6 +4,8 @@ package cuda
 
 import (
 	"fmt"
+	"math/bits"
+	"os"
 	"slices"
 
 	"github.com/mmfp4/mmfp4/backend"
@@ -94,6 +96,7 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 		return false
 	}
 	var pml, pacc, counters uint64
+	launchMerge := false
 	if S > 1 {
 		pml, pacc = b.alloc(4*2*T*S*s.Heads), b.alloc(4*T*S*s.Heads*s.Rank)
 		merge := b.decodeMerge
@@ -107,6 +110,7 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 		if merge == mergeInKernel && b.attnCountersFor(2*T) {
 			counters = b.attnCounters.Ptr
 		}
+		launchMerge = counters == 0
 	}
 	stamps := b.decodeStamps
 	if stamps != 0 {
@@ -148,6 +152,9 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 			s.Heads, s.NopeDim, scale, pml, pacc, cnt, ahead, xq, xs, xsum, G, stamps); err != nil || S == 1 || cnt != 0 {
 			return err
 		}
+		if cq != nil && cq.merged {
+			return nil // the value expansion's launch merges the splits
+		}
 		m, err := c.Kernel("flash", "decode_combine")
 		if err != nil {
 			return err
@@ -158,9 +165,80 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 	})
 	if b.combineQuant && b.flushes == flush && len(b.pending) == idx+1 {
 		cq = &decodeAttnOp{idx: idx, flush: flush, om: *om}
+		if launchMerge && T == 1 {
+			cq.split = &splitParts{ml: pml, acc: pacc, S: S}
+		}
 		b.lastDecodeAttn = cq
 	}
 	return true
+}
+
+// splitParts are decode_mma's partial results of one row's S splits
+// (part_ml, part_acc), which a second launch merges.
+type splitParts struct {
+	ml, acc uint64
+	S       int
+}
+
+// mergeValues lets the value expansion of one row merge the attention's
+// splits in its own launch (decode_combine_values) instead of
+// decode_combine; MMFP4_CUDA_MERGE_VALUES=0 keeps decode_combine (for an
+// A/B on the card).
+var mergeValues = os.Getenv("MMFP4_CUDA_MERGE_VALUES") != "0"
+
+// mergedValues queues the value expansion of olat (one row, its int8 form
+// a just handed to the decode attention op lc) with the merge of lc's
+// splits in its launch, and reports whether it did.
+func (b *Backend) mergedValues(lc *decodeAttnOp, om, ol *tensor, w *QMatrix, a *QActs, s backend.MLAShape) bool {
+	if !mergeValues || !b.chained() || lc == nil || lc.a != a || lc.split == nil || lc.om != *ol || ol.rows != 1 || s.Rank != 512 ||
+		lc.split.S > decodeMMAMaxS || !headsQuantOK(s.Heads, s.VDim, s.Rank, w.G, 128) || s.VDim%128 != 0 {
+		return false
+	}
+	lc.merged = true
+	m := *lc.split
+	y, oa, heads, rows := om.ptr, *a, s.Heads, s.VDim
+	olat := ol.ptr
+	b.do("attention merge+expand values", func(c *Ctx) error {
+		return c.DecodeCombineValues(y, w, heads, rows, nil, 128, m, olat, &oa)
+	})
+	b.noteValues(om, w, a, s.Heads, s.VDim)
+	if b.lastValues != nil {
+		b.lastValues.merge = &mergeIn{parts: m, olat: olat, oa: oa}
+	}
+	return true
+}
+
+// mergeIn is what a value expansion that merges the splits reads.
+type mergeIn struct {
+	parts splitParts
+	olat  uint64
+	oa    QActs
+}
+
+// DecodeCombineValues is decode_combine of one row's S splits (parts) into
+// olat and its int8 form oa, and GEMVHeadsQuant of it (q nil: GEMVHeads),
+// in one launch of blocks of 128 rows (rows a multiple of 128).
+func (c *Ctx) DecodeCombineValues(y uint64, w *QMatrix, heads, rows int, q *QActs, qg int, parts splitParts, olat uint64, oa *QActs) error {
+	k := w.K
+	if q != nil {
+		qg = q.G
+	}
+	switch {
+	case k != 512 || oa.T != 1 || oa.K != heads*k || oa.G != w.G || w.N != heads*rows || parts.S < 1 || parts.S > decodeMMAMaxS:
+		return fmt.Errorf("cuda: merge and expand values: olat %dx%d G=%d for %d heads of [%d,%d] G=%d, %d splits", oa.T, oa.K, oa.G, heads, w.N, w.K, w.G, parts.S)
+	case !headsQuantOK(heads, rows, k, w.G, qg) || rows%128 != 0 || (q != nil && (q.T != 1 || q.K != w.N)):
+		return fmt.Errorf("cuda: merge and expand values: blocks of %d rows for %d heads of %d rows", qg, heads, rows)
+	}
+	kern, err := c.Kernel("flash", "decode_combine_values")
+	if err != nil {
+		return err
+	}
+	var yq, ys, ysum uint64
+	if q != nil {
+		yq, ys, ysum = q.Q, q.Scales, q.Sums
+	}
+	return c.Launch(kern, D1(w.N/128), D1(512), 0, w.Codes, w.Scales, w.RowScale, k, bits.TrailingZeros(uint(w.G/32)),
+		y, rows, qg, yq, ys, ysum, parts.ml, parts.acc, parts.S, heads, olat, oa.Q, oa.Scales, oa.Sums, oa.G)
 }
 
 // decodeAttnOp is a queued decode_mma op: a quantization of its output
@@ -171,4 +249,8 @@ type decodeAttnOp struct {
 	idx, flush int
 	om         tensor
 	a          *QActs
+	// split: the splits' partials when a second launch merges them (one
+	// row); merged: the value expansion's launch does (mergedValues).
+	split  *splitParts
+	merged bool
 }

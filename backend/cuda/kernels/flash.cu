@@ -1033,3 +1033,188 @@ extern "C" __global__ void __launch_bounds__(256) decode_combine(float* olat, in
     if (xq) quant_row4(out, true, col / 4, t, heads * rank, G, xq, xs, xsum);
   }
 }
+
+// decode_combine and the value expansion with its output's int8 form
+// (gemv_heads_quant) in one launch, for one row: a block of 512 threads
+// owns 128 rows of one head h (half-warp j rows 4j..4j+3). After the wait
+// it requests every partial of the head's first 64 splits at once, merges
+// them into shared memory as decode_combine does (class c = s mod 8
+// summing its splits in order, the eight classes then added in order: the
+// same bits), quantizes the merged row in W_UV's groups of G as
+// decode_combine's quant_row4 does (the same int8 form), and takes its
+// products from there as gemv_heads_quant does from memory; with yq set,
+// warp j < 128/qg then quantizes group j of its rows in groups of qg. The
+// head's first block also writes olat and its int8 form (olq, ols,
+// olsum). K (rank) 512, at most DM_MAXS splits.
+extern "C" __global__ void __launch_bounds__(512)
+    decode_combine_values(const u8* __restrict__ codes, const u8* __restrict__ scales,
+                          const float* __restrict__ row_scale, int K, int gshift, float* __restrict__ y,
+                          int rows, int qg, i8* __restrict__ yq, float* __restrict__ ys, i32* __restrict__ ysum,
+                          const float* part_ml, const float* part_acc, int S, int heads, float* __restrict__ olat,
+                          i8* __restrict__ olq, float* __restrict__ ols, i32* __restrict__ olsum, int G) {
+  PDL_LAUNCH();
+  __shared__ float4 red[8][128];
+  __shared__ float esm[DM_MAXS], lsm[DM_MAXS], lred[8], vals[128];
+  __shared__ float wmax[16];
+  __shared__ __align__(16) i8 xq_sh[512];
+  __shared__ float xs_sh[16];
+  __shared__ i32 xsum_sh[16];
+  const int tid = threadIdx.x, NT = blockDim.x, warp = tid >> 5, lane = tid & 31, sl = lane & 15;
+  const int local = warp * 8 + (lane >> 4) * 4;  // the half-warp's first row in the block
+  const int row0 = blockIdx.x * 128 + local;
+  const int C = K >> 5, GK = C >> gshift;
+  const int h = (blockIdx.x * 128) / rows;
+  const bool on = sl < C;
+  float lw2 = 0.f;
+  uint4 w[4];
+  u32 s[4];
+  if (on) {
+#pragma unroll
+    for (int r = 0; r < 4; r++) w[r] = load_stream16(codes + (size_t)(row0 + r) * (K / 2) + sl * 16);
+#pragma unroll
+    for (int r = 0; r < 4; r++) s[r] = __ldg(scales + (size_t)(row0 + r) * GK + (sl >> gshift));
+  }
+  PDL_WAIT();
+  // Every load of the first 64 splits at once: this thread's row m of the
+  // splits' maxima and sums (tid < S), and its two tasks (class cl = task /
+  // 128 sums splits cl, cl + 8, ... of float4 column f = task % 128, as
+  // decode_combine's warp cl does), eight splits a task a round.
+  const size_t mls = (size_t)heads * 2, accs = (size_t)heads * K;
+  const float* ml = part_ml + (size_t)h * 2;
+  const float* acc = part_acc + (size_t)h * K;
+  const float2 mine = tid < S ? __ldcg((const float2*)(ml + tid * mls)) : make_float2(0.f, 0.f);
+  float4 o[2];
+  float lw = 0.f;
+  for (int base = 0; base < S; base += 64) {
+    float4 x[2][8];
+#pragma unroll
+    for (int k = 0; k < 2; k++) {
+      const int task = tid + 512 * k, cl = task >> 7, f = task & 127;
+#pragma unroll
+      for (int u = 0; u < 8; u++) {
+        const int q = base + cl + 8 * u;
+        x[k][u] = q < S ? __ldcg((const float4*)(acc + q * accs + 4 * f)) : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+    }
+    if (base == 0) {
+      // The largest maximum of a split with positions.
+      float M = mine.y > 0.f ? mine.x : __int_as_float(0xff800000);
+      for (int q = tid + 512; q < S; q += 512) {
+        const float2 m = __ldcg((const float2*)(ml + q * mls));
+        if (m.y > 0.f) M = fmaxf(M, m.x);
+      }
+      M = warp_max(M);
+      if (lane == 0) wmax[warp] = M;
+      __syncthreads();
+      M = wmax[0];
+      for (int w = 1; w < NT / 32; w++) M = fmaxf(M, wmax[w]);
+      for (int q = tid; q < S; q += NT) {
+        const float2 m = q == tid ? mine : __ldcg((const float2*)(ml + q * mls));
+        esm[q] = m.y > 0.f ? expf(m.x - M) : 0.f;
+        lsm[q] = m.y;
+      }
+      __syncthreads();
+      o[0] = o[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int k = 0; k < 2; k++) {
+      const int cl = (tid + 512 * k) >> 7;
+#pragma unroll
+      for (int u = 0; u < 8; u++) {
+        const int q = base + cl + 8 * u;
+        const float e = q < S ? esm[q] : 0.f;
+        o[k].x += e * x[k][u].x, o[k].y += e * x[k][u].y, o[k].z += e * x[k][u].z, o[k].w += e * x[k][u].w;
+        if ((tid & 127) == 0 && k == 0) lw += e * (q < S ? lsm[q] : 0.f);
+      }
+    }
+    // Class cl + 4's sum of weights: thread 512 + 128 * cl's task.
+    if ((tid & 127) == 0) {
+      const int cl = (tid >> 7) + 4;
+#pragma unroll
+      for (int u = 0; u < 8; u++) {
+        const int q = base + cl + 8 * u;
+        lw2 += (q < S ? esm[q] : 0.f) * (q < S ? lsm[q] : 0.f);
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < 2; k++) red[(tid + 512 * k) >> 7][tid & 127] = o[k];
+  if ((tid & 127) == 0) lred[tid >> 7] = lw, lred[(tid >> 7) + 4] = lw2;
+  __syncthreads();
+  if (tid < 128) {
+    float4 r = red[0][tid];
+    float L = lred[0];
+#pragma unroll
+    for (int q = 1; q < 8; q++) {
+      const float4 v = red[q][tid];
+      r.x += v.x, r.y += v.y, r.z += v.z, r.w += v.w;
+      L += lred[q];
+    }
+    const float inv = 1.f / L;
+    const float4 out = make_float4(r.x * inv, r.y * inv, r.z * inv, r.w * inv);
+    quant_row4(out, true, tid, 0, K, G, xq_sh, xs_sh, xsum_sh);
+    if (row0 - local == h * rows) {  // the head's first block
+      *(float4*)(olat + (size_t)h * K + 4 * tid) = out;
+      if (olq) quant_row4(out, true, h * (K / 4) + tid, 0, heads * K, G, olq, ols, olsum);
+    }
+  }
+  __syncthreads();
+  float out[4] = {0.f, 0.f, 0.f, 0.f};
+  if (on) {
+    const uint4* xp = (const uint4*)(xq_sh + sl * 32);
+    const uint4 xa = xp[0], xb = xp[1];
+    const float xscale = xs_sh[sl >> gshift];
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      const uint4 q = w[r];
+      i32 d = 0, neg = 0;
+      dot8_split(q.x, xa.x, xa.y, d, neg);
+      dot8_split(q.y, xa.z, xa.w, d, neg);
+      dot8_split(q.z, xb.x, xb.y, d, neg);
+      dot8_split(q.w, xb.z, xb.w, d, neg);
+      d -= neg;
+      out[r] += (float)d * (e4m3(s[r]) * xscale);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 4; r++)
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) out[r] += __shfl_xor_sync(0xffffffffu, out[r], o);
+#pragma unroll
+  for (int r = 0; r < 4; r++) {
+    if (sl == r) {
+      const float v = out[r] * (row_scale[row0 + r] * 0.5f);
+      y[row0 + r] = v;
+      vals[local + r] = v;
+    }
+  }
+  if (!yq) return;
+  __syncthreads();
+  // Warp j < 128/qg quantizes group j of the block's rows, lane l holding
+  // E = qg/32 consecutive values (as gemv_heads_quant's block of qg rows).
+  if (warp >= 128 / qg) return;
+  const int E = qg >> 5, k0 = warp * qg + lane * E;
+  float v[4];
+  float amax = 0.f;
+#pragma unroll
+  for (int e = 0; e < 4; e++) {
+    if (e < E) {
+      v[e] = vals[k0 + e];
+      amax = fmaxf(amax, fabsf(v[e]));
+    }
+  }
+  amax = warp_max(amax);
+  const float scale = amax / 127.f;
+  i32 sum = 0;
+#pragma unroll
+  for (int e = 0; e < 4; e++) {
+    if (e < E) {
+      const i32 q = quant8(v[e], amax, scale);
+      yq[(size_t)blockIdx.x * 128 + k0 + e] = (i8)q;
+      sum += q;
+    }
+  }
+  for (int o = 1; o < 32 / E; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if ((lane & (32 / E - 1)) == 0) ysum[((size_t)blockIdx.x * 128 + k0) / 32] = sum;
+  if (lane == 0) ys[(size_t)blockIdx.x * (128 / qg) + warp] = amax == 0.f ? 0.f : scale;
+}
