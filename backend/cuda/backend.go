@@ -183,9 +183,11 @@ type Backend struct {
 	lastNorm8  *norm8Op
 	// lastNormGEMV is the norm and product launch queued last (chain.go).
 	lastNormGEMV *normGEMVOp
+	// lastAddNorm is the add, norm and product launch queued last.
+	lastAddNorm *addNormGEMVOp
 	// lastRopeCache is the RoPE + cache write launch queued last.
 	lastRopeCache *ropeCacheOp
-	chainMerges   [6]int
+	chainMerges   [7]int
 
 	steps *stepTimer // MMFP4_CUDA_STEPTIME=1
 	// pieces counts the pieces this step has gone to the device in.
@@ -1261,7 +1263,7 @@ func (b *Backend) MatMul(dst, x backend.Tensor, wt backend.Weight) {
 		b.noteGEMM(d, a, w)
 		return
 	}
-	if b.pairProduct(d, a, w) || b.normProduct(d, a, w) {
+	if b.pairProduct(d, a, w) || b.normProduct(d, a, w) || b.addNormProduct(d, a, w) {
 		return
 	}
 	b.do(b.opName("matmul", w), func(c *Ctx) error { return c.GEMVRows(d.ptr, d.ld, w.q, a) })

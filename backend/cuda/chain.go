@@ -248,6 +248,7 @@ const (
 	chainRope
 	chainRouterNorm
 	chainNormGEMV
+	chainAddNormGEMV
 )
 
 // ropeCacheOp is a rope2_cache_write launch queued as b.pending[idx]
@@ -457,3 +458,84 @@ func (b *Backend) normBeside(n norm8, x, out *tensor) bool {
 // absorbLate takes absorb_query_tc_rope_late_192, which dequantizes its
 // weights after the wait (comparisons).
 var absorbLate bool
+
+// addNormWord is the offset in b.counter of add_norm_gemv_pair's ticket
+// word (the fused kernels count in the first).
+const addNormWord = 64
+
+// AddNormGEMVPair is the residual add and single-row norm in (fuseAddNorm
+// in rmsnorm_quant8's layout, K 1024 or 2048) and the single-token
+// products o1 and, when o2.W is set, o2 of its output, in one launch
+// (add_norm_gemv_pair: every output the separate launches' bits).
+// counter is a zeroed device word, zero again after.
+func (c *Ctx) AddNormGEMVPair(in FusedIn, o1, o2 FusedOut, counter uint64) error {
+	q := in.Q
+	switch {
+	case in.Mode != fuseAddNorm || !in.Layout8 || q == nil || q.T != 1 || in.Gain == 0 || counter == 0 || !addNormGEMVFits(q.K, q.G):
+		return fmt.Errorf("cuda: add, norm and products: want a residual add and one row of 1024 or 2048 values with a gain")
+	case o1.W.K != q.K || o1.W.G != q.G || (o2.W != nil && (o2.W.K != q.K || o2.W.G != q.G)):
+		return fmt.Errorf("cuda: add, norm and products: weights of %d columns in groups of %d, want %d in %d", o1.W.K, o1.W.G, q.K, q.G)
+	}
+	k, err := c.Kernel("quant", "add_norm_gemv_pair")
+	if err != nil {
+		return err
+	}
+	nb := (o1.W.N + gemvRowsPerBlock - 1) / gemvRowsPerBlock
+	var c2, s2, r2, y2 uint64
+	n2 := 0
+	if w := o2.W; w != nil {
+		nb += (w.N + gemvRowsPerBlock - 1) / gemvRowsPerBlock
+		c2, s2, r2, n2, y2 = w.Codes, w.Scales, w.RowScale, w.N, o2.Y
+	}
+	return c.Launch(k, D1(nb), D1(128), 0, o1.W.Codes, o1.W.Scales, o1.W.RowScale, o1.W.N, o1.Y, c2, s2, r2, n2, y2,
+		q.K, bits.TrailingZeros(uint(q.G/32)), in.D, in.A, in.C, in.Gain, in.Eps, in.Out, q.Q, q.Scales, q.Sums, counter)
+}
+
+// addNormGEMVFits reports whether AddNormGEMVPair takes a norm of K values
+// in int8 groups of G.
+func addNormGEMVFits(K, G int) bool {
+	return (K == 1024 || K == 2048) && (G == 32 || G == 64 || G == 128)
+}
+
+// addNormGEMVOp is AddNormGEMVPair queued as b.pending[idx].
+type addNormGEMVOp struct {
+	idx, flush int
+	in         FusedIn
+	o1         FusedOut
+	touched    []tensor // the norm's rows and the first product's output
+	two        bool
+}
+
+// addNormProducts lets the single-token products of a residual add and
+// norm's output take that launch; MMFP4_CUDA_ADD_NORM_GEMV=0 keeps them
+// apart.
+var addNormProducts = os.Getenv("MMFP4_CUDA_ADD_NORM_GEMV") != "0"
+
+// addNormProduct queues d = w a in the launch of the residual add and
+// single-row norm queued just before it (whose int8 form a is), or as the
+// second product of such a launch, and reports whether it did.
+func (b *Backend) addNormProduct(d *tensor, a *QActs, w *weight) bool {
+	if !addNormProducts || !b.chained() || b.opts.FusedGEMV || b.opts.FusedLatent || b.counter.Ptr == 0 || d.rows != 1 ||
+		w.q.K != a.K || w.q.G != a.G {
+		return false
+	}
+	counter := b.counter.Ptr + addNormWord
+	if p := b.lastAddNorm; p != nil && p.flush == b.flushes && p.idx == len(b.pending)-1 && !p.two && p.in.Q == a && !overlapsAny(d, p.touched) {
+		in, o1, o2 := p.in, p.o1, FusedOut{w.q, d.ptr}
+		b.pending[p.idx] = queuedOp{"add+rmsnorm+matmul pair", func(c *Ctx) error { return c.AddNormGEMVPair(in, o1, o2, counter) }}
+		p.two = true
+		b.chainMerges[chainPair]++
+		return true
+	}
+	no := b.lastNorm
+	if no == nil || no.flush != b.flushes || no.idx != len(b.pending)-1 || no.in.Mode != fuseAddNorm || !no.in.Layout8 || no.in.Q != a ||
+		!addNormGEMVFits(a.K, a.G) || overlapsAny(d, no.touched) {
+		return false
+	}
+	in, o1 := no.in, FusedOut{w.q, d.ptr}
+	b.pending[no.idx] = queuedOp{"add+rmsnorm+matmul", func(c *Ctx) error { return c.AddNormGEMVPair(in, o1, FusedOut{}, counter) }}
+	b.lastNorm, b.lastGEMV = nil, nil
+	b.lastAddNorm = &addNormGEMVOp{idx: no.idx, flush: b.flushes, in: in, o1: o1, touched: append(slices.Clone(no.touched), *d)}
+	b.chainMerges[chainAddNormGEMV]++
+	return true
+}

@@ -49,14 +49,14 @@ func TestChainLaunchesMatchSeparate(t *testing.T) {
 		hidden, qRank, heads, nope, rank, vdim int
 		G, uvG, oG                             int
 		dtype                                  backend.CacheDType
-		merges                                 [6]int // pairs, values, norms, absorbed queries with the RoPE, routers with their norm, norms with their product
+		merges                                 [7]int // pairs, values, norms, absorbed queries with the RoPE, routers with their norm, norms with their product, adds and norms with their products
 		inPlace                                bool   // the q_a norm written over its input (no norm with its product)
 	}{
-		{2048, 768, 20, 192, 512, 256, 128, 128, 128, backend.CacheBF16, [6]int{1, 1, 1, 1, 0, 1}, false},
-		{2048, 768, 20, 192, 512, 256, 128, 128, 128, backend.CacheBF16, [6]int{1, 1, 1, 1, 0, 0}, true},
-		{2048, 768, 20, 128, 512, 256, 32, 64, 32, backend.CacheF32, [6]int{1, 1, 0, 1, 0, 0}, false}, // q_b quantizes the q_a norm again: no pair of norms
-		{2048, 768, 20, 192, 512, 256, 128, 32, 64, backend.CacheBF16, [6]int{1, 1, 1, 1, 0, 1}, false},
-		{1056, 352, 3, 128, 96, 32, 32, 32, 32, backend.CacheBF16, [6]int{1, 1, 0, 0, 0, 0}, false}, // rank 96: no tensor-core absorbed query
+		{2048, 768, 20, 192, 512, 256, 128, 128, 128, backend.CacheBF16, [7]int{1, 1, 1, 1, 0, 1, 1}, false},
+		{2048, 768, 20, 192, 512, 256, 128, 128, 128, backend.CacheBF16, [7]int{1, 1, 1, 1, 0, 0, 1}, true},
+		{2048, 768, 20, 128, 512, 256, 32, 64, 32, backend.CacheF32, [7]int{1, 1, 0, 1, 0, 0, 0}, false}, // q_b quantizes the q_a norm again: no pair of norms
+		{2048, 768, 20, 192, 512, 256, 128, 32, 64, backend.CacheBF16, [7]int{1, 1, 1, 1, 0, 1, 1}, false},
+		{1056, 352, 3, 128, 96, 32, 32, 32, 32, backend.CacheBF16, [7]int{1, 1, 0, 0, 0, 0, 0}, false}, // rank 96: no tensor-core absorbed query
 	} {
 		t.Run(fmt.Sprintf("hidden%d_nope%d_G%d_uv%d_o%d_inplace%v", c.hidden, c.nope, c.G, c.uvG, c.oG, c.inPlace), func(t *testing.T) {
 			const pos = 37
@@ -81,12 +81,17 @@ func TestChainLaunchesMatchSeparate(t *testing.T) {
 					return x
 				}
 				g.SetBatch(simpleBatch(1, pos), pool)
-				h, olat := tensor(c.hidden, 1), tensor(c.heads*c.rank, 0.3)
+				x, f, olat := tensor(c.hidden, 1), tensor(c.hidden, 1), tensor(c.heads*c.rank, 0.3)
+				inNorm := vec("input_norm", c.hidden)
+				h := g.NewTensor(1, c.hidden)
 				qaOut, kv, q := g.NewTensor(1, c.qRank), g.NewTensor(1, c.rank+64), g.NewTensor(1, c.heads*(c.nope+64))
 				latent, v, out := g.NewTensor(1, c.rank), g.NewTensor(1, c.heads*c.vdim), g.NewTensor(1, c.hidden)
 				qlat := g.NewTensor(1, c.heads*c.rank)
 				sh := backend.MLAShape{Heads: c.heads, NopeDim: c.nope, RopeDim: 64, Rank: c.rank, VDim: c.vdim}
-				// The decode layer's order (glm4moelite.Model.attention).
+				// The decode layer's order (glm4moelite.Model.attention,
+				// after the residual add and input norm).
+				g.Add(x, x, f)
+				g.RMSNorm(h, x, inNorm, 1e-6)
 				g.MatMul(qaOut, h, qa)
 				g.MatMul(kv, h, kva)
 				qaN := g.NewTensor(1, c.qRank)
@@ -104,14 +109,14 @@ func TestChainLaunchesMatchSeparate(t *testing.T) {
 				g.ExpandValues(v, olat, uv, sh)
 				g.MatMul(out, v, ow)
 				got := map[string][]float32{}
-				for name, x := range map[string]backend.Tensor{"qa": qaOut, "qa norm": qaN, "kv": kv, "q": q, "latent": latent, "qlat": qlat, "v": v, "out": out} {
+				for name, x := range map[string]backend.Tensor{"x": x, "h": h, "qa": qaOut, "qa norm": qaN, "kv": kv, "q": q, "latent": latent, "qlat": qlat, "v": v, "out": out} {
 					got[name] = g.Download(x)
 				}
 				cp := pool.(*cachePool)
 				rec := make([]byte, cp.layerBytes)
 				g.now("read cache", func(c *Ctx) error { return CopyOut(c, rec, cp.layer(0)) })
 				forms := map[string][]byte{
-					"qa norm": quantForm(t, g, qaN, groupFor(c.qRank)), "latent": quantForm(t, g, latent, groupFor(c.rank)), "v": quantForm(t, g, v, c.oG),
+					"qa norm": quantForm(t, g, qaN, groupFor(c.qRank)), "h": quantForm(t, g, h, groupFor(c.hidden)), "latent": quantForm(t, g, latent, groupFor(c.rank)), "v": quantForm(t, g, v, c.oG),
 					"cache": rec,
 				}
 				if err := g.Sync(); err != nil {
@@ -122,7 +127,7 @@ func TestChainLaunchesMatchSeparate(t *testing.T) {
 			want, wantForms, _ := run(Options{SeparateChain: true})
 			got, gotForms, g := run(Options{})
 			if g.chainMerges != c.merges {
-				t.Errorf("merged launches %v (pairs, values, norms, absorbed queries with the RoPE, routers with their norm, norms with their product), want %v", g.chainMerges, c.merges)
+				t.Errorf("merged launches %v (pairs, values, norms, absorbed queries with the RoPE, routers with their norm, norms with their product, adds and norms with their products), want %v", g.chainMerges, c.merges)
 			}
 			for name, w := range want {
 				nonzero := 0
@@ -182,6 +187,7 @@ type chainBufs struct {
 	*pdlBufs
 	lat, latGain, cache, slots, table uint64
 	qan                               uint64 // the q_a norm's output
+	counter                           uint64 // add_norm_gemv_pair's ticket word
 	latq                              *QActs
 }
 
@@ -201,6 +207,9 @@ func newChainBufs(c *Ctx, r *rand.Rand, s pdlShape) (*chainBufs, error) {
 	}
 	b.lat, b.latGain, b.table = up(make([]float32, s.rank)), up(randVec(r, s.rank, 1)), up(randVec(r, s.rope, 1))
 	b.qan = up(make([]float32, s.qRank))
+	counter, err := c.Alloc(256)
+	errs = append(errs, err, c.Memset(counter.Ptr, 0, counter.Size))
+	b.counter = counter.Ptr
 	cache, err := c.Alloc(2 * (s.rank + s.rope) * 8)
 	errs = append(errs, err, c.Memset(cache.Ptr, 0, cache.Size))
 	b.cache = cache.Ptr
@@ -249,10 +258,18 @@ func (b *chainBufs) queueChain(c *Ctx, l *pdlLayer, merged int) error {
 	norm := func(n norm8) error {
 		return c.RMSNormQuant8(n.x, n.q.K, 0, 0, 0, 0, 0, 0, n.gain, n.eps, n.out, n.q.K, 1, n.q.K, s.G, n.q)
 	}
-	errs := []error{c.RMSNormQuant8(0, 0, b.d, s.hidden, b.d, s.hidden, b.c, s.hidden, l.g1, eps, b.h, s.hidden, 1, s.hidden, s.G, b.hq)}
-	if on(chainPair) {
-		errs = append(errs, c.GEMVPair(b.qa, l.qa, b.kv, l.kva, b.hq))
+	var errs []error
+	if on(chainAddNormGEMV) {
+		in := FusedIn{Mode: fuseAddNorm, D: b.d, A: b.d, C: b.c, Gain: l.g1, Eps: eps, Out: b.h, Q: b.hq, Layout8: true}
+		errs = append(errs, c.AddNormGEMVPair(in, FusedOut{l.qa, b.qa}, FusedOut{l.kva, b.kv}, b.counter))
 	} else {
+		errs = append(errs, c.RMSNormQuant8(0, 0, b.d, s.hidden, b.d, s.hidden, b.c, s.hidden, l.g1, eps, b.h, s.hidden, 1, s.hidden, s.G, b.hq))
+	}
+	switch {
+	case on(chainAddNormGEMV):
+	case on(chainPair):
+		errs = append(errs, c.GEMVPair(b.qa, l.qa, b.kv, l.kva, b.hq))
+	default:
 		errs = append(errs, c.GEMV(b.qa, s.qRank, l.qa, b.hq, GEMVSplit), c.GEMV(b.kv, s.kvRows, l.kva, b.hq, GEMVSplit))
 	}
 	switch {
@@ -371,7 +388,8 @@ func TestChainLayerMatchesSeparate(t *testing.T) {
 			return err
 		}
 		for _, graphed := range []bool{false, true} {
-			for i, merged := range []int{chainAll, chainAll, chainAll | 1<<chainNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormGEMV} {
+			for i, merged := range []int{chainAll, chainAll, chainAll | 1<<chainNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormGEMV, chainAll | 1<<chainAddNormGEMV,
+				chainAll | 1<<chainNormGEMV | 1<<chainAddNormGEMV} {
 				absorbLate = i == 1 // the absorbed query's weights dequantized after the wait
 				got, err := run(merged, graphed)
 				absorbLate = false
@@ -380,7 +398,7 @@ func TestChainLayerMatchesSeparate(t *testing.T) {
 				}
 				for name, w := range want {
 					if j := firstDiff(w, got[name]); j >= 0 {
-						t.Errorf("%s, shared launches %06b (graph %v, weights after the wait %v): byte %d of %d differs from the separate launches", name, merged, graphed, i == 1, j, len(w))
+						t.Errorf("%s, shared launches %07b (graph %v, weights after the wait %v): byte %d of %d differs from the separate launches", name, merged, graphed, i == 1, j, len(w))
 					}
 				}
 			}
@@ -422,7 +440,8 @@ func BenchmarkChainLayer(b *testing.B) {
 		}
 		name := c.Info().Name
 		for round := 0; round < 2; round++ {
-			for i, merged := range []int{0, chainAll, chainAll, chainAll | 1<<chainNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormGEMV} {
+			for i, merged := range []int{0, chainAll, chainAll, chainAll | 1<<chainNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormGEMV,
+				chainAll | 1<<chainAddNormGEMV, chainAll | 1<<chainNormGEMV | 1<<chainAddNormGEMV} {
 				absorbLate = i == 1
 				err := withPDL(c, c.info.CC >= 90, func() error {
 					g, release, err := capturedPDL(c, func() error {
@@ -441,7 +460,7 @@ func BenchmarkChainLayer(b *testing.B) {
 					if err != nil {
 						return err
 					}
-					fmt.Printf("%s: round %d: shared launches %06b (norm+q_b, router, rope, norms, values, pair), absorbed query's weights after the wait %-5v: %6.2f us a layer (PDL %v)\n", name, round, merged, absorbLate, us/layers, c.pdl)
+					fmt.Printf("%s: round %d: shared launches %07b (add+norm+pair, norm+q_b, router, rope, norms, values, pair), absorbed query's weights after the wait %-5v: %6.2f us a layer (PDL %v)\n", name, round, merged, absorbLate, us/layers, c.pdl)
 					return nil
 				})
 				if err != nil {
