@@ -291,9 +291,6 @@ func (b *Backend) absorbRope(ql, qm *tensor, w *QMatrix, s backend.MLAShape, gri
 		return false
 	}
 	name := fmt.Sprintf("absorb_query_tc_rope_%d", s.NopeDim)
-	if absorbLate && s.NopeDim == 192 {
-		name = "absorb_query_tc_rope_late_192"
-	}
 	grid.Z++
 	b.pending[rc.idx] = queuedOp{"absorb query+rope+cache write", func(c *Ctx) error {
 		k, err := c.kernelShared("absorb", name, shared)
@@ -454,10 +451,6 @@ func (b *Backend) normBeside(n norm8, x, out *tensor) bool {
 	b.chainMerges[chainNorms]++
 	return true
 }
-
-// absorbLate takes absorb_query_tc_rope_late_192, which dequantizes its
-// weights after the wait (comparisons).
-var absorbLate bool
 
 // addNormWord is the offset in b.counter of add_norm_gemv_pair's ticket
 // word (the fused kernels count in the first).

@@ -238,9 +238,6 @@ func (b *chainBufs) queueChain(c *Ctx, l *pdlLayer, merged int) error {
 	name := fmt.Sprintf("absorb_query_tc_%d", s.nope)
 	if on(chainRope) {
 		name = fmt.Sprintf("absorb_query_tc_rope_%d", s.nope)
-		if absorbLate && s.nope == 192 {
-			name = "absorb_query_tc_rope_late_192"
-		}
 	}
 	absorb, err := c.kernelShared("absorb", name, shared)
 	if err != nil {
@@ -388,17 +385,15 @@ func TestChainLayerMatchesSeparate(t *testing.T) {
 			return err
 		}
 		for _, graphed := range []bool{false, true} {
-			for i, merged := range []int{chainAll, chainAll, chainAll | 1<<chainNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormGEMV, chainAll | 1<<chainAddNormGEMV,
-				chainAll | 1<<chainNormGEMV | 1<<chainAddNormGEMV} {
-				absorbLate = i == 1 // the absorbed query's weights dequantized after the wait
+			for _, merged := range []int{chainAll, chainAll | 1<<chainNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormGEMV, chainAll | 1<<chainAddNormGEMV,
+				chainAll | 1<<chainNormGEMV | 1<<chainAddNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormGEMV | 1<<chainAddNormGEMV} {
 				got, err := run(merged, graphed)
-				absorbLate = false
 				if err != nil {
 					return err
 				}
 				for name, w := range want {
 					if j := firstDiff(w, got[name]); j >= 0 {
-						t.Errorf("%s, shared launches %07b (graph %v, weights after the wait %v): byte %d of %d differs from the separate launches", name, merged, graphed, i == 1, j, len(w))
+						t.Errorf("%s, shared launches %07b (graph %v): byte %d of %d differs from the separate launches", name, merged, graphed, j, len(w))
 					}
 				}
 			}
@@ -428,7 +423,6 @@ func BenchmarkChainLayer(b *testing.B) {
 	d := benchDevice(b)
 	r := rand.New(rand.NewPCG(9, 11))
 	const layers = 24
-	defer func() { absorbLate = false }()
 	err := d.Do(func(c *Ctx) error {
 		bufs, err := newChainBufs(c, r, glmShape)
 		if err != nil {
@@ -440,9 +434,8 @@ func BenchmarkChainLayer(b *testing.B) {
 		}
 		name := c.Info().Name
 		for round := 0; round < 2; round++ {
-			for i, merged := range []int{0, chainAll, chainAll, chainAll | 1<<chainNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormGEMV,
-				chainAll | 1<<chainAddNormGEMV, chainAll | 1<<chainNormGEMV | 1<<chainAddNormGEMV} {
-				absorbLate = i == 1
+			for _, merged := range []int{0, chainAll, chainAll | 1<<chainNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormGEMV,
+				chainAll | 1<<chainAddNormGEMV, chainAll | 1<<chainNormGEMV | 1<<chainAddNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormGEMV | 1<<chainAddNormGEMV} {
 				err := withPDL(c, c.info.CC >= 90, func() error {
 					g, release, err := capturedPDL(c, func() error {
 						for _, l := range ls {
@@ -460,7 +453,7 @@ func BenchmarkChainLayer(b *testing.B) {
 					if err != nil {
 						return err
 					}
-					fmt.Printf("%s: round %d: shared launches %07b (add+norm+pair, norm+q_b, router, rope, norms, values, pair), absorbed query's weights after the wait %-5v: %6.2f us a layer (PDL %v)\n", name, round, merged, absorbLate, us/layers, c.pdl)
+					fmt.Printf("%s: round %d: shared launches %07b (add+norm+pair, norm+q_b, router, rope, norms, values, pair): %6.2f us a layer (PDL %v)\n", name, round, merged, us/layers, c.pdl)
 					return nil
 				})
 				if err != nil {

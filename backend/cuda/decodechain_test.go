@@ -228,10 +228,17 @@ func TestDecodeChainMatchesSerial(t *testing.T) {
 				what         string
 				b            *Backend
 				ahead, quant bool
-			}{{"direct", g, true, true}, {"direct, loads after the wait", g, false, true},
-				{"direct, separate quantization", g, true, false}, {"graphs", gg, true, true}} {
-				v.b.decodeAhead, v.b.combineQuant = v.ahead, v.quant
+				h8           bool // blocks of 8 heads
+				pct          int  // splits aimed at pct% of the multiprocessors
+			}{{"direct", g, true, true, false, 100}, {"direct, loads after the wait", g, false, true, false, 100},
+				{"direct, separate quantization", g, true, false, false, 100}, {"graphs", gg, true, true, false, 100},
+				{"direct, blocks of 8 heads", g, true, true, true, 100}, {"graphs, blocks of 8 heads", gg, true, true, true, 100},
+				{"direct, blocks of 8 heads, 64 splits", g, true, true, true, 150}, {"direct, blocks of 8 heads, separate quantization", g, true, false, true, 73}} {
+				v.b.decodeAhead, v.b.combineQuant, v.b.decodeBlocks = v.ahead, v.quant, v.pct
+				decodeHeadGroups = v.h8
 				ol, vals := runChain(t, v.b, cs, in, uk, uv, layers, order)
+				decodeHeadGroups = false
+				v.b.decodeBlocks = 100
 				if i := sameBits(wantOl, ol); i >= 0 {
 					t.Errorf("%s, PDL (%s): olat value %d of %d differs from the serial launches", name, v.what, i, len(ol))
 				}
@@ -303,20 +310,87 @@ func BenchmarkDecodeChain(b *testing.B) {
 		b.Fatal(err)
 	}
 	fmt.Printf("decode chain: modules ready in %.1f s\n", time.Since(t0).Seconds())
+	r := rand.New(rand.NewPCG(7, 7))
+	// A megabyte of random bf16 values, repeated over the cache.
+	pattern := make([]uint16, 1<<19)
+	for i := range pattern {
+		pattern[i] = uint16(math.Float32bits(float32(r.NormFloat64())) >> 16)
+	}
+	type mode struct {
+		pct, merge, tile int
+		values, h8       bool // splits merged by the value expansion; blocks of 8 heads
+		pdlOff           bool // also timed with PDL off
+	}
+	defer func(v, h bool) { mergeValues, decodeHeadGroups = v, h }(mergeValues, decodeHeadGroups)
+	for _, run := range []struct {
+		ctx    int
+		phases []mode
+		modes  []mode
+	}{
+		{1024, []mode{{pct: 100}, {pct: 73, values: true, h8: true}}, []mode{{100, mergeAuto, 0, false, false, true}, {100, mergeAuto, 0, true, false, false},
+			{25, mergeAuto, 0, true, false, false}, {73, mergeAuto, 0, true, true, false}, {100, mergeAuto, 0, true, true, false},
+			{150, mergeAuto, 0, true, true, false}, {50, mergeAuto, 0, true, true, false}, {73, mergeAuto, 0, false, true, false}}},
+		{8192, nil, []mode{{100, mergeAuto, 0, false, false, false}, {100, mergeLaunch, 0, false, false, false}, {100, mergeLaunch, 0, true, false, false},
+			{100, mergeLaunch, 0, true, true, false}, {73, mergeLaunch, 0, true, true, false}}},
+	} {
+		decodeChainAt(b, d, r, pattern, run.ctx, func(g *Backend, queue func() []queuedOp, layers int) {
+			set := func(m mode) {
+				g.decodeBlocks, g.decodeMerge, g.decodeMMATile = m.pct, m.merge, m.tile
+				mergeValues, decodeHeadGroups = m.values, m.h8
+			}
+			for _, m := range run.phases {
+				set(m)
+				chainPhases(b, g, queue)
+			}
+			for _, m := range run.modes {
+				set(m)
+				ops := queue()
+				for _, on := range []bool{false, true} {
+					if !on && !m.pdlOff {
+						continue
+					}
+					err := d.Do(func(c *Ctx) error {
+						return withPDL(c, on, func() error {
+							gr, release, err := capturedPDL(c, func() error { return runOps(c, ops) })
+							if err != nil {
+								return err
+							}
+							defer release()
+							us, err := timeReplay(c, gr.exec, 5)
+							if err != nil {
+								return err
+							}
+							// Printed, not logged: a benchmark's log is cut at ten lines.
+							fmt.Printf("%s: ctx %d, splits at %3d%% of the SMs, merge %d, tile %2d, merge in the values %-5v, blocks of 8 heads %-5v, PDL %-5v: %6.2f us a layer\n",
+								d.Info().Name, run.ctx, m.pct, m.merge, m.tile, m.values, m.h8, on, us/float64(layers))
+							return nil
+						})
+					})
+					if err != nil {
+						b.Fatal(err)
+					}
+				}
+			}
+		})
+	}
+}
+
+// decodeChainAt sets up BenchmarkDecodeChain's layers at context ctx (the
+// cache filled with pattern) and hands over the queue of their ops.
+func decodeChainAt(b *testing.B, d *Device, r *rand.Rand, pattern []uint16, ctx int, fn func(g *Backend, queue func() []queuedOp, layers int)) {
 	g := NewOnDevice(d, Options{NoGraphs: true, NoPieces: true})
 	defer g.Close()
-	r := rand.New(rand.NewPCG(7, 7))
 	s := chainShape
 	qk := s.NopeDim + s.RopeDim
-	const layers, ctx = 48, 1024
+	const layers = 48
 	pool, err := g.NewCachePool(layers, ctx/chainBlockSize, chainBlockSize, s.Rank, s.RopeDim, backend.CacheBF16)
 	if err != nil {
 		b.Fatal(err)
 	}
 	cp := pool.(*cachePool)
 	bits := make([]uint16, cp.buf.Size/2)
-	for i := range bits {
-		bits[i] = uint16(math.Float32bits(float32(r.NormFloat64())) >> 16)
+	for i := 0; i < len(bits); i += len(pattern) {
+		copy(bits[i:], pattern)
 	}
 	if err := d.Do(func(c *Ctx) error { return CopyIn(c, cp.buf.Ptr, bits) }); err != nil {
 		b.Fatal(err)
@@ -326,7 +400,7 @@ func BenchmarkDecodeChain(b *testing.B) {
 		uks = append(uks, mustWeight(b, g, backend.HostWeight{Name: "wuk", N: s.Heads * s.NopeDim, K: s.Rank, Quant: synthMatrix(r, s.Heads*s.NopeDim, s.Rank, 128)}))
 		uvs = append(uvs, mustWeight(b, g, backend.HostWeight{Name: "wuv", N: s.Heads * s.VDim, K: s.Rank, Quant: synthMatrix(r, s.Heads*s.VDim, s.Rank, 128)}))
 	}
-	batch := &backend.Batch{Outputs: []int32{0}, Tokens: []int32{0}, Positions: []int32{ctx - 1}}
+	batch := &backend.Batch{Outputs: []int32{0}, Tokens: []int32{0}, Positions: []int32{int32(ctx - 1)}}
 	sq := backend.Seq{Start: 0, Len: 1}
 	for i := 0; i < ctx/chainBlockSize; i++ {
 		sq.Blocks = append(sq.Blocks, int32((i*7)%(ctx/chainBlockSize)))
@@ -341,7 +415,6 @@ func BenchmarkDecodeChain(b *testing.B) {
 	if err := g.Sync(); err != nil {
 		b.Fatal(err)
 	}
-	name := d.Info().Name
 	// queue returns the layers' ops, taken from the queue layer by layer
 	// (a layer queued again if the arena's growth flushed it).
 	queue := func() []queuedOp {
@@ -366,50 +439,8 @@ func BenchmarkDecodeChain(b *testing.B) {
 		g.quantized = nil
 		return ops
 	}
-	defer func(v bool) { mergeValues = v }(mergeValues)
-	mergeValues = false
-	g.decodeAhead, g.combineQuant, g.decodeBlocks, g.decodeMerge = true, true, 100, mergeAuto
-	chainPhases(b, g, queue)
-	g.decodeBlocks = 25
-	chainPhases(b, g, queue)
-	type mode struct {
-		pct, merge, tile int
-		values, pdlOff   bool // splits merged by the value expansion; also timed with PDL off
-	}
-	for _, mode := range []mode{{100, mergeAuto, 0, false, true}, {100, mergeAuto, 0, true, true},
-		{50, mergeAuto, 0, false, false}, {50, mergeAuto, 0, true, false},
-		{25, mergeAuto, 0, false, false}, {25, mergeAuto, 0, true, false}, {25, mergeAuto, 16, false, false},
-		{12, mergeAuto, 0, false, false}, {12, mergeAuto, 0, true, false},
-		{100, mergeInKernel, 0, false, false}, {25, mergeInKernel, 0, false, false}} {
-		g.decodeBlocks, g.decodeMerge, g.decodeMMATile = mode.pct, mode.merge, mode.tile
-		mergeValues = mode.values
-		ops := queue()
-		for _, on := range []bool{false, true} {
-			if !on && !mode.pdlOff {
-				continue
-			}
-			err := d.Do(func(c *Ctx) error {
-				return withPDL(c, on, func() error {
-					gr, release, err := capturedPDL(c, func() error { return runOps(c, ops) })
-					if err != nil {
-						return err
-					}
-					defer release()
-					us, err := timeReplay(c, gr.exec, 5)
-					if err != nil {
-						return err
-					}
-					// Printed, not logged: a benchmark's log is cut at ten lines.
-					fmt.Printf("%s: ctx %d, splits at %3d%% of the SMs, merge %d, tile %2d, merge in the values %-5v, PDL %-5v: %6.2f us a layer (%d ops)\n",
-						name, ctx, mode.pct, mode.merge, mode.tile, mode.values, on, us/layers, len(ops)/layers)
-					return nil
-				})
-			})
-			if err != nil {
-				b.Fatal(err)
-			}
-		}
-	}
+	g.decodeAhead, g.combineQuant = true, true
+	fn(g, queue, layers)
 }
 
 // compileModules loads the named kernel modules (compiling those not in
@@ -462,7 +493,7 @@ func chainPhases(b *testing.B, g *Backend, queue func() []queuedOp) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	fmt.Println(stampSummary(fmt.Sprintf("splits at %d%% (%d blocks): ", g.decodeBlocks, n), st, n,
+	fmt.Println(stampSummary(fmt.Sprintf("splits at %d%%, blocks of 8 heads %v (%d blocks): ", g.decodeBlocks, decodeHeadGroups, n), st, n,
 		[]string{"entry", "wait returned", "queries", "first tile", "summed", "written"}))
 }
 

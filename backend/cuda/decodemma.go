@@ -45,6 +45,12 @@ const (
 	mergeLaunch          // decode_combine, launched early (programmatic serialization)
 )
 
+// decodeHeadGroups gives each 8 heads of the model's shape blocks of their
+// own (decode_mma_*_h8: a third of the queries, products and partials a
+// block, three times the blocks) where a second launch merges the splits;
+// MMFP4_CUDA_ATTN_H8=1 turns it on (comparisons).
+var decodeHeadGroups = os.Getenv("MMFP4_CUDA_ATTN_H8") == "1"
+
 // decodeMMALaunchMaxN is the longest single row whose splits mergeAuto
 // merges by the second launch.
 const decodeMMALaunchMaxN = 4096
@@ -81,7 +87,20 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 		om.ld%4 != 0 || om.ptr%16 != 0 {
 		return false
 	}
-	S := b.decodeMMASplits(T, b.meta.maxN)
+	// Blocks of 8 heads (grid z), where their splits are merged by a
+	// second launch (or there is one split).
+	hg := 1
+	merge := b.decodeMerge
+	if merge == mergeAuto {
+		merge = mergeInKernel
+		if T == 1 && b.meta.maxN <= decodeMMALaunchMaxN {
+			merge = mergeLaunch
+		}
+	}
+	if decodeHeadGroups && s.Rank == 512 && s.RopeDim == 64 && merge == mergeLaunch {
+		hg = (s.Heads + 7) / 8
+	}
+	S := b.decodeMMASplits(T*hg, b.meta.maxN)
 	// Tiles of 16 positions when no split has more (one tile, half the
 	// products of 32), else 32.
 	tp := 32
@@ -99,13 +118,6 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 	launchMerge := false
 	if S > 1 {
 		pml, pacc = b.alloc(4*2*T*S*s.Heads), b.alloc(4*T*S*s.Heads*s.Rank)
-		merge := b.decodeMerge
-		if merge == mergeAuto {
-			merge = mergeInKernel
-			if T == 1 && b.meta.maxN <= decodeMMALaunchMaxN {
-				merge = mergeLaunch
-			}
-		}
 		// Arrivals and departures of each row's barrier.
 		if merge == mergeInKernel && b.attnCountersFor(2*T) {
 			counters = b.attnCounters.Ptr
@@ -114,7 +126,7 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 	}
 	stamps := b.decodeStamps
 	if stamps != 0 {
-		b.decodeStampBlocks = S * T
+		b.decodeStampBlocks = S * T * hg
 	}
 	ahead := 0
 	if b.decodeAhead {
@@ -122,6 +134,9 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 	}
 	var cq *decodeAttnOp
 	name := fmt.Sprintf("decode_mma_%d_%d_t%d", s.Rank, s.RopeDim, tp)
+	if hg > 1 {
+		name += "_h8"
+	}
 	sms := b.dev.Info().SMs
 	idx, flush := len(b.pending), b.flushes
 	b.do("attention", func(c *Ctx) error {
@@ -146,7 +161,7 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 		if cq != nil && cq.a != nil {
 			xq, xs, xsum, G = cq.a.Q, cq.a.Scales, cq.a.Sums, cq.a.G
 		}
-		if err := c.Launch(k, Dim{uint32(S), uint32(T), 1}, D1(decodeMMAThreads), shared,
+		if err := c.Launch(k, Dim{uint32(S), uint32(T), uint32(hg)}, D1(decodeMMAThreads), shared,
 			om.ptr, om.ld, ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer),
 			b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
 			s.Heads, s.NopeDim, scale, pml, pacc, cnt, ahead, xq, xs, xsum, G, stamps); err != nil || S == 1 || cnt != 0 {

@@ -63,7 +63,7 @@ DEVICE u32 e4m3_f16x2(u32 b) {
   return h;
 }
 
-template <int DN, bool EARLY = true>
+template <int DN>
 __device__ __forceinline__ void absorb_query_tc(float* __restrict__ qlat, int ldql, const float* __restrict__ q,
                                                 int ldq, const u8* __restrict__ codes, const u8* __restrict__ scales,
                                                 const float* __restrict__ row_scale, int G, int rank, int dr, int T) {
@@ -107,23 +107,21 @@ __device__ __forceinline__ void absorb_query_tc(float* __restrict__ qlat, int ld
   }
 
   __syncthreads();  // lut and rsm
-  // The weight slab is dequantized before the wait (it depends on no
-  // kernel of the step), unless EARLY is false (comparisons).
-  auto dequant = [&]() {
+  // The weight slab is dequantized before the wait: it depends on no
+  // kernel of the step.
 #pragma unroll
-    for (int u = 0; u < chunks; u++) {
-      const int c = tid + 256 * u;
-      const u32 s2 = e4m3_f16x2(sv[u]);
-      const u32 w[4] = {cv[u].x, cv[u].y, cv[u].z, cv[u].w};
-      u32 o[16];
+  for (int u = 0; u < chunks; u++) {
+    const int c = tid + 256 * u;
+    const u32 s2 = e4m3_f16x2(sv[u]);
+    const u32 w[4] = {cv[u].x, cv[u].y, cv[u].z, cv[u].w};
+    u32 o[16];
 #pragma unroll
-      for (int j = 0; j < 16; j++) o[j] = mul_f16x2(lut[(w[j >> 2] >> (8 * (j & 3))) & 0xFFu], s2);
-      uint4* dst = (uint4*)(bs + (c >> 2) * AT_LDB + 32 * (c & 3));
+    for (int j = 0; j < 16; j++) o[j] = mul_f16x2(lut[(w[j >> 2] >> (8 * (j & 3))) & 0xFFu], s2);
+    uint4* dst = (uint4*)(bs + (c >> 2) * AT_LDB + 32 * (c & 3));
 #pragma unroll
-      for (int j = 0; j < 4; j++) dst[j] = make_uint4(o[4 * j], o[4 * j + 1], o[4 * j + 2], o[4 * j + 3]);
-    }
-  };
-  if (EARLY) dequant();
+    for (int j = 0; j < 4; j++) dst[j] = make_uint4(o[4 * j], o[4 * j + 1], o[4 * j + 2], o[4 * j + 3]);
+  }
+
   // The queries: row r = tid/4 (token t0 + r), float4s j = tid%4, +4, ...
   // of its DN values, after the wait for the kernel before.
   PDL_WAIT();
@@ -137,7 +135,6 @@ __device__ __forceinline__ void absorb_query_tc(float* __restrict__ qlat, int ld
                       : make_float4(0.f, 0.f, 0.f, 0.f);
   }
 
-  if (!EARLY) dequant();
   {
     // a = q_nope * row_scale * 0.5 (the CPU's product order), then the
     // row's scale and the split.
@@ -262,18 +259,3 @@ ABSORB_TC(192)
 ABSORB_TC_ROPE(128)
 ABSORB_TC_ROPE(192)
 
-// absorb_query_tc_rope_192 dequantizing its weight slab after the wait
-// (comparisons).
-extern "C" __global__ void __launch_bounds__(256, 2) absorb_query_tc_rope_late_192(
-    float* __restrict__ qlat, int ldql, const float* __restrict__ q, int ldq, const u8* __restrict__ codes,
-    const u8* __restrict__ scales, const float* __restrict__ row_scale, int G, int rank, int dr, int T, int heads,
-    float* rq, int qheads, int qstride, int qoffset, float* kpe, int ldk, int kheads, int kstride, int koffset,
-    int dim, int interleaved, const float* __restrict__ cs, void* layer, int dtype, const i32* __restrict__ slots,
-    const float* lat, int ldl) {
-  if ((int)blockIdx.z == heads) {
-    rope2_cache_write_row(rq, ldq, qheads, qstride, qoffset, kpe, ldk, kheads, kstride, koffset, dim, interleaved, cs,
-                          T, layer, dtype, slots, lat, ldl, rank, dr, blockIdx.x, blockIdx.y == 0 && (int)blockIdx.x < T);
-    return;
-  }
-  absorb_query_tc<192, false>(qlat, ldql, q, ldq, codes, scales, row_scale, G, rank, dr, T);
-}

@@ -625,7 +625,7 @@ DEVICE void dm_merge_share(float* __restrict__ olat, int ldo, const float* part_
   if (xq) quant_row4(o, tid < nf, f0 + tid, t, NF * 4, G, xq, xs, xsum);
 }
 
-template <int RANK, int DR, int TP>
+template <int RANK, int DR, int TP, int HT>
 DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                        const float* __restrict__ q, int ldq, const u8* __restrict__ layer,
                        const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -645,23 +645,28 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   // Score accumulators: one a part with one position tile (shorter
   // chains of dependent products), else one for all three parts.
   constexpr int NA = MT == 1 ? 3 : 1;
+  // Heads: HT tiles of 8 (NH slots), the block's heads [hb, hb + NH) of
+  // grid z; the weights' rows part*NH + head, in PRG groups of 8 (an even
+  // count for the paired fragment loads).
+  constexpr int NH = 8 * HT, PRG = (3 * HT + 1) & ~1, PROWS = 8 * PRG;
   static_assert(KR <= 8 && DR % 16 == 0 && RANK % 128 == 0 && (TP == 16 || TP == 32), "shape");
 
   extern __shared__ __align__(16) u8 dm_smem[];
   unsigned short* stage = (unsigned short*)dm_smem;  // [DM_NST][TP][LD]
-  float* ot = (float*)dm_smem;                       // [DM_NH][OLD], after the tiles
-  constexpr int STAGE_BYTES = DM_NST * TP * LD * 2 > DM_NH * OLD * 4 ? DM_NST * TP * LD * 2 : DM_NH * OLD * 4;
-  float* sp = (float*)(dm_smem + STAGE_BYTES);                  // [8][TP][DM_NH] partial scores; the merge's
-  unsigned short* pw = (unsigned short*)(sp + 8 * TP * DM_NH);  // [DM_PROWS][PLD] weights
-  float* alpha_s = (float*)(pw + DM_PROWS * PLD);               // [DM_NH]
-  float* m_s = alpha_s + DM_NH;
-  float* l_s = m_s + DM_NH;
-  static_assert(8 * TP * DM_NH >= 2 * DM_MAXS + 2 * DM_NH + 4 + 4 * DM_THREADS, "merge scratch");
+  float* ot = (float*)dm_smem;                       // [NH][OLD], after the tiles
+  constexpr int STAGE_BYTES = DM_NST * TP * LD * 2 > NH * OLD * 4 ? DM_NST * TP * LD * 2 : NH * OLD * 4;
+  float* sp = (float*)(dm_smem + STAGE_BYTES);             // [8][TP][NH] partial scores; the merge's
+  unsigned short* pw = (unsigned short*)(sp + 8 * TP * NH);  // [PROWS][PLD] weights
+  float* alpha_s = (float*)(pw + PROWS * PLD);               // [NH]
+  float* m_s = alpha_s + NH;
+  float* l_s = m_s + NH;
+  // The in-launch merge (all heads in one block only) uses sp as scratch.
+  static_assert(HT != DM_HT || 8 * TP * NH >= 2 * DM_MAXS + 2 * NH + 4 + 4 * DM_THREADS, "merge scratch");
 
   PDL_LAUNCH();
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c4 = lane & 3;
-  const int s = blockIdx.x, t = blockIdx.y, S = gridDim.x;
-  unsigned long long* stamp = stamps ? stamps + 6 * ((size_t)t * S + s) : nullptr;
+  const int s = blockIdx.x, t = blockIdx.y, S = gridDim.x, hb = NH * blockIdx.z, nhb = min(NH, heads - hb);
+  unsigned long long* stamp = stamps ? stamps + 6 * (((size_t)blockIdx.z * gridDim.y + t) * S + s) : nullptr;
 #define DM_STAMP(k) \
   if (stamp && tid == 0) stamp[k] = globaltimer()
   DM_STAMP(0);
@@ -710,7 +715,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
     for (int k = 0; k < DM_NST - 1; k++) issue(k, lead[k], 0);
   }
   // Weights of the padding rows and heads stay zero.
-  for (int i = tid; i < DM_PROWS * PLD / 2; i += DM_THREADS) ((u32*)pw)[i] = 0u;
+  for (int i = tid; i < PROWS * PLD / 2; i += DM_THREADS) ((u32*)pw)[i] = 0u;
   PDL_WAIT();  // the queries and this step's cache entries
   if (stamp && tid == 0) stamp[1] = globaltimer_after((int)lead[0]);
 
@@ -721,12 +726,12 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   // This warp's query parts as B fragments: k step kk covers query
   // columns kcol(kk) .. +16; heads 8j + g.
   auto kcol = [&](int kk) { return kk < KL ? (warp * KL + kk) * 16 : RANK + 16 * warp; };
-  u32 qb[KS][DM_HT][3][2];
+  u32 qb[KS][HT][3][2];
 #pragma unroll
   for (int kk = 0; kk < KS; kk++) {
 #pragma unroll
-    for (int j = 0; j < DM_HT; j++) {
-      const int h = 8 * j + g;
+    for (int j = 0; j < HT; j++) {
+      const int h = hb + 8 * j + g;
       float2 v0 = make_float2(0.f, 0.f), v1 = v0;
       if (h < heads && (kk < KL || warp < KR)) {
         const int kc = kcol(kk);
@@ -739,18 +744,18 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
       split3_bf16x2(v1.x, v1.y, qb[kk][j][0][1], qb[kk][j][1][1], qb[kk][j][2][1]);
     }
   }
-  if (stamp && tid == 0) stamp[2] = globaltimer_after((int)(qb[0][0][0][0] ^ qb[KS - 1][DM_HT - 1][2][1]));
+  if (stamp && tid == 0) stamp[2] = globaltimer_after((int)(qb[0][0][0][0] ^ qb[KS - 1][HT - 1][2][1]));
 
-  // The softmax state lives in the threads tid < 8*DM_NH (head tid/8,
+  // The softmax state lives in the threads tid < 8*NH (head tid/8,
   // positions tid%8 + 8i).
   const int sh = tid >> 3, sq = tid & 7;
   float m_run = __int_as_float(0xff800000), l_run = 0.f;
 
-  float o[KL][DM_HT][4];
+  float o[KL][HT][4];
 #pragma unroll
   for (int m = 0; m < KL; m++)
 #pragma unroll
-    for (int j = 0; j < DM_HT; j++) o[m][j][0] = o[m][j][1] = o[m][j][2] = o[m][j][3] = 0.f;
+    for (int j = 0; j < HT; j++) o[m][j][0] = o[m][j][1] = o[m][j][2] = o[m][j][3] = 0.f;
 
   const int a_off = ((lane & 15) * LD + (lane >> 4) * 8) * 2;                           // A from [pos][k]
   const int t_off = (((lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * 8) * 2;  // A = c^T, .trans
@@ -767,13 +772,13 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 
     // Partial scores over this warp's k steps: TP positions x 24 heads.
     {
-      float sacc[NA][MT][DM_HT][4];
+      float sacc[NA][MT][HT][4];
 #pragma unroll
       for (int a = 0; a < NA; a++)
 #pragma unroll
         for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-          for (int j = 0; j < DM_HT; j++)
+          for (int j = 0; j < HT; j++)
             sacc[a][mt][j][0] = sacc[a][mt][j][1] = sacc[a][mt][j][2] = sacc[a][mt][j][3] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < KS; kk++) {
@@ -787,15 +792,15 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 #pragma unroll
             for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-              for (int j = 0; j < DM_HT; j++)
+              for (int j = 0; j < HT; j++)
                 mma_bf16(sacc[p % NA][mt][j], a[mt], qb[kk][j][p][0], qb[kk][j][p][1]);
         }
       }
-      float* mine = sp + warp * TP * DM_NH;
+      float* mine = sp + warp * TP * NH;
 #pragma unroll
       for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-        for (int j = 0; j < DM_HT; j++) {
+        for (int j = 0; j < HT; j++) {
           float v[4];
 #pragma unroll
           for (int e = 0; e < 4; e++) {
@@ -804,15 +809,15 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
             for (int a = 1; a < NA; a++) v[e] += sacc[a][mt][j][e];
           }
           const int row = mt * 16 + g, col = 8 * j + 2 * c4;
-          *(float2*)(mine + row * DM_NH + col) = make_float2(v[0], v[1]);
-          *(float2*)(mine + (row + 8) * DM_NH + col) = make_float2(v[2], v[3]);
+          *(float2*)(mine + row * NH + col) = make_float2(v[0], v[1]);
+          *(float2*)(mine + (row + 8) * NH + col) = make_float2(v[2], v[3]);
         }
     }
     __syncthreads();
 
     // Online softmax, eight threads a head (warps 0-5; every head slot,
     // padding heads fully masked).
-    if (tid < 8 * DM_NH) {
+    if (tid < 8 * NH) {
       float sv[TP / 8];
       float mx = __int_as_float(0xff800000);
 #pragma unroll
@@ -820,8 +825,8 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
         const int r = sq + 8 * i;
         float a = 0.f;
 #pragma unroll
-        for (int w = 0; w < 8; w++) a += sp[(w * TP + r) * DM_NH + sh];
-        const bool valid = sh < heads && k * TP + r < nb;
+        for (int w = 0; w < 8; w++) a += sp[(w * TP + r) * NH + sh];
+        const bool valid = hb + sh < heads && k * TP + r < nb;
         sv[i] = valid ? a * scale : __int_as_float(0xff800000);
         mx = fmaxf(mx, sv[i]);
       }
@@ -844,8 +849,8 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
         const int r = sq + 8 * i;
 #pragma unroll
         for (int q = 0; q < 3; q++) {
-          pw[(q * DM_NH + sh) * PLD + r] = (unsigned short)(part[q] & 0xFFFFu);
-          pw[(q * DM_NH + sh) * PLD + r + 8] = (unsigned short)(part[q] >> 16);
+          pw[(q * NH + sh) * PLD + r] = (unsigned short)(part[q] & 0xFFFFu);
+          pw[(q * NH + sh) * PLD + r + 8] = (unsigned short)(part[q] >> 16);
         }
       }
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
@@ -860,16 +865,16 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
     // O^T = O^T * alpha + c^T . P^T over this warp's columns.
     {
 #pragma unroll
-      for (int j = 0; j < DM_HT; j++) {
+      for (int j = 0; j < HT; j++) {
         const float a0 = alpha_s[8 * j + 2 * c4], a1 = alpha_s[8 * j + 2 * c4 + 1];
 #pragma unroll
         for (int m = 0; m < KL; m++) o[m][j][0] *= a0, o[m][j][1] *= a1, o[m][j][2] *= a0, o[m][j][3] *= a1;
       }
 #pragma unroll
       for (int ks = 0; ks < MT; ks++) {
-        u32 b[10][2];
+        u32 b[PRG][2];
 #pragma unroll
-        for (int rg = 0; rg < 10; rg += 2)
+        for (int rg = 0; rg < PRG; rg += 2)
           ldsm_x4(pw_addr + (u32)(rg * 8 * PLD * 2 + ks * 32 + b_off), b[rg][0], b[rg][1], b[rg + 1][0],
                   b[rg + 1][1]);
         u32 a[KL][4];
@@ -881,7 +886,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 #pragma unroll
           for (int m = 0; m < KL; m++)
 #pragma unroll
-            for (int j = 0; j < DM_HT; j++) mma_bf16(o[m][j], a[m], b[3 * p + j][0], b[3 * p + j][1]);
+            for (int j = 0; j < HT; j++) mma_bf16(o[m][j], a[m], b[HT * p + j][0], b[HT * p + j][1]);
       }
     }
     __syncthreads();  // the tile and the weights are read before they are rewritten
@@ -893,41 +898,41 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 #pragma unroll
   for (int m = 0; m < KL; m++)
 #pragma unroll
-    for (int j = 0; j < DM_HT; j++) {
+    for (int j = 0; j < HT; j++) {
       const int col = (warp * KL + m) * 16 + g, h = 8 * j + 2 * c4;
       ot[h * OLD + col] = o[m][j][0];
       ot[(h + 1) * OLD + col] = o[m][j][1];
       ot[h * OLD + col + 8] = o[m][j][2];
       ot[(h + 1) * OLD + col + 8] = o[m][j][3];
     }
-  if (tid < 8 * DM_NH && sq == 0) m_s[sh] = m_run, l_s[sh] = l_run;
+  if (tid < 8 * NH && sq == 0) m_s[sh] = m_run, l_s[sh] = l_run;
   __syncthreads();
 
   constexpr int C4 = RANK / 4;
   if (S == 1) {
-    for (int ib = 0; ib < heads * C4; ib += DM_THREADS) {
+    for (int ib = 0; ib < nhb * C4; ib += DM_THREADS) {
       const int i = ib + tid;
-      const bool ok = i < heads * C4;
+      const bool ok = i < nhb * C4;
       float4 r = make_float4(0.f, 0.f, 0.f, 0.f);
       if (ok) {
         const int h = i / C4, c = (i - h * C4) * 4;
         const float4 v = *(const float4*)(ot + h * OLD + c);
         const float inv = 1.f / l_s[h];
         r = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
-        *(float4*)(olat + (size_t)t * ldo + (size_t)h * RANK + c) = r;
+        *(float4*)(olat + (size_t)t * ldo + (size_t)(hb + h) * RANK + c) = r;
       }
-      if (xq) quant_row4(r, ok, i, t, heads * RANK, G, xq, xs, xsum);
+      if (xq) quant_row4(r, ok, hb * C4 + i, t, heads * RANK, G, xq, xs, xsum);
     }
     DM_STAMP(5);
     return;
   }
   const size_t part = (size_t)t * S + s;
-  for (int i = tid; i < heads * C4; i += DM_THREADS) {
+  for (int i = tid; i < nhb * C4; i += DM_THREADS) {
     const int h = i / C4, c = (i - h * C4) * 4;
-    *(float4*)(part_acc + (part * heads + h) * RANK + c) = *(const float4*)(ot + h * OLD + c);
+    *(float4*)(part_acc + (part * heads + hb + h) * RANK + c) = *(const float4*)(ot + h * OLD + c);
   }
-  if (tid < heads) *(float2*)(part_ml + (part * heads + tid) * 2) = make_float2(m_s[tid], l_s[tid]);
-  if (counters == nullptr) {
+  if (tid < nhb) *(float2*)(part_ml + (part * heads + hb + tid) * 2) = make_float2(m_s[tid], l_s[tid]);
+  if (HT != DM_HT || counters == nullptr) {
     DM_STAMP(5);
     return;
   }
@@ -949,24 +954,26 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 #undef DM_STAMP
 }
 
-#define DECODE_MMA(RANK, DR, TP)                                                                                     \
+#define DECODE_MMA(RANK, DR, TP, HT, NAME)                                                                           \
   extern "C" __global__ void __launch_bounds__(DM_THREADS, 1)                                                        \
-      decode_mma_##RANK##_##DR##_t##TP(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,    \
-                                       const u8* layer, const i32* __restrict__ pos, const i32* __restrict__ row_seq, \
-                                       const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks,           \
-                                       int block_size, int heads, int dn, float scale, float* part_ml,               \
-                                       float* part_acc, u32* counters, int ahead, i8* xq, float* xs, i32* xsum,      \
-                                       int G, unsigned long long* stamps) {                                          \
-    decode_mma<RANK, DR, TP>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks, block_size,     \
-                             heads, dn, scale, part_ml, part_acc, counters, ahead, xq, xs, xsum, G, stamps);         \
+      NAME(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const u8* layer,              \
+           const i32* __restrict__ pos, const i32* __restrict__ row_seq, const i32* __restrict__ seq_blocks,         \
+           const i32* __restrict__ blocks, int block_size, int heads, int dn, float scale, float* part_ml,           \
+           float* part_acc, u32* counters, int ahead, i8* xq, float* xs, i32* xsum, int G,                          \
+           unsigned long long* stamps) {                                                                             \
+    decode_mma<RANK, DR, TP, HT>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks, block_size, \
+                                 heads, dn, scale, part_ml, part_acc, counters, ahead, xq, xs, xsum, G, stamps);     \
   }
 
 // Instances: the model's (rank 512, rope 64) and the tests' small shape,
-// tiles of 16 positions (splits of at most 16) and of 32.
-DECODE_MMA(512, 64, 16)
-DECODE_MMA(512, 64, 32)
-DECODE_MMA(256, 32, 16)
-DECODE_MMA(256, 32, 32)
+// tiles of 16 positions (splits of at most 16) and of 32, all heads in a
+// block; and the model's with a block for each 8 heads (grid z).
+DECODE_MMA(512, 64, 16, DM_HT, decode_mma_512_64_t16)
+DECODE_MMA(512, 64, 32, DM_HT, decode_mma_512_64_t32)
+DECODE_MMA(256, 32, 16, DM_HT, decode_mma_256_32_t16)
+DECODE_MMA(256, 32, 32, DM_HT, decode_mma_256_32_t32)
+DECODE_MMA(512, 64, 16, 1, decode_mma_512_64_t16_h8)
+DECODE_MMA(512, 64, 32, 1, decode_mma_512_64_t32_h8)
 
 // The splits' merge as a second launch: grid (rank/128, heads, rows),
 // eight warps a block for one row, head and 128 columns. Warp w takes the
