@@ -416,9 +416,10 @@ func TestChainLayerMatchesSeparate(t *testing.T) {
 
 // BenchmarkChainLayer: the attention half of a decode layer at
 // GLM-4.7-Flash's shapes (the attention itself left out) over 24 layers'
-// weights in turn, as 12 separate launches, as 8 with all of chain.go's
-// shared launches, and with each of them left out, replayed from a graph
-// with programmatic dependent launch: device time per layer.
+// weights in turn, as 12 separate launches, with chain.go's shared
+// launches of sections (5) and (6) of docs/perf.md, and with those of
+// section (7) in turn, replayed from a graph with programmatic dependent
+// launch: device time per layer.
 func BenchmarkChainLayer(b *testing.B) {
 	d := benchDevice(b)
 	r := rand.New(rand.NewPCG(9, 11))

@@ -207,6 +207,7 @@ func TestDecodeChainMatchesSerial(t *testing.T) {
 		}
 	}
 	defer setPDL(g.dev.c.pdlOK)
+	defer func(h bool) { decodeHeadGroups = h }(decodeHeadGroups)
 	for _, G := range []int{128, 32} {
 		uk := quantHost(t, r, "wuk", s.Heads*s.NopeDim, s.Rank, 128)
 		uv := quantHost(t, r, "wuv", s.Heads*s.VDim, s.Rank, G)
@@ -214,6 +215,7 @@ func TestDecodeChainMatchesSerial(t *testing.T) {
 		for order := 0; order < 2; order++ {
 			setPDL(false)
 			g.decodeAhead, g.combineQuant = false, false
+			decodeHeadGroups = false // all heads in a block, decode_combine, the separate quantization
 			wantOl, wantV := runChain(t, g, cs, in, uk, uv, layers, order)
 			name := fmt.Sprintf("W_UV groups of %d, order %d", G, order)
 			if e := maxRelErr(cpuOl, wantOl); !(e <= 1e-5) {
@@ -237,7 +239,6 @@ func TestDecodeChainMatchesSerial(t *testing.T) {
 				v.b.decodeAhead, v.b.combineQuant, v.b.decodeBlocks = v.ahead, v.quant, v.pct
 				decodeHeadGroups = v.h8
 				ol, vals := runChain(t, v.b, cs, in, uk, uv, layers, order)
-				decodeHeadGroups = false
 				v.b.decodeBlocks = 100
 				if i := sameBits(wantOl, ol); i >= 0 {
 					t.Errorf("%s, PDL (%s): olat value %d of %d differs from the serial launches", name, v.what, i, len(ol))
@@ -291,15 +292,15 @@ func chainLaunches(t *testing.T, g *Backend, cs *chainSteps, in *chainInputs) ma
 }
 
 // BenchmarkDecodeChain: the attention of a batch-1 decode layer at
-// GLM-4.7-Flash's shapes, ctx 1024 (bf16 cache): the cache write of the
-// step's row, the absorbed query, the attention (two launches), the
-// quantization of its output unless the merge writes it, and the value
+// GLM-4.7-Flash's shapes, ctx 1024 and 8192 (bf16 cache): the cache write
+// of the step's row, the absorbed query, the attention (two launches, or
+// one with its splits merged by the value expansion), and the value
 // expansion, over 48 layers in turn (cache and weights over 100 MB), in a
-// graph with programmatic dependent launch off and on: device time a
-// layer, with the cache copies before the wait (ahead) and the merge's
-// quantization on and off, splits aimed at 100% and 25% of the
-// multiprocessors, the splits merged by the second launch (as mergeAuto
-// does at batch 1) or in the launch. Run with -test.benchtime=1x.
+// graph with programmatic dependent launch (and off for the first line):
+// device time a layer, with the splits aimed at several shares of the
+// multiprocessors, merged by a second launch, in the launch or by the
+// value expansion, and with all heads in a block or blocks of 8 heads;
+// and decode_mma's timer stamps. Run with -test.benchtime=1x.
 func BenchmarkDecodeChain(b *testing.B) {
 	d := benchDevice(b)
 	// The modules first, with their time printed: compiling the flash

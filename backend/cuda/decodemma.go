@@ -5,7 +5,6 @@ package cuda
 import (
 	"fmt"
 	"math/bits"
-	"os"
 	"slices"
 
 	"github.com/mmfp4/mmfp4/backend"
@@ -47,9 +46,9 @@ const (
 
 // decodeHeadGroups gives each 8 heads of the model's shape blocks of their
 // own (decode_mma_*_h8: a third of the queries, products and partials a
-// block, three times the blocks) where a second launch merges the splits;
-// MMFP4_CUDA_ATTN_H8=1 turns it on (comparisons).
-var decodeHeadGroups = os.Getenv("MMFP4_CUDA_ATTN_H8") == "1"
+// block, three times the blocks) where a second launch merges the splits
+// (on unless MMFP4_CUDA_LAYER7=0, chain.go).
+var decodeHeadGroups = layer7
 
 // decodeMMALaunchMaxN is the longest single row whose splits mergeAuto
 // merges by the second launch.
@@ -101,6 +100,13 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 		hg = (s.Heads + 7) / 8
 	}
 	S := b.decodeMMASplits(T*hg, b.meta.maxN)
+	if hg > 1 {
+		// As few splits as give the same chunk of the bucketed length
+		// (no blocks past the row's end: at ctx 1024, 32 splits of 32
+		// positions rather than 44).
+		n16 := splitBucket((b.meta.maxN + decodeMMAAlign - 1) / decodeMMAAlign)
+		S = (n16 + (n16+S-1)/S - 1) / ((n16 + S - 1) / S)
+	}
 	// Tiles of 16 positions when no split has more (one tile, half the
 	// products of 32), else 32.
 	tp := 32
@@ -197,9 +203,8 @@ type splitParts struct {
 
 // mergeValues lets the value expansion of one row merge the attention's
 // splits in its own launch (decode_combine_values) instead of
-// decode_combine; MMFP4_CUDA_MERGE_VALUES=0 keeps decode_combine (for an
-// A/B on the card).
-var mergeValues = os.Getenv("MMFP4_CUDA_MERGE_VALUES") != "0"
+// decode_combine (on unless MMFP4_CUDA_LAYER7=0, chain.go).
+var mergeValues = layer7
 
 // mergedValues queues the value expansion of olat (one row, its int8 form
 // a just handed to the decode attention op lc) with the merge of lc's
