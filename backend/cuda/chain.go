@@ -405,6 +405,10 @@ func (c *Ctx) NormGEMV(y uint64, w *QMatrix, n, n2 norm8) error {
 		n.x, n.gain, n.eps, n.out, q.Q, q.Scales, q.Sums, x2, gain2, n2.eps, out2, q2, s2, sum2, K2, G2)
 }
 
+// normMaxRows bounds the rows of a product that takes its input's norm
+// into its launch (q_b's 5120 measured).
+const normMaxRows = 8192
+
 // normGEMV is NormGEMV queued as b.pending[idx].
 type normGEMVOp struct {
 	idx, flush int
@@ -431,7 +435,7 @@ var normProducts = layer7
 func (b *Backend) normProduct(d *tensor, a *QActs, w *weight) bool {
 	p := b.lastNorm8
 	if !normProducts || !b.chained() || b.opts.FusedGEMV || b.opts.FusedLatent || p == nil || p.flush != b.flushes ||
-		p.idx != len(b.pending)-1 || p.paired || p.n.q != a || d.rows != 1 || w.q.K != a.K || w.q.G != a.G ||
+		p.idx != len(b.pending)-1 || p.paired || p.n.q != a || d.rows != 1 || w.q.K != a.K || w.q.G != a.G || w.q.N > normMaxRows ||
 		!normGEMVFits(a.K, a.G) || overlaps(&p.x, &p.out) || overlaps(d, &p.x) || overlaps(d, &p.out) {
 		return false
 	}
@@ -496,6 +500,12 @@ func addNormGEMVFits(K, G int) bool {
 	return (K == 1024 || K == 2048) && (G == 32 || G == 64 || G == 128)
 }
 
+// addNormMaxRows bounds the rows of a product that takes the add and norm
+// into its launch: every block normalises the row again, which pays for
+// q_a and kv_a (768 and 576 rows) and is not measured for more (a dense
+// MLP's 10240).
+const addNormMaxRows = 2048
+
 // addNormGEMVOp is AddNormGEMVPair queued as b.pending[idx].
 type addNormGEMVOp struct {
 	idx, flush int
@@ -514,7 +524,7 @@ var addNormProducts = layer7
 // second product of such a launch, and reports whether it did.
 func (b *Backend) addNormProduct(d *tensor, a *QActs, w *weight) bool {
 	if !addNormProducts || !b.chained() || b.opts.FusedGEMV || b.opts.FusedLatent || b.counter.Ptr == 0 || d.rows != 1 ||
-		w.q.K != a.K || w.q.G != a.G {
+		w.q.K != a.K || w.q.G != a.G || w.q.N > addNormMaxRows {
 		return false
 	}
 	counter := b.counter.Ptr + addNormWord
