@@ -207,7 +207,7 @@ func TestDecodeChainMatchesSerial(t *testing.T) {
 		}
 	}
 	defer setPDL(g.dev.c.pdlOK)
-	defer func(h bool) { decodeHeadGroups = h }(decodeHeadGroups)
+	defer func(h bool) { decodeHeadGroups, decodeSplitsFixed = h, 0 }(decodeHeadGroups)
 	for _, G := range []int{128, 32} {
 		uk := quantHost(t, r, "wuk", s.Heads*s.NopeDim, s.Rank, 128)
 		uv := quantHost(t, r, "wuv", s.Heads*s.VDim, s.Rank, G)
@@ -230,16 +230,10 @@ func TestDecodeChainMatchesSerial(t *testing.T) {
 				what         string
 				b            *Backend
 				ahead, quant bool
-				h8           bool // blocks of 8 heads
-				pct          int  // splits aimed at pct% of the multiprocessors
-			}{{"direct", g, true, true, false, 100}, {"direct, loads after the wait", g, false, true, false, 100},
-				{"direct, separate quantization", g, true, false, false, 100}, {"graphs", gg, true, true, false, 100},
-				{"direct, blocks of 8 heads", g, true, true, true, 100}, {"graphs, blocks of 8 heads", gg, true, true, true, 100},
-				{"direct, blocks of 8 heads, 64 splits", g, true, true, true, 150}, {"direct, blocks of 8 heads, separate quantization", g, true, false, true, 73}} {
-				v.b.decodeAhead, v.b.combineQuant, v.b.decodeBlocks = v.ahead, v.quant, v.pct
-				decodeHeadGroups = v.h8
+			}{{"direct", g, true, true}, {"direct, loads after the wait", g, false, true},
+				{"direct, separate quantization", g, true, false}, {"graphs", gg, true, true}} {
+				v.b.decodeAhead, v.b.combineQuant = v.ahead, v.quant
 				ol, vals := runChain(t, v.b, cs, in, uk, uv, layers, order)
-				v.b.decodeBlocks = 100
 				if i := sameBits(wantOl, ol); i >= 0 {
 					t.Errorf("%s, PDL (%s): olat value %d of %d differs from the serial launches", name, v.what, i, len(ol))
 				}
@@ -247,6 +241,46 @@ func TestDecodeChainMatchesSerial(t *testing.T) {
 					t.Errorf("%s, PDL (%s): value %d of %d differs from the serial launches", name, v.what, i, len(vals))
 				}
 			}
+			// Blocks of 8 heads give all-heads blocks' bits at the same
+			// split count (32: one tile of 32 positions; 64: one of 16).
+			for _, S := range []int{32, 64} {
+				decodeSplitsFixed = S
+				setPDL(false)
+				g.decodeAhead, g.combineQuant = false, false
+				decodeHeadGroups = false
+				wOl, wV := runChain(t, g, cs, in, uk, uv, layers, order)
+				setPDL(true)
+				decodeHeadGroups = true
+				for _, v := range []struct {
+					what         string
+					b            *Backend
+					ahead, quant bool
+				}{{"direct", g, true, true}, {"graphs", gg, true, true}, {"direct, separate quantization", g, true, false}} {
+					v.b.decodeAhead, v.b.combineQuant = v.ahead, v.quant
+					ol, vals := runChain(t, v.b, cs, in, uk, uv, layers, order)
+					if i := sameBits(wOl, ol); i >= 0 {
+						t.Errorf("%s, %d splits, blocks of 8 heads, PDL (%s): olat value %d of %d differs from all heads a block", name, S, v.what, i, len(ol))
+					}
+					if i := sameBits(wV, vals); i >= 0 {
+						t.Errorf("%s, %d splits, blocks of 8 heads, PDL (%s): value %d of %d differs from all heads a block", name, S, v.what, i, len(vals))
+					}
+				}
+				decodeSplitsFixed = 0
+				decodeHeadGroups = false
+			}
+			// The default path at batch 1 (blocks of 8 heads, their own
+			// split count, the merge in the values) against the CPU.
+			decodeHeadGroups = true
+			g.decodeAhead, g.combineQuant = true, true
+			hOl, hV := runChain(t, g, cs, in, uk, uv, layers, order)
+			decodeHeadGroups = false
+			if e := maxRelErr(cpuOl, hOl); !(e <= 1e-5) {
+				t.Errorf("%s, blocks of 8 heads: olat max relative error %.3e against the CPU, above 1e-5", name, e)
+			}
+			if e := maxRelErr(cpuV, hV); !(e <= 1e-3) {
+				t.Errorf("%s, blocks of 8 heads: values max relative error %.3e against the CPU, above 1e-3", name, e)
+			}
+			t.Logf("%s: blocks of 8 heads: olat %.2e, values %.2e from the CPU", name, maxRelErr(cpuOl, hOl), maxRelErr(cpuV, hV))
 			t.Logf("%s: olat %.2e, values %.2e from the CPU; PDL variants bit for bit as the serial launches unless reported", name, maxRelErr(cpuOl, wantOl), maxRelErr(cpuV, wantV))
 		}
 	}

@@ -50,6 +50,10 @@ const (
 // (on unless MMFP4_CUDA_LAYER7=0, chain.go).
 var decodeHeadGroups = layer7
 
+// decodeSplitsFixed, when not 0, is decode_mma's split count (tests that
+// compare the blocks of 8 heads with all heads a block at one count).
+var decodeSplitsFixed int
+
 // decodeMMALaunchMaxN is the longest single row whose splits mergeAuto
 // merges by the second launch.
 const decodeMMALaunchMaxN = 4096
@@ -100,7 +104,9 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 		hg = (s.Heads + 7) / 8
 	}
 	S := b.decodeMMASplits(T*hg, b.meta.maxN)
-	if hg > 1 {
+	if decodeSplitsFixed > 0 {
+		S = decodeSplitsFixed
+	} else if hg > 1 {
 		// As few splits as give the same chunk of the bucketed length
 		// (no blocks past the row's end: at ctx 1024, 32 splits of 32
 		// positions rather than 44).
