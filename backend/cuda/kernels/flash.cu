@@ -446,9 +446,12 @@ FLASH_FORMS(2, 16)
 // Decode attention on the tensor cores: a few rows (one a sequence), each
 // against its own cached positions, split over blocks by position.
 //
-// Block (s, t) of the grid (splits, rows) takes the positions [s*chunk,
-// +chunk) of row t (chunk = ceil(n/splits) rounded up to 16, n = pos[t]+1)
-// for all its heads (up to DM_NH = 24), in tiles of TP = 16 or 32
+// Block (s, t, z) of the grid (splits, rows, head groups) takes the
+// positions [s*chunk, +chunk) of row t (chunk = ceil(n/splits) rounded up
+// to 16, n = pos[t]+1) for the heads [z*8*HT, +8*HT) (HT = DM_HT: all of
+// up to DM_NH = 24 heads in one block; HT = 1: blocks of 8 heads, a third
+// of the queries, products and partials a block, each head's sums those of
+// the all-heads blocks), in tiles of TP = 16 or 32
 // positions copied to shared memory by cp.async, DM_NST tiles in flight.
 // The leading tiles' rows of positions written by earlier steps are
 // copied before the wait for the kernel before (with ahead set): under
@@ -770,7 +773,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
     if (k == 0) DM_STAMP(3);
     const u32 tile = stage_addr + (u32)((k % DM_NST) * TP * LD * 2);
 
-    // Partial scores over this warp's k steps: TP positions x 24 heads.
+    // Partial scores over this warp's k steps: TP positions x NH heads.
     {
       float sacc[NA][MT][HT][4];
 #pragma unroll
