@@ -181,9 +181,13 @@ type Backend struct {
 	gemmPairs  int
 	lastValues *valuesOp
 	lastNorm8  *norm8Op
+	// lastNormGEMV is the norm and product launch queued last (chain.go).
+	lastNormGEMV *normGEMVOp
+	// lastAddNorm is the add, norm and product launch queued last.
+	lastAddNorm *addNormGEMVOp
 	// lastRopeCache is the RoPE + cache write launch queued last.
 	lastRopeCache *ropeCacheOp
-	chainMerges   [5]int
+	chainMerges   [7]int
 
 	steps *stepTimer // MMFP4_CUDA_STEPTIME=1
 	// pieces counts the pieces this step has gone to the device in.
@@ -1259,7 +1263,7 @@ func (b *Backend) MatMul(dst, x backend.Tensor, wt backend.Weight) {
 		b.noteGEMM(d, a, w)
 		return
 	}
-	if b.pairProduct(d, a, w) {
+	if b.pairProduct(d, a, w) || b.normProduct(d, a, w) || b.addNormProduct(d, a, w) {
 		return
 	}
 	b.do(b.opName("matmul", w), func(c *Ctx) error { return c.GEMVRows(d.ptr, d.ld, w.q, a) })
@@ -1338,7 +1342,7 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 	} else {
 		fast := rowNorm8(d.cols, G, []uint64{xm.ptr, g.dense, d.ptr}, []int{xm.ld, d.ld})
 		n := norm8{x: xm.ptr, out: d.ptr, gain: g.dense, eps: eps, q: a}
-		if fast && d.rows == 1 && b.pairNorm(n, xm, d) {
+		if fast && d.rows == 1 && (b.normBeside(n, xm, d) || b.pairNorm(n, xm, d)) {
 			// In the launch of the norm queued before (chain.go).
 			b.rememberQuant(quantEntry{*d, a})
 			return
@@ -1775,7 +1779,11 @@ func (b *Backend) ExpandValues(out, olat backend.Tensor, wUV backend.Weight, s b
 		if b.fusedHeads(om, ol, w, s.Heads, s.Rank, s.VDim) {
 			return
 		}
+		lc := b.lastDecodeAttn
 		a := b.quantize(ol, w.q.G)
+		if b.mergedValues(lc, om, ol, w.q, a, s) {
+			return
+		}
 		b.do("expand values", func(c *Ctx) error { return c.GEMVHeads(om.ptr, w.q, a, s.Heads, s.VDim) })
 		b.noteValues(om, w.q, a, s.Heads, s.VDim)
 		return

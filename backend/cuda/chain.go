@@ -5,6 +5,7 @@ package cuda
 import (
 	"fmt"
 	"math/bits"
+	"os"
 	"slices"
 
 	"github.com/mmfp4/mmfp4/backend"
@@ -117,6 +118,7 @@ type valuesOp struct {
 	w           *QMatrix
 	a           *QActs
 	heads, rows int
+	merge       *mergeIn // the attention's splits merged in the launch
 }
 
 // norm8Op is a single-row RMSNorm queued as b.pending[idx].
@@ -175,7 +177,13 @@ func (b *Backend) valuesQuant(x *tensor, w *weight) bool {
 		return false // the arena grew, which flushed the queued ops
 	}
 	y, wv, a, heads, rows := x.ptr, v.w, v.a, v.heads, v.rows
-	b.pending[v.idx] = queuedOp{"expand values+quantize", func(c *Ctx) error { return c.GEMVHeadsQuant(y, wv, a, heads, rows, q) }}
+	if m := v.merge; m != nil {
+		b.pending[v.idx] = queuedOp{"attention merge+expand values+quantize", func(c *Ctx) error {
+			return c.DecodeCombineValues(y, wv, heads, rows, q, q.G, m.parts, m.olat, &m.oa)
+		}}
+	} else {
+		b.pending[v.idx] = queuedOp{"expand values+quantize", func(c *Ctx) error { return c.GEMVHeadsQuant(y, wv, a, heads, rows, q) }}
+	}
 	b.rememberQuant(quantEntry{*x, q})
 	b.lastValues = nil
 	b.chainMerges[chainValues]++
@@ -239,6 +247,8 @@ const (
 	chainNorms
 	chainRope
 	chainRouterNorm
+	chainNormGEMV
+	chainAddNormGEMV
 )
 
 // ropeCacheOp is a rope2_cache_write launch queued as b.pending[idx]
@@ -355,4 +365,185 @@ func (b *Backend) routerNormCall(ld *denseOp, lm *tensor, bias *weight, cfg back
 	return func(c *Ctx, q *QActs) error {
 		return c.RouterClusterNorm(ld.w.dense, K, lm.ptr, bias.dense, cfg.TopK, norm == 1, cfg.RoutedScaling, r.ids, r.wts, q, in)
 	}, true
+}
+
+// normGEMVFits reports whether NormGEMV takes a norm of K values in int8
+// groups of G before a product of rows of K columns in groups of G: K a
+// multiple of 256 of at most 1024 (a block's 128 threads of 8 values, one
+// chunk of 32 columns a lane).
+func normGEMVFits(K, G int) bool {
+	return K%256 == 0 && K <= 1024 && (G == 32 || G == 64 || G == 128)
+}
+
+// NormGEMV is the single-row norm n (RMSNormQuant8 of one row, with a
+// gain and its int8 form) and y = w norm(x) (GEMVRows of one token, from
+// n's int8 form) in one launch, with the independent single-row norm n2
+// in an extra block when n2.q is not nil (norm_gemv_t1: every output the
+// separate launches' bits). n.out must not overlap n.x.
+func (c *Ctx) NormGEMV(y uint64, w *QMatrix, n, n2 norm8) error {
+	q := n.q
+	if q == nil || q.T != 1 || n.gain == 0 || q.K != w.K || q.G != w.G || !normGEMVFits(q.K, q.G) {
+		return fmt.Errorf("cuda: norm and product: want a gain and one row of a multiple of 256 up to 1024 in the product's groups")
+	}
+	var gain2, x2, out2, q2, s2, sum2 uint64
+	K2, G2 := 0, 0
+	if m := n2.q; m != nil {
+		if m.T != 1 || n2.gain == 0 || !normGEMVFits(m.K, m.G) {
+			return fmt.Errorf("cuda: norm and product: second norm of %d values in groups of %d", m.K, m.G)
+		}
+		x2, gain2, out2, q2, s2, sum2, K2, G2 = n2.x, n2.gain, n2.out, m.Q, m.Scales, m.Sums, m.K, m.G
+	}
+	k, err := c.Kernel("quant", "norm_gemv_t1")
+	if err != nil {
+		return err
+	}
+	nb := (w.N + gemvRowsPerBlock - 1) / gemvRowsPerBlock
+	if n2.q != nil {
+		nb++
+	}
+	return c.Launch(k, D1(nb), D1(128), 0, w.Codes, w.Scales, w.RowScale, w.N, y, w.K, bits.TrailingZeros(uint(w.G/32)),
+		n.x, n.gain, n.eps, n.out, q.Q, q.Scales, q.Sums, x2, gain2, n2.eps, out2, q2, s2, sum2, K2, G2)
+}
+
+// normMaxRows bounds the rows of a product that takes its input's norm
+// into its launch (q_b's 5120 measured).
+const normMaxRows = 8192
+
+// normGEMV is NormGEMV queued as b.pending[idx].
+type normGEMVOp struct {
+	idx, flush int
+	y          uint64
+	w          *QMatrix
+	n          norm8
+	touched    []tensor // what it reads or writes: x, out, y
+	paired     bool
+}
+
+// layer7 turns on the shared launches of docs/perf.md's section (7) (the
+// norms in q_b's launch, the add and norm in the q_a/kv_a launch, the
+// attention in blocks of 8 heads with its splits merged by the value
+// expansion); MMFP4_CUDA_LAYER7=0 keeps them apart, for an A/B.
+var layer7 = os.Getenv("MMFP4_CUDA_LAYER7") != "0"
+
+// normProducts lets a single-token product take the single-row norm
+// queued just before it, which made its input, into its launch
+// (NormGEMV).
+var normProducts = layer7
+
+// normProduct queues d = w a in the launch of the single-row norm queued
+// just before it, whose int8 form a is, and reports whether it did.
+func (b *Backend) normProduct(d *tensor, a *QActs, w *weight) bool {
+	p := b.lastNorm8
+	if !normProducts || !b.chained() || b.opts.FusedGEMV || b.opts.FusedLatent || p == nil || p.flush != b.flushes ||
+		p.idx != len(b.pending)-1 || p.paired || p.n.q != a || d.rows != 1 || w.q.K != a.K || w.q.G != a.G || w.q.N > normMaxRows ||
+		!normGEMVFits(a.K, a.G) || overlaps(&p.x, &p.out) || overlaps(d, &p.x) || overlaps(d, &p.out) {
+		return false
+	}
+	op := &normGEMVOp{idx: p.idx, flush: b.flushes, y: d.ptr, w: w.q, n: p.n, touched: []tensor{p.x, p.out, *d}}
+	b.pending[p.idx] = queuedOp{"rmsnorm+matmul", func(c *Ctx) error { return c.NormGEMV(op.y, op.w, op.n, norm8{}) }}
+	b.lastNorm8, b.lastNorm, b.lastGEMV = nil, nil, nil
+	b.lastNormGEMV = op
+	b.chainMerges[chainNormGEMV]++
+	return true
+}
+
+// normBeside queues the single-row norm n (of x into out) as the extra
+// block of the norm and product launch queued just before it, when
+// neither reads what the other writes, and reports whether it did.
+func (b *Backend) normBeside(n norm8, x, out *tensor) bool {
+	p := b.lastNormGEMV
+	if p == nil || p.flush != b.flushes || p.idx != len(b.pending)-1 || p.paired || !normGEMVFits(n.q.K, n.q.G) ||
+		overlapsAny(x, p.touched[1:]) || overlapsAny(out, p.touched) {
+		return false
+	}
+	p.paired = true
+	b.pending[p.idx] = queuedOp{"rmsnorm+matmul+rmsnorm", func(c *Ctx) error { return c.NormGEMV(p.y, p.w, p.n, n) }}
+	b.chainMerges[chainNorms]++
+	return true
+}
+
+// addNormWord is the offset in b.counter of add_norm_gemv_pair's ticket
+// word (the fused kernels count in the first).
+const addNormWord = 64
+
+// AddNormGEMVPair is the residual add and single-row norm in (fuseAddNorm
+// in rmsnorm_quant8's layout, K 1024 or 2048) and the single-token
+// products o1 and, when o2.W is set, o2 of its output, in one launch
+// (add_norm_gemv_pair: every output the separate launches' bits).
+// counter is a zeroed device word, zero again after.
+func (c *Ctx) AddNormGEMVPair(in FusedIn, o1, o2 FusedOut, counter uint64) error {
+	q := in.Q
+	switch {
+	case in.Mode != fuseAddNorm || !in.Layout8 || q == nil || q.T != 1 || in.Gain == 0 || counter == 0 || !addNormGEMVFits(q.K, q.G):
+		return fmt.Errorf("cuda: add, norm and products: want a residual add and one row of 1024 or 2048 values with a gain")
+	case o1.W.K != q.K || o1.W.G != q.G || (o2.W != nil && (o2.W.K != q.K || o2.W.G != q.G)):
+		return fmt.Errorf("cuda: add, norm and products: weights of %d columns in groups of %d, want %d in %d", o1.W.K, o1.W.G, q.K, q.G)
+	}
+	k, err := c.Kernel("quant", "add_norm_gemv_pair")
+	if err != nil {
+		return err
+	}
+	nb := (o1.W.N + gemvRowsPerBlock - 1) / gemvRowsPerBlock
+	var c2, s2, r2, y2 uint64
+	n2 := 0
+	if w := o2.W; w != nil {
+		nb += (w.N + gemvRowsPerBlock - 1) / gemvRowsPerBlock
+		c2, s2, r2, n2, y2 = w.Codes, w.Scales, w.RowScale, w.N, o2.Y
+	}
+	return c.Launch(k, D1(nb), D1(128), 0, o1.W.Codes, o1.W.Scales, o1.W.RowScale, o1.W.N, o1.Y, c2, s2, r2, n2, y2,
+		q.K, bits.TrailingZeros(uint(q.G/32)), in.D, in.A, in.C, in.Gain, in.Eps, in.Out, q.Q, q.Scales, q.Sums, counter)
+}
+
+// addNormGEMVFits reports whether AddNormGEMVPair takes a norm of K values
+// in int8 groups of G.
+func addNormGEMVFits(K, G int) bool {
+	return (K == 1024 || K == 2048) && (G == 32 || G == 64 || G == 128)
+}
+
+// addNormMaxRows bounds the rows of a product that takes the add and norm
+// into its launch: every block normalises the row again, which pays for
+// q_a and kv_a (768 and 576 rows) and is not measured for more (a dense
+// MLP's 10240).
+const addNormMaxRows = 2048
+
+// addNormGEMVOp is AddNormGEMVPair queued as b.pending[idx].
+type addNormGEMVOp struct {
+	idx, flush int
+	in         FusedIn
+	o1         FusedOut
+	touched    []tensor // the norm's rows and the first product's output
+	two        bool
+}
+
+// addNormProducts lets the single-token products of a residual add and
+// norm's output take that launch.
+var addNormProducts = layer7
+
+// addNormProduct queues d = w a in the launch of the residual add and
+// single-row norm queued just before it (whose int8 form a is), or as the
+// second product of such a launch, and reports whether it did.
+func (b *Backend) addNormProduct(d *tensor, a *QActs, w *weight) bool {
+	if !addNormProducts || !b.chained() || b.opts.FusedGEMV || b.opts.FusedLatent || b.counter.Ptr == 0 || d.rows != 1 ||
+		w.q.K != a.K || w.q.G != a.G || w.q.N > addNormMaxRows {
+		return false
+	}
+	counter := b.counter.Ptr + addNormWord
+	if p := b.lastAddNorm; p != nil && p.flush == b.flushes && p.idx == len(b.pending)-1 && !p.two && p.in.Q == a && !overlapsAny(d, p.touched) {
+		in, o1, o2 := p.in, p.o1, FusedOut{w.q, d.ptr}
+		b.pending[p.idx] = queuedOp{"add+rmsnorm+matmul pair", func(c *Ctx) error { return c.AddNormGEMVPair(in, o1, o2, counter) }}
+		p.two = true
+		b.chainMerges[chainPair]++
+		return true
+	}
+	no := b.lastNorm
+	if no == nil || no.flush != b.flushes || no.idx != len(b.pending)-1 || no.in.Mode != fuseAddNorm || !no.in.Layout8 || no.in.Q != a ||
+		!addNormGEMVFits(a.K, a.G) || overlapsAny(d, no.touched) {
+		return false
+	}
+	in, o1 := no.in, FusedOut{w.q, d.ptr}
+	b.pending[no.idx] = queuedOp{"add+rmsnorm+matmul", func(c *Ctx) error { return c.AddNormGEMVPair(in, o1, FusedOut{}, counter) }}
+	b.lastNorm, b.lastGEMV = nil, nil
+	b.lastAddNorm = &addNormGEMVOp{idx: no.idx, flush: b.flushes, in: in, o1: o1, touched: append(slices.Clone(no.touched), *d)}
+	b.chainMerges[chainAddNormGEMV]++
+	return true
 }

@@ -49,14 +49,16 @@ func TestChainLaunchesMatchSeparate(t *testing.T) {
 		hidden, qRank, heads, nope, rank, vdim int
 		G, uvG, oG                             int
 		dtype                                  backend.CacheDType
-		merges                                 [5]int // pairs, values, norms, absorbed queries with the RoPE, routers with their norm
+		merges                                 [7]int // pairs, values, norms, absorbed queries with the RoPE, routers with their norm, norms with their product, adds and norms with their products
+		inPlace                                bool   // the q_a norm written over its input (no norm with its product)
 	}{
-		{2048, 768, 20, 192, 512, 256, 128, 128, 128, backend.CacheBF16, [5]int{1, 1, 1, 1}},
-		{2048, 768, 20, 128, 512, 256, 32, 64, 32, backend.CacheF32, [5]int{1, 1, 0, 1}}, // q_b quantizes the q_a norm again: no pair of norms
-		{2048, 768, 20, 192, 512, 256, 128, 32, 64, backend.CacheBF16, [5]int{1, 1, 1, 1}},
-		{1056, 352, 3, 128, 96, 32, 32, 32, 32, backend.CacheBF16, [5]int{1, 1, 0, 0}}, // rank 96: no tensor-core absorbed query
+		{2048, 768, 20, 192, 512, 256, 128, 128, 128, backend.CacheBF16, [7]int{1, 1, 1, 1, 0, 1, 1}, false},
+		{2048, 768, 20, 192, 512, 256, 128, 128, 128, backend.CacheBF16, [7]int{1, 1, 1, 1, 0, 0, 1}, true},
+		{2048, 768, 20, 128, 512, 256, 32, 64, 32, backend.CacheF32, [7]int{1, 1, 0, 1, 0, 0, 0}, false}, // q_b quantizes the q_a norm again: no pair of norms
+		{2048, 768, 20, 192, 512, 256, 128, 32, 64, backend.CacheBF16, [7]int{1, 1, 1, 1, 0, 1, 1}, false},
+		{1056, 352, 3, 128, 96, 32, 32, 32, 32, backend.CacheBF16, [7]int{1, 1, 0, 0, 0, 0, 0}, false}, // rank 96: no tensor-core absorbed query
 	} {
-		t.Run(fmt.Sprintf("hidden%d_nope%d_G%d_uv%d_o%d", c.hidden, c.nope, c.G, c.uvG, c.oG), func(t *testing.T) {
+		t.Run(fmt.Sprintf("hidden%d_nope%d_G%d_uv%d_o%d_inplace%v", c.hidden, c.nope, c.G, c.uvG, c.oG, c.inPlace), func(t *testing.T) {
 			const pos = 37
 			run := func(o Options) (map[string][]float32, map[string][]byte, *Backend) {
 				g, _ := testBackends(t, o)
@@ -79,16 +81,25 @@ func TestChainLaunchesMatchSeparate(t *testing.T) {
 					return x
 				}
 				g.SetBatch(simpleBatch(1, pos), pool)
-				h, olat := tensor(c.hidden, 1), tensor(c.heads*c.rank, 0.3)
+				x, f, olat := tensor(c.hidden, 1), tensor(c.hidden, 1), tensor(c.heads*c.rank, 0.3)
+				inNorm := vec("input_norm", c.hidden)
+				h := g.NewTensor(1, c.hidden)
 				qaOut, kv, q := g.NewTensor(1, c.qRank), g.NewTensor(1, c.rank+64), g.NewTensor(1, c.heads*(c.nope+64))
 				latent, v, out := g.NewTensor(1, c.rank), g.NewTensor(1, c.heads*c.vdim), g.NewTensor(1, c.hidden)
 				qlat := g.NewTensor(1, c.heads*c.rank)
 				sh := backend.MLAShape{Heads: c.heads, NopeDim: c.nope, RopeDim: 64, Rank: c.rank, VDim: c.vdim}
-				// The decode layer's order (glm4moelite.Model.attention).
+				// The decode layer's order (glm4moelite.Model.attention,
+				// after the residual add and input norm).
+				g.Add(x, x, f)
+				g.RMSNorm(h, x, inNorm, 1e-6)
 				g.MatMul(qaOut, h, qa)
 				g.MatMul(kv, h, kva)
-				g.RMSNorm(qaOut, qaOut, qaNorm, 1e-6)
-				g.MatMul(q, qaOut, qb)
+				qaN := g.NewTensor(1, c.qRank)
+				if c.inPlace {
+					qaN = qaOut
+				}
+				g.RMSNorm(qaN, qaOut, qaNorm, 1e-6)
+				g.MatMul(q, qaN, qb)
 				g.RMSNorm(latent, g.Cols(kv, 0, c.rank), kvNorm, 1e-6)
 				kpe := g.Cols(kv, c.rank, c.rank+64)
 				g.RoPE(q, c.heads, c.nope+64, c.nope, 64, 1e6, true)
@@ -98,14 +109,14 @@ func TestChainLaunchesMatchSeparate(t *testing.T) {
 				g.ExpandValues(v, olat, uv, sh)
 				g.MatMul(out, v, ow)
 				got := map[string][]float32{}
-				for name, x := range map[string]backend.Tensor{"qa": qaOut, "kv": kv, "q": q, "latent": latent, "qlat": qlat, "v": v, "out": out} {
+				for name, x := range map[string]backend.Tensor{"x": x, "h": h, "qa": qaOut, "qa norm": qaN, "kv": kv, "q": q, "latent": latent, "qlat": qlat, "v": v, "out": out} {
 					got[name] = g.Download(x)
 				}
 				cp := pool.(*cachePool)
 				rec := make([]byte, cp.layerBytes)
 				g.now("read cache", func(c *Ctx) error { return CopyOut(c, rec, cp.layer(0)) })
 				forms := map[string][]byte{
-					"qa": quantForm(t, g, qaOut, groupFor(c.qRank)), "latent": quantForm(t, g, latent, groupFor(c.rank)), "v": quantForm(t, g, v, c.oG),
+					"qa norm": quantForm(t, g, qaN, groupFor(c.qRank)), "h": quantForm(t, g, h, groupFor(c.hidden)), "latent": quantForm(t, g, latent, groupFor(c.rank)), "v": quantForm(t, g, v, c.oG),
 					"cache": rec,
 				}
 				if err := g.Sync(); err != nil {
@@ -116,7 +127,7 @@ func TestChainLaunchesMatchSeparate(t *testing.T) {
 			want, wantForms, _ := run(Options{SeparateChain: true})
 			got, gotForms, g := run(Options{})
 			if g.chainMerges != c.merges {
-				t.Errorf("merged launches %v (pairs, values, norms, absorbed queries with the RoPE, routers with their norm), want %v", g.chainMerges, c.merges)
+				t.Errorf("merged launches %v (pairs, values, norms, absorbed queries with the RoPE, routers with their norm, norms with their product, adds and norms with their products), want %v", g.chainMerges, c.merges)
 			}
 			for name, w := range want {
 				nonzero := 0
@@ -175,6 +186,8 @@ func TestChainDecodeMatchesSeparate(t *testing.T) {
 type chainBufs struct {
 	*pdlBufs
 	lat, latGain, cache, slots, table uint64
+	qan                               uint64 // the q_a norm's output
+	counter                           uint64 // add_norm_gemv_pair's ticket word
 	latq                              *QActs
 }
 
@@ -193,6 +206,10 @@ func newChainBufs(c *Ctx, r *rand.Rand, s pdlShape) (*chainBufs, error) {
 		return buf.Ptr
 	}
 	b.lat, b.latGain, b.table = up(make([]float32, s.rank)), up(randVec(r, s.rank, 1)), up(randVec(r, s.rope, 1))
+	b.qan = up(make([]float32, s.qRank))
+	counter, err := c.Alloc(256)
+	errs = append(errs, err, c.Memset(counter.Ptr, 0, counter.Size))
+	b.counter = counter.Ptr
 	cache, err := c.Alloc(2 * (s.rank + s.rope) * 8)
 	errs = append(errs, err, c.Memset(cache.Ptr, 0, cache.Size))
 	b.cache = cache.Ptr
@@ -233,20 +250,33 @@ func (b *chainBufs) queueChain(c *Ctx, l *pdlLayer, merged int) error {
 	grid := Dim{uint32(s.rank / absorbTCN), 1, uint32(s.heads)}
 	absorbArgs := []any{b.qlat, s.heads * s.rank, b.q, qRows, l.uk.Codes, l.uk.Scales, l.uk.RowScale, s.G, s.rank, s.rope, 1}
 	ropeArgs := []any{b.q, qRows, s.heads, s.nope + s.rope, s.nope, kpe, s.kvRows, 1, s.rope, 0, s.rope, 1, b.table}
-	qaNorm := norm8{x: b.qa, out: b.qa, gain: l.g2, eps: eps, q: b.qaq}
+	qaNorm := norm8{x: b.qa, out: b.qan, gain: l.g2, eps: eps, q: b.qaq}
 	latNorm := norm8{x: b.kv, out: b.lat, gain: b.latGain, eps: eps, q: b.latq}
 	norm := func(n norm8) error {
 		return c.RMSNormQuant8(n.x, n.q.K, 0, 0, 0, 0, 0, 0, n.gain, n.eps, n.out, n.q.K, 1, n.q.K, s.G, n.q)
 	}
-	errs := []error{c.RMSNormQuant8(0, 0, b.d, s.hidden, b.d, s.hidden, b.c, s.hidden, l.g1, eps, b.h, s.hidden, 1, s.hidden, s.G, b.hq)}
-	if on(chainPair) {
-		errs = append(errs, c.GEMVPair(b.qa, l.qa, b.kv, l.kva, b.hq))
+	var errs []error
+	if on(chainAddNormGEMV) {
+		in := FusedIn{Mode: fuseAddNorm, D: b.d, A: b.d, C: b.c, Gain: l.g1, Eps: eps, Out: b.h, Q: b.hq, Layout8: true}
+		errs = append(errs, c.AddNormGEMVPair(in, FusedOut{l.qa, b.qa}, FusedOut{l.kva, b.kv}, b.counter))
 	} else {
+		errs = append(errs, c.RMSNormQuant8(0, 0, b.d, s.hidden, b.d, s.hidden, b.c, s.hidden, l.g1, eps, b.h, s.hidden, 1, s.hidden, s.G, b.hq))
+	}
+	switch {
+	case on(chainAddNormGEMV):
+	case on(chainPair):
+		errs = append(errs, c.GEMVPair(b.qa, l.qa, b.kv, l.kva, b.hq))
+	default:
 		errs = append(errs, c.GEMV(b.qa, s.qRank, l.qa, b.hq, GEMVSplit), c.GEMV(b.kv, s.kvRows, l.kva, b.hq, GEMVSplit))
 	}
-	if on(chainNorms) {
+	switch {
+	case on(chainNormGEMV) && on(chainNorms):
+		errs = append(errs, c.NormGEMV(b.q, l.qb, qaNorm, latNorm))
+	case on(chainNormGEMV):
+		errs = append(errs, c.NormGEMV(b.q, l.qb, qaNorm, norm8{}), norm(latNorm))
+	case on(chainNorms):
 		errs = append(errs, c.RMSNormQuant8Pair(qaNorm, latNorm), c.GEMV(b.q, qRows, l.qb, b.qaq, GEMVSplit))
-	} else {
+	default:
 		errs = append(errs, norm(qaNorm), c.GEMV(b.q, qRows, l.qb, b.qaq, GEMVSplit), norm(latNorm))
 	}
 	if on(chainRope) {
@@ -283,7 +313,7 @@ func (b *chainBufs) outputs(c *Ctx) (map[string][]byte, error) {
 	for name, v := range map[string]struct {
 		p uint64
 		n int
-	}{"lat": {b.lat, 4 * s.rank}, "latq.q": {b.latq.Q, s.rank}, "latq.s": {b.latq.Scales, 4 * s.rank / s.G}, "latq.sum": {b.latq.Sums, 4 * s.rank / 32},
+	}{"qan": {b.qan, 4 * s.qRank}, "lat": {b.lat, 4 * s.rank}, "latq.q": {b.latq.Q, s.rank}, "latq.s": {b.latq.Scales, 4 * s.rank / s.G}, "latq.sum": {b.latq.Sums, 4 * s.rank / 32},
 		"cache": {b.cache, 2 * (s.rank + s.rope) * 8}} {
 		buf := make([]byte, v.n)
 		if err := CopyOut(c, buf, v.p); err != nil {
@@ -355,13 +385,16 @@ func TestChainLayerMatchesSeparate(t *testing.T) {
 			return err
 		}
 		for _, graphed := range []bool{false, true} {
-			got, err := run(chainAll, graphed)
-			if err != nil {
-				return err
-			}
-			for name, w := range want {
-				if i := firstDiff(w, got[name]); i >= 0 {
-					t.Errorf("%s, shared launches (graph %v): byte %d of %d differs from the separate launches", name, graphed, i, len(w))
+			for _, merged := range []int{chainAll, chainAll | 1<<chainNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormGEMV, chainAll | 1<<chainAddNormGEMV,
+				chainAll | 1<<chainNormGEMV | 1<<chainAddNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormGEMV | 1<<chainAddNormGEMV} {
+				got, err := run(merged, graphed)
+				if err != nil {
+					return err
+				}
+				for name, w := range want {
+					if j := firstDiff(w, got[name]); j >= 0 {
+						t.Errorf("%s, shared launches %07b (graph %v): byte %d of %d differs from the separate launches", name, merged, graphed, j, len(w))
+					}
 				}
 			}
 		}
@@ -383,14 +416,14 @@ func TestChainLayerMatchesSeparate(t *testing.T) {
 
 // BenchmarkChainLayer: the attention half of a decode layer at
 // GLM-4.7-Flash's shapes (the attention itself left out) over 24 layers'
-// weights in turn, as 12 separate launches, as 8 with all of chain.go's
-// shared launches, and with each of them left out, replayed from a graph
-// with programmatic dependent launch: device time per layer.
+// weights in turn, as 12 separate launches, with chain.go's shared
+// launches of sections (5) and (6) of docs/perf.md, and with those of
+// section (7) in turn, replayed from a graph with programmatic dependent
+// launch: device time per layer.
 func BenchmarkChainLayer(b *testing.B) {
 	d := benchDevice(b)
 	r := rand.New(rand.NewPCG(9, 11))
 	const layers = 24
-	defer func() { gemvNoRegs = false }()
 	err := d.Do(func(c *Ctx) error {
 		bufs, err := newChainBufs(c, r, glmShape)
 		if err != nil {
@@ -402,8 +435,8 @@ func BenchmarkChainLayer(b *testing.B) {
 		}
 		name := c.Info().Name
 		for round := 0; round < 2; round++ {
-			for i, merged := range []int{0, chainAll, chainAll} {
-				gemvNoRegs = i == 2 // o_proj on gemv_split_t1
+			for _, merged := range []int{0, chainAll, chainAll | 1<<chainNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormGEMV,
+				chainAll | 1<<chainAddNormGEMV, chainAll | 1<<chainNormGEMV | 1<<chainAddNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormGEMV | 1<<chainAddNormGEMV} {
 				err := withPDL(c, c.info.CC >= 90, func() error {
 					g, release, err := capturedPDL(c, func() error {
 						for _, l := range ls {
@@ -421,7 +454,7 @@ func BenchmarkChainLayer(b *testing.B) {
 					if err != nil {
 						return err
 					}
-					b.Logf("%s: round %d: shared launches %04b (rope norms values pair), o_proj all loads before the wait %v: %6.2f us a layer (PDL %v)", name, round, merged, !gemvNoRegs, us/layers, c.pdl)
+					fmt.Printf("%s: round %d: shared launches %07b (add+norm+pair, norm+q_b, router, rope, norms, values, pair): %6.2f us a layer (PDL %v)\n", name, round, merged, us/layers, c.pdl)
 					return nil
 				})
 				if err != nil {

@@ -3,10 +3,12 @@
 package cuda
 
 import (
+	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
 	"testing"
+	"time"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -205,6 +207,7 @@ func TestDecodeChainMatchesSerial(t *testing.T) {
 		}
 	}
 	defer setPDL(g.dev.c.pdlOK)
+	defer func(h bool) { decodeHeadGroups, decodeSplitsFixed = h, 0 }(decodeHeadGroups)
 	for _, G := range []int{128, 32} {
 		uk := quantHost(t, r, "wuk", s.Heads*s.NopeDim, s.Rank, 128)
 		uv := quantHost(t, r, "wuv", s.Heads*s.VDim, s.Rank, G)
@@ -212,6 +215,7 @@ func TestDecodeChainMatchesSerial(t *testing.T) {
 		for order := 0; order < 2; order++ {
 			setPDL(false)
 			g.decodeAhead, g.combineQuant = false, false
+			decodeHeadGroups = false // all heads in a block, decode_combine, the separate quantization
 			wantOl, wantV := runChain(t, g, cs, in, uk, uv, layers, order)
 			name := fmt.Sprintf("W_UV groups of %d, order %d", G, order)
 			if e := maxRelErr(cpuOl, wantOl); !(e <= 1e-5) {
@@ -237,6 +241,46 @@ func TestDecodeChainMatchesSerial(t *testing.T) {
 					t.Errorf("%s, PDL (%s): value %d of %d differs from the serial launches", name, v.what, i, len(vals))
 				}
 			}
+			// Blocks of 8 heads give all-heads blocks' bits at the same
+			// split count (32: one tile of 32 positions; 64: one of 16).
+			for _, S := range []int{32, 64} {
+				decodeSplitsFixed = S
+				setPDL(false)
+				g.decodeAhead, g.combineQuant = false, false
+				decodeHeadGroups = false
+				wOl, wV := runChain(t, g, cs, in, uk, uv, layers, order)
+				setPDL(true)
+				decodeHeadGroups = true
+				for _, v := range []struct {
+					what         string
+					b            *Backend
+					ahead, quant bool
+				}{{"direct", g, true, true}, {"graphs", gg, true, true}, {"direct, separate quantization", g, true, false}} {
+					v.b.decodeAhead, v.b.combineQuant = v.ahead, v.quant
+					ol, vals := runChain(t, v.b, cs, in, uk, uv, layers, order)
+					if i := sameBits(wOl, ol); i >= 0 {
+						t.Errorf("%s, %d splits, blocks of 8 heads, PDL (%s): olat value %d of %d differs from all heads a block", name, S, v.what, i, len(ol))
+					}
+					if i := sameBits(wV, vals); i >= 0 {
+						t.Errorf("%s, %d splits, blocks of 8 heads, PDL (%s): value %d of %d differs from all heads a block", name, S, v.what, i, len(vals))
+					}
+				}
+				decodeSplitsFixed = 0
+				decodeHeadGroups = false
+			}
+			// The default path at batch 1 (blocks of 8 heads, their own
+			// split count, the merge in the values) against the CPU.
+			decodeHeadGroups = true
+			g.decodeAhead, g.combineQuant = true, true
+			hOl, hV := runChain(t, g, cs, in, uk, uv, layers, order)
+			decodeHeadGroups = false
+			if e := maxRelErr(cpuOl, hOl); !(e <= 1e-5) {
+				t.Errorf("%s, blocks of 8 heads: olat max relative error %.3e against the CPU, above 1e-5", name, e)
+			}
+			if e := maxRelErr(cpuV, hV); !(e <= 1e-3) {
+				t.Errorf("%s, blocks of 8 heads: values max relative error %.3e against the CPU, above 1e-3", name, e)
+			}
+			t.Logf("%s: blocks of 8 heads: olat %.2e, values %.2e from the CPU", name, maxRelErr(cpuOl, hOl), maxRelErr(cpuV, hV))
 			t.Logf("%s: olat %.2e, values %.2e from the CPU; PDL variants bit for bit as the serial launches unless reported", name, maxRelErr(cpuOl, wantOl), maxRelErr(cpuV, wantV))
 		}
 	}
@@ -282,31 +326,106 @@ func chainLaunches(t *testing.T, g *Backend, cs *chainSteps, in *chainInputs) ma
 }
 
 // BenchmarkDecodeChain: the attention of a batch-1 decode layer at
-// GLM-4.7-Flash's shapes, ctx 1024 (bf16 cache): the cache write of the
-// step's row, the absorbed query, the attention (two launches), the
-// quantization of its output unless the merge writes it, and the value
+// GLM-4.7-Flash's shapes, ctx 1024 and 8192 (bf16 cache): the cache write
+// of the step's row, the absorbed query, the attention (two launches, or
+// one with its splits merged by the value expansion), and the value
 // expansion, over 48 layers in turn (cache and weights over 100 MB), in a
-// graph with programmatic dependent launch off and on: device time a
-// layer, with the cache copies before the wait (ahead) and the merge's
-// quantization on and off, splits aimed at 100% and 25% of the
-// multiprocessors, the splits merged by the second launch (as mergeAuto
-// does at batch 1) or in the launch. Run with -test.benchtime=1x.
+// graph with programmatic dependent launch (and off for the first line):
+// device time a layer, with the splits aimed at several shares of the
+// multiprocessors, merged by a second launch, in the launch or by the
+// value expansion, and with all heads in a block or blocks of 8 heads;
+// and decode_mma's timer stamps. Run with -test.benchtime=1x.
 func BenchmarkDecodeChain(b *testing.B) {
 	d := benchDevice(b)
+	// The modules first, with their time printed: compiling the flash
+	// module alone takes about 10 s on a fresh machine, and a benchmark
+	// cut by its time limit there prints nothing.
+	t0 := time.Now()
+	if err := d.Do(func(c *Ctx) error { return compileModules(c, "flash", "absorb", "ops", "gemv", "quant") }); err != nil {
+		b.Fatal(err)
+	}
+	fmt.Printf("decode chain: modules ready in %.1f s\n", time.Since(t0).Seconds())
+	r := rand.New(rand.NewPCG(7, 7))
+	// A megabyte of random bf16 values, repeated over the cache.
+	pattern := make([]uint16, 1<<19)
+	for i := range pattern {
+		pattern[i] = uint16(math.Float32bits(float32(r.NormFloat64())) >> 16)
+	}
+	type mode struct {
+		pct, merge, tile int
+		values, h8       bool // splits merged by the value expansion; blocks of 8 heads
+		pdlOff           bool // also timed with PDL off
+	}
+	defer func(v, h bool) { mergeValues, decodeHeadGroups = v, h }(mergeValues, decodeHeadGroups)
+	for _, run := range []struct {
+		ctx    int
+		phases []mode
+		modes  []mode
+	}{
+		{1024, []mode{{pct: 100}, {pct: 73, values: true, h8: true}}, []mode{{100, mergeAuto, 0, false, false, true}, {100, mergeAuto, 0, true, false, false},
+			{25, mergeAuto, 0, true, false, false}, {73, mergeAuto, 0, true, true, false}, {100, mergeAuto, 0, true, true, false},
+			{150, mergeAuto, 0, true, true, false}, {50, mergeAuto, 0, true, true, false}, {73, mergeAuto, 0, false, true, false}}},
+		{8192, nil, []mode{{100, mergeAuto, 0, false, false, false}, {100, mergeLaunch, 0, false, false, false}, {100, mergeLaunch, 0, true, false, false},
+			{100, mergeLaunch, 0, true, true, false}, {73, mergeLaunch, 0, true, true, false}}},
+	} {
+		decodeChainAt(b, d, r, pattern, run.ctx, func(g *Backend, queue func() []queuedOp, layers int) {
+			set := func(m mode) {
+				g.decodeBlocks, g.decodeMerge, g.decodeMMATile = m.pct, m.merge, m.tile
+				mergeValues, decodeHeadGroups = m.values, m.h8
+			}
+			for _, m := range run.phases {
+				set(m)
+				chainPhases(b, g, queue)
+			}
+			for _, m := range run.modes {
+				set(m)
+				ops := queue()
+				for _, on := range []bool{false, true} {
+					if !on && !m.pdlOff {
+						continue
+					}
+					err := d.Do(func(c *Ctx) error {
+						return withPDL(c, on, func() error {
+							gr, release, err := capturedPDL(c, func() error { return runOps(c, ops) })
+							if err != nil {
+								return err
+							}
+							defer release()
+							us, err := timeReplay(c, gr.exec, 5)
+							if err != nil {
+								return err
+							}
+							// Printed, not logged: a benchmark's log is cut at ten lines.
+							fmt.Printf("%s: ctx %d, splits at %3d%% of the SMs, merge %d, tile %2d, merge in the values %-5v, blocks of 8 heads %-5v, PDL %-5v: %6.2f us a layer\n",
+								d.Info().Name, run.ctx, m.pct, m.merge, m.tile, m.values, m.h8, on, us/float64(layers))
+							return nil
+						})
+					})
+					if err != nil {
+						b.Fatal(err)
+					}
+				}
+			}
+		})
+	}
+}
+
+// decodeChainAt sets up BenchmarkDecodeChain's layers at context ctx (the
+// cache filled with pattern) and hands over the queue of their ops.
+func decodeChainAt(b *testing.B, d *Device, r *rand.Rand, pattern []uint16, ctx int, fn func(g *Backend, queue func() []queuedOp, layers int)) {
 	g := NewOnDevice(d, Options{NoGraphs: true, NoPieces: true})
 	defer g.Close()
-	r := rand.New(rand.NewPCG(7, 7))
 	s := chainShape
 	qk := s.NopeDim + s.RopeDim
-	const layers, ctx = 48, 1024
+	const layers = 48
 	pool, err := g.NewCachePool(layers, ctx/chainBlockSize, chainBlockSize, s.Rank, s.RopeDim, backend.CacheBF16)
 	if err != nil {
 		b.Fatal(err)
 	}
 	cp := pool.(*cachePool)
 	bits := make([]uint16, cp.buf.Size/2)
-	for i := range bits {
-		bits[i] = uint16(math.Float32bits(float32(r.NormFloat64())) >> 16)
+	for i := 0; i < len(bits); i += len(pattern) {
+		copy(bits[i:], pattern)
 	}
 	if err := d.Do(func(c *Ctx) error { return CopyIn(c, cp.buf.Ptr, bits) }); err != nil {
 		b.Fatal(err)
@@ -316,7 +435,7 @@ func BenchmarkDecodeChain(b *testing.B) {
 		uks = append(uks, mustWeight(b, g, backend.HostWeight{Name: "wuk", N: s.Heads * s.NopeDim, K: s.Rank, Quant: synthMatrix(r, s.Heads*s.NopeDim, s.Rank, 128)}))
 		uvs = append(uvs, mustWeight(b, g, backend.HostWeight{Name: "wuv", N: s.Heads * s.VDim, K: s.Rank, Quant: synthMatrix(r, s.Heads*s.VDim, s.Rank, 128)}))
 	}
-	batch := &backend.Batch{Outputs: []int32{0}, Tokens: []int32{0}, Positions: []int32{ctx - 1}}
+	batch := &backend.Batch{Outputs: []int32{0}, Tokens: []int32{0}, Positions: []int32{int32(ctx - 1)}}
 	sq := backend.Seq{Start: 0, Len: 1}
 	for i := 0; i < ctx/chainBlockSize; i++ {
 		sq.Blocks = append(sq.Blocks, int32((i*7)%(ctx/chainBlockSize)))
@@ -331,7 +450,6 @@ func BenchmarkDecodeChain(b *testing.B) {
 	if err := g.Sync(); err != nil {
 		b.Fatal(err)
 	}
-	name := d.Info().Name
 	// queue returns the layers' ops, taken from the queue layer by layer
 	// (a layer queued again if the arena's growth flushed it).
 	queue := func() []queuedOp {
@@ -356,40 +474,19 @@ func BenchmarkDecodeChain(b *testing.B) {
 		g.quantized = nil
 		return ops
 	}
-	g.decodeAhead, g.combineQuant, g.decodeBlocks, g.decodeMerge = true, true, 100, mergeAuto
-	chainPhases(b, g, queue)
-	for _, mode := range []struct {
-		ahead, quant bool
-		pct, merge   int
-		tile         int
-	}{{false, false, 100, mergeAuto, 0}, {true, true, 100, mergeAuto, 0}, {true, true, 25, mergeAuto, 0}, {true, true, 25, mergeAuto, 16},
-		{true, true, 12, mergeAuto, 0}, {true, true, 100, mergeInKernel, 0}, {true, true, 25, mergeInKernel, 0}} {
-		g.decodeAhead, g.combineQuant = mode.ahead, mode.quant
-		g.decodeBlocks, g.decodeMerge, g.decodeMMATile = mode.pct, mode.merge, mode.tile
-		ops := queue()
-		for _, on := range []bool{false, true} {
-			err := d.Do(func(c *Ctx) error {
-				return withPDL(c, on, func() error {
-					gr, release, err := capturedPDL(c, func() error { return runOps(c, ops) })
-					if err != nil {
-						return err
-					}
-					defer release()
-					us, err := timeReplay(c, gr.exec, 5)
-					if err != nil {
-						return err
-					}
-					// Printed, not logged: a benchmark's log is cut at ten lines.
-					fmt.Printf("%s: ctx %d, splits at %d%% of the SMs, merge %d, tile %d, copies before the wait %-5v, int8 form %-5v, PDL %-5v: %6.2f us a layer (%d ops)\n",
-						name, ctx, mode.pct, mode.merge, mode.tile, mode.ahead, mode.quant, on, us/layers, len(ops)/layers)
-					return nil
-				})
-			})
-			if err != nil {
-				b.Fatal(err)
-			}
+	g.decodeAhead, g.combineQuant = true, true
+	fn(g, queue, layers)
+}
+
+// compileModules loads the named kernel modules (compiling those not in
+// the disk cache).
+func compileModules(c *Ctx, mods ...string) error {
+	for _, m := range mods {
+		if _, err := c.module(m); err != nil {
+			return err
 		}
 	}
+	return nil
 }
 
 // chainPhases logs decode_mma's timer stamps (median over the blocks of
@@ -431,6 +528,104 @@ func chainPhases(b *testing.B, g *Backend, queue func() []queuedOp) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	fmt.Println(stampSummary(fmt.Sprintf("copies before the wait %v: ", g.decodeAhead), st, n,
+	fmt.Println(stampSummary(fmt.Sprintf("splits at %d%%, blocks of 8 heads %v (%d blocks): ", g.decodeBlocks, decodeHeadGroups, n), st, n,
 		[]string{"entry", "wait returned", "queries", "first tile", "summed", "written"}))
+}
+
+// decode_combine_values (the splits' merge in the value expansion's
+// launch) writes what decode_combine and the value expansion write, bit
+// for bit: olat and its int8 form, the values and (with o_proj's groups)
+// their int8 form; on fresh random partials with empty splits, 5, 16, 32,
+// 33, 64 and 100 splits (two rounds of loads), W_UV groups of 128 and 32,
+// o_proj groups of 128, 64 and 32.
+func TestDecodeCombineValuesMatchesSeparate(t *testing.T) {
+	d := testDevice(t)
+	r := testRand(t)
+	const heads, rank, rows = 20, 512, 256
+	err := d.Do(func(c *Ctx) error {
+		read := func(p uint64, n int) []byte {
+			buf := make([]byte, n)
+			if err := CopyOut(c, buf, p); err != nil {
+				t.Fatal(err)
+			}
+			return buf
+		}
+		form := func(a *QActs) []byte {
+			return append(append(read(a.Q, a.T*a.K), read(a.Scales, 4*a.T*a.K/a.G)...), read(a.Sums, 4*a.T*a.K/32)...)
+		}
+		for _, v := range []struct{ S, G, qg int }{{64, 128, 128}, {33, 32, 64}, {100, 128, 32}, {64, 128, 0}, {16, 128, 128}, {32, 128, 64}, {5, 128, 128}} {
+			w, err := c.UploadMatrix(synthMatrix(r, heads*rows, rank, v.G))
+			if err != nil {
+				return err
+			}
+			ml := make([]float32, 2*v.S*heads)
+			for i := 0; i < v.S*heads; i++ {
+				ml[2*i] = float32(r.NormFloat64() * 3)
+				if r.IntN(5) > 0 {
+					ml[2*i+1] = float32(1 + 10*r.Float64())
+				}
+			}
+			mlb, e1 := upload(c, ml)
+			accb, e2 := upload(c, randVec(r, v.S*heads*rank, 1))
+			if err := errors.Join(e1, e2); err != nil {
+				return err
+			}
+			parts := splitParts{ml: mlb.Ptr, acc: accb.Ptr, S: v.S}
+			run := func(fused bool) map[string][]byte {
+				olat, e1 := c.Alloc(4 * heads * rank)
+				y, e2 := c.Alloc(4 * heads * rows)
+				oa, e3 := c.NewQActs(1, heads*rank, v.G)
+				if err := errors.Join(e1, e2, e3, poison(c, olat.Ptr, 4*heads*rank), poison(c, y.Ptr, 4*heads*rows)); err != nil {
+					t.Fatal(err)
+				}
+				var q *QActs
+				if v.qg != 0 {
+					if q, err = c.NewQActs(1, heads*rows, v.qg); err != nil {
+						t.Fatal(err)
+					}
+				}
+				if fused {
+					err = c.DecodeCombineValues(y.Ptr, w, heads, rows, q, 128, parts, olat.Ptr, oa)
+				} else {
+					var m *Kernel
+					if m, err = c.Kernel("flash", "decode_combine"); err == nil {
+						err = c.Launch(m, Dim{rank / 128, heads, 1}, D1(256), 0, olat.Ptr, heads*rank, parts.ml, parts.acc, v.S, heads, rank,
+							oa.Q, oa.Scales, oa.Sums, oa.G)
+					}
+					if err == nil && q != nil {
+						err = c.GEMVHeadsQuant(y.Ptr, w, oa, heads, rows, q)
+					} else if err == nil {
+						err = c.GEMVHeads(y.Ptr, w, oa, heads, rows)
+					}
+				}
+				if err == nil {
+					err = c.Sync()
+				}
+				if err != nil {
+					t.Fatal(err)
+				}
+				out := map[string][]byte{"olat": read(olat.Ptr, 4*heads*rank), "olat int8": form(oa), "values": read(y.Ptr, 4*heads*rows)}
+				if q != nil {
+					out["values int8"] = form(q)
+				}
+				if err := errors.Join(c.Free(olat), c.Free(y)); err != nil {
+					t.Fatal(err)
+				}
+				return out
+			}
+			want, got := run(false), run(true)
+			for name, wb := range want {
+				if i := firstDiff(wb, got[name]); i >= 0 {
+					t.Errorf("%d splits, W_UV groups of %d, o_proj groups of %d: %s differs at byte %d of %d", v.S, v.G, v.qg, name, i, len(wb))
+				}
+			}
+			if err := errors.Join(c.Free(mlb), c.Free(accb)); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
 }

@@ -4,6 +4,7 @@ package cuda
 
 import (
 	"fmt"
+	"math/bits"
 	"slices"
 
 	"github.com/mmfp4/mmfp4/backend"
@@ -43,6 +44,16 @@ const (
 	mergeLaunch          // decode_combine, launched early (programmatic serialization)
 )
 
+// decodeHeadGroups gives each 8 heads of the model's shape blocks of their
+// own (decode_mma_*_h8: a third of the queries, products and partials a
+// block, three times the blocks) where a second launch merges the splits
+// (on unless MMFP4_CUDA_LAYER7=0, chain.go).
+var decodeHeadGroups = layer7
+
+// decodeSplitsFixed, when not 0, is decode_mma's split count (tests that
+// compare the blocks of 8 heads with all heads a block at one count).
+var decodeSplitsFixed int
+
 // decodeMMALaunchMaxN is the longest single row whose splits mergeAuto
 // merges by the second launch.
 const decodeMMALaunchMaxN = 4096
@@ -79,7 +90,29 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 		om.ld%4 != 0 || om.ptr%16 != 0 {
 		return false
 	}
-	S := b.decodeMMASplits(T, b.meta.maxN)
+	// Blocks of 8 heads (grid z), where their splits are merged by a
+	// second launch (or there is one split).
+	hg := 1
+	merge := b.decodeMerge
+	if merge == mergeAuto {
+		merge = mergeInKernel
+		if T == 1 && b.meta.maxN <= decodeMMALaunchMaxN {
+			merge = mergeLaunch
+		}
+	}
+	if decodeHeadGroups && s.Rank == 512 && s.RopeDim == 64 && merge == mergeLaunch {
+		hg = (s.Heads + 7) / 8
+	}
+	S := b.decodeMMASplits(T*hg, b.meta.maxN)
+	if decodeSplitsFixed > 0 {
+		S = decodeSplitsFixed
+	} else if hg > 1 {
+		// As few splits as give the same chunk of the bucketed length
+		// (no blocks past the row's end: at ctx 1024, 32 splits of 32
+		// positions rather than 44).
+		n16 := splitBucket((b.meta.maxN + decodeMMAAlign - 1) / decodeMMAAlign)
+		S = (n16 + (n16+S-1)/S - 1) / ((n16 + S - 1) / S)
+	}
 	// Tiles of 16 positions when no split has more (one tile, half the
 	// products of 32), else 32.
 	tp := 32
@@ -94,23 +127,18 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 		return false
 	}
 	var pml, pacc, counters uint64
+	launchMerge := false
 	if S > 1 {
 		pml, pacc = b.alloc(4*2*T*S*s.Heads), b.alloc(4*T*S*s.Heads*s.Rank)
-		merge := b.decodeMerge
-		if merge == mergeAuto {
-			merge = mergeInKernel
-			if T == 1 && b.meta.maxN <= decodeMMALaunchMaxN {
-				merge = mergeLaunch
-			}
-		}
 		// Arrivals and departures of each row's barrier.
 		if merge == mergeInKernel && b.attnCountersFor(2*T) {
 			counters = b.attnCounters.Ptr
 		}
+		launchMerge = counters == 0
 	}
 	stamps := b.decodeStamps
 	if stamps != 0 {
-		b.decodeStampBlocks = S * T
+		b.decodeStampBlocks = S * T * hg
 	}
 	ahead := 0
 	if b.decodeAhead {
@@ -118,6 +146,9 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 	}
 	var cq *decodeAttnOp
 	name := fmt.Sprintf("decode_mma_%d_%d_t%d", s.Rank, s.RopeDim, tp)
+	if hg > 1 {
+		name += "_h8"
+	}
 	sms := b.dev.Info().SMs
 	idx, flush := len(b.pending), b.flushes
 	b.do("attention", func(c *Ctx) error {
@@ -142,11 +173,14 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 		if cq != nil && cq.a != nil {
 			xq, xs, xsum, G = cq.a.Q, cq.a.Scales, cq.a.Sums, cq.a.G
 		}
-		if err := c.Launch(k, Dim{uint32(S), uint32(T), 1}, D1(decodeMMAThreads), shared,
+		if err := c.Launch(k, Dim{uint32(S), uint32(T), uint32(hg)}, D1(decodeMMAThreads), shared,
 			om.ptr, om.ld, ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer),
 			b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
 			s.Heads, s.NopeDim, scale, pml, pacc, cnt, ahead, xq, xs, xsum, G, stamps); err != nil || S == 1 || cnt != 0 {
 			return err
+		}
+		if cq != nil && cq.merged {
+			return nil // the value expansion's launch merges the splits
 		}
 		m, err := c.Kernel("flash", "decode_combine")
 		if err != nil {
@@ -158,9 +192,79 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 	})
 	if b.combineQuant && b.flushes == flush && len(b.pending) == idx+1 {
 		cq = &decodeAttnOp{idx: idx, flush: flush, om: *om}
+		if launchMerge && T == 1 {
+			cq.split = &splitParts{ml: pml, acc: pacc, S: S}
+		}
 		b.lastDecodeAttn = cq
 	}
 	return true
+}
+
+// splitParts are decode_mma's partial results of one row's S splits
+// (part_ml, part_acc), which a second launch merges.
+type splitParts struct {
+	ml, acc uint64
+	S       int
+}
+
+// mergeValues lets the value expansion of one row merge the attention's
+// splits in its own launch (decode_combine_values) instead of
+// decode_combine (on unless MMFP4_CUDA_LAYER7=0, chain.go).
+var mergeValues = layer7
+
+// mergedValues queues the value expansion of olat (one row, its int8 form
+// a just handed to the decode attention op lc) with the merge of lc's
+// splits in its launch, and reports whether it did.
+func (b *Backend) mergedValues(lc *decodeAttnOp, om, ol *tensor, w *QMatrix, a *QActs, s backend.MLAShape) bool {
+	if !mergeValues || !b.chained() || lc == nil || lc.a != a || lc.split == nil || lc.om != *ol || ol.rows != 1 || s.Rank != 512 ||
+		lc.split.S > decodeMMAMaxS || !headsQuantOK(s.Heads, s.VDim, s.Rank, w.G, 128) || s.VDim%128 != 0 {
+		return false
+	}
+	lc.merged = true
+	m := *lc.split
+	y, oa, heads, rows := om.ptr, *a, s.Heads, s.VDim
+	olat := ol.ptr
+	b.do("attention merge+expand values", func(c *Ctx) error {
+		return c.DecodeCombineValues(y, w, heads, rows, nil, 128, m, olat, &oa)
+	})
+	b.noteValues(om, w, a, s.Heads, s.VDim)
+	if b.lastValues != nil {
+		b.lastValues.merge = &mergeIn{parts: m, olat: olat, oa: oa}
+	}
+	return true
+}
+
+// mergeIn is what a value expansion that merges the splits reads.
+type mergeIn struct {
+	parts splitParts
+	olat  uint64
+	oa    QActs
+}
+
+// DecodeCombineValues is decode_combine of one row's S splits (parts) into
+// olat and its int8 form oa, and GEMVHeadsQuant of it (q nil: GEMVHeads),
+// in one launch of blocks of 128 rows (rows a multiple of 128).
+func (c *Ctx) DecodeCombineValues(y uint64, w *QMatrix, heads, rows int, q *QActs, qg int, parts splitParts, olat uint64, oa *QActs) error {
+	k := w.K
+	if q != nil {
+		qg = q.G
+	}
+	switch {
+	case k != 512 || oa.T != 1 || oa.K != heads*k || oa.G != w.G || w.N != heads*rows || parts.S < 1 || parts.S > decodeMMAMaxS:
+		return fmt.Errorf("cuda: merge and expand values: olat %dx%d G=%d for %d heads of [%d,%d] G=%d, %d splits", oa.T, oa.K, oa.G, heads, w.N, w.K, w.G, parts.S)
+	case !headsQuantOK(heads, rows, k, w.G, qg) || rows%128 != 0 || (q != nil && (q.T != 1 || q.K != w.N)):
+		return fmt.Errorf("cuda: merge and expand values: blocks of %d rows for %d heads of %d rows", qg, heads, rows)
+	}
+	kern, err := c.Kernel("flash", "decode_combine_values")
+	if err != nil {
+		return err
+	}
+	var yq, ys, ysum uint64
+	if q != nil {
+		yq, ys, ysum = q.Q, q.Scales, q.Sums
+	}
+	return c.Launch(kern, D1(w.N/128), D1(512), 0, w.Codes, w.Scales, w.RowScale, k, bits.TrailingZeros(uint(w.G/32)),
+		y, rows, qg, yq, ys, ysum, parts.ml, parts.acc, parts.S, heads, olat, oa.Q, oa.Scales, oa.Sums, oa.G)
 }
 
 // decodeAttnOp is a queued decode_mma op: a quantization of its output
@@ -171,4 +275,8 @@ type decodeAttnOp struct {
 	idx, flush int
 	om         tensor
 	a          *QActs
+	// split: the splits' partials when a second launch merges them (one
+	// row); merged: the value expansion's launch does (mergedValues).
+	split  *splitParts
+	merged bool
 }

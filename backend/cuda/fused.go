@@ -248,10 +248,11 @@ func (b *Backend) fusedHeads(om, ol *tensor, w *weight, heads, rank, vdim int) b
 	return true
 }
 
-// fusedCounter makes sure the zeroed word the norm modes count blocks in
-// exists (allocating it waits for the queued ops).
+// fusedCounter makes sure the zeroed words the norm modes and
+// add_norm_gemv_pair count blocks in exist (allocating them waits for the
+// queued ops).
 func (b *Backend) fusedCounter() {
-	if b.counter.Ptr != 0 || !(b.opts.FusedGEMV || b.opts.FusedRouter || b.opts.FusedLatent) {
+	if b.counter.Ptr != 0 || !(b.opts.FusedGEMV || b.opts.FusedRouter || b.opts.FusedLatent || (b.chained() && addNormProducts)) {
 		return
 	}
 	b.now("fused counter", func(c *Ctx) error {

@@ -369,8 +369,11 @@ func (m *Model) attention(i int, h backend.Tensor) backend.Tensor {
 		qa := backend.NewOutput(b, T, a.QA.Rows())
 		b.MatMul(qa, h, a.QA)
 		b.MatMul(kv, h, a.KVA)
-		b.RMSNorm(qa, qa, a.QANorm, loraNormEps)
-		b.MatMul(q, qa, a.QB)
+		// The norm into a tensor of its own, not over qa: a backend may
+		// then run it in q_b's launch, whose blocks all read qa.
+		qn := backend.NewOutput(b, T, a.QA.Rows())
+		b.RMSNorm(qn, qa, a.QANorm, loraNormEps)
+		b.MatMul(q, qn, a.QB)
 	} else {
 		b.MatMul(q, h, a.Q)
 		b.MatMul(kv, h, a.KVA)

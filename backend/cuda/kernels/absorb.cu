@@ -106,20 +106,9 @@ __device__ __forceinline__ void absorb_query_tc(float* __restrict__ qlat, int ld
     lut[tid] = f16x2_from(v[0], v[1]);
   }
 
-  // The queries: row r = tid/4 (token t0 + r), float4s j = tid%4, +4, ...
-  // of its DN values, loaded before the weight slab is dequantized.
-  PDL_WAIT();
-  constexpr int per = DN / 16;
-  const int qr = tid >> 2, j0 = tid & 3;  // this thread's query row and first float4
-  float4 x[per];
-#pragma unroll
-  for (int u = 0; u < per; u++) {
-    const int i = 4 * (j0 + 4 * u);
-    x[u] = t0 + qr < T ? *(const float4*)(q + (size_t)(t0 + qr) * ldq + (size_t)h * (DN + dr) + i)
-                      : make_float4(0.f, 0.f, 0.f, 0.f);
-  }
-  __syncthreads();
-
+  __syncthreads();  // lut and rsm
+  // The weight slab is dequantized before the wait: it depends on no
+  // kernel of the step.
 #pragma unroll
   for (int u = 0; u < chunks; u++) {
     const int c = tid + 256 * u;
@@ -131,6 +120,19 @@ __device__ __forceinline__ void absorb_query_tc(float* __restrict__ qlat, int ld
     uint4* dst = (uint4*)(bs + (c >> 2) * AT_LDB + 32 * (c & 3));
 #pragma unroll
     for (int j = 0; j < 4; j++) dst[j] = make_uint4(o[4 * j], o[4 * j + 1], o[4 * j + 2], o[4 * j + 3]);
+  }
+
+  // The queries: row r = tid/4 (token t0 + r), float4s j = tid%4, +4, ...
+  // of its DN values, after the wait for the kernel before.
+  PDL_WAIT();
+  constexpr int per = DN / 16;
+  const int qr = tid >> 2, j0 = tid & 3;  // this thread's query row and first float4
+  float4 x[per];
+#pragma unroll
+  for (int u = 0; u < per; u++) {
+    const int i = 4 * (j0 + 4 * u);
+    x[u] = t0 + qr < T ? *(const float4*)(q + (size_t)(t0 + qr) * ldq + (size_t)h * (DN + dr) + i)
+                      : make_float4(0.f, 0.f, 0.f, 0.f);
   }
 
   {
@@ -256,3 +258,4 @@ ABSORB_TC(192)
   }
 ABSORB_TC_ROPE(128)
 ABSORB_TC_ROPE(192)
+

@@ -446,9 +446,12 @@ FLASH_FORMS(2, 16)
 // Decode attention on the tensor cores: a few rows (one a sequence), each
 // against its own cached positions, split over blocks by position.
 //
-// Block (s, t) of the grid (splits, rows) takes the positions [s*chunk,
-// +chunk) of row t (chunk = ceil(n/splits) rounded up to 16, n = pos[t]+1)
-// for all its heads (up to DM_NH = 24), in tiles of TP = 16 or 32
+// Block (s, t, z) of the grid (splits, rows, head groups) takes the
+// positions [s*chunk, +chunk) of row t (chunk = ceil(n/splits) rounded up
+// to 16, n = pos[t]+1) for the heads [z*8*HT, +8*HT) (HT = DM_HT: all of
+// up to DM_NH = 24 heads in one block; HT = 1: blocks of 8 heads, a third
+// of the queries, products and partials a block, each head's sums those of
+// the all-heads blocks), in tiles of TP = 16 or 32
 // positions copied to shared memory by cp.async, DM_NST tiles in flight.
 // The leading tiles' rows of positions written by earlier steps are
 // copied before the wait for the kernel before (with ahead set): under
@@ -625,7 +628,7 @@ DEVICE void dm_merge_share(float* __restrict__ olat, int ldo, const float* part_
   if (xq) quant_row4(o, tid < nf, f0 + tid, t, NF * 4, G, xq, xs, xsum);
 }
 
-template <int RANK, int DR, int TP>
+template <int RANK, int DR, int TP, int HT>
 DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                        const float* __restrict__ q, int ldq, const u8* __restrict__ layer,
                        const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -645,23 +648,28 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   // Score accumulators: one a part with one position tile (shorter
   // chains of dependent products), else one for all three parts.
   constexpr int NA = MT == 1 ? 3 : 1;
+  // Heads: HT tiles of 8 (NH slots), the block's heads [hb, hb + NH) of
+  // grid z; the weights' rows part*NH + head, in PRG groups of 8 (an even
+  // count for the paired fragment loads).
+  constexpr int NH = 8 * HT, PRG = (3 * HT + 1) & ~1, PROWS = 8 * PRG;
   static_assert(KR <= 8 && DR % 16 == 0 && RANK % 128 == 0 && (TP == 16 || TP == 32), "shape");
 
   extern __shared__ __align__(16) u8 dm_smem[];
   unsigned short* stage = (unsigned short*)dm_smem;  // [DM_NST][TP][LD]
-  float* ot = (float*)dm_smem;                       // [DM_NH][OLD], after the tiles
-  constexpr int STAGE_BYTES = DM_NST * TP * LD * 2 > DM_NH * OLD * 4 ? DM_NST * TP * LD * 2 : DM_NH * OLD * 4;
-  float* sp = (float*)(dm_smem + STAGE_BYTES);                  // [8][TP][DM_NH] partial scores; the merge's
-  unsigned short* pw = (unsigned short*)(sp + 8 * TP * DM_NH);  // [DM_PROWS][PLD] weights
-  float* alpha_s = (float*)(pw + DM_PROWS * PLD);               // [DM_NH]
-  float* m_s = alpha_s + DM_NH;
-  float* l_s = m_s + DM_NH;
-  static_assert(8 * TP * DM_NH >= 2 * DM_MAXS + 2 * DM_NH + 4 + 4 * DM_THREADS, "merge scratch");
+  float* ot = (float*)dm_smem;                       // [NH][OLD], after the tiles
+  constexpr int STAGE_BYTES = DM_NST * TP * LD * 2 > NH * OLD * 4 ? DM_NST * TP * LD * 2 : NH * OLD * 4;
+  float* sp = (float*)(dm_smem + STAGE_BYTES);             // [8][TP][NH] partial scores; the merge's
+  unsigned short* pw = (unsigned short*)(sp + 8 * TP * NH);  // [PROWS][PLD] weights
+  float* alpha_s = (float*)(pw + PROWS * PLD);               // [NH]
+  float* m_s = alpha_s + NH;
+  float* l_s = m_s + NH;
+  // The in-launch merge (all heads in one block only) uses sp as scratch.
+  static_assert(HT != DM_HT || 8 * TP * NH >= 2 * DM_MAXS + 2 * NH + 4 + 4 * DM_THREADS, "merge scratch");
 
   PDL_LAUNCH();
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c4 = lane & 3;
-  const int s = blockIdx.x, t = blockIdx.y, S = gridDim.x;
-  unsigned long long* stamp = stamps ? stamps + 6 * ((size_t)t * S + s) : nullptr;
+  const int s = blockIdx.x, t = blockIdx.y, S = gridDim.x, hb = NH * blockIdx.z, nhb = min(NH, heads - hb);
+  unsigned long long* stamp = stamps ? stamps + 6 * (((size_t)blockIdx.z * gridDim.y + t) * S + s) : nullptr;
 #define DM_STAMP(k) \
   if (stamp && tid == 0) stamp[k] = globaltimer()
   DM_STAMP(0);
@@ -710,7 +718,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
     for (int k = 0; k < DM_NST - 1; k++) issue(k, lead[k], 0);
   }
   // Weights of the padding rows and heads stay zero.
-  for (int i = tid; i < DM_PROWS * PLD / 2; i += DM_THREADS) ((u32*)pw)[i] = 0u;
+  for (int i = tid; i < PROWS * PLD / 2; i += DM_THREADS) ((u32*)pw)[i] = 0u;
   PDL_WAIT();  // the queries and this step's cache entries
   if (stamp && tid == 0) stamp[1] = globaltimer_after((int)lead[0]);
 
@@ -721,12 +729,12 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   // This warp's query parts as B fragments: k step kk covers query
   // columns kcol(kk) .. +16; heads 8j + g.
   auto kcol = [&](int kk) { return kk < KL ? (warp * KL + kk) * 16 : RANK + 16 * warp; };
-  u32 qb[KS][DM_HT][3][2];
+  u32 qb[KS][HT][3][2];
 #pragma unroll
   for (int kk = 0; kk < KS; kk++) {
 #pragma unroll
-    for (int j = 0; j < DM_HT; j++) {
-      const int h = 8 * j + g;
+    for (int j = 0; j < HT; j++) {
+      const int h = hb + 8 * j + g;
       float2 v0 = make_float2(0.f, 0.f), v1 = v0;
       if (h < heads && (kk < KL || warp < KR)) {
         const int kc = kcol(kk);
@@ -739,18 +747,18 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
       split3_bf16x2(v1.x, v1.y, qb[kk][j][0][1], qb[kk][j][1][1], qb[kk][j][2][1]);
     }
   }
-  if (stamp && tid == 0) stamp[2] = globaltimer_after((int)(qb[0][0][0][0] ^ qb[KS - 1][DM_HT - 1][2][1]));
+  if (stamp && tid == 0) stamp[2] = globaltimer_after((int)(qb[0][0][0][0] ^ qb[KS - 1][HT - 1][2][1]));
 
-  // The softmax state lives in the threads tid < 8*DM_NH (head tid/8,
+  // The softmax state lives in the threads tid < 8*NH (head tid/8,
   // positions tid%8 + 8i).
   const int sh = tid >> 3, sq = tid & 7;
   float m_run = __int_as_float(0xff800000), l_run = 0.f;
 
-  float o[KL][DM_HT][4];
+  float o[KL][HT][4];
 #pragma unroll
   for (int m = 0; m < KL; m++)
 #pragma unroll
-    for (int j = 0; j < DM_HT; j++) o[m][j][0] = o[m][j][1] = o[m][j][2] = o[m][j][3] = 0.f;
+    for (int j = 0; j < HT; j++) o[m][j][0] = o[m][j][1] = o[m][j][2] = o[m][j][3] = 0.f;
 
   const int a_off = ((lane & 15) * LD + (lane >> 4) * 8) * 2;                           // A from [pos][k]
   const int t_off = (((lane & 7) + ((lane >> 4) << 3)) * LD + ((lane >> 3) & 1) * 8) * 2;  // A = c^T, .trans
@@ -765,15 +773,15 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
     if (k == 0) DM_STAMP(3);
     const u32 tile = stage_addr + (u32)((k % DM_NST) * TP * LD * 2);
 
-    // Partial scores over this warp's k steps: TP positions x 24 heads.
+    // Partial scores over this warp's k steps: TP positions x NH heads.
     {
-      float sacc[NA][MT][DM_HT][4];
+      float sacc[NA][MT][HT][4];
 #pragma unroll
       for (int a = 0; a < NA; a++)
 #pragma unroll
         for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-          for (int j = 0; j < DM_HT; j++)
+          for (int j = 0; j < HT; j++)
             sacc[a][mt][j][0] = sacc[a][mt][j][1] = sacc[a][mt][j][2] = sacc[a][mt][j][3] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < KS; kk++) {
@@ -787,15 +795,15 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 #pragma unroll
             for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-              for (int j = 0; j < DM_HT; j++)
+              for (int j = 0; j < HT; j++)
                 mma_bf16(sacc[p % NA][mt][j], a[mt], qb[kk][j][p][0], qb[kk][j][p][1]);
         }
       }
-      float* mine = sp + warp * TP * DM_NH;
+      float* mine = sp + warp * TP * NH;
 #pragma unroll
       for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-        for (int j = 0; j < DM_HT; j++) {
+        for (int j = 0; j < HT; j++) {
           float v[4];
 #pragma unroll
           for (int e = 0; e < 4; e++) {
@@ -804,15 +812,15 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
             for (int a = 1; a < NA; a++) v[e] += sacc[a][mt][j][e];
           }
           const int row = mt * 16 + g, col = 8 * j + 2 * c4;
-          *(float2*)(mine + row * DM_NH + col) = make_float2(v[0], v[1]);
-          *(float2*)(mine + (row + 8) * DM_NH + col) = make_float2(v[2], v[3]);
+          *(float2*)(mine + row * NH + col) = make_float2(v[0], v[1]);
+          *(float2*)(mine + (row + 8) * NH + col) = make_float2(v[2], v[3]);
         }
     }
     __syncthreads();
 
     // Online softmax, eight threads a head (warps 0-5; every head slot,
     // padding heads fully masked).
-    if (tid < 8 * DM_NH) {
+    if (tid < 8 * NH) {
       float sv[TP / 8];
       float mx = __int_as_float(0xff800000);
 #pragma unroll
@@ -820,8 +828,8 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
         const int r = sq + 8 * i;
         float a = 0.f;
 #pragma unroll
-        for (int w = 0; w < 8; w++) a += sp[(w * TP + r) * DM_NH + sh];
-        const bool valid = sh < heads && k * TP + r < nb;
+        for (int w = 0; w < 8; w++) a += sp[(w * TP + r) * NH + sh];
+        const bool valid = hb + sh < heads && k * TP + r < nb;
         sv[i] = valid ? a * scale : __int_as_float(0xff800000);
         mx = fmaxf(mx, sv[i]);
       }
@@ -844,8 +852,8 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
         const int r = sq + 8 * i;
 #pragma unroll
         for (int q = 0; q < 3; q++) {
-          pw[(q * DM_NH + sh) * PLD + r] = (unsigned short)(part[q] & 0xFFFFu);
-          pw[(q * DM_NH + sh) * PLD + r + 8] = (unsigned short)(part[q] >> 16);
+          pw[(q * NH + sh) * PLD + r] = (unsigned short)(part[q] & 0xFFFFu);
+          pw[(q * NH + sh) * PLD + r + 8] = (unsigned short)(part[q] >> 16);
         }
       }
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
@@ -860,16 +868,16 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
     // O^T = O^T * alpha + c^T . P^T over this warp's columns.
     {
 #pragma unroll
-      for (int j = 0; j < DM_HT; j++) {
+      for (int j = 0; j < HT; j++) {
         const float a0 = alpha_s[8 * j + 2 * c4], a1 = alpha_s[8 * j + 2 * c4 + 1];
 #pragma unroll
         for (int m = 0; m < KL; m++) o[m][j][0] *= a0, o[m][j][1] *= a1, o[m][j][2] *= a0, o[m][j][3] *= a1;
       }
 #pragma unroll
       for (int ks = 0; ks < MT; ks++) {
-        u32 b[10][2];
+        u32 b[PRG][2];
 #pragma unroll
-        for (int rg = 0; rg < 10; rg += 2)
+        for (int rg = 0; rg < PRG; rg += 2)
           ldsm_x4(pw_addr + (u32)(rg * 8 * PLD * 2 + ks * 32 + b_off), b[rg][0], b[rg][1], b[rg + 1][0],
                   b[rg + 1][1]);
         u32 a[KL][4];
@@ -881,7 +889,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 #pragma unroll
           for (int m = 0; m < KL; m++)
 #pragma unroll
-            for (int j = 0; j < DM_HT; j++) mma_bf16(o[m][j], a[m], b[3 * p + j][0], b[3 * p + j][1]);
+            for (int j = 0; j < HT; j++) mma_bf16(o[m][j], a[m], b[HT * p + j][0], b[HT * p + j][1]);
       }
     }
     __syncthreads();  // the tile and the weights are read before they are rewritten
@@ -893,41 +901,41 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 #pragma unroll
   for (int m = 0; m < KL; m++)
 #pragma unroll
-    for (int j = 0; j < DM_HT; j++) {
+    for (int j = 0; j < HT; j++) {
       const int col = (warp * KL + m) * 16 + g, h = 8 * j + 2 * c4;
       ot[h * OLD + col] = o[m][j][0];
       ot[(h + 1) * OLD + col] = o[m][j][1];
       ot[h * OLD + col + 8] = o[m][j][2];
       ot[(h + 1) * OLD + col + 8] = o[m][j][3];
     }
-  if (tid < 8 * DM_NH && sq == 0) m_s[sh] = m_run, l_s[sh] = l_run;
+  if (tid < 8 * NH && sq == 0) m_s[sh] = m_run, l_s[sh] = l_run;
   __syncthreads();
 
   constexpr int C4 = RANK / 4;
   if (S == 1) {
-    for (int ib = 0; ib < heads * C4; ib += DM_THREADS) {
+    for (int ib = 0; ib < nhb * C4; ib += DM_THREADS) {
       const int i = ib + tid;
-      const bool ok = i < heads * C4;
+      const bool ok = i < nhb * C4;
       float4 r = make_float4(0.f, 0.f, 0.f, 0.f);
       if (ok) {
         const int h = i / C4, c = (i - h * C4) * 4;
         const float4 v = *(const float4*)(ot + h * OLD + c);
         const float inv = 1.f / l_s[h];
         r = make_float4(v.x * inv, v.y * inv, v.z * inv, v.w * inv);
-        *(float4*)(olat + (size_t)t * ldo + (size_t)h * RANK + c) = r;
+        *(float4*)(olat + (size_t)t * ldo + (size_t)(hb + h) * RANK + c) = r;
       }
-      if (xq) quant_row4(r, ok, i, t, heads * RANK, G, xq, xs, xsum);
+      if (xq) quant_row4(r, ok, hb * C4 + i, t, heads * RANK, G, xq, xs, xsum);
     }
     DM_STAMP(5);
     return;
   }
   const size_t part = (size_t)t * S + s;
-  for (int i = tid; i < heads * C4; i += DM_THREADS) {
+  for (int i = tid; i < nhb * C4; i += DM_THREADS) {
     const int h = i / C4, c = (i - h * C4) * 4;
-    *(float4*)(part_acc + (part * heads + h) * RANK + c) = *(const float4*)(ot + h * OLD + c);
+    *(float4*)(part_acc + (part * heads + hb + h) * RANK + c) = *(const float4*)(ot + h * OLD + c);
   }
-  if (tid < heads) *(float2*)(part_ml + (part * heads + tid) * 2) = make_float2(m_s[tid], l_s[tid]);
-  if (counters == nullptr) {
+  if (tid < nhb) *(float2*)(part_ml + (part * heads + hb + tid) * 2) = make_float2(m_s[tid], l_s[tid]);
+  if (HT != DM_HT || counters == nullptr) {
     DM_STAMP(5);
     return;
   }
@@ -949,24 +957,26 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 #undef DM_STAMP
 }
 
-#define DECODE_MMA(RANK, DR, TP)                                                                                     \
+#define DECODE_MMA(RANK, DR, TP, HT, NAME)                                                                           \
   extern "C" __global__ void __launch_bounds__(DM_THREADS, 1)                                                        \
-      decode_mma_##RANK##_##DR##_t##TP(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,    \
-                                       const u8* layer, const i32* __restrict__ pos, const i32* __restrict__ row_seq, \
-                                       const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks,           \
-                                       int block_size, int heads, int dn, float scale, float* part_ml,               \
-                                       float* part_acc, u32* counters, int ahead, i8* xq, float* xs, i32* xsum,      \
-                                       int G, unsigned long long* stamps) {                                          \
-    decode_mma<RANK, DR, TP>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks, block_size,     \
-                             heads, dn, scale, part_ml, part_acc, counters, ahead, xq, xs, xsum, G, stamps);         \
+      NAME(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const u8* layer,              \
+           const i32* __restrict__ pos, const i32* __restrict__ row_seq, const i32* __restrict__ seq_blocks,         \
+           const i32* __restrict__ blocks, int block_size, int heads, int dn, float scale, float* part_ml,           \
+           float* part_acc, u32* counters, int ahead, i8* xq, float* xs, i32* xsum, int G,                          \
+           unsigned long long* stamps) {                                                                             \
+    decode_mma<RANK, DR, TP, HT>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks, block_size, \
+                                 heads, dn, scale, part_ml, part_acc, counters, ahead, xq, xs, xsum, G, stamps);     \
   }
 
 // Instances: the model's (rank 512, rope 64) and the tests' small shape,
-// tiles of 16 positions (splits of at most 16) and of 32.
-DECODE_MMA(512, 64, 16)
-DECODE_MMA(512, 64, 32)
-DECODE_MMA(256, 32, 16)
-DECODE_MMA(256, 32, 32)
+// tiles of 16 positions (splits of at most 16) and of 32, all heads in a
+// block; and the model's with a block for each 8 heads (grid z).
+DECODE_MMA(512, 64, 16, DM_HT, decode_mma_512_64_t16)
+DECODE_MMA(512, 64, 32, DM_HT, decode_mma_512_64_t32)
+DECODE_MMA(256, 32, 16, DM_HT, decode_mma_256_32_t16)
+DECODE_MMA(256, 32, 32, DM_HT, decode_mma_256_32_t32)
+DECODE_MMA(512, 64, 16, 1, decode_mma_512_64_t16_h8)
+DECODE_MMA(512, 64, 32, 1, decode_mma_512_64_t32_h8)
 
 // The splits' merge as a second launch: grid (rank/128, heads, rows),
 // eight warps a block for one row, head and 128 columns. Warp w takes the
@@ -1032,4 +1042,189 @@ extern "C" __global__ void __launch_bounds__(256) decode_combine(float* olat, in
     *(float4*)(olat + (size_t)t * ldo + col) = out;
     if (xq) quant_row4(out, true, col / 4, t, heads * rank, G, xq, xs, xsum);
   }
+}
+
+// decode_combine and the value expansion with its output's int8 form
+// (gemv_heads_quant) in one launch, for one row: a block of 512 threads
+// owns 128 rows of one head h (half-warp j rows 4j..4j+3). After the wait
+// it requests every partial of the head's first 64 splits at once, merges
+// them into shared memory as decode_combine does (class c = s mod 8
+// summing its splits in order, the eight classes then added in order: the
+// same bits), quantizes the merged row in W_UV's groups of G as
+// decode_combine's quant_row4 does (the same int8 form), and takes its
+// products from there as gemv_heads_quant does from memory; with yq set,
+// warp j < 128/qg then quantizes group j of its rows in groups of qg. The
+// head's first block also writes olat and its int8 form (olq, ols,
+// olsum). K (rank) 512, at most DM_MAXS splits.
+extern "C" __global__ void __launch_bounds__(512)
+    decode_combine_values(const u8* __restrict__ codes, const u8* __restrict__ scales,
+                          const float* __restrict__ row_scale, int K, int gshift, float* __restrict__ y,
+                          int rows, int qg, i8* __restrict__ yq, float* __restrict__ ys, i32* __restrict__ ysum,
+                          const float* part_ml, const float* part_acc, int S, int heads, float* __restrict__ olat,
+                          i8* __restrict__ olq, float* __restrict__ ols, i32* __restrict__ olsum, int G) {
+  PDL_LAUNCH();
+  __shared__ float4 red[8][128];
+  __shared__ float esm[DM_MAXS], lsm[DM_MAXS], lred[8], vals[128];
+  __shared__ float wmax[16];
+  __shared__ __align__(16) i8 xq_sh[512];
+  __shared__ float xs_sh[16];
+  __shared__ i32 xsum_sh[16];
+  const int tid = threadIdx.x, NT = blockDim.x, warp = tid >> 5, lane = tid & 31, sl = lane & 15;
+  const int local = warp * 8 + (lane >> 4) * 4;  // the half-warp's first row in the block
+  const int row0 = blockIdx.x * 128 + local;
+  const int C = K >> 5, GK = C >> gshift;
+  const int h = (blockIdx.x * 128) / rows;
+  const bool on = sl < C;
+  float lw2 = 0.f;
+  uint4 w[4];
+  u32 s[4];
+  if (on) {
+#pragma unroll
+    for (int r = 0; r < 4; r++) w[r] = load_stream16(codes + (size_t)(row0 + r) * (K / 2) + sl * 16);
+#pragma unroll
+    for (int r = 0; r < 4; r++) s[r] = __ldg(scales + (size_t)(row0 + r) * GK + (sl >> gshift));
+  }
+  PDL_WAIT();
+  // Every load of the first 64 splits at once: this thread's row m of the
+  // splits' maxima and sums (tid < S), and its two tasks (class cl = task /
+  // 128 sums splits cl, cl + 8, ... of float4 column f = task % 128, as
+  // decode_combine's warp cl does), eight splits a task a round.
+  const size_t mls = (size_t)heads * 2, accs = (size_t)heads * K;
+  const float* ml = part_ml + (size_t)h * 2;
+  const float* acc = part_acc + (size_t)h * K;
+  const float2 mine = tid < S ? __ldcg((const float2*)(ml + tid * mls)) : make_float2(0.f, 0.f);
+  float4 o[2];
+  float lw = 0.f;
+  for (int base = 0; base < S; base += 64) {
+    float4 x[2][8];
+#pragma unroll
+    for (int k = 0; k < 2; k++) {
+      const int task = tid + 512 * k, cl = task >> 7, f = task & 127;
+#pragma unroll
+      for (int u = 0; u < 8; u++) {
+        const int q = base + cl + 8 * u;
+        x[k][u] = q < S ? __ldcg((const float4*)(acc + q * accs + 4 * f)) : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+    }
+    if (base == 0) {
+      // The largest maximum of a split with positions.
+      float M = mine.y > 0.f ? mine.x : __int_as_float(0xff800000);
+      for (int q = tid + 512; q < S; q += 512) {
+        const float2 m = __ldcg((const float2*)(ml + q * mls));
+        if (m.y > 0.f) M = fmaxf(M, m.x);
+      }
+      M = warp_max(M);
+      if (lane == 0) wmax[warp] = M;
+      __syncthreads();
+      M = wmax[0];
+      for (int w = 1; w < NT / 32; w++) M = fmaxf(M, wmax[w]);
+      for (int q = tid; q < S; q += NT) {
+        const float2 m = q == tid ? mine : __ldcg((const float2*)(ml + q * mls));
+        esm[q] = m.y > 0.f ? expf(m.x - M) : 0.f;
+        lsm[q] = m.y;
+      }
+      __syncthreads();
+      o[0] = o[1] = make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+#pragma unroll
+    for (int k = 0; k < 2; k++) {
+      const int cl = (tid + 512 * k) >> 7;
+#pragma unroll
+      for (int u = 0; u < 8; u++) {
+        const int q = base + cl + 8 * u;
+        const float e = q < S ? esm[q] : 0.f;
+        o[k].x += e * x[k][u].x, o[k].y += e * x[k][u].y, o[k].z += e * x[k][u].z, o[k].w += e * x[k][u].w;
+        if ((tid & 127) == 0 && k == 0) lw += e * (q < S ? lsm[q] : 0.f);
+      }
+    }
+    // Class cl + 4's sum of weights: thread 512 + 128 * cl's task.
+    if ((tid & 127) == 0) {
+      const int cl = (tid >> 7) + 4;
+#pragma unroll
+      for (int u = 0; u < 8; u++) {
+        const int q = base + cl + 8 * u;
+        lw2 += (q < S ? esm[q] : 0.f) * (q < S ? lsm[q] : 0.f);
+      }
+    }
+  }
+#pragma unroll
+  for (int k = 0; k < 2; k++) red[(tid + 512 * k) >> 7][tid & 127] = o[k];
+  if ((tid & 127) == 0) lred[tid >> 7] = lw, lred[(tid >> 7) + 4] = lw2;
+  __syncthreads();
+  if (tid < 128) {
+    float4 r = red[0][tid];
+    float L = lred[0];
+#pragma unroll
+    for (int q = 1; q < 8; q++) {
+      const float4 v = red[q][tid];
+      r.x += v.x, r.y += v.y, r.z += v.z, r.w += v.w;
+      L += lred[q];
+    }
+    const float inv = 1.f / L;
+    const float4 out = make_float4(r.x * inv, r.y * inv, r.z * inv, r.w * inv);
+    quant_row4(out, true, tid, 0, K, G, xq_sh, xs_sh, xsum_sh);
+    if (row0 - local == h * rows) {  // the head's first block
+      *(float4*)(olat + (size_t)h * K + 4 * tid) = out;
+      if (olq) quant_row4(out, true, h * (K / 4) + tid, 0, heads * K, G, olq, ols, olsum);
+    }
+  }
+  __syncthreads();
+  float out[4] = {0.f, 0.f, 0.f, 0.f};
+  if (on) {
+    const uint4* xp = (const uint4*)(xq_sh + sl * 32);
+    const uint4 xa = xp[0], xb = xp[1];
+    const float xscale = xs_sh[sl >> gshift];
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      const uint4 q = w[r];
+      i32 d = 0, neg = 0;
+      dot8_split(q.x, xa.x, xa.y, d, neg);
+      dot8_split(q.y, xa.z, xa.w, d, neg);
+      dot8_split(q.z, xb.x, xb.y, d, neg);
+      dot8_split(q.w, xb.z, xb.w, d, neg);
+      d -= neg;
+      out[r] += (float)d * (e4m3(s[r]) * xscale);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 4; r++)
+#pragma unroll
+    for (int o = 8; o > 0; o >>= 1) out[r] += __shfl_xor_sync(0xffffffffu, out[r], o);
+#pragma unroll
+  for (int r = 0; r < 4; r++) {
+    if (sl == r) {
+      const float v = out[r] * (row_scale[row0 + r] * 0.5f);
+      y[row0 + r] = v;
+      vals[local + r] = v;
+    }
+  }
+  if (!yq) return;
+  __syncthreads();
+  // Warp j < 128/qg quantizes group j of the block's rows, lane l holding
+  // E = qg/32 consecutive values (as gemv_heads_quant's block of qg rows).
+  if (warp >= 128 / qg) return;
+  const int E = qg >> 5, k0 = warp * qg + lane * E;
+  float v[4];
+  float amax = 0.f;
+#pragma unroll
+  for (int e = 0; e < 4; e++) {
+    if (e < E) {
+      v[e] = vals[k0 + e];
+      amax = fmaxf(amax, fabsf(v[e]));
+    }
+  }
+  amax = warp_max(amax);
+  const float scale = amax / 127.f;
+  i32 sum = 0;
+#pragma unroll
+  for (int e = 0; e < 4; e++) {
+    if (e < E) {
+      const i32 q = quant8(v[e], amax, scale);
+      yq[(size_t)blockIdx.x * 128 + k0 + e] = (i8)q;
+      sum += q;
+    }
+  }
+  for (int o = 1; o < 32 / E; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if ((lane & (32 / E - 1)) == 0) ysum[((size_t)blockIdx.x * 128 + k0) / 32] = sum;
+  if (lane == 0) ys[(size_t)blockIdx.x * (128 / qg) + warp] = amax == 0.f ? 0.f : scale;
 }

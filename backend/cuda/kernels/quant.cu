@@ -305,4 +305,300 @@ extern "C" __global__ void __launch_bounds__(QUANT_THREADS)
   } else {
     quant_rows_warp<1>(x, ldx, xq, xs, xsum, rows, K, gpw);
   }
+
+// A single-token product y = W norm(x) with the single-row norm of its
+// input (rmsnorm_quant8 without a residual add) in the same launch, and
+// optionally a second single-row norm with no tie to either (x2 set): q_b
+// of a decode layer after the q_a norm, and the latent's norm. Blocks
+// [0, ceil(N/16)) each normalise the row of K values (K a multiple of 256,
+// at most 1024: K/8 threads of 8 values, rmsnorm_quant8_row's order) into
+// their shared memory as int8 groups of G = 32 << gshift, with W's rows
+// and scales requested before the wait, then take gemv_split_t1's product
+// of their 16 rows from there (at most 32 chunks a row: one a lane, the
+// sums of gemv_dot in its order). Block 0 also writes the norm's float
+// output and int8 form (out must not overlap x, which the other blocks
+// read); the last block is rmsnorm_quant8_row of the second norm. Every
+// output is the separate launches' bits.
+extern "C" __global__ void __launch_bounds__(128)
+    norm_gemv_t1(const u8* __restrict__ codes, const u8* __restrict__ scales,
+                 const float* __restrict__ row_scale, int N, float* __restrict__ y, int K, int gshift,
+                 const float* x, const float* __restrict__ gain, float eps, float* out, i8* __restrict__ xq,
+                 float* __restrict__ xs, i32* __restrict__ xsum, const float* x2,
+                 const float* __restrict__ gain2, float eps2, float* out2, i8* __restrict__ xq2,
+                 float* __restrict__ xs2, i32* __restrict__ xsum2, int K2, int G2) {
+  PDL_LAUNCH();
+  const int nb = (N + 15) >> 4;
+  if ((int)blockIdx.x >= nb) {
+    rmsnorm_quant8_row(x2, 0, nullptr, 0, nullptr, 0, nullptr, 0, gain2, eps2, out2, 0, xq2, xs2, xsum2, K2, G2, 0);
+    return;
+  }
+  __shared__ __align__(16) i8 sq[1024];
+  __shared__ float ssc[32];
+  __shared__ double partial[4];
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, k0 = tid * 8;
+  const int G = 32 << gshift, C = K >> 5, GK = C >> gshift;
+  const int row0 = blockIdx.x * 16 + warp * 4;
+  const bool on = k0 < K;
+  // W's chunks of this lane (chunk lane of each of the warp's 4 rows), and
+  // the gain, before the wait.
+  uint4 w[4];
+  u32 s[4];
+  if (lane < C) {
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      const int n = min(row0 + r, N - 1);
+      w[r] = load_stream16(codes + (size_t)n * (K / 2) + lane * 16);
+      s[r] = __ldg(scales + (size_t)n * GK + (lane >> gshift));
+    }
+  }
+  float gv[8];
+  if (on) {
+    const float4 g0 = __ldg((const float4*)(gain + k0)), g1 = __ldg((const float4*)(gain + k0 + 4));
+    gv[0] = g0.x; gv[1] = g0.y; gv[2] = g0.z; gv[3] = g0.w;
+    gv[4] = g1.x; gv[5] = g1.y; gv[6] = g1.z; gv[7] = g1.w;
+  }
+  PDL_WAIT();
+  float v[8];
+  if (on) {
+    const float4* px = (const float4*)(x + k0);
+    const float4 x0 = px[0], x1 = px[1];
+    v[0] = x0.x; v[1] = x0.y; v[2] = x0.z; v[3] = x0.w;
+    v[4] = x1.x; v[5] = x1.y; v[6] = x1.z; v[7] = x1.w;
+    double ss = 0;
+#pragma unroll
+    for (int e = 0; e < 8; e++) ss += (double)v[e] * (double)v[e];
+    ss = warp_sum_d(ss);
+    if (lane == 0) partial[warp] = ss;
+  }
+  __syncthreads();
+  if (on) {
+    // Every thread sums the partials in rmsnorm_quant8_row's order.
+    double total = 0;
+    for (int q = 0; q < (K >> 8); q++) total += partial[q];
+    const float inv = (float)(1.0 / sqrt(total / K + (double)eps));
+#pragma unroll
+    for (int e = 0; e < 8; e++) v[e] = gv[e] * (v[e] * inv);
+    const int L = G >> 3;  // lanes per group
+    float amax = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; e++) amax = fmaxf(amax, fabsf(v[e]));
+    for (int o = 1; o < L; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    const float scale = amax / 127.f;
+    u32 packed[2] = {0u, 0u};
+    i32 sum = 0;
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+      const i32 q = quant8(v[e], amax, scale);
+      packed[e >> 2] |= ((u32)q & 0xFFu) << (8 * (e & 3));
+      sum += q;
+    }
+    const float sc = amax == 0.f ? 0.f : scale;
+    *(uint2*)(sq + k0) = make_uint2(packed[0], packed[1]);
+    if ((lane & (L - 1)) == 0) ssc[k0 / G] = sc;
+    if (blockIdx.x == 0) {
+      if (out) {
+        float4* po = (float4*)(out + k0);
+        po[0] = make_float4(v[0], v[1], v[2], v[3]);
+        po[1] = make_float4(v[4], v[5], v[6], v[7]);
+      }
+      *(uint2*)(xq + k0) = make_uint2(packed[0], packed[1]);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      if ((lane & 3) == 0) xsum[k0 / 32] = sum;
+      if ((lane & (L - 1)) == 0) xs[k0 / G] = sc;
+    }
+  }
+  __syncthreads();
+  if (row0 >= N) return;
+  float o[4] = {0.f, 0.f, 0.f, 0.f};
+  if (lane < C) {
+    const uint4* xp = (const uint4*)(sq + lane * 32);
+    const uint4 xa = xp[0], xb = xp[1];
+    const float xscale = ssc[lane >> gshift];
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      const uint4 q = w[r];
+      i32 d = 0, neg = 0;
+      dot8_split(q.x, xa.x, xa.y, d, neg);
+      dot8_split(q.y, xa.z, xa.w, d, neg);
+      dot8_split(q.z, xb.x, xb.y, d, neg);
+      dot8_split(q.w, xb.z, xb.w, d, neg);
+      d -= neg;
+      o[r] += (float)d * (e4m3(s[r]) * xscale);
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < 4; r++) o[r] = warp_sum(o[r]);
+#pragma unroll
+  for (int r = 0; r < 4; r++)
+    if (lane == r && row0 + r < N) y[row0 + r] = o[r] * (row_scale[row0 + r] * 0.5f);
+}
+
+// The residual add and single-row norm before a layer's first products
+// (rmsnorm_quant8 with a residual add: d = a + c, out = gain * norm(d),
+// its int8 form xq, xs, xsum in groups of G = 32 << gshift) and one or two
+// single-token products of out (y1 = W1 out, y2 = W2 out: q_a and kv_a)
+// in one launch. Every block of 128 threads adds and normalises the K =
+// 1024*P values (P = 1 or 2) in registers in rmsnorm_quant8_row's order
+// (pass p's thread t the virtual thread 128p + t of 8 values; the float64
+// partials of the K/256 virtual warps summed in order) into its shared
+// memory as int8 groups, with its weights requested before the wait, then
+// takes gemv_split_t1's product of its 16 rows from there (chunks lane and
+// lane + 32 of each row, gemv_dot's sums in its order): blocks [0,
+// ceil(N1/16)) of matrix 1, the rest of matrix 2. d may be a (the residual
+// written in place): the block that takes the last ticket of *counter,
+// after every block has read a and c, writes d, out and the int8 form,
+// and zeroes the counter. Every output is the separate launches' bits.
+extern "C" __global__ void __launch_bounds__(128)
+    add_norm_gemv_pair(const u8* __restrict__ codes1, const u8* __restrict__ scales1,
+                       const float* __restrict__ rs1, int N1, float* __restrict__ y1,
+                       const u8* __restrict__ codes2, const u8* __restrict__ scales2,
+                       const float* __restrict__ rs2, int N2, float* __restrict__ y2, int K, int gshift,
+                       float* d, const float* a, const float* c, const float* __restrict__ gain, float eps,
+                       float* out, i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum,
+                       u32* counter) {
+  PDL_LAUNCH();
+  __shared__ __align__(16) i8 sq[2048];
+  __shared__ float ssc[64];
+  __shared__ double partial[8];
+  __shared__ bool last_s;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int G = 32 << gshift, C = K >> 5, GK = C >> gshift, P = K >> 10;
+  const int nb1 = (N1 + 15) >> 4;
+  const bool second = (int)blockIdx.x >= nb1;
+  const u8* codes = second ? codes2 : codes1;
+  const u8* scales = second ? scales2 : scales1;
+  const float* row_scale = second ? rs2 : rs1;
+  const int N = second ? N2 : N1;
+  float* y = second ? y2 : y1;
+  const int row0 = ((int)blockIdx.x - (second ? nb1 : 0)) * 16 + warp * 4;
+  // Chunks lane and lane + 32 of the warp's rows, and the gain, before the
+  // wait.
+  uint4 w[2][4];
+  u32 s[2][4];
+#pragma unroll
+  for (int hf = 0; hf < 2; hf++) {
+    const int ch = 32 * hf + lane;
+    if (ch < C) {
+#pragma unroll
+      for (int r = 0; r < 4; r++) {
+        const int n = min(row0 + r, N - 1);
+        w[hf][r] = load_stream16(codes + (size_t)n * (K / 2) + ch * 16);
+        s[hf][r] = __ldg(scales + (size_t)n * GK + (ch >> gshift));
+      }
+    }
+  }
+  float gv[2][8];
+#pragma unroll
+  for (int p = 0; p < 2; p++) {
+    if (p < P) {
+      const int k0 = (128 * p + tid) * 8;
+      const float4 g0 = __ldg((const float4*)(gain + k0)), g1 = __ldg((const float4*)(gain + k0 + 4));
+      gv[p][0] = g0.x; gv[p][1] = g0.y; gv[p][2] = g0.z; gv[p][3] = g0.w;
+      gv[p][4] = g1.x; gv[p][5] = g1.y; gv[p][6] = g1.z; gv[p][7] = g1.w;
+    }
+  }
+  PDL_WAIT();
+  float v[2][8];
+#pragma unroll
+  for (int p = 0; p < 2; p++) {
+    if (p < P) {
+      const int k0 = (128 * p + tid) * 8;
+      const float4* pa = (const float4*)(a + k0);
+      const float4* pc = (const float4*)(c + k0);
+      const float4 a0 = pa[0], a1 = pa[1], c0 = pc[0], c1 = pc[1];
+      v[p][0] = a0.x + c0.x; v[p][1] = a0.y + c0.y; v[p][2] = a0.z + c0.z; v[p][3] = a0.w + c0.w;
+      v[p][4] = a1.x + c1.x; v[p][5] = a1.y + c1.y; v[p][6] = a1.z + c1.z; v[p][7] = a1.w + c1.w;
+      double ss = 0;
+#pragma unroll
+      for (int e = 0; e < 8; e++) ss += (double)v[p][e] * (double)v[p][e];
+      ss = warp_sum_d(ss);
+      if (lane == 0) partial[4 * p + warp] = ss;
+    }
+  }
+  __syncthreads();
+  // Every thread of the block has read a and c: take a ticket (its answer
+  // is needed only at the end).
+  u32 ticket = 0;
+  if (tid == 0) ticket = atomicAdd(counter, 1u);
+  double total = 0;
+  for (int q = 0; q < (K >> 8); q++) total += partial[q];
+  const float inv = (float)(1.0 / sqrt(total / K + (double)eps));
+  const int L = G >> 3;  // lanes per group
+  float nv[2][8];
+  u32 packed[2][2];
+  i32 sums[2];
+#pragma unroll
+  for (int p = 0; p < 2; p++) {
+    if (p < P) {
+      const int k0 = (128 * p + tid) * 8;
+#pragma unroll
+      for (int e = 0; e < 8; e++) nv[p][e] = gv[p][e] * (v[p][e] * inv);
+      float amax = 0.f;
+#pragma unroll
+      for (int e = 0; e < 8; e++) amax = fmaxf(amax, fabsf(nv[p][e]));
+      for (int o = 1; o < L; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+      const float scale = amax / 127.f;
+      packed[p][0] = packed[p][1] = 0u;
+      i32 sum = 0;
+#pragma unroll
+      for (int e = 0; e < 8; e++) {
+        const i32 q = quant8(nv[p][e], amax, scale);
+        packed[p][e >> 2] |= ((u32)q & 0xFFu) << (8 * (e & 3));
+        sum += q;
+      }
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      sums[p] = sum;
+      *(uint2*)(sq + k0) = make_uint2(packed[p][0], packed[p][1]);
+      if ((lane & (L - 1)) == 0) ssc[k0 / G] = amax == 0.f ? 0.f : scale;
+    }
+  }
+  __syncthreads();
+  if (row0 < N) {
+    float o[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+      const int ch = 32 * hf + lane;
+      if (ch >= C) continue;
+      const uint4* xp = (const uint4*)(sq + ch * 32);
+      const uint4 xa = xp[0], xb = xp[1];
+      const float xscale = ssc[ch >> gshift];
+#pragma unroll
+      for (int r = 0; r < 4; r++) {
+        const uint4 q = w[hf][r];
+        i32 dd = 0, neg = 0;
+        dot8_split(q.x, xa.x, xa.y, dd, neg);
+        dot8_split(q.y, xa.z, xa.w, dd, neg);
+        dot8_split(q.z, xb.x, xb.y, dd, neg);
+        dot8_split(q.w, xb.z, xb.w, dd, neg);
+        dd -= neg;
+        o[r] += (float)dd * (e4m3(s[hf][r]) * xscale);
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 4; r++) o[r] = warp_sum(o[r]);
+#pragma unroll
+    for (int r = 0; r < 4; r++)
+      if (lane == r && row0 + r < N) y[row0 + r] = o[r] * (row_scale[row0 + r] * 0.5f);
+  }
+  if (tid == 0) last_s = ticket == gridDim.x - 1;
+  __syncthreads();
+  if (!last_s) return;
+#pragma unroll
+  for (int p = 0; p < 2; p++) {
+    if (p < P) {
+      const int k0 = (128 * p + tid) * 8;
+      float4* pd = (float4*)(d + k0);
+      pd[0] = make_float4(v[p][0], v[p][1], v[p][2], v[p][3]);
+      pd[1] = make_float4(v[p][4], v[p][5], v[p][6], v[p][7]);
+      float4* po = (float4*)(out + k0);
+      po[0] = make_float4(nv[p][0], nv[p][1], nv[p][2], nv[p][3]);
+      po[1] = make_float4(nv[p][4], nv[p][5], nv[p][6], nv[p][7]);
+      *(uint2*)(xq + k0) = make_uint2(packed[p][0], packed[p][1]);
+      if ((lane & 3) == 0) xsum[k0 / 32] = sums[p];
+      if ((lane & (L - 1)) == 0) xs[k0 / G] = ssc[k0 / G];
+    }
+  }
+  if (tid == 0) *counter = 0u;
 }
