@@ -220,92 +220,6 @@ extern "C" __global__ void __launch_bounds__(1024)
   }
 }
 
-// Quantization of rows without a norm (rmsnorm_quant's gain == 0 case, the
-// same values bit for bit): each warp takes up to QR_GROUPS consecutive
-// groups of the flattened rows x groups and issues all their loads (E = G/32
-// floats a lane, as one vector load) before the first group's amax.
-// rmsnorm_quant took one group a warp, one load in flight, and spent most of
-// a 1024 x 10240 quantization (25 us) on blocks starting and waiting. gpw
-// (1..QR_GROUPS) is the groups a warp, chosen so that short inputs still
-// spread over the multiprocessors. Rows start 16-byte aligned.
-#define QR_GROUPS 8
-template <int E>
-DEVICE void quant_rows_warp(const float* x, int ldx, i8* __restrict__ xq, float* __restrict__ xs,
-                            i32* __restrict__ xsum, int rows, int K, int gpw) {
-  constexpr int G = 32 * E;
-  const int lane = threadIdx.x & 31;
-  const int ng = K / G, total = rows * ng;  // under 2^31 (checked by the caller)
-  const int first = (blockIdx.x * (QUANT_THREADS / 32) + (threadIdx.x >> 5)) * gpw;
-  if (first >= total) return;
-  // The groups' rows and columns by stepping, not by a division each.
-  const int t0 = first / ng, g0 = first - t0 * ng;
-  float v[QR_GROUPS][E];
-  {
-    int t = t0, g = g0;
-#pragma unroll
-    for (int j = 0; j < QR_GROUPS; j++) {
-      if (j < gpw && first + j < total) {
-        const float* p = x + (size_t)t * ldx + g * G + lane * E;
-        if (E == 4) {
-          const float4 f = *(const float4*)p;
-          v[j][0] = f.x; v[j][1] = f.y; v[j][2] = f.z; v[j][3] = f.w;
-        } else if (E == 2) {
-          const float2 f = *(const float2*)p;
-          v[j][0] = f.x; v[j][1] = f.y;
-        } else {
-          v[j][0] = p[0];
-        }
-      }
-      if (++g == ng) g = 0, t++;
-    }
-  }
-  int t = t0, g = g0;
-#pragma unroll
-  for (int j = 0; j < QR_GROUPS; j++) {
-    if (j >= gpw || first + j >= total) break;  // the same for the whole warp
-    const int k0 = g * G + lane * E;
-    float amax = 0.f;
-#pragma unroll
-    for (int e = 0; e < E; e++) amax = fmaxf(amax, fabsf(v[j][e]));
-    amax = warp_max(amax);
-    const float scale = amax / 127.f;
-    u32 packed = 0u;
-    i32 sum = 0;
-#pragma unroll
-    for (int e = 0; e < E; e++) {
-      const i32 q = quant8(v[j][e], amax, scale);
-      packed |= ((u32)q & 0xFFu) << (8 * e);
-      sum += q;
-    }
-    i8* o = xq + (size_t)t * K + k0;
-    if (E == 4) {
-      *(u32*)o = packed;
-    } else if (E == 2) {
-      *(unsigned short*)o = (unsigned short)packed;
-    } else {
-      *o = (i8)packed;
-    }
-    // Sum over the 32/E lanes that share a 32-column chunk.
-    for (int s = 1; s < 32 / E; s <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, s);
-    if ((lane & (32 / E - 1)) == 0) xsum[(size_t)t * (K / 32) + k0 / 32] = sum;
-    if (lane == 0) xs[(size_t)t * ng + g] = amax == 0.f ? 0.f : scale;
-    if (++g == ng) g = 0, t++;
-  }
-}
-
-extern "C" __global__ void __launch_bounds__(QUANT_THREADS)
-    quant_rows(const float* x, int ldx, i8* __restrict__ xq, float* __restrict__ xs,
-               i32* __restrict__ xsum, int rows, int K, int G, int gpw) {
-  PDL_LAUNCH();
-  PDL_WAIT();
-  if (G == 128) {
-    quant_rows_warp<4>(x, ldx, xq, xs, xsum, rows, K, gpw);
-  } else if (G == 64) {
-    quant_rows_warp<2>(x, ldx, xq, xs, xsum, rows, K, gpw);
-  } else {
-    quant_rows_warp<1>(x, ldx, xq, xs, xsum, rows, K, gpw);
-  }
-
 // A single-token product y = W norm(x) with the single-row norm of its
 // input (rmsnorm_quant8 without a residual add) in the same launch, and
 // optionally a second single-row norm with no tie to either (x2 set): q_b
@@ -601,4 +515,91 @@ extern "C" __global__ void __launch_bounds__(128)
     }
   }
   if (tid == 0) *counter = 0u;
+}
+
+// Quantization of rows without a norm (rmsnorm_quant's gain == 0 case, the
+// same values bit for bit): each warp takes up to QR_GROUPS consecutive
+// groups of the flattened rows x groups and issues all their loads (E = G/32
+// floats a lane, as one vector load) before the first group's amax.
+// rmsnorm_quant took one group a warp, one load in flight, and spent most of
+// a 1024 x 10240 quantization (25 us) on blocks starting and waiting. gpw
+// (1..QR_GROUPS) is the groups a warp, chosen so that short inputs still
+// spread over the multiprocessors. Rows start 16-byte aligned.
+#define QR_GROUPS 8
+template <int E>
+DEVICE void quant_rows_warp(const float* x, int ldx, i8* __restrict__ xq, float* __restrict__ xs,
+                            i32* __restrict__ xsum, int rows, int K, int gpw) {
+  constexpr int G = 32 * E;
+  const int lane = threadIdx.x & 31;
+  const int ng = K / G, total = rows * ng;  // under 2^31 (checked by the caller)
+  const int first = (blockIdx.x * (QUANT_THREADS / 32) + (threadIdx.x >> 5)) * gpw;
+  if (first >= total) return;
+  // The groups' rows and columns by stepping, not by a division each.
+  const int t0 = first / ng, g0 = first - t0 * ng;
+  float v[QR_GROUPS][E];
+  {
+    int t = t0, g = g0;
+#pragma unroll
+    for (int j = 0; j < QR_GROUPS; j++) {
+      if (j < gpw && first + j < total) {
+        const float* p = x + (size_t)t * ldx + g * G + lane * E;
+        if (E == 4) {
+          const float4 f = *(const float4*)p;
+          v[j][0] = f.x; v[j][1] = f.y; v[j][2] = f.z; v[j][3] = f.w;
+        } else if (E == 2) {
+          const float2 f = *(const float2*)p;
+          v[j][0] = f.x; v[j][1] = f.y;
+        } else {
+          v[j][0] = p[0];
+        }
+      }
+      if (++g == ng) g = 0, t++;
+    }
+  }
+  int t = t0, g = g0;
+#pragma unroll
+  for (int j = 0; j < QR_GROUPS; j++) {
+    if (j >= gpw || first + j >= total) break;  // the same for the whole warp
+    const int k0 = g * G + lane * E;
+    float amax = 0.f;
+#pragma unroll
+    for (int e = 0; e < E; e++) amax = fmaxf(amax, fabsf(v[j][e]));
+    amax = warp_max(amax);
+    const float scale = amax / 127.f;
+    u32 packed = 0u;
+    i32 sum = 0;
+#pragma unroll
+    for (int e = 0; e < E; e++) {
+      const i32 q = quant8(v[j][e], amax, scale);
+      packed |= ((u32)q & 0xFFu) << (8 * e);
+      sum += q;
+    }
+    i8* o = xq + (size_t)t * K + k0;
+    if (E == 4) {
+      *(u32*)o = packed;
+    } else if (E == 2) {
+      *(unsigned short*)o = (unsigned short)packed;
+    } else {
+      *o = (i8)packed;
+    }
+    // Sum over the 32/E lanes that share a 32-column chunk.
+    for (int s = 1; s < 32 / E; s <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, s);
+    if ((lane & (32 / E - 1)) == 0) xsum[(size_t)t * (K / 32) + k0 / 32] = sum;
+    if (lane == 0) xs[(size_t)t * ng + g] = amax == 0.f ? 0.f : scale;
+    if (++g == ng) g = 0, t++;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(QUANT_THREADS)
+    quant_rows(const float* x, int ldx, i8* __restrict__ xq, float* __restrict__ xs,
+               i32* __restrict__ xsum, int rows, int K, int G, int gpw) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  if (G == 128) {
+    quant_rows_warp<4>(x, ldx, xq, xs, xsum, rows, K, gpw);
+  } else if (G == 64) {
+    quant_rows_warp<2>(x, ldx, xq, xs, xsum, rows, K, gpw);
+  } else {
+    quant_rows_warp<1>(x, ldx, xq, xs, xsum, rows, K, gpw);
+  }
 }
