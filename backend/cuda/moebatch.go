@@ -61,6 +61,9 @@ func (c *Ctx) MoEStreamProducts(t *ExpertTable, ids uint64, topk int, x *QActs, 
 		return fmt.Errorf("cuda: moe stream: %d tiles, want %d", s.MaxTiles, moeMaxTiles(P, t.Routed+t.Shared, moeStreamTile))
 	}
 	kern, groupName := "s2f", "moeb_group"
+	if moeStreamKern != "" && rec != 0 {
+		kern = moeStreamKern
+	}
 	if moeStreamMain {
 		kern, rec = "s", 0
 	}
@@ -129,6 +132,10 @@ var (
 // without tile records) instead: MMFP4_CUDA_MOE_MAIN=1, for an A/B in one
 // binary.
 var moeStreamMain = os.Getenv("MMFP4_CUDA_MOE_MAIN") == "1"
+
+// moeStreamKern (measurement only): MMFP4_CUDA_MOE_KERN names the pair
+// used with tile records instead of s2f (p1, p2: pipelined loads).
+var moeStreamKern = os.Getenv("MMFP4_CUDA_MOE_KERN")
 
 // moeCombineMaxSlots is MB_MAXS in stream.cu: the most slots a token
 // moeb_combine_w takes.

@@ -143,21 +143,23 @@ func TestMoEBatchedStream(t *testing.T) {
 type moeStreamVariantCfg struct {
 	name      string
 	main, rec bool
+	kern      string // moeStreamKern
 }
 
 var moeStreamVariants = []moeStreamVariantCfg{
-	{"main", true, false},
-	{"new", false, true},
-	{"new_norec", false, false},
+	{"main", true, false, ""},
+	{"new", false, true, ""},
+	{"new_norec", false, false, ""},
+	{"pipe1", false, true, "p1"},
 }
 
-func (v moeStreamVariantCfg) set() { moeStreamMain = v.main }
+func (v moeStreamVariantCfg) set() { moeStreamMain, moeStreamKern = v.main, v.kern }
 
 // restoreMoEStream returns a function that puts the package's MoE
 // configuration back.
 func restoreMoEStream() func() {
-	main := moeStreamMain
-	return func() { moeStreamMain = main }
+	main, kern := moeStreamMain, moeStreamKern
+	return func() { moeStreamMain, moeStreamKern = main, kern }
 }
 
 // newMoEStreamBatch is newMoEBatch with room for the streaming kernels'
@@ -338,6 +340,13 @@ func BenchmarkMoEStream(b *testing.B) {
 					sec := float64(ms) / 1e3 / reps
 					b.ReportMetric(sec*1e6, "us/op")
 					b.ReportMetric(bytes/sec/1e9, "GB/s")
+					if stream && T == 32 && sv.kern != "" {
+						for _, n := range []string{"moeb_gate_up_" + sv.kern, "moeb_down_" + sv.kern} {
+							if k, err := c.Kernel("stream", n); err == nil {
+								b.Logf("%s: %d registers, %d bytes of local memory a thread", n, k.Regs, k.LocalBytes)
+							}
+						}
+					}
 					return nil
 				})
 				if err != nil {
