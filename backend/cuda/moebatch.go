@@ -74,11 +74,15 @@ func (c *Ctx) MoEStreamProducts(t *ExpertTable, ids uint64, topk int, x *QActs, 
 	if err != nil {
 		return err
 	}
+	downKern := kern
+	if kern == "p13" {
+		kern, downKern = "p1", "p3"
+	}
 	gu, err := c.Kernel("stream", "moeb_gate_up_"+kern)
 	if err != nil {
 		return err
 	}
-	down, err := c.Kernel("stream", "moeb_down_"+kern)
+	down, err := c.Kernel("stream", "moeb_down_"+downKern)
 	if err != nil {
 		return err
 	}
@@ -134,7 +138,8 @@ var (
 var moeStreamMain = os.Getenv("MMFP4_CUDA_MOE_MAIN") == "1"
 
 // moeStreamKern (measurement only): MMFP4_CUDA_MOE_KERN names the pair
-// used with tile records instead of s2f (p1, p2: pipelined loads).
+// used with tile records instead of s2f (p1: pipelined loads; p13: p1's
+// gate/up kernel and the down kernel of three blocks a multiprocessor).
 var moeStreamKern = os.Getenv("MMFP4_CUDA_MOE_KERN")
 
 // moeCombineMaxSlots is MB_MAXS in stream.cu: the most slots a token

@@ -151,6 +151,7 @@ var moeStreamVariants = []moeStreamVariantCfg{
 	{"new", false, true, ""},
 	{"new_norec", false, false, ""},
 	{"pipe1", false, true, "p1"},
+	{"pipe13", false, true, "p13"},
 }
 
 func (v moeStreamVariantCfg) set() { moeStreamMain, moeStreamKern = v.main, v.kern }
@@ -341,7 +342,7 @@ func BenchmarkMoEStream(b *testing.B) {
 					b.ReportMetric(sec*1e6, "us/op")
 					b.ReportMetric(bytes/sec/1e9, "GB/s")
 					if stream && T == 32 && sv.kern != "" {
-						for _, n := range []string{"moeb_gate_up_" + sv.kern, "moeb_down_" + sv.kern} {
+						for _, n := range []string{"moeb_gate_up_p1", "moeb_down_p1", "moeb_down_p3"} {
 							if k, err := c.Kernel("stream", n); err == nil {
 								b.Logf("%s: %d registers, %d bytes of local memory a thread", n, k.Regs, k.LocalBytes)
 							}

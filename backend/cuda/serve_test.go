@@ -34,15 +34,17 @@ func TestBackendServeNormPairMatchesCPU(t *testing.T) {
 	for _, T := range []int{9, 32, 64} {
 		xa, xkv := randVec(r, T*qa, 1), randVec(r, T*kv, 1)
 		op := func(b backend.Backend) []float32 {
+			// Weights first: an upload runs the queued ops.
+			ga, gkv, wb, wp := mustWeight(t, b, gainA), mustWeight(t, b, gainKV), mustWeight(t, b, wqb), mustWeight(t, b, wuk)
 			b.SetBatch(simpleBatch(T, 0), nil)
 			ta, tkv, lat := b.NewTensor(T, qa), b.NewTensor(T, kv), b.NewTensor(T, rank)
 			q, probe := b.NewTensor(T, qb), b.NewTensor(T, 256)
 			b.Upload(ta, xa)
 			b.Upload(tkv, xkv)
-			b.RMSNorm(ta, ta, mustWeight(t, b, gainA), 1e-6)
-			b.MatMul(q, ta, mustWeight(t, b, wqb))
-			b.RMSNorm(lat, b.Cols(tkv, 0, rank), mustWeight(t, b, gainKV), 1e-6)
-			b.MatMul(probe, lat, mustWeight(t, b, wuk))
+			b.RMSNorm(ta, ta, ga, 1e-6)
+			b.MatMul(q, ta, wb)
+			b.RMSNorm(lat, b.Cols(tkv, 0, rank), gkv, 1e-6)
+			b.MatMul(probe, lat, wp)
 			out := append(b.Download(ta), b.Download(lat)...)
 			return append(append(out, b.Download(q)...), b.Download(probe)...)
 		}
@@ -82,11 +84,12 @@ func TestBackendServeValuesQuantMatchesCPU(t *testing.T) {
 	for _, T := range []int{9, 33, 64} {
 		x := randVec(r, T*s.Heads*s.Rank, 1)
 		op := func(b backend.Backend) []float32 {
+			uv, ow := mustWeight(t, b, wuv), mustWeight(t, b, wo) // an upload runs the queued ops
 			b.SetBatch(simpleBatch(T, 0), nil)
 			ol, om, o := b.NewTensor(T, s.Heads*s.Rank), b.NewTensor(T, s.Heads*s.VDim), b.NewTensor(T, 2048)
 			b.Upload(ol, x)
-			b.ExpandValues(om, ol, mustWeight(t, b, wuv), s)
-			b.MatMul(o, om, mustWeight(t, b, wo))
+			b.ExpandValues(om, ol, uv, s)
+			b.MatMul(o, om, ow)
 			return append(b.Download(om), b.Download(o)...)
 		}
 		name := fmt.Sprintf("values+quantize T=%d", T)
@@ -227,19 +230,21 @@ func TestBackendServeCombineNormMatchesCPU(t *testing.T) {
 	for _, T := range []int{2, 9, 32, 64} {
 		x, res := randVec(r, T*K, 1), randVec(r, T*K, 1)
 		op := func(b backend.Backend) []float32 {
-			b.SetBatch(simpleBatch(T, 0), nil)
+			// Weights first: an upload runs the queued ops.
 			var experts []backend.Expert
 			for _, h := range hosts {
 				experts = append(experts, backend.Expert{Gate: mustWeight(t, b, h[0]), Up: mustWeight(t, b, h[1]), Down: mustWeight(t, b, h[2])})
 			}
+			gw, rw, bw, pw := mustWeight(t, b, gain), mustWeight(t, b, router), mustWeight(t, b, bias), mustWeight(t, b, probe)
+			b.SetBatch(simpleBatch(T, 0), nil)
 			xt, rt := b.NewTensor(T, K), b.NewTensor(T, K)
 			b.Upload(xt, x)
 			b.Upload(rt, res)
 			h := b.NewTensor(T, K)
-			b.RMSNorm(h, xt, mustWeight(t, b, gain), 1e-6) // the MoE's input and its int8 form
+			b.RMSNorm(h, xt, gw, 1e-6) // the MoE's input and its int8 form
 			logits := b.NewTensor(T, E)
-			b.MatMul(logits, h, mustWeight(t, b, router))
-			routing := b.Route(logits, mustWeight(t, b, bias), cfg)
+			b.MatMul(logits, h, rw)
+			routing := b.Route(logits, bw, cfg)
 			out := b.NewTensor(T, K)
 			if sm, ok := b.(backend.SharedMoE); ok {
 				sm.MoEShared(out, h, routing, experts[:E], experts[E:])
@@ -249,8 +254,8 @@ func TestBackendServeCombineNormMatchesCPU(t *testing.T) {
 			}
 			b.Add(rt, rt, out)
 			h2, p := b.NewTensor(T, K), b.NewTensor(T, 256)
-			b.RMSNorm(h2, rt, mustWeight(t, b, gain), 1e-6)
-			b.MatMul(p, h2, mustWeight(t, b, probe))
+			b.RMSNorm(h2, rt, gw, 1e-6)
+			b.MatMul(p, h2, pw)
 			v := append(b.Download(rt), b.Download(out)...)
 			return append(append(v, b.Download(h2)...), b.Download(p)...)
 		}

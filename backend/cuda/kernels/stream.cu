@@ -486,23 +486,29 @@ MOEB_S_KERNELS(s2f, true, true, true)
 // down two, each warp's next batch in flight during its products (about
 // the registers of s2f's one batch of two or four groups; gate/up with
 // two groups a batch spilled).
-#define MOEB_P_KERNELS(SUFFIX, GD, DD)                                                                           \
-  extern "C" __global__ void __launch_bounds__(256, 2) moeb_gate_up_##SUFFIX(                                   \
+#define MOEB_P_GATE_UP(SUFFIX, GD, MINB)                                                                         \
+  extern "C" __global__ void __launch_bounds__(256, MINB) moeb_gate_up_##SUFFIX(                                \
       const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s,      \
       const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, const i32* __restrict__ list, int I,       \
       int K, const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,                       \
       float* __restrict__ hs, const MbTile* __restrict__ rec) {                                                 \
     moeb_gate_up<GD, true, true, true, true, true>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs, \
                                                    rec);                                                        \
-  }                                                                                                             \
-  extern "C" __global__ void __launch_bounds__(256, 2) moeb_down_##SUFFIX(                                      \
+  }
+#define MOEB_P_DOWN(SUFFIX, DD, MINB)                                                                            \
+  extern "C" __global__ void __launch_bounds__(256, MINB) moeb_down_##SUFFIX(                                   \
       const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s,      \
       const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq,  \
       const float* __restrict__ hs, float* __restrict__ part, const MbTile* __restrict__ rec) {                 \
     moeb_down<1, DD, true, true, true, true, true>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part, rec); \
   }
 
-MOEB_P_KERNELS(p1, 1, 2)
+// p1: two blocks a multiprocessor; the down kernel p3: one group a batch,
+// three blocks a multiprocessor (76 registers; the gate/up kernel spills
+// at three).
+MOEB_P_GATE_UP(p1, 1, 2)
+MOEB_P_DOWN(p1, 2, 2)
+MOEB_P_DOWN(p3, 1, 3)
 
 // ---------------------------------------------------------------------------
 // moe_group (gemm.cu) with the tiles made in parallel: one block of 1024
