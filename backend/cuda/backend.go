@@ -134,6 +134,7 @@ type Backend struct {
 	// norm of the same rows may join; serveMerges counts serve.go's joins
 	// by kind (tests).
 	lastNormRows *normRowsOp
+	lastProduct  *rowsProductOp
 	lastCombine  *combineOp
 	serveMerges  [serveKinds]int
 	// ropeTables are this step's RoPE cos/sin tables by (dim, theta), in
@@ -1283,6 +1284,7 @@ func (b *Backend) MatMul(dst, x backend.Tensor, wt backend.Weight) {
 	}
 	b.do(b.opName("matmul", w), func(c *Ctx) error { return c.GEMVRows(d.ptr, d.ld, w.q, a) })
 	b.noteGEMV(d, a, w)
+	b.noteRowsProduct(d)
 }
 
 // opName is op, with the weight's shape when profiling.

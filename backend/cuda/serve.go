@@ -113,10 +113,10 @@ func (b *Backend) noteNormRows(n normRows, x, out *tensor) {
 }
 
 // pairNormRows queues norm n (of x into out, several rows) in the launch of
-// the norm of the same rows queued before it, when at most one streaming
-// product lies between them that neither writes x or out nor reads
-// anything but its int8 rows (the q_a norm, q_b's product, the latent's
-// norm), and reports whether it did.
+// the norm of the same rows queued before it, when at most one product
+// (streaming, or a GEMV of 2-8 rows) lies between them that neither writes
+// x or out nor reads anything but its int8 rows (the q_a norm, q_b's
+// product, the latent's norm), and reports whether it did.
 func (b *Backend) pairNormRows(n normRows, x, out *tensor) bool {
 	p := b.lastNormRows
 	if serveFuseOff || serveSkips("norms") || p == nil || p.flush != b.flushes || p.paired || p.n.q.T != n.q.T {
@@ -125,8 +125,11 @@ func (b *Backend) pairNormRows(n normRows, x, out *tensor) bool {
 	switch len(b.pending) - 1 {
 	case p.idx:
 	case p.idx + 1:
-		s := b.lastStream
-		if s == nil || s.flush != b.flushes || s.idx != p.idx+1 || s.paired || overlaps(x, &s.d) || overlaps(out, &s.d) {
+		// A streaming product or a GEMV of several rows (2-8 rows).
+		s, g := b.lastStream, b.lastProduct
+		stream := s != nil && s.flush == b.flushes && s.idx == p.idx+1 && !s.paired && !overlaps(x, &s.d) && !overlaps(out, &s.d)
+		gemv := g != nil && g.flush == b.flushes && g.idx == p.idx+1 && !overlaps(x, &g.d) && !overlaps(out, &g.d)
+		if !stream && !gemv {
 			return false
 		}
 	default:
@@ -142,6 +145,21 @@ func (b *Backend) pairNormRows(n normRows, x, out *tensor) bool {
 	p.paired = true
 	b.serveMerges[serveNorms]++
 	return true
+}
+
+// rowsProductOp is a GEMV of several rows queued as b.pending[idx]
+// (GEMVRows: it reads only its int8 rows and writes d).
+type rowsProductOp struct {
+	idx, flush int
+	d          tensor
+}
+
+// noteRowsProduct remembers a GEMV just queued (pairNormRows).
+func (b *Backend) noteRowsProduct(d *tensor) {
+	b.lastProduct = nil
+	if b.err == nil && len(b.pending) > 0 && d.rows > 1 {
+		b.lastProduct = &rowsProductOp{idx: len(b.pending) - 1, flush: b.flushes, d: *d}
+	}
 }
 
 // Kinds of serveMerges.

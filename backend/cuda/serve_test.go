@@ -19,7 +19,8 @@ func withServeFuse(on bool, f func()) {
 }
 
 // The q_a norm, q_b's product and the latent's norm of a serving step
-// (9-64 rows, GLM-4.7-Flash's shapes): with the two norms in one launch,
+// (2-64 rows, GLM-4.7-Flash's shapes; q_b a GEMV to 8 rows, then a
+// streaming product): with the two norms in one launch,
 // the norms' outputs, q_b's output and a product of the latent's int8
 // form match the CPU backend, and equal the separate launches' bit for
 // bit.
@@ -31,7 +32,7 @@ func TestBackendServeNormPairMatchesCPU(t *testing.T) {
 	gainKV := backend.HostWeight{Name: "kv_norm", N: 1, K: rank, Dense: randVec(r, rank, 1)}
 	wqb := quantHost(t, r, "q_b", qb, qa, 128)
 	wuk := quantHost(t, r, "probe", 256, rank, 128)
-	for _, T := range []int{9, 32, 64} {
+	for _, T := range []int{4, 8, 9, 32, 64} {
 		xa, xkv := randVec(r, T*qa, 1), randVec(r, T*kv, 1)
 		op := func(b backend.Backend) []float32 {
 			// Weights first: an upload runs the queued ops.
