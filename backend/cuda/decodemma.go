@@ -62,11 +62,7 @@ func decodeMMAShared(rank, dr, tp int) int {
 // at least 16 positions a split (bucketed as the other split kernels
 // are, so that a decode step keeps its graph).
 func (b *Backend) decodeMMASplits(T, maxN int) int {
-	blocks := b.decodeBlocks
-	if T > 1 && serveAttnBlocks > 0 {
-		blocks = serveAttnBlocks
-	}
-	target := max(1, blocks*b.dev.Info().SMs/100)
+	target := max(1, b.decodeBlocks*b.dev.Info().SMs/100)
 	s := max(1, target/T)
 	s = min(s, splitBucket((maxN+decodeMMAAlign-1)/decodeMMAAlign), decodeMMAMaxS)
 	return max(s, 1)

@@ -61,9 +61,6 @@ func (c *Ctx) MoEStreamProducts(t *ExpertTable, ids uint64, topk int, x *QActs, 
 		return fmt.Errorf("cuda: moe stream: %d tiles, want %d", s.MaxTiles, moeMaxTiles(P, t.Routed+t.Shared, moeStreamTile))
 	}
 	kern, groupName := "s2f", "moeb_group"
-	if moeStreamKern != "" && rec != 0 {
-		kern = moeStreamKern
-	}
 	if moeStreamMain {
 		kern, rec = "s", 0
 	}
@@ -74,15 +71,11 @@ func (c *Ctx) MoEStreamProducts(t *ExpertTable, ids uint64, topk int, x *QActs, 
 	if err != nil {
 		return err
 	}
-	downKern := kern
-	if kern == "p13" {
-		kern, downKern = "p1", "p3"
-	}
 	gu, err := c.Kernel("stream", "moeb_gate_up_"+kern)
 	if err != nil {
 		return err
 	}
-	down, err := c.Kernel("stream", "moeb_down_"+downKern)
+	down, err := c.Kernel("stream", "moeb_down_"+kern)
 	if err != nil {
 		return err
 	}
@@ -136,11 +129,6 @@ var (
 // without tile records) instead: MMFP4_CUDA_MOE_MAIN=1, for an A/B in one
 // binary.
 var moeStreamMain = os.Getenv("MMFP4_CUDA_MOE_MAIN") == "1"
-
-// moeStreamKern (measurement only): MMFP4_CUDA_MOE_KERN names the pair
-// used with tile records instead of s2f (p1: pipelined loads; p13: p1's
-// gate/up kernel and the down kernel of three blocks a multiprocessor).
-var moeStreamKern = os.Getenv("MMFP4_CUDA_MOE_KERN")
 
 // moeCombineMaxSlots is MB_MAXS in stream.cu: the most slots a token
 // moeb_combine_w takes.

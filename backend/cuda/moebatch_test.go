@@ -143,24 +143,21 @@ func TestMoEBatchedStream(t *testing.T) {
 type moeStreamVariantCfg struct {
 	name      string
 	main, rec bool
-	kern      string // moeStreamKern
 }
 
 var moeStreamVariants = []moeStreamVariantCfg{
-	{"main", true, false, ""},
-	{"new", false, true, ""},
-	{"new_norec", false, false, ""},
-	{"pipe1", false, true, "p1"},
-	{"pipe13", false, true, "p13"},
+	{"main", true, false},
+	{"new", false, true},
+	{"new_norec", false, false},
 }
 
-func (v moeStreamVariantCfg) set() { moeStreamMain, moeStreamKern = v.main, v.kern }
+func (v moeStreamVariantCfg) set() { moeStreamMain = v.main }
 
 // restoreMoEStream returns a function that puts the package's MoE
 // configuration back.
 func restoreMoEStream() func() {
-	main, kern := moeStreamMain, moeStreamKern
-	return func() { moeStreamMain, moeStreamKern = main, kern }
+	main := moeStreamMain
+	return func() { moeStreamMain = main }
 }
 
 // newMoEStreamBatch is newMoEBatch with room for the streaming kernels'
@@ -341,13 +338,6 @@ func BenchmarkMoEStream(b *testing.B) {
 					sec := float64(ms) / 1e3 / reps
 					b.ReportMetric(sec*1e6, "us/op")
 					b.ReportMetric(bytes/sec/1e9, "GB/s")
-					if stream && T == 32 && sv.kern != "" {
-						for _, n := range []string{"moeb_gate_up_p1", "moeb_down_p1", "moeb_down_p3"} {
-							if k, err := c.Kernel("stream", n); err == nil {
-								b.Logf("%s: %d registers, %d bytes of local memory a thread", n, k.Regs, k.LocalBytes)
-							}
-						}
-					}
 					return nil
 				})
 				if err != nil {

@@ -5,8 +5,6 @@ package cuda
 import (
 	"fmt"
 	"os"
-	"strconv"
-	"strings"
 )
 
 // Fewer launches and memsets in the steps of a few rows (serving batches
@@ -27,17 +25,6 @@ import (
 //
 // MMFP4_CUDA_SERVE_FUSE=0 turns them off.
 var serveFuseOff = os.Getenv("MMFP4_CUDA_SERVE_FUSE") == "0"
-
-// serveSkip (measurement only): MMFP4_CUDA_SERVE_SKIP lists merges left
-// out (zero, norms, values, combine).
-var serveSkip = os.Getenv("MMFP4_CUDA_SERVE_SKIP")
-
-func serveSkips(kind string) bool { return strings.Contains(serveSkip, kind) }
-
-// serveAttnBlocks (measurement only): MMFP4_CUDA_SERVE_ATTBLOCKS sets the
-// decode attention's blocks (percent of the multiprocessors) for steps of
-// several rows.
-var serveAttnBlocks, _ = strconv.Atoi(os.Getenv("MMFP4_CUDA_SERVE_ATTBLOCKS"))
 
 // freshZero is the tensor (p, n bytes) the last NewTensor cleared, in
 // clearing range z, whose n was prevN before the tensor joined it; queued
@@ -61,12 +48,13 @@ func (b *Backend) noteFresh(p uint64, n int, z *zeroRange, prevN int) {
 func (b *Backend) takeFresh(d *tensor) bool {
 	f := b.fresh
 	b.fresh = nil
-	if serveFuseOff || serveSkips("zero") || f == nil || f.flush != b.flushes || f.queued != len(b.pending) || b.zero != f.z ||
+	if serveFuseOff || f == nil || f.flush != b.flushes || f.queued != len(b.pending) || b.zero != f.z ||
 		f.p != d.ptr || f.n != 4*d.rows*d.cols || d.ld != d.cols {
 		return false
 	}
 	f.z.n = f.prevN
 	b.zero = nil
+	b.serveMerges[serveWrites]++
 	return true
 }
 
@@ -119,7 +107,7 @@ func (b *Backend) noteNormRows(n normRows, x, out *tensor) {
 // product, the latent's norm), and reports whether it did.
 func (b *Backend) pairNormRows(n normRows, x, out *tensor) bool {
 	p := b.lastNormRows
-	if serveFuseOff || serveSkips("norms") || p == nil || p.flush != b.flushes || p.paired || p.n.q.T != n.q.T {
+	if serveFuseOff || p == nil || p.flush != b.flushes || p.paired || p.n.q.T != n.q.T {
 		return false
 	}
 	switch len(b.pending) - 1 {
@@ -164,7 +152,8 @@ func (b *Backend) noteRowsProduct(d *tensor) {
 
 // Kinds of serveMerges.
 const (
-	serveNorms = iota
+	serveWrites = iota // destinations written instead of cleared (takeFresh)
+	serveNorms
 	serveValues
 	serveCombine
 	serveKinds
@@ -201,7 +190,7 @@ func (c *Ctx) MatMulStreamHeadsQuant(y uint64, ldy int, w *QMatrix, a *QActs, he
 // it did.
 func (b *Backend) streamHeadsQuant(om *tensor, a *QActs, w *weight, heads int) bool {
 	T := om.rows
-	if serveFuseOff || serveSkips("values") || T < streamMinTokens || T > streamMaxTokens || w.q.N%heads != 0 || om.cols != w.q.N {
+	if serveFuseOff || T < streamMinTokens || T > streamMaxTokens || w.q.N%heads != 0 || om.cols != w.q.N {
 		return false
 	}
 	rows := w.q.N / heads
@@ -245,7 +234,7 @@ const (
 // alone) queues its combine as an op of its own, for the add and norm
 // after it to take in (combineNorm).
 func (b *Backend) combineApart(d *tensor, slots int) bool {
-	return !serveFuseOff && !serveSkips("combine") && !moeStreamMain && slots <= combineMaxSlots && d.cols%256 == 0 && d.cols <= combineMaxK
+	return !serveFuseOff && !moeStreamMain && slots <= combineMaxSlots && d.cols%256 == 0 && d.cols <= combineMaxK
 }
 
 func (b *Backend) noteCombine(d *tensor, s *MoEBatch, wts uint64, topk, slots int) {

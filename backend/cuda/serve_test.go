@@ -178,9 +178,9 @@ func TestMatMulStreamHeadsQuant(t *testing.T) {
 	}
 }
 
-// The streaming MoE adds into a destination that holds values (no
-// clearing of its own to take over), and writes one that NewTensor
-// cleared for it: both against the CPU backend.
+// The streaming MoE adds into a destination that holds values, and
+// writes one that NewTensor cleared for it (its combine then queued on its
+// own, with nothing after it to merge with): both against the CPU backend.
 func TestBackendServeMoEDestination(t *testing.T) {
 	const K, I, E, topK = 1024, 512, 16, 4
 	r := testRand(t)
@@ -189,27 +189,44 @@ func TestBackendServeMoEDestination(t *testing.T) {
 	bias := backend.HostWeight{Name: "bias", N: 1, K: E, Dense: randVec(r, E, 0.1)}
 	g, c := testBackends(t, Options{})
 	hosts := expertHosts(t, r, E, I, K, 128)
+	// Each backend's weights once (an upload runs the queued ops).
+	type weights struct {
+		experts []backend.Expert
+		rw, bw  backend.Weight
+	}
+	ws := map[backend.Backend]*weights{}
+	for _, b := range []backend.Backend{g, c} {
+		w := &weights{rw: mustWeight(t, b, router), bw: mustWeight(t, b, bias)}
+		for _, h := range hosts {
+			w.experts = append(w.experts, backend.Expert{Gate: mustWeight(t, b, h[0]), Up: mustWeight(t, b, h[1]), Down: mustWeight(t, b, h[2])})
+		}
+		ws[b] = w
+	}
 	for _, T := range []int{9, 32} {
 		x, y0 := randVec(r, T*K, 1), randVec(r, T*K, 1)
 		for _, held := range []bool{false, true} {
-			compareOp(t, g, c, fmt.Sprintf("moe into a destination T=%d holding values %v", T, held), 2e-3, func(b backend.Backend) []float32 {
+			op := func(b backend.Backend) []float32 {
+				w := ws[b]
 				b.SetBatch(simpleBatch(T, 0), nil)
-				var experts []backend.Expert
-				for _, h := range hosts {
-					experts = append(experts, backend.Expert{Gate: mustWeight(t, b, h[0]), Up: mustWeight(t, b, h[1]), Down: mustWeight(t, b, h[2])})
-				}
 				xt := b.NewTensor(T, K)
 				b.Upload(xt, x)
 				logits := b.NewTensor(T, E)
-				b.MatMul(logits, xt, mustWeight(t, b, router))
-				rt := b.Route(logits, mustWeight(t, b, bias), cfg)
+				b.MatMul(logits, xt, w.rw)
+				rt := b.Route(logits, w.bw, cfg)
 				out := b.NewTensor(T, K)
 				if held {
 					b.Upload(out, y0)
 				}
-				b.MoE(out, xt, rt, experts[:E])
+				b.MoE(out, xt, rt, w.experts)
 				return b.Download(out)
-			})
+			}
+			op(g) // the expert table's upload
+			name := fmt.Sprintf("moe into a destination T=%d holding values %v", T, held)
+			before := g.serveMerges[serveWrites]
+			compareOp(t, g, c, name, 2e-3, op)
+			if wrote := g.serveMerges[serveWrites] > before; wrote == held {
+				t.Errorf("%s: destination written instead of added to: %v", name, wrote)
+			}
 		}
 	}
 }
@@ -228,15 +245,25 @@ func TestBackendServeCombineNormMatchesCPU(t *testing.T) {
 	probe := quantHost(t, r, "probe", 256, K, 128)
 	g, c := testBackends(t, Options{})
 	hosts := expertHosts(t, r, E+1, I, K, 128)
+	// Each backend's weights once, before any step: an upload (and the
+	// first use of an expert table, which uploads it) runs the queued ops.
+	type weights struct {
+		experts        []backend.Expert
+		gw, rw, bw, pw backend.Weight
+	}
+	ws := map[backend.Backend]*weights{}
+	for _, b := range []backend.Backend{g, c} {
+		w := &weights{gw: mustWeight(t, b, gain), rw: mustWeight(t, b, router), bw: mustWeight(t, b, bias), pw: mustWeight(t, b, probe)}
+		for _, h := range hosts {
+			w.experts = append(w.experts, backend.Expert{Gate: mustWeight(t, b, h[0]), Up: mustWeight(t, b, h[1]), Down: mustWeight(t, b, h[2])})
+		}
+		ws[b] = w
+	}
 	for _, T := range []int{2, 9, 32, 64} {
 		x, res := randVec(r, T*K, 1), randVec(r, T*K, 1)
 		op := func(b backend.Backend) []float32 {
-			// Weights first: an upload runs the queued ops.
-			var experts []backend.Expert
-			for _, h := range hosts {
-				experts = append(experts, backend.Expert{Gate: mustWeight(t, b, h[0]), Up: mustWeight(t, b, h[1]), Down: mustWeight(t, b, h[2])})
-			}
-			gw, rw, bw, pw := mustWeight(t, b, gain), mustWeight(t, b, router), mustWeight(t, b, bias), mustWeight(t, b, probe)
+			w := ws[b]
+			experts, gw, rw, bw, pw := w.experts, w.gw, w.rw, w.bw, w.pw
 			b.SetBatch(simpleBatch(T, 0), nil)
 			xt, rt := b.NewTensor(T, K), b.NewTensor(T, K)
 			b.Upload(xt, x)
@@ -261,6 +288,7 @@ func TestBackendServeCombineNormMatchesCPU(t *testing.T) {
 			return append(append(v, b.Download(h2)...), b.Download(p)...)
 		}
 		name := fmt.Sprintf("moe combine+add+norm T=%d", T)
+		op(g) // the expert table's upload
 		before := g.serveMerges[serveCombine]
 		// As TestBackendMoEStreamMatchesCPU's bound (one int8 step of the
 		// SwiGLU product).

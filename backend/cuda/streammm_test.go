@@ -154,7 +154,7 @@ func BenchmarkMatMulStream(b *testing.B) {
 			b.Fatal(err)
 		}
 		for _, T := range []int{8, 32, 64} {
-			for _, v := range []string{"gemv8", "t16", "stream", "stream_ks1", "stream_ks2", "stream_ks4"} {
+			for _, v := range []string{"gemv8", "t16", "stream", "stream_ks1"} {
 				b.Run(fmt.Sprintf("%s/T%d/%s", cs.name, T, v), func(b *testing.B) {
 					err := d.Do(func(c *Ctx) error {
 						xb, err1 := upload(c, randVec(r, T*cs.k, 1))
@@ -162,8 +162,8 @@ func BenchmarkMatMulStream(b *testing.B) {
 						y, err3 := c.Alloc(4 * T * cs.n)
 						p := PlanStream(cs.n, cs.k, 1, T, sms, optin)
 						switch v {
-						case "stream_ks1", "stream_ks2", "stream_ks4":
-							p.KS = int(v[len(v)-1] - '0')
+						case "stream_ks1":
+							p.KS = 1
 							for p.KS < cs.k/128/p.D && streamShared(streamTiles(T), cs.k, p) > optin {
 								p.KS++
 							}
@@ -186,7 +186,7 @@ func BenchmarkMatMulStream(b *testing.B) {
 							switch v {
 							case "t16":
 								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTile16)
-							case "stream", "stream_ks1", "stream_ks2", "stream_ks4":
+							case "stream", "stream_ks1":
 								return c.MatMulStream(y.Ptr, cs.n, q, a, p, part.Ptr, cnt.Ptr)
 							}
 							return c.GEMVRows(y.Ptr, cs.n, q, a)

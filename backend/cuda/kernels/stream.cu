@@ -214,10 +214,7 @@ DEVICE void mb_apply(const uint4 (&w)[D][MR][2], const u32 (&sc)[MR][2], int s0,
 // the two (the dense product waits for the kernel before and stages its
 // rows there, after its first weight loads).
 // SPLIT: mb_mma_split's widening (the same sums).
-// PIPE: the next batch's loads are issued before the current batch's
-// products (two batches of registers; the same products in the same
-// order), so that a warp keeps its loads in flight while it works.
-template <int MR, int WT, int D, bool SPLIT = false, bool CVT = false, bool PIPE = false, typename Pre>
+template <int MR, int WT, int D, bool SPLIT = false, bool CVT = false, typename Pre>
 DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K, int g0, int ng, const u8* smem,
                     float (&acc)[MR][WT][4], Pre pre) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -231,22 +228,6 @@ DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K,
     for (int n = 0; n < WT; n++)
 #pragma unroll
       for (int e = 0; e < 4; e++) acc[m][n][e] = 0.f;
-  if (PIPE) {
-    uint4 wa[D][MR][2], wb[D][MR][2];
-    u32 sa[MR][2], sb[MR][2];
-    mb_load<MR, D>(wa, sa, rc, rs, g0, GK, half8, t);
-    pre();
-    mb_cp_wait_all();
-    __syncthreads();
-    for (int s0 = 0; s0 < ng; s0 += 2 * D) {
-      if (s0 + D < ng) mb_load<MR, D>(wb, sb, rc, rs, g0 + s0 + D, GK, half8, t);
-      mb_apply<MR, WT, D, SPLIT, CVT>(wa, sa, s0, xrow, xss, ldx, ldxs, t, acc);
-      if (s0 + D >= ng) break;
-      if (s0 + 2 * D < ng) mb_load<MR, D>(wa, sa, rc, rs, g0 + s0 + 2 * D, GK, half8, t);
-      mb_apply<MR, WT, D, SPLIT, CVT>(wb, sb, s0 + D, xrow, xss, ldx, ldxs, t, acc);
-    }
-    return;
-  }
   for (int s0 = 0; s0 < ng; s0 += D) {
     uint4 w[D][MR][2];
     u32 sc[MR][2];
@@ -274,7 +255,7 @@ DEVICE float mb_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
 // token rows staged after the first weight loads.
 // FLAG (with rec): each block counts itself done in its tile's record
 // once its h rows are written, for moeb_down's FLAG.
-template <int D, bool SPLIT = false, bool CVT = false, bool RS = false, bool FLAG = false, bool PIPE = false>
+template <int D, bool SPLIT = false, bool CVT = false, bool RS = false, bool FLAG = false>
 DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
                          const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
                          const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K,
@@ -321,7 +302,7 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
   // RS: the token rows are staged after the first weight loads are issued
   // (their addresses wait for a round trip, the list).
   float acc[2][1][4];
-  mb_core<2, 1, D, SPLIT, CVT, PIPE>(rc, rs, K, 0, GK, mb_smem, acc, [&] {
+  mb_core<2, 1, D, SPLIT, CVT>(rc, rs, K, 0, GK, mb_smem, acc, [&] {
     if (RS) stage();
   });
   float hv[4];
@@ -388,7 +369,7 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
 // the end (it has finished by then), so that the launches after still
 // find every kernel two launches back finished. No deadlock: this grid
 // starts only once every gate/up block has started.
-template <int MR, int D, bool SPLIT = false, bool CVT = false, bool RS = false, bool FLAG = false, bool PIPE = false>
+template <int MR, int D, bool SPLIT = false, bool CVT = false, bool RS = false, bool FLAG = false>
 DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict__ tile_e,
                       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,
                       const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq,
@@ -428,7 +409,7 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
       for (int h = 0; h < 2; h++) rsc[m][h] = __ldg(dn.row_scale + min(n0 + 16 * m, N - 16) + g + 8 * h);
   }
   float acc[MR][1][4];
-  mb_core<MR, 1, D, SPLIT, CVT, PIPE>(rc, rs, I, 0, GK, mb_smem, acc, [&] {
+  mb_core<MR, 1, D, SPLIT, CVT>(rc, rs, I, 0, GK, mb_smem, acc, [&] {
     if (FLAG && rec) {
       if (threadIdx.x == 0) {
         while (mb_ld_acquire(&rec[tile].done) < (u32)(I >> 7)) asm volatile("nanosleep.u32 64;");
@@ -481,34 +462,6 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
 
 MOEB_S_KERNELS(s, false, false, false)
 MOEB_S_KERNELS(s2f, true, true, true)
-
-// s2f with pipelined loads (mb_core's PIPE): gate/up one group a batch,
-// down two, each warp's next batch in flight during its products (about
-// the registers of s2f's one batch of two or four groups; gate/up with
-// two groups a batch spilled).
-#define MOEB_P_GATE_UP(SUFFIX, GD, MINB)                                                                         \
-  extern "C" __global__ void __launch_bounds__(256, MINB) moeb_gate_up_##SUFFIX(                                \
-      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s,      \
-      const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, const i32* __restrict__ list, int I,       \
-      int K, const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,                       \
-      float* __restrict__ hs, const MbTile* __restrict__ rec) {                                                 \
-    moeb_gate_up<GD, true, true, true, true, true>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs, \
-                                                   rec);                                                        \
-  }
-#define MOEB_P_DOWN(SUFFIX, DD, MINB)                                                                            \
-  extern "C" __global__ void __launch_bounds__(256, MINB) moeb_down_##SUFFIX(                                   \
-      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s,      \
-      const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq,  \
-      const float* __restrict__ hs, float* __restrict__ part, const MbTile* __restrict__ rec) {                 \
-    moeb_down<1, DD, true, true, true, true, true>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part, rec); \
-  }
-
-// p1: two blocks a multiprocessor; the down kernel p3: one group a batch,
-// three blocks a multiprocessor (76 registers; the gate/up kernel spills
-// at three).
-MOEB_P_GATE_UP(p1, 1, 2)
-MOEB_P_DOWN(p1, 2, 2)
-MOEB_P_DOWN(p3, 1, 3)
 
 // ---------------------------------------------------------------------------
 // moe_group (gemm.cu) with the tiles made in parallel: one block of 1024
