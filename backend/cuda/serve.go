@@ -16,7 +16,8 @@ import (
 //     otherwise reached from one layer's MoE output to the next layer's
 //     and swept every tensor of the layer between (megabytes a memset);
 //   - the q_a norm and the latent's norm share a launch (as chain.go's
-//     single-row pair), q_b's product queued between them;
+//     single-row pair), q_b's product (streaming, or a GEMV at 2-8 rows)
+//     queued between them;
 //   - the value expansion writes the int8 form of its output for o_proj
 //     (mmsq_* kernels) instead of a quantization launch after it;
 //   - the MoE's combine (the weighted sum of each token's slots), the
