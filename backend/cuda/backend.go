@@ -126,8 +126,17 @@ type Backend struct {
 	graphs *graphCache // nil: no graphs
 
 	// zero is the open range of new tensors that one memset clears
-	// (NewTensor); nil after a flush or SetBatch.
-	zero *zeroRange
+	// (NewTensor); nil after a flush or SetBatch. fresh is the tensor the
+	// last NewTensor cleared (serve.go).
+	zero  *zeroRange
+	fresh *freshZero
+	// lastNormRows is the norm of several rows queued last, which a second
+	// norm of the same rows may join; serveMerges counts serve.go's joins
+	// by kind (tests).
+	lastNormRows *normRowsOp
+	lastProduct  *rowsProductOp
+	lastCombine  *combineOp
+	serveMerges  [serveKinds]int
 	// ropeTables are this step's RoPE cos/sin tables by (dim, theta), in
 	// ropeBufs: outside the arena, so that a prefill freeing each layer's
 	// memory (Release) does not compute and upload them in every layer (a
@@ -229,6 +238,7 @@ type routerOp struct {
 type addOp struct {
 	idx, flush int
 	d, a, c    tensor
+	comb       *combineOp // the MoE combine that wrote c, queued just before (serve.go)
 }
 
 type zeroRange struct {
@@ -992,12 +1002,22 @@ func (b *Backend) NewUnzeroed(rows, cols int) backend.Tensor {
 // before reading) clears them in time.
 func (b *Backend) zeroFill(p uint64, n int) {
 	if z := b.zero; z != nil && z.chunk == b.arena.cur && p >= z.ptr {
+		b.noteFresh(p, n, z, z.n)
 		z.n = max(z.n, int(p-z.ptr)+n)
 		return
 	}
 	z := &zeroRange{ptr: p, n: n, chunk: b.arena.cur}
 	b.zero = z // before do: a flush there closes the range
-	b.do("zero", func(c *Ctx) error { return c.Memset(z.ptr, 0, z.n) })
+	f := b.flushes
+	b.do("zero", func(c *Ctx) error {
+		if z.n == 0 {
+			return nil // its one tensor is written whole by its op (takeFresh)
+		}
+		return c.Memset(z.ptr, 0, z.n)
+	})
+	if f == b.flushes {
+		b.noteFresh(p, n, z, 0)
+	}
 }
 
 // Upload copies src (row-major) into dst.
@@ -1268,6 +1288,7 @@ func (b *Backend) MatMul(dst, x backend.Tensor, wt backend.Weight) {
 	}
 	b.do(b.opName("matmul", w), func(c *Ctx) error { return c.GEMVRows(d.ptr, d.ld, w.q, a) })
 	b.noteGEMV(d, a, w)
+	b.noteRowsProduct(d)
 }
 
 // opName is op, with the weight's shape when profiling.
@@ -1328,6 +1349,12 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 		// both (quantizeInto above queues nothing unless the arena grew,
 		// which flushes and is caught by the second check).
 		fast := rowNorm8(d.cols, G, []uint64{la.d.ptr, la.a.ptr, la.c.ptr, g.dense, d.ptr}, []int{la.d.ld, la.a.ld, la.c.ld, d.ld})
+		if fast && b.combineNorm(la, g.dense, eps, d, a) {
+			// The MoE's combine, the add and the norm in one launch (serve.go).
+			b.lastAdd = nil
+			b.rememberQuant(quantEntry{*d, a})
+			return
+		}
 		b.pending[la.idx] = queuedOp{"add+rmsnorm", func(c *Ctx) error {
 			if fast {
 				return c.RMSNormQuant8(0, 0, la.d.ptr, la.d.ld, la.a.ptr, la.a.ld, la.c.ptr, la.c.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
@@ -1347,6 +1374,12 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 			b.rememberQuant(quantEntry{*d, a})
 			return
 		}
+		nr := normRows{x: xm.ptr, out: d.ptr, gain: g.dense, ldx: xm.ld, ldo: d.ld, eps: eps, q: a}
+		if fast && d.rows > 1 && b.pairNormRows(nr, xm, d) {
+			// In the launch of the norm queued before (serve.go).
+			b.rememberQuant(quantEntry{*d, a})
+			return
+		}
 		b.do("rmsnorm", func(c *Ctx) error {
 			if fast {
 				return c.RMSNormQuant8(xm.ptr, xm.ld, 0, 0, 0, 0, 0, 0, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
@@ -1355,6 +1388,9 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 		})
 		if fast && d.rows == 1 {
 			b.noteNorm8(n, xm, d)
+		}
+		if fast && d.rows > 1 {
+			b.noteNormRows(nr, xm, d)
 		}
 		if d.rows == 1 && b.counter.Ptr != 0 && b.err == nil {
 			b.lastNorm = &normOp{idx: len(b.pending) - 1, flush: b.flushes, out: *d, touched: []tensor{*xm, *d},
@@ -1442,6 +1478,7 @@ func (b *Backend) Add(dst, a, c backend.Tensor) {
 	b.launch("add", "ops", "add_rows", D1(d.rows), D1(256), d.ptr, d.ld, am.ptr, am.ld, cm.ptr, cm.ld, d.cols)
 	if b.err == nil {
 		b.lastAdd = &addOp{idx: len(b.pending) - 1, flush: b.flushes, d: *d, a: *am, c: *cm}
+		b.lastAdd.comb = b.combineBefore(b.lastAdd)
 	}
 }
 
@@ -1793,7 +1830,7 @@ func (b *Backend) ExpandValues(out, olat backend.Tensor, wUV backend.Weight, s b
 		// quantization of the rows (whole groups per head).
 		b.count(weightBytes(w))
 		a := b.quantize(ol, w.q.G)
-		if b.streamHeads(om, a, w, s.Heads) {
+		if b.streamHeadsQuant(om, a, w, s.Heads) || b.streamHeads(om, a, w, s.Heads) {
 			return
 		}
 		b.do(b.opName("expand values", w), func(c *Ctx) error { return c.GEMMHeads(om.ptr, om.ld, w.q, a, s.Heads, s.VDim, GEMMTileAuto) })

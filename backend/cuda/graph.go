@@ -142,6 +142,9 @@ func (gc *graphCache) run(c *Ctx, once bool, ft *flushTimes) error {
 	}
 	if g == nil {
 		gc.Direct++
+		if ft != nil {
+			ft.direct = true
+		}
 		if !once && len(r.recs) <= maxGraphRecords {
 			gc.add(c, &graph{recs: slices.Clone(r.recs)})
 		}
@@ -158,6 +161,9 @@ func (gc *graphCache) run(c *Ctx, once bool, ft *flushTimes) error {
 			return err
 		}
 		gc.Captures++
+		if ft != nil {
+			ft.captured = true
+		}
 	}
 	gc.Replays++
 	if len(r.payload) > 0 {

@@ -38,6 +38,16 @@ func moeStreamShared(K int) int { return moeStreamTile*(K+16) + 4*moeStreamTile*
 // in one round trip, and each down block waits for its own tile's gate/up
 // blocks only instead of the whole gate/up grid.
 func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTable, ids, wts uint64, topk int, x *QActs, s *MoEBatch, rec uint64) error {
+	if err := c.MoEStreamProducts(t, ids, topk, x, s, rec); err != nil {
+		return err
+	}
+	return c.MoEStreamCombine(y, ldy, accumulate, s, wts, topk, topk+t.Shared, t.K)
+}
+
+// MoEStreamProducts is MoEBatchedStream up to the combine: the grouping,
+// the gate/up and the down products, leaving each pair's row of the down
+// products in s.Part (three launches).
+func (c *Ctx) MoEStreamProducts(t *ExpertTable, ids uint64, topk int, x *QActs, s *MoEBatch, rec uint64) error {
 	slots := topk + t.Shared
 	P := x.T * slots
 	switch {
@@ -69,14 +79,6 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 	if err != nil {
 		return err
 	}
-	combName := "moeb_combine"
-	if !moeStreamMain && slots <= moeCombineMaxSlots {
-		combName = "moeb_combine_w"
-	}
-	comb, err := c.Kernel("stream", combName)
-	if err != nil {
-		return err
-	}
 	groupArgs := []any{ids, x.T, topk, t.Shared, t.Routed, moeStreamTile, s.Pos, s.List, s.TileE, s.TileS, s.TileN, s.NTiles}
 	if rec != 0 {
 		groupArgs = append(groupArgs, t.buf, rec)
@@ -88,15 +90,27 @@ func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTabl
 		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, x.Q, x.Scales, s.HQ.Q, s.HQ.Scales, rec); err != nil {
 		return err
 	}
-	if err := c.Launch(down, Dim{uint32((t.K + 127) / 128), uint32(s.MaxTiles), 1}, D1(256), moeStreamShared(t.I),
-		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, s.HQ.Q, s.HQ.Scales, s.Part, rec); err != nil {
+	return c.Launch(down, Dim{uint32((t.K + 127) / 128), uint32(s.MaxTiles), 1}, D1(256), moeStreamShared(t.I),
+		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, s.HQ.Q, s.HQ.Scales, s.Part, rec)
+}
+
+// MoEStreamCombine is MoEBatchedStream's last launch: y[t] (+)= the sum
+// of token t's slots' rows of s.Part (N columns), routed slots weighted by
+// wts.
+func (c *Ctx) MoEStreamCombine(y uint64, ldy int, accumulate bool, s *MoEBatch, wts uint64, topk, slots, N int) error {
+	combName := "moeb_combine"
+	if !moeStreamMain && slots <= moeCombineMaxSlots {
+		combName = "moeb_combine_w"
+	}
+	comb, err := c.Kernel("stream", combName)
+	if err != nil {
 		return err
 	}
 	acc := 0
 	if accumulate {
 		acc = 1
 	}
-	return c.Launch(comb, Dim{uint32(x.T), uint32((t.K + 511) / 512), 1}, D1(128), 0, s.Part, s.Pos, wts, topk, slots, t.K, y, ldy, acc)
+	return c.Launch(comb, Dim{uint32(s.T), uint32((N + 511) / 512), 1}, D1(128), 0, s.Part, s.Pos, wts, topk, slots, N, y, ldy, acc)
 }
 
 // moeStreamMinTokens and moeStreamMaxTokens bound the batches whose MoE
@@ -139,6 +153,9 @@ func (b *Backend) moeStreamed(d, xm *tensor, rt *routing, l *moeLayer) bool {
 	if !b.moeStreams(T, t) {
 		return false
 	}
+	// A d cleared for this op alone is written, not added to (serve.go);
+	// the ops queued before this one's do not touch d.
+	add := !b.takeFresh(d)
 	slots := rt.topK + t.Shared
 	P := T * slots
 	a := b.quantize(xm, t.G)
@@ -148,8 +165,18 @@ func (b *Backend) moeStreamed(d, xm *tensor, rt *routing, l *moeLayer) bool {
 	s.Part = b.alloc(4 * P * t.K)
 	s.HQ = b.quantizeInto(&tensor{rows: P, cols: t.I, ld: t.I}, t.G)
 	rec := b.alloc(moeTileRec * s.MaxTiles)
+	if !add && b.combineApart(d, slots) {
+		// The combine on its own, which the add and norm after may take
+		// into their launch (serve.go).
+		b.do("moe batched", func(c *Ctx) error { return c.MoEStreamProducts(t, rt.ids, rt.topK, a, s, rec) })
+		b.do("moe combine", func(c *Ctx) error {
+			return c.MoEStreamCombine(d.ptr, d.ld, false, s, rt.wts, rt.topK, slots, t.K)
+		})
+		b.noteCombine(d, s, rt.wts, rt.topK, slots)
+		return true
+	}
 	b.do("moe batched", func(c *Ctx) error {
-		return c.MoEBatchedStream(d.ptr, d.ld, true, t, rt.ids, rt.wts, rt.topK, a, s, rec)
+		return c.MoEBatchedStream(d.ptr, d.ld, add, t, rt.ids, rt.wts, rt.topK, a, s, rec)
 	})
 	return true
 }

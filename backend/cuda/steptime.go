@@ -56,6 +56,7 @@ type stepTotals struct {
 // deviceTotals sums the device thread's work for steps of one row count.
 type deviceTotals struct {
 	steps, flushes         int
+	direct, captured       int // flushes issued directly, captured as graphs
 	record, lookup, launch time.Duration
 	busy                   time.Duration
 }
@@ -69,6 +70,8 @@ type stepEvents struct {
 // flushTimes is what the device thread measured of one flush.
 type flushTimes struct {
 	record, lookup, launch time.Duration
+	// direct: issued without a graph; captured: its graph captured now.
+	direct, captured bool
 }
 
 func newStepTimer(d *Device) *stepTimer {
@@ -170,6 +173,12 @@ func (s *stepTimer) note(rows int, ft *flushTimes) {
 	t.record += ft.record
 	t.lookup += ft.lookup
 	t.launch += ft.launch
+	if ft.direct {
+		t.direct++
+	}
+	if ft.captured {
+		t.captured++
+	}
 }
 
 func (s *stepTimer) totals(rows int) *deviceTotals {
@@ -235,8 +244,8 @@ func (s *stepTimer) report(c *Ctx, w io.Writer, gc *graphCache) error {
 		// it saw (the one in progress included).
 		fmt.Fprintf(w, "cuda step time: %d steps of %d rows, per step %.3f ms = host %.3f ms (model, engine) + %.3f ms handing over + %.3f ms waiting; device busy %.3f ms; first flush after %.3f ms\n",
 			t.steps, r, ms(t.total), ms(t.total-t.hand-t.wait), ms(t.hand), ms(t.wait), dms(d.busy), ms(t.lead))
-		fmt.Fprintf(w, "cuda step time, device thread: %d steps of %d rows, per step %.3f ms running the ops' closures + %.3f ms finding graphs + %.3f ms launching, %.1f flushes\n",
-			d.steps, r, dms(d.record), dms(d.lookup), dms(d.launch), float64(d.flushes)/float64(d.steps))
+		fmt.Fprintf(w, "cuda step time, device thread: %d steps of %d rows, per step %.3f ms running the ops' closures + %.3f ms finding graphs + %.3f ms launching, %.1f flushes (in all %d issued directly, %d captured, the rest replayed)\n",
+			d.steps, r, dms(d.record), dms(d.lookup), dms(d.launch), float64(d.flushes)/float64(d.steps), d.direct, d.captured)
 	}
 	return err
 }

@@ -117,13 +117,14 @@ extern "C" __global__ void __launch_bounds__(QUANT_THREADS)
 // pointer and stride is 16-byte aligned. rmsnorm_quant8_row is one block's
 // work on row t; threads from K/8 on (whole warps) only take part in the
 // block's barriers.
+DEVICE void rmsnorm_quant8_tail(float (&v)[8], const float (&gv)[8], bool on, float eps, float* out, int ldo,
+                                i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum, int K, int G,
+                                int t);
 DEVICE void rmsnorm_quant8_row(const float* x, int ldx, float* d, int ldd, const float* a, int lda,
                                const float* c, int ldc, const float* __restrict__ gain, float eps,
                                float* out, int ldo, i8* __restrict__ xq, float* __restrict__ xs,
                                i32* __restrict__ xsum, int K, int G, int t) {
-  __shared__ double partial[32];
-  __shared__ float inv_s;
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, k0 = tid * 8;
+  const int tid = threadIdx.x, k0 = tid * 8;
   const bool on = k0 < K;
   float gv[8];
   if (on) {
@@ -149,6 +150,19 @@ DEVICE void rmsnorm_quant8_row(const float* x, int ldx, float* d, int ldd, const
       v[0] = x0.x; v[1] = x0.y; v[2] = x0.z; v[3] = x0.w;
       v[4] = x1.x; v[5] = x1.y; v[6] = x1.z; v[7] = x1.w;
     }
+  }
+  rmsnorm_quant8_tail(v, gv, on, eps, out, ldo, xq, xs, xsum, K, G, t);
+}
+
+// rmsnorm_quant8_row after its loads: the norm of row t's values v (this
+// thread's 8, on: the thread holds values), its output and int8 form.
+DEVICE void rmsnorm_quant8_tail(float (&v)[8], const float (&gv)[8], bool on, float eps, float* out, int ldo,
+                                i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum, int K, int G,
+                                int t) {
+  __shared__ double partial[32];
+  __shared__ float inv_s;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, k0 = tid * 8;
+  if (on) {
     double ss = 0;
 #pragma unroll
     for (int e = 0; e < 8; e++) ss += (double)v[e] * (double)v[e];
@@ -218,6 +232,98 @@ extern "C" __global__ void __launch_bounds__(1024)
   } else {
     rmsnorm_quant8_row(x2, 0, nullptr, 0, nullptr, 0, nullptr, 0, gain2, eps2, out2, 0, xq2, xs2, xsum2, K2, G2, 0);
   }
+}
+
+// rmsnorm_quant8_pair over rows (the q_a norm and the latent's norm of a
+// serving step): block (i, t) normalises row t of norm i, the rows of x
+// ldx and of out ldo floats apart; each row as rmsnorm_quant8 computes it.
+extern "C" __global__ void __launch_bounds__(1024)
+    rmsnorm_quant8_pair_rows(const float* x1, int ldx1, const float* __restrict__ gain1, float eps1, float* out1,
+                             int ldo1, i8* __restrict__ xq1, float* __restrict__ xs1, i32* __restrict__ xsum1,
+                             int K1, int G1, const float* x2, int ldx2, const float* __restrict__ gain2,
+                             float eps2, float* out2, int ldo2, i8* __restrict__ xq2, float* __restrict__ xs2,
+                             i32* __restrict__ xsum2, int K2, int G2) {
+  PDL_LAUNCH();
+  if (blockIdx.x == 0) {
+    rmsnorm_quant8_row(x1, ldx1, nullptr, 0, nullptr, 0, nullptr, 0, gain1, eps1, out1, ldo1, xq1, xs1, xsum1, K1, G1,
+                       blockIdx.y);
+  } else {
+    rmsnorm_quant8_row(x2, ldx2, nullptr, 0, nullptr, 0, nullptr, 0, gain2, eps2, out2, ldo2, xq2, xs2, xsum2, K2, G2,
+                       blockIdx.y);
+  }
+}
+
+// The MoE's weighted sum of each token's slots (moeb_combine_w's sums, in
+// its order: total = sum over slots k with pos >= 0 of w_k * part[pos]),
+// added to the residual row a into d (d = a + total, as the add of the
+// MoE's output before a norm), then rmsnorm_quant8 of d, in one launch:
+// block t is row t, K/8 threads (K a multiple of 256, at most 2048), at
+// most CAN_MAXS slots. mo, when not null, also receives total (the MoE's
+// output). pos, wts and a come from launches two or more back (the group
+// and router kernels, and the add before the attention): read before the
+// wait for the down products.
+#define CAN_MAXS 8
+extern "C" __global__ void __launch_bounds__(256)
+    combine_add_rmsnorm_quant8(float* d, int ldd, const float* a, int lda, const float* part,
+                               const i32* __restrict__ pos, const float* __restrict__ wts, int topk, int slots,
+                               float* mo, int ldm, const float* __restrict__ gain, float eps, float* out, int ldo,
+                               i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum, int K,
+                               int G) {
+  const int t = blockIdx.x, k0 = threadIdx.x * 8;
+  const bool on = k0 < K;
+  float gv[8], av[8];
+  int p[CAN_MAXS];
+  float w[CAN_MAXS];
+#pragma unroll
+  for (int k = 0; k < CAN_MAXS; k++) {
+    p[k] = k < slots ? pos[t * slots + k] : -1;
+    w[k] = k < topk ? wts[t * topk + k] : 1.f;
+  }
+  if (on) {
+    const float4 g0 = __ldg((const float4*)(gain + k0)), g1 = __ldg((const float4*)(gain + k0 + 4));
+    gv[0] = g0.x; gv[1] = g0.y; gv[2] = g0.z; gv[3] = g0.w;
+    gv[4] = g1.x; gv[5] = g1.y; gv[6] = g1.z; gv[7] = g1.w;
+    const float4* pa = (const float4*)(a + (size_t)t * lda + k0);
+    const float4 a0 = pa[0], a1 = pa[1];
+    av[0] = a0.x; av[1] = a0.y; av[2] = a0.z; av[3] = a0.w;
+    av[4] = a1.x; av[5] = a1.y; av[6] = a1.z; av[7] = a1.w;
+  }
+  PDL_WAIT();
+  float v[8];
+  if (on) {
+    float4 pv[CAN_MAXS][2];
+#pragma unroll
+    for (int k = 0; k < CAN_MAXS; k++)
+      if (p[k] >= 0) {
+        const float4* pp = (const float4*)(part + (size_t)p[k] * K + k0);
+        pv[k][0] = __ldcg(pp);
+        pv[k][1] = __ldcg(pp + 1);
+      }
+    float4 t0 = make_float4(0.f, 0.f, 0.f, 0.f), t1 = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+    for (int k = 0; k < CAN_MAXS; k++) {
+      if (p[k] < 0) continue;
+      t0.x += w[k] * pv[k][0].x;
+      t0.y += w[k] * pv[k][0].y;
+      t0.z += w[k] * pv[k][0].z;
+      t0.w += w[k] * pv[k][0].w;
+      t1.x += w[k] * pv[k][1].x;
+      t1.y += w[k] * pv[k][1].y;
+      t1.z += w[k] * pv[k][1].z;
+      t1.w += w[k] * pv[k][1].w;
+    }
+    v[0] = av[0] + t0.x; v[1] = av[1] + t0.y; v[2] = av[2] + t0.z; v[3] = av[3] + t0.w;
+    v[4] = av[4] + t1.x; v[5] = av[5] + t1.y; v[6] = av[6] + t1.z; v[7] = av[7] + t1.w;
+    float4* pd = (float4*)(d + (size_t)t * ldd + k0);
+    pd[0] = make_float4(v[0], v[1], v[2], v[3]);
+    pd[1] = make_float4(v[4], v[5], v[6], v[7]);
+    if (mo) {
+      float4* pm = (float4*)(mo + (size_t)t * ldm + k0);
+      pm[0] = t0;
+      pm[1] = t1;
+    }
+  }
+  rmsnorm_quant8_tail(v, gv, on, eps, out, ldo, xq, xs, xsum, K, G, t);
 }
 
 // A single-token product y = W norm(x) with the single-row norm of its

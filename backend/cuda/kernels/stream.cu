@@ -646,6 +646,76 @@ extern "C" __global__ void __launch_bounds__(128)
 }
 
 // ---------------------------------------------------------------------------
+// The int8 form of a streaming product's output, written by the product
+// (mmsq_* kernels, the value expansion of a serving step, for o_proj): with
+// K unsplit and N a multiple of 128, a block's 128 output columns of each
+// token are one group of 128 of the output row (OK columns, the block's
+// first at col0), so the block quantizes them as rmsnorm_quant without a
+// gain quantizes the row: oq[tok][.] int8, os[tok][col0/128] the scale,
+// osum[tok][c] the sums of the 32-column chunks. v: the thread's outputs
+// (tokens 8n+2t+(e&1), rows 16*warp+g+8*(e>>1) of the block).
+template <int WT>
+DEVICE void mms_quant_out(const float (&v)[WT][4], int T, int col0, int OK, i8* __restrict__ oq,
+                          float* __restrict__ os, i32* __restrict__ osum) {
+  __shared__ float wmax[MB_WARPS][8 * WT];
+  __shared__ i32 wsum[MB_WARPS][8 * WT];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+#pragma unroll
+  for (int n = 0; n < WT; n++) {
+    float m0 = fmaxf(fabsf(v[n][0]), fabsf(v[n][2])), m1 = fmaxf(fabsf(v[n][1]), fabsf(v[n][3]));
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) {
+      m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, o));
+      m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
+    }
+    if (g == 0) {
+      wmax[warp][8 * n + 2 * t] = m0;
+      wmax[warp][8 * n + 2 * t + 1] = m1;
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int n = 0; n < WT; n++) {
+    float amax[2] = {0.f, 0.f};
+#pragma unroll
+    for (int w = 0; w < MB_WARPS; w++) {
+      amax[0] = fmaxf(amax[0], wmax[w][8 * n + 2 * t]);
+      amax[1] = fmaxf(amax[1], wmax[w][8 * n + 2 * t + 1]);
+    }
+    i32 s[2] = {0, 0};
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int tok = 8 * n + 2 * t + (e & 1), c = col0 + 16 * warp + g + 8 * (e >> 1);
+      const float a = amax[e & 1];
+      const i32 q = quant8(v[n][e], a, a / 127.f);
+      s[e & 1] += q;
+      if (tok < T) oq[(size_t)tok * OK + c] = (i8)q;
+    }
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) {
+      s[0] += __shfl_xor_sync(0xffffffffu, s[0], o);
+      s[1] += __shfl_xor_sync(0xffffffffu, s[1], o);
+    }
+    if (g == 0) {
+      wsum[warp][8 * n + 2 * t] = s[0];
+      wsum[warp][8 * n + 2 * t + 1] = s[1];
+    }
+  }
+  __syncthreads();
+  // Chunk c of 32 columns is warps 2c and 2c+1.
+  for (int i = threadIdx.x; i < 4 * 8 * WT; i += blockDim.x) {
+    const int c = i / (8 * WT), tok = i - c * (8 * WT);
+    if (tok < T) osum[(size_t)tok * (OK / 32) + col0 / 32 + c] = wsum[2 * c][tok] + wsum[2 * c + 1][tok];
+  }
+  for (int tok = threadIdx.x; tok < min(T, 8 * WT); tok += blockDim.x) {
+    float a = 0.f;
+#pragma unroll
+    for (int w = 0; w < MB_WARPS; w++) a = fmaxf(a, wmax[w][tok]);
+    os[(size_t)tok * (OK / 128) + col0 / 128] = a == 0.f ? 0.f : a / 127.f;
+  }
+}
+
+// ---------------------------------------------------------------------------
 // Dense product of T <= 8*WT token rows:
 //   y[t*ldy + n] = row_scale[n]/2 * sum_g e4m3(s[n,g]) * xs[t,g] * acc[t,n,g]
 // (the GEMM's terms). Grid (ceil(N/128), KS, heads), 256 threads: warp w
@@ -663,14 +733,15 @@ extern "C" __global__ void __launch_bounds__(128)
 // of a second product of the same rows (codes2 ... partial2, N2 rows,
 // output y2), so that two matrices of one input (q_a and kv_a) take one
 // launch; each output's sums are those of its own launch.
-template <int WT, int D>
+template <int WT, int D, bool QO = false>
 DEVICE void mms_dense(const u8* __restrict__ codes, const u8* __restrict__ scales,
                       const float* __restrict__ row_scale, int N, int K, const i8* __restrict__ xq,
                       const float* __restrict__ xs, int T, float* __restrict__ y, int ldy, int KS,
                       float* __restrict__ partial, u32* __restrict__ counters, int rb1,
                       const u8* __restrict__ codes2, const u8* __restrict__ scales2,
                       const float* __restrict__ row_scale2, int N2, float* __restrict__ y2, int ldy2,
-                      float* __restrict__ partial2) {
+                      float* __restrict__ partial2, i8* __restrict__ oq = nullptr, float* __restrict__ os = nullptr,
+                      i32* __restrict__ osum = nullptr) {
   extern __shared__ __align__(16) u8 mb_smem[];
   __shared__ bool last;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -701,6 +772,20 @@ DEVICE void mms_dense(const u8* __restrict__ codes, const u8* __restrict__ scale
   });
   row_scale += h * N;
   y += h * N;
+  if (QO) {
+    // KS = 1 and N a multiple of 128 (no clamped m-tiles).
+    float v[WT][4];
+#pragma unroll
+    for (int n = 0; n < WT; n++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const int tok = 8 * n + 2 * t + (e & 1), r = n0 + g + 8 * (e >> 1);
+        v[n][e] = acc[0][n][e] * (row_scale[r] * 0.5f);
+        if (tok < T) y[(size_t)tok * ldy + r] = v[n][e];
+      }
+    mms_quant_out<WT>(v, T, (int)h * N + bx * 128, (int)gridDim.z * N, oq, os, osum);
+    return;
+  }
   if (KS == 1) {
 #pragma unroll
     for (int n = 0; n < WT; n++)
@@ -782,3 +867,23 @@ MMS_KERNEL(mms_t2_d2, 2, 2, 2)
 MMS_KERNEL(mms_t4_d2, 4, 2, 2)
 MMS_KERNEL(mms_t8_d2, 8, 2, 1)
 MMS_KERNEL(mms_t1_d4, 1, 4, 2)
+
+// mms_dense with the int8 form of its output (mms_quant_out): K unsplit
+// (KS = 1), N a multiple of 128; heads products over grid z.
+#define MMSQ_KERNEL(NAME, WT, D, MINB)                                                                 \
+  extern "C" __global__ void __launch_bounds__(256, MINB) NAME(                                        \
+      const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale, \
+      int N, int K, const i8* __restrict__ xq, const float* __restrict__ xs, int T,                    \
+      float* __restrict__ y, int ldy, i8* __restrict__ oq, float* __restrict__ os,                     \
+      i32* __restrict__ osum) {                                                                        \
+    PDL_LAUNCH();                                                                                      \
+    mms_dense<WT, D, true>(codes, scales, row_scale, N, K, xq, xs, T, y, ldy, 1, nullptr, nullptr,     \
+                           gridDim.x, nullptr, nullptr, nullptr, 0, nullptr, 0, nullptr, oq, os, osum); \
+  }
+
+MMSQ_KERNEL(mmsq_t2_d1, 2, 1, 2)
+MMSQ_KERNEL(mmsq_t4_d1, 4, 1, 2)
+MMSQ_KERNEL(mmsq_t8_d1, 8, 1, 1)
+MMSQ_KERNEL(mmsq_t2_d2, 2, 2, 2)
+MMSQ_KERNEL(mmsq_t4_d2, 4, 2, 2)
+MMSQ_KERNEL(mmsq_t8_d2, 8, 2, 1)
