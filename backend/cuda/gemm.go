@@ -4,6 +4,7 @@ package cuda
 
 import (
 	"fmt"
+	"os"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -19,6 +20,11 @@ const (
 	// GEMMTile64: blocks of 128 rows x 64 tokens, 8 warps of 16 rows x 64
 	// tokens (each widened code feeds 8 mma).
 	GEMMTile64
+	// GEMMTile72 and GEMMTile80 (MoEBatched only): 72 and 80 tokens, 8
+	// warps of 16 rows x all of them, so that an expert's segment of 64 +- 8
+	// pairs takes one pass over its weights.
+	GEMMTile72
+	GEMMTile80
 )
 
 // gemmRows and gemmBK are GEMM_ROWS and GEMM_BK in gemm.cu: the weight rows
@@ -47,18 +53,22 @@ func (t GEMMTile) tokens() int {
 	switch t {
 	case GEMMTile64:
 		return 64
+	case GEMMTile72:
+		return 72
+	case GEMMTile80:
+		return 80
 	}
 	return 16
 }
 
+// wide reports whether t is a tile of one m-tile a warp (64 tokens and
+// more).
+func (t GEMMTile) wide() bool { return t.tokens() >= 64 }
+
 // suffix names the kernel variant: the tile, and "_g128" for the one
 // specialised to groups of 128 (its stage loops unroll).
 func (t GEMMTile) suffix(G int) string {
-	s := "t16"
-	switch t {
-	case GEMMTile64:
-		s = "t64"
-	}
+	s := fmt.Sprintf("t%d", t.tokens())
 	if G == 128 {
 		s += "_g128"
 	}
@@ -66,8 +76,7 @@ func (t GEMMTile) suffix(G int) string {
 }
 
 func (t GEMMTile) threads() int {
-	switch t {
-	case GEMMTile64:
+	if t.wide() {
 		return 256
 	}
 	return 128
@@ -251,14 +260,54 @@ var moeTileOverride = GEMMTileAuto
 
 // moeBatchTile picks the token tile for T tokens of slots pairs each over
 // experts experts: the wide tile once a segment averages moeWideTokens.
-func moeBatchTile(T, slots, experts int) GEMMTile {
+func moeBatchTile(T, slots, experts, G int) GEMMTile {
 	if moeTileOverride != GEMMTileAuto {
+		if moeTileOverride.tokens() > 64 && G != 128 {
+			return GEMMTile64 // the wider tiles take groups of 128 only
+		}
 		return moeTileOverride
+	}
+	if T*slots >= moeSegTokens*experts && moeSegTile != GEMMTileAuto && G == 128 {
+		return moeSegTile
 	}
 	if T*slots >= moeWideTokens*experts {
 		return GEMMTile64
 	}
 	return GEMMTile16
+}
+
+// moeSegTokens is the average segment from which MoEBatched takes
+// moeSegTile, a tile that holds most segments of that size whole
+// (MMFP4_CUDA_MOE_TILE=64: the 64-token tile instead, for an A/B).
+const moeSegTokens = 64
+
+var moeSegTile = func() GEMMTile {
+	if os.Getenv("MMFP4_CUDA_MOE_TILE") == "64" {
+		return GEMMTileAuto
+	}
+	return GEMMTile80
+}()
+
+// moeVariant, when set, names the G = 128 kernels of MoEBatched's tile
+// (measurements); moeCarveout is the shared-memory carveout (percent, -1
+// the driver's default) that MoEBatched asks for its tiles over 64 tokens.
+var (
+	moeVariant  = ""
+	moeCarveout = 100
+)
+
+// moeKernel is kernelShared for MoEBatched's products, with the
+// shared-memory carveout carve (percent; 0: left as it is): two blocks of
+// the 80-token tile take 178 KB of a multiprocessor's 228.
+func (c *Ctx) moeKernel(name string, n, carve int) (*Kernel, error) {
+	k, err := c.kernelShared("gemm", name, n)
+	if err != nil || carve == 0 {
+		return k, err
+	}
+	if r := drv.cuFuncSetAttribute(k.fn, 9, int32(carve)); r != 0 {
+		return nil, newError("cuFuncSetAttribute", k.Module+"."+k.Name, r)
+	}
+	return k, nil
 }
 
 // moeMaxTiles bounds the tiles of P pairs over ne experts: each expert's
@@ -284,16 +333,27 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 		return fmt.Errorf("cuda: moe batched: %d experts, at most 1024", t.Routed+t.Shared)
 	}
 	tile := s.Tile
+	if tile.tokens() > 64 && t.G != 128 {
+		return fmt.Errorf("cuda: moe batched: the %d-token tile takes groups of 128, not %d", tile.tokens(), t.G)
+	}
 	group, err := c.Kernel("stream", "moeb_group")
 	if err != nil {
 		return err
 	}
 	guShared, downShared := tile.shared(t.K/t.G), tile.shared(t.I/t.G)
-	gu, err := c.kernelShared("gemm", "moe_gemm_gate_up_"+tile.suffix(t.G), guShared)
+	suffix := tile.suffix(t.G)
+	if moeVariant != "" && t.G == 128 {
+		suffix = moeVariant + "_g128"
+	}
+	carve := 0
+	if tile.tokens() > 64 {
+		carve = moeCarveout
+	}
+	gu, err := c.moeKernel("moe_gemm_gate_up_"+suffix, guShared, carve)
 	if err != nil {
 		return err
 	}
-	down, err := c.kernelShared("gemm", "moe_gemm_down_"+tile.suffix(t.G), downShared)
+	down, err := c.moeKernel("moe_gemm_down_"+suffix, downShared, carve)
 	if err != nil {
 		return err
 	}
@@ -305,10 +365,10 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 		s.Pos, s.List, s.TileE, s.TileS, s.TileN, s.NTiles); err != nil {
 		return err
 	}
-	// With the 64-token tile, a segment's short last tile (moeShortTokens
-	// tokens or fewer) can go to the 16-token kernels in launches of their
-	// own, each launch taking the tiles whose size lies in [nmin, nmax].
-	split := tile == GEMMTile64 && s.Split
+	// With a wide tile, a segment's short last tile (moeShortTokens tokens
+	// or fewer) can go to the 16-token kernels in launches of their own,
+	// each launch taking the tiles whose size lies in [nmin, nmax].
+	split := tile.wide() && s.Split
 	var gu16, down16 *Kernel
 	g16, d16 := GEMMTile16.shared(t.K/t.G), GEMMTile16.shared(t.I/t.G)
 	nmin := 1
@@ -378,7 +438,7 @@ func (b *Backend) moeBatched(d, xm *tensor, rt *routing, l *moeLayer) {
 	T, slots := d.rows, rt.topK+t.Shared
 	P := T * slots
 	a := b.quantize(xm, t.G)
-	tile := moeBatchTile(T, slots, t.Routed+t.Shared)
+	tile := moeBatchTile(T, slots, t.Routed+t.Shared, t.G)
 	split := P >= moeSplitTokens*(t.Routed+t.Shared)
 	if moeSplitOverride != 0 {
 		split = moeSplitOverride > 0

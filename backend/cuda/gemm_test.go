@@ -165,7 +165,7 @@ func TestBackendMoEBatchedMatchesCPU(t *testing.T) {
 			}
 			tiles := []tiling{{GEMMTileAuto, 0}}
 			if T >= 20 {
-				tiles = append(tiles, tiling{GEMMTile64, -1}, tiling{GEMMTile64, 1})
+				tiles = append(tiles, tiling{GEMMTile64, -1}, tiling{GEMMTile64, 1}, tiling{GEMMTile80, -1}, tiling{GEMMTile80, 1})
 			}
 			for _, withShared := range []bool{false, true} {
 				want := moeBlockOutput(t, c, hosts, router, bias, cfg, x, T, withShared)
@@ -355,9 +355,17 @@ func BenchmarkMoEBatched(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	// Skewed routing: expert e drawn with weight exp(0.5 z_e), z_e standard
+	// normal (a spread of expert loads of about 50%, as a trained router's
+	// can be), top-k distinct experts a token.
+	skew := make([]float64, E)
+	for e := range skew {
+		skew[e] = math.Exp(0.5 * r.NormFloat64())
+	}
 	for _, T := range []int{1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024} {
 		ids := make([]int32, T*topk)
 		bal := make([]int32, T*topk) // every expert T*topk/E pairs: no short tiles
+		skw := make([]int32, T*topk)
 		wts := make([]float32, T*topk)
 		for t := 0; t < T; t++ {
 			perm := r.Perm(E)
@@ -366,9 +374,10 @@ func BenchmarkMoEBatched(b *testing.B) {
 				bal[t*topk+k] = int32((t*topk + k) % E)
 				wts[t*topk+k] = 0.25
 			}
+			copy(skw[t*topk:], skewedPick(r, skew, topk))
 		}
-		for _, v := range []string{"per_token", "batched_t16", "batched_t64", "batched_t64_split", "batched_t64_bal"} {
-			if v == "per_token" && T > 128 || strings.HasSuffix(v, "_bal") && T < 256 {
+		for _, v := range moeBenchVariants {
+			if v == "per_token" && T > 128 || (strings.Contains(v, "_bal") || strings.Contains(v, "_skew") || strings.Contains(v, "t72") || strings.Contains(v, "t80") || strings.Contains(v, "t64n")) && T < 256 {
 				continue
 			}
 			b.Run(fmt.Sprintf("T%d/%s", T, v), func(b *testing.B) {
@@ -390,6 +399,9 @@ func BenchmarkMoEBatched(b *testing.B) {
 					if strings.Contains(v, "_bal") {
 						route = bal
 					}
+					if strings.Contains(v, "_skew") {
+						route = skw
+					}
 					if err := errors.Join(CopyIn(c, idb.Ptr, route), CopyIn(c, wtb.Ptr, wts), c.RMSNormQuant(xb.Ptr, K, 0, 0, 0, 0, T, K, 128, a)); err != nil {
 						return err
 					}
@@ -408,8 +420,13 @@ func BenchmarkMoEBatched(b *testing.B) {
 						}
 					default:
 						tile := GEMMTile16
-						if strings.HasPrefix(v, "batched_t64") {
+						switch {
+						case strings.HasPrefix(v, "batched_t64"):
 							tile = GEMMTile64
+						case strings.HasPrefix(v, "batched_t72"):
+							tile = GEMMTile72
+						case strings.HasPrefix(v, "batched_t80"):
+							tile = GEMMTile80
 						}
 						s, bufs, err := newMoEBatch(c, T, topk, tab, tile)
 						defer func() {
@@ -420,12 +437,41 @@ func BenchmarkMoEBatched(b *testing.B) {
 						if err != nil {
 							return err
 						}
-						if strings.HasSuffix(v, "_split") {
+						if strings.Contains(v, "_split") {
 							s.Split, launches = true, 7
 						}
-						run = func() error { return c.MoEBatched(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s) }
+						variant, carve := "", 100
+						if strings.HasPrefix(v, "batched_t64n") {
+							variant = "t64n"
+						}
+						if strings.Contains(v, "_nocarve") {
+							carve = -1
+						}
+						run = func() error {
+							moeVariant, moeCarveout = variant, carve
+							defer func() { moeVariant, moeCarveout = "", 100 }()
+							return c.MoEBatched(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s)
+						}
+						if err := run(); err != nil {
+							return err
+						}
+						if tile.wide() {
+							name := "moe_gemm_gate_up_" + tile.suffix(128)
+							if variant != "" {
+								name = "moe_gemm_gate_up_" + variant + "_g128"
+							}
+							k, err := c.Kernel("gemm", name)
+							if err != nil {
+								return err
+							}
+							occ, err := c.Occupancy(k, tile.threads(), tile.shared(K/128))
+							if err != nil {
+								return err
+							}
+							b.ReportMetric(float64(occ), "blocks/SM")
+						}
 					}
-					if err := run(); err != nil {
+					if err := run(); err != nil { // warm-up
 						return err
 					}
 					const reps = 10
@@ -444,6 +490,42 @@ func BenchmarkMoEBatched(b *testing.B) {
 			})
 		}
 	}
+}
+
+// moeBenchVariants are BenchmarkMoEBatched's: "_bal" and "_skew" name
+// the routing (else uniform random), "_split" the short tiles through the
+// 16-token kernels, "_nocarve" the driver's default shared-memory carveout.
+var moeBenchVariants = []string{"per_token", "batched_t16", "batched_t64", "batched_t64_split", "batched_t64_bal",
+	"batched_t64_split_skew", "batched_t64n_split", "batched_t72_split", "batched_t80_split", "batched_t80",
+	"batched_t80_split_nocarve", "batched_t80_bal", "batched_t80_split_skew", "batched_t72_split_skew"}
+
+// skewedPick draws k distinct indices with probabilities proportional to w
+// (without replacement).
+func skewedPick(r *rand.Rand, w []float64, k int) []int32 {
+	out := make([]int32, 0, k)
+	taken := make([]bool, len(w))
+	for len(out) < k {
+		sum := 0.0
+		for e, v := range w {
+			if !taken[e] {
+				sum += v
+			}
+		}
+		u := r.Float64() * sum
+		pick := -1
+		for e, v := range w {
+			if taken[e] {
+				continue
+			}
+			pick = e
+			if u -= v; u < 0 {
+				break
+			}
+		}
+		taken[pick] = true
+		out = append(out, int32(pick))
+	}
+	return out
 }
 
 // RouterMany gives RouterRoute's logits, experts and weights bit for bit
@@ -573,21 +655,28 @@ func TestMoEBatchedTilesBitExact(t *testing.T) {
 	hosts := expertHosts(t, r, E+1, I, K, 128)
 	for _, T := range []int{20, 100, 300} {
 		x := randVec(r, T*K, 1)
-		run := func(tile GEMMTile, split int) []float32 {
-			moeTileOverride, moeSplitOverride = tile, split
+		run := func(tile GEMMTile, split int, variant string) []float32 {
+			moeTileOverride, moeSplitOverride, moeVariant = tile, split, variant
+			defer func() { moeVariant = "" }()
 			out := moeBlockOutput(t, g, hosts, router, bias, cfg, x, T, true)
 			if err := g.Sync(); err != nil {
 				t.Fatal(err)
 			}
 			return out
 		}
-		want := run(GEMMTile64, -1)
+		want := run(GEMMTile64, -1, "")
 		for _, v := range []struct {
-			name  string
-			tile  GEMMTile
-			split int
-		}{{"tile 16", GEMMTile16, -1}, {"tile 64, short tiles split off", GEMMTile64, 1}} {
-			got := run(v.tile, v.split)
+			name    string
+			tile    GEMMTile
+			split   int
+			variant string
+		}{
+			{"tile 16", GEMMTile16, -1, ""}, {"tile 64, short tiles split off", GEMMTile64, 1, ""},
+			{"tile 64n, short tiles split off", GEMMTile64, 1, "t64n"},
+			{"tile 72, short tiles split off", GEMMTile72, 1, ""}, {"tile 80", GEMMTile80, -1, ""},
+			{"tile 80, short tiles split off", GEMMTile80, 1, ""},
+		} {
+			got := run(v.tile, v.split, v.variant)
 			diff := 0
 			for i := range want {
 				if math.Float32bits(got[i]) != math.Float32bits(want[i]) {

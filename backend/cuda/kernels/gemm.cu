@@ -100,30 +100,30 @@ DEVICE float gemm_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
 // multiplies nor scales the others (their outputs are never written); full
 // tiles take the copy without the checks, so their products need no
 // predicates and their first mma of a group adds to zero.
-template <int MT, int WT, int WN, int SPG, bool PART>
-DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, const float* sxs, const float* slut,
+template <int MT, int WT, int WN, int SPG, bool PART, int NV>
+DEVICE void gemm_stage(float (&acc)[MT][NV][4], const u8* sa, const u8* sb, const float* sxs, const float* slut,
                        const u8* sws, const int (&ra)[MT], int GK, int grp0, int spg, int wn, int g, int i,
                        int ntv) {
   constexpr int BT = 8 * WT * WN;
 #pragma unroll
   for (int j0 = 0; j0 < 4; j0 += spg) {
     const int gl = j0 / spg, grp = grp0 + gl;
-    float ws[MT][2], xv[WT][2];
+    float ws[MT][2], xv[NV][2];
 #pragma unroll
     for (int m = 0; m < MT; m++)
 #pragma unroll
       for (int h = 0; h < 2; h++) ws[m][h] = slut[sws[(ra[m] + 8 * h) * GK + grp]];
 #pragma unroll
-    for (int nt = 0; nt < WT; nt++) {
+    for (int nt = 0; nt < NV; nt++) {
       const float2 v = *(const float2*)(sxs + gl * BT + wn * 8 * WT + 8 * nt + 2 * i);
       xv[nt][0] = v.x;
       xv[nt][1] = v.y;
     }
-    i32 d[MT][WT][4];
+    i32 d[MT][NV][4];
 #pragma unroll
     for (int m = 0; m < MT; m++)
 #pragma unroll
-      for (int nt = 0; nt < WT; nt++)
+      for (int nt = 0; nt < NV; nt++)
 #pragma unroll
         for (int e = 0; e < 4; e++) d[m][nt][e] = 0;
 #pragma unroll
@@ -139,7 +139,7 @@ DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, cons
         af[m][3] = e2m1x4_signed(wb >> 16);
       }
 #pragma unroll
-      for (int nt = 0; nt < WT; nt++) {
+      for (int nt = 0; nt < NV; nt++) {
         if (PART && nt >= ntv) continue;
         const int r = wn * 8 * WT + 8 * nt + g;
         const uint2 bv = *(const uint2*)(sb + gemm_bofs(r, 2 * j + (i >> 1)) + 8 * (i & 1));
@@ -150,13 +150,61 @@ DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, cons
 #pragma unroll
     for (int m = 0; m < MT; m++)
 #pragma unroll
-      for (int nt = 0; nt < WT; nt++) {
+      for (int nt = 0; nt < NV; nt++) {
         if (PART && nt >= ntv) continue;
         acc[m][nt][0] += (float)d[m][nt][0] * (ws[m][0] * xv[nt][0]);
         acc[m][nt][1] += (float)d[m][nt][1] * (ws[m][0] * xv[nt][1]);
         acc[m][nt][2] += (float)d[m][nt][2] * (ws[m][1] * xv[nt][0]);
         acc[m][nt][3] += (float)d[m][nt][3] * (ws[m][1] * xv[nt][1]);
       }
+  }
+}
+
+// gemm_stage for one m-tile a warp (MT = 1) in another order, for tiles
+// of more n-tiles than the registers hold two int32 sums of: a group's
+// codes are widened first (4 registers a 32-column chunk), then each n-tile
+// takes its group sum over the chunks and is scaled at once, so that one
+// n-tile's sums are live at a time instead of all of them. The same integer
+// sums, scaled in the same order into each accumulator: the same bits.
+template <int WT, int WN, int SPG, bool PART, int NV>
+DEVICE void gemm_stage_af(float (&acc)[1][NV][4], const u8* sa, const u8* sb, const float* sxs, const float* slut,
+                          const u8* sws, const int (&ra)[1], int GK, int grp0, int spg, int wn, int g, int i,
+                          int ntv) {
+  constexpr int BT = 8 * WT * WN;
+  constexpr int MAXC = SPG ? SPG : 4;  // chunks a group (G <= 128)
+#pragma unroll
+  for (int j0 = 0; j0 < 4; j0 += spg) {
+    const int gl = j0 / spg, grp = grp0 + gl;
+    const float ws0 = slut[sws[ra[0] * GK + grp]], ws1 = slut[sws[(ra[0] + 8) * GK + grp]];
+    u32 af[MAXC][4];
+#pragma unroll
+    for (int c = 0; c < MAXC; c++) {
+      if (c >= spg) break;
+      const int j = j0 + c;
+      const u32 wa = *(const u32*)(sa + ra[0] * GEMM_ASTRIDE + 16 * j + 4 * i);
+      const u32 wb = *(const u32*)(sa + (ra[0] + 8) * GEMM_ASTRIDE + 16 * j + 4 * i);
+      af[c][0] = e2m1x4_signed(wa);
+      af[c][1] = e2m1x4_signed(wb);
+      af[c][2] = e2m1x4_signed(wa >> 16);
+      af[c][3] = e2m1x4_signed(wb >> 16);
+    }
+#pragma unroll
+    for (int nt = 0; nt < NV; nt++) {
+      if (PART && nt >= ntv) continue;
+      const int r = wn * 8 * WT + 8 * nt + g;
+      i32 d[4] = {0, 0, 0, 0};
+#pragma unroll
+      for (int c = 0; c < MAXC; c++) {
+        if (c >= spg) break;
+        const uint2 bv = *(const uint2*)(sb + gemm_bofs(r, 2 * (j0 + c) + (i >> 1)) + 8 * (i & 1));
+        mma_s8(d, af[c], bv.x, bv.y);
+      }
+      const float2 xv = *(const float2*)(sxs + gl * BT + wn * 8 * WT + 8 * nt + 2 * i);
+      acc[0][nt][0] += (float)d[0] * (ws0 * xv.x);
+      acc[0][nt][1] += (float)d[1] * (ws0 * xv.y);
+      acc[0][nt][2] += (float)d[2] * (ws1 * xv.x);
+      acc[0][nt][3] += (float)d[3] * (ws1 * xv.y);
+    }
   }
 }
 
@@ -177,8 +225,10 @@ DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, cons
 // WT mma instead of WT/2 per token; for GATE_UP the up warps (wm >= 4) hand
 // their products to the gate warps through shared memory at the end. With
 // MT = 1 and SK = 1 a warp also skips its n-tiles that hold no valid token
-// (the short last tile of an expert's segment).
-template <int MT, int WT, int WN, int MODE, int SPG, int SK>
+// (the short last tile of an expert's segment). NV <= WT: the n-tiles a
+// warp computes and holds sums for (a caller that knows the tile's last
+// WT - NV n-tiles empty asks for fewer; WN = 1).
+template <int MT, int WT, int WN, int MODE, int SPG, int SK, int NV = WT>
 DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8* __restrict__ xq, int ldx,
                       const float* __restrict__ xs, int ldxs, const int* tokrow, int ntok,
                       float* __restrict__ out, int ldo, u8* smem) {
@@ -218,14 +268,19 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
   // computed once: the stage loads are then AIT + XIT 16-byte copies (and
   // one small one) at fixed offsets, with no per-stage loop or address
   // arithmetic beyond the column offset.
-  constexpr int AIT = GEMM_ROWS * 4 / NT, XIT = BT * 8 / NT;
-  static_assert(AIT * NT == GEMM_ROWS * 4 && XIT * NT == BT * 8 && XIT >= 1, "stage copies must divide evenly");
+  // (XIT rounds up: a tile of 80 tokens takes 2.5 copies a thread, the
+  // last of them by half the threads.)
+  constexpr int AIT = GEMM_ROWS * 4 / NT, XIT = (BT * 8 + NT - 1) / NT;
+  constexpr bool XREST = XIT * NT != BT * 8;
+  static_assert(AIT * NT == GEMM_ROWS * 4 && XIT >= 1 && NV <= WT, "stage copies must divide evenly");
   const u8* asrc[AIT];
   const i8* xsrc[XIT];
 #pragma unroll
   for (int it = 0; it < AIT; it++) asrc[it] = arow((tid >> 2) + it * (NT / 4)) + (tid & 3) * 16;
 #pragma unroll
-  for (int it = 0; it < XIT; it++) xsrc[it] = xq + (size_t)tokrow[(tid >> 3) + it * (NT / 8)] * ldx + (tid & 7) * 16;
+  for (int it = 0; it < XIT; it++)
+    xsrc[it] = xq + (size_t)tokrow[XREST ? min((tid >> 3) + it * (NT / 8), BT - 1) : (tid >> 3) + it * (NT / 8)] * ldx +
+               (tid & 7) * 16;
   const float* ssrc = xs + (size_t)tokrow[min(tid, BT - 1)] * ldxs;
   const u32 sbase = smem_addr(smem);
   const u32 adst = (tid >> 2) * GEMM_ASTRIDE + (tid & 3) * 16;
@@ -236,7 +291,9 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
 #pragma unroll
     for (int it = 0; it < AIT; it++) cp_async16(base + adst + it * (NT / 4) * GEMM_ASTRIDE, asrc[it] + k0 / 2);
 #pragma unroll
-    for (int it = 0; it < XIT; it++) cp_async16(base + xdst + it * (NT / 8) * GEMM_BK, xsrc[it] + k0);
+    for (int it = 0; it < XIT; it++)
+      if (!XREST || it < XIT - 1 || (tid >> 3) + it * (NT / 8) < BT)
+        cp_async16(base + xdst + it * (NT / 8) * GEMM_BK, xsrc[it] + k0);
     if (tid < BT)
       for (int gl = 0; gl < gpb; gl++) cp_async_small(base + ABYTES + XBYTES + (gl * BT + tid) * 4, ssrc + s * gpb + gl, 4);
   };
@@ -245,14 +302,16 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
   int ra[MT];
 #pragma unroll
   for (int m = 0; m < MT; m++) ra[m] = 64 * m + 16 * wm + g;
-  // This warp's n-tiles that hold a valid token (all of them unless SKIP).
-  const int ntv = SKIP ? min(WT, max(0, (ntok - wn * 8 * WT + 7) >> 3)) : WT;
+  // This warp's n-tiles that hold a valid token (all of them unless SKIP),
+  // of the NV it computes (NV < WT: the caller knows that the tile's last
+  // WT - NV n-tiles are empty).
+  const int ntv = SKIP ? min(NV, max(0, (ntok - wn * 8 * WT + 7) >> 3)) : NV;
 
-  float acc[MT][WT][4];
+  float acc[MT][NV][4];
 #pragma unroll
   for (int m = 0; m < MT; m++)
 #pragma unroll
-    for (int nt = 0; nt < WT; nt++)
+    for (int nt = 0; nt < NV; nt++)
 #pragma unroll
       for (int e = 0; e < 4; e++) acc[m][nt][e] = 0.f;
 
@@ -271,10 +330,16 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     const u8* sb = sa + ABYTES;
     const float* sxs = (const float*)(sb + XBYTES);
     if (SKIP && ntv == 0) continue;
-    if (SKIP && ntv < WT) {
-      gemm_stage<MT, WT, WN, SPG, true>(acc, sa, sb, sxs, slut, sws, ra, GK, kt * gpb, spg, wn, g, i, ntv);
+    if constexpr (MT == 1 && NV > 8) {
+      if (SKIP && ntv < NV) {
+        gemm_stage_af<WT, WN, SPG, true, NV>(acc, sa, sb, sxs, slut, sws, ra, GK, kt * gpb, spg, wn, g, i, ntv);
+      } else {
+        gemm_stage_af<WT, WN, SPG, false, NV>(acc, sa, sb, sxs, slut, sws, ra, GK, kt * gpb, spg, wn, g, i, ntv);
+      }
+    } else if (SKIP && ntv < NV) {
+      gemm_stage<MT, WT, WN, SPG, true, NV>(acc, sa, sb, sxs, slut, sws, ra, GK, kt * gpb, spg, wn, g, i, ntv);
     } else {
-      gemm_stage<MT, WT, WN, SPG, false>(acc, sa, sb, sxs, slut, sws, ra, GK, kt * gpb, spg, wn, g, i, ntv);
+      gemm_stage<MT, WT, WN, SPG, false, NV>(acc, sa, sb, sxs, slut, sws, ra, GK, kt * gpb, spg, wn, g, i, ntv);
     }
   }
   cp_async_wait<0>();
@@ -290,7 +355,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     __syncthreads();
     if (wm >= 4) {
 #pragma unroll
-      for (int nt = 0; nt < WT; nt++)
+      for (int nt = 0; nt < NV; nt++)
 #pragma unroll
         for (int e = 0; e < 4; e++)
           su[((wn * WT + nt) * 4 + e) * 128 + hw * 32 + lane] =
@@ -299,7 +364,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     __syncthreads();
     if (wm < 4) {
 #pragma unroll
-      for (int nt = 0; nt < WT; nt++)
+      for (int nt = 0; nt < NV; nt++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
           const int tok = wn * 8 * WT + 8 * nt + 2 * i + (e & 1), n = n0 + 8 * (e >> 1);
@@ -311,7 +376,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     return;
   }
 #pragma unroll
-  for (int nt = 0; nt < WT; nt++) {
+  for (int nt = 0; nt < NV; nt++) {
 #pragma unroll
     for (int e = 0; e < 4; e++) {
       const int tok = wn * 8 * WT + 8 * nt + 2 * i + (e & 1);
@@ -407,12 +472,33 @@ GEMM_DENSE_KERNEL(gemm_t64_g128, 1, 8, 1, 4, 2)
 // over (row blocks) x (tiles); blocks past ntiles exit; moeb_combine
 // (stream.cu) sums each token's slots.
 
+// gemm_tile with the tile's n-tile count as a compile-time NV: ceil(ntok/8)
+// when it lies in (WT - NVS, WT], else WT (gemm_tile then checks each
+// n-tile at run time, SK = 1). A segment of 64 +- 8 pairs in an 80-token
+// tile so takes the products of its valid n-tiles only, with no predicate
+// on any of them and registers for those only (WN = 1).
+template <int MT, int WT, int WN, int MODE, int SPG, int SK, int NVS>
+DEVICE void moe_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8* __restrict__ xq, int ldx,
+                     const float* __restrict__ xs, int ldxs, const int* tokrow, int ntok, float* __restrict__ out,
+                     int ldo, u8* smem) {
+  if constexpr (NVS > 0) {
+    if (((ntok + 7) >> 3) == WT - NVS + 1) {
+      gemm_tile<MT, WT, WN, MODE, SPG, SK, WT - NVS + 1>(a, b, N, K, G, row0, xq, ldx, xs, ldxs, tokrow, ntok, out, ldo,
+                                                        smem);
+      return;
+    }
+    moe_tile<MT, WT, WN, MODE, SPG, SK, NVS - 1>(a, b, N, K, G, row0, xq, ldx, xs, ldxs, tokrow, ntok, out, ldo, smem);
+  } else {
+    gemm_tile<MT, WT, WN, MODE, SPG, SK>(a, b, N, K, G, row0, xq, ldx, xs, ldxs, tokrow, ntok, out, ldo, smem);
+  }
+}
+
 // Gate and up products with the SiLU product over the tiles:
 // h[row][n] = silu(gate_e,n . x[list[row]]) * (up_e,n . x[list[row]]).
 // Grid (ceil(I/64), max tiles); a launch takes the tiles of nmin to nmax
-// tokens (the 64-token kernels can leave a segment's short last tile to the
+// tokens (the wide kernels can leave a segment's short last tile to the
 // 16-token ones).
-template <int MT, int WT, int WN, int SPG, int SK>
+template <int MT, int WT, int WN, int SPG, int SK, int NVS>
 DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
                              const i32* ntiles, const i32* list, int I, int K, int G, const i8* xq,
                              const float* xs, float* h, int nmin, int nmax) {
@@ -427,13 +513,13 @@ DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i3
   const GExpert& ex = experts[tile_e[tile]];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = list[s0 + min(r, ntok - 1)];
   __syncthreads();
-  gemm_tile<MT, WT, WN, GEMM_GATE_UP, SPG, SK>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G, tokrow, ntok,
-                                       h + (size_t)s0 * I, I, gemm_smem_buf);
+  moe_tile<MT, WT, WN, GEMM_GATE_UP, SPG, SK, NVS>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G, tokrow,
+                                                   ntok, h + (size_t)s0 * I, I, gemm_smem_buf);
 }
 
 // Down products over the tiles: part[row][n] = down_e,n . hq[row].
 // Grid (ceil(N/128), max tiles), the tiles of nmin to nmax tokens.
-template <int MT, int WT, int WN, int SPG, int SK>
+template <int MT, int WT, int WN, int SPG, int SK, int NVS>
 DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
                           const i32* ntiles, int N, int I, int G, const i8* hq, const float* hs, float* part,
                           int nmin, int nmax) {
@@ -448,18 +534,18 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
   const GExpert& ex = experts[tile_e[tile]];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = s0 + min(r, ntok - 1);
   __syncthreads();
-  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, SK>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs, I / G, tokrow,
-                                     ntok, part + (size_t)s0 * N, N, gemm_smem_buf);
+  moe_tile<MT, WT, WN, GEMM_PLAIN, SPG, SK, NVS>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs, I / G,
+                                                 tokrow, ntok, part + (size_t)s0 * N, N, gemm_smem_buf);
 }
 
-#define MOE_GEMM_KERNELS(SUFFIX, MT, WT, WN, SPG, MINB, SK)                                                  \
+#define MOE_GEMM_KERNELS(SUFFIX, MT, WT, WN, SPG, MINB, SK, NVS)                                             \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) moe_gemm_gate_up_##SUFFIX(               \
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,                             \
       const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K, int G,          \
       const i8* __restrict__ xq, const float* __restrict__ xs, float* __restrict__ h, int nmin, int nmax) { \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_gate_up<MT, WT, WN, SPG, SK>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h, nmin, nmax); \
+    moe_gemm_gate_up<MT, WT, WN, SPG, SK, NVS>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h, nmin, nmax); \
   }                                                                                               \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) moe_gemm_down_##SUFFIX(                  \
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
@@ -467,13 +553,17 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
       const i32* __restrict__ ntiles, int N, int I, int G, const i8* __restrict__ hq,             \
       const float* __restrict__ hs, float* __restrict__ part, int nmin, int nmax) {               \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_down<MT, WT, WN, SPG, SK>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part, nmin, nmax); \
+    moe_gemm_down<MT, WT, WN, SPG, SK, NVS>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part, nmin, nmax); \
   }
 
-MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1, 0)
-MOE_GEMM_KERNELS(t16_g128, 2, 2, 1, 4, 1, 0)
-MOE_GEMM_KERNELS(t64, 1, 8, 1, 0, 2, 1)
-MOE_GEMM_KERNELS(t64_g128, 1, 8, 1, 4, 2, 1)
+MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1, 0, 0)
+MOE_GEMM_KERNELS(t16_g128, 2, 2, 1, 4, 1, 0, 0)
+MOE_GEMM_KERNELS(t64, 1, 8, 1, 0, 2, 1, 0)
+MOE_GEMM_KERNELS(t64_g128, 1, 8, 1, 4, 2, 1, 0)
+// (Measurement variants.) The tiles over 64 tokens for G = 128 only.
+MOE_GEMM_KERNELS(t64n_g128, 1, 8, 1, 4, 2, 1, 2)
+MOE_GEMM_KERNELS(t72_g128, 1, 9, 1, 4, 2, 1, 3)
+MOE_GEMM_KERNELS(t80_g128, 1, 10, 1, 4, 2, 1, 4)
 
 // ---------------------------------------------------------------------------
 // The absorbed query of many tokens, qlat[t, h*rank + k] =
