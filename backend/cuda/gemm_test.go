@@ -377,7 +377,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 			copy(skw[t*topk:], skewedPick(r, skew, topk))
 		}
 		for _, v := range moeBenchVariants {
-			if v == "per_token" && T > 128 || (strings.Contains(v, "_bal") || strings.Contains(v, "_skew") || strings.Contains(v, "t72") || strings.Contains(v, "t80") || strings.Contains(v, "t64n")) && T < 256 {
+			if v == "per_token" && T > 128 || (strings.Contains(v, "_bal") || strings.Contains(v, "_skew") || strings.Contains(v, "t80") || strings.Contains(v, "t64a")) && T < 256 {
 				continue
 			}
 			b.Run(fmt.Sprintf("T%d/%s", T, v), func(b *testing.B) {
@@ -441,8 +441,8 @@ func BenchmarkMoEBatched(b *testing.B) {
 							s.Split, launches = true, 7
 						}
 						variant, carve := "", 100
-						if strings.HasPrefix(v, "batched_t64n") {
-							variant = "t64n"
+						if name := strings.Split(strings.TrimPrefix(v, "batched_"), "_")[0]; strings.ContainsAny(name[len(name)-1:], "abcdefghijklmnopqrstuvwxyz") {
+							variant = name
 						}
 						if strings.Contains(v, "_nocarve") {
 							carve = -1
@@ -496,8 +496,8 @@ func BenchmarkMoEBatched(b *testing.B) {
 // the routing (else uniform random), "_split" the short tiles through the
 // 16-token kernels, "_nocarve" the driver's default shared-memory carveout.
 var moeBenchVariants = []string{"per_token", "batched_t16", "batched_t64", "batched_t64_split", "batched_t64_bal",
-	"batched_t64_split_skew", "batched_t64n_split", "batched_t72_split", "batched_t80_split", "batched_t80",
-	"batched_t80_split_nocarve", "batched_t80_bal", "batched_t80_split_skew", "batched_t72_split_skew"}
+	"batched_t64_split_skew", "batched_t64a_split", "batched_t80", "batched_t80_split", "batched_t80a", "batched_t80b",
+	"batched_t80b_split", "batched_t80_split_nocarve", "batched_t80a_bal", "batched_t80a_skew", "batched_t80b_skew"}
 
 // skewedPick draws k distinct indices with probabilities proportional to w
 // (without replacement).
@@ -672,9 +672,9 @@ func TestMoEBatchedTilesBitExact(t *testing.T) {
 			variant string
 		}{
 			{"tile 16", GEMMTile16, -1, ""}, {"tile 64, short tiles split off", GEMMTile64, 1, ""},
-			{"tile 64n, short tiles split off", GEMMTile64, 1, "t64n"},
-			{"tile 72, short tiles split off", GEMMTile72, 1, ""}, {"tile 80", GEMMTile80, -1, ""},
-			{"tile 80, short tiles split off", GEMMTile80, 1, ""},
+			{"tile 64a", GEMMTile64, -1, "t64a"}, {"tile 72", GEMMTile72, -1, ""}, {"tile 80", GEMMTile80, -1, ""},
+			{"tile 80, short tiles split off", GEMMTile80, 1, ""}, {"tile 80a", GEMMTile80, -1, "t80a"},
+			{"tile 80b", GEMMTile80, -1, "t80b"}, {"tile 80b, short tiles split off", GEMMTile80, 1, "t80b"},
 		} {
 			got := run(v.tile, v.split, v.variant)
 			diff := 0
