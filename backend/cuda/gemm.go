@@ -20,10 +20,9 @@ const (
 	// GEMMTile64: blocks of 128 rows x 64 tokens, 8 warps of 16 rows x 64
 	// tokens (each widened code feeds 8 mma).
 	GEMMTile64
-	// GEMMTile72 and GEMMTile80 (MoEBatched only): 72 and 80 tokens, 8
-	// warps of 16 rows x all of them, so that an expert's segment of 64 +- 8
-	// pairs takes one pass over its weights.
-	GEMMTile72
+	// GEMMTile80 (MoEBatched, groups of 128 only): 80 tokens, 8 warps of 16
+	// rows x all of them, so that an expert's segment of 64 +- 8 pairs takes
+	// one pass over its weights.
 	GEMMTile80
 )
 
@@ -53,8 +52,6 @@ func (t GEMMTile) tokens() int {
 	switch t {
 	case GEMMTile64:
 		return 64
-	case GEMMTile72:
-		return 72
 	case GEMMTile80:
 		return 80
 	}
@@ -288,28 +285,6 @@ var moeSegTile = func() GEMMTile {
 	return GEMMTile80
 }()
 
-// moeVariant, when set, names the G = 128 kernels of MoEBatched's tile
-// (measurements); moeCarveout is the shared-memory carveout (percent, -1
-// the driver's default) that MoEBatched asks for its tiles over 64 tokens.
-var (
-	moeVariant  = ""
-	moeCarveout = 100
-)
-
-// moeKernel is kernelShared for MoEBatched's products, with the
-// shared-memory carveout carve (percent; 0: left as it is): two blocks of
-// the 80-token tile take 178 KB of a multiprocessor's 228.
-func (c *Ctx) moeKernel(name string, n, carve int) (*Kernel, error) {
-	k, err := c.kernelShared("gemm", name, n)
-	if err != nil || carve == 0 {
-		return k, err
-	}
-	if r := drv.cuFuncSetAttribute(k.fn, 9, int32(carve)); r != 0 {
-		return nil, newError("cuFuncSetAttribute", k.Module+"."+k.Name, r)
-	}
-	return k, nil
-}
-
 // moeMaxTiles bounds the tiles of P pairs over ne experts: each expert's
 // rows make ceil(count/BT) tiles.
 func moeMaxTiles(P, ne, bt int) int { return P/bt + min(ne, P) + 1 }
@@ -341,19 +316,11 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 		return err
 	}
 	guShared, downShared := tile.shared(t.K/t.G), tile.shared(t.I/t.G)
-	suffix := tile.suffix(t.G)
-	if moeVariant != "" && t.G == 128 {
-		suffix = moeVariant + "_g128"
-	}
-	carve := 0
-	if tile.tokens() > 64 {
-		carve = moeCarveout
-	}
-	gu, err := c.moeKernel("moe_gemm_gate_up_"+suffix, guShared, carve)
+	gu, err := c.kernelShared("gemm", "moe_gemm_gate_up_"+tile.suffix(t.G), guShared)
 	if err != nil {
 		return err
 	}
-	down, err := c.moeKernel("moe_gemm_down_"+suffix, downShared, carve)
+	down, err := c.kernelShared("gemm", "moe_gemm_down_"+tile.suffix(t.G), downShared)
 	if err != nil {
 		return err
 	}
@@ -439,7 +406,7 @@ func (b *Backend) moeBatched(d, xm *tensor, rt *routing, l *moeLayer) {
 	P := T * slots
 	a := b.quantize(xm, t.G)
 	tile := moeBatchTile(T, slots, t.Routed+t.Shared, t.G)
-	split := P >= moeSplitTokens*(t.Routed+t.Shared)
+	split := P >= moeSplitTokens*(t.Routed+t.Shared) && tile == GEMMTile64
 	if moeSplitOverride != 0 {
 		split = moeSplitOverride > 0
 	}

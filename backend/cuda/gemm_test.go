@@ -377,7 +377,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 			copy(skw[t*topk:], skewedPick(r, skew, topk))
 		}
 		for _, v := range moeBenchVariants {
-			if v == "per_token" && T > 128 || (strings.Contains(v, "_bal") || strings.Contains(v, "_skew") || strings.Contains(v, "t80") || strings.Contains(v, "t64a")) && T < 256 {
+			if v == "per_token" && T > 128 || (strings.Contains(v, "_bal") || strings.Contains(v, "_skew") || strings.Contains(v, "t80")) && T < 256 {
 				continue
 			}
 			b.Run(fmt.Sprintf("T%d/%s", T, v), func(b *testing.B) {
@@ -423,8 +423,6 @@ func BenchmarkMoEBatched(b *testing.B) {
 						switch {
 						case strings.HasPrefix(v, "batched_t64"):
 							tile = GEMMTile64
-						case strings.HasPrefix(v, "batched_t72"):
-							tile = GEMMTile72
 						case strings.HasPrefix(v, "batched_t80"):
 							tile = GEMMTile80
 						}
@@ -440,27 +438,12 @@ func BenchmarkMoEBatched(b *testing.B) {
 						if strings.Contains(v, "_split") {
 							s.Split, launches = true, 7
 						}
-						variant, carve := "", 100
-						if name := strings.Split(strings.TrimPrefix(v, "batched_"), "_")[0]; strings.ContainsAny(name[len(name)-1:], "abcdefghijklmnopqrstuvwxyz") {
-							variant = name
-						}
-						if strings.Contains(v, "_nocarve") {
-							carve = -1
-						}
-						run = func() error {
-							moeVariant, moeCarveout = variant, carve
-							defer func() { moeVariant, moeCarveout = "", 100 }()
-							return c.MoEBatched(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s)
-						}
+						run = func() error { return c.MoEBatched(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s) }
 						if err := run(); err != nil {
 							return err
 						}
 						if tile.wide() {
-							name := "moe_gemm_gate_up_" + tile.suffix(128)
-							if variant != "" {
-								name = "moe_gemm_gate_up_" + variant + "_g128"
-							}
-							k, err := c.Kernel("gemm", name)
+							k, err := c.Kernel("gemm", "moe_gemm_gate_up_"+tile.suffix(128))
 							if err != nil {
 								return err
 							}
@@ -494,10 +477,9 @@ func BenchmarkMoEBatched(b *testing.B) {
 
 // moeBenchVariants are BenchmarkMoEBatched's: "_bal" and "_skew" name
 // the routing (else uniform random), "_split" the short tiles through the
-// 16-token kernels, "_nocarve" the driver's default shared-memory carveout.
-var moeBenchVariants = []string{"per_token", "batched_t16", "batched_t64", "batched_t64_split", "batched_t64_bal",
-	"batched_t64_split_skew", "batched_t64a_split", "batched_t80", "batched_t80_split", "batched_t80a", "batched_t80b",
-	"batched_t80b_split", "batched_t80_split_nocarve", "batched_t80a_bal", "batched_t80a_skew", "batched_t80b_skew"}
+// 16-token kernels.
+var moeBenchVariants = []string{"per_token", "batched_t16", "batched_t64", "batched_t64_split", "batched_t80", "batched_t80_split",
+	"batched_t64_bal", "batched_t80_bal", "batched_t64_split_skew", "batched_t80_skew"}
 
 // skewedPick draws k distinct indices with probabilities proportional to w
 // (without replacement).
@@ -636,9 +618,9 @@ func BenchmarkRouterMany(b *testing.B) {
 }
 
 // The batched MoE gives the same bits with each token tiling (the same
-// integer group sums, scaled in the same order): the 16-token tile, and the
-// 64-token tile with its short tiles through the 16-token kernels, against
-// the 64-token tile alone, through the backend, at token counts whose
+// integer group sums, scaled in the same order): the 16-token tile, the
+// 64-token tile with its short tiles through the 16-token kernels and the
+// 80-token tile (with and without), against the 64-token tile alone, through the backend, at token counts whose
 // segments fill their tiles partly (20), about once (100) and over several
 // tiles (300).
 func TestMoEBatchedTilesBitExact(t *testing.T) {
@@ -655,28 +637,24 @@ func TestMoEBatchedTilesBitExact(t *testing.T) {
 	hosts := expertHosts(t, r, E+1, I, K, 128)
 	for _, T := range []int{20, 100, 300} {
 		x := randVec(r, T*K, 1)
-		run := func(tile GEMMTile, split int, variant string) []float32 {
-			moeTileOverride, moeSplitOverride, moeVariant = tile, split, variant
-			defer func() { moeVariant = "" }()
+		run := func(tile GEMMTile, split int) []float32 {
+			moeTileOverride, moeSplitOverride = tile, split
 			out := moeBlockOutput(t, g, hosts, router, bias, cfg, x, T, true)
 			if err := g.Sync(); err != nil {
 				t.Fatal(err)
 			}
 			return out
 		}
-		want := run(GEMMTile64, -1, "")
+		want := run(GEMMTile64, -1)
 		for _, v := range []struct {
-			name    string
-			tile    GEMMTile
-			split   int
-			variant string
+			name  string
+			tile  GEMMTile
+			split int
 		}{
-			{"tile 16", GEMMTile16, -1, ""}, {"tile 64, short tiles split off", GEMMTile64, 1, ""},
-			{"tile 64a", GEMMTile64, -1, "t64a"}, {"tile 72", GEMMTile72, -1, ""}, {"tile 80", GEMMTile80, -1, ""},
-			{"tile 80, short tiles split off", GEMMTile80, 1, ""}, {"tile 80a", GEMMTile80, -1, "t80a"},
-			{"tile 80b", GEMMTile80, -1, "t80b"}, {"tile 80b, short tiles split off", GEMMTile80, 1, "t80b"},
+			{"tile 16", GEMMTile16, -1}, {"tile 64, short tiles split off", GEMMTile64, 1},
+			{"tile 80", GEMMTile80, -1}, {"tile 80, short tiles split off", GEMMTile80, 1},
 		} {
-			got := run(v.tile, v.split, v.variant)
+			got := run(v.tile, v.split)
 			diff := 0
 			for i := range want {
 				if math.Float32bits(got[i]) != math.Float32bits(want[i]) {

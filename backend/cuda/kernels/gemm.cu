@@ -228,7 +228,7 @@ DEVICE void gemm_stage_af(float (&acc)[1][NV][4], const u8* sa, const u8* sb, co
 // (the short last tile of an expert's segment). NV <= WT: the n-tiles a
 // warp computes and holds sums for (a caller that knows the tile's last
 // WT - NV n-tiles empty asks for fewer; WN = 1).
-template <int MT, int WT, int WN, int MODE, int SPG, int SK, int NV = WT, int AFMIN = 9>
+template <int MT, int WT, int WN, int MODE, int SPG, int SK, int NV = WT>
 DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8* __restrict__ xq, int ldx,
                       const float* __restrict__ xs, int ldxs, const int* tokrow, int ntok,
                       float* __restrict__ out, int ldo, u8* smem) {
@@ -332,7 +332,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     const u8* sb = sa + ABYTES;
     const float* sxs = (const float*)(sb + XBYTES);
     if (SKIP && ntv == 0) continue;
-    if constexpr (MT == 1 && NV >= AFMIN) {
+    if constexpr (MT == 1 && WT > 8) {
       if (SKIP && ntv < NV) {
         gemm_stage_af<WT, WN, SPG, true, NV>(acc, sa, sb, sxs, slut, sws, ra, GK, kt * gpb, spg, wn, g, i, ntv);
       } else {
@@ -479,19 +479,19 @@ GEMM_DENSE_KERNEL(gemm_t64_g128, 1, 8, 1, 4, 2)
 // n-tile at run time, SK = 1). A segment of 64 +- 8 pairs in an 80-token
 // tile so takes the products of its valid n-tiles only, with no predicate
 // on any of them and registers for those only (WN = 1).
-template <int MT, int WT, int WN, int MODE, int SPG, int SK, int NVS, int AFMIN>
+template <int MT, int WT, int WN, int MODE, int SPG, int SK, int NVS>
 DEVICE void moe_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8* __restrict__ xq, int ldx,
                      const float* __restrict__ xs, int ldxs, const int* tokrow, int ntok, float* __restrict__ out,
                      int ldo, u8* smem) {
   if constexpr (NVS > 0) {
     if (((ntok + 7) >> 3) == WT - NVS + 1) {
-      gemm_tile<MT, WT, WN, MODE, SPG, SK, WT - NVS + 1, AFMIN>(a, b, N, K, G, row0, xq, ldx, xs, ldxs, tokrow, ntok, out, ldo,
+      gemm_tile<MT, WT, WN, MODE, SPG, SK, WT - NVS + 1>(a, b, N, K, G, row0, xq, ldx, xs, ldxs, tokrow, ntok, out, ldo,
                                                         smem);
       return;
     }
-    moe_tile<MT, WT, WN, MODE, SPG, SK, NVS - 1, AFMIN>(a, b, N, K, G, row0, xq, ldx, xs, ldxs, tokrow, ntok, out, ldo, smem);
+    moe_tile<MT, WT, WN, MODE, SPG, SK, NVS - 1>(a, b, N, K, G, row0, xq, ldx, xs, ldxs, tokrow, ntok, out, ldo, smem);
   } else {
-    gemm_tile<MT, WT, WN, MODE, SPG, SK, WT, AFMIN>(a, b, N, K, G, row0, xq, ldx, xs, ldxs, tokrow, ntok, out, ldo, smem);
+    gemm_tile<MT, WT, WN, MODE, SPG, SK, WT>(a, b, N, K, G, row0, xq, ldx, xs, ldxs, tokrow, ntok, out, ldo, smem);
   }
 }
 
@@ -500,7 +500,7 @@ DEVICE void moe_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8* 
 // Grid (ceil(I/64), max tiles); a launch takes the tiles of nmin to nmax
 // tokens (the wide kernels can leave a segment's short last tile to the
 // 16-token ones).
-template <int MT, int WT, int WN, int SPG, int SK, int NVS, int AFMIN>
+template <int MT, int WT, int WN, int SPG, int SK, int NVS>
 DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
                              const i32* ntiles, const i32* list, int I, int K, int G, const i8* xq,
                              const float* xs, float* h, int nmin, int nmax) {
@@ -515,13 +515,13 @@ DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i3
   const GExpert& ex = experts[tile_e[tile]];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = list[s0 + min(r, ntok - 1)];
   __syncthreads();
-  moe_tile<MT, WT, WN, GEMM_GATE_UP, SPG, SK, NVS, AFMIN>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G, tokrow,
+  moe_tile<MT, WT, WN, GEMM_GATE_UP, SPG, SK, NVS>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G, tokrow,
                                                    ntok, h + (size_t)s0 * I, I, gemm_smem_buf);
 }
 
 // Down products over the tiles: part[row][n] = down_e,n . hq[row].
 // Grid (ceil(N/128), max tiles), the tiles of nmin to nmax tokens.
-template <int MT, int WT, int WN, int SPG, int SK, int NVS, int AFMIN>
+template <int MT, int WT, int WN, int SPG, int SK, int NVS>
 DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
                           const i32* ntiles, int N, int I, int G, const i8* hq, const float* hs, float* part,
                           int nmin, int nmax) {
@@ -536,18 +536,18 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
   const GExpert& ex = experts[tile_e[tile]];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = s0 + min(r, ntok - 1);
   __syncthreads();
-  moe_tile<MT, WT, WN, GEMM_PLAIN, SPG, SK, NVS, AFMIN>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs, I / G,
+  moe_tile<MT, WT, WN, GEMM_PLAIN, SPG, SK, NVS>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs, I / G,
                                                  tokrow, ntok, part + (size_t)s0 * N, N, gemm_smem_buf);
 }
 
-#define MOE_GEMM_KERNELS(SUFFIX, MT, WT, WN, SPG, MINB, SK, NVS, AFMIN)                                             \
+#define MOE_GEMM_KERNELS(SUFFIX, MT, WT, WN, SPG, MINB, SK, NVS)                                             \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) moe_gemm_gate_up_##SUFFIX(               \
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,                             \
       const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K, int G,          \
       const i8* __restrict__ xq, const float* __restrict__ xs, float* __restrict__ h, int nmin, int nmax) { \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_gate_up<MT, WT, WN, SPG, SK, NVS, AFMIN>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h, nmin, nmax); \
+    moe_gemm_gate_up<MT, WT, WN, SPG, SK, NVS>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h, nmin, nmax); \
   }                                                                                               \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) moe_gemm_down_##SUFFIX(                  \
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
@@ -555,19 +555,16 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
       const i32* __restrict__ ntiles, int N, int I, int G, const i8* __restrict__ hq,             \
       const float* __restrict__ hs, float* __restrict__ part, int nmin, int nmax) {               \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_down<MT, WT, WN, SPG, SK, NVS, AFMIN>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part, nmin, nmax); \
+    moe_gemm_down<MT, WT, WN, SPG, SK, NVS>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part, nmin, nmax); \
   }
 
-MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1, 0, 0, 9)
-MOE_GEMM_KERNELS(t16_g128, 2, 2, 1, 4, 1, 0, 0, 9)
-MOE_GEMM_KERNELS(t64, 1, 8, 1, 0, 2, 1, 0, 9)
-MOE_GEMM_KERNELS(t64_g128, 1, 8, 1, 4, 2, 1, 0, 9)
-// (Measurement variants.) The tiles over 64 tokens for G = 128 only.
-MOE_GEMM_KERNELS(t64a_g128, 1, 8, 1, 4, 2, 1, 0, 1)
-MOE_GEMM_KERNELS(t72_g128, 1, 9, 1, 4, 2, 1, 3, 9)
-MOE_GEMM_KERNELS(t80_g128, 1, 10, 1, 4, 2, 1, 4, 9)
-MOE_GEMM_KERNELS(t80a_g128, 1, 10, 1, 4, 2, 1, 4, 1)
-MOE_GEMM_KERNELS(t80b_g128, 1, 10, 1, 4, 2, 1, 6, 1)
+MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1, 0, 0)
+MOE_GEMM_KERNELS(t16_g128, 2, 2, 1, 4, 1, 0, 0)
+MOE_GEMM_KERNELS(t64, 1, 8, 1, 0, 2, 1, 0)
+MOE_GEMM_KERNELS(t64_g128, 1, 8, 1, 4, 2, 1, 0)
+// 80 tokens (groups of 128 only): segments of 33 to 80 pairs take their
+// n-tile count at compile time.
+MOE_GEMM_KERNELS(t80_g128, 1, 10, 1, 4, 2, 1, 6)
 
 // ---------------------------------------------------------------------------
 // The absorbed query of many tokens, qlat[t, h*rank + k] =
