@@ -315,14 +315,38 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 	if err != nil {
 		return err
 	}
-	guShared, downShared := tile.shared(t.K/t.G), tile.shared(t.I/t.G)
-	gu, err := c.kernelShared("gemm", "moe_gemm_gate_up_"+tile.suffix(t.G), guShared)
-	if err != nil {
-		return err
+	// A pass is a kernel pair of one tile over the tiles of nmin to nmax
+	// tokens. With the 80-token tile, the tiles of up to 64 tokens (every
+	// full segment of 64 or fewer pairs) go through the 64-token kernels
+	// and only those of 65 to 80 through the 80-token ones; with the
+	// 64-token tile and s.Split, its short tiles (moeShortTokens tokens or
+	// fewer) through the 16-token kernels.
+	type pass struct {
+		tile       GEMMTile
+		nmin, nmax int
 	}
-	down, err := c.kernelShared("gemm", "moe_gemm_down_"+tile.suffix(t.G), downShared)
-	if err != nil {
-		return err
+	const all = 1 << 30
+	passes := []pass{{tile, 1, all}}
+	switch {
+	case tile == GEMMTile80:
+		passes = []pass{{GEMMTile64, 1, 64}, {GEMMTile80, 65, all}}
+	case tile.wide() && s.Split:
+		passes = []pass{{tile, moeShortTokens + 1, all}, {GEMMTile16, 1, moeShortTokens}}
+	}
+	type kpair struct {
+		gu, down          *Kernel
+		guShared, dShared int
+	}
+	kern := make([]kpair, len(passes))
+	for i, p := range passes {
+		kp := &kern[i]
+		kp.guShared, kp.dShared = p.tile.shared(t.K/t.G), p.tile.shared(t.I/t.G)
+		if kp.gu, err = c.kernelShared("gemm", "moe_gemm_gate_up_"+p.tile.suffix(t.G), kp.guShared); err != nil {
+			return err
+		}
+		if kp.down, err = c.kernelShared("gemm", "moe_gemm_down_"+p.tile.suffix(t.G), kp.dShared); err != nil {
+			return err
+		}
 	}
 	comb, err := c.Kernel("stream", "moeb_combine")
 	if err != nil {
@@ -332,30 +356,9 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 		s.Pos, s.List, s.TileE, s.TileS, s.TileN, s.NTiles); err != nil {
 		return err
 	}
-	// With a wide tile, a segment's short last tile (moeShortTokens tokens
-	// or fewer) can go to the 16-token kernels in launches of their own,
-	// each launch taking the tiles whose size lies in [nmin, nmax].
-	split := tile.wide() && s.Split
-	var gu16, down16 *Kernel
-	g16, d16 := GEMMTile16.shared(t.K/t.G), GEMMTile16.shared(t.I/t.G)
-	nmin := 1
-	if split {
-		if gu16, err = c.kernelShared("gemm", "moe_gemm_gate_up_"+GEMMTile16.suffix(t.G), g16); err != nil {
-			return err
-		}
-		if down16, err = c.kernelShared("gemm", "moe_gemm_down_"+GEMMTile16.suffix(t.G), d16); err != nil {
-			return err
-		}
-		nmin = moeShortTokens + 1
-	}
-	const all = 1 << 30
-	if err := c.Launch(gu, Dim{uint32((t.I + 63) / 64), uint32(s.MaxTiles), 1}, D1(tile.threads()), guShared,
-		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, t.G, x.Q, x.Scales, s.H, nmin, all); err != nil {
-		return err
-	}
-	if split {
-		if err := c.Launch(gu16, Dim{uint32((t.I + 63) / 64), uint32(s.MaxTiles), 1}, D1(GEMMTile16.threads()), g16,
-			t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, t.G, x.Q, x.Scales, s.H, 1, moeShortTokens); err != nil {
+	for i, p := range passes {
+		if err := c.Launch(kern[i].gu, Dim{uint32((t.I + 63) / 64), uint32(s.MaxTiles), 1}, D1(p.tile.threads()), kern[i].guShared,
+			t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, t.G, x.Q, x.Scales, s.H, p.nmin, p.nmax); err != nil {
 			return err
 		}
 	}
@@ -363,13 +366,9 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 	if err := c.RMSNormQuant(s.H, t.I, 0, 0, 0, 0, P, t.I, t.G, s.HQ); err != nil {
 		return err
 	}
-	if err := c.Launch(down, Dim{uint32((t.K + gemmRows - 1) / gemmRows), uint32(s.MaxTiles), 1}, D1(tile.threads()), downShared,
-		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, t.G, s.HQ.Q, s.HQ.Scales, s.Part, nmin, all); err != nil {
-		return err
-	}
-	if split {
-		if err := c.Launch(down16, Dim{uint32((t.K + gemmRows - 1) / gemmRows), uint32(s.MaxTiles), 1}, D1(GEMMTile16.threads()), d16,
-			t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, t.G, s.HQ.Q, s.HQ.Scales, s.Part, 1, moeShortTokens); err != nil {
+	for i, p := range passes {
+		if err := c.Launch(kern[i].down, Dim{uint32((t.K + gemmRows - 1) / gemmRows), uint32(s.MaxTiles), 1}, D1(p.tile.threads()), kern[i].dShared,
+			t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, t.G, s.HQ.Q, s.HQ.Scales, s.Part, p.nmin, p.nmax); err != nil {
 			return err
 		}
 	}

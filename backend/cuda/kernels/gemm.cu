@@ -162,9 +162,10 @@ DEVICE void gemm_stage(float (&acc)[MT][NV][4], const u8* sa, const u8* sb, cons
 
 // gemm_stage for one m-tile a warp (MT = 1) in another order, for tiles
 // of more n-tiles than the registers hold two int32 sums of: a group's
-// codes are widened first (4 registers a 32-column chunk), then each n-tile
-// takes its group sum over the chunks and is scaled at once, so that one
-// n-tile's sums are live at a time instead of all of them. The same integer
+// codes are widened first (4 registers a 32-column chunk), then the
+// n-tiles, two at a time, take their group sums over the chunks and are
+// scaled at once, so that two n-tiles' sums are live at a time instead of
+// all of them. The same integer
 // sums, scaled in the same order into each accumulator: the same bits.
 template <int WT, int WN, int SPG, bool PART, int NV>
 DEVICE void gemm_stage_af(float (&acc)[1][NV][4], const u8* sa, const u8* sb, const float* sxs, const float* slut,
@@ -188,22 +189,32 @@ DEVICE void gemm_stage_af(float (&acc)[1][NV][4], const u8* sa, const u8* sb, co
       af[c][2] = e2m1x4_signed(wa >> 16);
       af[c][3] = e2m1x4_signed(wb >> 16);
     }
+    // Two n-tiles at a time, so that their chains of mma interleave.
 #pragma unroll
-    for (int nt = 0; nt < NV; nt++) {
-      if (PART && nt >= ntv) continue;
-      const int r = wn * 8 * WT + 8 * nt + g;
-      i32 d[4] = {0, 0, 0, 0};
+    for (int n0 = 0; n0 < NV; n0 += 2) {
+      i32 d[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
 #pragma unroll
       for (int c = 0; c < MAXC; c++) {
         if (c >= spg) break;
-        const uint2 bv = *(const uint2*)(sb + gemm_bofs(r, 2 * (j0 + c) + (i >> 1)) + 8 * (i & 1));
-        mma_s8(d, af[c], bv.x, bv.y);
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+          const int nt = n0 + h;
+          if (nt >= NV || (PART && nt >= ntv)) continue;
+          const int r = wn * 8 * WT + 8 * nt + g;
+          const uint2 bv = *(const uint2*)(sb + gemm_bofs(r, 2 * (j0 + c) + (i >> 1)) + 8 * (i & 1));
+          mma_s8(d[h], af[c], bv.x, bv.y);
+        }
       }
-      const float2 xv = *(const float2*)(sxs + gl * BT + wn * 8 * WT + 8 * nt + 2 * i);
-      acc[0][nt][0] += (float)d[0] * (ws0 * xv.x);
-      acc[0][nt][1] += (float)d[1] * (ws0 * xv.y);
-      acc[0][nt][2] += (float)d[2] * (ws1 * xv.x);
-      acc[0][nt][3] += (float)d[3] * (ws1 * xv.y);
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        const int nt = n0 + h;
+        if (nt >= NV || (PART && nt >= ntv)) continue;
+        const float2 xv = *(const float2*)(sxs + gl * BT + wn * 8 * WT + 8 * nt + 2 * i);
+        acc[0][nt][0] += (float)d[h][0] * (ws0 * xv.x);
+        acc[0][nt][1] += (float)d[h][1] * (ws0 * xv.y);
+        acc[0][nt][2] += (float)d[h][2] * (ws1 * xv.x);
+        acc[0][nt][3] += (float)d[h][3] * (ws1 * xv.y);
+      }
     }
   }
 }
@@ -562,9 +573,9 @@ MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1, 0, 0)
 MOE_GEMM_KERNELS(t16_g128, 2, 2, 1, 4, 1, 0, 0)
 MOE_GEMM_KERNELS(t64, 1, 8, 1, 0, 2, 1, 0)
 MOE_GEMM_KERNELS(t64_g128, 1, 8, 1, 4, 2, 1, 0)
-// 80 tokens (groups of 128 only): segments of 33 to 80 pairs take their
-// n-tile count at compile time.
-MOE_GEMM_KERNELS(t80_g128, 1, 10, 1, 4, 2, 1, 6)
+// 80 tokens (groups of 128 only; MoEBatched gives it the tiles of 65 to 80
+// pairs, the 64-token kernels the others).
+MOE_GEMM_KERNELS(t80_g128, 1, 10, 1, 4, 2, 1, 2)
 
 // ---------------------------------------------------------------------------
 // The absorbed query of many tokens, qlat[t, h*rank + k] =
