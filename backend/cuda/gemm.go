@@ -285,6 +285,11 @@ var moeSegTile = func() GEMMTile {
 	return GEMMTile80
 }()
 
+// moeTwoPass (measurement): the 80-token tile's tiles of up to 64 tokens
+// in a launch of the 64-token kernels of their own, instead of the 80-token
+// kernels' own 64-token path.
+var moeTwoPass = false
+
 // moeMaxTiles bounds the tiles of P pairs over ne experts: each expert's
 // rows make ceil(count/BT) tiles.
 func moeMaxTiles(P, ne, bt int) int { return P/bt + min(ne, P) + 1 }
@@ -328,7 +333,7 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 	const all = 1 << 30
 	passes := []pass{{tile, 1, all}}
 	switch {
-	case tile == GEMMTile80:
+	case tile == GEMMTile80 && moeTwoPass:
 		passes = []pass{{GEMMTile64, 1, 64}, {GEMMTile80, 65, all}}
 	case tile.wide() && s.Split:
 		passes = []pass{{tile, moeShortTokens + 1, all}, {GEMMTile16, 1, moeShortTokens}}

@@ -442,7 +442,12 @@ func BenchmarkMoEBatched(b *testing.B) {
 						if tile == GEMMTile80 {
 							launches = 7
 						}
-						run = func() error { return c.MoEBatched(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s) }
+						two := strings.Contains(v, "_twopass")
+						run = func() error {
+							moeTwoPass = two
+							defer func() { moeTwoPass = false }()
+							return c.MoEBatched(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s)
+						}
 						if err := run(); err != nil {
 							return err
 						}
@@ -482,8 +487,8 @@ func BenchmarkMoEBatched(b *testing.B) {
 // moeBenchVariants are BenchmarkMoEBatched's: "_bal" and "_skew" name
 // the routing (else uniform random), "_split" the short tiles through the
 // 16-token kernels.
-var moeBenchVariants = []string{"per_token", "batched_t16", "batched_t64", "batched_t64_split", "batched_t80",
-	"batched_t64_bal", "batched_t80_bal", "batched_t64_split_skew", "batched_t80_skew"}
+var moeBenchVariants = []string{"per_token", "batched_t16", "batched_t64", "batched_t64_split", "batched_t80", "batched_t80_twopass",
+	"batched_t64_split_bal", "batched_t80_bal", "batched_t64_split_skew", "batched_t80_skew"}
 
 // skewedPick draws k distinct indices with probabilities proportional to w
 // (without replacement).

@@ -40,6 +40,9 @@
 #define GEMM_BK 128
 #define GEMM_STAGES 4
 #define GEMM_ASTRIDE 80  // bytes per shared row of codes (64 + 16 padding)
+#ifndef MOE_MIX
+#define MOE_MIX 1
+#endif
 #define GEMM_PLAIN 0
 #define GEMM_GATE_UP 1
 
@@ -490,19 +493,37 @@ GEMM_DENSE_KERNEL(gemm_t64_g128, 1, 8, 1, 4, 2)
 // n-tile at run time, SK = 1). A segment of 64 +- 8 pairs in an 80-token
 // tile so takes the products of its valid n-tiles only, with no predicate
 // on any of them and registers for those only (WN = 1).
+// The 80-token kernels' paths of 65-80 tokens, compiled apart (a function
+// of its own, not inlined) so that their registers are allocated apart from
+// the 64-token path's.
+template <int MT, int WT, int WN, int MODE, int SPG, int SK, int NV>
+__device__ __noinline__ void moe_tile_nv(GQMat a, GQMat b, int N, int K, int G, int row0, const i8* __restrict__ xq,
+                                         int ldx, const float* __restrict__ xs, int ldxs, const int* tokrow, int ntok,
+                                         float* __restrict__ out, int ldo, u8* smem) {
+  gemm_tile<MT, WT, WN, MODE, SPG, SK, NV>(a, b, N, K, G, row0, xq, ldx, xs, ldxs, tokrow, ntok, out, ldo, smem);
+}
+
 template <int MT, int WT, int WN, int MODE, int SPG, int SK, int NVS>
 DEVICE void moe_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8* __restrict__ xq, int ldx,
                      const float* __restrict__ xs, int ldxs, const int* tokrow, int ntok, float* __restrict__ out,
                      int ldo, u8* smem) {
+  if constexpr (MOE_MIX && WT > 8) {
+    if (ntok <= 64) {
+      gemm_tile<MT, 8, WN, MODE, SPG, SK>(a, b, N, K, G, row0, xq, ldx, xs, ldxs, tokrow, ntok, out, ldo, smem);
+      return;
+    }
+  }
   if constexpr (NVS > 0) {
     if (((ntok + 7) >> 3) == WT - NVS + 1) {
-      gemm_tile<MT, WT, WN, MODE, SPG, SK, WT - NVS + 1>(a, b, N, K, G, row0, xq, ldx, xs, ldxs, tokrow, ntok, out, ldo,
+      moe_tile_nv<MT, WT, WN, MODE, SPG, SK, WT - NVS + 1>(a, b, N, K, G, row0, xq, ldx, xs, ldxs, tokrow, ntok, out, ldo,
                                                         smem);
       return;
     }
     moe_tile<MT, WT, WN, MODE, SPG, SK, NVS - 1>(a, b, N, K, G, row0, xq, ldx, xs, ldxs, tokrow, ntok, out, ldo, smem);
+  } else if constexpr (WT > 8) {
+    moe_tile_nv<MT, WT, WN, MODE, SPG, SK, WT>(a, b, N, K, G, row0, xq, ldx, xs, ldxs, tokrow, ntok, out, ldo, smem);
   } else {
-    gemm_tile<MT, WT, WN, MODE, SPG, SK, WT>(a, b, N, K, G, row0, xq, ldx, xs, ldxs, tokrow, ntok, out, ldo, smem);
+    gemm_tile<MT, WT, WN, MODE, SPG, SK>(a, b, N, K, G, row0, xq, ldx, xs, ldxs, tokrow, ntok, out, ldo, smem);
   }
 }
 
