@@ -4,7 +4,6 @@ package cuda
 
 import (
 	"fmt"
-	"os"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -20,10 +19,6 @@ const (
 	// GEMMTile64: blocks of 128 rows x 64 tokens, 8 warps of 16 rows x 64
 	// tokens (each widened code feeds 8 mma).
 	GEMMTile64
-	// GEMMTile80 (MoEBatched, groups of 128 only): 80 tokens, 8 warps of 16
-	// rows x all of them, so that an expert's segment of 64 +- 8 pairs takes
-	// one pass over its weights.
-	GEMMTile80
 )
 
 // gemmRows and gemmBK are GEMM_ROWS and GEMM_BK in gemm.cu: the weight rows
@@ -52,20 +47,18 @@ func (t GEMMTile) tokens() int {
 	switch t {
 	case GEMMTile64:
 		return 64
-	case GEMMTile80:
-		return 80
 	}
 	return 16
 }
 
-// wide reports whether t is a tile of one m-tile a warp (64 tokens and
-// more).
-func (t GEMMTile) wide() bool { return t.tokens() >= 64 }
-
 // suffix names the kernel variant: the tile, and "_g128" for the one
 // specialised to groups of 128 (its stage loops unroll).
 func (t GEMMTile) suffix(G int) string {
-	s := fmt.Sprintf("t%d", t.tokens())
+	s := "t16"
+	switch t {
+	case GEMMTile64:
+		s = "t64"
+	}
 	if G == 128 {
 		s += "_g128"
 	}
@@ -73,7 +66,8 @@ func (t GEMMTile) suffix(G int) string {
 }
 
 func (t GEMMTile) threads() int {
-	if t.wide() {
+	switch t {
+	case GEMMTile64:
 		return 256
 	}
 	return 128
@@ -257,38 +251,15 @@ var moeTileOverride = GEMMTileAuto
 
 // moeBatchTile picks the token tile for T tokens of slots pairs each over
 // experts experts: the wide tile once a segment averages moeWideTokens.
-func moeBatchTile(T, slots, experts, G int) GEMMTile {
+func moeBatchTile(T, slots, experts int) GEMMTile {
 	if moeTileOverride != GEMMTileAuto {
-		if moeTileOverride.tokens() > 64 && G != 128 {
-			return GEMMTile64 // the wider tiles take groups of 128 only
-		}
 		return moeTileOverride
-	}
-	if T*slots >= moeSegTokens*experts && moeSegTile != GEMMTileAuto && G == 128 {
-		return moeSegTile
 	}
 	if T*slots >= moeWideTokens*experts {
 		return GEMMTile64
 	}
 	return GEMMTile16
 }
-
-// moeSegTokens is the average segment from which MoEBatched takes
-// moeSegTile, a tile that holds most segments of that size whole
-// (MMFP4_CUDA_MOE_TILE=64: the 64-token tile instead, for an A/B).
-const moeSegTokens = 64
-
-var moeSegTile = func() GEMMTile {
-	if os.Getenv("MMFP4_CUDA_MOE_TILE") == "64" {
-		return GEMMTileAuto
-	}
-	return GEMMTile80
-}()
-
-// moeTwoPass (measurement): the 80-token tile's tiles of up to 64 tokens
-// in a launch of the 64-token kernels of their own, instead of the 80-token
-// kernels' own 64-token path.
-var moeTwoPass = false
 
 // moeMaxTiles bounds the tiles of P pairs over ne experts: each expert's
 // rows make ceil(count/BT) tiles.
@@ -313,45 +284,18 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 		return fmt.Errorf("cuda: moe batched: %d experts, at most 1024", t.Routed+t.Shared)
 	}
 	tile := s.Tile
-	if tile.tokens() > 64 && t.G != 128 {
-		return fmt.Errorf("cuda: moe batched: the %d-token tile takes groups of 128, not %d", tile.tokens(), t.G)
-	}
 	group, err := c.Kernel("stream", "moeb_group")
 	if err != nil {
 		return err
 	}
-	// A pass is a kernel pair of one tile over the tiles of nmin to nmax
-	// tokens. With the 80-token tile, the tiles of up to 64 tokens (every
-	// full segment of 64 or fewer pairs) go through the 64-token kernels
-	// and only those of 65 to 80 through the 80-token ones; with the
-	// 64-token tile and s.Split, its short tiles (moeShortTokens tokens or
-	// fewer) through the 16-token kernels.
-	type pass struct {
-		tile       GEMMTile
-		nmin, nmax int
+	guShared, downShared := tile.shared(t.K/t.G), tile.shared(t.I/t.G)
+	gu, err := c.kernelShared("gemm", "moe_gemm_gate_up_"+tile.suffix(t.G), guShared)
+	if err != nil {
+		return err
 	}
-	const all = 1 << 30
-	passes := []pass{{tile, 1, all}}
-	switch {
-	case tile == GEMMTile80 && moeTwoPass:
-		passes = []pass{{GEMMTile64, 1, 64}, {GEMMTile80, 65, all}}
-	case tile.wide() && s.Split:
-		passes = []pass{{tile, moeShortTokens + 1, all}, {GEMMTile16, 1, moeShortTokens}}
-	}
-	type kpair struct {
-		gu, down          *Kernel
-		guShared, dShared int
-	}
-	kern := make([]kpair, len(passes))
-	for i, p := range passes {
-		kp := &kern[i]
-		kp.guShared, kp.dShared = p.tile.shared(t.K/t.G), p.tile.shared(t.I/t.G)
-		if kp.gu, err = c.kernelShared("gemm", "moe_gemm_gate_up_"+p.tile.suffix(t.G), kp.guShared); err != nil {
-			return err
-		}
-		if kp.down, err = c.kernelShared("gemm", "moe_gemm_down_"+p.tile.suffix(t.G), kp.dShared); err != nil {
-			return err
-		}
+	down, err := c.kernelShared("gemm", "moe_gemm_down_"+tile.suffix(t.G), downShared)
+	if err != nil {
+		return err
 	}
 	comb, err := c.Kernel("stream", "moeb_combine")
 	if err != nil {
@@ -361,9 +305,30 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 		s.Pos, s.List, s.TileE, s.TileS, s.TileN, s.NTiles); err != nil {
 		return err
 	}
-	for i, p := range passes {
-		if err := c.Launch(kern[i].gu, Dim{uint32((t.I + 63) / 64), uint32(s.MaxTiles), 1}, D1(p.tile.threads()), kern[i].guShared,
-			t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, t.G, x.Q, x.Scales, s.H, p.nmin, p.nmax); err != nil {
+	// With the 64-token tile, a segment's short last tile (moeShortTokens
+	// tokens or fewer) can go to the 16-token kernels in launches of their
+	// own, each launch taking the tiles whose size lies in [nmin, nmax].
+	split := tile == GEMMTile64 && s.Split
+	var gu16, down16 *Kernel
+	g16, d16 := GEMMTile16.shared(t.K/t.G), GEMMTile16.shared(t.I/t.G)
+	nmin := 1
+	if split {
+		if gu16, err = c.kernelShared("gemm", "moe_gemm_gate_up_"+GEMMTile16.suffix(t.G), g16); err != nil {
+			return err
+		}
+		if down16, err = c.kernelShared("gemm", "moe_gemm_down_"+GEMMTile16.suffix(t.G), d16); err != nil {
+			return err
+		}
+		nmin = moeShortTokens + 1
+	}
+	const all = 1 << 30
+	if err := c.Launch(gu, Dim{uint32((t.I + 63) / 64), uint32(s.MaxTiles), 1}, D1(tile.threads()), guShared,
+		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, t.G, x.Q, x.Scales, s.H, nmin, all); err != nil {
+		return err
+	}
+	if split {
+		if err := c.Launch(gu16, Dim{uint32((t.I + 63) / 64), uint32(s.MaxTiles), 1}, D1(GEMMTile16.threads()), g16,
+			t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, s.List, t.I, t.K, t.G, x.Q, x.Scales, s.H, 1, moeShortTokens); err != nil {
 			return err
 		}
 	}
@@ -371,9 +336,13 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 	if err := c.RMSNormQuant(s.H, t.I, 0, 0, 0, 0, P, t.I, t.G, s.HQ); err != nil {
 		return err
 	}
-	for i, p := range passes {
-		if err := c.Launch(kern[i].down, Dim{uint32((t.K + gemmRows - 1) / gemmRows), uint32(s.MaxTiles), 1}, D1(p.tile.threads()), kern[i].dShared,
-			t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, t.G, s.HQ.Q, s.HQ.Scales, s.Part, p.nmin, p.nmax); err != nil {
+	if err := c.Launch(down, Dim{uint32((t.K + gemmRows - 1) / gemmRows), uint32(s.MaxTiles), 1}, D1(tile.threads()), downShared,
+		t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, t.G, s.HQ.Q, s.HQ.Scales, s.Part, nmin, all); err != nil {
+		return err
+	}
+	if split {
+		if err := c.Launch(down16, Dim{uint32((t.K + gemmRows - 1) / gemmRows), uint32(s.MaxTiles), 1}, D1(GEMMTile16.threads()), d16,
+			t.buf, s.TileE, s.TileS, s.TileN, s.NTiles, t.K, t.I, t.G, s.HQ.Q, s.HQ.Scales, s.Part, 1, moeShortTokens); err != nil {
 			return err
 		}
 	}
@@ -409,8 +378,8 @@ func (b *Backend) moeBatched(d, xm *tensor, rt *routing, l *moeLayer) {
 	T, slots := d.rows, rt.topK+t.Shared
 	P := T * slots
 	a := b.quantize(xm, t.G)
-	tile := moeBatchTile(T, slots, t.Routed+t.Shared, t.G)
-	split := P >= moeSplitTokens*(t.Routed+t.Shared) && tile == GEMMTile64
+	tile := moeBatchTile(T, slots, t.Routed+t.Shared)
+	split := P >= moeSplitTokens*(t.Routed+t.Shared)
 	if moeSplitOverride != 0 {
 		split = moeSplitOverride > 0
 	}

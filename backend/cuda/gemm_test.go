@@ -165,7 +165,7 @@ func TestBackendMoEBatchedMatchesCPU(t *testing.T) {
 			}
 			tiles := []tiling{{GEMMTileAuto, 0}}
 			if T >= 20 {
-				tiles = append(tiles, tiling{GEMMTile64, -1}, tiling{GEMMTile64, 1}, tiling{GEMMTile80, -1})
+				tiles = append(tiles, tiling{GEMMTile64, -1}, tiling{GEMMTile64, 1})
 			}
 			for _, withShared := range []bool{false, true} {
 				want := moeBlockOutput(t, c, hosts, router, bias, cfg, x, T, withShared)
@@ -378,7 +378,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 			copy(skw[t*topk:], skewedPick(r, skew, topk))
 		}
 		for _, v := range moeBenchVariants {
-			if v == "per_token" && T > 128 || (strings.Contains(v, "_bal") || strings.Contains(v, "_skew") || strings.Contains(v, "t80")) && T < 256 {
+			if v == "per_token" && T > 128 || (strings.Contains(v, "_bal") || strings.Contains(v, "_skew")) && T < 256 {
 				continue
 			}
 			b.Run(fmt.Sprintf("T%d/%s", T, v), func(b *testing.B) {
@@ -424,8 +424,6 @@ func BenchmarkMoEBatched(b *testing.B) {
 						switch {
 						case strings.HasPrefix(v, "batched_t64"):
 							tile = GEMMTile64
-						case strings.HasPrefix(v, "batched_t80"):
-							tile = GEMMTile80
 						}
 						s, bufs, err := newMoEBatch(c, T, topk, tab, tile)
 						defer func() {
@@ -439,19 +437,11 @@ func BenchmarkMoEBatched(b *testing.B) {
 						if strings.Contains(v, "_split") {
 							s.Split, launches = true, 7
 						}
-						if tile == GEMMTile80 {
-							launches = 7
-						}
-						two := strings.Contains(v, "_twopass")
-						run = func() error {
-							moeTwoPass = two
-							defer func() { moeTwoPass = false }()
-							return c.MoEBatched(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s)
-						}
+						run = func() error { return c.MoEBatched(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s) }
 						if err := run(); err != nil {
 							return err
 						}
-						if tile.wide() {
+						if tile == GEMMTile64 {
 							k, err := c.Kernel("gemm", "moe_gemm_gate_up_"+tile.suffix(128))
 							if err != nil {
 								return err
@@ -487,8 +477,8 @@ func BenchmarkMoEBatched(b *testing.B) {
 // moeBenchVariants are BenchmarkMoEBatched's: "_bal" and "_skew" name
 // the routing (else uniform random), "_split" the short tiles through the
 // 16-token kernels.
-var moeBenchVariants = []string{"per_token", "batched_t16", "batched_t64", "batched_t64_split", "batched_t80", "batched_t80_twopass",
-	"batched_t64_split_bal", "batched_t80_bal", "batched_t64_split_skew", "batched_t80_skew"}
+var moeBenchVariants = []string{"per_token", "batched_t16", "batched_t64", "batched_t64_split", "batched_t64_bal",
+	"batched_t64_split_skew"}
 
 // skewedPick draws k distinct indices with probabilities proportional to w
 // (without replacement).
@@ -628,9 +618,8 @@ func BenchmarkRouterMany(b *testing.B) {
 
 // The batched MoE gives the same bits with each token tiling (the same
 // integer group sums, scaled in the same order): the 16-token tile, the
-// 64-token tile with its short tiles through the 16-token kernels and the
-// 80-token tile (its tiles of up to 64 tokens through the 64-token
-// kernels), against the 64-token tile alone, through the backend, at token counts whose
+// 64-token tile with its short tiles through the 16-token kernels, against
+// the 64-token tile alone, through the backend, at token counts whose
 // segments fill their tiles partly (20), about once (100) and over several
 // tiles (300).
 func TestMoEBatchedTilesBitExact(t *testing.T) {
@@ -662,7 +651,6 @@ func TestMoEBatchedTilesBitExact(t *testing.T) {
 			split int
 		}{
 			{"tile 16", GEMMTile16, -1}, {"tile 64, short tiles split off", GEMMTile64, 1},
-			{"tile 80", GEMMTile80, -1},
 		} {
 			got := run(v.tile, v.split)
 			diff := 0

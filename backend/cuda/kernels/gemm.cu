@@ -40,9 +40,6 @@
 #define GEMM_BK 128
 #define GEMM_STAGES 4
 #define GEMM_ASTRIDE 80  // bytes per shared row of codes (64 + 16 padding)
-#ifndef MOE_MIX
-#define MOE_MIX 1
-#endif
 #define GEMM_PLAIN 0
 #define GEMM_GATE_UP 1
 
@@ -103,30 +100,30 @@ DEVICE float gemm_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
 // multiplies nor scales the others (their outputs are never written); full
 // tiles take the copy without the checks, so their products need no
 // predicates and their first mma of a group adds to zero.
-template <int MT, int WT, int WN, int SPG, bool PART, int NV>
-DEVICE void gemm_stage(float (&acc)[MT][NV][4], const u8* sa, const u8* sb, const float* sxs, const float* slut,
+template <int MT, int WT, int WN, int SPG, bool PART>
+DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, const float* sxs, const float* slut,
                        const u8* sws, const int (&ra)[MT], int GK, int grp0, int spg, int wn, int g, int i,
                        int ntv) {
   constexpr int BT = 8 * WT * WN;
 #pragma unroll
   for (int j0 = 0; j0 < 4; j0 += spg) {
     const int gl = j0 / spg, grp = grp0 + gl;
-    float ws[MT][2], xv[NV][2];
+    float ws[MT][2], xv[WT][2];
 #pragma unroll
     for (int m = 0; m < MT; m++)
 #pragma unroll
       for (int h = 0; h < 2; h++) ws[m][h] = slut[sws[(ra[m] + 8 * h) * GK + grp]];
 #pragma unroll
-    for (int nt = 0; nt < NV; nt++) {
+    for (int nt = 0; nt < WT; nt++) {
       const float2 v = *(const float2*)(sxs + gl * BT + wn * 8 * WT + 8 * nt + 2 * i);
       xv[nt][0] = v.x;
       xv[nt][1] = v.y;
     }
-    i32 d[MT][NV][4];
+    i32 d[MT][WT][4];
 #pragma unroll
     for (int m = 0; m < MT; m++)
 #pragma unroll
-      for (int nt = 0; nt < NV; nt++)
+      for (int nt = 0; nt < WT; nt++)
 #pragma unroll
         for (int e = 0; e < 4; e++) d[m][nt][e] = 0;
 #pragma unroll
@@ -142,7 +139,7 @@ DEVICE void gemm_stage(float (&acc)[MT][NV][4], const u8* sa, const u8* sb, cons
         af[m][3] = e2m1x4_signed(wb >> 16);
       }
 #pragma unroll
-      for (int nt = 0; nt < NV; nt++) {
+      for (int nt = 0; nt < WT; nt++) {
         if (PART && nt >= ntv) continue;
         const int r = wn * 8 * WT + 8 * nt + g;
         const uint2 bv = *(const uint2*)(sb + gemm_bofs(r, 2 * j + (i >> 1)) + 8 * (i & 1));
@@ -153,72 +150,13 @@ DEVICE void gemm_stage(float (&acc)[MT][NV][4], const u8* sa, const u8* sb, cons
 #pragma unroll
     for (int m = 0; m < MT; m++)
 #pragma unroll
-      for (int nt = 0; nt < NV; nt++) {
+      for (int nt = 0; nt < WT; nt++) {
         if (PART && nt >= ntv) continue;
         acc[m][nt][0] += (float)d[m][nt][0] * (ws[m][0] * xv[nt][0]);
         acc[m][nt][1] += (float)d[m][nt][1] * (ws[m][0] * xv[nt][1]);
         acc[m][nt][2] += (float)d[m][nt][2] * (ws[m][1] * xv[nt][0]);
         acc[m][nt][3] += (float)d[m][nt][3] * (ws[m][1] * xv[nt][1]);
       }
-  }
-}
-
-// gemm_stage for one m-tile a warp (MT = 1) in another order, for tiles
-// of more n-tiles than the registers hold two int32 sums of: a group's
-// codes are widened first (4 registers a 32-column chunk), then the
-// n-tiles, two at a time, take their group sums over the chunks and are
-// scaled at once, so that two n-tiles' sums are live at a time instead of
-// all of them. The same integer
-// sums, scaled in the same order into each accumulator: the same bits.
-template <int WT, int WN, int SPG, bool PART, int NV>
-DEVICE void gemm_stage_af(float (&acc)[1][NV][4], const u8* sa, const u8* sb, const float* sxs, const float* slut,
-                          const u8* sws, const int (&ra)[1], int GK, int grp0, int spg, int wn, int g, int i,
-                          int ntv) {
-  constexpr int BT = 8 * WT * WN;
-  constexpr int MAXC = SPG ? SPG : 4;  // chunks a group (G <= 128)
-#pragma unroll
-  for (int j0 = 0; j0 < 4; j0 += spg) {
-    const int gl = j0 / spg, grp = grp0 + gl;
-    const float ws0 = slut[sws[ra[0] * GK + grp]], ws1 = slut[sws[(ra[0] + 8) * GK + grp]];
-    u32 af[MAXC][4];
-#pragma unroll
-    for (int c = 0; c < MAXC; c++) {
-      if (c >= spg) break;
-      const int j = j0 + c;
-      const u32 wa = *(const u32*)(sa + ra[0] * GEMM_ASTRIDE + 16 * j + 4 * i);
-      const u32 wb = *(const u32*)(sa + (ra[0] + 8) * GEMM_ASTRIDE + 16 * j + 4 * i);
-      af[c][0] = e2m1x4_signed(wa);
-      af[c][1] = e2m1x4_signed(wb);
-      af[c][2] = e2m1x4_signed(wa >> 16);
-      af[c][3] = e2m1x4_signed(wb >> 16);
-    }
-    // Two n-tiles at a time, so that their chains of mma interleave.
-#pragma unroll
-    for (int n0 = 0; n0 < NV; n0 += 2) {
-      i32 d[2][4] = {{0, 0, 0, 0}, {0, 0, 0, 0}};
-#pragma unroll
-      for (int c = 0; c < MAXC; c++) {
-        if (c >= spg) break;
-#pragma unroll
-        for (int h = 0; h < 2; h++) {
-          const int nt = n0 + h;
-          if (nt >= NV || (PART && nt >= ntv)) continue;
-          const int r = wn * 8 * WT + 8 * nt + g;
-          const uint2 bv = *(const uint2*)(sb + gemm_bofs(r, 2 * (j0 + c) + (i >> 1)) + 8 * (i & 1));
-          mma_s8(d[h], af[c], bv.x, bv.y);
-        }
-      }
-#pragma unroll
-      for (int h = 0; h < 2; h++) {
-        const int nt = n0 + h;
-        if (nt >= NV || (PART && nt >= ntv)) continue;
-        const float2 xv = *(const float2*)(sxs + gl * BT + wn * 8 * WT + 8 * nt + 2 * i);
-        acc[0][nt][0] += (float)d[h][0] * (ws0 * xv.x);
-        acc[0][nt][1] += (float)d[h][1] * (ws0 * xv.y);
-        acc[0][nt][2] += (float)d[h][2] * (ws1 * xv.x);
-        acc[0][nt][3] += (float)d[h][3] * (ws1 * xv.y);
-      }
-    }
   }
 }
 
@@ -239,10 +177,8 @@ DEVICE void gemm_stage_af(float (&acc)[1][NV][4], const u8* sa, const u8* sb, co
 // WT mma instead of WT/2 per token; for GATE_UP the up warps (wm >= 4) hand
 // their products to the gate warps through shared memory at the end. With
 // MT = 1 and SK = 1 a warp also skips its n-tiles that hold no valid token
-// (the short last tile of an expert's segment). NV <= WT: the n-tiles a
-// warp computes and holds sums for (a caller that knows the tile's last
-// WT - NV n-tiles empty asks for fewer; WN = 1).
-template <int MT, int WT, int WN, int MODE, int SPG, int SK, int NV = WT>
+// (the short last tile of an expert's segment).
+template <int MT, int WT, int WN, int MODE, int SPG, int SK>
 DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8* __restrict__ xq, int ldx,
                       const float* __restrict__ xs, int ldxs, const int* tokrow, int ntok,
                       float* __restrict__ out, int ldo, u8* smem) {
@@ -282,22 +218,15 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
   // computed once: the stage loads are then AIT + XIT 16-byte copies (and
   // one small one) at fixed offsets, with no per-stage loop or address
   // arithmetic beyond the column offset.
-  // Only the activations of the NV * 8 tokens a warp computes are copied
-  // (XIT rounds up: 80 tokens take 2.5 copies a thread, the last of them by
-  // half the threads).
-  constexpr int XT = NV * 8 * WN;  // tokens copied
-  constexpr int AIT = GEMM_ROWS * 4 / NT, XIT = (XT * 8 + NT - 1) / NT;
-  constexpr bool XREST = XIT * NT != XT * 8;
-  static_assert(AIT * NT == GEMM_ROWS * 4 && XIT >= 1 && NV <= WT, "stage copies must divide evenly");
+  constexpr int AIT = GEMM_ROWS * 4 / NT, XIT = BT * 8 / NT;
+  static_assert(AIT * NT == GEMM_ROWS * 4 && XIT * NT == BT * 8 && XIT >= 1, "stage copies must divide evenly");
   const u8* asrc[AIT];
   const i8* xsrc[XIT];
 #pragma unroll
   for (int it = 0; it < AIT; it++) asrc[it] = arow((tid >> 2) + it * (NT / 4)) + (tid & 3) * 16;
 #pragma unroll
-  for (int it = 0; it < XIT; it++)
-    xsrc[it] = xq + (size_t)tokrow[XREST ? min((tid >> 3) + it * (NT / 8), XT - 1) : (tid >> 3) + it * (NT / 8)] * ldx +
-               (tid & 7) * 16;
-  const float* ssrc = xs + (size_t)tokrow[min(tid, XT - 1)] * ldxs;
+  for (int it = 0; it < XIT; it++) xsrc[it] = xq + (size_t)tokrow[(tid >> 3) + it * (NT / 8)] * ldx + (tid & 7) * 16;
+  const float* ssrc = xs + (size_t)tokrow[min(tid, BT - 1)] * ldxs;
   const u32 sbase = smem_addr(smem);
   const u32 adst = (tid >> 2) * GEMM_ASTRIDE + (tid & 3) * 16;
   const u32 xdst = ABYTES + gemm_bofs(tid >> 3, tid & 7);
@@ -307,10 +236,8 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
 #pragma unroll
     for (int it = 0; it < AIT; it++) cp_async16(base + adst + it * (NT / 4) * GEMM_ASTRIDE, asrc[it] + k0 / 2);
 #pragma unroll
-    for (int it = 0; it < XIT; it++)
-      if (!XREST || it < XIT - 1 || (tid >> 3) + it * (NT / 8) < XT)
-        cp_async16(base + xdst + it * (NT / 8) * GEMM_BK, xsrc[it] + k0);
-    if (tid < XT)
+    for (int it = 0; it < XIT; it++) cp_async16(base + xdst + it * (NT / 8) * GEMM_BK, xsrc[it] + k0);
+    if (tid < BT)
       for (int gl = 0; gl < gpb; gl++) cp_async_small(base + ABYTES + XBYTES + (gl * BT + tid) * 4, ssrc + s * gpb + gl, 4);
   };
 
@@ -318,16 +245,14 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
   int ra[MT];
 #pragma unroll
   for (int m = 0; m < MT; m++) ra[m] = 64 * m + 16 * wm + g;
-  // This warp's n-tiles that hold a valid token (all of them unless SKIP),
-  // of the NV it computes (NV < WT: the caller knows that the tile's last
-  // WT - NV n-tiles are empty).
-  const int ntv = SKIP ? min(NV, max(0, (ntok - wn * 8 * WT + 7) >> 3)) : NV;
+  // This warp's n-tiles that hold a valid token (all of them unless SKIP).
+  const int ntv = SKIP ? min(WT, max(0, (ntok - wn * 8 * WT + 7) >> 3)) : WT;
 
-  float acc[MT][NV][4];
+  float acc[MT][WT][4];
 #pragma unroll
   for (int m = 0; m < MT; m++)
 #pragma unroll
-    for (int nt = 0; nt < NV; nt++)
+    for (int nt = 0; nt < WT; nt++)
 #pragma unroll
       for (int e = 0; e < 4; e++) acc[m][nt][e] = 0.f;
 
@@ -346,16 +271,10 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     const u8* sb = sa + ABYTES;
     const float* sxs = (const float*)(sb + XBYTES);
     if (SKIP && ntv == 0) continue;
-    if constexpr (MT == 1 && WT > 8) {
-      if (SKIP && ntv < NV) {
-        gemm_stage_af<WT, WN, SPG, true, NV>(acc, sa, sb, sxs, slut, sws, ra, GK, kt * gpb, spg, wn, g, i, ntv);
-      } else {
-        gemm_stage_af<WT, WN, SPG, false, NV>(acc, sa, sb, sxs, slut, sws, ra, GK, kt * gpb, spg, wn, g, i, ntv);
-      }
-    } else if (SKIP && ntv < NV) {
-      gemm_stage<MT, WT, WN, SPG, true, NV>(acc, sa, sb, sxs, slut, sws, ra, GK, kt * gpb, spg, wn, g, i, ntv);
+    if (SKIP && ntv < WT) {
+      gemm_stage<MT, WT, WN, SPG, true>(acc, sa, sb, sxs, slut, sws, ra, GK, kt * gpb, spg, wn, g, i, ntv);
     } else {
-      gemm_stage<MT, WT, WN, SPG, false, NV>(acc, sa, sb, sxs, slut, sws, ra, GK, kt * gpb, spg, wn, g, i, ntv);
+      gemm_stage<MT, WT, WN, SPG, false>(acc, sa, sb, sxs, slut, sws, ra, GK, kt * gpb, spg, wn, g, i, ntv);
     }
   }
   cp_async_wait<0>();
@@ -371,7 +290,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     __syncthreads();
     if (wm >= 4) {
 #pragma unroll
-      for (int nt = 0; nt < NV; nt++)
+      for (int nt = 0; nt < WT; nt++)
 #pragma unroll
         for (int e = 0; e < 4; e++)
           su[((wn * WT + nt) * 4 + e) * 128 + hw * 32 + lane] =
@@ -380,7 +299,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     __syncthreads();
     if (wm < 4) {
 #pragma unroll
-      for (int nt = 0; nt < NV; nt++)
+      for (int nt = 0; nt < WT; nt++)
 #pragma unroll
         for (int e = 0; e < 4; e++) {
           const int tok = wn * 8 * WT + 8 * nt + 2 * i + (e & 1), n = n0 + 8 * (e >> 1);
@@ -392,7 +311,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     return;
   }
 #pragma unroll
-  for (int nt = 0; nt < NV; nt++) {
+  for (int nt = 0; nt < WT; nt++) {
 #pragma unroll
     for (int e = 0; e < 4; e++) {
       const int tok = wn * 8 * WT + 8 * nt + 2 * i + (e & 1);
@@ -488,51 +407,12 @@ GEMM_DENSE_KERNEL(gemm_t64_g128, 1, 8, 1, 4, 2)
 // over (row blocks) x (tiles); blocks past ntiles exit; moeb_combine
 // (stream.cu) sums each token's slots.
 
-// gemm_tile with the tile's n-tile count as a compile-time NV: ceil(ntok/8)
-// when it lies in (WT - NVS, WT], else WT (gemm_tile then checks each
-// n-tile at run time, SK = 1). A segment of 64 +- 8 pairs in an 80-token
-// tile so takes the products of its valid n-tiles only, with no predicate
-// on any of them and registers for those only (WN = 1).
-// The 80-token kernels' paths of 65-80 tokens, compiled apart (a function
-// of its own, not inlined) so that their registers are allocated apart from
-// the 64-token path's.
-template <int MT, int WT, int WN, int MODE, int SPG, int SK, int NV>
-__device__ __noinline__ void moe_tile_nv(GQMat a, GQMat b, int N, int K, int G, int row0, const i8* __restrict__ xq,
-                                         int ldx, const float* __restrict__ xs, int ldxs, const int* tokrow, int ntok,
-                                         float* __restrict__ out, int ldo, u8* smem) {
-  gemm_tile<MT, WT, WN, MODE, SPG, SK, NV>(a, b, N, K, G, row0, xq, ldx, xs, ldxs, tokrow, ntok, out, ldo, smem);
-}
-
-template <int MT, int WT, int WN, int MODE, int SPG, int SK, int NVS>
-DEVICE void moe_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8* __restrict__ xq, int ldx,
-                     const float* __restrict__ xs, int ldxs, const int* tokrow, int ntok, float* __restrict__ out,
-                     int ldo, u8* smem) {
-  if constexpr (MOE_MIX && WT > 8) {
-    if (ntok <= 64) {
-      gemm_tile<MT, 8, WN, MODE, SPG, SK>(a, b, N, K, G, row0, xq, ldx, xs, ldxs, tokrow, ntok, out, ldo, smem);
-      return;
-    }
-  }
-  if constexpr (NVS > 0) {
-    if (((ntok + 7) >> 3) == WT - NVS + 1) {
-      moe_tile_nv<MT, WT, WN, MODE, SPG, SK, WT - NVS + 1>(a, b, N, K, G, row0, xq, ldx, xs, ldxs, tokrow, ntok, out, ldo,
-                                                        smem);
-      return;
-    }
-    moe_tile<MT, WT, WN, MODE, SPG, SK, NVS - 1>(a, b, N, K, G, row0, xq, ldx, xs, ldxs, tokrow, ntok, out, ldo, smem);
-  } else if constexpr (WT > 8) {
-    moe_tile_nv<MT, WT, WN, MODE, SPG, SK, WT>(a, b, N, K, G, row0, xq, ldx, xs, ldxs, tokrow, ntok, out, ldo, smem);
-  } else {
-    gemm_tile<MT, WT, WN, MODE, SPG, SK>(a, b, N, K, G, row0, xq, ldx, xs, ldxs, tokrow, ntok, out, ldo, smem);
-  }
-}
-
 // Gate and up products with the SiLU product over the tiles:
 // h[row][n] = silu(gate_e,n . x[list[row]]) * (up_e,n . x[list[row]]).
 // Grid (ceil(I/64), max tiles); a launch takes the tiles of nmin to nmax
-// tokens (the wide kernels can leave a segment's short last tile to the
+// tokens (the 64-token kernels can leave a segment's short last tile to the
 // 16-token ones).
-template <int MT, int WT, int WN, int SPG, int SK, int NVS>
+template <int MT, int WT, int WN, int SPG, int SK>
 DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
                              const i32* ntiles, const i32* list, int I, int K, int G, const i8* xq,
                              const float* xs, float* h, int nmin, int nmax) {
@@ -547,13 +427,13 @@ DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i3
   const GExpert& ex = experts[tile_e[tile]];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = list[s0 + min(r, ntok - 1)];
   __syncthreads();
-  moe_tile<MT, WT, WN, GEMM_GATE_UP, SPG, SK, NVS>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G, tokrow,
-                                                   ntok, h + (size_t)s0 * I, I, gemm_smem_buf);
+  gemm_tile<MT, WT, WN, GEMM_GATE_UP, SPG, SK>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G, tokrow, ntok,
+                                       h + (size_t)s0 * I, I, gemm_smem_buf);
 }
 
 // Down products over the tiles: part[row][n] = down_e,n . hq[row].
 // Grid (ceil(N/128), max tiles), the tiles of nmin to nmax tokens.
-template <int MT, int WT, int WN, int SPG, int SK, int NVS>
+template <int MT, int WT, int WN, int SPG, int SK>
 DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
                           const i32* ntiles, int N, int I, int G, const i8* hq, const float* hs, float* part,
                           int nmin, int nmax) {
@@ -568,18 +448,18 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
   const GExpert& ex = experts[tile_e[tile]];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = s0 + min(r, ntok - 1);
   __syncthreads();
-  moe_tile<MT, WT, WN, GEMM_PLAIN, SPG, SK, NVS>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs, I / G,
-                                                 tokrow, ntok, part + (size_t)s0 * N, N, gemm_smem_buf);
+  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, SK>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs, I / G, tokrow,
+                                     ntok, part + (size_t)s0 * N, N, gemm_smem_buf);
 }
 
-#define MOE_GEMM_KERNELS(SUFFIX, MT, WT, WN, SPG, MINB, SK, NVS)                                             \
+#define MOE_GEMM_KERNELS(SUFFIX, MT, WT, WN, SPG, MINB, SK)                                                  \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) moe_gemm_gate_up_##SUFFIX(               \
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,                             \
       const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K, int G,          \
       const i8* __restrict__ xq, const float* __restrict__ xs, float* __restrict__ h, int nmin, int nmax) { \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_gate_up<MT, WT, WN, SPG, SK, NVS>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h, nmin, nmax); \
+    moe_gemm_gate_up<MT, WT, WN, SPG, SK>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h, nmin, nmax); \
   }                                                                                               \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) moe_gemm_down_##SUFFIX(                  \
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
@@ -587,16 +467,13 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
       const i32* __restrict__ ntiles, int N, int I, int G, const i8* __restrict__ hq,             \
       const float* __restrict__ hs, float* __restrict__ part, int nmin, int nmax) {               \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_down<MT, WT, WN, SPG, SK, NVS>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part, nmin, nmax); \
+    moe_gemm_down<MT, WT, WN, SPG, SK>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part, nmin, nmax); \
   }
 
-MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1, 0, 0)
-MOE_GEMM_KERNELS(t16_g128, 2, 2, 1, 4, 1, 0, 0)
-MOE_GEMM_KERNELS(t64, 1, 8, 1, 0, 2, 1, 0)
-MOE_GEMM_KERNELS(t64_g128, 1, 8, 1, 4, 2, 1, 0)
-// 80 tokens (groups of 128 only; MoEBatched gives it the tiles of 65 to 80
-// pairs, the 64-token kernels the others).
-MOE_GEMM_KERNELS(t80_g128, 1, 10, 1, 4, 2, 1, 2)
+MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1, 0)
+MOE_GEMM_KERNELS(t16_g128, 2, 2, 1, 4, 1, 0)
+MOE_GEMM_KERNELS(t64, 1, 8, 1, 0, 2, 1)
+MOE_GEMM_KERNELS(t64_g128, 1, 8, 1, 4, 2, 1)
 
 // ---------------------------------------------------------------------------
 // The absorbed query of many tokens, qlat[t, h*rank + k] =
