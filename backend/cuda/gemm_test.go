@@ -327,7 +327,8 @@ func BenchmarkGEMM(b *testing.B) {
 // per token against MoEBatched with each tile (device time); "_bal" routes
 // token t's slot k to expert (4t + k) mod 64, so that every expert gets
 // the same number of pairs (uniform random routing leaves about half of
-// the 64-token tiles' segments a few tokens over a tile).
+// the 64-token tiles' segments a few tokens over a tile), "_skew" draws
+// experts with uneven probabilities (see moeBenchVariants).
 func BenchmarkMoEBatched(b *testing.B) {
 	d := benchDevice(b)
 	r := rand.New(rand.NewPCG(11, 11))
@@ -355,9 +356,17 @@ func BenchmarkMoEBatched(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
+	// Skewed routing: expert e drawn with weight exp(0.5 z_e), z_e standard
+	// normal (a spread of expert loads of about 50%, as a trained router's
+	// can be), top-k distinct experts a token.
+	skew := make([]float64, E)
+	for e := range skew {
+		skew[e] = math.Exp(0.5 * r.NormFloat64())
+	}
 	for _, T := range []int{1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024} {
 		ids := make([]int32, T*topk)
 		bal := make([]int32, T*topk) // every expert T*topk/E pairs: no short tiles
+		skw := make([]int32, T*topk)
 		wts := make([]float32, T*topk)
 		for t := 0; t < T; t++ {
 			perm := r.Perm(E)
@@ -366,9 +375,10 @@ func BenchmarkMoEBatched(b *testing.B) {
 				bal[t*topk+k] = int32((t*topk + k) % E)
 				wts[t*topk+k] = 0.25
 			}
+			copy(skw[t*topk:], skewedPick(r, skew, topk))
 		}
-		for _, v := range []string{"per_token", "batched_t16", "batched_t64", "batched_t64_split", "batched_t64_bal"} {
-			if v == "per_token" && T > 128 || strings.HasSuffix(v, "_bal") && T < 256 {
+		for _, v := range moeBenchVariants {
+			if v == "per_token" && T > 128 || (strings.Contains(v, "_bal") || strings.Contains(v, "_skew")) && T < 256 {
 				continue
 			}
 			b.Run(fmt.Sprintf("T%d/%s", T, v), func(b *testing.B) {
@@ -390,6 +400,9 @@ func BenchmarkMoEBatched(b *testing.B) {
 					if strings.Contains(v, "_bal") {
 						route = bal
 					}
+					if strings.Contains(v, "_skew") {
+						route = skw
+					}
 					if err := errors.Join(CopyIn(c, idb.Ptr, route), CopyIn(c, wtb.Ptr, wts), c.RMSNormQuant(xb.Ptr, K, 0, 0, 0, 0, T, K, 128, a)); err != nil {
 						return err
 					}
@@ -408,7 +421,8 @@ func BenchmarkMoEBatched(b *testing.B) {
 						}
 					default:
 						tile := GEMMTile16
-						if strings.HasPrefix(v, "batched_t64") {
+						switch {
+						case strings.HasPrefix(v, "batched_t64"):
 							tile = GEMMTile64
 						}
 						s, bufs, err := newMoEBatch(c, T, topk, tab, tile)
@@ -420,12 +434,26 @@ func BenchmarkMoEBatched(b *testing.B) {
 						if err != nil {
 							return err
 						}
-						if strings.HasSuffix(v, "_split") {
+						if strings.Contains(v, "_split") {
 							s.Split, launches = true, 7
 						}
 						run = func() error { return c.MoEBatched(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s) }
+						if err := run(); err != nil {
+							return err
+						}
+						if tile == GEMMTile64 {
+							k, err := c.Kernel("gemm", "moe_gemm_gate_up_"+tile.suffix(128))
+							if err != nil {
+								return err
+							}
+							occ, err := c.Occupancy(k, tile.threads(), tile.shared(K/128))
+							if err != nil {
+								return err
+							}
+							b.ReportMetric(float64(occ), "blocks/SM")
+						}
 					}
-					if err := run(); err != nil {
+					if err := run(); err != nil { // warm-up
 						return err
 					}
 					const reps = 10
@@ -444,6 +472,41 @@ func BenchmarkMoEBatched(b *testing.B) {
 			})
 		}
 	}
+}
+
+// moeBenchVariants are BenchmarkMoEBatched's: "_bal" and "_skew" name
+// the routing (else uniform random), "_split" the short tiles through the
+// 16-token kernels.
+var moeBenchVariants = []string{"per_token", "batched_t16", "batched_t64", "batched_t64_split", "batched_t64_bal",
+	"batched_t64_split_skew"}
+
+// skewedPick draws k distinct indices with probabilities proportional to w
+// (without replacement).
+func skewedPick(r *rand.Rand, w []float64, k int) []int32 {
+	out := make([]int32, 0, k)
+	taken := make([]bool, len(w))
+	for len(out) < k {
+		sum := 0.0
+		for e, v := range w {
+			if !taken[e] {
+				sum += v
+			}
+		}
+		u := r.Float64() * sum
+		pick := -1
+		for e, v := range w {
+			if taken[e] {
+				continue
+			}
+			pick = e
+			if u -= v; u < 0 {
+				break
+			}
+		}
+		taken[pick] = true
+		out = append(out, int32(pick))
+	}
+	return out
 }
 
 // RouterMany gives RouterRoute's logits, experts and weights bit for bit
@@ -565,7 +628,7 @@ func BenchmarkRouterMany(b *testing.B) {
 }
 
 // The batched MoE gives the same bits with each token tiling (the same
-// integer group sums, scaled in the same order): the 16-token tile, and the
+// integer group sums, scaled in the same order): the 16-token tile, the
 // 64-token tile with its short tiles through the 16-token kernels, against
 // the 64-token tile alone, through the backend, at token counts whose
 // segments fill their tiles partly (20), about once (100) and over several
@@ -597,7 +660,9 @@ func TestMoEBatchedTilesBitExact(t *testing.T) {
 			name  string
 			tile  GEMMTile
 			split int
-		}{{"tile 16", GEMMTile16, -1}, {"tile 64, short tiles split off", GEMMTile64, 1}} {
+		}{
+			{"tile 16", GEMMTile16, -1}, {"tile 64, short tiles split off", GEMMTile64, 1},
+		} {
 			got := run(v.tile, v.split)
 			diff := 0
 			for i := range want {
