@@ -216,8 +216,7 @@ func TestMoE(t *testing.T) {
 // block of a row block): the same bits, on random experts at
 // GLM-4.7-Flash's shape with group sizes 128 and 32, and at a small shape
 // with 3 groups a row, 6 routed and 2 shared slots, both writing and
-// adding to y; the group counters are zero again after each call. The
-// same with the bulk L2 prefetches of moePrefetch.
+// adding to y; the group counters are zero again after each call.
 func TestMoEMatchesOldKernels(t *testing.T) {
 	d := testDevice(t)
 	r := testRand(t)
@@ -266,14 +265,10 @@ func TestMoEMatchesOldKernels(t *testing.T) {
 				return err
 			}
 			// kernels: "old" moe_gate_up and moe_down_q, else moe_gate_up_q
-			// and moe_down_hq ("pf": with moePrefetch).
+			// and moe_down_hq.
 			run := func(kernels string, acc bool) ([]float32, error) {
 				moeDownOld = kernels == "old"
-				pf := moePrefetch
-				if kernels == "pf" {
-					moePrefetch = 1
-				}
-				defer func() { moeDownOld, moePrefetch = false, pf }()
+				defer func() { moeDownOld = false }()
 				if err := CopyIn(c, yb.Ptr, y0); err != nil {
 					return nil, err
 				}
@@ -288,19 +283,15 @@ func TestMoEMatchesOldKernels(t *testing.T) {
 				if err != nil {
 					return err
 				}
-				for _, kernels := range []string{"", "pf"} {
-					got, err := run(kernels, acc)
-					if err != nil {
-						return err
-					}
-					for i := range got {
-						if math.Float32bits(got[i]) != math.Float32bits(want[i]) {
-							return fmt.Errorf("%+v accumulate=%v %q: y[%d] = %g, old kernels %g", tc, acc, kernels, i, got[i], want[i])
-						}
-					}
+				got, err := run("", acc)
+				if err != nil {
+					return err
 				}
 				zeros := 0
-				for i := range want {
+				for i := range got {
+					if math.Float32bits(got[i]) != math.Float32bits(want[i]) {
+						return fmt.Errorf("%+v accumulate=%v: y[%d] = %g, old kernels %g", tc, acc, i, got[i], want[i])
+					}
 					if want[i] == 0 {
 						zeros++
 					}

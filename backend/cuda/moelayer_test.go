@@ -91,15 +91,6 @@ func (b *moeHalfBufs) queue(c *Ctx, pb *pdlBufs, l *moeHalf, topK int) error {
 	return c.MoE(pb.c, false, l.tab, l.ids, l.wts, topK, b.nq, l.scr)
 }
 
-// layerVariant is one line of BenchmarkDecodeLayerMoE.
-type layerVariant struct {
-	name      string
-	attn, moe bool
-	attnOne   bool // every layer on layer 0's attention weights
-	moeOne    bool // every layer on layer 0's router and shared expert
-	pf        int  // moePrefetch
-}
-
 // BenchmarkDecodeLayerMoE: batch-1 decode layers at GLM-4.7-Flash's shapes
 // replayed from a graph with programmatic dependent launch, device time
 // per layer: the attention half without the attention (BenchmarkChainLayer's
@@ -107,8 +98,7 @@ type layerVariant struct {
 // the MoE block, over 24 layers' weights in turn (more than L2); each half
 // alone; and bounds on what L2 could give: every layer on one layer's
 // attention weights (those stay in L2) or on one layer's MoE (its router
-// and shared expert stay in L2; the routed experts the routing picks vary;
-// left out with -test.short); and with moePrefetch.
+// and shared expert stay in L2; the routed experts the routing picks vary).
 func BenchmarkDecodeLayerMoE(b *testing.B) {
 	d := benchDevice(b)
 	r := rand.New(rand.NewPCG(9, 12))
@@ -135,25 +125,22 @@ func BenchmarkDecodeLayerMoE(b *testing.B) {
 			ms = append(ms, m)
 		}
 		name := c.Info().Name
-		vs := []layerVariant{
-			{"layer", true, true, false, false, 0},
-			{"layer, prefetch", true, true, false, false, 1},
-			{"router+moe", false, true, false, false, 0},
-			{"router+moe, prefetch", false, true, false, false, 1},
+		vs := []struct {
+			name      string
+			attn, moe bool
+			attnOne   bool // every layer on layer 0's attention weights
+			moeOne    bool // every layer on layer 0's router and shared expert
+		}{
+			{"layer", true, true, false, false},
+			{"layer, one attention", true, true, true, false},
+			{"layer, one moe", true, true, false, true},
+			{"attention half", true, false, false, false},
+			{"attention half, one", true, false, true, false},
+			{"router+moe", false, true, false, false},
+			{"router+moe, one", false, true, false, true},
 		}
-		if !testing.Short() {
-			vs = append(vs, []layerVariant{
-				{"layer, one attention", true, true, true, false, 0},
-				{"layer, one moe", true, true, false, true, 0},
-				{"attention half", true, false, false, false, 0},
-				{"attention half, one", true, false, true, false, 0},
-				{"router+moe, one", false, true, false, true, 0},
-			}...)
-		}
-		defer func(pf int) { moePrefetch = pf }(moePrefetch)
 		for round := 0; round < 2; round++ {
 			for _, v := range vs {
-				moePrefetch = v.pf
 				err := withPDL(c, c.info.CC >= 90, func() error {
 					g, release, err := capturedPDL(c, func() error {
 						for i := range layers {

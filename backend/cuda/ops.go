@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
-	"os"
 
 	"github.com/mmfp4/mmfp4/format"
 )
@@ -488,7 +487,7 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 			return err
 		}
 		if err := c.Launch(gu, Dim{uint32((t.I + 15) / 16), uint32(slots), 1}, D1(128), 0,
-			t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, s.H, s.HQ.Q, s.HQ.Scales, s.Groups, moePrefetch); err != nil {
+			t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, s.H, s.HQ.Q, s.HQ.Scales, s.Groups); err != nil {
 			return err
 		}
 		// The routing is an input of the gate/up launch just queued, so
@@ -536,19 +535,6 @@ const (
 // moeDownOld makes MoE use moe_gate_up and moe_down_q (benchmarks and
 // tests).
 var moeDownOld bool
-
-// moePrefetch is moe_gate_up_q's pf: 1 where its blocks of routed slots
-// request their rows into L2 by bulk prefetches before loading them
-// (MMFP4_CUDA_MOE_PF=1; measured, off by default).
-var moePrefetch = envInt("MMFP4_CUDA_MOE_PF")
-
-// envInt is the environment variable name as 1 when it is "1", else 0.
-func envInt(name string) int {
-	if os.Getenv(name) == "1" {
-		return 1
-	}
-	return 0
-}
 
 // moeMaxI is MOE_MAX_I in moe.cu: the largest intermediate size whose
 // quantization moe_down_q holds in shared memory.

@@ -1030,18 +1030,6 @@ DEVICE void quant_groups(const float* src, bool global, int K, int G, int g0, in
 }
 
 
-// L2 prefetch of bytes at p (16-byte aligned; the size rounded down to
-// 16) by one bulk request (sm_90, PTX 8.0), else a line at a time: nothing
-// comes back to the thread.
-DEVICE void prefetch_l2(const void* p, u32 bytes) {
-  bytes &= ~15u;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && __CUDACC_VER_MAJOR__ >= 12
-  if (bytes) asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
-#else
-  for (u32 o = 0; o < bytes; o += 128) asm volatile("prefetch.global.L2 [%0];" ::"l"((const char*)p + o));
-#endif
-}
-
 // The gate and up pointers of an expert.
 struct GateUp {
   const u8 *gc, *gs, *uc, *us;
@@ -1070,7 +1058,7 @@ template <int FAST>
 DEVICE void gate_up_q(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
                       int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
                       const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq,
-                      float* __restrict__ hs, u32* __restrict__ gcount, int pf) {
+                      float* __restrict__ hs, u32* __restrict__ gcount) {
   __shared__ __align__(16) i8 sx[ROUTER_FAST_MAX_K];
   __shared__ float sxs[ROUTER_FAST_MAX_K / 32];
   __shared__ GateUp tab[MOE_TABLE_SMEM];
@@ -1095,15 +1083,6 @@ DEVICE void gate_up_q(const Expert* __restrict__ experts, const i32* __restrict_
     eid = slot_expert(ids, slot, topk, nexperts);
   }
   const GateUp ex = stab ? tab[eid] : gate_up_of(experts[eid]);
-  if (pf && slot < topk && tid < 6) {
-    // The block's 16 rows of gate and up (codes in halves, and scales)
-    // requested into L2 by bulk prefetches before the loads below.
-    const int r0 = blockIdx.x * 16, nr = min(16, I - r0);
-    const u32 cb = (u32)nr * (K / 2), sb = (u32)nr * GK;
-    const u8* base = tid < 2 || tid == 4 ? (tid == 4 ? ex.gs : ex.gc) : (tid == 5 ? ex.us : ex.uc);
-    if (tid < 4) prefetch_l2(base + (size_t)r0 * (K / 2) + (tid & 1) * (cb / 2), cb / 2);
-    else prefetch_l2(base + (size_t)r0 * GK, sb);
-  }
   const u8* rc[8];
   const u8* rs[8];
 #pragma unroll
@@ -1177,9 +1156,9 @@ extern "C" __global__ void __launch_bounds__(128, 4)
     moe_gate_up_q(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
                   int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
                   const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq,
-                  float* __restrict__ hs, u32* __restrict__ gcount, int pf) {
+                  float* __restrict__ hs, u32* __restrict__ gcount) {
   PDL_LAUNCH();
-  gate_up_q<1>(experts, ids, topk, nexperts, I, K, gshift, xq, xs, h, hq, hs, gcount, pf);
+  gate_up_q<1>(experts, ids, topk, nexperts, I, K, gshift, xq, xs, h, hq, hs, gcount);
 }
 
 // Down products of every slot for 4 output rows a block, summed over the
