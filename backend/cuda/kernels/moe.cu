@@ -582,9 +582,17 @@ DEVICE void router_choose(int tid, int E, float lg, const float* __restrict__ bi
   }
   __syncthreads();
   if (tid < E) {
+    // choice (16-byte aligned) four at a time, eight reads in flight: the
+    // rank is a count, so the order of its terms does not matter.
     const float c = choice[tid];
-    int rank = 0;
-    for (int j = 0; j < E; j++) {
+    int rank = 0, j = 0;
+#pragma unroll 8
+    for (; j + 4 <= E; j += 4) {
+      const float4 o = *(const float4*)&choice[j];
+      rank += (o.x > c || (o.x == c && j < tid)) + (o.y > c || (o.y == c && j + 1 < tid)) +
+              (o.z > c || (o.z == c && j + 2 < tid)) + (o.w > c || (o.w == c && j + 3 < tid));
+    }
+    for (; j < E; j++) {
       const float o = choice[j];
       rank += o > c || (o == c && j < tid);
     }
@@ -621,7 +629,8 @@ DEVICE void router_fast_block(int b, int nb, int t, float* rxs, const float* __r
                               i32* __restrict__ ids, float* __restrict__ wts,
                               u32* __restrict__ counters, i8* __restrict__ xq,
                               float* __restrict__ xs, i32* __restrict__ xsum, int G) {
-  __shared__ float score[128], choice[128], pick[32];
+  __shared__ float score[128], pick[32];
+  __shared__ __align__(16) float choice[128];
   __shared__ bool last;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int e = b * 4 + warp;
@@ -704,7 +713,8 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
                        i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum, int G) {
   PDL_LAUNCH();
   extern __shared__ __align__(16) float rxs[];  // [K] the input row
-  __shared__ float clog[64], score[64], choice[64], pick[32];
+  __shared__ float clog[64], score[64], pick[32];
+  __shared__ __align__(16) float choice[64];
   const int E = 64, nb = ROUTER_CLUSTER, b = blockIdx.x, t = blockIdx.y;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int e = b * 8 + warp;
@@ -744,9 +754,10 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
 // make its input (d = a + c, then the norm of d) in its launch: every block of the cluster normalises the row into shared
 // memory as rmsnorm_quant8 does (K/8 threads of 8 values, the squares
 // summed in its order, the same bits), then takes its logits from there.
-// The blocks also write the norm's int8 form in groups of NG (nq, ns,
-// nsum; warp w of block b taking groups b + 8w, ...) and, with xq, the
-// MoE's in groups of G; after the cluster's last barrier, when every block
+// Blocks 1-7 also write the norm's int8 form in groups of NG (nq, ns,
+// nsum; warp w of block b taking groups b - 1 + 7w, ...) and, with xq, the
+// MoE's in groups of G, while the logits go to the first block, which
+// meanwhile only waits for them; after the cluster's last barrier, when every block
 // has read the inputs (d may be a or c), block b writes d and out
 // for the threads tid = b mod 8. K a multiple of 256, at most 2048.
 extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bounds__(256)
@@ -758,7 +769,8 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
                             float* __restrict__ ns, i32* __restrict__ nsum, int NG) {
   PDL_LAUNCH();
   extern __shared__ __align__(16) float rxs[];  // [K] the normalised row
-  __shared__ float clog[64], score[64], choice[64], pick[32];
+  __shared__ float clog[64], score[64], pick[32];
+  __shared__ __align__(16) float choice[64];
   __shared__ double partial[8];
   __shared__ float inv_s;
   const int E = 64, nb = ROUTER_CLUSTER, b = blockIdx.x;
@@ -814,11 +826,16 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
     if (32 * u < K) acc += wv[u] * rxs[lane + 32 * u];
   acc = warp_sum(acc);
   if (lane == 0) logits[e] = acc;
-  router_quant_groups(rxs, K, NG, 0, warp * nb + b, 8 * nb, lane, nq, ns, nsum);
-  if (xq) router_quant_groups(rxs, K, G, 0, warp * nb + b, 8 * nb, lane, xq, xs, xsum);
   cluster_wait();
   if (lane == 0) st_cluster(&clog[e], 0, acc);
   cluster_arrive();
+  if (b > 0) {
+    // The int8 forms by blocks 1-7 between the arrive and the wait, after
+    // the logits' exchange instead of before it; the first block only
+    // ranks the choices.
+    router_quant_groups(rxs, K, NG, 0, warp * (nb - 1) + b - 1, 8 * (nb - 1), lane, nq, ns, nsum);
+    if (xq) router_quant_groups(rxs, K, G, 0, warp * (nb - 1) + b - 1, 8 * (nb - 1), lane, xq, xs, xsum);
+  }
   cluster_wait();
   if (on && (tid & (nb - 1)) == b) {
     *(float4*)(d + k0) = make_float4(v[0], v[1], v[2], v[3]);
