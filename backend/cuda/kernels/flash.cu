@@ -69,6 +69,21 @@ DEVICE void split_bf16(float x, u32& hi, u32& lo) {
 }
 
 
+// Two bf16 values (low half first) as two f16 values: exact for
+// magnitudes in [2^-14, 65504], absolute error under 2^-25 below.
+DEVICE u32 bf16x2_f16x2(u32 x) {
+  u32 r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(__uint_as_float(x & 0xFFFF0000u)), "f"(__uint_as_float(x << 16)));
+  return r;
+}
+
+// Two floats as f16 (a in the low half), round to nearest even.
+DEVICE u32 f16x2(float a, float b) {
+  u32 r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
+  return r;
+}
+
 // Two E4M3 codes (bits 0-7 and 8-15) as two bf16 values (exact: E4M3 is a
 // subset of f16, and f16 values of at most 4 significant bits are exact in
 // bf16), the first in the low half.
@@ -87,12 +102,16 @@ DEVICE uint4 e4m3x8_bf16(uint2 v) {
 }
 
 // The queries of the block's 32 rows (row r: token t0 + r/FA_HB, head
-// h0 + r%FA_HB; zeros past the ends) as hi and lo bf16 halves, W = rank +
-// dr columns: [qlat | q_pe]. All of a thread's loads are issued before the
-// first is used.
-template <int RANK, int W, bool LO>
-DEVICE void load_queries(unsigned short* qhi, unsigned short* qlo, int ld, const float* __restrict__ qlat, int ldql,
-                         const float* __restrict__ q, int ldq, int t0, int h0, int T, int heads, int dn) {
+// h0 + r%FA_HB; zeros past the ends), W = rank + dr columns: [qlat | q_pe],
+// in form QF: 0 bf16 (qhi), 1 hi and lo bf16 halves (qhi, qlo), 2 f16
+// (qhi) after scaling each row by a power of two that takes its largest
+// magnitude into [2^14, 2^15) (qinv[r]: the inverse, exact). qmax: 32
+// words of scratch. All of a thread's loads are issued before the first
+// is used.
+template <int RANK, int W, int QF>
+DEVICE void load_queries(unsigned short* qhi, unsigned short* qlo, float* qinv, u32* qmax, int ld,
+                         const float* __restrict__ qlat, int ldql, const float* __restrict__ q, int ldq, int t0,
+                         int h0, int T, int heads, int dn) {
   constexpr int per = W / 4, total = FA_M * per, iters = (total + FA_THREADS - 1) / FA_THREADS;
   constexpr int dr = W - RANK;
   float4 v[iters];
@@ -106,18 +125,39 @@ DEVICE void load_queries(unsigned short* qhi, unsigned short* qlo, int ld, const
       v[u] = k < RANK ? *(const float4*)(qlat + (size_t)t * ldql + (size_t)h * RANK + k)
                       : *(const float4*)(q + (size_t)t * ldq + (size_t)h * (dn + dr) + dn + (k - RANK));
   }
+  if (QF == 2) {
+    if (threadIdx.x < FA_M) qmax[threadIdx.x] = 0u;
+    __syncthreads();
+#pragma unroll
+    for (int u = 0; u < iters; u++) {
+      const int i = threadIdx.x + u * FA_THREADS;
+      if (i >= total) break;
+      const float m = fmaxf(fmaxf(fabsf(v[u].x), fabsf(v[u].y)), fmaxf(fabsf(v[u].z), fabsf(v[u].w)));
+      atomicMax(&qmax[i / per], __float_as_uint(m));
+    }
+    __syncthreads();
+  }
 #pragma unroll
   for (int u = 0; u < iters; u++) {
     const int i = threadIdx.x + u * FA_THREADS;
     if (i >= total) break;
     const int r = i / per, k = (i % per) * 4;
+    if (QF == 2) {
+      const u32 mb = qmax[r];
+      const int e = mb == 0u ? 0 : max(-100, min(100, 14 - ((int)(mb >> 23) - 127)));
+      const float f = __int_as_float((127 + e) << 23);
+      *(uint2*)(qhi + r * ld + k) = make_uint2(f16x2(v[u].x * f, v[u].y * f), f16x2(v[u].z * f, v[u].w * f));
+      if (k == 0) qinv[r] = __int_as_float((127 - e) << 23);
+      continue;
+    }
     u32 h0b, l0b, h1b, l1b, h2b, l2b, h3b, l3b;
     split_bf16(v[u].x, h0b, l0b);
     split_bf16(v[u].y, h1b, l1b);
     split_bf16(v[u].z, h2b, l2b);
     split_bf16(v[u].w, h3b, l3b);
     *(uint2*)(qhi + r * ld + k) = make_uint2(h0b | (h1b << 16), h2b | (h3b << 16));
-    if (LO) *(uint2*)(qlo + r * ld + k) = make_uint2(l0b | (l1b << 16), l2b | (l3b << 16));
+    if (QF == 1) *(uint2*)(qlo + r * ld + k) = make_uint2(l0b | (l1b << 16), l2b | (l3b << 16));
+    if (k == 0) qinv[r] = 1.f;
   }
 }
 
@@ -133,7 +173,7 @@ DEVICE void tile_slots(u32* sslot, int n, int kb, int nkeys, const i32* __restri
 // EXACT: the queries and the weights split hi + lo, one key tile (196 KB).
 // Else bf16 operands and two key tiles (155 + 75 KB): the next tile's
 // copies (bf16 cache) are in flight during this one's products.
-template <int NT, int DR, bool EXACT>
+template <int NT, int DR, int QF, int PF, int NB>
 DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                          const float* __restrict__ q, int ldq, const u8* __restrict__ layer, int dtype,
                          const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -141,8 +181,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
                          int T, int heads, int dn, float scale) {
   constexpr int rank = NT * 64;  // warp w owns columns [w*NT*8, +NT*8)
   constexpr int W = rank + DR, ld = W + 8;  // bf16 row stride: an odd number of 16-byte units
-  constexpr bool QLO = EXACT, PLO = EXACT, DB = !EXACT;  // lo halves, two key tiles
-  constexpr int NB = DB ? 2 : 1;                         // key tiles
+  constexpr bool QLO = QF == 1, PLO = PF == 1, DB = NB == 2;  // lo halves, two key tiles
   extern __shared__ __align__(16) u8 fa_smem[];
   unsigned short* qhi = (unsigned short*)fa_smem;
   unsigned short* qlo = qhi + FA_M * ld;                       // with QLO
@@ -154,14 +193,15 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   float* sc1 = sc0 + FA_N;                     // [FA_N] scale of k_pe
   float* alpha_s = sc1 + FA_N;                 // [FA_M]
   float* l_s = alpha_s + FA_M;                 // [FA_M]
-  u32* sslot = (u32*)(l_s + FA_M);             // [NB][FA_N] cache slots of the next tiles
+  float* qinv = l_s + FA_M;                    // [FA_M] inverse scale of a query row
+  u32* sslot = (u32*)(qinv + FA_M);            // [NB][FA_N] cache slots of the next tiles
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, c4 = lane & 3;
   const int t0 = (gridDim.x - 1 - blockIdx.x) * FA_TQ, h0 = blockIdx.y * FA_HB;
   const int nt = min(FA_TQ, T - t0);
 
-  load_queries<rank, W, QLO>(qhi, qlo, ld, qlat, ldql, q, ldq, t0, h0, T, heads, dn);
+  load_queries<rank, W, QF>(qhi, qlo, qinv, (u32*)sp, ld, qlat, ldql, q, ldq, t0, h0, T, heads, dn);
 
   // Softmax role: row sr, keys [8*sq, +8).
   const int sr = tid >> 3, sq = tid & 7;
@@ -275,10 +315,19 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
           for (int np = 0; np < 2; np++)
             ldsm_x4(smem_addr(ks + (kh * 32 + np * 16) * ld + s * 16 + b_off), b[2 * np][0], b[2 * np][1],
                     b[2 * np + 1][0], b[2 * np + 1][1]);
+          if (QF == 2) {
 #pragma unroll
-          for (int m = 0; m < 2; m++)
+            for (int n = 0; n < 4; n++) b[n][0] = bf16x2_f16x2(b[n][0]), b[n][1] = bf16x2_f16x2(b[n][1]);
 #pragma unroll
-            for (int n = 0; n < 4; n++) mma_bf16(acc[m][n], ah[m], b[n][0], b[n][1]);
+            for (int m = 0; m < 2; m++)
+#pragma unroll
+              for (int n = 0; n < 4; n++) mma_f16(acc[m][n], ah[m], b[n][0], b[n][1]);
+          } else {
+#pragma unroll
+            for (int m = 0; m < 2; m++)
+#pragma unroll
+              for (int n = 0; n < 4; n++) mma_bf16(acc[m][n], ah[m], b[n][0], b[n][1]);
+          }
           if (QLO) {
 #pragma unroll
             for (int m = 0; m < 2; m++)
@@ -324,10 +373,11 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
           sv[4] += x1.x, sv[5] += x1.y, sv[6] += x1.z, sv[7] += x1.w;
         }
         float mx = __int_as_float(0xff800000);
+        const float rscale = scale * qinv[sr];  // exact: qinv is a power of two
 #pragma unroll
         for (int u = 0; u < 8; u++) {
           const bool valid = kb + sq * 8 + u <= rowpos;
-          sv[u] = valid ? sv[u] * scale : __int_as_float(0xff800000);
+          sv[u] = valid ? sv[u] * rscale : __int_as_float(0xff800000);
           mx = fmaxf(mx, sv[u]);
         }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -342,7 +392,9 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
         for (int u = 0; u < 8; u++) {
           const float p = (none || sv[u] == __int_as_float(0xff800000)) ? 0.f : expf(sv[u] - m_new);
           sum += p;
-          if (PLO)
+          if (PF == 2)
+            sv[u] = p * sc0[sq * 8 + u];
+          else if (PLO)
             split_bf16(p * sc0[sq * 8 + u], hb[u], lb[u]);
           else
             hb[u] = fa_bf16(p * sc0[sq * 8 + u]);
@@ -352,8 +404,12 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
         sum += __shfl_xor_sync(0xffffffffu, sum, 4);
         l_run = l_run * alpha + sum;
         m_run = m_new;
-        *(uint4*)(phi + sr * FA_PLD + sq * 8) =
-            make_uint4(hb[0] | (hb[1] << 16), hb[2] | (hb[3] << 16), hb[4] | (hb[5] << 16), hb[6] | (hb[7] << 16));
+        if (PF == 2)
+          *(uint4*)(phi + sr * FA_PLD + sq * 8) =
+              make_uint4(f16x2(sv[0], sv[1]), f16x2(sv[2], sv[3]), f16x2(sv[4], sv[5]), f16x2(sv[6], sv[7]));
+        else
+          *(uint4*)(phi + sr * FA_PLD + sq * 8) =
+              make_uint4(hb[0] | (hb[1] << 16), hb[2] | (hb[3] << 16), hb[4] | (hb[5] << 16), hb[6] | (hb[7] << 16));
         if (PLO)
           *(uint4*)(plo + sr * FA_PLD + sq * 8) =
               make_uint4(lb[0] | (lb[1] << 16), lb[2] | (lb[3] << 16), lb[4] | (lb[5] << 16), lb[6] | (lb[7] << 16));
@@ -383,10 +439,19 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
           for (int np = 0; np < NT / 2; np++)
             ldsm_x4_t(smem_addr(ks + kk * 16 * ld + warp * NT * 8 + np * 16 + v_off), b[2 * np][0], b[2 * np][1],
                       b[2 * np + 1][0], b[2 * np + 1][1]);
+          if (PF == 2) {
 #pragma unroll
-          for (int m = 0; m < 2; m++)
+            for (int n = 0; n < NT; n++) b[n][0] = bf16x2_f16x2(b[n][0]), b[n][1] = bf16x2_f16x2(b[n][1]);
 #pragma unroll
-            for (int n = 0; n < NT; n++) mma_bf16(o[m][n], ah[m], b[n][0], b[n][1]);
+            for (int m = 0; m < 2; m++)
+#pragma unroll
+              for (int n = 0; n < NT; n++) mma_f16(o[m][n], ah[m], b[n][0], b[n][1]);
+          } else {
+#pragma unroll
+            for (int m = 0; m < 2; m++)
+#pragma unroll
+              for (int n = 0; n < NT; n++) mma_bf16(o[m][n], ah[m], b[n][0], b[n][1]);
+          }
           if (PLO) {
 #pragma unroll
             for (int m = 0; m < 2; m++)
@@ -421,7 +486,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   }
 }
 
-#define FLASH_LATENT(NT, DR, X, NAME)                                                                     \
+#define FLASH_LATENT(NT, DR, QF, PF, NB, NAME)                                                            \
   extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)                                            \
       NAME(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const u8* layer,        \
            int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,                             \
@@ -429,19 +494,29 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
            int dn, float scale) {                                                                             \
     PDL_LAUNCH();                                                                                            \
     PDL_WAIT();                                                                                              \
-    flash_latent<NT, DR, X>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks,   \
-                            block_size, T, heads, dn, scale);                                                \
+    flash_latent<NT, DR, QF, PF, NB>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks,  \
+                                     blocks, block_size, T, heads, dn, scale);                               \
   }
 
-// Instances: (rank/64, rope dims) of the model (8, 64) and of the tests
-// (the last, the tiny test model's), each with bf16 operands and exact.
-#define FLASH_FORMS(NT, DR)                            \
-  FLASH_LATENT(NT, DR, false, flash_latent_##NT##_##DR) \
-  FLASH_LATENT(NT, DR, true, flash_latent_##NT##_##DR##_exact)
+// Forms (queries, weights: 0 bf16, 1 hi + lo bf16, 2 f16; key tiles) by
+// name suffix: "" bf16 operands, _exact, _h f16 operands, and the
+// measurement forms _qx, _px, _qxph, _qh, _ph.
+#define FLASH_FORMS(NT, DR)                                       \
+  FLASH_LATENT(NT, DR, 0, 0, 2, flash_latent_##NT##_##DR)         \
+  FLASH_LATENT(NT, DR, 1, 1, 1, flash_latent_##NT##_##DR##_exact) \
+  FLASH_LATENT(NT, DR, 2, 2, 2, flash_latent_##NT##_##DR##_h)
+#define FLASH_MEASURE(NT, DR)                                    \
+  FLASH_LATENT(NT, DR, 1, 0, 1, flash_latent_##NT##_##DR##_qx)   \
+  FLASH_LATENT(NT, DR, 0, 1, 1, flash_latent_##NT##_##DR##_px)   \
+  FLASH_LATENT(NT, DR, 1, 2, 1, flash_latent_##NT##_##DR##_qxph) \
+  FLASH_LATENT(NT, DR, 2, 0, 2, flash_latent_##NT##_##DR##_qh)   \
+  FLASH_LATENT(NT, DR, 0, 2, 2, flash_latent_##NT##_##DR##_ph)
 FLASH_FORMS(8, 64)
 FLASH_FORMS(4, 32)
 FLASH_FORMS(2, 64)
 FLASH_FORMS(2, 16)
+FLASH_MEASURE(8, 64)
+FLASH_MEASURE(2, 16)
 
 // Decode attention on the tensor cores: a few rows (one a sequence), each
 // against its own cached positions, split over blocks by position.
