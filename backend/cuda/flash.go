@@ -41,6 +41,7 @@ var flashForms = map[string]flashForm{
 	"bf16":  {"", 0, 0, 2},
 	"exact": {"_exact", 1, 1, 1},
 	"f16":   {"_h", 2, 2, 2},
+	"f16r":  {"_hr", 2, 2, 2},
 	"qx":    {"_qx", 1, 0, 1},
 	"px":    {"_px", 0, 1, 1},
 	"qxph":  {"_qxph", 1, 2, 1},
@@ -51,7 +52,7 @@ var flashForms = map[string]flashForm{
 // flashBF16Form is the bf16 cache's form; MMFP4_CUDA_FLASH_FORM picks
 // another (measurement). The fp8 cache always takes the exact form (with
 // bf16 operands its logits moved by 1.2e-2).
-var flashBF16Form = envOr("MMFP4_CUDA_FLASH_FORM", "exact")
+var flashBF16Form = envOr("MMFP4_CUDA_FLASH_FORM", "f16")
 
 func envOr(key, def string) string {
 	if v := os.Getenv(key); v != "" {

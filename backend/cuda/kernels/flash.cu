@@ -96,6 +96,23 @@ DEVICE u32 e4m3x2_bf16x2(u32 two) {
   return (__float_as_uint(lo) >> 16) | (__float_as_uint(hi) & 0xFFFF0000u);
 }
 
+// Eight bf16 values as eight f16 values (bf16x2_f16x2).
+DEVICE uint4 bf16x8_f16(uint4 v) {
+  return make_uint4(bf16x2_f16x2(v.x), bf16x2_f16x2(v.y), bf16x2_f16x2(v.z), bf16x2_f16x2(v.w));
+}
+
+// Two E4M3 codes as two f16 values (exact).
+DEVICE u32 e4m3x2_f16x2(u32 two) {
+  u32 h;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h) : "h"((unsigned short)two));
+  return h;
+}
+
+// Eight E4M3 codes as eight f16 values.
+DEVICE uint4 e4m3x8_f16(uint2 v) {
+  return make_uint4(e4m3x2_f16x2(v.x), e4m3x2_f16x2(v.x >> 16), e4m3x2_f16x2(v.y), e4m3x2_f16x2(v.y >> 16));
+}
+
 // Eight E4M3 codes as eight bf16 values.
 DEVICE uint4 e4m3x8_bf16(uint2 v) {
   return make_uint4(e4m3x2_bf16x2(v.x), e4m3x2_bf16x2(v.x >> 16), e4m3x2_bf16x2(v.y), e4m3x2_bf16x2(v.y >> 16));
@@ -173,7 +190,7 @@ DEVICE void tile_slots(u32* sslot, int n, int kb, int nkeys, const i32* __restri
 // EXACT: the queries and the weights split hi + lo, one key tile (196 KB).
 // Else bf16 operands and two key tiles (155 + 75 KB): the next tile's
 // copies (bf16 cache) are in flight during this one's products.
-template <int NT, int DR, int QF, int PF, int NB>
+template <int NT, int DR, int QF, int PF, int NB, bool KF>
 DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                          const float* __restrict__ q, int ldq, const u8* __restrict__ layer, int dtype,
                          const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -182,6 +199,9 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   constexpr int rank = NT * 64;  // warp w owns columns [w*NT*8, +NT*8)
   constexpr int W = rank + DR, ld = W + 8;  // bf16 row stride: an odd number of 16-byte units
   constexpr bool QLO = QF == 1, PLO = PF == 1, DB = NB == 2;  // lo halves, two key tiles
+  // KF: the key tiles are f16 in shared memory (QF == PF == 2, two tiles):
+  // each thread converts the chunks it copied itself once they land.
+  static_assert(!KF || (QF == 2 && PF == 2 && DB), "f16 tiles need f16 operands and two tiles");
   extern __shared__ __align__(16) u8 fa_smem[];
   unsigned short* qhi = (unsigned short*)fa_smem;
   unsigned short* qlo = qhi + FA_M * ld;                       // with QLO
@@ -224,6 +244,17 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
     }
   };
 
+  // With KF, this thread's chunks of a landed bf16 tile as f16, in place
+  // (the chunks issue_bf16 gave it, so no barrier is needed before).
+  auto convert_own = [&](unsigned short* dst) {
+    constexpr int per = W / 8;
+#pragma unroll 6
+    for (int i = tid; i < FA_N * per; i += FA_THREADS) {
+      uint4* c = (uint4*)(dst + (i / per) * ld + (i % per) * 8);
+      *c = bf16x8_f16(*c);
+    }
+  };
+
   int ta = 0;
   while (ta < nt) {
     // One sequence's tokens [ta, tb) of the block.
@@ -248,6 +279,10 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
     if (DB && dtype == 0) {
       issue_bf16(kbuf, sslot, 0, nkeys);
       asm volatile("cp.async.commit_group;" ::: "memory");
+      if (KF) {
+        cp_async_wait_all();
+        convert_own(kbuf);
+      }
     }
 
     int it = 0;
@@ -280,7 +315,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
 #pragma unroll
         for (int u = 0; u < iters; u++) {
           const int i = tid + u * FA_THREADS, jj = i / per, k = (i % per) * 8;
-          if (total % FA_THREADS == 0 || i < total) *(uint4*)(ks + jj * ld + k) = e4m3x8_bf16(v[u]);
+          if (total % FA_THREADS == 0 || i < total) *(uint4*)(ks + jj * ld + k) = KF ? e4m3x8_f16(v[u]) : e4m3x8_bf16(v[u]);
         }
         if (tid < FA_N) sc0[tid] = s0, sc1[tid] = s1;
       }
@@ -316,8 +351,9 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
             ldsm_x4(smem_addr(ks + (kh * 32 + np * 16) * ld + s * 16 + b_off), b[2 * np][0], b[2 * np][1],
                     b[2 * np + 1][0], b[2 * np + 1][1]);
           if (QF == 2) {
+            if (!KF)
 #pragma unroll
-            for (int n = 0; n < 4; n++) b[n][0] = bf16x2_f16x2(b[n][0]), b[n][1] = bf16x2_f16x2(b[n][1]);
+              for (int n = 0; n < 4; n++) b[n][0] = bf16x2_f16x2(b[n][0]), b[n][1] = bf16x2_f16x2(b[n][1]);
 #pragma unroll
             for (int m = 0; m < 2; m++)
 #pragma unroll
@@ -417,6 +453,12 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
       }
       __syncthreads();
 
+      // With KF, the next tile (copies issued at this tile's top) as f16;
+      // the product's loads below do not wait for it.
+      if (KF && dtype == 0 && kb + FA_N < nkeys) {
+        cp_async_wait_all();
+        convert_own(kbuf + (cur ^ 1) * FA_N * ld);
+      }
       // O = O * alpha + P . c over this warp's columns.
       {
         const float a0 = alpha_s[g], a1 = alpha_s[g + 8], a2 = alpha_s[16 + g], a3 = alpha_s[24 + g];
@@ -440,8 +482,9 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
             ldsm_x4_t(smem_addr(ks + kk * 16 * ld + warp * NT * 8 + np * 16 + v_off), b[2 * np][0], b[2 * np][1],
                       b[2 * np + 1][0], b[2 * np + 1][1]);
           if (PF == 2) {
+            if (!KF)
 #pragma unroll
-            for (int n = 0; n < NT; n++) b[n][0] = bf16x2_f16x2(b[n][0]), b[n][1] = bf16x2_f16x2(b[n][1]);
+              for (int n = 0; n < NT; n++) b[n][0] = bf16x2_f16x2(b[n][0]), b[n][1] = bf16x2_f16x2(b[n][1]);
 #pragma unroll
             for (int m = 0; m < 2; m++)
 #pragma unroll
@@ -486,7 +529,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   }
 }
 
-#define FLASH_LATENT(NT, DR, QF, PF, NB, NAME)                                                            \
+#define FLASH_LATENT(NT, DR, QF, PF, NB, KF, NAME)                                                        \
   extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)                                            \
       NAME(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const u8* layer,        \
            int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,                             \
@@ -494,23 +537,25 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
            int dn, float scale) {                                                                             \
     PDL_LAUNCH();                                                                                            \
     PDL_WAIT();                                                                                              \
-    flash_latent<NT, DR, QF, PF, NB>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks,  \
+    flash_latent<NT, DR, QF, PF, NB, KF>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks,  \
                                      blocks, block_size, T, heads, dn, scale);                               \
   }
 
-// Forms (queries, weights: 0 bf16, 1 hi + lo bf16, 2 f16; key tiles) by
-// name suffix: "" bf16 operands, _exact, _h f16 operands, and the
-// measurement forms _qx, _px, _qxph, _qh, _ph.
-#define FLASH_FORMS(NT, DR)                                       \
-  FLASH_LATENT(NT, DR, 0, 0, 2, flash_latent_##NT##_##DR)         \
-  FLASH_LATENT(NT, DR, 1, 1, 1, flash_latent_##NT##_##DR##_exact) \
-  FLASH_LATENT(NT, DR, 2, 2, 2, flash_latent_##NT##_##DR##_h)
-#define FLASH_MEASURE(NT, DR)                                    \
-  FLASH_LATENT(NT, DR, 1, 0, 1, flash_latent_##NT##_##DR##_qx)   \
-  FLASH_LATENT(NT, DR, 0, 1, 1, flash_latent_##NT##_##DR##_px)   \
-  FLASH_LATENT(NT, DR, 1, 2, 1, flash_latent_##NT##_##DR##_qxph) \
-  FLASH_LATENT(NT, DR, 2, 0, 2, flash_latent_##NT##_##DR##_qh)   \
-  FLASH_LATENT(NT, DR, 0, 2, 2, flash_latent_##NT##_##DR##_ph)
+// Forms (queries, weights: 0 bf16, 1 hi + lo bf16, 2 f16; key tiles; f16
+// key tiles) by name suffix: "" bf16 operands, _exact, _h f16 operands,
+// and the measurement forms _hr (f16, keys widened in registers), _qx,
+// _px, _qxph, _qh, _ph.
+#define FLASH_FORMS(NT, DR)                                          \
+  FLASH_LATENT(NT, DR, 0, 0, 2, false, flash_latent_##NT##_##DR)         \
+  FLASH_LATENT(NT, DR, 1, 1, 1, false, flash_latent_##NT##_##DR##_exact) \
+  FLASH_LATENT(NT, DR, 2, 2, 2, true, flash_latent_##NT##_##DR##_h)
+#define FLASH_MEASURE(NT, DR)                                           \
+  FLASH_LATENT(NT, DR, 2, 2, 2, false, flash_latent_##NT##_##DR##_hr)   \
+  FLASH_LATENT(NT, DR, 1, 0, 1, false, flash_latent_##NT##_##DR##_qx)   \
+  FLASH_LATENT(NT, DR, 0, 1, 1, false, flash_latent_##NT##_##DR##_px)   \
+  FLASH_LATENT(NT, DR, 1, 2, 1, false, flash_latent_##NT##_##DR##_qxph) \
+  FLASH_LATENT(NT, DR, 2, 0, 2, false, flash_latent_##NT##_##DR##_qh)   \
+  FLASH_LATENT(NT, DR, 0, 2, 2, false, flash_latent_##NT##_##DR##_ph)
 FLASH_FORMS(8, 64)
 FLASH_FORMS(4, 32)
 FLASH_FORMS(2, 64)
