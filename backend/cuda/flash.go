@@ -35,13 +35,12 @@ type flashForm struct {
 	f16    bool
 }
 
-// flashForms by name. "f16r" (f16, key fragments widened in registers
-// instead of the tiles in shared memory) is a measurement form, compiled
-// at the model's shape only.
+// flashForms by name. "f16u" (f16, the score loop unrolled) is a
+// measurement form, compiled at the model's shape only.
 var flashForms = map[string]flashForm{
 	"f16":   {"_h", true},
 	"exact": {"_exact", false},
-	"f16r":  {"_hr", true},
+	"f16u":  {"_hu", true},
 }
 
 // flashBF16Form is the bf16 cache's form: f16 operands (0.2x against 0.28
@@ -55,8 +54,8 @@ var flashBF16Form = map[bool]string{false: "f16", true: "exact"}[os.Getenv("MMFP
 
 // flashFormFor is the form a cache of precision dt takes.
 func flashFormFor(dt backend.CacheDType) flashForm {
-	if dt == backend.CacheBF16 {
-		return flashForms[flashBF16Form]
+	if f, ok := flashForms[flashBF16Form]; ok && dt == backend.CacheBF16 {
+		return f
 	}
 	return flashForms["exact"]
 }

@@ -135,11 +135,11 @@ func TestFlashUse(t *testing.T) {
 	}
 }
 
-// flashTestForms are the bf16 cache's forms the tests run: f16r only at
+// flashTestForms are the bf16 cache's forms the tests run: f16u only at
 // the model's shape (its one instance in flash.cu).
 func flashTestForms(s backend.MLAShape) []string {
 	if s.Rank == 512 && s.RopeDim == 64 {
-		return []string{"f16", "exact", "f16r"}
+		return []string{"f16", "exact", "f16u"}
 	}
 	return []string{"f16", "exact"}
 }
@@ -207,7 +207,7 @@ func TestFlashAttentionMatchesCPU(t *testing.T) {
 				msg += fmt.Sprintf(" %s %.2e", form, e)
 				if form == "f16" {
 					ref = got
-				} else if form == "f16r" && !slices.Equal(math32bits(ref), math32bits(got)) {
+				} else if form == "f16u" && !slices.Equal(math32bits(ref), math32bits(got)) {
 					t.Errorf("%s: f16 forms differ", name)
 				}
 			}

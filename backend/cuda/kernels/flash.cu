@@ -102,23 +102,6 @@ DEVICE u32 e4m3x2_bf16x2(u32 two) {
   return (__float_as_uint(lo) >> 16) | (__float_as_uint(hi) & 0xFFFF0000u);
 }
 
-// Eight bf16 values as eight f16 values (bf16x2_f16x2).
-DEVICE uint4 bf16x8_f16(uint4 v) {
-  return make_uint4(bf16x2_f16x2(v.x), bf16x2_f16x2(v.y), bf16x2_f16x2(v.z), bf16x2_f16x2(v.w));
-}
-
-// Two E4M3 codes as two f16 values (exact).
-DEVICE u32 e4m3x2_f16x2(u32 two) {
-  u32 h;
-  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h) : "h"((unsigned short)two));
-  return h;
-}
-
-// Eight E4M3 codes as eight f16 values.
-DEVICE uint4 e4m3x8_f16(uint2 v) {
-  return make_uint4(e4m3x2_f16x2(v.x), e4m3x2_f16x2(v.x >> 16), e4m3x2_f16x2(v.y), e4m3x2_f16x2(v.y >> 16));
-}
-
 // Eight E4M3 codes as eight bf16 values.
 DEVICE uint4 e4m3x8_bf16(uint2 v) {
   return make_uint4(e4m3x2_bf16x2(v.x), e4m3x2_bf16x2(v.x >> 16), e4m3x2_bf16x2(v.y), e4m3x2_bf16x2(v.y >> 16));
@@ -194,11 +177,11 @@ DEVICE void tile_slots(u32* sslot, int n, int kb, int nkeys, const i32* __restri
 }
 
 // F16: f16 operands and two key tiles (155 + 75 KB): the next tile's
-// copies (bf16 cache) are in flight during this one's products; KF: the
-// tiles widened to f16 in shared memory, else each product's key
-// fragments in registers. Else exact: the queries and the weights split
-// hi + lo, one key tile (196 KB).
-template <int NT, int DR, bool F16, bool KF>
+// copies (bf16 cache) are in flight during this one's products; each
+// product's key fragments are widened to f16 in registers. UN: the score
+// loop's latent steps all unrolled (else two at a time). Else exact: the
+// queries and the weights split hi + lo, one key tile (196 KB).
+template <int NT, int DR, bool F16, bool UN>
 DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                          const float* __restrict__ q, int ldq, const u8* __restrict__ layer, int dtype,
                          const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -208,7 +191,6 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   constexpr int W = rank + DR, ld = W + 8;  // bf16 row stride: an odd number of 16-byte units
   constexpr bool QLO = !F16, PLO = !F16, DB = F16;  // lo halves, two key tiles
   constexpr int NB = DB ? 2 : 1;                    // key tiles
-  static_assert(!KF || F16, "f16 key tiles go with f16 operands");
   extern __shared__ __align__(16) u8 fa_smem[];
   unsigned short* qhi = (unsigned short*)fa_smem;
   unsigned short* qlo = qhi + FA_M * ld;                       // with QLO
@@ -251,17 +233,6 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
     }
   };
 
-  // With KF, this thread's chunks of a landed bf16 tile as f16, in place
-  // (the chunks issue_bf16 gave it, so no barrier is needed before).
-  auto convert_own = [&](unsigned short* dst) {
-    constexpr int per = W / 8;
-#pragma unroll 6
-    for (int i = tid; i < FA_N * per; i += FA_THREADS) {
-      uint4* c = (uint4*)(dst + (i / per) * ld + (i % per) * 8);
-      *c = bf16x8_f16(*c);
-    }
-  };
-
   int ta = 0;
   while (ta < nt) {
     // One sequence's tokens [ta, tb) of the block.
@@ -286,10 +257,6 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
     if (DB && dtype == 0) {
       issue_bf16(kbuf, sslot, 0, nkeys);
       asm volatile("cp.async.commit_group;" ::: "memory");
-      if (KF) {
-        cp_async_wait_all();
-        convert_own(kbuf);
-      }
     }
 
     int it = 0;
@@ -322,7 +289,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
 #pragma unroll
         for (int u = 0; u < iters; u++) {
           const int i = tid + u * FA_THREADS, jj = i / per, k = (i % per) * 8;
-          if (total % FA_THREADS == 0 || i < total) *(uint4*)(ks + jj * ld + k) = KF ? e4m3x8_f16(v[u]) : e4m3x8_bf16(v[u]);
+          if (total % FA_THREADS == 0 || i < total) *(uint4*)(ks + jj * ld + k) = e4m3x8_bf16(v[u]);
         }
         if (tid < FA_N) sc0[tid] = s0, sc1[tid] = s1;
       }
@@ -358,9 +325,8 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
             ldsm_x4(smem_addr(ks + (kh * 32 + np * 16) * ld + s * 16 + b_off), b[2 * np][0], b[2 * np][1],
                     b[2 * np + 1][0], b[2 * np + 1][1]);
           if (F16) {
-            if (!KF)
 #pragma unroll
-              for (int n = 0; n < 4; n++) b[n][0] = bf16x2_f16x2(b[n][0]), b[n][1] = bf16x2_f16x2(b[n][1]);
+            for (int n = 0; n < 4; n++) b[n][0] = bf16x2_f16x2(b[n][0]), b[n][1] = bf16x2_f16x2(b[n][1]);
 #pragma unroll
             for (int m = 0; m < 2; m++)
 #pragma unroll
@@ -380,8 +346,13 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
         };
         // This warp's k steps are kw, kw+4, ...: the latent ones (rank/16
         // = 4 NT of them), then the rope ones.
+        if (UN) {
+#pragma unroll
+          for (int i = 0; i < NT; i++) step(kw + 4 * i, al);
+        } else {
 #pragma unroll 2
-        for (int i = 0; i < NT; i++) step(kw + 4 * i, al);
+          for (int i = 0; i < NT; i++) step(kw + 4 * i, al);
+        }
 #pragma unroll
         for (int s = lsteps + kw; s < steps; s += 4) step(s, ap);
         float* mine = sp + kw * FA_M * FA_SLD;
@@ -458,12 +429,6 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
       }
       __syncthreads();
 
-      // With KF, the next tile (copies issued at this tile's top) as f16;
-      // the product's loads below do not wait for it.
-      if (KF && dtype == 0 && kb + FA_N < nkeys) {
-        cp_async_wait_all();
-        convert_own(kbuf + (cur ^ 1) * FA_N * ld);
-      }
       // O = O * alpha + P . c over this warp's columns.
       {
         const float a0 = alpha_s[g], a1 = alpha_s[g + 8], a2 = alpha_s[16 + g], a3 = alpha_s[24 + g];
@@ -487,9 +452,8 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
             ldsm_x4_t(smem_addr(ks + kk * 16 * ld + warp * NT * 8 + np * 16 + v_off), b[2 * np][0], b[2 * np][1],
                       b[2 * np + 1][0], b[2 * np + 1][1]);
           if (F16) {
-            if (!KF)
 #pragma unroll
-              for (int n = 0; n < NT; n++) b[n][0] = bf16x2_f16x2(b[n][0]), b[n][1] = bf16x2_f16x2(b[n][1]);
+            for (int n = 0; n < NT; n++) b[n][0] = bf16x2_f16x2(b[n][0]), b[n][1] = bf16x2_f16x2(b[n][1]);
 #pragma unroll
             for (int m = 0; m < 2; m++)
 #pragma unroll
@@ -534,7 +498,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   }
 }
 
-#define FLASH_LATENT(NT, DR, F16, KF, NAME)                                                        \
+#define FLASH_LATENT(NT, DR, F16, UN, NAME)                                                        \
   extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)                                            \
       NAME(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const u8* layer,        \
            int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,                             \
@@ -542,21 +506,21 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
            int dn, float scale) {                                                                             \
     PDL_LAUNCH();                                                                                            \
     PDL_WAIT();                                                                                              \
-    flash_latent<NT, DR, F16, KF>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks,  \
+    flash_latent<NT, DR, F16, UN>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks,  \
                                      blocks, block_size, T, heads, dn, scale);                               \
   }
 
 // Instances: (rank/64, rope dims) of the model (8, 64) and of the tests
-// (the last, the tiny test model's), each in f16 operands and exact; _hr
-// (f16, key fragments widened in registers) for measurement.
-#define FLASH_FORMS(NT, DR)                                     \
-  FLASH_LATENT(NT, DR, true, true, flash_latent_##NT##_##DR##_h) \
+// (the last, the tiny test model's), each in f16 operands and exact; _hu
+// (f16, the score loop unrolled) for measurement.
+#define FLASH_FORMS(NT, DR)                                      \
+  FLASH_LATENT(NT, DR, true, false, flash_latent_##NT##_##DR##_h) \
   FLASH_LATENT(NT, DR, false, false, flash_latent_##NT##_##DR##_exact)
 FLASH_FORMS(8, 64)
 FLASH_FORMS(4, 32)
 FLASH_FORMS(2, 64)
 FLASH_FORMS(2, 16)
-FLASH_LATENT(8, 64, true, false, flash_latent_8_64_hr)
+FLASH_LATENT(8, 64, true, true, flash_latent_8_64_hu)
 
 // Decode attention on the tensor cores: a few rows (one a sequence), each
 // against its own cached positions, split over blocks by position.
