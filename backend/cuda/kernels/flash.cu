@@ -178,10 +178,11 @@ DEVICE void tile_slots(u32* sslot, int n, int kb, int nkeys, const i32* __restri
 
 // F16: f16 operands and two key tiles (155 + 75 KB): the next tile's
 // copies (bf16 cache) are in flight during this one's products; each
-// product's key fragments are widened to f16 in registers. UN: the score
-// loop's latent steps all unrolled (else two at a time). Else exact: the
-// queries and the weights split hi + lo, one key tile (196 KB).
-template <int NT, int DR, bool F16, bool UN>
+// product's key fragments are widened to f16 in registers, and the score
+// loop is unrolled whole so that the next step's loads and widening need
+// not wait for this step's products. Else exact: the queries and the
+// weights split hi + lo, one key tile (196 KB).
+template <int NT, int DR, bool F16>
 DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                          const float* __restrict__ q, int ldq, const u8* __restrict__ layer, int dtype,
                          const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -346,7 +347,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
         };
         // This warp's k steps are kw, kw+4, ...: the latent ones (rank/16
         // = 4 NT of them), then the rope ones.
-        if (UN) {
+        if (F16) {
 #pragma unroll
           for (int i = 0; i < NT; i++) step(kw + 4 * i, al);
         } else {
@@ -498,7 +499,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   }
 }
 
-#define FLASH_LATENT(NT, DR, F16, UN, NAME)                                                        \
+#define FLASH_LATENT(NT, DR, F16, NAME)                                                                  \
   extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)                                            \
       NAME(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const u8* layer,        \
            int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,                             \
@@ -506,21 +507,19 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
            int dn, float scale) {                                                                             \
     PDL_LAUNCH();                                                                                            \
     PDL_WAIT();                                                                                              \
-    flash_latent<NT, DR, F16, UN>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks,  \
-                                     blocks, block_size, T, heads, dn, scale);                               \
+    flash_latent<NT, DR, F16>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks, \
+                              block_size, T, heads, dn, scale);                                              \
   }
 
 // Instances: (rank/64, rope dims) of the model (8, 64) and of the tests
-// (the last, the tiny test model's), each in f16 operands and exact; _hu
-// (f16, the score loop unrolled) for measurement.
-#define FLASH_FORMS(NT, DR)                                      \
-  FLASH_LATENT(NT, DR, true, false, flash_latent_##NT##_##DR##_h) \
-  FLASH_LATENT(NT, DR, false, false, flash_latent_##NT##_##DR##_exact)
+// (the last, the tiny test model's), each in f16 operands and exact.
+#define FLASH_FORMS(NT, DR)                               \
+  FLASH_LATENT(NT, DR, true, flash_latent_##NT##_##DR##_h) \
+  FLASH_LATENT(NT, DR, false, flash_latent_##NT##_##DR##_exact)
 FLASH_FORMS(8, 64)
 FLASH_FORMS(4, 32)
 FLASH_FORMS(2, 64)
 FLASH_FORMS(2, 16)
-FLASH_LATENT(8, 64, true, true, flash_latent_8_64_hu)
 
 // Decode attention on the tensor cores: a few rows (one a sequence), each
 // against its own cached positions, split over blocks by position.
