@@ -20,5 +20,5 @@
 //	MMFP4_CUDA_GRAPHS  "0": launch every op on its own instead of replaying repeated steps as CUDA graphs
 //	MMFP4_CUDA_PDL     "0": no programmatic dependent launch (on by default on sm_90: each kernel starts while the one before drains)
 //	MMFP4_CUDA_PROFILE "1": time every op of decode steps on the device; totals on stderr at Close
-//	MMFP4_CUDA_FLASH_BF16 "1": prefill attention over a bf16 cache with bf16 operands (faster, about 3e-3 from the exact form)
+//	MMFP4_CUDA_FLASH_EXACT "1": prefill attention over a bf16 cache in the exact form (slower; the default f16 operands are about 4e-4 from it)
 package cuda

@@ -27,34 +27,48 @@ const (
 	flashHeads  = 4
 )
 
-// flashExact sends every cache precision to the flash kernel's exact form
-// (queries and softmax weights split hi + lo). It is the default: the
-// form with bf16 operands (0.21 against 0.28 ms a layer at 1024 rows on an
-// H200) moves the op's output by about 3e-3 instead of 1e-5 and made the
-// tiny test model's greedy decoding leave the CPU backend's at step 38 of
-// 64 (docs/perf.md), and GPU decoding must give the CPU's greedy ids.
-// MMFP4_CUDA_FLASH_BF16=1 gives the bf16 cache that faster form. The fp8
-// cache always takes the exact form (with bf16 operands its logits moved
-// by 1.2e-2).
-var flashExact = os.Getenv("MMFP4_CUDA_FLASH_BF16") != "1"
+// flashForm is a form of the flash kernel (flash.cu): f16 operands with
+// two key tiles (f16 true), or exact, the queries and the softmax weights
+// split hi + lo bf16, with one key tile.
+type flashForm struct {
+	suffix string // of the kernel's name
+	f16    bool
+}
 
-// flashExactFor reports whether a cache of precision dt takes the exact
-// form.
-func flashExactFor(dt backend.CacheDType) bool {
-	return flashExact || dt != backend.CacheBF16
+// flashForms by name.
+var flashForms = map[string]flashForm{
+	"f16":   {"_h", true},
+	"exact": {"_exact", false},
+}
+
+// flashBF16Form is the bf16 cache's form: f16 operands (0.238 against 0.280
+// ms a layer at 1024 rows on an H200; the op's output within 4e-4 of the
+// CPU's where bf16 operands gave 3e-3, and the tiny test model's greedy ids
+// the CPU's; docs/perf.md). MMFP4_CUDA_FLASH_EXACT=1 gives it the exact
+// form (an A/B, and runs that must track the CPU's float32 closely). The
+// fp8 cache always takes the exact form (with bf16 operands its logits
+// moved by 1.2e-2).
+var flashBF16Form = map[bool]string{false: "f16", true: "exact"}[os.Getenv("MMFP4_CUDA_FLASH_EXACT") == "1"]
+
+// flashFormFor is the form a cache of precision dt takes.
+func flashFormFor(dt backend.CacheDType) flashForm {
+	if f, ok := flashForms[flashBF16Form]; ok && dt == backend.CacheBF16 {
+		return f
+	}
+	return flashForms["exact"]
 }
 
 // flashShared is the flash kernel's dynamic shared memory for rows of
 // width w = rank + rope dims (see flash.cu): the exact form keeps two
-// parts of the queries and of the weights and one key tile, the other
+// parts of the queries and of the weights and one key tile, the f16 form
 // one part and two key tiles.
-func flashShared(w int, exact bool) int {
+func flashShared(w int, f flashForm) int {
 	ld := w + 8
-	parts, tiles := 1, 2
-	if exact {
-		parts, tiles = 2, 1
+	parts, tiles := 2, 1
+	if f.f16 {
+		parts, tiles = 1, 2
 	}
-	return parts*32*ld*2 + tiles*64*ld*2 + 4*32*72*4 + parts*32*72*2 + (2*64+2*32)*4 + tiles*64*4
+	return parts*32*ld*2 + tiles*64*ld*2 + 4*32*72*4 + parts*32*72*2 + (2*64+3*32)*4 + tiles*64*4
 }
 
 // flashShapes are the (rank, rope dims) the flash kernel is compiled for:
@@ -72,7 +86,7 @@ func (b *Backend) flashFits(ql, qm *tensor, p *cachePool, s backend.MLAShape) bo
 		return false
 	}
 	return s.NopeDim%4 == 0 && ql.ld%4 == 0 && qm.ld%4 == 0 &&
-		flashShared(s.Rank+s.RopeDim, flashExactFor(p.dtype)) <= b.dev.Info().SharedOptin
+		flashShared(s.Rank+s.RopeDim, flashFormFor(p.dtype)) <= b.dev.Info().SharedOptin
 }
 
 // flashUse reports whether a step takes the flash kernel: at least
@@ -99,12 +113,9 @@ func (b *Backend) flashUse(batch *backend.Batch) bool {
 // flashAttention queues the flash kernel over all T rows.
 func (b *Backend) flashAttention(om, ql, qm *tensor, p *cachePool, layer int, s backend.MLAShape, scale float32) {
 	T := b.batch.Rows()
-	exact := flashExactFor(p.dtype)
-	shared := flashShared(s.Rank+s.RopeDim, exact)
-	name := fmt.Sprintf("flash_latent_%d_%d", s.Rank/64, s.RopeDim)
-	if exact {
-		name += "_exact"
-	}
+	f := flashFormFor(p.dtype)
+	shared := flashShared(s.Rank+s.RopeDim, f)
+	name := fmt.Sprintf("flash_latent_%d_%d%s", s.Rank/64, s.RopeDim, f.suffix)
 	grid := Dim{uint32((T + flashTokens - 1) / flashTokens), uint32((s.Heads + flashHeads - 1) / flashHeads), 1}
 	b.do("attention", func(c *Ctx) error {
 		k, err := c.kernelShared("flash", name, shared)

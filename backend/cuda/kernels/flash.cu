@@ -13,12 +13,18 @@
 // cache's E4M3 codes, its two per-position scales applied in fp32 outside
 // the products), so only the fp32 operands (the queries and the softmax
 // weights) are rounded. Two forms:
-// - bf16 operands (the bf16 cache's default): the queries and the weights
-//   rounded to bfloat16, fp32 accumulators, as flash attention commonly
-//   does; max |err| / max |ref| 1.7e-3 to 3.1e-3 against the CPU on an
-//   H200. Their shared memory leaves room for two key tiles, so the next
-//   tile's copies land during this one's products.
-// - exact (the fp8 cache, and every cache with MMFP4_CUDA_FLASH_EXACT=1):
+// - f16 operands (the bf16 cache's default): each query row scaled by a
+//   power of two (undone exactly in the softmax) and rounded to f16, the
+//   weights (in [0,1]) rounded to f16, and the key tile widened to f16 in
+//   shared memory (exact for magnitudes in [2^-14, 65504]; the latent
+//   cache's normalised values lie well inside), fp32 accumulators. f16
+//   carries 11 bits to bf16's 8: max |err| / max |ref| 2.7e-4 to 3.9e-4
+//   against the CPU on an H200, where bf16 operands gave 1.7e-3 to 3.1e-3
+//   and made the tiny test model's greedy ids part from the CPU's (the
+//   weights' rounding did that, not the queries'; docs/perf.md). Its
+//   shared memory leaves room for two key tiles, so the next tile's copies
+//   land during this one's products.
+// - exact (the fp8 cache, and the bf16 cache with MMFP4_CUDA_FLASH_EXACT=1):
 //   each operand split as hi + lo, two bfloat16 numbers that carry 16 bits
 //   of its mantissa, every product issued for both halves: an error near
 //   fp32 summation order (under 1e-5), twice the tensor work, one tile.
@@ -37,7 +43,7 @@
 //
 // Shared memory (bytes), W = rank+dr, with parts p = 2 exact, else 1 and
 // key tiles n = 1 exact, else 2: queries p*32*(W+8)*2, keys n*64*(W+8)*2,
-// partial scores 4*32*72*4, weights p*32*72*2, 2*64 + 2*32 floats and n*64
+// partial scores 4*32*72*4, weights p*32*72*2, 2*64 + 3*32 floats and n*64
 // slots (flashShared in flash.go).
 
 #define FA_TQ 8
@@ -69,6 +75,21 @@ DEVICE void split_bf16(float x, u32& hi, u32& lo) {
 }
 
 
+// Two bf16 values (low half first) as two f16 values: exact for
+// magnitudes in [2^-14, 65504], absolute error under 2^-25 below.
+DEVICE u32 bf16x2_f16x2(u32 x) {
+  u32 r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(__uint_as_float(x & 0xFFFF0000u)), "f"(__uint_as_float(x << 16)));
+  return r;
+}
+
+// Two floats as f16 (a in the low half), round to nearest even.
+DEVICE u32 f16x2(float a, float b) {
+  u32 r;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
+  return r;
+}
+
 // Two E4M3 codes (bits 0-7 and 8-15) as two bf16 values (exact: E4M3 is a
 // subset of f16, and f16 values of at most 4 significant bits are exact in
 // bf16), the first in the low half.
@@ -87,12 +108,16 @@ DEVICE uint4 e4m3x8_bf16(uint2 v) {
 }
 
 // The queries of the block's 32 rows (row r: token t0 + r/FA_HB, head
-// h0 + r%FA_HB; zeros past the ends) as hi and lo bf16 halves, W = rank +
-// dr columns: [qlat | q_pe]. All of a thread's loads are issued before the
-// first is used.
-template <int RANK, int W, bool LO>
-DEVICE void load_queries(unsigned short* qhi, unsigned short* qlo, int ld, const float* __restrict__ qlat, int ldql,
-                         const float* __restrict__ q, int ldq, int t0, int h0, int T, int heads, int dn) {
+// h0 + r%FA_HB; zeros past the ends), W = rank + dr columns: [qlat | q_pe],
+// as hi and lo bf16 halves (qhi, qlo), or with F16 as f16 (qhi) after
+// scaling each row by a power of two that takes its largest magnitude into
+// [2^14, 2^15) (qinv[r]: the inverse, exact; 1 without F16). qmax: 32
+// words of scratch. All of a thread's loads are issued before the first
+// is used.
+template <int RANK, int W, bool F16>
+DEVICE void load_queries(unsigned short* qhi, unsigned short* qlo, float* qinv, u32* qmax, int ld,
+                         const float* __restrict__ qlat, int ldql, const float* __restrict__ q, int ldq, int t0,
+                         int h0, int T, int heads, int dn) {
   constexpr int per = W / 4, total = FA_M * per, iters = (total + FA_THREADS - 1) / FA_THREADS;
   constexpr int dr = W - RANK;
   float4 v[iters];
@@ -106,18 +131,39 @@ DEVICE void load_queries(unsigned short* qhi, unsigned short* qlo, int ld, const
       v[u] = k < RANK ? *(const float4*)(qlat + (size_t)t * ldql + (size_t)h * RANK + k)
                       : *(const float4*)(q + (size_t)t * ldq + (size_t)h * (dn + dr) + dn + (k - RANK));
   }
+  if (F16) {
+    if (threadIdx.x < FA_M) qmax[threadIdx.x] = 0u;
+    __syncthreads();
+#pragma unroll
+    for (int u = 0; u < iters; u++) {
+      const int i = threadIdx.x + u * FA_THREADS;
+      if (i >= total) break;
+      const float m = fmaxf(fmaxf(fabsf(v[u].x), fabsf(v[u].y)), fmaxf(fabsf(v[u].z), fabsf(v[u].w)));
+      atomicMax(&qmax[i / per], __float_as_uint(m));
+    }
+    __syncthreads();
+  }
 #pragma unroll
   for (int u = 0; u < iters; u++) {
     const int i = threadIdx.x + u * FA_THREADS;
     if (i >= total) break;
     const int r = i / per, k = (i % per) * 4;
+    if (F16) {
+      const u32 mb = qmax[r];
+      const int e = mb == 0u ? 0 : max(-100, min(100, 14 - ((int)(mb >> 23) - 127)));
+      const float f = __int_as_float((127 + e) << 23);
+      *(uint2*)(qhi + r * ld + k) = make_uint2(f16x2(v[u].x * f, v[u].y * f), f16x2(v[u].z * f, v[u].w * f));
+      if (k == 0) qinv[r] = __int_as_float((127 - e) << 23);
+      continue;
+    }
     u32 h0b, l0b, h1b, l1b, h2b, l2b, h3b, l3b;
     split_bf16(v[u].x, h0b, l0b);
     split_bf16(v[u].y, h1b, l1b);
     split_bf16(v[u].z, h2b, l2b);
     split_bf16(v[u].w, h3b, l3b);
     *(uint2*)(qhi + r * ld + k) = make_uint2(h0b | (h1b << 16), h2b | (h3b << 16));
-    if (LO) *(uint2*)(qlo + r * ld + k) = make_uint2(l0b | (l1b << 16), l2b | (l3b << 16));
+    *(uint2*)(qlo + r * ld + k) = make_uint2(l0b | (l1b << 16), l2b | (l3b << 16));
+    if (k == 0) qinv[r] = 1.f;
   }
 }
 
@@ -130,10 +176,13 @@ DEVICE void tile_slots(u32* sslot, int n, int kb, int nkeys, const i32* __restri
   }
 }
 
-// EXACT: the queries and the weights split hi + lo, one key tile (196 KB).
-// Else bf16 operands and two key tiles (155 + 75 KB): the next tile's
-// copies (bf16 cache) are in flight during this one's products.
-template <int NT, int DR, bool EXACT>
+// F16: f16 operands and two key tiles (155 + 75 KB): the next tile's
+// copies (bf16 cache) are in flight during this one's products; each
+// product's key fragments are widened to f16 in registers, and the score
+// loop is unrolled whole so that the next step's loads and widening need
+// not wait for this step's products. Else exact: the queries and the
+// weights split hi + lo, one key tile (196 KB).
+template <int NT, int DR, bool F16>
 DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                          const float* __restrict__ q, int ldq, const u8* __restrict__ layer, int dtype,
                          const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -141,8 +190,8 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
                          int T, int heads, int dn, float scale) {
   constexpr int rank = NT * 64;  // warp w owns columns [w*NT*8, +NT*8)
   constexpr int W = rank + DR, ld = W + 8;  // bf16 row stride: an odd number of 16-byte units
-  constexpr bool QLO = EXACT, PLO = EXACT, DB = !EXACT;  // lo halves, two key tiles
-  constexpr int NB = DB ? 2 : 1;                         // key tiles
+  constexpr bool QLO = !F16, PLO = !F16, DB = F16;  // lo halves, two key tiles
+  constexpr int NB = DB ? 2 : 1;                    // key tiles
   extern __shared__ __align__(16) u8 fa_smem[];
   unsigned short* qhi = (unsigned short*)fa_smem;
   unsigned short* qlo = qhi + FA_M * ld;                       // with QLO
@@ -154,14 +203,15 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   float* sc1 = sc0 + FA_N;                     // [FA_N] scale of k_pe
   float* alpha_s = sc1 + FA_N;                 // [FA_M]
   float* l_s = alpha_s + FA_M;                 // [FA_M]
-  u32* sslot = (u32*)(l_s + FA_M);             // [NB][FA_N] cache slots of the next tiles
+  float* qinv = l_s + FA_M;                    // [FA_M] inverse scale of a query row
+  u32* sslot = (u32*)(qinv + FA_M);            // [NB][FA_N] cache slots of the next tiles
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, c4 = lane & 3;
   const int t0 = (gridDim.x - 1 - blockIdx.x) * FA_TQ, h0 = blockIdx.y * FA_HB;
   const int nt = min(FA_TQ, T - t0);
 
-  load_queries<rank, W, QLO>(qhi, qlo, ld, qlat, ldql, q, ldq, t0, h0, T, heads, dn);
+  load_queries<rank, W, F16>(qhi, qlo, qinv, (u32*)sp, ld, qlat, ldql, q, ldq, t0, h0, T, heads, dn);
 
   // Softmax role: row sr, keys [8*sq, +8).
   const int sr = tid >> 3, sq = tid & 7;
@@ -275,10 +325,19 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
           for (int np = 0; np < 2; np++)
             ldsm_x4(smem_addr(ks + (kh * 32 + np * 16) * ld + s * 16 + b_off), b[2 * np][0], b[2 * np][1],
                     b[2 * np + 1][0], b[2 * np + 1][1]);
+          if (F16) {
 #pragma unroll
-          for (int m = 0; m < 2; m++)
+            for (int n = 0; n < 4; n++) b[n][0] = bf16x2_f16x2(b[n][0]), b[n][1] = bf16x2_f16x2(b[n][1]);
 #pragma unroll
-            for (int n = 0; n < 4; n++) mma_bf16(acc[m][n], ah[m], b[n][0], b[n][1]);
+            for (int m = 0; m < 2; m++)
+#pragma unroll
+              for (int n = 0; n < 4; n++) mma_f16(acc[m][n], ah[m], b[n][0], b[n][1]);
+          } else {
+#pragma unroll
+            for (int m = 0; m < 2; m++)
+#pragma unroll
+              for (int n = 0; n < 4; n++) mma_bf16(acc[m][n], ah[m], b[n][0], b[n][1]);
+          }
           if (QLO) {
 #pragma unroll
             for (int m = 0; m < 2; m++)
@@ -288,8 +347,13 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
         };
         // This warp's k steps are kw, kw+4, ...: the latent ones (rank/16
         // = 4 NT of them), then the rope ones.
+        if (F16) {
+#pragma unroll
+          for (int i = 0; i < NT; i++) step(kw + 4 * i, al);
+        } else {
 #pragma unroll 2
-        for (int i = 0; i < NT; i++) step(kw + 4 * i, al);
+          for (int i = 0; i < NT; i++) step(kw + 4 * i, al);
+        }
 #pragma unroll
         for (int s = lsteps + kw; s < steps; s += 4) step(s, ap);
         float* mine = sp + kw * FA_M * FA_SLD;
@@ -324,10 +388,11 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
           sv[4] += x1.x, sv[5] += x1.y, sv[6] += x1.z, sv[7] += x1.w;
         }
         float mx = __int_as_float(0xff800000);
+        const float rscale = scale * qinv[sr];  // exact: qinv is a power of two
 #pragma unroll
         for (int u = 0; u < 8; u++) {
           const bool valid = kb + sq * 8 + u <= rowpos;
-          sv[u] = valid ? sv[u] * scale : __int_as_float(0xff800000);
+          sv[u] = valid ? sv[u] * rscale : __int_as_float(0xff800000);
           mx = fmaxf(mx, sv[u]);
         }
         mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -342,18 +407,22 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
         for (int u = 0; u < 8; u++) {
           const float p = (none || sv[u] == __int_as_float(0xff800000)) ? 0.f : expf(sv[u] - m_new);
           sum += p;
-          if (PLO)
-            split_bf16(p * sc0[sq * 8 + u], hb[u], lb[u]);
+          if (F16)
+            sv[u] = p * sc0[sq * 8 + u];
           else
-            hb[u] = fa_bf16(p * sc0[sq * 8 + u]);
+            split_bf16(p * sc0[sq * 8 + u], hb[u], lb[u]);
         }
         sum += __shfl_xor_sync(0xffffffffu, sum, 1);
         sum += __shfl_xor_sync(0xffffffffu, sum, 2);
         sum += __shfl_xor_sync(0xffffffffu, sum, 4);
         l_run = l_run * alpha + sum;
         m_run = m_new;
-        *(uint4*)(phi + sr * FA_PLD + sq * 8) =
-            make_uint4(hb[0] | (hb[1] << 16), hb[2] | (hb[3] << 16), hb[4] | (hb[5] << 16), hb[6] | (hb[7] << 16));
+        if (F16)
+          *(uint4*)(phi + sr * FA_PLD + sq * 8) =
+              make_uint4(f16x2(sv[0], sv[1]), f16x2(sv[2], sv[3]), f16x2(sv[4], sv[5]), f16x2(sv[6], sv[7]));
+        else
+          *(uint4*)(phi + sr * FA_PLD + sq * 8) =
+              make_uint4(hb[0] | (hb[1] << 16), hb[2] | (hb[3] << 16), hb[4] | (hb[5] << 16), hb[6] | (hb[7] << 16));
         if (PLO)
           *(uint4*)(plo + sr * FA_PLD + sq * 8) =
               make_uint4(lb[0] | (lb[1] << 16), lb[2] | (lb[3] << 16), lb[4] | (lb[5] << 16), lb[6] | (lb[7] << 16));
@@ -383,10 +452,19 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
           for (int np = 0; np < NT / 2; np++)
             ldsm_x4_t(smem_addr(ks + kk * 16 * ld + warp * NT * 8 + np * 16 + v_off), b[2 * np][0], b[2 * np][1],
                       b[2 * np + 1][0], b[2 * np + 1][1]);
+          if (F16) {
 #pragma unroll
-          for (int m = 0; m < 2; m++)
+            for (int n = 0; n < NT; n++) b[n][0] = bf16x2_f16x2(b[n][0]), b[n][1] = bf16x2_f16x2(b[n][1]);
 #pragma unroll
-            for (int n = 0; n < NT; n++) mma_bf16(o[m][n], ah[m], b[n][0], b[n][1]);
+            for (int m = 0; m < 2; m++)
+#pragma unroll
+              for (int n = 0; n < NT; n++) mma_f16(o[m][n], ah[m], b[n][0], b[n][1]);
+          } else {
+#pragma unroll
+            for (int m = 0; m < 2; m++)
+#pragma unroll
+              for (int n = 0; n < NT; n++) mma_bf16(o[m][n], ah[m], b[n][0], b[n][1]);
+          }
           if (PLO) {
 #pragma unroll
             for (int m = 0; m < 2; m++)
@@ -421,7 +499,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   }
 }
 
-#define FLASH_LATENT(NT, DR, X, NAME)                                                                     \
+#define FLASH_LATENT(NT, DR, F16, NAME)                                                                  \
   extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)                                            \
       NAME(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const u8* layer,        \
            int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,                             \
@@ -429,15 +507,15 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
            int dn, float scale) {                                                                             \
     PDL_LAUNCH();                                                                                            \
     PDL_WAIT();                                                                                              \
-    flash_latent<NT, DR, X>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks,   \
-                            block_size, T, heads, dn, scale);                                                \
+    flash_latent<NT, DR, F16>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks, \
+                              block_size, T, heads, dn, scale);                                              \
   }
 
 // Instances: (rank/64, rope dims) of the model (8, 64) and of the tests
-// (the last, the tiny test model's), each with bf16 operands and exact.
-#define FLASH_FORMS(NT, DR)                            \
-  FLASH_LATENT(NT, DR, false, flash_latent_##NT##_##DR) \
-  FLASH_LATENT(NT, DR, true, flash_latent_##NT##_##DR##_exact)
+// (the last, the tiny test model's), each in f16 operands and exact.
+#define FLASH_FORMS(NT, DR)                               \
+  FLASH_LATENT(NT, DR, true, flash_latent_##NT##_##DR##_h) \
+  FLASH_LATENT(NT, DR, false, flash_latent_##NT##_##DR##_exact)
 FLASH_FORMS(8, 64)
 FLASH_FORMS(4, 32)
 FLASH_FORMS(2, 64)
