@@ -191,7 +191,9 @@ func (c *Ctx) MatMulStreamHeadsQuant(y uint64, ldy int, w *QMatrix, a *QActs, he
 // it did.
 func (b *Backend) streamHeadsQuant(om *tensor, a *QActs, w *weight, heads int) bool {
 	T := om.rows
-	if serveFuseOff || T < streamMinTokens || T > streamMaxTokens || w.q.N%heads != 0 || om.cols != w.q.N {
+	// The int8 form needs two 8-row tiles a block (mmsq_t2 and up): 9 rows
+	// or more, whatever streamMinTokens is set to.
+	if serveFuseOff || T < streamMinTokens || streamTiles(T) < 2 || T > streamMaxTokens || w.q.N%heads != 0 || om.cols != w.q.N {
 		return false
 	}
 	rows := w.q.N / heads
