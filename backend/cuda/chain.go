@@ -419,16 +419,16 @@ type normGEMVOp struct {
 	paired     bool
 }
 
-// layer7 turns on the shared launches of docs/perf.md's section (7) (the
+// decodeMerges turns on the shared launches of a one-row layer (the
 // norms in q_b's launch, the add and norm in the q_a/kv_a launch, the
 // attention in blocks of 8 heads with its splits merged by the value
-// expansion); MMFP4_CUDA_LAYER7=0 keeps them apart, for an A/B.
-var layer7 = os.Getenv("MMFP4_CUDA_LAYER7") != "0"
+// expansion); MMFP4_CUDA_DECODE_MERGES=0 keeps them apart, for an A/B.
+var decodeMerges = os.Getenv("MMFP4_CUDA_DECODE_MERGES") != "0"
 
 // normProducts lets a single-token product take the single-row norm
 // queued just before it, which made its input, into its launch
 // (NormGEMV).
-var normProducts = layer7
+var normProducts = decodeMerges
 
 // normProduct queues d = w a in the launch of the single-row norm queued
 // just before it, whose int8 form a is, and reports whether it did.
@@ -517,7 +517,7 @@ type addNormGEMVOp struct {
 
 // addNormProducts lets the single-token products of a residual add and
 // norm's output take that launch.
-var addNormProducts = layer7
+var addNormProducts = decodeMerges
 
 // addNormProduct queues d = w a in the launch of the residual add and
 // single-row norm queued just before it (whose int8 form a is), or as the
