@@ -1889,7 +1889,7 @@ func (b *Backend) Route(logits backend.Tensor, bias backend.Weight, cfg backend.
 			ro := &routerOp{idx: ld.idx, flush: b.flushes, x: ld.x, call: func(c *Ctx, q *QActs) error {
 				if q == nil && lm.rows >= routerManyMinRows && RouterManyFits(E, ld.w.k, ld.x.ptr, ld.x.ld, cfg.TopK) {
 					return c.RouterMany(ld.w.dense, E, ld.w.k, ld.x.ptr, ld.x.ld, lm.rows, lm.ptr, lm.ld, bv.dense, cfg.TopK, norm == 1,
-						cfg.RoutedScaling, r.ids, r.wts, b.routeCounters.Ptr)
+						cfg.RoutedScaling, r.ids, r.wts)
 				}
 				return c.RouterRoute(ld.w.dense, E, ld.w.k, ld.x.ptr, ld.x.ld, lm.rows, lm.ptr, lm.ld, bv.dense, cfg.TopK, norm == 1,
 					cfg.RoutedScaling, r.ids, r.wts, b.routeCounters.Ptr, q)

@@ -451,9 +451,9 @@ func RouterManyFits(E, K int, x uint64, ldx, topk int) bool {
 // RouterMany computes what RouterRoute computes without the int8 form of
 // the input (the same logits, experts and weights, bit for bit) for the T
 // rows of x, with each expert's weights read once per routerManyTokens
-// rows and each row once per routerManyExperts experts. counters holds
-// ceil(T/routerManyTokens) zeroed words (left zeroed).
-func (c *Ctx) RouterMany(W uint64, E, K int, x uint64, ldx, T int, logits uint64, ldl int, bias uint64, topk int, norm bool, scaling float32, ids, wts, counters uint64) error {
+// rows and each row once per routerManyExperts experts (router_many), then
+// each row's experts chosen by a warp (router_pick_rows).
+func (c *Ctx) RouterMany(W uint64, E, K int, x uint64, ldx, T int, logits uint64, ldl int, bias uint64, topk int, norm bool, scaling float32, ids, wts uint64) error {
 	if !RouterManyFits(E, K, x, ldx, topk) || T < 1 {
 		return fmt.Errorf("cuda: router many: %d experts of %d columns, top %d, %d rows (stride %d)", E, K, topk, T, ldx)
 	}
@@ -466,22 +466,13 @@ func (c *Ctx) RouterMany(W uint64, E, K int, x uint64, ldx, T int, logits uint64
 	if err != nil {
 		return err
 	}
-	grid := Dim{uint32((E + routerManyExperts - 1) / routerManyExperts), uint32((T + routerManyTokens - 1) / routerManyTokens), 1}
-	if !routerPickRows {
-		return c.Launch(k, grid, D1(256), shared, W, E, K, x, ldx, T, logits, ldl, bias, topk, n, scaling, ids, wts, counters, 1)
-	}
 	pick, err := c.Kernel("gemm", "router_pick_rows")
 	if err != nil {
 		return err
 	}
-	if err := c.Launch(k, grid, D1(256), shared, W, E, K, x, ldx, T, logits, ldl, bias, topk, n, scaling, ids, wts, counters, 0); err != nil {
+	grid := Dim{uint32((E + routerManyExperts - 1) / routerManyExperts), uint32((T + routerManyTokens - 1) / routerManyTokens), 1}
+	if err := c.Launch(k, grid, D1(256), shared, W, E, K, x, ldx, T, logits, ldl); err != nil {
 		return err
 	}
 	return c.Launch(pick, D1((T+7)/8), D1(256), 0, logits, ldl, E, T, bias, topk, n, scaling, ids, wts)
 }
-
-// routerPickRows: RouterMany's expert choice in a second launch, a warp a
-// row (router_pick_rows), rather than by each row group's last block
-// (H200, BenchmarkRouterMany: 40.8 -> 36.8 us at 1024 rows, 40.1 -> 29.6
-// at 256, 39.7 -> 29.6 at 64).
-var routerPickRows = true

@@ -510,19 +510,10 @@ func skewedPick(r *rand.Rand, w []float64, k int) []int32 {
 }
 
 // RouterMany gives RouterRoute's logits, experts and weights bit for bit
-// (moe_router_fast: the same products in the same order), leaves its
-// counters zeroed (two calls in a row agree), at the model's shape and odd
-// ones (rows not a multiple of the token group, experts not of 16).
+// (moe_router_fast: the same products in the same order; RouterRoute leaves
+// its counters zeroed, so two calls in a row agree), at the model's shape
+// and odd ones (rows not a multiple of the token group, experts not of 16).
 func TestRouterManyMatchesRouterRoute(t *testing.T) {
-	defer func(v bool) { routerPickRows = v }(routerPickRows)
-	for _, pickRows := range []bool{false, true} {
-		routerPickRows = pickRows
-		t.Logf("expert choice a warp a row: %v", pickRows)
-		routerManyMatchesRouterRoute(t)
-	}
-}
-
-func routerManyMatchesRouterRoute(t *testing.T) {
 	d := testDevice(t)
 	r := testRand(t)
 	for _, sh := range []struct{ E, K, T, topK int }{
@@ -549,7 +540,7 @@ func routerManyMatchesRouterRoute(t *testing.T) {
 				for rep := 0; rep < 2; rep++ { // the counters must be left zeroed
 					var err error
 					if v == 0 {
-						err = c.RouterMany(wb.Ptr, E, K, xb.Ptr, K, T, lP, E, bb.Ptr, topK, true, 1.8, iP, wP, cP)
+						err = c.RouterMany(wb.Ptr, E, K, xb.Ptr, K, T, lP, E, bb.Ptr, topK, true, 1.8, iP, wP)
 					} else {
 						err = c.RouterRoute(wb.Ptr, E, K, xb.Ptr, K, T, lP, E, bb.Ptr, topK, true, 1.8, iP, wP, cP, nil)
 					}
@@ -594,10 +585,8 @@ func BenchmarkRouterMany(b *testing.B) {
 	r := rand.New(rand.NewPCG(12, 12))
 	const E, K, topK = 64, 2048, 4
 	for _, T := range []int{64, 256, 1024} {
-		for _, v := range []string{"fast", "many", "many_pickrows"} {
+		for _, v := range []string{"fast", "many"} {
 			b.Run(fmt.Sprintf("T%d/%s", T, v), func(b *testing.B) {
-				defer func(p bool) { routerPickRows = p }(routerPickRows)
-				routerPickRows = v == "many_pickrows"
 				err := d.Do(func(c *Ctx) error {
 					wb, err1 := upload(c, randVec(r, E*K, 0.02))
 					xb, err2 := upload(c, randVec(r, T*K, 1))
@@ -613,7 +602,7 @@ func BenchmarkRouterMany(b *testing.B) {
 					}
 					run := func() error {
 						if v != "fast" {
-							return c.RouterMany(wb.Ptr, E, K, xb.Ptr, K, T, lP, E, bb.Ptr, topK, true, 1.8, iP, wP, cP)
+							return c.RouterMany(wb.Ptr, E, K, xb.Ptr, K, T, lP, E, bb.Ptr, topK, true, 1.8, iP, wP)
 						}
 						return c.RouterRoute(wb.Ptr, E, K, xb.Ptr, K, T, lP, E, bb.Ptr, topK, true, 1.8, iP, wP, cP, nil)
 					}

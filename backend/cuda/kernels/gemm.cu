@@ -540,76 +540,20 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // ---------------------------------------------------------------------------
-// The choice of a token group's experts by the group's last block (counted
-// in counters[blockIdx.y], which it resets), from the logits of all the
-// group's blocks, 256/E' tokens at a time (E' = E rounded up to 32, 64 or
-// 128 threads a token), as moe_router_fast's last block.
-DEVICE void router_many_pick(float* logits, int ldl, int E, int t0, int nt, const float* __restrict__ bias, int topk,
-                             int norm, float scaling, i32* __restrict__ ids, float* __restrict__ wts,
-                             u32* __restrict__ counters) {
-  __shared__ float score[256], choice[256], pick[8][32];
-  __shared__ bool last;
-  const int tid = threadIdx.x;
-  if (tid == 0) {
-    __threadfence();
-    last = atomicAdd(&counters[blockIdx.y], 1u) == gridDim.x - 1;
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  const int per = E <= 32 ? 32 : E <= 64 ? 64 : 128, tp = 256 / per;
-  const int sub = tid / per, lt = tid - sub * per;
-  float* sc = score + sub * per;
-  float* ch = choice + sub * per;
-  for (int r0 = 0; r0 < nt; r0 += tp) {
-    const int r = r0 + sub, t = t0 + r;
-    const bool on = r < nt;
-    if (on && lt < E) {
-      const float acc = __ldcg(logits + (size_t)t * ldl + lt);
-      const float sg = (float)(1.0 / (1.0 + exp(-(double)acc)));
-      sc[lt] = sg;
-      ch[lt] = sg + bias[lt];
-    }
-    __syncthreads();
-    if (on && lt < E) {
-      const float cv = ch[lt];
-      int rank = 0;
-      for (int j = 0; j < E; j++) {
-        const float o = ch[j];
-        rank += o > cv || (o == cv && j < lt);
-      }
-      if (rank < topk) {
-        ids[(size_t)t * topk + rank] = lt;
-        pick[sub][rank] = sc[lt];
-      }
-    }
-    __syncthreads();
-    if (on && lt < topk) {
-      float sum = 0.f;
-      for (int k = 0; k < topk; k++) sum += pick[sub][k];
-      float w = pick[sub][lt];
-      if (norm) w /= sum + 1e-20f;
-      wts[(size_t)t * topk + lt] = w * scaling;
-    }
-    __syncthreads();
-  }
-  if (tid == 0) counters[blockIdx.y] = 0;
-}
-
-// The router of many tokens (prefill): logits[t][e] = W[e] . x[t] and each
-// token's choice, as moe_router_fast computes them (the same products in
-// the same order, so the same bits: lane l sums W[e][l+32u] * x[t][l+32u]
-// over u in order from 0, then the warp sum), with the work of a warp
-// blocked as 4 tokens x 8 experts, so that a column's shared loads feed 32
-// FMAs. Grid (ceil(E/ROUTER_MANY_E), ceil(T/ROUTER_MANY_T)), 256 threads:
-// warp w takes tokens 4(w%4).. and experts 8(w/4).. of the block's 16
-// tokens and 16 experts (with 8 tokens a warp and 32 a block, one block of
-// 8 warps a multiprocessor issued an instruction every 3.9 cycles a warp:
-// the products took about 30 us at any row count). K goes through shared memory ROUTER_MANY_KC
-// columns at a time (the tokens' and the experts' rows, cp.async, the next
-// chunk in flight). The last block of a token group picks the experts of
-// its tokens (router_many_pick). E <= 128, K <= 2048 with K % 32 == 0,
-// 16-byte aligned rows; dynamic shared memory 2 * (ROUTER_MANY_T +
+// The router's products for many tokens (prefill): logits[t][e] = W[e] .
+// x[t], as moe_router_fast computes them (the same products in the same
+// order, so the same bits: lane l sums W[e][l+32u] * x[t][l+32u] over u in
+// order from 0, then the warp sum), with the work of a warp blocked as 4
+// tokens x 8 experts, so that a column's shared loads feed 32 FMAs; the
+// experts are chosen by router_pick_rows after it. Grid
+// (ceil(E/ROUTER_MANY_E), ceil(T/ROUTER_MANY_T)), 256 threads: warp w takes
+// tokens 4(w%4).. and experts 8(w/4).. of the block's 16 tokens and 16
+// experts (with 8 tokens a warp and 32 a block, one block of 8 warps a
+// multiprocessor issued an instruction every 3.9 cycles a warp: the
+// products took about 30 us at any row count). K goes through shared
+// memory ROUTER_MANY_KC columns at a time (the tokens' and the experts'
+// rows, cp.async, the next chunk in flight). E <= 128, K <= 2048 with K %
+// 32 == 0, 16-byte aligned rows; dynamic shared memory 2 * (ROUTER_MANY_T +
 // ROUTER_MANY_E) * ROUTER_MANY_KC floats.
 #define ROUTER_MANY_T 16
 #define ROUTER_MANY_E 16
@@ -617,8 +561,7 @@ DEVICE void router_many_pick(float* logits, int ldl, int E, int t0, int nt, cons
 
 extern "C" __global__ void __launch_bounds__(256)
     router_many(const float* __restrict__ W, int E, int K, const float* __restrict__ x, int ldx, int T,
-                float* logits, int ldl, const float* __restrict__ bias, int topk, int norm, float scaling,
-                i32* __restrict__ ids, float* __restrict__ wts, u32* __restrict__ counters, int pick) {
+                float* logits, int ldl) {
   PDL_LAUNCH();
   constexpr int TT = ROUTER_MANY_T, KC = ROUTER_MANY_KC, ROWS = ROUTER_MANY_T + ROUTER_MANY_E;
   extern __shared__ __align__(16) float rt[];  // [2][ROWS][KC]: the tokens' columns, then the experts'
@@ -681,16 +624,14 @@ extern "C" __global__ void __launch_bounds__(256)
       const int t = wt + r, e = e0 + we + j;
       if (lane == ((8 * r + j) & 31) && t < nt && e < E) logits[(size_t)(t0 + t) * ldl + e] = v;
     }
-  if (!pick) return;  // router_pick_rows chooses
-  __syncthreads();  // the block's logits are written before its count
-  router_many_pick(logits, ldl, E, t0, nt, bias, topk, norm, scaling, ids, wts, counters);
 }
 
-// The choice of router_many_pick for every row of logits at once, one warp a
-// row (lane l takes experts l, l+32, ...; the ranks by shuffles), instead of
-// the last block of each 32-row group taking its rows a few at a time after
-// the products: the same sigmoid, ranks and weight sums in the same order,
-// so the same bits. 256 threads, ceil(T/8) blocks; E <= 128.
+// Each row's experts from its logits, as moe_router_fast's last block
+// chooses them (the same sigmoid, ranks and weight sums in the same order,
+// so the same bits), one warp a row (lane l takes experts l, l+32, ...; the
+// ranks by shuffles). A last block of each row group choosing after the
+// products, three barriers for every four rows, took 4-10 us more.
+// 256 threads, ceil(T/8) blocks; E <= 128.
 extern "C" __global__ void __launch_bounds__(256)
     router_pick_rows(const float* logits, int ldl, int E, int T, const float* __restrict__ bias, int topk,
                      int norm, float scaling, i32* __restrict__ ids, float* __restrict__ wts) {
