@@ -5,6 +5,7 @@ package cuda
 import (
 	"fmt"
 	"os"
+	"strings"
 )
 
 // moeStreamTile is MB_TT in stream.cu: the pairs of a tile.
@@ -60,9 +61,14 @@ func (c *Ctx) MoEStreamProducts(t *ExpertTable, ids uint64, topk int, x *QActs, 
 	case s.MaxTiles < moeMaxTiles(P, t.Routed+t.Shared, moeStreamTile):
 		return fmt.Errorf("cuda: moe stream: %d tiles, want %d", s.MaxTiles, moeMaxTiles(P, t.Routed+t.Shared, moeStreamTile))
 	}
-	kern, groupName := "s2f", "moeb_group"
+	kern, groupName := moeStreamKern, "moeb_group"
 	if moeStreamMain {
 		kern, rec = "s", 0
+	}
+	if kern != "s" && (rec == 0 || strings.HasPrefix(kern, "xs") && t.K%1024 != 0) {
+		// The x pairs take their tiles from the records; xs's gate/up
+		// four or eight groups a batch.
+		kern = "s2f"
 	}
 	if rec != 0 {
 		groupName = "moeb_group_x"
@@ -129,6 +135,18 @@ var (
 // without tile records) instead: MMFP4_CUDA_MOE_MAIN=1, for an A/B in one
 // binary.
 var moeStreamMain = os.Getenv("MMFP4_CUDA_MOE_MAIN") == "1"
+
+// moeStreamKern names the gate/up and down pair (moeb_gate_up_<kern>,
+// moeb_down_<kern>) of MoEBatchedStream with tile records:
+// MMFP4_CUDA_MOE_KERN, for measuring.
+var moeStreamKern = envOr("MMFP4_CUDA_MOE_KERN", "s2f")
+
+func envOr(name, def string) string {
+	if v := os.Getenv(name); v != "" {
+		return v
+	}
+	return def
+}
 
 // moeCombineMaxSlots is MB_MAXS in stream.cu: the most slots a token
 // moeb_combine_w takes.

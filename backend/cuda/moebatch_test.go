@@ -143,21 +143,34 @@ func TestMoEBatchedStream(t *testing.T) {
 type moeStreamVariantCfg struct {
 	name      string
 	main, rec bool
+	kern      string
 }
 
 var moeStreamVariants = []moeStreamVariantCfg{
-	{"main", true, false},
-	{"new", false, true},
-	{"new_norec", false, false},
+	{"main", true, false, ""},
+	{"new", false, true, "s2f"},
+	{"new_norec", false, false, "s2f"},
+	{"x0", false, true, "x0"},
+	{"x2", false, true, "x2"},
+	{"x3", false, true, "x3"},
+	{"xs0", false, true, "xs0"},
+	{"xs2", false, true, "xs2"},
+	{"xs8", false, true, "xs8"},
+	{"xs81", false, true, "xs81"},
 }
 
-func (v moeStreamVariantCfg) set() { moeStreamMain = v.main }
+func (v moeStreamVariantCfg) set() {
+	moeStreamMain = v.main
+	if v.kern != "" {
+		moeStreamKern = v.kern
+	}
+}
 
 // restoreMoEStream returns a function that puts the package's MoE
 // configuration back.
 func restoreMoEStream() func() {
-	main := moeStreamMain
-	return func() { moeStreamMain = main }
+	main, kern := moeStreamMain, moeStreamKern
+	return func() { moeStreamMain, moeStreamKern = main, kern }
 }
 
 // newMoEStreamBatch is newMoEBatch with room for the streaming kernels'

@@ -887,3 +887,237 @@ MMSQ_KERNEL(mmsq_t8_d1, 8, 1, 1)
 MMSQ_KERNEL(mmsq_t2_d2, 2, 2, 2)
 MMSQ_KERNEL(mmsq_t4_d2, 4, 2, 2)
 MMSQ_KERNEL(mmsq_t8_d2, 8, 2, 1)
+
+// ---------------------------------------------------------------------------
+// The batched MoE pair of serving steps with a choice of how the weights
+// are asked of memory (measuring: moeb_gate_up_x<V>, moeb_down_x<V>). The
+// arithmetic and the order of the sums are s2f's (mb_apply with the split
+// widening and the hardware scale conversion), so the outputs are the same
+// bit for bit.
+// PF: the weight loads' L2 fetch size: 0 as load_stream16 (the sectors
+// asked for), 2 the 256 aligned bytes around them (.L2::256B), 3 that and
+// the lines marked to be evicted first.
+// SEQ (gate/up, 0 for none): each warp takes its 16 gate rows, then its 16
+// up rows, SEQ groups (64*SEQ contiguous bytes a row) a batch, instead of
+// gate and up together two groups (128 bytes a row) a batch: with SEQ = 4
+// the same bytes a batch.
+
+template <int PF>
+DEVICE uint4 mbx_ld16(const void* p) {
+  uint4 v;
+  if (PF == 2) {
+    asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+  } else if (PF == 3) {
+    asm("{ .reg .b64 pol; createpolicy.fractional.L2::evict_first.b64 pol, 1.0;"
+        " ld.global.nc.L1::no_allocate.L2::cache_hint.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4], pol; }"
+        : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+        : "l"(p));
+  } else {
+    v = load_stream16(p);
+  }
+  return v;
+}
+
+template <int MR, int D, int PF>
+DEVICE void mbx_load(uint4 (&w)[D][MR][2], u32 (&sc)[MR][2], const u8* const (&rc)[MR], const u8* const (&rs)[MR],
+                     int gs, int GK, size_t half8, int t) {
+#pragma unroll
+  for (int m = 0; m < MR; m++) {
+    sc[m][0] = mb_scales<D>(rs[m] + gs);
+    sc[m][1] = mb_scales<D>(rs[m] + 8 * GK + gs);
+  }
+#pragma unroll
+  for (int d = 0; d < D; d++)
+#pragma unroll
+    for (int m = 0; m < MR; m++) {
+      const u8* p = rc[m] + (gs + d) * 64 + 16 * t;
+      w[d][m][0] = mbx_ld16<PF>(p);
+      w[d][m][1] = mbx_ld16<PF>(p + half8);
+    }
+}
+
+// mb_core (split widening, hardware scale conversion) with mbx_load.
+template <int MR, int D, int PF, typename Pre>
+DEVICE void mbx_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K, int ng, const u8* smem,
+                     float (&acc)[MR][1][4], Pre pre) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int ldx = 128 * ng + 16, ldxs = ng + 1, GK = K >> 7;
+  const size_t half8 = (size_t)8 * (K / 2);
+  const u8* xrow = smem + g * ldx + 32 * t;
+  const float* xss = (const float*)(smem + 8 * ldx);
+#pragma unroll
+  for (int m = 0; m < MR; m++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) acc[m][0][e] = 0.f;
+  // A batch of D groups: NB loads of DS groups (a row's scales of DS
+  // groups are one aligned load of at most 4 bytes), all issued first.
+  constexpr int DS = D < 4 ? D : 4, NB = D / DS;
+  for (int s0 = 0; s0 < ng; s0 += D) {
+    uint4 w[NB][DS][MR][2];
+    u32 sc[NB][MR][2];
+#pragma unroll
+    for (int b = 0; b < NB; b++) mbx_load<MR, DS, PF>(w[b], sc[b], rc, rs, s0 + b * DS, GK, half8, t);
+    if (s0 == 0) {
+      pre();
+      mb_cp_wait_all();
+      __syncthreads();
+    }
+#pragma unroll
+    for (int b = 0; b < NB; b++) mb_apply<MR, 1, DS, true, true>(w[b], sc[b], s0 + b * DS, xrow, xss, ldx, ldxs, t, acc);
+  }
+}
+
+// moeb_gate_up's s2f form (tile records, early row scales, FLAG) with PF
+// and SEQ.
+template <int PF, int SEQ>
+DEVICE void moeb_gate_up_xt(int I, int K, const i32* __restrict__ ntiles, const i32* __restrict__ list,
+                            const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,
+                            float* __restrict__ hs, MbTile* __restrict__ rec) {
+  extern __shared__ __align__(16) u8 mb_smem[];
+  __shared__ float wmax[MB_WARPS][MB_TT];
+  PDL_WAIT();
+  const int tile = blockIdx.y;
+  const int nt = ntiles[0];
+  const int s0 = rec[tile].s0, ntok = rec[tile].n;
+  const BMat gate = rec[tile].ex.gate, up = rec[tile].ex.up;
+  if (tile >= nt) return;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * 128 + warp * 16, GK = K >> 7;
+  const size_t row = n0 + g;
+  float rsc[2][2];
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    rsc[0][h] = __ldg(gate.row_scale + row + 8 * h);
+    rsc[1][h] = __ldg(up.row_scale + row + 8 * h);
+  }
+  const auto stage = [&] {
+    mb_stage(mb_smem, MB_TT, xq, xs, K, 0, K, [&](int r) { return list[s0 + min(r, ntok - 1)]; });
+  };
+  float acc[2][1][4];
+  if constexpr (SEQ > 0) {
+    const u8* rcg[1] = {gate.codes + row * (K / 2)};
+    const u8* rsg[1] = {gate.scales + row * GK};
+    const u8* rcu[1] = {up.codes + row * (K / 2)};
+    const u8* rsu[1] = {up.scales + row * GK};
+    float a0[1][1][4], a1[1][1][4];
+    mbx_core<1, SEQ, PF>(rcg, rsg, K, GK, mb_smem, a0, stage);
+    mbx_core<1, SEQ, PF>(rcu, rsu, K, GK, mb_smem, a1, [] {});
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      acc[0][0][e] = a0[0][0][e];
+      acc[1][0][e] = a1[0][0][e];
+    }
+  } else {
+    const u8* rc[2] = {gate.codes + row * (K / 2), up.codes + row * (K / 2)};
+    const u8* rs[2] = {gate.scales + row * GK, up.scales + row * GK};
+    mbx_core<2, 2, PF>(rc, rs, K, GK, mb_smem, acc, stage);
+  }
+  float hv[4];
+#pragma unroll
+  for (int e = 0; e < 4; e++) {
+    const float gv = acc[0][0][e] * (rsc[0][e >> 1] * 0.5f);
+    const float uv = acc[1][0][e] * (rsc[1][e >> 1] * 0.5f);
+    hv[e] = mb_silu(gv) * uv;
+  }
+  float m0 = fmaxf(fabsf(hv[0]), fabsf(hv[2])), m1 = fmaxf(fabsf(hv[1]), fabsf(hv[3]));
+#pragma unroll
+  for (int o = 4; o < 32; o <<= 1) {
+    m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, o));
+    m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
+  }
+  if (g == 0) {
+    wmax[warp][2 * t] = m0;
+    wmax[warp][2 * t + 1] = m1;
+  }
+  __syncthreads();
+  float amax[2] = {0.f, 0.f};
+#pragma unroll
+  for (int w = 0; w < MB_WARPS; w++) {
+    amax[0] = fmaxf(amax[0], wmax[w][2 * t]);
+    amax[1] = fmaxf(amax[1], wmax[w][2 * t + 1]);
+  }
+#pragma unroll
+  for (int e = 0; e < 4; e++) {
+    const int tok = 2 * t + (e & 1), n = n0 + g + 8 * (e >> 1);
+    if (tok < ntok) {
+      const float a = amax[e & 1];
+      hq[(size_t)(s0 + tok) * I + n] = (i8)quant8(hv[e], a, a / 127.f);
+    }
+  }
+  if (warp == 0 && g == 0) {
+#pragma unroll
+    for (int e = 0; e < 2; e++) {
+      const int tok = 2 * t + e;
+      if (tok < ntok) hs[(size_t)(s0 + tok) * (I >> 7) + blockIdx.x] = amax[e] == 0.f ? 0.f : amax[e] / 127.f;
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) atomicAdd((u32*)&rec[tile].done, 1u);
+}
+
+// moeb_down's s2f form (one m-tile a warp, four groups a batch) with PF.
+template <int PF>
+DEVICE void moeb_down_xt(int N, int I, const i32* __restrict__ ntiles, const i8* __restrict__ hq,
+                         const float* __restrict__ hs, float* __restrict__ part, const MbTile* __restrict__ rec) {
+  extern __shared__ __align__(16) u8 mb_smem[];
+  const int tile = blockIdx.y;
+  const int nt = ntiles[0];
+  const int s0 = rec[tile].s0, ntok = rec[tile].n;
+  const BMat dn = rec[tile].ex.down;
+  if (tile >= nt) return;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * 128 + warp * 16, GK = I >> 7;
+  const size_t row = min(n0, N - 16) + g;
+  const u8* rc[1] = {dn.codes + row * (I / 2)};
+  const u8* rs[1] = {dn.scales + row * GK};
+  float rsc[2];
+#pragma unroll
+  for (int h = 0; h < 2; h++) rsc[h] = __ldg(dn.row_scale + row + 8 * h);
+  float acc[1][1][4];
+  mbx_core<1, 4, PF>(rc, rs, I, GK, mb_smem, acc, [&] {
+    if (threadIdx.x == 0) {
+      while (mb_ld_acquire(&rec[tile].done) < (u32)(I >> 7)) asm volatile("nanosleep.u32 64;");
+      __threadfence();
+    }
+    __syncthreads();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+    mb_stage(mb_smem, MB_TT, hq, hs, I, 0, I, [&](int r) { return s0 + min(r, ntok - 1); });
+  });
+#pragma unroll
+  for (int e = 0; e < 4; e++) {
+    const int tok = 2 * t + (e & 1), n = n0 + g + 8 * (e >> 1);
+    if (tok < ntok && n < N) part[(size_t)(s0 + tok) * N + n] = acc[0][0][e] * (rsc[e >> 1] * 0.5f);
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// Same arguments as the s2f pair's.
+#define MOEB_X_KERNELS(SUFFIX, PF, SEQ, MINB)                                                                  \
+  extern "C" __global__ void __launch_bounds__(256, MINB) moeb_gate_up_##SUFFIX(                                 \
+      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s,    \
+      const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, const i32* __restrict__ list, int I,     \
+      int K, const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,                     \
+      float* __restrict__ hs, MbTile* __restrict__ rec) {                                                     \
+    moeb_gate_up_xt<PF, SEQ>(I, K, ntiles, list, xq, xs, hq, hs, rec);                                         \
+  }                                                                                                           \
+  extern "C" __global__ void __launch_bounds__(256, 2) moeb_down_##SUFFIX(                                    \
+      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s,    \
+      const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq, \
+      const float* __restrict__ hs, float* __restrict__ part, const MbTile* __restrict__ rec) {               \
+    moeb_down_xt<PF>(N, I, ntiles, hq, hs, part, rec);                                                         \
+  }
+
+MOEB_X_KERNELS(x0, 0, 0, 2)
+MOEB_X_KERNELS(x2, 2, 0, 2)
+MOEB_X_KERNELS(x3, 3, 0, 2)
+MOEB_X_KERNELS(xs0, 0, 4, 2)
+MOEB_X_KERNELS(xs2, 2, 4, 2)
+MOEB_X_KERNELS(xs8, 0, 8, 2)
+MOEB_X_KERNELS(xs81, 0, 8, 1)
