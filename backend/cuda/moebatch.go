@@ -89,6 +89,28 @@ func (c *Ctx) MoEStreamProducts(t *ExpertTable, ids uint64, topk int, x *QActs, 
 	if rec != 0 {
 		groupArgs = append(groupArgs, t.buf, rec)
 	}
+	if strings.HasPrefix(kern, "p") {
+		// One persistent grid for the gate/up and down products.
+		ctr := rec + uint64(moeTileRec*s.MaxTiles)
+		group, err := c.Kernel("stream", "moeb_group_xp")
+		if err != nil {
+			return err
+		}
+		pers, err := c.kernelShared("stream", "moeb_pers_"+kern, moeStreamShared(max(t.K, t.I)))
+		if err != nil {
+			return err
+		}
+		if err := c.Launch(group, D1(1), D1(1024), 0, append(groupArgs, ctr)...); err != nil {
+			return err
+		}
+		occ, err := c.Occupancy(pers, 256, moeStreamShared(max(t.K, t.I)))
+		if err != nil {
+			return err
+		}
+		blocks := max(1, min(occ*c.info.SMs, (t.I/128+(t.K+127)/128)*s.MaxTiles))
+		return c.Launch(pers, D1(blocks), D1(256), moeStreamShared(max(t.K, t.I)),
+			t.I, t.K, s.NTiles, ctr, s.List, x.Q, x.Scales, s.HQ.Q, s.HQ.Scales, s.Part, rec)
+	}
 	if err := c.Launch(group, D1(1), D1(1024), 0, groupArgs...); err != nil {
 		return err
 	}
@@ -156,6 +178,10 @@ const moeCombineMaxSlots = 8
 // pointers) and four 32-bit words.
 const moeTileRec = 88
 
+// moeRecBytes is the size of the records of n tiles, then a 32-bit counter
+// (the persistent pair's items) in 16 bytes.
+func moeRecBytes(n int) int { return moeTileRec*n + 16 }
+
 // moeStreams reports whether a batch of T tokens over t takes
 // MoEBatchedStream.
 func (b *Backend) moeStreams(T int, t *ExpertTable) bool {
@@ -182,7 +208,7 @@ func (b *Backend) moeStreamed(d, xm *tensor, rt *routing, l *moeLayer) bool {
 	s.TileE, s.TileS, s.TileN, s.NTiles = b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4)
 	s.Part = b.alloc(4 * P * t.K)
 	s.HQ = b.quantizeInto(&tensor{rows: P, cols: t.I, ld: t.I}, t.G)
-	rec := b.alloc(moeTileRec * s.MaxTiles)
+	rec := b.alloc(moeRecBytes(s.MaxTiles))
 	if !add && b.combineApart(d, slots) {
 		// The combine on its own, which the add and norm after may take
 		// into their launch (serve.go).

@@ -89,7 +89,7 @@ func TestMoEBatchedStream(t *testing.T) {
 					}
 					var rec uint64
 					if withRec {
-						rb, err := c.Alloc(moeTileRec * s.MaxTiles)
+						rb, err := c.Alloc(moeRecBytes(s.MaxTiles))
 						if err != nil {
 							return nil, err
 						}
@@ -157,6 +157,9 @@ var moeStreamVariants = []moeStreamVariantCfg{
 	{"xs2", false, true, "xs2"},
 	{"xs8", false, true, "xs8"},
 	{"xs81", false, true, "xs81"},
+	{"p0", false, true, "p0"},
+	{"p2", false, true, "p2"},
+	{"ps2", false, true, "ps2"},
 }
 
 func (v moeStreamVariantCfg) set() {
@@ -327,7 +330,7 @@ func BenchmarkMoEStream(b *testing.B) {
 					sv.set()
 					var rec uint64
 					if sv.rec {
-						rb, err := c.Alloc(moeTileRec * s.MaxTiles)
+						rb, err := c.Alloc(moeRecBytes(s.MaxTiles))
 						if err != nil {
 							return err
 						}

@@ -969,22 +969,20 @@ DEVICE void mbx_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K
   }
 }
 
-// moeb_gate_up's s2f form (tile records, early row scales, FLAG) with PF
-// and SEQ.
+// One gate/up block's work (moeb_gate_up's s2f form: tile records, row
+// scales read early, the tile's count raised at the end) with PF and SEQ:
+// rows [128*bx, 128*bx+128) of the tile's expert. The staged rows in
+// mb_smem are free again when it returns.
 template <int PF, int SEQ>
-DEVICE void moeb_gate_up_xt(int I, int K, const i32* __restrict__ ntiles, const i32* __restrict__ list,
-                            const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,
-                            float* __restrict__ hs, MbTile* __restrict__ rec) {
+DEVICE void mbx_gate_up_item(int tile, int bx, int I, int K, const i32* __restrict__ list,
+                             const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,
+                             float* __restrict__ hs, MbTile* __restrict__ rec) {
   extern __shared__ __align__(16) u8 mb_smem[];
   __shared__ float wmax[MB_WARPS][MB_TT];
-  PDL_WAIT();
-  const int tile = blockIdx.y;
-  const int nt = ntiles[0];
   const int s0 = rec[tile].s0, ntok = rec[tile].n;
   const BMat gate = rec[tile].ex.gate, up = rec[tile].ex.up;
-  if (tile >= nt) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int n0 = blockIdx.x * 128 + warp * 16, GK = K >> 7;
+  const int n0 = bx * 128 + warp * 16, GK = K >> 7;
   const size_t row = n0 + g;
   float rsc[2][2];
 #pragma unroll
@@ -1050,26 +1048,27 @@ DEVICE void moeb_gate_up_xt(int I, int K, const i32* __restrict__ ntiles, const 
 #pragma unroll
     for (int e = 0; e < 2; e++) {
       const int tok = 2 * t + e;
-      if (tok < ntok) hs[(size_t)(s0 + tok) * (I >> 7) + blockIdx.x] = amax[e] == 0.f ? 0.f : amax[e] / 127.f;
+      if (tok < ntok) hs[(size_t)(s0 + tok) * (I >> 7) + bx] = amax[e] == 0.f ? 0.f : amax[e] / 127.f;
     }
   }
   __threadfence();
-  __syncthreads();
+  __syncthreads();  // also: every warp has read wmax and the staged rows
   if (threadIdx.x == 0) atomicAdd((u32*)&rec[tile].done, 1u);
 }
 
-// moeb_down's s2f form (one m-tile a warp, four groups a batch) with PF.
-template <int PF>
-DEVICE void moeb_down_xt(int N, int I, const i32* __restrict__ ntiles, const i8* __restrict__ hq,
-                         const float* __restrict__ hs, float* __restrict__ part, const MbTile* __restrict__ rec) {
+// One down block's work (moeb_down's s2f form, one m-tile a warp, four
+// groups a batch) with PF: rows [128*bx, 128*bx+128) of the tile's down
+// matrix. wait() runs after the first weight loads: it waits for the
+// tile's gate/up blocks (then the h rows are staged). The staged rows are
+// free again when it returns.
+template <int PF, typename Wait>
+DEVICE void mbx_down_item(int tile, int bx, int N, int I, const i8* __restrict__ hq, const float* __restrict__ hs,
+                          float* __restrict__ part, const MbTile* __restrict__ rec, Wait wait) {
   extern __shared__ __align__(16) u8 mb_smem[];
-  const int tile = blockIdx.y;
-  const int nt = ntiles[0];
   const int s0 = rec[tile].s0, ntok = rec[tile].n;
   const BMat dn = rec[tile].ex.down;
-  if (tile >= nt) return;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int n0 = blockIdx.x * 128 + warp * 16, GK = I >> 7;
+  const int n0 = bx * 128 + warp * 16, GK = I >> 7;
   const size_t row = min(n0, N - 16) + g;
   const u8* rc[1] = {dn.codes + row * (I / 2)};
   const u8* rs[1] = {dn.scales + row * GK};
@@ -1083,9 +1082,7 @@ DEVICE void moeb_down_xt(int N, int I, const i32* __restrict__ ntiles, const i8*
       __threadfence();
     }
     __syncthreads();
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
+    wait();
     mb_stage(mb_smem, MB_TT, hq, hs, I, 0, I, [&](int r) { return s0 + min(r, ntok - 1); });
   });
 #pragma unroll
@@ -1093,9 +1090,65 @@ DEVICE void moeb_down_xt(int N, int I, const i32* __restrict__ ntiles, const i8*
     const int tok = 2 * t + (e & 1), n = n0 + g + 8 * (e >> 1);
     if (tok < ntok && n < N) part[(size_t)(s0 + tok) * N + n] = acc[0][0][e] * (rsc[e >> 1] * 0.5f);
   }
+  __syncthreads();  // every warp is done with the staged rows
+}
+
+template <int PF, int SEQ>
+DEVICE void moeb_gate_up_xt(int I, int K, const i32* __restrict__ ntiles, const i32* __restrict__ list,
+                            const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,
+                            float* __restrict__ hs, MbTile* __restrict__ rec) {
+  PDL_WAIT();
+  if ((int)blockIdx.y >= ntiles[0]) return;
+  mbx_gate_up_item<PF, SEQ>(blockIdx.y, blockIdx.x, I, K, list, xq, xs, hq, hs, rec);
+}
+
+// As moeb_down_s2f: the tile's gate/up blocks awaited through their count,
+// the whole gate/up grid at the end.
+template <int PF>
+DEVICE void moeb_down_xt(int N, int I, const i32* __restrict__ ntiles, const i8* __restrict__ hq,
+                         const float* __restrict__ hs, float* __restrict__ part, const MbTile* __restrict__ rec) {
+  if ((int)blockIdx.y < ntiles[0]) {
+    mbx_down_item<PF>(blockIdx.y, blockIdx.x, N, I, hq, hs, part, rec, [] {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+      asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+    });
+  }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
 #endif
+}
+
+// The gate/up and down blocks' work in one persistent grid (as many blocks
+// as fit at once): items [0, G1*nt) are the gate/up blocks' (tile-major),
+// then the down blocks' [G1*nt, (G1+G2)*nt); a block takes item
+// blockIdx.x first, then the next unclaimed one (ctr, zeroed by
+// moeb_group_xp), claimed while it works on the current one. A down item
+// waits for its tile's G1 gate/up items; no deadlock: every gate/up item is
+// claimed before any down item, only by a block working on a gate/up item
+// (which never waits) or by one not yet started, and the grid is resident
+// at once. No block starts or ends between items, and the down items fill
+// the last gate/up wave.
+template <int PF, int SEQ>
+DEVICE void moeb_pers_xt(int I, int K, const i32* __restrict__ ntiles, u32* __restrict__ ctr,
+                         const i32* __restrict__ list, const i8* __restrict__ xq, const float* __restrict__ xs,
+                         i8* __restrict__ hq, float* __restrict__ hs, float* __restrict__ part,
+                         MbTile* __restrict__ rec) {
+  __shared__ int next;
+  PDL_WAIT();
+  const int nt = ntiles[0], G1 = I >> 7, G2 = (K + 127) >> 7, total = (G1 + G2) * nt;
+  int item = blockIdx.x;
+  while (item < total) {
+    if (threadIdx.x == 0) next = gridDim.x + (int)atomicAdd(ctr, 1u);
+    if (item < G1 * nt) {
+      mbx_gate_up_item<PF, SEQ>(item / G1, item % G1, I, K, list, xq, xs, hq, hs, rec);
+    } else {
+      const int j = item - G1 * nt;
+      mbx_down_item<PF>(j / G2, j % G2, K, I, hq, hs, part, rec, [] {});
+    }
+    item = next;
+    __syncthreads();  // every thread has read next before it is written again
+  }
 }
 
 // Same arguments as the s2f pair's.
@@ -1121,3 +1174,25 @@ MOEB_X_KERNELS(xs0, 0, 4, 2)
 MOEB_X_KERNELS(xs2, 2, 4, 2)
 MOEB_X_KERNELS(xs8, 0, 8, 2)
 MOEB_X_KERNELS(xs81, 0, 8, 1)
+
+#define MOEB_P_KERNEL(SUFFIX, PF, SEQ)                                                                         \
+  extern "C" __global__ void __launch_bounds__(256, 2) moeb_pers_##SUFFIX(                                   \
+      int I, int K, const i32* __restrict__ ntiles, u32* __restrict__ ctr, const i32* __restrict__ list,     \
+      const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq, float* __restrict__ hs, \
+      float* __restrict__ part, MbTile* __restrict__ rec) {                                                  \
+    moeb_pers_xt<PF, SEQ>(I, K, ntiles, ctr, list, xq, xs, hq, hs, part, rec);                               \
+  }
+
+MOEB_P_KERNEL(p0, 0, 0)
+MOEB_P_KERNEL(p2, 2, 0)
+MOEB_P_KERNEL(ps2, 2, 4)
+
+// moeb_group_x that also zeroes ctr[0] (moeb_pers_*'s item counter).
+extern "C" __global__ void __launch_bounds__(1024)
+    moeb_group_xp(const i32* __restrict__ ids, int T, int topk, int S, int E, int BT, i32* __restrict__ pos,
+                  i32* __restrict__ list, i32* __restrict__ tile_e, i32* __restrict__ tile_s,
+                  i32* __restrict__ tile_n, i32* __restrict__ ntiles, const BExpert* __restrict__ experts,
+                  MbTile* __restrict__ rec, u32* __restrict__ ctr) {
+  mb_group(ids, T, topk, S, E, BT, pos, list, tile_e, tile_s, tile_n, ntiles, experts, rec);
+  if (threadIdx.x == 0) ctr[0] = 0;
+}
