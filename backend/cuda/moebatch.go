@@ -89,6 +89,24 @@ func (c *Ctx) MoEStreamProducts(t *ExpertTable, ids uint64, topk int, x *QActs, 
 	if rec != 0 {
 		groupArgs = append(groupArgs, t.buf, rec)
 	}
+	if strings.HasPrefix(kern, "f") && P <= moeFoldMaxPairs && t.Routed+t.Shared <= moeFoldMaxExperts && s.MaxTiles <= moeFoldMaxTiles {
+		// One persistent grid that also sorts the pairs.
+		shared := moeStreamShared(max(t.K, t.I))
+		pf, err := c.kernelShared("stream", "moeb_pf_"+kern, shared)
+		if err != nil {
+			return err
+		}
+		occ, err := c.Occupancy(pf, 256, shared)
+		if err != nil {
+			return err
+		}
+		blocks := max(1, min(occ*c.info.SMs, (t.I/128+(t.K+127)/128)*s.MaxTiles))
+		return c.Launch(pf, D1(blocks), D1(256), shared, ids, x.T, topk, t.Shared, t.Routed, t.buf, t.sync, s.Pos,
+			t.I, t.K, x.Q, x.Scales, s.HQ.Q, s.HQ.Scales, s.Part)
+	}
+	if strings.HasPrefix(kern, "f") {
+		kern = "s2f"
+	}
 	if strings.HasPrefix(kern, "p") {
 		// One persistent grid for the gate/up and down products.
 		ctr := rec + uint64(moeTileRec*s.MaxTiles)
@@ -177,6 +195,18 @@ const moeCombineMaxSlots = 8
 // moeTileRec is the size of an MbTile (stream.cu): a BExpert (nine
 // pointers) and four 32-bit words.
 const moeTileRec = 88
+
+// moeSyncBytes is the size of an ExpertTable's counters for moeb_pf_*:
+// two words and one a tile (MBX_MAXT in stream.cu), 16-byte aligned.
+const moeSyncBytes = 4 * (2 + moeFoldMaxTiles + 2)
+
+// The most pairs, experts (with the shared ones) and tiles moeb_pf_*
+// take: MBX_MAXP, MBX_MAXE and MBX_MAXT in stream.cu.
+const (
+	moeFoldMaxPairs   = 512
+	moeFoldMaxExperts = 256
+	moeFoldMaxTiles   = 512
+)
 
 // moeRecBytes is the size of the records of n tiles, then a 32-bit counter
 // (the persistent pair's items) in 16 bytes.

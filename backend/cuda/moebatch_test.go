@@ -160,6 +160,9 @@ var moeStreamVariants = []moeStreamVariantCfg{
 	{"p0", false, true, "p0"},
 	{"p2", false, true, "p2"},
 	{"ps2", false, true, "ps2"},
+	{"f0", false, true, "f0"},
+	{"f2", false, true, "f2"},
+	{"fs2", false, true, "fs2"},
 }
 
 func (v moeStreamVariantCfg) set() {

@@ -974,13 +974,11 @@ DEVICE void mbx_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K
 // rows [128*bx, 128*bx+128) of the tile's expert. The staged rows in
 // mb_smem are free again when it returns.
 template <int PF, int SEQ>
-DEVICE void mbx_gate_up_item(int tile, int bx, int I, int K, const i32* __restrict__ list,
-                             const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,
-                             float* __restrict__ hs, MbTile* __restrict__ rec) {
+DEVICE void mbx_gate_up_item(const BMat& gate, const BMat& up, int s0, int ntok, u32* done, int bx, int I, int K,
+                             const i32* list, const i8* __restrict__ xq, const float* __restrict__ xs,
+                             i8* __restrict__ hq, float* __restrict__ hs) {
   extern __shared__ __align__(16) u8 mb_smem[];
   __shared__ float wmax[MB_WARPS][MB_TT];
-  const int s0 = rec[tile].s0, ntok = rec[tile].n;
-  const BMat gate = rec[tile].ex.gate, up = rec[tile].ex.up;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int n0 = bx * 128 + warp * 16, GK = K >> 7;
   const size_t row = n0 + g;
@@ -1053,7 +1051,7 @@ DEVICE void mbx_gate_up_item(int tile, int bx, int I, int K, const i32* __restri
   }
   __threadfence();
   __syncthreads();  // also: every warp has read wmax and the staged rows
-  if (threadIdx.x == 0) atomicAdd((u32*)&rec[tile].done, 1u);
+  if (threadIdx.x == 0) atomicAdd(done, 1u);
 }
 
 // One down block's work (moeb_down's s2f form, one m-tile a warp, four
@@ -1062,11 +1060,10 @@ DEVICE void mbx_gate_up_item(int tile, int bx, int I, int K, const i32* __restri
 // tile's gate/up blocks (then the h rows are staged). The staged rows are
 // free again when it returns.
 template <int PF, typename Wait>
-DEVICE void mbx_down_item(int tile, int bx, int N, int I, const i8* __restrict__ hq, const float* __restrict__ hs,
-                          float* __restrict__ part, const MbTile* __restrict__ rec, Wait wait) {
+DEVICE void mbx_down_item(const BMat& dn, int s0, int ntok, const u32* done, int bx, int N, int I,
+                          const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part,
+                          Wait wait) {
   extern __shared__ __align__(16) u8 mb_smem[];
-  const int s0 = rec[tile].s0, ntok = rec[tile].n;
-  const BMat dn = rec[tile].ex.down;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int n0 = bx * 128 + warp * 16, GK = I >> 7;
   const size_t row = min(n0, N - 16) + g;
@@ -1078,7 +1075,7 @@ DEVICE void mbx_down_item(int tile, int bx, int N, int I, const i8* __restrict__
   float acc[1][1][4];
   mbx_core<1, 4, PF>(rc, rs, I, GK, mb_smem, acc, [&] {
     if (threadIdx.x == 0) {
-      while (mb_ld_acquire(&rec[tile].done) < (u32)(I >> 7)) asm volatile("nanosleep.u32 64;");
+      while (mb_ld_acquire(done) < (u32)(I >> 7)) asm volatile("nanosleep.u32 64;");
       __threadfence();
     }
     __syncthreads();
@@ -1099,7 +1096,9 @@ DEVICE void moeb_gate_up_xt(int I, int K, const i32* __restrict__ ntiles, const 
                             float* __restrict__ hs, MbTile* __restrict__ rec) {
   PDL_WAIT();
   if ((int)blockIdx.y >= ntiles[0]) return;
-  mbx_gate_up_item<PF, SEQ>(blockIdx.y, blockIdx.x, I, K, list, xq, xs, hq, hs, rec);
+  const MbTile& r = rec[blockIdx.y];
+  mbx_gate_up_item<PF, SEQ>(r.ex.gate, r.ex.up, r.s0, r.n, &rec[blockIdx.y].done, blockIdx.x, I, K, list, xq, xs, hq,
+                            hs);
 }
 
 // As moeb_down_s2f: the tile's gate/up blocks awaited through their count,
@@ -1108,7 +1107,8 @@ template <int PF>
 DEVICE void moeb_down_xt(int N, int I, const i32* __restrict__ ntiles, const i8* __restrict__ hq,
                          const float* __restrict__ hs, float* __restrict__ part, const MbTile* __restrict__ rec) {
   if ((int)blockIdx.y < ntiles[0]) {
-    mbx_down_item<PF>(blockIdx.y, blockIdx.x, N, I, hq, hs, part, rec, [] {
+    const MbTile& r = rec[blockIdx.y];
+    mbx_down_item<PF>(r.ex.down, r.s0, r.n, &r.done, blockIdx.x, N, I, hq, hs, part, [] {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
       asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
@@ -1141,10 +1141,13 @@ DEVICE void moeb_pers_xt(int I, int K, const i32* __restrict__ ntiles, u32* __re
   while (item < total) {
     if (threadIdx.x == 0) next = gridDim.x + (int)atomicAdd(ctr, 1u);
     if (item < G1 * nt) {
-      mbx_gate_up_item<PF, SEQ>(item / G1, item % G1, I, K, list, xq, xs, hq, hs, rec);
+      const MbTile& r = rec[item / G1];
+      mbx_gate_up_item<PF, SEQ>(r.ex.gate, r.ex.up, r.s0, r.n, &rec[item / G1].done, item % G1, I, K, list, xq, xs,
+                                hq, hs);
     } else {
       const int j = item - G1 * nt;
-      mbx_down_item<PF>(j / G2, j % G2, K, I, hq, hs, part, rec, [] {});
+      const MbTile& r = rec[j / G2];
+      mbx_down_item<PF>(r.ex.down, r.s0, r.n, &r.done, j % G2, K, I, hq, hs, part, [] {});
     }
     item = next;
     __syncthreads();  // every thread has read next before it is written again
@@ -1196,3 +1199,126 @@ extern "C" __global__ void __launch_bounds__(1024)
   mb_group(ids, T, topk, S, E, BT, pos, list, tile_e, tile_s, tile_n, ntiles, experts, rec);
   if (threadIdx.x == 0) ctr[0] = 0;
 }
+
+// The persistent pair with the grouping folded in (no moeb_group launch):
+// every block sorts the pairs itself (the same tiles in every block: each
+// expert's pairs in pair order), block 0 writes pos for the combine, and
+// the items run as moeb_pers_*'s. The rows' order inside an expert's
+// segment differs from moeb_group's (atomic order there); no result
+// depends on it. At most MBX_MAXE experts (with the shared ones; one a
+// thread of the block), MBX_MAXP pairs and MBX_MAXT tiles.
+// sync: u32 [0] the item counter, [1] the blocks finished, [2 + i] tile
+// i's finished gate/up items: zero at the launch, and zeroed again by the
+// last block to finish.
+#define MBX_MAXE 256
+#define MBX_MAXP 512
+#define MBX_MAXT 512
+
+template <int PF, int SEQ>
+DEVICE void moeb_pf_xt(const i32* __restrict__ ids, int T, int topk, int S, int E,
+                       const BExpert* __restrict__ experts, u32* __restrict__ sync, i32* __restrict__ pos, int I,
+                       int K, const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,
+                       float* __restrict__ hs, float* __restrict__ part) {
+  __shared__ int cnt[MBX_MAXE], off[MBX_MAXE], toff[MBX_MAXE], wsum[2][MB_WARPS];
+  __shared__ int pex[MBX_MAXP], rank[MBX_MAXP], lrow[MBX_MAXP], tmap[MBX_MAXT];
+  __shared__ int next, s_nt;
+  const int slots = topk + S, P = T * slots, NE = E + S;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int e = threadIdx.x; e < MBX_MAXE; e += blockDim.x) cnt[e] = 0;
+  PDL_WAIT();
+  for (int p = threadIdx.x; p < P; p += blockDim.x) {
+    const int tk = p / slots, k = p - tk * slots;
+    const int x = k < topk ? ids[tk * topk + k] : E + (k - topk);
+    pex[p] = (x >= 0 && x < NE) ? x : -1;
+  }
+  __syncthreads();
+  // Each pair's rank among its expert's pairs, in pair order (one warp).
+  if (warp == 0) {
+    for (int c = 0; c < P; c += 32) {
+      const int p = c + lane;
+      const int x = p < P ? pex[p] : -1;
+      const u32 m = __match_any_sync(0xffffffffu, x);
+      const u32 lt = m & ((1u << lane) - 1u);
+      const int r = x >= 0 ? cnt[x] + __popc(lt) : -1;
+      __syncwarp();
+      if (x >= 0 && lt == 0) cnt[x] += __popc(m);
+      __syncwarp();
+      if (p < P) rank[p] = r;
+    }
+  }
+  __syncthreads();
+  // Rows and tiles before each expert's: prefix sums over the block's
+  // threads (thread e: expert e).
+  const int e = threadIdx.x;
+  const int c = e < NE ? cnt[e] : 0, ntl = (c + MB_TT - 1) / MB_TT;
+  int rr = c, tt = ntl;
+#pragma unroll
+  for (int o = 1; o < 32; o <<= 1) {
+    const int u = __shfl_up_sync(0xffffffffu, rr, o), v = __shfl_up_sync(0xffffffffu, tt, o);
+    if (lane >= o) {
+      rr += u;
+      tt += v;
+    }
+  }
+  if (lane == 31) {
+    wsum[0][warp] = rr;
+    wsum[1][warp] = tt;
+  }
+  __syncthreads();
+  for (int w = 0; w < warp; w++) {
+    rr += wsum[0][w];
+    tt += wsum[1][w];
+  }
+  if (e < MBX_MAXE) {
+    off[e] = rr - c;
+    toff[e] = tt - ntl;
+  }
+  if (e == blockDim.x - 1) s_nt = tt;
+  for (int j = 0; j < ntl; j++) tmap[tt - ntl + j] = e;
+  __syncthreads();
+  for (int p = threadIdx.x; p < P; p += blockDim.x) {
+    const int x = pex[p];
+    const int row = x >= 0 ? off[x] + rank[p] : -1;
+    if (x >= 0) lrow[row] = p / slots;
+    if (blockIdx.x == 0) pos[p] = row;
+  }
+  __syncthreads();
+  const int nt = s_nt, G1 = I >> 7, G2 = (K + 127) >> 7, total = (G1 + G2) * nt;
+  int item = blockIdx.x;
+  while (item < total) {
+    if (threadIdx.x == 0) next = gridDim.x + (int)atomicAdd(&sync[0], 1u);
+    const bool gu = item < G1 * nt;
+    const int tile = gu ? item / G1 : (item - G1 * nt) / G2;
+    const int bx = gu ? item - tile * G1 : item - G1 * nt - tile * G2;
+    const int x = tmap[tile], j = tile - toff[x];
+    const int s0 = off[x] + MB_TT * j, ntok = min(MB_TT, cnt[x] - MB_TT * j);
+    if (gu) {
+      mbx_gate_up_item<PF, SEQ>(experts[x].gate, experts[x].up, s0, ntok, &sync[2 + tile], bx, I, K, lrow, xq, xs,
+                                hq, hs);
+    } else {
+      mbx_down_item<PF>(experts[x].down, s0, ntok, &sync[2 + tile], bx, K, I, hq, hs, part, [] {});
+    }
+    item = next;
+    __syncthreads();  // every thread has read next before it is written again
+  }
+  if (threadIdx.x == 0) {
+    __threadfence();
+    if (atomicAdd(&sync[1], 1u) == gridDim.x - 1) {
+      // Every other block has finished: none reads the counters again.
+      for (int i = 0; i < 2 + nt; i++) sync[i] = 0;
+      __threadfence();
+    }
+  }
+}
+
+#define MOEB_PF_KERNEL(SUFFIX, PF, SEQ)                                                                          \
+  extern "C" __global__ void __launch_bounds__(256, 2) moeb_pf_##SUFFIX(                                      \
+      const i32* __restrict__ ids, int T, int topk, int S, int E, const BExpert* __restrict__ experts,        \
+      u32* __restrict__ sync, i32* __restrict__ pos, int I, int K, const i8* __restrict__ xq,                 \
+      const float* __restrict__ xs, i8* __restrict__ hq, float* __restrict__ hs, float* __restrict__ part) {  \
+    moeb_pf_xt<PF, SEQ>(ids, T, topk, S, E, experts, sync, pos, I, K, xq, xs, hq, hs, part);                  \
+  }
+
+MOEB_PF_KERNEL(f0, 0, 0)
+MOEB_PF_KERNEL(f2, 2, 0)
+MOEB_PF_KERNEL(fs2, 2, 4)
