@@ -973,10 +973,10 @@ DEVICE void mbx_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K
 // scales read early, the tile's count raised at the end) with PF and SEQ:
 // rows [128*bx, 128*bx+128) of the tile's expert. The staged rows in
 // mb_smem are free again when it returns.
-template <int PF, int SEQ>
+template <int PF, int SEQ, typename Claim>
 DEVICE void mbx_gate_up_item(const BMat& gate, const BMat& up, int s0, int ntok, u32* done, int bx, int I, int K,
                              const i32* list, const i8* __restrict__ xq, const float* __restrict__ xs,
-                             i8* __restrict__ hq, float* __restrict__ hs) {
+                             i8* __restrict__ hq, float* __restrict__ hs, Claim claim) {
   extern __shared__ __align__(16) u8 mb_smem[];
   __shared__ float wmax[MB_WARPS][MB_TT];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -989,6 +989,7 @@ DEVICE void mbx_gate_up_item(const BMat& gate, const BMat& up, int s0, int ntok,
     rsc[1][h] = __ldg(up.row_scale + row + 8 * h);
   }
   const auto stage = [&] {
+    claim();
     mb_stage(mb_smem, MB_TT, xq, xs, K, 0, K, [&](int r) { return list[s0 + min(r, ntok - 1)]; });
   };
   float acc[2][1][4];
@@ -1058,11 +1059,12 @@ DEVICE void mbx_gate_up_item(const BMat& gate, const BMat& up, int s0, int ntok,
 // groups a batch) with PF: rows [128*bx, 128*bx+128) of the tile's down
 // matrix. wait() runs after the first weight loads: it waits for the
 // tile's gate/up blocks (then the h rows are staged). The staged rows are
-// free again when it returns.
-template <int PF, typename Wait>
+// free again when it returns. claim() (both items) runs once the first
+// weight loads are issued.
+template <int PF, typename Wait, typename Claim>
 DEVICE void mbx_down_item(const BMat& dn, int s0, int ntok, const u32* done, int bx, int N, int I,
                           const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part,
-                          Wait wait) {
+                          Wait wait, Claim claim) {
   extern __shared__ __align__(16) u8 mb_smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int n0 = bx * 128 + warp * 16, GK = I >> 7;
@@ -1074,6 +1076,7 @@ DEVICE void mbx_down_item(const BMat& dn, int s0, int ntok, const u32* done, int
   for (int h = 0; h < 2; h++) rsc[h] = __ldg(dn.row_scale + row + 8 * h);
   float acc[1][1][4];
   mbx_core<1, 4, PF>(rc, rs, I, GK, mb_smem, acc, [&] {
+    claim();
     if (threadIdx.x == 0) {
       while (mb_ld_acquire(done) < (u32)(I >> 7)) asm volatile("nanosleep.u32 64;");
       __threadfence();
@@ -1098,7 +1101,7 @@ DEVICE void moeb_gate_up_xt(int I, int K, const i32* __restrict__ ntiles, const 
   if ((int)blockIdx.y >= ntiles[0]) return;
   const MbTile& r = rec[blockIdx.y];
   mbx_gate_up_item<PF, SEQ>(r.ex.gate, r.ex.up, r.s0, r.n, &rec[blockIdx.y].done, blockIdx.x, I, K, list, xq, xs, hq,
-                            hs);
+                            hs, [] {});
 }
 
 // As moeb_down_s2f: the tile's gate/up blocks awaited through their count,
@@ -1112,7 +1115,7 @@ DEVICE void moeb_down_xt(int N, int I, const i32* __restrict__ ntiles, const i8*
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
       asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
-    });
+    }, [] {});
   }
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -1139,15 +1142,17 @@ DEVICE void moeb_pers_xt(int I, int K, const i32* __restrict__ ntiles, u32* __re
   const int nt = ntiles[0], G1 = I >> 7, G2 = (K + 127) >> 7, total = (G1 + G2) * nt;
   int item = blockIdx.x;
   while (item < total) {
-    if (threadIdx.x == 0) next = gridDim.x + (int)atomicAdd(ctr, 1u);
+    const auto claim = [&] {
+      if (threadIdx.x == 0) next = gridDim.x + (int)atomicAdd(ctr, 1u);
+    };
     if (item < G1 * nt) {
       const MbTile& r = rec[item / G1];
       mbx_gate_up_item<PF, SEQ>(r.ex.gate, r.ex.up, r.s0, r.n, &rec[item / G1].done, item % G1, I, K, list, xq, xs,
-                                hq, hs);
+                                hq, hs, claim);
     } else {
       const int j = item - G1 * nt;
       const MbTile& r = rec[j / G2];
-      mbx_down_item<PF>(r.ex.down, r.s0, r.n, &r.done, j % G2, K, I, hq, hs, part, [] {});
+      mbx_down_item<PF>(r.ex.down, r.s0, r.n, &r.done, j % G2, K, I, hq, hs, part, [] {}, claim);
     }
     item = next;
     __syncthreads();  // every thread has read next before it is written again
@@ -1213,6 +1218,7 @@ extern "C" __global__ void __launch_bounds__(1024)
 #define MBX_MAXE 256
 #define MBX_MAXP 512
 #define MBX_MAXT 512
+#define MBX_TABE 80
 
 template <int PF, int SEQ>
 DEVICE void moeb_pf_xt(const i32* __restrict__ ids, int T, int topk, int S, int E,
@@ -1222,9 +1228,19 @@ DEVICE void moeb_pf_xt(const i32* __restrict__ ids, int T, int topk, int S, int 
   __shared__ int cnt[MBX_MAXE], off[MBX_MAXE], toff[MBX_MAXE], wsum[2][MB_WARPS];
   __shared__ int pex[MBX_MAXP], rank[MBX_MAXP], lrow[MBX_MAXP], tmap[MBX_MAXT];
   __shared__ int next, s_nt;
+  // The table's entries (which never change) in shared memory, read
+  // before the wait, so that an item's first weight loads need no round
+  // trip; with more than MBX_TABE experts they come from the table.
+  __shared__ BExpert tab[MBX_TABE];
   const int slots = topk + S, P = T * slots, NE = E + S;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   for (int e = threadIdx.x; e < MBX_MAXE; e += blockDim.x) cnt[e] = 0;
+  if (NE <= MBX_TABE) {
+    const int W = (int)(sizeof(BExpert) / 8);
+    for (int i = threadIdx.x; i < NE * W; i += blockDim.x)
+      ((unsigned long long*)tab)[i] = __ldg((const unsigned long long*)experts + i);
+  }
+  const BExpert* ext = NE <= MBX_TABE ? tab : experts;
   PDL_WAIT();
   for (int p = threadIdx.x; p < P; p += blockDim.x) {
     const int tk = p / slots, k = p - tk * slots;
@@ -1286,17 +1302,19 @@ DEVICE void moeb_pf_xt(const i32* __restrict__ ids, int T, int topk, int S, int 
   const int nt = s_nt, G1 = I >> 7, G2 = (K + 127) >> 7, total = (G1 + G2) * nt;
   int item = blockIdx.x;
   while (item < total) {
-    if (threadIdx.x == 0) next = gridDim.x + (int)atomicAdd(&sync[0], 1u);
+    const auto claim = [&] {
+      if (threadIdx.x == 0) next = gridDim.x + (int)atomicAdd(&sync[0], 1u);
+    };
     const bool gu = item < G1 * nt;
     const int tile = gu ? item / G1 : (item - G1 * nt) / G2;
     const int bx = gu ? item - tile * G1 : item - G1 * nt - tile * G2;
     const int x = tmap[tile], j = tile - toff[x];
     const int s0 = off[x] + MB_TT * j, ntok = min(MB_TT, cnt[x] - MB_TT * j);
     if (gu) {
-      mbx_gate_up_item<PF, SEQ>(experts[x].gate, experts[x].up, s0, ntok, &sync[2 + tile], bx, I, K, lrow, xq, xs,
-                                hq, hs);
+      mbx_gate_up_item<PF, SEQ>(ext[x].gate, ext[x].up, s0, ntok, &sync[2 + tile], bx, I, K, lrow, xq, xs, hq, hs,
+                                claim);
     } else {
-      mbx_down_item<PF>(experts[x].down, s0, ntok, &sync[2 + tile], bx, K, I, hq, hs, part, [] {});
+      mbx_down_item<PF>(ext[x].down, s0, ntok, &sync[2 + tile], bx, K, I, hq, hs, part, [] {}, claim);
     }
     item = next;
     __syncthreads();  // every thread has read next before it is written again
