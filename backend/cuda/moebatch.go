@@ -89,8 +89,10 @@ func (c *Ctx) MoEStreamProducts(t *ExpertTable, ids uint64, topk int, x *QActs, 
 	if rec != 0 {
 		groupArgs = append(groupArgs, t.buf, rec)
 	}
-	if strings.HasPrefix(kern, "f") && P <= moeFoldMaxPairs && t.Routed+t.Shared <= moeFoldMaxExperts && s.MaxTiles <= moeFoldMaxTiles {
-		// One persistent grid that also sorts the pairs.
+	if rec != 0 && moeFolds(t, P, s.MaxTiles) {
+		// One persistent grid that also sorts the pairs; it leaves the
+		// down products in pair order, for the identity positions.
+		s.Pos = t.sync + moeSyncCounters
 		shared := moeStreamShared(max(t.K, t.I))
 		pf, err := c.kernelShared("stream", "moeb_pf_"+kern, shared)
 		if err != nil {
@@ -101,7 +103,7 @@ func (c *Ctx) MoEStreamProducts(t *ExpertTable, ids uint64, topk int, x *QActs, 
 			return err
 		}
 		blocks := max(1, min(occ*c.info.SMs, (t.I/128+(t.K+127)/128)*s.MaxTiles))
-		return c.Launch(pf, D1(blocks), D1(256), shared, ids, x.T, topk, t.Shared, t.Routed, t.buf, t.sync, s.Pos,
+		return c.Launch(pf, D1(blocks), D1(256), shared, ids, x.T, topk, t.Shared, t.Routed, t.buf, t.sync,
 			t.I, t.K, x.Q, x.Scales, s.HQ.Q, s.HQ.Scales, s.Part)
 	}
 	if strings.HasPrefix(kern, "f") {
@@ -196,9 +198,28 @@ const moeCombineMaxSlots = 8
 // pointers) and four 32-bit words.
 const moeTileRec = 88
 
-// moeSyncBytes is the size of an ExpertTable's counters for moeb_pf_*:
-// two words and one a tile (MBX_MAXT in stream.cu), 16-byte aligned.
-const moeSyncBytes = 4 * (2 + moeFoldMaxTiles + 2)
+// An ExpertTable's area for moeb_pf_*: its counters (two words and one a
+// tile, MBX_MAXT in stream.cu; zero), then the identity positions 0, 1,
+// ... of moeFoldMaxPairs pairs, which the combine takes after it.
+const (
+	moeSyncCounters = 4 * (2 + moeFoldMaxTiles + 2)
+	moeSyncBytes    = moeSyncCounters + 4*moeFoldMaxPairs
+)
+
+// moeSyncInit is the area's initial contents as 64-bit words.
+func moeSyncInit() []uint64 {
+	w := make([]uint64, moeSyncBytes/8)
+	for i := 0; i < moeFoldMaxPairs/2; i++ {
+		w[moeSyncCounters/8+i] = uint64(2*i) | uint64(2*i+1)<<32
+	}
+	return w
+}
+
+// moeFolds reports whether MoEStreamProducts takes the persistent pair
+// with the grouping folded in (moeb_pf_*) for P pairs and maxTiles tiles.
+func moeFolds(t *ExpertTable, P, maxTiles int) bool {
+	return !moeStreamMain && strings.HasPrefix(moeStreamKern, "f") && t.sync != 0 && P <= moeFoldMaxPairs && t.Routed+t.Shared <= moeFoldMaxExperts && maxTiles <= moeFoldMaxTiles
+}
 
 // The most pairs, experts (with the shared ones) and tiles moeb_pf_*
 // take: MBX_MAXP, MBX_MAXE and MBX_MAXT in stream.cu.
@@ -235,6 +256,9 @@ func (b *Backend) moeStreamed(d, xm *tensor, rt *routing, l *moeLayer) bool {
 	a := b.quantize(xm, t.G)
 	s := &MoEBatch{T: T, Slots: slots, MaxTiles: moeMaxTiles(P, t.Routed+t.Shared, moeStreamTile)}
 	s.Pos, s.List = b.alloc(4*P), b.alloc(4*P)
+	if moeFolds(t, P, s.MaxTiles) {
+		s.Pos = t.sync + moeSyncCounters // what MoEStreamProducts sets
+	}
 	s.TileE, s.TileS, s.TileN, s.NTiles = b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4)
 	s.Part = b.alloc(4 * P * t.K)
 	s.HQ = b.quantizeInto(&tensor{rows: P, cols: t.I, ld: t.I}, t.G)

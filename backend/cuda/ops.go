@@ -332,7 +332,7 @@ func (c *Ctx) NewExpertTable(routed, shared []ExpertMats) (*ExpertTable, error) 
 		}
 	}
 	n := len(ptrs)
-	ptrs = append(ptrs, make([]uint64, moeSyncBytes/8)...)
+	ptrs = append(ptrs, moeSyncInit()...)
 	buf, err := c.Alloc(8 * len(ptrs))
 	if err != nil {
 		return nil, err

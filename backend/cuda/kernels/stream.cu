@@ -1061,10 +1061,12 @@ DEVICE void mbx_gate_up_item(const BMat& gate, const BMat& up, int s0, int ntok,
 // tile's gate/up blocks (then the h rows are staged). The staged rows are
 // free again when it returns. claim() (both items) runs once the first
 // weight loads are issued.
+// prow (or null): the row of part for each of the tile's rows (else the
+// row itself).
 template <int PF, typename Wait, typename Claim>
 DEVICE void mbx_down_item(const BMat& dn, int s0, int ntok, const u32* done, int bx, int N, int I,
                           const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ part,
-                          Wait wait, Claim claim) {
+                          Wait wait, Claim claim, const int* prow = nullptr) {
   extern __shared__ __align__(16) u8 mb_smem[];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int n0 = bx * 128 + warp * 16, GK = I >> 7;
@@ -1088,7 +1090,10 @@ DEVICE void mbx_down_item(const BMat& dn, int s0, int ntok, const u32* done, int
 #pragma unroll
   for (int e = 0; e < 4; e++) {
     const int tok = 2 * t + (e & 1), n = n0 + g + 8 * (e >> 1);
-    if (tok < ntok && n < N) part[(size_t)(s0 + tok) * N + n] = acc[0][0][e] * (rsc[e >> 1] * 0.5f);
+    if (tok < ntok && n < N) {
+      const int r = prow ? prow[s0 + tok] : s0 + tok;
+      part[(size_t)r * N + n] = acc[0][0][e] * (rsc[e >> 1] * 0.5f);
+    }
   }
   __syncthreads();  // every warp is done with the staged rows
 }
@@ -1207,10 +1212,13 @@ extern "C" __global__ void __launch_bounds__(1024)
 
 // The persistent pair with the grouping folded in (no moeb_group launch):
 // every block sorts the pairs itself (the same tiles in every block: each
-// expert's pairs in pair order), block 0 writes pos for the combine, and
-// the items run as moeb_pers_*'s. The rows' order inside an expert's
-// segment differs from moeb_group's (atomic order there); no result
-// depends on it. At most MBX_MAXE experts (with the shared ones; one a
+// expert's pairs in pair order), and the items run as moeb_pers_*'s. The
+// down products go to part in pair order (row p = t*slots + k; a pair
+// whose expert id is out of range gets a row of zeros), so that the
+// combine takes a constant identity for pos, which it may read before it
+// waits for this kernel. The h rows' order inside an expert's segment
+// differs from moeb_group's (atomic order there); no result depends on
+// it. At most MBX_MAXE experts (with the shared ones; one a
 // thread of the block), MBX_MAXP pairs and MBX_MAXT tiles.
 // sync: u32 [0] the item counter, [1] the blocks finished, [2 + i] tile
 // i's finished gate/up items: zero at the launch, and zeroed again by the
@@ -1222,11 +1230,10 @@ extern "C" __global__ void __launch_bounds__(1024)
 
 template <int PF, int SEQ>
 DEVICE void moeb_pf_xt(const i32* __restrict__ ids, int T, int topk, int S, int E,
-                       const BExpert* __restrict__ experts, u32* __restrict__ sync, i32* __restrict__ pos, int I,
-                       int K, const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,
+                       const BExpert* __restrict__ experts, u32* __restrict__ sync, int I, int K, const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,
                        float* __restrict__ hs, float* __restrict__ part) {
   __shared__ int cnt[MBX_MAXE], off[MBX_MAXE], toff[MBX_MAXE], wsum[2][MB_WARPS];
-  __shared__ int pex[MBX_MAXP], rank[MBX_MAXP], lrow[MBX_MAXP], tmap[MBX_MAXT];
+  __shared__ int pex[MBX_MAXP], rank[MBX_MAXP], lrow[MBX_MAXP], lpair[MBX_MAXP], tmap[MBX_MAXT];
   __shared__ int next, s_nt;
   // The table's entries (which never change) in shared memory, read
   // before the wait, so that an item's first weight loads need no round
@@ -1294,9 +1301,16 @@ DEVICE void moeb_pf_xt(const i32* __restrict__ ids, int T, int topk, int S, int 
   __syncthreads();
   for (int p = threadIdx.x; p < P; p += blockDim.x) {
     const int x = pex[p];
-    const int row = x >= 0 ? off[x] + rank[p] : -1;
-    if (x >= 0) lrow[row] = p / slots;
-    if (blockIdx.x == 0) pos[p] = row;
+    if (x >= 0) {
+      const int row = off[x] + rank[p];
+      lrow[row] = p / slots;
+      lpair[row] = p;
+    }
+  }
+  if (blockIdx.x == 0) {
+    for (int p = 0; p < P; p++)
+      if (pex[p] < 0)
+        for (int n = threadIdx.x; n < K; n += blockDim.x) part[(size_t)p * K + n] = 0.f;
   }
   __syncthreads();
   const int nt = s_nt, G1 = I >> 7, G2 = (K + 127) >> 7, total = (G1 + G2) * nt;
@@ -1314,7 +1328,7 @@ DEVICE void moeb_pf_xt(const i32* __restrict__ ids, int T, int topk, int S, int 
       mbx_gate_up_item<PF, SEQ>(ext[x].gate, ext[x].up, s0, ntok, &sync[2 + tile], bx, I, K, lrow, xq, xs, hq, hs,
                                 claim);
     } else {
-      mbx_down_item<PF>(ext[x].down, s0, ntok, &sync[2 + tile], bx, K, I, hq, hs, part, [] {}, claim);
+      mbx_down_item<PF>(ext[x].down, s0, ntok, &sync[2 + tile], bx, K, I, hq, hs, part, [] {}, claim, lpair);
     }
     item = next;
     __syncthreads();  // every thread has read next before it is written again
@@ -1332,9 +1346,9 @@ DEVICE void moeb_pf_xt(const i32* __restrict__ ids, int T, int topk, int S, int 
 #define MOEB_PF_KERNEL(SUFFIX, PF, SEQ)                                                                          \
   extern "C" __global__ void __launch_bounds__(256, 2) moeb_pf_##SUFFIX(                                      \
       const i32* __restrict__ ids, int T, int topk, int S, int E, const BExpert* __restrict__ experts,        \
-      u32* __restrict__ sync, i32* __restrict__ pos, int I, int K, const i8* __restrict__ xq,                 \
-      const float* __restrict__ xs, i8* __restrict__ hq, float* __restrict__ hs, float* __restrict__ part) {  \
-    moeb_pf_xt<PF, SEQ>(ids, T, topk, S, E, experts, sync, pos, I, K, xq, xs, hq, hs, part);                  \
+      u32* __restrict__ sync, int I, int K, const i8* __restrict__ xq, const float* __restrict__ xs,           \
+      i8* __restrict__ hq, float* __restrict__ hs, float* __restrict__ part) {                                \
+    moeb_pf_xt<PF, SEQ>(ids, T, topk, S, E, experts, sync, I, K, xq, xs, hq, hs, part);                       \
   }
 
 MOEB_PF_KERNEL(f0, 0, 0)
