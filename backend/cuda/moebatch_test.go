@@ -150,19 +150,9 @@ var moeStreamVariants = []moeStreamVariantCfg{
 	{"main", true, false, ""},
 	{"new", false, true, "s2f"},
 	{"new_norec", false, false, "s2f"},
-	{"x0", false, true, "x0"},
-	{"x2", false, true, "x2"},
-	{"x3", false, true, "x3"},
-	{"xs0", false, true, "xs0"},
-	{"xs2", false, true, "xs2"},
-	{"xs8", false, true, "xs8"},
-	{"xs81", false, true, "xs81"},
 	{"p0", false, true, "p0"},
-	{"p2", false, true, "p2"},
-	{"ps2", false, true, "ps2"},
 	{"f0", false, true, "f0"},
-	{"f2", false, true, "f2"},
-	{"fs2", false, true, "fs2"},
+	{"f03", false, true, "f03"},
 }
 
 func (v moeStreamVariantCfg) set() {

@@ -1098,35 +1098,6 @@ DEVICE void mbx_down_item(const BMat& dn, int s0, int ntok, const u32* done, int
   __syncthreads();  // every warp is done with the staged rows
 }
 
-template <int PF, int SEQ>
-DEVICE void moeb_gate_up_xt(int I, int K, const i32* __restrict__ ntiles, const i32* __restrict__ list,
-                            const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,
-                            float* __restrict__ hs, MbTile* __restrict__ rec) {
-  PDL_WAIT();
-  if ((int)blockIdx.y >= ntiles[0]) return;
-  const MbTile& r = rec[blockIdx.y];
-  mbx_gate_up_item<PF, SEQ>(r.ex.gate, r.ex.up, r.s0, r.n, &rec[blockIdx.y].done, blockIdx.x, I, K, list, xq, xs, hq,
-                            hs, [] {});
-}
-
-// As moeb_down_s2f: the tile's gate/up blocks awaited through their count,
-// the whole gate/up grid at the end.
-template <int PF>
-DEVICE void moeb_down_xt(int N, int I, const i32* __restrict__ ntiles, const i8* __restrict__ hq,
-                         const float* __restrict__ hs, float* __restrict__ part, const MbTile* __restrict__ rec) {
-  if ((int)blockIdx.y < ntiles[0]) {
-    const MbTile& r = rec[blockIdx.y];
-    mbx_down_item<PF>(r.ex.down, r.s0, r.n, &r.done, blockIdx.x, N, I, hq, hs, part, [] {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-      asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
-    }, [] {});
-  }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;" ::: "memory");
-#endif
-}
-
 // The gate/up and down blocks' work in one persistent grid (as many blocks
 // as fit at once): items [0, G1*nt) are the gate/up blocks' (tile-major),
 // then the down blocks' [G1*nt, (G1+G2)*nt); a block takes item
@@ -1164,30 +1135,6 @@ DEVICE void moeb_pers_xt(int I, int K, const i32* __restrict__ ntiles, u32* __re
   }
 }
 
-// Same arguments as the s2f pair's.
-#define MOEB_X_KERNELS(SUFFIX, PF, SEQ, MINB)                                                                  \
-  extern "C" __global__ void __launch_bounds__(256, MINB) moeb_gate_up_##SUFFIX(                                 \
-      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s,    \
-      const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, const i32* __restrict__ list, int I,     \
-      int K, const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,                     \
-      float* __restrict__ hs, MbTile* __restrict__ rec) {                                                     \
-    moeb_gate_up_xt<PF, SEQ>(I, K, ntiles, list, xq, xs, hq, hs, rec);                                         \
-  }                                                                                                           \
-  extern "C" __global__ void __launch_bounds__(256, 2) moeb_down_##SUFFIX(                                    \
-      const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s,    \
-      const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq, \
-      const float* __restrict__ hs, float* __restrict__ part, const MbTile* __restrict__ rec) {               \
-    moeb_down_xt<PF>(N, I, ntiles, hq, hs, part, rec);                                                         \
-  }
-
-MOEB_X_KERNELS(x0, 0, 0, 2)
-MOEB_X_KERNELS(x2, 2, 0, 2)
-MOEB_X_KERNELS(x3, 3, 0, 2)
-MOEB_X_KERNELS(xs0, 0, 4, 2)
-MOEB_X_KERNELS(xs2, 2, 4, 2)
-MOEB_X_KERNELS(xs8, 0, 8, 2)
-MOEB_X_KERNELS(xs81, 0, 8, 1)
-
 #define MOEB_P_KERNEL(SUFFIX, PF, SEQ)                                                                         \
   extern "C" __global__ void __launch_bounds__(256, 2) moeb_pers_##SUFFIX(                                   \
       int I, int K, const i32* __restrict__ ntiles, u32* __restrict__ ctr, const i32* __restrict__ list,     \
@@ -1197,8 +1144,6 @@ MOEB_X_KERNELS(xs81, 0, 8, 1)
   }
 
 MOEB_P_KERNEL(p0, 0, 0)
-MOEB_P_KERNEL(p2, 2, 0)
-MOEB_P_KERNEL(ps2, 2, 4)
 
 // moeb_group_x that also zeroes ctr[0] (moeb_pers_*'s item counter).
 extern "C" __global__ void __launch_bounds__(1024)
@@ -1343,14 +1288,13 @@ DEVICE void moeb_pf_xt(const i32* __restrict__ ids, int T, int topk, int S, int 
   }
 }
 
-#define MOEB_PF_KERNEL(SUFFIX, PF, SEQ)                                                                          \
-  extern "C" __global__ void __launch_bounds__(256, 2) moeb_pf_##SUFFIX(                                      \
+#define MOEB_PF_KERNEL(SUFFIX, PF, SEQ, MINB)                                                                    \
+  extern "C" __global__ void __launch_bounds__(256, MINB) moeb_pf_##SUFFIX(                                      \
       const i32* __restrict__ ids, int T, int topk, int S, int E, const BExpert* __restrict__ experts,        \
       u32* __restrict__ sync, int I, int K, const i8* __restrict__ xq, const float* __restrict__ xs,           \
       i8* __restrict__ hq, float* __restrict__ hs, float* __restrict__ part) {                                \
     moeb_pf_xt<PF, SEQ>(ids, T, topk, S, E, experts, sync, I, K, xq, xs, hq, hs, part);                       \
   }
 
-MOEB_PF_KERNEL(f0, 0, 0)
-MOEB_PF_KERNEL(f2, 2, 0)
-MOEB_PF_KERNEL(fs2, 2, 4)
+MOEB_PF_KERNEL(f0, 0, 0, 2)
+MOEB_PF_KERNEL(f03, 0, 0, 3)
