@@ -153,6 +153,8 @@ var moeStreamVariants = []moeStreamVariantCfg{
 	{"p0", false, true, "p0"},
 	{"f0", false, true, "f0"},
 	{"f03", false, true, "f03"},
+	{"f04", false, true, "f04"},
+	{"new3", false, true, "s2f3"},
 }
 
 func (v moeStreamVariantCfg) set() {
