@@ -73,18 +73,6 @@ func (c *Ctx) MoEStreamProducts(t *ExpertTable, ids uint64, topk int, x *QActs, 
 	if rec != 0 {
 		groupName = "moeb_group_x"
 	}
-	group, err := c.Kernel("stream", groupName)
-	if err != nil {
-		return err
-	}
-	gu, err := c.Kernel("stream", "moeb_gate_up_"+kern)
-	if err != nil {
-		return err
-	}
-	down, err := c.Kernel("stream", "moeb_down_"+kern)
-	if err != nil {
-		return err
-	}
 	groupArgs := []any{ids, x.T, topk, t.Shared, t.Routed, moeStreamTile, s.Pos, s.List, s.TileE, s.TileS, s.TileN, s.NTiles}
 	if rec != 0 {
 		groupArgs = append(groupArgs, t.buf, rec)
@@ -130,6 +118,18 @@ func (c *Ctx) MoEStreamProducts(t *ExpertTable, ids uint64, topk int, x *QActs, 
 		blocks := max(1, min(occ*c.info.SMs, (t.I/128+(t.K+127)/128)*s.MaxTiles))
 		return c.Launch(pers, D1(blocks), D1(256), moeStreamShared(max(t.K, t.I)),
 			t.I, t.K, s.NTiles, ctr, s.List, x.Q, x.Scales, s.HQ.Q, s.HQ.Scales, s.Part, rec)
+	}
+	group, err := c.Kernel("stream", groupName)
+	if err != nil {
+		return err
+	}
+	gu, err := c.Kernel("stream", "moeb_gate_up_"+kern)
+	if err != nil {
+		return err
+	}
+	down, err := c.Kernel("stream", "moeb_down_"+kern)
+	if err != nil {
+		return err
 	}
 	if err := c.Launch(group, D1(1), D1(1024), 0, groupArgs...); err != nil {
 		return err

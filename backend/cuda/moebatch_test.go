@@ -150,11 +150,13 @@ var moeStreamVariants = []moeStreamVariantCfg{
 	{"main", true, false, ""},
 	{"new", false, true, "s2f"},
 	{"new_norec", false, false, "s2f"},
+	{"new3", false, true, "s2f3"},
+	{"new4", false, true, "s2f4"},
+	{"new34", false, true, "s2f34"},
 	{"p0", false, true, "p0"},
 	{"f0", false, true, "f0"},
 	{"f03", false, true, "f03"},
 	{"f04", false, true, "f04"},
-	{"new3", false, true, "s2f3"},
 }
 
 func (v moeStreamVariantCfg) set() {

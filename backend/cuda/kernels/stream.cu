@@ -445,7 +445,7 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
 // and down blocks that wait for their own tile only. On an H200
 // (BenchmarkMoEStream, a full-size layer): s 63.5 / 106.1 / 122.3 us at 8 /
 // 32 / 64 tokens, s2f with moeb_combine_w 59.5 / 99.0 / 117.1.
-#define MOEB_S_KERNELS(SUFFIX, CVT, RS, FLAG, MINB)                                                                  \
+#define MOEB_S_KERNELS(SUFFIX, CVT, RS, FLAG, MINB, MINBD)                                                           \
   extern "C" __global__ void __launch_bounds__(256, MINB) moeb_gate_up_##SUFFIX(                                   \
       const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s,      \
       const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, const i32* __restrict__ list, int I,       \
@@ -453,16 +453,18 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
       float* __restrict__ hs, const MbTile* __restrict__ rec) {                                                 \
     moeb_gate_up<2, true, CVT, RS, FLAG>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, xq, xs, hq, hs, rec);  \
   }                                                                                                             \
-  extern "C" __global__ void __launch_bounds__(256, MINB) moeb_down_##SUFFIX(                                   \
+  extern "C" __global__ void __launch_bounds__(256, MINBD) moeb_down_##SUFFIX(                                  \
       const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s,      \
       const i32* __restrict__ tile_n, const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq,  \
       const float* __restrict__ hs, float* __restrict__ part, const MbTile* __restrict__ rec) {                 \
     moeb_down<1, 4, true, CVT, RS, FLAG>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part, rec);           \
   }
 
-MOEB_S_KERNELS(s, false, false, false, 2)
-MOEB_S_KERNELS(s2f, true, true, true, 2)
-MOEB_S_KERNELS(s2f3, true, true, true, 3)
+MOEB_S_KERNELS(s, false, false, false, 2, 2)
+MOEB_S_KERNELS(s2f, true, true, true, 2, 2)
+MOEB_S_KERNELS(s2f3, true, true, true, 3, 3)
+MOEB_S_KERNELS(s2f4, true, true, true, 4, 4)
+MOEB_S_KERNELS(s2f34, true, true, true, 3, 4)
 
 // ---------------------------------------------------------------------------
 // moe_group (gemm.cu) with the tiles made in parallel: one block of 1024
