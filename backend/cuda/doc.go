@@ -25,4 +25,5 @@
 //	MMFP4_CUDA_DECODE_MERGES "0": one-row decode layers without the merged launches (add+norm in the q_a/kv_a product, the q_a norm in q_b, 8-head attention blocks, the attention's merge in the value expansion)
 //	MMFP4_CUDA_SERVE_FUSE "0": steps of several rows without the merged launches (norm pair, int8 values, MoE combine with add+norm, MoE output written not cleared)
 //	MMFP4_CUDA_MOE_MAIN "1": the streaming MoE of 8-64-row steps by its earlier kernels
+//	MMFP4_CUDA_MOE_S2F "1": the streaming MoE's gate/up and down pair at two blocks a multiprocessor (before 2026-11-29 (8)) instead of three and four
 package cuda

@@ -5,7 +5,6 @@ package cuda
 import (
 	"fmt"
 	"os"
-	"strings"
 )
 
 // moeStreamTile is MB_TT in stream.cu: the pairs of a tile.
@@ -29,9 +28,10 @@ func moeStreamShared(K int) int { return moeStreamTile*(K+16) + 4*moeStreamTile*
 // expert: moeb_group sorts the pairs into tiles of at most eight, then
 // the gate/up kernel (SiLU product and its int8 quantization fused), the
 // down kernel and the weighted sum per token (four launches): the pair
-// moeb_gate_up_s2f, moeb_down_s2f (the scales through the hardware E4M3
-// conversion, the row scales read with the first weights) and
-// moeb_combine_w (every load of a slot in flight at once). s must have
+// moeb_gate_up_s2f34, moeb_down_s2f34 (the scales through the hardware
+// E4M3 conversion, the row scales read with the first weights; three and
+// four blocks a multiprocessor) and moeb_combine_w (every load of a slot
+// in flight at once). s must have
 // room for the 8-pair tiles (MaxTiles >= moeMaxTiles(P, experts, 8));
 // s.H is not used. rec (moeTileRec bytes a tile, s.MaxTiles of them; 0 for
 // none) lets moeb_group_x leave each tile's expert entry and a count of
@@ -61,63 +61,15 @@ func (c *Ctx) MoEStreamProducts(t *ExpertTable, ids uint64, topk int, x *QActs, 
 	case s.MaxTiles < moeMaxTiles(P, t.Routed+t.Shared, moeStreamTile):
 		return fmt.Errorf("cuda: moe stream: %d tiles, want %d", s.MaxTiles, moeMaxTiles(P, t.Routed+t.Shared, moeStreamTile))
 	}
-	kern, groupName := moeStreamKern, "moeb_group"
+	kern, groupName := "s2f34", "moeb_group"
+	if moeStreamTwoBlocks {
+		kern = "s2f"
+	}
 	if moeStreamMain {
 		kern, rec = "s", 0
 	}
-	if kern != "s" && (rec == 0 || strings.HasPrefix(kern, "xs") && t.K%1024 != 0) {
-		// The x pairs take their tiles from the records; xs's gate/up
-		// four or eight groups a batch.
-		kern = "s2f"
-	}
 	if rec != 0 {
 		groupName = "moeb_group_x"
-	}
-	groupArgs := []any{ids, x.T, topk, t.Shared, t.Routed, moeStreamTile, s.Pos, s.List, s.TileE, s.TileS, s.TileN, s.NTiles}
-	if rec != 0 {
-		groupArgs = append(groupArgs, t.buf, rec)
-	}
-	if rec != 0 && moeFolds(t, P, s.MaxTiles) {
-		// One persistent grid that also sorts the pairs; it leaves the
-		// down products in pair order, for the identity positions.
-		s.Pos = t.sync + moeSyncCounters
-		shared := moeStreamShared(max(t.K, t.I))
-		pf, err := c.kernelShared("stream", "moeb_pf_"+kern, shared)
-		if err != nil {
-			return err
-		}
-		occ, err := c.Occupancy(pf, 256, shared)
-		if err != nil {
-			return err
-		}
-		blocks := max(1, min(occ*c.info.SMs, (t.I/128+(t.K+127)/128)*s.MaxTiles))
-		return c.Launch(pf, D1(blocks), D1(256), shared, ids, x.T, topk, t.Shared, t.Routed, t.buf, t.sync,
-			t.I, t.K, x.Q, x.Scales, s.HQ.Q, s.HQ.Scales, s.Part)
-	}
-	if strings.HasPrefix(kern, "f") {
-		kern = "s2f"
-	}
-	if strings.HasPrefix(kern, "p") {
-		// One persistent grid for the gate/up and down products.
-		ctr := rec + uint64(moeTileRec*s.MaxTiles)
-		group, err := c.Kernel("stream", "moeb_group_xp")
-		if err != nil {
-			return err
-		}
-		pers, err := c.kernelShared("stream", "moeb_pers_"+kern, moeStreamShared(max(t.K, t.I)))
-		if err != nil {
-			return err
-		}
-		if err := c.Launch(group, D1(1), D1(1024), 0, append(groupArgs, ctr)...); err != nil {
-			return err
-		}
-		occ, err := c.Occupancy(pers, 256, moeStreamShared(max(t.K, t.I)))
-		if err != nil {
-			return err
-		}
-		blocks := max(1, min(occ*c.info.SMs, (t.I/128+(t.K+127)/128)*s.MaxTiles))
-		return c.Launch(pers, D1(blocks), D1(256), moeStreamShared(max(t.K, t.I)),
-			t.I, t.K, s.NTiles, ctr, s.List, x.Q, x.Scales, s.HQ.Q, s.HQ.Scales, s.Part, rec)
 	}
 	group, err := c.Kernel("stream", groupName)
 	if err != nil {
@@ -130,6 +82,10 @@ func (c *Ctx) MoEStreamProducts(t *ExpertTable, ids uint64, topk int, x *QActs, 
 	down, err := c.Kernel("stream", "moeb_down_"+kern)
 	if err != nil {
 		return err
+	}
+	groupArgs := []any{ids, x.T, topk, t.Shared, t.Routed, moeStreamTile, s.Pos, s.List, s.TileE, s.TileS, s.TileN, s.NTiles}
+	if rec != 0 {
+		groupArgs = append(groupArgs, t.buf, rec)
 	}
 	if err := c.Launch(group, D1(1), D1(1024), 0, groupArgs...); err != nil {
 		return err
@@ -165,9 +121,9 @@ func (c *Ctx) MoEStreamCombine(y uint64, ldy int, accumulate bool, s *MoEBatch, 
 // takes MoEBatchedStream. Measured on an H200 (full-size layer, device
 // time) with the earlier kernels: 40-42 / 49-50 / 72-74 / 120-121 / 141 us
 // at 2 / 4 / 8 / 32 / 64 tokens against the tiled MoEBatched's 72 / 78 /
-// 122 / 187-192 / 222 and the single-token kernels' 23-24 us a token; now
+// 122 / 187-192 / 222 and the single-token kernels' 23-24 us a token; then
 // 59.5 / 99.1 / 117.2 at 8 / 32 / 64 against the tiled 90 / 142 / 164
-// (docs/perf.md, 2026-11-28 (6)).
+// (docs/perf.md, 2026-11-28 (6)); now 52.9 / 90.6 / 109.0 (2026-11-29 (8)).
 var (
 	moeStreamMinTokens = 2
 	moeStreamMaxTokens = 64
@@ -178,17 +134,12 @@ var (
 // binary.
 var moeStreamMain = os.Getenv("MMFP4_CUDA_MOE_MAIN") == "1"
 
-// moeStreamKern names the gate/up and down pair (moeb_gate_up_<kern>,
-// moeb_down_<kern>) of MoEBatchedStream with tile records:
-// MMFP4_CUDA_MOE_KERN, for measuring.
-var moeStreamKern = envOr("MMFP4_CUDA_MOE_KERN", "s2f")
-
-func envOr(name, def string) string {
-	if v := os.Getenv(name); v != "" {
-		return v
-	}
-	return def
-}
+// moeStreamTwoBlocks runs the s2f pair at two blocks a multiprocessor
+// (moeb_gate_up_s2f, moeb_down_s2f: 123 and 124 registers), the pair before
+// s2f34 took the same code to three blocks a multiprocessor for gate/up
+// and four for down (80 and 64 registers): MMFP4_CUDA_MOE_S2F=1, for an
+// A/B in one binary.
+var moeStreamTwoBlocks = os.Getenv("MMFP4_CUDA_MOE_S2F") == "1"
 
 // moeCombineMaxSlots is MB_MAXS in stream.cu: the most slots a token
 // moeb_combine_w takes.
@@ -197,41 +148,6 @@ const moeCombineMaxSlots = 8
 // moeTileRec is the size of an MbTile (stream.cu): a BExpert (nine
 // pointers) and four 32-bit words.
 const moeTileRec = 88
-
-// An ExpertTable's area for moeb_pf_*: its counters (two words and one a
-// tile, MBX_MAXT in stream.cu; zero), then the identity positions 0, 1,
-// ... of moeFoldMaxPairs pairs, which the combine takes after it.
-const (
-	moeSyncCounters = 4 * (2 + moeFoldMaxTiles + 2)
-	moeSyncBytes    = moeSyncCounters + 4*moeFoldMaxPairs
-)
-
-// moeSyncInit is the area's initial contents as 64-bit words.
-func moeSyncInit() []uint64 {
-	w := make([]uint64, moeSyncBytes/8)
-	for i := 0; i < moeFoldMaxPairs/2; i++ {
-		w[moeSyncCounters/8+i] = uint64(2*i) | uint64(2*i+1)<<32
-	}
-	return w
-}
-
-// moeFolds reports whether MoEStreamProducts takes the persistent pair
-// with the grouping folded in (moeb_pf_*) for P pairs and maxTiles tiles.
-func moeFolds(t *ExpertTable, P, maxTiles int) bool {
-	return !moeStreamMain && strings.HasPrefix(moeStreamKern, "f") && t.sync != 0 && P <= moeFoldMaxPairs && t.Routed+t.Shared <= moeFoldMaxExperts && maxTiles <= moeFoldMaxTiles
-}
-
-// The most pairs, experts (with the shared ones) and tiles moeb_pf_*
-// take: MBX_MAXP, MBX_MAXE and MBX_MAXT in stream.cu.
-const (
-	moeFoldMaxPairs   = 512
-	moeFoldMaxExperts = 256
-	moeFoldMaxTiles   = 512
-)
-
-// moeRecBytes is the size of the records of n tiles, then a 32-bit counter
-// (the persistent pair's items) in 16 bytes.
-func moeRecBytes(n int) int { return moeTileRec*n + 16 }
 
 // moeStreams reports whether a batch of T tokens over t takes
 // MoEBatchedStream.
@@ -256,13 +172,10 @@ func (b *Backend) moeStreamed(d, xm *tensor, rt *routing, l *moeLayer) bool {
 	a := b.quantize(xm, t.G)
 	s := &MoEBatch{T: T, Slots: slots, MaxTiles: moeMaxTiles(P, t.Routed+t.Shared, moeStreamTile)}
 	s.Pos, s.List = b.alloc(4*P), b.alloc(4*P)
-	if moeFolds(t, P, s.MaxTiles) {
-		s.Pos = t.sync + moeSyncCounters // what MoEStreamProducts sets
-	}
 	s.TileE, s.TileS, s.TileN, s.NTiles = b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4)
 	s.Part = b.alloc(4 * P * t.K)
 	s.HQ = b.quantizeInto(&tensor{rows: P, cols: t.I, ld: t.I}, t.G)
-	rec := b.alloc(moeRecBytes(s.MaxTiles))
+	rec := b.alloc(moeTileRec * s.MaxTiles)
 	if !add && b.combineApart(d, slots) {
 		// The combine on its own, which the add and norm after may take
 		// into their launch (serve.go).

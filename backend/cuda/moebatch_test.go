@@ -89,7 +89,7 @@ func TestMoEBatchedStream(t *testing.T) {
 					}
 					var rec uint64
 					if withRec {
-						rb, err := c.Alloc(moeRecBytes(s.MaxTiles))
+						rb, err := c.Alloc(moeTileRec * s.MaxTiles)
 						if err != nil {
 							return nil, err
 						}
@@ -138,39 +138,27 @@ func TestMoEBatchedStream(t *testing.T) {
 }
 
 // moeStreamVariantCfg is a configuration of MoEBatchedStream for the tests
-// and benchmarks: main's earlier pair, or the pair in use with or without
-// tile records.
+// and benchmarks: main's earlier pair, the s2f pair at two blocks a
+// multiprocessor, or the pair in use with or without tile records.
 type moeStreamVariantCfg struct {
-	name      string
-	main, rec bool
-	kern      string
+	name           string
+	main, rec, two bool
 }
 
 var moeStreamVariants = []moeStreamVariantCfg{
-	{"main", true, false, ""},
-	{"new", false, true, "s2f"},
-	{"new_norec", false, false, "s2f"},
-	{"new3", false, true, "s2f3"},
-	{"new4", false, true, "s2f4"},
-	{"new34", false, true, "s2f34"},
-	{"p0", false, true, "p0"},
-	{"f0", false, true, "f0"},
-	{"f03", false, true, "f03"},
-	{"f04", false, true, "f04"},
+	{"main", true, false, false},
+	{"s2f", false, true, true},
+	{"new", false, true, false},
+	{"new_norec", false, false, false},
 }
 
-func (v moeStreamVariantCfg) set() {
-	moeStreamMain = v.main
-	if v.kern != "" {
-		moeStreamKern = v.kern
-	}
-}
+func (v moeStreamVariantCfg) set() { moeStreamMain, moeStreamTwoBlocks = v.main, v.two }
 
 // restoreMoEStream returns a function that puts the package's MoE
 // configuration back.
 func restoreMoEStream() func() {
-	main, kern := moeStreamMain, moeStreamKern
-	return func() { moeStreamMain, moeStreamKern = main, kern }
+	main, two := moeStreamMain, moeStreamTwoBlocks
+	return func() { moeStreamMain, moeStreamTwoBlocks = main, two }
 }
 
 // newMoEStreamBatch is newMoEBatch with room for the streaming kernels'
@@ -327,7 +315,7 @@ func BenchmarkMoEStream(b *testing.B) {
 					sv.set()
 					var rec uint64
 					if sv.rec {
-						rb, err := c.Alloc(moeRecBytes(s.MaxTiles))
+						rb, err := c.Alloc(moeTileRec * s.MaxTiles)
 						if err != nil {
 							return err
 						}

@@ -48,12 +48,24 @@ func TestCompileKernels(t *testing.T) {
 				t.Logf("%s (%s):\n%s", m, arch, strings.TrimSpace(log))
 			}
 			// Local memory in these kernels means an array indexed at run
-			// time or a spill: both slow the memory-bound loops badly.
+			// time or a spill: both slow the memory-bound loops badly
+			// (but for spillMeasured's kernels).
+			fn := ""
 			for _, line := range strings.Split(log, "\n") {
-				if strings.Contains(line, "bytes spill") && !strings.Contains(line, "0 bytes spill stores, 0 bytes spill loads") {
-					t.Errorf("%s for %s spills: %s", m, arch, line)
+				if i := strings.Index(line, "Compiling entry function '"); i >= 0 {
+					fn, _, _ = strings.Cut(line[i+len("Compiling entry function '"):], "'")
+				}
+				if strings.Contains(line, "bytes spill") && !strings.Contains(line, "0 bytes spill stores, 0 bytes spill loads") && !spillMeasured[fn] {
+					t.Errorf("%s for %s spills (%s): %s", m, arch, fn, line)
 				}
 			}
 		}
 	}
 }
+
+// spillMeasured lists the kernels whose few spilled bytes were measured
+// to cost less than the occupancy their register bound buys: the
+// streaming MoE pair at three and four blocks a multiprocessor (80 and 64
+// registers, 40 and 8 bytes spilled under NVRTC 11.8) runs 7-9% faster
+// than at two without spills (docs/perf.md, 2026-11-29 (8)).
+var spillMeasured = map[string]bool{"moeb_gate_up_s2f34": true, "moeb_down_s2f34": true}

@@ -307,7 +307,6 @@ type ExpertTable struct {
 	Routed, Shared int
 	I, K, G        int
 	buf            Buffer
-	sync           uint64 // the streaming MoE's counters (moeSyncBytes, zero between launches)
 }
 
 // NewExpertTable checks that the experts share their shapes and group size
@@ -331,13 +330,11 @@ func (c *Ctx) NewExpertTable(routed, shared []ExpertMats) (*ExpertTable, error) 
 			ptrs = append(ptrs, m.q.Codes, m.q.Scales, m.q.RowScale)
 		}
 	}
-	n := len(ptrs)
-	ptrs = append(ptrs, moeSyncInit()...)
 	buf, err := c.Alloc(8 * len(ptrs))
 	if err != nil {
 		return nil, err
 	}
-	t.buf, t.sync = buf, buf.Ptr+uint64(8*n)
+	t.buf = buf
 	return t, CopyIn(c, buf.Ptr, ptrs)
 }
 
