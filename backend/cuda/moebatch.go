@@ -31,8 +31,8 @@ func moeStreamShared(K int) int { return moeStreamTile*(K+16) + 4*moeStreamTile*
 // moeb_gate_up_s2f34, moeb_down_s2f34 (the scales through the hardware
 // E4M3 conversion, the row scales read with the first weights; three and
 // four blocks a multiprocessor) and moeb_combine_w (every load of a slot
-// in flight at once). s must have
-// room for the 8-pair tiles (MaxTiles >= moeMaxTiles(P, experts, 8));
+// in flight at once). s must have room for the 8-pair tiles (MaxTiles >=
+// moeMaxTiles(P, experts, 8));
 // s.H is not used. rec (moeTileRec bytes a tile, s.MaxTiles of them; 0 for
 // none) lets moeb_group_x leave each tile's expert entry and a count of
 // its finished gate/up blocks there: the products then find their weights
