@@ -508,13 +508,26 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 		if err != nil {
 			return err
 		}
+		guStaged, downStaged := moeStagedFits(t)
+		if guStaged && moeStageGU != "" {
+			if gu, err = c.Kernel(moeStageModule, moeStageGU); err != nil {
+				return err
+			}
+		}
+		shared := 0
+		if downStaged && moeStageDown != "" {
+			if down, err = c.Kernel(moeStageModule, moeStageDown); err != nil {
+				return err
+			}
+			shared = slots * align(4*t.I/2+4*t.I/t.G, 16)
+		}
 		if err := c.Launch(gu, Dim{uint32((t.I + 15) / 16), uint32(slots), 1}, D1(128), 0,
 			t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, s.H, s.HQ.Q, s.HQ.Scales, s.Groups); err != nil {
 			return err
 		}
 		// The routing is an input of the gate/up launch just queued, so
 		// the down launch reads it before its wait.
-		return c.Launch(down, D1((t.K+3)/4), D1(32*slots), 0, t.buf, ids, wts, topk, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, y, acc)
+		return c.Launch(down, D1((t.K+3)/4), D1(32*slots), shared, t.buf, ids, wts, topk, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, y, acc)
 	}
 	gu, err := c.Kernel("moe", "moe_gate_up")
 	if err != nil {
@@ -557,6 +570,20 @@ const (
 // moeDownOld makes MoE use moe_gate_up and moe_down_q (benchmarks and
 // tests).
 var moeDownOld bool
+
+// The batch-1 MoE kernels that stage each warp's weights in shared memory
+// by asynchronous copies (moe_gate_up_sb/_sc, moe_down_sb/_sc) instead of
+// moe_gate_up_q and moe_down_hq, when set (measurements).
+var moeStageModule, moeStageGU, moeStageDown = "moetma", "", ""
+
+// moeStagedFits reports whether the staged gate/up and down kernels take
+// t's shapes: whole 16-row blocks of gate/up and 4-row blocks of down,
+// rows and 4 rows' scales in 16-byte pieces.
+func moeStagedFits(t *ExpertTable) (gu, down bool) {
+	gu = t.I%16 == 0 && (t.K/2)%16 == 0 && (4*t.K/t.G)%16 == 0
+	down = t.K%4 == 0 && (t.I/2)%16 == 0 && (4*t.I/t.G)%16 == 0
+	return gu, down
+}
 
 // moeMaxI is MOE_MAX_I in moe.cu: the largest intermediate size whose
 // quantization moe_down_q holds in shared memory.

@@ -1,0 +1,1507 @@
+// Mixture of experts for one token (DESIGN.md section 3): the router, then
+// every selected expert's gate and up products with the SiLU product fused
+// (one launch over all experts), the int8 quantization of those (through
+// rmsnorm_quant), and the down products summed with the routing weights
+// (one launch). Slots 0..topk-1 are the routed experts ids[s] with weight
+// wts[s]; slots topk.. are the shared experts (table entries nexperts..),
+// weight 1.
+
+struct QMat {
+  const u8* codes;
+  const u8* scales;
+  const float* row_scale;
+};
+
+// One expert's three matrices: gate and up [I][K], down [K][I].
+struct Expert {
+  QMat gate, up, down;
+};
+
+DEVICE int slot_expert(const i32* __restrict__ ids, int slot, int topk, int nexperts) {
+  return slot < topk ? ids[slot] : nexperts + (slot - topk);
+}
+
+// silu(x) = x / (1 + e^-x), the exponential in double as the CPU backend
+// takes it.
+DEVICE float silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
+
+// Router, one block of 256 threads per token t: logits[e] = W[e] . x[t]
+// (fp32, W [E][K]), scores sigmoid(logits), choice scores + bias; with
+// groups > 1 only the best topk_groups groups (a group's worth is the sum of
+// its two best choices) stay eligible; the topk best choices win (ties to
+// the lower index) and their weights are their scores, normalised when
+// norm != 0, times scaling. As cpu.SelectExperts.
+#define ROUTE_THREADS 256
+#define MAX_EXPERTS 512
+#define MAX_GROUPS 64
+
+extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
+    moe_route(const float* __restrict__ W, const float* __restrict__ bias,
+              const float* __restrict__ x, int ldx, int E, int K, int topk, int groups,
+              int topk_groups, int norm, float scaling, i32* __restrict__ ids,
+              float* __restrict__ wts, float* __restrict__ logits_out) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  __shared__ float score[MAX_EXPERTS], choice[MAX_EXPERTS];
+  const int t = blockIdx.x, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const float* xr = x + (size_t)t * ldx;
+  for (int e = warp; e < E; e += ROUTE_THREADS / 32) {
+    const float* w = W + (size_t)e * K;
+    float acc = 0.f;
+    for (int k = lane * 4; k < K; k += 128) {
+      const float4 a = *(const float4*)(w + k), b = *(const float4*)(xr + k);
+      acc += a.x * b.x + a.y * b.y + a.z * b.z + a.w * b.w;
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) {
+      if (logits_out) logits_out[(size_t)t * E + e] = acc;
+      const float s = (float)(1.0 / (1.0 + exp(-(double)acc)));
+      score[e] = s;
+      choice[e] = s + bias[e];
+    }
+  }
+  __syncthreads();
+  if (threadIdx.x != 0) return;
+  const float NEG_INF = __int_as_float(0xff800000);
+  if (groups > 1) {
+    // A group stays eligible when it ranks among the best topk_groups by
+    // worth, ties to the lower group (a stable sort, as the CPU's).
+    __shared__ float worth[MAX_GROUPS];
+    const int per = E / groups;
+    for (int g = 0; g < groups; g++) {
+      float m1 = NEG_INF, m2 = NEG_INF;
+      for (int e = g * per; e < (g + 1) * per; e++) {
+        const float v = choice[e];
+        if (v > m1) {
+          m2 = m1;
+          m1 = v;
+        } else if (v > m2) {
+          m2 = v;
+        }
+      }
+      worth[g] = m1 + m2;
+    }
+    for (int g = 0; g < groups; g++) {
+      int rank = 0;
+      for (int h = 0; h < groups; h++) rank += worth[h] > worth[g] || (worth[h] == worth[g] && h < g);
+      if (rank >= topk_groups) {
+        for (int e = g * per; e < (g + 1) * per; e++) choice[e] = NEG_INF;
+      }
+    }
+  }
+  __shared__ bool taken[MAX_EXPERTS];
+  for (int e = 0; e < E; e++) taken[e] = false;
+  float sum = 0.f;
+  for (int k = 0; k < topk; k++) {
+    int best = -1;
+    for (int e = 0; e < E; e++) {
+      if (!taken[e] && (best < 0 || choice[e] > choice[best])) best = e;
+    }
+    taken[best] = true;
+    ids[(size_t)t * topk + k] = best;
+    wts[(size_t)t * topk + k] = score[best];
+    sum += score[best];
+  }
+  for (int k = 0; k < topk; k++) {
+    float w = wts[(size_t)t * topk + k];
+    if (norm) w /= sum + 1e-20f;
+    wts[(size_t)t * topk + k] = w * scaling;
+  }
+}
+
+// Gate and up products of every slot's expert with the SiLU product:
+// h[slot][n] = silu(gate_n . x) * (up_n . x), for one token. Grid
+// (ceil(I/16), nslots) blocks of 4 warps; a warp takes 4 rows of gate and the
+// same 4 rows of up (8 rows in flight against the same activations).
+// At most 128 registers a thread, so that four blocks fit on a
+// multiprocessor and the 5 x 96 blocks of GLM-4.7-Flash's MoE are resident
+// at once (168 registers left 3 a multiprocessor: two waves).
+extern "C" __global__ void __launch_bounds__(128, 4)
+    moe_gate_up(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
+                int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
+                const float* __restrict__ xs, const i32* __restrict__ xsum, float* __restrict__ h) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  const int slot = blockIdx.y, lane = threadIdx.x & 31;
+  const int row0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 4;
+  if (row0 >= I) return;
+  const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
+  const int GK = (K >> 5) >> gshift;
+  const u8* rc[8];
+  const u8* rs[8];
+#pragma unroll
+  for (int r = 0; r < 4; r++) {
+    const int n = min(row0 + r, I - 1);
+    rc[r] = ex.gate.codes + (size_t)n * (K / 2);
+    rs[r] = ex.gate.scales + (size_t)n * GK;
+    rc[4 + r] = ex.up.codes + (size_t)n * (K / 2);
+    rs[4 + r] = ex.up.scales + (size_t)n * GK;
+  }
+  float out[8][1];
+  gemv_dot<1, 8, true>(rc, rs, K, gshift, xq, xs, xsum, out);
+#pragma unroll
+  for (int r = 0; r < 4; r++) {
+    const int n = row0 + r;
+    if (lane == r && n < I) {
+      const float g = out[r][0] * (ex.gate.row_scale[n] * 0.5f);
+      const float u = out[4 + r][0] * (ex.up.row_scale[n] * 0.5f);
+      h[(size_t)slot * I + n] = silu(g) * u;
+    }
+  }
+}
+
+// A warp's 4 down-product rows from row0 of one slot (out, the same in
+// every lane, before the row scale) into partial[slot][n], one lane each.
+DEVICE void moe_down_store(const float (&out)[4][1], const float* __restrict__ row_scale, int row0,
+                           int N, int slot, float* __restrict__ partial) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int r = 0; r < 4; r++) {
+    const int n = row0 + r;
+    if (lane == r && n < N) partial[(size_t)slot * N + n] = out[r][0] * (row_scale[n] * 0.5f);
+  }
+}
+
+// The end of a down kernel's block: the last of the nslots blocks of column
+// block blockIdx.x to finish (counted in counters, which it resets) sums
+// the slots' partial products in slot order with their weights (1 for the
+// shared slots after topk) into y, so the result does not depend on the
+// blocks' timing. Every thread of the block must call it.
+DEVICE void moe_down_sum(const float* __restrict__ partial, u32* __restrict__ counters,
+                         const float* __restrict__ wts, int topk, int nslots, int N,
+                         float* __restrict__ y, int accumulate) {
+  __shared__ bool last;
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&counters[blockIdx.x], 1u) == (u32)(nslots - 1);
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const int n = blockIdx.x * 16 + threadIdx.x;
+  if (threadIdx.x < 16 && n < N) {
+    float total = 0.f;
+    for (int s = 0; s < nslots; s++) {
+      const float w = s < topk ? wts[s] : 1.f;
+      total += w * __ldcg(partial + (size_t)s * N + n);
+    }
+    y[n] = accumulate ? y[n] + total : total;
+  }
+  if (threadIdx.x == 0) counters[blockIdx.x] = 0;
+}
+
+// Down products summed over the slots with their weights:
+// y[n] (+)= sum_s w_s * (down_s,n . hq[s]), for one token; hq holds each
+// slot's h quantized to int8 (nslots rows of I). Grid (ceil(N/16), nslots)
+// blocks of 4 warps, a warp taking 4 rows of one slot's down matrix, so that
+// every slot's weights stream at once. Each block leaves its products in
+// partial[slot][n]; the last block of a row block to finish (counted in
+// counters, which it resets) sums the slots in order, so the result does
+// not depend on the blocks' timing.
+extern "C" __global__ void __launch_bounds__(128)
+    moe_down(const Expert* __restrict__ experts, const i32* __restrict__ ids,
+             const float* __restrict__ wts, int topk, int nslots, int nexperts, int N, int I,
+             int gshift, const i8* __restrict__ hq, const float* __restrict__ hs,
+             const i32* __restrict__ hsum, float* __restrict__ partial, u32* __restrict__ counters,
+             float* __restrict__ y, int accumulate) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  const int slot = blockIdx.y;
+  const int row0 = (blockIdx.x * 4 + (threadIdx.x >> 5)) * 4;
+  const int GK = (I >> 5) >> gshift;
+  if (row0 < N) {
+    const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
+    const u8* rc[4];
+    const u8* rs[4];
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      const int n = min(row0 + r, N - 1);
+      rc[r] = ex.down.codes + (size_t)n * (I / 2);
+      rs[r] = ex.down.scales + (size_t)n * GK;
+    }
+    float out[4][1];
+    gemv_dot<1, 4, true>(rc, rs, I, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK,
+                         hsum + (size_t)slot * (I / 32), out);
+    moe_down_store(out, ex.down.row_scale, row0, N, slot, partial);
+  }
+  moe_down_sum(partial, counters, wts, topk, nslots, N, y, accumulate);
+}
+
+// moe_down with the quantization of h fused in: each block first quantizes
+// its slot's row of h (I floats, as rmsnorm_quant does without a gain) into
+// shared memory, then runs its rows against it; the rest is moe_down.
+// I <= MOE_MAX_I.
+#define MOE_MAX_I 4096
+
+extern "C" __global__ void __launch_bounds__(128)
+    moe_down_q(const Expert* __restrict__ experts, const i32* __restrict__ ids,
+               const float* __restrict__ wts, int topk, int nslots, int nexperts, int N, int I,
+               int gshift, const float* __restrict__ h, float* __restrict__ partial,
+               u32* __restrict__ counters, float* __restrict__ y, int accumulate) {
+  PDL_LAUNCH();
+  __shared__ __align__(16) i8 sq[MOE_MAX_I];
+  __shared__ float ss[MOE_MAX_I / 32];
+  const int slot = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int row0 = (blockIdx.x * 4 + warp) * 4;
+  __shared__ __align__(16) float sh[MOE_MAX_I];
+  const int G = 32 << gshift, GK = I / G, E = G >> 5;
+  PDL_WAIT();
+  // This block's rows of the slot's down matrix go to L2 while h is
+  // quantized below.
+  const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
+  const u8* rc[4];
+  const u8* rs[4];
+#pragma unroll
+  for (int r = 0; r < 4; r++) {
+    const int n = min(row0 + r, N - 1);
+    rc[r] = ex.down.codes + (size_t)n * (I / 2);
+    rs[r] = ex.down.scales + (size_t)n * GK;
+  }
+  if (row0 < N) {
+    const int lines = (I / 2 + 127) >> 7;
+#pragma unroll
+    for (int r = 0; r < 4; r++)
+      for (int i = lane; i < lines; i += 32) asm volatile("prefetch.global.L2 [%0];" ::"l"(rc[r] + (i << 7)));
+  }
+  // The slot's row of h into shared memory, every load issued first (I a
+  // multiple of 4, at most MOE_MAX_I).
+  const float* hr = h + (size_t)slot * I;
+  {
+    float4 hv[MOE_MAX_I / 512];
+#pragma unroll
+    for (int j = 0; j < MOE_MAX_I / 512; j++)
+      if ((j * 128 + threadIdx.x) * 4 < I) hv[j] = __ldcg((const float4*)hr + j * 128 + threadIdx.x);
+#pragma unroll
+    for (int j = 0; j < MOE_MAX_I / 512; j++)
+      if ((j * 128 + threadIdx.x) * 4 < I) ((float4*)sh)[j * 128 + threadIdx.x] = hv[j];
+  }
+  __syncthreads();
+  for (int g = warp; g < GK; g += 4) {
+    const int k0 = g * G + lane * E;
+    float v[4];
+    float amax = 0.f;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      if (e < E) {
+        v[e] = sh[k0 + e];
+        amax = fmaxf(amax, fabsf(v[e]));
+      }
+    }
+    amax = warp_max(amax);
+    const float scale = amax / 127.f;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      if (e < E) {
+        const i32 q = quant8(v[e], amax, scale);
+        sq[k0 + e] = (i8)q;
+      }
+    }
+    if (lane == 0) ss[g] = amax == 0.f ? 0.f : scale;
+  }
+  __syncthreads();
+  if (row0 < N) {
+    float out[4][1];
+    gemv_dot<1, 4, true, true>(rc, rs, I, gshift, sq, ss, nullptr, out);
+    moe_down_store(out, ex.down.row_scale, row0, N, slot, partial);
+  }
+  moe_down_sum(partial, counters, wts, topk, nslots, N, y, accumulate);
+}
+
+// The expert choice of moe_route from router logits when there are no
+// expert groups (groups <= 1), one warp per token: lane l holds experts l,
+// l+32, ... (E <= 32*ROUTE_PER). Each of the topk rounds takes the best
+// untaken choice, ties to the lower index, by a warp reduction; weights and
+// their normalisation as moe_route.
+#define ROUTE_PER 16
+
+// One warp's expert choice for one token from its logits (loaded through
+// L2: another block may have written them).
+DEVICE void route_warp(const float* logits, const float* __restrict__ bias, int E, int topk,
+                       int norm, float scaling, i32* __restrict__ ids, float* __restrict__ wts) {
+  const int lane = threadIdx.x & 31;
+  const float NEG_INF = __int_as_float(0xff800000);
+  float score[ROUTE_PER], choice[ROUTE_PER];
+#pragma unroll
+  for (int i = 0; i < ROUTE_PER; i++) {
+    const int e = lane + 32 * i;
+    score[i] = 0.f;
+    choice[i] = NEG_INF;
+    if (e < E) {
+      const float acc = __ldcg(logits + e);
+      const float sg = (float)(1.0 / (1.0 + exp(-(double)acc)));
+      score[i] = sg;
+      choice[i] = sg + bias[e];
+    }
+  }
+  u32 taken = 0;
+  float sum = 0.f, mine = 0.f;  // lane k keeps the k-th weight (topk <= 32)
+  for (int k = 0; k < topk; k++) {
+    float bv = NEG_INF, bs = 0.f;
+    int bi = 1 << 30;
+#pragma unroll
+    for (int i = 0; i < ROUTE_PER; i++) {
+      const int e = lane + 32 * i;
+      if (e < E && !(taken >> i & 1u) && (bi == (1 << 30) || choice[i] > bv)) {
+        bv = choice[i];
+        bi = e;
+        bs = score[i];
+      }
+    }
+#pragma unroll
+    for (int o = 16; o > 0; o >>= 1) {
+      const float ov = __shfl_xor_sync(0xffffffffu, bv, o);
+      const int oi = __shfl_xor_sync(0xffffffffu, bi, o);
+      const float os = __shfl_xor_sync(0xffffffffu, bs, o);
+      if (oi != (1 << 30) && (bi == (1 << 30) || ov > bv || (ov == bv && oi < bi))) {
+        bv = ov;
+        bi = oi;
+        bs = os;
+      }
+    }
+    if ((bi & 31) == lane) taken |= 1u << (bi >> 5);
+    sum += bs;
+    if (lane == k) mine = bs;
+    if (lane == 0) ids[k] = bi;
+  }
+  if (lane < topk) {
+    float w = mine;
+    if (norm) w /= sum + 1e-20f;
+    wts[lane] = w * scaling;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(32)
+    moe_route_logits(const float* __restrict__ logits, int ld, const float* __restrict__ bias, int E,
+                     int topk, int norm, float scaling, i32* __restrict__ ids,
+                     float* __restrict__ wts) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  const int t = blockIdx.x;
+  route_warp(logits + (size_t)t * ld, bias, E, topk, norm, scaling, ids + (size_t)t * topk, wts + (size_t)t * topk);
+}
+
+#define ROUTER_LOADS 32
+
+// The router's product and the expert choice in one launch: grid
+// (ceil(E/8), T) blocks of 8 warps, warp w of block b computing logit
+// e = 8b + w of token t exactly as dense_matmul does; the last block of a
+// token to finish (counters[t], which it resets) picks the experts as
+// moe_route_logits.
+extern "C" __global__ void __launch_bounds__(256)
+    moe_router_route(const float* __restrict__ W, int E, int K, const float* __restrict__ x, int ldx,
+                     float* logits, int ldl, const float* __restrict__ bias, int topk, int norm,
+                     float scaling, i32* __restrict__ ids, float* __restrict__ wts,
+                     u32* __restrict__ counters) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  __shared__ bool last;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, t = blockIdx.y;
+  const int e = blockIdx.x * 8 + warp;
+  if (e < E) {
+    const float* w = W + (size_t)e * K;
+    const float* xr = x + (size_t)t * ldx;
+    float acc = 0.f;
+    // The same sum in the same order, with ROUTER_LOADS loads of each
+    // operand in flight before the first multiply.
+    for (int k0 = lane; k0 < K; k0 += 32 * ROUTER_LOADS) {
+      float wv[ROUTER_LOADS], xv[ROUTER_LOADS];
+#pragma unroll
+      for (int u = 0; u < ROUTER_LOADS; u++) {
+        if (k0 + 32 * u < K) {
+          wv[u] = w[k0 + 32 * u];
+          xv[u] = xr[k0 + 32 * u];
+        }
+      }
+#pragma unroll
+      for (int u = 0; u < ROUTER_LOADS; u++)
+        if (k0 + 32 * u < K) acc += wv[u] * xv[u];
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) logits[(size_t)t * ldl + e] = acc;
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) last = atomicAdd(&counters[t], 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  if (warp == 0) route_warp(logits + (size_t)t * ldl, bias, E, topk, norm, scaling, ids + (size_t)t * topk, wts + (size_t)t * topk);
+  if (threadIdx.x == 0) counters[t] = 0;
+}
+
+// The router's input row (rxs, K floats) in int8 groups of G for the MoE
+// kernels (xq [T][K], xs, xsum as rmsnorm_quant without a gain, the same
+// bits): this warp takes groups g0, g0 + gstep, ... of token t.
+DEVICE void router_quant_groups(const float* rxs, int K, int G, int t, int g0, int gstep, int lane,
+                                i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum) {
+  const int Eg = G >> 5;
+  for (int g = g0; g < K / G; g += gstep) {
+    const int k0 = g * G + lane * Eg;
+    float v[4];
+    float amax = 0.f;
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+      if (u < Eg) {
+        v[u] = rxs[k0 + u];
+        amax = fmaxf(amax, fabsf(v[u]));
+      }
+    }
+    amax = warp_max(amax);
+    const float scale = amax / 127.f;
+    i32 sum = 0;
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+      if (u < Eg) {
+        const i32 q = quant8(v[u], amax, scale);
+        xq[(size_t)t * K + k0 + u] = (i8)q;
+        sum += q;
+      }
+    }
+    for (int o = 1; o < 32 / Eg; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+    if ((lane & (32 / Eg - 1)) == 0) xsum[(size_t)t * (K / 32) + k0 / 32] = sum;
+    if (lane == 0) xs[(size_t)t * (K / G) + g] = amax == 0.f ? 0.f : scale;
+  }
+}
+
+// moe_router_route with the RMSNorm of its input (and the residual add
+// before it) in every block's prologue, one token: the block normalises
+// the row into shared memory in the order of the standalone norm kernel
+// (layout8: rmsnorm_quant8's K/8 threads of 8 values; else
+// rmsnorm_quant's stride of 256), takes its logits from there, and the
+// last block writes what the norm would have: d = a + c (mode 2), the
+// float output and its int8 form in groups of G. Modes as gemv_fused
+// (1: norm of x, 2: add then norm). Dynamic shared memory: 2K floats.
+extern "C" __global__ void __launch_bounds__(256)
+    moe_router_route_norm(const float* __restrict__ W, int E, int K, float* logits,
+                          const float* __restrict__ bias, int topk, int norm, float scaling,
+                          i32* __restrict__ ids, float* __restrict__ wts, u32* __restrict__ counters,
+                          int mode, int layout8, const float* x, float* d, const float* a,
+                          const float* c, const float* __restrict__ gain, float eps, float* out,
+                          i8* xq, float* xs, i32* xsum, int G) {
+  PDL_LAUNCH();
+  extern __shared__ __align__(16) float rsm[];
+  float* raw = rsm;    // [K] the input row
+  float* xn = rsm + K; // [K] its norm
+  __shared__ double partial[32];
+  __shared__ float inv_s;
+  __shared__ bool last;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  PDL_WAIT();
+  if (layout8) {
+    const int V = K >> 3;  // a multiple of 32
+    for (int j = 0; j * 256 + warp * 32 < V; j++) {
+      const int k0 = (j * 256 + tid) * 8;
+      float v[8];
+      if (mode == 2) {
+        const float4 a0 = *(const float4*)(a + k0), a1 = *(const float4*)(a + k0 + 4);
+        const float4 c0 = *(const float4*)(c + k0), c1 = *(const float4*)(c + k0 + 4);
+        v[0] = a0.x + c0.x; v[1] = a0.y + c0.y; v[2] = a0.z + c0.z; v[3] = a0.w + c0.w;
+        v[4] = a1.x + c1.x; v[5] = a1.y + c1.y; v[6] = a1.z + c1.z; v[7] = a1.w + c1.w;
+      } else {
+        const float4 x0 = *(const float4*)(x + k0), x1 = *(const float4*)(x + k0 + 4);
+        v[0] = x0.x; v[1] = x0.y; v[2] = x0.z; v[3] = x0.w;
+        v[4] = x1.x; v[5] = x1.y; v[6] = x1.z; v[7] = x1.w;
+      }
+      double s = 0;
+#pragma unroll
+      for (int e = 0; e < 8; e++) {
+        s += (double)v[e] * (double)v[e];
+        raw[k0 + e] = v[e];
+      }
+      s = warp_sum_d(s);
+      if (lane == 0) partial[j * 8 + warp] = s;
+    }
+  } else {
+    double s = 0;
+    for (int k = tid; k < K; k += 256) {
+      const float v = mode == 2 ? a[k] + c[k] : x[k];
+      raw[k] = v;
+      const double dv = v;
+      s += dv * dv;
+    }
+    s = warp_sum_d(s);
+    if (lane == 0) partial[warp] = s;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    const int nw = layout8 ? K >> 8 : 8;
+    double total = 0;
+    for (int w = 0; w < nw; w++) total += partial[w];
+    inv_s = (float)(1.0 / sqrt(total / K + (double)eps));
+  }
+  __syncthreads();
+  const float inv = inv_s;
+  for (int k = tid; k < K; k += 256) xn[k] = gain[k] * (raw[k] * inv);
+  __syncthreads();
+
+  const int e = blockIdx.x * 8 + warp;
+  if (e < E) {
+    const float* w = W + (size_t)e * K;
+    float acc = 0.f;
+    for (int k0 = lane; k0 < K; k0 += 32 * ROUTER_LOADS) {
+      float wv[ROUTER_LOADS];
+#pragma unroll
+      for (int u = 0; u < ROUTER_LOADS; u++)
+        if (k0 + 32 * u < K) wv[u] = w[k0 + 32 * u];
+#pragma unroll
+      for (int u = 0; u < ROUTER_LOADS; u++)
+        if (k0 + 32 * u < K) acc += wv[u] * xn[k0 + 32 * u];
+    }
+    acc = warp_sum(acc);
+    if (lane == 0) logits[e] = acc;
+  }
+  __threadfence();
+  __syncthreads();
+  // Every block has read its input (the prologue above): the last one may
+  // write over it.
+  if (tid == 0) last = atomicAdd(&counters[0], 1u) == gridDim.x - 1;
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  if (warp == 0) route_warp(logits, bias, E, topk, norm, scaling, ids, wts);
+  for (int k = tid; k < K; k += 256) {
+    if (mode == 2) d[k] = raw[k];
+    if (out) out[k] = xn[k];
+  }
+  // The int8 form, one warp per group as rmsnorm_quant_row.
+  router_quant_groups(xn, K, G, 0, warp, 8, lane, xq, xs, xsum);
+  if (tid == 0) counters[0] = 0;
+}
+
+// The choice of token t's experts from its E logits (lg, thread tid's
+// logit for tid < E), every thread of the block taking part: the sigmoid
+// scores with the bias, ranked one thread per expert (ties to the lower
+// index), the topk winners written in rank order with their weights
+// normalised in that order: route_warp's result.
+DEVICE void router_choose(int tid, int E, float lg, const float* __restrict__ bias, int topk, int norm,
+                          float scaling, int t, i32* __restrict__ ids, float* __restrict__ wts,
+                          float* score, float* choice, float* pick) {
+  if (tid < E) {
+    const float sg = (float)(1.0 / (1.0 + exp(-(double)lg)));
+    score[tid] = sg;
+    choice[tid] = sg + bias[tid];
+  }
+  __syncthreads();
+  if (tid < E) {
+    // choice (16-byte aligned) four at a time, eight reads in flight: the
+    // rank is a count, so the order of its terms does not matter.
+    const float c = choice[tid];
+    int rank = 0, j = 0;
+#pragma unroll 8
+    for (; j + 4 <= E; j += 4) {
+      const float4 o = *(const float4*)&choice[j];
+      rank += (o.x > c || (o.x == c && j < tid)) + (o.y > c || (o.y == c && j + 1 < tid)) +
+              (o.z > c || (o.z == c && j + 2 < tid)) + (o.w > c || (o.w == c && j + 3 < tid));
+    }
+    for (; j < E; j++) {
+      const float o = choice[j];
+      rank += o > c || (o == c && j < tid);
+    }
+    if (rank < topk) {
+      ids[(size_t)t * topk + rank] = tid;
+      pick[rank] = score[tid];
+    }
+  }
+  __syncthreads();
+  if (tid < topk) {
+    float sum = 0.f;
+    for (int k = 0; k < topk; k++) sum += pick[k];
+    float w = pick[tid];
+    if (norm) w /= sum + 1e-20f;
+    wts[(size_t)t * topk + tid] = w * scaling;
+  }
+}
+
+// moe_router_route with one round of loads and a parallel choice: blocks
+// of 4 warps, warp w of block b computing logit e = 4b + w of token t in
+// moe_router_route's order, its whole weight row (K <= 2048) requested at
+// once and the input row from shared memory (rxs, K floats); the last of
+// the nb blocks of a token to finish (counters[t], which it resets) ranks
+// the E <= 128 choices, one thread per expert (ties to the lower index),
+// and writes the topk winners in rank order with their weights normalised
+// in that order: route_warp's result. With xq, the blocks also write the
+// input row's int8 form in groups of G (xq [T][K], xs, xsum as
+// rmsnorm_quant without a gain, the same bits), warp w of block b taking
+// groups b + w*nb, ...: the MoE kernels' input without a launch of its own.
+#define ROUTER_FAST_MAX_K 2048
+DEVICE void router_fast_block(int b, int nb, int t, float* rxs, const float* __restrict__ W, int E,
+                              int K, const float* __restrict__ x, int ldx, float* logits, int ldl,
+                              const float* __restrict__ bias, int topk, int norm, float scaling,
+                              i32* __restrict__ ids, float* __restrict__ wts,
+                              u32* __restrict__ counters, i8* __restrict__ xq,
+                              float* __restrict__ xs, i32* __restrict__ xsum, int G) {
+  __shared__ float score[128], pick[32];
+  __shared__ __align__(16) float choice[128];
+  __shared__ bool last;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int e = b * 4 + warp;
+  float wv[ROUTER_FAST_MAX_K / 32];
+  if (e < E) {
+    const float* w = W + (size_t)e * K;
+#pragma unroll
+    for (int u = 0; u < ROUTER_FAST_MAX_K / 32; u++)
+      if (32 * u < K) wv[u] = w[lane + 32 * u];
+  }
+  PDL_WAIT();
+  const float* xr = x + (size_t)t * ldx;
+  for (int k = tid * 4; k < K; k += 512) *(float4*)&rxs[k] = *(const float4*)(xr + k);
+  __syncthreads();
+  if (e < E) {
+    float acc = 0.f;
+#pragma unroll
+    for (int u = 0; u < ROUTER_FAST_MAX_K / 32; u++)
+      if (32 * u < K) acc += wv[u] * rxs[lane + 32 * u];
+    acc = warp_sum(acc);
+    if (lane == 0) logits[(size_t)t * ldl + e] = acc;
+  }
+  if (xq) router_quant_groups(rxs, K, G, t, warp * nb + b, 4 * nb, lane, xq, xs, xsum);
+  __syncthreads();
+  if (tid == 0) {
+    __threadfence();
+    last = atomicAdd(&counters[t], 1u) == (u32)(nb - 1);
+  }
+  __syncthreads();
+  if (!last) return;
+  __threadfence();
+  const float lg = tid < E ? __ldcg(logits + (size_t)t * ldl + tid) : 0.f;
+  router_choose(tid, E, lg, bias, topk, norm, scaling, t, ids, wts, score, choice, pick);
+  if (tid == 0) counters[t] = 0;
+}
+
+// The router launch: grid (ceil(E/4), T) blocks of router_fast_block;
+// dynamic shared memory K floats.
+extern "C" __global__ void __launch_bounds__(128)
+    moe_router_fast(const float* __restrict__ W, int E, int K, const float* __restrict__ x, int ldx,
+                    float* logits, int ldl, const float* __restrict__ bias, int topk, int norm,
+                    float scaling, i32* __restrict__ ids, float* __restrict__ wts,
+                    u32* __restrict__ counters, i8* __restrict__ xq, float* __restrict__ xs,
+                    i32* __restrict__ xsum, int G) {
+  PDL_LAUNCH();
+  extern __shared__ __align__(16) float rxs[];  // [K] the input row
+  router_fast_block(blockIdx.x, gridDim.x, blockIdx.y, rxs, W, E, K, x, ldx, logits, ldl, bias, topk,
+                    norm, scaling, ids, wts, counters, xq, xs, xsum, G);
+}
+
+// The router launch for E = 64 as one cluster of 8 blocks of 8 warps a
+// token (grid (8, T)): warp w of block b computes logit 8b + w as
+// router_fast_block's warps do, and stores it, besides logits, into the
+// shared memory of the cluster's first block, which after a cluster
+// barrier ranks the 64 choices as router_fast_block's last block does
+// (the same bits): no counter, no fences, no reload of the logits from
+// memory. The blocks also write the input row's int8 form (xq, xs, xsum),
+// warp w of block b taking groups b + 8w, .... Dynamic shared memory K
+// floats.
+#define ROUTER_CLUSTER 8
+DEVICE u32 cluster_rank() {
+  u32 r;
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+  return r;
+}
+DEVICE void cluster_arrive() { asm volatile("barrier.cluster.arrive.aligned;" ::: "memory"); }
+DEVICE void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
+// v into the float at p (this block's shared memory) in the shared memory
+// of the cluster's block rank.
+DEVICE void st_cluster(float* p, u32 rank, float v) {
+  u32 a = (u32)__cvta_generic_to_shared(p), d;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(rank));
+  asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(d), "f"(v) : "memory");
+}
+
+extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bounds__(256)
+    moe_router_cluster(const float* __restrict__ W, int K, const float* __restrict__ x, int ldx,
+                       float* logits, int ldl, const float* __restrict__ bias, int topk, int norm,
+                       float scaling, i32* __restrict__ ids, float* __restrict__ wts,
+                       i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum, int G) {
+  PDL_LAUNCH();
+  extern __shared__ __align__(16) float rxs[];  // [K] the input row
+  __shared__ float clog[64], score[64], pick[32];
+  __shared__ __align__(16) float choice[64];
+  const int E = 64, nb = ROUTER_CLUSTER, b = blockIdx.x, t = blockIdx.y;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int e = b * 8 + warp;
+  // Every block of the cluster has started before any writes into the
+  // first one's shared memory (the wait below, before the stores).
+  cluster_arrive();
+  float wv[ROUTER_FAST_MAX_K / 32];
+  {
+    const float* w = W + (size_t)e * K;
+#pragma unroll
+    for (int u = 0; u < ROUTER_FAST_MAX_K / 32; u++)
+      if (32 * u < K) wv[u] = w[lane + 32 * u];
+  }
+  PDL_WAIT();
+  const float* xr = x + (size_t)t * ldx;
+  for (int k = tid * 4; k < K; k += 1024) *(float4*)&rxs[k] = *(const float4*)(xr + k);
+  __syncthreads();
+  float acc = 0.f;
+#pragma unroll
+  for (int u = 0; u < ROUTER_FAST_MAX_K / 32; u++)
+    if (32 * u < K) acc += wv[u] * rxs[lane + 32 * u];
+  acc = warp_sum(acc);
+  if (lane == 0) logits[(size_t)t * ldl + e] = acc;
+  if (xq) router_quant_groups(rxs, K, G, t, warp * nb + b, 8 * nb, lane, xq, xs, xsum);
+  cluster_wait();
+  if (lane == 0) st_cluster(&clog[e], 0, acc);
+  // The release of this arrive and the acquire of the wait order every
+  // block's stores into clog before the first block reads them.
+  cluster_arrive();
+  cluster_wait();
+  if (cluster_rank() != 0) return;
+  router_choose(tid, E, tid < E ? clog[tid] : 0.f, bias, topk, norm, scaling, t, ids, wts, score, choice,
+                pick);
+}
+
+// moe_router_cluster with the residual add and single-row RMSNorm that
+// make its input (d = a + c, then the norm of d) in its launch: every block of the cluster normalises the row into shared
+// memory as rmsnorm_quant8 does (K/8 threads of 8 values, the squares
+// summed in its order, the same bits), then takes its logits from there.
+// Blocks 1-7 also write the norm's int8 form in groups of NG (nq, ns,
+// nsum; warp w of block b taking groups b - 1 + 7w, ...) and, with xq, the
+// MoE's in groups of G, while the logits go to the first block, which
+// meanwhile only waits for them; after the cluster's last barrier, when every block
+// has read the inputs (d may be a or c), block b writes d and out
+// for the threads tid = b mod 8. K a multiple of 256, at most 2048.
+extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bounds__(256)
+    moe_router_cluster_norm(const float* __restrict__ W, int K, float* logits, const float* __restrict__ bias,
+                            int topk, int norm, float scaling, i32* __restrict__ ids, float* __restrict__ wts,
+                            i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum, int G,
+                            float* d, const float* a, const float* c,
+                            const float* __restrict__ gain, float eps, float* out, i8* __restrict__ nq,
+                            float* __restrict__ ns, i32* __restrict__ nsum, int NG) {
+  PDL_LAUNCH();
+  extern __shared__ __align__(16) float rxs[];  // [K] the normalised row
+  __shared__ float clog[64], score[64], pick[32];
+  __shared__ __align__(16) float choice[64];
+  __shared__ double partial[8];
+  __shared__ float inv_s;
+  const int E = 64, nb = ROUTER_CLUSTER, b = blockIdx.x;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int e = b * 8 + warp, k0 = tid * 8;
+  const bool on = k0 < K;
+  cluster_arrive();
+  float wv[ROUTER_FAST_MAX_K / 32];
+  {
+    const float* w = W + (size_t)e * K;
+#pragma unroll
+    for (int u = 0; u < ROUTER_FAST_MAX_K / 32; u++)
+      if (32 * u < K) wv[u] = w[lane + 32 * u];
+  }
+  float gv[8];
+  if (on) {
+    const float4 g0 = __ldg((const float4*)(gain + k0)), g1 = __ldg((const float4*)(gain + k0 + 4));
+    gv[0] = g0.x; gv[1] = g0.y; gv[2] = g0.z; gv[3] = g0.w;
+    gv[4] = g1.x; gv[5] = g1.y; gv[6] = g1.z; gv[7] = g1.w;
+  }
+  PDL_WAIT();
+  float v[8];
+  if (on) {
+    const float4 a0 = *(const float4*)(a + k0), a1 = *(const float4*)(a + k0 + 4);
+    const float4 c0 = *(const float4*)(c + k0), c1 = *(const float4*)(c + k0 + 4);
+    v[0] = a0.x + c0.x; v[1] = a0.y + c0.y; v[2] = a0.z + c0.z; v[3] = a0.w + c0.w;
+    v[4] = a1.x + c1.x; v[5] = a1.y + c1.y; v[6] = a1.z + c1.z; v[7] = a1.w + c1.w;
+    double ss = 0;
+#pragma unroll
+    for (int i = 0; i < 8; i++) ss += (double)v[i] * (double)v[i];
+    ss = warp_sum_d(ss);
+    if (lane == 0) partial[warp] = ss;
+  }
+  __syncthreads();
+  if (tid == 0) {
+    double total = 0;
+    for (int w = 0; w < (K >> 8); w++) total += partial[w];
+    inv_s = (float)(1.0 / sqrt(total / K + (double)eps));
+  }
+  __syncthreads();
+  float n[8];
+  if (on) {
+    const float inv = inv_s;
+#pragma unroll
+    for (int i = 0; i < 8; i++) n[i] = gv[i] * (v[i] * inv);
+    *(float4*)&rxs[k0] = make_float4(n[0], n[1], n[2], n[3]);
+    *(float4*)&rxs[k0 + 4] = make_float4(n[4], n[5], n[6], n[7]);
+  }
+  __syncthreads();
+  float acc = 0.f;
+#pragma unroll
+  for (int u = 0; u < ROUTER_FAST_MAX_K / 32; u++)
+    if (32 * u < K) acc += wv[u] * rxs[lane + 32 * u];
+  acc = warp_sum(acc);
+  if (lane == 0) logits[e] = acc;
+  cluster_wait();
+  if (lane == 0) st_cluster(&clog[e], 0, acc);
+  cluster_arrive();
+  if (b > 0) {
+    // The int8 forms by blocks 1-7 between the arrive and the wait, after
+    // the logits' exchange instead of before it; the first block only
+    // ranks the choices.
+    router_quant_groups(rxs, K, NG, 0, warp * (nb - 1) + b - 1, 8 * (nb - 1), lane, nq, ns, nsum);
+    if (xq) router_quant_groups(rxs, K, G, 0, warp * (nb - 1) + b - 1, 8 * (nb - 1), lane, xq, xs, xsum);
+  }
+  cluster_wait();
+  if (on && (tid & (nb - 1)) == b) {
+    *(float4*)(d + k0) = make_float4(v[0], v[1], v[2], v[3]);
+    *(float4*)(d + k0 + 4) = make_float4(v[4], v[5], v[6], v[7]);
+    if (out) {
+      *(float4*)(out + k0) = make_float4(n[0], n[1], n[2], n[3]);
+      *(float4*)(out + k0 + 4) = make_float4(n[4], n[5], n[6], n[7]);
+    }
+  }
+  if (cluster_rank() != 0) return;
+  router_choose(tid, E, tid < E ? clog[tid] : 0.f, bias, topk, norm, scaling, 0, ids, wts, score, choice, pick);
+}
+
+// One 16-byte chunk of codes (32 weights) against 32 int8 activations
+// (xa: columns 0-15, xb: 16-31), as gemv_dot's split product.
+DEVICE i32 dot32_split(uint4 q, uint4 xa, uint4 xb) {
+  i32 d = 0, neg = 0;
+  dot8_split(q.x, xa.x, xa.y, d, neg);
+  dot8_split(q.y, xa.z, xa.w, d, neg);
+  dot8_split(q.z, xb.x, xb.y, d, neg);
+  dot8_split(q.w, xb.z, xb.w, d, neg);
+  return d - neg;
+}
+
+// A table word (E2M1_LO) in a register that the compiler cannot rebuild
+// from its constant (it does not know that a byte permute with selector
+// 0x3210 copies its first operand), so that it keeps it in one register
+// instead of rebuilding the constant before every prmt (prmt takes one
+// immediate operand, and E2M1_HI is it).
+DEVICE u32 table_reg(u32 t) {
+  u32 lane;
+  asm volatile("mov.u32 %0, %%laneid;" : "=r"(lane));
+  u32 v;
+  asm volatile("prmt.b32 %0, %1, %2, 0x3210;" : "=r"(v) : "r"(t), "r"(lane));
+  return v;
+}
+
+// dot32_split with the low half of the table in a register (lo).
+DEVICE i32 dot32_split_lo(uint4 q, uint4 xa, uint4 xb, u32 lo) {
+  i32 pos = 0, neg = 0;
+  const u32 w[4] = {q.x, q.y, q.z, q.w};
+  const u32 x[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    const u32 n = w[i] ^ 0x88888888u;
+    pos = dp4a_ss(prmt(lo, E2M1_HI, w[i]), x[2 * i], pos);
+    pos = dp4a_ss(prmt(lo, E2M1_HI, w[i] >> 16), x[2 * i + 1], pos);
+    neg = dp4a_ss(prmt(lo, E2M1_HI, n), x[2 * i], neg);
+    neg = dp4a_ss(prmt(lo, E2M1_HI, n >> 16), x[2 * i + 1], neg);
+  }
+  return pos - neg;
+}
+
+// Two FP8 E4M3 scale bytes (bits 0-7 and 8-15 of b) as a half2 through the
+// hardware conversion (sm_89 and later; rows_dot uses it only there), and
+// one half of it as a float: both steps exact, so the value is e4m3's (NaN
+// for 0x7F and 0xFF too).
+DEVICE u32 e4m3x2_half2(u32 b) {
+  u32 h2 = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  asm("{ .reg .b16 l; cvt.u16.u32 l, %1; cvt.rn.f16x2.e4m3x2 %0, l; }" : "=r"(h2) : "r"(b));
+#endif
+  return h2;
+}
+DEVICE float half2_lo(u32 h2) {
+  float f;
+  asm("{ .reg .b16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, l; }" : "=f"(f) : "r"(h2));
+  return f;
+}
+DEVICE float half2_hi(u32 h2) {
+  float f;
+  asm("{ .reg .b16 l, h; mov.b32 {l, h}, %1; cvt.f32.f16 %0, h; }" : "=f"(f) : "r"(h2));
+  return f;
+}
+
+// atomicAdd at GPU scope with acquire and release semantics.
+DEVICE u32 atom_add_acq_rel(u32* p, u32 v) {
+  u32 old;
+  asm volatile("atom.acq_rel.gpu.global.add.u32 %0, [%1], %2;" : "=r"(old) : "l"(p), "r"(v) : "memory");
+  return old;
+}
+
+// The scale conversion of rows_dot's FAST form for all 256 bytes, in both
+// places of a pair (tests): out[2b] from byte b in bits 0-7, out[2b+1]
+// from byte b in bits 8-15. One block of 256 threads.
+extern "C" __global__ void moe_scale_convert(float* __restrict__ out) {
+  const u32 b = threadIdx.x;
+  const u32 h2 = e4m3x2_half2(b | (b << 8));
+  out[2 * b] = half2_lo(h2);
+  out[2 * b + 1] = half2_hi(h2);
+}
+
+// gemv_dot in two halves for rows of at most 64 chunks (2048 columns),
+// so that a warp can request its weights, then do other work while they
+// come: rows_load issues every load of R rows (lane l: chunks l and l+32),
+// rows_dot multiplies them by int8 activations in shared memory (sq, with
+// group scales ss) and sums the warp, with gemv_dot's lanes, order and
+// operations (the same bits).
+template <int R>
+DEVICE void rows_load(const u8* const (&rc)[R], const u8* const (&rs)[R], int C, int gshift,
+                      uint4 (&w)[2][R], u32 (&s)[2][R]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    const int c = 32 * h + lane;
+    if (c < C) {
+#pragma unroll
+      for (int r = 0; r < R; r++) w[h][r] = load_stream16(rc[r] + c * 16);
+#pragma unroll
+      for (int r = 0; r < R; r++) s[h][r] = __ldg(rs[r] + (c >> gshift));
+    }
+  }
+}
+
+// GLOBAL: sq and ss are in global memory, written by an earlier kernel
+// (read through the non-coherent path, as gemv_dot reads its input).
+// FAST (0 the earlier form): the table's low word in a register
+// (table_reg), dot32_split_lo's products, and the scales
+// converted by the hardware, the two chunks' scales of a row packed into
+// one register; the same integer products and float operations.
+template <int R, bool GLOBAL = false, int FAST = 1>
+DEVICE void rows_dot(const uint4 (&w)[2][R], const u32 (&s)[2][R], int C, int gshift,
+                     const i8* sq, const float* ss, float (&out)[R]) {
+  const int lane = threadIdx.x & 31;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  constexpr bool fast = FAST != 0;
+#else
+  constexpr bool fast = false;
+#endif
+  u32 lo = E2M1_LO, sc2[R];
+  if (fast) {
+    lo = table_reg(E2M1_LO);
+#pragma unroll
+    for (int r = 0; r < R; r++) sc2[r] = e4m3x2_half2(prmt(s[0][r], s[1][r], 0x0040));
+  }
+#pragma unroll
+  for (int r = 0; r < R; r++) out[r] = 0.f;
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    const int c = 32 * h + lane;
+    if (c >= C) continue;
+    const uint4* xp = (const uint4*)(sq + c * 32);
+    const uint4 xa = GLOBAL ? __ldg(xp) : xp[0], xb = GLOBAL ? __ldg(xp + 1) : xp[1];
+    const float xscale = GLOBAL ? __ldg(ss + (c >> gshift)) : ss[c >> gshift];
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+      if (fast) {
+        const float ws = h == 0 ? half2_lo(sc2[r]) : half2_hi(sc2[r]);
+        out[r] += (float)dot32_split_lo(w[h][r], xa, xb, lo) * (ws * xscale);
+      } else {
+        out[r] += (float)dot32_split(w[h][r], xa, xb) * (e4m3(s[h][r]) * xscale);
+      }
+    }
+  }
+#pragma unroll
+  for (int r = 0; r < R; r++) out[r] = warp_sum(out[r]);
+}
+
+// Groups g0, g0+step, ... (< K/G) of a row of K floats (src, global or
+// shared) quantized by one warp into sq, ss (shared memory), as
+// rmsnorm_quant without a gain: the same codes and scales. Four groups'
+// loads are in flight at a time.
+DEVICE void quant_groups(const float* src, bool global, int K, int G, int g0, int step, i8* sq,
+                         float* ss) {
+  const int lane = threadIdx.x & 31, E = G >> 5, GK = K / G;
+  for (int g = g0; g < GK; g += 4 * step) {
+    float v[4][4];
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+      const int k0 = (g + u * step) * G + lane * E;
+#pragma unroll
+      for (int e = 0; e < 4; e++)
+        if (g + u * step < GK && e < E) v[u][e] = global ? __ldcg(src + k0 + e) : src[k0 + e];
+    }
+#pragma unroll
+    for (int u = 0; u < 4; u++) {
+      const int gu = g + u * step;
+      if (gu >= GK) break;
+      const int k0 = gu * G + lane * E;
+      float amax = 0.f;
+#pragma unroll
+      for (int e = 0; e < 4; e++)
+        if (e < E) amax = fmaxf(amax, fabsf(v[u][e]));
+      amax = warp_max(amax);
+      const float scale = amax / 127.f;
+#pragma unroll
+      for (int e = 0; e < 4; e++)
+        if (e < E) sq[k0 + e] = (i8)quant8(v[u][e], amax, scale);
+      if (lane == 0) ss[gu] = amax == 0.f ? 0.f : scale;
+    }
+  }
+}
+
+
+// The gate and up pointers of an expert.
+struct GateUp {
+  const u8 *gc, *gs, *uc, *us;
+  const float *gr, *ur;
+};
+DEVICE GateUp gate_up_of(const Expert& e) {
+  return GateUp{e.gate.codes, e.gate.scales, e.up.codes, e.up.scales, e.gate.row_scale, e.up.row_scale};
+}
+// The most routed experts whose pointers gate_up_q holds in shared memory.
+#define MOE_TABLE_SMEM 128
+
+// Gate and up products of every slot with the SiLU product, as moe_gate_up
+// (the same grid, rows and bits), for K <= 2048: a warp requests its 8
+// rows' weights at once (rows_load), the block copies the int8 input to
+// shared memory meanwhile, and the products read it from there. Then h
+// is quantized for the down products once, not in each of their blocks:
+// the last of the G/16 blocks that make a group of G rows of h (counted
+// in gcount[slot][group], which it resets) quantizes that group into
+// hq, hs (nslots rows of I, as rmsnorm_quant without a gain).
+// FAST: rows_dot's FAST products, the SiLU products of a warp's 4 rows in
+// lanes 0-3 at once instead of one lane after the other (the same
+// operations on each value), the routed experts' pointers in shared
+// memory before the wait, and the group count by one acquire-release
+// atomic.
+template <int FAST>
+DEVICE void gate_up_q(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
+                      int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
+                      const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq,
+                      float* __restrict__ hs, u32* __restrict__ gcount) {
+  __shared__ __align__(16) i8 sx[ROUTER_FAST_MAX_K];
+  __shared__ float sxs[ROUTER_FAST_MAX_K / 32];
+  __shared__ GateUp tab[MOE_TABLE_SMEM];
+  __shared__ bool last;
+  const int slot = blockIdx.y, lane = threadIdx.x & 31, tid = threadIdx.x;
+  const int row0 = (blockIdx.x * 4 + (tid >> 5)) * 4;
+  const int G = 32 << gshift, GK = K / G, C = K >> 5;
+  const bool stab = FAST && slot < topk && nexperts <= MOE_TABLE_SMEM;
+  int eid;
+  if (stab) {
+    // The routed experts' gate and up pointers into shared memory while
+    // the router runs, so that after the wait only the routing is read
+    // from memory before the weights are requested.
+    for (int e = tid; e < nexperts; e += blockDim.x) tab[e] = gate_up_of(experts[e]);
+    __syncthreads();
+    PDL_WAIT();
+    eid = ids[slot];
+  } else {
+    // The expert table is written once at load: a shared slot's weights
+    // need nothing from the kernels before this one.
+    if (slot < topk) PDL_WAIT();
+    eid = slot_expert(ids, slot, topk, nexperts);
+  }
+  const GateUp ex = stab ? tab[eid] : gate_up_of(experts[eid]);
+  const u8* rc[8];
+  const u8* rs[8];
+#pragma unroll
+  for (int r = 0; r < 4; r++) {
+    const int n = min(row0 + r, I - 1);
+    rc[r] = ex.gc + (size_t)n * (K / 2);
+    rs[r] = ex.gs + (size_t)n * GK;
+    rc[4 + r] = ex.uc + (size_t)n * (K / 2);
+    rs[4 + r] = ex.us + (size_t)n * GK;
+  }
+  uint4 w[2][8];
+  u32 s[2][8];
+  rows_load<8>(rc, rs, C, gshift, w, s);
+  PDL_WAIT();
+  for (int i = tid * 16; i < K; i += 128 * 16) *(uint4*)(sx + i) = __ldg((const uint4*)(xq + i));
+  for (int i = tid; i < GK; i += 128) sxs[i] = __ldg(xs + i);
+  __syncthreads();
+  float out[8];
+  rows_dot<8, false, FAST>(w, s, C, gshift, sx, sxs, out);
+  if (FAST) {
+    float og = out[0], ou = out[4];
+#pragma unroll
+    for (int r = 1; r < 4; r++)
+      if (lane == r) og = out[r], ou = out[4 + r];
+    const int n = row0 + lane;
+    if (lane < 4 && n < I) {
+      const GateUp e = stab ? tab[eid] : gate_up_of(experts[eid]);
+      const float g = og * (e.gr[n] * 0.5f);
+      const float u = ou * (e.ur[n] * 0.5f);
+      h[(size_t)slot * I + n] = silu(g) * u;
+    }
+  } else {
+#pragma unroll
+    for (int r = 0; r < 4; r++) {
+      const int n = row0 + r;
+      if (lane == r && n < I) {
+        const float g = out[r] * (ex.gr[n] * 0.5f);
+        const float u = out[4 + r] * (ex.ur[n] * 0.5f);
+        h[(size_t)slot * I + n] = silu(g) * u;
+      }
+    }
+  }
+  // A block's 16 rows lie in one group of G (16 divides G, and I is a
+  // multiple of G).
+  const int IG = I / G, grp = blockIdx.x * 16 / G;
+  __syncthreads();
+  if (FAST) {
+    // One acquire-release atomic instead of two full fences around a
+    // relaxed one: the barrier before orders the block's stores of h
+    // before thread 0's release, and the barrier after orders its acquire
+    // before the other threads' loads.
+    if (tid == 0) last = atom_add_acq_rel(&gcount[slot * IG + grp], 1u) == (u32)(G / 16 - 1);
+    __syncthreads();
+    if (!last) return;
+  } else {
+    if (tid == 0) {
+      __threadfence();
+      last = atomicAdd(&gcount[slot * IG + grp], 1u) == (u32)(G / 16 - 1);
+    }
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+  }
+  if (tid < 32) {
+    quant_groups(h + (size_t)slot * I, true, I, G, grp, IG, hq + (size_t)slot * I, hs + (size_t)slot * IG);
+    if (tid == 0) gcount[slot * IG + grp] = 0;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(128, 4)
+    moe_gate_up_q(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
+                  int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
+                  const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq,
+                  float* __restrict__ hs, u32* __restrict__ gcount) {
+  PDL_LAUNCH();
+  gate_up_q<1>(experts, ids, topk, nexperts, I, K, gshift, xq, xs, h, hq, hs, gcount);
+}
+
+// Down products of every slot for 4 output rows a block, summed over the
+// slots in the block, from h quantized by moe_gate_up_q: grid ceil(N/4)
+// blocks of nslots warps, warp s taking slot s's 4 rows (rows_load, then
+// rows_dot with hq, hs from global memory: moe_down_q's products, bit for
+// bit); the block sums the slots in slot order with their weights
+// (moe_down_sum's order and operations) in shared memory: no partial
+// products through memory, no counters. I <= 2048.
+//
+// The routing (ids, wts) is read before the wait, so that every slot's
+// weights are requested before it, not only the shared slots'. Right
+// because the routing was written two or more launches back: this kernel
+// follows moe_gate_up_q, which reads the same ids after its own wait
+// (prelude.cuh: every kernel two or more launches back has finished when
+// a kernel starts).
+#define DOWN_SLOTS_MAX 8
+template <int FAST>
+DEVICE void down_hq(const Expert* __restrict__ experts, const i32* __restrict__ ids,
+                    const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
+                    const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
+                    int accumulate) {
+  __shared__ float part[DOWN_SLOTS_MAX][4], wsm[DOWN_SLOTS_MAX];
+  const int slot = threadIdx.x >> 5, lane = threadIdx.x & 31, nslots = blockDim.x >> 5;
+  const int row0 = blockIdx.x * 4;
+  const int G = 32 << gshift, GK = I / G, C = I >> 5;
+  const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
+  const u8* rc[4];
+  const u8* rs[4];
+#pragma unroll
+  for (int r = 0; r < 4; r++) {
+    const int n = min(row0 + r, N - 1);
+    rc[r] = ex.down.codes + (size_t)n * (I / 2);
+    rs[r] = ex.down.scales + (size_t)n * GK;
+  }
+  uint4 w[2][4];
+  u32 s[2][4];
+  rows_load<4>(rc, rs, C, gshift, w, s);
+  const float rsc = lane < 4 ? ex.down.row_scale[min(row0 + lane, N - 1)] : 0.f;
+  PDL_WAIT();
+  if (lane == 0) wsm[slot] = slot < topk ? wts[slot] : 1.f;
+  float out[4];
+  rows_dot<4, true, FAST>(w, s, C, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK, out);
+#pragma unroll
+  for (int r = 0; r < 4; r++)
+    if (lane == r) part[slot][r] = out[r] * (rsc * 0.5f);
+  __syncthreads();
+  const int n = row0 + threadIdx.x;
+  if (threadIdx.x < 4 && n < N) {
+    float total = 0.f;
+    for (int k = 0; k < nslots; k++) total += wsm[k] * part[k][threadIdx.x];
+    y[n] = accumulate ? y[n] + total : total;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
+    moe_down_hq(const Expert* __restrict__ experts, const i32* __restrict__ ids,
+                const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
+                const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
+                int accumulate) {
+  PDL_LAUNCH();
+  down_hq<1>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate);
+}
+
+// ---- Batch-1 MoE, weights through shared memory by asynchronous copies.
+//
+// moe_gate_up_q and moe_down_hq hold a warp's weights in registers: their
+// loads stay outstanding in the multiprocessor's load path until the data
+// comes back, and that path's room, not the registers, sets how many bytes
+// a multiprocessor has in flight. Here each warp copies its rows into
+// shared memory instead, by the bulk-copy unit (cp.async.bulk, completing
+// on a barrier in shared memory; sm_90 with a CUDA 12 or later compiler)
+// or, where the compiler lacks it, by cp.async. The products then read the
+// rows from shared memory with the lanes, order and operations of
+// rows_load/rows_dot: the same bits.
+
+#if defined(__CUDACC_VER_MAJOR__) && __CUDACC_VER_MAJOR__ >= 12 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define MOE_BULK 1
+#else
+#define MOE_BULK 0
+#endif
+
+DEVICE void moe_cp16(u32 dst, const void* src) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
+}
+
+// bytes (a multiple of 16) from src to dst, 16-byte aligned both, by the
+// warp's lanes with cp.async.
+DEVICE void moe_cp_warp(u32 dst, const u8* src, int bytes) {
+  for (int i = (threadIdx.x & 31) * 16; i < bytes; i += 32 * 16) moe_cp16(dst + i, src + i);
+}
+
+#if MOE_BULK
+DEVICE void moe_bar_init(u32 bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+}
+DEVICE void moe_bar_expect(u32 bar, u32 bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
+}
+DEVICE void moe_bulk(u32 dst, const void* src, u32 bytes, u32 bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+               "l"(src), "r"(bytes), "r"(bar)
+               : "memory");
+}
+DEVICE void moe_bar_wait(u32 bar) {
+  u32 done = 0;
+  while (!done) {
+    asm volatile(
+        "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\n\tselp.u32 %0, 1, 0, p;\n\t}"
+        : "=r"(done)
+        : "r"(bar)
+        : "memory");
+  }
+}
+#endif
+
+// A warp's copy of nm pieces (dst[i] <- src[i], bytes[i]; each a multiple
+// of 16, 16-byte aligned) into shared memory: by the bulk-copy unit when
+// BULK and the compiler has it (lane 0 issues, bar is the warp's barrier,
+// initialised by moe_copy_init), else by cp.async. moe_copy_wait returns
+// once every piece is in shared memory, for every lane of the warp.
+DEVICE void moe_copy_init(u32 bar, bool bulk) {
+#if MOE_BULK
+  if (bulk && (threadIdx.x & 31) == 0) moe_bar_init(bar);
+#endif
+  __syncwarp();
+}
+template <int NM>
+DEVICE void moe_copy(const u32 (&dst)[NM], const u8* const (&src)[NM], const int (&bytes)[NM], u32 bar, bool bulk) {
+#if MOE_BULK
+  if (bulk) {
+    if ((threadIdx.x & 31) == 0) {
+      int total = 0;
+#pragma unroll
+      for (int i = 0; i < NM; i++) total += bytes[i];
+      moe_bar_expect(bar, (u32)total);
+#pragma unroll
+      for (int i = 0; i < NM; i++) moe_bulk(dst[i], src[i], (u32)bytes[i], bar);
+    }
+    return;
+  }
+#endif
+#pragma unroll
+  for (int i = 0; i < NM; i++) moe_cp_warp(dst[i], src[i], bytes[i]);
+}
+DEVICE void moe_copy_wait(u32 bar, bool bulk) {
+#if MOE_BULK
+  if (bulk) {
+    moe_bar_wait(bar);
+    return;
+  }
+#endif
+  asm volatile("cp.async.wait_all;" ::: "memory");
+  __syncwarp();
+}
+
+// rows_load's registers from R rows of C chunks staged in shared memory
+// (row r at sc + r*rowb, its scales at ss + r*GK).
+template <int R>
+DEVICE void rows_from_smem(const u8* sc, int rowb, const u8* ss, int GK, int C, int gshift, uint4 (&w)[2][R],
+                           u32 (&s)[2][R]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    const int c = 32 * h + lane;
+    if (c < C) {
+#pragma unroll
+      for (int r = 0; r < R; r++) w[h][r] = *(const uint4*)(sc + r * rowb + c * 16);
+#pragma unroll
+      for (int r = 0; r < R; r++) s[h][r] = ss[r * GK + (c >> gshift)];
+    }
+  }
+}
+
+// The gate/up rows one warp stages: 4 rows of gate and 4 of up, K <= 2048,
+// with their scales (GK <= 64 a row).
+#define GUS_ROWB (ROUTER_FAST_MAX_K / 2)
+#define GUS_WARP (8 * GUS_ROWB + 8 * 64)
+
+// moe_gate_up_q (gate_up_q<1>: the same grid, rows, bits and group
+// quantization) with each warp's 8 rows staged in shared memory by
+// moe_copy. BULK: the bulk-copy unit where the compiler has it. Needs I a
+// multiple of 16, K/2 and 4*(K/G) multiples of 16.
+template <bool BULK>
+DEVICE void gate_up_s(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk, int nexperts, int I,
+                      int K, int gshift, const i8* __restrict__ xq, const float* __restrict__ xs,
+                      float* __restrict__ h, i8* __restrict__ hq, float* __restrict__ hs, u32* __restrict__ gcount) {
+  __shared__ __align__(16) i8 sx[ROUTER_FAST_MAX_K];
+  __shared__ float sxs[ROUTER_FAST_MAX_K / 32];
+  __shared__ GateUp tab[MOE_TABLE_SMEM];
+  __shared__ __align__(128) u8 stage[4][GUS_WARP];
+  __shared__ __align__(8) unsigned long long bars[4];
+  __shared__ bool last;
+  const int slot = blockIdx.y, lane = threadIdx.x & 31, tid = threadIdx.x, warp = tid >> 5;
+  const int row0 = (blockIdx.x * 4 + warp) * 4;
+  const int G = 32 << gshift, GK = K / G, C = K >> 5, rowb = K / 2;
+  const bool stab = slot < topk && nexperts <= MOE_TABLE_SMEM;
+  const u32 bar = smem_addr(&bars[warp]);
+  moe_copy_init(bar, BULK);
+  int eid;
+  if (stab) {
+    for (int e = tid; e < nexperts; e += blockDim.x) tab[e] = gate_up_of(experts[e]);
+    __syncthreads();
+    PDL_WAIT();
+    eid = ids[slot];
+  } else {
+    if (slot < topk) PDL_WAIT();
+    eid = slot_expert(ids, slot, topk, nexperts);
+  }
+  const GateUp ex = stab ? tab[eid] : gate_up_of(experts[eid]);
+  u8* st = stage[warp];
+  {
+    const u32 d = smem_addr(st);
+    const u32 dst[4] = {d, d + 4 * rowb, d + 8 * rowb, d + 8 * rowb + 4 * GK};
+    const u8* src[4] = {ex.gc + (size_t)row0 * rowb, ex.uc + (size_t)row0 * rowb, ex.gs + (size_t)row0 * GK,
+                        ex.us + (size_t)row0 * GK};
+    const int bytes[4] = {4 * rowb, 4 * rowb, 4 * GK, 4 * GK};
+    moe_copy<4>(dst, src, bytes, bar, BULK);
+  }
+  PDL_WAIT();
+  for (int i = tid * 16; i < K; i += 128 * 16) *(uint4*)(sx + i) = __ldg((const uint4*)(xq + i));
+  for (int i = tid; i < GK; i += 128) sxs[i] = __ldg(xs + i);
+  __syncthreads();
+  moe_copy_wait(bar, BULK);
+  uint4 w[2][8];
+  u32 s[2][8];
+  {
+    uint4 wg[2][4], wu[2][4];
+    u32 sg[2][4], su[2][4];
+    rows_from_smem<4>(st, rowb, st + 8 * rowb, GK, C, gshift, wg, sg);
+    rows_from_smem<4>(st + 4 * rowb, rowb, st + 8 * rowb + 4 * GK, GK, C, gshift, wu, su);
+#pragma unroll
+    for (int hh = 0; hh < 2; hh++)
+#pragma unroll
+      for (int r = 0; r < 4; r++) {
+        w[hh][r] = wg[hh][r];
+        w[hh][4 + r] = wu[hh][r];
+        s[hh][r] = sg[hh][r];
+        s[hh][4 + r] = su[hh][r];
+      }
+  }
+  float out[8];
+  rows_dot<8, false, 1>(w, s, C, gshift, sx, sxs, out);
+  {
+    float og = out[0], ou = out[4];
+#pragma unroll
+    for (int r = 1; r < 4; r++)
+      if (lane == r) og = out[r], ou = out[4 + r];
+    const int n = row0 + lane;
+    if (lane < 4 && n < I) {
+      const GateUp e = stab ? tab[eid] : gate_up_of(experts[eid]);
+      const float g = og * (e.gr[n] * 0.5f);
+      const float u = ou * (e.ur[n] * 0.5f);
+      h[(size_t)slot * I + n] = silu(g) * u;
+    }
+  }
+  const int IG = I / G, grp = blockIdx.x * 16 / G;
+  __syncthreads();
+  if (tid == 0) last = atom_add_acq_rel(&gcount[slot * IG + grp], 1u) == (u32)(G / 16 - 1);
+  __syncthreads();
+  if (!last) return;
+  if (tid < 32) {
+    quant_groups(h + (size_t)slot * I, true, I, G, grp, IG, hq + (size_t)slot * I, hs + (size_t)slot * IG);
+    if (tid == 0) gcount[slot * IG + grp] = 0;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(128, 4)
+    moe_gate_up_sb(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk, int nexperts, int I,
+                   int K, int gshift, const i8* __restrict__ xq, const float* __restrict__ xs,
+                   float* __restrict__ h, i8* __restrict__ hq, float* __restrict__ hs, u32* __restrict__ gcount) {
+  PDL_LAUNCH();
+  gate_up_s<true>(experts, ids, topk, nexperts, I, K, gshift, xq, xs, h, hq, hs, gcount);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 4)
+    moe_gate_up_sc(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk, int nexperts, int I,
+                   int K, int gshift, const i8* __restrict__ xq, const float* __restrict__ xs,
+                   float* __restrict__ h, i8* __restrict__ hq, float* __restrict__ hs, u32* __restrict__ gcount) {
+  PDL_LAUNCH();
+  gate_up_s<false>(experts, ids, topk, nexperts, I, K, gshift, xq, xs, h, hq, hs, gcount);
+}
+
+// moe_down_hq (down_hq<1>: the same grid, rows, bits and sums) with each
+// warp's 4 rows staged in shared memory by moe_copy. Needs N a multiple
+// of 4, I/2 and 4*(I/G) multiples of 16.
+#define DS_WARP (4 * (ROUTER_FAST_MAX_K / 2) + 4 * 64)
+template <bool BULK>
+DEVICE void down_s(const Expert* __restrict__ experts, const i32* __restrict__ ids, const float* __restrict__ wts,
+                   int topk, int nexperts, int N, int I, int gshift, const i8* __restrict__ hq,
+                   const float* __restrict__ hs, float* __restrict__ y, int accumulate) {
+  extern __shared__ __align__(128) u8 dstage[];
+  __shared__ float part[DOWN_SLOTS_MAX][4], wsm[DOWN_SLOTS_MAX];
+  __shared__ __align__(8) unsigned long long bars[DOWN_SLOTS_MAX];
+  const int slot = threadIdx.x >> 5, lane = threadIdx.x & 31, nslots = blockDim.x >> 5;
+  const int row0 = blockIdx.x * 4;
+  const int G = 32 << gshift, GK = I / G, C = I >> 5, rowb = I / 2;
+  const int wb = (4 * rowb + 4 * GK + 15) & ~15;
+  const u32 bar = smem_addr(&bars[slot]);
+  moe_copy_init(bar, BULK);
+  const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
+  u8* st = dstage + slot * wb;
+  {
+    const u32 d = smem_addr(st);
+    const u32 dst[2] = {d, d + 4 * rowb};
+    const u8* src[2] = {ex.down.codes + (size_t)row0 * rowb, ex.down.scales + (size_t)row0 * GK};
+    const int bytes[2] = {4 * rowb, 4 * GK};
+    moe_copy<2>(dst, src, bytes, bar, BULK);
+  }
+  const float rsc = lane < 4 ? ex.down.row_scale[min(row0 + lane, N - 1)] : 0.f;
+  PDL_WAIT();
+  if (lane == 0) wsm[slot] = slot < topk ? wts[slot] : 1.f;
+  moe_copy_wait(bar, BULK);
+  uint4 w[2][4];
+  u32 s[2][4];
+  rows_from_smem<4>(st, rowb, st + 4 * rowb, GK, C, gshift, w, s);
+  float out[4];
+  rows_dot<4, true, 1>(w, s, C, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK, out);
+#pragma unroll
+  for (int r = 0; r < 4; r++)
+    if (lane == r) part[slot][r] = out[r] * (rsc * 0.5f);
+  __syncthreads();
+  const int n = row0 + threadIdx.x;
+  if (threadIdx.x < 4 && n < N) {
+    float total = 0.f;
+    for (int k = 0; k < nslots; k++) total += wsm[k] * part[k][threadIdx.x];
+    y[n] = accumulate ? y[n] + total : total;
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
+    moe_down_sb(const Expert* __restrict__ experts, const i32* __restrict__ ids, const float* __restrict__ wts,
+                int topk, int nexperts, int N, int I, int gshift, const i8* __restrict__ hq,
+                const float* __restrict__ hs, float* __restrict__ y, int accumulate) {
+  PDL_LAUNCH();
+  down_s<true>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
+    moe_down_sc(const Expert* __restrict__ experts, const i32* __restrict__ ids, const float* __restrict__ wts,
+                int topk, int nexperts, int N, int I, int gshift, const i8* __restrict__ hq,
+                const float* __restrict__ hs, float* __restrict__ y, int accumulate) {
+  PDL_LAUNCH();
+  down_s<false>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate);
+}
