@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
+	"os"
 
 	"github.com/mmfp4/mmfp4/format"
 )
@@ -574,7 +575,22 @@ var moeDownOld bool
 // The batch-1 MoE kernels that stage each warp's weights in shared memory
 // by asynchronous copies (moe_gate_up_sb/_sc, moe_down_sb/_sc) instead of
 // moe_gate_up_q and moe_down_hq, when set (measurements).
-var moeStageModule, moeStageGU, moeStageDown = "moetma", "", ""
+var moeStageModule, moeStageGU, moeStageDown = moeStageFromEnv()
+
+// moeStageFromEnv reads MMFP4_CUDA_MOE_STAGE: "sb" both kernels by bulk
+// copies, "sbg" the gate/up kernel only, "sc" both by cp.async; else
+// main's kernels.
+func moeStageFromEnv() (module, gu, down string) {
+	switch os.Getenv("MMFP4_CUDA_MOE_STAGE") {
+	case "sb":
+		return "moetma", "moe_gate_up_sb", "moe_down_sb"
+	case "sbg":
+		return "moetma", "moe_gate_up_sb", ""
+	case "sc":
+		return "moetma", "moe_gate_up_sc", "moe_down_sc"
+	}
+	return "moetma", "", ""
+}
 
 // moeStagedFits reports whether the staged gate/up and down kernels take
 // t's shapes: whole 16-row blocks of gate/up and 4-row blocks of down,
