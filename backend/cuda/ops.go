@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"math/bits"
 	"os"
+	"strconv"
+	"strings"
 
 	"github.com/mmfp4/mmfp4/format"
 )
@@ -501,34 +503,24 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 		acc = 1
 	}
 	if slots <= moeSlotsMax && t.K <= moeRowsMaxK && t.I <= moeRowsMaxK && t.I%t.G == 0 && !moeDownOld {
-		gu, err := c.Kernel("moe", "moe_gate_up_q")
+		gun, args := "moe_gate_up_q", []any{t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, s.H, s.HQ.Q, s.HQ.Scales, s.Groups}
+		if moeGUPrefetch >= 0 && t.K%4 == 0 {
+			gun, args = "moe_gate_up_p", append(args, moeGUPrefetch)
+		}
+		gu, err := c.Kernel(moeModule, gun)
 		if err != nil {
 			return err
 		}
-		down, err := c.Kernel("moe", "moe_down_hq")
+		down, err := c.Kernel(moeModule, "moe_down_hq")
 		if err != nil {
 			return err
 		}
-		guStaged, downStaged := moeStagedFits(t)
-		if guStaged && moeStageGU != "" {
-			if gu, err = c.Kernel(moeStageModule, moeStageGU); err != nil {
-				return err
-			}
-		}
-		shared := 0
-		if downStaged && moeStageDown != "" {
-			if down, err = c.Kernel(moeStageModule, moeStageDown); err != nil {
-				return err
-			}
-			shared = slots * align(4*t.I/2+4*t.I/t.G, 16)
-		}
-		if err := c.Launch(gu, Dim{uint32((t.I + 15) / 16), uint32(slots), 1}, D1(128), 0,
-			t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, s.H, s.HQ.Q, s.HQ.Scales, s.Groups); err != nil {
+		if err := c.Launch(gu, Dim{uint32((t.I + 15) / 16), uint32(slots), 1}, D1(128), 0, args...); err != nil {
 			return err
 		}
 		// The routing is an input of the gate/up launch just queued, so
 		// the down launch reads it before its wait.
-		return c.Launch(down, D1((t.K+3)/4), D1(32*slots), shared, t.buf, ids, wts, topk, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, y, acc)
+		return c.Launch(down, D1((t.K+3)/4), D1(32*slots), 0, t.buf, ids, wts, topk, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, y, acc)
 	}
 	gu, err := c.Kernel("moe", "moe_gate_up")
 	if err != nil {
@@ -572,33 +564,24 @@ const (
 // tests).
 var moeDownOld bool
 
-// The batch-1 MoE kernels that stage each warp's weights in shared memory
-// by asynchronous copies (moe_gate_up_sb/_sc, moe_down_sb/_sc) instead of
-// moe_gate_up_q and moe_down_hq, when set (measurements).
-var moeStageModule, moeStageGU, moeStageDown = moeStageFromEnv()
+// Measurements: moeModule is the module of the batch-1 MoE kernels and
+// the cluster router ("moetma": the new moe.cu), moeGUPrefetch >= 0 takes
+// moe_gate_up_p with that prefetch mode.
+var moeModule, moeGUPrefetch = moeFromEnv()
 
-// moeStageFromEnv reads MMFP4_CUDA_MOE_STAGE: "sb" both kernels by bulk
-// copies, "sbg" the gate/up kernel only, "sc" both by cp.async; else
-// main's kernels.
-func moeStageFromEnv() (module, gu, down string) {
-	switch os.Getenv("MMFP4_CUDA_MOE_STAGE") {
-	case "sb":
-		return "moetma", "moe_gate_up_sb", "moe_down_sb"
-	case "sbg":
-		return "moetma", "moe_gate_up_sb", ""
-	case "sc":
-		return "moetma", "moe_gate_up_sc", "moe_down_sc"
+func moeFromEnv() (string, int) {
+	switch v := os.Getenv("MMFP4_CUDA_MOE_NEW"); v {
+	case "", "0":
+		return "moe", -1
+	case "1":
+		return "moetma", -1
+	default:
+		pf, err := strconv.Atoi(strings.TrimPrefix(v, "p"))
+		if err != nil {
+			return "moe", -1
+		}
+		return "moetma", pf
 	}
-	return "moetma", "", ""
-}
-
-// moeStagedFits reports whether the staged gate/up and down kernels take
-// t's shapes: whole 16-row blocks of gate/up and 4-row blocks of down,
-// rows and 4 rows' scales in 16-byte pieces.
-func moeStagedFits(t *ExpertTable) (gu, down bool) {
-	gu = t.I%16 == 0 && (t.K/2)%16 == 0 && (4*t.K/t.G)%16 == 0
-	down = t.K%4 == 0 && (t.I/2)%16 == 0 && (4*t.I/t.G)%16 == 0
-	return gu, down
 }
 
 // moeMaxI is MOE_MAX_I in moe.cu: the largest intermediate size whose

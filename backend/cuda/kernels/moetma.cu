@@ -568,17 +568,19 @@ extern "C" __global__ void __launch_bounds__(256)
 }
 
 // The choice of token t's experts from its E logits (lg, thread tid's
-// logit for tid < E), every thread of the block taking part: the sigmoid
+// logit for tid < E, bv its bias, which the callers read at their start:
+// a memory round trip less after the logits), every thread of the block
+// taking part: the sigmoid
 // scores with the bias, ranked one thread per expert (ties to the lower
 // index), the topk winners written in rank order with their weights
 // normalised in that order: route_warp's result.
-DEVICE void router_choose(int tid, int E, float lg, const float* __restrict__ bias, int topk, int norm,
-                          float scaling, int t, i32* __restrict__ ids, float* __restrict__ wts,
-                          float* score, float* choice, float* pick) {
+DEVICE void router_choose(int tid, int E, float lg, float bv, int topk, int norm, float scaling, int t,
+                          i32* __restrict__ ids, float* __restrict__ wts, float* score, float* choice,
+                          float* pick) {
   if (tid < E) {
     const float sg = (float)(1.0 / (1.0 + exp(-(double)lg)));
     score[tid] = sg;
-    choice[tid] = sg + bias[tid];
+    choice[tid] = sg + bv;
   }
   __syncthreads();
   if (tid < E) {
@@ -634,6 +636,7 @@ DEVICE void router_fast_block(int b, int nb, int t, float* rxs, const float* __r
   __shared__ bool last;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int e = b * 4 + warp;
+  const float bv = tid < E ? __ldg(bias + tid) : 0.f;
   float wv[ROUTER_FAST_MAX_K / 32];
   if (e < E) {
     const float* w = W + (size_t)e * K;
@@ -663,7 +666,7 @@ DEVICE void router_fast_block(int b, int nb, int t, float* rxs, const float* __r
   if (!last) return;
   __threadfence();
   const float lg = tid < E ? __ldcg(logits + (size_t)t * ldl + tid) : 0.f;
-  router_choose(tid, E, lg, bias, topk, norm, scaling, t, ids, wts, score, choice, pick);
+  router_choose(tid, E, lg, bv, topk, norm, scaling, t, ids, wts, score, choice, pick);
   if (tid == 0) counters[t] = 0;
 }
 
@@ -718,6 +721,7 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
   const int E = 64, nb = ROUTER_CLUSTER, b = blockIdx.x, t = blockIdx.y;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int e = b * 8 + warp;
+  const float bv = tid < E ? __ldg(bias + tid) : 0.f;
   // Every block of the cluster has started before any writes into the
   // first one's shared memory (the wait below, before the stores).
   cluster_arrive();
@@ -746,8 +750,7 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
   cluster_arrive();
   cluster_wait();
   if (cluster_rank() != 0) return;
-  router_choose(tid, E, tid < E ? clog[tid] : 0.f, bias, topk, norm, scaling, t, ids, wts, score, choice,
-                pick);
+  router_choose(tid, E, tid < E ? clog[tid] : 0.f, bv, topk, norm, scaling, t, ids, wts, score, choice, pick);
 }
 
 // moe_router_cluster with the residual add and single-row RMSNorm that
@@ -777,6 +780,7 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int e = b * 8 + warp, k0 = tid * 8;
   const bool on = k0 < K;
+  const float bv = tid < E ? __ldg(bias + tid) : 0.f;
   cluster_arrive();
   float wv[ROUTER_FAST_MAX_K / 32];
   {
@@ -846,7 +850,7 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
     }
   }
   if (cluster_rank() != 0) return;
-  router_choose(tid, E, tid < E ? clog[tid] : 0.f, bias, topk, norm, scaling, 0, ids, wts, score, choice, pick);
+  router_choose(tid, E, tid < E ? clog[tid] : 0.f, bv, topk, norm, scaling, 0, ids, wts, score, choice, pick);
 }
 
 // One 16-byte chunk of codes (32 weights) against 32 int8 activations
@@ -1054,11 +1058,41 @@ DEVICE GateUp gate_up_of(const Expert& e) {
 // operations on each value), the routed experts' pointers in shared
 // memory before the wait, and the group count by one acquire-release
 // atomic.
+#if defined(__CUDACC_VER_MAJOR__) && __CUDACC_VER_MAJOR__ >= 12 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+#define MOE_BULK 1
+#else
+#define MOE_BULK 0
+#endif
+
+// Part part of parts of an expert's down matrix (N rows of I) requested
+// into L2 by the bulk-copy unit (one request, no registers held; sm_90
+// with a CUDA 12 or later compiler, else nothing); part 0 also requests
+// the scales and row scales. N a multiple of 4, I of 32.
+DEVICE void moe_prefetch_l2(const void* p, u32 bytes) {
+#if MOE_BULK
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(bytes) : "memory");
+#endif
+}
+DEVICE void moe_prefetch_down(const QMat& dn, int N, int I, int GK, int part, int parts) {
+  const size_t codes = (size_t)N * (I / 2);
+  const size_t chunk = ((codes + parts - 1) / parts + 15) & ~(size_t)15;
+  const size_t off = (size_t)part * chunk;
+  if (off < codes) moe_prefetch_l2(dn.codes + off, (u32)min(chunk, codes - off));
+  if (part == 0) {
+    moe_prefetch_l2(dn.scales, (u32)(N * GK));
+    moe_prefetch_l2(dn.row_scale, (u32)(4 * N));
+  }
+}
+
+// pf (measurements): 1: after its products, thread 0 of each routed
+// slot's block requests its part of the slot's down matrix into L2; 2:
+// the shared slots' blocks request theirs at their start; 4: the routed
+// slots' blocks as soon as their expert is known.
 template <int FAST>
 DEVICE void gate_up_q(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
                       int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
                       const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq,
-                      float* __restrict__ hs, u32* __restrict__ gcount) {
+                      float* __restrict__ hs, u32* __restrict__ gcount, int pf = 0) {
   __shared__ __align__(16) i8 sx[ROUTER_FAST_MAX_K];
   __shared__ float sxs[ROUTER_FAST_MAX_K / 32];
   __shared__ GateUp tab[MOE_TABLE_SMEM];
@@ -1096,12 +1130,25 @@ DEVICE void gate_up_q(const Expert* __restrict__ experts, const i32* __restrict_
   uint4 w[2][8];
   u32 s[2][8];
   rows_load<8>(rc, rs, C, gshift, w, s);
+  // The row scales of lane l's row (l < 4) with the weights, not after
+  // the products: a memory round trip less at the block's end.
+  float rg = 0.f, ru = 0.f;
+  if (FAST && lane < 4 && row0 + lane < I) {
+    rg = ex.gr[row0 + lane];
+    ru = ex.ur[row0 + lane];
+  }
+  QMat dn{};
+  if (pf && tid == 0) {
+    dn = experts[eid].down;
+    if ((slot >= topk && (pf & 2)) || (slot < topk && (pf & 4))) moe_prefetch_down(dn, K, I, I / G, blockIdx.x, gridDim.x);
+  }
   PDL_WAIT();
   for (int i = tid * 16; i < K; i += 128 * 16) *(uint4*)(sx + i) = __ldg((const uint4*)(xq + i));
   for (int i = tid; i < GK; i += 128) sxs[i] = __ldg(xs + i);
   __syncthreads();
   float out[8];
   rows_dot<8, false, FAST>(w, s, C, gshift, sx, sxs, out);
+  if (pf & 1 && tid == 0 && slot < topk) moe_prefetch_down(dn, K, I, I / G, blockIdx.x, gridDim.x);
   if (FAST) {
     float og = out[0], ou = out[4];
 #pragma unroll
@@ -1109,9 +1156,8 @@ DEVICE void gate_up_q(const Expert* __restrict__ experts, const i32* __restrict_
       if (lane == r) og = out[r], ou = out[4 + r];
     const int n = row0 + lane;
     if (lane < 4 && n < I) {
-      const GateUp e = stab ? tab[eid] : gate_up_of(experts[eid]);
-      const float g = og * (e.gr[n] * 0.5f);
-      const float u = ou * (e.ur[n] * 0.5f);
+      const float g = og * (rg * 0.5f);
+      const float u = ou * (ru * 0.5f);
       h[(size_t)slot * I + n] = silu(g) * u;
     }
   } else {
@@ -1159,6 +1205,15 @@ extern "C" __global__ void __launch_bounds__(128, 4)
                   float* __restrict__ hs, u32* __restrict__ gcount) {
   PDL_LAUNCH();
   gate_up_q<1>(experts, ids, topk, nexperts, I, K, gshift, xq, xs, h, hq, hs, gcount);
+}
+
+extern "C" __global__ void __launch_bounds__(128, 4)
+    moe_gate_up_p(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk,
+                  int nexperts, int I, int K, int gshift, const i8* __restrict__ xq,
+                  const float* __restrict__ xs, float* __restrict__ h, i8* __restrict__ hq,
+                  float* __restrict__ hs, u32* __restrict__ gcount, int pf) {
+  PDL_LAUNCH();
+  gate_up_q<1>(experts, ids, topk, nexperts, I, K, gshift, xq, xs, h, hq, hs, gcount, pf);
 }
 
 // Down products of every slot for 4 output rows a block, summed over the
@@ -1221,287 +1276,4 @@ extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
                 int accumulate) {
   PDL_LAUNCH();
   down_hq<1>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate);
-}
-
-// ---- Batch-1 MoE, weights through shared memory by asynchronous copies.
-//
-// moe_gate_up_q and moe_down_hq hold a warp's weights in registers: their
-// loads stay outstanding in the multiprocessor's load path until the data
-// comes back, and that path's room, not the registers, sets how many bytes
-// a multiprocessor has in flight. Here each warp copies its rows into
-// shared memory instead, by the bulk-copy unit (cp.async.bulk, completing
-// on a barrier in shared memory; sm_90 with a CUDA 12 or later compiler)
-// or, where the compiler lacks it, by cp.async. The products then read the
-// rows from shared memory with the lanes, order and operations of
-// rows_load/rows_dot: the same bits.
-
-#if defined(__CUDACC_VER_MAJOR__) && __CUDACC_VER_MAJOR__ >= 12 && defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-#define MOE_BULK 1
-#else
-#define MOE_BULK 0
-#endif
-
-DEVICE void moe_cp16(u32 dst, const void* src) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
-}
-
-// bytes (a multiple of 16) from src to dst, 16-byte aligned both, by the
-// warp's lanes with cp.async.
-DEVICE void moe_cp_warp(u32 dst, const u8* src, int bytes) {
-  for (int i = (threadIdx.x & 31) * 16; i < bytes; i += 32 * 16) moe_cp16(dst + i, src + i);
-}
-
-#if MOE_BULK
-DEVICE void moe_bar_init(u32 bar) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(bar) : "memory");
-  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-}
-DEVICE void moe_bar_expect(u32 bar, u32 bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(bar), "r"(bytes) : "memory");
-}
-DEVICE void moe_bulk(u32 dst, const void* src, u32 bytes, u32 bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
-               "l"(src), "r"(bytes), "r"(bar)
-               : "memory");
-}
-DEVICE void moe_bar_wait(u32 bar) {
-  u32 done = 0;
-  while (!done) {
-    asm volatile(
-        "{\n\t.reg .pred p;\n\tmbarrier.try_wait.parity.shared::cta.b64 p, [%1], 0;\n\tselp.u32 %0, 1, 0, p;\n\t}"
-        : "=r"(done)
-        : "r"(bar)
-        : "memory");
-  }
-}
-#endif
-
-// A warp's copy of nm pieces (dst[i] <- src[i], bytes[i]; each a multiple
-// of 16, 16-byte aligned) into shared memory: by the bulk-copy unit when
-// BULK and the compiler has it (lane 0 issues, bar is the warp's barrier,
-// initialised by moe_copy_init), else by cp.async. moe_copy_wait returns
-// once every piece is in shared memory, for every lane of the warp.
-DEVICE void moe_copy_init(u32 bar, bool bulk) {
-#if MOE_BULK
-  if (bulk && (threadIdx.x & 31) == 0) moe_bar_init(bar);
-#endif
-  __syncwarp();
-}
-template <int NM>
-DEVICE void moe_copy(const u32 (&dst)[NM], const u8* const (&src)[NM], const int (&bytes)[NM], u32 bar, bool bulk) {
-#if MOE_BULK
-  if (bulk) {
-    if ((threadIdx.x & 31) == 0) {
-      int total = 0;
-#pragma unroll
-      for (int i = 0; i < NM; i++) total += bytes[i];
-      moe_bar_expect(bar, (u32)total);
-#pragma unroll
-      for (int i = 0; i < NM; i++) moe_bulk(dst[i], src[i], (u32)bytes[i], bar);
-    }
-    return;
-  }
-#endif
-#pragma unroll
-  for (int i = 0; i < NM; i++) moe_cp_warp(dst[i], src[i], bytes[i]);
-}
-DEVICE void moe_copy_wait(u32 bar, bool bulk) {
-#if MOE_BULK
-  if (bulk) {
-    moe_bar_wait(bar);
-    return;
-  }
-#endif
-  asm volatile("cp.async.wait_all;" ::: "memory");
-  __syncwarp();
-}
-
-// rows_load's registers from R rows of C chunks staged in shared memory
-// (row r at sc + r*rowb, its scales at ss + r*GK).
-template <int R>
-DEVICE void rows_from_smem(const u8* sc, int rowb, const u8* ss, int GK, int C, int gshift, uint4 (&w)[2][R],
-                           u32 (&s)[2][R]) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int h = 0; h < 2; h++) {
-    const int c = 32 * h + lane;
-    if (c < C) {
-#pragma unroll
-      for (int r = 0; r < R; r++) w[h][r] = *(const uint4*)(sc + r * rowb + c * 16);
-#pragma unroll
-      for (int r = 0; r < R; r++) s[h][r] = ss[r * GK + (c >> gshift)];
-    }
-  }
-}
-
-// The gate/up rows one warp stages: 4 rows of gate and 4 of up, K <= 2048,
-// with their scales (GK <= 64 a row).
-#define GUS_ROWB (ROUTER_FAST_MAX_K / 2)
-#define GUS_WARP (8 * GUS_ROWB + 8 * 64)
-
-// moe_gate_up_q (gate_up_q<1>: the same grid, rows, bits and group
-// quantization) with each warp's 8 rows staged in shared memory by
-// moe_copy. BULK: the bulk-copy unit where the compiler has it. Needs I a
-// multiple of 16, K/2 and 4*(K/G) multiples of 16.
-template <bool BULK>
-DEVICE void gate_up_s(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk, int nexperts, int I,
-                      int K, int gshift, const i8* __restrict__ xq, const float* __restrict__ xs,
-                      float* __restrict__ h, i8* __restrict__ hq, float* __restrict__ hs, u32* __restrict__ gcount) {
-  __shared__ __align__(16) i8 sx[ROUTER_FAST_MAX_K];
-  __shared__ float sxs[ROUTER_FAST_MAX_K / 32];
-  __shared__ GateUp tab[MOE_TABLE_SMEM];
-  __shared__ __align__(128) u8 stage[4][GUS_WARP];
-  __shared__ __align__(8) unsigned long long bars[4];
-  __shared__ bool last;
-  const int slot = blockIdx.y, lane = threadIdx.x & 31, tid = threadIdx.x, warp = tid >> 5;
-  const int row0 = (blockIdx.x * 4 + warp) * 4;
-  const int G = 32 << gshift, GK = K / G, C = K >> 5, rowb = K / 2;
-  const bool stab = slot < topk && nexperts <= MOE_TABLE_SMEM;
-  const u32 bar = smem_addr(&bars[warp]);
-  moe_copy_init(bar, BULK);
-  int eid;
-  if (stab) {
-    for (int e = tid; e < nexperts; e += blockDim.x) tab[e] = gate_up_of(experts[e]);
-    __syncthreads();
-    PDL_WAIT();
-    eid = ids[slot];
-  } else {
-    if (slot < topk) PDL_WAIT();
-    eid = slot_expert(ids, slot, topk, nexperts);
-  }
-  const GateUp ex = stab ? tab[eid] : gate_up_of(experts[eid]);
-  u8* st = stage[warp];
-  {
-    const u32 d = smem_addr(st);
-    const u32 dst[4] = {d, d + 4 * rowb, d + 8 * rowb, d + 8 * rowb + 4 * GK};
-    const u8* src[4] = {ex.gc + (size_t)row0 * rowb, ex.uc + (size_t)row0 * rowb, ex.gs + (size_t)row0 * GK,
-                        ex.us + (size_t)row0 * GK};
-    const int bytes[4] = {4 * rowb, 4 * rowb, 4 * GK, 4 * GK};
-    moe_copy<4>(dst, src, bytes, bar, BULK);
-  }
-  PDL_WAIT();
-  for (int i = tid * 16; i < K; i += 128 * 16) *(uint4*)(sx + i) = __ldg((const uint4*)(xq + i));
-  for (int i = tid; i < GK; i += 128) sxs[i] = __ldg(xs + i);
-  __syncthreads();
-  moe_copy_wait(bar, BULK);
-  uint4 w[2][8];
-  u32 s[2][8];
-  {
-    uint4 wg[2][4], wu[2][4];
-    u32 sg[2][4], su[2][4];
-    rows_from_smem<4>(st, rowb, st + 8 * rowb, GK, C, gshift, wg, sg);
-    rows_from_smem<4>(st + 4 * rowb, rowb, st + 8 * rowb + 4 * GK, GK, C, gshift, wu, su);
-#pragma unroll
-    for (int hh = 0; hh < 2; hh++)
-#pragma unroll
-      for (int r = 0; r < 4; r++) {
-        w[hh][r] = wg[hh][r];
-        w[hh][4 + r] = wu[hh][r];
-        s[hh][r] = sg[hh][r];
-        s[hh][4 + r] = su[hh][r];
-      }
-  }
-  float out[8];
-  rows_dot<8, false, 1>(w, s, C, gshift, sx, sxs, out);
-  {
-    float og = out[0], ou = out[4];
-#pragma unroll
-    for (int r = 1; r < 4; r++)
-      if (lane == r) og = out[r], ou = out[4 + r];
-    const int n = row0 + lane;
-    if (lane < 4 && n < I) {
-      const GateUp e = stab ? tab[eid] : gate_up_of(experts[eid]);
-      const float g = og * (e.gr[n] * 0.5f);
-      const float u = ou * (e.ur[n] * 0.5f);
-      h[(size_t)slot * I + n] = silu(g) * u;
-    }
-  }
-  const int IG = I / G, grp = blockIdx.x * 16 / G;
-  __syncthreads();
-  if (tid == 0) last = atom_add_acq_rel(&gcount[slot * IG + grp], 1u) == (u32)(G / 16 - 1);
-  __syncthreads();
-  if (!last) return;
-  if (tid < 32) {
-    quant_groups(h + (size_t)slot * I, true, I, G, grp, IG, hq + (size_t)slot * I, hs + (size_t)slot * IG);
-    if (tid == 0) gcount[slot * IG + grp] = 0;
-  }
-}
-
-extern "C" __global__ void __launch_bounds__(128, 4)
-    moe_gate_up_sb(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk, int nexperts, int I,
-                   int K, int gshift, const i8* __restrict__ xq, const float* __restrict__ xs,
-                   float* __restrict__ h, i8* __restrict__ hq, float* __restrict__ hs, u32* __restrict__ gcount) {
-  PDL_LAUNCH();
-  gate_up_s<true>(experts, ids, topk, nexperts, I, K, gshift, xq, xs, h, hq, hs, gcount);
-}
-
-extern "C" __global__ void __launch_bounds__(128, 4)
-    moe_gate_up_sc(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk, int nexperts, int I,
-                   int K, int gshift, const i8* __restrict__ xq, const float* __restrict__ xs,
-                   float* __restrict__ h, i8* __restrict__ hq, float* __restrict__ hs, u32* __restrict__ gcount) {
-  PDL_LAUNCH();
-  gate_up_s<false>(experts, ids, topk, nexperts, I, K, gshift, xq, xs, h, hq, hs, gcount);
-}
-
-// moe_down_hq (down_hq<1>: the same grid, rows, bits and sums) with each
-// warp's 4 rows staged in shared memory by moe_copy. Needs N a multiple
-// of 4, I/2 and 4*(I/G) multiples of 16.
-#define DS_WARP (4 * (ROUTER_FAST_MAX_K / 2) + 4 * 64)
-template <bool BULK>
-DEVICE void down_s(const Expert* __restrict__ experts, const i32* __restrict__ ids, const float* __restrict__ wts,
-                   int topk, int nexperts, int N, int I, int gshift, const i8* __restrict__ hq,
-                   const float* __restrict__ hs, float* __restrict__ y, int accumulate) {
-  extern __shared__ __align__(128) u8 dstage[];
-  __shared__ float part[DOWN_SLOTS_MAX][4], wsm[DOWN_SLOTS_MAX];
-  __shared__ __align__(8) unsigned long long bars[DOWN_SLOTS_MAX];
-  const int slot = threadIdx.x >> 5, lane = threadIdx.x & 31, nslots = blockDim.x >> 5;
-  const int row0 = blockIdx.x * 4;
-  const int G = 32 << gshift, GK = I / G, C = I >> 5, rowb = I / 2;
-  const int wb = (4 * rowb + 4 * GK + 15) & ~15;
-  const u32 bar = smem_addr(&bars[slot]);
-  moe_copy_init(bar, BULK);
-  const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
-  u8* st = dstage + slot * wb;
-  {
-    const u32 d = smem_addr(st);
-    const u32 dst[2] = {d, d + 4 * rowb};
-    const u8* src[2] = {ex.down.codes + (size_t)row0 * rowb, ex.down.scales + (size_t)row0 * GK};
-    const int bytes[2] = {4 * rowb, 4 * GK};
-    moe_copy<2>(dst, src, bytes, bar, BULK);
-  }
-  const float rsc = lane < 4 ? ex.down.row_scale[min(row0 + lane, N - 1)] : 0.f;
-  PDL_WAIT();
-  if (lane == 0) wsm[slot] = slot < topk ? wts[slot] : 1.f;
-  moe_copy_wait(bar, BULK);
-  uint4 w[2][4];
-  u32 s[2][4];
-  rows_from_smem<4>(st, rowb, st + 4 * rowb, GK, C, gshift, w, s);
-  float out[4];
-  rows_dot<4, true, 1>(w, s, C, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK, out);
-#pragma unroll
-  for (int r = 0; r < 4; r++)
-    if (lane == r) part[slot][r] = out[r] * (rsc * 0.5f);
-  __syncthreads();
-  const int n = row0 + threadIdx.x;
-  if (threadIdx.x < 4 && n < N) {
-    float total = 0.f;
-    for (int k = 0; k < nslots; k++) total += wsm[k] * part[k][threadIdx.x];
-    y[n] = accumulate ? y[n] + total : total;
-  }
-}
-
-extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
-    moe_down_sb(const Expert* __restrict__ experts, const i32* __restrict__ ids, const float* __restrict__ wts,
-                int topk, int nexperts, int N, int I, int gshift, const i8* __restrict__ hq,
-                const float* __restrict__ hs, float* __restrict__ y, int accumulate) {
-  PDL_LAUNCH();
-  down_s<true>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate);
-}
-
-extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
-    moe_down_sc(const Expert* __restrict__ experts, const i32* __restrict__ ids, const float* __restrict__ wts,
-                int topk, int nexperts, int N, int I, int gshift, const i8* __restrict__ hq,
-                const float* __restrict__ hs, float* __restrict__ y, int accumulate) {
-  PDL_LAUNCH();
-  down_s<false>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate);
 }

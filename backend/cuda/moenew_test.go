@@ -1,0 +1,88 @@
+//go:build linux || darwin || freebsd || netbsd
+
+package cuda
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"testing"
+)
+
+// BenchmarkDecodeMoENew: BenchmarkDecodeLayerMoE's router+moe and layer
+// chains with main's kernels ("moe") and the new moe.cu ("moetma": the
+// router's bias and the gate/up row scales read early), with each of the
+// gate/up launch's down-matrix prefetch modes (moe_gate_up_p).
+func BenchmarkDecodeMoENew(b *testing.B) {
+	d := benchDevice(b)
+	r := rand.New(rand.NewPCG(9, 12))
+	const layers, I, E, topK = 24, 1536, 64, 4
+	err := d.Do(func(c *Ctx) error {
+		pb, err := newChainBufs(c, r, glmShape)
+		if err != nil {
+			return err
+		}
+		ls, err := newPDLLayers(c, r, glmShape, layers)
+		if err != nil {
+			return err
+		}
+		mb, err := newMoEHalfBufs(c, r, glmShape, I, E)
+		if err != nil {
+			return err
+		}
+		var ms []*moeHalf
+		for range layers {
+			m, err := mb.newLayer(c, r, glmShape, E, topK)
+			if err != nil {
+				return err
+			}
+			ms = append(ms, m)
+		}
+		name := c.Info().Name
+		type variant struct {
+			module string
+			pf     int
+		}
+		vs := []variant{{"moe", -1}, {"moetma", -1}, {"moetma", 1}, {"moetma", 2}, {"moetma", 3}, {"moetma", 4}, {"moetma", 6}}
+		for round := 0; round < 2; round++ {
+			for _, mode := range []string{"router+moe", "layer"} {
+				for _, v := range vs {
+					om, op := moeModule, moeGUPrefetch
+					moeModule, moeGUPrefetch = v.module, v.pf
+					err := withPDL(c, c.info.CC >= 90, func() error {
+						g, release, err := capturedPDL(c, func() error {
+							for i := range layers {
+								if mode == "layer" {
+									if err := pb.queueChain(c, ls[i], chainAll); err != nil {
+										return err
+									}
+								}
+								if err := mb.queue(c, pb.pdlBufs, ms[i], topK); err != nil {
+									return err
+								}
+							}
+							return nil
+						})
+						if err != nil {
+							return err
+						}
+						defer release()
+						us, err := timeReplay(c, g.exec, 5)
+						if err != nil {
+							return err
+						}
+						b.Logf("%s: round %d: %-10s %-6s pf %2d %6.2f us a layer", name, round, mode, v.module, v.pf, us/layers)
+						return nil
+					})
+					moeModule, moeGUPrefetch = om, op
+					if err != nil {
+						return fmt.Errorf("%s %+v: %w", mode, v, err)
+					}
+				}
+			}
+		}
+		return c.Sync()
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+}
