@@ -10,8 +10,10 @@ import (
 
 // BenchmarkDecodeMoENew: BenchmarkDecodeLayerMoE's router+moe and layer
 // chains with main's kernels ("moe") and the new moe.cu ("moetma": the
-// router's bias and the gate/up row scales read early), with each of the
-// gate/up launch's down-matrix prefetch modes (moe_gate_up_p).
+// router's bias and the gate/up row scales read early), with the modes of
+// moe_gate_up_p and moe_down_p: 8 the shared expert's loads after the
+// wait; timing only (wrong values): 16 no gate/up products, 32 no group
+// count and quantization, 64 the down products before the wait.
 func BenchmarkDecodeMoENew(b *testing.B) {
 	d := benchDevice(b)
 	r := rand.New(rand.NewPCG(9, 12))
@@ -42,7 +44,7 @@ func BenchmarkDecodeMoENew(b *testing.B) {
 			module string
 			pf     int
 		}
-		vs := []variant{{"moe", -1}, {"moetma", -1}, {"moetma", 1}, {"moetma", 2}, {"moetma", 3}, {"moetma", 4}, {"moetma", 6}}
+		vs := []variant{{"moe", -1}, {"moetma", 0}, {"moetma", 8}, {"moetma", 16}, {"moetma", 32}, {"moetma", 48}, {"moetma", 64}, {"moetma", 112}}
 		for round := 0; round < 2; round++ {
 			for _, mode := range []string{"router+moe", "layer"} {
 				for _, v := range vs {

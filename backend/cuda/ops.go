@@ -511,7 +511,11 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 		if err != nil {
 			return err
 		}
-		down, err := c.Kernel(moeModule, "moe_down_hq")
+		dn, dargs := "moe_down_hq", []any{t.buf, ids, wts, topk, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, y, acc}
+		if moeGUPrefetch >= 0 {
+			dn, dargs = "moe_down_p", append(dargs, moeGUPrefetch)
+		}
+		down, err := c.Kernel(moeModule, dn)
 		if err != nil {
 			return err
 		}
@@ -520,7 +524,7 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 		}
 		// The routing is an input of the gate/up launch just queued, so
 		// the down launch reads it before its wait.
-		return c.Launch(down, D1((t.K+3)/4), D1(32*slots), 0, t.buf, ids, wts, topk, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, y, acc)
+		return c.Launch(down, D1((t.K+3)/4), D1(32*slots), 0, dargs...)
 	}
 	gu, err := c.Kernel("moe", "moe_gate_up")
 	if err != nil {

@@ -1113,7 +1113,7 @@ DEVICE void gate_up_q(const Expert* __restrict__ experts, const i32* __restrict_
   } else {
     // The expert table is written once at load: a shared slot's weights
     // need nothing from the kernels before this one.
-    if (slot < topk) PDL_WAIT();
+    if (slot < topk || (pf & 8)) PDL_WAIT();
     eid = slot_expert(ids, slot, topk, nexperts);
   }
   const GateUp ex = stab ? tab[eid] : gate_up_of(experts[eid]);
@@ -1147,7 +1147,13 @@ DEVICE void gate_up_q(const Expert* __restrict__ experts, const i32* __restrict_
   for (int i = tid; i < GK; i += 128) sxs[i] = __ldg(xs + i);
   __syncthreads();
   float out[8];
-  rows_dot<8, false, FAST>(w, s, C, gshift, sx, sxs, out);
+  if (pf & 16) {
+    // Timing only (wrong values): the loads' data without the products.
+#pragma unroll
+    for (int r = 0; r < 8; r++) out[r] = __int_as_float((w[0][r].x ^ w[1][r].y ^ s[0][r] ^ s[1][r]) & 0x3f7fffffu);
+  } else {
+    rows_dot<8, false, FAST>(w, s, C, gshift, sx, sxs, out);
+  }
   if (pf & 1 && tid == 0 && slot < topk) moe_prefetch_down(dn, K, I, I / G, blockIdx.x, gridDim.x);
   if (FAST) {
     float og = out[0], ou = out[4];
@@ -1174,6 +1180,7 @@ DEVICE void gate_up_q(const Expert* __restrict__ experts, const i32* __restrict_
   // A block's 16 rows lie in one group of G (16 divides G, and I is a
   // multiple of G).
   const int IG = I / G, grp = blockIdx.x * 16 / G;
+  if (pf & 32) return;  // timing only: no group count, no quantization
   __syncthreads();
   if (FAST) {
     // One acquire-release atomic instead of two full fences around a
@@ -1235,7 +1242,7 @@ template <int FAST>
 DEVICE void down_hq(const Expert* __restrict__ experts, const i32* __restrict__ ids,
                     const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
                     const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
-                    int accumulate) {
+                    int accumulate, int pf = 0) {
   __shared__ float part[DOWN_SLOTS_MAX][4], wsm[DOWN_SLOTS_MAX];
   const int slot = threadIdx.x >> 5, lane = threadIdx.x & 31, nslots = blockDim.x >> 5;
   const int row0 = blockIdx.x * 4;
@@ -1253,10 +1260,13 @@ DEVICE void down_hq(const Expert* __restrict__ experts, const i32* __restrict__ 
   u32 s[2][4];
   rows_load<4>(rc, rs, C, gshift, w, s);
   const float rsc = lane < 4 ? ex.down.row_scale[min(row0 + lane, N - 1)] : 0.f;
-  PDL_WAIT();
+  // pf 64, timing only (wrong values): the products from whatever hq
+  // holds before the wait.
+  if (!(pf & 64)) PDL_WAIT();
   if (lane == 0) wsm[slot] = slot < topk ? wts[slot] : 1.f;
   float out[4];
   rows_dot<4, true, FAST>(w, s, C, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK, out);
+  if (pf & 64) PDL_WAIT();
 #pragma unroll
   for (int r = 0; r < 4; r++)
     if (lane == r) part[slot][r] = out[r] * (rsc * 0.5f);
@@ -1276,4 +1286,13 @@ extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
                 int accumulate) {
   PDL_LAUNCH();
   down_hq<1>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate);
+}
+
+extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
+    moe_down_p(const Expert* __restrict__ experts, const i32* __restrict__ ids,
+               const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
+               const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
+               int accumulate, int pf) {
+  PDL_LAUNCH();
+  down_hq<1>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate, pf);
 }
