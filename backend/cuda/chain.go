@@ -338,7 +338,7 @@ func (c *Ctx) RouterClusterNorm(W uint64, K int, logits, bias uint64, topk int, 
 	if norm {
 		n = 1
 	}
-	k, err := c.Kernel(moeModule, "moe_router_cluster_norm")
+	k, err := c.Kernel("moe", "moe_router_cluster_norm")
 	if err != nil {
 		return err
 	}

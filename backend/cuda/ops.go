@@ -7,8 +7,6 @@ import (
 	"fmt"
 	"math/bits"
 	"os"
-	"strconv"
-	"strings"
 
 	"github.com/mmfp4/mmfp4/format"
 )
@@ -503,28 +501,30 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 		acc = 1
 	}
 	if slots <= moeSlotsMax && t.K <= moeRowsMaxK && t.I <= moeRowsMaxK && t.I%t.G == 0 && !moeDownOld {
-		gun, args := "moe_gate_up_q", []any{t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, s.H, s.HQ.Q, s.HQ.Scales, s.Groups}
-		if moeGUPrefetch >= 0 && t.K%4 == 0 {
-			gun, args = "moe_gate_up_p", append(args, moeGUPrefetch)
-		}
-		gu, err := c.Kernel(moeModule, gun)
+		gu, err := c.Kernel("moe", "moe_gate_up_q")
 		if err != nil {
 			return err
 		}
-		dn, dargs := "moe_down_hq", []any{t.buf, ids, wts, topk, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, y, acc}
-		if moeGUPrefetch >= 0 {
-			dn, dargs = "moe_down_p", append(dargs, moeGUPrefetch)
-		}
-		down, err := c.Kernel(moeModule, dn)
+		down, err := c.Kernel("moe", "moe_down_hq")
 		if err != nil {
 			return err
 		}
-		if err := c.Launch(gu, Dim{uint32((t.I + 15) / 16), uint32(slots), 1}, D1(128), 0, args...); err != nil {
+		if moeGateUpCluster && t.I%moeClusterRows == 0 {
+			gc, err := c.Kernel("moe", "moe_gate_up_c")
+			if err != nil {
+				return err
+			}
+			if err := c.Launch(gc, Dim{uint32(t.I / 32), uint32(slots), 1}, D1(256), 0,
+				t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, s.HQ.Q, s.HQ.Scales); err != nil {
+				return err
+			}
+		} else if err := c.Launch(gu, Dim{uint32((t.I + 15) / 16), uint32(slots), 1}, D1(128), 0,
+			t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, s.H, s.HQ.Q, s.HQ.Scales, s.Groups); err != nil {
 			return err
 		}
 		// The routing is an input of the gate/up launch just queued, so
 		// the down launch reads it before its wait.
-		return c.Launch(down, D1((t.K+3)/4), D1(32*slots), 0, dargs...)
+		return c.Launch(down, D1((t.K+3)/4), D1(32*slots), 0, t.buf, ids, wts, topk, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, y, acc)
 	}
 	gu, err := c.Kernel("moe", "moe_gate_up")
 	if err != nil {
@@ -568,25 +568,15 @@ const (
 // tests).
 var moeDownOld bool
 
-// Measurements: moeModule is the module of the batch-1 MoE kernels and
-// the cluster router ("moetma": the new moe.cu), moeGUPrefetch >= 0 takes
-// moe_gate_up_p with that prefetch mode.
-var moeModule, moeGUPrefetch = moeFromEnv()
+// moeGateUpCluster makes MoE take moe_gate_up_c (each group of h
+// quantized inside a cluster of 4 blocks) instead of moe_gate_up_q where
+// the intermediate size is a multiple of moeClusterRows;
+// MMFP4_CUDA_MOE_CLUSTER=0 turns it off.
+var moeGateUpCluster = os.Getenv("MMFP4_CUDA_MOE_CLUSTER") != "0"
 
-func moeFromEnv() (string, int) {
-	switch v := os.Getenv("MMFP4_CUDA_MOE_NEW"); v {
-	case "", "0":
-		return "moe", -1
-	case "1":
-		return "moetma", -1
-	default:
-		pf, err := strconv.Atoi(strings.TrimPrefix(v, "p"))
-		if err != nil {
-			return "moe", -1
-		}
-		return "moetma", pf
-	}
-}
+// moeClusterRows is the rows of h of a moe_gate_up_c cluster
+// (GUC_CLUSTER blocks of 32 rows).
+const moeClusterRows = 128
 
 // moeMaxI is MOE_MAX_I in moe.cu: the largest intermediate size whose
 // quantization moe_down_q holds in shared memory.

@@ -1222,3 +1222,85 @@ extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
   PDL_LAUNCH();
   down_hq<1>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate);
 }
+
+// ---- Batch-1 MoE: the gate/up launch with each group of h quantized
+// inside a cluster.
+//
+// moe_gate_up_q quantizes each group of 128 rows of h in the last of the
+// 8 blocks that wrote it: every block counts itself in with an atomic
+// (a round trip to L2) and the last one reads the group's h back from L2
+// (another): both wait behind the weight traffic of the launch's end
+// (about 1.5 us of a layer, measured by leaving them out). Here a cluster
+// of 4 blocks of 8 warps makes the 128 rows of a group: each block stores
+// its 32 rows' h into the shared memory of the cluster's first block,
+// which after the cluster's barrier quantizes the group from there: no
+// counter, no h through memory. Rows, lanes, products and quantization
+// are moe_gate_up_q's (the same bits). I a multiple of 128, K <= 2048.
+#define GUC_CLUSTER 4
+extern "C" __global__ void __cluster_dims__(GUC_CLUSTER, 1, 1) __launch_bounds__(256, 2)
+    moe_gate_up_c(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk, int nexperts,
+                  int I, int K, int gshift, const i8* __restrict__ xq, const float* __restrict__ xs,
+                  i8* __restrict__ hq, float* __restrict__ hs) {
+  PDL_LAUNCH();
+  __shared__ __align__(16) i8 sx[ROUTER_FAST_MAX_K];
+  __shared__ float sxs[ROUTER_FAST_MAX_K / 32];
+  __shared__ GateUp tab[MOE_TABLE_SMEM];
+  __shared__ __align__(16) float hsm[32 * GUC_CLUSTER];
+  const int slot = blockIdx.y, lane = threadIdx.x & 31, tid = threadIdx.x, warp = tid >> 5;
+  const int row0 = (blockIdx.x * 8 + warp) * 4;
+  const int G = 32 << gshift, GK = K / G, C = K >> 5;
+  const bool stab = slot < topk && nexperts <= MOE_TABLE_SMEM;
+  // Every block of the cluster has started before any stores into the
+  // first one's shared memory (the wait before them).
+  cluster_arrive();
+  int eid;
+  if (stab) {
+    for (int e = tid; e < nexperts; e += blockDim.x) tab[e] = gate_up_of(experts[e]);
+    __syncthreads();
+    PDL_WAIT();
+    eid = ids[slot];
+  } else {
+    if (slot < topk) PDL_WAIT();
+    eid = slot_expert(ids, slot, topk, nexperts);
+  }
+  const GateUp ex = stab ? tab[eid] : gate_up_of(experts[eid]);
+  const u8* rc[8];
+  const u8* rs[8];
+#pragma unroll
+  for (int r = 0; r < 4; r++) {
+    const int n = row0 + r;
+    rc[r] = ex.gc + (size_t)n * (K / 2);
+    rs[r] = ex.gs + (size_t)n * GK;
+    rc[4 + r] = ex.uc + (size_t)n * (K / 2);
+    rs[4 + r] = ex.us + (size_t)n * GK;
+  }
+  uint4 w[2][8];
+  u32 s[2][8];
+  rows_load<8>(rc, rs, C, gshift, w, s);
+  PDL_WAIT();
+  for (int i = tid * 16; i < K; i += 256 * 16) *(uint4*)(sx + i) = __ldg((const uint4*)(xq + i));
+  for (int i = tid; i < GK; i += 256) sxs[i] = __ldg(xs + i);
+  __syncthreads();
+  float out[8];
+  rows_dot<8, false, 1>(w, s, C, gshift, sx, sxs, out);
+  float og = out[0], ou = out[4];
+#pragma unroll
+  for (int r = 1; r < 4; r++)
+    if (lane == r) og = out[r], ou = out[4 + r];
+  const u32 rank = cluster_rank();
+  cluster_wait();
+  if (lane < 4) {
+    const int n = row0 + lane;
+    const GateUp e = stab ? tab[eid] : gate_up_of(experts[eid]);
+    const float g = og * (e.gr[n] * 0.5f);
+    const float u = ou * (e.ur[n] * 0.5f);
+    st_cluster(&hsm[rank * 32 + warp * 4 + lane], 0, silu(g) * u);
+  }
+  // The release of this arrive and the acquire of the wait order every
+  // block's stores into hsm before the first block reads them.
+  cluster_arrive();
+  cluster_wait();
+  if (rank != 0 || warp != 0) return;
+  const int base = (blockIdx.x / GUC_CLUSTER) * (32 * GUC_CLUSTER), IG = I / G;
+  quant_groups(hsm, false, 32 * GUC_CLUSTER, G, 0, 1, hq + (size_t)slot * I + base, hs + (size_t)slot * IG + base / G);
+}

@@ -8,13 +8,11 @@ import (
 	"testing"
 )
 
-// BenchmarkDecodeMoENew: BenchmarkDecodeLayerMoE's router+moe and layer
-// chains with main's kernels ("moe") and the new moe.cu ("moetma": the
-// router's bias and the gate/up row scales read early), with the modes of
-// moe_gate_up_p and moe_down_p: 8 the shared expert's loads after the
-// wait; timing only (wrong values): 16 no gate/up products, 32 no group
-// count and quantization, 64 the down products before the wait.
-func BenchmarkDecodeMoENew(b *testing.B) {
+// BenchmarkDecodeMoECluster: BenchmarkDecodeLayerMoE's router+moe and
+// layer chains with the gate/up launch as moe_gate_up_q (each group of h
+// quantized by its last block, through a counter and L2) and as
+// moe_gate_up_c (inside a cluster), device time a layer.
+func BenchmarkDecodeMoECluster(b *testing.B) {
 	d := benchDevice(b)
 	r := rand.New(rand.NewPCG(9, 12))
 	const layers, I, E, topK = 24, 1536, 64, 4
@@ -40,16 +38,11 @@ func BenchmarkDecodeMoENew(b *testing.B) {
 			ms = append(ms, m)
 		}
 		name := c.Info().Name
-		type variant struct {
-			module string
-			pf     int
-		}
-		vs := []variant{{"moe", -1}, {"moetma", 0}, {"moetma", 8}, {"moetma", 16}, {"moetma", 32}, {"moetma", 48}, {"moetma", 64}, {"moetma", 112}}
-		for round := 0; round < 2; round++ {
+		for round := 0; round < 3; round++ {
 			for _, mode := range []string{"router+moe", "layer"} {
-				for _, v := range vs {
-					om, op := moeModule, moeGUPrefetch
-					moeModule, moeGUPrefetch = v.module, v.pf
+				for _, cl := range []bool{false, true} {
+					old := moeGateUpCluster
+					moeGateUpCluster = cl
 					err := withPDL(c, c.info.CC >= 90, func() error {
 						g, release, err := capturedPDL(c, func() error {
 							for i := range layers {
@@ -72,12 +65,12 @@ func BenchmarkDecodeMoENew(b *testing.B) {
 						if err != nil {
 							return err
 						}
-						b.Logf("%s: round %d: %-10s %-6s pf %2d %6.2f us a layer", name, round, mode, v.module, v.pf, us/layers)
+						b.Logf("%s: round %d: %-10s cluster %-5v %6.2f us a layer", name, round, mode, cl, us/layers)
 						return nil
 					})
-					moeModule, moeGUPrefetch = om, op
+					moeGateUpCluster = old
 					if err != nil {
-						return fmt.Errorf("%s %+v: %w", mode, v, err)
+						return fmt.Errorf("%s cluster %v: %w", mode, cl, err)
 					}
 				}
 			}
