@@ -271,7 +271,7 @@ func TestMoEMatchesOldKernels(t *testing.T) {
 			run := func(kernels string, acc bool) ([]float32, error) {
 				moeDownOld = kernels == "old"
 				oc := moeGateUpCluster
-				moeGateUpCluster = kernels != "q"
+				moeGateUpCluster = map[string]int{"": 4, "c8": 8}[kernels]
 				defer func() { moeDownOld, moeGateUpCluster = false, oc }()
 				if err := CopyIn(c, yb.Ptr, y0); err != nil {
 					return nil, err
@@ -288,7 +288,7 @@ func TestMoEMatchesOldKernels(t *testing.T) {
 					return err
 				}
 				zeros := 0
-				for _, k := range []string{"q", ""} {
+				for _, k := range []string{"q", "", "c8"} {
 					got, err := run(k, acc)
 					if err != nil {
 						return err

@@ -1233,21 +1233,24 @@ extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
 // (about 1.5 us of a layer, measured by leaving them out). Here a cluster
 // of 4 blocks of 8 warps makes the 128 rows of a group: each block stores
 // its 32 rows' h into the shared memory of the cluster's first block,
-// which after the cluster's barrier quantizes the group from there: no
-// counter, no h through memory. Rows, lanes, products and quantization
+// which after the cluster's barrier quantizes the group from there (the
+// other blocks leave right after their stores): no counter, no h through
+// memory. Rows, lanes, products and quantization
 // are moe_gate_up_q's (the same bits). I a multiple of 128, K <= 2048.
-#define GUC_CLUSTER 4
-extern "C" __global__ void __cluster_dims__(GUC_CLUSTER, 1, 1) __launch_bounds__(256, 2)
-    moe_gate_up_c(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk, int nexperts,
-                  int I, int K, int gshift, const i8* __restrict__ xq, const float* __restrict__ xs,
-                  i8* __restrict__ hq, float* __restrict__ hs) {
-  PDL_LAUNCH();
+// Two shapes (measurements): clusters of 4 blocks of 8 warps, or of 8
+// blocks of 4 warps (NW warps a block).
+#define GUC_ROWS 128
+template <int NW>
+DEVICE void gate_up_c(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk, int nexperts,
+                      int I, int K, int gshift, const i8* __restrict__ xq, const float* __restrict__ xs,
+                      i8* __restrict__ hq, float* __restrict__ hs) {
+  constexpr int CL = GUC_ROWS / (4 * NW);  // blocks a cluster
   __shared__ __align__(16) i8 sx[ROUTER_FAST_MAX_K];
   __shared__ float sxs[ROUTER_FAST_MAX_K / 32];
   __shared__ GateUp tab[MOE_TABLE_SMEM];
-  __shared__ __align__(16) float hsm[32 * GUC_CLUSTER];
+  __shared__ __align__(16) float hsm[GUC_ROWS];
   const int slot = blockIdx.y, lane = threadIdx.x & 31, tid = threadIdx.x, warp = tid >> 5;
-  const int row0 = (blockIdx.x * 8 + warp) * 4;
+  const int row0 = (blockIdx.x * NW + warp) * 4;
   const int G = 32 << gshift, GK = K / G, C = K >> 5;
   const bool stab = slot < topk && nexperts <= MOE_TABLE_SMEM;
   // Every block of the cluster has started before any stores into the
@@ -1278,8 +1281,8 @@ extern "C" __global__ void __cluster_dims__(GUC_CLUSTER, 1, 1) __launch_bounds__
   u32 s[2][8];
   rows_load<8>(rc, rs, C, gshift, w, s);
   PDL_WAIT();
-  for (int i = tid * 16; i < K; i += 256 * 16) *(uint4*)(sx + i) = __ldg((const uint4*)(xq + i));
-  for (int i = tid; i < GK; i += 256) sxs[i] = __ldg(xs + i);
+  for (int i = tid * 16; i < K; i += 32 * NW * 16) *(uint4*)(sx + i) = __ldg((const uint4*)(xq + i));
+  for (int i = tid; i < GK; i += 32 * NW) sxs[i] = __ldg(xs + i);
   __syncthreads();
   float out[8];
   rows_dot<8, false, 1>(w, s, C, gshift, sx, sxs, out);
@@ -1294,13 +1297,35 @@ extern "C" __global__ void __cluster_dims__(GUC_CLUSTER, 1, 1) __launch_bounds__
     const GateUp e = stab ? tab[eid] : gate_up_of(experts[eid]);
     const float g = og * (e.gr[n] * 0.5f);
     const float u = ou * (e.ur[n] * 0.5f);
-    st_cluster(&hsm[rank * 32 + warp * 4 + lane], 0, silu(g) * u);
+    st_cluster(&hsm[rank * (4 * NW) + warp * 4 + lane], 0, silu(g) * u);
   }
-  // The release of this arrive and the acquire of the wait order every
-  // block's stores into hsm before the first block reads them.
+  // The release of this arrive and the acquire of the first block's wait
+  // order every block's stores into hsm before that block reads them. The
+  // other blocks leave at once (the wait is for the cluster's non-exited
+  // threads), so that the down launch's blocks can take their place.
   cluster_arrive();
+  if (rank != 0) return;
   cluster_wait();
-  if (rank != 0 || warp != 0) return;
-  const int base = (blockIdx.x / GUC_CLUSTER) * (32 * GUC_CLUSTER), IG = I / G;
-  quant_groups(hsm, false, 32 * GUC_CLUSTER, G, 0, 1, hq + (size_t)slot * I + base, hs + (size_t)slot * IG + base / G);
+  if (warp != 0) return;
+  const int base = (blockIdx.x / CL) * GUC_ROWS, IG = I / G;
+  quant_groups(hsm, false, GUC_ROWS, G, 0, 1, hq + (size_t)slot * I + base, hs + (size_t)slot * IG + base / G);
+}
+
+// Clusters of 4 blocks of 8 warps (grid I/32 x slots).
+extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(256, 2)
+    moe_gate_up_c(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk, int nexperts,
+                  int I, int K, int gshift, const i8* __restrict__ xq, const float* __restrict__ xs,
+                  i8* __restrict__ hq, float* __restrict__ hs) {
+  PDL_LAUNCH();
+  gate_up_c<8>(experts, ids, topk, nexperts, I, K, gshift, xq, xs, hq, hs);
+}
+
+// Clusters of 8 blocks of 4 warps (grid I/16 x slots): moe_gate_up_q's
+// blocks.
+extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128, 4)
+    moe_gate_up_c8(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk, int nexperts,
+                   int I, int K, int gshift, const i8* __restrict__ xq, const float* __restrict__ xs,
+                   i8* __restrict__ hq, float* __restrict__ hs) {
+  PDL_LAUNCH();
+  gate_up_c<4>(experts, ids, topk, nexperts, I, K, gshift, xq, xs, hq, hs);
 }
