@@ -211,8 +211,7 @@ func TestMoE(t *testing.T) {
 }
 
 // moe_gate_up_q and moe_down_hq (h quantized once a group by the gate/up
-// blocks, every slot of 4 rows in one down block), and moe_gate_up_c (the
-// group quantized inside a cluster) with moe_down_hq, against moe_gate_up and
+// blocks, every slot of 4 rows in one down block) against moe_gate_up and
 // moe_down_q (each down block quantizing its slot's h, the sum by the last
 // block of a row block): the same bits, on random experts at
 // GLM-4.7-Flash's shape with group sizes 128 and 32, and at a small shape
@@ -265,14 +264,11 @@ func TestMoEMatchesOldKernels(t *testing.T) {
 			if err := c.RMSNormQuant(xb.Ptr, tc.K, 0, 0, 0, 0, 1, tc.K, tc.G, xa); err != nil {
 				return err
 			}
-			// kernels: "old" moe_gate_up and moe_down_q, "q" moe_gate_up_q
-			// and moe_down_hq, else moe_gate_up_c (the shapes allowing it)
+			// kernels: "old" moe_gate_up and moe_down_q, else moe_gate_up_q
 			// and moe_down_hq.
 			run := func(kernels string, acc bool) ([]float32, error) {
 				moeDownOld = kernels == "old"
-				oc := moeGateUpCluster
-				moeGateUpCluster = map[string]int{"": 4, "c8": 8}[kernels]
-				defer func() { moeDownOld, moeGateUpCluster = false, oc }()
+				defer func() { moeDownOld = false }()
 				if err := CopyIn(c, yb.Ptr, y0); err != nil {
 					return nil, err
 				}
@@ -287,19 +283,15 @@ func TestMoEMatchesOldKernels(t *testing.T) {
 				if err != nil {
 					return err
 				}
-				zeros := 0
-				for _, k := range []string{"q", "", "c8"} {
-					got, err := run(k, acc)
-					if err != nil {
-						return err
-					}
-					for i := range got {
-						if math.Float32bits(got[i]) != math.Float32bits(want[i]) {
-							return fmt.Errorf("%+v kernels %q accumulate=%v: y[%d] = %g, old kernels %g", tc, k, acc, i, got[i], want[i])
-						}
-					}
+				got, err := run("", acc)
+				if err != nil {
+					return err
 				}
-				for i := range want {
+				zeros := 0
+				for i := range got {
+					if math.Float32bits(got[i]) != math.Float32bits(want[i]) {
+						return fmt.Errorf("%+v accumulate=%v: y[%d] = %g, old kernels %g", tc, acc, i, got[i], want[i])
+					}
 					if want[i] == 0 {
 						zeros++
 					}

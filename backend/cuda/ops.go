@@ -6,7 +6,6 @@ import (
 	"errors"
 	"fmt"
 	"math/bits"
-	"os"
 
 	"github.com/mmfp4/mmfp4/format"
 )
@@ -509,20 +508,7 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 		if err != nil {
 			return err
 		}
-		if moeGateUpCluster != 0 && t.I%moeClusterRows == 0 {
-			name, rows := "moe_gate_up_c", 32
-			if moeGateUpCluster == 8 {
-				name, rows = "moe_gate_up_c8", 16
-			}
-			gc, err := c.Kernel("moe", name)
-			if err != nil {
-				return err
-			}
-			if err := c.Launch(gc, Dim{uint32(t.I / rows), uint32(slots), 1}, D1(rows*8), 0,
-				t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, s.HQ.Q, s.HQ.Scales); err != nil {
-				return err
-			}
-		} else if err := c.Launch(gu, Dim{uint32((t.I + 15) / 16), uint32(slots), 1}, D1(128), 0,
+		if err := c.Launch(gu, Dim{uint32((t.I + 15) / 16), uint32(slots), 1}, D1(128), 0,
 			t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, s.H, s.HQ.Q, s.HQ.Scales, s.Groups); err != nil {
 			return err
 		}
@@ -571,24 +557,6 @@ const (
 // moeDownOld makes MoE use moe_gate_up and moe_down_q (benchmarks and
 // tests).
 var moeDownOld bool
-
-// moeGateUpCluster makes MoE take moe_gate_up_c (each group of h
-// quantized inside a cluster of 4 blocks) instead of moe_gate_up_q where
-// the intermediate size is a multiple of moeClusterRows;
-// MMFP4_CUDA_MOE_CLUSTER=0 turns it off.
-var moeGateUpCluster = func() int {
-	switch os.Getenv("MMFP4_CUDA_MOE_CLUSTER") {
-	case "0":
-		return 0
-	case "8":
-		return 8
-	}
-	return 4
-}()
-
-// moeClusterRows is the rows of h of a moe_gate_up_c cluster
-// (GUC_CLUSTER blocks of 32 rows).
-const moeClusterRows = 128
 
 // moeMaxI is MOE_MAX_I in moe.cu: the largest intermediate size whose
 // quantization moe_down_q holds in shared memory.
