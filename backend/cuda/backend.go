@@ -1672,7 +1672,7 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s bac
 		b.count(perToken * int64(b.batch.Positions[t]+1))
 	}
 	b.wrote(om)
-	if b.flashUse(b.batch) && b.flashFits(ql, qm, p, s) {
+	if (b.flashUse(b.batch) || b.flashMixedUse(b.batch)) && b.flashFits(ql, qm, p, s) {
 		b.flashAttention(om, ql, qm, p, layer, s, scale)
 		return
 	}

@@ -5,7 +5,26 @@ package cuda
 import (
 	"fmt"
 	"os"
+	"strconv"
+	"strings"
 )
+
+// serveTry returns the measurement setting name of MMFP4_CUDA_SERVE_TRY
+// (name=value,...), else def.
+func serveTry(name string, def int) int {
+	for _, f := range strings.Split(os.Getenv("MMFP4_CUDA_SERVE_TRY"), ",") {
+		if k, v, ok := strings.Cut(f, "="); ok && k == name {
+			if n, err := strconv.Atoi(v); err == nil {
+				return n
+			}
+		}
+	}
+	return def
+}
+
+func init() {
+	routerManyMinRows = serveTry("routermany", 256)
+}
 
 // Fewer launches and memsets in the steps of a few rows (serving batches
 // of 2-64 sequences), where each small op's fixed cost is most of its
