@@ -7,6 +7,8 @@ import (
 	"os"
 	"strconv"
 	"strings"
+
+	"github.com/mmfp4/mmfp4/backend"
 )
 
 // serveTry returns the measurement setting name of MMFP4_CUDA_SERVE_TRY
@@ -176,6 +178,7 @@ const (
 	serveNorms
 	serveValues
 	serveCombine
+	serveRope
 	serveKinds
 )
 
@@ -316,3 +319,39 @@ func (c *Ctx) CombineAddRMSNormQuant8(d uint64, ldd int, a uint64, lda int, s *M
 	return c.Launch(k, D1(s.T), D1(q.K/8), 0, d, ldd, a, lda, s.Part, s.Pos, wts, topk, slots, mo, ldm,
 		gain, eps, out, ldo, q.Q, q.Scales, q.Sums, q.K, q.G)
 }
+
+// absorbRopeRows queues the tensor-core absorbed query of qm into ql of
+// 2-64 rows with the RoPEs and cache write queued just before it in one
+// launch (absorb_query_tc_rope_rows: the rows' RoPEs and cache writes in
+// extra head slices of the grid), and reports whether it did; the
+// conditions are absorbRope's.
+func (b *Backend) absorbRopeRows(ql, qm *tensor, w *QMatrix, s backend.MLAShape, grid Dim, shared int) bool {
+	rc := b.lastRopeCache
+	T := ql.rows
+	if serveFuseOff || !serveRopeMerge || rc == nil || rc.flush != b.flushes || rc.idx != len(b.pending)-1 || T < 2 || grid.Y != 1 {
+		return false
+	}
+	r1, r2 := rc.r1, rc.r2
+	if r1.m != *qm || rc.lat.rows != T || r1.headStride != s.NopeDim+s.RopeDim || r1.offset < s.NopeDim ||
+		r1.offset+r1.dim > r1.headStride || rc.rank != s.Rank || rc.rope != s.RopeDim || overlapsAny(ql, []tensor{*qm, rc.kpe, rc.lat}) {
+		return false
+	}
+	name := fmt.Sprintf("absorb_query_tc_rope_rows_%d", s.NopeDim)
+	grid.Z += uint32((T + int(grid.X) - 1) / int(grid.X))
+	b.pending[rc.idx] = queuedOp{"absorb query+rope+cache write", func(c *Ctx) error {
+		k, err := c.kernelShared("absorb", name, shared)
+		if err != nil {
+			return err
+		}
+		return c.Launch(k, grid, D1(256), shared,
+			ql.ptr, ql.ld, qm.ptr, qm.ld, w.Codes, w.Scales, w.RowScale, w.G, s.Rank, s.RopeDim, T, s.Heads,
+			r1.m.ptr, r1.heads, r1.headStride, r1.offset, rc.kpe.ptr, rc.kpe.ld, r2.heads, r2.headStride, r2.offset, r2.dim, r2.il, r2.table,
+			rc.layer, rc.dtype, rc.slots, rc.lat.ptr, rc.lat.ld)
+	}}
+	b.lastRopeCache = nil
+	b.serveMerges[serveRope]++
+	return true
+}
+
+// serveRopeMerge turns absorbRopeRows on (measurement).
+var serveRopeMerge = serveTry("rope", 1) == 1

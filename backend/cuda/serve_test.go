@@ -303,3 +303,55 @@ func TestBackendServeCombineNormMatchesCPU(t *testing.T) {
 		mustSameBits(t, name, op(g), separate)
 	}
 }
+
+// The RoPEs, cache write and absorbed query of a serving step (2-64 decode
+// rows of sequences with cached prefixes, GLM-4.7-Flash's shapes) in one
+// launch (absorb_query_tc_rope_rows): the rotated q and k_pe, the absorbed
+// query and an attention over the written cache match the CPU backend,
+// and equal the separate launches' bit for bit.
+func TestBackendServeAbsorbRopeMatchesCPU(t *testing.T) {
+	r := testRand(t)
+	g, c := testBackends(t, Options{})
+	s := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
+	qk, kvw := s.NopeDim+s.RopeDim, s.Rank+s.RopeDim
+	hw := quantHost(t, r, "wuk", s.Heads*s.NopeDim, s.Rank, 32)
+	for _, T := range []int{2, 5, 9, 32, 64} {
+		prefixes := make([]int, T)
+		for i := range prefixes {
+			prefixes[i] = r.IntN(100)
+		}
+		_, step, blocks := flashBatches(servePromptStep(prefixes, 0, 0), 16)
+		q, kv, lat := randVec(r, T*s.Heads*qk, 1), randVec(r, T*kvw, 1), randVec(r, T*s.Rank, 1)
+		op := func(b backend.Backend) []float32 {
+			wk := mustWeight(t, b, hw)
+			pool, err := b.NewCachePool(1, blocks, 16, s.Rank, s.RopeDim, backend.CacheBF16)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b.SetBatch(step, pool)
+			qt, kvt, lt := b.NewTensor(T, s.Heads*qk), b.NewTensor(T, kvw), b.NewTensor(T, s.Rank)
+			b.Upload(qt, q)
+			b.Upload(kvt, kv)
+			b.Upload(lt, lat)
+			kpe := b.Cols(kvt, s.Rank, kvw)
+			b.RoPE(qt, s.Heads, qk, s.NopeDim, s.RopeDim, 10000, false)
+			b.RoPE(kpe, 1, s.RopeDim, 0, s.RopeDim, 10000, false)
+			b.CacheWrite(0, lt, kpe)
+			ql := backend.NewOutput(b, T, s.Heads*s.Rank)
+			b.AbsorbQuery(ql, qt, wk, s)
+			ol := backend.NewOutput(b, T, s.Heads*s.Rank)
+			b.LatentAttention(ol, ql, qt, 0, s, 0.07)
+			out := append(b.Download(qt), b.Download(kvt)...)
+			return append(append(out, b.Download(ql)...), b.Download(ol)...)
+		}
+		name := fmt.Sprintf("absorb+rope+cache write T=%d", T)
+		before := g.serveMerges[serveRope]
+		compareOp(t, g, c, name, 1e-5, op)
+		if g.serveMerges[serveRope] == before {
+			t.Errorf("%s: the RoPEs and cache write did not share the absorbed query's launch", name)
+		}
+		var separate []float32
+		withServeFuse(false, func() { separate = op(g) })
+		mustSameBits(t, name, op(g), separate)
+	}
+}
