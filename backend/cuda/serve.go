@@ -5,6 +5,7 @@ package cuda
 import (
 	"fmt"
 	"os"
+	"slices"
 	"strconv"
 	"strings"
 
@@ -179,6 +180,7 @@ const (
 	serveValues
 	serveCombine
 	serveRope
+	serveRouterNorm
 	serveKinds
 )
 
@@ -355,3 +357,76 @@ func (b *Backend) absorbRopeRows(ql, qm *tensor, w *QMatrix, s backend.MLAShape,
 
 // serveRopeMerge turns absorbRopeRows on (measurement).
 var serveRopeMerge = serveTry("rope", 1) == 1
+
+// addNormRowsOp is a residual add and norm of several rows queued as
+// b.pending[idx] (rmsnorm_quant8's layout): d = a + c, out = gain *
+// norm(d) with its int8 form q.
+type addNormRowsOp struct {
+	idx, flush   int
+	d, a, c, out tensor
+	gain         uint64
+	eps          float32
+	q            *QActs
+}
+
+// noteAddNormRows remembers the add and norm of several rows just queued
+// (la, into out), for the router after it (routerNormRowsCall).
+func (b *Backend) noteAddNormRows(la *addOp, out *tensor, gain uint64, eps float32, q *QActs, fast bool) {
+	b.lastAddRows = nil
+	if b.err == nil && fast && out.rows > 1 && !serveFuseOff {
+		b.lastAddRows = &addNormRowsOp{idx: la.idx, flush: b.flushes, d: la.d, a: la.a, c: la.c, out: *out, gain: gain, eps: eps, q: q}
+	}
+}
+
+// routerNormRowsCall returns the router launch of ld's product and the
+// choice, with the residual add and norm of 2-64 rows queued just before
+// it (which made its input) in the same launch
+// (moe_router_cluster_norm_rows), and removes that op from the queue; ok
+// is false, and nothing changes, where they cannot share it: the
+// cluster router's 64 experts, the norm in rmsnorm_quant8's layout, rows
+// the separate router would also give to moe_router_cluster.
+func (b *Backend) routerNormRowsCall(ld *denseOp, lm *tensor, bias *weight, cfg backend.RouterConfig, norm int, r *routing) (call func(c *Ctx, q *QActs) error, ok bool) {
+	no := b.lastAddRows
+	E, K, T := cfg.NumExperts, ld.w.k, lm.rows
+	if serveFuseOff || !serveRouterNormOn || no == nil || no.flush != b.flushes || no.idx != ld.idx-1 || b.pending[no.idx].op != "add+rmsnorm" ||
+		no.out != ld.x || T < 2 || T > StreamMaxTokens || T >= routerManyMinRows || ld.x.rows != T || no.q.T != T ||
+		routerNoCluster || !RouterFastFits(E, K, ld.x.ptr, ld.x.ld, cfg.TopK) || !routerNormFits(E, K, no.q.G, cfg.TopK) ||
+		overlapsAny(lm, []tensor{no.d, no.a, no.c, no.out}) || lm.ptr%4 != 0 || lm.ld%4 != 0 {
+		return nil, false
+	}
+	in := *no
+	b.pending = slices.Delete(b.pending, no.idx, no.idx+1)
+	b.lastAddRows = nil
+	b.serveMerges[serveRouterNorm]++
+	return func(c *Ctx, q *QActs) error {
+		if q != nil {
+			return fmt.Errorf("cuda: router with the add and norm of %d rows: no int8 form of its input", T)
+		}
+		return c.RouterClusterNormRows(ld.w.dense, K, lm.ptr, lm.ld, bias.dense, cfg.TopK, norm == 1, cfg.RoutedScaling, r.ids, r.wts, &in)
+	}, true
+}
+
+// RouterClusterNormRows is the residual add and norm n of n.q.T rows
+// (RMSNormQuant8 with a residual add: what it writes, bit for bit) and the
+// router of each row's norm (RouterRoute with moe_router_cluster: the
+// logits, ids and weights) in one launch, a cluster of blocks a row.
+func (c *Ctx) RouterClusterNormRows(W uint64, K int, logits uint64, ldl int, bias uint64, topk int, norm bool, scaling float32, ids, wts uint64, n *addNormRowsOp) error {
+	q := n.q
+	if q == nil || q.K != K || q.T < 1 || n.gain == 0 || !routerNormFits(routerClusterE, K, q.G, topk) ||
+		!rowNorm8(K, q.G, []uint64{n.d.ptr, n.a.ptr, n.c.ptr, n.gain, n.out.ptr}, []int{n.d.ld, n.a.ld, n.c.ld, n.out.ld}) {
+		return fmt.Errorf("cuda: router with the add and norm of rows: %d values, want rows of a multiple of 256 up to 2048 with a gain", K)
+	}
+	nm := 0
+	if norm {
+		nm = 1
+	}
+	k, err := c.Kernel("moe", "moe_router_cluster_norm_rows")
+	if err != nil {
+		return err
+	}
+	return c.Launch(k, Dim{routerClusterE / 8, uint32(q.T), 1}, D1(256), 4*K, W, K, logits, ldl, bias, topk, nm, scaling, ids, wts,
+		n.d.ptr, n.d.ld, n.a.ptr, n.a.ld, n.c.ptr, n.c.ld, n.gain, n.eps, n.out.ptr, n.out.ld, q.Q, q.Scales, q.Sums, q.G)
+}
+
+// serveRouterNormOn turns routerNormRowsCall on (measurement).
+var serveRouterNormOn = serveTry("routernorm", 1) == 1

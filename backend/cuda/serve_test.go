@@ -3,6 +3,7 @@
 package cuda
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"testing"
@@ -353,5 +354,88 @@ func TestBackendServeAbsorbRopeMatchesCPU(t *testing.T) {
 		var separate []float32
 		withServeFuse(false, func() { separate = op(g) })
 		mustSameBits(t, name, op(g), separate)
+	}
+}
+
+// The residual add and norm of 2-64 rows in the cluster router's launch
+// (moe_router_cluster_norm_rows): the residual, the norm, its int8 form,
+// the logits and the chosen experts and weights match the CPU backend
+// (the first three and the logits) and equal the separate launches' bit
+// for bit (all of them).
+func TestBackendServeRouterNormMatchesCPU(t *testing.T) {
+	r := testRand(t)
+	g, c := testBackends(t, Options{})
+	if g.dev.Info().CC < 90 {
+		t.Skipf("the cluster router needs compute capability 9.0, the device has %d", g.dev.Info().CC)
+	}
+	const K, E, topK = 2048, 64, 4
+	cfg := backend.RouterConfig{TopK: topK, Groups: 1, TopKGroups: 1, NormTopKProb: true, RoutedScaling: 1.8, NumExperts: E}
+	router := backend.HostWeight{Name: "router", N: E, K: K, Dense: randVec(r, E*K, 0.02)}
+	bias := backend.HostWeight{Name: "bias", N: 1, K: E, Dense: randVec(r, E, 0.05)}
+	gain := backend.HostWeight{Name: "gain", N: 1, K: K, Dense: randVec(r, K, 1)}
+	for _, T := range []int{2, 9, 32, 64} {
+		xv, ov := randVec(r, T*K, 1), randVec(r, T*K, 0.5)
+		var dev []byte // the GPU's ids, weights and int8 form of the norm
+		op := func(b backend.Backend) []float32 {
+			wr, wb, wg := mustWeight(t, b, router), mustWeight(t, b, bias), mustWeight(t, b, gain)
+			b.SetBatch(simpleBatch(T, 0), nil)
+			x, o := b.NewTensor(T, K), b.NewTensor(T, K)
+			b.Upload(x, xv)
+			b.Upload(o, ov)
+			b.Add(x, x, o)
+			hn := backend.NewOutput(b, T, K)
+			b.RMSNorm(hn, x, wg, 1e-5)
+			logits := backend.NewOutput(b, T, E)
+			b.MatMul(logits, hn, wr)
+			rt := b.Route(logits, wb, cfg)
+			out := append(append(b.Download(x), b.Download(hn)...), b.Download(logits)...)
+			if err := b.Sync(); err != nil {
+				t.Fatal(err)
+			}
+			if gb, ok := b.(*Backend); ok {
+				ro := rt.(*routing)
+				var a *QActs
+				for _, e := range gb.quantized {
+					if e.src == *asTensor(hn) {
+						a = e.a
+					}
+				}
+				if a == nil {
+					t.Fatalf("T=%d: no int8 form of the norm", T)
+				}
+				dev = nil
+				err := gb.dev.Do(func(c *Ctx) error {
+					for _, p := range []struct {
+						ptr uint64
+						n   int
+					}{{ro.ids, 4 * T * topK}, {ro.wts, 4 * T * topK}, {a.Q, T * K}, {a.Scales, 4 * T * K / a.G}, {a.Sums, 4 * T * K / 32}} {
+						buf := make([]byte, p.n)
+						if err := CopyOut(c, buf, p.ptr); err != nil {
+							return err
+						}
+						dev = append(dev, buf...)
+					}
+					return nil
+				})
+				if err != nil {
+					t.Fatal(err)
+				}
+			}
+			return out
+		}
+		name := fmt.Sprintf("add+norm+router T=%d", T)
+		before := g.serveMerges[serveRouterNorm]
+		compareOp(t, g, c, name, 1e-5, op)
+		if g.serveMerges[serveRouterNorm] == before {
+			t.Errorf("%s: the add and norm did not share the router's launch", name)
+		}
+		merged := op(g)
+		mergedDev := dev
+		var separate []float32
+		withServeFuse(false, func() { separate = op(g) })
+		mustSameBits(t, name, merged, separate)
+		if !bytes.Equal(mergedDev, dev) {
+			t.Fatalf("%s: the ids, weights or int8 form differ from the separate launches'", name)
+		}
 	}
 }
