@@ -269,3 +269,76 @@ func BenchmarkServeRouter(b *testing.B) {
 		}
 	}
 }
+
+// BenchmarkServeStreamPlans times the dense streaming products of a
+// 32-row serving step (o_proj, q_b, q_a, the value expansion's per-head
+// product) over launch plans (D groups in flight, KS blocks over K), the
+// chosen plan first, to see whether the plans' split of K still fits.
+func BenchmarkServeStreamPlans(b *testing.B) {
+	d := benchDevice(b)
+	r := rand.New(rand.NewPCG(9, 9))
+	cases := []struct {
+		name        string
+		n, k, heads int
+	}{
+		{"o_proj_2048x5120", 2048, 5120, 1},
+		{"q_b_5120x768", 5120, 768, 1},
+		{"q_a_768x2048", 768, 2048, 1},
+		{"values_20x256x512", 5120, 512, 20},
+	}
+	sms, optin := d.Info().SMs, d.Info().SharedOptin
+	const T = 32
+	for _, cs := range cases {
+		var q *QMatrix
+		if err := d.Do(func(c *Ctx) error {
+			var err error
+			q, err = c.UploadMatrix(synthMatrix(r, cs.n, cs.k, 128))
+			return err
+		}); err != nil {
+			b.Fatal(err)
+		}
+		rows := cs.n / cs.heads
+		chosen := PlanStream(rows, cs.k, cs.heads, T, sms, optin)
+		plans := []StreamPlan{chosen}
+		for _, D := range []int{1, 2} {
+			for _, KS := range []int{1, 2, 3, 4, 5, 8, 10, 16, 20} {
+				p := StreamPlan{D: D, KS: KS}
+				if p != chosen && (cs.k/128)%D == 0 && KS <= cs.k/128/D && streamShared(streamTiles(T), cs.k, p) <= optin &&
+					cs.heads*((rows+127)/128) <= streamCounters {
+					plans = append(plans, p)
+				}
+			}
+		}
+		for i, p := range plans {
+			tag := ""
+			if i == 0 {
+				tag = "_chosen"
+			}
+			b.Run(fmt.Sprintf("%s/T%d/D%d_KS%d%s", cs.name, T, p.D, p.KS, tag), func(b *testing.B) {
+				err := d.Do(func(c *Ctx) error {
+					xb, err1 := upload(c, randVec(r, T*cs.k*cs.heads, 1))
+					a, err2 := c.NewQActs(T, cs.k*cs.heads, 128)
+					y, err3 := c.Alloc(4 * T * cs.n)
+					part, err4 := c.Alloc(4 * p.KS * T * cs.n)
+					cnt, err5 := c.Alloc(4 * streamCounters)
+					if err := errors.Join(err1, err2, err3, err4, err5); err != nil {
+						return err
+					}
+					defer func() { c.Free(xb); c.FreeQActs(a); c.Free(y); c.Free(part); c.Free(cnt) }()
+					if err := errors.Join(c.Memset(cnt.Ptr, 0, cnt.Size), c.RMSNormQuant(xb.Ptr, cs.k*cs.heads, 0, 0, 0, 0, T, cs.k*cs.heads, 128, a)); err != nil {
+						return err
+					}
+					return benchUsPerOp(b, c, 1, func() error {
+						if cs.heads > 1 {
+							return c.MatMulStreamHeads(y.Ptr, cs.n, q, a, cs.heads, p, part.Ptr, cnt.Ptr)
+						}
+						return c.MatMulStream(y.Ptr, cs.n, q, a, p, part.Ptr, cnt.Ptr)
+					})
+				})
+				if err != nil {
+					b.Fatal(err)
+				}
+			})
+		}
+	}
+}
