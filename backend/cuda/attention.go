@@ -169,8 +169,11 @@ const flashMixedN = 64
 // flashMixedUse reports whether a step that flashUse refuses for its
 // short sequences takes the flash kernel all the same (flashMixedTiles).
 func (b *Backend) flashMixedUse(batch *backend.Batch) bool {
+	// Up to decodeAttnRows rows the decode kernels take a mixed step
+	// (and a decode step: eight decode rows of 48 positions make one flash
+	// block of eight tiles, 51 us a layer at 32 rows against 16 on an H200).
 	T := batch.Rows()
-	if flashMixedTiles <= 0 || b.flashMin <= 0 || T < b.flashMin {
+	if flashMixedTiles <= 0 || b.flashMin <= 0 || T < b.flashMin || T <= decodeAttnRows {
 		return false
 	}
 	tiles := make([]int, (T+flashTokens-1)/flashTokens)
@@ -189,21 +192,4 @@ func (b *Backend) flashMixedUse(batch *backend.Batch) bool {
 		}
 	}
 	return true
-}
-
-// decodeOneSplitMaxN is the longest context at which a decode step of
-// several rows gives each row's 8-head groups a block of their own over
-// all its positions (decode_mma_*_h8, one split, nothing to merge) when
-// that fills the multiprocessors, rather than all heads a block over
-// splits of the positions merged at a barrier; 0 leaves it off.
-var decodeOneSplitMaxN = serveTry("h8", 256)
-
-// rowsOneSplit reports whether decodeMMAAttention takes blocks of 8 heads
-// and one split for T rows (decodeOneSplitMaxN).
-func (b *Backend) rowsOneSplit(T int, s backend.MLAShape) bool {
-	if T < 2 || decodeSplitsFixed != 0 || b.decodeMerge != mergeAuto || !decodeHeadGroups ||
-		s.Rank != 512 || s.RopeDim != 64 || b.meta.maxN > decodeOneSplitMaxN {
-		return false
-	}
-	return b.decodeMMASplits(T*((s.Heads+7)/8), b.meta.maxN) == 1
 }

@@ -424,6 +424,7 @@ func TestBackendServeRouterNormMatchesCPU(t *testing.T) {
 			return out
 		}
 		name := fmt.Sprintf("add+norm+router T=%d", T)
+		op(g) // a first step grows the arena, which runs the queued ops
 		before := g.serveMerges[serveRouterNorm]
 		compareOp(t, g, c, name, 1e-5, op)
 		if g.serveMerges[serveRouterNorm] == before {

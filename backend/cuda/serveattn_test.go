@@ -8,6 +8,7 @@ import (
 	"math"
 	"math/rand/v2"
 	"runtime"
+	"slices"
 	"testing"
 
 	"github.com/mmfp4/mmfp4/backend"
@@ -45,6 +46,8 @@ func TestServeMixedFlashMatchesCPU(t *testing.T) {
 		{servePromptStep([]int{3, 90}, 9, 16), true},
 		{append(servePromptStep(nil, 4, 16), flashSeq{100, 3}, flashSeq{30, 1}), true},
 		{servePromptStep([]int{1000, 1100, 1200, 1300, 1400, 1500, 1600, 1700}, 2, 16), false},
+		{servePromptStep([]int{1000, 1100, 1200, 1300, 1400, 1500, 1600, 1700}, 5, 16), false},
+		{servePromptStep([]int{20, 30, 40, 47, 47, 47, 47, 47, 47, 47, 47, 47, 47, 47, 47, 47, 47, 47, 47, 47, 47, 47, 47, 47, 47, 47, 47, 47, 47, 47, 47, 47}, 0, 0), false},
 	}
 	for i, cs := range cases {
 		_, step, _ := flashBatches(cs.seqs, 16)
@@ -69,107 +72,50 @@ func TestServeMixedFlashMatchesCPU(t *testing.T) {
 	}
 }
 
-// Decode steps of 32 and 64 rows of short contexts take decode_mma in
-// blocks of 8 heads with one split (rowsOneSplit): against the CPU, and
-// bit for bit the all-heads kernel with one split.
-func TestServeDecodeOneSplitMatchesCPU(t *testing.T) {
-	g, c := testBackends(t, Options{})
-	r := testRand(t)
-	s := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
-	qk := s.NopeDim + s.RopeDim
-	const blockSize = 16
-	for _, T := range []int{32, 64} {
-		lens := make([]int, T)
-		for i := range lens {
-			lens[i] = 1 + r.IntN(200)
-		}
-		prefill, tables, blocks := attnSeqs(r, lens, blockSize)
-		P := prefill.Rows()
-		lat, kpe := randVec(r, P*s.Rank, 1), randVec(r, P*s.RopeDim, 1)
-		ql, q := randVec(r, T*s.Heads*s.Rank, 1), randVec(r, T*s.Heads*qk, 1)
-		which := make([]int, T)
-		for i := range which {
-			which[i] = i
-		}
-		step := decodeBatch(lens, tables, which)
-		op := func(b backend.Backend) []float32 {
-			pool, err := b.NewCachePool(1, blocks, blockSize, s.Rank, s.RopeDim, backend.CacheBF16)
-			if err != nil {
-				t.Fatal(err)
-			}
-			b.SetBatch(prefill, pool)
-			lt, kt := b.NewTensor(P, s.Rank), b.NewTensor(P, s.RopeDim)
-			b.Upload(lt, lat)
-			b.Upload(kt, kpe)
-			b.CacheWrite(0, lt, kt)
-			b.SetBatch(step, pool)
-			qt, qmt, ol := b.NewTensor(T, s.Heads*s.Rank), b.NewTensor(T, s.Heads*qk), b.NewTensor(T, s.Heads*s.Rank)
-			b.Upload(qt, ql)
-			b.Upload(qmt, q)
-			b.Upload(ol, nanVec(T*s.Heads*s.Rank))
-			b.LatentAttention(ol, qt, qmt, 0, s, 0.07)
-			return b.Download(ol)
-		}
-		g.SetBatch(step, nil)
-		if !g.rowsOneSplit(T, s) {
-			t.Fatalf("%d rows: rowsOneSplit false", T)
-		}
-		name := fmt.Sprintf("decode attention, %d rows, blocks of 8 heads, one split", T)
-		compareOp(t, g, c, name, 1e-5, op)
-		got := op(g)
-		decodeSplitsFixed = 1
-		want := op(g)
-		decodeSplitsFixed = 0
-		mustSameBits(t, name, got, want)
-	}
-}
-
 // BenchmarkServeAttention times one layer's attention of serving steps
-// (device time of back-to-back launches, the cache rotated over layers
-// beyond L2): decode steps of 32 and 64 rows at short and long contexts
-// (all heads a block over splits, or blocks of 8 heads with one split),
-// and a step of 5 decode rows and 27 prompts of 16 (the split kernels,
-// or the flash kernel).
+// of short prompts, with and without a few decode rows (the split kernels,
+// or the flash kernel; device time of back-to-back launches, the cache
+// rotated over layers beyond L2).
 func BenchmarkServeAttention(b *testing.B) {
 	d := benchDevice(b)
 	type variant struct {
 		name string
-		set  func()
+		set  func(g *Backend)
 	}
-	defer func(a, m int) { decodeOneSplitMaxN, flashMixedTiles = a, m }(decodeOneSplitMaxN, flashMixedTiles)
-	decodeVars := []variant{{"splits", func() { decodeOneSplitMaxN = 0 }}, {"h8_one_split", func() { decodeOneSplitMaxN = 1 << 30 }}}
-	mixedVars := []variant{{"split_kernels", func() { flashMixedTiles = 0 }}, {"flash", func() { flashMixedTiles = 1 << 20 }}}
+	defer func(m int) { flashMixedTiles = m }(flashMixedTiles)
+	mixedVars := []variant{{"split_kernels", func(*Backend) { flashMixedTiles = 0 }}, {"flash", func(*Backend) { flashMixedTiles = 1 << 20 }}}
 	type bcase struct {
 		name string
 		seqs []flashSeq
 		vars []variant
 	}
-	var cases []bcase
-	for _, T := range []int{32, 64} {
-		for _, ctx := range []int{48, 256, 1024} {
-			ds := make([]int, T)
-			for i := range ds {
-				ds[i] = ctx - 1
-			}
-			cases = append(cases, bcase{fmt.Sprintf("decode_rows%d_ctx%d", T, ctx), servePromptStep(ds, 0, 0), decodeVars})
+	var decodeVars []variant
+	for _, pct := range []int{25, 50, 100, 200} {
+		for _, m := range []struct {
+			name  string
+			merge int
+		}{{"auto", mergeAuto}, {"launch", mergeLaunch}} {
+			decodeVars = append(decodeVars, variant{fmt.Sprintf("b%d_%s", pct, m.name), func(g *Backend) { g.decodeBlocks, g.decodeMerge = pct, m.merge }})
 		}
 	}
-	cases = append(cases, bcase{"mixed_5x40_27x16", servePromptStep([]int{17, 40, 63, 64, 80}, 27, 16), mixedVars},
-		bcase{"mixed_2x40_30x16", servePromptStep([]int{30, 50}, 30, 16), mixedVars},
-		bcase{"prompts_32x16", servePromptStep(nil, 32, 16), mixedVars})
+	cases := []bcase{{"decode_rows32_ctx48", servePromptStep(slices.Repeat([]int{47}, 32), 0, 0), decodeVars},
+		{"decode_rows32_ctx128", servePromptStep(slices.Repeat([]int{127}, 32), 0, 0), decodeVars},
+		{"mixed_5x40_27x16", servePromptStep([]int{17, 40, 63, 64, 80}, 27, 16), mixedVars},
+		{"mixed_2x40_30x16", servePromptStep([]int{30, 50}, 30, 16), mixedVars},
+		{"prompts_32x16", servePromptStep(nil, 32, 16), mixedVars}}
 	for _, cs := range cases {
 		for _, v := range cs.vars {
 			b.Run(cs.name+"/"+v.name, func(b *testing.B) {
-				v.set()
-				serveAttnBench(b, d, cs.seqs)
+				serveAttnBench(b, d, cs.seqs, v.set)
 			})
 		}
 	}
 }
 
-func serveAttnBench(b *testing.B, d *Device, seqs []flashSeq) {
+func serveAttnBench(b *testing.B, d *Device, seqs []flashSeq, set func(g *Backend)) {
 	g := NewOnDevice(d, Options{NoGraphs: true})
 	defer g.Close()
+	set(g)
 	s := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
 	width := s.Rank + s.RopeDim
 	const blockSize = 64
