@@ -161,7 +161,7 @@ func (p *cachePool) slotBytes() int {
 // of short prompts and a few decode rows of short contexts (the first
 // steps of a batch of requests) otherwise ran latent_attention_heads and
 // its merge over hundreds of rows.
-var flashMixedTiles = serveTry("flashmix", 16)
+var flashMixedTiles = 16
 
 // flashMixedN is FA_N in flash.cu: the positions of one cache tile.
 const flashMixedN = 64
@@ -173,7 +173,7 @@ func (b *Backend) flashMixedUse(batch *backend.Batch) bool {
 	// (and a decode step: eight decode rows of 48 positions make one flash
 	// block of eight tiles, 51 us a layer at 32 rows against 16 on an H200).
 	T := batch.Rows()
-	if flashMixedTiles <= 0 || b.flashMin <= 0 || T < b.flashMin || T <= decodeAttnRows {
+	if serveFuseOff || flashMixedTiles <= 0 || b.flashMin <= 0 || T < b.flashMin || T <= decodeAttnRows {
 		return false
 	}
 	tiles := make([]int, (T+flashTokens-1)/flashTokens)
@@ -192,4 +192,25 @@ func (b *Backend) flashMixedUse(batch *backend.Batch) bool {
 		}
 	}
 	return true
+}
+
+// decodeOneSplitMaxN is the longest context at which a decode step of
+// several rows gives each row's 8-head groups a block of their own over
+// all its positions (decode_mma_*_h8, one split, nothing to merge) where
+// that fills the multiprocessors in one wave, rather than all heads a
+// block over splits of the positions merged at a barrier. On an H200 at
+// 32 rows (BenchmarkServeAttention, us a layer): 6.6 against 11.8 at 48
+// positions, 9.9 against 13.4 at 128, 17.4 against 16.5 at 256, 61.6
+// against 33.0 at 1024; at 64 rows (two waves) 33.8 against 22.8 at 256.
+const decodeOneSplitMaxN = 128
+
+// rowsOneSplit reports whether decodeMMAAttention takes blocks of 8 heads
+// and one split for T rows (decodeOneSplitMaxN).
+func (b *Backend) rowsOneSplit(T int, s backend.MLAShape) bool {
+	hg := (s.Heads + 7) / 8
+	if serveFuseOff || T < 2 || decodeSplitsFixed != 0 || b.decodeMerge != mergeAuto || !decodeHeadGroups ||
+		s.Rank != 512 || s.RopeDim != 64 || b.meta.maxN > decodeOneSplitMaxN || T*hg > b.dev.Info().SMs {
+		return false
+	}
+	return b.decodeMMASplits(T*hg, b.meta.maxN) == 1
 }

@@ -6,28 +6,9 @@ import (
 	"fmt"
 	"os"
 	"slices"
-	"strconv"
-	"strings"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
-
-// serveTry returns the measurement setting name of MMFP4_CUDA_SERVE_TRY
-// (name=value,...), else def.
-func serveTry(name string, def int) int {
-	for _, f := range strings.Split(os.Getenv("MMFP4_CUDA_SERVE_TRY"), ",") {
-		if k, v, ok := strings.Cut(f, "="); ok && k == name {
-			if n, err := strconv.Atoi(v); err == nil {
-				return n
-			}
-		}
-	}
-	return def
-}
-
-func init() {
-	routerManyMinRows = serveTry("routermany", 256)
-}
 
 // Fewer launches and memsets in the steps of a few rows (serving batches
 // of 2-64 sequences), where each small op's fixed cost is most of its
@@ -44,7 +25,14 @@ func init() {
 //     (mmsq_* kernels) instead of a quantization launch after it;
 //   - the MoE's combine (the weighted sum of each token's slots), the
 //     residual add of its output and the next layer's input norm share a
-//     launch (combine_add_rmsnorm_quant8).
+//     launch (combine_add_rmsnorm_quant8);
+//   - the RoPEs and the cache write run in the absorbed query's launch
+//     (absorb_query_tc_rope_rows), as in the single-row chain;
+//   - the residual add and post-attention norm run in the cluster
+//     router's launch (moe_router_cluster_norm_rows);
+//   - and, in attention.go, a decode step of 23-44 rows of short contexts
+//     takes decode_mma in blocks of 8 heads with one split, and a step of
+//     more than 64 rows mixing decode rows with prompts the flash kernel.
 //
 // MMFP4_CUDA_SERVE_FUSE=0 turns them off.
 var serveFuseOff = os.Getenv("MMFP4_CUDA_SERVE_FUSE") == "0"
@@ -330,7 +318,7 @@ func (c *Ctx) CombineAddRMSNormQuant8(d uint64, ldd int, a uint64, lda int, s *M
 func (b *Backend) absorbRopeRows(ql, qm *tensor, w *QMatrix, s backend.MLAShape, grid Dim, shared int) bool {
 	rc := b.lastRopeCache
 	T := ql.rows
-	if serveFuseOff || !serveRopeMerge || rc == nil || rc.flush != b.flushes || rc.idx != len(b.pending)-1 || T < 2 || grid.Y != 1 {
+	if serveFuseOff || rc == nil || rc.flush != b.flushes || rc.idx != len(b.pending)-1 || T < 2 || grid.Y != 1 {
 		return false
 	}
 	r1, r2 := rc.r1, rc.r2
@@ -354,9 +342,6 @@ func (b *Backend) absorbRopeRows(ql, qm *tensor, w *QMatrix, s backend.MLAShape,
 	b.serveMerges[serveRope]++
 	return true
 }
-
-// serveRopeMerge turns absorbRopeRows on (measurement).
-var serveRopeMerge = serveTry("rope", 1) == 1
 
 // addNormRowsOp is a residual add and norm of several rows queued as
 // b.pending[idx] (rmsnorm_quant8's layout): d = a + c, out = gain *
@@ -388,7 +373,7 @@ func (b *Backend) noteAddNormRows(la *addOp, out *tensor, gain uint64, eps float
 func (b *Backend) routerNormRowsCall(ld *denseOp, lm *tensor, bias *weight, cfg backend.RouterConfig, norm int, r *routing) (call func(c *Ctx, q *QActs) error, ok bool) {
 	no := b.lastAddRows
 	E, K, T := cfg.NumExperts, ld.w.k, lm.rows
-	if serveFuseOff || !serveRouterNormOn || no == nil || no.flush != b.flushes || no.idx != ld.idx-1 || b.pending[no.idx].op != "add+rmsnorm" ||
+	if serveFuseOff || no == nil || no.flush != b.flushes || no.idx != ld.idx-1 || b.pending[no.idx].op != "add+rmsnorm" ||
 		no.out != ld.x || T < 2 || T > StreamMaxTokens || T >= routerManyMinRows || ld.x.rows != T || no.q.T != T ||
 		routerNoCluster || !RouterFastFits(E, K, ld.x.ptr, ld.x.ld, cfg.TopK) || !routerNormFits(E, K, no.q.G, cfg.TopK) ||
 		overlapsAny(lm, []tensor{no.d, no.a, no.c, no.out}) || lm.ptr%4 != 0 || lm.ld%4 != 0 {
@@ -427,6 +412,3 @@ func (c *Ctx) RouterClusterNormRows(W uint64, K int, logits uint64, ldl int, bia
 	return c.Launch(k, Dim{routerClusterE / 8, uint32(q.T), 1}, D1(256), 4*K, W, K, logits, ldl, bias, topk, nm, scaling, ids, wts,
 		n.d.ptr, n.d.ld, n.a.ptr, n.a.ld, n.c.ptr, n.c.ld, n.gain, n.eps, n.out.ptr, n.out.ld, q.Q, q.Scales, q.Sums, q.G)
 }
-
-// serveRouterNormOn turns routerNormRowsCall on (measurement).
-var serveRouterNormOn = serveTry("routernorm", 1) == 1

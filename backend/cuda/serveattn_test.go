@@ -72,6 +72,70 @@ func TestServeMixedFlashMatchesCPU(t *testing.T) {
 	}
 }
 
+// Decode steps of 24-44 rows of short contexts take decode_mma in blocks
+// of 8 heads with one split (rowsOneSplit): against the CPU, and bit for
+// bit the all-heads kernel with one split; 64 rows, or a context past
+// decodeOneSplitMaxN, do not.
+func TestServeDecodeOneSplitMatchesCPU(t *testing.T) {
+	g, c := testBackends(t, Options{})
+	r := testRand(t)
+	s := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
+	qk := s.NopeDim + s.RopeDim
+	const blockSize = 16
+	for _, T := range []int{24, 32, 44} {
+		lens := make([]int, T)
+		for i := range lens {
+			lens[i] = 1 + r.IntN(decodeOneSplitMaxN)
+		}
+		prefill, tables, blocks := attnSeqs(r, lens, blockSize)
+		P := prefill.Rows()
+		lat, kpe := randVec(r, P*s.Rank, 1), randVec(r, P*s.RopeDim, 1)
+		ql, q := randVec(r, T*s.Heads*s.Rank, 1), randVec(r, T*s.Heads*qk, 1)
+		which := make([]int, T)
+		for i := range which {
+			which[i] = i
+		}
+		step := decodeBatch(lens, tables, which)
+		op := func(b backend.Backend) []float32 {
+			pool, err := b.NewCachePool(1, blocks, blockSize, s.Rank, s.RopeDim, backend.CacheBF16)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b.SetBatch(prefill, pool)
+			lt, kt := b.NewTensor(P, s.Rank), b.NewTensor(P, s.RopeDim)
+			b.Upload(lt, lat)
+			b.Upload(kt, kpe)
+			b.CacheWrite(0, lt, kt)
+			b.SetBatch(step, pool)
+			qt, qmt, ol := b.NewTensor(T, s.Heads*s.Rank), b.NewTensor(T, s.Heads*qk), b.NewTensor(T, s.Heads*s.Rank)
+			b.Upload(qt, ql)
+			b.Upload(qmt, q)
+			b.Upload(ol, nanVec(T*s.Heads*s.Rank))
+			b.LatentAttention(ol, qt, qmt, 0, s, 0.07)
+			return b.Download(ol)
+		}
+		g.SetBatch(step, nil)
+		if !g.rowsOneSplit(T, s) {
+			t.Fatalf("%d rows: rowsOneSplit false", T)
+		}
+		g.SetBatch(decodeBatch(append(slices.Repeat([]int{decodeOneSplitMaxN + 1}, 1), lens[1:]...), tables, which), nil)
+		if g.rowsOneSplit(T, s) {
+			t.Fatalf("%d rows, a context of %d: rowsOneSplit true", T, decodeOneSplitMaxN+1)
+		}
+		name := fmt.Sprintf("decode attention, %d rows, blocks of 8 heads, one split", T)
+		compareOp(t, g, c, name, 1e-5, op)
+		got := op(g)
+		decodeSplitsFixed = 1
+		want := op(g)
+		decodeSplitsFixed = 0
+		mustSameBits(t, name, got, want)
+	}
+	g.SetBatch(simpleBatch(64, 0), nil)
+	if g.rowsOneSplit(64, s) {
+		t.Fatal("64 rows: rowsOneSplit true")
+	}
+}
+
 // BenchmarkServeAttention times one layer's attention of serving steps
 // of short prompts, with and without a few decode rows (the split kernels,
 // or the flash kernel; device time of back-to-back launches, the cache
