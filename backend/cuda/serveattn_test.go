@@ -137,9 +137,10 @@ func TestServeDecodeOneSplitMatchesCPU(t *testing.T) {
 }
 
 // BenchmarkServeAttention times one layer's attention of serving steps
-// of short prompts, with and without a few decode rows (the split kernels,
-// or the flash kernel; device time of back-to-back launches, the cache
-// rotated over layers beyond L2).
+// (device time of back-to-back launches, the cache rotated over layers
+// beyond L2): decode steps of 8-32 rows by the split target and merge,
+// and steps of short prompts with and without a few decode rows (the
+// split kernels, or the flash kernel).
 func BenchmarkServeAttention(b *testing.B) {
 	d := benchDevice(b)
 	type variant struct {
@@ -154,7 +155,7 @@ func BenchmarkServeAttention(b *testing.B) {
 		vars []variant
 	}
 	var decodeVars []variant
-	for _, pct := range []int{25, 50, 100, 200} {
+	for _, pct := range []int{50, 100} {
 		for _, m := range []struct {
 			name  string
 			merge int
@@ -162,11 +163,15 @@ func BenchmarkServeAttention(b *testing.B) {
 			decodeVars = append(decodeVars, variant{fmt.Sprintf("b%d_%s", pct, m.name), func(g *Backend) { g.decodeBlocks, g.decodeMerge = pct, m.merge }})
 		}
 	}
-	cases := []bcase{{"decode_rows32_ctx48", servePromptStep(slices.Repeat([]int{47}, 32), 0, 0), decodeVars},
-		{"decode_rows32_ctx128", servePromptStep(slices.Repeat([]int{127}, 32), 0, 0), decodeVars},
-		{"mixed_5x40_27x16", servePromptStep([]int{17, 40, 63, 64, 80}, 27, 16), mixedVars},
-		{"mixed_2x40_30x16", servePromptStep([]int{30, 50}, 30, 16), mixedVars},
-		{"prompts_32x16", servePromptStep(nil, 32, 16), mixedVars}}
+	var cases []bcase
+	for _, T := range []int{8, 16} {
+		for _, n := range []int{48, 128, 512} {
+			cases = append(cases, bcase{fmt.Sprintf("decode_rows%d_ctx%d", T, n), servePromptStep(slices.Repeat([]int{n - 1}, T), 0, 0), decodeVars})
+		}
+	}
+	cases = append(cases, bcase{"decode_rows32_ctx48", servePromptStep(slices.Repeat([]int{47}, 32), 0, 0), decodeVars[2:3]},
+		bcase{"mixed_5x40_27x16", servePromptStep([]int{17, 40, 63, 64, 80}, 27, 16), mixedVars},
+		bcase{"prompts_32x16", servePromptStep(nil, 32, 16), mixedVars[1:]})
 	for _, cs := range cases {
 		for _, v := range cs.vars {
 			b.Run(cs.name+"/"+v.name, func(b *testing.B) {
