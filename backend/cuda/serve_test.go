@@ -447,3 +447,50 @@ func TestBackendServeRouterNormMatchesCPU(t *testing.T) {
 		}
 	}
 }
+
+// The q_a norm (into a tensor of its own, as the model has it), q_b's
+// streaming product and the latent's norm of a serving step in one launch
+// (mmsn_*, 9-32 rows): the norms' outputs, their int8 forms' products
+// and q_b's output match the CPU backend and equal the separate launches'
+// bit for bit; at 33 rows the norms share a launch without the product.
+func TestBackendServeNormStreamMatchesCPU(t *testing.T) {
+	r := testRand(t)
+	g, c := testBackends(t, Options{})
+	const qa, kv, rank, qb = 768, 576, 512, 5120
+	gainA := backend.HostWeight{Name: "qa_norm", N: 1, K: qa, Dense: randVec(r, qa, 1)}
+	gainKV := backend.HostWeight{Name: "kv_norm", N: 1, K: rank, Dense: randVec(r, rank, 1)}
+	wqb := quantHost(t, r, "q_b", qb, qa, 128)
+	wuk := quantHost(t, r, "probe", 256, rank, 128)
+	wpa := quantHost(t, r, "probe_a", 128, qa, 128)
+	for _, T := range []int{9, 16, 17, 32, 33} {
+		xa, xkv := randVec(r, T*qa, 1), randVec(r, T*kv, 1)
+		op := func(b backend.Backend) []float32 {
+			ga, gkv, wb, wp, wa := mustWeight(t, b, gainA), mustWeight(t, b, gainKV), mustWeight(t, b, wqb), mustWeight(t, b, wuk), mustWeight(t, b, wpa)
+			b.SetBatch(simpleBatch(T, 0), nil)
+			ta, tkv := b.NewTensor(T, qa), b.NewTensor(T, kv)
+			b.Upload(ta, xa)
+			b.Upload(tkv, xkv)
+			qn, lat := backend.NewOutput(b, T, qa), backend.NewOutput(b, T, rank)
+			q := backend.NewOutput(b, T, qb)
+			b.RMSNorm(qn, ta, ga, 1e-6)
+			b.MatMul(q, qn, wb)
+			b.RMSNorm(lat, b.Cols(tkv, 0, rank), gkv, 1e-6)
+			probe, probeA := backend.NewOutput(b, T, 256), backend.NewOutput(b, T, 128)
+			b.MatMul(probe, lat, wp)
+			b.MatMul(probeA, qn, wa)
+			out := append(b.Download(qn), b.Download(lat)...)
+			out = append(append(out, b.Download(q)...), b.Download(probe)...)
+			return append(out, b.Download(probeA)...)
+		}
+		name := fmt.Sprintf("norm pair+q_b T=%d", T)
+		op(g) // a first step grows the arena, which runs the queued ops
+		before := g.serveMerges[serveNormStream]
+		compareOp(t, g, c, name, 1e-5, op)
+		if merged := g.serveMerges[serveNormStream] != before; merged != (T <= 32) {
+			t.Errorf("%s: norms and product in one launch %v, want %v", name, merged, T <= 32)
+		}
+		var separate []float32
+		withServeFuse(false, func() { separate = op(g) })
+		mustSameBits(t, name, op(g), separate)
+	}
+}

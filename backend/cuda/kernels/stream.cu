@@ -887,3 +887,158 @@ MMSQ_KERNEL(mmsq_t8_d1, 8, 1, 1)
 MMSQ_KERNEL(mmsq_t2_d2, 2, 2, 2)
 MMSQ_KERNEL(mmsq_t4_d2, 4, 2, 2)
 MMSQ_KERNEL(mmsq_t8_d2, 8, 2, 1)
+
+// ---------------------------------------------------------------------------
+// Serving steps of 9-32 rows (serve.go): q_b's streaming product with the
+// q_a norm of its rows computed in its staging, and the latent's norm in
+// extra blocks: the launch of rmsnorm_quant8_pair_rows and q_b's in one.
+// Each norm as rmsnorm_quant8 computes a row (its K/8 threads of 8 values,
+// the float64 squares of each 32 of them summed by warp_sum_d, those
+// partials in order), the same bits: here a warp takes a row, lane l
+// holding the values of the kernel's threads l + 32j.
+
+// The norm of one row of K = 256*nj values (x, in shared or global memory)
+// with gain, its int8 form in groups of G: into the staged row xrow (bytes)
+// and its 128-group scales xsrow where xrow is set, and to out, xq, xs,
+// xsum (row t) where out is set.
+DEVICE void mmsn_row(const float* x, const float* __restrict__ gain, float eps, int nj, int G, u8* xrow,
+                     float* xsrow, float* out, i8* __restrict__ xq, float* __restrict__ xs,
+                     i32* __restrict__ xsum, int t) {
+  const int lane = threadIdx.x & 31, K = 256 * nj, L = G >> 3;
+  float v[4][8];
+  double total = 0;
+#pragma unroll
+  for (int j = 0; j < 4; j++) {
+    if (j >= nj) break;
+    const int k0 = (lane + 32 * j) * 8;
+    const float4 x0 = *(const float4*)(x + k0), x1 = *(const float4*)(x + k0 + 4);
+    v[j][0] = x0.x; v[j][1] = x0.y; v[j][2] = x0.z; v[j][3] = x0.w;
+    v[j][4] = x1.x; v[j][5] = x1.y; v[j][6] = x1.z; v[j][7] = x1.w;
+  }
+#pragma unroll
+  for (int j = 0; j < 4; j++) {
+    if (j >= nj) break;
+    double ss = 0;
+#pragma unroll
+    for (int e = 0; e < 8; e++) ss += (double)v[j][e] * (double)v[j][e];
+    total += warp_sum_d(ss);
+  }
+  const float inv = (float)(1.0 / sqrt(total / K + (double)eps));
+#pragma unroll
+  for (int j = 0; j < 4; j++) {
+    if (j >= nj) break;
+    const int k0 = (lane + 32 * j) * 8;
+    const float4 g0 = __ldg((const float4*)(gain + k0)), g1 = __ldg((const float4*)(gain + k0 + 4));
+    const float gv[8] = {g0.x, g0.y, g0.z, g0.w, g1.x, g1.y, g1.z, g1.w};
+#pragma unroll
+    for (int e = 0; e < 8; e++) v[j][e] = gv[e] * (v[j][e] * inv);
+    if (out) {
+      float4* po = (float4*)(out + k0);
+      po[0] = make_float4(v[j][0], v[j][1], v[j][2], v[j][3]);
+      po[1] = make_float4(v[j][4], v[j][5], v[j][6], v[j][7]);
+    }
+    float amax = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; e++) amax = fmaxf(amax, fabsf(v[j][e]));
+    for (int o = 1; o < L; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+    const float scale = amax / 127.f;
+    u32 packed[2] = {0u, 0u};
+    i32 sum = 0;
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+      const i32 q = quant8(v[j][e], amax, scale);
+      packed[e >> 2] |= ((u32)q & 0xFFu) << (8 * (e & 3));
+      sum += q;
+    }
+    sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+    sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+    const float sc = amax == 0.f ? 0.f : scale;
+    if (xrow) {
+      *(uint2*)(xrow + k0) = make_uint2(packed[0], packed[1]);
+      if ((lane & (L - 1)) == 0) xsrow[k0 >> 7] = sc;  // G = 128 here
+    }
+    if (out) {
+      *(uint2*)(xq + (size_t)t * K + k0) = make_uint2(packed[0], packed[1]);
+      if ((lane & 3) == 0) xsum[(size_t)t * (K / 32) + k0 / 32] = sum;
+      if ((lane & (L - 1)) == 0) xs[(size_t)t * (K / G) + k0 / G] = sc;
+    }
+  }
+}
+
+// Grid (rb + ceil(T/8)): blocks below rb are q_b's (KS = 1), as mms_dense
+// with its rows staged from the q_a norm of x1 (K = 256*nj1 columns, G =
+// 128): the rows' floats copied to shared memory after the staged int8
+// rows (R*K*4 bytes more), then a warp a row; block 0 also writes the
+// norm's output and int8 form. Blocks from rb on take the latent's norm
+// (x2, K2 = 256*nj2, group G2), eight rows a block, a warp a row.
+template <int WT, int D>
+DEVICE void mmsn_dense(const u8* __restrict__ codes, const u8* __restrict__ scales,
+                       const float* __restrict__ row_scale, int N, int K, int T, float* __restrict__ y, int ldy,
+                       int rb, const float* x1, int ldx1, const float* __restrict__ gain1, float eps1, float* out1,
+                       int ldo1, i8* __restrict__ xq1, float* __restrict__ xs1, i32* __restrict__ xsum1,
+                       const float* x2, int ldx2, const float* __restrict__ gain2, float eps2, float* out2,
+                       int ldo2, i8* __restrict__ xq2, float* __restrict__ xs2, i32* __restrict__ xsum2, int K2,
+                       int G2) {
+  extern __shared__ __align__(16) u8 mb_smem[];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int bx = blockIdx.x, GK = K >> 7;
+  if (bx >= rb) {
+    PDL_WAIT();
+    const int r = (bx - rb) * 8 + warp;
+    if (r < T)
+      mmsn_row(x2 + (size_t)r * ldx2, gain2, eps2, K2 >> 8, G2, nullptr, nullptr, out2 + (size_t)r * ldo2, xq2, xs2,
+               xsum2, r);
+    return;
+  }
+  constexpr int R = 8 * WT;
+  const int n0 = bx * 128 + warp * 16;
+  const size_t row = min(n0, N - 16) + g;
+  const u8* rc[1] = {codes + row * (K / 2)};
+  const u8* rs[1] = {scales + row * GK};
+  float acc[1][WT][4];
+  mb_core<1, WT, D>(rc, rs, K, 0, GK, mb_smem, acc, [&] {
+    const int ldx = K + 16, ldxs = GK + 1;
+    float* xss = (float*)(mb_smem + R * ldx);
+    float* xf = (float*)(mb_smem + R * (ldx + 4 * ldxs));  // [R][K] the rows' floats (16-byte aligned)
+    PDL_WAIT();
+    const int per = K >> 2;  // 16-byte pieces a row
+    for (int idx = threadIdx.x; idx < T * per; idx += blockDim.x) {
+      const int r = idx / per, c = idx - r * per;
+      mb_cp16(xf + (size_t)r * K + 4 * c, x1 + (size_t)r * ldx1 + 4 * c);
+    }
+    asm volatile("cp.async.commit_group;" ::: "memory");
+    // Rows past T: zeros (their outputs are not written).
+    for (int idx = threadIdx.x; idx < (R - T) * (ldx / 16); idx += blockDim.x) {
+      const int r = T + idx / (ldx / 16), c = idx % (ldx / 16);
+      *(uint4*)(mb_smem + r * ldx + 16 * c) = make_uint4(0u, 0u, 0u, 0u);
+    }
+    for (int idx = threadIdx.x; idx < (R - T) * ldxs; idx += blockDim.x) xss[T * ldxs + idx] = 0.f;
+    mb_cp_wait_all();
+    __syncthreads();
+    for (int r = warp; r < T; r += 8)
+      mmsn_row(xf + (size_t)r * K, gain1, eps1, K >> 8, 128, mb_smem + r * ldx, xss + r * ldxs,
+               bx == 0 ? out1 + (size_t)r * ldo1 : nullptr, xq1, xs1, xsum1, r);
+  });
+#pragma unroll
+  for (int n = 0; n < WT; n++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int tok = 8 * n + 2 * t + (e & 1), r = n0 + g + 8 * (e >> 1);
+      if (tok < T && n0 < N) y[(size_t)tok * ldy + r] = acc[0][n][e] * (row_scale[r] * 0.5f);
+    }
+}
+
+#define MMSN_KERNEL(NAME, WT, D)                                                                                  \
+  extern "C" __global__ void __launch_bounds__(256, 1) NAME(                                                      \
+      const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale, int N,     \
+      int K, int T, float* __restrict__ y, int ldy, int rb, const float* x1, int ldx1,                            \
+      const float* __restrict__ gain1, float eps1, float* out1, int ldo1, i8* __restrict__ xq1,                   \
+      float* __restrict__ xs1, i32* __restrict__ xsum1, const float* x2, int ldx2,                                \
+      const float* __restrict__ gain2, float eps2, float* out2, int ldo2, i8* __restrict__ xq2,                   \
+      float* __restrict__ xs2, i32* __restrict__ xsum2, int K2, int G2) {                                         \
+    PDL_LAUNCH();                                                                                                 \
+    mmsn_dense<WT, D>(codes, scales, row_scale, N, K, T, y, ldy, rb, x1, ldx1, gain1, eps1, out1, ldo1, xq1, xs1, \
+                      xsum1, x2, ldx2, gain2, eps2, out2, ldo2, xq2, xs2, xsum2, K2, G2);                         \
+  }
+MMSN_KERNEL(mmsn_t2_d2, 2, 2)
+MMSN_KERNEL(mmsn_t4_d2, 4, 2)
