@@ -140,79 +140,10 @@ func (b *Backend) pairNormRows(n normRows, x, out *tensor) bool {
 		return false
 	}
 	n1 := p.n
-	if b.normPairStream(p, n, out) {
-		return true
-	}
 	b.pending[p.idx] = queuedOp{"rmsnorm pair", func(c *Ctx) error { return c.RMSNormQuant8PairRows(n1, n) }}
 	p.paired = true
 	b.serveMerges[serveNorms]++
 	return true
-}
-
-// normPairStream queues the norm pair (p, then n into out) with the
-// streaming product queued between them, which reads p's int8 rows (q_b),
-// as one launch (mmsn_*: the first norm computed again in every block of
-// the product's staging, the second in extra blocks) where it applies
-// (9-32 rows, K of 256-1024 columns in groups of 128, K unsplit), and
-// reports whether it did.
-func (b *Backend) normPairStream(p *normRowsOp, n normRows, out *tensor) bool {
-	s := b.lastStream
-	T := p.n.q.T
-	if s == nil || s.flush != b.flushes || s.idx != p.idx+1 || s.paired || s.a != p.n.q || len(b.pending) != p.idx+2 ||
-		T < streamMinTokens || streamTiles(T) < 2 || streamTiles(T) > 4 || overlaps(&p.x, &p.out) || overlaps(&p.x, &s.d) || overlaps(out, &s.d) {
-		return false
-	}
-	w := s.w.q
-	info := b.dev.Info()
-	if !normStreamFits(w, p.n, n) || PlanStream(w.N, w.K, 1, T, info.SMs, info.SharedOptin).KS != 1 ||
-		normStreamShared(T, w.K) > info.SharedOptin {
-		return false
-	}
-	n1, d := p.n, s.d
-	b.pending[p.idx] = queuedOp{"rmsnorm pair+" + b.opName("matmul", s.w), func(c *Ctx) error { return c.NormPairStream(d.ptr, d.ld, w, n1, n) }}
-	b.pending = b.pending[:p.idx+1]
-	b.lastStream = nil
-	p.paired = true
-	b.serveMerges[serveNormStream]++
-	return true
-}
-
-// normStreamFits reports whether mmsn_* takes the product w of n1's rows
-// with n2 beside it: K = w.K in groups of 128 (n1 of K values), both
-// norms of 256-1024 values in rmsnorm_quant8's layout, the product's rows
-// whole row blocks.
-func normStreamFits(w *QMatrix, n1, n2 normRows) bool {
-	return StreamFits(w) && w.N%128 == 0 && w.K%256 == 0 && w.K <= 1024 && n1.q.K == w.K && n1.q.G == 128 && n2.q.T == n1.q.T &&
-		n2.q.K%256 == 0 && n2.q.K <= 1024 && (n2.q.G == 32 || n2.q.G == 64 || n2.q.G == 128) &&
-		rowNorm8(n1.q.K, n1.q.G, []uint64{n1.x, n1.gain, n1.out}, []int{n1.ldx, n1.ldo}) &&
-		rowNorm8(n2.q.K, n2.q.G, []uint64{n2.x, n2.gain, n2.out}, []int{n2.ldx, n2.ldo})
-}
-
-// normStreamShared is mmsn_*'s dynamic shared memory for T rows of K:
-// mms_*'s staging (D = 2, K unsplit) and the rows' floats.
-func normStreamShared(T, K int) int {
-	wt := streamTiles(T)
-	return streamShared(wt, K, StreamPlan{D: 2, KS: 1}) + 8*wt*K*4
-}
-
-// NormPairStream computes RMSNormQuant8PairRows(n1, n2) and MatMulStream
-// of n1's int8 rows with w (KS = 1) into y in one launch (mmsn_t*_d2), the
-// same values as the two launches: 9-32 rows.
-func (c *Ctx) NormPairStream(y uint64, ldy int, w *QMatrix, n1, n2 normRows) error {
-	T := n1.q.T
-	wt := streamTiles(T)
-	shared := normStreamShared(T, w.K)
-	if !normStreamFits(w, n1, n2) || wt < 2 || wt > 4 || ldy < w.N || shared > c.info.SharedOptin {
-		return fmt.Errorf("cuda: norm pair and stream product: %d rows, weights [%d,%d] G=%d, norms of %d and %d", T, w.N, w.K, w.G, n1.q.K, n2.q.K)
-	}
-	k, err := c.kernelShared("stream", fmt.Sprintf("mmsn_t%d_d2", wt), shared)
-	if err != nil {
-		return err
-	}
-	rb := w.N / 128
-	return c.Launch(k, Dim{uint32(rb + (T+7)/8), 1, 1}, D1(256), shared, w.Codes, w.Scales, w.RowScale, w.N, w.K, T, y, ldy, rb,
-		n1.x, n1.ldx, n1.gain, n1.eps, n1.out, n1.ldo, n1.q.Q, n1.q.Scales, n1.q.Sums,
-		n2.x, n2.ldx, n2.gain, n2.eps, n2.out, n2.ldo, n2.q.Q, n2.q.Scales, n2.q.Sums, n2.q.K, n2.q.G)
 }
 
 // rowsProductOp is a GEMV of several rows queued as b.pending[idx]
@@ -238,7 +169,6 @@ const (
 	serveCombine
 	serveRope
 	serveRouterNorm
-	serveNormStream
 	serveKinds
 )
 
