@@ -45,7 +45,7 @@ func (b *Backend) absorbTC(ql, qm *tensor, w *weight, s backend.MLAShape) bool {
 	q := w.q
 	name := fmt.Sprintf("absorb_query_tc_%d", s.NopeDim)
 	grid := Dim{uint32(s.Rank / absorbTCN), uint32((ql.rows + absorbTCM - 1) / absorbTCM), uint32(s.Heads)}
-	if b.absorbRope(ql, qm, q, s, grid, shared) {
+	if b.absorbRope(ql, qm, q, s, grid, shared) || b.absorbRopeRows(ql, qm, q, s, grid, shared) {
 		return true
 	}
 	b.do("absorb query", func(c *Ctx) error {

@@ -150,3 +150,67 @@ func (p *cachePool) slotBytes() int {
 	}
 	return 2 * (p.rank + p.ropeDim)
 }
+
+// flashMixedTiles bounds the serial work of one flash block in a step that
+// mixes decode rows (sequences with fewer rows than a block's tokens) with
+// prompt chunks: a block takes its sequences one after another, each over
+// that sequence's whole cache, so a block of eight decode rows of long
+// contexts would hold the grid. Such a step takes the flash kernel when no
+// block's sum of cache tiles (FA_N positions each) over its sequences is
+// above this; 0 leaves mixed steps on the split kernels. A serving step
+// of short prompts and a few decode rows of short contexts (the first
+// steps of a batch of requests) otherwise ran latent_attention_heads and
+// its merge over hundreds of rows.
+var flashMixedTiles = 16
+
+// flashMixedN is FA_N in flash.cu: the positions of one cache tile.
+const flashMixedN = 64
+
+// flashMixedUse reports whether a step that flashUse refuses for its
+// short sequences takes the flash kernel all the same (flashMixedTiles).
+func (b *Backend) flashMixedUse(batch *backend.Batch) bool {
+	// Up to decodeAttnRows rows the decode kernels take a mixed step
+	// (and a decode step: eight decode rows of 48 positions make one flash
+	// block of eight tiles, 51 us a layer at 32 rows against 16 on an H200).
+	T := batch.Rows()
+	if serveFuseOff || flashMixedTiles <= 0 || b.flashMin <= 0 || T < b.flashMin || T <= decodeAttnRows {
+		return false
+	}
+	tiles := make([]int, (T+flashTokens-1)/flashTokens)
+	for _, s := range batch.Seqs {
+		// The sequence's rows in each block of flashTokens rows: the last
+		// one's position is its longest.
+		for r := s.Start; r < s.Start+s.Len; {
+			blk := r / flashTokens
+			end := min(s.Start+s.Len, (blk+1)*flashTokens)
+			n := int(batch.Positions[end-1]) + 1
+			tiles[blk] += (n + flashMixedN - 1) / flashMixedN
+			if tiles[blk] > flashMixedTiles {
+				return false
+			}
+			r = end
+		}
+	}
+	return true
+}
+
+// decodeOneSplitMaxN is the longest context at which a decode step of
+// several rows gives each row's 8-head groups a block of their own over
+// all its positions (decode_mma_*_h8, one split, nothing to merge) where
+// that fills the multiprocessors in one wave, rather than all heads a
+// block over splits of the positions merged at a barrier. On an H200 at
+// 32 rows (BenchmarkServeAttention, us a layer): 6.6 against 11.8 at 48
+// positions, 9.9 against 13.4 at 128, 17.4 against 16.5 at 256, 61.6
+// against 33.0 at 1024; at 64 rows (two waves) 33.8 against 22.8 at 256.
+const decodeOneSplitMaxN = 128
+
+// rowsOneSplit reports whether decodeMMAAttention takes blocks of 8 heads
+// and one split for T rows (decodeOneSplitMaxN).
+func (b *Backend) rowsOneSplit(T int, s backend.MLAShape) bool {
+	hg := (s.Heads + 7) / 8
+	if serveFuseOff || T < 2 || decodeSplitsFixed != 0 || b.decodeMerge != mergeAuto || !decodeHeadGroups ||
+		s.Rank != 512 || s.RopeDim != 64 || b.meta.maxN > decodeOneSplitMaxN || T*hg > b.dev.Info().SMs {
+		return false
+	}
+	return b.decodeMMASplits(T*hg, b.meta.maxN) == 1
+}

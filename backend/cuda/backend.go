@@ -136,6 +136,7 @@ type Backend struct {
 	lastNormRows *normRowsOp
 	lastProduct  *rowsProductOp
 	lastCombine  *combineOp
+	lastAddRows  *addNormRowsOp
 	serveMerges  [serveKinds]int
 	// ropeTables are this step's RoPE cos/sin tables by (dim, theta), in
 	// ropeBufs: outside the arena, so that a prefill freeing each layer's
@@ -1362,6 +1363,7 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 			return c.AddRMSNormQuant(la.d.ptr, la.d.ld, la.a.ptr, la.a.ld, la.c.ptr, la.c.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
 		}}
 		b.lastAdd = nil
+		b.noteAddNormRows(la, d, g.dense, eps, a, fast)
 		if d.rows == 1 {
 			b.lastNorm = &normOp{idx: la.idx, flush: b.flushes, out: *d, touched: []tensor{la.d, la.a, la.c, *d},
 				in: FusedIn{Mode: fuseAddNorm, D: la.d.ptr, A: la.a.ptr, C: la.c.ptr, Gain: g.dense, Eps: eps, Out: d.ptr, Q: a, Layout8: fast, Counter: b.counter.Ptr}}
@@ -1672,7 +1674,7 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s bac
 		b.count(perToken * int64(b.batch.Positions[t]+1))
 	}
 	b.wrote(om)
-	if b.flashUse(b.batch) && b.flashFits(ql, qm, p, s) {
+	if (b.flashUse(b.batch) || b.flashMixedUse(b.batch)) && b.flashFits(ql, qm, p, s) {
 		b.flashAttention(om, ql, qm, p, layer, s, scale)
 		return
 	}
@@ -1896,6 +1898,8 @@ func (b *Backend) Route(logits backend.Tensor, bias backend.Weight, cfg backend.
 			}}
 			if call, ok := b.routerNormCall(ld, lm, bv, cfg, norm, r); ok {
 				ro.idx, ro.call = ld.idx-1, call // the norm before it in its launch (chain.go)
+			} else if call, ok := b.routerNormRowsCall(ld, lm, bv, cfg, norm, r); ok {
+				ro.idx, ro.call = ld.idx-1, call // the add and norm before it, several rows (serve.go)
 			}
 			b.pending[ro.idx] = queuedOp{"router+route", func(c *Ctx) error { return ro.call(c, nil) }}
 			b.lastDense = nil

@@ -103,6 +103,9 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 	if decodeHeadGroups && s.Rank == 512 && s.RopeDim == 64 && merge == mergeLaunch {
 		hg = (s.Heads + 7) / 8
 	}
+	if b.rowsOneSplit(T, s) {
+		hg = (s.Heads + 7) / 8 // one split: nothing to merge (attention.go)
+	}
 	S := b.decodeMMASplits(T*hg, b.meta.maxN)
 	if decodeSplitsFixed > 0 {
 		S = decodeSplitsFixed

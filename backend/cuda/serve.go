@@ -5,6 +5,9 @@ package cuda
 import (
 	"fmt"
 	"os"
+	"slices"
+
+	"github.com/mmfp4/mmfp4/backend"
 )
 
 // Fewer launches and memsets in the steps of a few rows (serving batches
@@ -22,7 +25,14 @@ import (
 //     (mmsq_* kernels) instead of a quantization launch after it;
 //   - the MoE's combine (the weighted sum of each token's slots), the
 //     residual add of its output and the next layer's input norm share a
-//     launch (combine_add_rmsnorm_quant8).
+//     launch (combine_add_rmsnorm_quant8);
+//   - the RoPEs and the cache write run in the absorbed query's launch
+//     (absorb_query_tc_rope_rows), as in the single-row chain;
+//   - the residual add and post-attention norm run in the cluster
+//     router's launch (moe_router_cluster_norm_rows);
+//   - and, in attention.go, a decode step of 23-44 rows of short contexts
+//     takes decode_mma in blocks of 8 heads with one split, and a step of
+//     more than 64 rows mixing decode rows with prompts the flash kernel.
 //
 // MMFP4_CUDA_SERVE_FUSE=0 turns them off.
 var serveFuseOff = os.Getenv("MMFP4_CUDA_SERVE_FUSE") == "0"
@@ -157,6 +167,8 @@ const (
 	serveNorms
 	serveValues
 	serveCombine
+	serveRope
+	serveRouterNorm
 	serveKinds
 )
 
@@ -296,4 +308,107 @@ func (c *Ctx) CombineAddRMSNormQuant8(d uint64, ldd int, a uint64, lda int, s *M
 	}
 	return c.Launch(k, D1(s.T), D1(q.K/8), 0, d, ldd, a, lda, s.Part, s.Pos, wts, topk, slots, mo, ldm,
 		gain, eps, out, ldo, q.Q, q.Scales, q.Sums, q.K, q.G)
+}
+
+// absorbRopeRows queues the tensor-core absorbed query of qm into ql of
+// 2-64 rows with the RoPEs and cache write queued just before it in one
+// launch (absorb_query_tc_rope_rows: the rows' RoPEs and cache writes in
+// extra head slices of the grid), and reports whether it did; the
+// conditions are absorbRope's.
+func (b *Backend) absorbRopeRows(ql, qm *tensor, w *QMatrix, s backend.MLAShape, grid Dim, shared int) bool {
+	rc := b.lastRopeCache
+	T := ql.rows
+	if serveFuseOff || rc == nil || rc.flush != b.flushes || rc.idx != len(b.pending)-1 || T < 2 || grid.Y != 1 {
+		return false
+	}
+	r1, r2 := rc.r1, rc.r2
+	if r1.m != *qm || rc.lat.rows != T || r1.headStride != s.NopeDim+s.RopeDim || r1.offset < s.NopeDim ||
+		r1.offset+r1.dim > r1.headStride || rc.rank != s.Rank || rc.rope != s.RopeDim || overlapsAny(ql, []tensor{*qm, rc.kpe, rc.lat}) {
+		return false
+	}
+	name := fmt.Sprintf("absorb_query_tc_rope_rows_%d", s.NopeDim)
+	grid.Z += uint32((T + int(grid.X) - 1) / int(grid.X))
+	b.pending[rc.idx] = queuedOp{"absorb query+rope+cache write", func(c *Ctx) error {
+		k, err := c.kernelShared("absorb", name, shared)
+		if err != nil {
+			return err
+		}
+		return c.Launch(k, grid, D1(256), shared,
+			ql.ptr, ql.ld, qm.ptr, qm.ld, w.Codes, w.Scales, w.RowScale, w.G, s.Rank, s.RopeDim, T, s.Heads,
+			r1.m.ptr, r1.heads, r1.headStride, r1.offset, rc.kpe.ptr, rc.kpe.ld, r2.heads, r2.headStride, r2.offset, r2.dim, r2.il, r2.table,
+			rc.layer, rc.dtype, rc.slots, rc.lat.ptr, rc.lat.ld)
+	}}
+	b.lastRopeCache = nil
+	b.serveMerges[serveRope]++
+	return true
+}
+
+// addNormRowsOp is a residual add and norm of several rows queued as
+// b.pending[idx] (rmsnorm_quant8's layout): d = a + c, out = gain *
+// norm(d) with its int8 form q.
+type addNormRowsOp struct {
+	idx, flush   int
+	d, a, c, out tensor
+	gain         uint64
+	eps          float32
+	q            *QActs
+}
+
+// noteAddNormRows remembers the add and norm of several rows just queued
+// (la, into out), for the router after it (routerNormRowsCall).
+func (b *Backend) noteAddNormRows(la *addOp, out *tensor, gain uint64, eps float32, q *QActs, fast bool) {
+	b.lastAddRows = nil
+	if b.err == nil && fast && out.rows > 1 && !serveFuseOff {
+		b.lastAddRows = &addNormRowsOp{idx: la.idx, flush: b.flushes, d: la.d, a: la.a, c: la.c, out: *out, gain: gain, eps: eps, q: q}
+	}
+}
+
+// routerNormRowsCall returns the router launch of ld's product and the
+// choice, with the residual add and norm of 2-64 rows queued just before
+// it (which made its input) in the same launch
+// (moe_router_cluster_norm_rows), and removes that op from the queue; ok
+// is false, and nothing changes, where they cannot share it: the
+// cluster router's 64 experts, the norm in rmsnorm_quant8's layout, rows
+// the separate router would also give to moe_router_cluster.
+func (b *Backend) routerNormRowsCall(ld *denseOp, lm *tensor, bias *weight, cfg backend.RouterConfig, norm int, r *routing) (call func(c *Ctx, q *QActs) error, ok bool) {
+	no := b.lastAddRows
+	E, K, T := cfg.NumExperts, ld.w.k, lm.rows
+	if serveFuseOff || no == nil || no.flush != b.flushes || no.idx != ld.idx-1 || b.pending[no.idx].op != "add+rmsnorm" ||
+		no.out != ld.x || T < 2 || T > StreamMaxTokens || T >= routerManyMinRows || ld.x.rows != T || no.q.T != T ||
+		routerNoCluster || !RouterFastFits(E, K, ld.x.ptr, ld.x.ld, cfg.TopK) || !routerNormFits(E, K, no.q.G, cfg.TopK) ||
+		overlapsAny(lm, []tensor{no.d, no.a, no.c, no.out}) || lm.ptr%4 != 0 || lm.ld%4 != 0 {
+		return nil, false
+	}
+	in := *no
+	b.pending = slices.Delete(b.pending, no.idx, no.idx+1)
+	b.lastAddRows = nil
+	b.serveMerges[serveRouterNorm]++
+	return func(c *Ctx, q *QActs) error {
+		if q != nil {
+			return fmt.Errorf("cuda: router with the add and norm of %d rows: no int8 form of its input", T)
+		}
+		return c.RouterClusterNormRows(ld.w.dense, K, lm.ptr, lm.ld, bias.dense, cfg.TopK, norm == 1, cfg.RoutedScaling, r.ids, r.wts, &in)
+	}, true
+}
+
+// RouterClusterNormRows is the residual add and norm n of n.q.T rows
+// (RMSNormQuant8 with a residual add: what it writes, bit for bit) and the
+// router of each row's norm (RouterRoute with moe_router_cluster: the
+// logits, ids and weights) in one launch, a cluster of blocks a row.
+func (c *Ctx) RouterClusterNormRows(W uint64, K int, logits uint64, ldl int, bias uint64, topk int, norm bool, scaling float32, ids, wts uint64, n *addNormRowsOp) error {
+	q := n.q
+	if q == nil || q.K != K || q.T < 1 || n.gain == 0 || !routerNormFits(routerClusterE, K, q.G, topk) ||
+		!rowNorm8(K, q.G, []uint64{n.d.ptr, n.a.ptr, n.c.ptr, n.gain, n.out.ptr}, []int{n.d.ld, n.a.ld, n.c.ld, n.out.ld}) {
+		return fmt.Errorf("cuda: router with the add and norm of rows: %d values, want rows of a multiple of 256 up to 2048 with a gain", K)
+	}
+	nm := 0
+	if norm {
+		nm = 1
+	}
+	k, err := c.Kernel("moe", "moe_router_cluster_norm_rows")
+	if err != nil {
+		return err
+	}
+	return c.Launch(k, Dim{routerClusterE / 8, uint32(q.T), 1}, D1(256), 4*K, W, K, logits, ldl, bias, topk, nm, scaling, ids, wts,
+		n.d.ptr, n.d.ld, n.a.ptr, n.a.ld, n.c.ptr, n.c.ld, n.gain, n.eps, n.out.ptr, n.out.ld, q.Q, q.Scales, q.Sums, q.G)
 }

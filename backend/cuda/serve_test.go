@@ -3,6 +3,7 @@
 package cuda
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"testing"
@@ -301,5 +302,148 @@ func TestBackendServeCombineNormMatchesCPU(t *testing.T) {
 		var separate []float32
 		withServeFuse(false, func() { separate = op(g) })
 		mustSameBits(t, name, op(g), separate)
+	}
+}
+
+// The RoPEs, cache write and absorbed query of a serving step (2-64 decode
+// rows of sequences with cached prefixes, GLM-4.7-Flash's shapes) in one
+// launch (absorb_query_tc_rope_rows): the rotated q and k_pe, the absorbed
+// query and an attention over the written cache match the CPU backend,
+// and equal the separate launches' bit for bit.
+func TestBackendServeAbsorbRopeMatchesCPU(t *testing.T) {
+	r := testRand(t)
+	g, c := testBackends(t, Options{})
+	s := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
+	qk, kvw := s.NopeDim+s.RopeDim, s.Rank+s.RopeDim
+	hw := quantHost(t, r, "wuk", s.Heads*s.NopeDim, s.Rank, 32)
+	defer func() { decodeSplitsFixed = 0 }()
+	for _, T := range []int{2, 5, 9, 32, 64} {
+		prefixes := make([]int, T)
+		for i := range prefixes {
+			prefixes[i] = r.IntN(100)
+		}
+		_, step, blocks := flashBatches(servePromptStep(prefixes, 0, 0), 16)
+		q, kv, lat := randVec(r, T*s.Heads*qk, 1), randVec(r, T*kvw, 1), randVec(r, T*s.Rank, 1)
+		op := func(b backend.Backend) []float32 {
+			wk := mustWeight(t, b, hw)
+			pool, err := b.NewCachePool(1, blocks, 16, s.Rank, s.RopeDim, backend.CacheBF16)
+			if err != nil {
+				t.Fatal(err)
+			}
+			b.SetBatch(step, pool)
+			qt, kvt, lt := b.NewTensor(T, s.Heads*qk), b.NewTensor(T, kvw), b.NewTensor(T, s.Rank)
+			b.Upload(qt, q)
+			b.Upload(kvt, kv)
+			b.Upload(lt, lat)
+			kpe := b.Cols(kvt, s.Rank, kvw)
+			b.RoPE(qt, s.Heads, qk, s.NopeDim, s.RopeDim, 10000, false)
+			b.RoPE(kpe, 1, s.RopeDim, 0, s.RopeDim, 10000, false)
+			b.CacheWrite(0, lt, kpe)
+			ql := backend.NewOutput(b, T, s.Heads*s.Rank)
+			b.AbsorbQuery(ql, qt, wk, s)
+			ol := backend.NewOutput(b, T, s.Heads*s.Rank)
+			b.LatentAttention(ol, ql, qt, 0, s, 0.07)
+			out := append(b.Download(qt), b.Download(kvt)...)
+			return append(append(out, b.Download(ql)...), b.Download(ol)...)
+		}
+		name := fmt.Sprintf("absorb+rope+cache write T=%d", T)
+		before := g.serveMerges[serveRope]
+		compareOp(t, g, c, name, 1e-5, op)
+		if g.serveMerges[serveRope] == before {
+			t.Errorf("%s: the RoPEs and cache write did not share the absorbed query's launch", name)
+		}
+		// One split for the attention both ways (MMFP4_CUDA_SERVE_FUSE=0
+		// also changes the split of 23-44 rows, and so its sums), so that
+		// its output shows the cache's bits too.
+		decodeSplitsFixed = 1
+		var separate []float32
+		withServeFuse(false, func() { separate = op(g) })
+		merged := op(g)
+		decodeSplitsFixed = 0
+		mustSameBits(t, name, merged, separate)
+	}
+}
+
+// The residual add and norm of 2-64 rows in the cluster router's launch
+// (moe_router_cluster_norm_rows): the residual, the norm, its int8 form,
+// the logits and the chosen experts and weights match the CPU backend
+// (the first three and the logits) and equal the separate launches' bit
+// for bit (all of them).
+func TestBackendServeRouterNormMatchesCPU(t *testing.T) {
+	r := testRand(t)
+	g, c := testBackends(t, Options{})
+	if g.dev.Info().CC < 90 {
+		t.Skipf("the cluster router needs compute capability 9.0, the device has %d", g.dev.Info().CC)
+	}
+	const K, E, topK = 2048, 64, 4
+	cfg := backend.RouterConfig{TopK: topK, Groups: 1, TopKGroups: 1, NormTopKProb: true, RoutedScaling: 1.8, NumExperts: E}
+	router := backend.HostWeight{Name: "router", N: E, K: K, Dense: randVec(r, E*K, 0.02)}
+	bias := backend.HostWeight{Name: "bias", N: 1, K: E, Dense: randVec(r, E, 0.05)}
+	gain := backend.HostWeight{Name: "gain", N: 1, K: K, Dense: randVec(r, K, 1)}
+	for _, T := range []int{2, 9, 32, 64} {
+		xv, ov := randVec(r, T*K, 1), randVec(r, T*K, 0.5)
+		var dev []byte // the GPU's ids, weights and int8 form of the norm
+		op := func(b backend.Backend) []float32 {
+			wr, wb, wg := mustWeight(t, b, router), mustWeight(t, b, bias), mustWeight(t, b, gain)
+			b.SetBatch(simpleBatch(T, 0), nil)
+			x, o := b.NewTensor(T, K), b.NewTensor(T, K)
+			b.Upload(x, xv)
+			b.Upload(o, ov)
+			b.Add(x, x, o)
+			hn := backend.NewOutput(b, T, K)
+			b.RMSNorm(hn, x, wg, 1e-5)
+			logits := backend.NewOutput(b, T, E)
+			b.MatMul(logits, hn, wr)
+			rt := b.Route(logits, wb, cfg)
+			out := append(append(b.Download(x), b.Download(hn)...), b.Download(logits)...)
+			if err := b.Sync(); err != nil {
+				t.Fatal(err)
+			}
+			if gb, ok := b.(*Backend); ok {
+				ro := rt.(*routing)
+				var a *QActs
+				for _, e := range gb.quantized {
+					if e.src == *asTensor(hn) {
+						a = e.a
+					}
+				}
+				if a == nil {
+					t.Fatalf("T=%d: no int8 form of the norm", T)
+				}
+				dev = nil
+				err := gb.dev.Do(func(c *Ctx) error {
+					for _, p := range []struct {
+						ptr uint64
+						n   int
+					}{{ro.ids, 4 * T * topK}, {ro.wts, 4 * T * topK}, {a.Q, T * K}, {a.Scales, 4 * T * K / a.G}, {a.Sums, 4 * T * K / 32}} {
+						buf := make([]byte, p.n)
+						if err := CopyOut(c, buf, p.ptr); err != nil {
+							return err
+						}
+						dev = append(dev, buf...)
+					}
+					return nil
+				})
+				if err != nil {
+					t.Fatal(err)
+				}
+			}
+			return out
+		}
+		name := fmt.Sprintf("add+norm+router T=%d", T)
+		op(g) // a first step grows the arena, which runs the queued ops
+		before := g.serveMerges[serveRouterNorm]
+		compareOp(t, g, c, name, 1e-5, op)
+		if g.serveMerges[serveRouterNorm] == before {
+			t.Errorf("%s: the add and norm did not share the router's launch", name)
+		}
+		merged := op(g)
+		mergedDev := dev
+		var separate []float32
+		withServeFuse(false, func() { separate = op(g) })
+		mustSameBits(t, name, merged, separate)
+		if !bytes.Equal(mergedDev, dev) {
+			t.Fatalf("%s: the ids, weights or int8 form differ from the separate launches'", name)
+		}
 	}
 }

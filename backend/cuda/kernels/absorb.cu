@@ -259,3 +259,27 @@ ABSORB_TC(192)
 ABSORB_TC_ROPE(128)
 ABSORB_TC_ROPE(192)
 
+
+// absorb_query_tc_rope for the 2-64 rows of a serving step: row r's RoPEs
+// and cache write in block (r % gridDim.x, 0, heads + r / gridDim.x) of
+// ceil(T / gridDim.x) extra head slices (absorb_query_tc_rope has one, of
+// rank/AT_N rows). Each block computes what it computes in its own launch.
+#define ABSORB_TC_ROPE_ROWS(DN)                                                                                   \
+  extern "C" __global__ void __launch_bounds__(256, 2) absorb_query_tc_rope_rows_##DN(                          \
+      float* __restrict__ qlat, int ldql, const float* __restrict__ q, int ldq, const u8* __restrict__ codes,   \
+      const u8* __restrict__ scales, const float* __restrict__ row_scale, int G, int rank, int dr, int T,        \
+      int heads, float* rq, int qheads, int qstride, int qoffset, float* kpe, int ldk, int kheads, int kstride,  \
+      int koffset, int dim, int interleaved, const float* __restrict__ cs, void* layer, int dtype,               \
+      const i32* __restrict__ slots, const float* lat, int ldl) {                                               \
+    if ((int)blockIdx.z >= heads) {                                                                              \
+      PDL_LAUNCH();                                                                                              \
+      const int r = ((int)blockIdx.z - heads) * (int)gridDim.x + (int)blockIdx.x;                               \
+      rope2_cache_write_row(rq, ldq, qheads, qstride, qoffset, kpe, ldk, kheads, kstride, koffset, dim,          \
+                            interleaved, cs, T, layer, dtype, slots, lat, ldl, rank, dr, r,                      \
+                            blockIdx.y == 0 && r < T);                                                           \
+      return;                                                                                                    \
+    }                                                                                                            \
+    absorb_query_tc<DN>(qlat, ldql, q, ldq, codes, scales, row_scale, G, rank, dr, T);                          \
+  }
+ABSORB_TC_ROPE_ROWS(128)
+ABSORB_TC_ROPE_ROWS(192)
