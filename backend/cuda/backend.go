@@ -197,6 +197,9 @@ type Backend struct {
 	// lastRopeCache is the RoPE + cache write launch queued last.
 	lastRopeCache *ropeCacheOp
 	chainMerges   [7]int
+	// prefillMerges counts a prefill's merged launches by kind
+	// (prefillValues, prefillRope; tests).
+	prefillMerges [2]int
 
 	steps *stepTimer // MMFP4_CUDA_STEPTIME=1
 	// pieces counts the pieces this step has gone to the device in.
@@ -1830,7 +1833,7 @@ func (b *Backend) ExpandValues(out, olat backend.Tensor, wUV backend.Weight, s b
 		// quantization of the rows (whole groups per head).
 		b.count(weightBytes(w))
 		a := b.quantize(ol, w.q.G)
-		if b.streamHeadsQuant(om, a, w, s.Heads) || b.streamHeads(om, a, w, s.Heads) {
+		if b.streamHeadsQuant(om, a, w, s.Heads) || b.streamHeads(om, a, w, s.Heads) || b.gemmHeadsQuant(om, a, w, s.Heads) {
 			return
 		}
 		b.do(b.opName("expand values", w), func(c *Ctx) error { return c.GEMMHeads(om.ptr, om.ld, w.q, a, s.Heads, s.VDim, GEMMTileAuto) })

@@ -4,6 +4,7 @@ package cuda
 
 import (
 	"fmt"
+	"os"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -210,6 +211,53 @@ func (c *Ctx) GEMMHeads(y uint64, ldy int, w *QMatrix, a *QActs, heads, rows int
 		return fmt.Errorf("cuda: gemm heads: %d rows for %d heads of %d, output stride %d", w.N, heads, rows, ldy)
 	}
 	return c.gemm(y, ldy, w.Codes, w.Scales, w.RowScale, rows, k, w.G, a, heads, tile)
+}
+
+// GEMMHeadsQuant is GEMMHeads that also writes the int8 form of y's rows
+// into q in groups of 128 (what quant_rows computes from y, bit for bit):
+// rows a multiple of 128, so that each group lies in one head and one
+// block of the kernel.
+func (c *Ctx) GEMMHeadsQuant(y uint64, ldy int, w *QMatrix, a *QActs, heads, rows int, tile GEMMTile, q *QActs) error {
+	k := w.K
+	switch {
+	case a.K != heads*k || a.G != w.G || k%w.G != 0 || !GEMMFits(k, w.G):
+		return fmt.Errorf("cuda: gemm heads quant: activations %dx%d G=%d for %d heads of [%d,%d] G=%d", a.T, a.K, a.G, heads, rows, k, w.G)
+	case w.N != heads*rows || ldy < w.N || rows%gemmRows != 0:
+		return fmt.Errorf("cuda: gemm heads quant: %d rows for %d heads of %d (a multiple of %d), output stride %d", w.N, heads, rows, gemmRows, ldy)
+	case q.T != a.T || q.K != w.N || q.G != gemmRows:
+		return fmt.Errorf("cuda: gemm heads quant: int8 form %dx%d G=%d, want %dx%d G=%d", q.T, q.K, q.G, a.T, w.N, gemmRows)
+	}
+	tile = pickTile(tile, a.T)
+	shared := tile.shared(k / w.G)
+	kern, err := c.kernelShared("gemm", "gemm_heads_q_"+tile.suffix(w.G), shared)
+	if err != nil {
+		return err
+	}
+	grid := Dim{uint32(rows / gemmRows), uint32((a.T + tile.tokens() - 1) / tile.tokens()), uint32(heads)}
+	return c.Launch(kern, grid, D1(tile.threads()), shared, w.Codes, w.Scales, w.RowScale, rows, k, w.G,
+		a.Q, a.K, a.Scales, a.K/w.G, a.T, y, ldy, q.Q, q.Scales, q.Sums, q.K)
+}
+
+// valuesQuantOff keeps the int8 form of a prefill's value expansion in a
+// launch of its own (MMFP4_CUDA_VALUES_QUANT=0; A/B runs).
+var valuesQuantOff = os.Getenv("MMFP4_CUDA_VALUES_QUANT") == "0"
+
+// gemmHeadsQuant queues the value expansion's products of a (GEMMHeads
+// into om) with om's int8 form in groups of 128, which o_proj's product
+// finds remembered, in one launch when it applies, and reports whether it
+// did.
+func (b *Backend) gemmHeadsQuant(om *tensor, a *QActs, w *weight, heads int) bool {
+	if valuesQuantOff || w.q.N%heads != 0 || om.cols != w.q.N || om.rows != a.T || (w.q.N/heads)%gemmRows != 0 {
+		return false
+	}
+	rows, wq := w.q.N/heads, w.q
+	q := b.quantizeInto(om, gemmRows)
+	b.do(b.opName("expand values+quantize", w), func(c *Ctx) error {
+		return c.GEMMHeadsQuant(om.ptr, om.ld, wq, a, heads, rows, GEMMTileAuto, q)
+	})
+	b.rememberQuant(quantEntry{*om, q})
+	b.prefillMerges[prefillValues]++
+	return true
 }
 
 // MoEBatch is the device work space of MoEBatched for T tokens: the pairs'

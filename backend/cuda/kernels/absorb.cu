@@ -259,3 +259,29 @@ ABSORB_TC(192)
 ABSORB_TC_ROPE(128)
 ABSORB_TC_ROPE(192)
 
+
+// absorb_query_tc_rope for the rows of a prefill: the blocks of the extra
+// head slices (blockIdx.z >= heads, numbered b = 0 .. nb-1 in launch order)
+// each do the RoPEs and the cache write of rows b, b + nb, b + 2nb, ...
+// They come last in the grid, so they run beside the absorbed query's last
+// wave instead of in a launch of their own after it.
+#define ABSORB_TC_ROPE_MANY(DN)                                                                                   \
+  extern "C" __global__ void __launch_bounds__(256, 2) absorb_query_tc_rope_many_##DN(                          \
+      float* __restrict__ qlat, int ldql, const float* __restrict__ q, int ldq, const u8* __restrict__ codes,   \
+      const u8* __restrict__ scales, const float* __restrict__ row_scale, int G, int rank, int dr, int T,        \
+      int heads, float* rq, int qheads, int qstride, int qoffset, float* kpe, int ldk, int kheads, int kstride,  \
+      int koffset, int dim, int interleaved, const float* __restrict__ cs, void* layer, int dtype,               \
+      const i32* __restrict__ slots, const float* lat, int ldl) {                                               \
+    if ((int)blockIdx.z >= heads) {                                                                              \
+      PDL_LAUNCH();                                                                                              \
+      const int nb = gridDim.x * gridDim.y * (gridDim.z - heads);                                                \
+      const int b = ((blockIdx.z - heads) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;                    \
+      for (int t = b; t < T; t += nb)                                                                            \
+        rope2_cache_write_row(rq, ldq, qheads, qstride, qoffset, kpe, ldk, kheads, kstride, koffset, dim,        \
+                              interleaved, cs, T, layer, dtype, slots, lat, ldl, rank, dr, t, true);             \
+      return;                                                                                                    \
+    }                                                                                                            \
+    absorb_query_tc<DN>(qlat, ldql, q, ldq, codes, scales, row_scale, G, rank, dr, T);                          \
+  }
+ABSORB_TC_ROPE_MANY(128)
+ABSORB_TC_ROPE_MANY(192)

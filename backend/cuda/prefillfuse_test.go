@@ -1,0 +1,195 @@
+//go:build linux || darwin || freebsd || netbsd
+
+package cuda
+
+import (
+	"bytes"
+	"fmt"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/mmfp4/mmfp4/backend"
+)
+
+// The merged launches of a prefill (the value expansion with the int8 form
+// of its output, the absorbed query with the RoPEs and cache write) compute
+// what the separate launches compute, bit for bit: the rotated queries and
+// keys, the cache's bytes, the absorbed queries, the expanded values, their
+// int8 form and o_proj's product of it, at GLM-4.7-Flash's attention shapes
+// (and nope 128), at row counts that fill and that leave short token tiles
+// of both GEMM tiles.
+func TestPrefillMergesMatchSeparate(t *testing.T) {
+	for _, c := range []struct {
+		T, nope, uvG int
+		dtype        backend.CacheDType
+	}{
+		{1030, 192, 128, backend.CacheBF16},
+		{300, 192, 32, backend.CacheF32},
+		{129, 128, 64, backend.CacheBF16},
+		{70, 192, 128, backend.CacheBF16}, // the 16-token GEMM tile
+	} {
+		t.Run(fmt.Sprintf("T%d_nope%d_uv%d", c.T, c.nope, c.uvG), func(t *testing.T) {
+			const heads, rank, vdim, hidden, qRank = 20, 512, 256, 2048, 768
+			run := func(merged bool) (map[string][]float32, map[string][]byte, *Backend) {
+				defer func(a, v bool) { absorbRopeOff, valuesQuantOff = a, v }(absorbRopeOff, valuesQuantOff)
+				absorbRopeOff, valuesQuantOff = !merged, !merged
+				g, _ := testBackends(t, Options{})
+				r := rand.New(rand.NewPCG(43, uint64(c.T+c.nope+c.uvG)))
+				qh := func(name string, n, k, G int) backend.Weight { return mustWeight(t, g, quantHost(t, r, name, n, k, G)) }
+				qb, uk := qh("q_b", heads*(c.nope+64), qRank, 128), qh("uk", heads*c.nope, rank, 128)
+				uv, ow := qh("uv", heads*vdim, rank, c.uvG), qh("o", hidden, heads*vdim, 128)
+				pool, err := g.NewCachePool(1, (c.T+15)/16+2, 16, rank, 64, c.dtype)
+				if err != nil {
+					t.Fatal(err)
+				}
+				tensor := func(cols int, scale float64) backend.Tensor {
+					x := g.NewTensor(c.T, cols)
+					g.Upload(x, randVec(r, c.T*cols, scale))
+					return x
+				}
+				g.SetBatch(simpleBatch(c.T, 0), pool)
+				qa, kv, olat := tensor(qRank, 1), tensor(rank+64, 1), tensor(heads*rank, 0.3)
+				q, qlat := g.NewTensor(c.T, heads*(c.nope+64)), g.NewTensor(c.T, heads*rank)
+				v, out := g.NewTensor(c.T, heads*vdim), g.NewTensor(c.T, hidden)
+				latent, kpe := g.Cols(kv, 0, rank), g.Cols(kv, rank, rank+64)
+				sh := backend.MLAShape{Heads: heads, NopeDim: c.nope, RopeDim: 64, Rank: rank, VDim: vdim}
+				// The attention's order (glm4moelite.Model.attention).
+				g.MatMul(q, qa, qb)
+				g.RoPE(q, heads, c.nope+64, c.nope, 64, 1e6, true)
+				g.RoPE(kpe, 1, 64, 0, 64, 1e6, true)
+				g.CacheWrite(0, latent, kpe)
+				g.AbsorbQuery(qlat, q, uk, sh)
+				g.ExpandValues(v, olat, uv, sh)
+				vq := quantForm(t, g, v, 128)
+				g.MatMul(out, v, ow)
+				got := map[string][]float32{}
+				for name, x := range map[string]backend.Tensor{"q": q, "kv": kv, "qlat": qlat, "v": v, "out": out} {
+					got[name] = g.Download(x)
+				}
+				cp := pool.(*cachePool)
+				rec := make([]byte, cp.layerBytes)
+				g.now("read cache", func(c *Ctx) error { return CopyOut(c, rec, cp.layer(0)) })
+				if vq == nil {
+					vq = quantForm(t, g, v, 128)
+				}
+				if err := g.Sync(); err != nil {
+					t.Fatal(err)
+				}
+				return got, map[string][]byte{"v": vq, "cache": rec}, g
+			}
+			want, wantForms, _ := run(false)
+			got, gotForms, g := run(true)
+			if g.prefillMerges != [2]int{1, 1} {
+				t.Errorf("merged launches %v (values with their int8 form, absorbed queries with the RoPEs), want [1 1]", g.prefillMerges)
+			}
+			for name, w := range want {
+				nonzero := 0
+				for i := range w {
+					if got[name][i] != w[i] {
+						t.Fatalf("%s[%d] = %v merged, %v separate", name, i, got[name][i], w[i])
+					}
+					if w[i] != 0 {
+						nonzero++
+					}
+				}
+				if nonzero < len(w)/2 {
+					t.Errorf("%s: %d of %d values nonzero", name, nonzero, len(w))
+				}
+			}
+			for name, w := range wantForms {
+				if w == nil || gotForms[name] == nil {
+					t.Fatalf("%s: no bytes (separate %v, merged %v)", name, w != nil, gotForms[name] != nil)
+				}
+				if !bytes.Equal(gotForms[name], w) {
+					t.Fatalf("%s: bytes differ at %d of %d", name, firstDiff(gotForms[name], w), len(w))
+				}
+			}
+		})
+	}
+}
+
+// BenchmarkPrefillMerges times, at prefill shapes (20 heads, dn 192, rank
+// 512, groups of 128), the value expansion with the int8 form of its
+// output ("values") and the RoPEs and cache write with the absorbed query
+// ("rope"), each merged and as separate launches: device time of the
+// queued launches (the attention output's own quantization left out).
+func BenchmarkPrefillMerges(b *testing.B) {
+	d := benchDevice(b)
+	for _, T := range []int{1024, 256} {
+		for _, what := range []string{"values", "rope"} {
+			for _, merged := range []bool{false, true} {
+				b.Run(fmt.Sprintf("T%d/%s/merged=%v", T, what, merged), func(b *testing.B) {
+					prefillMergeBench(b, d, T, what, merged)
+				})
+			}
+		}
+	}
+}
+
+func prefillMergeBench(b *testing.B, d *Device, T int, what string, merged bool) {
+	defer func(a, v bool) { absorbRopeOff, valuesQuantOff = a, v }(absorbRopeOff, valuesQuantOff)
+	absorbRopeOff, valuesQuantOff = !merged, !merged
+	s := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
+	g := NewOnDevice(d, Options{NoGraphs: true})
+	defer g.Close()
+	r := rand.New(rand.NewPCG(13, 13))
+	weight := func(name string, n, k int) backend.Weight {
+		w, err := g.NewWeight(backend.HostWeight{Name: name, N: n, K: k, Quant: synthMatrix(r, n, k, 128)})
+		if err != nil {
+			b.Fatal(err)
+		}
+		return w
+	}
+	uk, uv := weight("uk", s.Heads*s.NopeDim, s.Rank), weight("uv", s.Heads*s.VDim, s.Rank)
+	pool, err := g.NewCachePool(1, T/16+2, 16, s.Rank, s.RopeDim, backend.CacheBF16)
+	if err != nil {
+		b.Fatal(err)
+	}
+	g.SetBatch(simpleBatch(T, 0), pool)
+	qk := s.NopeDim + s.RopeDim
+	q, ql, kv := g.NewTensor(T, s.Heads*qk), g.NewTensor(T, s.Heads*s.Rank), g.NewTensor(T, s.Rank+s.RopeDim)
+	olat, v := g.NewTensor(T, s.Heads*s.Rank), g.NewTensor(T, s.Heads*s.VDim)
+	g.Upload(q, randVec(r, T*s.Heads*qk, 1))
+	g.Upload(kv, randVec(r, T*(s.Rank+s.RopeDim), 1))
+	g.Upload(olat, randVec(r, T*s.Heads*s.Rank, 0.3))
+	kpe := g.Cols(kv, s.Rank, s.Rank+s.RopeDim)
+	queue := func() {
+		if what == "values" {
+			g.ExpandValues(v, olat, uv, s)
+			if !merged {
+				g.quantize(asTensor(v), 128)
+			}
+			return
+		}
+		g.RoPE(q, s.Heads, qk, s.NopeDim, s.RopeDim, 1e6, true)
+		g.RoPE(kpe, 1, s.RopeDim, 0, s.RopeDim, 1e6, true)
+		g.CacheWrite(0, g.Cols(kv, 0, s.Rank), kpe)
+		g.AbsorbQuery(ql, q, uk, s)
+	}
+	mark := g.Mark()
+	queue() // warm-up (compiles)
+	if err := g.Sync(); err != nil {
+		b.Fatal(err)
+	}
+	// The same arena memory again (no growth, which would run the queued
+	// ops), and the int8 forms of the warm-up forgotten.
+	g.Release(mark)
+	queue()
+	ops := g.pending
+	g.pending = nil
+	if what == "values" && len(ops) > 0 && ops[0].op == "quantize" {
+		ops = ops[1:] // the attention output's quantization
+	}
+	err = d.Do(func(c *Ctx) error {
+		sec, launches, err := timeQueued(c, ops, 20)
+		if err != nil {
+			return err
+		}
+		b.ReportMetric(sec*1e6, "us/op")
+		b.ReportMetric(float64(launches), "launches")
+		return nil
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+}
