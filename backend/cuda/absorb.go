@@ -109,4 +109,5 @@ func (b *Backend) absorbRopeMany(ql, qm *tensor, w *QMatrix, s backend.MLAShape,
 const (
 	prefillValues = iota // value expansions with the int8 form of their output
 	prefillRope          // absorbed queries with the RoPEs and cache write
+	prefillNorms         // latent norms in the q_a norm's launch
 )

@@ -198,8 +198,8 @@ type Backend struct {
 	lastRopeCache *ropeCacheOp
 	chainMerges   [7]int
 	// prefillMerges counts a prefill's merged launches by kind
-	// (prefillValues, prefillRope; tests).
-	prefillMerges [2]int
+	// (prefillValues, prefillRope, prefillNorms; tests).
+	prefillMerges [3]int
 
 	steps *stepTimer // MMFP4_CUDA_STEPTIME=1
 	// pieces counts the pieces this step has gone to the device in.
@@ -1378,7 +1378,7 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 			return
 		}
 		nr := normRows{x: xm.ptr, out: d.ptr, gain: g.dense, ldx: xm.ld, ldo: d.ld, eps: eps, q: a}
-		if fast && d.rows > 1 && b.pairNormRows(nr, xm, d) {
+		if fast && d.rows > 1 && (b.pairNormRows(nr, xm, d) || b.pairNormGEMM(nr, xm, d)) {
 			// In the launch of the norm queued before (serve.go).
 			b.rememberQuant(quantEntry{*d, a})
 			return

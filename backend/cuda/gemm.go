@@ -260,6 +260,29 @@ func (b *Backend) gemmHeadsQuant(om *tensor, a *QActs, w *weight, heads int) boo
 	return true
 }
 
+// prefillNormsOff keeps a prefill's latent norm in a launch of its own
+// (MMFP4_CUDA_PREFILL_NORMS=0; A/B runs).
+var prefillNormsOff = os.Getenv("MMFP4_CUDA_PREFILL_NORMS") == "0"
+
+// pairNormGEMM queues norm n (of x into out, several rows) in the launch
+// of the norm of the same rows queued before it when only a GEMM lies
+// between them that neither writes x nor touches out (a prefill's q_a
+// norm, q_b's product, the latent's norm: the GEMM reads only its int8
+// rows and weights), and reports whether it did.
+func (b *Backend) pairNormGEMM(n normRows, x, out *tensor) bool {
+	p, g := b.lastNormRows, b.lastGEMM
+	if prefillNormsOff || !b.chained() || p == nil || p.flush != b.flushes || p.paired || p.n.q.T != n.q.T ||
+		g == nil || g.flush != b.flushes || g.idx != p.idx+1 || g.idx != len(b.pending)-1 ||
+		overlaps(x, &g.out) || overlaps(out, &g.out) || overlaps(x, &p.out) || overlaps(out, &p.x) || overlaps(out, &p.out) {
+		return false
+	}
+	n1 := p.n
+	b.pending[p.idx] = queuedOp{"rmsnorm pair", func(c *Ctx) error { return c.RMSNormQuant8PairRows(n1, n) }}
+	p.paired = true
+	b.prefillMerges[prefillNorms]++
+	return true
+}
+
 // MoEBatch is the device work space of MoEBatched for T tokens: the pairs'
 // rows in expert order, the tiles, each pair's SiLU product (and its int8
 // form) and down product. All of it is step memory (the backend's arena).

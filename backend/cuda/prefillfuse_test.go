@@ -12,9 +12,10 @@ import (
 )
 
 // The merged launches of a prefill (the value expansion with the int8 form
-// of its output, the absorbed query with the RoPEs and cache write) compute
-// what the separate launches compute, bit for bit: the rotated queries and
-// keys, the cache's bytes, the absorbed queries, the expanded values, their
+// of its output, the absorbed query with the RoPEs and cache write, the
+// latent's norm with the q_a norm) compute what the separate launches
+// compute, bit for bit: the norms and their int8 forms, the rotated
+// queries and keys, the cache's bytes, the absorbed queries, the expanded values, their
 // int8 form and o_proj's product of it, at GLM-4.7-Flash's attention shapes
 // (and nope 128), at row counts that fill and that leave short token tiles
 // of both GEMM tiles.
@@ -31,13 +32,17 @@ func TestPrefillMergesMatchSeparate(t *testing.T) {
 		t.Run(fmt.Sprintf("T%d_nope%d_uv%d", c.T, c.nope, c.uvG), func(t *testing.T) {
 			const heads, rank, vdim, hidden, qRank = 20, 512, 256, 2048, 768
 			run := func(merged bool) (map[string][]float32, map[string][]byte, *Backend) {
-				defer func(a, v bool) { absorbRopeOff, valuesQuantOff = a, v }(absorbRopeOff, valuesQuantOff)
-				absorbRopeOff, valuesQuantOff = !merged, !merged
+				defer func(a, v, n bool) { absorbRopeOff, valuesQuantOff, prefillNormsOff = a, v, n }(absorbRopeOff, valuesQuantOff, prefillNormsOff)
+				absorbRopeOff, valuesQuantOff, prefillNormsOff = !merged, !merged, !merged
 				g, _ := testBackends(t, Options{})
 				r := rand.New(rand.NewPCG(43, uint64(c.T+c.nope+c.uvG)))
 				qh := func(name string, n, k, G int) backend.Weight { return mustWeight(t, g, quantHost(t, r, name, n, k, G)) }
 				qb, uk := qh("q_b", heads*(c.nope+64), qRank, 128), qh("uk", heads*c.nope, rank, 128)
 				uv, ow := qh("uv", heads*vdim, rank, c.uvG), qh("o", hidden, heads*vdim, 128)
+				vec := func(name string, k int) backend.Weight {
+					return mustWeight(t, g, backend.HostWeight{Name: name, N: 1, K: k, Dense: randVec(r, k, 1)})
+				}
+				qaNorm, kvNorm := vec("qa_norm", qRank), vec("kv_norm", rank)
 				pool, err := g.NewCachePool(1, (c.T+15)/16+2, 16, rank, 64, c.dtype)
 				if err != nil {
 					t.Fatal(err)
@@ -51,10 +56,12 @@ func TestPrefillMergesMatchSeparate(t *testing.T) {
 				qa, kv, olat := tensor(qRank, 1), tensor(rank+64, 1), tensor(heads*rank, 0.3)
 				q, qlat := g.NewTensor(c.T, heads*(c.nope+64)), g.NewTensor(c.T, heads*rank)
 				v, out := g.NewTensor(c.T, heads*vdim), g.NewTensor(c.T, hidden)
-				latent, kpe := g.Cols(kv, 0, rank), g.Cols(kv, rank, rank+64)
+				qaN, latent, kpe := g.NewTensor(c.T, qRank), g.NewTensor(c.T, rank), g.Cols(kv, rank, rank+64)
 				sh := backend.MLAShape{Heads: heads, NopeDim: c.nope, RopeDim: 64, Rank: rank, VDim: vdim}
 				// The attention's order (glm4moelite.Model.attention).
-				g.MatMul(q, qa, qb)
+				g.RMSNorm(qaN, qa, qaNorm, 1e-6)
+				g.MatMul(q, qaN, qb)
+				g.RMSNorm(latent, g.Cols(kv, 0, rank), kvNorm, 1e-6)
 				g.RoPE(q, heads, c.nope+64, c.nope, 64, 1e6, true)
 				g.RoPE(kpe, 1, 64, 0, 64, 1e6, true)
 				g.CacheWrite(0, latent, kpe)
@@ -63,7 +70,7 @@ func TestPrefillMergesMatchSeparate(t *testing.T) {
 				vq := quantForm(t, g, v, 128)
 				g.MatMul(out, v, ow)
 				got := map[string][]float32{}
-				for name, x := range map[string]backend.Tensor{"q": q, "kv": kv, "qlat": qlat, "v": v, "out": out} {
+				for name, x := range map[string]backend.Tensor{"qa norm": qaN, "latent": latent, "q": q, "kv": kv, "qlat": qlat, "v": v, "out": out} {
 					got[name] = g.Download(x)
 				}
 				cp := pool.(*cachePool)
@@ -75,12 +82,12 @@ func TestPrefillMergesMatchSeparate(t *testing.T) {
 				if err := g.Sync(); err != nil {
 					t.Fatal(err)
 				}
-				return got, map[string][]byte{"v": vq, "cache": rec}, g
+				return got, map[string][]byte{"v": vq, "cache": rec, "qa norm": quantForm(t, g, qaN, 128), "latent": quantForm(t, g, latent, 128)}, g
 			}
 			want, wantForms, _ := run(false)
 			got, gotForms, g := run(true)
-			if g.prefillMerges != [2]int{1, 1} {
-				t.Errorf("merged launches %v (values with their int8 form, absorbed queries with the RoPEs), want [1 1]", g.prefillMerges)
+			if g.prefillMerges != [3]int{1, 1, 1} {
+				t.Errorf("merged launches %v (values with their int8 form, absorbed queries with the RoPEs, norm pairs), want [1 1 1]", g.prefillMerges)
 			}
 			for name, w := range want {
 				nonzero := 0
