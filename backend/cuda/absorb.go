@@ -21,6 +21,10 @@ var absorbTCMinTokens = 1
 // their own (MMFP4_CUDA_ABSORB_ROPE=0; A/B runs).
 var absorbRopeOff = os.Getenv("MMFP4_CUDA_ABSORB_ROPE") == "0"
 
+// absorbTiles is the token tiles of a block of a prefill's absorbed query
+// (absorb_query_tc2: 2; MMFP4_CUDA_ABSORB_TILES=1 keeps absorb_query_tc).
+var absorbTiles = map[bool]int{false: 2, true: 1}[os.Getenv("MMFP4_CUDA_ABSORB_TILES") == "1"]
+
 // absorbTCM and absorbTCN are AT_M and AT_N in absorb.cu: the tokens and
 // columns of one block.
 const (
@@ -49,8 +53,12 @@ func (b *Backend) absorbTC(ql, qm *tensor, w *weight, s backend.MLAShape) bool {
 	}
 	q := w.q
 	name := fmt.Sprintf("absorb_query_tc_%d", s.NopeDim)
-	grid := Dim{uint32(s.Rank / absorbTCN), uint32((ql.rows + absorbTCM - 1) / absorbTCM), uint32(s.Heads)}
-	if b.absorbRope(ql, qm, q, s, grid, shared) || b.absorbRopeMany(ql, qm, q, s, grid, shared) {
+	tiles := 1
+	if ql.rows >= absorbRopeMinRows && absorbTiles == 2 {
+		tiles, name = 2, fmt.Sprintf("absorb_query_tc2_%d", s.NopeDim)
+	}
+	grid := Dim{uint32(s.Rank / absorbTCN), uint32((ql.rows + tiles*absorbTCM - 1) / (tiles * absorbTCM)), uint32(s.Heads)}
+	if b.absorbRope(ql, qm, q, s, grid, shared) || b.absorbRopeMany(ql, qm, q, s, grid, shared, tiles) {
 		return true
 	}
 	b.do("absorb query", func(c *Ctx) error {
@@ -76,7 +84,7 @@ const (
 // absorbRopeMany is absorbRope for the rows of a prefill: the RoPEs and
 // cache write in blocks of extra head slices of the absorbed query's grid,
 // absorbRopeRows rows a block. It reports whether it queued it.
-func (b *Backend) absorbRopeMany(ql, qm *tensor, w *QMatrix, s backend.MLAShape, grid Dim, shared int) bool {
+func (b *Backend) absorbRopeMany(ql, qm *tensor, w *QMatrix, s backend.MLAShape, grid Dim, shared, tiles int) bool {
 	rc := b.lastRopeCache
 	if absorbRopeOff || !b.chained() || rc == nil || rc.flush != b.flushes || rc.idx != len(b.pending)-1 {
 		return false
@@ -90,6 +98,9 @@ func (b *Backend) absorbRopeMany(ql, qm *tensor, w *QMatrix, s backend.MLAShape,
 	slab := int(grid.X * grid.Y)
 	grid.Z += uint32((T + slab*absorbRopeRows - 1) / (slab * absorbRopeRows))
 	name := fmt.Sprintf("absorb_query_tc_rope_many_%d", s.NopeDim)
+	if tiles == 2 {
+		name = fmt.Sprintf("absorb_query_tc2_rope_many_%d", s.NopeDim)
+	}
 	b.pending[rc.idx] = queuedOp{"absorb query+rope+cache write", func(c *Ctx) error {
 		k, err := c.kernelShared("absorb", name, shared)
 		if err != nil {

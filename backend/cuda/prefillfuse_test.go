@@ -5,6 +5,7 @@ package cuda
 import (
 	"bytes"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"testing"
 
@@ -118,12 +119,14 @@ func TestPrefillMergesMatchSeparate(t *testing.T) {
 // BenchmarkPrefillMerges times, at prefill shapes (20 heads, dn 192, rank
 // 512, groups of 128), the value expansion with the int8 form of its
 // output ("values") and the RoPEs and cache write with the absorbed query
-// ("rope"), each merged and as separate launches: device time of the
-// queued launches (the attention output's own quantization left out).
+// ("rope"), each merged and as separate launches, and the absorbed query
+// alone ("absorb": merged is two token tiles a block, else one): device
+// time of the queued launches (the attention output's own quantization
+// left out).
 func BenchmarkPrefillMerges(b *testing.B) {
 	d := benchDevice(b)
 	for _, T := range []int{1024, 256} {
-		for _, what := range []string{"values", "rope"} {
+		for _, what := range []string{"values", "rope", "absorb"} {
 			for _, merged := range []bool{false, true} {
 				b.Run(fmt.Sprintf("T%d/%s/merged=%v", T, what, merged), func(b *testing.B) {
 					prefillMergeBench(b, d, T, what, merged)
@@ -134,8 +137,11 @@ func BenchmarkPrefillMerges(b *testing.B) {
 }
 
 func prefillMergeBench(b *testing.B, d *Device, T int, what string, merged bool) {
-	defer func(a, v bool) { absorbRopeOff, valuesQuantOff = a, v }(absorbRopeOff, valuesQuantOff)
+	defer func(a, v bool, n int) { absorbRopeOff, valuesQuantOff, absorbTiles = a, v, n }(absorbRopeOff, valuesQuantOff, absorbTiles)
 	absorbRopeOff, valuesQuantOff = !merged, !merged
+	if what == "absorb" {
+		absorbTiles = map[bool]int{false: 1, true: 2}[merged]
+	}
 	s := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
 	g := NewOnDevice(d, Options{NoGraphs: true})
 	defer g.Close()
@@ -168,9 +174,11 @@ func prefillMergeBench(b *testing.B, d *Device, T int, what string, merged bool)
 			}
 			return
 		}
-		g.RoPE(q, s.Heads, qk, s.NopeDim, s.RopeDim, 1e6, true)
-		g.RoPE(kpe, 1, s.RopeDim, 0, s.RopeDim, 1e6, true)
-		g.CacheWrite(0, g.Cols(kv, 0, s.Rank), kpe)
+		if what == "rope" {
+			g.RoPE(q, s.Heads, qk, s.NopeDim, s.RopeDim, 1e6, true)
+			g.RoPE(kpe, 1, s.RopeDim, 0, s.RopeDim, 1e6, true)
+			g.CacheWrite(0, g.Cols(kv, 0, s.Rank), kpe)
+		}
 		g.AbsorbQuery(ql, q, uk, s)
 	}
 	mark := g.Mark()
@@ -198,5 +206,49 @@ func prefillMergeBench(b *testing.B, d *Device, T int, what string, merged bool)
 	})
 	if err != nil {
 		b.Fatal(err)
+	}
+}
+
+// The prefill's absorbed query over two token tiles a block
+// (absorb_query_tc2) writes what absorb_query_tc writes, bit for bit, at
+// row counts that end inside the first and the second tile of a block, at
+// both compiled nope widths.
+func TestAbsorbTilesMatchOneTile(t *testing.T) {
+	for _, c := range []struct{ T, nope, G int }{{65, 192, 128}, {130, 192, 32}, {1030, 192, 128}, {200, 128, 64}} {
+		t.Run(fmt.Sprintf("T%d_nope%d_G%d", c.T, c.nope, c.G), func(t *testing.T) {
+			s := backend.MLAShape{Heads: 20, NopeDim: c.nope, RopeDim: 64, VDim: 256, Rank: 512}
+			run := func(tiles int) []float32 {
+				defer func(n int) { absorbTiles = n }(absorbTiles)
+				absorbTiles = tiles
+				g, _ := testBackends(t, Options{})
+				r := rand.New(rand.NewPCG(47, uint64(c.T+c.nope+c.G)))
+				w := mustWeight(t, g, quantHost(t, r, "uk", s.Heads*s.NopeDim, s.Rank, c.G))
+				q, ql := g.NewTensor(c.T, s.Heads*(s.NopeDim+s.RopeDim)), g.NewTensor(c.T, s.Heads*s.Rank)
+				x := randVec(r, c.T*s.Heads*(s.NopeDim+s.RopeDim), 1)
+				for i := range x {
+					x[i] *= float32(math.Ldexp(1, (i/(s.NopeDim+s.RopeDim))%40-20)) // rows and heads of many magnitudes
+				}
+				g.Upload(q, x)
+				g.AbsorbQuery(ql, q, w, s)
+				out := g.Download(ql)
+				if err := g.Sync(); err != nil {
+					t.Fatal(err)
+				}
+				return out
+			}
+			want, got := run(1), run(2)
+			nonzero := 0
+			for i := range want {
+				if math.Float32bits(got[i]) != math.Float32bits(want[i]) {
+					t.Fatalf("qlat[%d] = %v two tiles a block, %v one", i, got[i], want[i])
+				}
+				if want[i] != 0 {
+					nonzero++
+				}
+			}
+			if nonzero < len(want)/2 {
+				t.Errorf("%d of %d values nonzero", nonzero, len(want))
+			}
+		})
 	}
 }
