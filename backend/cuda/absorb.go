@@ -21,9 +21,20 @@ var absorbTCMinTokens = 1
 // their own (MMFP4_CUDA_ABSORB_ROPE=0; A/B runs).
 var absorbRopeOff = os.Getenv("MMFP4_CUDA_ABSORB_ROPE") == "0"
 
-// absorbTiles is the token tiles of a block of a prefill's absorbed query
-// (absorb_query_tc2: 2; MMFP4_CUDA_ABSORB_TILES=1 keeps absorb_query_tc).
-var absorbTiles = map[bool]int{false: 2, true: 1}[os.Getenv("MMFP4_CUDA_ABSORB_TILES") == "1"]
+// absorbTiles is the token tiles of a block of a prefill's absorbed query:
+// 1 (absorb_query_tc), 2 or 4 (absorb_query_tc2, _tc4), set by
+// MMFP4_CUDA_ABSORB_TILES.
+var absorbTiles = envTiles(os.Getenv("MMFP4_CUDA_ABSORB_TILES"))
+
+func envTiles(v string) int {
+	switch v {
+	case "1":
+		return 1
+	case "4":
+		return 4
+	}
+	return 2
+}
 
 // absorbTCM and absorbTCN are AT_M and AT_N in absorb.cu: the tokens and
 // columns of one block.
@@ -54,8 +65,8 @@ func (b *Backend) absorbTC(ql, qm *tensor, w *weight, s backend.MLAShape) bool {
 	q := w.q
 	name := fmt.Sprintf("absorb_query_tc_%d", s.NopeDim)
 	tiles := 1
-	if ql.rows >= absorbRopeMinRows && absorbTiles == 2 {
-		tiles, name = 2, fmt.Sprintf("absorb_query_tc2_%d", s.NopeDim)
+	if ql.rows >= absorbRopeMinRows && absorbTiles > 1 {
+		tiles, name = absorbTiles, fmt.Sprintf("absorb_query_tc%d_%d", absorbTiles, s.NopeDim)
 	}
 	grid := Dim{uint32(s.Rank / absorbTCN), uint32((ql.rows + tiles*absorbTCM - 1) / (tiles * absorbTCM)), uint32(s.Heads)}
 	if b.absorbRope(ql, qm, q, s, grid, shared) || b.absorbRopeMany(ql, qm, q, s, grid, shared, tiles) {
@@ -98,8 +109,8 @@ func (b *Backend) absorbRopeMany(ql, qm *tensor, w *QMatrix, s backend.MLAShape,
 	slab := int(grid.X * grid.Y)
 	grid.Z += uint32((T + slab*absorbRopeRows - 1) / (slab * absorbRopeRows))
 	name := fmt.Sprintf("absorb_query_tc_rope_many_%d", s.NopeDim)
-	if tiles == 2 {
-		name = fmt.Sprintf("absorb_query_tc2_rope_many_%d", s.NopeDim)
+	if tiles > 1 {
+		name = fmt.Sprintf("absorb_query_tc%d_rope_many_%d", tiles, s.NopeDim)
 	}
 	b.pending[rc.idx] = queuedOp{"absorb query+rope+cache write", func(c *Ctx) error {
 		k, err := c.kernelShared("absorb", name, shared)

@@ -444,19 +444,21 @@ __device__ __forceinline__ void absorb_query_tcm(float* __restrict__ qlat, int l
   }
 }
 
-#define ABSORB_TC2(DN)                                                                                            \
+#define ABSORB_TCM(DN, TILES)                                                                                     \
   extern "C" __global__ void __launch_bounds__(256, 2)                                                          \
-      absorb_query_tc2_##DN(float* __restrict__ qlat, int ldql, const float* __restrict__ q, int ldq,           \
-                            const u8* __restrict__ codes, const u8* __restrict__ scales,                        \
-                            const float* __restrict__ row_scale, int G, int rank, int dr, int T) {              \
-    absorb_query_tcm<DN, 2>(qlat, ldql, q, ldq, codes, scales, row_scale, G, rank, dr, T);                      \
+      absorb_query_tc##TILES##_##DN(float* __restrict__ qlat, int ldql, const float* __restrict__ q, int ldq,   \
+                                    const u8* __restrict__ codes, const u8* __restrict__ scales,                \
+                                    const float* __restrict__ row_scale, int G, int rank, int dr, int T) {      \
+    absorb_query_tcm<DN, TILES>(qlat, ldql, q, ldq, codes, scales, row_scale, G, rank, dr, T);                  \
   }
-ABSORB_TC2(128)
-ABSORB_TC2(192)
+ABSORB_TCM(128, 2)
+ABSORB_TCM(192, 2)
+ABSORB_TCM(128, 4)
+ABSORB_TCM(192, 4)
 
-// absorb_query_tc_rope_many on absorb_query_tcm's two tiles a block.
-#define ABSORB_TC2_ROPE_MANY(DN)                                                                                  \
-  extern "C" __global__ void __launch_bounds__(256, 2) absorb_query_tc2_rope_many_##DN(                         \
+// absorb_query_tc_rope_many on absorb_query_tcm's TILES tiles a block.
+#define ABSORB_TCM_ROPE_MANY(DN, TILES)                                                                           \
+  extern "C" __global__ void __launch_bounds__(256, 2) absorb_query_tc##TILES##_rope_many_##DN(                 \
       float* __restrict__ qlat, int ldql, const float* __restrict__ q, int ldq, const u8* __restrict__ codes,   \
       const u8* __restrict__ scales, const float* __restrict__ row_scale, int G, int rank, int dr, int T,        \
       int heads, float* rq, int qheads, int qstride, int qoffset, float* kpe, int ldk, int kheads, int kstride,  \
@@ -471,7 +473,9 @@ ABSORB_TC2(192)
                               interleaved, cs, T, layer, dtype, slots, lat, ldl, rank, dr, t, true);             \
       return;                                                                                                    \
     }                                                                                                            \
-    absorb_query_tcm<DN, 2>(qlat, ldql, q, ldq, codes, scales, row_scale, G, rank, dr, T);                      \
+    absorb_query_tcm<DN, TILES>(qlat, ldql, q, ldq, codes, scales, row_scale, G, rank, dr, T);                  \
   }
-ABSORB_TC2_ROPE_MANY(128)
-ABSORB_TC2_ROPE_MANY(192)
+ABSORB_TCM_ROPE_MANY(128, 2)
+ABSORB_TCM_ROPE_MANY(192, 2)
+ABSORB_TCM_ROPE_MANY(128, 4)
+ABSORB_TCM_ROPE_MANY(192, 4)
