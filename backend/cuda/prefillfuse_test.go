@@ -126,7 +126,7 @@ func TestPrefillMergesMatchSeparate(t *testing.T) {
 // left out).
 func BenchmarkPrefillMerges(b *testing.B) {
 	d := benchDevice(b)
-	for _, T := range []int{1024, 256} {
+	for _, T := range []int{1024} {
 		for _, what := range []string{"values", "rope", "absorb", "absorb4"} {
 			for _, merged := range []bool{false, true} {
 				if what == "absorb4" && !merged {
