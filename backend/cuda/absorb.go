@@ -22,19 +22,8 @@ var absorbTCMinTokens = 1
 var absorbRopeOff = os.Getenv("MMFP4_CUDA_ABSORB_ROPE") == "0"
 
 // absorbTiles is the token tiles of a block of a prefill's absorbed query:
-// 1 (absorb_query_tc), 2 or 4 (absorb_query_tc2, _tc4), set by
-// MMFP4_CUDA_ABSORB_TILES.
-var absorbTiles = envTiles(os.Getenv("MMFP4_CUDA_ABSORB_TILES"))
-
-func envTiles(v string) int {
-	switch v {
-	case "1":
-		return 1
-	case "4":
-		return 4
-	}
-	return 2
-}
+// 2 (absorb_query_tc2), or 1 (absorb_query_tc, MMFP4_CUDA_ABSORB_TILES=1).
+var absorbTiles = map[bool]int{false: 2, true: 1}[os.Getenv("MMFP4_CUDA_ABSORB_TILES") == "1"]
 
 // absorbTCM and absorbTCN are AT_M and AT_N in absorb.cu: the tokens and
 // columns of one block.
@@ -86,10 +75,11 @@ func (b *Backend) absorbTC(ql, qm *tensor, w *weight, s backend.MLAShape) bool {
 // absorbRopeMinRows is the smallest step whose RoPEs and cache write, queued
 // just before its absorbed query, run in the absorbed query's launch
 // (absorb_query_tc_rope_many): a prefill's rows, above the serving steps'.
-// absorbRopeRows is the rows of each block of the extra head slices.
+// absorbRopeRows is ABSORB_ROPE_ROWS in absorb.cu: the rows of each block
+// of the extra head slices.
 const (
 	absorbRopeMinRows = StreamMaxTokens + 1
-	absorbRopeRows    = 4
+	absorbRopeRows    = 8
 )
 
 // absorbRopeMany is absorbRope for the rows of a prefill: the RoPEs and
@@ -106,12 +96,12 @@ func (b *Backend) absorbRopeMany(ql, qm *tensor, w *QMatrix, s backend.MLAShape,
 		r1.offset+r1.dim > r1.headStride || rc.rank != s.Rank || rc.rope != s.RopeDim || overlapsAny(ql, []tensor{*qm, rc.kpe, rc.lat}) {
 		return false
 	}
-	slab := int(grid.X * grid.Y)
-	grid.Z += uint32((T + slab*absorbRopeRows - 1) / (slab * absorbRopeRows))
-	name := fmt.Sprintf("absorb_query_tc_rope_many_%d", s.NopeDim)
-	if tiles > 1 {
-		name = fmt.Sprintf("absorb_query_tc%d_rope_many_%d", tiles, s.NopeDim)
+	if tiles != 2 {
+		return false
 	}
+	slab, blocks := int(grid.X*grid.Y), (T+absorbRopeRows-1)/absorbRopeRows
+	grid.Z += uint32((blocks + slab - 1) / slab)
+	name := fmt.Sprintf("absorb_query_tc2_rope_many_%d", s.NopeDim)
 	b.pending[rc.idx] = queuedOp{"absorb query+rope+cache write", func(c *Ctx) error {
 		k, err := c.kernelShared("absorb", name, shared)
 		if err != nil {

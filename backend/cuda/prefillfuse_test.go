@@ -120,18 +120,14 @@ func TestPrefillMergesMatchSeparate(t *testing.T) {
 // 512, groups of 128), the value expansion with the int8 form of its
 // output ("values") and the RoPEs and cache write with the absorbed query
 // ("rope"), each merged and as separate launches, and the absorbed query
-// alone ("absorb": merged is two token tiles a block, else one;
-// "absorb4": four): device
+// alone ("absorb": merged is two token tiles a block, else one): device
 // time of the queued launches (the attention output's own quantization
 // left out).
 func BenchmarkPrefillMerges(b *testing.B) {
 	d := benchDevice(b)
 	for _, T := range []int{1024} {
-		for _, what := range []string{"values", "rope", "absorb", "absorb4"} {
+		for _, what := range []string{"values", "rope", "absorb"} {
 			for _, merged := range []bool{false, true} {
-				if what == "absorb4" && !merged {
-					continue
-				}
 				b.Run(fmt.Sprintf("T%d/%s/merged=%v", T, what, merged), func(b *testing.B) {
 					prefillMergeBench(b, d, T, what, merged)
 				})
@@ -145,9 +141,6 @@ func prefillMergeBench(b *testing.B, d *Device, T int, what string, merged bool)
 	absorbRopeOff, valuesQuantOff = !merged, !merged
 	if what == "absorb" {
 		absorbTiles = map[bool]int{false: 1, true: 2}[merged]
-	}
-	if what == "absorb4" {
-		absorbTiles = 4
 	}
 	s := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
 	g := NewOnDevice(d, Options{NoGraphs: true})
@@ -209,6 +202,15 @@ func prefillMergeBench(b *testing.B, d *Device, T int, what string, merged bool)
 		}
 		b.ReportMetric(sec*1e6, "us/op")
 		b.ReportMetric(float64(launches), "launches")
+		if what == "values" {
+			name := map[bool]string{false: "gemm_t64_g128", true: "gemm_heads_q_t64_g128"}[merged]
+			k, err := c.kernelShared("gemm", name, GEMMTile64.shared(s.Rank/128))
+			if err != nil {
+				return err
+			}
+			b.ReportMetric(float64(k.Regs), "regs")
+			b.ReportMetric(float64(k.LocalBytes), "local-bytes")
+		}
 		return nil
 	})
 	if err != nil {
@@ -216,10 +218,10 @@ func prefillMergeBench(b *testing.B, d *Device, T int, what string, merged bool)
 	}
 }
 
-// The prefill's absorbed query over two and four token tiles a block
-// (absorb_query_tc2, _tc4) writes what absorb_query_tc writes, bit for
-// bit, at row counts that end inside the first, second and later tiles of
-// a block, at both compiled nope widths.
+// The prefill's absorbed query over two token tiles a block
+// (absorb_query_tc2) writes what absorb_query_tc writes, bit for bit, at
+// row counts that end inside the first and the second tile of a block, at
+// both compiled nope widths.
 func TestAbsorbTilesMatchOneTile(t *testing.T) {
 	for _, c := range []struct{ T, nope, G int }{{65, 192, 128}, {130, 192, 32}, {1030, 192, 128}, {200, 128, 64}} {
 		t.Run(fmt.Sprintf("T%d_nope%d_G%d", c.T, c.nope, c.G), func(t *testing.T) {
@@ -244,7 +246,7 @@ func TestAbsorbTilesMatchOneTile(t *testing.T) {
 				return out
 			}
 			want := run(1)
-			for _, tiles := range []int{2, 4} {
+			for _, tiles := range []int{2} {
 				got := run(tiles)
 				for i := range want {
 					if math.Float32bits(got[i]) != math.Float32bits(want[i]) {

@@ -260,32 +260,6 @@ ABSORB_TC_ROPE(128)
 ABSORB_TC_ROPE(192)
 
 
-// absorb_query_tc_rope for the rows of a prefill: the blocks of the extra
-// head slices (blockIdx.z >= heads, numbered b = 0 .. nb-1 in launch order)
-// each do the RoPEs and the cache write of rows b, b + nb, b + 2nb, ...
-// They come last in the grid, so they run beside the absorbed query's last
-// wave instead of in a launch of their own after it.
-#define ABSORB_TC_ROPE_MANY(DN)                                                                                   \
-  extern "C" __global__ void __launch_bounds__(256, 2) absorb_query_tc_rope_many_##DN(                          \
-      float* __restrict__ qlat, int ldql, const float* __restrict__ q, int ldq, const u8* __restrict__ codes,   \
-      const u8* __restrict__ scales, const float* __restrict__ row_scale, int G, int rank, int dr, int T,        \
-      int heads, float* rq, int qheads, int qstride, int qoffset, float* kpe, int ldk, int kheads, int kstride,  \
-      int koffset, int dim, int interleaved, const float* __restrict__ cs, void* layer, int dtype,               \
-      const i32* __restrict__ slots, const float* lat, int ldl) {                                               \
-    if ((int)blockIdx.z >= heads) {                                                                              \
-      PDL_LAUNCH();                                                                                              \
-      const int nb = gridDim.x * gridDim.y * (gridDim.z - heads);                                                \
-      const int b = ((blockIdx.z - heads) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;                    \
-      for (int t = b; t < T; t += nb)                                                                            \
-        rope2_cache_write_row(rq, ldq, qheads, qstride, qoffset, kpe, ldk, kheads, kstride, koffset, dim,        \
-                              interleaved, cs, T, layer, dtype, slots, lat, ldl, rank, dr, t, true);             \
-      return;                                                                                                    \
-    }                                                                                                            \
-    absorb_query_tc<DN>(qlat, ldql, q, ldq, codes, scales, row_scale, G, rank, dr, T);                          \
-  }
-ABSORB_TC_ROPE_MANY(128)
-ABSORB_TC_ROPE_MANY(192)
-
 // absorb_query_tc over TILES token tiles a block (a prefill's rows): the
 // weight slab is dequantized once for all of them, and the next tile's
 // queries are loaded into registers before this tile's products, so that
@@ -453,10 +427,55 @@ __device__ __forceinline__ void absorb_query_tcm(float* __restrict__ qlat, int l
   }
 ABSORB_TCM(128, 2)
 ABSORB_TCM(192, 2)
-ABSORB_TCM(128, 4)
-ABSORB_TCM(192, 4)
 
-// absorb_query_tc_rope_many on absorb_query_tcm's TILES tiles a block.
+// The RoPEs and cache write of rope2_cache_write_row for rows [t0, t0 +
+// n) of a block at once (each thread's work spread over the rows, so that
+// every row's loads are in flight together; the same arithmetic, so the
+// same bits), all the block's threads taking part.
+DEVICE void rope2_cache_write_rows(float* q, int ldq, int qheads, int qstride, int qoffset, float* kpe, int ldk,
+                                   int kheads, int kstride, int koffset, int dim, int interleaved,
+                                   const float* __restrict__ cs, int T, void* layer, int dtype,
+                                   const i32* __restrict__ slots, const float* lat, int ldl, int rank, int rope,
+                                   int t0, int n) {
+  const int half = dim / 2, width = rank + rope, nq = qheads * half, nr = nq + kheads * half;
+  PDL_WAIT();
+  for (int idx = threadIdx.x; idx < n * nr; idx += blockDim.x) {
+    const int r = idx / nr, t = t0 + r;
+    int j = idx - r * nr;
+    float* v;
+    if (j < nq) {
+      v = q + (size_t)t * ldq + (j / half) * qstride + qoffset;
+    } else {
+      j -= nq;
+      v = kpe + (size_t)t * ldk + (j / half) * kstride + koffset;
+    }
+    const int i = j % half;
+    const int a = interleaved ? 2 * i : i, b = interleaved ? 2 * i + 1 : i + half;
+    const float c = cs[(size_t)t * half + i], s = cs[(size_t)T * half + (size_t)t * half + i];
+    const float x0 = v[a], x1 = v[b];
+    v[a] = __fsub_rn(__fmul_rn(x0, c), __fmul_rn(x1, s));
+    v[b] = __fadd_rn(__fmul_rn(x1, c), __fmul_rn(x0, s));
+  }
+  __syncthreads();  // the rotated keys, which the cache write reads
+  for (int idx = threadIdx.x; idx < n * width; idx += blockDim.x) {
+    const int r = idx / width, j = idx - r * width, t = t0 + r;
+    const float v = j < rank ? lat[(size_t)t * ldl + j] : kpe[(size_t)t * ldk + j - rank];
+    const size_t slot = (size_t)slots[t];
+    if (dtype == 1)
+      ((float*)layer)[slot * width + j] = v;
+    else
+      ((unsigned short*)layer)[slot * width + j] = f32_to_bf16(v);
+  }
+}
+
+// ABSORB_ROPE_ROWS: the rows of each RoPE block of absorb_query_tc2_rope_many.
+#define ABSORB_ROPE_ROWS 8
+
+// absorb_query_tcm (TILES tiles a block) with the RoPEs and cache write of
+// a prefill in the blocks of extra head slices (blockIdx.z >= heads),
+// numbered b = 0, 1, ... in launch order, block b taking rows
+// [ABSORB_ROPE_ROWS b, ABSORB_ROPE_ROWS (b+1)). They come last in the grid,
+// beside the absorbed query's last wave.
 #define ABSORB_TCM_ROPE_MANY(DN, TILES)                                                                           \
   extern "C" __global__ void __launch_bounds__(256, 2) absorb_query_tc##TILES##_rope_many_##DN(                 \
       float* __restrict__ qlat, int ldql, const float* __restrict__ q, int ldq, const u8* __restrict__ codes,   \
@@ -466,16 +485,15 @@ ABSORB_TCM(192, 4)
       const i32* __restrict__ slots, const float* lat, int ldl) {                                               \
     if ((int)blockIdx.z >= heads) {                                                                              \
       PDL_LAUNCH();                                                                                              \
-      const int nb = gridDim.x * gridDim.y * (gridDim.z - heads);                                                \
       const int b = ((blockIdx.z - heads) * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x;                    \
-      for (int t = b; t < T; t += nb)                                                                            \
-        rope2_cache_write_row(rq, ldq, qheads, qstride, qoffset, kpe, ldk, kheads, kstride, koffset, dim,        \
-                              interleaved, cs, T, layer, dtype, slots, lat, ldl, rank, dr, t, true);             \
+      const int t0 = b * ABSORB_ROPE_ROWS;                                                                       \
+      if (t0 < T)                                                                                                \
+        rope2_cache_write_rows(rq, ldq, qheads, qstride, qoffset, kpe, ldk, kheads, kstride, koffset, dim,       \
+                               interleaved, cs, T, layer, dtype, slots, lat, ldl, rank, dr, t0,                  \
+                               min(ABSORB_ROPE_ROWS, T - t0));                                                   \
       return;                                                                                                    \
     }                                                                                                            \
     absorb_query_tcm<DN, TILES>(qlat, ldql, q, ldq, codes, scales, row_scale, G, rank, dr, T);                  \
   }
 ABSORB_TCM_ROPE_MANY(128, 2)
 ABSORB_TCM_ROPE_MANY(192, 2)
-ABSORB_TCM_ROPE_MANY(128, 4)
-ABSORB_TCM_ROPE_MANY(192, 4)

@@ -182,7 +182,7 @@ DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, cons
 // The int8 form of a GEMM_PLAIN_Q tile's output (defined at the end).
 struct GQOut;
 template <int MT, int WT, int WN>
-DEVICE void gemm_quant_out(const float (&acc)[MT][WT][4], const float* __restrict__ row_scale, int N, int row0,
+DEVICE void gemm_quant_out(float (&v)[MT][WT][4], const float* __restrict__ row_scale, int N, int row0,
                            const int (&ra)[MT], float* __restrict__ out, int ldo, int ntok, const GQOut* qo, u8* smem);
 
 template <int MT, int WT, int WN, int MODE, int SPG, int SK>
@@ -713,7 +713,7 @@ struct GQOut {
 };
 
 template <int MT, int WT, int WN>
-DEVICE void gemm_quant_out(const float (&acc)[MT][WT][4], const float* __restrict__ row_scale, int N, int row0,
+DEVICE void gemm_quant_out(float (&v)[MT][WT][4], const float* __restrict__ row_scale, int N, int row0,
                            const int (&ra)[MT], float* __restrict__ out, int ldo, int ntok, const GQOut* qo, u8* smem) {
   constexpr int BT = 8 * WT * WN, WM = 8 / MT, NT = 32 * WM * WN;
   constexpr int QS = GEMM_ROWS + 16;  // bytes between two tokens' staged codes
@@ -723,9 +723,8 @@ DEVICE void gemm_quant_out(const float (&acc)[MT][WT][4], const float* __restric
   float* sam = smax + WM * BT;  // [BT] each token's group maximum
   u8* sq = (u8*)(sam + BT);     // [BT][QS] codes
   const int K = qo->K;
-  // The outputs as GEMM_PLAIN writes them (e = 0, 1: row g, tokens 2i,
-  // 2i+1; e = 2, 3: row g+8).
-  float v[MT][WT][4];
+  // The sums scaled in place into the outputs as GEMM_PLAIN writes them
+  // (e = 0, 1: row g, tokens 2i, 2i+1; e = 2, 3: row g+8).
 #pragma unroll
   for (int m = 0; m < MT; m++)
 #pragma unroll
@@ -733,8 +732,8 @@ DEVICE void gemm_quant_out(const float (&acc)[MT][WT][4], const float* __restric
       const float rs = row_scale[min(row0 + ra[m] + 8 * h, N - 1)] * 0.5f;
 #pragma unroll
       for (int nt = 0; nt < WT; nt++) {
-        v[m][nt][2 * h] = acc[m][nt][2 * h] * rs;
-        v[m][nt][2 * h + 1] = acc[m][nt][2 * h + 1] * rs;
+        v[m][nt][2 * h] *= rs;
+        v[m][nt][2 * h + 1] *= rs;
       }
     }
   __syncthreads();  // every warp is past the stages, which this reuses
