@@ -120,13 +120,15 @@ func TestPrefillMergesMatchSeparate(t *testing.T) {
 // 512, groups of 128), the value expansion with the int8 form of its
 // output ("values") and the RoPEs and cache write with the absorbed query
 // ("rope"), each merged and as separate launches, and the absorbed query
-// alone ("absorb": merged is two token tiles a block, else one): device
+// alone ("absorb": merged is two token tiles a block, else one), and the
+// q_a norm, q_b's product and the latent's norm ("norms": merged, the two
+// norms in one launch): device
 // time of the queued launches (the attention output's own quantization
 // left out).
 func BenchmarkPrefillMerges(b *testing.B) {
 	d := benchDevice(b)
 	for _, T := range []int{1024} {
-		for _, what := range []string{"values", "rope", "absorb"} {
+		for _, what := range []string{"values", "rope", "absorb", "norms"} {
 			for _, merged := range []bool{false, true} {
 				b.Run(fmt.Sprintf("T%d/%s/merged=%v", T, what, merged), func(b *testing.B) {
 					prefillMergeBench(b, d, T, what, merged)
@@ -137,8 +139,8 @@ func BenchmarkPrefillMerges(b *testing.B) {
 }
 
 func prefillMergeBench(b *testing.B, d *Device, T int, what string, merged bool) {
-	defer func(a, v bool, n int) { absorbRopeOff, valuesQuantOff, absorbTiles = a, v, n }(absorbRopeOff, valuesQuantOff, absorbTiles)
-	absorbRopeOff, valuesQuantOff = !merged, !merged
+	defer func(a, v, p bool, n int) { absorbRopeOff, valuesQuantOff, prefillNormsOff, absorbTiles = a, v, p, n }(absorbRopeOff, valuesQuantOff, prefillNormsOff, absorbTiles)
+	absorbRopeOff, valuesQuantOff, prefillNormsOff = !merged, !merged, !merged
 	if what == "absorb" {
 		absorbTiles = map[bool]int{false: 1, true: 2}[merged]
 	}
@@ -154,6 +156,15 @@ func prefillMergeBench(b *testing.B, d *Device, T int, what string, merged bool)
 		return w
 	}
 	uk, uv := weight("uk", s.Heads*s.NopeDim, s.Rank), weight("uv", s.Heads*s.VDim, s.Rank)
+	qb := weight("q_b", s.Heads*(s.NopeDim+s.RopeDim), 768)
+	vec := func(name string, k int) backend.Weight {
+		w, err := g.NewWeight(backend.HostWeight{Name: name, N: 1, K: k, Dense: randVec(r, k, 1)})
+		if err != nil {
+			b.Fatal(err)
+		}
+		return w
+	}
+	qaNorm, kvNorm := vec("qa_norm", 768), vec("kv_norm", s.Rank)
 	pool, err := g.NewCachePool(1, T/16+2, 16, s.Rank, s.RopeDim, backend.CacheBF16)
 	if err != nil {
 		b.Fatal(err)
@@ -162,11 +173,19 @@ func prefillMergeBench(b *testing.B, d *Device, T int, what string, merged bool)
 	qk := s.NopeDim + s.RopeDim
 	q, ql, kv := g.NewTensor(T, s.Heads*qk), g.NewTensor(T, s.Heads*s.Rank), g.NewTensor(T, s.Rank+s.RopeDim)
 	olat, v := g.NewTensor(T, s.Heads*s.Rank), g.NewTensor(T, s.Heads*s.VDim)
+	qa, qaN, lat := g.NewTensor(T, 768), g.NewTensor(T, 768), g.NewTensor(T, s.Rank)
+	g.Upload(qa, randVec(r, T*768, 1))
 	g.Upload(q, randVec(r, T*s.Heads*qk, 1))
 	g.Upload(kv, randVec(r, T*(s.Rank+s.RopeDim), 1))
 	g.Upload(olat, randVec(r, T*s.Heads*s.Rank, 0.3))
 	kpe := g.Cols(kv, s.Rank, s.Rank+s.RopeDim)
 	queue := func() {
+		if what == "norms" {
+			g.RMSNorm(qaN, qa, qaNorm, 1e-6)
+			g.MatMul(q, qaN, qb)
+			g.RMSNorm(lat, g.Cols(kv, 0, s.Rank), kvNorm, 1e-6)
+			return
+		}
 		if what == "values" {
 			g.ExpandValues(v, olat, uv, s)
 			if !merged {

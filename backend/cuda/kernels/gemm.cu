@@ -179,16 +179,22 @@ DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, cons
 // their products to the gate warps through shared memory at the end. With
 // MT = 1 and SK = 1 a warp also skips its n-tiles that hold no valid token
 // (the short last tile of an expert's segment).
-// The int8 form of a GEMM_PLAIN_Q tile's output (defined at the end).
-struct GQOut;
+// Where a GEMM_PLAIN_Q tile writes the int8 form of its output
+// (gemm_quant_out, at the end).
+struct GQOut {
+  i8* q;      // codes of the block's first token, at its head's first column
+  float* s;   // that token's group scales (groups of 128), same column
+  i32* sum;   // that token's 32-column sums, same column
+  int K;      // the quantized rows' length (heads x rows a head)
+};
 template <int MT, int WT, int WN>
 DEVICE void gemm_quant_out(float (&v)[MT][WT][4], const float* __restrict__ row_scale, int N, int row0,
-                           const int (&ra)[MT], float* __restrict__ out, int ldo, int ntok, const GQOut* qo, u8* smem);
+                           const int (&ra)[MT], float* __restrict__ out, int ldo, int ntok, GQOut qo, u8* smem);
 
 template <int MT, int WT, int WN, int MODE, int SPG, int SK>
 DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8* __restrict__ xq, int ldx,
                       const float* __restrict__ xs, int ldxs, const int* tokrow, int ntok,
-                      float* __restrict__ out, int ldo, u8* smem, const GQOut* qo = nullptr) {
+                      float* __restrict__ out, int ldo, u8* smem, GQOut qo = GQOut{}) {
   constexpr int BT = 8 * WT * WN;
   constexpr int WM = 8 / MT;  // warps along the rows
   constexpr int NT = 32 * WM * WN;
@@ -705,16 +711,9 @@ extern "C" __global__ void __launch_bounds__(256)
 // maxima meet in shared memory, the codes are staged there, then stored in
 // 16-byte pieces with their sums.
 
-struct GQOut {
-  i8* q;      // codes of the block's first token, at its head's first column
-  float* s;   // that token's group scales (groups of 128), same column
-  i32* sum;   // that token's 32-column sums, same column
-  int K;      // the quantized rows' length (heads x rows a head)
-};
-
 template <int MT, int WT, int WN>
 DEVICE void gemm_quant_out(float (&v)[MT][WT][4], const float* __restrict__ row_scale, int N, int row0,
-                           const int (&ra)[MT], float* __restrict__ out, int ldo, int ntok, const GQOut* qo, u8* smem) {
+                           const int (&ra)[MT], float* __restrict__ out, int ldo, int ntok, GQOut qo, u8* smem) {
   constexpr int BT = 8 * WT * WN, WM = 8 / MT, NT = 32 * WM * WN;
   constexpr int QS = GEMM_ROWS + 16;  // bytes between two tokens' staged codes
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -722,7 +721,7 @@ DEVICE void gemm_quant_out(float (&v)[MT][WT][4], const float* __restrict__ row_
   float* smax = (float*)smem;   // [WM][BT] each warp row's maxima
   float* sam = smax + WM * BT;  // [BT] each token's group maximum
   u8* sq = (u8*)(sam + BT);     // [BT][QS] codes
-  const int K = qo->K;
+  const int K = qo.K;
   // The sums scaled in place into the outputs as GEMM_PLAIN writes them
   // (e = 0, 1: row g, tokens 2i, 2i+1; e = 2, 3: row g+8).
 #pragma unroll
@@ -755,7 +754,7 @@ DEVICE void gemm_quant_out(float (&v)[MT][WT][4], const float* __restrict__ row_
 #pragma unroll
     for (int w = 0; w < WM; w++) am = fmaxf(am, smax[w * BT + t]);
     sam[t] = am;
-    if (t < ntok) qo->s[(size_t)t * (K / GEMM_ROWS) + row0 / GEMM_ROWS] = am == 0.f ? 0.f : am / 127.f;
+    if (t < ntok) qo.s[(size_t)t * (K / GEMM_ROWS) + row0 / GEMM_ROWS] = am == 0.f ? 0.f : am / 127.f;
   }
   __syncthreads();
 #pragma unroll
@@ -774,7 +773,7 @@ DEVICE void gemm_quant_out(float (&v)[MT][WT][4], const float* __restrict__ row_
   __syncthreads();
   for (int idx = tid; idx < BT * 8; idx += NT) {
     const int tok = idx >> 3, c = idx & 7;
-    if (tok < ntok) *(uint4*)(qo->q + (size_t)tok * K + row0 + 16 * c) = *(const uint4*)(sq + tok * QS + 16 * c);
+    if (tok < ntok) *(uint4*)(qo.q + (size_t)tok * K + row0 + 16 * c) = *(const uint4*)(sq + tok * QS + 16 * c);
   }
   for (int idx = tid; idx < BT * 4; idx += NT) {
     const int tok = idx >> 2, c = idx & 3;
@@ -786,7 +785,7 @@ DEVICE void gemm_quant_out(float (&v)[MT][WT][4], const float* __restrict__ row_
       const u32 w = p[j];
       sum += (i32)(i8)(w & 0xFFu) + (i32)(i8)((w >> 8) & 0xFFu) + (i32)(i8)((w >> 16) & 0xFFu) + (i32)(i8)(w >> 24);
     }
-    qo->sum[(size_t)tok * (K / 32) + row0 / 32 + c] = sum;
+    qo.sum[(size_t)tok * (K / 32) + row0 / 32 + c] = sum;
   }
 }
 
@@ -814,7 +813,7 @@ DEVICE void gemm_quant_out(float (&v)[MT][WT][4], const float* __restrict__ row_
                       osum + (size_t)t0 * (OK / 32) + z * N / 32, OK};                                       \
     gemm_tile<MT, WT, WN, GEMM_PLAIN_Q, SPG, 1>(a, a, N, K, G, blockIdx.x * GEMM_ROWS, xq + z * K, ldx,       \
                                                 xs + z * GK, ldxs, tokrow, ntok, y + (size_t)t0 * ldy + z * N, \
-                                                ldy, gemm_smem_buf, &qo);                                    \
+                                                ldy, gemm_smem_buf, qo);                                     \
   }
 
 GEMM_HEADS_Q_KERNEL(gemm_heads_q_t16, 2, 2, 1, 0, 1)
