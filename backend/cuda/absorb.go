@@ -119,7 +119,8 @@ func (b *Backend) absorbRopeMany(ql, qm *tensor, w *QMatrix, s backend.MLAShape,
 
 // The prefill's merged launches counted in Backend.prefillMerges (tests).
 const (
-	prefillValues = iota // value expansions with the int8 form of their output
-	prefillRope          // absorbed queries with the RoPEs and cache write
-	prefillNorms         // latent norms in the q_a norm's launch
+	prefillValues  = iota // value expansions with the int8 form of their output
+	prefillRope           // absorbed queries with the RoPEs and cache write
+	prefillNorms          // latent norms in the q_a norm's launch
+	prefillCombine        // MoE combines with the residual add and the next norm
 )

@@ -198,8 +198,8 @@ type Backend struct {
 	lastRopeCache *ropeCacheOp
 	chainMerges   [7]int
 	// prefillMerges counts a prefill's merged launches by kind
-	// (prefillValues, prefillRope, prefillNorms; tests).
-	prefillMerges [3]int
+	// (prefillValues, prefillRope, prefillNorms, prefillCombine; tests).
+	prefillMerges [4]int
 
 	steps *stepTimer // MMFP4_CUDA_STEPTIME=1
 	// pieces counts the pieces this step has gone to the device in.
@@ -1352,7 +1352,7 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 		// both (quantizeInto above queues nothing unless the arena grew,
 		// which flushes and is caught by the second check).
 		fast := rowNorm8(d.cols, G, []uint64{la.d.ptr, la.a.ptr, la.c.ptr, g.dense, d.ptr}, []int{la.d.ld, la.a.ld, la.c.ld, d.ld})
-		if fast && b.combineNorm(la, g.dense, eps, d, a) {
+		if fast && (b.combineNorm(la, g.dense, eps, d, a) || b.combineNormReleased(la, g.dense, eps, d, a)) {
 			// The MoE's combine, the add and the norm in one launch (serve.go).
 			b.lastAdd = nil
 			b.rememberQuant(quantEntry{*d, a})

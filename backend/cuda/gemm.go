@@ -341,7 +341,8 @@ func moeMaxTiles(P, ne, bt int) int { return P/bt + min(ne, P) + 1 }
 // entirely on the device: moeb_group sorts the pairs by expert, then the
 // gate/up GEMM with the SiLU product over each expert's rows, the int8
 // quantization of those, the down GEMM, and a weighted sum into y (five
-// launches, no host round trip).
+// launches, no host round trip). With y = 0 it leaves out the weighted
+// sum (the partial products stay in s.Part for MoEStreamCombine).
 func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids, wts uint64, topk int, x *QActs, s *MoEBatch) error {
 	slots := topk + t.Shared
 	switch {
@@ -417,6 +418,9 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 			return err
 		}
 	}
+	if y == 0 {
+		return nil // the combine is queued on its own (moeBatched)
+	}
 	acc := 0
 	if accumulate {
 		acc = 1
@@ -459,9 +463,61 @@ func (b *Backend) moeBatched(d, xm *tensor, rt *routing, l *moeLayer) {
 	s.TileE, s.TileS, s.TileN, s.NTiles = b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4)
 	s.H, s.Part = b.alloc(4*P*t.I), b.alloc(4*P*t.K)
 	s.HQ = b.quantizeInto(&tensor{rows: P, cols: t.I, ld: t.I}, t.G)
+	// A d cleared for this op alone is written, not added to (serve.go),
+	// and then its combine goes on its own, for the residual add and the
+	// next norm to take into their launch (combineNormReleased).
+	add := prefillCombineOff || !b.takeFresh(d)
+	if !add && b.combineApart(d, slots) {
+		b.do("moe batched", func(c *Ctx) error { return c.MoEBatched(0, 0, false, t, rt.ids, rt.wts, rt.topK, a, s) })
+		b.do("moe combine", func(c *Ctx) error {
+			return c.MoEStreamCombine(d.ptr, d.ld, false, s, rt.wts, rt.topK, slots, t.K)
+		})
+		b.noteCombine(d, s, rt.wts, rt.topK, slots)
+		return
+	}
 	b.do("moe batched", func(c *Ctx) error {
-		return c.MoEBatched(d.ptr, d.ld, true, t, rt.ids, rt.wts, rt.topK, a, s)
+		return c.MoEBatched(d.ptr, d.ld, add, t, rt.ids, rt.wts, rt.topK, a, s)
 	})
+}
+
+// prefillCombineOff keeps a prefill's MoE combine (and the residual add and
+// norm after it) as before: MMFP4_CUDA_PREFILL_COMBINE=0 (A/B runs).
+var prefillCombineOff = os.Getenv("MMFP4_CUDA_PREFILL_COMBINE") == "0"
+
+// combineNormReleased is combineNorm (serve.go) across the Release that
+// ends a long step's layer, between the residual add and the next layer's
+// norm: the MoE's work space is then free memory, so the launch takes it
+// only when the norm's output and int8 form lie outside what the combine
+// reads (the partial products, their rows, the routing weights), and it
+// does not write the MoE's own output (released, read by no one). It
+// reports whether it queued the launch.
+func (b *Backend) combineNormReleased(la *addOp, gain uint64, eps float32, out *tensor, q *QActs) bool {
+	lc := la.comb
+	if prefillCombineOff || lc == nil || lc.flush != b.flushes || lc.releases == b.releases || lc.idx != la.idx-1 ||
+		la.idx != len(b.pending)-1 || out.cols != la.d.cols || overlaps(out, &la.d) {
+		return false
+	}
+	s, T := lc.s, la.d.rows
+	P := uint64(s.T * lc.slots)
+	reads := [][2]uint64{{s.Part, s.Part + 4*P*uint64(la.d.cols)}, {s.Pos, s.Pos + 4*P}, {lc.wts, lc.wts + 4*uint64(T*lc.topk)}}
+	lo, hi := out.span()
+	writes := [][2]uint64{{lo, hi}, {q.Q, q.Q + uint64(q.T*q.K)}, {q.Scales, q.Scales + 4*uint64(q.T*q.K/q.G)}, {q.Sums, q.Sums + 4*uint64(q.T*q.K/32)}}
+	for _, w := range writes {
+		for _, r := range reads {
+			if w[0] < r[1] && r[0] < w[1] {
+				return false
+			}
+		}
+	}
+	x, wts, topk, slots := la.d, lc.wts, lc.topk, lc.slots
+	o := *out
+	b.pending[lc.idx] = queuedOp{"moe combine+add+rmsnorm", func(c *Ctx) error {
+		return c.CombineAddRMSNormQuant8(x.ptr, x.ld, x.ptr, x.ld, s, wts, topk, slots, 0, 0, gain, eps, o.ptr, o.ld, q)
+	}}
+	b.pending = b.pending[:la.idx]
+	b.lastCombine = nil
+	b.prefillMerges[prefillCombine]++
+	return true
 }
 
 // absorbTokens is ABSORB_T in gemm.cu.

@@ -87,8 +87,8 @@ func TestPrefillMergesMatchSeparate(t *testing.T) {
 			}
 			want, wantForms, _ := run(false)
 			got, gotForms, g := run(true)
-			if g.prefillMerges != [3]int{1, 1, 1} {
-				t.Errorf("merged launches %v (values with their int8 form, absorbed queries with the RoPEs, norm pairs), want [1 1 1]", g.prefillMerges)
+			if g.prefillMerges != [4]int{1, 1, 1, 0} {
+				t.Errorf("merged launches %v (values with their int8 form, absorbed queries with the RoPEs, norm pairs, combines), want [1 1 1 0]", g.prefillMerges)
 			}
 			for name, w := range want {
 				nonzero := 0
@@ -283,5 +283,70 @@ func TestAbsorbTilesMatchOneTile(t *testing.T) {
 				t.Errorf("%d of %d values nonzero", nonzero, len(want))
 			}
 		})
+	}
+}
+
+// A prefill layer's end, as the model queues it: the batched MoE into a
+// cleared tensor, the residual add of its output, the Release of the
+// layer's memory, then the next layer's norm and a product of its int8
+// form. With the combine, add and norm in one launch (across the Release)
+// the residual, the norm's output and the product equal the separate
+// launches' bit for bit, at row counts of the 16- and 64-token MoE tiles.
+func TestPrefillCombineNormMatchesSeparate(t *testing.T) {
+	const K, I, E, topK = 2048, 512, 16, 4
+	r := rand.New(rand.NewPCG(53, 53))
+	cfg := backend.RouterConfig{TopK: topK, Groups: 1, TopKGroups: 1, NormTopKProb: true, RoutedScaling: 1.8, NumExperts: E}
+	router := denseHost(r, "router", E, K)
+	bias := backend.HostWeight{Name: "bias", N: 1, K: E, Dense: randVec(r, E, 0.1)}
+	gain := backend.HostWeight{Name: "norm", N: 1, K: K, Dense: randVec(r, K, 1)}
+	probe := quantHost(t, r, "probe", 256, K, 128)
+	hosts := expertHosts(t, r, E+1, I, K, 128)
+	for _, T := range []int{100, 700} {
+		x, res := randVec(r, T*K, 1), randVec(r, T*K, 1)
+		run := func(merged bool) ([]float32, int) {
+			defer func(v bool) { prefillCombineOff = v }(prefillCombineOff)
+			prefillCombineOff = !merged
+			g, _ := testBackends(t, Options{})
+			gw, rw, bw, pw := mustWeight(t, g, gain), mustWeight(t, g, router), mustWeight(t, g, bias), mustWeight(t, g, probe)
+			var experts []backend.Expert
+			for _, h := range hosts {
+				experts = append(experts, backend.Expert{Gate: mustWeight(t, g, h[0]), Up: mustWeight(t, g, h[1]), Down: mustWeight(t, g, h[2])})
+			}
+			var v []float32
+			for pass := 0; pass < 2; pass++ { // the first uploads the expert table
+				g.SetBatch(simpleBatch(T, 0), nil)
+				xt, rt := g.NewTensor(T, K), g.NewTensor(T, K)
+				g.Upload(xt, x)
+				g.Upload(rt, res)
+				mark := g.Mark()
+				h := g.NewTensor(T, K)
+				g.RMSNorm(h, xt, gw, 1e-6)
+				logits := g.NewTensor(T, E)
+				g.MatMul(logits, h, rw)
+				routing := g.Route(logits, bw, cfg)
+				out := g.NewTensor(T, K)
+				g.MoEShared(out, h, routing, experts[:E], experts[E:])
+				g.Add(rt, rt, out)
+				g.Release(mark)
+				h2, p := backend.NewOutput(g, T, K), backend.NewOutput(g, T, 256)
+				g.RMSNorm(h2, rt, gw, 1e-6)
+				g.MatMul(p, h2, pw)
+				v = append(append(g.Download(rt), g.Download(h2)...), g.Download(p)...)
+				if err := g.Sync(); err != nil {
+					t.Fatal(err)
+				}
+			}
+			return v, g.prefillMerges[prefillCombine]
+		}
+		want, _ := run(false)
+		got, merges := run(true)
+		if merges == 0 {
+			t.Errorf("T=%d: the combine, add and norm did not share a launch", T)
+		}
+		for i := range want {
+			if math.Float32bits(got[i]) != math.Float32bits(want[i]) {
+				t.Fatalf("T=%d: value %d (of residual, norm, product: %d each) = %v merged, %v separate", T, i, T*K, got[i], want[i])
+			}
+		}
 	}
 }
