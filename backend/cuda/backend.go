@@ -198,8 +198,8 @@ type Backend struct {
 	lastRopeCache *ropeCacheOp
 	chainMerges   [7]int
 	// prefillMerges counts a prefill's merged launches by kind
-	// (prefillValues, prefillRope, prefillNorms, prefillCombine; tests).
-	prefillMerges [4]int
+	// (prefillValues, prefillNorms, prefillCombine; tests).
+	prefillMerges [3]int
 
 	steps *stepTimer // MMFP4_CUDA_STEPTIME=1
 	// pieces counts the pieces this step has gone to the device in.

@@ -4,7 +4,6 @@ package cuda
 
 import (
 	"fmt"
-	"os"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -238,16 +237,12 @@ func (c *Ctx) GEMMHeadsQuant(y uint64, ldy int, w *QMatrix, a *QActs, heads, row
 		a.Q, a.K, a.Scales, a.K/w.G, a.T, y, ldy, q.Q, q.Scales, q.Sums, q.K)
 }
 
-// valuesQuantOff keeps the int8 form of a prefill's value expansion in a
-// launch of its own (MMFP4_CUDA_VALUES_QUANT=0; A/B runs).
-var valuesQuantOff = os.Getenv("MMFP4_CUDA_VALUES_QUANT") == "0"
-
 // gemmHeadsQuant queues the value expansion's products of a (GEMMHeads
 // into om) with om's int8 form in groups of 128, which o_proj's product
 // finds remembered, in one launch when it applies, and reports whether it
 // did.
 func (b *Backend) gemmHeadsQuant(om *tensor, a *QActs, w *weight, heads int) bool {
-	if valuesQuantOff || w.q.N%heads != 0 || om.cols != w.q.N || om.rows != a.T || (w.q.N/heads)%gemmRows != 0 {
+	if prefillFuseOff || w.q.N%heads != 0 || om.cols != w.q.N || om.rows != a.T || (w.q.N/heads)%gemmRows != 0 {
 		return false
 	}
 	rows, wq := w.q.N/heads, w.q
@@ -260,10 +255,6 @@ func (b *Backend) gemmHeadsQuant(om *tensor, a *QActs, w *weight, heads int) boo
 	return true
 }
 
-// prefillNormsOff keeps a prefill's latent norm in a launch of its own
-// (MMFP4_CUDA_PREFILL_NORMS=0; A/B runs).
-var prefillNormsOff = os.Getenv("MMFP4_CUDA_PREFILL_NORMS") == "0"
-
 // pairNormGEMM queues norm n (of x into out, several rows) in the launch
 // of the norm of the same rows queued before it when only a GEMM lies
 // between them that neither writes x nor touches out (a prefill's q_a
@@ -271,7 +262,7 @@ var prefillNormsOff = os.Getenv("MMFP4_CUDA_PREFILL_NORMS") == "0"
 // rows and weights), and reports whether it did.
 func (b *Backend) pairNormGEMM(n normRows, x, out *tensor) bool {
 	p, g := b.lastNormRows, b.lastGEMM
-	if prefillNormsOff || !b.chained() || p == nil || p.flush != b.flushes || p.paired || p.n.q.T != n.q.T ||
+	if prefillFuseOff || !b.chained() || p == nil || p.flush != b.flushes || p.paired || p.n.q.T != n.q.T ||
 		g == nil || g.flush != b.flushes || g.idx != p.idx+1 || g.idx != len(b.pending)-1 ||
 		overlaps(x, &g.out) || overlaps(out, &g.out) || overlaps(x, &p.out) || overlaps(out, &p.x) || overlaps(out, &p.out) {
 		return false
@@ -466,7 +457,7 @@ func (b *Backend) moeBatched(d, xm *tensor, rt *routing, l *moeLayer) {
 	// A d cleared for this op alone is written, not added to (serve.go),
 	// and then its combine goes on its own, for the residual add and the
 	// next norm to take into their launch (combineNormReleased).
-	add := prefillCombineOff || !b.takeFresh(d)
+	add := prefillFuseOff || !b.takeFresh(d)
 	if !add && b.combineApart(d, slots) {
 		b.do("moe batched", func(c *Ctx) error { return c.MoEBatched(0, 0, false, t, rt.ids, rt.wts, rt.topK, a, s) })
 		b.do("moe combine", func(c *Ctx) error {
@@ -480,10 +471,6 @@ func (b *Backend) moeBatched(d, xm *tensor, rt *routing, l *moeLayer) {
 	})
 }
 
-// prefillCombineOff keeps a prefill's MoE combine (and the residual add and
-// norm after it) as before: MMFP4_CUDA_PREFILL_COMBINE=0 (A/B runs).
-var prefillCombineOff = os.Getenv("MMFP4_CUDA_PREFILL_COMBINE") == "0"
-
 // combineNormReleased is combineNorm (serve.go) across the Release that
 // ends a long step's layer, between the residual add and the next layer's
 // norm: the MoE's work space is then free memory, so the launch takes it
@@ -493,7 +480,7 @@ var prefillCombineOff = os.Getenv("MMFP4_CUDA_PREFILL_COMBINE") == "0"
 // reports whether it queued the launch.
 func (b *Backend) combineNormReleased(la *addOp, gain uint64, eps float32, out *tensor, q *QActs) bool {
 	lc := la.comb
-	if prefillCombineOff || lc == nil || lc.flush != b.flushes || lc.releases == b.releases || lc.idx != la.idx-1 ||
+	if prefillFuseOff || lc == nil || lc.flush != b.flushes || lc.releases == b.releases || lc.idx != la.idx-1 ||
 		la.idx != len(b.pending)-1 || out.cols != la.d.cols || overlaps(out, &la.d) {
 		return false
 	}

@@ -12,14 +12,14 @@ import (
 	"github.com/mmfp4/mmfp4/backend"
 )
 
-// The merged launches of a prefill (the value expansion with the int8 form
-// of its output, the absorbed query with the RoPEs and cache write, the
-// latent's norm with the q_a norm) compute what the separate launches
-// compute, bit for bit: the norms and their int8 forms, the rotated
-// queries and keys, the cache's bytes, the absorbed queries, the expanded values, their
-// int8 form and o_proj's product of it, at GLM-4.7-Flash's attention shapes
-// (and nope 128), at row counts that fill and that leave short token tiles
-// of both GEMM tiles.
+// The merged launches of a prefill's attention (the value expansion with
+// the int8 form of its output, the latent's norm with the q_a norm, the
+// absorbed query over two token tiles a block) compute what the separate
+// launches compute, bit for bit: the norms and their int8 forms, the
+// rotated queries and keys, the cache's bytes, the absorbed queries, the
+// expanded values, their int8 form and o_proj's product of it, at
+// GLM-4.7-Flash's attention shapes (and nope 128), at row counts that fill
+// and that leave short token tiles of both GEMM tiles.
 func TestPrefillMergesMatchSeparate(t *testing.T) {
 	for _, c := range []struct {
 		T, nope, uvG int
@@ -33,8 +33,8 @@ func TestPrefillMergesMatchSeparate(t *testing.T) {
 		t.Run(fmt.Sprintf("T%d_nope%d_uv%d", c.T, c.nope, c.uvG), func(t *testing.T) {
 			const heads, rank, vdim, hidden, qRank = 20, 512, 256, 2048, 768
 			run := func(merged bool) (map[string][]float32, map[string][]byte, *Backend) {
-				defer func(a, v, n bool) { absorbRopeOff, valuesQuantOff, prefillNormsOff = a, v, n }(absorbRopeOff, valuesQuantOff, prefillNormsOff)
-				absorbRopeOff, valuesQuantOff, prefillNormsOff = !merged, !merged, !merged
+				defer func(v bool) { prefillFuseOff = v }(prefillFuseOff)
+				prefillFuseOff = !merged
 				g, _ := testBackends(t, Options{})
 				r := rand.New(rand.NewPCG(43, uint64(c.T+c.nope+c.uvG)))
 				qh := func(name string, n, k, G int) backend.Weight { return mustWeight(t, g, quantHost(t, r, name, n, k, G)) }
@@ -87,8 +87,8 @@ func TestPrefillMergesMatchSeparate(t *testing.T) {
 			}
 			want, wantForms, _ := run(false)
 			got, gotForms, g := run(true)
-			if g.prefillMerges != [4]int{1, 1, 1, 0} {
-				t.Errorf("merged launches %v (values with their int8 form, absorbed queries with the RoPEs, norm pairs, combines), want [1 1 1 0]", g.prefillMerges)
+			if g.prefillMerges != [3]int{1, 1, 0} {
+				t.Errorf("merged launches %v (values with their int8 form, norm pairs, combines), want [1 1 0]", g.prefillMerges)
 			}
 			for name, w := range want {
 				nonzero := 0
@@ -117,18 +117,16 @@ func TestPrefillMergesMatchSeparate(t *testing.T) {
 }
 
 // BenchmarkPrefillMerges times, at prefill shapes (20 heads, dn 192, rank
-// 512, groups of 128), the value expansion with the int8 form of its
-// output ("values") and the RoPEs and cache write with the absorbed query
-// ("rope"), each merged and as separate launches, and the absorbed query
-// alone ("absorb": merged is two token tiles a block, else one), and the
+// 512, groups of 128), each merged and as separate launches: the value
+// expansion with the int8 form of its output ("values"), the absorbed
+// query ("absorb": merged is two token tiles a block, else one), and the
 // q_a norm, q_b's product and the latent's norm ("norms": merged, the two
-// norms in one launch): device
-// time of the queued launches (the attention output's own quantization
-// left out).
+// norms in one launch). Device time of the queued launches (the attention
+// output's own quantization left out).
 func BenchmarkPrefillMerges(b *testing.B) {
 	d := benchDevice(b)
 	for _, T := range []int{1024} {
-		for _, what := range []string{"values", "rope", "absorb", "norms"} {
+		for _, what := range []string{"values", "absorb", "norms"} {
 			for _, merged := range []bool{false, true} {
 				b.Run(fmt.Sprintf("T%d/%s/merged=%v", T, what, merged), func(b *testing.B) {
 					prefillMergeBench(b, d, T, what, merged)
@@ -139,11 +137,8 @@ func BenchmarkPrefillMerges(b *testing.B) {
 }
 
 func prefillMergeBench(b *testing.B, d *Device, T int, what string, merged bool) {
-	defer func(a, v, p bool, n int) { absorbRopeOff, valuesQuantOff, prefillNormsOff, absorbTiles = a, v, p, n }(absorbRopeOff, valuesQuantOff, prefillNormsOff, absorbTiles)
-	absorbRopeOff, valuesQuantOff, prefillNormsOff = !merged, !merged, !merged
-	if what == "absorb" {
-		absorbTiles = map[bool]int{false: 1, true: 2}[merged]
-	}
+	defer func(v bool) { prefillFuseOff = v }(prefillFuseOff)
+	prefillFuseOff = !merged
 	s := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
 	g := NewOnDevice(d, Options{NoGraphs: true})
 	defer g.Close()
@@ -165,11 +160,7 @@ func prefillMergeBench(b *testing.B, d *Device, T int, what string, merged bool)
 		return w
 	}
 	qaNorm, kvNorm := vec("qa_norm", 768), vec("kv_norm", s.Rank)
-	pool, err := g.NewCachePool(1, T/16+2, 16, s.Rank, s.RopeDim, backend.CacheBF16)
-	if err != nil {
-		b.Fatal(err)
-	}
-	g.SetBatch(simpleBatch(T, 0), pool)
+	g.SetBatch(simpleBatch(T, 0), nil)
 	qk := s.NopeDim + s.RopeDim
 	q, ql, kv := g.NewTensor(T, s.Heads*qk), g.NewTensor(T, s.Heads*s.Rank), g.NewTensor(T, s.Rank+s.RopeDim)
 	olat, v := g.NewTensor(T, s.Heads*s.Rank), g.NewTensor(T, s.Heads*s.VDim)
@@ -178,7 +169,6 @@ func prefillMergeBench(b *testing.B, d *Device, T int, what string, merged bool)
 	g.Upload(q, randVec(r, T*s.Heads*qk, 1))
 	g.Upload(kv, randVec(r, T*(s.Rank+s.RopeDim), 1))
 	g.Upload(olat, randVec(r, T*s.Heads*s.Rank, 0.3))
-	kpe := g.Cols(kv, s.Rank, s.Rank+s.RopeDim)
 	queue := func() {
 		if what == "norms" {
 			g.RMSNorm(qaN, qa, qaNorm, 1e-6)
@@ -192,11 +182,6 @@ func prefillMergeBench(b *testing.B, d *Device, T int, what string, merged bool)
 				g.quantize(asTensor(v), 128)
 			}
 			return
-		}
-		if what == "rope" {
-			g.RoPE(q, s.Heads, qk, s.NopeDim, s.RopeDim, 1e6, true)
-			g.RoPE(kpe, 1, s.RopeDim, 0, s.RopeDim, 1e6, true)
-			g.CacheWrite(0, g.Cols(kv, 0, s.Rank), kpe)
 		}
 		g.AbsorbQuery(ql, q, uk, s)
 	}
@@ -214,7 +199,7 @@ func prefillMergeBench(b *testing.B, d *Device, T int, what string, merged bool)
 	if what == "values" && len(ops) > 0 && ops[0].op == "quantize" {
 		ops = ops[1:] // the attention output's quantization
 	}
-	err = d.Do(func(c *Ctx) error {
+	err := d.Do(func(c *Ctx) error {
 		sec, launches, err := timeQueued(c, ops, 20)
 		if err != nil {
 			return err
@@ -246,8 +231,8 @@ func TestAbsorbTilesMatchOneTile(t *testing.T) {
 		t.Run(fmt.Sprintf("T%d_nope%d_G%d", c.T, c.nope, c.G), func(t *testing.T) {
 			s := backend.MLAShape{Heads: 20, NopeDim: c.nope, RopeDim: 64, VDim: 256, Rank: 512}
 			run := func(tiles int) []float32 {
-				defer func(n int) { absorbTiles = n }(absorbTiles)
-				absorbTiles = tiles
+				defer func(v bool) { prefillFuseOff = v }(prefillFuseOff)
+				prefillFuseOff = tiles == 1
 				g, _ := testBackends(t, Options{})
 				r := rand.New(rand.NewPCG(47, uint64(c.T+c.nope+c.G)))
 				w := mustWeight(t, g, quantHost(t, r, "uk", s.Heads*s.NopeDim, s.Rank, c.G))
@@ -304,8 +289,8 @@ func TestPrefillCombineNormMatchesSeparate(t *testing.T) {
 	for _, T := range []int{100, 700} {
 		x, res := randVec(r, T*K, 1), randVec(r, T*K, 1)
 		run := func(merged bool) ([]float32, int) {
-			defer func(v bool) { prefillCombineOff = v }(prefillCombineOff)
-			prefillCombineOff = !merged
+			defer func(v bool) { prefillFuseOff = v }(prefillFuseOff)
+			prefillFuseOff = !merged
 			g, _ := testBackends(t, Options{})
 			gw, rw, bw, pw := mustWeight(t, g, gain), mustWeight(t, g, router), mustWeight(t, g, bias), mustWeight(t, g, probe)
 			var experts []backend.Expert
@@ -320,6 +305,10 @@ func TestPrefillCombineNormMatchesSeparate(t *testing.T) {
 				g.Upload(rt, res)
 				mark := g.Mark()
 				h := g.NewTensor(T, K)
+				// The attention's temporaries, as in a layer: the next
+				// norm's output and int8 form take this memory after the
+				// Release, not the routing's.
+				g.NewTensor(T, 2*K)
 				g.RMSNorm(h, xt, gw, 1e-6)
 				logits := g.NewTensor(T, E)
 				g.MatMul(logits, h, rw)
