@@ -720,7 +720,8 @@ DEVICE void gemm_quant_out(float (&v)[MT][WT][4], const float* __restrict__ row_
   const int wm = warp % WM, wn = warp / WM, g = lane >> 2, i = lane & 3;
   float* smax = (float*)smem;   // [WM][BT] each warp row's maxima
   float* sam = smax + WM * BT;  // [BT] each token's group maximum
-  u8* sq = (u8*)(sam + BT);     // [BT][QS] codes
+  float* sinv = sam + BT;       // [BT] 127 / that maximum (0: quant8's way for every value)
+  u8* sq = (u8*)(sinv + BT);    // [BT][QS] codes
   const int K = qo.K;
   // The sums scaled in place into the outputs as GEMM_PLAIN writes them
   // (e = 0, 1: row g, tokens 2i, 2i+1; e = 2, 3: row g+8).
@@ -754,6 +755,8 @@ DEVICE void gemm_quant_out(float (&v)[MT][WT][4], const float* __restrict__ row_
 #pragma unroll
     for (int w = 0; w < WM; w++) am = fmaxf(am, smax[w * BT + t]);
     sam[t] = am;
+    // Groups whose 127/amax is a normal number take the multiplication.
+    sinv[t] = am >= 0x1p-100f && am <= 0x1p100f ? 127.f / am : 0.f;
     if (t < ntok) qo.s[(size_t)t * (K / GEMM_ROWS) + row0 / GEMM_ROWS] = am == 0.f ? 0.f : am / 127.f;
   }
   __syncthreads();
@@ -762,11 +765,20 @@ DEVICE void gemm_quant_out(float (&v)[MT][WT][4], const float* __restrict__ row_
 #pragma unroll
     for (int e = 0; e < 4; e++) {
       const int tok = wn * 8 * WT + 8 * nt + 2 * i + (e & 1);
-      const float am = sam[tok], scale = am / 127.f;
+      const float am = sam[tok], inv = sinv[tok];
 #pragma unroll
       for (int m = 0; m < MT; m++) {
         const int r = ra[m] + 8 * (e >> 1);
-        sq[tok * QS + r] = (u8)quant8(v[m][nt][e], am, scale);
+        // quant8(v, am, am/127) without a division where that is safe:
+        // v * (127/am) is within 4e-5 of v / (am/127) (|v| <= am, four
+        // roundings), so unless it lies within 0.001 of a half the
+        // nearest integer is quant8's rounding (half away from zero) of
+        // the exact quotient, and |q| <= 127 needs no clamp; else (and
+        // for NaN) quant8 itself.
+        const float x = v[m][nt][e] * inv;
+        i32 q = __float2int_rn(x);
+        if (!(fabsf(x - (float)q) <= 0.499f) || inv == 0.f) q = quant8(v[m][nt][e], am, am / 127.f);
+        sq[tok * QS + r] = (u8)q;
         if (tok < ntok && row0 + r < N) out[(size_t)tok * ldo + row0 + r] = v[m][nt][e];
       }
     }
