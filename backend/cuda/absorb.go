@@ -27,7 +27,7 @@ const absorbTilesMinRows = StreamMaxTokens + 1
 // (MMFP4_CUDA_PREFILL_FUSE=0, for A/B runs): the value expansion with the
 // int8 form of its output, the latent's norm in the q_a norm's launch, the
 // MoE's combine with the residual add and the next norm, and the absorbed
-// query's two tiles a block.
+// query's two tiles a block, the RoPEs and cache write by rope2_cache_rows.
 var prefillFuseOff = os.Getenv("MMFP4_CUDA_PREFILL_FUSE") == "0"
 
 // absorbTCM and absorbTCN are AT_M and AT_N in absorb.cu: the tokens and
@@ -79,7 +79,18 @@ func (b *Backend) absorbTC(ql, qm *tensor, w *weight, s backend.MLAShape) bool {
 
 // The prefill's merged launches counted in Backend.prefillMerges (tests).
 const (
-	prefillValues  = iota // value expansions with the int8 form of their output
-	prefillNorms          // latent norms in the q_a norm's launch
-	prefillCombine        // MoE combines with the residual add and the next norm
+	prefillValues   = iota // value expansions with the int8 form of their output
+	prefillNorms           // latent norms in the q_a norm's launch
+	prefillCombine         // MoE combines with the residual add and the next norm
+	prefillRopeRows        // RoPEs and cache writes by rope2_cache_rows
 )
+
+// ropeRowsFit reports whether the RoPEs r1 (the queries') and r2 (the
+// key's) and the cache write of rows rows take rope2_cache_rows
+// (absorb.cu): a prefill's rows (as absorbTilesMinRows), one key head
+// rotated whole, and RC_Q, RC_L's bounds.
+func ropeRowsFit(rows int, r1, r2 *ropeOp, rank, rope int) bool {
+	const rcQ, rcL = 4, 4 // RC_Q, RC_L
+	return !prefillFuseOff && rows >= absorbTilesMinRows && r2.heads == 1 && r2.offset == 0 && r2.dim == rope &&
+		r1.dim == r2.dim && r1.heads*r1.dim/2 <= 256*rcQ && rank <= 256*rcL && r1.dim/2 <= 256
+}

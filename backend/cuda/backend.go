@@ -198,8 +198,8 @@ type Backend struct {
 	lastRopeCache *ropeCacheOp
 	chainMerges   [7]int
 	// prefillMerges counts a prefill's merged launches by kind
-	// (prefillValues, prefillNorms, prefillCombine; tests).
-	prefillMerges [3]int
+	// (prefillValues, prefillNorms, prefillCombine, prefillRopeRows; tests).
+	prefillMerges [4]int
 
 	steps *stepTimer // MMFP4_CUDA_STEPTIME=1
 	// pieces counts the pieces this step has gone to the device in.
@@ -1604,7 +1604,12 @@ func (b *Backend) CacheWrite(layer int, latent, kpe backend.Tensor) {
 		b.pending = b.pending[:r1.idx]
 		b.ropes = [2]*ropeOp{}
 		q := r1.m
-		b.launch("rope+cache write", "ops", "rope2_cache_write", D1(lm.rows), D1(256),
+		mod, name := "ops", "rope2_cache_write"
+		if ropeRowsFit(lm.rows, r1, r2, p.rank, p.ropeDim) {
+			mod, name = "absorb", "rope2_cache_rows" // a prefill's rows (absorb.go)
+			b.prefillMerges[prefillRopeRows]++
+		}
+		b.launch("rope+cache write", mod, name, D1(lm.rows), D1(256),
 			q.ptr, q.ld, r1.heads, r1.headStride, r1.offset, km.ptr, km.ld, r2.heads, r2.headStride, r2.offset, r2.dim, r2.il, r2.table, lm.rows,
 			p.layer(layer), p.kernelDType(), b.meta.slots, lm.ptr, lm.ld, p.rank, p.ropeDim)
 		b.noteRopeCache(r1, r2, km, lm, p.layer(layer), b.meta.slots, p.kernelDType(), p.rank, p.ropeDim)

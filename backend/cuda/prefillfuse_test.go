@@ -14,7 +14,8 @@ import (
 
 // The merged launches of a prefill's attention (the value expansion with
 // the int8 form of its output, the latent's norm with the q_a norm, the
-// absorbed query over two token tiles a block) compute what the separate
+// absorbed query over two token tiles a block, the RoPEs and cache write
+// with every load of a row at once) compute what the separate
 // launches compute, bit for bit: the norms and their int8 forms, the
 // rotated queries and keys, the cache's bytes, the absorbed queries, the
 // expanded values, their int8 form and o_proj's product of it, at
@@ -87,8 +88,8 @@ func TestPrefillMergesMatchSeparate(t *testing.T) {
 			}
 			want, wantForms, _ := run(false)
 			got, gotForms, g := run(true)
-			if g.prefillMerges != [3]int{1, 1, 0} {
-				t.Errorf("merged launches %v (values with their int8 form, norm pairs, combines), want [1 1 0]", g.prefillMerges)
+			if g.prefillMerges != [4]int{1, 1, 0, 1} {
+				t.Errorf("merged launches %v (values with their int8 form, norm pairs, combines, RoPEs by rows), want [1 1 0 1]", g.prefillMerges)
 			}
 			for name, w := range want {
 				nonzero := 0
@@ -121,12 +122,13 @@ func TestPrefillMergesMatchSeparate(t *testing.T) {
 // expansion with the int8 form of its output ("values"), the absorbed
 // query ("absorb": merged is two token tiles a block, else one), and the
 // q_a norm, q_b's product and the latent's norm ("norms": merged, the two
-// norms in one launch). Device time of the queued launches (the attention
+// norms in one launch), the RoPEs and cache write ("rope": merged,
+// rope2_cache_rows). Device time of the queued launches (the attention
 // output's own quantization left out).
 func BenchmarkPrefillMerges(b *testing.B) {
 	d := benchDevice(b)
 	for _, T := range []int{1024} {
-		for _, what := range []string{"values", "absorb", "norms"} {
+		for _, what := range []string{"values", "absorb", "norms", "rope"} {
 			for _, merged := range []bool{false, true} {
 				b.Run(fmt.Sprintf("T%d/%s/merged=%v", T, what, merged), func(b *testing.B) {
 					prefillMergeBench(b, d, T, what, merged)
@@ -160,7 +162,11 @@ func prefillMergeBench(b *testing.B, d *Device, T int, what string, merged bool)
 		return w
 	}
 	qaNorm, kvNorm := vec("qa_norm", 768), vec("kv_norm", s.Rank)
-	g.SetBatch(simpleBatch(T, 0), nil)
+	pool, err := g.NewCachePool(1, T/16+2, 16, s.Rank, s.RopeDim, backend.CacheBF16)
+	if err != nil {
+		b.Fatal(err)
+	}
+	g.SetBatch(simpleBatch(T, 0), pool)
 	qk := s.NopeDim + s.RopeDim
 	q, ql, kv := g.NewTensor(T, s.Heads*qk), g.NewTensor(T, s.Heads*s.Rank), g.NewTensor(T, s.Rank+s.RopeDim)
 	olat, v := g.NewTensor(T, s.Heads*s.Rank), g.NewTensor(T, s.Heads*s.VDim)
@@ -170,6 +176,13 @@ func prefillMergeBench(b *testing.B, d *Device, T int, what string, merged bool)
 	g.Upload(kv, randVec(r, T*(s.Rank+s.RopeDim), 1))
 	g.Upload(olat, randVec(r, T*s.Heads*s.Rank, 0.3))
 	queue := func() {
+		if what == "rope" {
+			kpe := g.Cols(kv, s.Rank, s.Rank+s.RopeDim)
+			g.RoPE(q, s.Heads, qk, s.NopeDim, s.RopeDim, 1e6, true)
+			g.RoPE(kpe, 1, s.RopeDim, 0, s.RopeDim, 1e6, true)
+			g.CacheWrite(0, g.Cols(kv, 0, s.Rank), kpe)
+			return
+		}
 		if what == "norms" {
 			g.RMSNorm(qaN, qa, qaNorm, 1e-6)
 			g.MatMul(q, qaN, qb)
@@ -199,7 +212,7 @@ func prefillMergeBench(b *testing.B, d *Device, T int, what string, merged bool)
 	if what == "values" && len(ops) > 0 && ops[0].op == "quantize" {
 		ops = ops[1:] // the attention output's quantization
 	}
-	err := d.Do(func(c *Ctx) error {
+	err = d.Do(func(c *Ctx) error {
 		sec, launches, err := timeQueued(c, ops, 20)
 		if err != nil {
 			return err

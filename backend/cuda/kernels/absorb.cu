@@ -427,3 +427,94 @@ __device__ __forceinline__ void absorb_query_tcm(float* __restrict__ qlat, int l
   }
 ABSORB_TCM(128, 2)
 ABSORB_TCM(192, 2)
+
+// rope2_cache_write for the rows of a prefill, in the model's geometry: one
+// key head whose rotated columns are its whole row (kheads 1, koffset 0,
+// dim = rope), at most 256 RC_Q query pairs and 256 RC_L latent values a
+// row, dim/2 <= 256. Every load of a row (the query and key pairs, the
+// latent) is issued before any store, and the key's cache entries are
+// written from the registers that rotated them, so a block waits for
+// memory once; the standalone kernel waits for each of its loops in turn
+// and for two barriers. The same arithmetic, so the same bits. One block
+// of 256 threads a row; the table and the slot are read before the wait
+// (they come from the step's uploads).
+#define RC_Q 4
+#define RC_L 4
+extern "C" __global__ void __launch_bounds__(256)
+    rope2_cache_rows(float* q, int ldq, int qheads, int qstride, int qoffset, float* kpe, int ldk, int kheads,
+                     int kstride, int koffset, int dim, int interleaved, const float* __restrict__ cs, int T,
+                     void* layer, int dtype, const i32* __restrict__ slots, const float* lat, int ldl, int rank,
+                     int rope) {
+  PDL_LAUNCH();
+  const int t = blockIdx.x, tid = threadIdx.x, half = dim / 2, width = rank + rope, nq = qheads * half;
+  const float* ct = cs + (size_t)t * half;
+  const float* st = cs + (size_t)T * half + (size_t)t * half;
+  float qc[RC_Q], qsn[RC_Q], kc = 0.f, ks = 0.f;
+#pragma unroll
+  for (int u = 0; u < RC_Q; u++) {
+    const int j = tid + 256 * u;
+    qc[u] = qsn[u] = 0.f;
+    if (j < nq) {
+      qc[u] = ct[j % half];
+      qsn[u] = st[j % half];
+    }
+  }
+  if (tid < half) {
+    kc = ct[tid];
+    ks = st[tid];
+  }
+  const size_t slot = (size_t)slots[t];
+  PDL_WAIT();
+  float* qa[RC_Q];
+  float q0[RC_Q], q1[RC_Q], lv[RC_L], k0 = 0.f, k1 = 0.f;
+  int qb[RC_Q];
+#pragma unroll
+  for (int u = 0; u < RC_Q; u++) {
+    const int j = tid + 256 * u, i = j % half;
+    qa[u] = q + (size_t)t * ldq + (j / half) * qstride + qoffset + (interleaved ? 2 * i : i);
+    qb[u] = interleaved ? 1 : half;
+    q0[u] = q1[u] = 0.f;
+    if (j < nq) {
+      q0[u] = qa[u][0];
+      q1[u] = qa[u][qb[u]];
+    }
+  }
+  float* ka = kpe + (size_t)t * ldk + (interleaved ? 2 * tid : tid);
+  const int kb = interleaved ? 1 : half;
+  if (tid < half) {
+    k0 = ka[0];
+    k1 = ka[kb];
+  }
+#pragma unroll
+  for (int u = 0; u < RC_L; u++) {
+    const int j = tid + 256 * u;
+    lv[u] = j < rank ? lat[(size_t)t * ldl + j] : 0.f;
+  }
+#pragma unroll
+  for (int u = 0; u < RC_Q; u++) {
+    if (tid + 256 * u < nq) {
+      qa[u][0] = __fsub_rn(__fmul_rn(q0[u], qc[u]), __fmul_rn(q1[u], qsn[u]));
+      qa[u][qb[u]] = __fadd_rn(__fmul_rn(q1[u], qc[u]), __fmul_rn(q0[u], qsn[u]));
+    }
+  }
+  auto put = [&](int j, float v) {
+    if (dtype == 1)
+      ((float*)layer)[slot * width + j] = v;
+    else
+      ((unsigned short*)layer)[slot * width + j] = f32_to_bf16(v);
+  };
+  if (tid < half) {
+    const float r0 = __fsub_rn(__fmul_rn(k0, kc), __fmul_rn(k1, ks));
+    const float r1 = __fadd_rn(__fmul_rn(k1, kc), __fmul_rn(k0, ks));
+    ka[0] = r0;
+    ka[kb] = r1;
+    const int a = interleaved ? 2 * tid : tid;
+    put(rank + a, r0);
+    put(rank + a + kb, r1);
+  }
+#pragma unroll
+  for (int u = 0; u < RC_L; u++) {
+    const int j = tid + 256 * u;
+    if (j < rank) put(j, lv[u]);
+  }
+}
