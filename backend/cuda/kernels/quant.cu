@@ -709,3 +709,56 @@ extern "C" __global__ void __launch_bounds__(QUANT_THREADS)
     quant_rows_warp<1>(x, ldx, xq, xs, xsum, rows, K, gpw);
   }
 }
+
+// rmsnorm_quant8 two rows a block (a prefill's rows): both rows' loads are
+// issued before the first row's norm, so that one row's stores overlap the
+// other's loads across the device (one row a block, every block loads,
+// then every block stores). Each row as rmsnorm_quant8 computes it
+// (rmsnorm_quant8_tail, the same bits). Grid ceil(rows/2), K/8 threads.
+extern "C" __global__ void __launch_bounds__(1024)
+    rmsnorm_quant8_rows2(const float* x, int ldx, float* d, int ldd, const float* a, int lda, const float* c,
+                         int ldc, const float* __restrict__ gain, float eps, float* out, int ldo,
+                         i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum, int K, int G,
+                         int rows) {
+  PDL_LAUNCH();
+  const int tid = threadIdx.x, k0 = tid * 8, t0 = 2 * blockIdx.x;
+  const bool on = k0 < K, two = t0 + 1 < rows;
+  float gv[8];
+  if (on) {
+    const float4 g0 = __ldg((const float4*)(gain + k0)), g1 = __ldg((const float4*)(gain + k0 + 4));
+    gv[0] = g0.x; gv[1] = g0.y; gv[2] = g0.z; gv[3] = g0.w;
+    gv[4] = g1.x; gv[5] = g1.y; gv[6] = g1.z; gv[7] = g1.w;
+  }
+  PDL_WAIT();
+  float v[2][8];
+  if (on) {
+#pragma unroll
+    for (int r = 0; r < 2; r++) {
+      if (r == 1 && !two) break;
+      const int t = t0 + r;
+      if (a) {
+        const float4* pa = (const float4*)(a + (size_t)t * lda + k0);
+        const float4* pc = (const float4*)(c + (size_t)t * ldc + k0);
+        const float4 a0 = pa[0], a1 = pa[1], c0 = pc[0], c1 = pc[1];
+        v[r][0] = a0.x + c0.x; v[r][1] = a0.y + c0.y; v[r][2] = a0.z + c0.z; v[r][3] = a0.w + c0.w;
+        v[r][4] = a1.x + c1.x; v[r][5] = a1.y + c1.y; v[r][6] = a1.z + c1.z; v[r][7] = a1.w + c1.w;
+      } else {
+        const float4* px = (const float4*)(x + (size_t)t * ldx + k0);
+        const float4 x0 = px[0], x1 = px[1];
+        v[r][0] = x0.x; v[r][1] = x0.y; v[r][2] = x0.z; v[r][3] = x0.w;
+        v[r][4] = x1.x; v[r][5] = x1.y; v[r][6] = x1.z; v[r][7] = x1.w;
+      }
+    }
+    if (a) {
+#pragma unroll
+      for (int r = 0; r < 2; r++) {
+        if (r == 1 && !two) break;
+        float4* pd = (float4*)(d + (size_t)(t0 + r) * ldd + k0);
+        pd[0] = make_float4(v[r][0], v[r][1], v[r][2], v[r][3]);
+        pd[1] = make_float4(v[r][4], v[r][5], v[r][6], v[r][7]);
+      }
+    }
+  }
+  rmsnorm_quant8_tail(v[0], gv, on, eps, out, ldo, xq, xs, xsum, K, G, t0);
+  if (two) rmsnorm_quant8_tail(v[1], gv, on, eps, out, ldo, xq, xs, xsum, K, G, t0 + 1);
+}
