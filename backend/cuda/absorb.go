@@ -28,7 +28,7 @@ const absorbTilesMinRows = StreamMaxTokens + 1
 // with the int8 form of its output, the latent's norm in the q_a norm's
 // launch, the MoE's combine with the residual add and the next norm, the
 // absorbed query's two tiles a block, the RoPEs and cache write by
-// rope2_cache_rows, the residual add and norm two rows a block.
+// rope2_cache_rows.
 var prefillFuseOff = os.Getenv("MMFP4_CUDA_PREFILL_FUSE") == "0"
 
 // absorbTCM and absorbTCN are AT_M and AT_N in absorb.cu: the tokens and

@@ -1358,11 +1358,7 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 			b.rememberQuant(quantEntry{*d, a})
 			return
 		}
-		rows2 := d.rows >= absorbTilesMinRows && !prefillFuseOff // a prefill's rows: two a block
 		b.pending[la.idx] = queuedOp{"add+rmsnorm", func(c *Ctx) error {
-			if fast && rows2 {
-				return c.RMSNormQuant8Rows2(0, 0, la.d.ptr, la.d.ld, la.a.ptr, la.a.ld, la.c.ptr, la.c.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
-			}
 			if fast {
 				return c.RMSNormQuant8(0, 0, la.d.ptr, la.d.ld, la.a.ptr, la.a.ld, la.c.ptr, la.c.ld, g.dense, eps, d.ptr, d.ld, d.rows, d.cols, G, a)
 			}

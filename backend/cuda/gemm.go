@@ -274,19 +274,6 @@ func (b *Backend) pairNormGEMM(n normRows, x, out *tensor) bool {
 	return true
 }
 
-// RMSNormQuant8Rows2 is RMSNormQuant8 with two rows a block
-// (rmsnorm_quant8_rows2: the same values), for a prefill's rows.
-func (c *Ctx) RMSNormQuant8Rows2(x uint64, ldx int, d uint64, ldd int, a uint64, lda int, cc uint64, ldc int, gain uint64, eps float32, out uint64, ldo int, rows, K, G int, q *QActs) error {
-	if q == nil || q.T != rows || q.K != K || q.G != G || gain == 0 {
-		return fmt.Errorf("cuda: rmsnorm_quant8_rows2: want a gain and activations %dx%d/%d", rows, K, G)
-	}
-	k, err := c.Kernel("quant", "rmsnorm_quant8_rows2")
-	if err != nil {
-		return err
-	}
-	return c.Launch(k, D1((rows+1)/2), D1(K/8), 0, x, ldx, d, ldd, a, lda, cc, ldc, gain, eps, out, ldo, q.Q, q.Scales, q.Sums, K, G, rows)
-}
-
 // MoEBatch is the device work space of MoEBatched for T tokens: the pairs'
 // rows in expert order, the tiles, each pair's SiLU product (and its int8
 // form) and down product. All of it is step memory (the backend's arena).

@@ -123,13 +123,12 @@ func TestPrefillMergesMatchSeparate(t *testing.T) {
 // query ("absorb": merged is two token tiles a block, else one), and the
 // q_a norm, q_b's product and the latent's norm ("norms": merged, the two
 // norms in one launch), the RoPEs and cache write ("rope": merged,
-// rope2_cache_rows), the residual add and norm of 2048 columns ("addnorm":
-// merged, two rows a block). Device time of the queued launches (the attention
+// rope2_cache_rows). Device time of the queued launches (the attention
 // output's own quantization left out).
 func BenchmarkPrefillMerges(b *testing.B) {
 	d := benchDevice(b)
 	for _, T := range []int{1024} {
-		for _, what := range []string{"values", "absorb", "norms", "rope", "addnorm"} {
+		for _, what := range []string{"values", "absorb", "norms", "rope"} {
 			for _, merged := range []bool{false, true} {
 				b.Run(fmt.Sprintf("T%d/%s/merged=%v", T, what, merged), func(b *testing.B) {
 					prefillMergeBench(b, d, T, what, merged)
@@ -172,20 +171,11 @@ func prefillMergeBench(b *testing.B, d *Device, T int, what string, merged bool)
 	q, ql, kv := g.NewTensor(T, s.Heads*qk), g.NewTensor(T, s.Heads*s.Rank), g.NewTensor(T, s.Rank+s.RopeDim)
 	olat, v := g.NewTensor(T, s.Heads*s.Rank), g.NewTensor(T, s.Heads*s.VDim)
 	qa, qaN, lat := g.NewTensor(T, 768), g.NewTensor(T, 768), g.NewTensor(T, s.Rank)
-	res, attn, hid := g.NewTensor(T, 2048), g.NewTensor(T, 2048), g.NewTensor(T, 2048)
-	hNorm := vec("input_norm", 2048)
-	g.Upload(res, randVec(r, T*2048, 1))
-	g.Upload(attn, randVec(r, T*2048, 0.5))
 	g.Upload(qa, randVec(r, T*768, 1))
 	g.Upload(q, randVec(r, T*s.Heads*qk, 1))
 	g.Upload(kv, randVec(r, T*(s.Rank+s.RopeDim), 1))
 	g.Upload(olat, randVec(r, T*s.Heads*s.Rank, 0.3))
 	queue := func() {
-		if what == "addnorm" {
-			g.Add(res, res, attn)
-			g.RMSNorm(hid, res, hNorm, 1e-6)
-			return
-		}
 		if what == "rope" {
 			kpe := g.Cols(kv, s.Rank, s.Rank+s.RopeDim)
 			g.RoPE(q, s.Heads, qk, s.NopeDim, s.RopeDim, 1e6, true)
@@ -360,46 +350,5 @@ func TestPrefillCombineNormMatchesSeparate(t *testing.T) {
 				t.Fatalf("T=%d: value %d (of residual, norm, product: %d each) = %v merged, %v separate", T, i, T*K, got[i], want[i])
 			}
 		}
-	}
-}
-
-// A prefill's residual add and norm two rows a block
-// (rmsnorm_quant8_rows2) write what rmsnorm_quant8 writes, bit for bit:
-// the residual, the norm's output and its int8 form, at even and odd row
-// counts, groups of 128 and 32, 2048 and 768 columns.
-func TestPrefillAddNormRows2(t *testing.T) {
-	for _, c := range []struct{ T, K int }{{1030, 2048}, {301, 2048}, {97, 768}} {
-		t.Run(fmt.Sprintf("T%d_K%d", c.T, c.K), func(t *testing.T) {
-			run := func(rows2 bool) ([]float32, []byte) {
-				defer func(v bool) { prefillFuseOff = v }(prefillFuseOff)
-				prefillFuseOff = !rows2
-				g, _ := testBackends(t, Options{})
-				r := rand.New(rand.NewPCG(59, uint64(c.T+c.K)))
-				gain := mustWeight(t, g, backend.HostWeight{Name: "norm", N: 1, K: c.K, Dense: randVec(r, c.K, 1)})
-				g.SetBatch(simpleBatch(c.T, 0), nil)
-				x, a := g.NewTensor(c.T, c.K), g.NewTensor(c.T, c.K)
-				g.Upload(x, randVec(r, c.T*c.K, 1))
-				g.Upload(a, randVec(r, c.T*c.K, 0.5))
-				h := backend.NewOutput(g, c.T, c.K)
-				g.Add(x, x, a)
-				g.RMSNorm(h, x, gain, 1e-6)
-				v := append(g.Download(x), g.Download(h)...)
-				q := quantForm(t, g, h, groupFor(c.K))
-				if err := g.Sync(); err != nil {
-					t.Fatal(err)
-				}
-				return v, q
-			}
-			want, wantQ := run(false)
-			got, gotQ := run(true)
-			for i := range want {
-				if math.Float32bits(got[i]) != math.Float32bits(want[i]) {
-					t.Fatalf("value %d (residual, then norm: %d each) = %v two rows a block, %v one", i, c.T*c.K, got[i], want[i])
-				}
-			}
-			if wantQ == nil || !bytes.Equal(gotQ, wantQ) {
-				t.Fatalf("int8 forms differ (at byte %d)", firstDiff(gotQ, wantQ))
-			}
-		})
 	}
 }
