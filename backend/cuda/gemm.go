@@ -475,7 +475,8 @@ func (b *Backend) moeBatched(d, xm *tensor, rt *routing, l *moeLayer) {
 // ends a long step's layer, between the residual add and the next layer's
 // norm: the MoE's work space is then free memory, so the launch takes it
 // only when the norm's output and int8 form lie outside what the combine
-// reads (the partial products, their rows, the routing weights), and it
+// reads (the partial products, their rows, the routing weights, the
+// residual), and it
 // does not write the MoE's own output (released, read by no one). It
 // reports whether it queued the launch.
 func (b *Backend) combineNormReleased(la *addOp, gain uint64, eps float32, out *tensor, q *QActs) bool {
@@ -486,7 +487,8 @@ func (b *Backend) combineNormReleased(la *addOp, gain uint64, eps float32, out *
 	}
 	s, T := lc.s, la.d.rows
 	P := uint64(s.T * lc.slots)
-	reads := [][2]uint64{{s.Part, s.Part + 4*P*uint64(la.d.cols)}, {s.Pos, s.Pos + 4*P}, {lc.wts, lc.wts + 4*uint64(T*lc.topk)}}
+	xlo, xhi := la.d.span()
+	reads := [][2]uint64{{s.Part, s.Part + 4*P*uint64(la.d.cols)}, {s.Pos, s.Pos + 4*P}, {lc.wts, lc.wts + 4*uint64(T*lc.topk)}, {xlo, xhi}}
 	lo, hi := out.span()
 	writes := [][2]uint64{{lo, hi}, {q.Q, q.Q + uint64(q.T*q.K)}, {q.Scales, q.Scales + 4*uint64(q.T*q.K/q.G)}, {q.Sums, q.Sums + 4*uint64(q.T*q.K/32)}}
 	for _, w := range writes {
