@@ -4,6 +4,7 @@ package cuda
 
 import (
 	"fmt"
+	"os"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -15,6 +16,20 @@ import (
 // 6.0 against 19.7 at 16, 55 against absorb_query_many's 288 at 1024
 // (docs/perf.md).
 var absorbTCMinTokens = 1
+
+// absorbTilesMinRows is the smallest step whose absorbed query takes two
+// token tiles a block (absorb_query_tc2): a prefill's rows, above the
+// serving steps' (at 1024 rows 47.3 against absorb_query_tc's 50.3 us on
+// an H200, docs/perf.md).
+const absorbTilesMinRows = StreamMaxTokens + 1
+
+// prefillFuseOff turns off the merged launches and kernels of a prefill's
+// small ops (MMFP4_CUDA_PREFILL_FUSE=0, for A/B runs): the value expansion
+// with the int8 form of its output, the latent's norm in the q_a norm's
+// launch, the MoE's combine with the residual add and the next norm, the
+// absorbed query's two tiles a block, the RoPEs and cache write by
+// rope2_cache_rows.
+var prefillFuseOff = os.Getenv("MMFP4_CUDA_PREFILL_FUSE") == "0"
 
 // absorbTCM and absorbTCN are AT_M and AT_N in absorb.cu: the tokens and
 // columns of one block.
@@ -44,8 +59,12 @@ func (b *Backend) absorbTC(ql, qm *tensor, w *weight, s backend.MLAShape) bool {
 	}
 	q := w.q
 	name := fmt.Sprintf("absorb_query_tc_%d", s.NopeDim)
-	grid := Dim{uint32(s.Rank / absorbTCN), uint32((ql.rows + absorbTCM - 1) / absorbTCM), uint32(s.Heads)}
-	if b.absorbRope(ql, qm, q, s, grid, shared) || b.absorbRopeRows(ql, qm, q, s, grid, shared) {
+	tiles := 1
+	if ql.rows >= absorbTilesMinRows && !prefillFuseOff {
+		tiles, name = 2, fmt.Sprintf("absorb_query_tc2_%d", s.NopeDim)
+	}
+	grid := Dim{uint32(s.Rank / absorbTCN), uint32((ql.rows + tiles*absorbTCM - 1) / (tiles * absorbTCM)), uint32(s.Heads)}
+	if b.absorbRope(ql, qm, q, s, grid, shared) || tiles == 1 && b.absorbRopeRows(ql, qm, q, s, grid, shared) {
 		return true
 	}
 	b.do("absorb query", func(c *Ctx) error {
@@ -57,4 +76,22 @@ func (b *Backend) absorbTC(ql, qm *tensor, w *weight, s backend.MLAShape) bool {
 			ql.ptr, ql.ld, qm.ptr, qm.ld, q.Codes, q.Scales, q.RowScale, q.G, s.Rank, s.RopeDim, ql.rows)
 	})
 	return true
+}
+
+// The prefill's merged launches counted in Backend.prefillMerges (tests).
+const (
+	prefillValues   = iota // value expansions with the int8 form of their output
+	prefillNorms           // latent norms in the q_a norm's launch
+	prefillCombine         // MoE combines with the residual add and the next norm
+	prefillRopeRows        // RoPEs and cache writes by rope2_cache_rows
+)
+
+// ropeRowsFit reports whether the RoPEs r1 (the queries') and r2 (the
+// key's) and the cache write of rows rows take rope2_cache_rows
+// (absorb.cu): a prefill's rows (as absorbTilesMinRows), one key head
+// rotated whole, and RC_Q, RC_L's bounds.
+func ropeRowsFit(rows int, r1, r2 *ropeOp, rank, rope int) bool {
+	const rcQ, rcL = 4, 4 // RC_Q, RC_L
+	return !prefillFuseOff && rows >= absorbTilesMinRows && r2.heads == 1 && r2.offset == 0 && r2.dim == rope &&
+		r1.dim == r2.dim && r1.heads*r1.dim/2 <= 256*rcQ && rank <= 256*rcL && r1.dim/2 <= 256
 }

@@ -198,6 +198,9 @@ type Backend struct {
 	// lastRopeCache is the RoPE + cache write launch queued last.
 	lastRopeCache *ropeCacheOp
 	chainMerges   [7]int
+	// prefillMerges counts a prefill's merged launches by kind
+	// (prefillValues, prefillNorms, prefillCombine, prefillRopeRows; tests).
+	prefillMerges [4]int
 
 	steps *stepTimer // MMFP4_CUDA_STEPTIME=1
 	// pieces counts the pieces this step has gone to the device in.
@@ -1350,7 +1353,7 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 		// both (quantizeInto above queues nothing unless the arena grew,
 		// which flushes and is caught by the second check).
 		fast := rowNorm8(d.cols, G, []uint64{la.d.ptr, la.a.ptr, la.c.ptr, g.dense, d.ptr}, []int{la.d.ld, la.a.ld, la.c.ld, d.ld})
-		if fast && b.combineNorm(la, g.dense, eps, d, a) {
+		if fast && (b.combineNorm(la, g.dense, eps, d, a) || b.combineNormReleased(la, g.dense, eps, d, a)) {
 			// The MoE's combine, the add and the norm in one launch (serve.go).
 			b.lastAdd = nil
 			b.rememberQuant(quantEntry{*d, a})
@@ -1377,7 +1380,7 @@ func (b *Backend) RMSNorm(dst, x backend.Tensor, gain backend.Weight, eps float3
 			return
 		}
 		nr := normRows{x: xm.ptr, out: d.ptr, gain: g.dense, ldx: xm.ld, ldo: d.ld, eps: eps, q: a}
-		if fast && d.rows > 1 && b.pairNormRows(nr, xm, d) {
+		if fast && d.rows > 1 && (b.pairNormRows(nr, xm, d) || b.pairNormGEMM(nr, xm, d)) {
 			// In the launch of the norm queued before (serve.go).
 			b.rememberQuant(quantEntry{*d, a})
 			return
@@ -1603,7 +1606,12 @@ func (b *Backend) CacheWrite(layer int, latent, kpe backend.Tensor) {
 		b.pending = b.pending[:r1.idx]
 		b.ropes = [2]*ropeOp{}
 		q := r1.m
-		b.launch("rope+cache write", "ops", "rope2_cache_write", D1(lm.rows), D1(256),
+		mod, name := "ops", "rope2_cache_write"
+		if ropeRowsFit(lm.rows, r1, r2, p.rank, p.ropeDim) {
+			mod, name = "absorb", "rope2_cache_rows" // a prefill's rows (absorb.go)
+			b.prefillMerges[prefillRopeRows]++
+		}
+		b.launch("rope+cache write", mod, name, D1(lm.rows), D1(256),
 			q.ptr, q.ld, r1.heads, r1.headStride, r1.offset, km.ptr, km.ld, r2.heads, r2.headStride, r2.offset, r2.dim, r2.il, r2.table, lm.rows,
 			p.layer(layer), p.kernelDType(), b.meta.slots, lm.ptr, lm.ld, p.rank, p.ropeDim)
 		b.noteRopeCache(r1, r2, km, lm, p.layer(layer), b.meta.slots, p.kernelDType(), p.rank, p.ropeDim)
@@ -1832,7 +1840,7 @@ func (b *Backend) ExpandValues(out, olat backend.Tensor, wUV backend.Weight, s b
 		// quantization of the rows (whole groups per head).
 		b.count(weightBytes(w))
 		a := b.quantize(ol, w.q.G)
-		if b.streamHeadsQuant(om, a, w, s.Heads) || b.streamHeads(om, a, w, s.Heads) {
+		if b.streamHeadsQuant(om, a, w, s.Heads) || b.streamHeads(om, a, w, s.Heads) || b.gemmHeadsQuant(om, a, w, s.Heads) {
 			return
 		}
 		b.do(b.opName("expand values", w), func(c *Ctx) error { return c.GEMMHeads(om.ptr, om.ld, w.q, a, s.Heads, s.VDim, GEMMTileAuto) })

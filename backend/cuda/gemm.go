@@ -212,6 +212,68 @@ func (c *Ctx) GEMMHeads(y uint64, ldy int, w *QMatrix, a *QActs, heads, rows int
 	return c.gemm(y, ldy, w.Codes, w.Scales, w.RowScale, rows, k, w.G, a, heads, tile)
 }
 
+// GEMMHeadsQuant is GEMMHeads that also writes the int8 form of y's rows
+// into q in groups of 128 (what quant_rows computes from y, bit for bit):
+// rows a multiple of 128, so that each group lies in one head and one
+// block of the kernel.
+func (c *Ctx) GEMMHeadsQuant(y uint64, ldy int, w *QMatrix, a *QActs, heads, rows int, tile GEMMTile, q *QActs) error {
+	k := w.K
+	switch {
+	case a.K != heads*k || a.G != w.G || k%w.G != 0 || !GEMMFits(k, w.G):
+		return fmt.Errorf("cuda: gemm heads quant: activations %dx%d G=%d for %d heads of [%d,%d] G=%d", a.T, a.K, a.G, heads, rows, k, w.G)
+	case w.N != heads*rows || ldy < w.N || rows%gemmRows != 0:
+		return fmt.Errorf("cuda: gemm heads quant: %d rows for %d heads of %d (a multiple of %d), output stride %d", w.N, heads, rows, gemmRows, ldy)
+	case q.T != a.T || q.K != w.N || q.G != gemmRows:
+		return fmt.Errorf("cuda: gemm heads quant: int8 form %dx%d G=%d, want %dx%d G=%d", q.T, q.K, q.G, a.T, w.N, gemmRows)
+	}
+	tile = pickTile(tile, a.T)
+	shared := tile.shared(k / w.G)
+	kern, err := c.kernelShared("gemm", "gemm_heads_q_"+tile.suffix(w.G), shared)
+	if err != nil {
+		return err
+	}
+	grid := Dim{uint32(rows / gemmRows), uint32((a.T + tile.tokens() - 1) / tile.tokens()), uint32(heads)}
+	return c.Launch(kern, grid, D1(tile.threads()), shared, w.Codes, w.Scales, w.RowScale, rows, k, w.G,
+		a.Q, a.K, a.Scales, a.K/w.G, a.T, y, ldy, q.Q, q.Scales, q.Sums, q.K)
+}
+
+// gemmHeadsQuant queues the value expansion's products of a (GEMMHeads
+// into om) with om's int8 form in groups of 128, which o_proj's product
+// finds remembered, in one launch when it applies, and reports whether it
+// did.
+func (b *Backend) gemmHeadsQuant(om *tensor, a *QActs, w *weight, heads int) bool {
+	if prefillFuseOff || w.q.N%heads != 0 || om.cols != w.q.N || om.rows != a.T || (w.q.N/heads)%gemmRows != 0 {
+		return false
+	}
+	rows, wq := w.q.N/heads, w.q
+	q := b.quantizeInto(om, gemmRows)
+	b.do(b.opName("expand values+quantize", w), func(c *Ctx) error {
+		return c.GEMMHeadsQuant(om.ptr, om.ld, wq, a, heads, rows, GEMMTileAuto, q)
+	})
+	b.rememberQuant(quantEntry{*om, q})
+	b.prefillMerges[prefillValues]++
+	return true
+}
+
+// pairNormGEMM queues norm n (of x into out, several rows) in the launch
+// of the norm of the same rows queued before it when only a GEMM lies
+// between them that neither writes x nor touches out (a prefill's q_a
+// norm, q_b's product, the latent's norm: the GEMM reads only its int8
+// rows and weights), and reports whether it did.
+func (b *Backend) pairNormGEMM(n normRows, x, out *tensor) bool {
+	p, g := b.lastNormRows, b.lastGEMM
+	if prefillFuseOff || !b.chained() || p == nil || p.flush != b.flushes || p.paired || p.n.q.T != n.q.T ||
+		g == nil || g.flush != b.flushes || g.idx != p.idx+1 || g.idx != len(b.pending)-1 ||
+		overlaps(x, &g.out) || overlaps(out, &g.out) || overlaps(x, &p.out) || overlaps(out, &p.x) || overlaps(out, &p.out) {
+		return false
+	}
+	n1 := p.n
+	b.pending[p.idx] = queuedOp{"rmsnorm pair", func(c *Ctx) error { return c.RMSNormQuant8PairRows(n1, n) }}
+	p.paired = true
+	b.prefillMerges[prefillNorms]++
+	return true
+}
+
 // MoEBatch is the device work space of MoEBatched for T tokens: the pairs'
 // rows in expert order, the tiles, each pair's SiLU product (and its int8
 // form) and down product. All of it is step memory (the backend's arena).
@@ -270,7 +332,8 @@ func moeMaxTiles(P, ne, bt int) int { return P/bt + min(ne, P) + 1 }
 // entirely on the device: moeb_group sorts the pairs by expert, then the
 // gate/up GEMM with the SiLU product over each expert's rows, the int8
 // quantization of those, the down GEMM, and a weighted sum into y (five
-// launches, no host round trip).
+// launches, no host round trip). With y = 0 it leaves out the weighted
+// sum (the partial products stay in s.Part for MoEStreamCombine).
 func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids, wts uint64, topk int, x *QActs, s *MoEBatch) error {
 	slots := topk + t.Shared
 	switch {
@@ -346,6 +409,9 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 			return err
 		}
 	}
+	if y == 0 {
+		return nil // the combine is queued on its own (moeBatched)
+	}
 	acc := 0
 	if accumulate {
 		acc = 1
@@ -388,9 +454,59 @@ func (b *Backend) moeBatched(d, xm *tensor, rt *routing, l *moeLayer) {
 	s.TileE, s.TileS, s.TileN, s.NTiles = b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4)
 	s.H, s.Part = b.alloc(4*P*t.I), b.alloc(4*P*t.K)
 	s.HQ = b.quantizeInto(&tensor{rows: P, cols: t.I, ld: t.I}, t.G)
+	// A d cleared for this op alone is written, not added to (serve.go),
+	// and then its combine goes on its own, for the residual add and the
+	// next norm to take into their launch (combineNormReleased).
+	add := prefillFuseOff || !b.takeFresh(d)
+	if !add && b.combineApart(d, slots) {
+		b.do("moe batched", func(c *Ctx) error { return c.MoEBatched(0, 0, false, t, rt.ids, rt.wts, rt.topK, a, s) })
+		b.do("moe combine", func(c *Ctx) error {
+			return c.MoEStreamCombine(d.ptr, d.ld, false, s, rt.wts, rt.topK, slots, t.K)
+		})
+		b.noteCombine(d, s, rt.wts, rt.topK, slots)
+		return
+	}
 	b.do("moe batched", func(c *Ctx) error {
-		return c.MoEBatched(d.ptr, d.ld, true, t, rt.ids, rt.wts, rt.topK, a, s)
+		return c.MoEBatched(d.ptr, d.ld, add, t, rt.ids, rt.wts, rt.topK, a, s)
 	})
+}
+
+// combineNormReleased is combineNorm (serve.go) across the Release that
+// ends a long step's layer, between the residual add and the next layer's
+// norm: the MoE's work space is then free memory, so the launch takes it
+// only when the norm's output and int8 form lie outside what the combine
+// reads (the partial products, their rows, the routing weights, the
+// residual), and it
+// does not write the MoE's own output (released, read by no one). It
+// reports whether it queued the launch.
+func (b *Backend) combineNormReleased(la *addOp, gain uint64, eps float32, out *tensor, q *QActs) bool {
+	lc := la.comb
+	if prefillFuseOff || lc == nil || lc.flush != b.flushes || lc.releases == b.releases || lc.idx != la.idx-1 ||
+		la.idx != len(b.pending)-1 || out.cols != la.d.cols || overlaps(out, &la.d) {
+		return false
+	}
+	s, T := lc.s, la.d.rows
+	P := uint64(s.T * lc.slots)
+	xlo, xhi := la.d.span()
+	reads := [][2]uint64{{s.Part, s.Part + 4*P*uint64(la.d.cols)}, {s.Pos, s.Pos + 4*P}, {lc.wts, lc.wts + 4*uint64(T*lc.topk)}, {xlo, xhi}}
+	lo, hi := out.span()
+	writes := [][2]uint64{{lo, hi}, {q.Q, q.Q + uint64(q.T*q.K)}, {q.Scales, q.Scales + 4*uint64(q.T*q.K/q.G)}, {q.Sums, q.Sums + 4*uint64(q.T*q.K/32)}}
+	for _, w := range writes {
+		for _, r := range reads {
+			if w[0] < r[1] && r[0] < w[1] {
+				return false
+			}
+		}
+	}
+	x, wts, topk, slots := la.d, lc.wts, lc.topk, lc.slots
+	o := *out
+	b.pending[lc.idx] = queuedOp{"moe combine+add+rmsnorm", func(c *Ctx) error {
+		return c.CombineAddRMSNormQuant8(x.ptr, x.ld, x.ptr, x.ld, s, wts, topk, slots, 0, 0, gain, eps, o.ptr, o.ld, q)
+	}}
+	b.pending = b.pending[:la.idx]
+	b.lastCombine = nil
+	b.prefillMerges[prefillCombine]++
+	return true
 }
 
 // absorbTokens is ABSORB_T in gemm.cu.

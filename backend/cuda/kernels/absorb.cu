@@ -283,3 +283,261 @@ ABSORB_TC_ROPE(192)
   }
 ABSORB_TC_ROPE_ROWS(128)
 ABSORB_TC_ROPE_ROWS(192)
+// absorb_query_tc over TILES token tiles a block (a prefill's rows): the
+// weight slab is dequantized once for all of them, and the next tile's
+// queries are loaded into registers before this tile's products, so that
+// their latency hides behind the tensor work. The same sums in the same
+// order as absorb_query_tc, tile by tile. Grid (rank/AT_N,
+// ceil(T/(TILES*AT_M)), heads); shared memory as absorb_query_tc's.
+template <int DN, int TILES>
+__device__ __forceinline__ void absorb_query_tcm(float* __restrict__ qlat, int ldql, const float* __restrict__ q,
+                                                 int ldq, const u8* __restrict__ codes, const u8* __restrict__ scales,
+                                                 const float* __restrict__ row_scale, int G, int rank, int dr, int T) {
+  constexpr int lda = DN + 8;
+  extern __shared__ __align__(16) u8 at_smem[];
+  unsigned short* ahi = (unsigned short*)at_smem;  // [AT_M][lda]
+  unsigned short* alo = ahi + AT_M * lda;          // [AT_M][lda]
+  unsigned short* bs = alo + AT_M * lda;           // [DN][AT_LDB]
+  float* down = (float*)(bs + DN * AT_LDB);        // [AT_M]
+  u32* lut = (u32*)(down + AT_M);                  // [256]
+  float* rsm = (float*)(lut + 256);                // [DN]
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int n0 = blockIdx.x * AT_N, tb = blockIdx.y * (TILES * AT_M), h = blockIdx.z;
+  const int GK = rank / G;
+  PDL_LAUNCH();
+
+  constexpr int chunks = DN * 4 / 256;
+  static_assert(DN * 4 % 256 == 0, "dn must be a multiple of 64");
+  uint4 cv[chunks];
+  u32 sv[chunks];
+#pragma unroll
+  for (int u = 0; u < chunks; u++) {
+    const int c = tid + 256 * u, row = h * DN + (c >> 2), col = n0 + 32 * (c & 3);
+    cv[u] = load_stream16(codes + (size_t)row * (rank / 2) + col / 2);
+    sv[u] = scales[(size_t)row * GK + col / G];
+  }
+  if (tid < DN / 4) ((float4*)rsm)[tid] = *(const float4*)(row_scale + h * DN + 4 * tid);
+  {
+    float v[2];
+#pragma unroll
+    for (int k = 0; k < 2; k++) {
+      const int code = (tid >> (4 * k)) & 15, m = code & 7, e = m >> 1, f = m & 1;
+      const float mag = e == 0 ? (float)f : (float)((2 + f) << (e - 1));
+      v[k] = code & 8 ? -mag : mag;
+    }
+    lut[tid] = f16x2_from(v[0], v[1]);
+  }
+  __syncthreads();
+#pragma unroll
+  for (int u = 0; u < chunks; u++) {
+    const int c = tid + 256 * u;
+    const u32 s2 = e4m3_f16x2(sv[u]);
+    const u32 w[4] = {cv[u].x, cv[u].y, cv[u].z, cv[u].w};
+    u32 o[16];
+#pragma unroll
+    for (int j = 0; j < 16; j++) o[j] = mul_f16x2(lut[(w[j >> 2] >> (8 * (j & 3))) & 0xFFu], s2);
+    uint4* dst = (uint4*)(bs + (c >> 2) * AT_LDB + 32 * (c & 3));
+#pragma unroll
+    for (int j = 0; j < 4; j++) dst[j] = make_uint4(o[4 * j], o[4 * j + 1], o[4 * j + 2], o[4 * j + 3]);
+  }
+
+  PDL_WAIT();
+  constexpr int per = DN / 16;
+  const int qr = tid >> 2, j0 = tid & 3;
+  float4 x[per];
+  auto load_queries = [&](int t0) {
+#pragma unroll
+    for (int u = 0; u < per; u++) {
+      const int i = 4 * (j0 + 4 * u);
+      x[u] = t0 + qr < T ? *(const float4*)(q + (size_t)(t0 + qr) * ldq + (size_t)h * (DN + dr) + i)
+                        : make_float4(0.f, 0.f, 0.f, 0.f);
+    }
+  };
+  load_queries(tb);
+  const int wm = (warp & 1) * 32, wn = (warp >> 1) * 32;
+  const int a_off = (lane & 15) * lda + (lane >> 4) * 8;
+  const int b_off = ((lane & 7) + (((lane >> 3) & 1) << 3)) * AT_LDB + (lane >> 4) * 8;
+  const int g = lane >> 2, c2 = 2 * (lane & 3);
+#pragma unroll 1
+  for (int tile = 0; tile < TILES; tile++) {
+    const int t0 = tb + tile * AT_M;
+    if (t0 >= T) break;  // the same for the whole block
+    if (tile > 0) __syncthreads();  // the last tile's products and stores are done with ahi, alo, down
+    {
+      float m = 0.f;
+#pragma unroll
+      for (int u = 0; u < per; u++) {
+        const float4 rs = ((const float4*)rsm)[j0 + 4 * u];
+        x[u] = make_float4(x[u].x * rs.x * 0.5f, x[u].y * rs.y * 0.5f, x[u].z * rs.z * 0.5f, x[u].w * rs.w * 0.5f);
+        m = fmaxf(m, fmaxf(fmaxf(fabsf(x[u].x), fabsf(x[u].y)), fmaxf(fabsf(x[u].z), fabsf(x[u].w))));
+      }
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+      m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+      const int eb = (__float_as_uint(m) >> 23) & 0xFF;
+      const int e = (m == 0.f || eb == 0xFF) ? 0 : max(-126, min(126, 141 - eb));
+      const float up = __uint_as_float((u32)(127 + e) << 23);
+      if (j0 == 0) down[qr] = __uint_as_float((u32)(127 - e) << 23);
+#pragma unroll
+      for (int u = 0; u < per; u++) {
+        const int i = 4 * (j0 + 4 * u);
+        u32 h0, l0, h1, l1;
+        split_f16x2(x[u].x * up, x[u].y * up, h0, l0);
+        split_f16x2(x[u].z * up, x[u].w * up, h1, l1);
+        *(uint2*)(ahi + qr * lda + i) = make_uint2(h0, h1);
+        *(uint2*)(alo + qr * lda + i) = make_uint2(l0, l1);
+      }
+    }
+    __syncthreads();
+    // The next tile's queries, in flight during this tile's products.
+    if (tile + 1 < TILES && t0 + AT_M < T) load_queries(t0 + AT_M);
+    if (t0 + wm < T) {
+      const int mt = t0 + wm + 16 < T ? 2 : 1;
+      float acc[2][4][4];
+#pragma unroll
+      for (int m = 0; m < 2; m++)
+#pragma unroll
+        for (int n = 0; n < 4; n++) acc[m][n][0] = acc[m][n][1] = acc[m][n][2] = acc[m][n][3] = 0.f;
+#pragma unroll
+      for (int s = 0; s < DN / 16; s++) {
+        u32 ah[2][4], al[2][4], b[4][2];
+#pragma unroll
+        for (int m = 0; m < 2; m++) {
+          if (m < mt) {
+            ldsm_x4(smem_addr(ahi + (wm + 16 * m) * lda + 16 * s + a_off), ah[m][0], ah[m][1], ah[m][2], ah[m][3]);
+            ldsm_x4(smem_addr(alo + (wm + 16 * m) * lda + 16 * s + a_off), al[m][0], al[m][1], al[m][2], al[m][3]);
+          }
+        }
+#pragma unroll
+        for (int np = 0; np < 2; np++)
+          ldsm_x4_t(smem_addr(bs + 16 * s * AT_LDB + wn + 16 * np + b_off), b[2 * np][0], b[2 * np][1],
+                    b[2 * np + 1][0], b[2 * np + 1][1]);
+#pragma unroll
+        for (int m = 0; m < 2; m++)
+          if (m < mt)
+#pragma unroll
+            for (int n = 0; n < 4; n++) mma_f16(acc[m][n], ah[m], b[n][0], b[n][1]);
+#pragma unroll
+        for (int m = 0; m < 2; m++)
+          if (m < mt)
+#pragma unroll
+            for (int n = 0; n < 4; n++) mma_f16(acc[m][n], al[m], b[n][0], b[n][1]);
+      }
+#pragma unroll
+      for (int m = 0; m < 2; m++) {
+#pragma unroll
+        for (int half = 0; half < 2; half++) {
+          const int r = wm + 16 * m + 8 * half + g, t = t0 + r;
+          if (m < mt && t < T) {
+            const float d = down[r];
+            float* o = qlat + (size_t)t * ldql + (size_t)h * rank + n0 + wn + c2;
+#pragma unroll
+            for (int n = 0; n < 4; n++)
+              *(float2*)(o + 8 * n) = make_float2(acc[m][n][2 * half] * d, acc[m][n][2 * half + 1] * d);
+          }
+        }
+      }
+    }
+  }
+}
+
+#define ABSORB_TCM(DN, TILES)                                                                                     \
+  extern "C" __global__ void __launch_bounds__(256, 2)                                                          \
+      absorb_query_tc##TILES##_##DN(float* __restrict__ qlat, int ldql, const float* __restrict__ q, int ldq,   \
+                                    const u8* __restrict__ codes, const u8* __restrict__ scales,                \
+                                    const float* __restrict__ row_scale, int G, int rank, int dr, int T) {      \
+    absorb_query_tcm<DN, TILES>(qlat, ldql, q, ldq, codes, scales, row_scale, G, rank, dr, T);                  \
+  }
+ABSORB_TCM(128, 2)
+ABSORB_TCM(192, 2)
+
+// rope2_cache_write for the rows of a prefill, in the model's geometry: one
+// key head whose rotated columns are its whole row (kheads 1, koffset 0,
+// dim = rope), at most 256 RC_Q query pairs and 256 RC_L latent values a
+// row, dim/2 <= 256. Every load of a row (the query and key pairs, the
+// latent) is issued before any store, and the key's cache entries are
+// written from the registers that rotated them, so a block waits for
+// memory once; the standalone kernel waits for each of its loops in turn
+// and for two barriers. The same arithmetic, so the same bits. One block
+// of 256 threads a row; the table and the slot are read before the wait
+// (they come from the step's uploads).
+#define RC_Q 4
+#define RC_L 4
+extern "C" __global__ void __launch_bounds__(256)
+    rope2_cache_rows(float* q, int ldq, int qheads, int qstride, int qoffset, float* kpe, int ldk, int kheads,
+                     int kstride, int koffset, int dim, int interleaved, const float* __restrict__ cs, int T,
+                     void* layer, int dtype, const i32* __restrict__ slots, const float* lat, int ldl, int rank,
+                     int rope) {
+  PDL_LAUNCH();
+  const int t = blockIdx.x, tid = threadIdx.x, half = dim / 2, width = rank + rope, nq = qheads * half;
+  const float* ct = cs + (size_t)t * half;
+  const float* st = cs + (size_t)T * half + (size_t)t * half;
+  float qc[RC_Q], qsn[RC_Q], kc = 0.f, ks = 0.f;
+#pragma unroll
+  for (int u = 0; u < RC_Q; u++) {
+    const int j = tid + 256 * u;
+    qc[u] = qsn[u] = 0.f;
+    if (j < nq) {
+      qc[u] = ct[j % half];
+      qsn[u] = st[j % half];
+    }
+  }
+  if (tid < half) {
+    kc = ct[tid];
+    ks = st[tid];
+  }
+  const size_t slot = (size_t)slots[t];
+  PDL_WAIT();
+  float* qa[RC_Q];
+  float q0[RC_Q], q1[RC_Q], lv[RC_L], k0 = 0.f, k1 = 0.f;
+  int qb[RC_Q];
+#pragma unroll
+  for (int u = 0; u < RC_Q; u++) {
+    const int j = tid + 256 * u, i = j % half;
+    qa[u] = q + (size_t)t * ldq + (j / half) * qstride + qoffset + (interleaved ? 2 * i : i);
+    qb[u] = interleaved ? 1 : half;
+    q0[u] = q1[u] = 0.f;
+    if (j < nq) {
+      q0[u] = qa[u][0];
+      q1[u] = qa[u][qb[u]];
+    }
+  }
+  float* ka = kpe + (size_t)t * ldk + (interleaved ? 2 * tid : tid);
+  const int kb = interleaved ? 1 : half;
+  if (tid < half) {
+    k0 = ka[0];
+    k1 = ka[kb];
+  }
+#pragma unroll
+  for (int u = 0; u < RC_L; u++) {
+    const int j = tid + 256 * u;
+    lv[u] = j < rank ? lat[(size_t)t * ldl + j] : 0.f;
+  }
+#pragma unroll
+  for (int u = 0; u < RC_Q; u++) {
+    if (tid + 256 * u < nq) {
+      qa[u][0] = __fsub_rn(__fmul_rn(q0[u], qc[u]), __fmul_rn(q1[u], qsn[u]));
+      qa[u][qb[u]] = __fadd_rn(__fmul_rn(q1[u], qc[u]), __fmul_rn(q0[u], qsn[u]));
+    }
+  }
+  auto put = [&](int j, float v) {
+    if (dtype == 1)
+      ((float*)layer)[slot * width + j] = v;
+    else
+      ((unsigned short*)layer)[slot * width + j] = f32_to_bf16(v);
+  };
+  if (tid < half) {
+    const float r0 = __fsub_rn(__fmul_rn(k0, kc), __fmul_rn(k1, ks));
+    const float r1 = __fadd_rn(__fmul_rn(k1, kc), __fmul_rn(k0, ks));
+    ka[0] = r0;
+    ka[kb] = r1;
+    const int a = interleaved ? 2 * tid : tid;
+    put(rank + a, r0);
+    put(rank + a + kb, r1);
+  }
+#pragma unroll
+  for (int u = 0; u < RC_L; u++) {
+    const int j = tid + 256 * u;
+    if (j < rank) put(j, lv[u]);
+  }
+}

@@ -42,6 +42,7 @@
 #define GEMM_ASTRIDE 80  // bytes per shared row of codes (64 + 16 padding)
 #define GEMM_PLAIN 0
 #define GEMM_GATE_UP 1
+#define GEMM_PLAIN_Q 2  // GEMM_PLAIN, and the int8 form of the output (gemm_quant_out)
 
 struct GQMat {
   const u8* codes;
@@ -178,10 +179,22 @@ DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, cons
 // their products to the gate warps through shared memory at the end. With
 // MT = 1 and SK = 1 a warp also skips its n-tiles that hold no valid token
 // (the short last tile of an expert's segment).
+// Where a GEMM_PLAIN_Q tile writes the int8 form of its output
+// (gemm_quant_out, at the end).
+struct GQOut {
+  i8* q;      // codes of the block's first token, at its head's first column
+  float* s;   // that token's group scales (groups of 128), same column
+  i32* sum;   // that token's 32-column sums, same column
+  int K;      // the quantized rows' length (heads x rows a head)
+};
+template <int MT, int WT, int WN>
+DEVICE void gemm_quant_out(float (&v)[MT][WT][4], const float* __restrict__ row_scale, int N, int row0,
+                           const int (&ra)[MT], float* __restrict__ out, int ldo, int ntok, GQOut qo, u8* smem);
+
 template <int MT, int WT, int WN, int MODE, int SPG, int SK>
 DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8* __restrict__ xq, int ldx,
                       const float* __restrict__ xs, int ldxs, const int* tokrow, int ntok,
-                      float* __restrict__ out, int ldo, u8* smem) {
+                      float* __restrict__ out, int ldo, u8* smem, GQOut qo = GQOut{}) {
   constexpr int BT = 8 * WT * WN;
   constexpr int WM = 8 / MT;  // warps along the rows
   constexpr int NT = 32 * WM * WN;
@@ -279,6 +292,10 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
   }
   cp_async_wait<0>();
 
+  if (MODE == GEMM_PLAIN_Q) {
+    gemm_quant_out<MT, WT, WN>(acc, a.row_scale, N, row0, ra, out, ldo, ntok, qo, smem);
+    return;
+  }
   // C fragment: e = 0, 1: row g, tokens 2i, 2i+1; e = 2, 3: row g+8.
   if (MODE == GEMM_GATE_UP && MT == 1) {
     // The up warps leave row_scale/2 * up in shared memory (the stages are
@@ -682,3 +699,136 @@ extern "C" __global__ void __launch_bounds__(256)
     wts[(size_t)t * topk + lane] = w * scaling;
   }
 }
+
+
+// ---------------------------------------------------------------------------
+// The value expansion of a prefill with the int8 form of its output (for
+// o_proj) in the same launch: GEMMHeads's products, and what quant_rows
+// computes from them in groups of 128 (the same values bit for bit: the
+// group's largest magnitude, the scale amax/127, quant8 of each value, the
+// sums of 32 columns). A block's 128 rows of one head are one group of the
+// quantized row, so each token's group lies in one block: the warps' row
+// maxima meet in shared memory, the codes are staged there, then stored in
+// 16-byte pieces with their sums.
+
+template <int MT, int WT, int WN>
+DEVICE void gemm_quant_out(float (&v)[MT][WT][4], const float* __restrict__ row_scale, int N, int row0,
+                           const int (&ra)[MT], float* __restrict__ out, int ldo, int ntok, GQOut qo, u8* smem) {
+  constexpr int BT = 8 * WT * WN, WM = 8 / MT, NT = 32 * WM * WN;
+  constexpr int QS = GEMM_ROWS + 16;  // bytes between two tokens' staged codes
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int wm = warp % WM, wn = warp / WM, g = lane >> 2, i = lane & 3;
+  float* smax = (float*)smem;   // [WM][BT] each warp row's maxima
+  float* sam = smax + WM * BT;  // [BT] each token's group maximum
+  float* sinv = sam + BT;       // [BT] 127 / that maximum (0: quant8's way for every value)
+  u8* sq = (u8*)(sinv + BT);    // [BT][QS] codes
+  const int K = qo.K;
+  // The sums scaled in place into the outputs as GEMM_PLAIN writes them
+  // (e = 0, 1: row g, tokens 2i, 2i+1; e = 2, 3: row g+8).
+#pragma unroll
+  for (int m = 0; m < MT; m++)
+#pragma unroll
+    for (int h = 0; h < 2; h++) {
+      const float rs = row_scale[min(row0 + ra[m] + 8 * h, N - 1)] * 0.5f;
+#pragma unroll
+      for (int nt = 0; nt < WT; nt++) {
+        v[m][nt][2 * h] *= rs;
+        v[m][nt][2 * h + 1] *= rs;
+      }
+    }
+  __syncthreads();  // every warp is past the stages, which this reuses
+#pragma unroll
+  for (int nt = 0; nt < WT; nt++)
+#pragma unroll
+    for (int e1 = 0; e1 < 2; e1++) {
+      float mx = 0.f;
+#pragma unroll
+      for (int m = 0; m < MT; m++) mx = fmaxf(mx, fmaxf(fabsf(v[m][nt][e1]), fabsf(v[m][nt][2 + e1])));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+      mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+      if (g == 0) smax[wm * BT + wn * 8 * WT + 8 * nt + 2 * i + e1] = mx;
+    }
+  __syncthreads();
+  for (int t = tid; t < BT; t += NT) {
+    float am = 0.f;
+#pragma unroll
+    for (int w = 0; w < WM; w++) am = fmaxf(am, smax[w * BT + t]);
+    sam[t] = am;
+    // Groups whose 127/amax is a normal number take the multiplication.
+    sinv[t] = am >= 0x1p-100f && am <= 0x1p100f ? 127.f / am : 0.f;
+    if (t < ntok) qo.s[(size_t)t * (K / GEMM_ROWS) + row0 / GEMM_ROWS] = am == 0.f ? 0.f : am / 127.f;
+  }
+  __syncthreads();
+#pragma unroll
+  for (int nt = 0; nt < WT; nt++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int tok = wn * 8 * WT + 8 * nt + 2 * i + (e & 1);
+      const float am = sam[tok], inv = sinv[tok];
+#pragma unroll
+      for (int m = 0; m < MT; m++) {
+        const int r = ra[m] + 8 * (e >> 1);
+        // quant8(v, am, am/127) without a division where that is safe:
+        // v * (127/am) is within 4e-5 of v / (am/127) (|v| <= am, four
+        // roundings), so unless it lies within 0.001 of a half the
+        // nearest integer is quant8's rounding (half away from zero) of
+        // the exact quotient, and |q| <= 127 needs no clamp; else (and
+        // for NaN) quant8 itself.
+        const float x = v[m][nt][e] * inv;
+        i32 q = __float2int_rn(x);
+        if (!(fabsf(x - (float)q) <= 0.499f) || inv == 0.f) q = quant8(v[m][nt][e], am, am / 127.f);
+        sq[tok * QS + r] = (u8)q;
+        if (tok < ntok && row0 + r < N) out[(size_t)tok * ldo + row0 + r] = v[m][nt][e];
+      }
+    }
+  __syncthreads();
+  for (int idx = tid; idx < BT * 8; idx += NT) {
+    const int tok = idx >> 3, c = idx & 7;
+    if (tok < ntok) *(uint4*)(qo.q + (size_t)tok * K + row0 + 16 * c) = *(const uint4*)(sq + tok * QS + 16 * c);
+  }
+  for (int idx = tid; idx < BT * 4; idx += NT) {
+    const int tok = idx >> 2, c = idx & 3;
+    if (tok >= ntok) continue;
+    const u32* p = (const u32*)(sq + tok * QS + 32 * c);
+    i32 sum = 0;
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      const u32 w = p[j];
+      sum += (i32)(i8)(w & 0xFFu) + (i32)(i8)((w >> 8) & 0xFFu) + (i32)(i8)((w >> 16) & 0xFFu) + (i32)(i8)(w >> 24);
+    }
+    qo.sum[(size_t)tok * (K / 32) + row0 / 32 + c] = sum;
+  }
+}
+
+// GEMMHeads (gemm_dense with grid z the head) writing the output and its
+// int8 form: oq [T][OK] codes, os [T][OK/128] scales, osum [T][OK/32] sums,
+// OK = heads x N; N a multiple of 128.
+#define GEMM_HEADS_Q_KERNEL(NAME, MT, WT, WN, SPG, MINB)                                                     \
+  extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) NAME(                                   \
+      const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale,      \
+      int N, int K, int G, const i8* __restrict__ xq, int ldx, const float* __restrict__ xs, int ldxs, int T, \
+      float* __restrict__ y, int ldy, i8* __restrict__ oq, float* __restrict__ os, i32* __restrict__ osum,   \
+      int OK) {                                                                                              \
+    PDL_LAUNCH();                                                                                            \
+    constexpr int BT = 8 * WT * WN;                                                                          \
+    extern __shared__ __align__(16) u8 gemm_smem_buf[];                                                      \
+    __shared__ int tokrow[BT];                                                                               \
+    const size_t z = blockIdx.z;                                                                             \
+    const int t0 = blockIdx.y * BT, ntok = min(BT, T - t0);                                                  \
+    const size_t GK = K / G;                                                                                 \
+    for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = t0 + min(r, ntok - 1);                   \
+    PDL_WAIT();                                                                                              \
+    __syncthreads();                                                                                         \
+    GQMat a = {codes + z * N * (K / 2), scales + z * N * GK, row_scale + z * N};                             \
+    const GQOut qo = {oq + (size_t)t0 * OK + z * N, os + (size_t)t0 * (OK / GEMM_ROWS) + z * N / GEMM_ROWS,   \
+                      osum + (size_t)t0 * (OK / 32) + z * N / 32, OK};                                       \
+    gemm_tile<MT, WT, WN, GEMM_PLAIN_Q, SPG, 1>(a, a, N, K, G, blockIdx.x * GEMM_ROWS, xq + z * K, ldx,       \
+                                                xs + z * GK, ldxs, tokrow, ntok, y + (size_t)t0 * ldy + z * N, \
+                                                ldy, gemm_smem_buf, qo);                                     \
+  }
+
+GEMM_HEADS_Q_KERNEL(gemm_heads_q_t16, 2, 2, 1, 0, 1)
+GEMM_HEADS_Q_KERNEL(gemm_heads_q_t16_g128, 2, 2, 1, 4, 1)
+GEMM_HEADS_Q_KERNEL(gemm_heads_q_t64, 1, 8, 1, 0, 2)
+GEMM_HEADS_Q_KERNEL(gemm_heads_q_t64_g128, 1, 8, 1, 4, 2)
