@@ -167,6 +167,9 @@ DEVICE void load_queries(unsigned short* qhi, unsigned short* qlo, float* qinv, 
   }
 }
 
+DEVICE void quant_row4(float4 v, bool valid, int f, int t, int K, int G, i8* __restrict__ xq,
+                       float* __restrict__ xs, i32* __restrict__ xsum);
+
 // Cache slots of positions [kb, kb+n) into sslot (0 past nkeys), n <=
 // FA_THREADS.
 DEVICE void tile_slots(u32* sslot, int n, int kb, int nkeys, const i32* __restrict__ table, int block_size) {
@@ -182,12 +185,13 @@ DEVICE void tile_slots(u32* sslot, int n, int kb, int nkeys, const i32* __restri
 // loop is unrolled whole so that the next step's loads and widening need
 // not wait for this step's products. Else exact: the queries and the
 // weights split hi + lo, one key tile (196 KB).
-template <int NT, int DR, bool F16>
+template <int NT, int DR, bool F16, bool STAMP = false>
 DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                          const float* __restrict__ q, int ldq, const u8* __restrict__ layer, int dtype,
                          const i32* __restrict__ pos, const i32* __restrict__ row_seq,
                          const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size,
-                         int T, int heads, int dn, float scale) {
+                         int T, int heads, int dn, float scale, i8* __restrict__ xq, float* __restrict__ xs,
+                         i32* __restrict__ xsum, int G, unsigned long long* stamps = nullptr) {
   constexpr int rank = NT * 64;  // warp w owns columns [w*NT*8, +NT*8)
   constexpr int W = rank + DR, ld = W + 8;  // bf16 row stride: an odd number of 16-byte units
   constexpr bool QLO = !F16, PLO = !F16, DB = F16;  // lo halves, two key tiles
@@ -209,6 +213,23 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, c4 = lane & 3;
   const int t0 = (gridDim.x - 1 - blockIdx.x) * FA_TQ, h0 = blockIdx.y * FA_HB;
+  // With STAMP (a benchmark's probe), each warp sums the clock cycles of
+  // its phases: 0 the copies' wait and the tile's first barrier, 1 the
+  // partial scores, 2 the second barrier, 3 the softmax, 4 the third
+  // barrier, 5 the weighted values, 6 all outside the tile loop; 7 counts
+  // tiles.
+  long long st_acc[8], st_t = 0;
+  if (STAMP) {
+#pragma unroll
+    for (int k = 0; k < 8; k++) st_acc[k] = 0;
+    st_t = clock64();
+  }
+#define FA_STAMP(k)                 \
+  if (STAMP) {                      \
+    const long long now = clock64(); \
+    st_acc[k] += now - st_t;        \
+    st_t = now;                     \
+  }
   const int nt = min(FA_TQ, T - t0);
 
   load_queries<rank, W, F16>(qhi, qlo, qinv, (u32*)sp, ld, qlat, ldql, q, ldq, t0, h0, T, heads, dn);
@@ -261,7 +282,9 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
     }
 
     int it = 0;
+    FA_STAMP(6);
     for (int kb = 0; kb < nkeys; kb += FA_N, it++) {
+      if (STAMP) st_acc[7]++;
       const int cur = DB ? (it & 1) : 0;
       unsigned short* ks = kbuf + cur * FA_N * ld;
       const u32* slots = sslot + cur * FA_N;
@@ -295,6 +318,12 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
         if (tid < FA_N) sc0[tid] = s0, sc1[tid] = s1;
       }
       __syncthreads();
+      FA_STAMP(0);
+      // The block-table entry of the tile NB ahead, stored to its slot
+      // after the scores (the load's latency off the softmax's path).
+      const int jn = kb + NB * FA_N + tid;
+      i32 tv = 0;
+      if (tid < FA_N && jn < nkeys) tv = table[jn / block_size];
       // With DB, the next tile's copies into the other buffer: every warp
       // is past the products of the tile before, which used it.
       if (DB && dtype == 0 && kb + FA_N < nkeys) {
@@ -370,10 +399,12 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
                 make_float2(al[m][n][2] * s00 + ap[m][n][2] * s10, al[m][n][3] * s01 + ap[m][n][3] * s11);
           }
       }
+      FA_STAMP(1);
       __syncthreads();
+      FA_STAMP(2);
 
       // Slots of the tile NB ahead (this buffer's slots are used).
-      tile_slots(sslot + cur * FA_N, FA_N, kb + NB * FA_N, nkeys, table, block_size);
+      if (tid < FA_N) sslot[cur * FA_N + tid] = jn < nkeys ? (u32)(tv * block_size + jn % block_size) : 0u;
 
       // Online softmax: 8 threads a row.
       {
@@ -428,7 +459,9 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
               make_uint4(lb[0] | (lb[1] << 16), lb[2] | (lb[3] << 16), lb[4] | (lb[5] << 16), lb[6] | (lb[7] << 16));
         if (sq == 0) alpha_s[sr] = alpha;
       }
+      FA_STAMP(3);
       __syncthreads();
+      FA_STAMP(4);
 
       // O = O * alpha + P . c over this warp's columns.
       {
@@ -477,26 +510,52 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
       // next barrier (the top of the loop) orders the reads of the
       // weights and this buffer before their next writes.
       if (!DB) __syncthreads();
+      FA_STAMP(5);
     }
 
-    // O / l for this sequence's rows.
+    // O / l for this sequence's rows, staged in shared memory (the key
+    // tiles are done with: the barrier orders every warp's last products
+    // before), then written a row at a time: whole rows of a head, so
+    // with xq set the row's int8 form in groups of G (a divisor of 128)
+    // is written as quant_row4 writes it (the quantization's bits).
     if (sq == 0) l_s[sr] = l_run;
     __syncthreads();
+    {
+      constexpr int OLD = rank + 4, C4 = rank / 4;
+      float* ost = (float*)kbuf;  // [FA_M][OLD]
 #pragma unroll
-    for (int m = 0; m < 2; m++)
+      for (int m = 0; m < 2; m++)
 #pragma unroll
-      for (int hf = 0; hf < 2; hf++) {
-        const int row = m * 16 + hf * 8 + g, ti = row / FA_HB, h = h0 + row % FA_HB;
-        if (ti < ta || ti >= tb || h >= heads) continue;
-        const float inv = 1.f / l_s[row];
-        float* out = olat + (size_t)(t0 + ti) * ldo + (size_t)h * rank + warp * NT * 8 + 2 * c4;
+        for (int hf = 0; hf < 2; hf++) {
+          const int row = m * 16 + hf * 8 + g;
+          const float inv = 1.f / l_s[row];
 #pragma unroll
-        for (int n = 0; n < NT; n++)
-          *(float2*)(out + n * 8) = make_float2(o[m][n][2 * hf] * inv, o[m][n][2 * hf + 1] * inv);
+          for (int n = 0; n < NT; n++)
+            *(float2*)(ost + row * OLD + warp * NT * 8 + n * 8 + 2 * c4) =
+                make_float2(o[m][n][2 * hf] * inv, o[m][n][2 * hf + 1] * inv);
+        }
+      __syncthreads();
+      for (int row = warp; row < FA_M; row += FA_THREADS / 32) {
+        const int ti = row / FA_HB, h = h0 + row % FA_HB;
+        if (ti < ta || ti >= tb || h >= heads) continue;  // whole warps
+        const int t = t0 + ti;
+#pragma unroll
+        for (int f = lane; f < C4; f += 32) {
+          const float4 v = *(const float4*)(ost + row * OLD + 4 * f);
+          *(float4*)(olat + (size_t)t * ldo + (size_t)h * rank + 4 * f) = v;
+          if (xq) quant_row4(v, true, h * C4 + f, t, heads * rank, G, xq, xs, xsum);
+        }
       }
+    }
     __syncthreads();
     ta = tb;
   }
+  FA_STAMP(6);
+  if (STAMP && lane == 0) {
+#pragma unroll
+    for (int k = 0; k < 8; k++) atomicAdd(stamps + warp * 8 + k, (unsigned long long)st_acc[k]);
+  }
+#undef FA_STAMP
 }
 
 #define FLASH_LATENT(NT, DR, F16, NAME)                                                                  \
@@ -504,11 +563,11 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
       NAME(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const u8* layer,        \
            int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,                             \
            const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size, int T, int heads, \
-           int dn, float scale) {                                                                             \
+           int dn, float scale, i8* xq, float* xs, i32* xsum, int G) {                                         \
     PDL_LAUNCH();                                                                                            \
     PDL_WAIT();                                                                                              \
     flash_latent<NT, DR, F16>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks, \
-                              block_size, T, heads, dn, scale);                                              \
+                              block_size, T, heads, dn, scale, xq, xs, xsum, G);                             \
   }
 
 // Instances: (rank/64, rope dims) of the model (8, 64) and of the tests
@@ -517,6 +576,20 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   FLASH_LATENT(NT, DR, true, flash_latent_##NT##_##DR##_h) \
   FLASH_LATENT(NT, DR, false, flash_latent_##NT##_##DR##_exact)
 FLASH_FORMS(8, 64)
+
+// The model's f16 form with phase clocks (a benchmark's probe; STAMP in
+// flash_latent): stamps holds 8 warps x 8 sums.
+extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)
+    flash_latent_8_64_h_stamp(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,
+                              const u8* layer, int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,
+                              const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size, int T,
+                              int heads, int dn, float scale, i8* xq, float* xs, i32* xsum, int G,
+                              unsigned long long* stamps) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  flash_latent<8, 64, true, true>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks,
+                                  block_size, T, heads, dn, scale, xq, xs, xsum, G, stamps);
+}
 FLASH_FORMS(4, 32)
 FLASH_FORMS(2, 64)
 FLASH_FORMS(2, 16)
