@@ -185,7 +185,7 @@ DEVICE void tile_slots(u32* sslot, int n, int kb, int nkeys, const i32* __restri
 // loop is unrolled whole so that the next step's loads and widening need
 // not wait for this step's products. Else exact: the queries and the
 // weights split hi + lo, one key tile (196 KB).
-template <int NT, int DR, bool F16, bool STAMP = false>
+template <int NT, int DR, bool F16, bool STAMP = false, bool ONE = false>
 DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                          const float* __restrict__ q, int ldq, const u8* __restrict__ layer, int dtype,
                          const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -384,15 +384,20 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
           for (int i = 0; i < NT; i++) step(kw + 4 * i, al);
         }
 #pragma unroll
-        for (int s = lsteps + kw; s < steps; s += 4) step(s, ap);
+        for (int s = lsteps + kw; s < steps; s += 4) step(s, ONE ? al : ap);
         float* mine = sp + kw * FA_M * FA_SLD;
 #pragma unroll
         for (int m = 0; m < 2; m++)
 #pragma unroll
           for (int n = 0; n < 4; n++) {
             const int col = kh * 32 + n * 8 + 2 * c4;
-            const float s00 = sc0[col], s01 = sc0[col + 1], s10 = sc1[col], s11 = sc1[col + 1];
             const int row = m * 16 + g;
+            if (ONE) {  // one accumulator, unit scales (bf16 cache)
+              *(float2*)(mine + row * FA_SLD + col) = make_float2(al[m][n][0], al[m][n][1]);
+              *(float2*)(mine + (row + 8) * FA_SLD + col) = make_float2(al[m][n][2], al[m][n][3]);
+              continue;
+            }
+            const float s00 = sc0[col], s01 = sc0[col + 1], s10 = sc1[col], s11 = sc1[col + 1];
             *(float2*)(mine + row * FA_SLD + col) =
                 make_float2(al[m][n][0] * s00 + ap[m][n][0] * s10, al[m][n][1] * s01 + ap[m][n][1] * s11);
             *(float2*)(mine + (row + 8) * FA_SLD + col) =
@@ -576,6 +581,19 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   FLASH_LATENT(NT, DR, true, flash_latent_##NT##_##DR##_h) \
   FLASH_LATENT(NT, DR, false, flash_latent_##NT##_##DR##_exact)
 FLASH_FORMS(8, 64)
+
+// Measurement: the f16 form with one score accumulator (latent and rope
+// steps together; the bf16 cache's scales are 1).
+extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)
+    flash_latent_8_64_h1(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const u8* layer,
+                         int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,
+                         const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size, int T,
+                         int heads, int dn, float scale, i8* xq, float* xs, i32* xsum, int G) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  flash_latent<8, 64, true, false, true>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks,
+                                         block_size, T, heads, dn, scale, xq, xs, xsum, G);
+}
 
 // The model's f16 form with phase clocks (a benchmark's probe; STAMP in
 // flash_latent): stamps holds 8 warps x 8 sums.
