@@ -113,11 +113,11 @@ DEVICE uint4 e4m3x8_bf16(uint2 v) {
 // scaling each row by a power of two that takes its largest magnitude into
 // [2^14, 2^15) (qinv[r]: the inverse, exact; 1 without F16). qmax: 32
 // words of scratch. All of a thread's loads are issued before the first
-// is used.
-template <int RANK, int W, bool F16>
+// is used, and between() is called after they are issued.
+template <int RANK, int W, bool F16, typename F>
 DEVICE void load_queries(unsigned short* qhi, unsigned short* qlo, float* qinv, u32* qmax, int ld,
                          const float* __restrict__ qlat, int ldql, const float* __restrict__ q, int ldq, int t0,
-                         int h0, int T, int heads, int dn) {
+                         int h0, int T, int heads, int dn, F between) {
   constexpr int per = W / 4, total = FA_M * per, iters = (total + FA_THREADS - 1) / FA_THREADS;
   constexpr int dr = W - RANK;
   float4 v[iters];
@@ -131,6 +131,7 @@ DEVICE void load_queries(unsigned short* qhi, unsigned short* qlo, float* qinv, 
       v[u] = k < RANK ? *(const float4*)(qlat + (size_t)t * ldql + (size_t)h * RANK + k)
                       : *(const float4*)(q + (size_t)t * ldq + (size_t)h * (dn + dr) + dn + (k - RANK));
   }
+  between();  // while the loads are in flight
   if (F16) {
     if (threadIdx.x < FA_M) qmax[threadIdx.x] = 0u;
     __syncthreads();
@@ -232,8 +233,6 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   }
   const int nt = min(FA_TQ, T - t0);
 
-  load_queries<rank, W, F16>(qhi, qlo, qinv, (u32*)sp, ld, qlat, ldql, q, ldq, t0, h0, T, heads, dn);
-
   // Softmax role: row sr, keys [8*sq, +8).
   const int sr = tid >> 3, sq = tid & 7;
   // S role: key half kh, k steps kw, kw+4, ...
@@ -246,33 +245,34 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   const int p_off = (lane & 15) * FA_PLD + (lane >> 4) * 8;
 
   // Copies of a tile of the bf16 cache (zeros past nkeys).
+  // Four threads a row, each every fourth 16-byte chunk: one slot and one
+  // address a tile, the chunks at constant offsets from it.
   auto issue_bf16 = [&](unsigned short* dst, const u32* sl, int kb, int nkeys) {
-    constexpr int per = W / 8;  // 16-byte chunks a row
-#pragma unroll 6
-    for (int i = tid; i < FA_N * per; i += FA_THREADS) {
-      const int jj = i / per, k = (i % per) * 8;
-      cp_async16(smem_addr(dst + jj * ld + k), layer + ((size_t)sl[jj] * W + k) * 2, kb + jj < nkeys);
-    }
+    constexpr int per = W / 8, TPR = FA_THREADS / FA_N;  // chunks a row, threads a row
+    const int jj = tid / TPR, sub = tid % TPR;
+    const bool valid = kb + jj < nkeys;
+    const u8* src = layer + ((size_t)sl[jj] * W + sub * 8) * 2;
+    const u32 d = smem_addr(dst + jj * ld + sub * 8);
+#pragma unroll
+    for (int c = 0; c < per; c += TPR)
+      if (c + sub < per) cp_async16(d + c * 16, src + c * 16, valid);
   };
 
-  int ta = 0;
-  while (ta < nt) {
-    // One sequence's tokens [ta, tb) of the block.
+  // The start of one sequence's tokens [ta, tb) of the block: its keys,
+  // block table and this thread's softmax row's position, the slots of
+  // the first NB tiles (tile i in sslot[i]) and, with DB, the first
+  // tile's copies.
+  int ta = 0, tb = 0, nkeys = 0, rowpos = -1;
+  const i32* table = blocks;
+  auto start_seq = [&]() {
     const int seq = row_seq[t0 + ta];
-    int tb = ta + 1;
+    tb = ta + 1;
     while (tb < nt && row_seq[t0 + tb] == seq) tb++;
-    int nkeys = 0;
+    nkeys = 0;
     for (int i = ta; i < tb; i++) nkeys = max(nkeys, pos[t0 + i] + 1);
-    const i32* table = blocks + seq_blocks[seq];
+    table = blocks + seq_blocks[seq];
     const int st = sr / FA_HB, sh = h0 + sr % FA_HB;
-    const int rowpos = (st >= ta && st < tb && sh < heads) ? pos[t0 + st] : -1;
-    float m_run = __int_as_float(0xff800000), l_run = 0.f;
-    float o[2][NT][4];
-#pragma unroll
-    for (int m = 0; m < 2; m++)
-#pragma unroll
-      for (int n = 0; n < NT; n++) o[m][n][0] = o[m][n][1] = o[m][n][2] = o[m][n][3] = 0.f;
-    // Slots of the first NB tiles (tile i in sslot[i]).
+    rowpos = (st >= ta && st < tb && sh < heads) ? pos[t0 + st] : -1;
     tile_slots(sslot, NB * FA_N, 0, nkeys, table, block_size);
     if (dtype == 0 && tid < FA_N) sc0[tid] = sc1[tid] = 1.f;
     __syncthreads();
@@ -280,6 +280,18 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
       issue_bf16(kbuf, sslot, 0, nkeys);
       asm volatile("cp.async.commit_group;" ::: "memory");
     }
+  };
+  // The first sequence starts while the queries' loads are in flight.
+  load_queries<rank, W, F16>(qhi, qlo, qinv, (u32*)sp, ld, qlat, ldql, q, ldq, t0, h0, T, heads, dn, start_seq);
+
+  while (ta < nt) {
+    if (ta > 0) start_seq();
+    float m_run = __int_as_float(0xff800000), l_run = 0.f;
+    float o[2][NT][4];
+#pragma unroll
+    for (int m = 0; m < 2; m++)
+#pragma unroll
+      for (int n = 0; n < NT; n++) o[m][n][0] = o[m][n][1] = o[m][n][2] = o[m][n][3] = 0.f;
 
     int it = 0;
     FA_STAMP(6);
