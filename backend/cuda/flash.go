@@ -37,9 +37,10 @@ type flashForm struct {
 
 // flashForms by name.
 var flashForms = map[string]flashForm{
-	"f16":    {"_h", true},
-	"exact":  {"_exact", false},
-	"f16one": {"_h1", true}, // measurement: the model's shape only
+	"f16":     {"_h", true},
+	"exact":   {"_exact", false},
+	"f16one":  {"_h1", true}, // measurement: the model's shape only
+	"f16lean": {"_hl", true}, // measurement: the model's shape only
 }
 
 // flashBF16Form is the bf16 cache's form: f16 operands (0.238 against 0.280

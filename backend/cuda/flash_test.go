@@ -200,7 +200,7 @@ func TestFlashAttentionMatchesCPU(t *testing.T) {
 			if dt != backend.CacheBF16 {
 				forms = []string{"exact"}
 			} else if cs.s.Rank == 512 {
-				forms = append(append([]string{}, forms...), "f16one") // measurement
+				forms = append(append([]string{}, forms...), "f16one", "f16lean") // measurement
 			}
 			for _, form := range forms {
 				flashBF16Form = form
@@ -361,7 +361,7 @@ func BenchmarkFlashAttention(b *testing.B) {
 		{32, 0, backend.CacheBF16}, {32, 1024, backend.CacheBF16}, {16, 0, backend.CacheBF16}, {16, 1024, backend.CacheBF16},
 	}
 	for _, cs := range cases {
-		kerns := append(append([]string{}, flashTestForms...), "f16one", "split")
+		kerns := append(append([]string{}, flashTestForms...), "f16one", "f16lean", "split")
 		if cs.dt != backend.CacheBF16 {
 			kerns = []string{"exact", "split"} // the fp8 cache's flash form is the exact one
 		}

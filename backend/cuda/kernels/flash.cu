@@ -61,6 +61,13 @@ DEVICE void cp_async16(u32 dst, const void* src, bool valid) {
 }
 DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 
+// 2^x (ex2.approx: about 2 ulp; subnormal results flushed to zero).
+DEVICE float fa_ex2(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
+
 // Round to nearest even bfloat16 (finite inputs), as bits.
 DEVICE u32 fa_bf16(float f) {
   u32 b = __float_as_uint(f);
@@ -186,7 +193,7 @@ DEVICE void tile_slots(u32* sslot, int n, int kb, int nkeys, const i32* __restri
 // loop is unrolled whole so that the next step's loads and widening need
 // not wait for this step's products. Else exact: the queries and the
 // weights split hi + lo, one key tile (196 KB).
-template <int NT, int DR, bool F16, bool STAMP = false, bool ONE = false>
+template <int NT, int DR, bool F16, bool STAMP = false, bool ONE_ = false, bool LEAN = false>
 DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                          const float* __restrict__ q, int ldq, const u8* __restrict__ layer, int dtype,
                          const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -197,6 +204,10 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   constexpr int W = rank + DR, ld = W + 8;  // bf16 row stride: an odd number of 16-byte units
   constexpr bool QLO = !F16, PLO = !F16, DB = F16;  // lo halves, two key tiles
   constexpr int NB = DB ? 2 : 1;                    // key tiles
+  // LEAN (f16, bf16 cache only): one score accumulator, no per-position
+  // scales, the softmax in base 2 on ex2.approx, its partial-score reads
+  // free of bank conflicts.
+  constexpr bool ONE = ONE_ || LEAN;
   extern __shared__ __align__(16) u8 fa_smem[];
   unsigned short* qhi = (unsigned short*)fa_smem;
   unsigned short* qlo = qhi + FA_M * ld;                       // with QLO
@@ -424,7 +435,48 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
       if (tid < FA_N) sslot[cur * FA_N + tid] = jn < nkeys ? (u32)(tv * block_size + jn % block_size) : 0u;
 
       // Online softmax: 8 threads a row.
-      {
+      if (LEAN) {
+        // Thread sq takes keys [4*sq, +4) and [32 + 4*sq, +4).
+        float sv[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) sv[u] = 0.f;
+#pragma unroll
+        for (int w = 0; w < 4; w++) {
+          const float4 x0 = *(const float4*)(sp + (w * FA_M + sr) * FA_SLD + sq * 4);
+          const float4 x1 = *(const float4*)(sp + (w * FA_M + sr) * FA_SLD + 32 + sq * 4);
+          sv[0] += x0.x, sv[1] += x0.y, sv[2] += x0.z, sv[3] += x0.w;
+          sv[4] += x1.x, sv[5] += x1.y, sv[6] += x1.z, sv[7] += x1.w;
+        }
+        float mx = __int_as_float(0xff800000);
+        const float rscale = scale * 1.4426950408889634f * qinv[sr];  // log2(e) / sqrt(d); qinv a power of two
+        const bool full = kb + FA_N - 1 <= rowpos;
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+          const bool valid = full || kb + (u >> 2) * 32 + sq * 4 + (u & 3) <= rowpos;
+          sv[u] = valid ? sv[u] * rscale : __int_as_float(0xff800000);
+          mx = fmaxf(mx, sv[u]);
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+        const float m_new = fmaxf(m_run, mx);
+        const bool none = m_new == __int_as_float(0xff800000);
+        const float alpha = none ? 1.f : fa_ex2(m_run - m_new);
+        float sum = 0.f;
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+          sv[u] = none ? 0.f : fa_ex2(sv[u] - m_new);  // ex2(-inf) = 0 for masked keys
+          sum += sv[u];
+        }
+        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+        sum += __shfl_xor_sync(0xffffffffu, sum, 4);
+        l_run = l_run * alpha + sum;
+        m_run = m_new;
+        *(uint2*)(phi + sr * FA_PLD + sq * 4) = make_uint2(f16x2(sv[0], sv[1]), f16x2(sv[2], sv[3]));
+        *(uint2*)(phi + sr * FA_PLD + 32 + sq * 4) = make_uint2(f16x2(sv[4], sv[5]), f16x2(sv[6], sv[7]));
+        if (sq == 0) alpha_s[sr] = alpha;
+      } else {
         float sv[8];
 #pragma unroll
         for (int u = 0; u < 8; u++) sv[u] = 0.f;
@@ -593,6 +645,18 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   FLASH_LATENT(NT, DR, true, flash_latent_##NT##_##DR##_h) \
   FLASH_LATENT(NT, DR, false, flash_latent_##NT##_##DR##_exact)
 FLASH_FORMS(8, 64)
+
+// Measurement: the lean f16 form (LEAN in flash_latent).
+extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)
+    flash_latent_8_64_hl(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const u8* layer,
+                         int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,
+                         const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size, int T,
+                         int heads, int dn, float scale, i8* xq, float* xs, i32* xsum, int G) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  flash_latent<8, 64, true, false, false, true>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks,
+                                                blocks, block_size, T, heads, dn, scale, xq, xs, xsum, G);
+}
 
 // Measurement: the f16 form with one score accumulator (latent and rope
 // steps together; the bf16 cache's scales are 1).
