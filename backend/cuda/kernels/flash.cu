@@ -193,7 +193,7 @@ DEVICE void tile_slots(u32* sslot, int n, int kb, int nkeys, const i32* __restri
 // loop is unrolled whole so that the next step's loads and widening need
 // not wait for this step's products. Else exact: the queries and the
 // weights split hi + lo, one key tile (196 KB).
-template <int NT, int DR, bool F16, bool STAMP = false, bool ONE_ = false, bool LEAN = false>
+template <int NT, int DR, bool F16, bool STAMP = false, bool ONE_ = false, bool LEAN = false, bool LATE = false>
 DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                          const float* __restrict__ q, int ldq, const u8* __restrict__ layer, int dtype,
                          const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -349,7 +349,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
       if (tid < FA_N && jn < nkeys) tv = table[jn / block_size];
       // With DB, the next tile's copies into the other buffer: every warp
       // is past the products of the tile before, which used it.
-      if (DB && dtype == 0 && kb + FA_N < nkeys) {
+      if (!LATE && DB && dtype == 0 && kb + FA_N < nkeys) {
         issue_bf16(kbuf + (cur ^ 1) * FA_N * ld, sslot + (cur ^ 1) * FA_N, kb + FA_N, nkeys);
         asm volatile("cp.async.commit_group;" ::: "memory");
       }
@@ -430,6 +430,12 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
       FA_STAMP(1);
       __syncthreads();
       FA_STAMP(2);
+      // LATE: the next tile's copies after the scores (the second barrier
+      // orders every warp's products of the tile before, too).
+      if (LATE && DB && dtype == 0 && kb + FA_N < nkeys) {
+        issue_bf16(kbuf + (cur ^ 1) * FA_N * ld, sslot + (cur ^ 1) * FA_N, kb + FA_N, nkeys);
+        asm volatile("cp.async.commit_group;" ::: "memory");
+      }
 
       // Slots of the tile NB ahead (this buffer's slots are used).
       if (tid < FA_N) sslot[cur * FA_N + tid] = jn < nkeys ? (u32)(tv * block_size + jn % block_size) : 0u;
@@ -468,10 +474,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
           sv[u] = none ? 0.f : fa_ex2(sv[u] - m_new);  // ex2(-inf) = 0 for masked keys
           sum += sv[u];
         }
-        sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-        sum += __shfl_xor_sync(0xffffffffu, sum, 4);
-        l_run = l_run * alpha + sum;
+        l_run = l_run * alpha + sum;  // this thread's keys: the row's eight are added at the end
         m_run = m_new;
         *(uint2*)(phi + sr * FA_PLD + sq * 4) = make_uint2(f16x2(sv[0], sv[1]), f16x2(sv[2], sv[3]));
         *(uint2*)(phi + sr * FA_PLD + 32 + sq * 4) = make_uint2(f16x2(sv[4], sv[5]), f16x2(sv[6], sv[7]));
@@ -587,6 +590,11 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
     // before), then written a row at a time: whole rows of a head, so
     // with xq set the row's int8 form in groups of G (a divisor of 128)
     // is written as quant_row4 writes it (the quantization's bits).
+    if (LEAN) {
+      l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+      l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+      l_run += __shfl_xor_sync(0xffffffffu, l_run, 4);
+    }
     if (sq == 0) l_s[sr] = l_run;
     __syncthreads();
     {
@@ -645,6 +653,31 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   FLASH_LATENT(NT, DR, true, flash_latent_##NT##_##DR##_h) \
   FLASH_LATENT(NT, DR, false, flash_latent_##NT##_##DR##_exact)
 FLASH_FORMS(8, 64)
+
+extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)
+    flash_latent_8_64_hl_stamp(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,
+                               const u8* layer, int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,
+                               const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size,
+                               int T, int heads, int dn, float scale, i8* xq, float* xs, i32* xsum, int G,
+                               unsigned long long* stamps) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  flash_latent<8, 64, true, true, false, true>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks,
+                                               blocks, block_size, T, heads, dn, scale, xq, xs, xsum, G, stamps);
+}
+
+// Measurement: the lean f16 form with the copies after the scores (LATE).
+extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)
+    flash_latent_8_64_hlt(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const u8* layer,
+                          int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,
+                          const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size, int T,
+                          int heads, int dn, float scale, i8* xq, float* xs, i32* xsum, int G) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  flash_latent<8, 64, true, false, false, true, true>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq,
+                                                      seq_blocks, blocks, block_size, T, heads, dn, scale, xq, xs,
+                                                      xsum, G);
+}
 
 // Measurement: the lean f16 form (LEAN in flash_latent).
 extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)
