@@ -398,16 +398,19 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
           }
         };
         // This warp's k steps are kw, kw+4, ...: the latent ones (rank/16
-        // = 4 NT of them), then the rope ones.
-        if (F16) {
+        // = 4 NT of them), then the rope ones. None where all its keys lie
+        // past the sequence's (its partial scores are masked).
+        if (kb + kh * 32 < nkeys) {
+          if (F16) {
 #pragma unroll
-          for (int i = 0; i < NT; i++) step(kw + 4 * i, al);
-        } else {
+            for (int i = 0; i < NT; i++) step(kw + 4 * i, al);
+          } else {
 #pragma unroll 2
-          for (int i = 0; i < NT; i++) step(kw + 4 * i, al);
-        }
+            for (int i = 0; i < NT; i++) step(kw + 4 * i, al);
+          }
 #pragma unroll
-        for (int s = lsteps + kw; s < steps; s += 4) step(s, ONE ? al : ap);
+          for (int s = lsteps + kw; s < steps; s += 4) step(s, ONE ? al : ap);
+        }
         float* mine = sp + kw * FA_M * FA_SLD;
 #pragma unroll
         for (int m = 0; m < 2; m++)
@@ -543,8 +546,9 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
           o[0][n][0] *= a0, o[0][n][1] *= a0, o[0][n][2] *= a1, o[0][n][3] *= a1;
           o[1][n][0] *= a2, o[1][n][1] *= a2, o[1][n][2] *= a3, o[1][n][3] *= a3;
         }
-#pragma unroll
-        for (int kk = 0; kk < FA_N / 16; kk++) {
+        // One 16-key step kk (the products of keys whose weights are all
+        // zero are left out on a sequence's last tile: the same sums).
+        auto vstep = [&](int kk) {
           u32 ah[2][4], alo[2][4];
 #pragma unroll
           for (int m = 0; m < 2; m++) {
@@ -576,6 +580,14 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
 #pragma unroll
               for (int n = 0; n < NT; n++) mma_bf16(o[m][n], alo[m], b[n][0], b[n][1]);
           }
+        };
+        if (kb + FA_N <= nkeys) {
+#pragma unroll
+          for (int kk = 0; kk < FA_N / 16; kk++) vstep(kk);
+        } else {
+#pragma unroll
+          for (int kk = 0; kk < FA_N / 16; kk++)
+            if (kb + kk * 16 < nkeys) vstep(kk);
         }
       }
       // Without DB the next tile's copies overwrite this one. With DB the
