@@ -36,10 +36,10 @@
 // warp w owns columns [w*rank/8, +rank/8) of all 32 rows.
 //
 // Grid (ceil(T/FA_TQ), ceil(H/FA_HB)); the last tokens (most positions)
-// start first. Tokens of one block from different sequences are done one
-// sequence after another. Each tile's cache slots are looked up a tile (two
-// with two key tiles) ahead, during the softmax, so the copies wait on no
-// block-table load.
+// start first, for every head group before the next tokens. Tokens of one
+// block from different sequences are done one sequence after another.
+// Each tile's cache slots are looked up a tile (two with two key tiles)
+// ahead, so the copies wait on no block-table load.
 //
 // Shared memory (bytes), W = rank+dr, with parts p = 2 exact, else 1 and
 // key tiles n = 1 exact, else 2: queries p*32*(W+8)*2, keys n*64*(W+8)*2,
@@ -224,7 +224,13 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, c4 = lane & 3;
-  const int t0 = (gridDim.x - 1 - blockIdx.x) * FA_TQ, h0 = blockIdx.y * FA_HB;
+  // Blocks start in the order of their linear index: the token chunks
+  // with the most positions first, each for all head groups in turn, so
+  // that the light blocks of every head group come last (with the head
+  // group as the slower index, each group's heavy blocks waited for the
+  // group before, and the kernel's tail grew by about an eighth).
+  const int bl = blockIdx.y * gridDim.x + blockIdx.x;
+  const int t0 = (gridDim.x - 1 - bl / gridDim.y) * FA_TQ, h0 = (bl % gridDim.y) * FA_HB;
   // With STAMP (a benchmark's probe), each warp sums the clock cycles of
   // its phases: 0 the copies' wait and the tile's first barrier, 1 the
   // partial scores, 2 the second barrier, 3 the softmax, 4 the third
