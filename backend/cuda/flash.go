@@ -37,11 +37,8 @@ type flashForm struct {
 
 // flashForms by name.
 var flashForms = map[string]flashForm{
-	"f16":     {"_h", true},
-	"exact":   {"_exact", false},
-	"f16one":  {"_h1", true},  // measurement: the model's shape only
-	"f16lean": {"_hl", true},  // measurement: the model's shape only
-	"f16late": {"_hlt", true}, // measurement: the model's shape only
+	"f16":   {"_h", true},
+	"exact": {"_exact", false},
 }
 
 // flashBF16Form is the bf16 cache's form: f16 operands (0.238 against 0.280
@@ -130,7 +127,7 @@ func (b *Backend) flashAttention(om, ql, qm *tensor, p *cachePool, layer int, s 
 	shared := flashShared(s.Rank+s.RopeDim, f)
 	name := fmt.Sprintf("flash_latent_%d_%d%s", s.Rank/64, s.RopeDim, f.suffix)
 	stamps := flashStamps
-	if stamps != 0 && (name == "flash_latent_8_64_h" || name == "flash_latent_8_64_hl") {
+	if stamps != 0 && name == "flash_latent_8_64_h" {
 		name += "_stamp"
 	} else {
 		stamps = 0

@@ -199,8 +199,6 @@ func TestFlashAttentionMatchesCPU(t *testing.T) {
 			forms := flashTestForms
 			if dt != backend.CacheBF16 {
 				forms = []string{"exact"}
-			} else if cs.s.Rank == 512 {
-				forms = append(append([]string{}, forms...), "f16one", "f16lean", "f16late") // measurement
 			}
 			for _, form := range forms {
 				flashBF16Form = form
@@ -361,7 +359,7 @@ func BenchmarkFlashAttention(b *testing.B) {
 		{32, 0, backend.CacheBF16}, {32, 1024, backend.CacheBF16}, {16, 0, backend.CacheBF16}, {16, 1024, backend.CacheBF16},
 	}
 	for _, cs := range cases {
-		kerns := append(append([]string{}, flashTestForms...), "f16one", "f16lean", "f16late", "split")
+		kerns := append(append([]string{}, flashTestForms...), "split")
 		if cs.dt != backend.CacheBF16 {
 			kerns = []string{"exact", "split"} // the fp8 cache's flash form is the exact one
 		}
@@ -423,7 +421,7 @@ func flashBench(b *testing.B, d *Device, s backend.MLAShape, T, prefix int, dt b
 	if err != nil {
 		b.Fatal(err)
 	}
-	if (kern == "f16" || kern == "f16lean") && T >= 1024 {
+	if kern == "f16" && T >= 1024 {
 		flashPhases(b, g, olat, qlat, q, s, scale)
 	}
 }

@@ -118,65 +118,68 @@ DEVICE uint4 e4m3x8_bf16(uint2 v) {
 // h0 + r%FA_HB; zeros past the ends), W = rank + dr columns: [qlat | q_pe],
 // as hi and lo bf16 halves (qhi, qlo), or with F16 as f16 (qhi) after
 // scaling each row by a power of two that takes its largest magnitude into
-// [2^14, 2^15) (qinv[r]: the inverse, exact; 1 without F16). qmax: 32
-// words of scratch. All of a thread's loads are issued before the first
-// is used, and between() is called after they are issued.
+// [2^14, 2^15) (qinv[r]: the inverse, exact; 1 without F16). Warp w loads
+// rows [4w, +4), lane l every 32nd float4 of a row from the l-th, so a
+// row's largest magnitude is a warp's reduction (shared-memory atomics on
+// 32 words, 144 a row, took about a tenth of the kernel). All of a
+// thread's loads are issued before the first is used, and between() is
+// called after they are issued.
 template <int RANK, int W, bool F16, typename F>
-DEVICE void load_queries(unsigned short* qhi, unsigned short* qlo, float* qinv, u32* qmax, int ld,
+DEVICE void load_queries(unsigned short* qhi, unsigned short* qlo, float* qinv, int ld,
                          const float* __restrict__ qlat, int ldql, const float* __restrict__ q, int ldq, int t0,
                          int h0, int T, int heads, int dn, F between) {
-  constexpr int per = W / 4, total = FA_M * per, iters = (total + FA_THREADS - 1) / FA_THREADS;
+  constexpr int per = W / 4, iters = (per + 31) / 32, RPW = FA_M / (FA_THREADS / 32);
   constexpr int dr = W - RANK;
-  float4 v[iters];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float4 v[RPW][iters];
 #pragma unroll
-  for (int u = 0; u < iters; u++) {
-    const int i = threadIdx.x + u * FA_THREADS;
-    const int r = i / per, k = (i % per) * 4;
-    const int t = t0 + r / FA_HB, h = h0 + r % FA_HB;
-    v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (i < total && t < T && h < heads)
-      v[u] = k < RANK ? *(const float4*)(qlat + (size_t)t * ldql + (size_t)h * RANK + k)
-                      : *(const float4*)(q + (size_t)t * ldq + (size_t)h * (dn + dr) + dn + (k - RANK));
-  }
-  between();  // while the loads are in flight
-  if (F16) {
-    if (threadIdx.x < FA_M) qmax[threadIdx.x] = 0u;
-    __syncthreads();
+  for (int j = 0; j < RPW; j++) {
+    const int r = warp * RPW + j, t = t0 + r / FA_HB, h = h0 + r % FA_HB;
 #pragma unroll
     for (int u = 0; u < iters; u++) {
-      const int i = threadIdx.x + u * FA_THREADS;
-      if (i >= total) break;
-      const float m = fmaxf(fmaxf(fabsf(v[u].x), fabsf(v[u].y)), fmaxf(fabsf(v[u].z), fabsf(v[u].w)));
-      atomicMax(&qmax[i / per], __float_as_uint(m));
+      const int k = (lane + 32 * u) * 4;
+      v[j][u] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if ((per % 32 == 0 || k < W) && t < T && h < heads)
+        v[j][u] = k < RANK ? *(const float4*)(qlat + (size_t)t * ldql + (size_t)h * RANK + k)
+                           : *(const float4*)(q + (size_t)t * ldq + (size_t)h * (dn + dr) + dn + (k - RANK));
     }
-    __syncthreads();
   }
+  between();  // while the loads are in flight
 #pragma unroll
-  for (int u = 0; u < iters; u++) {
-    const int i = threadIdx.x + u * FA_THREADS;
-    if (i >= total) break;
-    const int r = i / per, k = (i % per) * 4;
+  for (int j = 0; j < RPW; j++) {
+    const int r = warp * RPW + j;
+    float f = 1.f;
     if (F16) {
-      const u32 mb = qmax[r];
-      const int e = mb == 0u ? 0 : max(-100, min(100, 14 - ((int)(mb >> 23) - 127)));
-      const float f = __int_as_float((127 + e) << 23);
-      *(uint2*)(qhi + r * ld + k) = make_uint2(f16x2(v[u].x * f, v[u].y * f), f16x2(v[u].z * f, v[u].w * f));
-      if (k == 0) qinv[r] = __int_as_float((127 - e) << 23);
-      continue;
+      float m = 0.f;
+#pragma unroll
+      for (int u = 0; u < iters; u++)
+        m = fmaxf(m, fmaxf(fmaxf(fabsf(v[j][u].x), fabsf(v[j][u].y)), fmaxf(fabsf(v[j][u].z), fabsf(v[j][u].w))));
+      m = warp_max(m);
+      const int e = m == 0.f ? 0 : max(-100, min(100, 14 - ((int)(__float_as_uint(m) >> 23) - 127)));
+      f = __int_as_float((127 + e) << 23);
+      if (lane == 0) qinv[r] = __int_as_float((127 - e) << 23);
+    } else if (lane == 0) {
+      qinv[r] = 1.f;
     }
-    u32 h0b, l0b, h1b, l1b, h2b, l2b, h3b, l3b;
-    split_bf16(v[u].x, h0b, l0b);
-    split_bf16(v[u].y, h1b, l1b);
-    split_bf16(v[u].z, h2b, l2b);
-    split_bf16(v[u].w, h3b, l3b);
-    *(uint2*)(qhi + r * ld + k) = make_uint2(h0b | (h1b << 16), h2b | (h3b << 16));
-    *(uint2*)(qlo + r * ld + k) = make_uint2(l0b | (l1b << 16), l2b | (l3b << 16));
-    if (k == 0) qinv[r] = 1.f;
+#pragma unroll
+    for (int u = 0; u < iters; u++) {
+      const int k = (lane + 32 * u) * 4;
+      if (per % 32 != 0 && k >= W) break;
+      if (F16) {
+        *(uint2*)(qhi + r * ld + k) =
+            make_uint2(f16x2(v[j][u].x * f, v[j][u].y * f), f16x2(v[j][u].z * f, v[j][u].w * f));
+        continue;
+      }
+      u32 h0b, l0b, h1b, l1b, h2b, l2b, h3b, l3b;
+      split_bf16(v[j][u].x, h0b, l0b);
+      split_bf16(v[j][u].y, h1b, l1b);
+      split_bf16(v[j][u].z, h2b, l2b);
+      split_bf16(v[j][u].w, h3b, l3b);
+      *(uint2*)(qhi + r * ld + k) = make_uint2(h0b | (h1b << 16), h2b | (h3b << 16));
+      *(uint2*)(qlo + r * ld + k) = make_uint2(l0b | (l1b << 16), l2b | (l3b << 16));
+    }
   }
 }
-
-DEVICE void quant_row4(float4 v, bool valid, int f, int t, int K, int G, i8* __restrict__ xq,
-                       float* __restrict__ xs, i32* __restrict__ xsum);
 
 // Cache slots of positions [kb, kb+n) into sslot (0 past nkeys), n <=
 // FA_THREADS.
@@ -193,7 +196,7 @@ DEVICE void tile_slots(u32* sslot, int n, int kb, int nkeys, const i32* __restri
 // loop is unrolled whole so that the next step's loads and widening need
 // not wait for this step's products. Else exact: the queries and the
 // weights split hi + lo, one key tile (196 KB).
-template <int NT, int DR, bool F16, bool STAMP = false, bool ONE_ = false, bool LEAN = false, bool LATE = false>
+template <int NT, int DR, bool F16, bool STAMP = false>
 DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                          const float* __restrict__ q, int ldq, const u8* __restrict__ layer, int dtype,
                          const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -204,10 +207,10 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   constexpr int W = rank + DR, ld = W + 8;  // bf16 row stride: an odd number of 16-byte units
   constexpr bool QLO = !F16, PLO = !F16, DB = F16;  // lo halves, two key tiles
   constexpr int NB = DB ? 2 : 1;                    // key tiles
-  // LEAN (f16, bf16 cache only): one score accumulator, no per-position
-  // scales, the softmax in base 2 on ex2.approx, its partial-score reads
-  // free of bank conflicts.
-  constexpr bool ONE = ONE_ || LEAN;
+  // F16 (the bf16 cache only): one score accumulator (no per-position
+  // scales), the softmax in base 2 on ex2.approx with the row sums kept
+  // per thread, its partial-score reads free of bank conflicts.
+  constexpr bool ONE = F16, LEAN = F16;
   extern __shared__ __align__(16) u8 fa_smem[];
   unsigned short* qhi = (unsigned short*)fa_smem;
   unsigned short* qlo = qhi + FA_M * ld;                       // with QLO
@@ -299,7 +302,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
     }
   };
   // The first sequence starts while the queries' loads are in flight.
-  load_queries<rank, W, F16>(qhi, qlo, qinv, (u32*)sp, ld, qlat, ldql, q, ldq, t0, h0, T, heads, dn, start_seq);
+  load_queries<rank, W, F16>(qhi, qlo, qinv, ld, qlat, ldql, q, ldq, t0, h0, T, heads, dn, start_seq);
 
   while (ta < nt) {
     if (ta > 0) start_seq();
@@ -355,7 +358,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
       if (tid < FA_N && jn < nkeys) tv = table[jn / block_size];
       // With DB, the next tile's copies into the other buffer: every warp
       // is past the products of the tile before, which used it.
-      if (!LATE && DB && dtype == 0 && kb + FA_N < nkeys) {
+      if (DB && dtype == 0 && kb + FA_N < nkeys) {
         issue_bf16(kbuf + (cur ^ 1) * FA_N * ld, sslot + (cur ^ 1) * FA_N, kb + FA_N, nkeys);
         asm volatile("cp.async.commit_group;" ::: "memory");
       }
@@ -439,12 +442,6 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
       FA_STAMP(1);
       __syncthreads();
       FA_STAMP(2);
-      // LATE: the next tile's copies after the scores (the second barrier
-      // orders every warp's products of the tile before, too).
-      if (LATE && DB && dtype == 0 && kb + FA_N < nkeys) {
-        issue_bf16(kbuf + (cur ^ 1) * FA_N * ld, sslot + (cur ^ 1) * FA_N, kb + FA_N, nkeys);
-        asm volatile("cp.async.commit_group;" ::: "memory");
-      }
 
       // Slots of the tile NB ahead (this buffer's slots are used).
       if (tid < FA_N) sslot[cur * FA_N + tid] = jn < nkeys ? (u32)(tv * block_size + jn % block_size) : 0u;
@@ -605,19 +602,18 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
 
     // O / l for this sequence's rows, staged in shared memory (the key
     // tiles are done with: the barrier orders every warp's last products
-    // before), then written a row at a time: whole rows of a head, so
-    // with xq set the row's int8 form in groups of G (a divisor of 128)
-    // is written as quant_row4 writes it (the quantization's bits).
-    if (LEAN) {
-      l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
-      l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
-      l_run += __shfl_xor_sync(0xffffffffu, l_run, 4);
-    }
+    // before), then written a row at a time, lane l holding columns
+    // [l*E, +E) of a head's row: with xq set, the row's int8 form in groups
+    // of G (32, 64 or 128; E divides G) as rmsnorm_quant writes it without
+    // a gain (the quantization's bits: the same values, scales and sums).
+    // Float4 c of a staged row sits at c ^ ((c >> 3) & 3), so that the
+    // reads of eight lanes fall in eight different bank groups.
     if (sq == 0) l_s[sr] = l_run;
     __syncthreads();
     {
-      constexpr int OLD = rank + 4, C4 = rank / 4;
+      constexpr int OLD = rank + 4, E = rank / 32, E4 = E / 4;
       float* ost = (float*)kbuf;  // [FA_M][OLD]
+      auto swz = [](int c) { return c ^ ((c >> 3) & 3); };
 #pragma unroll
       for (int m = 0; m < 2; m++)
 #pragma unroll
@@ -625,21 +621,52 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
           const int row = m * 16 + hf * 8 + g;
           const float inv = 1.f / l_s[row];
 #pragma unroll
-          for (int n = 0; n < NT; n++)
-            *(float2*)(ost + row * OLD + warp * NT * 8 + n * 8 + 2 * c4) =
+          for (int n = 0; n < NT; n++) {
+            const int c = warp * NT * 2 + 2 * n + (c4 >> 1);
+            *(float2*)(ost + row * OLD + swz(c) * 4 + (c4 & 1) * 2) =
                 make_float2(o[m][n][2 * hf] * inv, o[m][n][2 * hf + 1] * inv);
+          }
         }
       __syncthreads();
-      for (int row = warp; row < FA_M; row += FA_THREADS / 32) {
-        const int ti = row / FA_HB, h = h0 + row % FA_HB;
+      const int K = heads * rank;
+#pragma unroll 1
+      for (int j = 0; j < FA_M / 8; j++) {
+        const int row = warp + 8 * j, ti = row / FA_HB, h = h0 + row % FA_HB;
         if (ti < ta || ti >= tb || h >= heads) continue;  // whole warps
-        const int t = t0 + ti;
+        const int t = t0 + ti, col = h * rank + lane * E;
+        float x[E];
 #pragma unroll
-        for (int f = lane; f < C4; f += 32) {
-          const float4 v = *(const float4*)(ost + row * OLD + 4 * f);
-          *(float4*)(olat + (size_t)t * ldo + (size_t)h * rank + 4 * f) = v;
-          if (xq) quant_row4(v, true, h * C4 + f, t, heads * rank, G, xq, xs, xsum);
+        for (int i = 0; i < E4; i++) {
+          const float4 v = *(const float4*)(ost + row * OLD + swz(lane * E4 + i) * 4);
+          x[4 * i] = v.x, x[4 * i + 1] = v.y, x[4 * i + 2] = v.z, x[4 * i + 3] = v.w;
+          *(float4*)(olat + (size_t)t * ldo + col + 4 * i) = v;
         }
+        if (!xq) continue;
+        float amax = 0.f;
+#pragma unroll
+        for (int e = 0; e < E; e++) amax = fmaxf(amax, fabsf(x[e]));
+        for (int o2 = 1; o2 < G / E; o2 <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o2));
+        const float qs = amax / 127.f;
+        u32 pk[E4];
+        i32 sum = 0;
+#pragma unroll
+        for (int i = 0; i < E4; i++) {
+          const i32 q0 = quant8(x[4 * i], amax, qs), q1 = quant8(x[4 * i + 1], amax, qs);
+          const i32 q2 = quant8(x[4 * i + 2], amax, qs), q3 = quant8(x[4 * i + 3], amax, qs);
+          sum += q0 + q1 + q2 + q3;
+          pk[i] = (u32)(q0 & 0xFF) | ((u32)(q1 & 0xFF) << 8) | ((u32)(q2 & 0xFF) << 16) | ((u32)q3 << 24);
+        }
+#pragma unroll
+        for (int o2 = 1; o2 < 32 / E; o2 <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o2);
+        i8* dq = xq + (size_t)t * K + col;
+        if (E4 == 4)
+          *(uint4*)dq = make_uint4(pk[0], pk[E4 > 1 ? 1 : 0], pk[E4 > 2 ? 2 : 0], pk[E4 > 3 ? 3 : 0]);
+        else if (E4 == 2)
+          *(uint2*)dq = make_uint2(pk[0], pk[E4 > 1 ? 1 : 0]);
+        else
+          *(u32*)dq = pk[0];
+        if (lane % (32 / E) == 0) xsum[(size_t)t * (K / 32) + col / 32] = sum;
+        if (lane % (G / E) == 0) xs[(size_t)t * (K / G) + col / G] = amax == 0.f ? 0.f : qs;
       }
     }
     __syncthreads();
@@ -672,56 +699,6 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   FLASH_LATENT(NT, DR, false, flash_latent_##NT##_##DR##_exact)
 FLASH_FORMS(8, 64)
 
-extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)
-    flash_latent_8_64_hl_stamp(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,
-                               const u8* layer, int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,
-                               const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size,
-                               int T, int heads, int dn, float scale, i8* xq, float* xs, i32* xsum, int G,
-                               unsigned long long* stamps) {
-  PDL_LAUNCH();
-  PDL_WAIT();
-  flash_latent<8, 64, true, true, false, true>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks,
-                                               blocks, block_size, T, heads, dn, scale, xq, xs, xsum, G, stamps);
-}
-
-// Measurement: the lean f16 form with the copies after the scores (LATE).
-extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)
-    flash_latent_8_64_hlt(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const u8* layer,
-                          int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,
-                          const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size, int T,
-                          int heads, int dn, float scale, i8* xq, float* xs, i32* xsum, int G) {
-  PDL_LAUNCH();
-  PDL_WAIT();
-  flash_latent<8, 64, true, false, false, true, true>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq,
-                                                      seq_blocks, blocks, block_size, T, heads, dn, scale, xq, xs,
-                                                      xsum, G);
-}
-
-// Measurement: the lean f16 form (LEAN in flash_latent).
-extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)
-    flash_latent_8_64_hl(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const u8* layer,
-                         int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,
-                         const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size, int T,
-                         int heads, int dn, float scale, i8* xq, float* xs, i32* xsum, int G) {
-  PDL_LAUNCH();
-  PDL_WAIT();
-  flash_latent<8, 64, true, false, false, true>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks,
-                                                blocks, block_size, T, heads, dn, scale, xq, xs, xsum, G);
-}
-
-// Measurement: the f16 form with one score accumulator (latent and rope
-// steps together; the bf16 cache's scales are 1).
-extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)
-    flash_latent_8_64_h1(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const u8* layer,
-                         int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,
-                         const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size, int T,
-                         int heads, int dn, float scale, i8* xq, float* xs, i32* xsum, int G) {
-  PDL_LAUNCH();
-  PDL_WAIT();
-  flash_latent<8, 64, true, false, true>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks,
-                                         block_size, T, heads, dn, scale, xq, xs, xsum, G);
-}
-
 // The model's f16 form with phase clocks (a benchmark's probe; STAMP in
 // flash_latent): stamps holds 8 warps x 8 sums.
 extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)
@@ -735,6 +712,7 @@ extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)
   flash_latent<8, 64, true, true>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks,
                                   block_size, T, heads, dn, scale, xq, xs, xsum, G, stamps);
 }
+
 FLASH_FORMS(4, 32)
 FLASH_FORMS(2, 64)
 FLASH_FORMS(2, 16)
