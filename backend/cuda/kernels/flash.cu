@@ -15,25 +15,33 @@
 // weights) are rounded. Two forms:
 // - f16 operands (the bf16 cache's default): each query row scaled by a
 //   power of two (undone exactly in the softmax) and rounded to f16, the
-//   weights (in [0,1]) rounded to f16, and the key tile widened to f16 in
-//   shared memory (exact for magnitudes in [2^-14, 65504]; the latent
+//   weights (in [0,1]) rounded to f16, and the key fragments widened to
+//   f16 in registers (exact for magnitudes in [2^-14, 65504]; the latent
 //   cache's normalised values lie well inside), fp32 accumulators. f16
 //   carries 11 bits to bf16's 8: max |err| / max |ref| 2.7e-4 to 3.9e-4
 //   against the CPU on an H200, where bf16 operands gave 1.7e-3 to 3.1e-3
 //   and made the tiny test model's greedy ids part from the CPU's (the
 //   weights' rounding did that, not the queries'; docs/perf.md). Its
 //   shared memory leaves room for two key tiles, so the next tile's copies
-//   land during this one's products.
+//   land during this one's products. The bf16 cache has no per-position
+//   scales, so the scores take one accumulator, and the softmax runs in
+//   base 2 (ex2.approx, the scale times log2(e) folded into the queries'
+//   power of two) with each thread's row sum added to the others' at the
+//   end.
 // - exact (the fp8 cache, and the bf16 cache with MMFP4_CUDA_FLASH_EXACT=1):
 //   each operand split as hi + lo, two bfloat16 numbers that carry 16 bits
 //   of its mantissa, every product issued for both halves: an error near
 //   fp32 summation order (under 1e-5), twice the tensor work, one tile.
 //
 // Warps (8): for S, warp w takes keys [32*(w&1), +32) and every fourth k
-// step (w>>1) for all 32 rows, keeping the latent and rope parts apart (the
-// fp8 scales differ); the four partial tiles go through shared memory and
-// are added in a fixed order. The softmax gives 8 threads to a row. For O,
-// warp w owns columns [w*rank/8, +rank/8) of all 32 rows.
+// step (w>>1) for all 32 rows, keeping the latent and rope parts apart in
+// the exact form (the fp8 scales differ); the four partial tiles go
+// through shared memory and are added in a fixed order. The softmax gives
+// 8 threads to a row. For O, warp w owns columns [w*rank/8, +rank/8) of
+// all 32 rows. On a sequence's last tile, key steps past its positions
+// are left out. The output is staged in shared memory and written a
+// head's row per warp; with xq set, so is its int8 form for the value
+// expansion (as the quantization kernel writes it, bit for bit).
 //
 // Grid (ceil(T/FA_TQ), ceil(H/FA_HB)); the last tokens (most positions)
 // start first, for every head group before the next tokens. Tokens of one
