@@ -117,7 +117,8 @@ func (b *Backend) flashUse(batch *backend.Batch) bool {
 var flashQuant = os.Getenv("MMFP4_CUDA_FLASH_QUANT") != "0"
 
 // flashStamps, when set (a benchmark's probe), sends the model's f16 form
-// to its instance with phase clocks, which adds its 64 sums there.
+// to its instance with phase clocks, which adds its sums there (8 warps
+// x FA_PHASES).
 var flashStamps uint64
 
 // flashAttention queues the flash kernel over all T rows.

@@ -431,13 +431,14 @@ func flashBench(b *testing.B, d *Device, s backend.MLAShape, T, prefix int, dt b
 // slowest warp's).
 func flashPhases(b *testing.B, g *Backend, olat, qlat, q backend.Tensor, s backend.MLAShape, scale float32) {
 	var buf Buffer
-	st := make([]uint64, 64)
+	const phases = 10 // FA_PHASES
+	st := make([]uint64, 8*phases)
 	err := g.dev.Do(func(c *Ctx) error {
 		var err error
-		if buf, err = c.Alloc(8 * 64); err != nil {
+		if buf, err = c.Alloc(8 * len(st)); err != nil {
 			return err
 		}
-		return c.Memset(buf.Ptr, 0, 8*64)
+		return c.Memset(buf.Ptr, 0, 8*len(st))
 	})
 	if err != nil {
 		b.Fatal(err)
@@ -451,16 +452,16 @@ func flashPhases(b *testing.B, g *Backend, olat, qlat, q backend.Tensor, s backe
 	if err := g.dev.Do(func(c *Ctx) error { return errors.Join(CopyOut(c, st, buf.Ptr), c.Free(buf)) }); err != nil {
 		b.Fatal(err)
 	}
-	names := []string{"wait+bar1", "scores", "bar2", "softmax", "bar3", "values", "outside"}
+	names := []string{"wait+bar1", "scores", "bar2", "softmax", "bar3", "values", "queries issued+start", "queries", "output"}
 	msg := ""
 	for k, n := range names {
 		sum, most := 0.0, 0.0
 		for w := 0; w < 8; w++ {
-			v := float64(st[w*8+k]) / float64(max(st[w*8+7], 1))
+			v := float64(st[w*phases+k]) / float64(max(st[w*phases+phases-1], 1))
 			sum += v
 			most = max(most, v)
 		}
 		msg += fmt.Sprintf(" %s %.0f (%.0f)", n, sum/8, most)
 	}
-	fmt.Printf("flash phases (%s), cycles a tile (mean of warps, slowest), %d tiles a warp:%s\n", flashBF16Form, st[7], msg)
+	fmt.Printf("flash phases (%s), cycles a tile (mean of warps, slowest), %d tiles a warp:%s\n", flashBF16Form, st[phases-1], msg)
 }

@@ -61,6 +61,7 @@
 #define FA_THREADS 256
 #define FA_SLD 72  // partial score row stride (floats)
 #define FA_PLD 72  // weight row stride (bf16)
+#define FA_PHASES 10  // phase clocks of a warp (STAMP)
 
 // 16 bytes global -> shared, zero-filled when !valid.
 DEVICE void cp_async16(u32 dst, const void* src, bool valid) {
@@ -245,12 +246,13 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   // With STAMP (a benchmark's probe), each warp sums the clock cycles of
   // its phases: 0 the copies' wait and the tile's first barrier, 1 the
   // partial scores, 2 the second barrier, 3 the softmax, 4 the third
-  // barrier, 5 the weighted values, 6 all outside the tile loop; 7 counts
-  // tiles.
-  long long st_acc[8], st_t = 0;
+  // barrier, 5 the weighted values, 6 the queries' loads issued and a
+  // sequence's start, 7 the rest of the queries and of the start, 8 the
+  // output; 9 counts tiles.
+  long long st_acc[FA_PHASES], st_t = 0;
   if (STAMP) {
 #pragma unroll
-    for (int k = 0; k < 8; k++) st_acc[k] = 0;
+    for (int k = 0; k < FA_PHASES; k++) st_acc[k] = 0;
     st_t = clock64();
   }
 #define FA_STAMP(k)                 \
@@ -308,6 +310,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
       issue_bf16(kbuf, sslot, 0, nkeys);
       asm volatile("cp.async.commit_group;" ::: "memory");
     }
+    FA_STAMP(6);
   };
   // The first sequence starts while the queries' loads are in flight.
   load_queries<rank, W, F16>(qhi, qlo, qinv, ld, qlat, ldql, q, ldq, t0, h0, T, heads, dn, start_seq);
@@ -322,9 +325,9 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
       for (int n = 0; n < NT; n++) o[m][n][0] = o[m][n][1] = o[m][n][2] = o[m][n][3] = 0.f;
 
     int it = 0;
-    FA_STAMP(6);
+    FA_STAMP(7);
     for (int kb = 0; kb < nkeys; kb += FA_N, it++) {
-      if (STAMP) st_acc[7]++;
+      if (STAMP) st_acc[9]++;
       const int cur = DB ? (it & 1) : 0;
       unsigned short* ks = kbuf + cur * FA_N * ld;
       const u32* slots = sslot + cur * FA_N;
@@ -616,6 +619,11 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
     // a gain (the quantization's bits: the same values, scales and sums).
     // Float4 c of a staged row sits at c ^ ((c >> 3) & 3), so that the
     // reads of eight lanes fall in eight different bank groups.
+    if (LEAN) {  // the row's eight threads' sums
+      l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+      l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+      l_run += __shfl_xor_sync(0xffffffffu, l_run, 4);
+    }
     if (sq == 0) l_s[sr] = l_run;
     __syncthreads();
     {
@@ -678,12 +686,12 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
       }
     }
     __syncthreads();
+    FA_STAMP(8);
     ta = tb;
   }
-  FA_STAMP(6);
   if (STAMP && lane == 0) {
 #pragma unroll
-    for (int k = 0; k < 8; k++) atomicAdd(stamps + warp * 8 + k, (unsigned long long)st_acc[k]);
+    for (int k = 0; k < FA_PHASES; k++) atomicAdd(stamps + warp * FA_PHASES + k, (unsigned long long)st_acc[k]);
   }
 #undef FA_STAMP
 }
@@ -708,7 +716,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
 FLASH_FORMS(8, 64)
 
 // The model's f16 form with phase clocks (a benchmark's probe; STAMP in
-// flash_latent): stamps holds 8 warps x 8 sums.
+// flash_latent): stamps holds 8 warps x FA_PHASES sums.
 extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)
     flash_latent_8_64_h_stamp(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,
                               const u8* layer, int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,
