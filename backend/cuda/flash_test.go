@@ -199,8 +199,6 @@ func TestFlashAttentionMatchesCPU(t *testing.T) {
 			forms := flashTestForms
 			if dt != backend.CacheBF16 {
 				forms = []string{"exact"}
-			} else if cs.s.Rank == 512 {
-				forms = append(append([]string{}, forms...), "f16oldcopy") // measurement
 			}
 			for _, form := range forms {
 				flashBF16Form = form

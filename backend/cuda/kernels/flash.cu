@@ -303,20 +303,15 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   // tile's copies.
   int ta = 0, tb = 0, nkeys = 0, rowpos = -1;
   const i32* table = blocks;
-  // The tokens' sequences and positions are loaded at once, lane i of
-  // every warp taking token i's (one memory latency before the block
-  // table's, not one a token).
   auto start_seq = [&]() {
-    const i32 rsl = lane < nt ? row_seq[t0 + lane] : -1;
-    const i32 psl = lane < nt ? pos[t0 + lane] : -1;
-    const int seq = __shfl_sync(0xffffffffu, rsl, ta);
-    const u32 other = __ballot_sync(0xffffffffu, lane > ta && lane < nt && rsl != seq);
-    tb = other ? __ffs(other) - 1 : nt;  // the first token after ta of another sequence
-    nkeys = __reduce_max_sync(0xffffffffu, lane >= ta && lane < tb ? psl + 1 : 0);
-    const int st = sr / FA_HB, sh = h0 + sr % FA_HB;  // st: this warp
-    const int p = __shfl_sync(0xffffffffu, psl, st);
+    const int seq = row_seq[t0 + ta];
+    tb = ta + 1;
+    while (tb < nt && row_seq[t0 + tb] == seq) tb++;
+    nkeys = 0;
+    for (int i = ta; i < tb; i++) nkeys = max(nkeys, pos[t0 + i] + 1);
     table = blocks + seq_blocks[seq];
-    rowpos = (st >= ta && st < tb && sh < heads) ? p : -1;
+    const int st = sr / FA_HB, sh = h0 + sr % FA_HB;
+    rowpos = (st >= ta && st < tb && sh < heads) ? pos[t0 + st] : -1;
     tile_slots(sslot, NB * FA_N, 0, nkeys, table, block_size);
     if (dtype == 0 && tid < FA_N) sc0[tid] = sc1[tid] = 1.f;
     __syncthreads();
