@@ -37,9 +37,8 @@ type flashForm struct {
 
 // flashForms by name.
 var flashForms = map[string]flashForm{
-	"f16":        {"_h", true},
-	"exact":      {"_exact", false},
-	"f16oldcopy": {"_hc", true}, // measurement: the model's shape only
+	"f16":   {"_h", true},
+	"exact": {"_exact", false},
 }
 
 // flashBF16Form is the bf16 cache's form: f16 operands (0.238 against 0.280

@@ -359,7 +359,7 @@ func BenchmarkFlashAttention(b *testing.B) {
 		{32, 0, backend.CacheBF16}, {32, 1024, backend.CacheBF16}, {16, 0, backend.CacheBF16}, {16, 1024, backend.CacheBF16},
 	}
 	for _, cs := range cases {
-		kerns := append(append([]string{}, flashTestForms...), "f16oldcopy", "split")
+		kerns := append(append([]string{}, flashTestForms...), "split")
 		if cs.dt != backend.CacheBF16 {
 			kerns = []string{"exact", "split"} // the fp8 cache's flash form is the exact one
 		}

@@ -205,7 +205,7 @@ DEVICE void tile_slots(u32* sslot, int n, int kb, int nkeys, const i32* __restri
 // loop is unrolled whole so that the next step's loads and widening need
 // not wait for this step's products. Else exact: the queries and the
 // weights split hi + lo, one key tile (196 KB).
-template <int NT, int DR, bool F16, bool STAMP = false, bool OLDCOPY = false>
+template <int NT, int DR, bool F16, bool STAMP = false>
 DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                          const float* __restrict__ q, int ldq, const u8* __restrict__ layer, int dtype,
                          const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -278,15 +278,6 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   // Four threads a row, each every fourth 16-byte chunk: one slot and one
   // address a tile, the chunks at constant offsets from it.
   auto issue_bf16 = [&](unsigned short* dst, const u32* sl, int kb, int nkeys) {
-    if (OLDCOPY) {  // measurement: consecutive chunks to consecutive threads
-      constexpr int per = W / 8;
-#pragma unroll 6
-      for (int i = tid; i < FA_N * per; i += FA_THREADS) {
-        const int jj = i / per, k = (i % per) * 8;
-        cp_async16(smem_addr(dst + jj * ld + k), layer + ((size_t)sl[jj] * W + k) * 2, kb + jj < nkeys);
-      }
-      return;
-    }
     constexpr int per = W / 8, TPR = FA_THREADS / FA_N;  // chunks a row, threads a row
     const int jj = tid / TPR, sub = tid % TPR;
     const bool valid = kb + jj < nkeys;
@@ -723,18 +714,6 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   FLASH_LATENT(NT, DR, true, flash_latent_##NT##_##DR##_h) \
   FLASH_LATENT(NT, DR, false, flash_latent_##NT##_##DR##_exact)
 FLASH_FORMS(8, 64)
-
-// Measurement: the f16 form with the earlier copy order.
-extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)
-    flash_latent_8_64_hc(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const u8* layer,
-                         int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,
-                         const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size, int T,
-                         int heads, int dn, float scale, i8* xq, float* xs, i32* xsum, int G) {
-  PDL_LAUNCH();
-  PDL_WAIT();
-  flash_latent<8, 64, true, false, true>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks,
-                                         block_size, T, heads, dn, scale, xq, xs, xsum, G);
-}
 
 // The model's f16 form with phase clocks (a benchmark's probe; STAMP in
 // flash_latent): stamps holds 8 warps x FA_PHASES sums.
