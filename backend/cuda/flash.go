@@ -110,21 +110,55 @@ func (b *Backend) flashUse(batch *backend.Batch) bool {
 	return true
 }
 
+// flashQuant lets the flash kernel write the int8 form of its output that
+// the value expansion's quantization asks for right after (as the decode
+// attention does, lastDecodeAttn and Backend.quantize), which saves that
+// launch; MMFP4_CUDA_FLASH_QUANT=0 turns it off.
+var flashQuant = os.Getenv("MMFP4_CUDA_FLASH_QUANT") != "0"
+
+// flashStamps, when set (a benchmark's probe), sends the model's f16 form
+// to its instance with phase clocks, which adds its sums there (8 warps
+// x FA_PHASES).
+var flashStamps uint64
+
 // flashAttention queues the flash kernel over all T rows.
 func (b *Backend) flashAttention(om, ql, qm *tensor, p *cachePool, layer int, s backend.MLAShape, scale float32) {
 	T := b.batch.Rows()
 	f := flashFormFor(p.dtype)
 	shared := flashShared(s.Rank+s.RopeDim, f)
 	name := fmt.Sprintf("flash_latent_%d_%d%s", s.Rank/64, s.RopeDim, f.suffix)
+	stamps := flashStamps
+	if stamps != 0 && name == "flash_latent_8_64_h" {
+		name += "_stamp"
+	} else {
+		stamps = 0
+	}
 	grid := Dim{uint32((T + flashTokens - 1) / flashTokens), uint32((s.Heads + flashHeads - 1) / flashHeads), 1}
+	var cq *decodeAttnOp
+	idx, flush := len(b.pending), b.flushes
 	b.do("attention", func(c *Ctx) error {
 		k, err := c.kernelShared("flash", name, shared)
 		if err != nil {
 			return err
 		}
-		return c.Launch(k, grid, D1(256), shared,
-			om.ptr, om.ld, ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer), p.kernelDType(),
+		// The int8 form of the output, where a quantization asked for it.
+		var xq, xs, xsum uint64
+		G := 0
+		if cq != nil && cq.a != nil {
+			xq, xs, xsum, G = cq.a.Q, cq.a.Scales, cq.a.Sums, cq.a.G
+		}
+		args := []any{om.ptr, om.ld, ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer), p.kernelDType(),
 			b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
-			T, s.Heads, s.NopeDim, scale)
+			T, s.Heads, s.NopeDim, scale, xq, xs, xsum, G}
+		if stamps != 0 {
+			args = append(args, stamps)
+		}
+		return c.Launch(k, grid, D1(256), shared, args...)
 	})
+	// Whole rows of a head are one block's: groups of G dividing 128 (the
+	// quantization's fold checks that) never straddle two blocks.
+	if flashQuant && b.flushes == flush && len(b.pending) == idx+1 {
+		cq = &decodeAttnOp{idx: idx, flush: flush, om: *om}
+		b.lastDecodeAttn = cq
+	}
 }

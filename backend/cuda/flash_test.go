@@ -3,6 +3,7 @@
 package cuda
 
 import (
+	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -58,6 +59,14 @@ func flashBatches(seqs []flashSeq, blockSize int) (pre, step *backend.Batch, blo
 // it. olat starts as NaN so that an unwritten value fails the comparison.
 func flashRun(t *testing.T, b backend.Backend, seqs []flashSeq, s backend.MLAShape, dt backend.CacheDType, seed uint64) []float32 {
 	t.Helper()
+	return flashRunThen(t, b, seqs, s, dt, seed, nil)
+}
+
+// flashRunThen is flashRun with then (when not nil) called on the output
+// right after the attention is queued.
+func flashRunThen(t *testing.T, b backend.Backend, seqs []flashSeq, s backend.MLAShape, dt backend.CacheDType, seed uint64,
+	then func(olat backend.Tensor)) []float32 {
+	t.Helper()
 	const blockSize = 16
 	pre, step, blocks := flashBatches(seqs, blockSize)
 	for _, st := range []*backend.Batch{pre, step} {
@@ -94,6 +103,9 @@ func flashRun(t *testing.T, b backend.Backend, seqs []flashSeq, s backend.MLASha
 	}
 	b.Upload(olat, nan)
 	b.LatentAttention(olat, qlat, q, 0, s, float32(1/math.Sqrt(float64(s.NopeDim+s.RopeDim))))
+	if then != nil {
+		then(olat)
+	}
 	out := b.Download(olat)
 	if err := b.Sync(); err != nil {
 		t.Fatal(err)
@@ -206,6 +218,77 @@ func TestFlashAttentionMatchesCPU(t *testing.T) {
 	}
 }
 
+// TestFlashQuantMatchesSeparate checks the int8 form of the output that
+// the flash kernel writes when the value expansion's quantization follows
+// it (flashQuant): the codes, scales and sums of the separate
+// quantization's launch, bit for bit, and the same output; groups of 128,
+// 64 and 32, several sequences in a step, every form and both caches, on
+// fresh random inputs.
+func TestFlashQuantMatchesSeparate(t *testing.T) {
+	defer func(v string, q bool) { flashBF16Form, flashQuant = v, q }(flashBF16Form, flashQuant)
+	g, _ := testBackends(t, Options{})
+	full := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
+	cases := []struct {
+		s    backend.MLAShape
+		seqs []flashSeq
+		G    int
+	}{
+		{full, []flashSeq{{0, 100}}, 128},
+		{full, []flashSeq{{37, 17}, {0, 30}, {90, 9}}, 32},
+		{full, []flashSeq{{200, 300}}, 64},
+		{backend.MLAShape{Heads: 7, NopeDim: 32, RopeDim: 32, VDim: 48, Rank: 256}, []flashSeq{{45, 77}}, 128},
+		{backend.MLAShape{Heads: 3, NopeDim: 32, RopeDim: 16, VDim: 48, Rank: 128}, []flashSeq{{0, 60}, {20, 40}}, 32},
+	}
+	for i, cs := range cases {
+		for _, dt := range []backend.CacheDType{backend.CacheBF16, backend.CacheFP8} {
+			forms := flashTestForms
+			if dt != backend.CacheBF16 {
+				forms = []string{"exact"}
+			}
+			for _, form := range forms {
+				name := fmt.Sprintf("%v cache, %s, heads %d rank %d, seqs %v, groups of %d", dt, form, cs.s.Heads, cs.s.Rank, cs.seqs, cs.G)
+				flashBF16Form = form
+				g.flashAlways = true
+				// run returns the output, its int8 form (codes, scales,
+				// sums) and the last queued op's name before the
+				// quantization's own.
+				run := func(fold bool) ([]float32, []byte, string) {
+					flashQuant = fold
+					var form []byte
+					last := ""
+					out := flashRunThen(t, g, cs.seqs, cs.s, dt, uint64(300+i), func(olat backend.Tensor) {
+						a := g.quantize(asTensor(olat), cs.G)
+						last = g.pending[len(g.pending)-1].op
+						g.now("read int8 form", func(c *Ctx) error {
+							read := func(p uint64, n int) []byte {
+								buf := make([]byte, n)
+								if err := CopyOut(c, buf, p); err != nil {
+									t.Fatal(err)
+								}
+								return buf
+							}
+							form = append(append(read(a.Q, a.T*a.K), read(a.Scales, 4*a.T*a.K/a.G)...), read(a.Sums, 4*a.T*a.K/32)...)
+							return nil
+						})
+					})
+					return out, form, last
+				}
+				wantOut, want, wl := run(false)
+				gotOut, got, gl := run(true)
+				if wl != "quantize" || gl != "attention" {
+					t.Errorf("%s: last ops %q without the fold, %q with it; want quantize, attention", name, wl, gl)
+				}
+				if i := firstDiff(want, got); i >= 0 {
+					t.Errorf("%s: int8 form differs at byte %d of %d", name, i, len(want))
+				}
+				if e := maxRelErr(wantOut, gotOut); e != 0 {
+					t.Errorf("%s: output differs by %.2e", name, e)
+				}
+			}
+		}
+	}
+}
+
 // TestModelFlashMatchesCPUOnGPU runs the tiny test model with a prefill
 // long enough for the flash kernel (its 12-token golden prompt is under
 // the dispatch's 16 rows, and the other model tests use an f32 cache, so
@@ -276,7 +359,7 @@ func BenchmarkFlashAttention(b *testing.B) {
 		{32, 0, backend.CacheBF16}, {32, 1024, backend.CacheBF16}, {16, 0, backend.CacheBF16}, {16, 1024, backend.CacheBF16},
 	}
 	for _, cs := range cases {
-		kerns := append(flashTestForms, "split")
+		kerns := append(append([]string{}, flashTestForms...), "split")
 		if cs.dt != backend.CacheBF16 {
 			kerns = []string{"exact", "split"} // the fp8 cache's flash form is the exact one
 		}
@@ -338,4 +421,47 @@ func flashBench(b *testing.B, d *Device, s backend.MLAShape, T, prefix int, dt b
 	if err != nil {
 		b.Fatal(err)
 	}
+	if kern == "f16" && T >= 1024 {
+		flashPhases(b, g, olat, qlat, q, s, scale)
+	}
+}
+
+// flashPhases runs the f16 form's instance with phase clocks once and
+// prints each phase's cycles per tile, averaged over the warps (and the
+// slowest warp's).
+func flashPhases(b *testing.B, g *Backend, olat, qlat, q backend.Tensor, s backend.MLAShape, scale float32) {
+	var buf Buffer
+	const phases = 10 // FA_PHASES
+	st := make([]uint64, 8*phases)
+	err := g.dev.Do(func(c *Ctx) error {
+		var err error
+		if buf, err = c.Alloc(8 * len(st)); err != nil {
+			return err
+		}
+		return c.Memset(buf.Ptr, 0, 8*len(st))
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	flashStamps = buf.Ptr
+	g.LatentAttention(olat, qlat, q, 0, s, scale)
+	flashStamps = 0
+	if err := g.Sync(); err != nil {
+		b.Fatal(err)
+	}
+	if err := g.dev.Do(func(c *Ctx) error { return errors.Join(CopyOut(c, st, buf.Ptr), c.Free(buf)) }); err != nil {
+		b.Fatal(err)
+	}
+	names := []string{"wait+bar1", "scores", "bar2", "softmax", "bar3", "values", "queries issued+start", "queries", "output"}
+	msg := ""
+	for k, n := range names {
+		sum, most := 0.0, 0.0
+		for w := 0; w < 8; w++ {
+			v := float64(st[w*phases+k]) / float64(max(st[w*phases+phases-1], 1))
+			sum += v
+			most = max(most, v)
+		}
+		msg += fmt.Sprintf(" %s %.0f (%.0f)", n, sum/8, most)
+	}
+	fmt.Printf("flash phases (%s), cycles a tile (mean of warps, slowest), %d tiles a warp:%s\n", flashBF16Form, st[phases-1], msg)
 }

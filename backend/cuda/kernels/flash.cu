@@ -15,31 +15,39 @@
 // weights) are rounded. Two forms:
 // - f16 operands (the bf16 cache's default): each query row scaled by a
 //   power of two (undone exactly in the softmax) and rounded to f16, the
-//   weights (in [0,1]) rounded to f16, and the key tile widened to f16 in
-//   shared memory (exact for magnitudes in [2^-14, 65504]; the latent
+//   weights (in [0,1]) rounded to f16, and the key fragments widened to
+//   f16 in registers (exact for magnitudes in [2^-14, 65504]; the latent
 //   cache's normalised values lie well inside), fp32 accumulators. f16
 //   carries 11 bits to bf16's 8: max |err| / max |ref| 2.7e-4 to 3.9e-4
 //   against the CPU on an H200, where bf16 operands gave 1.7e-3 to 3.1e-3
 //   and made the tiny test model's greedy ids part from the CPU's (the
 //   weights' rounding did that, not the queries'; docs/perf.md). Its
 //   shared memory leaves room for two key tiles, so the next tile's copies
-//   land during this one's products.
+//   land during this one's products. The bf16 cache has no per-position
+//   scales, so the scores take one accumulator, and the softmax runs in
+//   base 2 (ex2.approx, the scale times log2(e) folded into the queries'
+//   power of two) with each thread's row sum added to the others' at the
+//   end.
 // - exact (the fp8 cache, and the bf16 cache with MMFP4_CUDA_FLASH_EXACT=1):
 //   each operand split as hi + lo, two bfloat16 numbers that carry 16 bits
 //   of its mantissa, every product issued for both halves: an error near
 //   fp32 summation order (under 1e-5), twice the tensor work, one tile.
 //
 // Warps (8): for S, warp w takes keys [32*(w&1), +32) and every fourth k
-// step (w>>1) for all 32 rows, keeping the latent and rope parts apart (the
-// fp8 scales differ); the four partial tiles go through shared memory and
-// are added in a fixed order. The softmax gives 8 threads to a row. For O,
-// warp w owns columns [w*rank/8, +rank/8) of all 32 rows.
+// step (w>>1) for all 32 rows, keeping the latent and rope parts apart in
+// the exact form (the fp8 scales differ); the four partial tiles go
+// through shared memory and are added in a fixed order. The softmax gives
+// 8 threads to a row. For O, warp w owns columns [w*rank/8, +rank/8) of
+// all 32 rows. On a sequence's last tile, key steps past its positions
+// are left out. The output is staged in shared memory and written a
+// head's row per warp; with xq set, so is its int8 form for the value
+// expansion (as the quantization kernel writes it, bit for bit).
 //
 // Grid (ceil(T/FA_TQ), ceil(H/FA_HB)); the last tokens (most positions)
-// start first. Tokens of one block from different sequences are done one
-// sequence after another. Each tile's cache slots are looked up a tile (two
-// with two key tiles) ahead, during the softmax, so the copies wait on no
-// block-table load.
+// start first, for every head group before the next tokens. Tokens of one
+// block from different sequences are done one sequence after another.
+// Each tile's cache slots are looked up a tile (two with two key tiles)
+// ahead, so the copies wait on no block-table load.
 //
 // Shared memory (bytes), W = rank+dr, with parts p = 2 exact, else 1 and
 // key tiles n = 1 exact, else 2: queries p*32*(W+8)*2, keys n*64*(W+8)*2,
@@ -53,6 +61,7 @@
 #define FA_THREADS 256
 #define FA_SLD 72  // partial score row stride (floats)
 #define FA_PLD 72  // weight row stride (bf16)
+#define FA_PHASES 10  // phase clocks of a warp (STAMP)
 
 // 16 bytes global -> shared, zero-filled when !valid.
 DEVICE void cp_async16(u32 dst, const void* src, bool valid) {
@@ -60,6 +69,13 @@ DEVICE void cp_async16(u32 dst, const void* src, bool valid) {
                : "memory");
 }
 DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// 2^x (ex2.approx: about 2 ulp; subnormal results flushed to zero).
+DEVICE float fa_ex2(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
+}
 
 // Round to nearest even bfloat16 (finite inputs), as bits.
 DEVICE u32 fa_bf16(float f) {
@@ -111,59 +127,66 @@ DEVICE uint4 e4m3x8_bf16(uint2 v) {
 // h0 + r%FA_HB; zeros past the ends), W = rank + dr columns: [qlat | q_pe],
 // as hi and lo bf16 halves (qhi, qlo), or with F16 as f16 (qhi) after
 // scaling each row by a power of two that takes its largest magnitude into
-// [2^14, 2^15) (qinv[r]: the inverse, exact; 1 without F16). qmax: 32
-// words of scratch. All of a thread's loads are issued before the first
-// is used.
-template <int RANK, int W, bool F16>
-DEVICE void load_queries(unsigned short* qhi, unsigned short* qlo, float* qinv, u32* qmax, int ld,
+// [2^14, 2^15) (qinv[r]: the inverse, exact; 1 without F16). Warp w loads
+// rows [4w, +4), lane l every 32nd float4 of a row from the l-th, so a
+// row's largest magnitude is a warp's reduction (shared-memory atomics on
+// 32 words, 144 a row, took about a tenth of the kernel). All of a
+// thread's loads are issued before the first is used, and between() is
+// called after they are issued.
+template <int RANK, int W, bool F16, typename F>
+DEVICE void load_queries(unsigned short* qhi, unsigned short* qlo, float* qinv, int ld,
                          const float* __restrict__ qlat, int ldql, const float* __restrict__ q, int ldq, int t0,
-                         int h0, int T, int heads, int dn) {
-  constexpr int per = W / 4, total = FA_M * per, iters = (total + FA_THREADS - 1) / FA_THREADS;
+                         int h0, int T, int heads, int dn, F between) {
+  constexpr int per = W / 4, iters = (per + 31) / 32, RPW = FA_M / (FA_THREADS / 32);
   constexpr int dr = W - RANK;
-  float4 v[iters];
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float4 v[RPW][iters];
 #pragma unroll
-  for (int u = 0; u < iters; u++) {
-    const int i = threadIdx.x + u * FA_THREADS;
-    const int r = i / per, k = (i % per) * 4;
-    const int t = t0 + r / FA_HB, h = h0 + r % FA_HB;
-    v[u] = make_float4(0.f, 0.f, 0.f, 0.f);
-    if (i < total && t < T && h < heads)
-      v[u] = k < RANK ? *(const float4*)(qlat + (size_t)t * ldql + (size_t)h * RANK + k)
-                      : *(const float4*)(q + (size_t)t * ldq + (size_t)h * (dn + dr) + dn + (k - RANK));
-  }
-  if (F16) {
-    if (threadIdx.x < FA_M) qmax[threadIdx.x] = 0u;
-    __syncthreads();
+  for (int j = 0; j < RPW; j++) {
+    const int r = warp * RPW + j, t = t0 + r / FA_HB, h = h0 + r % FA_HB;
 #pragma unroll
     for (int u = 0; u < iters; u++) {
-      const int i = threadIdx.x + u * FA_THREADS;
-      if (i >= total) break;
-      const float m = fmaxf(fmaxf(fabsf(v[u].x), fabsf(v[u].y)), fmaxf(fabsf(v[u].z), fabsf(v[u].w)));
-      atomicMax(&qmax[i / per], __float_as_uint(m));
+      const int k = (lane + 32 * u) * 4;
+      v[j][u] = make_float4(0.f, 0.f, 0.f, 0.f);
+      if ((per % 32 == 0 || k < W) && t < T && h < heads)
+        v[j][u] = k < RANK ? *(const float4*)(qlat + (size_t)t * ldql + (size_t)h * RANK + k)
+                           : *(const float4*)(q + (size_t)t * ldq + (size_t)h * (dn + dr) + dn + (k - RANK));
     }
-    __syncthreads();
   }
+  between();  // while the loads are in flight
 #pragma unroll
-  for (int u = 0; u < iters; u++) {
-    const int i = threadIdx.x + u * FA_THREADS;
-    if (i >= total) break;
-    const int r = i / per, k = (i % per) * 4;
+  for (int j = 0; j < RPW; j++) {
+    const int r = warp * RPW + j;
+    float f = 1.f;
     if (F16) {
-      const u32 mb = qmax[r];
-      const int e = mb == 0u ? 0 : max(-100, min(100, 14 - ((int)(mb >> 23) - 127)));
-      const float f = __int_as_float((127 + e) << 23);
-      *(uint2*)(qhi + r * ld + k) = make_uint2(f16x2(v[u].x * f, v[u].y * f), f16x2(v[u].z * f, v[u].w * f));
-      if (k == 0) qinv[r] = __int_as_float((127 - e) << 23);
-      continue;
+      float m = 0.f;
+#pragma unroll
+      for (int u = 0; u < iters; u++)
+        m = fmaxf(m, fmaxf(fmaxf(fabsf(v[j][u].x), fabsf(v[j][u].y)), fmaxf(fabsf(v[j][u].z), fabsf(v[j][u].w))));
+      m = warp_max(m);
+      const int e = m == 0.f ? 0 : max(-100, min(100, 14 - ((int)(__float_as_uint(m) >> 23) - 127)));
+      f = __int_as_float((127 + e) << 23);
+      if (lane == 0) qinv[r] = __int_as_float((127 - e) << 23);
+    } else if (lane == 0) {
+      qinv[r] = 1.f;
     }
-    u32 h0b, l0b, h1b, l1b, h2b, l2b, h3b, l3b;
-    split_bf16(v[u].x, h0b, l0b);
-    split_bf16(v[u].y, h1b, l1b);
-    split_bf16(v[u].z, h2b, l2b);
-    split_bf16(v[u].w, h3b, l3b);
-    *(uint2*)(qhi + r * ld + k) = make_uint2(h0b | (h1b << 16), h2b | (h3b << 16));
-    *(uint2*)(qlo + r * ld + k) = make_uint2(l0b | (l1b << 16), l2b | (l3b << 16));
-    if (k == 0) qinv[r] = 1.f;
+#pragma unroll
+    for (int u = 0; u < iters; u++) {
+      const int k = (lane + 32 * u) * 4;
+      if (per % 32 != 0 && k >= W) break;
+      if (F16) {
+        *(uint2*)(qhi + r * ld + k) =
+            make_uint2(f16x2(v[j][u].x * f, v[j][u].y * f), f16x2(v[j][u].z * f, v[j][u].w * f));
+        continue;
+      }
+      u32 h0b, l0b, h1b, l1b, h2b, l2b, h3b, l3b;
+      split_bf16(v[j][u].x, h0b, l0b);
+      split_bf16(v[j][u].y, h1b, l1b);
+      split_bf16(v[j][u].z, h2b, l2b);
+      split_bf16(v[j][u].w, h3b, l3b);
+      *(uint2*)(qhi + r * ld + k) = make_uint2(h0b | (h1b << 16), h2b | (h3b << 16));
+      *(uint2*)(qlo + r * ld + k) = make_uint2(l0b | (l1b << 16), l2b | (l3b << 16));
+    }
   }
 }
 
@@ -182,16 +205,21 @@ DEVICE void tile_slots(u32* sslot, int n, int kb, int nkeys, const i32* __restri
 // loop is unrolled whole so that the next step's loads and widening need
 // not wait for this step's products. Else exact: the queries and the
 // weights split hi + lo, one key tile (196 KB).
-template <int NT, int DR, bool F16>
+template <int NT, int DR, bool F16, bool STAMP = false>
 DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                          const float* __restrict__ q, int ldq, const u8* __restrict__ layer, int dtype,
                          const i32* __restrict__ pos, const i32* __restrict__ row_seq,
                          const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size,
-                         int T, int heads, int dn, float scale) {
+                         int T, int heads, int dn, float scale, i8* __restrict__ xq, float* __restrict__ xs,
+                         i32* __restrict__ xsum, int G, unsigned long long* stamps = nullptr) {
   constexpr int rank = NT * 64;  // warp w owns columns [w*NT*8, +NT*8)
   constexpr int W = rank + DR, ld = W + 8;  // bf16 row stride: an odd number of 16-byte units
   constexpr bool QLO = !F16, PLO = !F16, DB = F16;  // lo halves, two key tiles
   constexpr int NB = DB ? 2 : 1;                    // key tiles
+  // F16 (the bf16 cache only): one score accumulator (no per-position
+  // scales), the softmax in base 2 on ex2.approx with the row sums kept
+  // per thread, its partial-score reads free of bank conflicts.
+  constexpr bool ONE = F16, LEAN = F16;
   extern __shared__ __align__(16) u8 fa_smem[];
   unsigned short* qhi = (unsigned short*)fa_smem;
   unsigned short* qlo = qhi + FA_M * ld;                       // with QLO
@@ -208,10 +236,32 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, c4 = lane & 3;
-  const int t0 = (gridDim.x - 1 - blockIdx.x) * FA_TQ, h0 = blockIdx.y * FA_HB;
+  // Blocks start in the order of their linear index: the token chunks
+  // with the most positions first, each for all head groups in turn, so
+  // that the light blocks of every head group come last (with the head
+  // group as the slower index, each group's heavy blocks waited for the
+  // group before, and the kernel's tail grew by about an eighth).
+  const int bl = blockIdx.y * gridDim.x + blockIdx.x;
+  const int t0 = (gridDim.x - 1 - bl / gridDim.y) * FA_TQ, h0 = (bl % gridDim.y) * FA_HB;
+  // With STAMP (a benchmark's probe), each warp sums the clock cycles of
+  // its phases: 0 the copies' wait and the tile's first barrier, 1 the
+  // partial scores, 2 the second barrier, 3 the softmax, 4 the third
+  // barrier, 5 the weighted values, 6 the queries' loads issued and a
+  // sequence's start, 7 the rest of the queries and of the start, 8 the
+  // output; 9 counts tiles.
+  long long st_acc[FA_PHASES], st_t = 0;
+  if (STAMP) {
+#pragma unroll
+    for (int k = 0; k < FA_PHASES; k++) st_acc[k] = 0;
+    st_t = clock64();
+  }
+#define FA_STAMP(k)                 \
+  if (STAMP) {                      \
+    const long long now = clock64(); \
+    st_acc[k] += now - st_t;        \
+    st_t = now;                     \
+  }
   const int nt = min(FA_TQ, T - t0);
-
-  load_queries<rank, W, F16>(qhi, qlo, qinv, (u32*)sp, ld, qlat, ldql, q, ldq, t0, h0, T, heads, dn);
 
   // Softmax role: row sr, keys [8*sq, +8).
   const int sr = tid >> 3, sq = tid & 7;
@@ -225,33 +275,34 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   const int p_off = (lane & 15) * FA_PLD + (lane >> 4) * 8;
 
   // Copies of a tile of the bf16 cache (zeros past nkeys).
+  // Four threads a row, each every fourth 16-byte chunk: one slot and one
+  // address a tile, the chunks at constant offsets from it.
   auto issue_bf16 = [&](unsigned short* dst, const u32* sl, int kb, int nkeys) {
-    constexpr int per = W / 8;  // 16-byte chunks a row
-#pragma unroll 6
-    for (int i = tid; i < FA_N * per; i += FA_THREADS) {
-      const int jj = i / per, k = (i % per) * 8;
-      cp_async16(smem_addr(dst + jj * ld + k), layer + ((size_t)sl[jj] * W + k) * 2, kb + jj < nkeys);
-    }
+    constexpr int per = W / 8, TPR = FA_THREADS / FA_N;  // chunks a row, threads a row
+    const int jj = tid / TPR, sub = tid % TPR;
+    const bool valid = kb + jj < nkeys;
+    const u8* src = layer + ((size_t)sl[jj] * W + sub * 8) * 2;
+    const u32 d = smem_addr(dst + jj * ld + sub * 8);
+#pragma unroll
+    for (int c = 0; c < per; c += TPR)
+      if (c + sub < per) cp_async16(d + c * 16, src + c * 16, valid);
   };
 
-  int ta = 0;
-  while (ta < nt) {
-    // One sequence's tokens [ta, tb) of the block.
+  // The start of one sequence's tokens [ta, tb) of the block: its keys,
+  // block table and this thread's softmax row's position, the slots of
+  // the first NB tiles (tile i in sslot[i]) and, with DB, the first
+  // tile's copies.
+  int ta = 0, tb = 0, nkeys = 0, rowpos = -1;
+  const i32* table = blocks;
+  auto start_seq = [&]() {
     const int seq = row_seq[t0 + ta];
-    int tb = ta + 1;
+    tb = ta + 1;
     while (tb < nt && row_seq[t0 + tb] == seq) tb++;
-    int nkeys = 0;
+    nkeys = 0;
     for (int i = ta; i < tb; i++) nkeys = max(nkeys, pos[t0 + i] + 1);
-    const i32* table = blocks + seq_blocks[seq];
+    table = blocks + seq_blocks[seq];
     const int st = sr / FA_HB, sh = h0 + sr % FA_HB;
-    const int rowpos = (st >= ta && st < tb && sh < heads) ? pos[t0 + st] : -1;
-    float m_run = __int_as_float(0xff800000), l_run = 0.f;
-    float o[2][NT][4];
-#pragma unroll
-    for (int m = 0; m < 2; m++)
-#pragma unroll
-      for (int n = 0; n < NT; n++) o[m][n][0] = o[m][n][1] = o[m][n][2] = o[m][n][3] = 0.f;
-    // Slots of the first NB tiles (tile i in sslot[i]).
+    rowpos = (st >= ta && st < tb && sh < heads) ? pos[t0 + st] : -1;
     tile_slots(sslot, NB * FA_N, 0, nkeys, table, block_size);
     if (dtype == 0 && tid < FA_N) sc0[tid] = sc1[tid] = 1.f;
     __syncthreads();
@@ -259,9 +310,24 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
       issue_bf16(kbuf, sslot, 0, nkeys);
       asm volatile("cp.async.commit_group;" ::: "memory");
     }
+    FA_STAMP(6);
+  };
+  // The first sequence starts while the queries' loads are in flight.
+  load_queries<rank, W, F16>(qhi, qlo, qinv, ld, qlat, ldql, q, ldq, t0, h0, T, heads, dn, start_seq);
+
+  while (ta < nt) {
+    if (ta > 0) start_seq();
+    float m_run = __int_as_float(0xff800000), l_run = 0.f;
+    float o[2][NT][4];
+#pragma unroll
+    for (int m = 0; m < 2; m++)
+#pragma unroll
+      for (int n = 0; n < NT; n++) o[m][n][0] = o[m][n][1] = o[m][n][2] = o[m][n][3] = 0.f;
 
     int it = 0;
+    FA_STAMP(7);
     for (int kb = 0; kb < nkeys; kb += FA_N, it++) {
+      if (STAMP) st_acc[9]++;
       const int cur = DB ? (it & 1) : 0;
       unsigned short* ks = kbuf + cur * FA_N * ld;
       const u32* slots = sslot + cur * FA_N;
@@ -295,6 +361,12 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
         if (tid < FA_N) sc0[tid] = s0, sc1[tid] = s1;
       }
       __syncthreads();
+      FA_STAMP(0);
+      // The block-table entry of the tile NB ahead, stored to its slot
+      // after the scores (the load's latency off the softmax's path).
+      const int jn = kb + NB * FA_N + tid;
+      i32 tv = 0;
+      if (tid < FA_N && jn < nkeys) tv = table[jn / block_size];
       // With DB, the next tile's copies into the other buffer: every warp
       // is past the products of the tile before, which used it.
       if (DB && dtype == 0 && kb + FA_N < nkeys) {
@@ -346,37 +418,85 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
           }
         };
         // This warp's k steps are kw, kw+4, ...: the latent ones (rank/16
-        // = 4 NT of them), then the rope ones.
-        if (F16) {
+        // = 4 NT of them), then the rope ones. None where all its keys lie
+        // past the sequence's (its partial scores are masked).
+        if (kb + kh * 32 < nkeys) {
+          if (F16) {
 #pragma unroll
-          for (int i = 0; i < NT; i++) step(kw + 4 * i, al);
-        } else {
+            for (int i = 0; i < NT; i++) step(kw + 4 * i, al);
+          } else {
 #pragma unroll 2
-          for (int i = 0; i < NT; i++) step(kw + 4 * i, al);
-        }
+            for (int i = 0; i < NT; i++) step(kw + 4 * i, al);
+          }
 #pragma unroll
-        for (int s = lsteps + kw; s < steps; s += 4) step(s, ap);
+          for (int s = lsteps + kw; s < steps; s += 4) step(s, ONE ? al : ap);
+        }
         float* mine = sp + kw * FA_M * FA_SLD;
 #pragma unroll
         for (int m = 0; m < 2; m++)
 #pragma unroll
           for (int n = 0; n < 4; n++) {
             const int col = kh * 32 + n * 8 + 2 * c4;
-            const float s00 = sc0[col], s01 = sc0[col + 1], s10 = sc1[col], s11 = sc1[col + 1];
             const int row = m * 16 + g;
+            if (ONE) {  // one accumulator, unit scales (bf16 cache)
+              *(float2*)(mine + row * FA_SLD + col) = make_float2(al[m][n][0], al[m][n][1]);
+              *(float2*)(mine + (row + 8) * FA_SLD + col) = make_float2(al[m][n][2], al[m][n][3]);
+              continue;
+            }
+            const float s00 = sc0[col], s01 = sc0[col + 1], s10 = sc1[col], s11 = sc1[col + 1];
             *(float2*)(mine + row * FA_SLD + col) =
                 make_float2(al[m][n][0] * s00 + ap[m][n][0] * s10, al[m][n][1] * s01 + ap[m][n][1] * s11);
             *(float2*)(mine + (row + 8) * FA_SLD + col) =
                 make_float2(al[m][n][2] * s00 + ap[m][n][2] * s10, al[m][n][3] * s01 + ap[m][n][3] * s11);
           }
       }
+      FA_STAMP(1);
       __syncthreads();
+      FA_STAMP(2);
 
       // Slots of the tile NB ahead (this buffer's slots are used).
-      tile_slots(sslot + cur * FA_N, FA_N, kb + NB * FA_N, nkeys, table, block_size);
+      if (tid < FA_N) sslot[cur * FA_N + tid] = jn < nkeys ? (u32)(tv * block_size + jn % block_size) : 0u;
 
       // Online softmax: 8 threads a row.
-      {
+      if (LEAN) {
+        // Thread sq takes keys [4*sq, +4) and [32 + 4*sq, +4).
+        float sv[8];
+#pragma unroll
+        for (int u = 0; u < 8; u++) sv[u] = 0.f;
+#pragma unroll
+        for (int w = 0; w < 4; w++) {
+          const float4 x0 = *(const float4*)(sp + (w * FA_M + sr) * FA_SLD + sq * 4);
+          const float4 x1 = *(const float4*)(sp + (w * FA_M + sr) * FA_SLD + 32 + sq * 4);
+          sv[0] += x0.x, sv[1] += x0.y, sv[2] += x0.z, sv[3] += x0.w;
+          sv[4] += x1.x, sv[5] += x1.y, sv[6] += x1.z, sv[7] += x1.w;
+        }
+        float mx = __int_as_float(0xff800000);
+        const float rscale = scale * 1.4426950408889634f * qinv[sr];  // log2(e) / sqrt(d); qinv a power of two
+        const bool full = kb + FA_N - 1 <= rowpos;
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+          const bool valid = full || kb + (u >> 2) * 32 + sq * 4 + (u & 3) <= rowpos;
+          sv[u] = valid ? sv[u] * rscale : __int_as_float(0xff800000);
+          mx = fmaxf(mx, sv[u]);
+        }
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 2));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+        const float m_new = fmaxf(m_run, mx);
+        const bool none = m_new == __int_as_float(0xff800000);
+        const float alpha = none ? 1.f : fa_ex2(m_run - m_new);
+        float sum = 0.f;
+#pragma unroll
+        for (int u = 0; u < 8; u++) {
+          sv[u] = none ? 0.f : fa_ex2(sv[u] - m_new);  // ex2(-inf) = 0 for masked keys
+          sum += sv[u];
+        }
+        l_run = l_run * alpha + sum;  // this thread's keys: the row's eight are added at the end
+        m_run = m_new;
+        *(uint2*)(phi + sr * FA_PLD + sq * 4) = make_uint2(f16x2(sv[0], sv[1]), f16x2(sv[2], sv[3]));
+        *(uint2*)(phi + sr * FA_PLD + 32 + sq * 4) = make_uint2(f16x2(sv[4], sv[5]), f16x2(sv[6], sv[7]));
+        if (sq == 0) alpha_s[sr] = alpha;
+      } else {
         float sv[8];
 #pragma unroll
         for (int u = 0; u < 8; u++) sv[u] = 0.f;
@@ -428,7 +548,9 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
               make_uint4(lb[0] | (lb[1] << 16), lb[2] | (lb[3] << 16), lb[4] | (lb[5] << 16), lb[6] | (lb[7] << 16));
         if (sq == 0) alpha_s[sr] = alpha;
       }
+      FA_STAMP(3);
       __syncthreads();
+      FA_STAMP(4);
 
       // O = O * alpha + P . c over this warp's columns.
       {
@@ -438,8 +560,9 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
           o[0][n][0] *= a0, o[0][n][1] *= a0, o[0][n][2] *= a1, o[0][n][3] *= a1;
           o[1][n][0] *= a2, o[1][n][1] *= a2, o[1][n][2] *= a3, o[1][n][3] *= a3;
         }
-#pragma unroll
-        for (int kk = 0; kk < FA_N / 16; kk++) {
+        // One 16-key step kk (the products of keys whose weights are all
+        // zero are left out on a sequence's last tile: the same sums).
+        auto vstep = [&](int kk) {
           u32 ah[2][4], alo[2][4];
 #pragma unroll
           for (int m = 0; m < 2; m++) {
@@ -471,32 +594,106 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
 #pragma unroll
               for (int n = 0; n < NT; n++) mma_bf16(o[m][n], alo[m], b[n][0], b[n][1]);
           }
+        };
+        if (kb + FA_N <= nkeys) {
+#pragma unroll
+          for (int kk = 0; kk < FA_N / 16; kk++) vstep(kk);
+        } else {
+#pragma unroll
+          for (int kk = 0; kk < FA_N / 16; kk++)
+            if (kb + kk * 16 < nkeys) vstep(kk);
         }
       }
       // Without DB the next tile's copies overwrite this one. With DB the
       // next barrier (the top of the loop) orders the reads of the
       // weights and this buffer before their next writes.
       if (!DB) __syncthreads();
+      FA_STAMP(5);
     }
 
-    // O / l for this sequence's rows.
+    // O / l for this sequence's rows, staged in shared memory (the key
+    // tiles are done with: the barrier orders every warp's last products
+    // before), then written a row at a time, lane l holding columns
+    // [l*E, +E) of a head's row: with xq set, the row's int8 form in groups
+    // of G (32, 64 or 128; E divides G) as rmsnorm_quant writes it without
+    // a gain (the quantization's bits: the same values, scales and sums).
+    // Float4 c of a staged row sits at c ^ ((c >> 3) & 3), so that the
+    // reads of eight lanes fall in eight different bank groups.
+    if (LEAN) {  // the row's eight threads' sums
+      l_run += __shfl_xor_sync(0xffffffffu, l_run, 1);
+      l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
+      l_run += __shfl_xor_sync(0xffffffffu, l_run, 4);
+    }
     if (sq == 0) l_s[sr] = l_run;
     __syncthreads();
+    {
+      constexpr int OLD = rank + 4, E = rank / 32, E4 = E / 4;
+      float* ost = (float*)kbuf;  // [FA_M][OLD]
+      auto swz = [](int c) { return c ^ ((c >> 3) & 3); };
 #pragma unroll
-    for (int m = 0; m < 2; m++)
+      for (int m = 0; m < 2; m++)
 #pragma unroll
-      for (int hf = 0; hf < 2; hf++) {
-        const int row = m * 16 + hf * 8 + g, ti = row / FA_HB, h = h0 + row % FA_HB;
-        if (ti < ta || ti >= tb || h >= heads) continue;
-        const float inv = 1.f / l_s[row];
-        float* out = olat + (size_t)(t0 + ti) * ldo + (size_t)h * rank + warp * NT * 8 + 2 * c4;
+        for (int hf = 0; hf < 2; hf++) {
+          const int row = m * 16 + hf * 8 + g;
+          const float inv = 1.f / l_s[row];
 #pragma unroll
-        for (int n = 0; n < NT; n++)
-          *(float2*)(out + n * 8) = make_float2(o[m][n][2 * hf] * inv, o[m][n][2 * hf + 1] * inv);
+          for (int n = 0; n < NT; n++) {
+            const int c = warp * NT * 2 + 2 * n + (c4 >> 1);
+            *(float2*)(ost + row * OLD + swz(c) * 4 + (c4 & 1) * 2) =
+                make_float2(o[m][n][2 * hf] * inv, o[m][n][2 * hf + 1] * inv);
+          }
+        }
+      __syncthreads();
+      const int K = heads * rank;
+#pragma unroll 1
+      for (int j = 0; j < FA_M / 8; j++) {
+        const int row = warp + 8 * j, ti = row / FA_HB, h = h0 + row % FA_HB;
+        if (ti < ta || ti >= tb || h >= heads) continue;  // whole warps
+        const int t = t0 + ti, col = h * rank + lane * E;
+        float x[E];
+#pragma unroll
+        for (int i = 0; i < E4; i++) {
+          const float4 v = *(const float4*)(ost + row * OLD + swz(lane * E4 + i) * 4);
+          x[4 * i] = v.x, x[4 * i + 1] = v.y, x[4 * i + 2] = v.z, x[4 * i + 3] = v.w;
+          *(float4*)(olat + (size_t)t * ldo + col + 4 * i) = v;
+        }
+        if (!xq) continue;
+        float amax = 0.f;
+#pragma unroll
+        for (int e = 0; e < E; e++) amax = fmaxf(amax, fabsf(x[e]));
+        for (int o2 = 1; o2 < G / E; o2 <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o2));
+        const float qs = amax / 127.f;
+        u32 pk[E4];
+        i32 sum = 0;
+#pragma unroll
+        for (int i = 0; i < E4; i++) {
+          const i32 q0 = quant8(x[4 * i], amax, qs), q1 = quant8(x[4 * i + 1], amax, qs);
+          const i32 q2 = quant8(x[4 * i + 2], amax, qs), q3 = quant8(x[4 * i + 3], amax, qs);
+          sum += q0 + q1 + q2 + q3;
+          pk[i] = (u32)(q0 & 0xFF) | ((u32)(q1 & 0xFF) << 8) | ((u32)(q2 & 0xFF) << 16) | ((u32)q3 << 24);
+        }
+#pragma unroll
+        for (int o2 = 1; o2 < 32 / E; o2 <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o2);
+        i8* dq = xq + (size_t)t * K + col;
+        if (E4 == 4)
+          *(uint4*)dq = make_uint4(pk[0], pk[E4 > 1 ? 1 : 0], pk[E4 > 2 ? 2 : 0], pk[E4 > 3 ? 3 : 0]);
+        else if (E4 == 2)
+          *(uint2*)dq = make_uint2(pk[0], pk[E4 > 1 ? 1 : 0]);
+        else
+          *(u32*)dq = pk[0];
+        if (lane % (32 / E) == 0) xsum[(size_t)t * (K / 32) + col / 32] = sum;
+        if (lane % (G / E) == 0) xs[(size_t)t * (K / G) + col / G] = amax == 0.f ? 0.f : qs;
       }
+    }
     __syncthreads();
+    FA_STAMP(8);
     ta = tb;
   }
+  if (STAMP && lane == 0) {
+#pragma unroll
+    for (int k = 0; k < FA_PHASES; k++) atomicAdd(stamps + warp * FA_PHASES + k, (unsigned long long)st_acc[k]);
+  }
+#undef FA_STAMP
 }
 
 #define FLASH_LATENT(NT, DR, F16, NAME)                                                                  \
@@ -504,11 +701,11 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
       NAME(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const u8* layer,        \
            int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,                             \
            const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size, int T, int heads, \
-           int dn, float scale) {                                                                             \
+           int dn, float scale, i8* xq, float* xs, i32* xsum, int G) {                                         \
     PDL_LAUNCH();                                                                                            \
     PDL_WAIT();                                                                                              \
     flash_latent<NT, DR, F16>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks, \
-                              block_size, T, heads, dn, scale);                                              \
+                              block_size, T, heads, dn, scale, xq, xs, xsum, G);                             \
   }
 
 // Instances: (rank/64, rope dims) of the model (8, 64) and of the tests
@@ -517,6 +714,21 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   FLASH_LATENT(NT, DR, true, flash_latent_##NT##_##DR##_h) \
   FLASH_LATENT(NT, DR, false, flash_latent_##NT##_##DR##_exact)
 FLASH_FORMS(8, 64)
+
+// The model's f16 form with phase clocks (a benchmark's probe; STAMP in
+// flash_latent): stamps holds 8 warps x FA_PHASES sums.
+extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)
+    flash_latent_8_64_h_stamp(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq,
+                              const u8* layer, int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,
+                              const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size, int T,
+                              int heads, int dn, float scale, i8* xq, float* xs, i32* xsum, int G,
+                              unsigned long long* stamps) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  flash_latent<8, 64, true, true>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks,
+                                  block_size, T, heads, dn, scale, xq, xs, xsum, G, stamps);
+}
+
 FLASH_FORMS(4, 32)
 FLASH_FORMS(2, 64)
 FLASH_FORMS(2, 16)
