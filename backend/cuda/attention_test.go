@@ -226,29 +226,10 @@ func BenchmarkAttention(b *testing.B) {
 					g.pending = g.pending[:len(g.pending)-1]
 					fns = append(fns, op.fn)
 				}
-				const reps = 200
-				var ms float32
-				err := d.Do(func(c *Ctx) error {
-					for _, fn := range fns { // warm-up, module load
-						if err := fn(c); err != nil {
-							return err
-						}
-					}
-					if err := c.Sync(); err != nil {
-						return err
-					}
-					i := 0
-					var err error
-					ms, err = timeDevice(c, reps, 2, func() error {
-						i++
-						return fns[i%len(fns)](c)
-					})
-					return err
-				})
+				us, err := timeRotated(d, fns, 200)
 				if err != nil {
 					b.Fatal(err)
 				}
-				us := float64(ms) * 1e3 / reps
 				b.ReportMetric(us, "us/call")
 				b.ReportMetric(bytes/(us*1e-6)/1e9, "GB/s")
 				b.Logf("%s: %.2f us/call, %.0f GB/s of cache (%d layers rotated)", name, us, bytes/(us*1e-6)/1e9, layers)
@@ -337,4 +318,30 @@ func stampSummary(prefix string, st []uint64, n int, whats []string) string {
 		line += fmt.Sprintf(" %s %.2f / %.2f;", what, v[n/2], v[n-1])
 	}
 	return line
+}
+
+// timeRotated runs each of fns once (module loads, warm caches), then
+// reports the device time of reps calls taking fns in turn, in us a call
+// (each fn one layer's op, so that a call finds its weights or cache out
+// of L2 as in a step).
+func timeRotated(d *Device, fns []func(c *Ctx) error, reps int) (float64, error) {
+	var ms float32
+	err := d.Do(func(c *Ctx) error {
+		for _, fn := range fns {
+			if err := fn(c); err != nil {
+				return err
+			}
+		}
+		if err := c.Sync(); err != nil {
+			return err
+		}
+		i := 0
+		var err error
+		ms, err = timeDevice(c, reps, 2, func() error {
+			i++
+			return fns[i%len(fns)](c)
+		})
+		return err
+	})
+	return float64(ms) * 1e3 / float64(reps), err
 }

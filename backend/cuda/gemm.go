@@ -545,7 +545,7 @@ func (b *Backend) absorbMany(ql, qm *tensor, w *weight, s backend.MLAShape) bool
 // routerManyTokens is ROUTER_MANY_T in gemm.cu; routerManyMinRows the
 // smallest batch whose router runs router_many instead of moe_router_fast
 // (one block per token and four experts, each re-reading its experts'
-// rows). Measured on an H200 (BenchmarkServeRouter, 64 experts of 2048,
+// rows). Measured on an H200 (BenchmarkRouterMany, 64 experts of 2048,
 // router_many as it is now): 24.0 against 71.0 us at 512 rows, 21.3
 // against 37.1 at 256, 21.1 against 20.0 at 128 (the prompt steps of a
 // serving batch, 400-500 rows, took moe_router_fast at 512).

@@ -584,7 +584,9 @@ func BenchmarkRouterMany(b *testing.B) {
 	d := benchDevice(b)
 	r := rand.New(rand.NewPCG(12, 12))
 	const E, K, topK = 64, 2048, 4
-	for _, T := range []int{64, 256, 1024} {
+	// The row counts of serving steps and prefills, to place
+	// routerManyMinRows between the two paths.
+	for _, T := range []int{32, 64, 128, 256, 512, 1024} {
 		for _, v := range []string{"fast", "many"} {
 			b.Run(fmt.Sprintf("T%d/%s", T, v), func(b *testing.B) {
 				err := d.Do(func(c *Ctx) error {

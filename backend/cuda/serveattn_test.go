@@ -220,69 +220,12 @@ func serveAttnBench(b *testing.B, d *Device, seqs []flashSeq, set func(g *Backen
 		fns = append(fns, g.pending[len(g.pending)-1].fn)
 		g.pending = g.pending[:len(g.pending)-1]
 	}
-	const reps = 100
-	var ms float32
-	err = d.Do(func(c *Ctx) error {
-		for _, fn := range fns {
-			if err := fn(c); err != nil {
-				return err
-			}
-		}
-		if err := c.Sync(); err != nil {
-			return err
-		}
-		i := 0
-		var err error
-		ms, err = timeDevice(c, reps, 2, func() error {
-			i++
-			return fns[i%len(fns)](c)
-		})
-		return err
-	})
+	us, err := timeRotated(d, fns, 100)
 	if err != nil {
 		b.Fatal(err)
 	}
-	us := float64(ms) * 1e3 / reps
 	b.ReportMetric(us, "us/call")
 	b.Logf("%d rows: %.2f us/call (%d layers rotated)", T, us, layers)
-}
-
-// BenchmarkServeRouter times the router's two paths (moe_router_fast, one
-// launch; router_many and router_pick_rows) at the row counts of serving
-// and prefill steps, to place routerManyMinRows.
-func BenchmarkServeRouter(b *testing.B) {
-	d := benchDevice(b)
-	r := rand.New(rand.NewPCG(12, 12))
-	const E, K, topK = 64, 2048, 4
-	for _, T := range []int{32, 64, 128, 256, 512} {
-		for _, v := range []string{"fast", "many"} {
-			b.Run(fmt.Sprintf("T%d/%s", T, v), func(b *testing.B) {
-				err := d.Do(func(c *Ctx) error {
-					wb, err1 := upload(c, randVec(r, E*K, 0.02))
-					xb, err2 := upload(c, randVec(r, T*K, 1))
-					bb, err3 := upload(c, randVec(r, E, 0.05))
-					out, err4 := c.Alloc(4 * (T*E + 2*T*topK + T))
-					if err := errors.Join(err1, err2, err3, err4); err != nil {
-						return err
-					}
-					defer func() { c.Free(wb); c.Free(xb); c.Free(bb); c.Free(out) }()
-					lP, iP, wP, cP := out.Ptr, out.At(4*T*E), out.At(4*(T*E+T*topK)), out.At(4*(T*E+2*T*topK))
-					if err := c.Memset(cP, 0, 4*T); err != nil {
-						return err
-					}
-					return benchUsPerOp(b, c, 1, func() error {
-						if v != "fast" {
-							return c.RouterMany(wb.Ptr, E, K, xb.Ptr, K, T, lP, E, bb.Ptr, topK, true, 1.8, iP, wP)
-						}
-						return c.RouterRoute(wb.Ptr, E, K, xb.Ptr, K, T, lP, E, bb.Ptr, topK, true, 1.8, iP, wP, cP, nil)
-					})
-				})
-				if err != nil {
-					b.Fatal(err)
-				}
-			})
-		}
-	}
 }
 
 // BenchmarkServeStreamPlans times the dense streaming products of a
