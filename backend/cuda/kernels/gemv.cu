@@ -70,14 +70,7 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS)
     const float xscale = __ldg(xs + (c >> gshift));
 #pragma unroll
     for (int r = 0; r < 4; r++) {
-      const uint4 q = w[j][r];
-      i32 d = 0, neg = 0;
-      dot8_split(q.x, xa.x, xa.y, d, neg);
-      dot8_split(q.y, xa.z, xa.w, d, neg);
-      dot8_split(q.z, xb.x, xb.y, d, neg);
-      dot8_split(q.w, xb.z, xb.w, d, neg);
-      d -= neg;
-      out[r] += (float)d * (e4m3(s[j][r]) * xscale);
+      out[r] += (float)dot32_split(w[j][r], xa, xb) * (e4m3(s[j][r]) * xscale);
     }
   }
 #pragma unroll
@@ -170,14 +163,7 @@ extern "C" __global__ void __launch_bounds__(512)
     const float xscale = __ldg(xs + h * GK + (sl >> gshift));
 #pragma unroll
     for (int r = 0; r < 4; r++) {
-      const uint4 q = w[r];
-      i32 d = 0, neg = 0;
-      dot8_split(q.x, xa.x, xa.y, d, neg);
-      dot8_split(q.y, xa.z, xa.w, d, neg);
-      dot8_split(q.z, xb.x, xb.y, d, neg);
-      dot8_split(q.w, xb.z, xb.w, d, neg);
-      d -= neg;
-      out[r] += (float)d * (e4m3(s[r]) * xscale);
+      out[r] += (float)dot32_split(w[r], xa, xb) * (e4m3(s[r]) * xscale);
     }
   }
 #pragma unroll
@@ -197,28 +183,11 @@ extern "C" __global__ void __launch_bounds__(512)
   // One warp over the group, lane l holding E = qg/32 consecutive values.
   const int E = qg >> 5, k0 = lane * E;
   float v[4];
-  float amax = 0.f;
 #pragma unroll
-  for (int e = 0; e < 4; e++) {
-    if (e < E) {
-      v[e] = vals[k0 + e];
-      amax = fmaxf(amax, fabsf(v[e]));
-    }
-  }
-  amax = warp_max(amax);
-  const float scale = amax / 127.f;
-  i32 sum = 0;
-#pragma unroll
-  for (int e = 0; e < 4; e++) {
-    if (e < E) {
-      const i32 q = quant8(v[e], amax, scale);
-      yq[(size_t)blockIdx.x * qg + k0 + e] = (i8)q;
-      sum += q;
-    }
-  }
-  for (int o = 1; o < 32 / E; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  if ((lane & (32 / E - 1)) == 0) ysum[((size_t)blockIdx.x * qg + k0) / 32] = sum;
-  if (lane == 0) ys[blockIdx.x] = amax == 0.f ? 0.f : scale;
+  for (int e = 0; e < 4; e++)
+    if (e < E) v[e] = vals[k0 + e];
+  const size_t c0 = (size_t)blockIdx.x * qg + k0;
+  quant_group_warp(v, E, lane, yq + c0, ysum + c0 / 32, ys + blockIdx.x);
 }
 GEMV_KERNEL(gemv_t1, 1, 4, false)
 GEMV_KERNEL(gemv_t2, 2, 4, false)

@@ -28,6 +28,18 @@ DEVICE void dot8_split(u32 q, u32 x0, u32 x1, i32& pos, i32& neg) {
   neg = dp4a_ss(prmt(E2M1_LO, E2M1_HI, n >> 16), x1, neg);
 }
 
+// One 16-byte chunk of codes (32 weights) against 32 int8 activations
+// (xa: columns 0-15, xb: 16-31) through dot8_split: one lane's chunk of a
+// row in the single-token kernels.
+DEVICE i32 dot32_split(uint4 q, uint4 xa, uint4 xb) {
+  i32 d = 0, neg = 0;
+  dot8_split(q.x, xa.x, xa.y, d, neg);
+  dot8_split(q.y, xa.z, xa.w, d, neg);
+  dot8_split(q.z, xb.x, xb.y, d, neg);
+  dot8_split(q.w, xb.z, xb.w, d, neg);
+  return d - neg;
+}
+
 // The warp-summed products of R rows (row r: codes rc[r], group scales
 // rs[r]) with T token rows of activations, before the row scale: out[r][t]
 // = sum_g e4m3(s[r,g]) * xs[t,g] * acc[t,r,g], the same in every lane.

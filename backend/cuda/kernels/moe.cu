@@ -437,28 +437,11 @@ DEVICE void router_quant_groups(const float* rxs, int K, int G, int t, int g0, i
   for (int g = g0; g < K / G; g += gstep) {
     const int k0 = g * G + lane * Eg;
     float v[4];
-    float amax = 0.f;
 #pragma unroll
-    for (int u = 0; u < 4; u++) {
-      if (u < Eg) {
-        v[u] = rxs[k0 + u];
-        amax = fmaxf(amax, fabsf(v[u]));
-      }
-    }
-    amax = warp_max(amax);
-    const float scale = amax / 127.f;
-    i32 sum = 0;
-#pragma unroll
-    for (int u = 0; u < 4; u++) {
-      if (u < Eg) {
-        const i32 q = quant8(v[u], amax, scale);
-        xq[(size_t)t * K + k0 + u] = (i8)q;
-        sum += q;
-      }
-    }
-    for (int o = 1; o < 32 / Eg; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-    if ((lane & (32 / Eg - 1)) == 0) xsum[(size_t)t * (K / 32) + k0 / 32] = sum;
-    if (lane == 0) xs[(size_t)t * (K / G) + g] = amax == 0.f ? 0.f : scale;
+    for (int u = 0; u < 4; u++)
+      if (u < Eg) v[u] = rxs[k0 + u];
+    quant_group_warp(v, Eg, lane, xq + (size_t)t * K + k0, xsum + (size_t)t * (K / 32) + k0 / 32,
+                     xs + (size_t)t * (K / G) + g);
   }
 }
 
@@ -847,17 +830,6 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
   }
   if (cluster_rank() != 0) return;
   router_choose(tid, E, tid < E ? clog[tid] : 0.f, bias, topk, norm, scaling, 0, ids, wts, score, choice, pick);
-}
-
-// One 16-byte chunk of codes (32 weights) against 32 int8 activations
-// (xa: columns 0-15, xb: 16-31), as gemv_dot's split product.
-DEVICE i32 dot32_split(uint4 q, uint4 xa, uint4 xb) {
-  i32 d = 0, neg = 0;
-  dot8_split(q.x, xa.x, xa.y, d, neg);
-  dot8_split(q.y, xa.z, xa.w, d, neg);
-  dot8_split(q.z, xb.x, xb.y, d, neg);
-  dot8_split(q.w, xb.z, xb.w, d, neg);
-  return d - neg;
 }
 
 // A table word (E2M1_LO) in a register that the compiler cannot rebuild

@@ -98,6 +98,53 @@ DEVICE float warp_max(float v) {
   return v;
 }
 
+// The int8 form of one group of 32 * E columns (E = 1, 2 or 4) held by a
+// warp, lane l holding the E consecutive values from column l * E in v:
+// their codes into q[0..E), each 32 columns' code sum into *sum32 (from the
+// lane that starts them) and the group's scale into *scale (from lane 0),
+// the rule of rmsnorm_quant without a gain. Every lane must call it.
+DEVICE void quant_group_warp(const float (&v)[4], int E, int lane, i8* q, i32* sum32, float* scale) {
+  float amax = 0.f;
+#pragma unroll
+  for (int e = 0; e < 4; e++)
+    if (e < E) amax = fmaxf(amax, fabsf(v[e]));
+  amax = warp_max(amax);
+  const float s = amax / 127.f;
+  i32 sum = 0;
+#pragma unroll
+  for (int e = 0; e < 4; e++) {
+    if (e < E) {
+      const i32 c = quant8(v[e], amax, s);
+      q[e] = (i8)c;
+      sum += c;
+    }
+  }
+  for (int o = 1; o < 32 / E; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if ((lane & (32 / E - 1)) == 0) *sum32 = sum;
+  if (lane == 0) *scale = amax == 0.f ? 0.f : s;
+}
+
+// The int8 form of this lane's 8 consecutive values v, in groups of G =
+// 8 * L lanes' values: their codes packed four to a word, their code sum
+// (this lane's only) and the group's scale as returned (0 for an all-zero
+// group), the rule of rmsnorm_quant. Every lane of a group must call it.
+DEVICE float quant8_lane8(const float (&v)[8], int L, u32 (&packed)[2], i32& sum) {
+  float amax = 0.f;
+#pragma unroll
+  for (int e = 0; e < 8; e++) amax = fmaxf(amax, fabsf(v[e]));
+  for (int o = 1; o < L; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const float scale = amax / 127.f;
+  packed[0] = packed[1] = 0u;
+  sum = 0;
+#pragma unroll
+  for (int e = 0; e < 8; e++) {
+    const i32 q = quant8(v[e], amax, scale);
+    packed[e >> 2] |= ((u32)q & 0xFFu) << (8 * (e & 3));
+    sum += q;
+  }
+  return amax == 0.f ? 0.f : scale;
+}
+
 DEVICE double warp_sum_d(double v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

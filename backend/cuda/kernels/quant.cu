@@ -187,24 +187,14 @@ DEVICE void rmsnorm_quant8_tail(float (&v)[8], const float (&gv)[8], bool on, fl
   }
   if (!xq) return;
   const int L = G >> 3;  // lanes per group
-  float amax = 0.f;
-#pragma unroll
-  for (int e = 0; e < 8; e++) amax = fmaxf(amax, fabsf(v[e]));
-  for (int o = 1; o < L; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-  const float scale = amax / 127.f;
-  u32 packed[2] = {0u, 0u};
-  i32 sum = 0;
-#pragma unroll
-  for (int e = 0; e < 8; e++) {
-    const i32 q = quant8(v[e], amax, scale);
-    packed[e >> 2] |= ((u32)q & 0xFFu) << (8 * (e & 3));
-    sum += q;
-  }
+  u32 packed[2];
+  i32 sum;
+  const float sc = quant8_lane8(v, L, packed, sum);
   *(uint2*)(xq + (size_t)t * K + k0) = make_uint2(packed[0], packed[1]);
   sum += __shfl_xor_sync(0xffffffffu, sum, 1);
   sum += __shfl_xor_sync(0xffffffffu, sum, 2);
   if ((lane & 3) == 0) xsum[(size_t)t * (K / 32) + k0 / 32] = sum;
-  if ((lane & (L - 1)) == 0) xs[(size_t)t * (K / G) + k0 / G] = amax == 0.f ? 0.f : scale;
+  if ((lane & (L - 1)) == 0) xs[(size_t)t * (K / G) + k0 / G] = sc;
 }
 
 extern "C" __global__ void __launch_bounds__(1024)
@@ -399,20 +389,9 @@ extern "C" __global__ void __launch_bounds__(128)
 #pragma unroll
     for (int e = 0; e < 8; e++) v[e] = gv[e] * (v[e] * inv);
     const int L = G >> 3;  // lanes per group
-    float amax = 0.f;
-#pragma unroll
-    for (int e = 0; e < 8; e++) amax = fmaxf(amax, fabsf(v[e]));
-    for (int o = 1; o < L; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-    const float scale = amax / 127.f;
-    u32 packed[2] = {0u, 0u};
-    i32 sum = 0;
-#pragma unroll
-    for (int e = 0; e < 8; e++) {
-      const i32 q = quant8(v[e], amax, scale);
-      packed[e >> 2] |= ((u32)q & 0xFFu) << (8 * (e & 3));
-      sum += q;
-    }
-    const float sc = amax == 0.f ? 0.f : scale;
+    u32 packed[2];
+    i32 sum;
+    const float sc = quant8_lane8(v, L, packed, sum);
     *(uint2*)(sq + k0) = make_uint2(packed[0], packed[1]);
     if ((lane & (L - 1)) == 0) ssc[k0 / G] = sc;
     if (blockIdx.x == 0) {
@@ -437,14 +416,7 @@ extern "C" __global__ void __launch_bounds__(128)
     const float xscale = ssc[lane >> gshift];
 #pragma unroll
     for (int r = 0; r < 4; r++) {
-      const uint4 q = w[r];
-      i32 d = 0, neg = 0;
-      dot8_split(q.x, xa.x, xa.y, d, neg);
-      dot8_split(q.y, xa.z, xa.w, d, neg);
-      dot8_split(q.z, xb.x, xb.y, d, neg);
-      dot8_split(q.w, xb.z, xb.w, d, neg);
-      d -= neg;
-      o[r] += (float)d * (e4m3(s[r]) * xscale);
+      o[r] += (float)dot32_split(w[r], xa, xb) * (e4m3(s[r]) * xscale);
     }
   }
 #pragma unroll
@@ -554,24 +526,13 @@ extern "C" __global__ void __launch_bounds__(128)
       const int k0 = (128 * p + tid) * 8;
 #pragma unroll
       for (int e = 0; e < 8; e++) nv[p][e] = gv[p][e] * (v[p][e] * inv);
-      float amax = 0.f;
-#pragma unroll
-      for (int e = 0; e < 8; e++) amax = fmaxf(amax, fabsf(nv[p][e]));
-      for (int o = 1; o < L; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
-      const float scale = amax / 127.f;
-      packed[p][0] = packed[p][1] = 0u;
-      i32 sum = 0;
-#pragma unroll
-      for (int e = 0; e < 8; e++) {
-        const i32 q = quant8(nv[p][e], amax, scale);
-        packed[p][e >> 2] |= ((u32)q & 0xFFu) << (8 * (e & 3));
-        sum += q;
-      }
+      i32 sum;
+      const float sc = quant8_lane8(nv[p], L, packed[p], sum);
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
       sums[p] = sum;
       *(uint2*)(sq + k0) = make_uint2(packed[p][0], packed[p][1]);
-      if ((lane & (L - 1)) == 0) ssc[k0 / G] = amax == 0.f ? 0.f : scale;
+      if ((lane & (L - 1)) == 0) ssc[k0 / G] = sc;
     }
   }
   __syncthreads();
