@@ -64,7 +64,7 @@ func (b *Backend) absorbTC(ql, qm *tensor, w *weight, s backend.MLAShape) bool {
 		tiles, name = 2, fmt.Sprintf("absorb_query_tc2_%d", s.NopeDim)
 	}
 	grid := Dim{uint32(s.Rank / absorbTCN), uint32((ql.rows + tiles*absorbTCM - 1) / (tiles * absorbTCM)), uint32(s.Heads)}
-	if b.absorbRope(ql, qm, q, s, grid, shared) || tiles == 1 && b.absorbRopeRows(ql, qm, q, s, grid, shared) {
+	if b.absorbRope(ql, qm, q, s, grid, shared) || b.absorbRopeRows(ql, qm, q, s, grid, shared) {
 		return true
 	}
 	b.do("absorb query", func(c *Ctx) error {

@@ -274,24 +274,47 @@ func (b *Backend) noteRopeCache(r1, r2 *ropeOp, kpe, lat *tensor, layer, slots u
 
 // absorbRope queues the tensor-core absorbed query of qm into ql with the
 // RoPE and cache write queued just before it in one launch
-// (absorb_query_tc_rope), and reports whether it did: the RoPE must rotate
-// qm's columns after each head's first NopeDim (which the absorbed query
-// reads), and nothing either writes may overlap what the other reads or
-// writes. One row (the kernel takes up to rank/128 rows, a block of the
-// extra head slice each; only one is tested).
+// (absorb_query_tc_rope), and reports whether it did (the conditions:
+// ropeCacheBefore). One row (the kernel takes up to rank/128 rows, a block
+// of the extra head slice each; only one is tested).
 func (b *Backend) absorbRope(ql, qm *tensor, w *QMatrix, s backend.MLAShape, grid Dim, shared int) bool {
-	rc := b.lastRopeCache
-	if !b.chained() || rc == nil || rc.flush != b.flushes || rc.idx != len(b.pending)-1 {
+	if !b.chained() || ql.rows != 1 {
 		return false
 	}
-	r1, r2 := rc.r1, rc.r2
-	T := ql.rows
-	if T != 1 || r1.m != *qm || rc.lat.rows != T || grid.Y != 1 || r1.headStride != s.NopeDim+s.RopeDim || r1.offset < s.NopeDim ||
-		r1.offset+r1.dim > r1.headStride || rc.rank != s.Rank || rc.rope != s.RopeDim || overlapsAny(ql, []tensor{*qm, rc.kpe, rc.lat}) {
+	rc := b.ropeCacheBefore(ql, qm, s, grid)
+	if rc == nil {
 		return false
 	}
-	name := fmt.Sprintf("absorb_query_tc_rope_%d", s.NopeDim)
 	grid.Z++
+	b.queueAbsorbRope(rc, ql, qm, w, s, fmt.Sprintf("absorb_query_tc_rope_%d", s.NopeDim), grid, shared)
+	b.chainMerges[chainRope]++
+	return true
+}
+
+// ropeCacheBefore returns the RoPE and cache write queued just before an
+// absorbed query of qm into ql (one token tile: grid.Y == 1 and at most
+// absorbTCM rows) when one launch can take the three, or nil: the RoPE
+// rotates qm's columns after each head's first NopeDim (which the absorbed
+// query reads), its rows are ql's, and nothing either writes overlaps what
+// the other reads or writes.
+func (b *Backend) ropeCacheBefore(ql, qm *tensor, s backend.MLAShape, grid Dim) *ropeCacheOp {
+	rc := b.lastRopeCache
+	if rc == nil || rc.flush != b.flushes || rc.idx != len(b.pending)-1 || grid.Y != 1 || ql.rows > absorbTCM {
+		return nil
+	}
+	r1 := rc.r1
+	if r1.m != *qm || rc.lat.rows != ql.rows || r1.headStride != s.NopeDim+s.RopeDim || r1.offset < s.NopeDim ||
+		r1.offset+r1.dim > r1.headStride || rc.rank != s.Rank || rc.rope != s.RopeDim || overlapsAny(ql, []tensor{*qm, rc.kpe, rc.lat}) {
+		return nil
+	}
+	return rc
+}
+
+// queueAbsorbRope replaces rc's queued launch with kernel name (an
+// absorbed query whose grid's extra head slices run rc's RoPEs and cache
+// write).
+func (b *Backend) queueAbsorbRope(rc *ropeCacheOp, ql, qm *tensor, w *QMatrix, s backend.MLAShape, name string, grid Dim, shared int) {
+	r1, r2, T := rc.r1, rc.r2, ql.rows
 	b.pending[rc.idx] = queuedOp{"absorb query+rope+cache write", func(c *Ctx) error {
 		k, err := c.kernelShared("absorb", name, shared)
 		if err != nil {
@@ -303,8 +326,6 @@ func (b *Backend) absorbRope(ql, qm *tensor, w *QMatrix, s backend.MLAShape, gri
 			rc.layer, rc.dtype, rc.slots, rc.lat.ptr, rc.lat.ld)
 	}}
 	b.lastRopeCache = nil
-	b.chainMerges[chainRope]++
-	return true
 }
 
 // routerNormFits reports whether RouterClusterNorm takes a norm of K

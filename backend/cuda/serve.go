@@ -313,32 +313,18 @@ func (c *Ctx) CombineAddRMSNormQuant8(d uint64, ldd int, a uint64, lda int, s *M
 // absorbRopeRows queues the tensor-core absorbed query of qm into ql of
 // 2-64 rows with the RoPEs and cache write queued just before it in one
 // launch (absorb_query_tc_rope_rows: the rows' RoPEs and cache writes in
-// extra head slices of the grid), and reports whether it did; the
-// conditions are absorbRope's.
+// extra head slices of the grid), and reports whether it did (the
+// conditions: ropeCacheBefore).
 func (b *Backend) absorbRopeRows(ql, qm *tensor, w *QMatrix, s backend.MLAShape, grid Dim, shared int) bool {
-	rc := b.lastRopeCache
-	T := ql.rows
-	if serveFuseOff || rc == nil || rc.flush != b.flushes || rc.idx != len(b.pending)-1 || T < 2 || grid.Y != 1 {
+	if serveFuseOff || ql.rows < 2 {
 		return false
 	}
-	r1, r2 := rc.r1, rc.r2
-	if r1.m != *qm || rc.lat.rows != T || r1.headStride != s.NopeDim+s.RopeDim || r1.offset < s.NopeDim ||
-		r1.offset+r1.dim > r1.headStride || rc.rank != s.Rank || rc.rope != s.RopeDim || overlapsAny(ql, []tensor{*qm, rc.kpe, rc.lat}) {
+	rc := b.ropeCacheBefore(ql, qm, s, grid)
+	if rc == nil {
 		return false
 	}
-	name := fmt.Sprintf("absorb_query_tc_rope_rows_%d", s.NopeDim)
-	grid.Z += uint32((T + int(grid.X) - 1) / int(grid.X))
-	b.pending[rc.idx] = queuedOp{"absorb query+rope+cache write", func(c *Ctx) error {
-		k, err := c.kernelShared("absorb", name, shared)
-		if err != nil {
-			return err
-		}
-		return c.Launch(k, grid, D1(256), shared,
-			ql.ptr, ql.ld, qm.ptr, qm.ld, w.Codes, w.Scales, w.RowScale, w.G, s.Rank, s.RopeDim, T, s.Heads,
-			r1.m.ptr, r1.heads, r1.headStride, r1.offset, rc.kpe.ptr, rc.kpe.ld, r2.heads, r2.headStride, r2.offset, r2.dim, r2.il, r2.table,
-			rc.layer, rc.dtype, rc.slots, rc.lat.ptr, rc.lat.ld)
-	}}
-	b.lastRopeCache = nil
+	grid.Z += uint32((ql.rows + int(grid.X) - 1) / int(grid.X))
+	b.queueAbsorbRope(rc, ql, qm, w, s, fmt.Sprintf("absorb_query_tc_rope_rows_%d", s.NopeDim), grid, shared)
 	b.serveMerges[serveRope]++
 	return true
 }
