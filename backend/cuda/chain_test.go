@@ -129,28 +129,7 @@ func TestChainLaunchesMatchSeparate(t *testing.T) {
 			if g.chainMerges != c.merges {
 				t.Errorf("merged launches %v (pairs, values, norms, absorbed queries with the RoPE, routers with their norm, norms with their product, adds and norms with their products), want %v", g.chainMerges, c.merges)
 			}
-			for name, w := range want {
-				nonzero := 0
-				for i := range w {
-					if got[name][i] != w[i] {
-						t.Fatalf("%s[%d] = %v shared, %v separate", name, i, got[name][i], w[i])
-					}
-					if w[i] != 0 {
-						nonzero++
-					}
-				}
-				if nonzero < len(w)/2 {
-					t.Errorf("%s: %d of %d values nonzero", name, nonzero, len(w))
-				}
-			}
-			for name, w := range wantForms {
-				if w == nil || gotForms[name] == nil {
-					t.Fatalf("%s: no int8 form (separate %v, shared %v)", name, w != nil, gotForms[name] != nil)
-				}
-				if !bytes.Equal(gotForms[name], w) {
-					t.Fatalf("%s: int8 forms differ at byte %d", name, firstDiff(gotForms[name], w))
-				}
-			}
+			sameOutputs(t, "shared", got, want, gotForms, wantForms)
 		})
 	}
 }
@@ -491,13 +470,7 @@ func TestRouterClusterNormMatchesSeparate(t *testing.T) {
 		if err := errors.Join(e1, e2, e3, e4, c.Memset(counters.Ptr, 0, counters.Size)); err != nil {
 			return err
 		}
-		read := func(p uint64, n int) []byte {
-			buf := make([]byte, n)
-			if err := CopyOut(c, buf, p); err != nil {
-				t.Fatal(err)
-			}
-			return buf
-		}
+		read := func(p uint64, n int) []byte { return readBytes(t, c, p, n) }
 		form := func(a *QActs) []byte {
 			if a == nil {
 				return nil
@@ -660,4 +633,49 @@ func TestGEMVRegsMatchesSplit(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+}
+
+// sameOutputs fails t unless got holds want's outputs bit for bit (each with
+// at least half of its values nonzero, so that a kernel writing nothing
+// cannot pass) and gotForms want's byte forms; how names the merged run
+// in the messages.
+func sameOutputs(t *testing.T, how string, got, want map[string][]float32, gotForms, wantForms map[string][]byte) {
+	t.Helper()
+	for name, w := range want {
+		nonzero := 0
+		for i := range w {
+			if got[name][i] != w[i] {
+				t.Fatalf("%s[%d] = %v %s, %v separate", name, i, got[name][i], how, w[i])
+			}
+			if w[i] != 0 {
+				nonzero++
+			}
+		}
+		if nonzero < len(w)/2 {
+			t.Errorf("%s: %d of %d values nonzero", name, nonzero, len(w))
+		}
+	}
+	for name, w := range wantForms {
+		if w == nil || gotForms[name] == nil {
+			t.Fatalf("%s: no bytes (separate %v, %s %v)", name, w != nil, how, gotForms[name] != nil)
+		}
+		if !bytes.Equal(gotForms[name], w) {
+			t.Fatalf("%s: bytes differ at %d of %d", name, firstDiff(gotForms[name], w), len(w))
+		}
+	}
+}
+
+// readBytes copies n bytes at device address p (c's thread).
+func readBytes(t testing.TB, c *Ctx, p uint64, n int) []byte {
+	buf := make([]byte, n)
+	if err := CopyOut(c, buf, p); err != nil {
+		t.Fatal(err)
+	}
+	return buf
+}
+
+// qactsBytes is a's int8 form as bytes: codes, scales and sums of all rows.
+func qactsBytes(t testing.TB, c *Ctx, a *QActs) []byte {
+	n := a.T * a.K
+	return append(append(readBytes(t, c, a.Q, n), readBytes(t, c, a.Scales, 4*n/a.G)...), readBytes(t, c, a.Sums, 4*n/32)...)
 }

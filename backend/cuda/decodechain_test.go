@@ -543,16 +543,8 @@ func TestDecodeCombineValuesMatchesSeparate(t *testing.T) {
 	r := testRand(t)
 	const heads, rank, rows = 20, 512, 256
 	err := d.Do(func(c *Ctx) error {
-		read := func(p uint64, n int) []byte {
-			buf := make([]byte, n)
-			if err := CopyOut(c, buf, p); err != nil {
-				t.Fatal(err)
-			}
-			return buf
-		}
-		form := func(a *QActs) []byte {
-			return append(append(read(a.Q, a.T*a.K), read(a.Scales, 4*a.T*a.K/a.G)...), read(a.Sums, 4*a.T*a.K/32)...)
-		}
+		read := func(p uint64, n int) []byte { return readBytes(t, c, p, n) }
+		form := func(a *QActs) []byte { return qactsBytes(t, c, a) }
 		for _, v := range []struct{ S, G, qg int }{{64, 128, 128}, {33, 32, 64}, {100, 128, 32}, {64, 128, 0}, {16, 128, 128}, {32, 128, 64}, {5, 128, 128}} {
 			w, err := c.UploadMatrix(synthMatrix(r, heads*rows, rank, v.G))
 			if err != nil {

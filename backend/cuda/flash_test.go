@@ -260,14 +260,7 @@ func TestFlashQuantMatchesSeparate(t *testing.T) {
 						a := g.quantize(asTensor(olat), cs.G)
 						last = g.pending[len(g.pending)-1].op
 						g.now("read int8 form", func(c *Ctx) error {
-							read := func(p uint64, n int) []byte {
-								buf := make([]byte, n)
-								if err := CopyOut(c, buf, p); err != nil {
-									t.Fatal(err)
-								}
-								return buf
-							}
-							form = append(append(read(a.Q, a.T*a.K), read(a.Scales, 4*a.T*a.K/a.G)...), read(a.Sums, 4*a.T*a.K/32)...)
+							form = qactsBytes(t, c, a)
 							return nil
 						})
 					})

@@ -3,7 +3,6 @@
 package cuda
 
 import (
-	"bytes"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -91,28 +90,7 @@ func TestPrefillMergesMatchSeparate(t *testing.T) {
 			if g.prefillMerges != [4]int{1, 1, 0, 1} {
 				t.Errorf("merged launches %v (values with their int8 form, norm pairs, combines, RoPEs by rows), want [1 1 0 1]", g.prefillMerges)
 			}
-			for name, w := range want {
-				nonzero := 0
-				for i := range w {
-					if got[name][i] != w[i] {
-						t.Fatalf("%s[%d] = %v merged, %v separate", name, i, got[name][i], w[i])
-					}
-					if w[i] != 0 {
-						nonzero++
-					}
-				}
-				if nonzero < len(w)/2 {
-					t.Errorf("%s: %d of %d values nonzero", name, nonzero, len(w))
-				}
-			}
-			for name, w := range wantForms {
-				if w == nil || gotForms[name] == nil {
-					t.Fatalf("%s: no bytes (separate %v, merged %v)", name, w != nil, gotForms[name] != nil)
-				}
-				if !bytes.Equal(gotForms[name], w) {
-					t.Fatalf("%s: bytes differ at %d of %d", name, firstDiff(gotForms[name], w), len(w))
-				}
-			}
+			sameOutputs(t, "merged", got, want, gotForms, wantForms)
 		})
 	}
 }
