@@ -4,7 +4,6 @@ package cuda
 
 import (
 	"fmt"
-	"os"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -24,12 +23,12 @@ var absorbTCMinTokens = 1
 const absorbTilesMinRows = StreamMaxTokens + 1
 
 // prefillFuseOff turns off the merged launches and kernels of a prefill's
-// small ops (MMFP4_CUDA_PREFILL_FUSE=0, for A/B runs): the value expansion
-// with the int8 form of its output, the latent's norm in the q_a norm's
-// launch, the MoE's combine with the residual add and the next norm, the
-// absorbed query's two tiles a block, the RoPEs and cache write by
-// rope2_cache_rows.
-var prefillFuseOff = os.Getenv("MMFP4_CUDA_PREFILL_FUSE") == "0"
+// small ops, so that tests can compare them with the separate ones: the
+// value expansion with the int8 form of its output, the latent's norm in
+// the q_a norm's launch, the MoE's combine with the residual add and the
+// next norm, the absorbed query's two tiles a block, the RoPEs and cache
+// write by rope2_cache_rows.
+var prefillFuseOff bool
 
 // absorbTCM and absorbTCN are AT_M and AT_N in absorb.cu: the tokens and
 // columns of one block.

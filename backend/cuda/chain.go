@@ -5,7 +5,6 @@ package cuda
 import (
 	"fmt"
 	"math/bits"
-	"os"
 	"slices"
 
 	"github.com/mmfp4/mmfp4/backend"
@@ -440,16 +439,11 @@ type normGEMVOp struct {
 	paired     bool
 }
 
-// decodeMerges turns on the shared launches of a one-row layer (the
-// norms in q_b's launch, the add and norm in the q_a/kv_a launch, the
-// attention in blocks of 8 heads with its splits merged by the value
-// expansion); MMFP4_CUDA_DECODE_MERGES=0 keeps them apart, for an A/B.
-var decodeMerges = os.Getenv("MMFP4_CUDA_DECODE_MERGES") != "0"
-
 // normProducts lets a single-token product take the single-row norm
 // queued just before it, which made its input, into its launch
-// (NormGEMV).
-var normProducts = decodeMerges
+// (NormGEMV). This and the other merge switches below are variables so
+// that tests can compare a merged launch with the separate ones.
+var normProducts = true
 
 // normProduct queues d = w a in the launch of the single-row norm queued
 // just before it, whose int8 form a is, and reports whether it did.
@@ -538,7 +532,7 @@ type addNormGEMVOp struct {
 
 // addNormProducts lets the single-token products of a residual add and
 // norm's output take that launch.
-var addNormProducts = decodeMerges
+var addNormProducts = true
 
 // addNormProduct queues d = w a in the launch of the residual add and
 // single-row norm queued just before it (whose int8 form a is), or as the

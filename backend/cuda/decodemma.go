@@ -47,8 +47,8 @@ const (
 // decodeHeadGroups gives each 8 heads of the model's shape blocks of their
 // own (decode_mma_*_h8: a third of the queries, products and partials a
 // block, three times the blocks) where a second launch merges the splits
-// (on unless MMFP4_CUDA_DECODE_MERGES=0, chain.go).
-var decodeHeadGroups = decodeMerges
+// (tests turn it off to compare).
+var decodeHeadGroups = true
 
 // decodeSplitsFixed, when not 0, is decode_mma's split count (tests that
 // compare the blocks of 8 heads with all heads a block at one count).
@@ -212,8 +212,8 @@ type splitParts struct {
 
 // mergeValues lets the value expansion of one row merge the attention's
 // splits in its own launch (decode_combine_values) instead of
-// decode_combine (on unless MMFP4_CUDA_DECODE_MERGES=0, chain.go).
-var mergeValues = decodeMerges
+// decode_combine (tests turn it off to compare).
+var mergeValues = true
 
 // mergedValues queues the value expansion of olat (one row, its int8 form
 // a just handed to the decode attention op lc) with the merge of lc's

@@ -113,8 +113,8 @@ func (b *Backend) flashUse(batch *backend.Batch) bool {
 // flashQuant lets the flash kernel write the int8 form of its output that
 // the value expansion's quantization asks for right after (as the decode
 // attention does, lastDecodeAttn and Backend.quantize), which saves that
-// launch; MMFP4_CUDA_FLASH_QUANT=0 turns it off.
-var flashQuant = os.Getenv("MMFP4_CUDA_FLASH_QUANT") != "0"
+// launch (tests turn it off to compare).
+var flashQuant = true
 
 // flashStamps, when set (a benchmark's probe), sends the model's f16 form
 // to its instance with phase clocks, which adds its sums there (8 warps

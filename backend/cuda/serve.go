@@ -4,7 +4,6 @@ package cuda
 
 import (
 	"fmt"
-	"os"
 	"slices"
 
 	"github.com/mmfp4/mmfp4/backend"
@@ -34,8 +33,8 @@ import (
 //     takes decode_mma in blocks of 8 heads with one split, and a step of
 //     more than 64 rows mixing decode rows with prompts the flash kernel.
 //
-// MMFP4_CUDA_SERVE_FUSE=0 turns them off.
-var serveFuseOff = os.Getenv("MMFP4_CUDA_SERVE_FUSE") == "0"
+// Tests turn them off (serveFuseOff) to compare with the separate launches.
+var serveFuseOff bool
 
 // freshZero is the tensor (p, n bytes) the last NewTensor cleared, in
 // clearing range z, whose n was prevN before the tensor joined it; queued

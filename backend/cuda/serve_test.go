@@ -352,7 +352,7 @@ func TestBackendServeAbsorbRopeMatchesCPU(t *testing.T) {
 		if g.serveMerges[serveRope] == before {
 			t.Errorf("%s: the RoPEs and cache write did not share the absorbed query's launch", name)
 		}
-		// One split for the attention both ways (MMFP4_CUDA_SERVE_FUSE=0
+		// One split for the attention both ways (serveFuseOff
 		// also changes the split of 23-44 rows, and so its sums), so that
 		// its output shows the cache's bits too.
 		decodeSplitsFixed = 1
