@@ -4,6 +4,7 @@ package cuda
 
 import (
 	"fmt"
+	"os"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -19,7 +20,20 @@ const (
 	// GEMMTile64: blocks of 128 rows x 64 tokens, 8 warps of 16 rows x 64
 	// tokens (each widened code feeds 8 mma).
 	GEMMTile64
+	// GEMMTileW64: GEMMTile64's blocks on Hopper's warpgroup MMA (wgmma,
+	// where the kernels are built for sm_90a; else the same kernels as
+	// GEMMTile64), for groups of 128 (other group sizes take GEMMTile64).
+	GEMMTileW64
 )
+
+// gemmWide is the 64-token tile that GEMMTileAuto and MoEBatched take:
+// GEMMTileW64 unless MMFP4_CUDA_WGMMA=0.
+var gemmWide = func() GEMMTile {
+	if os.Getenv("MMFP4_CUDA_WGMMA") == "0" {
+		return GEMMTile64
+	}
+	return GEMMTileW64
+}()
 
 // gemmRows and gemmBK are GEMM_ROWS and GEMM_BK in gemm.cu: the weight rows
 // of a block and the columns of a pipeline stage (K must be a multiple).
@@ -45,7 +59,7 @@ const (
 
 func (t GEMMTile) tokens() int {
 	switch t {
-	case GEMMTile64:
+	case GEMMTile64, GEMMTileW64:
 		return 64
 	}
 	return 16
@@ -58,6 +72,11 @@ func (t GEMMTile) suffix(G int) string {
 	switch t {
 	case GEMMTile64:
 		s = "t64"
+	case GEMMTileW64:
+		if G == 128 {
+			return "w64_g128"
+		}
+		s = "t64"
 	}
 	if G == 128 {
 		s += "_g128"
@@ -67,7 +86,7 @@ func (t GEMMTile) suffix(G int) string {
 
 func (t GEMMTile) threads() int {
 	switch t {
-	case GEMMTile64:
+	case GEMMTile64, GEMMTileW64:
 		return 256
 	}
 	return 128
@@ -85,7 +104,7 @@ func pickTile(t GEMMTile, tokens int) GEMMTile {
 		return t
 	}
 	if tokens >= gemmWideTokens {
-		return GEMMTile64
+		return gemmWide
 	}
 	return GEMMTile16
 }
@@ -318,7 +337,7 @@ func moeBatchTile(T, slots, experts int) GEMMTile {
 		return moeTileOverride
 	}
 	if T*slots >= moeWideTokens*experts {
-		return GEMMTile64
+		return gemmWide
 	}
 	return GEMMTile16
 }
@@ -371,7 +390,7 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 	// With the 64-token tile, a segment's short last tile (moeShortTokens
 	// tokens or fewer) can go to the 16-token kernels in launches of their
 	// own, each launch taking the tiles whose size lies in [nmin, nmax].
-	split := tile == GEMMTile64 && s.Split
+	split := tile.tokens() == 64 && s.Split
 	var gu16, down16 *Kernel
 	g16, d16 := GEMMTile16.shared(t.K/t.G), GEMMTile16.shared(t.I/t.G)
 	nmin := 1

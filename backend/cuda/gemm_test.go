@@ -60,11 +60,29 @@ func TestGEMM(t *testing.T) {
 			ref.MatMul(yt, xt, rw)
 			want := ref.Download(yt)
 			exact := floatProduct(wd, x, T, s.N, s.K)
-			for _, tile := range []GEMMTile{GEMMTile16, GEMMTile64} {
+			var got64 []float32
+			for _, tile := range []GEMMTile{GEMMTile16, GEMMTile64, GEMMTileW64} {
 				ldy := s.N + 5*(T%2)
 				got := productOnDevice(t, d, m, x, T, ldy, func(c *Ctx, y uint64, qm *QMatrix, a *QActs) error {
 					return c.GEMM(y, ldy, qm, a, tile)
 				})
+				switch tile {
+				case GEMMTile64:
+					got64 = got
+				case GEMMTileW64:
+					// The same integer group sums scaled in the same order as
+					// the 64-token tile's: the same bits.
+					diff := 0
+					for i := range got {
+						if math.Float32bits(got[i]) != math.Float32bits(got64[i]) {
+							diff++
+						}
+					}
+					t.Logf("N=%d K=%d G=%d T=%d tile %s: %d of %d values differ from tile 64", s.N, s.K, s.G, T, tile.suffix(s.G), diff, len(got))
+					if diff != 0 {
+						t.Errorf("N=%d K=%d G=%d T=%d tile %s: %d of %d values differ from tile 64", s.N, s.K, s.G, T, tile.suffix(s.G), diff, len(got))
+					}
+				}
 				e1, e2 := relErr(want, got), relErr(exact, got)
 				m1 := maxRelErr(want, got)
 				// The same integer dot products: float rounding only
@@ -165,7 +183,7 @@ func TestBackendMoEBatchedMatchesCPU(t *testing.T) {
 			}
 			tiles := []tiling{{GEMMTileAuto, 0}}
 			if T >= 20 {
-				tiles = append(tiles, tiling{GEMMTile64, -1}, tiling{GEMMTile64, 1})
+				tiles = append(tiles, tiling{GEMMTile64, -1}, tiling{GEMMTile64, 1}, tiling{GEMMTileW64, -1}, tiling{GEMMTileW64, 1})
 			}
 			for _, withShared := range []bool{false, true} {
 				want := moeBlockOutput(t, c, hosts, router, bias, cfg, x, T, withShared)
@@ -261,7 +279,7 @@ func BenchmarkGEMM(b *testing.B) {
 			b.Fatal(err)
 		}
 		for _, T := range []int{8, 16, 32, 64, 128, 256, 1024} {
-			for _, v := range []string{"gemv8", "t16", "t64"} {
+			for _, v := range []string{"gemv8", "t16", "t64", "w64"} {
 				if v == "gemv8" && T > 256 {
 					continue
 				}
@@ -292,6 +310,8 @@ func BenchmarkGEMM(b *testing.B) {
 								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTile16)
 							case "t64":
 								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTile64)
+							case "w64":
+								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTileW64)
 							}
 							return c.GEMVRows(y.Ptr, cs.n, q, a)
 						}
@@ -424,6 +444,8 @@ func BenchmarkMoEBatched(b *testing.B) {
 						switch {
 						case strings.HasPrefix(v, "batched_t64"):
 							tile = GEMMTile64
+						case strings.HasPrefix(v, "batched_w64"):
+							tile = GEMMTileW64
 						}
 						s, bufs, err := newMoEBatch(c, T, topk, tab, tile)
 						defer func() {
@@ -441,7 +463,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 						if err := run(); err != nil {
 							return err
 						}
-						if tile == GEMMTile64 {
+						if tile.tokens() == 64 {
 							k, err := c.Kernel("gemm", "moe_gemm_gate_up_"+tile.suffix(128))
 							if err != nil {
 								return err
@@ -478,7 +500,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 // the routing (else uniform random), "_split" the short tiles through the
 // 16-token kernels.
 var moeBenchVariants = []string{"per_token", "batched_t16", "batched_t64", "batched_t64_split", "batched_t64_bal",
-	"batched_t64_split_skew"}
+	"batched_t64_split_skew", "batched_w64", "batched_w64_split", "batched_w64_bal", "batched_w64_split_skew"}
 
 // skewedPick draws k distinct indices with probabilities proportional to w
 // (without replacement).
@@ -653,6 +675,7 @@ func TestMoEBatchedTilesBitExact(t *testing.T) {
 			split int
 		}{
 			{"tile 16", GEMMTile16, -1}, {"tile 64, short tiles split off", GEMMTile64, 1},
+			{"tile 64 on wgmma", GEMMTileW64, -1}, {"tile 64 on wgmma, short tiles split off", GEMMTileW64, 1},
 		} {
 			got := run(v.tile, v.split)
 			diff := 0
@@ -693,7 +716,7 @@ func TestGEMMPair(t *testing.T) {
 		}
 		for _, T := range s.Ts {
 			x := randVec(r, T*s.K, 1)
-			for _, tile := range []GEMMTile{GEMMTile16, GEMMTile64} {
+			for _, tile := range []GEMMTile{GEMMTile16, GEMMTile64, GEMMTileW64} {
 				var want1, want2, got1, got2 []float32
 				err := d.Do(func(c *Ctx) error {
 					q1, err1 := c.UploadMatrix(m1)
