@@ -24,16 +24,30 @@ const (
 	// where the kernels are built for sm_90a; else the same kernels as
 	// GEMMTile64), for groups of 128 (other group sizes take GEMMTile64).
 	GEMMTileW64
+	// GEMMTileW80: 128 rows x 80 tokens on the warpgroup MMA, for the
+	// batched MoE only (a segment of up to 80 pairs in one pass over its
+	// expert's weights); MoEBatched takes GEMMTile64 instead where the
+	// kernels are not built for sm_90a or G is not 128.
+	GEMMTileW80
 )
 
 // gemmWide is the 64-token tile that GEMMTileAuto and MoEBatched take:
-// GEMMTileW64 unless MMFP4_CUDA_WGMMA=0.
-var gemmWide = func() GEMMTile {
-	if os.Getenv("MMFP4_CUDA_WGMMA") == "0" {
-		return GEMMTile64
-	}
-	return GEMMTileW64
-}()
+// GEMMTileW64 unless MMFP4_CUDA_WGMMA=0; moeWideW80, whether MoEBatched
+// takes GEMMTileW80 for segments of moeW80Tokens pairs on average
+// (MMFP4_CUDA_WGMMA=64: no).
+var (
+	gemmWide = func() GEMMTile {
+		if os.Getenv("MMFP4_CUDA_WGMMA") == "0" {
+			return GEMMTile64
+		}
+		return GEMMTileW64
+	}()
+	moeWideW80 = gemmWide == GEMMTileW64 && os.Getenv("MMFP4_CUDA_WGMMA") != "64"
+)
+
+// moeW80Tokens: the average pairs an expert (shared ones included) from
+// which MoEBatched takes the 80-token tile.
+const moeW80Tokens = 64
 
 // gemmRows and gemmBK are GEMM_ROWS and GEMM_BK in gemm.cu: the weight rows
 // of a block and the columns of a pipeline stage (K must be a multiple).
@@ -61,6 +75,8 @@ func (t GEMMTile) tokens() int {
 	switch t {
 	case GEMMTile64, GEMMTileW64:
 		return 64
+	case GEMMTileW80:
+		return 80
 	}
 	return 16
 }
@@ -77,6 +93,8 @@ func (t GEMMTile) suffix(G int) string {
 			return "w64_g128"
 		}
 		s = "t64"
+	case GEMMTileW80:
+		return "w80_g128"
 	}
 	if G == 128 {
 		s += "_g128"
@@ -86,7 +104,7 @@ func (t GEMMTile) suffix(G int) string {
 
 func (t GEMMTile) threads() int {
 	switch t {
-	case GEMMTile64, GEMMTileW64:
+	case GEMMTile64, GEMMTileW64, GEMMTileW80:
 		return 256
 	}
 	return 128
@@ -336,6 +354,9 @@ func moeBatchTile(T, slots, experts int) GEMMTile {
 	if moeTileOverride != GEMMTileAuto {
 		return moeTileOverride
 	}
+	if moeWideW80 && T*slots >= moeW80Tokens*experts {
+		return GEMMTileW80
+	}
 	if T*slots >= moeWideTokens*experts {
 		return gemmWide
 	}
@@ -345,6 +366,22 @@ func moeBatchTile(T, slots, experts int) GEMMTile {
 // moeMaxTiles bounds the tiles of P pairs over ne experts: each expert's
 // rows make ceil(count/BT) tiles.
 func moeMaxTiles(P, ne, bt int) int { return P/bt + min(ne, P) + 1 }
+
+// moeTileBound is the tile size for moeMaxTiles: MoEBatched may run a
+// GEMMTileW80 batch with 64-token tiles (moeTile).
+func moeTileBound(t GEMMTile) int { return min(t.tokens(), 64) }
+
+// moeTile is the tile MoEBatched runs for s.Tile: GEMMTileW80 only where
+// its kernels exist (sm_90a) and for groups of 128.
+func (c *Ctx) moeTile(t GEMMTile, G int) GEMMTile {
+	if t != GEMMTileW80 {
+		return t
+	}
+	if arch, err := c.Arch(); err != nil || arch != "sm_90a" || G != 128 {
+		return GEMMTile64
+	}
+	return t
+}
 
 // MoEBatched computes, for the x.T quantized tokens of x,
 // y[t] (+)= sum_k wts[t,k] expert_{ids[t,k]}(x[t]) + the shared experts(x[t])
@@ -365,7 +402,7 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 	case t.Routed+t.Shared > 1024:
 		return fmt.Errorf("cuda: moe batched: %d experts, at most 1024", t.Routed+t.Shared)
 	}
-	tile := s.Tile
+	tile := c.moeTile(s.Tile, t.G)
 	group, err := c.Kernel("stream", "moeb_group")
 	if err != nil {
 		return err
@@ -390,7 +427,7 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 	// With the 64-token tile, a segment's short last tile (moeShortTokens
 	// tokens or fewer) can go to the 16-token kernels in launches of their
 	// own, each launch taking the tiles whose size lies in [nmin, nmax].
-	split := tile.tokens() == 64 && s.Split
+	split := tile.tokens() >= 64 && s.Split
 	var gu16, down16 *Kernel
 	g16, d16 := GEMMTile16.shared(t.K/t.G), GEMMTile16.shared(t.I/t.G)
 	nmin := 1
@@ -468,7 +505,7 @@ func (b *Backend) moeBatched(d, xm *tensor, rt *routing, l *moeLayer) {
 	if moeSplitOverride != 0 {
 		split = moeSplitOverride > 0
 	}
-	s := &MoEBatch{T: T, Slots: slots, Tile: tile, Split: split, MaxTiles: moeMaxTiles(P, t.Routed+t.Shared, tile.tokens())}
+	s := &MoEBatch{T: T, Slots: slots, Tile: tile, Split: split, MaxTiles: moeMaxTiles(P, t.Routed+t.Shared, moeTileBound(tile))}
 	s.Pos, s.List = b.alloc(4*P), b.alloc(4*P)
 	s.TileE, s.TileS, s.TileN, s.NTiles = b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4)
 	s.H, s.Part = b.alloc(4*P*t.I), b.alloc(4*P*t.K)

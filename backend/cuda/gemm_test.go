@@ -183,7 +183,7 @@ func TestBackendMoEBatchedMatchesCPU(t *testing.T) {
 			}
 			tiles := []tiling{{GEMMTileAuto, 0}}
 			if T >= 20 {
-				tiles = append(tiles, tiling{GEMMTile64, -1}, tiling{GEMMTile64, 1}, tiling{GEMMTileW64, -1}, tiling{GEMMTileW64, 1})
+				tiles = append(tiles, tiling{GEMMTile64, -1}, tiling{GEMMTile64, 1}, tiling{GEMMTileW64, -1}, tiling{GEMMTileW64, 1}, tiling{GEMMTileW80, -1}, tiling{GEMMTileW80, 1})
 			}
 			for _, withShared := range []bool{false, true} {
 				want := moeBlockOutput(t, c, hosts, router, bias, cfg, x, T, withShared)
@@ -225,7 +225,7 @@ func TestBackendMoEBatchedMatchesCPU(t *testing.T) {
 func newMoEBatch(c *Ctx, T, topk int, t *ExpertTable, tile GEMMTile) (*MoEBatch, []Buffer, error) {
 	slots := topk + t.Shared
 	P := T * slots
-	s := &MoEBatch{T: T, Slots: slots, Tile: tile, MaxTiles: moeMaxTiles(P, t.Routed+t.Shared, tile.tokens())}
+	s := &MoEBatch{T: T, Slots: slots, Tile: tile, MaxTiles: moeMaxTiles(P, t.Routed+t.Shared, moeTileBound(tile))}
 	var bufs []Buffer
 	var errs []error
 	get := func(n int) uint64 {
@@ -446,6 +446,8 @@ func BenchmarkMoEBatched(b *testing.B) {
 							tile = GEMMTile64
 						case strings.HasPrefix(v, "batched_w64"):
 							tile = GEMMTileW64
+						case strings.HasPrefix(v, "batched_w80"):
+							tile = GEMMTileW80
 						}
 						s, bufs, err := newMoEBatch(c, T, topk, tab, tile)
 						defer func() {
@@ -463,7 +465,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 						if err := run(); err != nil {
 							return err
 						}
-						if tile.tokens() == 64 {
+						if tile.tokens() >= 64 {
 							k, err := c.Kernel("gemm", "moe_gemm_gate_up_"+tile.suffix(128))
 							if err != nil {
 								return err
@@ -500,7 +502,8 @@ func BenchmarkMoEBatched(b *testing.B) {
 // the routing (else uniform random), "_split" the short tiles through the
 // 16-token kernels.
 var moeBenchVariants = []string{"per_token", "batched_t16", "batched_t64", "batched_t64_split", "batched_t64_bal",
-	"batched_t64_split_skew", "batched_w64", "batched_w64_split", "batched_w64_bal", "batched_w64_split_skew"}
+	"batched_t64_split_skew", "batched_w64", "batched_w64_split", "batched_w64_bal", "batched_w64_split_skew",
+	"batched_w80", "batched_w80_split", "batched_w80_bal", "batched_w80_split_skew"}
 
 // skewedPick draws k distinct indices with probabilities proportional to w
 // (without replacement).
@@ -676,6 +679,7 @@ func TestMoEBatchedTilesBitExact(t *testing.T) {
 		}{
 			{"tile 16", GEMMTile16, -1}, {"tile 64, short tiles split off", GEMMTile64, 1},
 			{"tile 64 on wgmma", GEMMTileW64, -1}, {"tile 64 on wgmma, short tiles split off", GEMMTileW64, 1},
+			{"tile 80 on wgmma", GEMMTileW80, -1}, {"tile 80 on wgmma, short tiles split off", GEMMTileW80, 1},
 		} {
 			got := run(v.tile, v.split)
 			diff := 0

@@ -172,18 +172,27 @@ DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, cons
 // thread's A fragment takes columns 4i..4i+3 (codes' bytes 2i, 2i+1 of a
 // chunk) and 16+4i..16+4i+3 (bytes 8+2i, 9+2i): two word reads and a byte
 // permute a row and chunk.
-template <bool PART>
-DEVICE void gemm_stage_wg(float (&acc)[1][8][4], const u8* sa, u32 sb, const float* sxs, const float* slut,
+//
+// WT = 10 (80 tokens): a tile whose tokens fit in 64 takes the 64-column
+// products.
+template <int WT, bool PART>
+DEVICE void gemm_stage_wg(float (&acc)[1][WT][4], const u8* sa, u32 sb, const float* sxs, const float* slut,
                           const u8* sws, const int (&ra)[1], int GK, int grp, int i, int ntv) {
-  float ws[2], xv[8][2];
+  static_assert(WT == 8 || WT == 10, "wgmma tiles of 64 or 80 tokens");
+  float ws[2], xv[WT][2];
+  // The scales (the 80-token tile reads them after the products, when the
+  // A fragments' registers are free: before, it spills).
+  auto scales = [&]() {
 #pragma unroll
-  for (int h = 0; h < 2; h++) ws[h] = slut[sws[(ra[0] + 8 * h) * GK + grp]];
+    for (int h = 0; h < 2; h++) ws[h] = slut[sws[(ra[0] + 8 * h) * GK + grp]];
 #pragma unroll
-  for (int nt = 0; nt < 8; nt++) {
-    const float2 v = *(const float2*)(sxs + 8 * nt + 2 * i);
-    xv[nt][0] = v.x;
-    xv[nt][1] = v.y;
-  }
+    for (int nt = 0; nt < WT; nt++) {
+      const float2 v = *(const float2*)(sxs + 8 * nt + 2 * i);
+      xv[nt][0] = v.x;
+      xv[nt][1] = v.y;
+    }
+  };
+  if (WT == 8) scales();
   const u32 psel = (i & 1) ? 0x7632u : 0x5410u;
   const u8* arow = sa + ra[0] * GEMM_ASTRIDE + 4 * (i >> 1);
   u32 af[4][4];
@@ -196,21 +205,27 @@ DEVICE void gemm_stage_wg(float (&acc)[1][8][4], const u8* sa, u32 sb, const flo
       af[j][h] = e2m1x4_signed(sel);
       af[j][2 + h] = e2m1x4_signed(sel >> 16);
     }
-  i32 d[32];
+  i32 d[4 * WT];
   wgmma_fence();
+  if (WT == 8 || ntv <= 8) {
 #pragma unroll
-  for (int j = 0; j < 4; j++) wgmma_s8_n64(d, af[j], wgmma_desc(sb + 256 * j, 128, 1024), j);
+    for (int j = 0; j < 4; j++) wgmma_s8_n64(d, af[j], wgmma_desc(sb + 256 * j, 128, 1024), j);
+  } else {
+#pragma unroll
+    for (int j = 0; j < 4; j++) wgmma_s8_n80(d, af[j], wgmma_desc(sb + 256 * j, 128, 1024), j);
+  }
   wgmma_commit();
   wgmma_wait<0>();
 #pragma unroll
-  for (int k = 0; k < 32; k++) wgmma_hold(d[k]);
+  for (int k = 0; k < 4 * WT; k++) wgmma_hold(d[k]);
 #pragma unroll
   for (int j = 0; j < 4; j++)
 #pragma unroll
     for (int q = 0; q < 4; q++) wgmma_hold(af[j][q]);
+  if (WT != 8) scales();
 #pragma unroll
-  for (int nt = 0; nt < 8; nt++) {
-    if (PART && nt >= ntv) continue;
+  for (int nt = 0; nt < WT; nt++) {
+    if ((PART || WT > 8) && nt >= ntv) continue;
     acc[0][nt][0] += (float)d[4 * nt + 0] * (ws[0] * xv[nt][0]);
     acc[0][nt][1] += (float)d[4 * nt + 1] * (ws[0] * xv[nt][1]);
     acc[0][nt][2] += (float)d[4 * nt + 2] * (ws[1] * xv[nt][0]);
@@ -295,8 +310,10 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
   // computed once: the stage loads are then AIT + XIT 16-byte copies (and
   // one small one) at fixed offsets, with no per-stage loop or address
   // arithmetic beyond the column offset.
-  constexpr int AIT = GEMM_ROWS * 4 / NT, XIT = BT * 8 / NT;
-  static_assert(AIT * NT == GEMM_ROWS * 4 && XIT * NT == BT * 8 && XIT >= 1, "stage copies must divide evenly");
+  // (The 80-token tile's activations take a third copy a stage in part of
+  // the threads.)
+  constexpr int AIT = GEMM_ROWS * 4 / NT, XIT = (BT * 8 + NT - 1) / NT;
+  static_assert(AIT * NT == GEMM_ROWS * 4 && (XIT * NT == BT * 8 || WG) && XIT >= 1, "stage copies must divide evenly");
   const u8* asrc[AIT];
   const i8* xsrc[XIT];
 #pragma unroll
@@ -304,21 +321,22 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
 #pragma unroll
   for (int it = 0; it < XIT; it++) {
     const int idx = tid + it * NT;
-    xsrc[it] = WG ? xq + (size_t)tokrow[((idx >> 6) << 3) | (idx & 7)] * ldx + ((idx >> 3) & 7) * 16
+    xsrc[it] = WG ? xq + (size_t)tokrow[min(((idx >> 6) << 3) | (idx & 7), BT - 1)] * ldx + ((idx >> 3) & 7) * 16
                   : xq + (size_t)tokrow[(tid >> 3) + it * (NT / 8)] * ldx + (tid & 7) * 16;
   }
   const float* ssrc = xs + (size_t)tokrow[min(tid, BT - 1)] * ldxs;
   const u32 sbase = smem_addr(smem);
   const u32 adst = (tid >> 2) * GEMM_ASTRIDE + (tid & 3) * 16;
   const u32 xdst = WG ? ABYTES + 16 * tid : ABYTES + gemm_bofs(tid >> 3, tid & 7);
-  static_assert(!WG || (MT == 1 && WT == 8 && WN == 1 && SPG == 4), "the wgmma stage takes the 64-token tile, G = 128");
+  static_assert(!WG || (MT == 1 && (WT == 8 || WT == 10) && WN == 1 && SPG == 4), "the wgmma stage takes the 64- or 80-token tile, G = 128");
   auto load_stage = [&](int s, int buf) {
     const u32 base = sbase + buf * SBYTES;
     const int k0 = s * GEMM_BK;
 #pragma unroll
     for (int it = 0; it < AIT; it++) cp_async16(base + adst + it * (NT / 4) * GEMM_ASTRIDE, asrc[it] + k0 / 2);
 #pragma unroll
-    for (int it = 0; it < XIT; it++) cp_async16(base + xdst + it * 16 * NT, xsrc[it] + k0);
+    for (int it = 0; it < XIT; it++)
+      if (XIT * NT == BT * 8 || tid + it * NT < BT * 8) cp_async16(base + xdst + it * 16 * NT, xsrc[it] + k0);
     if (tid < BT)
       for (int gl = 0; gl < gpb; gl++) cp_async_small(base + ABYTES + XBYTES + (gl * BT + tid) * 4, ssrc + s * gpb + gl, 4);
   };
@@ -359,9 +377,9 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
 #if GEMM_WGMMA
     if constexpr (WG) {
       if (SKIP && ntv < WT) {
-        gemm_stage_wg<true>(acc, sa, smem_addr(sb), sxs, slut, sws, ra, GK, kt * gpb, i, ntv);
+        gemm_stage_wg<WT, true>(acc, sa, smem_addr(sb), sxs, slut, sws, ra, GK, kt * gpb, i, ntv);
       } else {
-        gemm_stage_wg<false>(acc, sa, smem_addr(sb), sxs, slut, sws, ra, GK, kt * gpb, i, ntv);
+        gemm_stage_wg<WT, false>(acc, sa, smem_addr(sb), sxs, slut, sws, ra, GK, kt * gpb, i, ntv);
       }
       continue;
     }
@@ -578,6 +596,11 @@ MOE_GEMM_KERNELS(t64_g128, 1, 8, 1, 4, 2, 1, false)
 // The 64-token tile on the warpgroup MMA where the build has it (else the
 // same kernels as t64_g128).
 MOE_GEMM_KERNELS(w64_g128, 1, 8, 1, 4, 2, 1, GEMM_WGMMA)
+#if GEMM_WGMMA
+// The 80-token tile (segments of up to 80 pairs in one pass over their
+// expert's weights), on the warpgroup MMA only.
+MOE_GEMM_KERNELS(w80_g128, 1, 10, 1, 4, 2, 1, true)
+#endif
 
 // ---------------------------------------------------------------------------
 // The absorbed query of many tokens, qlat[t, h*rank + k] =
