@@ -206,13 +206,15 @@ DEVICE void gemm_stage_wg(float (&acc)[1][WT][4], const u8* sa, u32 sb, const fl
       af[j][2 + h] = e2m1x4_signed(sel >> 16);
     }
   i32 d[4 * WT];
+  // Chunk j's core matrices start 256 bytes on: 16 in the address field.
+  const u64 desc = wgmma_desc(sb, 128, 1024);
   wgmma_fence();
   if (WT == 8 || ntv <= 8) {
 #pragma unroll
-    for (int j = 0; j < 4; j++) wgmma_s8_n64(d, af[j], wgmma_desc(sb + 256 * j, 128, 1024), j);
+    for (int j = 0; j < 4; j++) wgmma_s8_n64(d, af[j], desc + 16 * j, j);
   } else {
 #pragma unroll
-    for (int j = 0; j < 4; j++) wgmma_s8_n80(d, af[j], wgmma_desc(sb + 256 * j, 128, 1024), j);
+    for (int j = 0; j < 4; j++) wgmma_s8_n80(d, af[j], desc + 16 * j, j);
   }
   wgmma_commit();
   wgmma_wait<0>();
