@@ -32,18 +32,44 @@ const (
 )
 
 // gemmWide is the 64-token tile that GEMMTileAuto and MoEBatched take:
-// GEMMTileW64 unless MMFP4_CUDA_WGMMA=0; moeWideW80, whether MoEBatched
-// takes GEMMTileW80 for segments of moeW80Tokens pairs on average
-// (MMFP4_CUDA_WGMMA=64: no).
+// GEMMTile64, or GEMMTileW64 with MMFP4_CUDA_WGMMA=1 or 80; moeWideW80,
+// whether MoEBatched takes GEMMTileW80 for segments of moeW80Tokens pairs
+// on average (MMFP4_CUDA_WGMMA=80). gemmT64Kind picks GEMMTile64's G = 128
+// kernels: "e" (the block's first stages asked for before its weight
+// scales), "" (the scales first), "e5" (and five stages, MoE only);
+// MMFP4_CUDA_T64 sets it.
 var (
 	gemmWide = func() GEMMTile {
-		if os.Getenv("MMFP4_CUDA_WGMMA") == "0" {
-			return GEMMTile64
+		if v := os.Getenv("MMFP4_CUDA_WGMMA"); v == "1" || v == "80" {
+			return GEMMTileW64
 		}
-		return GEMMTileW64
+		return GEMMTile64
 	}()
-	moeWideW80 = gemmWide == GEMMTileW64 && os.Getenv("MMFP4_CUDA_WGMMA") != "64"
+	moeWideW80  = os.Getenv("MMFP4_CUDA_WGMMA") == "80"
+	gemmT64Kind = func() string {
+		if v, ok := os.LookupEnv("MMFP4_CUDA_T64"); ok {
+			return v
+		}
+		return "e"
+	}()
 )
+
+// moeSuffix is suffix for the MoE kernels: GEMMTile64's G = 128 kernels
+// by gemmT64Kind.
+func (t GEMMTile) moeSuffix(G int) string {
+	if t == GEMMTile64 && G == 128 {
+		return "t64" + gemmT64Kind + "_g128"
+	}
+	return t.suffix(G)
+}
+
+// moeShared is shared for the MoE kernels (gemmT64Kind "e5": five stages).
+func (t GEMMTile) moeShared(G, gk int) int {
+	if t == GEMMTile64 && G == 128 && gemmT64Kind == "e5" {
+		return t.shared(gk) + gemmRows*gemmAStride + t.tokens()*(gemmBK+16)
+	}
+	return t.shared(gk)
+}
 
 // moeW80Tokens: the average pairs an expert (shared ones included) from
 // which MoEBatched takes the 80-token tile.
@@ -154,7 +180,11 @@ func (c *Ctx) GEMM(y uint64, ldy int, w *QMatrix, a *QActs, tile GEMMTile) error
 func (c *Ctx) gemm(y uint64, ldy int, codes, scales, rowScale uint64, n, k, G int, a *QActs, heads int, tile GEMMTile) error {
 	tile = pickTile(tile, a.T)
 	shared := tile.shared(k / G)
-	kern, err := c.kernelShared("gemm", "gemm_"+tile.suffix(G), shared)
+	name := "gemm_" + tile.suffix(G)
+	if tile == GEMMTile64 && G == 128 && gemmT64Kind != "" {
+		name = "gemm_t64e_g128"
+	}
+	kern, err := c.kernelShared("gemm", name, shared)
 	if err != nil {
 		return err
 	}
@@ -407,12 +437,12 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 	if err != nil {
 		return err
 	}
-	guShared, downShared := tile.shared(t.K/t.G), tile.shared(t.I/t.G)
-	gu, err := c.kernelShared("gemm", "moe_gemm_gate_up_"+tile.suffix(t.G), guShared)
+	guShared, downShared := tile.moeShared(t.G, t.K/t.G), tile.moeShared(t.G, t.I/t.G)
+	gu, err := c.kernelShared("gemm", "moe_gemm_gate_up_"+tile.moeSuffix(t.G), guShared)
 	if err != nil {
 		return err
 	}
-	down, err := c.kernelShared("gemm", "moe_gemm_down_"+tile.suffix(t.G), downShared)
+	down, err := c.kernelShared("gemm", "moe_gemm_down_"+tile.moeSuffix(t.G), downShared)
 	if err != nil {
 		return err
 	}

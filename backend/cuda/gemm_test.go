@@ -61,15 +61,21 @@ func TestGEMM(t *testing.T) {
 			want := ref.Download(yt)
 			exact := floatProduct(wd, x, T, s.N, s.K)
 			var got64 []float32
-			for _, tile := range []GEMMTile{GEMMTile16, GEMMTile64, GEMMTileW64} {
+			for v, tile := range []GEMMTile{GEMMTile16, GEMMTile64, GEMMTile64, GEMMTileW64} {
 				ldy := s.N + 5*(T%2)
+				// The second 64-token tile: the scales read before the stages.
+				kind := gemmT64Kind
+				if v == 1 {
+					gemmT64Kind = ""
+				}
 				got := productOnDevice(t, d, m, x, T, ldy, func(c *Ctx, y uint64, qm *QMatrix, a *QActs) error {
 					return c.GEMM(y, ldy, qm, a, tile)
 				})
-				switch tile {
-				case GEMMTile64:
+				gemmT64Kind = kind
+				switch {
+				case v == 1:
 					got64 = got
-				case GEMMTileW64:
+				case v >= 2:
 					// The same integer group sums scaled in the same order as
 					// the 64-token tile's: the same bits.
 					diff := 0
@@ -78,9 +84,9 @@ func TestGEMM(t *testing.T) {
 							diff++
 						}
 					}
-					t.Logf("N=%d K=%d G=%d T=%d tile %s: %d of %d values differ from tile 64", s.N, s.K, s.G, T, tile.suffix(s.G), diff, len(got))
+					t.Logf("N=%d K=%d G=%d T=%d tile %s %d: %d of %d values differ from tile 64", s.N, s.K, s.G, T, tile.suffix(s.G), v, diff, len(got))
 					if diff != 0 {
-						t.Errorf("N=%d K=%d G=%d T=%d tile %s: %d of %d values differ from tile 64", s.N, s.K, s.G, T, tile.suffix(s.G), diff, len(got))
+						t.Errorf("N=%d K=%d G=%d T=%d tile %s %d: %d of %d values differ from tile 64", s.N, s.K, s.G, T, tile.suffix(s.G), v, diff, len(got))
 					}
 				}
 				e1, e2 := relErr(want, got), relErr(exact, got)
@@ -279,7 +285,7 @@ func BenchmarkGEMM(b *testing.B) {
 			b.Fatal(err)
 		}
 		for _, T := range []int{8, 16, 32, 64, 128, 256, 1024} {
-			for _, v := range []string{"gemv8", "t16", "t64", "w64"} {
+			for _, v := range []string{"gemv8", "t16", "t64", "t64e", "w64"} {
 				if v == "gemv8" && T > 256 {
 					continue
 				}
@@ -308,7 +314,10 @@ func BenchmarkGEMM(b *testing.B) {
 							switch v {
 							case "t16":
 								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTile16)
-							case "t64":
+							case "t64", "t64e":
+								kind := gemmT64Kind
+								gemmT64Kind = strings.TrimPrefix(v, "t64")
+								defer func() { gemmT64Kind = kind }()
 								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTile64)
 							case "w64":
 								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTileW64)
@@ -444,6 +453,9 @@ func BenchmarkMoEBatched(b *testing.B) {
 						switch {
 						case strings.HasPrefix(v, "batched_t64"):
 							tile = GEMMTile64
+							kind, _, _ := strings.Cut(strings.TrimPrefix(v, "batched_t64"), "_")
+							defer func(k string) { gemmT64Kind = k }(gemmT64Kind)
+							gemmT64Kind = kind
 						case strings.HasPrefix(v, "batched_w64"):
 							tile = GEMMTileW64
 						case strings.HasPrefix(v, "batched_w80"):
@@ -466,11 +478,11 @@ func BenchmarkMoEBatched(b *testing.B) {
 							return err
 						}
 						if tile.tokens() >= 64 {
-							k, err := c.Kernel("gemm", "moe_gemm_gate_up_"+tile.suffix(128))
+							k, err := c.Kernel("gemm", "moe_gemm_gate_up_"+tile.moeSuffix(128))
 							if err != nil {
 								return err
 							}
-							occ, err := c.Occupancy(k, tile.threads(), tile.shared(K/128))
+							occ, err := c.Occupancy(k, tile.threads(), tile.moeShared(128, K/128))
 							if err != nil {
 								return err
 							}
@@ -502,7 +514,8 @@ func BenchmarkMoEBatched(b *testing.B) {
 // the routing (else uniform random), "_split" the short tiles through the
 // 16-token kernels.
 var moeBenchVariants = []string{"per_token", "batched_t16", "batched_t64", "batched_t64_split", "batched_t64_bal",
-	"batched_t64_split_skew", "batched_w64", "batched_w64_split", "batched_w64_bal", "batched_w64_split_skew",
+	"batched_t64_split_skew", "batched_t64e_split", "batched_t64e_bal", "batched_t64e_split_skew", "batched_t64e5_split", "batched_t64e5_bal", "batched_t64e5_split_skew",
+	"batched_w64", "batched_w64_split", "batched_w64_bal", "batched_w64_split_skew",
 	"batched_w80", "batched_w80_split", "batched_w80_bal", "batched_w80_split_skew"}
 
 // skewedPick draws k distinct indices with probabilities proportional to w
@@ -656,32 +669,34 @@ func TestMoEBatchedTilesBitExact(t *testing.T) {
 	router := denseHost(r, "router", E, K)
 	bias := backend.HostWeight{Name: "bias", N: 1, K: E, Dense: randVec(r, E, 0.1)}
 	g, _ := testBackends(t, Options{})
-	defer func(v, sp int, tile GEMMTile) {
-		moeBatchedMinTokens, moeSplitOverride, moeTileOverride = v, sp, tile
-	}(moeBatchedMinTokens, moeSplitOverride, moeTileOverride)
+	defer func(v, sp int, tile GEMMTile, kind string) {
+		moeBatchedMinTokens, moeSplitOverride, moeTileOverride, gemmT64Kind = v, sp, tile, kind
+	}(moeBatchedMinTokens, moeSplitOverride, moeTileOverride, gemmT64Kind)
 	moeBatchedMinTokens = 2
 	hosts := expertHosts(t, r, E+1, I, K, 128)
 	for _, T := range []int{20, 100, 300} {
 		x := randVec(r, T*K, 1)
-		run := func(tile GEMMTile, split int) []float32 {
-			moeTileOverride, moeSplitOverride = tile, split
+		run := func(tile GEMMTile, split int, kind string) []float32 {
+			moeTileOverride, moeSplitOverride, gemmT64Kind = tile, split, kind
 			out := moeBlockOutput(t, g, hosts, router, bias, cfg, x, T, true)
 			if err := g.Sync(); err != nil {
 				t.Fatal(err)
 			}
 			return out
 		}
-		want := run(GEMMTile64, -1)
+		want := run(GEMMTile64, -1, "")
 		for _, v := range []struct {
 			name  string
 			tile  GEMMTile
 			split int
+			kind  string
 		}{
-			{"tile 16", GEMMTile16, -1}, {"tile 64, short tiles split off", GEMMTile64, 1},
-			{"tile 64 on wgmma", GEMMTileW64, -1}, {"tile 64 on wgmma, short tiles split off", GEMMTileW64, 1},
-			{"tile 80 on wgmma", GEMMTileW80, -1}, {"tile 80 on wgmma, short tiles split off", GEMMTileW80, 1},
+			{"tile 16", GEMMTile16, -1, ""}, {"tile 64, short tiles split off", GEMMTile64, 1, ""},
+			{"tile 64, stages first", GEMMTile64, -1, "e"}, {"tile 64, stages first, five", GEMMTile64, 1, "e5"},
+			{"tile 64 on wgmma", GEMMTileW64, -1, ""}, {"tile 64 on wgmma, short tiles split off", GEMMTileW64, 1, ""},
+			{"tile 80 on wgmma", GEMMTileW80, -1, ""}, {"tile 80 on wgmma, short tiles split off", GEMMTileW80, 1, ""},
 		} {
-			got := run(v.tile, v.split)
+			got := run(v.tile, v.split, v.kind)
 			diff := 0
 			for i := range want {
 				if math.Float32bits(got[i]) != math.Float32bits(want[i]) {

@@ -272,7 +272,12 @@ DEVICE void gemm_quant_out(float (&v)[MT][WT][4], const float* __restrict__ row_
 // matrices instead of gemm_bofs's order: 16-byte granule c of tile token r
 // at ((r/8)*8 + c)*128 + (r%8)*16, so that thread tid's copy it lands at
 // 16*(tid + it*NT).
-template <int MT, int WT, int WN, int MODE, int SPG, int SK, bool WG = false>
+//
+// EC: the block's first stages are asked for before its weight scales are
+// read (the scales' load then overlaps the stages' instead of preceding
+// it). ST: the pipeline's depth (GEMM_STAGES, or 5 for the 64-token MoE
+// tile, whose two blocks a multiprocessor still fit).
+template <int MT, int WT, int WN, int MODE, int SPG, int SK, bool WG = false, bool EC = false, int ST = GEMM_STAGES>
 DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8* __restrict__ xq, int ldx,
                       const float* __restrict__ xs, int ldxs, const int* tokrow, int ntok,
                       float* __restrict__ out, int ldo, u8* smem, GQOut qo = GQOut{}) {
@@ -291,14 +296,17 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
   // The block's weight scales for all of K, after the stages: [128][GK].
   // Before them, the E4M3 value of every byte (a group scale is then one
   // byte read and one table read, not a conversion).
-  float* slut = (float*)(smem + GEMM_STAGES * SBYTES);
-  u8* sws = smem + GEMM_STAGES * SBYTES + 256 * 4;
-  for (int idx = tid; idx < 256; idx += NT) slut[idx] = e4m3(idx);
-  for (int idx = tid; idx < GEMM_ROWS * GK; idx += NT) {
-    const int r = idx / GK, gi = idx - r * GK;
-    const u8* base = (MODE == GEMM_GATE_UP && r >= 64) ? b.scales : a.scales;
-    sws[idx] = __ldg(base + (size_t)min(row0 + (r & (half - 1)), N - 1) * GK + gi);
-  }
+  float* slut = (float*)(smem + ST * SBYTES);
+  u8* sws = smem + ST * SBYTES + 256 * 4;
+  auto fill_scales = [&]() {
+    for (int idx = tid; idx < 256; idx += NT) slut[idx] = e4m3(idx);
+    for (int idx = tid; idx < GEMM_ROWS * GK; idx += NT) {
+      const int r = idx / GK, gi = idx - r * GK;
+      const u8* base = (MODE == GEMM_GATE_UP && r >= 64) ? b.scales : a.scales;
+      sws[idx] = __ldg(base + (size_t)min(row0 + (r & (half - 1)), N - 1) * GK + gi);
+    }
+  };
+  if (!EC) fill_scales();
 
   // Shared row r's codes (clamped to a valid row; its results are dropped).
   auto arow = [&](int r) -> const u8* {
@@ -359,20 +367,21 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
       for (int e = 0; e < 4; e++) acc[m][nt][e] = 0.f;
 
 #pragma unroll
-  for (int s = 0; s < GEMM_STAGES - 1; s++) {
+  for (int s = 0; s < ST - 1; s++) {
     if (s < nk) load_stage(s, s);
     cp_async_commit();
   }
+  if (EC) fill_scales();  // (the loop's first barrier orders its stores)
   const int spg = SPG ? SPG : G / 32;  // 32-column chunks per group
   for (int kt = 0; kt < nk; kt++) {
-    cp_async_wait<GEMM_STAGES - 2>();
+    cp_async_wait<ST - 2>();
 #if GEMM_WGMMA
     if (WG) fence_proxy_async();  // this thread's copies, before the tensor cores read them
 #endif
     __syncthreads();
-    if (kt + GEMM_STAGES - 1 < nk) load_stage(kt + GEMM_STAGES - 1, (kt + GEMM_STAGES - 1) % GEMM_STAGES);
+    if (kt + ST - 1 < nk) load_stage(kt + ST - 1, (kt + ST - 1) % ST);
     cp_async_commit();
-    const u8* sa = smem + (kt % GEMM_STAGES) * SBYTES;
+    const u8* sa = smem + (kt % ST) * SBYTES;
     const u8* sb = sa + ABYTES;
     const float* sxs = (const float*)(sb + XBYTES);
     if (SKIP && ntv == 0) continue;
@@ -461,7 +470,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
 // Grid z > 1: per-head products, head z taking weight rows [z*N, (z+1)*N),
 // activation columns [z*K, (z+1)*K) (whole groups) and output columns
 // [z*N, (z+1)*N).
-template <int MT, int WT, int WN, int SPG, bool WG>
+template <int MT, int WT, int WN, int SPG, bool WG, bool EC = false>
 DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale, int N, int K, int G,
                        const i8* xq, int ldx, const float* xs, int ldxs, int T, float* y, int ldy, size_t z) {
   constexpr int BT = 8 * WT * WN;
@@ -473,7 +482,7 @@ DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale
   PDL_WAIT();
   __syncthreads();
   GQMat a = {codes + z * N * (K / 2), scales + z * N * GK, row_scale + z * N};
-  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, 1, WG>(a, a, N, K, G, blockIdx.x * GEMM_ROWS, xq + z * K, ldx, xs + z * GK, ldxs,
+  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, 1, WG, EC>(a, a, N, K, G, blockIdx.x * GEMM_ROWS, xq + z * K, ldx, xs + z * GK, ldxs,
                                      tokrow, ntok, y + (size_t)t0 * ldy + z * N, ldy, gemm_smem_buf);
 }
 
@@ -516,6 +525,13 @@ GEMM_DENSE_KERNEL(gemm_t16_g128, 2, 2, 1, 4, 1, false)
 GEMM_DENSE_KERNEL(gemm_t64, 1, 8, 1, 0, 2, false)
 GEMM_DENSE_KERNEL(gemm_t64_g128, 1, 8, 1, 4, 2, false)
 GEMM_DENSE_KERNEL(gemm_w64_g128, 1, 8, 1, 4, 2, GEMM_WGMMA)
+extern "C" __global__ void __launch_bounds__(256, 2)
+    gemm_t64e_g128(const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale,
+                   int N, int K, int G, const i8* __restrict__ xq, int ldx, const float* __restrict__ xs, int ldxs,
+                   int T, float* __restrict__ y, int ldy) {
+  PDL_LAUNCH();
+  gemm_dense<1, 8, 1, 4, false, true>(codes, scales, row_scale, N, K, G, xq, ldx, xs, ldxs, T, y, ldy, blockIdx.z);
+}
 
 
 // ---------------------------------------------------------------------------
@@ -528,12 +544,38 @@ GEMM_DENSE_KERNEL(gemm_w64_g128, 1, 8, 1, 4, 2, GEMM_WGMMA)
 // over (row blocks) x (tiles); blocks past ntiles exit; moeb_combine
 // (stream.cu) sums each token's slots.
 
+// A MoE block's tile words: the tile count, then its segment (first row,
+// rows) and expert. early: all four asked for at once (the arrays hold
+// MaxTiles entries, so a tile past the count reads a stale word, unused),
+// one round trip before the expert's pointers instead of two (a tile's
+// words are never negative, and it holds a pair).
+DEVICE i32 ldg_issue(const i32* p) {
+  i32 v;
+  asm volatile("ld.global.nc.b32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+DEVICE void moe_tile_words(bool early, const i32* ntiles, const i32* tile_e, const i32* tile_s, const i32* tile_n,
+                           int tile, int& nt, int& s0, int& ntok, int& te) {
+  if (early) {
+    nt = ldg_issue(ntiles);
+    s0 = ldg_issue(tile_s + tile);
+    ntok = ldg_issue(tile_n + tile);
+    te = ldg_issue(tile_e + tile);
+    return;
+  }
+  nt = ntiles[0];
+  if (tile >= nt) return;
+  s0 = tile_s[tile];
+  ntok = tile_n[tile];
+  te = tile_e[tile];
+}
+
 // Gate and up products with the SiLU product over the tiles:
 // h[row][n] = silu(gate_e,n . x[list[row]]) * (up_e,n . x[list[row]]).
 // Grid (ceil(I/64), max tiles); a launch takes the tiles of nmin to nmax
 // tokens (the 64-token kernels can leave a segment's short last tile to the
 // 16-token ones).
-template <int MT, int WT, int WN, int SPG, int SK, bool WG>
+template <int MT, int WT, int WN, int SPG, int SK, bool WG, bool EC, int ST>
 DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
                              const i32* ntiles, const i32* list, int I, int K, int G, const i8* xq,
                              const float* xs, float* h, int nmin, int nmax) {
@@ -542,19 +584,21 @@ DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i3
   __shared__ int tokrow[BT];
   PDL_WAIT();
   const int tile = blockIdx.y;
-  if (tile >= ntiles[0]) return;
-  const int s0 = tile_s[tile], ntok = tile_n[tile];
+  int nt, s0, ntok, te;
+  moe_tile_words(EC, ntiles, tile_e, tile_s, tile_n, tile, nt, s0, ntok, te);
+  // (One test of every word keeps their loads ahead of the branch.)
+  if ((EC ? min(nt - 1 - tile, s0 | te | (ntok - 1)) : nt - 1 - tile) < 0) return;
   if (ntok < nmin || ntok > nmax) return;  // another launch's tile
-  const GExpert& ex = experts[tile_e[tile]];
+  const GExpert& ex = experts[te];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = list[s0 + min(r, ntok - 1)];
   __syncthreads();
-  gemm_tile<MT, WT, WN, GEMM_GATE_UP, SPG, SK, WG>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G, tokrow, ntok,
+  gemm_tile<MT, WT, WN, GEMM_GATE_UP, SPG, SK, WG, EC, ST>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G, tokrow, ntok,
                                        h + (size_t)s0 * I, I, gemm_smem_buf);
 }
 
 // Down products over the tiles: part[row][n] = down_e,n . hq[row].
 // Grid (ceil(N/128), max tiles), the tiles of nmin to nmax tokens.
-template <int MT, int WT, int WN, int SPG, int SK, bool WG>
+template <int MT, int WT, int WN, int SPG, int SK, bool WG, bool EC, int ST>
 DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
                           const i32* ntiles, int N, int I, int G, const i8* hq, const float* hs, float* part,
                           int nmin, int nmax) {
@@ -563,24 +607,26 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
   __shared__ int tokrow[BT];
   PDL_WAIT();
   const int tile = blockIdx.y;
-  if (tile >= ntiles[0]) return;
-  const int s0 = tile_s[tile], ntok = tile_n[tile];
+  int nt, s0, ntok, te;
+  moe_tile_words(EC, ntiles, tile_e, tile_s, tile_n, tile, nt, s0, ntok, te);
+  // (One test of every word keeps their loads ahead of the branch.)
+  if ((EC ? min(nt - 1 - tile, s0 | te | (ntok - 1)) : nt - 1 - tile) < 0) return;
   if (ntok < nmin || ntok > nmax) return;  // another launch's tile
-  const GExpert& ex = experts[tile_e[tile]];
+  const GExpert& ex = experts[te];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = s0 + min(r, ntok - 1);
   __syncthreads();
-  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, SK, WG>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs, I / G, tokrow,
+  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, SK, WG, EC, ST>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs, I / G, tokrow,
                                      ntok, part + (size_t)s0 * N, N, gemm_smem_buf);
 }
 
-#define MOE_GEMM_KERNELS(SUFFIX, MT, WT, WN, SPG, MINB, SK, WG)                                                  \
+#define MOE_GEMM_KERNELS(SUFFIX, MT, WT, WN, SPG, MINB, SK, WG, EC, ST)                                                  \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) moe_gemm_gate_up_##SUFFIX(               \
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,                             \
       const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K, int G,          \
       const i8* __restrict__ xq, const float* __restrict__ xs, float* __restrict__ h, int nmin, int nmax) { \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_gate_up<MT, WT, WN, SPG, SK, WG>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h, nmin, nmax); \
+    moe_gemm_gate_up<MT, WT, WN, SPG, SK, WG, EC, ST>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h, nmin, nmax); \
   }                                                                                               \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) moe_gemm_down_##SUFFIX(                  \
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
@@ -588,20 +634,22 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
       const i32* __restrict__ ntiles, int N, int I, int G, const i8* __restrict__ hq,             \
       const float* __restrict__ hs, float* __restrict__ part, int nmin, int nmax) {               \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_down<MT, WT, WN, SPG, SK, WG>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part, nmin, nmax); \
+    moe_gemm_down<MT, WT, WN, SPG, SK, WG, EC, ST>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part, nmin, nmax); \
   }
 
-MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1, 0, false)
-MOE_GEMM_KERNELS(t16_g128, 2, 2, 1, 4, 1, 0, false)
-MOE_GEMM_KERNELS(t64, 1, 8, 1, 0, 2, 1, false)
-MOE_GEMM_KERNELS(t64_g128, 1, 8, 1, 4, 2, 1, false)
+MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1, 0, false, false, GEMM_STAGES)
+MOE_GEMM_KERNELS(t16_g128, 2, 2, 1, 4, 1, 0, false, false, GEMM_STAGES)
+MOE_GEMM_KERNELS(t64, 1, 8, 1, 0, 2, 1, false, false, GEMM_STAGES)
+MOE_GEMM_KERNELS(t64_g128, 1, 8, 1, 4, 2, 1, false, false, GEMM_STAGES)
+MOE_GEMM_KERNELS(t64e_g128, 1, 8, 1, 4, 2, 1, false, true, GEMM_STAGES)
+MOE_GEMM_KERNELS(t64e5_g128, 1, 8, 1, 4, 2, 1, false, true, 5)
 // The 64-token tile on the warpgroup MMA where the build has it (else the
 // same kernels as t64_g128).
-MOE_GEMM_KERNELS(w64_g128, 1, 8, 1, 4, 2, 1, GEMM_WGMMA)
+MOE_GEMM_KERNELS(w64_g128, 1, 8, 1, 4, 2, 1, GEMM_WGMMA, false, GEMM_STAGES)
 #if GEMM_WGMMA
 // The 80-token tile (segments of up to 80 pairs in one pass over their
 // expert's weights), on the warpgroup MMA only.
-MOE_GEMM_KERNELS(w80_g128, 1, 10, 1, 4, 2, 1, true)
+MOE_GEMM_KERNELS(w80_g128, 1, 10, 1, 4, 2, 1, true, false, GEMM_STAGES)
 #endif
 
 // ---------------------------------------------------------------------------
