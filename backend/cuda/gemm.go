@@ -63,6 +63,15 @@ func (t GEMMTile) moeSuffix(G int) string {
 	return t.suffix(G)
 }
 
+// denseSuffix is suffix for the dense products' kernels: GEMMTile64's
+// G = 128 kernels by gemmT64Kind (its "e" kernels; "e5" is the MoE's).
+func (t GEMMTile) denseSuffix(G int) string {
+	if t == GEMMTile64 && G == 128 && gemmT64Kind != "" {
+		return "t64e_g128"
+	}
+	return t.suffix(G)
+}
+
 // moeShared is shared for the MoE kernels (gemmT64Kind "e5": five stages).
 func (t GEMMTile) moeShared(G, gk int) int {
 	if t == GEMMTile64 && G == 128 && gemmT64Kind == "e5" {
@@ -180,11 +189,7 @@ func (c *Ctx) GEMM(y uint64, ldy int, w *QMatrix, a *QActs, tile GEMMTile) error
 func (c *Ctx) gemm(y uint64, ldy int, codes, scales, rowScale uint64, n, k, G int, a *QActs, heads int, tile GEMMTile) error {
 	tile = pickTile(tile, a.T)
 	shared := tile.shared(k / G)
-	name := "gemm_" + tile.suffix(G)
-	if tile == GEMMTile64 && G == 128 && gemmT64Kind != "" {
-		name = "gemm_t64e_g128"
-	}
-	kern, err := c.kernelShared("gemm", name, shared)
+	kern, err := c.kernelShared("gemm", "gemm_"+tile.denseSuffix(G), shared)
 	if err != nil {
 		return err
 	}
@@ -208,7 +213,7 @@ func (c *Ctx) GEMMPair(y1 uint64, ldy1 int, w1 *QMatrix, y2 uint64, ldy2 int, w2
 	}
 	tile = pickTile(tile, a.T)
 	shared := tile.shared(a.K / a.G)
-	kern, err := c.kernelShared("gemm", "gemm_pair_"+tile.suffix(a.G), shared)
+	kern, err := c.kernelShared("gemm", "gemm_pair_"+tile.denseSuffix(a.G), shared)
 	if err != nil {
 		return err
 	}
@@ -295,7 +300,7 @@ func (c *Ctx) GEMMHeadsQuant(y uint64, ldy int, w *QMatrix, a *QActs, heads, row
 	}
 	tile = pickTile(tile, a.T)
 	shared := tile.shared(k / w.G)
-	kern, err := c.kernelShared("gemm", "gemm_heads_q_"+tile.suffix(w.G), shared)
+	kern, err := c.kernelShared("gemm", "gemm_heads_q_"+tile.denseSuffix(w.G), shared)
 	if err != nil {
 		return err
 	}

@@ -499,7 +499,7 @@ DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale
 // prefill, each under one wave of blocks alone): grid (ceil(max(N1,
 // N2)/128), ceil(T/BT), 2), z picking the matrix; a block past its
 // matrix's rows exits. The same sums as two gemm launches.
-#define GEMM_PAIR_KERNEL(NAME, MT, WT, WN, SPG, MINB, WG)                                                      \
+#define GEMM_PAIR_KERNEL(NAME, MT, WT, WN, SPG, MINB, WG, EC)                                                      \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) NAME(                                 \
       const u8* __restrict__ codes1, const u8* __restrict__ scales1, const float* __restrict__ rs1, int N1, \
       float* __restrict__ y1, int ldy1, const u8* __restrict__ codes2, const u8* __restrict__ scales2,     \
@@ -509,15 +509,16 @@ DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale
     const bool two = blockIdx.z == 1;                                                                      \
     const int N = two ? N2 : N1;                                                                           \
     if ((int)blockIdx.x * GEMM_ROWS >= N) return;                                                          \
-    gemm_dense<MT, WT, WN, SPG, WG>(two ? codes2 : codes1, two ? scales2 : scales1, two ? rs2 : rs1, N, K, G, xq, \
+    gemm_dense<MT, WT, WN, SPG, WG, EC>(two ? codes2 : codes1, two ? scales2 : scales1, two ? rs2 : rs1, N, K, G, xq, \
                                    ldx, xs, ldxs, T, two ? y2 : y1, two ? ldy2 : ldy1, 0);                 \
   }
 
-GEMM_PAIR_KERNEL(gemm_pair_t16, 2, 2, 1, 0, 1, false)
-GEMM_PAIR_KERNEL(gemm_pair_t16_g128, 2, 2, 1, 4, 1, false)
-GEMM_PAIR_KERNEL(gemm_pair_t64, 1, 8, 1, 0, 2, false)
-GEMM_PAIR_KERNEL(gemm_pair_t64_g128, 1, 8, 1, 4, 2, false)
-GEMM_PAIR_KERNEL(gemm_pair_w64_g128, 1, 8, 1, 4, 2, GEMM_WGMMA)
+GEMM_PAIR_KERNEL(gemm_pair_t16, 2, 2, 1, 0, 1, false, false)
+GEMM_PAIR_KERNEL(gemm_pair_t16_g128, 2, 2, 1, 4, 1, false, false)
+GEMM_PAIR_KERNEL(gemm_pair_t64, 1, 8, 1, 0, 2, false, false)
+GEMM_PAIR_KERNEL(gemm_pair_t64_g128, 1, 8, 1, 4, 2, false, false)
+GEMM_PAIR_KERNEL(gemm_pair_t64e_g128, 1, 8, 1, 4, 2, false, true)
+GEMM_PAIR_KERNEL(gemm_pair_w64_g128, 1, 8, 1, 4, 2, GEMM_WGMMA, false)
 
 // (MINB: blocks per SM the registers must allow.)
 GEMM_DENSE_KERNEL(gemm_t16, 2, 2, 1, 0, 1, false)
@@ -964,7 +965,7 @@ DEVICE void gemm_quant_out(float (&v)[MT][WT][4], const float* __restrict__ row_
 // GEMMHeads (gemm_dense with grid z the head) writing the output and its
 // int8 form: oq [T][OK] codes, os [T][OK/128] scales, osum [T][OK/32] sums,
 // OK = heads x N; N a multiple of 128.
-#define GEMM_HEADS_Q_KERNEL(NAME, MT, WT, WN, SPG, MINB, WG)                                                     \
+#define GEMM_HEADS_Q_KERNEL(NAME, MT, WT, WN, SPG, MINB, WG, EC)                                                     \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) NAME(                                   \
       const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale,      \
       int N, int K, int G, const i8* __restrict__ xq, int ldx, const float* __restrict__ xs, int ldxs, int T, \
@@ -983,13 +984,14 @@ DEVICE void gemm_quant_out(float (&v)[MT][WT][4], const float* __restrict__ row_
     GQMat a = {codes + z * N * (K / 2), scales + z * N * GK, row_scale + z * N};                             \
     const GQOut qo = {oq + (size_t)t0 * OK + z * N, os + (size_t)t0 * (OK / GEMM_ROWS) + z * N / GEMM_ROWS,   \
                       osum + (size_t)t0 * (OK / 32) + z * N / 32, OK};                                       \
-    gemm_tile<MT, WT, WN, GEMM_PLAIN_Q, SPG, 1, WG>(a, a, N, K, G, blockIdx.x * GEMM_ROWS, xq + z * K, ldx,       \
+    gemm_tile<MT, WT, WN, GEMM_PLAIN_Q, SPG, 1, WG, EC>(a, a, N, K, G, blockIdx.x * GEMM_ROWS, xq + z * K, ldx,       \
                                                 xs + z * GK, ldxs, tokrow, ntok, y + (size_t)t0 * ldy + z * N, \
                                                 ldy, gemm_smem_buf, qo);                                     \
   }
 
-GEMM_HEADS_Q_KERNEL(gemm_heads_q_t16, 2, 2, 1, 0, 1, false)
-GEMM_HEADS_Q_KERNEL(gemm_heads_q_t16_g128, 2, 2, 1, 4, 1, false)
-GEMM_HEADS_Q_KERNEL(gemm_heads_q_t64, 1, 8, 1, 0, 2, false)
-GEMM_HEADS_Q_KERNEL(gemm_heads_q_t64_g128, 1, 8, 1, 4, 2, false)
-GEMM_HEADS_Q_KERNEL(gemm_heads_q_w64_g128, 1, 8, 1, 4, 2, GEMM_WGMMA)
+GEMM_HEADS_Q_KERNEL(gemm_heads_q_t16, 2, 2, 1, 0, 1, false, false)
+GEMM_HEADS_Q_KERNEL(gemm_heads_q_t16_g128, 2, 2, 1, 4, 1, false, false)
+GEMM_HEADS_Q_KERNEL(gemm_heads_q_t64, 1, 8, 1, 0, 2, false, false)
+GEMM_HEADS_Q_KERNEL(gemm_heads_q_t64_g128, 1, 8, 1, 4, 2, false, false)
+GEMM_HEADS_Q_KERNEL(gemm_heads_q_t64e_g128, 1, 8, 1, 4, 2, false, true)
+GEMM_HEADS_Q_KERNEL(gemm_heads_q_w64_g128, 1, 8, 1, 4, 2, GEMM_WGMMA, false)
