@@ -20,69 +20,7 @@ const (
 	// GEMMTile64: blocks of 128 rows x 64 tokens, 8 warps of 16 rows x 64
 	// tokens (each widened code feeds 8 mma).
 	GEMMTile64
-	// GEMMTileW64: GEMMTile64's blocks on Hopper's warpgroup MMA (wgmma,
-	// where the kernels are built for sm_90a; else the same kernels as
-	// GEMMTile64), for groups of 128 (other group sizes take GEMMTile64).
-	GEMMTileW64
-	// GEMMTileW80: 128 rows x 80 tokens on the warpgroup MMA, for the
-	// batched MoE only (a segment of up to 80 pairs in one pass over its
-	// expert's weights); MoEBatched takes GEMMTile64 instead where the
-	// kernels are not built for sm_90a or G is not 128.
-	GEMMTileW80
 )
-
-// gemmWide is the 64-token tile that GEMMTileAuto and MoEBatched take:
-// GEMMTile64, or GEMMTileW64 with MMFP4_CUDA_WGMMA=1 or 80; moeWideW80,
-// whether MoEBatched takes GEMMTileW80 for segments of moeW80Tokens pairs
-// on average (MMFP4_CUDA_WGMMA=80). gemmT64Kind picks GEMMTile64's G = 128
-// kernels: "e" (the block's first stages asked for before its weight
-// scales), "" (the scales first), "e5" (and five stages, MoE only);
-// MMFP4_CUDA_T64 sets it.
-var (
-	gemmWide = func() GEMMTile {
-		if v := os.Getenv("MMFP4_CUDA_WGMMA"); v == "1" || v == "80" {
-			return GEMMTileW64
-		}
-		return GEMMTile64
-	}()
-	moeWideW80  = os.Getenv("MMFP4_CUDA_WGMMA") == "80"
-	gemmT64Kind = func() string {
-		if v, ok := os.LookupEnv("MMFP4_CUDA_T64"); ok {
-			return v
-		}
-		return "e"
-	}()
-)
-
-// moeSuffix is suffix for the MoE kernels: GEMMTile64's G = 128 kernels
-// by gemmT64Kind.
-func (t GEMMTile) moeSuffix(G int) string {
-	if t == GEMMTile64 && G == 128 {
-		return "t64" + gemmT64Kind + "_g128"
-	}
-	return t.suffix(G)
-}
-
-// denseSuffix is suffix for the dense products' kernels: GEMMTile64's
-// G = 128 kernels by gemmT64Kind (its "e" kernels; "e5" is the MoE's).
-func (t GEMMTile) denseSuffix(G int) string {
-	if t == GEMMTile64 && G == 128 && gemmT64Kind != "" {
-		return "t64e_g128"
-	}
-	return t.suffix(G)
-}
-
-// moeShared is shared for the MoE kernels (gemmT64Kind "e5": five stages).
-func (t GEMMTile) moeShared(G, gk int) int {
-	if t == GEMMTile64 && G == 128 && gemmT64Kind == "e5" {
-		return t.shared(gk) + gemmRows*gemmAStride + t.tokens()*(gemmBK+16)
-	}
-	return t.shared(gk)
-}
-
-// moeW80Tokens: the average pairs an expert (shared ones included) from
-// which MoEBatched takes the 80-token tile.
-const moeW80Tokens = 64
 
 // gemmRows and gemmBK are GEMM_ROWS and GEMM_BK in gemm.cu: the weight rows
 // of a block and the columns of a pipeline stage (K must be a multiple).
@@ -108,10 +46,8 @@ const (
 
 func (t GEMMTile) tokens() int {
 	switch t {
-	case GEMMTile64, GEMMTileW64:
+	case GEMMTile64:
 		return 64
-	case GEMMTileW80:
-		return 80
 	}
 	return 16
 }
@@ -123,13 +59,6 @@ func (t GEMMTile) suffix(G int) string {
 	switch t {
 	case GEMMTile64:
 		s = "t64"
-	case GEMMTileW64:
-		if G == 128 {
-			return "w64_g128"
-		}
-		s = "t64"
-	case GEMMTileW80:
-		return "w80_g128"
 	}
 	if G == 128 {
 		s += "_g128"
@@ -137,9 +66,50 @@ func (t GEMMTile) suffix(G int) string {
 	return s
 }
 
+// gemmT64Kind picks GEMMTile64's kernels for groups of 128: "e" (the
+// default: a block asks for its first stages before it reads its weight
+// scales, and a MoE block reads its tile's words in one round trip), ""
+// (MMFP4_CUDA_T64=0: the scales first, as before), "e5" (MMFP4_CUDA_T64=e5:
+// "e" with five stages, MoE only).
+var gemmT64Kind = func() string {
+	switch v := os.Getenv("MMFP4_CUDA_T64"); v {
+	case "0":
+		return ""
+	case "e5":
+		return v
+	}
+	return "e"
+}()
+
+// denseSuffix is suffix for the dense products' kernels (gemmT64Kind; its
+// "e5" is the MoE's only).
+func (t GEMMTile) denseSuffix(G int) string {
+	if t == GEMMTile64 && G == 128 && gemmT64Kind != "" {
+		return "t64e_g128"
+	}
+	return t.suffix(G)
+}
+
+// moeSuffix is suffix for MoEBatched's kernels (gemmT64Kind).
+func (t GEMMTile) moeSuffix(G int) string {
+	if t == GEMMTile64 && G == 128 {
+		return "t64" + gemmT64Kind + "_g128"
+	}
+	return t.suffix(G)
+}
+
+// moeShared is shared for MoEBatched's kernels (gemmT64Kind "e5": a fifth
+// stage).
+func (t GEMMTile) moeShared(G, gk int) int {
+	if t == GEMMTile64 && G == 128 && gemmT64Kind == "e5" {
+		return t.shared(gk) + gemmRows*gemmAStride + t.tokens()*(gemmBK+16)
+	}
+	return t.shared(gk)
+}
+
 func (t GEMMTile) threads() int {
 	switch t {
-	case GEMMTile64, GEMMTileW64, GEMMTileW80:
+	case GEMMTile64:
 		return 256
 	}
 	return 128
@@ -157,7 +127,7 @@ func pickTile(t GEMMTile, tokens int) GEMMTile {
 		return t
 	}
 	if tokens >= gemmWideTokens {
-		return gemmWide
+		return GEMMTile64
 	}
 	return GEMMTile16
 }
@@ -389,11 +359,8 @@ func moeBatchTile(T, slots, experts int) GEMMTile {
 	if moeTileOverride != GEMMTileAuto {
 		return moeTileOverride
 	}
-	if moeWideW80 && T*slots >= moeW80Tokens*experts {
-		return GEMMTileW80
-	}
 	if T*slots >= moeWideTokens*experts {
-		return gemmWide
+		return GEMMTile64
 	}
 	return GEMMTile16
 }
@@ -401,22 +368,6 @@ func moeBatchTile(T, slots, experts int) GEMMTile {
 // moeMaxTiles bounds the tiles of P pairs over ne experts: each expert's
 // rows make ceil(count/BT) tiles.
 func moeMaxTiles(P, ne, bt int) int { return P/bt + min(ne, P) + 1 }
-
-// moeTileBound is the tile size for moeMaxTiles: MoEBatched may run a
-// GEMMTileW80 batch with 64-token tiles (moeTile).
-func moeTileBound(t GEMMTile) int { return min(t.tokens(), 64) }
-
-// moeTile is the tile MoEBatched runs for s.Tile: GEMMTileW80 only where
-// its kernels exist (sm_90a) and for groups of 128.
-func (c *Ctx) moeTile(t GEMMTile, G int) GEMMTile {
-	if t != GEMMTileW80 {
-		return t
-	}
-	if arch, err := c.Arch(); err != nil || arch != "sm_90a" || G != 128 {
-		return GEMMTile64
-	}
-	return t
-}
 
 // MoEBatched computes, for the x.T quantized tokens of x,
 // y[t] (+)= sum_k wts[t,k] expert_{ids[t,k]}(x[t]) + the shared experts(x[t])
@@ -437,7 +388,7 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 	case t.Routed+t.Shared > 1024:
 		return fmt.Errorf("cuda: moe batched: %d experts, at most 1024", t.Routed+t.Shared)
 	}
-	tile := c.moeTile(s.Tile, t.G)
+	tile := s.Tile
 	group, err := c.Kernel("stream", "moeb_group")
 	if err != nil {
 		return err
@@ -462,7 +413,7 @@ func (c *Ctx) MoEBatched(y uint64, ldy int, accumulate bool, t *ExpertTable, ids
 	// With the 64-token tile, a segment's short last tile (moeShortTokens
 	// tokens or fewer) can go to the 16-token kernels in launches of their
 	// own, each launch taking the tiles whose size lies in [nmin, nmax].
-	split := tile.tokens() >= 64 && s.Split
+	split := tile == GEMMTile64 && s.Split
 	var gu16, down16 *Kernel
 	g16, d16 := GEMMTile16.shared(t.K/t.G), GEMMTile16.shared(t.I/t.G)
 	nmin := 1
@@ -540,7 +491,7 @@ func (b *Backend) moeBatched(d, xm *tensor, rt *routing, l *moeLayer) {
 	if moeSplitOverride != 0 {
 		split = moeSplitOverride > 0
 	}
-	s := &MoEBatch{T: T, Slots: slots, Tile: tile, Split: split, MaxTiles: moeMaxTiles(P, t.Routed+t.Shared, moeTileBound(tile))}
+	s := &MoEBatch{T: T, Slots: slots, Tile: tile, Split: split, MaxTiles: moeMaxTiles(P, t.Routed+t.Shared, tile.tokens())}
 	s.Pos, s.List = b.alloc(4*P), b.alloc(4*P)
 	s.TileE, s.TileS, s.TileN, s.NTiles = b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4*s.MaxTiles), b.alloc(4)
 	s.H, s.Part = b.alloc(4*P*t.I), b.alloc(4*P*t.K)

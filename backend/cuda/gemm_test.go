@@ -60,35 +60,11 @@ func TestGEMM(t *testing.T) {
 			ref.MatMul(yt, xt, rw)
 			want := ref.Download(yt)
 			exact := floatProduct(wd, x, T, s.N, s.K)
-			var got64 []float32
-			for v, tile := range []GEMMTile{GEMMTile16, GEMMTile64, GEMMTile64, GEMMTileW64} {
+			for _, tile := range []GEMMTile{GEMMTile16, GEMMTile64} {
 				ldy := s.N + 5*(T%2)
-				// The second 64-token tile: the scales read before the stages.
-				kind := gemmT64Kind
-				if v == 1 {
-					gemmT64Kind = ""
-				}
 				got := productOnDevice(t, d, m, x, T, ldy, func(c *Ctx, y uint64, qm *QMatrix, a *QActs) error {
 					return c.GEMM(y, ldy, qm, a, tile)
 				})
-				gemmT64Kind = kind
-				switch {
-				case v == 1:
-					got64 = got
-				case v >= 2:
-					// The same integer group sums scaled in the same order as
-					// the 64-token tile's: the same bits.
-					diff := 0
-					for i := range got {
-						if math.Float32bits(got[i]) != math.Float32bits(got64[i]) {
-							diff++
-						}
-					}
-					t.Logf("N=%d K=%d G=%d T=%d tile %s %d: %d of %d values differ from tile 64", s.N, s.K, s.G, T, tile.suffix(s.G), v, diff, len(got))
-					if diff != 0 {
-						t.Errorf("N=%d K=%d G=%d T=%d tile %s %d: %d of %d values differ from tile 64", s.N, s.K, s.G, T, tile.suffix(s.G), v, diff, len(got))
-					}
-				}
 				e1, e2 := relErr(want, got), relErr(exact, got)
 				m1 := maxRelErr(want, got)
 				// The same integer dot products: float rounding only
@@ -189,7 +165,7 @@ func TestBackendMoEBatchedMatchesCPU(t *testing.T) {
 			}
 			tiles := []tiling{{GEMMTileAuto, 0}}
 			if T >= 20 {
-				tiles = append(tiles, tiling{GEMMTile64, -1}, tiling{GEMMTile64, 1}, tiling{GEMMTileW64, -1}, tiling{GEMMTileW64, 1}, tiling{GEMMTileW80, -1}, tiling{GEMMTileW80, 1})
+				tiles = append(tiles, tiling{GEMMTile64, -1}, tiling{GEMMTile64, 1})
 			}
 			for _, withShared := range []bool{false, true} {
 				want := moeBlockOutput(t, c, hosts, router, bias, cfg, x, T, withShared)
@@ -231,7 +207,7 @@ func TestBackendMoEBatchedMatchesCPU(t *testing.T) {
 func newMoEBatch(c *Ctx, T, topk int, t *ExpertTable, tile GEMMTile) (*MoEBatch, []Buffer, error) {
 	slots := topk + t.Shared
 	P := T * slots
-	s := &MoEBatch{T: T, Slots: slots, Tile: tile, MaxTiles: moeMaxTiles(P, t.Routed+t.Shared, moeTileBound(tile))}
+	s := &MoEBatch{T: T, Slots: slots, Tile: tile, MaxTiles: moeMaxTiles(P, t.Routed+t.Shared, tile.tokens())}
 	var bufs []Buffer
 	var errs []error
 	get := func(n int) uint64 {
@@ -285,7 +261,7 @@ func BenchmarkGEMM(b *testing.B) {
 			b.Fatal(err)
 		}
 		for _, T := range []int{8, 16, 32, 64, 128, 256, 1024} {
-			for _, v := range []string{"gemv8", "t16", "t64", "t64e", "w64"} {
+			for _, v := range []string{"gemv8", "t16", "t64", "t64e"} {
 				if v == "gemv8" && T > 256 {
 					continue
 				}
@@ -315,12 +291,9 @@ func BenchmarkGEMM(b *testing.B) {
 							case "t16":
 								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTile16)
 							case "t64", "t64e":
-								kind := gemmT64Kind
+								defer func(k string) { gemmT64Kind = k }(gemmT64Kind)
 								gemmT64Kind = strings.TrimPrefix(v, "t64")
-								defer func() { gemmT64Kind = kind }()
 								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTile64)
-							case "w64":
-								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTileW64)
 							}
 							return c.GEMVRows(y.Ptr, cs.n, q, a)
 						}
@@ -456,10 +429,6 @@ func BenchmarkMoEBatched(b *testing.B) {
 							kind, _, _ := strings.Cut(strings.TrimPrefix(v, "batched_t64"), "_")
 							defer func(k string) { gemmT64Kind = k }(gemmT64Kind)
 							gemmT64Kind = kind
-						case strings.HasPrefix(v, "batched_w64"):
-							tile = GEMMTileW64
-						case strings.HasPrefix(v, "batched_w80"):
-							tile = GEMMTileW80
 						}
 						s, bufs, err := newMoEBatch(c, T, topk, tab, tile)
 						defer func() {
@@ -477,7 +446,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 						if err := run(); err != nil {
 							return err
 						}
-						if tile.tokens() >= 64 {
+						if tile == GEMMTile64 {
 							k, err := c.Kernel("gemm", "moe_gemm_gate_up_"+tile.moeSuffix(128))
 							if err != nil {
 								return err
@@ -512,11 +481,11 @@ func BenchmarkMoEBatched(b *testing.B) {
 
 // moeBenchVariants are BenchmarkMoEBatched's: "_bal" and "_skew" name
 // the routing (else uniform random), "_split" the short tiles through the
-// 16-token kernels.
+// 16-token kernels; "t64e" and "t64e5" the 64-token tile's gemmT64Kind
+// ("t64": "").
 var moeBenchVariants = []string{"per_token", "batched_t16", "batched_t64", "batched_t64_split", "batched_t64_bal",
-	"batched_t64_split_skew", "batched_t64e_split", "batched_t64e_bal", "batched_t64e_split_skew", "batched_t64e5_split", "batched_t64e5_bal", "batched_t64e5_split_skew",
-	"batched_w64", "batched_w64_split", "batched_w64_bal", "batched_w64_split_skew",
-	"batched_w80", "batched_w80_split", "batched_w80_bal", "batched_w80_split_skew"}
+	"batched_t64_split_skew", "batched_t64e", "batched_t64e_split", "batched_t64e_bal", "batched_t64e_split_skew",
+	"batched_t64e5", "batched_t64e5_split", "batched_t64e5_bal", "batched_t64e5_split_skew"}
 
 // skewedPick draws k distinct indices with probabilities proportional to w
 // (without replacement).
@@ -692,9 +661,8 @@ func TestMoEBatchedTilesBitExact(t *testing.T) {
 			kind  string
 		}{
 			{"tile 16", GEMMTile16, -1, ""}, {"tile 64, short tiles split off", GEMMTile64, 1, ""},
-			{"tile 64, stages first", GEMMTile64, -1, "e"}, {"tile 64, stages first, five", GEMMTile64, 1, "e5"},
-			{"tile 64 on wgmma", GEMMTileW64, -1, ""}, {"tile 64 on wgmma, short tiles split off", GEMMTileW64, 1, ""},
-			{"tile 80 on wgmma", GEMMTileW80, -1, ""}, {"tile 80 on wgmma, short tiles split off", GEMMTileW80, 1, ""},
+			{"tile 64, first stages early", GEMMTile64, -1, "e"}, {"tile 64, first stages early, split", GEMMTile64, 1, "e"},
+			{"tile 64, five stages", GEMMTile64, -1, "e5"},
 		} {
 			got := run(v.tile, v.split, v.kind)
 			diff := 0
@@ -706,6 +674,66 @@ func TestMoEBatchedTilesBitExact(t *testing.T) {
 			t.Logf("moe T=%d %s: %d of %d values differ from tile 64", T, v.name, diff, len(want))
 			if diff != 0 {
 				t.Errorf("moe T=%d %s: %d of %d values differ from tile 64", T, v.name, diff, len(want))
+			}
+		}
+	}
+}
+
+// The 64-token tile's kernels that ask for their first stages before the
+// weight scales give the others' bits (the same sums in the same order):
+// dense products at the model's shapes and odd ones, the pair and the
+// value expansion with its int8 form (gemmT64Kind "e" against "").
+func TestGEMMEarlyStagesBitExact(t *testing.T) {
+	d := testDevice(t)
+	r := rand.New(rand.NewPCG(41, 8))
+	defer func(k string) { gemmT64Kind = k }(gemmT64Kind)
+	for _, s := range []struct{ N, K, T int }{{2048, 5120, 65}, {5120, 768, 200}, {1536, 2048, 100}, {130, 1024, 257}, {256, 256, 300}} {
+		m, err := format.Quantize(randVec(r, s.N*s.K, 0.02), s.N, s.K, format.QuantOptions{GroupSize: 128})
+		if err != nil {
+			t.Fatal(err)
+		}
+		x := randVec(r, s.T*s.K, 1)
+		products := []struct {
+			name string
+			run  func(c *Ctx, y uint64, qm *QMatrix, a *QActs) error
+		}{
+			{"gemm", func(c *Ctx, y uint64, qm *QMatrix, a *QActs) error { return c.GEMM(y, s.N, qm, a, GEMMTile64) }},
+			{"pair", func(c *Ctx, y uint64, qm *QMatrix, a *QActs) error {
+				y2, err := c.Alloc(4 * s.T * s.N)
+				if err != nil {
+					return err
+				}
+				defer c.Free(y2)
+				return c.GEMMPair(y, s.N, qm, y2.Ptr, s.N, qm, a, GEMMTile64)
+			}},
+		}
+		if s.N%gemmRows == 0 {
+			products = append(products, struct {
+				name string
+				run  func(c *Ctx, y uint64, qm *QMatrix, a *QActs) error
+			}{"heads+quant", func(c *Ctx, y uint64, qm *QMatrix, a *QActs) error {
+				q, err := c.NewQActs(s.T, s.N, gemmRows)
+				if err != nil {
+					return err
+				}
+				defer c.FreeQActs(q)
+				return c.GEMMHeadsQuant(y, s.N, qm, a, 1, s.N, GEMMTile64, q)
+			}})
+		}
+		for _, p := range products {
+			gemmT64Kind = ""
+			want := productOnDevice(t, d, m, x, s.T, s.N, p.run)
+			gemmT64Kind = "e"
+			got := productOnDevice(t, d, m, x, s.T, s.N, p.run)
+			diff := 0
+			for i := range want {
+				if math.Float32bits(got[i]) != math.Float32bits(want[i]) {
+					diff++
+				}
+			}
+			t.Logf("%s %dx%d T=%d: %d of %d values differ", p.name, s.N, s.K, s.T, diff, len(want))
+			if diff != 0 {
+				t.Errorf("%s %dx%d T=%d: %d of %d values differ from the scales-first kernel", p.name, s.N, s.K, s.T, diff, len(want))
 			}
 		}
 	}
@@ -735,7 +763,7 @@ func TestGEMMPair(t *testing.T) {
 		}
 		for _, T := range s.Ts {
 			x := randVec(r, T*s.K, 1)
-			for _, tile := range []GEMMTile{GEMMTile16, GEMMTile64, GEMMTileW64} {
+			for _, tile := range []GEMMTile{GEMMTile16, GEMMTile64} {
 				var want1, want2, got1, got2 []float32
 				err := d.Do(func(c *Ctx) error {
 					q1, err1 := c.UploadMatrix(m1)

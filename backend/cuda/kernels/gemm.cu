@@ -161,81 +161,6 @@ DEVICE void gemm_stage(float (&acc)[MT][WT][4], const u8* sa, const u8* sb, cons
   }
 }
 
-#if GEMM_WGMMA
-// gemm_stage for the 64-token tile on the warpgroup MMA (MT = 1, WT = 8,
-// WN = 1, one group of 128 a stage): the block's two warpgroups take
-// shared rows 0-63 and 64-127, four wgmma of 64 rows x 64 tokens x 32
-// columns a stage, A (the widened codes) from registers, B (the stage's
-// activations) from shared memory in core matrices (see gemm_tile), the
-// group's int32 sums scaled as gemm_stage scales them (the same sums in the
-// same order: the same bits). The activations' k order is theirs, so a
-// thread's A fragment takes columns 4i..4i+3 (codes' bytes 2i, 2i+1 of a
-// chunk) and 16+4i..16+4i+3 (bytes 8+2i, 9+2i): two word reads and a byte
-// permute a row and chunk.
-//
-// WT = 10 (80 tokens): a tile whose tokens fit in 64 takes the 64-column
-// products.
-template <int WT, bool PART>
-DEVICE void gemm_stage_wg(float (&acc)[1][WT][4], const u8* sa, u32 sb, const float* sxs, const float* slut,
-                          const u8* sws, const int (&ra)[1], int GK, int grp, int i, int ntv) {
-  static_assert(WT == 8 || WT == 10, "wgmma tiles of 64 or 80 tokens");
-  float ws[2], xv[WT][2];
-  // The scales (the 80-token tile reads them after the products, when the
-  // A fragments' registers are free: before, it spills).
-  auto scales = [&]() {
-#pragma unroll
-    for (int h = 0; h < 2; h++) ws[h] = slut[sws[(ra[0] + 8 * h) * GK + grp]];
-#pragma unroll
-    for (int nt = 0; nt < WT; nt++) {
-      const float2 v = *(const float2*)(sxs + 8 * nt + 2 * i);
-      xv[nt][0] = v.x;
-      xv[nt][1] = v.y;
-    }
-  };
-  if (WT == 8) scales();
-  const u32 psel = (i & 1) ? 0x7632u : 0x5410u;
-  const u8* arow = sa + ra[0] * GEMM_ASTRIDE + 4 * (i >> 1);
-  u32 af[4][4];
-#pragma unroll
-  for (int j = 0; j < 4; j++)
-#pragma unroll
-    for (int h = 0; h < 2; h++) {
-      const u8* p = arow + h * 8 * GEMM_ASTRIDE + 16 * j;
-      const u32 sel = prmt(*(const u32*)p, *(const u32*)(p + 8), psel);
-      af[j][h] = e2m1x4_signed(sel);
-      af[j][2 + h] = e2m1x4_signed(sel >> 16);
-    }
-  i32 d[4 * WT];
-  // Chunk j's core matrices start 256 bytes on: 16 in the address field.
-  const u64 desc = wgmma_desc(sb, 128, 1024);
-  wgmma_fence();
-  if (WT == 8 || ntv <= 8) {
-#pragma unroll
-    for (int j = 0; j < 4; j++) wgmma_s8_n64(d, af[j], desc + 16 * j, j);
-  } else {
-#pragma unroll
-    for (int j = 0; j < 4; j++) wgmma_s8_n80(d, af[j], desc + 16 * j, j);
-  }
-  wgmma_commit();
-  wgmma_wait<0>();
-#pragma unroll
-  for (int k = 0; k < 4 * WT; k++) wgmma_hold(d[k]);
-#pragma unroll
-  for (int j = 0; j < 4; j++)
-#pragma unroll
-    for (int q = 0; q < 4; q++) wgmma_hold(af[j][q]);
-  if (WT != 8) scales();
-#pragma unroll
-  for (int nt = 0; nt < WT; nt++) {
-    if ((PART || WT > 8) && nt >= ntv) continue;
-    acc[0][nt][0] += (float)d[4 * nt + 0] * (ws[0] * xv[nt][0]);
-    acc[0][nt][1] += (float)d[4 * nt + 1] * (ws[0] * xv[nt][1]);
-    acc[0][nt][2] += (float)d[4 * nt + 2] * (ws[1] * xv[nt][0]);
-    acc[0][nt][3] += (float)d[4 * nt + 3] * (ws[1] * xv[nt][1]);
-  }
-}
-#endif
-
 // One block's tile. Weights: matrix a (rows [row0, row0+128) of N, or for
 // GATE_UP gate rows [row0, row0+64) from a and the same rows of up from b),
 // K columns, group size G. Activations: tile token r is row tokrow[r]
@@ -267,17 +192,11 @@ DEVICE void gemm_quant_out(float (&v)[MT][WT][4], const float* __restrict__ row_
                            const int (&ra)[MT], float* __restrict__ out, int ldo, int ntok, GQOut qo, u8* smem);
 
 //
-// WG (GEMM_WGMMA builds only; MT = 1, WT = 8, WN = 1, SPG = 4): the stages
-// go through gemm_stage_wg, and a stage's activations lie in wgmma's core
-// matrices instead of gemm_bofs's order: 16-byte granule c of tile token r
-// at ((r/8)*8 + c)*128 + (r%8)*16, so that thread tid's copy it lands at
-// 16*(tid + it*NT).
-//
 // EC: the block's first stages are asked for before its weight scales are
-// read (the scales' load then overlaps the stages' instead of preceding
-// it). ST: the pipeline's depth (GEMM_STAGES, or 5 for the 64-token MoE
-// tile, whose two blocks a multiprocessor still fit).
-template <int MT, int WT, int WN, int MODE, int SPG, int SK, bool WG = false, bool EC = false, int ST = GEMM_STAGES>
+// read, so that the scales' loads overlap the stages' instead of preceding
+// them. ST: the pipeline's depth (GEMM_STAGES; 5 fits the 64-token MoE
+// tile's two blocks a multiprocessor too).
+template <int MT, int WT, int WN, int MODE, int SPG, int SK, bool EC = false, int ST = GEMM_STAGES>
 DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8* __restrict__ xq, int ldx,
                       const float* __restrict__ xs, int ldxs, const int* tokrow, int ntok,
                       float* __restrict__ out, int ldo, u8* smem, GQOut qo = GQOut{}) {
@@ -320,33 +239,25 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
   // computed once: the stage loads are then AIT + XIT 16-byte copies (and
   // one small one) at fixed offsets, with no per-stage loop or address
   // arithmetic beyond the column offset.
-  // (The 80-token tile's activations take a third copy a stage in part of
-  // the threads.)
-  constexpr int AIT = GEMM_ROWS * 4 / NT, XIT = (BT * 8 + NT - 1) / NT;
-  static_assert(AIT * NT == GEMM_ROWS * 4 && (XIT * NT == BT * 8 || WG) && XIT >= 1, "stage copies must divide evenly");
+  constexpr int AIT = GEMM_ROWS * 4 / NT, XIT = BT * 8 / NT;
+  static_assert(AIT * NT == GEMM_ROWS * 4 && XIT * NT == BT * 8 && XIT >= 1, "stage copies must divide evenly");
   const u8* asrc[AIT];
   const i8* xsrc[XIT];
 #pragma unroll
   for (int it = 0; it < AIT; it++) asrc[it] = arow((tid >> 2) + it * (NT / 4)) + (tid & 3) * 16;
 #pragma unroll
-  for (int it = 0; it < XIT; it++) {
-    const int idx = tid + it * NT;
-    xsrc[it] = WG ? xq + (size_t)tokrow[min(((idx >> 6) << 3) | (idx & 7), BT - 1)] * ldx + ((idx >> 3) & 7) * 16
-                  : xq + (size_t)tokrow[(tid >> 3) + it * (NT / 8)] * ldx + (tid & 7) * 16;
-  }
+  for (int it = 0; it < XIT; it++) xsrc[it] = xq + (size_t)tokrow[(tid >> 3) + it * (NT / 8)] * ldx + (tid & 7) * 16;
   const float* ssrc = xs + (size_t)tokrow[min(tid, BT - 1)] * ldxs;
   const u32 sbase = smem_addr(smem);
   const u32 adst = (tid >> 2) * GEMM_ASTRIDE + (tid & 3) * 16;
-  const u32 xdst = WG ? ABYTES + 16 * tid : ABYTES + gemm_bofs(tid >> 3, tid & 7);
-  static_assert(!WG || (MT == 1 && (WT == 8 || WT == 10) && WN == 1 && SPG == 4), "the wgmma stage takes the 64- or 80-token tile, G = 128");
+  const u32 xdst = ABYTES + gemm_bofs(tid >> 3, tid & 7);
   auto load_stage = [&](int s, int buf) {
     const u32 base = sbase + buf * SBYTES;
     const int k0 = s * GEMM_BK;
 #pragma unroll
     for (int it = 0; it < AIT; it++) cp_async16(base + adst + it * (NT / 4) * GEMM_ASTRIDE, asrc[it] + k0 / 2);
 #pragma unroll
-    for (int it = 0; it < XIT; it++)
-      if (XIT * NT == BT * 8 || tid + it * NT < BT * 8) cp_async16(base + xdst + it * 16 * NT, xsrc[it] + k0);
+    for (int it = 0; it < XIT; it++) cp_async16(base + xdst + it * (NT / 8) * GEMM_BK, xsrc[it] + k0);
     if (tid < BT)
       for (int gl = 0; gl < gpb; gl++) cp_async_small(base + ABYTES + XBYTES + (gl * BT + tid) * 4, ssrc + s * gpb + gl, 4);
   };
@@ -375,9 +286,6 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
   const int spg = SPG ? SPG : G / 32;  // 32-column chunks per group
   for (int kt = 0; kt < nk; kt++) {
     cp_async_wait<ST - 2>();
-#if GEMM_WGMMA
-    if (WG) fence_proxy_async();  // this thread's copies, before the tensor cores read them
-#endif
     __syncthreads();
     if (kt + ST - 1 < nk) load_stage(kt + ST - 1, (kt + ST - 1) % ST);
     cp_async_commit();
@@ -385,16 +293,6 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     const u8* sb = sa + ABYTES;
     const float* sxs = (const float*)(sb + XBYTES);
     if (SKIP && ntv == 0) continue;
-#if GEMM_WGMMA
-    if constexpr (WG) {
-      if (SKIP && ntv < WT) {
-        gemm_stage_wg<WT, true>(acc, sa, smem_addr(sb), sxs, slut, sws, ra, GK, kt * gpb, i, ntv);
-      } else {
-        gemm_stage_wg<WT, false>(acc, sa, smem_addr(sb), sxs, slut, sws, ra, GK, kt * gpb, i, ntv);
-      }
-      continue;
-    }
-#endif
     if (SKIP && ntv < WT) {
       gemm_stage<MT, WT, WN, SPG, true>(acc, sa, sb, sxs, slut, sws, ra, GK, kt * gpb, spg, wn, g, i, ntv);
     } else {
@@ -470,7 +368,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
 // Grid z > 1: per-head products, head z taking weight rows [z*N, (z+1)*N),
 // activation columns [z*K, (z+1)*K) (whole groups) and output columns
 // [z*N, (z+1)*N).
-template <int MT, int WT, int WN, int SPG, bool WG, bool EC = false>
+template <int MT, int WT, int WN, int SPG, bool EC>
 DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale, int N, int K, int G,
                        const i8* xq, int ldx, const float* xs, int ldxs, int T, float* y, int ldy, size_t z) {
   constexpr int BT = 8 * WT * WN;
@@ -482,24 +380,24 @@ DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale
   PDL_WAIT();
   __syncthreads();
   GQMat a = {codes + z * N * (K / 2), scales + z * N * GK, row_scale + z * N};
-  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, 1, WG, EC>(a, a, N, K, G, blockIdx.x * GEMM_ROWS, xq + z * K, ldx, xs + z * GK, ldxs,
+  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, 1, EC>(a, a, N, K, G, blockIdx.x * GEMM_ROWS, xq + z * K, ldx, xs + z * GK, ldxs,
                                      tokrow, ntok, y + (size_t)t0 * ldy + z * N, ldy, gemm_smem_buf);
 }
 
-#define GEMM_DENSE_KERNEL(NAME, MT, WT, WN, SPG, MINB, WG)                                               \
+#define GEMM_DENSE_KERNEL(NAME, MT, WT, WN, SPG, MINB, EC)                                               \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) NAME(                                 \
       const u8* __restrict__ codes, const u8* __restrict__ scales,                                \
       const float* __restrict__ row_scale, int N, int K, int G, const i8* __restrict__ xq,        \
       int ldx, const float* __restrict__ xs, int ldxs, int T, float* __restrict__ y, int ldy) {   \
     PDL_LAUNCH();                                                                                 \
-    gemm_dense<MT, WT, WN, SPG, WG>(codes, scales, row_scale, N, K, G, xq, ldx, xs, ldxs, T, y, ldy, blockIdx.z); \
+    gemm_dense<MT, WT, WN, SPG, EC>(codes, scales, row_scale, N, K, G, xq, ldx, xs, ldxs, T, y, ldy, blockIdx.z); \
   }
 
 // Two products of the same activations in one launch (q_a and kv_a of a
 // prefill, each under one wave of blocks alone): grid (ceil(max(N1,
 // N2)/128), ceil(T/BT), 2), z picking the matrix; a block past its
 // matrix's rows exits. The same sums as two gemm launches.
-#define GEMM_PAIR_KERNEL(NAME, MT, WT, WN, SPG, MINB, WG, EC)                                                      \
+#define GEMM_PAIR_KERNEL(NAME, MT, WT, WN, SPG, MINB, EC)                                                      \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) NAME(                                 \
       const u8* __restrict__ codes1, const u8* __restrict__ scales1, const float* __restrict__ rs1, int N1, \
       float* __restrict__ y1, int ldy1, const u8* __restrict__ codes2, const u8* __restrict__ scales2,     \
@@ -509,30 +407,22 @@ DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale
     const bool two = blockIdx.z == 1;                                                                      \
     const int N = two ? N2 : N1;                                                                           \
     if ((int)blockIdx.x * GEMM_ROWS >= N) return;                                                          \
-    gemm_dense<MT, WT, WN, SPG, WG, EC>(two ? codes2 : codes1, two ? scales2 : scales1, two ? rs2 : rs1, N, K, G, xq, \
+    gemm_dense<MT, WT, WN, SPG, EC>(two ? codes2 : codes1, two ? scales2 : scales1, two ? rs2 : rs1, N, K, G, xq, \
                                    ldx, xs, ldxs, T, two ? y2 : y1, two ? ldy2 : ldy1, 0);                 \
   }
 
-GEMM_PAIR_KERNEL(gemm_pair_t16, 2, 2, 1, 0, 1, false, false)
-GEMM_PAIR_KERNEL(gemm_pair_t16_g128, 2, 2, 1, 4, 1, false, false)
-GEMM_PAIR_KERNEL(gemm_pair_t64, 1, 8, 1, 0, 2, false, false)
-GEMM_PAIR_KERNEL(gemm_pair_t64_g128, 1, 8, 1, 4, 2, false, false)
-GEMM_PAIR_KERNEL(gemm_pair_t64e_g128, 1, 8, 1, 4, 2, false, true)
-GEMM_PAIR_KERNEL(gemm_pair_w64_g128, 1, 8, 1, 4, 2, GEMM_WGMMA, false)
+GEMM_PAIR_KERNEL(gemm_pair_t16, 2, 2, 1, 0, 1, false)
+GEMM_PAIR_KERNEL(gemm_pair_t16_g128, 2, 2, 1, 4, 1, false)
+GEMM_PAIR_KERNEL(gemm_pair_t64, 1, 8, 1, 0, 2, false)
+GEMM_PAIR_KERNEL(gemm_pair_t64_g128, 1, 8, 1, 4, 2, false)
+GEMM_PAIR_KERNEL(gemm_pair_t64e_g128, 1, 8, 1, 4, 2, true)
 
 // (MINB: blocks per SM the registers must allow.)
 GEMM_DENSE_KERNEL(gemm_t16, 2, 2, 1, 0, 1, false)
 GEMM_DENSE_KERNEL(gemm_t16_g128, 2, 2, 1, 4, 1, false)
 GEMM_DENSE_KERNEL(gemm_t64, 1, 8, 1, 0, 2, false)
 GEMM_DENSE_KERNEL(gemm_t64_g128, 1, 8, 1, 4, 2, false)
-GEMM_DENSE_KERNEL(gemm_w64_g128, 1, 8, 1, 4, 2, GEMM_WGMMA)
-extern "C" __global__ void __launch_bounds__(256, 2)
-    gemm_t64e_g128(const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale,
-                   int N, int K, int G, const i8* __restrict__ xq, int ldx, const float* __restrict__ xs, int ldxs,
-                   int T, float* __restrict__ y, int ldy) {
-  PDL_LAUNCH();
-  gemm_dense<1, 8, 1, 4, false, true>(codes, scales, row_scale, N, K, G, xq, ldx, xs, ldxs, T, y, ldy, blockIdx.z);
-}
+GEMM_DENSE_KERNEL(gemm_t64e_g128, 1, 8, 1, 4, 2, true)
 
 
 // ---------------------------------------------------------------------------
@@ -576,7 +466,7 @@ DEVICE void moe_tile_words(bool early, const i32* ntiles, const i32* tile_e, con
 // Grid (ceil(I/64), max tiles); a launch takes the tiles of nmin to nmax
 // tokens (the 64-token kernels can leave a segment's short last tile to the
 // 16-token ones).
-template <int MT, int WT, int WN, int SPG, int SK, bool WG, bool EC, int ST>
+template <int MT, int WT, int WN, int SPG, int SK, bool EC, int ST>
 DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
                              const i32* ntiles, const i32* list, int I, int K, int G, const i8* xq,
                              const float* xs, float* h, int nmin, int nmax) {
@@ -593,13 +483,13 @@ DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i3
   const GExpert& ex = experts[te];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = list[s0 + min(r, ntok - 1)];
   __syncthreads();
-  gemm_tile<MT, WT, WN, GEMM_GATE_UP, SPG, SK, WG, EC, ST>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G, tokrow, ntok,
+  gemm_tile<MT, WT, WN, GEMM_GATE_UP, SPG, SK, EC, ST>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G, tokrow, ntok,
                                        h + (size_t)s0 * I, I, gemm_smem_buf);
 }
 
 // Down products over the tiles: part[row][n] = down_e,n . hq[row].
 // Grid (ceil(N/128), max tiles), the tiles of nmin to nmax tokens.
-template <int MT, int WT, int WN, int SPG, int SK, bool WG, bool EC, int ST>
+template <int MT, int WT, int WN, int SPG, int SK, bool EC, int ST>
 DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
                           const i32* ntiles, int N, int I, int G, const i8* hq, const float* hs, float* part,
                           int nmin, int nmax) {
@@ -616,18 +506,18 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
   const GExpert& ex = experts[te];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = s0 + min(r, ntok - 1);
   __syncthreads();
-  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, SK, WG, EC, ST>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs, I / G, tokrow,
+  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, SK, EC, ST>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs, I / G, tokrow,
                                      ntok, part + (size_t)s0 * N, N, gemm_smem_buf);
 }
 
-#define MOE_GEMM_KERNELS(SUFFIX, MT, WT, WN, SPG, MINB, SK, WG, EC, ST)                                                  \
+#define MOE_GEMM_KERNELS(SUFFIX, MT, WT, WN, SPG, MINB, SK, EC, ST)                                                  \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) moe_gemm_gate_up_##SUFFIX(               \
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,                             \
       const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K, int G,          \
       const i8* __restrict__ xq, const float* __restrict__ xs, float* __restrict__ h, int nmin, int nmax) { \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_gate_up<MT, WT, WN, SPG, SK, WG, EC, ST>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h, nmin, nmax); \
+    moe_gemm_gate_up<MT, WT, WN, SPG, SK, EC, ST>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h, nmin, nmax); \
   }                                                                                               \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) moe_gemm_down_##SUFFIX(                  \
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
@@ -635,23 +525,15 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
       const i32* __restrict__ ntiles, int N, int I, int G, const i8* __restrict__ hq,             \
       const float* __restrict__ hs, float* __restrict__ part, int nmin, int nmax) {               \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_down<MT, WT, WN, SPG, SK, WG, EC, ST>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part, nmin, nmax); \
+    moe_gemm_down<MT, WT, WN, SPG, SK, EC, ST>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part, nmin, nmax); \
   }
 
-MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1, 0, false, false, GEMM_STAGES)
-MOE_GEMM_KERNELS(t16_g128, 2, 2, 1, 4, 1, 0, false, false, GEMM_STAGES)
-MOE_GEMM_KERNELS(t64, 1, 8, 1, 0, 2, 1, false, false, GEMM_STAGES)
-MOE_GEMM_KERNELS(t64_g128, 1, 8, 1, 4, 2, 1, false, false, GEMM_STAGES)
-MOE_GEMM_KERNELS(t64e_g128, 1, 8, 1, 4, 2, 1, false, true, GEMM_STAGES)
-MOE_GEMM_KERNELS(t64e5_g128, 1, 8, 1, 4, 2, 1, false, true, 5)
-// The 64-token tile on the warpgroup MMA where the build has it (else the
-// same kernels as t64_g128).
-MOE_GEMM_KERNELS(w64_g128, 1, 8, 1, 4, 2, 1, GEMM_WGMMA, false, GEMM_STAGES)
-#if GEMM_WGMMA
-// The 80-token tile (segments of up to 80 pairs in one pass over their
-// expert's weights), on the warpgroup MMA only.
-MOE_GEMM_KERNELS(w80_g128, 1, 10, 1, 4, 2, 1, true, false, GEMM_STAGES)
-#endif
+MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1, 0, false, GEMM_STAGES)
+MOE_GEMM_KERNELS(t16_g128, 2, 2, 1, 4, 1, 0, false, GEMM_STAGES)
+MOE_GEMM_KERNELS(t64, 1, 8, 1, 0, 2, 1, false, GEMM_STAGES)
+MOE_GEMM_KERNELS(t64_g128, 1, 8, 1, 4, 2, 1, false, GEMM_STAGES)
+MOE_GEMM_KERNELS(t64e_g128, 1, 8, 1, 4, 2, 1, true, GEMM_STAGES)
+MOE_GEMM_KERNELS(t64e5_g128, 1, 8, 1, 4, 2, 1, true, 5)
 
 // ---------------------------------------------------------------------------
 // The absorbed query of many tokens, qlat[t, h*rank + k] =
@@ -965,7 +847,7 @@ DEVICE void gemm_quant_out(float (&v)[MT][WT][4], const float* __restrict__ row_
 // GEMMHeads (gemm_dense with grid z the head) writing the output and its
 // int8 form: oq [T][OK] codes, os [T][OK/128] scales, osum [T][OK/32] sums,
 // OK = heads x N; N a multiple of 128.
-#define GEMM_HEADS_Q_KERNEL(NAME, MT, WT, WN, SPG, MINB, WG, EC)                                                     \
+#define GEMM_HEADS_Q_KERNEL(NAME, MT, WT, WN, SPG, MINB, EC)                                                     \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) NAME(                                   \
       const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale,      \
       int N, int K, int G, const i8* __restrict__ xq, int ldx, const float* __restrict__ xs, int ldxs, int T, \
@@ -984,14 +866,13 @@ DEVICE void gemm_quant_out(float (&v)[MT][WT][4], const float* __restrict__ row_
     GQMat a = {codes + z * N * (K / 2), scales + z * N * GK, row_scale + z * N};                             \
     const GQOut qo = {oq + (size_t)t0 * OK + z * N, os + (size_t)t0 * (OK / GEMM_ROWS) + z * N / GEMM_ROWS,   \
                       osum + (size_t)t0 * (OK / 32) + z * N / 32, OK};                                       \
-    gemm_tile<MT, WT, WN, GEMM_PLAIN_Q, SPG, 1, WG, EC>(a, a, N, K, G, blockIdx.x * GEMM_ROWS, xq + z * K, ldx,       \
+    gemm_tile<MT, WT, WN, GEMM_PLAIN_Q, SPG, 1, EC>(a, a, N, K, G, blockIdx.x * GEMM_ROWS, xq + z * K, ldx,       \
                                                 xs + z * GK, ldxs, tokrow, ntok, y + (size_t)t0 * ldy + z * N, \
                                                 ldy, gemm_smem_buf, qo);                                     \
   }
 
-GEMM_HEADS_Q_KERNEL(gemm_heads_q_t16, 2, 2, 1, 0, 1, false, false)
-GEMM_HEADS_Q_KERNEL(gemm_heads_q_t16_g128, 2, 2, 1, 4, 1, false, false)
-GEMM_HEADS_Q_KERNEL(gemm_heads_q_t64, 1, 8, 1, 0, 2, false, false)
-GEMM_HEADS_Q_KERNEL(gemm_heads_q_t64_g128, 1, 8, 1, 4, 2, false, false)
-GEMM_HEADS_Q_KERNEL(gemm_heads_q_t64e_g128, 1, 8, 1, 4, 2, false, true)
-GEMM_HEADS_Q_KERNEL(gemm_heads_q_w64_g128, 1, 8, 1, 4, 2, GEMM_WGMMA, false)
+GEMM_HEADS_Q_KERNEL(gemm_heads_q_t16, 2, 2, 1, 0, 1, false)
+GEMM_HEADS_Q_KERNEL(gemm_heads_q_t16_g128, 2, 2, 1, 4, 1, false)
+GEMM_HEADS_Q_KERNEL(gemm_heads_q_t64, 1, 8, 1, 0, 2, false)
+GEMM_HEADS_Q_KERNEL(gemm_heads_q_t64_g128, 1, 8, 1, 4, 2, false)
+GEMM_HEADS_Q_KERNEL(gemm_heads_q_t64e_g128, 1, 8, 1, 4, 2, true)
