@@ -447,11 +447,11 @@ func BenchmarkMoEBatched(b *testing.B) {
 							return err
 						}
 						if tile == GEMMTile64 {
-							k, err := c.Kernel("gemm", "moe_gemm_gate_up_"+tile.moeSuffix(128))
+							k, err := c.Kernel("gemm", "moe_gemm_gate_up_"+tile.kindSuffix(128))
 							if err != nil {
 								return err
 							}
-							occ, err := c.Occupancy(k, tile.threads(), tile.moeShared(128, K/128))
+							occ, err := c.Occupancy(k, tile.threads(), tile.shared(K/128))
 							if err != nil {
 								return err
 							}
@@ -481,11 +481,10 @@ func BenchmarkMoEBatched(b *testing.B) {
 
 // moeBenchVariants are BenchmarkMoEBatched's: "_bal" and "_skew" name
 // the routing (else uniform random), "_split" the short tiles through the
-// 16-token kernels; "t64e" and "t64e5" the 64-token tile's gemmT64Kind
-// ("t64": "").
+// 16-token kernels; "t64" and "t64e" the 64-token tile's kernels
+// (gemmT64Kind "" and "e").
 var moeBenchVariants = []string{"per_token", "batched_t16", "batched_t64", "batched_t64_split", "batched_t64_bal",
-	"batched_t64_split_skew", "batched_t64e", "batched_t64e_split", "batched_t64e_bal", "batched_t64e_split_skew",
-	"batched_t64e5", "batched_t64e5_split", "batched_t64e5_bal", "batched_t64e5_split_skew"}
+	"batched_t64_split_skew", "batched_t64e", "batched_t64e_split", "batched_t64e_bal", "batched_t64e_split_skew"}
 
 // skewedPick draws k distinct indices with probabilities proportional to w
 // (without replacement).
@@ -662,7 +661,6 @@ func TestMoEBatchedTilesBitExact(t *testing.T) {
 		}{
 			{"tile 16", GEMMTile16, -1, ""}, {"tile 64, short tiles split off", GEMMTile64, 1, ""},
 			{"tile 64, first stages early", GEMMTile64, -1, "e"}, {"tile 64, first stages early, split", GEMMTile64, 1, "e"},
-			{"tile 64, five stages", GEMMTile64, -1, "e5"},
 		} {
 			got := run(v.tile, v.split, v.kind)
 			diff := 0

@@ -194,9 +194,8 @@ DEVICE void gemm_quant_out(float (&v)[MT][WT][4], const float* __restrict__ row_
 //
 // EC: the block's first stages are asked for before its weight scales are
 // read, so that the scales' loads overlap the stages' instead of preceding
-// them. ST: the pipeline's depth (GEMM_STAGES; 5 fits the 64-token MoE
-// tile's two blocks a multiprocessor too).
-template <int MT, int WT, int WN, int MODE, int SPG, int SK, bool EC = false, int ST = GEMM_STAGES>
+// them.
+template <int MT, int WT, int WN, int MODE, int SPG, int SK, bool EC = false>
 DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8* __restrict__ xq, int ldx,
                       const float* __restrict__ xs, int ldxs, const int* tokrow, int ntok,
                       float* __restrict__ out, int ldo, u8* smem, GQOut qo = GQOut{}) {
@@ -215,8 +214,8 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
   // The block's weight scales for all of K, after the stages: [128][GK].
   // Before them, the E4M3 value of every byte (a group scale is then one
   // byte read and one table read, not a conversion).
-  float* slut = (float*)(smem + ST * SBYTES);
-  u8* sws = smem + ST * SBYTES + 256 * 4;
+  float* slut = (float*)(smem + GEMM_STAGES * SBYTES);
+  u8* sws = smem + GEMM_STAGES * SBYTES + 256 * 4;
   auto fill_scales = [&]() {
     for (int idx = tid; idx < 256; idx += NT) slut[idx] = e4m3(idx);
     for (int idx = tid; idx < GEMM_ROWS * GK; idx += NT) {
@@ -278,18 +277,18 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
       for (int e = 0; e < 4; e++) acc[m][nt][e] = 0.f;
 
 #pragma unroll
-  for (int s = 0; s < ST - 1; s++) {
+  for (int s = 0; s < GEMM_STAGES - 1; s++) {
     if (s < nk) load_stage(s, s);
     cp_async_commit();
   }
   if (EC) fill_scales();  // (the loop's first barrier orders its stores)
   const int spg = SPG ? SPG : G / 32;  // 32-column chunks per group
   for (int kt = 0; kt < nk; kt++) {
-    cp_async_wait<ST - 2>();
+    cp_async_wait<GEMM_STAGES - 2>();
     __syncthreads();
-    if (kt + ST - 1 < nk) load_stage(kt + ST - 1, (kt + ST - 1) % ST);
+    if (kt + GEMM_STAGES - 1 < nk) load_stage(kt + GEMM_STAGES - 1, (kt + GEMM_STAGES - 1) % GEMM_STAGES);
     cp_async_commit();
-    const u8* sa = smem + (kt % ST) * SBYTES;
+    const u8* sa = smem + (kt % GEMM_STAGES) * SBYTES;
     const u8* sb = sa + ABYTES;
     const float* sxs = (const float*)(sb + XBYTES);
     if (SKIP && ntv == 0) continue;
@@ -466,7 +465,7 @@ DEVICE void moe_tile_words(bool early, const i32* ntiles, const i32* tile_e, con
 // Grid (ceil(I/64), max tiles); a launch takes the tiles of nmin to nmax
 // tokens (the 64-token kernels can leave a segment's short last tile to the
 // 16-token ones).
-template <int MT, int WT, int WN, int SPG, int SK, bool EC, int ST>
+template <int MT, int WT, int WN, int SPG, int SK, bool EC>
 DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
                              const i32* ntiles, const i32* list, int I, int K, int G, const i8* xq,
                              const float* xs, float* h, int nmin, int nmax) {
@@ -483,13 +482,13 @@ DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i3
   const GExpert& ex = experts[te];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = list[s0 + min(r, ntok - 1)];
   __syncthreads();
-  gemm_tile<MT, WT, WN, GEMM_GATE_UP, SPG, SK, EC, ST>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G, tokrow, ntok,
+  gemm_tile<MT, WT, WN, GEMM_GATE_UP, SPG, SK, EC>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G, tokrow, ntok,
                                        h + (size_t)s0 * I, I, gemm_smem_buf);
 }
 
 // Down products over the tiles: part[row][n] = down_e,n . hq[row].
 // Grid (ceil(N/128), max tiles), the tiles of nmin to nmax tokens.
-template <int MT, int WT, int WN, int SPG, int SK, bool EC, int ST>
+template <int MT, int WT, int WN, int SPG, int SK, bool EC>
 DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
                           const i32* ntiles, int N, int I, int G, const i8* hq, const float* hs, float* part,
                           int nmin, int nmax) {
@@ -506,18 +505,18 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
   const GExpert& ex = experts[te];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = s0 + min(r, ntok - 1);
   __syncthreads();
-  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, SK, EC, ST>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs, I / G, tokrow,
+  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, SK, EC>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs, I / G, tokrow,
                                      ntok, part + (size_t)s0 * N, N, gemm_smem_buf);
 }
 
-#define MOE_GEMM_KERNELS(SUFFIX, MT, WT, WN, SPG, MINB, SK, EC, ST)                                                  \
+#define MOE_GEMM_KERNELS(SUFFIX, MT, WT, WN, SPG, MINB, SK, EC)                                                  \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) moe_gemm_gate_up_##SUFFIX(               \
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,                             \
       const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K, int G,          \
       const i8* __restrict__ xq, const float* __restrict__ xs, float* __restrict__ h, int nmin, int nmax) { \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_gate_up<MT, WT, WN, SPG, SK, EC, ST>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h, nmin, nmax); \
+    moe_gemm_gate_up<MT, WT, WN, SPG, SK, EC>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h, nmin, nmax); \
   }                                                                                               \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) moe_gemm_down_##SUFFIX(                  \
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
@@ -525,15 +524,15 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
       const i32* __restrict__ ntiles, int N, int I, int G, const i8* __restrict__ hq,             \
       const float* __restrict__ hs, float* __restrict__ part, int nmin, int nmax) {               \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_down<MT, WT, WN, SPG, SK, EC, ST>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part, nmin, nmax); \
+    moe_gemm_down<MT, WT, WN, SPG, SK, EC>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part, nmin, nmax); \
   }
 
-MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1, 0, false, GEMM_STAGES)
-MOE_GEMM_KERNELS(t16_g128, 2, 2, 1, 4, 1, 0, false, GEMM_STAGES)
-MOE_GEMM_KERNELS(t64, 1, 8, 1, 0, 2, 1, false, GEMM_STAGES)
-MOE_GEMM_KERNELS(t64_g128, 1, 8, 1, 4, 2, 1, false, GEMM_STAGES)
-MOE_GEMM_KERNELS(t64e_g128, 1, 8, 1, 4, 2, 1, true, GEMM_STAGES)
-MOE_GEMM_KERNELS(t64e5_g128, 1, 8, 1, 4, 2, 1, true, 5)
+MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1, 0, false)
+MOE_GEMM_KERNELS(t16_g128, 2, 2, 1, 4, 1, 0, false)
+MOE_GEMM_KERNELS(t64, 1, 8, 1, 0, 2, 1, false)
+MOE_GEMM_KERNELS(t64_g128, 1, 8, 1, 4, 2, 1, false)
+// (EC: gemm_tile's; and the tile's words in one round trip, moe_tile_words.)
+MOE_GEMM_KERNELS(t64e_g128, 1, 8, 1, 4, 2, 1, true)
 
 // ---------------------------------------------------------------------------
 // The absorbed query of many tokens, qlat[t, h*rank + k] =
