@@ -261,7 +261,7 @@ func BenchmarkGEMM(b *testing.B) {
 			b.Fatal(err)
 		}
 		for _, T := range []int{8, 16, 32, 64, 128, 256, 1024} {
-			for _, v := range []string{"gemv8", "t16", "t64"} {
+			for _, v := range []string{"gemv8", "t16", "t64", "t64e"} {
 				if v == "gemv8" && T > 256 {
 					continue
 				}
@@ -290,7 +290,9 @@ func BenchmarkGEMM(b *testing.B) {
 							switch v {
 							case "t16":
 								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTile16)
-							case "t64":
+							case "t64", "t64e":
+								defer func(k string) { gemmT64Kind = k }(gemmT64Kind)
+								gemmT64Kind = strings.TrimPrefix(v, "t64")
 								return c.GEMM(y.Ptr, cs.n, q, a, GEMMTile64)
 							}
 							return c.GEMVRows(y.Ptr, cs.n, q, a)
@@ -424,6 +426,9 @@ func BenchmarkMoEBatched(b *testing.B) {
 						switch {
 						case strings.HasPrefix(v, "batched_t64"):
 							tile = GEMMTile64
+							kind, _, _ := strings.Cut(strings.TrimPrefix(v, "batched_t64"), "_")
+							defer func(k string) { gemmT64Kind = k }(gemmT64Kind)
+							gemmT64Kind = kind
 						}
 						s, bufs, err := newMoEBatch(c, T, topk, tab, tile)
 						defer func() {
@@ -442,7 +447,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 							return err
 						}
 						if tile == GEMMTile64 {
-							k, err := c.Kernel("gemm", "moe_gemm_gate_up_"+tile.suffix(128))
+							k, err := c.Kernel("gemm", "moe_gemm_gate_up_"+tile.kindSuffix(128))
 							if err != nil {
 								return err
 							}
@@ -476,9 +481,10 @@ func BenchmarkMoEBatched(b *testing.B) {
 
 // moeBenchVariants are BenchmarkMoEBatched's: "_bal" and "_skew" name
 // the routing (else uniform random), "_split" the short tiles through the
-// 16-token kernels.
+// 16-token kernels; "t64" and "t64e" the 64-token tile's kernels
+// (gemmT64Kind "" and "e").
 var moeBenchVariants = []string{"per_token", "batched_t16", "batched_t64", "batched_t64_split", "batched_t64_bal",
-	"batched_t64_split_skew"}
+	"batched_t64_split_skew", "batched_t64e", "batched_t64e_split", "batched_t64e_bal", "batched_t64e_split_skew"}
 
 // skewedPick draws k distinct indices with probabilities proportional to w
 // (without replacement).
@@ -631,30 +637,32 @@ func TestMoEBatchedTilesBitExact(t *testing.T) {
 	router := denseHost(r, "router", E, K)
 	bias := backend.HostWeight{Name: "bias", N: 1, K: E, Dense: randVec(r, E, 0.1)}
 	g, _ := testBackends(t, Options{})
-	defer func(v, sp int, tile GEMMTile) {
-		moeBatchedMinTokens, moeSplitOverride, moeTileOverride = v, sp, tile
-	}(moeBatchedMinTokens, moeSplitOverride, moeTileOverride)
+	defer func(v, sp int, tile GEMMTile, kind string) {
+		moeBatchedMinTokens, moeSplitOverride, moeTileOverride, gemmT64Kind = v, sp, tile, kind
+	}(moeBatchedMinTokens, moeSplitOverride, moeTileOverride, gemmT64Kind)
 	moeBatchedMinTokens = 2
 	hosts := expertHosts(t, r, E+1, I, K, 128)
 	for _, T := range []int{20, 100, 300} {
 		x := randVec(r, T*K, 1)
-		run := func(tile GEMMTile, split int) []float32 {
-			moeTileOverride, moeSplitOverride = tile, split
+		run := func(tile GEMMTile, split int, kind string) []float32 {
+			moeTileOverride, moeSplitOverride, gemmT64Kind = tile, split, kind
 			out := moeBlockOutput(t, g, hosts, router, bias, cfg, x, T, true)
 			if err := g.Sync(); err != nil {
 				t.Fatal(err)
 			}
 			return out
 		}
-		want := run(GEMMTile64, -1)
+		want := run(GEMMTile64, -1, "")
 		for _, v := range []struct {
 			name  string
 			tile  GEMMTile
 			split int
+			kind  string
 		}{
-			{"tile 16", GEMMTile16, -1}, {"tile 64, short tiles split off", GEMMTile64, 1},
+			{"tile 16", GEMMTile16, -1, ""}, {"tile 64, short tiles split off", GEMMTile64, 1, ""},
+			{"tile 64, first stages early", GEMMTile64, -1, "e"}, {"tile 64, first stages early, split", GEMMTile64, 1, "e"},
 		} {
-			got := run(v.tile, v.split)
+			got := run(v.tile, v.split, v.kind)
 			diff := 0
 			for i := range want {
 				if math.Float32bits(got[i]) != math.Float32bits(want[i]) {
@@ -664,6 +672,66 @@ func TestMoEBatchedTilesBitExact(t *testing.T) {
 			t.Logf("moe T=%d %s: %d of %d values differ from tile 64", T, v.name, diff, len(want))
 			if diff != 0 {
 				t.Errorf("moe T=%d %s: %d of %d values differ from tile 64", T, v.name, diff, len(want))
+			}
+		}
+	}
+}
+
+// The 64-token tile's kernels that ask for their first stages before the
+// weight scales give the others' bits (the same sums in the same order):
+// dense products at the model's shapes and odd ones, the pair and the
+// value expansion with its int8 form (gemmT64Kind "e" against "").
+func TestGEMMEarlyStagesBitExact(t *testing.T) {
+	d := testDevice(t)
+	r := rand.New(rand.NewPCG(41, 8))
+	defer func(k string) { gemmT64Kind = k }(gemmT64Kind)
+	for _, s := range []struct{ N, K, T int }{{2048, 5120, 65}, {5120, 768, 200}, {1536, 2048, 100}, {130, 1024, 257}, {256, 256, 300}} {
+		m, err := format.Quantize(randVec(r, s.N*s.K, 0.02), s.N, s.K, format.QuantOptions{GroupSize: 128})
+		if err != nil {
+			t.Fatal(err)
+		}
+		x := randVec(r, s.T*s.K, 1)
+		products := []struct {
+			name string
+			run  func(c *Ctx, y uint64, qm *QMatrix, a *QActs) error
+		}{
+			{"gemm", func(c *Ctx, y uint64, qm *QMatrix, a *QActs) error { return c.GEMM(y, s.N, qm, a, GEMMTile64) }},
+			{"pair", func(c *Ctx, y uint64, qm *QMatrix, a *QActs) error {
+				y2, err := c.Alloc(4 * s.T * s.N)
+				if err != nil {
+					return err
+				}
+				defer c.Free(y2)
+				return c.GEMMPair(y, s.N, qm, y2.Ptr, s.N, qm, a, GEMMTile64)
+			}},
+		}
+		if s.N%gemmRows == 0 {
+			products = append(products, struct {
+				name string
+				run  func(c *Ctx, y uint64, qm *QMatrix, a *QActs) error
+			}{"heads+quant", func(c *Ctx, y uint64, qm *QMatrix, a *QActs) error {
+				q, err := c.NewQActs(s.T, s.N, gemmRows)
+				if err != nil {
+					return err
+				}
+				defer c.FreeQActs(q)
+				return c.GEMMHeadsQuant(y, s.N, qm, a, 1, s.N, GEMMTile64, q)
+			}})
+		}
+		for _, p := range products {
+			gemmT64Kind = ""
+			want := productOnDevice(t, d, m, x, s.T, s.N, p.run)
+			gemmT64Kind = "e"
+			got := productOnDevice(t, d, m, x, s.T, s.N, p.run)
+			diff := 0
+			for i := range want {
+				if math.Float32bits(got[i]) != math.Float32bits(want[i]) {
+					diff++
+				}
+			}
+			t.Logf("%s %dx%d T=%d: %d of %d values differ", p.name, s.N, s.K, s.T, diff, len(want))
+			if diff != 0 {
+				t.Errorf("%s %dx%d T=%d: %d of %d values differ from the scales-first kernel", p.name, s.N, s.K, s.T, diff, len(want))
 			}
 		}
 	}

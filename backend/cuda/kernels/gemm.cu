@@ -191,7 +191,11 @@ template <int MT, int WT, int WN>
 DEVICE void gemm_quant_out(float (&v)[MT][WT][4], const float* __restrict__ row_scale, int N, int row0,
                            const int (&ra)[MT], float* __restrict__ out, int ldo, int ntok, GQOut qo, u8* smem);
 
-template <int MT, int WT, int WN, int MODE, int SPG, int SK>
+//
+// EC: the block's first stages are asked for before its weight scales are
+// read, so that the scales' loads overlap the stages' instead of preceding
+// them.
+template <int MT, int WT, int WN, int MODE, int SPG, int SK, bool EC = false>
 DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8* __restrict__ xq, int ldx,
                       const float* __restrict__ xs, int ldxs, const int* tokrow, int ntok,
                       float* __restrict__ out, int ldo, u8* smem, GQOut qo = GQOut{}) {
@@ -212,12 +216,15 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
   // byte read and one table read, not a conversion).
   float* slut = (float*)(smem + GEMM_STAGES * SBYTES);
   u8* sws = smem + GEMM_STAGES * SBYTES + 256 * 4;
-  for (int idx = tid; idx < 256; idx += NT) slut[idx] = e4m3(idx);
-  for (int idx = tid; idx < GEMM_ROWS * GK; idx += NT) {
-    const int r = idx / GK, gi = idx - r * GK;
-    const u8* base = (MODE == GEMM_GATE_UP && r >= 64) ? b.scales : a.scales;
-    sws[idx] = __ldg(base + (size_t)min(row0 + (r & (half - 1)), N - 1) * GK + gi);
-  }
+  auto fill_scales = [&]() {
+    for (int idx = tid; idx < 256; idx += NT) slut[idx] = e4m3(idx);
+    for (int idx = tid; idx < GEMM_ROWS * GK; idx += NT) {
+      const int r = idx / GK, gi = idx - r * GK;
+      const u8* base = (MODE == GEMM_GATE_UP && r >= 64) ? b.scales : a.scales;
+      sws[idx] = __ldg(base + (size_t)min(row0 + (r & (half - 1)), N - 1) * GK + gi);
+    }
+  };
+  if (!EC) fill_scales();
 
   // Shared row r's codes (clamped to a valid row; its results are dropped).
   auto arow = [&](int r) -> const u8* {
@@ -274,6 +281,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     if (s < nk) load_stage(s, s);
     cp_async_commit();
   }
+  if (EC) fill_scales();  // (the loop's first barrier orders its stores)
   const int spg = SPG ? SPG : G / 32;  // 32-column chunks per group
   for (int kt = 0; kt < nk; kt++) {
     cp_async_wait<GEMM_STAGES - 2>();
@@ -359,7 +367,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
 // Grid z > 1: per-head products, head z taking weight rows [z*N, (z+1)*N),
 // activation columns [z*K, (z+1)*K) (whole groups) and output columns
 // [z*N, (z+1)*N).
-template <int MT, int WT, int WN, int SPG>
+template <int MT, int WT, int WN, int SPG, bool EC>
 DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale, int N, int K, int G,
                        const i8* xq, int ldx, const float* xs, int ldxs, int T, float* y, int ldy, size_t z) {
   constexpr int BT = 8 * WT * WN;
@@ -371,24 +379,24 @@ DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale
   PDL_WAIT();
   __syncthreads();
   GQMat a = {codes + z * N * (K / 2), scales + z * N * GK, row_scale + z * N};
-  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, 1>(a, a, N, K, G, blockIdx.x * GEMM_ROWS, xq + z * K, ldx, xs + z * GK, ldxs,
+  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, 1, EC>(a, a, N, K, G, blockIdx.x * GEMM_ROWS, xq + z * K, ldx, xs + z * GK, ldxs,
                                      tokrow, ntok, y + (size_t)t0 * ldy + z * N, ldy, gemm_smem_buf);
 }
 
-#define GEMM_DENSE_KERNEL(NAME, MT, WT, WN, SPG, MINB)                                               \
+#define GEMM_DENSE_KERNEL(NAME, MT, WT, WN, SPG, MINB, EC)                                               \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) NAME(                                 \
       const u8* __restrict__ codes, const u8* __restrict__ scales,                                \
       const float* __restrict__ row_scale, int N, int K, int G, const i8* __restrict__ xq,        \
       int ldx, const float* __restrict__ xs, int ldxs, int T, float* __restrict__ y, int ldy) {   \
     PDL_LAUNCH();                                                                                 \
-    gemm_dense<MT, WT, WN, SPG>(codes, scales, row_scale, N, K, G, xq, ldx, xs, ldxs, T, y, ldy, blockIdx.z); \
+    gemm_dense<MT, WT, WN, SPG, EC>(codes, scales, row_scale, N, K, G, xq, ldx, xs, ldxs, T, y, ldy, blockIdx.z); \
   }
 
 // Two products of the same activations in one launch (q_a and kv_a of a
 // prefill, each under one wave of blocks alone): grid (ceil(max(N1,
 // N2)/128), ceil(T/BT), 2), z picking the matrix; a block past its
 // matrix's rows exits. The same sums as two gemm launches.
-#define GEMM_PAIR_KERNEL(NAME, MT, WT, WN, SPG, MINB)                                                      \
+#define GEMM_PAIR_KERNEL(NAME, MT, WT, WN, SPG, MINB, EC)                                                      \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) NAME(                                 \
       const u8* __restrict__ codes1, const u8* __restrict__ scales1, const float* __restrict__ rs1, int N1, \
       float* __restrict__ y1, int ldy1, const u8* __restrict__ codes2, const u8* __restrict__ scales2,     \
@@ -398,20 +406,22 @@ DEVICE void gemm_dense(const u8* codes, const u8* scales, const float* row_scale
     const bool two = blockIdx.z == 1;                                                                      \
     const int N = two ? N2 : N1;                                                                           \
     if ((int)blockIdx.x * GEMM_ROWS >= N) return;                                                          \
-    gemm_dense<MT, WT, WN, SPG>(two ? codes2 : codes1, two ? scales2 : scales1, two ? rs2 : rs1, N, K, G, xq, \
+    gemm_dense<MT, WT, WN, SPG, EC>(two ? codes2 : codes1, two ? scales2 : scales1, two ? rs2 : rs1, N, K, G, xq, \
                                    ldx, xs, ldxs, T, two ? y2 : y1, two ? ldy2 : ldy1, 0);                 \
   }
 
-GEMM_PAIR_KERNEL(gemm_pair_t16, 2, 2, 1, 0, 1)
-GEMM_PAIR_KERNEL(gemm_pair_t16_g128, 2, 2, 1, 4, 1)
-GEMM_PAIR_KERNEL(gemm_pair_t64, 1, 8, 1, 0, 2)
-GEMM_PAIR_KERNEL(gemm_pair_t64_g128, 1, 8, 1, 4, 2)
+GEMM_PAIR_KERNEL(gemm_pair_t16, 2, 2, 1, 0, 1, false)
+GEMM_PAIR_KERNEL(gemm_pair_t16_g128, 2, 2, 1, 4, 1, false)
+GEMM_PAIR_KERNEL(gemm_pair_t64, 1, 8, 1, 0, 2, false)
+GEMM_PAIR_KERNEL(gemm_pair_t64_g128, 1, 8, 1, 4, 2, false)
+GEMM_PAIR_KERNEL(gemm_pair_t64e_g128, 1, 8, 1, 4, 2, true)
 
 // (MINB: blocks per SM the registers must allow.)
-GEMM_DENSE_KERNEL(gemm_t16, 2, 2, 1, 0, 1)
-GEMM_DENSE_KERNEL(gemm_t16_g128, 2, 2, 1, 4, 1)
-GEMM_DENSE_KERNEL(gemm_t64, 1, 8, 1, 0, 2)
-GEMM_DENSE_KERNEL(gemm_t64_g128, 1, 8, 1, 4, 2)
+GEMM_DENSE_KERNEL(gemm_t16, 2, 2, 1, 0, 1, false)
+GEMM_DENSE_KERNEL(gemm_t16_g128, 2, 2, 1, 4, 1, false)
+GEMM_DENSE_KERNEL(gemm_t64, 1, 8, 1, 0, 2, false)
+GEMM_DENSE_KERNEL(gemm_t64_g128, 1, 8, 1, 4, 2, false)
+GEMM_DENSE_KERNEL(gemm_t64e_g128, 1, 8, 1, 4, 2, true)
 
 
 // ---------------------------------------------------------------------------
@@ -424,12 +434,38 @@ GEMM_DENSE_KERNEL(gemm_t64_g128, 1, 8, 1, 4, 2)
 // over (row blocks) x (tiles); blocks past ntiles exit; moeb_combine
 // (stream.cu) sums each token's slots.
 
+// A MoE block's tile words: the tile count, then its segment (first row,
+// rows) and expert. early: all four asked for at once (the arrays hold
+// MaxTiles entries, so a tile past the count reads a stale word, unused),
+// one round trip before the expert's pointers instead of two (a tile's
+// words are never negative, and it holds a pair).
+DEVICE i32 ldg_issue(const i32* p) {
+  i32 v;
+  asm volatile("ld.global.nc.b32 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+DEVICE void moe_tile_words(bool early, const i32* ntiles, const i32* tile_e, const i32* tile_s, const i32* tile_n,
+                           int tile, int& nt, int& s0, int& ntok, int& te) {
+  if (early) {
+    nt = ldg_issue(ntiles);
+    s0 = ldg_issue(tile_s + tile);
+    ntok = ldg_issue(tile_n + tile);
+    te = ldg_issue(tile_e + tile);
+    return;
+  }
+  nt = ntiles[0];
+  if (tile >= nt) return;
+  s0 = tile_s[tile];
+  ntok = tile_n[tile];
+  te = tile_e[tile];
+}
+
 // Gate and up products with the SiLU product over the tiles:
 // h[row][n] = silu(gate_e,n . x[list[row]]) * (up_e,n . x[list[row]]).
 // Grid (ceil(I/64), max tiles); a launch takes the tiles of nmin to nmax
 // tokens (the 64-token kernels can leave a segment's short last tile to the
 // 16-token ones).
-template <int MT, int WT, int WN, int SPG, int SK>
+template <int MT, int WT, int WN, int SPG, int SK, bool EC>
 DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
                              const i32* ntiles, const i32* list, int I, int K, int G, const i8* xq,
                              const float* xs, float* h, int nmin, int nmax) {
@@ -438,19 +474,21 @@ DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i3
   __shared__ int tokrow[BT];
   PDL_WAIT();
   const int tile = blockIdx.y;
-  if (tile >= ntiles[0]) return;
-  const int s0 = tile_s[tile], ntok = tile_n[tile];
+  int nt, s0, ntok, te;
+  moe_tile_words(EC, ntiles, tile_e, tile_s, tile_n, tile, nt, s0, ntok, te);
+  // (One test of every word keeps their loads ahead of the branch.)
+  if ((EC ? min(nt - 1 - tile, s0 | te | (ntok - 1)) : nt - 1 - tile) < 0) return;
   if (ntok < nmin || ntok > nmax) return;  // another launch's tile
-  const GExpert& ex = experts[tile_e[tile]];
+  const GExpert& ex = experts[te];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = list[s0 + min(r, ntok - 1)];
   __syncthreads();
-  gemm_tile<MT, WT, WN, GEMM_GATE_UP, SPG, SK>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G, tokrow, ntok,
+  gemm_tile<MT, WT, WN, GEMM_GATE_UP, SPG, SK, EC>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G, tokrow, ntok,
                                        h + (size_t)s0 * I, I, gemm_smem_buf);
 }
 
 // Down products over the tiles: part[row][n] = down_e,n . hq[row].
 // Grid (ceil(N/128), max tiles), the tiles of nmin to nmax tokens.
-template <int MT, int WT, int WN, int SPG, int SK>
+template <int MT, int WT, int WN, int SPG, int SK, bool EC>
 DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* tile_s, const i32* tile_n,
                           const i32* ntiles, int N, int I, int G, const i8* hq, const float* hs, float* part,
                           int nmin, int nmax) {
@@ -459,24 +497,26 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
   __shared__ int tokrow[BT];
   PDL_WAIT();
   const int tile = blockIdx.y;
-  if (tile >= ntiles[0]) return;
-  const int s0 = tile_s[tile], ntok = tile_n[tile];
+  int nt, s0, ntok, te;
+  moe_tile_words(EC, ntiles, tile_e, tile_s, tile_n, tile, nt, s0, ntok, te);
+  // (One test of every word keeps their loads ahead of the branch.)
+  if ((EC ? min(nt - 1 - tile, s0 | te | (ntok - 1)) : nt - 1 - tile) < 0) return;
   if (ntok < nmin || ntok > nmax) return;  // another launch's tile
-  const GExpert& ex = experts[tile_e[tile]];
+  const GExpert& ex = experts[te];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = s0 + min(r, ntok - 1);
   __syncthreads();
-  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, SK>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs, I / G, tokrow,
+  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, SK, EC>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs, I / G, tokrow,
                                      ntok, part + (size_t)s0 * N, N, gemm_smem_buf);
 }
 
-#define MOE_GEMM_KERNELS(SUFFIX, MT, WT, WN, SPG, MINB, SK)                                                  \
+#define MOE_GEMM_KERNELS(SUFFIX, MT, WT, WN, SPG, MINB, SK, EC)                                                  \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) moe_gemm_gate_up_##SUFFIX(               \
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
       const i32* __restrict__ tile_s, const i32* __restrict__ tile_n,                             \
       const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K, int G,          \
       const i8* __restrict__ xq, const float* __restrict__ xs, float* __restrict__ h, int nmin, int nmax) { \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_gate_up<MT, WT, WN, SPG, SK>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h, nmin, nmax); \
+    moe_gemm_gate_up<MT, WT, WN, SPG, SK, EC>(experts, tile_e, tile_s, tile_n, ntiles, list, I, K, G, xq, xs, h, nmin, nmax); \
   }                                                                                               \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) moe_gemm_down_##SUFFIX(                  \
       const GExpert* __restrict__ experts, const i32* __restrict__ tile_e,                        \
@@ -484,13 +524,15 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
       const i32* __restrict__ ntiles, int N, int I, int G, const i8* __restrict__ hq,             \
       const float* __restrict__ hs, float* __restrict__ part, int nmin, int nmax) {               \
     PDL_LAUNCH();                                                                                 \
-    moe_gemm_down<MT, WT, WN, SPG, SK>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part, nmin, nmax); \
+    moe_gemm_down<MT, WT, WN, SPG, SK, EC>(experts, tile_e, tile_s, tile_n, ntiles, N, I, G, hq, hs, part, nmin, nmax); \
   }
 
-MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1, 0)
-MOE_GEMM_KERNELS(t16_g128, 2, 2, 1, 4, 1, 0)
-MOE_GEMM_KERNELS(t64, 1, 8, 1, 0, 2, 1)
-MOE_GEMM_KERNELS(t64_g128, 1, 8, 1, 4, 2, 1)
+MOE_GEMM_KERNELS(t16, 2, 2, 1, 0, 1, 0, false)
+MOE_GEMM_KERNELS(t16_g128, 2, 2, 1, 4, 1, 0, false)
+MOE_GEMM_KERNELS(t64, 1, 8, 1, 0, 2, 1, false)
+MOE_GEMM_KERNELS(t64_g128, 1, 8, 1, 4, 2, 1, false)
+// (EC: gemm_tile's; and the tile's words in one round trip, moe_tile_words.)
+MOE_GEMM_KERNELS(t64e_g128, 1, 8, 1, 4, 2, 1, true)
 
 // ---------------------------------------------------------------------------
 // The absorbed query of many tokens, qlat[t, h*rank + k] =
@@ -804,7 +846,7 @@ DEVICE void gemm_quant_out(float (&v)[MT][WT][4], const float* __restrict__ row_
 // GEMMHeads (gemm_dense with grid z the head) writing the output and its
 // int8 form: oq [T][OK] codes, os [T][OK/128] scales, osum [T][OK/32] sums,
 // OK = heads x N; N a multiple of 128.
-#define GEMM_HEADS_Q_KERNEL(NAME, MT, WT, WN, SPG, MINB)                                                     \
+#define GEMM_HEADS_Q_KERNEL(NAME, MT, WT, WN, SPG, MINB, EC)                                                     \
   extern "C" __global__ void __launch_bounds__(256 / MT * WN, MINB) NAME(                                   \
       const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale,      \
       int N, int K, int G, const i8* __restrict__ xq, int ldx, const float* __restrict__ xs, int ldxs, int T, \
@@ -823,12 +865,13 @@ DEVICE void gemm_quant_out(float (&v)[MT][WT][4], const float* __restrict__ row_
     GQMat a = {codes + z * N * (K / 2), scales + z * N * GK, row_scale + z * N};                             \
     const GQOut qo = {oq + (size_t)t0 * OK + z * N, os + (size_t)t0 * (OK / GEMM_ROWS) + z * N / GEMM_ROWS,   \
                       osum + (size_t)t0 * (OK / 32) + z * N / 32, OK};                                       \
-    gemm_tile<MT, WT, WN, GEMM_PLAIN_Q, SPG, 1>(a, a, N, K, G, blockIdx.x * GEMM_ROWS, xq + z * K, ldx,       \
+    gemm_tile<MT, WT, WN, GEMM_PLAIN_Q, SPG, 1, EC>(a, a, N, K, G, blockIdx.x * GEMM_ROWS, xq + z * K, ldx,       \
                                                 xs + z * GK, ldxs, tokrow, ntok, y + (size_t)t0 * ldy + z * N, \
                                                 ldy, gemm_smem_buf, qo);                                     \
   }
 
-GEMM_HEADS_Q_KERNEL(gemm_heads_q_t16, 2, 2, 1, 0, 1)
-GEMM_HEADS_Q_KERNEL(gemm_heads_q_t16_g128, 2, 2, 1, 4, 1)
-GEMM_HEADS_Q_KERNEL(gemm_heads_q_t64, 1, 8, 1, 0, 2)
-GEMM_HEADS_Q_KERNEL(gemm_heads_q_t64_g128, 1, 8, 1, 4, 2)
+GEMM_HEADS_Q_KERNEL(gemm_heads_q_t16, 2, 2, 1, 0, 1, false)
+GEMM_HEADS_Q_KERNEL(gemm_heads_q_t16_g128, 2, 2, 1, 4, 1, false)
+GEMM_HEADS_Q_KERNEL(gemm_heads_q_t64, 1, 8, 1, 0, 2, false)
+GEMM_HEADS_Q_KERNEL(gemm_heads_q_t64_g128, 1, 8, 1, 4, 2, false)
+GEMM_HEADS_Q_KERNEL(gemm_heads_q_t64e_g128, 1, 8, 1, 4, 2, true)
