@@ -4,7 +4,6 @@ package cuda
 
 import (
 	"fmt"
-	"os"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -70,14 +69,8 @@ func (t GEMMTile) suffix(G int) string {
 // asks for its first stages before it reads its weight scales, and a MoE
 // block reads its tile's words in one round trip: measured on an H200,
 // the batched MoE 2-5% faster at 512 tokens, 0-3% at 1024, the same
-// bits), or "" with MMFP4_CUDA_T64=0 (the scales first, as before; kept
-// for an A/B).
-var gemmT64Kind = func() string {
-	if os.Getenv("MMFP4_CUDA_T64") == "0" {
-		return ""
-	}
-	return "e"
-}()
+// bits); tests set "" (the scales first, as before) to compare the two.
+var gemmT64Kind = "e"
 
 // kindSuffix is suffix with gemmT64Kind's kernels for GEMMTile64 at G = 128.
 func (t GEMMTile) kindSuffix(G int) string {
