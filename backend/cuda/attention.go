@@ -212,5 +212,10 @@ func (b *Backend) rowsOneSplit(T int, s backend.MLAShape) bool {
 		s.Rank != 512 || s.RopeDim != 64 || b.meta.maxN > decodeOneSplitMaxN || T*hg > b.dev.Info().SMs {
 		return false
 	}
-	return b.decodeMMASplits(T*hg, b.meta.maxN) == 1
+	return decodeOneSplitFew || b.decodeMMASplits(T*hg, b.meta.maxN) == 1
 }
+
+// decodeOneSplitFew gives decode steps of fewer rows than fill the
+// multiprocessors in one wave of one-split blocks the one-split blocks
+// too (measured against splits over the positions).
+var decodeOneSplitFew = false
