@@ -28,8 +28,8 @@ type serveLayerW struct {
 // serveGLM is GLM-4.7-Flash's geometry.
 var serveGLM = struct {
 	hidden, qa, rank, rope, heads, nope, vdim, inter, experts int
-	mla                                                      backend.MLAShape
-	route                                                    backend.RouterConfig
+	mla                                                       backend.MLAShape
+	route                                                     backend.RouterConfig
 }{
 	hidden: 2048, qa: 768, rank: 512, rope: 64, heads: 20, nope: 192, vdim: 256, inter: 1536, experts: 64,
 	mla:   backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512},
