@@ -189,7 +189,7 @@ func (c *Ctx) MatMulStreamHeadsQuant(y uint64, ldy int, w *QMatrix, a *QActs, he
 		p.D = 2 // as streamKernel: no D = 4 past 8 rows
 	}
 	shared := streamShared(wt, w.K, p)
-	k, err := c.kernelShared("stream", fmt.Sprintf("mmsq_t%d_d%d", wt, p.D), shared)
+	k, err := c.kernelShared("stream", fmt.Sprintf("%s_t%d_d%d", streamName("mmsq", w.K, p), wt, p.D), shared)
 	if err != nil {
 		return err
 	}

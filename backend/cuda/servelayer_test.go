@@ -271,6 +271,18 @@ func BenchmarkServeLayer(b *testing.B) {
 				return err
 			}
 			fmt.Printf("serve layer T=%d: %d ops a layer %q: %.2f us a layer (programmatic launch off: %.2f)\n", T, len(ops), names, all, noPDL)
+			defer func(v bool) { streamPreload = v }(streamPreload)
+			for round := 0; round < 2; round++ {
+				for _, pre := range []bool{false, true} {
+					streamPreload = pre
+					us, err := timeLayerOps(c, layers, func(int) bool { return true })
+					if err != nil {
+						return err
+					}
+					fmt.Printf("serve layer T=%d: round %d: products' weights loaded before the wait %v: %.2f us a layer\n", T, round, pre, us)
+				}
+			}
+			streamPreload = false
 			prev := 0.0
 			for j := range ops {
 				alone, err := timeLayerOps(c, layers, func(k int) bool { return k == j })
@@ -317,5 +329,76 @@ func BenchmarkServeAttentionFew(b *testing.B) {
 				})
 			}
 		}
+	}
+}
+
+// The products of a serving step with every weight of a block loaded
+// before the wait (mmsp_*, mmsqp_*: o_proj, q_b, the q_a/kv_a pair, the
+// value expansion with its int8 form and o_proj after it) match the CPU
+// backend and equal the mms_*/mmsq_* kernels' bit for bit, at 9-64 rows.
+func TestBackendStreamPreloadMatchesCPU(t *testing.T) {
+	r := testRand(t)
+	g, c := testBackends(t, Options{})
+	defer func(v bool) { streamPreload = v }(streamPreload)
+	s := serveGLM
+	sh := s.mla
+	hosts := map[string]backend.HostWeight{}
+	for name, nk := range map[string][2]int{"q_a": {s.qa, s.hidden}, "kv_a": {s.rank + s.rope, s.hidden}, "q_b": {s.heads * (s.nope + s.rope), s.qa},
+		"uv": {s.heads * s.vdim, s.rank}, "o": {s.hidden, s.heads * s.vdim}} {
+		hosts[name] = quantHost(t, r, name, nk[0], nk[1], 128)
+	}
+	type ws struct{ qa, kva, qb, uv, o backend.Weight }
+	weights := map[backend.Backend]*ws{}
+	for _, b := range []backend.Backend{g, c} {
+		weights[b] = &ws{mustWeight(t, b, hosts["q_a"]), mustWeight(t, b, hosts["kv_a"]), mustWeight(t, b, hosts["q_b"]), mustWeight(t, b, hosts["uv"]), mustWeight(t, b, hosts["o"])}
+	}
+	sms, optin := g.dev.Info().SMs, g.dev.Info().SharedOptin
+	streamPreload = true
+	for _, T := range []int{9, 17, 32, 64} {
+		// The plans these shapes take at T rows load at most MMSP_GROUPS
+		// groups a block.
+		for _, nk := range [][3]int{{s.qa + s.rank + s.rope + 64, s.hidden, 1}, {s.heads * (s.nope + s.rope), s.qa, 1}, {s.hidden, s.heads * s.vdim, 1}, {s.vdim, s.rank, s.heads}} {
+			p := PlanStream(nk[0], nk[1], nk[2], T, sms, optin)
+			if wt := streamTiles(T); wt >= 2 && p.D == 4 {
+				p.D = 2
+			}
+			if streamName("mms", nk[1], p) != "mmsp" {
+				t.Fatalf("%dx%d at %d rows (plan %+v): not a preloading kernel", nk[0], nk[1], T, p)
+			}
+		}
+		xh, xq := randVec(r, T*s.hidden, 1), randVec(r, T*s.qa, 1)
+		xl := randVec(r, T*sh.Heads*sh.Rank, 1)
+		op := func(b backend.Backend) []float32 {
+			w := weights[b]
+			b.SetBatch(simpleBatch(T, 0), nil)
+			h, qn, ol := b.NewTensor(T, s.hidden), b.NewTensor(T, s.qa), b.NewTensor(T, sh.Heads*sh.Rank)
+			qa, kv, q := b.NewTensor(T, s.qa), b.NewTensor(T, s.rank+s.rope), b.NewTensor(T, s.heads*(s.nope+s.rope))
+			v, o := b.NewTensor(T, sh.Heads*sh.VDim), b.NewTensor(T, s.hidden)
+			b.Upload(h, xh)
+			b.Upload(qn, xq)
+			b.Upload(ol, xl)
+			b.MatMul(qa, h, w.qa)
+			b.MatMul(kv, h, w.kva)
+			b.MatMul(q, qn, w.qb)
+			b.ExpandValues(v, ol, w.uv, sh)
+			b.MatMul(o, v, w.o)
+			var out []float32
+			for _, x := range []backend.Tensor{qa, kv, q, v, o} {
+				out = append(out, b.Download(x)...)
+			}
+			return out
+		}
+		name := fmt.Sprintf("preloading products T=%d", T)
+		pairs := g.streamPairs
+		compareOp(t, g, c, name, 1e-5, op)
+		if g.streamPairs == pairs {
+			t.Errorf("%s: q_a and kv_a did not share a launch", name)
+		}
+		got := op(g)
+		streamPreload = false
+		want := op(g)
+		streamPreload = true
+		mustSameBits(t, name, got, want)
+		t.Logf("%s: as the CPU, and bit for bit mms_*/mmsq_*", name)
 	}
 }

@@ -146,8 +146,27 @@ func (c *Ctx) streamKernel(K, T int, p StreamPlan) (*Kernel, int, StreamPlan, er
 	if shared > c.info.SharedOptin {
 		return nil, 0, p, fmt.Errorf("cuda: stream product: %d rows of K=%d split %d ways need %d bytes of shared memory, at most %d", T, K, p.KS, shared, c.info.SharedOptin)
 	}
-	k, err := c.kernelShared("stream", fmt.Sprintf("mms_t%d_d%d", wt, p.D), shared)
+	k, err := c.kernelShared("stream", fmt.Sprintf("%s_t%d_d%d", streamName("mms", K, p), wt, p.D), shared)
 	return k, shared, p, err
+}
+
+// streamPreloadGroups is MMSP_GROUPS in stream.cu: the most groups of 128
+// columns a block of the mmsp_* and mmsqp_* kernels loads before its wait.
+const streamPreloadGroups = 6
+
+// streamPreload takes the mmsp_* and mmsqp_* kernels (every weight of a
+// block loaded before the wait) where a block's groups fit.
+var streamPreload = false
+
+// streamName is the kernel family of a product of K columns with plan p
+// (as launched): base, or its preloading form ("p" appended; D = 2 only:
+// with D = 1 the six batches spill).
+func streamName(base string, K int, p StreamPlan) string {
+	nc := K / (128 * p.D)
+	if streamPreload && p.D == 2 && (nc+p.KS-1)/p.KS*p.D <= streamPreloadGroups {
+		return base + "p"
+	}
+	return base
 }
 
 // MatMulStreamPair computes MatMulStream of two matrices of the same K

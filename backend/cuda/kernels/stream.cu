@@ -721,6 +721,44 @@ DEVICE void mms_quant_out(const float (&v)[WT][4], int T, int col0, int OK, i8* 
   }
 }
 
+// mb_core for one m-tile with every batch of the warp's weights (NB
+// batches of D groups, the block's ng groups if ng <= NB*D) loaded before
+// pre(), that is before the dense product waits for the kernel before:
+// the weights' round trips to memory overlap that kernel instead of
+// following the wait one batch after another. Groups past NB*D go as
+// mb_core's. The same products in the same order as mb_core's.
+#define MMSP_GROUPS 6  // the groups mmsp_* kernels load before their wait
+template <int WT, int D, int NB, typename Pre>
+DEVICE void mbp_core(const u8* const (&rc)[1], const u8* const (&rs)[1], int K, int g0, int ng, const u8* smem,
+                     float (&acc)[1][WT][4], Pre pre) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int ldx = 128 * ng + 16, ldxs = ng + 1, GK = K >> 7;
+  const size_t half8 = (size_t)8 * (K / 2);
+  const u8* xrow = smem + g * ldx + 32 * t;
+  const float* xss = (const float*)(smem + 8 * WT * ldx);
+#pragma unroll
+  for (int n = 0; n < WT; n++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) acc[0][n][e] = 0.f;
+  uint4 w[NB][D][1][2];
+  u32 sc[NB][1][2];
+#pragma unroll
+  for (int b = 0; b < NB; b++)
+    if (b * D < ng) mb_load<1, D>(w[b], sc[b], rc, rs, g0 + b * D, GK, half8, t);
+  pre();
+  mb_cp_wait_all();
+  __syncthreads();
+#pragma unroll
+  for (int b = 0; b < NB; b++)
+    if (b * D < ng) mb_apply<1, WT, D, false, false>(w[b], sc[b], b * D, xrow, xss, ldx, ldxs, t, acc);
+  for (int s0 = NB * D; s0 < ng; s0 += D) {
+    uint4 v[D][1][2];
+    u32 c[1][2];
+    mb_load<1, D>(v, c, rc, rs, g0 + s0, GK, half8, t);
+    mb_apply<1, WT, D, false, false>(v, c, s0, xrow, xss, ldx, ldxs, t, acc);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Dense product of T <= 8*WT token rows:
 //   y[t*ldy + n] = row_scale[n]/2 * sum_g e4m3(s[n,g]) * xs[t,g] * acc[t,n,g]
@@ -739,7 +777,7 @@ DEVICE void mms_quant_out(const float (&v)[WT][4], int T, int col0, int OK, i8* 
 // of a second product of the same rows (codes2 ... partial2, N2 rows,
 // output y2), so that two matrices of one input (q_a and kv_a) take one
 // launch; each output's sums are those of its own launch.
-template <int WT, int D, bool QO = false>
+template <int WT, int D, bool QO = false, bool PRE = false>
 DEVICE void mms_dense(const u8* __restrict__ codes, const u8* __restrict__ scales,
                       const float* __restrict__ row_scale, int N, int K, const i8* __restrict__ xq,
                       const float* __restrict__ xs, int T, float* __restrict__ y, int ldy, int KS,
@@ -771,11 +809,16 @@ DEVICE void mms_dense(const u8* __restrict__ codes, const u8* __restrict__ scale
   const u8* rc[1] = {codes + (h * N + row) * (K / 2)};
   const u8* rs[1] = {scales + (h * N + row) * GK};
   float acc[1][WT][4];
-  mb_core<1, WT, D>(rc, rs, K, g0, ng, mb_smem, acc, [&] {
+  const auto pre = [&] {
     PDL_WAIT();
     mb_stage(mb_smem, 8 * WT, xq + h * K, xs + h * GK, (int)gridDim.z * K, 128 * g0, 128 * ng,
              [&](int r) { return min(r, T - 1); });
-  });
+  };
+  if (PRE) {
+    mbp_core<WT, D, MMSP_GROUPS / D>(rc, rs, K, g0, ng, mb_smem, acc, pre);
+  } else {
+    mb_core<1, WT, D>(rc, rs, K, g0, ng, mb_smem, acc, pre);
+  }
   row_scale += h * N;
   y += h * N;
   if (QO) {
@@ -893,3 +936,39 @@ MMSQ_KERNEL(mmsq_t8_d1, 8, 1, 1)
 MMSQ_KERNEL(mmsq_t2_d2, 2, 2, 2)
 MMSQ_KERNEL(mmsq_t4_d2, 4, 2, 2)
 MMSQ_KERNEL(mmsq_t8_d2, 8, 2, 1)
+
+// ---------------------------------------------------------------------------
+// Dense products of 8-64 rows with all of a block's weights loaded before
+// the wait for the kernel before (mbp_core, at most MMSP_GROUPS groups a
+// block: o_proj, q_b, the q_a/kv_a pair and the value expansion of a
+// 32-row serving step): mms_* and mmsq_* otherwise, the same values.
+#define MMSP_KERNEL(NAME, WT, D, MINB)                                                             \
+  extern "C" __global__ void __launch_bounds__(256, MINB) NAME(                                        \
+      const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale, \
+      int N, int K, const i8* __restrict__ xq, const float* __restrict__ xs, int T,                    \
+      float* __restrict__ y, int ldy, int KS, float* __restrict__ partial, u32* __restrict__ counters, \
+      int rb1, const u8* __restrict__ codes2, const u8* __restrict__ scales2,                          \
+      const float* __restrict__ row_scale2, int N2, float* __restrict__ y2, int ldy2,                  \
+      float* __restrict__ partial2) {                                                                  \
+    mms_dense<WT, D, false, true>(codes, scales, row_scale, N, K, xq, xs, T, y, ldy, KS, partial, counters, \
+                                  rb1, codes2, scales2, row_scale2, N2, y2, ldy2, partial2);           \
+  }
+
+MMSP_KERNEL(mmsp_t1_d2, 1, 2, 2)
+MMSP_KERNEL(mmsp_t2_d2, 2, 2, 2)
+MMSP_KERNEL(mmsp_t4_d2, 4, 2, 2)
+MMSP_KERNEL(mmsp_t8_d2, 8, 2, 1)
+
+#define MMSQP_KERNEL(NAME, WT, D, MINB)                                                                \
+  extern "C" __global__ void __launch_bounds__(256, MINB) NAME(                                        \
+      const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale, \
+      int N, int K, const i8* __restrict__ xq, const float* __restrict__ xs, int T,                    \
+      float* __restrict__ y, int ldy, i8* __restrict__ oq, float* __restrict__ os,                     \
+      i32* __restrict__ osum) {                                                                        \
+    mms_dense<WT, D, true, true>(codes, scales, row_scale, N, K, xq, xs, T, y, ldy, 1, nullptr, nullptr, \
+                                 gridDim.x, nullptr, nullptr, nullptr, 0, nullptr, 0, nullptr, oq, os, osum); \
+  }
+
+MMSQP_KERNEL(mmsqp_t2_d2, 2, 2, 2)
+MMSQP_KERNEL(mmsqp_t4_d2, 4, 2, 2)
+MMSQP_KERNEL(mmsqp_t8_d2, 8, 2, 1)
