@@ -271,18 +271,18 @@ func BenchmarkServeLayer(b *testing.B) {
 				return err
 			}
 			fmt.Printf("serve layer T=%d: %d ops a layer %q: %.2f us a layer (programmatic launch off: %.2f)\n", T, len(ops), names, all, noPDL)
-			defer func(v bool) { streamPreload = v }(streamPreload)
+			defer func(v, w bool) { streamPreload, streamCluster = v, w }(streamPreload, streamCluster)
 			for round := 0; round < 2; round++ {
-				for _, pre := range []bool{false, true} {
-					streamPreload = pre
+				for _, v := range [][2]bool{{false, false}, {true, false}, {false, true}, {true, true}} {
+					streamPreload, streamCluster = v[0], v[1]
 					us, err := timeLayerOps(c, layers, func(int) bool { return true })
 					if err != nil {
 						return err
 					}
-					fmt.Printf("serve layer T=%d: round %d: products' weights loaded before the wait %v: %.2f us a layer\n", T, round, pre, us)
+					fmt.Printf("serve layer T=%d: round %d: products' weights before the wait %v, K splits in a cluster %v: %.2f us a layer\n", T, round, v[0], v[1], us)
 				}
 			}
-			streamPreload = false
+			streamPreload, streamCluster = false, false
 			prev := 0.0
 			for j := range ops {
 				alone, err := timeLayerOps(c, layers, func(k int) bool { return k == j })
@@ -334,12 +334,14 @@ func BenchmarkServeAttentionFew(b *testing.B) {
 
 // The products of a serving step with every weight of a block loaded
 // before the wait (mmsp_*, mmsqp_*: o_proj, q_b, the q_a/kv_a pair, the
-// value expansion with its int8 form and o_proj after it) match the CPU
-// backend and equal the mms_*/mmsq_* kernels' bit for bit, at 9-64 rows.
+// value expansion with its int8 form and o_proj after it), with the K
+// splits of o_proj and the pair added in a cluster (mmsc_*), and with
+// both (mmspc_*), match the CPU backend and equal the mms_*/mmsq_*
+// kernels' bit for bit, at 9-64 rows.
 func TestBackendStreamPreloadMatchesCPU(t *testing.T) {
 	r := testRand(t)
 	g, c := testBackends(t, Options{})
-	defer func(v bool) { streamPreload = v }(streamPreload)
+	defer func(v, w bool) { streamPreload, streamCluster = v, w }(streamPreload, streamCluster)
 	s := serveGLM
 	sh := s.mla
 	hosts := map[string]backend.HostWeight{}
@@ -365,6 +367,10 @@ func TestBackendStreamPreloadMatchesCPU(t *testing.T) {
 			if streamName("mms", nk[1], p) != "mmsp" {
 				t.Fatalf("%dx%d at %d rows (plan %+v): not a preloading kernel", nk[0], nk[1], T, p)
 			}
+			streamCluster = true
+			if cl := streamClusterFits(streamTiles(T), p); cl != (nk[0] == s.hidden || nk[1] == s.hidden) {
+				t.Fatalf("%dx%d at %d rows (plan %+v): cluster %v", nk[0], nk[1], T, p, cl)
+			}
 		}
 		xh, xq := randVec(r, T*s.hidden, 1), randVec(r, T*s.qa, 1)
 		xl := randVec(r, T*sh.Heads*sh.Rank, 1)
@@ -388,17 +394,18 @@ func TestBackendStreamPreloadMatchesCPU(t *testing.T) {
 			}
 			return out
 		}
-		name := fmt.Sprintf("preloading products T=%d", T)
-		pairs := g.streamPairs
-		compareOp(t, g, c, name, 1e-5, op)
-		if g.streamPairs == pairs {
-			t.Errorf("%s: q_a and kv_a did not share a launch", name)
-		}
-		got := op(g)
-		streamPreload = false
+		streamPreload, streamCluster = false, false
 		want := op(g)
-		streamPreload = true
-		mustSameBits(t, name, got, want)
-		t.Logf("%s: as the CPU, and bit for bit mms_*/mmsq_*", name)
+		for _, v := range [][2]bool{{true, false}, {false, true}, {true, true}} {
+			streamPreload, streamCluster = v[0], v[1]
+			name := fmt.Sprintf("products T=%d, weights before the wait %v, K splits in a cluster %v", T, v[0], v[1])
+			pairs := g.streamPairs
+			compareOp(t, g, c, name, 1e-5, op)
+			if g.streamPairs == pairs {
+				t.Errorf("%s: q_a and kv_a did not share a launch", name)
+			}
+			mustSameBits(t, name, op(g), want)
+			t.Logf("%s: as the CPU, and bit for bit mms_*/mmsq_*", name)
+		}
 	}
 }

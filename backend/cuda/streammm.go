@@ -143,11 +143,29 @@ func (c *Ctx) streamKernel(K, T int, p StreamPlan) (*Kernel, int, StreamPlan, er
 		p.D = 2 // the same chunks of K, two groups at a time (stream.cu has no D = 4 past 8 rows)
 	}
 	shared := streamShared(wt, K, p)
+	name := streamName("mms", K, p)
+	if streamClusterFits(wt, p) && c.info.CC >= 90 {
+		name += "c"
+		shared = max(shared, 4*128*8*wt)
+	}
 	if shared > c.info.SharedOptin {
 		return nil, 0, p, fmt.Errorf("cuda: stream product: %d rows of K=%d split %d ways need %d bytes of shared memory, at most %d", T, K, p.KS, shared, c.info.SharedOptin)
 	}
-	k, err := c.kernelShared("stream", fmt.Sprintf("%s_t%d_d%d", streamName("mms", K, p), wt, p.D), shared)
+	k, err := c.kernelShared("stream", fmt.Sprintf("%s_t%d_d%d", name, wt, p.D), shared)
 	return k, shared, p, err
+}
+
+// streamCluster takes the mmsc_* and mmspc_* kernels (the K splits of a
+// row block in a cluster, their sums added through distributed shared
+// memory) for plans of streamClusterKS splits, D = 2, 9-64 rows, on
+// devices with clusters.
+var streamCluster = false
+
+// streamClusterKS is the cluster size of the mmsc_* kernels (grid y).
+const streamClusterKS = 8
+
+func streamClusterFits(wt int, p StreamPlan) bool {
+	return streamCluster && p.KS == streamClusterKS && p.D == 2 && wt >= 2
 }
 
 // streamPreloadGroups is MMSP_GROUPS in stream.cu: the most groups of 128
