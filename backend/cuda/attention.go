@@ -197,11 +197,15 @@ func (b *Backend) flashMixedUse(batch *backend.Batch) bool {
 // decodeOneSplitMaxN is the longest context at which a decode step of
 // several rows gives each row's 8-head groups a block of their own over
 // all its positions (decode_mma_*_h8, one split, nothing to merge) where
-// that fills the multiprocessors in one wave, rather than all heads a
-// block over splits of the positions merged at a barrier. On an H200 at
-// 32 rows (BenchmarkServeAttention, us a layer): 6.6 against 11.8 at 48
+// those blocks fit in one wave, rather than all heads a block over splits
+// of the positions merged at a barrier. On an H200 at 32 rows
+// (BenchmarkServeAttention, us a layer): 6.6 against 11.8 at 48
 // positions, 9.9 against 13.4 at 128, 17.4 against 16.5 at 256, 61.6
 // against 33.0 at 1024; at 64 rows (two waves) 33.8 against 22.8 at 256.
+// At 8-20 rows, where the splits' blocks fill the multiprocessors and
+// the one-split blocks do not (BenchmarkServeAttentionFew): 3.5-4.3
+// against 8.7-10.5 us at 8 rows of 48-128 positions, 4.3-6.1 against
+// 9.8-10.7 at 16 rows, 4.6-5.7 against 11.1-11.7 at 20 rows of 48-80.
 const decodeOneSplitMaxN = 128
 
 // rowsOneSplit reports whether decodeMMAAttention takes blocks of 8 heads
@@ -212,10 +216,5 @@ func (b *Backend) rowsOneSplit(T int, s backend.MLAShape) bool {
 		s.Rank != 512 || s.RopeDim != 64 || b.meta.maxN > decodeOneSplitMaxN || T*hg > b.dev.Info().SMs {
 		return false
 	}
-	return decodeOneSplitFew || b.decodeMMASplits(T*hg, b.meta.maxN) == 1
+	return true
 }
-
-// decodeOneSplitFew gives decode steps of fewer rows than fill the
-// multiprocessors in one wave of one-split blocks the one-split blocks
-// too (measured against splits over the positions).
-var decodeOneSplitFew = false

@@ -30,7 +30,7 @@ import (
 //     (absorb_query_tc_rope_rows), as in the single-row chain;
 //   - the residual add and post-attention norm run in the cluster
 //     router's launch (moe_router_cluster_norm_rows);
-//   - and, in attention.go, a decode step of 23-44 rows of short contexts
+//   - and, in attention.go, a decode step of 2-44 rows of short contexts
 //     takes decode_mma in blocks of 8 heads with one split, and a step of
 //     more than 64 rows mixing decode rows with prompts the flash kernel.
 //

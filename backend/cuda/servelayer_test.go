@@ -242,7 +242,7 @@ func BenchmarkServeLayer(b *testing.B) {
 	for range nl {
 		ws = append(ws, newServeLayerW(b, g, r))
 	}
-	for _, T := range serveBenchRows(32, 16) {
+	for ti, T := range serveBenchRows(32, 64) {
 		pool, err := g.NewCachePool(nl, 2*T, 64, s.rank, s.rope, backend.CacheBF16)
 		if err != nil {
 			b.Fatal(err)
@@ -283,6 +283,9 @@ func BenchmarkServeLayer(b *testing.B) {
 				}
 			}
 			streamPreload, streamCluster = false, false
+			if ti > 0 {
+				return nil // the ops one by one at the first row count only
+			}
 			prev := 0.0
 			for j := range ops {
 				alone, err := timeLayerOps(c, layers, func(k int) bool { return k == j })
@@ -297,8 +300,14 @@ func BenchmarkServeLayer(b *testing.B) {
 				if err != nil {
 					return err
 				}
-				fmt.Printf("serve layer T=%d op %2d %-28s alone %6.2f  prefix %6.2f (+%5.2f)  layer without it %6.2f (-%5.2f) us\n",
-					T, j, ops[j].op, alone, prefix, prefix-prev, without, all-without)
+				streamPreload, streamCluster = true, true
+				aloneNew, err := timeLayerOps(c, layers, func(k int) bool { return k == j })
+				streamPreload, streamCluster = false, false
+				if err != nil {
+					return err
+				}
+				fmt.Printf("serve layer T=%d op %2d %-28s alone %6.2f (preload+cluster %6.2f)  prefix %6.2f (+%5.2f)  layer without it %6.2f (-%5.2f) us\n",
+					T, j, ops[j].op, alone, aloneNew, prefix, prefix-prev, without, all-without)
 				prev = prefix
 			}
 			return nil
@@ -313,11 +322,11 @@ func BenchmarkServeLayer(b *testing.B) {
 }
 
 // BenchmarkServeAttentionFew times one layer's attention of decode steps
-// of 4-22 rows of short contexts: the default splits against blocks of 8
-// heads with one split (decodeOneSplitFew).
+// of 8-20 rows of short contexts: blocks of 8 heads with one split (the
+// default, rowsOneSplit) against all heads a block over splits of the
+// positions merged at a barrier (the default before).
 func BenchmarkServeAttentionFew(b *testing.B) {
 	d := benchDevice(b)
-	defer func(v bool) { decodeOneSplitFew = v }(decodeOneSplitFew)
 	for _, T := range serveBenchRows(8, 12, 16, 20) {
 		for _, n := range []int{48, 80, 128} {
 			if n == 128 && T%8 != 0 {
@@ -325,7 +334,11 @@ func BenchmarkServeAttentionFew(b *testing.B) {
 			}
 			for _, one := range []bool{false, true} {
 				b.Run(fmt.Sprintf("rows%d_ctx%d/onesplit_%v", T, n, one), func(b *testing.B) {
-					serveAttnBench(b, d, servePromptStep(slices.Repeat([]int{n - 1}, T), 0, 0), func(*Backend) { decodeOneSplitFew = one })
+					serveAttnBench(b, d, servePromptStep(slices.Repeat([]int{n - 1}, T), 0, 0), func(g *Backend) {
+						if !one {
+							g.decodeMerge = mergeInKernel
+						}
+					})
 				})
 			}
 		}
