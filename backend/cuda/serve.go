@@ -37,6 +37,19 @@ import (
 // MMFP4_CUDA_SERVE_FUSE=0 turns them off.
 var serveFuseOff = os.Getenv("MMFP4_CUDA_SERVE_FUSE") == "0"
 
+// Shorter chains of dependent loads in the steps of 2-64 rows:
+//   - the dense products of 9-64 rows load all of a block's weights before
+//     their wait for the kernel before (mmsp_*, mmsqp_*: streamPreload);
+//   - the 8 K splits of a row block of o_proj and of the q_a/kv_a pair add
+//     their sums in a cluster, through distributed shared memory, instead
+//     of global partial sums and a counter (mmsc_*: streamCluster);
+//   - decode steps of 2-22 rows of short contexts take attention.go's
+//     one-split 8-head blocks (as 23-44 rows did).
+//
+// Each gives the same values as before, bit for bit.
+// MMFP4_CUDA_SERVE_CHAIN=0 turns them off.
+var serveChainOff = os.Getenv("MMFP4_CUDA_SERVE_CHAIN") == "0"
+
 // freshZero is the tensor (p, n bytes) the last NewTensor cleared, in
 // clearing range z, whose n was prevN before the tensor joined it; queued
 // and flush place it among the ops (no op queued since).

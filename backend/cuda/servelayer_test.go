@@ -266,6 +266,8 @@ func BenchmarkServeLayer(b *testing.B) {
 			names = append(names, op.op)
 		}
 		err = d.Do(func(c *Ctx) error {
+			defer func(v, w bool) { streamPreload, streamCluster = v, w }(streamPreload, streamCluster)
+			streamPreload, streamCluster = false, false
 			all, err := timeLayerOps(c, layers, func(int) bool { return true })
 			if err != nil {
 				return err
@@ -279,7 +281,6 @@ func BenchmarkServeLayer(b *testing.B) {
 				return err
 			}
 			fmt.Printf("serve layer T=%d: %d ops a layer %q: %.2f us a layer (programmatic launch off: %.2f)\n", T, len(ops), names, all, noPDL)
-			defer func(v, w bool) { streamPreload, streamCluster = v, w }(streamPreload, streamCluster)
 			for round := 0; round < 2; round++ {
 				for _, v := range [][2]bool{{false, false}, {true, false}, {false, true}, {true, true}} {
 					streamPreload, streamCluster = v[0], v[1]
