@@ -404,6 +404,14 @@ func (c *Ctx) RouterClusterNormRows(W uint64, K int, logits uint64, ldl int, bia
 	if norm {
 		nm = 1
 	}
+	if R := routerRows; R > 1 {
+		k, err := c.kernelShared("moe", fmt.Sprintf("moe_router_cluster_norm_rows%d", R), 8*R*K)
+		if err != nil {
+			return err
+		}
+		return c.Launch(k, Dim{routerClusterE / 8, uint32((q.T + R - 1) / R), 1}, D1(256), 8*R*K, W, K, logits, ldl, bias, topk, nm, scaling, ids, wts,
+			n.d.ptr, n.d.ld, n.a.ptr, n.a.ld, n.c.ptr, n.c.ld, n.gain, n.eps, n.out.ptr, n.out.ld, q.Q, q.Scales, q.Sums, q.G, q.T)
+	}
 	k, err := c.Kernel("moe", "moe_router_cluster_norm_rows")
 	if err != nil {
 		return err
@@ -411,3 +419,8 @@ func (c *Ctx) RouterClusterNormRows(W uint64, K int, logits uint64, ldl int, bia
 	return c.Launch(k, Dim{routerClusterE / 8, uint32(q.T), 1}, D1(256), 4*K, W, K, logits, ldl, bias, topk, nm, scaling, ids, wts,
 		n.d.ptr, n.d.ld, n.a.ptr, n.a.ld, n.c.ptr, n.c.ld, n.gain, n.eps, n.out.ptr, n.out.ld, q.Q, q.Scales, q.Sums, q.G)
 }
+
+// routerRows is the token rows a cluster of RouterClusterNormRows takes
+// (moe_router_cluster_norm_rows2 and 4: each block's weights serve that
+// many rows); 1: moe_router_cluster_norm_rows, a cluster a row.
+var routerRows = 1

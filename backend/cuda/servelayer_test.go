@@ -281,17 +281,21 @@ func BenchmarkServeLayer(b *testing.B) {
 				return err
 			}
 			fmt.Printf("serve layer T=%d: %d ops a layer %q: %.2f us a layer (programmatic launch off: %.2f)\n", T, len(ops), names, all, noPDL)
+			defer func(v int) { routerRows = v }(routerRows)
 			for round := 0; round < 2; round++ {
-				for _, v := range [][2]bool{{false, false}, {true, false}, {false, true}, {true, true}} {
-					streamPreload, streamCluster = v[0], v[1]
+				for _, v := range []struct {
+					pre, cl bool
+					rr      int
+				}{{false, false, 1}, {true, false, 1}, {false, true, 1}, {true, true, 1}, {true, true, 2}, {true, true, 4}} {
+					streamPreload, streamCluster, routerRows = v.pre, v.cl, v.rr
 					us, err := timeLayerOps(c, layers, func(int) bool { return true })
 					if err != nil {
 						return err
 					}
-					fmt.Printf("serve layer T=%d: round %d: products' weights before the wait %v, K splits in a cluster %v: %.2f us a layer\n", T, round, v[0], v[1], us)
+					fmt.Printf("serve layer T=%d: round %d: products' weights before the wait %v, K splits in a cluster %v, router rows a cluster %d: %.2f us a layer\n", T, round, v.pre, v.cl, v.rr, us)
 				}
 			}
-			streamPreload, streamCluster = false, false
+			streamPreload, streamCluster, routerRows = false, false, 1
 			if ti > 0 {
 				return nil // the ops one by one at the first row count only
 			}
@@ -309,13 +313,13 @@ func BenchmarkServeLayer(b *testing.B) {
 				if err != nil {
 					return err
 				}
-				streamPreload, streamCluster = true, true
+				streamPreload, streamCluster, routerRows = true, true, 2
 				aloneNew, err := timeLayerOps(c, layers, func(k int) bool { return k == j })
-				streamPreload, streamCluster = false, false
+				streamPreload, streamCluster, routerRows = false, false, 1
 				if err != nil {
 					return err
 				}
-				fmt.Printf("serve layer T=%d op %2d %-28s alone %6.2f (preload+cluster %6.2f)  prefix %6.2f (+%5.2f)  layer without it %6.2f (-%5.2f) us\n",
+				fmt.Printf("serve layer T=%d op %2d %-28s alone %6.2f (new forms %6.2f)  prefix %6.2f (+%5.2f)  layer without it %6.2f (-%5.2f) us\n",
 					T, j, ops[j].op, alone, aloneNew, prefix, prefix-prev, without, all-without)
 				prev = prefix
 			}
