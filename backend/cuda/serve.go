@@ -44,7 +44,9 @@ var serveFuseOff = os.Getenv("MMFP4_CUDA_SERVE_FUSE") == "0"
 //     their sums in a cluster, through distributed shared memory, instead
 //     of global partial sums and a counter (mmsc_*: streamCluster);
 //   - decode steps of 2-22 rows of short contexts take attention.go's
-//     one-split 8-head blocks (as 23-44 rows did).
+//     one-split 8-head blocks (as 23-44 rows did);
+//   - the router with its residual add and norm takes two rows a cluster
+//     (moe_router_cluster_norm_rows2: routerRows).
 //
 // Each gives the same values as before, bit for bit.
 // MMFP4_CUDA_SERVE_CHAIN=0 turns them off.
@@ -202,7 +204,7 @@ func (c *Ctx) MatMulStreamHeadsQuant(y uint64, ldy int, w *QMatrix, a *QActs, he
 		p.D = 2 // as streamKernel: no D = 4 past 8 rows
 	}
 	shared := streamShared(wt, w.K, p)
-	k, err := c.kernelShared("stream", fmt.Sprintf("%s_t%d_d%d", streamName("mmsq", w.K, p), wt, p.D), shared)
+	k, err := c.kernelShared("stream", fmt.Sprintf("%s_t%d_d%d", streamName("mmsq", w.K, wt, p), wt, p.D), shared)
 	if err != nil {
 		return err
 	}
@@ -421,6 +423,12 @@ func (c *Ctx) RouterClusterNormRows(W uint64, K int, logits uint64, ldl int, bia
 }
 
 // routerRows is the token rows a cluster of RouterClusterNormRows takes
-// (moe_router_cluster_norm_rows2 and 4: each block's weights serve that
-// many rows); 1: moe_router_cluster_norm_rows, a cluster a row.
-var routerRows = 1
+// (moe_router_cluster_norm_rows2: each block's weights serve two rows);
+// 1: moe_router_cluster_norm_rows, a cluster a row.
+var routerRows = 2
+
+func init() {
+	if serveChainOff {
+		routerRows = 1
+	}
+}

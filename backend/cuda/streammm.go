@@ -143,7 +143,7 @@ func (c *Ctx) streamKernel(K, T int, p StreamPlan) (*Kernel, int, StreamPlan, er
 		p.D = 2 // the same chunks of K, two groups at a time (stream.cu has no D = 4 past 8 rows)
 	}
 	shared := streamShared(wt, K, p)
-	name := streamName("mms", K, p)
+	name := streamName("mms", K, wt, p)
 	if streamClusterFits(wt, p) && c.info.CC >= 90 {
 		name += "c"
 		shared = max(shared, 4*128*8*wt)
@@ -177,11 +177,12 @@ const streamPreloadGroups = 6
 var streamPreload = !serveChainOff
 
 // streamName is the kernel family of a product of K columns with plan p
-// (as launched): base, or its preloading form ("p" appended; D = 2 only:
-// with D = 1 the six batches spill).
-func streamName(base string, K int, p StreamPlan) string {
+// (as launched) over wt n-tiles of rows: base, or its preloading form ("p"
+// appended) for 9-32 rows (wt 2 and 4; at 64 rows it was slower) and D = 2
+// (with D = 1 the six batches spill).
+func streamName(base string, K, wt int, p StreamPlan) string {
 	nc := K / (128 * p.D)
-	if streamPreload && p.D == 2 && (nc+p.KS-1)/p.KS*p.D <= streamPreloadGroups {
+	if streamPreload && p.D == 2 && (wt == 2 || wt == 4) && (nc+p.KS-1)/p.KS*p.D <= streamPreloadGroups {
 		return base + "p"
 	}
 	return base

@@ -996,10 +996,14 @@ MMSQ_KERNEL(mmsq_t4_d2, 4, 2, 2)
 MMSQ_KERNEL(mmsq_t8_d2, 8, 2, 1)
 
 // ---------------------------------------------------------------------------
-// Dense products of 8-64 rows with all of a block's weights loaded before
+// Dense products of 9-32 rows with all of a block's weights loaded before
 // the wait for the kernel before (mbp_core, at most MMSP_GROUPS groups a
 // block: o_proj, q_b, the q_a/kv_a pair and the value expansion of a
-// 32-row serving step): mms_* and mmsq_* otherwise, the same values.
+// 32-row serving step): mms_* and mmsq_* otherwise, the same values. On an
+// H200 (BenchmarkServeLayer, a 32-row layer in a graph) q_b 5.95 -> 4.70
+// us alone, the value expansion 6.99 -> 6.42; at 64 rows (two n-tiles
+// more a warp, one block a multiprocessor at about 200 registers) the
+// layer took 5 us longer: not past 32 rows.
 #define MMSP_KERNEL(NAME, WT, D, MINB)                                                             \
   extern "C" __global__ void __launch_bounds__(256, MINB) NAME(                                        \
       const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale, \
@@ -1012,10 +1016,8 @@ MMSQ_KERNEL(mmsq_t8_d2, 8, 2, 1)
                                   rb1, codes2, scales2, row_scale2, N2, y2, ldy2, partial2);           \
   }
 
-MMSP_KERNEL(mmsp_t1_d2, 1, 2, 2)
 MMSP_KERNEL(mmsp_t2_d2, 2, 2, 2)
 MMSP_KERNEL(mmsp_t4_d2, 4, 2, 2)
-MMSP_KERNEL(mmsp_t8_d2, 8, 2, 1)
 
 #define MMSQP_KERNEL(NAME, WT, D, MINB)                                                                \
   extern "C" __global__ void __launch_bounds__(256, MINB) NAME(                                        \
@@ -1029,10 +1031,11 @@ MMSP_KERNEL(mmsp_t8_d2, 8, 2, 1)
 
 MMSQP_KERNEL(mmsqp_t2_d2, 2, 2, 2)
 MMSQP_KERNEL(mmsqp_t4_d2, 4, 2, 2)
-MMSQP_KERNEL(mmsqp_t8_d2, 8, 2, 1)
 
 // mms_* and mmsp_* with the 8 K splits of a row block in a cluster
-// (mms_dense's CL): plans of KS = 8 only.
+// (mms_dense's CL): plans of KS = 8 only. On an H200 (BenchmarkServeLayer)
+// a 32-row layer 155.0 -> 149.9 us (both forms: 147.3), 64 rows 208.0 ->
+// 203.7.
 #define MMSC_KERNEL(NAME, WT, D, PRE, MINB)                                                           \
   extern "C" __global__ void __cluster_dims__(1, 8, 1) __launch_bounds__(256, MINB) NAME(             \
       const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale, \
@@ -1050,4 +1053,3 @@ MMSC_KERNEL(mmsc_t4_d2, 4, 2, false, 2)
 MMSC_KERNEL(mmsc_t8_d2, 8, 2, false, 1)
 MMSC_KERNEL(mmspc_t2_d2, 2, 2, true, 2)
 MMSC_KERNEL(mmspc_t4_d2, 4, 2, true, 2)
-MMSC_KERNEL(mmspc_t8_d2, 8, 2, true, 1)
