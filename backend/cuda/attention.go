@@ -202,10 +202,12 @@ func (b *Backend) flashMixedUse(batch *backend.Batch) bool {
 // (BenchmarkServeAttention, us a layer): 6.6 against 11.8 at 48
 // positions, 9.9 against 13.4 at 128, 17.4 against 16.5 at 256, 61.6
 // against 33.0 at 1024; at 64 rows (two waves) 33.8 against 22.8 at 256.
-// At 8-20 rows, where the splits' blocks fill the multiprocessors and
-// the one-split blocks do not (BenchmarkServeAttentionFew): 3.5-4.3
-// against 8.7-10.5 us at 8 rows of 48-128 positions, 4.3-6.1 against
-// 9.8-10.7 at 16 rows, 4.6-5.7 against 11.1-11.7 at 20 rows of 48-80.
+// At 4-20 rows, where the splits' blocks fill the multiprocessors and
+// the one-split blocks do not (BenchmarkServeAttentionFew, us, one split
+// against the splits): 4 rows of 48 / 80 positions 5.3 / 6.8 against
+// 10.4 / 8.5; 8 rows of 48 / 80 / 128 5.4 / 6.8 / 8.6 against 10.5 / 8.6
+// / 8.8; 16 rows 5.6 / 6.9 / 8.6 against 10.7 / 9.7 / 10.2; 20 rows of
+// 48 / 80 5.7 / 7.0 against 11.0 / 11.6.
 const decodeOneSplitMaxN = 128
 
 // rowsOneSplit reports whether decodeMMAAttention takes blocks of 8 heads
