@@ -197,11 +197,17 @@ func (b *Backend) flashMixedUse(batch *backend.Batch) bool {
 // decodeOneSplitMaxN is the longest context at which a decode step of
 // several rows gives each row's 8-head groups a block of their own over
 // all its positions (decode_mma_*_h8, one split, nothing to merge) where
-// that fills the multiprocessors in one wave, rather than all heads a
-// block over splits of the positions merged at a barrier. On an H200 at
-// 32 rows (BenchmarkServeAttention, us a layer): 6.6 against 11.8 at 48
+// those blocks fit in one wave, rather than all heads a block over splits
+// of the positions merged at a barrier. On an H200 at 32 rows
+// (BenchmarkServeAttention, us a layer): 6.6 against 11.8 at 48
 // positions, 9.9 against 13.4 at 128, 17.4 against 16.5 at 256, 61.6
 // against 33.0 at 1024; at 64 rows (two waves) 33.8 against 22.8 at 256.
+// At 4-20 rows, where the splits' blocks fill the multiprocessors and
+// the one-split blocks do not (BenchmarkServeAttentionFew, us, one split
+// against the splits): 4 rows of 48 / 80 positions 5.3 / 6.8 against
+// 10.4 / 8.5; 8 rows of 48 / 80 / 128 5.4 / 6.8 / 8.6 against 10.5 / 8.6
+// / 8.8; 16 rows 5.6 / 6.9 / 8.6 against 10.7 / 9.7 / 10.2; 20 rows of
+// 48 / 80 5.7 / 7.0 against 11.0 / 11.6.
 const decodeOneSplitMaxN = 128
 
 // rowsOneSplit reports whether decodeMMAAttention takes blocks of 8 heads
@@ -212,5 +218,5 @@ func (b *Backend) rowsOneSplit(T int, s backend.MLAShape) bool {
 		s.Rank != 512 || s.RopeDim != 64 || b.meta.maxN > decodeOneSplitMaxN || T*hg > b.dev.Info().SMs {
 		return false
 	}
-	return b.decodeMMASplits(T*hg, b.meta.maxN) == 1
+	return !serveChainOff || b.decodeMMASplits(T*hg, b.meta.maxN) == 1
 }

@@ -103,12 +103,15 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 	if decodeHeadGroups && s.Rank == 512 && s.RopeDim == 64 && merge == mergeLaunch {
 		hg = (s.Heads + 7) / 8
 	}
-	if b.rowsOneSplit(T, s) {
+	one := b.rowsOneSplit(T, s)
+	if one {
 		hg = (s.Heads + 7) / 8 // one split: nothing to merge (attention.go)
 	}
 	S := b.decodeMMASplits(T*hg, b.meta.maxN)
 	if decodeSplitsFixed > 0 {
 		S = decodeSplitsFixed
+	} else if one {
+		S = 1 // (below 23 rows the multiprocessors would take more splits)
 	} else if hg > 1 {
 		// As few splits as give the same chunk of the bucketed length
 		// (no blocks past the row's end: at ctx 1024, 32 splits of 32

@@ -29,12 +29,27 @@ import (
 //     (absorb_query_tc_rope_rows), as in the single-row chain;
 //   - the residual add and post-attention norm run in the cluster
 //     router's launch (moe_router_cluster_norm_rows);
-//   - and, in attention.go, a decode step of 23-44 rows of short contexts
+//   - and, in attention.go, a decode step of 2-44 rows of short contexts
 //     takes decode_mma in blocks of 8 heads with one split, and a step of
 //     more than 64 rows mixing decode rows with prompts the flash kernel.
 //
 // Tests turn them off (serveFuseOff) to compare with the separate launches.
 var serveFuseOff bool
+
+// Shorter chains of dependent loads in the steps of 2-64 rows:
+//   - the dense products of 9-64 rows load all of a block's weights before
+//     their wait for the kernel before (mmsp_*, mmsqp_*: streamPreload);
+//   - the 8 K splits of a row block of o_proj and of the q_a/kv_a pair add
+//     their sums in a cluster, through distributed shared memory, instead
+//     of global partial sums and a counter (mmsc_*: streamCluster);
+//   - decode steps of 2-22 rows of short contexts take attention.go's
+//     one-split 8-head blocks (as 23-44 rows did);
+//   - the router with its residual add and norm takes two rows a cluster
+//     (moe_router_cluster_norm_rows2: routerRows).
+//
+// Each gives the same values as before, bit for bit.
+// MMFP4_CUDA_SERVE_CHAIN=0 turns them off.
+var serveChainOff = os.Getenv("MMFP4_CUDA_SERVE_CHAIN") == "0"
 
 // freshZero is the tensor (p, n bytes) the last NewTensor cleared, in
 // clearing range z, whose n was prevN before the tensor joined it; queued
@@ -188,7 +203,7 @@ func (c *Ctx) MatMulStreamHeadsQuant(y uint64, ldy int, w *QMatrix, a *QActs, he
 		p.D = 2 // as streamKernel: no D = 4 past 8 rows
 	}
 	shared := streamShared(wt, w.K, p)
-	k, err := c.kernelShared("stream", fmt.Sprintf("mmsq_t%d_d%d", wt, p.D), shared)
+	k, err := c.kernelShared("stream", fmt.Sprintf("%s_t%d_d%d", streamName("mmsq", w.K, wt, p), wt, p.D), shared)
 	if err != nil {
 		return err
 	}
@@ -390,10 +405,29 @@ func (c *Ctx) RouterClusterNormRows(W uint64, K int, logits uint64, ldl int, bia
 	if norm {
 		nm = 1
 	}
+	if R := routerRows; R > 1 {
+		k, err := c.kernelShared("moe", fmt.Sprintf("moe_router_cluster_norm_rows%d", R), 8*R*K)
+		if err != nil {
+			return err
+		}
+		return c.Launch(k, Dim{routerClusterE / 8, uint32((q.T + R - 1) / R), 1}, D1(256), 8*R*K, W, K, logits, ldl, bias, topk, nm, scaling, ids, wts,
+			n.d.ptr, n.d.ld, n.a.ptr, n.a.ld, n.c.ptr, n.c.ld, n.gain, n.eps, n.out.ptr, n.out.ld, q.Q, q.Scales, q.Sums, q.G, q.T)
+	}
 	k, err := c.Kernel("moe", "moe_router_cluster_norm_rows")
 	if err != nil {
 		return err
 	}
 	return c.Launch(k, Dim{routerClusterE / 8, uint32(q.T), 1}, D1(256), 4*K, W, K, logits, ldl, bias, topk, nm, scaling, ids, wts,
 		n.d.ptr, n.d.ld, n.a.ptr, n.a.ld, n.c.ptr, n.c.ld, n.gain, n.eps, n.out.ptr, n.out.ld, q.Q, q.Scales, q.Sums, q.G)
+}
+
+// routerRows is the token rows a cluster of RouterClusterNormRows takes
+// (moe_router_cluster_norm_rows2: each block's weights serve two rows);
+// 1: moe_router_cluster_norm_rows, a cluster a row.
+var routerRows = 2
+
+func init() {
+	if serveChainOff {
+		routerRows = 1
+	}
 }

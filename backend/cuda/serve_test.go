@@ -368,7 +368,7 @@ func TestBackendServeAbsorbRopeMatchesCPU(t *testing.T) {
 // (moe_router_cluster_norm_rows): the residual, the norm, its int8 form,
 // the logits and the chosen experts and weights match the CPU backend
 // (the first three and the logits) and equal the separate launches' bit
-// for bit (all of them).
+// for bit (all of them); with one and two rows a cluster alike.
 func TestBackendServeRouterNormMatchesCPU(t *testing.T) {
 	r := testRand(t)
 	g, c := testBackends(t, Options{})
@@ -444,6 +444,21 @@ func TestBackendServeRouterNormMatchesCPU(t *testing.T) {
 		mustSameBits(t, name, merged, separate)
 		if !bytes.Equal(mergedDev, dev) {
 			t.Fatalf("%s: the ids, weights or int8 form differ from the separate launches'", name)
+		}
+		// Two rows a cluster (moe_router_cluster_norm_rows2) and one: the
+		// same bits.
+		for _, R := range []int{1, 2} {
+			if R == routerRows {
+				continue
+			}
+			func() {
+				defer func(v int) { routerRows = v }(routerRows)
+				routerRows = R
+				mustSameBits(t, fmt.Sprintf("%s, %d rows a cluster", name, R), op(g), merged)
+			}()
+			if !bytes.Equal(mergedDev, dev) {
+				t.Fatalf("%s, %d rows a cluster: the ids, weights or int8 form differ from %d rows a cluster", name, R, routerRows)
+			}
 		}
 	}
 }

@@ -72,7 +72,7 @@ func TestServeMixedFlashMatchesCPU(t *testing.T) {
 	}
 }
 
-// Decode steps of 24-44 rows of short contexts take decode_mma in blocks
+// Decode steps of 2-44 rows of short contexts take decode_mma in blocks
 // of 8 heads with one split (rowsOneSplit): against the CPU, and bit for
 // bit the all-heads kernel with one split; 64 rows, or a context past
 // decodeOneSplitMaxN, do not.
@@ -82,7 +82,7 @@ func TestServeDecodeOneSplitMatchesCPU(t *testing.T) {
 	s := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
 	qk := s.NopeDim + s.RopeDim
 	const blockSize = 16
-	for _, T := range []int{24, 32, 44} {
+	for _, T := range []int{2, 8, 16, 24, 32, 44} {
 		lens := make([]int, T)
 		for i := range lens {
 			lens[i] = 1 + r.IntN(decodeOneSplitMaxN)

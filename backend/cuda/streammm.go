@@ -143,11 +143,49 @@ func (c *Ctx) streamKernel(K, T int, p StreamPlan) (*Kernel, int, StreamPlan, er
 		p.D = 2 // the same chunks of K, two groups at a time (stream.cu has no D = 4 past 8 rows)
 	}
 	shared := streamShared(wt, K, p)
+	name := streamName("mms", K, wt, p)
+	if streamClusterFits(wt, p) && c.info.CC >= 90 {
+		name += "c"
+		shared = max(shared, 4*128*8*wt)
+	}
 	if shared > c.info.SharedOptin {
 		return nil, 0, p, fmt.Errorf("cuda: stream product: %d rows of K=%d split %d ways need %d bytes of shared memory, at most %d", T, K, p.KS, shared, c.info.SharedOptin)
 	}
-	k, err := c.kernelShared("stream", fmt.Sprintf("mms_t%d_d%d", wt, p.D), shared)
+	k, err := c.kernelShared("stream", fmt.Sprintf("%s_t%d_d%d", name, wt, p.D), shared)
 	return k, shared, p, err
+}
+
+// streamCluster takes the mmsc_* and mmspc_* kernels (the K splits of a
+// row block in a cluster, their sums added through distributed shared
+// memory) for plans of streamClusterKS splits, D = 2, 9-64 rows, on
+// devices with clusters.
+var streamCluster = !serveChainOff
+
+// streamClusterKS is the cluster size of the mmsc_* kernels (grid y).
+const streamClusterKS = 8
+
+func streamClusterFits(wt int, p StreamPlan) bool {
+	return streamCluster && p.KS == streamClusterKS && p.D == 2 && wt >= 2
+}
+
+// streamPreloadGroups is MMSP_GROUPS in stream.cu: the most groups of 128
+// columns a block of the mmsp_* and mmsqp_* kernels loads before its wait.
+const streamPreloadGroups = 6
+
+// streamPreload takes the mmsp_* and mmsqp_* kernels (every weight of a
+// block loaded before the wait) where a block's groups fit.
+var streamPreload = !serveChainOff
+
+// streamName is the kernel family of a product of K columns with plan p
+// (as launched) over wt n-tiles of rows: base, or its preloading form ("p"
+// appended) for 9-32 rows (wt 2 and 4; at 64 rows it was slower) and D = 2
+// (with D = 1 the six batches spill).
+func streamName(base string, K, wt int, p StreamPlan) string {
+	nc := K / (128 * p.D)
+	if streamPreload && p.D == 2 && (wt == 2 || wt == 4) && (nc+p.KS-1)/p.KS*p.D <= streamPreloadGroups {
+		return base + "p"
+	}
+	return base
 }
 
 // MatMulStreamPair computes MatMulStream of two matrices of the same K

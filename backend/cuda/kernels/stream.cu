@@ -721,6 +721,44 @@ DEVICE void mms_quant_out(const float (&v)[WT][4], int T, int col0, int OK, i8* 
   }
 }
 
+// mb_core for one m-tile with every batch of the warp's weights (NB
+// batches of D groups, the block's ng groups if ng <= NB*D) loaded before
+// pre(), that is before the dense product waits for the kernel before:
+// the weights' round trips to memory overlap that kernel instead of
+// following the wait one batch after another. Groups past NB*D go as
+// mb_core's. The same products in the same order as mb_core's.
+#define MMSP_GROUPS 6  // the groups mmsp_* kernels load before their wait
+template <int WT, int D, int NB, typename Pre>
+DEVICE void mbp_core(const u8* const (&rc)[1], const u8* const (&rs)[1], int K, int g0, int ng, const u8* smem,
+                     float (&acc)[1][WT][4], Pre pre) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int ldx = 128 * ng + 16, ldxs = ng + 1, GK = K >> 7;
+  const size_t half8 = (size_t)8 * (K / 2);
+  const u8* xrow = smem + g * ldx + 32 * t;
+  const float* xss = (const float*)(smem + 8 * WT * ldx);
+#pragma unroll
+  for (int n = 0; n < WT; n++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) acc[0][n][e] = 0.f;
+  uint4 w[NB][D][1][2];
+  u32 sc[NB][1][2];
+#pragma unroll
+  for (int b = 0; b < NB; b++)
+    if (b * D < ng) mb_load<1, D>(w[b], sc[b], rc, rs, g0 + b * D, GK, half8, t);
+  pre();
+  mb_cp_wait_all();
+  __syncthreads();
+#pragma unroll
+  for (int b = 0; b < NB; b++)
+    if (b * D < ng) mb_apply<1, WT, D, false, false>(w[b], sc[b], b * D, xrow, xss, ldx, ldxs, t, acc);
+  for (int s0 = NB * D; s0 < ng; s0 += D) {
+    uint4 v[D][1][2];
+    u32 c[1][2];
+    mb_load<1, D>(v, c, rc, rs, g0 + s0, GK, half8, t);
+    mb_apply<1, WT, D, false, false>(v, c, s0, xrow, xss, ldx, ldxs, t, acc);
+  }
+}
+
 // ---------------------------------------------------------------------------
 // Dense product of T <= 8*WT token rows:
 //   y[t*ldy + n] = row_scale[n]/2 * sum_g e4m3(s[n,g]) * xs[t,g] * acc[t,n,g]
@@ -739,7 +777,30 @@ DEVICE void mms_quant_out(const float (&v)[WT][4], int T, int col0, int OK, i8* 
 // of a second product of the same rows (codes2 ... partial2, N2 rows,
 // output y2), so that two matrices of one input (q_a and kv_a) take one
 // launch; each output's sums are those of its own launch.
-template <int WT, int D, bool QO = false>
+DEVICE void mbc_arrive() { asm volatile("barrier.cluster.arrive.aligned;" ::: "memory"); }
+DEVICE void mbc_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
+// The four floats at p (this block's shared memory) in the shared memory
+// of the cluster's block rank.
+DEVICE float4 mbc_ld4(const float* p, u32 rank) {
+  u32 a = (u32)__cvta_generic_to_shared(p), d;
+  float4 v;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(rank));
+  asm volatile("ld.shared::cluster.v4.f32 {%0, %1, %2, %3}, [%4];"
+               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
+               : "r"(d)
+               : "memory");
+  return v;
+}
+
+// CL: KS = 8 blocks of a row block form a cluster (grid y, MMSC kernels),
+// which adds their partial sums through distributed shared memory instead
+// of global partial sums and a counter: each block leaves its sums in its
+// own shared memory (over the staged rows, after a barrier), and after a
+// cluster barrier block z adds, for every z-th quad of outputs, the KS
+// blocks' sums in order, as the last block does otherwise (the same
+// values); a second cluster barrier keeps every block's shared memory
+// until all have read it. Dynamic shared memory at least 4*128*8*WT bytes.
+template <int WT, int D, bool QO = false, bool PRE = false, bool CL = false>
 DEVICE void mms_dense(const u8* __restrict__ codes, const u8* __restrict__ scales,
                       const float* __restrict__ row_scale, int N, int K, const i8* __restrict__ xq,
                       const float* __restrict__ xs, int T, float* __restrict__ y, int ldy, int KS,
@@ -771,11 +832,16 @@ DEVICE void mms_dense(const u8* __restrict__ codes, const u8* __restrict__ scale
   const u8* rc[1] = {codes + (h * N + row) * (K / 2)};
   const u8* rs[1] = {scales + (h * N + row) * GK};
   float acc[1][WT][4];
-  mb_core<1, WT, D>(rc, rs, K, g0, ng, mb_smem, acc, [&] {
+  const auto pre = [&] {
     PDL_WAIT();
     mb_stage(mb_smem, 8 * WT, xq + h * K, xs + h * GK, (int)gridDim.z * K, 128 * g0, 128 * ng,
              [&](int r) { return min(r, T - 1); });
-  });
+  };
+  if (PRE) {
+    mbp_core<WT, D, MMSP_GROUPS / D>(rc, rs, K, g0, ng, mb_smem, acc, pre);
+  } else {
+    mb_core<1, WT, D>(rc, rs, K, g0, ng, mb_smem, acc, pre);
+  }
   row_scale += h * N;
   y += h * N;
   if (QO) {
@@ -800,6 +866,41 @@ DEVICE void mms_dense(const u8* __restrict__ codes, const u8* __restrict__ scale
         const int tok = 8 * n + 2 * t + (e & 1), r = n0 + g + 8 * (e >> 1);
         if (tok < T && n0 < N) y[(size_t)tok * ldy + r] = acc[0][n][e] * (row_scale[r] * 0.5f);
       }
+    return;
+  }
+  if (CL) {
+    float* red = (float*)mb_smem;  // [8*WT][128] this block's sums
+    __syncthreads();               // every warp has read its staged rows
+#pragma unroll
+    for (int n = 0; n < WT; n++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) red[(8 * n + 2 * t + (e & 1)) * 128 + warp * 16 + g + 8 * (e >> 1)] = acc[0][n][e];
+    mbc_arrive();
+    mbc_wait();
+    const int quads = min(128, N - bx * 128) >> 2;
+    for (int idx = z * blockDim.x + threadIdx.x; idx < T * 32; idx += KS * blockDim.x) {
+      const int tok = idx >> 5, c = idx & 31;
+      if (c >= quads) continue;
+      const int n = bx * 128 + 4 * c;
+      float4 v[8];
+#pragma unroll
+      for (int j = 0; j < 8; j++) v[j] = mbc_ld4(red + tok * 128 + 4 * c, j);
+      float4 tot = make_float4(0.f, 0.f, 0.f, 0.f);
+#pragma unroll
+      for (int j = 0; j < 8; j++) {
+        tot.x += v[j].x;
+        tot.y += v[j].y;
+        tot.z += v[j].z;
+        tot.w += v[j].w;
+      }
+      float* o = y + (size_t)tok * ldy + n;
+      o[0] = tot.x * (row_scale[n] * 0.5f);
+      o[1] = tot.y * (row_scale[n + 1] * 0.5f);
+      o[2] = tot.z * (row_scale[n + 2] * 0.5f);
+      o[3] = tot.w * (row_scale[n + 3] * 0.5f);
+    }
+    mbc_arrive();
+    mbc_wait();
     return;
   }
   partial += h * KS * T * N;
@@ -893,3 +994,62 @@ MMSQ_KERNEL(mmsq_t8_d1, 8, 1, 1)
 MMSQ_KERNEL(mmsq_t2_d2, 2, 2, 2)
 MMSQ_KERNEL(mmsq_t4_d2, 4, 2, 2)
 MMSQ_KERNEL(mmsq_t8_d2, 8, 2, 1)
+
+// ---------------------------------------------------------------------------
+// Dense products of 9-32 rows with all of a block's weights loaded before
+// the wait for the kernel before (mbp_core, at most MMSP_GROUPS groups a
+// block: o_proj, q_b, the q_a/kv_a pair and the value expansion of a
+// 32-row serving step): mms_* and mmsq_* otherwise, the same values. On an
+// H200 (BenchmarkServeLayer, a 32-row layer in a graph) q_b 5.95 -> 4.70
+// us alone, the value expansion 6.99 -> 6.42; at 64 rows (two n-tiles
+// more a warp, one block a multiprocessor at about 200 registers) the
+// layer took 5 us longer: not past 32 rows.
+#define MMSP_KERNEL(NAME, WT, D, MINB)                                                             \
+  extern "C" __global__ void __launch_bounds__(256, MINB) NAME(                                        \
+      const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale, \
+      int N, int K, const i8* __restrict__ xq, const float* __restrict__ xs, int T,                    \
+      float* __restrict__ y, int ldy, int KS, float* __restrict__ partial, u32* __restrict__ counters, \
+      int rb1, const u8* __restrict__ codes2, const u8* __restrict__ scales2,                          \
+      const float* __restrict__ row_scale2, int N2, float* __restrict__ y2, int ldy2,                  \
+      float* __restrict__ partial2) {                                                                  \
+    mms_dense<WT, D, false, true>(codes, scales, row_scale, N, K, xq, xs, T, y, ldy, KS, partial, counters, \
+                                  rb1, codes2, scales2, row_scale2, N2, y2, ldy2, partial2);           \
+  }
+
+MMSP_KERNEL(mmsp_t2_d2, 2, 2, 2)
+MMSP_KERNEL(mmsp_t4_d2, 4, 2, 2)
+
+#define MMSQP_KERNEL(NAME, WT, D, MINB)                                                                \
+  extern "C" __global__ void __launch_bounds__(256, MINB) NAME(                                        \
+      const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale, \
+      int N, int K, const i8* __restrict__ xq, const float* __restrict__ xs, int T,                    \
+      float* __restrict__ y, int ldy, i8* __restrict__ oq, float* __restrict__ os,                     \
+      i32* __restrict__ osum) {                                                                        \
+    mms_dense<WT, D, true, true>(codes, scales, row_scale, N, K, xq, xs, T, y, ldy, 1, nullptr, nullptr, \
+                                 gridDim.x, nullptr, nullptr, nullptr, 0, nullptr, 0, nullptr, oq, os, osum); \
+  }
+
+MMSQP_KERNEL(mmsqp_t2_d2, 2, 2, 2)
+MMSQP_KERNEL(mmsqp_t4_d2, 4, 2, 2)
+
+// mms_* and mmsp_* with the 8 K splits of a row block in a cluster
+// (mms_dense's CL): plans of KS = 8 only. On an H200 (BenchmarkServeLayer)
+// a 32-row layer 155.0 -> 149.9 us (both forms: 147.3), 64 rows 208.0 ->
+// 203.7.
+#define MMSC_KERNEL(NAME, WT, D, PRE, MINB)                                                           \
+  extern "C" __global__ void __cluster_dims__(1, 8, 1) __launch_bounds__(256, MINB) NAME(             \
+      const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale, \
+      int N, int K, const i8* __restrict__ xq, const float* __restrict__ xs, int T,                    \
+      float* __restrict__ y, int ldy, int KS, float* __restrict__ partial, u32* __restrict__ counters, \
+      int rb1, const u8* __restrict__ codes2, const u8* __restrict__ scales2,                          \
+      const float* __restrict__ row_scale2, int N2, float* __restrict__ y2, int ldy2,                  \
+      float* __restrict__ partial2) {                                                                  \
+    mms_dense<WT, D, false, PRE, true>(codes, scales, row_scale, N, K, xq, xs, T, y, ldy, KS, partial,  \
+                                       counters, rb1, codes2, scales2, row_scale2, N2, y2, ldy2, partial2); \
+  }
+
+MMSC_KERNEL(mmsc_t2_d2, 2, 2, false, 2)
+MMSC_KERNEL(mmsc_t4_d2, 4, 2, false, 2)
+MMSC_KERNEL(mmsc_t8_d2, 8, 2, false, 1)
+MMSC_KERNEL(mmspc_t2_d2, 2, 2, true, 2)
+MMSC_KERNEL(mmspc_t4_d2, 4, 2, true, 2)
