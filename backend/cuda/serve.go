@@ -47,9 +47,8 @@ var serveFuseOff bool
 //   - the router with its residual add and norm takes two rows a cluster
 //     (moe_router_cluster_norm_rows2: routerRows).
 //
-// Each gives the same values as before, bit for bit.
-// MMFP4_CUDA_SERVE_CHAIN=0 turns them off.
-var serveChainOff = os.Getenv("MMFP4_CUDA_SERVE_CHAIN") == "0"
+// Each gives the same values as before, bit for bit; tests turn each off
+// (streamPreload, streamCluster, routerRows, decodeSplitsFixed) to compare.
 
 // freshZero is the tensor (p, n bytes) the last NewTensor cleared, in
 // clearing range z, whose n was prevN before the tensor joined it; queued
@@ -425,9 +424,3 @@ func (c *Ctx) RouterClusterNormRows(W uint64, K int, logits uint64, ldl int, bia
 // (moe_router_cluster_norm_rows2: each block's weights serve two rows);
 // 1: moe_router_cluster_norm_rows, a cluster a row.
 var routerRows = 2
-
-func init() {
-	if serveChainOff {
-		routerRows = 1
-	}
-}

@@ -159,7 +159,7 @@ func (c *Ctx) streamKernel(K, T int, p StreamPlan) (*Kernel, int, StreamPlan, er
 // row block in a cluster, their sums added through distributed shared
 // memory) for plans of streamClusterKS splits, D = 2, 9-64 rows, on
 // devices with clusters.
-var streamCluster = !serveChainOff
+var streamCluster = true
 
 // streamClusterKS is the cluster size of the mmsc_* kernels (grid y).
 const streamClusterKS = 8
@@ -174,7 +174,7 @@ const streamPreloadGroups = 6
 
 // streamPreload takes the mmsp_* and mmsqp_* kernels (every weight of a
 // block loaded before the wait) where a block's groups fit.
-var streamPreload = !serveChainOff
+var streamPreload = true
 
 // streamName is the kernel family of a product of K columns with plan p
 // (as launched) over wt n-tiles of rows: base, or its preloading form ("p"
