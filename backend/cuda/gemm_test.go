@@ -378,7 +378,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 			copy(skw[t*topk:], skewedPick(r, skew, topk))
 		}
 		for _, v := range moeBenchVariants {
-			if v == "per_token" && T > 128 || (strings.Contains(v, "_bal") || strings.Contains(v, "_skew")) && T < 256 {
+			if v == "per_token" && T > 128 || (strings.Contains(v, "_bal") || strings.Contains(v, "_skew") || strings.HasPrefix(v, "stream_")) && T < 256 {
 				continue
 			}
 			b.Run(fmt.Sprintf("T%d/%s", T, v), func(b *testing.B) {
@@ -408,8 +408,27 @@ func BenchmarkMoEBatched(b *testing.B) {
 					}
 					var run func() error
 					launches := 5
-					switch v {
-					case "per_token":
+					switch {
+					case strings.HasPrefix(v, "stream_"):
+						s, bufs, err := newMoEStreamBatch(c, T, topk, tab, true)
+						defer func() {
+							for _, bb := range bufs {
+								c.Free(bb)
+							}
+						}()
+						if err != nil {
+							return err
+						}
+						rb, err := c.Alloc(moeTileRec * s.MaxTiles)
+						if err != nil {
+							return err
+						}
+						defer c.Free(rb)
+						defer restoreMoEStream()()
+						moeStreamWideName, _, _ = strings.Cut(strings.TrimPrefix(v, "stream_"), "_")
+						launches = 4
+						run = func() error { return c.MoEBatchedStream(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s, rb.Ptr) }
+					case v == "per_token":
 						launches = 2 * T
 						run = func() error {
 							for t := 0; t < T; t++ {
@@ -478,7 +497,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 // the routing (else uniform random), "_split" the short tiles through the
 // 16-token kernels.
 var moeBenchVariants = []string{"per_token", "batched_t16", "batched_t64", "batched_t64_split", "batched_t64_bal",
-	"batched_t64_split_skew"}
+	"batched_t64_split_skew", "batched_t64_skew", "stream_w4u", "stream_w4ud", "stream_w8u", "stream_w8u2", "stream_w4u_skew", "stream_w4ud_skew", "stream_w8u_skew", "stream_w8u2_skew"}
 
 // skewedPick draws k distinct indices with probabilities proportional to w
 // (without replacement).

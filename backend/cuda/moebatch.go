@@ -5,6 +5,7 @@ package cuda
 import (
 	"fmt"
 	"os"
+	"strconv"
 )
 
 // moeStreamTile is MB_TT in stream.cu: the pairs of a tile.
@@ -60,6 +61,9 @@ func (c *Ctx) MoEStreamProducts(t *ExpertTable, ids uint64, topk int, x *QActs, 
 		return fmt.Errorf("cuda: moe stream: work space for %d tokens of %d slots, want %d of %d", s.T, s.Slots, x.T, slots)
 	case s.MaxTiles < moeMaxTiles(P, t.Routed+t.Shared, moeStreamTile):
 		return fmt.Errorf("cuda: moe stream: %d tiles, want %d", s.MaxTiles, moeMaxTiles(P, t.Routed+t.Shared, moeStreamTile))
+	}
+	if w := moeStreamWideFor(x.T); w.name != "" && rec != 0 {
+		return c.moeStreamWide(t, ids, topk, x, s, rec, w)
 	}
 	kern, groupName := "s2f34", "moeb_group"
 	if moeStreamTwoBlocks {
@@ -126,7 +130,7 @@ func (c *Ctx) MoEStreamCombine(y uint64, ldy int, accumulate bool, s *MoEBatch, 
 // (docs/perf.md, 2026-11-28 (6)); now 52.9 / 90.6 / 109.0 (2026-11-29 (8)).
 var (
 	moeStreamMinTokens = 2
-	moeStreamMaxTokens = 64
+	moeStreamMaxTokens = moeStreamMaxEnv(64)
 )
 
 // moeStreamMain runs main's earlier pair (moeb_gate_up_s, moeb_down_s,
@@ -190,4 +194,74 @@ func (b *Backend) moeStreamed(d, xm *tensor, rt *routing, l *moeLayer) bool {
 		return c.MoEBatchedStream(d.ptr, d.ld, add, t, rt.ids, rt.wts, rt.topK, a, s, rec)
 	})
 	return true
+}
+
+// moeWide is a pair of the wide-tile kernels (moeb_gate_up_<name>,
+// moeb_down_<name>): tiles of up to 8*wt pairs.
+type moeWide struct {
+	name string
+	wt   int
+}
+
+// moeWideKernels are the wide-tile pairs in stream.cu.
+var moeWideKernels = map[string]int{"w1": 1, "w2u": 2, "w4u": 4, "w4ud": 4, "w4u3": 4, "w8u": 8, "w8u2": 8}
+
+// moeStreamWideName, when set, is the wide-tile pair every batch takes
+// (tests, benchmarks; MMFP4_CUDA_MOE_WIDE for an A/B in one binary).
+var moeStreamWideName = os.Getenv("MMFP4_CUDA_MOE_WIDE")
+
+// moeStreamWideFor is the wide-tile pair a batch of T tokens takes (name
+// "" for the 8-pair pair).
+func moeStreamWideFor(T int) moeWide {
+	if wt, ok := moeWideKernels[moeStreamWideName]; ok {
+		return moeWide{moeStreamWideName, wt}
+	}
+	return moeWide{}
+}
+
+// moeStreamSharedW is the dynamic shared memory of a wide-tile kernel
+// whose rows have K columns: 8*wt rows of K+16 bytes, then 8*wt rows of
+// K/128+1 scales.
+func moeStreamSharedW(K, wt int) int { return 8 * wt * (K + 16 + 4*(K/128+1)) }
+
+// moeStreamWide is MoEStreamProducts through the wide-tile pair w (tile
+// records required).
+func (c *Ctx) moeStreamWide(t *ExpertTable, ids uint64, topk int, x *QActs, s *MoEBatch, rec uint64, w moeWide) error {
+	P := x.T * (topk + t.Shared)
+	bt := 8 * w.wt
+	tiles := moeMaxTiles(P, t.Routed+t.Shared, bt)
+	if s.MaxTiles < tiles {
+		return fmt.Errorf("cuda: moe stream: %d tiles, want %d", s.MaxTiles, tiles)
+	}
+	group, err := c.Kernel("stream", "moeb_group_x")
+	if err != nil {
+		return err
+	}
+	shGU, shDn := moeStreamSharedW(t.K, w.wt), moeStreamSharedW(t.I, w.wt)
+	gu, err := c.kernelShared("stream", "moeb_gate_up_"+w.name, shGU)
+	if err != nil {
+		return err
+	}
+	down, err := c.kernelShared("stream", "moeb_down_"+w.name, shDn)
+	if err != nil {
+		return err
+	}
+	if err := c.Launch(group, D1(1), D1(1024), 0, ids, x.T, topk, t.Shared, t.Routed, bt, s.Pos, s.List, s.TileE, s.TileS, s.TileN, s.NTiles, t.buf, rec); err != nil {
+		return err
+	}
+	if err := c.Launch(gu, Dim{uint32(t.I / 128), uint32(tiles), 1}, D1(256), shGU,
+		s.NTiles, s.List, t.I, t.K, x.Q, x.Scales, s.HQ.Q, s.HQ.Scales, rec); err != nil {
+		return err
+	}
+	return c.Launch(down, Dim{uint32((t.K + 127) / 128), uint32(tiles), 1}, D1(256), shDn,
+		s.NTiles, t.K, t.I, s.HQ.Q, s.HQ.Scales, s.Part, rec)
+}
+
+// moeStreamMaxEnv is moeStreamMaxTokens from MMFP4_CUDA_MOE_STREAM_MAX
+// when set (an A/B of the dispatch in one binary), else def.
+func moeStreamMaxEnv(def int) int {
+	if n, err := strconv.Atoi(os.Getenv("MMFP4_CUDA_MOE_STREAM_MAX")); err == nil && n > 0 {
+		return n
+	}
+	return def
 }

@@ -53,7 +53,7 @@ func TestMoEBatchedStream(t *testing.T) {
 			return err
 		}
 		defer c.FreeExpertTable(tab)
-		for _, T := range []int{3, 8, 17, 33, 64} {
+		for _, T := range []int{3, 8, 17, 33, 64, 130} {
 			ids, wts := randomRouting(r, T, E, topK)
 			run := func(stream, withRec bool) ([]float32, error) {
 				idb, err1 := c.Alloc(4 * T * topK)
@@ -143,22 +143,32 @@ func TestMoEBatchedStream(t *testing.T) {
 type moeStreamVariantCfg struct {
 	name           string
 	main, rec, two bool
+	wide           string
 }
 
 var moeStreamVariants = []moeStreamVariantCfg{
-	{"main", true, false, false},
-	{"s2f", false, true, true},
-	{"new", false, true, false},
-	{"new_norec", false, false, false},
+	{"main", true, false, false, ""},
+	{"s2f", false, true, true, ""},
+	{"new", false, true, false, ""},
+	{"new_norec", false, false, false, ""},
+	{"w1", false, true, false, "w1"},
+	{"w2u", false, true, false, "w2u"},
+	{"w4u", false, true, false, "w4u"},
+	{"w4ud", false, true, false, "w4ud"},
+	{"w4u3", false, true, false, "w4u3"},
+	{"w8u", false, true, false, "w8u"},
+	{"w8u2", false, true, false, "w8u2"},
 }
 
-func (v moeStreamVariantCfg) set() { moeStreamMain, moeStreamTwoBlocks = v.main, v.two }
+func (v moeStreamVariantCfg) set() {
+	moeStreamMain, moeStreamTwoBlocks, moeStreamWideName = v.main, v.two, v.wide
+}
 
 // restoreMoEStream returns a function that puts the package's MoE
 // configuration back.
 func restoreMoEStream() func() {
-	main, two := moeStreamMain, moeStreamTwoBlocks
-	return func() { moeStreamMain, moeStreamTwoBlocks = main, two }
+	main, two, wide := moeStreamMain, moeStreamTwoBlocks, moeStreamWideName
+	return func() { moeStreamMain, moeStreamTwoBlocks, moeStreamWideName = main, two, wide }
 }
 
 // newMoEStreamBatch is newMoEBatch with room for the streaming kernels'
