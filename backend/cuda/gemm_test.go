@@ -363,7 +363,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 	for e := range skew {
 		skew[e] = math.Exp(0.5 * r.NormFloat64())
 	}
-	for _, T := range []int{1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024} {
+	for _, T := range []int{1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 768, 1024} {
 		ids := make([]int32, T*topk)
 		bal := make([]int32, T*topk) // every expert T*topk/E pairs: no short tiles
 		skw := make([]int32, T*topk)
@@ -497,7 +497,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 // the routing (else uniform random), "_split" the short tiles through the
 // 16-token kernels.
 var moeBenchVariants = []string{"per_token", "batched_t16", "batched_t64", "batched_t64_split", "batched_t64_bal",
-	"batched_t64_split_skew", "batched_t64_skew", "stream_w4u", "stream_w4ud", "stream_w8u", "stream_w8u2", "stream_w4u_skew", "stream_w4ud_skew", "stream_w8u_skew", "stream_w8u2_skew"}
+	"batched_t64_split_skew", "batched_t64_skew", "stream_w4u", "stream_w4g", "stream_w4g1", "stream_w4g4", "stream_w4u_skew", "stream_w4g_skew", "stream_w4g1_skew", "stream_w4g4_skew"}
 
 // skewedPick draws k distinct indices with probabilities proportional to w
 // (without replacement).

@@ -62,16 +62,10 @@ func (c *Ctx) MoEStreamProducts(t *ExpertTable, ids uint64, topk int, x *QActs, 
 	case s.MaxTiles < moeMaxTiles(P, t.Routed+t.Shared, moeStreamTile):
 		return fmt.Errorf("cuda: moe stream: %d tiles, want %d", s.MaxTiles, moeMaxTiles(P, t.Routed+t.Shared, moeStreamTile))
 	}
-	if w := moeStreamWideFor(x.T); w.name != "" && rec != 0 {
+	if w := moeStreamWideFor(x.T); w.name != "" && rec != 0 && moeWideFits(t, w) {
 		return c.moeStreamWide(t, ids, topk, x, s, rec, w)
 	}
 	kern, groupName := "s2f34", "moeb_group"
-	if moeStreamTwoBlocks {
-		kern = "s2f"
-	}
-	if moeStreamMain {
-		kern, rec = "s", 0
-	}
 	if rec != 0 {
 		groupName = "moeb_group_x"
 	}
@@ -107,7 +101,7 @@ func (c *Ctx) MoEStreamProducts(t *ExpertTable, ids uint64, topk int, x *QActs, 
 // wts.
 func (c *Ctx) MoEStreamCombine(y uint64, ldy int, accumulate bool, s *MoEBatch, wts uint64, topk, slots, N int) error {
 	combName := "moeb_combine"
-	if !moeStreamMain && slots <= moeCombineMaxSlots {
+	if slots <= moeCombineMaxSlots {
 		combName = "moeb_combine_w"
 	}
 	comb, err := c.Kernel("stream", combName)
@@ -130,20 +124,8 @@ func (c *Ctx) MoEStreamCombine(y uint64, ldy int, accumulate bool, s *MoEBatch, 
 // (docs/perf.md, 2026-11-28 (6)); now 52.9 / 90.6 / 109.0 (2026-11-29 (8)).
 var (
 	moeStreamMinTokens = 2
-	moeStreamMaxTokens = moeStreamMaxEnv(64)
+	moeStreamMaxTokens = moeStreamMaxEnv("MMFP4_CUDA_MOE_STREAM_MAX", 64)
 )
-
-// moeStreamMain runs main's earlier pair (moeb_gate_up_s, moeb_down_s,
-// without tile records) instead: MMFP4_CUDA_MOE_MAIN=1, for an A/B in one
-// binary.
-var moeStreamMain = os.Getenv("MMFP4_CUDA_MOE_MAIN") == "1"
-
-// moeStreamTwoBlocks runs the s2f pair at two blocks a multiprocessor
-// (moeb_gate_up_s2f, moeb_down_s2f: 123 and 124 registers), the pair before
-// s2f34 took the same code to three blocks a multiprocessor for gate/up
-// and four for down (80 and 64 registers): MMFP4_CUDA_MOE_S2F=1, for an
-// A/B in one binary.
-var moeStreamTwoBlocks = os.Getenv("MMFP4_CUDA_MOE_S2F") == "1"
 
 // moeCombineMaxSlots is MB_MAXS in stream.cu: the most slots a token
 // moeb_combine_w takes.
@@ -156,6 +138,9 @@ const moeTileRec = 88
 // moeStreams reports whether a batch of T tokens over t takes
 // MoEBatchedStream.
 func (b *Backend) moeStreams(T int, t *ExpertTable) bool {
+	if w := moeStreamWideFor(T); w.name != "" && T >= moeStreamMinTokens {
+		return moeWideFits(t, w)
+	}
 	return T >= moeStreamMinTokens && T <= moeStreamMaxTokens && MoEStreamFits(t)
 }
 
@@ -204,19 +189,40 @@ type moeWide struct {
 }
 
 // moeWideKernels are the wide-tile pairs in stream.cu.
-var moeWideKernels = map[string]int{"w1": 1, "w2u": 2, "w4u": 4, "w4ud": 4, "w4u3": 4, "w8u": 8, "w8u2": 8}
+var moeWideKernels = map[string]int{"w2u": 2, "w4u": 4, "w4g": 4, "w4g1": 4, "w4g4": 4}
 
-// moeStreamWideName, when set, is the wide-tile pair every batch takes
-// (tests, benchmarks; MMFP4_CUDA_MOE_WIDE for an A/B in one binary).
+// moeStreamWideName: "" for the dispatch by batch size (moeStreamWideFor),
+// "0" for none (batches over moeStreamMaxTokens take the tiled MoE), else
+// the wide-tile pair every streamed batch takes (tests, benchmarks).
+// MMFP4_CUDA_MOE_WIDE, for an A/B in one binary.
 var moeStreamWideName = os.Getenv("MMFP4_CUDA_MOE_WIDE")
+
+// moeWideMinTokens and moeWideMaxTokens bound the batches whose MoE takes
+// the wide-tile pair moeWideAuto.
+var (
+	moeWideMinTokens = 65
+	moeWideMaxTokens = moeStreamMaxEnv("MMFP4_CUDA_MOE_WIDE_MAX", 900)
+	moeWideAuto      = "w4u"
+)
 
 // moeStreamWideFor is the wide-tile pair a batch of T tokens takes (name
 // "" for the 8-pair pair).
 func moeStreamWideFor(T int) moeWide {
-	if wt, ok := moeWideKernels[moeStreamWideName]; ok {
-		return moeWide{moeStreamWideName, wt}
+	name := moeStreamWideName
+	if name == "" && T >= moeWideMinTokens && T <= moeWideMaxTokens {
+		name = moeWideAuto
+	}
+	if wt, ok := moeWideKernels[name]; ok {
+		return moeWide{name, wt}
 	}
 	return moeWide{}
+}
+
+// moeWideFits reports whether the wide-tile pair takes the table's
+// experts (MoEStreamFits, and its staged rows within the shared memory a
+// block may have on sm_90).
+func moeWideFits(t *ExpertTable, w moeWide) bool {
+	return MoEStreamFits(t) && moeStreamSharedW(max(t.K, t.I), w.wt) <= 200<<10
 }
 
 // moeStreamSharedW is the dynamic shared memory of a wide-tile kernel
@@ -259,8 +265,8 @@ func (c *Ctx) moeStreamWide(t *ExpertTable, ids uint64, topk int, x *QActs, s *M
 
 // moeStreamMaxEnv is moeStreamMaxTokens from MMFP4_CUDA_MOE_STREAM_MAX
 // when set (an A/B of the dispatch in one binary), else def.
-func moeStreamMaxEnv(def int) int {
-	if n, err := strconv.Atoi(os.Getenv("MMFP4_CUDA_MOE_STREAM_MAX")); err == nil && n > 0 {
+func moeStreamMaxEnv(name string, def int) int {
+	if n, err := strconv.Atoi(os.Getenv(name)); err == nil && n > 0 {
 		return n
 	}
 	return def

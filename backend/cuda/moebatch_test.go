@@ -138,37 +138,32 @@ func TestMoEBatchedStream(t *testing.T) {
 }
 
 // moeStreamVariantCfg is a configuration of MoEBatchedStream for the tests
-// and benchmarks: main's earlier pair, the s2f pair at two blocks a
-// multiprocessor, or the pair in use with or without tile records.
+// and benchmarks: the 8-pair pair with or without tile records, the
+// dispatch by batch size, or one wide-tile pair for every batch.
 type moeStreamVariantCfg struct {
-	name           string
-	main, rec, two bool
-	wide           string
+	name string
+	rec  bool
+	wide string
 }
 
 var moeStreamVariants = []moeStreamVariantCfg{
-	{"main", true, false, false, ""},
-	{"s2f", false, true, true, ""},
-	{"new", false, true, false, ""},
-	{"new_norec", false, false, false, ""},
-	{"w1", false, true, false, "w1"},
-	{"w2u", false, true, false, "w2u"},
-	{"w4u", false, true, false, "w4u"},
-	{"w4ud", false, true, false, "w4ud"},
-	{"w4u3", false, true, false, "w4u3"},
-	{"w8u", false, true, false, "w8u"},
-	{"w8u2", false, true, false, "w8u2"},
+	{"new", true, "0"},
+	{"new_norec", false, "0"},
+	{"auto", true, ""},
+	{"w2u", true, "w2u"},
+	{"w4u", true, "w4u"},
+	{"w4g", true, "w4g"},
+	{"w4g1", true, "w4g1"},
+	{"w4g4", true, "w4g4"},
 }
 
-func (v moeStreamVariantCfg) set() {
-	moeStreamMain, moeStreamTwoBlocks, moeStreamWideName = v.main, v.two, v.wide
-}
+func (v moeStreamVariantCfg) set() { moeStreamWideName = v.wide }
 
 // restoreMoEStream returns a function that puts the package's MoE
 // configuration back.
 func restoreMoEStream() func() {
-	main, two, wide := moeStreamMain, moeStreamTwoBlocks, moeStreamWideName
-	return func() { moeStreamMain, moeStreamTwoBlocks, moeStreamWideName = main, two, wide }
+	wide := moeStreamWideName
+	return func() { moeStreamWideName = wide }
 }
 
 // newMoEStreamBatch is newMoEBatch with room for the streaming kernels'
@@ -231,7 +226,7 @@ func TestBackendMoEStreamMatchesCPU(t *testing.T) {
 	defer restoreMoEStream()()
 	for _, sv := range moeStreamVariants {
 		sv.set()
-		for _, T := range []int{3, 17, 64} {
+		for _, T := range []int{3, 17, 64, 130} {
 			x := randVec(r, T*K, 1)
 			for _, withShared := range []bool{false, true} {
 				// As TestBackendMoEBatchedMatchesCPU: a last-bit difference
@@ -275,7 +270,7 @@ func BenchmarkMoEStream(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	for _, T := range []int{2, 4, 8, 16, 32, 64, 128} {
+	for _, T := range []int{2, 4, 8, 16, 32, 64, 96, 128, 192} {
 		ids, wts := randomRouting(r, T, E, topk)
 		touched := map[int32]bool{}
 		for _, e := range ids {

@@ -437,19 +437,17 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
 #endif
 }
 
-// The pairs: mb_mma_split's widening (about a quarter fewer instructions a
+// The pair: mb_mma_split's widening (about a quarter fewer instructions a
 // code than mb_mma's), down products 128 rows a block (one m-tile a warp,
-// four groups in flight). Two blocks a multiprocessor: at three they
-// spill. s: main's earlier pair (MMFP4_CUDA_MOE_MAIN=1); s2f: the scales
-// through the hardware conversion, the row scales read early, tile records
-// and down blocks that wait for their own tile only. On an H200
-// (BenchmarkMoEStream, a full-size layer): s 63.5 / 106.1 / 122.3 us at 8 /
-// 32 / 64 tokens, s2f with moeb_combine_w 59.5 / 99.0 / 117.1. s2f34: s2f
-// with gate/up at three blocks a multiprocessor and down at four (MINB,
-// MINBD: 80 and 64 registers, a few bytes spilled), 24 and 32 warps where
-// s2f has 16: the warps wait on their loads about half the time, and more
-// of them cover the waits better; 52.9 / 90.6 / 109.0 us against s2f's
-// 57.1 / 99.4 / 118.0 (docs/perf.md, 2026-11-29 (8)).
+// four groups in flight), the scales through the hardware conversion, the
+// row scales read early, tile records and down blocks that wait for their
+// own tile only; gate/up at three blocks a multiprocessor and down at four
+// (MINB, MINBD: 80 and 64 registers, a few bytes spilled), 24 and 32
+// warps where two blocks had 16: the warps wait on their loads about half
+// the time, and more of them cover the waits better. On an H200
+// (BenchmarkMoEStream, a full-size layer) 52.9 / 90.6 / 109.0 us at 8 /
+// 32 / 64 tokens against 57.1 / 99.4 / 118.0 at two blocks
+// (docs/perf.md, 2026-11-29 (8)).
 #define MOEB_S_KERNELS(SUFFIX, CVT, RS, FLAG, MINB, MINBD)                                                           \
   extern "C" __global__ void __launch_bounds__(256, MINB) moeb_gate_up_##SUFFIX(                                   \
       const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s,      \
@@ -465,8 +463,6 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
     moeb_down<1, 4, true, CVT, RS, FLAG>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part, rec);           \
   }
 
-MOEB_S_KERNELS(s, false, false, false, 2, 2)
-MOEB_S_KERNELS(s2f, true, true, true, 2, 2)
 MOEB_S_KERNELS(s2f34, true, true, true, 3, 4)
 
 // ---------------------------------------------------------------------------
@@ -1023,7 +1019,7 @@ DEVICE void mb_core_w(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int 
 
 // moeb_gate_up (CVT, RS, FLAG, tile records) for tiles of up to 8*WT
 // pairs: the tile's ceil(n/8) n-tiles are staged and multiplied.
-template <int WT, int D, bool SPLIT>
+template <int WT, int D, bool SPLIT, bool SEQ>
 DEVICE void moeb_gate_up_w(const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K,
                            const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,
                            float* __restrict__ hs, MbTile* __restrict__ rec) {
@@ -1047,20 +1043,42 @@ DEVICE void moeb_gate_up_w(const i32* __restrict__ ntiles, const i32* __restrict
     rsc[0][h] = __ldg(gate.row_scale + row + 8 * h);
     rsc[1][h] = __ldg(up.row_scale + row + 8 * h);
   }
-  float acc[2][WT][4];
-  mb_core_w<2, WT, D, SPLIT>(rc, rs, K, nt, mb_smem, acc, [&] {
+  const auto stage = [&] {
     mb_stage_w(mb_smem, 8 * WT, 8 * nt, xq, xs, K, [&](int r) { return list[s0 + min(r, ntok - 1)]; });
-  });
+  };
   float hv[WT][4];
+  if (SEQ) {
+    // The gate rows, then the up rows: one m-tile's accumulators at a time.
+    const u8* rcg[1] = {rc[0]};
+    const u8* rsg[1] = {rs[0]};
+    const u8* rcu[1] = {rc[1]};
+    const u8* rsu[1] = {rs[1]};
+    float acc[1][WT][4];
+    mb_core_w<1, WT, D, SPLIT>(rcg, rsg, K, nt, mb_smem, acc, stage);
+#pragma unroll
+    for (int n = 0; n < WT; n++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) hv[n][e] = mb_silu(acc[0][n][e] * (rsc[0][e >> 1] * 0.5f));
+    mb_core_w<1, WT, D, SPLIT>(rcu, rsu, K, nt, mb_smem, acc, [] {});
+#pragma unroll
+    for (int n = 0; n < WT; n++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) hv[n][e] *= acc[0][n][e] * (rsc[1][e >> 1] * 0.5f);
+  } else {
+    float acc[2][WT][4];
+    mb_core_w<2, WT, D, SPLIT>(rc, rs, K, nt, mb_smem, acc, stage);
+#pragma unroll
+    for (int n = 0; n < WT; n++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) {
+        const float gv = acc[0][n][e] * (rsc[0][e >> 1] * 0.5f);
+        const float uv = acc[1][n][e] * (rsc[1][e >> 1] * 0.5f);
+        hv[n][e] = mb_silu(gv) * uv;
+      }
+  }
 #pragma unroll
   for (int n = 0; n < WT; n++) {
     if (n >= nt) break;
-#pragma unroll
-    for (int e = 0; e < 4; e++) {
-      const float gv = acc[0][n][e] * (rsc[0][e >> 1] * 0.5f);
-      const float uv = acc[1][n][e] * (rsc[1][e >> 1] * 0.5f);
-      hv[n][e] = mb_silu(gv) * uv;
-    }
     // The largest magnitude of each token over the block's 128 rows.
     float m0 = fmaxf(fabsf(hv[n][0]), fabsf(hv[n][2])), m1 = fmaxf(fabsf(hv[n][1]), fabsf(hv[n][3]));
 #pragma unroll
@@ -1158,11 +1176,11 @@ DEVICE void moeb_down_w(const i32* __restrict__ ntiles, int N, int I, const i8* 
 // does not). Grid (I/128 or N/128, tiles), 256 threads; dynamic shared
 // memory 8*WT rows of the row length + 16 bytes, then 8*WT rows of
 // length/128 + 1 floats.
-#define MOEB_W_KERNELS(SUFFIX, WT, D, MINB, DD, MINBD, SPLIT)                                                     \
+#define MOEB_W_KERNELS(SUFFIX, WT, D, MINB, DD, MINBD, SPLIT, SEQ)                                                     \
   extern "C" __global__ void __launch_bounds__(256, MINB) moeb_gate_up_##SUFFIX(                                  \
       const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K, const i8* __restrict__ xq,    \
       const float* __restrict__ xs, i8* __restrict__ hq, float* __restrict__ hs, MbTile* __restrict__ rec) {    \
-    moeb_gate_up_w<WT, D, SPLIT>(ntiles, list, I, K, xq, xs, hq, hs, rec);                                      \
+    moeb_gate_up_w<WT, D, SPLIT, SEQ>(ntiles, list, I, K, xq, xs, hq, hs, rec);                                      \
   }                                                                                                             \
   extern "C" __global__ void __launch_bounds__(256, MINBD) moeb_down_##SUFFIX(                                   \
       const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq, const float* __restrict__ hs,     \
@@ -1170,14 +1188,8 @@ DEVICE void moeb_down_w(const i32* __restrict__ ntiles, int N, int I, const i8* 
     moeb_down_w<WT, DD, SPLIT>(ntiles, N, I, hq, hs, part, rec);                                                \
   }
 
-MOEB_W_KERNELS(w1, 1, 2, 3, 4, 4, true)
-MOEB_W_KERNELS(w2, 2, 2, 3, 4, 4, true)
-MOEB_W_KERNELS(w2u, 2, 2, 3, 4, 4, false)
-MOEB_W_KERNELS(w2d, 2, 1, 3, 2, 4, true)
-MOEB_W_KERNELS(w4, 4, 2, 2, 4, 3, true)
-MOEB_W_KERNELS(w4d, 4, 1, 2, 2, 3, true)
-MOEB_W_KERNELS(w4u, 4, 2, 2, 4, 3, false)
-MOEB_W_KERNELS(w4ud, 4, 2, 2, 2, 4, false)
-MOEB_W_KERNELS(w4u3, 4, 1, 3, 2, 4, false)
-MOEB_W_KERNELS(w8u, 8, 1, 1, 2, 2, false)
-MOEB_W_KERNELS(w8u2, 8, 2, 1, 4, 2, false)
+MOEB_W_KERNELS(w2u, 2, 2, 3, 4, 4, false, false)
+MOEB_W_KERNELS(w4u, 4, 2, 2, 4, 3, false, false)
+MOEB_W_KERNELS(w4g, 4, 2, 3, 4, 3, false, true)
+MOEB_W_KERNELS(w4g4, 4, 4, 2, 4, 3, false, true)
+MOEB_W_KERNELS(w4g1, 4, 1, 3, 4, 3, false, true)
