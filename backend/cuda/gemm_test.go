@@ -497,7 +497,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 // the routing (else uniform random), "_split" the short tiles through the
 // 16-token kernels.
 var moeBenchVariants = []string{"per_token", "batched_t16", "batched_t64", "batched_t64_split", "batched_t64_bal",
-	"batched_t64_split_skew", "batched_t64_skew", "stream_w4u", "stream_w4g", "stream_w4g1", "stream_w4g4", "stream_w4u_skew", "stream_w4g_skew", "stream_w4g1_skew", "stream_w4g4_skew"}
+	"batched_t64_split_skew", "batched_t64_skew", "stream_w4u", "stream_w4g", "stream_w4g1", "stream_w4u_skew", "stream_w4g_skew", "stream_w4g1_skew"}
 
 // skewedPick draws k distinct indices with probabilities proportional to w
 // (without replacement).

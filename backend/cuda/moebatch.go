@@ -189,7 +189,7 @@ type moeWide struct {
 }
 
 // moeWideKernels are the wide-tile pairs in stream.cu.
-var moeWideKernels = map[string]int{"w2u": 2, "w4u": 4, "w4g": 4, "w4g1": 4, "w4g4": 4}
+var moeWideKernels = map[string]int{"w2u": 2, "w4u": 4, "w4g": 4, "w4g1": 4}
 
 // moeStreamWideName: "" for the dispatch by batch size (moeStreamWideFor),
 // "0" for none (batches over moeStreamMaxTokens take the tiled MoE), else

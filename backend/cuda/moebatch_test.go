@@ -154,7 +154,6 @@ var moeStreamVariants = []moeStreamVariantCfg{
 	{"w4u", true, "w4u"},
 	{"w4g", true, "w4g"},
 	{"w4g1", true, "w4g1"},
-	{"w4g4", true, "w4g4"},
 }
 
 func (v moeStreamVariantCfg) set() { moeStreamWideName = v.wide }
@@ -225,6 +224,9 @@ func TestBackendMoEStreamMatchesCPU(t *testing.T) {
 	hosts := expertHosts(t, r, E+1, I, K, 128)
 	defer restoreMoEStream()()
 	for _, sv := range moeStreamVariants {
+		if !sv.rec || sv.name == "w2u" || sv.name == "w4g1" {
+			continue // the backend passes tile records; the kernels' own test covers these
+		}
 		sv.set()
 		for _, T := range []int{3, 17, 64, 130} {
 			x := randVec(r, T*K, 1)

@@ -1191,5 +1191,4 @@ DEVICE void moeb_down_w(const i32* __restrict__ ntiles, int N, int I, const i8* 
 MOEB_W_KERNELS(w2u, 2, 2, 3, 4, 4, false, false)
 MOEB_W_KERNELS(w4u, 4, 2, 2, 4, 3, false, false)
 MOEB_W_KERNELS(w4g, 4, 2, 3, 4, 3, false, true)
-MOEB_W_KERNELS(w4g4, 4, 4, 2, 4, 3, false, true)
 MOEB_W_KERNELS(w4g1, 4, 1, 3, 4, 3, false, true)
