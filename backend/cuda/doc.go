@@ -25,5 +25,6 @@
 //	MMFP4_CUDA_STEPTIME "1": split each step's wall time into host, launching and device time; on stderr at Close
 //	MMFP4_CUDA_DECODE_MERGES "0": one-row decode layers without the merged launches (add+norm in the q_a/kv_a product, the q_a norm in q_b, 8-head attention blocks, the attention's merge in the value expansion)
 //	MMFP4_CUDA_SERVE_FUSE "0": steps of several rows without the merged launches (norm pair, int8 values, MoE combine with add+norm, MoE output written not cleared, RoPEs and cache write in the absorbed query, add+norm in the router) and without the 8-head one-split decode attention and the flash kernel for mixed steps
+//	MMFP4_CUDA_MOE_WIDE "0": batches of 65-640 rows take the tiled MoE, and 65-128 rows no longer the 8-pair streaming MoE (the dispatch before the wide-tile streaming pairs)
 //	MMFP4_CUDA_PREFILL_FUSE "0": prefills without their merged launches and prefill kernels (int8 values, the latent norm with the q_a norm, MoE combine with add+norm across the layer end, two-tile absorbed query, one-wait RoPE rows)
 package cuda

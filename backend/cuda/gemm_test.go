@@ -425,7 +425,8 @@ func BenchmarkMoEBatched(b *testing.B) {
 						}
 						defer c.Free(rb)
 						defer restoreMoEStream()()
-						moeStreamWideName, _, _ = strings.Cut(strings.TrimPrefix(v, "stream_"), "_")
+						name, _, _ := strings.Cut(strings.TrimPrefix(v, "stream_"), "_")
+						moeWideForce = moeWideNamed(name)
 						launches = 4
 						run = func() error { return c.MoEBatchedStream(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s, rb.Ptr) }
 					case v == "per_token":
@@ -495,9 +496,10 @@ func BenchmarkMoEBatched(b *testing.B) {
 
 // moeBenchVariants are BenchmarkMoEBatched's: "_bal" and "_skew" name
 // the routing (else uniform random), "_split" the short tiles through the
-// 16-token kernels.
+// 16-token kernels, "stream_<pair>" a wide-tile streaming pair (from 256
+// tokens; BenchmarkMoEStream has the smaller batches).
 var moeBenchVariants = []string{"per_token", "batched_t16", "batched_t64", "batched_t64_split", "batched_t64_bal",
-	"batched_t64_split_skew", "batched_t64_skew", "stream_w4u", "stream_w4g", "stream_w4g1", "stream_w4u_skew", "stream_w4g_skew", "stream_w4g1_skew"}
+	"batched_t64_split_skew", "batched_t64_skew", "stream_w2u", "stream_w4u", "stream_w4u_skew"}
 
 // skewedPick draws k distinct indices with probabilities proportional to w
 // (without replacement).

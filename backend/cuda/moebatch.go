@@ -5,7 +5,6 @@ package cuda
 import (
 	"fmt"
 	"os"
-	"strconv"
 )
 
 // moeStreamTile is MB_TT in stream.cu: the pairs of a tile.
@@ -38,7 +37,9 @@ func moeStreamShared(K int) int { return moeStreamTile*(K+16) + 4*moeStreamTile*
 // none) lets moeb_group_x leave each tile's expert entry and a count of
 // its finished gate/up blocks there: the products then find their weights
 // in one round trip, and each down block waits for its own tile's gate/up
-// blocks only instead of the whole gate/up grid.
+// blocks only instead of the whole gate/up grid. With rec, a batch of more
+// than moeStreamMaxTokens tokens takes a wide-tile pair (moeStreamWideFor:
+// tiles of 16 or 32 pairs) instead.
 func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTable, ids, wts uint64, topk int, x *QActs, s *MoEBatch, rec uint64) error {
 	if err := c.MoEStreamProducts(t, ids, topk, x, s, rec); err != nil {
 		return err
@@ -116,16 +117,79 @@ func (c *Ctx) MoEStreamCombine(y uint64, ldy int, accumulate bool, s *MoEBatch, 
 }
 
 // moeStreamMinTokens and moeStreamMaxTokens bound the batches whose MoE
-// takes MoEBatchedStream. Measured on an H200 (full-size layer, device
-// time) with the earlier kernels: 40-42 / 49-50 / 72-74 / 120-121 / 141 us
-// at 2 / 4 / 8 / 32 / 64 tokens against the tiled MoEBatched's 72 / 78 /
-// 122 / 187-192 / 222 and the single-token kernels' 23-24 us a token; then
-// 59.5 / 99.1 / 117.2 at 8 / 32 / 64 against the tiled 90 / 142 / 164
-// (docs/perf.md, 2026-11-28 (6)); now 52.9 / 90.6 / 109.0 (2026-11-29 (8)).
+// takes MoEBatchedStream with 8-pair tiles; moeWideSteps take the larger
+// batches up to its last bound, and the tiled MoE (MoEBatched) those
+// above. Measured on an H200 (full-size layer, device time) with the
+// earlier kernels: 40-42 / 49-50 / 72-74 / 120-121 / 141 us at 2 / 4 / 8 /
+// 32 / 64 tokens against the tiled MoEBatched's 72 / 78 / 122 / 187-192 /
+// 222 and the single-token kernels' 23-24 us a token; then 59.5 / 99.1 /
+// 117.2 at 8 / 32 / 64 against the tiled 90 / 142 / 164 (docs/perf.md,
+// 2026-11-28 (6)); now 52.9 / 90.6 / 109.0 (2026-11-29 (8)), and 116.1 /
+// 141.4 at 96 / 128 against the tiled 170.8 / 179.3 and the wide pairs'
+// 131.8-148.5 / 141.8-163.2 (2026-11-29 (9)).
 var (
 	moeStreamMinTokens = 2
-	moeStreamMaxTokens = moeStreamMaxEnv("MMFP4_CUDA_MOE_STREAM_MAX", 64)
+	moeStreamMaxTokens = 128
 )
+
+// moeWide is a pair of the wide-tile kernels (moeb_gate_up_<name>,
+// moeb_down_<name>, stream.cu): tiles of up to 8*wt pairs.
+type moeWide struct {
+	name string
+	wt   int
+}
+
+// moeWideSteps: batches of more than moeStreamMaxTokens tokens take the
+// first pair whose bound they are within. Measured on an H200 (full-size
+// layer, uniform random routing; docs/perf.md, 2026-11-29 (9)): w2u 164.8
+// us at 192 tokens against w4u's 176.5 and the 8-pair pair's 189.9; w4u
+// 193.3 / 229.7 / 299.8 / 410.3 us at 256 / 384 / 512 / 768 tokens against
+// the tiled MoE's best 243.5 / 310.3 / 338.9 / 382.5.
+var moeWideSteps = []struct {
+	upTo int
+	w    moeWide
+}{{224, moeWide{"w2u", 2}}, {640, moeWide{"w4u", 4}}}
+
+// moeWideOff: MMFP4_CUDA_MOE_WIDE=0 runs the dispatch from before the wide
+// pairs (8-pair tiles for 2-64 tokens, the tiled MoE above), for an A/B in
+// one binary.
+var moeWideOff = os.Getenv("MMFP4_CUDA_MOE_WIDE") == "0"
+
+func init() {
+	if moeWideOff {
+		moeStreamMaxTokens = 64
+	}
+}
+
+// moeWideForce, when set, is the wide pair every MoEBatchedStream takes
+// (tests, benchmarks).
+var moeWideForce moeWide
+
+// moeStreamWideFor is the wide-tile pair a batch of T tokens takes (name
+// "" for the 8-pair pair).
+func moeStreamWideFor(T int) moeWide {
+	if moeWideForce.name != "" || moeWideOff || T <= moeStreamMaxTokens {
+		return moeWideForce
+	}
+	for _, s := range moeWideSteps {
+		if T <= s.upTo {
+			return s.w
+		}
+	}
+	return moeWide{}
+}
+
+// moeWideFits reports whether the wide-tile pair w takes the table's
+// experts: MoEStreamFits, and its staged rows within the shared memory a
+// block may have on sm_90 (227 KB).
+func moeWideFits(t *ExpertTable, w moeWide) bool {
+	return MoEStreamFits(t) && moeStreamSharedW(max(t.K, t.I), w.wt) <= 227<<10
+}
+
+// moeStreamSharedW is the dynamic shared memory of a wide-tile kernel
+// whose rows have K columns: 8*wt rows of K+16 bytes, then 8*wt rows of
+// K/128+1 scales.
+func moeStreamSharedW(K, wt int) int { return 8 * wt * (K + 16 + 4*(K/128+1)) }
 
 // moeCombineMaxSlots is MB_MAXS in stream.cu: the most slots a token
 // moeb_combine_w takes.
@@ -181,55 +245,6 @@ func (b *Backend) moeStreamed(d, xm *tensor, rt *routing, l *moeLayer) bool {
 	return true
 }
 
-// moeWide is a pair of the wide-tile kernels (moeb_gate_up_<name>,
-// moeb_down_<name>): tiles of up to 8*wt pairs.
-type moeWide struct {
-	name string
-	wt   int
-}
-
-// moeWideKernels are the wide-tile pairs in stream.cu.
-var moeWideKernels = map[string]int{"w2u": 2, "w4u": 4, "w4g": 4, "w4g1": 4}
-
-// moeStreamWideName: "" for the dispatch by batch size (moeStreamWideFor),
-// "0" for none (batches over moeStreamMaxTokens take the tiled MoE), else
-// the wide-tile pair every streamed batch takes (tests, benchmarks).
-// MMFP4_CUDA_MOE_WIDE, for an A/B in one binary.
-var moeStreamWideName = os.Getenv("MMFP4_CUDA_MOE_WIDE")
-
-// moeWideMinTokens and moeWideMaxTokens bound the batches whose MoE takes
-// the wide-tile pair moeWideAuto.
-var (
-	moeWideMinTokens = 65
-	moeWideMaxTokens = moeStreamMaxEnv("MMFP4_CUDA_MOE_WIDE_MAX", 900)
-	moeWideAuto      = "w4u"
-)
-
-// moeStreamWideFor is the wide-tile pair a batch of T tokens takes (name
-// "" for the 8-pair pair).
-func moeStreamWideFor(T int) moeWide {
-	name := moeStreamWideName
-	if name == "" && T >= moeWideMinTokens && T <= moeWideMaxTokens {
-		name = moeWideAuto
-	}
-	if wt, ok := moeWideKernels[name]; ok {
-		return moeWide{name, wt}
-	}
-	return moeWide{}
-}
-
-// moeWideFits reports whether the wide-tile pair takes the table's
-// experts (MoEStreamFits, and its staged rows within the shared memory a
-// block may have on sm_90).
-func moeWideFits(t *ExpertTable, w moeWide) bool {
-	return MoEStreamFits(t) && moeStreamSharedW(max(t.K, t.I), w.wt) <= 200<<10
-}
-
-// moeStreamSharedW is the dynamic shared memory of a wide-tile kernel
-// whose rows have K columns: 8*wt rows of K+16 bytes, then 8*wt rows of
-// K/128+1 scales.
-func moeStreamSharedW(K, wt int) int { return 8 * wt * (K + 16 + 4*(K/128+1)) }
-
 // moeStreamWide is MoEStreamProducts through the wide-tile pair w (tile
 // records required).
 func (c *Ctx) moeStreamWide(t *ExpertTable, ids uint64, topk int, x *QActs, s *MoEBatch, rec uint64, w moeWide) error {
@@ -261,13 +276,4 @@ func (c *Ctx) moeStreamWide(t *ExpertTable, ids uint64, topk int, x *QActs, s *M
 	}
 	return c.Launch(down, Dim{uint32((t.K + 127) / 128), uint32(tiles), 1}, D1(256), shDn,
 		s.NTiles, t.K, t.I, s.HQ.Q, s.HQ.Scales, s.Part, rec)
-}
-
-// moeStreamMaxEnv is moeStreamMaxTokens from MMFP4_CUDA_MOE_STREAM_MAX
-// when set (an A/B of the dispatch in one binary), else def.
-func moeStreamMaxEnv(name string, def int) int {
-	if n, err := strconv.Atoi(os.Getenv(name)); err == nil && n > 0 {
-		return n
-	}
-	return def
 }

@@ -893,9 +893,11 @@ MMSQ_KERNEL(mmsq_t8_d2, 8, 2, 1)
 // ---------------------------------------------------------------------------
 // The streaming MoE pair with tiles of up to 8*WT pairs (WT mma n-tiles):
 // each weight fragment is widened once in registers and applied to every
-// n-tile the tile fills, so an expert with more than 8 pairs (the shared
-// expert of a 32-row step, the routed experts of a prompt step) is
-// streamed and widened once a tile of 8*WT instead of once every 8. The
+// n-tile the tile fills, so an expert with more than 8 pairs (every expert
+// of a prompt step of a few hundred rows) is streamed and widened once a
+// tile of 8*WT instead of once every 8. In steps of 8-64 rows they lose to
+// the 8-pair pair (fewer blocks a multiprocessor, mb_mma's widening), which
+// keeps those; past about 640 rows the tiled MoE (gemm.cu) is faster. The
 // sums are those of the 8-pair pair (moeb_*_s2f34), bit for bit: the same
 // int32 group sums, added into the same float accumulators in the same
 // order; only the pairs a tile covers change, and no pair's result
@@ -927,10 +929,11 @@ DEVICE void mb_mma_a(i32 (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1
 }
 
 // mb_apply (CVT) for the first nt (warp-uniform) of WT n-tiles, each
-// m-tile's codes widened once for all of them: SPLIT as mb_mma_split
-// (positive and negative magnitudes apart, two mmas a word pair), else as
-// mb_mma (one).
-template <int MR, int WT, int D, bool SPLIT>
+// m-tile's codes widened once for all of them, as mb_mma does (one mma a
+// word pair: mb_mma_split's widening takes fewer instructions but two
+// mmas, and its two sets of fragments, 32 registers, spilled 200-350 bytes
+// at WT 2 and 4).
+template <int MR, int WT, int D>
 DEVICE void mb_apply_w(const uint4 (&w)[D][MR][2], const u32 (&sc)[MR][2], int s0, const u8* xrow, const float* xss,
                        int ldx, int ldxs, int t, int nt, float (&acc)[MR][WT][4]) {
 #pragma unroll
@@ -940,25 +943,13 @@ DEVICE void mb_apply_w(const uint4 (&w)[D][MR][2], const u32 (&sc)[MR][2], int s
     for (int m = 0; m < MR; m++) {
       const u32 lo[4] = {w[d][m][0].x, w[d][m][0].y, w[d][m][0].z, w[d][m][0].w};
       const u32 hi[4] = {w[d][m][1].x, w[d][m][1].y, w[d][m][1].z, w[d][m][1].w};
-      u32 ap[4][4], an[4][4];
+      u32 a[4][4];
 #pragma unroll
       for (int j = 0; j < 4; j++) {
-        if (SPLIT) {
-          const u32 n0 = lo[j] ^ 0x88888888u, n1 = hi[j] ^ 0x88888888u;
-          ap[j][0] = prmt(E2M1_LO, E2M1_HI, lo[j]);
-          ap[j][1] = prmt(E2M1_LO, E2M1_HI, hi[j]);
-          ap[j][2] = prmt(E2M1_LO, E2M1_HI, lo[j] >> 16);
-          ap[j][3] = prmt(E2M1_LO, E2M1_HI, hi[j] >> 16);
-          an[j][0] = prmt(E2M1_LO, E2M1_HI, n0);
-          an[j][1] = prmt(E2M1_LO, E2M1_HI, n1);
-          an[j][2] = prmt(E2M1_LO, E2M1_HI, n0 >> 16);
-          an[j][3] = prmt(E2M1_LO, E2M1_HI, n1 >> 16);
-        } else {
-          ap[j][0] = mb_e2m1x4(lo[j]);
-          ap[j][1] = mb_e2m1x4(hi[j]);
-          ap[j][2] = mb_e2m1x4(lo[j] >> 16);
-          ap[j][3] = mb_e2m1x4(hi[j] >> 16);
-        }
+        a[j][0] = mb_e2m1x4(lo[j]);
+        a[j][1] = mb_e2m1x4(hi[j]);
+        a[j][2] = mb_e2m1x4(lo[j] >> 16);
+        a[j][3] = mb_e2m1x4(hi[j] >> 16);
       }
       float s0f, s1f;
       mb_e4m3x2(prmt(sc[m][0], sc[m][1], d | ((4 + d) << 4)), s0f, s1f);
@@ -971,14 +962,7 @@ DEVICE void mb_apply_w(const uint4 (&w)[D][MR][2], const u32 (&sc)[MR][2], int s
         const u32 b[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
         i32 q[4] = {0, 0, 0, 0};
 #pragma unroll
-        for (int j = 0; j < 4; j++) mb_mma_a(q, ap[j][0], ap[j][1], ap[j][2], ap[j][3], b[2 * j], b[2 * j + 1]);
-        if (SPLIT) {
-          i32 qn[4] = {0, 0, 0, 0};
-#pragma unroll
-          for (int j = 0; j < 4; j++) mb_mma_a(qn, an[j][0], an[j][1], an[j][2], an[j][3], b[2 * j], b[2 * j + 1]);
-#pragma unroll
-          for (int e = 0; e < 4; e++) q[e] -= qn[e];
-        }
+        for (int j = 0; j < 4; j++) mb_mma_a(q, a[j][0], a[j][1], a[j][2], a[j][3], b[2 * j], b[2 * j + 1]);
         acc[m][n][0] += (float)q[0] * (s0f * x0);
         acc[m][n][1] += (float)q[1] * (s0f * x1);
         acc[m][n][2] += (float)q[2] * (s1f * x0);
@@ -990,7 +974,7 @@ DEVICE void mb_apply_w(const uint4 (&w)[D][MR][2], const u32 (&sc)[MR][2], int s
 
 // mb_core over a whole row (g0 = 0, ng = K/128) for the first nt of WT
 // n-tiles (staged in the layout of 8*WT rows).
-template <int MR, int WT, int D, bool SPLIT, typename Pre>
+template <int MR, int WT, int D, typename Pre>
 DEVICE void mb_core_w(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K, int nt, const u8* smem,
                       float (&acc)[MR][WT][4], Pre pre) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -1013,13 +997,13 @@ DEVICE void mb_core_w(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int 
       mb_cp_wait_all();
       __syncthreads();
     }
-    mb_apply_w<MR, WT, D, SPLIT>(w, sc, s0, xrow, xss, ldx, ldxs, t, nt, acc);
+    mb_apply_w<MR, WT, D>(w, sc, s0, xrow, xss, ldx, ldxs, t, nt, acc);
   }
 }
 
 // moeb_gate_up (CVT, RS, FLAG, tile records) for tiles of up to 8*WT
 // pairs: the tile's ceil(n/8) n-tiles are staged and multiplied.
-template <int WT, int D, bool SPLIT, bool SEQ>
+template <int WT, int D>
 DEVICE void moeb_gate_up_w(const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K,
                            const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,
                            float* __restrict__ hs, MbTile* __restrict__ rec) {
@@ -1043,39 +1027,19 @@ DEVICE void moeb_gate_up_w(const i32* __restrict__ ntiles, const i32* __restrict
     rsc[0][h] = __ldg(gate.row_scale + row + 8 * h);
     rsc[1][h] = __ldg(up.row_scale + row + 8 * h);
   }
-  const auto stage = [&] {
+  float acc[2][WT][4];
+  mb_core_w<2, WT, D>(rc, rs, K, nt, mb_smem, acc, [&] {
     mb_stage_w(mb_smem, 8 * WT, 8 * nt, xq, xs, K, [&](int r) { return list[s0 + min(r, ntok - 1)]; });
-  };
+  });
   float hv[WT][4];
-  if (SEQ) {
-    // The gate rows, then the up rows: one m-tile's accumulators at a time.
-    const u8* rcg[1] = {rc[0]};
-    const u8* rsg[1] = {rs[0]};
-    const u8* rcu[1] = {rc[1]};
-    const u8* rsu[1] = {rs[1]};
-    float acc[1][WT][4];
-    mb_core_w<1, WT, D, SPLIT>(rcg, rsg, K, nt, mb_smem, acc, stage);
 #pragma unroll
-    for (int n = 0; n < WT; n++)
+  for (int n = 0; n < WT; n++)
 #pragma unroll
-      for (int e = 0; e < 4; e++) hv[n][e] = mb_silu(acc[0][n][e] * (rsc[0][e >> 1] * 0.5f));
-    mb_core_w<1, WT, D, SPLIT>(rcu, rsu, K, nt, mb_smem, acc, [] {});
-#pragma unroll
-    for (int n = 0; n < WT; n++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) hv[n][e] *= acc[0][n][e] * (rsc[1][e >> 1] * 0.5f);
-  } else {
-    float acc[2][WT][4];
-    mb_core_w<2, WT, D, SPLIT>(rc, rs, K, nt, mb_smem, acc, stage);
-#pragma unroll
-    for (int n = 0; n < WT; n++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const float gv = acc[0][n][e] * (rsc[0][e >> 1] * 0.5f);
-        const float uv = acc[1][n][e] * (rsc[1][e >> 1] * 0.5f);
-        hv[n][e] = mb_silu(gv) * uv;
-      }
-  }
+    for (int e = 0; e < 4; e++) {
+      const float gv = acc[0][n][e] * (rsc[0][e >> 1] * 0.5f);
+      const float uv = acc[1][n][e] * (rsc[1][e >> 1] * 0.5f);
+      hv[n][e] = mb_silu(gv) * uv;
+    }
 #pragma unroll
   for (int n = 0; n < WT; n++) {
     if (n >= nt) break;
@@ -1124,7 +1088,7 @@ DEVICE void moeb_gate_up_w(const i32* __restrict__ ntiles, const i32* __restrict
 
 // moeb_down (MR = 1, CVT, RS, FLAG, tile records) for tiles of up to 8*WT
 // pairs.
-template <int WT, int D, bool SPLIT>
+template <int WT, int D>
 DEVICE void moeb_down_w(const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq,
                         const float* __restrict__ hs, float* __restrict__ part, MbTile* __restrict__ rec) {
   extern __shared__ __align__(16) u8 mb_smem[];
@@ -1144,7 +1108,7 @@ DEVICE void moeb_down_w(const i32* __restrict__ ntiles, int N, int I, const i8* 
 #pragma unroll
   for (int h = 0; h < 2; h++) rsc[h] = __ldg(dn.row_scale + row + 8 * h);
   float acc[1][WT][4];
-  mb_core_w<1, WT, D, SPLIT>(rc, rs, I, nt, mb_smem, acc, [&] {
+  mb_core_w<1, WT, D>(rc, rs, I, nt, mb_smem, acc, [&] {
     if (threadIdx.x == 0) {
       while (mb_ld_acquire(&rec[tile].done) < (u32)(I >> 7)) asm volatile("nanosleep.u32 64;");
       __threadfence();
@@ -1170,25 +1134,27 @@ DEVICE void moeb_down_w(const i32* __restrict__ ntiles, int N, int I, const i8* 
 }
 
 // The pair for tiles of up to 8*WT pairs: gate/up D groups a batch at MINB
-// blocks a multiprocessor, down DD groups at MINBD; SPLIT: mb_mma_split's
-// widening, else mb_mma's (two mmas a word pair against one, for fewer
-// widening instructions: the mmas grow with the n-tiles, the widening
-// does not). Grid (I/128 or N/128, tiles), 256 threads; dynamic shared
-// memory 8*WT rows of the row length + 16 bytes, then 8*WT rows of
-// length/128 + 1 floats.
-#define MOEB_W_KERNELS(SUFFIX, WT, D, MINB, DD, MINBD, SPLIT, SEQ)                                                     \
+// blocks a multiprocessor, down DD groups at MINBD. Grid (I/128 or N/128,
+// tiles), 256 threads; dynamic shared memory 8*WT rows of the row length +
+// 16 bytes, then 8*WT rows of length/128 + 1 floats. On an H200
+// (BenchmarkMoEStream, BenchmarkMoEBatched: a full-size layer, uniform
+// random routing) w2u 164.8 us at 192 tokens against the 8-pair pair's
+// 189.9 and the tiled MoE's 193.4; w4u 193.3 / 229.7 / 299.8 us at 256 /
+// 384 / 512 tokens against the tiled MoE's best 243.5 / 310.3 / 338.9, but
+// 410.3 against 382.5 at 768 (docs/perf.md, 2026-11-29 (9)). Both spill a
+// few bytes (NVRTC 11.8: gate/up 12 and 0, down 44 and 4): w4u's down at
+// four blocks without spilling (two groups a batch) was 1-5% slower.
+#define MOEB_W_KERNELS(SUFFIX, WT, D, MINB, DD, MINBD)                                                            \
   extern "C" __global__ void __launch_bounds__(256, MINB) moeb_gate_up_##SUFFIX(                                  \
       const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K, const i8* __restrict__ xq,    \
       const float* __restrict__ xs, i8* __restrict__ hq, float* __restrict__ hs, MbTile* __restrict__ rec) {    \
-    moeb_gate_up_w<WT, D, SPLIT, SEQ>(ntiles, list, I, K, xq, xs, hq, hs, rec);                                      \
+    moeb_gate_up_w<WT, D>(ntiles, list, I, K, xq, xs, hq, hs, rec);                                             \
   }                                                                                                             \
   extern "C" __global__ void __launch_bounds__(256, MINBD) moeb_down_##SUFFIX(                                   \
       const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq, const float* __restrict__ hs,     \
       float* __restrict__ part, MbTile* __restrict__ rec) {                                                     \
-    moeb_down_w<WT, DD, SPLIT>(ntiles, N, I, hq, hs, part, rec);                                                \
+    moeb_down_w<WT, DD>(ntiles, N, I, hq, hs, part, rec);                                                       \
   }
 
-MOEB_W_KERNELS(w2u, 2, 2, 3, 4, 4, false, false)
-MOEB_W_KERNELS(w4u, 4, 2, 2, 4, 3, false, false)
-MOEB_W_KERNELS(w4g, 4, 2, 3, 4, 3, false, true)
-MOEB_W_KERNELS(w4g1, 4, 1, 3, 4, 3, false, true)
+MOEB_W_KERNELS(w2u, 2, 2, 3, 4, 4)
+MOEB_W_KERNELS(w4u, 4, 2, 2, 4, 3)
