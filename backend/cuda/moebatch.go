@@ -181,9 +181,9 @@ func moeStreamWideFor(T int) moeWide {
 
 // moeWideFits reports whether the wide-tile pair w takes the table's
 // experts: MoEStreamFits, and its staged rows within the shared memory a
-// block may have on sm_90 (227 KB).
+// block may have on sm_90 (227 KB, less the kernels' 1 KB of their own).
 func moeWideFits(t *ExpertTable, w moeWide) bool {
-	return MoEStreamFits(t) && moeStreamSharedW(max(t.K, t.I), w.wt) <= 227<<10
+	return MoEStreamFits(t) && moeStreamSharedW(max(t.K, t.I), w.wt) <= 224<<10
 }
 
 // moeStreamSharedW is the dynamic shared memory of a wide-tile kernel
