@@ -22,6 +22,4 @@
 //	MMFP4_CUDA_PROFILE "1": time every op of decode steps on the device; totals on stderr at Close
 //	MMFP4_CUDA_FLASH_EXACT "1": prefill attention over a bf16 cache in the exact form (slower; the default f16 operands are about 4e-4 from it)
 //	MMFP4_CUDA_STEPTIME "1": split each step's wall time into host, launching and device time; on stderr at Close
-//	MMFP4_CUDA_MOE_MAIN "1": the streaming MoE of 8-64-row steps by its earlier kernels
-//	MMFP4_CUDA_MOE_S2F "1": the streaming MoE's gate/up and down pair at two blocks a multiprocessor (before 2026-11-29 (8)) instead of three and four
 package cuda

@@ -365,7 +365,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 	for e := range skew {
 		skew[e] = math.Exp(0.5 * r.NormFloat64())
 	}
-	for _, T := range []int{1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024} {
+	for _, T := range []int{1, 2, 4, 8, 16, 32, 64, 128, 256, 384, 512, 768, 1024} {
 		ids := make([]int32, T*topk)
 		bal := make([]int32, T*topk) // every expert T*topk/E pairs: no short tiles
 		skw := make([]int32, T*topk)
@@ -380,7 +380,7 @@ func BenchmarkMoEBatched(b *testing.B) {
 			copy(skw[t*topk:], skewedPick(r, skew, topk))
 		}
 		for _, v := range moeBenchVariants {
-			if v == "per_token" && T > 128 || (strings.Contains(v, "_bal") || strings.Contains(v, "_skew")) && T < 256 {
+			if v == "per_token" && T > 128 || (strings.Contains(v, "_bal") || strings.Contains(v, "_skew") || strings.HasPrefix(v, "stream_")) && T < 256 {
 				continue
 			}
 			b.Run(fmt.Sprintf("T%d/%s", T, v), func(b *testing.B) {
@@ -410,8 +410,28 @@ func BenchmarkMoEBatched(b *testing.B) {
 					}
 					var run func() error
 					launches := 5
-					switch v {
-					case "per_token":
+					switch {
+					case strings.HasPrefix(v, "stream_"):
+						s, bufs, err := newMoEStreamBatch(c, T, topk, tab, true)
+						defer func() {
+							for _, bb := range bufs {
+								c.Free(bb)
+							}
+						}()
+						if err != nil {
+							return err
+						}
+						rb, err := c.Alloc(moeTileRec * s.MaxTiles)
+						if err != nil {
+							return err
+						}
+						defer c.Free(rb)
+						defer restoreMoEStream()()
+						name, _, _ := strings.Cut(strings.TrimPrefix(v, "stream_"), "_")
+						moeWideForce = moeWideNamed(name)
+						launches = 4
+						run = func() error { return c.MoEBatchedStream(y.Ptr, K, true, tab, idb.Ptr, wtb.Ptr, topk, a, s, rb.Ptr) }
+					case v == "per_token":
 						launches = 2 * T
 						run = func() error {
 							for t := 0; t < T; t++ {
@@ -482,9 +502,11 @@ func BenchmarkMoEBatched(b *testing.B) {
 // moeBenchVariants are BenchmarkMoEBatched's: "_bal" and "_skew" name
 // the routing (else uniform random), "_split" the short tiles through the
 // 16-token kernels; "t64" and "t64e" the 64-token tile's kernels
-// (gemmT64Kind "" and "e").
+// (gemmT64Kind "" and "e"); "stream_<pair>" a wide-tile streaming pair
+// (from 256 tokens; BenchmarkMoEStream has the smaller batches).
 var moeBenchVariants = []string{"per_token", "batched_t16", "batched_t64", "batched_t64_split", "batched_t64_bal",
-	"batched_t64_split_skew", "batched_t64e", "batched_t64e_split", "batched_t64e_bal", "batched_t64e_split_skew"}
+	"batched_t64_split_skew", "batched_t64_skew", "batched_t64e", "batched_t64e_split", "batched_t64e_bal", "batched_t64e_split_skew",
+	"stream_w2u", "stream_w4u", "stream_w4u_skew"}
 
 // skewedPick draws k distinct indices with probabilities proportional to w
 // (without replacement).

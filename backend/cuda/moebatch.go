@@ -4,7 +4,6 @@ package cuda
 
 import (
 	"fmt"
-	"os"
 )
 
 // moeStreamTile is MB_TT in stream.cu: the pairs of a tile.
@@ -37,7 +36,9 @@ func moeStreamShared(K int) int { return moeStreamTile*(K+16) + 4*moeStreamTile*
 // none) lets moeb_group_x leave each tile's expert entry and a count of
 // its finished gate/up blocks there: the products then find their weights
 // in one round trip, and each down block waits for its own tile's gate/up
-// blocks only instead of the whole gate/up grid.
+// blocks only instead of the whole gate/up grid. With rec, a batch of more
+// than moeStreamMaxTokens tokens takes a wide-tile pair (moeStreamWideFor:
+// tiles of 16 or 32 pairs) instead.
 func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTable, ids, wts uint64, topk int, x *QActs, s *MoEBatch, rec uint64) error {
 	if err := c.MoEStreamProducts(t, ids, topk, x, s, rec); err != nil {
 		return err
@@ -61,13 +62,10 @@ func (c *Ctx) MoEStreamProducts(t *ExpertTable, ids uint64, topk int, x *QActs, 
 	case s.MaxTiles < moeMaxTiles(P, t.Routed+t.Shared, moeStreamTile):
 		return fmt.Errorf("cuda: moe stream: %d tiles, want %d", s.MaxTiles, moeMaxTiles(P, t.Routed+t.Shared, moeStreamTile))
 	}
+	if w := moeStreamWideFor(x.T); w.name != "" && rec != 0 && moeWideFits(t, w) {
+		return c.moeStreamWide(t, ids, topk, x, s, rec, w)
+	}
 	kern, groupName := "s2f34", "moeb_group"
-	if moeStreamTwoBlocks {
-		kern = "s2f"
-	}
-	if moeStreamMain {
-		kern, rec = "s", 0
-	}
 	if rec != 0 {
 		groupName = "moeb_group_x"
 	}
@@ -103,7 +101,7 @@ func (c *Ctx) MoEStreamProducts(t *ExpertTable, ids uint64, topk int, x *QActs, 
 // wts.
 func (c *Ctx) MoEStreamCombine(y uint64, ldy int, accumulate bool, s *MoEBatch, wts uint64, topk, slots, N int) error {
 	combName := "moeb_combine"
-	if !moeStreamMain && slots <= moeCombineMaxSlots {
+	if slots <= moeCombineMaxSlots {
 		combName = "moeb_combine_w"
 	}
 	comb, err := c.Kernel("stream", combName)
@@ -118,28 +116,72 @@ func (c *Ctx) MoEStreamCombine(y uint64, ldy int, accumulate bool, s *MoEBatch, 
 }
 
 // moeStreamMinTokens and moeStreamMaxTokens bound the batches whose MoE
-// takes MoEBatchedStream. Measured on an H200 (full-size layer, device
-// time) with the earlier kernels: 40-42 / 49-50 / 72-74 / 120-121 / 141 us
-// at 2 / 4 / 8 / 32 / 64 tokens against the tiled MoEBatched's 72 / 78 /
-// 122 / 187-192 / 222 and the single-token kernels' 23-24 us a token; then
-// 59.5 / 99.1 / 117.2 at 8 / 32 / 64 against the tiled 90 / 142 / 164
-// (docs/perf.md, 2026-11-28 (6)); now 52.9 / 90.6 / 109.0 (2026-11-29 (8)).
+// takes MoEBatchedStream with 8-pair tiles; moeWideSteps take the larger
+// batches up to its last bound, and the tiled MoE (MoEBatched) those
+// above. Measured on an H200 (full-size layer, device time) with the
+// earlier kernels: 40-42 / 49-50 / 72-74 / 120-121 / 141 us at 2 / 4 / 8 /
+// 32 / 64 tokens against the tiled MoEBatched's 72 / 78 / 122 / 187-192 /
+// 222 and the single-token kernels' 23-24 us a token; then 59.5 / 99.1 /
+// 117.2 at 8 / 32 / 64 against the tiled 90 / 142 / 164 (docs/perf.md,
+// 2026-11-28 (6)); now 52.9 / 90.6 / 109.0 (2026-11-29 (8)), and 116.1 /
+// 141.4 at 96 / 128 against the tiled 170.8 / 179.3 and the wide pairs'
+// 131.8-148.5 / 141.8-163.2 (2026-11-29 (9)).
 var (
 	moeStreamMinTokens = 2
-	moeStreamMaxTokens = 64
+	moeStreamMaxTokens = 128
 )
 
-// moeStreamMain runs main's earlier pair (moeb_gate_up_s, moeb_down_s,
-// without tile records) instead: MMFP4_CUDA_MOE_MAIN=1, for an A/B in one
-// binary.
-var moeStreamMain = os.Getenv("MMFP4_CUDA_MOE_MAIN") == "1"
+// moeWide is a pair of the wide-tile kernels (moeb_gate_up_<name>,
+// moeb_down_<name>, stream.cu): tiles of up to 8*wt pairs.
+type moeWide struct {
+	name string
+	wt   int
+}
 
-// moeStreamTwoBlocks runs the s2f pair at two blocks a multiprocessor
-// (moeb_gate_up_s2f, moeb_down_s2f: 123 and 124 registers), the pair before
-// s2f34 took the same code to three blocks a multiprocessor for gate/up
-// and four for down (80 and 64 registers): MMFP4_CUDA_MOE_S2F=1, for an
-// A/B in one binary.
-var moeStreamTwoBlocks = os.Getenv("MMFP4_CUDA_MOE_S2F") == "1"
+// moeWideSteps: batches of more than moeStreamMaxTokens tokens take the
+// first pair whose bound they are within. Measured on an H200 (full-size
+// layer, uniform random routing; docs/perf.md, 2026-11-29 (9)): w2u 164.8
+// us at 192 tokens against w4u's 176.5 and the 8-pair pair's 189.9; w4u
+// 193.3 / 229.7 / 299.8 / 410.3 us at 256 / 384 / 512 / 768 tokens against
+// the tiled MoE's best 243.5 / 310.3 / 338.9 / 382.5.
+var moeWideSteps = []struct {
+	upTo int
+	w    moeWide
+}{{224, moeWide{"w2u", 2}}, {640, moeWide{"w4u", 4}}}
+
+// moeWideOff gives every streamed batch the 8-pair pair (tests compare
+// the wide pairs with it).
+var moeWideOff bool
+
+// moeWideForce, when set, is the wide pair every MoEBatchedStream takes
+// (tests, benchmarks).
+var moeWideForce moeWide
+
+// moeStreamWideFor is the wide-tile pair a batch of T tokens takes (name
+// "" for the 8-pair pair).
+func moeStreamWideFor(T int) moeWide {
+	if moeWideForce.name != "" || moeWideOff || T <= moeStreamMaxTokens {
+		return moeWideForce
+	}
+	for _, s := range moeWideSteps {
+		if T <= s.upTo {
+			return s.w
+		}
+	}
+	return moeWide{}
+}
+
+// moeWideFits reports whether the wide-tile pair w takes the table's
+// experts: MoEStreamFits, and its staged rows within the shared memory a
+// block may have on sm_90 (227 KB, less the kernels' 1 KB of their own).
+func moeWideFits(t *ExpertTable, w moeWide) bool {
+	return MoEStreamFits(t) && moeStreamSharedW(max(t.K, t.I), w.wt) <= 224<<10
+}
+
+// moeStreamSharedW is the dynamic shared memory of a wide-tile kernel
+// whose rows have K columns: 8*wt rows of K+16 bytes, then 8*wt rows of
+// K/128+1 scales.
+func moeStreamSharedW(K, wt int) int { return 8 * wt * (K + 16 + 4*(K/128+1)) }
 
 // moeCombineMaxSlots is MB_MAXS in stream.cu: the most slots a token
 // moeb_combine_w takes.
@@ -152,6 +194,9 @@ const moeTileRec = 88
 // moeStreams reports whether a batch of T tokens over t takes
 // MoEBatchedStream.
 func (b *Backend) moeStreams(T int, t *ExpertTable) bool {
+	if w := moeStreamWideFor(T); w.name != "" && T >= moeStreamMinTokens {
+		return moeWideFits(t, w)
+	}
 	return T >= moeStreamMinTokens && T <= moeStreamMaxTokens && MoEStreamFits(t)
 }
 
@@ -190,4 +235,37 @@ func (b *Backend) moeStreamed(d, xm *tensor, rt *routing, l *moeLayer) bool {
 		return c.MoEBatchedStream(d.ptr, d.ld, add, t, rt.ids, rt.wts, rt.topK, a, s, rec)
 	})
 	return true
+}
+
+// moeStreamWide is MoEStreamProducts through the wide-tile pair w (tile
+// records required).
+func (c *Ctx) moeStreamWide(t *ExpertTable, ids uint64, topk int, x *QActs, s *MoEBatch, rec uint64, w moeWide) error {
+	P := x.T * (topk + t.Shared)
+	bt := 8 * w.wt
+	tiles := moeMaxTiles(P, t.Routed+t.Shared, bt)
+	if s.MaxTiles < tiles {
+		return fmt.Errorf("cuda: moe stream: %d tiles, want %d", s.MaxTiles, tiles)
+	}
+	group, err := c.Kernel("stream", "moeb_group_x")
+	if err != nil {
+		return err
+	}
+	shGU, shDn := moeStreamSharedW(t.K, w.wt), moeStreamSharedW(t.I, w.wt)
+	gu, err := c.kernelShared("stream", "moeb_gate_up_"+w.name, shGU)
+	if err != nil {
+		return err
+	}
+	down, err := c.kernelShared("stream", "moeb_down_"+w.name, shDn)
+	if err != nil {
+		return err
+	}
+	if err := c.Launch(group, D1(1), D1(1024), 0, ids, x.T, topk, t.Shared, t.Routed, bt, s.Pos, s.List, s.TileE, s.TileS, s.TileN, s.NTiles, t.buf, rec); err != nil {
+		return err
+	}
+	if err := c.Launch(gu, Dim{uint32(t.I / 128), uint32(tiles), 1}, D1(256), shGU,
+		s.NTiles, s.List, t.I, t.K, x.Q, x.Scales, s.HQ.Q, s.HQ.Scales, rec); err != nil {
+		return err
+	}
+	return c.Launch(down, Dim{uint32((t.K + 127) / 128), uint32(tiles), 1}, D1(256), shDn,
+		s.NTiles, t.K, t.I, s.HQ.Q, s.HQ.Scales, s.Part, rec)
 }

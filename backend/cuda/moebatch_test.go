@@ -15,8 +15,9 @@ import (
 // The streaming batched MoE against the tiled one (MoEBatched, whose gate
 // and up, down and sums it computes in the same order: the outputs should
 // be identical bit for bit) on the same routing, with odd token counts,
-// experts with more than one tile of 8 pairs, and each of moeStreamVariants; every
-// output is written (poisoned before).
+// experts with more than one tile of 8 pairs (or of 16 and 32 for the wide
+// pairs), and each of moeStreamVariants; every output is written (poisoned
+// before).
 func TestMoEBatchedStream(t *testing.T) {
 	d := testDevice(t)
 	r := testRand(t)
@@ -53,7 +54,7 @@ func TestMoEBatchedStream(t *testing.T) {
 			return err
 		}
 		defer c.FreeExpertTable(tab)
-		for _, T := range []int{3, 8, 17, 33, 64} {
+		for _, T := range []int{3, 8, 17, 33, 64, 130} {
 			ids, wts := randomRouting(r, T, E, topK)
 			run := func(stream, withRec bool) ([]float32, error) {
 				idb, err1 := c.Alloc(4 * T * topK)
@@ -138,27 +139,40 @@ func TestMoEBatchedStream(t *testing.T) {
 }
 
 // moeStreamVariantCfg is a configuration of MoEBatchedStream for the tests
-// and benchmarks: main's earlier pair, the s2f pair at two blocks a
-// multiprocessor, or the pair in use with or without tile records.
+// and benchmarks: the 8-pair pair with or without tile records, the
+// dispatch by batch size, or one wide-tile pair for every batch.
 type moeStreamVariantCfg struct {
-	name           string
-	main, rec, two bool
+	name string
+	rec  bool
+	off  bool   // the 8-pair pair at every size (moeWideOff)
+	wide string // the wide pair at every size
 }
 
 var moeStreamVariants = []moeStreamVariantCfg{
-	{"main", true, false, false},
-	{"s2f", false, true, true},
-	{"new", false, true, false},
-	{"new_norec", false, false, false},
+	{"new", true, true, ""},
+	{"new_norec", false, true, ""},
+	{"auto", true, false, ""},
+	{"w2u", true, false, "w2u"},
+	{"w4u", true, false, "w4u"},
 }
 
-func (v moeStreamVariantCfg) set() { moeStreamMain, moeStreamTwoBlocks = v.main, v.two }
+func (v moeStreamVariantCfg) set() { moeWideOff, moeWideForce = v.off, moeWideNamed(v.wide) }
+
+// moeWideNamed is the pair of moeWideSteps with that name (none for "").
+func moeWideNamed(name string) moeWide {
+	for _, s := range moeWideSteps {
+		if s.w.name == name {
+			return s.w
+		}
+	}
+	return moeWide{}
+}
 
 // restoreMoEStream returns a function that puts the package's MoE
 // configuration back.
 func restoreMoEStream() func() {
-	main, two := moeStreamMain, moeStreamTwoBlocks
-	return func() { moeStreamMain, moeStreamTwoBlocks = main, two }
+	off, force := moeWideOff, moeWideForce
+	return func() { moeWideOff, moeWideForce = off, force }
 }
 
 // newMoEStreamBatch is newMoEBatch with room for the streaming kernels'
@@ -206,8 +220,9 @@ func randVecSeeded(n, k int) []float32 {
 }
 
 // The backend's MoE and MoEShared through the streaming kernels, against
-// the CPU backend (routing from the device router), each of moeStreamVariants, token
-// counts 3 to 64.
+// the CPU backend (routing from the device router): the dispatch by batch
+// size (the 8-pair pair to 128 tokens, w2u to 224, w4u above) and each
+// wide pair at every size, token counts 3 to 300.
 func TestBackendMoEStreamMatchesCPU(t *testing.T) {
 	const K, I, E, topK = 1024, 512, 16, 4
 	r := testRand(t)
@@ -216,12 +231,15 @@ func TestBackendMoEStreamMatchesCPU(t *testing.T) {
 	bias := backend.HostWeight{Name: "bias", N: 1, K: E, Dense: randVec(r, E, 0.1)}
 	g, c := testBackends(t, Options{})
 	defer func(a, b int) { moeBatchedMinTokens, moeStreamMaxTokens = a, b }(moeBatchedMinTokens, moeStreamMaxTokens)
-	moeBatchedMinTokens, moeStreamMaxTokens = 2, 1<<30
+	moeBatchedMinTokens, moeStreamMaxTokens = 2, 128
 	hosts := expertHosts(t, r, E+1, I, K, 128)
 	defer restoreMoEStream()()
 	for _, sv := range moeStreamVariants {
+		if !sv.rec || sv.off {
+			continue // the backend passes tile records; "auto" takes the 8-pair pair up to 128 tokens
+		}
 		sv.set()
-		for _, T := range []int{3, 17, 64} {
+		for _, T := range []int{3, 17, 64, 130, 300} {
 			x := randVec(r, T*K, 1)
 			for _, withShared := range []bool{false, true} {
 				// As TestBackendMoEBatchedMatchesCPU: a last-bit difference
@@ -265,7 +283,7 @@ func BenchmarkMoEStream(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	for _, T := range []int{2, 4, 8, 16, 32, 64, 128} {
+	for _, T := range []int{2, 4, 8, 16, 32, 64, 96, 128, 192} {
 		ids, wts := randomRouting(r, T, E, topk)
 		touched := map[int32]bool{}
 		for _, e := range ids {

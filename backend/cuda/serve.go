@@ -262,7 +262,7 @@ const (
 // alone) queues its combine as an op of its own, for the add and norm
 // after it to take in (combineNorm).
 func (b *Backend) combineApart(d *tensor, slots int) bool {
-	return !serveFuseOff && !moeStreamMain && slots <= combineMaxSlots && d.cols%256 == 0 && d.cols <= combineMaxK
+	return !serveFuseOff && slots <= combineMaxSlots && d.cols%256 == 0 && d.cols <= combineMaxK
 }
 
 func (b *Backend) noteCombine(d *tensor, s *MoEBatch, wts uint64, topk, slots int) {

@@ -437,19 +437,17 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
 #endif
 }
 
-// The pairs: mb_mma_split's widening (about a quarter fewer instructions a
+// The pair: mb_mma_split's widening (about a quarter fewer instructions a
 // code than mb_mma's), down products 128 rows a block (one m-tile a warp,
-// four groups in flight). Two blocks a multiprocessor: at three they
-// spill. s: main's earlier pair (MMFP4_CUDA_MOE_MAIN=1); s2f: the scales
-// through the hardware conversion, the row scales read early, tile records
-// and down blocks that wait for their own tile only. On an H200
-// (BenchmarkMoEStream, a full-size layer): s 63.5 / 106.1 / 122.3 us at 8 /
-// 32 / 64 tokens, s2f with moeb_combine_w 59.5 / 99.0 / 117.1. s2f34: s2f
-// with gate/up at three blocks a multiprocessor and down at four (MINB,
-// MINBD: 80 and 64 registers, a few bytes spilled), 24 and 32 warps where
-// s2f has 16: the warps wait on their loads about half the time, and more
-// of them cover the waits better; 52.9 / 90.6 / 109.0 us against s2f's
-// 57.1 / 99.4 / 118.0 (docs/perf.md, 2026-11-29 (8)).
+// four groups in flight), the scales through the hardware conversion, the
+// row scales read early, tile records and down blocks that wait for their
+// own tile only; gate/up at three blocks a multiprocessor and down at four
+// (MINB, MINBD: 80 and 64 registers, a few bytes spilled), 24 and 32
+// warps where two blocks had 16: the warps wait on their loads about half
+// the time, and more of them cover the waits better. On an H200
+// (BenchmarkMoEStream, a full-size layer) 52.9 / 90.6 / 109.0 us at 8 /
+// 32 / 64 tokens against 57.1 / 99.4 / 118.0 at two blocks
+// (docs/perf.md, 2026-11-29 (8)).
 #define MOEB_S_KERNELS(SUFFIX, CVT, RS, FLAG, MINB, MINBD)                                                           \
   extern "C" __global__ void __launch_bounds__(256, MINB) moeb_gate_up_##SUFFIX(                                   \
       const BExpert* __restrict__ experts, const i32* __restrict__ tile_e, const i32* __restrict__ tile_s,      \
@@ -465,8 +463,6 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
     moeb_down<1, 4, true, CVT, RS, FLAG>(experts, tile_e, tile_s, tile_n, ntiles, N, I, hq, hs, part, rec);           \
   }
 
-MOEB_S_KERNELS(s, false, false, false, 2, 2)
-MOEB_S_KERNELS(s2f, true, true, true, 2, 2)
 MOEB_S_KERNELS(s2f34, true, true, true, 3, 4)
 
 // ---------------------------------------------------------------------------
@@ -1053,3 +1049,272 @@ MMSC_KERNEL(mmsc_t4_d2, 4, 2, false, 2)
 MMSC_KERNEL(mmsc_t8_d2, 8, 2, false, 1)
 MMSC_KERNEL(mmspc_t2_d2, 2, 2, true, 2)
 MMSC_KERNEL(mmspc_t4_d2, 4, 2, true, 2)
+
+// ---------------------------------------------------------------------------
+// The streaming MoE pair with tiles of up to 8*WT pairs (WT mma n-tiles):
+// each weight fragment is widened once in registers and applied to every
+// n-tile the tile fills, so an expert with more than 8 pairs (every expert
+// of a prompt step of a few hundred rows) is streamed and widened once a
+// tile of 8*WT instead of once every 8. In steps of 8-64 rows they lose to
+// the 8-pair pair (fewer blocks a multiprocessor, mb_mma's widening), which
+// keeps those; past about 640 rows the tiled MoE (gemm.cu) is faster. The
+// sums are those of the 8-pair pair (moeb_*_s2f34), bit for bit: the same
+// int32 group sums, added into the same float accumulators in the same
+// order; only the pairs a tile covers change, and no pair's result
+// depends on the other pairs of its tile.
+
+// mb_stage for the rows of a whole row (c0 = 0, C = K) in the layout of
+// RL rows (the scales after RL rows of codes), staging only the first R.
+template <typename Src>
+DEVICE void mb_stage_w(u8* smem, int RL, int R, const i8* __restrict__ xq, const float* __restrict__ xs, int K,
+                       Src src) {
+  const int ldx = K + 16, GK = K >> 7, ldxs = GK + 1, per = K >> 4;
+  float* xss = (float*)(smem + RL * ldx);
+  for (int idx = threadIdx.x; idx < R * per; idx += blockDim.x) {
+    const int r = idx / per, c = idx - r * per;
+    mb_cp16(smem + r * ldx + 16 * c, xq + (size_t)src(r) * K + 16 * c);
+  }
+  for (int idx = threadIdx.x; idx < R * GK; idx += blockDim.x) {
+    const int r = idx / GK, c = idx - r * GK;
+    mb_cp4(xss + r * ldxs + c, xs + (size_t)src(r) * GK + c);
+  }
+  asm volatile("cp.async.commit_group;" ::: "memory");
+}
+
+// One mma of four widened code words (a) against token words b0, b1.
+DEVICE void mb_mma_a(i32 (&d)[4], u32 a0, u32 a1, u32 a2, u32 a3, u32 b0, u32 b1) {
+  asm("mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};"
+      : "+r"(d[0]), "+r"(d[1]), "+r"(d[2]), "+r"(d[3])
+      : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
+}
+
+// mb_apply (CVT) for the first nt (warp-uniform) of WT n-tiles, each
+// m-tile's codes widened once for all of them, as mb_mma does (one mma a
+// word pair: mb_mma_split's widening takes fewer instructions but two
+// mmas, and its two sets of fragments, 32 registers, spilled 200-350 bytes
+// at WT 2 and 4).
+template <int MR, int WT, int D>
+DEVICE void mb_apply_w(const uint4 (&w)[D][MR][2], const u32 (&sc)[MR][2], int s0, const u8* xrow, const float* xss,
+                       int ldx, int ldxs, int t, int nt, float (&acc)[MR][WT][4]) {
+#pragma unroll
+  for (int d = 0; d < D; d++) {
+    const int s = s0 + d;
+#pragma unroll
+    for (int m = 0; m < MR; m++) {
+      const u32 lo[4] = {w[d][m][0].x, w[d][m][0].y, w[d][m][0].z, w[d][m][0].w};
+      const u32 hi[4] = {w[d][m][1].x, w[d][m][1].y, w[d][m][1].z, w[d][m][1].w};
+      u32 a[4][4];
+#pragma unroll
+      for (int j = 0; j < 4; j++) {
+        a[j][0] = mb_e2m1x4(lo[j]);
+        a[j][1] = mb_e2m1x4(hi[j]);
+        a[j][2] = mb_e2m1x4(lo[j] >> 16);
+        a[j][3] = mb_e2m1x4(hi[j] >> 16);
+      }
+      float s0f, s1f;
+      mb_e4m3x2(prmt(sc[m][0], sc[m][1], d | ((4 + d) << 4)), s0f, s1f);
+#pragma unroll
+      for (int n = 0; n < WT; n++) {
+        if (n >= nt) break;
+        const u8* xr = xrow + 8 * n * ldx + 128 * s;
+        const uint4 xa = *(const uint4*)xr, xb = *(const uint4*)(xr + 16);
+        const float x0 = xss[(8 * n + 2 * t) * ldxs + s], x1 = xss[(8 * n + 2 * t + 1) * ldxs + s];
+        const u32 b[8] = {xa.x, xa.y, xa.z, xa.w, xb.x, xb.y, xb.z, xb.w};
+        i32 q[4] = {0, 0, 0, 0};
+#pragma unroll
+        for (int j = 0; j < 4; j++) mb_mma_a(q, a[j][0], a[j][1], a[j][2], a[j][3], b[2 * j], b[2 * j + 1]);
+        acc[m][n][0] += (float)q[0] * (s0f * x0);
+        acc[m][n][1] += (float)q[1] * (s0f * x1);
+        acc[m][n][2] += (float)q[2] * (s1f * x0);
+        acc[m][n][3] += (float)q[3] * (s1f * x1);
+      }
+    }
+  }
+}
+
+// mb_core over a whole row (g0 = 0, ng = K/128) for the first nt of WT
+// n-tiles (staged in the layout of 8*WT rows).
+template <int MR, int WT, int D, typename Pre>
+DEVICE void mb_core_w(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K, int nt, const u8* smem,
+                      float (&acc)[MR][WT][4], Pre pre) {
+  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int GK = K >> 7, ldx = K + 16, ldxs = GK + 1;
+  const size_t half8 = (size_t)8 * (K / 2);
+  const u8* xrow = smem + g * ldx + 32 * t;
+  const float* xss = (const float*)(smem + 8 * WT * ldx);
+#pragma unroll
+  for (int m = 0; m < MR; m++)
+#pragma unroll
+    for (int n = 0; n < WT; n++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) acc[m][n][e] = 0.f;
+  for (int s0 = 0; s0 < GK; s0 += D) {
+    uint4 w[D][MR][2];
+    u32 sc[MR][2];
+    mb_load<MR, D>(w, sc, rc, rs, s0, GK, half8, t);
+    if (s0 == 0) {
+      pre();
+      mb_cp_wait_all();
+      __syncthreads();
+    }
+    mb_apply_w<MR, WT, D>(w, sc, s0, xrow, xss, ldx, ldxs, t, nt, acc);
+  }
+}
+
+// moeb_gate_up (CVT, RS, FLAG, tile records) for tiles of up to 8*WT
+// pairs: the tile's ceil(n/8) n-tiles are staged and multiplied.
+template <int WT, int D>
+DEVICE void moeb_gate_up_w(const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K,
+                           const i8* __restrict__ xq, const float* __restrict__ xs, i8* __restrict__ hq,
+                           float* __restrict__ hs, MbTile* __restrict__ rec) {
+  extern __shared__ __align__(16) u8 mb_smem[];
+  __shared__ float wmax[MB_WARPS][8 * WT];
+  PDL_WAIT();
+  const int tile = blockIdx.y;
+  const int nall = ntiles[0];
+  const int s0 = rec[tile].s0, ntok = rec[tile].n;
+  const BMat gate = rec[tile].ex.gate, up = rec[tile].ex.up;
+  if (tile >= nall) return;
+  const int nt = (ntok + 7) >> 3;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * 128 + warp * 16, GK = K >> 7;
+  const size_t row = n0 + g;
+  const u8* rc[2] = {gate.codes + row * (K / 2), up.codes + row * (K / 2)};
+  const u8* rs[2] = {gate.scales + row * GK, up.scales + row * GK};
+  float rsc[2][2];
+#pragma unroll
+  for (int h = 0; h < 2; h++) {
+    rsc[0][h] = __ldg(gate.row_scale + row + 8 * h);
+    rsc[1][h] = __ldg(up.row_scale + row + 8 * h);
+  }
+  float acc[2][WT][4];
+  mb_core_w<2, WT, D>(rc, rs, K, nt, mb_smem, acc, [&] {
+    mb_stage_w(mb_smem, 8 * WT, 8 * nt, xq, xs, K, [&](int r) { return list[s0 + min(r, ntok - 1)]; });
+  });
+  float hv[WT][4];
+#pragma unroll
+  for (int n = 0; n < WT; n++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const float gv = acc[0][n][e] * (rsc[0][e >> 1] * 0.5f);
+      const float uv = acc[1][n][e] * (rsc[1][e >> 1] * 0.5f);
+      hv[n][e] = mb_silu(gv) * uv;
+    }
+#pragma unroll
+  for (int n = 0; n < WT; n++) {
+    if (n >= nt) break;
+    // The largest magnitude of each token over the block's 128 rows.
+    float m0 = fmaxf(fabsf(hv[n][0]), fabsf(hv[n][2])), m1 = fmaxf(fabsf(hv[n][1]), fabsf(hv[n][3]));
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) {
+      m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, o));
+      m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
+    }
+    if (g == 0) {
+      wmax[warp][8 * n + 2 * t] = m0;
+      wmax[warp][8 * n + 2 * t + 1] = m1;
+    }
+  }
+  __syncthreads();
+#pragma unroll
+  for (int n = 0; n < WT; n++) {
+    if (n >= nt) break;
+    float amax[2] = {0.f, 0.f};
+#pragma unroll
+    for (int w = 0; w < MB_WARPS; w++) {
+      amax[0] = fmaxf(amax[0], wmax[w][8 * n + 2 * t]);
+      amax[1] = fmaxf(amax[1], wmax[w][8 * n + 2 * t + 1]);
+    }
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int tok = 8 * n + 2 * t + (e & 1), r = n0 + g + 8 * (e >> 1);
+      if (tok < ntok) {
+        const float a = amax[e & 1];
+        hq[(size_t)(s0 + tok) * I + r] = (i8)quant8(hv[n][e], a, a / 127.f);
+      }
+    }
+    if (warp == 0 && g == 0) {
+#pragma unroll
+      for (int e = 0; e < 2; e++) {
+        const int tok = 8 * n + 2 * t + e;
+        if (tok < ntok) hs[(size_t)(s0 + tok) * (I >> 7) + blockIdx.x] = amax[e] == 0.f ? 0.f : amax[e] / 127.f;
+      }
+    }
+  }
+  __threadfence();
+  __syncthreads();
+  if (threadIdx.x == 0) atomicAdd((u32*)&rec[tile].done, 1u);
+}
+
+// moeb_down (MR = 1, CVT, RS, FLAG, tile records) for tiles of up to 8*WT
+// pairs.
+template <int WT, int D>
+DEVICE void moeb_down_w(const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq,
+                        const float* __restrict__ hs, float* __restrict__ part, MbTile* __restrict__ rec) {
+  extern __shared__ __align__(16) u8 mb_smem[];
+  const int tile = blockIdx.y;
+  const int nall = ntiles[0];
+  const int s0 = rec[tile].s0, ntok = rec[tile].n;
+  const BMat dn = rec[tile].ex.down;
+  if (tile >= nall) return;
+  const int nt = (ntok + 7) >> 3;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const int n0 = blockIdx.x * 128 + warp * 16, GK = I >> 7;
+  // N a multiple of 16: a clamped m-tile starts at N - 16.
+  const size_t row = min(n0, N - 16) + g;
+  const u8* rc[1] = {dn.codes + row * (I / 2)};
+  const u8* rs[1] = {dn.scales + row * GK};
+  float rsc[2];
+#pragma unroll
+  for (int h = 0; h < 2; h++) rsc[h] = __ldg(dn.row_scale + row + 8 * h);
+  float acc[1][WT][4];
+  mb_core_w<1, WT, D>(rc, rs, I, nt, mb_smem, acc, [&] {
+    if (threadIdx.x == 0) {
+      while (mb_ld_acquire(&rec[tile].done) < (u32)(I >> 7)) asm volatile("nanosleep.u32 64;");
+      __threadfence();
+    }
+    __syncthreads();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+    mb_stage_w(mb_smem, 8 * WT, 8 * nt, hq, hs, I, [&](int r) { return s0 + min(r, ntok - 1); });
+  });
+#pragma unroll
+  for (int n = 0; n < WT; n++) {
+    if (n >= nt) break;
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int tok = 8 * n + 2 * t + (e & 1), r = n0 + g + 8 * (e >> 1);
+      if (tok < ntok && r < N) part[(size_t)(s0 + tok) * N + r] = acc[0][n][e] * (rsc[e >> 1] * 0.5f);
+    }
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+// The pair for tiles of up to 8*WT pairs: gate/up D groups a batch at MINB
+// blocks a multiprocessor, down DD groups at MINBD. Grid (I/128 or N/128,
+// tiles), 256 threads; dynamic shared memory 8*WT rows of the row length +
+// 16 bytes, then 8*WT rows of length/128 + 1 floats. On an H200
+// (BenchmarkMoEStream, BenchmarkMoEBatched: a full-size layer, uniform
+// random routing) w2u 164.8 us at 192 tokens against the 8-pair pair's
+// 189.9 and the tiled MoE's 193.4; w4u 193.3 / 229.7 / 299.8 us at 256 /
+// 384 / 512 tokens against the tiled MoE's best 243.5 / 310.3 / 338.9, but
+// 410.3 against 382.5 at 768 (docs/perf.md, 2026-11-29 (9)). Both spill a
+// few bytes (NVRTC 11.8: gate/up 12 and 0, down 44 and 4): w4u's down at
+// four blocks without spilling (two groups a batch) was 1-5% slower.
+#define MOEB_W_KERNELS(SUFFIX, WT, D, MINB, DD, MINBD)                                                            \
+  extern "C" __global__ void __launch_bounds__(256, MINB) moeb_gate_up_##SUFFIX(                                  \
+      const i32* __restrict__ ntiles, const i32* __restrict__ list, int I, int K, const i8* __restrict__ xq,    \
+      const float* __restrict__ xs, i8* __restrict__ hq, float* __restrict__ hs, MbTile* __restrict__ rec) {    \
+    moeb_gate_up_w<WT, D>(ntiles, list, I, K, xq, xs, hq, hs, rec);                                             \
+  }                                                                                                             \
+  extern "C" __global__ void __launch_bounds__(256, MINBD) moeb_down_##SUFFIX(                                   \
+      const i32* __restrict__ ntiles, int N, int I, const i8* __restrict__ hq, const float* __restrict__ hs,     \
+      float* __restrict__ part, MbTile* __restrict__ rec) {                                                     \
+    moeb_down_w<WT, DD>(ntiles, N, I, hq, hs, part, rec);                                                       \
+  }
+
+MOEB_W_KERNELS(w2u, 2, 2, 3, 4, 4)
+MOEB_W_KERNELS(w4u, 4, 2, 2, 4, 3)
