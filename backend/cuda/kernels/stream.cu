@@ -243,6 +243,43 @@ DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K,
 
 DEVICE float mb_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
 
+// The largest magnitude of each token over a block's rows, for the int8
+// form of a product's 128 output columns: a thread's values v are mma
+// fragments (n-tile n, tokens 8n+2t and 8n+2t+1 in e & 1), of which the
+// first nt n-tiles count (warp, g = lane/4, t = lane%4: the thread's).
+// mb_warp_amax leaves each warp's maxima in wmax and waits at a block
+// barrier; mb_block_amax then reads n-tile n's two tokens' maxima over the
+// warps.
+template <int WT>
+DEVICE void mb_warp_amax(const float (&v)[WT][4], int nt, float (*wmax)[8 * WT], int warp, int g, int t) {
+#pragma unroll
+  for (int n = 0; n < WT; n++) {
+    if (n >= nt) break;
+    float m0 = fmaxf(fabsf(v[n][0]), fabsf(v[n][2])), m1 = fmaxf(fabsf(v[n][1]), fabsf(v[n][3]));
+#pragma unroll
+    for (int o = 4; o < 32; o <<= 1) {
+      m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, o));
+      m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
+    }
+    if (g == 0) {
+      wmax[warp][8 * n + 2 * t] = m0;
+      wmax[warp][8 * n + 2 * t + 1] = m1;
+    }
+  }
+  __syncthreads();
+}
+
+template <int WT>
+DEVICE void mb_block_amax(const float (*wmax)[8 * WT], int n, int t, float (&amax)[2]) {
+  amax[0] = 0.f;
+  amax[1] = 0.f;
+#pragma unroll
+  for (int w = 0; w < MB_WARPS; w++) {
+    amax[0] = fmaxf(amax[0], wmax[w][8 * n + 2 * t]);
+    amax[1] = fmaxf(amax[1], wmax[w][8 * n + 2 * t + 1]);
+  }
+}
+
 // Gate and up products of each tile with the SiLU product, quantized to
 // int8 in groups of 128 as rmsnorm_quant without a gain does:
 // hq[row][n], hs[row][n/128] for the tile's rows (row = tile_s + token).
@@ -305,39 +342,24 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
   mb_core<2, 1, D, SPLIT, CVT>(rc, rs, K, 0, GK, mb_smem, acc, [&] {
     if (RS) stage();
   });
-  float hv[4];
+  float hv[1][4];
 #pragma unroll
   for (int e = 0; e < 4; e++) {
     const int n = n0 + g + 8 * (e >> 1);
     const float rg = RS ? rsc[0][e >> 1] : gate.row_scale[n], ru = RS ? rsc[1][e >> 1] : up.row_scale[n];
     const float gv = acc[0][0][e] * (rg * 0.5f);
     const float uv = acc[1][0][e] * (ru * 0.5f);
-    hv[e] = mb_silu(gv) * uv;
+    hv[0][e] = mb_silu(gv) * uv;
   }
-  // The largest magnitude of each token over the block's 128 rows.
-  float m0 = fmaxf(fabsf(hv[0]), fabsf(hv[2])), m1 = fmaxf(fabsf(hv[1]), fabsf(hv[3]));
-#pragma unroll
-  for (int o = 4; o < 32; o <<= 1) {
-    m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, o));
-    m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
-  }
-  if (g == 0) {
-    wmax[warp][2 * t] = m0;
-    wmax[warp][2 * t + 1] = m1;
-  }
-  __syncthreads();
-  float amax[2] = {0.f, 0.f};
-#pragma unroll
-  for (int w = 0; w < MB_WARPS; w++) {
-    amax[0] = fmaxf(amax[0], wmax[w][2 * t]);
-    amax[1] = fmaxf(amax[1], wmax[w][2 * t + 1]);
-  }
+  mb_warp_amax<1>(hv, 1, wmax, warp, g, t);  // each token's largest magnitude over the block's 128 rows
+  float amax[2];
+  mb_block_amax<1>(wmax, 0, t, amax);
 #pragma unroll
   for (int e = 0; e < 4; e++) {
     const int tok = 2 * t + (e & 1), n = n0 + g + 8 * (e >> 1);
     if (tok < ntok) {
       const float a = amax[e & 1];
-      hq[(size_t)(s0 + tok) * I + n] = (i8)quant8(hv[e], a, a / 127.f);
+      hq[(size_t)(s0 + tok) * I + n] = (i8)quant8(hv[0][e], a, a / 127.f);
     }
   }
   if (warp == 0 && g == 0) {
@@ -662,28 +684,11 @@ DEVICE void mms_quant_out(const float (&v)[WT][4], int T, int col0, int OK, i8* 
   __shared__ float wmax[MB_WARPS][8 * WT];
   __shared__ i32 wsum[MB_WARPS][8 * WT];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  mb_warp_amax<WT>(v, WT, wmax, warp, g, t);
 #pragma unroll
   for (int n = 0; n < WT; n++) {
-    float m0 = fmaxf(fabsf(v[n][0]), fabsf(v[n][2])), m1 = fmaxf(fabsf(v[n][1]), fabsf(v[n][3]));
-#pragma unroll
-    for (int o = 4; o < 32; o <<= 1) {
-      m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, o));
-      m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
-    }
-    if (g == 0) {
-      wmax[warp][8 * n + 2 * t] = m0;
-      wmax[warp][8 * n + 2 * t + 1] = m1;
-    }
-  }
-  __syncthreads();
-#pragma unroll
-  for (int n = 0; n < WT; n++) {
-    float amax[2] = {0.f, 0.f};
-#pragma unroll
-    for (int w = 0; w < MB_WARPS; w++) {
-      amax[0] = fmaxf(amax[0], wmax[w][8 * n + 2 * t]);
-      amax[1] = fmaxf(amax[1], wmax[w][8 * n + 2 * t + 1]);
-    }
+    float amax[2];
+    mb_block_amax<WT>(wmax, n, t, amax);
     i32 s[2] = {0, 0};
 #pragma unroll
     for (int e = 0; e < 4; e++) {
@@ -1200,31 +1205,12 @@ DEVICE void moeb_gate_up_w(const i32* __restrict__ ntiles, const i32* __restrict
       const float uv = acc[1][n][e] * (rsc[1][e >> 1] * 0.5f);
       hv[n][e] = mb_silu(gv) * uv;
     }
+  mb_warp_amax<WT>(hv, nt, wmax, warp, g, t);  // each token's largest magnitude over the block's 128 rows
 #pragma unroll
   for (int n = 0; n < WT; n++) {
     if (n >= nt) break;
-    // The largest magnitude of each token over the block's 128 rows.
-    float m0 = fmaxf(fabsf(hv[n][0]), fabsf(hv[n][2])), m1 = fmaxf(fabsf(hv[n][1]), fabsf(hv[n][3]));
-#pragma unroll
-    for (int o = 4; o < 32; o <<= 1) {
-      m0 = fmaxf(m0, __shfl_xor_sync(0xffffffffu, m0, o));
-      m1 = fmaxf(m1, __shfl_xor_sync(0xffffffffu, m1, o));
-    }
-    if (g == 0) {
-      wmax[warp][8 * n + 2 * t] = m0;
-      wmax[warp][8 * n + 2 * t + 1] = m1;
-    }
-  }
-  __syncthreads();
-#pragma unroll
-  for (int n = 0; n < WT; n++) {
-    if (n >= nt) break;
-    float amax[2] = {0.f, 0.f};
-#pragma unroll
-    for (int w = 0; w < MB_WARPS; w++) {
-      amax[0] = fmaxf(amax[0], wmax[w][8 * n + 2 * t]);
-      amax[1] = fmaxf(amax[1], wmax[w][8 * n + 2 * t + 1]);
-    }
+    float amax[2];
+    mb_block_amax<WT>(wmax, n, t, amax);
 #pragma unroll
     for (int e = 0; e < 4; e++) {
       const int tok = 8 * n + 2 * t + (e & 1), r = n0 + g + 8 * (e >> 1);
