@@ -213,12 +213,17 @@ DEVICE void mb_apply(const uint4 (&w)[D][MR][2], const u32 (&sc)[MR][2], int s0,
 // every warp of the block calls this with the same ng); pre() runs between
 // the two (the dense product waits for the kernel before and stages its
 // rows there, after its first weight loads).
-// SPLIT: mb_mma_split's widening (the same sums).
-template <int MR, int WT, int D, bool SPLIT = false, bool CVT = false, typename Pre>
+// SPLIT: mb_mma_split's widening (the same sums). WIDE: mb_apply_w's
+// products, for the first nt of the WT n-tiles.
+template <int MR, int WT, int D>
+DEVICE void mb_apply_w(const uint4 (&w)[D][MR][2], const u32 (&sc)[MR][2], int s0, const u8* xrow, const float* xss,
+                       int ldx, int ldxs, int t, int nt, float (&acc)[MR][WT][4]);
+template <int MR, int WT, int D, bool SPLIT = false, bool CVT = false, bool WIDE = false, typename Pre>
 DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K, int g0, int ng, const u8* smem,
-                    float (&acc)[MR][WT][4], Pre pre) {
+                    float (&acc)[MR][WT][4], Pre pre, int nt = WT) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int ldx = 128 * ng + 16, ldxs = ng + 1, GK = K >> 7;
+  // (WIDE: the whole row, ng = K/128, so 128 * ng = K.)
+  const int ldx = (WIDE ? K : 128 * ng) + 16, ldxs = ng + 1, GK = K >> 7;
   const size_t half8 = (size_t)8 * (K / 2);
   const u8* xrow = smem + g * ldx + 32 * t;
   const float* xss = (const float*)(smem + 8 * WT * ldx);
@@ -237,7 +242,10 @@ DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K,
       mb_cp_wait_all();
       __syncthreads();
     }
-    mb_apply<MR, WT, D, SPLIT, CVT>(w, sc, s0, xrow, xss, ldx, ldxs, t, acc);
+    if constexpr (WIDE)
+      mb_apply_w<MR, WT, D>(w, sc, s0, xrow, xss, ldx, ldxs, t, nt, acc);
+    else
+      mb_apply<MR, WT, D, SPLIT, CVT>(w, sc, s0, xrow, xss, ldx, ldxs, t, acc);
   }
 }
 
@@ -1137,35 +1145,6 @@ DEVICE void mb_apply_w(const uint4 (&w)[D][MR][2], const u32 (&sc)[MR][2], int s
   }
 }
 
-// mb_core over a whole row (g0 = 0, ng = K/128) for the first nt of WT
-// n-tiles (staged in the layout of 8*WT rows).
-template <int MR, int WT, int D, typename Pre>
-DEVICE void mb_core_w(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K, int nt, const u8* smem,
-                      float (&acc)[MR][WT][4], Pre pre) {
-  const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-  const int GK = K >> 7, ldx = K + 16, ldxs = GK + 1;
-  const size_t half8 = (size_t)8 * (K / 2);
-  const u8* xrow = smem + g * ldx + 32 * t;
-  const float* xss = (const float*)(smem + 8 * WT * ldx);
-#pragma unroll
-  for (int m = 0; m < MR; m++)
-#pragma unroll
-    for (int n = 0; n < WT; n++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) acc[m][n][e] = 0.f;
-  for (int s0 = 0; s0 < GK; s0 += D) {
-    uint4 w[D][MR][2];
-    u32 sc[MR][2];
-    mb_load<MR, D>(w, sc, rc, rs, s0, GK, half8, t);
-    if (s0 == 0) {
-      pre();
-      mb_cp_wait_all();
-      __syncthreads();
-    }
-    mb_apply_w<MR, WT, D>(w, sc, s0, xrow, xss, ldx, ldxs, t, nt, acc);
-  }
-}
-
 // moeb_gate_up (CVT, RS, FLAG, tile records) for tiles of up to 8*WT
 // pairs: the tile's ceil(n/8) n-tiles are staged and multiplied.
 template <int WT, int D>
@@ -1193,9 +1172,9 @@ DEVICE void moeb_gate_up_w(const i32* __restrict__ ntiles, const i32* __restrict
     rsc[1][h] = __ldg(up.row_scale + row + 8 * h);
   }
   float acc[2][WT][4];
-  mb_core_w<2, WT, D>(rc, rs, K, nt, mb_smem, acc, [&] {
+  mb_core<2, WT, D, false, true, true>(rc, rs, K, 0, K >> 7, mb_smem, acc, [&] {
     mb_stage_w(mb_smem, 8 * WT, 8 * nt, xq, xs, K, [&](int r) { return list[s0 + min(r, ntok - 1)]; });
-  });
+  }, nt);
   float hv[WT][4];
 #pragma unroll
   for (int n = 0; n < WT; n++)
@@ -1254,7 +1233,7 @@ DEVICE void moeb_down_w(const i32* __restrict__ ntiles, int N, int I, const i8* 
 #pragma unroll
   for (int h = 0; h < 2; h++) rsc[h] = __ldg(dn.row_scale + row + 8 * h);
   float acc[1][WT][4];
-  mb_core_w<1, WT, D>(rc, rs, I, nt, mb_smem, acc, [&] {
+  mb_core<1, WT, D, false, true, true>(rc, rs, I, 0, I >> 7, mb_smem, acc, [&] {
     if (threadIdx.x == 0) {
       while (mb_ld_acquire(&rec[tile].done) < (u32)(I >> 7)) asm volatile("nanosleep.u32 64;");
       __threadfence();
@@ -1264,7 +1243,7 @@ DEVICE void moeb_down_w(const i32* __restrict__ ntiles, int N, int I, const i8* 
     asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
 #endif
     mb_stage_w(mb_smem, 8 * WT, 8 * nt, hq, hs, I, [&](int r) { return s0 + min(r, ntok - 1); });
-  });
+  }, nt);
 #pragma unroll
   for (int n = 0; n < WT; n++) {
     if (n >= nt) break;
