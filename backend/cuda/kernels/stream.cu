@@ -801,6 +801,22 @@ DEVICE float4 mbc_ld4(const float* p, u32 rank) {
   return v;
 }
 
+// a += b, component by component.
+DEVICE void f4_add(float4& a, const float4& b) {
+  a.x += b.x;
+  a.y += b.y;
+  a.z += b.z;
+  a.w += b.w;
+}
+
+// Four output columns from their summed products: o[i] = tot_i * rs[i] / 2.
+DEVICE void mms_out4(float* o, float4 tot, const float* __restrict__ rs) {
+  o[0] = tot.x * (rs[0] * 0.5f);
+  o[1] = tot.y * (rs[1] * 0.5f);
+  o[2] = tot.z * (rs[2] * 0.5f);
+  o[3] = tot.w * (rs[3] * 0.5f);
+}
+
 // CL: KS = 8 blocks of a row block form a cluster (grid y, MMSC kernels),
 // which adds their partial sums through distributed shared memory instead
 // of global partial sums and a counter: each block leaves its sums in its
@@ -896,17 +912,8 @@ DEVICE void mms_dense(const u8* __restrict__ codes, const u8* __restrict__ scale
       for (int j = 0; j < 8; j++) v[j] = mbc_ld4(red + tok * 128 + 4 * c, j);
       float4 tot = make_float4(0.f, 0.f, 0.f, 0.f);
 #pragma unroll
-      for (int j = 0; j < 8; j++) {
-        tot.x += v[j].x;
-        tot.y += v[j].y;
-        tot.z += v[j].z;
-        tot.w += v[j].w;
-      }
-      float* o = y + (size_t)tok * ldy + n;
-      o[0] = tot.x * (row_scale[n] * 0.5f);
-      o[1] = tot.y * (row_scale[n + 1] * 0.5f);
-      o[2] = tot.z * (row_scale[n + 2] * 0.5f);
-      o[3] = tot.w * (row_scale[n + 3] * 0.5f);
+      for (int j = 0; j < 8; j++) f4_add(tot, v[j]);
+      mms_out4(y + (size_t)tok * ldy + n, tot, row_scale + n);
     }
     mbc_arrive();
     mbc_wait();
@@ -942,18 +949,9 @@ DEVICE void mms_dense(const u8* __restrict__ codes, const u8* __restrict__ scale
         if (k0 + j < KS) v[j] = __ldcg((const float4*)(partial + ((size_t)(k0 + j) * T + tok) * N + n));
 #pragma unroll
       for (int j = 0; j < 8; j++)
-        if (k0 + j < KS) {
-          tot.x += v[j].x;
-          tot.y += v[j].y;
-          tot.z += v[j].z;
-          tot.w += v[j].w;
-        }
+        if (k0 + j < KS) f4_add(tot, v[j]);
     }
-    float* o = y + (size_t)tok * ldy + n;
-    o[0] = tot.x * (row_scale[n] * 0.5f);
-    o[1] = tot.y * (row_scale[n + 1] * 0.5f);
-    o[2] = tot.z * (row_scale[n + 2] * 0.5f);
-    o[3] = tot.w * (row_scale[n + 3] * 0.5f);
+    mms_out4(y + (size_t)tok * ldy + n, tot, row_scale + n);
   }
   if (threadIdx.x == 0) counters[cx] = 0;
 }
