@@ -956,21 +956,26 @@ DEVICE void mms_dense(const u8* __restrict__ codes, const u8* __restrict__ scale
   if (threadIdx.x == 0) counters[cx] = 0;
 }
 
-// MINB: blocks a multiprocessor must hold (the register budget; the
-// 64-token variants need more than 128 registers a thread). Past 8 rows
-// D = 4 spills: the host takes D = 2 there.
-#define MMS_KERNEL(NAME, WT, D, MINB)                                                              \
-  extern "C" __global__ void __launch_bounds__(256, MINB) NAME(                                        \
+// One macro for every dense streaming product's kernel: mms_dense<WT, D,
+// false, PRE, CL>, with the launch attributes ATTR (the cluster of CL) and
+// START run first (the programmatic launch of the next kernel, where it
+// goes before the weights' loads). MINB: blocks a multiprocessor must hold
+// (the register budget; the 64-token variants need more than 128
+// registers a thread). Past 8 rows D = 4 spills: the host takes D = 2
+// there.
+#define MMS_DENSE_KERNEL(NAME, WT, D, MINB, PRE, CL, ATTR, START)                                   \
+  extern "C" __global__ void ATTR __launch_bounds__(256, MINB) NAME(                                   \
       const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale, \
       int N, int K, const i8* __restrict__ xq, const float* __restrict__ xs, int T,                    \
       float* __restrict__ y, int ldy, int KS, float* __restrict__ partial, u32* __restrict__ counters, \
       int rb1, const u8* __restrict__ codes2, const u8* __restrict__ scales2,                          \
       const float* __restrict__ row_scale2, int N2, float* __restrict__ y2, int ldy2,                  \
       float* __restrict__ partial2) {                                                                  \
-    PDL_LAUNCH();                                                                                      \
-    mms_dense<WT, D>(codes, scales, row_scale, N, K, xq, xs, T, y, ldy, KS, partial, counters, rb1,   \
-                     codes2, scales2, row_scale2, N2, y2, ldy2, partial2);                             \
+    START                                                                                              \
+    mms_dense<WT, D, false, PRE, CL>(codes, scales, row_scale, N, K, xq, xs, T, y, ldy, KS, partial,   \
+                                     counters, rb1, codes2, scales2, row_scale2, N2, y2, ldy2, partial2); \
   }
+#define MMS_KERNEL(NAME, WT, D, MINB) MMS_DENSE_KERNEL(NAME, WT, D, MINB, false, false, , PDL_LAUNCH();)
 
 MMS_KERNEL(mms_t1_d1, 1, 1, 2)
 MMS_KERNEL(mms_t2_d1, 2, 1, 2)
@@ -984,16 +989,17 @@ MMS_KERNEL(mms_t1_d4, 1, 4, 2)
 
 // mms_dense with the int8 form of its output (mms_quant_out): K unsplit
 // (KS = 1), N a multiple of 128; heads products over grid z.
-#define MMSQ_KERNEL(NAME, WT, D, MINB)                                                                 \
+#define MMSQ_DENSE_KERNEL(NAME, WT, D, MINB, PRE, START)                                            \
   extern "C" __global__ void __launch_bounds__(256, MINB) NAME(                                        \
       const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale, \
       int N, int K, const i8* __restrict__ xq, const float* __restrict__ xs, int T,                    \
       float* __restrict__ y, int ldy, i8* __restrict__ oq, float* __restrict__ os,                     \
       i32* __restrict__ osum) {                                                                        \
-    PDL_LAUNCH();                                                                                      \
-    mms_dense<WT, D, true>(codes, scales, row_scale, N, K, xq, xs, T, y, ldy, 1, nullptr, nullptr,     \
-                           gridDim.x, nullptr, nullptr, nullptr, 0, nullptr, 0, nullptr, oq, os, osum); \
+    START                                                                                              \
+    mms_dense<WT, D, true, PRE>(codes, scales, row_scale, N, K, xq, xs, T, y, ldy, 1, nullptr, nullptr, \
+                                gridDim.x, nullptr, nullptr, nullptr, 0, nullptr, 0, nullptr, oq, os, osum); \
   }
+#define MMSQ_KERNEL(NAME, WT, D, MINB) MMSQ_DENSE_KERNEL(NAME, WT, D, MINB, false, PDL_LAUNCH();)
 
 MMSQ_KERNEL(mmsq_t2_d1, 2, 1, 2)
 MMSQ_KERNEL(mmsq_t4_d1, 4, 1, 2)
@@ -1011,30 +1017,12 @@ MMSQ_KERNEL(mmsq_t8_d2, 8, 2, 1)
 // us alone, the value expansion 6.99 -> 6.42; at 64 rows (two n-tiles
 // more a warp, one block a multiprocessor at about 200 registers) the
 // layer took 5 us longer: not past 32 rows.
-#define MMSP_KERNEL(NAME, WT, D, MINB)                                                             \
-  extern "C" __global__ void __launch_bounds__(256, MINB) NAME(                                        \
-      const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale, \
-      int N, int K, const i8* __restrict__ xq, const float* __restrict__ xs, int T,                    \
-      float* __restrict__ y, int ldy, int KS, float* __restrict__ partial, u32* __restrict__ counters, \
-      int rb1, const u8* __restrict__ codes2, const u8* __restrict__ scales2,                          \
-      const float* __restrict__ row_scale2, int N2, float* __restrict__ y2, int ldy2,                  \
-      float* __restrict__ partial2) {                                                                  \
-    mms_dense<WT, D, false, true>(codes, scales, row_scale, N, K, xq, xs, T, y, ldy, KS, partial, counters, \
-                                  rb1, codes2, scales2, row_scale2, N2, y2, ldy2, partial2);           \
-  }
+#define MMSP_KERNEL(NAME, WT, D, MINB) MMS_DENSE_KERNEL(NAME, WT, D, MINB, true, false, , )
 
 MMSP_KERNEL(mmsp_t2_d2, 2, 2, 2)
 MMSP_KERNEL(mmsp_t4_d2, 4, 2, 2)
 
-#define MMSQP_KERNEL(NAME, WT, D, MINB)                                                                \
-  extern "C" __global__ void __launch_bounds__(256, MINB) NAME(                                        \
-      const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale, \
-      int N, int K, const i8* __restrict__ xq, const float* __restrict__ xs, int T,                    \
-      float* __restrict__ y, int ldy, i8* __restrict__ oq, float* __restrict__ os,                     \
-      i32* __restrict__ osum) {                                                                        \
-    mms_dense<WT, D, true, true>(codes, scales, row_scale, N, K, xq, xs, T, y, ldy, 1, nullptr, nullptr, \
-                                 gridDim.x, nullptr, nullptr, nullptr, 0, nullptr, 0, nullptr, oq, os, osum); \
-  }
+#define MMSQP_KERNEL(NAME, WT, D, MINB) MMSQ_DENSE_KERNEL(NAME, WT, D, MINB, true, )
 
 MMSQP_KERNEL(mmsqp_t2_d2, 2, 2, 2)
 MMSQP_KERNEL(mmsqp_t4_d2, 4, 2, 2)
@@ -1043,17 +1031,8 @@ MMSQP_KERNEL(mmsqp_t4_d2, 4, 2, 2)
 // (mms_dense's CL): plans of KS = 8 only. On an H200 (BenchmarkServeLayer)
 // a 32-row layer 155.0 -> 149.9 us (both forms: 147.3), 64 rows 208.0 ->
 // 203.7.
-#define MMSC_KERNEL(NAME, WT, D, PRE, MINB)                                                           \
-  extern "C" __global__ void __cluster_dims__(1, 8, 1) __launch_bounds__(256, MINB) NAME(             \
-      const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale, \
-      int N, int K, const i8* __restrict__ xq, const float* __restrict__ xs, int T,                    \
-      float* __restrict__ y, int ldy, int KS, float* __restrict__ partial, u32* __restrict__ counters, \
-      int rb1, const u8* __restrict__ codes2, const u8* __restrict__ scales2,                          \
-      const float* __restrict__ row_scale2, int N2, float* __restrict__ y2, int ldy2,                  \
-      float* __restrict__ partial2) {                                                                  \
-    mms_dense<WT, D, false, PRE, true>(codes, scales, row_scale, N, K, xq, xs, T, y, ldy, KS, partial,  \
-                                       counters, rb1, codes2, scales2, row_scale2, N2, y2, ldy2, partial2); \
-  }
+#define MMSC_KERNEL(NAME, WT, D, PRE, MINB) \
+  MMS_DENSE_KERNEL(NAME, WT, D, MINB, PRE, true, __cluster_dims__(1, 8, 1), )
 
 MMSC_KERNEL(mmsc_t2_d2, 2, 2, false, 2)
 MMSC_KERNEL(mmsc_t4_d2, 4, 2, false, 2)
