@@ -384,6 +384,20 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
   }
 }
 
+// A down block's wait for its own tile's I/128 gate/up blocks (their
+// count in the tile's record, moeb_gate_up's FLAG), after which the next
+// launch may start.
+DEVICE void mb_wait_tile_gate_up(const MbTile* rec, int tile, int I) {
+  if (threadIdx.x == 0) {
+    while (mb_ld_acquire(&rec[tile].done) < (u32)(I >> 7)) asm volatile("nanosleep.u32 64;");
+    __threadfence();
+  }
+  __syncthreads();
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
 // Down products of each tile: part[row][n] = down_e,n . hq[row] for the
 // tile's rows. Grid (ceil(N/(128*MR)), max tiles), 256 threads: warp w
 // takes rows 16*MR*w.. of the block's 128*MR (MR m-tiles; m-tiles past N
@@ -441,14 +455,7 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
   float acc[MR][1][4];
   mb_core<MR, 1, D, SPLIT, CVT>(rc, rs, I, 0, GK, mb_smem, acc, [&] {
     if (FLAG && rec) {
-      if (threadIdx.x == 0) {
-        while (mb_ld_acquire(&rec[tile].done) < (u32)(I >> 7)) asm volatile("nanosleep.u32 64;");
-        __threadfence();
-      }
-      __syncthreads();
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-      asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
+      mb_wait_tile_gate_up(rec, tile, I);
     } else {
       PDL_WAIT();
     }
@@ -1211,14 +1218,7 @@ DEVICE void moeb_down_w(const i32* __restrict__ ntiles, int N, int I, const i8* 
   for (int h = 0; h < 2; h++) rsc[h] = __ldg(dn.row_scale + row + 8 * h);
   float acc[1][WT][4];
   mb_core<1, WT, D, false, true, true>(rc, rs, I, 0, I >> 7, mb_smem, acc, [&] {
-    if (threadIdx.x == 0) {
-      while (mb_ld_acquire(&rec[tile].done) < (u32)(I >> 7)) asm volatile("nanosleep.u32 64;");
-      __threadfence();
-    }
-    __syncthreads();
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
-#endif
+    mb_wait_tile_gate_up(rec, tile, I);
     mb_stage_w(mb_smem, 8 * WT, 8 * nt, hq, hs, I, [&](int r) { return s0 + min(r, ntok - 1); });
   }, nt);
 #pragma unroll
