@@ -606,6 +606,14 @@ DEVICE void router_choose(int tid, int E, float lg, const float* __restrict__ bi
 // rmsnorm_quant without a gain, the same bits), warp w of block b taking
 // groups b + w*nb, ...: the MoE kernels' input without a launch of its own.
 #define ROUTER_FAST_MAX_K 2048
+
+// Expert e's router weights a warp holds: lane + 32u of the row, u < K/32.
+DEVICE void router_row(const float* W, int K, int e, int lane, float (&wv)[ROUTER_FAST_MAX_K / 32]) {
+  const float* w = W + (size_t)e * K;
+#pragma unroll
+  for (int u = 0; u < ROUTER_FAST_MAX_K / 32; u++)
+    if (32 * u < K) wv[u] = w[lane + 32 * u];
+}
 DEVICE void router_fast_block(int b, int nb, int t, float* rxs, const float* __restrict__ W, int E,
                               int K, const float* __restrict__ x, int ldx, float* logits, int ldl,
                               const float* __restrict__ bias, int topk, int norm, float scaling,
@@ -618,12 +626,7 @@ DEVICE void router_fast_block(int b, int nb, int t, float* rxs, const float* __r
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int e = b * 4 + warp;
   float wv[ROUTER_FAST_MAX_K / 32];
-  if (e < E) {
-    const float* w = W + (size_t)e * K;
-#pragma unroll
-    for (int u = 0; u < ROUTER_FAST_MAX_K / 32; u++)
-      if (32 * u < K) wv[u] = w[lane + 32 * u];
-  }
+  if (e < E) router_row(W, K, e, lane, wv);
   PDL_WAIT();
   const float* xr = x + (size_t)t * ldx;
   for (int k = tid * 4; k < K; k += 512) *(float4*)&rxs[k] = *(const float4*)(xr + k);
@@ -705,12 +708,7 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
   // first one's shared memory (the wait below, before the stores).
   cluster_arrive();
   float wv[ROUTER_FAST_MAX_K / 32];
-  {
-    const float* w = W + (size_t)e * K;
-#pragma unroll
-    for (int u = 0; u < ROUTER_FAST_MAX_K / 32; u++)
-      if (32 * u < K) wv[u] = w[lane + 32 * u];
-  }
+  router_row(W, K, e, lane, wv);
   PDL_WAIT();
   const float* xr = x + (size_t)t * ldx;
   for (int k = tid * 4; k < K; k += 1024) *(float4*)&rxs[k] = *(const float4*)(xr + k);
@@ -762,17 +760,10 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
   const bool on = k0 < K;
   cluster_arrive();
   float wv[ROUTER_FAST_MAX_K / 32];
-  {
-    const float* w = W + (size_t)e * K;
-#pragma unroll
-    for (int u = 0; u < ROUTER_FAST_MAX_K / 32; u++)
-      if (32 * u < K) wv[u] = w[lane + 32 * u];
-  }
+  router_row(W, K, e, lane, wv);
   float gv[8];
   if (on) {
-    const float4 g0 = __ldg((const float4*)(gain + k0)), g1 = __ldg((const float4*)(gain + k0 + 4));
-    gv[0] = g0.x; gv[1] = g0.y; gv[2] = g0.z; gv[3] = g0.w;
-    gv[4] = g1.x; gv[5] = g1.y; gv[6] = g1.z; gv[7] = g1.w;
+    ldg8(gain + k0, gv);
   }
   PDL_WAIT();
   float v[8];
@@ -1222,17 +1213,10 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
   const bool on = k0 < K;
   cluster_arrive();
   float wv[ROUTER_FAST_MAX_K / 32];
-  {
-    const float* w = W + (size_t)e * K;
-#pragma unroll
-    for (int u = 0; u < ROUTER_FAST_MAX_K / 32; u++)
-      if (32 * u < K) wv[u] = w[lane + 32 * u];
-  }
+  router_row(W, K, e, lane, wv);
   float gv[8];
   if (on) {
-    const float4 g0 = __ldg((const float4*)(gain + k0)), g1 = __ldg((const float4*)(gain + k0 + 4));
-    gv[0] = g0.x; gv[1] = g0.y; gv[2] = g0.z; gv[3] = g0.w;
-    gv[4] = g1.x; gv[5] = g1.y; gv[6] = g1.z; gv[7] = g1.w;
+    ldg8(gain + k0, gv);
   }
   PDL_WAIT();
   const float* ar = a + (size_t)t * lda;
@@ -1323,17 +1307,10 @@ DEVICE void router_cluster_norm_rows_r(const float* __restrict__ W, int K, float
   const bool on = k0 < K;
   cluster_arrive();
   float wv[ROUTER_FAST_MAX_K / 32];
-  {
-    const float* w = W + (size_t)e * K;
-#pragma unroll
-    for (int u = 0; u < ROUTER_FAST_MAX_K / 32; u++)
-      if (32 * u < K) wv[u] = w[lane + 32 * u];
-  }
+  router_row(W, K, e, lane, wv);
   float gv[8];
   if (on) {
-    const float4 g0 = __ldg((const float4*)(gain + k0)), g1 = __ldg((const float4*)(gain + k0 + 4));
-    gv[0] = g0.x; gv[1] = g0.y; gv[2] = g0.z; gv[3] = g0.w;
-    gv[4] = g1.x; gv[5] = g1.y; gv[6] = g1.z; gv[7] = g1.w;
+    ldg8(gain + k0, gv);
   }
   PDL_WAIT();
   if (on) {

@@ -145,6 +145,13 @@ DEVICE float quant8_lane8(const float (&v)[8], int L, u32 (&packed)[2], i32& sum
   return amax == 0.f ? 0.f : scale;
 }
 
+// Eight floats from p (16-byte aligned) through the read-only path.
+DEVICE void ldg8(const float* __restrict__ p, float (&v)[8]) {
+  const float4 a = __ldg((const float4*)p), b = __ldg((const float4*)(p + 4));
+  v[0] = a.x; v[1] = a.y; v[2] = a.z; v[3] = a.w;
+  v[4] = b.x; v[5] = b.y; v[6] = b.z; v[7] = b.w;
+}
+
 DEVICE double warp_sum_d(double v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

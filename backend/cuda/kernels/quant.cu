@@ -128,9 +128,7 @@ DEVICE void rmsnorm_quant8_row(const float* x, int ldx, float* d, int ldd, const
   const bool on = k0 < K;
   float gv[8];
   if (on) {
-    const float4 g0 = __ldg((const float4*)(gain + k0)), g1 = __ldg((const float4*)(gain + k0 + 4));
-    gv[0] = g0.x; gv[1] = g0.y; gv[2] = g0.z; gv[3] = g0.w;
-    gv[4] = g1.x; gv[5] = g1.y; gv[6] = g1.z; gv[7] = g1.w;
+    ldg8(gain + k0, gv);
   }
   PDL_WAIT();
   float v[8];
@@ -270,9 +268,7 @@ extern "C" __global__ void __launch_bounds__(256)
     w[k] = k < topk ? wts[t * topk + k] : 1.f;
   }
   if (on) {
-    const float4 g0 = __ldg((const float4*)(gain + k0)), g1 = __ldg((const float4*)(gain + k0 + 4));
-    gv[0] = g0.x; gv[1] = g0.y; gv[2] = g0.z; gv[3] = g0.w;
-    gv[4] = g1.x; gv[5] = g1.y; gv[6] = g1.z; gv[7] = g1.w;
+    ldg8(gain + k0, gv);
     const float4* pa = (const float4*)(a + (size_t)t * lda + k0);
     const float4 a0 = pa[0], a1 = pa[1];
     av[0] = a0.x; av[1] = a0.y; av[2] = a0.z; av[3] = a0.w;
@@ -363,9 +359,7 @@ extern "C" __global__ void __launch_bounds__(128)
   }
   float gv[8];
   if (on) {
-    const float4 g0 = __ldg((const float4*)(gain + k0)), g1 = __ldg((const float4*)(gain + k0 + 4));
-    gv[0] = g0.x; gv[1] = g0.y; gv[2] = g0.z; gv[3] = g0.w;
-    gv[4] = g1.x; gv[5] = g1.y; gv[6] = g1.z; gv[7] = g1.w;
+    ldg8(gain + k0, gv);
   }
   PDL_WAIT();
   float v[8];
