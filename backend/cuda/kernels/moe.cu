@@ -762,9 +762,7 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
   float wv[ROUTER_FAST_MAX_K / 32];
   router_row(W, K, e, lane, wv);
   float gv[8];
-  if (on) {
-    ldg8(gain + k0, gv);
-  }
+  if (on) ldg8(gain + k0, gv);
   PDL_WAIT();
   float v[8];
   if (on) {
@@ -1215,9 +1213,7 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
   float wv[ROUTER_FAST_MAX_K / 32];
   router_row(W, K, e, lane, wv);
   float gv[8];
-  if (on) {
-    ldg8(gain + k0, gv);
-  }
+  if (on) ldg8(gain + k0, gv);
   PDL_WAIT();
   const float* ar = a + (size_t)t * lda;
   const float* cr = c + (size_t)t * ldc;
@@ -1309,9 +1305,7 @@ DEVICE void router_cluster_norm_rows_r(const float* __restrict__ W, int K, float
   float wv[ROUTER_FAST_MAX_K / 32];
   router_row(W, K, e, lane, wv);
   float gv[8];
-  if (on) {
-    ldg8(gain + k0, gv);
-  }
+  if (on) ldg8(gain + k0, gv);
   PDL_WAIT();
   if (on) {
     float4 a0[R], a1[R], c0[R], c1[R];

@@ -127,9 +127,7 @@ DEVICE void rmsnorm_quant8_row(const float* x, int ldx, float* d, int ldd, const
   const int tid = threadIdx.x, k0 = tid * 8;
   const bool on = k0 < K;
   float gv[8];
-  if (on) {
-    ldg8(gain + k0, gv);
-  }
+  if (on) ldg8(gain + k0, gv);
   PDL_WAIT();
   float v[8];
   if (on) {
@@ -358,9 +356,7 @@ extern "C" __global__ void __launch_bounds__(128)
     }
   }
   float gv[8];
-  if (on) {
-    ldg8(gain + k0, gv);
-  }
+  if (on) ldg8(gain + k0, gv);
   PDL_WAIT();
   float v[8];
   if (on) {
