@@ -741,13 +741,21 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
 // meanwhile only waits for them; after the cluster's last barrier, when every block
 // has read the inputs (d may be a or c), block b writes d and out
 // for the threads tid = b mod 8. K a multiple of 256, at most 2048.
-extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bounds__(256)
-    moe_router_cluster_norm(const float* __restrict__ W, int K, float* logits, const float* __restrict__ bias,
-                            int topk, int norm, float scaling, i32* __restrict__ ids, float* __restrict__ wts,
-                            i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum, int G,
-                            float* d, const float* a, const float* c,
-                            const float* __restrict__ gain, float eps, float* out, i8* __restrict__ nq,
-                            float* __restrict__ ns, i32* __restrict__ nsum, int NG) {
+//
+// router_cluster_norm_row is the body of moe_router_cluster_norm and of
+// moe_router_cluster_norm_rows (below) for token row t (its a, c, d, out
+// and logits at their row strides; the int8 forms and the choice at row
+// t). xq, when not null, also takes the MoE's int8 form in groups of G;
+// out the norm's output, where OUT or out is not null.
+template <bool OUT>
+DEVICE void router_cluster_norm_row(const float* __restrict__ W, int K, float* logits, int ldl,
+                                    const float* __restrict__ bias, int topk, int norm, float scaling,
+                                    i32* __restrict__ ids, float* __restrict__ wts, i8* __restrict__ xq,
+                                    float* __restrict__ xs, i32* __restrict__ xsum, int G, float* d, int ldd,
+                                    const float* a, int lda, const float* c, int ldc,
+                                    const float* __restrict__ gain, float eps, float* out, int ldo,
+                                    i8* __restrict__ nq, float* __restrict__ ns, i32* __restrict__ nsum, int NG,
+                                    int t) {
   PDL_LAUNCH();
   extern __shared__ __align__(16) float rxs[];  // [K] the normalised row
   __shared__ float clog[64], score[64], pick[32];
@@ -764,10 +772,12 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
   float gv[8];
   if (on) ldg8(gain + k0, gv);
   PDL_WAIT();
+  const float* ar = a + (size_t)t * lda;
+  const float* cr = c + (size_t)t * ldc;
   float v[8];
   if (on) {
-    const float4 a0 = *(const float4*)(a + k0), a1 = *(const float4*)(a + k0 + 4);
-    const float4 c0 = *(const float4*)(c + k0), c1 = *(const float4*)(c + k0 + 4);
+    const float4 a0 = *(const float4*)(ar + k0), a1 = *(const float4*)(ar + k0 + 4);
+    const float4 c0 = *(const float4*)(cr + k0), c1 = *(const float4*)(cr + k0 + 4);
     v[0] = a0.x + c0.x; v[1] = a0.y + c0.y; v[2] = a0.z + c0.z; v[3] = a0.w + c0.w;
     v[4] = a1.x + c1.x; v[5] = a1.y + c1.y; v[6] = a1.z + c1.z; v[7] = a1.w + c1.w;
     double ss = 0;
@@ -797,7 +807,7 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
   for (int u = 0; u < ROUTER_FAST_MAX_K / 32; u++)
     if (32 * u < K) acc += wv[u] * rxs[lane + 32 * u];
   acc = warp_sum(acc);
-  if (lane == 0) logits[e] = acc;
+  if (lane == 0) logits[(size_t)t * ldl + e] = acc;
   cluster_wait();
   if (lane == 0) st_cluster(&clog[e], 0, acc);
   cluster_arrive();
@@ -805,20 +815,33 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
     // The int8 forms by blocks 1-7 between the arrive and the wait, after
     // the logits' exchange instead of before it; the first block only
     // ranks the choices.
-    router_quant_groups(rxs, K, NG, 0, warp * (nb - 1) + b - 1, 8 * (nb - 1), lane, nq, ns, nsum);
-    if (xq) router_quant_groups(rxs, K, G, 0, warp * (nb - 1) + b - 1, 8 * (nb - 1), lane, xq, xs, xsum);
+    router_quant_groups(rxs, K, NG, t, warp * (nb - 1) + b - 1, 8 * (nb - 1), lane, nq, ns, nsum);
+    if (xq) router_quant_groups(rxs, K, G, t, warp * (nb - 1) + b - 1, 8 * (nb - 1), lane, xq, xs, xsum);
   }
   cluster_wait();
   if (on && (tid & (nb - 1)) == b) {
-    *(float4*)(d + k0) = make_float4(v[0], v[1], v[2], v[3]);
-    *(float4*)(d + k0 + 4) = make_float4(v[4], v[5], v[6], v[7]);
-    if (out) {
-      *(float4*)(out + k0) = make_float4(n[0], n[1], n[2], n[3]);
-      *(float4*)(out + k0 + 4) = make_float4(n[4], n[5], n[6], n[7]);
+    float* dr = d + (size_t)t * ldd;
+    *(float4*)(dr + k0) = make_float4(v[0], v[1], v[2], v[3]);
+    *(float4*)(dr + k0 + 4) = make_float4(v[4], v[5], v[6], v[7]);
+    if (OUT || out) {
+      float* orow = out + (size_t)t * ldo;
+      *(float4*)(orow + k0) = make_float4(n[0], n[1], n[2], n[3]);
+      *(float4*)(orow + k0 + 4) = make_float4(n[4], n[5], n[6], n[7]);
     }
   }
   if (cluster_rank() != 0) return;
-  router_choose(tid, E, tid < E ? clog[tid] : 0.f, bias, topk, norm, scaling, 0, ids, wts, score, choice, pick);
+  router_choose(tid, E, tid < E ? clog[tid] : 0.f, bias, topk, norm, scaling, t, ids, wts, score, choice, pick);
+}
+
+extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bounds__(256)
+    moe_router_cluster_norm(const float* __restrict__ W, int K, float* logits, const float* __restrict__ bias,
+                            int topk, int norm, float scaling, i32* __restrict__ ids, float* __restrict__ wts,
+                            i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum, int G,
+                            float* d, const float* a, const float* c,
+                            const float* __restrict__ gain, float eps, float* out, i8* __restrict__ nq,
+                            float* __restrict__ ns, i32* __restrict__ nsum, int NG) {
+  router_cluster_norm_row<false>(W, K, logits, 0, bias, topk, norm, scaling, ids, wts, xq, xs, xsum, G, d, 0, a, 0,
+                                 c, 0, gain, eps, out, 0, nq, ns, nsum, NG, 0);
 }
 
 // A table word (E2M1_LO) in a register that the compiler cannot rebuild
@@ -1199,73 +1222,8 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
                                  int lda, const float* c, int ldc, const float* __restrict__ gain, float eps,
                                  float* out, int ldo, i8* __restrict__ nq, float* __restrict__ ns,
                                  i32* __restrict__ nsum, int NG) {
-  PDL_LAUNCH();
-  extern __shared__ __align__(16) float rxs[];  // [K] the normalised row
-  __shared__ float clog[64], score[64], pick[32];
-  __shared__ __align__(16) float choice[64];
-  __shared__ double partial[8];
-  __shared__ float inv_s;
-  const int E = 64, nb = ROUTER_CLUSTER, b = blockIdx.x, t = blockIdx.y;
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int e = b * 8 + warp, k0 = tid * 8;
-  const bool on = k0 < K;
-  cluster_arrive();
-  float wv[ROUTER_FAST_MAX_K / 32];
-  router_row(W, K, e, lane, wv);
-  float gv[8];
-  if (on) ldg8(gain + k0, gv);
-  PDL_WAIT();
-  const float* ar = a + (size_t)t * lda;
-  const float* cr = c + (size_t)t * ldc;
-  float v[8];
-  if (on) {
-    const float4 a0 = *(const float4*)(ar + k0), a1 = *(const float4*)(ar + k0 + 4);
-    const float4 c0 = *(const float4*)(cr + k0), c1 = *(const float4*)(cr + k0 + 4);
-    v[0] = a0.x + c0.x; v[1] = a0.y + c0.y; v[2] = a0.z + c0.z; v[3] = a0.w + c0.w;
-    v[4] = a1.x + c1.x; v[5] = a1.y + c1.y; v[6] = a1.z + c1.z; v[7] = a1.w + c1.w;
-    double ss = 0;
-#pragma unroll
-    for (int i = 0; i < 8; i++) ss += (double)v[i] * (double)v[i];
-    ss = warp_sum_d(ss);
-    if (lane == 0) partial[warp] = ss;
-  }
-  __syncthreads();
-  if (tid == 0) {
-    double total = 0;
-    for (int w = 0; w < (K >> 8); w++) total += partial[w];
-    inv_s = (float)(1.0 / sqrt(total / K + (double)eps));
-  }
-  __syncthreads();
-  float n[8];
-  if (on) {
-    const float inv = inv_s;
-#pragma unroll
-    for (int i = 0; i < 8; i++) n[i] = gv[i] * (v[i] * inv);
-    *(float4*)&rxs[k0] = make_float4(n[0], n[1], n[2], n[3]);
-    *(float4*)&rxs[k0 + 4] = make_float4(n[4], n[5], n[6], n[7]);
-  }
-  __syncthreads();
-  float acc = 0.f;
-#pragma unroll
-  for (int u = 0; u < ROUTER_FAST_MAX_K / 32; u++)
-    if (32 * u < K) acc += wv[u] * rxs[lane + 32 * u];
-  acc = warp_sum(acc);
-  if (lane == 0) logits[(size_t)t * ldl + e] = acc;
-  cluster_wait();
-  if (lane == 0) st_cluster(&clog[e], 0, acc);
-  cluster_arrive();
-  if (b > 0) router_quant_groups(rxs, K, NG, t, warp * (nb - 1) + b - 1, 8 * (nb - 1), lane, nq, ns, nsum);
-  cluster_wait();
-  if (on && (tid & (nb - 1)) == b) {
-    float* dr = d + (size_t)t * ldd;
-    *(float4*)(dr + k0) = make_float4(v[0], v[1], v[2], v[3]);
-    *(float4*)(dr + k0 + 4) = make_float4(v[4], v[5], v[6], v[7]);
-    float* orow = out + (size_t)t * ldo;
-    *(float4*)(orow + k0) = make_float4(n[0], n[1], n[2], n[3]);
-    *(float4*)(orow + k0 + 4) = make_float4(n[4], n[5], n[6], n[7]);
-  }
-  if (cluster_rank() != 0) return;
-  router_choose(tid, E, tid < E ? clog[tid] : 0.f, bias, topk, norm, scaling, t, ids, wts, score, choice, pick);
+  router_cluster_norm_row<true>(W, K, logits, ldl, bias, topk, norm, scaling, ids, wts, nullptr, nullptr, nullptr, 0,
+                                d, ldd, a, lda, c, ldc, gain, eps, out, ldo, nq, ns, nsum, NG, blockIdx.y);
 }
 
 // ---------------------------------------------------------------------------
