@@ -63,6 +63,53 @@ DEVICE u32 e4m3_f16x2(u32 b) {
   return h;
 }
 
+// The weight slab of absorb_query_tc and absorb_query_tcm into registers:
+// rows h*DN + i, columns [n0, n0 + AT_N); chunk c is row c/4, columns
+// 32*(c%4) + [0, 32): 16 bytes of codes in one group. Also the head's row
+// scales into rsm and lut[b]: the low half the doubled E2M1 value of nibble
+// b&15, the high half that of b>>4.
+template <int DN>
+DEVICE void at_load_slab(const u8* __restrict__ codes, const u8* __restrict__ scales,
+                         const float* __restrict__ row_scale, int G, int rank, int h, int n0, int tid,
+                         uint4 (&cv)[DN * 4 / 256], u32 (&sv)[DN * 4 / 256], float* rsm, u32* lut) {
+  static_assert(DN * 4 % 256 == 0, "dn must be a multiple of 64");
+  const int GK = rank / G;
+#pragma unroll
+  for (int u = 0; u < DN * 4 / 256; u++) {
+    const int c = tid + 256 * u, row = h * DN + (c >> 2), col = n0 + 32 * (c & 3);
+    cv[u] = load_stream16(codes + (size_t)row * (rank / 2) + col / 2);
+    sv[u] = scales[(size_t)row * GK + col / G];
+  }
+  if (tid < DN / 4) ((float4*)rsm)[tid] = *(const float4*)(row_scale + h * DN + 4 * tid);
+  float v[2];
+#pragma unroll
+  for (int k = 0; k < 2; k++) {
+    const int code = (tid >> (4 * k)) & 15, m = code & 7, e = m >> 1, f = m & 1;
+    const float mag = e == 0 ? (float)f : (float)((2 + f) << (e - 1));
+    v[k] = code & 8 ? -mag : mag;
+  }
+  lut[tid] = f16x2_from(v[0], v[1]);
+}
+
+// The slab at_load_slab read, dequantized to f16 through lut into bs
+// [DN][AT_LDB] (after a barrier: lut).
+template <int chunks>
+DEVICE void at_dequant_slab(const uint4 (&cv)[chunks], const u32 (&sv)[chunks], int tid, const u32* lut,
+                            unsigned short* bs) {
+#pragma unroll
+  for (int u = 0; u < chunks; u++) {
+    const int c = tid + 256 * u;
+    const u32 s2 = e4m3_f16x2(sv[u]);
+    const u32 w[4] = {cv[u].x, cv[u].y, cv[u].z, cv[u].w};
+    u32 o[16];
+#pragma unroll
+    for (int j = 0; j < 16; j++) o[j] = mul_f16x2(lut[(w[j >> 2] >> (8 * (j & 3))) & 0xFFu], s2);
+    uint4* dst = (uint4*)(bs + (c >> 2) * AT_LDB + 32 * (c & 3));
+#pragma unroll
+    for (int j = 0; j < 4; j++) dst[j] = make_uint4(o[4 * j], o[4 * j + 1], o[4 * j + 2], o[4 * j + 3]);
+  }
+}
+
 template <int DN>
 __device__ __forceinline__ void absorb_query_tc(float* __restrict__ qlat, int ldql, const float* __restrict__ q,
                                                 int ldq, const u8* __restrict__ codes, const u8* __restrict__ scales,
@@ -78,49 +125,18 @@ __device__ __forceinline__ void absorb_query_tc(float* __restrict__ qlat, int ld
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int n0 = blockIdx.x * AT_N, t0 = blockIdx.y * AT_M, h = blockIdx.z;
-  const int GK = rank / G;
   PDL_LAUNCH();
 
-  // The weight slab: rows h*DN + i, columns [n0, n0 + AT_N); chunk c is row
-  // c/4, columns 32*(c%4) + [0, 32): 16 bytes of codes in one group.
+  // The weight slab (at_load_slab).
   constexpr int chunks = DN * 4 / 256;
-  static_assert(DN * 4 % 256 == 0, "dn must be a multiple of 64");
   uint4 cv[chunks];
   u32 sv[chunks];
-#pragma unroll
-  for (int u = 0; u < chunks; u++) {
-    const int c = tid + 256 * u, row = h * DN + (c >> 2), col = n0 + 32 * (c & 3);
-    cv[u] = load_stream16(codes + (size_t)row * (rank / 2) + col / 2);
-    sv[u] = scales[(size_t)row * GK + col / G];
-  }
-  if (tid < DN / 4) ((float4*)rsm)[tid] = *(const float4*)(row_scale + h * DN + 4 * tid);
-  {
-    // lut[b]: low half the doubled E2M1 value of nibble b&15, high half b>>4.
-    float v[2];
-#pragma unroll
-    for (int k = 0; k < 2; k++) {
-      const int code = (tid >> (4 * k)) & 15, m = code & 7, e = m >> 1, f = m & 1;
-      const float mag = e == 0 ? (float)f : (float)((2 + f) << (e - 1));
-      v[k] = code & 8 ? -mag : mag;
-    }
-    lut[tid] = f16x2_from(v[0], v[1]);
-  }
+  at_load_slab<DN>(codes, scales, row_scale, G, rank, h, n0, tid, cv, sv, rsm, lut);
 
   __syncthreads();  // lut and rsm
   // The weight slab is dequantized before the wait: it depends on no
   // kernel of the step.
-#pragma unroll
-  for (int u = 0; u < chunks; u++) {
-    const int c = tid + 256 * u;
-    const u32 s2 = e4m3_f16x2(sv[u]);
-    const u32 w[4] = {cv[u].x, cv[u].y, cv[u].z, cv[u].w};
-    u32 o[16];
-#pragma unroll
-    for (int j = 0; j < 16; j++) o[j] = mul_f16x2(lut[(w[j >> 2] >> (8 * (j & 3))) & 0xFFu], s2);
-    uint4* dst = (uint4*)(bs + (c >> 2) * AT_LDB + 32 * (c & 3));
-#pragma unroll
-    for (int j = 0; j < 4; j++) dst[j] = make_uint4(o[4 * j], o[4 * j + 1], o[4 * j + 2], o[4 * j + 3]);
-  }
+  at_dequant_slab<chunks>(cv, sv, tid, lut, bs);
 
   // The queries: row r = tid/4 (token t0 + r), float4s j = tid%4, +4, ...
   // of its DN values, after the wait for the kernel before.
@@ -304,43 +320,14 @@ __device__ __forceinline__ void absorb_query_tcm(float* __restrict__ qlat, int l
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int n0 = blockIdx.x * AT_N, tb = blockIdx.y * (TILES * AT_M), h = blockIdx.z;
-  const int GK = rank / G;
   PDL_LAUNCH();
 
   constexpr int chunks = DN * 4 / 256;
-  static_assert(DN * 4 % 256 == 0, "dn must be a multiple of 64");
   uint4 cv[chunks];
   u32 sv[chunks];
-#pragma unroll
-  for (int u = 0; u < chunks; u++) {
-    const int c = tid + 256 * u, row = h * DN + (c >> 2), col = n0 + 32 * (c & 3);
-    cv[u] = load_stream16(codes + (size_t)row * (rank / 2) + col / 2);
-    sv[u] = scales[(size_t)row * GK + col / G];
-  }
-  if (tid < DN / 4) ((float4*)rsm)[tid] = *(const float4*)(row_scale + h * DN + 4 * tid);
-  {
-    float v[2];
-#pragma unroll
-    for (int k = 0; k < 2; k++) {
-      const int code = (tid >> (4 * k)) & 15, m = code & 7, e = m >> 1, f = m & 1;
-      const float mag = e == 0 ? (float)f : (float)((2 + f) << (e - 1));
-      v[k] = code & 8 ? -mag : mag;
-    }
-    lut[tid] = f16x2_from(v[0], v[1]);
-  }
+  at_load_slab<DN>(codes, scales, row_scale, G, rank, h, n0, tid, cv, sv, rsm, lut);
   __syncthreads();
-#pragma unroll
-  for (int u = 0; u < chunks; u++) {
-    const int c = tid + 256 * u;
-    const u32 s2 = e4m3_f16x2(sv[u]);
-    const u32 w[4] = {cv[u].x, cv[u].y, cv[u].z, cv[u].w};
-    u32 o[16];
-#pragma unroll
-    for (int j = 0; j < 16; j++) o[j] = mul_f16x2(lut[(w[j >> 2] >> (8 * (j & 3))) & 0xFFu], s2);
-    uint4* dst = (uint4*)(bs + (c >> 2) * AT_LDB + 32 * (c & 3));
-#pragma unroll
-    for (int j = 0; j < 4; j++) dst[j] = make_uint4(o[4 * j], o[4 * j + 1], o[4 * j + 2], o[4 * j + 3]);
-  }
+  at_dequant_slab<chunks>(cv, sv, tid, lut, bs);
 
   PDL_WAIT();
   constexpr int per = DN / 16;
