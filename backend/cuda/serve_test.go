@@ -9,8 +9,21 @@ import (
 	"testing"
 
 	"github.com/mmfp4/mmfp4/backend"
+	"github.com/mmfp4/mmfp4/backend/cpu"
 	"github.com/mmfp4/mmfp4/format"
 )
+
+// compareMerged is compareOp, and checks that the serving merge of the
+// given kind joined launches in the backend's run of op (missing: what it
+// failed to do otherwise).
+func compareMerged(t *testing.T, g *Backend, c *cpu.Backend, name string, bound float64, op func(b backend.Backend) []float32, kind int, missing string) {
+	t.Helper()
+	before := g.serveMerges[kind]
+	compareOp(t, g, c, name, bound, op)
+	if g.serveMerges[kind] == before {
+		t.Errorf("%s: %s", name, missing)
+	}
+}
 
 // withServeFuse runs f with serve.go's launch merges on or off.
 func withServeFuse(on bool, f func()) {
@@ -51,11 +64,7 @@ func TestBackendServeNormPairMatchesCPU(t *testing.T) {
 			return append(append(out, b.Download(q)...), b.Download(probe)...)
 		}
 		name := fmt.Sprintf("norm pair T=%d", T)
-		before := g.serveMerges[serveNorms]
-		compareOp(t, g, c, name, 1e-5, op)
-		if g.serveMerges[serveNorms] == before {
-			t.Errorf("%s: the two norms did not share a launch", name)
-		}
+		compareMerged(t, g, c, name, 1e-5, op, serveNorms, "the two norms did not share a launch")
 		var separate []float32
 		withServeFuse(false, func() { separate = op(g) })
 		mustSameBits(t, name, op(g), separate)
@@ -95,11 +104,7 @@ func TestBackendServeValuesQuantMatchesCPU(t *testing.T) {
 			return append(b.Download(om), b.Download(o)...)
 		}
 		name := fmt.Sprintf("values+quantize T=%d", T)
-		before := g.serveMerges[serveValues]
-		compareOp(t, g, c, name, 1e-5, op)
-		if g.serveMerges[serveValues] == before {
-			t.Errorf("%s: the value expansion did not write the int8 form", name)
-		}
+		compareMerged(t, g, c, name, 1e-5, op, serveValues, "the value expansion did not write the int8 form")
 		var separate []float32
 		withServeFuse(false, func() { separate = op(g) })
 		mustSameBits(t, name, op(g), separate)
@@ -292,13 +297,9 @@ func TestBackendServeCombineNormMatchesCPU(t *testing.T) {
 		}
 		name := fmt.Sprintf("moe combine+add+norm T=%d", T)
 		op(g) // the expert table's upload
-		before := g.serveMerges[serveCombine]
 		// As TestBackendMoEStreamMatchesCPU's bound (one int8 step of the
 		// SwiGLU product).
-		compareOp(t, g, c, name, 2e-3, op)
-		if g.serveMerges[serveCombine] == before {
-			t.Errorf("%s: the combine, add and norm did not share a launch", name)
-		}
+		compareMerged(t, g, c, name, 2e-3, op, serveCombine, "the combine, add and norm did not share a launch")
 		var separate []float32
 		withServeFuse(false, func() { separate = op(g) })
 		mustSameBits(t, name, op(g), separate)
@@ -347,11 +348,7 @@ func TestBackendServeAbsorbRopeMatchesCPU(t *testing.T) {
 			return append(append(out, b.Download(ql)...), b.Download(ol)...)
 		}
 		name := fmt.Sprintf("absorb+rope+cache write T=%d", T)
-		before := g.serveMerges[serveRope]
-		compareOp(t, g, c, name, 1e-5, op)
-		if g.serveMerges[serveRope] == before {
-			t.Errorf("%s: the RoPEs and cache write did not share the absorbed query's launch", name)
-		}
+		compareMerged(t, g, c, name, 1e-5, op, serveRope, "the RoPEs and cache write did not share the absorbed query's launch")
 		// One split for the attention both ways (serveFuseOff
 		// also changes the split of 23-44 rows, and so its sums), so that
 		// its output shows the cache's bits too.
@@ -432,11 +429,7 @@ func TestBackendServeRouterNormMatchesCPU(t *testing.T) {
 		}
 		name := fmt.Sprintf("add+norm+router T=%d", T)
 		op(g) // a first step grows the arena, which runs the queued ops
-		before := g.serveMerges[serveRouterNorm]
-		compareOp(t, g, c, name, 1e-5, op)
-		if g.serveMerges[serveRouterNorm] == before {
-			t.Errorf("%s: the add and norm did not share the router's launch", name)
-		}
+		compareMerged(t, g, c, name, 1e-5, op, serveRouterNorm, "the add and norm did not share the router's launch")
 		merged := op(g)
 		mergedDev := dev
 		var separate []float32
