@@ -500,17 +500,32 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 		acc = 1
 	}
 	if slots <= moeSlotsMax && t.K <= moeRowsMaxK && t.I <= moeRowsMaxK && t.I%t.G == 0 && !moeDownOld {
-		gu, err := c.Kernel("moe", "moe_gate_up_q")
-		if err != nil {
-			return err
-		}
 		down, err := c.Kernel("moe", "moe_down_hq")
 		if err != nil {
 			return err
 		}
-		if err := c.Launch(gu, Dim{uint32((t.I + 15) / 16), uint32(slots), 1}, D1(128), 0,
-			t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, s.H, s.HQ.Q, s.HQ.Scales, s.Groups); err != nil {
-			return err
+		if moeGateUpCluster != 0 && t.I%128 == 0 {
+			name, rows := "moe_gate_up_c", 32
+			if moeGateUpCluster == 8 {
+				name, rows = "moe_gate_up_c8", 16
+			}
+			gc, err := c.Kernel("moe", name)
+			if err != nil {
+				return err
+			}
+			if err := c.Launch(gc, Dim{uint32(t.I / rows), uint32(slots), 1}, D1(rows*8), 0,
+				t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, s.H, s.HQ.Q, s.HQ.Scales); err != nil {
+				return err
+			}
+		} else {
+			gu, err := c.Kernel("moe", "moe_gate_up_q")
+			if err != nil {
+				return err
+			}
+			if err := c.Launch(gu, Dim{uint32((t.I + 15) / 16), uint32(slots), 1}, D1(128), 0,
+				t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, s.H, s.HQ.Q, s.HQ.Scales, s.Groups); err != nil {
+				return err
+			}
 		}
 		// The routing is an input of the gate/up launch just queued, so
 		// the down launch reads it before its wait.
@@ -557,6 +572,12 @@ const (
 // moeDownOld makes MoE use moe_gate_up and moe_down_q (benchmarks and
 // tests).
 var moeDownOld bool
+
+// moeGateUpCluster makes MoE's single-token path quantize h inside
+// clusters (tests and benchmarks): 4, moe_gate_up_c (clusters of 4 blocks
+// of 8 warps); 8, moe_gate_up_c8 (8 blocks of 4 warps); 0,
+// moe_gate_up_q. Where the intermediate size is a multiple of 128.
+var moeGateUpCluster int
 
 // moeMaxI is MOE_MAX_I in moe.cu: the largest intermediate size whose
 // quantization moe_down_q holds in shared memory.
