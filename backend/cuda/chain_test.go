@@ -556,13 +556,16 @@ func TestRouterClusterNormMatchesSeparate(t *testing.T) {
 			for _, rv := range []struct {
 				variant int
 				stamps  bool
-			}{{0, false}, {1, false}, {2, false}, {0, true}, {1, true}, {2, true}} {
-				routerVariant, routerStamps = rv.variant, 0
+				excl    bool
+			}{{0, false, false}, {1, false, false}, {2, false, false}, {3, false, false}, {3, false, true},
+				{0, true, false}, {1, true, false}, {2, true, false}, {3, true, false}} {
+				ov := routerVariant
+				routerVariant, routerStamps, routerExclusive = rv.variant, 0, rv.excl
 				if rv.stamps {
 					routerStamps = stamps.Ptr
 				}
 				got := run(true)
-				routerVariant, routerStamps = 0, 0
+				routerVariant, routerStamps, routerExclusive = ov, 0, false
 				for name, w := range want {
 					if !bytes.Equal(got[name], w) {
 						t.Errorf("trial %d (%+v), router %+v: %s differs at byte %d", trial, v, rv, name, firstDiff(got[name], w))

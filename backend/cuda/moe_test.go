@@ -270,9 +270,10 @@ func TestMoEMatchesOldKernels(t *testing.T) {
 			// then moe_down_hq. The scratch's h and its int8 form are
 			// cleared first.
 			run := func(kernels string, acc bool) ([]float32, error) {
+				oc := moeGateUpCluster
 				moeDownOld = kernels == "old"
 				moeGateUpCluster = map[string]int{"c4": 4, "c8": 8}[kernels]
-				defer func() { moeDownOld, moeGateUpCluster = false, 0 }()
+				defer func() { moeDownOld, moeGateUpCluster = false, oc }()
 				if err := errors.Join(CopyIn(c, yb.Ptr, y0), c.Memset(scr.H.Ptr, 0x7f, scr.H.Size),
 					c.Memset(scr.HQ.Q, 0x55, (tc.topK+tc.shared)*tc.I), c.Memset(scr.HQ.Scales, 0x7f, 4*(tc.topK+tc.shared)*tc.I/tc.G)); err != nil {
 					return nil, err

@@ -76,15 +76,22 @@ func BenchmarkDecodeMoEVariants(b *testing.B) {
 		type variant struct {
 			name   string
 			gu, rv int
+			excl   bool
 		}
 		vs := []variant{
-			{"main", 0, 0},
-			{"gate/up c4", 4, 0},
-			{"gate/up c8", 8, 0},
-			{"router pre", 0, 1},
-			{"router poll", 0, 2},
-			{"c4 + poll", 4, 2},
-			{"c8 + poll", 8, 2},
+			{"main", 0, 0, false},
+			{"gate/up c8", 8, 0, false},
+			{"router poll", 0, 2, false},
+			{"router ballot", 0, 3, false},
+			{"ballot excl", 0, 3, true},
+			{"c8 + poll", 8, 2, false},
+			{"c8 + ballot", 8, 3, false},
+			{"c8 + ballot x", 8, 3, true},
+		}
+		set := func(gu, rv int, excl bool) func() {
+			og, or, oe := moeGateUpCluster, routerVariant, routerExclusive
+			moeGateUpCluster, routerVariant, routerExclusive = gu, rv, excl
+			return func() { moeGateUpCluster, routerVariant, routerExclusive = og, or, oe }
 		}
 		for round := range 2 {
 			for _, attn := range []bool{false, true} {
@@ -93,13 +100,13 @@ func BenchmarkDecodeMoEVariants(b *testing.B) {
 					mode = "layer"
 				}
 				for _, v := range vs {
-					moeGateUpCluster, routerVariant = v.gu, v.rv
+					restore := set(v.gu, v.rv, v.excl)
 					us, err := graph(attn, 5)
-					moeGateUpCluster, routerVariant = 0, 0
+					restore()
 					if err != nil {
 						return fmt.Errorf("%s %s: %w", mode, v.name, err)
 					}
-					fmt.Printf("%s: round %d: %-10s %-12s %6.2f us a layer\n", name, round, mode, v.name, us)
+					fmt.Printf("%s: round %d: %-10s %-14s %6.2f us a layer\n", name, round, mode, v.name, us)
 				}
 			}
 		}
@@ -110,21 +117,23 @@ func BenchmarkDecodeMoEVariants(b *testing.B) {
 			return err
 		}
 		defer c.Free(st)
-		for _, rv := range []int{0, 1, 2} {
+		for _, v := range []variant{{"router 0", 0, 0, false}, {"router 2", 0, 2, false}, {"router 3", 0, 3, false}, {"router 3 excl", 0, 3, true}, {"c8, router 3", 8, 3, false}} {
 			if err := c.Memset(st.Ptr, 0, st.Size); err != nil {
 				return err
 			}
-			routerVariant, routerStamps = rv, st.Ptr
+			restore := set(v.gu, v.rv, v.excl)
+			routerStamps = st.Ptr
 			_, err := graph(false, 5)
-			routerVariant, routerStamps = 0, 0
+			routerStamps = 0
+			restore()
 			if err != nil {
-				return fmt.Errorf("stamps, router %d: %w", rv, err)
+				return fmt.Errorf("stamps, %s: %w", v.name, err)
 			}
 			words := make([]uint64, 8+8*16*ring)
 			if err := CopyOut(c, words, st.Ptr); err != nil {
 				return err
 			}
-			printRouterStamps(name, rv, words[8:], ring)
+			printRouterStamps(name, v.name, words[8:], ring)
 		}
 		return c.Sync()
 	})
@@ -137,7 +146,7 @@ func BenchmarkDecodeMoEVariants(b *testing.B) {
 // the router's stamps: block 0's and the other blocks' clock64 cycles
 // between points, and each point's %globaltimer in us from the cluster's
 // first entry (block 0; the median and the latest of the others).
-func printRouterStamps(name string, rv int, w []uint64, ring int) {
+func printRouterStamps(name, rv string, w []uint64, ring int) {
 	med := func(v []float64) float64 {
 		if len(v) == 0 {
 			return 0
@@ -191,8 +200,8 @@ func printRouterStamps(name string, rv int, w []uint64, ring int) {
 		}
 	}
 	points := []string{"entry", "wait", "logits", "sent", "all in/int8", "choices", "ranked", "end"}
-	fmt.Printf("%s: router %d stamps (%d launches): point: block 0 cycles since the last point, others; us from the first entry: block 0, others (median), latest block\n", name, rv, len(tMax[0]))
+	fmt.Printf("%s: %s stamps (%d launches): point: block 0 cycles since the last point, others; us from the first entry: block 0, others (median), latest block\n", name, rv, len(tMax[0]))
 	for k := range 8 {
-		fmt.Printf("%s: router %d   %-12s %7.0f %7.0f  %6.2f %6.2f %6.2f\n", name, rv, points[k], med(cyc0[k]), med(cycN[k]), med(t0[k]), med(tN[k]), med(tMax[k]))
+		fmt.Printf("%s: %s   %-12s %7.0f %7.0f  %6.2f %6.2f %6.2f\n", name, rv, points[k], med(cyc0[k]), med(cycN[k]), med(t0[k]), med(tN[k]), med(tMax[k]))
 	}
 }

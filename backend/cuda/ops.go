@@ -573,11 +573,12 @@ const (
 // tests).
 var moeDownOld bool
 
-// moeGateUpCluster makes MoE's single-token path quantize h inside
-// clusters (tests and benchmarks): 4, moe_gate_up_c (clusters of 4 blocks
-// of 8 warps); 8, moe_gate_up_c8 (8 blocks of 4 warps); 0,
-// moe_gate_up_q. Where the intermediate size is a multiple of 128.
-var moeGateUpCluster int
+// moeGateUpCluster picks the gate/up launch of MoE's single-token path
+// (tests and benchmarks set it): 8, moe_gate_up_c8 (h quantized inside
+// clusters of 8 blocks of 4 warps), 4, moe_gate_up_c (clusters of 4
+// blocks of 8 warps), where the intermediate size is a multiple of 128;
+// 0, moe_gate_up_q.
+var moeGateUpCluster = 8
 
 // moeMaxI is MOE_MAX_I in moe.cu: the largest intermediate size whose
 // quantization moe_down_q holds in shared memory.

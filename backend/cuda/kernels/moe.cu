@@ -1486,7 +1486,10 @@ extern "C" __global__ void __cluster_dims__(8, 1, 1) __launch_bounds__(128, 4)
 //   the cluster's first barrier, and its first 64 threads each poll one
 //   expert's pair until both words are written, then rank after a barrier
 //   of those two warps. The cluster's second barrier (every block has read
-//   a and c before any writes d) is arrived at right after the reads.
+//   a and c before any writes d) is arrived at right after the reads;
+// V = 3: as 2, with the ranking by ballots in all 8 warps of the first
+//   block (warp w ranks experts 8w..8w+7, each lane comparing two choices
+//   with each), and the weights' sum unrolled.
 // The same values and operations in every form (the same bits).
 // STAMP: thread 0 of every block keeps clock64 and %globaltimer at eight
 // points (0 entry, 1 wait returned, 2 logits, 3 values sent, 4 all 64
@@ -1529,7 +1532,7 @@ DEVICE void router_cluster_norm_x(const float* __restrict__ W, int K, float* log
     for (int k = 0; k < 8; k++) ck[k] = 0, gt[k] = 0;
   }
   RSTAMP(0);
-  if (V == 2 && b == 0 && tid < E) {
+  if (V >= 2 && b == 0 && tid < E) {
     ((volatile u32*)score)[tid] = RSENTINEL;
     ((volatile u32*)choice)[tid] = RSENTINEL;
   }
@@ -1553,7 +1556,7 @@ DEVICE void router_cluster_norm_x(const float* __restrict__ W, int K, float* log
     ss = warp_sum_d(ss);
     if (lane == 0) partial[warp] = ss;
   }
-  if (V == 2) {
+  if (V >= 2) {
     // Every block has started (the sentinels are in place); then this
     // block has read a and c.
     cluster_wait();
@@ -1609,18 +1612,24 @@ DEVICE void router_cluster_norm_x(const float* __restrict__ W, int K, float* log
   }
   if (V <= 1) cluster_wait();
   RSTAMP(4);
-  // The first block's choice: V = 2 first, with only its first two warps.
-  const bool chooser = b == 0 && (V <= 1 || tid < E);
-  if (V == 2 && chooser) {
-    const volatile u32* vs = (const volatile u32*)score;
-    const volatile u32* vc = (const volatile u32*)choice;
-    while (vs[tid] == RSENTINEL || vc[tid] == RSENTINEL) {
+  // The first block's choice: V = 2 with only its first two warps.
+  const bool chooser = b == 0 && (V != 2 || tid < E);
+  if (V >= 2 && b == 0) {
+    if (tid < E) {
+      const volatile u32* vs = (const volatile u32*)score;
+      const volatile u32* vc = (const volatile u32*)choice;
+      while (vs[tid] == RSENTINEL || vc[tid] == RSENTINEL) {
+      }
     }
-    bar_sync_64();
+    if (V == 2) {
+      if (tid < E) bar_sync_64();
+    } else {
+      __syncthreads();
+    }
     RSTAMP(4);
   }
   if (V <= 1 || b > 0 || !chooser) {
-    if (V == 2) cluster_wait();
+    if (V >= 2) cluster_wait();
     if (on && (tid & (nb - 1)) == b) {
       *(float4*)(d + k0) = make_float4(v[0], v[1], v[2], v[3]);
       *(float4*)(d + k0 + 4) = make_float4(v[4], v[5], v[6], v[7]);
@@ -1640,7 +1649,26 @@ DEVICE void router_cluster_norm_x(const float* __restrict__ W, int K, float* log
       __syncthreads();
     }
     RSTAMP(5);
-    if (tid < E) {
+    if (V == 3) {
+      // Warp w ranks experts 8w..8w+7: lane l compares choices l and
+      // l + 32 with each, and the ballots count the ones ranked before it
+      // (the same count).
+      const float ca = choice[lane], cb = choice[lane + 32];
+      int myrank = 0;
+#pragma unroll
+      for (int i = 0; i < 8; i++) {
+        const int ee = warp * 8 + i;
+        const float cv = choice[ee];
+        const bool p1 = ca > cv || (ca == cv && lane < ee);
+        const bool p2 = cb > cv || (cb == cv && lane + 32 < ee);
+        const int rk = __popc(__ballot_sync(0xffffffffu, p1)) + __popc(__ballot_sync(0xffffffffu, p2));
+        if (lane == i) myrank = rk;
+      }
+      if (lane < 8 && myrank < topk) {
+        ids[myrank] = warp * 8 + lane;
+        pick[myrank] = score[warp * 8 + lane];
+      }
+    } else if (tid < E) {
       const float cv = choice[tid];
       int rank = 0, j = 0;
 #pragma unroll 8
@@ -1662,12 +1690,17 @@ DEVICE void router_cluster_norm_x(const float* __restrict__ W, int K, float* log
     }
     if (tid < topk) {
       float sum = 0.f;
-      for (int k = 0; k < topk; k++) sum += pick[k];
+      if (V == 3) {
+#pragma unroll 4
+        for (int k = 0; k < topk; k++) sum += pick[k];
+      } else {
+        for (int k = 0; k < topk; k++) sum += pick[k];
+      }
       float w = pick[tid];
       if (norm) w /= sum + 1e-20f;
       wts[tid] = w * scaling;
     }
-    if (V == 2) {
+    if (V >= 2) {
       // The first block's first two warps write their share of d last.
       cluster_wait();
       if (on && (tid & (nb - 1)) == b) {
@@ -1701,6 +1734,8 @@ DEVICE void router_cluster_norm_x(const float* __restrict__ W, int K, float* log
   }
 ROUTER_X(moe_router_cluster_norm_x1, 1, false)
 ROUTER_X(moe_router_cluster_norm_x2, 2, false)
+ROUTER_X(moe_router_cluster_norm_x3, 3, false)
 ROUTER_X(moe_router_cluster_norm_s0, 0, true)
 ROUTER_X(moe_router_cluster_norm_s1, 1, true)
 ROUTER_X(moe_router_cluster_norm_s2, 2, true)
+ROUTER_X(moe_router_cluster_norm_s3, 3, true)
