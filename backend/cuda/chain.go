@@ -358,22 +358,6 @@ func (c *Ctx) RouterClusterNorm(W uint64, K int, logits, bias uint64, topk int, 
 	if norm {
 		n = 1
 	}
-	if routerVariant != 0 || routerStamps != 0 {
-		name := fmt.Sprintf("moe_router_cluster_norm_x%d", routerVariant)
-		if routerStamps != 0 {
-			name = fmt.Sprintf("moe_router_cluster_norm_s%d", routerVariant)
-		}
-		shared := 4 * K
-		if routerExclusive {
-			shared = 220 << 10
-		}
-		k, err := c.kernelShared("moe", name, shared)
-		if err != nil {
-			return err
-		}
-		return c.Launch(k, Dim{routerClusterE / 8, 1, 1}, D1(256), shared, W, K, logits, bias, topk, n, scaling, ids, wts, xq, xs, xsum, G,
-			in.D, in.A, in.C, in.Gain, in.Eps, in.Out, nq.Q, nq.Scales, nq.Sums, nq.G, routerStamps)
-	}
 	k, err := c.Kernel("moe", "moe_router_cluster_norm")
 	if err != nil {
 		return err
@@ -381,20 +365,6 @@ func (c *Ctx) RouterClusterNorm(W uint64, K int, logits, bias uint64, topk int, 
 	return c.Launch(k, Dim{routerClusterE / 8, 1, 1}, D1(256), 4*K, W, K, logits, bias, topk, n, scaling, ids, wts, xq, xs, xsum, G,
 		in.D, in.A, in.C, in.Gain, in.Eps, in.Out, nq.Q, nq.Scales, nq.Sums, nq.G)
 }
-
-// routerVariant picks RouterClusterNorm's exchange and choice (tests and
-// benchmarks; moe.cu's router_cluster_norm_x): 0 moe_router_cluster_norm,
-// 1 the sigmoid and choice in every block before the cluster's barrier,
-// 2 the same values sent with no barrier, 3 as 2 with the ranking by
-// ballots in all 8 warps. routerStamps, when not 0, is a device buffer
-// for the timer-stamp forms of the same (8 + 8*16*256 words).
-// routerExclusive gives the launch 220 KB of shared memory a block, so
-// that no other kernel's block shares its multiprocessors.
-var (
-	routerVariant   = 3
-	routerStamps    uint64
-	routerExclusive bool
-)
 
 // routerNormCall returns the router launch ld's product and the choice
 // would make, with the single-row residual add and norm queued just before

@@ -488,8 +488,7 @@ func TestRouterClusterNormMatchesSeparate(t *testing.T) {
 		}
 		Wt, e5 := upload(c, wt)
 		biasT, e6 := upload(c, bt)
-		stamps, e7 := c.Alloc(8 * (8 + 8*16*256))
-		if err := errors.Join(e5, e6, e7, c.Memset(stamps.Ptr, 0, stamps.Size)); err != nil {
+		if err := errors.Join(e5, e6); err != nil {
 			return err
 		}
 		for trial, v := range []struct {
@@ -549,27 +548,10 @@ func TestRouterClusterNormMatchesSeparate(t *testing.T) {
 				}
 				return out
 			}
-			want := run(false)
-			// moe_router_cluster_norm, then its measurement forms
-			// (router_cluster_norm_x: exchange and choice variants, with and
-			// without timer stamps).
-			for _, rv := range []struct {
-				variant int
-				stamps  bool
-				excl    bool
-			}{{0, false, false}, {1, false, false}, {2, false, false}, {3, false, false}, {3, false, true},
-				{0, true, false}, {1, true, false}, {2, true, false}, {3, true, false}} {
-				ov := routerVariant
-				routerVariant, routerStamps, routerExclusive = rv.variant, 0, rv.excl
-				if rv.stamps {
-					routerStamps = stamps.Ptr
-				}
-				got := run(true)
-				routerVariant, routerStamps, routerExclusive = ov, 0, false
-				for name, w := range want {
-					if !bytes.Equal(got[name], w) {
-						t.Errorf("trial %d (%+v), router %+v: %s differs at byte %d", trial, v, rv, name, firstDiff(got[name], w))
-					}
+			want, got := run(false), run(true)
+			for name, w := range want {
+				if !bytes.Equal(got[name], w) {
+					t.Errorf("trial %d (%+v): %s differs at byte %d", trial, v, name, firstDiff(got[name], w))
 				}
 			}
 			ids := want["ids"]

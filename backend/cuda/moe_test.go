@@ -265,15 +265,13 @@ func TestMoEMatchesOldKernels(t *testing.T) {
 			if err := c.RMSNormQuant(xb.Ptr, tc.K, 0, 0, 0, 0, 1, tc.K, tc.G, xa); err != nil {
 				return err
 			}
-			// kernels: "old" moe_gate_up and moe_down_q, "c4" and "c8"
-			// moe_gate_up_c and moe_gate_up_c8, else moe_gate_up_q; each
-			// then moe_down_hq. The scratch's h and its int8 form are
-			// cleared first.
+			// kernels: "old" moe_gate_up and moe_down_q, "q" moe_gate_up_q,
+			// else moe_gate_up_c (where I is a multiple of 128); each then
+			// moe_down_hq. The scratch's h and its int8 form are cleared
+			// first.
 			run := func(kernels string, acc bool) ([]float32, error) {
-				oc := moeGateUpCluster
-				moeDownOld = kernels == "old"
-				moeGateUpCluster = map[string]int{"c4": 4, "c8": 8}[kernels]
-				defer func() { moeDownOld, moeGateUpCluster = false, oc }()
+				moeDownOld, moeGateUpQ = kernels == "old", kernels == "q"
+				defer func() { moeDownOld, moeGateUpQ = false, false }()
 				if err := errors.Join(CopyIn(c, yb.Ptr, y0), c.Memset(scr.H.Ptr, 0x7f, scr.H.Size),
 					c.Memset(scr.HQ.Q, 0x55, (tc.topK+tc.shared)*tc.I), c.Memset(scr.HQ.Scales, 0x7f, 4*(tc.topK+tc.shared)*tc.I/tc.G)); err != nil {
 					return nil, err
@@ -297,7 +295,7 @@ func TestMoEMatchesOldKernels(t *testing.T) {
 						readBytes(t, c, scr.HQ.Scales, 4*slots*tc.I/tc.G)...)
 				}
 				var hq []byte
-				for _, k := range []string{"", "c4", "c8"} {
+				for _, k := range []string{"q", ""} {
 					got, err := run(k, acc)
 					if err != nil {
 						return err
@@ -315,7 +313,7 @@ func TestMoEMatchesOldKernels(t *testing.T) {
 						return fmt.Errorf("%+v: %d of %d outputs are zero", tc, zeros, tc.K)
 					}
 					hk := hOf()
-					if k == "" {
+					if k == "q" {
 						hq = hk
 					} else if !bytes.Equal(hk, hq) {
 						return fmt.Errorf("%+v accumulate=%v kernels %q: h or its int8 form differs from moe_gate_up_q's at byte %d", tc, acc, k, firstDiff(hk, hq))

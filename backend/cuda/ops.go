@@ -504,16 +504,12 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 		if err != nil {
 			return err
 		}
-		if moeGateUpCluster != 0 && t.I%128 == 0 {
-			name, rows := "moe_gate_up_c", 32
-			if moeGateUpCluster == 8 {
-				name, rows = "moe_gate_up_c8", 16
-			}
-			gc, err := c.Kernel("moe", name)
+		if !moeGateUpQ && t.I%128 == 0 && c.info.CC >= 90 {
+			gc, err := c.Kernel("moe", "moe_gate_up_c")
 			if err != nil {
 				return err
 			}
-			if err := c.Launch(gc, Dim{uint32(t.I / rows), uint32(slots), 1}, D1(rows*8), 0,
+			if err := c.Launch(gc, Dim{uint32(t.I / 16), uint32(slots), 1}, D1(128), 0,
 				t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, s.H, s.HQ.Q, s.HQ.Scales); err != nil {
 				return err
 			}
@@ -573,12 +569,12 @@ const (
 // tests).
 var moeDownOld bool
 
-// moeGateUpCluster picks the gate/up launch of MoE's single-token path
-// (tests and benchmarks set it): 8, moe_gate_up_c8 (h quantized inside
-// clusters of 8 blocks of 4 warps), 4, moe_gate_up_c (clusters of 4
-// blocks of 8 warps), where the intermediate size is a multiple of 128;
-// 0, moe_gate_up_q.
-var moeGateUpCluster = 8
+// moeGateUpQ makes MoE's single-token path take moe_gate_up_q (each group
+// of h quantized by the last of its blocks, through a counter) where it
+// would take moe_gate_up_c (the group quantized inside a cluster; an
+// intermediate size a multiple of 128, compute capability 9.0): tests and
+// benchmarks.
+var moeGateUpQ bool
 
 // moeMaxI is MOE_MAX_I in moe.cu: the largest intermediate size whose
 // quantization moe_down_q holds in shared memory.
