@@ -477,10 +477,29 @@ func TestRouterClusterNormMatchesSeparate(t *testing.T) {
 			}
 			return append(append(read(a.Q, K), read(a.Scales, 4*K/a.G)...), read(a.Sums, 4*K/32)...)
 		}
+		// Experts 3, 10 and 40 with the same router row (large, so that
+		// they win) and bias: ties in the ranking.
+		wt, bt := randVec(r, E*K, 0.02), randVec(r, E, 0.05)
+		for _, e := range []int{3, 10, 40} {
+			for k := range K {
+				wt[e*K+k] = 5 * wt[7*K+k]
+			}
+			bt[e] = 0.125
+		}
+		Wt, e5 := upload(c, wt)
+		biasT, e6 := upload(c, bt)
+		if err := errors.Join(e5, e6); err != nil {
+			return err
+		}
 		for trial, v := range []struct {
 			nG, qG int
 			alias  int // 0: d apart, 1: d is a, 2: d is c
-		}{{128, 32, 0}, {128, 0, 1}, {64, 128, 2}, {32, 64, 0}, {128, 128, 1}} {
+			tie    bool
+		}{{128, 32, 0, false}, {128, 0, 1, false}, {64, 128, 2, false}, {32, 64, 0, false}, {128, 128, 1, false}, {128, 0, 1, true}} {
+			W, bias := W, bias
+			if v.tie {
+				W, bias = Wt, biasT
+			}
 			av, cv := randVec(r, K, 1), randVec(r, K, 0.5)
 			// run queues the pair of launches (fused false) or the one, and
 			// reads back every output.

@@ -3,6 +3,7 @@
 package cuda
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
 	"math"
@@ -264,12 +265,15 @@ func TestMoEMatchesOldKernels(t *testing.T) {
 			if err := c.RMSNormQuant(xb.Ptr, tc.K, 0, 0, 0, 0, 1, tc.K, tc.G, xa); err != nil {
 				return err
 			}
-			// kernels: "old" moe_gate_up and moe_down_q, else moe_gate_up_q
-			// and moe_down_hq.
+			// kernels: "old" moe_gate_up and moe_down_q, "q" moe_gate_up_q,
+			// else moe_gate_up_c (where I is a multiple of 128); each then
+			// moe_down_hq. The scratch's h and its int8 form are cleared
+			// first.
 			run := func(kernels string, acc bool) ([]float32, error) {
-				moeDownOld = kernels == "old"
-				defer func() { moeDownOld = false }()
-				if err := CopyIn(c, yb.Ptr, y0); err != nil {
+				moeDownOld, moeGateUpQ = kernels == "old", kernels == "q"
+				defer func() { moeDownOld, moeGateUpQ = false, false }()
+				if err := errors.Join(CopyIn(c, yb.Ptr, y0), c.Memset(scr.H.Ptr, 0x7f, scr.H.Size),
+					c.Memset(scr.HQ.Q, 0x55, (tc.topK+tc.shared)*tc.I), c.Memset(scr.HQ.Scales, 0x7f, 4*(tc.topK+tc.shared)*tc.I/tc.G)); err != nil {
 					return nil, err
 				}
 				if err := c.MoE(yb.Ptr, acc, tab, ib.Ptr, wb.Ptr, tc.topK, xa, scr); err != nil {
@@ -283,21 +287,37 @@ func TestMoEMatchesOldKernels(t *testing.T) {
 				if err != nil {
 					return err
 				}
-				got, err := run("", acc)
-				if err != nil {
-					return err
+				// h and its int8 form after each kernel pair, against
+				// moe_gate_up_q's.
+				slots := tc.topK + tc.shared
+				hOf := func() []byte {
+					return append(append(readBytes(t, c, scr.H.Ptr, 4*slots*tc.I), readBytes(t, c, scr.HQ.Q, slots*tc.I)...),
+						readBytes(t, c, scr.HQ.Scales, 4*slots*tc.I/tc.G)...)
 				}
-				zeros := 0
-				for i := range got {
-					if math.Float32bits(got[i]) != math.Float32bits(want[i]) {
-						return fmt.Errorf("%+v accumulate=%v: y[%d] = %g, old kernels %g", tc, acc, i, got[i], want[i])
+				var hq []byte
+				for _, k := range []string{"q", ""} {
+					got, err := run(k, acc)
+					if err != nil {
+						return err
 					}
-					if want[i] == 0 {
-						zeros++
+					zeros := 0
+					for i := range got {
+						if math.Float32bits(got[i]) != math.Float32bits(want[i]) {
+							return fmt.Errorf("%+v accumulate=%v kernels %q: y[%d] = %g, old kernels %g", tc, acc, k, i, got[i], want[i])
+						}
+						if want[i] == 0 {
+							zeros++
+						}
 					}
-				}
-				if zeros > tc.K/100 {
-					return fmt.Errorf("%+v: %d of %d outputs are zero", tc, zeros, tc.K)
+					if zeros > tc.K/100 {
+						return fmt.Errorf("%+v: %d of %d outputs are zero", tc, zeros, tc.K)
+					}
+					hk := hOf()
+					if k == "q" {
+						hq = hk
+					} else if !bytes.Equal(hk, hq) {
+						return fmt.Errorf("%+v accumulate=%v kernels %q: h or its int8 form differs from moe_gate_up_q's at byte %d", tc, acc, k, firstDiff(hk, hq))
+					}
 				}
 				groups := make([]uint32, scr.Groups.Size/4)
 				if err := CopyOut(c, groups, scr.Groups.Ptr); err != nil {

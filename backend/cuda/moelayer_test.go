@@ -4,6 +4,7 @@ package cuda
 
 import (
 	"errors"
+	"fmt"
 	"math/rand/v2"
 	"testing"
 )
@@ -98,7 +99,9 @@ func (b *moeHalfBufs) queue(c *Ctx, pb *pdlBufs, l *moeHalf, topK int) error {
 // the MoE block, over 24 layers' weights in turn (more than L2); each half
 // alone; and bounds on what L2 could give: every layer on one layer's
 // attention weights (those stay in L2) or on one layer's MoE (its router
-// and shared expert stay in L2; the routed experts the routing picks vary).
+// and shared expert stay in L2; the routed experts the routing picks
+// vary); and both chains with moe_gate_up_q for moe_gate_up_c. Printed (a
+// benchmark's log keeps ten lines).
 func BenchmarkDecodeLayerMoE(b *testing.B) {
 	d := benchDevice(b)
 	r := rand.New(rand.NewPCG(9, 12))
@@ -130,17 +133,21 @@ func BenchmarkDecodeLayerMoE(b *testing.B) {
 			attn, moe bool
 			attnOne   bool // every layer on layer 0's attention weights
 			moeOne    bool // every layer on layer 0's router and shared expert
+			gateUpQ   bool // moe_gate_up_q instead of moe_gate_up_c
 		}{
-			{"layer", true, true, false, false},
-			{"layer, one attention", true, true, true, false},
-			{"layer, one moe", true, true, false, true},
-			{"attention half", true, false, false, false},
-			{"attention half, one", true, false, true, false},
-			{"router+moe", false, true, false, false},
-			{"router+moe, one", false, true, false, true},
+			{"layer", true, true, false, false, false},
+			{"layer, gate/up q", true, true, false, false, true},
+			{"layer, one attention", true, true, true, false, false},
+			{"layer, one moe", true, true, false, true, false},
+			{"attention half", true, false, false, false, false},
+			{"attention half, one", true, false, true, false, false},
+			{"router+moe", false, true, false, false, false},
+			{"router+moe, gate/up q", false, true, false, false, true},
+			{"router+moe, one", false, true, false, true, false},
 		}
 		for round := 0; round < 2; round++ {
 			for _, v := range vs {
+				moeGateUpQ = v.gateUpQ
 				err := withPDL(c, c.info.CC >= 90, func() error {
 					g, release, err := capturedPDL(c, func() error {
 						for i := range layers {
@@ -172,9 +179,10 @@ func BenchmarkDecodeLayerMoE(b *testing.B) {
 					if err != nil {
 						return err
 					}
-					b.Logf("%s: round %d: %-22s %6.2f us a layer (PDL %v)", name, round, v.name, us/layers, c.pdl)
+					fmt.Printf("%s: round %d: %-22s %6.2f us a layer (PDL %v)\n", name, round, v.name, us/layers, c.pdl)
 					return nil
 				})
+				moeGateUpQ = false
 				if err != nil {
 					return err
 				}

@@ -500,17 +500,28 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 		acc = 1
 	}
 	if slots <= moeSlotsMax && t.K <= moeRowsMaxK && t.I <= moeRowsMaxK && t.I%t.G == 0 && !moeDownOld {
-		gu, err := c.Kernel("moe", "moe_gate_up_q")
-		if err != nil {
-			return err
-		}
 		down, err := c.Kernel("moe", "moe_down_hq")
 		if err != nil {
 			return err
 		}
-		if err := c.Launch(gu, Dim{uint32((t.I + 15) / 16), uint32(slots), 1}, D1(128), 0,
-			t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, s.H, s.HQ.Q, s.HQ.Scales, s.Groups); err != nil {
-			return err
+		if !moeGateUpQ && t.I%128 == 0 && c.info.CC >= 90 {
+			gc, err := c.Kernel("moe", "moe_gate_up_c")
+			if err != nil {
+				return err
+			}
+			if err := c.Launch(gc, Dim{uint32(t.I / 16), uint32(slots), 1}, D1(128), 0,
+				t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, s.H, s.HQ.Q, s.HQ.Scales); err != nil {
+				return err
+			}
+		} else {
+			gu, err := c.Kernel("moe", "moe_gate_up_q")
+			if err != nil {
+				return err
+			}
+			if err := c.Launch(gu, Dim{uint32((t.I + 15) / 16), uint32(slots), 1}, D1(128), 0,
+				t.buf, ids, topk, t.Routed, t.I, t.K, gshift, x.Q, x.Scales, s.H, s.HQ.Q, s.HQ.Scales, s.Groups); err != nil {
+				return err
+			}
 		}
 		// The routing is an input of the gate/up launch just queued, so
 		// the down launch reads it before its wait.
@@ -557,6 +568,13 @@ const (
 // moeDownOld makes MoE use moe_gate_up and moe_down_q (benchmarks and
 // tests).
 var moeDownOld bool
+
+// moeGateUpQ makes MoE's single-token path take moe_gate_up_q (each group
+// of h quantized by the last of its blocks, through a counter) where it
+// would take moe_gate_up_c (the group quantized inside a cluster; an
+// intermediate size a multiple of 128, compute capability 9.0): tests and
+// benchmarks.
+var moeGateUpQ bool
 
 // moeMaxI is MOE_MAX_I in moe.cu: the largest intermediate size whose
 // quantization moe_down_q holds in shared memory.

@@ -742,8 +742,9 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
 // has read the inputs (d may be a or c), block b writes d and out
 // for the threads tid = b mod 8. K a multiple of 256, at most 2048.
 //
-// router_cluster_norm_row is the body of moe_router_cluster_norm and of
-// moe_router_cluster_norm_rows (below) for token row t (its a, c, d, out
+// router_cluster_norm_row is the body of moe_router_cluster_norm_rows
+// (below; moe_router_cluster_norm, after it, is the single-row form with
+// its exchange rearranged) for token row t (its a, c, d, out
 // and logits at their row strides; the int8 forms and the choice at row
 // t). xq, when not null, also takes the MoE's int8 form in groups of G;
 // out the norm's output, where OUT or out is not null.
@@ -833,6 +834,27 @@ DEVICE void router_cluster_norm_row(const float* __restrict__ W, int K, float* l
   router_choose(tid, E, tid < E ? clog[tid] : 0.f, bias, topk, norm, scaling, t, ids, wts, score, choice, pick);
 }
 
+// moe_router_cluster_norm: router_cluster_norm_row's work for one row
+// (the add, the norm, the logits, the choice, the int8 forms; K a
+// multiple of 256, at most 2048; E = 64), with the
+// exchange and the choice rearranged so that no cluster barrier lies
+// between the logits and the choice: each warp takes its logit's sigmoid
+// and choice itself (the bias read before the wait) and stores both into
+// the first block's shared memory; the first block set them to a pattern
+// that no sigmoid or sum takes (0xffffffff; NaN results are the
+// canonical 0x7fffffff) before the cluster's first barrier, and its first
+// 64 threads each wait until their expert's two words are written, then
+// rank after a barrier of those two warps (router_choose's ranking and
+// weights). The cluster's second barrier (every block has read a and c
+// before any block writes d) is arrived at right after those reads and
+// waited for before the writes. Blocks 1-7 write the int8 forms after
+// sending their values. The same values and operations as
+// router_cluster_norm_row (the same bits). On an H200
+// (BenchmarkDecodeLayerMoE) 0.5 us a layer shorter than that body with
+// its barrier exchange.
+#define ROUTER_UNSET 0xffffffffu
+DEVICE void bar_sync_64() { asm volatile("bar.sync 1, 64;" ::: "memory"); }
+
 extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bounds__(256)
     moe_router_cluster_norm(const float* __restrict__ W, int K, float* logits, const float* __restrict__ bias,
                             int topk, int norm, float scaling, i32* __restrict__ ids, float* __restrict__ wts,
@@ -840,8 +862,112 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
                             float* d, const float* a, const float* c,
                             const float* __restrict__ gain, float eps, float* out, i8* __restrict__ nq,
                             float* __restrict__ ns, i32* __restrict__ nsum, int NG) {
-  router_cluster_norm_row<false>(W, K, logits, 0, bias, topk, norm, scaling, ids, wts, xq, xs, xsum, G, d, 0, a, 0,
-                                 c, 0, gain, eps, out, 0, nq, ns, nsum, NG, 0);
+  PDL_LAUNCH();
+  extern __shared__ __align__(16) float rxs[];  // [K] the normalised row
+  __shared__ float pick[32];
+  __shared__ __align__(16) float score[64];
+  __shared__ __align__(16) float choice[64];
+  __shared__ double partial[8];
+  __shared__ float inv_s;
+  const int E = 64, nb = ROUTER_CLUSTER, b = blockIdx.x;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int e = b * 8 + warp, k0 = tid * 8;
+  const bool on = k0 < K;
+  if (b == 0 && tid < E) {
+    ((volatile u32*)score)[tid] = ROUTER_UNSET;
+    ((volatile u32*)choice)[tid] = ROUTER_UNSET;
+  }
+  cluster_arrive();
+  float wv[ROUTER_FAST_MAX_K / 32];
+  router_row(W, K, e, lane, wv);
+  float gv[8];
+  if (on) ldg8(gain + k0, gv);
+  const float be = bias[e];
+  PDL_WAIT();
+  float v[8];
+  if (on) {
+    const float4 a0 = *(const float4*)(a + k0), a1 = *(const float4*)(a + k0 + 4);
+    const float4 c0 = *(const float4*)(c + k0), c1 = *(const float4*)(c + k0 + 4);
+    v[0] = a0.x + c0.x; v[1] = a0.y + c0.y; v[2] = a0.z + c0.z; v[3] = a0.w + c0.w;
+    v[4] = a1.x + c1.x; v[5] = a1.y + c1.y; v[6] = a1.z + c1.z; v[7] = a1.w + c1.w;
+    double ss = 0;
+#pragma unroll
+    for (int i = 0; i < 8; i++) ss += (double)v[i] * (double)v[i];
+    ss = warp_sum_d(ss);
+    if (lane == 0) partial[warp] = ss;
+  }
+  // Every block has started (the first block's pattern is in place); then
+  // this block has read a and c.
+  cluster_wait();
+  cluster_arrive();
+  __syncthreads();
+  if (tid == 0) {
+    double total = 0;
+    for (int w = 0; w < (K >> 8); w++) total += partial[w];
+    inv_s = (float)(1.0 / sqrt(total / K + (double)eps));
+  }
+  __syncthreads();
+  float n[8];
+  if (on) {
+    const float inv = inv_s;
+#pragma unroll
+    for (int i = 0; i < 8; i++) n[i] = gv[i] * (v[i] * inv);
+    *(float4*)&rxs[k0] = make_float4(n[0], n[1], n[2], n[3]);
+    *(float4*)&rxs[k0 + 4] = make_float4(n[4], n[5], n[6], n[7]);
+  }
+  __syncthreads();
+  float acc = 0.f;
+#pragma unroll
+  for (int u = 0; u < ROUTER_FAST_MAX_K / 32; u++)
+    if (32 * u < K) acc += wv[u] * rxs[lane + 32 * u];
+  acc = warp_sum(acc);
+  if (lane == 0) {
+    logits[e] = acc;
+    const float sg = (float)(1.0 / (1.0 + exp(-(double)acc)));
+    st_cluster(&score[e], 0, sg);
+    st_cluster(&choice[e], 0, sg + be);
+  }
+  if (b > 0) {
+    router_quant_groups(rxs, K, NG, 0, warp * (nb - 1) + b - 1, 8 * (nb - 1), lane, nq, ns, nsum);
+    if (xq) router_quant_groups(rxs, K, G, 0, warp * (nb - 1) + b - 1, 8 * (nb - 1), lane, xq, xs, xsum);
+  }
+  const bool chooser = b == 0 && tid < E;
+  if (chooser) {
+    const volatile u32* vs = (const volatile u32*)score;
+    const volatile u32* vc = (const volatile u32*)choice;
+    while (vs[tid] == ROUTER_UNSET || vc[tid] == ROUTER_UNSET) {
+    }
+    bar_sync_64();
+    const float cv = choice[tid];
+    int rank = 0;
+#pragma unroll 8
+    for (int j = 0; j < E; j += 4) {
+      const float4 o = *(const float4*)&choice[j];
+      rank += (o.x > cv || (o.x == cv && j < tid)) + (o.y > cv || (o.y == cv && j + 1 < tid)) +
+              (o.z > cv || (o.z == cv && j + 2 < tid)) + (o.w > cv || (o.w == cv && j + 3 < tid));
+    }
+    if (rank < topk) {
+      ids[rank] = tid;
+      pick[rank] = score[tid];
+    }
+    bar_sync_64();
+    if (tid < topk) {
+      float sum = 0.f;
+      for (int k = 0; k < topk; k++) sum += pick[k];
+      float w = pick[tid];
+      if (norm) w /= sum + 1e-20f;
+      wts[tid] = w * scaling;
+    }
+  }
+  cluster_wait();
+  if (on && (tid & (nb - 1)) == b) {
+    *(float4*)(d + k0) = make_float4(v[0], v[1], v[2], v[3]);
+    *(float4*)(d + k0 + 4) = make_float4(v[4], v[5], v[6], v[7]);
+    if (out) {
+      *(float4*)(out + k0) = make_float4(n[0], n[1], n[2], n[3]);
+      *(float4*)(out + k0 + 4) = make_float4(n[4], n[5], n[6], n[7]);
+    }
+  }
 }
 
 // A table word (E2M1_LO) in a register that the compiler cannot rebuild
@@ -1367,3 +1493,95 @@ DEVICE void router_cluster_norm_rows_r(const float* __restrict__ W, int K, float
                                   ldc, gain, eps, out, ldo, nq, ns, nsum, NG, T);                              \
   }
 ROUTER_ROWS_R(2)
+
+// ---------------------------------------------------------------------------
+// moe_gate_up_q with each group of 128 rows of h quantized inside a
+// cluster. moe_gate_up_q quantizes a group in the last of the 8 blocks
+// that wrote it: every block counts itself in with an atomic (a round trip
+// to L2) and the last one reads the group's h back from L2 (another).
+// Here the 8 blocks (moe_gate_up_q's blocks of 4 warps, grid I/16 x
+// slots) of a group are a cluster: each block stores its 16 rows of h
+// (besides h in memory) into the shared memory of the cluster's first
+// block and leaves at once (the cluster barrier's wait is for the
+// cluster's non-exited threads), so that the down launch's blocks can take
+// its place; only the first block waits and quantizes the group from
+// there. Rows, lanes, products and quantization are moe_gate_up_q's (the
+// same bits). I a multiple of 128, K <= 2048. On an H200
+// (BenchmarkDecodeLayerMoE) 0.3-0.35 us a layer shorter than
+// moe_gate_up_q; clusters of 4 blocks of 8 warps were 0.25 us longer,
+// and the (earlier) form whose blocks all waited for the slowest of the
+// cluster about even.
+#define GUC_ROWS 128
+#define GUC_WARPS 4
+extern "C" __global__ void __cluster_dims__(GUC_ROWS / (4 * GUC_WARPS), 1, 1) __launch_bounds__(32 * GUC_WARPS, 4)
+    moe_gate_up_c(const Expert* __restrict__ experts, const i32* __restrict__ ids, int topk, int nexperts,
+                  int I, int K, int gshift, const i8* __restrict__ xq, const float* __restrict__ xs,
+                  float* __restrict__ h, i8* __restrict__ hq, float* __restrict__ hs) {
+  PDL_LAUNCH();
+  constexpr int NW = GUC_WARPS, CL = GUC_ROWS / (4 * NW);  // warps a block, blocks a cluster
+  __shared__ __align__(16) i8 sx[ROUTER_FAST_MAX_K];
+  __shared__ float sxs[ROUTER_FAST_MAX_K / 32];
+  __shared__ GateUp tab[MOE_TABLE_SMEM];
+  __shared__ __align__(16) float hsm[GUC_ROWS];
+  const int slot = blockIdx.y, lane = threadIdx.x & 31, tid = threadIdx.x, warp = tid >> 5;
+  const int row0 = (blockIdx.x * NW + warp) * 4;
+  const int G = 32 << gshift, GK = K / G, C = K >> 5;
+  const bool stab = slot < topk && nexperts <= MOE_TABLE_SMEM;
+  // Every block of the cluster has started before any stores into the
+  // first one's shared memory (the wait before them).
+  cluster_arrive();
+  int eid;
+  if (stab) {
+    for (int e = tid; e < nexperts; e += blockDim.x) tab[e] = gate_up_of(experts[e]);
+    __syncthreads();
+    PDL_WAIT();
+    eid = ids[slot];
+  } else {
+    if (slot < topk) PDL_WAIT();
+    eid = slot_expert(ids, slot, topk, nexperts);
+  }
+  const GateUp ex = stab ? tab[eid] : gate_up_of(experts[eid]);
+  const u8* rc[8];
+  const u8* rs[8];
+#pragma unroll
+  for (int r = 0; r < 4; r++) {
+    const int n = row0 + r;
+    rc[r] = ex.gc + (size_t)n * (K / 2);
+    rs[r] = ex.gs + (size_t)n * GK;
+    rc[4 + r] = ex.uc + (size_t)n * (K / 2);
+    rs[4 + r] = ex.us + (size_t)n * GK;
+  }
+  uint4 w[2][8];
+  u32 s[2][8];
+  rows_load<8>(rc, rs, C, gshift, w, s);
+  PDL_WAIT();
+  for (int i = tid * 16; i < K; i += 32 * NW * 16) *(uint4*)(sx + i) = __ldg((const uint4*)(xq + i));
+  for (int i = tid; i < GK; i += 32 * NW) sxs[i] = __ldg(xs + i);
+  __syncthreads();
+  float out[8];
+  rows_dot<8, false, 1>(w, s, C, gshift, sx, sxs, out);
+  float og = out[0], ou = out[4];
+#pragma unroll
+  for (int r = 1; r < 4; r++)
+    if (lane == r) og = out[r], ou = out[4 + r];
+  const u32 rank = cluster_rank();
+  cluster_wait();
+  if (lane < 4) {
+    const int n = row0 + lane;
+    const GateUp e = stab ? tab[eid] : gate_up_of(experts[eid]);
+    const float g = og * (e.gr[n] * 0.5f);
+    const float u = ou * (e.ur[n] * 0.5f);
+    const float hv = silu(g) * u;
+    h[(size_t)slot * I + n] = hv;
+    st_cluster(&hsm[rank * (4 * NW) + warp * 4 + lane], 0, hv);
+  }
+  // The release of this arrive and the acquire of the first block's wait
+  // order every block's stores into hsm before that block reads them. The
+  // other blocks leave at once.
+  cluster_arrive();
+  if (rank != 0) return;
+  cluster_wait();
+  if (warp != 0) return;
+  const int base = (blockIdx.x / CL) * GUC_ROWS, IG = I / G;
+  quant_groups(hsm, false, GUC_ROWS, G, 0, 1, hq + (size_t)slot * I + base, hs + (size_t)slot * IG + base / G);
+}
