@@ -197,7 +197,7 @@ type Backend struct {
 	lastAddNorm *addNormGEMVOp
 	// lastRopeCache is the RoPE + cache write launch queued last.
 	lastRopeCache *ropeCacheOp
-	chainMerges   [7]int
+	chainMerges   [8]int
 	// prefillMerges counts a prefill's merged launches by kind
 	// (prefillValues, prefillNorms, prefillCombine, prefillRopeRows; tests).
 	prefillMerges [4]int
