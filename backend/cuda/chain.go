@@ -597,11 +597,7 @@ type qAbsorbRope struct {
 	layer      uint64 // the cache layer, its dtype (0 bf16, 1 f32) and the row's slot
 	dtype      int
 	slots, lat uint64 // the latent the cache takes
-	split      bool   // the latent's cache entries from its norm (lat is its output) and the key's apart, in two blocks
 }
-
-// qAbsorbSplit sets qAbsorbRope.split in the backend's launches.
-var qAbsorbSplit = false
 
 // NormQAbsorb is one token's q_b product with the q_a norm n and the
 // latent's norm n2 (NormGEMV, n2 optional), the RoPE of q's rope columns,
@@ -626,13 +622,6 @@ func (c *Ctx) NormQAbsorb(q uint64, wqb *QMatrix, n, n2 norm8, qlat uint64, uk *
 		}
 		x2, gain2, out2, q2, s2, sum2, kg2 = n2.x, n2.gain, n2.out, m.Q, m.Scales, m.Sums, m.K|m.G<<16
 	}
-	flags := r.il | r.dtype<<1
-	if r.split {
-		if n2.q != nil && r.lat != n2.out {
-			return fmt.Errorf("cuda: norm, q_b and absorbed query: the cache's latent is not the latent norm's output")
-		}
-		flags = r.il | 4 | r.dtype<<3
-	}
 	shared := qAbsorbShared()
 	k, err := c.kernelShared("absorb", "norm_qb_absorb_192", shared)
 	if err != nil {
@@ -641,7 +630,7 @@ func (c *Ctx) NormQAbsorb(q uint64, wqb *QMatrix, n, n2 norm8, qlat uint64, uk *
 	return c.Launch(k, Dim{uint32(s.Rank / absorbTCN), 1, uint32(s.Heads + 1)}, D1(256), shared,
 		wqb.Codes, wqb.Scales, wqb.RowScale, wqb.K|bits.TrailingZeros(uint(wqb.G/32))<<16,
 		n.x, n.gain, n.eps, n.out, nq.Q, nq.Scales, nq.Sums, q, qlat, uk.Codes, uk.Scales, uk.RowScale, uk.G,
-		r.table, flags, x2, gain2, n2.eps, out2, q2, s2, sum2, kg2, r.kpe, r.layer, r.slots, r.lat)
+		r.table, r.il|r.dtype<<1, x2, gain2, n2.eps, out2, q2, s2, sum2, kg2, r.kpe, r.layer, r.slots, r.lat)
 }
 
 // normAbsorbs lets the absorbed query take q_b's product with its norm
@@ -663,7 +652,6 @@ func (b *Backend) normAbsorb(rc *ropeCacheOp, ql, qm *tensor, w *QMatrix, s back
 	}
 	wqb, n, n2, y, ylat := p.w, p.n, p.n2, qm.ptr, ql.ptr
 	r := qAbsorbRope{table: r1.table, il: r1.il, kpe: rc.kpe.ptr, layer: rc.layer, dtype: rc.dtype, slots: rc.slots, lat: rc.lat.ptr}
-	r.split = qAbsorbSplit && (!p.paired || n2.out == rc.lat.ptr)
 	b.pending[p.idx] = queuedOp{"rmsnorm+matmul+absorb query+rope+cache write", func(c *Ctx) error {
 		return c.NormQAbsorb(y, wqb, n, n2, ylat, w, s, r)
 	}}

@@ -271,7 +271,7 @@ func (b *chainBufs) queueChain(c *Ctx, l *pdlLayer, merged int) error {
 		}
 		sh := backend.MLAShape{Heads: s.heads, NopeDim: s.nope, RopeDim: s.rope, Rank: s.rank, VDim: s.vDim}
 		errs = append(errs, c.NormQAbsorb(b.q, l.qb, qaNorm, n2, b.qlat, l.uk, sh,
-			qAbsorbRope{table: b.table, il: 1, kpe: kpe, layer: b.cache, dtype: 0, slots: b.slots, lat: b.lat, split: on(chainAbsorbSplit)}))
+			qAbsorbRope{table: b.table, il: 1, kpe: kpe, layer: b.cache, dtype: 0, slots: b.slots, lat: b.lat}))
 	case on(chainRope):
 		grid.Z++
 		args := append(append(append(absorbArgs, s.heads), ropeArgs[:1]...), ropeArgs[2:]...)
@@ -292,11 +292,6 @@ func (b *chainBufs) queueChain(c *Ctx, l *pdlLayer, merged int) error {
 	errs = append(errs, c.GEMV(b.c, s.hidden, l.o, b.vq, GEMVSplit))
 	return errors.Join(errs...)
 }
-
-// chainAbsorbSplit is a bit of queueChain's merged beyond the kinds of
-// chainMerges: with chainNormAbsorb, the extra cluster's blocks take the
-// latent's and the key's cache entries apart (qAbsorbRope.split).
-const chainAbsorbSplit = chainNormAbsorb + 1
 
 // chainAll sets every merge of queueChain.
 const chainAll = 1<<chainPair | 1<<chainValues | 1<<chainNorms | 1<<chainRope
@@ -385,15 +380,14 @@ func TestChainLayerMatchesSeparate(t *testing.T) {
 		for _, graphed := range []bool{false, true} {
 			for _, merged := range []int{chainAll, chainAll | 1<<chainNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormGEMV, chainAll | 1<<chainAddNormGEMV,
 				chainAll | 1<<chainNormGEMV | 1<<chainAddNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormGEMV | 1<<chainAddNormGEMV,
-				chainAll | 1<<chainNormAbsorb | 1<<chainAddNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormAbsorb | 1<<chainAddNormGEMV,
-				chainAll | 1<<chainNormAbsorb | 1<<chainAddNormGEMV | 1<<chainAbsorbSplit, chainAll&^(1<<chainNorms) | 1<<chainNormAbsorb | 1<<chainAddNormGEMV | 1<<chainAbsorbSplit} {
+				chainAll | 1<<chainNormAbsorb | 1<<chainAddNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormAbsorb | 1<<chainAddNormGEMV} {
 				got, err := run(merged, graphed)
 				if err != nil {
 					return err
 				}
 				for name, w := range want {
 					if j := firstDiff(w, got[name]); j >= 0 {
-						t.Errorf("%s, shared launches %09b (graph %v): byte %d of %d differs from the separate launches", name, merged, graphed, j, len(w))
+						t.Errorf("%s, shared launches %08b (graph %v): byte %d of %d differs from the separate launches", name, merged, graphed, j, len(w))
 					}
 				}
 			}
@@ -431,7 +425,7 @@ func BenchmarkChainLayer(b *testing.B) {
 // (chainNormAbsorb, the latent's norm beside or apart), in turns.
 func BenchmarkChainLayerAbsorb(b *testing.B) {
 	benchChainLayer(b, 4, []int{chainAll | 1<<chainNormGEMV | 1<<chainAddNormGEMV, chainAll | 1<<chainNormAbsorb | 1<<chainAddNormGEMV,
-		chainAll | 1<<chainNormAbsorb | 1<<chainAddNormGEMV | 1<<chainAbsorbSplit, chainAll&^(1<<chainNorms) | 1<<chainNormAbsorb | 1<<chainAddNormGEMV})
+		chainAll&^(1<<chainNorms) | 1<<chainNormAbsorb | 1<<chainAddNormGEMV})
 }
 
 func benchChainLayer(b *testing.B, rounds int, variants []int) {
@@ -467,7 +461,7 @@ func benchChainLayer(b *testing.B, rounds int, variants []int) {
 					if err != nil {
 						return err
 					}
-					fmt.Printf("%s: round %d: shared launches %09b (split extra, norm+q_b+absorb, add+norm+pair, norm+q_b, router, rope, norms, values, pair): %6.2f us a layer (PDL %v)\n", name, round, merged, us/layers, c.pdl)
+					fmt.Printf("%s: round %d: shared launches %08b (norm+q_b+absorb, add+norm+pair, norm+q_b, router, rope, norms, values, pair): %6.2f us a layer (PDL %v)\n", name, round, merged, us/layers, c.pdl)
 					return nil
 				})
 				if err != nil {

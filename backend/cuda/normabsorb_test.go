@@ -74,7 +74,7 @@ func TestNormQAbsorbMatchesSeparate(t *testing.T) {
 					n2 = norm8{x: kv, out: lat, gain: latGain, eps: 1e-5, q: latq}
 				}
 				s := backend.MLAShape{Heads: v.heads, NopeDim: nope, RopeDim: rope, Rank: rank, VDim: 256}
-				run := func(fused, split bool) (map[string][]byte, error) {
+				run := func(fused bool) (map[string][]byte, error) {
 					// Fresh inputs (the RoPEs rotate in place) and poisoned outputs.
 					errs := []error{CopyIn(c, kv, kvv), c.Memset(cache, 0, cacheBytes), poison(c, q, 4*qRows), poison(c, qlat, 4*v.heads*rank),
 						poison(c, qan, 4*v.K), poison(c, qaq.Q, v.K), poison(c, latq.Q, rank)}
@@ -88,7 +88,7 @@ func TestNormQAbsorbMatchesSeparate(t *testing.T) {
 					}
 					err := withPDL(c, true, func() error {
 						if fused {
-							return c.NormQAbsorb(q, wqb, n, n2, qlat, uk, s, qAbsorbRope{table: table, il: v.il, kpe: kpe, layer: cache, dtype: v.dtype, slots: slots, lat: lat, split: split})
+							return c.NormQAbsorb(q, wqb, n, n2, qlat, uk, s, qAbsorbRope{table: table, il: v.il, kpe: kpe, layer: cache, dtype: v.dtype, slots: slots, lat: lat})
 						}
 						ropeCache, err := c.Kernel("ops", "rope2_cache_write")
 						if err != nil {
@@ -123,19 +123,17 @@ func TestNormQAbsorbMatchesSeparate(t *testing.T) {
 					}
 					return out, nil
 				}
-				want, err := run(false, false)
+				want, err := run(false)
 				if err != nil {
 					return err
 				}
-				for _, split := range []bool{false, true} {
-					got, err := run(true, split)
-					if err != nil {
-						return err
-					}
-					for name, w := range want {
-						if j := firstDiff(w, got[name]); j >= 0 {
-							t.Errorf("%s (extra blocks apart %v): byte %d of %d differs from the separate launches", name, split, j, len(w))
-						}
+				got, err := run(true)
+				if err != nil {
+					return err
+				}
+				for name, w := range want {
+					if j := firstDiff(w, got[name]); j >= 0 {
+						t.Errorf("%s: byte %d of %d differs from the separate launches", name, j, len(w))
 					}
 				}
 				nonzero := 0

@@ -558,10 +558,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // columns). Blocks (1-3, 0, heads) do nothing.
 //
 // kg and kg2 hold K | gshift << 16 (q_b's columns, G = 32 << gshift) and
-// K2 | G2 << 16; flags interleaved | dtype << 1, or interleaved | 4 |
-// dtype << 3 for the extra cluster's blocks 0 and 1 taking the latent's
-// norm and cache entries (written from the norm's registers: lat must be
-// out2 when x2 is set) and the key's RoPE and entries apart. Dynamic shared memory
+// K2 | G2 << 16; flags interleaved | dtype << 1. Dynamic shared memory
 // QA_SHARED bytes (qAbsorbShared in chain.go).
 #define QA_DN 192
 // The cluster barrier in two halves, and a store into the shared memory
@@ -589,54 +586,6 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(256, 2)
   const int heads = (int)gridDim.z - 1, interleaved = flags & 1;
   PDL_LAUNCH();
   if ((int)blockIdx.z == heads) {
-    if (flags & 4) {
-      // Block 0 the latent's norm and its cache entries (from the norm's
-      // registers), block 1 the key's RoPE and its entries.
-      const int dtype = flags >> 3, width = rank + DR, tid = threadIdx.x;
-      if (blockIdx.x > 1) return;
-      const size_t slot = (size_t)slots[0];
-      auto put = [&](int j, float v) {
-        if (dtype == 1)
-          ((float*)layer)[slot * width + j] = v;
-        else
-          ((unsigned short*)layer)[slot * width + j] = f32_to_bf16(v);
-      };
-      if (blockIdx.x == 0) {
-        if (x2) {
-          const int K2 = kg2 & 0xFFFF, k0 = 8 * tid;
-          const bool on = k0 < K2;
-          float gv[8], v[8];
-          if (on) ldg8(gain2 + k0, gv);
-          PDL_WAIT();
-          if (on) {
-            const float4* px = (const float4*)(x2 + k0);
-            const float4 x0 = px[0], x1 = px[1];
-            v[0] = x0.x; v[1] = x0.y; v[2] = x0.z; v[3] = x0.w;
-            v[4] = x1.x; v[5] = x1.y; v[6] = x1.z; v[7] = x1.w;
-          }
-          rmsnorm_quant8_tail(v, gv, on, eps2, out2, 0, xq2, xs2, xsum2, K2, kg2 >> 16, 0);
-          if (on)
-#pragma unroll
-            for (int e = 0; e < 8; e++) put(k0 + e, v[e]);
-        } else {
-          PDL_WAIT();
-          for (int j = tid; j < rank; j += 256) put(j, lat[j]);
-        }
-        return;
-      }
-      if (tid >= DR / 2) return;
-      const float ck = cs[tid], sk = cs[DR / 2 + tid];
-      PDL_WAIT();
-      const int a = interleaved ? 2 * tid : tid, b = interleaved ? 2 * tid + 1 : tid + DR / 2;
-      const float k0 = kpe[a], k1 = kpe[b];
-      const float r0 = __fsub_rn(__fmul_rn(k0, ck), __fmul_rn(k1, sk));
-      const float r1 = __fadd_rn(__fmul_rn(k1, ck), __fmul_rn(k0, sk));
-      kpe[a] = r0;
-      kpe[b] = r1;
-      put(rank + a, r0);
-      put(rank + b, r1);
-      return;
-    }
     if (blockIdx.x != 0) return;
     if (x2) {
       rmsnorm_quant8_row(x2, 0, nullptr, 0, nullptr, 0, nullptr, 0, gain2, eps2, out2, 0, xq2, xs2, xsum2,
