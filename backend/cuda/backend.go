@@ -1459,7 +1459,7 @@ func (b *Backend) RoPE(x backend.Tensor, heads, headStride, offset, dim int, the
 			}
 		}
 		p = b.ropeBufs[key].Ptr
-		b.do("rope table", func(c *Ctx) error { return CopyIn(c, p, cs) })
+		b.do(ropeTableOp, func(c *Ctx) error { return CopyIn(c, p, cs) })
 		b.ropeTables[key] = p
 	}
 	il := 0

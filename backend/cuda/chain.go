@@ -638,13 +638,19 @@ func (c *Ctx) NormQAbsorb(q uint64, wqb *QMatrix, n, n2 norm8, qlat uint64, uk *
 // write (NormQAbsorb).
 var normAbsorbs = true
 
-// normAbsorb queues the norm and q_b launch queued two ops before (which
-// wrote qm), the RoPE and cache write rc queued just before, and the
-// absorbed query of qm into ql as one launch (NormQAbsorb), and reports
-// whether it did.
+// ropeTableOp names the upload of a step's RoPE table (RoPE), which
+// normAbsorb lets lie between the launches it merges.
+const ropeTableOp = "rope table"
+
+// normAbsorb queues the norm and q_b launch queued before the RoPE and
+// cache write rc (which wrote qm), rc (queued just before) and the
+// absorbed query of qm into ql as one launch (NormQAbsorb) in rc's place,
+// and reports whether it did. Between the two launches there may be only
+// uploads of the RoPE table (the first layer of a step), which touch
+// nothing the norm and q_b launch reads or writes.
 func (b *Backend) normAbsorb(rc *ropeCacheOp, ql, qm *tensor, w *QMatrix, s backend.MLAShape) bool {
 	p, r1, r2 := b.lastNormGEMV, rc.r1, rc.r2
-	if !normAbsorbs || b.dev.Info().CC < 90 || p == nil || p.flush != b.flushes || p.idx != rc.idx-1 || ql.rows != 1 || qm.rows != 1 ||
+	if !normAbsorbs || b.dev.Info().CC < 90 || p == nil || p.flush != b.flushes || p.idx >= rc.idx || ql.rows != 1 || qm.rows != 1 ||
 		p.y != qm.ptr || p.w.N != s.Heads*(s.NopeDim+s.RopeDim) || !qAbsorbFits(s, p.w.K, p.w.G, w) || qAbsorbShared() > b.dev.Info().SharedOptin ||
 		r1.heads != s.Heads || r1.offset != s.NopeDim || r1.dim != s.RopeDim || r2.heads != 1 || r2.offset != 0 || r2.dim != s.RopeDim ||
 		overlapsAny(&rc.kpe, p.touched) || overlapsAny(&rc.lat, p.touched[1:]) || overlapsAny(ql, p.touched) || overlapsAny(ql, p.beside) {
@@ -652,10 +658,15 @@ func (b *Backend) normAbsorb(rc *ropeCacheOp, ql, qm *tensor, w *QMatrix, s back
 	}
 	wqb, n, n2, y, ylat := p.w, p.n, p.n2, qm.ptr, ql.ptr
 	r := qAbsorbRope{table: r1.table, il: r1.il, kpe: rc.kpe.ptr, layer: rc.layer, dtype: rc.dtype, slots: rc.slots, lat: rc.lat.ptr}
-	b.pending[p.idx] = queuedOp{"rmsnorm+matmul+absorb query+rope+cache write", func(c *Ctx) error {
+	for _, op := range b.pending[p.idx+1 : rc.idx] {
+		if op.op != ropeTableOp {
+			return false
+		}
+	}
+	b.pending[rc.idx] = queuedOp{"rmsnorm+matmul+absorb query+rope+cache write", func(c *Ctx) error {
 		return c.NormQAbsorb(y, wqb, n, n2, ylat, w, s, r)
 	}}
-	b.pending = b.pending[:rc.idx]
+	b.pending = slices.Delete(b.pending, p.idx, p.idx+1)
 	b.lastRopeCache, b.lastNormGEMV = nil, nil
 	b.chainMerges[chainNormAbsorb]++
 	return true
