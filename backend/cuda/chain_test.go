@@ -81,6 +81,14 @@ func TestChainLaunchesMatchSeparate(t *testing.T) {
 					g.Upload(x, randVec(r, cols, scale))
 					return x
 				}
+				// A step before, so that the RoPE table's buffer exists and
+				// this step's table is uploaded between the layer's launches,
+				// as in a model's steps after the first.
+				g.SetBatch(simpleBatch(1, pos-1), pool)
+				g.RoPE(g.NewTensor(1, 64), 1, 64, 0, 64, 1e6, true)
+				if err := g.Sync(); err != nil {
+					t.Fatal(err)
+				}
 				g.SetBatch(simpleBatch(1, pos), pool)
 				x, f, olat := tensor(c.hidden, 1), tensor(c.hidden, 1), tensor(c.heads*c.rank, 0.3)
 				inNorm := vec("input_norm", c.hidden)
