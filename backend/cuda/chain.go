@@ -26,7 +26,11 @@ import (
 //     query (absorb_query_tc_rope);
 //   - the residual add and single-row norm before the router, and the
 //     router (moe_router_cluster_norm: every block of the cluster
-//     normalises the row).
+//     normalises the row);
+//   - q_b's product with the q_a norm (and the latent's norm beside), and
+//     the absorbed query with the RoPEs and cache write
+//     (norm_qb_absorb_192: a cluster of 4 blocks a head shares the head's
+//     q_b values through distributed shared memory).
 // Options.SeparateChain turns them off.
 
 // GEMVPair computes y1 = W1 x and y2 = W2 x for one token's quantized row a
