@@ -197,7 +197,7 @@ type Backend struct {
 	lastAddNorm *addNormGEMVOp
 	// lastRopeCache is the RoPE + cache write launch queued last.
 	lastRopeCache *ropeCacheOp
-	chainMerges   [7]int
+	chainMerges   [8]int
 	// prefillMerges counts a prefill's merged launches by kind
 	// (prefillValues, prefillNorms, prefillCombine, prefillRopeRows; tests).
 	prefillMerges [4]int
@@ -1459,7 +1459,7 @@ func (b *Backend) RoPE(x backend.Tensor, heads, headStride, offset, dim int, the
 			}
 		}
 		p = b.ropeBufs[key].Ptr
-		b.do("rope table", func(c *Ctx) error { return CopyIn(c, p, cs) })
+		b.do(ropeTableOp, func(c *Ctx) error { return CopyIn(c, p, cs) })
 		b.ropeTables[key] = p
 	}
 	il := 0

@@ -26,7 +26,11 @@ import (
 //     query (absorb_query_tc_rope);
 //   - the residual add and single-row norm before the router, and the
 //     router (moe_router_cluster_norm: every block of the cluster
-//     normalises the row).
+//     normalises the row);
+//   - q_b's product with the q_a norm (and the latent's norm beside), and
+//     the absorbed query with the RoPEs and cache write
+//     (norm_qb_absorb_192: a cluster of 4 blocks a head shares the head's
+//     q_b values through distributed shared memory).
 // Options.SeparateChain turns them off.
 
 // GEMVPair computes y1 = W1 x and y2 = W2 x for one token's quantized row a
@@ -248,6 +252,7 @@ const (
 	chainRouterNorm
 	chainNormGEMV
 	chainAddNormGEMV
+	chainNormAbsorb
 )
 
 // ropeCacheOp is a rope2_cache_write launch queued as b.pending[idx]
@@ -283,6 +288,9 @@ func (b *Backend) absorbRope(ql, qm *tensor, w *QMatrix, s backend.MLAShape, gri
 	rc := b.ropeCacheBefore(ql, qm, s, grid)
 	if rc == nil {
 		return false
+	}
+	if b.normAbsorb(rc, ql, qm, w, s) {
+		return true
 	}
 	grid.Z++
 	b.queueAbsorbRope(rc, ql, qm, w, s, fmt.Sprintf("absorb_query_tc_rope_%d", s.NopeDim), grid, shared)
@@ -437,6 +445,8 @@ type normGEMVOp struct {
 	n          norm8
 	touched    []tensor // what it reads or writes: x, out, y
 	paired     bool
+	n2         norm8    // the norm in its extra block (paired)
+	beside     []tensor // what that norm reads or writes: x, out
 }
 
 // normProducts lets a single-token product take the single-row norm
@@ -471,7 +481,7 @@ func (b *Backend) normBeside(n norm8, x, out *tensor) bool {
 		overlapsAny(x, p.touched[1:]) || overlapsAny(out, p.touched) {
 		return false
 	}
-	p.paired = true
+	p.paired, p.n2, p.beside = true, n, []tensor{*x, *out}
 	b.pending[p.idx] = queuedOp{"rmsnorm+matmul+rmsnorm", func(c *Ctx) error { return c.NormGEMV(p.y, p.w, p.n, n) }}
 	b.chainMerges[chainNorms]++
 	return true
@@ -560,5 +570,108 @@ func (b *Backend) addNormProduct(d *tensor, a *QActs, w *weight) bool {
 	b.lastNorm, b.lastGEMV = nil, nil
 	b.lastAddNorm = &addNormGEMVOp{idx: no.idx, flush: b.flushes, in: in, o1: o1, touched: append(slices.Clone(no.touched), *d)}
 	b.chainMerges[chainAddNormGEMV]++
+	return true
+}
+
+// qAbsorbShared is norm_qb_absorb_192's dynamic shared memory (QA_SHARED
+// in absorb.cu): one row tile of 16 split queries, the weight slab, the
+// code table and the head's row scales.
+func qAbsorbShared() int {
+	const dn = 192
+	return 2*16*(dn+8)*2 + dn*(absorbTCN+8)*2 + 4*256 + 4*dn
+}
+
+// qAbsorbFits reports whether NormQAbsorb takes an attention of shape s
+// whose q_b reads K columns in groups of G and whose W_UK is uk:
+// GLM-4.7-Flash's dn 192, rope 64 and rank 512 (a cluster of 4 column
+// slabs a head, 64 rows of q_b a block).
+func qAbsorbFits(s backend.MLAShape, K, G int, uk *QMatrix) bool {
+	return s.NopeDim == 192 && s.RopeDim == 64 && s.Rank == 4*absorbTCN && normGEMVFits(K, G) &&
+		uk.N == s.Heads*s.NopeDim && uk.K == s.Rank && uk.G%32 == 0 && uk.G <= s.Rank
+}
+
+// qAbsorbRope is the RoPE of the key and the cache write that NormQAbsorb
+// runs beside the absorbed query (rope2_cache_write's arguments for one
+// row: the key one head of 64 rotated columns), and the queries' RoPE
+// table and layout.
+type qAbsorbRope struct {
+	table      uint64 // cos then sin, one row
+	il         int    // interleaved pairs
+	kpe        uint64 // the key's 64 columns, rotated in place
+	layer      uint64 // the cache layer, its dtype (0 bf16, 1 f32) and the row's slot
+	dtype      int
+	slots, lat uint64 // the latent the cache takes
+}
+
+// NormQAbsorb is one token's q_b product with the q_a norm n and the
+// latent's norm n2 (NormGEMV, n2 optional), the RoPE of q's rope columns,
+// the absorbed query of q's nope columns into qlat (absorb_query_tc_192),
+// and the key's RoPE and cache write r (rope2_cache_write) in one launch
+// (norm_qb_absorb_192): every output the separate launches' bits.
+func (c *Ctx) NormQAbsorb(q uint64, wqb *QMatrix, n, n2 norm8, qlat uint64, uk *QMatrix, s backend.MLAShape, r qAbsorbRope) error {
+	nq := n.q
+	switch {
+	case nq == nil || nq.T != 1 || n.gain == 0 || nq.K != wqb.K || nq.G != wqb.G || !qAbsorbFits(s, nq.K, nq.G, uk):
+		return fmt.Errorf("cuda: norm, q_b and absorbed query: want one row, dn 192, rope 64, rank 512 and a norm in q_b's groups")
+	case wqb.N != s.Heads*(s.NopeDim+s.RopeDim):
+		return fmt.Errorf("cuda: norm, q_b and absorbed query: q_b of %d rows for %d heads", wqb.N, s.Heads)
+	case c.info.CC < 90:
+		return fmt.Errorf("cuda: norm, q_b and absorbed query: clusters need compute capability 9.0")
+	}
+	var gain2, x2, out2, q2, s2, sum2 uint64
+	kg2 := 0
+	if m := n2.q; m != nil {
+		if m.T != 1 || n2.gain == 0 || !normGEMVFits(m.K, m.G) {
+			return fmt.Errorf("cuda: norm, q_b and absorbed query: second norm of %d values in groups of %d", m.K, m.G)
+		}
+		x2, gain2, out2, q2, s2, sum2, kg2 = n2.x, n2.gain, n2.out, m.Q, m.Scales, m.Sums, m.K|m.G<<16
+	}
+	shared := qAbsorbShared()
+	k, err := c.kernelShared("absorb", "norm_qb_absorb_192", shared)
+	if err != nil {
+		return err
+	}
+	return c.Launch(k, Dim{uint32(s.Rank / absorbTCN), 1, uint32(s.Heads + 1)}, D1(256), shared,
+		wqb.Codes, wqb.Scales, wqb.RowScale, wqb.K|bits.TrailingZeros(uint(wqb.G/32))<<16,
+		n.x, n.gain, n.eps, n.out, nq.Q, nq.Scales, nq.Sums, q, qlat, uk.Codes, uk.Scales, uk.RowScale, uk.G,
+		r.table, r.il|r.dtype<<1, x2, gain2, n2.eps, out2, q2, s2, sum2, kg2, r.kpe, r.layer, r.slots, r.lat)
+}
+
+// normAbsorbs lets the absorbed query take q_b's product with its norm
+// (and the latent's norm beside) into its launch, with the RoPEs and cache
+// write (NormQAbsorb).
+var normAbsorbs = true
+
+// ropeTableOp names the upload of a step's RoPE table (RoPE), which
+// normAbsorb lets lie between the launches it merges.
+const ropeTableOp = "rope table"
+
+// normAbsorb queues the norm and q_b launch queued before the RoPE and
+// cache write rc (which wrote qm), rc (queued just before) and the
+// absorbed query of qm into ql as one launch (NormQAbsorb) in rc's place,
+// and reports whether it did. Between the two launches there may be only
+// uploads of the RoPE table (the first layer of a step), which touch
+// nothing the norm and q_b launch reads or writes.
+func (b *Backend) normAbsorb(rc *ropeCacheOp, ql, qm *tensor, w *QMatrix, s backend.MLAShape) bool {
+	p, r1, r2 := b.lastNormGEMV, rc.r1, rc.r2
+	if !normAbsorbs || b.dev.Info().CC < 90 || p == nil || p.flush != b.flushes || p.idx >= rc.idx || ql.rows != 1 || qm.rows != 1 ||
+		p.y != qm.ptr || p.w.N != s.Heads*(s.NopeDim+s.RopeDim) || !qAbsorbFits(s, p.w.K, p.w.G, w) || qAbsorbShared() > b.dev.Info().SharedOptin ||
+		r1.heads != s.Heads || r1.offset != s.NopeDim || r1.dim != s.RopeDim || r2.heads != 1 || r2.offset != 0 || r2.dim != s.RopeDim ||
+		overlapsAny(&rc.kpe, p.touched) || overlapsAny(&rc.lat, p.touched[1:]) || overlapsAny(ql, p.touched) || overlapsAny(ql, p.beside) {
+		return false
+	}
+	wqb, n, n2, y, ylat := p.w, p.n, p.n2, qm.ptr, ql.ptr
+	r := qAbsorbRope{table: r1.table, il: r1.il, kpe: rc.kpe.ptr, layer: rc.layer, dtype: rc.dtype, slots: rc.slots, lat: rc.lat.ptr}
+	for _, op := range b.pending[p.idx+1 : rc.idx] {
+		if op.op != ropeTableOp {
+			return false
+		}
+	}
+	b.pending[rc.idx] = queuedOp{"rmsnorm+matmul+absorb query+rope+cache write", func(c *Ctx) error {
+		return c.NormQAbsorb(y, wqb, n, n2, ylat, w, s, r)
+	}}
+	b.pending = slices.Delete(b.pending, p.idx, p.idx+1)
+	b.lastRopeCache, b.lastNormGEMV = nil, nil
+	b.chainMerges[chainNormAbsorb]++
 	return true
 }

@@ -39,7 +39,8 @@ func quantForm(t *testing.T, g *Backend, x backend.Tensor, G int) []byte {
 // what the separate launches compute, bit for bit: q_a and kv_a of one
 // input, the q_a norm and the latent's norm around q_b, the RoPEs and
 // cache write with the absorbed query (also the cache's bytes, bf16 and
-// f32), the value expansion with the int8 form of its output in o_proj's
+// f32), and all of those in one launch where the q_a norm has an output of
+// its own (norm_qb_absorb_192, in a step after the first), the value expansion with the int8 form of its output in o_proj's
 // groups (also those int8 forms' bytes), at GLM-4.7-Flash's attention shapes with
 // groups of 128 and of 32 and 64, and at a shape whose norms are not
 // paired (rmsnorm_quant8 does not take 352 or 96 columns), nor where q_b
@@ -49,14 +50,15 @@ func TestChainLaunchesMatchSeparate(t *testing.T) {
 		hidden, qRank, heads, nope, rank, vdim int
 		G, uvG, oG                             int
 		dtype                                  backend.CacheDType
-		merges                                 [7]int // pairs, values, norms, absorbed queries with the RoPE, routers with their norm, norms with their product, adds and norms with their products
+		merges                                 [8]int // pairs, values, norms, absorbed queries with the RoPE, routers with their norm, norms with their product, adds and norms with their products, norms and q_b with the absorbed query (and the RoPE: not counted as the fourth)
 		inPlace                                bool   // the q_a norm written over its input (no norm with its product)
 	}{
-		{2048, 768, 20, 192, 512, 256, 128, 128, 128, backend.CacheBF16, [7]int{1, 1, 1, 1, 0, 1, 1}, false},
-		{2048, 768, 20, 192, 512, 256, 128, 128, 128, backend.CacheBF16, [7]int{1, 1, 1, 1, 0, 0, 1}, true},
-		{2048, 768, 20, 128, 512, 256, 32, 64, 32, backend.CacheF32, [7]int{1, 1, 0, 1, 0, 0, 0}, false}, // q_b quantizes the q_a norm again: no pair of norms
-		{2048, 768, 20, 192, 512, 256, 128, 32, 64, backend.CacheBF16, [7]int{1, 1, 1, 1, 0, 1, 1}, false},
-		{1056, 352, 3, 128, 96, 32, 32, 32, 32, backend.CacheBF16, [7]int{1, 1, 0, 0, 0, 0, 0}, false}, // rank 96: no tensor-core absorbed query
+		{2048, 768, 20, 192, 512, 256, 128, 128, 128, backend.CacheBF16, [8]int{1, 1, 1, 0, 0, 1, 1, 1}, false},
+		{2048, 768, 20, 192, 512, 256, 128, 128, 128, backend.CacheBF16, [8]int{1, 1, 1, 1, 0, 0, 1, 0}, true},
+		{2048, 768, 20, 128, 512, 256, 32, 64, 32, backend.CacheF32, [8]int{1, 1, 0, 1, 0, 0, 0, 0}, false}, // q_b quantizes the q_a norm again: no pair of norms
+		{2048, 768, 20, 192, 512, 256, 128, 32, 64, backend.CacheBF16, [8]int{1, 1, 1, 0, 0, 1, 1, 1}, false},
+		{2048, 768, 20, 192, 512, 256, 128, 128, 128, backend.CacheF32, [8]int{1, 1, 1, 0, 0, 1, 1, 1}, false},
+		{1056, 352, 3, 128, 96, 32, 32, 32, 32, backend.CacheBF16, [8]int{1, 1, 0, 0, 0, 0, 0, 0}, false}, // rank 96: no tensor-core absorbed query
 	} {
 		t.Run(fmt.Sprintf("hidden%d_nope%d_G%d_uv%d_o%d_inplace%v", c.hidden, c.nope, c.G, c.uvG, c.oG, c.inPlace), func(t *testing.T) {
 			const pos = 37
@@ -79,6 +81,14 @@ func TestChainLaunchesMatchSeparate(t *testing.T) {
 					x := g.NewTensor(1, cols)
 					g.Upload(x, randVec(r, cols, scale))
 					return x
+				}
+				// A step before, so that the RoPE table's buffer exists and
+				// this step's table is uploaded between the layer's launches,
+				// as in a model's steps after the first.
+				g.SetBatch(simpleBatch(1, pos-1), pool)
+				g.RoPE(g.NewTensor(1, 64), 1, 64, 0, 64, 1e6, true)
+				if err := g.Sync(); err != nil {
+					t.Fatal(err)
 				}
 				g.SetBatch(simpleBatch(1, pos), pool)
 				x, f, olat := tensor(c.hidden, 1), tensor(c.hidden, 1), tensor(c.heads*c.rank, 0.3)
@@ -127,7 +137,7 @@ func TestChainLaunchesMatchSeparate(t *testing.T) {
 			want, wantForms, _ := run(Options{SeparateChain: true})
 			got, gotForms, g := run(Options{})
 			if g.chainMerges != c.merges {
-				t.Errorf("merged launches %v (pairs, values, norms, absorbed queries with the RoPE, routers with their norm, norms with their product, adds and norms with their products), want %v", g.chainMerges, c.merges)
+				t.Errorf("merged launches %v (pairs, values, norms, absorbed queries with the RoPE, routers with their norm, norms with their product, adds and norms with their products, norms and q_b with the absorbed query), want %v", g.chainMerges, c.merges)
 			}
 			sameOutputs(t, "shared", got, want, gotForms, wantForms)
 		})
@@ -249,6 +259,10 @@ func (b *chainBufs) queueChain(c *Ctx, l *pdlLayer, merged int) error {
 		errs = append(errs, c.GEMV(b.qa, s.qRank, l.qa, b.hq, GEMVSplit), c.GEMV(b.kv, s.kvRows, l.kva, b.hq, GEMVSplit))
 	}
 	switch {
+	case on(chainNormAbsorb) && on(chainNorms):
+		// All in the launch of the absorbed query, below.
+	case on(chainNormAbsorb):
+		errs = append(errs, norm(latNorm))
 	case on(chainNormGEMV) && on(chainNorms):
 		errs = append(errs, c.NormGEMV(b.q, l.qb, qaNorm, latNorm))
 	case on(chainNormGEMV):
@@ -258,12 +272,21 @@ func (b *chainBufs) queueChain(c *Ctx, l *pdlLayer, merged int) error {
 	default:
 		errs = append(errs, norm(qaNorm), c.GEMV(b.q, qRows, l.qb, b.qaq, GEMVSplit), norm(latNorm))
 	}
-	if on(chainRope) {
+	switch {
+	case on(chainNormAbsorb):
+		n2 := norm8{}
+		if on(chainNorms) {
+			n2 = latNorm
+		}
+		sh := backend.MLAShape{Heads: s.heads, NopeDim: s.nope, RopeDim: s.rope, Rank: s.rank, VDim: s.vDim}
+		errs = append(errs, c.NormQAbsorb(b.q, l.qb, qaNorm, n2, b.qlat, l.uk, sh,
+			qAbsorbRope{table: b.table, il: 1, kpe: kpe, layer: b.cache, dtype: 0, slots: b.slots, lat: b.lat}))
+	case on(chainRope):
 		grid.Z++
 		args := append(append(append(absorbArgs, s.heads), ropeArgs[:1]...), ropeArgs[2:]...)
 		args = append(args, b.cache, 0, b.slots, b.lat, s.rank)
 		errs = append(errs, c.Launch(absorb, grid, D1(256), shared, args...))
-	} else {
+	default:
 		errs = append(errs,
 			c.Launch(ropeCache, D1(1), D1(256), 0, append(append(ropeArgs, 1), b.cache, 0, b.slots, b.lat, s.rank, s.rank, s.rope)...),
 			c.Launch(absorb, grid, D1(256), shared, absorbArgs...))
@@ -365,14 +388,15 @@ func TestChainLayerMatchesSeparate(t *testing.T) {
 		}
 		for _, graphed := range []bool{false, true} {
 			for _, merged := range []int{chainAll, chainAll | 1<<chainNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormGEMV, chainAll | 1<<chainAddNormGEMV,
-				chainAll | 1<<chainNormGEMV | 1<<chainAddNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormGEMV | 1<<chainAddNormGEMV} {
+				chainAll | 1<<chainNormGEMV | 1<<chainAddNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormGEMV | 1<<chainAddNormGEMV,
+				chainAll | 1<<chainNormAbsorb | 1<<chainAddNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormAbsorb | 1<<chainAddNormGEMV} {
 				got, err := run(merged, graphed)
 				if err != nil {
 					return err
 				}
 				for name, w := range want {
 					if j := firstDiff(w, got[name]); j >= 0 {
-						t.Errorf("%s, shared launches %07b (graph %v): byte %d of %d differs from the separate launches", name, merged, graphed, j, len(w))
+						t.Errorf("%s, shared launches %08b (graph %v): byte %d of %d differs from the separate launches", name, merged, graphed, j, len(w))
 					}
 				}
 			}
@@ -397,9 +421,23 @@ func TestChainLayerMatchesSeparate(t *testing.T) {
 // GLM-4.7-Flash's shapes (the attention itself left out) over 24 layers'
 // weights in turn, as 12 separate launches, with chain.go's shared
 // launches of sections (5) and (6) of docs/perf.md, and with those of
-// section (7) in turn, replayed from a graph with programmatic dependent
-// launch: device time per layer.
+// sections (7) and (10) in turn, replayed from a graph with programmatic
+// dependent launch: device time per layer.
 func BenchmarkChainLayer(b *testing.B) {
+	benchChainLayer(b, 2, []int{0, chainAll, chainAll | 1<<chainNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormGEMV,
+		chainAll | 1<<chainAddNormGEMV, chainAll | 1<<chainNormGEMV | 1<<chainAddNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormGEMV | 1<<chainAddNormGEMV,
+		chainAll | 1<<chainNormAbsorb | 1<<chainAddNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormAbsorb | 1<<chainAddNormGEMV})
+}
+
+// BenchmarkChainLayerAbsorb: BenchmarkChainLayer's default merges with q_b
+// and its norms in their own launch and in the absorbed query's
+// (chainNormAbsorb, the latent's norm beside or apart), in turns.
+func BenchmarkChainLayerAbsorb(b *testing.B) {
+	benchChainLayer(b, 4, []int{chainAll | 1<<chainNormGEMV | 1<<chainAddNormGEMV, chainAll | 1<<chainNormAbsorb | 1<<chainAddNormGEMV,
+		chainAll&^(1<<chainNorms) | 1<<chainNormAbsorb | 1<<chainAddNormGEMV})
+}
+
+func benchChainLayer(b *testing.B, rounds int, variants []int) {
 	d := benchDevice(b)
 	r := rand.New(rand.NewPCG(9, 11))
 	const layers = 24
@@ -413,9 +451,8 @@ func BenchmarkChainLayer(b *testing.B) {
 			return err
 		}
 		name := c.Info().Name
-		for round := 0; round < 2; round++ {
-			for _, merged := range []int{0, chainAll, chainAll | 1<<chainNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormGEMV,
-				chainAll | 1<<chainAddNormGEMV, chainAll | 1<<chainNormGEMV | 1<<chainAddNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormGEMV | 1<<chainAddNormGEMV} {
+		for round := 0; round < rounds; round++ {
+			for _, merged := range variants {
 				err := withPDL(c, c.info.CC >= 90, func() error {
 					g, release, err := capturedPDL(c, func() error {
 						for _, l := range ls {
@@ -433,7 +470,7 @@ func BenchmarkChainLayer(b *testing.B) {
 					if err != nil {
 						return err
 					}
-					fmt.Printf("%s: round %d: shared launches %07b (add+norm+pair, norm+q_b, router, rope, norms, values, pair): %6.2f us a layer (PDL %v)\n", name, round, merged, us/layers, c.pdl)
+					fmt.Printf("%s: round %d: shared launches %08b (norm+q_b+absorb, add+norm+pair, norm+q_b, router, rope, norms, values, pair): %6.2f us a layer (PDL %v)\n", name, round, merged, us/layers, c.pdl)
 					return nil
 				})
 				if err != nil {

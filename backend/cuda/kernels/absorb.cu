@@ -528,3 +528,261 @@ extern "C" __global__ void __launch_bounds__(256)
     if (j < rank) put(j, lv[u]);
   }
 }
+
+// q_b's product with the q_a norm (norm_gemv_t1, quant.cu), the absorbed
+// query (absorb_query_tc_rope_192) and the RoPEs and cache write, for one
+// token, in one launch: GLM-4.7-Flash's attention (dn 192, rope 64, rank
+// 512 = 4 column slabs of AT_N). Grid (4, 1, heads + 1), clusters of the 4
+// blocks of a head, 256 threads.
+//
+// Block (c, 0, h), h < heads: rows h*256 + 64c + [0, 64) of q_b (blocks 0-2
+// the head's 192 nope rows, block 3 its 64 rope rows). Before the wait it
+// requests those rows of W_qb (warp w rows 8w + [0, 8), chunk lane of each
+// as norm_gemv_t1's warps), the gain, and dequantizes its slab of W_UK
+// (columns 128c + [0, 128) of head h) into shared memory. After the wait
+// it normalises q_a's row into int8 groups as norm_gemv_t1's blocks do
+// (block (0, 0, 0) writes the norm's float output and int8 form) and takes
+// its 64 rows' products in norm_gemv_t1's arithmetic. Blocks 0-2 write
+// their rows to q and store them into the shared memory of the cluster's
+// four blocks; block 3 rotates its rows (rope_row_cs's arithmetic, the
+// table's row 0) and writes them to q's rope columns. After a cluster
+// barrier every block holds the head's 192 nope values and takes its
+// slab's absorbed query as absorb_query_tc does for one token (the same
+// splits and products: the same bits; one row tile of 16, whose other
+// rows are zero, and 8 warps of 16 columns, each accumulator taking the
+// products in absorb_query_tc's order).
+//
+// Block (0, 0, heads): the latent's norm (rmsnorm_quant8_row; none when
+// x2 is null), then the key's RoPE and the cache write of row 0
+// (rope2_cache_write_row without queries: one key head of 64 rotated
+// columns). Blocks (1-3, 0, heads) do nothing.
+//
+// kg and kg2 hold K | gshift << 16 (q_b's columns, G = 32 << gshift) and
+// K2 | G2 << 16; flags interleaved | dtype << 1. Dynamic shared memory
+// QA_SHARED bytes (qAbsorbShared in chain.go).
+#define QA_DN 192
+// The cluster barrier in two halves, and a store into the shared memory
+// of the cluster's block rank (as moe.cu's router).
+DEVICE void qa_cluster_arrive() { asm volatile("barrier.cluster.arrive.aligned;" ::: "memory"); }
+DEVICE void qa_cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
+DEVICE void qa_st_cluster(float* p, u32 rank, float v) {
+  u32 a = (u32)__cvta_generic_to_shared(p), d;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(rank));
+  asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(d), "f"(v) : "memory");
+}
+#define QA_LDA (QA_DN + 8)
+#define QA_SHARED (2 * 16 * QA_LDA * 2 + QA_DN * AT_LDB * 2 + 4 * 256 + 4 * QA_DN)
+extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(256, 2)
+    norm_qb_absorb_192(const u8* __restrict__ qcodes, const u8* __restrict__ qscales,
+                       const float* __restrict__ qrs, int kg, const float* x, const float* __restrict__ gain,
+                       float eps, float* out, i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum,
+                       float* q, float* __restrict__ qlat, const u8* __restrict__ codes,
+                       const u8* __restrict__ scales, const float* __restrict__ row_scale, int G,
+                       const float* __restrict__ cs, int flags, const float* x2, const float* __restrict__ gain2,
+                       float eps2, float* out2, i8* __restrict__ xq2, float* __restrict__ xs2,
+                       i32* __restrict__ xsum2, int kg2, float* kpe, void* layer, const i32* __restrict__ slots,
+                       const float* lat) {
+  constexpr int DN = QA_DN, DR = 64, rank = 4 * AT_N, R = DN + DR;
+  const int heads = (int)gridDim.z - 1, interleaved = flags & 1;
+  PDL_LAUNCH();
+  if ((int)blockIdx.z == heads) {
+    if (blockIdx.x != 0) return;
+    if (x2) {
+      rmsnorm_quant8_row(x2, 0, nullptr, 0, nullptr, 0, nullptr, 0, gain2, eps2, out2, 0, xq2, xs2, xsum2,
+                         kg2 & 0xFFFF, kg2 >> 16, 0);
+      __syncthreads();  // out2 (the latent the cache takes) written
+    }
+    rope2_cache_write_row(nullptr, 0, 0, 0, 0, kpe, 0, 1, DR, 0, DR, interleaved, cs, 1, layer, flags >> 1, slots,
+                          lat, 0, rank, DR, 0, true);
+    return;
+  }
+  extern __shared__ __align__(16) u8 qa_smem[];
+  unsigned short* ahi = (unsigned short*)qa_smem;  // [16][QA_LDA]: row 0 the query, rows 1-15 zero
+  unsigned short* alo = ahi + 16 * QA_LDA;         // [16][QA_LDA]
+  unsigned short* bs = alo + 16 * QA_LDA;          // [DN][AT_LDB]
+  u32* lut = (u32*)(bs + DN * AT_LDB);             // [256]
+  float* rsm = (float*)(lut + 256);                // [DN] W_UK's row scales of the head
+  __shared__ __align__(16) i8 sq[1024];            // the normalised q_a row, int8
+  __shared__ float ssc[32];                        // its group scales
+  __shared__ double partial[4];
+  __shared__ __align__(16) float qn[DN];  // the head's nope values (from blocks 0-2)
+  __shared__ float qp[DR];                // block 3: the head's rope values
+  __shared__ float down;
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, k0 = tid * 8;
+  const int c = blockIdx.x, h = blockIdx.z;
+  const int K = kg & 0xFFFF, gshift = kg >> 16, Gq = 32 << gshift, C = K >> 5, GK = C >> gshift;
+  const int row0 = h * R + 64 * c + 8 * warp;  // this warp's first row of q_b
+  const bool on = k0 < K;
+  // Every block of the cluster has started before any store into its
+  // shared memory (the wait is after the product).
+  qa_cluster_arrive();
+
+  // W_qb's chunks of this lane (chunk lane of the warp's 8 rows), the row
+  // scale of row lane, the gain, before the wait.
+  uint4 w[8];
+  u32 s[8];
+  if (lane < C) {
+#pragma unroll
+    for (int r = 0; r < 8; r++) {
+      w[r] = load_stream16(qcodes + (size_t)(row0 + r) * (K / 2) + lane * 16);
+      s[r] = __ldg(qscales + (size_t)(row0 + r) * GK + (lane >> gshift));
+    }
+  }
+  const float rs = lane < 8 ? qrs[row0 + lane] : 0.f;
+  float gv[8];
+  if (on) ldg8(gain + k0, gv);
+  float cq = 0.f, sn = 0.f;  // block 3: the table's row 0, pair tid
+  if (c == 3 && tid < DR / 2) {
+    cq = cs[tid];
+    sn = cs[DR / 2 + tid];
+  }
+  // W_UK's slab, dequantized before the wait (absorb_query_tc).
+  constexpr int chunks = DN * 4 / 256;
+  {
+    uint4 cv[chunks];
+    u32 sv[chunks];
+    at_load_slab<DN>(codes, scales, row_scale, G, rank, h, c * AT_N, tid, cv, sv, rsm, lut);
+    for (int i = tid; i < 15 * QA_LDA / 2; i += 256) {
+      ((u32*)(ahi + QA_LDA))[i] = 0u;
+      ((u32*)(alo + QA_LDA))[i] = 0u;
+    }
+    __syncthreads();  // lut and rsm
+    at_dequant_slab<chunks>(cv, sv, tid, lut, bs);
+  }
+
+  PDL_WAIT();
+  // The q_a norm, norm_gemv_t1's arithmetic.
+  float v[8];
+  if (on) {
+    const float4* px = (const float4*)(x + k0);
+    const float4 x0 = px[0], x1 = px[1];
+    v[0] = x0.x; v[1] = x0.y; v[2] = x0.z; v[3] = x0.w;
+    v[4] = x1.x; v[5] = x1.y; v[6] = x1.z; v[7] = x1.w;
+    double ss = 0;
+#pragma unroll
+    for (int e = 0; e < 8; e++) ss += (double)v[e] * (double)v[e];
+    ss = warp_sum_d(ss);
+    if (lane == 0) partial[warp] = ss;
+  }
+  __syncthreads();
+  if (on) {
+    double total = 0;
+    for (int p = 0; p < (K >> 8); p++) total += partial[p];
+    const float inv = (float)(1.0 / sqrt(total / K + (double)eps));
+#pragma unroll
+    for (int e = 0; e < 8; e++) v[e] = gv[e] * (v[e] * inv);
+    const int L = Gq >> 3;
+    u32 packed[2];
+    i32 sum;
+    const float sc = quant8_lane8(v, L, packed, sum);
+    *(uint2*)(sq + k0) = make_uint2(packed[0], packed[1]);
+    if ((lane & (L - 1)) == 0) ssc[k0 / Gq] = sc;
+    if (c == 0 && h == 0) {
+      if (out) {
+        float4* po = (float4*)(out + k0);
+        po[0] = make_float4(v[0], v[1], v[2], v[3]);
+        po[1] = make_float4(v[4], v[5], v[6], v[7]);
+      }
+      *(uint2*)(xq + k0) = make_uint2(packed[0], packed[1]);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      if ((lane & 3) == 0) xsum[k0 / 32] = sum;
+      if ((lane & (L - 1)) == 0) xs[k0 / Gq] = sc;
+    }
+  }
+  __syncthreads();
+  // The warp's 8 rows of q_b (gemv_split_t1's sums); lane r < 8 takes row
+  // row0 + r.
+  float o[8];
+#pragma unroll
+  for (int r = 0; r < 8; r++) o[r] = 0.f;
+  if (lane < C) {
+    const uint4* xp = (const uint4*)(sq + lane * 32);
+    const uint4 xa = xp[0], xb = xp[1];
+    const float xscale = ssc[lane >> gshift];
+#pragma unroll
+    for (int r = 0; r < 8; r++) o[r] += (float)dot32_split(w[r], xa, xb) * (e4m3(s[r]) * xscale);
+  }
+  float mine = 0.f;
+#pragma unroll
+  for (int r = 0; r < 8; r++) {
+    const float t = warp_sum(o[r]);
+    if (lane == r) mine = t;
+  }
+  const float y = mine * (rs * 0.5f);
+  qa_cluster_wait();  // every block of the cluster has started
+  if (lane < 8) {
+    const int i = 8 * warp + lane;  // this block's row
+    if (c < 3) {
+      q[row0 + lane] = y;
+#pragma unroll
+      for (int b = 0; b < 4; b++) qa_st_cluster(&qn[64 * c + i], b, y);
+    } else {
+      qp[i] = y;
+    }
+  }
+  qa_cluster_arrive();
+  qa_cluster_wait();  // qn holds the head's nope values, qp this block's rope values
+
+  if (c == 3 && tid < DR / 2) {
+    // The queries' RoPE (rope_row_cs on the head's rope columns).
+    const int a = interleaved ? 2 * tid : tid, b = interleaved ? 2 * tid + 1 : tid + DR / 2;
+    const float x0 = qp[a], x1 = qp[b];
+    float* qh = q + h * R + DN;
+    qh[a] = __fsub_rn(__fmul_rn(x0, cq), __fmul_rn(x1, sn));
+    qh[b] = __fadd_rn(__fmul_rn(x1, cq), __fmul_rn(x0, sn));
+  }
+
+  // The absorbed query of the row (absorb_query_tc's arithmetic): warp 0
+  // scales and splits the 192 values, lane pairs 2*(lane + 32k).
+  if (warp == 0) {
+    float a0[3], a1[3], m = 0.f;
+#pragma unroll
+    for (int k = 0; k < 3; k++) {
+      const int i = 2 * (lane + 32 * k);
+      const float2 qv = *(const float2*)(qn + i);
+      a0[k] = qv.x * rsm[i] * 0.5f;
+      a1[k] = qv.y * rsm[i + 1] * 0.5f;
+      m = fmaxf(m, fmaxf(fabsf(a0[k]), fabsf(a1[k])));
+    }
+    m = warp_max(m);
+    const int eb = (__float_as_uint(m) >> 23) & 0xFF;
+    const int e = (m == 0.f || eb == 0xFF) ? 0 : max(-126, min(126, 141 - eb));
+    const float up = __uint_as_float((u32)(127 + e) << 23);
+    if (lane == 0) down = __uint_as_float((u32)(127 - e) << 23);
+#pragma unroll
+    for (int k = 0; k < 3; k++) {
+      const int i = 2 * (lane + 32 * k);
+      u32 hi, lo;
+      split_f16x2(a0[k] * up, a1[k] * up, hi, lo);
+      *(u32*)(ahi + i) = hi;
+      *(u32*)(alo + i) = lo;
+    }
+  }
+  __syncthreads();
+  // Warp w: columns 16w + [0, 16) of the slab.
+  const int wn = 16 * warp;
+  const int a_off = (lane & 15) * QA_LDA + (lane >> 4) * 8;
+  const int b_off = ((lane & 7) + (((lane >> 3) & 1) << 3)) * AT_LDB + (lane >> 4) * 8;
+  float acc[2][4];
+#pragma unroll
+  for (int n = 0; n < 2; n++) acc[n][0] = acc[n][1] = acc[n][2] = acc[n][3] = 0.f;
+#pragma unroll
+  for (int st = 0; st < DN / 16; st++) {
+    u32 ah[4], al[4], b[2][2];
+    ldsm_x4(smem_addr(ahi + 16 * st + a_off), ah[0], ah[1], ah[2], ah[3]);
+    ldsm_x4(smem_addr(alo + 16 * st + a_off), al[0], al[1], al[2], al[3]);
+    ldsm_x4_t(smem_addr(bs + 16 * st * AT_LDB + wn + b_off), b[0][0], b[0][1], b[1][0], b[1][1]);
+#pragma unroll
+    for (int n = 0; n < 2; n++) mma_f16(acc[n], ah, b[n][0], b[n][1]);
+#pragma unroll
+    for (int n = 0; n < 2; n++) mma_f16(acc[n], al, b[n][0], b[n][1]);
+  }
+  if (lane < 4) {
+    const float d = down;
+    float* o2 = qlat + (size_t)h * rank + c * AT_N + wn + 2 * lane;
+#pragma unroll
+    for (int n = 0; n < 2; n++) *(float2*)(o2 + 8 * n) = make_float2(acc[n][0] * d, acc[n][1] * d);
+  }
+}
