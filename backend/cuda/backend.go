@@ -198,6 +198,9 @@ type Backend struct {
 	// lastRopeCache is the RoPE + cache write launch queued last.
 	lastRopeCache *ropeCacheOp
 	chainMerges   [7]int
+	// attnValuesFused counts the value expansions run in the attention's
+	// launch (decode_mma_values; tests).
+	attnValuesFused int
 	// prefillMerges counts a prefill's merged launches by kind
 	// (prefillValues, prefillNorms, prefillCombine, prefillRopeRows; tests).
 	prefillMerges [4]int
