@@ -13,11 +13,11 @@ import (
 	"github.com/mmfp4/mmfp4/backend"
 )
 
-// attnValuesSteps are single-row decode steps over sequences of 1000, 200
-// and 40 positions (tiles of 32 and 16 positions at 16 splits), and a
+// attnValuesSteps are single-row decode steps over sequences of 1000, 400
+// and 40 positions (tiles of 64, 32 and 16 positions at 16 splits), and a
 // step of two rows (not fused) between them.
 func attnValuesSteps(r *rand.Rand) *chainSteps {
-	cs := &chainSteps{lens: [3]int{1000, 200, 40}, blocks: 100}
+	cs := &chainSteps{lens: [3]int{1000, 400, 40}, blocks: 100}
 	perm := r.Perm(cs.blocks)
 	next := 0
 	for i, n := range cs.lens {
@@ -146,7 +146,8 @@ func runAttnValues(t *testing.T, b backend.Backend, cs *chainSteps, in *chainInp
 // decode_combine_values write at the same 16 splits, bit for bit: olat
 // and its int8 form, the values and their int8 form (o_proj's groups of
 // 128 and 32), and o_proj's output; launched directly and replayed from
-// graphs; at tiles of 32 and 16 positions (1000, 200 and 40 positions);
+// graphs; at tiles of 64, 32 and 16 positions (1000, 400 and 40
+// positions), and of 32 at 1000 positions;
 // W_UV groups of 128 and 32. The default path (the fused launch at its
 // own split count) matches the CPU backend.
 func TestDecodeMMAValuesMatchesSeparate(t *testing.T) {
@@ -161,33 +162,38 @@ func TestDecodeMMAValuesMatchesSeparate(t *testing.T) {
 	s := chainShape
 	cs := attnValuesSteps(r)
 	in := newChainInputs(r, cs, s, layers)
-	defer func(v bool) { attnValues, decodeSplitsFixed = v, 0 }(attnValues)
+	defer func(v bool) { attnValues, decodeSplitsFixed, attnValuesTile = v, 0, 0 }(attnValues)
 	for _, v := range []struct{ G, oG int }{{128, 128}, {32, 32}, {128, 64}} {
 		uk := quantHost(t, r, "wuk", s.Heads*s.NopeDim, s.Rank, 128)
 		uv := quantHost(t, r, "wuv", s.Heads*s.VDim, s.Rank, v.G)
 		wo := quantHost(t, r, "wo", 256, s.Heads*s.VDim, v.oG)
 		name := fmt.Sprintf("W_UV groups of %d, o_proj groups of %d", v.G, v.oG)
-		decodeSplitsFixed = 16
-		attnValues = false
-		g.attnValuesFused = 0
-		want := runAttnValues(t, g, cs, in, uk, uv, wo, layers)
-		if g.attnValuesFused != 0 {
-			t.Fatalf("%s: %d fused launches with the fusion off", name, g.attnValuesFused)
-		}
-		attnValues = true
-		for _, b := range []*Backend{g, gg} {
-			b.attnValuesFused = 0
-			got := runAttnValues(t, b, cs, in, uk, uv, wo, layers)
-			// Single rows: five steps of two layers.
-			if b.attnValuesFused != 5*layers {
-				t.Errorf("%s (graphs %v): %d fused launches, want %d", name, b == gg, b.attnValuesFused, 5*layers)
+		for _, tile := range []int{0, 32} {
+			attnValuesTile = tile
+			what := fmt.Sprintf("%s, tiles %d", name, tile)
+			decodeSplitsFixed = 16
+			attnValues = false
+			g.attnValuesFused = 0
+			want := runAttnValues(t, g, cs, in, uk, uv, wo, layers)
+			if g.attnValuesFused != 0 {
+				t.Fatalf("%s: %d fused launches with the fusion off", what, g.attnValuesFused)
 			}
-			for _, k := range []string{"olat", "olat int8", "values", "values int8", "o_proj"} {
-				if i := firstDiff(want[k], got[k]); i >= 0 {
-					t.Errorf("%s (graphs %v): %s differs at byte %d of %d from the separate launches", name, b == gg, k, i, len(want[k]))
+			attnValues = true
+			for _, b := range []*Backend{g, gg} {
+				b.attnValuesFused = 0
+				got := runAttnValues(t, b, cs, in, uk, uv, wo, layers)
+				// Single rows: five steps of two layers.
+				if b.attnValuesFused != 5*layers {
+					t.Errorf("%s (graphs %v): %d fused launches, want %d", what, b == gg, b.attnValuesFused, 5*layers)
+				}
+				for _, k := range []string{"olat", "olat int8", "values", "values int8", "o_proj"} {
+					if i := firstDiff(want[k], got[k]); i >= 0 {
+						t.Errorf("%s (graphs %v): %s differs at byte %d of %d from the separate launches", what, b == gg, k, i, len(want[k]))
+					}
 				}
 			}
 		}
+		attnValuesTile = 0
 		decodeSplitsFixed = 0
 		g.attnValuesFused = 0
 		got := runAttnValues(t, g, cs, in, uk, uv, wo, layers)
@@ -211,8 +217,9 @@ func TestDecodeMMAValuesMatchesSeparate(t *testing.T) {
 // absorbed query, attention, value expansion; 48 layers in a graph with
 // programmatic dependent launch) at ctx 1024-8192, with the attention's
 // splits merged and the values expanded in its launch (decode_mma_values,
-// 16 splits) against the separate launches at their own split count and
-// at 16, timed by turns: device time a layer. Run with
+// 16 splits; tiles by the default rule, and of 32) against the separate
+// launches at their own split count and at 16, timed by turns: device
+// time a layer; and at ctx 1024 the fused launch's timer stamps. Run with
 // -test.benchtime=1x.
 func BenchmarkDecodeAttnValues(b *testing.B) {
 	d := benchDevice(b)
@@ -226,22 +233,25 @@ func BenchmarkDecodeAttnValues(b *testing.B) {
 	for i := range pattern {
 		pattern[i] = uint16(math.Float32bits(float32(r.NormFloat64())) >> 16)
 	}
-	defer func(v bool, n int) { attnValues, attnValuesMaxN, decodeSplitsFixed = v, n, 0 }(attnValues, attnValuesMaxN)
+	defer func(v bool, n int) { attnValues, attnValuesMaxN, decodeSplitsFixed, attnValuesTile = v, n, 0, 0 }(attnValues, attnValuesMaxN)
 	type mode struct {
-		what  string
-		fused bool
-		S     int
+		what    string
+		fused   bool
+		S, tile int
 	}
-	modes := []mode{{"separate", false, 0}, {"fused (16 splits)", true, 0}, {"separate, 16 splits", false, 16}}
+	modes := []mode{{"separate", false, 0, 0}, {"fused, tiles auto", true, 0, 0}, {"fused, tiles of 32", true, 0, 32},
+		{"separate, 16 splits", false, 16, 0}}
 	for _, ctx := range []int{1024, 2048, 4096, 8192} {
 		decodeChainAt(b, d, r, pattern, ctx, func(g *Backend, queue func() []queuedOp, layers int) {
 			if ctx == 1024 {
-				attnValues, attnValuesMaxN = true, 1<<20
+				attnValues, attnValuesMaxN, decodeSplitsFixed, attnValuesTile = true, 1<<20, 0, 0
+				chainPhases(b, g, queue)
+				attnValuesTile = 32
 				chainPhases(b, g, queue)
 			}
 			var opss [][]queuedOp
 			for _, m := range modes {
-				attnValues, attnValuesMaxN, decodeSplitsFixed = m.fused, 1<<20, m.S
+				attnValues, attnValuesMaxN, decodeSplitsFixed, attnValuesTile = m.fused, 1<<20, m.S, m.tile
 				g.attnValuesFused = 0
 				opss = append(opss, queue())
 				if (g.attnValuesFused > 0) != m.fused {

@@ -68,6 +68,10 @@ const attnValuesSplits = 16
 
 var attnValuesMaxN = 2048
 
+// attnValuesTile, when not 0, is the fused launch's tile of positions (16,
+// 32 or 64; benchmarks).
+var attnValuesTile int
+
 // attnValuesBytes is DMV_BYTES in flash.cu.
 const attnValuesBytes = 32768 + 2048 + 512 + 8192 + 64 + 64 + 32 + 512 + 512 + 64 + 64
 
@@ -76,7 +80,7 @@ const attnValuesBytes = 32768 + 2048 + 512 + 8192 + 64 + 64 + 32 + 512 + 512 + 6
 // expansion's.
 func decodeMMAValuesShared(rank, dr, tp int) int {
 	ld := rank + dr + 8
-	stage := max(decodeMMAStages*tp*ld*2, 8*(rank+4)*4)
+	stage := max(decodeMMAStagesFor(tp)*tp*ld*2, 8*(rank+4)*4)
 	return (stage+8*tp*8*4+32*(tp+8)*2+3*8*4+15)&^15 + attnValuesBytes
 }
 
@@ -84,13 +88,22 @@ func decodeMMAValuesShared(rank, dr, tp int) int {
 // merges by the second launch.
 const decodeMMALaunchMaxN = 4096
 
+// decodeMMAStagesFor is decode_mma's tiles in flight for tiles of tp
+// positions: two of 64 (blocks of 8 heads only), else decodeMMAStages.
+func decodeMMAStagesFor(tp int) int {
+	if tp == 64 {
+		return 2
+	}
+	return decodeMMAStages
+}
+
 // decodeMMAShared is decode_mma's dynamic shared memory for tiles of tp
 // positions: the tiles in flight (or the head-major values at the end,
 // whichever is larger), eight warps' partial scores, the weights' three
 // parts and three floats a head.
 func decodeMMAShared(rank, dr, tp int) int {
 	ld := rank + dr + 8
-	stage := max(decodeMMAStages*tp*ld*2, decodeMMAHeads*(rank+4)*4)
+	stage := max(decodeMMAStagesFor(tp)*tp*ld*2, decodeMMAHeads*(rank+4)*4)
 	return stage + 8*tp*decodeMMAHeads*4 + 80*(tp+8)*2 + 3*decodeMMAHeads*4
 }
 
@@ -156,6 +169,21 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 	tp := 32
 	if (b.meta.maxN+S-1)/S <= 16 {
 		tp = 16
+	}
+	if T == 1 && hg > 1 && !one && S == attnValuesSplits {
+		// The fused launch's split count (and the separate launches' at
+		// that count, whose bits it matches): one tile of 64 positions
+		// where a split has 33-128 (at ctx 1024, one tile rather than two
+		// of 32).
+		tp = attnValuesTile
+		if per := (b.meta.maxN + S - 1) / S; tp == 0 && per > 32 && per <= 128 {
+			tp = 64
+		} else if tp == 0 {
+			tp = 32
+			if per <= 16 {
+				tp = 16
+			}
+		}
 	}
 	if b.decodeMMATile != 0 {
 		tp = b.decodeMMATile

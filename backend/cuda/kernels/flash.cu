@@ -1154,12 +1154,13 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   // grid z; the weights' rows part*NH + head, in PRG groups of 8 (an even
   // count for the paired fragment loads).
   constexpr int NH = 8 * HT, PRG = (3 * HT + 1) & ~1, PROWS = 8 * PRG;
-  static_assert(KR <= 8 && DR % 16 == 0 && RANK % 128 == 0 && (TP == 16 || TP == 32), "shape");
+  static_assert(KR <= 8 && DR % 16 == 0 && RANK % 128 == 0 && (TP == 16 || TP == 32 || TP == 64), "shape");
+  constexpr int NST = TP == 64 ? 2 : DM_NST;  // tiles in flight (two of 64 positions)
 
   extern __shared__ __align__(16) u8 dm_smem[];
-  unsigned short* stage = (unsigned short*)dm_smem;  // [DM_NST][TP][LD]
+  unsigned short* stage = (unsigned short*)dm_smem;  // [NST][TP][LD]
   float* ot = (float*)dm_smem;                       // [NH][OLD], after the tiles
-  constexpr int STAGE_BYTES = DM_NST * TP * LD * 2 > NH * OLD * 4 ? DM_NST * TP * LD * 2 : NH * OLD * 4;
+  constexpr int STAGE_BYTES = NST * TP * LD * 2 > NH * OLD * 4 ? NST * TP * LD * 2 : NH * OLD * 4;
   float* sp = (float*)(dm_smem + STAGE_BYTES);             // [8][TP][NH] partial scores; the merge's
   unsigned short* pw = (unsigned short*)(sp + 8 * TP * NH);  // [PROWS][PLD] weights
   float* alpha_s = (float*)(pw + PROWS * PLD);               // [NH]
@@ -1200,7 +1201,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
     return (u32)(table[j / block_size] * block_size + j % block_size);
   };
   const u32 stage_addr = smem_addr(stage);
-  // Tile k into stage k % DM_NST: part 0 the rows copied before the wait
+  // Tile k into stage k % NST: part 0 the rows copied before the wait
   // (earlier steps' positions, and zero fill past the split), part 1 the
   // others, part 2 all; parts 1 and 2 close a group (an empty one past
   // the last tile, so that every iteration waits for the same count).
@@ -1210,18 +1211,18 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
       const bool valid = r < nb, before = ahead && (!valid || j0 + r < early);
       if (part == 2 || (part == 0) == before) {
         const u8* src = layer + (size_t)slot * W * 2;
-        const u32 dst = stage_addr + (u32)(((k % DM_NST) * TP + crow) * LD * 2);
+        const u32 dst = stage_addr + (u32)(((k % NST) * TP + crow) * LD * 2);
         for (int c = csub; c < CH; c += TPR) cp_async16(dst + c * 16, src + c * 16, valid);
       }
     }
     if (part != 0) asm volatile("cp.async.commit_group;" ::: "memory");
   };
-  u32 lead[DM_NST - 1];
+  u32 lead[NST - 1];
 #pragma unroll
-  for (int k = 0; k < DM_NST - 1; k++) lead[k] = slot_of(k);
+  for (int k = 0; k < NST - 1; k++) lead[k] = slot_of(k);
   if (ahead) {
 #pragma unroll
-    for (int k = 0; k < DM_NST - 1; k++) issue(k, lead[k], 0);
+    for (int k = 0; k < NST - 1; k++) issue(k, lead[k], 0);
   }
   // Weights of the padding rows and heads stay zero.
   for (int i = tid; i < PROWS * PLD / 2; i += DM_THREADS) ((u32*)pw)[i] = 0u;
@@ -1230,8 +1231,8 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   if (stamp && tid == 0) stamp[1] = globaltimer_after((int)lead[0]);
 
 #pragma unroll
-  for (int k = 0; k < DM_NST - 1; k++) issue(k, lead[k], ahead ? 1 : 2);
-  u32 nslot = slot_of(DM_NST - 1);
+  for (int k = 0; k < NST - 1; k++) issue(k, lead[k], ahead ? 1 : 2);
+  u32 nslot = slot_of(NST - 1);
 
   // This warp's query parts as B fragments: k step kk covers query
   // columns kcol(kk) .. +16; heads 8j + g.
@@ -1273,12 +1274,12 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   const u32 pw_addr = smem_addr(pw);
 
   for (int k = 0; k < ntiles; k++) {
-    issue(k + DM_NST - 1, nslot, 2);
-    nslot = slot_of(k + DM_NST);
-    asm volatile("cp.async.wait_group %0;" ::"n"(DM_NST - 1) : "memory");
+    issue(k + NST - 1, nslot, 2);
+    nslot = slot_of(k + NST);
+    asm volatile("cp.async.wait_group %0;" ::"n"(NST - 1) : "memory");
     __syncthreads();
     if (k == 0) DM_STAMP(3);
-    const u32 tile = stage_addr + (u32)((k % DM_NST) * TP * LD * 2);
+    const u32 tile = stage_addr + (u32)((k % NST) * TP * LD * 2);
 
     // Partial scores over this warp's k steps: TP positions x NH heads.
     {
@@ -1489,6 +1490,7 @@ DECODE_MMA(256, 32, 16, DM_HT, decode_mma_256_32_t16)
 DECODE_MMA(256, 32, 32, DM_HT, decode_mma_256_32_t32)
 DECODE_MMA(512, 64, 16, 1, decode_mma_512_64_t16_h8)
 DECODE_MMA(512, 64, 32, 1, decode_mma_512_64_t32_h8)
+DECODE_MMA(512, 64, 64, 1, decode_mma_512_64_t64_h8)
 
 // decode_mma with the merge and the value expansion in its launch (one
 // row; grid (CS, 1, head tiles of 8), a cluster of CS blocks a tile).
@@ -1507,6 +1509,7 @@ DECODE_MMA(512, 64, 32, 1, decode_mma_512_64_t32_h8)
 
 DECODE_MMA_VALUES(16, 16, decode_mma_values_t16_c16)
 DECODE_MMA_VALUES(32, 16, decode_mma_values_t32_c16)
+DECODE_MMA_VALUES(64, 16, decode_mma_values_t64_c16)
 
 // The splits' merge as a second launch: grid (rank/128, heads, rows),
 // eight warps a block for one row, head and 128 columns. Warp w takes the
