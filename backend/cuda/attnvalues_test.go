@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"slices"
 	"testing"
 	"time"
 
@@ -245,9 +246,9 @@ func BenchmarkDecodeAttnValues(b *testing.B) {
 		decodeChainAt(b, d, r, pattern, ctx, func(g *Backend, queue func() []queuedOp, layers int) {
 			if ctx == 1024 {
 				attnValues, attnValuesMaxN, decodeSplitsFixed, attnValuesTile = true, 1<<20, 0, 0
-				chainPhases(b, g, queue)
+				attnValuesPhases(b, g, queue)
 				attnValuesTile = 32
-				chainPhases(b, g, queue)
+				attnValuesPhases(b, g, queue)
 			}
 			var opss [][]queuedOp
 			for _, m := range modes {
@@ -292,4 +293,68 @@ func BenchmarkDecodeAttnValues(b *testing.B) {
 			}
 		})
 	}
+}
+
+// attnValuesPhases prints decode_mma_values' timer stamps in the replayed
+// chain (PDL on, the last layer's launch): decode_mma's six a block, then
+// the fused part's five (median and latest over the blocks that wrote
+// them, us after the first block's entry).
+func attnValuesPhases(b *testing.B, g *Backend, queue func() []queuedOp) {
+	const most = 4096
+	var buf Buffer
+	if err := g.dev.Do(func(c *Ctx) error {
+		var err error
+		if buf, err = c.Alloc(11 * 8 * most); err != nil {
+			return err
+		}
+		return c.Memset(buf.Ptr, 0, 11*8*most)
+	}); err != nil {
+		b.Fatal(err)
+	}
+	g.decodeStamps = buf.Ptr
+	ops := queue()
+	g.decodeStamps = 0
+	n := g.decodeStampBlocks
+	st := make([]uint64, 11*n)
+	err := g.dev.Do(func(c *Ctx) error {
+		return withPDL(c, true, func() error {
+			gr, release, err := capturedPDL(c, func() error { return runOps(c, ops) })
+			if err != nil {
+				return err
+			}
+			defer release()
+			if _, err := timeReplay(c, gr.exec, 2); err != nil {
+				return err
+			}
+			if err := c.Sync(); err != nil {
+				return err
+			}
+			if err := CopyOut(c, st, buf.Ptr); err != nil {
+				return err
+			}
+			return c.Free(buf)
+		})
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	line := stampSummary(fmt.Sprintf("fused, tiles %d: ", attnValuesTile), st[:6*n], n, []string{"entry", "wait returned", "queries", "first tile", "summed", "written"})
+	t0 := st[0]
+	for i := 0; i < n; i++ {
+		t0 = min(t0, st[6*i])
+	}
+	for k, what := range []string{"barrier passed", "partials asked, splits weighed", "merged", "values", "done"} {
+		var v []float64
+		for i := 0; i < n; i++ {
+			if x := st[6*n+5*i+k]; x != 0 {
+				v = append(v, float64(x-t0)/1e3)
+			}
+		}
+		if len(v) == 0 {
+			continue
+		}
+		slices.Sort(v)
+		line += fmt.Sprintf(" %s %.2f / %.2f (%d);", what, v[len(v)/2], v[len(v)-1], len(v))
+	}
+	fmt.Println(line)
 }

@@ -993,7 +993,7 @@ DEVICE void dm_values_fetch(const DMValues& vx, u8* vsm, int hb, int nhb) {
 template <int RANK, int CS>
 DEVICE void dm_values_tail(const DMValues& vx, const float* ot, const float* m_s, const float* l_s, u8* vsm, int hb,
                            int nhb, int heads, float* __restrict__ olat, i8* __restrict__ xq, float* __restrict__ xs,
-                           i32* __restrict__ xsum, int G) {
+                           i32* __restrict__ xsum, int G, unsigned long long* stamps) {
   constexpr int K = RANK, OLD = RANK + 4;
   static_assert(RANK == 512 && CS <= 16, "shape");
   const u8* wc = vsm;
@@ -1011,10 +1011,31 @@ DEVICE void dm_values_tail(const DMValues& vx, const float* ot, const float* m_s
   const int c = blockIdx.x, rows = vx.rows;
   const bool mine = c < nhb * rows / 128;
   const size_t cbase = (size_t)hb * rows + (size_t)c * 128;
+  // Timer stamps (benchmarks), five a block after decode_mma's six of
+  // every block: the barrier passed, the splits' weights, merged, values
+  // written, done.
+  const size_t nb = (size_t)gridDim.x * gridDim.y * gridDim.z;
+  unsigned long long* stamp =
+      stamps ? stamps + 6 * nb + 5 * (((size_t)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) : nullptr;
+#define DMV_STAMP(k) \
+  if (stamp && tid == 0) stamp[k] = globaltimer()
   dm_cluster_arrive();  // every block's partial is in its shared memory
   dm_cluster_wait();
+  DMV_STAMP(0);
   if (mine) {
     const int hl = c * 128 / rows;  // the chunk's head in the tile
+    // Thread (k, f): classes 4k..4k+3 of float4 column f; its partials are
+    // requested first, then warp 0 weighs the splits meanwhile.
+    const int f = tid & 127, k = tid >> 7;
+    const u32 src = smem_addr(ot + hl * OLD + 4 * f);
+    float4 x[4][2];
+#pragma unroll
+    for (int i = 0; i < 4; i++)
+#pragma unroll
+      for (int u = 0; u < 2; u++) {
+        const int q = 4 * k + i + 8 * u;
+        x[i][u] = q < CS ? dm_ld_cluster4(dm_mapa(src, q)) : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
     if (warp == 0) {
       float mq = __int_as_float(0xff800000), lq = 0.f;
       if (lane < CS) {
@@ -1028,17 +1049,7 @@ DEVICE void dm_values_tail(const DMValues& vx, const float* ot, const float* m_s
       }
     }
     __syncthreads();
-    // Thread (k, f): classes 4k..4k+3 of float4 column f.
-    const int f = tid & 127, k = tid >> 7;
-    const u32 src = smem_addr(ot + hl * OLD + 4 * f);
-    float4 x[4][2];
-#pragma unroll
-    for (int i = 0; i < 4; i++)
-#pragma unroll
-      for (int u = 0; u < 2; u++) {
-        const int q = 4 * k + i + 8 * u;
-        x[i][u] = q < CS ? dm_ld_cluster4(dm_mapa(src, q)) : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
+    DMV_STAMP(1);
     float4 o[4];
     float lw[4];
 #pragma unroll
@@ -1082,6 +1093,7 @@ DEVICE void dm_values_tail(const DMValues& vx, const float* ot, const float* m_s
     }
     __syncthreads();
   }
+  DMV_STAMP(2);
   dm_cluster_arrive();  // this block's reads of the others' shared memory are done
   if (mine) {
     const int sl = lane & 15, gshift = vx.gshift, GK = (K / 32) >> gshift;
@@ -1111,6 +1123,7 @@ DEVICE void dm_values_tail(const DMValues& vx, const float* ot, const float* m_s
         }
       }
     }
+    DMV_STAMP(3);
     if (vx.yq) {
       __syncthreads();
       // Warp j < 128/qg quantizes group j of the chunk's rows (as
@@ -1127,7 +1140,9 @@ DEVICE void dm_values_tail(const DMValues& vx, const float* ot, const float* m_s
       }
     }
   }
+  DMV_STAMP(4);
   dm_cluster_wait();  // the others' reads of this block's shared memory are done
+#undef DMV_STAMP
 }
 
 template <int RANK, int DR, int TP, int HT, int CS = 0>
@@ -1421,7 +1436,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 
   constexpr int C4 = RANK / 4;
   if constexpr (CS != 0) {
-    dm_values_tail<RANK, CS>(vx, ot, m_s, l_s, vsm, hb, nhb, heads, olat, xq, xs, xsum, G);
+    dm_values_tail<RANK, CS>(vx, ot, m_s, l_s, vsm, hb, nhb, heads, olat, xq, xs, xsum, G, stamps);
     DM_STAMP(5);
     return;
   }
