@@ -68,6 +68,12 @@ const attnValuesSplits = 16
 
 var attnValuesMaxN = 2048
 
+// attnValuesHalf: where a head's value rows are two chunks of 128, each
+// of the two blocks merges half the head's columns and takes the other
+// half's int8 form from the other block (half the partials through
+// distributed shared memory, a cluster barrier more).
+var attnValuesHalf = true
+
 // attnValuesTile, when not 0, is the fused launch's tile of positions (16,
 // 32 or 64; benchmarks).
 var attnValuesTile int
@@ -348,6 +354,9 @@ func (c *Ctx) decodeMMAValues(f *fusedValues, tp, hg int, olat uint64, ldo int, 
 	}
 	shared := decodeMMAValuesShared(512, 64, tp)
 	name := fmt.Sprintf("decode_mma_values_t%d_c%d", tp, attnValuesSplits)
+	if attnValuesHalf && f.rows == 256 {
+		name += "h"
+	}
 	k, err := c.Kernel("flash", name)
 	if err != nil {
 		return err

@@ -970,6 +970,12 @@ DEVICE float4 dm_ld_cluster4(u32 a) {
   return v;
 }
 
+DEVICE uint4 dm_ld_cluster4u(u32 a) {
+  uint4 v;
+  asm volatile("ld.shared::cluster.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a) : "memory");
+  return v;
+}
+
 // Block c's W_UV rows (chunk c of the tile, if it has one) into shared
 // memory vsm: codes, scales and row scales, copies not committed (they
 // join decode_mma's first group).
@@ -989,8 +995,12 @@ DEVICE void dm_values_fetch(const DMValues& vx, u8* vsm, int hb, int nhb) {
 
 // The merge and the value expansion (above), after decode_mma's block has
 // its head-major values in ot ([8][RANK+4]) and their maxima and sums in
-// m_s and l_s (its copies done).
-template <int RANK, int CS>
+// m_s and l_s (its copies done). HALF (a head's 256 value rows in two
+// chunks): block c merges half c mod 2 of its head's columns (half the
+// partials through distributed shared memory), and after a second
+// cluster barrier takes the other half's int8 form from the head's other
+// block.
+template <int RANK, int CS, bool HALF>
 DEVICE void dm_values_tail(const DMValues& vx, const float* ot, const float* m_s, const float* l_s, u8* vsm, int hb,
                            int nhb, int heads, float* __restrict__ olat, i8* __restrict__ xq, float* __restrict__ xs,
                            i32* __restrict__ xsum, int G, unsigned long long* stamps) {
@@ -1022,7 +1032,84 @@ DEVICE void dm_values_tail(const DMValues& vx, const float* ot, const float* m_s
   dm_cluster_arrive();  // every block's partial is in its shared memory
   dm_cluster_wait();
   DMV_STAMP(0);
-  if (mine) {
+  if (HALF && mine) {
+    const int hl = c * 128 / rows, j = c & 1;  // the chunk's head in the tile, its half
+    // Thread (k, f): classes 2k, 2k+1 of float4 column 64j + f.
+    const int f = tid & 63, k = tid >> 6, col = 64 * j + f;
+    const u32 src = smem_addr(ot + hl * OLD + 4 * col);
+    float4 x[2][2];
+#pragma unroll
+    for (int i = 0; i < 2; i++)
+#pragma unroll
+      for (int u = 0; u < 2; u++) {
+        const int q = 2 * k + i + 8 * u;
+        x[i][u] = q < CS ? dm_ld_cluster4(dm_mapa(src, q)) : make_float4(0.f, 0.f, 0.f, 0.f);
+      }
+    if (warp == 0) {
+      float mq = __int_as_float(0xff800000), lq = 0.f;
+      if (lane < CS) {
+        mq = dm_ld_cluster(dm_mapa(smem_addr(m_s + hl), lane));
+        lq = dm_ld_cluster(dm_mapa(smem_addr(l_s + hl), lane));
+      }
+      const float M = warp_max(lq > 0.f ? mq : __int_as_float(0xff800000));
+      if (lane < CS) {
+        esm[lane] = lq > 0.f ? expf(mq - M) : 0.f;
+        lsm[lane] = lq;
+      }
+    }
+    __syncthreads();
+    DMV_STAMP(1);
+#pragma unroll
+    for (int i = 0; i < 2; i++) {
+      float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+      float lw = 0.f;
+#pragma unroll
+      for (int u = 0; u < 2; u++) {
+        const int q = 2 * k + i + 8 * u;
+        if (q < CS) {
+          const float e = esm[q];
+          o.x += e * x[i][u].x, o.y += e * x[i][u].y, o.z += e * x[i][u].z, o.w += e * x[i][u].w;
+          lw += e * lsm[q];
+        }
+      }
+      red[(2 * k + i) * 64 + f] = o;
+      if (f == 0) lred[2 * k + i] = lw;
+    }
+    __syncthreads();
+    if (tid < 64) {
+      float4 r = red[f];
+      float L = lred[0];
+#pragma unroll
+      for (int q = 1; q < 8; q++) {
+        const float4 v = red[q * 64 + f];
+        r.x += v.x, r.y += v.y, r.z += v.z, r.w += v.w;
+        L += lred[q];
+      }
+      const float inv = 1.f / L;
+      const float4 out = make_float4(r.x * inv, r.y * inv, r.z * inv, r.w * inv);
+      quant_row4(out, true, col, 0, K, G, xq_sh, xs_sh, xsum_sh);
+      *(float4*)(olat + (size_t)(hb + hl) * K + 4 * col) = out;
+      quant_row4(out, true, (hb + hl) * (K / 4) + col, 0, heads * K, G, xq, xs, xsum);
+    }
+  }
+  if (HALF) {
+    dm_cluster_arrive();  // every half's int8 form is in its block's shared memory
+    dm_cluster_wait();
+    if (mine) {
+      // The other half's codes and scales, from the head's other block.
+      const int o = 1 - (c & 1), ng = 256 / G;
+      const u32 p = (u32)(c ^ 1);
+      if (tid < 16) {
+        i8* d = xq_sh + 256 * o + 16 * tid;
+        *(uint4*)d = dm_ld_cluster4u(dm_mapa(smem_addr(d), p));
+      } else if (tid < 16 + ng) {
+        float* d = xs_sh + ng * o + tid - 16;
+        *d = dm_ld_cluster(dm_mapa(smem_addr(d), p));
+      }
+      __syncthreads();
+    }
+  }
+  if (!HALF && mine) {
     const int hl = c * 128 / rows;  // the chunk's head in the tile
     // Thread (k, f): classes 4k..4k+3 of float4 column f; its partials are
     // requested first, then warp 0 weighs the splits meanwhile.
@@ -1145,7 +1232,7 @@ DEVICE void dm_values_tail(const DMValues& vx, const float* ot, const float* m_s
 #undef DMV_STAMP
 }
 
-template <int RANK, int DR, int TP, int HT, int CS = 0>
+template <int RANK, int DR, int TP, int HT, int CS = 0, bool VH = false>
 DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                        const float* __restrict__ q, int ldq, const u8* __restrict__ layer,
                        const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -1436,7 +1523,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 
   constexpr int C4 = RANK / 4;
   if constexpr (CS != 0) {
-    dm_values_tail<RANK, CS>(vx, ot, m_s, l_s, vsm, hb, nhb, heads, olat, xq, xs, xsum, G, stamps);
+    dm_values_tail<RANK, CS, VH>(vx, ot, m_s, l_s, vsm, hb, nhb, heads, olat, xq, xs, xsum, G, stamps);
     DM_STAMP(5);
     return;
   }
@@ -1509,22 +1596,26 @@ DECODE_MMA(512, 64, 64, 1, decode_mma_512_64_t64_h8)
 
 // decode_mma with the merge and the value expansion in its launch (one
 // row; grid (CS, 1, head tiles of 8), a cluster of CS blocks a tile).
-#define DECODE_MMA_VALUES(TP, CS, NAME)                                                                               \
-  extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(DM_THREADS, 1)                             \
-      NAME(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const u8* layer,              \
-           const i32* __restrict__ pos, const i32* __restrict__ row_seq, const i32* __restrict__ seq_blocks,         \
-           const i32* __restrict__ blocks, int block_size, int heads, int dn, float scale, int ahead, i8* xq,        \
-           float* xs, i32* xsum, int G, unsigned long long* stamps, const u8* __restrict__ codes,                    \
-           const u8* __restrict__ wscales, const float* __restrict__ row_scale, int gshift, float* y, int rows,      \
-           int qg, i8* yq, float* ys, i32* ysum) {                                                                   \
-    decode_mma<512, 64, TP, 1, CS>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks,           \
-                                   block_size, heads, dn, scale, nullptr, nullptr, nullptr, ahead, xq, xs, xsum, G,  \
-                                   stamps, DMValues{codes, wscales, row_scale, gshift, y, rows, qg, yq, ys, ysum}); \
+#define DECODE_MMA_VALUES(TP, CS, VH, NAME)                                                                           \
+  extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(DM_THREADS, 1)                              \
+      NAME(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const u8* layer,               \
+           const i32* __restrict__ pos, const i32* __restrict__ row_seq, const i32* __restrict__ seq_blocks,          \
+           const i32* __restrict__ blocks, int block_size, int heads, int dn, float scale, int ahead, i8* xq,         \
+           float* xs, i32* xsum, int G, unsigned long long* stamps, const u8* __restrict__ codes,                     \
+           const u8* __restrict__ wscales, const float* __restrict__ row_scale, int gshift, float* y, int rows,       \
+           int qg, i8* yq, float* ys, i32* ysum) {                                                                    \
+    decode_mma<512, 64, TP, 1, CS, VH>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks,        \
+                                   block_size, heads, dn, scale, nullptr, nullptr, nullptr, ahead, xq, xs, xsum, G,   \
+                                   stamps, DMValues{codes, wscales, row_scale, gshift, y, rows, qg, yq, ys, ysum});   \
   }
 
-DECODE_MMA_VALUES(16, 16, decode_mma_values_t16_c16)
-DECODE_MMA_VALUES(32, 16, decode_mma_values_t32_c16)
-DECODE_MMA_VALUES(64, 16, decode_mma_values_t64_c16)
+DECODE_MMA_VALUES(16, 16, false, decode_mma_values_t16_c16)
+DECODE_MMA_VALUES(32, 16, false, decode_mma_values_t32_c16)
+DECODE_MMA_VALUES(64, 16, false, decode_mma_values_t64_c16)
+// Each block merging half a head (256 value rows a head).
+DECODE_MMA_VALUES(16, 16, true, decode_mma_values_t16_c16h)
+DECODE_MMA_VALUES(32, 16, true, decode_mma_values_t32_c16h)
+DECODE_MMA_VALUES(64, 16, true, decode_mma_values_t64_c16h)
 
 // The splits' merge as a second launch: grid (rank/128, heads, rows),
 // eight warps a block for one row, head and 128 columns. Warp w takes the
