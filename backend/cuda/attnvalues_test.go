@@ -163,18 +163,15 @@ func TestDecodeMMAValuesMatchesSeparate(t *testing.T) {
 	s := chainShape
 	cs := attnValuesSteps(r)
 	in := newChainInputs(r, cs, s, layers)
-	defer func(v, h bool) { attnValues, decodeSplitsFixed, attnValuesTile, attnValuesHalf = v, 0, 0, h }(attnValues, attnValuesHalf)
+	defer func(v bool, m int) { attnValues, decodeSplitsFixed, attnValuesTile, attnValuesMode = v, 0, 0, m }(attnValues, attnValuesMode)
 	for _, v := range []struct{ G, oG int }{{128, 128}, {32, 32}, {128, 64}} {
 		uk := quantHost(t, r, "wuk", s.Heads*s.NopeDim, s.Rank, 128)
 		uv := quantHost(t, r, "wuv", s.Heads*s.VDim, s.Rank, v.G)
 		wo := quantHost(t, r, "wo", 256, s.Heads*s.VDim, v.oG)
 		name := fmt.Sprintf("W_UV groups of %d, o_proj groups of %d", v.G, v.oG)
-		for _, vv := range []struct {
-			tile int
-			half bool
-		}{{0, true}, {0, false}, {32, true}} {
-			attnValuesTile, attnValuesHalf = vv.tile, vv.half
-			what := fmt.Sprintf("%s, tiles %d, half heads %v", name, vv.tile, vv.half)
+		for _, vv := range []struct{ tile, mode int }{{0, 0}, {0, 1}, {0, 2}, {32, 1}} {
+			attnValuesTile, attnValuesMode = vv.tile, vv.mode
+			what := fmt.Sprintf("%s, tiles %d, merge mode %d", name, vv.tile, vv.mode)
 			decodeSplitsFixed = 16
 			attnValues = false
 			g.attnValuesFused = 0
@@ -197,7 +194,7 @@ func TestDecodeMMAValuesMatchesSeparate(t *testing.T) {
 				}
 			}
 		}
-		attnValuesTile, attnValuesHalf = 0, true
+		attnValuesTile, attnValuesMode = 0, 1
 		decodeSplitsFixed = 0
 		g.attnValuesFused = 0
 		got := runAttnValues(t, g, cs, in, uk, uv, wo, layers)
@@ -222,8 +219,8 @@ func TestDecodeMMAValuesMatchesSeparate(t *testing.T) {
 // programmatic dependent launch) at ctx 256-4096 (where one row's splits
 // are merged by the values), with the attention's splits merged and the
 // values expanded in its launch (decode_mma_values, 16 splits; a block
-// merging half a head or the whole head; tiles by the default rule, and
-// of 32) against the separate launches at their own split count and at
+// merging half a head or the whole head from the cluster's shared memory,
+// or the whole head through L2; tiles by the default rule, and of 32) against the separate launches at their own split count and at
 // 16, timed by turns: device time a layer; and at ctx 1024 the fused
 // launch's timer stamps. Run with -test.benchtime=1x.
 func BenchmarkDecodeAttnValues(b *testing.B) {
@@ -238,28 +235,28 @@ func BenchmarkDecodeAttnValues(b *testing.B) {
 	for i := range pattern {
 		pattern[i] = uint16(math.Float32bits(float32(r.NormFloat64())) >> 16)
 	}
-	defer func(v, h bool, n int) {
-		attnValues, attnValuesHalf, attnValuesMaxN, decodeSplitsFixed, attnValuesTile = v, h, n, 0, 0
-	}(attnValues, attnValuesHalf, attnValuesMaxN)
+	defer func(v bool, m, n int) {
+		attnValues, attnValuesMode, attnValuesMaxN, decodeSplitsFixed, attnValuesTile = v, m, n, 0, 0
+	}(attnValues, attnValuesMode, attnValuesMaxN)
 	type mode struct {
-		what        string
-		fused, half bool
-		S, tile     int
+		what           string
+		fused          bool
+		merge, S, tile int
 	}
-	modes := []mode{{"separate", false, false, 0, 0}, {"fused, half heads", true, true, 0, 0}, {"fused, whole heads", true, false, 0, 0},
-		{"fused, half, tiles 32", true, true, 0, 32}, {"separate, 16 splits", false, false, 16, 0}}
+	modes := []mode{{"separate", false, 0, 0, 0}, {"fused, half heads", true, 1, 0, 0}, {"fused, whole heads", true, 0, 0, 0},
+		{"fused, through L2", true, 2, 0, 0}, {"fused, half, tiles 32", true, 1, 0, 32}, {"separate, 16 splits", false, 0, 16, 0}}
 	for _, ctx := range []int{1024, 256, 512, 2048, 4096} {
 		decodeChainAt(b, d, r, pattern, ctx, func(g *Backend, queue func() []queuedOp, layers int) {
 			if ctx == 1024 {
 				attnValues, attnValuesMaxN, decodeSplitsFixed, attnValuesTile = true, 1<<20, 0, 0
-				for _, h := range []bool{true, false} {
-					attnValuesHalf = h
+				for _, m := range []int{1, 0, 2} {
+					attnValuesMode = m
 					attnValuesPhases(b, g, queue)
 				}
 			}
 			var opss [][]queuedOp
 			for _, m := range modes {
-				attnValues, attnValuesMaxN, decodeSplitsFixed, attnValuesTile, attnValuesHalf = m.fused, 1<<20, m.S, m.tile, m.half
+				attnValues, attnValuesMaxN, decodeSplitsFixed, attnValuesTile, attnValuesMode = m.fused, 1<<20, m.S, m.tile, m.merge
 				g.attnValuesFused = 0
 				opss = append(opss, queue())
 				if (g.attnValuesFused > 0) != m.fused {
@@ -345,7 +342,7 @@ func attnValuesPhases(b *testing.B, g *Backend, queue func() []queuedOp) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	line := stampSummary(fmt.Sprintf("fused, tiles %d, half heads %v: ", attnValuesTile, attnValuesHalf), st[:6*n], n, []string{"entry", "wait returned", "queries", "first tile", "summed", "written"})
+	line := stampSummary(fmt.Sprintf("fused, tiles %d, merge mode %d: ", attnValuesTile, attnValuesMode), st[:6*n], n, []string{"entry", "wait returned", "queries", "first tile", "summed", "written"})
 	t0 := st[0]
 	for i := 0; i < n; i++ {
 		t0 = min(t0, st[6*i])

@@ -68,11 +68,14 @@ const attnValuesSplits = 16
 
 var attnValuesMaxN = 2048
 
-// attnValuesHalf: where a head's value rows are two chunks of 128, each
-// of the two blocks merges half the head's columns and takes the other
-// half's int8 form from the other block (half the partials through
-// distributed shared memory, a cluster barrier more).
-var attnValuesHalf = true
+// attnValuesMode is how decode_mma_values merges: 0, each block reads its
+// head's partials from the cluster's shared memory; 1, where a head's
+// value rows are two chunks of 128, each of the two blocks merges half
+// the head's columns and takes the other half's int8 form from the other
+// block (half the partials through distributed shared memory, a cluster
+// barrier more); 2, the partials go through memory (L2) as between the
+// separate launches, with the cluster's barrier between.
+var attnValuesMode = 1
 
 // attnValuesTile, when not 0, is the fused launch's tile of positions (16,
 // 32 or 64; benchmarks).
@@ -246,9 +249,9 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 			xq, xs, xsum, G = cq.a.Q, cq.a.Scales, cq.a.Sums, cq.a.G
 		}
 		if cq != nil && cq.fused != nil {
-			return c.decodeMMAValues(cq.fused, tp, hg, om.ptr, om.ld, ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer),
-				b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize, s.Heads, s.NopeDim, scale, ahead,
-				xq, xs, xsum, G, stamps)
+			return c.decodeMMAValues(cq.fused, tp, hg, om.ptr, ql.ptr, qm.ptr, p.layer(layer),
+				b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize, s.Heads, s.NopeDim, scale, pml, pacc,
+				ahead, xq, xs, xsum, G, stamps)
 		}
 		if err := c.Launch(k, Dim{uint32(S), uint32(T), uint32(hg)}, D1(decodeMMAThreads), shared,
 			om.ptr, om.ld, ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer),
@@ -343,10 +346,11 @@ type fusedValues struct {
 }
 
 // decodeMMAValues launches decode_mma_values (tiles of tp positions) for
-// one row over hg tiles of 8 heads: decode_mma's arguments, then the
+// one row over hg tiles of 8 heads: decode_mma's arguments (one row: no
+// strides; the partials' memory, which attnValuesMode 2 uses), then the
 // value expansion's.
-func (c *Ctx) decodeMMAValues(f *fusedValues, tp, hg int, olat uint64, ldo int, ql uint64, ldql int, q uint64, ldq int,
-	layer, pos, rowSeq, seqBlocks, blocks uint64, blockSize, heads, dn int, scale float32, ahead int,
+func (c *Ctx) decodeMMAValues(f *fusedValues, tp, hg int, olat, ql, q uint64,
+	layer, pos, rowSeq, seqBlocks, blocks uint64, blockSize, heads, dn int, scale float32, pml, pacc uint64, ahead int,
 	xq, xs, xsum uint64, G int, stamps uint64) error {
 	w := f.w
 	if G != w.G || w.K != 512 || f.rows%128 != 0 || 8*f.rows > 128*attnValuesSplits {
@@ -354,7 +358,10 @@ func (c *Ctx) decodeMMAValues(f *fusedValues, tp, hg int, olat uint64, ldo int, 
 	}
 	shared := decodeMMAValuesShared(512, 64, tp)
 	name := fmt.Sprintf("decode_mma_values_t%d_c%d", tp, attnValuesSplits)
-	if attnValuesHalf && f.rows == 256 {
+	switch {
+	case attnValuesMode == 2:
+		name += "g"
+	case attnValuesMode == 1 && f.rows == 256:
 		name += "h"
 	}
 	k, err := c.Kernel("flash", name)
@@ -377,7 +384,7 @@ func (c *Ctx) decodeMMAValues(f *fusedValues, tp, hg int, olat uint64, ldo int, 
 		yq, ys, ysum, qg = f.q.Q, f.q.Scales, f.q.Sums, f.q.G
 	}
 	return c.Launch(k, Dim{attnValuesSplits, 1, uint32(hg)}, D1(decodeMMAThreads), shared,
-		olat, ldo, ql, ldql, q, ldq, layer, pos, rowSeq, seqBlocks, blocks, blockSize, heads, dn, scale, ahead,
+		olat, ql, q, layer, pos, rowSeq, seqBlocks, blocks, blockSize, heads, dn, scale, pml, pacc, ahead,
 		xq, xs, xsum, G, stamps, w.Codes, w.Scales, w.RowScale, bits.TrailingZeros(uint(w.G/32)),
 		f.y, f.rows, qg, yq, ys, ysum)
 }

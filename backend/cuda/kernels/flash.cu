@@ -995,15 +995,19 @@ DEVICE void dm_values_fetch(const DMValues& vx, u8* vsm, int hb, int nhb) {
 
 // The merge and the value expansion (above), after decode_mma's block has
 // its head-major values in ot ([8][RANK+4]) and their maxima and sums in
-// m_s and l_s (its copies done). HALF (a head's 256 value rows in two
-// chunks): block c merges half c mod 2 of its head's columns (half the
-// partials through distributed shared memory), and after a second
+// m_s and l_s (its copies done). VM 0: every block reads its head's
+// partials from the others' shared memory; 1 (a head's 256 value rows in
+// two chunks): block c merges half c mod 2 of its head's columns (half
+// the partials through distributed shared memory), and after a second
 // cluster barrier takes the other half's int8 form from the head's other
-// block.
-template <int RANK, int CS, bool HALF>
+// block; 2: the partials go through memory (part_ml, part_acc as
+// decode_mma writes them for one row), the barrier is the cluster's.
+template <int RANK, int CS, int VM>
 DEVICE void dm_values_tail(const DMValues& vx, const float* ot, const float* m_s, const float* l_s, u8* vsm, int hb,
                            int nhb, int heads, float* __restrict__ olat, i8* __restrict__ xq, float* __restrict__ xs,
-                           i32* __restrict__ xsum, int G, unsigned long long* stamps) {
+                           i32* __restrict__ xsum, int G, unsigned long long* stamps, float* part_ml,
+                           float* part_acc) {
+  constexpr bool HALF = VM == 1, GLOB = VM == 2;
   constexpr int K = RANK, OLD = RANK + 4;
   static_assert(RANK == 512 && CS <= 16, "shape");
   const u8* wc = vsm;
@@ -1029,7 +1033,15 @@ DEVICE void dm_values_tail(const DMValues& vx, const float* ot, const float* m_s
       stamps ? stamps + 6 * nb + 5 * (((size_t)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) : nullptr;
 #define DMV_STAMP(k) \
   if (stamp && tid == 0) stamp[k] = globaltimer()
-  dm_cluster_arrive();  // every block's partial is in its shared memory
+  if (GLOB) {
+    for (int i = tid; i < nhb * (RANK / 4); i += DM_THREADS) {
+      const int h = i / (RANK / 4), cc = (i - h * (RANK / 4)) * 4;
+      *(float4*)(part_acc + ((size_t)c * heads + hb + h) * RANK + cc) = *(const float4*)(ot + h * OLD + cc);
+    }
+    if (tid < nhb) *(float2*)(part_ml + ((size_t)c * heads + hb + tid) * 2) = make_float2(m_s[tid], l_s[tid]);
+    __threadfence();
+  }
+  dm_cluster_arrive();  // every block's partial is in its shared memory (or in memory)
   dm_cluster_wait();
   DMV_STAMP(0);
   if (HALF && mine) {
@@ -1121,11 +1133,17 @@ DEVICE void dm_values_tail(const DMValues& vx, const float* ot, const float* m_s
 #pragma unroll
       for (int u = 0; u < 2; u++) {
         const int q = 4 * k + i + 8 * u;
-        x[i][u] = q < CS ? dm_ld_cluster4(dm_mapa(src, q)) : make_float4(0.f, 0.f, 0.f, 0.f);
+        const float* g = part_acc + ((size_t)q * heads + hb + hl) * RANK + 4 * f;
+        x[i][u] = q >= CS ? make_float4(0.f, 0.f, 0.f, 0.f)
+                  : GLOB  ? __ldcg((const float4*)g)
+                          : dm_ld_cluster4(dm_mapa(src, q));
       }
     if (warp == 0) {
       float mq = __int_as_float(0xff800000), lq = 0.f;
-      if (lane < CS) {
+      if (lane < CS && GLOB) {
+        const float2 v = __ldcg((const float2*)(part_ml + ((size_t)lane * heads + hb + hl) * 2));
+        mq = v.x, lq = v.y;
+      } else if (lane < CS) {
         mq = dm_ld_cluster(dm_mapa(smem_addr(m_s + hl), lane));
         lq = dm_ld_cluster(dm_mapa(smem_addr(l_s + hl), lane));
       }
@@ -1232,7 +1250,7 @@ DEVICE void dm_values_tail(const DMValues& vx, const float* ot, const float* m_s
 #undef DMV_STAMP
 }
 
-template <int RANK, int DR, int TP, int HT, int CS = 0, bool VH = false>
+template <int RANK, int DR, int TP, int HT, int CS = 0, int VM = 0>
 DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                        const float* __restrict__ q, int ldq, const u8* __restrict__ layer,
                        const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -1523,7 +1541,8 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 
   constexpr int C4 = RANK / 4;
   if constexpr (CS != 0) {
-    dm_values_tail<RANK, CS, VH>(vx, ot, m_s, l_s, vsm, hb, nhb, heads, olat, xq, xs, xsum, G, stamps);
+    dm_values_tail<RANK, CS, VM>(vx, ot, m_s, l_s, vsm, hb, nhb, heads, olat, xq, xs, xsum, G, stamps, part_ml,
+                                 part_acc);
     DM_STAMP(5);
     return;
   }
@@ -1596,26 +1615,31 @@ DECODE_MMA(512, 64, 64, 1, decode_mma_512_64_t64_h8)
 
 // decode_mma with the merge and the value expansion in its launch (one
 // row; grid (CS, 1, head tiles of 8), a cluster of CS blocks a tile).
-#define DECODE_MMA_VALUES(TP, CS, VH, NAME)                                                                           \
-  extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(DM_THREADS, 1)                              \
-      NAME(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const u8* layer,               \
-           const i32* __restrict__ pos, const i32* __restrict__ row_seq, const i32* __restrict__ seq_blocks,          \
-           const i32* __restrict__ blocks, int block_size, int heads, int dn, float scale, int ahead, i8* xq,         \
-           float* xs, i32* xsum, int G, unsigned long long* stamps, const u8* __restrict__ codes,                     \
-           const u8* __restrict__ wscales, const float* __restrict__ row_scale, int gshift, float* y, int rows,       \
-           int qg, i8* yq, float* ys, i32* ysum) {                                                                    \
-    decode_mma<512, 64, TP, 1, CS, VH>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks,        \
-                                   block_size, heads, dn, scale, nullptr, nullptr, nullptr, ahead, xq, xs, xsum, G,   \
-                                   stamps, DMValues{codes, wscales, row_scale, gshift, y, rows, qg, yq, ys, ysum});   \
+#define DECODE_MMA_VALUES(TP, CS, VM, NAME)                                                                   \
+  extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(DM_THREADS, 1)                      \
+      NAME(float* olat, const float* qlat, const float* q, const u8* layer, const i32* __restrict__ pos,       \
+           const i32* __restrict__ row_seq, const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, \
+           int block_size, int heads, int dn, float scale, float* part_ml, float* part_acc, int ahead, i8* xq, \
+           float* xs, i32* xsum, int G, unsigned long long* stamps, const u8* __restrict__ codes,             \
+           const u8* __restrict__ wscales, const float* __restrict__ row_scale, int gshift, float* y, int rows, \
+           int qg, i8* yq, float* ys, i32* ysum) {                                                            \
+    decode_mma<512, 64, TP, 1, CS, VM>(olat, 0, qlat, 0, q, 0, layer, pos, row_seq, seq_blocks, blocks, block_size, \
+                                       heads, dn, scale, part_ml, part_acc, nullptr, ahead, xq, xs, xsum, G, stamps, \
+                                       DMValues{codes, wscales, row_scale, gshift, y, rows, qg, yq, ys, ysum}); \
   }
 
-DECODE_MMA_VALUES(16, 16, false, decode_mma_values_t16_c16)
-DECODE_MMA_VALUES(32, 16, false, decode_mma_values_t32_c16)
-DECODE_MMA_VALUES(64, 16, false, decode_mma_values_t64_c16)
-// Each block merging half a head (256 value rows a head).
-DECODE_MMA_VALUES(16, 16, true, decode_mma_values_t16_c16h)
-DECODE_MMA_VALUES(32, 16, true, decode_mma_values_t32_c16h)
-DECODE_MMA_VALUES(64, 16, true, decode_mma_values_t64_c16h)
+// Tiles of 16, 32 and 64 positions; the partials through distributed
+// shared memory (a block merging its whole head, or half of it: h) or
+// through memory (g).
+DECODE_MMA_VALUES(16, 16, 0, decode_mma_values_t16_c16)
+DECODE_MMA_VALUES(32, 16, 0, decode_mma_values_t32_c16)
+DECODE_MMA_VALUES(64, 16, 0, decode_mma_values_t64_c16)
+DECODE_MMA_VALUES(16, 16, 1, decode_mma_values_t16_c16h)
+DECODE_MMA_VALUES(32, 16, 1, decode_mma_values_t32_c16h)
+DECODE_MMA_VALUES(64, 16, 1, decode_mma_values_t64_c16h)
+DECODE_MMA_VALUES(16, 16, 2, decode_mma_values_t16_c16g)
+DECODE_MMA_VALUES(32, 16, 2, decode_mma_values_t32_c16g)
+DECODE_MMA_VALUES(64, 16, 2, decode_mma_values_t64_c16g)
 
 // The splits' merge as a second launch: grid (rank/128, heads, rows),
 // eight warps a block for one row, head and 128 columns. Warp w takes the
