@@ -146,11 +146,10 @@ func runAttnValues(t *testing.T, b backend.Backend, cs *chainSteps, in *chainInp
 // tile of 8 heads) writes what decode_mma's blocks of 8 heads and
 // decode_combine_values write at the same 16 splits, bit for bit: olat
 // and its int8 form, the values and their int8 form (o_proj's groups of
-// 128 and 32), and o_proj's output; launched directly and replayed from
-// graphs; at tiles of 64, 32 and 16 positions (1000, 400 and 40
-// positions), and of 32 at 1000 positions;
-// W_UV groups of 128 and 32. The default path (the fused launch at its
-// own split count) matches the CPU backend.
+// 128, 64 and 32), and o_proj's output; launched directly and replayed
+// from graphs; at tiles of 32 and 16 positions (1000, 400 and 40
+// positions); W_UV groups of 128 and 32. The default path (the fused
+// launch for the short row only) matches the CPU backend.
 func TestDecodeMMAValuesMatchesSeparate(t *testing.T) {
 	g, c := testBackends(t, Options{NoGraphs: true})
 	if g.dev.Info().CC < 90 {
@@ -163,43 +162,39 @@ func TestDecodeMMAValuesMatchesSeparate(t *testing.T) {
 	s := chainShape
 	cs := attnValuesSteps(r)
 	in := newChainInputs(r, cs, s, layers)
-	defer func(v bool, m int) { attnValues, decodeSplitsFixed, attnValuesTile, attnValuesMode = v, 0, 0, m }(attnValues, attnValuesMode)
+	defer func(v bool) { attnValues, decodeSplitsFixed = v, 0 }(attnValues)
 	for _, v := range []struct{ G, oG int }{{128, 128}, {32, 32}, {128, 64}} {
 		uk := quantHost(t, r, "wuk", s.Heads*s.NopeDim, s.Rank, 128)
 		uv := quantHost(t, r, "wuv", s.Heads*s.VDim, s.Rank, v.G)
 		wo := quantHost(t, r, "wo", 256, s.Heads*s.VDim, v.oG)
 		name := fmt.Sprintf("W_UV groups of %d, o_proj groups of %d", v.G, v.oG)
-		for _, vv := range []struct{ tile, mode int }{{0, 0}, {0, 1}, {0, 2}, {32, 1}} {
-			attnValuesTile, attnValuesMode = vv.tile, vv.mode
-			what := fmt.Sprintf("%s, tiles %d, merge mode %d", name, vv.tile, vv.mode)
-			decodeSplitsFixed = 16
-			attnValues = false
-			g.attnValuesFused = 0
-			want := runAttnValues(t, g, cs, in, uk, uv, wo, layers)
-			if g.attnValuesFused != 0 {
-				t.Fatalf("%s: %d fused launches with the fusion off", what, g.attnValuesFused)
+		decodeSplitsFixed = 16
+		attnValues = false
+		g.attnValuesFused = 0
+		want := runAttnValues(t, g, cs, in, uk, uv, wo, layers)
+		if g.attnValuesFused != 0 {
+			t.Fatalf("%s: %d fused launches with the fusion off", name, g.attnValuesFused)
+		}
+		attnValues = true
+		for _, b := range []*Backend{g, gg} {
+			b.attnValuesFused = 0
+			got := runAttnValues(t, b, cs, in, uk, uv, wo, layers)
+			// Single rows: five steps of two layers.
+			if b.attnValuesFused != 5*layers {
+				t.Errorf("%s (graphs %v): %d fused launches, want %d", name, b == gg, b.attnValuesFused, 5*layers)
 			}
-			attnValues = true
-			for _, b := range []*Backend{g, gg} {
-				b.attnValuesFused = 0
-				got := runAttnValues(t, b, cs, in, uk, uv, wo, layers)
-				// Single rows: five steps of two layers.
-				if b.attnValuesFused != 5*layers {
-					t.Errorf("%s (graphs %v): %d fused launches, want %d", what, b == gg, b.attnValuesFused, 5*layers)
-				}
-				for _, k := range []string{"olat", "olat int8", "values", "values int8", "o_proj"} {
-					if i := firstDiff(want[k], got[k]); i >= 0 {
-						t.Errorf("%s (graphs %v): %s differs at byte %d of %d from the separate launches", what, b == gg, k, i, len(want[k]))
-					}
+			for _, k := range []string{"olat", "olat int8", "values", "values int8", "o_proj"} {
+				if i := firstDiff(want[k], got[k]); i >= 0 {
+					t.Errorf("%s (graphs %v): %s differs at byte %d of %d from the separate launches", name, b == gg, k, i, len(want[k]))
 				}
 			}
 		}
-		attnValuesTile, attnValuesMode = 0, 1
 		decodeSplitsFixed = 0
 		g.attnValuesFused = 0
 		got := runAttnValues(t, g, cs, in, uk, uv, wo, layers)
-		if g.attnValuesFused == 0 {
-			t.Errorf("%s: the default path did not fuse", name)
+		// The steps of 40 positions (bucketed at most attnValuesMaxN).
+		if g.attnValuesFused != 2*layers {
+			t.Errorf("%s: the default path fused %d launches, want %d", name, g.attnValuesFused, 2*layers)
 		}
 		cpu := runAttnValues(t, c, cs, in, uk, uv, wo, layers)
 		eo, ev := maxRelErr(bytesFloats(cpu["olat"]), bytesFloats(got["olat"])), maxRelErr(bytesFloats(cpu["values"]), bytesFloats(got["values"]))
@@ -216,13 +211,11 @@ func TestDecodeMMAValuesMatchesSeparate(t *testing.T) {
 
 // BenchmarkDecodeAttnValues: BenchmarkDecodeChain's layers (cache write,
 // absorbed query, attention, value expansion; 48 layers in a graph with
-// programmatic dependent launch) at ctx 256-4096 (where one row's splits
-// are merged by the values), with the attention's splits merged and the
-// values expanded in its launch (decode_mma_values, 16 splits; a block
-// merging half a head or the whole head from the cluster's shared memory,
-// or the whole head through L2; tiles by the default rule, and of 32) against the separate launches at their own split count and at
-// 16, timed by turns: device time a layer; and at ctx 1024 the fused
-// launch's timer stamps. Run with -test.benchtime=1x.
+// programmatic dependent launch) at ctx 128-1024, with the attention's
+// splits merged and the values expanded in its launch (decode_mma_values,
+// 16 splits) against the separate launches at their own split count and
+// at 16, timed by turns: device time a layer; and at ctx 256 and 1024 the
+// fused launch's timer stamps. Run with -test.benchtime=1x.
 func BenchmarkDecodeAttnValues(b *testing.B) {
 	d := benchDevice(b)
 	t0 := time.Now()
@@ -235,28 +228,22 @@ func BenchmarkDecodeAttnValues(b *testing.B) {
 	for i := range pattern {
 		pattern[i] = uint16(math.Float32bits(float32(r.NormFloat64())) >> 16)
 	}
-	defer func(v bool, m, n int) {
-		attnValues, attnValuesMode, attnValuesMaxN, decodeSplitsFixed, attnValuesTile = v, m, n, 0, 0
-	}(attnValues, attnValuesMode, attnValuesMaxN)
+	defer func(v bool, n int) { attnValues, attnValuesMaxN, decodeSplitsFixed = v, n, 0 }(attnValues, attnValuesMaxN)
 	type mode struct {
-		what           string
-		fused          bool
-		merge, S, tile int
+		what  string
+		fused bool
+		S     int
 	}
-	modes := []mode{{"separate", false, 0, 0, 0}, {"fused, half heads", true, 1, 0, 0}, {"fused, whole heads", true, 0, 0, 0},
-		{"fused, through L2", true, 2, 0, 0}, {"fused, half, tiles 32", true, 1, 0, 32}, {"separate, 16 splits", false, 0, 16, 0}}
-	for _, ctx := range []int{1024, 256, 512, 2048, 4096} {
+	modes := []mode{{"separate", false, 0}, {"fused", true, 0}, {"separate, 16 splits", false, 16}}
+	for _, ctx := range []int{256, 1024, 128, 512} {
 		decodeChainAt(b, d, r, pattern, ctx, func(g *Backend, queue func() []queuedOp, layers int) {
-			if ctx == 1024 {
-				attnValues, attnValuesMaxN, decodeSplitsFixed, attnValuesTile = true, 1<<20, 0, 0
-				for _, m := range []int{1, 0, 2} {
-					attnValuesMode = m
-					attnValuesPhases(b, g, queue)
-				}
+			if ctx == 256 || ctx == 1024 {
+				attnValues, attnValuesMaxN, decodeSplitsFixed = true, 1<<20, 0
+				attnValuesPhases(b, g, queue, fmt.Sprintf("fused, ctx %d: ", ctx))
 			}
 			var opss [][]queuedOp
 			for _, m := range modes {
-				attnValues, attnValuesMaxN, decodeSplitsFixed, attnValuesTile, attnValuesMode = m.fused, 1<<20, m.S, m.tile, m.merge
+				attnValues, attnValuesMaxN, decodeSplitsFixed = m.fused, 1<<20, m.S
 				g.attnValuesFused = 0
 				opss = append(opss, queue())
 				if (g.attnValuesFused > 0) != m.fused {
@@ -303,7 +290,7 @@ func BenchmarkDecodeAttnValues(b *testing.B) {
 // chain (PDL on, the last layer's launch): decode_mma's six a block, then
 // the fused part's five (median and latest over the blocks that wrote
 // them, us after the first block's entry).
-func attnValuesPhases(b *testing.B, g *Backend, queue func() []queuedOp) {
+func attnValuesPhases(b *testing.B, g *Backend, queue func() []queuedOp, prefix string) {
 	const most = 4096
 	var buf Buffer
 	if err := g.dev.Do(func(c *Ctx) error {
@@ -342,7 +329,7 @@ func attnValuesPhases(b *testing.B, g *Backend, queue func() []queuedOp) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	line := stampSummary(fmt.Sprintf("fused, tiles %d, merge mode %d: ", attnValuesTile, attnValuesMode), st[:6*n], n, []string{"entry", "wait returned", "queries", "first tile", "summed", "written"})
+	line := stampSummary(prefix, st[:6*n], n, []string{"entry", "wait returned", "queries", "first tile", "summed", "written"})
 	t0 := st[0]
 	for i := 0; i < n; i++ {
 		t0 = min(t0, st[6*i])

@@ -62,24 +62,17 @@ var decodeSplitsFixed int
 var attnValues = true
 
 // attnValuesSplits is the fused launch's split count (its cluster size,
-// the non-portable most); attnValuesMaxN the longest bucketed context it
-// takes (a package variable for benchmarks).
+// the non-portable most).
 const attnValuesSplits = 16
 
-var attnValuesMaxN = 2048
-
-// attnValuesMode is how decode_mma_values merges: 0, each block reads its
-// head's partials from the cluster's shared memory; 1, where a head's
-// value rows are two chunks of 128, each of the two blocks merges half
-// the head's columns and takes the other half's int8 form from the other
-// block (half the partials through distributed shared memory, a cluster
-// barrier more); 2, the partials go through memory (L2) as between the
-// separate launches, with the cluster's barrier between.
-var attnValuesMode = 1
-
-// attnValuesTile, when not 0, is the fused launch's tile of positions (16,
-// 32 or 64; benchmarks).
-var attnValuesTile int
+// attnValuesMaxN is the longest bucketed context the fused launch takes (a
+// variable for benchmarks). On an H200 (BenchmarkDecodeAttnValues, us a
+// layer of the attention's chain, separate launches at their own split
+// count against fused): 13.91 against 13.68-13.70 at 256 positions, 15.16
+// against 15.40 at 512, 15.21 against 16.93 at 1024, 17.41 against 20.03
+// at 2048: the fused launch's merge and value expansion, 256 threads a
+// block, take about 5 us after the positions are summed (docs/perf.md).
+var attnValuesMaxN = 256
 
 // attnValuesBytes is DMV_BYTES in flash.cu.
 const attnValuesBytes = 32768 + 2048 + 512 + 8192 + 64 + 64 + 32 + 512 + 512 + 64 + 64
@@ -89,7 +82,7 @@ const attnValuesBytes = 32768 + 2048 + 512 + 8192 + 64 + 64 + 32 + 512 + 512 + 6
 // expansion's.
 func decodeMMAValuesShared(rank, dr, tp int) int {
 	ld := rank + dr + 8
-	stage := max(decodeMMAStagesFor(tp)*tp*ld*2, 8*(rank+4)*4)
+	stage := max(decodeMMAStages*tp*ld*2, 8*(rank+4)*4)
 	return (stage+8*tp*8*4+32*(tp+8)*2+3*8*4+15)&^15 + attnValuesBytes
 }
 
@@ -97,22 +90,13 @@ func decodeMMAValuesShared(rank, dr, tp int) int {
 // merges by the second launch.
 const decodeMMALaunchMaxN = 4096
 
-// decodeMMAStagesFor is decode_mma's tiles in flight for tiles of tp
-// positions: two of 64 (blocks of 8 heads only), else decodeMMAStages.
-func decodeMMAStagesFor(tp int) int {
-	if tp == 64 {
-		return 2
-	}
-	return decodeMMAStages
-}
-
 // decodeMMAShared is decode_mma's dynamic shared memory for tiles of tp
 // positions: the tiles in flight (or the head-major values at the end,
 // whichever is larger), eight warps' partial scores, the weights' three
 // parts and three floats a head.
 func decodeMMAShared(rank, dr, tp int) int {
 	ld := rank + dr + 8
-	stage := max(decodeMMAStagesFor(tp)*tp*ld*2, decodeMMAHeads*(rank+4)*4)
+	stage := max(decodeMMAStages*tp*ld*2, decodeMMAHeads*(rank+4)*4)
 	return stage + 8*tp*decodeMMAHeads*4 + 80*(tp+8)*2 + 3*decodeMMAHeads*4
 }
 
@@ -179,21 +163,6 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 	if (b.meta.maxN+S-1)/S <= 16 {
 		tp = 16
 	}
-	if T == 1 && hg > 1 && !one && S == attnValuesSplits {
-		// The fused launch's split count (and the separate launches' at
-		// that count, whose bits it matches): one tile of 64 positions
-		// where a split has 33-128 (at ctx 1024, one tile rather than two
-		// of 32).
-		tp = attnValuesTile
-		if per := (b.meta.maxN + S - 1) / S; tp == 0 && per > 32 && per <= 128 {
-			tp = 64
-		} else if tp == 0 {
-			tp = 32
-			if per <= 16 {
-				tp = 16
-			}
-		}
-	}
 	if b.decodeMMATile != 0 {
 		tp = b.decodeMMATile
 	}
@@ -250,7 +219,7 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 		}
 		if cq != nil && cq.fused != nil {
 			return c.decodeMMAValues(cq.fused, tp, hg, om.ptr, ql.ptr, qm.ptr, p.layer(layer),
-				b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize, s.Heads, s.NopeDim, scale, pml, pacc,
+				b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize, s.Heads, s.NopeDim, scale,
 				ahead, xq, xs, xsum, G, stamps)
 		}
 		if err := c.Launch(k, Dim{uint32(S), uint32(T), uint32(hg)}, D1(decodeMMAThreads), shared,
@@ -347,10 +316,9 @@ type fusedValues struct {
 
 // decodeMMAValues launches decode_mma_values (tiles of tp positions) for
 // one row over hg tiles of 8 heads: decode_mma's arguments (one row: no
-// strides; the partials' memory, which attnValuesMode 2 uses), then the
-// value expansion's.
+// strides), then the value expansion's.
 func (c *Ctx) decodeMMAValues(f *fusedValues, tp, hg int, olat, ql, q uint64,
-	layer, pos, rowSeq, seqBlocks, blocks uint64, blockSize, heads, dn int, scale float32, pml, pacc uint64, ahead int,
+	layer, pos, rowSeq, seqBlocks, blocks uint64, blockSize, heads, dn int, scale float32, ahead int,
 	xq, xs, xsum uint64, G int, stamps uint64) error {
 	w := f.w
 	if G != w.G || w.K != 512 || f.rows%128 != 0 || 8*f.rows > 128*attnValuesSplits {
@@ -358,12 +326,6 @@ func (c *Ctx) decodeMMAValues(f *fusedValues, tp, hg int, olat, ql, q uint64,
 	}
 	shared := decodeMMAValuesShared(512, 64, tp)
 	name := fmt.Sprintf("decode_mma_values_t%d_c%d", tp, attnValuesSplits)
-	switch {
-	case attnValuesMode == 2:
-		name += "g"
-	case attnValuesMode == 1 && f.rows == 256:
-		name += "h"
-	}
 	k, err := c.Kernel("flash", name)
 	if err != nil {
 		return err
@@ -384,7 +346,7 @@ func (c *Ctx) decodeMMAValues(f *fusedValues, tp, hg int, olat, ql, q uint64,
 		yq, ys, ysum, qg = f.q.Q, f.q.Scales, f.q.Sums, f.q.G
 	}
 	return c.Launch(k, Dim{attnValuesSplits, 1, uint32(hg)}, D1(decodeMMAThreads), shared,
-		olat, ql, q, layer, pos, rowSeq, seqBlocks, blocks, blockSize, heads, dn, scale, pml, pacc, ahead,
+		olat, ql, q, layer, pos, rowSeq, seqBlocks, blocks, blockSize, heads, dn, scale, ahead,
 		xq, xs, xsum, G, stamps, w.Codes, w.Scales, w.RowScale, bits.TrailingZeros(uint(w.G/32)),
 		f.y, f.rows, qg, yq, ys, ysum)
 }

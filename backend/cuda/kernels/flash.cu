@@ -970,12 +970,6 @@ DEVICE float4 dm_ld_cluster4(u32 a) {
   return v;
 }
 
-DEVICE uint4 dm_ld_cluster4u(u32 a) {
-  uint4 v;
-  asm volatile("ld.shared::cluster.v4.u32 {%0,%1,%2,%3}, [%4];" : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w) : "r"(a) : "memory");
-  return v;
-}
-
 // Block c's W_UV rows (chunk c of the tile, if it has one) into shared
 // memory vsm: codes, scales and row scales, copies not committed (they
 // join decode_mma's first group).
@@ -995,19 +989,11 @@ DEVICE void dm_values_fetch(const DMValues& vx, u8* vsm, int hb, int nhb) {
 
 // The merge and the value expansion (above), after decode_mma's block has
 // its head-major values in ot ([8][RANK+4]) and their maxima and sums in
-// m_s and l_s (its copies done). VM 0: every block reads its head's
-// partials from the others' shared memory; 1 (a head's 256 value rows in
-// two chunks): block c merges half c mod 2 of its head's columns (half
-// the partials through distributed shared memory), and after a second
-// cluster barrier takes the other half's int8 form from the head's other
-// block; 2: the partials go through memory (part_ml, part_acc as
-// decode_mma writes them for one row), the barrier is the cluster's.
-template <int RANK, int CS, int VM>
+// m_s and l_s (its copies done).
+template <int RANK, int CS>
 DEVICE void dm_values_tail(const DMValues& vx, const float* ot, const float* m_s, const float* l_s, u8* vsm, int hb,
                            int nhb, int heads, float* __restrict__ olat, i8* __restrict__ xq, float* __restrict__ xs,
-                           i32* __restrict__ xsum, int G, unsigned long long* stamps, float* part_ml,
-                           float* part_acc) {
-  constexpr bool HALF = VM == 1, GLOB = VM == 2;
+                           i32* __restrict__ xsum, int G, unsigned long long* stamps) {
   constexpr int K = RANK, OLD = RANK + 4;
   static_assert(RANK == 512 && CS <= 16, "shape");
   const u8* wc = vsm;
@@ -1033,95 +1019,10 @@ DEVICE void dm_values_tail(const DMValues& vx, const float* ot, const float* m_s
       stamps ? stamps + 6 * nb + 5 * (((size_t)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) : nullptr;
 #define DMV_STAMP(k) \
   if (stamp && tid == 0) stamp[k] = globaltimer()
-  if (GLOB) {
-    for (int i = tid; i < nhb * (RANK / 4); i += DM_THREADS) {
-      const int h = i / (RANK / 4), cc = (i - h * (RANK / 4)) * 4;
-      *(float4*)(part_acc + ((size_t)c * heads + hb + h) * RANK + cc) = *(const float4*)(ot + h * OLD + cc);
-    }
-    if (tid < nhb) *(float2*)(part_ml + ((size_t)c * heads + hb + tid) * 2) = make_float2(m_s[tid], l_s[tid]);
-    __threadfence();
-  }
-  dm_cluster_arrive();  // every block's partial is in its shared memory (or in memory)
+  dm_cluster_arrive();  // every block's partial is in its shared memory
   dm_cluster_wait();
   DMV_STAMP(0);
-  if (HALF && mine) {
-    const int hl = c * 128 / rows, j = c & 1;  // the chunk's head in the tile, its half
-    // Thread (k, f): classes 2k, 2k+1 of float4 column 64j + f.
-    const int f = tid & 63, k = tid >> 6, col = 64 * j + f;
-    const u32 src = smem_addr(ot + hl * OLD + 4 * col);
-    float4 x[2][2];
-#pragma unroll
-    for (int i = 0; i < 2; i++)
-#pragma unroll
-      for (int u = 0; u < 2; u++) {
-        const int q = 2 * k + i + 8 * u;
-        x[i][u] = q < CS ? dm_ld_cluster4(dm_mapa(src, q)) : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
-    if (warp == 0) {
-      float mq = __int_as_float(0xff800000), lq = 0.f;
-      if (lane < CS) {
-        mq = dm_ld_cluster(dm_mapa(smem_addr(m_s + hl), lane));
-        lq = dm_ld_cluster(dm_mapa(smem_addr(l_s + hl), lane));
-      }
-      const float M = warp_max(lq > 0.f ? mq : __int_as_float(0xff800000));
-      if (lane < CS) {
-        esm[lane] = lq > 0.f ? expf(mq - M) : 0.f;
-        lsm[lane] = lq;
-      }
-    }
-    __syncthreads();
-    DMV_STAMP(1);
-#pragma unroll
-    for (int i = 0; i < 2; i++) {
-      float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
-      float lw = 0.f;
-#pragma unroll
-      for (int u = 0; u < 2; u++) {
-        const int q = 2 * k + i + 8 * u;
-        if (q < CS) {
-          const float e = esm[q];
-          o.x += e * x[i][u].x, o.y += e * x[i][u].y, o.z += e * x[i][u].z, o.w += e * x[i][u].w;
-          lw += e * lsm[q];
-        }
-      }
-      red[(2 * k + i) * 64 + f] = o;
-      if (f == 0) lred[2 * k + i] = lw;
-    }
-    __syncthreads();
-    if (tid < 64) {
-      float4 r = red[f];
-      float L = lred[0];
-#pragma unroll
-      for (int q = 1; q < 8; q++) {
-        const float4 v = red[q * 64 + f];
-        r.x += v.x, r.y += v.y, r.z += v.z, r.w += v.w;
-        L += lred[q];
-      }
-      const float inv = 1.f / L;
-      const float4 out = make_float4(r.x * inv, r.y * inv, r.z * inv, r.w * inv);
-      quant_row4(out, true, col, 0, K, G, xq_sh, xs_sh, xsum_sh);
-      *(float4*)(olat + (size_t)(hb + hl) * K + 4 * col) = out;
-      quant_row4(out, true, (hb + hl) * (K / 4) + col, 0, heads * K, G, xq, xs, xsum);
-    }
-  }
-  if (HALF) {
-    dm_cluster_arrive();  // every half's int8 form is in its block's shared memory
-    dm_cluster_wait();
-    if (mine) {
-      // The other half's codes and scales, from the head's other block.
-      const int o = 1 - (c & 1), ng = 256 / G;
-      const u32 p = (u32)(c ^ 1);
-      if (tid < 16) {
-        i8* d = xq_sh + 256 * o + 16 * tid;
-        *(uint4*)d = dm_ld_cluster4u(dm_mapa(smem_addr(d), p));
-      } else if (tid < 16 + ng) {
-        float* d = xs_sh + ng * o + tid - 16;
-        *d = dm_ld_cluster(dm_mapa(smem_addr(d), p));
-      }
-      __syncthreads();
-    }
-  }
-  if (!HALF && mine) {
+  if (mine) {
     const int hl = c * 128 / rows;  // the chunk's head in the tile
     // Thread (k, f): classes 4k..4k+3 of float4 column f; its partials are
     // requested first, then warp 0 weighs the splits meanwhile.
@@ -1133,17 +1034,11 @@ DEVICE void dm_values_tail(const DMValues& vx, const float* ot, const float* m_s
 #pragma unroll
       for (int u = 0; u < 2; u++) {
         const int q = 4 * k + i + 8 * u;
-        const float* g = part_acc + ((size_t)q * heads + hb + hl) * RANK + 4 * f;
-        x[i][u] = q >= CS ? make_float4(0.f, 0.f, 0.f, 0.f)
-                  : GLOB  ? __ldcg((const float4*)g)
-                          : dm_ld_cluster4(dm_mapa(src, q));
+        x[i][u] = q < CS ? dm_ld_cluster4(dm_mapa(src, q)) : make_float4(0.f, 0.f, 0.f, 0.f);
       }
     if (warp == 0) {
       float mq = __int_as_float(0xff800000), lq = 0.f;
-      if (lane < CS && GLOB) {
-        const float2 v = __ldcg((const float2*)(part_ml + ((size_t)lane * heads + hb + hl) * 2));
-        mq = v.x, lq = v.y;
-      } else if (lane < CS) {
+      if (lane < CS) {
         mq = dm_ld_cluster(dm_mapa(smem_addr(m_s + hl), lane));
         lq = dm_ld_cluster(dm_mapa(smem_addr(l_s + hl), lane));
       }
@@ -1250,7 +1145,7 @@ DEVICE void dm_values_tail(const DMValues& vx, const float* ot, const float* m_s
 #undef DMV_STAMP
 }
 
-template <int RANK, int DR, int TP, int HT, int CS = 0, int VM = 0>
+template <int RANK, int DR, int TP, int HT, int CS = 0>
 DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                        const float* __restrict__ q, int ldq, const u8* __restrict__ layer,
                        const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -1274,13 +1169,12 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   // grid z; the weights' rows part*NH + head, in PRG groups of 8 (an even
   // count for the paired fragment loads).
   constexpr int NH = 8 * HT, PRG = (3 * HT + 1) & ~1, PROWS = 8 * PRG;
-  static_assert(KR <= 8 && DR % 16 == 0 && RANK % 128 == 0 && (TP == 16 || TP == 32 || TP == 64), "shape");
-  constexpr int NST = TP == 64 ? 2 : DM_NST;  // tiles in flight (two of 64 positions)
+  static_assert(KR <= 8 && DR % 16 == 0 && RANK % 128 == 0 && (TP == 16 || TP == 32), "shape");
 
   extern __shared__ __align__(16) u8 dm_smem[];
-  unsigned short* stage = (unsigned short*)dm_smem;  // [NST][TP][LD]
+  unsigned short* stage = (unsigned short*)dm_smem;  // [DM_NST][TP][LD]
   float* ot = (float*)dm_smem;                       // [NH][OLD], after the tiles
-  constexpr int STAGE_BYTES = NST * TP * LD * 2 > NH * OLD * 4 ? NST * TP * LD * 2 : NH * OLD * 4;
+  constexpr int STAGE_BYTES = DM_NST * TP * LD * 2 > NH * OLD * 4 ? DM_NST * TP * LD * 2 : NH * OLD * 4;
   float* sp = (float*)(dm_smem + STAGE_BYTES);             // [8][TP][NH] partial scores; the merge's
   unsigned short* pw = (unsigned short*)(sp + 8 * TP * NH);  // [PROWS][PLD] weights
   float* alpha_s = (float*)(pw + PROWS * PLD);               // [NH]
@@ -1321,7 +1215,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
     return (u32)(table[j / block_size] * block_size + j % block_size);
   };
   const u32 stage_addr = smem_addr(stage);
-  // Tile k into stage k % NST: part 0 the rows copied before the wait
+  // Tile k into stage k % DM_NST: part 0 the rows copied before the wait
   // (earlier steps' positions, and zero fill past the split), part 1 the
   // others, part 2 all; parts 1 and 2 close a group (an empty one past
   // the last tile, so that every iteration waits for the same count).
@@ -1331,18 +1225,18 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
       const bool valid = r < nb, before = ahead && (!valid || j0 + r < early);
       if (part == 2 || (part == 0) == before) {
         const u8* src = layer + (size_t)slot * W * 2;
-        const u32 dst = stage_addr + (u32)(((k % NST) * TP + crow) * LD * 2);
+        const u32 dst = stage_addr + (u32)(((k % DM_NST) * TP + crow) * LD * 2);
         for (int c = csub; c < CH; c += TPR) cp_async16(dst + c * 16, src + c * 16, valid);
       }
     }
     if (part != 0) asm volatile("cp.async.commit_group;" ::: "memory");
   };
-  u32 lead[NST - 1];
+  u32 lead[DM_NST - 1];
 #pragma unroll
-  for (int k = 0; k < NST - 1; k++) lead[k] = slot_of(k);
+  for (int k = 0; k < DM_NST - 1; k++) lead[k] = slot_of(k);
   if (ahead) {
 #pragma unroll
-    for (int k = 0; k < NST - 1; k++) issue(k, lead[k], 0);
+    for (int k = 0; k < DM_NST - 1; k++) issue(k, lead[k], 0);
   }
   // Weights of the padding rows and heads stay zero.
   for (int i = tid; i < PROWS * PLD / 2; i += DM_THREADS) ((u32*)pw)[i] = 0u;
@@ -1351,8 +1245,8 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   if (stamp && tid == 0) stamp[1] = globaltimer_after((int)lead[0]);
 
 #pragma unroll
-  for (int k = 0; k < NST - 1; k++) issue(k, lead[k], ahead ? 1 : 2);
-  u32 nslot = slot_of(NST - 1);
+  for (int k = 0; k < DM_NST - 1; k++) issue(k, lead[k], ahead ? 1 : 2);
+  u32 nslot = slot_of(DM_NST - 1);
 
   // This warp's query parts as B fragments: k step kk covers query
   // columns kcol(kk) .. +16; heads 8j + g.
@@ -1394,12 +1288,12 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   const u32 pw_addr = smem_addr(pw);
 
   for (int k = 0; k < ntiles; k++) {
-    issue(k + NST - 1, nslot, 2);
-    nslot = slot_of(k + NST);
-    asm volatile("cp.async.wait_group %0;" ::"n"(NST - 1) : "memory");
+    issue(k + DM_NST - 1, nslot, 2);
+    nslot = slot_of(k + DM_NST);
+    asm volatile("cp.async.wait_group %0;" ::"n"(DM_NST - 1) : "memory");
     __syncthreads();
     if (k == 0) DM_STAMP(3);
-    const u32 tile = stage_addr + (u32)((k % NST) * TP * LD * 2);
+    const u32 tile = stage_addr + (u32)((k % DM_NST) * TP * LD * 2);
 
     // Partial scores over this warp's k steps: TP positions x NH heads.
     {
@@ -1541,8 +1435,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 
   constexpr int C4 = RANK / 4;
   if constexpr (CS != 0) {
-    dm_values_tail<RANK, CS, VM>(vx, ot, m_s, l_s, vsm, hb, nhb, heads, olat, xq, xs, xsum, G, stamps, part_ml,
-                                 part_acc);
+    dm_values_tail<RANK, CS>(vx, ot, m_s, l_s, vsm, hb, nhb, heads, olat, xq, xs, xsum, G, stamps);
     DM_STAMP(5);
     return;
   }
@@ -1611,35 +1504,25 @@ DECODE_MMA(256, 32, 16, DM_HT, decode_mma_256_32_t16)
 DECODE_MMA(256, 32, 32, DM_HT, decode_mma_256_32_t32)
 DECODE_MMA(512, 64, 16, 1, decode_mma_512_64_t16_h8)
 DECODE_MMA(512, 64, 32, 1, decode_mma_512_64_t32_h8)
-DECODE_MMA(512, 64, 64, 1, decode_mma_512_64_t64_h8)
 
 // decode_mma with the merge and the value expansion in its launch (one
 // row; grid (CS, 1, head tiles of 8), a cluster of CS blocks a tile).
-#define DECODE_MMA_VALUES(TP, CS, VM, NAME)                                                                   \
+#define DECODE_MMA_VALUES(TP, CS, NAME)                                                                       \
   extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(DM_THREADS, 1)                      \
       NAME(float* olat, const float* qlat, const float* q, const u8* layer, const i32* __restrict__ pos,       \
            const i32* __restrict__ row_seq, const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, \
-           int block_size, int heads, int dn, float scale, float* part_ml, float* part_acc, int ahead, i8* xq, \
-           float* xs, i32* xsum, int G, unsigned long long* stamps, const u8* __restrict__ codes,             \
-           const u8* __restrict__ wscales, const float* __restrict__ row_scale, int gshift, float* y, int rows, \
-           int qg, i8* yq, float* ys, i32* ysum) {                                                            \
-    decode_mma<512, 64, TP, 1, CS, VM>(olat, 0, qlat, 0, q, 0, layer, pos, row_seq, seq_blocks, blocks, block_size, \
-                                       heads, dn, scale, part_ml, part_acc, nullptr, ahead, xq, xs, xsum, G, stamps, \
-                                       DMValues{codes, wscales, row_scale, gshift, y, rows, qg, yq, ys, ysum}); \
+           int block_size, int heads, int dn, float scale, int ahead, i8* xq, float* xs, i32* xsum, int G,     \
+           unsigned long long* stamps, const u8* __restrict__ codes, const u8* __restrict__ wscales,           \
+           const float* __restrict__ row_scale, int gshift, float* y, int rows, int qg, i8* yq, float* ys,     \
+           i32* ysum) {                                                                                        \
+    decode_mma<512, 64, TP, 1, CS>(olat, 0, qlat, 0, q, 0, layer, pos, row_seq, seq_blocks, blocks, block_size, \
+                                   heads, dn, scale, nullptr, nullptr, nullptr, ahead, xq, xs, xsum, G, stamps,  \
+                                   DMValues{codes, wscales, row_scale, gshift, y, rows, qg, yq, ys, ysum});     \
   }
 
-// Tiles of 16, 32 and 64 positions; the partials through distributed
-// shared memory (a block merging its whole head, or half of it: h) or
-// through memory (g).
-DECODE_MMA_VALUES(16, 16, 0, decode_mma_values_t16_c16)
-DECODE_MMA_VALUES(32, 16, 0, decode_mma_values_t32_c16)
-DECODE_MMA_VALUES(64, 16, 0, decode_mma_values_t64_c16)
-DECODE_MMA_VALUES(16, 16, 1, decode_mma_values_t16_c16h)
-DECODE_MMA_VALUES(32, 16, 1, decode_mma_values_t32_c16h)
-DECODE_MMA_VALUES(64, 16, 1, decode_mma_values_t64_c16h)
-DECODE_MMA_VALUES(16, 16, 2, decode_mma_values_t16_c16g)
-DECODE_MMA_VALUES(32, 16, 2, decode_mma_values_t32_c16g)
-DECODE_MMA_VALUES(64, 16, 2, decode_mma_values_t64_c16g)
+// Tiles of 16 and 32 positions.
+DECODE_MMA_VALUES(16, 16, decode_mma_values_t16_c16)
+DECODE_MMA_VALUES(32, 16, decode_mma_values_t32_c16)
 
 // The splits' merge as a second launch: grid (rank/128, heads, rows),
 // eight warps a block for one row, head and 128 columns. Warp w takes the
