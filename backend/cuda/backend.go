@@ -201,6 +201,9 @@ type Backend struct {
 	// attnValuesFused counts the value expansions run in the attention's
 	// launch (decode_mma_values; tests).
 	attnValuesFused int
+	// attnValuesFit: whether a cluster of decode_mma_values fits the
+	// device (0 not asked yet, 1 yes, -1 no).
+	attnValuesFit int
 	// prefillMerges counts a prefill's merged launches by kind
 	// (prefillValues, prefillNorms, prefillCombine, prefillRopeRows; tests).
 	prefillMerges [4]int

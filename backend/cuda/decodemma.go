@@ -5,7 +5,9 @@ package cuda
 import (
 	"fmt"
 	"math/bits"
+	"runtime"
 	"slices"
+	"unsafe"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -144,7 +146,7 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 	// cluster of the attention's launch instead (mergedValues decides):
 	// attnValuesSplits of them, where the bucketed context is short.
 	n16 := splitBucket((b.meta.maxN + decodeMMAAlign - 1) / decodeMMAAlign)
-	cluster := attnValues && T == 1 && hg > 1 && !one && n16*decodeMMAAlign <= attnValuesMaxN && S > 1
+	cluster := attnValues && T == 1 && hg > 1 && !one && n16*decodeMMAAlign <= attnValuesMaxN && S > 1 && b.attnValuesFits()
 	if decodeSplitsFixed > 0 {
 		S = decodeSplitsFixed
 	} else if cluster {
@@ -243,7 +245,7 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 		cq = &decodeAttnOp{idx: idx, flush: flush, om: *om}
 		if launchMerge && T == 1 {
 			cq.split = &splitParts{ml: pml, acc: pacc, S: S}
-			cq.cluster = hg > 1 && S == attnValuesSplits && s.Rank == 512 && s.RopeDim == 64 && attnValues
+			cq.cluster = hg > 1 && S == attnValuesSplits && s.Rank == 512 && s.RopeDim == 64 && attnValues && b.attnValuesFits()
 		}
 		b.lastDecodeAttn = cq
 	}
@@ -324,21 +326,9 @@ func (c *Ctx) decodeMMAValues(f *fusedValues, tp, hg int, olat, ql, q uint64,
 	if G != w.G || w.K != 512 || f.rows%128 != 0 || 8*f.rows > 128*attnValuesSplits {
 		return fmt.Errorf("cuda: attention with the values: olat groups of %d, W_UV [%d,%d] G=%d, %d rows a head", G, w.N, w.K, w.G, f.rows)
 	}
-	shared := decodeMMAValuesShared(512, 64, tp)
-	name := fmt.Sprintf("decode_mma_values_t%d_c%d", tp, attnValuesSplits)
-	k, err := c.Kernel("flash", name)
+	k, shared, err := c.attnValuesKernel(tp)
 	if err != nil {
 		return err
-	}
-	if k.maxShared < shared {
-		// A cluster of 16 blocks is past the portable size of 8.
-		if r := drv.cuFuncSetAttribute(k.fn, attrNonPortableClusterSize, 1); r != 0 {
-			return newError("cuFuncSetAttribute", k.Module+"."+k.Name, r)
-		}
-		if err := c.SetMaxShared(k, shared); err != nil {
-			return err
-		}
-		k.maxShared = shared
 	}
 	var yq, ys, ysum uint64
 	qg := 128
@@ -349,6 +339,56 @@ func (c *Ctx) decodeMMAValues(f *fusedValues, tp, hg int, olat, ql, q uint64,
 		olat, ql, q, layer, pos, rowSeq, seqBlocks, blocks, blockSize, heads, dn, scale, ahead,
 		xq, xs, xsum, G, stamps, w.Codes, w.Scales, w.RowScale, bits.TrailingZeros(uint(w.G/32)),
 		f.y, f.rows, qg, yq, ys, ysum)
+}
+
+// attnValuesKernel is decode_mma_values for tiles of tp positions, allowed
+// its shared memory (returned) and its cluster of 16 blocks, past the
+// portable size of 8.
+func (c *Ctx) attnValuesKernel(tp int) (*Kernel, int, error) {
+	shared := decodeMMAValuesShared(512, 64, tp)
+	k, err := c.Kernel("flash", fmt.Sprintf("decode_mma_values_t%d_c%d", tp, attnValuesSplits))
+	if err != nil {
+		return nil, 0, err
+	}
+	if k.maxShared < shared {
+		if r := drv.cuFuncSetAttribute(k.fn, attrNonPortableClusterSize, 1); r != 0 {
+			return nil, 0, newError("cuFuncSetAttribute", k.Module+"."+k.Name, r)
+		}
+		if err := c.SetMaxShared(k, shared); err != nil {
+			return nil, 0, err
+		}
+		k.maxShared = shared
+	}
+	return k, shared, nil
+}
+
+// attnValuesFits reports whether a cluster of decode_mma_values fits the
+// device at all (cuOccupancyMaxActiveClusters, asked once: a part whose
+// GPCs hold fewer than 16 such blocks keeps the separate launches).
+func (b *Backend) attnValuesFits() bool {
+	if b.attnValuesFit == 0 {
+		b.attnValuesFit = -1
+		fits := true
+		err := b.dev.Do(func(c *Ctx) error {
+			for _, tp := range []int{16, 32} {
+				k, shared, err := c.attnValuesKernel(tp)
+				if err != nil {
+					return err
+				}
+				cfg := &launchConfig{gridX: attnValuesSplits, gridY: 1, gridZ: 1, blockX: decodeMMAThreads, blockY: 1, blockZ: 1,
+					shared: uint32(shared), stream: c.stream}
+				var n int32
+				r := drv.cuOccupancyMaxActiveClusters(&n, k.fn, unsafe.Pointer(cfg))
+				runtime.KeepAlive(cfg)
+				fits = fits && r == 0 && n >= 1
+			}
+			return nil
+		})
+		if err == nil && fits {
+			b.attnValuesFit = 1
+		}
+	}
+	return b.attnValuesFit > 0
 }
 
 // attrNonPortableClusterSize is
