@@ -984,7 +984,8 @@ DEVICE void dm_values_fetch(const DMValues& vx, u8* vsm, int hb, int nhb) {
     cp_async16(a + i * 16, vx.codes + cbase * (RANK / 2) + i * 16, true);
   for (int i = threadIdx.x; i < 8 * GK; i += DM_THREADS)
     cp_async16(a + 32768 + i * 16, vx.scales + cbase * GK + i * 16, true);
-  for (int i = threadIdx.x; i < 32; i += DM_THREADS) cp_async16(a + 32768 + 2048 + i * 16, vx.row_scale + cbase + i * 4, true);
+  for (int i = threadIdx.x; i < 32; i += DM_THREADS)
+    cp_async16(a + 32768 + 2048 + i * 16, vx.row_scale + cbase + i * 4, true);
 }
 
 // The merge and the value expansion (above), after decode_mma's block has
@@ -1012,8 +1013,8 @@ DEVICE void dm_values_tail(const DMValues& vx, const float* ot, const float* m_s
   const bool mine = c < nhb * rows / 128;
   const size_t cbase = (size_t)hb * rows + (size_t)c * 128;
   // Timer stamps (benchmarks), five a block after decode_mma's six of
-  // every block: the barrier passed, the splits' weights, merged, values
-  // written, done.
+  // every block: the barrier passed, the partials asked for and the
+  // splits weighed, merged, values written, done.
   const size_t nb = (size_t)gridDim.x * gridDim.y * gridDim.z;
   unsigned long long* stamp =
       stamps ? stamps + 6 * nb + 5 * (((size_t)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) : nullptr;
