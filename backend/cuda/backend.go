@@ -198,12 +198,6 @@ type Backend struct {
 	// lastRopeCache is the RoPE + cache write launch queued last.
 	lastRopeCache *ropeCacheOp
 	chainMerges   [7]int
-	// attnValuesFused counts the value expansions run in the attention's
-	// launch (decode_mma_values; tests).
-	attnValuesFused int
-	// attnValuesFit: whether a cluster of decode_mma_values fits the
-	// device (0 not asked yet, 1 yes, -1 no).
-	attnValuesFit int
 	// prefillMerges counts a prefill's merged launches by kind
 	// (prefillValues, prefillNorms, prefillCombine, prefillRopeRows; tests).
 	prefillMerges [4]int

@@ -176,9 +176,7 @@ func (b *Backend) valuesQuant(x *tensor, w *weight) bool {
 		return false // the arena grew, which flushed the queued ops
 	}
 	y, wv, a, heads, rows := x.ptr, v.w, v.a, v.heads, v.rows
-	if m := v.merge; m != nil && m.fused != nil {
-		m.fused.q = q // the attention's launch writes it
-	} else if m != nil {
+	if m := v.merge; m != nil {
 		b.pending[v.idx] = queuedOp{"attention merge+expand values+quantize", func(c *Ctx) error {
 			return c.DecodeCombineValues(y, wv, heads, rows, q, q.G, m.parts, m.olat, &m.oa)
 		}}

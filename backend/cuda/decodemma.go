@@ -5,9 +5,7 @@ package cuda
 import (
 	"fmt"
 	"math/bits"
-	"runtime"
 	"slices"
-	"unsafe"
 
 	"github.com/mmfp4/mmfp4/backend"
 )
@@ -55,38 +53,6 @@ var decodeHeadGroups = true
 // decodeSplitsFixed, when not 0, is decode_mma's split count (tests that
 // compare the blocks of 8 heads with all heads a block at one count).
 var decodeSplitsFixed int
-
-// attnValues lets one row's decode attention of blocks of 8 heads take
-// the merge of its splits and the value expansion into its launch
-// (decode_mma_values_*: a cluster of attnValuesSplits blocks a tile of 8
-// heads) where the bucketed context is at most attnValuesMaxN (tests turn
-// it off to compare).
-var attnValues = true
-
-// attnValuesSplits is the fused launch's split count (its cluster size,
-// the non-portable most).
-const attnValuesSplits = 16
-
-// attnValuesMaxN is the longest bucketed context the fused launch takes (a
-// variable for benchmarks). On an H200 (BenchmarkDecodeAttnValues, us a
-// layer of the attention's chain, separate launches at their own split
-// count against fused): 13.91 against 13.68-13.70 at 256 positions, 15.16
-// against 15.40 at 512, 15.21 against 16.93 at 1024, 17.41 against 20.03
-// at 2048: the fused launch's merge and value expansion, 256 threads a
-// block, take about 5 us after the positions are summed (docs/perf.md).
-var attnValuesMaxN = 256
-
-// attnValuesBytes is DMV_BYTES in flash.cu.
-const attnValuesBytes = 32768 + 2048 + 512 + 8192 + 64 + 64 + 32 + 512 + 512 + 64 + 64
-
-// decodeMMAValuesShared is decode_mma_values' dynamic shared memory: one
-// tile of 8 heads' decode_mma (tiles of tp positions), then the value
-// expansion's.
-func decodeMMAValuesShared(rank, dr, tp int) int {
-	ld := rank + dr + 8
-	stage := max(decodeMMAStages*tp*ld*2, 8*(rank+4)*4)
-	return (stage+8*tp*8*4+32*(tp+8)*2+3*8*4+15)&^15 + attnValuesBytes
-}
 
 // decodeMMALaunchMaxN is the longest single row whose splits mergeAuto
 // merges by the second launch.
@@ -142,21 +108,15 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 		hg = (s.Heads + 7) / 8 // one split: nothing to merge (attention.go)
 	}
 	S := b.decodeMMASplits(T*hg, b.meta.maxN)
-	// One row's splits merged by the value expansion may be merged in a
-	// cluster of the attention's launch instead (mergedValues decides):
-	// attnValuesSplits of them, where the bucketed context is short.
-	n16 := splitBucket((b.meta.maxN + decodeMMAAlign - 1) / decodeMMAAlign)
-	cluster := attnValues && T == 1 && hg > 1 && !one && n16*decodeMMAAlign <= attnValuesMaxN && S > 1 && b.attnValuesFits()
 	if decodeSplitsFixed > 0 {
 		S = decodeSplitsFixed
-	} else if cluster {
-		S = attnValuesSplits
 	} else if one {
 		S = 1 // (below 23 rows the multiprocessors would take more splits)
 	} else if hg > 1 {
 		// As few splits as give the same chunk of the bucketed length
 		// (no blocks past the row's end: at ctx 1024, 32 splits of 32
 		// positions rather than 44).
+		n16 := splitBucket((b.meta.maxN + decodeMMAAlign - 1) / decodeMMAAlign)
 		S = (n16 + (n16+S-1)/S - 1) / ((n16 + S - 1) / S)
 	}
 	// Tiles of 16 positions when no split has more (one tile, half the
@@ -219,11 +179,6 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 		if cq != nil && cq.a != nil {
 			xq, xs, xsum, G = cq.a.Q, cq.a.Scales, cq.a.Sums, cq.a.G
 		}
-		if cq != nil && cq.fused != nil {
-			return c.decodeMMAValues(cq.fused, tp, hg, om.ptr, ql.ptr, qm.ptr, p.layer(layer),
-				b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize, s.Heads, s.NopeDim, scale,
-				ahead, xq, xs, xsum, G, stamps)
-		}
 		if err := c.Launch(k, Dim{uint32(S), uint32(T), uint32(hg)}, D1(decodeMMAThreads), shared,
 			om.ptr, om.ld, ql.ptr, ql.ld, qm.ptr, qm.ld, p.layer(layer),
 			b.meta.pos, b.meta.rowSeq, b.meta.seqBlocks, b.meta.blocks, p.blockSize,
@@ -245,7 +200,6 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 		cq = &decodeAttnOp{idx: idx, flush: flush, om: *om}
 		if launchMerge && T == 1 {
 			cq.split = &splitParts{ml: pml, acc: pacc, S: S}
-			cq.cluster = hg > 1 && S == attnValuesSplits && s.Rank == 512 && s.RopeDim == 64 && attnValues && b.attnValuesFits()
 		}
 		b.lastDecodeAttn = cq
 	}
@@ -276,19 +230,6 @@ func (b *Backend) mergedValues(lc *decodeAttnOp, om, ol *tensor, w *QMatrix, a *
 	m := *lc.split
 	y, oa, heads, rows := om.ptr, *a, s.Heads, s.VDim
 	olat := ol.ptr
-	if lc.cluster && 8*rows <= 128*attnValuesSplits && w.K == 512 && w.N == heads*rows && oa.G == w.G {
-		// The attention's launch merges and expands (decode_mma_values);
-		// an empty op keeps the queue's places.
-		f := &fusedValues{y: y, w: w, rows: rows}
-		lc.fused = f
-		b.do("attention merge+expand values (in the attention)", func(c *Ctx) error { return nil })
-		b.noteValues(om, w, a, s.Heads, s.VDim)
-		if b.lastValues != nil {
-			b.lastValues.merge = &mergeIn{parts: m, olat: olat, oa: oa, fused: f}
-		}
-		b.attnValuesFused++
-		return true
-	}
 	b.do("attention merge+expand values", func(c *Ctx) error {
 		return c.DecodeCombineValues(y, w, heads, rows, nil, 128, m, olat, &oa)
 	})
@@ -304,96 +245,7 @@ type mergeIn struct {
 	parts splitParts
 	olat  uint64
 	oa    QActs
-	fused *fusedValues // the attention's launch expands the values
 }
-
-// fusedValues is the value expansion a decode_mma_values launch runs:
-// y = W_UV olat, and with q set (valuesQuant) its int8 form.
-type fusedValues struct {
-	y    uint64
-	w    *QMatrix
-	rows int
-	q    *QActs
-}
-
-// decodeMMAValues launches decode_mma_values (tiles of tp positions) for
-// one row over hg tiles of 8 heads: decode_mma's arguments (one row: no
-// strides), then the value expansion's.
-func (c *Ctx) decodeMMAValues(f *fusedValues, tp, hg int, olat, ql, q uint64,
-	layer, pos, rowSeq, seqBlocks, blocks uint64, blockSize, heads, dn int, scale float32, ahead int,
-	xq, xs, xsum uint64, G int, stamps uint64) error {
-	w := f.w
-	if G != w.G || w.K != 512 || f.rows%128 != 0 || 8*f.rows > 128*attnValuesSplits {
-		return fmt.Errorf("cuda: attention with the values: olat groups of %d, W_UV [%d,%d] G=%d, %d rows a head", G, w.N, w.K, w.G, f.rows)
-	}
-	k, shared, err := c.attnValuesKernel(tp)
-	if err != nil {
-		return err
-	}
-	var yq, ys, ysum uint64
-	qg := 128
-	if f.q != nil {
-		yq, ys, ysum, qg = f.q.Q, f.q.Scales, f.q.Sums, f.q.G
-	}
-	return c.Launch(k, Dim{attnValuesSplits, 1, uint32(hg)}, D1(decodeMMAThreads), shared,
-		olat, ql, q, layer, pos, rowSeq, seqBlocks, blocks, blockSize, heads, dn, scale, ahead,
-		xq, xs, xsum, G, stamps, w.Codes, w.Scales, w.RowScale, bits.TrailingZeros(uint(w.G/32)),
-		f.y, f.rows, qg, yq, ys, ysum)
-}
-
-// attnValuesKernel is decode_mma_values for tiles of tp positions, allowed
-// its shared memory (returned) and its cluster of 16 blocks, past the
-// portable size of 8.
-func (c *Ctx) attnValuesKernel(tp int) (*Kernel, int, error) {
-	shared := decodeMMAValuesShared(512, 64, tp)
-	k, err := c.Kernel("flash", fmt.Sprintf("decode_mma_values_t%d_c%d", tp, attnValuesSplits))
-	if err != nil {
-		return nil, 0, err
-	}
-	if k.maxShared < shared {
-		if r := drv.cuFuncSetAttribute(k.fn, attrNonPortableClusterSize, 1); r != 0 {
-			return nil, 0, newError("cuFuncSetAttribute", k.Module+"."+k.Name, r)
-		}
-		if err := c.SetMaxShared(k, shared); err != nil {
-			return nil, 0, err
-		}
-		k.maxShared = shared
-	}
-	return k, shared, nil
-}
-
-// attnValuesFits reports whether a cluster of decode_mma_values fits the
-// device at all (cuOccupancyMaxActiveClusters, asked once: a part whose
-// GPCs hold fewer than 16 such blocks keeps the separate launches).
-func (b *Backend) attnValuesFits() bool {
-	if b.attnValuesFit == 0 {
-		b.attnValuesFit = -1
-		fits := true
-		err := b.dev.Do(func(c *Ctx) error {
-			for _, tp := range []int{16, 32} {
-				k, shared, err := c.attnValuesKernel(tp)
-				if err != nil {
-					return err
-				}
-				cfg := &launchConfig{gridX: attnValuesSplits, gridY: 1, gridZ: 1, blockX: decodeMMAThreads, blockY: 1, blockZ: 1,
-					shared: uint32(shared), stream: c.stream}
-				var n int32
-				r := drv.cuOccupancyMaxActiveClusters(&n, k.fn, unsafe.Pointer(cfg))
-				runtime.KeepAlive(cfg)
-				fits = fits && r == 0 && n >= 1
-			}
-			return nil
-		})
-		if err == nil && fits {
-			b.attnValuesFit = 1
-		}
-	}
-	return b.attnValuesFit > 0
-}
-
-// attrNonPortableClusterSize is
-// CU_FUNC_ATTRIBUTE_NON_PORTABLE_CLUSTER_SIZE_ALLOWED.
-const attrNonPortableClusterSize = 14
 
 // DecodeCombineValues is decode_combine of one row's S splits (parts) into
 // olat and its int8 form oa, and GEMVHeadsQuant of it (q nil: GEMVHeads),
@@ -433,9 +285,4 @@ type decodeAttnOp struct {
 	// row); merged: the value expansion's launch does (mergedValues).
 	split  *splitParts
 	merged bool
-	// cluster: the launch may take the merge and the values instead
-	// (decode_mma_values: attnValuesSplits splits, blocks of 8 heads);
-	// fused: it does (mergedValues).
-	cluster bool
-	fused   *fusedValues
 }

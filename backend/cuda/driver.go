@@ -55,7 +55,6 @@ type driverAPI struct {
 	cuGetErrorName                              func(r int32, s **byte) int32
 	cuGetErrorString                            func(r int32, s **byte) int32
 	cuOccupancyMaxActiveBlocksPerMultiprocessor func(n *int32, fn uintptr, block int32, smem uint64) int32
-	cuOccupancyMaxActiveClusters                func(n *int32, fn uintptr, cfg unsafe.Pointer) int32
 	cuStreamBeginCapture                        func(s uintptr, mode int32) int32
 	cuStreamEndCapture                          func(s uintptr, graph *uintptr) int32
 	cuGraphInstantiateWithFlags                 func(exec *uintptr, graph uintptr, flags uint64) int32
@@ -205,7 +204,6 @@ func (d *driverAPI) symbols() map[string]any {
 		"cuGetErrorName":                              &d.cuGetErrorName,
 		"cuGetErrorString":                            &d.cuGetErrorString,
 		"cuOccupancyMaxActiveBlocksPerMultiprocessor": &d.cuOccupancyMaxActiveBlocksPerMultiprocessor,
-		"cuOccupancyMaxActiveClusters":                &d.cuOccupancyMaxActiveClusters,
 		"cuStreamBeginCapture_v2":                     &d.cuStreamBeginCapture,
 		"cuStreamEndCapture":                          &d.cuStreamEndCapture,
 		"cuGraphInstantiateWithFlags":                 &d.cuGraphInstantiateWithFlags,

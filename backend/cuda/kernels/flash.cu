@@ -918,242 +918,14 @@ DEVICE void dm_merge_share(float* __restrict__ olat, int ldo, const float* part_
   if (xq) quant_row4(o, tid < nf, f0 + tid, t, NF * 4, G, xq, xs, xsum);
 }
 
-// The value expansion in decode_mma's launch (decode_mma_values_*): one
-// row, a cluster of CS blocks over the splits of a tile of 8 heads. After
-// the splits (each block's partial left in its shared memory) and a
-// cluster barrier, block c owns 128 rows of the tile's values (chunk c of
-// nhb*rows/128): it merges its head's CS partials through distributed
-// shared memory as decode_combine_values does (class c = s mod 8 summing
-// its splits in order, the eight classes then added in order: the same
-// bits), quantizes the merged row in W_UV's groups (the same int8 form),
-// writes olat and its int8 form (the head's first chunk), and takes the
-// chunk's products from W_UV rows it copied to shared memory before the
-// wait, as decode_combine_values does from registers; with yq set, the
-// values' int8 form in groups of qg. Rank 512 only.
-struct DMValues {
-  const u8* codes;
-  const u8* scales;
-  const float* row_scale;
-  int gshift;
-  float* y;
-  int rows, qg;
-  i8* yq;
-  float* ys;
-  i32* ysum;
-};
-
-// Its shared memory after decode_mma's (bytes): W_UV codes of 128 rows,
-// their scales (at most 16 a row), row scales, the classes' sums, the
-// splits' weights and sums, the classes' weight sums, the values, the
-// merged row's int8 form (codes, scales, sums).
-#define DMV_BYTES (32768 + 2048 + 512 + 8192 + 64 + 64 + 32 + 512 + 512 + 64 + 64)
-
-DEVICE void dm_cluster_arrive() { asm volatile("barrier.cluster.arrive.aligned;" ::: "memory"); }
-DEVICE void dm_cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
-// Shared memory address a of block rank of the cluster.
-DEVICE u32 dm_mapa(u32 a, u32 rank) {
-  u32 d;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(rank));
-  return d;
-}
-DEVICE float dm_ld_cluster(u32 a) {
-  float v;
-  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(a) : "memory");
-  return v;
-}
-DEVICE float4 dm_ld_cluster4(u32 a) {
-  float4 v;
-  asm volatile("ld.shared::cluster.v4.f32 {%0,%1,%2,%3}, [%4];"
-               : "=f"(v.x), "=f"(v.y), "=f"(v.z), "=f"(v.w)
-               : "r"(a)
-               : "memory");
-  return v;
-}
-
-// Block c's W_UV rows (chunk c of the tile, if it has one) into shared
-// memory vsm: codes, scales and row scales, copies not committed (they
-// join decode_mma's first group).
-template <int RANK>
-DEVICE void dm_values_fetch(const DMValues& vx, u8* vsm, int hb, int nhb) {
-  const int c = blockIdx.x;
-  if (c >= nhb * vx.rows / 128) return;
-  const size_t cbase = (size_t)hb * vx.rows + (size_t)c * 128;
-  const int GK = (RANK / 32) >> vx.gshift;
-  const u32 a = smem_addr(vsm);
-  for (int i = threadIdx.x; i < 128 * RANK / 32; i += DM_THREADS)
-    cp_async16(a + i * 16, vx.codes + cbase * (RANK / 2) + i * 16, true);
-  for (int i = threadIdx.x; i < 8 * GK; i += DM_THREADS)
-    cp_async16(a + 32768 + i * 16, vx.scales + cbase * GK + i * 16, true);
-  for (int i = threadIdx.x; i < 32; i += DM_THREADS)
-    cp_async16(a + 32768 + 2048 + i * 16, vx.row_scale + cbase + i * 4, true);
-}
-
-// The merge and the value expansion (above), after decode_mma's block has
-// its head-major values in ot ([8][RANK+4]) and their maxima and sums in
-// m_s and l_s (its copies done).
-template <int RANK, int CS>
-DEVICE void dm_values_tail(const DMValues& vx, const float* ot, const float* m_s, const float* l_s, u8* vsm, int hb,
-                           int nhb, int heads, float* __restrict__ olat, i8* __restrict__ xq, float* __restrict__ xs,
-                           i32* __restrict__ xsum, int G, unsigned long long* stamps) {
-  constexpr int K = RANK, OLD = RANK + 4;
-  static_assert(RANK == 512 && CS <= 16, "shape");
-  const u8* wc = vsm;
-  const u8* wsc = vsm + 32768;
-  const float* wrs = (const float*)(vsm + 32768 + 2048);
-  float4* red = (float4*)(vsm + 32768 + 2048 + 512);  // [4][128]
-  float* esm = (float*)(vsm + 32768 + 2048 + 512 + 8192);
-  float* lsm = esm + 16;
-  float* lred = lsm + 16;
-  float* vals = lred + 8;
-  i8* xq_sh = (i8*)(vals + 128);
-  float* xs_sh = (float*)(xq_sh + 512);
-  i32* xsum_sh = (i32*)(xs_sh + 16);
-  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int c = blockIdx.x, rows = vx.rows;
-  const bool mine = c < nhb * rows / 128;
-  const size_t cbase = (size_t)hb * rows + (size_t)c * 128;
-  // Timer stamps (benchmarks), five a block after decode_mma's six of
-  // every block: the barrier passed, the partials asked for and the
-  // splits weighed, merged, values written, done.
-  const size_t nb = (size_t)gridDim.x * gridDim.y * gridDim.z;
-  unsigned long long* stamp =
-      stamps ? stamps + 6 * nb + 5 * (((size_t)blockIdx.z * gridDim.y + blockIdx.y) * gridDim.x + blockIdx.x) : nullptr;
-#define DMV_STAMP(k) \
-  if (stamp && tid == 0) stamp[k] = globaltimer()
-  dm_cluster_arrive();  // every block's partial is in its shared memory
-  dm_cluster_wait();
-  DMV_STAMP(0);
-  if (mine) {
-    const int hl = c * 128 / rows;  // the chunk's head in the tile
-    // Thread (k, f): classes 4k..4k+3 of float4 column f; its partials are
-    // requested first, then warp 0 weighs the splits meanwhile.
-    const int f = tid & 127, k = tid >> 7;
-    const u32 src = smem_addr(ot + hl * OLD + 4 * f);
-    float4 x[4][2];
-#pragma unroll
-    for (int i = 0; i < 4; i++)
-#pragma unroll
-      for (int u = 0; u < 2; u++) {
-        const int q = 4 * k + i + 8 * u;
-        x[i][u] = q < CS ? dm_ld_cluster4(dm_mapa(src, q)) : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
-    if (warp == 0) {
-      float mq = __int_as_float(0xff800000), lq = 0.f;
-      if (lane < CS) {
-        mq = dm_ld_cluster(dm_mapa(smem_addr(m_s + hl), lane));
-        lq = dm_ld_cluster(dm_mapa(smem_addr(l_s + hl), lane));
-      }
-      const float M = warp_max(lq > 0.f ? mq : __int_as_float(0xff800000));
-      if (lane < CS) {
-        esm[lane] = lq > 0.f ? expf(mq - M) : 0.f;
-        lsm[lane] = lq;
-      }
-    }
-    __syncthreads();
-    DMV_STAMP(1);
-    float4 o[4];
-    float lw[4];
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-      o[i] = make_float4(0.f, 0.f, 0.f, 0.f);
-      lw[i] = 0.f;
-#pragma unroll
-      for (int u = 0; u < 2; u++) {
-        const int q = 4 * k + i + 8 * u;
-        if (q < CS) {
-          const float e = esm[q];
-          o[i].x += e * x[i][u].x, o[i].y += e * x[i][u].y, o[i].z += e * x[i][u].z, o[i].w += e * x[i][u].w;
-          lw[i] += e * lsm[q];
-        }
-      }
-    }
-    if (k == 1) {
-#pragma unroll
-      for (int i = 0; i < 4; i++) red[i * 128 + f] = o[i];
-      if (f == 0)
-#pragma unroll
-        for (int i = 0; i < 4; i++) lred[i] = lw[i];
-    }
-    __syncthreads();
-    if (k == 0) {
-      float4 r = o[0];
-      float L = lw[0];
-#pragma unroll
-      for (int q = 1; q < 8; q++) {
-        const float4 v = q < 4 ? o[q] : red[(q - 4) * 128 + f];
-        r.x += v.x, r.y += v.y, r.z += v.z, r.w += v.w;
-        L += q < 4 ? lw[q] : lred[q - 4];
-      }
-      const float inv = 1.f / L;
-      const float4 out = make_float4(r.x * inv, r.y * inv, r.z * inv, r.w * inv);
-      quant_row4(out, true, f, 0, K, G, xq_sh, xs_sh, xsum_sh);
-      if ((c * 128) % rows == 0) {  // the head's first chunk
-        *(float4*)(olat + (size_t)(hb + hl) * K + 4 * f) = out;
-        quant_row4(out, true, (hb + hl) * (K / 4) + f, 0, heads * K, G, xq, xs, xsum);
-      }
-    }
-    __syncthreads();
-  }
-  DMV_STAMP(2);
-  dm_cluster_arrive();  // this block's reads of the others' shared memory are done
-  if (mine) {
-    const int sl = lane & 15, gshift = vx.gshift, GK = (K / 32) >> gshift;
-    const uint4* xp = (const uint4*)(xq_sh + sl * 32);
-    const uint4 xa = xp[0], xb = xp[1];
-    const float xscale = xs_sh[sl >> gshift];
-#pragma unroll
-    for (int p = 0; p < 2; p++) {
-      const int local = p * 64 + warp * 8 + (lane >> 4) * 4;
-      float out[4] = {0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-      for (int r = 0; r < 4; r++) {
-        const uint4 w = *(const uint4*)(wc + (local + r) * (K / 2) + sl * 16);
-        const u32 s = wsc[(local + r) * GK + (sl >> gshift)];
-        out[r] += (float)dot32_split(w, xa, xb) * (e4m3(s) * xscale);
-      }
-#pragma unroll
-      for (int r = 0; r < 4; r++)
-#pragma unroll
-        for (int o = 8; o > 0; o >>= 1) out[r] += __shfl_xor_sync(0xffffffffu, out[r], o);
-#pragma unroll
-      for (int r = 0; r < 4; r++) {
-        if (sl == r) {
-          const float v = out[r] * (wrs[local + r] * 0.5f);
-          vx.y[cbase + local + r] = v;
-          vals[local + r] = v;
-        }
-      }
-    }
-    DMV_STAMP(3);
-    if (vx.yq) {
-      __syncthreads();
-      // Warp j < 128/qg quantizes group j of the chunk's rows (as
-      // decode_combine_values does).
-      const int qg = vx.qg;
-      if (warp < 128 / qg) {
-        const int E = qg >> 5, k0 = warp * qg + lane * E;
-        float v[4];
-#pragma unroll
-        for (int e = 0; e < 4; e++)
-          if (e < E) v[e] = vals[k0 + e];
-        const size_t c0 = cbase + k0;
-        quant_group_warp(v, E, lane, vx.yq + c0, vx.ysum + c0 / 32, vx.ys + cbase / qg + warp);
-      }
-    }
-  }
-  DMV_STAMP(4);
-  dm_cluster_wait();  // the others' reads of this block's shared memory are done
-#undef DMV_STAMP
-}
-
-template <int RANK, int DR, int TP, int HT, int CS = 0>
+template <int RANK, int DR, int TP, int HT>
 DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                        const float* __restrict__ q, int ldq, const u8* __restrict__ layer,
                        const i32* __restrict__ pos, const i32* __restrict__ row_seq,
                        const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size, int heads,
                        int dn, float scale, float* part_ml, float* part_acc, u32* counters, int ahead,
                        i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum, int G,
-                       unsigned long long* stamps, const DMValues vx = DMValues{}) {
+                       unsigned long long* stamps) {
   constexpr int W = RANK + DR, LD = W + 8;  // cached row stride in shared memory (bf16)
   constexpr int KL = RANK / 128;            // latent k steps a warp; also its 16-column output tiles
   constexpr int KR = DR / 16;               // rope k steps: one each for warps < KR
@@ -1183,10 +955,6 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   float* l_s = m_s + NH;
   // The in-launch merge (all heads in one block only) uses sp as scratch.
   static_assert(HT != DM_HT || 8 * TP * NH >= 2 * DM_MAXS + 2 * NH + 4 + 4 * DM_THREADS, "merge scratch");
-  // The value expansion's (CS > 0: one tile of 8 heads, a split a block
-  // of the cluster), after them.
-  static_assert(CS == 0 || HT == 1, "values");
-  u8* vsm = dm_smem + ((STAGE_BYTES + 8 * TP * NH * 4 + PROWS * PLD * 2 + 3 * NH * 4 + 15) & ~15);
 
   PDL_LAUNCH();
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, g = lane >> 2, c4 = lane & 3;
@@ -1241,7 +1009,6 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   }
   // Weights of the padding rows and heads stay zero.
   for (int i = tid; i < PROWS * PLD / 2; i += DM_THREADS) ((u32*)pw)[i] = 0u;
-  if constexpr (CS != 0) dm_values_fetch<RANK>(vx, vsm, hb, nhb);
   PDL_WAIT();  // the queries and this step's cache entries
   if (stamp && tid == 0) stamp[1] = globaltimer_after((int)lead[0]);
 
@@ -1435,11 +1202,6 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   __syncthreads();
 
   constexpr int C4 = RANK / 4;
-  if constexpr (CS != 0) {
-    dm_values_tail<RANK, CS>(vx, ot, m_s, l_s, vsm, hb, nhb, heads, olat, xq, xs, xsum, G, stamps);
-    DM_STAMP(5);
-    return;
-  }
   if (S == 1) {
     for (int ib = 0; ib < nhb * C4; ib += DM_THREADS) {
       const int i = ib + tid;
@@ -1505,25 +1267,6 @@ DECODE_MMA(256, 32, 16, DM_HT, decode_mma_256_32_t16)
 DECODE_MMA(256, 32, 32, DM_HT, decode_mma_256_32_t32)
 DECODE_MMA(512, 64, 16, 1, decode_mma_512_64_t16_h8)
 DECODE_MMA(512, 64, 32, 1, decode_mma_512_64_t32_h8)
-
-// decode_mma with the merge and the value expansion in its launch (one
-// row; grid (CS, 1, head tiles of 8), a cluster of CS blocks a tile).
-#define DECODE_MMA_VALUES(TP, CS, NAME)                                                                       \
-  extern "C" __global__ void __cluster_dims__(CS, 1, 1) __launch_bounds__(DM_THREADS, 1)                      \
-      NAME(float* olat, const float* qlat, const float* q, const u8* layer, const i32* __restrict__ pos,       \
-           const i32* __restrict__ row_seq, const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, \
-           int block_size, int heads, int dn, float scale, int ahead, i8* xq, float* xs, i32* xsum, int G,     \
-           unsigned long long* stamps, const u8* __restrict__ codes, const u8* __restrict__ wscales,           \
-           const float* __restrict__ row_scale, int gshift, float* y, int rows, int qg, i8* yq, float* ys,     \
-           i32* ysum) {                                                                                        \
-    decode_mma<512, 64, TP, 1, CS>(olat, 0, qlat, 0, q, 0, layer, pos, row_seq, seq_blocks, blocks, block_size, \
-                                   heads, dn, scale, nullptr, nullptr, nullptr, ahead, xq, xs, xsum, G, stamps,  \
-                                   DMValues{codes, wscales, row_scale, gshift, y, rows, qg, yq, ys, ysum});     \
-  }
-
-// Tiles of 16 and 32 positions.
-DECODE_MMA_VALUES(16, 16, decode_mma_values_t16_c16)
-DECODE_MMA_VALUES(32, 16, decode_mma_values_t32_c16)
 
 // The splits' merge as a second launch: grid (rank/128, heads, rows),
 // eight warps a block for one row, head and 128 columns. Warp w takes the
