@@ -209,9 +209,36 @@ func TestModelMMFP4MatchesCPUOnGPU(t *testing.T) {
 	}
 }
 
+// With an fp4 cache both backends store the same codes for the same
+// latent, but a last-bit difference in a latent can move a value by a
+// whole FP4 step; the logits are held to the bound of the non-split
+// kernels above, for each attention kernel (a prefill of the whole
+// sequence: the split kernels; the single-launch decode kernel takes
+// only decode rows, so a prefill runs the blocked kernels there too).
+func TestModelFP4CacheMatchesCPUOnGPU(t *testing.T) {
+	g, c := testBackends(t, Options{})
+	ref := loadGolden(t)
+	seq := append(append([]int{}, ref.prompt...), ref.greedy...)
+	for _, dir := range []string{fixtureDir, quantizedFixture(t)} {
+		mg, mc := loadOn(t, dir, g), loadOn(t, dir, c)
+		want := modelLogits(t, mc, seq, backend.CacheFP4)
+		for _, kernel := range []string{"split", "heads"} {
+			g.noHeadsAttention = kernel == "split"
+			got := modelLogits(t, mg, seq, backend.CacheFP4)
+			e := maxRelErr(want, got)
+			t.Logf("GPU vs CPU, %s, fp4 cache, %s attention: max rel err %.2e over %d positions", filepath.Base(dir), kernel, e, len(seq))
+			if e > 5e-2 {
+				t.Errorf("%s, %s attention: relative error %.3e > 5e-2", filepath.Base(dir), kernel, e)
+			}
+		}
+		g.noHeadsAttention = false
+	}
+}
+
 // Greedy decoding of 64 tokens gives the same ids on both backends: the
 // bf16 weights with the serving default bf16 cache, the MMFP4 weights with
-// a float32 cache (see above).
+// a float32 cache (see above), and both with an fp4 cache (the same codes
+// on both; the single-launch decode kernel reads them).
 func TestModelGreedyMatchesCPUOnGPU(t *testing.T) {
 	ref := loadGolden(t)
 	for _, fused := range []bool{true, false} {
@@ -219,7 +246,7 @@ func TestModelGreedyMatchesCPUOnGPU(t *testing.T) {
 		for _, run := range []struct {
 			dir string
 			dt  backend.CacheDType
-		}{{fixtureDir, backend.CacheBF16}, {quantizedFixture(t), backend.CacheF32}} {
+		}{{fixtureDir, backend.CacheBF16}, {quantizedFixture(t), backend.CacheF32}, {fixtureDir, backend.CacheFP4}, {quantizedFixture(t), backend.CacheFP4}} {
 			mg, mc := loadOn(t, run.dir, g), loadOn(t, run.dir, c)
 			want := greedyIDs(t, mc, ref.prompt, 64, run.dt)
 			got := greedyIDs(t, mg, ref.prompt, 64, run.dt)
