@@ -210,28 +210,28 @@ func TestModelMMFP4MatchesCPUOnGPU(t *testing.T) {
 }
 
 // With an fp4 cache both backends store the same codes for the same
-// latent, but a last-bit difference in a latent can move a value by a
-// whole FP4 step; the logits are held to the bound of the non-split
-// kernels above, for each attention kernel (a prefill of the whole
-// sequence: the split kernels; the single-launch decode kernel takes
-// only decode rows, so a prefill runs the blocked kernels there too).
+// latent (TestCacheWriteFP4MatchesCPU), but a last-bit difference in a
+// latent can move a value by a whole FP4 step. The fixture's 28 positions
+// are one step of at most decodeAttnRows rows, so the single-launch
+// decode kernel takes them. Measured on an H200: 4.3e-7 with the bf16
+// weights, 1.0e-2 with the MMFP4 ones (whose int8 requantization moves a
+// last-bit difference by a step, as with the f32 cache above).
 func TestModelFP4CacheMatchesCPUOnGPU(t *testing.T) {
 	g, c := testBackends(t, Options{})
 	ref := loadGolden(t)
 	seq := append(append([]int{}, ref.prompt...), ref.greedy...)
-	for _, dir := range []string{fixtureDir, quantizedFixture(t)} {
-		mg, mc := loadOn(t, dir, g), loadOn(t, dir, c)
+	for _, run := range []struct {
+		dir   string
+		bound float64
+	}{{fixtureDir, 1e-5}, {quantizedFixture(t), 2e-2}} {
+		mg, mc := loadOn(t, run.dir, g), loadOn(t, run.dir, c)
 		want := modelLogits(t, mc, seq, backend.CacheFP4)
-		for _, kernel := range []string{"split", "heads"} {
-			g.noHeadsAttention = kernel == "split"
-			got := modelLogits(t, mg, seq, backend.CacheFP4)
-			e := maxRelErr(want, got)
-			t.Logf("GPU vs CPU, %s, fp4 cache, %s attention: max rel err %.2e over %d positions", filepath.Base(dir), kernel, e, len(seq))
-			if e > 5e-2 {
-				t.Errorf("%s, %s attention: relative error %.3e > 5e-2", filepath.Base(dir), kernel, e)
-			}
+		got := modelLogits(t, mg, seq, backend.CacheFP4)
+		e := maxRelErr(want, got)
+		t.Logf("GPU vs CPU, %s, fp4 cache: max rel err %.2e over %d positions", filepath.Base(run.dir), e, len(seq))
+		if !(e <= run.bound) {
+			t.Errorf("%s, fp4 cache: relative error %.3e > %.0e", filepath.Base(run.dir), e, run.bound)
 		}
-		g.noHeadsAttention = false
 	}
 }
 
