@@ -72,6 +72,8 @@ func (b *Backend) decodeAttention(om, ql, qm *tensor, p *cachePool, layer int, s
 		format = "f32"
 	case 2:
 		format = "fp8"
+	case 3:
+		format = "fp4"
 	}
 	name, threads := fmt.Sprintf("attention_decode_%s_r%d", format, s.Rank), 256
 	if b.decodeOneHead {
@@ -140,15 +142,32 @@ func (b *Backend) attnCountersFor(n int) bool {
 }
 
 // slotBytes is the size of one cached position: its latent and rope values
-// (f32 or bf16), or their E4M3 codes and two float32 scales (fp8).
+// (f32 or bf16), or their E4M3 codes and two float32 scales (fp8), or
+// fp4SlotBytes.
 func (p *cachePool) slotBytes() int {
 	switch p.dtype {
 	case backend.CacheF32:
 		return 4 * (p.rank + p.ropeDim)
 	case backend.CacheFP8:
 		return p.rank + p.ropeDim + 8
+	case backend.CacheFP4:
+		return fp4SlotBytes(p.rank, p.ropeDim)
 	}
 	return 2 * (p.rank + p.ropeDim)
+}
+
+// fp4SlotBytes is the size of an fp4 cache slot (fp4_slot_bytes in ops.cu):
+// rank/2 bytes of E2M1 codes of the latent, ropeDim E4M3 codes of k_pe, an
+// E4M3 scale per backend.FP4Group latent values, at the next multiple of 8
+// the two float32 scales, padded to 16 bytes: 352 for rank 512 and 64
+// rope dims, against backend.CacheBytesPerToken's 344.
+func fp4SlotBytes(rank, ropeDim int) int {
+	return align(fp4ScaleOffset(rank, ropeDim)+8, 16)
+}
+
+// fp4ScaleOffset is where an fp4 slot's two float32 scales lie.
+func fp4ScaleOffset(rank, ropeDim int) int {
+	return align(rank/2+ropeDim+(rank+backend.FP4Group-1)/backend.FP4Group, 8)
 }
 
 // flashMixedTiles bounds the serial work of one flash block in a step that

@@ -81,7 +81,7 @@ func TestDecodeAttentionMatchesCPU(t *testing.T) {
 			qls = append(qls, randVec(r, len(st)*s.Heads*s.Rank, 1))
 			qs = append(qs, randVec(r, len(st)*s.Heads*qk, 1))
 		}
-		for _, dt := range []backend.CacheDType{backend.CacheF32, backend.CacheBF16, backend.CacheFP8} {
+		for _, dt := range []backend.CacheDType{backend.CacheF32, backend.CacheBF16, backend.CacheFP8, backend.CacheFP4} {
 			variants := []attnVariant{{pct: 100}, {pct: 250}, {pct: 100, h1: true}}
 			if dt == backend.CacheBF16 {
 				// The tensor-core kernel, merged in the launch or by a

@@ -1536,13 +1536,15 @@ func (p *cachePool) kernelDType() int {
 		return 1
 	case backend.CacheFP8:
 		return 2
+	case backend.CacheFP4:
+		return 3
 	}
 	return 0
 }
 
-// NewCachePool allocates a zeroed paged latent cache in f32, bf16 or fp8
+// NewCachePool allocates a zeroed paged latent cache in f32, bf16, fp8
 // (each slot: rank+ropeDim E4M3 codes, then the float32 scales of c and
-// k_pe).
+// k_pe) or fp4 (fp4SlotBytes).
 func (b *Backend) NewCachePool(layers, blocks, blockSize, rank, ropeDim int, dtype backend.CacheDType) (backend.CachePool, error) {
 	if layers <= 0 || blocks <= 0 || blockSize <= 0 || rank <= 0 || ropeDim < 0 || rank%2 != 0 || ropeDim%2 != 0 {
 		return nil, fmt.Errorf("cuda backend: cache pool of %d layers, %d blocks of %d, rank %d, rope dims %d", layers, blocks, blockSize, rank, ropeDim)
@@ -1558,8 +1560,10 @@ func (b *Backend) NewCachePool(layers, blocks, blockSize, rank, ropeDim int, dty
 			return nil, fmt.Errorf("cuda backend: fp8 cache of rank %d + rope dims %d: the sum must be a multiple of 4", rank, ropeDim)
 		}
 		slotBytes = rank + ropeDim + 8
+	case backend.CacheFP4:
+		slotBytes = fp4SlotBytes(rank, ropeDim)
 	default:
-		return nil, fmt.Errorf("cuda backend: cache dtype %v is not supported yet (use bf16, fp8 or f32)", dtype)
+		return nil, fmt.Errorf("cuda backend: cache dtype %v", dtype)
 	}
 	p := &cachePool{layers: layers, blocks: blocks, blockSize: blockSize, rank: rank, ropeDim: ropeDim, dtype: dtype}
 	p.layerBytes = align(blocks*blockSize*slotBytes, 256)
@@ -1596,7 +1600,7 @@ func (b *Backend) CacheWrite(layer int, latent, kpe backend.Tensor) {
 		b.badShape("cache kpe", [2]int{km.rows, km.cols}, [2]int{b.batch.Rows(), p.ropeDim}) || lm.rows == 0 {
 		return
 	}
-	if r1, r2 := b.ropes[0], b.ropes[1]; p.dtype != backend.CacheFP8 && r1 != nil && r2 != nil && r1.flush == b.flushes && r2.flush == b.flushes &&
+	if r1, r2 := b.ropes[0], b.ropes[1]; p.kernelDType() < 2 && r1 != nil && r2 != nil && r1.flush == b.flushes && r2.flush == b.flushes &&
 		r2.idx == len(b.pending)-1 && r1.idx == r2.idx-1 && r2.m == *km && r1.table == r2.table && r1.dim == r2.dim && r1.il == r2.il {
 		// Both RoPEs just queued (the queries', then this key's) run in
 		// the cache write's launch.
@@ -1617,8 +1621,12 @@ func (b *Backend) CacheWrite(layer int, latent, kpe backend.Tensor) {
 		b.noteRopeCache(r1, r2, km, lm, p.layer(layer), b.meta.slots, p.kernelDType(), p.rank, p.ropeDim)
 		return
 	}
-	if p.dtype == backend.CacheFP8 {
-		b.launch("cache write", "ops", "cache_write_fp8", D1(lm.rows), D1(256), p.layer(layer), b.meta.slots,
+	if p.dtype == backend.CacheFP8 || p.dtype == backend.CacheFP4 {
+		name := "cache_write_fp8"
+		if p.dtype == backend.CacheFP4 {
+			name = "cache_write_fp4"
+		}
+		b.launch("cache write", "ops", name, D1(lm.rows), D1(256), p.layer(layer), b.meta.slots,
 			lm.ptr, lm.ld, km.ptr, km.ld, p.rank, p.ropeDim)
 		return
 	}

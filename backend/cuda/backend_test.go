@@ -256,7 +256,7 @@ func TestBackendAttentionMatchesCPU(t *testing.T) {
 		case "chunks":
 			g.splitFloats = 7 * s.Heads * 8 * s.Rank
 		}
-		for _, dt := range []backend.CacheDType{backend.CacheF32, backend.CacheBF16, backend.CacheFP8} {
+		for _, dt := range []backend.CacheDType{backend.CacheF32, backend.CacheBF16, backend.CacheFP8, backend.CacheFP4} {
 			for wi, wname := range []string{"mmfp4", "dense"} {
 				// Part 0: qlat and olat; part 1: the expanded values, which on
 				// MMFP4 weights quantize olat to int8, where a last-bit

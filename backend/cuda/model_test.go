@@ -209,9 +209,36 @@ func TestModelMMFP4MatchesCPUOnGPU(t *testing.T) {
 	}
 }
 
+// With an fp4 cache both backends store the same codes for the same
+// latent (TestCacheWriteFP4MatchesCPU), but a last-bit difference in a
+// latent can move a value by a whole FP4 step. The fixture's 28 positions
+// are one step of at most decodeAttnRows rows, so the single-launch
+// decode kernel takes them. Measured on an H200: 4.3e-7 with the bf16
+// weights, 1.0e-2 with the MMFP4 ones (whose int8 requantization moves a
+// last-bit difference by a step, as with the f32 cache above).
+func TestModelFP4CacheMatchesCPUOnGPU(t *testing.T) {
+	g, c := testBackends(t, Options{})
+	ref := loadGolden(t)
+	seq := append(append([]int{}, ref.prompt...), ref.greedy...)
+	for _, run := range []struct {
+		dir   string
+		bound float64
+	}{{fixtureDir, 1e-5}, {quantizedFixture(t), 2e-2}} {
+		mg, mc := loadOn(t, run.dir, g), loadOn(t, run.dir, c)
+		want := modelLogits(t, mc, seq, backend.CacheFP4)
+		got := modelLogits(t, mg, seq, backend.CacheFP4)
+		e := maxRelErr(want, got)
+		t.Logf("GPU vs CPU, %s, fp4 cache: max rel err %.2e over %d positions", filepath.Base(run.dir), e, len(seq))
+		if !(e <= run.bound) {
+			t.Errorf("%s, fp4 cache: relative error %.3e > %.0e", filepath.Base(run.dir), e, run.bound)
+		}
+	}
+}
+
 // Greedy decoding of 64 tokens gives the same ids on both backends: the
 // bf16 weights with the serving default bf16 cache, the MMFP4 weights with
-// a float32 cache (see above).
+// a float32 cache (see above), and both with an fp4 cache (the same codes
+// on both; the single-launch decode kernel reads them).
 func TestModelGreedyMatchesCPUOnGPU(t *testing.T) {
 	ref := loadGolden(t)
 	for _, fused := range []bool{true, false} {
@@ -219,7 +246,7 @@ func TestModelGreedyMatchesCPUOnGPU(t *testing.T) {
 		for _, run := range []struct {
 			dir string
 			dt  backend.CacheDType
-		}{{fixtureDir, backend.CacheBF16}, {quantizedFixture(t), backend.CacheF32}} {
+		}{{fixtureDir, backend.CacheBF16}, {quantizedFixture(t), backend.CacheF32}, {fixtureDir, backend.CacheFP4}, {quantizedFixture(t), backend.CacheFP4}} {
 			mg, mc := loadOn(t, run.dir, g), loadOn(t, run.dir, c)
 			want := greedyIDs(t, mc, ref.prompt, 64, run.dt)
 			got := greedyIDs(t, mg, ref.prompt, 64, run.dt)

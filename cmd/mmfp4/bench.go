@@ -113,7 +113,7 @@ func init() {
 	f.Int64Var(&bwBytes, "bandwidth-mib", 1024, "buffer of the read-bandwidth test, MiB")
 	f.Uint64Var(&o.Seed, "seed", 1, "seed of the random prompt")
 	f.StringVar(&dev, "device", "auto", "compute device: cuda, cpu or auto (CUDA when a supported GPU is found)")
-	f.StringVar(&kvDType, "kv-cache-dtype", "bf16", "latent cache precision on the GPU: bf16, fp8 or f32")
+	f.StringVar(&kvDType, "kv-cache-dtype", "bf16", "latent cache precision on the GPU: bf16, fp8, fp4 or f32")
 	rootCmd.AddCommand(cmd)
 }
 

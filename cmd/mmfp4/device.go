@@ -49,12 +49,10 @@ func (f *modelFlags) pickBackend(dt backend.CacheDType) (backend.Backend, error)
 }
 
 // cudaUnsuited says why the CUDA backend cannot run these options, or "".
+// Every cache dtype (bf16, f32, fp8, fp4) runs on both backends.
 func cudaUnsuited(floatAct bool, dt backend.CacheDType) string {
-	switch {
-	case floatAct:
+	if floatAct {
 		return "--float-activations is a CPU backend option"
-	case dt == backend.CacheFP4:
-		return fmt.Sprintf("--kv-cache-dtype %v is not supported on the GPU yet (bf16, fp8 or f32)", dt)
 	}
 	return ""
 }

@@ -28,7 +28,10 @@
 #define AD_MAXS 256
 
 // A lane's raw share of one cached position: dtype 0 bf16, 1 f32, 2 fp8
-// (codes, then the float scales of the latent and the rope part).
+// (codes, then the float scales of the latent and the rope part), 3 fp4
+// (the latent's four E2M1 codes of each column group and their group's
+// E4M3 scale, two E4M3 codes of k_pe, the two float scales; the slot
+// layout is cache_load's in ops.cu).
 template <int DT>
 struct ADRaw;
 template <>
@@ -44,6 +47,12 @@ struct ADRaw<1> {
 template <>
 struct ADRaw<2> {
   u32 g[4];
+  u32 pe;
+  float2 sc;
+};
+template <>
+struct ADRaw<3> {
+  u32 g[4], gs[4];
   u32 pe;
   float2 sc;
 };
@@ -73,14 +82,29 @@ DEVICE void ad_load(ADRaw<2>& r, const u8* row, int rank, int ng, int dr, int la
   r.sc = *(const float2*)(row + rank + dr);
 }
 
+// fp4: the latent dims 128g + 4*lane + {0..3} are the two code bytes at
+// 64g + 2*lane, in the scale group 4g + lane/8.
+DEVICE void ad_load(ADRaw<3>& r, const u8* row, int rank, int ng, int dr, int lane) {
+  const u8* gsc = row + rank / 2 + dr;
+#pragma unroll
+  for (int g = 0; g < 4; g++) {
+    if (g < ng) {
+      r.g[g] = *(const unsigned short*)(row + 64 * g + 2 * lane);
+      r.gs[g] = gsc[4 * g + (lane >> 3)];
+    }
+  }
+  r.pe = 2 * lane < dr ? (u32) * (const unsigned short*)(row + rank / 2 + 2 * lane) : 0u;
+  r.sc = *(const float2*)(row + ((rank / 2 + dr + rank / 32 + 7) & ~7));
+}
+
 DEVICE u32 ad_smem(const void* p) {
   u32 r;
   asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
   return r;
 }
 
-// One piece of a cache row into shared memory: 16 bytes (bf16 and f32
-// rows are multiples of 16) or 8 (fp8 rows, width + 8 bytes).
+// One piece of a cache row into shared memory: 16 bytes (bf16, f32 and
+// fp4 rows are multiples of 16) or 8 (fp8 rows, width + 8 bytes).
 template <int BYTES>
 DEVICE void ad_copy(u32 dst, const void* src) {
   if (BYTES == 16)
@@ -129,6 +153,19 @@ DEVICE void ad_convert(const ADRaw<2>& r, float (&c)[16], float (&pe)[2], int ng
   for (int g = 0; g < 4; g++) {
 #pragma unroll
     for (int i = 0; i < 4; i++) c[4 * g + i] = g < ng ? e4m3((r.g[g] >> (8 * i)) & 0xffu) * r.sc.x : 0.f;
+  }
+  pe[0] = e4m3(r.pe & 0xffu) * r.sc.y;
+  pe[1] = e4m3((r.pe >> 8) & 0xffu) * r.sc.y;
+}
+
+// A latent value is (e4m3(group scale) * scale) * e2m1(code), the CPU
+// pool's product.
+DEVICE void ad_convert(const ADRaw<3>& r, float (&c)[16], float (&pe)[2], int ng) {
+#pragma unroll
+  for (int g = 0; g < 4; g++) {
+    const float d = g < ng ? __fmul_rn(e4m3(r.gs[g]), r.sc.x) : 0.f;
+#pragma unroll
+    for (int i = 0; i < 4; i++) c[4 * g + i] = g < ng ? __fmul_rn(d, e2m1_value(r.g[g] >> (4 * i))) : 0.f;
   }
   pe[0] = e4m3(r.pe & 0xffu) * r.sc.y;
   pe[1] = e4m3((r.pe >> 8) & 0xffu) * r.sc.y;
@@ -227,7 +264,10 @@ DEVICE void attention_decode_body(float* olat, int ldo, const float* qlat, int l
   // Stage k holds positions j0 + k*ch + [0, ch): warp w copies rows w,
   // w + AD_NW, ..., its lanes the row's pieces.
   constexpr int PIECE = DT == 2 ? 8 : 16;
-  const int row_bytes = DT == 0 ? 2 * width : DT == 1 ? 4 * width : width + 8;
+  const int row_bytes = DT == 0   ? 2 * width
+                        : DT == 1 ? 4 * width
+                        : DT == 2 ? width + 8
+                                  : (((rank / 2 + dr + rank / 32 + 7) & ~7) + 8 + 15) & ~15;
   const int pieces = row_bytes / PIECE;
   u8* stage_mem = (u8*)ad_sm4;
   const u32 stage_base = ad_smem(stage_mem);
@@ -462,6 +502,9 @@ AD_KERNEL(attention_decode_f32_r512, 1, 4, 2)
 AD_KERNEL(attention_decode_fp8_r128, 2, 1, 2)
 AD_KERNEL(attention_decode_fp8_r256, 2, 2, 2)
 AD_KERNEL(attention_decode_fp8_r512, 2, 4, 2)
+AD_KERNEL(attention_decode_fp4_r128, 3, 1, 2)
+AD_KERNEL(attention_decode_fp4_r256, 3, 2, 2)
+AD_KERNEL(attention_decode_fp4_r512, 3, 4, 2)
 AD_KERNEL(attention_decode_bf16_r128_h1, 0, 1, 1)
 AD_KERNEL(attention_decode_bf16_r256_h1, 0, 2, 1)
 AD_KERNEL(attention_decode_bf16_r512_h1, 0, 4, 1)
@@ -471,3 +514,6 @@ AD_KERNEL(attention_decode_f32_r512_h1, 1, 4, 1)
 AD_KERNEL(attention_decode_fp8_r128_h1, 2, 1, 1)
 AD_KERNEL(attention_decode_fp8_r256_h1, 2, 2, 1)
 AD_KERNEL(attention_decode_fp8_r512_h1, 2, 4, 1)
+AD_KERNEL(attention_decode_fp4_r128_h1, 3, 1, 1)
+AD_KERNEL(attention_decode_fp4_r256_h1, 3, 2, 1)
+AD_KERNEL(attention_decode_fp4_r512_h1, 3, 4, 1)

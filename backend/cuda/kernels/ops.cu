@@ -70,14 +70,33 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
 
 DEVICE float bf16_to_f32(unsigned short h) { return __uint_as_float((u32)h << 16); }
 
-// Cache element j of slot: f32 (dtype 1), bf16 (dtype 0), or fp8 (dtype 2:
-// each slot is width E4M3 codes then two float scales, for c and k_pe).
+// An fp4 cache slot (dtype 3) of rank latent and rope k_pe values: the
+// latent's E2M1 codes, two a byte, low nibble first (rank/2 bytes); k_pe's
+// E4M3 codes (rope bytes); an E4M3 scale per group of 32 latent values
+// (ceil(rank/32) bytes); at the next multiple of 8 the float32 scales of
+// the latent and of k_pe; the slot padded to a multiple of 16 bytes (352
+// for rank 512 and 64 rope dims). cachePool.slotBytes has the same sizes.
+DEVICE int fp4_scale_offset(int rank, int rope) { return (rank / 2 + rope + (rank + 31) / 32 + 7) & ~7; }
+DEVICE int fp4_slot_bytes(int rank, int rope) { return (fp4_scale_offset(rank, rope) + 8 + 15) & ~15; }
+
+// Cache element j of slot: f32 (dtype 1), bf16 (dtype 0), fp8 (dtype 2:
+// each slot is width E4M3 codes then two float scales, for c and k_pe) or
+// fp4 (dtype 3, above: a latent value is (e4m3(group scale) * scale) *
+// e2m1(code), as the CPU pool's decodeFP4).
 DEVICE float cache_load(const void* layer, int dtype, size_t slot, int width, int rank, int j) {
   if (dtype == 1) return ((const float*)layer)[slot * width + j];
   if (dtype == 2) {
     const u8* rec = (const u8*)layer + slot * (width + 8);
     const float* sc = (const float*)(rec + width);
     return e4m3(rec[j]) * sc[j < rank ? 0 : 1];
+  }
+  if (dtype == 3) {
+    const int rope = width - rank;
+    const u8* rec = (const u8*)layer + slot * fp4_slot_bytes(rank, rope);
+    const float* sc = (const float*)(rec + fp4_scale_offset(rank, rope));
+    if (j >= rank) return e4m3(rec[rank / 2 + j - rank]) * sc[1];
+    const float d = __fmul_rn(e4m3(rec[rank / 2 + rope + j / 32]), sc[0]);
+    return __fmul_rn(d, e2m1_value(rec[j >> 1] >> (4 * (j & 1))));
   }
   return bf16_to_f32(((const unsigned short*)layer)[slot * width + j]);
 }
@@ -231,6 +250,79 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     }
     rec[j] = (u8)code;
   }
+}
+
+// Float to FP4 E2M1, as format.E2M1Encode: the magnitude code counts the
+// midpoints between neighbouring magnitudes below |x| (ties to the even
+// code), the sign bit only on a nonzero code, NaN to 0.
+DEVICE u32 e2m1_encode(float x) {
+  const float a = fabsf(x);
+  const u32 m = (u32)(a > 0.25f) + (u32)(a >= 0.75f) + (u32)(a > 1.25f) + (u32)(a >= 1.75f) + (u32)(a > 2.5f) +
+                (u32)(a >= 3.5f) + (u32)(a > 5.f);
+  return m | (x < 0.f && m != 0u ? 8u : 0u);
+}
+
+// FP4 cache write (the slot layout above cache_load), one block per row t,
+// as the CPU pool's encodeFP4 and encodeFP8, rounding for rounding: the
+// latent's scale ts = amax/(6*448); each group of 32 gets the E4M3 scale s
+// of amax_g/6/ts, raised while e4m3(s)*ts*6 < amax_g (below 0x7E), and
+// codes e2m1(v * (1/(e4m3(s)*ts))) (zero where that product is 0); k_pe
+// gets scale amax/448 and codes e4m3(v * (1/scale)). All codes and group
+// scales are zero where a scale is 0 or NaN. A warp takes a group, its
+// lanes one value each.
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    cache_write_fp4(void* layer, const i32* __restrict__ slots, const float* lat, int ldl,
+                    const float* kpe, int ldk, int rank, int rope) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  __shared__ float part[2][OPS_THREADS / 32];
+  __shared__ float scales[2];
+  const int t = blockIdx.x, width = rank + rope, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int ng = (rank + 31) / 32, so = fp4_scale_offset(rank, rope);
+  u8* rec = (u8*)layer + (size_t)slots[t] * fp4_slot_bytes(rank, rope);
+  const float* x = lat + (size_t)t * ldl;
+  const float* k = kpe + (size_t)t * ldk;
+  float m0 = 0.f, m1 = 0.f;
+  for (int j = threadIdx.x; j < width; j += OPS_THREADS) {
+    if (j < rank)
+      m0 = fmaxf(m0, fabsf(x[j]));
+    else
+      m1 = fmaxf(m1, fabsf(k[j - rank]));
+  }
+  m0 = warp_max(m0);
+  m1 = warp_max(m1);
+  if (lane == 0) {
+    part[0][warp] = m0;
+    part[1][warp] = m1;
+  }
+  __syncthreads();
+  if (threadIdx.x < 2) {
+    float m = 0.f;
+    for (int w = 0; w < OPS_THREADS / 32; w++) m = fmaxf(m, part[threadIdx.x][w]);
+    const float sc = __fdiv_rn(m, threadIdx.x == 0 ? 2688.f : 448.f);
+    scales[threadIdx.x] = sc;
+    ((float*)(rec + so))[threadIdx.x] = sc;
+  }
+  __syncthreads();
+  const float ts = scales[0], ks = scales[1];
+  const bool cok = ts != 0.f && ts == ts, kok = ks != 0.f && ks == ks;
+  for (int g = warp; g < ng; g += OPS_THREADS / 32) {
+    const int j = 32 * g + lane;
+    const float v = j < rank ? x[j] : 0.f;
+    u32 s = 0u, code = 0u;
+    if (cok) {
+      const float amax = warp_max(fabsf(v));
+      s = e4m3_encode(__fdiv_rn(__fdiv_rn(amax, 6.f), ts));
+      while (s < 0x7Eu && __fmul_rn(__fmul_rn(e4m3(s), ts), 6.f) < amax) s++;
+      const float d = __fmul_rn(e4m3(s), ts);
+      if (d != 0.f) code = e2m1_encode(__fmul_rn(v, __fdiv_rn(1.f, d)));
+    }
+    const u32 hi = __shfl_down_sync(0xffffffffu, code, 1);
+    if (j < rank && (lane & 1) == 0) rec[j >> 1] = (u8)(code | (hi << 4));
+    if (lane == 0) rec[rank / 2 + rope + g] = (u8)s;
+  }
+  for (int j = threadIdx.x; j < rope; j += OPS_THREADS)
+    rec[rank / 2 + j] = kok ? (u8)e4m3_encode(__fmul_rn(k[j], __fdiv_rn(1.f, ks))) : (u8)0;
 }
 
 // Causal latent attention, one block per (row t, head h):

@@ -1,0 +1,262 @@
+//go:build linux || darwin || freebsd || netbsd
+
+package cuda
+
+import (
+	"fmt"
+	"math"
+	"math/rand/v2"
+	"reflect"
+	"testing"
+
+	"github.com/mmfp4/mmfp4/backend"
+)
+
+// fp4Rows makes n rows of rank latent and rope k_pe values that reach the
+// encoder's corners: an all-zero row, tiny and huge magnitudes, a lone
+// outlier (groups whose scale underflows to zero), a zero group, values
+// on the E2M1 midpoints, negative zeros; the rest normal values of
+// scales from 1e-3 to 1e3.
+func fp4Rows(r *rand.Rand, n, rank, rope int) (lat, kpe []float32) {
+	lat, kpe = make([]float32, n*rank), make([]float32, n*rope)
+	mids := []float32{0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5, 6}
+	for t := 0; t < n; t++ {
+		c, k := lat[t*rank:(t+1)*rank], kpe[t*rope:(t+1)*rope]
+		scale := math.Pow(10, -3+6*r.Float64())
+		for i := range c {
+			c[i] = float32(r.NormFloat64() * scale)
+		}
+		for i := range k {
+			k[i] = float32(r.NormFloat64() * scale)
+		}
+		switch t % 8 {
+		case 0:
+			clear(c)
+			clear(k)
+		case 1:
+			for i := range c {
+				c[i] *= 1e-33
+			}
+		case 2:
+			for i := range c {
+				c[i] = float32(r.NormFloat64() * 1e-3)
+			}
+			c[r.IntN(rank)] = 1e4
+		case 3:
+			clear(c[min(32, rank-rank%32):min(64, rank)])
+			clear(k[:rope/2])
+		case 4:
+			for i := range c {
+				c[i] = mids[i%len(mids)] * float32(1-2*(i/8%2)) / 8
+			}
+		case 5:
+			for i := 0; i < rank; i += 3 {
+				c[i] = float32(math.Copysign(0, -1))
+			}
+		case 6:
+			for i := range k {
+				k[i] *= 1e30
+			}
+		}
+	}
+	return lat, kpe
+}
+
+// cpuPoolBytes lays the CPU pool's codes and scales of one layer out as
+// the GPU's fp4 slots (fp4SlotBytes), zero where the GPU pool has padding.
+// The CPU pool keeps them in unexported fields (package cpu, cache.go:
+// codes, group, scale), read here through reflection.
+func cpuPoolBytes(t *testing.T, p backend.CachePool, layer, slots, rank, rope int) []byte {
+	t.Helper()
+	v := reflect.ValueOf(p).Elem()
+	codes := v.FieldByName("codes").Index(layer).Bytes()
+	group := v.FieldByName("group").Index(layer).Bytes()
+	scale := v.FieldByName("scale").Index(layer)
+	n, G, sb, so := rank/2+rope, (rank+backend.FP4Group-1)/backend.FP4Group, fp4SlotBytes(rank, rope), fp4ScaleOffset(rank, rope)
+	if len(codes) != slots*n || len(group) != slots*G || scale.Len() != 2*slots {
+		t.Fatalf("cpu pool of %d code bytes, %d group scales, %d scales for %d slots", len(codes), len(group), scale.Len(), slots)
+	}
+	out := make([]byte, slots*sb)
+	for s := 0; s < slots; s++ {
+		d := out[s*sb : (s+1)*sb]
+		copy(d, codes[s*n:(s+1)*n])
+		copy(d[n:], group[s*G:(s+1)*G])
+		for i := 0; i < 2; i++ {
+			b := math.Float32bits(float32(scale.Index(2*s + i).Float()))
+			d[so+4*i], d[so+4*i+1], d[so+4*i+2], d[so+4*i+3] = byte(b), byte(b>>8), byte(b>>16), byte(b>>24)
+		}
+	}
+	return out
+}
+
+// The fp4 cache write (cache_write_fp4: a prefill's many rows, then single
+// decode rows) stores exactly the CPU pool's codes, group scales and
+// scales, byte for byte, at the slots of scattered block tables; every
+// other byte of the pool stays zero.
+func TestCacheWriteFP4MatchesCPU(t *testing.T) {
+	g, c := testBackends(t, Options{})
+	r := testRand(t)
+	const blockSize, blocks, layers = 4, 16, 2
+	for _, sh := range [][2]int{{512, 64}, {128, 64}, {256, 32}, {80, 16}} {
+		rank, rope := sh[0], sh[1]
+		var table []int32
+		for _, b := range r.Perm(blocks)[:12] {
+			table = append(table, int32(b))
+		}
+		// A prefill of 37 rows, then two decode steps of one row.
+		var steps []*backend.Batch
+		for _, se := range [][2]int{{0, 37}, {37, 38}, {38, 39}} {
+			st := &backend.Batch{Seqs: []backend.Seq{{Start: 0, Len: se[1] - se[0], Blocks: table}}, Outputs: []int32{0}}
+			for p := se[0]; p < se[1]; p++ {
+				st.Positions = append(st.Positions, int32(p))
+				st.Tokens = append(st.Tokens, 0)
+			}
+			if err := st.Validate(1, blocks, blockSize); err != nil {
+				t.Fatal(err)
+			}
+			steps = append(steps, st)
+		}
+		var lats, kpes [layers][][]float32
+		for l := 0; l < layers; l++ {
+			for _, st := range steps {
+				lat, kpe := fp4Rows(r, st.Rows(), rank, rope)
+				lats[l], kpes[l] = append(lats[l], lat), append(kpes[l], kpe)
+			}
+		}
+		pools := map[string]backend.CachePool{}
+		for name, b := range map[string]backend.Backend{"gpu": g, "cpu": c} {
+			pool, err := b.NewCachePool(layers, blocks, blockSize, rank, rope, backend.CacheFP4)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for i, st := range steps {
+				b.SetBatch(st, pool)
+				T := st.Rows()
+				for l := 0; l < layers; l++ {
+					lt, kt := b.NewTensor(T, rank), b.NewTensor(T, rope)
+					b.Upload(lt, lats[l][i])
+					b.Upload(kt, kpes[l][i])
+					b.CacheWrite(l, lt, kt)
+				}
+			}
+			if err := b.Sync(); err != nil {
+				t.Fatal(err)
+			}
+			pools[name] = pool
+		}
+		gp := pools["gpu"].(*cachePool)
+		got := make([]byte, gp.buf.Size)
+		if err := g.dev.Do(func(cx *Ctx) error { return CopyOut(cx, got, gp.buf.Ptr) }); err != nil {
+			t.Fatal(err)
+		}
+		slots := blocks * blockSize
+		diffs := 0
+		for l := 0; l < layers; l++ {
+			want := cpuPoolBytes(t, pools["cpu"], l, slots, rank, rope)
+			have := got[l*gp.layerBytes : (l+1)*gp.layerBytes]
+			for i, w := range want {
+				if have[i] != w {
+					if diffs++; diffs <= 8 {
+						sb := fp4SlotBytes(rank, rope)
+						t.Errorf("rank %d rope %d layer %d slot %d byte %d: gpu %#02x, cpu %#02x", rank, rope, l, i/sb, i%sb, have[i], w)
+					}
+				}
+			}
+			for i := len(want); i < len(have); i++ {
+				if have[i] != 0 {
+					t.Fatalf("rank %d rope %d layer %d: byte %d past the slots is %#02x", rank, rope, l, i, have[i])
+				}
+			}
+		}
+		t.Logf("%s: %d of %d pool bytes differ", fmt.Sprintf("rank %d rope %d", rank, rope), diffs, layers*slots*fp4SlotBytes(rank, rope))
+	}
+}
+
+// BenchmarkAttentionDTypes times decode latent attention at GLM-4.7-Flash's
+// shapes over bf16, fp8 and fp4 caches as a decode step takes it by
+// default (the tensor-core kernel for bf16, the single-launch kernel with
+// one head a warp for fp8 and fp4): 1 and 8 rows at ctx 1024 and 8192,
+// device time per call over enough layers (over 100 MB) that the cache
+// is read from memory. GB/s counts the cache bytes read (the slots'
+// sizes). Run with -test.benchtime=1x.
+func BenchmarkAttentionDTypes(b *testing.B) {
+	d := benchDevice(b)
+	g := NewOnDevice(d, Options{NoGraphs: true})
+	defer g.Close()
+	r := testRand(b)
+	s := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
+	for _, cs := range []struct{ rows, ctx int }{{1, 1024}, {1, 8192}, {8, 1024}, {8, 8192}} {
+		for _, dt := range []backend.CacheDType{backend.CacheBF16, backend.CacheFP8, backend.CacheFP4} {
+			const blockSize = 64
+			per := cs.ctx / blockSize
+			nb := cs.rows * per
+			slot := 0
+			switch dt {
+			case backend.CacheBF16:
+				slot = 2 * (s.Rank + s.RopeDim)
+			case backend.CacheFP8:
+				slot = s.Rank + s.RopeDim + 8
+			default:
+				slot = fp4SlotBytes(s.Rank, s.RopeDim)
+			}
+			layers := max(2, (128<<20)/(cs.rows*cs.ctx*slot))
+			pool, err := g.NewCachePool(layers, nb, blockSize, s.Rank, s.RopeDim, dt)
+			if err != nil {
+				b.Fatal(err)
+			}
+			// Fill every slot: one prefill of all blocks as one sequence.
+			fill := &backend.Batch{Seqs: []backend.Seq{{Start: 0, Len: nb * blockSize}}, Outputs: []int32{0}}
+			for i := 0; i < nb; i++ {
+				fill.Seqs[0].Blocks = append(fill.Seqs[0].Blocks, int32(i))
+			}
+			for p := 0; p < nb*blockSize; p++ {
+				fill.Positions = append(fill.Positions, int32(p))
+				fill.Tokens = append(fill.Tokens, 0)
+			}
+			g.SetBatch(fill, pool)
+			lt, kt := g.NewTensor(nb*blockSize, s.Rank), g.NewTensor(nb*blockSize, s.RopeDim)
+			g.Upload(lt, randVec(r, nb*blockSize*s.Rank, 1))
+			g.Upload(kt, randVec(r, nb*blockSize*s.RopeDim, 1))
+			for l := 0; l < layers; l++ {
+				g.CacheWrite(l, lt, kt)
+			}
+			batch := &backend.Batch{Outputs: []int32{0}}
+			for t := 0; t < cs.rows; t++ {
+				sq := backend.Seq{Start: t, Len: 1}
+				for i := 0; i < per; i++ {
+					sq.Blocks = append(sq.Blocks, int32(t*per+(i*7)%per))
+				}
+				batch.Seqs = append(batch.Seqs, sq)
+				batch.Tokens = append(batch.Tokens, 0)
+				batch.Positions = append(batch.Positions, int32(cs.ctx-1))
+			}
+			g.SetBatch(batch, pool)
+			T := cs.rows
+			ql, q, ol := g.NewTensor(T, s.Heads*s.Rank), g.NewTensor(T, s.Heads*(s.NopeDim+s.RopeDim)), g.NewTensor(T, s.Heads*s.Rank)
+			g.Upload(ql, randVec(r, T*s.Heads*s.Rank, 1))
+			g.Upload(q, randVec(r, T*s.Heads*(s.NopeDim+s.RopeDim), 1))
+			if err := g.Sync(); err != nil {
+				b.Fatal(err)
+			}
+			bytes := float64(T * cs.ctx * slot)
+			name := fmt.Sprintf("rows%d_ctx%d_%v", T, cs.ctx, dt)
+			b.Run(name, func(b *testing.B) {
+				g.decodeAttnConfig()
+				var fns []func(c *Ctx) error
+				for l := 0; l < layers; l++ {
+					g.LatentAttention(ol, ql, q, l, s, 0.0417)
+					op := g.pending[len(g.pending)-1]
+					g.pending = g.pending[:len(g.pending)-1]
+					fns = append(fns, op.fn)
+				}
+				us, err := timeRotated(d, fns, 200)
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.ReportMetric(us, "us/call")
+				b.Logf("%s: %.2f us/call, %.0f GB/s of cache (%d layers rotated)", name, us, bytes/(us*1e-6)/1e9, layers)
+			})
+			g.pending = g.pending[:0]
+		}
+	}
+}
