@@ -25,6 +25,12 @@ func TestCompileKernels(t *testing.T) {
 		t.Fatal(err)
 	}
 	t.Logf("NVRTC %d.%d from %s, archs %v", major, minor, path, rtcArchs)
+	// A compile answered from a cache prints no ptxas report, which would
+	// let the spill check below pass unseen (seen with NVRTC 13.0 on a
+	// machine that had compiled the modules before): ask for fresh
+	// compiles, and fail where a module's report is missing.
+	t.Setenv("CUDA_CACHE_DISABLE", "1")
+	t.Setenv("CUDA_CACHE_PATH", t.TempDir())
 	archs := []string{"sm_90"}
 	if major >= 12 {
 		archs = append(archs, "sm_90a")
@@ -50,6 +56,9 @@ func TestCompileKernels(t *testing.T) {
 			// Local memory in these kernels means an array indexed at run
 			// time or a spill: both slow the memory-bound loops badly
 			// (but for spillMeasured's kernels).
+			if !strings.Contains(log, "Compiling entry function '") {
+				t.Errorf("%s for %s: no ptxas report in the log, so its spills are unchecked (a compile cache answered?)", m, arch)
+			}
 			fn := ""
 			for _, line := range strings.Split(log, "\n") {
 				if i := strings.Index(line, "Compiling entry function '"); i >= 0 {

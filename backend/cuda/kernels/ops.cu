@@ -79,6 +79,18 @@ DEVICE float bf16_to_f32(unsigned short h) { return __uint_as_float((u32)h << 16
 DEVICE int fp4_scale_offset(int rank, int rope) { return (rank / 2 + rope + (rank + 31) / 32 + 7) & ~7; }
 DEVICE int fp4_slot_bytes(int rank, int rope) { return (fp4_scale_offset(rank, rope) + 8 + 15) & ~15; }
 
+// An fp4 slot's element j (cache_load's dtype 3). Not inlined: inline in
+// latent_attention_heads' loop over cache_load, it made NVRTC 12.4 and 13.0
+// spill 4 bytes there (11.8 did not).
+__device__ __noinline__ float cache_load_fp4(const void* layer, size_t slot, int width, int rank, int j) {
+  const int rope = width - rank;
+  const u8* rec = (const u8*)layer + slot * fp4_slot_bytes(rank, rope);
+  const float* sc = (const float*)(rec + fp4_scale_offset(rank, rope));
+  if (j >= rank) return e4m3(rec[rank / 2 + j - rank]) * sc[1];
+  const float d = __fmul_rn(e4m3(rec[rank / 2 + rope + j / 32]), sc[0]);
+  return __fmul_rn(d, e2m1_value(rec[j >> 1] >> (4 * (j & 1))));
+}
+
 // Cache element j of slot: f32 (dtype 1), bf16 (dtype 0), fp8 (dtype 2:
 // each slot is width E4M3 codes then two float scales, for c and k_pe) or
 // fp4 (dtype 3, above: a latent value is (e4m3(group scale) * scale) *
@@ -90,14 +102,7 @@ DEVICE float cache_load(const void* layer, int dtype, size_t slot, int width, in
     const float* sc = (const float*)(rec + width);
     return e4m3(rec[j]) * sc[j < rank ? 0 : 1];
   }
-  if (dtype == 3) {
-    const int rope = width - rank;
-    const u8* rec = (const u8*)layer + slot * fp4_slot_bytes(rank, rope);
-    const float* sc = (const float*)(rec + fp4_scale_offset(rank, rope));
-    if (j >= rank) return e4m3(rec[rank / 2 + j - rank]) * sc[1];
-    const float d = __fmul_rn(e4m3(rec[rank / 2 + rope + j / 32]), sc[0]);
-    return __fmul_rn(d, e2m1_value(rec[j >> 1] >> (4 * (j & 1))));
-  }
+  if (dtype == 3) return cache_load_fp4(layer, slot, width, rank, j);
   return bf16_to_f32(((const unsigned short*)layer)[slot * width + j]);
 }
 
