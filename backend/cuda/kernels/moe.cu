@@ -731,6 +731,52 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
                 pick);
 }
 
+// The routers' residual add: v = a + c for this thread's 8 values at k0
+// (on: k0 < K), and this warp's float64 sum of their squares in
+// partial[warp].
+DEVICE void router_add_row(const float* a, const float* c, int k0, bool on, int lane, int warp, float* v,
+                           double* partial) {
+  if (on) {
+    const float4 a0 = *(const float4*)(a + k0), a1 = *(const float4*)(a + k0 + 4);
+    const float4 c0 = *(const float4*)(c + k0), c1 = *(const float4*)(c + k0 + 4);
+    v[0] = a0.x + c0.x; v[1] = a0.y + c0.y; v[2] = a0.z + c0.z; v[3] = a0.w + c0.w;
+    v[4] = a1.x + c1.x; v[5] = a1.y + c1.y; v[6] = a1.z + c1.z; v[7] = a1.w + c1.w;
+    double ss = 0;
+#pragma unroll
+    for (int i = 0; i < 8; i++) ss += (double)v[i] * (double)v[i];
+    ss = warp_sum_d(ss);
+    if (lane == 0) partial[warp] = ss;
+  }
+}
+
+// The routers' norm and logit, after router_add_row (every thread of the
+// block): thread 0 sums the warps' partials in order into inv_s; n = gain *
+// norm(v) for this thread's values, the row in rxs; returns this warp's
+// logit, the dot of its expert's row wv with rxs.
+DEVICE float router_norm_logit(const float* wv, const float* gv, const float* v, bool on, int tid, int lane, int k0,
+                               int K, float eps, const double* partial, float& inv_s, float* rxs, float* n) {
+  __syncthreads();
+  if (tid == 0) {
+    double total = 0;
+    for (int w = 0; w < (K >> 8); w++) total += partial[w];
+    inv_s = (float)(1.0 / sqrt(total / K + (double)eps));
+  }
+  __syncthreads();
+  if (on) {
+    const float inv = inv_s;
+#pragma unroll
+    for (int i = 0; i < 8; i++) n[i] = gv[i] * (v[i] * inv);
+    *(float4*)&rxs[k0] = make_float4(n[0], n[1], n[2], n[3]);
+    *(float4*)&rxs[k0 + 4] = make_float4(n[4], n[5], n[6], n[7]);
+  }
+  __syncthreads();
+  float acc = 0.f;
+#pragma unroll
+  for (int u = 0; u < ROUTER_FAST_MAX_K / 32; u++)
+    if (32 * u < K) acc += wv[u] * rxs[lane + 32 * u];
+  return warp_sum(acc);
+}
+
 // moe_router_cluster with the residual add and single-row RMSNorm that
 // make its input (d = a + c, then the norm of d) in its launch: every block of the cluster normalises the row into shared
 // memory as rmsnorm_quant8 does (K/8 threads of 8 values, the squares
@@ -773,41 +819,10 @@ DEVICE void router_cluster_norm_row(const float* __restrict__ W, int K, float* l
   float gv[8];
   if (on) ldg8(gain + k0, gv);
   PDL_WAIT();
-  const float* ar = a + (size_t)t * lda;
-  const float* cr = c + (size_t)t * ldc;
   float v[8];
-  if (on) {
-    const float4 a0 = *(const float4*)(ar + k0), a1 = *(const float4*)(ar + k0 + 4);
-    const float4 c0 = *(const float4*)(cr + k0), c1 = *(const float4*)(cr + k0 + 4);
-    v[0] = a0.x + c0.x; v[1] = a0.y + c0.y; v[2] = a0.z + c0.z; v[3] = a0.w + c0.w;
-    v[4] = a1.x + c1.x; v[5] = a1.y + c1.y; v[6] = a1.z + c1.z; v[7] = a1.w + c1.w;
-    double ss = 0;
-#pragma unroll
-    for (int i = 0; i < 8; i++) ss += (double)v[i] * (double)v[i];
-    ss = warp_sum_d(ss);
-    if (lane == 0) partial[warp] = ss;
-  }
-  __syncthreads();
-  if (tid == 0) {
-    double total = 0;
-    for (int w = 0; w < (K >> 8); w++) total += partial[w];
-    inv_s = (float)(1.0 / sqrt(total / K + (double)eps));
-  }
-  __syncthreads();
+  router_add_row(a + (size_t)t * lda, c + (size_t)t * ldc, k0, on, lane, warp, v, partial);
   float n[8];
-  if (on) {
-    const float inv = inv_s;
-#pragma unroll
-    for (int i = 0; i < 8; i++) n[i] = gv[i] * (v[i] * inv);
-    *(float4*)&rxs[k0] = make_float4(n[0], n[1], n[2], n[3]);
-    *(float4*)&rxs[k0 + 4] = make_float4(n[4], n[5], n[6], n[7]);
-  }
-  __syncthreads();
-  float acc = 0.f;
-#pragma unroll
-  for (int u = 0; u < ROUTER_FAST_MAX_K / 32; u++)
-    if (32 * u < K) acc += wv[u] * rxs[lane + 32 * u];
-  acc = warp_sum(acc);
+  const float acc = router_norm_logit(wv, gv, v, on, tid, lane, k0, K, eps, partial, inv_s, rxs, n);
   if (lane == 0) logits[(size_t)t * ldl + e] = acc;
   cluster_wait();
   if (lane == 0) st_cluster(&clog[e], 0, acc);
@@ -885,42 +900,13 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
   const float be = bias[e];
   PDL_WAIT();
   float v[8];
-  if (on) {
-    const float4 a0 = *(const float4*)(a + k0), a1 = *(const float4*)(a + k0 + 4);
-    const float4 c0 = *(const float4*)(c + k0), c1 = *(const float4*)(c + k0 + 4);
-    v[0] = a0.x + c0.x; v[1] = a0.y + c0.y; v[2] = a0.z + c0.z; v[3] = a0.w + c0.w;
-    v[4] = a1.x + c1.x; v[5] = a1.y + c1.y; v[6] = a1.z + c1.z; v[7] = a1.w + c1.w;
-    double ss = 0;
-#pragma unroll
-    for (int i = 0; i < 8; i++) ss += (double)v[i] * (double)v[i];
-    ss = warp_sum_d(ss);
-    if (lane == 0) partial[warp] = ss;
-  }
+  router_add_row(a, c, k0, on, lane, warp, v, partial);
   // Every block has started (the first block's pattern is in place); then
   // this block has read a and c.
   cluster_wait();
   cluster_arrive();
-  __syncthreads();
-  if (tid == 0) {
-    double total = 0;
-    for (int w = 0; w < (K >> 8); w++) total += partial[w];
-    inv_s = (float)(1.0 / sqrt(total / K + (double)eps));
-  }
-  __syncthreads();
   float n[8];
-  if (on) {
-    const float inv = inv_s;
-#pragma unroll
-    for (int i = 0; i < 8; i++) n[i] = gv[i] * (v[i] * inv);
-    *(float4*)&rxs[k0] = make_float4(n[0], n[1], n[2], n[3]);
-    *(float4*)&rxs[k0 + 4] = make_float4(n[4], n[5], n[6], n[7]);
-  }
-  __syncthreads();
-  float acc = 0.f;
-#pragma unroll
-  for (int u = 0; u < ROUTER_FAST_MAX_K / 32; u++)
-    if (32 * u < K) acc += wv[u] * rxs[lane + 32 * u];
-  acc = warp_sum(acc);
+  const float acc = router_norm_logit(wv, gv, v, on, tid, lane, k0, K, eps, partial, inv_s, rxs, n);
   if (lane == 0) {
     logits[e] = acc;
     const float sg = (float)(1.0 / (1.0 + exp(-(double)acc)));
