@@ -653,44 +653,7 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(256, 2)
 
   PDL_WAIT();
   // The q_a norm, norm_gemv_t1's arithmetic.
-  float v[8];
-  if (on) {
-    const float4* px = (const float4*)(x + k0);
-    const float4 x0 = px[0], x1 = px[1];
-    v[0] = x0.x; v[1] = x0.y; v[2] = x0.z; v[3] = x0.w;
-    v[4] = x1.x; v[5] = x1.y; v[6] = x1.z; v[7] = x1.w;
-    double ss = 0;
-#pragma unroll
-    for (int e = 0; e < 8; e++) ss += (double)v[e] * (double)v[e];
-    ss = warp_sum_d(ss);
-    if (lane == 0) partial[warp] = ss;
-  }
-  __syncthreads();
-  if (on) {
-    double total = 0;
-    for (int p = 0; p < (K >> 8); p++) total += partial[p];
-    const float inv = (float)(1.0 / sqrt(total / K + (double)eps));
-#pragma unroll
-    for (int e = 0; e < 8; e++) v[e] = gv[e] * (v[e] * inv);
-    const int L = Gq >> 3;
-    u32 packed[2];
-    i32 sum;
-    const float sc = quant8_lane8(v, L, packed, sum);
-    *(uint2*)(sq + k0) = make_uint2(packed[0], packed[1]);
-    if ((lane & (L - 1)) == 0) ssc[k0 / Gq] = sc;
-    if (c == 0 && h == 0) {
-      if (out) {
-        float4* po = (float4*)(out + k0);
-        po[0] = make_float4(v[0], v[1], v[2], v[3]);
-        po[1] = make_float4(v[4], v[5], v[6], v[7]);
-      }
-      *(uint2*)(xq + k0) = make_uint2(packed[0], packed[1]);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
-      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
-      if ((lane & 3) == 0) xsum[k0 / 32] = sum;
-      if ((lane & (L - 1)) == 0) xs[k0 / Gq] = sc;
-    }
-  }
+  norm_row_shared(x, gv, eps, K, Gq, on, c == 0 && h == 0, lane, warp, k0, partial, sq, ssc, out, xq, xs, xsum);
   __syncthreads();
   // The warp's 8 rows of q_b (gemv_split_t1's sums); lane r < 8 takes row
   // row0 + r.

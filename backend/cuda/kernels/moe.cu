@@ -741,11 +741,7 @@ DEVICE void router_add_row(const float* a, const float* c, int k0, bool on, int 
     const float4 c0 = *(const float4*)(c + k0), c1 = *(const float4*)(c + k0 + 4);
     v[0] = a0.x + c0.x; v[1] = a0.y + c0.y; v[2] = a0.z + c0.z; v[3] = a0.w + c0.w;
     v[4] = a1.x + c1.x; v[5] = a1.y + c1.y; v[6] = a1.z + c1.z; v[7] = a1.w + c1.w;
-    double ss = 0;
-#pragma unroll
-    for (int i = 0; i < 8; i++) ss += (double)v[i] * (double)v[i];
-    ss = warp_sum_d(ss);
-    if (lane == 0) partial[warp] = ss;
+    sumsq8_partial(v, lane, warp, partial);
   }
 }
 

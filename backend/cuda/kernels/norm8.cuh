@@ -86,3 +86,50 @@ DEVICE void rmsnorm_quant8_tail(float (&v)[8], const float (&gv)[8], bool on, fl
   if ((lane & 3) == 0) xsum[(size_t)t * (K / 32) + k0 / 32] = sum;
   if ((lane & (L - 1)) == 0) xs[(size_t)t * (K / G) + k0 / G] = sc;
 }
+
+// norm_gemv_t1's norm in every block of a product that reads it: this
+// thread's 8 values of x at k0 (on: k0 < K, K/8 threads) normalised with
+// the gain gv (every thread sums the warps' float64 partials in
+// rmsnorm_quant8_row's order) into the block's shared int8 row sq and its
+// group scales ssc (groups of G); where first, also the norm's output out
+// (if set) and its int8 form xq, xs, xsum. Every thread of the block calls
+// it (a barrier inside).
+DEVICE void norm_row_shared(const float* x, const float (&gv)[8], float eps, int K, int G, bool on, bool first,
+                            int lane, int warp, int k0, double* partial, i8* sq, float* ssc, float* out,
+                            i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum) {
+  float v[8];
+  if (on) {
+    const float4* px = (const float4*)(x + k0);
+    const float4 x0 = px[0], x1 = px[1];
+    v[0] = x0.x; v[1] = x0.y; v[2] = x0.z; v[3] = x0.w;
+    v[4] = x1.x; v[5] = x1.y; v[6] = x1.z; v[7] = x1.w;
+    sumsq8_partial(v, lane, warp, partial);
+  }
+  __syncthreads();
+  if (on) {
+    // Every thread sums the partials in rmsnorm_quant8_row's order.
+    double total = 0;
+    for (int q = 0; q < (K >> 8); q++) total += partial[q];
+    const float inv = (float)(1.0 / sqrt(total / K + (double)eps));
+#pragma unroll
+    for (int e = 0; e < 8; e++) v[e] = gv[e] * (v[e] * inv);
+    const int L = G >> 3;  // lanes per group
+    u32 packed[2];
+    i32 sum;
+    const float sc = quant8_lane8(v, L, packed, sum);
+    *(uint2*)(sq + k0) = make_uint2(packed[0], packed[1]);
+    if ((lane & (L - 1)) == 0) ssc[k0 / G] = sc;
+    if (first) {
+      if (out) {
+        float4* po = (float4*)(out + k0);
+        po[0] = make_float4(v[0], v[1], v[2], v[3]);
+        po[1] = make_float4(v[4], v[5], v[6], v[7]);
+      }
+      *(uint2*)(xq + k0) = make_uint2(packed[0], packed[1]);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 1);
+      sum += __shfl_xor_sync(0xffffffffu, sum, 2);
+      if ((lane & 3) == 0) xsum[k0 / 32] = sum;
+      if ((lane & (L - 1)) == 0) xs[k0 / G] = sc;
+    }
+  }
+}

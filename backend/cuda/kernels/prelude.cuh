@@ -158,6 +158,17 @@ DEVICE double warp_sum_d(double v) {
   return v;
 }
 
+// The float64 sum of squares of this thread's 8 values v, summed over the
+// warp into partial[warp] (the single-row norms' first step; a norm sums
+// the partials of its warps in order).
+DEVICE void sumsq8_partial(const float* v, int lane, int warp, double* partial) {
+  double ss = 0;
+#pragma unroll
+  for (int e = 0; e < 8; e++) ss += (double)v[e] * (double)v[e];
+  ss = warp_sum_d(ss);
+  if (lane == 0) partial[warp] = ss;
+}
+
 // Programmatic dependent launch (sm_90): a kernel launched with the
 // programmatic-serialization attribute may start while the kernel before it
 // in the stream still runs. PDL_WAIT blocks until that kernel has finished
