@@ -1133,6 +1133,37 @@ DEVICE GateUp gate_up_of(const Expert& e) {
 // The most routed experts whose pointers gate_up_q holds in shared memory.
 #define MOE_TABLE_SMEM 128
 
+// A gate/up block's expert. With stab the routed experts' gate and up
+// pointers go into shared memory (tab) while the router runs, so that
+// after the wait only the routing is read from memory before the weights
+// are requested; else the expert table, written once at load, needs
+// nothing from the kernels before (a shared slot does not wait).
+DEVICE int gate_up_expert(const Expert* __restrict__ experts, const i32* __restrict__ ids, int slot, int topk,
+                          int nexperts, bool stab, GateUp* tab, int tid) {
+  if (stab) {
+    for (int e = tid; e < nexperts; e += blockDim.x) tab[e] = gate_up_of(experts[e]);
+    __syncthreads();
+    PDL_WAIT();
+    return ids[slot];
+  }
+  if (slot < topk) PDL_WAIT();
+  return slot_expert(ids, slot, topk, nexperts);
+}
+
+// The pointers of a gate/up block's rows of expert ex: gate rows
+// row0..row0+3 (at most nmax) in rc/rs[0..3], up rows in rc/rs[4..7].
+DEVICE void gate_up_row_ptrs(const GateUp& ex, int row0, int nmax, int K, int GK, const u8* (&rc)[8],
+                             const u8* (&rs)[8]) {
+#pragma unroll
+  for (int r = 0; r < 4; r++) {
+    const int n = min(row0 + r, nmax);
+    rc[r] = ex.gc + (size_t)n * (K / 2);
+    rs[r] = ex.gs + (size_t)n * GK;
+    rc[4 + r] = ex.uc + (size_t)n * (K / 2);
+    rs[4 + r] = ex.us + (size_t)n * GK;
+  }
+}
+
 // Gate and up products of every slot with the SiLU product, as moe_gate_up
 // (the same grid, rows and bits), for K <= 2048: a warp requests its 8
 // rows' weights at once (rows_load), the block copies the int8 input to
@@ -1159,32 +1190,11 @@ DEVICE void gate_up_q(const Expert* __restrict__ experts, const i32* __restrict_
   const int row0 = (blockIdx.x * 4 + (tid >> 5)) * 4;
   const int G = 32 << gshift, GK = K / G, C = K >> 5;
   const bool stab = FAST && slot < topk && nexperts <= MOE_TABLE_SMEM;
-  int eid;
-  if (stab) {
-    // The routed experts' gate and up pointers into shared memory while
-    // the router runs, so that after the wait only the routing is read
-    // from memory before the weights are requested.
-    for (int e = tid; e < nexperts; e += blockDim.x) tab[e] = gate_up_of(experts[e]);
-    __syncthreads();
-    PDL_WAIT();
-    eid = ids[slot];
-  } else {
-    // The expert table is written once at load: a shared slot's weights
-    // need nothing from the kernels before this one.
-    if (slot < topk) PDL_WAIT();
-    eid = slot_expert(ids, slot, topk, nexperts);
-  }
+  const int eid = gate_up_expert(experts, ids, slot, topk, nexperts, stab, tab, tid);
   const GateUp ex = stab ? tab[eid] : gate_up_of(experts[eid]);
   const u8* rc[8];
   const u8* rs[8];
-#pragma unroll
-  for (int r = 0; r < 4; r++) {
-    const int n = min(row0 + r, I - 1);
-    rc[r] = ex.gc + (size_t)n * (K / 2);
-    rs[r] = ex.gs + (size_t)n * GK;
-    rc[4 + r] = ex.uc + (size_t)n * (K / 2);
-    rs[4 + r] = ex.us + (size_t)n * GK;
-  }
+  gate_up_row_ptrs(ex, row0, I - 1, K, GK, rc, rs);
   uint4 w[2][8];
   u32 s[2][8];
   rows_load<8>(rc, rs, C, gshift, w, s);
@@ -1512,27 +1522,11 @@ extern "C" __global__ void __cluster_dims__(GUC_ROWS / (4 * GUC_WARPS), 1, 1) __
   // Every block of the cluster has started before any stores into the
   // first one's shared memory (the wait before them).
   cluster_arrive();
-  int eid;
-  if (stab) {
-    for (int e = tid; e < nexperts; e += blockDim.x) tab[e] = gate_up_of(experts[e]);
-    __syncthreads();
-    PDL_WAIT();
-    eid = ids[slot];
-  } else {
-    if (slot < topk) PDL_WAIT();
-    eid = slot_expert(ids, slot, topk, nexperts);
-  }
+  const int eid = gate_up_expert(experts, ids, slot, topk, nexperts, stab, tab, tid);
   const GateUp ex = stab ? tab[eid] : gate_up_of(experts[eid]);
   const u8* rc[8];
   const u8* rs[8];
-#pragma unroll
-  for (int r = 0; r < 4; r++) {
-    const int n = row0 + r;
-    rc[r] = ex.gc + (size_t)n * (K / 2);
-    rs[r] = ex.gs + (size_t)n * GK;
-    rc[4 + r] = ex.uc + (size_t)n * (K / 2);
-    rs[4 + r] = ex.us + (size_t)n * GK;
-  }
+  gate_up_row_ptrs(ex, row0, 0x7fffffff, K, GK, rc, rs);
   uint4 w[2][8];
   u32 s[2][8];
   rows_load<8>(rc, rs, C, gshift, w, s);
