@@ -148,6 +148,23 @@ func nanVec(n int) []float32 {
 	return v
 }
 
+// decodeBenchBatch is the attention benchmarks' decode step: rows
+// sequences of one row each at position ctx-1, sequence t over blocks
+// t*per .. t*per+per-1 in a scattered order.
+func decodeBenchBatch(rows, per, ctx int) *backend.Batch {
+	batch := &backend.Batch{Outputs: []int32{0}}
+	for t := 0; t < rows; t++ {
+		sq := backend.Seq{Start: t, Len: 1}
+		for i := 0; i < per; i++ {
+			sq.Blocks = append(sq.Blocks, int32(t*per+(i*7)%per))
+		}
+		batch.Seqs = append(batch.Seqs, sq)
+		batch.Tokens = append(batch.Tokens, 0)
+		batch.Positions = append(batch.Positions, int32(ctx-1))
+	}
+	return batch
+}
+
 // BenchmarkAttention times decode latent attention at GLM-4.7-Flash's
 // shapes (20 heads, rank 512, rope 64, bf16 cache): 1, 8 and 32 rows (one
 // a sequence) at ctx 128, 1024 and 8192 (not 32 rows at 8192). Device time
@@ -184,17 +201,7 @@ func BenchmarkAttention(b *testing.B) {
 		if err := d.Do(func(c *Ctx) error { return CopyIn(c, cp.buf.Ptr, bits) }); err != nil {
 			b.Fatal(err)
 		}
-		batch := &backend.Batch{Outputs: []int32{0}}
-		for t := 0; t < cs.rows; t++ {
-			sq := backend.Seq{Start: t, Len: 1}
-			for i := 0; i < per; i++ {
-				sq.Blocks = append(sq.Blocks, int32(t*per+(i*7)%per))
-			}
-			batch.Seqs = append(batch.Seqs, sq)
-			batch.Tokens = append(batch.Tokens, 0)
-			batch.Positions = append(batch.Positions, int32(cs.ctx-1))
-		}
-		g.SetBatch(batch, pool)
+		g.SetBatch(decodeBenchBatch(cs.rows, per, cs.ctx), pool)
 		T := cs.rows
 		ql, q, ol := g.NewTensor(T, s.Heads*s.Rank), g.NewTensor(T, s.Heads*(s.NopeDim+s.RopeDim)), g.NewTensor(T, s.Heads*s.Rank)
 		g.Upload(ql, randVec(r, T*s.Heads*s.Rank, 1))

@@ -1549,24 +1549,17 @@ func (b *Backend) NewCachePool(layers, blocks, blockSize, rank, ropeDim int, dty
 	if layers <= 0 || blocks <= 0 || blockSize <= 0 || rank <= 0 || ropeDim < 0 || rank%2 != 0 || ropeDim%2 != 0 {
 		return nil, fmt.Errorf("cuda backend: cache pool of %d layers, %d blocks of %d, rank %d, rope dims %d", layers, blocks, blockSize, rank, ropeDim)
 	}
-	slotBytes := 0
 	switch dtype {
-	case backend.CacheF32:
-		slotBytes = 4 * (rank + ropeDim)
-	case backend.CacheBF16:
-		slotBytes = 2 * (rank + ropeDim)
+	case backend.CacheF32, backend.CacheBF16, backend.CacheFP4:
 	case backend.CacheFP8:
 		if (rank+ropeDim)%4 != 0 {
 			return nil, fmt.Errorf("cuda backend: fp8 cache of rank %d + rope dims %d: the sum must be a multiple of 4", rank, ropeDim)
 		}
-		slotBytes = rank + ropeDim + 8
-	case backend.CacheFP4:
-		slotBytes = fp4SlotBytes(rank, ropeDim)
 	default:
 		return nil, fmt.Errorf("cuda backend: cache dtype %v", dtype)
 	}
 	p := &cachePool{layers: layers, blocks: blocks, blockSize: blockSize, rank: rank, ropeDim: ropeDim, dtype: dtype}
-	p.layerBytes = align(blocks*blockSize*slotBytes, 256)
+	p.layerBytes = align(blocks*blockSize*p.slotBytes(), 256)
 	b.flush()
 	err := b.dev.Do(func(c *Ctx) error {
 		buf, err := c.Alloc(layers * p.layerBytes)

@@ -190,15 +190,7 @@ func BenchmarkAttentionDTypes(b *testing.B) {
 			const blockSize = 64
 			per := cs.ctx / blockSize
 			nb := cs.rows * per
-			slot := 0
-			switch dt {
-			case backend.CacheBF16:
-				slot = 2 * (s.Rank + s.RopeDim)
-			case backend.CacheFP8:
-				slot = s.Rank + s.RopeDim + 8
-			default:
-				slot = fp4SlotBytes(s.Rank, s.RopeDim)
-			}
+			slot := (&cachePool{rank: s.Rank, ropeDim: s.RopeDim, dtype: dt}).slotBytes()
 			layers := max(2, (128<<20)/(cs.rows*cs.ctx*slot))
 			pool, err := g.NewCachePool(layers, nb, blockSize, s.Rank, s.RopeDim, dt)
 			if err != nil {
@@ -220,17 +212,7 @@ func BenchmarkAttentionDTypes(b *testing.B) {
 			for l := 0; l < layers; l++ {
 				g.CacheWrite(l, lt, kt)
 			}
-			batch := &backend.Batch{Outputs: []int32{0}}
-			for t := 0; t < cs.rows; t++ {
-				sq := backend.Seq{Start: t, Len: 1}
-				for i := 0; i < per; i++ {
-					sq.Blocks = append(sq.Blocks, int32(t*per+(i*7)%per))
-				}
-				batch.Seqs = append(batch.Seqs, sq)
-				batch.Tokens = append(batch.Tokens, 0)
-				batch.Positions = append(batch.Positions, int32(cs.ctx-1))
-			}
-			g.SetBatch(batch, pool)
+			g.SetBatch(decodeBenchBatch(cs.rows, per, cs.ctx), pool)
 			T := cs.rows
 			ql, q, ol := g.NewTensor(T, s.Heads*s.Rank), g.NewTensor(T, s.Heads*(s.NopeDim+s.RopeDim)), g.NewTensor(T, s.Heads*s.Rank)
 			g.Upload(ql, randVec(r, T*s.Heads*s.Rank, 1))
