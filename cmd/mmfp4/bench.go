@@ -67,12 +67,12 @@ func init() {
 			case "cpu":
 			case "cuda":
 				mf := modelFlags{device: dev}
-				o.NewBackend = func() (backend.Backend, error) { return mf.pickBackend(dt) }
+				o.NewBackend = func() (backend.Backend, error) { return mf.pickBackend() }
 			case "auto":
 				// Resolved here, so that a machine without a GPU runs the
 				// CPU bench (its bandwidth test, cold load and histogram).
 				mf := modelFlags{device: dev}
-				b, err := mf.pickBackend(dt)
+				b, err := mf.pickBackend()
 				if err != nil {
 					return err
 				}

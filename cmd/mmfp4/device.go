@@ -17,7 +17,7 @@ const minCUDACC = 80
 // pickBackend resolves --device: "cpu", "cuda", or "auto" (CUDA when a
 // driver, NVRTC and a supported GPU are found and the options suit it, else
 // the CPU).
-func (f *modelFlags) pickBackend(dt backend.CacheDType) (backend.Backend, error) {
+func (f *modelFlags) pickBackend() (backend.Backend, error) {
 	newCPU := func() backend.Backend {
 		return cpu.New(cpu.Options{Threads: f.threads, FloatActivations: f.floatAct})
 	}
@@ -29,9 +29,11 @@ func (f *modelFlags) pickBackend(dt backend.CacheDType) (backend.Backend, error)
 		return nil, fmt.Errorf("--device %q: want cuda, cpu or auto", f.device)
 	}
 	explicit := f.device == "cuda"
-	if reason := cudaUnsuited(f.floatAct, dt); reason != "" {
+	if f.floatAct {
+		// Every cache dtype runs on both backends; float activations only
+		// on the CPU.
 		if explicit {
-			return nil, fmt.Errorf("--device cuda: %s", reason)
+			return nil, fmt.Errorf("--device cuda: --float-activations is a CPU backend option")
 		}
 		return newCPU(), nil
 	}
@@ -46,13 +48,4 @@ func (f *modelFlags) pickBackend(dt backend.CacheDType) (backend.Backend, error)
 		return newCPU(), nil
 	}
 	return b, nil
-}
-
-// cudaUnsuited says why the CUDA backend cannot run these options, or "".
-// Every cache dtype (bf16, f32, fp8, fp4) runs on both backends.
-func cudaUnsuited(floatAct bool, dt backend.CacheDType) string {
-	if floatAct {
-		return "--float-activations is a CPU backend option"
-	}
-	return ""
 }

@@ -48,7 +48,7 @@ func (f *modelFlags) options() (mmfp4.Options, error) {
 	if err != nil {
 		return mmfp4.Options{}, fmt.Errorf("--kv-cache-dtype: %w", err)
 	}
-	b, err := f.pickBackend(dt)
+	b, err := f.pickBackend()
 	if err != nil {
 		return mmfp4.Options{}, err
 	}

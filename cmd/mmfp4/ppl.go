@@ -179,7 +179,7 @@ func loadForPPL(dir, flag string, ctx int, f pplFlags, dtype backend.CacheDType)
 		return nil, "", fmt.Errorf("--threads %d: want 0 (all cores) or a positive count", f.threads)
 	}
 	mf := modelFlags{threads: f.threads, floatAct: f.floatAct, device: f.device}
-	b, err := mf.pickBackend(dtype)
+	b, err := mf.pickBackend()
 	if err != nil {
 		return nil, "", err
 	}
