@@ -1593,7 +1593,7 @@ func (b *Backend) CacheWrite(layer int, latent, kpe backend.Tensor) {
 		b.badShape("cache kpe", [2]int{km.rows, km.cols}, [2]int{b.batch.Rows(), p.ropeDim}) || lm.rows == 0 {
 		return
 	}
-	if r1, r2 := b.ropes[0], b.ropes[1]; p.kernelDType() < 2 && r1 != nil && r2 != nil && r1.flush == b.flushes && r2.flush == b.flushes &&
+	if r1, r2 := b.ropes[0], b.ropes[1]; (p.dtype == backend.CacheBF16 || p.dtype == backend.CacheF32) && r1 != nil && r2 != nil && r1.flush == b.flushes && r2.flush == b.flushes &&
 		r2.idx == len(b.pending)-1 && r1.idx == r2.idx-1 && r2.m == *km && r1.table == r2.table && r1.dim == r2.dim && r1.il == r2.il {
 		// Both RoPEs just queued (the queries', then this key's) run in
 		// the cache write's launch.
