@@ -94,7 +94,7 @@ DEVICE void ad_load(ADRaw<3>& r, const u8* row, int rank, int ng, int dr, int la
     }
   }
   r.pe = 2 * lane < dr ? (u32) * (const unsigned short*)(row + rank / 2 + 2 * lane) : 0u;
-  r.sc = *(const float2*)(row + ((rank / 2 + dr + rank / 32 + 7) & ~7));
+  r.sc = *(const float2*)(row + fp4_scale_offset(rank, dr));
 }
 
 DEVICE u32 ad_smem(const void* p) {
@@ -267,7 +267,7 @@ DEVICE void attention_decode_body(float* olat, int ldo, const float* qlat, int l
   const int row_bytes = DT == 0   ? 2 * width
                         : DT == 1 ? 4 * width
                         : DT == 2 ? width + 8
-                                  : (((rank / 2 + dr + rank / 32 + 7) & ~7) + 8 + 15) & ~15;
+                                  : fp4_slot_bytes(rank, dr);
   const int pieces = row_bytes / PIECE;
   u8* stage_mem = (u8*)ad_sm4;
   const u32 stage_base = ad_smem(stage_mem);

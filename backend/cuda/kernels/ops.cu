@@ -70,15 +70,6 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
 
 DEVICE float bf16_to_f32(unsigned short h) { return __uint_as_float((u32)h << 16); }
 
-// An fp4 cache slot (dtype 3) of rank latent and rope k_pe values: the
-// latent's E2M1 codes, two a byte, low nibble first (rank/2 bytes); k_pe's
-// E4M3 codes (rope bytes); an E4M3 scale per group of 32 latent values
-// (ceil(rank/32) bytes); at the next multiple of 8 the float32 scales of
-// the latent and of k_pe; the slot padded to a multiple of 16 bytes (352
-// for rank 512 and 64 rope dims). cachePool.slotBytes has the same sizes.
-DEVICE int fp4_scale_offset(int rank, int rope) { return (rank / 2 + rope + (rank + 31) / 32 + 7) & ~7; }
-DEVICE int fp4_slot_bytes(int rank, int rope) { return (fp4_scale_offset(rank, rope) + 8 + 15) & ~15; }
-
 // An fp4 slot's element j (cache_load's dtype 3). Not inlined: inline in
 // latent_attention_heads' loop over cache_load, it made NVRTC 12.4 and 13.0
 // spill 4 bytes there (11.8 did not).

@@ -209,3 +209,13 @@ DEVICE unsigned long long globaltimer_after(int dep) {
   asm volatile("{ .reg .u32 d; mov.u32 d, %1; mov.u64 %0, %%globaltimer; }" : "=l"(t) : "r"(dep));
   return t;
 }
+
+// An fp4 cache slot (dtype 3) of rank latent and rope k_pe values: the
+// latent's E2M1 codes, two a byte, low nibble first (rank/2 bytes); k_pe's
+// E4M3 codes (rope bytes); an E4M3 scale per group of 32 latent values
+// (ceil(rank/32) bytes); at the next multiple of 8 the float32 scales of
+// the latent and of k_pe; the slot padded to a multiple of 16 bytes (352
+// for rank 512 and 64 rope dims). cachePool.slotBytes has the same sizes;
+// cache_load (ops.cu) and the decode kernels (attention.cu) read it.
+DEVICE int fp4_scale_offset(int rank, int rope) { return (rank / 2 + rope + (rank + 31) / 32 + 7) & ~7; }
+DEVICE int fp4_slot_bytes(int rank, int rope) { return (fp4_scale_offset(rank, rope) + 8 + 15) & ~15; }
