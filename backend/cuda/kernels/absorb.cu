@@ -561,15 +561,6 @@ extern "C" __global__ void __launch_bounds__(256)
 // K2 | G2 << 16; flags interleaved | dtype << 1. Dynamic shared memory
 // QA_SHARED bytes (qAbsorbShared in chain.go).
 #define QA_DN 192
-// The cluster barrier in two halves, and a store into the shared memory
-// of the cluster's block rank (as moe.cu's router).
-DEVICE void qa_cluster_arrive() { asm volatile("barrier.cluster.arrive.aligned;" ::: "memory"); }
-DEVICE void qa_cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
-DEVICE void qa_st_cluster(float* p, u32 rank, float v) {
-  u32 a = (u32)__cvta_generic_to_shared(p), d;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(rank));
-  asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(d), "f"(v) : "memory");
-}
 #define QA_LDA (QA_DN + 8)
 #define QA_SHARED (2 * 16 * QA_LDA * 2 + QA_DN * AT_LDB * 2 + 4 * 256 + 4 * QA_DN)
 extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(256, 2)
@@ -616,7 +607,7 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(256, 2)
   const bool on = k0 < K;
   // Every block of the cluster has started before any store into its
   // shared memory (the wait is after the product).
-  qa_cluster_arrive();
+  cluster_arrive();
 
   // W_qb's chunks of this lane (chunk lane of the warp's 8 rows), the row
   // scale of row lane, the gain, before the wait.
@@ -674,19 +665,19 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(256, 2)
     if (lane == r) mine = t;
   }
   const float y = mine * (rs * 0.5f);
-  qa_cluster_wait();  // every block of the cluster has started
+  cluster_wait();  // every block of the cluster has started
   if (lane < 8) {
     const int i = 8 * warp + lane;  // this block's row
     if (c < 3) {
       q[row0 + lane] = y;
 #pragma unroll
-      for (int b = 0; b < 4; b++) qa_st_cluster(&qn[64 * c + i], b, y);
+      for (int b = 0; b < 4; b++) st_cluster(&qn[64 * c + i], b, y);
     } else {
       qp[i] = y;
     }
   }
-  qa_cluster_arrive();
-  qa_cluster_wait();  // qn holds the head's nope values, qp this block's rope values
+  cluster_arrive();
+  cluster_wait();  // qn holds the head's nope values, qp this block's rope values
 
   if (c == 3 && tid < DR / 2) {
     // The queries' RoPE (rope_row_cs on the head's rope columns).

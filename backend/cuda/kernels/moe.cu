@@ -677,20 +677,6 @@ extern "C" __global__ void __launch_bounds__(128)
 // warp w of block b taking groups b + 8w, .... Dynamic shared memory K
 // floats.
 #define ROUTER_CLUSTER 8
-DEVICE u32 cluster_rank() {
-  u32 r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-  return r;
-}
-DEVICE void cluster_arrive() { asm volatile("barrier.cluster.arrive.aligned;" ::: "memory"); }
-DEVICE void cluster_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
-// v into the float at p (this block's shared memory) in the shared memory
-// of the cluster's block rank.
-DEVICE void st_cluster(float* p, u32 rank, float v) {
-  u32 a = (u32)__cvta_generic_to_shared(p), d;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(rank));
-  asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(d), "f"(v) : "memory");
-}
 
 extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bounds__(256)
     moe_router_cluster(const float* __restrict__ W, int K, const float* __restrict__ x, int ldx,

@@ -793,8 +793,6 @@ DEVICE void mbp_core(const u8* const (&rc)[1], const u8* const (&rs)[1], int K, 
 // of a second product of the same rows (codes2 ... partial2, N2 rows,
 // output y2), so that two matrices of one input (q_a and kv_a) take one
 // launch; each output's sums are those of its own launch.
-DEVICE void mbc_arrive() { asm volatile("barrier.cluster.arrive.aligned;" ::: "memory"); }
-DEVICE void mbc_wait() { asm volatile("barrier.cluster.wait.aligned;" ::: "memory"); }
 // The four floats at p (this block's shared memory) in the shared memory
 // of the cluster's block rank.
 DEVICE float4 mbc_ld4(const float* p, u32 rank) {
@@ -907,8 +905,8 @@ DEVICE void mms_dense(const u8* __restrict__ codes, const u8* __restrict__ scale
     for (int n = 0; n < WT; n++)
 #pragma unroll
       for (int e = 0; e < 4; e++) red[(8 * n + 2 * t + (e & 1)) * 128 + warp * 16 + g + 8 * (e >> 1)] = acc[0][n][e];
-    mbc_arrive();
-    mbc_wait();
+    cluster_arrive();
+    cluster_wait();
     const int quads = min(128, N - bx * 128) >> 2;
     for (int idx = z * blockDim.x + threadIdx.x; idx < T * 32; idx += KS * blockDim.x) {
       const int tok = idx >> 5, c = idx & 31;
@@ -922,8 +920,8 @@ DEVICE void mms_dense(const u8* __restrict__ codes, const u8* __restrict__ scale
       for (int j = 0; j < 8; j++) f4_add(tot, v[j]);
       mms_out4(y + (size_t)tok * ldy + n, tot, row_scale + n);
     }
-    mbc_arrive();
-    mbc_wait();
+    cluster_arrive();
+    cluster_wait();
     return;
   }
   partial += h * KS * T * N;
