@@ -225,14 +225,7 @@ func BenchmarkAttention(b *testing.B) {
 			b.Run(name, func(b *testing.B) {
 				g.decodeAttn, g.decodeBlocks, g.decodeOneHead = mode.on, mode.pct, mode.h1
 				g.decodeMMA, g.decodeMerge, g.decodeMMATile = mode.mma, mode.merge, mode.tile
-				// Queue one op per layer and keep their launches.
-				var fns []func(c *Ctx) error
-				for l := 0; l < layers; l++ {
-					g.LatentAttention(ol, ql, q, l, s, 0.0417)
-					op := g.pending[len(g.pending)-1]
-					g.pending = g.pending[:len(g.pending)-1]
-					fns = append(fns, op.fn)
-				}
+				fns := attentionLaunches(g, ol, ql, q, layers, s)
 				us, err := timeRotated(d, fns, 200)
 				if err != nil {
 					b.Fatal(err)
@@ -267,12 +260,7 @@ func attentionPhases(b *testing.B, g *Backend, layers int, ol, ql, q backend.Ten
 		b.Fatal(err)
 	}
 	g.decodeStamps = buf.Ptr
-	var fns []func(c *Ctx) error
-	for l := 0; l < layers; l++ {
-		g.LatentAttention(ol, ql, q, l, s, 0.0417)
-		fns = append(fns, g.pending[len(g.pending)-1].fn)
-		g.pending = g.pending[:len(g.pending)-1]
-	}
+	fns := attentionLaunches(g, ol, ql, q, layers, s)
 	g.decodeStamps = 0
 	n := g.decodeStampBlocks
 	st := make([]uint64, 6*n)
@@ -325,6 +313,19 @@ func stampSummary(prefix string, st []uint64, n int, whats []string) string {
 		line += fmt.Sprintf(" %s %.2f / %.2f;", what, v[n/2], v[n-1])
 	}
 	return line
+}
+
+// attentionLaunches queues one decode attention a layer (the cache's
+// layers 0..layers-1) and takes their launches out of g's queue, for the
+// benchmarks to replay.
+func attentionLaunches(g *Backend, ol, ql, q backend.Tensor, layers int, s backend.MLAShape) []func(c *Ctx) error {
+	var fns []func(c *Ctx) error
+	for l := 0; l < layers; l++ {
+		g.LatentAttention(ol, ql, q, l, s, 0.0417)
+		fns = append(fns, g.pending[len(g.pending)-1].fn)
+		g.pending = g.pending[:len(g.pending)-1]
+	}
+	return fns
 }
 
 // timeRotated runs each of fns once (module loads, warm caches), then

@@ -224,13 +224,7 @@ func BenchmarkAttentionDTypes(b *testing.B) {
 			name := fmt.Sprintf("rows%d_ctx%d_%v", T, cs.ctx, dt)
 			b.Run(name, func(b *testing.B) {
 				g.decodeAttnConfig()
-				var fns []func(c *Ctx) error
-				for l := 0; l < layers; l++ {
-					g.LatentAttention(ol, ql, q, l, s, 0.0417)
-					op := g.pending[len(g.pending)-1]
-					g.pending = g.pending[:len(g.pending)-1]
-					fns = append(fns, op.fn)
-				}
+				fns := attentionLaunches(g, ol, ql, q, layers, s)
 				us, err := timeRotated(d, fns, 200)
 				if err != nil {
 					b.Fatal(err)

@@ -214,12 +214,7 @@ func serveAttnBench(b *testing.B, d *Device, seqs []flashSeq, set func(g *Backen
 	if err := errors.Join(g.Sync(), d.Do(func(c *Ctx) error { return CopyIn(c, cp.buf.Ptr, bits) })); err != nil {
 		b.Fatal(err)
 	}
-	var fns []func(c *Ctx) error
-	for l := 0; l < layers; l++ {
-		g.LatentAttention(ol, ql, q, l, s, 0.0417)
-		fns = append(fns, g.pending[len(g.pending)-1].fn)
-		g.pending = g.pending[:len(g.pending)-1]
-	}
+	fns := attentionLaunches(g, ol, ql, q, layers, s)
 	us, err := timeRotated(d, fns, 100)
 	if err != nil {
 		b.Fatal(err)
