@@ -448,6 +448,9 @@ func (b *Backend) flush() {
 // as a graph, or one by one where graphs are off or the profile times
 // them. rows is the step's row count, id its number (SetBatch calls).
 func (b *Backend) runOps(c *Ctx, ops []queuedOp, id, rows int) error {
+	if err := c.traceFlush(id, rows); err != nil {
+		return err
+	}
 	if b.prof != nil && (rows == 1 || b.prof.all) {
 		return b.prof.run(c, ops)
 	}

@@ -68,6 +68,8 @@ type Ctx struct {
 	pdl      bool
 	pdlOK    bool // the device has programmatic dependent launch
 	launchEx *launchConfig
+
+	trace *tracer // MMFP4_CUDA_TRACE (trace.go)
 }
 
 // launchConfig is CUlaunchConfig with room for one CUlaunchAttribute.
@@ -606,7 +608,7 @@ func (c *Ctx) module(name string) (*module, error) {
 	if img := readCache(dir, key); img != nil {
 		if drv.cuModuleLoadData(&m.handle, unsafe.Pointer(&img[0])) == 0 {
 			c.modules[name] = m
-			return m, nil
+			return m, c.traceModule(m)
 		}
 		// A stale or damaged file: compile afresh and overwrite it.
 	}
@@ -625,7 +627,7 @@ func (c *Ctx) module(name string) (*module, error) {
 	}
 	writeCache(dir, key, img)
 	c.modules[name] = m
-	return m, nil
+	return m, c.traceModule(m)
 }
 
 // compileJob is one module's compile on another thread.

@@ -41,6 +41,7 @@ type driverAPI struct {
 	cuModuleLoadData                            func(mod *uintptr, image unsafe.Pointer) int32
 	cuModuleUnload                              func(mod uintptr) int32
 	cuModuleGetFunction                         func(fn *uintptr, mod uintptr, name string) int32
+	cuModuleGetGlobal                           func(ptr *uint64, bytes *uint64, mod uintptr, name string) int32
 	cuFuncGetAttribute                          func(v *int32, attr int32, fn uintptr) int32
 	cuFuncSetAttribute                          func(fn uintptr, attr int32, v int32) int32
 	cuLaunchKernel                              func(fn uintptr, gx, gy, gz, bx, by, bz, smem uint32, stream uintptr, params unsafe.Pointer, extra unsafe.Pointer) int32
@@ -190,6 +191,7 @@ func (d *driverAPI) symbols() map[string]any {
 		"cuModuleLoadData":                            &d.cuModuleLoadData,
 		"cuModuleUnload":                              &d.cuModuleUnload,
 		"cuModuleGetFunction":                         &d.cuModuleGetFunction,
+		"cuModuleGetGlobal_v2":                        &d.cuModuleGetGlobal,
 		"cuFuncGetAttribute":                          &d.cuFuncGetAttribute,
 		"cuFuncSetAttribute":                          &d.cuFuncSetAttribute,
 		"cuLaunchKernel":                              &d.cuLaunchKernel,

@@ -39,6 +39,20 @@ func Modules() []string {
 // the module's file, with #line directives so that compiler messages name
 // the right file and line.
 func moduleSource(name string) (string, error) {
+	if traceFile != "" {
+		traceOnce.Do(traceNumber)
+		if traceErr != nil {
+			return "", traceErr
+		}
+		if src, ok := traceSrc[name]; ok {
+			return src, nil
+		}
+	}
+	return moduleSourcePlain(name)
+}
+
+// moduleSourcePlain is moduleSource without the trace's rewriting.
+func moduleSourcePlain(name string) (string, error) {
 	body, err := kernelFS.ReadFile("kernels/" + name + ".cu")
 	if err != nil {
 		return "", fmt.Errorf("cuda: no kernel module %q", name)

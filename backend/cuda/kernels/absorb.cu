@@ -582,9 +582,11 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(256, 2)
       rmsnorm_quant8_row(x2, 0, nullptr, 0, nullptr, 0, nullptr, 0, gain2, eps2, out2, 0, xq2, xs2, xsum2,
                          kg2 & 0xFFFF, kg2 >> 16, 0);
       __syncthreads();  // out2 (the latent the cache takes) written
+      TRACE_MARK();
     }
     rope2_cache_write_row(nullptr, 0, 0, 0, 0, kpe, 0, 1, DR, 0, DR, interleaved, cs, 1, layer, flags >> 1, slots,
                           lat, 0, rank, DR, 0, true);
+    TRACE_MARK();
     return;
   }
   extern __shared__ __align__(16) u8 qa_smem[];
@@ -646,6 +648,7 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(256, 2)
   // The q_a norm, norm_gemv_t1's arithmetic.
   norm_row_shared(x, gv, eps, K, Gq, on, c == 0 && h == 0, lane, warp, k0, partial, sq, ssc, out, xq, xs, xsum);
   __syncthreads();
+  TRACE_MARK();
   // The warp's 8 rows of q_b (gemv_split_t1's sums); lane r < 8 takes row
   // row0 + r.
   float o[8];
@@ -665,6 +668,7 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(256, 2)
     if (lane == r) mine = t;
   }
   const float y = mine * (rs * 0.5f);
+  TRACE_MARK();
   cluster_wait();  // every block of the cluster has started
   if (lane < 8) {
     const int i = 8 * warp + lane;  // this block's row
@@ -678,6 +682,7 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(256, 2)
   }
   cluster_arrive();
   cluster_wait();  // qn holds the head's nope values, qp this block's rope values
+  TRACE_MARK();
 
   if (c == 3 && tid < DR / 2) {
     // The queries' RoPE (rope_row_cs on the head's rope columns).
@@ -739,4 +744,5 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(256, 2)
 #pragma unroll
     for (int n = 0; n < 2; n++) *(float2*)(o2 + 8 * n) = make_float2(acc[n][0] * d, acc[n][1] * d);
   }
+  TRACE_MARK();
 }

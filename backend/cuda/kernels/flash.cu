@@ -1186,6 +1186,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   }
   asm volatile("cp.async.wait_group 0;" ::: "memory");  // the empty groups
   DM_STAMP(4);
+  TRACE_MARK();
 
   // Head-major values in shared memory (the tiles are done with).
 #pragma unroll
@@ -1441,6 +1442,7 @@ extern "C" __global__ void __launch_bounds__(512)
   for (int k = 0; k < 2; k++) red[(tid + 512 * k) >> 7][tid & 127] = o[k];
   if ((tid & 127) == 0) lred[tid >> 7] = lw, lred[(tid >> 7) + 4] = lw2;
   __syncthreads();
+  TRACE_MARK();
   if (tid < 128) {
     float4 r = red[0][tid];
     float L = lred[0];
@@ -1459,6 +1461,7 @@ extern "C" __global__ void __launch_bounds__(512)
     }
   }
   __syncthreads();
+  TRACE_MARK();
   float out[4] = {0.f, 0.f, 0.f, 0.f};
   if (on) {
     const uint4* xp = (const uint4*)(xq_sh + sl * 32);
@@ -1493,4 +1496,5 @@ extern "C" __global__ void __launch_bounds__(512)
     if (e < E) v[e] = vals[k0 + e];
   const size_t c0 = (size_t)blockIdx.x * 128 + k0;
   quant_group_warp(v, E, lane, yq + c0, ysum + c0 / 32, ys + (size_t)blockIdx.x * (128 / qg) + warp);
+  TRACE_MARK();
 }

@@ -78,6 +78,7 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS)
 #pragma unroll
   for (int r = 0; r < 4; r++)
     if (lane == r && row0 + r < N) y[row0 + r] = out[r] * (row_scale[row0 + r] * 0.5f);
+  TRACE_MARK();
 }
 
 // One token against per-head column blocks: rows [h*rows, (h+1)*rows) of W

@@ -883,6 +883,7 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
   PDL_WAIT();
   float v[8];
   router_add_row(a, c, k0, on, lane, warp, v, partial);
+  TRACE_MARK();
   // Every block has started (the first block's pattern is in place); then
   // this block has read a and c.
   cluster_wait();
@@ -895,6 +896,7 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
     st_cluster(&score[e], 0, sg);
     st_cluster(&choice[e], 0, sg + be);
   }
+  TRACE_MARK();
   if (b > 0) {
     router_quant_groups(rxs, K, NG, 0, warp * (nb - 1) + b - 1, 8 * (nb - 1), lane, nq, ns, nsum);
     if (xq) router_quant_groups(rxs, K, G, 0, warp * (nb - 1) + b - 1, 8 * (nb - 1), lane, xq, xs, xsum);
@@ -926,7 +928,9 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
       if (norm) w /= sum + 1e-20f;
       wts[tid] = w * scaling;
     }
+    TRACE_MARK();
   }
+  TRACE_MARK();
   cluster_wait();
   if (on && (tid & (nb - 1)) == b) {
     *(float4*)(d + k0) = make_float4(v[0], v[1], v[2], v[3]);
@@ -1290,6 +1294,7 @@ DEVICE void down_hq(const Expert* __restrict__ experts, const i32* __restrict__ 
   if (lane == 0) wsm[slot] = slot < topk ? wts[slot] : 1.f;
   float out[4];
   rows_dot<4, true, FAST>(w, s, C, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK, out);
+  TRACE_MARK();
 #pragma unroll
   for (int r = 0; r < 4; r++)
     if (lane == r) part[slot][r] = out[r] * (rsc * 0.5f);
@@ -1300,6 +1305,7 @@ DEVICE void down_hq(const Expert* __restrict__ experts, const i32* __restrict__ 
     for (int k = 0; k < nslots; k++) total += wsm[k] * part[k][threadIdx.x];
     y[n] = accumulate ? y[n] + total : total;
   }
+  TRACE_MARK();
 }
 
 extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
@@ -1522,6 +1528,7 @@ extern "C" __global__ void __cluster_dims__(GUC_ROWS / (4 * GUC_WARPS), 1, 1) __
   __syncthreads();
   float out[8];
   rows_dot<8, false, 1>(w, s, C, gshift, sx, sxs, out);
+  TRACE_MARK();
   float og = out[0], ou = out[4];
 #pragma unroll
   for (int r = 1; r < 4; r++)
@@ -1546,4 +1553,5 @@ extern "C" __global__ void __cluster_dims__(GUC_ROWS / (4 * GUC_WARPS), 1, 1) __
   if (warp != 0) return;
   const int base = (blockIdx.x / CL) * GUC_ROWS, IG = I / G;
   quant_groups(hsm, false, GUC_ROWS, G, 0, 1, hq + (size_t)slot * I + base, hs + (size_t)slot * IG + base / G);
+  TRACE_MARK();
 }

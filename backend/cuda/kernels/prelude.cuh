@@ -196,6 +196,9 @@ DEVICE void sumsq8_partial(const float* v, int lane, int warp, double* partial) 
 #define PDL_WAIT()
 #endif
 #define PDL_LAUNCH()
+// TRACE_MARK: a point of a kernel that the trace (trace.go) numbers and
+// times; nothing otherwise.
+#define TRACE_MARK()
 
 // The %globaltimer clock (ns), for kernels' timer stamps in benchmarks;
 // _after reads it once dep has arrived (an operand: the read waits for it).
@@ -209,6 +212,26 @@ DEVICE unsigned long long globaltimer_after(int dep) {
   asm volatile("{ .reg .u32 d; mov.u32 d, %1; mov.u64 %0, %%globaltimer; }" : "=l"(t) : "r"(dep));
   return t;
 }
+
+// Kernel tracing (MMFP4_CUDA_TRACE, trace.go): the host rewrites each
+// PDL_LAUNCH, PDL_WAIT and TRACE_MARK of a module as PDL_LAUNCH_K,
+// PDL_WAIT_K, TRACE_MARK_K with the site's number, and thread 0 of every
+// block counts its passing of the site in a histogram of 128 ns buckets of
+// %globaltimer (32,768 buckets a site).
+#ifdef MM_TRACE
+__constant__ unsigned* mm_trace;
+DEVICE void mm_trace_site(unsigned site) {
+  if (threadIdx.x + threadIdx.y + threadIdx.z == 0 && mm_trace != nullptr)
+    atomicAdd(&mm_trace[(site << 15) | (unsigned)((globaltimer() >> 7) & 32767)], 1u);
+}
+#define PDL_WAIT_K(k) \
+  do {                \
+    PDL_WAIT();       \
+    mm_trace_site(k); \
+  } while (0)
+#define PDL_LAUNCH_K(k) mm_trace_site(k)
+#define TRACE_MARK_K(k) mm_trace_site(k)
+#endif
 
 // An fp4 cache slot (dtype 3) of rank latent and rope k_pe values: the
 // latent's E2M1 codes, two a byte, low nibble first (rank/2 bytes); k_pe's

@@ -378,6 +378,7 @@ extern "C" __global__ void __launch_bounds__(128)
     }
   }
   __syncthreads();
+  TRACE_MARK();
   // Every thread of the block has read a and c: take a ticket (its answer
   // is needed only at the end).
   u32 ticket = 0;
@@ -405,6 +406,7 @@ extern "C" __global__ void __launch_bounds__(128)
     }
   }
   __syncthreads();
+  TRACE_MARK();
   if (row0 < N) {
     float o[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
@@ -432,6 +434,7 @@ extern "C" __global__ void __launch_bounds__(128)
     for (int r = 0; r < 4; r++)
       if (lane == r && row0 + r < N) y[row0 + r] = o[r] * (row_scale[row0 + r] * 0.5f);
   }
+  TRACE_MARK();
   if (tid == 0) last_s = ticket == gridDim.x - 1;
   __syncthreads();
   if (!last_s) return;
@@ -451,6 +454,7 @@ extern "C" __global__ void __launch_bounds__(128)
     }
   }
   if (tid == 0) *counter = 0u;
+  TRACE_MARK();
 }
 
 // Quantization of rows without a norm (rmsnorm_quant's gain == 0 case, the

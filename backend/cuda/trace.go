@@ -1,0 +1,98 @@
+package cuda
+
+import (
+	"fmt"
+	"os"
+	"regexp"
+	"strings"
+	"sync"
+)
+
+// Kernel tracing (MMFP4_CUDA_TRACE=FILE): where a decode step's time goes
+// between kernels that overlap under programmatic dependent launch, which
+// neither events nor a serialising profiler can show. Every module is
+// compiled with MM_TRACE and each PDL_LAUNCH, PDL_WAIT and TRACE_MARK site numbered
+// (prelude.cuh), so that thread 0 of every block counts, by %globaltimer,
+// when it started and when its wait returned. One one-row step (the
+// traceStep-th) is recorded into a device histogram and written to FILE as
+// lines of site, file:line, kernel, event, 128 ns bucket and count; the
+// bucket numbers wrap every 4.19 ms.
+var traceFile = os.Getenv("MMFP4_CUDA_TRACE")
+
+const (
+	traceStep        = 64
+	traceBuckets     = 1 << 15
+	traceMaxSites    = 512
+	traceBucketNanos = 128
+)
+
+func init() {
+	if traceFile != "" {
+		compileOptions = append(compileOptions, "-DMM_TRACE")
+	}
+}
+
+// traceSite is one numbered PDL_LAUNCH, PDL_WAIT or TRACE_MARK in a
+// module's source; kernel is the nearest kernel above it.
+type traceSite struct {
+	file, kernel, event string
+	line                int
+}
+
+var (
+	traceOnce  sync.Once
+	traceSites []traceSite
+	traceSrc   map[string]string // module -> rewritten translation unit
+	traceErr   error
+)
+
+var traceKernelName = regexp.MustCompile(`([A-Za-z_][A-Za-z0-9_]*)\s*\(`)
+
+// traceNumber numbers the sites of every module (in Modules' order, so
+// that the numbers are the same in every process) and keeps the
+// rewritten sources. The prelude, which defines the macros, is left as
+// it is.
+func traceNumber() {
+	traceSrc, traceSites = map[string]string{}, nil
+	for _, name := range Modules() {
+		src, err := moduleSourcePlain(name)
+		if err != nil {
+			traceErr = err
+			return
+		}
+		var out strings.Builder
+		file, line, kernel, want := "", 0, "", 0
+		for _, text := range strings.SplitAfter(src, "\n") {
+			line++
+			if f, ok := strings.CutPrefix(text, "#line 1 \""); ok {
+				file, line = strings.TrimSpace(strings.TrimSuffix(strings.TrimSpace(f), "\"")), 0
+				out.WriteString(text)
+				continue
+			}
+			if strings.Contains(text, "__global__") {
+				want = 3 // the name is on this line or one of the next two
+			}
+			if want > 0 {
+				for _, m := range traceKernelName.FindAllStringSubmatch(text, -1) {
+					if n := m[1]; !strings.HasPrefix(n, "__") && n != "void" {
+						kernel, want = n, 0
+						break
+					}
+				}
+				if want > 0 {
+					want--
+				}
+			}
+			if file != preludeFile[len("kernels/"):] {
+				for _, ev := range []string{"PDL_LAUNCH", "PDL_WAIT", "TRACE_MARK"} {
+					for strings.Contains(text, ev+"()") && len(traceSites) < traceMaxSites {
+						text = strings.Replace(text, ev+"()", fmt.Sprintf("%s_K(%d)", ev, len(traceSites)), 1)
+						traceSites = append(traceSites, traceSite{file: file, line: line, kernel: kernel, event: ev})
+					}
+				}
+			}
+			out.WriteString(text)
+		}
+		traceSrc[name] = out.String()
+	}
+}

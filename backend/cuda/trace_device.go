@@ -1,0 +1,86 @@
+//go:build linux || darwin || freebsd || netbsd
+
+package cuda
+
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"unsafe"
+)
+
+// tracer holds the device histogram and the step count.
+type tracer struct {
+	buf          Buffer
+	steps        int // one-row steps seen
+	started      bool
+	lastID, done int
+}
+
+// traceModule points a freshly loaded module's mm_trace at the histogram.
+func (c *Ctx) traceModule(m *module) error {
+	if traceFile == "" {
+		return nil
+	}
+	if c.trace == nil {
+		buf, err := c.Alloc(traceMaxSites * traceBuckets * 4)
+		if err != nil {
+			return err
+		}
+		c.trace = &tracer{buf: buf, lastID: -1}
+	}
+	var ptr, size uint64
+	if r := drv.cuModuleGetGlobal(&ptr, &size, m.handle, "mm_trace"); r != 0 {
+		return newError("cuModuleGetGlobal", "mm_trace", r)
+	}
+	v := c.trace.buf.Ptr
+	if err := check("cuMemcpyHtoDAsync", drv.cuMemcpyHtoDAsync(ptr, unsafe.Pointer(&v), 8, c.stream)); err != nil {
+		return err
+	}
+	return c.Sync()
+}
+
+// traceFlush runs before each flush's ops: it clears the histogram before
+// the first flush of the traced step and writes it out before the first
+// flush of a later step.
+func (c *Ctx) traceFlush(id, rows int) error {
+	t := c.trace
+	if t == nil || t.done > 0 {
+		return nil
+	}
+	if rows == 1 && id != t.lastID && !t.started {
+		t.lastID = id
+		t.steps++
+		if t.steps == traceStep {
+			t.started = true
+			return c.Memset(t.buf.Ptr, 0, t.buf.Size)
+		}
+		return nil
+	}
+	if !t.started || id == t.lastID {
+		return nil
+	}
+	t.done = 1
+	hist := make([]uint32, t.buf.Size/4)
+	if err := CopyOut(c, hist, t.buf.Ptr); err != nil {
+		return err
+	}
+	f, err := os.Create(traceFile)
+	if err != nil {
+		return err
+	}
+	w := bufio.NewWriter(f)
+	fmt.Fprintf(w, "# site file:line kernel event bucket(%d ns) count\n", traceBucketNanos)
+	for s, site := range traceSites {
+		for b := range traceBuckets {
+			if n := hist[s*traceBuckets+b]; n > 0 {
+				fmt.Fprintf(w, "%d %s:%d %s %s %d %d\n", s, site.file, site.line, site.kernel, site.event, b, n)
+			}
+		}
+	}
+	if err := w.Flush(); err != nil {
+		f.Close()
+		return err
+	}
+	return f.Close()
+}
