@@ -250,10 +250,12 @@ func (c *Ctx) GEMV(y uint64, ldy int, w *QMatrix, a *QActs, v GEMVVariant) error
 		}
 	}
 	name := gemvKernels[a.T]
+	rows := gemvRowsPerBlock
 	if v == GEMVSplit {
 		name = "gemv_split_t1"
 		if C := w.K / 32; C > 64 && C <= 32*gemvRegsC && !gemvNoRegs {
-			name = "gemv_split_t1_regs"
+			name = gemvRegsKernels[gemvRegsRows]
+			rows = gemvRegsRows * gemvRowsPerBlock / gemvRowsPerWarp
 		}
 	}
 	k, err := c.Kernel("gemv", name)
@@ -261,7 +263,7 @@ func (c *Ctx) GEMV(y uint64, ldy int, w *QMatrix, a *QActs, v GEMVVariant) error
 		return err
 	}
 	gshift := bits.TrailingZeros(uint(w.G / 32))
-	grid := (w.N + gemvRowsPerBlock - 1) / gemvRowsPerBlock
+	grid := (w.N + rows - 1) / rows
 	return c.Launch(k, D1(grid), D1(128), 0, w.Codes, w.Scales, w.RowScale, w.N, w.K, gshift, a.Q, a.Scales, a.Sums, y, ldy)
 }
 
@@ -271,6 +273,12 @@ func (c *Ctx) GEMV(y uint64, ldy int, w *QMatrix, a *QActs, v GEMVVariant) error
 const gemvRegsC = 5
 
 var gemvNoRegs bool
+
+// gemvRegsRows is the rows a warp of gemv_split_t1_regs takes (R in
+// gemv.cu: 1, 2 or 4, its kernels by name in gemvRegsKernels).
+var gemvRegsRows = 2
+
+var gemvRegsKernels = map[int]string{1: "gemv_split_t1_regs1", 2: "gemv_split_t1_regs2", 4: "gemv_split_t1_regs"}
 
 // gemvRowsPerWarp is R in gemv.cu: the rows one warp of the dp4a kernels
 // takes.

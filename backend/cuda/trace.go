@@ -90,6 +90,11 @@ func traceNumber() {
 						traceSites = append(traceSites, traceSite{file: file, line: line, kernel: kernel, event: ev})
 					}
 				}
+				// TRACE_MARK_DEP(v): the mark once v has arrived.
+				for strings.Contains(text, "TRACE_MARK_DEP(") && len(traceSites) < traceMaxSites {
+					text = strings.Replace(text, "TRACE_MARK_DEP(", fmt.Sprintf("TRACE_MARK_DEP_K(%d, ", len(traceSites)), 1)
+					traceSites = append(traceSites, traceSite{file: file, line: line, kernel: kernel, event: "TRACE_MARK_DEP"})
+				}
 			}
 			out.WriteString(text)
 		}

@@ -5,7 +5,8 @@ import (
 	"testing"
 )
 
-// The trace numbers every PDL_LAUNCH, PDL_WAIT and TRACE_MARK outside the
+// The trace numbers every PDL_LAUNCH, PDL_WAIT, TRACE_MARK and
+// TRACE_MARK_DEP outside the
 // prelude once, in order, and leaves none of them unnumbered.
 func TestTraceNumbersEverySite(t *testing.T) {
 	traceNumber()
@@ -16,11 +17,11 @@ func TestTraceNumbersEverySite(t *testing.T) {
 	for _, m := range Modules() {
 		src := traceSrc[m]
 		body := src[1+strings.Index(src[1:], "#line 1 \""):] // past the prelude
-		for _, ev := range []string{"PDL_LAUNCH", "PDL_WAIT", "TRACE_MARK"} {
-			if strings.Contains(body, ev+"()") {
+		for _, ev := range []string{"PDL_LAUNCH()", "PDL_WAIT()", "TRACE_MARK()", "TRACE_MARK_DEP("} {
+			if strings.Contains(body, ev) {
 				t.Errorf("%s: an unnumbered %s", m, ev)
 			}
-			seen += strings.Count(body, ev+"_K(")
+			seen += strings.Count(body, strings.TrimRight(ev, "()")+"_K(")
 		}
 	}
 	if seen != len(traceSites) || seen < 100 || seen >= traceMaxSites {

@@ -1384,6 +1384,7 @@ extern "C" __global__ void __launch_bounds__(512)
   const float* ml = part_ml + (size_t)h * 2;
   const float* acc = part_acc + (size_t)h * K;
   const float2 mine = tid < S ? __ldcg((const float2*)(ml + tid * mls)) : make_float2(0.f, 0.f);
+  TRACE_MARK_DEP(__float_as_uint(mine.x));
   float4 o[2];
   float lw = 0.f;
   for (int base = 0; base < S; base += 64) {

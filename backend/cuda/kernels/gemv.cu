@@ -23,63 +23,89 @@
 GEMV_KERNEL(gemv_split_t1, 1, 4, true)
 
 // gemv_split_t1 for rows of 64*32 < K <= GEMV_REGS_C*32 columns (o_proj's
-// 5120 at batch 1): a lane requests all its chunks of the warp's 4 rows
+// 5120 at batch 1): a lane requests all its chunks of the warp's R rows
 // (chunks lane, lane + 32, ...) before the wait, so that after it only
 // the activations are read, where gemv_dot waits for a round of loads
 // (from L2, prefetched) for each 64 chunks. The same sums in the same
-// order: the same bits.
+// order: the same bits, for any R. Two rows a warp (256 blocks of o_proj's
+// 2048 rows) measured fastest end to end (docs/perf.md, 2026-11-29 (11)).
 #define GEMV_REGS_C 5
-extern "C" __global__ void __launch_bounds__(32 * WARPS)
-    gemv_split_t1_regs(const u8* __restrict__ codes, const u8* __restrict__ scales,
-                       const float* __restrict__ row_scale, int N, int K, int gshift,
-                       const i8* __restrict__ xq, const float* __restrict__ xs,
-                       const i32* __restrict__ xsum, float* __restrict__ y, int ldy) {
-  PDL_LAUNCH();
+template <int R>
+DEVICE void gemv_regs(const u8* __restrict__ codes, const u8* __restrict__ scales,
+                      const float* __restrict__ row_scale, int N, int K, int gshift, const i8* __restrict__ xq,
+                      const float* __restrict__ xs, float* __restrict__ y) {
   const int warp = blockIdx.x * WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
-  const int row0 = warp * 4;
+  const int row0 = warp * R;
   if (row0 >= N) return;
   const int C = K >> 5, GK = C >> gshift;
-  const u8* rc[4];
-  const u8* rs[4];
+  const u8* rc[R];
+  const u8* rs[R];
 #pragma unroll
-  for (int r = 0; r < 4; r++) {
+  for (int r = 0; r < R; r++) {
     const int n = min(row0 + r, N - 1);
     rc[r] = codes + (size_t)n * (K / 2);
     rs[r] = scales + (size_t)n * GK;
   }
-  uint4 w[GEMV_REGS_C][4];
-  u32 s[GEMV_REGS_C][4];
+  uint4 w[GEMV_REGS_C][R];
+  u32 s[GEMV_REGS_C][R];
 #pragma unroll
   for (int j = 0; j < GEMV_REGS_C; j++) {
     const int c = 32 * j + lane;
     if (c < C) {
 #pragma unroll
-      for (int r = 0; r < 4; r++) w[j][r] = load_stream16(rc[r] + c * 16);
+      for (int r = 0; r < R; r++) w[j][r] = load_stream16(rc[r] + c * 16);
 #pragma unroll
-      for (int r = 0; r < 4; r++) s[j][r] = __ldg(rs[r] + (c >> gshift));
+      for (int r = 0; r < R; r++) s[j][r] = __ldg(rs[r] + (c >> gshift));
     }
   }
   PDL_WAIT();
-  float out[4] = {0.f, 0.f, 0.f, 0.f};
+  // Every chunk's activations requested at once: loaded chunk by chunk
+  // beside the products, each waited a round trip to L2 (about 0.4 us).
+  uint4 xa[GEMV_REGS_C], xb[GEMV_REGS_C];
+  float xscale[GEMV_REGS_C];
+#pragma unroll
+  for (int j = 0; j < GEMV_REGS_C; j++) {
+    const int c = 32 * j + lane;
+    if (c < C) {
+      const uint4* xp = (const uint4*)(xq + c * 32);
+      xa[j] = __ldg(xp);
+      xb[j] = __ldg(xp + 1);
+      xscale[j] = __ldg(xs + (c >> gshift));
+    }
+  }
+  TRACE_MARK_DEP(xa[0].x ^ xb[GEMV_REGS_C - 1].w ^ __float_as_uint(xscale[GEMV_REGS_C - 1]));
+  float out[R];
+#pragma unroll
+  for (int r = 0; r < R; r++) out[r] = 0.f;
 #pragma unroll
   for (int j = 0; j < GEMV_REGS_C; j++) {
     const int c = 32 * j + lane;
     if (c >= C) continue;
-    const uint4* xp = (const uint4*)(xq + c * 32);
-    const uint4 xa = __ldg(xp), xb = __ldg(xp + 1);
-    const float xscale = __ldg(xs + (c >> gshift));
 #pragma unroll
-    for (int r = 0; r < 4; r++) {
-      out[r] += (float)dot32_split(w[j][r], xa, xb) * (e4m3(s[j][r]) * xscale);
+    for (int r = 0; r < R; r++) {
+      out[r] += (float)dot32_split(w[j][r], xa[j], xb[j]) * (e4m3(s[j][r]) * xscale[j]);
     }
   }
+  TRACE_MARK_DEP(__float_as_uint(out[0]));
 #pragma unroll
-  for (int r = 0; r < 4; r++) out[r] = warp_sum(out[r]);
+  for (int r = 0; r < R; r++) out[r] = warp_sum(out[r]);
 #pragma unroll
-  for (int r = 0; r < 4; r++)
+  for (int r = 0; r < R; r++)
     if (lane == r && row0 + r < N) y[row0 + r] = out[r] * (row_scale[row0 + r] * 0.5f);
   TRACE_MARK();
 }
+
+#define GEMV_REGS(NAME, R)                                                                                        \
+  extern "C" __global__ void __launch_bounds__(32 * WARPS)                                                          \
+      NAME(const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale, int N, \
+           int K, int gshift, const i8* __restrict__ xq, const float* __restrict__ xs,                            \
+           const i32* __restrict__ xsum, float* __restrict__ y, int ldy) {                                        \
+    PDL_LAUNCH();                                                                                                 \
+    gemv_regs<R>(codes, scales, row_scale, N, K, gshift, xq, xs, y);                                              \
+  }
+GEMV_REGS(gemv_split_t1_regs, 4)
+GEMV_REGS(gemv_split_t1_regs2, 2)
+GEMV_REGS(gemv_split_t1_regs1, 1)
 
 // One token against per-head column blocks: rows [h*rows, (h+1)*rows) of W
 // (K columns) take columns [h*K, (h+1)*K) of the quantized row (whole

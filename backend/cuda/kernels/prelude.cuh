@@ -199,6 +199,7 @@ DEVICE void sumsq8_partial(const float* v, int lane, int warp, double* partial) 
 // TRACE_MARK: a point of a kernel that the trace (trace.go) numbers and
 // times; nothing otherwise.
 #define TRACE_MARK()
+#define TRACE_MARK_DEP(v)
 
 // The %globaltimer clock (ns), for kernels' timer stamps in benchmarks;
 // _after reads it once dep has arrived (an operand: the read waits for it).
@@ -231,6 +232,14 @@ DEVICE void mm_trace_site(unsigned site) {
   } while (0)
 #define PDL_LAUNCH_K(k) mm_trace_site(k)
 #define TRACE_MARK_K(k) mm_trace_site(k)
+DEVICE void mm_trace_site_after(unsigned site, unsigned dep) {
+  if (threadIdx.x + threadIdx.y + threadIdx.z == 0 && mm_trace != nullptr) {
+    unsigned long long t;
+    asm volatile("{ .reg .u32 d; mov.u32 d, %1; mov.u64 %0, %%globaltimer; }" : "=l"(t) : "r"(dep));
+    atomicAdd(&mm_trace[(site << 15) | (unsigned)((t >> 7) & 32767)], 1u);
+  }
+}
+#define TRACE_MARK_DEP_K(k, v) mm_trace_site_after(k, (unsigned)(v))
 #endif
 
 // An fp4 cache slot (dtype 3) of rank latent and rope k_pe values: the

@@ -299,72 +299,76 @@ extern "C" __global__ void __launch_bounds__(128)
 // (rmsnorm_quant8 with a residual add: d = a + c, out = gain * norm(d),
 // its int8 form xq, xs, xsum in groups of G = 32 << gshift) and one or two
 // single-token products of out (y1 = W1 out, y2 = W2 out: q_a and kv_a)
-// in one launch. Every block of 128 threads adds and normalises the K =
-// 1024*P values (P = 1 or 2) in registers in rmsnorm_quant8_row's order
-// (pass p's thread t the virtual thread 128p + t of 8 values; the float64
-// partials of the K/256 virtual warps summed in order) into its shared
-// memory as int8 groups, with its weights requested before the wait, then
-// takes gemv_split_t1's product of its 16 rows from there (chunks lane and
-// lane + 32 of each row, gemv_dot's sums in its order): blocks [0,
-// ceil(N1/16)) of matrix 1, the rest of matrix 2. d may be a (the residual
-// written in place): the block that takes the last ticket of *counter,
-// after every block has read a and c, writes d, out and the int8 form,
-// and zeroes the counter. Every output is the separate launches' bits.
-extern "C" __global__ void __launch_bounds__(128)
-    add_norm_gemv_pair(const u8* __restrict__ codes1, const u8* __restrict__ scales1,
-                       const float* __restrict__ rs1, int N1, float* __restrict__ y1,
-                       const u8* __restrict__ codes2, const u8* __restrict__ scales2,
-                       const float* __restrict__ rs2, int N2, float* __restrict__ y2, int K, int gshift,
-                       float* d, const float* a, const float* c, const float* __restrict__ gain, float eps,
-                       float* out, i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum,
-                       u32* counter) {
-  PDL_LAUNCH();
+// in one launch. Every block of NT threads adds and normalises the K <=
+// 2048 values in registers in rmsnorm_quant8_row's order (pass p's thread
+// t the virtual thread NT*p + t of 8 values; the float64 partials of the
+// K/256 virtual warps summed in order) into its shared memory as int8
+// groups, with its weights requested before the wait, then takes
+// gemv_split_t1's product of its NT/32 * R rows (R a warp) from there
+// (chunks lane and lane + 32 of each row, gemv_dot's sums in its order):
+// the first blocks matrix 1's rows, the rest matrix 2's. d may be a (the
+// residual written in place): the block that takes the last ticket of
+// *counter, after every block has read a and c, writes d, out and the
+// int8 form, and zeroes the counter. Every output is the separate
+// launches' bits, for every NT and R. After the wait the block's work is
+// a few dependent chains with one or two warps a scheduler, so more
+// threads (one pass of 8 values each at 256) and fewer rows a warp
+// shorten it (docs/perf.md, 2026-11-29 (11)).
+template <int NT, int R>
+DEVICE void add_norm_gemv(const u8* __restrict__ codes1, const u8* __restrict__ scales1,
+                          const float* __restrict__ rs1, int N1, float* __restrict__ y1,
+                          const u8* __restrict__ codes2, const u8* __restrict__ scales2,
+                          const float* __restrict__ rs2, int N2, float* __restrict__ y2, int K, int gshift,
+                          float* d, const float* a, const float* c, const float* __restrict__ gain, float eps,
+                          float* out, i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum,
+                          u32* counter) {
+  constexpr int NW = NT / 32, RB = NW * R, PM = 2048 / (8 * NT);  // warps, rows a block, passes
   __shared__ __align__(16) i8 sq[2048];
   __shared__ float ssc[64];
   __shared__ double partial[8];
   __shared__ bool last_s;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int G = 32 << gshift, C = K >> 5, GK = C >> gshift, P = K >> 10;
-  const int nb1 = (N1 + 15) >> 4;
+  const int G = 32 << gshift, C = K >> 5, GK = C >> gshift;
+  const int nb1 = (N1 + RB - 1) / RB;
   const bool second = (int)blockIdx.x >= nb1;
   const u8* codes = second ? codes2 : codes1;
   const u8* scales = second ? scales2 : scales1;
   const float* row_scale = second ? rs2 : rs1;
   const int N = second ? N2 : N1;
   float* y = second ? y2 : y1;
-  const int row0 = ((int)blockIdx.x - (second ? nb1 : 0)) * 16 + warp * 4;
+  const int row0 = ((int)blockIdx.x - (second ? nb1 : 0)) * RB + warp * R;
   // Chunks lane and lane + 32 of the warp's rows, and the gain, before the
   // wait.
-  uint4 w[2][4];
-  u32 s[2][4];
+  uint4 w[2][R];
+  u32 s[2][R];
 #pragma unroll
   for (int hf = 0; hf < 2; hf++) {
     const int ch = 32 * hf + lane;
     if (ch < C) {
 #pragma unroll
-      for (int r = 0; r < 4; r++) {
+      for (int r = 0; r < R; r++) {
         const int n = min(row0 + r, N - 1);
         w[hf][r] = load_stream16(codes + (size_t)n * (K / 2) + ch * 16);
         s[hf][r] = __ldg(scales + (size_t)n * GK + (ch >> gshift));
       }
     }
   }
-  float gv[2][8];
+  float gv[PM][8];
 #pragma unroll
-  for (int p = 0; p < 2; p++) {
-    if (p < P) {
-      const int k0 = (128 * p + tid) * 8;
+  for (int p = 0; p < PM; p++) {
+    const int k0 = (NT * p + tid) * 8;
+    if (k0 < K) {
       const float4 g0 = __ldg((const float4*)(gain + k0)), g1 = __ldg((const float4*)(gain + k0 + 4));
       gv[p][0] = g0.x; gv[p][1] = g0.y; gv[p][2] = g0.z; gv[p][3] = g0.w;
       gv[p][4] = g1.x; gv[p][5] = g1.y; gv[p][6] = g1.z; gv[p][7] = g1.w;
     }
   }
   PDL_WAIT();
-  float v[2][8];
+  float v[PM][8];
 #pragma unroll
-  for (int p = 0; p < 2; p++) {
-    if (p < P) {
-      const int k0 = (128 * p + tid) * 8;
+  for (int p = 0; p < PM; p++) {
+    const int k0 = (NT * p + tid) * 8;
+    if (k0 < K) {
       const float4* pa = (const float4*)(a + k0);
       const float4* pc = (const float4*)(c + k0);
       const float4 a0 = pa[0], a1 = pa[1], c0 = pc[0], c1 = pc[1];
@@ -374,7 +378,7 @@ extern "C" __global__ void __launch_bounds__(128)
 #pragma unroll
       for (int e = 0; e < 8; e++) ss += (double)v[p][e] * (double)v[p][e];
       ss = warp_sum_d(ss);
-      if (lane == 0) partial[4 * p + warp] = ss;
+      if (lane == 0) partial[NW * p + warp] = ss;
     }
   }
   __syncthreads();
@@ -387,13 +391,13 @@ extern "C" __global__ void __launch_bounds__(128)
   for (int q = 0; q < (K >> 8); q++) total += partial[q];
   const float inv = (float)(1.0 / sqrt(total / K + (double)eps));
   const int L = G >> 3;  // lanes per group
-  float nv[2][8];
-  u32 packed[2][2];
-  i32 sums[2];
+  float nv[PM][8];
+  u32 packed[PM][2];
+  i32 sums[PM];
 #pragma unroll
-  for (int p = 0; p < 2; p++) {
-    if (p < P) {
-      const int k0 = (128 * p + tid) * 8;
+  for (int p = 0; p < PM; p++) {
+    const int k0 = (NT * p + tid) * 8;
+    if (k0 < K) {
 #pragma unroll
       for (int e = 0; e < 8; e++) nv[p][e] = gv[p][e] * (v[p][e] * inv);
       i32 sum;
@@ -408,7 +412,9 @@ extern "C" __global__ void __launch_bounds__(128)
   __syncthreads();
   TRACE_MARK();
   if (row0 < N) {
-    float o[4] = {0.f, 0.f, 0.f, 0.f};
+    float o[R];
+#pragma unroll
+    for (int r = 0; r < R; r++) o[r] = 0.f;
 #pragma unroll
     for (int hf = 0; hf < 2; hf++) {
       const int ch = 32 * hf + lane;
@@ -417,7 +423,7 @@ extern "C" __global__ void __launch_bounds__(128)
       const uint4 xa = xp[0], xb = xp[1];
       const float xscale = ssc[ch >> gshift];
 #pragma unroll
-      for (int r = 0; r < 4; r++) {
+      for (int r = 0; r < R; r++) {
         const uint4 q = w[hf][r];
         i32 dd = 0, neg = 0;
         dot8_split(q.x, xa.x, xa.y, dd, neg);
@@ -429,9 +435,9 @@ extern "C" __global__ void __launch_bounds__(128)
       }
     }
 #pragma unroll
-    for (int r = 0; r < 4; r++) o[r] = warp_sum(o[r]);
+    for (int r = 0; r < R; r++) o[r] = warp_sum(o[r]);
 #pragma unroll
-    for (int r = 0; r < 4; r++)
+    for (int r = 0; r < R; r++)
       if (lane == r && row0 + r < N) y[row0 + r] = o[r] * (row_scale[row0 + r] * 0.5f);
   }
   TRACE_MARK();
@@ -439,9 +445,9 @@ extern "C" __global__ void __launch_bounds__(128)
   __syncthreads();
   if (!last_s) return;
 #pragma unroll
-  for (int p = 0; p < 2; p++) {
-    if (p < P) {
-      const int k0 = (128 * p + tid) * 8;
+  for (int p = 0; p < PM; p++) {
+    const int k0 = (NT * p + tid) * 8;
+    if (k0 < K) {
       float4* pd = (float4*)(d + k0);
       pd[0] = make_float4(v[p][0], v[p][1], v[p][2], v[p][3]);
       pd[1] = make_float4(v[p][4], v[p][5], v[p][6], v[p][7]);
@@ -456,6 +462,21 @@ extern "C" __global__ void __launch_bounds__(128)
   if (tid == 0) *counter = 0u;
   TRACE_MARK();
 }
+
+#define ADD_NORM_GEMV(NAME, NT, R)                                                                                  \
+  extern "C" __global__ void __launch_bounds__(NT)                                                                  \
+      NAME(const u8* __restrict__ codes1, const u8* __restrict__ scales1, const float* __restrict__ rs1, int N1,    \
+           float* __restrict__ y1, const u8* __restrict__ codes2, const u8* __restrict__ scales2,                  \
+           const float* __restrict__ rs2, int N2, float* __restrict__ y2, int K, int gshift, float* d,              \
+           const float* a, const float* c, const float* __restrict__ gain, float eps, float* out,                  \
+           i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum, u32* counter) {                    \
+    PDL_LAUNCH();                                                                                                   \
+    add_norm_gemv<NT, R>(codes1, scales1, rs1, N1, y1, codes2, scales2, rs2, N2, y2, K, gshift, d, a, c, gain, eps, \
+                         out, xq, xs, xsum, counter);                                                               \
+  }
+ADD_NORM_GEMV(add_norm_gemv_pair, 128, 4)
+ADD_NORM_GEMV(add_norm_gemv_pair_256r2, 256, 2)
+ADD_NORM_GEMV(add_norm_gemv_pair_256r1, 256, 1)
 
 // Quantization of rows without a norm (rmsnorm_quant's gain == 0 case, the
 // same values bit for bit): each warp takes up to QR_GROUPS consecutive
