@@ -16,7 +16,8 @@ import (
 // when it started and when its wait returned. One one-row step (the
 // traceStep-th) is recorded into a device histogram and written to FILE as
 // lines of site, file:line, kernel, event, 128 ns bucket and count; the
-// bucket numbers wrap every 4.19 ms.
+// bucket numbers wrap every 4.19 ms. tools/tracesum folds the step's
+// layers into one.
 var traceFile = os.Getenv("MMFP4_CUDA_TRACE")
 
 const (
@@ -32,8 +33,9 @@ func init() {
 	}
 }
 
-// traceSite is one numbered PDL_LAUNCH, PDL_WAIT or TRACE_MARK in a
-// module's source; kernel is the nearest kernel above it.
+// traceSite is one numbered PDL_LAUNCH, PDL_WAIT, TRACE_MARK or
+// TRACE_MARK_DEP in a module's source; kernel is the nearest kernel or
+// device function above it.
 type traceSite struct {
 	file, kernel, event string
 	line                int
@@ -69,7 +71,7 @@ func traceNumber() {
 				out.WriteString(text)
 				continue
 			}
-			if strings.Contains(text, "__global__") {
+			if strings.Contains(text, "__global__") || strings.HasPrefix(text, "DEVICE ") {
 				want = 3 // the name is on this line or one of the next two
 			}
 			if want > 0 {

@@ -1,0 +1,202 @@
+// Command tracesum folds a kernel trace (MMFP4_CUDA_TRACE, backend/cuda's
+// trace.go) of one decode step into one layer: for every site, when the
+// first, the median and the last block of each layer passed it, averaged
+// over the layers, relative to an anchor site that every layer passes once
+// per block at one moment (a kernel's wait, say).
+//
+//	MMFP4_CUDA_TRACE=/tmp/trace.txt mmfp4 bench -m DIR --device cuda --ctx 1024
+//	go run ./tools/tracesum -anchor absorb.cu:647 -before 0.15 /tmp/trace.txt
+//
+// A layer's window starts -before layers' worth of time ahead of its anchor,
+// so that the kernels before the anchor fall in the same layer; the first
+// two and the last two layers are left out (the step's ends).
+package main
+
+import (
+	"bufio"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"slices"
+	"strconv"
+	"strings"
+)
+
+const buckets = 1 << 15 // the trace's histogram, 128 ns each
+
+// site is one numbered place of the trace with its events: times in us
+// from the start of the step (the histogram's wrap undone), one per block.
+type site struct {
+	id                  int
+	place, kernel, kind string
+	times               []float64
+}
+
+func main() {
+	anchor := flag.String("anchor", "", "the anchor site: its number or file:line (default: the first site with one event a layer)")
+	before := flag.Float64("before", 0.15, "where a layer's window starts, in layers ahead of its anchor")
+	flag.Parse()
+	if flag.NArg() != 1 {
+		fmt.Fprintln(os.Stderr, "usage: tracesum [-anchor SITE] [-before F] TRACE")
+		os.Exit(2)
+	}
+	f, err := os.Open(flag.Arg(0))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	defer f.Close()
+	sites, err := read(f)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "%s: %v\n", flag.Arg(0), err)
+		os.Exit(1)
+	}
+	if err := summarize(os.Stdout, sites, *anchor, *before); err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+}
+
+// read parses the trace's lines (site file:line [kernel] event bucket
+// count) and undoes the buckets' wrap: the step starts after the longest
+// run of empty buckets.
+func read(r io.Reader) ([]*site, error) {
+	byID := map[int]*site{}
+	type hit struct{ id, bucket, n int }
+	var hits []hit
+	used := make([]bool, buckets)
+	sc := bufio.NewScanner(r)
+	for line := 1; sc.Scan(); line++ {
+		text := strings.TrimSpace(sc.Text())
+		if text == "" || text[0] == '#' {
+			continue
+		}
+		f := strings.Fields(text)
+		if len(f) != 5 && len(f) != 6 {
+			return nil, fmt.Errorf("line %d: %d fields, want 5 or 6", line, len(f))
+		}
+		nums := make([]int, 3)
+		for i, s := range []string{f[0], f[len(f)-2], f[len(f)-1]} {
+			v, err := strconv.Atoi(s)
+			if err != nil || v < 0 || (i == 1 && v >= buckets) {
+				return nil, fmt.Errorf("line %d: bad number %q", line, s)
+			}
+			nums[i] = v
+		}
+		s := byID[nums[0]]
+		if s == nil {
+			s = &site{id: nums[0], place: f[1], kind: f[len(f)-3]}
+			if len(f) == 6 {
+				s.kernel = f[2]
+			}
+			byID[nums[0]] = s
+		}
+		hits = append(hits, hit{nums[0], nums[1], nums[2]})
+		used[nums[1]] = true
+	}
+	if err := sc.Err(); err != nil {
+		return nil, err
+	}
+	if len(hits) == 0 {
+		return nil, fmt.Errorf("no events")
+	}
+	var occupied []int
+	for b, u := range used {
+		if u {
+			occupied = append(occupied, b)
+		}
+	}
+	start, gap := 0, -1
+	for i, b := range occupied {
+		next := occupied[(i+1)%len(occupied)]
+		if n := (next - b + buckets) % buckets; n > gap || (len(occupied) == 1 && gap < 0) {
+			gap, start = n, next
+		}
+	}
+	for _, h := range hits {
+		t := float64((h.bucket-start+buckets)%buckets) * 0.128
+		for range h.n {
+			byID[h.id].times = append(byID[h.id].times, t)
+		}
+	}
+	var sites []*site
+	for _, s := range byID {
+		slices.Sort(s.times)
+		sites = append(sites, s)
+	}
+	slices.SortFunc(sites, func(a, b *site) int { return a.id - b.id })
+	return sites, nil
+}
+
+// summarize writes each site's first, median and last time a layer,
+// averaged over the layers, from the anchor's moment in that layer.
+func summarize(w io.Writer, sites []*site, anchor string, before float64) error {
+	var an *site
+	for _, s := range sites {
+		if anchor == strconv.Itoa(s.id) || anchor == s.place {
+			an = s
+		}
+	}
+	if an == nil && anchor != "" {
+		return fmt.Errorf("no site %q in the trace", anchor)
+	}
+	if an == nil {
+		return fmt.Errorf("name an anchor site (-anchor)")
+	}
+	// The anchor's moments: its events grouped where they lie within 1 us.
+	var at []float64
+	for i, t := range an.times {
+		if i == 0 || t-an.times[i-1] > 1 {
+			at = append(at, t)
+		}
+	}
+	if len(at) < 6 {
+		return fmt.Errorf("the anchor %s is passed at %d moments; too few layers", an.place, len(at))
+	}
+	layer := (at[len(at)-1] - at[0]) / float64(len(at)-1)
+	fmt.Fprintf(w, "%d layers of %.2f us; times in us from %s (%s), averaged over layers 3-%d\n", len(at), layer, an.place, an.kernel, len(at)-2)
+	fmt.Fprintf(w, "%5s %-22s %-30s %-15s %8s %8s %8s %8s\n", "site", "place", "kernel", "event", "first", "median", "last", "blocks")
+	type row struct {
+		s                          *site
+		first, median, last, count float64
+	}
+	var rows []row
+	for _, s := range sites {
+		var r row
+		n := 0
+		for l := 2; l < len(at)-2; l++ {
+			lo := at[l] - before*(at[l]-at[l-1])
+			hi := at[l] + (1-before)*(at[l+1]-at[l])
+			i, _ := slices.BinarySearch(s.times, lo)
+			j, _ := slices.BinarySearch(s.times, hi)
+			if i == j {
+				continue
+			}
+			ts := s.times[i:j]
+			r.first += ts[0] - at[l]
+			r.median += ts[len(ts)/2] - at[l]
+			r.last += ts[len(ts)-1] - at[l]
+			r.count += float64(len(ts))
+			n++
+		}
+		if n < (len(at)-4)/2 { // not a site of every layer
+			continue
+		}
+		k := float64(n)
+		rows = append(rows, row{s, r.first / k, r.median / k, r.last / k, r.count / k})
+	}
+	slices.SortStableFunc(rows, func(a, b row) int {
+		switch {
+		case a.first < b.first:
+			return -1
+		case a.first > b.first:
+			return 1
+		}
+		return 0
+	})
+	for _, r := range rows {
+		fmt.Fprintf(w, "%5d %-22s %-30s %-15s %8.2f %8.2f %8.2f %8.1f\n", r.s.id, r.s.place, r.s.kernel, r.s.kind, r.first, r.median, r.last, r.count)
+	}
+	return nil
+}

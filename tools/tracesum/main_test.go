@@ -1,0 +1,50 @@
+package main
+
+import (
+	"bytes"
+	"fmt"
+	"strings"
+	"testing"
+)
+
+// Ten layers of 40 us (312.5 buckets, rounded down) starting near the
+// histogram's end, so that the step wraps: an anchor at each layer's
+// start (one block) and a mark 23 buckets (2.944 us) after it in four
+// blocks, two at 23 and two at 25.
+func TestSummarizeFoldsLayersAcrossTheWrap(t *testing.T) {
+	var in strings.Builder
+	in.WriteString("# site file:line kernel event bucket(128 ns) count\n")
+	for l := range 10 {
+		b := (32600 + l*3125/10) % buckets
+		fmt.Fprintf(&in, "1 a.cu:10 k PDL_WAIT %d 1\n", b)
+		fmt.Fprintf(&in, "2 a.cu:20 k TRACE_MARK %d 2\n", (b+23)%buckets)
+		fmt.Fprintf(&in, "2 a.cu:20 k TRACE_MARK %d 2\n", (b+25)%buckets)
+	}
+	sites, err := read(strings.NewReader(in.String()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	if err := summarize(&out, sites, "a.cu:10", 0.15); err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+	if len(lines) != 4 || !strings.HasPrefix(lines[0], "10 layers of ") {
+		t.Fatalf("summary:\n%s", out.String())
+	}
+	f := strings.Fields(lines[3])
+	if got := strings.Join(f[:1], " ") + " " + strings.Join(f[4:], " "); got != "2 2.94 3.20 3.20 4.0" {
+		t.Errorf("the mark's row %q, want site 2 at 2.94 (first), 3.20 (median, last) in 4 blocks", lines[3])
+	}
+	if err := summarize(&out, sites, "a.cu:99", 0.15); err == nil {
+		t.Error("an anchor that is not in the trace was taken")
+	}
+}
+
+func TestReadRejectsBadLines(t *testing.T) {
+	for _, in := range []string{"1 a.cu:1 k PDL_WAIT 40000 1\n", "x a.cu:1 k PDL_WAIT 1 1\n", "1 a.cu:1\n", ""} {
+		if _, err := read(strings.NewReader(in)); err == nil {
+			t.Errorf("%q: no error", in)
+		}
+	}
+}
