@@ -504,31 +504,24 @@ func (c *Ctx) AddNormGEMVPair(in FusedIn, o1, o2 FusedOut, counter uint64) error
 	case o1.W.K != q.K || o1.W.G != q.G || (o2.W != nil && (o2.W.K != q.K || o2.W.G != q.G)):
 		return fmt.Errorf("cuda: add, norm and products: weights of %d columns in groups of %d, want %d in %d", o1.W.K, o1.W.G, q.K, q.G)
 	}
-	sh := addNormShapes[addNormShape]
-	k, err := c.Kernel("quant", sh.name)
+	k, err := c.Kernel("quant", "add_norm_gemv_pair")
 	if err != nil {
 		return err
 	}
-	rows := sh.threads / 32 * sh.rows
-	nb := (o1.W.N + rows - 1) / rows
+	nb := (o1.W.N + addNormRowsPerBlock - 1) / addNormRowsPerBlock
 	var c2, s2, r2, y2 uint64
 	n2 := 0
 	if w := o2.W; w != nil {
-		nb += (w.N + rows - 1) / rows
+		nb += (w.N + addNormRowsPerBlock - 1) / addNormRowsPerBlock
 		c2, s2, r2, n2, y2 = w.Codes, w.Scales, w.RowScale, w.N, o2.Y
 	}
-	return c.Launch(k, D1(nb), D1(sh.threads), 0, o1.W.Codes, o1.W.Scales, o1.W.RowScale, o1.W.N, o1.Y, c2, s2, r2, n2, y2,
+	return c.Launch(k, D1(nb), D1(256), 0, o1.W.Codes, o1.W.Scales, o1.W.RowScale, o1.W.N, o1.Y, c2, s2, r2, n2, y2,
 		q.K, bits.TrailingZeros(uint(q.G/32)), in.D, in.A, in.C, in.Gain, in.Eps, in.Out, q.Q, q.Scales, q.Sums, counter)
 }
 
-// addNormShapes are add_norm_gemv_pair's forms (quant.cu): threads a
-// block and rows a warp; addNormShape picks one.
-var addNormShapes = []struct {
-	name          string
-	threads, rows int
-}{{"add_norm_gemv_pair", 128, 4}, {"add_norm_gemv_pair_256r2", 256, 2}, {"add_norm_gemv_pair_256r1", 256, 1}}
-
-var addNormShape = 1
+// addNormRowsPerBlock is the rows a block of add_norm_gemv_pair takes (8
+// warps of 2 rows in quant.cu).
+const addNormRowsPerBlock = 16
 
 // addNormGEMVFits reports whether AddNormGEMVPair takes a norm of K values
 // in int8 groups of G.

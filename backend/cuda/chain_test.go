@@ -624,13 +624,13 @@ func TestChainRouterNormMatchesSeparate(t *testing.T) {
 }
 
 // gemv_split_t1_regs (every chunk requested before the wait) gives
-// gemv_split_t1's bits with 1, 2 and 4 rows a warp, at o_proj's shape and at widths with a short last
+// gemv_split_t1's bits, at o_proj's shape and at widths with a short last
 // round of chunks, groups of 32, 64 and 128, on fresh random weights and
 // activations.
 func TestGEMVRegsMatchesSplit(t *testing.T) {
 	d := testDevice(t)
 	r := testRand(t)
-	defer func(rows int) { gemvNoRegs, gemvRegsRows = false, rows }(gemvRegsRows)
+	defer func() { gemvNoRegs = false }()
 	err := d.Do(func(c *Ctx) error {
 		for _, sh := range []struct{ N, K, G int }{{2048, 5120, 128}, {37, 5120, 32}, {130, 2080, 32}, {64, 4096, 64}, {300, 3072, 128}} {
 			w, err := c.UploadMatrix(synthMatrix(r, sh.N, sh.K, sh.G))
@@ -667,24 +667,21 @@ func TestGEMVRegsMatchesSplit(t *testing.T) {
 			if err != nil {
 				return err
 			}
-			for _, rows := range []int{1, 2, 4} {
-				gemvRegsRows = rows
-				got, err := run(false)
-				if err != nil {
-					return err
+			got, err := run(false)
+			if err != nil {
+				return err
+			}
+			if i := sameBits(want, got); i >= 0 {
+				t.Errorf("%dx%d G=%d: row %d: %v, gemv_split_t1 %v", sh.N, sh.K, sh.G, i, got[i], want[i])
+			}
+			nonzero := 0
+			for _, v := range got {
+				if v != 0 {
+					nonzero++
 				}
-				if i := sameBits(want, got); i >= 0 {
-					t.Errorf("%dx%d G=%d, %d rows a warp: row %d: %v, gemv_split_t1 %v", sh.N, sh.K, sh.G, rows, i, got[i], want[i])
-				}
-				nonzero := 0
-				for _, v := range got {
-					if v != 0 {
-						nonzero++
-					}
-				}
-				if nonzero < sh.N/2 {
-					t.Errorf("%dx%d G=%d, %d rows a warp: %d of %d rows nonzero", sh.N, sh.K, sh.G, rows, nonzero, sh.N)
-				}
+			}
+			if nonzero < sh.N/2 {
+				t.Errorf("%dx%d G=%d: %d of %d rows nonzero", sh.N, sh.K, sh.G, nonzero, sh.N)
 			}
 		}
 		return c.Sync()
@@ -739,17 +736,15 @@ func qactsBytes(t testing.TB, c *Ctx, a *QActs) []byte {
 	return append(append(readBytes(t, c, a.Q, n), readBytes(t, c, a.Scales, 4*n/a.G)...), readBytes(t, c, a.Sums, 4*n/32)...)
 }
 
-// Every form of add_norm_gemv_pair (threads a block, rows a warp) writes
-// the separate launches' bits (the add and norm, then gemv_split_t1 of
-// each matrix): the residual, the norm's output and int8 form, both
-// products; and leaves its ticket word zero (the separate launches'
-// memset). Norms of 1024 and 2048
-// values, groups of 32, 64 and 128, q_a and kv_a's rows and short
-// matrices whose last block is partly empty.
-func TestAddNormGEMVFormsMatchSeparate(t *testing.T) {
+// add_norm_gemv_pair writes the separate launches' bits (the add and
+// norm, then gemv_split_t1 of each matrix): the residual, the norm's
+// output and int8 form, both products; and leaves its ticket word zero.
+// Norms of 1024 and 2048 values (half the block's threads idle in the
+// norm), groups of 32, 64 and 128, q_a and kv_a's rows and short matrices
+// whose last block is partly empty.
+func TestAddNormGEMVMatchesSeparate(t *testing.T) {
 	d := testDevice(t)
 	r := testRand(t)
-	defer func(s int) { addNormShape = s }(addNormShape)
 	err := d.Do(func(c *Ctx) error {
 		for _, sh := range []struct{ K, G, N1, N2 int }{{2048, 128, 768, 576}, {2048, 32, 37, 5}, {1024, 64, 300, 0}, {1024, 128, 96, 17}} {
 			w1, err := c.UploadMatrix(synthMatrix(r, sh.N1, sh.K, sh.G))
@@ -780,13 +775,13 @@ func TestAddNormGEMVFormsMatchSeparate(t *testing.T) {
 			if err := errors.Join(CopyIn(c, bufs[1].Ptr, moe), CopyIn(c, bufs[2].Ptr, gain), c.Memset(counter.Ptr, 0, 4)); err != nil {
 				return err
 			}
-			run := func(form int) (map[string][]byte, error) {
+			run := func(fused bool) (map[string][]byte, error) {
 				if err := errors.Join(CopyIn(c, bufs[0].Ptr, resid), poison(c, bufs[3].Ptr, 4*sh.K), poison(c, bufs[4].Ptr, 4*sh.N1),
 					poison(c, bufs[5].Ptr, 4*max(sh.N2, 1)), poison(c, q.Q, sh.K)); err != nil {
 					return nil, err
 				}
 				in := FusedIn{Mode: fuseAddNorm, D: bufs[0].Ptr, A: bufs[0].Ptr, C: bufs[1].Ptr, Gain: bufs[2].Ptr, Eps: 1e-5, Out: bufs[3].Ptr, Q: q, Layout8: true}
-				if form < 0 {
+				if !fused {
 					errs := []error{c.RMSNormQuant8(0, 0, in.D, sh.K, in.A, sh.K, in.C, sh.K, in.Gain, in.Eps, in.Out, sh.K, 1, sh.K, sh.G, q),
 						c.GEMV(bufs[4].Ptr, sh.N1, w1, q, GEMVSplit)}
 					if w2 != nil {
@@ -796,7 +791,6 @@ func TestAddNormGEMVFormsMatchSeparate(t *testing.T) {
 						return nil, err
 					}
 				} else {
-					addNormShape = form
 					o2 := FusedOut{}
 					if w2 != nil {
 						o2 = FusedOut{w2, bufs[5].Ptr}
@@ -819,19 +813,17 @@ func TestAddNormGEMVFormsMatchSeparate(t *testing.T) {
 				}
 				return out, nil
 			}
-			want, err := run(-1)
+			want, err := run(false)
 			if err != nil {
 				return err
 			}
-			for form, f := range addNormShapes {
-				got, err := run(form)
-				if err != nil {
-					return err
-				}
-				for name, w := range want {
-					if j := firstDiff(w, got[name]); j >= 0 {
-						t.Errorf("K=%d G=%d N=%d+%d, %s: %s: byte %d of %d differs from the separate launches", sh.K, sh.G, sh.N1, sh.N2, f.name, name, j, len(w))
-					}
+			got, err := run(true)
+			if err != nil {
+				return err
+			}
+			for name, w := range want {
+				if j := firstDiff(w, got[name]); j >= 0 {
+					t.Errorf("K=%d G=%d N=%d+%d: %s: byte %d of %d differs from the separate launches", sh.K, sh.G, sh.N1, sh.N2, name, j, len(w))
 				}
 			}
 			nonzero := 0

@@ -254,8 +254,7 @@ func (c *Ctx) GEMV(y uint64, ldy int, w *QMatrix, a *QActs, v GEMVVariant) error
 	if v == GEMVSplit {
 		name = "gemv_split_t1"
 		if C := w.K / 32; C > 64 && C <= 32*gemvRegsC && !gemvNoRegs {
-			name = gemvRegsKernels[gemvRegsRows]
-			rows = gemvRegsRows * gemvRowsPerBlock / gemvRowsPerWarp
+			name, rows = "gemv_split_t1_regs", gemvRegsRowsPerBlock
 		}
 	}
 	k, err := c.Kernel("gemv", name)
@@ -274,11 +273,9 @@ const gemvRegsC = 5
 
 var gemvNoRegs bool
 
-// gemvRegsRows is the rows a warp of gemv_split_t1_regs takes (R in
-// gemv.cu: 1, 2 or 4, its kernels by name in gemvRegsKernels).
-var gemvRegsRows = 2
-
-var gemvRegsKernels = map[int]string{1: "gemv_split_t1_regs1", 2: "gemv_split_t1_regs2", 4: "gemv_split_t1_regs"}
+// gemvRegsRowsPerBlock is the rows a block of gemv_split_t1_regs takes
+// (WARPS * R in gemv.cu).
+const gemvRegsRowsPerBlock = 4 * 2
 
 // gemvRowsPerWarp is R in gemv.cu: the rows one warp of the dp4a kernels
 // takes.

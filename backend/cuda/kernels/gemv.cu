@@ -27,13 +27,17 @@ GEMV_KERNEL(gemv_split_t1, 1, 4, true)
 // (chunks lane, lane + 32, ...) before the wait, so that after it only
 // the activations are read, where gemv_dot waits for a round of loads
 // (from L2, prefetched) for each 64 chunks. The same sums in the same
-// order: the same bits, for any R. Two rows a warp (256 blocks of o_proj's
-// 2048 rows) measured fastest end to end (docs/perf.md, 2026-11-29 (11)).
+// order: the same bits. Two rows a warp (256 blocks for o_proj's 2048
+// rows) measured faster end to end than four or one (docs/perf.md,
+// 2026-11-29 (11)).
 #define GEMV_REGS_C 5
-template <int R>
-DEVICE void gemv_regs(const u8* __restrict__ codes, const u8* __restrict__ scales,
-                      const float* __restrict__ row_scale, int N, int K, int gshift, const i8* __restrict__ xq,
-                      const float* __restrict__ xs, float* __restrict__ y) {
+extern "C" __global__ void __launch_bounds__(32 * WARPS)
+    gemv_split_t1_regs(const u8* __restrict__ codes, const u8* __restrict__ scales,
+                       const float* __restrict__ row_scale, int N, int K, int gshift,
+                       const i8* __restrict__ xq, const float* __restrict__ xs,
+                       const i32* __restrict__ xsum, float* __restrict__ y, int ldy) {
+  constexpr int R = 2;
+  PDL_LAUNCH();
   const int warp = blockIdx.x * WARPS + (threadIdx.x >> 5), lane = threadIdx.x & 31;
   const int row0 = warp * R;
   if (row0 >= N) return;
@@ -94,18 +98,6 @@ DEVICE void gemv_regs(const u8* __restrict__ codes, const u8* __restrict__ scale
     if (lane == r && row0 + r < N) y[row0 + r] = out[r] * (row_scale[row0 + r] * 0.5f);
   TRACE_MARK();
 }
-
-#define GEMV_REGS(NAME, R)                                                                                        \
-  extern "C" __global__ void __launch_bounds__(32 * WARPS)                                                          \
-      NAME(const u8* __restrict__ codes, const u8* __restrict__ scales, const float* __restrict__ row_scale, int N, \
-           int K, int gshift, const i8* __restrict__ xq, const float* __restrict__ xs,                            \
-           const i32* __restrict__ xsum, float* __restrict__ y, int ldy) {                                        \
-    PDL_LAUNCH();                                                                                                 \
-    gemv_regs<R>(codes, scales, row_scale, N, K, gshift, xq, xs, y);                                              \
-  }
-GEMV_REGS(gemv_split_t1_regs, 4)
-GEMV_REGS(gemv_split_t1_regs2, 2)
-GEMV_REGS(gemv_split_t1_regs1, 1)
 
 // One token against per-head column blocks: rows [h*rows, (h+1)*rows) of W
 // (K columns) take columns [h*K, (h+1)*K) of the quantized row (whole

@@ -310,10 +310,7 @@ extern "C" __global__ void __launch_bounds__(128)
 // residual written in place): the block that takes the last ticket of
 // *counter, after every block has read a and c, writes d, out and the
 // int8 form, and zeroes the counter. Every output is the separate
-// launches' bits, for every NT and R. After the wait the block's work is
-// a few dependent chains with one or two warps a scheduler, so more
-// threads (one pass of 8 values each at 256) and fewer rows a warp
-// shorten it (docs/perf.md, 2026-11-29 (11)).
+// launches' bits, for every NT and R.
 template <int NT, int R>
 DEVICE void add_norm_gemv(const u8* __restrict__ codes1, const u8* __restrict__ scales1,
                           const float* __restrict__ rs1, int N1, float* __restrict__ y1,
@@ -463,20 +460,20 @@ DEVICE void add_norm_gemv(const u8* __restrict__ codes1, const u8* __restrict__ 
   TRACE_MARK();
 }
 
-#define ADD_NORM_GEMV(NAME, NT, R)                                                                                  \
-  extern "C" __global__ void __launch_bounds__(NT)                                                                  \
-      NAME(const u8* __restrict__ codes1, const u8* __restrict__ scales1, const float* __restrict__ rs1, int N1,    \
-           float* __restrict__ y1, const u8* __restrict__ codes2, const u8* __restrict__ scales2,                  \
-           const float* __restrict__ rs2, int N2, float* __restrict__ y2, int K, int gshift, float* d,              \
-           const float* a, const float* c, const float* __restrict__ gain, float eps, float* out,                  \
-           i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum, u32* counter) {                    \
-    PDL_LAUNCH();                                                                                                   \
-    add_norm_gemv<NT, R>(codes1, scales1, rs1, N1, y1, codes2, scales2, rs2, N2, y2, K, gshift, d, a, c, gain, eps, \
-                         out, xq, xs, xsum, counter);                                                               \
-  }
-ADD_NORM_GEMV(add_norm_gemv_pair, 128, 4)
-ADD_NORM_GEMV(add_norm_gemv_pair_256r2, 256, 2)
-ADD_NORM_GEMV(add_norm_gemv_pair_256r1, 256, 1)
+// Blocks of 256 threads with 2 rows a warp (16 rows a block) measured
+// faster end to end than 128 threads with 4 (two passes of the norm a
+// thread) and than 256 with 1 (168 blocks, which hold multiprocessors
+// that the next launch's clusters need): docs/perf.md, 2026-11-29 (11).
+extern "C" __global__ void __launch_bounds__(256)
+    add_norm_gemv_pair(const u8* __restrict__ codes1, const u8* __restrict__ scales1, const float* __restrict__ rs1,
+                       int N1, float* __restrict__ y1, const u8* __restrict__ codes2, const u8* __restrict__ scales2,
+                       const float* __restrict__ rs2, int N2, float* __restrict__ y2, int K, int gshift, float* d,
+                       const float* a, const float* c, const float* __restrict__ gain, float eps, float* out,
+                       i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum, u32* counter) {
+  PDL_LAUNCH();
+  add_norm_gemv<256, 2>(codes1, scales1, rs1, N1, y1, codes2, scales2, rs2, N2, y2, K, gshift, d, a, c, gain, eps,
+                        out, xq, xs, xsum, counter);
+}
 
 // Quantization of rows without a norm (rmsnorm_quant's gain == 0 case, the
 // same values bit for bit): each warp takes up to QR_GROUPS consecutive
