@@ -1038,6 +1038,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
     }
   }
   if (stamp && tid == 0) stamp[2] = globaltimer_after((int)(qb[0][0][0][0] ^ qb[KS - 1][HT - 1][2][1]));
+  TRACE_MARK_DEP(qb[0][0][0][0] ^ qb[KS - 1][HT - 1][2][1]);
 
   // The softmax state lives in the threads tid < 8*NH (head tid/8,
   // positions tid%8 + 8i).
@@ -1061,6 +1062,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
     asm volatile("cp.async.wait_group %0;" ::"n"(DM_NST - 1) : "memory");
     __syncthreads();
     if (k == 0) DM_STAMP(3);
+    if (k == 0) TRACE_MARK();
     const u32 tile = stage_addr + (u32)((k % DM_NST) * TP * LD * 2);
 
     // Partial scores over this warp's k steps: TP positions x NH heads.
@@ -1399,6 +1401,7 @@ extern "C" __global__ void __launch_bounds__(512)
       }
     }
     if (base == 0) {
+      TRACE_MARK_DEP(__float_as_uint(x[0][0].x) ^ __float_as_uint(x[1][3].w));
       // The largest maximum of a split with positions.
       float M = mine.y > 0.f ? mine.x : __int_as_float(0xff800000);
       for (int q = tid + 512; q < S; q += 512) {
@@ -1416,6 +1419,7 @@ extern "C" __global__ void __launch_bounds__(512)
         lsm[q] = m.y;
       }
       __syncthreads();
+      TRACE_MARK();
       o[0] = o[1] = make_float4(0.f, 0.f, 0.f, 0.f);
     }
 #pragma unroll

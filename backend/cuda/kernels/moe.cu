@@ -1302,6 +1302,7 @@ DEVICE void down_hq(const Expert* __restrict__ experts, const i32* __restrict__ 
   rows_load<4>(rc, rs, C, gshift, w, s);
   const float rsc = lane < 4 ? ex.down.row_scale[min(row0 + lane, N - 1)] : 0.f;
   PDL_WAIT();
+  TRACE_MARK_DEP(w[0][0].x ^ w[1][3].w ^ __float_as_uint(rsc));
   if (lane == 0) wsm[slot] = slot < topk ? wts[slot] : 1.f;
   float out[4];
   rows_dot<4, true, FAST>(w, s, C, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK, out);
@@ -1526,6 +1527,7 @@ extern "C" __global__ void __cluster_dims__(GUC_ROWS / (4 * GUC_WARPS), 1, 1) __
   // first one's shared memory (the wait before them).
   cluster_arrive();
   const int eid = gate_up_expert(experts, ids, slot, topk, nexperts, stab, tab, tid);
+  TRACE_MARK_DEP(eid);
   const GateUp ex = stab ? tab[eid] : gate_up_of(experts[eid]);
   const u8* rc[8];
   const u8* rs[8];
@@ -1537,6 +1539,7 @@ extern "C" __global__ void __cluster_dims__(GUC_ROWS / (4 * GUC_WARPS), 1, 1) __
   for (int i = tid * 16; i < K; i += 32 * NW * 16) *(uint4*)(sx + i) = __ldg((const uint4*)(xq + i));
   for (int i = tid; i < GK; i += 32 * NW) sxs[i] = __ldg(xs + i);
   __syncthreads();
+  TRACE_MARK();
   float out[8];
   rows_dot<8, false, 1>(w, s, C, gshift, sx, sxs, out);
   TRACE_MARK();
