@@ -198,5 +198,26 @@ func summarize(w io.Writer, sites []*site, anchor string, before float64) error 
 	for _, r := range rows {
 		fmt.Fprintf(w, "%5d %-22s %-30s %-15s %8.2f %8.2f %8.2f %8.1f\n", r.s.id, r.s.place, r.s.kernel, r.s.kind, r.first, r.median, r.last, r.count)
 	}
+	// What the layer pays for each launch: from its wait's median return
+	// to the next wait's, the last wrapping to the first of the next layer.
+	// A wait within 0.2 us of the one before is taken for the same launch's
+	// and left out; a launch with a later second wait (a block that waits
+	// again on its way) shows as two rows, to be added.
+	var waits []row
+	for _, r := range rows {
+		if r.s.kind == "PDL_WAIT" && (len(waits) == 0 || r.median-waits[len(waits)-1].median > 0.2) {
+			waits = append(waits, r)
+		}
+	}
+	if len(waits) > 0 {
+		fmt.Fprintf(w, "\nwhat each wait costs the layer (us, from its median return to the next wait's; add a launch's rows):\n")
+		for i, r := range waits {
+			next := layer + waits[0].median
+			if i+1 < len(waits) {
+				next = waits[i+1].median
+			}
+			fmt.Fprintf(w, "%-22s %-30s %8.2f\n", r.s.place, r.s.kernel, next-r.median)
+		}
+	}
 	return nil
 }

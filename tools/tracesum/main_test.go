@@ -29,13 +29,17 @@ func TestSummarizeFoldsLayersAcrossTheWrap(t *testing.T) {
 		t.Fatal(err)
 	}
 	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
-	if len(lines) != 4 || !strings.HasPrefix(lines[0], "10 layers of ") {
+	if len(lines) != 7 || !strings.HasPrefix(lines[0], "10 layers of ") {
 		t.Fatalf("summary:\n%s", out.String())
+	}
+	if f := strings.Fields(lines[6]); f[0] != "a.cu:10" || f[2] != "39.99" {
+		t.Errorf("the anchor's launch costs %q, want a.cu:10 at 39.99 us (the whole layer)", lines[6])
 	}
 	f := strings.Fields(lines[3])
 	if got := strings.Join(f[:1], " ") + " " + strings.Join(f[4:], " "); got != "2 2.94 3.20 3.20 4.0" {
 		t.Errorf("the mark's row %q, want site 2 at 2.94 (first), 3.20 (median, last) in 4 blocks", lines[3])
 	}
+	out.Reset()
 	if err := summarize(&out, sites, "a.cu:99", 0.15); err == nil {
 		t.Error("an anchor that is not in the trace was taken")
 	}
