@@ -805,11 +805,7 @@ func TestAddNormGEMVMatchesSeparate(t *testing.T) {
 					n int
 				}{"residual": {bufs[0].Ptr, 4 * sh.K}, "norm": {bufs[3].Ptr, 4 * sh.K}, "y1": {bufs[4].Ptr, 4 * sh.N1}, "y2": {bufs[5].Ptr, 4 * sh.N2},
 					"int8": {q.Q, sh.K}, "scales": {q.Scales, 4 * sh.K / sh.G}, "sums": {q.Sums, 4 * sh.K / 32}, "counter": {counter.Ptr, 4}} {
-					v := make([]byte, b.n)
-					if err := CopyOut(c, v, b.p); err != nil {
-						return nil, err
-					}
-					out[name] = v
+					out[name] = readBytes(t, c, b.p, b.n)
 				}
 				return out, nil
 			}
