@@ -721,6 +721,27 @@ func sameOutputs(t *testing.T, how string, got, want map[string][]float32, gotFo
 	}
 }
 
+// againstSeparate runs run(false) (the separate launches) and run(true)
+// (the merged launch), fails t where their named outputs differ (how
+// prefixes the messages) and returns the separate launches' outputs.
+func againstSeparate(t testing.TB, how string, run func(merged bool) (map[string][]byte, error)) (map[string][]byte, error) {
+	t.Helper()
+	want, err := run(false)
+	if err != nil {
+		return nil, err
+	}
+	got, err := run(true)
+	if err != nil {
+		return nil, err
+	}
+	for name, w := range want {
+		if j := firstDiff(w, got[name]); j >= 0 {
+			t.Errorf("%s%s: byte %d of %d differs from the separate launches", how, name, j, len(w))
+		}
+	}
+	return want, nil
+}
+
 // readBytes copies n bytes at device address p (c's thread).
 func readBytes(t testing.TB, c *Ctx, p uint64, n int) []byte {
 	buf := make([]byte, n)
@@ -809,18 +830,9 @@ func TestAddNormGEMVMatchesSeparate(t *testing.T) {
 				}
 				return out, nil
 			}
-			want, err := run(false)
+			want, err := againstSeparate(t, fmt.Sprintf("K=%d G=%d N=%d+%d: ", sh.K, sh.G, sh.N1, sh.N2), run)
 			if err != nil {
 				return err
-			}
-			got, err := run(true)
-			if err != nil {
-				return err
-			}
-			for name, w := range want {
-				if j := firstDiff(w, got[name]); j >= 0 {
-					t.Errorf("K=%d G=%d N=%d+%d: %s: byte %d of %d differs from the separate launches", sh.K, sh.G, sh.N1, sh.N2, name, j, len(w))
-				}
 			}
 			nonzero := 0
 			for _, b := range want["y1"] {
