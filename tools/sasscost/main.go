@@ -1,0 +1,130 @@
+// Command sasscost reads `cuobjdump -sass` output of one kernel (sm_70 and
+// later) and sums, between two addresses, the stall cycles its scheduler
+// control codes give each instruction, and counts the instructions that
+// wait on a scoreboard (a load, a shuffle, a MUFU or conversion result).
+// At one warp a scheduler, which is how the batch-1 decode kernels run
+// after their wait, that sum plus the waits' latencies is the section's
+// time (docs/perf.md, 2026-11-29 (11)): a static estimate, with no GPU.
+//
+//	cuobjdump -sass -fun add_norm_gemv_pair quant.cubin > k.sass
+//	go run ./tools/sasscost -from 0af0 -to 2920 [-v] k.sass
+//
+// cuobjdump comes with Debian's nvidia-cuda-toolkit package (CUDA 11.8
+// reads sm_90 images); the images are what NVRTC writes (backend/cuda).
+package main
+
+import (
+	"bufio"
+	"flag"
+	"fmt"
+	"io"
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
+)
+
+// inst is one instruction with its control code's fields.
+type inst struct {
+	addr                   uint64
+	text                   string
+	stall, writeBar, waits int // waits: the scoreboards it waits on, as a mask
+}
+
+// An instruction line: /*0af0*/ TEXT ; /* 0x<low word> */, the next line
+// /* 0x<high word> */, whose bits 41 and up (bits 105-125 of the 128-bit
+// word) are the control code: stall 4 bits, yield 1, write barrier 3,
+// read barrier 3, wait mask 6, reuse 4.
+var (
+	instLine = regexp.MustCompile(`/\*([0-9a-f]{4,})\*/\s+(.*?)\s*;?\s*/\* 0x[0-9a-f]{16} \*/`)
+	wordLine = regexp.MustCompile(`^\s*/\* (0x[0-9a-f]{16}) \*/\s*$`)
+)
+
+func parse(r io.Reader) ([]inst, error) {
+	var out []inst
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	var pending *inst
+	for sc.Scan() {
+		line := sc.Text()
+		if m := instLine.FindStringSubmatch(line); m != nil {
+			a, err := strconv.ParseUint(m[1], 16, 64)
+			if err != nil {
+				return nil, err
+			}
+			out = append(out, inst{addr: a, text: strings.TrimSuffix(strings.TrimSpace(m[2]), " ;")})
+			pending = &out[len(out)-1]
+			continue
+		}
+		if m := wordLine.FindStringSubmatch(line); m != nil && pending != nil {
+			hi, err := strconv.ParseUint(m[1], 0, 64)
+			if err != nil {
+				return nil, err
+			}
+			c := hi >> 41
+			pending.stall = int(c & 0xF)
+			pending.writeBar = int(c >> 5 & 7)
+			pending.waits = int(c >> 11 & 0x3F)
+			pending = nil
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return nil, err
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("no SASS instructions (want cuobjdump -sass output)")
+	}
+	return out, nil
+}
+
+func main() {
+	from := flag.String("from", "0", "first address (hex), inclusive")
+	to := flag.String("to", "ffffffff", "last address (hex), exclusive")
+	verbose := flag.Bool("v", false, "print every instruction with its stall and waits")
+	flag.Parse()
+	if flag.NArg() != 1 {
+		fmt.Fprintln(os.Stderr, "usage: sasscost [-from HEX] [-to HEX] [-v] FILE")
+		os.Exit(2)
+	}
+	lo, err1 := strconv.ParseUint(*from, 16, 64)
+	hi, err2 := strconv.ParseUint(*to, 16, 64)
+	if err1 != nil || err2 != nil {
+		fmt.Fprintln(os.Stderr, "sasscost: -from and -to take hexadecimal addresses")
+		os.Exit(2)
+	}
+	f, err := os.Open(flag.Arg(0))
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(1)
+	}
+	defer f.Close()
+	insts, err := parse(f)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "%s: %v\n", flag.Arg(0), err)
+		os.Exit(1)
+	}
+	n, stalls, waiting := summarize(os.Stdout, insts, lo, hi, *verbose)
+	fmt.Printf("%d instructions, %d stall cycles, %d wait on a scoreboard\n", n, stalls, waiting)
+}
+
+// summarize sums the section [lo, hi) and, verbose, lists it.
+func summarize(w io.Writer, insts []inst, lo, hi uint64, verbose bool) (n, stalls, waiting int) {
+	for _, in := range insts {
+		if in.addr < lo || in.addr >= hi {
+			continue
+		}
+		n++
+		stalls += in.stall
+		if in.waits != 0 {
+			waiting++
+		}
+		if verbose {
+			bar := "-"
+			if in.writeBar < 7 {
+				bar = strconv.Itoa(in.writeBar)
+			}
+			fmt.Fprintf(w, "%04x %2d sets %s waits %06b  %s\n", in.addr, in.stall, bar, in.waits, in.text)
+		}
+	}
+	return n, stalls, waiting
+}
