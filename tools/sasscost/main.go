@@ -15,6 +15,7 @@ package main
 
 import (
 	"bufio"
+	"bytes"
 	"flag"
 	"fmt"
 	"io"
@@ -92,15 +93,13 @@ func main() {
 		fmt.Fprintln(os.Stderr, "sasscost: -from and -to take hexadecimal addresses")
 		os.Exit(2)
 	}
-	f, err := os.Open(flag.Arg(0))
-	if err != nil {
-		fmt.Fprintln(os.Stderr, err)
-		os.Exit(1)
+	text, err := os.ReadFile(flag.Arg(0))
+	var insts []inst
+	if err == nil {
+		insts, err = parse(bytes.NewReader(text))
 	}
-	defer f.Close()
-	insts, err := parse(f)
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "%s: %v\n", flag.Arg(0), err)
+		fmt.Fprintf(os.Stderr, "sasscost: %s: %v\n", flag.Arg(0), err)
 		os.Exit(1)
 	}
 	n, stalls, waiting := summarize(os.Stdout, insts, lo, hi, *verbose)
