@@ -63,8 +63,9 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS)
     }
   }
   PDL_WAIT();
-  // Every chunk's activations requested at once: loaded chunk by chunk
-  // beside the products, each waited a round trip to L2 (about 0.4 us).
+  // Each chunk's activations in a loop ahead of the products. The compiler
+  // still moves each chunk's loads into that chunk's c < C branch, after
+  // the products before it (docs/perf.md, 2026-11-29 (11)).
   uint4 xa[GEMV_REGS_C], xb[GEMV_REGS_C];
   float xscale[GEMV_REGS_C];
 #pragma unroll
