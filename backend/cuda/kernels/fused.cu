@@ -128,10 +128,7 @@ extern "C" __global__ void __launch_bounds__(128)
     }
     __syncthreads();
     if (tid == 0) {
-      const int W = layout8 ? K >> 8 : 8;
-      double total = 0;
-      for (int w = 0; w < W; w++) total += partial[w];
-      inv_s = (float)(1.0 / sqrt(total / K + (double)eps));
+      inv_s = norm_inv(partial, layout8 ? K >> 8 : 8, K, eps);
       // Every thread of this block has read its input (the loads fed the
       // sums above): the last block may now write over it.
       last_s = atomicAdd(counter, 1u) == gridDim.x - 1;

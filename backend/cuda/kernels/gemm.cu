@@ -733,13 +733,7 @@ extern "C" __global__ void __launch_bounds__(256)
     }
   }
   __syncwarp();
-  if (lane < topk) {
-    float sum = 0.f;
-    for (int k = 0; k < topk; k++) sum += pick[warp][k];
-    float w = pick[warp][lane];
-    if (norm) w /= sum + 1e-20f;
-    wts[(size_t)t * topk + lane] = w * scaling;
-  }
+  if (lane < topk) wts[(size_t)t * topk + lane] = route_weight(pick[warp], topk, lane, norm, scaling);
 }
 
 

@@ -506,10 +506,7 @@ extern "C" __global__ void __launch_bounds__(256)
   }
   __syncthreads();
   if (tid == 0) {
-    const int nw = layout8 ? K >> 8 : 8;
-    double total = 0;
-    for (int w = 0; w < nw; w++) total += partial[w];
-    inv_s = (float)(1.0 / sqrt(total / K + (double)eps));
+    inv_s = norm_inv(partial, layout8 ? K >> 8 : 8, K, eps);
   }
   __syncthreads();
   const float inv = inv_s;
@@ -585,13 +582,7 @@ DEVICE void router_choose(int tid, int E, float lg, const float* __restrict__ bi
     }
   }
   __syncthreads();
-  if (tid < topk) {
-    float sum = 0.f;
-    for (int k = 0; k < topk; k++) sum += pick[k];
-    float w = pick[tid];
-    if (norm) w /= sum + 1e-20f;
-    wts[(size_t)t * topk + tid] = w * scaling;
-  }
+  if (tid < topk) wts[(size_t)t * topk + tid] = route_weight(pick, topk, tid, norm, scaling);
 }
 
 // moe_router_route with one round of loads and a parallel choice: blocks
@@ -738,11 +729,7 @@ DEVICE void router_add_row(const float* a, const float* c, int k0, bool on, int 
 DEVICE float router_norm_logit(const float* wv, const float* gv, const float* v, bool on, int tid, int lane, int k0,
                                int K, float eps, const double* partial, float& inv_s, float* rxs, float* n) {
   __syncthreads();
-  if (tid == 0) {
-    double total = 0;
-    for (int w = 0; w < (K >> 8); w++) total += partial[w];
-    inv_s = (float)(1.0 / sqrt(total / K + (double)eps));
-  }
+  if (tid == 0) inv_s = norm_inv(partial, K >> 8, K, eps);
   __syncthreads();
   if (on) {
     const float inv = inv_s;
@@ -921,13 +908,7 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
       pick[rank] = score[tid];
     }
     bar_sync_64();
-    if (tid < topk) {
-      float sum = 0.f;
-      for (int k = 0; k < topk; k++) sum += pick[k];
-      float w = pick[tid];
-      if (norm) w /= sum + 1e-20f;
-      wts[tid] = w * scaling;
-    }
+    if (tid < topk) wts[tid] = route_weight(pick, topk, tid, norm, scaling);
     TRACE_MARK();
   }
   TRACE_MARK();
@@ -1415,11 +1396,7 @@ DEVICE void router_cluster_norm_rows_r(const float* __restrict__ W, int K, float
       }
   }
   __syncthreads();
-  if (tid < nr) {
-    double total = 0;
-    for (int w = 0; w < (K >> 8); w++) total += partial[tid][w];
-    inv_s[tid] = (float)(1.0 / sqrt(total / K + (double)eps));
-  }
+  if (tid < nr) inv_s[tid] = norm_inv(partial[tid], K >> 8, K, eps);
   __syncthreads();
   if (on) {
 #pragma unroll

@@ -60,11 +60,7 @@ DEVICE void rmsnorm_quant8_tail(float (&v)[8], const float (&gv)[8], bool on, fl
     if (lane == 0) partial[warp] = ss;
   }
   __syncthreads();
-  if (tid == 0) {
-    double total = 0;
-    for (int w = 0; w < (K >> 8); w++) total += partial[w];
-    inv_s = (float)(1.0 / sqrt(total / K + (double)eps));
-  }
+  if (tid == 0) inv_s = norm_inv(partial, K >> 8, K, eps);
   __syncthreads();
   if (!on) return;
   const float inv = inv_s;
@@ -108,9 +104,7 @@ DEVICE void norm_row_shared(const float* x, const float (&gv)[8], float eps, int
   __syncthreads();
   if (on) {
     // Every thread sums the partials in rmsnorm_quant8_row's order.
-    double total = 0;
-    for (int q = 0; q < (K >> 8); q++) total += partial[q];
-    const float inv = (float)(1.0 / sqrt(total / K + (double)eps));
+    const float inv = norm_inv(partial, K >> 8, K, eps);
 #pragma unroll
     for (int e = 0; e < 8; e++) v[e] = gv[e] * (v[e] * inv);
     const int L = G >> 3;  // lanes per group

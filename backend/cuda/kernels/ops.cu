@@ -182,10 +182,7 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
   }
   __syncthreads();
   if (tid == 0) {
-    const int nw = layout8 ? rank >> 8 : 8;
-    double total = 0;
-    for (int w = 0; w < nw; w++) total += partial[w];
-    inv_s = (float)(1.0 / sqrt(total / rank + (double)eps));
+    inv_s = norm_inv(partial, layout8 ? rank >> 8 : 8, rank, eps);
   }
   __syncthreads();
   const float inv = inv_s;

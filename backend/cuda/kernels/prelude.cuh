@@ -158,6 +158,26 @@ DEVICE double warp_sum_d(double v) {
   return v;
 }
 
+// The single-row norms' scale, 1 / sqrt(mean square + eps) in float64 as
+// the CPU reference rounds it, from the float64 partial sums of squares of
+// nw warps, added in order.
+DEVICE float norm_inv(const double* partial, int nw, int K, float eps) {
+  double total = 0;
+  for (int w = 0; w < nw; w++) total += partial[w];
+  return (float)(1.0 / sqrt(total / K + (double)eps));
+}
+
+// The routing weight of the i-th of the topk chosen experts, whose scores
+// are pick: its score, divided by their sum (added in order) where norm is
+// set, times scaling.
+DEVICE float route_weight(const float* pick, int topk, int i, int norm, float scaling) {
+  float sum = 0.f;
+  for (int k = 0; k < topk; k++) sum += pick[k];
+  float w = pick[i];
+  if (norm) w /= sum + 1e-20f;
+  return w * scaling;
+}
+
 // The float64 sum of squares of this thread's 8 values v, summed over the
 // warp into partial[warp] (the single-row norms' first step; a norm sums
 // the partials of its warps in order).

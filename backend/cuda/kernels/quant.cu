@@ -35,11 +35,7 @@ DEVICE void rmsnorm_quant_row(const float* row, int t, const float* __restrict__
     ss = warp_sum_d(ss);
     if (lane == 0) partial[warp] = ss;
     __syncthreads();
-    if (tid == 0) {
-      double total = 0;
-      for (int w = 0; w < QUANT_THREADS / 32; w++) total += partial[w];
-      inv_s = (float)(1.0 / sqrt(total / K + (double)eps));
-    }
+    if (tid == 0) inv_s = norm_inv(partial, QUANT_THREADS / 32, K, eps);
     __syncthreads();
     inv = inv_s;
   }
@@ -384,9 +380,7 @@ DEVICE void add_norm_gemv(const u8* __restrict__ codes1, const u8* __restrict__ 
   // is needed only at the end).
   u32 ticket = 0;
   if (tid == 0) ticket = atomicAdd(counter, 1u);
-  double total = 0;
-  for (int q = 0; q < (K >> 8); q++) total += partial[q];
-  const float inv = (float)(1.0 / sqrt(total / K + (double)eps));
+  const float inv = norm_inv(partial, K >> 8, K, eps);
   const int L = G >> 3;  // lanes per group
   float nv[PM][8];
   u32 packed[PM][2];
