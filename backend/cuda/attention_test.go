@@ -148,6 +148,20 @@ func nanVec(n int) []float32 {
 	return v
 }
 
+// decodeBenchStep sets the attention benchmarks' decode step over pool
+// (decodeBenchBatch) and returns its random queries (ql: the absorbed
+// latent queries, q: the full ones) and the output tensor ol, uploaded.
+func decodeBenchStep(b *testing.B, g *Backend, r *rand.Rand, s backend.MLAShape, pool backend.CachePool, rows, per, ctx int) (ql, q, ol backend.Tensor) {
+	g.SetBatch(decodeBenchBatch(rows, per, ctx), pool)
+	ql, q, ol = g.NewTensor(rows, s.Heads*s.Rank), g.NewTensor(rows, s.Heads*(s.NopeDim+s.RopeDim)), g.NewTensor(rows, s.Heads*s.Rank)
+	g.Upload(ql, randVec(r, rows*s.Heads*s.Rank, 1))
+	g.Upload(q, randVec(r, rows*s.Heads*(s.NopeDim+s.RopeDim), 1))
+	if err := g.Sync(); err != nil {
+		b.Fatal(err)
+	}
+	return ql, q, ol
+}
+
 // decodeBenchBatch is the attention benchmarks' decode step: rows
 // sequences of one row each at position ctx-1, sequence t over blocks
 // t*per .. t*per+per-1 in a scattered order.
@@ -201,14 +215,8 @@ func BenchmarkAttention(b *testing.B) {
 		if err := d.Do(func(c *Ctx) error { return CopyIn(c, cp.buf.Ptr, bits) }); err != nil {
 			b.Fatal(err)
 		}
-		g.SetBatch(decodeBenchBatch(cs.rows, per, cs.ctx), pool)
 		T := cs.rows
-		ql, q, ol := g.NewTensor(T, s.Heads*s.Rank), g.NewTensor(T, s.Heads*(s.NopeDim+s.RopeDim)), g.NewTensor(T, s.Heads*s.Rank)
-		g.Upload(ql, randVec(r, T*s.Heads*s.Rank, 1))
-		g.Upload(q, randVec(r, T*s.Heads*(s.NopeDim+s.RopeDim), 1))
-		if err := g.Sync(); err != nil {
-			b.Fatal(err)
-		}
+		ql, q, ol := decodeBenchStep(b, g, r, s, pool, T, per, cs.ctx)
 		bytes := float64(T * cs.ctx * 2 * width)
 		for _, mode := range []struct {
 			name string

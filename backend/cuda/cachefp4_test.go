@@ -212,14 +212,8 @@ func BenchmarkAttentionDTypes(b *testing.B) {
 			for l := 0; l < layers; l++ {
 				g.CacheWrite(l, lt, kt)
 			}
-			g.SetBatch(decodeBenchBatch(cs.rows, per, cs.ctx), pool)
 			T := cs.rows
-			ql, q, ol := g.NewTensor(T, s.Heads*s.Rank), g.NewTensor(T, s.Heads*(s.NopeDim+s.RopeDim)), g.NewTensor(T, s.Heads*s.Rank)
-			g.Upload(ql, randVec(r, T*s.Heads*s.Rank, 1))
-			g.Upload(q, randVec(r, T*s.Heads*(s.NopeDim+s.RopeDim), 1))
-			if err := g.Sync(); err != nil {
-				b.Fatal(err)
-			}
+			ql, q, ol := decodeBenchStep(b, g, r, s, pool, T, per, cs.ctx)
 			bytes := float64(T * cs.ctx * slot)
 			name := fmt.Sprintf("rows%d_ctx%d_%v", T, cs.ctx, dt)
 			b.Run(name, func(b *testing.B) {

@@ -188,26 +188,22 @@ func newChainBufs(c *Ctx, r *rand.Rand, s pdlShape) (*chainBufs, error) {
 		return nil, err
 	}
 	b := &chainBufs{pdlBufs: pb}
-	var errs []error
-	up := func(v []float32) uint64 {
-		buf, err := upload(c, v)
-		errs = append(errs, err)
-		return buf.Ptr
-	}
+	tb := &testBufs{c: c}
+	up := tb.up
 	b.lat, b.latGain, b.table = up(make([]float32, s.rank)), up(randVec(r, s.rank, 1)), up(randVec(r, s.rope, 1))
 	b.qan = up(make([]float32, s.qRank))
 	counter, err := c.Alloc(256)
-	errs = append(errs, err, c.Memset(counter.Ptr, 0, counter.Size))
+	tb.errs = append(tb.errs, err, c.Memset(counter.Ptr, 0, counter.Size))
 	b.counter = counter.Ptr
 	cache, err := c.Alloc(2 * (s.rank + s.rope) * 8)
-	errs = append(errs, err, c.Memset(cache.Ptr, 0, cache.Size))
+	tb.errs = append(tb.errs, err, c.Memset(cache.Ptr, 0, cache.Size))
 	b.cache = cache.Ptr
 	slots, err := c.Alloc(4)
-	errs = append(errs, err, CopyIn(c, slots.Ptr, []int32{chainSlot}))
+	tb.errs = append(tb.errs, err, CopyIn(c, slots.Ptr, []int32{chainSlot}))
 	b.slots = slots.Ptr
 	b.latq, err = c.NewQActs(1, s.rank, s.G)
-	errs = append(errs, err)
-	return b, errors.Join(errs...)
+	tb.errs = append(tb.errs, err)
+	return b, errors.Join(tb.errs...)
 }
 
 // queueChain launches the attention half of one decode layer as the

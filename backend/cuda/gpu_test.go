@@ -124,6 +124,27 @@ func upload(c *Ctx, v []float32) (Buffer, error) {
 	return b, CopyIn(c, b.Ptr, v)
 }
 
+// testBufs uploads and allocates a test's device buffers, keeping their
+// errors for one errors.Join (errs).
+type testBufs struct {
+	c    *Ctx
+	errs []error
+}
+
+// up uploads v and returns its address.
+func (b *testBufs) up(v []float32) uint64 {
+	buf, err := upload(b.c, v)
+	b.errs = append(b.errs, err)
+	return buf.Ptr
+}
+
+// alloc allocates n bytes and returns their address.
+func (b *testBufs) alloc(n int) uint64 {
+	buf, err := b.c.Alloc(n)
+	b.errs = append(b.errs, err)
+	return buf.Ptr
+}
+
 // RMSNorm and quantization against the CPU backend's RMSNorm and the
 // format's quantization rule, on rows with a column stride.
 func TestRMSNormQuant(t *testing.T) {

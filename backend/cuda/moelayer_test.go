@@ -66,20 +66,11 @@ func (b *moeHalfBufs) newLayer(c *Ctx, r *rand.Rand, s pdlShape, E, topK int) (*
 	if l.scr, err = c.NewMoEScratch(l.tab, topK); err != nil {
 		return nil, err
 	}
-	var errs []error
-	up := func(v []float32) uint64 {
-		buf, err := upload(c, v)
-		errs = append(errs, err)
-		return buf.Ptr
-	}
-	alloc := func(n int) uint64 {
-		buf, err := c.Alloc(n)
-		errs = append(errs, err)
-		return buf.Ptr
-	}
+	tb := &testBufs{c: c}
+	up, alloc := tb.up, tb.alloc
 	l.W, l.bias, l.gain = up(randVec(r, E*s.hidden, 0.02)), up(randVec(r, E, 0.05)), up(randVec(r, s.hidden, 1))
 	l.logits, l.ids, l.wts = alloc(4*E), alloc(4*topK), alloc(4*topK)
-	return l, errors.Join(errs...)
+	return l, errors.Join(tb.errs...)
 }
 
 // queue launches the router with the add and norm of d = d + c, then the

@@ -46,25 +46,16 @@ func TestNormQAbsorbMatchesSeparate(t *testing.T) {
 				uk, e2 := c.UploadMatrix(synthMatrix(r, v.heads*nope, rank, v.ukG))
 				xv, gv, kvv := randVec(r, v.K, 1), randVec(r, v.K, 1), randVec(r, rank+rope, 2)
 				latv, lgv, tab := randVec(r, rank, 1), randVec(r, rank, 1), randVec(r, rope, 1)
-				var errs []error
-				up := func(v []float32) uint64 {
-					b, err := upload(c, v)
-					errs = append(errs, err)
-					return b.Ptr
-				}
-				alloc := func(n int) uint64 {
-					b, err := c.Alloc(n)
-					errs = append(errs, err)
-					return b.Ptr
-				}
+				tb := &testBufs{c: c}
+				up, alloc := tb.up, tb.alloc
 				x, gain, kv, latGain, table := up(xv), up(gv), up(kvv), up(lgv), up(tab)
 				qan, q, qlat, lat := alloc(4*v.K), alloc(4*qRows), alloc(4*v.heads*rank), alloc(4*rank)
 				cacheBytes := 4 * (rank + rope) * 8
 				cache, slots := alloc(cacheBytes), alloc(4)
-				errs = append(errs, CopyIn(c, slots, []int32{slot}))
+				tb.errs = append(tb.errs, CopyIn(c, slots, []int32{slot}))
 				qaq, e3 := c.NewQActs(1, v.K, v.G)
 				latq, e4 := c.NewQActs(1, rank, v.G)
-				if err := errors.Join(append(errs, e1, e2, e3, e4)...); err != nil {
+				if err := errors.Join(append(tb.errs, e1, e2, e3, e4)...); err != nil {
 					return err
 				}
 				kpe := kv + 4*rank
