@@ -104,15 +104,15 @@ DEVICE void norm_row_shared(const float* x, const float (&gv)[8], float eps, int
   __syncthreads();
   if (on) {
     // Every thread sums the partials in rmsnorm_quant8_row's order.
-    const float inv = norm_inv(partial, K >> 8, K, eps);
+    const float inv = norm_inv8(partial, K >> 8, K, eps);
 #pragma unroll
     for (int e = 0; e < 8; e++) v[e] = gv[e] * (v[e] * inv);
-    const int L = G >> 3;  // lanes per group
+    const int L = G >> 3, gs = __ffs(G) - 1;  // lanes per group, log2 G
     u32 packed[2];
     i32 sum;
     const float sc = quant8_lane8(v, L, packed, sum);
     *(uint2*)(sq + k0) = make_uint2(packed[0], packed[1]);
-    if ((lane & (L - 1)) == 0) ssc[k0 / G] = sc;
+    if ((lane & (L - 1)) == 0) ssc[k0 >> gs] = sc;
     if (first) {
       if (out) {
         float4* po = (float4*)(out + k0);
@@ -123,7 +123,7 @@ DEVICE void norm_row_shared(const float* x, const float (&gv)[8], float eps, int
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
       if ((lane & 3) == 0) xsum[k0 / 32] = sum;
-      if ((lane & (L - 1)) == 0) xs[k0 / G] = sc;
+      if ((lane & (L - 1)) == 0) xs[k0 >> gs] = sc;
     }
   }
 }

@@ -128,7 +128,52 @@ DEVICE void quant_group_warp(const float (&v)[4], int E, int lane, i8* q, i32* s
 // 8 * L lanes' values: their codes packed four to a word, their code sum
 // (this lane's only) and the group's scale as returned (0 for an all-zero
 // group), the rule of rmsnorm_quant. Every lane of a group must call it.
+// The 8 quotients v / scale are div.rn.f32's, through the compiler's own
+// fast path (the reciprocal refined by one FMA step, each quotient
+// corrected by another) without its range check and slow-path call, which
+// kept the 8 divisions from overlapping (about 100 cycles each on the
+// single-row norms' critical path: docs/perf.md, 2026-11-29 (11)). Where a
+// scale or a value lies outside the range in which that path is exact,
+// the lane divides as quant8 does.
 DEVICE float quant8_lane8(const float (&v)[8], int L, u32 (&packed)[2], i32& sum) {
+  float amax = 0.f;
+#pragma unroll
+  for (int e = 0; e < 8; e++) amax = fmaxf(amax, fabsf(v[e]));
+  for (int o = 1; o < L; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
+  const float scale = amax / 127.f;
+  // The range test without short-circuits, which the compiler would turn
+  // into a chain of branches.
+  int fast = (scale >= 0x1p-60f) & (scale <= 0x1p60f);
+#pragma unroll
+  for (int e = 0; e < 8; e++) fast &= (v[e] == 0.f) | (fabsf(v[e]) >= 0x1p-60f);
+  float r[8];
+  if (fast) {
+    float y;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(scale));
+    const float rd = __fmaf_rn(y, __fmaf_rn(y, -scale, 1.f), y);
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+      const float q = __fmaf_rn(v[e], rd, 0.f);
+      r[e] = __fmaf_rn(rd, __fmaf_rn(q, -scale, v[e]), q);
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < 8; e++) r[e] = amax == 0.f ? 0.f : v[e] / scale;
+  }
+  packed[0] = packed[1] = 0u;
+  sum = 0;
+#pragma unroll
+  for (int e = 0; e < 8; e++) {
+    const float t = r[e] >= 0.f ? r[e] + 0.5f : r[e] - 0.5f;
+    const i32 q = amax == 0.f ? 0 : max(-127, min(127, (i32)t));
+    packed[e >> 2] |= ((u32)q & 0xFFu) << (8 * (e & 3));
+    sum += q;
+  }
+  return amax == 0.f ? 0.f : scale;
+}
+
+// quant8_lane8 as it was, dividing each value (tests compare the two).
+DEVICE float quant8_lane8_div(const float (&v)[8], int L, u32 (&packed)[2], i32& sum) {
   float amax = 0.f;
 #pragma unroll
   for (int e = 0; e < 8; e++) amax = fmaxf(amax, fabsf(v[e]));
@@ -164,6 +209,16 @@ DEVICE double warp_sum_d(double v) {
 DEVICE float norm_inv(const double* partial, int nw, int K, float eps) {
   double total = 0;
   for (int w = 0; w < nw; w++) total += partial[w];
+  return (float)(1.0 / sqrt(total / K + (double)eps));
+}
+
+// norm_inv for at most 8 warps, unrolled: no loop to run on the
+// single-row norms' critical path.
+DEVICE float norm_inv8(const double* partial, int nw, int K, float eps) {
+  double total = 0;
+#pragma unroll
+  for (int q = 0; q < 8; q++)
+    if (q < nw) total += partial[q];
   return (float)(1.0 / sqrt(total / K + (double)eps));
 }
 

@@ -380,8 +380,8 @@ DEVICE void add_norm_gemv(const u8* __restrict__ codes1, const u8* __restrict__ 
   // is needed only at the end).
   u32 ticket = 0;
   if (tid == 0) ticket = atomicAdd(counter, 1u);
-  const float inv = norm_inv(partial, K >> 8, K, eps);
-  const int L = G >> 3;  // lanes per group
+  const float inv = norm_inv8(partial, K >> 8, K, eps);
+  const int L = G >> 3, gs = gshift + 5;  // lanes per group, log2 G
   float nv[PM][8];
   u32 packed[PM][2];
   i32 sums[PM];
@@ -397,7 +397,7 @@ DEVICE void add_norm_gemv(const u8* __restrict__ codes1, const u8* __restrict__ 
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
       sums[p] = sum;
       *(uint2*)(sq + k0) = make_uint2(packed[p][0], packed[p][1]);
-      if ((lane & (L - 1)) == 0) ssc[k0 / G] = sc;
+      if ((lane & (L - 1)) == 0) ssc[k0 >> gs] = sc;
     }
   }
   __syncthreads();
@@ -447,7 +447,7 @@ DEVICE void add_norm_gemv(const u8* __restrict__ codes1, const u8* __restrict__ 
       po[1] = make_float4(nv[p][4], nv[p][5], nv[p][6], nv[p][7]);
       *(uint2*)(xq + k0) = make_uint2(packed[p][0], packed[p][1]);
       if ((lane & 3) == 0) xsum[k0 / 32] = sums[p];
-      if ((lane & (L - 1)) == 0) xs[k0 / G] = ssc[k0 / G];
+      if ((lane & (L - 1)) == 0) xs[k0 >> gs] = ssc[k0 >> gs];
     }
   }
   if (tid == 0) *counter = 0u;
@@ -554,4 +554,22 @@ extern "C" __global__ void __launch_bounds__(QUANT_THREADS)
   } else {
     quant_rows_warp<1>(x, ldx, xq, xs, xsum, rows, K, gpw);
   }
+}
+
+// quant8_lane8 and quant8_lane8_div on n groups of 8 values, one a thread
+// (L = 1): out[8i..8i+3] the first's codes (two words), code sum and
+// scale's bits, out[8i+4..8i+7] the second's (tests).
+extern "C" __global__ void quant8_lane8_check(const float* __restrict__ x, int n, u32* __restrict__ out) {
+  PDL_WAIT();
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  float v[8];
+#pragma unroll
+  for (int e = 0; e < 8; e++) v[e] = x[8 * i + e];
+  u32 p[2], pd[2];
+  i32 s, sd;
+  const float sc = quant8_lane8(v, 1, p, s), scd = quant8_lane8_div(v, 1, pd, sd);
+  u32* o = out + 8 * (size_t)i;
+  o[0] = p[0], o[1] = p[1], o[2] = (u32)s, o[3] = __float_as_uint(sc);
+  o[4] = pd[0], o[5] = pd[1], o[6] = (u32)sd, o[7] = __float_as_uint(scd);
 }
