@@ -223,7 +223,7 @@ var mergeValues = true
 // splits in its launch, and reports whether it did.
 func (b *Backend) mergedValues(lc *decodeAttnOp, om, ol *tensor, w *QMatrix, a *QActs, s backend.MLAShape) bool {
 	if !mergeValues || !b.chained() || lc == nil || lc.a != a || lc.split == nil || lc.om != *ol || ol.rows != 1 || s.Rank != 512 ||
-		lc.split.S > decodeMMAMaxS || !headsQuantOK(s.Heads, s.VDim, s.Rank, w.G, 128) || s.VDim%128 != 0 {
+		lc.split.S > decodeMMAMaxS || !headsQuantOK(s.Heads, s.VDim, s.Rank, w.G, 128) || s.VDim != combineValuesRows {
 		return false
 	}
 	lc.merged = true
@@ -247,9 +247,13 @@ type mergeIn struct {
 	oa    QActs
 }
 
+// combineValuesRows is the head's value rows that decode_combine_values
+// takes: a cluster of four blocks of 64.
+const combineValuesRows = 256
+
 // DecodeCombineValues is decode_combine of one row's S splits (parts) into
 // olat and its int8 form oa, and GEMVHeadsQuant of it (q nil: GEMVHeads),
-// in one launch of blocks of 128 rows (rows a multiple of 128).
+// in one launch, a cluster of four blocks a head of combineValuesRows rows.
 func (c *Ctx) DecodeCombineValues(y uint64, w *QMatrix, heads, rows int, q *QActs, qg int, parts splitParts, olat uint64, oa *QActs) error {
 	k := w.K
 	if q != nil {
@@ -258,7 +262,7 @@ func (c *Ctx) DecodeCombineValues(y uint64, w *QMatrix, heads, rows int, q *QAct
 	switch {
 	case k != 512 || oa.T != 1 || oa.K != heads*k || oa.G != w.G || w.N != heads*rows || parts.S < 1 || parts.S > decodeMMAMaxS:
 		return fmt.Errorf("cuda: merge and expand values: olat %dx%d G=%d for %d heads of [%d,%d] G=%d, %d splits", oa.T, oa.K, oa.G, heads, w.N, w.K, w.G, parts.S)
-	case !headsQuantOK(heads, rows, k, w.G, qg) || rows%128 != 0 || (q != nil && (q.T != 1 || q.K != w.N)):
+	case !headsQuantOK(heads, rows, k, w.G, qg) || rows != combineValuesRows || (q != nil && (q.T != 1 || q.K != w.N)):
 		return fmt.Errorf("cuda: merge and expand values: blocks of %d rows for %d heads of %d rows", qg, heads, rows)
 	}
 	kern, err := c.Kernel("flash", "decode_combine_values")
@@ -269,7 +273,7 @@ func (c *Ctx) DecodeCombineValues(y uint64, w *QMatrix, heads, rows int, q *QAct
 	if q != nil {
 		yq, ys, ysum = q.Q, q.Scales, q.Sums
 	}
-	return c.Launch(kern, D1(w.N/128), D1(512), 0, w.Codes, w.Scales, w.RowScale, k, bits.TrailingZeros(uint(w.G/32)),
+	return c.Launch(kern, D1(w.N/64), D1(256), 0, w.Codes, w.Scales, w.RowScale, k, bits.TrailingZeros(uint(w.G/32)),
 		y, rows, qg, yq, ys, ysum, parts.ml, parts.acc, parts.S, heads, olat, oa.Q, oa.Scales, oa.Sums, oa.G)
 }
 

@@ -815,8 +815,10 @@ DEVICE void quant_row4(float4 v, bool valid, int f, int t, int K, int G, i8* __r
   float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
   for (int m = 1; m < G / 4; m <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
   const float scale = amax / 127.f;
-  const i32 q0 = quant8(v.x, amax, scale), q1 = quant8(v.y, amax, scale);
-  const i32 q2 = quant8(v.z, amax, scale), q3 = quant8(v.w, amax, scale);
+  const float u[4] = {v.x, v.y, v.z, v.w};
+  i32 c[4];
+  quant8_codes(u, amax, scale, c);
+  const i32 q0 = c[0], q1 = c[1], q2 = c[2], q3 = c[3];
   i32 sum = q0 + q1 + q2 + q3;
   sum += __shfl_xor_sync(0xffffffffu, sum, 1);
   sum += __shfl_xor_sync(0xffffffffu, sum, 2);
@@ -1338,168 +1340,187 @@ extern "C" __global__ void __launch_bounds__(256) decode_combine(float* olat, in
 }
 
 // decode_combine and the value expansion with its output's int8 form
-// (gemv_heads_quant) in one launch, for one row: a block of 512 threads
-// owns 128 rows of one head h (half-warp j rows 4j..4j+3). After the wait
-// it requests every partial of the head's first 64 splits at once, merges
-// them into shared memory as decode_combine does (class c = s mod 8
-// summing its splits in order, the eight classes then added in order: the
-// same bits), quantizes the merged row in W_UV's groups of G as
-// decode_combine's quant_row4 does (the same int8 form), and takes its
-// products from there as gemv_heads_quant does from memory; with yq set,
-// warp j < 128/qg then quantizes group j of its rows in groups of qg. The
-// head's first block also writes olat and its int8 form (olq, ols,
-// olsum). K (rank) 512, at most DM_MAXS splits.
-extern "C" __global__ void __launch_bounds__(512)
+// (gemv_heads_quant) in one launch, for one row: a cluster of four blocks
+// of 256 threads a head h of 256 rows, block r of the cluster owning rows
+// [64r, 64r+64) (half-warp j rows 4j..4j+3) and the merge of the head's
+// latent columns [128r, 128r+128). After the wait a block requests its
+// columns of every split's partial, 64 splits a round, and merges them as
+// decode_combine does (class c = s mod 8, warp c here, summing its splits
+// in order, the eight classes then added in order: the same bits). It
+// quantizes them in W_UV's groups of G as decode_combine's quant_row4
+// does, writes them into each block of the cluster (so that no block
+// reads the whole head's partials) and takes its products from there as
+// gemv_heads_quant does from memory. With yq set, it writes its rows' int8
+// form in groups of qg; the two blocks of a group of 128 trade their
+// largest magnitudes. Each block also writes its columns of olat and of
+// its int8 form (olq, ols, olsum). K (rank) 512, rows 256, at most DM_MAXS
+// splits.
+#define DCV_CLUSTER 4
+extern "C" __global__ void __cluster_dims__(DCV_CLUSTER, 1, 1) __launch_bounds__(256)
     decode_combine_values(const u8* __restrict__ codes, const u8* __restrict__ scales,
                           const float* __restrict__ row_scale, int K, int gshift, float* __restrict__ y,
                           int rows, int qg, i8* __restrict__ yq, float* __restrict__ ys, i32* __restrict__ ysum,
                           const float* part_ml, const float* part_acc, int S, int heads, float* __restrict__ olat,
                           i8* __restrict__ olq, float* __restrict__ ols, i32* __restrict__ olsum, int G) {
   PDL_LAUNCH();
-  __shared__ float4 red[8][128];
-  __shared__ float esm[DM_MAXS], lsm[DM_MAXS], lred[8], vals[128];
-  __shared__ float wmax[16];
+  // Every block of the cluster has started before any writes into
+  // another's shared memory.
+  cluster_arrive();
+  __shared__ float4 red[8][32];
+  __shared__ float2 mlsh[DM_MAXS];
+  __shared__ float wmax[8], lred[8], vals[64];
+  __shared__ float pamax;  // the other block's largest magnitude of a group of 128 values
   __shared__ __align__(16) i8 xq_sh[512];
   __shared__ float xs_sh[16];
   __shared__ i32 xsum_sh[16];
-  const int tid = threadIdx.x, NT = blockDim.x, warp = tid >> 5, lane = tid & 31, sl = lane & 15;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, sl = lane & 15;
+  const u32 rank = cluster_rank();
   const int local = warp * 8 + (lane >> 4) * 4;  // the half-warp's first row in the block
-  const int row0 = blockIdx.x * 128 + local;
-  const int C = K >> 5, GK = C >> gshift;
-  const int h = (blockIdx.x * 128) / rows;
-  const bool on = sl < C;
-  float lw2 = 0.f;
+  const int row0 = blockIdx.x * 64 + local;
+  const int h = blockIdx.x / DCV_CLUSTER;
+  const int GK = (K >> 5) >> gshift;
   uint4 w[4];
   u32 s[4];
-  if (on) {
 #pragma unroll
-    for (int r = 0; r < 4; r++) w[r] = load_stream16(codes + (size_t)(row0 + r) * (K / 2) + sl * 16);
+  for (int r = 0; r < 4; r++) w[r] = load_stream16(codes + (size_t)(row0 + r) * (K / 2) + sl * 16);
 #pragma unroll
-    for (int r = 0; r < 4; r++) s[r] = __ldg(scales + (size_t)(row0 + r) * GK + (sl >> gshift));
-  }
+  for (int r = 0; r < 4; r++) s[r] = __ldg(scales + (size_t)(row0 + r) * GK + (sl >> gshift));
+  const float rs = __ldg(row_scale + row0 + (sl & 3));
   PDL_WAIT();
-  // Every load of the first 64 splits at once: this thread's row m of the
-  // splits' maxima and sums (tid < S), and its two tasks (class cl = task /
-  // 128 sums splits cl, cl + 8, ... of float4 column f = task % 128, as
-  // decode_combine's warp cl does), eight splits a task a round.
+  // This thread's split's maximum and sum (tid < S), and float4 column
+  // lane of the block's 32 in every eighth split from warp's.
   const size_t mls = (size_t)heads * 2, accs = (size_t)heads * K;
   const float* ml = part_ml + (size_t)h * 2;
-  const float* acc = part_acc + (size_t)h * K;
+  const float* acc = part_acc + (size_t)h * K + 128 * rank + 4 * lane;
   const float2 mine = tid < S ? __ldcg((const float2*)(ml + tid * mls)) : make_float2(0.f, 0.f);
   TRACE_MARK_DEP(__float_as_uint(mine.x));
-  float4 o[2];
-  float lw = 0.f;
+  float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
+  float lw = 0.f, M = 0.f;
   for (int base = 0; base < S; base += 64) {
-    float4 x[2][8];
+    float4 x[8];
 #pragma unroll
-    for (int k = 0; k < 2; k++) {
-      const int task = tid + 512 * k, cl = task >> 7, f = task & 127;
-#pragma unroll
-      for (int u = 0; u < 8; u++) {
-        const int q = base + cl + 8 * u;
-        x[k][u] = q < S ? __ldcg((const float4*)(acc + q * accs + 4 * f)) : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
+    for (int u = 0; u < 8; u++) {
+      const int q = base + warp + 8 * u;
+      x[u] = q < S ? __ldcg((const float4*)(acc + q * accs)) : make_float4(0.f, 0.f, 0.f, 0.f);
     }
     if (base == 0) {
-      TRACE_MARK_DEP(__float_as_uint(x[0][0].x) ^ __float_as_uint(x[1][3].w));
+      TRACE_MARK_DEP(__float_as_uint(x[0].x));
       // The largest maximum of a split with positions.
-      float M = mine.y > 0.f ? mine.x : __int_as_float(0xff800000);
-      for (int q = tid + 512; q < S; q += 512) {
-        const float2 m = __ldcg((const float2*)(ml + q * mls));
-        if (m.y > 0.f) M = fmaxf(M, m.x);
-      }
-      M = warp_max(M);
+      if (tid < S) mlsh[tid] = mine;
+      M = warp_max(mine.y > 0.f ? mine.x : __int_as_float(0xff800000));
       if (lane == 0) wmax[warp] = M;
       __syncthreads();
       M = wmax[0];
-      for (int w = 1; w < NT / 32; w++) M = fmaxf(M, wmax[w]);
-      for (int q = tid; q < S; q += NT) {
-        const float2 m = q == tid ? mine : __ldcg((const float2*)(ml + q * mls));
-        esm[q] = m.y > 0.f ? expf(m.x - M) : 0.f;
-        lsm[q] = m.y;
-      }
-      __syncthreads();
+#pragma unroll
+      for (int v = 1; v < 8; v++) M = fmaxf(M, wmax[v]);
       TRACE_MARK();
-      o[0] = o[1] = make_float4(0.f, 0.f, 0.f, 0.f);
     }
 #pragma unroll
-    for (int k = 0; k < 2; k++) {
-      const int cl = (tid + 512 * k) >> 7;
-#pragma unroll
-      for (int u = 0; u < 8; u++) {
-        const int q = base + cl + 8 * u;
-        const float e = q < S ? esm[q] : 0.f;
-        o[k].x += e * x[k][u].x, o[k].y += e * x[k][u].y, o[k].z += e * x[k][u].z, o[k].w += e * x[k][u].w;
-        if ((tid & 127) == 0 && k == 0) lw += e * (q < S ? lsm[q] : 0.f);
-      }
-    }
-    // Class cl + 4's sum of weights: thread 512 + 128 * cl's task.
-    if ((tid & 127) == 0) {
-      const int cl = (tid >> 7) + 4;
-#pragma unroll
-      for (int u = 0; u < 8; u++) {
-        const int q = base + cl + 8 * u;
-        lw2 += (q < S ? esm[q] : 0.f) * (q < S ? lsm[q] : 0.f);
-      }
+    for (int u = 0; u < 8; u++) {
+      const int q = base + warp + 8 * u;
+      const float2 m = q < S ? mlsh[q] : make_float2(0.f, 0.f);
+      const float e = m.y > 0.f ? expf(m.x - M) : 0.f;
+      o.x += e * x[u].x, o.y += e * x[u].y, o.z += e * x[u].z, o.w += e * x[u].w;
+      lw += e * m.y;
     }
   }
-#pragma unroll
-  for (int k = 0; k < 2; k++) red[(tid + 512 * k) >> 7][tid & 127] = o[k];
-  if ((tid & 127) == 0) lred[tid >> 7] = lw, lred[(tid >> 7) + 4] = lw2;
+  red[warp][lane] = o;
+  if (lane == 0) lred[warp] = lw;
   __syncthreads();
+  cluster_wait();
   TRACE_MARK();
-  if (tid < 128) {
-    float4 r = red[0][tid];
+  u32 word = 0u;
+  i32 sum = 0;
+  float sc = 0.f;
+  float4 olv;
+  if (warp == 0) {
+    float4 r = red[0][lane];
     float L = lred[0];
 #pragma unroll
     for (int q = 1; q < 8; q++) {
-      const float4 v = red[q][tid];
+      const float4 v = red[q][lane];
       r.x += v.x, r.y += v.y, r.z += v.z, r.w += v.w;
       L += lred[q];
     }
     const float inv = 1.f / L;
     const float4 out = make_float4(r.x * inv, r.y * inv, r.z * inv, r.w * inv);
-    quant_row4(out, true, tid, 0, K, G, xq_sh, xs_sh, xsum_sh);
-    if (row0 - local == h * rows) {  // the head's first block
-      *(float4*)(olat + (size_t)h * K + 4 * tid) = out;
-      if (olq) quant_row4(out, true, h * (K / 4) + tid, 0, heads * K, G, olq, ols, olsum);
+    const int f = 32 * rank + lane;  // the float4 column in the head's row
+    quant_row4(out, true, f, 0, K, G, xq_sh, xs_sh, xsum_sh);
+    __syncwarp();
+    word = ((const u32*)xq_sh)[f];
+    sum = xsum_sh[4 * rank + (lane & 3)];
+    sc = xs_sh[(128 / G) * rank + (lane & 3)];
+    for (u32 p = 0; p < DCV_CLUSTER; p++) {
+      if (p == rank) continue;
+      st_cluster_u32((u32*)xq_sh + f, p, word);
+      if (lane < 4) st_cluster_u32(&xsum_sh[4 * rank + lane], p, (u32)sum);
+      if (lane < 128 / G) st_cluster(&xs_sh[(128 / G) * rank + lane], p, sc);
+    }
+    olv = out;
+  }
+  // The global stores after the arrive, whose release would wait for them.
+  cluster_arrive();
+  if (warp == 0) {
+    const int f = 32 * rank + lane;
+    *(float4*)(olat + (size_t)h * K + 4 * f) = olv;
+    if (olq) {  // olat's groups are W_UV's: the same codes, sums and scales
+      ((u32*)(olq + (size_t)h * K))[f] = word;
+      if (lane < 4) olsum[(size_t)h * (K / 32) + 4 * rank + lane] = sum;
+      if (lane < 128 / G) ols[(size_t)h * (K / G) + (128 / G) * rank + lane] = sc;
     }
   }
-  __syncthreads();
+  cluster_wait();
   TRACE_MARK();
   float out[4] = {0.f, 0.f, 0.f, 0.f};
-  if (on) {
+  {
     const uint4* xp = (const uint4*)(xq_sh + sl * 32);
     const uint4 xa = xp[0], xb = xp[1];
     const float xscale = xs_sh[sl >> gshift];
 #pragma unroll
-    for (int r = 0; r < 4; r++) {
-      out[r] += (float)dot32_split(w[r], xa, xb) * (e4m3(s[r]) * xscale);
-    }
+    for (int r = 0; r < 4; r++) out[r] += (float)dot32_split(w[r], xa, xb) * (e4m3(s[r]) * xscale);
   }
 #pragma unroll
   for (int r = 0; r < 4; r++)
 #pragma unroll
     for (int o = 8; o > 0; o >>= 1) out[r] += __shfl_xor_sync(0xffffffffu, out[r], o);
+  // Lane sl < 4 of a half-warp holds row row0 + sl's value.
+  float yv = 0.f;
 #pragma unroll
   for (int r = 0; r < 4; r++) {
     if (sl == r) {
-      const float v = out[r] * (row_scale[row0 + r] * 0.5f);
-      y[row0 + r] = v;
-      vals[local + r] = v;
+      yv = out[r] * (rs * 0.5f);
+      vals[local + r] = yv;
     }
   }
-  if (!yq) return;
+  if (!yq) {
+    if (sl < 4) y[row0 + sl] = yv;
+    return;
+  }
   __syncthreads();
-  // Warp j < 128/qg quantizes group j of the block's rows, lane l holding
-  // E = qg/32 consecutive values (as gemv_heads_quant's block of qg rows).
-  if (warp >= 128 / qg) return;
-  const int E = qg >> 5, k0 = warp * qg + lane * E;
-  float v[4];
+  // Warp j < 64/(32E) takes 32E of the block's values, E to a lane: one
+  // group of 64, two of 32, or half a group of 128, whose largest
+  // magnitude the two blocks trade.
+  const int E = qg >= 64 ? 2 : 1, k0 = warp * 32 * E + lane * E;
+  float v[4] = {0.f, 0.f, 0.f, 0.f};
+  float amax = 0.f;
+  if (warp < 2 / E) {
 #pragma unroll
-  for (int e = 0; e < 4; e++)
-    if (e < E) v[e] = vals[k0 + e];
-  const size_t c0 = (size_t)blockIdx.x * 128 + k0;
-  quant_group_warp(v, E, lane, yq + c0, ysum + c0 / 32, ys + (size_t)blockIdx.x * (128 / qg) + warp);
+    for (int e = 0; e < 2; e++)
+      if (e < E) v[e] = vals[k0 + e], amax = fmaxf(amax, fabsf(v[e]));
+    amax = warp_max(amax);
+  }
+  if (qg == 128) {
+    if (tid == 0) st_cluster(&pamax, rank ^ 1u, amax);
+    cluster_arrive();
+    if (sl < 4) y[row0 + sl] = yv;
+    cluster_wait();
+    amax = fmaxf(amax, pamax);
+  } else if (sl < 4) {
+    y[row0 + sl] = yv;
+  }
+  if (warp < 2 / E) {
+    const size_t c0 = (size_t)blockIdx.x * 64 + k0, first = (size_t)blockIdx.x * 64 + warp * 32 * E;
+    quant_group_warp_amax(v, E, lane, amax, yq + c0, ysum + c0 / 32, first % qg == 0 ? ys + first / qg : nullptr);
+  }
   TRACE_MARK();
 }

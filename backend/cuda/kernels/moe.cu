@@ -1095,9 +1095,14 @@ DEVICE void quant_groups(const float* src, bool global, int K, int G, int g0, in
         if (e < E) amax = fmaxf(amax, fabsf(v[u][e]));
       amax = warp_max(amax);
       const float scale = amax / 127.f;
+      float x[4];
+#pragma unroll
+      for (int e = 0; e < 4; e++) x[e] = e < E ? v[u][e] : 0.f;
+      i32 q[4];
+      quant8_codes(x, amax, scale, q);
 #pragma unroll
       for (int e = 0; e < 4; e++)
-        if (e < E) sq[k0 + e] = (i8)quant8(v[u][e], amax, scale);
+        if (e < E) sq[k0 + e] = (i8)q[e];
       if (lane == 0) ss[gu] = amax == 0.f ? 0.f : scale;
     }
   }

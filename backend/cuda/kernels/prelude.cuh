@@ -98,76 +98,97 @@ DEVICE float warp_max(float v) {
   return v;
 }
 
+// The int8 codes of N values of a group whose largest magnitude is amax
+// (scale = amax / 127), as quant8 gives them. The N quotients v / scale
+// are div.rn.f32's, through the compiler's own fast path (the reciprocal
+// refined by one FMA step, each quotient corrected by another) without
+// its range check and slow-path call, which kept the divisions from
+// overlapping (about 100 cycles each on the single-row norms' critical
+// path: docs/perf.md, 2026-11-29 (11)). Where the scale or a value lies
+// outside the range in which that path is exact, the lane divides as
+// quant8 does.
+template <int N>
+DEVICE void quant8_codes(const float (&v)[N], float amax, float scale, i32 (&q)[N]) {
+  // The range test without short-circuits, which the compiler would turn
+  // into a chain of branches.
+  int fast = (scale >= 0x1p-60f) & (scale <= 0x1p60f);
+#pragma unroll
+  for (int e = 0; e < N; e++) fast &= (v[e] == 0.f) | (fabsf(v[e]) >= 0x1p-60f);
+  float r[N];
+  if (fast) {
+    float y;
+    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(scale));
+    const float rd = __fmaf_rn(y, __fmaf_rn(y, -scale, 1.f), y);
+#pragma unroll
+    for (int e = 0; e < N; e++) {
+      const float t = __fmaf_rn(v[e], rd, 0.f);
+      r[e] = __fmaf_rn(rd, __fmaf_rn(t, -scale, v[e]), t);
+    }
+  } else {
+#pragma unroll
+    for (int e = 0; e < N; e++) r[e] = amax == 0.f ? 0.f : v[e] / scale;
+  }
+#pragma unroll
+  for (int e = 0; e < N; e++) {
+    const float t = r[e] >= 0.f ? r[e] + 0.5f : r[e] - 0.5f;
+    q[e] = amax == 0.f ? 0 : max(-127, min(127, (i32)t));
+  }
+}
+
 // The int8 form of one group of 32 * E columns (E = 1, 2 or 4) held by a
-// warp, lane l holding the E consecutive values from column l * E in v:
-// their codes into q[0..E), each 32 columns' code sum into *sum32 (from the
-// lane that starts them) and the group's scale into *scale (from lane 0),
-// the rule of rmsnorm_quant without a gain. Every lane must call it.
+// warp, lane l holding the E consecutive values from column l * E in v,
+// the group's largest magnitude amax given: their codes into q[0..E), each
+// 32 columns' code sum into *sum32 (from the lane that starts them) and
+// the group's scale into *scale (from lane 0; scale nil: none), the rule
+// of rmsnorm_quant without a gain. Every lane must call it.
+DEVICE void quant_group_warp_amax(const float (&v)[4], int E, int lane, float amax, i8* q, i32* sum32, float* scale) {
+  const float s = amax / 127.f;
+  float u[4];
+#pragma unroll
+  for (int e = 0; e < 4; e++) u[e] = e < E ? v[e] : 0.f;
+  i32 c[4];
+  quant8_codes(u, amax, s, c);
+  i32 sum = 0;
+#pragma unroll
+  for (int e = 0; e < 4; e++) {
+    if (e < E) {
+      q[e] = (i8)c[e];
+      sum += c[e];
+    }
+  }
+  for (int o = 1; o < 32 / E; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if ((lane & (32 / E - 1)) == 0) *sum32 = sum;
+  if (lane == 0 && scale) *scale = amax == 0.f ? 0.f : s;
+}
+
+// quant_group_warp_amax of the warp's own group (amax its values').
 DEVICE void quant_group_warp(const float (&v)[4], int E, int lane, i8* q, i32* sum32, float* scale) {
   float amax = 0.f;
 #pragma unroll
   for (int e = 0; e < 4; e++)
     if (e < E) amax = fmaxf(amax, fabsf(v[e]));
-  amax = warp_max(amax);
-  const float s = amax / 127.f;
-  i32 sum = 0;
-#pragma unroll
-  for (int e = 0; e < 4; e++) {
-    if (e < E) {
-      const i32 c = quant8(v[e], amax, s);
-      q[e] = (i8)c;
-      sum += c;
-    }
-  }
-  for (int o = 1; o < 32 / E; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  if ((lane & (32 / E - 1)) == 0) *sum32 = sum;
-  if (lane == 0) *scale = amax == 0.f ? 0.f : s;
+  quant_group_warp_amax(v, E, lane, warp_max(amax), q, sum32, scale);
 }
 
 // The int8 form of this lane's 8 consecutive values v, in groups of G =
 // 8 * L lanes' values: their codes packed four to a word, their code sum
 // (this lane's only) and the group's scale as returned (0 for an all-zero
-// group), the rule of rmsnorm_quant. Every lane of a group must call it.
-// The 8 quotients v / scale are div.rn.f32's, through the compiler's own
-// fast path (the reciprocal refined by one FMA step, each quotient
-// corrected by another) without its range check and slow-path call, which
-// kept the 8 divisions from overlapping (about 100 cycles each on the
-// single-row norms' critical path: docs/perf.md, 2026-11-29 (11)). Where a
-// scale or a value lies outside the range in which that path is exact,
-// the lane divides as quant8 does.
+// group), the rule of rmsnorm_quant (quant8_codes). Every lane of a group
+// must call it.
 DEVICE float quant8_lane8(const float (&v)[8], int L, u32 (&packed)[2], i32& sum) {
   float amax = 0.f;
 #pragma unroll
   for (int e = 0; e < 8; e++) amax = fmaxf(amax, fabsf(v[e]));
   for (int o = 1; o < L; o <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, o));
   const float scale = amax / 127.f;
-  // The range test without short-circuits, which the compiler would turn
-  // into a chain of branches.
-  int fast = (scale >= 0x1p-60f) & (scale <= 0x1p60f);
-#pragma unroll
-  for (int e = 0; e < 8; e++) fast &= (v[e] == 0.f) | (fabsf(v[e]) >= 0x1p-60f);
-  float r[8];
-  if (fast) {
-    float y;
-    asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(y) : "f"(scale));
-    const float rd = __fmaf_rn(y, __fmaf_rn(y, -scale, 1.f), y);
-#pragma unroll
-    for (int e = 0; e < 8; e++) {
-      const float q = __fmaf_rn(v[e], rd, 0.f);
-      r[e] = __fmaf_rn(rd, __fmaf_rn(q, -scale, v[e]), q);
-    }
-  } else {
-#pragma unroll
-    for (int e = 0; e < 8; e++) r[e] = amax == 0.f ? 0.f : v[e] / scale;
-  }
+  i32 q[8];
+  quant8_codes(v, amax, scale, q);
   packed[0] = packed[1] = 0u;
   sum = 0;
 #pragma unroll
   for (int e = 0; e < 8; e++) {
-    const float t = r[e] >= 0.f ? r[e] + 0.5f : r[e] - 0.5f;
-    const i32 q = amax == 0.f ? 0 : max(-127, min(127, (i32)t));
-    packed[e >> 2] |= ((u32)q & 0xFFu) << (8 * (e & 3));
-    sum += q;
+    packed[e >> 2] |= ((u32)q[e] & 0xFFu) << (8 * (e & 3));
+    sum += q[e];
   }
   return amax == 0.f ? 0.f : scale;
 }
@@ -341,4 +362,9 @@ DEVICE void st_cluster(float* p, u32 rank, float v) {
   u32 a = (u32)__cvta_generic_to_shared(p), d;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(rank));
   asm volatile("st.shared::cluster.f32 [%0], %1;" ::"r"(d), "f"(v) : "memory");
+}
+DEVICE void st_cluster_u32(void* p, u32 rank, u32 v) {
+  u32 a = (u32)__cvta_generic_to_shared(p), d;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(rank));
+  asm volatile("st.shared::cluster.u32 [%0], %1;" ::"r"(d), "r"(v) : "memory");
 }
