@@ -248,12 +248,16 @@ type mergeIn struct {
 }
 
 // combineValuesRows is the head's value rows that decode_combine_values
-// takes: a cluster of four blocks of 64.
-const combineValuesRows = 256
+// takes: a cluster of combineValuesCluster blocks (DCV_CL in flash.cu).
+const (
+	combineValuesRows    = 256
+	combineValuesCluster = 2
+)
 
 // DecodeCombineValues is decode_combine of one row's S splits (parts) into
 // olat and its int8 form oa, and GEMVHeadsQuant of it (q nil: GEMVHeads),
-// in one launch, a cluster of four blocks a head of combineValuesRows rows.
+// in one launch, a cluster of combineValuesCluster blocks a head of
+// combineValuesRows rows.
 func (c *Ctx) DecodeCombineValues(y uint64, w *QMatrix, heads, rows int, q *QActs, qg int, parts splitParts, olat uint64, oa *QActs) error {
 	k := w.K
 	if q != nil {
@@ -273,8 +277,8 @@ func (c *Ctx) DecodeCombineValues(y uint64, w *QMatrix, heads, rows int, q *QAct
 	if q != nil {
 		yq, ys, ysum = q.Q, q.Scales, q.Sums
 	}
-	return c.Launch(kern, D1(w.N/64), D1(256), 0, w.Codes, w.Scales, w.RowScale, k, bits.TrailingZeros(uint(w.G/32)),
-		y, rows, qg, yq, ys, ysum, parts.ml, parts.acc, parts.S, heads, olat, oa.Q, oa.Scales, oa.Sums, oa.G)
+	return c.Launch(kern, D1(heads*combineValuesCluster), D1(1024/combineValuesCluster), 0, w.Codes, w.Scales, w.RowScale, k, bits.TrailingZeros(uint(w.G/32)),
+		y, qg, yq, ys, ysum, parts.ml, parts.acc, parts.S, heads, olat, oa.Q, oa.Scales, oa.Sums, oa.G)
 }
 
 // decodeAttnOp is a queued decode_mma op: a quantization of its output

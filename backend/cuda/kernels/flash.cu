@@ -1340,44 +1340,46 @@ extern "C" __global__ void __launch_bounds__(256) decode_combine(float* olat, in
 }
 
 // decode_combine and the value expansion with its output's int8 form
-// (gemv_heads_quant) in one launch, for one row: a cluster of four blocks
-// of 256 threads a head h of 256 rows, block r of the cluster owning rows
-// [64r, 64r+64) (half-warp j rows 4j..4j+3) and the merge of the head's
-// latent columns [128r, 128r+128). After the wait a block requests its
-// columns of every split's partial, 64 splits a round, and merges them as
-// decode_combine does (class c = s mod 8, warp c here, summing its splits
-// in order, the eight classes then added in order: the same bits). It
-// quantizes them in W_UV's groups of G as decode_combine's quant_row4
-// does, writes them into each block of the cluster (so that no block
+// (gemv_heads_quant) in one launch, for one row: a cluster of CL = 2
+// blocks of 512 threads a head h of 256 rows, block r of the cluster
+// owning rows [128r, 128r+128) (half-warp j rows 4j..4j+3) and the merge
+// of the head's latent columns [256r, 256r+256). After the wait a block
+// requests its columns of every split's partial, 64 splits a round, and
+// merges them as decode_combine does (class c = s mod 8 summing its
+// splits in order, the eight classes then added in order: the same bits).
+// It quantizes them in W_UV's groups of G as decode_combine's quant_row4
+// does, writes them into the other block's shared memory (so that neither
 // reads the whole head's partials) and takes its products from there as
-// gemv_heads_quant does from memory. With yq set, it writes its rows' int8
-// form in groups of qg; the two blocks of a group of 128 trade their
-// largest magnitudes. Each block also writes its columns of olat and of
-// its int8 form (olq, ols, olsum). K (rank) 512, rows 256, at most DM_MAXS
-// splits.
-#define DCV_CLUSTER 4
-extern "C" __global__ void __cluster_dims__(DCV_CLUSTER, 1, 1) __launch_bounds__(256)
+// gemv_heads_quant does from memory; with yq set, its rows' int8 form in
+// groups of qg (at most 128: no group spans the blocks). Each block also
+// writes its columns of olat and of its int8 form (olq, ols, olsum). K
+// (rank) 512, rows 256, at most DM_MAXS splits. Clusters of four blocks
+// of 64 rows, which trade half a group's largest magnitude, were 1.2%
+// slower end to end (docs/perf.md, 2026-11-29 (12)).
+#define DCV_CL 2
+extern "C" __global__ void __cluster_dims__(DCV_CL, 1, 1) __launch_bounds__(1024 / DCV_CL)
     decode_combine_values(const u8* __restrict__ codes, const u8* __restrict__ scales,
-                          const float* __restrict__ row_scale, int K, int gshift, float* __restrict__ y,
-                          int rows, int qg, i8* __restrict__ yq, float* __restrict__ ys, i32* __restrict__ ysum,
-                          const float* part_ml, const float* part_acc, int S, int heads, float* __restrict__ olat,
-                          i8* __restrict__ olq, float* __restrict__ ols, i32* __restrict__ olsum, int G) {
+                          const float* __restrict__ row_scale, int K, int gshift, float* __restrict__ y, int qg,
+                          i8* __restrict__ yq, float* __restrict__ ys, i32* __restrict__ ysum, const float* part_ml,
+                          const float* part_acc, int S, int heads, float* __restrict__ olat, i8* __restrict__ olq,
+                          float* __restrict__ ols, i32* __restrict__ olsum, int G) {
+  constexpr int CL = DCV_CL, NT = 1024 / CL, ROWS = 256 / CL, F4 = 128 / CL;  // threads, rows, float4 columns
   PDL_LAUNCH();
   // Every block of the cluster has started before any writes into
   // another's shared memory.
   cluster_arrive();
-  __shared__ float4 red[8][32];
+  __shared__ float4 red[8][F4];
   __shared__ float2 mlsh[DM_MAXS];
-  __shared__ float wmax[8], lred[8], vals[64];
-  __shared__ float pamax;  // the other block's largest magnitude of a group of 128 values
+  __shared__ float wmax[NT / 32], lred[8], vals[ROWS];
   __shared__ __align__(16) i8 xq_sh[512];
   __shared__ float xs_sh[16];
   __shared__ i32 xsum_sh[16];
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, sl = lane & 15;
+  const int cl = tid / F4, f = tid % F4;  // the merge's class and float4 column
   const u32 rank = cluster_rank();
   const int local = warp * 8 + (lane >> 4) * 4;  // the half-warp's first row in the block
-  const int row0 = blockIdx.x * 64 + local;
-  const int h = blockIdx.x / DCV_CLUSTER;
+  const int row0 = blockIdx.x * ROWS + local;
+  const int h = blockIdx.x / CL;
   const int GK = (K >> 5) >> gshift;
   uint4 w[4];
   u32 s[4];
@@ -1387,11 +1389,11 @@ extern "C" __global__ void __cluster_dims__(DCV_CLUSTER, 1, 1) __launch_bounds__
   for (int r = 0; r < 4; r++) s[r] = __ldg(scales + (size_t)(row0 + r) * GK + (sl >> gshift));
   const float rs = __ldg(row_scale + row0 + (sl & 3));
   PDL_WAIT();
-  // This thread's split's maximum and sum (tid < S), and float4 column
-  // lane of the block's 32 in every eighth split from warp's.
+  // This thread's split's maximum and sum (tid < S), and its float4 column
+  // f in every eighth split from cl's.
   const size_t mls = (size_t)heads * 2, accs = (size_t)heads * K;
   const float* ml = part_ml + (size_t)h * 2;
-  const float* acc = part_acc + (size_t)h * K + 128 * rank + 4 * lane;
+  const float* acc = part_acc + (size_t)h * K + 4 * (F4 * rank + f);
   const float2 mine = tid < S ? __ldcg((const float2*)(ml + tid * mls)) : make_float2(0.f, 0.f);
   TRACE_MARK_DEP(__float_as_uint(mine.x));
   float4 o = make_float4(0.f, 0.f, 0.f, 0.f);
@@ -1400,7 +1402,7 @@ extern "C" __global__ void __cluster_dims__(DCV_CLUSTER, 1, 1) __launch_bounds__
     float4 x[8];
 #pragma unroll
     for (int u = 0; u < 8; u++) {
-      const int q = base + warp + 8 * u;
+      const int q = base + cl + 8 * u;
       x[u] = q < S ? __ldcg((const float4*)(acc + q * accs)) : make_float4(0.f, 0.f, 0.f, 0.f);
     }
     if (base == 0) {
@@ -1412,61 +1414,55 @@ extern "C" __global__ void __cluster_dims__(DCV_CLUSTER, 1, 1) __launch_bounds__
       __syncthreads();
       M = wmax[0];
 #pragma unroll
-      for (int v = 1; v < 8; v++) M = fmaxf(M, wmax[v]);
+      for (int v = 1; v < NT / 32; v++) M = fmaxf(M, wmax[v]);
       TRACE_MARK();
     }
 #pragma unroll
     for (int u = 0; u < 8; u++) {
-      const int q = base + warp + 8 * u;
+      const int q = base + cl + 8 * u;
       const float2 m = q < S ? mlsh[q] : make_float2(0.f, 0.f);
       const float e = m.y > 0.f ? expf(m.x - M) : 0.f;
       o.x += e * x[u].x, o.y += e * x[u].y, o.z += e * x[u].z, o.w += e * x[u].w;
       lw += e * m.y;
     }
   }
-  red[warp][lane] = o;
-  if (lane == 0) lred[warp] = lw;
+  red[cl][f] = o;
+  if (f == 0) lred[cl] = lw;
   __syncthreads();
   cluster_wait();
   TRACE_MARK();
+  // Threads tid < F4 (whole warps) finish column fc of the head's row.
+  const int fc = F4 * rank + tid;
   u32 word = 0u;
-  i32 sum = 0;
-  float sc = 0.f;
   float4 olv;
-  if (warp == 0) {
-    float4 r = red[0][lane];
+  if (tid < F4) {
+    float4 r = red[0][tid];
     float L = lred[0];
 #pragma unroll
     for (int q = 1; q < 8; q++) {
-      const float4 v = red[q][lane];
+      const float4 v = red[q][tid];
       r.x += v.x, r.y += v.y, r.z += v.z, r.w += v.w;
       L += lred[q];
     }
     const float inv = 1.f / L;
-    const float4 out = make_float4(r.x * inv, r.y * inv, r.z * inv, r.w * inv);
-    const int f = 32 * rank + lane;  // the float4 column in the head's row
-    quant_row4(out, true, f, 0, K, G, xq_sh, xs_sh, xsum_sh);
+    olv = make_float4(r.x * inv, r.y * inv, r.z * inv, r.w * inv);
+    quant_row4(olv, true, fc, 0, K, G, xq_sh, xs_sh, xsum_sh);
     __syncwarp();
-    word = ((const u32*)xq_sh)[f];
-    sum = xsum_sh[4 * rank + (lane & 3)];
-    sc = xs_sh[(128 / G) * rank + (lane & 3)];
-    for (u32 p = 0; p < DCV_CLUSTER; p++) {
+    word = ((const u32*)xq_sh)[fc];
+    for (u32 p = 0; p < CL; p++) {
       if (p == rank) continue;
-      st_cluster_u32((u32*)xq_sh + f, p, word);
-      if (lane < 4) st_cluster_u32(&xsum_sh[4 * rank + lane], p, (u32)sum);
-      if (lane < 128 / G) st_cluster(&xs_sh[(128 / G) * rank + lane], p, sc);
+      st_cluster_u32((u32*)xq_sh + fc, p, word);
+      if ((tid & (G / 4 - 1)) == 0) st_cluster(&xs_sh[4 * fc / G], p, xs_sh[4 * fc / G]);
     }
-    olv = out;
   }
   // The global stores after the arrive, whose release would wait for them.
   cluster_arrive();
-  if (warp == 0) {
-    const int f = 32 * rank + lane;
-    *(float4*)(olat + (size_t)h * K + 4 * f) = olv;
+  if (tid < F4) {
+    *(float4*)(olat + (size_t)h * K + 4 * fc) = olv;
     if (olq) {  // olat's groups are W_UV's: the same codes, sums and scales
-      ((u32*)(olq + (size_t)h * K))[f] = word;
-      if (lane < 4) olsum[(size_t)h * (K / 32) + 4 * rank + lane] = sum;
-      if (lane < 128 / G) ols[(size_t)h * (K / G) + (128 / G) * rank + lane] = sc;
+      ((u32*)(olq + (size_t)h * K))[fc] = word;
+      if ((tid & 7) == 0) olsum[(size_t)h * (K / 32) + fc / 8] = xsum_sh[fc / 8];
+      if ((tid & (G / 4 - 1)) == 0) ols[(size_t)h * (K / G) + 4 * fc / G] = xs_sh[4 * fc / G];
     }
   }
   cluster_wait();
@@ -1497,29 +1493,20 @@ extern "C" __global__ void __cluster_dims__(DCV_CLUSTER, 1, 1) __launch_bounds__
     return;
   }
   __syncthreads();
-  // Warp j < 64/(32E) takes 32E of the block's values, E to a lane: one
-  // group of 64, two of 32, or half a group of 128, whose largest
-  // magnitude the two blocks trade.
-  const int E = qg >= 64 ? 2 : 1, k0 = warp * 32 * E + lane * E;
+  // Warp j < ROWS/gv takes group j of the block's values (gv = min(qg,
+  // ROWS) = qg), E = gv/32 to a lane.
+  const int gv = min(qg, ROWS), E = gv >> 5, k0 = warp * gv + lane * E;
   float v[4] = {0.f, 0.f, 0.f, 0.f};
   float amax = 0.f;
-  if (warp < 2 / E) {
+  if (warp < ROWS / gv) {
 #pragma unroll
-    for (int e = 0; e < 2; e++)
+    for (int e = 0; e < 4; e++)
       if (e < E) v[e] = vals[k0 + e], amax = fmaxf(amax, fabsf(v[e]));
     amax = warp_max(amax);
   }
-  if (qg == 128) {
-    if (tid == 0) st_cluster(&pamax, rank ^ 1u, amax);
-    cluster_arrive();
-    if (sl < 4) y[row0 + sl] = yv;
-    cluster_wait();
-    amax = fmaxf(amax, pamax);
-  } else if (sl < 4) {
-    y[row0 + sl] = yv;
-  }
-  if (warp < 2 / E) {
-    const size_t c0 = (size_t)blockIdx.x * 64 + k0, first = (size_t)blockIdx.x * 64 + warp * 32 * E;
+  if (sl < 4) y[row0 + sl] = yv;
+  if (warp < ROWS / gv) {
+    const size_t c0 = (size_t)blockIdx.x * ROWS + k0, first = (size_t)blockIdx.x * ROWS + warp * gv;
     quant_group_warp_amax(v, E, lane, amax, yq + c0, ysum + c0 / 32, first % qg == 0 ? ys + first / qg : nullptr);
   }
   TRACE_MARK();
