@@ -1393,11 +1393,7 @@ DEVICE void router_cluster_norm_rows_r(const float* __restrict__ W, int K, float
         v[4] = a1[r].x + c1[r].x; v[5] = a1[r].y + c1[r].y; v[6] = a1[r].z + c1[r].z; v[7] = a1[r].w + c1[r].w;
         *(float4*)&rv[r * K + k0] = make_float4(v[0], v[1], v[2], v[3]);
         *(float4*)&rv[r * K + k0 + 4] = make_float4(v[4], v[5], v[6], v[7]);
-        double ss = 0;
-#pragma unroll
-        for (int i = 0; i < 8; i++) ss += (double)v[i] * (double)v[i];
-        ss = warp_sum_d(ss);
-        if (lane == 0) partial[r][warp] = ss;
+        sumsq8_partial(v, lane, warp, partial[r]);
       }
   }
   __syncthreads();

@@ -367,11 +367,7 @@ DEVICE void add_norm_gemv(const u8* __restrict__ codes1, const u8* __restrict__ 
       const float4 a0 = pa[0], a1 = pa[1], c0 = pc[0], c1 = pc[1];
       v[p][0] = a0.x + c0.x; v[p][1] = a0.y + c0.y; v[p][2] = a0.z + c0.z; v[p][3] = a0.w + c0.w;
       v[p][4] = a1.x + c1.x; v[p][5] = a1.y + c1.y; v[p][6] = a1.z + c1.z; v[p][7] = a1.w + c1.w;
-      double ss = 0;
-#pragma unroll
-      for (int e = 0; e < 8; e++) ss += (double)v[p][e] * (double)v[p][e];
-      ss = warp_sum_d(ss);
-      if (lane == 0) partial[NW * p + warp] = ss;
+      sumsq8_partial(v[p], lane, NW * p + warp, partial);
     }
   }
   __syncthreads();
