@@ -397,13 +397,7 @@ func TestChainLayerMatchesSeparate(t *testing.T) {
 				}
 			}
 		}
-		nonzero := 0
-		for _, v := range want["cache"] {
-			if v != 0 {
-				nonzero++
-			}
-		}
-		if nonzero < glmShape.rank {
+		if nonzero := nonzeroCount(want["cache"]); nonzero < glmShape.rank {
 			t.Errorf("the cache holds %d nonzero bytes, want a slot's record", nonzero)
 		}
 		return c.Sync()
@@ -670,13 +664,7 @@ func TestGEMVRegsMatchesSplit(t *testing.T) {
 			if i := sameBits(want, got); i >= 0 {
 				t.Errorf("%dx%d G=%d: row %d: %v, gemv_split_t1 %v", sh.N, sh.K, sh.G, i, got[i], want[i])
 			}
-			nonzero := 0
-			for _, v := range got {
-				if v != 0 {
-					nonzero++
-				}
-			}
-			if nonzero < sh.N/2 {
+			if nonzero := nonzeroCount(got); nonzero < sh.N/2 {
 				t.Errorf("%dx%d G=%d: %d of %d rows nonzero", sh.N, sh.K, sh.G, nonzero, sh.N)
 			}
 		}
@@ -830,13 +818,7 @@ func TestAddNormGEMVMatchesSeparate(t *testing.T) {
 			if err != nil {
 				return err
 			}
-			nonzero := 0
-			for _, b := range want["y1"] {
-				if b != 0 {
-					nonzero++
-				}
-			}
-			if nonzero < 2*sh.N1 {
+			if nonzero := nonzeroCount(want["y1"]); nonzero < 2*sh.N1 {
 				t.Errorf("K=%d: q_a's product has %d nonzero bytes of %d", sh.K, nonzero, 4*sh.N1)
 			}
 		}

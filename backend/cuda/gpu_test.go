@@ -124,6 +124,19 @@ func upload(c *Ctx, v []float32) (Buffer, error) {
 	return b, CopyIn(c, b.Ptr, v)
 }
 
+// nonzeroCount is how many of s are not zero (tests check that an output
+// they compare is not all zeros).
+func nonzeroCount[T comparable](s []T) int {
+	var zero T
+	n := 0
+	for _, v := range s {
+		if v != zero {
+			n++
+		}
+	}
+	return n
+}
+
 // testBufs uploads and allocates a test's device buffers, keeping their
 // errors for one errors.Join (errs).
 type testBufs struct {

@@ -118,13 +118,7 @@ func TestNormQAbsorbMatchesSeparate(t *testing.T) {
 				if err != nil {
 					return err
 				}
-				nonzero := 0
-				for _, b := range want["cache"] {
-					if b != 0 {
-						nonzero++
-					}
-				}
-				if nonzero < rank {
+				if nonzero := nonzeroCount(want["cache"]); nonzero < rank {
 					t.Errorf("the cache holds %d nonzero bytes, want a slot's record", nonzero)
 				}
 				return nil

@@ -249,13 +249,7 @@ func TestAbsorbTilesMatchOneTile(t *testing.T) {
 					}
 				}
 			}
-			nonzero := 0
-			for i := range want {
-				if want[i] != 0 {
-					nonzero++
-				}
-			}
-			if nonzero < len(want)/2 {
+			if nonzero := nonzeroCount(want); nonzero < len(want)/2 {
 				t.Errorf("%d of %d values nonzero", nonzero, len(want))
 			}
 		})
