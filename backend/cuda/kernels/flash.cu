@@ -1493,21 +1493,16 @@ extern "C" __global__ void __cluster_dims__(DCV_CL, 1, 1) __launch_bounds__(1024
     return;
   }
   __syncthreads();
-  // Warp j < ROWS/gv takes group j of the block's values (gv = min(qg,
-  // ROWS) = qg), E = gv/32 to a lane.
-  const int gv = min(qg, ROWS), E = gv >> 5, k0 = warp * gv + lane * E;
-  float v[4] = {0.f, 0.f, 0.f, 0.f};
-  float amax = 0.f;
-  if (warp < ROWS / gv) {
-#pragma unroll
-    for (int e = 0; e < 4; e++)
-      if (e < E) v[e] = vals[k0 + e], amax = fmaxf(amax, fabsf(v[e]));
-    amax = warp_max(amax);
-  }
   if (sl < 4) y[row0 + sl] = yv;
-  if (warp < ROWS / gv) {
-    const size_t c0 = (size_t)blockIdx.x * ROWS + k0, first = (size_t)blockIdx.x * ROWS + warp * gv;
-    quant_group_warp_amax(v, E, lane, amax, yq + c0, ysum + c0 / 32, first % qg == 0 ? ys + first / qg : nullptr);
-  }
+  // Warp j < ROWS/qg takes group j of the block's values, E = qg/32 to a
+  // lane.
+  if (warp >= ROWS / qg) return;
+  const int E = qg >> 5, k0 = warp * qg + lane * E;
+  float v[4] = {0.f, 0.f, 0.f, 0.f};
+#pragma unroll
+  for (int e = 0; e < 4; e++)
+    if (e < E) v[e] = vals[k0 + e];
+  const size_t c0 = (size_t)blockIdx.x * ROWS + k0;
+  quant_group_warp(v, E, lane, yq + c0, ysum + c0 / 32, ys + (size_t)blockIdx.x * (ROWS / qg) + warp);
   TRACE_MARK();
 }

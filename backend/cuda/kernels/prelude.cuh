@@ -136,12 +136,17 @@ DEVICE void quant8_codes(const float (&v)[N], float amax, float scale, i32 (&q)[
 }
 
 // The int8 form of one group of 32 * E columns (E = 1, 2 or 4) held by a
-// warp, lane l holding the E consecutive values from column l * E in v,
-// the group's largest magnitude amax given: their codes into q[0..E), each
-// 32 columns' code sum into *sum32 (from the lane that starts them) and
-// the group's scale into *scale (from lane 0; scale nil: none), the rule
-// of rmsnorm_quant without a gain. Every lane must call it.
-DEVICE void quant_group_warp_amax(const float (&v)[4], int E, int lane, float amax, i8* q, i32* sum32, float* scale) {
+// warp, lane l holding the E consecutive values from column l * E in v:
+// their codes into q[0..E), each 32 columns' code sum into *sum32 (from the
+// lane that starts them) and the group's scale into *scale (from lane 0),
+// the rule of rmsnorm_quant without a gain (quant8_codes). Every lane must
+// call it.
+DEVICE void quant_group_warp(const float (&v)[4], int E, int lane, i8* q, i32* sum32, float* scale) {
+  float amax = 0.f;
+#pragma unroll
+  for (int e = 0; e < 4; e++)
+    if (e < E) amax = fmaxf(amax, fabsf(v[e]));
+  amax = warp_max(amax);
   const float s = amax / 127.f;
   float u[4];
 #pragma unroll
@@ -158,16 +163,7 @@ DEVICE void quant_group_warp_amax(const float (&v)[4], int E, int lane, float am
   }
   for (int o = 1; o < 32 / E; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
   if ((lane & (32 / E - 1)) == 0) *sum32 = sum;
-  if (lane == 0 && scale) *scale = amax == 0.f ? 0.f : s;
-}
-
-// quant_group_warp_amax of the warp's own group (amax its values').
-DEVICE void quant_group_warp(const float (&v)[4], int E, int lane, i8* q, i32* sum32, float* scale) {
-  float amax = 0.f;
-#pragma unroll
-  for (int e = 0; e < 4; e++)
-    if (e < E) amax = fmaxf(amax, fabsf(v[e]));
-  quant_group_warp_amax(v, E, lane, warp_max(amax), q, sum32, scale);
+  if (lane == 0) *scale = amax == 0.f ? 0.f : s;
 }
 
 // The int8 form of this lane's 8 consecutive values v, in groups of G =
