@@ -29,7 +29,8 @@ const (
 
 // flashForm is a form of the flash kernel (flash.cu): f16 operands with
 // two key tiles (f16 true), or exact, the queries and the softmax weights
-// split hi + lo bf16, with one key tile.
+// split hi + lo bf16, with one key tile (for the fp4 cache, its own
+// instances).
 type flashForm struct {
 	suffix string // of the kernel's name
 	f16    bool
@@ -39,6 +40,7 @@ type flashForm struct {
 var flashForms = map[string]flashForm{
 	"f16":   {"_h", true},
 	"exact": {"_exact", false},
+	"fp4":   {"_fp4", false},
 }
 
 // flashBF16Form is the bf16 cache's form: f16 operands (0.238 against 0.280
@@ -54,6 +56,9 @@ var flashBF16Form = map[bool]string{false: "f16", true: "exact"}[os.Getenv("MMFP
 func flashFormFor(dt backend.CacheDType) flashForm {
 	if f, ok := flashForms[flashBF16Form]; ok && dt == backend.CacheBF16 {
 		return f
+	}
+	if dt == backend.CacheFP4 {
+		return flashForms["fp4"]
 	}
 	return flashForms["exact"]
 }
@@ -75,11 +80,12 @@ func flashShared(w int, f flashForm) int {
 // the model's, two for the kernel tests and the tiny test model's.
 var flashShapes = [][2]int{{512, 64}, {256, 32}, {128, 64}, {128, 16}}
 
-// flashFits reports whether the flash kernel takes this attention: a bf16
-// or fp8 cache (values exact in bf16), a compiled shape, 16-byte aligned
-// query rows, and enough shared memory.
+// flashFits reports whether the flash kernel takes this attention: a bf16,
+// fp8 or fp4 cache (values exact in bf16, the fp4 cache's once its codes
+// meet their group scales), a compiled shape, 16-byte aligned query rows,
+// and enough shared memory.
 func (b *Backend) flashFits(ql, qm *tensor, p *cachePool, s backend.MLAShape) bool {
-	if p.dtype != backend.CacheBF16 && p.dtype != backend.CacheFP8 {
+	if p.dtype != backend.CacheBF16 && p.dtype != backend.CacheFP8 && p.dtype != backend.CacheFP4 {
 		return false
 	}
 	if !slices.Contains(flashShapes, [2]int{s.Rank, s.RopeDim}) {

@@ -162,9 +162,9 @@ func flashBound(form string) float64 {
 // TestFlashAttentionMatchesCPU checks the flash kernel against the CPU
 // backend: 1, 17, 100 and 1024 new rows, with and without cached prefixes,
 // several sequences in one step (boundaries inside a block's 8 tokens),
-// bf16 and fp8 caches, ranks 512 (the model's shape), 256 and 128 (rope 64
-// and 16, the tiny test model's). The bf16 cache in each form
-// (flashBound), the fp8 cache in the exact form.
+// bf16, fp8 and fp4 caches, ranks 512 (the model's shape), 256 and 128
+// (rope 64 and 16, the tiny test model's). The bf16 cache in each form
+// (flashBound), the fp8 and fp4 caches in the exact form.
 func TestFlashAttentionMatchesCPU(t *testing.T) {
 	defer func(v string) { flashBF16Form = v }(flashBF16Form)
 	g, _ := testBackends(t, Options{})
@@ -191,7 +191,7 @@ func TestFlashAttentionMatchesCPU(t *testing.T) {
 		if testing.Short() && cs.s.Rank == 512 && len(cs.seqs) == 1 && cs.seqs[0].prefix+cs.seqs[0].n > 64 {
 			continue // the sanitizer's run: small steps only
 		}
-		for _, dt := range []backend.CacheDType{backend.CacheBF16, backend.CacheFP8} {
+		for _, dt := range []backend.CacheDType{backend.CacheBF16, backend.CacheFP8, backend.CacheFP4} {
 			name := fmt.Sprintf("%v cache, heads %d rank %d, seqs %v", dt, cs.s.Heads, cs.s.Rank, cs.seqs)
 			seed := uint64(100 + i)
 			want := flashRun(t, c, cs.seqs, cs.s, dt, seed)
@@ -222,8 +222,8 @@ func TestFlashAttentionMatchesCPU(t *testing.T) {
 // the flash kernel writes when the value expansion's quantization follows
 // it (flashQuant): the codes, scales and sums of the separate
 // quantization's launch, bit for bit, and the same output; groups of 128,
-// 64 and 32, several sequences in a step, every form and both caches, on
-// fresh random inputs.
+// 64 and 32, several sequences in a step, every form and the bf16, fp8 and
+// fp4 caches, on fresh random inputs.
 func TestFlashQuantMatchesSeparate(t *testing.T) {
 	defer func(v string, q bool) { flashBF16Form, flashQuant = v, q }(flashBF16Form, flashQuant)
 	g, _ := testBackends(t, Options{})
@@ -240,7 +240,7 @@ func TestFlashQuantMatchesSeparate(t *testing.T) {
 		{backend.MLAShape{Heads: 3, NopeDim: 32, RopeDim: 16, VDim: 48, Rank: 128}, []flashSeq{{0, 60}, {20, 40}}, 32},
 	}
 	for i, cs := range cases {
-		for _, dt := range []backend.CacheDType{backend.CacheBF16, backend.CacheFP8} {
+		for _, dt := range []backend.CacheDType{backend.CacheBF16, backend.CacheFP8, backend.CacheFP4} {
 			forms := flashTestForms
 			if dt != backend.CacheBF16 {
 				forms = []string{"exact"}
@@ -291,22 +291,22 @@ func TestFlashQuantMatchesSeparate(t *testing.T) {
 // the same cache precision, for the split kernels and each flash form.
 // Logits within 1e-2 everywhere; the greedy ids must match for the bf16
 // cache (with bf16 operands, on an H200, they parted at step 38 of 64: the
-// softmax weights' rounding, not the queries'). For the fp8 cache they are
-// logged, not held (the exact form parts at step 53 with logits 3.7e-4
-// from the CPU's: the next layers' E4M3 codes turn small differences into
-// whole steps of the code).
+// softmax weights' rounding, not the queries'). For the fp8 and fp4
+// caches they are logged, not held (the fp8 cache's exact form parts at
+// step 53 with logits 3.7e-4 from the CPU's: the next layers' E4M3 codes
+// turn small differences into whole steps of the code).
 func TestModelFlashMatchesCPUOnGPU(t *testing.T) {
 	defer func(v string) { flashBF16Form = v }(flashBF16Form)
 	ref := loadGolden(t)
 	prompt := append(append([]int{}, ref.prompt...), ref.greedy...)
 	_, c := testBackends(t, Options{})
 	mc := loadOn(t, fixtureDir, c)
-	for _, dt := range []backend.CacheDType{backend.CacheBF16, backend.CacheFP8} {
+	for _, dt := range []backend.CacheDType{backend.CacheBF16, backend.CacheFP8, backend.CacheFP4} {
 		want := modelLogits(t, mc, prompt, dt)
 		wantIDs := greedyIDs(t, mc, prompt, 64, dt)
 		kerns := append([]string{"split"}, flashTestForms...)
 		if dt != backend.CacheBF16 {
-			kerns = []string{"split", "exact"} // the fp8 cache's flash form is the exact one
+			kerns = []string{"split", "exact"} // the fp8 and fp4 caches' flash form is the exact one
 		}
 		for _, kern := range kerns {
 			g, _ := testBackends(t, Options{})
@@ -348,13 +348,14 @@ func BenchmarkFlashAttention(b *testing.B) {
 		dt        backend.CacheDType
 	}{
 		{1024, 0, backend.CacheBF16}, {1024, 0, backend.CacheFP8}, {1024, 1024, backend.CacheBF16}, {1024, 1024, backend.CacheFP8},
+		{1024, 0, backend.CacheFP4}, {1024, 1024, backend.CacheFP4},
 		{256, 0, backend.CacheBF16}, {64, 0, backend.CacheBF16}, {64, 1024, backend.CacheBF16},
 		{32, 0, backend.CacheBF16}, {32, 1024, backend.CacheBF16}, {16, 0, backend.CacheBF16}, {16, 1024, backend.CacheBF16},
 	}
 	for _, cs := range cases {
 		kerns := append(append([]string{}, flashTestForms...), "split")
 		if cs.dt != backend.CacheBF16 {
-			kerns = []string{"exact", "split"} // the fp8 cache's flash form is the exact one
+			kerns = []string{"exact", "split"} // the fp8 and fp4 caches' flash form is the exact one
 		}
 		for _, kern := range kerns {
 			b.Run(fmt.Sprintf("T%d_prefix%d/%v/%s", cs.T, cs.prefix, cs.dt, kern), func(b *testing.B) {

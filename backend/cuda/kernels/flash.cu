@@ -11,8 +11,9 @@
 //
 // Rounding: the cached values are exact in bfloat16 (bf16 cache; the fp8
 // cache's E4M3 codes, its two per-position scales applied in fp32 outside
-// the products), so only the fp32 operands (the queries and the softmax
-// weights) are rounded. Two forms:
+// the products; the fp4 cache's E2M1 codes times their group's E4M3
+// scale, and E4M3 rope codes, with the same two scales), so only the fp32
+// operands (the queries and the softmax weights) are rounded. Two forms:
 // - f16 operands (the bf16 cache's default): each query row scaled by a
 //   power of two (undone exactly in the softmax) and rounded to f16, the
 //   weights (in [0,1]) rounded to f16, and the key fragments widened to
@@ -28,7 +29,8 @@
 //   base 2 (ex2.approx, the scale times log2(e) folded into the queries'
 //   power of two) with each thread's row sum added to the others' at the
 //   end.
-// - exact (the fp8 cache, and the bf16 cache with MMFP4_CUDA_FLASH_EXACT=1):
+// - exact (the fp8 and fp4 caches, and the bf16 cache with
+//   MMFP4_CUDA_FLASH_EXACT=1):
 //   each operand split as hi + lo, two bfloat16 numbers that carry 16 bits
 //   of its mantissa, every product issued for both halves: an error near
 //   fp32 summation order (under 1e-5), twice the tensor work, one tile.
@@ -123,6 +125,21 @@ DEVICE uint4 e4m3x8_bf16(uint2 v) {
   return make_uint4(e4m3x2_bf16x2(v.x), e4m3x2_bf16x2(v.x >> 16), e4m3x2_bf16x2(v.y), e4m3x2_bf16x2(v.y >> 16));
 }
 
+// Eight E2M1 codes (four bytes, each byte's low nibble first) times their
+// group's E4M3 scale (byte sb) as eight bf16 values: exact, a product of
+// at most two and four significant bits.
+DEVICE uint4 e2m1x8_bf16(u32 codes, u32 sb) {
+  const float d = e4m3(sb);
+  u32 w[4];
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    const u32 b = codes >> (8 * i);
+    const float lo = e2m1_value(b & 15u) * d, hi = e2m1_value((b >> 4) & 15u) * d;
+    w[i] = (__float_as_uint(lo) >> 16) | (__float_as_uint(hi) & 0xFFFF0000u);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
 // The queries of the block's 32 rows (row r: token t0 + r/FA_HB, head
 // h0 + r%FA_HB; zeros past the ends), W = rank + dr columns: [qlat | q_pe],
 // as hi and lo bf16 halves (qhi, qlo), or with F16 as f16 (qhi) after
@@ -205,7 +222,7 @@ DEVICE void tile_slots(u32* sslot, int n, int kb, int nkeys, const i32* __restri
 // loop is unrolled whole so that the next step's loads and widening need
 // not wait for this step's products. Else exact: the queries and the
 // weights split hi + lo, one key tile (196 KB).
-template <int NT, int DR, bool F16, bool STAMP = false>
+template <int NT, int DR, bool F16, bool STAMP = false, bool FP4 = false>
 DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                          const float* __restrict__ q, int ldq, const u8* __restrict__ layer, int dtype,
                          const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -332,9 +349,41 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
       unsigned short* ks = kbuf + cur * FA_N * ld;
       const u32* slots = sslot + cur * FA_N;
       // The tile's cached rows as bf16 (zeros past nkeys).
-      if (dtype == 0) {
+      if (!FP4 && dtype == 0) {
         if (!DB) issue_bf16(ks, slots, kb, nkeys);
         cp_async_wait_all();  // with DB, copies issued a tile earlier
+      } else if (FP4) {
+        // fp4 records (fp4_slot_bytes; the exact form's fp4 instances,
+        // dtype 3): 8 latent values are 4 code bytes with their group's
+        // scale byte, exact in bf16 once multiplied; 8 rope values are 8
+        // E4M3 codes; the latent's and k_pe's float scales, per position,
+        // are applied in fp32 as the fp8 cache's.
+        constexpr int per = W / 8, total = FA_N * per, iters = (total + FA_THREADS - 1) / FA_THREADS;
+        const int rb = fp4_slot_bytes(rank, DR), so = fp4_scale_offset(rank, DR);
+        uint2 v[iters];  // latent: codes and scale byte; rope: the codes
+#pragma unroll
+        for (int u = 0; u < iters; u++) {
+          const int i = tid + u * FA_THREADS, jj = i / per, k = (i % per) * 8;
+          v[u] = make_uint2(0, 0);
+          if ((total % FA_THREADS == 0 || i < total) && kb + jj < nkeys) {
+            const u8* rec = layer + (size_t)slots[jj] * rb;
+            v[u] = k < rank ? make_uint2(*(const u32*)(rec + k / 2), rec[rank / 2 + DR + k / 32])
+                            : *(const uint2*)(rec + rank / 2 + (k - rank));
+          }
+        }
+        float s0 = 0.f, s1 = 0.f;
+        if (tid < FA_N && kb + tid < nkeys) {
+          const float* sc = (const float*)(layer + (size_t)slots[tid] * rb + so);
+          s0 = sc[0];
+          s1 = sc[1];
+        }
+#pragma unroll
+        for (int u = 0; u < iters; u++) {
+          const int i = tid + u * FA_THREADS, jj = i / per, k = (i % per) * 8;
+          if (total % FA_THREADS == 0 || i < total)
+            *(uint4*)(ks + jj * ld + k) = k < rank ? e2m1x8_bf16(v[u].x, v[u].y) : e4m3x8_bf16(v[u]);
+        }
+        if (tid < FA_N) sc0[tid] = s0, sc1[tid] = s1;
       } else {
         // Records of W codes and two scales; all of a thread's loads are
         // issued before the first is used.
@@ -696,7 +745,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
 #undef FA_STAMP
 }
 
-#define FLASH_LATENT(NT, DR, F16, NAME)                                                                  \
+#define FLASH_LATENT(NT, DR, F16, FP4, NAME)                                                              \
   extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)                                            \
       NAME(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const u8* layer,        \
            int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,                             \
@@ -704,15 +753,18 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
            int dn, float scale, i8* xq, float* xs, i32* xsum, int G) {                                         \
     PDL_LAUNCH();                                                                                            \
     PDL_WAIT();                                                                                              \
-    flash_latent<NT, DR, F16>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq, seq_blocks, blocks, \
-                              block_size, T, heads, dn, scale, xq, xs, xsum, G);                             \
+    flash_latent<NT, DR, F16, false, FP4>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq,         \
+                                          seq_blocks, blocks, block_size, T, heads, dn, scale, xq, xs, xsum, G); \
   }
 
 // Instances: (rank/64, rope dims) of the model (8, 64) and of the tests
-// (the last, the tiny test model's), each in f16 operands and exact.
-#define FLASH_FORMS(NT, DR)                               \
-  FLASH_LATENT(NT, DR, true, flash_latent_##NT##_##DR##_h) \
-  FLASH_LATENT(NT, DR, false, flash_latent_##NT##_##DR##_exact)
+// (the last, the tiny test model's), each in f16 operands, exact, and
+// exact over the fp4 cache (its own instance, so that the others keep
+// their registers).
+#define FLASH_FORMS(NT, DR)                                        \
+  FLASH_LATENT(NT, DR, true, false, flash_latent_##NT##_##DR##_h)     \
+  FLASH_LATENT(NT, DR, false, false, flash_latent_##NT##_##DR##_exact) \
+  FLASH_LATENT(NT, DR, false, true, flash_latent_##NT##_##DR##_fp4)
 FLASH_FORMS(8, 64)
 
 // The model's f16 form with phase clocks (a benchmark's probe; STAMP in
