@@ -850,12 +850,6 @@ DEVICE void split3_bf16x2(float x0, float x1, u32& hi, u32& mid, u32& lo) {
   lo = bf16x2_rn(x0, x1);
 }
 
-DEVICE u32 ld_acquire(const u32* p) {
-  u32 v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
 // The int8 form of row t of a K-column output held four values a lane
 // (lane: columns [4f, 4f+4)), as rmsnorm_quant writes it without a gain
 // (quant.cu): codes, a scale per group of G = 32, 64 or 128 columns and

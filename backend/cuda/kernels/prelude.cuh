@@ -344,6 +344,14 @@ DEVICE void mm_trace_site_after(unsigned site, unsigned dep) {
 DEVICE int fp4_scale_offset(int rank, int rope) { return (rank / 2 + rope + (rank + 31) / 32 + 7) & ~7; }
 DEVICE int fp4_slot_bytes(int rank, int rope) { return (fp4_scale_offset(rank, rope) + 8 + 15) & ~15; }
 
+// A word of global memory read with acquire semantics at GPU scope (a
+// count another block adds to with a release).
+DEVICE u32 ld_acquire(const u32* p) {
+  u32 v;
+  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+  return v;
+}
+
 // Thread-block clusters (sm_90): this block's rank in its cluster, the
 // cluster barrier in two halves, and v into the float at p (this block's
 // shared memory) in the shared memory of the cluster's block rank.

@@ -46,12 +46,6 @@ struct MbTile {
   u32 done, pad;
 };
 
-DEVICE u32 mb_ld_acquire(const u32* p) {
-  u32 v;
-  asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
-  return v;
-}
-
 DEVICE u32 mb_smem_addr(const void* p) {
   u32 r;
   asm("{ .reg .u64 t; cvta.to.shared.u64 t, %1; cvt.u32.u64 %0, t; }" : "=r"(r) : "l"(p));
@@ -389,7 +383,7 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
 // launch may start.
 DEVICE void mb_wait_tile_gate_up(const MbTile* rec, int tile, int I) {
   if (threadIdx.x == 0) {
-    while (mb_ld_acquire(&rec[tile].done) < (u32)(I >> 7)) asm volatile("nanosleep.u32 64;");
+    while (ld_acquire(&rec[tile].done) < (u32)(I >> 7)) asm volatile("nanosleep.u32 64;");
     __threadfence();
   }
   __syncthreads();
