@@ -140,6 +140,32 @@ DEVICE uint4 e2m1x8_bf16(u32 codes, u32 sb) {
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
+// A quantized cache's record for the exact form's tiles: its bytes, the
+// offset of its two float scales (the latent's, then k_pe's), and 8 of
+// its values from column k (a multiple of 8) as stored and as bf16 (exact).
+// fp8: rank + dr E4M3 codes, then the scales. fp4 (fp4_slot_bytes in
+// prelude.cuh): the latent's E2M1 codes two a byte, k_pe's E4M3 codes, the
+// latent's group scales, the float scales; 8 latent values load as their
+// 4 code bytes and their group's scale byte.
+template <bool FP4>
+DEVICE int rec_bytes(int rank, int dr) {
+  return FP4 ? fp4_slot_bytes(rank, dr) : rank + dr + 8;
+}
+template <bool FP4>
+DEVICE int rec_scales(int rank, int dr) {
+  return FP4 ? fp4_scale_offset(rank, dr) : rank + dr;
+}
+template <bool FP4>
+DEVICE uint2 rec_load8(const u8* rec, int k, int rank, int dr) {
+  if (!FP4) return *(const uint2*)(rec + k);
+  return k < rank ? make_uint2(*(const u32*)(rec + k / 2), rec[rank / 2 + dr + k / 32])
+                  : *(const uint2*)(rec + rank / 2 + (k - rank));
+}
+template <bool FP4>
+DEVICE uint4 rec_bf16x8(uint2 v, int k, int rank) {
+  return FP4 && k < rank ? e2m1x8_bf16(v.x, v.y) : e4m3x8_bf16(v);
+}
+
 // The queries of the block's 32 rows (row r: token t0 + r/FA_HB, head
 // h0 + r%FA_HB; zeros past the ends), W = rank + dr columns: [qlat | q_pe],
 // as hi and lo bf16 halves (qhi, qlo), or with F16 as f16 (qhi) after
@@ -352,24 +378,21 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
       if (!FP4 && dtype == 0) {
         if (!DB) issue_bf16(ks, slots, kb, nkeys);
         cp_async_wait_all();  // with DB, copies issued a tile earlier
-      } else if (FP4) {
-        // fp4 records (fp4_slot_bytes; the exact form's fp4 instances,
-        // dtype 3): 8 latent values are 4 code bytes with their group's
-        // scale byte, exact in bf16 once multiplied; 8 rope values are 8
-        // E4M3 codes; the latent's and k_pe's float scales, per position,
-        // are applied in fp32 as the fp8 cache's.
+      } else {
+        // Records of a quantized cache (rec_bytes: fp4 in the fp4
+        // instances, dtype 3; else fp8), converted to bf16 exactly, their
+        // two float scales (the latent's and k_pe's, per position) applied
+        // in fp32 outside the products; all of a thread's loads are
+        // issued before the first is used.
         constexpr int per = W / 8, total = FA_N * per, iters = (total + FA_THREADS - 1) / FA_THREADS;
-        const int rb = fp4_slot_bytes(rank, DR), so = fp4_scale_offset(rank, DR);
-        uint2 v[iters];  // latent: codes and scale byte; rope: the codes
+        const int rb = rec_bytes<FP4>(rank, DR), so = rec_scales<FP4>(rank, DR);
+        uint2 v[iters];
 #pragma unroll
         for (int u = 0; u < iters; u++) {
           const int i = tid + u * FA_THREADS, jj = i / per, k = (i % per) * 8;
-          v[u] = make_uint2(0, 0);
-          if ((total % FA_THREADS == 0 || i < total) && kb + jj < nkeys) {
-            const u8* rec = layer + (size_t)slots[jj] * rb;
-            v[u] = k < rank ? make_uint2(*(const u32*)(rec + k / 2), rec[rank / 2 + DR + k / 32])
-                            : *(const uint2*)(rec + rank / 2 + (k - rank));
-          }
+          v[u] = (total % FA_THREADS == 0 || i < total) && kb + jj < nkeys
+                     ? rec_load8<FP4>(layer + (size_t)slots[jj] * rb, k, rank, DR)
+                     : make_uint2(0, 0);
         }
         float s0 = 0.f, s1 = 0.f;
         if (tid < FA_N && kb + tid < nkeys) {
@@ -380,32 +403,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
 #pragma unroll
         for (int u = 0; u < iters; u++) {
           const int i = tid + u * FA_THREADS, jj = i / per, k = (i % per) * 8;
-          if (total % FA_THREADS == 0 || i < total)
-            *(uint4*)(ks + jj * ld + k) = k < rank ? e2m1x8_bf16(v[u].x, v[u].y) : e4m3x8_bf16(v[u]);
-        }
-        if (tid < FA_N) sc0[tid] = s0, sc1[tid] = s1;
-      } else {
-        // Records of W codes and two scales; all of a thread's loads are
-        // issued before the first is used.
-        constexpr int per = W / 8, total = FA_N * per, iters = (total + FA_THREADS - 1) / FA_THREADS;
-        uint2 v[iters];
-#pragma unroll
-        for (int u = 0; u < iters; u++) {
-          const int i = tid + u * FA_THREADS, jj = i / per, k = (i % per) * 8;
-          v[u] = (total % FA_THREADS == 0 || i < total) && kb + jj < nkeys
-                     ? *(const uint2*)(layer + (size_t)slots[jj] * (W + 8) + k)
-                     : make_uint2(0, 0);
-        }
-        float s0 = 0.f, s1 = 0.f;
-        if (tid < FA_N && kb + tid < nkeys) {
-          const float* sc = (const float*)(layer + (size_t)slots[tid] * (W + 8) + W);
-          s0 = sc[0];
-          s1 = sc[1];
-        }
-#pragma unroll
-        for (int u = 0; u < iters; u++) {
-          const int i = tid + u * FA_THREADS, jj = i / per, k = (i % per) * 8;
-          if (total % FA_THREADS == 0 || i < total) *(uint4*)(ks + jj * ld + k) = e4m3x8_bf16(v[u]);
+          if (total % FA_THREADS == 0 || i < total) *(uint4*)(ks + jj * ld + k) = rec_bf16x8<FP4>(v[u], k, rank);
         }
         if (tid < FA_N) sc0[tid] = s0, sc1[tid] = s1;
       }
