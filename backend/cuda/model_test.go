@@ -230,7 +230,7 @@ func TestModelFP4CacheMatchesCPUOnGPU(t *testing.T) {
 		dir          string
 		split, flash float64 // bounds; flash 0: logged
 	}{{fixtureDir, 1e-5, 1e-5}, {quantizedFixture(t), 2e-2, 0}} {
-		mc := loadOn(t, run.dir, c)
+		mg, mc := loadOn(t, run.dir, g), loadOn(t, run.dir, c)
 		want := modelLogits(t, mc, seq, backend.CacheFP4)
 		for _, kernel := range []string{"split", "flash"} {
 			g.flashMin = flashMinRows
@@ -238,7 +238,6 @@ func TestModelFP4CacheMatchesCPUOnGPU(t *testing.T) {
 			if kernel == "split" {
 				g.flashMin, bound = 0, run.split
 			}
-			mg := loadOn(t, run.dir, g)
 			e := maxRelErr(want, modelLogits(t, mg, seq, backend.CacheFP4))
 			t.Logf("GPU vs CPU, %s, fp4 cache, %s attention: max rel err %.2e over %d positions", filepath.Base(run.dir), kernel, e, len(seq))
 			if bound > 0 && !(e <= bound) {
