@@ -83,8 +83,9 @@ func TestDecodeAttentionMatchesCPU(t *testing.T) {
 		}
 		for _, dt := range []backend.CacheDType{backend.CacheF32, backend.CacheBF16, backend.CacheFP8, backend.CacheFP4} {
 			variants := []attnVariant{{pct: 100}, {pct: 250}, {pct: 100, h1: true}}
-			if dt == backend.CacheBF16 {
-				// The tensor-core kernel, merged in the launch or by a
+			if dt != backend.CacheF32 {
+				// The tensor-core kernel (the fp8 and fp4 caches through
+				// its raw-record instances), merged in the launch or by a
 				// second one; 300%: more splits than the short rows have
 				// positions (empty splits), and more blocks than the
 				// device holds at once (a second launch); 3%: a few

@@ -87,8 +87,8 @@ type Backend struct {
 	// attnCounters are its tickets (zero between launches).
 	decodeAttn, decodeOneHead bool
 	decodeBlocks              int
-	// decodeMMA takes bf16-cache decode attention through the
-	// tensor-core kernel (decodemma.go), its splits merged as decodeMerge
+	// decodeMMA takes decode attention over a bf16, fp8 or fp4 cache
+	// through the tensor-core kernel (decodemma.go), its splits merged as decodeMerge
 	// says (mergeAuto, mergeInKernel or mergeLaunch); decodeMMATile, when
 	// not 0, fixes its tile (16 or 32 positions).
 	decodeMMA     bool

@@ -54,6 +54,11 @@ var decodeHeadGroups = true
 // compare the blocks of 8 heads with all heads a block at one count).
 var decodeSplitsFixed int
 
+// decodeMMAQuantized lets the fp8 and fp4 caches take decode_mma (its
+// raw-record instances); off, they keep the single-launch CUDA-core
+// kernel.
+var decodeMMAQuantized = true
+
 // decodeMMALaunchMaxN is the longest single row whose splits mergeAuto
 // merges by the second launch.
 const decodeMMALaunchMaxN = 4096
@@ -62,11 +67,35 @@ const decodeMMALaunchMaxN = 4096
 // positions: the tiles in flight (or the head-major values at the end,
 // whichever is larger), eight warps' partial scores, the weights' three
 // parts and three floats a head.
-func decodeMMAShared(rank, dr, tp int) int {
+func decodeMMAShared(rank, dr, tp int, dt backend.CacheDType) int {
 	ld := rank + dr + 8
+	if rb := decodeMMARecord(rank, dr, dt); rb != 0 {
+		// Raw records in the stages, one converted tile, the rope steps'
+		// partial scores apart (dr/16 tiles) and two scales a position.
+		stage := max(decodeMMAStages*tp*rb+tp*ld*2, decodeMMAHeads*(rank+4)*4)
+		return stage + (8+dr/16)*tp*decodeMMAHeads*4 + 80*(tp+8)*2 + 3*decodeMMAHeads*4 + 2*tp*4
+	}
 	stage := max(decodeMMAStages*tp*ld*2, decodeMMAHeads*(rank+4)*4)
 	return stage + 8*tp*decodeMMAHeads*4 + 80*(tp+8)*2 + 3*decodeMMAHeads*4
 }
+
+// decodeMMARecord is a cache record's bytes for decode_mma's raw stages:
+// the fp8 cache's rank + dr codes and two float scales, the fp4 cache's
+// slot (fp4_slot_bytes in prelude.cuh); 0 for the bf16 cache, whose rows
+// are copied as they are.
+func decodeMMARecord(rank, dr int, dt backend.CacheDType) int {
+	switch dt {
+	case backend.CacheFP8:
+		return rank + dr + 8
+	case backend.CacheFP4:
+		so := (rank/2 + dr + (rank+31)/32 + 7) &^ 7
+		return (so + 8 + 15) &^ 15
+	}
+	return 0
+}
+
+// decodeMMASuffix names decode_mma's instances for a cache precision.
+var decodeMMASuffix = map[backend.CacheDType]string{backend.CacheBF16: "", backend.CacheFP8: "_fp8", backend.CacheFP4: "_fp4"}
 
 // decodeMMASplits is how many blocks share a row's positions: about
 // decodeBlocks percent of the multiprocessors in blocks over all rows,
@@ -80,11 +109,14 @@ func (b *Backend) decodeMMASplits(T, maxN int) int {
 }
 
 // decodeMMAAttention queues the tensor-core decode kernel when it applies
-// and reports whether it did: a bf16 cache, a compiled shape, at most 24
-// heads and the float2/float4 alignment of its loads and stores.
+// and reports whether it did: a bf16, fp8 or fp4 cache (the last two
+// through the raw-record instances, decodeMMAQuantized), a compiled
+// shape, at most 24 heads and the float2/float4 alignment of its loads
+// and stores.
 func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int, s backend.MLAShape, scale float32) bool {
 	T := b.batch.Rows()
-	if !b.decodeAttn || !b.decodeMMA || T < 1 || T > decodeAttnRows || p.dtype != backend.CacheBF16 ||
+	suffix, ok := decodeMMASuffix[p.dtype]
+	if !b.decodeAttn || !b.decodeMMA || T < 1 || T > decodeAttnRows || !ok || (p.dtype != backend.CacheBF16 && !decodeMMAQuantized) ||
 		!slices.Contains(decodeMMAShapes, [2]int{s.Rank, s.RopeDim}) || s.Heads < 1 || s.Heads > decodeMMAHeads ||
 		ql.ld%2 != 0 || ql.ptr%8 != 0 || qm.ld%2 != 0 || qm.ptr%8 != 0 || s.NopeDim%2 != 0 ||
 		om.ld%4 != 0 || om.ptr%16 != 0 {
@@ -128,7 +160,7 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 	if b.decodeMMATile != 0 {
 		tp = b.decodeMMATile
 	}
-	shared := decodeMMAShared(s.Rank, s.RopeDim, tp)
+	shared := decodeMMAShared(s.Rank, s.RopeDim, tp, p.dtype)
 	if shared > b.dev.Info().SharedOptin {
 		return false
 	}
@@ -155,6 +187,7 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 	if hg > 1 {
 		name += "_h8"
 	}
+	name += suffix
 	sms := b.dev.Info().SMs
 	idx, flush := len(b.pending), b.flushes
 	b.do("attention", func(c *Ctx) error {

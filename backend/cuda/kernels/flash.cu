@@ -71,6 +71,11 @@ DEVICE void cp_async16(u32 dst, const void* src, bool valid) {
                : "memory");
 }
 DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+// 8 bytes through L1, zeros where not valid (the fp8 cache's records are
+// multiples of 8 bytes, not of 16).
+DEVICE void cp_async8(u32 dst, const void* src, bool valid) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(dst), "l"(src), "r"(valid ? 8 : 0) : "memory");
+}
 
 // 2^x (ex2.approx: about 2 ulp; subnormal results flushed to zero).
 DEVICE float fa_ex2(float x) {
@@ -964,7 +969,13 @@ DEVICE void dm_merge_share(float* __restrict__ olat, int ldo, const float* part_
   if (xq) quant_row4(o, tid < nf, f0 + tid, t, NF * 4, G, xq, xs, xsum);
 }
 
-template <int RANK, int DR, int TP, int HT>
+// CT, the cache's kernel type: 0 bf16 (the rows copied to the tiles as
+// they are); 2 fp8 and 3 fp4 (the records copied raw to the stages, then
+// each tile's converted to bf16 in one tile of shared memory, exact as
+// in the flash kernel, with the records' latent and k_pe scales per
+// position: the rope k step's products kept apart, the scores
+// sc0 * latent + sc1 * rope, and the weights times sc0 for the values).
+template <int RANK, int DR, int TP, int HT, int CT = 0>
 DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                        const float* __restrict__ q, int ldq, const u8* __restrict__ layer,
                        const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -989,16 +1000,29 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   // count for the paired fragment loads).
   constexpr int NH = 8 * HT, PRG = (3 * HT + 1) & ~1, PROWS = 8 * PRG;
   static_assert(KR <= 8 && DR % 16 == 0 && RANK % 128 == 0 && (TP == 16 || TP == 32), "shape");
+  static_assert(CT == 0 || CT == 2 || CT == 3, "cache type");
+  // A record's bytes (the stages' row stride) and its copy pieces.
+  constexpr bool RAW = CT != 0;
+  constexpr int FP4_SO = (RANK / 2 + DR + (RANK + 31) / 32 + 7) & ~7;  // fp4_scale_offset's
+  constexpr int RB = CT == 2 ? W + 8 : CT == 3 ? (FP4_SO + 8 + 15) & ~15 : LD * 2;  // fp4_slot_bytes
+  constexpr int PB = CT == 2 ? 8 : 16, NP = CT == 0 ? CH : RB / PB;
+  static_assert(RB % PB == 0, "record pieces");
 
   extern __shared__ __align__(16) u8 dm_smem[];
-  unsigned short* stage = (unsigned short*)dm_smem;  // [DM_NST][TP][LD]
-  float* ot = (float*)dm_smem;                       // [NH][OLD], after the tiles
-  constexpr int STAGE_BYTES = DM_NST * TP * LD * 2 > NH * OLD * 4 ? DM_NST * TP * LD * 2 : NH * OLD * 4;
-  float* sp = (float*)(dm_smem + STAGE_BYTES);             // [8][TP][NH] partial scores; the merge's
-  unsigned short* pw = (unsigned short*)(sp + 8 * TP * NH);  // [PROWS][PLD] weights
+  unsigned short* stage = (unsigned short*)dm_smem;  // [DM_NST][TP][RB bytes]
+  // RAW: the converted tile, after the stages.
+  unsigned short* conv = (unsigned short*)(dm_smem + DM_NST * TP * RB);  // [TP][LD]
+  float* ot = (float*)dm_smem;                                            // [NH][OLD], after the tiles
+  constexpr int TILE_BYTES = DM_NST * TP * RB + (RAW ? TP * LD * 2 : 0);
+  constexpr int STAGE_BYTES = TILE_BYTES > NH * OLD * 4 ? TILE_BYTES : NH * OLD * 4;
+  constexpr int NSP = RAW ? 8 + KR : 8;                       // partial score tiles (RAW: the rope steps' apart)
+  float* sp = (float*)(dm_smem + STAGE_BYTES);             // [NSP][TP][NH] partial scores; the merge's
+  unsigned short* pw = (unsigned short*)(sp + NSP * TP * NH);  // [PROWS][PLD] weights
   float* alpha_s = (float*)(pw + PROWS * PLD);               // [NH]
   float* m_s = alpha_s + NH;
   float* l_s = m_s + NH;
+  float* sc0 = l_s + NH;  // RAW: [TP] the latent's scale of each position
+  float* sc1 = sc0 + TP;  // [TP] k_pe's
   // The in-launch merge (all heads in one block only) uses sp as scratch.
   static_assert(HT != DM_HT || 8 * TP * NH >= 2 * DM_MAXS + 2 * NH + 4 + 4 * DM_THREADS, "merge scratch");
 
@@ -1039,9 +1063,20 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
       const int r = k * TP + crow;
       const bool valid = r < nb, before = ahead && (!valid || j0 + r < early);
       if (part == 2 || (part == 0) == before) {
-        const u8* src = layer + (size_t)slot * W * 2;
-        const u32 dst = stage_addr + (u32)(((k % DM_NST) * TP + crow) * LD * 2);
-        for (int c = csub; c < CH; c += TPR) cp_async16(dst + c * 16, src + c * 16, valid);
+        if (RAW) {
+          const u8* src = layer + (size_t)slot * RB;
+          const u32 dst = stage_addr + (u32)(((k % DM_NST) * TP + crow) * RB);
+          for (int c = csub; c < NP; c += TPR) {
+            if (PB == 8)
+              cp_async8(dst + c * 8, src + c * 8, valid);
+            else
+              cp_async16(dst + c * 16, src + c * 16, valid);
+          }
+        } else {
+          const u8* src = layer + (size_t)slot * W * 2;
+          const u32 dst = stage_addr + (u32)(((k % DM_NST) * TP + crow) * LD * 2);
+          for (int c = csub; c < CH; c += TPR) cp_async16(dst + c * 16, src + c * 16, valid);
+        }
       }
     }
     if (part != 0) asm volatile("cp.async.commit_group;" ::: "memory");
@@ -1109,11 +1144,39 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
     __syncthreads();
     if (k == 0) DM_STAMP(3);
     if (k == 0) TRACE_MARK();
-    const u32 tile = stage_addr + (u32)((k % DM_NST) * TP * LD * 2);
+    u32 tile = stage_addr + (u32)((k % DM_NST) * TP * LD * 2);
+    if (RAW) {
+      // The stage's records as a bf16 tile and two scales a position
+      // (zeros for the rows past the split: their copies were zero
+      // filled).
+      const u8* recs = dm_smem + (k % DM_NST) * TP * RB;
+      constexpr int per = W / 8, total = TP * per;
+#pragma unroll 4
+      for (int i = tid; i < total; i += DM_THREADS) {
+        const int r = i / per, c = (i % per) * 8;
+        const u8* rec = recs + r * RB;
+        uint4 v;
+        if (CT == 2) {
+          v = e4m3x8_bf16(*(const uint2*)(rec + c));
+        } else {
+          v = c < RANK ? e2m1x8_bf16(*(const u32*)(rec + c / 2), rec[RANK / 2 + DR + c / 32])
+                       : e4m3x8_bf16(*(const uint2*)(rec + RANK / 2 + (c - RANK)));
+        }
+        *(uint4*)(conv + r * LD + c) = v;
+      }
+      if (tid < TP) {
+        const float* scs = (const float*)(recs + tid * RB + (CT == 2 ? W : FP4_SO));
+        sc0[tid] = scs[0];
+        sc1[tid] = scs[1];
+      }
+      __syncthreads();
+      tile = smem_addr(conv);
+    }
 
     // Partial scores over this warp's k steps: TP positions x NH heads.
     {
       float sacc[NA][MT][HT][4];
+      float srope[RAW ? MT : 1][HT][4];  // RAW: the rope step's products
 #pragma unroll
       for (int a = 0; a < NA; a++)
 #pragma unroll
@@ -1121,6 +1184,10 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 #pragma unroll
           for (int j = 0; j < HT; j++)
             sacc[a][mt][j][0] = sacc[a][mt][j][1] = sacc[a][mt][j][2] = sacc[a][mt][j][3] = 0.f;
+#pragma unroll
+      for (int mt = 0; mt < (RAW ? MT : 1); mt++)
+#pragma unroll
+        for (int j = 0; j < HT; j++) srope[mt][j][0] = srope[mt][j][1] = srope[mt][j][2] = srope[mt][j][3] = 0.f;
 #pragma unroll
       for (int kk = 0; kk < KS; kk++) {
         if (kk < KL || warp < KR) {
@@ -1133,8 +1200,12 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 #pragma unroll
             for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-              for (int j = 0; j < HT; j++)
-                mma_bf16(sacc[p % NA][mt][j], a[mt], qb[kk][j][p][0], qb[kk][j][p][1]);
+              for (int j = 0; j < HT; j++) {
+                if (RAW && kk == KL)
+                  mma_bf16(srope[RAW ? mt : 0][j], a[mt], qb[kk][j][p][0], qb[kk][j][p][1]);
+                else
+                  mma_bf16(sacc[p % NA][mt][j], a[mt], qb[kk][j][p][0], qb[kk][j][p][1]);
+              }
         }
       }
       float* mine = sp + warp * TP * NH;
@@ -1152,6 +1223,12 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
           const int row = mt * 16 + g, col = 8 * j + 2 * c4;
           *(float2*)(mine + row * NH + col) = make_float2(v[0], v[1]);
           *(float2*)(mine + (row + 8) * NH + col) = make_float2(v[2], v[3]);
+          if (RAW && warp < KR) {
+            float* rope = sp + (8 + warp) * TP * NH;
+            const float* e = srope[RAW ? mt : 0][j];
+            *(float2*)(rope + row * NH + col) = make_float2(e[0], e[1]);
+            *(float2*)(rope + (row + 8) * NH + col) = make_float2(e[2], e[3]);
+          }
         }
     }
     __syncthreads();
@@ -1167,6 +1244,12 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
         float a = 0.f;
 #pragma unroll
         for (int w = 0; w < 8; w++) a += sp[(w * TP + r) * NH + sh];
+        if (RAW) {
+          float b = 0.f;
+#pragma unroll
+          for (int w = 0; w < KR; w++) b += sp[((8 + w) * TP + r) * NH + sh];
+          a = sc0[r] * a + sc1[r] * b;
+        }
         const bool valid = hb + sh < heads && k * TP + r < nb;
         sv[i] = valid ? a * scale : __int_as_float(0xff800000);
         mx = fmaxf(mx, sv[i]);
@@ -1185,9 +1268,12 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
         const float p1 = (none || sv[i + 1] == __int_as_float(0xff800000)) ? 0.f : expf(sv[i + 1] - m_new);
         sum += p0;
         sum += p1;
-        u32 part[3];
-        split3_bf16x2(p0, p1, part[0], part[1], part[2]);
         const int r = sq + 8 * i;
+        u32 part[3];
+        if (RAW)
+          split3_bf16x2(p0 * sc0[r], p1 * sc0[r + 8], part[0], part[1], part[2]);
+        else
+          split3_bf16x2(p0, p1, part[0], part[1], part[2]);
 #pragma unroll
         for (int q = 0; q < 3; q++) {
           pw[(q * NH + sh) * PLD + r] = (unsigned short)(part[q] & 0xFFFFu);
@@ -1296,16 +1382,18 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 #undef DM_STAMP
 }
 
-#define DECODE_MMA(RANK, DR, TP, HT, NAME)                                                                           \
+#define DECODE_MMA_CT(RANK, DR, TP, HT, CT, NAME)                                                                    \
   extern "C" __global__ void __launch_bounds__(DM_THREADS, 1)                                                        \
       NAME(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const u8* layer,              \
            const i32* __restrict__ pos, const i32* __restrict__ row_seq, const i32* __restrict__ seq_blocks,         \
            const i32* __restrict__ blocks, int block_size, int heads, int dn, float scale, float* part_ml,           \
            float* part_acc, u32* counters, int ahead, i8* xq, float* xs, i32* xsum, int G,                          \
            unsigned long long* stamps) {                                                                             \
-    decode_mma<RANK, DR, TP, HT>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks, block_size, \
-                                 heads, dn, scale, part_ml, part_acc, counters, ahead, xq, xs, xsum, G, stamps);     \
+    decode_mma<RANK, DR, TP, HT, CT>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks,         \
+                                     block_size, heads, dn, scale, part_ml, part_acc, counters, ahead, xq, xs, xsum, \
+                                     G, stamps);                                                                     \
   }
+#define DECODE_MMA(RANK, DR, TP, HT, NAME) DECODE_MMA_CT(RANK, DR, TP, HT, 0, NAME)
 
 // Instances: the model's (rank 512, rope 64) and the tests' small shape,
 // tiles of 16 positions (splits of at most 16) and of 32, all heads in a
@@ -1316,6 +1404,16 @@ DECODE_MMA(256, 32, 16, DM_HT, decode_mma_256_32_t16)
 DECODE_MMA(256, 32, 32, DM_HT, decode_mma_256_32_t32)
 DECODE_MMA(512, 64, 16, 1, decode_mma_512_64_t16_h8)
 DECODE_MMA(512, 64, 32, 1, decode_mma_512_64_t32_h8)
+// Over the fp8 and fp4 caches (CT 2 and 3): the same instances.
+#define DECODE_MMA_Q(CT, SUF)                                               \
+  DECODE_MMA_CT(512, 64, 16, DM_HT, CT, decode_mma_512_64_t16_##SUF)       \
+  DECODE_MMA_CT(512, 64, 32, DM_HT, CT, decode_mma_512_64_t32_##SUF)       \
+  DECODE_MMA_CT(256, 32, 16, DM_HT, CT, decode_mma_256_32_t16_##SUF)       \
+  DECODE_MMA_CT(256, 32, 32, DM_HT, CT, decode_mma_256_32_t32_##SUF)       \
+  DECODE_MMA_CT(512, 64, 16, 1, CT, decode_mma_512_64_t16_h8_##SUF)        \
+  DECODE_MMA_CT(512, 64, 32, 1, CT, decode_mma_512_64_t32_h8_##SUF)
+DECODE_MMA_Q(2, fp8)
+DECODE_MMA_Q(3, fp4)
 
 // The splits' merge as a second launch: grid (rank/128, heads, rows),
 // eight warps a block for one row, head and 128 columns. Warp w takes the
