@@ -174,8 +174,8 @@ func TestCacheWriteFP4MatchesCPU(t *testing.T) {
 
 // BenchmarkAttentionDTypes times decode latent attention at GLM-4.7-Flash's
 // shapes over bf16, fp8 and fp4 caches as a decode step takes it by
-// default (the tensor-core kernel for bf16, the single-launch kernel with
-// one head a warp for fp8 and fp4): 1 and 8 rows at ctx 1024 and 8192,
+// default (the tensor-core kernel, the fp8 and fp4 caches through its
+// raw-record instances): 1 and 8 rows at ctx 1024 and 8192,
 // device time per call over enough layers (over 100 MB) that the cache
 // is read from memory. GB/s counts the cache bytes read (the slots'
 // sizes). Run with -test.benchtime=1x.
