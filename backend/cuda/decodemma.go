@@ -88,8 +88,7 @@ func decodeMMARecord(rank, dr int, dt backend.CacheDType) int {
 	case backend.CacheFP8:
 		return rank + dr + 8
 	case backend.CacheFP4:
-		so := (rank/2 + dr + (rank+31)/32 + 7) &^ 7
-		return (so + 8 + 15) &^ 15
+		return fp4SlotBytes(rank, dr)
 	}
 	return 0
 }

@@ -1003,7 +1003,8 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   static_assert(CT == 0 || CT == 2 || CT == 3, "cache type");
   // A record's bytes (the stages' row stride) and its copy pieces.
   constexpr bool RAW = CT != 0;
-  constexpr int FP4_SO = (RANK / 2 + DR + (RANK + 31) / 32 + 7) & ~7;  // fp4_scale_offset's
+  // (rec_bytes, constant here: shared memory is laid out with it).
+  constexpr int FP4_SO = (RANK / 2 + DR + (RANK + 31) / 32 + 7) & ~7;  // fp4_scale_offset
   constexpr int RB = CT == 2 ? W + 8 : CT == 3 ? (FP4_SO + 8 + 15) & ~15 : LD * 2;  // fp4_slot_bytes
   constexpr int PB = CT == 2 ? 8 : 16, NP = CT == 0 ? CH : RB / PB;
   static_assert(RB % PB == 0, "record pieces");
@@ -1154,18 +1155,10 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 #pragma unroll 4
       for (int i = tid; i < total; i += DM_THREADS) {
         const int r = i / per, c = (i % per) * 8;
-        const u8* rec = recs + r * RB;
-        uint4 v;
-        if (CT == 2) {
-          v = e4m3x8_bf16(*(const uint2*)(rec + c));
-        } else {
-          v = c < RANK ? e2m1x8_bf16(*(const u32*)(rec + c / 2), rec[RANK / 2 + DR + c / 32])
-                       : e4m3x8_bf16(*(const uint2*)(rec + RANK / 2 + (c - RANK)));
-        }
-        *(uint4*)(conv + r * LD + c) = v;
+        *(uint4*)(conv + r * LD + c) = rec_bf16x8<CT == 3>(rec_load8<CT == 3>(recs + r * RB, c, RANK, DR), c, RANK);
       }
       if (tid < TP) {
-        const float* scs = (const float*)(recs + tid * RB + (CT == 2 ? W : FP4_SO));
+        const float* scs = (const float*)(recs + tid * RB + rec_scales<CT == 3>(RANK, DR));
         sc0[tid] = scs[0];
         sc1[tid] = scs[1];
       }
