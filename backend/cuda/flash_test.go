@@ -12,6 +12,7 @@ import (
 
 	"github.com/mmfp4/mmfp4/backend"
 	"github.com/mmfp4/mmfp4/backend/cpu"
+	"github.com/mmfp4/mmfp4/format"
 )
 
 // flashSeq is one sequence of a flash test step: prefix positions already
@@ -458,4 +459,58 @@ func flashPhases(b *testing.B, g *Backend, olat, qlat, q backend.Tensor, s backe
 		msg += fmt.Sprintf(" %s %.0f (%.0f)", n, sum/8, most)
 	}
 	fmt.Printf("flash phases (%s), cycles a tile (mean of warps, slowest), %d tiles a warp:%s\n", flashBF16Form, st[phases-1], msg)
+}
+
+// The fp4 cache's decode into bf16 (flash.cu's e2m1x8_bf16, byte
+// permutes and a bf16x2 multiply, and its float reference form) against
+// format.E2M1Decode times format.E4M3Decode, exact in bf16: every scale
+// byte and every code byte in each of the four places, both forms the
+// same bits (NaN for the NaN scale bytes 0x7F and 0xFF).
+func TestFlashFP4ConvertMatchesFormat(t *testing.T) {
+	d := testDevice(t)
+	got := make([]uint16, 2*65536*8)
+	err := d.Do(func(c *Ctx) error {
+		out, err := c.Alloc(2 * len(got))
+		if err != nil {
+			return err
+		}
+		defer c.Free(out)
+		k, err := c.Kernel("flash", "flash_fp4_convert")
+		if err != nil {
+			return err
+		}
+		if err := c.Launch(k, D1(256), D1(256), 0, out.Ptr); err != nil {
+			return err
+		}
+		return CopyOut(c, got, out.Ptr)
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	bad := 0
+	for sb := 0; sb < 256; sb++ {
+		scale := format.E4M3Decode(uint8(sb))
+		for c := 0; c < 256; c++ {
+			codes := uint32(c) | uint32(255-c)<<8 | uint32((c*7)&255)<<16 | uint32((c*13+5)&255)<<24
+			for v := 0; v < 8; v++ {
+				want := format.E2M1Decode(uint8(codes>>(4*v))&15) * scale
+				wb := uint16(math.Float32bits(want) >> 16)
+				if math.Float32bits(want)&0xFFFF != 0 {
+					t.Fatalf("scale %#02x code %#x: %g is not exact in bf16", sb, codes>>(4*v)&15, want)
+				}
+				for form, off := range []int{0, 65536 * 8} {
+					g := got[off+(sb*256+c)*8+v]
+					gf := math.Float32frombits(uint32(g) << 16)
+					if g != wb && !(gf != gf && want != want) {
+						if bad++; bad <= 10 {
+							t.Errorf("form %d, scale %#02x, codes %#08x, value %d: bf16 %#04x, want %#04x (%g)", form, sb, codes, v, g, wb, want)
+						}
+					}
+				}
+			}
+		}
+	}
+	if bad > 10 {
+		t.Errorf("%d mismatches in all", bad)
+	}
 }

@@ -132,8 +132,9 @@ DEVICE uint4 e4m3x8_bf16(uint2 v) {
 
 // Eight E2M1 codes (four bytes, each byte's low nibble first) times their
 // group's E4M3 scale (byte sb) as eight bf16 values: exact, a product of
-// at most two and four significant bits.
-DEVICE uint4 e2m1x8_bf16(u32 codes, u32 sb) {
+// at most two and four significant bits. The reference form, one float
+// product a value.
+DEVICE uint4 e2m1x8_bf16_ref(u32 codes, u32 sb) {
   const float d = e4m3(sb);
   u32 w[4];
 #pragma unroll
@@ -143,6 +144,46 @@ DEVICE uint4 e2m1x8_bf16(u32 codes, u32 sb) {
     w[i] = (__float_as_uint(lo) >> 16) | (__float_as_uint(hi) & 0xFFFF0000u);
   }
   return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// e2m1x8_bf16_ref's values (the same bits) with byte permutes: the eight
+// magnitudes' bf16 high and low bytes looked up four codes at a time (the
+// codes' low three bits select a byte of a table pair), interleaved into
+// bf16 pairs, the sign bits moved in, then one bf16x2 multiply-add by the
+// scale (with -0 added: exact products stay exact, a -0 product stays -0).
+#define E2M1_BF16_HI_A 0x3F3F3F00u  // magnitudes 0, 0.5, 1, 1.5: high bytes
+#define E2M1_BF16_HI_B 0x40404040u  // 2, 3, 4, 6
+#define E2M1_BF16_LO_A 0xC0800000u  // low bytes
+#define E2M1_BF16_LO_B 0xC0804000u
+DEVICE uint2 e2m1x4_bf16_mags(u32 c) {  // c: four codes, low 16 bits
+  const u32 sel = c & 0x7777u;
+  const u32 hi = prmt(E2M1_BF16_HI_A, E2M1_BF16_HI_B, sel), lo = prmt(E2M1_BF16_LO_A, E2M1_BF16_LO_B, sel);
+  u32 w0 = prmt(lo, hi, 0x5140), w1 = prmt(lo, hi, 0x7362);
+  w0 |= ((c << 12) & 0x8000u) | ((c << 24) & 0x80000000u);
+  w1 |= ((c << 4) & 0x8000u) | ((c << 16) & 0x80000000u);
+  return make_uint2(w0, w1);
+}
+DEVICE u32 bf16x2_mul_exact(u32 a, u32 b) {
+  u32 d;
+  asm("fma.rn.bf16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+  return d;
+}
+DEVICE uint4 e2m1x8_bf16(u32 codes, u32 sb) {
+  const u32 d = __float_as_uint(e4m3(sb)) >> 16;  // exact in bf16 (three fraction bits)
+  const u32 d2 = d | (d << 16);
+  const uint2 a = e2m1x4_bf16_mags(codes), b = e2m1x4_bf16_mags(codes >> 16);
+  return make_uint4(bf16x2_mul_exact(a.x, d2), bf16x2_mul_exact(a.y, d2), bf16x2_mul_exact(b.x, d2),
+                    bf16x2_mul_exact(b.y, d2));
+}
+
+// e2m1x8_bf16 and e2m1x8_bf16_ref (tests): block s (the scale byte) and
+// thread c write both forms of codes made from c (every byte value in
+// each of the four places across the threads) into out[2][256][256].
+extern "C" __global__ void flash_fp4_convert(uint4* __restrict__ out) {
+  const u32 c = threadIdx.x, sb = blockIdx.x;
+  const u32 codes = c | ((255u - c) << 8) | (((c * 7u) & 255u) << 16) | (((c * 13u + 5u) & 255u) << 24);
+  out[sb * 256 + c] = e2m1x8_bf16(codes, sb);
+  out[65536 + sb * 256 + c] = e2m1x8_bf16_ref(codes, sb);
 }
 
 // A quantized cache's record for the exact form's tiles: its bytes, the
