@@ -11,15 +11,17 @@ import (
 )
 
 // Decode attention on the tensor cores (decode_mma in kernels/flash.cu):
-// for a few rows over a bf16 cache, a block per split of a row's
-// positions takes all of its heads. The splits are merged in the same
-// launch (the row's blocks meet at a barrier, then each merges a share)
-// or by a second launch (decode_combine) started early with programmatic
-// serialization: on an H200 the second launch was the faster for one row
-// of up to 1024 positions (12.6 against 14.9 us at 1024), the barrier for
-// everything else measured (8 and 32 rows, and one row of 8192 positions:
-// 21.7 against 23.3 us); docs/perf.md. Grids larger than the device holds
-// at once always take the second launch.
+// for a few rows over a bf16, fp8 or fp4 cache, a block per split of a
+// row's positions takes all of its heads (or 8 of them). The splits are
+// merged in the same launch (the row's blocks meet at a barrier, then
+// each merges a share) or by a second launch (decode_combine, or for one
+// row the value expansion's decode_combine_values) started early with
+// programmatic serialization. On an H200 the second launch is the faster
+// for one row up to 8192 positions (end to end +12% at ctx 4096, +6.5% at
+// 8192, but -2.4% at 16384, where its 44 splits of 8 heads' blocks hold
+// 12 tiles each); the barrier for more rows (8 and 32); docs/perf.md.
+// Grids larger than the device holds at once always take the second
+// launch.
 
 // decodeMMAShapes are the (rank, rope dims) decode_mma is compiled for:
 // the model's and the tests' small one.
@@ -60,8 +62,8 @@ var decodeSplitsFixed int
 var decodeMMAQuantized = true
 
 // decodeMMALaunchMaxN is the longest single row whose splits mergeAuto
-// merges by the second launch.
-const decodeMMALaunchMaxN = 4096
+// merges by the second launch (between the measured 8192 and 16384).
+const decodeMMALaunchMaxN = 12288
 
 // decodeMMAShared is decode_mma's dynamic shared memory for tiles of tp
 // positions: the tiles in flight (or the head-major values at the end,
