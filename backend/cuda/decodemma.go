@@ -17,11 +17,11 @@ import (
 // each merges a share) or by a second launch (decode_combine, or for one
 // row the value expansion's decode_combine_values) started early with
 // programmatic serialization. On an H200 the second launch is the faster
-// for one row up to 8192 positions (end to end +12% at ctx 4096, +6.5% at
-// 8192, but -2.4% at 16384, where its 44 splits of 8 heads' blocks hold
-// 12 tiles each); the barrier for more rows (8 and 32); docs/perf.md.
-// Grids larger than the device holds at once always take the second
-// launch.
+// for one row at every length measured (end to end +12% at ctx 4096,
+// +6.5% at 8192 with blocks of 8 heads; +5.6% at 16384 and +6.4% at 32768
+// with blocks of all heads); the barrier for more rows (8 and 32);
+// docs/perf.md. Grids larger than the device holds at once always take
+// the second launch.
 
 // decodeMMAShapes are the (rank, rope dims) decode_mma is compiled for:
 // the model's and the tests' small one.
@@ -41,7 +41,7 @@ const (
 // Merge modes of decode_mma's splits (Backend.decodeMerge; tests and
 // benchmarks fix one).
 const (
-	mergeAuto     = iota // mergeLaunch for one row of at most decodeMMALaunchMaxN positions, else mergeInKernel
+	mergeAuto     = iota // mergeLaunch for one row, else mergeInKernel
 	mergeInKernel        // a barrier per row in the same launch, where the grid is resident
 	mergeLaunch          // decode_combine, launched early (programmatic serialization)
 )
@@ -61,9 +61,11 @@ var decodeSplitsFixed int
 // kernel.
 var decodeMMAQuantized = true
 
-// decodeMMALaunchMaxN is the longest single row whose splits mergeAuto
-// merges by the second launch (between the measured 8192 and 16384).
-const decodeMMALaunchMaxN = 12288
+// decodeHeadGroupMaxN is the longest row whose splits take blocks of 8
+// heads: beyond it a row's 44 splits hold so many tiles (each read by
+// three blocks) that blocks of all heads in 132 splits are faster (on an
+// H200, even at 8192 positions; at 32768, 248 against 303-309 tok/s).
+const decodeHeadGroupMaxN = 12288
 
 // decodeMMAShared is decode_mma's dynamic shared memory for tiles of tp
 // positions: the tiles in flight (or the head-major values at the end,
@@ -129,11 +131,11 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 	merge := b.decodeMerge
 	if merge == mergeAuto {
 		merge = mergeInKernel
-		if T == 1 && b.meta.maxN <= decodeMMALaunchMaxN {
+		if T == 1 {
 			merge = mergeLaunch
 		}
 	}
-	if decodeHeadGroups && s.Rank == 512 && s.RopeDim == 64 && merge == mergeLaunch {
+	if decodeHeadGroups && s.Rank == 512 && s.RopeDim == 64 && merge == mergeLaunch && b.meta.maxN <= decodeHeadGroupMaxN {
 		hg = (s.Heads + 7) / 8
 	}
 	one := b.rowsOneSplit(T, s)
