@@ -447,7 +447,8 @@ ABSORB_TCM(192, 2)
 // memory once; the standalone kernel waits for each of its loops in turn
 // and for two barriers. The same arithmetic, so the same bits. One block
 // of 256 threads a row; the table and the slot are read before the wait
-// (they come from the step's uploads).
+// (they come from the step's uploads). A bf16 or f32 cache only
+// (ropeRowsFit): an fp8 or fp4 record's scales need the whole row first.
 #define RC_Q 4
 #define RC_L 4
 extern "C" __global__ void __launch_bounds__(256)

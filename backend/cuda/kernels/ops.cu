@@ -97,19 +97,6 @@ DEVICE float cache_load(const void* layer, int dtype, size_t slot, int width, in
   return bf16_to_f32(((const unsigned short*)layer)[slot * width + j]);
 }
 
-// Float to FP8 E4M3FN, round to nearest even, saturating finite values to
-// +-448, NaN to 0x7F, the sign kept (as format.E4M3Encode).
-DEVICE u32 e4m3_encode(float x) {
-  if (x != x) return 0x7Fu;
-  const u32 sign = (__float_as_uint(x) >> 24) & 0x80u;
-  const float a = fabsf(x);
-  if (a >= 448.f) return sign | 0x7Eu;
-  if (a < 0.015625f) return sign | (u32)rintf(a * 512.f);  // subnormal: steps of 2^-9
-  u32 u = __float_as_uint(a);
-  u += 0x7FFFFu + ((u >> 20) & 1u);  // round the mantissa to 3 bits, carry into the exponent
-  return sign | ((((u >> 23) - 120u) << 3) | ((u >> 20) & 7u));
-}
-
 // Stores row t's latent (rank values) and k_pe (rope values) at its slot of
 // one layer of the pool.
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
@@ -130,8 +117,8 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
 
 // Two RoPEs of the same table (the queries' heads in q, the shared key in
 // kpe) and the cache write of the latent and the rotated key, for row t,
-// in one launch (bf16 or f32 cache): rope_rows twice, then cache_write
-// (rope2_cache_write_row, rope.cuh).
+// in one launch: rope_rows twice, then cache_write, cache_write_fp8 or
+// cache_write_fp4 (rope2_cache_write_row, rope.cuh).
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     rope2_cache_write(float* q, int ldq, int qheads, int qstride, int qoffset, float* kpe, int ldk,
                       int kheads, int kstride, int koffset, int dim, int interleaved,
@@ -191,6 +178,10 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
   rope_row(kpe, ldk, kheads, kstride, koffset, dim, interleaved, cs, 1, 0);
   __syncthreads();
   const size_t slot = (size_t)slots[0];
+  if (dtype >= 2) {  // every thread is here: the writer's barriers are met
+    cache_write_q_row(dtype, layer, slot, out, kpe, rank, rope);
+    return;
+  }
   for (int j = tid; j < width; j += OPS_THREADS) {
     const float v = j < rank ? out[j] : kpe[j - rank];
     if (dtype == 1)
@@ -200,122 +191,25 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
   }
 }
 
-// FP8 cache write, one block per row t: each part (c: rank values, k_pe:
-// rope values) gets scale amax/448 and codes e4m3(v * (1/scale)), all zero
-// when the scale is 0 or NaN (as the CPU pool's encodeFP8).
+// The fp8 and fp4 cache writes (cache_write_fp8_row, cache_write_fp4_row
+// in rope.cuh, which the fused writes share), one block per row t.
+static_assert(OPS_THREADS == ROPE_THREADS, "the cache writers are written for blocks of ROPE_THREADS");
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     cache_write_fp8(void* layer, const i32* __restrict__ slots, const float* lat, int ldl,
                     const float* kpe, int ldk, int rank, int rope) {
   PDL_LAUNCH();
   PDL_WAIT();
-  __shared__ float part[2][OPS_THREADS / 32];
-  __shared__ float scales[2];
-  const int t = blockIdx.x, width = rank + rope, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  u8* rec = (u8*)layer + (size_t)slots[t] * (width + 8);
-  float m0 = 0.f, m1 = 0.f;
-  for (int j = threadIdx.x; j < width; j += OPS_THREADS) {
-    if (j < rank)
-      m0 = fmaxf(m0, fabsf(lat[(size_t)t * ldl + j]));
-    else
-      m1 = fmaxf(m1, fabsf(kpe[(size_t)t * ldk + j - rank]));
-  }
-  m0 = warp_max(m0);
-  m1 = warp_max(m1);
-  if (lane == 0) {
-    part[0][warp] = m0;
-    part[1][warp] = m1;
-  }
-  __syncthreads();
-  if (threadIdx.x < 2) {
-    float m = 0.f;
-    for (int w = 0; w < OPS_THREADS / 32; w++) m = fmaxf(m, part[threadIdx.x][w]);
-    const float sc = m / 448.f;
-    scales[threadIdx.x] = sc;
-    ((float*)(rec + width))[threadIdx.x] = sc;
-  }
-  __syncthreads();
-  for (int j = threadIdx.x; j < width; j += OPS_THREADS) {
-    const float sc = scales[j < rank ? 0 : 1];
-    u32 code = 0;
-    if (sc != 0.f && sc == sc) {
-      const float v = j < rank ? lat[(size_t)t * ldl + j] : kpe[(size_t)t * ldk + j - rank];
-      code = e4m3_encode(__fmul_rn(v, 1.f / sc));
-    }
-    rec[j] = (u8)code;
-  }
+  const int t = blockIdx.x;
+  cache_write_fp8_row(layer, (size_t)slots[t], lat + (size_t)t * ldl, kpe + (size_t)t * ldk, rank, rope);
 }
 
-// Float to FP4 E2M1, as format.E2M1Encode: the magnitude code counts the
-// midpoints between neighbouring magnitudes below |x| (ties to the even
-// code), the sign bit only on a nonzero code, NaN to 0.
-DEVICE u32 e2m1_encode(float x) {
-  const float a = fabsf(x);
-  const u32 m = (u32)(a > 0.25f) + (u32)(a >= 0.75f) + (u32)(a > 1.25f) + (u32)(a >= 1.75f) + (u32)(a > 2.5f) +
-                (u32)(a >= 3.5f) + (u32)(a > 5.f);
-  return m | (x < 0.f && m != 0u ? 8u : 0u);
-}
-
-// FP4 cache write (the slot layout above cache_load), one block per row t,
-// as the CPU pool's encodeFP4 and encodeFP8, rounding for rounding: the
-// latent's scale ts = amax/(6*448); each group of 32 gets the E4M3 scale s
-// of amax_g/6/ts, raised while e4m3(s)*ts*6 < amax_g (below 0x7E), and
-// codes e2m1(v * (1/(e4m3(s)*ts))) (zero where that product is 0); k_pe
-// gets scale amax/448 and codes e4m3(v * (1/scale)). All codes and group
-// scales are zero where a scale is 0 or NaN. A warp takes a group, its
-// lanes one value each.
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     cache_write_fp4(void* layer, const i32* __restrict__ slots, const float* lat, int ldl,
                     const float* kpe, int ldk, int rank, int rope) {
   PDL_LAUNCH();
   PDL_WAIT();
-  __shared__ float part[2][OPS_THREADS / 32];
-  __shared__ float scales[2];
-  const int t = blockIdx.x, width = rank + rope, warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int ng = (rank + 31) / 32, so = fp4_scale_offset(rank, rope);
-  u8* rec = (u8*)layer + (size_t)slots[t] * fp4_slot_bytes(rank, rope);
-  const float* x = lat + (size_t)t * ldl;
-  const float* k = kpe + (size_t)t * ldk;
-  float m0 = 0.f, m1 = 0.f;
-  for (int j = threadIdx.x; j < width; j += OPS_THREADS) {
-    if (j < rank)
-      m0 = fmaxf(m0, fabsf(x[j]));
-    else
-      m1 = fmaxf(m1, fabsf(k[j - rank]));
-  }
-  m0 = warp_max(m0);
-  m1 = warp_max(m1);
-  if (lane == 0) {
-    part[0][warp] = m0;
-    part[1][warp] = m1;
-  }
-  __syncthreads();
-  if (threadIdx.x < 2) {
-    float m = 0.f;
-    for (int w = 0; w < OPS_THREADS / 32; w++) m = fmaxf(m, part[threadIdx.x][w]);
-    const float sc = __fdiv_rn(m, threadIdx.x == 0 ? 2688.f : 448.f);
-    scales[threadIdx.x] = sc;
-    ((float*)(rec + so))[threadIdx.x] = sc;
-  }
-  __syncthreads();
-  const float ts = scales[0], ks = scales[1];
-  const bool cok = ts != 0.f && ts == ts, kok = ks != 0.f && ks == ks;
-  for (int g = warp; g < ng; g += OPS_THREADS / 32) {
-    const int j = 32 * g + lane;
-    const float v = j < rank ? x[j] : 0.f;
-    u32 s = 0u, code = 0u;
-    if (cok) {
-      const float amax = warp_max(fabsf(v));
-      s = e4m3_encode(__fdiv_rn(__fdiv_rn(amax, 6.f), ts));
-      while (s < 0x7Eu && __fmul_rn(__fmul_rn(e4m3(s), ts), 6.f) < amax) s++;
-      const float d = __fmul_rn(e4m3(s), ts);
-      if (d != 0.f) code = e2m1_encode(__fmul_rn(v, __fdiv_rn(1.f, d)));
-    }
-    const u32 hi = __shfl_down_sync(0xffffffffu, code, 1);
-    if (j < rank && (lane & 1) == 0) rec[j >> 1] = (u8)(code | (hi << 4));
-    if (lane == 0) rec[rank / 2 + rope + g] = (u8)s;
-  }
-  for (int j = threadIdx.x; j < rope; j += OPS_THREADS)
-    rec[rank / 2 + j] = kok ? (u8)e4m3_encode(__fmul_rn(k[j], __fdiv_rn(1.f, ks))) : (u8)0;
+  const int t = blockIdx.x;
+  cache_write_fp4_row(layer, (size_t)slots[t], lat + (size_t)t * ldl, kpe + (size_t)t * ldk, rank, rope);
 }
 
 // Causal latent attention, one block per (row t, head h):
