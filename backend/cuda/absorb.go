@@ -88,9 +88,11 @@ const (
 // ropeRowsFit reports whether the RoPEs r1 (the queries') and r2 (the
 // key's) and the cache write of rows rows take rope2_cache_rows
 // (absorb.cu): a prefill's rows (as absorbTilesMinRows), one key head
-// rotated whole, and RC_Q, RC_L's bounds.
-func ropeRowsFit(rows int, r1, r2 *ropeOp, rank, rope int) bool {
+// rotated whole, RC_Q, RC_L's bounds, and a bf16 or f32 cache (dtype, as
+// kernelDType: the kernel writes no fp8 or fp4 records; rope2_cache_write
+// takes those).
+func ropeRowsFit(rows int, r1, r2 *ropeOp, rank, rope, dtype int) bool {
 	const rcQ, rcL = 4, 4 // RC_Q, RC_L
-	return !prefillFuseOff && rows >= absorbTilesMinRows && r2.heads == 1 && r2.offset == 0 && r2.dim == rope &&
+	return !prefillFuseOff && dtype <= 1 && rows >= absorbTilesMinRows && r2.heads == 1 && r2.offset == 0 && r2.dim == rope &&
 		r1.dim == r2.dim && r1.heads*r1.dim/2 <= 256*rcQ && rank <= 256*rcL && r1.dim/2 <= 256
 }

@@ -195,8 +195,10 @@ type Backend struct {
 	lastNormGEMV *normGEMVOp
 	// lastAddNorm is the add, norm and product launch queued last.
 	lastAddNorm *addNormGEMVOp
-	// lastRopeCache is the RoPE + cache write launch queued last.
+	// lastRopeCache is the RoPE + cache write launch queued last;
+	// ropeCaches counts the cache writes that took both RoPEs (tests).
 	lastRopeCache *ropeCacheOp
+	ropeCaches    int
 	chainMerges   [8]int
 	// prefillMerges counts a prefill's merged launches by kind
 	// (prefillValues, prefillNorms, prefillCombine, prefillRopeRows; tests).
@@ -1581,6 +1583,10 @@ func (b *Backend) NewCachePool(layers, blocks, blockSize, rank, ropeDim int, dty
 
 func (p *cachePool) layer(l int) uint64 { return p.buf.At(l * p.layerBytes) }
 
+// ropeCacheOff keeps the RoPEs and the cache write in launches of their
+// own (tests compare the fused launches with them).
+var ropeCacheOff bool
+
 // CacheWrite stores each row's latent and k_pe at its slot.
 func (b *Backend) CacheWrite(layer int, latent, kpe backend.Tensor) {
 	lm, km, p := asTensor(latent), asTensor(kpe), b.pool
@@ -1596,10 +1602,11 @@ func (b *Backend) CacheWrite(layer int, latent, kpe backend.Tensor) {
 		b.badShape("cache kpe", [2]int{km.rows, km.cols}, [2]int{b.batch.Rows(), p.ropeDim}) || lm.rows == 0 {
 		return
 	}
-	if r1, r2 := b.ropes[0], b.ropes[1]; (p.dtype == backend.CacheBF16 || p.dtype == backend.CacheF32) && r1 != nil && r2 != nil && r1.flush == b.flushes && r2.flush == b.flushes &&
+	if r1, r2 := b.ropes[0], b.ropes[1]; !ropeCacheOff && r1 != nil && r2 != nil && r1.flush == b.flushes && r2.flush == b.flushes &&
 		r2.idx == len(b.pending)-1 && r1.idx == r2.idx-1 && r2.m == *km && r1.table == r2.table && r1.dim == r2.dim && r1.il == r2.il {
 		// Both RoPEs just queued (the queries', then this key's) run in
-		// the cache write's launch.
+		// the cache write's launch, for every cache dtype.
+		b.ropeCaches++
 		if b.latentNorm(r1, r2, lm, km, layer) {
 			return
 		}
@@ -1607,7 +1614,7 @@ func (b *Backend) CacheWrite(layer int, latent, kpe backend.Tensor) {
 		b.ropes = [2]*ropeOp{}
 		q := r1.m
 		mod, name := "ops", "rope2_cache_write"
-		if ropeRowsFit(lm.rows, r1, r2, p.rank, p.ropeDim) {
+		if ropeRowsFit(lm.rows, r1, r2, p.rank, p.ropeDim, p.kernelDType()) {
 			mod, name = "absorb", "rope2_cache_rows" // a prefill's rows (absorb.go)
 			b.prefillMerges[prefillRopeRows]++
 		}

@@ -602,7 +602,7 @@ type qAbsorbRope struct {
 	table      uint64 // cos then sin, one row
 	il         int    // interleaved pairs
 	kpe        uint64 // the key's 64 columns, rotated in place
-	layer      uint64 // the cache layer, its dtype (0 bf16, 1 f32) and the row's slot
+	layer      uint64 // the cache layer, its dtype (kernelDType) and the row's slot
 	dtype      int
 	slots, lat uint64 // the latent the cache takes
 }
