@@ -89,6 +89,103 @@ func cpuPoolBytes(t *testing.T, p backend.CachePool, layer, slots, rank, rope in
 	return out
 }
 
+// cacheWriteSteps are a prefill of 37 rows of one sequence of block table
+// table, then two decode steps of one row.
+func cacheWriteSteps(t *testing.T, table []int32, blocks, blockSize int) []*backend.Batch {
+	t.Helper()
+	var steps []*backend.Batch
+	for _, se := range [][2]int{{0, 37}, {37, 38}, {38, 39}} {
+		st := &backend.Batch{Seqs: []backend.Seq{{Start: 0, Len: se[1] - se[0], Blocks: table}}, Outputs: []int32{0}}
+		for p := se[0]; p < se[1]; p++ {
+			st.Positions = append(st.Positions, int32(p))
+			st.Tokens = append(st.Tokens, 0)
+		}
+		if err := st.Validate(1, blocks, blockSize); err != nil {
+			t.Fatal(err)
+		}
+		steps = append(steps, st)
+	}
+	return steps
+}
+
+// The RoPEs and cache write in one launch (rope2_cache_write: a prefill's
+// rows, then single decode rows, two layers) store over fp8 and fp4 caches
+// the bytes of the separate launches (rope_rows twice, then
+// cache_write_fp8 or cache_write_fp4), on fp4Rows' corner rows at several
+// shapes; every slot holds a record but those of fp4Rows' all-zero rows,
+// and every other byte of the pool is zero.
+func TestCacheWriteQuantFusedMatchesSeparate(t *testing.T) {
+	r := testRand(t)
+	const blockSize, blocks, layers, rows = 4, 16, 2, 39
+	for _, dt := range []backend.CacheDType{backend.CacheFP8, backend.CacheFP4} {
+		for _, sh := range [][2]int{{512, 64}, {128, 64}, {256, 32}, {80, 16}} {
+			rank, rope := sh[0], sh[1]
+			var table []int32
+			for _, b := range r.Perm(blocks)[:12] {
+				table = append(table, int32(b))
+			}
+			steps := cacheWriteSteps(t, table, blocks, blockSize)
+			var lats, kpes, qs [layers][]float32
+			for l := range layers {
+				lats[l], kpes[l] = fp4Rows(r, rows, rank, rope)
+				qs[l] = randVec(r, rows*2*rope, 1)
+			}
+			run := func(separate bool) ([]byte, *Backend) {
+				defer func(v bool) { ropeCacheOff = v }(ropeCacheOff)
+				ropeCacheOff = separate
+				g, _ := testBackends(t, Options{})
+				pool, err := g.NewCachePool(layers, blocks, blockSize, rank, rope, dt)
+				if err != nil {
+					t.Fatal(err)
+				}
+				t0 := 0
+				for _, st := range steps {
+					g.SetBatch(st, pool)
+					T := st.Rows()
+					for l := range layers {
+						q, lt, kt := g.NewTensor(T, 2*rope), g.NewTensor(T, rank), g.NewTensor(T, rope)
+						g.Upload(q, qs[l][t0*2*rope:(t0+T)*2*rope])
+						g.Upload(lt, lats[l][t0*rank:(t0+T)*rank])
+						g.Upload(kt, kpes[l][t0*rope:(t0+T)*rope])
+						g.RoPE(q, 2, rope, 0, rope, 10000, true)
+						g.RoPE(kt, 1, rope, 0, rope, 10000, true)
+						g.CacheWrite(l, lt, kt)
+					}
+					t0 += T
+				}
+				cp := pool.(*cachePool)
+				buf := make([]byte, cp.buf.Size)
+				g.now("read cache", func(c *Ctx) error { return CopyOut(c, buf, cp.buf.Ptr) })
+				if err := g.Sync(); err != nil {
+					t.Fatal(err)
+				}
+				return buf, g
+			}
+			name := fmt.Sprintf("%v cache, rank %d rope %d", dt, rank, rope)
+			want, gs := run(true)
+			got, g := run(false)
+			if n := len(steps) * layers; g.ropeCaches != n || gs.ropeCaches != 0 {
+				t.Errorf("%s: RoPEs in the cache write: %d fused, %d separate; want %d, 0", name, g.ropeCaches, gs.ropeCaches, n)
+			}
+			if j := firstDiff(want, got); j >= 0 {
+				t.Errorf("%s: pool byte %d of %d = %#02x fused, %#02x separate", name, j, len(want), got[j], want[j])
+			}
+			sb, lb := slotBytesOf(dt, rank, rope), g.pool.layerBytes
+			for l := range layers {
+				written := 0
+				for s := 0; s < blocks*blockSize; s++ {
+					if nonzeroCount(want[l*lb+s*sb:l*lb+(s+1)*sb]) > 0 {
+						written++
+					}
+				}
+				if n := rows - (rows+7)/8; written != n || nonzeroCount(want[l*lb+blocks*blockSize*sb:(l+1)*lb]) != 0 {
+					t.Errorf("%s, layer %d: %d slots hold a record, want %d, and no byte past them", name, l, written, n)
+				}
+			}
+		}
+	}
+}
+
 // The fp4 cache write (cache_write_fp4: a prefill's many rows, then single
 // decode rows) stores exactly the CPU pool's codes, group scales and
 // scales, byte for byte, at the slots of scattered block tables; every
@@ -103,19 +200,7 @@ func TestCacheWriteFP4MatchesCPU(t *testing.T) {
 		for _, b := range r.Perm(blocks)[:12] {
 			table = append(table, int32(b))
 		}
-		// A prefill of 37 rows, then two decode steps of one row.
-		var steps []*backend.Batch
-		for _, se := range [][2]int{{0, 37}, {37, 38}, {38, 39}} {
-			st := &backend.Batch{Seqs: []backend.Seq{{Start: 0, Len: se[1] - se[0], Blocks: table}}, Outputs: []int32{0}}
-			for p := se[0]; p < se[1]; p++ {
-				st.Positions = append(st.Positions, int32(p))
-				st.Tokens = append(st.Tokens, 0)
-			}
-			if err := st.Validate(1, blocks, blockSize); err != nil {
-				t.Fatal(err)
-			}
-			steps = append(steps, st)
-		}
+		steps := cacheWriteSteps(t, table, blocks, blockSize)
 		var lats, kpes [layers][][]float32
 		for l := 0; l < layers; l++ {
 			for _, st := range steps {

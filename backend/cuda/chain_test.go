@@ -38,12 +38,14 @@ func quantForm(t *testing.T, g *Backend, x backend.Tensor, G int) []byte {
 // The shared launches of a single-token decode layer (chain.go) compute
 // what the separate launches compute, bit for bit: q_a and kv_a of one
 // input, the q_a norm and the latent's norm around q_b, the RoPEs and
-// cache write with the absorbed query (also the cache's bytes, bf16 and
-// f32), and all of those in one launch where the q_a norm has an output of
-// its own (norm_qb_absorb_192, in a step after the first), the value expansion with the int8 form of its output in o_proj's
-// groups (also those int8 forms' bytes), at GLM-4.7-Flash's attention shapes with
-// groups of 128 and of 32 and 64, and at a shape whose norms are not
-// paired (rmsnorm_quant8 does not take 352 or 96 columns), nor where q_b
+// cache write with the absorbed query (also the cache's bytes, bf16, f32,
+// fp8 and fp4; the separate launches write it apart from the RoPEs), and
+// all of those in one launch where the q_a norm has an output of its own
+// (norm_qb_absorb_192, in a step after the first), the value expansion
+// with the int8 form of its output in o_proj's groups (also those int8
+// forms' bytes), at GLM-4.7-Flash's attention shapes with groups of 128
+// and of 32 and 64, and at a shape whose norms are not paired
+// (rmsnorm_quant8 does not take 352 or 96 columns), nor where q_b
 // quantizes its input again (groups of 32, the norms' of 128).
 func TestChainLaunchesMatchSeparate(t *testing.T) {
 	for _, c := range []struct {
@@ -59,10 +61,21 @@ func TestChainLaunchesMatchSeparate(t *testing.T) {
 		{2048, 768, 20, 192, 512, 256, 128, 32, 64, backend.CacheBF16, [8]int{1, 1, 1, 0, 0, 1, 1, 1}, false},
 		{2048, 768, 20, 192, 512, 256, 128, 128, 128, backend.CacheF32, [8]int{1, 1, 1, 0, 0, 1, 1, 1}, false},
 		{1056, 352, 3, 128, 96, 32, 32, 32, 32, backend.CacheBF16, [8]int{1, 1, 0, 0, 0, 0, 0, 0}, false}, // rank 96: no tensor-core absorbed query
+		{2048, 768, 20, 192, 512, 256, 128, 128, 128, backend.CacheFP8, [8]int{1, 1, 1, 0, 0, 1, 1, 1}, false},
+		{2048, 768, 20, 192, 512, 256, 128, 128, 128, backend.CacheFP4, [8]int{1, 1, 1, 0, 0, 1, 1, 1}, false},
+		{2048, 768, 20, 192, 512, 256, 128, 128, 128, backend.CacheFP8, [8]int{1, 1, 1, 1, 0, 0, 1, 0}, true},
+		{2048, 768, 20, 192, 512, 256, 128, 128, 128, backend.CacheFP4, [8]int{1, 1, 1, 1, 0, 0, 1, 0}, true},
+		{2048, 768, 20, 128, 512, 256, 32, 64, 32, backend.CacheFP8, [8]int{1, 1, 0, 1, 0, 0, 0, 0}, false},
+		{2048, 768, 20, 128, 512, 256, 32, 64, 32, backend.CacheFP4, [8]int{1, 1, 0, 1, 0, 0, 0, 0}, false},
+		{1056, 352, 3, 128, 96, 32, 32, 32, 32, backend.CacheFP8, [8]int{1, 1, 0, 0, 0, 0, 0, 0}, false},
+		{1056, 352, 3, 128, 96, 32, 32, 32, 32, backend.CacheFP4, [8]int{1, 1, 0, 0, 0, 0, 0, 0}, false},
 	} {
-		t.Run(fmt.Sprintf("hidden%d_nope%d_G%d_uv%d_o%d_inplace%v", c.hidden, c.nope, c.G, c.uvG, c.oG, c.inPlace), func(t *testing.T) {
+		t.Run(fmt.Sprintf("hidden%d_nope%d_G%d_uv%d_o%d_inplace%v_%v", c.hidden, c.nope, c.G, c.uvG, c.oG, c.inPlace, c.dtype), func(t *testing.T) {
 			const pos = 37
 			run := func(o Options) (map[string][]float32, map[string][]byte, *Backend) {
+				// The separate launches: the RoPEs and cache write apart too.
+				defer func(v bool) { ropeCacheOff = v }(ropeCacheOff)
+				ropeCacheOff = o.SeparateChain
 				g, _ := testBackends(t, o)
 				r := rand.New(rand.NewPCG(41, uint64(c.hidden+c.G+c.uvG+c.oG)))
 				qh := func(name string, n, k, G int) backend.Weight { return mustWeight(t, g, quantHost(t, r, name, n, k, G)) }
@@ -122,59 +135,70 @@ func TestChainLaunchesMatchSeparate(t *testing.T) {
 				for name, x := range map[string]backend.Tensor{"x": x, "h": h, "qa": qaOut, "qa norm": qaN, "kv": kv, "q": q, "latent": latent, "qlat": qlat, "v": v, "out": out} {
 					got[name] = g.Download(x)
 				}
-				cp := pool.(*cachePool)
-				rec := make([]byte, cp.layerBytes)
-				g.now("read cache", func(c *Ctx) error { return CopyOut(c, rec, cp.layer(0)) })
 				forms := map[string][]byte{
 					"qa norm": quantForm(t, g, qaN, groupFor(c.qRank)), "h": quantForm(t, g, h, groupFor(c.hidden)), "latent": quantForm(t, g, latent, groupFor(c.rank)), "v": quantForm(t, g, v, c.oG),
-					"cache": rec,
+					"cache": poolLayer(t, g, pool, 0),
 				}
 				if err := g.Sync(); err != nil {
 					t.Fatal(err)
 				}
 				return got, forms, g
 			}
-			want, wantForms, _ := run(Options{SeparateChain: true})
+			want, wantForms, gs := run(Options{SeparateChain: true})
 			got, gotForms, g := run(Options{})
 			if g.chainMerges != c.merges {
 				t.Errorf("merged launches %v (pairs, values, norms, absorbed queries with the RoPE, routers with their norm, norms with their product, adds and norms with their products, norms and q_b with the absorbed query), want %v", g.chainMerges, c.merges)
 			}
+			if g.ropeCaches != 1 || gs.ropeCaches != 0 {
+				t.Errorf("RoPEs in the cache write: %d shared, %d separate; want 1, 0", g.ropeCaches, gs.ropeCaches)
+			}
+			checkRecords(t, "cache", wantForms["cache"], slotBytesOf(c.dtype, c.rank, 64), 1)
 			sameOutputs(t, "shared", got, want, gotForms, wantForms)
 		})
 	}
 }
 
 // Decode steps of the MMFP4 fixture give the same logits with the shared
-// launches as without, bit for bit (its q_a/kv_a pairs and value
-// expansions; its 128-column norms are not paired, and its 32 nope columns
-// take the CUDA-core absorbed query, which has no RoPE form).
+// launches as without (and without the RoPEs and cache write in one
+// launch), bit for bit, over f32, fp8 and fp4 caches (its q_a/kv_a pairs,
+// value expansions and RoPEs with the cache write; its 128-column norms are
+// not paired, and its 32 nope columns take the CUDA-core absorbed query,
+// which has no RoPE form).
 func TestChainDecodeMatchesSeparate(t *testing.T) {
 	dir := quantizedFixture(t)
 	ref := loadGolden(t)
 	const steps = 24
-	decode := func(o Options) ([]float32, *Backend) {
-		g, _ := testBackends(t, o)
-		return greedyLogits(t, loadOn(t, dir, g), ref.prompt, steps, backend.CacheF32), g
-	}
-	want, _ := decode(Options{SeparateChain: true})
-	got, g := decode(Options{})
-	t.Logf("merged launches (pairs, values, norms, absorbed queries with the RoPE): %v", g.chainMerges)
-	if g.chainMerges[chainPair] == 0 || g.chainMerges[chainValues] == 0 {
-		t.Errorf("merged launches %v: want pairs and values", g.chainMerges)
-	}
-	for i := range want {
-		if got[i] != want[i] {
-			t.Fatalf("logit %d (step %d): %v shared, %v separate", i, i/(len(want)/(steps+1)), got[i], want[i])
-		}
+	for _, dt := range []backend.CacheDType{backend.CacheF32, backend.CacheFP8, backend.CacheFP4} {
+		t.Run(dt.String(), func(t *testing.T) {
+			decode := func(o Options) ([]float32, *Backend) {
+				defer func(v bool) { ropeCacheOff = v }(ropeCacheOff)
+				ropeCacheOff = o.SeparateChain
+				g, _ := testBackends(t, o)
+				return greedyLogits(t, loadOn(t, dir, g), ref.prompt, steps, dt), g
+			}
+			want, gs := decode(Options{SeparateChain: true})
+			got, g := decode(Options{})
+			t.Logf("merged launches (pairs, values, norms, absorbed queries with the RoPE): %v, RoPEs in the cache write: %d", g.chainMerges, g.ropeCaches)
+			if g.chainMerges[chainPair] == 0 || g.chainMerges[chainValues] == 0 || g.ropeCaches == 0 || gs.ropeCaches != 0 {
+				t.Errorf("merged launches %v, RoPEs in the cache write %d (separate %d): want pairs, values and RoPEs", g.chainMerges, g.ropeCaches, gs.ropeCaches)
+			}
+			for i := range want {
+				if got[i] != want[i] {
+					t.Fatalf("logit %d (step %d): %v shared, %v separate", i, i/(len(want)/(steps+1)), got[i], want[i])
+				}
+			}
+		})
 	}
 }
 
 // chainBufs adds to pdlBufs what the latent's half of the chain needs: the
-// latent row and its int8 form, its norm's gain, one layer of a bf16 cache
+// latent row and its int8 form, its norm's gain, one layer of a cache (bf16
+// unless dtype, the kernels' code, says otherwise; room for 8 bf16 slots)
 // with the row's slot, and a RoPE table.
 type chainBufs struct {
 	*pdlBufs
 	lat, latGain, cache, slots, table uint64
+	dtype                             int
 	qan                               uint64 // the q_a norm's output
 	counter                           uint64 // add_norm_gemv_pair's ticket word
 	latq                              *QActs
@@ -212,7 +236,8 @@ func newChainBufs(c *Ctx, r *rand.Rand, s pdlShape) (*chainBufs, error) {
 // add and norm, q_a and kv_a, the q_a norm, q_b, the latent's norm, the
 // RoPEs and cache write, the absorbed query, the quantization of the
 // (stand-in) attention output, the value expansion, the quantization of v
-// and o_proj. 12 launches all apart, 8 all shared.
+// and o_proj. 12 launches all apart (14 over an fp8 or fp4 cache, whose
+// RoPEs and cache write the backend launched apart before), 8 all shared.
 func (b *chainBufs) queueChain(c *Ctx, l *pdlLayer, merged int) error {
 	s := b.s
 	const eps = 1e-5
@@ -276,15 +301,19 @@ func (b *chainBufs) queueChain(c *Ctx, l *pdlLayer, merged int) error {
 		}
 		sh := backend.MLAShape{Heads: s.heads, NopeDim: s.nope, RopeDim: s.rope, Rank: s.rank, VDim: s.vDim}
 		errs = append(errs, c.NormQAbsorb(b.q, l.qb, qaNorm, n2, b.qlat, l.uk, sh,
-			qAbsorbRope{table: b.table, il: 1, kpe: kpe, layer: b.cache, dtype: 0, slots: b.slots, lat: b.lat}))
+			qAbsorbRope{table: b.table, il: 1, kpe: kpe, layer: b.cache, dtype: b.dtype, slots: b.slots, lat: b.lat}))
 	case on(chainRope):
 		grid.Z++
 		args := append(append(append(absorbArgs, s.heads), ropeArgs[:1]...), ropeArgs[2:]...)
-		args = append(args, b.cache, 0, b.slots, b.lat, s.rank)
+		args = append(args, b.cache, b.dtype, b.slots, b.lat, s.rank)
 		errs = append(errs, c.Launch(absorb, grid, D1(256), shared, args...))
+	case b.dtype >= 2:
+		errs = append(errs, launchRopesCacheQ(c, b.dtype, b.q, qRows, s.heads, s.nope+s.rope, s.nope, kpe, s.kvRows, s.rope, 1, b.table,
+			b.cache, b.slots, b.lat, s.rank, s.rank),
+			c.Launch(absorb, grid, D1(256), shared, absorbArgs...))
 	default:
 		errs = append(errs,
-			c.Launch(ropeCache, D1(1), D1(256), 0, append(append(ropeArgs, 1), b.cache, 0, b.slots, b.lat, s.rank, s.rank, s.rope)...),
+			c.Launch(ropeCache, D1(1), D1(256), 0, append(append(ropeArgs, 1), b.cache, b.dtype, b.slots, b.lat, s.rank, s.rank, s.rope)...),
 			c.Launch(absorb, grid, D1(256), shared, absorbArgs...))
 	}
 	errs = append(errs, c.RMSNormQuant(b.qlat, s.heads*s.rank, 0, 0, 0, 0, 1, s.heads*s.rank, s.G, b.olq))
@@ -324,9 +353,10 @@ func (b *chainBufs) outputs(c *Ctx) (map[string][]byte, error) {
 
 // The attention half of three decode layers at GLM-4.7-Flash's shapes with
 // the launches of chain.go shared gives the bytes of the separate launches
-// (every float row, int8 form and the cache), replayed from a graph with
-// programmatic dependent launch (where the device has it) and launched
-// one by one without.
+// (every float row, int8 form and the cache: bf16, fp8 and fp4, the
+// record at its slot only), replayed from a graph with programmatic
+// dependent launch (where the device has it) and launched one by one
+// without.
 func TestChainLayerMatchesSeparate(t *testing.T) {
 	d := testDevice(t)
 	r := testRand(t)
@@ -378,27 +408,28 @@ func TestChainLayerMatchesSeparate(t *testing.T) {
 			}
 			return b.outputs(c)
 		}
-		want, err := run(0, false)
-		if err != nil {
-			return err
-		}
-		for _, graphed := range []bool{false, true} {
-			for _, merged := range []int{chainAll, chainAll | 1<<chainNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormGEMV, chainAll | 1<<chainAddNormGEMV,
-				chainAll | 1<<chainNormGEMV | 1<<chainAddNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormGEMV | 1<<chainAddNormGEMV,
-				chainAll | 1<<chainNormAbsorb | 1<<chainAddNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormAbsorb | 1<<chainAddNormGEMV} {
-				got, err := run(merged, graphed)
-				if err != nil {
-					return err
-				}
-				for name, w := range want {
-					if j := firstDiff(w, got[name]); j >= 0 {
-						t.Errorf("%s, shared launches %08b (graph %v): byte %d of %d differs from the separate launches", name, merged, graphed, j, len(w))
+		for _, dt := range []backend.CacheDType{backend.CacheBF16, backend.CacheFP8, backend.CacheFP4} {
+			b.dtype = cacheDTypeCode(dt)
+			want, err := run(0, false)
+			if err != nil {
+				return err
+			}
+			for _, graphed := range []bool{false, true} {
+				for _, merged := range []int{chainAll, chainAll | 1<<chainNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormGEMV, chainAll | 1<<chainAddNormGEMV,
+					chainAll | 1<<chainNormGEMV | 1<<chainAddNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormGEMV | 1<<chainAddNormGEMV,
+					chainAll | 1<<chainNormAbsorb | 1<<chainAddNormGEMV, chainAll&^(1<<chainNorms) | 1<<chainNormAbsorb | 1<<chainAddNormGEMV} {
+					got, err := run(merged, graphed)
+					if err != nil {
+						return err
+					}
+					for name, w := range want {
+						if j := firstDiff(w, got[name]); j >= 0 {
+							t.Errorf("%v cache: %s, shared launches %08b (graph %v): byte %d of %d differs from the separate launches", dt, name, merged, graphed, j, len(w))
+						}
 					}
 				}
 			}
-		}
-		if nonzero := nonzeroCount(want["cache"]); nonzero < glmShape.rank {
-			t.Errorf("the cache holds %d nonzero bytes, want a slot's record", nonzero)
+			checkRecords(t, fmt.Sprintf("%v cache", dt), want["cache"], slotBytesOf(dt, glmShape.rank, glmShape.rope), 1)
 		}
 		return c.Sync()
 	})

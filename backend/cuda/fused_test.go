@@ -87,25 +87,32 @@ func TestFusedProductsMatchSeparate(t *testing.T) {
 }
 
 // Decode steps of the MMFP4 fixture give the same logits with and without
-// the fused products, bit for bit.
+// the fused products, bit for bit, over f32, fp8 and fp4 caches (without:
+// the RoPEs and the cache write in launches of their own too).
 func TestFusedDecodeMatchesSeparate(t *testing.T) {
 	dir := quantizedFixture(t)
 	ref := loadGolden(t)
 	const steps = 24
-	decode := func(o Options) ([]float32, *Backend) {
-		g, _ := testBackends(t, o)
-		return greedyLogits(t, loadOn(t, dir, g), ref.prompt, steps, backend.CacheF32), g
-	}
-	want, _ := decode(Options{})
-	got, g := decode(Options{FusedGEMV: true, FusedLatent: true})
-	t.Logf("fused launches: %v, two products in one: %d", g.fusedLaunches, g.fusedPairs)
-	if g.fusedLaunches[fuseNorm] == 0 || g.fusedLaunches[fuseAddNorm] == 0 || g.fusedLaunches[fuseQuant] == 0 || g.fusedPairs == 0 || g.fusedLatent == 0 {
-		t.Errorf("fused launches %v, pairs %d, latent norms %d: want every kind", g.fusedLaunches, g.fusedPairs, g.fusedLatent)
-	}
-	for i := range want {
-		if got[i] != want[i] {
-			t.Fatalf("logit %d (step %d): %v fused, %v separate", i, i/(len(want)/(steps+1)), got[i], want[i])
-		}
+	for _, dt := range []backend.CacheDType{backend.CacheF32, backend.CacheFP8, backend.CacheFP4} {
+		t.Run(dt.String(), func(t *testing.T) {
+			decode := func(o Options, separate bool) ([]float32, *Backend) {
+				defer func(v bool) { ropeCacheOff = v }(ropeCacheOff)
+				ropeCacheOff = separate
+				g, _ := testBackends(t, o)
+				return greedyLogits(t, loadOn(t, dir, g), ref.prompt, steps, dt), g
+			}
+			want, _ := decode(Options{}, true)
+			got, g := decode(Options{FusedGEMV: true, FusedLatent: true}, false)
+			t.Logf("fused launches: %v, two products in one: %d, latent norms: %d", g.fusedLaunches, g.fusedPairs, g.fusedLatent)
+			if g.fusedLaunches[fuseNorm] == 0 || g.fusedLaunches[fuseAddNorm] == 0 || g.fusedLaunches[fuseQuant] == 0 || g.fusedPairs == 0 || g.fusedLatent == 0 {
+				t.Errorf("fused launches %v, pairs %d, latent norms %d: want every kind", g.fusedLaunches, g.fusedPairs, g.fusedLatent)
+			}
+			for i := range want {
+				if got[i] != want[i] {
+					t.Fatalf("logit %d (step %d): %v fused, %v separate", i, i/(len(want)/(steps+1)), got[i], want[i])
+				}
+			}
+		})
 	}
 }
 
@@ -191,67 +198,59 @@ func sameRouterStep(t *testing.T, how string, got map[string][]float32, gotIDs [
 
 // The latent's norm inside the RoPE and cache write launch
 // (rope2_norm_cache_write) gives the latent, the rotated query and key and
-// the cached record of the separate launches, bit for bit, at
-// GLM-4.7-Flash's shapes (rmsnorm_quant8's order) and at a rank for
-// rmsnorm_quant's.
+// the cached record of the separate launches (the norm, both RoPEs and the
+// cache write each in its own launch), bit for bit, over bf16, fp8 and fp4
+// caches, at GLM-4.7-Flash's shapes (rmsnorm_quant8's order) and at a rank
+// for rmsnorm_quant's.
 func TestFusedLatentNormMatchesSeparate(t *testing.T) {
 	for _, rank := range []int{512, 96} {
-		t.Run(fmt.Sprint(rank), func(t *testing.T) {
-			const heads, dn, dr, pos = 20, 192, 64, 37
-			run := func(o Options) (map[string][]float32, []uint16, *Backend) {
-				g, _ := testBackends(t, o)
-				r := rand.New(rand.NewPCG(31, uint64(rank)))
-				gain := mustWeight(t, g, backend.HostWeight{Name: "kv_a_norm", N: 1, K: rank, Dense: randVec(r, rank, 1)})
-				pool, err := g.NewCachePool(1, 4, 16, rank, dr, backend.CacheBF16)
-				if err != nil {
-					t.Fatal(err)
+		for _, dt := range []backend.CacheDType{backend.CacheBF16, backend.CacheFP8, backend.CacheFP4} {
+			t.Run(fmt.Sprintf("%d_%v", rank, dt), func(t *testing.T) {
+				const heads, dn, dr, pos = 20, 192, 64, 37
+				run := func(o Options, separate bool) (map[string][]float32, []byte, *Backend) {
+					defer func(v bool) { ropeCacheOff = v }(ropeCacheOff)
+					ropeCacheOff = separate
+					g, _ := testBackends(t, o)
+					r := rand.New(rand.NewPCG(31, uint64(rank)))
+					gain := mustWeight(t, g, backend.HostWeight{Name: "kv_a_norm", N: 1, K: rank, Dense: randVec(r, rank, 1)})
+					pool, err := g.NewCachePool(1, 4, 16, rank, dr, dt)
+					if err != nil {
+						t.Fatal(err)
+					}
+					g.SetBatch(simpleBatch(1, pos), pool)
+					q, kv, latent := g.NewTensor(1, heads*(dn+dr)), g.NewTensor(1, rank+dr), g.NewTensor(1, rank)
+					g.Upload(q, randVec(r, heads*(dn+dr), 1))
+					g.Upload(kv, randVec(r, rank+dr, 1))
+					kpe := g.Cols(kv, rank, rank+dr)
+					// The step's RoPE table is made by its first RoPE (an upload
+					// between the norm and the RoPEs, as in a decode step's first
+					// layer): a RoPE of another row first.
+					g.RoPE(g.NewTensor(1, dr), 1, dr, 0, dr, 10000, true)
+					g.RMSNorm(latent, g.Cols(kv, 0, rank), gain, 1e-6)
+					g.RoPE(q, heads, dn+dr, dn, dr, 10000, true)
+					g.RoPE(kpe, 1, dr, 0, dr, 10000, true)
+					g.CacheWrite(0, latent, kpe)
+					got := map[string][]float32{"latent": g.Download(latent), "q": g.Download(q), "kv": g.Download(kv)}
+					rec := poolLayer(t, g, pool, 0)
+					return got, rec, g
 				}
-				g.SetBatch(simpleBatch(1, pos), pool)
-				q, kv, latent := g.NewTensor(1, heads*(dn+dr)), g.NewTensor(1, rank+dr), g.NewTensor(1, rank)
-				g.Upload(q, randVec(r, heads*(dn+dr), 1))
-				g.Upload(kv, randVec(r, rank+dr, 1))
-				kpe := g.Cols(kv, rank, rank+dr)
-				// The step's RoPE table is made by its first RoPE (an upload
-				// between the norm and the RoPEs, as in a decode step's first
-				// layer): a RoPE of another row first.
-				g.RoPE(g.NewTensor(1, dr), 1, dr, 0, dr, 10000, true)
-				g.RMSNorm(latent, g.Cols(kv, 0, rank), gain, 1e-6)
-				g.RoPE(q, heads, dn+dr, dn, dr, 10000, true)
-				g.RoPE(kpe, 1, dr, 0, dr, 10000, true)
-				g.CacheWrite(0, latent, kpe)
-				got := map[string][]float32{"latent": g.Download(latent), "q": g.Download(q), "kv": g.Download(kv)}
-				cp := pool.(*cachePool)
-				rec := make([]uint16, (rank+dr)*cp.blocks*cp.blockSize)
-				g.now("read cache", func(c *Ctx) error { return CopyOut(c, rec, cp.layer(0)) })
-				if err := g.Sync(); err != nil {
-					t.Fatal(err)
+				want, wantRec, _ := run(Options{}, true)
+				got, gotRec, g := run(Options{FusedLatent: true}, false)
+				if g.fusedLatent != 1 {
+					t.Errorf("%d fused latent norms, want 1", g.fusedLatent)
 				}
-				return got, rec, g
-			}
-			want, wantRec, _ := run(Options{})
-			got, gotRec, g := run(Options{FusedLatent: true})
-			if g.fusedLatent != 1 {
-				t.Errorf("%d fused latent norms, want 1", g.fusedLatent)
-			}
-			for name, w := range want {
-				for i := range w {
-					if got[name][i] != w[i] {
-						t.Fatalf("%s[%d] = %v fused, %v separate", name, i, got[name][i], w[i])
+				for name, w := range want {
+					for i := range w {
+						if got[name][i] != w[i] {
+							t.Fatalf("%s[%d] = %v fused, %v separate", name, i, got[name][i], w[i])
+						}
 					}
 				}
-			}
-			nonzero := 0
-			for i := range wantRec {
-				if gotRec[i] != wantRec[i] {
-					t.Fatalf("cache word %d = %#x fused, %#x separate", i, gotRec[i], wantRec[i])
+				if j := firstDiff(wantRec, gotRec); j >= 0 {
+					t.Errorf("cache byte %d (slot byte %d) = %#02x fused, %#02x separate", j, j%slotBytesOf(dt, rank, dr), gotRec[j], wantRec[j])
 				}
-				if wantRec[i] != 0 {
-					nonzero++
-				}
-			}
-			if nonzero < rank {
-				t.Errorf("%d nonzero cache words, want the record of rank %d + %d", nonzero, rank, dr)
-			}
-		})
+				checkRecords(t, "cache", wantRec, slotBytesOf(dt, rank, dr), 1)
+			})
+		}
 	}
 }

@@ -110,6 +110,47 @@ func quantizeRef(x []float32, G int) (q []int8, scales []float32, sums []int32) 
 	return
 }
 
+// poolLayer reads back layer l of g's cache pool p.
+func poolLayer(t testing.TB, g *Backend, p backend.CachePool, l int) []byte {
+	t.Helper()
+	cp := p.(*cachePool)
+	rec := make([]byte, cp.layerBytes)
+	g.now("read cache", func(c *Ctx) error { return CopyOut(c, rec, cp.layer(l)) })
+	if err := g.Sync(); err != nil {
+		t.Fatal(err)
+	}
+	return rec
+}
+
+// checkRecords fails t unless the cache bytes rec (slots of slotBytes,
+// then padding) hold n written records: n slots with at least half their
+// bytes nonzero, every other byte zero. Tests that compare caches check
+// with it that what they compare was written, and only where it should be.
+func checkRecords(t testing.TB, name string, rec []byte, slotBytes, n int) {
+	t.Helper()
+	written := 0
+	for s := 0; s*slotBytes < len(rec); s++ {
+		switch nz := nonzeroCount(rec[s*slotBytes : min(len(rec), (s+1)*slotBytes)]); {
+		case nz == 0:
+		case nz >= slotBytes/2:
+			written++
+		default:
+			t.Errorf("%s: slot %d holds %d nonzero bytes of %d", name, s, nz, slotBytes)
+		}
+	}
+	if written != n {
+		t.Errorf("%s: %d slots hold a record, want %d", name, written, n)
+	}
+}
+
+// cacheDTypeCode is the cache kernels' dtype code of d (kernelDType).
+func cacheDTypeCode(d backend.CacheDType) int { return (&cachePool{dtype: d}).kernelDType() }
+
+// slotBytesOf is the size of a slot of a cache of dtype d (slotBytes).
+func slotBytesOf(d backend.CacheDType, rank, rope int) int {
+	return (&cachePool{rank: rank, ropeDim: rope, dtype: d}).slotBytes()
+}
+
 // poison fills n bytes at p with 0xFF (a NaN in every float32), so that an
 // output element the kernel fails to write shows.
 func poison(c *Ctx, p uint64, n int) error { return c.Memset(p, 0xFF, n) }

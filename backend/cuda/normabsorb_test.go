@@ -13,10 +13,13 @@ import (
 // norm_qb_absorb_192 writes what its separate launches write, bit for bit:
 // NormGEMV (the q_a norm with q_b's product, the latent's norm in its
 // extra block or none), rope2_cache_write (both RoPEs, the cache write of
-// the latent and the key) and absorb_query_tc_192: q_b's output with its
-// rope columns rotated, the q_a norm's output and int8 form, the latent's
-// norm and int8 form, the rotated key, the absorbed query and the cache's
-// bytes (bf16 and f32), at GLM-4.7-Flash's shapes (20 heads, q_lora 768)
+// the latent and the key; over fp8 and fp4 caches rope_rows twice and
+// cache_write_fp8 or cache_write_fp4, as the backend launched them before
+// its fused writes took those caches) and absorb_query_tc_192: q_b's
+// output with its rope columns rotated, the q_a norm's output and int8
+// form, the latent's norm and int8 form, the rotated key, the absorbed
+// query and the cache's bytes (bf16, f32, fp8 and fp4; the record written
+// at its slot only), at GLM-4.7-Flash's shapes (20 heads, q_lora 768)
 // and at other head counts, q_lora widths, groups and RoPE layouts, on
 // random weights and rows, with programmatic dependent launch where the
 // device has it.
@@ -29,17 +32,24 @@ func TestNormQAbsorbMatchesSeparate(t *testing.T) {
 	r := testRand(t)
 	const nope, rope, rank, slot = 192, 64, 512, 5
 	for _, v := range []struct {
-		heads, K, G, ukG, il, dtype int
-		latNorm                     bool
+		heads, K, G, ukG, il int
+		dt                   backend.CacheDType
+		latNorm              bool
 	}{
-		{20, 768, 128, 128, 1, 0, true},
-		{20, 768, 128, 128, 0, 1, true},
-		{20, 768, 64, 32, 1, 0, false},
-		{3, 256, 32, 64, 0, 1, true},
-		{7, 1024, 128, 128, 1, 0, true},
-		{1, 512, 64, 128, 0, 0, false},
+		{20, 768, 128, 128, 1, backend.CacheBF16, true},
+		{20, 768, 128, 128, 0, backend.CacheF32, true},
+		{20, 768, 64, 32, 1, backend.CacheBF16, false},
+		{3, 256, 32, 64, 0, backend.CacheF32, true},
+		{7, 1024, 128, 128, 1, backend.CacheBF16, true},
+		{1, 512, 64, 128, 0, backend.CacheBF16, false},
+		{20, 768, 128, 128, 1, backend.CacheFP8, true},
+		{20, 768, 128, 128, 0, backend.CacheFP4, true},
+		{20, 768, 64, 32, 1, backend.CacheFP4, false},
+		{3, 256, 32, 64, 0, backend.CacheFP8, false},
+		{7, 1024, 128, 128, 1, backend.CacheFP4, true},
 	} {
-		t.Run(fmt.Sprintf("heads%d_K%d_G%d_uk%d_il%d_dtype%d_lat%v", v.heads, v.K, v.G, v.ukG, v.il, v.dtype, v.latNorm), func(t *testing.T) {
+		dtype := cacheDTypeCode(v.dt)
+		t.Run(fmt.Sprintf("heads%d_K%d_G%d_uk%d_il%d_%v_lat%v", v.heads, v.K, v.G, v.ukG, v.il, v.dt, v.latNorm), func(t *testing.T) {
 			err := d.Do(func(c *Ctx) error {
 				qRows := v.heads * (nope + rope)
 				wqb, e1 := c.UploadMatrix(synthMatrix(r, qRows, v.K, v.G))
@@ -79,22 +89,27 @@ func TestNormQAbsorbMatchesSeparate(t *testing.T) {
 					}
 					err := withPDL(c, true, func() error {
 						if fused {
-							return c.NormQAbsorb(q, wqb, n, n2, qlat, uk, s, qAbsorbRope{table: table, il: v.il, kpe: kpe, layer: cache, dtype: v.dtype, slots: slots, lat: lat})
-						}
-						ropeCache, err := c.Kernel("ops", "rope2_cache_write")
-						if err != nil {
-							return err
+							return c.NormQAbsorb(q, wqb, n, n2, qlat, uk, s, qAbsorbRope{table: table, il: v.il, kpe: kpe, layer: cache, dtype: dtype, slots: slots, lat: lat})
 						}
 						shared := absorbTCShared(nope)
 						absorb, err := c.kernelShared("absorb", "absorb_query_tc_192", shared)
 						if err != nil {
 							return err
 						}
-						return errors.Join(c.NormGEMV(q, wqb, n, n2),
-							c.Launch(ropeCache, D1(1), D1(256), 0, q, qRows, v.heads, nope+rope, nope, kpe, rank+rope, 1, rope, 0, rope, v.il, table, 1,
-								cache, v.dtype, slots, lat, rank, rank, rope),
-							c.Launch(absorb, Dim{rank / absorbTCN, 1, uint32(v.heads)}, D1(256), shared, qlat, v.heads*rank, q, qRows,
-								uk.Codes, uk.Scales, uk.RowScale, uk.G, rank, rope, 1))
+						errs := []error{c.NormGEMV(q, wqb, n, n2)}
+						if dtype >= 2 {
+							errs = append(errs, launchRopesCacheQ(c, dtype, q, qRows, v.heads, nope+rope, nope, kpe, rank+rope, rope, v.il, table,
+								cache, slots, lat, rank, rank))
+						} else {
+							ropeCache, err := c.Kernel("ops", "rope2_cache_write")
+							if err != nil {
+								return err
+							}
+							errs = append(errs, c.Launch(ropeCache, D1(1), D1(256), 0, q, qRows, v.heads, nope+rope, nope, kpe, rank+rope, 1, rope, 0, rope, v.il, table, 1,
+								cache, dtype, slots, lat, rank, rank, rope))
+						}
+						return errors.Join(append(errs, c.Launch(absorb, Dim{rank / absorbTCN, 1, uint32(v.heads)}, D1(256), shared, qlat, v.heads*rank, q, qRows,
+							uk.Codes, uk.Scales, uk.RowScale, uk.G, rank, rope, 1))...)
 					})
 					if err == nil {
 						err = c.Sync()
@@ -118,9 +133,7 @@ func TestNormQAbsorbMatchesSeparate(t *testing.T) {
 				if err != nil {
 					return err
 				}
-				if nonzero := nonzeroCount(want["cache"]); nonzero < rank {
-					t.Errorf("the cache holds %d nonzero bytes, want a slot's record", nonzero)
-				}
+				checkRecords(t, "cache", want["cache"], slotBytesOf(v.dt, rank, rope), 1)
 				return nil
 			})
 			if err != nil {
@@ -128,4 +141,29 @@ func TestNormQAbsorbMatchesSeparate(t *testing.T) {
 			}
 		})
 	}
+}
+
+// launchRopesCacheQ launches what the backend launched for the RoPEs and
+// cache write of one row over an fp8 (dtype 2) or fp4 (3) cache before its
+// fused writes took them: rope_rows on the queries' heads of q (qheads
+// heads of qstride columns, rope columns from qoffset) and on the key kpe
+// (one head of rope columns), then cache_write_fp8 or cache_write_fp4 of
+// lat and kpe at slots[0].
+func launchRopesCacheQ(c *Ctx, dtype int, q uint64, ldq, qheads, qstride, qoffset int, kpe uint64, ldk, rope, il int, table,
+	cache, slots, lat uint64, ldl, rank int) error {
+	ropeRows, err := c.Kernel("ops", "rope_rows")
+	if err != nil {
+		return err
+	}
+	name := "cache_write_fp8"
+	if dtype == 3 {
+		name = "cache_write_fp4"
+	}
+	write, err := c.Kernel("ops", name)
+	if err != nil {
+		return err
+	}
+	return errors.Join(c.Launch(ropeRows, D1(1), D1(256), 0, q, ldq, qheads, qstride, qoffset, rope, il, table, 1),
+		c.Launch(ropeRows, D1(1), D1(256), 0, kpe, ldk, 1, rope, 0, rope, il, table, 1),
+		c.Launch(write, D1(1), D1(256), 0, cache, slots, lat, ldl, kpe, ldk, rank, rope))
 }

@@ -14,12 +14,14 @@ import (
 // The merged launches of a prefill's attention (the value expansion with
 // the int8 form of its output, the latent's norm with the q_a norm, the
 // absorbed query over two token tiles a block, the RoPEs and cache write
-// with every load of a row at once) compute what the separate
-// launches compute, bit for bit: the norms and their int8 forms, the
-// rotated queries and keys, the cache's bytes, the absorbed queries, the
-// expanded values, their int8 form and o_proj's product of it, at
-// GLM-4.7-Flash's attention shapes (and nope 128), at row counts that fill
-// and that leave short token tiles of both GEMM tiles.
+// with every load of a row at once; over an fp8 or fp4 cache the RoPEs
+// and cache write in rope2_cache_write) compute what the separate launches
+// compute (the RoPEs and cache write each in its own launch), bit for
+// bit: the norms and their int8 forms, the rotated queries and keys, the
+// cache's bytes, the absorbed queries, the expanded values, their int8
+// form and o_proj's product of it, at GLM-4.7-Flash's attention shapes
+// (and nope 128), at row counts that fill and that leave short token
+// tiles of both GEMM tiles.
 func TestPrefillMergesMatchSeparate(t *testing.T) {
 	for _, c := range []struct {
 		T, nope, uvG int
@@ -29,12 +31,14 @@ func TestPrefillMergesMatchSeparate(t *testing.T) {
 		{300, 192, 32, backend.CacheF32},
 		{129, 128, 64, backend.CacheBF16},
 		{70, 192, 128, backend.CacheBF16}, // the 16-token GEMM tile
+		{300, 192, 128, backend.CacheFP8},
+		{129, 128, 64, backend.CacheFP4},
 	} {
-		t.Run(fmt.Sprintf("T%d_nope%d_uv%d", c.T, c.nope, c.uvG), func(t *testing.T) {
+		t.Run(fmt.Sprintf("T%d_nope%d_uv%d_%v", c.T, c.nope, c.uvG, c.dtype), func(t *testing.T) {
 			const heads, rank, vdim, hidden, qRank = 20, 512, 256, 2048, 768
 			run := func(merged bool) (map[string][]float32, map[string][]byte, *Backend) {
-				defer func(v bool) { prefillFuseOff = v }(prefillFuseOff)
-				prefillFuseOff = !merged
+				defer func(v, w bool) { prefillFuseOff, ropeCacheOff = v, w }(prefillFuseOff, ropeCacheOff)
+				prefillFuseOff, ropeCacheOff = !merged, !merged
 				g, _ := testBackends(t, Options{})
 				r := rand.New(rand.NewPCG(43, uint64(c.T+c.nope+c.uvG)))
 				qh := func(name string, n, k, G int) backend.Weight { return mustWeight(t, g, quantHost(t, r, name, n, k, G)) }
@@ -74,9 +78,7 @@ func TestPrefillMergesMatchSeparate(t *testing.T) {
 				for name, x := range map[string]backend.Tensor{"qa norm": qaN, "latent": latent, "q": q, "kv": kv, "qlat": qlat, "v": v, "out": out} {
 					got[name] = g.Download(x)
 				}
-				cp := pool.(*cachePool)
-				rec := make([]byte, cp.layerBytes)
-				g.now("read cache", func(c *Ctx) error { return CopyOut(c, rec, cp.layer(0)) })
+				rec := poolLayer(t, g, pool, 0)
 				if vq == nil {
 					vq = quantForm(t, g, v, 128)
 				}
@@ -85,11 +87,19 @@ func TestPrefillMergesMatchSeparate(t *testing.T) {
 				}
 				return got, map[string][]byte{"v": vq, "cache": rec, "qa norm": quantForm(t, g, qaN, 128), "latent": quantForm(t, g, latent, 128)}, g
 			}
-			want, wantForms, _ := run(false)
+			want, wantForms, gs := run(false)
 			got, gotForms, g := run(true)
-			if g.prefillMerges != [4]int{1, 1, 0, 1} {
-				t.Errorf("merged launches %v (values with their int8 form, norm pairs, combines, RoPEs by rows), want [1 1 0 1]", g.prefillMerges)
+			merges := [4]int{1, 1, 0, 1}
+			if c.dtype == backend.CacheFP8 || c.dtype == backend.CacheFP4 {
+				merges[prefillRopeRows] = 0 // rope2_cache_write
 			}
+			if g.prefillMerges != merges {
+				t.Errorf("merged launches %v (values with their int8 form, norm pairs, combines, RoPEs by rows), want %v", g.prefillMerges, merges)
+			}
+			if g.ropeCaches != 1 || gs.ropeCaches != 0 {
+				t.Errorf("RoPEs in the cache write: %d merged, %d separate; want 1, 0", g.ropeCaches, gs.ropeCaches)
+			}
+			checkRecords(t, "cache", wantForms["cache"], slotBytesOf(c.dtype, rank, 64), c.T)
 			sameOutputs(t, "merged", got, want, gotForms, wantForms)
 		})
 	}

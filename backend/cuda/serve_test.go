@@ -308,9 +308,10 @@ func TestBackendServeCombineNormMatchesCPU(t *testing.T) {
 
 // The RoPEs, cache write and absorbed query of a serving step (2-64 decode
 // rows of sequences with cached prefixes, GLM-4.7-Flash's shapes) in one
-// launch (absorb_query_tc_rope_rows): the rotated q and k_pe, the absorbed
-// query and an attention over the written cache match the CPU backend,
-// and equal the separate launches' bit for bit.
+// launch (absorb_query_tc_rope_rows), over bf16, fp8 and fp4 caches: the
+// rotated q and k_pe, the absorbed query and an attention over the written
+// cache match the CPU backend, and equal the separate launches' (the RoPEs
+// and the cache write apart too) bit for bit, as do the cache's bytes.
 func TestBackendServeAbsorbRopeMatchesCPU(t *testing.T) {
 	r := testRand(t)
 	g, c := testBackends(t, Options{})
@@ -318,46 +319,60 @@ func TestBackendServeAbsorbRopeMatchesCPU(t *testing.T) {
 	qk, kvw := s.NopeDim+s.RopeDim, s.Rank+s.RopeDim
 	hw := quantHost(t, r, "wuk", s.Heads*s.NopeDim, s.Rank, 32)
 	defer func() { decodeSplitsFixed = 0 }()
-	for _, T := range []int{2, 5, 9, 32, 64} {
-		prefixes := make([]int, T)
-		for i := range prefixes {
-			prefixes[i] = r.IntN(100)
-		}
-		_, step, blocks := flashBatches(servePromptStep(prefixes, 0, 0), 16)
-		q, kv, lat := randVec(r, T*s.Heads*qk, 1), randVec(r, T*kvw, 1), randVec(r, T*s.Rank, 1)
-		op := func(b backend.Backend) []float32 {
-			wk := mustWeight(t, b, hw)
-			pool, err := b.NewCachePool(1, blocks, 16, s.Rank, s.RopeDim, backend.CacheBF16)
-			if err != nil {
-				t.Fatal(err)
+	for _, dt := range []backend.CacheDType{backend.CacheBF16, backend.CacheFP8, backend.CacheFP4} {
+		for _, T := range []int{2, 5, 9, 32, 64} {
+			prefixes := make([]int, T)
+			for i := range prefixes {
+				prefixes[i] = r.IntN(100)
 			}
-			b.SetBatch(step, pool)
-			qt, kvt, lt := b.NewTensor(T, s.Heads*qk), b.NewTensor(T, kvw), b.NewTensor(T, s.Rank)
-			b.Upload(qt, q)
-			b.Upload(kvt, kv)
-			b.Upload(lt, lat)
-			kpe := b.Cols(kvt, s.Rank, kvw)
-			b.RoPE(qt, s.Heads, qk, s.NopeDim, s.RopeDim, 10000, false)
-			b.RoPE(kpe, 1, s.RopeDim, 0, s.RopeDim, 10000, false)
-			b.CacheWrite(0, lt, kpe)
-			ql := backend.NewOutput(b, T, s.Heads*s.Rank)
-			b.AbsorbQuery(ql, qt, wk, s)
-			ol := backend.NewOutput(b, T, s.Heads*s.Rank)
-			b.LatentAttention(ol, ql, qt, 0, s, 0.07)
-			out := append(b.Download(qt), b.Download(kvt)...)
-			return append(append(out, b.Download(ql)...), b.Download(ol)...)
+			_, step, blocks := flashBatches(servePromptStep(prefixes, 0, 0), 16)
+			q, kv, lat := randVec(r, T*s.Heads*qk, 1), randVec(r, T*kvw, 1), randVec(r, T*s.Rank, 1)
+			var pool backend.CachePool // the last run's
+			op := func(b backend.Backend) []float32 {
+				wk := mustWeight(t, b, hw)
+				var err error
+				pool, err = b.NewCachePool(1, blocks, 16, s.Rank, s.RopeDim, dt)
+				if err != nil {
+					t.Fatal(err)
+				}
+				b.SetBatch(step, pool)
+				qt, kvt, lt := b.NewTensor(T, s.Heads*qk), b.NewTensor(T, kvw), b.NewTensor(T, s.Rank)
+				b.Upload(qt, q)
+				b.Upload(kvt, kv)
+				b.Upload(lt, lat)
+				kpe := b.Cols(kvt, s.Rank, kvw)
+				b.RoPE(qt, s.Heads, qk, s.NopeDim, s.RopeDim, 10000, false)
+				b.RoPE(kpe, 1, s.RopeDim, 0, s.RopeDim, 10000, false)
+				b.CacheWrite(0, lt, kpe)
+				ql := backend.NewOutput(b, T, s.Heads*s.Rank)
+				b.AbsorbQuery(ql, qt, wk, s)
+				ol := backend.NewOutput(b, T, s.Heads*s.Rank)
+				b.LatentAttention(ol, ql, qt, 0, s, 0.07)
+				out := append(b.Download(qt), b.Download(kvt)...)
+				return append(append(out, b.Download(ql)...), b.Download(ol)...)
+			}
+			name := fmt.Sprintf("absorb+rope+cache write T=%d, %v cache", T, dt)
+			compareMerged(t, g, c, name, 1e-5, op, serveRope, "the RoPEs and cache write did not share the absorbed query's launch")
+			// One split for the attention both ways (serveFuseOff
+			// also changes the split of 23-44 rows, and so its sums), so that
+			// its output shows the cache's bits too.
+			decodeSplitsFixed = 1
+			var separate []float32
+			withServeFuse(false, func() {
+				defer func(v bool) { ropeCacheOff = v }(ropeCacheOff)
+				ropeCacheOff = true
+				separate = op(g)
+			})
+			sepRec := poolLayer(t, g, pool, 0)
+			merged := op(g)
+			rec := poolLayer(t, g, pool, 0)
+			decodeSplitsFixed = 0
+			mustSameBits(t, name, merged, separate)
+			if j := firstDiff(sepRec, rec); j >= 0 {
+				t.Errorf("%s: cache byte %d of %d differs from the separate launches", name, j, len(rec))
+			}
+			checkRecords(t, name+": cache", sepRec, slotBytesOf(dt, s.Rank, s.RopeDim), T)
 		}
-		name := fmt.Sprintf("absorb+rope+cache write T=%d", T)
-		compareMerged(t, g, c, name, 1e-5, op, serveRope, "the RoPEs and cache write did not share the absorbed query's launch")
-		// One split for the attention both ways (serveFuseOff
-		// also changes the split of 23-44 rows, and so its sums), so that
-		// its output shows the cache's bits too.
-		decodeSplitsFixed = 1
-		var separate []float32
-		withServeFuse(false, func() { separate = op(g) })
-		merged := op(g)
-		decodeSplitsFixed = 0
-		mustSameBits(t, name, merged, separate)
 	}
 }
 
