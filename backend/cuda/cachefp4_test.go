@@ -89,10 +89,15 @@ func cpuPoolBytes(t *testing.T, p backend.CachePool, layer, slots, rank, rope in
 	return out
 }
 
-// cacheWriteSteps are a prefill of 37 rows of one sequence of block table
-// table, then two decode steps of one row.
-func cacheWriteSteps(t *testing.T, table []int32, blocks, blockSize int) []*backend.Batch {
+// cacheWriteSteps are a prefill of 37 rows of one sequence whose block
+// table is 12 of the pool's blocks in a random order, then two decode
+// steps of one row.
+func cacheWriteSteps(t *testing.T, r *rand.Rand, blocks, blockSize int) []*backend.Batch {
 	t.Helper()
+	var table []int32
+	for _, b := range r.Perm(blocks)[:12] {
+		table = append(table, int32(b))
+	}
 	var steps []*backend.Batch
 	for _, se := range [][2]int{{0, 37}, {37, 38}, {38, 39}} {
 		st := &backend.Batch{Seqs: []backend.Seq{{Start: 0, Len: se[1] - se[0], Blocks: table}}, Outputs: []int32{0}}
@@ -120,11 +125,7 @@ func TestCacheWriteQuantFusedMatchesSeparate(t *testing.T) {
 	for _, dt := range []backend.CacheDType{backend.CacheFP8, backend.CacheFP4} {
 		for _, sh := range [][2]int{{512, 64}, {128, 64}, {256, 32}, {80, 16}} {
 			rank, rope := sh[0], sh[1]
-			var table []int32
-			for _, b := range r.Perm(blocks)[:12] {
-				table = append(table, int32(b))
-			}
-			steps := cacheWriteSteps(t, table, blocks, blockSize)
+			steps := cacheWriteSteps(t, r, blocks, blockSize)
 			var lats, kpes, qs [layers][]float32
 			for l := range layers {
 				lats[l], kpes[l] = fp4Rows(r, rows, rank, rope)
@@ -196,11 +197,7 @@ func TestCacheWriteFP4MatchesCPU(t *testing.T) {
 	const blockSize, blocks, layers = 4, 16, 2
 	for _, sh := range [][2]int{{512, 64}, {128, 64}, {256, 32}, {80, 16}} {
 		rank, rope := sh[0], sh[1]
-		var table []int32
-		for _, b := range r.Perm(blocks)[:12] {
-			table = append(table, int32(b))
-		}
-		steps := cacheWriteSteps(t, table, blocks, blockSize)
+		steps := cacheWriteSteps(t, r, blocks, blockSize)
 		var lats, kpes [layers][][]float32
 		for l := 0; l < layers; l++ {
 			for _, st := range steps {
