@@ -84,17 +84,13 @@ func decodeMMAShared(rank, dr, tp int, dt backend.CacheDType) int {
 }
 
 // decodeMMARecord is a cache record's bytes for decode_mma's raw stages:
-// the fp8 cache's rank + dr codes and two float scales, the fp4 cache's
-// slot (fp4_slot_bytes in prelude.cuh); 0 for the bf16 cache, whose rows
-// are copied as they are.
+// the fp8 and fp4 caches' slots; 0 for the bf16 cache, whose rows are
+// copied as they are.
 func decodeMMARecord(rank, dr int, dt backend.CacheDType) int {
-	switch dt {
-	case backend.CacheFP8:
-		return rank + dr + 8
-	case backend.CacheFP4:
-		return fp4SlotBytes(rank, dr)
+	if dt != backend.CacheFP8 && dt != backend.CacheFP4 {
+		return 0
 	}
-	return 0
+	return (&cachePool{rank: rank, ropeDim: dr, dtype: dt}).slotBytes()
 }
 
 // decodeMMASuffix names decode_mma's instances for a cache precision.

@@ -194,7 +194,7 @@ extern "C" __global__ void flash_fp4_convert(uint4* __restrict__ out) {
 // latent's group scales, the float scales; 8 latent values load as their
 // 4 code bytes and their group's scale byte.
 template <bool FP4>
-DEVICE int rec_bytes(int rank, int dr) {
+constexpr DEVICE int rec_bytes(int rank, int dr) {
   return FP4 ? fp4_slot_bytes(rank, dr) : rank + dr + 8;
 }
 template <bool FP4>
@@ -1044,9 +1044,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   static_assert(CT == 0 || CT == 2 || CT == 3, "cache type");
   // A record's bytes (the stages' row stride) and its copy pieces.
   constexpr bool RAW = CT != 0;
-  // (rec_bytes, constant here: shared memory is laid out with it).
-  constexpr int FP4_SO = (RANK / 2 + DR + (RANK + 31) / 32 + 7) & ~7;  // fp4_scale_offset
-  constexpr int RB = CT == 2 ? W + 8 : CT == 3 ? (FP4_SO + 8 + 15) & ~15 : LD * 2;  // fp4_slot_bytes
+  constexpr int RB = RAW ? rec_bytes<CT == 3>(RANK, DR) : LD * 2;
   constexpr int PB = CT == 2 ? 8 : 16, NP = CT == 0 ? CH : RB / PB;
   static_assert(RB % PB == 0, "record pieces");
 

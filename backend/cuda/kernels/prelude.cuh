@@ -341,8 +341,9 @@ DEVICE void mm_trace_site_after(unsigned site, unsigned dep) {
 // the latent and of k_pe; the slot padded to a multiple of 16 bytes (352
 // for rank 512 and 64 rope dims). cachePool.slotBytes has the same sizes;
 // cache_load (ops.cu) and the decode kernels (attention.cu) read it.
-DEVICE int fp4_scale_offset(int rank, int rope) { return (rank / 2 + rope + (rank + 31) / 32 + 7) & ~7; }
-DEVICE int fp4_slot_bytes(int rank, int rope) { return (fp4_scale_offset(rank, rope) + 8 + 15) & ~15; }
+// constexpr: decode_mma lays out its shared memory with them.
+constexpr DEVICE int fp4_scale_offset(int rank, int rope) { return (rank / 2 + rope + (rank + 31) / 32 + 7) & ~7; }
+constexpr DEVICE int fp4_slot_bytes(int rank, int rope) { return (fp4_scale_offset(rank, rope) + 8 + 15) & ~15; }
 
 // A word of global memory read with acquire semantics at GPU scope (a
 // count another block adds to with a release).
