@@ -469,21 +469,7 @@ func flashPhases(b *testing.B, g *Backend, olat, qlat, q backend.Tensor, s backe
 func TestFlashFP4ConvertMatchesFormat(t *testing.T) {
 	d := testDevice(t)
 	got := make([]uint16, 2*65536*8)
-	err := d.Do(func(c *Ctx) error {
-		out, err := c.Alloc(2 * len(got))
-		if err != nil {
-			return err
-		}
-		defer c.Free(out)
-		k, err := c.Kernel("flash", "flash_fp4_convert")
-		if err != nil {
-			return err
-		}
-		if err := c.Launch(k, D1(256), D1(256), 0, out.Ptr); err != nil {
-			return err
-		}
-		return CopyOut(c, got, out.Ptr)
-	})
+	err := d.Do(func(c *Ctx) error { return runOutKernel(c, "flash", "flash_fp4_convert", D1(256), D1(256), got) })
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -10,6 +10,7 @@ import (
 	"os"
 	"strconv"
 	"testing"
+	"unsafe"
 
 	"github.com/mmfp4/mmfp4/backend"
 	"github.com/mmfp4/mmfp4/backend/cpu"
@@ -176,6 +177,26 @@ func nonzeroCount[T comparable](s []T) int {
 		}
 	}
 	return n
+}
+
+// runOutKernel launches test kernel name of module mod on grid x block
+// with one argument, a device buffer the size of got, and copies that
+// buffer into got.
+func runOutKernel[T any](c *Ctx, mod, name string, grid, block Dim, got []T) error {
+	var zero T
+	out, err := c.Alloc(len(got) * int(unsafe.Sizeof(zero)))
+	if err != nil {
+		return err
+	}
+	defer c.Free(out)
+	k, err := c.Kernel(mod, name)
+	if err != nil {
+		return err
+	}
+	if err := c.Launch(k, grid, block, 0, out.Ptr); err != nil {
+		return err
+	}
+	return CopyOut(c, got, out.Ptr)
 }
 
 // testBufs uploads and allocates a test's device buffers, keeping their

@@ -349,19 +349,7 @@ func TestMoEScaleConvert(t *testing.T) {
 		if cc = c.info.CC; cc < 89 {
 			return nil
 		}
-		out, err := c.Alloc(4 * len(got))
-		if err != nil {
-			return err
-		}
-		defer c.Free(out)
-		k, err := c.Kernel("moe", "moe_scale_convert")
-		if err != nil {
-			return err
-		}
-		if err := c.Launch(k, D1(1), D1(256), 0, out.Ptr); err != nil {
-			return err
-		}
-		return CopyOut(c, got, out.Ptr)
+		return runOutKernel(c, "moe", "moe_scale_convert", D1(1), D1(256), got)
 	})
 	if err != nil {
 		t.Fatal(err)
