@@ -253,10 +253,6 @@ func (b *chainBufs) queueChain(c *Ctx, l *pdlLayer, merged int) error {
 	if err != nil {
 		return err
 	}
-	ropeCache, err := c.Kernel("ops", "rope2_cache_write")
-	if err != nil {
-		return err
-	}
 	grid := Dim{uint32(s.rank / absorbTCN), 1, uint32(s.heads)}
 	absorbArgs := []any{b.qlat, s.heads * s.rank, b.q, qRows, l.uk.Codes, l.uk.Scales, l.uk.RowScale, s.G, s.rank, s.rope, 1}
 	ropeArgs := []any{b.q, qRows, s.heads, s.nope + s.rope, s.nope, kpe, s.kvRows, 1, s.rope, 0, s.rope, 1, b.table}
@@ -307,13 +303,9 @@ func (b *chainBufs) queueChain(c *Ctx, l *pdlLayer, merged int) error {
 		args := append(append(append(absorbArgs, s.heads), ropeArgs[:1]...), ropeArgs[2:]...)
 		args = append(args, b.cache, b.dtype, b.slots, b.lat, s.rank)
 		errs = append(errs, c.Launch(absorb, grid, D1(256), shared, args...))
-	case b.dtype >= 2:
-		errs = append(errs, launchRopesCacheQ(c, b.dtype, b.q, qRows, s.heads, s.nope+s.rope, s.nope, kpe, s.kvRows, s.rope, 1, b.table,
-			b.cache, b.slots, b.lat, s.rank, s.rank),
-			c.Launch(absorb, grid, D1(256), shared, absorbArgs...))
 	default:
-		errs = append(errs,
-			c.Launch(ropeCache, D1(1), D1(256), 0, append(append(ropeArgs, 1), b.cache, b.dtype, b.slots, b.lat, s.rank, s.rank, s.rope)...),
+		errs = append(errs, launchRopesCache(c, b.dtype, b.q, qRows, s.heads, s.nope+s.rope, s.nope, kpe, s.kvRows, s.rope, 1, b.table,
+			b.cache, b.slots, b.lat, s.rank, s.rank),
 			c.Launch(absorb, grid, D1(256), shared, absorbArgs...))
 	}
 	errs = append(errs, c.RMSNormQuant(b.qlat, s.heads*s.rank, 0, 0, 0, 0, 1, s.heads*s.rank, s.G, b.olq))

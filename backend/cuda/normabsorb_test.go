@@ -96,18 +96,8 @@ func TestNormQAbsorbMatchesSeparate(t *testing.T) {
 						if err != nil {
 							return err
 						}
-						errs := []error{c.NormGEMV(q, wqb, n, n2)}
-						if dtype >= 2 {
-							errs = append(errs, launchRopesCacheQ(c, dtype, q, qRows, v.heads, nope+rope, nope, kpe, rank+rope, rope, v.il, table,
-								cache, slots, lat, rank, rank))
-						} else {
-							ropeCache, err := c.Kernel("ops", "rope2_cache_write")
-							if err != nil {
-								return err
-							}
-							errs = append(errs, c.Launch(ropeCache, D1(1), D1(256), 0, q, qRows, v.heads, nope+rope, nope, kpe, rank+rope, 1, rope, 0, rope, v.il, table, 1,
-								cache, dtype, slots, lat, rank, rank, rope))
-						}
+						errs := []error{c.NormGEMV(q, wqb, n, n2), launchRopesCache(c, dtype, q, qRows, v.heads, nope+rope, nope, kpe, rank+rope, rope, v.il, table,
+							cache, slots, lat, rank, rank)}
 						return errors.Join(append(errs, c.Launch(absorb, Dim{rank / absorbTCN, 1, uint32(v.heads)}, D1(256), shared, qlat, v.heads*rank, q, qRows,
 							uk.Codes, uk.Scales, uk.RowScale, uk.G, rank, rope, 1))...)
 					})
@@ -143,14 +133,23 @@ func TestNormQAbsorbMatchesSeparate(t *testing.T) {
 	}
 }
 
-// launchRopesCacheQ launches what the backend launched for the RoPEs and
-// cache write of one row over an fp8 (dtype 2) or fp4 (3) cache before its
-// fused writes took them: rope_rows on the queries' heads of q (qheads
-// heads of qstride columns, rope columns from qoffset) and on the key kpe
-// (one head of rope columns), then cache_write_fp8 or cache_write_fp4 of
-// lat and kpe at slots[0].
-func launchRopesCacheQ(c *Ctx, dtype int, q uint64, ldq, qheads, qstride, qoffset int, kpe uint64, ldk, rope, il int, table,
+// launchRopesCache launches the RoPEs and cache write of one row apart
+// from other work, as the backend launched them before its fused writes
+// took the fp8 and fp4 caches: over a bf16 or f32 cache (dtype 0 or 1)
+// rope2_cache_write; over an fp8 (2) or fp4 (3) cache rope_rows on the
+// queries' heads of q (qheads heads of qstride columns, rope columns from
+// qoffset) and on the key kpe (one head of rope columns), then
+// cache_write_fp8 or cache_write_fp4 of lat and kpe at slots[0].
+func launchRopesCache(c *Ctx, dtype int, q uint64, ldq, qheads, qstride, qoffset int, kpe uint64, ldk, rope, il int, table,
 	cache, slots, lat uint64, ldl, rank int) error {
+	if dtype < 2 {
+		ropeCache, err := c.Kernel("ops", "rope2_cache_write")
+		if err != nil {
+			return err
+		}
+		return c.Launch(ropeCache, D1(1), D1(256), 0, q, ldq, qheads, qstride, qoffset, kpe, ldk, 1, rope, 0, rope, il, table, 1,
+			cache, dtype, slots, lat, ldl, rank, rope)
+	}
 	ropeRows, err := c.Kernel("ops", "rope_rows")
 	if err != nil {
 		return err
