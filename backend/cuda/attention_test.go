@@ -58,6 +58,7 @@ func decodeBatch(lens []int, tables [][]int32, which []int) *backend.Batch {
 // launch, so an unwritten value fails; two layers are read in turn, so
 // the tickets are reused.
 func TestDecodeAttentionMatchesCPU(t *testing.T) {
+	defer func(f bool) { decodeMMAF16 = f }(decodeMMAF16)
 	g, c := testBackends(t, Options{})
 	r := testRand(t)
 	lens := []int{1, 7, 1000, 4099}
@@ -95,11 +96,24 @@ func TestDecodeAttentionMatchesCPU(t *testing.T) {
 					attnVariant{pct: 100, mma: true, tile: 16}, attnVariant{pct: 100, mma: true, tile: 32},
 					attnVariant{pct: 100, mma: true, merge: mergeInKernel})
 			}
+			var runs []attnVariant
 			for _, v := range variants {
+				runs = append(runs, v)
+				if v.mma && dt == backend.CacheBF16 {
+					v.f16 = true // and the bf16 cache's f16 form
+					runs = append(runs, v)
+				}
+			}
+			for _, v := range runs {
 				g.decodeAttn, g.decodeBlocks, g.decodeOneHead = true, v.pct, v.h1
 				g.decodeMMA, g.decodeMerge, g.decodeMMATile = v.mma, v.merge, v.tile
-				name := fmt.Sprintf("decode attention heads=%d rank=%d rope=%d %v cache, blocks %d%%, one head a warp %v, tensor cores %v (tile %d, merge %d)", s.Heads, s.Rank, s.RopeDim, dt, v.pct, v.h1, v.mma, v.tile, v.merge)
-				compareOp(t, g, c, name, 1e-5, func(b backend.Backend) []float32 {
+				decodeMMAF16 = v.f16
+				bound := 1e-5
+				if v.f16 {
+					bound = flashBound("f16")
+				}
+				name := fmt.Sprintf("decode attention heads=%d rank=%d rope=%d %v cache, blocks %d%%, one head a warp %v, tensor cores %v (tile %d, merge %d, f16 %v)", s.Heads, s.Rank, s.RopeDim, dt, v.pct, v.h1, v.mma, v.tile, v.merge, v.f16)
+				compareOp(t, g, c, name, bound, func(b backend.Backend) []float32 {
 					pool, err := b.NewCachePool(layers, blocks, blockSize, s.Rank, s.RopeDim, dt)
 					if err != nil {
 						t.Fatal(err)
@@ -134,11 +148,21 @@ func TestDecodeAttentionMatchesCPU(t *testing.T) {
 
 // attnVariant is one configuration of the decode attention kernels:
 // splits aimed at pct percent of the multiprocessors, one head a warp
-// (h1), the tensor-core kernel (mma), its merge (mergeAuto, ...) and
-// its tile (16 or 32 positions; 0: chosen by the splits).
+// (h1), the tensor-core kernel (mma), its merge (mergeAuto, ...), its
+// tile (16 or 32 positions; 0: chosen by the splits) and, over a bf16
+// cache, its f16 form (f16; else the exact one).
 type attnVariant struct {
 	pct, tile, merge int
-	h1, mma          bool
+	h1, mma, f16     bool
+}
+
+// decodeBF16Bound is the bound on decode attention over a bf16 cache
+// against the CPU where decode_mma may take it: its form's.
+func decodeBF16Bound() float64 {
+	if decodeMMAF16 {
+		return flashBound("f16")
+	}
+	return 1e-5
 }
 
 func nanVec(n int) []float32 {
@@ -182,13 +206,16 @@ func decodeBenchBatch(rows, per, ctx int) *backend.Batch {
 
 // BenchmarkAttention times decode latent attention at GLM-4.7-Flash's
 // shapes (20 heads, rank 512, rope 64, bf16 cache): 1, 8 and 32 rows (one
-// a sequence) at ctx 128, 1024 and 8192 (not 32 rows at 8192). Device time
+// a sequence) at ctx 128, 1024 and 8192 (not 32 rows at 8192), and one
+// row at 32768. Device time
 // per call (events around back-to-back launches behind a spin kernel,
 // what a graph replay sees) for the two-launch CUDA-core kernels, the
 // single-launch one (and its variant with one head a warp), and the
 // tensor-core kernel with splits aimed at 25-200% of the multiprocessors
-// in blocks (merged as mergeAuto chooses), its two merges and its tiles
-// of 32 positions; and per-block timer stamps of both kernels (phases).
+// in blocks (merged as mergeAuto chooses), its two merges, its tiles
+// of 32 positions, its exact form beside the f16 one and tiles of 16 with
+// two or three blocks a multiprocessor's worth of splits; and per-block
+// timer stamps of both kernels (phases).
 // Calls rotate over enough layers (over 100 MB) that the cache is read
 // from memory, not L2. GB/s counts the cache bytes read. Run with
 // -test.benchtime=1x: each call measures reps launches itself.
@@ -199,7 +226,7 @@ func BenchmarkAttention(b *testing.B) {
 	r := testRand(b)
 	s := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
 	width := s.Rank + s.RopeDim
-	for _, cs := range []struct{ rows, ctx int }{{1, 128}, {1, 1024}, {1, 8192}, {8, 128}, {8, 1024}, {8, 8192}, {32, 128}, {32, 1024}} {
+	for _, cs := range []struct{ rows, ctx int }{{1, 128}, {1, 1024}, {1, 8192}, {1, 32768}, {8, 128}, {8, 1024}, {8, 8192}, {32, 128}, {32, 1024}} {
 		const blockSize = 64
 		per := cs.ctx / blockSize // blocks a sequence
 		nb := cs.rows * per
@@ -225,15 +252,21 @@ func BenchmarkAttention(b *testing.B) {
 			attnVariant
 		}{{"two_launch", false, attnVariant{pct: 100}}, {"single_b100", true, attnVariant{pct: 100}},
 			{"single_h1_b100", true, attnVariant{pct: 100, h1: true}},
-			{"mma_b25", true, attnVariant{pct: 25, mma: true}}, {"mma_b50", true, attnVariant{pct: 50, mma: true}},
-			{"mma_b100", true, attnVariant{pct: 100, mma: true}}, {"mma_b200", true, attnVariant{pct: 200, mma: true}},
-			{"mma_launch_b100", true, attnVariant{pct: 100, mma: true, merge: mergeLaunch}},
-			{"mma_inkernel_b100", true, attnVariant{pct: 100, mma: true, merge: mergeInKernel}},
-			{"mma_t32_b100", true, attnVariant{pct: 100, mma: true, tile: 32}}} {
+			{"mma_b25", true, attnVariant{pct: 25, mma: true, f16: true}}, {"mma_b50", true, attnVariant{pct: 50, mma: true, f16: true}},
+			{"mma_b100", true, attnVariant{pct: 100, mma: true, f16: true}}, {"mma_b200", true, attnVariant{pct: 200, mma: true, f16: true}},
+			{"mma_exact_b100", true, attnVariant{pct: 100, mma: true}},
+			{"mma_launch_b100", true, attnVariant{pct: 100, mma: true, merge: mergeLaunch, f16: true}},
+			{"mma_inkernel_b100", true, attnVariant{pct: 100, mma: true, merge: mergeInKernel, f16: true}},
+			{"mma_t32_b100", true, attnVariant{pct: 100, mma: true, tile: 32, f16: true}},
+			{"mma_exact_t32_b100", true, attnVariant{pct: 100, mma: true, tile: 32}},
+			{"mma_t16_b200", true, attnVariant{pct: 200, mma: true, tile: 16, f16: true}},
+			{"mma_t16_b300", true, attnVariant{pct: 300, mma: true, tile: 16, f16: true}}} {
 			name := fmt.Sprintf("rows%d_ctx%d_%s", T, cs.ctx, mode.name)
 			b.Run(name, func(b *testing.B) {
 				g.decodeAttn, g.decodeBlocks, g.decodeOneHead = mode.on, mode.pct, mode.h1
 				g.decodeMMA, g.decodeMerge, g.decodeMMATile = mode.mma, mode.merge, mode.tile
+				defer func(f bool) { decodeMMAF16 = f }(decodeMMAF16)
+				decodeMMAF16 = mode.f16
 				fns := attentionLaunches(g, ol, ql, q, layers, s)
 				us, err := timeRotated(d, fns, 200)
 				if err != nil {

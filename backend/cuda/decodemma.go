@@ -5,6 +5,7 @@ package cuda
 import (
 	"fmt"
 	"math/bits"
+	"os"
 	"slices"
 
 	"github.com/mmfp4/mmfp4/backend"
@@ -70,7 +71,8 @@ const decodeHeadGroupMaxN = 12288
 // decodeMMAShared is decode_mma's dynamic shared memory for tiles of tp
 // positions: the tiles in flight (or the head-major values at the end,
 // whichever is larger), eight warps' partial scores, the weights' three
-// parts and three floats a head.
+// parts and three floats a head (four for the bf16 cache: the f16 form's
+// query scales).
 func decodeMMAShared(rank, dr, tp int, dt backend.CacheDType) int {
 	ld := rank + dr + 8
 	if rb := decodeMMARecord(rank, dr, dt); rb != 0 {
@@ -80,7 +82,7 @@ func decodeMMAShared(rank, dr, tp int, dt backend.CacheDType) int {
 		return stage + (8+dr/16)*tp*decodeMMAHeads*4 + 80*(tp+8)*2 + 3*decodeMMAHeads*4 + 2*tp*4
 	}
 	stage := max(decodeMMAStages*tp*ld*2, decodeMMAHeads*(rank+4)*4)
-	return stage + 8*tp*decodeMMAHeads*4 + 80*(tp+8)*2 + 3*decodeMMAHeads*4
+	return stage + 8*tp*decodeMMAHeads*4 + 80*(tp+8)*2 + 4*decodeMMAHeads*4
 }
 
 // decodeMMARecord is a cache record's bytes for decode_mma's raw stages:
@@ -95,6 +97,12 @@ func decodeMMARecord(rank, dr int, dt backend.CacheDType) int {
 
 // decodeMMASuffix names decode_mma's instances for a cache precision.
 var decodeMMASuffix = map[backend.CacheDType]string{backend.CacheBF16: "", backend.CacheFP8: "_fp8", backend.CacheFP4: "_fp4"}
+
+// decodeMMAF16 gives the bf16 cache decode_mma's f16 form (instances
+// "_f16": f16 queries and weights, a third of the three-part exact form's
+// tensor work; flash.cu). MMFP4_CUDA_FLASH_EXACT=1, the prefill's switch
+// to the exact form, turns it off too.
+var decodeMMAF16 = os.Getenv("MMFP4_CUDA_FLASH_EXACT") != "1"
 
 // decodeMMASplits is how many blocks share a row's positions: about
 // decodeBlocks percent of the multiprocessors in blocks over all rows,
@@ -187,6 +195,9 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 		name += "_h8"
 	}
 	name += suffix
+	if p.dtype == backend.CacheBF16 && decodeMMAF16 {
+		name += "_f16"
+	}
 	sms := b.dev.Info().SMs
 	idx, flush := len(b.pending), b.flushes
 	b.do("attention", func(c *Ctx) error {

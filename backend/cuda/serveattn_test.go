@@ -123,7 +123,7 @@ func TestServeDecodeOneSplitMatchesCPU(t *testing.T) {
 			t.Fatalf("%d rows, a context of %d: rowsOneSplit true", T, decodeOneSplitMaxN+1)
 		}
 		name := fmt.Sprintf("decode attention, %d rows, blocks of 8 heads, one split", T)
-		compareOp(t, g, c, name, 1e-5, op)
+		compareOp(t, g, c, name, decodeBF16Bound(), op)
 		got := op(g)
 		decodeSplitsFixed = 1
 		want := op(g)

@@ -1016,7 +1016,16 @@ DEVICE void dm_merge_share(float* __restrict__ olat, int ldo, const float* part_
 // in the flash kernel, with the records' latent and k_pe scales per
 // position: the rope k step's products kept apart, the scores
 // sc0 * latent + sc1 * rope, and the weights times sc0 for the values).
-template <int RANK, int DR, int TP, int HT, int CT = 0>
+//
+// F16 (the bf16 cache): the flash kernel's f16 operands instead of three
+// bf16 parts of the queries and of the weights: each head's query scaled
+// by the power of two that takes its largest magnitude into [2^14, 2^15)
+// (undone exactly in the softmax) and rounded to f16, the weights (in
+// [0,1]) rounded to f16, and the cached rows' fragments widened to f16 in
+// registers (exact for the normalised latent's magnitudes). A third of
+// the tensor work and of the weights' stores a tile; errors near the
+// flash kernel's f16 form (about 3e-4 of the largest output).
+template <int RANK, int DR, int TP, int HT, int CT = 0, bool F16 = false>
 DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                        const float* __restrict__ q, int ldq, const u8* __restrict__ layer,
                        const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -1033,15 +1042,19 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   constexpr int PLD = TP + 8;               // weight row stride (bf16)
   constexpr int MT = TP / 16;               // 16-position tiles of a tile
   constexpr int TPR = DM_THREADS / TP;      // threads copying a row
-  // Score accumulators: one a part with one position tile (shorter
-  // chains of dependent products), else one for all three parts.
-  constexpr int NA = MT == 1 ? 3 : 1;
+  // Parts of the queries and the weights: three bf16, or one f16.
+  constexpr int NQP = F16 ? 1 : 3;
+  // Score accumulators: with one position tile, one a part (or with F16
+  // one for the even and one for the odd k steps): shorter chains of
+  // dependent products; else one.
+  constexpr int NA = MT == 1 ? (F16 ? 2 : 3) : 1;
   // Heads: HT tiles of 8 (NH slots), the block's heads [hb, hb + NH) of
   // grid z; the weights' rows part*NH + head, in PRG groups of 8 (an even
   // count for the paired fragment loads).
-  constexpr int NH = 8 * HT, PRG = (3 * HT + 1) & ~1, PROWS = 8 * PRG;
+  constexpr int NH = 8 * HT, PRG = (NQP * HT + 1) & ~1, PROWS = 8 * PRG;
   static_assert(KR <= 8 && DR % 16 == 0 && RANK % 128 == 0 && (TP == 16 || TP == 32), "shape");
   static_assert(CT == 0 || CT == 2 || CT == 3, "cache type");
+  static_assert(!F16 || CT == 0, "the f16 form reads the bf16 cache");
   // A record's bytes (the stages' row stride) and its copy pieces.
   constexpr bool RAW = CT != 0;
   constexpr int RB = RAW ? rec_bytes<CT == 3>(RANK, DR) : LD * 2;
@@ -1063,6 +1076,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   float* l_s = m_s + NH;
   float* sc0 = l_s + NH;  // RAW: [TP] the latent's scale of each position
   float* sc1 = sc0 + TP;  // [TP] k_pe's
+  float* qinv = l_s + NH;  // F16 (not RAW): [NH] the queries' inverse powers of two
   // The in-launch merge (all heads in one block only) uses sp as scratch.
   static_assert(HT != DM_HT || 8 * TP * NH >= 2 * DM_MAXS + 2 * NH + 4 + 4 * DM_THREADS, "merge scratch");
 
@@ -1140,26 +1154,69 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   // This warp's query parts as B fragments: k step kk covers query
   // columns kcol(kk) .. +16; heads 8j + g.
   auto kcol = [&](int kk) { return kk < KL ? (warp * KL + kk) * 16 : RANK + 16 * warp; };
-  u32 qb[KS][HT][3][2];
+  u32 qb[KS][HT][NQP][2];
+  {
+    float2 qv[KS][HT][2];
 #pragma unroll
-  for (int kk = 0; kk < KS; kk++) {
+    for (int kk = 0; kk < KS; kk++) {
 #pragma unroll
-    for (int j = 0; j < HT; j++) {
-      const int h = hb + 8 * j + g;
-      float2 v0 = make_float2(0.f, 0.f), v1 = v0;
-      if (h < heads && (kk < KL || warp < KR)) {
-        const int kc = kcol(kk);
-        const float* src = kk < KL ? qlat + (size_t)t * ldql + (size_t)h * RANK + kc
-                                   : q + (size_t)t * ldq + (size_t)h * (dn + DR) + dn + (kc - RANK);
-        v0 = *(const float2*)(src + 2 * c4);
-        v1 = *(const float2*)(src + 2 * c4 + 8);
+      for (int j = 0; j < HT; j++) {
+        const int h = hb + 8 * j + g;
+        qv[kk][j][0] = qv[kk][j][1] = make_float2(0.f, 0.f);
+        if (h < heads && (kk < KL || warp < KR)) {
+          const int kc = kcol(kk);
+          const float* src = kk < KL ? qlat + (size_t)t * ldql + (size_t)h * RANK + kc
+                                     : q + (size_t)t * ldq + (size_t)h * (dn + DR) + dn + (kc - RANK);
+          qv[kk][j][0] = *(const float2*)(src + 2 * c4);
+          qv[kk][j][1] = *(const float2*)(src + 2 * c4 + 8);
+        }
       }
-      split3_bf16x2(v0.x, v0.y, qb[kk][j][0][0], qb[kk][j][1][0], qb[kk][j][2][0]);
-      split3_bf16x2(v1.x, v1.y, qb[kk][j][0][1], qb[kk][j][1][1], qb[kk][j][2][1]);
     }
+    float f[HT];
+#pragma unroll
+    for (int j = 0; j < HT; j++) f[j] = 1.f;
+    if (F16) {
+      // Each head's largest magnitude: its 4 lanes of a warp, then the 8
+      // warps through shared memory (the partial scores' space, unused
+      // until the first tile's products, which follow a barrier).
+      float* red = sp;  // [8][NH]
+#pragma unroll
+      for (int j = 0; j < HT; j++) {
+        float m = 0.f;
+#pragma unroll
+        for (int kk = 0; kk < KS; kk++)
+#pragma unroll
+          for (int u = 0; u < 2; u++) m = fmaxf(m, fmaxf(fabsf(qv[kk][j][u].x), fabsf(qv[kk][j][u].y)));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 1));
+        m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, 2));
+        if (c4 == 0) red[warp * NH + 8 * j + g] = m;
+      }
+      __syncthreads();
+#pragma unroll
+      for (int j = 0; j < HT; j++) {
+        float m = 0.f;
+#pragma unroll
+        for (int w = 0; w < 8; w++) m = fmaxf(m, red[w * NH + 8 * j + g]);
+        const int e = m == 0.f ? 0 : max(-100, min(100, 14 - ((int)(__float_as_uint(m) >> 23) - 127)));
+        f[j] = __int_as_float((127 + e) << 23);
+        if (warp == 0 && c4 == 0) qinv[8 * j + g] = __int_as_float((127 - e) << 23);
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < KS; kk++)
+#pragma unroll
+      for (int j = 0; j < HT; j++)
+#pragma unroll
+        for (int u = 0; u < 2; u++) {
+          const float2 v = qv[kk][j][u];
+          if (F16)
+            qb[kk][j][0][u] = f16x2(v.x * f[j], v.y * f[j]);
+          else
+            split3_bf16x2(v.x, v.y, qb[kk][j][0][u], qb[kk][j][1 % NQP][u], qb[kk][j][2 % NQP][u]);
+        }
   }
-  if (stamp && tid == 0) stamp[2] = globaltimer_after((int)(qb[0][0][0][0] ^ qb[KS - 1][HT - 1][2][1]));
-  TRACE_MARK_DEP(qb[0][0][0][0] ^ qb[KS - 1][HT - 1][2][1]);
+  if (stamp && tid == 0) stamp[2] = globaltimer_after((int)(qb[0][0][0][0] ^ qb[KS - 1][HT - 1][NQP - 1][1]));
+  TRACE_MARK_DEP(qb[0][0][0][0] ^ qb[KS - 1][HT - 1][NQP - 1][1]);
 
   // The softmax state lives in the threads tid < 8*NH (head tid/8,
   // positions tid%8 + 8i).
@@ -1227,17 +1284,28 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 #pragma unroll
           for (int mt = 0; mt < MT; mt++)
             ldsm_x4(tile + (u32)(mt * 16 * LD * 2 + kcol(kk) * 2 + a_off), a[mt][0], a[mt][1], a[mt][2], a[mt][3]);
-#pragma unroll
-          for (int p = 0; p < 3; p++)
+          if (F16) {
 #pragma unroll
             for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-              for (int j = 0; j < HT; j++) {
-                if (RAW && kk == KL)
-                  mma_bf16(srope[RAW ? mt : 0][j], a[mt], qb[kk][j][p][0], qb[kk][j][p][1]);
-                else
-                  mma_bf16(sacc[p % NA][mt][j], a[mt], qb[kk][j][p][0], qb[kk][j][p][1]);
-              }
+              for (int i = 0; i < 4; i++) a[mt][i] = bf16x2_f16x2(a[mt][i]);
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+              for (int j = 0; j < HT; j++) mma_f16(sacc[kk % NA][mt][j], a[mt], qb[kk][j][0][0], qb[kk][j][0][1]);
+          } else {
+#pragma unroll
+            for (int p = 0; p < NQP; p++)
+#pragma unroll
+              for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int j = 0; j < HT; j++) {
+                  if (RAW && kk == KL)
+                    mma_bf16(srope[RAW ? mt : 0][j], a[mt], qb[kk][j][p][0], qb[kk][j][p][1]);
+                  else
+                    mma_bf16(sacc[p % NA][mt][j], a[mt], qb[kk][j][p][0], qb[kk][j][p][1]);
+                }
+          }
         }
       }
       float* mine = sp + warp * TP * NH;
@@ -1270,6 +1338,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
     if (tid < 8 * NH) {
       float sv[TP / 8];
       float mx = __int_as_float(0xff800000);
+      const float rscale = F16 ? scale * qinv[sh] : scale;  // exact: qinv is a power of two
 #pragma unroll
       for (int i = 0; i < TP / 8; i++) {
         const int r = sq + 8 * i;
@@ -1283,7 +1352,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
           a = sc0[r] * a + sc1[r] * b;
         }
         const bool valid = hb + sh < heads && k * TP + r < nb;
-        sv[i] = valid ? a * scale : __int_as_float(0xff800000);
+        sv[i] = valid ? a * rscale : __int_as_float(0xff800000);
         mx = fmaxf(mx, sv[i]);
       }
       mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
@@ -1301,13 +1370,15 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
         sum += p0;
         sum += p1;
         const int r = sq + 8 * i;
-        u32 part[3];
-        if (RAW)
-          split3_bf16x2(p0 * sc0[r], p1 * sc0[r + 8], part[0], part[1], part[2]);
+        u32 part[NQP];
+        if (F16)
+          part[0] = f16x2(p0, p1);
+        else if (RAW)
+          split3_bf16x2(p0 * sc0[r], p1 * sc0[r + 8], part[0], part[1 % NQP], part[2 % NQP]);
         else
-          split3_bf16x2(p0, p1, part[0], part[1], part[2]);
+          split3_bf16x2(p0, p1, part[0], part[1 % NQP], part[2 % NQP]);
 #pragma unroll
-        for (int q = 0; q < 3; q++) {
+        for (int q = 0; q < NQP; q++) {
           pw[(q * NH + sh) * PLD + r] = (unsigned short)(part[q] & 0xFFFFu);
           pw[(q * NH + sh) * PLD + r + 8] = (unsigned short)(part[q] >> 16);
         }
@@ -1340,12 +1411,23 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 #pragma unroll
         for (int m = 0; m < KL; m++)
           ldsm_x4_t(tile + (u32)(ks * 16 * LD * 2 + (warp * KL + m) * 32 + t_off), a[m][0], a[m][1], a[m][2], a[m][3]);
-#pragma unroll
-        for (int p = 0; p < 3; p++)
+        if (F16) {
 #pragma unroll
           for (int m = 0; m < KL; m++)
 #pragma unroll
-            for (int j = 0; j < HT; j++) mma_bf16(o[m][j], a[m], b[HT * p + j][0], b[HT * p + j][1]);
+            for (int i = 0; i < 4; i++) a[m][i] = bf16x2_f16x2(a[m][i]);
+#pragma unroll
+          for (int m = 0; m < KL; m++)
+#pragma unroll
+            for (int j = 0; j < HT; j++) mma_f16(o[m][j], a[m], b[j][0], b[j][1]);
+        } else {
+#pragma unroll
+          for (int p = 0; p < NQP; p++)
+#pragma unroll
+            for (int m = 0; m < KL; m++)
+#pragma unroll
+              for (int j = 0; j < HT; j++) mma_bf16(o[m][j], a[m], b[HT * p + j][0], b[HT * p + j][1]);
+        }
       }
     }
     __syncthreads();  // the tile and the weights are read before they are rewritten
@@ -1414,17 +1496,18 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 #undef DM_STAMP
 }
 
-#define DECODE_MMA_CT(RANK, DR, TP, HT, CT, NAME)                                                                    \
+#define DECODE_MMA_F(RANK, DR, TP, HT, CT, F16, NAME)                                                                \
   extern "C" __global__ void __launch_bounds__(DM_THREADS, 1)                                                        \
       NAME(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const u8* layer,              \
            const i32* __restrict__ pos, const i32* __restrict__ row_seq, const i32* __restrict__ seq_blocks,         \
            const i32* __restrict__ blocks, int block_size, int heads, int dn, float scale, float* part_ml,           \
            float* part_acc, u32* counters, int ahead, i8* xq, float* xs, i32* xsum, int G,                          \
            unsigned long long* stamps) {                                                                             \
-    decode_mma<RANK, DR, TP, HT, CT>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks,         \
-                                     block_size, heads, dn, scale, part_ml, part_acc, counters, ahead, xq, xs, xsum, \
-                                     G, stamps);                                                                     \
+    decode_mma<RANK, DR, TP, HT, CT, F16>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks,    \
+                                          block_size, heads, dn, scale, part_ml, part_acc, counters, ahead, xq, xs,  \
+                                          xsum, G, stamps);                                                          \
   }
+#define DECODE_MMA_CT(RANK, DR, TP, HT, CT, NAME) DECODE_MMA_F(RANK, DR, TP, HT, CT, false, NAME)
 #define DECODE_MMA(RANK, DR, TP, HT, NAME) DECODE_MMA_CT(RANK, DR, TP, HT, 0, NAME)
 
 // Instances: the model's (rank 512, rope 64) and the tests' small shape,
@@ -1446,6 +1529,13 @@ DECODE_MMA(512, 64, 32, 1, decode_mma_512_64_t32_h8)
   DECODE_MMA_CT(512, 64, 32, 1, CT, decode_mma_512_64_t32_h8_##SUF)
 DECODE_MMA_Q(2, fp8)
 DECODE_MMA_Q(3, fp4)
+// The bf16 cache's f16 form: the same instances.
+DECODE_MMA_F(512, 64, 16, DM_HT, 0, true, decode_mma_512_64_t16_f16)
+DECODE_MMA_F(512, 64, 32, DM_HT, 0, true, decode_mma_512_64_t32_f16)
+DECODE_MMA_F(256, 32, 16, DM_HT, 0, true, decode_mma_256_32_t16_f16)
+DECODE_MMA_F(256, 32, 32, DM_HT, 0, true, decode_mma_256_32_t32_f16)
+DECODE_MMA_F(512, 64, 16, 1, 0, true, decode_mma_512_64_t16_h8_f16)
+DECODE_MMA_F(512, 64, 32, 1, 0, true, decode_mma_512_64_t32_h8_f16)
 
 // The splits' merge as a second launch: grid (rank/128, heads, rows),
 // eight warps a block for one row, head and 128 columns. Warp w takes the
