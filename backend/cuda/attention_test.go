@@ -213,8 +213,7 @@ func decodeBenchBatch(rows, per, ctx int) *backend.Batch {
 // single-launch one (and its variant with one head a warp), and the
 // tensor-core kernel with splits aimed at 25-200% of the multiprocessors
 // in blocks (merged as mergeAuto chooses), its two merges, its tiles
-// of 32 positions, its exact form beside the f16 one and tiles of 16 with
-// two or three blocks a multiprocessor's worth of splits; and per-block
+// of 32 positions and its exact form beside the f16 one; and per-block
 // timer stamps of both kernels (phases).
 // Calls rotate over enough layers (over 100 MB) that the cache is read
 // from memory, not L2. GB/s counts the cache bytes read. Run with
@@ -258,9 +257,7 @@ func BenchmarkAttention(b *testing.B) {
 			{"mma_launch_b100", true, attnVariant{pct: 100, mma: true, merge: mergeLaunch, f16: true}},
 			{"mma_inkernel_b100", true, attnVariant{pct: 100, mma: true, merge: mergeInKernel, f16: true}},
 			{"mma_t32_b100", true, attnVariant{pct: 100, mma: true, tile: 32, f16: true}},
-			{"mma_exact_t32_b100", true, attnVariant{pct: 100, mma: true, tile: 32}},
-			{"mma_t16_b200", true, attnVariant{pct: 200, mma: true, tile: 16, f16: true}},
-			{"mma_t16_b300", true, attnVariant{pct: 300, mma: true, tile: 16, f16: true}}} {
+			{"mma_exact_t32_b100", true, attnVariant{pct: 100, mma: true, tile: 32}}} {
 			name := fmt.Sprintf("rows%d_ctx%d_%s", T, cs.ctx, mode.name)
 			b.Run(name, func(b *testing.B) {
 				g.decodeAttn, g.decodeBlocks, g.decodeOneHead = mode.on, mode.pct, mode.h1

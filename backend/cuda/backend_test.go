@@ -269,13 +269,6 @@ func TestBackendAttentionMatchesCPU(t *testing.T) {
 							bound = 1e-3
 						}
 					}
-					if g.decodeAttn && dt == backend.CacheBF16 && decodeMMAF16 {
-						// The few-row steps through decode_mma's f16 form.
-						bound = flashBound("f16")
-						if part == 1 && wname == "mmfp4" {
-							bound = decodeF16ValuesBound
-						}
-					}
 					compareOp(t, g, c, fmt.Sprintf("attention split=%v %v cache, %s weights: %s", split, dt, wname, what), bound, func(b backend.Backend) []float32 {
 						pool, err := b.NewCachePool(layers, blocks, blockSize, s.Rank, s.RopeDim, dt)
 						if err != nil {

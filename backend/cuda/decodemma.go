@@ -25,8 +25,9 @@ import (
 // the second launch.
 
 // decodeMMAShapes are the (rank, rope dims) decode_mma is compiled for:
-// the model's and the tests' small one.
-var decodeMMAShapes = [][2]int{{512, 64}, {256, 32}}
+// the model's, the tests' small one, and the built-in and tiny test
+// models' (so that their GPU runs against the CPU take it).
+var decodeMMAShapes = [][2]int{{512, 64}, {256, 32}, {128, 32}, {128, 16}}
 
 // Constants of flash.cu: heads a block at most (three tiles of 8),
 // threads, tiles in flight, the most splits, positions a split is rounded

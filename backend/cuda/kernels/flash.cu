@@ -1507,35 +1507,29 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
                                           block_size, heads, dn, scale, part_ml, part_acc, counters, ahead, xq, xs,  \
                                           xsum, G, stamps);                                                          \
   }
-#define DECODE_MMA_CT(RANK, DR, TP, HT, CT, NAME) DECODE_MMA_F(RANK, DR, TP, HT, CT, false, NAME)
-#define DECODE_MMA(RANK, DR, TP, HT, NAME) DECODE_MMA_CT(RANK, DR, TP, HT, 0, NAME)
 
-// Instances: the model's (rank 512, rope 64) and the tests' small shape,
-// tiles of 16 positions (splits of at most 16) and of 32, all heads in a
-// block; and the model's with a block for each 8 heads (grid z).
-DECODE_MMA(512, 64, 16, DM_HT, decode_mma_512_64_t16)
-DECODE_MMA(512, 64, 32, DM_HT, decode_mma_512_64_t32)
-DECODE_MMA(256, 32, 16, DM_HT, decode_mma_256_32_t16)
-DECODE_MMA(256, 32, 32, DM_HT, decode_mma_256_32_t32)
-DECODE_MMA(512, 64, 16, 1, decode_mma_512_64_t16_h8)
-DECODE_MMA(512, 64, 32, 1, decode_mma_512_64_t32_h8)
-// Over the fp8 and fp4 caches (CT 2 and 3): the same instances.
-#define DECODE_MMA_Q(CT, SUF)                                               \
-  DECODE_MMA_CT(512, 64, 16, DM_HT, CT, decode_mma_512_64_t16_##SUF)       \
-  DECODE_MMA_CT(512, 64, 32, DM_HT, CT, decode_mma_512_64_t32_##SUF)       \
-  DECODE_MMA_CT(256, 32, 16, DM_HT, CT, decode_mma_256_32_t16_##SUF)       \
-  DECODE_MMA_CT(256, 32, 32, DM_HT, CT, decode_mma_256_32_t32_##SUF)       \
-  DECODE_MMA_CT(512, 64, 16, 1, CT, decode_mma_512_64_t16_h8_##SUF)        \
-  DECODE_MMA_CT(512, 64, 32, 1, CT, decode_mma_512_64_t32_h8_##SUF)
-DECODE_MMA_Q(2, fp8)
-DECODE_MMA_Q(3, fp4)
-// The bf16 cache's f16 form: the same instances.
-DECODE_MMA_F(512, 64, 16, DM_HT, 0, true, decode_mma_512_64_t16_f16)
-DECODE_MMA_F(512, 64, 32, DM_HT, 0, true, decode_mma_512_64_t32_f16)
-DECODE_MMA_F(256, 32, 16, DM_HT, 0, true, decode_mma_256_32_t16_f16)
-DECODE_MMA_F(256, 32, 32, DM_HT, 0, true, decode_mma_256_32_t32_f16)
-DECODE_MMA_F(512, 64, 16, 1, 0, true, decode_mma_512_64_t16_h8_f16)
-DECODE_MMA_F(512, 64, 32, 1, 0, true, decode_mma_512_64_t32_h8_f16)
+// Instances: the model's (rank 512, rope 64), the tests' small shape and
+// the built-in and tiny test models' (rank 128, rope 32 and 16; so that
+// their GPU runs against the CPU take this kernel), tiles of 16
+// positions (splits of at most 16) and of 32, all heads in a block; and
+// the model's with a block for each 8 heads (grid z). CT and F16 as
+// decode_mma's: the bf16 cache exact (no suffix) and in its f16 form
+// ("_f16"), the fp8 and fp4 caches ("_fp8", "_fp4").
+#define DECODE_MMA_SET(CT, F16, SUF)                                                   \
+  DECODE_MMA_F(512, 64, 16, DM_HT, CT, F16, decode_mma_512_64_t16##SUF)                \
+  DECODE_MMA_F(512, 64, 32, DM_HT, CT, F16, decode_mma_512_64_t32##SUF)                \
+  DECODE_MMA_F(256, 32, 16, DM_HT, CT, F16, decode_mma_256_32_t16##SUF)                \
+  DECODE_MMA_F(256, 32, 32, DM_HT, CT, F16, decode_mma_256_32_t32##SUF)                \
+  DECODE_MMA_F(128, 32, 16, DM_HT, CT, F16, decode_mma_128_32_t16##SUF)                \
+  DECODE_MMA_F(128, 32, 32, DM_HT, CT, F16, decode_mma_128_32_t32##SUF)                \
+  DECODE_MMA_F(128, 16, 16, DM_HT, CT, F16, decode_mma_128_16_t16##SUF)                \
+  DECODE_MMA_F(128, 16, 32, DM_HT, CT, F16, decode_mma_128_16_t32##SUF)                \
+  DECODE_MMA_F(512, 64, 16, 1, CT, F16, decode_mma_512_64_t16_h8##SUF)                 \
+  DECODE_MMA_F(512, 64, 32, 1, CT, F16, decode_mma_512_64_t32_h8##SUF)
+DECODE_MMA_SET(0, false, )
+DECODE_MMA_SET(0, true, _f16)
+DECODE_MMA_SET(2, false, _fp8)
+DECODE_MMA_SET(3, false, _fp4)
 
 // The splits' merge as a second launch: grid (rank/128, heads, rows),
 // eight warps a block for one row, head and 128 columns. Warp w takes the
