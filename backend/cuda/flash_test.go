@@ -461,42 +461,66 @@ func flashPhases(b *testing.B, g *Backend, olat, qlat, q backend.Tensor, s backe
 	fmt.Printf("flash phases (%s), cycles a tile (mean of warps, slowest), %d tiles a warp:%s\n", flashBF16Form, st[phases-1], msg)
 }
 
-// The fp4 cache's decode into bf16 (flash.cu's e2m1x8_bf16, byte
-// permutes and a bf16x2 multiply, and its float reference form) against
-// format.E2M1Decode times format.E4M3Decode, exact in bf16: every scale
-// byte and every code byte in each of the four places, both forms the
-// same bits (NaN for the NaN scale bytes 0x7F and 0xFF).
-func TestFlashFP4ConvertMatchesFormat(t *testing.T) {
+// The quantized caches' decodes into the flash kernel's tiles
+// (flash.cu's flash_convert) against format's E2M1Decode and E4M3Decode:
+// the fp4 cache's E2M1 codes times an E4M3 group scale into bf16 (the
+// byte permutes and a bf16x2 multiply, and the float reference form) and
+// into f16 (the f16 form's tile), and E4M3 codes into f16, each exact
+// there: every scale byte and every code byte in each of the four places,
+// all the format's values bit for bit (NaN for the NaN bytes 0x7F and
+// 0xFF).
+func TestFlashConvertMatchesFormat(t *testing.T) {
 	d := testDevice(t)
-	got := make([]uint16, 2*65536*8)
-	err := d.Do(func(c *Ctx) error { return runOutKernel(c, "flash", "flash_fp4_convert", D1(256), D1(256), got) })
+	got := make([]uint16, 4*65536*8)
+	err := d.Do(func(c *Ctx) error { return runOutKernel(c, "flash", "flash_convert", D1(256), D1(256), got) })
 	if err != nil {
 		t.Fatal(err)
 	}
+	bf16 := func(h uint16) float32 { return math.Float32frombits(uint32(h) << 16) }
 	bad := 0
+	check := func(what string, sb, c, v int, g uint16, decode func(uint16) float32, want float32) {
+		gf := decode(g)
+		if math.Float32bits(gf) != math.Float32bits(want) && !(gf != gf && want != want) {
+			if bad++; bad <= 10 {
+				t.Errorf("%s, scale %#02x, thread %d, value %d: %#04x (%g), want %g", what, sb, c, v, g, gf, want)
+			}
+		}
+	}
 	for sb := 0; sb < 256; sb++ {
 		scale := format.E4M3Decode(uint8(sb))
 		for c := 0; c < 256; c++ {
 			codes := uint32(c) | uint32(255-c)<<8 | uint32((c*7)&255)<<16 | uint32((c*13+5)&255)<<24
+			at := func(form, v int) uint16 { return got[(form*65536+sb*256+c)*8+v] }
 			for v := 0; v < 8; v++ {
 				want := format.E2M1Decode(uint8(codes>>(4*v))&15) * scale
-				wb := uint16(math.Float32bits(want) >> 16)
 				if math.Float32bits(want)&0xFFFF != 0 {
 					t.Fatalf("scale %#02x code %#x: %g is not exact in bf16", sb, codes>>(4*v)&15, want)
 				}
-				for form, off := range []int{0, 65536 * 8} {
-					g := got[off+(sb*256+c)*8+v]
-					gf := math.Float32frombits(uint32(g) << 16)
-					if g != wb && !(gf != gf && want != want) {
-						if bad++; bad <= 10 {
-							t.Errorf("form %d, scale %#02x, codes %#08x, value %d: bf16 %#04x, want %#04x (%g)", form, sb, codes, v, g, wb, want)
-						}
-					}
+				check("e2m1x8_bf16", sb, c, v, at(0, v), bf16, want)
+				check("e2m1x8_bf16_ref", sb, c, v, at(1, v), bf16, want)
+				check("e2m1x8_f16", sb, c, v, at(2, v), f16Float, want)
+				b := uint8(sb)
+				if v < 4 {
+					b = uint8(codes >> (8 * v))
 				}
+				check("e4m3x8_f16", sb, c, v, at(3, v), f16Float, format.E4M3Decode(b))
 			}
 		}
 	}
 	if bad > 10 {
 		t.Errorf("%d mismatches in all", bad)
 	}
+}
+
+// f16Float is the value of IEEE half-precision bits h.
+func f16Float(h uint16) float32 {
+	sign := uint32(h>>15) << 31
+	e, m := uint32(h>>10)&31, uint32(h)&1023
+	switch {
+	case e == 31: // infinities and NaNs
+		return math.Float32frombits(sign | 0x7F800000 | m<<13)
+	case e == 0: // zeros and subnormals: m * 2^-24
+		return math.Float32frombits(math.Float32bits(float32(m)*0x1p-24) | sign)
+	}
+	return math.Float32frombits(sign | (e+112)<<23 | m<<13)
 }

@@ -176,19 +176,59 @@ DEVICE uint4 e2m1x8_bf16(u32 codes, u32 sb) {
                     bf16x2_mul_exact(b.y, d2));
 }
 
-// e2m1x8_bf16 and e2m1x8_bf16_ref (tests): block s (the scale byte) and
-// thread c write both forms of codes made from c (every byte value in
-// each of the four places across the threads) into out[2][256][256].
-extern "C" __global__ void flash_fp4_convert(uint4* __restrict__ out) {
+// The f16 form's tiles: the same values as f16, exact too. E4M3 codes
+// are f16 values (one conversion a pair). An E2M1 value times its E4M3
+// group scale has at most six significant bits and a magnitude of 0 or
+// 2^-10 to 2688, inside f16's normal range: the magnitudes' f16 bits
+// (their low bytes are zero) looked up four codes at a time by a byte
+// permute, the sign bits moved in, then one f16x2 multiply-add by the
+// scale (with -0 added, as in e2m1x8_bf16).
+DEVICE u32 e4m3x2_f16x2(u32 two) {
+  u32 h;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h) : "h"((unsigned short)two));
+  return h;
+}
+DEVICE uint4 e4m3x8_f16(uint2 v) {
+  return make_uint4(e4m3x2_f16x2(v.x), e4m3x2_f16x2(v.x >> 16), e4m3x2_f16x2(v.y), e4m3x2_f16x2(v.y >> 16));
+}
+#define E2M1_F16_HI_A 0x3E3C3800u  // magnitudes 0, 0.5, 1, 1.5: high bytes
+#define E2M1_F16_HI_B 0x46444240u  // 2, 3, 4, 6
+DEVICE uint2 e2m1x4_f16_mags(u32 c) {  // c: four codes, low 16 bits
+  const u32 hi = prmt(E2M1_F16_HI_A, E2M1_F16_HI_B, c & 0x7777u);
+  u32 w0 = prmt(hi, 0u, 0x1404u), w1 = prmt(hi, 0u, 0x3424u);  // zero low bytes
+  w0 |= ((c << 12) & 0x8000u) | ((c << 24) & 0x80000000u);
+  w1 |= ((c << 4) & 0x8000u) | ((c << 16) & 0x80000000u);
+  return make_uint2(w0, w1);
+}
+DEVICE u32 f16x2_mul_exact(u32 a, u32 b) {
+  u32 d;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+  return d;
+}
+DEVICE uint4 e2m1x8_f16(u32 codes, u32 sb) {
+  const u32 d2 = e4m3x2_f16x2(sb | (sb << 8));
+  const uint2 a = e2m1x4_f16_mags(codes), b = e2m1x4_f16_mags(codes >> 16);
+  return make_uint4(f16x2_mul_exact(a.x, d2), f16x2_mul_exact(a.y, d2), f16x2_mul_exact(b.x, d2),
+                    f16x2_mul_exact(b.y, d2));
+}
+
+// The conversions (tests): block s (a scale byte) and thread c write, for
+// codes made from c (every byte value in each of the four places across
+// the threads), into out[4][256][256]: e2m1x8_bf16, e2m1x8_bf16_ref and
+// e2m1x8_f16 of the codes with scale s, and e4m3x8_f16 of the codes then
+// four bytes s.
+extern "C" __global__ void flash_convert(uint4* __restrict__ out) {
   const u32 c = threadIdx.x, sb = blockIdx.x;
   const u32 codes = c | ((255u - c) << 8) | (((c * 7u) & 255u) << 16) | (((c * 13u + 5u) & 255u) << 24);
   out[sb * 256 + c] = e2m1x8_bf16(codes, sb);
   out[65536 + sb * 256 + c] = e2m1x8_bf16_ref(codes, sb);
+  out[2 * 65536 + sb * 256 + c] = e2m1x8_f16(codes, sb);
+  out[3 * 65536 + sb * 256 + c] = e4m3x8_f16(make_uint2(codes, sb * 0x01010101u));
 }
 
-// A quantized cache's record for the exact form's tiles: its bytes, the
-// offset of its two float scales (the latent's, then k_pe's), and 8 of
-// its values from column k (a multiple of 8) as stored and as bf16 (exact).
+// A quantized cache's record for the tiles: its bytes, the offset of its
+// two float scales (the latent's, then k_pe's), and 8 of its values from
+// column k (a multiple of 8) as stored, as bf16 and as f16 (both exact).
 // fp8: rank + dr E4M3 codes, then the scales. fp4 (fp4_slot_bytes in
 // prelude.cuh): the latent's E2M1 codes two a byte, k_pe's E4M3 codes, the
 // latent's group scales, the float scales; 8 latent values load as their
@@ -210,6 +250,10 @@ DEVICE uint2 rec_load8(const u8* rec, int k, int rank, int dr) {
 template <bool FP4>
 DEVICE uint4 rec_bf16x8(uint2 v, int k, int rank) {
   return FP4 && k < rank ? e2m1x8_bf16(v.x, v.y) : e4m3x8_bf16(v);
+}
+template <bool FP4>
+DEVICE uint4 rec_f16x8(uint2 v, int k, int rank) {
+  return FP4 && k < rank ? e2m1x8_f16(v.x, v.y) : e4m3x8_f16(v);
 }
 
 // The queries of the block's 32 rows (row r: token t0 + r/FA_HB, head
