@@ -27,40 +27,44 @@ const (
 	flashHeads  = 4
 )
 
-// flashForm is a form of the flash kernel (flash.cu): f16 operands with
-// two key tiles (f16 true), or exact, the queries and the softmax weights
-// split hi + lo bf16, with one key tile (for the fp4 cache, its own
-// instances).
+// flashForm is an instance of the flash kernel (flash.cu): f16 operands
+// with two key tiles (f16 true), or exact, the queries and the softmax
+// weights split hi + lo bf16, with one key tile.
 type flashForm struct {
 	suffix string // of the kernel's name
 	f16    bool
 }
 
-// flashForms by name.
-var flashForms = map[string]flashForm{
-	"f16":   {"_h", true},
-	"exact": {"_exact", false},
-	"fp4":   {"_fp4", false},
+// flashForms are each form's instances by cache: the f16 form has one a
+// cache; the exact form takes the bf16 and fp8 caches in one (it tells
+// them apart at run time) and the fp4 cache in its own.
+var flashForms = map[string]map[backend.CacheDType]flashForm{
+	"f16":   {backend.CacheBF16: {"_h", true}, backend.CacheFP8: {"_h8", true}, backend.CacheFP4: {"_h4", true}},
+	"exact": {backend.CacheBF16: {"_exact", false}, backend.CacheFP8: {"_exact", false}, backend.CacheFP4: {"_fp4", false}},
 }
 
-// flashBF16Form is the bf16 cache's form: f16 operands (0.238 against 0.280
-// ms a layer at 1024 rows on an H200; the op's output within 4e-4 of the
-// CPU's where bf16 operands gave 3e-3, and the tiny test model's greedy ids
-// the CPU's; docs/perf.md). MMFP4_CUDA_FLASH_EXACT=1 gives it the exact
-// form (an A/B, and runs that must track the CPU's float32 closely). The
-// fp8 cache always takes the exact form (with bf16 operands its logits
-// moved by 1.2e-2).
-var flashBF16Form = map[bool]string{false: "f16", true: "exact"}[os.Getenv("MMFP4_CUDA_FLASH_EXACT") == "1"]
+// flashFormName is the form every cache takes: f16 operands by default.
+// Over the bf16 cache that is 0.238 against 0.280 ms a layer at 1024 rows
+// on an H200, the op's output within 4e-4 of the CPU's where bf16
+// operands gave 3e-3, and the tiny test model's greedy ids the CPU's
+// (docs/perf.md). The fp8 and fp4 caches' f16 form converts their codes
+// to f16 exactly, so only the queries and the weights are rounded, as
+// over the bf16 cache; its accuracy and speed are yet to be measured on a
+// card (the exact form's prefill at 8192 tokens: fp8 8,463 and fp4 6,486
+// tok/s against bf16's 10,761; with bf16 operands, not f16, the fp8
+// cache's logits once moved by 1.2e-2). MMFP4_CUDA_FLASH_EXACT=1 gives
+// every cache the exact form (an A/B, and runs that must track the CPU's
+// float32 closely).
+var flashFormName = map[bool]string{false: "f16", true: "exact"}[os.Getenv("MMFP4_CUDA_FLASH_EXACT") == "1"]
 
-// flashFormFor is the form a cache of precision dt takes.
+// flashFormFor is the form a cache of precision dt takes (the exact one
+// where flashFormName names no form, as the tests' "split" does).
 func flashFormFor(dt backend.CacheDType) flashForm {
-	if f, ok := flashForms[flashBF16Form]; ok && dt == backend.CacheBF16 {
-		return f
+	forms, ok := flashForms[flashFormName]
+	if !ok {
+		forms = flashForms["exact"]
 	}
-	if dt == backend.CacheFP4 {
-		return flashForms["fp4"]
-	}
-	return flashForms["exact"]
+	return forms[dt]
 }
 
 // flashShared is the flash kernel's dynamic shared memory for rows of

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"math/rand/v2"
+	"os"
 	"runtime"
 	"testing"
 
@@ -147,12 +148,45 @@ func TestFlashUse(t *testing.T) {
 	}
 }
 
-// flashTestForms are the bf16 cache's forms.
+// TestFlashFormFor checks each cache's instance of the flash kernel:
+// the f16 form by default (MMFP4_CUDA_FLASH_EXACT unset), the exact form
+// when it is named or no form is (the tests' "split"), and every form's
+// shared memory within the 227 KB a block of an H100 or H200 can have at
+// each compiled shape.
+func TestFlashFormFor(t *testing.T) {
+	if def := map[bool]string{false: "f16", true: "exact"}[os.Getenv("MMFP4_CUDA_FLASH_EXACT") == "1"]; flashFormName != def {
+		t.Errorf("default form %q, want %q", flashFormName, def)
+	}
+	defer func(v string) { flashFormName = v }(flashFormName)
+	dts := []backend.CacheDType{backend.CacheBF16, backend.CacheFP8, backend.CacheFP4}
+	want := map[string][]flashForm{
+		"f16":   {{"_h", true}, {"_h8", true}, {"_h4", true}},
+		"exact": {{"_exact", false}, {"_exact", false}, {"_fp4", false}},
+		"split": {{"_exact", false}, {"_exact", false}, {"_fp4", false}},
+	}
+	for _, name := range []string{"f16", "exact", "split"} {
+		flashFormName = name
+		for i, dt := range dts {
+			f := flashFormFor(dt)
+			if f != want[name][i] {
+				t.Errorf("form %q, %v cache: %+v, want %+v", name, dt, f, want[name][i])
+			}
+			for _, sh := range flashShapes {
+				if n := flashShared(sh[0]+sh[1], f); n > 227*1024 {
+					t.Errorf("form %q, %v cache, rank %d rope %d: %d bytes of shared memory", name, dt, sh[0], sh[1], n)
+				}
+			}
+		}
+	}
+}
+
+// flashTestForms are the flash kernel's forms (every cache has both).
 var flashTestForms = []string{"f16", "exact"}
 
 // flashBound is the op test's bound on a form's max relative error: the
 // exact form 1e-5; f16 operands 1e-3 (2.7e-4 to 3.9e-4 measured on an
-// H200).
+// H200 over the bf16 cache; over the fp8 and fp4 caches, where the same
+// operands are rounded, not yet measured).
 func flashBound(form string) float64 {
 	if form == "exact" {
 		return 1e-5
@@ -164,10 +198,10 @@ func flashBound(form string) float64 {
 // backend: 1, 17, 100 and 1024 new rows, with and without cached prefixes,
 // several sequences in one step (boundaries inside a block's 8 tokens),
 // bf16, fp8 and fp4 caches, ranks 512 (the model's shape), 256 and 128
-// (rope 64 and 16, the tiny test model's). The bf16 cache in each form
-// (flashBound), the fp8 and fp4 caches in the exact form.
+// (rope 64 and 16, the tiny test model's). Each cache in each form
+// (flashBound).
 func TestFlashAttentionMatchesCPU(t *testing.T) {
-	defer func(v string) { flashBF16Form = v }(flashBF16Form)
+	defer func(v string) { flashFormName = v }(flashFormName)
 	g, _ := testBackends(t, Options{})
 	c := cpu.New(cpu.Options{Threads: runtime.NumCPU()})
 	full := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
@@ -197,12 +231,8 @@ func TestFlashAttentionMatchesCPU(t *testing.T) {
 			seed := uint64(100 + i)
 			want := flashRun(t, c, cs.seqs, cs.s, dt, seed)
 			msg := ""
-			forms := flashTestForms
-			if dt != backend.CacheBF16 {
-				forms = []string{"exact"}
-			}
-			for _, form := range forms {
-				flashBF16Form = form
+			for _, form := range flashTestForms {
+				flashFormName = form
 				g.flashAlways = true
 				got := flashRun(t, g, cs.seqs, cs.s, dt, seed)
 				e := maxRelErr(want, got)
@@ -226,7 +256,7 @@ func TestFlashAttentionMatchesCPU(t *testing.T) {
 // 64 and 32, several sequences in a step, every form and the bf16, fp8 and
 // fp4 caches, on fresh random inputs.
 func TestFlashQuantMatchesSeparate(t *testing.T) {
-	defer func(v string, q bool) { flashBF16Form, flashQuant = v, q }(flashBF16Form, flashQuant)
+	defer func(v string, q bool) { flashFormName, flashQuant = v, q }(flashFormName, flashQuant)
 	g, _ := testBackends(t, Options{})
 	full := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
 	cases := []struct {
@@ -242,13 +272,9 @@ func TestFlashQuantMatchesSeparate(t *testing.T) {
 	}
 	for i, cs := range cases {
 		for _, dt := range []backend.CacheDType{backend.CacheBF16, backend.CacheFP8, backend.CacheFP4} {
-			forms := flashTestForms
-			if dt != backend.CacheBF16 {
-				forms = []string{"exact"}
-			}
-			for _, form := range forms {
+			for _, form := range flashTestForms {
 				name := fmt.Sprintf("%v cache, %s, heads %d rank %d, seqs %v, groups of %d", dt, form, cs.s.Heads, cs.s.Rank, cs.seqs, cs.G)
-				flashBF16Form = form
+				flashFormName = form
 				g.flashAlways = true
 				// run returns the output, its int8 form (codes, scales,
 				// sums) and the last queued op's name before the
@@ -289,15 +315,16 @@ func TestFlashQuantMatchesSeparate(t *testing.T) {
 // they never reach it): the prompt and greedy ids of the golden file, 28
 // tokens in one step. The logits of that prefill, and 64 greedy ids after
 // it (decode steps on the decode kernels), against the CPU backend with
-// the same cache precision, for the split kernels and each flash form.
-// Logits within 1e-2 everywhere; the greedy ids must match for the bf16
-// cache (with bf16 operands, on an H200, they parted at step 38 of 64: the
-// softmax weights' rounding, not the queries'). For the fp8 and fp4
-// caches they are logged, not held (the fp8 cache's exact form parts at
-// step 53 with logits 3.7e-4 from the CPU's: the next layers' E4M3 codes
-// turn small differences into whole steps of the code).
+// the same cache precision, for the split kernels and each flash form
+// (the f16 form is every cache's default). Logits within 1e-2
+// everywhere; the greedy ids must match for the bf16 cache (with bf16
+// operands, on an H200, they parted at step 38 of 64: the softmax
+// weights' rounding, not the queries'). For the fp8 and fp4 caches they
+// are logged, not held (the fp8 cache's exact form parts at step 53 with
+// logits 3.7e-4 from the CPU's: the next layers' E4M3 codes turn small
+// differences into whole steps of the code).
 func TestModelFlashMatchesCPUOnGPU(t *testing.T) {
-	defer func(v string) { flashBF16Form = v }(flashBF16Form)
+	defer func(v string) { flashFormName = v }(flashFormName)
 	ref := loadGolden(t)
 	prompt := append(append([]int{}, ref.prompt...), ref.greedy...)
 	_, c := testBackends(t, Options{})
@@ -305,13 +332,9 @@ func TestModelFlashMatchesCPUOnGPU(t *testing.T) {
 	for _, dt := range []backend.CacheDType{backend.CacheBF16, backend.CacheFP8, backend.CacheFP4} {
 		want := modelLogits(t, mc, prompt, dt)
 		wantIDs := greedyIDs(t, mc, prompt, 64, dt)
-		kerns := append([]string{"split"}, flashTestForms...)
-		if dt != backend.CacheBF16 {
-			kerns = []string{"split", "exact"} // the fp8 and fp4 caches' flash form is the exact one
-		}
-		for _, kern := range kerns {
+		for _, kern := range append([]string{"split"}, flashTestForms...) {
 			g, _ := testBackends(t, Options{})
-			flashBF16Form = kern
+			flashFormName = kern
 			if kern == "split" {
 				g.flashMin = 0
 			}
@@ -337,10 +360,10 @@ func TestModelFlashMatchesCPUOnGPU(t *testing.T) {
 
 // BenchmarkFlashAttention times one layer's attention of a prefill at
 // GLM-4.7-Flash's shapes (20 heads, rank 512, rope 64): T new rows after a
-// cached prefix, the flash kernel (its default form for the cache, and
-// for the bf16 cache each form) against the split kernels, device time
-// of the queued launches (events), with TFLOP/s over the causal work
-// (2 * (rank+rope+rank) flops per row, head and attended position).
+// cached prefix, the flash kernel in each form against the split kernels,
+// device time of the queued launches (events), with TFLOP/s over the
+// causal work (2 * (rank+rope+rank) flops per row, head and attended
+// position).
 func BenchmarkFlashAttention(b *testing.B) {
 	d := benchDevice(b)
 	s := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
@@ -354,11 +377,7 @@ func BenchmarkFlashAttention(b *testing.B) {
 		{32, 0, backend.CacheBF16}, {32, 1024, backend.CacheBF16}, {16, 0, backend.CacheBF16}, {16, 1024, backend.CacheBF16},
 	}
 	for _, cs := range cases {
-		kerns := append(append([]string{}, flashTestForms...), "split")
-		if cs.dt != backend.CacheBF16 {
-			kerns = []string{"exact", "split"} // the fp8 and fp4 caches' flash form is the exact one
-		}
-		for _, kern := range kerns {
+		for _, kern := range append(append([]string{}, flashTestForms...), "split") {
 			b.Run(fmt.Sprintf("T%d_prefix%d/%v/%s", cs.T, cs.prefix, cs.dt, kern), func(b *testing.B) {
 				flashBench(b, d, s, cs.T, cs.prefix, cs.dt, kern)
 			})
@@ -391,8 +410,8 @@ func flashBench(b *testing.B, d *Device, s backend.MLAShape, T, prefix int, dt b
 	g.Upload(qlat, randVec(r, T*s.Heads*s.Rank, 1))
 	g.Upload(q, randVec(r, T*s.Heads*(s.NopeDim+s.RopeDim), 1))
 	g.flashMin, g.flashAlways = 0, kern != "split"
-	defer func(v string) { flashBF16Form = v }(flashBF16Form)
-	flashBF16Form = kern
+	defer func(v string) { flashFormName = v }(flashFormName)
+	flashFormName = kern
 	scale := float32(1 / math.Sqrt(256))
 	g.LatentAttention(olat, qlat, q, 0, s, scale) // warm-up (compiles)
 	if err := g.Sync(); err != nil {
@@ -416,7 +435,7 @@ func flashBench(b *testing.B, d *Device, s backend.MLAShape, T, prefix int, dt b
 	if err != nil {
 		b.Fatal(err)
 	}
-	if kern == "f16" && T >= 1024 {
+	if kern == "f16" && T >= 1024 && dt == backend.CacheBF16 { // the probe instance is the bf16 cache's
 		flashPhases(b, g, olat, qlat, q, s, scale)
 	}
 }
@@ -458,45 +477,69 @@ func flashPhases(b *testing.B, g *Backend, olat, qlat, q backend.Tensor, s backe
 		}
 		msg += fmt.Sprintf(" %s %.0f (%.0f)", n, sum/8, most)
 	}
-	fmt.Printf("flash phases (%s), cycles a tile (mean of warps, slowest), %d tiles a warp:%s\n", flashBF16Form, st[phases-1], msg)
+	fmt.Printf("flash phases (%s), cycles a tile (mean of warps, slowest), %d tiles a warp:%s\n", flashFormName, st[phases-1], msg)
 }
 
-// The fp4 cache's decode into bf16 (flash.cu's e2m1x8_bf16, byte
-// permutes and a bf16x2 multiply, and its float reference form) against
-// format.E2M1Decode times format.E4M3Decode, exact in bf16: every scale
-// byte and every code byte in each of the four places, both forms the
-// same bits (NaN for the NaN scale bytes 0x7F and 0xFF).
-func TestFlashFP4ConvertMatchesFormat(t *testing.T) {
+// The quantized caches' decodes into the flash kernel's tiles
+// (flash.cu's flash_convert) against format's E2M1Decode and E4M3Decode:
+// the fp4 cache's E2M1 codes times an E4M3 group scale into bf16 (the
+// byte permutes and a bf16x2 multiply, and the float reference form) and
+// into f16 (the f16 form's tile), and E4M3 codes into f16, each exact
+// there: every scale byte and every code byte in each of the four places,
+// all the format's values bit for bit (NaN for the NaN bytes 0x7F and
+// 0xFF).
+func TestFlashConvertMatchesFormat(t *testing.T) {
 	d := testDevice(t)
-	got := make([]uint16, 2*65536*8)
-	err := d.Do(func(c *Ctx) error { return runOutKernel(c, "flash", "flash_fp4_convert", D1(256), D1(256), got) })
+	got := make([]uint16, 4*65536*8)
+	err := d.Do(func(c *Ctx) error { return runOutKernel(c, "flash", "flash_convert", D1(256), D1(256), got) })
 	if err != nil {
 		t.Fatal(err)
 	}
+	bf16 := func(h uint16) float32 { return math.Float32frombits(uint32(h) << 16) }
 	bad := 0
+	check := func(what string, sb, c, v int, g uint16, decode func(uint16) float32, want float32) {
+		gf := decode(g)
+		if math.Float32bits(gf) != math.Float32bits(want) && !(gf != gf && want != want) {
+			if bad++; bad <= 10 {
+				t.Errorf("%s, scale %#02x, thread %d, value %d: %#04x (%g), want %g", what, sb, c, v, g, gf, want)
+			}
+		}
+	}
 	for sb := 0; sb < 256; sb++ {
 		scale := format.E4M3Decode(uint8(sb))
 		for c := 0; c < 256; c++ {
 			codes := uint32(c) | uint32(255-c)<<8 | uint32((c*7)&255)<<16 | uint32((c*13+5)&255)<<24
+			at := func(form, v int) uint16 { return got[(form*65536+sb*256+c)*8+v] }
 			for v := 0; v < 8; v++ {
 				want := format.E2M1Decode(uint8(codes>>(4*v))&15) * scale
-				wb := uint16(math.Float32bits(want) >> 16)
 				if math.Float32bits(want)&0xFFFF != 0 {
 					t.Fatalf("scale %#02x code %#x: %g is not exact in bf16", sb, codes>>(4*v)&15, want)
 				}
-				for form, off := range []int{0, 65536 * 8} {
-					g := got[off+(sb*256+c)*8+v]
-					gf := math.Float32frombits(uint32(g) << 16)
-					if g != wb && !(gf != gf && want != want) {
-						if bad++; bad <= 10 {
-							t.Errorf("form %d, scale %#02x, codes %#08x, value %d: bf16 %#04x, want %#04x (%g)", form, sb, codes, v, g, wb, want)
-						}
-					}
+				check("e2m1x8_bf16", sb, c, v, at(0, v), bf16, want)
+				check("e2m1x8_bf16_ref", sb, c, v, at(1, v), bf16, want)
+				check("e2m1x8_f16", sb, c, v, at(2, v), f16Float, want)
+				b := uint8(sb)
+				if v < 4 {
+					b = uint8(codes >> (8 * v))
 				}
+				check("e4m3x8_f16", sb, c, v, at(3, v), f16Float, format.E4M3Decode(b))
 			}
 		}
 	}
 	if bad > 10 {
 		t.Errorf("%d mismatches in all", bad)
 	}
+}
+
+// f16Float is the value of IEEE half-precision bits h.
+func f16Float(h uint16) float32 {
+	sign := uint32(h>>15) << 31
+	e, m := uint32(h>>10)&31, uint32(h)&1023
+	switch {
+	case e == 31: // infinities and NaNs
+		return math.Float32frombits(sign | 0x7F800000 | m<<13)
+	case e == 0: // zeros and subnormals: m * 2^-24
+		return math.Float32frombits(math.Float32bits(float32(m)*0x1p-24) | sign)
+	}
+	return math.Float32frombits(sign | (e+112)<<23 | m<<13)
 }

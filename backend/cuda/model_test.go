@@ -213,35 +213,39 @@ func TestModelMMFP4MatchesCPUOnGPU(t *testing.T) {
 // latent (TestCacheWriteFP4MatchesCPU), but a last-bit difference in a
 // latent can move a value by a whole FP4 step. The fixture's 28 positions
 // are one step: held here on the split kernels (flashMin 0; the
-// single-launch decode kernel takes them), and on the flash kernel's fp4
-// form for the bf16 weights. Measured on an H200: 4.3e-7 split and 2.9e-6
-// flash with the bf16 weights, 1.0e-2 split with the MMFP4 ones (whose
-// int8 requantization moves a last-bit difference by a step, as with the
-// f32 cache above). The flash kernel with the MMFP4 weights is logged, not
-// held: its sums end in other last bits (5e-6 from the CPU's at the op,
-// TestFlashAttentionMatchesCPU), and through the requantization and the
-// next layers' FP4 codes this random tiny model's logits moved by 2.1e-1.
+// single-launch decode kernel takes them), and on the flash kernel's
+// exact form for the bf16 weights; its f16 form (the default, queries and
+// weights rounded to f16) to 1e-2 as TestModelFlashMatchesCPUOnGPU holds
+// it. Measured on an H200: 4.3e-7 split and 2.9e-6 flash (exact) with the
+// bf16 weights, 1.0e-2 split with the MMFP4 ones (whose int8
+// requantization moves a last-bit difference by a step, as with the f32
+// cache above); the f16 form not yet. The flash kernel with the MMFP4
+// weights is logged, not held: its sums end in other last bits (5e-6 from
+// the CPU's at the op in the exact form, TestFlashAttentionMatchesCPU),
+// and through the requantization and the next layers' FP4 codes this
+// random tiny model's logits moved by 2.1e-1.
 func TestModelFP4CacheMatchesCPUOnGPU(t *testing.T) {
 	g, c := testBackends(t, Options{})
-	defer func(m int) { g.flashMin = m }(g.flashMin)
+	defer func(m int, v string) { g.flashMin, flashFormName = m, v }(g.flashMin, flashFormName)
 	ref := loadGolden(t)
 	seq := append(append([]int{}, ref.prompt...), ref.greedy...)
 	for _, run := range []struct {
-		dir          string
-		split, flash float64 // bounds; flash 0: logged
-	}{{fixtureDir, 1e-5, 1e-5}, {quantizedFixture(t), 2e-2, 0}} {
+		dir               string
+		split, exact, f16 float64 // bounds; 0: logged
+	}{{fixtureDir, 1e-5, 1e-5, 1e-2}, {quantizedFixture(t), 2e-2, 0, 0}} {
 		mg, mc := loadOn(t, run.dir, g), loadOn(t, run.dir, c)
 		want := modelLogits(t, mc, seq, backend.CacheFP4)
-		for _, kernel := range []string{"split", "flash"} {
-			g.flashMin = flashMinRows
-			bound := run.flash
+		for _, kernel := range []string{"split", "exact", "f16"} {
+			g.flashMin, flashFormName = flashMinRows, kernel
+			bound := map[string]float64{"split": run.split, "exact": run.exact, "f16": run.f16}[kernel]
+			name := "flash (" + kernel + ")"
 			if kernel == "split" {
-				g.flashMin, bound = 0, run.split
+				g.flashMin, name = 0, kernel
 			}
 			e := maxRelErr(want, modelLogits(t, mg, seq, backend.CacheFP4))
-			t.Logf("GPU vs CPU, %s, fp4 cache, %s attention: max rel err %.2e over %d positions", filepath.Base(run.dir), kernel, e, len(seq))
+			t.Logf("GPU vs CPU, %s, fp4 cache, %s attention: max rel err %.2e over %d positions", filepath.Base(run.dir), name, e, len(seq))
 			if bound > 0 && !(e <= bound) {
-				t.Errorf("%s, fp4 cache, %s attention: relative error %.3e > %.0e", filepath.Base(run.dir), kernel, e, bound)
+				t.Errorf("%s, fp4 cache, %s attention: relative error %.3e > %.0e", filepath.Base(run.dir), name, e, bound)
 			}
 		}
 	}

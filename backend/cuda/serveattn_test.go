@@ -62,7 +62,7 @@ func TestServeMixedFlashMatchesCPU(t *testing.T) {
 		got := flashRun(t, g, cs.seqs, s, backend.CacheBF16, seed)
 		bound := 1e-5
 		if cs.flash {
-			bound = flashBound(flashBF16Form)
+			bound = flashBound(flashFormName)
 		} else if step.Rows() <= decodeAttnRows {
 			bound = decodeBF16Bound() // decode_mma's form
 		}

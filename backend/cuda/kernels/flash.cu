@@ -9,39 +9,44 @@
 //   O = O * exp(m_old - m_new) + exp(S - m_new) . c
 // and O / l at the end.
 //
-// Rounding: the cached values are exact in bfloat16 (bf16 cache; the fp8
-// cache's E4M3 codes, its two per-position scales applied in fp32 outside
-// the products; the fp4 cache's E2M1 codes times their group's E4M3
-// scale, and E4M3 rope codes, with the same two scales), so only the fp32
-// operands (the queries and the softmax weights) are rounded. Two forms:
-// - f16 operands (the bf16 cache's default): each query row scaled by a
-//   power of two (undone exactly in the softmax) and rounded to f16, the
-//   weights (in [0,1]) rounded to f16, and the key fragments widened to
-//   f16 in registers (exact for magnitudes in [2^-14, 65504]; the latent
-//   cache's normalised values lie well inside), fp32 accumulators. f16
-//   carries 11 bits to bf16's 8: max |err| / max |ref| 2.7e-4 to 3.9e-4
-//   against the CPU on an H200, where bf16 operands gave 1.7e-3 to 3.1e-3
-//   and made the tiny test model's greedy ids part from the CPU's (the
-//   weights' rounding did that, not the queries'; docs/perf.md). Its
-//   shared memory leaves room for two key tiles, so the next tile's copies
-//   land during this one's products. The bf16 cache has no per-position
-//   scales, so the scores take one accumulator, and the softmax runs in
-//   base 2 (ex2.approx, the scale times log2(e) folded into the queries'
-//   power of two) with each thread's row sum added to the others' at the
-//   end.
-// - exact (the fp8 and fp4 caches, and the bf16 cache with
-//   MMFP4_CUDA_FLASH_EXACT=1):
+// Rounding: the cached values are exact in bfloat16 and in f16 (bf16
+// cache, within f16's range; the fp8 cache's E4M3 codes, its two
+// per-position scales applied in fp32 outside the products; the fp4
+// cache's E2M1 codes times their group's E4M3 scale, at most six
+// significant bits in [2^-10, 2688], and E4M3 rope codes, with the same
+// two scales), so only the fp32 operands (the queries and the softmax
+// weights) are rounded. Two forms:
+// - f16 operands (the default for every cache): each query row scaled by
+//   a power of two (undone exactly in the softmax) and rounded to f16, the
+//   weights rounded to f16, fp32 accumulators. The bf16 cache's key
+//   fragments are widened to f16 in registers (exact for magnitudes in
+//   [2^-14, 65504]; the latent cache's normalised values lie well inside),
+//   the fp8 and fp4 caches' records converted to f16 in the tile. f16
+//   carries 11 bits to bf16's 8: over the bf16 cache max |err| / max |ref|
+//   2.7e-4 to 3.9e-4 against the CPU on an H200, where bf16 operands gave
+//   1.7e-3 to 3.1e-3 and made the tiny test model's greedy ids part from
+//   the CPU's (the weights' rounding did that, not the queries';
+//   docs/perf.md). Its shared memory leaves room for two key tiles, so the
+//   next tile's copies (bf16 cache) land during this one's products, or
+//   its records (fp8, fp4) are loaded during the softmax and the products
+//   and converted after them. The softmax runs in base 2 (ex2.approx, the
+//   scale times log2(e) folded into the queries' power of two) with each
+//   thread's row sum added to the others' at the end. The bf16 cache has
+//   no per-position scales, so its scores take one accumulator; over the
+//   fp8 and fp4 caches the values' weights carry the latent scale times a
+//   power of two that keeps them in f16's normal range (flash_latent).
+// - exact (every cache with MMFP4_CUDA_FLASH_EXACT=1):
 //   each operand split as hi + lo, two bfloat16 numbers that carry 16 bits
 //   of its mantissa, every product issued for both halves: an error near
 //   fp32 summation order (under 1e-5), twice the tensor work, one tile.
 //
 // Warps (8): for S, warp w takes keys [32*(w&1), +32) and every fourth k
-// step (w>>1) for all 32 rows, keeping the latent and rope parts apart in
-// the exact form (the fp8 scales differ); the four partial tiles go
-// through shared memory and are added in a fixed order. The softmax gives
-// 8 threads to a row. For O, warp w owns columns [w*rank/8, +rank/8) of
-// all 32 rows. On a sequence's last tile, key steps past its positions
-// are left out. The output is staged in shared memory and written a
+// step (w>>1) for all 32 rows, keeping the latent and rope parts apart
+// over the fp8 and fp4 caches (their scales differ); the four partial
+// tiles go through shared memory and are added in a fixed order. The
+// softmax gives 8 threads to a row. For O, warp w owns columns
+// [w*rank/8, +rank/8) of all 32 rows. On a sequence's last tile, key
+// steps past its positions are left out. The output is staged in shared memory and written a
 // head's row per warp; with xq set, so is its int8 form for the value
 // expansion (as the quantization kernel writes it, bit for bit).
 //
@@ -82,6 +87,20 @@ DEVICE float fa_ex2(float x) {
   float r;
   asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
   return r;
+}
+
+// 2^e for e in [-126, 127], exactly.
+DEVICE float fa_pow2(int e) { return __int_as_float((127 + e) << 23); }
+
+// The f16 form's weights over a quantized cache (flash_latent): the power
+// of two e that takes a tile's largest latent scale smax into [2^14,
+// 2^15), FA_WEMAX for smax = 0. |e| <= FA_WEMAX, so that a change of e
+// (down to -2 FA_WEMAX) is a normal float's power of two; scales below
+// 2^76, far beyond a cache's, keep the weights under 2^15.
+#define FA_WEMAX 62
+DEVICE int fa_weight_exp(float smax) {
+  if (smax == 0.f) return FA_WEMAX;
+  return max(-FA_WEMAX, min(FA_WEMAX, 14 - ((int)(__float_as_uint(smax) >> 23) - 127)));
 }
 
 // Round to nearest even bfloat16 (finite inputs), as bits.
@@ -176,19 +195,59 @@ DEVICE uint4 e2m1x8_bf16(u32 codes, u32 sb) {
                     bf16x2_mul_exact(b.y, d2));
 }
 
-// e2m1x8_bf16 and e2m1x8_bf16_ref (tests): block s (the scale byte) and
-// thread c write both forms of codes made from c (every byte value in
-// each of the four places across the threads) into out[2][256][256].
-extern "C" __global__ void flash_fp4_convert(uint4* __restrict__ out) {
+// The f16 form's tiles: the same values as f16, exact too. E4M3 codes
+// are f16 values (one conversion a pair). An E2M1 value times its E4M3
+// group scale has at most six significant bits and a magnitude of 0 or
+// 2^-10 to 2688, inside f16's normal range: the magnitudes' f16 bits
+// (their low bytes are zero) looked up four codes at a time by a byte
+// permute, the sign bits moved in, then one f16x2 multiply-add by the
+// scale (with -0 added, as in e2m1x8_bf16).
+DEVICE u32 e4m3x2_f16x2(u32 two) {
+  u32 h;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h) : "h"((unsigned short)two));
+  return h;
+}
+DEVICE uint4 e4m3x8_f16(uint2 v) {
+  return make_uint4(e4m3x2_f16x2(v.x), e4m3x2_f16x2(v.x >> 16), e4m3x2_f16x2(v.y), e4m3x2_f16x2(v.y >> 16));
+}
+#define E2M1_F16_HI_A 0x3E3C3800u  // magnitudes 0, 0.5, 1, 1.5: high bytes
+#define E2M1_F16_HI_B 0x46444240u  // 2, 3, 4, 6
+DEVICE uint2 e2m1x4_f16_mags(u32 c) {  // c: four codes, low 16 bits
+  const u32 hi = prmt(E2M1_F16_HI_A, E2M1_F16_HI_B, c & 0x7777u);
+  u32 w0 = prmt(hi, 0u, 0x1404u), w1 = prmt(hi, 0u, 0x3424u);  // zero low bytes
+  w0 |= ((c << 12) & 0x8000u) | ((c << 24) & 0x80000000u);
+  w1 |= ((c << 4) & 0x8000u) | ((c << 16) & 0x80000000u);
+  return make_uint2(w0, w1);
+}
+DEVICE u32 f16x2_mul_exact(u32 a, u32 b) {
+  u32 d;
+  asm("fma.rn.f16x2 %0, %1, %2, %3;" : "=r"(d) : "r"(a), "r"(b), "r"(0x80008000u));
+  return d;
+}
+DEVICE uint4 e2m1x8_f16(u32 codes, u32 sb) {
+  const u32 d2 = e4m3x2_f16x2(sb | (sb << 8));
+  const uint2 a = e2m1x4_f16_mags(codes), b = e2m1x4_f16_mags(codes >> 16);
+  return make_uint4(f16x2_mul_exact(a.x, d2), f16x2_mul_exact(a.y, d2), f16x2_mul_exact(b.x, d2),
+                    f16x2_mul_exact(b.y, d2));
+}
+
+// The conversions (tests): block s (a scale byte) and thread c write, for
+// codes made from c (every byte value in each of the four places across
+// the threads), into out[4][256][256]: e2m1x8_bf16, e2m1x8_bf16_ref and
+// e2m1x8_f16 of the codes with scale s, and e4m3x8_f16 of the codes then
+// four bytes s.
+extern "C" __global__ void flash_convert(uint4* __restrict__ out) {
   const u32 c = threadIdx.x, sb = blockIdx.x;
   const u32 codes = c | ((255u - c) << 8) | (((c * 7u) & 255u) << 16) | (((c * 13u + 5u) & 255u) << 24);
   out[sb * 256 + c] = e2m1x8_bf16(codes, sb);
   out[65536 + sb * 256 + c] = e2m1x8_bf16_ref(codes, sb);
+  out[2 * 65536 + sb * 256 + c] = e2m1x8_f16(codes, sb);
+  out[3 * 65536 + sb * 256 + c] = e4m3x8_f16(make_uint2(codes, sb * 0x01010101u));
 }
 
-// A quantized cache's record for the exact form's tiles: its bytes, the
-// offset of its two float scales (the latent's, then k_pe's), and 8 of
-// its values from column k (a multiple of 8) as stored and as bf16 (exact).
+// A quantized cache's record for the tiles: its bytes, the offset of its
+// two float scales (the latent's, then k_pe's), and 8 of its values from
+// column k (a multiple of 8) as stored, as bf16 and as f16 (both exact).
 // fp8: rank + dr E4M3 codes, then the scales. fp4 (fp4_slot_bytes in
 // prelude.cuh): the latent's E2M1 codes two a byte, k_pe's E4M3 codes, the
 // latent's group scales, the float scales; 8 latent values load as their
@@ -210,6 +269,10 @@ DEVICE uint2 rec_load8(const u8* rec, int k, int rank, int dr) {
 template <bool FP4>
 DEVICE uint4 rec_bf16x8(uint2 v, int k, int rank) {
   return FP4 && k < rank ? e2m1x8_bf16(v.x, v.y) : e4m3x8_bf16(v);
+}
+template <bool FP4>
+DEVICE uint4 rec_f16x8(uint2 v, int k, int rank) {
+  return FP4 && k < rank ? e2m1x8_f16(v.x, v.y) : e4m3x8_f16(v);
 }
 
 // The queries of the block's 32 rows (row r: token t0 + r/FA_HB, head
@@ -289,12 +352,16 @@ DEVICE void tile_slots(u32* sslot, int n, int kb, int nkeys, const i32* __restri
 }
 
 // F16: f16 operands and two key tiles (155 + 75 KB): the next tile's
-// copies (bf16 cache) are in flight during this one's products; each
-// product's key fragments are widened to f16 in registers, and the score
-// loop is unrolled whole so that the next step's loads and widening need
-// not wait for this step's products. Else exact: the queries and the
-// weights split hi + lo, one key tile (196 KB).
-template <int NT, int DR, bool F16, bool STAMP = false, bool FP4 = false>
+// copies (bf16 cache) are in flight during this one's products, or its
+// records (fp8 or fp4 cache) are loaded into registers after this one's
+// scores and converted to f16 after its products; the bf16 cache's key
+// fragments are widened to f16 in registers, and the score loop is
+// unrolled whole so that the next step's loads (and widening) need not
+// wait for this step's products. Else exact: the queries and the weights
+// split hi + lo, one key tile (196 KB). FP4: the fp4 cache (dtype 3).
+// FP8: the f16 form's fp8 instance; else the f16 form takes the bf16
+// cache, and the exact form the bf16 or the fp8 cache by dtype.
+template <int NT, int DR, bool F16, bool STAMP = false, bool FP4 = false, bool FP8 = false>
 DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                          const float* __restrict__ q, int ldq, const u8* __restrict__ layer, int dtype,
                          const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -305,10 +372,11 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   constexpr int W = rank + DR, ld = W + 8;  // bf16 row stride: an odd number of 16-byte units
   constexpr bool QLO = !F16, PLO = !F16, DB = F16;  // lo halves, two key tiles
   constexpr int NB = DB ? 2 : 1;                    // key tiles
-  // F16 (the bf16 cache only): one score accumulator (no per-position
-  // scales), the softmax in base 2 on ex2.approx with the row sums kept
-  // per thread, its partial-score reads free of bank conflicts.
-  constexpr bool ONE = F16, LEAN = F16;
+  constexpr bool QF = F16 && (FP4 || FP8);          // f16 operands, a quantized cache
+  // F16: the softmax in base 2 on ex2.approx with the row sums kept per
+  // thread, its partial-score reads free of bank conflicts; over the bf16
+  // cache (no per-position scales) one score accumulator.
+  constexpr bool ONE = F16 && !QF, LEAN = F16;
   extern __shared__ __align__(16) u8 fa_smem[];
   unsigned short* qhi = (unsigned short*)fa_smem;
   unsigned short* qlo = qhi + FA_M * ld;                       // with QLO
@@ -377,10 +445,46 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
       if (c + sub < per) cp_async16(d + c * 16, src + c * 16, valid);
   };
 
+  // Records of a quantized cache (rec_bytes: fp4 in the fp4 instances,
+  // dtype 3; else fp8) for positions [kb, +FA_N) at the slots sl, zeros
+  // past nkeys: rec_load issues all of this thread's loads (8 values a
+  // chunk and, for tid < FA_N, the position's two float scales, the
+  // latent's and k_pe's); rec_store converts the values exactly (f16 in
+  // the f16 form, else bf16) into dst and stores the scales in sc0 and
+  // sc1, which are applied in fp32 outside the products.
+  constexpr int rper = W / 8, rtotal = FA_N * rper, riters = (rtotal + FA_THREADS - 1) / FA_THREADS;
+  uint2 rv[riters];
+  float rs0 = 0.f, rs1 = 0.f;
+  auto rec_load = [&](const u32* sl, int kb, int nkeys) {
+    const int rb = rec_bytes<FP4>(rank, DR), so = rec_scales<FP4>(rank, DR);
+#pragma unroll
+    for (int u = 0; u < riters; u++) {
+      const int i = tid + u * FA_THREADS, jj = i / rper, k = (i % rper) * 8;
+      rv[u] = (rtotal % FA_THREADS == 0 || i < rtotal) && kb + jj < nkeys
+                  ? rec_load8<FP4>(layer + (size_t)sl[jj] * rb, k, rank, DR)
+                  : make_uint2(0, 0);
+    }
+    rs0 = rs1 = 0.f;
+    if (tid < FA_N && kb + tid < nkeys) {
+      const float* sc = (const float*)(layer + (size_t)sl[tid] * rb + so);
+      rs0 = sc[0];
+      rs1 = sc[1];
+    }
+  };
+  auto rec_store = [&](unsigned short* dst) {
+#pragma unroll
+    for (int u = 0; u < riters; u++) {
+      const int i = tid + u * FA_THREADS, jj = i / rper, k = (i % rper) * 8;
+      if (rtotal % FA_THREADS == 0 || i < rtotal)
+        *(uint4*)(dst + jj * ld + k) = QF ? rec_f16x8<FP4>(rv[u], k, rank) : rec_bf16x8<FP4>(rv[u], k, rank);
+    }
+    if (tid < FA_N) sc0[tid] = rs0, sc1[tid] = rs1;
+  };
+
   // The start of one sequence's tokens [ta, tb) of the block: its keys,
   // block table and this thread's softmax row's position, the slots of
   // the first NB tiles (tile i in sslot[i]) and, with DB, the first
-  // tile's copies.
+  // tile's copies (bf16 cache) or its converted records (QF).
   int ta = 0, tb = 0, nkeys = 0, rowpos = -1;
   const i32* table = blocks;
   auto start_seq = [&]() {
@@ -395,9 +499,13 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
     tile_slots(sslot, NB * FA_N, 0, nkeys, table, block_size);
     if (dtype == 0 && tid < FA_N) sc0[tid] = sc1[tid] = 1.f;
     __syncthreads();
-    if (DB && dtype == 0) {
+    if (DB && !QF && dtype == 0) {
       issue_bf16(kbuf, sslot, 0, nkeys);
       asm volatile("cp.async.commit_group;" ::: "memory");
+    }
+    if (QF) {
+      rec_load(sslot, 0, nkeys);
+      rec_store(kbuf);
     }
     FA_STAMP(6);
   };
@@ -407,6 +515,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
   while (ta < nt) {
     if (ta > 0) start_seq();
     float m_run = __int_as_float(0xff800000), l_run = 0.f;
+    int e_run = FA_WEMAX;  // QF: the weights' power of two (below)
     float o[2][NT][4];
 #pragma unroll
     for (int m = 0; m < 2; m++)
@@ -420,38 +529,14 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
       const int cur = DB ? (it & 1) : 0;
       unsigned short* ks = kbuf + cur * FA_N * ld;
       const u32* slots = sslot + cur * FA_N;
-      // The tile's cached rows as bf16 (zeros past nkeys).
-      if (!FP4 && dtype == 0) {
+      // The tile's cached rows as bf16 or f16 (zeros past nkeys); QF
+      // converted its records a tile earlier (or at the sequence's start).
+      if (!QF && !FP4 && dtype == 0) {
         if (!DB) issue_bf16(ks, slots, kb, nkeys);
         cp_async_wait_all();  // with DB, copies issued a tile earlier
-      } else {
-        // Records of a quantized cache (rec_bytes: fp4 in the fp4
-        // instances, dtype 3; else fp8), converted to bf16 exactly, their
-        // two float scales (the latent's and k_pe's, per position) applied
-        // in fp32 outside the products; all of a thread's loads are
-        // issued before the first is used.
-        constexpr int per = W / 8, total = FA_N * per, iters = (total + FA_THREADS - 1) / FA_THREADS;
-        const int rb = rec_bytes<FP4>(rank, DR), so = rec_scales<FP4>(rank, DR);
-        uint2 v[iters];
-#pragma unroll
-        for (int u = 0; u < iters; u++) {
-          const int i = tid + u * FA_THREADS, jj = i / per, k = (i % per) * 8;
-          v[u] = (total % FA_THREADS == 0 || i < total) && kb + jj < nkeys
-                     ? rec_load8<FP4>(layer + (size_t)slots[jj] * rb, k, rank, DR)
-                     : make_uint2(0, 0);
-        }
-        float s0 = 0.f, s1 = 0.f;
-        if (tid < FA_N && kb + tid < nkeys) {
-          const float* sc = (const float*)(layer + (size_t)slots[tid] * rb + so);
-          s0 = sc[0];
-          s1 = sc[1];
-        }
-#pragma unroll
-        for (int u = 0; u < iters; u++) {
-          const int i = tid + u * FA_THREADS, jj = i / per, k = (i % per) * 8;
-          if (total % FA_THREADS == 0 || i < total) *(uint4*)(ks + jj * ld + k) = rec_bf16x8<FP4>(v[u], k, rank);
-        }
-        if (tid < FA_N) sc0[tid] = s0, sc1[tid] = s1;
+      } else if (!QF) {
+        rec_load(slots, kb, nkeys);
+        rec_store(ks);
       }
       __syncthreads();
       FA_STAMP(0);
@@ -462,7 +547,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
       if (tid < FA_N && jn < nkeys) tv = table[jn / block_size];
       // With DB, the next tile's copies into the other buffer: every warp
       // is past the products of the tile before, which used it.
-      if (DB && dtype == 0 && kb + FA_N < nkeys) {
+      if (DB && !QF && dtype == 0 && kb + FA_N < nkeys) {
         issue_bf16(kbuf + (cur ^ 1) * FA_N * ld, sslot + (cur ^ 1) * FA_N, kb + FA_N, nkeys);
         asm volatile("cp.async.commit_group;" ::: "memory");
       }
@@ -491,8 +576,10 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
             ldsm_x4(smem_addr(ks + (kh * 32 + np * 16) * ld + s * 16 + b_off), b[2 * np][0], b[2 * np][1],
                     b[2 * np + 1][0], b[2 * np + 1][1]);
           if (F16) {
+            if (!QF) {  // bf16 keys (QF's tile is f16)
 #pragma unroll
-            for (int n = 0; n < 4; n++) b[n][0] = bf16x2_f16x2(b[n][0]), b[n][1] = bf16x2_f16x2(b[n][1]);
+              for (int n = 0; n < 4; n++) b[n][0] = bf16x2_f16x2(b[n][0]), b[n][1] = bf16x2_f16x2(b[n][1]);
+            }
 #pragma unroll
             for (int m = 0; m < 2; m++)
 #pragma unroll
@@ -511,8 +598,8 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
           }
         };
         // This warp's k steps are kw, kw+4, ...: the latent ones (rank/16
-        // = 4 NT of them), then the rope ones. None where all its keys lie
-        // past the sequence's (its partial scores are masked).
+        // = 4 NT of them), then the rope ones (QF: below). None where all
+        // its keys lie past the sequence's (its partial scores are masked).
         if (kb + kh * 32 < nkeys) {
           if (F16) {
 #pragma unroll
@@ -521,12 +608,35 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
 #pragma unroll 2
             for (int i = 0; i < NT; i++) step(kw + 4 * i, al);
           }
+          if (!QF) {
 #pragma unroll
-          for (int s = lsteps + kw; s < steps; s += 4) step(s, ONE ? al : ap);
+            for (int s = lsteps + kw; s < steps; s += 4) step(s, ONE ? al : ap);
+          }
         }
+        // QF: the rope steps into ar, 16 rows at a time, after the latent
+        // ones (half of ap's registers: the model's instance has none to
+        // spare).
+        auto rope_half = [&](int m, float(&ar)[4][4]) {
+#pragma unroll
+          for (int n = 0; n < 4; n++) ar[n][0] = ar[n][1] = ar[n][2] = ar[n][3] = 0.f;
+          if (kb + kh * 32 >= nkeys) return;
+#pragma unroll
+          for (int s = lsteps + kw; s < steps; s += 4) {
+            u32 a[4], b[4][2];
+            ldsm_x4(smem_addr(qhi + m * 16 * ld + s * 16 + a_off), a[0], a[1], a[2], a[3]);
+#pragma unroll
+            for (int np = 0; np < 2; np++)
+              ldsm_x4(smem_addr(ks + (kh * 32 + np * 16) * ld + s * 16 + b_off), b[2 * np][0], b[2 * np][1],
+                      b[2 * np + 1][0], b[2 * np + 1][1]);
+#pragma unroll
+            for (int n = 0; n < 4; n++) mma_f16(ar[n], a, b[n][0], b[n][1]);
+          }
+        };
         float* mine = sp + kw * FA_M * FA_SLD;
 #pragma unroll
-        for (int m = 0; m < 2; m++)
+        for (int m = 0; m < 2; m++) {
+          float ar[4][4];
+          if (QF) rope_half(m, ar);
 #pragma unroll
           for (int n = 0; n < 4; n++) {
             const int col = kh * 32 + n * 8 + 2 * c4;
@@ -536,13 +646,22 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
               *(float2*)(mine + (row + 8) * FA_SLD + col) = make_float2(al[m][n][2], al[m][n][3]);
               continue;
             }
+            const float* r = QF ? ar[n] : ap[m][n];  // the rope part
             const float s00 = sc0[col], s01 = sc0[col + 1], s10 = sc1[col], s11 = sc1[col + 1];
             *(float2*)(mine + row * FA_SLD + col) =
-                make_float2(al[m][n][0] * s00 + ap[m][n][0] * s10, al[m][n][1] * s01 + ap[m][n][1] * s11);
+                make_float2(al[m][n][0] * s00 + r[0] * s10, al[m][n][1] * s01 + r[1] * s11);
             *(float2*)(mine + (row + 8) * FA_SLD + col) =
-                make_float2(al[m][n][2] * s00 + ap[m][n][2] * s10, al[m][n][3] * s01 + ap[m][n][3] * s11);
+                make_float2(al[m][n][2] * s00 + r[2] * s10, al[m][n][3] * s01 + r[3] * s11);
           }
+        }
       }
+      // QF: the next tile's records, loaded now that the score
+      // accumulators are free and converted after this tile's products
+      // into the other key buffer (its last reads were before the top
+      // barrier), so that the loads' latency passes under the softmax and
+      // the products.
+      const bool next = QF && kb + FA_N < nkeys;
+      if (next) rec_load(sslot + (cur ^ 1) * FA_N, kb + FA_N, nkeys);
       FA_STAMP(1);
       __syncthreads();
       FA_STAMP(2);
@@ -586,9 +705,35 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
         }
         l_run = l_run * alpha + sum;  // this thread's keys: the row's eight are added at the end
         m_run = m_new;
+        float oalpha = alpha;  // the output's factor
+        if (QF) {
+          // The values' weights p * sc0 * 2^e (sc0 the position's latent
+          // scale), rounded to f16. p * sc0 alone can fall far below f16's
+          // normal range (2^-14) for small scales; e takes the largest sc0
+          // seen so far in the sequence into [2^14, 2^15) (so every weight
+          // is under 2^15), so e only falls and the output, held as 2^e
+          // times its sum, is rescaled by the exact 2^(e - e_old) with
+          // alpha. Its terms stay under 2^15 times a value's magnitude, far
+          // from fp32's range. The row's eight threads see all 64 scales,
+          // so every row takes the same e; l is scaled by 2^e at the end.
+          const float4 a = *(const float4*)(sc0 + sq * 4), b = *(const float4*)(sc0 + 32 + sq * 4);
+          const float w[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w};
+          float smax = 0.f;
+#pragma unroll
+          for (int u = 0; u < 8; u++) smax = fmaxf(smax, fabsf(w[u]));
+          smax = fmaxf(smax, __shfl_xor_sync(0xffffffffu, smax, 1));
+          smax = fmaxf(smax, __shfl_xor_sync(0xffffffffu, smax, 2));
+          smax = fmaxf(smax, __shfl_xor_sync(0xffffffffu, smax, 4));
+          const int e = min(e_run, fa_weight_exp(smax));
+          oalpha = alpha * fa_pow2(e - e_run);
+          e_run = e;
+          const float f = fa_pow2(e);
+#pragma unroll
+          for (int u = 0; u < 8; u++) sv[u] *= w[u] * f;
+        }
         *(uint2*)(phi + sr * FA_PLD + sq * 4) = make_uint2(f16x2(sv[0], sv[1]), f16x2(sv[2], sv[3]));
         *(uint2*)(phi + sr * FA_PLD + 32 + sq * 4) = make_uint2(f16x2(sv[4], sv[5]), f16x2(sv[6], sv[7]));
-        if (sq == 0) alpha_s[sr] = alpha;
+        if (sq == 0) alpha_s[sr] = oalpha;
       } else {
         float sv[8];
 #pragma unroll
@@ -669,8 +814,10 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
             ldsm_x4_t(smem_addr(ks + kk * 16 * ld + warp * NT * 8 + np * 16 + v_off), b[2 * np][0], b[2 * np][1],
                       b[2 * np + 1][0], b[2 * np + 1][1]);
           if (F16) {
+            if (!QF) {
 #pragma unroll
-            for (int n = 0; n < NT; n++) b[n][0] = bf16x2_f16x2(b[n][0]), b[n][1] = bf16x2_f16x2(b[n][1]);
+              for (int n = 0; n < NT; n++) b[n][0] = bf16x2_f16x2(b[n][0]), b[n][1] = bf16x2_f16x2(b[n][1]);
+            }
 #pragma unroll
             for (int m = 0; m < 2; m++)
 #pragma unroll
@@ -697,6 +844,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
             if (kb + kk * 16 < nkeys) vstep(kk);
         }
       }
+      if (next) rec_store(kbuf + (cur ^ 1) * FA_N * ld);  // sc0 and sc1 are read before the third barrier
       // Without DB the next tile's copies overwrite this one. With DB the
       // next barrier (the top of the loop) orders the reads of the
       // weights and this buffer before their next writes.
@@ -717,7 +865,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
       l_run += __shfl_xor_sync(0xffffffffu, l_run, 2);
       l_run += __shfl_xor_sync(0xffffffffu, l_run, 4);
     }
-    if (sq == 0) l_s[sr] = l_run;
+    if (sq == 0) l_s[sr] = QF ? l_run * fa_pow2(e_run) : l_run;  // in the weights' scale (QF)
     __syncthreads();
     {
       constexpr int OLD = rank + 4, E = rank / 32, E4 = E / 4;
@@ -789,26 +937,30 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
 #undef FA_STAMP
 }
 
-#define FLASH_LATENT(NT, DR, F16, FP4, NAME)                                                              \
-  extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)                                            \
-      NAME(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const u8* layer,        \
-           int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,                             \
+#define FLASH_LATENT(NT, DR, F16, FP4, FP8, NAME)                                                                \
+  extern "C" __global__ void __launch_bounds__(FA_THREADS, 1)                                                    \
+      NAME(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const u8* layer,          \
+           int dtype, const i32* __restrict__ pos, const i32* __restrict__ row_seq,                              \
            const i32* __restrict__ seq_blocks, const i32* __restrict__ blocks, int block_size, int T, int heads, \
-           int dn, float scale, i8* xq, float* xs, i32* xsum, int G) {                                         \
-    PDL_LAUNCH();                                                                                            \
-    PDL_WAIT();                                                                                              \
-    flash_latent<NT, DR, F16, false, FP4>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq,         \
-                                          seq_blocks, blocks, block_size, T, heads, dn, scale, xq, xs, xsum, G); \
+           int dn, float scale, i8* xq, float* xs, i32* xsum, int G) {                                           \
+    PDL_LAUNCH();                                                                                                \
+    PDL_WAIT();                                                                                                  \
+    flash_latent<NT, DR, F16, false, FP4, FP8>(olat, ldo, qlat, ldql, q, ldq, layer, dtype, pos, row_seq,        \
+                                               seq_blocks, blocks, block_size, T, heads, dn, scale, xq, xs, xsum, \
+                                               G);                                                                \
   }
 
 // Instances: (rank/64, rope dims) of the model (8, 64) and of the tests
-// (the last, the tiny test model's), each in f16 operands, exact, and
-// exact over the fp4 cache (its own instance, so that the others keep
-// their registers).
-#define FLASH_FORMS(NT, DR)                                        \
-  FLASH_LATENT(NT, DR, true, false, flash_latent_##NT##_##DR##_h)     \
-  FLASH_LATENT(NT, DR, false, false, flash_latent_##NT##_##DR##_exact) \
-  FLASH_LATENT(NT, DR, false, true, flash_latent_##NT##_##DR##_fp4)
+// (the last, the tiny test model's), each in f16 operands over the bf16
+// (_h), fp8 (_h8) and fp4 (_h4) caches, exact over the bf16 and fp8
+// caches (_exact), and exact over the fp4 cache (_fp4: its own instance,
+// so that the others keep their registers).
+#define FLASH_FORMS(NT, DR)                                                   \
+  FLASH_LATENT(NT, DR, true, false, false, flash_latent_##NT##_##DR##_h)      \
+  FLASH_LATENT(NT, DR, true, false, true, flash_latent_##NT##_##DR##_h8)      \
+  FLASH_LATENT(NT, DR, true, true, false, flash_latent_##NT##_##DR##_h4)      \
+  FLASH_LATENT(NT, DR, false, false, false, flash_latent_##NT##_##DR##_exact) \
+  FLASH_LATENT(NT, DR, false, true, false, flash_latent_##NT##_##DR##_fp4)
 FLASH_FORMS(8, 64)
 
 // The model's f16 form with phase clocks (a benchmark's probe; STAMP in
