@@ -20,7 +20,7 @@
 //	MMFP4_CUDA_GRAPHS  "0": launch every op on its own instead of replaying repeated steps as CUDA graphs
 //	MMFP4_CUDA_PDL     "0": no programmatic dependent launch (on by default on sm_90: each kernel starts while the one before drains)
 //	MMFP4_CUDA_PROFILE "1": time every op of decode steps on the device; totals on stderr at Close
-//	MMFP4_CUDA_FLASH_EXACT "1": prefill attention over every cache (bf16, fp8, fp4) in the exact form (slower; over the bf16 cache the default f16 operands are about 4e-4 from it)
+//	MMFP4_CUDA_FLASH_EXACT "1": attention on the tensor cores in the exact form (slower): the prefill's over the bf16 and fp8 caches and the decode's over the bf16 cache, whose default f16 operands are about 5e-4 from it (the fp4 cache always takes the exact form)
 //	MMFP4_CUDA_STEPTIME "1": split each step's wall time into host, launching and device time; on stderr at Close
 //	MMFP4_CUDA_TRACE   a file name: when each block of each kernel of one decode step starts, passes its wait and its marks (trace.go)
 package cuda

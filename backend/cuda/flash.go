@@ -43,25 +43,33 @@ var flashForms = map[string]map[backend.CacheDType]flashForm{
 	"exact": {backend.CacheBF16: {"_exact", false}, backend.CacheFP8: {"_exact", false}, backend.CacheFP4: {"_fp4", false}},
 }
 
-// flashFormName is the form every cache takes: f16 operands by default.
-// Over the bf16 cache that is 0.238 against 0.280 ms a layer at 1024 rows
-// on an H200, the op's output within 4e-4 of the CPU's where bf16
-// operands gave 3e-3, and the tiny test model's greedy ids the CPU's
-// (docs/perf.md). The fp8 and fp4 caches' f16 form converts their codes
-// to f16 exactly, so only the queries and the weights are rounded, as
-// over the bf16 cache; its accuracy and speed are yet to be measured on a
-// card (the exact form's prefill at 8192 tokens: fp8 8,463 and fp4 6,486
-// tok/s against bf16's 10,761; with bf16 operands, not f16, the fp8
-// cache's logits once moved by 1.2e-2). MMFP4_CUDA_FLASH_EXACT=1 gives
-// every cache the exact form (an A/B, and runs that must track the CPU's
-// float32 closely).
+// flashFormName is the form the caches take: f16 operands by default
+// (the fp4 cache only with flashFP4F16). Over the bf16 cache that is 0.238
+// against 0.280 ms a layer at 1024 rows on an H200, the op's output within
+// 4e-4 of the CPU's where bf16 operands gave 3e-3, and the tiny test
+// model's greedy ids the CPU's. The fp8 cache's f16 form converts its
+// codes to f16 exactly, so only the queries and the weights are rounded,
+// as over the bf16 cache: on an H200 its prefill at 8192 tokens was
+// 10,736 against the exact form's 8,407 tok/s, the op within 5.1e-4 of
+// the CPU's and the tiny test model's logits within 6.7e-3 (docs/perf.md).
+// MMFP4_CUDA_FLASH_EXACT=1 gives every cache the exact form (an A/B, and
+// runs that must track the CPU's float32 closely).
 var flashFormName = map[bool]string{false: "f16", true: "exact"}[os.Getenv("MMFP4_CUDA_FLASH_EXACT") == "1"]
+
+// flashFP4F16 lets the fp4 cache take the f16 form where flashFormName
+// names it (tests and benchmarks). Off: on an H200 the form's prefill at
+// 8192 tokens was 7,759 against 6,464 tok/s and the op within 5.1e-4 of
+// the CPU's, but through the next layers' fp4 codes the tiny test model's
+// logits moved by 2.2e-2 from the CPU's (13 of 64 greedy ids the same),
+// against 2.9e-6 in the exact form. Its quality on a real model is not
+// measured.
+var flashFP4F16 = false
 
 // flashFormFor is the form a cache of precision dt takes (the exact one
 // where flashFormName names no form, as the tests' "split" does).
 func flashFormFor(dt backend.CacheDType) flashForm {
 	forms, ok := flashForms[flashFormName]
-	if !ok {
+	if !ok || (dt == backend.CacheFP4 && flashFormName == "f16" && !flashFP4F16) {
 		forms = flashForms["exact"]
 	}
 	return forms[dt]

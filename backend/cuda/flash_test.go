@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"runtime"
+	"strings"
 	"testing"
 
 	"github.com/mmfp4/mmfp4/backend"
@@ -149,23 +150,27 @@ func TestFlashUse(t *testing.T) {
 }
 
 // TestFlashFormFor checks each cache's instance of the flash kernel:
-// the f16 form by default (MMFP4_CUDA_FLASH_EXACT unset), the exact form
-// when it is named or no form is (the tests' "split"), and every form's
+// the f16 form by default (MMFP4_CUDA_FLASH_EXACT unset) but for the fp4
+// cache, which takes it only with flashFP4F16, the exact form when it is
+// named or no form is (the tests' "split"), and every form's
 // shared memory within the 227 KB a block of an H100 or H200 can have at
 // each compiled shape.
 func TestFlashFormFor(t *testing.T) {
 	if def := map[bool]string{false: "f16", true: "exact"}[os.Getenv("MMFP4_CUDA_FLASH_EXACT") == "1"]; flashFormName != def {
 		t.Errorf("default form %q, want %q", flashFormName, def)
 	}
-	defer func(v string) { flashFormName = v }(flashFormName)
+	defer func(v string, f bool) { flashFormName, flashFP4F16 = v, f }(flashFormName, flashFP4F16)
 	dts := []backend.CacheDType{backend.CacheBF16, backend.CacheFP8, backend.CacheFP4}
 	want := map[string][]flashForm{
-		"f16":   {{"_h", true}, {"_h8", true}, {"_h4", true}},
-		"exact": {{"_exact", false}, {"_exact", false}, {"_fp4", false}},
-		"split": {{"_exact", false}, {"_exact", false}, {"_fp4", false}},
+		"f16":       {{"_h", true}, {"_h8", true}, {"_fp4", false}},
+		"f16 fp4":   {{"_h", true}, {"_h8", true}, {"_h4", true}},
+		"exact":     {{"_exact", false}, {"_exact", false}, {"_fp4", false}},
+		"exact fp4": {{"_exact", false}, {"_exact", false}, {"_fp4", false}},
+		"split":     {{"_exact", false}, {"_exact", false}, {"_fp4", false}},
 	}
-	for _, name := range []string{"f16", "exact", "split"} {
-		flashFormName = name
+	for _, name := range []string{"f16", "f16 fp4", "exact", "exact fp4", "split"} {
+		form, fp4, _ := strings.Cut(name, " ")
+		flashFormName, flashFP4F16 = form, fp4 == "fp4"
 		for i, dt := range dts {
 			f := flashFormFor(dt)
 			if f != want[name][i] {
@@ -201,7 +206,8 @@ func flashBound(form string) float64 {
 // (rope 64 and 16, the tiny test model's). Each cache in each form
 // (flashBound).
 func TestFlashAttentionMatchesCPU(t *testing.T) {
-	defer func(v string) { flashFormName = v }(flashFormName)
+	defer func(v string, f bool) { flashFormName, flashFP4F16 = v, f }(flashFormName, flashFP4F16)
+	flashFP4F16 = true // the fp4 cache's f16 form too
 	g, _ := testBackends(t, Options{})
 	c := cpu.New(cpu.Options{Threads: runtime.NumCPU()})
 	full := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
@@ -256,7 +262,8 @@ func TestFlashAttentionMatchesCPU(t *testing.T) {
 // 64 and 32, several sequences in a step, every form and the bf16, fp8 and
 // fp4 caches, on fresh random inputs.
 func TestFlashQuantMatchesSeparate(t *testing.T) {
-	defer func(v string, q bool) { flashFormName, flashQuant = v, q }(flashFormName, flashQuant)
+	defer func(v string, q, f bool) { flashFormName, flashQuant, flashFP4F16 = v, q, f }(flashFormName, flashQuant, flashFP4F16)
+	flashFP4F16 = true // the fp4 cache's f16 form too
 	g, _ := testBackends(t, Options{})
 	full := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
 	cases := []struct {
