@@ -174,13 +174,17 @@ DEVICE uint4 e2m1x8_bf16_ref(u32 codes, u32 sb) {
 #define E2M1_BF16_HI_B 0x40404040u  // 2, 3, 4, 6
 #define E2M1_BF16_LO_A 0xC0800000u  // low bytes
 #define E2M1_BF16_LO_B 0xC0804000u
-DEVICE uint2 e2m1x4_bf16_mags(u32 c) {  // c: four codes, low 16 bits
-  const u32 sel = c & 0x7777u;
-  const u32 hi = prmt(E2M1_BF16_HI_A, E2M1_BF16_HI_B, sel), lo = prmt(E2M1_BF16_LO_A, E2M1_BF16_LO_B, sel);
-  u32 w0 = prmt(lo, hi, 0x5140), w1 = prmt(lo, hi, 0x7362);
+// The sign bits of four codes (c's low 16 bits) into two pairs of 16-bit
+// magnitudes, codes 0 and 1 in w0, 2 and 3 in w1.
+DEVICE uint2 e2m1x4_signs(u32 c, u32 w0, u32 w1) {
   w0 |= ((c << 12) & 0x8000u) | ((c << 24) & 0x80000000u);
   w1 |= ((c << 4) & 0x8000u) | ((c << 16) & 0x80000000u);
   return make_uint2(w0, w1);
+}
+DEVICE uint2 e2m1x4_bf16_mags(u32 c) {  // c: four codes, low 16 bits
+  const u32 sel = c & 0x7777u;
+  const u32 hi = prmt(E2M1_BF16_HI_A, E2M1_BF16_HI_B, sel), lo = prmt(E2M1_BF16_LO_A, E2M1_BF16_LO_B, sel);
+  return e2m1x4_signs(c, prmt(lo, hi, 0x5140), prmt(lo, hi, 0x7362));
 }
 DEVICE u32 bf16x2_mul_exact(u32 a, u32 b) {
   u32 d;
@@ -214,10 +218,7 @@ DEVICE uint4 e4m3x8_f16(uint2 v) {
 #define E2M1_F16_HI_B 0x46444240u  // 2, 3, 4, 6
 DEVICE uint2 e2m1x4_f16_mags(u32 c) {  // c: four codes, low 16 bits
   const u32 hi = prmt(E2M1_F16_HI_A, E2M1_F16_HI_B, c & 0x7777u);
-  u32 w0 = prmt(hi, 0u, 0x1404u), w1 = prmt(hi, 0u, 0x3424u);  // zero low bytes
-  w0 |= ((c << 12) & 0x8000u) | ((c << 24) & 0x80000000u);
-  w1 |= ((c << 4) & 0x8000u) | ((c << 16) & 0x80000000u);
-  return make_uint2(w0, w1);
+  return e2m1x4_signs(c, prmt(hi, 0u, 0x1404u), prmt(hi, 0u, 0x3424u));  // zero low bytes
 }
 DEVICE u32 f16x2_mul_exact(u32 a, u32 b) {
   u32 d;
