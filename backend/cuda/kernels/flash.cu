@@ -16,7 +16,8 @@
 // significant bits in [2^-10, 2688], and E4M3 rope codes, with the same
 // two scales), so only the fp32 operands (the queries and the softmax
 // weights) are rounded. Two forms:
-// - f16 operands (the default for every cache): each query row scaled by
+// - f16 operands (the bf16 and fp8 caches' default; the fp4 cache's only
+//   in tests, flash.go's flashFP4F16): each query row scaled by
 //   a power of two (undone exactly in the softmax) and rounded to f16, the
 //   weights rounded to f16, fp32 accumulators. The bf16 cache's key
 //   fragments are widened to f16 in registers (exact for magnitudes in
@@ -35,7 +36,8 @@
 //   no per-position scales, so its scores take one accumulator; over the
 //   fp8 and fp4 caches the values' weights carry the latent scale times a
 //   power of two that keeps them in f16's normal range (flash_latent).
-// - exact (every cache with MMFP4_CUDA_FLASH_EXACT=1):
+// - exact (the fp4 cache's default, every cache with
+//   MMFP4_CUDA_FLASH_EXACT=1):
 //   each operand split as hi + lo, two bfloat16 numbers that carry 16 bits
 //   of its mantissa, every product issued for both halves: an error near
 //   fp32 summation order (under 1e-5), twice the tensor work, one tile.
@@ -46,8 +48,9 @@
 // tiles go through shared memory and are added in a fixed order. The
 // softmax gives 8 threads to a row. For O, warp w owns columns
 // [w*rank/8, +rank/8) of all 32 rows. On a sequence's last tile, key
-// steps past its positions are left out. The output is staged in shared memory and written a
-// head's row per warp; with xq set, so is its int8 form for the value
+// steps past its positions are left out. The output is staged in shared
+// memory and written a head's row per warp; with xq set, so is its int8
+// form for the value
 // expansion (as the quantization kernel writes it, bit for bit).
 //
 // Grid (ceil(T/FA_TQ), ceil(H/FA_HB)); the last tokens (most positions)
