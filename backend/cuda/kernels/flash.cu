@@ -50,8 +50,8 @@
 // [w*rank/8, +rank/8) of all 32 rows. On a sequence's last tile, key
 // steps past its positions are left out. The output is staged in shared
 // memory and written a head's row per warp; with xq set, so is its int8
-// form for the value
-// expansion (as the quantization kernel writes it, bit for bit).
+// form for the value expansion (as the quantization kernel writes it, bit
+// for bit).
 //
 // Grid (ceil(T/FA_TQ), ceil(H/FA_HB)); the last tokens (most positions)
 // start first, for every head group before the next tokens. Tokens of one
