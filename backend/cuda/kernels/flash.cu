@@ -1365,10 +1365,10 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 #pragma unroll
         for (int u = 0; u < 2; u++) {
           const float2 v = qv[kk][j][u];
-          if (F16)
+          if constexpr (F16)
             qb[kk][j][0][u] = f16x2(v.x * f[j], v.y * f[j]);
           else
-            split3_bf16x2(v.x, v.y, qb[kk][j][0][u], qb[kk][j][1 % NQP][u], qb[kk][j][2 % NQP][u]);
+            split3_bf16x2(v.x, v.y, qb[kk][j][0][u], qb[kk][j][1][u], qb[kk][j][2][u]);
         }
   }
   if (stamp && tid == 0) stamp[2] = globaltimer_after((int)(qb[0][0][0][0] ^ qb[KS - 1][HT - 1][NQP - 1][1]));
@@ -1527,12 +1527,12 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
         sum += p1;
         const int r = sq + 8 * i;
         u32 part[NQP];
-        if (F16)
+        if constexpr (F16)
           part[0] = f16x2(p0, p1);
         else if (RAW)
-          split3_bf16x2(p0 * sc0[r], p1 * sc0[r + 8], part[0], part[1 % NQP], part[2 % NQP]);
+          split3_bf16x2(p0 * sc0[r], p1 * sc0[r + 8], part[0], part[1], part[2]);
         else
-          split3_bf16x2(p0, p1, part[0], part[1 % NQP], part[2 % NQP]);
+          split3_bf16x2(p0, p1, part[0], part[1], part[2]);
 #pragma unroll
         for (int q = 0; q < NQP; q++) {
           pw[(q * NH + sh) * PLD + r] = (unsigned short)(part[q] & 0xFFFFu);
