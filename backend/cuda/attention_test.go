@@ -108,10 +108,7 @@ func TestDecodeAttentionMatchesCPU(t *testing.T) {
 				g.decodeAttn, g.decodeBlocks, g.decodeOneHead = true, v.pct, v.h1
 				g.decodeMMA, g.decodeMerge, g.decodeMMATile = v.mma, v.merge, v.tile
 				decodeMMAF16 = v.f16
-				bound := 1e-5
-				if v.f16 {
-					bound = flashBound("f16")
-				}
+				bound := decodeBF16Bound()
 				name := fmt.Sprintf("decode attention heads=%d rank=%d rope=%d %v cache, blocks %d%%, one head a warp %v, tensor cores %v (tile %d, merge %d, f16 %v)", s.Heads, s.Rank, s.RopeDim, dt, v.pct, v.h1, v.mma, v.tile, v.merge, v.f16)
 				compareOp(t, g, c, name, bound, func(b backend.Backend) []float32 {
 					pool, err := b.NewCachePool(layers, blocks, blockSize, s.Rank, s.RopeDim, dt)

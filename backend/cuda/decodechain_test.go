@@ -168,8 +168,9 @@ func runChain(t *testing.T, b backend.Backend, cs *chainSteps, in *chainInputs, 
 // decodeF16ValuesBound is TestDecodeChainMatchesSerial's bound on the
 // values after decode_mma's f16 form against the CPU: olat's rounding
 // (about 5e-4 of its largest value) moves some of its int8 codes, each
-// step of a code about 1/127 of its group's largest value.
-const decodeF16ValuesBound = 1e-2
+// step of a code about 1/127 of its group's largest value (1.69e-3 to
+// 2.23e-3 measured on an H200).
+const decodeF16ValuesBound = 5e-3
 
 // sameBits reports the first index where a and b differ in bits, or -1.
 func sameBits(a, b []float32) int {
@@ -224,9 +225,9 @@ func TestDecodeChainMatchesSerial(t *testing.T) {
 			// The exact form's olat within float32 summation of the CPU's;
 			// the f16 form's within its op bound, its values within
 			// decodeF16ValuesBound.
-			olBound, vBound := 1e-5, 1e-3
+			olBound, vBound := decodeBF16Bound(), 1e-3
 			if f16 {
-				olBound, vBound = flashBound("f16"), decodeF16ValuesBound
+				vBound = decodeF16ValuesBound
 			}
 			setPDL(false)
 			g.decodeAhead, g.combineQuant = false, false
