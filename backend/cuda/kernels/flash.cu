@@ -95,6 +95,12 @@ DEVICE float fa_ex2(float x) {
 // 2^e for e in [-126, 127], exactly.
 DEVICE float fa_pow2(int e) { return __int_as_float((127 + e) << 23); }
 
+// The f16 operands' query scale: the power of two e (|e| <= 100) that
+// takes a row's largest magnitude m into [2^14, 2^15), 0 for m = 0.
+DEVICE int fa_query_exp(float m) {
+  return m == 0.f ? 0 : max(-100, min(100, 14 - ((int)(__float_as_uint(m) >> 23) - 127)));
+}
+
 // The f16 form's weights over a quantized cache (flash_latent): the power
 // of two e that takes a tile's largest latent scale smax into [2^14,
 // 2^15), FA_WEMAX for smax = 0. |e| <= FA_WEMAX, so that a change of e
@@ -320,9 +326,9 @@ DEVICE void load_queries(unsigned short* qhi, unsigned short* qlo, float* qinv, 
       for (int u = 0; u < iters; u++)
         m = fmaxf(m, fmaxf(fmaxf(fabsf(v[j][u].x), fabsf(v[j][u].y)), fmaxf(fabsf(v[j][u].z), fabsf(v[j][u].w))));
       m = warp_max(m);
-      const int e = m == 0.f ? 0 : max(-100, min(100, 14 - ((int)(__float_as_uint(m) >> 23) - 127)));
-      f = __int_as_float((127 + e) << 23);
-      if (lane == 0) qinv[r] = __int_as_float((127 - e) << 23);
+      const int e = fa_query_exp(m);
+      f = fa_pow2(e);
+      if (lane == 0) qinv[r] = fa_pow2(-e);
     } else if (lane == 0) {
       qinv[r] = 1.f;
     }
@@ -1353,9 +1359,9 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
         float m = 0.f;
 #pragma unroll
         for (int w = 0; w < 8; w++) m = fmaxf(m, red[w * NH + 8 * j + g]);
-        const int e = m == 0.f ? 0 : max(-100, min(100, 14 - ((int)(__float_as_uint(m) >> 23) - 127)));
-        f[j] = __int_as_float((127 + e) << 23);
-        if (warp == 0 && c4 == 0) qinv[8 * j + g] = __int_as_float((127 - e) << 23);
+        const int e = fa_query_exp(m);
+        f[j] = fa_pow2(e);
+        if (warp == 0 && c4 == 0) qinv[8 * j + g] = fa_pow2(-e);
       }
     }
 #pragma unroll
