@@ -10,3 +10,166 @@ extern "C" __global__ void spin(long long cycles) {
   while (clock64() - start < cycles) {
   }
 }
+
+// ---------------------------------------------------------------------------
+// Hand-over probes (BenchmarkHandover): what a stage costs when every block
+// needs the whole vector that every block of the stage before wrote, as a
+// decode layer's norms and products do. A stage: each block reads the n
+// inputs into shared memory, sums them (a block reduction in a fixed
+// order) and writes its n / gridDim.x outputs y[i] = x[i] / 2 + total /
+// (4 n). The stages are one launch each (handover_stage, chained by
+// programmatic dependent launch), or all in one launch of one block a
+// multiprocessor whose blocks meet at a count in memory (handover_count) or
+// poll the values themselves, each carrying its stage's tag in the high
+// half of a 64-bit word (handover_tag: no fence, no count, one round trip
+// from the last store to the reader). n <= 256 * HO_PER, 256 threads.
+#define HO_PER 9
+
+DEVICE float handover_total(const float* xs, int n, float* red) {
+  float v = 0.f;
+  for (int i = threadIdx.x; i < n; i += 256) v += xs[i];
+  v = warp_sum(v);
+  if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
+  __syncthreads();
+  float t = 0.f;
+#pragma unroll
+  for (int w = 0; w < 8; w++) t += red[w];
+  return t;
+}
+
+// A stage's output, one rounding (x / 2 is exact).
+DEVICE float handover_out(float x, float t, int n) { return __fmaf_rn(t, 0.25f / (float)n, 0.5f * x); }
+
+extern "C" __global__ void __launch_bounds__(256) handover_stage(const float* x, float* y, int n) {
+  __shared__ float xs[256 * HO_PER], red[8];
+  PDL_LAUNCH();
+  PDL_WAIT();
+  float v[HO_PER];
+#pragma unroll
+  for (int k = 0; k < HO_PER; k++) {
+    const int i = threadIdx.x + 256 * k;
+    v[k] = i < n ? __ldcg(x + i) : 0.f;
+  }
+#pragma unroll
+  for (int k = 0; k < HO_PER; k++)
+    if (threadIdx.x + 256 * k < n) xs[threadIdx.x + 256 * k] = v[k];
+  __syncthreads();
+  const float t = handover_total(xs, n, red);
+  const int per = n / gridDim.x;
+  for (int j = threadIdx.x; j < per; j += 256) {
+    const int i = blockIdx.x * per + j;
+    y[i] = handover_out(xs[i], t, n);
+  }
+}
+
+// stages stages over buf[0..n) and buf[n..2n) in turn, from buf[0..n);
+// count starts at 0. sync = 0 leaves the count out (each block reads
+// whatever is there: the stage's cost inside a block alone).
+extern "C" __global__ void __launch_bounds__(256) handover_count(float* buf, u32* count, int n, int stages, int sync) {
+  __shared__ float xs[256 * HO_PER], red[8];
+  PDL_WAIT();
+  const int per = n / gridDim.x;
+  for (int s = 0; s < stages; s++) {
+    const float* x = buf + (s & 1) * n;
+    float* y = buf + ((s + 1) & 1) * n;
+    float v[HO_PER];
+#pragma unroll
+    for (int k = 0; k < HO_PER; k++) {
+      const int i = threadIdx.x + 256 * k;
+      v[k] = i < n ? __ldcg(x + i) : 0.f;
+    }
+#pragma unroll
+    for (int k = 0; k < HO_PER; k++)
+      if (threadIdx.x + 256 * k < n) xs[threadIdx.x + 256 * k] = v[k];
+    __syncthreads();
+    const float t = handover_total(xs, n, red);
+    for (int j = threadIdx.x; j < per; j += 256) {
+      const int i = blockIdx.x * per + j;
+      y[i] = handover_out(xs[i], t, n);
+    }
+    __syncthreads();
+    if (sync && threadIdx.x == 0) {
+      __threadfence();
+      atomicAdd(count, 1u);
+      const u32 want = (u32)(s + 1) * gridDim.x;
+      while (ld_acquire(count) < want) {
+      }
+    }
+    __syncthreads();
+  }
+}
+
+DEVICE unsigned long long ld_relaxed_u64(const unsigned long long* p) {
+  unsigned long long v;
+  asm volatile("ld.relaxed.gpu.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+  return v;
+}
+
+DEVICE void st_relaxed_u64(unsigned long long* p, unsigned long long v) {
+  asm volatile("st.relaxed.gpu.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+// One stage over tagged words: the words tagged want (the ones not yet
+// there re-read, all in one round), the outputs tagged want + 1.
+template <bool LAUNCH>
+DEVICE void handover_tag_stage(const unsigned long long* x, unsigned long long* y, int n, u32 want, float* xs,
+                               float* red) {
+  const int per = n / gridDim.x;
+  unsigned long long w[HO_PER];
+#pragma unroll
+  for (int k = 0; k < HO_PER; k++) {
+    const int i = threadIdx.x + 256 * k;
+    w[k] = i < n ? ld_relaxed_u64(x + i) : (unsigned long long)want << 32;
+  }
+  for (;;) {
+    bool all = true;
+#pragma unroll
+    for (int k = 0; k < HO_PER; k++) all &= (u32)(w[k] >> 32) == want;
+    if (all) break;
+#pragma unroll
+    for (int k = 0; k < HO_PER; k++)
+      if ((u32)(w[k] >> 32) != want) w[k] = ld_relaxed_u64(x + threadIdx.x + 256 * k);
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  // The inputs are here: the next launch may start (as PDL_WAIT lets it
+  // once the wait has returned).
+  if (LAUNCH) asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+#pragma unroll
+  for (int k = 0; k < HO_PER; k++)
+    if (threadIdx.x + 256 * k < n) xs[threadIdx.x + 256 * k] = __uint_as_float((u32)w[k]);
+  __syncthreads();
+  const float t = handover_total(xs, n, red);
+  for (int j = threadIdx.x; j < per; j += 256) {
+    const int i = blockIdx.x * per + j;
+    st_relaxed_u64(y + i, (unsigned long long)(want + 1) << 32 | __float_as_uint(handover_out(xs[i], t, n)));
+  }
+}
+
+// handover_count's stages over tagged words: stage s reads words tagged
+// tag0 + s and writes tag0 + s + 1.
+extern "C" __global__ void __launch_bounds__(256) handover_tag(unsigned long long* buf, int n, int stages, u32 tag0) {
+  __shared__ float xs[256 * HO_PER], red[8];
+  PDL_WAIT();
+  for (int s = 0; s < stages; s++) {
+    handover_tag_stage<false>(buf + (s & 1) * n, buf + ((s + 1) & 1) * n, n, tag0 + (u32)s, xs, red);
+    __syncthreads();  // xs and red are rewritten by the next stage
+  }
+}
+
+// One tagged stage a launch: the launch after it starts once every block
+// of this one has its inputs (programmatic dependent launch) and, instead
+// of waiting for this one to finish, polls the words it needs.
+extern "C" __global__ void __launch_bounds__(256) handover_stage_tag(const unsigned long long* x, unsigned long long* y,
+                                                                      int n, u32 want) {
+  __shared__ float xs[256 * HO_PER], red[8];
+  handover_tag_stage<true>(x, y, n, want, xs, red);
+}
+
+// The tags of buf's two halves set to tag (the first) and 0, the values
+// kept: the start of a replayed chain of handover_stage_tag.
+extern "C" __global__ void handover_retag(unsigned long long* buf, int n, u32 tag) {
+  PDL_WAIT();
+  for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < 2 * n; i += gridDim.x * blockDim.x)
+    buf[i] = (unsigned long long)(i < n ? tag : 0u) << 32 | (u32)buf[i];
+}

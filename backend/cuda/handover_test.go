@@ -1,0 +1,356 @@
+//go:build linux || darwin || freebsd || netbsd
+
+package cuda
+
+import (
+	"errors"
+	"fmt"
+	"math"
+	"slices"
+	"testing"
+	"unsafe"
+)
+
+// The hand-over probes (util.cu): a chain of stages in which every block
+// needs the whole vector the stage before wrote, as one launch a stage
+// (programmatic dependent launch), one persistent launch meeting at a count
+// in memory, or one persistent launch polling tagged values.
+type handoverProbe struct {
+	c      *Ctx
+	blocks int // one a multiprocessor, at most 256*HO_PER/16
+	n      int // 16 values a block
+	x, y   Buffer
+	buf    Buffer // 2n floats (count) or 2n tagged words (tag)
+	count  Buffer
+	tag    uint32 // the next tag form's first tag
+}
+
+const handoverPer = 9 // HO_PER in util.cu
+
+func newHandoverProbe(c *Ctx) (*handoverProbe, error) {
+	blocks := min(c.info.SMs, 256*handoverPer/16)
+	p := &handoverProbe{c: c, blocks: blocks, n: 16 * blocks, tag: 1}
+	var errs []error
+	alloc := func(n int) Buffer {
+		b, err := c.Alloc(n)
+		errs = append(errs, err)
+		return b
+	}
+	p.x, p.y, p.buf, p.count = alloc(4*p.n), alloc(4*p.n), alloc(16*p.n), alloc(4)
+	return p, errors.Join(errs...)
+}
+
+func (p *handoverProbe) free() error {
+	return errors.Join(p.c.Free(p.x), p.c.Free(p.y), p.c.Free(p.buf), p.c.Free(p.count))
+}
+
+// chain queues stages launches of handover_stage from x; the result is in
+// x for even stages, else y.
+func (p *handoverProbe) chain(stages int) error {
+	k, err := p.c.Kernel("util", "handover_stage")
+	if err != nil {
+		return err
+	}
+	for s := 0; s < stages; s++ {
+		in, out := p.x.Ptr, p.y.Ptr
+		if s%2 == 1 {
+			in, out = out, in
+		}
+		if err := p.c.Launch(k, D1(p.blocks), D1(256), 0, in, out, p.n); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// counted queues handover_count over buf (its first n floats the input).
+func (p *handoverProbe) counted(stages int, sync bool) error {
+	k, err := p.c.Kernel("util", "handover_count")
+	if err != nil {
+		return err
+	}
+	s := 0
+	if sync {
+		s = 1
+	}
+	if err := p.c.Memset(p.count.Ptr, 0, 4); err != nil {
+		return err
+	}
+	return p.c.Launch(k, D1(p.blocks), D1(256), 0, p.buf.Ptr, p.count.Ptr, p.n, stages, s)
+}
+
+// tagged queues handover_tag over buf, whose first n words carry p.tag;
+// stages must be even, so that the result is there again with the next
+// run's first tag.
+func (p *handoverProbe) tagged(stages int) error {
+	k, err := p.c.Kernel("util", "handover_tag")
+	if err != nil {
+		return err
+	}
+	if err := p.c.Launch(k, D1(p.blocks), D1(256), 0, p.buf.Ptr, p.n, stages, p.tag); err != nil {
+		return err
+	}
+	p.tag += uint32(stages)
+	return nil
+}
+
+// chainTagged queues handover_retag (buf's first n words tagged 1, the
+// rest 0) and stages launches of handover_stage_tag over buf's halves in
+// turn; stages even, the result is in the first half tagged stages + 1.
+func (p *handoverProbe) chainTagged(stages int) error {
+	retag, err := p.c.Kernel("util", "handover_retag")
+	if err != nil {
+		return err
+	}
+	k, err := p.c.Kernel("util", "handover_stage_tag")
+	if err != nil {
+		return err
+	}
+	if err := p.c.Launch(retag, D1(p.blocks), D1(256), 0, p.buf.Ptr, p.n, uint32(1)); err != nil {
+		return err
+	}
+	for s := 0; s < stages; s++ {
+		in, out := p.buf.Ptr, p.buf.Ptr+uint64(8*p.n)
+		if s%2 == 1 {
+			in, out = out, in
+		}
+		if err := p.c.Launch(k, D1(p.blocks), D1(256), 0, in, out, p.n, uint32(1+s)); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// handoverRef is a stage on the CPU (the block's sum in another order).
+func handoverRef(x []float32) []float32 {
+	var t float64
+	for _, v := range x {
+		t += float64(v)
+	}
+	y := make([]float32, len(x))
+	for i, v := range x {
+		y[i] = float32(0.5*float64(v) + t*0.25/float64(len(x)))
+	}
+	return y
+}
+
+// The three forms compute the same stages bit for bit (each stage's sum
+// in the same order), and match the stages on the CPU.
+func TestHandoverFormsAgree(t *testing.T) {
+	d := testDevice(t)
+	if d.Info().CC < 90 {
+		t.Skipf("programmatic dependent launch needs compute capability 9.0, the device has %d", d.Info().CC)
+	}
+	r := testRand(t)
+	const stages = 24
+	err := d.Do(func(c *Ctx) error {
+		p, err := newHandoverProbe(c)
+		if err != nil {
+			return err
+		}
+		defer p.free()
+		x := make([]float32, p.n)
+		for i := range x {
+			x[i] = 2*r.Float32() - 1
+		}
+		want := x
+		for range stages {
+			want = handoverRef(want)
+		}
+		// One launch a stage, chained.
+		if err := CopyIn(c, p.x.Ptr, x); err != nil {
+			return err
+		}
+		if err := withPDL(c, true, func() error { return p.chain(stages) }); err != nil {
+			return err
+		}
+		chain := make([]float32, p.n)
+		if err := CopyOut(c, chain, p.x.Ptr); err != nil {
+			return err
+		}
+		// The count.
+		if err := errors.Join(poison(c, p.buf.Ptr, 8*p.n), CopyIn(c, p.buf.Ptr, x)); err != nil {
+			return err
+		}
+		if err := p.counted(stages, true); err != nil {
+			return err
+		}
+		counted := make([]float32, p.n)
+		var count [1]uint32
+		if err := errors.Join(CopyOut(c, counted, p.buf.Ptr), CopyOut(c, count[:], p.count.Ptr)); err != nil {
+			return err
+		}
+		if int(count[0]) != stages*p.blocks {
+			t.Errorf("count %d after %d stages of %d blocks", count[0], stages, p.blocks)
+		}
+		// The tags.
+		words := make([]uint64, 2*p.n)
+		for i, v := range x {
+			words[i] = uint64(p.tag)<<32 | uint64(math.Float32bits(v))
+		}
+		if err := CopyIn(c, p.buf.Ptr, words); err != nil {
+			return err
+		}
+		first := p.tag
+		if err := p.tagged(stages); err != nil {
+			return err
+		}
+		if err := CopyOut(c, words, p.buf.Ptr); err != nil {
+			return err
+		}
+		tagged := make([]float32, p.n)
+		for i := range tagged {
+			if tag := uint32(words[i] >> 32); tag != first+stages {
+				return fmt.Errorf("tagged word %d: tag %d, want %d", i, tag, first+stages)
+			}
+			tagged[i] = math.Float32frombits(uint32(words[i]))
+		}
+		// Tagged words, one launch a stage.
+		for i, v := range x {
+			words[i] = uint64(math.Float32bits(v))
+		}
+		if err := CopyIn(c, p.buf.Ptr, words); err != nil {
+			return err
+		}
+		if err := withPDL(c, true, func() error { return p.chainTagged(stages) }); err != nil {
+			return err
+		}
+		if err := CopyOut(c, words, p.buf.Ptr); err != nil {
+			return err
+		}
+		chainTagged := make([]float32, p.n)
+		for i := range chainTagged {
+			if tag := uint32(words[i] >> 32); tag != stages+1 {
+				return fmt.Errorf("chained tagged word %d: tag %d, want %d", i, tag, stages+1)
+			}
+			chainTagged[i] = math.Float32frombits(uint32(words[i]))
+		}
+		for name, got := range map[string][]float32{"count": counted, "tag": tagged, "chained tags": chainTagged} {
+			if i := firstDiff(f32bytes(chain), f32bytes(got)); i >= 0 {
+				t.Errorf("%s form: value %d %v, the chained launches' %v", name, i/4, got[i/4], chain[i/4])
+			}
+		}
+		var worst float64
+		for i := range want {
+			worst = max(worst, math.Abs(float64(chain[i]-want[i]))/math.Abs(float64(want[i])))
+		}
+		t.Logf("%d blocks, %d values, %d stages: largest relative difference from the CPU %.2g", p.blocks, p.n, stages, worst)
+		if worst > 1e-5 {
+			t.Errorf("largest relative difference from the CPU %.2g, want <= 1e-5", worst)
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func f32bytes(v []float32) []byte {
+	return unsafe.Slice((*byte)(unsafe.Pointer(unsafe.SliceData(v))), 4*len(v))
+}
+
+// BenchmarkHandover: device time a stage of each form (one block a
+// multiprocessor, 16 values a block). "local" is the count form without
+// the count: a block's own work a stage, with no hand-over.
+func BenchmarkHandover(b *testing.B) {
+	d := testDevice(b)
+	const launches, stages = 200, 2000
+	var p *handoverProbe
+	graphs := map[bool]*graph{}
+	var tagGraph *graph
+	var releases []func()
+	err := d.Do(func(c *Ctx) error {
+		var err error
+		if p, err = newHandoverProbe(c); err != nil {
+			return err
+		}
+		if err := c.Memset(p.x.Ptr, 0, 4*p.n); err != nil {
+			return err
+		}
+		for _, pdl := range []bool{true, false} {
+			var release func()
+			if err := withPDL(c, pdl, func() error {
+				var err error
+				graphs[pdl], release, err = capturedPDL(c, func() error { return p.chain(launches) })
+				return err
+			}); err != nil {
+				return err
+			}
+			releases = append(releases, release)
+		}
+		var release func()
+		err = withPDL(c, true, func() error {
+			var err error
+			tagGraph, release, err = capturedPDL(c, func() error { return p.chainTagged(launches) })
+			return err
+		})
+		if err == nil {
+			releases = append(releases, release)
+		}
+		return err
+	})
+	b.Cleanup(func() {
+		d.Do(func(c *Ctx) error {
+			for _, r := range releases {
+				r()
+			}
+			if p != nil {
+				return p.free()
+			}
+			return nil
+		})
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	replay := func(pdl bool) func() error {
+		return func() error { return check("cuGraphLaunch", drv.cuGraphLaunch(graphs[pdl].exec, p.c.stream)) }
+	}
+	for _, f := range []struct {
+		name string
+		per  int
+		run  func() error
+	}{
+		{"chain_pdl_graph", launches, replay(true)},
+		{"chain_graph", launches, replay(false)},
+		{"chain_tag_pdl_graph", launches, func() error { return check("cuGraphLaunch", drv.cuGraphLaunch(tagGraph.exec, p.c.stream)) }},
+		{"persistent_count", stages, func() error { return p.counted(stages, true) }},
+		{"persistent_tag", stages, func() error { return p.tagged(stages) }},
+		{"persistent_local", stages, func() error { return p.counted(stages, false) }},
+	} {
+		b.Run(f.name, func(b *testing.B) {
+			var runs []float64
+			err := d.Do(func(c *Ctx) error {
+				if f.name == "persistent_tag" {
+					// Words tagged 1 with zero values, the other half tagged 0.
+					words := make([]uint64, 2*p.n)
+					for i := range p.n {
+						words[i] = 1 << 32
+					}
+					p.tag = 1
+					if err := CopyIn(c, p.buf.Ptr, words); err != nil {
+						return err
+					}
+				} else if err := c.Memset(p.buf.Ptr, 0, 16*p.n); err != nil {
+					return err
+				}
+				for range 5 {
+					if err := c.Spin(2_000_000); err != nil {
+						return err
+					}
+					ms, err := timeEvents(c, 3, f.run)
+					if err != nil {
+						return err
+					}
+					runs = append(runs, float64(ms)*1e3/float64(3*f.per))
+				}
+				return c.Sync()
+			})
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.ReportMetric(slices.Min(runs), "us/stage")
+			b.Logf("%s: %d blocks, us a stage over 5 runs: %.3f", f.name, p.blocks, runs)
+		})
+	}
+}
