@@ -585,6 +585,12 @@ func qAbsorbShared() int {
 	return 2*16*(dn+8)*2 + dn*(absorbTCN+8)*2 + 4*256 + 4*dn
 }
 
+// soloShared is n bytes of dynamic shared memory, or half of what a block
+// may have (all but 1 KB of a multiprocessor's) if n is less: with its
+// static shared memory and the 1 KB each block is reserved, no two blocks
+// of the launch then fit on one multiprocessor.
+func (c *Ctx) soloShared(n int) int { return max(n, c.info.SharedOptin/2) }
+
 // qAbsorbFits reports whether NormQAbsorb takes an attention of shape s
 // whose q_b reads K columns in groups of G and whose W_UK is uk:
 // GLM-4.7-Flash's dn 192, rope 64 and rank 512 (a cluster of 4 column
@@ -630,7 +636,10 @@ func (c *Ctx) NormQAbsorb(q uint64, wqb *QMatrix, n, n2 norm8, qlat uint64, uk *
 		}
 		x2, gain2, out2, q2, s2, sum2, kg2 = n2.x, n2.gain, n2.out, m.Q, m.Scales, m.Sums, m.K|m.G<<16
 	}
-	shared := qAbsorbShared()
+	// One block a multiprocessor: where two shared one, their q_a norms
+	// ran 0.3-0.4 us longer and the launch waits for its last block
+	// (docs/perf.md, 2026-11-29 (16)).
+	shared := c.soloShared(qAbsorbShared())
 	k, err := c.kernelShared("absorb", "norm_qb_absorb_192", shared)
 	if err != nil {
 		return err
