@@ -134,7 +134,7 @@ func handoverRef(x []float32) []float32 {
 	return y
 }
 
-// The three forms compute the same stages bit for bit (each stage's sum
+// The four dependent forms compute the same stages bit for bit (each stage's sum
 // in the same order), and match the stages on the CPU.
 func TestHandoverFormsAgree(t *testing.T) {
 	d := testDevice(t)

@@ -40,10 +40,9 @@ DEVICE float handover_total(const float* xs, int n, float* red) {
 // A stage's output, one rounding (x / 2 is exact).
 DEVICE float handover_out(float x, float t, int n) { return __fmaf_rn(t, 0.25f / (float)n, 0.5f * x); }
 
-extern "C" __global__ void __launch_bounds__(256) handover_stage(const float* x, float* y, int n) {
-  __shared__ float xs[256 * HO_PER], red[8];
-  PDL_LAUNCH();
-  PDL_WAIT();
+// One stage over floats: x read through L2 into shared memory, the
+// block's outputs into y.
+DEVICE void handover_float_stage(const float* x, float* y, int n, float* xs, float* red) {
   float v[HO_PER];
 #pragma unroll
   for (int k = 0; k < HO_PER; k++) {
@@ -62,31 +61,21 @@ extern "C" __global__ void __launch_bounds__(256) handover_stage(const float* x,
   }
 }
 
+extern "C" __global__ void __launch_bounds__(256) handover_stage(const float* x, float* y, int n) {
+  __shared__ float xs[256 * HO_PER], red[8];
+  PDL_LAUNCH();
+  PDL_WAIT();
+  handover_float_stage(x, y, n, xs, red);
+}
+
 // stages stages over buf[0..n) and buf[n..2n) in turn, from buf[0..n);
 // count starts at 0. sync = 0 leaves the count out (each block reads
 // whatever is there: the stage's cost inside a block alone).
 extern "C" __global__ void __launch_bounds__(256) handover_count(float* buf, u32* count, int n, int stages, int sync) {
   __shared__ float xs[256 * HO_PER], red[8];
   PDL_WAIT();
-  const int per = n / gridDim.x;
   for (int s = 0; s < stages; s++) {
-    const float* x = buf + (s & 1) * n;
-    float* y = buf + ((s + 1) & 1) * n;
-    float v[HO_PER];
-#pragma unroll
-    for (int k = 0; k < HO_PER; k++) {
-      const int i = threadIdx.x + 256 * k;
-      v[k] = i < n ? __ldcg(x + i) : 0.f;
-    }
-#pragma unroll
-    for (int k = 0; k < HO_PER; k++)
-      if (threadIdx.x + 256 * k < n) xs[threadIdx.x + 256 * k] = v[k];
-    __syncthreads();
-    const float t = handover_total(xs, n, red);
-    for (int j = threadIdx.x; j < per; j += 256) {
-      const int i = blockIdx.x * per + j;
-      y[i] = handover_out(xs[i], t, n);
-    }
+    handover_float_stage(buf + (s & 1) * n, buf + ((s + 1) & 1) * n, n, xs, red);
     __syncthreads();
     if (sync && threadIdx.x == 0) {
       __threadfence();
