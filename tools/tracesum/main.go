@@ -144,10 +144,17 @@ func summarize(w io.Writer, sites []*site, anchor string, before float64) error 
 	if an == nil {
 		return fmt.Errorf("name an anchor site (-anchor)")
 	}
-	// The anchor's moments: its events grouped where they lie within 1 us.
+	// The anchor's moments: its events grouped where they lie within a
+	// quarter of the largest gap between two of them (at least 1 us), so
+	// that blocks whose wait returns a microsecond or two after the
+	// others' stay in their layer.
+	split := 1.0
+	for i := 1; i < len(an.times); i++ {
+		split = max(split, (an.times[i]-an.times[i-1])/4)
+	}
 	var at []float64
 	for i, t := range an.times {
-		if i == 0 || t-an.times[i-1] > 1 {
+		if i == 0 || t-an.times[i-1] > split {
 			at = append(at, t)
 		}
 	}

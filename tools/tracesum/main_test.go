@@ -17,6 +17,8 @@ func TestSummarizeFoldsLayersAcrossTheWrap(t *testing.T) {
 	for l := range 10 {
 		b := (32600 + l*3125/10) % buckets
 		fmt.Fprintf(&in, "1 a.cu:10 k PDL_WAIT %d 1\n", b)
+		// A block whose wait returns 12 buckets (1.5 us) after the first.
+		fmt.Fprintf(&in, "1 a.cu:10 k PDL_WAIT %d 1\n", (b+12)%buckets)
 		fmt.Fprintf(&in, "2 a.cu:20 k TRACE_MARK %d 2\n", (b+23)%buckets)
 		fmt.Fprintf(&in, "2 a.cu:20 k TRACE_MARK %d 2\n", (b+25)%buckets)
 	}
