@@ -636,8 +636,10 @@ func (c *Ctx) NormQAbsorb(q uint64, wqb *QMatrix, n, n2 norm8, qlat uint64, uk *
 		}
 		x2, gain2, out2, q2, s2, sum2, kg2 = n2.x, n2.gain, n2.out, m.Q, m.Scales, m.Sums, m.K|m.G<<16
 	}
-	// One block a multiprocessor: where two shared one, their q_a norms
-	// ran 0.3-0.4 us longer and the launch waits for its last block
+	// One block a multiprocessor: the launch waits for its slowest
+	// block, and with two allowed on one multiprocessor the slowest were
+	// about 1 us behind the median from the q_a norm on; one a
+	// multiprocessor measured 0.8-1.5% faster decode on an H200
 	// (docs/perf.md, 2026-11-29 (16)).
 	shared := c.soloShared(qAbsorbShared())
 	k, err := c.kernelShared("absorb", "norm_qb_absorb_192", shared)
