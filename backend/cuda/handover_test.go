@@ -137,10 +137,7 @@ func handoverRef(x []float32) []float32 {
 // The four dependent forms compute the same stages bit for bit (each stage's sum
 // in the same order), and match the stages on the CPU.
 func TestHandoverFormsAgree(t *testing.T) {
-	d := testDevice(t)
-	if d.Info().CC < 90 {
-		t.Skipf("programmatic dependent launch needs compute capability 9.0, the device has %d", d.Info().CC)
-	}
+	d := testDevicePDL(t)
 	r := testRand(t)
 	const stages = 24
 	err := d.Do(func(c *Ctx) error {

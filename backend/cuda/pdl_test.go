@@ -184,10 +184,7 @@ func withPDL(c *Ctx, on bool, fn func() error) error {
 // programmatic edge between each two kernels, and a memset between two
 // kernels cuts the chain there.
 func TestPDLChainMatchesSerial(t *testing.T) {
-	d := testDevice(t)
-	if d.Info().CC < 90 {
-		t.Skipf("programmatic dependent launch needs compute capability 9.0, the device has %d", d.Info().CC)
-	}
+	d := testDevicePDL(t)
 	r := testRand(t)
 	const layers = 3
 	err := d.Do(func(c *Ctx) error {
@@ -295,6 +292,17 @@ func TestPDLChainMatchesSerial(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+}
+
+// testDevicePDL is testDevice for tests of programmatic dependent launch,
+// skipped below compute capability 9.0.
+func testDevicePDL(t *testing.T) *Device {
+	t.Helper()
+	d := testDevice(t)
+	if d.Info().CC < 90 {
+		t.Skipf("programmatic dependent launch needs compute capability 9.0, the device has %d", d.Info().CC)
+	}
+	return d
 }
 
 // firstDiff is the index of the first byte where a and b differ (a length
