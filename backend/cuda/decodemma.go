@@ -5,7 +5,6 @@ package cuda
 import (
 	"fmt"
 	"math/bits"
-	"os"
 	"slices"
 
 	"github.com/mmfp4/mmfp4/backend"
@@ -101,9 +100,9 @@ var decodeMMASuffix = map[backend.CacheDType]string{backend.CacheBF16: "", backe
 
 // decodeMMAF16 gives the bf16 cache decode_mma's f16 form (instances
 // "_f16": f16 queries and weights, a third of the three-part exact form's
-// tensor work; flash.cu). MMFP4_CUDA_FLASH_EXACT=1, the prefill's switch
-// to the exact form, turns it off too.
-var decodeMMAF16 = os.Getenv("MMFP4_CUDA_FLASH_EXACT") != "1"
+// tensor work; flash.cu) where the prefill takes the f16 form
+// (flashFormName: MMFP4_CUDA_FLASH_EXACT=1 turns both off).
+var decodeMMAF16 = flashFormName == "f16"
 
 // decodeMMASplits is how many blocks share a row's positions: about
 // decodeBlocks percent of the multiprocessors in blocks over all rows,
