@@ -121,6 +121,33 @@ func (p *handoverProbe) chainTagged(stages int) error {
 	return nil
 }
 
+// tagWords is buf's 2n words for the tagged forms: x's values tagged tag
+// in the first half, zero words after.
+func tagWords(x []float32, tag uint32) []uint64 {
+	words := make([]uint64, 2*len(x))
+	for i, v := range x {
+		words[i] = uint64(tag)<<32 | uint64(math.Float32bits(v))
+	}
+	return words
+}
+
+// untag reads buf's first n words back as values, each of which must
+// carry tag.
+func (p *handoverProbe) untag(tag uint32) ([]float32, error) {
+	words := make([]uint64, p.n)
+	if err := CopyOut(p.c, words, p.buf.Ptr); err != nil {
+		return nil, err
+	}
+	vals := make([]float32, p.n)
+	for i, w := range words {
+		if got := uint32(w >> 32); got != tag {
+			return nil, fmt.Errorf("word %d: tag %d, want %d", i, got, tag)
+		}
+		vals[i] = math.Float32frombits(uint32(w))
+	}
+	return vals, nil
+}
+
 // handoverRef is a stage on the CPU (the block's sum in another order).
 func handoverRef(x []float32) []float32 {
 	var t float64
@@ -181,46 +208,28 @@ func TestHandoverFormsAgree(t *testing.T) {
 			t.Errorf("count %d after %d stages of %d blocks", count[0], stages, p.blocks)
 		}
 		// The tags.
-		words := make([]uint64, 2*p.n)
-		for i, v := range x {
-			words[i] = uint64(p.tag)<<32 | uint64(math.Float32bits(v))
-		}
-		if err := CopyIn(c, p.buf.Ptr, words); err != nil {
+		if err := CopyIn(c, p.buf.Ptr, tagWords(x, p.tag)); err != nil {
 			return err
 		}
 		first := p.tag
 		if err := p.tagged(stages); err != nil {
 			return err
 		}
-		if err := CopyOut(c, words, p.buf.Ptr); err != nil {
-			return err
+		tagged, err := p.untag(first + stages)
+		if err != nil {
+			return fmt.Errorf("tag form: %w", err)
 		}
-		tagged := make([]float32, p.n)
-		for i := range tagged {
-			if tag := uint32(words[i] >> 32); tag != first+stages {
-				return fmt.Errorf("tagged word %d: tag %d, want %d", i, tag, first+stages)
-			}
-			tagged[i] = math.Float32frombits(uint32(words[i]))
-		}
-		// Tagged words, one launch a stage.
-		for i, v := range x {
-			words[i] = uint64(math.Float32bits(v))
-		}
-		if err := CopyIn(c, p.buf.Ptr, words); err != nil {
+		// Tagged words, one launch a stage (the chain's first launch tags
+		// them).
+		if err := CopyIn(c, p.buf.Ptr, tagWords(x, 0)); err != nil {
 			return err
 		}
 		if err := withPDL(c, true, func() error { return p.chainTagged(stages) }); err != nil {
 			return err
 		}
-		if err := CopyOut(c, words, p.buf.Ptr); err != nil {
-			return err
-		}
-		chainTagged := make([]float32, p.n)
-		for i := range chainTagged {
-			if tag := uint32(words[i] >> 32); tag != stages+1 {
-				return fmt.Errorf("chained tagged word %d: tag %d, want %d", i, tag, stages+1)
-			}
-			chainTagged[i] = math.Float32frombits(uint32(words[i]))
+		chainTagged, err := p.untag(stages + 1)
+		if err != nil {
+			return fmt.Errorf("chained tags: %w", err)
 		}
 		for name, got := range map[string][]float32{"count": counted, "tag": tagged, "chained tags": chainTagged} {
 			if i := firstDiff(f32bytes(chain), f32bytes(got)); i >= 0 {
@@ -320,12 +329,8 @@ func BenchmarkHandover(b *testing.B) {
 			err := d.Do(func(c *Ctx) error {
 				if f.name == "persistent_tag" {
 					// Words tagged 1 with zero values, the other half tagged 0.
-					words := make([]uint64, 2*p.n)
-					for i := range p.n {
-						words[i] = 1 << 32
-					}
 					p.tag = 1
-					if err := CopyIn(c, p.buf.Ptr, words); err != nil {
+					if err := CopyIn(c, p.buf.Ptr, tagWords(make([]float32, p.n), 1)); err != nil {
 						return err
 					}
 				} else if err := c.Memset(p.buf.Ptr, 0, 16*p.n); err != nil {
