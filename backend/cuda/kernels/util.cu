@@ -162,3 +162,100 @@ extern "C" __global__ void handover_retag(unsigned long long* buf, int n, u32 ta
   for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < 2 * n; i += gridDim.x * blockDim.x)
     buf[i] = (unsigned long long)(i < n ? tag : 0u) << 32 | (u32)buf[i];
 }
+
+// ---------------------------------------------------------------------------
+// One-wave read probes (BenchmarkReadWave): how long one launch takes to
+// read a region that is not in L2, as the routed gate/up launch reads its
+// experts' weights (13.4 MB at GLM-4.7-Flash's shapes) once the router has
+// chosen. Block b reads bytes [b*per, (b+1)*per) of src; stamp[2b] and
+// stamp[2b+1] get thread 0's %globaltimer at the block's start and after
+// the block's last read returned (its xor, in out, keeps the loads).
+
+// wave_ld: D loads of 16 bytes a thread requested at once, then used, as
+// rows_load then rows_dot do.
+template <int D>
+DEVICE void wave_ld(const uint4* __restrict__ src, u32 per, u32* out, unsigned long long* stamp) {
+  if (threadIdx.x == 0) stamp[2 * blockIdx.x] = globaltimer();
+  const uint4* p = src + (size_t)blockIdx.x * (per / 16);
+  const u32 n = per / 16;
+  u32 acc = 0;
+  for (u32 i0 = 0; i0 < n; i0 += D * blockDim.x) {
+    uint4 v[D];
+#pragma unroll
+    for (int d = 0; d < D; d++) {
+      const u32 i = i0 + d * blockDim.x + threadIdx.x;
+      v[d] = i < n ? __ldg(p + i) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int d = 0; d < D; d++) acc ^= v[d].x ^ v[d].y ^ v[d].z ^ v[d].w;
+  }
+  __syncthreads();
+  if (threadIdx.x == 0) stamp[2 * blockIdx.x + 1] = globaltimer_after(acc);
+  out[blockIdx.x * blockDim.x + threadIdx.x] = acc;
+}
+extern "C" __global__ void wave_ld16(const uint4* src, u32 per, u32* out, unsigned long long* stamp) {
+  wave_ld<16>(src, per, out, stamp);
+}
+extern "C" __global__ void wave_ld32(const uint4* src, u32 per, u32* out, unsigned long long* stamp) {
+  wave_ld<32>(src, per, out, stamp);
+}
+
+// wave_tma: thread 0 requests the block's bytes in chunks of chunk bytes
+// by bulk copies into a ring of WAVE_STAGES shared buffers (the tensor
+// memory accelerator, an mbarrier a buffer); every thread reads each chunk
+// from shared memory once it has arrived. Dynamic shared memory:
+// WAVE_STAGES * chunk bytes. A no-op where the compiler lacks PTX 8.0
+// (the test skips it).
+#define WAVE_STAGES 4
+extern "C" __global__ void wave_tma(const u8* __restrict__ src, u32 per, u32 chunk, u32* out,
+                                    unsigned long long* stamp) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && __CUDACC_VER_MAJOR__ >= 12
+  extern __shared__ __align__(128) u8 ring[];
+  __shared__ __align__(8) unsigned long long bar[WAVE_STAGES];
+  const int tid = threadIdx.x;
+  if (tid == 0) stamp[2 * blockIdx.x] = globaltimer();
+  const u8* p = src + (size_t)blockIdx.x * per;
+  const u32 chunks = per / chunk;
+  if (tid == 0) {
+    for (int s = 0; s < WAVE_STAGES; s++)
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"((u32)__cvta_generic_to_shared(&bar[s])));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  // request chunk c into its buffer
+  auto request = [&](u32 c) {
+    const int s = c % WAVE_STAGES;
+    const u32 b = (u32)__cvta_generic_to_shared(&bar[s]);
+    const u32 dst = (u32)__cvta_generic_to_shared(ring + (size_t)s * chunk);
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(chunk) : "memory");
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+                 "l"(p + (size_t)c * chunk), "r"(chunk), "r"(b)
+                 : "memory");
+  };
+  if (tid == 0)
+    for (u32 c = 0; c < chunks && c < WAVE_STAGES; c++) request(c);
+  u32 acc = 0;
+  for (u32 c = 0; c < chunks; c++) {
+    const int s = c % WAVE_STAGES;
+    const u32 b = (u32)__cvta_generic_to_shared(&bar[s]);
+    const u32 parity = (c / WAVE_STAGES) & 1;
+    u32 done = 0;
+    while (!done)
+      asm volatile(
+          "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+          : "=r"(done)
+          : "r"(b), "r"(parity)
+          : "memory");
+    const uint4* q = (const uint4*)(ring + (size_t)s * chunk);
+    for (u32 i = tid; i < chunk / 16; i += blockDim.x) {
+      const uint4 v = q[i];
+      acc ^= v.x ^ v.y ^ v.z ^ v.w;
+    }
+    __syncthreads();  // every thread is done with buffer s before it is refilled
+    if (tid == 0 && c + WAVE_STAGES < chunks) request(c + WAVE_STAGES);
+  }
+  if (tid == 0) stamp[2 * blockIdx.x + 1] = globaltimer_after(acc);
+  out[blockIdx.x * blockDim.x + tid] = acc;
+#endif
+}
