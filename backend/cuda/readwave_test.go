@@ -30,12 +30,13 @@ func BenchmarkReadWave(b *testing.B) {
 		{"wave_tma", 132, 128, 16384}, {"wave_tma", 264, 128, 16384}, {"wave_tma", 132, 128, 32768}, {"wave_tma", 528, 128, 8192},
 	}
 	var lines []string
+	old := false
 	err := d.Do(func(c *Ctx) error {
 		if _, err := c.Arch(); err != nil {
 			return err
 		}
-		if rtcVersion[0] < 12 {
-			return fmt.Errorf("wave_tma needs NVRTC 12 or later, have %d", rtcVersion[0])
+		if old = rtcVersion[0] < 12; old {
+			return nil
 		}
 		src, err1 := c.Alloc(region * regions)
 		out, err2 := c.Alloc(4 * 528 * 512)
@@ -98,6 +99,9 @@ func BenchmarkReadWave(b *testing.B) {
 	})
 	if err != nil {
 		b.Fatal(err)
+	}
+	if old {
+		b.Skipf("wave_tma needs NVRTC 12 or later (PTX 8.0)")
 	}
 	for _, l := range lines {
 		b.Log(l)
