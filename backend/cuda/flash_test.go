@@ -15,6 +15,7 @@ import (
 	"github.com/mmfp4/mmfp4/backend"
 	"github.com/mmfp4/mmfp4/backend/cpu"
 	"github.com/mmfp4/mmfp4/format"
+	"github.com/mmfp4/mmfp4/safetensors"
 )
 
 // flashSeq is one sequence of a flash test step: prefix positions already
@@ -502,7 +503,6 @@ func TestFlashConvertMatchesFormat(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	bf16 := func(h uint16) float32 { return math.Float32frombits(uint32(h) << 16) }
 	bad := 0
 	check := func(what string, sb, c, v int, g uint16, decode func(uint16) float32, want float32) {
 		gf := decode(g)
@@ -522,31 +522,18 @@ func TestFlashConvertMatchesFormat(t *testing.T) {
 				if math.Float32bits(want)&0xFFFF != 0 {
 					t.Fatalf("scale %#02x code %#x: %g is not exact in bf16", sb, codes>>(4*v)&15, want)
 				}
-				check("e2m1x8_bf16", sb, c, v, at(0, v), bf16, want)
-				check("e2m1x8_bf16_ref", sb, c, v, at(1, v), bf16, want)
-				check("e2m1x8_f16", sb, c, v, at(2, v), f16Float, want)
+				check("e2m1x8_bf16", sb, c, v, at(0, v), safetensors.BF16ToFloat32, want)
+				check("e2m1x8_bf16_ref", sb, c, v, at(1, v), safetensors.BF16ToFloat32, want)
+				check("e2m1x8_f16", sb, c, v, at(2, v), safetensors.F16ToFloat32, want)
 				b := uint8(sb)
 				if v < 4 {
 					b = uint8(codes >> (8 * v))
 				}
-				check("e4m3x8_f16", sb, c, v, at(3, v), f16Float, format.E4M3Decode(b))
+				check("e4m3x8_f16", sb, c, v, at(3, v), safetensors.F16ToFloat32, format.E4M3Decode(b))
 			}
 		}
 	}
 	if bad > 10 {
 		t.Errorf("%d mismatches in all", bad)
 	}
-}
-
-// f16Float is the value of IEEE half-precision bits h.
-func f16Float(h uint16) float32 {
-	sign := uint32(h>>15) << 31
-	e, m := uint32(h>>10)&31, uint32(h)&1023
-	switch {
-	case e == 31: // infinities and NaNs
-		return math.Float32frombits(sign | 0x7F800000 | m<<13)
-	case e == 0: // zeros and subnormals: m * 2^-24
-		return math.Float32frombits(math.Float32bits(float32(m)*0x1p-24) | sign)
-	}
-	return math.Float32frombits(sign | (e+112)<<23 | m<<13)
 }
