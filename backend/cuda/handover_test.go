@@ -8,7 +8,6 @@ import (
 	"math"
 	"slices"
 	"testing"
-	"unsafe"
 )
 
 // The hand-over probes (util.cu): a chain of stages in which every block
@@ -232,8 +231,8 @@ func TestHandoverFormsAgree(t *testing.T) {
 			return fmt.Errorf("chained tags: %w", err)
 		}
 		for name, got := range map[string][]float32{"count": counted, "tag": tagged, "chained tags": chainTagged} {
-			if i := firstDiff(f32bytes(chain), f32bytes(got)); i >= 0 {
-				t.Errorf("%s form: value %d %v, the chained launches' %v", name, i/4, got[i/4], chain[i/4])
+			if i := sameBits(chain, got); i >= 0 {
+				t.Errorf("%s form: value %d %v, the chained launches' %v", name, i, got[i], chain[i])
 			}
 		}
 		var worst float64
@@ -249,10 +248,6 @@ func TestHandoverFormsAgree(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-}
-
-func f32bytes(v []float32) []byte {
-	return unsafe.Slice((*byte)(unsafe.Pointer(unsafe.SliceData(v))), 4*len(v))
 }
 
 // BenchmarkHandover: device time a stage of each form (one block a
@@ -309,17 +304,17 @@ func BenchmarkHandover(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	replay := func(pdl bool) func() error {
-		return func() error { return check("cuGraphLaunch", drv.cuGraphLaunch(graphs[pdl].exec, p.c.stream)) }
+	replay := func(g *graph) func() error {
+		return func() error { return check("cuGraphLaunch", drv.cuGraphLaunch(g.exec, p.c.stream)) }
 	}
 	for _, f := range []struct {
 		name string
 		per  int
 		run  func() error
 	}{
-		{"chain_pdl_graph", launches, replay(true)},
-		{"chain_graph", launches, replay(false)},
-		{"chain_tag_pdl_graph", launches, func() error { return check("cuGraphLaunch", drv.cuGraphLaunch(tagGraph.exec, p.c.stream)) }},
+		{"chain_pdl_graph", launches, replay(graphs[true])},
+		{"chain_graph", launches, replay(graphs[false])},
+		{"chain_tag_pdl_graph", launches, replay(tagGraph)},
 		{"persistent_count", stages, func() error { return p.counted(stages, true) }},
 		{"persistent_tag", stages, func() error { return p.tagged(stages) }},
 		{"persistent_local", stages, func() error { return p.counted(stages, false) }},
