@@ -133,6 +133,12 @@ DEVICE u32 bf16x2_f16x2(u32 x) {
   asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(__uint_as_float(x & 0xFFFF0000u)), "f"(__uint_as_float(x << 16)));
   return r;
 }
+// A fragment's registers, each two bf16 values, widened as bf16x2_f16x2.
+template <int N>
+DEVICE void frag_f16(u32 (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; i++) r[i] = bf16x2_f16x2(r[i]);
+}
 
 // Two floats as f16 (a in the low half), round to nearest even.
 DEVICE u32 f16x2(float a, float b) {
@@ -588,7 +594,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
           if (F16) {
             if (!QF) {  // bf16 keys (QF's tile is f16)
 #pragma unroll
-              for (int n = 0; n < 4; n++) b[n][0] = bf16x2_f16x2(b[n][0]), b[n][1] = bf16x2_f16x2(b[n][1]);
+              for (int n = 0; n < 4; n++) frag_f16(b[n]);
             }
 #pragma unroll
             for (int m = 0; m < 2; m++)
@@ -826,7 +832,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
           if (F16) {
             if (!QF) {
 #pragma unroll
-              for (int n = 0; n < NT; n++) b[n][0] = bf16x2_f16x2(b[n][0]), b[n][1] = bf16x2_f16x2(b[n][1]);
+              for (int n = 0; n < NT; n++) frag_f16(b[n]);
             }
 #pragma unroll
             for (int m = 0; m < 2; m++)
@@ -1448,9 +1454,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
             ldsm_x4(tile + (u32)(mt * 16 * LD * 2 + kcol(kk) * 2 + a_off), a[mt][0], a[mt][1], a[mt][2], a[mt][3]);
           if (F16) {
 #pragma unroll
-            for (int mt = 0; mt < MT; mt++)
-#pragma unroll
-              for (int i = 0; i < 4; i++) a[mt][i] = bf16x2_f16x2(a[mt][i]);
+            for (int mt = 0; mt < MT; mt++) frag_f16(a[mt]);
 #pragma unroll
             for (int mt = 0; mt < MT; mt++)
 #pragma unroll
@@ -1575,9 +1579,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
           ldsm_x4_t(tile + (u32)(ks * 16 * LD * 2 + (warp * KL + m) * 32 + t_off), a[m][0], a[m][1], a[m][2], a[m][3]);
         if (F16) {
 #pragma unroll
-          for (int m = 0; m < KL; m++)
-#pragma unroll
-            for (int i = 0; i < 4; i++) a[m][i] = bf16x2_f16x2(a[m][i]);
+          for (int m = 0; m < KL; m++) frag_f16(a[m]);
 #pragma unroll
           for (int m = 0; m < KL; m++)
 #pragma unroll
