@@ -24,9 +24,11 @@ GEMV_KERNEL(gemv_split_t1, 1, 4, true)
 
 // gemv_split_t1 for rows of 64*32 < K <= GEMV_REGS_C*32 columns (o_proj's
 // 5120 at batch 1): a lane requests all its chunks of the warp's R rows
-// (chunks lane, lane + 32, ...) before the wait, so that after it only
-// the activations are read, where gemv_dot waits for a round of loads
-// (from L2, prefetched) for each 64 chunks. The same sums in the same
+// (chunks lane, lane + 32, ...) before the wait and decodes them there
+// (chunk_biased, and the group scales), so that after it only the
+// activations (with their chunk sums) are read and each chunk's product
+// is 8 dp4a: about 120 operations a lane after the wait where dot32_split
+// took about 750. The same integers and float operations in the same
 // order: the same bits. Two rows a warp (256 blocks for o_proj's 2048
 // rows) measured faster end to end than four or one (docs/perf.md,
 // 2026-11-29 (11)).
@@ -62,12 +64,21 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS)
       for (int r = 0; r < R; r++) s[j][r] = __ldg(rs[r] + (c >> gshift));
     }
   }
+  u32 b[GEMV_REGS_C][R][8];
+  float ws[GEMV_REGS_C][R];
+#pragma unroll
+  for (int j = 0; j < GEMV_REGS_C; j++)
+    if (32 * j + lane < C) {
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+        chunk_biased(w[j][r], b[j][r]);
+        ws[j][r] = e4m3(s[j][r]);
+      }
+    }
   PDL_WAIT();
-  // Each chunk's activations in a loop ahead of the products. The compiler
-  // still moves each chunk's loads into that chunk's c < C branch, after
-  // the products before it (docs/perf.md, 2026-11-29 (11)).
   uint4 xa[GEMV_REGS_C], xb[GEMV_REGS_C];
   float xscale[GEMV_REGS_C];
+  i32 xsm[GEMV_REGS_C];
 #pragma unroll
   for (int j = 0; j < GEMV_REGS_C; j++) {
     const int c = 32 * j + lane;
@@ -76,6 +87,7 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS)
       xa[j] = __ldg(xp);
       xb[j] = __ldg(xp + 1);
       xscale[j] = __ldg(xs + (c >> gshift));
+      xsm[j] = __ldg(xsum + c);
     }
   }
   TRACE_MARK_DEP(xa[0].x ^ xb[GEMV_REGS_C - 1].w ^ __float_as_uint(xscale[GEMV_REGS_C - 1]));
@@ -87,9 +99,7 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS)
     const int c = 32 * j + lane;
     if (c >= C) continue;
 #pragma unroll
-    for (int r = 0; r < R; r++) {
-      out[r] += (float)dot32_split(w[j][r], xa[j], xb[j]) * (e4m3(s[j][r]) * xscale[j]);
-    }
+    for (int r = 0; r < R; r++) out[r] += (float)dot32_biased(b[j][r], xa[j], xb[j], xsm[j]) * (ws[j][r] * xscale[j]);
   }
   TRACE_MARK_DEP(__float_as_uint(out[0]));
 #pragma unroll

@@ -17,6 +17,33 @@ DEVICE i32 dot8_biased(u32 q, u32 x0, u32 x1, i32 acc) {
   return dp4a_us(e2m1x4_biased(q >> 16), x1, acc);
 }
 
+// A 16-byte chunk of codes as e2m1x4_biased's 8 words (word i: columns
+// 4i..4i+3), for kernels that decode their weights ahead, while the
+// activations are not yet written: after the wait a chunk's product is
+// then dot32_biased's 8 dp4a, where dot32_split takes about 40 operations.
+DEVICE void chunk_biased(uint4 q, u32 (&b)[8]) {
+  const u32 w[4] = {q.x, q.y, q.z, q.w};
+#pragma unroll
+  for (int i = 0; i < 4; i++) {
+    b[2 * i] = e2m1x4_biased(w[i]);
+    b[2 * i + 1] = e2m1x4_biased(w[i] >> 16);
+  }
+}
+
+// A chunk decoded by chunk_biased against 32 int8 activations (xa: columns
+// 0-15, xb: 16-31) whose sum is xsum: dot32_split's exact integer.
+DEVICE i32 dot32_biased(const u32 (&b)[8], uint4 xa, uint4 xb, i32 xsum) {
+  i32 acc = -128 * xsum;
+  acc = dp4a_us(b[0], xa.x, acc);
+  acc = dp4a_us(b[1], xa.y, acc);
+  acc = dp4a_us(b[2], xa.z, acc);
+  acc = dp4a_us(b[3], xa.w, acc);
+  acc = dp4a_us(b[4], xb.x, acc);
+  acc = dp4a_us(b[5], xb.y, acc);
+  acc = dp4a_us(b[6], xb.z, acc);
+  return dp4a_us(b[7], xb.w, acc);
+}
+
 // The same product without the offset: positive and negative codes go
 // through separate dp4a into pos and neg, so no activation sum is needed
 // (fewer integer operations per weight, twice the dp4a; for T = 1).

@@ -318,6 +318,7 @@ DEVICE void add_norm_gemv(const u8* __restrict__ codes1, const u8* __restrict__ 
   constexpr int NW = NT / 32, RB = NW * R, PM = 2048 / (8 * NT);  // warps, rows a block, passes
   __shared__ __align__(16) i8 sq[2048];
   __shared__ float ssc[64];
+  __shared__ i32 ssum[64];
   __shared__ double partial[8];
   __shared__ bool last_s;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -346,6 +347,18 @@ DEVICE void add_norm_gemv(const u8* __restrict__ codes1, const u8* __restrict__ 
       }
     }
   }
+  // The codes decoded for dot32_biased and the scales, before the wait.
+  u32 wb[2][R][8];
+  float ws[2][R];
+#pragma unroll
+  for (int hf = 0; hf < 2; hf++)
+    if (32 * hf + lane < C) {
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+        chunk_biased(w[hf][r], wb[hf][r]);
+        ws[hf][r] = e4m3(s[hf][r]);
+      }
+    }
   float gv[PM][8];
 #pragma unroll
   for (int p = 0; p < PM; p++) {
@@ -392,6 +405,7 @@ DEVICE void add_norm_gemv(const u8* __restrict__ codes1, const u8* __restrict__ 
       sum += __shfl_xor_sync(0xffffffffu, sum, 1);
       sum += __shfl_xor_sync(0xffffffffu, sum, 2);
       sums[p] = sum;
+      if ((lane & 3) == 0) ssum[k0 >> 5] = sum;
       *(uint2*)(sq + k0) = make_uint2(packed[p][0], packed[p][1]);
       if ((lane & (L - 1)) == 0) ssc[k0 >> gs] = sc;
     }
@@ -409,17 +423,9 @@ DEVICE void add_norm_gemv(const u8* __restrict__ codes1, const u8* __restrict__ 
       const uint4* xp = (const uint4*)(sq + ch * 32);
       const uint4 xa = xp[0], xb = xp[1];
       const float xscale = ssc[ch >> gshift];
+      const i32 xsm = ssum[ch];
 #pragma unroll
-      for (int r = 0; r < R; r++) {
-        const uint4 q = w[hf][r];
-        i32 dd = 0, neg = 0;
-        dot8_split(q.x, xa.x, xa.y, dd, neg);
-        dot8_split(q.y, xa.z, xa.w, dd, neg);
-        dot8_split(q.z, xb.x, xb.y, dd, neg);
-        dot8_split(q.w, xb.z, xb.w, dd, neg);
-        dd -= neg;
-        o[r] += (float)dd * (e4m3(s[hf][r]) * xscale);
-      }
+      for (int r = 0; r < R; r++) o[r] += (float)dot32_biased(wb[hf][r], xa, xb, xsm) * (ws[hf][r] * xscale);
     }
 #pragma unroll
     for (int r = 0; r < R; r++) o[r] = warp_sum(o[r]);
