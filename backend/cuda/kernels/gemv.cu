@@ -25,10 +25,10 @@ GEMV_KERNEL(gemv_split_t1, 1, 4, true)
 // gemv_split_t1 for rows of 64*32 < K <= GEMV_REGS_C*32 columns (o_proj's
 // 5120 at batch 1): a lane requests all its chunks of the warp's R rows
 // (chunks lane, lane + 32, ...) before the wait and decodes them there
-// (chunk_biased, and the group scales), so that after it only the
-// activations (with their chunk sums) are read and each chunk's product
-// is 8 dp4a: about 120 operations a lane after the wait where dot32_split
-// took about 750. The same integers and float operations in the same
+// (chunks_biased), so that after it only the activations (with their
+// chunk sums) are read and each chunk's product is 8 dp4a: 201
+// instructions a warp after the wait where dot32_split took 733 (NVRTC
+// 12.4, sm_90a). The same integers and float operations in the same
 // order: the same bits. Two rows a warp (256 blocks for o_proj's 2048
 // rows) measured faster end to end than four or one (docs/perf.md,
 // 2026-11-29 (11)).
@@ -66,15 +66,7 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS)
   }
   u32 b[GEMV_REGS_C][R][8];
   float ws[GEMV_REGS_C][R];
-#pragma unroll
-  for (int j = 0; j < GEMV_REGS_C; j++)
-    if (32 * j + lane < C) {
-#pragma unroll
-      for (int r = 0; r < R; r++) {
-        chunk_biased(w[j][r], b[j][r]);
-        ws[j][r] = e4m3(s[j][r]);
-      }
-    }
+  chunks_biased(w, s, C, b, ws);
   PDL_WAIT();
   uint4 xa[GEMV_REGS_C], xb[GEMV_REGS_C];
   float xscale[GEMV_REGS_C];

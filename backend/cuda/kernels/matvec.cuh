@@ -30,6 +30,24 @@ DEVICE void chunk_biased(uint4 q, u32 (&b)[8]) {
   }
 }
 
+// chunk_biased for the H chunks of R rows that a lane holds (chunk 32h +
+// lane of each row, where it is below C), with their group scales as
+// floats: the decode a kernel does before its wait.
+template <int H, int R>
+DEVICE void chunks_biased(const uint4 (&w)[H][R], const u32 (&s)[H][R], int C, u32 (&b)[H][R][8],
+                          float (&ws)[H][R]) {
+  const int lane = threadIdx.x & 31;
+#pragma unroll
+  for (int h = 0; h < H; h++)
+    if (32 * h + lane < C) {
+#pragma unroll
+      for (int r = 0; r < R; r++) {
+        chunk_biased(w[h][r], b[h][r]);
+        ws[h][r] = e4m3(s[h][r]);
+      }
+    }
+}
+
 // A chunk decoded by chunk_biased against 32 int8 activations (xa: columns
 // 0-15, xb: 16-31) whose sum is xsum: dot32_split's exact integer.
 DEVICE i32 dot32_biased(const u32 (&b)[8], uint4 xa, uint4 xb, i32 xsum) {
@@ -127,12 +145,7 @@ DEVICE void gemv_dot(const u8* const (&rc)[R], const u8* const (&rs)[R], int K, 
           const uint4 q = w[h][r];
           i32 d = base;
           if (SPLIT) {
-            i32 neg = 0;
-            dot8_split(q.x, xa.x, xa.y, d, neg);
-            dot8_split(q.y, xa.z, xa.w, d, neg);
-            dot8_split(q.z, xb.x, xb.y, d, neg);
-            dot8_split(q.w, xb.z, xb.w, d, neg);
-            d -= neg;
+            d = dot32_split(q, xa, xb);
           } else {
             d = dot8_biased(q.x, xa.x, xa.y, d);
             d = dot8_biased(q.y, xa.z, xa.w, d);

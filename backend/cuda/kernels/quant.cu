@@ -350,15 +350,7 @@ DEVICE void add_norm_gemv(const u8* __restrict__ codes1, const u8* __restrict__ 
   // The codes decoded for dot32_biased and the scales, before the wait.
   u32 wb[2][R][8];
   float ws[2][R];
-#pragma unroll
-  for (int hf = 0; hf < 2; hf++)
-    if (32 * hf + lane < C) {
-#pragma unroll
-      for (int r = 0; r < R; r++) {
-        chunk_biased(w[hf][r], wb[hf][r]);
-        ws[hf][r] = e4m3(s[hf][r]);
-      }
-    }
+  chunks_biased(w, s, C, wb, ws);
   float gv[PM][8];
 #pragma unroll
   for (int p = 0; p < PM; p++) {
