@@ -11,14 +11,21 @@ import (
 
 // The one-wave read probes (util.cu wave_*): how long one launch takes to
 // read 13.4 MB that is not in L2 (the routed gate/up weights of a
-// GLM-4.7-Flash layer), by plain 16-byte loads, D a thread at once, or by
-// bulk copies into shared memory. The wave's time is from its first
-// block's start to its last block's last read (%globaltimer stamps), the
-// median of 48 launches, each over another of 16 regions (214 MB, four
-// times L2).
+// GLM-4.7-Flash layer), or 19.2 MB (those and the routed down weights, as
+// one launch taking gate/up and down together would read them), by plain
+// 16-byte loads, D a thread at once, or by bulk copies into shared memory.
+// The wave's time is from its first block's start to its last block's
+// last read (%globaltimer stamps), the median of 48 launches, each over
+// another of 16 regions (214 or 307 MB, four or more times L2).
 func BenchmarkReadWave(b *testing.B) {
+	for _, region := range []int{13_400_000, 19_200_000} {
+		b.Run(fmt.Sprintf("%.1fMB", float64(region)/1e6), func(b *testing.B) { readWave(b, region) })
+	}
+}
+
+func readWave(b *testing.B, region int) {
 	d := testDevice(b)
-	const region, regions, launches = 13_400_000, 16, 48
+	const regions, launches = 16, 48
 	type form struct {
 		kernel          string
 		blocks, threads int
