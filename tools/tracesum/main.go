@@ -7,6 +7,10 @@
 //	MMFP4_CUDA_TRACE=/tmp/trace.txt mmfp4 bench -m DIR --device cuda --ctx 1024
 //	go run ./tools/tracesum -anchor absorb.cu:647 -before 0.15 /tmp/trace.txt
 //
+// With -layer N it lists instead every event of layer N, each site's
+// blocks by time (us from the anchor : blocks), where the averages hide
+// how a launch's blocks spread.
+//
 // A layer's window starts -before layers' worth of time ahead of its anchor,
 // so that the kernels before the anchor fall in the same layer; the first
 // two and the last two layers are left out (the step's ends).
@@ -14,9 +18,11 @@ package main
 
 import (
 	"bufio"
+	"cmp"
 	"flag"
 	"fmt"
 	"io"
+	"math"
 	"os"
 	"slices"
 	"strconv"
@@ -36,9 +42,10 @@ type site struct {
 func main() {
 	anchor := flag.String("anchor", "", "the anchor site: its number or file:line (default: the first site with one event a layer)")
 	before := flag.Float64("before", 0.15, "where a layer's window starts, in layers ahead of its anchor")
+	layer := flag.Int("layer", -1, "list the events of this layer (0 the first) instead of the averages")
 	flag.Parse()
 	if flag.NArg() != 1 {
-		fmt.Fprintln(os.Stderr, "usage: tracesum [-anchor SITE] [-before F] TRACE")
+		fmt.Fprintln(os.Stderr, "usage: tracesum [-anchor SITE] [-before F] [-layer N] TRACE")
 		os.Exit(2)
 	}
 	f, err := os.Open(flag.Arg(0))
@@ -52,7 +59,12 @@ func main() {
 		fmt.Fprintf(os.Stderr, "%s: %v\n", flag.Arg(0), err)
 		os.Exit(1)
 	}
-	if err := summarize(os.Stdout, sites, *anchor, *before); err != nil {
+	if *layer >= 0 {
+		err = listLayer(os.Stdout, sites, *anchor, *before, *layer)
+	} else {
+		err = summarize(os.Stdout, sites, *anchor, *before)
+	}
+	if err != nil {
 		fmt.Fprintln(os.Stderr, err)
 		os.Exit(1)
 	}
@@ -129,9 +141,8 @@ func read(r io.Reader) ([]*site, error) {
 	return sites, nil
 }
 
-// summarize writes each site's first, median and last time a layer,
-// averaged over the layers, from the anchor's moment in that layer.
-func summarize(w io.Writer, sites []*site, anchor string, before float64) error {
+// moments finds the anchor site and the moments it is passed, one a layer.
+func moments(sites []*site, anchor string) (*site, []float64, error) {
 	var an *site
 	for _, s := range sites {
 		if anchor == strconv.Itoa(s.id) || anchor == s.place {
@@ -139,10 +150,10 @@ func summarize(w io.Writer, sites []*site, anchor string, before float64) error 
 		}
 	}
 	if an == nil && anchor != "" {
-		return fmt.Errorf("no site %q in the trace", anchor)
+		return nil, nil, fmt.Errorf("no site %q in the trace", anchor)
 	}
 	if an == nil {
-		return fmt.Errorf("name an anchor site (-anchor)")
+		return nil, nil, fmt.Errorf("name an anchor site (-anchor)")
 	}
 	// The anchor's moments: its events grouped where they lie within a
 	// quarter of the largest gap between two of them (at least 1 us), so
@@ -159,7 +170,78 @@ func summarize(w io.Writer, sites []*site, anchor string, before float64) error 
 		}
 	}
 	if len(at) < 6 {
-		return fmt.Errorf("the anchor %s is passed at %d moments; too few layers", an.place, len(at))
+		return nil, nil, fmt.Errorf("the anchor %s is passed at %d moments; too few layers", an.place, len(at))
+	}
+	return an, at, nil
+}
+
+// window is layer l's span of the step: from before layers' worth of time
+// ahead of its anchor's moment to as far ahead of the next one's.
+func window(at []float64, l int, before float64) (lo, hi float64) {
+	gapBefore, gapAfter := 0.0, 0.0
+	if l > 0 {
+		gapBefore = at[l] - at[l-1]
+	}
+	if l+1 < len(at) {
+		gapAfter = at[l+1] - at[l]
+	}
+	if l == 0 {
+		gapBefore = gapAfter
+	}
+	if l+1 == len(at) {
+		gapAfter = gapBefore
+	}
+	return at[l] - before*gapBefore, at[l] + (1-before)*gapAfter
+}
+
+// listLayer writes every site's events in layer l's window, as times from
+// the anchor's moment (0.1 us apart at the finest) and the blocks at each.
+func listLayer(w io.Writer, sites []*site, anchor string, before float64, l int) error {
+	an, at, err := moments(sites, anchor)
+	if err != nil {
+		return err
+	}
+	if l >= len(at) {
+		return fmt.Errorf("layer %d: the anchor %s is passed at %d moments", l, an.place, len(at))
+	}
+	lo, hi := window(at, l, before)
+	fmt.Fprintf(w, "layer %d of %d; times in us from %s (%s) : blocks\n", l, len(at), an.place, an.kernel)
+	type row struct {
+		s     *site
+		first float64
+		text  string
+	}
+	var rows []row
+	for _, s := range sites {
+		i, _ := slices.BinarySearch(s.times, lo)
+		j, _ := slices.BinarySearch(s.times, hi)
+		if i == j {
+			continue
+		}
+		var b strings.Builder
+		for k := i; k < j; {
+			t := math.Round((s.times[k]-at[l])*10) / 10
+			n := 0
+			for ; k < j && math.Round((s.times[k]-at[l])*10)/10 == t; k++ {
+				n++
+			}
+			fmt.Fprintf(&b, " %.1f:%d", t, n)
+		}
+		rows = append(rows, row{s, s.times[i] - at[l], b.String()})
+	}
+	slices.SortStableFunc(rows, func(a, b row) int { return cmp.Compare(a.first, b.first) })
+	for _, r := range rows {
+		fmt.Fprintf(w, "%5d %-22s %-30s %-15s%s\n", r.s.id, r.s.place, r.s.kernel, r.s.kind, r.text)
+	}
+	return nil
+}
+
+// summarize writes each site's first, median and last time a layer,
+// averaged over the layers, from the anchor's moment in that layer.
+func summarize(w io.Writer, sites []*site, anchor string, before float64) error {
+	an, at, err := moments(sites, anchor)
+	if err != nil {
+		return err
 	}
 	layer := (at[len(at)-1] - at[0]) / float64(len(at)-1)
 	fmt.Fprintf(w, "%d layers of %.2f us; times in us from %s (%s), averaged over layers 3-%d\n", len(at), layer, an.place, an.kernel, len(at)-2)
@@ -173,8 +255,7 @@ func summarize(w io.Writer, sites []*site, anchor string, before float64) error 
 		var r row
 		n := 0
 		for l := 2; l < len(at)-2; l++ {
-			lo := at[l] - before*(at[l]-at[l-1])
-			hi := at[l] + (1-before)*(at[l+1]-at[l])
+			lo, hi := window(at, l, before)
 			i, _ := slices.BinarySearch(s.times, lo)
 			j, _ := slices.BinarySearch(s.times, hi)
 			if i == j {

@@ -47,6 +47,39 @@ func TestSummarizeFoldsLayersAcrossTheWrap(t *testing.T) {
 	}
 }
 
+// One layer's events as listed: the anchor's two blocks at 0 and 1.5 us,
+// the mark's four at 2.9 and 3.2 (23 and 25 buckets).
+func TestListLayerGivesOneLayersBlocks(t *testing.T) {
+	var in strings.Builder
+	for l := range 10 {
+		b := (32600 + l*3125/10) % buckets
+		fmt.Fprintf(&in, "1 a.cu:10 k PDL_WAIT %d 1\n", b)
+		fmt.Fprintf(&in, "1 a.cu:10 k PDL_WAIT %d 1\n", (b+12)%buckets)
+		fmt.Fprintf(&in, "2 a.cu:20 k TRACE_MARK %d 2\n", (b+23)%buckets)
+		fmt.Fprintf(&in, "2 a.cu:20 k TRACE_MARK %d 2\n", (b+25)%buckets)
+	}
+	sites, err := read(strings.NewReader(in.String()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	if err := listLayer(&out, sites, "a.cu:10", 0.15, 3); err != nil {
+		t.Fatal(err)
+	}
+	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
+	if len(lines) != 3 || !strings.HasPrefix(lines[0], "layer 3 of 10;") {
+		t.Fatalf("listing:\n%s", out.String())
+	}
+	for i, want := range []string{"0.0:1 1.5:1", "2.9:2 3.2:2"} {
+		if f := strings.Fields(lines[i+1]); strings.Join(f[len(f)-2:], " ") != want {
+			t.Errorf("line %q, want its events %q", lines[i+1], want)
+		}
+	}
+	if err := listLayer(&out, sites, "a.cu:10", 0.15, 10); err == nil {
+		t.Error("a layer past the last was listed")
+	}
+}
+
 func TestReadRejectsBadLines(t *testing.T) {
 	for _, in := range []string{"1 a.cu:1 k PDL_WAIT 40000 1\n", "x a.cu:1 k PDL_WAIT 1 1\n", "1 a.cu:1\n", ""} {
 		if _, err := read(strings.NewReader(in)); err == nil {
