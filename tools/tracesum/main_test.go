@@ -7,17 +7,18 @@ import (
 	"testing"
 )
 
-// Ten layers of 40 us (312.5 buckets, rounded down) starting near the
-// histogram's end, so that the step wraps: an anchor at each layer's
-// start (one block) and a mark 23 buckets (2.944 us) after it in four
-// blocks, two at 23 and two at 25.
-func TestSummarizeFoldsLayersAcrossTheWrap(t *testing.T) {
+// tenLayers is a trace of ten layers of 40 us (312.5 buckets, rounded
+// down) starting near the histogram's end, so that the step wraps: an
+// anchor at each layer's start (one block, and one whose wait returns 12
+// buckets, 1.5 us, later) and a mark 23 buckets (2.944 us) after it in
+// four blocks, two at 23 and two at 25.
+func tenLayers(t *testing.T) []*site {
+	t.Helper()
 	var in strings.Builder
 	in.WriteString("# site file:line kernel event bucket(128 ns) count\n")
 	for l := range 10 {
 		b := (32600 + l*3125/10) % buckets
 		fmt.Fprintf(&in, "1 a.cu:10 k PDL_WAIT %d 1\n", b)
-		// A block whose wait returns 12 buckets (1.5 us) after the first.
 		fmt.Fprintf(&in, "1 a.cu:10 k PDL_WAIT %d 1\n", (b+12)%buckets)
 		fmt.Fprintf(&in, "2 a.cu:20 k TRACE_MARK %d 2\n", (b+23)%buckets)
 		fmt.Fprintf(&in, "2 a.cu:20 k TRACE_MARK %d 2\n", (b+25)%buckets)
@@ -26,6 +27,11 @@ func TestSummarizeFoldsLayersAcrossTheWrap(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	return sites
+}
+
+func TestSummarizeFoldsLayersAcrossTheWrap(t *testing.T) {
+	sites := tenLayers(t)
 	var out bytes.Buffer
 	if err := summarize(&out, sites, "a.cu:10", 0.15); err != nil {
 		t.Fatal(err)
@@ -47,21 +53,10 @@ func TestSummarizeFoldsLayersAcrossTheWrap(t *testing.T) {
 	}
 }
 
-// One layer's events as listed: the anchor's two blocks at 0 and 1.5 us,
-// the mark's four at 2.9 and 3.2 (23 and 25 buckets).
+// One layer's events as listed (tenLayers): the anchor's two blocks at 0
+// and 1.5 us, the mark's four at 2.9 and 3.2 (23 and 25 buckets).
 func TestListLayerGivesOneLayersBlocks(t *testing.T) {
-	var in strings.Builder
-	for l := range 10 {
-		b := (32600 + l*3125/10) % buckets
-		fmt.Fprintf(&in, "1 a.cu:10 k PDL_WAIT %d 1\n", b)
-		fmt.Fprintf(&in, "1 a.cu:10 k PDL_WAIT %d 1\n", (b+12)%buckets)
-		fmt.Fprintf(&in, "2 a.cu:20 k TRACE_MARK %d 2\n", (b+23)%buckets)
-		fmt.Fprintf(&in, "2 a.cu:20 k TRACE_MARK %d 2\n", (b+25)%buckets)
-	}
-	sites, err := read(strings.NewReader(in.String()))
-	if err != nil {
-		t.Fatal(err)
-	}
+	sites := tenLayers(t)
 	var out bytes.Buffer
 	if err := listLayer(&out, sites, "a.cu:10", 0.15, 3); err != nil {
 		t.Fatal(err)
