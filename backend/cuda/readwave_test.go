@@ -23,6 +23,9 @@ func BenchmarkReadWave(b *testing.B) {
 	}
 }
 
+// waveStages is WAVE_STAGES in util.cu: wave_tma's shared buffers.
+const waveStages = 4
+
 func readWave(b *testing.B, region int) {
 	d := testDevice(b)
 	const regions, launches = 16, 48
@@ -56,15 +59,11 @@ func readWave(b *testing.B, region int) {
 		}
 		for round := 1; round <= 2; round++ {
 			for _, f := range forms {
-				unit := 16 * f.threads
+				unit, shared := 16*f.threads, 0
 				if f.chunk > 0 {
-					unit = f.chunk
+					unit, shared = f.chunk, waveStages*f.chunk
 				}
 				per := region / f.blocks / unit * unit
-				shared := 0
-				if f.chunk > 0 {
-					shared = 4 * f.chunk // WAVE_STAGES buffers
-				}
 				k, err := c.kernelShared("util", f.kernel, shared)
 				if err != nil {
 					return err
