@@ -200,6 +200,11 @@ type Backend struct {
 	lastRopeCache *ropeCacheOp
 	ropeCaches    int
 	chainMerges   [8]int
+	// moeAhead is the L2 request of the MoE launch queued last, which the
+	// next layer's first products fill (ahead.go); moeAheads counts the
+	// weights added (tests).
+	moeAhead  *aheadSlot
+	moeAheads int
 	// prefillMerges counts a prefill's merged launches by kind
 	// (prefillValues, prefillNorms, prefillCombine, prefillRopeRows; tests).
 	prefillMerges [4]int
@@ -2125,9 +2130,16 @@ func (b *Backend) moeRows(d, xm *tensor, rt *routing, l *moeLayer) {
 		dr := d.row(t)
 		a := b.routerQuant(xr, l.table.G)
 		off := 4 * uint64(t*rt.topK)
+		h := b.newMoEAhead()
 		b.do("moe", func(c *Ctx) error {
-			return c.MoE(dr, true, l.table, rt.ids+off, rt.wts+off, rt.topK, a, l.scratch[rt.topK])
+			if h != nil {
+				c.ahead = *h
+			}
+			err := c.MoE(dr, true, l.table, rt.ids+off, rt.wts+off, rt.topK, a, l.scratch[rt.topK])
+			c.ahead = l2Ahead{}
+			return err
 		})
+		b.queuedMoEAhead()
 	}
 }
 

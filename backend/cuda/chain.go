@@ -559,6 +559,7 @@ func (b *Backend) addNormProduct(d *tensor, a *QActs, w *weight) bool {
 	counter := b.counter.Ptr + addNormWord
 	if p := b.lastAddNorm; p != nil && p.flush == b.flushes && p.idx == len(b.pending)-1 && !p.two && p.in.Q == a && !overlapsAny(d, p.touched) {
 		in, o1, o2 := p.in, p.o1, FusedOut{w.q, d.ptr}
+		b.fillMoEAhead(p.idx, w.q, true)
 		b.pending[p.idx] = queuedOp{"add+rmsnorm+matmul pair", func(c *Ctx) error { return c.AddNormGEMVPair(in, o1, o2, counter) }}
 		p.two = true
 		b.chainMerges[chainPair]++
@@ -570,6 +571,7 @@ func (b *Backend) addNormProduct(d *tensor, a *QActs, w *weight) bool {
 		return false
 	}
 	in, o1 := no.in, FusedOut{w.q, d.ptr}
+	b.fillMoEAhead(no.idx, w.q, false)
 	b.pending[no.idx] = queuedOp{"add+rmsnorm+matmul", func(c *Ctx) error { return c.AddNormGEMVPair(in, o1, FusedOut{}, counter) }}
 	b.lastNorm, b.lastGEMV = nil, nil
 	b.lastAddNorm = &addNormGEMVOp{idx: no.idx, flush: b.flushes, in: in, o1: o1, touched: append(slices.Clone(no.touched), *d)}

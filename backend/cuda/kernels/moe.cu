@@ -1264,12 +1264,17 @@ extern "C" __global__ void __launch_bounds__(128, 4)
 // follows moe_gate_up_q, which reads the same ids after its own wait
 // (prelude.cuh: every kernel two or more launches back has finished when
 // a kernel starts).
+//
+// Before its wait a block also asks L2 for up to four spans (ahead[j],
+// lines[j] lines of 128 bytes; l2_ahead): the weights of the launch after
+// it, whose blocks become resident only as these leave, so that theirs
+// are in L2 when they start.
 #define DOWN_SLOTS_MAX 8
 template <int FAST>
 DEVICE void down_hq(const Expert* __restrict__ experts, const i32* __restrict__ ids,
                     const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
                     const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
-                    int accumulate) {
+                    int accumulate, const u8* const (&ahead)[4], const int (&lines)[4]) {
   __shared__ float part[DOWN_SLOTS_MAX][4], wsm[DOWN_SLOTS_MAX];
   const int slot = threadIdx.x >> 5, lane = threadIdx.x & 31, nslots = blockDim.x >> 5;
   const int row0 = blockIdx.x * 4;
@@ -1287,6 +1292,8 @@ DEVICE void down_hq(const Expert* __restrict__ experts, const i32* __restrict__ 
   u32 s[2][4];
   rows_load<4>(rc, rs, C, gshift, w, s);
   const float rsc = lane < 4 ? ex.down.row_scale[min(row0 + lane, N - 1)] : 0.f;
+#pragma unroll
+  for (int j = 0; j < 4; j++) l2_ahead(ahead[j], lines[j], blockIdx.x * blockDim.x + threadIdx.x, gridDim.x * blockDim.x);
   PDL_WAIT();
   TRACE_MARK_DEP(w[0][0].x ^ w[1][3].w ^ __float_as_uint(rsc));
   if (lane == 0) wsm[slot] = slot < topk ? wts[slot] : 1.f;
@@ -1310,9 +1317,12 @@ extern "C" __global__ void __launch_bounds__(32 * DOWN_SLOTS_MAX)
     moe_down_hq(const Expert* __restrict__ experts, const i32* __restrict__ ids,
                 const float* __restrict__ wts, int topk, int nexperts, int N, int I, int gshift,
                 const i8* __restrict__ hq, const float* __restrict__ hs, float* __restrict__ y,
-                int accumulate) {
+                int accumulate, const u8* a0, int n0, const u8* a1, int n1, const u8* a2, int n2, const u8* a3,
+                int n3) {
   PDL_LAUNCH();
-  down_hq<1>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate);
+  const u8* ahead[4] = {a0, a1, a2, a3};
+  const int lines[4] = {n0, n1, n2, n3};
+  down_hq<1>(experts, ids, wts, topk, nexperts, N, I, gshift, hq, hs, y, accumulate, ahead, lines);
 }
 
 // ---------------------------------------------------------------------------

@@ -19,6 +19,17 @@ DEVICE uint4 load_stream16(const void* p) {
   return v;
 }
 
+// Asks L2 for the 128-byte lines [0, lines) from p, thread i of n taking
+// lines i, i + n, ...: a later launch's weights, requested by a launch
+// whose blocks are resident before that one's can be (a launch starts
+// only when the one two before it has finished, and its blocks only where
+// the one before leaves room), so that its own loads hit L2. p null:
+// nothing.
+DEVICE void l2_ahead(const u8* p, int lines, int i, int n) {
+  if (p == nullptr) return;
+  for (int j = i; j < lines; j += n) asm volatile("prefetch.global.L2 [%0];" ::"l"(p + ((size_t)j << 7)));
+}
+
 // prmt.b32 in its default mode: byte i of the result is byte (sel_i & 7) of
 // {b, a}, or, when bit 3 of the selector nibble sel_i is set, that byte's sign
 // bit replicated (0x00 or 0xFF).
