@@ -200,11 +200,12 @@ type Backend struct {
 	lastRopeCache *ropeCacheOp
 	ropeCaches    int
 	chainMerges   [8]int
-	// moeAhead is the L2 request of the MoE launch queued last, which the
-	// next layer's first products fill (ahead.go); moeAheads counts the
-	// weights added (tests).
-	moeAhead  *aheadSlot
-	moeAheads int
+	// moeAhead and normAhead are the L2 requests of the MoE launch and
+	// the add, norm and products launch queued last, which the launch
+	// after each fills with its weights (l2ahead.go); aheads counts the
+	// weights added by kind (tests).
+	moeAhead, normAhead *aheadSlot
+	aheads              [2]int
 	// prefillMerges counts a prefill's merged launches by kind
 	// (prefillValues, prefillNorms, prefillCombine, prefillRopeRows; tests).
 	prefillMerges [4]int
@@ -2130,16 +2131,13 @@ func (b *Backend) moeRows(d, xm *tensor, rt *routing, l *moeLayer) {
 		dr := d.row(t)
 		a := b.routerQuant(xr, l.table.G)
 		off := 4 * uint64(t*rt.topK)
-		h := b.newMoEAhead()
+		h := b.newAhead(&b.moeAhead)
 		b.do("moe", func(c *Ctx) error {
-			if h != nil {
-				c.ahead = *h
-			}
-			err := c.MoE(dr, true, l.table, rt.ids+off, rt.wts+off, rt.topK, a, l.scratch[rt.topK])
-			c.ahead = l2Ahead{}
-			return err
+			return withAhead(c, h, func() error {
+				return c.MoE(dr, true, l.table, rt.ids+off, rt.wts+off, rt.topK, a, l.scratch[rt.topK])
+			})
 		})
-		b.queuedMoEAhead()
+		b.queuedAhead(b.moeAhead, len(b.pending)-1)
 	}
 }
 

@@ -515,8 +515,10 @@ func (c *Ctx) AddNormGEMVPair(in FusedIn, o1, o2 FusedOut, counter uint64) error
 		nb += (w.N + addNormRowsPerBlock - 1) / addNormRowsPerBlock
 		c2, s2, r2, n2, y2 = w.Codes, w.Scales, w.RowScale, w.N, o2.Y
 	}
+	h := c.takeAhead()
 	return c.Launch(k, D1(nb), D1(256), 0, o1.W.Codes, o1.W.Scales, o1.W.RowScale, o1.W.N, o1.Y, c2, s2, r2, n2, y2,
-		q.K, bits.TrailingZeros(uint(q.G/32)), in.D, in.A, in.C, in.Gain, in.Eps, in.Out, q.Q, q.Scales, q.Sums, counter)
+		q.K, bits.TrailingZeros(uint(q.G/32)), in.D, in.A, in.C, in.Gain, in.Eps, in.Out, q.Q, q.Scales, q.Sums, counter,
+		h[0].ptr, h[0].lines, h[1].ptr, h[1].lines, h[2].ptr, h[2].lines, h[3].ptr, h[3].lines)
 }
 
 // addNormRowsPerBlock is the rows a block of add_norm_gemv_pair takes (8
@@ -540,6 +542,7 @@ type addNormGEMVOp struct {
 	idx, flush int
 	in         FusedIn
 	o1         FusedOut
+	ahead      *l2Ahead // what it asks L2 for (l2ahead.go)
 	touched    []tensor // the norm's rows and the first product's output
 	two        bool
 }
@@ -558,9 +561,11 @@ func (b *Backend) addNormProduct(d *tensor, a *QActs, w *weight) bool {
 	}
 	counter := b.counter.Ptr + addNormWord
 	if p := b.lastAddNorm; p != nil && p.flush == b.flushes && p.idx == len(b.pending)-1 && !p.two && p.in.Q == a && !overlapsAny(d, p.touched) {
-		in, o1, o2 := p.in, p.o1, FusedOut{w.q, d.ptr}
-		b.fillMoEAhead(p.idx, w.q, true)
-		b.pending[p.idx] = queuedOp{"add+rmsnorm+matmul pair", func(c *Ctx) error { return c.AddNormGEMVPair(in, o1, o2, counter) }}
+		in, o1, o2, h := p.in, p.o1, FusedOut{w.q, d.ptr}, p.ahead
+		b.fillAhead(&b.moeAhead, aheadMoE, p.idx, w.q)
+		b.pending[p.idx] = queuedOp{"add+rmsnorm+matmul pair", func(c *Ctx) error {
+			return withAhead(c, h, func() error { return c.AddNormGEMVPair(in, o1, o2, counter) })
+		}}
 		p.two = true
 		b.chainMerges[chainPair]++
 		return true
@@ -571,10 +576,14 @@ func (b *Backend) addNormProduct(d *tensor, a *QActs, w *weight) bool {
 		return false
 	}
 	in, o1 := no.in, FusedOut{w.q, d.ptr}
-	b.fillMoEAhead(no.idx, w.q, false)
-	b.pending[no.idx] = queuedOp{"add+rmsnorm+matmul", func(c *Ctx) error { return c.AddNormGEMVPair(in, o1, FusedOut{}, counter) }}
+	b.fillAhead(&b.moeAhead, aheadMoE, no.idx, w.q)
+	h := b.newAhead(&b.normAhead)
+	b.pending[no.idx] = queuedOp{"add+rmsnorm+matmul", func(c *Ctx) error {
+		return withAhead(c, h, func() error { return c.AddNormGEMVPair(in, o1, FusedOut{}, counter) })
+	}}
+	b.queuedAhead(b.normAhead, no.idx)
 	b.lastNorm, b.lastGEMV = nil, nil
-	b.lastAddNorm = &addNormGEMVOp{idx: no.idx, flush: b.flushes, in: in, o1: o1, touched: append(slices.Clone(no.touched), *d)}
+	b.lastAddNorm = &addNormGEMVOp{idx: no.idx, flush: b.flushes, in: in, o1: o1, touched: append(slices.Clone(no.touched), *d), ahead: h}
 	b.chainMerges[chainAddNormGEMV]++
 	return true
 }
@@ -684,6 +693,8 @@ func (b *Backend) normAbsorb(rc *ropeCacheOp, ql, qm *tensor, w *QMatrix, s back
 			return false
 		}
 	}
+	b.fillAhead(&b.normAhead, aheadNorm, p.idx, wqb)
+	b.fillAhead(&b.normAhead, aheadNorm, p.idx, w)
 	b.pending[rc.idx] = queuedOp{"rmsnorm+matmul+absorb query+rope+cache write", func(c *Ctx) error {
 		return c.NormQAbsorb(y, wqb, n, n2, ylat, w, s, r)
 	}}

@@ -9,12 +9,12 @@ import (
 	"github.com/mmfp4/mmfp4/synth"
 )
 
-// The MoE down launches asking L2 for the next layer's q_a and kv_a
-// weights (l2ahead.go) leave a decode's logits as they were, bit for bit,
-// on a random model of GLM-4.7-Flash's shapes cut to three layers (the
-// shapes the single-token launches take); and with it on they asked for
-// both matrices of each later layer, every step.
-func TestMoEAheadKeepsLogitsOnGPU(t *testing.T) {
+// Launches asking L2 for the next launch's weights (l2ahead.go) leave a
+// decode's logits as they were, bit for bit, on a random model of
+// GLM-4.7-Flash's shapes cut to three layers (the shapes the single-token
+// launches take); and with the requests on, every step asked for the
+// weights each kind should.
+func TestL2AheadKeepsLogitsOnGPU(t *testing.T) {
 	testDevice(t)
 	cfg, err := synth.PresetConfig("glm-4.7-flash")
 	if err != nil {
@@ -26,19 +26,21 @@ func TestMoEAheadKeepsLogitsOnGPU(t *testing.T) {
 	}
 	prompt := []int{11, 4096, 77, 150000, 9, 31337, 2}
 	const steps = 8
-	decode := func(off bool) ([]float32, int) {
-		defer func(v bool) { moeAheadOff = v }(moeAheadOff)
-		moeAheadOff = off
+	decode := func(off bool) ([]float32, [2]int) {
+		defer func(v bool) { l2AheadOff = v }(l2AheadOff)
+		l2AheadOff = off
 		g, _ := testBackends(t, Options{})
 		logits := greedyLogits(t, loadOn(t, dir, g), prompt, steps, backend.CacheBF16)
-		return logits, g.moeAheads
+		return logits, g.aheads
 	}
 	want, n0 := decode(true)
 	got, n := decode(false)
-	// Layer 0 is dense; the MoE of layer 1 asks for layer 2's weights,
-	// that of layer 2 (the last) for none: one MoE each step of one token.
-	if n0 != 0 || n != 2*steps {
-		t.Errorf("weights asked for: %d with the requests on, %d off; want %d, 0", n, n0, 2*steps)
+	// Each step of one token: the MoE of layer 1 asks for layer 2's q_a
+	// and kv_a (layer 0 is dense; the last layer's MoE has no next layer);
+	// layers 1 and 2 (those whose input norm adds a residual) ask for
+	// q_b and W_UK.
+	if w := [2]int{2 * steps, 4 * steps}; n0 != [2]int{} || n != w {
+		t.Errorf("weights asked for (by MoE, by norm): %v with the requests on, %v off; want %v, none", n, n0, w)
 	}
 	if i := sameBits(want, got); i >= 0 {
 		t.Fatalf("logit %d: %v with the requests, %v without", i, got[i], want[i])

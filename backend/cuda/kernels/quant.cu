@@ -306,7 +306,9 @@ extern "C" __global__ void __launch_bounds__(128)
 // residual written in place): the block that takes the last ticket of
 // *counter, after every block has read a and c, writes d, out and the
 // int8 form, and zeroes the counter. Every output is the separate
-// launches' bits, for every NT and R.
+// launches' bits, for every NT and R. Before its wait a block also asks
+// L2 for up to four spans (l2_ahead): the next launch's weights, as
+// moe_down_hq does.
 template <int NT, int R>
 DEVICE void add_norm_gemv(const u8* __restrict__ codes1, const u8* __restrict__ scales1,
                           const float* __restrict__ rs1, int N1, float* __restrict__ y1,
@@ -314,7 +316,7 @@ DEVICE void add_norm_gemv(const u8* __restrict__ codes1, const u8* __restrict__ 
                           const float* __restrict__ rs2, int N2, float* __restrict__ y2, int K, int gshift,
                           float* d, const float* a, const float* c, const float* __restrict__ gain, float eps,
                           float* out, i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum,
-                          u32* counter) {
+                          u32* counter, const u8* const (&ahead)[4], const int (&lines)[4]) {
   constexpr int NW = NT / 32, RB = NW * R, PM = 2048 / (8 * NT);  // warps, rows a block, passes
   __shared__ __align__(16) i8 sq[2048];
   __shared__ float ssc[64];
@@ -361,6 +363,8 @@ DEVICE void add_norm_gemv(const u8* __restrict__ codes1, const u8* __restrict__ 
       gv[p][4] = g1.x; gv[p][5] = g1.y; gv[p][6] = g1.z; gv[p][7] = g1.w;
     }
   }
+#pragma unroll
+  for (int j = 0; j < 4; j++) l2_ahead(ahead[j], lines[j], blockIdx.x * blockDim.x + tid, gridDim.x * blockDim.x);
   PDL_WAIT();
   float v[PM][8];
 #pragma unroll
@@ -457,10 +461,13 @@ extern "C" __global__ void __launch_bounds__(256)
                        int N1, float* __restrict__ y1, const u8* __restrict__ codes2, const u8* __restrict__ scales2,
                        const float* __restrict__ rs2, int N2, float* __restrict__ y2, int K, int gshift, float* d,
                        const float* a, const float* c, const float* __restrict__ gain, float eps, float* out,
-                       i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum, u32* counter) {
+                       i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum, u32* counter,
+                       const u8* a0, int n0, const u8* a1, int n1, const u8* a2, int n2, const u8* a3, int n3) {
   PDL_LAUNCH();
+  const u8* ahead[4] = {a0, a1, a2, a3};
+  const int lines[4] = {n0, n1, n2, n3};
   add_norm_gemv<256, 2>(codes1, scales1, rs1, N1, y1, codes2, scales2, rs2, N2, y2, K, gshift, d, a, c, gain, eps,
-                        out, xq, xs, xsum, counter);
+                        out, xq, xs, xsum, counter, ahead, lines);
 }
 
 // Quantization of rows without a norm (rmsnorm_quant's gain == 0 case, the
