@@ -515,10 +515,8 @@ func (c *Ctx) AddNormGEMVPair(in FusedIn, o1, o2 FusedOut, counter uint64) error
 		nb += (w.N + addNormRowsPerBlock - 1) / addNormRowsPerBlock
 		c2, s2, r2, n2, y2 = w.Codes, w.Scales, w.RowScale, w.N, o2.Y
 	}
-	h := c.takeAhead()
-	return c.Launch(k, D1(nb), D1(256), 0, o1.W.Codes, o1.W.Scales, o1.W.RowScale, o1.W.N, o1.Y, c2, s2, r2, n2, y2,
-		q.K, bits.TrailingZeros(uint(q.G/32)), in.D, in.A, in.C, in.Gain, in.Eps, in.Out, q.Q, q.Scales, q.Sums, counter,
-		h[0].ptr, h[0].lines, h[1].ptr, h[1].lines, h[2].ptr, h[2].lines, h[3].ptr, h[3].lines)
+	return c.Launch(k, D1(nb), D1(256), 0, c.aheadArgs(o1.W.Codes, o1.W.Scales, o1.W.RowScale, o1.W.N, o1.Y, c2, s2, r2, n2, y2,
+		q.K, bits.TrailingZeros(uint(q.G/32)), in.D, in.A, in.C, in.Gain, in.Eps, in.Out, q.Q, q.Scales, q.Sums, counter)...)
 }
 
 // addNormRowsPerBlock is the rows a block of add_norm_gemv_pair takes (8

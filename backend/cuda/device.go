@@ -44,7 +44,8 @@ type Ctx struct {
 	arch    string
 	// compiles are module compiles started ahead of first use (Precompile).
 	compiles map[string]*compileJob
-	// ahead is what the next MoE down launch asks L2 for (ahead.go).
+	// ahead is what the next launch that takes it (the MoE down launch,
+	// add_norm_gemv_pair) asks L2 for (l2ahead.go).
 	ahead l2Ahead
 	// lastKernel is the most recently launched kernel, named in errors
 	// that surface later, at a synchronisation.

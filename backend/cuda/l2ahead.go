@@ -31,12 +31,15 @@ func spanOf(p uint64, n int) l2Span {
 // weights.
 type l2Ahead [4]l2Span
 
-// takeAhead returns what the launch being made asks L2 for, and clears
-// it.
-func (c *Ctx) takeAhead() l2Ahead {
+// aheadArgs appends to args what the launch being made asks L2 for, as
+// the kernel's last eight parameters (l2_ahead's spans), and clears it.
+func (c *Ctx) aheadArgs(args ...any) []any {
 	h := c.ahead
 	c.ahead = l2Ahead{}
-	return h
+	for _, s := range h {
+		args = append(args, s.ptr, s.lines)
+	}
+	return args
 }
 
 // withAhead runs fn, whose launch asks L2 for h (when not nil).

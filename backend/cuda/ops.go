@@ -530,9 +530,8 @@ func (c *Ctx) MoE(y uint64, accumulate bool, t *ExpertTable, ids, wts uint64, to
 		}
 		// The routing is an input of the gate/up launch just queued, so
 		// the down launch reads it before its wait.
-		h := c.takeAhead()
-		return c.Launch(down, D1((t.K+3)/4), D1(32*slots), 0, t.buf, ids, wts, topk, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, y, acc,
-			h[0].ptr, h[0].lines, h[1].ptr, h[1].lines, h[2].ptr, h[2].lines, h[3].ptr, h[3].lines)
+		return c.Launch(down, D1((t.K+3)/4), D1(32*slots), 0,
+			c.aheadArgs(t.buf, ids, wts, topk, t.Routed, t.K, t.I, gshift, s.HQ.Q, s.HQ.Scales, y, acc)...)
 	}
 	gu, err := c.Kernel("moe", "moe_gate_up")
 	if err != nil {

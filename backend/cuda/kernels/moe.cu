@@ -1292,8 +1292,7 @@ DEVICE void down_hq(const Expert* __restrict__ experts, const i32* __restrict__ 
   u32 s[2][4];
   rows_load<4>(rc, rs, C, gshift, w, s);
   const float rsc = lane < 4 ? ex.down.row_scale[min(row0 + lane, N - 1)] : 0.f;
-#pragma unroll
-  for (int j = 0; j < 4; j++) l2_ahead(ahead[j], lines[j], blockIdx.x * blockDim.x + threadIdx.x, gridDim.x * blockDim.x);
+  l2_ahead(ahead, lines);
   PDL_WAIT();
   TRACE_MARK_DEP(w[0][0].x ^ w[1][3].w ^ __float_as_uint(rsc));
   if (lane == 0) wsm[slot] = slot < topk ? wts[slot] : 1.f;

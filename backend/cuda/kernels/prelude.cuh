@@ -19,15 +19,18 @@ DEVICE uint4 load_stream16(const void* p) {
   return v;
 }
 
-// Asks L2 for the 128-byte lines [0, lines) from p, thread i of n taking
-// lines i, i + n, ...: a later launch's weights, requested by a launch
-// whose blocks are resident before that one's can be (a launch starts
-// only when the one two before it has finished, and its blocks only where
-// the one before leaves room), so that its own loads hit L2. p null:
-// nothing.
-DEVICE void l2_ahead(const u8* p, int lines, int i, int n) {
-  if (p == nullptr) return;
-  for (int j = i; j < lines; j += n) asm volatile("prefetch.global.L2 [%0];" ::"l"(p + ((size_t)j << 7)));
+// Asks L2 for up to four spans, lines[j] 128-byte lines from p[j] (null:
+// none), the grid's threads taking one line each in turn: a later
+// launch's weights, requested by a launch whose blocks are resident before
+// that one's can be (a launch starts only when the one two before it has
+// finished, and its blocks only where the one before leaves room), so
+// that its own loads hit L2.
+DEVICE void l2_ahead(const u8* const (&p)[4], const int (&lines)[4]) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x, n = gridDim.x * blockDim.x;
+#pragma unroll
+  for (int j = 0; j < 4; j++)
+    if (p[j] != nullptr)
+      for (int k = i; k < lines[j]; k += n) asm volatile("prefetch.global.L2 [%0];" ::"l"(p[j] + ((size_t)k << 7)));
 }
 
 // prmt.b32 in its default mode: byte i of the result is byte (sel_i & 7) of

@@ -363,8 +363,7 @@ DEVICE void add_norm_gemv(const u8* __restrict__ codes1, const u8* __restrict__ 
       gv[p][4] = g1.x; gv[p][5] = g1.y; gv[p][6] = g1.z; gv[p][7] = g1.w;
     }
   }
-#pragma unroll
-  for (int j = 0; j < 4; j++) l2_ahead(ahead[j], lines[j], blockIdx.x * blockDim.x + tid, gridDim.x * blockDim.x);
+  l2_ahead(ahead, lines);
   PDL_WAIT();
   float v[PM][8];
 #pragma unroll
