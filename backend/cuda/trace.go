@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"os"
 	"regexp"
+	"strconv"
 	"strings"
 	"sync"
 )
@@ -13,16 +14,27 @@ import (
 // neither events nor a serialising profiler can show. Every module is
 // compiled with MM_TRACE and each PDL_LAUNCH, PDL_WAIT and TRACE_MARK site numbered
 // (prelude.cuh), so that thread 0 of every block counts, by %globaltimer,
-// when it started and when its wait returned. One one-row step (the
-// traceStep-th) is recorded into a device histogram and written to FILE as
-// lines of site, file:line, kernel, event, 128 ns bucket and count; the
-// bucket numbers wrap every 4.19 ms. tools/tracesum folds the step's
-// layers into one.
+// when it started and when its wait returned. One step of
+// MMFP4_CUDA_TRACE_ROWS rows (1 by default: the traceStep-th one-row step;
+// of more rows, the traceStepRows-th) is recorded into a device histogram
+// and written to FILE as lines of site, file:line, kernel, event, 128 ns
+// bucket and count; the bucket numbers wrap every 16.8 ms. tools/tracesum
+// folds the step's layers into one.
 var traceFile = os.Getenv("MMFP4_CUDA_TRACE")
+
+// traceRows is the row count of the traced step.
+var traceRows = func() int {
+	n, err := strconv.Atoi(os.Getenv("MMFP4_CUDA_TRACE_ROWS"))
+	if err != nil || n < 1 {
+		return 1
+	}
+	return n
+}()
 
 const (
 	traceStep        = 64
-	traceBuckets     = 1 << 15
+	traceStepRows    = 16
+	traceBuckets     = 1 << 17 // prelude.cuh's mm_trace_site
 	traceMaxSites    = 512
 	traceBucketNanos = 128
 )

@@ -12,7 +12,7 @@ import (
 // tracer holds the device histogram and the step count.
 type tracer struct {
 	buf          Buffer
-	steps        int // one-row steps seen
+	steps        int // steps of traceRows rows seen
 	started      bool
 	lastID, done int
 }
@@ -51,10 +51,10 @@ func (c *Ctx) traceFlush(id, rows int) error {
 	if t == nil || t.done > 0 {
 		return nil
 	}
-	if rows == 1 && id != t.lastID && !t.started {
+	if rows == traceRows && id != t.lastID && !t.started {
 		t.lastID = id
 		t.steps++
-		if t.steps == traceStep {
+		if t.steps == traceStep || (rows > 1 && t.steps == traceStepRows) {
 			t.started = true
 			return c.Memset(t.buf.Ptr, 0, t.buf.Size)
 		}
@@ -73,7 +73,7 @@ func (c *Ctx) traceFlush(id, rows int) error {
 		return err
 	}
 	w := bufio.NewWriter(f)
-	fmt.Fprintf(w, "# site file:line kernel event bucket(%d ns) count\n", traceBucketNanos)
+	fmt.Fprintf(w, "# site file:line kernel event bucket(%d ns) count\n# buckets %d\n", traceBucketNanos, traceBuckets)
 	for s, site := range traceSites {
 		for b := range traceBuckets {
 			if n := hist[s*traceBuckets+b]; n > 0 {

@@ -29,7 +29,9 @@ import (
 	"strings"
 )
 
-const buckets = 1 << 15 // the trace's histogram, 128 ns each
+// buckets is the histogram's size in a trace whose header does not give
+// it ("buckets N"); a bucket is 128 ns.
+const buckets = 1 << 15
 
 // site is one numbered place of the trace with its events: times in us
 // from the start of the step (the histogram's wrap undone), one per block.
@@ -77,12 +79,23 @@ func read(r io.Reader) ([]*site, error) {
 	byID := map[int]*site{}
 	type hit struct{ id, bucket, n int }
 	var hits []hit
-	used := make([]bool, buckets)
+	nb := buckets
+	var used []bool
 	sc := bufio.NewScanner(r)
 	for line := 1; sc.Scan(); line++ {
 		text := strings.TrimSpace(sc.Text())
 		if text == "" || text[0] == '#' {
+			if f := strings.Fields(text); len(f) >= 2 && f[len(f)-2] == "buckets" && len(hits) == 0 {
+				v, err := strconv.Atoi(f[len(f)-1])
+				if err != nil || v < 1 || v > 1<<24 {
+					return nil, fmt.Errorf("line %d: bad bucket count %q", line, f[len(f)-1])
+				}
+				nb = v
+			}
 			continue
+		}
+		if used == nil {
+			used = make([]bool, nb)
 		}
 		f := strings.Fields(text)
 		if len(f) != 5 && len(f) != 6 {
@@ -91,7 +104,7 @@ func read(r io.Reader) ([]*site, error) {
 		nums := make([]int, 3)
 		for i, s := range []string{f[0], f[len(f)-2], f[len(f)-1]} {
 			v, err := strconv.Atoi(s)
-			if err != nil || v < 0 || (i == 1 && v >= buckets) {
+			if err != nil || v < 0 || (i == 1 && v >= nb) {
 				return nil, fmt.Errorf("line %d: bad number %q", line, s)
 			}
 			nums[i] = v
@@ -122,12 +135,12 @@ func read(r io.Reader) ([]*site, error) {
 	start, gap := 0, -1
 	for i, b := range occupied {
 		next := occupied[(i+1)%len(occupied)]
-		if n := (next - b + buckets) % buckets; n > gap || (len(occupied) == 1 && gap < 0) {
+		if n := (next - b + nb) % nb; n > gap || (len(occupied) == 1 && gap < 0) {
 			gap, start = n, next
 		}
 	}
 	for _, h := range hits {
-		t := float64((h.bucket-start+buckets)%buckets) * 0.128
+		t := float64((h.bucket-start+nb)%nb) * 0.128
 		for range h.n {
 			byID[h.id].times = append(byID[h.id].times, t)
 		}

@@ -12,16 +12,23 @@ import (
 // anchor at each layer's start (one block, and one whose wait returns 12
 // buckets, 1.5 us, later) and a mark 23 buckets (2.944 us) after it in
 // four blocks, two at 23 and two at 25.
-func tenLayers(t *testing.T) []*site {
+func tenLayers(t *testing.T) []*site { return tenLayersIn(t, buckets) }
+
+// tenLayersIn is tenLayers in a histogram of nb buckets, named in the
+// header where it is not the default.
+func tenLayersIn(t *testing.T, nb int) []*site {
 	t.Helper()
 	var in strings.Builder
 	in.WriteString("# site file:line kernel event bucket(128 ns) count\n")
+	if nb != buckets {
+		fmt.Fprintf(&in, "# buckets %d\n", nb)
+	}
 	for l := range 10 {
-		b := (32600 + l*3125/10) % buckets
+		b := (nb - 168 + l*3125/10) % nb
 		fmt.Fprintf(&in, "1 a.cu:10 k PDL_WAIT %d 1\n", b)
-		fmt.Fprintf(&in, "1 a.cu:10 k PDL_WAIT %d 1\n", (b+12)%buckets)
-		fmt.Fprintf(&in, "2 a.cu:20 k TRACE_MARK %d 2\n", (b+23)%buckets)
-		fmt.Fprintf(&in, "2 a.cu:20 k TRACE_MARK %d 2\n", (b+25)%buckets)
+		fmt.Fprintf(&in, "1 a.cu:10 k PDL_WAIT %d 1\n", (b+12)%nb)
+		fmt.Fprintf(&in, "2 a.cu:20 k TRACE_MARK %d 2\n", (b+23)%nb)
+		fmt.Fprintf(&in, "2 a.cu:20 k TRACE_MARK %d 2\n", (b+25)%nb)
 	}
 	sites, err := read(strings.NewReader(in.String()))
 	if err != nil {
@@ -31,7 +38,13 @@ func tenLayers(t *testing.T) []*site {
 }
 
 func TestSummarizeFoldsLayersAcrossTheWrap(t *testing.T) {
-	sites := tenLayers(t)
+	for _, nb := range []int{buckets, 1 << 17} {
+		summarizeTenLayers(t, tenLayersIn(t, nb))
+	}
+}
+
+func summarizeTenLayers(t *testing.T, sites []*site) {
+	t.Helper()
 	var out bytes.Buffer
 	if err := summarize(&out, sites, "a.cu:10", 0.15); err != nil {
 		t.Fatal(err)
@@ -76,7 +89,7 @@ func TestListLayerGivesOneLayersBlocks(t *testing.T) {
 }
 
 func TestReadRejectsBadLines(t *testing.T) {
-	for _, in := range []string{"1 a.cu:1 k PDL_WAIT 40000 1\n", "x a.cu:1 k PDL_WAIT 1 1\n", "1 a.cu:1\n", ""} {
+	for _, in := range []string{"1 a.cu:1 k PDL_WAIT 40000 1\n", "# buckets 0\n1 a.cu:1 k PDL_WAIT 1 1\n", "# buckets 65536\n1 a.cu:1 k PDL_WAIT 70000 1\n", "x a.cu:1 k PDL_WAIT 1 1\n", "1 a.cu:1\n", ""} {
 		if _, err := read(strings.NewReader(in)); err == nil {
 			t.Errorf("%q: no error", in)
 		}

@@ -329,7 +329,7 @@ DEVICE unsigned long long globaltimer_after(int dep) {
 __constant__ unsigned* mm_trace;
 DEVICE void mm_trace_site(unsigned site) {
   if (threadIdx.x + threadIdx.y + threadIdx.z == 0 && mm_trace != nullptr)
-    atomicAdd(&mm_trace[(site << 15) | (unsigned)((globaltimer() >> 7) & 32767)], 1u);
+    atomicAdd(&mm_trace[(site << 17) | (unsigned)((globaltimer() >> 7) & 131071)], 1u);
 }
 #define PDL_WAIT_K(k) \
   do {                \
@@ -342,7 +342,7 @@ DEVICE void mm_trace_site_after(unsigned site, unsigned dep) {
   if (threadIdx.x + threadIdx.y + threadIdx.z == 0 && mm_trace != nullptr) {
     unsigned long long t;
     asm volatile("{ .reg .u32 d; mov.u32 d, %1; mov.u64 %0, %%globaltimer; }" : "=l"(t) : "r"(dep));
-    atomicAdd(&mm_trace[(site << 15) | (unsigned)((t >> 7) & 32767)], 1u);
+    atomicAdd(&mm_trace[(site << 17) | (unsigned)((t >> 7) & 131071)], 1u);
   }
 }
 #define TRACE_MARK_DEP_K(k, v) mm_trace_site_after(k, (unsigned)(v))
