@@ -723,16 +723,15 @@ DEVICE void router_add_row(const float* a, const float* c, int k0, bool on, int 
 }
 
 // The routers' norm and logit, after router_add_row (every thread of the
-// block): thread 0 sums the warps' partials in order into inv_s; n = gain *
+// block): every thread sums the warps' partials in order (norm_inv8, as
+// the single-row norms do: no second barrier, no loop); n = gain *
 // norm(v) for this thread's values, the row in rxs; returns this warp's
 // logit, the dot of its expert's row wv with rxs.
 DEVICE float router_norm_logit(const float* wv, const float* gv, const float* v, bool on, int tid, int lane, int k0,
-                               int K, float eps, const double* partial, float& inv_s, float* rxs, float* n) {
-  __syncthreads();
-  if (tid == 0) inv_s = norm_inv(partial, K >> 8, K, eps);
+                               int K, float eps, const double* partial, float* rxs, float* n) {
   __syncthreads();
   if (on) {
-    const float inv = inv_s;
+    const float inv = norm_inv8(partial, K >> 8, K, eps);
 #pragma unroll
     for (int i = 0; i < 8; i++) n[i] = gv[i] * (v[i] * inv);
     *(float4*)&rxs[k0] = make_float4(n[0], n[1], n[2], n[3]);
@@ -777,7 +776,6 @@ DEVICE void router_cluster_norm_row(const float* __restrict__ W, int K, float* l
   __shared__ float clog[64], score[64], pick[32];
   __shared__ __align__(16) float choice[64];
   __shared__ double partial[8];
-  __shared__ float inv_s;
   const int E = 64, nb = ROUTER_CLUSTER, b = blockIdx.x;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int e = b * 8 + warp, k0 = tid * 8;
@@ -791,7 +789,7 @@ DEVICE void router_cluster_norm_row(const float* __restrict__ W, int K, float* l
   float v[8];
   router_add_row(a + (size_t)t * lda, c + (size_t)t * ldc, k0, on, lane, warp, v, partial);
   float n[8];
-  const float acc = router_norm_logit(wv, gv, v, on, tid, lane, k0, K, eps, partial, inv_s, rxs, n);
+  const float acc = router_norm_logit(wv, gv, v, on, tid, lane, k0, K, eps, partial, rxs, n);
   if (lane == 0) logits[(size_t)t * ldl + e] = acc;
   cluster_wait();
   if (lane == 0) st_cluster(&clog[e], 0, acc);
@@ -852,7 +850,6 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
   __shared__ __align__(16) float score[64];
   __shared__ __align__(16) float choice[64];
   __shared__ double partial[8];
-  __shared__ float inv_s;
   const int E = 64, nb = ROUTER_CLUSTER, b = blockIdx.x;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int e = b * 8 + warp, k0 = tid * 8;
@@ -876,7 +873,7 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
   cluster_wait();
   cluster_arrive();
   float n[8];
-  const float acc = router_norm_logit(wv, gv, v, on, tid, lane, k0, K, eps, partial, inv_s, rxs, n);
+  const float acc = router_norm_logit(wv, gv, v, on, tid, lane, k0, K, eps, partial, rxs, n);
   if (lane == 0) {
     logits[e] = acc;
     const float sg = (float)(1.0 / (1.0 + exp(-(double)acc)));
