@@ -727,7 +727,7 @@ DEVICE void router_add_row(const float* a, const float* c, int k0, bool on, int 
 // the single-row norms do: no second barrier, no loop); n = gain *
 // norm(v) for this thread's values, the row in rxs; returns this warp's
 // logit, the dot of its expert's row wv with rxs.
-DEVICE float router_norm_logit(const float* wv, const float* gv, const float* v, bool on, int tid, int lane, int k0,
+DEVICE float router_norm_logit(const float* wv, const float* gv, const float* v, bool on, int lane, int k0,
                                int K, float eps, const double* partial, float* rxs, float* n) {
   __syncthreads();
   if (on) {
@@ -789,7 +789,7 @@ DEVICE void router_cluster_norm_row(const float* __restrict__ W, int K, float* l
   float v[8];
   router_add_row(a + (size_t)t * lda, c + (size_t)t * ldc, k0, on, lane, warp, v, partial);
   float n[8];
-  const float acc = router_norm_logit(wv, gv, v, on, tid, lane, k0, K, eps, partial, rxs, n);
+  const float acc = router_norm_logit(wv, gv, v, on, lane, k0, K, eps, partial, rxs, n);
   if (lane == 0) logits[(size_t)t * ldl + e] = acc;
   cluster_wait();
   if (lane == 0) st_cluster(&clog[e], 0, acc);
@@ -873,7 +873,7 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
   cluster_wait();
   cluster_arrive();
   float n[8];
-  const float acc = router_norm_logit(wv, gv, v, on, tid, lane, k0, K, eps, partial, rxs, n);
+  const float acc = router_norm_logit(wv, gv, v, on, lane, k0, K, eps, partial, rxs, n);
   if (lane == 0) {
     logits[e] = acc;
     const float sg = (float)(1.0 / (1.0 + exp(-(double)acc)));
