@@ -40,6 +40,36 @@ func (c *Ctx) traceModule(m *module) error {
 	return c.Sync()
 }
 
+// What a flush does to the trace.
+const (
+	traceNone  = iota
+	traceClear // the first flush of the traced step: clear the histogram
+	traceWrite // the first flush after it: write the histogram out
+)
+
+// next is what the flush of step id, of rows rows, does when the traced
+// step is one of want rows: the traceStep-th such step of one row, the
+// traceStepRows-th of more.
+func (t *tracer) next(id, rows, want int) int {
+	if t.done > 0 {
+		return traceNone
+	}
+	if rows == want && id != t.lastID && !t.started {
+		t.lastID = id
+		t.steps++
+		if t.steps == traceStep || (rows > 1 && t.steps == traceStepRows) {
+			t.started = true
+			return traceClear
+		}
+		return traceNone
+	}
+	if !t.started || id == t.lastID {
+		return traceNone
+	}
+	t.done = 1
+	return traceWrite
+}
+
 // traceFlush runs before each flush's ops: it clears the histogram before
 // the first flush of the traced step and writes it out before the first
 // flush of a later step.
@@ -48,22 +78,16 @@ func (c *Ctx) traceFlush(id, rows int) error {
 		return nil
 	}
 	t := c.trace
-	if t == nil || t.done > 0 {
+	if t == nil {
 		return nil
 	}
-	if rows == traceRows && id != t.lastID && !t.started {
-		t.lastID = id
-		t.steps++
-		if t.steps == traceStep || (rows > 1 && t.steps == traceStepRows) {
-			t.started = true
-			return c.Memset(t.buf.Ptr, 0, t.buf.Size)
-		}
+	switch t.next(id, rows, traceRows) {
+	case traceClear:
+		return c.Memset(t.buf.Ptr, 0, t.buf.Size)
+	case traceWrite:
+	default:
 		return nil
 	}
-	if !t.started || id == t.lastID {
-		return nil
-	}
-	t.done = 1
 	hist := make([]uint32, t.buf.Size/4)
 	if err := CopyOut(c, hist, t.buf.Ptr); err != nil {
 		return err
