@@ -34,14 +34,15 @@ var traceRows = func() int {
 const (
 	traceStep        = 64
 	traceStepRows    = 16
-	traceBuckets     = 1 << 17 // prelude.cuh's mm_trace_site
+	traceBits        = 17 // the histogram's 2^traceBits buckets (MM_TRACE_BITS in prelude.cuh)
+	traceBuckets     = 1 << traceBits
 	traceMaxSites    = 512
 	traceBucketNanos = 128
 )
 
 func init() {
 	if traceFile != "" {
-		compileOptions = append(compileOptions, "-DMM_TRACE")
+		compileOptions = append(compileOptions, "-DMM_TRACE", fmt.Sprintf("-DMM_TRACE_BITS=%d", traceBits))
 	}
 }
 

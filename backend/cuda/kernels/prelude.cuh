@@ -324,12 +324,12 @@ DEVICE unsigned long long globaltimer_after(int dep) {
 // PDL_LAUNCH, PDL_WAIT and TRACE_MARK of a module as PDL_LAUNCH_K,
 // PDL_WAIT_K, TRACE_MARK_K with the site's number, and thread 0 of every
 // block counts its passing of the site in a histogram of 128 ns buckets of
-// %globaltimer (32,768 buckets a site).
+// %globaltimer (2^MM_TRACE_BITS buckets a site, trace.go's traceBits).
 #ifdef MM_TRACE
 __constant__ unsigned* mm_trace;
 DEVICE void mm_trace_site(unsigned site) {
   if (threadIdx.x + threadIdx.y + threadIdx.z == 0 && mm_trace != nullptr)
-    atomicAdd(&mm_trace[(site << 17) | (unsigned)((globaltimer() >> 7) & 131071)], 1u);
+    atomicAdd(&mm_trace[(site << MM_TRACE_BITS) | (unsigned)((globaltimer() >> 7) & ((1u << MM_TRACE_BITS) - 1))], 1u);
 }
 #define PDL_WAIT_K(k) \
   do {                \
@@ -342,7 +342,7 @@ DEVICE void mm_trace_site_after(unsigned site, unsigned dep) {
   if (threadIdx.x + threadIdx.y + threadIdx.z == 0 && mm_trace != nullptr) {
     unsigned long long t;
     asm volatile("{ .reg .u32 d; mov.u32 d, %1; mov.u64 %0, %%globaltimer; }" : "=l"(t) : "r"(dep));
-    atomicAdd(&mm_trace[(site << 17) | (unsigned)((t >> 7) & 131071)], 1u);
+    atomicAdd(&mm_trace[(site << MM_TRACE_BITS) | (unsigned)((t >> 7) & ((1u << MM_TRACE_BITS) - 1))], 1u);
   }
 }
 #define TRACE_MARK_DEP_K(k, v) mm_trace_site_after(k, (unsigned)(v))
