@@ -80,7 +80,6 @@ func read(r io.Reader) ([]*site, error) {
 	type hit struct{ id, bucket, n int }
 	var hits []hit
 	nb := buckets
-	var used []bool
 	sc := bufio.NewScanner(r)
 	for line := 1; sc.Scan(); line++ {
 		text := strings.TrimSpace(sc.Text())
@@ -93,9 +92,6 @@ func read(r io.Reader) ([]*site, error) {
 				nb = v
 			}
 			continue
-		}
-		if used == nil {
-			used = make([]bool, nb)
 		}
 		f := strings.Fields(text)
 		if len(f) != 5 && len(f) != 6 {
@@ -118,13 +114,16 @@ func read(r io.Reader) ([]*site, error) {
 			byID[nums[0]] = s
 		}
 		hits = append(hits, hit{nums[0], nums[1], nums[2]})
-		used[nums[1]] = true
 	}
 	if err := sc.Err(); err != nil {
 		return nil, err
 	}
 	if len(hits) == 0 {
 		return nil, fmt.Errorf("no events")
+	}
+	used := make([]bool, nb)
+	for _, h := range hits {
+		used[h.bucket] = true
 	}
 	var occupied []int
 	for b, u := range used {
