@@ -277,8 +277,9 @@ func TestRMSNormQuant(t *testing.T) {
 			for t := 0; t < c.T; t++ {
 				copy(got[t*c.K:(t+1)*c.K], gotStrided[t*ld:t*ld+c.K])
 			}
-			// Same operations, but the CPU's SIMD kernels sum the squares
-			// in float32 (the GPU in float64): 1.0e-7 measured.
+			// Same operations, but the squares summed in another order and
+			// the scale a float32 rsqrt (a few ulp; 1.0e-7 measured when the
+			// GPU summed in float64).
 			if e := relErr(want, got); !(e <= 5e-7) {
 				t.Errorf("T=%d K=%d: rmsnorm relative error %.3g", c.T, c.K, e)
 			}

@@ -20,7 +20,8 @@ var kernelFS embed.FS
 const preludeFile = "kernels/prelude.cuh"
 
 // compileOptions are the NVRTC options besides -arch. No fast-math: the
-// kernels divide and take square roots exactly as the CPU reference does.
+// kernels divide and round as the CPU reference does, and choose where
+// they do not (the norms' rsqrtf, prelude.cuh).
 // No -lineinfo: with it, NVRTC 11.8 recurses without end on gemv.cu.
 var compileOptions = []string{"-std=c++17"}
 

@@ -598,7 +598,7 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(256, 2)
   float* rsm = (float*)(lut + 256);                // [DN] W_UK's row scales of the head
   __shared__ __align__(16) i8 sq[1024];            // the normalised q_a row, int8
   __shared__ float ssc[32];                        // its group scales
-  __shared__ double partial[4];
+  __shared__ float partial[4];
   __shared__ __align__(16) float qn[DN];  // the head's nope values (from blocks 0-2)
   __shared__ float qp[DR];                // block 3: the head's rope values
   __shared__ float down;

@@ -2,7 +2,7 @@
 // 1, where every dependent launch costs a few microseconds of device time
 // however little it does). Every block first turns the float input row into
 // int8 groups in its shared memory, exactly as rmsnorm_quant /
-// rmsnorm_quant8 would (the same float64 reduction order for the norm), then
+// rmsnorm_quant8 would (the same reduction order for the norm), then
 // runs the split dp4a product of gemv_split_t1 on its 16 rows. The norm's
 // results that other ops read (the residual sum, the float norm output and
 // the int8 form) are written by the last block to finish reading the input,
@@ -51,7 +51,7 @@ extern "C" __global__ void __launch_bounds__(128)
   i8* sq = (i8*)smem;
   float* ss = (float*)(smem + K);
   float* raw = ss + (K >> 5);
-  __shared__ double partial[32];
+  __shared__ float partial[32];
   __shared__ float inv_s;
   __shared__ bool last_s;
 
@@ -103,26 +103,26 @@ extern "C" __global__ void __launch_bounds__(128)
           v[0] = x0.x; v[1] = x0.y; v[2] = x0.z; v[3] = x0.w;
           v[4] = x1.x; v[5] = x1.y; v[6] = x1.z; v[7] = x1.w;
         }
-        double s = 0;
+        float s = 0;
 #pragma unroll
         for (int e = 0; e < 8; e++) {
-          s += (double)v[e] * (double)v[e];
+          s += v[e] * v[e];
           raw[k0 + e] = v[e];
         }
-        s = warp_sum_d(s);
+        s = warp_sum(s);
         if (lane == 0) partial[j * 4 + warp] = s;
       }
     } else {
       for (int j = 0; j < 2; j++) {
         const int vt = j * 128 + tid;
-        double s = 0;
+        float s = 0;
         for (int k = vt; k < K; k += 256) {
           const float v = mode == FUSE_ADD_NORM ? a[k] + c[k] : x[k];
           raw[k] = v;
-          const double dv = v;
+          const float dv = v;
           s += dv * dv;
         }
-        s = warp_sum_d(s);
+        s = warp_sum(s);
         if (lane == 0) partial[j * 4 + warp] = s;
       }
     }

@@ -93,8 +93,6 @@ DEVICE void mma_s8(i32 (&d)[4], const u32 (&a)[4], u32 b0, u32 b1) {
 // tokens x 4 lanes) fall in distinct banks.
 DEVICE int gemm_bofs(int r, int c) { return r * GEMM_BK + ((c ^ ((r & 3) << 1)) << 4); }
 
-DEVICE float gemm_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
-
 // One stage of a warp's products (see gemm_tile): grp0 is the stage's first
 // scale group. PART checks each n-tile against ntv, the warp's n-tiles that
 // hold a valid token (the short last tile of a segment), and neither
@@ -330,7 +328,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
           const int tok = wn * 8 * WT + 8 * nt + 2 * i + (e & 1), n = n0 + 8 * (e >> 1);
           if (tok >= ntok || n >= N) continue;
           const float gv = acc[0][nt][e] * (a.row_scale[n] * 0.5f);
-          out[(size_t)tok * ldo + n] = gemm_silu(gv) * su[((wn * WT + nt) * 4 + e) * 128 + hw * 32 + lane];
+          out[(size_t)tok * ldo + n] = silu(gv) * su[((wn * WT + nt) * 4 + e) * 128 + hw * 32 + lane];
         }
     }
     return;
@@ -347,7 +345,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
         if (n < N) {
           const float gv = acc[0][nt][e] * (a.row_scale[n] * 0.5f);
           const float uv = acc[MT - 1][nt][e] * (b.row_scale[n] * 0.5f);
-          o[n] = gemm_silu(gv) * uv;
+          o[n] = silu(gv) * uv;
         }
       } else {
 #pragma unroll
@@ -709,7 +707,7 @@ extern "C" __global__ void __launch_bounds__(256)
     sc[i] = ch[i] = 0.f;
     if (lane + 32 * i < E) {
       const float acc = logits[(size_t)t * ldl + lane + 32 * i];
-      const float sg = (float)(1.0 / (1.0 + exp(-(double)acc)));
+      const float sg = sigmoid(acc);
       sc[i] = sg;
       ch[i] = sg + bv[i];
     }

@@ -21,10 +21,6 @@ DEVICE int slot_expert(const i32* __restrict__ ids, int slot, int topk, int nexp
   return slot < topk ? ids[slot] : nexperts + (slot - topk);
 }
 
-// silu(x) = x / (1 + e^-x), the exponential in double as the CPU backend
-// takes it.
-DEVICE float silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
-
 // Router, one block of 256 threads per token t: logits[e] = W[e] . x[t]
 // (fp32, W [E][K]), scores sigmoid(logits), choice scores + bias; with
 // groups > 1 only the best topk_groups groups (a group's worth is the sum of
@@ -55,7 +51,7 @@ extern "C" __global__ void __launch_bounds__(ROUTE_THREADS)
     acc = warp_sum(acc);
     if (lane == 0) {
       if (logits_out) logits_out[(size_t)t * E + e] = acc;
-      const float s = (float)(1.0 / (1.0 + exp(-(double)acc)));
+      const float s = sigmoid(acc);
       score[e] = s;
       choice[e] = s + bias[e];
     }
@@ -327,7 +323,7 @@ DEVICE void route_warp(const float* logits, const float* __restrict__ bias, int 
     choice[i] = NEG_INF;
     if (e < E) {
       const float acc = __ldcg(logits + e);
-      const float sg = (float)(1.0 / (1.0 + exp(-(double)acc)));
+      const float sg = sigmoid(acc);
       score[i] = sg;
       choice[i] = sg + bias[e];
     }
@@ -464,7 +460,7 @@ extern "C" __global__ void __launch_bounds__(256)
   extern __shared__ __align__(16) float rsm[];
   float* raw = rsm;    // [K] the input row
   float* xn = rsm + K; // [K] its norm
-  __shared__ double partial[32];
+  __shared__ float partial[32];
   __shared__ float inv_s;
   __shared__ bool last;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
@@ -484,24 +480,24 @@ extern "C" __global__ void __launch_bounds__(256)
         v[0] = x0.x; v[1] = x0.y; v[2] = x0.z; v[3] = x0.w;
         v[4] = x1.x; v[5] = x1.y; v[6] = x1.z; v[7] = x1.w;
       }
-      double s = 0;
+      float s = 0;
 #pragma unroll
       for (int e = 0; e < 8; e++) {
-        s += (double)v[e] * (double)v[e];
+        s += v[e] * v[e];
         raw[k0 + e] = v[e];
       }
-      s = warp_sum_d(s);
+      s = warp_sum(s);
       if (lane == 0) partial[j * 8 + warp] = s;
     }
   } else {
-    double s = 0;
+    float s = 0;
     for (int k = tid; k < K; k += 256) {
       const float v = mode == 2 ? a[k] + c[k] : x[k];
       raw[k] = v;
-      const double dv = v;
+      const float dv = v;
       s += dv * dv;
     }
-    s = warp_sum_d(s);
+    s = warp_sum(s);
     if (lane == 0) partial[warp] = s;
   }
   __syncthreads();
@@ -556,7 +552,7 @@ DEVICE void router_choose(int tid, int E, float lg, const float* __restrict__ bi
                           float scaling, int t, i32* __restrict__ ids, float* __restrict__ wts,
                           float* score, float* choice, float* pick) {
   if (tid < E) {
-    const float sg = (float)(1.0 / (1.0 + exp(-(double)lg)));
+    const float sg = sigmoid(lg);
     score[tid] = sg;
     choice[tid] = sg + bias[tid];
   }
@@ -709,10 +705,10 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
 }
 
 // The routers' residual add: v = a + c for this thread's 8 values at k0
-// (on: k0 < K), and this warp's float64 sum of their squares in
+// (on: k0 < K), and this warp's sum of their squares in
 // partial[warp].
 DEVICE void router_add_row(const float* a, const float* c, int k0, bool on, int lane, int warp, float* v,
-                           double* partial) {
+                           float* partial) {
   if (on) {
     const float4 a0 = *(const float4*)(a + k0), a1 = *(const float4*)(a + k0 + 4);
     const float4 c0 = *(const float4*)(c + k0), c1 = *(const float4*)(c + k0 + 4);
@@ -728,7 +724,7 @@ DEVICE void router_add_row(const float* a, const float* c, int k0, bool on, int 
 // norm(v) for this thread's values, the row in rxs; returns this warp's
 // logit, the dot of its expert's row wv with rxs.
 DEVICE float router_norm_logit(const float* wv, const float* gv, const float* v, bool on, int lane, int k0,
-                               int K, float eps, const double* partial, float* rxs, float* n) {
+                               int K, float eps, const float* partial, float* rxs, float* n) {
   __syncthreads();
   if (on) {
     const float inv = norm_inv8(partial, K >> 8, K, eps);
@@ -775,7 +771,7 @@ DEVICE void router_cluster_norm_row(const float* __restrict__ W, int K, float* l
   extern __shared__ __align__(16) float rxs[];  // [K] the normalised row
   __shared__ float clog[64], score[64], pick[32];
   __shared__ __align__(16) float choice[64];
-  __shared__ double partial[8];
+  __shared__ float partial[8];
   const int E = 64, nb = ROUTER_CLUSTER, b = blockIdx.x;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int e = b * 8 + warp, k0 = tid * 8;
@@ -849,7 +845,7 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
   __shared__ float pick[32];
   __shared__ __align__(16) float score[64];
   __shared__ __align__(16) float choice[64];
-  __shared__ double partial[8];
+  __shared__ float partial[8];
   const int E = 64, nb = ROUTER_CLUSTER, b = blockIdx.x;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int e = b * 8 + warp, k0 = tid * 8;
@@ -876,7 +872,7 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
   const float acc = router_norm_logit(wv, gv, v, on, lane, k0, K, eps, partial, rxs, n);
   if (lane == 0) {
     logits[e] = acc;
-    const float sg = (float)(1.0 / (1.0 + exp(-(double)acc)));
+    const float sg = sigmoid(acc);
     st_cluster(&score[e], 0, sg);
     st_cluster(&choice[e], 0, sg + be);
   }
@@ -1366,7 +1362,7 @@ DEVICE void router_cluster_norm_rows_r(const float* __restrict__ W, int K, float
   float* rv = rsh + R * K;  // [R][K] the sums d
   __shared__ float clog[R][64], score[64], pick[32];
   __shared__ __align__(16) float choice[64];
-  __shared__ double partial[R][8];
+  __shared__ float partial[R][8];
   __shared__ float inv_s[R];
   const int E = 64, nb = ROUTER_CLUSTER, b = blockIdx.x, t0 = R * blockIdx.y;
   const int nr = min(R, T - t0);

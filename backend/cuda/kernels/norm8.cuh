@@ -7,7 +7,7 @@
 // 128 columns is G/8 lanes of one warp and a row is read once. With a != 0
 // the row is d = a + c first (stored), as add_rmsnorm_quant; else x. The
 // gain is loaded before waiting for the kernel before. Same values as
-// rmsnorm_quant but for the order of the float64 sum of squares. Every row
+// rmsnorm_quant but for the order of the sum of squares. Every row
 // pointer and stride is 16-byte aligned. rmsnorm_quant8_row is one block's
 // work on row t; threads from K/8 on (whole warps) only take part in the
 // block's barriers.
@@ -49,14 +49,14 @@ DEVICE void rmsnorm_quant8_row(const float* x, int ldx, float* d, int ldd, const
 DEVICE void rmsnorm_quant8_tail(float (&v)[8], const float (&gv)[8], bool on, float eps, float* out, int ldo,
                                 i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum, int K, int G,
                                 int t) {
-  __shared__ double partial[32];
+  __shared__ float partial[32];
   __shared__ float inv_s;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, k0 = tid * 8;
   if (on) {
-    double ss = 0;
+    float ss = 0;
 #pragma unroll
-    for (int e = 0; e < 8; e++) ss += (double)v[e] * (double)v[e];
-    ss = warp_sum_d(ss);
+    for (int e = 0; e < 8; e++) ss += v[e] * v[e];
+    ss = warp_sum(ss);
     if (lane == 0) partial[warp] = ss;
   }
   __syncthreads();
@@ -85,13 +85,13 @@ DEVICE void rmsnorm_quant8_tail(float (&v)[8], const float (&gv)[8], bool on, fl
 
 // norm_gemv_t1's norm in every block of a product that reads it: this
 // thread's 8 values of x at k0 (on: k0 < K, K/8 threads) normalised with
-// the gain gv (every thread sums the warps' float64 partials in
+// the gain gv (every thread sums the warps' partials in
 // rmsnorm_quant8_row's order) into the block's shared int8 row sq and its
 // group scales ssc (groups of G); where first, also the norm's output out
 // (if set) and its int8 form xq, xs, xsum. Every thread of the block calls
 // it (a barrier inside).
 DEVICE void norm_row_shared(const float* x, const float (&gv)[8], float eps, int K, int G, bool on, bool first,
-                            int lane, int warp, int k0, double* partial, i8* sq, float* ssc, float* out,
+                            int lane, int warp, int k0, float* partial, i8* sq, float* ssc, float* out,
                             i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum) {
   float v[8];
   if (on) {

@@ -33,12 +33,9 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     d[(size_t)t * ldd + i] = a[(size_t)t * lda + i] + b[(size_t)t * ldb + i];
 }
 
-// silu(x) = x / (1 + e^-x), the exponential in double as the CPU takes it.
-DEVICE float silu_ref(float x) { return x / (1.f + (float)exp(-(double)x)); }
-
 // dst = silu(gate) * up; blockIdx.y is the row, blockIdx.x a slice of
 // SWIGLU_COLS columns (one block for a 10240-wide row took 24 us: each
-// thread's 40 exponentials in double ran one after another).
+// thread's 40 exponentials, then in double, ran one after another).
 #define SWIGLU_COLS 1024
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
     swiglu_rows(float* d, int ldd, const float* g, int ldg, const float* u, int ldu, int cols) {
@@ -47,7 +44,7 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
   const int t = blockIdx.y;
   const int end = min(cols, ((int)blockIdx.x + 1) * SWIGLU_COLS);
   for (int i = blockIdx.x * SWIGLU_COLS + threadIdx.x; i < end; i += OPS_THREADS)
-    d[(size_t)t * ldd + i] = __fmul_rn(silu_ref(g[(size_t)t * ldg + i]), u[(size_t)t * ldu + i]);
+    d[(size_t)t * ldd + i] = __fmul_rn(silu(g[(size_t)t * ldg + i]), u[(size_t)t * ldu + i]);
 }
 
 extern "C" __global__ void __launch_bounds__(OPS_THREADS)
@@ -143,7 +140,7 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
                            int rank, int rope) {
   PDL_LAUNCH();
   PDL_WAIT();
-  __shared__ double partial[32];
+  __shared__ float partial[32];
   __shared__ float inv_s;
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, width = rank + rope;
   if (layout8) {
@@ -152,19 +149,19 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
       const int k0 = (j * OPS_THREADS + tid) * 8;
       const float4 x0 = *(const float4*)(x + k0), x1 = *(const float4*)(x + k0 + 4);
       const float v[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
-      double s = 0;
+      float s = 0;
 #pragma unroll
-      for (int e = 0; e < 8; e++) s += (double)v[e] * (double)v[e];
-      s = warp_sum_d(s);
+      for (int e = 0; e < 8; e++) s += v[e] * v[e];
+      s = warp_sum(s);
       if (lane == 0) partial[j * (OPS_THREADS / 32) + warp] = s;
     }
   } else {
-    double s = 0;
+    float s = 0;
     for (int k = tid; k < rank; k += 256) {
-      const double dv = x[k];
+      const float dv = x[k];
       s += dv * dv;
     }
-    s = warp_sum_d(s);
+    s = warp_sum(s);
     if (lane == 0) partial[warp] = s;
   }
   __syncthreads();

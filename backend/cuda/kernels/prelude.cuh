@@ -234,24 +234,34 @@ DEVICE double warp_sum_d(double v) {
   return v;
 }
 
-// The single-row norms' scale, 1 / sqrt(mean square + eps) in float64 as
-// the CPU reference rounds it, from the float64 partial sums of squares of
-// nw warps, added in order.
-DEVICE float norm_inv(const double* partial, int nw, int K, float eps) {
-  double total = 0;
+// The single-row norms' scale, 1 / sqrt(mean square + eps), from the
+// partial sums of squares of nw warps, added in order. In float32 like
+// the CPU backend's SIMD families (its Go reference sums in float64): a few
+// ulp from either, far under the int8 form's rounding, where the float64
+// sums and quotient sat on the decode chain three times a layer (docs/perf.md,
+// 2026-11-30 (22): decode +0.7%, prefill +2.3% with the sigmoid and SiLU).
+// The mean by __fdividef (exact for a power-of-two K): an IEEE division's
+// slow path is a call, whose stack frame NVRTC 11.8 spills around.
+DEVICE float norm_inv(const float* partial, int nw, int K, float eps) {
+  float total = 0;
   for (int w = 0; w < nw; w++) total += partial[w];
-  return (float)(1.0 / sqrt(total / K + (double)eps));
+  return rsqrtf(__fdividef(total, (float)K) + eps);
 }
 
 // norm_inv for at most 8 warps, unrolled: no loop to run on the
 // single-row norms' critical path.
-DEVICE float norm_inv8(const double* partial, int nw, int K, float eps) {
-  double total = 0;
+DEVICE float norm_inv8(const float* partial, int nw, int K, float eps) {
+  float total = 0;
 #pragma unroll
   for (int q = 0; q < 8; q++)
     if (q < nw) total += partial[q];
-  return (float)(1.0 / sqrt(total / K + (double)eps));
+  return rsqrtf(__fdividef(total, (float)K) + eps);
 }
+
+// The router's score 1 / (1 + e^-x), and silu(x) = x / (1 + e^-x), in
+// float32 (the CPU takes the exponential in float64: a few ulp apart).
+DEVICE float sigmoid(float x) { return 1.f / (1.f + expf(-x)); }
+DEVICE float silu(float x) { return x / (1.f + expf(-x)); }
 
 // The routing weight of the i-th of the topk chosen experts, whose scores
 // are pick: its score, divided by their sum (added in order) where norm is
@@ -264,14 +274,14 @@ DEVICE float route_weight(const float* pick, int topk, int i, int norm, float sc
   return w * scaling;
 }
 
-// The float64 sum of squares of this thread's 8 values v, summed over the
-// warp into partial[warp] (the single-row norms' first step; a norm sums
-// the partials of its warps in order).
-DEVICE void sumsq8_partial(const float* v, int lane, int warp, double* partial) {
-  double ss = 0;
+// The sum of squares of this thread's 8 values v, summed over the warp
+// into partial[warp] (the single-row norms' first step; a norm sums the
+// partials of its warps in order).
+DEVICE void sumsq8_partial(const float* v, int lane, int warp, float* partial) {
+  float ss = 0;
 #pragma unroll
-  for (int e = 0; e < 8; e++) ss += (double)v[e] * (double)v[e];
-  ss = warp_sum_d(ss);
+  for (int e = 0; e < 8; e++) ss += v[e] * v[e];
+  ss = warp_sum(ss);
   if (lane == 0) partial[warp] = ss;
 }
 

@@ -8,9 +8,11 @@
 //             [-127, 127], all zero when amax_g = 0                   (xq != 0)
 //   xsum[c] = sum of xq over columns 32c .. 32c+31
 //
-// Every step is evaluated as the CPU backend does it (the sum of squares in
-// float64, the division by the scale in float32, the rounding by adding 0.5
-// and truncating), so the int8 values are identical to the CPU's. Grid
+// The quantization is evaluated as the CPU backend does it (the division by
+// the scale in float32, the rounding by adding 0.5 and truncating); the
+// norm's scale is float32 (prelude.cuh's norm_inv), a few ulp from the
+// CPU's, so a code can differ by one where a value lies on a rounding
+// boundary. Grid
 // (rows, y): the y blocks of a row split its groups, eight at a time, so one
 // long row is not one block's serial work; y = 1 with a gain (the norm may
 // write over its input, which every block would read).
@@ -21,23 +23,20 @@
 DEVICE void rmsnorm_quant_row(const float* row, int t, const float* __restrict__ gain, float eps,
                               float* out, int ldo, i8* __restrict__ xq, float* __restrict__ xs,
                               i32* __restrict__ xsum, int K, int G) {
-  __shared__ double partial[QUANT_THREADS / 32];
-  __shared__ float inv_s;
+  __shared__ float partial[QUANT_THREADS / 32];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
 
   float inv = 1.f;
   if (gain) {
-    double ss = 0;
+    float ss = 0;
     for (int k = tid; k < K; k += QUANT_THREADS) {
-      const double v = row[k];
+      const float v = row[k];
       ss += v * v;
     }
-    ss = warp_sum_d(ss);
+    ss = warp_sum(ss);
     if (lane == 0) partial[warp] = ss;
     __syncthreads();
-    if (tid == 0) inv_s = norm_inv(partial, QUANT_THREADS / 32, K, eps);
-    __syncthreads();
-    inv = inv_s;
+    inv = norm_inv8(partial, QUANT_THREADS / 32, K, eps);
   }
 
   // One warp per group; lane l holds E = G/32 consecutive columns.
@@ -251,7 +250,7 @@ extern "C" __global__ void __launch_bounds__(128)
   }
   __shared__ __align__(16) i8 sq[1024];
   __shared__ float ssc[32];
-  __shared__ double partial[4];
+  __shared__ float partial[4];
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, k0 = tid * 8;
   const int G = 32 << gshift, C = K >> 5, GK = C >> gshift;
   const int row0 = blockIdx.x * 16 + warp * 4;
@@ -297,7 +296,7 @@ extern "C" __global__ void __launch_bounds__(128)
 // single-token products of out (y1 = W1 out, y2 = W2 out: q_a and kv_a)
 // in one launch. Every block of NT threads adds and normalises the K <=
 // 2048 values in registers in rmsnorm_quant8_row's order (pass p's thread
-// t the virtual thread NT*p + t of 8 values; the float64 partials of the
+// t the virtual thread NT*p + t of 8 values; the partials of the
 // K/256 virtual warps summed in order) into its shared memory as int8
 // groups, with its weights requested before the wait, then takes
 // gemv_split_t1's product of its NT/32 * R rows (R a warp) from there
@@ -321,7 +320,7 @@ DEVICE void add_norm_gemv(const u8* __restrict__ codes1, const u8* __restrict__ 
   __shared__ __align__(16) i8 sq[2048];
   __shared__ float ssc[64];
   __shared__ i32 ssum[64];
-  __shared__ double partial[8];
+  __shared__ float partial[8];
   __shared__ bool last_s;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int G = 32 << gshift, C = K >> 5, GK = C >> gshift;

@@ -243,8 +243,6 @@ DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K,
   }
 }
 
-DEVICE float mb_silu(float x) { return x / (1.f + (float)exp(-(double)x)); }
-
 // The largest magnitude of each token over a block's rows, for the int8
 // form of a product's 128 output columns: a thread's values v are mma
 // fragments (n-tile n, tokens 8n+2t and 8n+2t+1 in e & 1), of which the
@@ -351,7 +349,7 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
     const float rg = RS ? rsc[0][e >> 1] : gate.row_scale[n], ru = RS ? rsc[1][e >> 1] : up.row_scale[n];
     const float gv = acc[0][0][e] * (rg * 0.5f);
     const float uv = acc[1][0][e] * (ru * 0.5f);
-    hv[0][e] = mb_silu(gv) * uv;
+    hv[0][e] = silu(gv) * uv;
   }
   mb_warp_amax<1>(hv, 1, wmax, warp, g, t);  // each token's largest magnitude over the block's 128 rows
   float amax[2];
@@ -1158,7 +1156,7 @@ DEVICE void moeb_gate_up_w(const i32* __restrict__ ntiles, const i32* __restrict
     for (int e = 0; e < 4; e++) {
       const float gv = acc[0][n][e] * (rsc[0][e >> 1] * 0.5f);
       const float uv = acc[1][n][e] * (rsc[1][e >> 1] * 0.5f);
-      hv[n][e] = mb_silu(gv) * uv;
+      hv[n][e] = silu(gv) * uv;
     }
   mb_warp_amax<WT>(hv, nt, wmax, warp, g, t);  // each token's largest magnitude over the block's 128 rows
 #pragma unroll
