@@ -173,8 +173,9 @@ func TestBackendOpsMatchCPU(t *testing.T) {
 			b.Add(d, in(b, x, 512), in(b, y, 512))
 			return b.Download(d)
 		})
-		// The CPU's SIMD SiLU takes its exponential in float32 (the GPU in
-		// float64, as the CPU's Go code): equal to about 1e-7.
+		// The CPU's SIMD SiLU and the GPU's take their exponentials in
+		// float32 by different means (the CPU's Go code in float64): a
+		// few ulp apart (about 1e-7 when the GPU's was float64).
 		// Rows of 2500 are wider than one block's 1024 columns, the last
 		// slice short.
 		for _, sw := range []struct {
