@@ -4,8 +4,11 @@ package cuda
 
 import (
 	"errors"
+	"fmt"
 	"os"
+	"runtime"
 	"strings"
+	"sync"
 	"testing"
 )
 
@@ -36,40 +39,71 @@ func TestCompileKernels(t *testing.T) {
 		archs = append(archs, "sm_90a")
 	}
 	opts := append([]string{"-Xptxas=-v"}, compileOptions...)
+	// One compile a CPU at a time (as Precompile does), reported in order.
+	type job struct {
+		m, arch, log string
+		errs         []string
+	}
+	var jobs []*job
 	for _, m := range Modules() {
-		src, err := moduleSource(m)
-		if err != nil {
-			t.Fatal(err)
-		}
 		for _, arch := range archs {
-			img, log, err := nvrtcCompile(m, src, arch, opts)
-			if err != nil {
-				t.Errorf("%s for %s: %v", m, arch, err)
-				continue
-			}
-			if len(img) == 0 {
-				t.Errorf("%s for %s: empty image", m, arch)
-			}
-			if arch == "sm_90" {
-				t.Logf("%s (%s):\n%s", m, arch, strings.TrimSpace(log))
-			}
-			// Local memory in these kernels means an array indexed at run
-			// time or a spill: both slow the memory-bound loops badly
-			// (but for spillMeasured's kernels).
-			if !strings.Contains(log, "Compiling entry function '") {
-				t.Errorf("%s for %s: no ptxas report in the log, so its spills are unchecked (a compile cache answered?)", m, arch)
-			}
-			fn := ""
-			for _, line := range strings.Split(log, "\n") {
-				if i := strings.Index(line, "Compiling entry function '"); i >= 0 {
-					fn, _, _ = strings.Cut(line[i+len("Compiling entry function '"):], "'")
-				}
-				if strings.Contains(line, "bytes spill") && !strings.Contains(line, "0 bytes spill stores, 0 bytes spill loads") && !spillMeasured[fn] {
-					t.Errorf("%s for %s spills (%s): %s", m, arch, fn, line)
-				}
-			}
+			jobs = append(jobs, &job{m: m, arch: arch})
 		}
 	}
+	slots := make(chan struct{}, runtime.NumCPU())
+	var wg sync.WaitGroup
+	for _, j := range jobs {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			slots <- struct{}{}
+			defer func() { <-slots }()
+			j.log, j.errs = compileChecked(j.m, j.arch, opts)
+		}()
+	}
+	wg.Wait()
+	for _, j := range jobs {
+		if j.arch == "sm_90" && j.log != "" {
+			t.Logf("%s (%s):\n%s", j.m, j.arch, strings.TrimSpace(j.log))
+		}
+		for _, e := range j.errs {
+			t.Error(e)
+		}
+	}
+}
+
+// compileChecked compiles module m for arch and returns NVRTC's log and
+// what is wrong: a failed or empty compile, a missing ptxas report, or a
+// kernel that uses local memory without being in spillMeasured.
+func compileChecked(m, arch string, opts []string) (string, []string) {
+	src, err := moduleSource(m)
+	if err != nil {
+		return "", []string{err.Error()}
+	}
+	img, log, err := nvrtcCompile(m, src, arch, opts)
+	if err != nil {
+		return "", []string{fmt.Sprintf("%s for %s: %v", m, arch, err)}
+	}
+	var errs []string
+	if len(img) == 0 {
+		errs = append(errs, fmt.Sprintf("%s for %s: empty image", m, arch))
+	}
+	// Local memory in these kernels means an array indexed at run time or a
+	// spill: both slow the memory-bound loops badly (but for
+	// spillMeasured's kernels).
+	if !strings.Contains(log, "Compiling entry function '") {
+		errs = append(errs, fmt.Sprintf("%s for %s: no ptxas report in the log, so its spills are unchecked (a compile cache answered?)", m, arch))
+	}
+	fn := ""
+	for _, line := range strings.Split(log, "\n") {
+		if i := strings.Index(line, "Compiling entry function '"); i >= 0 {
+			fn, _, _ = strings.Cut(line[i+len("Compiling entry function '"):], "'")
+		}
+		if strings.Contains(line, "bytes spill") && !strings.Contains(line, "0 bytes spill stores, 0 bytes spill loads") && !spillMeasured[fn] {
+			errs = append(errs, fmt.Sprintf("%s for %s spills (%s): %s", m, arch, fn, line))
+		}
+	}
+	return log, errs
 }
 
 // spillMeasured lists the kernels whose few spilled bytes were measured
