@@ -480,22 +480,16 @@ extern "C" __global__ void __launch_bounds__(256)
         v[0] = x0.x; v[1] = x0.y; v[2] = x0.z; v[3] = x0.w;
         v[4] = x1.x; v[5] = x1.y; v[6] = x1.z; v[7] = x1.w;
       }
-      float s = 0;
 #pragma unroll
-      for (int e = 0; e < 8; e++) {
-        s += v[e] * v[e];
-        raw[k0 + e] = v[e];
-      }
-      s = warp_sum(s);
-      if (lane == 0) partial[j * 8 + warp] = s;
+      for (int e = 0; e < 8; e++) raw[k0 + e] = v[e];
+      sumsq8_partial(v, lane, warp, partial + j * 8);
     }
   } else {
     float s = 0;
     for (int k = tid; k < K; k += 256) {
       const float v = mode == 2 ? a[k] + c[k] : x[k];
       raw[k] = v;
-      const float dv = v;
-      s += dv * dv;
+      s += v * v;
     }
     s = warp_sum(s);
     if (lane == 0) partial[warp] = s;

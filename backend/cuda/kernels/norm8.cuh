@@ -52,13 +52,7 @@ DEVICE void rmsnorm_quant8_tail(float (&v)[8], const float (&gv)[8], bool on, fl
   __shared__ float partial[32];
   __shared__ float inv_s;
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, k0 = tid * 8;
-  if (on) {
-    float ss = 0;
-#pragma unroll
-    for (int e = 0; e < 8; e++) ss += v[e] * v[e];
-    ss = warp_sum(ss);
-    if (lane == 0) partial[warp] = ss;
-  }
+  if (on) sumsq8_partial(v, lane, warp, partial);
   __syncthreads();
   if (tid == 0) inv_s = norm_inv(partial, K >> 8, K, eps);
   __syncthreads();

@@ -149,18 +149,11 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
       const int k0 = (j * OPS_THREADS + tid) * 8;
       const float4 x0 = *(const float4*)(x + k0), x1 = *(const float4*)(x + k0 + 4);
       const float v[8] = {x0.x, x0.y, x0.z, x0.w, x1.x, x1.y, x1.z, x1.w};
-      float s = 0;
-#pragma unroll
-      for (int e = 0; e < 8; e++) s += v[e] * v[e];
-      s = warp_sum(s);
-      if (lane == 0) partial[j * (OPS_THREADS / 32) + warp] = s;
+      sumsq8_partial(v, lane, warp, partial + j * (OPS_THREADS / 32));
     }
   } else {
     float s = 0;
-    for (int k = tid; k < rank; k += 256) {
-      const float dv = x[k];
-      s += dv * dv;
-    }
+    for (int k = tid; k < rank; k += 256) s += x[k] * x[k];
     s = warp_sum(s);
     if (lane == 0) partial[warp] = s;
   }

@@ -234,18 +234,21 @@ DEVICE double warp_sum_d(double v) {
   return v;
 }
 
-// The single-row norms' scale, 1 / sqrt(mean square + eps), from the
-// partial sums of squares of nw warps, added in order. In float32 like
+// The single-row norms' scale, 1 / sqrt(mean square + eps), from the sum
+// of squares total of K values. In float32 like
 // the CPU backend's SIMD families (its Go reference sums in float64): a few
 // ulp from either, far under the int8 form's rounding, where the float64
 // sums and quotient sat on the decode chain three times a layer (docs/perf.md,
 // 2026-11-30 (22): decode +0.7%, prefill +2.3% with the sigmoid and SiLU).
 // The mean by __fdividef (exact for a power-of-two K): an IEEE division's
 // slow path is a call, whose stack frame NVRTC 11.8 spills around.
+DEVICE float norm_scale(float total, int K, float eps) { return rsqrtf(__fdividef(total, (float)K) + eps); }
+
+// norm_scale of the partial sums of squares of nw warps, added in order.
 DEVICE float norm_inv(const float* partial, int nw, int K, float eps) {
   float total = 0;
   for (int w = 0; w < nw; w++) total += partial[w];
-  return rsqrtf(__fdividef(total, (float)K) + eps);
+  return norm_scale(total, K, eps);
 }
 
 // norm_inv for at most 8 warps, unrolled: no loop to run on the
@@ -255,7 +258,7 @@ DEVICE float norm_inv8(const float* partial, int nw, int K, float eps) {
 #pragma unroll
   for (int q = 0; q < 8; q++)
     if (q < nw) total += partial[q];
-  return rsqrtf(__fdividef(total, (float)K) + eps);
+  return norm_scale(total, K, eps);
 }
 
 // The router's score 1 / (1 + e^-x), and silu(x) = x / (1 + e^-x), in
