@@ -1070,6 +1070,9 @@ DEVICE void split3_bf16x2(float x0, float x1, u32& hi, u32& mid, u32& lo) {
 // it.
 DEVICE void quant_row4(float4 v, bool valid, int f, int t, int K, int G, i8* __restrict__ xq,
                        float* __restrict__ xs, i32* __restrict__ xsum) {
+  // G is a power of two: its divisions as shifts (a division by a value
+  // known only at run time is a chain of some 20 instructions).
+  const int gl = 31 - __clz(G);
   float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
   for (int m = 1; m < G / 4; m <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
   const float scale = amax / 127.f;
@@ -1085,7 +1088,7 @@ DEVICE void quant_row4(float4 v, bool valid, int f, int t, int K, int G, i8* __r
   const int col = 4 * f, lane = threadIdx.x & 31;
   *(u32*)(xq + (size_t)t * K + col) = (u32)(q0 & 0xFF) | ((u32)(q1 & 0xFF) << 8) | ((u32)(q2 & 0xFF) << 16) | ((u32)q3 << 24);
   if ((lane & 7) == 0) xsum[(size_t)t * (K / 32) + col / 32] = sum;
-  if ((lane & (G / 4 - 1)) == 0) xs[(size_t)t * (K / G) + col / G] = amax == 0.f ? 0.f : scale;
+  if ((lane & ((G >> 2) - 1)) == 0) xs[(size_t)t * (K >> gl) + (col >> gl)] = amax == 0.f ? 0.f : scale;
 }
 
 // Block s of S merges its share of row t's outputs: float4 columns [f0,
@@ -1803,6 +1806,7 @@ extern "C" __global__ void __cluster_dims__(DCV_CL, 1, 1) __launch_bounds__(1024
   const int row0 = blockIdx.x * ROWS + local;
   const int h = blockIdx.x / CL;
   const int GK = (K >> 5) >> gshift;
+  const int gl = 31 - __clz(G);  // olat's groups (a power of two) as a shift
   uint4 w[4];
   u32 s[4];
 #pragma unroll
@@ -1874,7 +1878,7 @@ extern "C" __global__ void __cluster_dims__(DCV_CL, 1, 1) __launch_bounds__(1024
     for (u32 p = 0; p < CL; p++) {
       if (p == rank) continue;
       st_cluster_u32((u32*)xq_sh + fc, p, word);
-      if ((tid & (G / 4 - 1)) == 0) st_cluster(&xs_sh[4 * fc / G], p, xs_sh[4 * fc / G]);
+      if ((tid & ((G >> 2) - 1)) == 0) st_cluster(&xs_sh[(4 * fc) >> gl], p, xs_sh[(4 * fc) >> gl]);
     }
   }
   // The global stores after the arrive, whose release would wait for them.
@@ -1884,7 +1888,7 @@ extern "C" __global__ void __cluster_dims__(DCV_CL, 1, 1) __launch_bounds__(1024
     if (olq) {  // olat's groups are W_UV's: the same codes, sums and scales
       ((u32*)(olq + (size_t)h * K))[fc] = word;
       if ((tid & 7) == 0) olsum[(size_t)h * (K / 32) + fc / 8] = xsum_sh[fc / 8];
-      if ((tid & (G / 4 - 1)) == 0) ols[(size_t)h * (K / G) + 4 * fc / G] = xs_sh[4 * fc / G];
+      if ((tid & ((G >> 2) - 1)) == 0) ols[(size_t)h * (K >> gl) + ((4 * fc) >> gl)] = xs_sh[(4 * fc) >> gl];
     }
   }
   cluster_wait();
@@ -1918,13 +1922,14 @@ extern "C" __global__ void __cluster_dims__(DCV_CL, 1, 1) __launch_bounds__(1024
   if (sl < 4) y[row0 + sl] = yv;
   // Warp j < ROWS/qg takes group j of the block's values, E = qg/32 to a
   // lane.
-  if (warp >= ROWS / qg) return;
+  const int qgl = 31 - __clz(qg);  // qg a power of two
+  if (warp >= (ROWS >> qgl)) return;
   const int E = qg >> 5, k0 = warp * qg + lane * E;
   float v[4] = {0.f, 0.f, 0.f, 0.f};
 #pragma unroll
   for (int e = 0; e < 4; e++)
     if (e < E) v[e] = vals[k0 + e];
   const size_t c0 = (size_t)blockIdx.x * ROWS + k0;
-  quant_group_warp(v, E, lane, yq + c0, ysum + c0 / 32, ys + (size_t)blockIdx.x * (ROWS / qg) + warp);
+  quant_group_warp(v, E, lane, yq + c0, ysum + c0 / 32, ys + (size_t)blockIdx.x * (ROWS >> qgl) + warp);
   TRACE_MARK();
 }

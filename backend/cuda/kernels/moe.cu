@@ -239,7 +239,7 @@ extern "C" __global__ void __launch_bounds__(128)
   const int slot = blockIdx.y, lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int row0 = (blockIdx.x * 4 + warp) * 4;
   __shared__ __align__(16) float sh[MOE_MAX_I];
-  const int G = 32 << gshift, GK = I / G, E = G >> 5;
+  const int G = 32 << gshift, GK = I >> (5 + gshift), E = G >> 5;
   PDL_WAIT();
   // This block's rows of the slot's down matrix go to L2 while h is
   // quantized below.
@@ -429,15 +429,15 @@ extern "C" __global__ void __launch_bounds__(256)
 // bits): this warp takes groups g0, g0 + gstep, ... of token t.
 DEVICE void router_quant_groups(const float* rxs, int K, int G, int t, int g0, int gstep, int lane,
                                 i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum) {
-  const int Eg = G >> 5;
-  for (int g = g0; g < K / G; g += gstep) {
+  const int Eg = G >> 5, ng = K >> (31 - __clz(G));  // K / G, G a power of two
+  for (int g = g0; g < ng; g += gstep) {
     const int k0 = g * G + lane * Eg;
     float v[4];
 #pragma unroll
     for (int u = 0; u < 4; u++)
       if (u < Eg) v[u] = rxs[k0 + u];
     quant_group_warp(v, Eg, lane, xq + (size_t)t * K + k0, xsum + (size_t)t * (K / 32) + k0 / 32,
-                     xs + (size_t)t * (K / G) + g);
+                     xs + (size_t)t * ng + g);
   }
 }
 
@@ -1061,7 +1061,7 @@ DEVICE void rows_dot(const uint4 (&w)[2][R], const u32 (&s)[2][R], int C, int gs
 // loads are in flight at a time.
 DEVICE void quant_groups(const float* src, bool global, int K, int G, int g0, int step, i8* sq,
                          float* ss) {
-  const int lane = threadIdx.x & 31, E = G >> 5, GK = K / G;
+  const int lane = threadIdx.x & 31, E = G >> 5, GK = K >> (31 - __clz(G));  // K / G, G a power of two
   for (int g = g0; g < GK; g += 4 * step) {
     float v[4][4];
 #pragma unroll
@@ -1162,7 +1162,7 @@ DEVICE void gate_up_q(const Expert* __restrict__ experts, const i32* __restrict_
   __shared__ bool last;
   const int slot = blockIdx.y, lane = threadIdx.x & 31, tid = threadIdx.x;
   const int row0 = (blockIdx.x * 4 + (tid >> 5)) * 4;
-  const int G = 32 << gshift, GK = K / G, C = K >> 5;
+  const int G = 32 << gshift, GK = K >> (5 + gshift), C = K >> 5;
   const bool stab = FAST && slot < topk && nexperts <= MOE_TABLE_SMEM;
   const int eid = gate_up_expert(experts, ids, slot, topk, nexperts, stab, tab, tid);
   const GateUp ex = stab ? tab[eid] : gate_up_of(experts[eid]);
@@ -1203,7 +1203,7 @@ DEVICE void gate_up_q(const Expert* __restrict__ experts, const i32* __restrict_
   }
   // A block's 16 rows lie in one group of G (16 divides G, and I is a
   // multiple of G).
-  const int IG = I / G, grp = blockIdx.x * 16 / G;
+  const int IG = I >> (5 + gshift), grp = (blockIdx.x * 16) >> (5 + gshift);
   __syncthreads();
   if (FAST) {
     // One acquire-release atomic instead of two full fences around a
@@ -1265,7 +1265,7 @@ DEVICE void down_hq(const Expert* __restrict__ experts, const i32* __restrict__ 
   __shared__ float part[DOWN_SLOTS_MAX][4], wsm[DOWN_SLOTS_MAX];
   const int slot = threadIdx.x >> 5, lane = threadIdx.x & 31, nslots = blockDim.x >> 5;
   const int row0 = blockIdx.x * 4;
-  const int G = 32 << gshift, GK = I / G, C = I >> 5;
+  const int G = 32 << gshift, GK = I >> (5 + gshift), C = I >> 5;
   const Expert& ex = experts[slot_expert(ids, slot, topk, nexperts)];
   const u8* rc[4];
   const u8* rs[4];
@@ -1495,7 +1495,7 @@ extern "C" __global__ void __cluster_dims__(GUC_ROWS / (4 * GUC_WARPS), 1, 1) __
   __shared__ __align__(16) float hsm[GUC_ROWS];
   const int slot = blockIdx.y, lane = threadIdx.x & 31, tid = threadIdx.x, warp = tid >> 5;
   const int row0 = (blockIdx.x * NW + warp) * 4;
-  const int G = 32 << gshift, GK = K / G, C = K >> 5;
+  const int G = 32 << gshift, GK = K >> (5 + gshift), C = K >> 5;
   const bool stab = slot < topk && nexperts <= MOE_TABLE_SMEM;
   // Every block of the cluster has started before any stores into the
   // first one's shared memory (the wait before them).
@@ -1539,7 +1539,7 @@ extern "C" __global__ void __cluster_dims__(GUC_ROWS / (4 * GUC_WARPS), 1, 1) __
   if (rank != 0) return;
   cluster_wait();
   if (warp != 0) return;
-  const int base = (blockIdx.x / CL) * GUC_ROWS, IG = I / G;
-  quant_groups(hsm, false, GUC_ROWS, G, 0, 1, hq + (size_t)slot * I + base, hs + (size_t)slot * IG + base / G);
+  const int base = (blockIdx.x / CL) * GUC_ROWS, IG = I >> (5 + gshift);
+  quant_groups(hsm, false, GUC_ROWS, G, 0, 1, hq + (size_t)slot * I + base, hs + (size_t)slot * IG + (base >> (5 + gshift)));
   TRACE_MARK();
 }

@@ -175,8 +175,9 @@ DEVICE void quant_group_warp(const float (&v)[4], int E, int lane, i8* q, i32* s
       sum += c[e];
     }
   }
-  for (int o = 1; o < 32 / E; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
-  if ((lane & (32 / E - 1)) == 0) *sum32 = sum;
+  const int L = 32 >> (31 - __clz(E));  // lanes a 32-column chunk: 32 / E, E a power of two
+  for (int o = 1; o < L; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
+  if ((lane & (L - 1)) == 0) *sum32 = sum;
   if (lane == 0) *scale = amax == 0.f ? 0.f : s;
 }
 
