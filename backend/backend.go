@@ -185,6 +185,22 @@ type Backend interface {
 	MoE(dst, x Tensor, r Routing, experts []Expert)
 }
 
+// ExpandedAttender is implemented by backends that can run a step's
+// attention in the expanded form (DESIGN.md section 3: prefill may
+// decompress): each head's keys [W_UK[h] c_j | k_pe_j] and values
+// W_UV[h] c_j made from the cached rows, then ordinary causal attention,
+// fewer products a pair of positions than the latent form for long
+// prompts.
+type ExpandedAttender interface {
+	// ExpandedFits reports whether the bound step's attention of shape s
+	// takes the expanded form (where it is the faster one).
+	ExpandedFits(s MLAShape) bool
+	// ExpandedAttention writes out[t,h] = W_UV[h] olat[t,h] for the olat
+	// of LatentAttention over the same q and layer (the score uses
+	// q_nope[t,h] with W_UK[h] as AbsorbQuery does).
+	ExpandedAttention(out, q Tensor, layer int, wUK, wUV Weight, s MLAShape, scale float32)
+}
+
 // SharedMoE is implemented by backends that run a MoE layer's shared
 // experts together with the routed ones (one pass over all their weights).
 // MoEShared adds to dst, for each token, sum_e w_e * expert_e(x) plus

@@ -78,6 +78,10 @@ type Backend struct {
 	// fits it there (tests).
 	flashMin    int
 	flashAlways bool
+	// expandedMin is the fewest positions of every sequence from which a
+	// prompt step's attention takes the expanded form (expanded.go; 0:
+	// never).
+	expandedMin int
 	// noHeadsAttention leaves out the all-heads split kernel, and
 	// noRouteLogits the one-warp router (tests).
 	noHeadsAttention, noRouteLogits bool
@@ -316,7 +320,7 @@ func NewBackend(o Options, minCC int) (backend.Backend, error) {
 // NewOnDevice returns a backend on an opened device, which the caller keeps
 // and closes.
 func NewOnDevice(d *Device, o Options) *Backend {
-	b := &Backend{dev: d, opts: o, moe: map[*QMatrix]*moeLayer{}, moeShared: map[*QMatrix]*moeLayer{}, identity: map[int]uint64{}, splitFloats: maxSplitFloats, flashMin: flashMinRows, prof: newProfiler(), steps: newStepTimer(d),
+	b := &Backend{dev: d, opts: o, moe: map[*QMatrix]*moeLayer{}, moeShared: map[*QMatrix]*moeLayer{}, identity: map[int]uint64{}, splitFloats: maxSplitFloats, flashMin: flashMinRows, expandedMin: expandedMinKeys(), prof: newProfiler(), steps: newStepTimer(d),
 		ropeTables: map[ropeKey]uint64{}, ropeBufs: map[ropeKey]Buffer{}}
 	if !o.NoGraphs && os.Getenv("MMFP4_CUDA_GRAPHS") != "0" {
 		b.graphs = &graphCache{}

@@ -390,12 +390,21 @@ func (m *Model) attention(i int, h backend.Tensor) backend.Tensor {
 
 	// score = (q_lat.c + q_pe.k_pe) / sqrt(dn+dr) with q_lat = W_UK^T q_nope;
 	// o_lat = sum p c; v = W_UV o_lat; out = o_proj(concat_h v).
-	qlat := backend.NewOutput(b, T, sh.Heads*r)
-	b.AbsorbQuery(qlat, q, a.UK, sh)
-	olat := backend.NewOutput(b, T, sh.Heads*r)
-	b.LatentAttention(olat, qlat, q, i, sh, float32(1/math.Sqrt(float64(qk))))
-	v := backend.NewOutput(b, T, sh.Heads*sh.VDim)
-	b.ExpandValues(v, olat, a.UV, sh)
+	// A backend may take a long prompt's attention in the expanded form
+	// instead (the same sums, fewer products).
+	scale := float32(1 / math.Sqrt(float64(qk)))
+	var v backend.Tensor
+	if ea, ok := b.(backend.ExpandedAttender); ok && ea.ExpandedFits(sh) {
+		v = backend.NewOutput(b, T, sh.Heads*sh.VDim)
+		ea.ExpandedAttention(v, q, i, a.UK, a.UV, sh, scale)
+	} else {
+		qlat := backend.NewOutput(b, T, sh.Heads*r)
+		b.AbsorbQuery(qlat, q, a.UK, sh)
+		olat := backend.NewOutput(b, T, sh.Heads*r)
+		b.LatentAttention(olat, qlat, q, i, sh, scale)
+		v = backend.NewOutput(b, T, sh.Heads*sh.VDim)
+		b.ExpandValues(v, olat, a.UV, sh)
+	}
 	m.watch(i, "attention values", v)
 	out := backend.NewOutput(b, T, c.HiddenSize)
 	b.MatMul(out, v, a.O)

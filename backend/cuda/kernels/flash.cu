@@ -73,23 +73,10 @@
 #define FA_PLD 72  // weight row stride (bf16)
 #define FA_PHASES 10  // phase clocks of a warp (STAMP)
 
-// 16 bytes global -> shared, zero-filled when !valid.
-DEVICE void cp_async16(u32 dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
-               : "memory");
-}
-DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
 // 8 bytes through L1, zeros where not valid (the fp8 cache's records are
 // multiples of 8 bytes, not of 16).
 DEVICE void cp_async8(u32 dst, const void* src, bool valid) {
   asm volatile("cp.async.ca.shared.global [%0], [%1], 8, %2;" ::"r"(dst), "l"(src), "r"(valid ? 8 : 0) : "memory");
-}
-
-// 2^x (ex2.approx: about 2 ulp; subnormal results flushed to zero).
-DEVICE float fa_ex2(float x) {
-  float r;
-  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
-  return r;
 }
 
 // 2^e for e in [-126, 127], exactly.

@@ -1,5 +1,6 @@
-// Tensor-core helpers shared by the prefill kernels (flash.cu, absorb.cu):
-// shared-memory addresses, ldmatrix and the m16n8k16 products.
+// Tensor-core helpers shared by the prefill kernels (flash.cu, absorb.cu,
+// expand.cu): shared-memory addresses, copies, ldmatrix, the m16n8k16
+// products and the softmax's 2^x.
 
 DEVICE u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 
@@ -32,4 +33,18 @@ DEVICE void mma_f16(float* d, const u32* a, u32 b0, u32 b1) {
       "{%0,%1,%2,%3};"
       : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 16 bytes global -> shared, zero-filled when !valid.
+DEVICE void cp_async16(u32 dst, const void* src, bool valid) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+}
+DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// 2^x (ex2.approx: about 2 ulp; subnormal results flushed to zero).
+DEVICE float fa_ex2(float x) {
+  float r;
+  asm("ex2.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(x));
+  return r;
 }

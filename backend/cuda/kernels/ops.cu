@@ -112,6 +112,22 @@ extern "C" __global__ void __launch_bounds__(OPS_THREADS)
   }
 }
 
+// The cached rows [c | k_pe] of positions [0, n) of sequence seq (block
+// table blocks + seq_blocks[seq]) as dense bf16 rows of rank + rope values,
+// from a cache of any precision: the expanded prefill attention's input
+// (expand.cu). Exact for the bf16 cache; one block a position.
+extern "C" __global__ void __launch_bounds__(OPS_THREADS)
+    cache_gather_bf16(unsigned short* out, const void* layer, int dtype, const i32* __restrict__ seq_blocks,
+                      const i32* __restrict__ blocks, int seq, int block_size, int rank, int rope) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  const int j = blockIdx.x, width = rank + rope;
+  const i32* table = blocks + seq_blocks[seq];
+  const size_t slot = (size_t)table[j / block_size] * block_size + j % block_size;
+  for (int k = threadIdx.x; k < width; k += OPS_THREADS)
+    out[(size_t)j * width + k] = f32_to_bf16(cache_load(layer, dtype, slot, width, rank, k));
+}
+
 // Two RoPEs of the same table (the queries' heads in q, the shared key in
 // kpe) and the cache write of the latent and the rotated key, for row t,
 // in one launch: rope_rows twice, then cache_write, cache_write_fp8 or

@@ -1,0 +1,216 @@
+package cuda
+
+import (
+	"math"
+	"os"
+	"strconv"
+
+	"github.com/mmfp4/mmfp4/backend"
+)
+
+// The expanded form of a long prompt's attention (kernels/expand.cu):
+// each head's keys and values made from the cached latent rows, then
+// ordinary causal flash attention, 512 multiply-adds a head and pair of
+// positions against the latent form's 1,088, for an expansion of every
+// cached position of the sequence each step.
+
+// The head shape expand.cu is compiled for (GLM-4.7-Flash's: EX_DN,
+// EX_DR, EX_DV), its keys a tile, and its shared rows' stride (EX_LD,
+// bf16 values).
+const (
+	expandedDN   = 192
+	expandedDR   = 64
+	expandedDV   = 256
+	expandedKeys = 64
+	expandedLD   = 264
+)
+
+// expandedWarps is expand_flash's warps a block (16 query rows each): 4
+// (expand_flash) or 8 (expand_flash_w8); MMFP4_CUDA_EXPANDED_WARPS sets it.
+var expandedWarps = map[bool]int{false: 8, true: 4}[os.Getenv("MMFP4_CUDA_EXPANDED_WARPS") == "4"]
+
+// expandedFlashName is the expand_flash instance of w warps.
+func expandedFlashName(w int) string {
+	if w == 8 {
+		return "expand_flash_w8"
+	}
+	return "expand_flash"
+}
+
+// expandedMinDefault is the default of Backend.expandedMin: the fewest
+// positions of a sequence from which its prompt steps take the expanded
+// form.
+const expandedMinDefault = 1024
+
+// expandedMinRows is the fewest rows of every sequence of a step that
+// takes the expanded form: the expansion costs each position as many
+// products as about 450 rows' attention saves, so decode steps and short
+// chunks stay on the latent kernels.
+const expandedMinRows = 256
+
+// expandedMaxBytes bounds one sequence's gathered rows, keys and values
+// (workspace).
+const expandedMaxBytes = 4 << 30
+
+// expandedMinKeys is expandedMinDefault, or MMFP4_CUDA_EXPANDED_MIN (0
+// turns the form off).
+func expandedMinKeys() int {
+	if v, err := strconv.Atoi(os.Getenv("MMFP4_CUDA_EXPANDED_MIN")); err == nil {
+		return v
+	}
+	return expandedMinDefault
+}
+
+// expandedShared is expand_flash's shared memory: the queries and two
+// stages of key and value tiles.
+func expandedShared() int { return (16*expandedWarps + 4*expandedKeys) * expandedLD * 2 }
+
+// expandGemmShared is expand_gemm's: three stages of two 128 x 40 tiles.
+const expandGemmShared = 3 * 2 * 128 * 40 * 2
+
+// expandedBytes is the workspace of one sequence of n positions: its
+// gathered rows, keys and values (bf16).
+func expandedBytes(n int, s backend.MLAShape) int {
+	return 2 * n * (s.Rank + s.RopeDim + s.Heads*(s.NopeDim+s.VDim))
+}
+
+// ExpandedFits reports whether the bound step's attention takes the
+// expanded form: the compiled head shape, and every sequence a prompt
+// chunk of at least expandedMinRows rows reaching expandedMin positions.
+func (b *Backend) ExpandedFits(s backend.MLAShape) bool {
+	p := b.pool
+	if b.expandedMin <= 0 || p == nil || b.batch == nil || len(b.batch.Seqs) == 0 ||
+		s.NopeDim != expandedDN || s.RopeDim != expandedDR || s.VDim != expandedDV || s.Heads < 1 ||
+		s.Rank%32 != 0 || p.rank != s.Rank || p.ropeDim != s.RopeDim ||
+		expandedShared() > b.dev.Info().SharedOptin {
+		return false
+	}
+	for _, q := range b.batch.Seqs {
+		n := int(b.batch.Positions[q.Start+q.Len-1]) + 1
+		if q.Len < expandedMinRows || n < b.expandedMin || expandedBytes(n, s) > expandedMaxBytes {
+			return false
+		}
+	}
+	return true
+}
+
+// expandedSplits is how many blocks share a query tile's keys: enough
+// blocks for about four waves of the multiprocessors, each split at least
+// four key tiles.
+func (b *Backend) expandedSplits(rows, keys, heads int) int {
+	br := 16 * expandedWarps
+	blocks := (rows + br - 1) / br * heads
+	s := (4*b.dev.Info().SMs + blocks - 1) / blocks
+	return max(1, min(s, 16, (keys+expandedKeys-1)/expandedKeys/4))
+}
+
+// ExpandedAttention runs the bound step's attention in the expanded form
+// (ExpandedFits must hold), one sequence after another.
+func (b *Backend) ExpandedAttention(out, q backend.Tensor, layer int, wUK, wUV backend.Weight, s backend.MLAShape, scale float32) {
+	b.flushPiece()
+	om, qm, uk, uv, p := asTensor(out), asTensor(q), asWeight(wUK), asWeight(wUV), b.pool
+	switch {
+	case !b.ExpandedFits(s):
+		b.fail("expanded attention: the step does not fit the expanded form (ExpandedFits)")
+		return
+	case layer < 0 || layer >= p.layers:
+		b.fail("expanded attention over layer %d of %d", layer, p.layers)
+		return
+	}
+	T, H, dn, dv, r := b.batch.Rows(), s.Heads, s.NopeDim, s.VDim, s.Rank
+	if b.badShape("expanded attention out", [2]int{om.rows, om.cols}, [2]int{T, H * dv}) ||
+		b.badShape("expanded attention q", [2]int{qm.rows, qm.cols}, [2]int{T, H * (dn + s.RopeDim)}) ||
+		b.badShape("expanded attention W_UK", [2]int{uk.n, uk.k}, [2]int{H * dn, r}) ||
+		b.badShape("expanded attention W_UV", [2]int{uv.n, uv.k}, [2]int{H * dv, r}) {
+		return
+	}
+	if om.ld%4 != 0 || qm.ld%4 != 0 || om.ptr%16 != 0 || qm.ptr%16 != 0 {
+		b.fail("expanded attention: rows not 16-byte aligned (out ld %d, q ld %d)", om.ld, qm.ld)
+		return
+	}
+	perToken := int64(backend.CacheBytesPerToken(p.rank, p.ropeDim, p.dtype))
+	for t := 0; t < T; t++ {
+		b.count(perToken * int64(b.batch.Positions[t]+1))
+	}
+	b.count(weightBytes(uk) + weightBytes(uv))
+	b.wrote(om)
+
+	maxN, maxParts := 0, 0
+	for _, sq := range b.batch.Seqs {
+		n := int(b.batch.Positions[sq.Start+sq.Len-1]) + 1
+		maxN = max(maxN, n)
+		maxParts = max(maxParts, b.expandedSplits(sq.Len, n, H)*sq.Len*H)
+	}
+	bf := expandedBufs{
+		rows: b.alloc(2 * maxN * (r + s.RopeDim)), keys: b.alloc(2 * maxN * H * dn), vals: b.alloc(2 * maxN * H * dv),
+		wk: b.alloc(2 * H * dn * r), wv: b.alloc(2 * H * dv * r),
+		po: b.alloc(4 * maxParts * dv), pml: b.alloc(8 * maxParts),
+	}
+	// Both weights as bf16, once for every sequence.
+	for _, w := range []struct {
+		dst uint64
+		w   *weight
+	}{{bf.wk, uk}, {bf.wv, uv}} {
+		var codes, scales uint64
+		G := 32
+		if w.w.q != nil {
+			codes, scales, G = w.w.q.Codes, w.w.q.Scales, w.w.q.G
+		}
+		b.launch("expand weights", "expand", "expand_weights", D1((w.w.n*w.w.k/2+255)/256), D1(256),
+			w.dst, codes, scales, w.w.dense, w.w.n, w.w.k, G)
+	}
+	for si, sq := range b.batch.Seqs {
+		b.expandedSeq(si, sq, om, qm, uk, uv, s, layer, scale, bf)
+	}
+}
+
+// expandedBufs is the workspace of a step's expanded attention: the
+// gathered rows, keys and values of its longest sequence, the weights as
+// bf16, and the splits' partial outputs.
+type expandedBufs struct{ rows, keys, vals, wk, wv, po, pml uint64 }
+
+// expandedSeq queues the expanded attention of sequence si of the step:
+// its cached rows gathered, its keys and values, the attention's splits
+// and their merge.
+func (b *Backend) expandedSeq(si int, sq backend.Seq, om, qm *tensor, uk, uv *weight, s backend.MLAShape, layer int, scale float32, bf expandedBufs) {
+	p, H, dn, dv, r := b.pool, s.Heads, s.NopeDim, s.VDim, s.Rank
+	width := r + s.RopeDim
+	n := int(b.batch.Positions[sq.Start+sq.Len-1]) + 1
+	b.launch("expand gather", "ops", "cache_gather_bf16", D1(n), D1(256),
+		bf.rows, p.layer(layer), p.kernelDType(), b.meta.seqBlocks, b.meta.blocks, si, p.blockSize, r, s.RopeDim)
+	b.do("expand keys and values", func(c *Ctx) error {
+		gemm, err := c.kernelShared("expand", "expand_gemm", expandGemmShared)
+		if err != nil {
+			return err
+		}
+		for _, e := range []struct {
+			dst, w uint64
+			m      *weight
+		}{{bf.keys, bf.wk, uk}, {bf.vals, bf.wv, uv}} {
+			var rowScale uint64
+			if e.m.q != nil {
+				rowScale = e.m.q.RowScale
+			}
+			if err := c.Launch(gemm, Dim{uint32((n + 127) / 128), uint32((e.m.n + 127) / 128), 1}, D1(256), expandGemmShared,
+				e.dst, e.m.n, bf.rows, width, e.w, rowScale, n, e.m.n, r); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	S := b.expandedSplits(sq.Len, n, H)
+	W := expandedWarps
+	nq := (sq.Len + 16*W - 1) / (16 * W)
+	scale2 := scale * float32(math.Log2E)
+	b.do("attention", func(c *Ctx) error {
+		flash, err := c.kernelShared("expand", expandedFlashName(W), expandedShared())
+		if err != nil {
+			return err
+		}
+		return c.Launch(flash, Dim{uint32(nq * S), uint32(H), 1}, D1(32*W), expandedShared(),
+			bf.po, bf.pml, qm.row(sq.Start), qm.ld, bf.keys, H*dn, bf.rows, width, r, bf.vals, H*dv,
+			b.meta.pos+4*uint64(sq.Start), sq.Len, H, S, scale2)
+	})
+	b.launch("attention merge", "expand", "expand_merge", Dim{uint32(sq.Len), uint32(H), 1}, D1(expandedDV/4),
+		om.row(sq.Start), om.ld, bf.po, bf.pml, sq.Len, H, S)
+}

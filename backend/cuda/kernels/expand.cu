@@ -1,0 +1,358 @@
+// Prefill attention in the expanded form (DESIGN.md section 3: prefill may
+// decompress and run ordinary attention), for long prompts. Per head h the
+// keys are k_j = [W_UK[h] c_j | k_pe_j] (dn + dr = 256 values) and the
+// values v_j = W_UV[h] c_j (dv = 256), over the cached latent rows c_j;
+// then causal flash attention over them. A pair of positions costs 512
+// multiply-adds a head against the latent form's 1,088 (flash.cu), for the
+// expansion's positions x heads x (dn + dv) x rank once a step.
+//
+// Steps (expanded.go): cache_gather_bf16 (ops.cu) writes the sequence's
+// cached rows as dense bf16; expand_weights writes W_UK, then W_UV, as
+// bf16; expand_gemm multiplies them into the keys and the values;
+// expand_flash runs each split of the keys; expand_merge adds the splits.
+//
+// Rounding: the latent as cached (bf16: exact), each weight's E2M1 code
+// times its E4M3 group scale (at most six significant bits: exact in
+// bf16) with its row scale applied to the fp32 products; keys, values,
+// queries and softmax weights rounded to bf16 (2^-9 relative; bf16 keeps
+// fp32's range, f16 would not), fp32 accumulators.
+
+#define EX_DN 192
+#define EX_DR 64
+#define EX_DK 256  // EX_DN + EX_DR: a key's values
+#define EX_DV 256
+#define EX_KEYS 64  // keys a tile
+#define EX_LD 264  // query, key and value rows in shared memory (bf16): 528 bytes, ldmatrix free of conflicts
+
+// Two floats as bf16 (lo in the low half), round to nearest even.
+DEVICE u32 bf16x2_rn(float lo, float hi) {
+  u32 r;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
+  return r;
+}
+
+// W [N, K] as bf16 rows: an MMFP4 matrix's E2M1 code times its E4M3 group
+// scale (exact in bf16; the row scale is expand_gemm's), or dense fp32
+// weights rounded (codes == 0). Two columns a thread.
+extern "C" __global__ void __launch_bounds__(256)
+    expand_weights(unsigned short* out, const u8* __restrict__ codes, const u8* __restrict__ scales,
+                   const float* __restrict__ dense, int N, int K, int G) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  const size_t i = 2 * ((size_t)blockIdx.x * 256 + threadIdx.x);
+  if (i >= (size_t)N * K) return;
+  float a, b;
+  if (codes) {
+    const size_t n = i / K;
+    const int k = (int)(i - n * K);
+    const float s = e4m3(scales[n * (K / G) + k / G]);
+    const u32 c = codes[i / 2];
+    a = s * e2m1_value(c & 15u);
+    b = s * e2m1_value(c >> 4);
+  } else {
+    a = dense[i];
+    b = dense[i + 1];
+  }
+  ((u32*)out)[i / 2] = bf16x2_rn(a, b);
+}
+
+#define EG_BM 128
+#define EG_BN 128
+#define EG_BK 32
+#define EG_LD 40  // shared rows (bf16): 80 bytes, ldmatrix free of conflicts
+#define EG_STAGES 3
+
+// C[p, n] = bf16(rowscale[n] * sum_k A[p, k] W[n, k]) for rows p < P: the
+// keys' or the values' expansion (A the gathered latent rows, lda values
+// apart; W expand_weights' N rows; rowscale 0 for ones). Tiles of 128 x
+// 128 in k steps of 32, three stages of copies; warps of 32 x 64. N even,
+// K a multiple of 32, lda of 8.
+extern "C" __global__ void __launch_bounds__(256)
+    expand_gemm(unsigned short* __restrict__ C, int ldc, const unsigned short* __restrict__ A, int lda,
+                const unsigned short* __restrict__ W, const float* __restrict__ rowscale, int P, int N, int K) {
+  extern __shared__ __align__(16) unsigned short eg_sm[];
+  unsigned short* As = eg_sm;                             // [stage][EG_BM][EG_LD]
+  unsigned short* Bs = eg_sm + EG_STAGES * EG_BM * EG_LD;  // [stage][EG_BN][EG_LD]
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int m0 = blockIdx.x * EG_BM, n0 = blockIdx.y * EG_BN;
+  const int wm = (warp & 3) * 32, wn = (warp >> 2) * 64;
+  PDL_LAUNCH();
+  PDL_WAIT();
+  auto issue = [&](int stage, int k0) {
+    for (int c = tid; c < EG_BM * 4; c += 256) {
+      const int r = c >> 2, q = c & 3, p = m0 + r;
+      cp_async16(smem_addr(As + (stage * EG_BM + r) * EG_LD + q * 8), A + (size_t)(p < P ? p : 0) * lda + k0 + q * 8,
+                 p < P);
+    }
+    for (int c = tid; c < EG_BN * 4; c += 256) {
+      const int r = c >> 2, q = c & 3, n = n0 + r;
+      cp_async16(smem_addr(Bs + (stage * EG_BN + r) * EG_LD + q * 8), W + (size_t)(n < N ? n : 0) * K + k0 + q * 8,
+                 n < N);
+    }
+  };
+  float acc[2][8][4];
+#pragma unroll
+  for (int i = 0; i < 2; i++)
+#pragma unroll
+    for (int j = 0; j < 8; j++) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
+  const int nk = K / EG_BK;
+#pragma unroll
+  for (int s = 0; s < EG_STAGES - 1; s++) {
+    if (s < nk) issue(s, s * EG_BK);
+    asm volatile("cp.async.commit_group;" ::: "memory");
+  }
+  for (int it = 0; it < nk; it++) {
+    asm volatile("cp.async.wait_group %0;" ::"n"(EG_STAGES - 2) : "memory");
+    __syncthreads();  // step it has landed; every warp is done with step it - 1's stage
+    if (it + EG_STAGES - 1 < nk) issue((it + EG_STAGES - 1) % EG_STAGES, (it + EG_STAGES - 1) * EG_BK);
+    asm volatile("cp.async.commit_group;" ::: "memory");
+    const unsigned short* as = As + (it % EG_STAGES) * EG_BM * EG_LD;
+    const unsigned short* bs = Bs + (it % EG_STAGES) * EG_BN * EG_LD;
+#pragma unroll
+    for (int kk = 0; kk < EG_BK; kk += 16) {
+      u32 a[2][4];
+#pragma unroll
+      for (int mi = 0; mi < 2; mi++)
+        ldsm_x4(smem_addr(as + (wm + mi * 16 + (lane & 15)) * EG_LD + kk + (lane >> 4) * 8), a[mi][0], a[mi][1],
+                a[mi][2], a[mi][3]);
+#pragma unroll
+      for (int nj = 0; nj < 4; nj++) {
+        u32 b0, b1, b2, b3;
+        ldsm_x4(smem_addr(bs + (wn + nj * 16 + (lane & 7) + ((lane >> 4) << 3)) * EG_LD + kk + ((lane >> 3) & 1) * 8),
+                b0, b1, b2, b3);
+#pragma unroll
+        for (int mi = 0; mi < 2; mi++) {
+          mma_bf16(acc[mi][2 * nj], a[mi], b0, b1);
+          mma_bf16(acc[mi][2 * nj + 1], a[mi], b2, b3);
+        }
+      }
+    }
+  }
+  const int g = lane >> 2, c2 = (lane & 3) * 2;
+#pragma unroll
+  for (int ni = 0; ni < 8; ni++) {
+    const int n = n0 + wn + ni * 8 + c2;
+    if (n >= N) continue;
+    const float s0 = rowscale ? rowscale[n] : 1.f, s1 = rowscale ? rowscale[n + 1] : 1.f;
+#pragma unroll
+    for (int mi = 0; mi < 2; mi++)
+#pragma unroll
+      for (int hf = 0; hf < 2; hf++) {
+        const int p = m0 + wm + mi * 16 + g + 8 * hf;
+        if (p < P) *(u32*)(C + (size_t)p * ldc + n) = bf16x2_rn(acc[mi][ni][2 * hf] * s0, acc[mi][ni][2 * hf + 1] * s1);
+      }
+  }
+}
+
+// Causal attention of one sequence's T rows (positions pos[t], ascending)
+// over keys [0, pos[t]] in the expanded form. Block (x, h), x = split *
+// nq + i, takes query rows [16 NW i, +16 NW) of head h and split `split` of
+// their key tiles, and writes that split's output before the softmax's
+// division (po: [split][t][head][256]) and its running maximum (base 2)
+// and sum (pml: [split][t][head][2]); expand_merge adds the splits. kn
+// holds the keys' first dn values (ldk apart, head h at h * dn), rows the
+// gathered cache rows (k_pe at column rank), v the values (head h at h *
+// dv). Consecutive blocks take the same keys for other rows, which then
+// come from L2. Warps own 16 rows each; two stages of key and value tiles.
+template <int NW>
+DEVICE void expand_flash_body(float* __restrict__ po, float* __restrict__ pml, const float* __restrict__ q, int ldq,
+                              const unsigned short* __restrict__ kn, int ldk, const unsigned short* __restrict__ rows,
+                              int ldr, int rank, const unsigned short* __restrict__ v, int ldv,
+                              const i32* __restrict__ pos, int T, int heads, int splits, float scale_log2) {
+  constexpr int BR = 16 * NW, NT = 32 * NW;  // query rows and threads a block
+  extern __shared__ __align__(16) unsigned short ex_sm[];
+  unsigned short* Qs = ex_sm;                       // [BR][EX_LD]
+  unsigned short* Ks = Qs + BR * EX_LD;       // [2][EX_KEYS][EX_LD]
+  unsigned short* Vs = Ks + 2 * EX_KEYS * EX_LD;   // [2][EX_KEYS][EX_LD]
+  const int nq = (T + BR - 1) / BR;
+  const int qi = blockIdx.x % nq, sp = blockIdx.x / nq, h = blockIdx.y;
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int t0 = qi * BR, nt = min(BR, T - t0);
+  PDL_LAUNCH();
+  PDL_WAIT();
+  const int nkeys = pos[t0 + nt - 1] + 1;
+  const int ntiles = (nkeys + EX_KEYS - 1) / EX_KEYS, per = (ntiles + splits - 1) / splits;
+  const int tb = sp * per, te = min(ntiles, tb + per);
+
+  auto issue = [&](int stage, int kb) {
+    unsigned short* ks = Ks + stage * EX_KEYS * EX_LD;
+    unsigned short* vs = Vs + stage * EX_KEYS * EX_LD;
+    for (int c = tid; c < EX_KEYS * 32; c += NT) {  // 24 chunks of k_nope, 8 of k_pe a key
+      const int r = c >> 5, f = c & 31, j = kb + r, jj = j < nkeys ? j : 0;
+      const unsigned short* src =
+          f < 24 ? kn + (size_t)jj * ldk + h * EX_DN + 8 * f : rows + (size_t)jj * ldr + rank + 8 * (f - 24);
+      cp_async16(smem_addr(ks + r * EX_LD + 8 * f), src, j < nkeys);
+    }
+    for (int c = tid; c < EX_KEYS * 32; c += NT) {  // zeros past nkeys: their weights are 0, not NaN
+      const int r = c >> 5, f = c & 31, j = kb + r;
+      cp_async16(smem_addr(vs + r * EX_LD + 8 * f), v + (size_t)(j < nkeys ? j : 0) * ldv + h * EX_DV + 8 * f,
+                 j < nkeys);
+    }
+  };
+  if (tb < te) issue(0, tb * EX_KEYS);
+  asm volatile("cp.async.commit_group;" ::: "memory");
+
+  // The queries as bf16 (zeros past T), while the first tile's copies fly.
+  for (int c = tid; c < BR * (EX_DK / 4); c += NT) {
+    const int r = c / (EX_DK / 4), f = c - r * (EX_DK / 4);
+    float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (r < nt) x = *(const float4*)(q + (size_t)(t0 + r) * ldq + h * EX_DK + 4 * f);
+    *(uint2*)(Qs + r * EX_LD + 4 * f) = make_uint2(bf16x2_rn(x.x, x.y), bf16x2_rn(x.z, x.w));
+  }
+
+  const int g = lane >> 2, c2 = (lane & 3) * 2, r0 = warp * 16 + g;
+  const int pa = r0 < nt ? pos[t0 + r0] : -1, pb = r0 + 8 < nt ? pos[t0 + r0 + 8] : -1;
+  const int wlast = min(nt, warp * 16 + 16) - 1;
+  const int wmax = warp * 16 < nt ? pos[t0 + wlast] : -1;  // the warp's last key
+  const int wmin = warp * 16 < nt ? pos[t0 + warp * 16] : -1;
+  const float ninf = __int_as_float(0xff800000);
+  float o[32][4];
+#pragma unroll
+  for (int n = 0; n < 32; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float m[2] = {ninf, ninf}, l[2] = {0.f, 0.f};
+
+  for (int it = tb; it < te; it++) {
+    const int st = (it - tb) & 1, kb = it * EX_KEYS;
+    if (it + 1 < te) issue(st ^ 1, kb + EX_KEYS);
+    asm volatile("cp.async.commit_group;" ::: "memory");
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+    __syncthreads();
+    const unsigned short* ks = Ks + st * EX_KEYS * EX_LD;
+    const unsigned short* vs = Vs + st * EX_KEYS * EX_LD;
+    if (kb <= wmax) {
+      float s[8][4];
+#pragma unroll
+      for (int n = 0; n < 8; n++) s[n][0] = s[n][1] = s[n][2] = s[n][3] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < EX_DK / 16; kk++) {
+        u32 a[4];
+        ldsm_x4(smem_addr(Qs + (warp * 16 + (lane & 15)) * EX_LD + kk * 16 + (lane >> 4) * 8), a[0], a[1], a[2], a[3]);
+#pragma unroll
+        for (int np = 0; np < 4; np++) {
+          u32 b0, b1, b2, b3;
+          ldsm_x4(smem_addr(ks + (np * 16 + (lane & 7) + ((lane >> 4) << 3)) * EX_LD + kk * 16 + ((lane >> 3) & 1) * 8),
+                  b0, b1, b2, b3);
+          mma_bf16(s[2 * np], a, b0, b1);
+          mma_bf16(s[2 * np + 1], a, b2, b3);
+        }
+      }
+      // Scale into base 2; keys past a row's position out (only on the
+      // tiles that reach past the warp's first row).
+      const bool edge = kb + EX_KEYS - 1 > wmin;
+      float mx[2] = {ninf, ninf};
+#pragma unroll
+      for (int n = 0; n < 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int j = kb + n * 8 + c2 + (e & 1);
+          float x = s[n][e] * scale_log2;
+          if (edge && j > (e < 2 ? pa : pb)) x = ninf;
+          s[n][e] = x;
+          mx[e >> 1] = fmaxf(mx[e >> 1], x);
+        }
+      float base[2], corr[2];
+#pragma unroll
+      for (int r = 0; r < 2; r++) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        const float mn = fmaxf(m[r], mx[r]);
+        base[r] = mn == ninf ? 0.f : mn;  // a row with no key yet stays at zero
+        corr[r] = fa_ex2(m[r] - base[r]);
+        m[r] = mn;
+        l[r] *= corr[r];
+      }
+#pragma unroll
+      for (int n = 0; n < 32; n++) {
+        o[n][0] *= corr[0];
+        o[n][1] *= corr[0];
+        o[n][2] *= corr[1];
+        o[n][3] *= corr[1];
+      }
+#pragma unroll
+      for (int n = 0; n < 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          s[n][e] = fa_ex2(s[n][e] - base[e >> 1]);
+          l[e >> 1] += s[n][e];
+        }
+#pragma unroll
+      for (int kk = 0; kk < EX_KEYS / 16; kk++) {
+        const u32 a[4] = {bf16x2_rn(s[2 * kk][0], s[2 * kk][1]), bf16x2_rn(s[2 * kk][2], s[2 * kk][3]),
+                          bf16x2_rn(s[2 * kk + 1][0], s[2 * kk + 1][1]), bf16x2_rn(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+        for (int dp = 0; dp < EX_DV / 16; dp++) {
+          u32 b0, b1, b2, b3;
+          ldsm_x4_t(smem_addr(vs + (kk * 16 + (lane & 7) + ((lane >> 3) & 1) * 8) * EX_LD + dp * 16 + (lane >> 4) * 8),
+                    b0, b1, b2, b3);
+          mma_bf16(o[2 * dp], a, b0, b1);
+          mma_bf16(o[2 * dp + 1], a, b2, b3);
+        }
+      }
+    }
+    __syncthreads();  // this stage is refilled by the next step's copies
+  }
+  asm volatile("cp.async.wait_all;" ::: "memory");
+
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
+#pragma unroll
+  for (int hf = 0; hf < 2; hf++) {
+    const int row = r0 + 8 * hf;
+    if (row >= nt) continue;
+    const size_t at = ((size_t)sp * T + t0 + row) * heads + h;
+    float* dst = po + at * EX_DV;
+#pragma unroll
+    for (int n = 0; n < 32; n++) *(float2*)(dst + n * 8 + c2) = make_float2(o[n][2 * hf], o[n][2 * hf + 1]);
+    if ((lane & 3) == 0) *(float2*)(pml + 2 * at) = make_float2(m[hf], l[hf]);
+  }
+}
+
+extern "C" __global__ void __launch_bounds__(128, 1)
+    expand_flash(float* __restrict__ po, float* __restrict__ pml, const float* __restrict__ q, int ldq,
+                 const unsigned short* __restrict__ kn, int ldk, const unsigned short* __restrict__ rows, int ldr,
+                 int rank, const unsigned short* __restrict__ v, int ldv, const i32* __restrict__ pos, int T, int heads,
+                 int splits, float scale_log2) {
+  expand_flash_body<4>(po, pml, q, ldq, kn, ldk, rows, ldr, rank, v, ldv, pos, T, heads, splits, scale_log2);
+}
+
+// The same with 8 warps: 128 query rows a block, each key tile read once
+// for twice the rows.
+extern "C" __global__ void __launch_bounds__(256, 1)
+    expand_flash_w8(float* __restrict__ po, float* __restrict__ pml, const float* __restrict__ q, int ldq,
+                    const unsigned short* __restrict__ kn, int ldk, const unsigned short* __restrict__ rows, int ldr,
+                    int rank, const unsigned short* __restrict__ v, int ldv, const i32* __restrict__ pos, int T,
+                    int heads, int splits, float scale_log2) {
+  expand_flash_body<8>(po, pml, q, ldq, kn, ldk, rows, ldr, rank, v, ldv, pos, T, heads, splits, scale_log2);
+}
+
+// out[t, h*dv + k] = the splits of expand_flash merged: their outputs
+// weighted by 2^(m_split - max) and divided by the weighted sums. Block
+// (t, h), a float4 a thread.
+extern "C" __global__ void __launch_bounds__(EX_DV / 4)
+    expand_merge(float* __restrict__ out, int ldo, const float* __restrict__ po, const float* __restrict__ pml, int T,
+                 int heads, int splits) {
+  PDL_LAUNCH();
+  PDL_WAIT();
+  const int t = blockIdx.x, h = blockIdx.y, f = threadIdx.x;
+  float M = __int_as_float(0xff800000);
+  for (int s = 0; s < splits; s++) M = fmaxf(M, pml[2 * (((size_t)s * T + t) * heads + h)]);
+  float L = 0.f;
+  float4 acc = make_float4(0.f, 0.f, 0.f, 0.f);
+  for (int s = 0; s < splits; s++) {
+    const size_t at = ((size_t)s * T + t) * heads + h;
+    const float2 ml = *(const float2*)(pml + 2 * at);
+    if (ml.y == 0.f) continue;  // no key of this row in the split
+    const float w = fa_ex2(ml.x - M);
+    const float4 x = *(const float4*)(po + at * EX_DV + 4 * f);
+    L += w * ml.y;
+    acc.x += w * x.x;
+    acc.y += w * x.y;
+    acc.z += w * x.z;
+    acc.w += w * x.w;
+  }
+  const float inv = 1.f / L;
+  *(float4*)(out + (size_t)t * ldo + h * EX_DV + 4 * f) = make_float4(acc.x * inv, acc.y * inv, acc.z * inv, acc.w * inv);
+}
