@@ -15,37 +15,28 @@ import (
 // cached position of the sequence each step.
 
 // The head shape expand.cu is compiled for (GLM-4.7-Flash's: EX_DN,
-// EX_DR, EX_DV), its keys a tile, and its shared rows' stride (EX_LD,
-// bf16 values).
+// EX_DR, EX_DV), expand_flash's query rows a block and keys a tile, and
+// its shared rows' stride (EX_LD, bf16 values).
 const (
 	expandedDN   = 192
 	expandedDR   = 64
 	expandedDV   = 256
+	expandedRows = 128
 	expandedKeys = 64
 	expandedLD   = 264
 )
 
-// expandedWarps is expand_flash's warps a block (16 query rows each): 4
-// (expand_flash) or 8 (expand_flash_w8); MMFP4_CUDA_EXPANDED_WARPS sets it.
-var expandedWarps = map[bool]int{false: 8, true: 4}[os.Getenv("MMFP4_CUDA_EXPANDED_WARPS") == "4"]
-
-// expandedFlashName is the expand_flash instance of w warps.
-func expandedFlashName(w int) string {
-	if w == 8 {
-		return "expand_flash_w8"
-	}
-	return "expand_flash"
-}
-
 // expandedMinDefault is the default of Backend.expandedMin: the fewest
 // positions of a sequence from which its prompt steps take the expanded
-// form.
+// form. 1024 is the shortest prompt measured: on an H200 its one step of
+// 1024 rows prefilled 10% faster than in the latent form.
 const expandedMinDefault = 1024
 
 // expandedMinRows is the fewest rows of every sequence of a step that
-// takes the expanded form: the expansion costs each position as many
-// products as about 450 rows' attention saves, so decode steps and short
-// chunks stay on the latent kernels.
+// takes the expanded form. Expanding a position costs as many products as
+// the expanded attention of about 400 rows saves there, so decode steps
+// and short chunks stay on the latent kernels; 256 is a guess below the
+// 1024 rows measured, not a measured crossover.
 const expandedMinRows = 256
 
 // expandedMaxBytes bounds one sequence's gathered rows, keys and values
@@ -63,10 +54,11 @@ func expandedMinKeys() int {
 
 // expandedShared is expand_flash's shared memory: the queries and two
 // stages of key and value tiles.
-func expandedShared() int { return (16*expandedWarps + 4*expandedKeys) * expandedLD * 2 }
+func expandedShared() int { return (expandedRows + 4*expandedKeys) * expandedLD * 2 }
 
-// expandGemmShared is expand_gemm's: three stages of two 128 x 40 tiles.
-const expandGemmShared = 3 * 2 * 128 * 40 * 2
+// expandGemmShared is expand_gemm's shared memory: three stages of two
+// 128 x 72 tiles.
+const expandGemmShared = 3 * 2 * 128 * 72 * 2
 
 // expandedBytes is the workspace of one sequence of n positions: its
 // gathered rows, keys and values (bf16).
@@ -81,7 +73,7 @@ func (b *Backend) ExpandedFits(s backend.MLAShape) bool {
 	p := b.pool
 	if b.expandedMin <= 0 || p == nil || b.batch == nil || len(b.batch.Seqs) == 0 ||
 		s.NopeDim != expandedDN || s.RopeDim != expandedDR || s.VDim != expandedDV || s.Heads < 1 ||
-		s.Rank%32 != 0 || p.rank != s.Rank || p.ropeDim != s.RopeDim ||
+		s.Rank%64 != 0 || p.rank != s.Rank || p.ropeDim != s.RopeDim || s.Heads*s.VDim*s.Rank >= 1<<30 ||
 		expandedShared() > b.dev.Info().SharedOptin {
 		return false
 	}
@@ -94,12 +86,17 @@ func (b *Backend) ExpandedFits(s backend.MLAShape) bool {
 	return true
 }
 
-// expandedSplits is how many blocks share a query tile's keys: enough
-// blocks for about four waves of the multiprocessors, each split at least
-// four key tiles.
+// expandedSplits is how many blocks share a query tile's keys. One where
+// the rows are at least half the keys: the query tiles then differ in
+// their keys, the longest start first, and the short ones fill the last
+// wave. Else enough blocks for about four waves of the multiprocessors
+// (tiles of equal keys leave a partial last wave idle), each split at
+// least four key tiles.
 func (b *Backend) expandedSplits(rows, keys, heads int) int {
-	br := 16 * expandedWarps
-	blocks := (rows + br - 1) / br * heads
+	if 2*rows >= keys {
+		return 1
+	}
+	blocks := (rows + expandedRows - 1) / expandedRows * heads
 	s := (4*b.dev.Info().SMs + blocks - 1) / blocks
 	return max(1, min(s, 16, (keys+expandedKeys-1)/expandedKeys/4))
 }
@@ -199,18 +196,19 @@ func (b *Backend) expandedSeq(si int, sq backend.Seq, om, qm *tensor, uk, uv *we
 		return nil
 	})
 	S := b.expandedSplits(sq.Len, n, H)
-	W := expandedWarps
-	nq := (sq.Len + 16*W - 1) / (16 * W)
+	nq := (sq.Len + expandedRows - 1) / expandedRows
 	scale2 := scale * float32(math.Log2E)
 	b.do("attention", func(c *Ctx) error {
-		flash, err := c.kernelShared("expand", expandedFlashName(W), expandedShared())
+		flash, err := c.kernelShared("expand", "expand_flash", expandedShared())
 		if err != nil {
 			return err
 		}
-		return c.Launch(flash, Dim{uint32(nq * S), uint32(H), 1}, D1(32*W), expandedShared(),
-			bf.po, bf.pml, qm.row(sq.Start), qm.ld, bf.keys, H*dn, bf.rows, width, r, bf.vals, H*dv,
+		return c.Launch(flash, Dim{uint32(nq * S), uint32(H), 1}, D1(256), expandedShared(),
+			om.row(sq.Start), om.ld, bf.po, bf.pml, qm.row(sq.Start), qm.ld, bf.keys, H*dn, bf.rows, width, r, bf.vals, H*dv,
 			b.meta.pos+4*uint64(sq.Start), sq.Len, H, S, scale2)
 	})
-	b.launch("attention merge", "expand", "expand_merge", Dim{uint32(sq.Len), uint32(H), 1}, D1(expandedDV/4),
-		om.row(sq.Start), om.ld, bf.po, bf.pml, sq.Len, H, S)
+	if S > 1 {
+		b.launch("attention merge", "expand", "expand_merge", Dim{uint32(sq.Len), uint32(H), 1}, D1(expandedDV/4),
+			om.row(sq.Start), om.ld, bf.po, bf.pml, sq.Len, H, S)
+	}
 }

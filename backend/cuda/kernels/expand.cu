@@ -39,12 +39,11 @@ extern "C" __global__ void __launch_bounds__(256)
                    const float* __restrict__ dense, int N, int K, int G) {
   PDL_LAUNCH();
   PDL_WAIT();
-  const size_t i = 2 * ((size_t)blockIdx.x * 256 + threadIdx.x);
-  if (i >= (size_t)N * K) return;
+  const int i = 2 * (blockIdx.x * 256 + threadIdx.x);  // N * K < 2^31 (expanded.go)
+  if (i >= N * K) return;
   float a, b;
   if (codes) {
-    const size_t n = i / K;
-    const int k = (int)(i - n * K);
+    const int n = i / K, k = i - n * K;
     const float s = e4m3(scales[n * (K / G) + k / G]);
     const u32 c = codes[i / 2];
     a = s * e2m1_value(c & 15u);
@@ -58,35 +57,37 @@ extern "C" __global__ void __launch_bounds__(256)
 
 #define EG_BM 128
 #define EG_BN 128
-#define EG_BK 32
-#define EG_LD 40  // shared rows (bf16): 80 bytes, ldmatrix free of conflicts
 #define EG_STAGES 3
 
 // C[p, n] = bf16(rowscale[n] * sum_k A[p, k] W[n, k]) for rows p < P: the
 // keys' or the values' expansion (A the gathered latent rows, lda values
 // apart; W expand_weights' N rows; rowscale 0 for ones). Tiles of 128 x
-// 128 in k steps of 32, three stages of copies; warps of 32 x 64. N even,
-// K a multiple of 32, lda of 8.
-extern "C" __global__ void __launch_bounds__(256)
+// 128 in k steps of 64, three stages of copies, two blocks a
+// multiprocessor (128 registers); warps of 32 x 64. N even, K a multiple
+// of 64, lda of 8. (Measured slower on an H200: k steps of 32, 2-3%; tiles
+// of 128 x 256 in warps of 64 x 64, four stages, one block a
+// multiprocessor, 14%.)
+extern "C" __global__ void __launch_bounds__(256, 2)
     expand_gemm(unsigned short* __restrict__ C, int ldc, const unsigned short* __restrict__ A, int lda,
                 const unsigned short* __restrict__ W, const float* __restrict__ rowscale, int P, int N, int K) {
+  constexpr int BK = 64, LD = BK + 8, CH = BK / 8;  // shared rows (bf16; ldmatrix free of conflicts), 16-byte chunks a row
   extern __shared__ __align__(16) unsigned short eg_sm[];
-  unsigned short* As = eg_sm;                             // [stage][EG_BM][EG_LD]
-  unsigned short* Bs = eg_sm + EG_STAGES * EG_BM * EG_LD;  // [stage][EG_BN][EG_LD]
+  unsigned short* As = eg_sm;                          // [stage][EG_BM][LD]
+  unsigned short* Bs = eg_sm + EG_STAGES * EG_BM * LD;  // [stage][EG_BN][LD]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int m0 = blockIdx.x * EG_BM, n0 = blockIdx.y * EG_BN;
   const int wm = (warp & 3) * 32, wn = (warp >> 2) * 64;
   PDL_LAUNCH();
   PDL_WAIT();
   auto issue = [&](int stage, int k0) {
-    for (int c = tid; c < EG_BM * 4; c += 256) {
-      const int r = c >> 2, q = c & 3, p = m0 + r;
-      cp_async16(smem_addr(As + (stage * EG_BM + r) * EG_LD + q * 8), A + (size_t)(p < P ? p : 0) * lda + k0 + q * 8,
+    for (int c = tid; c < EG_BM * CH; c += 256) {
+      const int r = c / CH, q = c % CH, p = m0 + r;
+      cp_async16(smem_addr(As + (stage * EG_BM + r) * LD + q * 8), A + (size_t)(p < P ? p : 0) * lda + k0 + q * 8,
                  p < P);
     }
-    for (int c = tid; c < EG_BN * 4; c += 256) {
-      const int r = c >> 2, q = c & 3, n = n0 + r;
-      cp_async16(smem_addr(Bs + (stage * EG_BN + r) * EG_LD + q * 8), W + (size_t)(n < N ? n : 0) * K + k0 + q * 8,
+    for (int c = tid; c < EG_BN * CH; c += 256) {
+      const int r = c / CH, q = c % CH, n = n0 + r;
+      cp_async16(smem_addr(Bs + (stage * EG_BN + r) * LD + q * 8), W + (size_t)(n < N ? n : 0) * K + k0 + q * 8,
                  n < N);
     }
   };
@@ -95,31 +96,31 @@ extern "C" __global__ void __launch_bounds__(256)
   for (int i = 0; i < 2; i++)
 #pragma unroll
     for (int j = 0; j < 8; j++) acc[i][j][0] = acc[i][j][1] = acc[i][j][2] = acc[i][j][3] = 0.f;
-  const int nk = K / EG_BK;
+  const int nk = K / BK;
 #pragma unroll
   for (int s = 0; s < EG_STAGES - 1; s++) {
-    if (s < nk) issue(s, s * EG_BK);
+    if (s < nk) issue(s, s * BK);
     asm volatile("cp.async.commit_group;" ::: "memory");
   }
   for (int it = 0; it < nk; it++) {
     asm volatile("cp.async.wait_group %0;" ::"n"(EG_STAGES - 2) : "memory");
     __syncthreads();  // step it has landed; every warp is done with step it - 1's stage
-    if (it + EG_STAGES - 1 < nk) issue((it + EG_STAGES - 1) % EG_STAGES, (it + EG_STAGES - 1) * EG_BK);
+    if (it + EG_STAGES - 1 < nk) issue((it + EG_STAGES - 1) % EG_STAGES, (it + EG_STAGES - 1) * BK);
     asm volatile("cp.async.commit_group;" ::: "memory");
-    const unsigned short* as = As + (it % EG_STAGES) * EG_BM * EG_LD;
-    const unsigned short* bs = Bs + (it % EG_STAGES) * EG_BN * EG_LD;
+    const unsigned short* as = As + (it % EG_STAGES) * EG_BM * LD;
+    const unsigned short* bs = Bs + (it % EG_STAGES) * EG_BN * LD;
 #pragma unroll
-    for (int kk = 0; kk < EG_BK; kk += 16) {
+    for (int kk = 0; kk < BK; kk += 16) {
       u32 a[2][4];
 #pragma unroll
       for (int mi = 0; mi < 2; mi++)
-        ldsm_x4(smem_addr(as + (wm + mi * 16 + (lane & 15)) * EG_LD + kk + (lane >> 4) * 8), a[mi][0], a[mi][1],
-                a[mi][2], a[mi][3]);
+        ldsm_x4(smem_addr(as + (wm + mi * 16 + (lane & 15)) * LD + kk + (lane >> 4) * 8), a[mi][0], a[mi][1], a[mi][2],
+                a[mi][3]);
 #pragma unroll
       for (int nj = 0; nj < 4; nj++) {
         u32 b0, b1, b2, b3;
-        ldsm_x4(smem_addr(bs + (wn + nj * 16 + (lane & 7) + ((lane >> 4) << 3)) * EG_LD + kk + ((lane >> 3) & 1) * 8),
-                b0, b1, b2, b3);
+        ldsm_x4(smem_addr(bs + (wn + nj * 16 + (lane & 7) + ((lane >> 4) << 3)) * LD + kk + ((lane >> 3) & 1) * 8), b0,
+                b1, b2, b3);
 #pragma unroll
         for (int mi = 0; mi < 2; mi++) {
           mma_bf16(acc[mi][2 * nj], a[mi], b0, b1);
@@ -146,26 +147,30 @@ extern "C" __global__ void __launch_bounds__(256)
 
 // Causal attention of one sequence's T rows (positions pos[t], ascending)
 // over keys [0, pos[t]] in the expanded form. Block (x, h), x = split *
-// nq + i, takes query rows [16 NW i, +16 NW) of head h and split `split` of
-// their key tiles, and writes that split's output before the softmax's
-// division (po: [split][t][head][256]) and its running maximum (base 2)
-// and sum (pml: [split][t][head][2]); expand_merge adds the splits. kn
-// holds the keys' first dn values (ldk apart, head h at h * dn), rows the
-// gathered cache rows (k_pe at column rank), v the values (head h at h *
-// dv). Consecutive blocks take the same keys for other rows, which then
-// come from L2. Warps own 16 rows each; two stages of key and value tiles.
-template <int NW>
-DEVICE void expand_flash_body(float* __restrict__ po, float* __restrict__ pml, const float* __restrict__ q, int ldq,
-                              const unsigned short* __restrict__ kn, int ldk, const unsigned short* __restrict__ rows,
-                              int ldr, int rank, const unsigned short* __restrict__ v, int ldv,
-                              const i32* __restrict__ pos, int T, int heads, int splits, float scale_log2) {
-  constexpr int BR = 16 * NW, NT = 32 * NW;  // query rows and threads a block
+// nq + i, takes query rows [128 i, +128) of head h and split `split` of
+// their key tiles. With one split it writes the output itself (out, head
+// h at h * dv); else the split's output before the softmax's division
+// (po: [split][t][head][256]) and its running maximum (base 2) and sum
+// (pml: [split][t][head][2]), which expand_merge adds up. kn holds the
+// keys' first dn values (ldk apart, head h at h * dn), rows the gathered
+// cache rows (k_pe at column rank), v the values (head h at h * dv).
+// The query tiles with the most keys start first; consecutive blocks take
+// the same keys for other rows, which then come from L2. Eight warps of
+// 16 rows (each key tile read once for 128 rows: blocks of four warps
+// measured 3-22% slower end to end on an H200), two stages of key and
+// value tiles.
+extern "C" __global__ void __launch_bounds__(256, 1)
+    expand_flash(float* __restrict__ out, int ldo, float* __restrict__ po, float* __restrict__ pml,
+                 const float* __restrict__ q, int ldq, const unsigned short* __restrict__ kn, int ldk,
+                 const unsigned short* __restrict__ rows, int ldr, int rank, const unsigned short* __restrict__ v,
+                 int ldv, const i32* __restrict__ pos, int T, int heads, int splits, float scale_log2) {
+  constexpr int BR = 128, NT = 256;  // query rows and threads a block
   extern __shared__ __align__(16) unsigned short ex_sm[];
   unsigned short* Qs = ex_sm;                       // [BR][EX_LD]
   unsigned short* Ks = Qs + BR * EX_LD;       // [2][EX_KEYS][EX_LD]
   unsigned short* Vs = Ks + 2 * EX_KEYS * EX_LD;   // [2][EX_KEYS][EX_LD]
   const int nq = (T + BR - 1) / BR;
-  const int qi = blockIdx.x % nq, sp = blockIdx.x / nq, h = blockIdx.y;
+  const int qi = nq - 1 - blockIdx.x % nq, sp = blockIdx.x / nq, h = blockIdx.y;  // most keys first
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int t0 = qi * BR, nt = min(BR, T - t0);
   PDL_LAUNCH();
@@ -302,30 +307,19 @@ DEVICE void expand_flash_body(float* __restrict__ po, float* __restrict__ pml, c
   for (int hf = 0; hf < 2; hf++) {
     const int row = r0 + 8 * hf;
     if (row >= nt) continue;
+    if (splits == 1) {  // the output itself (every row has key 0: l > 0)
+      const float inv = 1.f / l[hf];
+      float* dst = out + (size_t)(t0 + row) * ldo + h * EX_DV;
+#pragma unroll
+      for (int n = 0; n < 32; n++) *(float2*)(dst + n * 8 + c2) = make_float2(o[n][2 * hf] * inv, o[n][2 * hf + 1] * inv);
+      continue;
+    }
     const size_t at = ((size_t)sp * T + t0 + row) * heads + h;
     float* dst = po + at * EX_DV;
 #pragma unroll
     for (int n = 0; n < 32; n++) *(float2*)(dst + n * 8 + c2) = make_float2(o[n][2 * hf], o[n][2 * hf + 1]);
     if ((lane & 3) == 0) *(float2*)(pml + 2 * at) = make_float2(m[hf], l[hf]);
   }
-}
-
-extern "C" __global__ void __launch_bounds__(128, 1)
-    expand_flash(float* __restrict__ po, float* __restrict__ pml, const float* __restrict__ q, int ldq,
-                 const unsigned short* __restrict__ kn, int ldk, const unsigned short* __restrict__ rows, int ldr,
-                 int rank, const unsigned short* __restrict__ v, int ldv, const i32* __restrict__ pos, int T, int heads,
-                 int splits, float scale_log2) {
-  expand_flash_body<4>(po, pml, q, ldq, kn, ldk, rows, ldr, rank, v, ldv, pos, T, heads, splits, scale_log2);
-}
-
-// The same with 8 warps: 128 query rows a block, each key tile read once
-// for twice the rows.
-extern "C" __global__ void __launch_bounds__(256, 1)
-    expand_flash_w8(float* __restrict__ po, float* __restrict__ pml, const float* __restrict__ q, int ldq,
-                    const unsigned short* __restrict__ kn, int ldk, const unsigned short* __restrict__ rows, int ldr,
-                    int rank, const unsigned short* __restrict__ v, int ldv, const i32* __restrict__ pos, int T,
-                    int heads, int splits, float scale_log2) {
-  expand_flash_body<8>(po, pml, q, ldq, kn, ldk, rows, ldr, rank, v, ldv, pos, T, heads, splits, scale_log2);
 }
 
 // out[t, h*dv + k] = the splits of expand_flash merged: their outputs
