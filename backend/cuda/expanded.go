@@ -40,8 +40,11 @@ const expandedMinDefault = 1024
 const expandedMinRows = 256
 
 // expandedMaxBytes bounds one sequence's gathered rows, keys and values
-// (workspace).
-const expandedMaxBytes = 4 << 30
+// (workspace; about 112k positions at GLM-4.7-Flash's shapes, past which
+// the latent form runs): with the splits' partials and the step's other
+// tensors it stays inside the 4 GiB a device's cache pool leaves free
+// (mmfp4.DeviceCacheReserve).
+const expandedMaxBytes = 2 << 30
 
 // expandedMinKeys is expandedMinDefault, or MMFP4_CUDA_EXPANDED_MIN (0
 // turns the form off).
