@@ -1,3 +1,5 @@
+//go:build linux || darwin || freebsd || netbsd
+
 package cuda
 
 // Weights asked of L2 ahead of their launch. At batch 1 a launch starts
