@@ -80,8 +80,8 @@ type Backend struct {
 	flashAlways bool
 	// expandedMin is the fewest positions of every sequence from which a
 	// prompt step's attention takes the expanded form (expanded.go; 0:
-	// never).
-	expandedMin int
+	// never); expandedSteps counts the attentions that took it (tests).
+	expandedMin, expandedSteps int
 	// noHeadsAttention leaves out the all-heads split kernel, and
 	// noRouteLogits the one-warp router (tests).
 	noHeadsAttention, noRouteLogits bool

@@ -136,6 +136,7 @@ func (b *Backend) ExpandedAttention(out, q backend.Tensor, layer int, wUK, wUV b
 	}
 	b.count(weightBytes(uk) + weightBytes(uv))
 	b.wrote(om)
+	b.expandedSteps++
 
 	maxN, maxParts := 0, 0
 	for _, sq := range b.batch.Seqs {
