@@ -19,25 +19,8 @@ import (
 func expandedRun(t *testing.T, b backend.Backend, seqs []flashSeq, s backend.MLAShape, dt backend.CacheDType, seed uint64,
 	uk, uv backend.HostWeight, expanded bool) []float32 {
 	t.Helper()
-	const blockSize = 16
-	pre, step, blocks := flashBatches(seqs, blockSize)
-	pool, err := b.NewCachePool(1, blocks, blockSize, s.Rank, s.RopeDim, dt)
-	if err != nil {
-		t.Fatal(err)
-	}
 	r := rand.New(rand.NewPCG(seed, 0x657870))
-	write := func(st *backend.Batch) {
-		T := st.Rows()
-		b.SetBatch(st, pool)
-		lat, kpe := b.NewTensor(T, s.Rank), b.NewTensor(T, s.RopeDim)
-		b.Upload(lat, randVec(r, T*s.Rank, 1))
-		b.Upload(kpe, randVec(r, T*s.RopeDim, 1))
-		b.CacheWrite(0, lat, kpe)
-	}
-	if pre != nil {
-		write(pre)
-	}
-	write(step)
+	step := flashCache(t, b, seqs, s, dt, r)
 	T, H := step.Rows(), s.Heads
 	q, out := b.NewTensor(T, H*(s.NopeDim+s.RopeDim)), b.NewTensor(T, H*s.VDim)
 	b.Upload(q, randVec(r, T*H*(s.NopeDim+s.RopeDim), 1))

@@ -66,10 +66,10 @@ func flashRun(t *testing.T, b backend.Backend, seqs []flashSeq, s backend.MLASha
 	return flashRunThen(t, b, seqs, s, dt, seed, nil)
 }
 
-// flashRunThen is flashRun with then (when not nil) called on the output
-// right after the attention is queued.
-func flashRunThen(t *testing.T, b backend.Backend, seqs []flashSeq, s backend.MLAShape, dt backend.CacheDType, seed uint64,
-	then func(olat backend.Tensor)) []float32 {
+// flashCache fills a new cache pool with seqs' rows (random latent and
+// rope values from r, the prefix step's, then the attention step's) and
+// returns the attention step, left bound.
+func flashCache(t *testing.T, b backend.Backend, seqs []flashSeq, s backend.MLAShape, dt backend.CacheDType, r *rand.Rand) *backend.Batch {
 	t.Helper()
 	const blockSize = 16
 	pre, step, blocks := flashBatches(seqs, blockSize)
@@ -84,7 +84,6 @@ func flashRunThen(t *testing.T, b backend.Backend, seqs []flashSeq, s backend.ML
 	if err != nil {
 		t.Fatal(err)
 	}
-	r := rand.New(rand.NewPCG(seed, 0x666c617368))
 	write := func(st *backend.Batch) {
 		T := st.Rows()
 		b.SetBatch(st, pool)
@@ -97,6 +96,16 @@ func flashRunThen(t *testing.T, b backend.Backend, seqs []flashSeq, s backend.ML
 		write(pre)
 	}
 	write(step)
+	return step
+}
+
+// flashRunThen is flashRun with then (when not nil) called on the output
+// right after the attention is queued.
+func flashRunThen(t *testing.T, b backend.Backend, seqs []flashSeq, s backend.MLAShape, dt backend.CacheDType, seed uint64,
+	then func(olat backend.Tensor)) []float32 {
+	t.Helper()
+	r := rand.New(rand.NewPCG(seed, 0x666c617368))
+	step := flashCache(t, b, seqs, s, dt, r)
 	T := step.Rows()
 	qlat, q, olat := b.NewTensor(T, s.Heads*s.Rank), b.NewTensor(T, s.Heads*(s.NopeDim+s.RopeDim)), b.NewTensor(T, s.Heads*s.Rank)
 	b.Upload(qlat, randVec(r, T*s.Heads*s.Rank, 1))
