@@ -72,19 +72,25 @@ func expandedBytes(n int, s backend.MLAShape) int {
 }
 
 // ExpandedFits reports whether the bound step's attention takes the
-// expanded form: the compiled head shape, and every sequence a prompt
-// chunk of at least expandedMinRows rows reaching expandedMin positions.
+// expanded form (expandedTakes), with the shared memory expand_flash needs.
 func (b *Backend) ExpandedFits(s backend.MLAShape) bool {
-	p := b.pool
-	if b.expandedMin <= 0 || p == nil || b.batch == nil || len(b.batch.Seqs) == 0 ||
+	return b.pool != nil && expandedTakes(b.batch, b.pool, s, b.expandedMin) &&
+		expandedShared() <= b.dev.Info().SharedOptin
+}
+
+// expandedTakes reports whether a step takes the expanded form: the
+// compiled head shape over a pool of the same rank, and every sequence a
+// prompt chunk of at least expandedMinRows rows reaching minKeys positions
+// (0: never) within the workspace cap.
+func expandedTakes(batch *backend.Batch, p *cachePool, s backend.MLAShape, minKeys int) bool {
+	if minKeys <= 0 || batch == nil || len(batch.Seqs) == 0 ||
 		s.NopeDim != expandedDN || s.RopeDim != expandedDR || s.VDim != expandedDV || s.Heads < 1 ||
-		s.Rank%64 != 0 || p.rank != s.Rank || p.ropeDim != s.RopeDim || s.Heads*s.VDim*s.Rank >= 1<<30 ||
-		expandedShared() > b.dev.Info().SharedOptin {
+		s.Rank%64 != 0 || p.rank != s.Rank || p.ropeDim != s.RopeDim || s.Heads*s.VDim*s.Rank >= 1<<30 {
 		return false
 	}
-	for _, q := range b.batch.Seqs {
-		n := int(b.batch.Positions[q.Start+q.Len-1]) + 1
-		if q.Len < expandedMinRows || n < b.expandedMin || expandedBytes(n, s) > expandedMaxBytes {
+	for _, q := range batch.Seqs {
+		n := int(batch.Positions[q.Start+q.Len-1]) + 1
+		if q.Len < expandedMinRows || n < minKeys || expandedBytes(n, s) > expandedMaxBytes {
 			return false
 		}
 	}

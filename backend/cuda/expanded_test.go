@@ -97,3 +97,42 @@ func TestExpandedAttentionMatchesCPU(t *testing.T) {
 // form: bf16 keys, values, queries and weights (2^-9 each) against the
 // latent form's int8 queries and outputs.
 const expandedBound = 2e-2
+
+// TestExpandedTakes checks which steps take the expanded form: prompt
+// chunks of 256+ rows reaching the positions asked for, every sequence of
+// the step, the compiled head shape over a pool of its rank, and the
+// workspace cap.
+func TestExpandedTakes(t *testing.T) {
+	glm := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
+	pool := &cachePool{rank: 512, ropeDim: 64}
+	step := func(seqs ...flashSeq) *backend.Batch {
+		_, st, _ := flashBatches(seqs, 16)
+		return st
+	}
+	for _, c := range []struct {
+		name string
+		st   *backend.Batch
+		s    backend.MLAShape
+		p    *cachePool
+		min  int
+		want bool
+	}{
+		{"a 1024-token prompt", step(flashSeq{0, 1024}), glm, pool, 1024, true},
+		{"a 1024-token prompt, 2048 asked for", step(flashSeq{0, 1024}), glm, pool, 2048, false},
+		{"the form off", step(flashSeq{0, 1024}), glm, pool, 0, false},
+		{"a chunk after a prefix", step(flashSeq{3000, 512}), glm, pool, 1024, true},
+		{"255 rows", step(flashSeq{3000, 255}), glm, pool, 1024, false},
+		{"256 rows", step(flashSeq{3000, 256}), glm, pool, 1024, true},
+		{"two chunks", step(flashSeq{1000, 300}, flashSeq{2000, 400}), glm, pool, 1024, true},
+		{"a chunk beside a decode row", step(flashSeq{1000, 300}, flashSeq{5000, 1}), glm, pool, 1024, false},
+		{"another head shape", step(flashSeq{0, 1024}), backend.MLAShape{Heads: 20, NopeDim: 128, RopeDim: 64, VDim: 256, Rank: 512}, pool, 1024, false},
+		{"a rank not a multiple of 64", step(flashSeq{0, 1024}), backend.MLAShape{Heads: 4, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 96}, &cachePool{rank: 96, ropeDim: 64}, 1024, false},
+		{"a pool of another rank", step(flashSeq{0, 1024}), glm, &cachePool{rank: 256, ropeDim: 64}, 1024, false},
+		{"100k positions (1.9 GB of workspace)", step(flashSeq{100000 - 512, 512}), glm, pool, 1024, true},
+		{"120k positions (2.3 GB, past the cap)", step(flashSeq{120000 - 512, 512}), glm, pool, 1024, false},
+	} {
+		if got := expandedTakes(c.st, c.p, c.s, c.min); got != c.want {
+			t.Errorf("%s: expandedTakes %v, want %v", c.name, got, c.want)
+		}
+	}
+}
