@@ -1677,6 +1677,15 @@ func (b *Backend) AbsorbQuery(qlat, q backend.Tensor, wUK backend.Weight, s back
 // absorbWarps is ABSORB_WARPS in ops.cu.
 const absorbWarps = 16
 
+// countCached counts the step's attention reads: every row's cached
+// positions, as the CPU backend counts them.
+func (b *Backend) countCached(p *cachePool) {
+	perToken := int64(backend.CacheBytesPerToken(p.rank, p.ropeDim, p.dtype))
+	for _, pos := range b.batch.Positions {
+		b.count(perToken * int64(pos+1))
+	}
+}
+
 // LatentAttention is causal attention over the bound pool in latent space.
 func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s backend.MLAShape, scale float32) {
 	b.flushPiece()
@@ -1698,10 +1707,7 @@ func (b *Backend) LatentAttention(olat, qlat, q backend.Tensor, layer int, s bac
 		b.badShape("attention q", [2]int{qm.rows, qm.cols}, [2]int{T, s.Heads * (s.NopeDim + s.RopeDim)}) {
 		return
 	}
-	perToken := int64(backend.CacheBytesPerToken(p.rank, p.ropeDim, p.dtype))
-	for t := 0; t < T; t++ {
-		b.count(perToken * int64(b.batch.Positions[t]+1))
-	}
+	b.countCached(p)
 	b.wrote(om)
 	if (b.flashUse(b.batch) || b.flashMixedUse(b.batch)) && b.flashFits(ql, qm, p, s) {
 		b.flashAttention(om, ql, qm, p, layer, s, scale)

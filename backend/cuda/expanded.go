@@ -89,12 +89,18 @@ func expandedTakes(batch *backend.Batch, p *cachePool, s backend.MLAShape, minKe
 		return false
 	}
 	for _, q := range batch.Seqs {
-		n := int(batch.Positions[q.Start+q.Len-1]) + 1
+		n := seqKeys(batch, q)
 		if q.Len < expandedMinRows || n < minKeys || expandedBytes(n, s) > expandedMaxBytes {
 			return false
 		}
 	}
 	return true
+}
+
+// seqKeys is the positions sequence q's last row attends to (its
+// positions ascend).
+func seqKeys(batch *backend.Batch, q backend.Seq) int {
+	return int(batch.Positions[q.Start+q.Len-1]) + 1
 }
 
 // expandedSplits is how many blocks share a query tile's keys. One where
@@ -136,24 +142,25 @@ func (b *Backend) ExpandedAttention(out, q backend.Tensor, layer int, wUK, wUV b
 		b.fail("expanded attention: rows not 16-byte aligned (out ld %d, q ld %d)", om.ld, qm.ld)
 		return
 	}
-	perToken := int64(backend.CacheBytesPerToken(p.rank, p.ropeDim, p.dtype))
-	for t := 0; t < T; t++ {
-		b.count(perToken * int64(b.batch.Positions[t]+1))
-	}
+	b.countCached(p)
 	b.count(weightBytes(uk) + weightBytes(uv))
 	b.wrote(om)
 	b.expandedSteps++
 
-	maxN, maxParts := 0, 0
+	// The longest sequence's workspace serves each in turn; the splits'
+	// partials only where a sequence splits its keys.
+	maxN, maxParts := b.meta.maxN, 0
 	for _, sq := range b.batch.Seqs {
-		n := int(b.batch.Positions[sq.Start+sq.Len-1]) + 1
-		maxN = max(maxN, n)
-		maxParts = max(maxParts, b.expandedSplits(sq.Len, n, H)*sq.Len*H)
+		if S := b.expandedSplits(sq.Len, seqKeys(b.batch, sq), H); S > 1 {
+			maxParts = max(maxParts, S*sq.Len*H)
+		}
 	}
 	bf := expandedBufs{
 		rows: b.alloc(2 * maxN * (r + s.RopeDim)), keys: b.alloc(2 * maxN * H * dn), vals: b.alloc(2 * maxN * H * dv),
 		wk: b.alloc(2 * H * dn * r), wv: b.alloc(2 * H * dv * r),
-		po: b.alloc(4 * maxParts * dv), pml: b.alloc(8 * maxParts),
+	}
+	if maxParts > 0 {
+		bf.po, bf.pml = b.alloc(4*maxParts*dv), b.alloc(8*maxParts)
 	}
 	// Both weights as bf16, once for every sequence.
 	for _, w := range []struct {
@@ -184,7 +191,7 @@ type expandedBufs struct{ rows, keys, vals, wk, wv, po, pml uint64 }
 func (b *Backend) expandedSeq(si int, sq backend.Seq, om, qm *tensor, uk, uv *weight, s backend.MLAShape, layer int, scale float32, bf expandedBufs) {
 	p, H, dn, dv, r := b.pool, s.Heads, s.NopeDim, s.VDim, s.Rank
 	width := r + s.RopeDim
-	n := int(b.batch.Positions[sq.Start+sq.Len-1]) + 1
+	n := seqKeys(b.batch, sq)
 	b.launch("expand gather", "ops", "cache_gather_bf16", D1(n), D1(256),
 		bf.rows, p.layer(layer), p.kernelDType(), b.meta.seqBlocks, b.meta.blocks, si, p.blockSize, r, s.RopeDim)
 	b.do("expand keys and values", func(c *Ctx) error {
