@@ -65,6 +65,26 @@ func expandedShared() int { return (expandedRows + 4*expandedKeys) * expandedLD 
 // 128 x 72 tiles.
 const expandGemmShared = 3 * 2 * 128 * 72 * 2
 
+// expandGemmWGShared is expand_gemm_wg's: three stages of two tiles of 128
+// rows of 128 bytes, and the slack that aligns them to 1024 bytes.
+const expandGemmWGShared = 3*2*128*128 + 1024
+
+// expandWGMMA sends the keys' and values' products to expand_gemm_wg where
+// the kernels are built for sm_90a (MMFP4_CUDA_EXPANDED_WGMMA=1; an
+// experiment).
+var expandWGMMA = os.Getenv("MMFP4_CUDA_EXPANDED_WGMMA") == "1"
+
+// expandGemmKernel is the keys' and values' product kernel for c, and its
+// shared memory.
+func expandGemmKernel(c *Ctx) (*Kernel, int, error) {
+	if arch, err := c.Arch(); err == nil && arch == "sm_90a" && expandWGMMA {
+		k, err := c.kernelShared("expand", "expand_gemm_wg", expandGemmWGShared)
+		return k, expandGemmWGShared, err
+	}
+	k, err := c.kernelShared("expand", "expand_gemm", expandGemmShared)
+	return k, expandGemmShared, err
+}
+
 // expandedBytes is the workspace of one sequence of n positions: its
 // gathered rows, keys and values (bf16).
 func expandedBytes(n int, s backend.MLAShape) int {
@@ -195,7 +215,7 @@ func (b *Backend) expandedSeq(si int, sq backend.Seq, om, qm *tensor, uk, uv *we
 	b.launch("expand gather", "ops", "cache_gather_bf16", D1(n), D1(256),
 		bf.rows, p.layer(layer), p.kernelDType(), b.meta.seqBlocks, b.meta.blocks, si, p.blockSize, r, s.RopeDim)
 	b.do("expand keys and values", func(c *Ctx) error {
-		gemm, err := c.kernelShared("expand", "expand_gemm", expandGemmShared)
+		gemm, shared, err := expandGemmKernel(c)
 		if err != nil {
 			return err
 		}
@@ -207,7 +227,7 @@ func (b *Backend) expandedSeq(si int, sq backend.Seq, om, qm *tensor, uk, uv *we
 			if e.m.q != nil {
 				rowScale = e.m.q.RowScale
 			}
-			if err := c.Launch(gemm, Dim{uint32((n + 127) / 128), uint32((e.m.n + 127) / 128), 1}, D1(256), expandGemmShared,
+			if err := c.Launch(gemm, Dim{uint32((n + 127) / 128), uint32((e.m.n + 127) / 128), 1}, D1(256), shared,
 				e.dst, e.m.n, bf.rows, width, e.w, rowScale, n, e.m.n, r); err != nil {
 				return err
 			}

@@ -145,6 +145,109 @@ extern "C" __global__ void __launch_bounds__(256, 2)
   }
 }
 
+// expand_gemm on the asynchronous warpgroup products (wgmma, sm_90a only):
+// the same tiles of 128 x 128 in k steps of 64 and three stages of copies,
+// each stage's rows laid out as wgmma reads them (128-byte rows, 16-byte
+// chunk c of row r at chunk c ^ (r & 7), 1024-byte aligned groups of 8
+// rows), and two warpgroups of 64 rows, each one m64n128k16 product a k
+// step of 16 read straight from shared memory (no ldmatrix). The fp32 sums
+// come in another order than expand_gemm's.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// A shared-memory matrix descriptor: K-major rows of 128 bytes with the
+// 128-byte swizzle, groups of 8 rows 1024 bytes apart.
+DEVICE unsigned long long wg_desc(u32 addr) {
+  return (unsigned long long)((addr & 0x3FFFFu) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
+}
+
+// d (64 floats a thread) += A (64 x 16) B (16 x 128), bf16 operands.
+DEVICE void wg_m64n128k16(float (&d)[64], unsigned long long a, unsigned long long b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(a), "l"(b)
+      : "memory");
+}
+#endif
+
+extern "C" __global__ void __launch_bounds__(256, 2)
+    expand_gemm_wg(unsigned short* __restrict__ C, int ldc, const unsigned short* __restrict__ A, int lda,
+                   const unsigned short* __restrict__ W, const float* __restrict__ rowscale, int P, int N, int K) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int BK = 64, STAGES = 3, TILE = 128 * 128;  // a stage's tile: 128 rows of 128 bytes
+  extern __shared__ __align__(1024) unsigned char wg_sm[];
+  // Align the stages to 1024 bytes (the swizzle's period) whatever the
+  // dynamic area's start.
+  unsigned char* base = wg_sm + ((1024 - (smem_addr(wg_sm) & 1023)) & 1023);
+  unsigned char* As = base;                  // [stage][128 rows][128 bytes]
+  unsigned char* Bs = base + STAGES * TILE;  // [stage][128 rows][128 bytes]
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+  const int m0 = blockIdx.x * 128, n0 = blockIdx.y * 128;
+  PDL_LAUNCH();
+  PDL_WAIT();
+  auto issue = [&](int stage, int k0) {
+    for (int c = tid; c < 128 * 8; c += 256) {
+      const int r = c >> 3, q = c & 7, p = m0 + r, n = n0 + r;
+      const u32 off = r * 128 + ((q ^ (r & 7)) << 4);
+      cp_async16(smem_addr(As + stage * TILE + off), A + (size_t)(p < P ? p : 0) * lda + k0 + q * 8, p < P);
+      cp_async16(smem_addr(Bs + stage * TILE + off), W + (size_t)(n < N ? n : 0) * K + k0 + q * 8, n < N);
+    }
+  };
+  float acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; i++) acc[i] = 0.f;
+  const int nk = K / BK;
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; s++) {
+    if (s < nk) issue(s, s * BK);
+    asm volatile("cp.async.commit_group;" ::: "memory");
+  }
+  for (int it = 0; it < nk; it++) {
+    asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2) : "memory");
+    // The copies were written through the generic proxy; wgmma reads
+    // through the async one.
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    __syncthreads();  // step it has landed; every warpgroup is done with step it - 1's stage
+    if (it + STAGES - 1 < nk) issue((it + STAGES - 1) % STAGES, (it + STAGES - 1) * BK);
+    asm volatile("cp.async.commit_group;" ::: "memory");
+    const u32 a0 = smem_addr(As + (it % STAGES) * TILE + wg * 64 * 128), b0 = smem_addr(Bs + (it % STAGES) * TILE);
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; kk++) wg_m64n128k16(acc, wg_desc(a0 + 32 * kk), wg_desc(b0 + 32 * kk));
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+  }
+  // Accumulator j of a thread: row 16 (warp % 4) + lane / 4 (+ 8 for the
+  // odd pairs), column 8 (j / 4) + 2 (lane % 4) + j % 2.
+  const int r0 = m0 + wg * 64 + (warp & 3) * 16 + (lane >> 2), c2 = (lane & 3) * 2;
+#pragma unroll
+  for (int j = 0; j < 16; j++) {
+    const int n = n0 + 8 * j + c2;
+    if (n >= N) continue;
+    const float s0 = rowscale ? rowscale[n] : 1.f, s1 = rowscale ? rowscale[n + 1] : 1.f;
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+      const int p = r0 + 8 * hf;
+      if (p < P) *(u32*)(C + (size_t)p * ldc + n) = bf16x2_rn(acc[4 * j + 2 * hf] * s0, acc[4 * j + 2 * hf + 1] * s1);
+    }
+  }
+#else
+  __trap();  // built only for sm_90a (expanded.go asks for it there alone)
+#endif
+}
+
 // Causal attention of one sequence's T rows (positions pos[t], ascending)
 // over keys [0, pos[t]] in the expanded form. Block (x, h), x = split *
 // nq + i, takes query rows [128 i, +128) of head h and split `split` of
