@@ -59,6 +59,7 @@ func expandedRun(t *testing.T, b backend.Backend, seqs []flashSeq, s backend.MLA
 // fp4 caches, groups of 128 and 32. The GPU's latent form on the same
 // inputs is logged beside it.
 func TestExpandedAttentionMatchesCPU(t *testing.T) {
+	defer func(v bool) { expandWGMMA = v }(expandWGMMA)
 	g, _ := testBackends(t, Options{})
 	g.expandedMin = 1
 	c := cpu.New(cpu.Options{Threads: 2})
@@ -83,13 +84,18 @@ func TestExpandedAttentionMatchesCPU(t *testing.T) {
 			name := fmt.Sprintf("%v cache, heads %d rank %d, groups of %d, seqs %v", dt, cs.s.Heads, cs.s.Rank, cs.G, cs.seqs)
 			seed := uint64(500 + i)
 			want := expandedRun(t, c, cs.seqs, cs.s, dt, seed, uk, uv, false)
-			got := expandedRun(t, g, cs.seqs, cs.s, dt, seed, uk, uv, true)
-			e := maxRelErr(want, got)
-			if !(e <= expandedBound) {
-				t.Errorf("%s: expanded form max relative error %.3e above %.0e", name, e, expandedBound)
+			msg := ""
+			for _, wg := range []bool{false, true} {
+				expandWGMMA = wg
+				got := expandedRun(t, g, cs.seqs, cs.s, dt, seed, uk, uv, true)
+				e := maxRelErr(want, got)
+				if !(e <= expandedBound) {
+					t.Errorf("%s: expanded form (wgmma %v) max relative error %.3e above %.0e", name, wg, e, expandedBound)
+				}
+				msg += fmt.Sprintf(" wgmma %v %.2e,", wg, e)
 			}
 			latent := expandedRun(t, g, cs.seqs, cs.s, dt, seed, uk, uv, false)
-			t.Logf("%-75s expanded %.2e, GPU latent %.2e", name, e, maxRelErr(want, latent))
+			t.Logf("%-75s expanded:%s GPU latent %.2e", name, msg, maxRelErr(want, latent))
 		}
 	}
 }
@@ -215,11 +221,49 @@ func TestExpandGemmMatchesFloat64(t *testing.T) {
 				if err := errors.Join(CopyIn(c, ab.Ptr, a), CopyIn(c, wb.Ptr, w), CopyIn(c, rb.Ptr, rs)); err != nil {
 					return err
 				}
-				if err := c.Launch(k, Dim{uint32((cs.P + 127) / 128), uint32((cs.N + 127) / 128), 1}, D1(256), shared,
-					cb.Ptr, cs.N, ab.Ptr, K+64, wb.Ptr, rb.Ptr, cs.P, cs.N, K); err != nil {
+				grid := Dim{uint32((cs.P + 127) / 128), uint32((cs.N + 127) / 128), 1}
+				if name == "expand_gemm" {
+					err = c.Launch(k, grid, D1(256), shared, cb.Ptr, cs.N, ab.Ptr, K+64, wb.Ptr, rb.Ptr, cs.P, cs.N, K)
+				} else {
+					err = c.Launch(k, grid, D1(256), shared, cb.Ptr, cs.N, ab.Ptr, K+64, cs.P, wb.Ptr, K, cs.N, cs.N, rb.Ptr, 0, K)
+				}
+				if err != nil {
 					return err
 				}
-				return CopyOut(c, got, cb.Ptr)
+				if err := CopyOut(c, got, cb.Ptr); err != nil {
+					return err
+				}
+				if name != "expand_gemm_wg" {
+					return nil
+				}
+				// The transposed form (the values of expand_flash_wg): W as
+				// A, the rows as B, row scales, zeros to a multiple of 64.
+				nc := (cs.P + 63) &^ 63
+				tb, err := c.Alloc(2 * cs.N * nc)
+				if err != nil {
+					return err
+				}
+				defer c.Free(tb)
+				if err := c.Launch(k, Dim{uint32((cs.N + 127) / 128), uint32((nc + 127) / 128), 1}, D1(256), shared,
+					tb.Ptr, nc, wb.Ptr, K, cs.N, ab.Ptr, K+64, cs.P, nc, rb.Ptr, 1, K); err != nil {
+					return err
+				}
+				tr := make([]uint16, cs.N*nc)
+				if err := CopyOut(c, tr, tb.Ptr); err != nil {
+					return err
+				}
+				for n := 0; n < cs.N; n++ {
+					for p := 0; p < nc; p++ {
+						want := uint16(0)
+						if p < cs.P {
+							want = got[p*cs.N+n]
+						}
+						if math.Abs(val(tr[n*nc+p])-val(want)) > math.Abs(val(want))/128+2e-6*big {
+							return fmt.Errorf("transposed P=%d N=%d: [%d][%d] = %v, untransposed %v", cs.P, cs.N, n, p, val(tr[n*nc+p]), val(want))
+						}
+					}
+				}
+				return nil
 			})
 			if err != nil {
 				t.Fatal(err)
