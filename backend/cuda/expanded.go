@@ -65,6 +65,30 @@ func expandedShared() int { return (expandedRows + 4*expandedKeys) * expandedLD 
 // 128 x 72 tiles.
 const expandGemmShared = 3 * 2 * 128 * 72 * 2
 
+// expandGemmWGShared is expand_gemm_wg's shared memory: three stages of
+// two tiles of 128 rows of 128 bytes, and the slack that aligns them to
+// 1024 bytes; expandedWGShared is expand_flash_wg's: the queries, two
+// stages of keys and of values, the slack.
+const (
+	expandGemmWGShared = 3*2*128*128 + 1024
+	expandedWGShared   = 4*128*128 + 2*4*64*128 + 2*256*128 + 1024
+)
+
+// expandWGMMA sends the expanded form to its wgmma kernels (expand_gemm_wg,
+// expand_flash_wg) where the kernels are built for sm_90a
+// (MMFP4_CUDA_EXPANDED_WGMMA=1; an experiment).
+var expandWGMMA = os.Getenv("MMFP4_CUDA_EXPANDED_WGMMA") == "1"
+
+// expandUseWG reports whether c runs the expanded form's wgmma kernels.
+func expandUseWG(c *Ctx) bool {
+	arch, err := c.Arch()
+	return expandWGMMA && err == nil && arch == "sm_90a"
+}
+
+// ceil64 is n rounded up to a multiple of 64: the transposed values' row
+// length.
+func ceil64(n int) int { return (n + 63) &^ 63 }
+
 // expandedBytes is the workspace of one sequence of n positions: its
 // gathered rows, keys and values (bf16).
 func expandedBytes(n int, s backend.MLAShape) int {
@@ -156,7 +180,7 @@ func (b *Backend) ExpandedAttention(out, q backend.Tensor, layer int, wUK, wUV b
 		}
 	}
 	bf := expandedBufs{
-		rows: b.alloc(2 * maxN * (r + s.RopeDim)), keys: b.alloc(2 * maxN * H * dn), vals: b.alloc(2 * maxN * H * dv),
+		rows: b.alloc(2 * maxN * (r + s.RopeDim)), keys: b.alloc(2 * maxN * H * dn), vals: b.alloc(2 * ceil64(maxN) * H * dv),
 		wk: b.alloc(2 * H * dn * r), wv: b.alloc(2 * H * dv * r),
 	}
 	if maxParts > 0 {
@@ -194,21 +218,38 @@ func (b *Backend) expandedSeq(si int, sq backend.Seq, om, qm *tensor, uk, uv *we
 	n := seqKeys(b.batch, sq)
 	b.launch("expand gather", "ops", "cache_gather_bf16", D1(n), D1(256),
 		bf.rows, p.layer(layer), p.kernelDType(), b.meta.seqBlocks, b.meta.blocks, si, p.blockSize, r, s.RopeDim)
+	nc := ceil64(n)
 	b.do("expand keys and values", func(c *Ctx) error {
+		ukScale, uvScale := uint64(0), uint64(0)
+		if uk.q != nil {
+			ukScale = uk.q.RowScale
+		}
+		if uv.q != nil {
+			uvScale = uv.q.RowScale
+		}
+		if expandUseWG(c) {
+			k, err := c.kernelShared("expand", "expand_gemm_wg", expandGemmWGShared)
+			if err != nil {
+				return err
+			}
+			// The keys [n][H dn], then the values transposed [H dv][nc].
+			if err := c.Launch(k, Dim{uint32((n + 127) / 128), uint32((H*dn + 127) / 128), 1}, D1(256), expandGemmWGShared,
+				bf.keys, H*dn, bf.rows, width, n, bf.wk, r, H*dn, H*dn, ukScale, 0, r); err != nil {
+				return err
+			}
+			return c.Launch(k, Dim{uint32((H*dv + 127) / 128), uint32((nc + 127) / 128), 1}, D1(256), expandGemmWGShared,
+				bf.vals, nc, bf.wv, r, H*dv, bf.rows, width, n, nc, uvScale, 1, r)
+		}
 		gemm, err := c.kernelShared("expand", "expand_gemm", expandGemmShared)
 		if err != nil {
 			return err
 		}
 		for _, e := range []struct {
-			dst, w uint64
-			m      *weight
-		}{{bf.keys, bf.wk, uk}, {bf.vals, bf.wv, uv}} {
-			var rowScale uint64
-			if e.m.q != nil {
-				rowScale = e.m.q.RowScale
-			}
+			dst, w, scale uint64
+			m             *weight
+		}{{bf.keys, bf.wk, ukScale, uk}, {bf.vals, bf.wv, uvScale, uv}} {
 			if err := c.Launch(gemm, Dim{uint32((n + 127) / 128), uint32((e.m.n + 127) / 128), 1}, D1(256), expandGemmShared,
-				e.dst, e.m.n, bf.rows, width, e.w, rowScale, n, e.m.n, r); err != nil {
+				e.dst, e.m.n, bf.rows, width, e.w, e.scale, n, e.m.n, r); err != nil {
 				return err
 			}
 		}
@@ -218,6 +259,15 @@ func (b *Backend) expandedSeq(si int, sq backend.Seq, om, qm *tensor, uk, uv *we
 	nq := (sq.Len + expandedRows - 1) / expandedRows
 	scale2 := scale * float32(math.Log2E)
 	b.do("attention", func(c *Ctx) error {
+		if expandUseWG(c) {
+			flash, err := c.kernelShared("expand", "expand_flash_wg", expandedWGShared)
+			if err != nil {
+				return err
+			}
+			return c.Launch(flash, Dim{uint32(nq * S), uint32(H), 1}, D1(256), expandedWGShared,
+				om.row(sq.Start), om.ld, bf.po, bf.pml, qm.row(sq.Start), qm.ld, bf.keys, H*dn, bf.rows, width, r, bf.vals, nc,
+				b.meta.pos+4*uint64(sq.Start), sq.Len, H, S, scale2)
+		}
 		flash, err := c.kernelShared("expand", "expand_flash", expandedShared())
 		if err != nil {
 			return err

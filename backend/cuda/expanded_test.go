@@ -3,6 +3,7 @@
 package cuda
 
 import (
+	"errors"
 	"fmt"
 	"math"
 	"math/rand/v2"
@@ -58,6 +59,7 @@ func expandedRun(t *testing.T, b backend.Backend, seqs []flashSeq, s backend.MLA
 // fp4 caches, groups of 128 and 32. The GPU's latent form on the same
 // inputs is logged beside it.
 func TestExpandedAttentionMatchesCPU(t *testing.T) {
+	defer func(v bool) { expandWGMMA = v }(expandWGMMA)
 	g, _ := testBackends(t, Options{})
 	g.expandedMin = 1
 	c := cpu.New(cpu.Options{Threads: 2})
@@ -82,13 +84,18 @@ func TestExpandedAttentionMatchesCPU(t *testing.T) {
 			name := fmt.Sprintf("%v cache, heads %d rank %d, groups of %d, seqs %v", dt, cs.s.Heads, cs.s.Rank, cs.G, cs.seqs)
 			seed := uint64(500 + i)
 			want := expandedRun(t, c, cs.seqs, cs.s, dt, seed, uk, uv, false)
-			got := expandedRun(t, g, cs.seqs, cs.s, dt, seed, uk, uv, true)
-			e := maxRelErr(want, got)
-			if !(e <= expandedBound) {
-				t.Errorf("%s: expanded form max relative error %.3e above %.0e", name, e, expandedBound)
+			msg := ""
+			for _, wg := range []bool{false, true} {
+				expandWGMMA = wg
+				got := expandedRun(t, g, cs.seqs, cs.s, dt, seed, uk, uv, true)
+				e := maxRelErr(want, got)
+				if !(e <= expandedBound) {
+					t.Errorf("%s: expanded form (wgmma %v) max relative error %.3e above %.0e", name, wg, e, expandedBound)
+				}
+				msg += fmt.Sprintf(" wgmma %v %.2e,", wg, e)
 			}
 			latent := expandedRun(t, g, cs.seqs, cs.s, dt, seed, uk, uv, false)
-			t.Logf("%-75s expanded %.2e, GPU latent %.2e", name, e, maxRelErr(want, latent))
+			t.Logf("%-75s expanded:%s GPU latent %.2e", name, msg, maxRelErr(want, latent))
 		}
 	}
 }
@@ -133,6 +140,143 @@ func TestExpandedTakes(t *testing.T) {
 	} {
 		if got := expandedTakes(c.st, c.p, c.s, c.min); got != c.want {
 			t.Errorf("%s: expandedTakes %v, want %v", c.name, got, c.want)
+		}
+	}
+}
+
+// TestExpandGemmMatchesFloat64 checks the keys' and values' product
+// kernels (expand_gemm, and expand_gemm_wg where the kernels are built for
+// sm_90a) against a float64 product of the same bf16 operands: each output
+// within its bf16 rounding (2^-8 of itself) and the fp32 sums' error
+// (1e-6 of the largest), on ragged rows and columns (P and N not multiples
+// of the tiles), with row scales and without.
+func TestExpandGemmMatchesFloat64(t *testing.T) {
+	d := testDevice(t)
+	r := testRand(t)
+	const K = 512
+	for _, cs := range []struct{ P, N int }{{300, 576}, {1024, 3840}, {77, 130}} {
+		a, w := make([]uint16, cs.P*(K+64)), make([]uint16, cs.N*K)
+		bf := func(x float64) uint16 { return uint16(math.Float32bits(float32(x)) >> 16) }
+		for i := range a {
+			a[i] = bf(r.NormFloat64())
+		}
+		for i := range w {
+			w[i] = bf(r.NormFloat64() * 0.05)
+		}
+		rs := make([]float32, cs.N)
+		for i := range rs {
+			rs[i] = float32(0.5 + r.Float64())
+		}
+		val := func(u uint16) float64 { return float64(math.Float32frombits(uint32(u) << 16)) }
+		ref := make([]float64, cs.P*cs.N)
+		big := 0.0
+		for p := 0; p < cs.P; p++ {
+			for n := 0; n < cs.N; n++ {
+				s := 0.0
+				for k := 0; k < K; k++ {
+					s += val(a[p*(K+64)+k]) * val(w[n*K+k])
+				}
+				ref[p*cs.N+n] = s * float64(rs[n])
+				big = math.Max(big, math.Abs(ref[p*cs.N+n]))
+			}
+		}
+		kernels := []string{"expand_gemm"}
+		err := d.Do(func(c *Ctx) error {
+			if arch, err := c.Arch(); err == nil && arch == "sm_90a" {
+				kernels = append(kernels, "expand_gemm_wg")
+			}
+			return nil
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		for _, name := range kernels {
+			shared := expandGemmShared
+			if name == "expand_gemm_wg" {
+				shared = expandGemmWGShared
+			}
+			got := make([]uint16, cs.P*cs.N)
+			err := d.Do(func(c *Ctx) error {
+				k, err := c.kernelShared("expand", name, shared)
+				if err != nil {
+					return err
+				}
+				ab, err := c.Alloc(2 * len(a))
+				if err != nil {
+					return err
+				}
+				wb, err := c.Alloc(2 * len(w))
+				if err != nil {
+					return err
+				}
+				rb, err := c.Alloc(4 * len(rs))
+				if err != nil {
+					return err
+				}
+				cb, err := c.Alloc(2 * len(got))
+				if err != nil {
+					return err
+				}
+				defer func() { c.Free(ab); c.Free(wb); c.Free(rb); c.Free(cb) }()
+				if err := errors.Join(CopyIn(c, ab.Ptr, a), CopyIn(c, wb.Ptr, w), CopyIn(c, rb.Ptr, rs)); err != nil {
+					return err
+				}
+				grid := Dim{uint32((cs.P + 127) / 128), uint32((cs.N + 127) / 128), 1}
+				if name == "expand_gemm" {
+					err = c.Launch(k, grid, D1(256), shared, cb.Ptr, cs.N, ab.Ptr, K+64, wb.Ptr, rb.Ptr, cs.P, cs.N, K)
+				} else {
+					err = c.Launch(k, grid, D1(256), shared, cb.Ptr, cs.N, ab.Ptr, K+64, cs.P, wb.Ptr, K, cs.N, cs.N, rb.Ptr, 0, K)
+				}
+				if err != nil {
+					return err
+				}
+				if err := CopyOut(c, got, cb.Ptr); err != nil {
+					return err
+				}
+				if name != "expand_gemm_wg" {
+					return nil
+				}
+				// The transposed form (the values of expand_flash_wg): W as
+				// A, the rows as B, row scales, zeros to a multiple of 64.
+				nc := (cs.P + 63) &^ 63
+				tb, err := c.Alloc(2 * cs.N * nc)
+				if err != nil {
+					return err
+				}
+				defer c.Free(tb)
+				if err := c.Launch(k, Dim{uint32((cs.N + 127) / 128), uint32((nc + 127) / 128), 1}, D1(256), shared,
+					tb.Ptr, nc, wb.Ptr, K, cs.N, ab.Ptr, K+64, cs.P, nc, rb.Ptr, 1, K); err != nil {
+					return err
+				}
+				tr := make([]uint16, cs.N*nc)
+				if err := CopyOut(c, tr, tb.Ptr); err != nil {
+					return err
+				}
+				for n := 0; n < cs.N; n++ {
+					for p := 0; p < nc; p++ {
+						want := uint16(0)
+						if p < cs.P {
+							want = got[p*cs.N+n]
+						}
+						if math.Abs(val(tr[n*nc+p])-val(want)) > math.Abs(val(want))/128+2e-6*big {
+							return fmt.Errorf("transposed P=%d N=%d: [%d][%d] = %v, untransposed %v", cs.P, cs.N, n, p, val(tr[n*nc+p]), val(want))
+						}
+					}
+				}
+				return nil
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			worst := 0.0
+			for i, g := range got {
+				e := math.Abs(val(g) - ref[i])
+				if e > math.Abs(ref[i])/256+1e-6*big {
+					t.Fatalf("%s P=%d N=%d: output %d (row %d, column %d) = %v, float64 %v", name, cs.P, cs.N, i, i/cs.N, i%cs.N, val(g), ref[i])
+				}
+				worst = math.Max(worst, e/big)
+			}
+			t.Logf("%s P=%d N=%d: max error %.2e of the largest output", name, cs.P, cs.N, worst)
 		}
 	}
 }

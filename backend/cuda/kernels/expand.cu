@@ -145,6 +145,161 @@ extern "C" __global__ void __launch_bounds__(256, 2)
   }
 }
 
+// expand_gemm on the asynchronous warpgroup products (wgmma, sm_90a only):
+// the same tiles of 128 x 128 in k steps of 64 and three stages of copies,
+// each stage's rows laid out as wgmma reads them (128-byte rows, 16-byte
+// chunk c of row r at chunk c ^ (r & 7), 1024-byte aligned groups of 8
+// rows), and two warpgroups of 64 rows, each one m64n128k16 product a k
+// step of 16 read straight from shared memory (no ldmatrix). The fp32 sums
+// come in another order than expand_gemm's.
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// A shared-memory matrix descriptor: K-major rows of 128 bytes with the
+// 128-byte swizzle, groups of 8 rows 1024 bytes apart.
+DEVICE unsigned long long wg_desc(u32 addr) {
+  return (unsigned long long)((addr & 0x3FFFFu) >> 4) | (1ull << 16) | (64ull << 32) | (1ull << 62);
+}
+
+// d (64 floats a thread) += A (64 x 16) B (16 x 128), bf16 operands.
+DEVICE void wg_m64n128k16(float (&d)[64], unsigned long long a, unsigned long long b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, "
+      "%16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, "
+      "%32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, "
+      "%48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63}, "
+      "%64, %65, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(a), "l"(b)
+      : "memory");
+}
+
+// d (32 floats a thread) += A (64 x 16) B (16 x 64), both from shared memory.
+DEVICE void wg_m64n64k16(float (&d)[32], unsigned long long a, unsigned long long b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}, "
+      "%32, %33, p, 1, 1, 0, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+      : "l"(a), "l"(b)
+      : "memory");
+}
+
+// d (128 floats a thread) += A (64 x 16, bf16 pairs in registers, each
+// warp's 16 rows as mma.sync's A fragment) B (16 x 256, shared memory).
+DEVICE void wg_m64n256k16_ra(float (&d)[128], const u32 (&a)[4], unsigned long long b) {
+  asm volatile(
+      "{\n.reg .pred p;\nsetp.ne.b32 p, 1, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+      "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, %70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, %87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, %104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, %118, %119, %120, %121, %122, %123, %124, %125, %126, %127}, "
+      "{%128, %129, %130, %131}, %132, p, 1, 1, 0;\n}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]),
+        "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]),
+        "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+        "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]),
+        "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]),
+        "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+        "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),
+        "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]),
+        "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+        "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]),
+        "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]),
+        "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+        "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), "+f"(d[102]), "+f"(d[103]),
+        "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]),
+        "+f"(d[112]), "+f"(d[113]), "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+        "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), "+f"(d[126]), "+f"(d[127])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b)
+      : "memory");
+}
+#endif
+
+// C[m, n] = bf16(scale * sum_k A[m, k] B[n, k]) for m < M, n < Nst, where
+// scale is scale[m] (scale_rows) or scale[n] (0: ones), rows of A past M and
+// of B past N read as zeros (so columns [N, Nst) are zeros). The keys' and
+// values' product is A = the gathered rows, B = W; the values transposed
+// (expand_flash_wg's, positions contiguous) are A = W, B = the rows.
+extern "C" __global__ void __launch_bounds__(256, 2)
+    expand_gemm_wg(unsigned short* __restrict__ C, int ldc, const unsigned short* __restrict__ A, int lda, int M,
+                   const unsigned short* __restrict__ B, int ldb, int N, int Nst, const float* __restrict__ scale,
+                   int scale_rows, int K) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int BK = 64, STAGES = 3, TILE = 128 * 128;  // a stage's tile: 128 rows of 128 bytes
+  extern __shared__ __align__(1024) unsigned char wg_sm[];
+  // The stages 1024-byte aligned (the swizzle's period) whatever the
+  // dynamic area's start.
+  unsigned char* base = wg_sm + ((1024 - (smem_addr(wg_sm) & 1023)) & 1023);
+  unsigned char* As = base;                  // [stage][128 rows][128 bytes]
+  unsigned char* Bs = base + STAGES * TILE;  // [stage][128 rows][128 bytes]
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+  const int m0 = blockIdx.x * 128, n0 = blockIdx.y * 128;
+  PDL_LAUNCH();
+  PDL_WAIT();
+  auto issue = [&](int stage, int k0) {
+    for (int c = tid; c < 128 * 8; c += 256) {
+      const int r = c >> 3, q = c & 7, m = m0 + r, n = n0 + r;
+      const u32 off = r * 128 + ((q ^ (r & 7)) << 4);
+      cp_async16(smem_addr(As + stage * TILE + off), A + (size_t)(m < M ? m : 0) * lda + k0 + q * 8, m < M);
+      cp_async16(smem_addr(Bs + stage * TILE + off), B + (size_t)(n < N ? n : 0) * ldb + k0 + q * 8, n < N);
+    }
+  };
+  float acc[64];
+#pragma unroll
+  for (int i = 0; i < 64; i++) acc[i] = 0.f;
+  const int nk = K / BK;
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; s++) {
+    if (s < nk) issue(s, s * BK);
+    asm volatile("cp.async.commit_group;" ::: "memory");
+  }
+  for (int it = 0; it < nk; it++) {
+    asm volatile("cp.async.wait_group %0;" ::"n"(STAGES - 2) : "memory");
+    // The copies were written through the generic proxy; wgmma reads
+    // through the async one.
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    __syncthreads();  // step it has landed; every warpgroup is done with step it - 1's stage
+    if (it + STAGES - 1 < nk) issue((it + STAGES - 1) % STAGES, (it + STAGES - 1) * BK);
+    asm volatile("cp.async.commit_group;" ::: "memory");
+    const u32 a0 = smem_addr(As + (it % STAGES) * TILE + wg * 64 * 128), b0 = smem_addr(Bs + (it % STAGES) * TILE);
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+    for (int kk = 0; kk < BK / 16; kk++) wg_m64n128k16(acc, wg_desc(a0 + 32 * kk), wg_desc(b0 + 32 * kk));
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+  }
+  // Accumulator j of a thread: row 16 (warp % 4) + lane / 4 (+ 8 for the
+  // odd pairs), column 8 (j / 4) + 2 (lane % 4) + j % 2.
+  const int r0 = m0 + wg * 64 + (warp & 3) * 16 + (lane >> 2), c2 = (lane & 3) * 2;
+#pragma unroll
+  for (int hf = 0; hf < 2; hf++) {
+    const int m = r0 + 8 * hf;
+    if (m >= M) continue;
+    const float sm = scale && scale_rows ? scale[m] : 1.f;
+#pragma unroll
+    for (int j = 0; j < 16; j++) {
+      const int n = n0 + 8 * j + c2;
+      if (n >= Nst) continue;
+      float s0 = sm, s1 = sm;
+      if (scale && !scale_rows) s0 = n < N ? scale[n] : 0.f, s1 = n + 1 < N ? scale[n + 1] : 0.f;
+      *(u32*)(C + (size_t)m * ldc + n) = bf16x2_rn(acc[4 * j + 2 * hf] * s0, acc[4 * j + 2 * hf + 1] * s1);
+    }
+  }
+#else
+  __trap();  // built only for sm_90a (expanded.go asks for it there alone)
+#endif
+}
+
 // Causal attention of one sequence's T rows (positions pos[t], ascending)
 // over keys [0, pos[t]] in the expanded form. Block (x, h), x = split *
 // nq + i, takes query rows [128 i, +128) of head h and split `split` of
@@ -320,6 +475,181 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     for (int n = 0; n < 32; n++) *(float2*)(dst + n * 8 + c2) = make_float2(o[n][2 * hf], o[n][2 * hf + 1]);
     if ((lane & 3) == 0) *(float2*)(pml + 2 * at) = make_float2(m[hf], l[hf]);
   }
+}
+
+// expand_flash on wgmma (sm_90a only): the same blocks, splits and
+// softmax, the products asynchronous and read straight from shared memory.
+// Each warpgroup (4 warps, 64 query rows) takes the scores as 16
+// m64n64k16 products (queries and keys from shared memory) and the values'
+// sum as 4 m64n256k16 products (the weights in registers, as the scores'
+// accumulators lie, the values from shared memory). The values come
+// transposed (vt: row h * dv + d holds dimension d of head h's values at
+// every position, ldvt apart, zeros past the sequence to a multiple of 64)
+// so that both products read K-major tiles. Shared memory, each tile's rows
+// of 128 bytes with the 128-byte swizzle: the queries [4 k-blocks][128
+// rows], two stages of keys [4][64] and of values [256 dimensions][64
+// positions].
+extern "C" __global__ void __launch_bounds__(256, 1)
+    expand_flash_wg(float* __restrict__ out, int ldo, float* __restrict__ po, float* __restrict__ pml,
+                    const float* __restrict__ q, int ldq, const unsigned short* __restrict__ kn, int ldk,
+                    const unsigned short* __restrict__ rows, int ldr, int rank, const unsigned short* __restrict__ vt,
+                    int ldvt, const i32* __restrict__ pos, int T, int heads, int splits, float scale_log2) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int BR = 128, QB = BR * 128, KB = EX_KEYS * 128, KT = 4 * KB, VT = EX_DV * 128;
+  extern __shared__ __align__(1024) unsigned char fw_sm[];
+  unsigned char* base = fw_sm + ((1024 - (smem_addr(fw_sm) & 1023)) & 1023);
+  unsigned char* Qs = base;                // [4 k-blocks][128 rows][128 bytes]
+  unsigned char* Ks = Qs + 4 * QB;         // [2 stages][4 k-blocks][64 keys][128 bytes]
+  unsigned char* Vs = Ks + 2 * KT;         // [2 stages][256 dimensions][128 bytes]
+  const int nq = (T + BR - 1) / BR;
+  const int qi = nq - 1 - blockIdx.x % nq, sp = blockIdx.x / nq, h = blockIdx.y;  // most keys first
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, wg = warp >> 2;
+  const int t0 = qi * BR, nt = min(BR, T - t0);
+  PDL_LAUNCH();
+  PDL_WAIT();
+  const int nkeys = pos[t0 + nt - 1] + 1;
+  const int ntiles = (nkeys + EX_KEYS - 1) / EX_KEYS, per = (ntiles + splits - 1) / splits;
+  const int tb = sp * per, te = min(ntiles, tb + per);
+
+  auto issue = [&](int stage, int kb) {
+    unsigned char* ks = Ks + stage * KT;
+    unsigned char* vs = Vs + stage * VT;
+    for (int c = tid; c < EX_KEYS * 32; c += 256) {  // 24 chunks of k_nope, 8 of k_pe a key
+      const int r = c >> 5, f = c & 31, j = kb + r, jj = j < nkeys ? j : 0;
+      const unsigned short* src =
+          f < 24 ? kn + (size_t)jj * ldk + h * EX_DN + 8 * f : rows + (size_t)jj * ldr + rank + 8 * (f - 24);
+      cp_async16(smem_addr(ks + (f >> 3) * KB + r * 128 + (((f & 7) ^ (r & 7)) << 4)), src, j < nkeys);
+    }
+    for (int c = tid; c < EX_DV * 8; c += 256) {  // the values' columns kb..kb+63 (zeros past the sequence)
+      const int d = c >> 3, f = c & 7;
+      cp_async16(smem_addr(vs + d * 128 + ((f ^ (d & 7)) << 4)), vt + (size_t)(h * EX_DV + d) * ldvt + kb + 8 * f, true);
+    }
+  };
+  if (tb < te) issue(0, tb * EX_KEYS);
+  asm volatile("cp.async.commit_group;" ::: "memory");
+
+  // The queries as bf16 (zeros past T), swizzled as the tiles.
+  for (int c = tid; c < BR * (EX_DK / 4); c += 256) {
+    const int r = c / (EX_DK / 4), f = c - r * (EX_DK / 4);
+    float4 x = make_float4(0.f, 0.f, 0.f, 0.f);
+    if (r < nt) x = *(const float4*)(q + (size_t)(t0 + r) * ldq + h * EX_DK + 4 * f);
+    const int ch = (f >> 1) & 7;  // the 16-byte chunk of dims 8 (f / 2) .. within its k-block (f / 16)
+    *(uint2*)(Qs + (f >> 4) * QB + r * 128 + ((ch ^ (r & 7)) << 4) + (f & 1) * 8) =
+        make_uint2(bf16x2_rn(x.x, x.y), bf16x2_rn(x.z, x.w));
+  }
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+
+  const int g = lane >> 2, c2 = (lane & 3) * 2, r0 = warp * 16 + g;
+  const int pa = r0 < nt ? pos[t0 + r0] : -1, pb = r0 + 8 < nt ? pos[t0 + r0 + 8] : -1;
+  const int wmin = warp * 16 < nt ? pos[t0 + warp * 16] : -1;
+  const int glast = min(nt, wg * 64 + 64) - 1;
+  const int gmax = wg * 64 < nt ? pos[t0 + glast] : -1;  // the warpgroup's last key
+  const float ninf = __int_as_float(0xff800000);
+  float o[128];
+#pragma unroll
+  for (int n = 0; n < 128; n++) o[n] = 0.f;
+  float m[2] = {ninf, ninf}, l[2] = {0.f, 0.f};
+  const u32 qa = smem_addr(Qs) + wg * 64 * 128;
+
+  for (int it = tb; it < te; it++) {
+    const int st = (it - tb) & 1, kb = it * EX_KEYS;
+    if (it + 1 < te) issue(st ^ 1, kb + EX_KEYS);
+    asm volatile("cp.async.commit_group;" ::: "memory");
+    asm volatile("cp.async.wait_group 1;" ::: "memory");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    __syncthreads();
+    const u32 ka = smem_addr(Ks + st * KT), va = smem_addr(Vs + st * VT);
+    if (kb <= gmax) {  // warpgroup-uniform: wgmma is collective
+      float s[32];
+#pragma unroll
+      for (int n = 0; n < 32; n++) s[n] = 0.f;
+      asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+      for (int kk = 0; kk < EX_DK / 16; kk++)
+        wg_m64n64k16(s, wg_desc(qa + (kk >> 2) * QB + (kk & 3) * 32), wg_desc(ka + (kk >> 2) * KB + (kk & 3) * 32));
+      asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+      asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+      // Scale into base 2; keys past a row's position out (only on the
+      // tiles that reach past the warp's first row).
+      const bool edge = kb + EX_KEYS - 1 > wmin;
+      float mx[2] = {ninf, ninf};
+#pragma unroll
+      for (int n = 0; n < 8; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {
+          const int j = kb + n * 8 + c2 + (e & 1);
+          float x = s[4 * n + e] * scale_log2;
+          if (edge && j > (e < 2 ? pa : pb)) x = ninf;
+          s[4 * n + e] = x;
+          mx[e >> 1] = fmaxf(mx[e >> 1], x);
+        }
+      float base2[2], corr[2];
+#pragma unroll
+      for (int r = 0; r < 2; r++) {
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+        const float mn = fmaxf(m[r], mx[r]);
+        base2[r] = mn == ninf ? 0.f : mn;  // a row with no key yet stays at zero
+        corr[r] = fa_ex2(m[r] - base2[r]);
+        m[r] = mn;
+        l[r] *= corr[r];
+      }
+#pragma unroll
+      for (int n = 0; n < 32; n++) {
+        o[4 * n] *= corr[0];
+        o[4 * n + 1] *= corr[0];
+        o[4 * n + 2] *= corr[1];
+        o[4 * n + 3] *= corr[1];
+      }
+#pragma unroll
+      for (int n = 0; n < 32; n++) {
+        s[n] = fa_ex2(s[n] - base2[(n >> 1) & 1]);
+        l[(n >> 1) & 1] += s[n];
+      }
+      u32 a[4][4];
+#pragma unroll
+      for (int kk = 0; kk < 4; kk++) {
+        a[kk][0] = bf16x2_rn(s[8 * kk], s[8 * kk + 1]);
+        a[kk][1] = bf16x2_rn(s[8 * kk + 2], s[8 * kk + 3]);
+        a[kk][2] = bf16x2_rn(s[8 * kk + 4], s[8 * kk + 5]);
+        a[kk][3] = bf16x2_rn(s[8 * kk + 6], s[8 * kk + 7]);
+      }
+      asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+      for (int kk = 0; kk < 4; kk++) wg_m64n256k16_ra(o, a[kk], wg_desc(va + kk * 32));
+      asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+      asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+    }
+    __syncthreads();  // this stage is refilled by the next step's copies
+  }
+  asm volatile("cp.async.wait_all;" ::: "memory");
+
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
+#pragma unroll
+  for (int hf = 0; hf < 2; hf++) {
+    const int row = r0 + 8 * hf;
+    if (row >= nt) continue;
+    if (splits == 1) {  // the output itself (every row has key 0: l > 0)
+      const float inv = 1.f / l[hf];
+      float* dst = out + (size_t)(t0 + row) * ldo + h * EX_DV;
+#pragma unroll
+      for (int n = 0; n < 32; n++)
+        *(float2*)(dst + n * 8 + c2) = make_float2(o[4 * n + 2 * hf] * inv, o[4 * n + 2 * hf + 1] * inv);
+      continue;
+    }
+    const size_t at = ((size_t)sp * T + t0 + row) * heads + h;
+    float* dst = po + at * EX_DV;
+#pragma unroll
+    for (int n = 0; n < 32; n++) *(float2*)(dst + n * 8 + c2) = make_float2(o[4 * n + 2 * hf], o[4 * n + 2 * hf + 1]);
+    if ((lane & 3) == 0) *(float2*)(pml + 2 * at) = make_float2(m[hf], l[hf]);
+  }
+#else
+  __trap();  // built only for sm_90a (expanded.go asks for it there alone)
+#endif
 }
 
 // out[t, h*dv + k] = the splits of expand_flash merged: their outputs
