@@ -142,7 +142,7 @@ type Engine struct {
 // a longer step shares each routed expert's widened weight tiles among more
 // tokens (1024-token steps prefilled a 1024-token prompt of GLM-4.7-Flash's
 // shapes 12-20% faster than 512-token steps, with no more memory).
-const OneSequenceBatchTokens = 1024
+const OneSequenceBatchTokens = 2048
 
 const (
 	defaultMaxNumSeqs     = 16
