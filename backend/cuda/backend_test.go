@@ -48,7 +48,7 @@ func mustWeight(t testing.TB, b backend.Backend, hw backend.HostWeight) backend.
 	return w
 }
 
-func quantHost(t *testing.T, r *rand.Rand, name string, n, k, g int) backend.HostWeight {
+func quantHost(t testing.TB, r *rand.Rand, name string, n, k, g int) backend.HostWeight {
 	m, err := format.Quantize(randVec(r, n*k, 0.05), n, k, format.QuantOptions{GroupSize: g})
 	if err != nil {
 		t.Fatal(err)

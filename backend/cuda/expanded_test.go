@@ -295,3 +295,65 @@ func TestExpandGemmMatchesFloat64(t *testing.T) {
 		}
 	}
 }
+
+// BenchmarkExpandedAttention times one layer's prompt attention at
+// GLM-4.7-Flash's shapes (20 heads, MMFP4 W_UK and W_UV in groups of 128,
+// bf16 cache): T rows after a cached prefix, in the expanded form (the
+// gather, the keys' and values' product, the attention and the merge) and
+// in the latent form the model runs otherwise (AbsorbQuery, LatentAttention,
+// ExpandValues) from expandedMinRows rows up: device time of the queued
+// launches (events). Where the expanded form's ms/op is the smaller,
+// expandedTakes should take it.
+func BenchmarkExpandedAttention(b *testing.B) {
+	d := benchDevice(b)
+	s := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
+	r := rand.New(rand.NewPCG(7, 7))
+	uk := quantHost(b, r, "wuk", s.Heads*s.NopeDim, s.Rank, 128)
+	uv := quantHost(b, r, "wuv", s.Heads*s.VDim, s.Rank, 128)
+	for _, prefix := range []int{0, 2048, 8192, 30720} {
+		for _, T := range []int{256, 320, 384, 448, 512, 1024, 2048} {
+			for _, expanded := range []bool{false, true} {
+				name := map[bool]string{false: "latent", true: "expanded"}[expanded]
+				b.Run(fmt.Sprintf("prefix%d/T%d/%s", prefix, T, name), func(b *testing.B) {
+					g := NewOnDevice(d, Options{NoGraphs: true, NoPieces: true}) // every op in g.pending
+					defer g.Close()
+					g.expandedMin = 1
+					step := flashCache(b, g, []flashSeq{{prefix, T}}, s, backend.CacheBF16, r)
+					H := s.Heads
+					q, out := g.NewTensor(T, H*(s.NopeDim+s.RopeDim)), g.NewTensor(T, H*s.VDim)
+					qlat, olat := g.NewTensor(T, H*s.Rank), g.NewTensor(T, H*s.Rank)
+					g.Upload(q, randVec(r, T*H*(s.NopeDim+s.RopeDim), 1))
+					wk, wv := mustWeight(b, g, uk), mustWeight(b, g, uv)
+					scale := float32(1 / math.Sqrt(float64(s.NopeDim+s.RopeDim)))
+					run := func() {
+						if expanded {
+							g.ExpandedAttention(out, q, 0, wk, wv, s, scale)
+							return
+						}
+						g.AbsorbQuery(qlat, q, wk, s)
+						g.LatentAttention(olat, qlat, q, 0, s, scale)
+						g.ExpandValues(out, olat, wv, s)
+					}
+					if expanded && !g.ExpandedFits(s) {
+						b.Fatalf("%d rows after %d: the step does not take the expanded form", step.Rows(), prefix)
+					}
+					run() // warm-up (compiles)
+					if err := g.Sync(); err != nil {
+						b.Fatal(err)
+					}
+					run()
+					ops := g.pending
+					g.pending = nil
+					if err := d.Do(func(c *Ctx) error {
+						sec, launches, err := timeQueued(c, ops, 10)
+						b.ReportMetric(sec*1e3, "ms/op")
+						b.ReportMetric(float64(launches), "launches")
+						return err
+					}); err != nil {
+						b.Fatal(err)
+					}
+				})
+			}
+		}
+	}
+}

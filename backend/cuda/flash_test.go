@@ -69,7 +69,7 @@ func flashRun(t *testing.T, b backend.Backend, seqs []flashSeq, s backend.MLASha
 // flashCache fills a new cache pool with seqs' rows (random latent and
 // rope values from r, the prefix step's, then the attention step's) and
 // returns the attention step, left bound.
-func flashCache(t *testing.T, b backend.Backend, seqs []flashSeq, s backend.MLAShape, dt backend.CacheDType, r *rand.Rand) *backend.Batch {
+func flashCache(t testing.TB, b backend.Backend, seqs []flashSeq, s backend.MLAShape, dt backend.CacheDType, r *rand.Rand) *backend.Batch {
 	t.Helper()
 	const blockSize = 16
 	pre, step, blocks := flashBatches(seqs, blockSize)
