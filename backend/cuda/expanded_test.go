@@ -72,7 +72,7 @@ func expandedForms(t *testing.T, g *Backend) []bool {
 // a prefix, two sequences in a step, splits of the keys (some of them
 // empty for the first query tiles of a fresh prompt), the bf16, fp8 and
 // fp4 caches, groups of 128 and 32. The GPU's latent form on the same
-// inputs is logged beside it.
+// inputs is held to the same bound (on an H200 it was 0.7e-3 to 5.1e-3).
 func TestExpandedAttentionMatchesCPU(t *testing.T) {
 	defer func(v bool) { expandWGMMA = v }(expandWGMMA)
 	g, _ := testBackends(t, Options{})
@@ -87,6 +87,10 @@ func TestExpandedAttentionMatchesCPU(t *testing.T) {
 		{backend.MLAShape{Heads: 3, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}, []flashSeq{{700, 260}}, 32},
 		{backend.MLAShape{Heads: 2, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}, []flashSeq{{0, 1024}}, 128},
 		{backend.MLAShape{Heads: 5, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 256}, []flashSeq{{100, 256}, {37, 300}}, 64},
+		// GLM-4.7-Flash's 20 heads, 448 rows after a prefix: the latent
+		// ops' benchmark timed too little at 448 rows, so their output is
+		// held here too.
+		{backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}, []flashSeq{{2048, 448}}, 128},
 	}
 	for i, cs := range cases {
 		if testing.Short() && i > 0 {
@@ -109,8 +113,11 @@ func TestExpandedAttentionMatchesCPU(t *testing.T) {
 				}
 				msg += fmt.Sprintf(" wgmma %v %.2e,", wg, e)
 			}
-			latent := expandedRun(t, g, cs.seqs, cs.s, dt, seed, uk, uv, false)
-			t.Logf("%-75s expanded:%s GPU latent %.2e", name, msg, maxRelErr(want, latent))
+			latent := maxRelErr(want, expandedRun(t, g, cs.seqs, cs.s, dt, seed, uk, uv, false))
+			t.Logf("%-75s expanded:%s GPU latent %.2e", name, msg, latent)
+			if !(latent <= expandedBound) {
+				t.Errorf("%s: GPU latent form max relative error %.3e above %.0e", name, latent, expandedBound)
+			}
 		}
 	}
 }
