@@ -344,11 +344,19 @@ func BenchmarkExpandedAttention(b *testing.B) {
 					if expanded && !g.ExpandedFits(s) {
 						b.Fatalf("%d rows after %d: the step does not take the expanded form", step.Rows(), prefix)
 					}
+					// The timed run reuses the warm-up's step memory: an arena
+					// growth while queuing would run (flush) the ops before it.
+					mark := g.Mark()
 					run() // warm-up (compiles)
 					if err := g.Sync(); err != nil {
 						b.Fatal(err)
 					}
+					g.Release(mark)
+					flushes := g.flushes
 					run()
+					if g.flushes != flushes {
+						b.Fatalf("ops were flushed while queuing the timed run")
+					}
 					ops := g.pending
 					g.pending = nil
 					if err := d.Do(func(c *Ctx) error {
