@@ -87,9 +87,7 @@ func TestExpandedAttentionMatchesCPU(t *testing.T) {
 		{backend.MLAShape{Heads: 3, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}, []flashSeq{{700, 260}}, 32},
 		{backend.MLAShape{Heads: 2, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}, []flashSeq{{0, 1024}}, 128},
 		{backend.MLAShape{Heads: 5, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 256}, []flashSeq{{100, 256}, {37, 300}}, 64},
-		// GLM-4.7-Flash's 20 heads, 448 rows after a prefix: the latent
-		// ops' benchmark timed too little at 448 rows, so their output is
-		// held here too.
+		// GLM-4.7-Flash's 20 heads, a chunk of 448 rows after a prefix.
 		{backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}, []flashSeq{{2048, 448}}, 128},
 	}
 	for i, cs := range cases {
