@@ -300,6 +300,87 @@ extern "C" __global__ void __launch_bounds__(256, 2)
 #endif
 }
 
+// The online softmax of one key tile's scores for the thread's two rows
+// (pa, pb its rows' positions; the mma layout: element 4n + e of s is key
+// kb + 8n + c2 + (e & 1) of row e >> 1): into base 2, keys past a row's
+// position out where edge, the running maxima m and sums l updated, and p
+// the weights (p may be s). corr is what o's sums are to be scaled by.
+DEVICE void ex_softmax(const float (&s)[32], float (&p)[32], int kb, bool edge, int c2, int pa, int pb,
+                       float scale_log2, float (&m)[2], float (&l)[2], float (&corr)[2]) {
+  const float ninf = __int_as_float(0xff800000);
+  float mx[2] = {ninf, ninf};
+#pragma unroll
+  for (int n = 0; n < 8; n++)
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+      const int j = kb + n * 8 + c2 + (e & 1);
+      float x = s[4 * n + e] * scale_log2;
+      if (edge && j > (e < 2 ? pa : pb)) x = ninf;
+      p[4 * n + e] = x;
+      mx[e >> 1] = fmaxf(mx[e >> 1], x);
+    }
+  float base[2];
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
+    mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
+    const float mn = fmaxf(m[r], mx[r]);
+    base[r] = mn == ninf ? 0.f : mn;  // a row with no key yet stays at zero
+    corr[r] = fa_ex2(m[r] - base[r]);
+    m[r] = mn;
+    l[r] *= corr[r];
+  }
+#pragma unroll
+  for (int n = 0; n < 32; n++) {
+    p[n] = fa_ex2(p[n] - base[(n >> 1) & 1]);
+    l[(n >> 1) & 1] += p[n];
+  }
+}
+
+// o (the mma layout: element 4n + e is column 8n + c2 + (e & 1) of row
+// e >> 1) scaled by corr, row by row.
+DEVICE void ex_rescale(float (&o)[128], const float (&corr)[2]) {
+#pragma unroll
+  for (int n = 0; n < 32; n++) {
+    o[4 * n] *= corr[0];
+    o[4 * n + 1] *= corr[0];
+    o[4 * n + 2] *= corr[1];
+    o[4 * n + 3] *= corr[1];
+  }
+}
+
+// The end of a block of expand_flash: the thread's rows r0 and r0 + 8 of
+// the query tile at t0 (nt rows), their sums l completed across the quad;
+// with one split the output itself, else the split's sums and its maxima
+// and weights' sums for expand_merge.
+DEVICE void ex_store(const float (&o)[128], const float (&m)[2], float (&l)[2], float* __restrict__ out, int ldo,
+                     float* __restrict__ po, float* __restrict__ pml, int T, int heads, int splits, int sp, int h,
+                     int t0, int nt, int r0, int c2, int lane) {
+#pragma unroll
+  for (int r = 0; r < 2; r++) {
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
+    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
+  }
+#pragma unroll
+  for (int hf = 0; hf < 2; hf++) {
+    const int row = r0 + 8 * hf;
+    if (row >= nt) continue;
+    if (splits == 1) {  // the output itself (every row has key 0: l > 0)
+      const float inv = 1.f / l[hf];
+      float* dst = out + (size_t)(t0 + row) * ldo + h * EX_DV;
+#pragma unroll
+      for (int n = 0; n < 32; n++)
+        *(float2*)(dst + n * 8 + c2) = make_float2(o[4 * n + 2 * hf] * inv, o[4 * n + 2 * hf + 1] * inv);
+      continue;
+    }
+    const size_t at = ((size_t)sp * T + t0 + row) * heads + h;
+    float* dst = po + at * EX_DV;
+#pragma unroll
+    for (int n = 0; n < 32; n++) *(float2*)(dst + n * 8 + c2) = make_float2(o[4 * n + 2 * hf], o[4 * n + 2 * hf + 1]);
+    if ((lane & 3) == 0) *(float2*)(pml + 2 * at) = make_float2(m[hf], l[hf]);
+  }
+}
+
 // Causal attention of one sequence's T rows (positions pos[t], ascending)
 // over keys [0, pos[t]] in the expanded form. Block (x, h), x = split *
 // nq + i, takes query rows [128 i, +128) of head h and split `split` of
@@ -369,6 +450,7 @@ extern "C" __global__ void __launch_bounds__(256, 1)
   float o[32][4];
 #pragma unroll
   for (int n = 0; n < 32; n++) o[n][0] = o[n][1] = o[n][2] = o[n][3] = 0.f;
+  float(&of)[128] = reinterpret_cast<float(&)[128]>(o);  // the helpers' flat view
   float m[2] = {ninf, ninf}, l[2] = {0.f, 0.f};
 
   for (int it = tb; it < te; it++) {
@@ -398,43 +480,10 @@ extern "C" __global__ void __launch_bounds__(256, 1)
       }
       // Scale into base 2; keys past a row's position out (only on the
       // tiles that reach past the warp's first row).
-      const bool edge = kb + EX_KEYS - 1 > wmin;
-      float mx[2] = {ninf, ninf};
-#pragma unroll
-      for (int n = 0; n < 8; n++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          const int j = kb + n * 8 + c2 + (e & 1);
-          float x = s[n][e] * scale_log2;
-          if (edge && j > (e < 2 ? pa : pb)) x = ninf;
-          s[n][e] = x;
-          mx[e >> 1] = fmaxf(mx[e >> 1], x);
-        }
-      float base[2], corr[2];
-#pragma unroll
-      for (int r = 0; r < 2; r++) {
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-        mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-        const float mn = fmaxf(m[r], mx[r]);
-        base[r] = mn == ninf ? 0.f : mn;  // a row with no key yet stays at zero
-        corr[r] = fa_ex2(m[r] - base[r]);
-        m[r] = mn;
-        l[r] *= corr[r];
-      }
-#pragma unroll
-      for (int n = 0; n < 32; n++) {
-        o[n][0] *= corr[0];
-        o[n][1] *= corr[0];
-        o[n][2] *= corr[1];
-        o[n][3] *= corr[1];
-      }
-#pragma unroll
-      for (int n = 0; n < 8; n++)
-#pragma unroll
-        for (int e = 0; e < 4; e++) {
-          s[n][e] = fa_ex2(s[n][e] - base[e >> 1]);
-          l[e >> 1] += s[n][e];
-        }
+      float(&sf)[32] = reinterpret_cast<float(&)[32]>(s);
+      float corr[2];
+      ex_softmax(sf, sf, kb, kb + EX_KEYS - 1 > wmin, c2, pa, pb, scale_log2, m, l, corr);
+      ex_rescale(of, corr);
 #pragma unroll
       for (int kk = 0; kk < EX_KEYS / 16; kk++) {
         const u32 a[4] = {bf16x2_rn(s[2 * kk][0], s[2 * kk][1]), bf16x2_rn(s[2 * kk][2], s[2 * kk][3]),
@@ -452,29 +501,7 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     __syncthreads();  // this stage is refilled by the next step's copies
   }
   asm volatile("cp.async.wait_all;" ::: "memory");
-
-#pragma unroll
-  for (int r = 0; r < 2; r++) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-  }
-#pragma unroll
-  for (int hf = 0; hf < 2; hf++) {
-    const int row = r0 + 8 * hf;
-    if (row >= nt) continue;
-    if (splits == 1) {  // the output itself (every row has key 0: l > 0)
-      const float inv = 1.f / l[hf];
-      float* dst = out + (size_t)(t0 + row) * ldo + h * EX_DV;
-#pragma unroll
-      for (int n = 0; n < 32; n++) *(float2*)(dst + n * 8 + c2) = make_float2(o[n][2 * hf] * inv, o[n][2 * hf + 1] * inv);
-      continue;
-    }
-    const size_t at = ((size_t)sp * T + t0 + row) * heads + h;
-    float* dst = po + at * EX_DV;
-#pragma unroll
-    for (int n = 0; n < 32; n++) *(float2*)(dst + n * 8 + c2) = make_float2(o[n][2 * hf], o[n][2 * hf + 1]);
-    if ((lane & 3) == 0) *(float2*)(pml + 2 * at) = make_float2(m[hf], l[hf]);
-  }
+  ex_store(of, m, l, out, ldo, po, pml, T, heads, splits, sp, h, t0, nt, r0, c2, lane);
 }
 
 // expand_flash on wgmma (sm_90a only): the same blocks, splits and
@@ -579,13 +606,7 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
   };
   auto values = [&](u32 va) {
-#pragma unroll
-    for (int n = 0; n < 32; n++) {
-      o[4 * n] *= corr[0];
-      o[4 * n + 1] *= corr[0];
-      o[4 * n + 2] *= corr[1];
-      o[4 * n + 3] *= corr[1];
-    }
+    ex_rescale(o, corr);
 #pragma unroll
     for (int kk = 0; kk < 4; kk++) {
       p[kk][0] = bf16x2_rn(ps[8 * kk], ps[8 * kk + 1]);
@@ -618,34 +639,7 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     for (int n = 0; n < 32; n++) asm volatile("" : "+f"(s[n])::"memory");
     // Scale into base 2; keys past a row's position out (only on the
     // tiles that reach past the warp's first row).
-    const bool edge = kb + EX_KEYS - 1 > wmin;
-    float mx[2] = {ninf, ninf};
-#pragma unroll
-    for (int n = 0; n < 8; n++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) {
-        const int j = kb + n * 8 + c2 + (e & 1);
-        float x = s[4 * n + e] * scale_log2;
-        if (edge && j > (e < 2 ? pa : pb)) x = ninf;
-        ps[4 * n + e] = x;
-        mx[e >> 1] = fmaxf(mx[e >> 1], x);
-      }
-    float base2[2];
-#pragma unroll
-    for (int r = 0; r < 2; r++) {
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 1));
-      mx[r] = fmaxf(mx[r], __shfl_xor_sync(0xffffffffu, mx[r], 2));
-      const float mn = fmaxf(m[r], mx[r]);
-      base2[r] = mn == ninf ? 0.f : mn;  // a row with no key yet stays at zero
-      corr[r] = fa_ex2(m[r] - base2[r]);
-      m[r] = mn;
-      l[r] *= corr[r];
-    }
-#pragma unroll
-    for (int n = 0; n < 32; n++) {
-      ps[n] = fa_ex2(ps[n] - base2[(n >> 1) & 1]);
-      l[(n >> 1) & 1] += ps[n];
-    }
+    ex_softmax(s, ps, kb, kb + EX_KEYS - 1 > wmin, c2, pa, pb, scale_log2, m, l, corr);
   };
   for (int it = tb; it <= te; it++) {
     // Tile it's keys and tile it - 1's values were asked for a step ago;
@@ -681,30 +675,7 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     }
   }
   asm volatile("cp.async.wait_all;" ::: "memory");
-
-#pragma unroll
-  for (int r = 0; r < 2; r++) {
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 1);
-    l[r] += __shfl_xor_sync(0xffffffffu, l[r], 2);
-  }
-#pragma unroll
-  for (int hf = 0; hf < 2; hf++) {
-    const int row = r0 + 8 * hf;
-    if (row >= nt) continue;
-    if (splits == 1) {  // the output itself (every row has key 0: l > 0)
-      const float inv = 1.f / l[hf];
-      float* dst = out + (size_t)(t0 + row) * ldo + h * EX_DV;
-#pragma unroll
-      for (int n = 0; n < 32; n++)
-        *(float2*)(dst + n * 8 + c2) = make_float2(o[4 * n + 2 * hf] * inv, o[4 * n + 2 * hf + 1] * inv);
-      continue;
-    }
-    const size_t at = ((size_t)sp * T + t0 + row) * heads + h;
-    float* dst = po + at * EX_DV;
-#pragma unroll
-    for (int n = 0; n < 32; n++) *(float2*)(dst + n * 8 + c2) = make_float2(o[4 * n + 2 * hf], o[4 * n + 2 * hf + 1]);
-    if ((lane & 3) == 0) *(float2*)(pml + 2 * at) = make_float2(m[hf], l[hf]);
-  }
+  ex_store(o, m, l, out, ldo, po, pml, T, heads, splits, sp, h, t0, nt, r0, c2, lane);
 #else
   __trap();  // built only for sm_90a (expanded.go asks for it there alone)
 #endif
