@@ -48,8 +48,8 @@ const expandedMinRows = 256
 // expandedMaxBytes bounds one sequence's gathered rows, keys and values
 // (workspace; about 112k positions at GLM-4.7-Flash's shapes, past which
 // the latent form runs): with the splits' partials and the step's other
-// tensors (960 MiB in steps of 2048 rows) it stays inside the 4 GiB a device's cache pool leaves free
-// (mmfp4.DeviceCacheReserve).
+// tensors (960 MiB in steps of 2048 rows) it stays inside the 4 GiB a
+// device's cache pool leaves free (mmfp4.DeviceCacheReserve).
 const expandedMaxBytes = 2 << 30
 
 // expandedMinKeys is expandedMinDefault, or MMFP4_CUDA_EXPANDED_MIN (0
