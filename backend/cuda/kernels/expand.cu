@@ -24,13 +24,6 @@
 #define EX_KEYS 64  // keys a tile
 #define EX_LD 264  // query, key and value rows in shared memory (bf16): 528 bytes, ldmatrix free of conflicts
 
-// Two floats as bf16 (lo in the low half), round to nearest even.
-DEVICE u32 bf16x2_rn(float lo, float hi) {
-  u32 r;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-
 // W [N, K] as bf16 rows: an MMFP4 matrix's E2M1 code times its E4M3 group
 // scale (exact in bf16; the row scale is expand_gemm's), or dense fp32
 // weights rounded (codes == 0). Two columns a thread.
@@ -500,7 +493,7 @@ extern "C" __global__ void __launch_bounds__(256, 1)
     }
     __syncthreads();  // this stage is refilled by the next step's copies
   }
-  asm volatile("cp.async.wait_all;" ::: "memory");
+  cp_async_wait_all();
   ex_store(of, m, l, out, ldo, po, pml, T, heads, splits, sp, h, t0, nt, r0, c2, lane);
 }
 
@@ -674,7 +667,6 @@ extern "C" __global__ void __launch_bounds__(256, 1)
       pend = false;
     }
   }
-  asm volatile("cp.async.wait_all;" ::: "memory");
   ex_store(o, m, l, out, ldo, po, pml, T, heads, splits, sp, h, t0, nt, r0, c2, lane);
 #else
   __trap();  // built only for sm_90a (expanded.go asks for it there alone)

@@ -1028,14 +1028,6 @@ FLASH_FORMS(2, 16)
 #define DM_NST 4     // tiles in flight
 #define DM_MAXS 256
 
-// Two floats rounded to nearest even bfloat16 in one conversion (sm_80+),
-// lo in the low half: fa_bf16's bits for finite values.
-DEVICE u32 bf16x2_rn(float lo, float hi) {
-  u32 d;
-  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
-  return d;
-}
-
 // x0 = hi + mid + lo exactly and x1 the same (finite values), each part a
 // bf16 rounded to nearest even (fa_bf16's bits), packed two a word (x0's
 // in the low half): one conversion a part for two values.

@@ -1,6 +1,6 @@
 // Tensor-core helpers shared by the prefill kernels (flash.cu, absorb.cu,
 // expand.cu): shared-memory addresses, copies, ldmatrix, the m16n8k16
-// products and the softmax's 2^x.
+// products, bf16 pairs and the softmax's 2^x.
 
 DEVICE u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 
@@ -41,6 +41,14 @@ DEVICE void cp_async16(u32 dst, const void* src, bool valid) {
                : "memory");
 }
 DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"); }
+
+// Two floats rounded to nearest even bfloat16 in one conversion (sm_80+),
+// lo in the low half.
+DEVICE u32 bf16x2_rn(float lo, float hi) {
+  u32 d;
+  asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  return d;
+}
 
 // 2^x (ex2.approx: about 2 ulp; subnormal results flushed to zero).
 DEVICE float fa_ex2(float x) {
