@@ -265,21 +265,18 @@ func (b *Backend) expandedSeq(si int, sq backend.Seq, om, qm *tensor, uk, uv *we
 	nq := (sq.Len + expandedRows - 1) / expandedRows
 	scale2 := scale * float32(math.Log2E)
 	b.do("attention", func(c *Ctx) error {
+		// The values: [n][H dv] for expand_flash, transposed [H dv][nc]
+		// for expand_flash_wg.
+		name, shared, ldv := "expand_flash", expandedShared(), H*dv
 		if expandUseWG(c) {
-			flash, err := c.kernelShared("expand", "expand_flash_wg", expandedWGShared)
-			if err != nil {
-				return err
-			}
-			return c.Launch(flash, Dim{uint32(nq * S), uint32(H), 1}, D1(256), expandedWGShared,
-				om.row(sq.Start), om.ld, bf.po, bf.pml, qm.row(sq.Start), qm.ld, bf.keys, H*dn, bf.rows, width, r, bf.vals, nc,
-				b.meta.pos+4*uint64(sq.Start), sq.Len, H, S, scale2)
+			name, shared, ldv = "expand_flash_wg", expandedWGShared, nc
 		}
-		flash, err := c.kernelShared("expand", "expand_flash", expandedShared())
+		flash, err := c.kernelShared("expand", name, shared)
 		if err != nil {
 			return err
 		}
-		return c.Launch(flash, Dim{uint32(nq * S), uint32(H), 1}, D1(256), expandedShared(),
-			om.row(sq.Start), om.ld, bf.po, bf.pml, qm.row(sq.Start), qm.ld, bf.keys, H*dn, bf.rows, width, r, bf.vals, H*dv,
+		return c.Launch(flash, Dim{uint32(nq * S), uint32(H), 1}, D1(256), shared,
+			om.row(sq.Start), om.ld, bf.po, bf.pml, qm.row(sq.Start), qm.ld, bf.keys, H*dn, bf.rows, width, r, bf.vals, ldv,
 			b.meta.pos+4*uint64(sq.Start), sq.Len, H, S, scale2)
 	})
 	if S > 1 {

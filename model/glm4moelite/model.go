@@ -393,16 +393,14 @@ func (m *Model) attention(i int, h backend.Tensor) backend.Tensor {
 	// A backend may take a long prompt's attention in the expanded form
 	// instead (the same sums, fewer products).
 	scale := float32(1 / math.Sqrt(float64(qk)))
-	var v backend.Tensor
+	v := backend.NewOutput(b, T, sh.Heads*sh.VDim)
 	if ea, ok := b.(backend.ExpandedAttender); ok && ea.ExpandedFits(sh) {
-		v = backend.NewOutput(b, T, sh.Heads*sh.VDim)
 		ea.ExpandedAttention(v, q, i, a.UK, a.UV, sh, scale)
 	} else {
 		qlat := backend.NewOutput(b, T, sh.Heads*r)
 		b.AbsorbQuery(qlat, q, a.UK, sh)
 		olat := backend.NewOutput(b, T, sh.Heads*r)
 		b.LatentAttention(olat, qlat, q, i, sh, scale)
-		v = backend.NewOutput(b, T, sh.Heads*sh.VDim)
 		b.ExpandValues(v, olat, a.UV, sh)
 	}
 	m.watch(i, "attention values", v)
