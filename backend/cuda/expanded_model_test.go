@@ -84,7 +84,7 @@ func TestModelExpandedMatchesCPUOnGPU(t *testing.T) {
 		want := run(c, dt)
 		g.expandedMin = 0
 		msg := fmt.Sprintf("GPU latent form %.2e", maxRelErr(want, run(g, dt)))
-		for _, wg := range expandedForms(t, g) {
+		for _, wg := range expandedForms(t, g.dev) {
 			expandWGMMA, g.expandedMin, g.expandedSteps = wg, 256, 0
 			got := run(g, dt)
 			if g.expandedSteps == 0 {

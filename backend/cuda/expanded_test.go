@@ -31,19 +31,10 @@ func expandedRun(t *testing.T, b backend.Backend, seqs []flashSeq, s backend.MLA
 	}
 	b.Upload(out, nan)
 	wk, wv := mustWeight(t, b, uk), mustWeight(t, b, uv)
-	scale := float32(1 / math.Sqrt(float64(s.NopeDim+s.RopeDim)))
-	if expanded {
-		ea := b.(backend.ExpandedAttender)
-		if !ea.ExpandedFits(s) {
-			t.Fatalf("seqs %v: the step does not take the expanded form", seqs)
-		}
-		ea.ExpandedAttention(out, q, 0, wk, wv, s, scale)
-	} else {
-		qlat, olat := b.NewTensor(T, H*s.Rank), b.NewTensor(T, H*s.Rank)
-		b.AbsorbQuery(qlat, q, wk, s)
-		b.LatentAttention(olat, qlat, q, 0, s, scale)
-		b.ExpandValues(out, olat, wv, s)
+	if expanded && !b.(backend.ExpandedAttender).ExpandedFits(s) {
+		t.Fatalf("seqs %v: the step does not take the expanded form", seqs)
 	}
+	queueAttention(b, out, q, wk, wv, s, expanded)
 	got := b.Download(out)
 	if err := b.Sync(); err != nil {
 		t.Fatal(err)
@@ -51,12 +42,28 @@ func expandedRun(t *testing.T, b backend.Backend, seqs []flashSeq, s backend.MLA
 	return got
 }
 
-// expandedForms is the expanded form's kernels that g's device runs: the
-// mma.sync ones (false), and the wgmma ones (true) where the kernels are
-// built for sm_90a; their absence is logged, not counted as a pass.
-func expandedForms(t *testing.T, g *Backend) []bool {
+// queueAttention queues layer 0's attention of the bound step into out, as
+// the model does: in the expanded form (ExpandedAttention) or the latent
+// one (AbsorbQuery, LatentAttention, ExpandValues).
+func queueAttention(b backend.Backend, out, q backend.Tensor, wk, wv backend.Weight, s backend.MLAShape, expanded bool) {
+	scale := float32(1 / math.Sqrt(float64(s.NopeDim+s.RopeDim)))
+	if expanded {
+		b.(backend.ExpandedAttender).ExpandedAttention(out, q, 0, wk, wv, s, scale)
+		return
+	}
+	T := q.Rows()
+	qlat, olat := b.NewTensor(T, s.Heads*s.Rank), b.NewTensor(T, s.Heads*s.Rank)
+	b.AbsorbQuery(qlat, q, wk, s)
+	b.LatentAttention(olat, qlat, q, 0, s, scale)
+	b.ExpandValues(out, olat, wv, s)
+}
+
+// expandedForms is the expanded form's kernels that d runs: the mma.sync
+// ones (false), and the wgmma ones (true) where the kernels are built for
+// sm_90a; their absence is logged, not counted as a pass.
+func expandedForms(t *testing.T, d *Device) []bool {
 	var arch string
-	if err := g.dev.Do(func(c *Ctx) (err error) { arch, err = c.Arch(); return err }); err != nil {
+	if err := d.Do(func(c *Ctx) (err error) { arch, err = c.Arch(); return err }); err != nil {
 		t.Fatal(err)
 	}
 	if arch != "sm_90a" {
@@ -102,7 +109,7 @@ func TestExpandedAttentionMatchesCPU(t *testing.T) {
 			seed := uint64(500 + i)
 			want := expandedRun(t, c, cs.seqs, cs.s, dt, seed, uk, uv, false)
 			msg := ""
-			for _, wg := range expandedForms(t, g) {
+			for _, wg := range expandedForms(t, g.dev) {
 				expandWGMMA = wg
 				got := expandedRun(t, g, cs.seqs, cs.s, dt, seed, uk, uv, true)
 				e := maxRelErr(want, got)
@@ -200,20 +207,10 @@ func TestExpandGemmMatchesFloat64(t *testing.T) {
 				big = math.Max(big, math.Abs(ref[p*cs.N+n]))
 			}
 		}
-		kernels := []string{"expand_gemm"}
-		err := d.Do(func(c *Ctx) error {
-			if arch, err := c.Arch(); err == nil && arch == "sm_90a" {
-				kernels = append(kernels, "expand_gemm_wg")
-			}
-			return nil
-		})
-		if err != nil {
-			t.Fatal(err)
-		}
-		for _, name := range kernels {
-			shared := expandGemmShared
-			if name == "expand_gemm_wg" {
-				shared = expandGemmWGShared
+		for _, wg := range expandedForms(t, d) {
+			name, shared := "expand_gemm", expandGemmShared
+			if wg {
+				name, shared = "expand_gemm_wg", expandGemmWGShared
 			}
 			got := make([]uint16, cs.P*cs.N)
 			err := d.Do(func(c *Ctx) error {
@@ -242,7 +239,7 @@ func TestExpandGemmMatchesFloat64(t *testing.T) {
 					return err
 				}
 				grid := Dim{uint32((cs.P + 127) / 128), uint32((cs.N + 127) / 128), 1}
-				if name == "expand_gemm" {
+				if !wg {
 					err = c.Launch(k, grid, D1(256), shared, cb.Ptr, cs.N, ab.Ptr, K+64, wb.Ptr, rb.Ptr, cs.P, cs.N, K)
 				} else {
 					err = c.Launch(k, grid, D1(256), shared, cb.Ptr, cs.N, ab.Ptr, K+64, cs.P, wb.Ptr, K, cs.N, cs.N, rb.Ptr, 0, K)
@@ -253,12 +250,12 @@ func TestExpandGemmMatchesFloat64(t *testing.T) {
 				if err := CopyOut(c, got, cb.Ptr); err != nil {
 					return err
 				}
-				if name != "expand_gemm_wg" {
+				if !wg {
 					return nil
 				}
 				// The transposed form (the values of expand_flash_wg): W as
 				// A, the rows as B, row scales, zeros to a multiple of 64.
-				nc := (cs.P + 63) &^ 63
+				nc := ceil64(cs.P)
 				tb, err := c.Alloc(2 * cs.N * nc)
 				if err != nil {
 					return err
@@ -326,19 +323,9 @@ func BenchmarkExpandedAttention(b *testing.B) {
 					step := flashCache(b, g, []flashSeq{{prefix, T}}, s, backend.CacheBF16, r)
 					H := s.Heads
 					q, out := g.NewTensor(T, H*(s.NopeDim+s.RopeDim)), g.NewTensor(T, H*s.VDim)
-					qlat, olat := g.NewTensor(T, H*s.Rank), g.NewTensor(T, H*s.Rank)
 					g.Upload(q, randVec(r, T*H*(s.NopeDim+s.RopeDim), 1))
 					wk, wv := mustWeight(b, g, uk), mustWeight(b, g, uv)
-					scale := float32(1 / math.Sqrt(float64(s.NopeDim+s.RopeDim)))
-					run := func() {
-						if expanded {
-							g.ExpandedAttention(out, q, 0, wk, wv, s, scale)
-							return
-						}
-						g.AbsorbQuery(qlat, q, wk, s)
-						g.LatentAttention(olat, qlat, q, 0, s, scale)
-						g.ExpandValues(out, olat, wv, s)
-					}
+					run := func() { queueAttention(g, out, q, wk, wv, s, expanded) }
 					if expanded && !g.ExpandedFits(s) {
 						b.Fatalf("%d rows after %d: the step does not take the expanded form", step.Rows(), prefix)
 					}
