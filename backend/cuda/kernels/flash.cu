@@ -1049,9 +1049,7 @@ DEVICE void split3_bf16x2(float x0, float x1, u32& hi, u32& mid, u32& lo) {
 // it.
 DEVICE void quant_row4(float4 v, bool valid, int f, int t, int K, int G, i8* __restrict__ xq,
                        float* __restrict__ xs, i32* __restrict__ xsum) {
-  // G is a power of two: its divisions as shifts (a division by a value
-  // known only at run time is a chain of some 20 instructions).
-  const int gl = 31 - __clz(G);
+  const int gl = log2_pow2(G);
   float amax = fmaxf(fmaxf(fabsf(v.x), fabsf(v.y)), fmaxf(fabsf(v.z), fabsf(v.w)));
   for (int m = 1; m < G / 4; m <<= 1) amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, m));
   const float scale = amax / 127.f;
@@ -1785,7 +1783,7 @@ extern "C" __global__ void __cluster_dims__(DCV_CL, 1, 1) __launch_bounds__(1024
   const int row0 = blockIdx.x * ROWS + local;
   const int h = blockIdx.x / CL;
   const int GK = (K >> 5) >> gshift;
-  const int gl = 31 - __clz(G);  // olat's groups (a power of two) as a shift
+  const int gl = log2_pow2(G);  // olat's groups as a shift
   uint4 w[4];
   u32 s[4];
 #pragma unroll
@@ -1901,7 +1899,7 @@ extern "C" __global__ void __cluster_dims__(DCV_CL, 1, 1) __launch_bounds__(1024
   if (sl < 4) y[row0 + sl] = yv;
   // Warp j < ROWS/qg takes group j of the block's values, E = qg/32 to a
   // lane.
-  const int qgl = 31 - __clz(qg);  // qg a power of two
+  const int qgl = log2_pow2(qg);
   if (warp >= (ROWS >> qgl)) return;
   const int E = qg >> 5, k0 = warp * qg + lane * E;
   float v[4] = {0.f, 0.f, 0.f, 0.f};

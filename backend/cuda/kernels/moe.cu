@@ -429,7 +429,7 @@ extern "C" __global__ void __launch_bounds__(256)
 // bits): this warp takes groups g0, g0 + gstep, ... of token t.
 DEVICE void router_quant_groups(const float* rxs, int K, int G, int t, int g0, int gstep, int lane,
                                 i8* __restrict__ xq, float* __restrict__ xs, i32* __restrict__ xsum) {
-  const int Eg = G >> 5, ng = K >> (31 - __clz(G));  // K / G, G a power of two
+  const int Eg = G >> 5, ng = K >> log2_pow2(G);  // K / G
   for (int g = g0; g < ng; g += gstep) {
     const int k0 = g * G + lane * Eg;
     float v[4];
@@ -1061,7 +1061,7 @@ DEVICE void rows_dot(const uint4 (&w)[2][R], const u32 (&s)[2][R], int C, int gs
 // loads are in flight at a time.
 DEVICE void quant_groups(const float* src, bool global, int K, int G, int g0, int step, i8* sq,
                          float* ss) {
-  const int lane = threadIdx.x & 31, E = G >> 5, GK = K >> (31 - __clz(G));  // K / G, G a power of two
+  const int lane = threadIdx.x & 31, E = G >> 5, GK = K >> log2_pow2(G);  // K / G
   for (int g = g0; g < GK; g += 4 * step) {
     float v[4][4];
 #pragma unroll

@@ -100,6 +100,11 @@ DEVICE i32 quant8(float v, float amax, float scale) {
   return max(-127, min(127, (i32)r));
 }
 
+// log2 of x, a power of two: the group sizes' divisions as shifts (a
+// division by a value known only at run time is a chain of some 20
+// instructions).
+DEVICE int log2_pow2(int x) { return 31 - __clz(x); }
+
 DEVICE float warp_sum(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
@@ -175,7 +180,7 @@ DEVICE void quant_group_warp(const float (&v)[4], int E, int lane, i8* q, i32* s
       sum += c[e];
     }
   }
-  const int L = 32 >> (31 - __clz(E));  // lanes a 32-column chunk: 32 / E, E a power of two
+  const int L = 32 >> log2_pow2(E);  // lanes a 32-column chunk: 32 / E
   for (int o = 1; o < L; o <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, o);
   if ((lane & (L - 1)) == 0) *sum32 = sum;
   if (lane == 0) *scale = amax == 0.f ? 0.f : s;
