@@ -63,7 +63,7 @@ func expandedMinKeys() int {
 
 // expandedShared is expand_flash's shared memory: the queries and two
 // stages of key and value tiles.
-func expandedShared() int { return (expandedRows + 4*expandedKeys) * expandedLD * 2 }
+const expandedShared = (expandedRows + 4*expandedKeys) * expandedLD * 2
 
 // expandGemmShared is expand_gemm's shared memory: three stages of two
 // 128 x 72 tiles.
@@ -105,7 +105,7 @@ func expandedBytes(n int, s backend.MLAShape) int {
 // expanded form (expandedTakes), with the shared memory expand_flash needs.
 func (b *Backend) ExpandedFits(s backend.MLAShape) bool {
 	return b.pool != nil && expandedTakes(b.batch, b.pool, s, b.expandedMin) &&
-		expandedShared() <= b.dev.Info().SharedOptin
+		expandedShared <= b.dev.Info().SharedOptin
 }
 
 // expandedTakes reports whether a step takes the expanded form: the
@@ -267,7 +267,7 @@ func (b *Backend) expandedSeq(si int, sq backend.Seq, om, qm *tensor, uk, uv *we
 	b.do("attention", func(c *Ctx) error {
 		// The values: [n][H dv] for expand_flash, transposed [H dv][nc]
 		// for expand_flash_wg.
-		name, shared, ldv := "expand_flash", expandedShared(), H*dv
+		name, shared, ldv := "expand_flash", expandedShared, H*dv
 		if expandUseWG(c) {
 			name, shared, ldv = "expand_flash_wg", expandedWGShared, nc
 		}
