@@ -25,12 +25,6 @@
 #define AT_N 128
 #define AT_LDB (AT_N + 8)  // f16 row stride of the weight slab
 
-DEVICE u32 f16x2_from(float lo, float hi) {
-  u32 r;
-  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(hi), "f"(lo));
-  return r;
-}
-
 DEVICE float f16_lo_to_f32(u32 h) {
   float f;
   asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"((unsigned short)(h & 0xFFFFu)));
@@ -46,8 +40,8 @@ DEVICE float f16_hi_to_f32(u32 h) {
 // Two fp32 values as hi and lo f16 pairs (x = hi + lo + a rest under 2^-22
 // of x when x is normal in f16 after scaling).
 DEVICE void split_f16x2(float x0, float x1, u32& hi, u32& lo) {
-  hi = f16x2_from(x0, x1);
-  lo = f16x2_from(x0 - f16_lo_to_f32(hi), x1 - f16_hi_to_f32(hi));
+  hi = f16x2_rn(x0, x1);
+  lo = f16x2_rn(x0 - f16_lo_to_f32(hi), x1 - f16_hi_to_f32(hi));
 }
 
 DEVICE u32 mul_f16x2(u32 a, u32 b) {
@@ -88,7 +82,7 @@ DEVICE void at_load_slab(const u8* __restrict__ codes, const u8* __restrict__ sc
     const float mag = e == 0 ? (float)f : (float)((2 + f) << (e - 1));
     v[k] = code & 8 ? -mag : mag;
   }
-  lut[tid] = f16x2_from(v[0], v[1]);
+  lut[tid] = f16x2_rn(v[0], v[1]);
 }
 
 // The slab at_load_slab read, dequantized to f16 through lut into bs

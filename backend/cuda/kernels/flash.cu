@@ -127,13 +127,6 @@ DEVICE void frag_f16(u32 (&r)[N]) {
   for (int i = 0; i < N; i++) r[i] = bf16x2_f16x2(r[i]);
 }
 
-// Two floats as f16 (a in the low half), round to nearest even.
-DEVICE u32 f16x2(float a, float b) {
-  u32 r;
-  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(r) : "f"(b), "f"(a));
-  return r;
-}
-
 // Two E4M3 codes (bits 0-7 and 8-15) as two bf16 values (exact: E4M3 is a
 // subset of f16, and f16 values of at most 4 significant bits are exact in
 // bf16), the first in the low half.
@@ -331,7 +324,7 @@ DEVICE void load_queries(unsigned short* qhi, unsigned short* qlo, float* qinv, 
       if (per % 32 != 0 && k >= W) break;
       if (F16) {
         *(uint2*)(qhi + r * ld + k) =
-            make_uint2(f16x2(v[j][u].x * f, v[j][u].y * f), f16x2(v[j][u].z * f, v[j][u].w * f));
+            make_uint2(f16x2_rn(v[j][u].x * f, v[j][u].y * f), f16x2_rn(v[j][u].z * f, v[j][u].w * f));
         continue;
       }
       u32 h0b, l0b, h1b, l1b, h2b, l2b, h3b, l3b;
@@ -734,8 +727,8 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
 #pragma unroll
           for (int u = 0; u < 8; u++) sv[u] *= w[u] * f;
         }
-        *(uint2*)(phi + sr * FA_PLD + sq * 4) = make_uint2(f16x2(sv[0], sv[1]), f16x2(sv[2], sv[3]));
-        *(uint2*)(phi + sr * FA_PLD + 32 + sq * 4) = make_uint2(f16x2(sv[4], sv[5]), f16x2(sv[6], sv[7]));
+        *(uint2*)(phi + sr * FA_PLD + sq * 4) = make_uint2(f16x2_rn(sv[0], sv[1]), f16x2_rn(sv[2], sv[3]));
+        *(uint2*)(phi + sr * FA_PLD + 32 + sq * 4) = make_uint2(f16x2_rn(sv[4], sv[5]), f16x2_rn(sv[6], sv[7]));
         if (sq == 0) alpha_s[sr] = oalpha;
       } else {
         float sv[8];
@@ -780,7 +773,7 @@ DEVICE void flash_latent(float* __restrict__ olat, int ldo, const float* __restr
         m_run = m_new;
         if (F16)
           *(uint4*)(phi + sr * FA_PLD + sq * 8) =
-              make_uint4(f16x2(sv[0], sv[1]), f16x2(sv[2], sv[3]), f16x2(sv[4], sv[5]), f16x2(sv[6], sv[7]));
+              make_uint4(f16x2_rn(sv[0], sv[1]), f16x2_rn(sv[2], sv[3]), f16x2_rn(sv[4], sv[5]), f16x2_rn(sv[6], sv[7]));
         else
           *(uint4*)(phi + sr * FA_PLD + sq * 8) =
               make_uint4(hb[0] | (hb[1] << 16), hb[2] | (hb[3] << 16), hb[4] | (hb[5] << 16), hb[6] | (hb[7] << 16));
@@ -1358,7 +1351,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
         for (int u = 0; u < 2; u++) {
           const float2 v = qv[kk][j][u];
           if constexpr (F16)
-            qb[kk][j][0][u] = f16x2(v.x * f[j], v.y * f[j]);
+            qb[kk][j][0][u] = f16x2_rn(v.x * f[j], v.y * f[j]);
           else
             split3_bf16x2(v.x, v.y, qb[kk][j][0][u], qb[kk][j][1][u], qb[kk][j][2][u]);
         }
@@ -1518,7 +1511,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
         const int r = sq + 8 * i;
         u32 part[NQP];
         if constexpr (F16)
-          part[0] = f16x2(p0, p1);
+          part[0] = f16x2_rn(p0, p1);
         else if (RAW)
           split3_bf16x2(p0 * sc0[r], p1 * sc0[r + 8], part[0], part[1], part[2]);
         else

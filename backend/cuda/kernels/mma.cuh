@@ -1,6 +1,6 @@
 // Tensor-core helpers shared by the prefill kernels (flash.cu, absorb.cu,
 // expand.cu): shared-memory addresses, copies, ldmatrix, the m16n8k16
-// products, bf16 pairs and the softmax's 2^x.
+// products, bf16 and f16 pairs and the softmax's 2^x.
 
 DEVICE u32 smem_addr(const void* p) { return (u32)__cvta_generic_to_shared(p); }
 
@@ -47,6 +47,13 @@ DEVICE void cp_async_wait_all() { asm volatile("cp.async.wait_all;" ::: "memory"
 DEVICE u32 bf16x2_rn(float lo, float hi) {
   u32 d;
   asm("cvt.rn.bf16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
+  return d;
+}
+
+// The same as f16.
+DEVICE u32 f16x2_rn(float lo, float hi) {
+  u32 d;
+  asm("cvt.rn.f16x2.f32 %0, %1, %2;" : "=r"(d) : "f"(hi), "f"(lo));
   return d;
 }
 
