@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"math"
 	"slices"
+	"strings"
 	"testing"
 )
 
@@ -22,7 +23,17 @@ type handoverProbe struct {
 	buf    Buffer // 2n floats (count) or 2n tagged words (tag)
 	count  Buffer
 	tag    uint32 // the next tag form's first tag
+	// handover_tag_stream's background read: blocks slices of
+	// handoverSlice bytes, what keeps its loads, the bytes it read.
+	src, sink, bytes Buffer
 }
+
+// handoverSlice is a block's slice of handover_tag_stream's source (a power
+// of two): 132 of them are about ten times an H200's L2.
+const handoverSlice = 4 << 20
+
+// handoverRing is HO_RING in util.cu: the most bulk copies in flight.
+const handoverRing = 8
 
 const handoverPer = 9 // HO_PER in util.cu
 
@@ -36,11 +47,42 @@ func newHandoverProbe(c *Ctx) (*handoverProbe, error) {
 		return b
 	}
 	p.x, p.y, p.buf, p.count = alloc(4*p.n), alloc(4*p.n), alloc(16*p.n), alloc(4)
+	p.src, p.sink, p.bytes = alloc(blocks*handoverSlice), alloc(4*256*blocks), alloc(8)
 	return p, errors.Join(errs...)
 }
 
 func (p *handoverProbe) free() error {
-	return errors.Join(p.c.Free(p.x), p.c.Free(p.y), p.c.Free(p.buf), p.c.Free(p.count))
+	return errors.Join(p.c.Free(p.x), p.c.Free(p.y), p.c.Free(p.buf), p.c.Free(p.count), p.c.Free(p.src), p.c.Free(p.sink), p.c.Free(p.bytes))
+}
+
+// streamed queues handover_tag_stream: tagged's stages beside a read of
+// src by warps more warps in the same blocks (mode 0: u loads of 16 bytes
+// a lane at once; mode 1: one thread keeping u bulk copies in flight,
+// warps 1).
+func (p *handoverProbe) streamed(stages, mode, warps, u int) error {
+	k, err := p.c.Kernel("util", "handover_tag_stream")
+	if err != nil {
+		return err
+	}
+	if warps < 1 || warps > 8 || u < 1 || u > handoverRing || (mode == 1 && warps != 1) {
+		return fmt.Errorf("handover_tag_stream: %d warps of %d in flight, mode %d", warps, u, mode)
+	}
+	if err := p.c.Launch(k, D1(p.blocks), D1(256+32*warps), 0, p.buf.Ptr, p.n, stages, p.tag, p.src.Ptr, uint32(handoverSlice),
+		mode, u, p.sink.Ptr, p.bytes.Ptr); err != nil {
+		return err
+	}
+	p.tag += uint32(stages)
+	return nil
+}
+
+// readBytes returns the bytes handover_tag_stream has read since the last
+// call, and zeroes the count.
+func (p *handoverProbe) readBytes() (uint64, error) {
+	var n [1]uint64
+	if err := CopyOut(p.c, n[:], p.bytes.Ptr); err != nil {
+		return 0, err
+	}
+	return n[0], p.c.Memset(p.bytes.Ptr, 0, 8)
 }
 
 // chain queues stages launches of handover_stage from x; the result is in
@@ -218,6 +260,34 @@ func TestHandoverFormsAgree(t *testing.T) {
 		if err != nil {
 			return fmt.Errorf("tag form: %w", err)
 		}
+		// The tags beside a background read, by loads and by bulk copies.
+		streamed := map[string][]float32{}
+		if _, err := p.readBytes(); err != nil {
+			return err
+		}
+		for _, f := range []struct {
+			name           string
+			mode, warps, u int
+		}{{"tag beside loads", 0, 2, 8}, {"tag beside bulk copies", 1, 1, 4}} {
+			if err := CopyIn(c, p.buf.Ptr, tagWords(x, p.tag)); err != nil {
+				return err
+			}
+			first := p.tag
+			if err := p.streamed(stages, f.mode, f.warps, f.u); err != nil {
+				return err
+			}
+			if streamed[f.name], err = p.untag(first + stages); err != nil {
+				return fmt.Errorf("%s: %w", f.name, err)
+			}
+			n, err := p.readBytes()
+			if err != nil {
+				return err
+			}
+			t.Logf("%s: %d bytes read beside %d stages", f.name, n, stages)
+			if n == 0 {
+				t.Errorf("%s: the background read read nothing", f.name)
+			}
+		}
 		// Tagged words, one launch a stage (the chain's first launch tags
 		// them).
 		if err := CopyIn(c, p.buf.Ptr, tagWords(x, 0)); err != nil {
@@ -230,7 +300,8 @@ func TestHandoverFormsAgree(t *testing.T) {
 		if err != nil {
 			return fmt.Errorf("chained tags: %w", err)
 		}
-		for name, got := range map[string][]float32{"count": counted, "tag": tagged, "chained tags": chainTagged} {
+		streamed["count"], streamed["tag"], streamed["chained tags"] = counted, tagged, chainTagged
+		for name, got := range streamed {
 			if i := sameBits(chain, got); i >= 0 {
 				t.Errorf("%s form: value %d %v, the chained launches' %v", name, i, got[i], chain[i])
 			}
@@ -307,22 +378,41 @@ func BenchmarkHandover(b *testing.B) {
 	replay := func(g *graph) func() error {
 		return func() error { return check("cuGraphLaunch", drv.cuGraphLaunch(g.exec, p.c.stream)) }
 	}
-	for _, f := range []struct {
+	type form struct {
 		name string
 		per  int
 		run  func() error
-	}{
+	}
+	forms := []form{
 		{"chain_pdl_graph", launches, replay(graphs[true])},
 		{"chain_graph", launches, replay(graphs[false])},
 		{"chain_tag_pdl_graph", launches, replay(tagGraph)},
 		{"persistent_count", stages, func() error { return p.counted(stages, true) }},
 		{"persistent_tag", stages, func() error { return p.tagged(stages) }},
 		{"persistent_local", stages, func() error { return p.counted(stages, false) }},
-	} {
+	}
+	// The tags beside a background read: loads from 1-8 warps (4-32 KB a
+	// multiprocessor in flight), bulk copies (4-32 KB).
+	type bg struct{ mode, warps, u int }
+	var bgs []bg
+	for _, w := range []int{1, 2, 4, 8} {
+		bgs = append(bgs, bg{0, w, 8})
+	}
+	for _, u := range []int{1, 2, 4, 8} {
+		bgs = append(bgs, bg{1, 1, u})
+	}
+	for _, g := range bgs {
+		name := fmt.Sprintf("persistent_tag_beside_loads_%dKB", g.warps*g.u/2)
+		if g.mode == 1 {
+			name = fmt.Sprintf("persistent_tag_beside_bulk_%dKB", g.u*4)
+		}
+		forms = append(forms, form{name, stages, func() error { return p.streamed(stages, g.mode, g.warps, g.u) }})
+	}
+	for _, f := range forms {
 		b.Run(f.name, func(b *testing.B) {
-			var runs []float64
+			var runs, rates []float64
 			err := d.Do(func(c *Ctx) error {
-				if f.name == "persistent_tag" {
+				if strings.HasPrefix(f.name, "persistent_tag") {
 					// Words tagged 1 with zero values, the other half tagged 0.
 					p.tag = 1
 					if err := CopyIn(c, p.buf.Ptr, tagWords(make([]float32, p.n), 1)); err != nil {
@@ -335,11 +425,19 @@ func BenchmarkHandover(b *testing.B) {
 					if err := c.Spin(2_000_000); err != nil {
 						return err
 					}
+					if _, err := p.readBytes(); err != nil {
+						return err
+					}
 					ms, err := timeEvents(c, 3, f.run)
 					if err != nil {
 						return err
 					}
 					runs = append(runs, float64(ms)*1e3/float64(3*f.per))
+					n, err := p.readBytes()
+					if err != nil {
+						return err
+					}
+					rates = append(rates, float64(n)/(float64(ms)*1e6))
 				}
 				return c.Sync()
 			})
@@ -347,7 +445,8 @@ func BenchmarkHandover(b *testing.B) {
 				b.Fatal(err)
 			}
 			b.ReportMetric(slices.Min(runs), "us/stage")
-			b.Logf("%s: %d blocks, us a stage over 5 runs: %.3f", f.name, p.blocks, runs)
+			b.ReportMetric(slices.Max(rates), "bgGB/s")
+			b.Logf("%s: %d blocks, us a stage over 5 runs: %.3f; background GB/s: %.0f", f.name, p.blocks, runs, rates)
 		})
 	}
 }

@@ -25,12 +25,24 @@ extern "C" __global__ void spin(long long cycles) {
 // from the last store to the reader). n <= 256 * HO_PER, 256 threads.
 #define HO_PER 9
 
+// ho_sync is the chain's block barrier: with NAMED, barrier 1 of the
+// block's first 256 threads alone (handover_tag_stream's other warps
+// stream and never meet it).
+template <bool NAMED>
+DEVICE void ho_sync() {
+  if (NAMED)
+    asm volatile("bar.sync 1, 256;" ::: "memory");
+  else
+    __syncthreads();
+}
+
+template <bool NAMED = false>
 DEVICE float handover_total(const float* xs, int n, float* red) {
   float v = 0.f;
   for (int i = threadIdx.x; i < n; i += 256) v += xs[i];
   v = warp_sum(v);
   if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = v;
-  __syncthreads();
+  ho_sync<NAMED>();
   float t = 0.f;
 #pragma unroll
   for (int w = 0; w < 8; w++) t += red[w];
@@ -100,7 +112,7 @@ DEVICE void st_relaxed_u64(unsigned long long* p, unsigned long long v) {
 
 // One stage over tagged words: the words tagged want (the ones not yet
 // there re-read, all in one round), the outputs tagged want + 1.
-template <bool LAUNCH>
+template <bool LAUNCH, bool NAMED = false>
 DEVICE void handover_tag_stage(const unsigned long long* x, unsigned long long* y, int n, u32 want, float* xs,
                                float* red) {
   const int per = n / gridDim.x;
@@ -127,8 +139,8 @@ DEVICE void handover_tag_stage(const unsigned long long* x, unsigned long long* 
 #pragma unroll
   for (int k = 0; k < HO_PER; k++)
     if (threadIdx.x + 256 * k < n) xs[threadIdx.x + 256 * k] = __uint_as_float((u32)w[k]);
-  __syncthreads();
-  const float t = handover_total(xs, n, red);
+  ho_sync<NAMED>();
+  const float t = handover_total<NAMED>(xs, n, red);
   for (int j = threadIdx.x; j < per; j += 256) {
     const int i = blockIdx.x * per + j;
     st_relaxed_u64(y + i, (unsigned long long)(want + 1) << 32 | __float_as_uint(handover_out(xs[i], t, n)));
@@ -153,6 +165,98 @@ extern "C" __global__ void __launch_bounds__(256) handover_stage_tag(const unsig
                                                                       int n, u32 want) {
   __shared__ float xs[256 * HO_PER], red[8];
   handover_tag_stage<true>(x, y, n, want, xs, red);
+}
+
+// handover_tag's stages under a read from DRAM that runs beside them in
+// the same blocks, as a persistent decode kernel would stream the next
+// stages' weights while its chain waits: does the chain's latency hold
+// while the memory system is busy, and at what bandwidth? Threads 0-255
+// run the chain (barrier 1 alone); the warps after them read src, block b
+// its slice [b*slice, (b+1)*slice) (slice a power of two, far larger than
+// L2 together) round and round until the chain is done:
+//   - mode 0: each warp U loads of 16 bytes a lane at once, used before
+//     the next U (U * 512 bytes a warp in flight);
+//   - mode 1: thread 256 alone, U bulk copies of HO_CHUNK bytes in flight
+//     into shared memory (one mbarrier a buffer), each replaced as it
+//     lands (a no-op where the compiler lacks PTX 8.0).
+// bytes gets the bytes read, sink what keeps the loads.
+#define HO_RING 8
+#define HO_CHUNK 4096
+extern "C" __global__ void __launch_bounds__(512)
+    handover_tag_stream(unsigned long long* buf, int n, int stages, u32 tag0, const u8* __restrict__ src, u32 slice,
+                        int mode, int U, u32* sink, unsigned long long* bytes) {
+  __shared__ float xs[256 * HO_PER], red[8];
+  __shared__ __align__(128) u8 ring[HO_RING * HO_CHUNK];
+  __shared__ __align__(8) unsigned long long bar[HO_RING];
+  __shared__ volatile int done;
+  const int tid = threadIdx.x;
+  if (tid == 0) {
+    done = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && __CUDACC_VER_MAJOR__ >= 12
+    for (int s = 0; s < HO_RING; s++)
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"((u32)__cvta_generic_to_shared(&bar[s])));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
+  }
+  __syncthreads();
+  PDL_WAIT();
+  if (tid < 256) {
+    for (int s = 0; s < stages; s++) {
+      handover_tag_stage<false, true>(buf + (s & 1) * n, buf + ((s + 1) & 1) * n, n, tag0 + (u32)s, xs, red);
+      ho_sync<true>();
+    }
+    if (tid == 0) done = 1;
+    return;
+  }
+  const u8* base = src + (size_t)blockIdx.x * slice;
+  u32 acc = 0;
+  unsigned long long got = 0;
+  if (mode == 0) {
+    const u32 S = (blockDim.x >> 5) - 8, step = S * (u32)U * 512;
+    u32 off = (((tid >> 5) - 8) * (u32)U * 32 + (tid & 31)) * 16;
+    while (!done) {
+      uint4 v[8];
+#pragma unroll
+      for (int u = 0; u < 8; u++)
+        if (u < U) v[u] = load_stream16(base + ((off + u * 512) & (slice - 1)));
+#pragma unroll
+      for (int u = 0; u < 8; u++)
+        if (u < U) acc ^= v[u].x ^ v[u].y ^ v[u].z ^ v[u].w;
+      off += step;
+      got += (u32)U * 16;
+    }
+  }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && __CUDACC_VER_MAJOR__ >= 12
+  if (mode == 1 && tid == 256) {
+    // Copy c goes to buffer c mod U, on that buffer's (c / U)-th use.
+    auto wait = [&](u32 c) {
+      const u32 b = (u32)__cvta_generic_to_shared(&bar[c % U]), parity = (c / U) & 1;
+      u32 ok = 0;
+      while (!ok)
+        asm volatile(
+            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+            : "=r"(ok)
+            : "r"(b), "r"(parity)
+            : "memory");
+    };
+    u32 c = 0;
+    while (!done || c < (u32)U) {
+      if (c >= (u32)U) wait(c - U);
+      const u32 b = (u32)__cvta_generic_to_shared(&bar[c % U]);
+      const u32 dst = (u32)__cvta_generic_to_shared(ring + (size_t)(c % U) * HO_CHUNK);
+      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(HO_CHUNK) : "memory");
+      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
+                   "l"(base + (((size_t)c * HO_CHUNK) & (slice - 1))), "r"(HO_CHUNK), "r"(b)
+                   : "memory");
+      c++;
+      got += HO_CHUNK;
+    }
+    for (u32 k = c - U; k < c; k++) wait(k);  // none in flight at the end
+    acc = ((const u32*)ring)[tid & 31];
+  }
+#endif
+  sink[blockIdx.x * 256 + (tid - 256)] = acc;
+  if (got) atomicAdd(bytes, got);
 }
 
 // The tags of buf's two halves set to tag (the first) and 0, the values
