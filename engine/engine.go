@@ -34,6 +34,13 @@ type Options struct {
 	// MaxBatchTokens is the most tokens in one step (default 512); prompts
 	// longer than what is left are prefilled in chunks.
 	MaxBatchTokens int
+	// LongPromptAlone, when positive, keeps a prompt chunk that reaches this
+	// many positions out of steps with decode rows: while both wait, steps
+	// of decode rows and steps of such chunks take turns. A backend whose
+	// fast prompt attention needs steps of long chunks alone (the CUDA
+	// backend's expanded and flash forms) sets it; a mixed step there runs
+	// its chunk on the decode kernels, row by row over every position.
+	LongPromptAlone int
 	// MaxModelLen is the most tokens of one sequence, prompt and output
 	// (default: the model's max_position_embeddings, or what the cache
 	// holds if that is less).
@@ -134,7 +141,9 @@ type Engine struct {
 	queue    []*seq // waiting, in order
 	running  []*seq // in admission order
 	admitSeq uint64
-	ahead    *launched // a step on the device whose tokens are not handed out yet
+	// promptTurn: the last step was long prompt chunks' (LongPromptAlone).
+	promptTurn bool
+	ahead      *launched // a step on the device whose tokens are not handed out yet
 }
 
 // OneSequenceBatchTokens is the step size for a run of one sequence
@@ -159,7 +168,7 @@ const (
 // Resolve fills in the defaults of opt for a model of config c and checks
 // that the limits fit together, without allocating anything.
 func Resolve(c *glm4moelite.Config, opt Options) (Options, error) {
-	if opt.MaxNumSeqs < 0 || opt.MaxBatchTokens < 0 || opt.MaxModelLen < 0 || opt.MaxQueue < 0 || opt.BlockSize < 0 || opt.CacheBlocks < 0 || opt.CacheBytes < 0 {
+	if opt.MaxNumSeqs < 0 || opt.MaxBatchTokens < 0 || opt.LongPromptAlone < 0 || opt.MaxModelLen < 0 || opt.MaxQueue < 0 || opt.BlockSize < 0 || opt.CacheBlocks < 0 || opt.CacheBytes < 0 {
 		return opt, errors.New("engine: negative limit")
 	}
 	def := func(v *int, d int) {
@@ -648,7 +657,11 @@ func (e *Engine) schedule() []chunk {
 		}
 		return -1
 	}
+	decodeTurn, promptTurn := e.turns()
 	for _, decode := range []bool{true, false} {
+		if decode && !decodeTurn {
+			continue
+		}
 		for i := 0; i < len(e.running) && budget > 0; i++ {
 			s := e.running[i]
 			rest := len(s.tokens) - s.computed
@@ -656,6 +669,9 @@ func (e *Engine) schedule() []chunk {
 				continue
 			}
 			n := min(rest, budget)
+			if !decode && !promptTurn && e.long(s.computed+n) {
+				continue
+			}
 			for e.kv.Grow(&s.kv, s.computed+n) != nil {
 				victim := e.running[len(e.running)-1]
 				if j := planned(victim); j >= 0 {
@@ -692,10 +708,41 @@ func (e *Engine) schedule() []chunk {
 		s.admitted = e.admitSeq
 		e.running = append(e.running, s)
 		n := min(len(s.tokens)-s.computed, budget)
+		if !promptTurn && e.long(s.computed+n) {
+			continue // admitted; its chunk waits for the next step
+		}
 		plan = append(plan, chunk{s, n})
 		budget -= n
 	}
 	return plan
+}
+
+// long reports whether a prompt chunk reaching n positions runs apart from
+// decode rows (LongPromptAlone).
+func (e *Engine) long(n int) bool {
+	return e.opt.LongPromptAlone > 0 && n >= e.opt.LongPromptAlone
+}
+
+// turns reports whether the next step may take decode rows and long prompt
+// chunks: both, unless both wait, when they take turns.
+func (e *Engine) turns() (decode, prompt bool) {
+	if e.opt.LongPromptAlone <= 0 {
+		return true, true
+	}
+	decoding, longPrompt := false, false
+	for _, s := range e.running {
+		rest := len(s.tokens) - s.computed
+		decoding = decoding || rest == 1
+		longPrompt = longPrompt || (rest > 1 && e.long(s.computed+min(rest, e.opt.MaxBatchTokens)))
+	}
+	if len(e.queue) > 0 && len(e.running) < e.opt.MaxNumSeqs {
+		longPrompt = longPrompt || e.long(min(len(e.queue[0].tokens), e.opt.MaxBatchTokens))
+	}
+	if !decoding || !longPrompt {
+		return true, true
+	}
+	e.promptTurn = !e.promptTurn
+	return !e.promptTurn, e.promptTurn
 }
 
 // preempt frees s's cache blocks and puts it first in the queue, to be

@@ -223,6 +223,73 @@ func TestChunkedPrefillInterleavesDecode(t *testing.T) {
 	waitIdle(t, e)
 }
 
+// With LongPromptAlone, a prompt chunk reaching that many positions never
+// shares a step with decode rows: while both wait, they take turns, so the
+// decoding stream still advances between the long prompt's chunks, and
+// both streams give their solo outputs.
+func TestLongPromptsRunApartFromDecode(t *testing.T) {
+	var mu sync.Mutex
+	var kinds []string // after the long prompt's submission: "mixed", "prompt" or "decode"
+	var watching atomic.Bool
+	e := newEngine(t, Options{MaxBatchTokens: 6, BlockSize: 4, LongPromptAlone: 12, OnStep: func(s StepInfo) {
+		if !watching.Load() {
+			return
+		}
+		kind := "decode"
+		switch {
+		case s.Decode > 0 && s.Prefill > 0:
+			kind = "mixed"
+		case s.Prefill > 0:
+			kind = "prompt"
+		}
+		mu.Lock()
+		kinds = append(kinds, kind)
+		mu.Unlock()
+	}})
+	long := make([]int, 60)
+	for i := range long {
+		long[i] = (i*37 + 11) % 512
+	}
+	// The solo runs on an engine of their own: their prompts would
+	// otherwise come from the prefix cache.
+	solo := newEngine(t, Options{BlockSize: 4})
+	soloLong := run(t, solo, Request{Prompt: long, MaxTokens: 4, StopIDs: []int{}}).tokens
+	soloShort := run(t, solo, Request{Prompt: refPrompt, MaxTokens: 40, StopIDs: []int{}}).tokens
+	a, err := e.Submit(context.Background(), Request{Prompt: refPrompt, MaxTokens: 40, StopIDs: []int{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if _, err := a.Recv(context.Background()); err != nil { // decoding has started
+		t.Fatal(err)
+	}
+	watching.Store(true)
+	b, err := e.Submit(context.Background(), Request{Prompt: long, MaxTokens: 4, StopIDs: []int{}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ra, rb := collect(t, a), collect(t, b)
+	if !slices.Equal(ra.tokens, soloShort[1:]) || !slices.Equal(rb.tokens, soloLong) {
+		t.Errorf("results differ from solo runs:\n%v\n%v\n%v\n%v", ra.tokens, soloShort[1:], rb.tokens, soloLong)
+	}
+	mu.Lock()
+	defer mu.Unlock()
+	// The chunks that end below 12 positions may join the decode rows (the
+	// first ones, of 5: the decode row takes one of the 6 tokens); from
+	// the first that reaches 12 on, prompt steps and decode steps alternate.
+	steps := strings.Join(kinds, " ")
+	alone := strings.Index(steps, "prompt")
+	last := strings.LastIndex(steps, "prompt")
+	if alone < 0 || strings.Contains(steps[alone:], "mixed") ||
+		strings.Count(steps[alone:last], "prompt") != strings.Count(steps[alone:last], "decode") {
+		t.Errorf("steps after the long prompt's submission: %s; want its long chunks alone, one decode step between two", steps)
+	}
+	if n := strings.Count(steps, "prompt"); n < 8 {
+		t.Errorf("%d steps of long chunks alone, want 8 or more", n)
+	}
+	waitIdle(t, e)
+	waitIdle(t, solo)
+}
+
 // With too few cache blocks for every stream, sequences are preempted and
 // recomputed; every request still completes with its solo output.
 func TestPreemptionByRecomputation(t *testing.T) {

@@ -126,13 +126,14 @@ EOS, so every stream produces exactly --gen tokens.`,
 			client := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 256}}
 			// A warm-up at the largest level, not reported (as llama-bench's
 			// warm-up run): the server's first steps of a size load kernels
-			// and grow step memory.
-			if w := runLevel(client, url, slices.Max(streams), promptN, min(genN, 4), vocab); w.FailedStream > 0 {
+			// and grow step memory. Its prompts are not the levels' own, which
+			// would otherwise come from the prefix cache.
+			if w := runLevel(client, url, slices.Max(streams), promptN, min(genN, 4), vocab, warmUpSeed); w.FailedStream > 0 {
 				fmt.Fprintf(log, "warm-up: %d of %d streams failed\n", w.FailedStream, w.Streams)
 			}
 			var results []levelResult
 			for _, n := range streams {
-				r := runLevel(client, url, n, promptN, genN, vocab)
+				r := runLevel(client, url, n, promptN, genN, vocab, 0)
 				results = append(results, r)
 				if !asJSON {
 					fmt.Fprintf(cmd.OutOrStdout(), "%3d streams: %7.1f tok/s aggregate (%d tokens in %.2fs); TTFT p50 %.1f ms p99 %.1f ms; ITL p50 %.1f ms p99 %.1f ms; %d failed\n",
@@ -161,8 +162,12 @@ EOS, so every stream produces exactly --gen tokens.`,
 	rootCmd.AddCommand(cmd)
 }
 
-// runLevel runs n concurrent streams once and measures them.
-func runLevel(client *http.Client, url string, n, promptN, genN, vocab int) levelResult {
+// warmUpSeed keeps the warm-up's prompts apart from every level's.
+const warmUpSeed = 1 << 32
+
+// runLevel runs n concurrent streams once and measures them; stream i's prompt is drawn from the
+// seed (n + seed, i).
+func runLevel(client *http.Client, url string, n, promptN, genN, vocab int, seed uint64) levelResult {
 	var mu sync.Mutex
 	var ttft, itl []float64
 	tokens, failed := 0, 0
@@ -172,7 +177,7 @@ func runLevel(client *http.Client, url string, n, promptN, genN, vocab int) leve
 		wg.Add(1)
 		go func() {
 			defer wg.Done()
-			r := rand.New(rand.NewPCG(uint64(n), uint64(i)))
+			r := rand.New(rand.NewPCG(uint64(n)+seed, uint64(i)))
 			prompt := make([]int, promptN)
 			for k := range prompt {
 				prompt[k] = r.IntN(vocab)
