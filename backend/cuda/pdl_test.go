@@ -296,7 +296,7 @@ func TestPDLChainMatchesSerial(t *testing.T) {
 
 // testDevicePDL is testDevice for tests of programmatic dependent launch,
 // skipped below compute capability 9.0.
-func testDevicePDL(t *testing.T) *Device {
+func testDevicePDL(t testing.TB) *Device {
 	t.Helper()
 	d := testDevice(t)
 	if d.Info().CC < 90 {

@@ -114,7 +114,7 @@ DEVICE void st_relaxed_u64(unsigned long long* p, unsigned long long v) {
 // there re-read, all in one round), the outputs tagged want + 1.
 template <bool LAUNCH, bool NAMED = false>
 DEVICE void handover_tag_stage(const unsigned long long* x, unsigned long long* y, int n, u32 want, float* xs,
-                               float* red) {
+                               float* red, int out = 1) {
   const int per = n / gridDim.x;
   unsigned long long w[HO_PER];
 #pragma unroll
@@ -140,6 +140,7 @@ DEVICE void handover_tag_stage(const unsigned long long* x, unsigned long long* 
   for (int k = 0; k < HO_PER; k++)
     if (threadIdx.x + 256 * k < n) xs[threadIdx.x + 256 * k] = __uint_as_float((u32)w[k]);
   ho_sync<NAMED>();
+  if (!out) return;
   const float t = handover_total<NAMED>(xs, n, red);
   for (int j = threadIdx.x; j < per; j += 256) {
     const int i = blockIdx.x * per + j;
@@ -257,6 +258,220 @@ extern "C" __global__ void __launch_bounds__(512)
 #endif
   sink[blockIdx.x * 256 + (tid - 256)] = acc;
   if (got) atomicAdd(bytes, got);
+}
+
+// ---------------------------------------------------------------------------
+// A decode layer's shape of dependent stages with their weights (layer
+// probes, BenchmarkLayerProbe): ns <= LP_STAGES stages a layer, stage s
+// giving each block per[s] bytes of weights (a decode layer's bytes spread
+// over the blocks); stage routedStage (ns: none) stands for the routed
+// experts' gate/up, whose weights a block may ask for only once it has the
+// router's output (its inputs). A stage: handover_tag's
+// stage (every block needs every value the stage before wrote) plus, per
+// block, the int8 dot of its weights with the values' int8 form, added to
+// its outputs (an integer sum: its order does not change the bits). The
+// weights come through shared memory by bulk copies of at most LP_SLOT
+// bytes into a ring of LP_SLOTS buffers (an mbarrier full and one empty
+// each). Two forms, the same bits:
+//   - layer_probe_stage: one launch a stage, chained by programmatic
+//     dependent launch, as today's decode kernels are: thread 0 asks for
+//     the stage's weights before the wait (the routed stage's after it);
+//   - layer_probe_persistent: one launch for every layer; warp 8's first
+//     thread asks for every stage's weights in order as ring buffers free
+//     up (the routed stage's once the block has the router's output),
+//     running ahead of the chain in threads 0-255.
+// Layer l's stage s weights for block b: arena + l * layerBytes +
+// G * start[s] + b * per[s] (G blocks, start the prefix sums of per).
+#define LP_STAGES 8
+#define LP_SLOT 16384
+#define LP_SLOTS 12
+
+struct LpRing {
+  unsigned long long full[LP_SLOTS], empty[LP_SLOTS];
+};
+
+DEVICE u32 lp_smem(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+DEVICE bool lp_try_wait(unsigned long long* bar, u32 parity) {
+  u32 ok = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && __CUDACC_VER_MAJOR__ >= 12
+  asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+               : "=r"(ok)
+               : "r"(lp_smem(bar)), "r"(parity)
+               : "memory");
+#endif
+  return ok;
+}
+
+DEVICE void lp_wait(unsigned long long* bar, u32 parity) {
+  while (!lp_try_wait(bar, parity)) {
+  }
+}
+
+// lp_copy asks for bytes (a multiple of 16, at most LP_SLOT) from src into
+// ring buffer slot, completing full[slot].
+DEVICE void lp_copy(u8* ring, LpRing* r, int slot, const u8* src, u32 bytes) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && __CUDACC_VER_MAJOR__ >= 12
+  const u32 b = lp_smem(&r->full[slot]);
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(bytes) : "memory");
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   lp_smem(ring + (size_t)slot * LP_SLOT)),
+               "l"(src), "r"(bytes), "r"(b)
+               : "memory");
+#endif
+}
+
+DEVICE void lp_init(LpRing* r) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && __CUDACC_VER_MAJOR__ >= 12
+  for (int s = 0; s < LP_SLOTS; s++) {
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(lp_smem(&r->full[s])));
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(lp_smem(&r->empty[s])));
+  }
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
+}
+
+DEVICE u32 lp_chunks(u32 bytes) { return (bytes + LP_SLOT - 1) / LP_SLOT; }
+
+// The chain's part of a stage (threads 0-255): the inputs by their tags,
+// the int8 dot of the stage's per bytes of weights, which arrive as
+// chunks c0, c0 + 1, ... of the ring (buffer c mod LP_SLOTS, its
+// (c / LP_SLOTS)-th use), and the tagged outputs. routed, when set, is
+// raised once the inputs are here.
+DEVICE void lp_chain_stage(const unsigned long long* x, unsigned long long* y, int n, u32 want, u32 per, u32 c0,
+                           u8* ring, LpRing* r, float* xs, u32* xq, float* red, i32* ired, volatile int* routed,
+                           int routedValue) {
+  handover_tag_stage<false, true>(x, y, n, want, xs, red, 0);  // inputs in xs; no outputs yet
+  if (routed && threadIdx.x == 0) *routed = routedValue;
+  // The values' int8 form (x in (-2, 2) here: a fixed scale).
+  for (int i = threadIdx.x; i < n / 4; i += 256) {
+    u32 w = 0;
+#pragma unroll
+    for (int k = 0; k < 4; k++) w |= (u32)(u8)(i8)__float2int_rn(fminf(fmaxf(xs[4 * i + k] * 63.f, -127.f), 127.f)) << (8 * k);
+    xq[i] = w;
+  }
+  ho_sync<true>();
+  i32 acc = 0;
+  const u32 nq = (u32)n / 4, chunks = lp_chunks(per);
+  for (u32 k = 0; k < chunks; k++) {
+    const u32 c = c0 + k, slot = c % LP_SLOTS;
+    lp_wait(&r->full[slot], (c / LP_SLOTS) & 1);
+    const u32 words = (min(per - k * LP_SLOT, (u32)LP_SLOT)) / 4;
+    const u32* wq = (const u32*)(ring + (size_t)slot * LP_SLOT);
+    u32 j = (k * (LP_SLOT / 4) + threadIdx.x) % nq;  // nq > 256: one wrap a step at most
+    for (u32 i = threadIdx.x; i < words; i += 256) {
+      acc = dp4a_ss(wq[i], xq[j], acc);
+      j += 256;
+      if (j >= nq) j -= nq;
+    }
+    ho_sync<true>();  // every chain thread is done with the buffer
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && __CUDACC_VER_MAJOR__ >= 12
+    if (threadIdx.x == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(lp_smem(&r->empty[slot])) : "memory");
+#endif
+  }
+  // The block's dot, in an order that does not matter (integers).
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) acc += __shfl_xor_sync(0xffffffffu, acc, o);
+  if ((threadIdx.x & 31) == 0) ired[threadIdx.x >> 5] = acc;
+  ho_sync<true>();
+  i32 dot = 0;
+#pragma unroll
+  for (int w = 0; w < 8; w++) dot += ired[w];
+  const float t = handover_total<true>(xs, n, red);
+  const int each = n / gridDim.x;
+  for (int j = threadIdx.x; j < each; j += 256) {
+    const int i = blockIdx.x * each + j;
+    const float v = handover_out(xs[i], t, n) + (float)dot * 0x1p-36f;
+    st_relaxed_u64(y + i, (unsigned long long)(want + 1) << 32 | __float_as_uint(v));
+  }
+  ho_sync<true>();  // xs, xq and the reductions are rewritten by the next stage
+}
+
+// lp_weights is layer l's stage s weights for this block (ns stages a
+// layer).
+DEVICE const u8* lp_weights(const u8* arena, const u32* per, int ns, int l, int s) {
+  size_t layer = 0, start = 0;
+  for (int k = 0; k < ns; k++) {
+    layer += per[k];
+    if (k < s) start += per[k];
+  }
+  return arena + (size_t)l * layer * gridDim.x + start * gridDim.x + (size_t)blockIdx.x * per[s];
+}
+
+// One stage a launch: layer l's stage s over buf's halves (stage index
+// l * ns + s picks the half and the tag tag0 + index).
+extern "C" __global__ void __launch_bounds__(256)
+    layer_probe_stage(unsigned long long* buf, int n, const u8* __restrict__ arena, const u32* __restrict__ per_,
+                      int ns, int routedStage, int l, int s, u32 tag0) {
+  extern __shared__ __align__(128) u8 ring[];
+  __shared__ float xs[256 * HO_PER], red[8];
+  __shared__ u32 xq[256 * HO_PER / 4];
+  __shared__ i32 ired[8];
+  __shared__ LpRing r;
+  PDL_LAUNCH();
+  u32 per[LP_STAGES];
+#pragma unroll
+  for (int k = 0; k < LP_STAGES; k++) per[k] = k < ns ? per_[k] : 0u;
+  const u8* w = lp_weights(arena, per, ns, l, s);
+  const u32 chunks = lp_chunks(per[s]);
+  if (threadIdx.x == 0) lp_init(&r);
+  __syncthreads();
+  if (threadIdx.x == 0 && s != routedStage)
+    for (u32 k = 0; k < chunks; k++) lp_copy(ring, &r, k, w + k * LP_SLOT, min(per[s] - k * LP_SLOT, (u32)LP_SLOT));
+  PDL_WAIT();
+  if (threadIdx.x == 0 && s == routedStage)
+    for (u32 k = 0; k < chunks; k++) lp_copy(ring, &r, k, w + k * LP_SLOT, min(per[s] - k * LP_SLOT, (u32)LP_SLOT));
+  const int idx = l * ns + s;
+  lp_chain_stage(buf + (idx & 1) * n, buf + ((idx + 1) & 1) * n, n, tag0 + (u32)idx, per[s], 0, ring, &r, xs, xq, red,
+                 ired, nullptr, 0);
+}
+
+// Every layer in one launch: threads 0-255 the chain, thread 256 the
+// copies (288 threads a block), LP_SLOTS * LP_SLOT bytes of dynamic
+// shared memory.
+extern "C" __global__ void __launch_bounds__(288)
+    layer_probe_persistent(unsigned long long* buf, int n, const u8* __restrict__ arena, const u32* __restrict__ per_,
+                           int ns, int routedStage, int layers, u32 tag0) {
+  extern __shared__ __align__(128) u8 ring[];
+  __shared__ float xs[256 * HO_PER], red[8];
+  __shared__ u32 xq[256 * HO_PER / 4];
+  __shared__ i32 ired[8];
+  __shared__ LpRing r;
+  __shared__ volatile int routed;  // layers whose router output this block has
+  u32 per[LP_STAGES];
+#pragma unroll
+  for (int k = 0; k < LP_STAGES; k++) per[k] = k < ns ? per_[k] : 0u;
+  if (threadIdx.x == 0) {
+    lp_init(&r);
+    routed = 0;
+  }
+  __syncthreads();
+  PDL_WAIT();
+  if (threadIdx.x < 256) {
+    u32 c = 0;
+    for (int l = 0; l < layers; l++)
+      for (int s = 0; s < ns; s++) {
+        const int idx = l * ns + s;
+        lp_chain_stage(buf + (idx & 1) * n, buf + ((idx + 1) & 1) * n, n, tag0 + (u32)idx, per[s], c, ring, &r, xs,
+                       xq, red, ired, s == routedStage ? &routed : nullptr, l + 1);
+        c += lp_chunks(per[s]);
+      }
+    return;
+  }
+  if (threadIdx.x != 256) return;
+  u32 c = 0;
+  for (int l = 0; l < layers; l++)
+    for (int s = 0; s < ns; s++) {
+      if (s == routedStage)
+        while (routed <= l) {
+        }
+      const u8* w = lp_weights(arena, per, ns, l, s);
+      for (u32 k = 0; k < lp_chunks(per[s]); k++, c++) {
+        const u32 slot = c % LP_SLOTS;
+        if (c >= LP_SLOTS) lp_wait(&r.empty[slot], (c / LP_SLOTS - 1) & 1);
+        lp_copy(ring, &r, slot, w + k * LP_SLOT, min(per[s] - k * LP_SLOT, (u32)LP_SLOT));
+      }
+    }
 }
 
 // The tags of buf's two halves set to tag (the first) and 0, the values
