@@ -45,6 +45,18 @@ type layerProbe struct {
 	arena      Buffer
 	layerBytes int
 	layers     int
+	// stamps, when stamped: each stage's inputs' arrival and outputs' end
+	// a block (%globaltimer, ns).
+	stamps  Buffer
+	stamped bool
+}
+
+// stampArg is the kernels' stamps argument.
+func (p *layerProbe) stampArg() uint64 {
+	if p.stamped {
+		return p.stamps.Ptr
+	}
+	return 0
 }
 
 func newLayerProbe(c *Ctx, layers int) (*layerProbe, error) {
@@ -56,10 +68,11 @@ func newLayerProbe(c *Ctx, layers int) (*layerProbe, error) {
 	if err := p.setShape(decodeLayer); err != nil {
 		return p, err
 	}
-	var err1, err2 error
+	var err1, err2, err3 error
 	p.perBuf, err1 = c.Alloc(4 * 8)
 	p.arena, err2 = c.Alloc(layers * p.layerBytes)
-	if err := errors.Join(err1, err2); err != nil {
+	p.stamps, err3 = c.Alloc(2 * 8 * layers * 8 * h.blocks)
+	if err := errors.Join(err1, err2, err3); err != nil {
 		return p, err
 	}
 	return p, CopyIn(c, p.perBuf.Ptr, p.per)
@@ -87,7 +100,7 @@ func (p *layerProbe) setShape(sh layerShape) error {
 func (p *layerProbe) stages() int { return p.layers * len(p.shape.mb) }
 
 func (p *layerProbe) free() error {
-	return errors.Join(p.handoverProbe.free(), p.c.Free(p.perBuf), p.c.Free(p.arena))
+	return errors.Join(p.handoverProbe.free(), p.c.Free(p.perBuf), p.c.Free(p.arena), p.c.Free(p.stamps))
 }
 
 func chunksOf(bytes uint32) int { return int((bytes + layerProbeSlot - 1) / layerProbeSlot) }
@@ -114,7 +127,7 @@ func (p *layerProbe) chained() error {
 			if err != nil {
 				return err
 			}
-			if err := p.c.Launch(k, D1(p.blocks), D1(256), shared, p.buf.Ptr, p.n, p.arena.Ptr, p.perBuf.Ptr, len(p.per), p.shape.routed, l, s, uint32(1)); err != nil {
+			if err := p.c.Launch(k, D1(p.blocks), D1(256), shared, p.buf.Ptr, p.n, p.arena.Ptr, p.perBuf.Ptr, len(p.per), p.shape.routed, l, s, uint32(1), p.stampArg()); err != nil {
 				return err
 			}
 		}
@@ -133,7 +146,42 @@ func (p *layerProbe) persistent() error {
 	if err != nil {
 		return err
 	}
-	return p.c.Launch(k, D1(p.blocks), D1(288), shared, p.buf.Ptr, p.n, p.arena.Ptr, p.perBuf.Ptr, len(p.per), p.shape.routed, p.layers, uint32(1))
+	return p.c.Launch(k, D1(p.blocks), D1(288), shared, p.buf.Ptr, p.n, p.arena.Ptr, p.perBuf.Ptr, len(p.per), p.shape.routed, p.layers, uint32(1), p.stampArg())
+}
+
+// stageTimes runs form once with stamps and returns, for each stage of a
+// layer, the mean over the middle layers of the median over blocks of the
+// wait for its inputs (from the block's end of the stage before) and of
+// its work after them (us).
+func (p *layerProbe) stageTimes(form func() error) (wait, work []float64, err error) {
+	p.stamped = true
+	defer func() { p.stamped = false }()
+	if err := errors.Join(withPDL(p.c, true, form), p.c.Sync()); err != nil {
+		return nil, nil, err
+	}
+	G, ns := p.blocks, len(p.per)
+	st := make([]uint64, 2*p.stages()*G)
+	if err := CopyOut(p.c, st, p.stamps.Ptr); err != nil {
+		return nil, nil, err
+	}
+	in := func(idx, b int) float64 { return float64(st[2*idx*G+b]) }
+	out := func(idx, b int) float64 { return float64(st[(2*idx+1)*G+b]) }
+	wait, work = make([]float64, ns), make([]float64, ns)
+	first, last := 3, p.layers-3
+	for l := first; l < last; l++ {
+		for s := range ns {
+			idx := l*ns + s
+			w, k := make([]float64, G), make([]float64, G)
+			for b := range G {
+				w[b], k[b] = (in(idx, b)-out(idx-1, b))/1e3, (out(idx, b)-in(idx, b))/1e3
+			}
+			slices.Sort(w)
+			slices.Sort(k)
+			wait[s] += w[G/2] / float64(last-first)
+			work[s] += k[G/2] / float64(last-first)
+		}
+	}
+	return wait, work, nil
 }
 
 // Both forms give the same bits over three layers of random weights, and
@@ -278,6 +326,19 @@ func BenchmarkLayerProbe(b *testing.B) {
 				b.ReportMetric(slices.Min(runs), "us/layer")
 				b.ReportMetric(float64(p.layerBytes)/slices.Min(runs)/1e3, "GB/s")
 				b.Logf("%s %s: %d layers of %.2f MB in %d stages, us a layer over 5 runs: %.2f", sh.name, form, layers, float64(p.layerBytes)/1e6, len(p.per), runs)
+				var wait, work []float64
+				if err := d.Do(func(c *Ctx) error {
+					once := p.persistent
+					if form == "chained_pdl_graph" {
+						once = p.chained
+					}
+					var err error
+					wait, work, err = p.stageTimes(once)
+					return err
+				}); err != nil {
+					b.Fatal(err)
+				}
+				b.Logf("%s %s, us a stage (median block, layers 3-%d): waiting for its inputs %.2f; its work after them %.2f", sh.name, form, layers-4, wait, work)
 			})
 		}
 	}

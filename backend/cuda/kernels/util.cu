@@ -288,6 +288,7 @@ extern "C" __global__ void __launch_bounds__(512)
 
 struct LpRing {
   unsigned long long full[LP_SLOTS], empty[LP_SLOTS];
+  unsigned long long routed;  // a phase a layer: the block has the router's output
 };
 
 DEVICE u32 lp_smem(const void* p) { return (u32)__cvta_generic_to_shared(p); }
@@ -321,13 +322,23 @@ DEVICE void lp_copy(u8* ring, LpRing* r, int slot, const u8* src, u32 bytes) {
 #endif
 }
 
+// lp_init: full is completed by its copy, empty by the arrival of all 256
+// chain threads once they are done reading the buffer (each releasing its
+// own reads), routed by the chain's thread 0.
 DEVICE void lp_init(LpRing* r) {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && __CUDACC_VER_MAJOR__ >= 12
   for (int s = 0; s < LP_SLOTS; s++) {
     asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(lp_smem(&r->full[s])));
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(lp_smem(&r->empty[s])));
+    asm volatile("mbarrier.init.shared::cta.b64 [%0], 256;" ::"r"(lp_smem(&r->empty[s])));
   }
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(lp_smem(&r->routed)));
   asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
+}
+
+DEVICE void lp_arrive(unsigned long long* bar) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && __CUDACC_VER_MAJOR__ >= 12
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(lp_smem(bar)) : "memory");
 #endif
 }
 
@@ -337,12 +348,13 @@ DEVICE u32 lp_chunks(u32 bytes) { return (bytes + LP_SLOT - 1) / LP_SLOT; }
 // the int8 dot of the stage's per bytes of weights, which arrive as
 // chunks c0, c0 + 1, ... of the ring (buffer c mod LP_SLOTS, its
 // (c / LP_SLOTS)-th use), and the tagged outputs. routed, when set, is
-// raised once the inputs are here.
+// arrived at once the inputs are here (r->routed).
 DEVICE void lp_chain_stage(const unsigned long long* x, unsigned long long* y, int n, u32 want, u32 per, u32 c0,
-                           u8* ring, LpRing* r, float* xs, u32* xq, float* red, i32* ired, volatile int* routed,
-                           int routedValue) {
+                           u8* ring, LpRing* r, float* xs, u32* xq, float* red, i32* ired, bool routed,
+                           unsigned long long* stamp) {
   handover_tag_stage<false, true>(x, y, n, want, xs, red, 0);  // inputs in xs; no outputs yet
-  if (routed && threadIdx.x == 0) *routed = routedValue;
+  if (stamp && threadIdx.x == 0) stamp[0] = globaltimer();
+  if (routed && threadIdx.x == 0) lp_arrive(&r->routed);
   // The values' int8 form (x in (-2, 2) here: a fixed scale).
   for (int i = threadIdx.x; i < n / 4; i += 256) {
     u32 w = 0;
@@ -364,10 +376,7 @@ DEVICE void lp_chain_stage(const unsigned long long* x, unsigned long long* y, i
       j += 256;
       if (j >= nq) j -= nq;
     }
-    ho_sync<true>();  // every chain thread is done with the buffer
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && __CUDACC_VER_MAJOR__ >= 12
-    if (threadIdx.x == 0) asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(lp_smem(&r->empty[slot])) : "memory");
-#endif
+    lp_arrive(&r->empty[slot]);  // this thread is done with the buffer
   }
   // The block's dot, in an order that does not matter (integers).
 #pragma unroll
@@ -384,7 +393,14 @@ DEVICE void lp_chain_stage(const unsigned long long* x, unsigned long long* y, i
     const float v = handover_out(xs[i], t, n) + (float)dot * 0x1p-36f;
     st_relaxed_u64(y + i, (unsigned long long)(want + 1) << 32 | __float_as_uint(v));
   }
+  if (stamp && threadIdx.x == 0) stamp[gridDim.x] = globaltimer();
   ho_sync<true>();  // xs, xq and the reductions are rewritten by the next stage
+}
+
+// lp_stamp is stage idx's stamps of this block (stamps: 2 a stage a block,
+// the inputs' arrival and the outputs' end; null: none).
+DEVICE unsigned long long* lp_stamp(unsigned long long* stamps, int idx) {
+  return stamps ? stamps + (size_t)2 * idx * gridDim.x + blockIdx.x : nullptr;
 }
 
 // lp_weights is layer l's stage s weights for this block (ns stages a
@@ -402,7 +418,7 @@ DEVICE const u8* lp_weights(const u8* arena, const u32* per, int ns, int l, int 
 // l * ns + s picks the half and the tag tag0 + index).
 extern "C" __global__ void __launch_bounds__(256)
     layer_probe_stage(unsigned long long* buf, int n, const u8* __restrict__ arena, const u32* __restrict__ per_,
-                      int ns, int routedStage, int l, int s, u32 tag0) {
+                      int ns, int routedStage, int l, int s, u32 tag0, unsigned long long* stamps) {
   extern __shared__ __align__(128) u8 ring[];
   __shared__ float xs[256 * HO_PER], red[8];
   __shared__ u32 xq[256 * HO_PER / 4];
@@ -423,7 +439,7 @@ extern "C" __global__ void __launch_bounds__(256)
     for (u32 k = 0; k < chunks; k++) lp_copy(ring, &r, k, w + k * LP_SLOT, min(per[s] - k * LP_SLOT, (u32)LP_SLOT));
   const int idx = l * ns + s;
   lp_chain_stage(buf + (idx & 1) * n, buf + ((idx + 1) & 1) * n, n, tag0 + (u32)idx, per[s], 0, ring, &r, xs, xq, red,
-                 ired, nullptr, 0);
+                 ired, false, lp_stamp(stamps, idx));
 }
 
 // Every layer in one launch: threads 0-255 the chain, thread 256 the
@@ -431,20 +447,16 @@ extern "C" __global__ void __launch_bounds__(256)
 // shared memory.
 extern "C" __global__ void __launch_bounds__(288)
     layer_probe_persistent(unsigned long long* buf, int n, const u8* __restrict__ arena, const u32* __restrict__ per_,
-                           int ns, int routedStage, int layers, u32 tag0) {
+                           int ns, int routedStage, int layers, u32 tag0, unsigned long long* stamps) {
   extern __shared__ __align__(128) u8 ring[];
   __shared__ float xs[256 * HO_PER], red[8];
   __shared__ u32 xq[256 * HO_PER / 4];
   __shared__ i32 ired[8];
   __shared__ LpRing r;
-  __shared__ volatile int routed;  // layers whose router output this block has
   u32 per[LP_STAGES];
 #pragma unroll
   for (int k = 0; k < LP_STAGES; k++) per[k] = k < ns ? per_[k] : 0u;
-  if (threadIdx.x == 0) {
-    lp_init(&r);
-    routed = 0;
-  }
+  if (threadIdx.x == 0) lp_init(&r);
   __syncthreads();
   PDL_WAIT();
   if (threadIdx.x < 256) {
@@ -453,7 +465,7 @@ extern "C" __global__ void __launch_bounds__(288)
       for (int s = 0; s < ns; s++) {
         const int idx = l * ns + s;
         lp_chain_stage(buf + (idx & 1) * n, buf + ((idx + 1) & 1) * n, n, tag0 + (u32)idx, per[s], c, ring, &r, xs,
-                       xq, red, ired, s == routedStage ? &routed : nullptr, l + 1);
+                       xq, red, ired, s == routedStage, lp_stamp(stamps, idx));
         c += lp_chunks(per[s]);
       }
     return;
@@ -462,9 +474,7 @@ extern "C" __global__ void __launch_bounds__(288)
   u32 c = 0;
   for (int l = 0; l < layers; l++)
     for (int s = 0; s < ns; s++) {
-      if (s == routedStage)
-        while (routed <= l) {
-        }
+      if (s == routedStage) lp_wait(&r.routed, l & 1);
       const u8* w = lp_weights(arena, per, ns, l, s);
       for (u32 k = 0; k < lp_chunks(per[s]); k++, c++) {
         const u32 slot = c % LP_SLOTS;
