@@ -53,6 +53,11 @@ const DeviceCacheReserve = 4 << 30
 // 2048 prompt tokens would stall the decoding streams for seconds).
 const DeviceBatchTokens = 2048
 
+// DeviceMaxNumSeqs is the default of engine.Options.MaxNumSeqs on a device
+// of its own (the engine's 16 is for the CPU). On an H200 with 16-token
+// prompts, 64 streams decoded 6,214 tok/s together against 4,228 for 32.
+const DeviceMaxNumSeqs = 64
+
 // DeviceLongPromptAlone is engine.Options.LongPromptAlone on a device of its
 // own: the positions from which a prompt step takes the CUDA backend's
 // expanded form (512; the form needs a step of prompt chunks alone). On an
@@ -121,6 +126,9 @@ func Load(dir string, opts Options) (*Model, error) {
 	if _, ok := b.(backend.MemoryReporter); ok {
 		if opts.Engine.MaxBatchTokens == 0 {
 			opts.Engine.MaxBatchTokens = DeviceBatchTokens
+		}
+		if opts.Engine.MaxNumSeqs == 0 {
+			opts.Engine.MaxNumSeqs = DeviceMaxNumSeqs
 		}
 		if opts.Engine.LongPromptAlone == 0 {
 			opts.Engine.LongPromptAlone = DeviceLongPromptAlone

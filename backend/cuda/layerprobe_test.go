@@ -49,6 +49,7 @@ type layerProbe struct {
 	// a block (%globaltimer, ns).
 	stamps  Buffer
 	stamped bool
+	l2ahead bool // the persistent form asks L2 for the next layer's first stages
 }
 
 // stampArg is the kernels' stamps argument.
@@ -146,7 +147,11 @@ func (p *layerProbe) persistent() error {
 	if err != nil {
 		return err
 	}
-	return p.c.Launch(k, D1(p.blocks), D1(288), shared, p.buf.Ptr, p.n, p.arena.Ptr, p.perBuf.Ptr, len(p.per), p.shape.routed, p.layers, uint32(1), p.stampArg())
+	l2ahead := 0
+	if p.l2ahead {
+		l2ahead = 1
+	}
+	return p.c.Launch(k, D1(p.blocks), D1(288), shared, p.buf.Ptr, p.n, p.arena.Ptr, p.perBuf.Ptr, len(p.per), p.shape.routed, p.layers, uint32(1), p.stampArg(), l2ahead)
 }
 
 // stageTimes runs form once with stamps and returns, for each stage of a
@@ -243,7 +248,9 @@ func TestLayerProbeFormsAgree(t *testing.T) {
 	}
 }
 
-// BenchmarkLayerProbe: device time a layer of each form over 47 layers, for
+// BenchmarkLayerProbe: device time a layer of each form over 47 layers
+// (the persistent form also with the next layer's first stages asked of L2
+// during the routed ones), for
 // the decode layer's eight stages (gate/up's weights asked for only once
 // the router's output is there, or before it), and for its bytes in six
 // and four stages (the attention's launches merged in pairs, then o_proj
@@ -281,9 +288,13 @@ func BenchmarkLayerProbe(b *testing.B) {
 		{"4stages", layerShape{[]float64{m[0] + m[1] + m[2] + m[3], m[4] + m[5], m[6], m[7]}, 2}},
 	}
 	for _, sh := range shapes {
-		for _, form := range []string{"chained_pdl_graph", "persistent"} {
+		for _, form := range []string{"chained_pdl_graph", "persistent", "persistent_l2ahead"} {
+			if form == "persistent_l2ahead" && sh.shape.routed == len(sh.shape.mb) {
+				continue
+			}
 			b.Run(sh.name+"/"+form, func(b *testing.B) {
 				var runs []float64
+				p.l2ahead = form == "persistent_l2ahead"
 				err := d.Do(func(c *Ctx) error {
 					if err := p.setShape(sh.shape); err != nil {
 						return err

@@ -153,7 +153,7 @@ type engineFlags struct {
 
 func (e *engineFlags) register(c *cobra.Command) {
 	f := c.Flags()
-	f.IntVar(&e.maxNumSeqs, "max-num-seqs", 16, "most sequences decoded together in one step")
+	f.IntVar(&e.maxNumSeqs, "max-num-seqs", 0, "most sequences decoded together in one step (0: 64 on a GPU, 16 on the CPU)")
 	f.IntVar(&e.maxBatchTokens, "max-batch-tokens", 0, "most tokens in one step; longer prompts are prefilled in chunks (0: 2048 on a GPU, 512 on the CPU)")
 	f.IntVar(&e.maxQueue, "max-queue", 256, "most requests waiting for a slot; past it requests get 429")
 	f.IntVar(&e.blockSize, "block-size", 64, "tokens per KV cache block")
@@ -163,7 +163,7 @@ func (e *engineFlags) apply(o *mmfp4.Options, cacheMiB int64) error {
 	for _, v := range []struct {
 		name     string
 		val, min int
-	}{{"--max-num-seqs", e.maxNumSeqs, 1}, {"--max-batch-tokens", e.maxBatchTokens, 0}, {"--max-queue", e.maxQueue, 1}, {"--block-size", e.blockSize, 1}} {
+	}{{"--max-num-seqs", e.maxNumSeqs, 0}, {"--max-batch-tokens", e.maxBatchTokens, 0}, {"--max-queue", e.maxQueue, 1}, {"--block-size", e.blockSize, 1}} {
 		if v.val < v.min {
 			return fmt.Errorf("%s %d: want a number of at least %d", v.name, v.val, v.min)
 		}

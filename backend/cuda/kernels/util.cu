@@ -279,7 +279,9 @@ extern "C" __global__ void __launch_bounds__(512)
 //   - layer_probe_persistent: one launch for every layer; warp 8's first
 //     thread asks for every stage's weights in order as ring buffers free
 //     up (the routed stage's once the block has the router's output),
-//     running ahead of the chain in threads 0-255.
+//     running ahead of the chain in threads 0-255; with l2ahead, it also
+//     asks L2 for the next layer's stages before the routed one as soon as
+//     the routed stage's copies are out.
 // Layer l's stage s weights for block b: arena + l * layerBytes +
 // G * start[s] + b * per[s] (G blocks, start the prefix sums of per).
 #define LP_STAGES 8
@@ -447,7 +449,8 @@ extern "C" __global__ void __launch_bounds__(256)
 // shared memory.
 extern "C" __global__ void __launch_bounds__(288)
     layer_probe_persistent(unsigned long long* buf, int n, const u8* __restrict__ arena, const u32* __restrict__ per_,
-                           int ns, int routedStage, int layers, u32 tag0, unsigned long long* stamps) {
+                           int ns, int routedStage, int layers, u32 tag0, unsigned long long* stamps,
+                           int l2ahead) {
   extern __shared__ __align__(128) u8 ring[];
   __shared__ float xs[256 * HO_PER], red[8];
   __shared__ u32 xq[256 * HO_PER / 4];
@@ -481,6 +484,16 @@ extern "C" __global__ void __launch_bounds__(288)
         if (c >= LP_SLOTS) lp_wait(&r.empty[slot], (c / LP_SLOTS - 1) & 1);
         lp_copy(ring, &r, slot, w + k * LP_SLOT, min(per[s] - k * LP_SLOT, (u32)LP_SLOT));
       }
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && __CUDACC_VER_MAJOR__ >= 12
+      // With l2ahead, once the routed stage's copies are asked for, the
+      // next layer's stages before it are asked of L2 (the ring is full
+      // until the routed stages are read).
+      if (l2ahead && s == routedStage && l + 1 < layers)
+        for (int k = 0; k < routedStage; k++)
+          asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(lp_weights(arena, per, ns, l + 1, k)),
+                       "r"(per[k])
+                       : "memory");
+#endif
     }
 }
 
