@@ -168,6 +168,59 @@ extern "C" __global__ void __launch_bounds__(256) handover_stage_tag(const unsig
   handover_tag_stage<true>(x, y, n, want, xs, red);
 }
 
+// mbarrier helpers of the probes below (no-ops where the compiler lacks
+// PTX 8.0; their tests then skip the forms that need them).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && __CUDACC_VER_MAJOR__ >= 12
+#define PROBE_BULK 1
+#else
+#define PROBE_BULK 0
+#endif
+
+DEVICE u32 smem_u32(const void* p) { return (u32)__cvta_generic_to_shared(p); }
+
+DEVICE void mbar_init(unsigned long long* bar, u32 count) {
+#if PROBE_BULK
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count));
+#endif
+}
+
+// mbar_inited makes the mbarrier_init's above visible to the copies.
+DEVICE void mbar_inited() {
+#if PROBE_BULK
+  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+#endif
+}
+
+DEVICE void mbar_arrive(unsigned long long* bar) {
+#if PROBE_BULK
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
+#endif
+}
+
+// mbar_wait waits for the completion of bar's phase of the given parity.
+DEVICE void mbar_wait(unsigned long long* bar, u32 parity) {
+#if PROBE_BULK
+  u32 ok = 0;
+  while (!ok)
+    asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
+                 : "=r"(ok)
+                 : "r"(smem_u32(bar)), "r"(parity)
+                 : "memory");
+#endif
+}
+
+// bulk_copy asks for bytes (a multiple of 16) from src into shared dst by
+// the tensor memory accelerator, completing a phase of bar.
+DEVICE void bulk_copy(void* dst, const void* src, u32 bytes, unsigned long long* bar) {
+#if PROBE_BULK
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)), "r"(bytes) : "memory");
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
+                   smem_u32(dst)),
+               "l"(src), "r"(bytes), "r"(smem_u32(bar))
+               : "memory");
+#endif
+}
+
 // handover_tag's stages under a read from DRAM that runs beside them in
 // the same blocks, as a persistent decode kernel would stream the next
 // stages' weights while its chain waits: does the chain's latency hold
@@ -189,15 +242,12 @@ extern "C" __global__ void __launch_bounds__(512)
   __shared__ float xs[256 * HO_PER], red[8];
   __shared__ __align__(128) u8 ring[HO_RING * HO_CHUNK];
   __shared__ __align__(8) unsigned long long bar[HO_RING];
-  __shared__ volatile int done;
+  __shared__ int done;  // set and read by shared-memory atomics
   const int tid = threadIdx.x;
   if (tid == 0) {
     done = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && __CUDACC_VER_MAJOR__ >= 12
-    for (int s = 0; s < HO_RING; s++)
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"((u32)__cvta_generic_to_shared(&bar[s])));
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-#endif
+    for (int s = 0; s < HO_RING; s++) mbar_init(&bar[s], 1);
+    mbar_inited();
   }
   __syncthreads();
   PDL_WAIT();
@@ -206,7 +256,7 @@ extern "C" __global__ void __launch_bounds__(512)
       handover_tag_stage<false, true>(buf + (s & 1) * n, buf + ((s + 1) & 1) * n, n, tag0 + (u32)s, xs, red);
       ho_sync<true>();
     }
-    if (tid == 0) done = 1;
+    if (tid == 0) atomicExch(&done, 1);
     return;
   }
   const u8* base = src + (size_t)blockIdx.x * slice;
@@ -215,7 +265,7 @@ extern "C" __global__ void __launch_bounds__(512)
   if (mode == 0) {
     const u32 S = (blockDim.x >> 5) - 8, step = S * (u32)U * 512;
     u32 off = (((tid >> 5) - 8) * (u32)U * 32 + (tid & 31)) * 16;
-    while (!done) {
+    while (!atomicOr(&done, 0)) {
       uint4 v[8];
 #pragma unroll
       for (int u = 0; u < 8; u++)
@@ -227,35 +277,18 @@ extern "C" __global__ void __launch_bounds__(512)
       got += (u32)U * 16;
     }
   }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && __CUDACC_VER_MAJOR__ >= 12
-  if (mode == 1 && tid == 256) {
+  if (PROBE_BULK && mode == 1 && tid == 256) {
     // Copy c goes to buffer c mod U, on that buffer's (c / U)-th use.
-    auto wait = [&](u32 c) {
-      const u32 b = (u32)__cvta_generic_to_shared(&bar[c % U]), parity = (c / U) & 1;
-      u32 ok = 0;
-      while (!ok)
-        asm volatile(
-            "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-            : "=r"(ok)
-            : "r"(b), "r"(parity)
-            : "memory");
-    };
     u32 c = 0;
-    while (!done || c < (u32)U) {
-      if (c >= (u32)U) wait(c - U);
-      const u32 b = (u32)__cvta_generic_to_shared(&bar[c % U]);
-      const u32 dst = (u32)__cvta_generic_to_shared(ring + (size_t)(c % U) * HO_CHUNK);
-      asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(HO_CHUNK) : "memory");
-      asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
-                   "l"(base + (((size_t)c * HO_CHUNK) & (slice - 1))), "r"(HO_CHUNK), "r"(b)
-                   : "memory");
+    while (!atomicOr(&done, 0) || c < (u32)U) {
+      if (c >= (u32)U) mbar_wait(&bar[c % U], ((c - U) / U) & 1);
+      bulk_copy(ring + (size_t)(c % U) * HO_CHUNK, base + (((size_t)c * HO_CHUNK) & (slice - 1)), HO_CHUNK, &bar[c % U]);
       c++;
       got += HO_CHUNK;
     }
-    for (u32 k = c - U; k < c; k++) wait(k);  // none in flight at the end
+    for (u32 k = c - U; k < c; k++) mbar_wait(&bar[k % U], (k / U) & 1);  // none in flight at the end
     acc = ((const u32*)ring)[tid & 31];
   }
-#endif
   sink[blockIdx.x * 256 + (tid - 256)] = acc;
   if (got) atomicAdd(bytes, got);
 }
@@ -293,55 +326,21 @@ struct LpRing {
   unsigned long long routed;  // a phase a layer: the block has the router's output
 };
 
-DEVICE u32 lp_smem(const void* p) { return (u32)__cvta_generic_to_shared(p); }
-
-DEVICE bool lp_try_wait(unsigned long long* bar, u32 parity) {
-  u32 ok = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && __CUDACC_VER_MAJOR__ >= 12
-  asm volatile("{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-               : "=r"(ok)
-               : "r"(lp_smem(bar)), "r"(parity)
-               : "memory");
-#endif
-  return ok;
-}
-
-DEVICE void lp_wait(unsigned long long* bar, u32 parity) {
-  while (!lp_try_wait(bar, parity)) {
-  }
-}
-
-// lp_copy asks for bytes (a multiple of 16, at most LP_SLOT) from src into
-// ring buffer slot, completing full[slot].
-DEVICE void lp_copy(u8* ring, LpRing* r, int slot, const u8* src, u32 bytes) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && __CUDACC_VER_MAJOR__ >= 12
-  const u32 b = lp_smem(&r->full[slot]);
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(bytes) : "memory");
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(
-                   lp_smem(ring + (size_t)slot * LP_SLOT)),
-               "l"(src), "r"(bytes), "r"(b)
-               : "memory");
-#endif
-}
-
 // lp_init: full is completed by its copy, empty by the arrival of all 256
 // chain threads once they are done reading the buffer (each releasing its
 // own reads), routed by the chain's thread 0.
 DEVICE void lp_init(LpRing* r) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && __CUDACC_VER_MAJOR__ >= 12
   for (int s = 0; s < LP_SLOTS; s++) {
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(lp_smem(&r->full[s])));
-    asm volatile("mbarrier.init.shared::cta.b64 [%0], 256;" ::"r"(lp_smem(&r->empty[s])));
+    mbar_init(&r->full[s], 1);
+    mbar_init(&r->empty[s], 256);
   }
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(lp_smem(&r->routed)));
-  asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
-#endif
+  mbar_init(&r->routed, 1);
+  mbar_inited();
 }
 
-DEVICE void lp_arrive(unsigned long long* bar) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && __CUDACC_VER_MAJOR__ >= 12
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(lp_smem(bar)) : "memory");
-#endif
+// lp_copy asks for bytes (at most LP_SLOT) from src into ring buffer slot.
+DEVICE void lp_copy(u8* ring, LpRing* r, int slot, const u8* src, u32 bytes) {
+  bulk_copy(ring + (size_t)slot * LP_SLOT, src, bytes, &r->full[slot]);
 }
 
 DEVICE u32 lp_chunks(u32 bytes) { return (bytes + LP_SLOT - 1) / LP_SLOT; }
@@ -356,7 +355,7 @@ DEVICE void lp_chain_stage(const unsigned long long* x, unsigned long long* y, i
                            unsigned long long* stamp) {
   handover_tag_stage<false, true>(x, y, n, want, xs, red, 0);  // inputs in xs; no outputs yet
   if (stamp && threadIdx.x == 0) stamp[0] = globaltimer();
-  if (routed && threadIdx.x == 0) lp_arrive(&r->routed);
+  if (routed && threadIdx.x == 0) mbar_arrive(&r->routed);
   // The values' int8 form (x in (-2, 2) here: a fixed scale).
   for (int i = threadIdx.x; i < n / 4; i += 256) {
     u32 w = 0;
@@ -369,7 +368,7 @@ DEVICE void lp_chain_stage(const unsigned long long* x, unsigned long long* y, i
   const u32 nq = (u32)n / 4, chunks = lp_chunks(per);
   for (u32 k = 0; k < chunks; k++) {
     const u32 c = c0 + k, slot = c % LP_SLOTS;
-    lp_wait(&r->full[slot], (c / LP_SLOTS) & 1);
+    mbar_wait(&r->full[slot], (c / LP_SLOTS) & 1);
     const u32 words = (min(per - k * LP_SLOT, (u32)LP_SLOT)) / 4;
     const u32* wq = (const u32*)(ring + (size_t)slot * LP_SLOT);
     u32 j = (k * (LP_SLOT / 4) + threadIdx.x) % nq;  // nq > 256: one wrap a step at most
@@ -378,7 +377,7 @@ DEVICE void lp_chain_stage(const unsigned long long* x, unsigned long long* y, i
       j += 256;
       if (j >= nq) j -= nq;
     }
-    lp_arrive(&r->empty[slot]);  // this thread is done with the buffer
+    mbar_arrive(&r->empty[slot]);  // this thread is done with the buffer
   }
   // The block's dot, in an order that does not matter (integers).
 #pragma unroll
@@ -477,14 +476,14 @@ extern "C" __global__ void __launch_bounds__(288)
   u32 c = 0;
   for (int l = 0; l < layers; l++)
     for (int s = 0; s < ns; s++) {
-      if (s == routedStage) lp_wait(&r.routed, l & 1);
+      if (s == routedStage) mbar_wait(&r.routed, l & 1);
       const u8* w = lp_weights(arena, per, ns, l, s);
       for (u32 k = 0; k < lp_chunks(per[s]); k++, c++) {
         const u32 slot = c % LP_SLOTS;
-        if (c >= LP_SLOTS) lp_wait(&r.empty[slot], (c / LP_SLOTS - 1) & 1);
+        if (c >= LP_SLOTS) mbar_wait(&r.empty[slot], (c / LP_SLOTS - 1) & 1);
         lp_copy(ring, &r, slot, w + k * LP_SLOT, min(per[s] - k * LP_SLOT, (u32)LP_SLOT));
       }
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900 && __CUDACC_VER_MAJOR__ >= 12
+#if PROBE_BULK
       // With l2ahead, once the routed stage's copies are asked for, the
       // next layer's stages before it are asked of L2 (the ring is full
       // until the routed stages are read).
@@ -559,36 +558,22 @@ extern "C" __global__ void wave_tma(const u8* __restrict__ src, u32 per, u32 chu
   const u8* p = src + (size_t)blockIdx.x * per;
   const u32 chunks = per / chunk;
   if (tid == 0) {
-    for (int s = 0; s < WAVE_STAGES; s++)
-      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"((u32)__cvta_generic_to_shared(&bar[s])));
-    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    for (int s = 0; s < WAVE_STAGES; s++) mbar_init(&bar[s], 1);
+    mbar_inited();
   }
   __syncthreads();
   // request chunk c into its buffer
   auto request = [&](u32 c) {
     const int s = c % WAVE_STAGES;
-    const u32 b = (u32)__cvta_generic_to_shared(&bar[s]);
-    const u32 dst = (u32)__cvta_generic_to_shared(ring + (size_t)s * chunk);
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(b), "r"(chunk) : "memory");
-    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1], %2, [%3];" ::"r"(dst),
-                 "l"(p + (size_t)c * chunk), "r"(chunk), "r"(b)
-                 : "memory");
+    bulk_copy(ring + (size_t)s * chunk, p + (size_t)c * chunk, chunk, &bar[s]);
   };
   if (tid == 0)
     for (u32 c = 0; c < chunks && c < WAVE_STAGES; c++) request(c);
   u32 acc = 0;
   for (u32 c = 0; c < chunks; c++) {
     const int s = c % WAVE_STAGES;
-    const u32 b = (u32)__cvta_generic_to_shared(&bar[s]);
-    const u32 parity = (c / WAVE_STAGES) & 1;
-    u32 done = 0;
-    while (!done)
-      asm volatile(
-          "{ .reg .pred p; mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2; selp.u32 %0, 1, 0, p; }"
-          : "=r"(done)
-          : "r"(b), "r"(parity)
-          : "memory");
+    mbar_wait(&bar[s], (c / WAVE_STAGES) & 1);
     const uint4* q = (const uint4*)(ring + (size_t)s * chunk);
     for (u32 i = tid; i < chunk / 16; i += blockDim.x) {
       const uint4 v = q[i];
