@@ -104,6 +104,29 @@ func (p *layerProbe) free() error {
 	return errors.Join(p.handoverProbe.free(), p.c.Free(p.perBuf), p.c.Free(p.arena), p.c.Free(p.stamps))
 }
 
+// bulkCopies reports whether d's kernels are compiled with bulk copies
+// (PROBE_BULK in util.cu: NVRTC 12 or later).
+func bulkCopies(d *Device) (bool, error) {
+	err := d.Do(func(c *Ctx) error {
+		_, err := c.Arch()
+		return err
+	})
+	return rtcVersion[0] >= 12, err
+}
+
+// skipWithoutBulk skips a probe that needs bulk copies where the kernels
+// are compiled without them.
+func skipWithoutBulk(t testing.TB, d *Device) {
+	t.Helper()
+	ok, err := bulkCopies(d)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !ok {
+		t.Skipf("the probe needs bulk copies: NVRTC 12 or later, this is %d.%d", rtcVersion[0], rtcVersion[1])
+	}
+}
+
 func chunksOf(bytes uint32) int { return int((bytes + layerProbeSlot - 1) / layerProbeSlot) }
 
 // retag tags buf's first half 1 and its second 0 (handover_retag).
@@ -193,6 +216,7 @@ func (p *layerProbe) stageTimes(form func() error) (wait, work []float64, err er
 // the weights' dots change the values (against zero weights).
 func TestLayerProbeFormsAgree(t *testing.T) {
 	d := testDevicePDL(t)
+	skipWithoutBulk(t, d)
 	r := rand.New(rand.NewPCG(25, 1))
 	const layers = 3
 	err := d.Do(func(c *Ctx) error {
@@ -257,6 +281,7 @@ func TestLayerProbeFormsAgree(t *testing.T) {
 // with the router and the first four with each other).
 func BenchmarkLayerProbe(b *testing.B) {
 	d := testDevicePDL(b)
+	skipWithoutBulk(b, d)
 	const layers = 47
 	var p *layerProbe
 	err := d.Do(func(c *Ctx) error {

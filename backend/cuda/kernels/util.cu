@@ -317,6 +317,8 @@ extern "C" __global__ void __launch_bounds__(512)
 //     the routed stage's copies are out.
 // Layer l's stage s weights for block b: arena + l * layerBytes +
 // G * start[s] + b * per[s] (G blocks, start the prefix sums of per).
+// Both kernels are empty where the compiler lacks PTX 8.0 (the tests skip
+// them there).
 #define LP_STAGES 8
 #define LP_SLOT 16384
 #define LP_SLOTS 12
@@ -420,15 +422,14 @@ DEVICE const u8* lp_weights(const u8* arena, const u32* per, int ns, int l, int 
 extern "C" __global__ void __launch_bounds__(256)
     layer_probe_stage(unsigned long long* buf, int n, const u8* __restrict__ arena, const u32* __restrict__ per_,
                       int ns, int routedStage, int l, int s, u32 tag0, unsigned long long* stamps) {
+#if PROBE_BULK
   extern __shared__ __align__(128) u8 ring[];
   __shared__ float xs[256 * HO_PER], red[8];
   __shared__ u32 xq[256 * HO_PER / 4];
   __shared__ i32 ired[8];
   __shared__ LpRing r;
   PDL_LAUNCH();
-  u32 per[LP_STAGES];
-#pragma unroll
-  for (int k = 0; k < LP_STAGES; k++) per[k] = k < ns ? per_[k] : 0u;
+  const u32* per = per_;
   const u8* w = lp_weights(arena, per, ns, l, s);
   const u32 chunks = lp_chunks(per[s]);
   if (threadIdx.x == 0) lp_init(&r);
@@ -441,6 +442,7 @@ extern "C" __global__ void __launch_bounds__(256)
   const int idx = l * ns + s;
   lp_chain_stage(buf + (idx & 1) * n, buf + ((idx + 1) & 1) * n, n, tag0 + (u32)idx, per[s], 0, ring, &r, xs, xq, red,
                  ired, false, lp_stamp(stamps, idx));
+#endif
 }
 
 // Every layer in one launch: threads 0-255 the chain, thread 256 the
@@ -450,14 +452,13 @@ extern "C" __global__ void __launch_bounds__(288)
     layer_probe_persistent(unsigned long long* buf, int n, const u8* __restrict__ arena, const u32* __restrict__ per_,
                            int ns, int routedStage, int layers, u32 tag0, unsigned long long* stamps,
                            int l2ahead) {
+#if PROBE_BULK
   extern __shared__ __align__(128) u8 ring[];
   __shared__ float xs[256 * HO_PER], red[8];
   __shared__ u32 xq[256 * HO_PER / 4];
   __shared__ i32 ired[8];
   __shared__ LpRing r;
-  u32 per[LP_STAGES];
-#pragma unroll
-  for (int k = 0; k < LP_STAGES; k++) per[k] = k < ns ? per_[k] : 0u;
+  const u32* per = per_;
   if (threadIdx.x == 0) lp_init(&r);
   __syncthreads();
   PDL_WAIT();
@@ -483,7 +484,6 @@ extern "C" __global__ void __launch_bounds__(288)
         if (c >= LP_SLOTS) mbar_wait(&r.empty[slot], (c / LP_SLOTS - 1) & 1);
         lp_copy(ring, &r, slot, w + k * LP_SLOT, min(per[s] - k * LP_SLOT, (u32)LP_SLOT));
       }
-#if PROBE_BULK
       // With l2ahead, once the routed stage's copies are asked for, the
       // next layer's stages before it are asked of L2 (the ring is full
       // until the routed stages are read).
@@ -492,8 +492,8 @@ extern "C" __global__ void __launch_bounds__(288)
           asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(lp_weights(arena, per, ns, l + 1, k)),
                        "r"(per[k])
                        : "memory");
-#endif
     }
+#endif
 }
 
 // The tags of buf's two halves set to tag (the first) and 0, the values
