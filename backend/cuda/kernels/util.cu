@@ -328,6 +328,15 @@ struct LpRing {
   unsigned long long routed;  // a phase a layer: the block has the router's output
 };
 
+// LpShared is a block's static shared memory: the chain's values, their
+// int8 form and its sums, and the ring's mbarriers.
+struct LpShared {
+  float xs[256 * HO_PER], red[8];
+  u32 xq[256 * HO_PER / 4];
+  i32 ired[8];
+  LpRing r;
+};
+
 // lp_init: full is completed by its copy, empty by the arrival of all 256
 // chain threads once they are done reading the buffer (each releasing its
 // own reads), routed by the chain's thread 0.
@@ -353,8 +362,11 @@ DEVICE u32 lp_chunks(u32 bytes) { return (bytes + LP_SLOT - 1) / LP_SLOT; }
 // (c / LP_SLOTS)-th use), and the tagged outputs. routed, when set, is
 // arrived at once the inputs are here (r->routed).
 DEVICE void lp_chain_stage(const unsigned long long* x, unsigned long long* y, int n, u32 want, u32 per, u32 c0,
-                           u8* ring, LpRing* r, float* xs, u32* xq, float* red, i32* ired, bool routed,
-                           unsigned long long* stamp) {
+                           u8* ring, LpShared* sh, bool routed, unsigned long long* stamp) {
+  float *xs = sh->xs, *red = sh->red;
+  u32* xq = sh->xq;
+  i32* ired = sh->ired;
+  LpRing* r = &sh->r;
   handover_tag_stage<false, true>(x, y, n, want, xs, red, 0);  // inputs in xs; no outputs yet
   if (stamp && threadIdx.x == 0) stamp[0] = globaltimer();
   if (routed && threadIdx.x == 0) mbar_arrive(&r->routed);
@@ -420,16 +432,13 @@ DEVICE const u8* lp_weights(const u8* arena, const u32* per, int ns, int l, int 
 // One stage a launch: layer l's stage s over buf's halves (stage index
 // l * ns + s picks the half and the tag tag0 + index).
 extern "C" __global__ void __launch_bounds__(256)
-    layer_probe_stage(unsigned long long* buf, int n, const u8* __restrict__ arena, const u32* __restrict__ per_,
+    layer_probe_stage(unsigned long long* buf, int n, const u8* __restrict__ arena, const u32* __restrict__ per,
                       int ns, int routedStage, int l, int s, u32 tag0, unsigned long long* stamps) {
 #if PROBE_BULK
   extern __shared__ __align__(128) u8 ring[];
-  __shared__ float xs[256 * HO_PER], red[8];
-  __shared__ u32 xq[256 * HO_PER / 4];
-  __shared__ i32 ired[8];
-  __shared__ LpRing r;
+  __shared__ LpShared sh;
+  LpRing& r = sh.r;
   PDL_LAUNCH();
-  const u32* per = per_;
   const u8* w = lp_weights(arena, per, ns, l, s);
   const u32 chunks = lp_chunks(per[s]);
   if (threadIdx.x == 0) lp_init(&r);
@@ -440,8 +449,8 @@ extern "C" __global__ void __launch_bounds__(256)
   if (threadIdx.x == 0 && s == routedStage)
     for (u32 k = 0; k < chunks; k++) lp_copy(ring, &r, k, w + k * LP_SLOT, min(per[s] - k * LP_SLOT, (u32)LP_SLOT));
   const int idx = l * ns + s;
-  lp_chain_stage(buf + (idx & 1) * n, buf + ((idx + 1) & 1) * n, n, tag0 + (u32)idx, per[s], 0, ring, &r, xs, xq, red,
-                 ired, false, lp_stamp(stamps, idx));
+  lp_chain_stage(buf + (idx & 1) * n, buf + ((idx + 1) & 1) * n, n, tag0 + (u32)idx, per[s], 0, ring, &sh, false,
+                 lp_stamp(stamps, idx));
 #endif
 }
 
@@ -449,16 +458,13 @@ extern "C" __global__ void __launch_bounds__(256)
 // copies (288 threads a block), LP_SLOTS * LP_SLOT bytes of dynamic
 // shared memory.
 extern "C" __global__ void __launch_bounds__(288)
-    layer_probe_persistent(unsigned long long* buf, int n, const u8* __restrict__ arena, const u32* __restrict__ per_,
+    layer_probe_persistent(unsigned long long* buf, int n, const u8* __restrict__ arena, const u32* __restrict__ per,
                            int ns, int routedStage, int layers, u32 tag0, unsigned long long* stamps,
                            int l2ahead) {
 #if PROBE_BULK
   extern __shared__ __align__(128) u8 ring[];
-  __shared__ float xs[256 * HO_PER], red[8];
-  __shared__ u32 xq[256 * HO_PER / 4];
-  __shared__ i32 ired[8];
-  __shared__ LpRing r;
-  const u32* per = per_;
+  __shared__ LpShared sh;
+  LpRing& r = sh.r;
   if (threadIdx.x == 0) lp_init(&r);
   __syncthreads();
   PDL_WAIT();
@@ -467,8 +473,8 @@ extern "C" __global__ void __launch_bounds__(288)
     for (int l = 0; l < layers; l++)
       for (int s = 0; s < ns; s++) {
         const int idx = l * ns + s;
-        lp_chain_stage(buf + (idx & 1) * n, buf + ((idx + 1) & 1) * n, n, tag0 + (u32)idx, per[s], c, ring, &r, xs,
-                       xq, red, ired, s == routedStage, lp_stamp(stamps, idx));
+        lp_chain_stage(buf + (idx & 1) * n, buf + ((idx + 1) & 1) * n, n, tag0 + (u32)idx, per[s], c, ring, &sh,
+                       s == routedStage, lp_stamp(stamps, idx));
         c += lp_chunks(per[s]);
       }
     return;
