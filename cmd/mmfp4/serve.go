@@ -164,8 +164,11 @@ func (e *engineFlags) apply(o *mmfp4.Options, cacheMiB int64) error {
 		name     string
 		val, min int
 	}{{"--max-num-seqs", e.maxNumSeqs, 0}, {"--max-batch-tokens", e.maxBatchTokens, 0}, {"--max-queue", e.maxQueue, 1}, {"--block-size", e.blockSize, 1}} {
-		if v.val < v.min {
-			return fmt.Errorf("%s %d: want a number of at least %d", v.name, v.val, v.min)
+		switch {
+		case v.val < v.min && v.min == 0:
+			return fmt.Errorf("%s %d: want a positive number, or 0 for the device's default", v.name, v.val)
+		case v.val < v.min:
+			return fmt.Errorf("%s %d: want a positive number", v.name, v.val)
 		}
 	}
 	if cacheMiB < 0 {
