@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"math"
+	"math/rand/v2"
 	"slices"
 	"strings"
 	"testing"
@@ -189,6 +190,15 @@ func (p *handoverProbe) untag(tag uint32) ([]float32, error) {
 	return vals, nil
 }
 
+// uniformVec is n values drawn uniformly from [-1, 1).
+func uniformVec(r *rand.Rand, n int) []float32 {
+	v := make([]float32, n)
+	for i := range v {
+		v[i] = 2*r.Float32() - 1
+	}
+	return v
+}
+
 // handoverRef is a stage on the CPU (the block's sum in another order).
 func handoverRef(x []float32) []float32 {
 	var t float64
@@ -214,10 +224,7 @@ func TestHandoverFormsAgree(t *testing.T) {
 			return err
 		}
 		defer p.free()
-		x := make([]float32, p.n)
-		for i := range x {
-			x[i] = 2*r.Float32() - 1
-		}
+		x := uniformVec(r, p.n)
 		want := x
 		for range stages {
 			want = handoverRef(want)

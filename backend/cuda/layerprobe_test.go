@@ -225,10 +225,7 @@ func TestLayerProbeFormsAgree(t *testing.T) {
 			return err
 		}
 		defer p.free()
-		x := make([]float32, p.n)
-		for i := range x {
-			x[i] = 2*r.Float32() - 1
-		}
+		x := uniformVec(r, p.n)
 		run := func(name string, weights []byte, form func() error) ([]float32, error) {
 			if err := errors.Join(CopyIn(c, p.arena.Ptr, weights), CopyIn(c, p.buf.Ptr, tagWords(x, 1))); err != nil {
 				return nil, err
