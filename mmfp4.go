@@ -110,20 +110,11 @@ func Load(dir string, opts Options) (*Model, error) {
 	if opts.MaxContext > 0 {
 		opts.Engine.MaxModelLen = opts.MaxContext
 	}
-	// On a device of its own, the cache takes what the weights left, less
+	// On a device of its own, the step and sequence bounds default to the
+	// device's, and the cache takes what the weights left, less
 	// DeviceCacheReserve (and, as always, no more than MaxNumSeqs full
 	// sequences).
-	if mr, ok := b.(backend.MemoryReporter); ok && opts.Engine.CacheBlocks == 0 && opts.Engine.CacheBytes == 0 {
-		mem, err := mr.DeviceMemory()
-		if err != nil {
-			net.Close()
-			return nil, fmt.Errorf("device memory: %w", err)
-		}
-		if left := mem.FreeBytes - DeviceCacheReserve; left > 0 {
-			opts.Engine.CacheBytes = left
-		}
-	}
-	if _, ok := b.(backend.MemoryReporter); ok {
+	if mr, ok := b.(backend.MemoryReporter); ok {
 		if opts.Engine.MaxBatchTokens == 0 {
 			opts.Engine.MaxBatchTokens = DeviceBatchTokens
 		}
@@ -132,6 +123,16 @@ func Load(dir string, opts Options) (*Model, error) {
 		}
 		if opts.Engine.LongPromptAlone == 0 {
 			opts.Engine.LongPromptAlone = DeviceLongPromptAlone
+		}
+		if opts.Engine.CacheBlocks == 0 && opts.Engine.CacheBytes == 0 {
+			mem, err := mr.DeviceMemory()
+			if err != nil {
+				net.Close()
+				return nil, fmt.Errorf("device memory: %w", err)
+			}
+			if left := mem.FreeBytes - DeviceCacheReserve; left > 0 {
+				opts.Engine.CacheBytes = left
+			}
 		}
 	}
 	engOpts, err := engine.Resolve(net.Config, opts.Engine)
