@@ -136,19 +136,25 @@ func (p *handoverProbe) tagged(stages int) error {
 	return nil
 }
 
-// chainTagged queues handover_retag (buf's first n words tagged 1, the
-// rest 0) and stages launches of handover_stage_tag over buf's halves in
-// turn; stages even, the result is in the first half tagged stages + 1.
-func (p *handoverProbe) chainTagged(stages int) error {
-	retag, err := p.c.Kernel("util", "handover_retag")
+// retag queues handover_retag: buf's first n words tagged 1, the rest 0,
+// the values kept.
+func (p *handoverProbe) retag() error {
+	k, err := p.c.Kernel("util", "handover_retag")
 	if err != nil {
 		return err
 	}
+	return p.c.Launch(k, D1(p.blocks), D1(256), 0, p.buf.Ptr, p.n, uint32(1))
+}
+
+// chainTagged queues the retag and stages launches of handover_stage_tag
+// over buf's halves in turn; stages even, the result is in the first half
+// tagged stages + 1.
+func (p *handoverProbe) chainTagged(stages int) error {
 	k, err := p.c.Kernel("util", "handover_stage_tag")
 	if err != nil {
 		return err
 	}
-	if err := p.c.Launch(retag, D1(p.blocks), D1(256), 0, p.buf.Ptr, p.n, uint32(1)); err != nil {
+	if err := p.retag(); err != nil {
 		return err
 	}
 	for s := 0; s < stages; s++ {

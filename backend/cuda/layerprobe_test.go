@@ -104,39 +104,22 @@ func (p *layerProbe) free() error {
 	return errors.Join(p.handoverProbe.free(), p.c.Free(p.perBuf), p.c.Free(p.arena), p.c.Free(p.stamps))
 }
 
-// bulkCopies reports whether d's kernels are compiled with bulk copies
-// (PROBE_BULK in util.cu: NVRTC 12 or later).
-func bulkCopies(d *Device) (bool, error) {
-	err := d.Do(func(c *Ctx) error {
-		_, err := c.Arch()
-		return err
-	})
-	return rtcVersion[0] >= 12, err
-}
-
 // skipWithoutBulk skips a probe that needs bulk copies where the kernels
-// are compiled without them.
+// are compiled without them (PROBE_BULK in util.cu: NVRTC 12 or later).
 func skipWithoutBulk(t testing.TB, d *Device) {
 	t.Helper()
-	ok, err := bulkCopies(d)
-	if err != nil {
+	if err := d.Do(func(c *Ctx) error {
+		_, err := c.Arch() // loads NVRTC, which sets rtcVersion
+		return err
+	}); err != nil {
 		t.Fatal(err)
 	}
-	if !ok {
+	if rtcVersion[0] < 12 {
 		t.Skipf("the probe needs bulk copies: NVRTC 12 or later, this is %d.%d", rtcVersion[0], rtcVersion[1])
 	}
 }
 
 func chunksOf(bytes uint32) int { return int((bytes + layerProbeSlot - 1) / layerProbeSlot) }
-
-// retag tags buf's first half 1 and its second 0 (handover_retag).
-func (p *layerProbe) retag() error {
-	k, err := p.c.Kernel("util", "handover_retag")
-	if err != nil {
-		return err
-	}
-	return p.c.Launch(k, D1(p.blocks), D1(256), 0, p.buf.Ptr, p.n, uint32(1))
-}
 
 // chained queues the retag and one launch a stage of every layer; the
 // result is in buf's first half (stages() even), tagged 1 + stages().
