@@ -195,7 +195,8 @@ func sameBits(a, b []float32) int {
 // before it; and olat and the values match the CPU backend. The steps
 // take every way the output is written (one split; splits merged by a
 // second launch; merged in the launch). W_UV groups of 128 (the model's)
-// and 32; the bf16 cache's exact and f16 forms.
+// and 32; the bf16 cache's exact and f16 forms (the f16 form's blocks of 8
+// heads in two bf16 parts).
 func TestDecodeChainMatchesSerial(t *testing.T) {
 	g, c := testBackends(t, Options{NoGraphs: true})
 	if g.dev.Info().CC < 90 {
@@ -214,7 +215,7 @@ func TestDecodeChainMatchesSerial(t *testing.T) {
 		}
 	}
 	defer setPDL(g.dev.c.pdlOK)
-	defer func(h, f bool) { decodeHeadGroups, decodeSplitsFixed, decodeMMAF16 = h, 0, f }(decodeHeadGroups, decodeMMAF16)
+	defer func(h, f, b bool) { decodeHeadGroups, decodeSplitsFixed, decodeMMAF16, decodeMMABF2 = h, 0, f, b }(decodeHeadGroups, decodeMMAF16, decodeMMABF2)
 	for _, G := range []int{128, 32} {
 		uk := quantHost(t, r, "wuk", s.Heads*s.NopeDim, s.Rank, 128)
 		uv := quantHost(t, r, "wuv", s.Heads*s.VDim, s.Rank, G)
@@ -258,7 +259,9 @@ func TestDecodeChainMatchesSerial(t *testing.T) {
 				}
 			}
 			// Blocks of 8 heads give all-heads blocks' bits at the same
-			// split count (32: one tile of 32 positions; 64: one of 16).
+			// split count (32: one tile of 32 positions; 64: one of 16), in
+			// the same form (all-heads blocks have no two-part form).
+			decodeMMABF2 = false
 			for _, S := range []int{32, 64} {
 				decodeSplitsFixed = S
 				setPDL(false)
@@ -284,6 +287,7 @@ func TestDecodeChainMatchesSerial(t *testing.T) {
 				decodeSplitsFixed = 0
 				decodeHeadGroups = false
 			}
+			decodeMMABF2 = true
 			// The default path at batch 1 (blocks of 8 heads, their own
 			// split count, the merge in the values) against the CPU.
 			decodeHeadGroups = true

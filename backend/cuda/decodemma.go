@@ -53,6 +53,18 @@ const (
 // (tests turn it off to compare).
 var decodeHeadGroups = true
 
+// decodeMMABF2 gives blocks of 8 heads over the bf16 cache, where the f16
+// form would run, decode_mma's two-part form (instances "_h8_bf2": the
+// queries and weights as two bf16 parts, the cached fragments as they
+// are, no widening, twice the f16 form's products). On an H200 its
+// attention took 3-4% less time than the f16 form's at 1,024 and 8,192
+// positions, and its output is within 4e-6 of the CPU's where the f16
+// form's is within 4e-4 (docs/perf.md, 2026-11-30 (26)). Blocks of all
+// heads, with three times the products a block, keep the f16 form (the
+// two-part form was 4% slower at 32,768 positions). Tests turn it off
+// to compare blocks of 8 heads with blocks of all heads bit for bit.
+var decodeMMABF2 = true
+
 // decodeSplitsFixed, when not 0, is decode_mma's split count (tests that
 // compare the blocks of 8 heads with all heads a block at one count).
 var decodeSplitsFixed int
@@ -195,7 +207,10 @@ func (b *Backend) decodeMMAAttention(om, ql, qm *tensor, p *cachePool, layer int
 		name += "_h8"
 	}
 	name += suffix
-	if p.dtype == backend.CacheBF16 && decodeMMAF16 {
+	switch {
+	case p.dtype == backend.CacheBF16 && decodeMMAF16 && decodeMMABF2 && hg > 1:
+		name += "_bf2"
+	case p.dtype == backend.CacheBF16 && decodeMMAF16:
 		name += "_f16"
 	}
 	sms := b.dev.Info().SMs

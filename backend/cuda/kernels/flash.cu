@@ -1034,6 +1034,15 @@ DEVICE void split3_bf16x2(float x0, float x1, u32& hi, u32& mid, u32& lo) {
   lo = bf16x2_rn(x0, x1);
 }
 
+// x0 = hi + lo and a rest under 2^-16 of x0 (x1 the same): split3_bf16x2's
+// first two parts.
+DEVICE void split2_bf16x2(float x0, float x1, u32& hi, u32& lo) {
+  hi = bf16x2_rn(x0, x1);
+  x0 -= __uint_as_float(hi << 16);
+  x1 -= __uint_as_float(hi & 0xFFFF0000u);
+  lo = bf16x2_rn(x0, x1);
+}
+
 // The int8 form of row t of a K-column output held four values a lane
 // (lane: columns [4f, 4f+4)), as rmsnorm_quant writes it without a gain
 // (quant.cu): codes, a scale per group of G = 32, 64 or 128 columns and
@@ -1166,7 +1175,13 @@ DEVICE void dm_merge_share(float* __restrict__ olat, int ldo, const float* part_
 // registers (exact for the normalised latent's magnitudes). A third of
 // the tensor work and of the weights' stores a tile; errors near the
 // flash kernel's f16 form (about 3e-4 of the largest output).
-template <int RANK, int DR, int TP, int HT, int CT = 0, bool F16 = false>
+//
+// PARTS = 2 (the bf16 cache, not F16): two bf16 parts of the queries and
+// of the weights instead of three: the cached fragments as they are (no
+// widening, which is about a third of the f16 form's instructions), two
+// thirds of the exact form's products; each part's rest under 2^-16 of
+// its value, so the output stays within about 4e-6 of the CPU's.
+template <int RANK, int DR, int TP, int HT, int CT = 0, bool F16 = false, int PARTS = 3>
 DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restrict__ qlat, int ldql,
                        const float* __restrict__ q, int ldq, const u8* __restrict__ layer,
                        const i32* __restrict__ pos, const i32* __restrict__ row_seq,
@@ -1184,11 +1199,11 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   constexpr int MT = TP / 16;               // 16-position tiles of a tile
   constexpr int TPR = DM_THREADS / TP;      // threads copying a row
   // Parts of the queries and the weights: three bf16, or one f16.
-  constexpr int NQP = F16 ? 1 : 3;
+  constexpr int NQP = F16 ? 1 : PARTS;
   // Score accumulators: with one position tile, one a part (or with F16
   // one for the even and one for the odd k steps): shorter chains of
   // dependent products; else one.
-  constexpr int NA = MT == 1 ? (F16 ? 2 : 3) : 1;
+  constexpr int NA = MT == 1 ? (F16 ? 2 : NQP) : 1;
   // Heads: HT tiles of 8 (NH slots), the block's heads [hb, hb + NH) of
   // grid z; the weights' rows part*NH + head, in PRG groups of 8 (an even
   // count for the paired fragment loads).
@@ -1196,6 +1211,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   static_assert(KR <= 8 && DR % 16 == 0 && RANK % 128 == 0 && (TP == 16 || TP == 32), "shape");
   static_assert(CT == 0 || CT == 2 || CT == 3, "cache type");
   static_assert(!F16 || CT == 0, "the f16 form reads the bf16 cache");
+  static_assert(PARTS == 3 || (PARTS == 2 && CT == 0 && !F16), "two parts: the bf16 cache");
   // A record's bytes (the stages' row stride) and its copy pieces.
   constexpr bool RAW = CT != 0;
   constexpr int RB = RAW ? rec_bytes<CT == 3>(RANK, DR) : LD * 2;
@@ -1352,8 +1368,10 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
           const float2 v = qv[kk][j][u];
           if constexpr (F16)
             qb[kk][j][0][u] = f16x2_rn(v.x * f[j], v.y * f[j]);
+          else if constexpr (NQP == 2)
+            split2_bf16x2(v.x, v.y, qb[kk][j][0][u], qb[kk][j][1][u]);
           else
-            split3_bf16x2(v.x, v.y, qb[kk][j][0][u], qb[kk][j][1][u], qb[kk][j][2][u]);
+            split3_bf16x2(v.x, v.y, qb[kk][j][0][u], qb[kk][j][1][u], qb[kk][j][NQP - 1][u]);
         }
   }
   if (stamp && tid == 0) stamp[2] = globaltimer_after((int)(qb[0][0][0][0] ^ qb[KS - 1][HT - 1][NQP - 1][1]));
@@ -1512,10 +1530,12 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
         u32 part[NQP];
         if constexpr (F16)
           part[0] = f16x2_rn(p0, p1);
+        else if constexpr (NQP == 2)
+          split2_bf16x2(p0, p1, part[0], part[1]);
         else if (RAW)
-          split3_bf16x2(p0 * sc0[r], p1 * sc0[r + 8], part[0], part[1], part[2]);
+          split3_bf16x2(p0 * sc0[r], p1 * sc0[r + 8], part[0], part[1], part[NQP - 1]);
         else
-          split3_bf16x2(p0, p1, part[0], part[1], part[2]);
+          split3_bf16x2(p0, p1, part[0], part[1], part[NQP - 1]);
 #pragma unroll
         for (int q = 0; q < NQP; q++) {
           pw[(q * NH + sh) * PLD + r] = (unsigned short)(part[q] & 0xFFFFu);
@@ -1633,17 +1653,18 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
 #undef DM_STAMP
 }
 
-#define DECODE_MMA_F(RANK, DR, TP, HT, CT, F16, NAME)                                                                \
+#define DECODE_MMA_P(RANK, DR, TP, HT, CT, F16, PARTS, NAME)                                                   \
   extern "C" __global__ void __launch_bounds__(DM_THREADS, 1)                                                        \
       NAME(float* olat, int ldo, const float* qlat, int ldql, const float* q, int ldq, const u8* layer,              \
            const i32* __restrict__ pos, const i32* __restrict__ row_seq, const i32* __restrict__ seq_blocks,         \
            const i32* __restrict__ blocks, int block_size, int heads, int dn, float scale, float* part_ml,           \
            float* part_acc, u32* counters, int ahead, i8* xq, float* xs, i32* xsum, int G,                          \
            unsigned long long* stamps) {                                                                             \
-    decode_mma<RANK, DR, TP, HT, CT, F16>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks, blocks,    \
-                                          block_size, heads, dn, scale, part_ml, part_acc, counters, ahead, xq, xs,  \
-                                          xsum, G, stamps);                                                          \
+    decode_mma<RANK, DR, TP, HT, CT, F16, PARTS>(olat, ldo, qlat, ldql, q, ldq, layer, pos, row_seq, seq_blocks,   \
+                                                 blocks, block_size, heads, dn, scale, part_ml, part_acc, counters,  \
+                                                 ahead, xq, xs, xsum, G, stamps);                                    \
   }
+#define DECODE_MMA_F(RANK, DR, TP, HT, CT, F16, NAME) DECODE_MMA_P(RANK, DR, TP, HT, CT, F16, 3, NAME)
 
 // Instances: the model's (rank 512, rope 64), the tests' small shape and
 // the built-in and tiny test models' (rank 128, rope 32 and 16; so that
@@ -1667,6 +1688,11 @@ DECODE_MMA_SET(0, false, )
 DECODE_MMA_SET(0, true, _f16)
 DECODE_MMA_SET(2, false, _fp8)
 DECODE_MMA_SET(3, false, _fp4)
+// Blocks of 8 heads of the model's shape over the bf16 cache with two
+// bf16 parts of the queries and weights ("_bf2": no widening of the cached
+// fragments, two thirds of the exact form's products).
+DECODE_MMA_P(512, 64, 16, 1, 0, false, 2, decode_mma_512_64_t16_h8_bf2)
+DECODE_MMA_P(512, 64, 32, 1, 0, false, 2, decode_mma_512_64_t32_h8_bf2)
 
 // The splits' merge as a second launch: grid (rank/128, heads, rows),
 // eight warps a block for one row, head and 128 columns. Warp w takes the
