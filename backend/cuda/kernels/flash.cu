@@ -1178,7 +1178,7 @@ DEVICE void dm_merge_share(float* __restrict__ olat, int ldo, const float* part_
 //
 // PARTS = 2 (the bf16 cache, not F16): two bf16 parts of the queries and
 // of the weights instead of three: the cached fragments as they are (no
-// widening, which is about a third of the f16 form's instructions), two
+// widening, which is about a quarter of the f16 form's instructions), two
 // thirds of the exact form's products; each part's rest under 2^-16 of
 // its value, so the output stays within about 4e-6 of the CPU's.
 template <int RANK, int DR, int TP, int HT, int CT = 0, bool F16 = false, int PARTS = 3>
@@ -1198,7 +1198,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   constexpr int PLD = TP + 8;               // weight row stride (bf16)
   constexpr int MT = TP / 16;               // 16-position tiles of a tile
   constexpr int TPR = DM_THREADS / TP;      // threads copying a row
-  // Parts of the queries and the weights: three bf16, or one f16.
+  // Parts of the queries and the weights: PARTS bf16, or one f16.
   constexpr int NQP = F16 ? 1 : PARTS;
   // Score accumulators: with one position tile, one a part (or with F16
   // one for the even and one for the odd k steps): shorter chains of
@@ -1371,7 +1371,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
           else if constexpr (NQP == 2)
             split2_bf16x2(v.x, v.y, qb[kk][j][0][u], qb[kk][j][1][u]);
           else
-            split3_bf16x2(v.x, v.y, qb[kk][j][0][u], qb[kk][j][1][u], qb[kk][j][NQP - 1][u]);
+            split3_bf16x2(v.x, v.y, qb[kk][j][0][u], qb[kk][j][1][u], qb[kk][j][2][u]);
         }
   }
   if (stamp && tid == 0) stamp[2] = globaltimer_after((int)(qb[0][0][0][0] ^ qb[KS - 1][HT - 1][NQP - 1][1]));
@@ -1533,9 +1533,9 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
         else if constexpr (NQP == 2)
           split2_bf16x2(p0, p1, part[0], part[1]);
         else if (RAW)
-          split3_bf16x2(p0 * sc0[r], p1 * sc0[r + 8], part[0], part[1], part[NQP - 1]);
+          split3_bf16x2(p0 * sc0[r], p1 * sc0[r + 8], part[0], part[1], part[2]);
         else
-          split3_bf16x2(p0, p1, part[0], part[1], part[NQP - 1]);
+          split3_bf16x2(p0, p1, part[0], part[1], part[2]);
 #pragma unroll
         for (int q = 0; q < NQP; q++) {
           pw[(q * NH + sh) * PLD + r] = (unsigned short)(part[q] & 0xFFFFu);
