@@ -592,3 +592,52 @@ extern "C" __global__ void wave_tma(const u8* __restrict__ src, u32 per, u32 chu
   out[blockIdx.x * blockDim.x + tid] = acc;
 #endif
 }
+
+// The batched MoE's weight reads alone (BenchmarkMoEReadPattern): grid (12,
+// tiles), 8 warps; block (x, y) reads 128 rows of two 1536 x 2048-code
+// matrices at region y (3 MB of codes), warp w rows x*128 + 16w.., two
+// 128-column groups a batch, as moeb_gate_up_s2f34 does. mode 0: rows in
+// order (row r at r * 1024 bytes: 16 rows' 64-byte pieces 1 KB apart);
+// mode 1: the same bytes with each m-tile's group contiguous (tile-major:
+// 16 rows x 64 bytes in one 1 KB piece); mode 2: mode 0 with the L2
+// asked for 256 bytes a load.
+extern "C" __global__ void __launch_bounds__(256, 3) moe_read_pattern(const u8* __restrict__ src, int mode, u32* sink) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+  const u8* base = src + (size_t)blockIdx.y * (2u * 1536 * 1024);
+  const int tileRow = blockIdx.x * 128 + warp * 16;
+  u32 acc = 0;
+  for (int gs = 0; gs < 16; gs += 2) {
+    uint4 v[2][2][2];
+#pragma unroll
+    for (int d = 0; d < 2; d++)
+#pragma unroll
+      for (int m = 0; m < 2; m++) {
+        const u8* mat = base + (size_t)m * 1536 * 1024;
+        if (mode == 1) {
+          const u8* p = mat + (size_t)tileRow * 1024 + (gs + d) * 1024 + g * 64 + 16 * t;
+          v[d][m][0] = load_stream16(p);
+          v[d][m][1] = load_stream16(p + 512);
+        } else if (mode == 0) {
+          const u8* p = mat + (size_t)(tileRow + g) * 1024 + (gs + d) * 64 + 16 * t;
+          v[d][m][0] = load_stream16(p);
+          v[d][m][1] = load_stream16(p + 8 * 1024);
+        } else {
+          const u8* p = mat + (size_t)(tileRow + g) * 1024 + (gs + d) * 64 + 16 * t;
+          asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+              : "=r"(v[d][m][0].x), "=r"(v[d][m][0].y), "=r"(v[d][m][0].z), "=r"(v[d][m][0].w)
+              : "l"(p));
+          asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0,%1,%2,%3}, [%4];"
+              : "=r"(v[d][m][1].x), "=r"(v[d][m][1].y), "=r"(v[d][m][1].z), "=r"(v[d][m][1].w)
+              : "l"(p + 8 * 1024));
+        }
+      }
+#pragma unroll
+    for (int d = 0; d < 2; d++)
+#pragma unroll
+      for (int m = 0; m < 2; m++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) acc = acc * 33u + (v[d][m][h].x ^ v[d][m][h].y ^ v[d][m][h].z ^ v[d][m][h].w);
+  }
+  sink[(blockIdx.y * gridDim.x + blockIdx.x) * 256 + threadIdx.x] = acc;
+}
+
