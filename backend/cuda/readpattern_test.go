@@ -46,4 +46,3 @@ func BenchmarkMoEReadPattern(b *testing.B) {
 		b.Fatal(err)
 	}
 }
-
