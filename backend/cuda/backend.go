@@ -1269,6 +1269,9 @@ func actRows(a *QActs, from, n int) *QActs {
 // dense through a simple fp32 kernel.
 func (b *Backend) MatMul(dst, x backend.Tensor, wt backend.Weight) {
 	d, xm, w := asTensor(dst), asTensor(x), asWeight(wt)
+	if w.q != nil && w.q.TileMajor {
+		panic(fmt.Sprintf("cuda backend: matmul of %s, an expert matrix whose codes are tile-major for the MoE kernels", w.host.Name))
+	}
 	if b.badShape("matmul out", [2]int{d.rows, d.cols}, [2]int{xm.rows, w.n}) ||
 		b.badShape("matmul in", [2]int{xm.rows, xm.cols}, [2]int{xm.rows, w.k}) || d.rows == 0 {
 		return
@@ -1981,7 +1984,7 @@ func (b *Backend) MoEShared(dst, x backend.Tensor, r backend.Routing, experts, s
 	}
 	batched := d.rows >= moeBatchedMinTokens
 	if !b.opts.NoFusedMoE && d.rows == xm.rows && (d.rows <= moeFusedMaxTokens || batched) && rt.Tokens() == d.rows && len(experts) > 0 && d.cols == xm.cols {
-		if l := b.moeLayerShared(experts, shared, rt.topK); l != nil && (!batched || l.batchable()) {
+		if l := b.moeLayerShared(experts, shared, rt.topK); l != nil {
 			b.wrote(d)
 			perToken := int64(rt.topK) * expertBytes(experts[0])
 			for _, s := range shared {
@@ -2096,7 +2099,7 @@ func (b *Backend) MoE(dst, x backend.Tensor, r backend.Routing, experts []backen
 	b.wrote(d)
 	batched := d.rows >= moeBatchedMinTokens
 	if !b.opts.NoFusedMoE && (d.rows <= moeFusedMaxTokens || batched) {
-		if l := b.moeLayer(experts, rt.topK); l != nil && (!batched || l.batchable()) {
+		if l := b.moeLayer(experts, rt.topK); l != nil {
 			// Each token: topK distinct experts (the ids stay on the device).
 			b.fusedMoE(d, xm, rt, l, batched, int64(rt.topK)*expertBytes(experts[0]))
 			return
@@ -2109,8 +2112,14 @@ func (b *Backend) MoE(dst, x backend.Tensor, r backend.Routing, experts []backen
 // batched ones (streaming or tiled; the streaming ones also below
 // moeBatchedMinTokens, from moeStreamMinTokens), or the single-token
 // kernels row by row.
+// A table whose shapes the batched kernels do not take runs the
+// single-token kernels row by row: its matrices are tile-major, which only
+// the MoE kernels read.
 func (b *Backend) fusedMoE(d, xm *tensor, rt *routing, l *moeLayer, batched bool, perToken int64) {
 	b.count(int64(d.rows) * perToken)
+	if !l.batchable() {
+		batched = false
+	}
 	if batched || b.moeStreams(d.rows, l.table) {
 		b.moeBatched(d, xm, rt, l)
 	} else {

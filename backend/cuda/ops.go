@@ -16,6 +16,10 @@ type QMatrix struct {
 	N, K, G                 int
 	Codes, Scales, RowScale uint64
 	buf                     Buffer // one allocation holding all three
+	// TileMajor: the codes are in the expert kernels' tile-major order
+	// (code_row in prelude.cuh), which NewExpertTable gives its matrices;
+	// the products of other matrices read row-major codes.
+	TileMajor bool
 }
 
 // UploadMatrix copies an MMFP4 matrix to the device as one allocation.
@@ -314,14 +318,18 @@ type ExpertTable struct {
 	buf            Buffer
 }
 
-// NewExpertTable checks that the experts share their shapes and group size
-// and uploads their addresses.
+// NewExpertTable checks that the experts share their shapes and group size,
+// puts their codes in tile-major order (once a matrix: the MoE kernels
+// read only that) and uploads their addresses.
 func (c *Ctx) NewExpertTable(routed, shared []ExpertMats) (*ExpertTable, error) {
 	all := append(append([]ExpertMats{}, routed...), shared...)
 	if len(routed) == 0 {
 		return nil, fmt.Errorf("cuda: expert table without routed experts")
 	}
 	t := &ExpertTable{Routed: len(routed), Shared: len(shared), I: all[0].Gate.N, K: all[0].Gate.K, G: all[0].Gate.G}
+	if t.I%16 != 0 || t.K%128 != 0 {
+		return nil, fmt.Errorf("cuda: expert table of [%d,%d] matrices: tile-major codes need rows in 16s and columns in 128s", t.I, t.K)
+	}
 	ptrs := make([]uint64, 0, 9*len(all))
 	for i, e := range all {
 		for _, m := range []struct {
@@ -335,12 +343,45 @@ func (c *Ctx) NewExpertTable(routed, shared []ExpertMats) (*ExpertTable, error) 
 			ptrs = append(ptrs, m.q.Codes, m.q.Scales, m.q.RowScale)
 		}
 	}
+	for _, e := range all {
+		for _, q := range []*QMatrix{e.Gate, e.Up, e.Down} {
+			if err := c.tileMajor(q); err != nil {
+				return nil, err
+			}
+		}
+	}
 	buf, err := c.Alloc(8 * len(ptrs))
 	if err != nil {
 		return nil, err
 	}
 	t.buf = buf
 	return t, CopyIn(c, buf.Ptr, ptrs)
+}
+
+// tileMajor puts q's codes in tile-major order in place (through a
+// scratch copy), unless they are already.
+func (c *Ctx) tileMajor(q *QMatrix) error {
+	if q.TileMajor {
+		return nil
+	}
+	k, err := c.Kernel("ops", "codes_tile_major")
+	if err != nil {
+		return err
+	}
+	n := q.N * q.K / 2
+	tmp, err := c.Alloc(n)
+	if err != nil {
+		return err
+	}
+	defer c.Free(tmp)
+	if err := c.CopyDevice(tmp.Ptr, q.Codes, n); err != nil {
+		return err
+	}
+	if err := c.Launch(k, D1(min((n/16+255)/256, 4096)), D1(256), 0, tmp.Ptr, q.Codes, q.N, q.K); err != nil {
+		return err
+	}
+	q.TileMajor = true
+	return nil
 }
 
 // FreeExpertTable returns the table's memory (not the matrices') to the pool.

@@ -193,7 +193,7 @@ DEVICE void gemm_quant_out(float (&v)[MT][WT][4], const float* __restrict__ row_
 // EC: the block's first stages are asked for before its weight scales are
 // read, so that the scales' loads overlap the stages' instead of preceding
 // them.
-template <int MT, int WT, int WN, int MODE, int SPG, int SK, bool EC = false>
+template <int MT, int WT, int WN, int MODE, int SPG, int SK, bool EC = false, bool TM = false>
 DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8* __restrict__ xq, int ldx,
                       const float* __restrict__ xs, int ldxs, const int* tokrow, int ntok,
                       float* __restrict__ out, int ldo, u8* smem, GQOut qo = GQOut{}) {
@@ -228,9 +228,9 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
   auto arow = [&](int r) -> const u8* {
     if (MODE == GEMM_GATE_UP) {
       const int n = min(row0 + (r & 63), N - 1);
-      return (r < 64 ? a.codes : b.codes) + (size_t)n * (K / 2);
+      return code_row<TM>(r < 64 ? a.codes : b.codes, n, K);
     }
-    return a.codes + (size_t)min(row0 + r, N - 1) * (K / 2);
+    return code_row<TM>(a.codes, min(row0 + r, N - 1), K);
   };
   // Each thread's cp.async sources and shared offsets for every stage,
   // computed once: the stage loads are then AIT + XIT 16-byte copies (and
@@ -252,7 +252,7 @@ DEVICE void gemm_tile(GQMat a, GQMat b, int N, int K, int G, int row0, const i8*
     const u32 base = sbase + buf * SBYTES;
     const int k0 = s * GEMM_BK;
 #pragma unroll
-    for (int it = 0; it < AIT; it++) cp_async16(base + adst + it * (NT / 4) * GEMM_ASTRIDE, asrc[it] + k0 / 2);
+    for (int it = 0; it < AIT; it++) cp_async16(base + adst + it * (NT / 4) * GEMM_ASTRIDE, asrc[it] + code_off<TM>(k0 / 2));
 #pragma unroll
     for (int it = 0; it < XIT; it++) cp_async16(base + xdst + it * (NT / 8) * GEMM_BK, xsrc[it] + k0);
     if (tid < BT)
@@ -480,7 +480,7 @@ DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i3
   const GExpert& ex = experts[te];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = list[s0 + min(r, ntok - 1)];
   __syncthreads();
-  gemm_tile<MT, WT, WN, GEMM_GATE_UP, SPG, SK, EC>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G, tokrow, ntok,
+  gemm_tile<MT, WT, WN, GEMM_GATE_UP, SPG, SK, EC, true>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G, tokrow, ntok,
                                        h + (size_t)s0 * I, I, gemm_smem_buf);
 }
 
@@ -503,7 +503,7 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
   const GExpert& ex = experts[te];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = s0 + min(r, ntok - 1);
   __syncthreads();
-  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, SK, EC>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs, I / G, tokrow,
+  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, SK, EC, true>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs, I / G, tokrow,
                                      ntok, part + (size_t)s0 * N, N, gemm_smem_buf);
 }
 

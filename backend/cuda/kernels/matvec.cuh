@@ -92,10 +92,11 @@ DEVICE i32 dot32_split(uint4 q, uint4 xa, uint4 xb) {
 // L2REST: rows of more than 2048 columns have their rest (past the first
 // 1024 bytes, loaded into registers before the wait) warmed in L2 before
 // the wait too (a separate instance: the loop costs registers).
-template <int T, int R, bool SPLIT, bool XSHARED = false, bool L2REST = false>
+template <int T, int R, bool SPLIT, bool XSHARED = false, bool L2REST = false, bool TM = false>
 DEVICE void gemv_dot(const u8* const (&rc)[R], const u8* const (&rs)[R], int K, int gshift,
                      const i8* __restrict__ xq, const float* __restrict__ xs,
                      const i32* __restrict__ xsum, float (&out)[R][T]) {
+  static_assert(!(TM && L2REST), "L2REST warms row-major rows");
   const int lane = threadIdx.x & 31;
   const int C = K >> 5;        // chunks per row
   const int GK = C >> gshift;  // groups per row
@@ -113,7 +114,7 @@ DEVICE void gemv_dot(const u8* const (&rc)[R], const u8* const (&rs)[R], int K, 
       const int c = c0 + 32 * h + lane;
       if (c < C) {
 #pragma unroll
-        for (int r = 0; r < R; r++) w[h][r] = load_stream16(rc[r] + c * 16);
+        for (int r = 0; r < R; r++) w[h][r] = load_stream16(rc[r] + code_off<TM>(c * 16));
 #pragma unroll
         for (int r = 0; r < R; r++) s[h][r] = __ldg(rs[r] + (c >> gshift));
       }

@@ -128,13 +128,13 @@ extern "C" __global__ void __launch_bounds__(128, 4)
 #pragma unroll
   for (int r = 0; r < 4; r++) {
     const int n = min(row0 + r, I - 1);
-    rc[r] = ex.gate.codes + (size_t)n * (K / 2);
+    rc[r] = code_row<true>(ex.gate.codes, n, K);
     rs[r] = ex.gate.scales + (size_t)n * GK;
-    rc[4 + r] = ex.up.codes + (size_t)n * (K / 2);
+    rc[4 + r] = code_row<true>(ex.up.codes, n, K);
     rs[4 + r] = ex.up.scales + (size_t)n * GK;
   }
   float out[8][1];
-  gemv_dot<1, 8, true>(rc, rs, K, gshift, xq, xs, xsum, out);
+  gemv_dot<1, 8, true, false, false, true>(rc, rs, K, gshift, xq, xs, xsum, out);
 #pragma unroll
   for (int r = 0; r < 4; r++) {
     const int n = row0 + r;
@@ -211,11 +211,11 @@ extern "C" __global__ void __launch_bounds__(128)
 #pragma unroll
     for (int r = 0; r < 4; r++) {
       const int n = min(row0 + r, N - 1);
-      rc[r] = ex.down.codes + (size_t)n * (I / 2);
+      rc[r] = code_row<true>(ex.down.codes, n, I);
       rs[r] = ex.down.scales + (size_t)n * GK;
     }
     float out[4][1];
-    gemv_dot<1, 4, true>(rc, rs, I, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK,
+    gemv_dot<1, 4, true, false, false, true>(rc, rs, I, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK,
                          hsum + (size_t)slot * (I / 32), out);
     moe_down_store(out, ex.down.row_scale, row0, N, slot, partial);
   }
@@ -249,14 +249,14 @@ extern "C" __global__ void __launch_bounds__(128)
 #pragma unroll
   for (int r = 0; r < 4; r++) {
     const int n = min(row0 + r, N - 1);
-    rc[r] = ex.down.codes + (size_t)n * (I / 2);
+    rc[r] = code_row<true>(ex.down.codes, n, I);
     rs[r] = ex.down.scales + (size_t)n * GK;
   }
   if (row0 < N) {
-    const int lines = (I / 2 + 127) >> 7;
+    const int pieces = I / 128;  // a row's 64-byte pieces (tile-major: 1 KB apart)
 #pragma unroll
     for (int r = 0; r < 4; r++)
-      for (int i = lane; i < lines; i += 32) asm volatile("prefetch.global.L2 [%0];" ::"l"(rc[r] + (i << 7)));
+      for (int i = lane; i < pieces; i += 32) asm volatile("prefetch.global.L2 [%0];" ::"l"(rc[r] + code_off<true>(i * 64)));
   }
   // The slot's row of h into shared memory, every load issued first (I a
   // multiple of 4, at most MOE_MAX_I).
@@ -296,7 +296,7 @@ extern "C" __global__ void __launch_bounds__(128)
   __syncthreads();
   if (row0 < N) {
     float out[4][1];
-    gemv_dot<1, 4, true, true>(rc, rs, I, gshift, sq, ss, nullptr, out);
+    gemv_dot<1, 4, true, true, false, true>(rc, rs, I, gshift, sq, ss, nullptr, out);
     moe_down_store(out, ex.down.row_scale, row0, N, slot, partial);
   }
   moe_down_sum(partial, counters, wts, topk, nslots, N, y, accumulate);
@@ -993,7 +993,7 @@ DEVICE void rows_load(const u8* const (&rc)[R], const u8* const (&rs)[R], int C,
     const int c = 32 * h + lane;
     if (c < C) {
 #pragma unroll
-      for (int r = 0; r < R; r++) w[h][r] = load_stream16(rc[r] + c * 16);
+      for (int r = 0; r < R; r++) w[h][r] = load_stream16(rc[r] + code_off<true>(c * 16));
 #pragma unroll
       for (int r = 0; r < R; r++) s[h][r] = __ldg(rs[r] + (c >> gshift));
     }
@@ -1131,9 +1131,9 @@ DEVICE void gate_up_row_ptrs(const GateUp& ex, int row0, int nmax, int K, int GK
 #pragma unroll
   for (int r = 0; r < 4; r++) {
     const int n = min(row0 + r, nmax);
-    rc[r] = ex.gc + (size_t)n * (K / 2);
+    rc[r] = code_row<true>(ex.gc, n, K);
     rs[r] = ex.gs + (size_t)n * GK;
-    rc[4 + r] = ex.uc + (size_t)n * (K / 2);
+    rc[4 + r] = code_row<true>(ex.uc, n, K);
     rs[4 + r] = ex.us + (size_t)n * GK;
   }
 }
@@ -1272,7 +1272,7 @@ DEVICE void down_hq(const Expert* __restrict__ experts, const i32* __restrict__ 
 #pragma unroll
   for (int r = 0; r < 4; r++) {
     const int n = min(row0 + r, N - 1);
-    rc[r] = ex.down.codes + (size_t)n * (I / 2);
+    rc[r] = code_row<true>(ex.down.codes, n, I);
     rs[r] = ex.down.scales + (size_t)n * GK;
   }
   uint4 w[2][4];

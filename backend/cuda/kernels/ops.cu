@@ -799,3 +799,14 @@ extern "C" __global__ void __launch_bounds__(256)
     out[2 * i + 1] = __fmul_rn(d, e2m1_value(hi));
   }
 }
+
+// The codes of an N x K matrix (row-major, K/2 bytes a row) into dst in
+// tile-major order (code_row): m-tile i's group j is 1 KB at (i * K/128 +
+// j) * 1024, its row r's 64 bytes at 64 r. N a multiple of 16, K of 128.
+extern "C" __global__ void codes_tile_major(const u8* __restrict__ src, u8* __restrict__ dst, int N, int K) {
+  const size_t pieces = (size_t)N * (K / 32);  // 16-byte pieces
+  for (size_t i = (size_t)blockIdx.x * blockDim.x + threadIdx.x; i < pieces; i += (size_t)gridDim.x * blockDim.x) {
+    const size_t row = i / (K / 32), b = (i % (K / 32)) * 16;
+    *(uint4*)(code_row<true>(dst, row, K) + code_off<true>((int)b)) = *(const uint4*)(src + row * (K / 2) + b);
+  }
+}

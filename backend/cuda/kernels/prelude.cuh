@@ -19,6 +19,23 @@ DEVICE uint4 load_stream16(const void* p) {
   return v;
 }
 
+// Expert matrices keep their codes tile-major on the device (NewExpertTable):
+// rows in m-tiles of 16, an m-tile's 128-column group one 1 KB piece with
+// row r's 64 bytes at 64 r, so that a warp's loads of an m-tile's group
+// read 512 contiguous bytes where row-major codes give 8 rows' pieces 1 KB
+// apart (3.1 against 4.3 TB/s for the same loads on an H200;
+// docs/perf.md, 2026-11-30 (27)). Byte b of row n of a matrix of K columns
+// is at code_row<TM>(codes, n, K) + code_off<TM>(b), TM for tile-major;
+// a 16-byte load never crosses a 64-byte piece.
+template <bool TM>
+DEVICE const u8* code_row(const u8* codes, size_t n, int K) {
+  return TM ? codes + (n & ~(size_t)15) * (size_t)(K / 2) + (n & 15) * 64 : codes + n * (size_t)(K / 2);
+}
+template <bool TM>
+DEVICE int code_off(int b) {
+  return TM ? (b >> 6) * 1024 + (b & 63) : b;
+}
+
 // Asks L2 for up to four spans, lines[j] 128-byte lines from p[j] (null:
 // none), the grid's threads taking one line each in turn: a later
 // launch's weights, requested by a launch whose blocks are resident before

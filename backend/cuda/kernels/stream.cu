@@ -121,7 +121,7 @@ DEVICE u32 mb_scales(const u8* p) {
 }
 
 // One batch of D groups of MR m-tiles (weights and scales) into registers.
-template <int MR, int D>
+template <int MR, int D, bool TM = false>
 DEVICE void mb_load(uint4 (&w)[D][MR][2], u32 (&sc)[MR][2], const u8* const (&rc)[MR], const u8* const (&rs)[MR],
                     int gs, int GK, size_t half8, int t) {
 #pragma unroll
@@ -133,9 +133,10 @@ DEVICE void mb_load(uint4 (&w)[D][MR][2], u32 (&sc)[MR][2], const u8* const (&rc
   for (int d = 0; d < D; d++)
 #pragma unroll
     for (int m = 0; m < MR; m++) {
-      const u8* p = rc[m] + (gs + d) * 64 + 16 * t;
+      // TM: rc[m] is row g of an m-tile (code_row), row g + 8 512 bytes on.
+      const u8* p = rc[m] + (TM ? (gs + d) * 1024 : (gs + d) * 64) + 16 * t;
       w[d][m][0] = load_stream16(p);
-      w[d][m][1] = load_stream16(p + half8);
+      w[d][m][1] = load_stream16(p + (TM ? (size_t)512 : half8));
     }
 }
 
@@ -212,7 +213,8 @@ DEVICE void mb_apply(const uint4 (&w)[D][MR][2], const u32 (&sc)[MR][2], int s0,
 template <int MR, int WT, int D>
 DEVICE void mb_apply_w(const uint4 (&w)[D][MR][2], const u32 (&sc)[MR][2], int s0, const u8* xrow, const float* xss,
                        int ldx, int ldxs, int t, int nt, float (&acc)[MR][WT][4]);
-template <int MR, int WT, int D, bool SPLIT = false, bool CVT = false, bool WIDE = false, typename Pre>
+template <int MR, int WT, int D, bool SPLIT = false, bool CVT = false, bool WIDE = false, bool TM = false,
+          typename Pre>
 DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K, int g0, int ng, const u8* smem,
                     float (&acc)[MR][WT][4], Pre pre, int nt = WT) {
   const int lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
@@ -230,7 +232,7 @@ DEVICE void mb_core(const u8* const (&rc)[MR], const u8* const (&rs)[MR], int K,
   for (int s0 = 0; s0 < ng; s0 += D) {
     uint4 w[D][MR][2];
     u32 sc[MR][2];
-    mb_load<MR, D>(w, sc, rc, rs, g0 + s0, GK, half8, t);
+    mb_load<MR, D, TM>(w, sc, rc, rs, g0 + s0, GK, half8, t);
     if (s0 == 0) {
       pre();
       mb_cp_wait_all();
@@ -326,7 +328,7 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
   };
   if (!RS) stage();
   const size_t row = n0 + g;
-  const u8* rc[2] = {gate.codes + row * (K / 2), up.codes + row * (K / 2)};
+  const u8* rc[2] = {code_row<true>(gate.codes, row, K), code_row<true>(up.codes, row, K)};
   const u8* rs[2] = {gate.scales + row * GK, up.scales + row * GK};
   float rsc[2][2];
   if (RS) {
@@ -339,7 +341,7 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
   // RS: the token rows are staged after the first weight loads are issued
   // (their addresses wait for a round trip, the list).
   float acc[2][1][4];
-  mb_core<2, 1, D, SPLIT, CVT>(rc, rs, K, 0, GK, mb_smem, acc, [&] {
+  mb_core<2, 1, D, SPLIT, CVT, false, true>(rc, rs, K, 0, GK, mb_smem, acc, [&] {
     if (RS) stage();
   });
   float hv[1][4];
@@ -434,7 +436,7 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
 #pragma unroll
   for (int m = 0; m < MR; m++) {
     const size_t row = min(n0 + 16 * m, N - 16) + g;
-    rc[m] = dn.codes + row * (I / 2);
+    rc[m] = code_row<true>(dn.codes, row, I);
     rs[m] = dn.scales + row * GK;
   }
   float rsc[MR][2];
@@ -445,7 +447,7 @@ DEVICE void moeb_down(const BExpert* __restrict__ experts, const i32* __restrict
       for (int h = 0; h < 2; h++) rsc[m][h] = __ldg(dn.row_scale + min(n0 + 16 * m, N - 16) + g + 8 * h);
   }
   float acc[MR][1][4];
-  mb_core<MR, 1, D, SPLIT, CVT>(rc, rs, I, 0, GK, mb_smem, acc, [&] {
+  mb_core<MR, 1, D, SPLIT, CVT, false, true>(rc, rs, I, 0, GK, mb_smem, acc, [&] {
     if (FLAG && rec) {
       mb_wait_tile_gate_up(rec, tile, I);
     } else {
@@ -1137,7 +1139,7 @@ DEVICE void moeb_gate_up_w(const i32* __restrict__ ntiles, const i32* __restrict
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * 128 + warp * 16, GK = K >> 7;
   const size_t row = n0 + g;
-  const u8* rc[2] = {gate.codes + row * (K / 2), up.codes + row * (K / 2)};
+  const u8* rc[2] = {code_row<true>(gate.codes, row, K), code_row<true>(up.codes, row, K)};
   const u8* rs[2] = {gate.scales + row * GK, up.scales + row * GK};
   float rsc[2][2];
 #pragma unroll
@@ -1146,7 +1148,7 @@ DEVICE void moeb_gate_up_w(const i32* __restrict__ ntiles, const i32* __restrict
     rsc[1][h] = __ldg(up.row_scale + row + 8 * h);
   }
   float acc[2][WT][4];
-  mb_core<2, WT, D, false, true, true>(rc, rs, K, 0, K >> 7, mb_smem, acc, [&] {
+  mb_core<2, WT, D, false, true, true, true>(rc, rs, K, 0, K >> 7, mb_smem, acc, [&] {
     mb_stage_w(mb_smem, 8 * WT, 8 * nt, xq, xs, K, [&](int r) { return list[s0 + min(r, ntok - 1)]; });
   }, nt);
   float hv[WT][4];
@@ -1201,13 +1203,13 @@ DEVICE void moeb_down_w(const i32* __restrict__ ntiles, int N, int I, const i8* 
   const int n0 = blockIdx.x * 128 + warp * 16, GK = I >> 7;
   // N a multiple of 16: a clamped m-tile starts at N - 16.
   const size_t row = min(n0, N - 16) + g;
-  const u8* rc[1] = {dn.codes + row * (I / 2)};
+  const u8* rc[1] = {code_row<true>(dn.codes, row, I)};
   const u8* rs[1] = {dn.scales + row * GK};
   float rsc[2];
 #pragma unroll
   for (int h = 0; h < 2; h++) rsc[h] = __ldg(dn.row_scale + row + 8 * h);
   float acc[1][WT][4];
-  mb_core<1, WT, D, false, true, true>(rc, rs, I, 0, I >> 7, mb_smem, acc, [&] {
+  mb_core<1, WT, D, false, true, true, true>(rc, rs, I, 0, I >> 7, mb_smem, acc, [&] {
     mb_wait_tile_gate_up(rec, tile, I);
     mb_stage_w(mb_smem, 8 * WT, 8 * nt, hq, hs, I, [&](int r) { return s0 + min(r, ntok - 1); });
   }, nt);

@@ -596,11 +596,11 @@ extern "C" __global__ void wave_tma(const u8* __restrict__ src, u32 per, u32 chu
 // The batched MoE's weight reads alone (BenchmarkMoEReadPattern): grid (12,
 // tiles), 8 warps; block (x, y) reads 128 rows of two 1536 x 2048-code
 // matrices at region y (3 MB of codes), warp w rows x*128 + 16w.., two
-// 128-column groups a batch, as moeb_gate_up_s2f34 does. mode 0: rows in
-// order (row r at r * 1024 bytes: 16 rows' 64-byte pieces 1 KB apart);
-// mode 1: the same bytes with each m-tile's group contiguous (tile-major:
-// 16 rows x 64 bytes in one 1 KB piece); mode 2: mode 0 with the L2
-// asked for 256 bytes a load.
+// 128-column groups a batch, as moeb_gate_up_s2f34 does. mode 0: row-major
+// codes (row r at r * 1024 bytes: 16 rows' 64-byte pieces 1 KB apart);
+// mode 1: the same bytes tile-major (code_row: 16 rows x 64 bytes in one
+// 1 KB piece), the experts' layout on the device; mode 2: mode 0 with the
+// L2 asked for 256 bytes a load.
 extern "C" __global__ void __launch_bounds__(256, 3) moe_read_pattern(const u8* __restrict__ src, int mode, u32* sink) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const u8* base = src + (size_t)blockIdx.y * (2u * 1536 * 1024);
