@@ -1270,7 +1270,8 @@ func actRows(a *QActs, from, n int) *QActs {
 func (b *Backend) MatMul(dst, x backend.Tensor, wt backend.Weight) {
 	d, xm, w := asTensor(dst), asTensor(x), asWeight(wt)
 	if w.q != nil && w.q.TileMajor {
-		panic(fmt.Sprintf("cuda backend: matmul of %s, an expert matrix whose codes are tile-major for the MoE kernels", w.host.Name))
+		b.fail("matmul of %s: its codes are tile-major, for the MoE kernels only", w.host.Name)
+		return
 	}
 	if b.badShape("matmul out", [2]int{d.rows, d.cols}, [2]int{xm.rows, w.n}) ||
 		b.badShape("matmul in", [2]int{xm.rows, xm.cols}, [2]int{xm.rows, w.k}) || d.rows == 0 {
@@ -2111,10 +2112,9 @@ func (b *Backend) MoE(dst, x backend.Tensor, r backend.Routing, experts []backen
 // fusedMoE counts perToken bytes for each row and runs l's kernels: the
 // batched ones (streaming or tiled; the streaming ones also below
 // moeBatchedMinTokens, from moeStreamMinTokens), or the single-token
-// kernels row by row.
-// A table whose shapes the batched kernels do not take runs the
-// single-token kernels row by row: its matrices are tile-major, which only
-// the MoE kernels read.
+// kernels row by row. A table whose shapes the batched kernels do not take
+// runs the single-token kernels row by row (its matrices are tile-major,
+// which only the MoE kernels read).
 func (b *Backend) fusedMoE(d, xm *tensor, rt *routing, l *moeLayer, batched bool, perToken int64) {
 	b.count(int64(d.rows) * perToken)
 	if !l.batchable() {
