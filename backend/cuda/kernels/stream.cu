@@ -209,7 +209,8 @@ DEVICE void mb_apply(const uint4 (&w)[D][MR][2], const u32 (&sc)[MR][2], int s0,
 // the two (the dense product waits for the kernel before and stages its
 // rows there, after its first weight loads).
 // SPLIT: mb_mma_split's widening (the same sums). WIDE: mb_apply_w's
-// products, for the first nt of the WT n-tiles.
+// products, for the first nt of the WT n-tiles. TM: tile-major codes
+// (code_row), rc[m] row g's, row g+8 at rc[m] + 512.
 template <int MR, int WT, int D>
 DEVICE void mb_apply_w(const uint4 (&w)[D][MR][2], const u32 (&sc)[MR][2], int s0, const u8* xrow, const float* xss,
                        int ldx, int ldxs, int t, int nt, float (&acc)[MR][WT][4]);
