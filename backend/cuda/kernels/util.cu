@@ -356,6 +356,9 @@ DEVICE void lp_copy(u8* ring, LpRing* r, int slot, const u8* src, u32 bytes) {
 
 DEVICE u32 lp_chunks(u32 bytes) { return (bytes + LP_SLOT - 1) / LP_SLOT; }
 
+// lp_chunk_bytes is the size of chunk k of per bytes.
+DEVICE u32 lp_chunk_bytes(u32 per, u32 k) { return min(per - k * LP_SLOT, (u32)LP_SLOT); }
+
 // The chain's part of a stage (threads 0-255): the inputs by their tags,
 // the int8 dot of the stage's per bytes of weights, which arrive as
 // chunks c0, c0 + 1, ... of the ring (buffer c mod LP_SLOTS, its
@@ -383,7 +386,7 @@ DEVICE void lp_chain_stage(const unsigned long long* x, unsigned long long* y, i
   for (u32 k = 0; k < chunks; k++) {
     const u32 c = c0 + k, slot = c % LP_SLOTS;
     mbar_wait(&r->full[slot], (c / LP_SLOTS) & 1);
-    const u32 words = (min(per - k * LP_SLOT, (u32)LP_SLOT)) / 4;
+    const u32 words = lp_chunk_bytes(per, k) / 4;
     const u32* wq = (const u32*)(ring + (size_t)slot * LP_SLOT);
     u32 j = (k * (LP_SLOT / 4) + threadIdx.x) % nq;  // nq > 256: one wrap a step at most
     for (u32 i = threadIdx.x; i < words; i += 256) {
@@ -443,11 +446,12 @@ extern "C" __global__ void __launch_bounds__(256)
   const u32 chunks = lp_chunks(per[s]);
   if (threadIdx.x == 0) lp_init(&r);
   __syncthreads();
-  if (threadIdx.x == 0 && s != routedStage)
-    for (u32 k = 0; k < chunks; k++) lp_copy(ring, &r, k, w + k * LP_SLOT, min(per[s] - k * LP_SLOT, (u32)LP_SLOT));
+  const auto copy_all = [&] {
+    for (u32 k = 0; k < chunks; k++) lp_copy(ring, &r, k, w + k * LP_SLOT, lp_chunk_bytes(per[s], k));
+  };
+  if (threadIdx.x == 0 && s != routedStage) copy_all();
   PDL_WAIT();
-  if (threadIdx.x == 0 && s == routedStage)
-    for (u32 k = 0; k < chunks; k++) lp_copy(ring, &r, k, w + k * LP_SLOT, min(per[s] - k * LP_SLOT, (u32)LP_SLOT));
+  if (threadIdx.x == 0 && s == routedStage) copy_all();
   const int idx = l * ns + s;
   lp_chain_stage(buf + (idx & 1) * n, buf + ((idx + 1) & 1) * n, n, tag0 + (u32)idx, per[s], 0, ring, &sh, false,
                  lp_stamp(stamps, idx));
@@ -488,7 +492,7 @@ extern "C" __global__ void __launch_bounds__(288)
       for (u32 k = 0; k < lp_chunks(per[s]); k++, c++) {
         const u32 slot = c % LP_SLOTS;
         if (c >= LP_SLOTS) mbar_wait(&r.empty[slot], (c / LP_SLOTS - 1) & 1);
-        lp_copy(ring, &r, slot, w + k * LP_SLOT, min(per[s] - k * LP_SLOT, (u32)LP_SLOT));
+        lp_copy(ring, &r, slot, w + k * LP_SLOT, lp_chunk_bytes(per[s], k));
       }
       // With l2ahead, once the routed stage's copies are asked for, the
       // next layer's stages before it are asked of L2 (the ring is full
