@@ -1021,25 +1021,27 @@ FLASH_FORMS(2, 16)
 #define DM_NST 4     // tiles in flight
 #define DM_MAXS 256
 
+// The bf16 pair nearest (x0, x1) (rounded to nearest even, fa_bf16's bits,
+// x0's in the low half), taken off x0 and x1 (exactly).
+DEVICE u32 take_bf16x2(float& x0, float& x1) {
+  const u32 p = bf16x2_rn(x0, x1);
+  x0 -= __uint_as_float(p << 16);
+  x1 -= __uint_as_float(p & 0xFFFF0000u);
+  return p;
+}
+
 // x0 = hi + mid + lo exactly and x1 the same (finite values), each part a
-// bf16 rounded to nearest even (fa_bf16's bits), packed two a word (x0's
-// in the low half): one conversion a part for two values.
+// bf16 packed two a word: one conversion a part for two values.
 DEVICE void split3_bf16x2(float x0, float x1, u32& hi, u32& mid, u32& lo) {
-  hi = bf16x2_rn(x0, x1);
-  x0 -= __uint_as_float(hi << 16);
-  x1 -= __uint_as_float(hi & 0xFFFF0000u);
-  mid = bf16x2_rn(x0, x1);
-  x0 -= __uint_as_float(mid << 16);
-  x1 -= __uint_as_float(mid & 0xFFFF0000u);
+  hi = take_bf16x2(x0, x1);
+  mid = take_bf16x2(x0, x1);
   lo = bf16x2_rn(x0, x1);
 }
 
 // x0 = hi + lo and a rest under 2^-16 of x0 (x1 the same): split3_bf16x2's
 // first two parts.
 DEVICE void split2_bf16x2(float x0, float x1, u32& hi, u32& lo) {
-  hi = bf16x2_rn(x0, x1);
-  x0 -= __uint_as_float(hi << 16);
-  x1 -= __uint_as_float(hi & 0xFFFF0000u);
+  hi = take_bf16x2(x0, x1);
   lo = bf16x2_rn(x0, x1);
 }
 
