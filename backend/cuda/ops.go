@@ -327,8 +327,10 @@ func (c *Ctx) NewExpertTable(routed, shared []ExpertMats) (*ExpertTable, error) 
 		return nil, fmt.Errorf("cuda: expert table without routed experts")
 	}
 	t := &ExpertTable{Routed: len(routed), Shared: len(shared), I: all[0].Gate.N, K: all[0].Gate.K, G: all[0].Gate.G}
-	if t.I%16 != 0 || t.K%128 != 0 {
-		return nil, fmt.Errorf("cuda: expert table of [%d,%d] matrices: tile-major codes need rows in 16s and columns in 128s", t.I, t.K)
+	// Tile-major codes: rows in 16s and columns in 128s, for gate and up
+	// [I,K] and down [K,I] alike.
+	if t.I%128 != 0 || t.K%128 != 0 {
+		return nil, fmt.Errorf("cuda: expert table of [%d,%d] matrices: tile-major codes need both sizes in 128s", t.I, t.K)
 	}
 	ptrs := make([]uint64, 0, 9*len(all))
 	for i, e := range all {
