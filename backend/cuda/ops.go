@@ -345,12 +345,8 @@ func (c *Ctx) NewExpertTable(routed, shared []ExpertMats) (*ExpertTable, error) 
 			ptrs = append(ptrs, m.q.Codes, m.q.Scales, m.q.RowScale)
 		}
 	}
-	for _, e := range all {
-		for _, q := range []*QMatrix{e.Gate, e.Up, e.Down} {
-			if err := c.tileMajor(q); err != nil {
-				return nil, err
-			}
-		}
+	if err := c.tileMajor(all, t.I*t.K/2); err != nil {
+		return nil, err
 	}
 	buf, err := c.Alloc(8 * len(ptrs))
 	if err != nil {
@@ -360,29 +356,33 @@ func (c *Ctx) NewExpertTable(routed, shared []ExpertMats) (*ExpertTable, error) 
 	return t, CopyIn(c, buf.Ptr, ptrs)
 }
 
-// tileMajor puts q's codes in tile-major order in place (through a
-// scratch copy), unless they are already.
-func (c *Ctx) tileMajor(q *QMatrix) error {
-	if q.TileMajor {
-		return nil
-	}
+// tileMajor puts the codes of the experts' matrices (n bytes each) in
+// tile-major order in place, through one scratch copy, leaving those that
+// already are.
+func (c *Ctx) tileMajor(experts []ExpertMats, n int) error {
 	k, err := c.Kernel("ops", "codes_tile_major")
 	if err != nil {
 		return err
 	}
-	n := q.N * q.K / 2
 	tmp, err := c.Alloc(n)
 	if err != nil {
 		return err
 	}
 	defer c.Free(tmp)
-	if err := c.CopyDevice(tmp.Ptr, q.Codes, n); err != nil {
-		return err
+	for _, e := range experts {
+		for _, q := range []*QMatrix{e.Gate, e.Up, e.Down} {
+			if q.TileMajor {
+				continue
+			}
+			if err := c.CopyDevice(tmp.Ptr, q.Codes, n); err != nil {
+				return err
+			}
+			if err := c.Launch(k, D1(min((n/16+255)/256, 4096)), D1(256), 0, tmp.Ptr, q.Codes, q.N, q.K); err != nil {
+				return err
+			}
+			q.TileMajor = true
+		}
 	}
-	if err := c.Launch(k, D1(min((n/16+255)/256, 4096)), D1(256), 0, tmp.Ptr, q.Codes, q.N, q.K); err != nil {
-		return err
-	}
-	q.TileMajor = true
 	return nil
 }
 
