@@ -201,6 +201,15 @@ type ExpandedAttender interface {
 	ExpandedAttention(out, q Tensor, layer int, wUK, wUV Weight, s MLAShape, scale float32)
 }
 
+// ExpertPreparer is implemented by backends that lay a MoE layer's expert
+// weights out for their kernels once (a device table, a repacking). The
+// model calls PrepareExperts for each MoE layer at load, with the experts
+// and shared experts that its MoE or MoEShared calls will pass, so that
+// this work is part of the load rather than of the first forward pass.
+type ExpertPreparer interface {
+	PrepareExperts(experts, shared []Expert, topK int) error
+}
+
 // SharedMoE is implemented by backends that run a MoE layer's shared
 // experts together with the routed ones (one pass over all their weights).
 // MoEShared adds to dst, for each token, sum_e w_e * expert_e(x) plus

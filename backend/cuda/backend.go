@@ -2001,6 +2001,27 @@ func (b *Backend) MoEShared(dst, x backend.Tensor, r backend.Routing, experts, s
 	}
 }
 
+// PrepareExperts makes a MoE layer's device table at load
+// (backend.ExpertPreparer): the table's repacking of the expert codes
+// (tile-major, NewExpertTable) is timed with the upload, and the first
+// forward pass finds it made. Experts that the fused kernels do not take
+// get no table, as at their first use.
+func (b *Backend) PrepareExperts(experts, shared []backend.Expert, topK int) error {
+	if b.opts.NoFusedMoE || len(experts) == 0 {
+		return nil
+	}
+	start := time.Now()
+	defer func() { b.uploadTime += time.Since(start) }()
+	cache := b.moe
+	if len(shared) > 0 {
+		cache = b.moeShared
+	}
+	if b.expertLayer(cache, experts, shared, topK) == nil {
+		return nil
+	}
+	return b.dev.Do(func(c *Ctx) error { return c.Sync() })
+}
+
 // moeLayerShared is moeLayer for a table with the shared experts after the
 // routed ones.
 func (b *Backend) moeLayerShared(experts, shared []backend.Expert, topK int) *moeLayer {

@@ -209,6 +209,40 @@ func TestModelMMFP4MatchesCPUOnGPU(t *testing.T) {
 	}
 }
 
+// The expert tables (and their tile-major repacking) are made at load,
+// one a MoE layer, so that the load's upload figure holds them and the
+// first forward pass makes none.
+func TestPrepareExpertsAtLoad(t *testing.T) {
+	g, _ := testBackends(t, Options{})
+	m := loadOn(t, quantizedFixture(t), g)
+	moeLayers := 0
+	for _, dense := range m.Config.Dense {
+		if !dense {
+			moeLayers++
+		}
+	}
+	if moeLayers == 0 || len(g.moeShared) != moeLayers || len(g.moe) != 0 {
+		t.Fatalf("after the load: %d tables with shared experts and %d without, want %d and 0", len(g.moeShared), len(g.moe), moeLayers)
+	}
+	for i, l := range m.Layers {
+		if l.MoE == nil {
+			continue
+		}
+		for e, ex := range append(l.MoE.Experts, backend.Expert{Gate: l.MoE.Shared.Gate, Up: l.MoE.Shared.Up, Down: l.MoE.Shared.Down}) {
+			for _, w := range []backend.Weight{ex.Gate, ex.Up, ex.Down} {
+				if q := asWeight(w).q; q == nil || !q.TileMajor {
+					t.Fatalf("layer %d expert %d: a matrix is not tile-major after the load", i, e)
+				}
+			}
+		}
+	}
+	ref := loadGolden(t)
+	modelLogits(t, m, ref.prompt, backend.CacheF32)
+	if len(g.moeShared) != moeLayers || len(g.moe) != 0 {
+		t.Errorf("after a forward pass: %d and %d tables, want the load's %d and 0", len(g.moeShared), len(g.moe), moeLayers)
+	}
+}
+
 // With an fp4 cache both backends store the same codes for the same
 // latent (TestCacheWriteFP4MatchesCPU), but a last-bit difference in a
 // latent can move a value by a whole FP4 step. The fixture's 28 positions

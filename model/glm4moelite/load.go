@@ -224,6 +224,23 @@ func (ld *loader) mlp(prefix string, hidden, inter int) *MLP {
 	}
 }
 
+// prepareExperts hands a MoE layer's experts to a backend that prepares
+// them at load, as the layer's forward pass will pass them (the shared
+// expert beside the routed ones where the backend takes them together).
+func (ld *loader) prepareExperts(prefix string, moe *MoE, topK int) {
+	ep, ok := ld.b.(backend.ExpertPreparer)
+	if !ok || ld.err != nil {
+		return
+	}
+	var shared []backend.Expert
+	if _, ok := ld.b.(backend.SharedMoE); ok && moe.Shared != nil {
+		shared = []backend.Expert{{Gate: moe.Shared.Gate, Up: moe.Shared.Up, Down: moe.Shared.Down}}
+	}
+	if err := ep.PrepareExperts(moe.Experts, shared, topK); err != nil {
+		ld.err = fmt.Errorf("%smlp.experts: %w", prefix, err)
+	}
+}
+
 func (ld *loader) model(c *Config) (*Model, error) {
 	H, heads := c.HiddenSize, c.NumHeads
 	qk := c.QKNopeHeadDim + c.QKRopeHeadDim
@@ -277,6 +294,7 @@ func (ld *loader) model(c *Config) (*Model, error) {
 				moe.Shared = ld.mlp(p+"mlp.shared_experts.", H, c.MoEIntermediateSize*c.NumSharedExperts)
 			}
 			l.MoE = moe
+			ld.prepareExperts(p, moe, c.ExpertsPerToken)
 		}
 		m.Layers = append(m.Layers, l)
 		if ld.err != nil {
