@@ -33,9 +33,9 @@ func moeStreamShared(K int) int { return moeStreamTile*(K+16) + 4*moeStreamTile*
 // in flight at once). s must have room for the 8-pair tiles (MaxTiles >=
 // moeMaxTiles(P, experts, 8));
 // s.H is not used. rec (moeTileRec bytes a tile, s.MaxTiles of them; 0 for
-// none) lets moeb_group_x leave each tile's expert entry and a count of
-// its finished gate/up blocks there: the products then find their weights
-// in one round trip, and each down block waits for its own tile's gate/up
+// none) lets moeb_group_x leave each tile's expert entry, its token ids and
+// a count of its finished gate/up blocks there: the products then find
+// their weights and token rows in one round trip, and each down block waits for its own tile's gate/up
 // blocks only instead of the whole gate/up grid. With rec, a batch of more
 // than moeStreamMaxTokens tokens takes a wide-tile pair (moeStreamWideFor:
 // tiles of 16 or 32 pairs) instead.
@@ -188,8 +188,8 @@ func moeStreamSharedW(K, wt int) int { return 8 * wt * (K + 16 + 4*(K/128+1)) }
 const moeCombineMaxSlots = 8
 
 // moeTileRec is the size of an MbTile (stream.cu): a BExpert (nine
-// pointers) and four 32-bit words.
-const moeTileRec = 88
+// pointers), four 32-bit words and the tile's eight token ids.
+const moeTileRec = 120
 
 // moeStreams reports whether a batch of T tokens over t takes
 // MoEBatchedStream.

@@ -44,6 +44,7 @@ struct MbTile {
   BExpert ex;
   i32 s0, n;
   u32 done, pad;
+  i32 tok[MB_TT];  // the tile's tokens, list[s0..s0+n), where its rows are MB_TT at most
 };
 
 DEVICE u32 mb_smem_addr(const void* p) {
@@ -324,8 +325,14 @@ DEVICE void moeb_gate_up(const BExpert* __restrict__ experts, const i32* __restr
   }
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
   const int n0 = blockIdx.x * 128 + warp * 16, GK = K >> 7;
+  // With rec, the token rows' indices come from the tile's record, read
+  // with it, instead of from list a round trip later: one L2 round trip
+  // less before the block's first products (BenchmarkMoEStream on an
+  // H200: 84.6 -> 82.4 us at 32 tokens, the same bits; docs/perf.md,
+  // 2026-11-30 (28)).
   const auto stage = [&] {
-    mb_stage(mb_smem, MB_TT, xq, xs, K, 0, K, [&](int r) { return list[s0 + min(r, ntok - 1)]; });
+    mb_stage(mb_smem, MB_TT, xq, xs, K, 0, K,
+             [&](int r) { return rec ? rec[tile].tok[min(r, ntok - 1)] : list[s0 + min(r, ntok - 1)]; });
   };
   if (!RS) stage();
   const size_t row = n0 + g;
@@ -529,12 +536,13 @@ DEVICE int mb_block_scan(int v, int* warp_sums) {
   return r;
 }
 
-// rec and experts (or null): each tile's record (MbTile) too.
+// rec and experts (or null): each tile's record (MbTile) too, with its
+// token ids where tiles hold MB_TT rows at most.
 DEVICE void mb_group(const i32* __restrict__ ids, int T, int topk, int S, int E, int BT, i32* __restrict__ pos,
                      i32* __restrict__ list, i32* __restrict__ tile_e, i32* __restrict__ tile_s,
                      i32* __restrict__ tile_n, i32* __restrict__ ntiles, const BExpert* __restrict__ experts,
                      MbTile* __restrict__ rec) {
-  __shared__ int cnt[1024], off[1024], sums[32];
+  __shared__ int cnt[1024], off[1024], tbase[1024], sums[32];
   const int slots = topk + S, P = T * slots, NE = E + S, e = threadIdx.x;
   cnt[e] = 0;
   BExpert mine;
@@ -551,6 +559,7 @@ DEVICE void mb_group(const i32* __restrict__ ids, int T, int topk, int S, int E,
   const int rows_incl = mb_block_scan(c, sums);
   const int tiles_incl = mb_block_scan(nt, sums);
   off[e] = rows_incl - c;
+  tbase[e] = tiles_incl - nt;
   for (int j = 0; j < nt; j++) {
     const int i = tiles_incl - nt + j;
     tile_e[i] = e;
@@ -570,6 +579,7 @@ DEVICE void mb_group(const i32* __restrict__ ids, int T, int topk, int S, int E,
     const int x = k < topk ? ids[t * topk + k] : E + (k - topk);
     if (pos[p] < 0) continue;
     const int row = off[x] + pos[p];
+    if (rec && BT <= MB_TT) rec[tbase[x] + pos[p] / BT].tok[pos[p] % BT] = t;
     pos[p] = row;
     list[row] = t;
   }
