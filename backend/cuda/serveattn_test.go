@@ -76,10 +76,12 @@ func TestServeMixedFlashMatchesCPU(t *testing.T) {
 
 // Decode steps of 2-44 rows of short contexts take decode_mma in blocks
 // of 8 heads with one split (rowsOneSplit): against the CPU, and bit for
-// bit the all-heads kernel with one split; 64 rows, or a context past
+// bit the all-heads kernel with one split in the same form (blocks of all
+// heads have no two-part form, decodeMMABF2); 64 rows, or a context past
 // decodeOneSplitMaxN, do not.
 func TestServeDecodeOneSplitMatchesCPU(t *testing.T) {
 	g, c := testBackends(t, Options{})
+	defer func(b bool) { decodeMMABF2, decodeSplitsFixed = b, 0 }(decodeMMABF2)
 	r := testRand(t)
 	s := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
 	qk := s.NopeDim + s.RopeDim
@@ -126,10 +128,11 @@ func TestServeDecodeOneSplitMatchesCPU(t *testing.T) {
 		}
 		name := fmt.Sprintf("decode attention, %d rows, blocks of 8 heads, one split", T)
 		compareOp(t, g, c, name, decodeBF16Bound(), op)
+		decodeMMABF2 = false
 		got := op(g)
 		decodeSplitsFixed = 1
 		want := op(g)
-		decodeSplitsFixed = 0
+		decodeSplitsFixed, decodeMMABF2 = 0, true
 		mustSameBits(t, name, got, want)
 	}
 	g.SetBatch(simpleBatch(64, 0), nil)
