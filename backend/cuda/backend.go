@@ -2030,8 +2030,8 @@ func (b *Backend) moeLayerShared(experts, shared []backend.Expert, topK int) *mo
 
 // expertLayer returns the layer of cache (keyed by the first routed gate)
 // for these routed and shared experts, making its device table and topK
-// scratch on first use; nil where they do not suit the fused kernels
-// (dense, mixed shapes).
+// scratch where the load (PrepareExperts) has not; nil where they do not
+// suit the fused kernels (dense, mixed shapes).
 func (b *Backend) expertLayer(cache map[*QMatrix]*moeLayer, experts, shared []backend.Expert, topK int) *moeLayer {
 	if q := asWeight(experts[0].Gate).q; q != nil {
 		if l := cache[q]; l != nil && l.scratch[topK] != nil {
@@ -2210,8 +2210,8 @@ func (b *Backend) routerQuant(x *tensor, G int) *QActs {
 	return a
 }
 
-// moeLayer returns the fused kernels' table for experts, made on first use,
-// or nil where the experts do not suit them (dense, mixed shapes).
+// moeLayer returns the fused kernels' table for experts (expertLayer), or
+// nil where the experts do not suit them (dense, mixed shapes).
 func (b *Backend) moeLayer(experts []backend.Expert, topK int) *moeLayer {
 	return b.expertLayer(b.moe, experts, nil, topK)
 }
