@@ -35,8 +35,9 @@ func moeStreamShared(K int) int { return moeStreamTile*(K+16) + 4*moeStreamTile*
 // s.H is not used. rec (moeTileRec bytes a tile, s.MaxTiles of them; 0 for
 // none) lets moeb_group_x leave each tile's expert entry, its token ids and
 // a count of its finished gate/up blocks there: the products then find
-// their weights and token rows in one round trip, and each down block waits for its own tile's gate/up
-// blocks only instead of the whole gate/up grid. With rec, a batch of more
+// their weights and token rows in one round trip, and each down block
+// waits for its own tile's gate/up blocks only instead of the whole
+// gate/up grid. With rec, a batch of more
 // than moeStreamMaxTokens tokens takes a wide-tile pair (moeStreamWideFor:
 // tiles of 16 or 32 pairs) instead.
 func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTable, ids, wts uint64, topk int, x *QActs, s *MoEBatch, rec uint64) error {
