@@ -6,12 +6,12 @@ import (
 	"io"
 	"math"
 	"math/rand/v2"
-	"os"
 	"sort"
 	"testing"
 
 	"github.com/mmfp4/mmfp4/backend"
 	"github.com/mmfp4/mmfp4/backend/cpu"
+	"github.com/mmfp4/mmfp4/internal/benchmode"
 	"github.com/mmfp4/mmfp4/model/glm4moelite"
 	"github.com/mmfp4/mmfp4/sample"
 )
@@ -250,9 +250,7 @@ func TestBackendLogprobsMatchHost(t *testing.T) {
 // 20 alternatives of the API's limit: logprobs, and the engine's function
 // before it (math.Exp).
 func BenchmarkLogprobs(b *testing.B) {
-	if os.Getenv("ALPHAHENG_TASK_MODE") == "1" {
-		b.Skip("benchmarks do not run in task mode (ALPHAHENG_TASK_MODE=1)")
-	}
+	benchmode.Check(b)
 	row := logprobRows(rand.New(rand.NewPCG(7, 8)), 154880)["lm-like"]
 	for _, c := range []struct {
 		name string

@@ -6,10 +6,10 @@ import (
 	"errors"
 	"fmt"
 	"math/rand/v2"
-	"os"
 	"testing"
 
 	"github.com/mmfp4/mmfp4/format"
+	"github.com/mmfp4/mmfp4/internal/benchmode"
 )
 
 // Benchmarks time device work with events and report GB/s of weights read
@@ -17,9 +17,7 @@ import (
 // same process (bytes read plus bytes written).
 
 func benchDevice(b *testing.B) *Device {
-	if os.Getenv("ALPHAHENG_TASK_MODE") == "1" {
-		b.Skip("benchmarks do not run in task mode (ALPHAHENG_TASK_MODE=1)")
-	}
+	benchmode.Check(b)
 	return testDevice(b)
 }
 

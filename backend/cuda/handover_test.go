@@ -343,7 +343,7 @@ func TestHandoverFormsAgree(t *testing.T) {
 // multiprocessor, 16 values a block). "local" is the count form without
 // the count: a block's own work a stage, with no hand-over.
 func BenchmarkHandover(b *testing.B) {
-	d := testDevice(b)
+	d := benchDevice(b)
 	const launches, stages = 200, 2000
 	var p *handoverProbe
 	graphs := map[bool]*graph{}

@@ -11,7 +11,7 @@ import (
 // tiles of 3 MB (258 MB, five times L2), as many blocks as a 32-token
 // batched MoE's gate/up launch.
 func BenchmarkMoEReadPattern(b *testing.B) {
-	d := testDevice(b)
+	d := benchDevice(b)
 	const tiles, tileBytes = 86, 2 * 1536 * 1024
 	err := d.Do(func(c *Ctx) error {
 		k, err := c.Kernel("util", "moe_read_pattern")

@@ -27,7 +27,7 @@ func BenchmarkReadWave(b *testing.B) {
 const waveStages = 4
 
 func readWave(b *testing.B, region int) {
-	d := testDevice(b)
+	d := benchDevice(b)
 	const regions, launches = 16, 48
 	type form struct {
 		kernel          string
