@@ -2012,11 +2012,14 @@ func (b *Backend) PrepareExperts(experts, shared []backend.Expert, topK int) err
 	}
 	start := time.Now()
 	defer func() { b.uploadTime += time.Since(start) }()
-	cache := b.moe
+	// The tables that MoE and MoEShared would make at their first call.
+	var l *moeLayer
 	if len(shared) > 0 {
-		cache = b.moeShared
+		l = b.moeLayerShared(experts, shared, topK)
+	} else {
+		l = b.moeLayer(experts, topK)
 	}
-	if b.expertLayer(cache, experts, shared, topK) == nil {
+	if l == nil {
 		return nil
 	}
 	return b.dev.Do(func(c *Ctx) error { return c.Sync() })

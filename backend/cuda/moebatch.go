@@ -37,9 +37,9 @@ func moeStreamShared(K int) int { return moeStreamTile*(K+16) + 4*moeStreamTile*
 // a count of its finished gate/up blocks there: the products then find
 // their weights and token rows in one round trip, and each down block
 // waits for its own tile's gate/up blocks only instead of the whole
-// gate/up grid. With rec, a batch of more
-// than moeStreamMaxTokens tokens takes a wide-tile pair (moeStreamWideFor:
-// tiles of 16 or 32 pairs) instead.
+// gate/up grid. With rec, a batch of more than moeStreamMaxTokens tokens
+// takes a wide-tile pair (moeStreamWideFor: tiles of 16 or 32 pairs)
+// instead.
 func (c *Ctx) MoEBatchedStream(y uint64, ldy int, accumulate bool, t *ExpertTable, ids, wts uint64, topk int, x *QActs, s *MoEBatch, rec uint64) error {
 	if err := c.MoEStreamProducts(t, ids, topk, x, s, rec); err != nil {
 		return err
