@@ -480,8 +480,8 @@ DEVICE void moe_gemm_gate_up(const GExpert* experts, const i32* tile_e, const i3
   const GExpert& ex = experts[te];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = list[s0 + min(r, ntok - 1)];
   __syncthreads();
-  gemm_tile<MT, WT, WN, GEMM_GATE_UP, SPG, SK, EC, true>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G, tokrow, ntok,
-                                       h + (size_t)s0 * I, I, gemm_smem_buf);
+  gemm_tile<MT, WT, WN, GEMM_GATE_UP, SPG, SK, EC, true>(ex.gate, ex.up, I, K, G, blockIdx.x * 64, xq, K, xs, K / G,
+                                                        tokrow, ntok, h + (size_t)s0 * I, I, gemm_smem_buf);
 }
 
 // Down products over the tiles: part[row][n] = down_e,n . hq[row].
@@ -503,8 +503,8 @@ DEVICE void moe_gemm_down(const GExpert* experts, const i32* tile_e, const i32* 
   const GExpert& ex = experts[te];
   for (int r = threadIdx.x; r < BT; r += blockDim.x) tokrow[r] = s0 + min(r, ntok - 1);
   __syncthreads();
-  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, SK, EC, true>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs, I / G, tokrow,
-                                     ntok, part + (size_t)s0 * N, N, gemm_smem_buf);
+  gemm_tile<MT, WT, WN, GEMM_PLAIN, SPG, SK, EC, true>(ex.down, ex.down, N, I, G, blockIdx.x * GEMM_ROWS, hq, I, hs,
+                                                      I / G, tokrow, ntok, part + (size_t)s0 * N, N, gemm_smem_buf);
 }
 
 #define MOE_GEMM_KERNELS(SUFFIX, MT, WT, WN, SPG, MINB, SK, EC)                                                  \

@@ -216,7 +216,7 @@ extern "C" __global__ void __launch_bounds__(128)
     }
     float out[4][1];
     gemv_dot<1, 4, true, false, false, true>(rc, rs, I, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK,
-                         hsum + (size_t)slot * (I / 32), out);
+                                             hsum + (size_t)slot * (I / 32), out);
     moe_down_store(out, ex.down.row_scale, row0, N, slot, partial);
   }
   moe_down_sum(partial, counters, wts, topk, nslots, N, y, accumulate);
