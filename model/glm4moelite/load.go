@@ -234,7 +234,7 @@ func (ld *loader) prepareExperts(prefix string, moe *MoE, topK int) {
 	}
 	var shared []backend.Expert
 	if _, ok := ld.b.(backend.SharedMoE); ok && moe.Shared != nil {
-		shared = []backend.Expert{{Gate: moe.Shared.Gate, Up: moe.Shared.Up, Down: moe.Shared.Down}}
+		shared = []backend.Expert{moe.Shared.expert()}
 	}
 	if err := ep.PrepareExperts(moe.Experts, shared, topK); err != nil {
 		ld.err = fmt.Errorf("%smlp.experts: %w", prefix, err)
@@ -288,7 +288,7 @@ func (ld *loader) model(c *Config) (*Model, error) {
 			}
 			for e := 0; e < c.NumExperts; e++ {
 				ex := ld.mlp(fmt.Sprintf("%smlp.experts.%d.", p, e), H, c.MoEIntermediateSize)
-				moe.Experts = append(moe.Experts, backend.Expert{Gate: ex.Gate, Up: ex.Up, Down: ex.Down})
+				moe.Experts = append(moe.Experts, ex.expert())
 			}
 			if c.NumSharedExperts > 0 {
 				moe.Shared = ld.mlp(p+"mlp.shared_experts.", H, c.MoEIntermediateSize*c.NumSharedExperts)

@@ -101,6 +101,9 @@ type MLP struct {
 	Gate, Up, Down backend.Weight
 }
 
+// expert is the block as the backend's Expert: the same three weights.
+func (p *MLP) expert() backend.Expert { return backend.Expert(*p) }
+
 // MoE is a routed mixture of experts plus the always-on shared expert.
 type MoE struct {
 	Router  backend.Weight // mlp.gate.weight, fp32
@@ -412,7 +415,7 @@ func (m *Model) attention(i int, h backend.Tensor) backend.Tensor {
 
 // mlp is down(silu(gate(x)) * up(x)).
 func (m *Model) mlp(p *MLP, h backend.Tensor) backend.Tensor {
-	return backend.RunExpert(m.b, h, backend.Expert{Gate: p.Gate, Up: p.Up, Down: p.Down})
+	return backend.RunExpert(m.b, h, p.expert())
 }
 
 // moe is sum_e w_e expert_e(x) + shared_expert(x), with fp32 router logits.
@@ -424,7 +427,7 @@ func (m *Model) moe(i int, p *MoE, h backend.Tensor) backend.Tensor {
 	routing := b.Route(logits, p.Bias, m.route)
 	out := b.NewTensor(T, m.Config.HiddenSize)
 	if sm, ok := b.(backend.SharedMoE); ok && p.Shared != nil {
-		sm.MoEShared(out, h, routing, p.Experts, []backend.Expert{{Gate: p.Shared.Gate, Up: p.Shared.Up, Down: p.Shared.Down}})
+		sm.MoEShared(out, h, routing, p.Experts, []backend.Expert{p.Shared.expert()})
 		m.watch(i, "shared expert", out)
 		return out
 	}
