@@ -10,6 +10,7 @@ import (
 	"strings"
 	"sync"
 	"testing"
+	"time"
 )
 
 // TestCompileKernels compiles every embedded module with the local NVRTC,
@@ -30,10 +31,14 @@ func TestCompileKernels(t *testing.T) {
 	t.Logf("NVRTC %d.%d from %s, archs %v", major, minor, path, rtcArchs)
 	// A compile answered from a cache prints no ptxas report, which would
 	// let the spill check below pass unseen (seen with NVRTC 13.0 on a
-	// machine that had compiled the modules before): ask for fresh
-	// compiles, and fail where a module's report is missing.
+	// machine that had compiled the modules before, even with
+	// CUDA_CACHE_DISABLE set here: the library reads it when it loads,
+	// which an earlier test may have done). So each source gets a device
+	// variable of its own, a PTX no cache has seen, and a module whose
+	// report is missing fails.
 	t.Setenv("CUDA_CACHE_DISABLE", "1")
 	t.Setenv("CUDA_CACHE_PATH", t.TempDir())
+	fresh := fmt.Sprintf("\n__device__ int compile_check_%d_%d;\n", os.Getpid(), time.Now().UnixNano())
 	archs := []string{"sm_90"}
 	if major >= 12 {
 		archs = append(archs, "sm_90a")
@@ -58,7 +63,7 @@ func TestCompileKernels(t *testing.T) {
 			defer wg.Done()
 			slots <- struct{}{}
 			defer func() { <-slots }()
-			j.log, j.errs = compileChecked(j.m, j.arch, opts)
+			j.log, j.errs = compileChecked(j.m, j.arch, opts, fresh)
 		}()
 	}
 	wg.Wait()
@@ -72,14 +77,16 @@ func TestCompileKernels(t *testing.T) {
 	}
 }
 
-// compileChecked compiles module m for arch and returns NVRTC's log and
-// what is wrong: a failed or empty compile, a missing ptxas report, or a
-// kernel that uses local memory without being in spillMeasured.
-func compileChecked(m, arch string, opts []string) (string, []string) {
+// compileChecked compiles module m, with suffix appended, for arch and
+// returns NVRTC's log and what is wrong: a failed or empty compile, a
+// missing ptxas report, or a kernel that uses local memory without being
+// in spillMeasured.
+func compileChecked(m, arch string, opts []string, suffix string) (string, []string) {
 	src, err := moduleSource(m)
 	if err != nil {
 		return "", []string{err.Error()}
 	}
+	src += suffix
 	img, log, err := nvrtcCompile(m, src, arch, opts)
 	if err != nil {
 		return "", []string{fmt.Sprintf("%s for %s: %v", m, arch, err)}
