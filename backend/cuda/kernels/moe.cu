@@ -1428,7 +1428,12 @@ DEVICE void router_cluster_norm_rows_r(const float* __restrict__ W, int K, float
   for (int r = 0; r < R; r++) {
     acc[r] = 0.f;
     if (r < nr) {
-      acc[r] = warp_sum(router_dot(wv, rxs + r * K, K, lane));
+      // Not router_dot: with it, the two-row form spilled 4 bytes under
+      // NVRTC 13.0.
+#pragma unroll
+      for (int u = 0; u < ROUTER_FAST_MAX_K / 32; u++)
+        if (32 * u < K) acc[r] += wv[u] * rxs[r * K + lane + 32 * u];
+      acc[r] = warp_sum(acc[r]);
       if (lane == 0) logits[(size_t)(t0 + r) * ldl + e] = acc[r];
     }
   }
