@@ -232,10 +232,7 @@ func (ld *loader) prepareExperts(prefix string, moe *MoE, topK int) {
 	if !ok || ld.err != nil {
 		return
 	}
-	var shared []backend.Expert
-	if _, ok := ld.b.(backend.SharedMoE); ok && moe.Shared != nil {
-		shared = []backend.Expert{moe.Shared.expert()}
-	}
+	_, shared := moe.sharedBeside(ld.b)
 	if err := ep.PrepareExperts(moe.Experts, shared, topK); err != nil {
 		ld.err = fmt.Errorf("%smlp.experts: %w", prefix, err)
 	}

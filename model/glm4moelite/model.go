@@ -426,8 +426,8 @@ func (m *Model) moe(i int, p *MoE, h backend.Tensor) backend.Tensor {
 	m.watch(i, "router logits", logits)
 	routing := b.Route(logits, p.Bias, m.route)
 	out := b.NewTensor(T, m.Config.HiddenSize)
-	if sm, ok := b.(backend.SharedMoE); ok && p.Shared != nil {
-		sm.MoEShared(out, h, routing, p.Experts, []backend.Expert{p.Shared.expert()})
+	if sm, shared := p.sharedBeside(b); shared != nil {
+		sm.MoEShared(out, h, routing, p.Experts, shared)
 		m.watch(i, "shared expert", out)
 		return out
 	}
@@ -438,6 +438,18 @@ func (m *Model) moe(i int, p *MoE, h backend.Tensor) backend.Tensor {
 		m.watch(i, "shared expert", out)
 	}
 	return out
+}
+
+// sharedBeside returns b's SharedMoE and the shared expert as it takes it
+// beside the routed ones, or a nil slice where b runs the shared expert
+// apart (or there is none). The forward pass and the load's
+// prepareExperts both follow it.
+func (p *MoE) sharedBeside(b backend.Backend) (backend.SharedMoE, []backend.Expert) {
+	sm, ok := b.(backend.SharedMoE)
+	if !ok || p.Shared == nil {
+		return nil, nil
+	}
+	return sm, []backend.Expert{p.Shared.expert()}
 }
 
 // watch hands t to Inspect, and records the first non-finite tensor of a
