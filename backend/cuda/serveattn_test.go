@@ -81,7 +81,8 @@ func TestServeMixedFlashMatchesCPU(t *testing.T) {
 // decodeOneSplitMaxN, do not.
 func TestServeDecodeOneSplitMatchesCPU(t *testing.T) {
 	g, c := testBackends(t, Options{})
-	defer func(b bool) { decodeMMABF2, decodeSplitsFixed = b, 0 }(decodeMMABF2)
+	bf2 := decodeMMABF2
+	defer func() { decodeMMABF2, decodeSplitsFixed = bf2, 0 }()
 	r := testRand(t)
 	s := backend.MLAShape{Heads: 20, NopeDim: 192, RopeDim: 64, VDim: 256, Rank: 512}
 	qk := s.NopeDim + s.RopeDim
@@ -132,7 +133,7 @@ func TestServeDecodeOneSplitMatchesCPU(t *testing.T) {
 		got := op(g)
 		decodeSplitsFixed = 1
 		want := op(g)
-		decodeSplitsFixed, decodeMMABF2 = 0, true
+		decodeSplitsFixed, decodeMMABF2 = 0, bf2
 		mustSameBits(t, name, got, want)
 	}
 	g.SetBatch(simpleBatch(64, 0), nil)
