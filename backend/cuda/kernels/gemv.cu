@@ -22,6 +22,50 @@
 
 GEMV_KERNEL(gemv_split_t1, 1, 4, true)
 
+#define GEMV_REGS_C 5
+
+// gemv_split_t1_regs after its wait: the activations, the products of the
+// decoded chunks b (scales ws), the rows' sums. FULL: C == 32 GEMV_REGS_C.
+template <bool FULL>
+DEVICE void gemv_t1_regs_tail(const u32 (&b)[GEMV_REGS_C][2][8], const float (&ws)[GEMV_REGS_C][2], int C,
+                              int gshift, int lane, int row0, int N, const i8* __restrict__ xq,
+                              const float* __restrict__ xs, const i32* __restrict__ xsum,
+                              const float* __restrict__ row_scale, float* __restrict__ y) {
+  constexpr int R = 2;
+  uint4 xa[GEMV_REGS_C], xb[GEMV_REGS_C];
+  float xscale[GEMV_REGS_C];
+  i32 xsm[GEMV_REGS_C];
+#pragma unroll
+  for (int j = 0; j < GEMV_REGS_C; j++) {
+    const int c = 32 * j + lane;
+    if (FULL || c < C) {
+      const uint4* xp = (const uint4*)(xq + c * 32);
+      xa[j] = __ldg(xp);
+      xb[j] = __ldg(xp + 1);
+      xscale[j] = __ldg(xs + (c >> gshift));
+      xsm[j] = __ldg(xsum + c);
+    }
+  }
+  TRACE_MARK_DEP(xa[0].x ^ xb[GEMV_REGS_C - 1].w ^ __float_as_uint(xscale[GEMV_REGS_C - 1]));
+  float out[R];
+#pragma unroll
+  for (int r = 0; r < R; r++) out[r] = 0.f;
+#pragma unroll
+  for (int j = 0; j < GEMV_REGS_C; j++) {
+    const int c = 32 * j + lane;
+    if (!FULL && c >= C) continue;
+#pragma unroll
+    for (int r = 0; r < R; r++) out[r] += (float)dot32_biased(b[j][r], xa[j], xb[j], xsm[j]) * (ws[j][r] * xscale[j]);
+  }
+  TRACE_MARK_DEP(__float_as_uint(out[0]));
+#pragma unroll
+  for (int r = 0; r < R; r++) out[r] = warp_sum(out[r]);
+#pragma unroll
+  for (int r = 0; r < R; r++)
+    if (lane == r && row0 + r < N) y[row0 + r] = out[r] * (row_scale[row0 + r] * 0.5f);
+  TRACE_MARK();
+}
+
 // gemv_split_t1 for rows of 64*32 < K <= GEMV_REGS_C*32 columns (o_proj's
 // 5120 at batch 1): a lane requests all its chunks of the warp's R rows
 // (chunks lane, lane + 32, ...) before the wait and decodes them there
@@ -32,7 +76,6 @@ GEMV_KERNEL(gemv_split_t1, 1, 4, true)
 // order: the same bits. Two rows a warp (256 blocks for o_proj's 2048
 // rows) measured faster end to end than four or one (docs/perf.md,
 // 2026-11-29 (11)).
-#define GEMV_REGS_C 5
 extern "C" __global__ void __launch_bounds__(32 * WARPS)
     gemv_split_t1_regs(const u8* __restrict__ codes, const u8* __restrict__ scales,
                        const float* __restrict__ row_scale, int N, int K, int gshift,
@@ -68,38 +111,14 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS)
   float ws[GEMV_REGS_C][R];
   chunks_biased(w, s, C, b, ws);
   PDL_WAIT();
-  uint4 xa[GEMV_REGS_C], xb[GEMV_REGS_C];
-  float xscale[GEMV_REGS_C];
-  i32 xsm[GEMV_REGS_C];
-#pragma unroll
-  for (int j = 0; j < GEMV_REGS_C; j++) {
-    const int c = 32 * j + lane;
-    if (c < C) {
-      const uint4* xp = (const uint4*)(xq + c * 32);
-      xa[j] = __ldg(xp);
-      xb[j] = __ldg(xp + 1);
-      xscale[j] = __ldg(xs + (c >> gshift));
-      xsm[j] = __ldg(xsum + c);
-    }
-  }
-  TRACE_MARK_DEP(xa[0].x ^ xb[GEMV_REGS_C - 1].w ^ __float_as_uint(xscale[GEMV_REGS_C - 1]));
-  float out[R];
-#pragma unroll
-  for (int r = 0; r < R; r++) out[r] = 0.f;
-#pragma unroll
-  for (int j = 0; j < GEMV_REGS_C; j++) {
-    const int c = 32 * j + lane;
-    if (c >= C) continue;
-#pragma unroll
-    for (int r = 0; r < R; r++) out[r] += (float)dot32_biased(b[j][r], xa[j], xb[j], xsm[j]) * (ws[j][r] * xscale[j]);
-  }
-  TRACE_MARK_DEP(__float_as_uint(out[0]));
-#pragma unroll
-  for (int r = 0; r < R; r++) out[r] = warp_sum(out[r]);
-#pragma unroll
-  for (int r = 0; r < R; r++)
-    if (lane == r && row0 + r < N) y[row0 + r] = out[r] * (row_scale[row0 + r] * 0.5f);
-  TRACE_MARK();
+  // Where every lane has a chunk in every slot (o_proj: K = 5120), the
+  // activations' loads carry no condition, so that ptxas can issue all of
+  // them at once; with a condition a slot, it issued each slot's loads
+  // after the slot before's products (one L2 round trip a slot).
+  if (C == 32 * GEMV_REGS_C)
+    gemv_t1_regs_tail<true>(b, ws, C, gshift, lane, row0, N, xq, xs, xsum, row_scale, y);
+  else
+    gemv_t1_regs_tail<false>(b, ws, C, gshift, lane, row0, N, xq, xs, xsum, row_scale, y);
 }
 
 // One token against per-head column blocks: rows [h*rows, (h+1)*rows) of W
