@@ -602,8 +602,9 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(256, 2)
   const int K = kg & 0xFFFF, gshift = kg >> 16, Gq = 32 << gshift, C = K >> 5, GK = C >> gshift;
   const int row0 = h * R + 64 * c + 8 * warp;  // this warp's first row of q_b
   const bool on = k0 < K;
-  // Every block of the cluster has started before any store into its
-  // shared memory (the wait is after the product).
+  // Every block of the cluster has started, and has unset qn, before any
+  // store into its shared memory (the wait is after the product).
+  for (int i = tid; i < DN; i += 256) ((volatile u32*)qn)[i] = CLUSTER_UNSET;
   cluster_arrive();
 
   // W_qb's chunks of this lane (chunk lane of the warp's 8 rows), the row
@@ -675,8 +676,7 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(256, 2)
       qp[i] = y;
     }
   }
-  cluster_arrive();
-  cluster_wait();  // qn holds the head's nope values, qp this block's rope values
+  __syncthreads();  // qp holds this block's rope values; qn is awaited word by word below
   TRACE_MARK();
 
   if (c == 3 && tid < DR / 2) {
@@ -691,6 +691,12 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(256, 2)
   // The absorbed query of the row (absorb_query_tc's arithmetic): warp 0
   // scales and splits the 192 values, lane pairs 2*(lane + 32k).
   if (warp == 0) {
+#pragma unroll
+    for (int k = 0; k < 3; k++) {
+      wait_cluster_set(&qn[2 * (lane + 32 * k)]);
+      wait_cluster_set(&qn[2 * (lane + 32 * k) + 1]);
+    }
+    __syncwarp();
     float a0[3], a1[3], m = 0.f;
 #pragma unroll
     for (int k = 0; k < 3; k++) {

@@ -837,7 +837,6 @@ DEVICE void router_cluster_norm_row(const float* __restrict__ W, int K, float* l
 // router_cluster_norm_row (the same bits). On an H200
 // (BenchmarkDecodeLayerMoE) 0.5 us a layer shorter than that body with
 // its barrier exchange.
-#define ROUTER_UNSET 0xffffffffu
 DEVICE void bar_sync_64() { asm volatile("bar.sync 1, 64;" ::: "memory"); }
 
 extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bounds__(256)
@@ -858,8 +857,8 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
   const int e = b * 8 + warp, k0 = tid * 8;
   const bool on = k0 < K;
   if (b == 0 && tid < E) {
-    ((volatile u32*)score)[tid] = ROUTER_UNSET;
-    ((volatile u32*)choice)[tid] = ROUTER_UNSET;
+    ((volatile u32*)score)[tid] = CLUSTER_UNSET;
+    ((volatile u32*)choice)[tid] = CLUSTER_UNSET;
   }
   cluster_arrive();
   float wv[ROUTER_FAST_MAX_K / 32];
@@ -892,7 +891,7 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
   if (chooser) {
     const volatile u32* vs = (const volatile u32*)score;
     const volatile u32* vc = (const volatile u32*)choice;
-    while (vs[tid] == ROUTER_UNSET || vc[tid] == ROUTER_UNSET) {
+    while (vs[tid] == CLUSTER_UNSET || vc[tid] == CLUSTER_UNSET) {
     }
     bar_sync_64();
     const float cv = choice[tid];
@@ -1513,7 +1512,10 @@ extern "C" __global__ void __cluster_dims__(GUC_ROWS / (4 * GUC_WARPS), 1, 1) __
   const int G = 32 << gshift, GK = K >> (5 + gshift), C = K >> 5;
   const bool stab = slot < topk && nexperts <= MOE_TABLE_SMEM;
   // Every block of the cluster has started before any stores into the
-  // first one's shared memory (the wait before them).
+  // first one's shared memory (the wait before them); that block's words
+  // are unset before.
+  if (blockIdx.x % CL == 0)
+    for (int i = tid; i < GUC_ROWS; i += 32 * NW) ((volatile u32*)hsm)[i] = CLUSTER_UNSET;
   cluster_arrive();
   const int eid = gate_up_expert(experts, ids, slot, topk, nexperts, stab, tab, tid);
   TRACE_MARK_DEP(eid);
@@ -1547,13 +1549,13 @@ extern "C" __global__ void __cluster_dims__(GUC_ROWS / (4 * GUC_WARPS), 1, 1) __
     h[(size_t)slot * I + n] = hv;
     st_cluster(&hsm[rank * (4 * NW) + warp * 4 + lane], 0, hv);
   }
-  // The release of this arrive and the acquire of the first block's wait
-  // order every block's stores into hsm before that block reads them. The
-  // other blocks leave at once.
-  cluster_arrive();
-  if (rank != 0) return;
-  cluster_wait();
-  if (warp != 0) return;
+  // The other blocks leave at once; the first block's warp 0 waits until
+  // every word of hsm is set (no cluster barrier: its release fence cost
+  // more than the exchange).
+  if (rank != 0 || warp != 0) return;
+#pragma unroll
+  for (int i = 0; i < GUC_ROWS / 32; i++) wait_cluster_set(&hsm[32 * i + lane]);
+  __syncwarp();
   const int base = (blockIdx.x / CL) * GUC_ROWS, IG = I >> (5 + gshift);
   quant_groups(hsm, false, GUC_ROWS, G, 0, 1, hq + (size_t)slot * I + base, hs + (size_t)slot * IG + (base >> (5 + gshift)));
   TRACE_MARK();
