@@ -645,3 +645,59 @@ extern "C" __global__ void __launch_bounds__(256, 3) moe_read_pattern(const u8* 
   sink[(blockIdx.y * gridDim.x + blockIdx.x) * 256 + threadIdx.x] = acc;
 }
 
+
+// ---------------------------------------------------------------------------
+// The cluster exchange probe (TestClusterExchangeProbe,
+// BenchmarkClusterExchange): what one exchange through a cluster's shared
+// memory costs, as decode_combine_values, norm_qb_absorb_192 and
+// moe_gate_up_c exchange values between their blocks. Each round, threads
+// 0-63 of each of a cluster's 4 blocks store a word into each other
+// block's shared memory, the cluster meets at its barrier, and the same
+// threads read the three words they received, so that the rounds chain.
+// mode bit 0: the arrive relaxed (no fence before it; the words' arrival
+// is then unordered, a timing only), else with its default release
+// (MEMBAR.ALL.GPU before it) and the wait's acquire. mode bit 1: each
+// storing thread also stores a word to global memory before the arrive,
+// for the fence to wait on. stamp[2b], stamp[2b+1]: thread 0's %globaltimer
+// before the first round and after the last.
+// (.relaxed needs PTX 8.0: NVRTC 11.8 takes the release form, and the
+// benchmark leaves the relaxed modes out there.)
+DEVICE void cluster_arrive_relaxed() {
+#if __CUDACC_VER_MAJOR__ >= 12
+  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
+#else
+  cluster_arrive();
+#endif
+}
+
+extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(256)
+    cluster_exchange_probe(int mode, int rounds, float* out, unsigned long long* stamp) {
+  __shared__ float box[2][4][64];  // [round parity][sender][thread]
+  const u32 rank = cluster_rank();
+  const int tid = threadIdx.x;
+  float v = (float)(tid + 64 * (int)rank);
+  cluster_arrive();
+  cluster_wait();
+  if (tid == 0) stamp[2 * blockIdx.x] = globaltimer();
+  for (int r = 0; r < rounds; r++) {
+    const int p = r & 1;
+    if (tid < 64) {
+      for (u32 q = 0; q < 4; q++)
+        if (q != rank) st_cluster(&box[p][rank][tid], q, v);
+      if (mode & 2) out[(size_t)(blockIdx.x * 64 + tid) * 2 + p] = v;
+    }
+    if (mode & 1)
+      cluster_arrive_relaxed();
+    else
+      cluster_arrive();
+    cluster_wait();
+    if (tid < 64) {
+      float s = 0.f;
+      for (u32 q = 0; q < 4; q++)
+        if (q != rank) s += box[p][q][tid];
+      v = s * 0.25f + 1.f;
+    }
+  }
+  if (tid == 0) stamp[2 * blockIdx.x + 1] = globaltimer_after(__float_as_uint(v));
+  if (tid < 64) out[(size_t)gridDim.x * 128 + blockIdx.x * 64 + tid] = v;
+}
