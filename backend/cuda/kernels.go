@@ -23,7 +23,10 @@ const preludeFile = "kernels/prelude.cuh"
 // kernels divide and round as the CPU reference does, and choose where
 // they do not (the norms' rsqrtf, prelude.cuh).
 // No -lineinfo: with it, NVRTC 11.8 recurses without end on gemv.cu.
-var compileOptions = []string{"-std=c++17"}
+// MMFP4_CUDA_NVRTC_OPTIONS adds options (space-separated), for example a
+// -D that picks a kernel variant under measurement, so that one build can
+// time both forms; the cache key includes them.
+var compileOptions = append([]string{"-std=c++17"}, strings.Fields(os.Getenv("MMFP4_CUDA_NVRTC_OPTIONS"))...)
 
 // Modules lists the embedded kernel modules (one per kernels/*.cu file).
 func Modules() []string {
