@@ -871,9 +871,10 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
   router_add_row(a, c, k0, on, lane, warp, v, partial);
   TRACE_MARK();
   // Every block has started (the first block's pattern is in place); then
-  // this block has read a and c.
+  // this block has read a and c. That arrive orders no write (the values
+  // read are in registers already), so it goes without the release fence.
   cluster_wait();
-  cluster_arrive();
+  cluster_arrive_relaxed();
   float n[8];
   const float acc = router_norm_logit(wv, gv, v, on, lane, k0, K, eps, partial, rxs, n);
   if (lane == 0) {

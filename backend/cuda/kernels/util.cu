@@ -660,15 +660,8 @@ extern "C" __global__ void __launch_bounds__(256, 3) moe_read_pattern(const u8* 
 // storing thread also stores a word to global memory before the arrive,
 // for the fence to wait on. stamp[2b], stamp[2b+1]: thread 0's %globaltimer
 // before the first round and after the last.
-// (.relaxed needs PTX 8.0: NVRTC 11.8 takes the release form, and the
-// benchmark leaves the relaxed modes out there.)
-DEVICE void cluster_arrive_relaxed() {
-#if __CUDACC_VER_MAJOR__ >= 12
-  asm volatile("barrier.cluster.arrive.relaxed.aligned;" ::: "memory");
-#else
-  cluster_arrive();
-#endif
-}
+// (NVRTC 11.8 takes the release form for both, and the benchmark leaves
+// the relaxed modes out there.)
 
 extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(256)
     cluster_exchange_probe(int mode, int rounds, float* out, unsigned long long* stamp) {
