@@ -1788,19 +1788,16 @@ extern "C" __global__ void __cluster_dims__(DCV_CL, 1, 1) __launch_bounds__(1024
                           float* __restrict__ ols, i32* __restrict__ olsum, int G) {
   constexpr int CL = DCV_CL, NT = 1024 / CL, ROWS = 256 / CL, F4 = 128 / CL;  // threads, rows, float4 columns
   PDL_LAUNCH();
+  // Every block of the cluster has started before any writes into
+  // another's shared memory.
+  cluster_arrive();
   __shared__ float4 red[8][F4];
   __shared__ float2 mlsh[DM_MAXS];
   __shared__ float wmax[NT / 32], lred[8], vals[ROWS];
   __shared__ __align__(16) i8 xq_sh[512];
   __shared__ float xs_sh[16];
   __shared__ i32 xsum_sh[16];
-  __shared__ unsigned long long xin[128];  // the other blocks' words of xq_sh, tagged 1 in the high half
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31, sl = lane & 15;
-  // Every block of the cluster has started, with its received words unset,
-  // before any writes into another's shared memory.
-  if (tid < 128) xin[tid] = 0ull;
-  if (tid < 16) ((u32*)xs_sh)[tid] = CLUSTER_UNSET;
-  cluster_arrive();
   const int cl = tid / F4, f = tid % F4;  // the merge's class and float4 column
   const u32 rank = cluster_rank();
   const int local = warp * 8 + (lane >> 4) * 4;  // the half-warp's first row in the block
@@ -1878,10 +1875,12 @@ extern "C" __global__ void __cluster_dims__(DCV_CL, 1, 1) __launch_bounds__(1024
     word = ((const u32*)xq_sh)[fc];
     for (u32 p = 0; p < CL; p++) {
       if (p == rank) continue;
-      st_cluster_u64(&xin[fc], p, 1ull << 32 | word);
+      st_cluster_u32((u32*)xq_sh + fc, p, word);
       if ((tid & ((G >> 2) - 1)) == 0) st_cluster(&xs_sh[(4 * fc) >> gl], p, xs_sh[(4 * fc) >> gl]);
     }
   }
+  // The global stores after the arrive, whose release would wait for them.
+  cluster_arrive();
   if (tid < F4) {
     *(float4*)(olat + (size_t)h * K + 4 * fc) = olv;
     if (olq) {  // olat's groups are W_UV's: the same codes, sums and scales
@@ -1890,17 +1889,7 @@ extern "C" __global__ void __cluster_dims__(DCV_CL, 1, 1) __launch_bounds__(1024
       if ((tid & ((G >> 2) - 1)) == 0) ols[(size_t)h * (K >> gl) + ((4 * fc) >> gl)] = xs_sh[(4 * fc) >> gl];
     }
   }
-  // The other blocks' words and scales, awaited word by word (no cluster
-  // barrier: its release fence cost more than the exchange).
-  if (tid < 128 && tid / F4 != (int)rank) {
-    unsigned long long v;
-    do {
-      asm volatile("ld.relaxed.cluster.shared.u64 %0, [%1];" : "=l"(v) : "r"(smem_addr(&xin[tid])) : "memory");
-    } while ((v >> 32) == 0ull);
-    ((u32*)xq_sh)[tid] = (u32)v;
-    if ((tid & ((G >> 2) - 1)) == 0) wait_cluster_set(&xs_sh[(4 * tid) >> gl]);
-  }
-  __syncthreads();
+  cluster_wait();
   TRACE_MARK();
   float out[4] = {0.f, 0.f, 0.f, 0.f};
   {

@@ -439,13 +439,6 @@ DEVICE void wait_cluster_set(const float* p) {
   while (*(const volatile u32*)p == CLUSTER_UNSET) {
   }
 }
-// v into the 8 bytes at p in the shared memory of the cluster's block
-// rank, in one store (a tagged word that its reader sees whole or not).
-DEVICE void st_cluster_u64(unsigned long long* p, u32 rank, unsigned long long v) {
-  u32 a = (u32)__cvta_generic_to_shared(p), d;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(rank));
-  asm volatile("st.relaxed.cluster.shared::cluster.u64 [%0], %1;" ::"r"(d), "l"(v) : "memory");
-}
 DEVICE void st_cluster_u32(void* p, u32 rank, u32 v) {
   u32 a = (u32)__cvta_generic_to_shared(p), d;
   asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(d) : "r"(a), "r"(rank));
