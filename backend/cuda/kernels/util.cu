@@ -649,8 +649,9 @@ extern "C" __global__ void __launch_bounds__(256, 3) moe_read_pattern(const u8* 
 // ---------------------------------------------------------------------------
 // The cluster exchange probe (TestClusterExchangeProbe,
 // BenchmarkClusterExchange): what one exchange through a cluster's shared
-// memory costs, as decode_combine_values, norm_qb_absorb_192 and
-// moe_gate_up_c exchange values between their blocks. Each round, threads
+// memory costs, as decode_combine_values exchanges values between its
+// blocks (norm_qb_absorb_192 and moe_gate_up_c did, before their set words
+// took the barrier's place: docs/perf.md, 2026-11-30 (30)). Each round, threads
 // 0-63 of each of a cluster's 4 blocks store a word into each other
 // block's shared memory, the cluster meets at its barrier, and the same
 // threads read the three words they received, so that the rounds chain.
