@@ -98,7 +98,7 @@ func TestClusterExchangeProbe(t *testing.T) {
 // clusters of 4 (every multiprocessor of an H100 or H200 SXM), 2,000
 // rounds, the median of 5 launches. The release form against the relaxed
 // one is what the fence before a cluster's arrive costs the chain kernels
-// that exchange through shared memory.
+// that exchange through shared memory. Run with -test.benchtime=1x.
 func BenchmarkClusterExchange(b *testing.B) {
 	d := benchDevice(b)
 	const blocks, rounds, launches = 132, 2000, 5

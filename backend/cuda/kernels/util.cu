@@ -645,13 +645,12 @@ extern "C" __global__ void __launch_bounds__(256, 3) moe_read_pattern(const u8* 
   sink[(blockIdx.y * gridDim.x + blockIdx.x) * 256 + threadIdx.x] = acc;
 }
 
-
 // ---------------------------------------------------------------------------
 // The cluster exchange probe (TestClusterExchangeProbe,
 // BenchmarkClusterExchange): what one exchange through a cluster's shared
 // memory costs, as decode_combine_values exchanges values between its
-// blocks (norm_qb_absorb_192 and moe_gate_up_c did, before their set words
-// took the barrier's place: docs/perf.md, 2026-11-30 (30)). Each round, threads
+// blocks (norm_qb_absorb_192 and moe_gate_up_c did, before set words took
+// the barrier's place: docs/perf.md, 2026-11-30 (30)). Each round, threads
 // 0-63 of each of a cluster's 4 blocks store a word into each other
 // block's shared memory, the cluster meets at its barrier, and the same
 // threads read the three words they received, so that the rounds chain.
@@ -663,7 +662,6 @@ extern "C" __global__ void __launch_bounds__(256, 3) moe_read_pattern(const u8* 
 // before the first round and after the last.
 // (NVRTC 11.8 takes the release form for both, and the benchmark leaves
 // the relaxed modes out there.)
-
 extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(256)
     cluster_exchange_probe(int mode, int rounds, float* out, unsigned long long* stamp) {
   __shared__ float box[2][4][64];  // [round parity][sender][thread]
