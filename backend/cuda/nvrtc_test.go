@@ -39,10 +39,10 @@ func TestCompileKernels(t *testing.T) {
 	t.Setenv("CUDA_CACHE_DISABLE", "1")
 	t.Setenv("CUDA_CACHE_PATH", t.TempDir())
 	fresh := fmt.Sprintf("\n__device__ int compile_check_%d_%d;\n", os.Getpid(), time.Now().UnixNano())
-	archs := []string{"sm_90"}
-	if major >= 12 {
-		archs = append(archs, "sm_90a")
-	}
+	// The target a Hopper device gets from this NVRTC (sm_90a from 12 on):
+	// the code whose spills matter. sm_90 under NVRTC 12 or later runs on
+	// no device, so it is not compiled here.
+	arch := targetArch(90, major, nil)
 	opts := append([]string{"-Xptxas=-v"}, compileOptions...)
 	// One compile a CPU at a time (as Precompile does), reported in order.
 	type job struct {
@@ -51,9 +51,7 @@ func TestCompileKernels(t *testing.T) {
 	}
 	var jobs []*job
 	for _, m := range Modules() {
-		for _, arch := range archs {
-			jobs = append(jobs, &job{m: m, arch: arch})
-		}
+		jobs = append(jobs, &job{m: m, arch: arch})
 	}
 	slots := make(chan struct{}, runtime.NumCPU())
 	var wg sync.WaitGroup
@@ -68,7 +66,7 @@ func TestCompileKernels(t *testing.T) {
 	}
 	wg.Wait()
 	for _, j := range jobs {
-		if j.arch == "sm_90" && j.log != "" {
+		if j.log != "" {
 			t.Logf("%s (%s):\n%s", j.m, j.arch, strings.TrimSpace(j.log))
 		}
 		for _, e := range j.errs {
