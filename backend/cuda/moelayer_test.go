@@ -86,7 +86,10 @@ func (b *moeHalfBufs) queue(c *Ctx, pb *pdlBufs, l *moeHalf, topK int) error {
 // BenchmarkDecodeLayerMoE: batch-1 decode layers at GLM-4.7-Flash's shapes
 // replayed from a graph with programmatic dependent launch, device time
 // per layer: the attention half without the attention (BenchmarkChainLayer's
-// chain, all launches shared), then the router with its add and norm and
+// chain, all launches shared; the "model's" lines take the model's add and
+// norm with q_a/kv_a and its q_b with the absorbed query, and still stand
+// in for the attention and its merge with W_UV: docs/perf.md, 2026-11-30
+// (30)), then the router with its add and norm and
 // the MoE block, over 24 layers' weights in turn (more than L2); each half
 // alone; and bounds on what L2 could give: every layer on one layer's
 // attention weights (those stay in L2) or on one layer's MoE (its router
@@ -125,16 +128,19 @@ func BenchmarkDecodeLayerMoE(b *testing.B) {
 			attnOne   bool // every layer on layer 0's attention weights
 			moeOne    bool // every layer on layer 0's router and shared expert
 			gateUpQ   bool // moe_gate_up_q instead of moe_gate_up_c
+			model     bool // the model's add and norm with q_a/kv_a, and q_b with the absorbed query
 		}{
-			{"layer", true, true, false, false, false},
-			{"layer, gate/up q", true, true, false, false, true},
-			{"layer, one attention", true, true, true, false, false},
-			{"layer, one moe", true, true, false, true, false},
-			{"attention half", true, false, false, false, false},
-			{"attention half, one", true, false, true, false, false},
-			{"router+moe", false, true, false, false, false},
-			{"router+moe, gate/up q", false, true, false, false, true},
-			{"router+moe, one", false, true, false, true, false},
+			{"layer", true, true, false, false, false, false},
+			{"layer, model's norms", true, true, false, false, false, true},
+			{"layer, gate/up q", true, true, false, false, true, false},
+			{"layer, one attention", true, true, true, false, false, false},
+			{"layer, one moe", true, true, false, true, false, false},
+			{"attention half", true, false, false, false, false, false},
+			{"attention half, model's", true, false, false, false, false, true},
+			{"attention half, one", true, false, true, false, false, false},
+			{"router+moe", false, true, false, false, false, false},
+			{"router+moe, gate/up q", false, true, false, false, true, false},
+			{"router+moe, one", false, true, false, true, false, false},
 		}
 		for round := 0; round < 2; round++ {
 			for _, v := range vs {
@@ -149,8 +155,12 @@ func BenchmarkDecodeLayerMoE(b *testing.B) {
 							if v.moeOne {
 								lm = ms[0]
 							}
+							merged := chainAll
+							if v.model {
+								merged |= 1<<chainAddNormGEMV | 1<<chainNormAbsorb
+							}
 							if v.attn {
-								if err := pb.queueChain(c, la, chainAll); err != nil {
+								if err := pb.queueChain(c, la, merged); err != nil {
 									return err
 								}
 							}
