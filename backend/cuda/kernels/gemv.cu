@@ -58,11 +58,7 @@ DEVICE void gemv_t1_regs_tail(const u32 (&b)[GEMV_REGS_C][2][8], const float (&w
     for (int r = 0; r < R; r++) out[r] += (float)dot32_biased(b[j][r], xa[j], xb[j], xsm[j]) * (ws[j][r] * xscale[j]);
   }
   TRACE_MARK_DEP(__float_as_uint(out[0]));
-#pragma unroll
-  for (int r = 0; r < R; r++) out[r] = warp_sum(out[r]);
-#pragma unroll
-  for (int r = 0; r < R; r++)
-    if (lane == r && row0 + r < N) y[row0 + r] = out[r] * (row_scale[row0 + r] * 0.5f);
+  warp_rows_out(out, lane, row0, N, row_scale, y);
   TRACE_MARK();
 }
 

@@ -128,6 +128,19 @@ DEVICE float warp_sum(float v) {
   return v;
 }
 
+// A warp's R row sums into y: each summed over the lanes, then lane r
+// stores row row0 + r (where < N) times its row scale / 2 (the weights'
+// codes are twice their values).
+template <int R>
+DEVICE void warp_rows_out(float (&o)[R], int lane, int row0, int N, const float* __restrict__ row_scale,
+                          float* __restrict__ y) {
+#pragma unroll
+  for (int r = 0; r < R; r++) o[r] = warp_sum(o[r]);
+#pragma unroll
+  for (int r = 0; r < R; r++)
+    if (lane == r && row0 + r < N) y[row0 + r] = o[r] * (row_scale[row0 + r] * 0.5f);
+}
+
 DEVICE float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));

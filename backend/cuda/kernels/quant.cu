@@ -283,11 +283,7 @@ extern "C" __global__ void __launch_bounds__(128)
       o[r] += (float)dot32_split(w[r], xa, xb) * (e4m3(s[r]) * xscale);
     }
   }
-#pragma unroll
-  for (int r = 0; r < 4; r++) o[r] = warp_sum(o[r]);
-#pragma unroll
-  for (int r = 0; r < 4; r++)
-    if (lane == r && row0 + r < N) y[row0 + r] = o[r] * (row_scale[row0 + r] * 0.5f);
+  warp_rows_out(o, lane, row0, N, row_scale, y);
 }
 
 // The residual add and single-row norm before a layer's first products
@@ -421,11 +417,7 @@ DEVICE void add_norm_gemv(const u8* __restrict__ codes1, const u8* __restrict__ 
 #pragma unroll
       for (int r = 0; r < R; r++) o[r] += (float)dot32_biased(wb[hf][r], xa, xb, xsm) * (ws[hf][r] * xscale);
     }
-#pragma unroll
-    for (int r = 0; r < R; r++) o[r] = warp_sum(o[r]);
-#pragma unroll
-    for (int r = 0; r < R; r++)
-      if (lane == r && row0 + r < N) y[row0 + r] = o[r] * (row_scale[row0 + r] * 0.5f);
+    warp_rows_out(o, lane, row0, N, row_scale, y);
   }
   TRACE_MARK();
   if (tid == 0) last_s = ticket == gridDim.x - 1;
