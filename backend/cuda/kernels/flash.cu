@@ -1805,10 +1805,14 @@ extern "C" __global__ void __cluster_dims__(DCV_CL, 1, 1) __launch_bounds__(1024
   const int h = blockIdx.x / CL;
   const int GK = (K >> 5) >> gshift;
   const int gl = log2_pow2(G);  // olat's groups as a shift
-  uint4 w[4];
   u32 s[4];
+  // This thread's W_UV chunks copied into shared memory before the wait:
+  // as loads into registers, ptxas placed them after griddepcontrol.wait
+  // (NVRTC 12.4; the registers are needed through the merge), where they
+  // queued beside the partials' loads.
+  __shared__ uint4 wsh[4][NT];
 #pragma unroll
-  for (int r = 0; r < 4; r++) w[r] = load_stream16(codes + (size_t)(row0 + r) * (K / 2) + sl * 16);
+  for (int r = 0; r < 4; r++) cp_async16(smem_addr(&wsh[r][tid]), codes + (size_t)(row0 + r) * (K / 2) + sl * 16, true);
 #pragma unroll
   for (int r = 0; r < 4; r++) s[r] = __ldg(scales + (size_t)(row0 + r) * GK + (sl >> gshift));
   const float rs = __ldg(row_scale + row0 + (sl & 3));
@@ -1891,6 +1895,10 @@ extern "C" __global__ void __cluster_dims__(DCV_CL, 1, 1) __launch_bounds__(1024
   }
   cluster_wait();
   TRACE_MARK();
+  cp_async_wait_all();  // this thread's own copies: no barrier needed
+  uint4 w[4];
+#pragma unroll
+  for (int r = 0; r < 4; r++) w[r] = wsh[r][tid];
   float out[4] = {0.f, 0.f, 0.f, 0.f};
   {
     const uint4* xp = (const uint4*)(xq_sh + sl * 32);

@@ -588,8 +588,20 @@ DEVICE void router_choose(int tid, int E, float lg, const float* __restrict__ bi
 // groups b + w*nb, ...: the MoE kernels' input without a launch of its own.
 #define ROUTER_FAST_MAX_K 2048
 
-// Expert e's router weights a warp holds: lane + 32u of the row, u < K/32.
+// Expert e's router weights a warp holds: lane + 32u of the row, u < K/32
+// (the slots past K/32 hold a copy of the last, which no dot reads). The
+// loads carry no condition: each under its own, ptxas placed them after
+// the kernels' griddepcontrol.wait, so that they were asked for only once
+// the launch before had finished.
 DEVICE void router_row(const float* W, int K, int e, int lane, float (&wv)[ROUTER_FAST_MAX_K / 32]) {
+  const float* w = W + (size_t)e * K + lane;
+#pragma unroll
+  for (int u = 0; u < ROUTER_FAST_MAX_K / 32; u++) wv[u] = __ldg(w + min(32 * u, K - 32));
+}
+// router_row with a condition a load, for the serving rows' form, where the
+// loads without them spilled 4 bytes (moe_router_cluster_norm_rows2, NVRTC
+// 12.4).
+DEVICE void router_row_guarded(const float* W, int K, int e, int lane, float (&wv)[ROUTER_FAST_MAX_K / 32]) {
   const float* w = W + (size_t)e * K;
 #pragma unroll
   for (int u = 0; u < ROUTER_FAST_MAX_K / 32; u++)
@@ -1378,7 +1390,7 @@ DEVICE void router_cluster_norm_rows_r(const float* __restrict__ W, int K, float
   const bool on = k0 < K;
   cluster_arrive();
   float wv[ROUTER_FAST_MAX_K / 32];
-  router_row(W, K, e, lane, wv);
+  router_row_guarded(W, K, e, lane, wv);
   float gv[8];
   if (on) ldg8(gain + k0, gv);
   PDL_WAIT();
