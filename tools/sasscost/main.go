@@ -9,6 +9,15 @@
 //	cuobjdump -sass -fun add_norm_gemv_pair quant.cubin > k.sass
 //	go run ./tools/sasscost -from 0af0 -to 2920 [-v] k.sass
 //
+// With -wait it reads a whole listing instead and prints, for each
+// function, its global loads (LDG) and its copies into shared memory
+// (LDGSTS, bulk and tensor copies) before and after its first ACQBULK
+// (griddepcontrol.wait): ptxas may move a read-only load past the wait,
+// where the source asked for it before (docs/perf.md, 2026-11-30 (30)).
+//
+//	cuobjdump -sass moe.cubin > moe.sass
+//	go run ./tools/sasscost -wait moe.sass
+//
 // cuobjdump comes with Debian's nvidia-cuda-toolkit package (CUDA 11.8
 // reads sm_90 images); the images are what NVRTC writes (backend/cuda).
 package main
@@ -82,10 +91,27 @@ func main() {
 	from := flag.String("from", "0", "first address (hex), inclusive")
 	to := flag.String("to", "ffffffff", "last address (hex), exclusive")
 	verbose := flag.Bool("v", false, "print every instruction with its stall and waits")
+	wait := flag.Bool("wait", false, "for each function of a whole listing, the loads and copies before and after its wait")
 	flag.Parse()
 	if flag.NArg() != 1 {
-		fmt.Fprintln(os.Stderr, "usage: sasscost [-from HEX] [-to HEX] [-v] FILE")
+		fmt.Fprintln(os.Stderr, "usage: sasscost [-from HEX] [-to HEX] [-v] FILE | sasscost -wait FILE")
 		os.Exit(2)
+	}
+	if *wait {
+		f, err := os.Open(flag.Arg(0))
+		var fs []waitLoads
+		if err == nil {
+			fs, err = loadsAroundWait(f)
+			f.Close()
+		}
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "sasscost: %s: %v\n", flag.Arg(0), err)
+			os.Exit(1)
+		}
+		for _, w := range fs {
+			fmt.Println(w)
+		}
+		return
 	}
 	lo, err1 := strconv.ParseUint(*from, 16, 64)
 	hi, err2 := strconv.ParseUint(*to, 16, 64)
@@ -126,4 +152,70 @@ func summarize(w io.Writer, insts []inst, lo, hi uint64, verbose bool) (n, stall
 		}
 	}
 	return n, stalls, waiting
+}
+
+// waitLoads is one function's global loads and copies into shared memory
+// in each stretch of its code between waits, in address order (a wait
+// inside a branch, such as one kind of block's, still splits the code).
+type waitLoads struct {
+	fn            string
+	loads, copies []int // stretch i follows the i-th wait
+}
+
+func (w waitLoads) String() string {
+	if len(w.loads) == 1 {
+		return fmt.Sprintf("%s: no wait; %d loads, %d copies", w.fn, w.loads[0], w.copies[0])
+	}
+	var b strings.Builder
+	fmt.Fprintf(&b, "%s: before the wait %d loads, %d copies", w.fn, w.loads[0], w.copies[0])
+	for i := 1; i < len(w.loads); i++ {
+		fmt.Fprintf(&b, "; after wait %d, %d loads, %d copies", i, w.loads[i], w.copies[i])
+	}
+	return b.String()
+}
+
+var functionLine = regexp.MustCompile(`Function : (\S+)`)
+
+// loadsAroundWait counts, in a cuobjdump -sass listing, each function's
+// LDG (global loads), and LDGSTS, UBLKCP and UTMALDG (copies into shared
+// memory), between its ACQBULKs.
+func loadsAroundWait(r io.Reader) ([]waitLoads, error) {
+	var out []waitLoads
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		if m := functionLine.FindStringSubmatch(line); m != nil {
+			out = append(out, waitLoads{fn: m[1], loads: []int{0}, copies: []int{0}})
+			continue
+		}
+		m := instLine.FindStringSubmatch(line)
+		if m == nil || len(out) == 0 {
+			continue
+		}
+		w := &out[len(out)-1]
+		op := strings.Fields(m[2])
+		if len(op) > 0 && strings.HasPrefix(op[0], "@") { // a predicate
+			op = op[1:]
+		}
+		if len(op) == 0 {
+			continue
+		}
+		last := len(w.loads) - 1
+		switch name, _, _ := strings.Cut(op[0], "."); name {
+		case "ACQBULK":
+			w.loads, w.copies = append(w.loads, 0), append(w.copies, 0)
+		case "LDG":
+			w.loads[last]++
+		case "LDGSTS", "UBLKCP", "UTMALDG":
+			w.copies[last]++
+		}
+	}
+	if err := sc.Err(); err != nil {
+		return nil, err
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("no functions (want cuobjdump -sass output of a whole image)")
+	}
+	return out, nil
 }

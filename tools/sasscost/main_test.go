@@ -44,3 +44,48 @@ func TestControlCodes(t *testing.T) {
 		t.Error("a file without instructions parsed")
 	}
 }
+
+// Two functions of a listing: one with a predicated load and a copy before
+// its wait and a load after it, one without a wait; LDGDEPBAR is no load.
+const listing = `
+	code for sm_90a
+		Function : k_one
+	.headerflags	@"EF_CUDA_SM90 EF_CUDA_VIRTUAL_SM(EF_CUDA_SM90)"
+        /*0000*/                   LDC R1, c[0x0][0x28] ;                                             /* 0x00000a00ff017b82 */
+                                                                                                      /* 0x000fe40000000800 */
+        /*0010*/              @!P0 LDG.E.NA.128.CONSTANT R4, desc[UR4][R2.64] ;                       /* 0x0000000402048981 */
+                                                                                                      /* 0x000ea8000c1e9d00 */
+        /*0020*/                   LDGSTS.E.BYPASS.128 [R7], desc[UR4][R8.64] ;                       /* 0x0000000008077fae */
+                                                                                                      /* 0x000fe8000b981a04 */
+        /*0030*/                   LDGDEPBAR ;                                                        /* 0x00000000000079af */
+                                                                                                      /* 0x000fe20000000000 */
+        /*0040*/                   ACQBULK ;                                                          /* 0x000000000000782e */
+                                                                                                      /* 0x000fe20000000000 */
+        /*0050*/                   LDG.E.128 R12, desc[UR4][R10.64] ;                                 /* 0x000000040a0c7981 */
+                                                                                                      /* 0x000ea2000c1e1d00 */
+		Function : k_two
+        /*0000*/                   LDG.E R2, desc[UR4][R2.64] ;                                       /* 0x0000000402027981 */
+                                                                                                      /* 0x000ea2000c1e1900 */
+`
+
+func TestLoadsAroundWait(t *testing.T) {
+	fs, err := loadsAroundWait(strings.NewReader(listing))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := []string{
+		"k_one: before the wait 1 loads, 1 copies; after wait 1, 1 loads, 0 copies",
+		"k_two: no wait; 1 loads, 0 copies",
+	}
+	if len(fs) != len(want) {
+		t.Fatalf("%d functions, want %d", len(fs), len(want))
+	}
+	for i, w := range want {
+		if got := fs[i].String(); got != w {
+			t.Errorf("function %d: %q, want %q", i, got, w)
+		}
+	}
+	if _, err := loadsAroundWait(strings.NewReader(sample)); err == nil {
+		t.Error("a listing without functions gave no error")
+	}
+}
