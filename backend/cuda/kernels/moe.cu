@@ -902,10 +902,8 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
   }
   const bool chooser = b == 0 && tid < E;
   if (chooser) {
-    const volatile u32* vs = (const volatile u32*)score;
-    const volatile u32* vc = (const volatile u32*)choice;
-    while (vs[tid] == CLUSTER_UNSET || vc[tid] == CLUSTER_UNSET) {
-    }
+    wait_cluster_set(&score[tid]);
+    wait_cluster_set(&choice[tid]);
     bar_sync_64();
     const float cv = choice[tid];
     int rank = 0;
