@@ -11,9 +11,10 @@
 //
 // With -wait it reads a whole listing instead and prints, for each
 // function, its global loads (LDG) and its copies into shared memory
-// (LDGSTS, bulk and tensor copies) before and after its first ACQBULK
-// (griddepcontrol.wait): ptxas may move a read-only load past the wait,
-// where the source asked for it before (docs/perf.md, 2026-11-30 (30)).
+// (LDGSTS, bulk and tensor copies) before its first ACQBULK
+// (griddepcontrol.wait) and after each: ptxas may move a read-only load
+// past the wait, where the source asked for it before (docs/perf.md,
+// 2026-11-30 (30)).
 //
 //	cuobjdump -sass moe.cubin > moe.sass
 //	go run ./tools/sasscost -wait moe.sass
@@ -91,7 +92,7 @@ func main() {
 	from := flag.String("from", "0", "first address (hex), inclusive")
 	to := flag.String("to", "ffffffff", "last address (hex), exclusive")
 	verbose := flag.Bool("v", false, "print every instruction with its stall and waits")
-	wait := flag.Bool("wait", false, "for each function of a whole listing, the loads and copies before and after its wait")
+	wait := flag.Bool("wait", false, "for each function of a whole listing, the loads and copies before its first wait and after each")
 	flag.Parse()
 	if flag.NArg() != 1 {
 		fmt.Fprintln(os.Stderr, "usage: sasscost [-from HEX] [-to HEX] [-v] FILE | sasscost -wait FILE")
