@@ -520,8 +520,8 @@ func (c *Ctx) AddNormGEMVPair(in FusedIn, o1, o2 FusedOut, counter uint64) error
 }
 
 // addNormRowsPerBlock is the rows a block of add_norm_gemv_pair takes (8
-// warps of 2 rows in quant.cu).
-const addNormRowsPerBlock = 16
+// warps of 4 rows in quant.cu).
+const addNormRowsPerBlock = 32
 
 // addNormGEMVFits reports whether AddNormGEMVPair takes a norm of K values
 // in int8 groups of G.

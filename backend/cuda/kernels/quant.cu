@@ -442,10 +442,13 @@ DEVICE void add_norm_gemv(const u8* __restrict__ codes1, const u8* __restrict__ 
   TRACE_MARK();
 }
 
-// Blocks of 256 threads with 2 rows a warp (16 rows a block) measured
-// faster end to end than 128 threads with 4 (two passes of the norm a
-// thread) and than 256 with 1 (168 blocks, which hold multiprocessors
-// that the next launch's clusters need): docs/perf.md, 2026-11-29 (11).
+// Blocks of 256 threads with 4 rows a warp (32 rows a block: 42 blocks
+// at GLM-4.7-Flash's q_a and kv_a) measured about 1% faster end to end
+// than 2 rows a warp (84 blocks): q_b's blocks, one a multiprocessor,
+// need not wait for this launch's blocks to leave (docs/perf.md,
+// 2026-12-01 (32)). 2 rows had measured faster than 128 threads with 4
+// (two passes of the norm a thread) and than 256 with 1 (168 blocks):
+// 2026-11-29 (11).
 extern "C" __global__ void __launch_bounds__(256)
     add_norm_gemv_pair(const u8* __restrict__ codes1, const u8* __restrict__ scales1, const float* __restrict__ rs1,
                        int N1, float* __restrict__ y1, const u8* __restrict__ codes2, const u8* __restrict__ scales2,
@@ -456,7 +459,7 @@ extern "C" __global__ void __launch_bounds__(256)
   PDL_LAUNCH();
   const u8* ahead[4] = {a0, a1, a2, a3};
   const int lines[4] = {n0, n1, n2, n3};
-  add_norm_gemv<256, 2>(codes1, scales1, rs1, N1, y1, codes2, scales2, rs2, N2, y2, K, gshift, d, a, c, gain, eps,
+  add_norm_gemv<256, 4>(codes1, scales1, rs1, N1, y1, codes2, scales2, rs2, N2, y2, K, gshift, d, a, c, gain, eps,
                         out, xq, xs, xsum, counter, ahead, lines);
 }
 
