@@ -47,7 +47,7 @@ func forcedLogits(t *testing.T, m *glm4moelite.Model, prompt, ids []int, dt back
 // cache the attention's f16 forms do too. On an H200 (docs/perf.md,
 // 2026-12-01 (33)), the first 7 rows: KL 1e-14 to 8.6e-5 over the f32
 // cache (the rows before the first such code at 2e-7 max relative error),
-// 3.6e-5 to 1.6e-4 over the bf16 cache, one argmax parted at a near tie.
+// 1.1e-4 to 1.6e-4 over the bf16 cache, one argmax parted at a near tie.
 // One other token in place of the third of the context moves KL to
 // 0.047-0.098 on the CPU, 100 times the bound. The ids fed are the
 // CPU's greedy choices, so that one near tie cannot make the sequences
