@@ -4,6 +4,7 @@ package cuda
 
 import (
 	"context"
+	"fmt"
 	"math"
 	"path/filepath"
 	"testing"
@@ -55,14 +56,7 @@ func forcedLogits(t *testing.T, m *glm4moelite.Model, prompt, ids []int, dt back
 // layers it is.
 func TestFullWidthDecodeMatchesCPUOnGPU(t *testing.T) {
 	g, c := testBackends(t, Options{})
-	cfg, err := synth.PresetConfig("glm-4.7-flash")
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := filepath.Join(t.TempDir(), "glm47-2")
-	if _, err := synth.Write(context.Background(), dir, synth.Options{Config: cfg, Layers: 2, Seed: 1}); err != nil {
-		t.Fatal(err)
-	}
+	dir := synthGLM47(t, 2, 1)
 	mg, mc := loadOn(t, dir, g), loadOn(t, dir, c)
 	prompt := []int{11, 22, 33, 44, 55}
 	const steps = 12
@@ -107,4 +101,19 @@ func rowKL(p, q []float32) float64 {
 		kl += math.Exp(a) * (a - b)
 	}
 	return kl
+}
+
+// synthGLM47 writes a synthetic GLM-4.7-Flash of the given layers (the
+// weights made from seed) into a temporary directory and returns it.
+func synthGLM47(t *testing.T, layers int, seed uint64) string {
+	t.Helper()
+	cfg, err := synth.PresetConfig("glm-4.7-flash")
+	if err != nil {
+		t.Fatal(err)
+	}
+	dir := filepath.Join(t.TempDir(), fmt.Sprintf("glm47-%d", layers))
+	if _, err := synth.Write(context.Background(), dir, synth.Options{Config: cfg, Layers: layers, Seed: seed}); err != nil {
+		t.Fatal(err)
+	}
+	return dir
 }

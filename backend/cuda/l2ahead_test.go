@@ -3,12 +3,9 @@
 package cuda
 
 import (
-	"context"
-	"path/filepath"
 	"testing"
 
 	"github.com/mmfp4/mmfp4/backend"
-	"github.com/mmfp4/mmfp4/synth"
 )
 
 // Launches asking L2 for the next launch's weights (l2ahead.go) leave a
@@ -18,14 +15,7 @@ import (
 // weights each kind should.
 func TestL2AheadKeepsLogitsOnGPU(t *testing.T) {
 	testDevice(t)
-	cfg, err := synth.PresetConfig("glm-4.7-flash")
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := filepath.Join(t.TempDir(), "model")
-	if _, err := synth.Write(context.Background(), dir, synth.Options{Config: cfg, Layers: 3, Seed: 7}); err != nil {
-		t.Fatal(err)
-	}
+	dir := synthGLM47(t, 3, 7)
 	prompt := []int{11, 4096, 77, 150000, 9, 31337, 2}
 	const steps = 8
 	decode := func(off bool) ([]float32, [2]int) {
