@@ -161,6 +161,13 @@ func (d *Device) serve() {
 		fn()
 	}
 	runtime.UnlockOSThread()
+	// The range reads d.calls once, so without this d would be dead while
+	// the loop waits: a device its owner dropped without Close would then
+	// be collected with the launch arguments still pinned (Ctx.pin), and
+	// the runtime panics from a finalizer ("found leaking pinned pointer",
+	// which `mmfp4 logits` on a GPU hit now and then; docs/perf.md,
+	// 2026-12-01 (33)).
+	runtime.KeepAlive(d)
 }
 
 func (d *Device) serveOnNewThread() {

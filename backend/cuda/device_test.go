@@ -4,8 +4,10 @@ package cuda
 
 import (
 	"errors"
+	"runtime"
 	"slices"
 	"testing"
+	"time"
 )
 
 // threadOnly is a Device whose thread runs closures without a GPU (its
@@ -95,5 +97,25 @@ func TestFlushErrorSurfacesAtNextWait(t *testing.T) {
 			t.Fatalf("wait %v: ran %v, error %v; want %v and none", wait, ran, b.err, want)
 		}
 		close(d.calls)
+	}
+}
+
+// A device its owner drops without Close stays reachable from its thread.
+// Its launch arguments are pinned (Ctx.pin), and a Ctx collected with pins
+// held makes the runtime panic from a finalizer ("found leaking pinned
+// pointer"): without the KeepAlive in serve, this test's process dies in
+// the collections below, as `mmfp4 logits` on a GPU did now and then.
+func TestDroppedDeviceKeepsItsPins(t *testing.T) {
+	func() {
+		d := threadOnly()
+		d.c = &Ctx{argVals: make([]uint64, 4)}
+		d.c.pin.Pin(&d.c.argVals[0])
+		if err := d.Do(func(*Ctx) error { return nil }); err != nil {
+			t.Fatal(err)
+		}
+	}()
+	for range 5 {
+		runtime.GC()
+		time.Sleep(20 * time.Millisecond)
 	}
 }

@@ -125,6 +125,7 @@ func init() {
 			if err != nil {
 				return err
 			}
+			defer m.Close()
 			var prompt []int
 			switch {
 			case f.Changed("ids"):
@@ -137,7 +138,6 @@ func init() {
 			if err != nil {
 				return err
 			}
-			defer m.Close()
 			ctx, stop := interruptContext(cmd.Context())
 			defer stop()
 			out := cmd.OutOrStdout()

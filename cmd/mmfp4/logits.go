@@ -31,6 +31,7 @@ func init() {
 			if err != nil {
 				return err
 			}
+			defer m.Close()
 			logits, err := m.Logits(prompt)
 			if err != nil {
 				return err

@@ -111,6 +111,7 @@ func runPPL(f pplFlags, progress io.Writer) (*pplReport, error) {
 	if err != nil {
 		return nil, err
 	}
+	defer m.Close()
 	ids, err := m.EncodeText(text)
 	if err != nil {
 		return nil, fmt.Errorf("%s: %w", f.file, err)
@@ -129,6 +130,7 @@ func runPPL(f pplFlags, progress io.Writer) (*pplReport, error) {
 		if err != nil {
 			return nil, err
 		}
+		defer ref.Close()
 		if rv := ref.Config().VocabSize; rv != vocab {
 			return nil, fmt.Errorf("--ref %s: vocabulary of %d tokens, but the model has %d", refDir, rv, vocab)
 		}
