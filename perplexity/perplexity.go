@@ -198,6 +198,24 @@ func logSumExp(row []float32) (float64, int, error) {
 	return m + math.Log(s), best, nil
 }
 
+// RowKL is KL(softmax(ref) || softmax(got)) of two logit rows of one
+// position, as Evaluate compares a model with its reference. A NaN or
+// infinite logit, or rows of different lengths, is an error.
+func RowKL(ref, got []float32) (float64, error) {
+	if len(ref) != len(got) {
+		return 0, fmt.Errorf("rows of %d and %d logits", len(ref), len(got))
+	}
+	rlse, _, err := logSumExp(ref)
+	if err != nil {
+		return 0, fmt.Errorf("reference: %w", err)
+	}
+	lse, _, err := logSumExp(got)
+	if err != nil {
+		return 0, err
+	}
+	return klDiv(ref, rlse, got, lse), nil
+}
+
 // klDiv is KL(p || q) = sum p (log p - log q) for p = softmax(pr), q =
 // softmax(qr), given their log-sum-exps.
 func klDiv(pr []float32, plse float64, qr []float32, qlse float64) float64 {

@@ -239,3 +239,27 @@ func TestEvaluateAll(t *testing.T) {
 		}
 	}
 }
+
+// RowKL of a row against itself is 0; of uniform logits against a row with
+// one logit raised by l it is log z - log V - l/V (z = e^l + V - 1), as
+// TestOracleAndKL's mean; bad rows are errors.
+func TestRowKL(t *testing.T) {
+	const l = 3
+	flat, peak := make([]float32, vocab), make([]float32, vocab)
+	peak[5] = l
+	if kl, err := RowKL(peak, peak); err != nil || kl != 0 {
+		t.Errorf("a row against itself: KL %g, %v", kl, err)
+	}
+	z := math.Exp(l) + vocab - 1
+	want := math.Log(z) - math.Log(vocab) - float64(l)/vocab
+	if kl, err := RowKL(flat, peak); err != nil || math.Abs(kl-want) > 1e-12 {
+		t.Errorf("uniform against the peaked row: KL %g, %v; want %g", kl, err, want)
+	}
+	if _, err := RowKL(flat, peak[:vocab-1]); err == nil {
+		t.Error("rows of different lengths gave no error")
+	}
+	peak[2] = float32(math.NaN())
+	if _, err := RowKL(flat, peak); err == nil {
+		t.Error("a NaN logit gave no error")
+	}
+}

@@ -5,12 +5,12 @@ package cuda
 import (
 	"context"
 	"fmt"
-	"math"
 	"path/filepath"
 	"testing"
 
 	"github.com/mmfp4/mmfp4/backend"
 	"github.com/mmfp4/mmfp4/model/glm4moelite"
+	"github.com/mmfp4/mmfp4/perplexity"
 	"github.com/mmfp4/mmfp4/synth"
 )
 
@@ -66,7 +66,10 @@ func TestFullWidthDecodeMatchesCPUOnGPU(t *testing.T) {
 		got := forcedLogits(t, mg, prompt, ids, dt)
 		parted := 0
 		for i := range want {
-			kl := rowKL(want[i], got[i])
+			kl, err := perplexity.RowKL(want[i], got[i])
+			if err != nil {
+				t.Fatalf("cache %d row %d: %v", dt, i, err)
+			}
 			t.Logf("cache %d row %d: KL %.3g, max rel err %.3g, argmax gpu %d cpu %d", dt, i, kl, maxRelErr(want[i], got[i]), argmaxOf(got[i]), argmaxOf(want[i]))
 			if !(kl <= 5e-4) || nonzeroCount(got[i]) < len(got[i])/2 {
 				t.Errorf("cache %d row %d: KL %.3g against the CPU, above 5e-4 (or mostly zero)", dt, i, kl)
@@ -79,28 +82,6 @@ func TestFullWidthDecodeMatchesCPUOnGPU(t *testing.T) {
 			t.Errorf("cache %d: %d of %d rows with another argmax than the CPU's, want at most 1", dt, parted, len(want))
 		}
 	}
-}
-
-// rowKL is KL(p || q) of the softmaxes of two logit rows, in nats.
-func rowKL(p, q []float32) float64 {
-	lse := func(x []float32) float64 {
-		m := math.Inf(-1)
-		for _, v := range x {
-			m = math.Max(m, float64(v))
-		}
-		s := 0.0
-		for _, v := range x {
-			s += math.Exp(float64(v) - m)
-		}
-		return m + math.Log(s)
-	}
-	lp, lq := lse(p), lse(q)
-	kl := 0.0
-	for i := range p {
-		a, b := float64(p[i])-lp, float64(q[i])-lq
-		kl += math.Exp(a) * (a - b)
-	}
-	return kl
 }
 
 // synthGLM47 writes a synthetic GLM-4.7-Flash of the given layers (the
