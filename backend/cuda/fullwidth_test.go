@@ -9,32 +9,9 @@ import (
 	"testing"
 
 	"github.com/mmfp4/mmfp4/backend"
-	"github.com/mmfp4/mmfp4/model/glm4moelite"
 	"github.com/mmfp4/mmfp4/perplexity"
 	"github.com/mmfp4/mmfp4/synth"
 )
-
-// forcedLogits prefills prompt, then feeds ids one by one, and returns the
-// logits of the prompt's last row and of every fed id, in order.
-func forcedLogits(t *testing.T, m *glm4moelite.Model, prompt, ids []int, dt backend.CacheDType) [][]float32 {
-	t.Helper()
-	s, err := m.NewState(len(prompt)+len(ids)+1, dt)
-	if err != nil {
-		t.Fatal(err)
-	}
-	logits, err := m.ForwardSeq(s, prompt, false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	rows := [][]float32{append([]float32(nil), logits...)}
-	for _, id := range ids {
-		if logits, err = m.ForwardSeq(s, []int{id}, false); err != nil {
-			t.Fatal(err)
-		}
-		rows = append(rows, append([]float32(nil), logits...))
-	}
-	return rows
-}
 
 // At GLM-4.7-Flash's full width (a synthetic model of its dense layer and
 // one MoE layer), the GPU's prefill and single-row decode steps, which

@@ -8,6 +8,7 @@ import (
 	"math"
 	"math/rand/v2"
 	"path/filepath"
+	"slices"
 	"testing"
 
 	"github.com/mmfp4/mmfp4/backend"
@@ -90,10 +91,11 @@ func argmaxOf(v []float32) int {
 	return best
 }
 
-// greedyLogits prefills prompt in one pass, then decodes steps greedy tokens
-// one by one, and returns the logits of the prompt's last row and of every
-// step, in order.
-func greedyLogits(t *testing.T, m *glm4moelite.Model, prompt []int, steps int, dt backend.CacheDType) []float32 {
+// stepLogits prefills prompt in one pass, then feeds steps tokens one by
+// one, step i's token being next(i, the logits of the row before), and
+// returns the logits of the prompt's last row and of every step, in order.
+func stepLogits(t *testing.T, m *glm4moelite.Model, prompt []int, steps int, dt backend.CacheDType,
+	next func(i int, logits []float32) int) [][]float32 {
 	t.Helper()
 	s, err := m.NewState(len(prompt)+steps+1, dt)
 	if err != nil {
@@ -103,37 +105,35 @@ func greedyLogits(t *testing.T, m *glm4moelite.Model, prompt []int, steps int, d
 	if err != nil {
 		t.Fatal(err)
 	}
-	all := append([]float32(nil), logits...)
-	for i := 0; i < steps; i++ {
-		if logits, err = m.ForwardSeq(s, []int{argmaxOf(logits)}, false); err != nil {
+	rows := [][]float32{append([]float32(nil), logits...)}
+	for i := range steps {
+		if logits, err = m.ForwardSeq(s, []int{next(i, logits)}, false); err != nil {
 			t.Fatal(err)
 		}
-		all = append(all, logits...)
+		rows = append(rows, append([]float32(nil), logits...))
 	}
-	return all
+	return rows
 }
 
-// greedyIDs prefills prompt in one pass, then decodes n tokens one by one.
+// greedyLogits is stepLogits of the greedy tokens, its rows in one slice.
+func greedyLogits(t *testing.T, m *glm4moelite.Model, prompt []int, steps int, dt backend.CacheDType) []float32 {
+	t.Helper()
+	return slices.Concat(stepLogits(t, m, prompt, steps, dt, func(_ int, l []float32) int { return argmaxOf(l) })...)
+}
+
+// forcedLogits is stepLogits of the given ids.
+func forcedLogits(t *testing.T, m *glm4moelite.Model, prompt, ids []int, dt backend.CacheDType) [][]float32 {
+	t.Helper()
+	return stepLogits(t, m, prompt, len(ids), dt, func(i int, _ []float32) int { return ids[i] })
+}
+
+// greedyIDs is the argmaxes of the prompt's last row and of the next n-1
+// greedy steps: n greedy tokens.
 func greedyIDs(t *testing.T, m *glm4moelite.Model, prompt []int, n int, dt backend.CacheDType) []int {
 	t.Helper()
-	s, err := m.NewState(len(prompt)+n, dt)
-	if err != nil {
-		t.Fatal(err)
-	}
-	logits, err := m.ForwardSeq(s, prompt, false)
-	if err != nil {
-		t.Fatal(err)
-	}
 	var ids []int
-	for i := 0; i < n; i++ {
-		next := argmaxOf(logits)
-		ids = append(ids, next)
-		if i == n-1 {
-			break
-		}
-		if logits, err = m.ForwardSeq(s, []int{next}, false); err != nil {
-			t.Fatal(err)
-		}
+	for _, row := range stepLogits(t, m, prompt, n-1, dt, func(_ int, l []float32) int { return argmaxOf(l) }) {
+		ids = append(ids, argmaxOf(row))
 	}
 	return ids
 }
