@@ -1,0 +1,167 @@
+// Command ncuchain reads Nsight Compute's details page for a few kernels
+// and prints, for each, how long one warp's own chain of instructions
+// takes: its executed instructions over the warps of its grid, times the
+// cycles an issued instruction takes a warp, at the measured SM clock. A
+// batch-1 decode launch is one wave whose warps each run from start to
+// end, so when that chain is near the launch's duration the launch is
+// bound by its warps' instruction latency, not by memory (docs/perf.md,
+// 2026-12-01 (34)).
+//
+//	ncu --clock-control none --section SpeedOfLight --section LaunchStats \
+//	    --section Occupancy --section WarpStateStats --section InstructionStats \
+//	    mmfp4 bench ... > ncu.txt
+//	go run ./tools/ncuchain ncu.txt
+package main
+
+import (
+	"bufio"
+	"fmt"
+	"io"
+	"os"
+	"regexp"
+	"strconv"
+	"strings"
+)
+
+// launch is one profiled kernel launch and the metrics ncuchain uses.
+type launch struct {
+	name         string
+	grid, block  [3]int
+	registers    float64
+	warpsPerSM   float64 // achieved active warps a multiprocessor
+	instructions float64 // executed, the whole grid
+	cpi          float64 // warp cycles an issued instruction
+	clockGHz     float64
+	durationUs   float64
+}
+
+// The header line of a kernel's section of the details page:
+// "  name (gx, gy, gz)x(bx, by, bz), Context 1, ...".
+var header = regexp.MustCompile(`^\s{2}(\S+) \((\d+), (\d+), (\d+)\)x\((\d+), (\d+), (\d+)\)`)
+
+// metricRow is a metric's row: name, an optional unit, and a number.
+var metricRow = regexp.MustCompile(`^\s+(\S.*?)\s{2,}(?:(\S+)\s+)?([0-9][0-9,]*(?:\.[0-9]+)?)\s*$`)
+
+// parse reads the details page and returns its launches in order.
+func parse(r io.Reader) ([]launch, error) {
+	var out []launch
+	seen := map[string]bool{}
+	sc := bufio.NewScanner(r)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	finish := func() error {
+		if len(out) == 0 {
+			return nil
+		}
+		l := out[len(out)-1]
+		for _, m := range []string{"Duration", "SM Frequency", "Registers Per Thread", "Achieved Active Warps Per SM",
+			"Warp Cycles Per Issued Instruction", "Executed Instructions"} {
+			if !seen[m] {
+				return fmt.Errorf("kernel %s: no %q row (profile with the sections the usage names)", l.name, m)
+			}
+		}
+		return nil
+	}
+	for line := 1; sc.Scan(); line++ {
+		text := sc.Text()
+		if m := header.FindStringSubmatch(text); m != nil {
+			if err := finish(); err != nil {
+				return nil, err
+			}
+			l := launch{name: m[1]}
+			for i := range 3 {
+				l.grid[i], _ = strconv.Atoi(m[2+i])
+				l.block[i], _ = strconv.Atoi(m[5+i])
+			}
+			out = append(out, l)
+			seen = map[string]bool{}
+			continue
+		}
+		m := metricRow.FindStringSubmatch(text)
+		if m == nil || len(out) == 0 {
+			continue
+		}
+		name, unit := m[1], m[2]
+		v, err := strconv.ParseFloat(strings.ReplaceAll(m[3], ",", ""), 64)
+		if err != nil {
+			return nil, fmt.Errorf("line %d: %q: %v", line, text, err)
+		}
+		l := &out[len(out)-1]
+		switch name {
+		case "Duration":
+			scale, ok := map[string]float64{"ns": 1e-3, "us": 1, "usecond": 1, "ms": 1e3, "msecond": 1e3}[unit]
+			if !ok {
+				return nil, fmt.Errorf("line %d: kernel %s: duration in unknown unit %q", line, l.name, unit)
+			}
+			l.durationUs = v * scale
+		case "SM Frequency":
+			scale, ok := map[string]float64{"Ghz": 1, "GHz": 1, "Mhz": 1e-3, "MHz": 1e-3}[unit]
+			if !ok {
+				return nil, fmt.Errorf("line %d: kernel %s: SM clock in unknown unit %q", line, l.name, unit)
+			}
+			l.clockGHz = v * scale
+		case "Registers Per Thread":
+			l.registers = v
+		case "Achieved Active Warps Per SM":
+			l.warpsPerSM = v
+		case "Warp Cycles Per Issued Instruction":
+			l.cpi = v
+		case "Executed Instructions":
+			l.instructions = v
+		default:
+			continue
+		}
+		seen[name] = true
+	}
+	if err := sc.Err(); err != nil {
+		return nil, err
+	}
+	if err := finish(); err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+// warps is the number of warps in the launch's grid.
+func (l launch) warps() int {
+	threads := l.block[0] * l.block[1] * l.block[2]
+	return l.grid[0] * l.grid[1] * l.grid[2] * ((threads + 31) / 32)
+}
+
+// perWarp is the executed instructions a warp.
+func (l launch) perWarp() float64 { return l.instructions / float64(l.warps()) }
+
+// chainUs is one warp's instructions at the measured cycles each.
+func (l launch) chainUs() float64 { return l.perWarp() * l.cpi / (l.clockGHz * 1e3) }
+
+func table(w io.Writer, ls []launch) {
+	fmt.Fprintln(w, "| launch | grid x threads | registers | warps a multiprocessor | instructions a warp | cycles an instruction | chain, us | duration, us |")
+	fmt.Fprintln(w, "| --- | --- | --- | --- | --- | --- | --- | --- |")
+	for _, l := range ls {
+		fmt.Fprintf(w, "| %s | %d x %d | %.0f | %.1f | %.0f | %.2f | %.1f | %.2f |\n", l.name,
+			l.grid[0]*l.grid[1]*l.grid[2], l.block[0]*l.block[1]*l.block[2], l.registers, l.warpsPerSM,
+			l.perWarp(), l.cpi, l.chainUs(), l.durationUs)
+	}
+}
+
+func main() {
+	if len(os.Args) != 2 {
+		fmt.Fprintln(os.Stderr, "usage: ncuchain NCU_DETAILS.txt")
+		os.Exit(2)
+	}
+	f, err := os.Open(os.Args[1])
+	if err != nil {
+		fmt.Fprintln(os.Stderr, "ncuchain:", err)
+		os.Exit(1)
+	}
+	defer f.Close()
+	ls, err := parse(f)
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "ncuchain: %s: %v\n", os.Args[1], err)
+		os.Exit(1)
+	}
+	if len(ls) == 0 {
+		fmt.Fprintf(os.Stderr, "ncuchain: %s: no kernel sections\n", os.Args[1])
+		os.Exit(1)
+	}
+	table(os.Stdout, ls)
+}
