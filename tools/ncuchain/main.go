@@ -11,14 +11,28 @@
 //	    --section Occupancy --section WarpStateStats --section InstructionStats \
 //	    mmfp4 bench ... > ncu.txt
 //	go run ./tools/ncuchain ncu.txt
+//
+// With -src it reads instead the source page of a report (ncu --import R
+// --page source --csv --print-source sass), one or more kernels, and
+// splits each kernel's executed warp instructions and stall samples at
+// its first ACQBULK (griddepcontrol.wait): the part after the wait is
+// the chain a launch adds to the layer, the part before overlaps the
+// launch before it. Rows are taken in address order, as tools/sasscost
+// does. -top N also lists the N instructions after the wait with the
+// most stall samples.
+//
+//	go run ./tools/ncuchain -src [-top 10] src.csv
 package main
 
 import (
 	"bufio"
+	"encoding/csv"
+	"flag"
 	"fmt"
 	"io"
 	"os"
 	"regexp"
+	"sort"
 	"strconv"
 	"strings"
 )
@@ -143,24 +157,152 @@ func table(w io.Writer, ls []launch) {
 	}
 }
 
+// split is one kernel's source page summed on either side of its wait.
+type split struct {
+	name                        string
+	waits                       float64 // executions of the ACQBULK: a warp each
+	before, after               float64 // executed warp instructions
+	samplesBefore, samplesAfter float64
+	hot                         []srcLine // the lines after the wait
+}
+
+type srcLine struct {
+	addr, source string
+	samples      float64
+}
+
+// parseSource reads a source page in CSV: for each kernel a row
+// "Kernel Name",name, a header row, then a row an instruction.
+func parseSource(r io.Reader) ([]split, error) {
+	cr := csv.NewReader(r)
+	cr.FieldsPerRecord = -1
+	var out []split
+	col := map[string]int{}
+	seenWait := false
+	for row := 1; ; row++ {
+		rec, err := cr.Read()
+		if err == io.EOF {
+			break
+		}
+		if err != nil {
+			return nil, err
+		}
+		switch {
+		case len(rec) >= 2 && rec[0] == "Kernel Name":
+			out = append(out, split{name: rec[1]})
+			col, seenWait = map[string]int{}, false
+			continue
+		case len(out) == 0:
+			return nil, fmt.Errorf("row %d: no \"Kernel Name\" row before it", row)
+		case len(col) == 0:
+			for i, h := range rec {
+				col[h] = i
+			}
+			for _, h := range []string{"Address", "Source", "Instructions Executed", "Warp Stall Sampling (All Samples)"} {
+				if _, ok := col[h]; !ok {
+					return nil, fmt.Errorf("row %d: kernel %s: no %q column", row, out[len(out)-1].name, h)
+				}
+			}
+			continue
+		}
+		num := func(h string) (float64, error) {
+			i := col[h]
+			if i >= len(rec) {
+				return 0, fmt.Errorf("row %d: %d fields, no %q", row, len(rec), h)
+			}
+			v, err := strconv.ParseFloat(strings.ReplaceAll(rec[i], ",", ""), 64)
+			if err != nil {
+				return 0, fmt.Errorf("row %d: %q: %v", row, h, err)
+			}
+			return v, nil
+		}
+		ex, err := num("Instructions Executed")
+		if err != nil {
+			return nil, err
+		}
+		smp, err := num("Warp Stall Sampling (All Samples)")
+		if err != nil {
+			return nil, err
+		}
+		k := &out[len(out)-1]
+		src := strings.TrimSpace(rec[col["Source"]])
+		if !seenWait && strings.HasPrefix(src, "ACQBULK") {
+			seenWait = true
+			k.waits = ex
+		}
+		if seenWait {
+			k.after += ex
+			k.samplesAfter += smp
+			k.hot = append(k.hot, srcLine{rec[col["Address"]], src, smp})
+		} else {
+			k.before += ex
+			k.samplesBefore += smp
+		}
+	}
+	return out, nil
+}
+
+func sourceTable(w io.Writer, ks []split, top int) {
+	fmt.Fprintln(w, "| kernel | warps at the wait | instructions a warp before / after it | stall samples before / after |")
+	fmt.Fprintln(w, "| --- | --- | --- | --- |")
+	for _, k := range ks {
+		if k.waits == 0 {
+			fmt.Fprintf(w, "| %s | no wait | %.0f in all | %.0f in all |\n", k.name, k.before, k.samplesBefore)
+			continue
+		}
+		fmt.Fprintf(w, "| %s | %.0f | %.0f / %.0f | %.0f / %.0f |\n", k.name, k.waits, k.before/k.waits,
+			k.after/k.waits, k.samplesBefore, k.samplesAfter)
+	}
+	for _, k := range ks {
+		if top <= 0 || len(k.hot) == 0 {
+			continue
+		}
+		hot := append([]srcLine(nil), k.hot...)
+		sort.SliceStable(hot, func(i, j int) bool { return hot[i].samples > hot[j].samples })
+		fmt.Fprintf(w, "\n%s, after the wait:\n", k.name)
+		for _, l := range hot[:min(top, len(hot))] {
+			fmt.Fprintf(w, "  %s %6.0f  %s\n", l.addr, l.samples, l.source)
+		}
+	}
+}
+
 func main() {
-	if len(os.Args) != 2 {
-		fmt.Fprintln(os.Stderr, "usage: ncuchain NCU_DETAILS.txt")
+	src := flag.Bool("src", false, "read a source page (CSV) and split it at the wait")
+	top := flag.Int("top", 0, "with -src, list this many lines after the wait by stall samples")
+	flag.Usage = func() {
+		fmt.Fprintln(os.Stderr, "usage: ncuchain NCU_DETAILS.txt | ncuchain -src [-top N] SOURCE.csv")
+	}
+	flag.Parse()
+	if flag.NArg() != 1 {
+		flag.Usage()
 		os.Exit(2)
 	}
-	f, err := os.Open(os.Args[1])
+	path := flag.Arg(0)
+	f, err := os.Open(path)
 	if err != nil {
 		fmt.Fprintln(os.Stderr, "ncuchain:", err)
 		os.Exit(1)
 	}
 	defer f.Close()
+	if *src {
+		ks, err := parseSource(f)
+		if err == nil && len(ks) == 0 {
+			err = fmt.Errorf("no \"Kernel Name\" row")
+		}
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "ncuchain: %s: %v\n", path, err)
+			os.Exit(1)
+		}
+		sourceTable(os.Stdout, ks, *top)
+		return
+	}
 	ls, err := parse(f)
 	if err != nil {
-		fmt.Fprintf(os.Stderr, "ncuchain: %s: %v\n", os.Args[1], err)
+		fmt.Fprintf(os.Stderr, "ncuchain: %s: %v\n", path, err)
 		os.Exit(1)
 	}
 	if len(ls) == 0 {
-		fmt.Fprintf(os.Stderr, "ncuchain: %s: no kernel sections\n", os.Args[1])
+		fmt.Fprintf(os.Stderr, "ncuchain: %s: no kernel sections\n", path)
 		os.Exit(1)
 	}
 	table(os.Stdout, ls)

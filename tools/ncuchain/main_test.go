@@ -97,3 +97,52 @@ func TestUnknownUnit(t *testing.T) {
 		t.Fatalf("err = %v, want the unknown unit named", err)
 	}
 }
+
+// A source page of two kernels (made-up counts): k_a waits once a warp
+// (4 warps), k_b has no wait.
+const source = `"Kernel Name","k_a",
+"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed","Other"
+"0x10","      LDG.E R2, desc[UR4][R4.64]","3","4","x"
+"0x20","      LDG.E R3, desc[UR4][R6.64]","1","4","x"
+"0x30","      ACQBULK","2","4","x"
+"0x40","      LDS R5, [R7]","20","8","x"
+"0x50","      IDP.4A.S8.S8 R9, R9, R5, R9","7","1,200","x"
+"0x60","      EXIT","0","4","x"
+"Kernel Name","k_b",
+"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed"
+"0x10","      MOV R1, R2","5","64"
+`
+
+func TestSourceSplitsAtTheWait(t *testing.T) {
+	ks, err := parseSource(strings.NewReader(source))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(ks) != 2 || ks[0].name != "k_a" || ks[1].name != "k_b" {
+		t.Fatalf("kernels %+v", ks)
+	}
+	a := ks[0]
+	// Before: the two loads (8); after: the wait and the rest (4 + 8 +
+	// 1,200 + 4 = 1,216), 4 warps.
+	if a.waits != 4 || a.before != 8 || a.after != 1216 || a.samplesBefore != 4 || a.samplesAfter != 29 {
+		t.Errorf("k_a: waits %v before %v after %v samples %v / %v", a.waits, a.before, a.after, a.samplesBefore, a.samplesAfter)
+	}
+	var out bytes.Buffer
+	sourceTable(&out, ks, 2)
+	for _, want := range []string{"| k_a | 4 | 2 / 304 | 4 / 29 |", "| k_b | no wait | 64 in all | 5 in all |",
+		"0x40     20  LDS R5, [R7]", "0x50      7  IDP.4A.S8.S8"} {
+		if !strings.Contains(out.String(), want) {
+			t.Errorf("output lacks %q:\n%s", want, out.String())
+		}
+	}
+	if strings.Contains(out.String(), "0x30      2") {
+		t.Errorf("-top 2 listed a third line:\n%s", out.String())
+	}
+}
+
+func TestSourceWithoutHeaderColumn(t *testing.T) {
+	bad := strings.Replace(source, `"Instructions Executed","Other"`, `"Executed","Other"`, 1)
+	if _, err := parseSource(strings.NewReader(bad)); err == nil || !strings.Contains(err.Error(), "k_a") {
+		t.Fatalf("err = %v, want one naming k_a's missing column", err)
+	}
+}
