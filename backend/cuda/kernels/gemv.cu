@@ -29,8 +29,8 @@ GEMV_KERNEL(gemv_split_t1, 1, 4, true)
 template <bool FULL>
 DEVICE void gemv_t1_regs_tail(const u32 (&b)[GEMV_REGS_C][2][8], const float (&ws)[GEMV_REGS_C][2], int C,
                               int gshift, int lane, int row0, int N, const i8* __restrict__ xq,
-                              const float* __restrict__ xs, const i32* __restrict__ xsum,
-                              const float* __restrict__ row_scale, float* __restrict__ y) {
+                              const float* __restrict__ xs, const i32* __restrict__ xsum, float rs,
+                              float* __restrict__ y) {
   constexpr int R = 2;
   uint4 xa[GEMV_REGS_C], xb[GEMV_REGS_C];
   float xscale[GEMV_REGS_C];
@@ -58,7 +58,7 @@ DEVICE void gemv_t1_regs_tail(const u32 (&b)[GEMV_REGS_C][2][8], const float (&w
     for (int r = 0; r < R; r++) out[r] += (float)dot32_biased(b[j][r], xa[j], xb[j], xsm[j]) * (ws[j][r] * xscale[j]);
   }
   TRACE_MARK_DEP(__float_as_uint(out[0]));
-  warp_rows_out(out, lane, row0, N, row_scale, y);
+  warp_rows_rs(out, lane, row0, N, rs, y);
   TRACE_MARK();
 }
 
@@ -106,15 +106,16 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS)
   u32 b[GEMV_REGS_C][R][8];
   float ws[GEMV_REGS_C][R];
   chunks_biased(w, s, C, b, ws);
+  const float rsv = lane_row_scale<R>(lane, row0, N, row_scale);
   PDL_WAIT();
   // Where every lane has a chunk in every slot (o_proj: K = 5120), the
   // activations' loads carry no condition, so that ptxas can issue all of
   // them at once; with a condition a slot, it issued each slot's loads
   // after the slot before's products (one L2 round trip a slot).
   if (C == 32 * GEMV_REGS_C)
-    gemv_t1_regs_tail<true>(b, ws, C, gshift, lane, row0, N, xq, xs, xsum, row_scale, y);
+    gemv_t1_regs_tail<true>(b, ws, C, gshift, lane, row0, N, xq, xs, xsum, rsv, y);
   else
-    gemv_t1_regs_tail<false>(b, ws, C, gshift, lane, row0, N, xq, xs, xsum, row_scale, y);
+    gemv_t1_regs_tail<false>(b, ws, C, gshift, lane, row0, N, xq, xs, xsum, rsv, y);
 }
 
 // One token against per-head column blocks: rows [h*rows, (h+1)*rows) of W

@@ -1306,6 +1306,10 @@ DEVICE void down_hq(const Expert* __restrict__ experts, const i32* __restrict__ 
   PDL_WAIT();
   TRACE_MARK_DEP(w[0][0].x ^ w[1][3].w ^ __float_as_uint(rsc));
   if (lane == 0) wsm[slot] = slot < topk ? wts[slot] : 1.f;
+  // The row that the sum adds to, requested before the products: after
+  // them it was a round trip on the way to the layer's end.
+  const int n = row0 + threadIdx.x;
+  const float y0 = accumulate && threadIdx.x < 4 && n < N ? y[n] : 0.f;
   float out[4];
   rows_dot<4, true, FAST>(w, s, C, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK, out);
   TRACE_MARK();
@@ -1313,11 +1317,10 @@ DEVICE void down_hq(const Expert* __restrict__ experts, const i32* __restrict__ 
   for (int r = 0; r < 4; r++)
     if (lane == r) part[slot][r] = out[r] * (rsc * 0.5f);
   __syncthreads();
-  const int n = row0 + threadIdx.x;
   if (threadIdx.x < 4 && n < N) {
     float total = 0.f;
     for (int k = 0; k < nslots; k++) total += wsm[k] * part[k][threadIdx.x];
-    y[n] = accumulate ? y[n] + total : total;
+    y[n] = accumulate ? y0 + total : total;
   }
   TRACE_MARK();
 }
@@ -1536,6 +1539,13 @@ extern "C" __global__ void __cluster_dims__(GUC_ROWS / (4 * GUC_WARPS), 1, 1) __
   gate_up_row_ptrs(ex, row0, 0x7fffffff, K, GK, rc, rs);
   uint4 w[2][8];
   u32 s[2][8];
+  // Lane r < 4's gate and up row scales, requested ahead of the weights:
+  // after the products they were a round trip to memory on the way to h.
+  float gsc = 0.f, usc = 0.f;
+  if (lane < 4) {
+    gsc = __ldg(ex.gr + row0 + lane);
+    usc = __ldg(ex.ur + row0 + lane);
+  }
   rows_load<8>(rc, rs, C, gshift, w, s);
   PDL_WAIT();
   for (int i = tid * 16; i < K; i += 32 * NW * 16) *(uint4*)(sx + i) = __ldg((const uint4*)(xq + i));
@@ -1553,9 +1563,8 @@ extern "C" __global__ void __cluster_dims__(GUC_ROWS / (4 * GUC_WARPS), 1, 1) __
   cluster_wait();
   if (lane < 4) {
     const int n = row0 + lane;
-    const GateUp e = stab ? tab[eid] : gate_up_of(experts[eid]);
-    const float g = og * (e.gr[n] * 0.5f);
-    const float u = ou * (e.ur[n] * 0.5f);
+    const float g = og * (gsc * 0.5f);
+    const float u = ou * (usc * 0.5f);
     const float hv = silu(g) * u;
     h[(size_t)slot * I + n] = hv;
     st_cluster(&hsm[rank * (4 * NW) + warp * 4 + lane], 0, hv);

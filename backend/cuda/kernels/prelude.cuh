@@ -141,6 +141,26 @@ DEVICE void warp_rows_out(float (&o)[R], int lane, int row0, int N, const float*
     if (lane == r && row0 + r < N) y[row0 + r] = o[r] * (row_scale[row0 + r] * 0.5f);
 }
 
+// Lane r's row scale for warp_rows_rs (0 past N or R), loaded before a
+// kernel's wait: loaded at the end, as warp_rows_out does, it is a
+// round trip to memory on the chain after the products (docs/perf.md,
+// 2026-12-01 (35)).
+template <int R>
+DEVICE float lane_row_scale(int lane, int row0, int N, const float* __restrict__ row_scale) {
+  return lane < R && row0 + lane < N ? __ldg(row_scale + row0 + lane) : 0.f;
+}
+
+// warp_rows_out with lane r holding row r's scale in rs (lane_row_scale):
+// the same values.
+template <int R>
+DEVICE void warp_rows_rs(float (&o)[R], int lane, int row0, int N, float rs, float* __restrict__ y) {
+#pragma unroll
+  for (int r = 0; r < R; r++) o[r] = warp_sum(o[r]);
+#pragma unroll
+  for (int r = 0; r < R; r++)
+    if (lane == r && row0 + r < N) y[row0 + r] = o[r] * (rs * 0.5f);
+}
+
 DEVICE float warp_max(float v) {
 #pragma unroll
   for (int o = 16; o > 0; o >>= 1) v = fmaxf(v, __shfl_xor_sync(0xffffffffu, v, o));

@@ -269,6 +269,7 @@ extern "C" __global__ void __launch_bounds__(128)
   }
   float gv[8];
   if (on) ldg8(gain + k0, gv);
+  const float rs = lane_row_scale<4>(lane, row0, N, row_scale);
   PDL_WAIT();
   norm_row_shared(x, gv, eps, K, G, on, blockIdx.x == 0, lane, warp, k0, partial, sq, ssc, out, xq, xs, xsum);
   __syncthreads();
@@ -283,7 +284,7 @@ extern "C" __global__ void __launch_bounds__(128)
       o[r] += (float)dot32_split(w[r], xa, xb) * (e4m3(s[r]) * xscale);
     }
   }
-  warp_rows_out(o, lane, row0, N, row_scale, y);
+  warp_rows_rs(o, lane, row0, N, rs, y);
 }
 
 // The residual add and single-row norm before a layer's first products
@@ -358,6 +359,7 @@ DEVICE void add_norm_gemv(const u8* __restrict__ codes1, const u8* __restrict__ 
       gv[p][4] = g1.x; gv[p][5] = g1.y; gv[p][6] = g1.z; gv[p][7] = g1.w;
     }
   }
+  const float rs = lane_row_scale<R>(lane, row0, N, row_scale);
   l2_ahead(ahead, lines);
   PDL_WAIT();
   float v[PM][8];
@@ -417,7 +419,7 @@ DEVICE void add_norm_gemv(const u8* __restrict__ codes1, const u8* __restrict__ 
 #pragma unroll
       for (int r = 0; r < R; r++) o[r] += (float)dot32_biased(wb[hf][r], xa, xb, xsm) * (ws[hf][r] * xscale);
     }
-    warp_rows_out(o, lane, row0, N, row_scale, y);
+    warp_rows_rs(o, lane, row0, N, rs, y);
   }
   TRACE_MARK();
   if (tid == 0) last_s = ticket == gridDim.x - 1;
