@@ -15,7 +15,7 @@
 // With -src it reads instead the source page of a report (ncu --import R
 // --page source --csv --print-source sass), one or more kernels, and
 // splits each kernel's executed warp instructions and stall samples at
-// its first ACQBULK (griddepcontrol.wait): the part after the wait is
+// its first executed ACQBULK (griddepcontrol.wait): the part after the wait is
 // the chain a launch adds to the layer, the part before overlaps the
 // launch before it. Rows are taken in address order, as tools/sasscost
 // does. -top N also lists the N instructions after the wait with the
@@ -226,7 +226,9 @@ func parseSource(r io.Reader) ([]split, error) {
 		}
 		k := &out[len(out)-1]
 		src := strings.TrimSpace(rec[col["Source"]])
-		if !seenWait && strings.HasPrefix(src, "ACQBULK") {
+		// The first wait that warps execute: a kernel may hold others on
+		// branches no warp takes.
+		if !seenWait && strings.HasPrefix(src, "ACQBULK") && ex > 0 {
 			seenWait = true
 			k.waits = ex
 		}
@@ -239,7 +241,29 @@ func parseSource(r io.Reader) ([]split, error) {
 			k.samplesBefore += smp
 		}
 	}
-	return out, nil
+	// ncu repeats some kernels' sections word for word: keep one.
+	kept := out[:0]
+	for _, k := range out {
+		if n := len(kept); n > 0 && sameSplit(kept[n-1], k) {
+			continue
+		}
+		kept = append(kept, k)
+	}
+	return kept, nil
+}
+
+// sameSplit reports whether a and b are one section printed twice.
+func sameSplit(a, b split) bool {
+	if a.name != b.name || a.waits != b.waits || a.before != b.before || a.after != b.after ||
+		a.samplesBefore != b.samplesBefore || a.samplesAfter != b.samplesAfter || len(a.hot) != len(b.hot) {
+		return false
+	}
+	for i := range a.hot {
+		if a.hot[i] != b.hot[i] {
+			return false
+		}
+	}
+	return true
 }
 
 func sourceTable(w io.Writer, ks []split, top int) {

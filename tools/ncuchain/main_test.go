@@ -102,12 +102,16 @@ func TestUnknownUnit(t *testing.T) {
 // (4 warps), k_b has no wait.
 const source = `"Kernel Name","k_a",
 "Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed","Other"
+"0x08","      ACQBULK","0","0","x"
 "0x10","      LDG.E R2, desc[UR4][R4.64]","3","4","x"
 "0x20","      LDG.E R3, desc[UR4][R6.64]","1","4","x"
 "0x30","      ACQBULK","2","4","x"
 "0x40","      LDS R5, [R7]","20","8","x"
 "0x50","      IDP.4A.S8.S8 R9, R9, R5, R9","7","1,200","x"
 "0x60","      EXIT","0","4","x"
+"Kernel Name","k_b",
+"Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed"
+"0x10","      MOV R1, R2","5","64"
 "Kernel Name","k_b",
 "Address","Source","Warp Stall Sampling (All Samples)","Instructions Executed"
 "0x10","      MOV R1, R2","5","64"
@@ -122,8 +126,9 @@ func TestSourceSplitsAtTheWait(t *testing.T) {
 		t.Fatalf("kernels %+v", ks)
 	}
 	a := ks[0]
-	// Before: the two loads (8); after: the wait and the rest (4 + 8 +
-	// 1,200 + 4 = 1,216), 4 warps.
+	// Before: the two loads (8; the wait no warp executes does not split);
+	// after: the wait and the rest (4 + 8 + 1,200 + 4 = 1,216), 4 warps.
+	// k_b's section printed twice counts once.
 	if a.waits != 4 || a.before != 8 || a.after != 1216 || a.samplesBefore != 4 || a.samplesAfter != 29 {
 		t.Errorf("k_a: waits %v before %v after %v samples %v / %v", a.waits, a.before, a.after, a.samplesBefore, a.samplesAfter)
 	}
