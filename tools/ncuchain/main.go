@@ -32,6 +32,7 @@ import (
 	"io"
 	"os"
 	"regexp"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -254,16 +255,8 @@ func parseSource(r io.Reader) ([]split, error) {
 
 // sameSplit reports whether a and b are one section printed twice.
 func sameSplit(a, b split) bool {
-	if a.name != b.name || a.waits != b.waits || a.before != b.before || a.after != b.after ||
-		a.samplesBefore != b.samplesBefore || a.samplesAfter != b.samplesAfter || len(a.hot) != len(b.hot) {
-		return false
-	}
-	for i := range a.hot {
-		if a.hot[i] != b.hot[i] {
-			return false
-		}
-	}
-	return true
+	return a.name == b.name && a.waits == b.waits && a.before == b.before && a.after == b.after &&
+		a.samplesBefore == b.samplesBefore && a.samplesAfter == b.samplesAfter && slices.Equal(a.hot, b.hot)
 }
 
 func sourceTable(w io.Writer, ks []split, top int) {

@@ -58,7 +58,7 @@ DEVICE void gemv_t1_regs_tail(const u32 (&b)[GEMV_REGS_C][2][8], const float (&w
     for (int r = 0; r < R; r++) out[r] += (float)dot32_biased(b[j][r], xa[j], xb[j], xsm[j]) * (ws[j][r] * xscale[j]);
   }
   TRACE_MARK_DEP(__float_as_uint(out[0]));
-  warp_rows_rs(out, lane, row0, N, rs, y);
+  warp_rows_out(out, lane, row0, N, rs, y);
   TRACE_MARK();
 }
 

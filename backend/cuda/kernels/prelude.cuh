@@ -128,32 +128,19 @@ DEVICE float warp_sum(float v) {
   return v;
 }
 
-// A warp's R row sums into y: each summed over the lanes, then lane r
-// stores row row0 + r (where < N) times its row scale / 2 (the weights'
-// codes are twice their values).
-template <int R>
-DEVICE void warp_rows_out(float (&o)[R], int lane, int row0, int N, const float* __restrict__ row_scale,
-                          float* __restrict__ y) {
-#pragma unroll
-  for (int r = 0; r < R; r++) o[r] = warp_sum(o[r]);
-#pragma unroll
-  for (int r = 0; r < R; r++)
-    if (lane == r && row0 + r < N) y[row0 + r] = o[r] * (row_scale[row0 + r] * 0.5f);
-}
-
-// Lane r's row scale for warp_rows_rs (0 past N or R), loaded before a
-// kernel's wait: loaded at the end, as warp_rows_out does, it is a
-// round trip to memory on the chain after the products (docs/perf.md,
-// 2026-12-01 (35)).
+// Lane r's row scale for warp_rows_out (0 past N or R). Kernels load it
+// before their wait: loaded after the products, it was one more round
+// trip to memory on the chain (docs/perf.md, 2026-12-01 (35)).
 template <int R>
 DEVICE float lane_row_scale(int lane, int row0, int N, const float* __restrict__ row_scale) {
   return lane < R && row0 + lane < N ? __ldg(row_scale + row0 + lane) : 0.f;
 }
 
-// warp_rows_out with lane r holding row r's scale in rs (lane_row_scale):
-// the same values.
+// A warp's R row sums into y: each summed over the lanes, then lane r
+// stores row row0 + r (where < N) times its row scale rs (lane_row_scale)
+// / 2 (the weights' codes are twice their values).
 template <int R>
-DEVICE void warp_rows_rs(float (&o)[R], int lane, int row0, int N, float rs, float* __restrict__ y) {
+DEVICE void warp_rows_out(float (&o)[R], int lane, int row0, int N, float rs, float* __restrict__ y) {
 #pragma unroll
   for (int r = 0; r < R; r++) o[r] = warp_sum(o[r]);
 #pragma unroll

@@ -284,7 +284,7 @@ extern "C" __global__ void __launch_bounds__(128)
       o[r] += (float)dot32_split(w[r], xa, xb) * (e4m3(s[r]) * xscale);
     }
   }
-  warp_rows_rs(o, lane, row0, N, rs, y);
+  warp_rows_out(o, lane, row0, N, rs, y);
 }
 
 // The residual add and single-row norm before a layer's first products
@@ -419,7 +419,7 @@ DEVICE void add_norm_gemv(const u8* __restrict__ codes1, const u8* __restrict__ 
 #pragma unroll
       for (int r = 0; r < R; r++) o[r] += (float)dot32_biased(wb[hf][r], xa, xb, xsm) * (ws[hf][r] * xscale);
     }
-    warp_rows_rs(o, lane, row0, N, rs, y);
+    warp_rows_out(o, lane, row0, N, rs, y);
   }
   TRACE_MARK();
   if (tid == 0) last_s = ticket == gridDim.x - 1;
