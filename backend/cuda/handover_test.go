@@ -470,3 +470,139 @@ func BenchmarkHandover(b *testing.B) {
 		})
 	}
 }
+
+// chainOf queues handover_stage launches of the kernels names in turn over
+// blocks blocks (a multiple of 8), one stage each.
+func (p *handoverProbe) chainOf(names []string, blocks, stages int) error {
+	ks := make([]*Kernel, len(names))
+	for i, name := range names {
+		k, err := p.c.Kernel("util", name)
+		if err != nil {
+			return err
+		}
+		ks[i] = k
+	}
+	for s := 0; s < stages; s++ {
+		in, out := p.x.Ptr, p.y.Ptr
+		if s%2 == 1 {
+			in, out = out, in
+		}
+		if err := p.c.Launch(ks[s%len(ks)], D1(blocks), D1(256), 0, in, out, p.n); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// clusterChains are BenchmarkHandoverCluster's forms: the same stage as a
+// plain launch, as clusters of 2 or 8 blocks, and plain and clusters of 8
+// in turn (a decode layer's mix).
+var clusterChains = map[string][]string{
+	"plain":          {"handover_stage"},
+	"cluster2":       {"handover_stage_c2"},
+	"cluster8":       {"handover_stage_c8"},
+	"plain_cluster8": {"handover_stage", "handover_stage_c8"},
+}
+
+// The cluster forms of the hand-over stage write what the plain one
+// writes, bit for bit, after four stages.
+func TestHandoverClusterStagesAgree(t *testing.T) {
+	d := testDevice(t)
+	defer d.Close()
+	if d.Info().CC < 90 {
+		t.Skipf("clusters need compute capability 9.0, the device has %d", d.Info().CC)
+	}
+	r := testRand(t)
+	err := d.Do(func(c *Ctx) error {
+		p, err := newHandoverProbe(c)
+		if err != nil {
+			return err
+		}
+		defer p.free()
+		blocks := p.blocks / 8 * 8
+		x := randVec(r, p.n, 1)
+		var want []byte
+		for _, name := range []string{"plain", "cluster2", "cluster8", "plain_cluster8"} {
+			if err := errors.Join(CopyIn(c, p.x.Ptr, x), c.Memset(p.y.Ptr, 0, 4*p.n), p.chainOf(clusterChains[name], blocks, 4), c.Sync()); err != nil {
+				return err
+			}
+			got := readBytes(t, c, p.x.Ptr, 4*p.n)
+			if want == nil {
+				want = got
+			} else if j := firstDiff(want, got); j >= 0 {
+				t.Errorf("%s: byte %d differs from the plain launches'", name, j)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+// BenchmarkHandoverCluster: us a stage of 200 chained hand-over stages in
+// a graph with programmatic dependent launch, 128 blocks, as plain
+// launches, cluster launches, or both in turn.
+func BenchmarkHandoverCluster(b *testing.B) {
+	d := benchDevice(b)
+	const launches = 200
+	var p *handoverProbe
+	graphs := map[string]*graph{}
+	var releases []func()
+	err := d.Do(func(c *Ctx) error {
+		var err error
+		if p, err = newHandoverProbe(c); err != nil {
+			return err
+		}
+		if err := errors.Join(c.Memset(p.x.Ptr, 0, 4*p.n), c.Memset(p.y.Ptr, 0, 4*p.n)); err != nil {
+			return err
+		}
+		blocks := p.blocks / 8 * 8
+		return withPDL(c, true, func() error {
+			for name, ks := range clusterChains {
+				g, release, err := capturedPDL(c, func() error { return p.chainOf(ks, blocks, launches) })
+				if err != nil {
+					return err
+				}
+				graphs[name] = g
+				releases = append(releases, release)
+			}
+			return nil
+		})
+	})
+	b.Cleanup(func() {
+		d.Do(func(c *Ctx) error {
+			for _, r := range releases {
+				r()
+			}
+			if p != nil {
+				return p.free()
+			}
+			return nil
+		})
+	})
+	if err != nil {
+		b.Fatal(err)
+	}
+	for _, name := range []string{"plain", "cluster2", "cluster8", "plain_cluster8"} {
+		g := graphs[name]
+		b.Run(name, func(b *testing.B) {
+			var runs []float64
+			err := d.Do(func(c *Ctx) error {
+				for range 5 {
+					ms, err := timeEvents(c, 3, func() error { return check("cuGraphLaunch", drv.cuGraphLaunch(g.exec, c.stream)) })
+					if err != nil {
+						return err
+					}
+					runs = append(runs, float64(ms)*1e3/float64(3*launches))
+				}
+				return c.Sync()
+			})
+			if err != nil {
+				b.Fatal(err)
+			}
+			b.ReportMetric(slices.Min(runs), "us/stage")
+			b.Logf("%s: us a stage over 5 runs: %.3f", name, runs)
+		})
+	}
+}

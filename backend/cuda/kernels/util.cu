@@ -80,6 +80,20 @@ extern "C" __global__ void __launch_bounds__(256) handover_stage(const float* x,
   handover_float_stage(x, y, n, xs, red);
 }
 
+// handover_stage as a cluster launch of CL blocks (gridDim.x a multiple of
+// CL): whether a cluster launch's wait returns later after the launch
+// before it ends (BenchmarkHandoverCluster).
+#define HO_CLUSTER_STAGE(CL)                                                                                   \
+  extern "C" __global__ void __cluster_dims__(CL, 1, 1) __launch_bounds__(256)                               \
+      handover_stage_c##CL(const float* x, float* y, int n) {                                                 \
+    __shared__ float xs[256 * HO_PER], red[8];                                                                \
+    PDL_LAUNCH();                                                                                             \
+    PDL_WAIT();                                                                                               \
+    handover_float_stage(x, y, n, xs, red);                                                                   \
+  }
+HO_CLUSTER_STAGE(2)
+HO_CLUSTER_STAGE(8)
+
 // stages stages over buf[0..n) and buf[n..2n) in turn, from buf[0..n);
 // count starts at 0. sync = 0 leaves the count out (each block reads
 // whatever is there: the stage's cost inside a block alone).
