@@ -618,7 +618,7 @@ func (c *Ctx) module(name string) (*module, error) {
 	if img := readCache(dir, key); img != nil {
 		if drv.cuModuleLoadData(&m.handle, unsafe.Pointer(&img[0])) == 0 {
 			c.modules[name] = m
-			return m, c.traceModule(m)
+			return m, errors.Join(c.traceModule(m), c.delayModule(m))
 		}
 		// A stale or damaged file: compile afresh and overwrite it.
 	}
@@ -637,7 +637,7 @@ func (c *Ctx) module(name string) (*module, error) {
 	}
 	writeCache(dir, key, img)
 	c.modules[name] = m
-	return m, c.traceModule(m)
+	return m, errors.Join(c.traceModule(m), c.delayModule(m))
 }
 
 // compileJob is one module's compile on another thread.

@@ -23,4 +23,5 @@
 //	MMFP4_CUDA_FLASH_EXACT "1": attention on the tensor cores in the exact form (slower): the prefill's over the bf16 and fp8 caches and the decode's over the bf16 cache, whose default f16 operands are about 5e-4 from it (the fp4 cache always takes the exact form)
 //	MMFP4_CUDA_STEPTIME "1": split each step's wall time into host, launching and device time; on stderr at Close
 //	MMFP4_CUDA_TRACE   a file name: when each block of each kernel of one decode step starts, passes its wait and its marks (trace.go)
+//	MMFP4_CUDA_DELAY   "i=ns,...": spin ns nanoseconds after the wait of a decode layer's stage i (0-7, delay.go), to see how much of a stage lies on a step's path
 package cuda

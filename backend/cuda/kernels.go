@@ -26,7 +26,13 @@ const preludeFile = "kernels/prelude.cuh"
 // MMFP4_CUDA_NVRTC_OPTIONS adds options (space-separated), for example a
 // -D that picks a kernel variant under measurement, so that one build can
 // time both forms; the cache key includes them.
-var compileOptions = append([]string{"-std=c++17"}, strings.Fields(os.Getenv("MMFP4_CUDA_NVRTC_OPTIONS"))...)
+var compileOptions = func() []string {
+	o := append([]string{"-std=c++17"}, strings.Fields(os.Getenv("MMFP4_CUDA_NVRTC_OPTIONS"))...)
+	if os.Getenv("MMFP4_CUDA_DELAY") != "" {
+		o = append(o, "-DMM_DELAY")
+	}
+	return o
+}()
 
 // Modules lists the embedded kernel modules (one per kernels/*.cu file).
 func Modules() []string {

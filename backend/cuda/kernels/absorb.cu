@@ -641,6 +641,7 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(256, 2)
   }
 
   PDL_WAIT();
+  STAGE_DELAY(1);
   // The q_a norm, norm_gemv_t1's arithmetic.
   norm_row_shared(x, gv, eps, K, Gq, on, c == 0 && h == 0, lane, warp, k0, partial, sq, ssc, out, xq, xs, xsum);
   __syncthreads();

@@ -1304,6 +1304,7 @@ DEVICE void decode_mma(float* __restrict__ olat, int ldo, const float* __restric
   // Weights of the padding rows and heads stay zero.
   for (int i = tid; i < PROWS * PLD / 2; i += DM_THREADS) ((u32*)pw)[i] = 0u;
   PDL_WAIT();  // the queries and this step's cache entries
+  STAGE_DELAY(2);
   if (stamp && tid == 0) stamp[1] = globaltimer_after((int)lead[0]);
 
 #pragma unroll
@@ -1817,6 +1818,7 @@ extern "C" __global__ void __cluster_dims__(DCV_CL, 1, 1) __launch_bounds__(1024
   for (int r = 0; r < 4; r++) s[r] = __ldg(scales + (size_t)(row0 + r) * GK + (sl >> gshift));
   const float rs = __ldg(row_scale + row0 + (sl & 3));
   PDL_WAIT();
+  STAGE_DELAY(3);
   // This thread's split's maximum and sum (tid < S), and its float4 column
   // f in every eighth split from cl's.
   const size_t mls = (size_t)heads * 2, accs = (size_t)heads * K;

@@ -108,6 +108,7 @@ extern "C" __global__ void __launch_bounds__(32 * WARPS)
   chunks_biased(w, s, C, b, ws);
   const float rsv = lane_row_scale<R>(lane, row0, N, row_scale);
   PDL_WAIT();
+  STAGE_DELAY(4);
   // Where every lane has a chunk in every slot (o_proj: K = 5120), the
   // activations' loads carry no condition, so that ptxas can issue all of
   // them at once; with a condition a slot, it issued each slot's loads

@@ -879,6 +879,7 @@ extern "C" __global__ void __cluster_dims__(ROUTER_CLUSTER, 1, 1) __launch_bound
   if (on) ldg8(gain + k0, gv);
   const float be = bias[e];
   PDL_WAIT();
+  STAGE_DELAY(5);
   float v[8];
   router_add_row(a, c, k0, on, lane, warp, v, partial);
   TRACE_MARK();
@@ -1141,9 +1142,13 @@ DEVICE int gate_up_expert(const Expert* __restrict__ experts, const i32* __restr
     for (int e = tid; e < nexperts; e += blockDim.x) tab[e] = gate_up_of(experts[e]);
     __syncthreads();
     PDL_WAIT();
+    STAGE_DELAY(6);
     return ids[slot];
   }
-  if (slot < topk) PDL_WAIT();
+  if (slot < topk) {
+    PDL_WAIT();
+    STAGE_DELAY(6);
+  }
   return slot_expert(ids, slot, topk, nexperts);
 }
 
@@ -1304,6 +1309,7 @@ DEVICE void down_hq(const Expert* __restrict__ experts, const i32* __restrict__ 
   const float rsc = lane < 4 ? ex.down.row_scale[min(row0 + lane, N - 1)] : 0.f;
   l2_ahead(ahead, lines);
   PDL_WAIT();
+  STAGE_DELAY(7);
   TRACE_MARK_DEP(w[0][0].x ^ w[1][3].w ^ __float_as_uint(rsc));
   if (lane == 0) wsm[slot] = slot < topk ? wts[slot] : 1.f;
   // The row that the sum adds to, requested before the products: after

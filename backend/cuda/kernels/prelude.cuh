@@ -376,6 +376,24 @@ DEVICE unsigned long long globaltimer_after(int dep) {
   return t;
 }
 
+// Stage delays (MMFP4_CUDA_DELAY, delay.go): STAGE_DELAY(i) after the
+// wait of a decode layer's stage i spins for mm_delay[i] ns in every
+// thread, so that a step's time against the delay shows how much of a
+// stage's own time lies on the step's path. Compiled only with MM_DELAY.
+#ifdef MM_DELAY
+__constant__ unsigned mm_delay[8];
+DEVICE void stage_delay(int i) {
+  const unsigned ns = mm_delay[i];
+  if (ns == 0) return;
+  const unsigned long long t0 = globaltimer();
+  while (globaltimer() - t0 < ns) {
+  }
+}
+#define STAGE_DELAY(i) stage_delay(i)
+#else
+#define STAGE_DELAY(i)
+#endif
+
 // Kernel tracing (MMFP4_CUDA_TRACE, trace.go): the host rewrites each
 // PDL_LAUNCH, PDL_WAIT and TRACE_MARK of a module as PDL_LAUNCH_K,
 // PDL_WAIT_K, TRACE_MARK_K with the site's number, and thread 0 of every

@@ -362,6 +362,7 @@ DEVICE void add_norm_gemv(const u8* __restrict__ codes1, const u8* __restrict__ 
   const float rs = lane_row_scale<R>(lane, row0, N, row_scale);
   l2_ahead(ahead, lines);
   PDL_WAIT();
+  STAGE_DELAY(0);
   float v[PM][8];
 #pragma unroll
   for (int p = 0; p < PM; p++) {
