@@ -379,17 +379,7 @@ func BenchmarkHandover(b *testing.B) {
 		}
 		return err
 	})
-	b.Cleanup(func() {
-		d.Do(func(c *Ctx) error {
-			for _, r := range releases {
-				r()
-			}
-			if p != nil {
-				return p.free()
-			}
-			return nil
-		})
-	})
+	releaseProbe(b, d, &p, &releases)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -570,17 +560,7 @@ func BenchmarkHandoverCluster(b *testing.B) {
 			return nil
 		})
 	})
-	b.Cleanup(func() {
-		d.Do(func(c *Ctx) error {
-			for _, r := range releases {
-				r()
-			}
-			if p != nil {
-				return p.free()
-			}
-			return nil
-		})
-	})
+	releaseProbe(b, d, &p, &releases)
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -605,4 +585,20 @@ func BenchmarkHandoverCluster(b *testing.B) {
 			b.Logf("%s: us a stage over 5 runs: %.3f", name, runs)
 		})
 	}
+}
+
+// releaseProbe releases a benchmark's graphs and frees its probe (if
+// made) when the benchmark ends.
+func releaseProbe(b *testing.B, d *Device, p **handoverProbe, releases *[]func()) {
+	b.Cleanup(func() {
+		d.Do(func(c *Ctx) error {
+			for _, r := range *releases {
+				r()
+			}
+			if *p != nil {
+				return (*p).free()
+			}
+			return nil
+		})
+	})
 }
