@@ -19,7 +19,7 @@ func mapFile(fd *os.File, size int) ([]byte, func() error, error) {
 	// Where the kernel keeps file pages in 2 MB folios, pages read from disk
 	// through this mapping come in whole folios and are mapped with one
 	// entry each: fewer faults and TLB misses. Best effort.
-	_ = unix.Madvise(data, unix.MADV_HUGEPAGE)
+	adviseHugePages(data)
 	return data, func() error { return unix.Munmap(data) }, nil
 }
 
@@ -34,7 +34,7 @@ const prefaultChunk = 64 << 20
 // MADV_POPULATE_READ: then pages keep loading on first touch.
 func prefault(data []byte) error {
 	for off := 0; off < len(data); off += prefaultChunk {
-		err := unix.Madvise(data[off:min(off+prefaultChunk, len(data))], unix.MADV_POPULATE_READ)
+		err := populateRead(data[off:min(off+prefaultChunk, len(data))])
 		if errors.Is(err, unix.EINVAL) {
 			return nil
 		}
