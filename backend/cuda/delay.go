@@ -38,10 +38,6 @@ func parseStageDelays(v string) (d [8]uint32, err error) {
 	return d, nil
 }
 
-// delaying reports whether MMFP4_CUDA_DELAY is set (the modules then
-// compile with MM_DELAY).
-var delaying = os.Getenv("MMFP4_CUDA_DELAY") != ""
-
 // delayModule sets a freshly loaded module's mm_delay to stageDelays.
 func (c *Ctx) delayModule(m *module) error {
 	if !delaying {

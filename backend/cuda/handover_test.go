@@ -89,16 +89,26 @@ func (p *handoverProbe) readBytes() (uint64, error) {
 // chain queues stages launches of handover_stage from x; the result is in
 // x for even stages, else y.
 func (p *handoverProbe) chain(stages int) error {
-	k, err := p.c.Kernel("util", "handover_stage")
-	if err != nil {
-		return err
+	return p.chainOf([]string{"handover_stage"}, p.blocks, stages)
+}
+
+// chainOf is chain with the kernels names launched in turn, over blocks
+// blocks.
+func (p *handoverProbe) chainOf(names []string, blocks, stages int) error {
+	ks := make([]*Kernel, len(names))
+	for i, name := range names {
+		k, err := p.c.Kernel("util", name)
+		if err != nil {
+			return err
+		}
+		ks[i] = k
 	}
 	for s := 0; s < stages; s++ {
 		in, out := p.x.Ptr, p.y.Ptr
 		if s%2 == 1 {
 			in, out = out, in
 		}
-		if err := p.c.Launch(k, D1(p.blocks), D1(256), 0, in, out, p.n); err != nil {
+		if err := p.c.Launch(ks[s%len(ks)], D1(blocks), D1(256), 0, in, out, p.n); err != nil {
 			return err
 		}
 	}
@@ -461,37 +471,17 @@ func BenchmarkHandover(b *testing.B) {
 	}
 }
 
-// chainOf queues handover_stage launches of the kernels names in turn over
-// blocks blocks (a multiple of 8), one stage each.
-func (p *handoverProbe) chainOf(names []string, blocks, stages int) error {
-	ks := make([]*Kernel, len(names))
-	for i, name := range names {
-		k, err := p.c.Kernel("util", name)
-		if err != nil {
-			return err
-		}
-		ks[i] = k
-	}
-	for s := 0; s < stages; s++ {
-		in, out := p.x.Ptr, p.y.Ptr
-		if s%2 == 1 {
-			in, out = out, in
-		}
-		if err := p.c.Launch(ks[s%len(ks)], D1(blocks), D1(256), 0, in, out, p.n); err != nil {
-			return err
-		}
-	}
-	return nil
-}
-
 // clusterChains are BenchmarkHandoverCluster's forms: the same stage as a
 // plain launch, as clusters of 2 or 8 blocks, and plain and clusters of 8
 // in turn (a decode layer's mix).
-var clusterChains = map[string][]string{
-	"plain":          {"handover_stage"},
-	"cluster2":       {"handover_stage_c2"},
-	"cluster8":       {"handover_stage_c8"},
-	"plain_cluster8": {"handover_stage", "handover_stage_c8"},
+var clusterChains = []struct {
+	name    string
+	kernels []string
+}{
+	{"plain", []string{"handover_stage"}},
+	{"cluster2", []string{"handover_stage_c2"}},
+	{"cluster8", []string{"handover_stage_c8"}},
+	{"plain_cluster8", []string{"handover_stage", "handover_stage_c8"}},
 }
 
 // The cluster forms of the hand-over stage write what the plain one
@@ -512,15 +502,15 @@ func TestHandoverClusterStagesAgree(t *testing.T) {
 		blocks := p.blocks / 8 * 8
 		x := randVec(r, p.n, 1)
 		var want []byte
-		for _, name := range []string{"plain", "cluster2", "cluster8", "plain_cluster8"} {
-			if err := errors.Join(CopyIn(c, p.x.Ptr, x), c.Memset(p.y.Ptr, 0, 4*p.n), p.chainOf(clusterChains[name], blocks, 4), c.Sync()); err != nil {
+		for _, f := range clusterChains {
+			if err := errors.Join(CopyIn(c, p.x.Ptr, x), c.Memset(p.y.Ptr, 0, 4*p.n), p.chainOf(f.kernels, blocks, 4), c.Sync()); err != nil {
 				return err
 			}
 			got := readBytes(t, c, p.x.Ptr, 4*p.n)
 			if want == nil {
 				want = got
 			} else if j := firstDiff(want, got); j >= 0 {
-				t.Errorf("%s: byte %d differs from the plain launches'", name, j)
+				t.Errorf("%s: byte %d differs from the plain launches'", f.name, j)
 			}
 		}
 		return nil
@@ -549,12 +539,12 @@ func BenchmarkHandoverCluster(b *testing.B) {
 		}
 		blocks := p.blocks / 8 * 8
 		return withPDL(c, true, func() error {
-			for name, ks := range clusterChains {
-				g, release, err := capturedPDL(c, func() error { return p.chainOf(ks, blocks, launches) })
+			for _, f := range clusterChains {
+				g, release, err := capturedPDL(c, func() error { return p.chainOf(f.kernels, blocks, launches) })
 				if err != nil {
 					return err
 				}
-				graphs[name] = g
+				graphs[f.name] = g
 				releases = append(releases, release)
 			}
 			return nil
@@ -564,8 +554,8 @@ func BenchmarkHandoverCluster(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	for _, name := range []string{"plain", "cluster2", "cluster8", "plain_cluster8"} {
-		g := graphs[name]
+	for _, f := range clusterChains {
+		name, g := f.name, graphs[f.name]
 		b.Run(name, func(b *testing.B) {
 			var runs []float64
 			err := d.Do(func(c *Ctx) error {

@@ -28,11 +28,15 @@ const preludeFile = "kernels/prelude.cuh"
 // time both forms; the cache key includes them.
 var compileOptions = func() []string {
 	o := append([]string{"-std=c++17"}, strings.Fields(os.Getenv("MMFP4_CUDA_NVRTC_OPTIONS"))...)
-	if os.Getenv("MMFP4_CUDA_DELAY") != "" {
+	if delaying {
 		o = append(o, "-DMM_DELAY")
 	}
 	return o
 }()
+
+// delaying reports whether MMFP4_CUDA_DELAY is set: the modules then
+// compile with MM_DELAY (delay.go).
+var delaying = os.Getenv("MMFP4_CUDA_DELAY") != ""
 
 // Modules lists the embedded kernel modules (one per kernels/*.cu file).
 func Modules() []string {
