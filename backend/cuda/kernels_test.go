@@ -114,3 +114,106 @@ func TestPrecompileFillsCache(t *testing.T) {
 		t.Errorf("%d files in the cache for %d modules: %v", len(files), len(Modules()), files)
 	}
 }
+
+// Every kernel takes at most maxKernelArgs parameters, the most Launch
+// marshals: a kernel past it compiles and fails only at its first launch,
+// on a GPU. Read from the sources: the parameters of each __global__
+// function (after its attributes), counted by top-level commas.
+func TestKernelParamsFitLaunch(t *testing.T) {
+	counts := map[string]int{}
+	for _, m := range Modules() {
+		src, err := moduleSourcePlain(m)
+		if err != nil {
+			t.Fatal(err)
+		}
+		for name, n := range kernelParamCounts(src) {
+			counts[name] = n
+		}
+	}
+	if len(counts) < 50 {
+		t.Fatalf("%d kernels found in the sources, want at least 50", len(counts))
+	}
+	// A known count, so that a parser that miscounts fails here.
+	if n := counts["moe_router_cluster_norm"]; n != 23 {
+		t.Fatalf("moe_router_cluster_norm: %d parameters read, it has 23", n)
+	}
+	for name, n := range counts {
+		if n > maxKernelArgs {
+			t.Errorf("kernel %s: %d parameters, Launch takes at most %d", name, n, maxKernelArgs)
+		}
+	}
+}
+
+// kernelParamCounts maps each __global__ function of src to its number of
+// parameters.
+func kernelParamCounts(src string) map[string]int {
+	out := map[string]int{}
+	for rest := src; ; {
+		i := strings.Index(rest, "__global__")
+		if i < 0 {
+			return out
+		}
+		rest = rest[i+len("__global__"):]
+		// Skip the return type and the attributes (__launch_bounds__(...),
+		// __cluster_dims__(...)); the first other name before a '(' is the
+		// kernel's.
+		name, params := "", ""
+		for p := rest; ; {
+			j := strings.IndexByte(p, '(')
+			if j < 0 {
+				break
+			}
+			fields := strings.Fields(strings.ReplaceAll(p[:j], "\\", " "))
+			if len(fields) == 0 {
+				break
+			}
+			end := matchingParen(p, j)
+			if end < 0 {
+				break
+			}
+			if id := fields[len(fields)-1]; !strings.HasPrefix(id, "__") {
+				name, params = id, p[j+1:end]
+				break
+			}
+			p = p[end+1:]
+		}
+		if name == "" {
+			continue
+		}
+		n, depth := 1, 0
+		for _, r := range params {
+			switch r {
+			case '(', '<', '[':
+				depth++
+			case ')', '>', ']':
+				depth--
+			case ',':
+				if depth == 0 {
+					n++
+				}
+			}
+		}
+		if strings.TrimSpace(params) == "" {
+			n = 0
+		}
+		out[name] = n
+	}
+}
+
+// matchingParen returns the index of the ')' closing the '(' at s[open],
+// or -1.
+func matchingParen(s string, open int) int {
+	depth := 0
+	for i := open; i < len(s); i++ {
+		switch s[i] {
+		case '(':
+			depth++
+		case ')':
+			depth--
+			if depth == 0 {
+				return i
+			}
+		}
+	}
+	return -1
+}
