@@ -3,6 +3,7 @@ package cuda
 import (
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 )
@@ -118,86 +119,75 @@ func TestPrecompileFillsCache(t *testing.T) {
 // Every kernel takes at most maxKernelArgs parameters, the most Launch
 // marshals: a kernel past it compiles and fails only at its first launch,
 // on a GPU. Read from the sources: the parameters of each __global__
-// function (after its attributes), counted by top-level commas.
+// function (named as the trace names kernels), counted by top-level commas.
 func TestKernelParamsFitLaunch(t *testing.T) {
-	counts := map[string]int{}
+	var kernels []kernelParams
 	for _, m := range Modules() {
 		src, err := moduleSourcePlain(m)
 		if err != nil {
 			t.Fatal(err)
 		}
-		for name, n := range kernelParamCounts(src) {
-			counts[name] = n
-		}
+		kernels = append(kernels, kernelParamCounts(src)...)
 	}
-	if len(counts) < 50 {
-		t.Fatalf("%d kernels found in the sources, want at least 50", len(counts))
+	if len(kernels) < 50 {
+		t.Fatalf("%d kernels found in the sources, want at least 50", len(kernels))
 	}
 	// A known count, so that a parser that miscounts fails here.
-	if n := counts["moe_router_cluster_norm"]; n != 23 {
-		t.Fatalf("moe_router_cluster_norm: %d parameters read, it has 23", n)
+	if i := slices.IndexFunc(kernels, func(k kernelParams) bool { return k.name == "moe_router_cluster_norm" }); i < 0 || kernels[i].n != 23 {
+		t.Fatalf("moe_router_cluster_norm: parameters not read as its 23")
 	}
-	for name, n := range counts {
-		if n > maxKernelArgs {
-			t.Errorf("kernel %s: %d parameters, Launch takes at most %d", name, n, maxKernelArgs)
+	for _, k := range kernels {
+		if k.n > maxKernelArgs {
+			t.Errorf("kernel %s: %d parameters, Launch takes at most %d", k.name, k.n, maxKernelArgs)
 		}
 	}
 }
 
-// kernelParamCounts maps each __global__ function of src to its number of
-// parameters.
-func kernelParamCounts(src string) map[string]int {
-	out := map[string]int{}
-	for rest := src; ; {
-		i := strings.Index(rest, "__global__")
-		if i < 0 {
-			return out
-		}
-		rest = rest[i+len("__global__"):]
-		// Skip the return type and the attributes (__launch_bounds__(...),
-		// __cluster_dims__(...)); the first other name before a '(' is the
-		// kernel's.
-		name, params := "", ""
-		for p := rest; ; {
-			j := strings.IndexByte(p, '(')
-			if j < 0 {
-				break
+// kernelParams is a kernel's name (a macro's parameter for kernels that a
+// macro defines) and its number of parameters.
+type kernelParams struct {
+	name string
+	n    int
+}
+
+// kernelParamCounts lists the __global__ functions of src: after each
+// __global__, the first name before a '(' that is not an attribute
+// (traceKernelName's rule), and the parameters in its parentheses.
+func kernelParamCounts(src string) []kernelParams {
+	var out []kernelParams
+	for _, part := range strings.Split(src, "__global__")[1:] {
+		for _, m := range traceKernelName.FindAllStringSubmatchIndex(part, -1) {
+			name := part[m[2]:m[3]]
+			if strings.HasPrefix(name, "__") || name == "void" {
+				continue
 			}
-			fields := strings.Fields(strings.ReplaceAll(p[:j], "\\", " "))
-			if len(fields) == 0 {
-				break
-			}
-			end := matchingParen(p, j)
+			open := m[1] - 1
+			end := matchingParen(part, open)
 			if end < 0 {
 				break
 			}
-			if id := fields[len(fields)-1]; !strings.HasPrefix(id, "__") {
-				name, params = id, p[j+1:end]
-				break
-			}
-			p = p[end+1:]
-		}
-		if name == "" {
-			continue
-		}
-		n, depth := 1, 0
-		for _, r := range params {
-			switch r {
-			case '(', '<', '[':
-				depth++
-			case ')', '>', ']':
-				depth--
-			case ',':
-				if depth == 0 {
-					n++
+			params := part[open+1 : end]
+			n, depth := 1, 0
+			for _, r := range params {
+				switch r {
+				case '(', '<', '[':
+					depth++
+				case ')', '>', ']':
+					depth--
+				case ',':
+					if depth == 0 {
+						n++
+					}
 				}
 			}
+			if strings.TrimSpace(params) == "" {
+				n = 0
+			}
+			out = append(out, kernelParams{name, n})
+			break
 		}
-		if strings.TrimSpace(params) == "" {
-			n = 0
-		}
-		out[name] = n
 	}
+	return out
 }
 
 // matchingParen returns the index of the ')' closing the '(' at s[open],
