@@ -12,8 +12,10 @@
 // how a launch's blocks spread.
 //
 // A layer's window starts -before layers' worth of time ahead of its anchor,
-// so that the kernels before the anchor fall in the same layer; the first
-// two and the last two layers are left out (the step's ends).
+// so that the kernels before the anchor fall in the same layer; a site
+// whose events would straddle that start gets windows of its own, moved
+// into its events' widest gap (siteBefore). The first two and the last two
+// layers are left out (the step's ends).
 package main
 
 import (
@@ -206,6 +208,47 @@ func window(at []float64, l int, before float64) (lo, hi float64) {
 	return at[l] - before*gapBefore, at[l] + (1-before)*gapAfter
 }
 
+// siteBefore is before for site s: where the site's events of a layer, as
+// phases of the layer windows' spans, leave their widest gap inside the
+// span rather than across its ends, the site's windows start in the middle
+// of that gap instead, in the layer that keeps its events nearest the
+// anchor. So that a launch whose
+// blocks pass a site on both sides of a window's start is not split
+// between two layers (its first, median and last would then mix them).
+// A site whose events leave no gap of a twentieth of a layer keeps before.
+func siteBefore(s *site, at []float64, before float64) float64 {
+	var g []float64
+	for l := 2; l < len(at)-2; l++ {
+		lo, hi := window(at, l, before)
+		i, _ := slices.BinarySearch(s.times, lo)
+		j, _ := slices.BinarySearch(s.times, hi)
+		for _, t := range s.times[i:j] {
+			g = append(g, (t-lo)/(hi-lo))
+		}
+	}
+	if len(g) < 2 {
+		return before
+	}
+	slices.Sort(g)
+	gap, at0 := g[0]+1-g[len(g)-1], 0 // the gap across the span's ends
+	for i := 1; i < len(g); i++ {
+		if d := g[i] - g[i-1]; d > gap {
+			gap, at0 = d, i
+		}
+	}
+	if at0 == 0 || gap < 0.05 {
+		return before
+	}
+	// The events lie from g[at0] round to g[at0-1]+1; the windows start at
+	// the gap's middle, or a layer before it, whichever puts the events'
+	// centre nearer the anchor (phase before).
+	mid, centre := (g[at0]+g[at0-1])/2, (g[at0]+g[at0-1]+1)/2
+	if math.Abs(centre-1-before) < math.Abs(centre-before) {
+		mid--
+	}
+	return before - mid
+}
+
 // listLayer writes every site's events in layer l's window, as times from
 // the anchor's moment (0.1 us apart at the finest) and the blocks at each.
 func listLayer(w io.Writer, sites []*site, anchor string, before float64, l int) error {
@@ -216,7 +259,6 @@ func listLayer(w io.Writer, sites []*site, anchor string, before float64, l int)
 	if l >= len(at) {
 		return fmt.Errorf("layer %d: the anchor %s is passed at %d moments", l, an.place, len(at))
 	}
-	lo, hi := window(at, l, before)
 	fmt.Fprintf(w, "layer %d of %d; times in us from %s (%s) : blocks\n", l, len(at), an.place, an.kernel)
 	type row struct {
 		s     *site
@@ -225,6 +267,7 @@ func listLayer(w io.Writer, sites []*site, anchor string, before float64, l int)
 	}
 	var rows []row
 	for _, s := range sites {
+		lo, hi := window(at, l, siteBefore(s, at, before))
 		i, _ := slices.BinarySearch(s.times, lo)
 		j, _ := slices.BinarySearch(s.times, hi)
 		if i == j {
@@ -265,9 +308,9 @@ func summarize(w io.Writer, sites []*site, anchor string, before float64) error 
 	var rows []row
 	for _, s := range sites {
 		var r row
-		n := 0
+		n, sb := 0, siteBefore(s, at, before)
 		for l := 2; l < len(at)-2; l++ {
-			lo, hi := window(at, l, before)
+			lo, hi := window(at, l, sb)
 			i, _ := slices.BinarySearch(s.times, lo)
 			j, _ := slices.BinarySearch(s.times, hi)
 			if i == j {

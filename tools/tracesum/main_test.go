@@ -95,3 +95,41 @@ func TestReadRejectsBadLines(t *testing.T) {
 		}
 	}
 }
+
+// A site whose blocks pass it on both sides of the default window's start
+// (two at 50 buckets, 6.4 us, ahead of the anchor and two at 44, 5.632 us:
+// the window starts 0.15 of 40 us ahead) stays in one layer.
+func TestSummarizeKeepsAStraddlingSiteInOneLayer(t *testing.T) {
+	var in strings.Builder
+	in.WriteString("# site file:line kernel event bucket(128 ns) count\n")
+	for l := range 10 {
+		b := 1000 + l*3125/10
+		fmt.Fprintf(&in, "1 a.cu:10 k PDL_WAIT %d 1\n", b)
+		fmt.Fprintf(&in, "3 a.cu:30 j TRACE_MARK %d 2\n", b-50)
+		fmt.Fprintf(&in, "3 a.cu:30 j TRACE_MARK %d 2\n", b-44)
+	}
+	sites, err := read(strings.NewReader(in.String()))
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out bytes.Buffer
+	if err := summarize(&out, sites, "a.cu:10", 0.15); err != nil {
+		t.Fatal(err)
+	}
+	var row []string
+	for _, line := range strings.Split(out.String(), "\n") {
+		if f := strings.Fields(line); len(f) == 8 && f[0] == "3" {
+			row = f
+		}
+	}
+	if got := strings.Join(row[4:], " "); got != "-6.40 -5.63 -5.63 4.0" {
+		t.Errorf("the straddling site's first, median, last and blocks %q, want -6.40 -5.63 -5.63 4.0:\n%s", got, out.String())
+	}
+	out.Reset()
+	if err := listLayer(&out, sites, "a.cu:10", 0.15, 3); err != nil {
+		t.Fatal(err)
+	}
+	if !strings.Contains(out.String(), " -6.4:2 -5.6:2\n") {
+		t.Errorf("layer 3's listing does not hold the site's four blocks:\n%s", out.String())
+	}
+}
