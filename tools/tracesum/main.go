@@ -298,8 +298,12 @@ func summarize(w io.Writer, sites []*site, anchor string, before float64) error 
 	if err != nil {
 		return err
 	}
-	layer := (at[len(at)-1] - at[0]) / float64(len(at)-1)
-	fmt.Fprintf(w, "%d layers of %.2f us; times in us from %s (%s), averaged over layers 3-%d\n", len(at), layer, an.place, an.kernel, len(at)-2)
+	// The layers averaged (2 to len-3, counting from 0) and their mean
+	// length, which the wait costs below wrap by: the step's other layers
+	// (the first, dense one; the last, before the head) differ.
+	layer := (at[len(at)-2] - at[2]) / float64(len(at)-4)
+	fmt.Fprintf(w, "%d layers (%.2f us a layer over the step); times in us from %s (%s), averaged over layers 3-%d, %.2f us a layer\n",
+		len(at), (at[len(at)-1]-at[0])/float64(len(at)-1), an.place, an.kernel, len(at)-2, layer)
 	fmt.Fprintf(w, "%5s %-22s %-30s %-15s %8s %8s %8s %8s\n", "site", "place", "kernel", "event", "first", "median", "last", "blocks")
 	type row struct {
 		s                          *site

@@ -50,11 +50,11 @@ func summarizeTenLayers(t *testing.T, sites []*site) {
 		t.Fatal(err)
 	}
 	lines := strings.Split(strings.TrimSpace(out.String()), "\n")
-	if len(lines) != 7 || !strings.HasPrefix(lines[0], "10 layers of ") {
+	if len(lines) != 7 || !strings.HasPrefix(lines[0], "10 layers (") || !strings.HasSuffix(lines[0], "averaged over layers 3-8, 40.00 us a layer") {
 		t.Fatalf("summary:\n%s", out.String())
 	}
-	if f := strings.Fields(lines[6]); f[0] != "a.cu:10" || f[2] != "39.99" {
-		t.Errorf("the anchor's launch costs %q, want a.cu:10 at 39.99 us (the whole layer)", lines[6])
+	if f := strings.Fields(lines[6]); f[0] != "a.cu:10" || f[2] != "40.00" {
+		t.Errorf("the anchor's launch costs %q, want a.cu:10 at 40.00 us (the whole layer, averaged over layers 3-8)", lines[6])
 	}
 	f := strings.Fields(lines[3])
 	if got := strings.Join(f[:1], " ") + " " + strings.Join(f[4:], " "); got != "2 2.94 3.20 3.20 4.0" {
