@@ -208,14 +208,14 @@ func window(at []float64, l int, before float64) (lo, hi float64) {
 	return at[l] - before*gapBefore, at[l] + (1-before)*gapAfter
 }
 
-// siteBefore is before for site s: where the site's events of a layer, as
-// phases of the layer windows' spans, leave their widest gap inside the
-// span rather than across its ends, the site's windows start in the middle
-// of that gap instead, in the layer that keeps its events nearest the
-// anchor. So that a launch whose
-// blocks pass a site on both sides of a window's start is not split
-// between two layers (its first, median and last would then mix them).
-// A site whose events leave no gap of a twentieth of a layer keeps before.
+// siteBefore is before for site s: where the site's events, as phases of
+// the layer windows' spans, leave their widest gap inside the span rather
+// than across its ends, the site's windows start in the middle of that gap
+// instead, in the layer that keeps its events nearest the anchor. So a
+// launch whose blocks pass the site on both sides of a window's start is
+// not split between two layers (its first, median and last would mix
+// them). A site whose events leave no gap of a twentieth of a layer keeps
+// before.
 func siteBefore(s *site, at []float64, before float64) float64 {
 	var g []float64
 	for l := 2; l < len(at)-2; l++ {
@@ -230,19 +230,21 @@ func siteBefore(s *site, at []float64, before float64) float64 {
 		return before
 	}
 	slices.Sort(g)
-	gap, at0 := g[0]+1-g[len(g)-1], 0 // the gap across the span's ends
+	// after is the first event past the widest gap (0: the gap across the
+	// span's ends).
+	gap, after := g[0]+1-g[len(g)-1], 0
 	for i := 1; i < len(g); i++ {
 		if d := g[i] - g[i-1]; d > gap {
-			gap, at0 = d, i
+			gap, after = d, i
 		}
 	}
-	if at0 == 0 || gap < 0.05 {
+	if after == 0 || gap < 0.05 {
 		return before
 	}
-	// The events lie from g[at0] round to g[at0-1]+1; the windows start at
-	// the gap's middle, or a layer before it, whichever puts the events'
+	// The events lie from g[after] round to g[after-1]+1; the windows start
+	// at the gap's middle, or a layer before it, whichever puts the events'
 	// centre nearer the anchor (phase before).
-	mid, centre := (g[at0]+g[at0-1])/2, (g[at0]+g[at0-1]+1)/2
+	mid, centre := (g[after]+g[after-1])/2, (g[after]+g[after-1]+1)/2
 	if math.Abs(centre-1-before) < math.Abs(centre-before) {
 		mid--
 	}

@@ -122,6 +122,9 @@ func TestSummarizeKeepsAStraddlingSiteInOneLayer(t *testing.T) {
 			row = f
 		}
 	}
+	if row == nil {
+		t.Fatalf("no row for site 3:\n%s", out.String())
+	}
 	if got := strings.Join(row[4:], " "); got != "-6.40 -5.63 -5.63 4.0" {
 		t.Errorf("the straddling site's first, median, last and blocks %q, want -6.40 -5.63 -5.63 4.0:\n%s", got, out.String())
 	}
