@@ -208,6 +208,13 @@ func window(at []float64, l int, before float64) (lo, hi float64) {
 	return at[l] - before*gapBefore, at[l] + (1-before)*gapAfter
 }
 
+// in is the site's events in [lo, hi).
+func (s *site) in(lo, hi float64) []float64 {
+	i, _ := slices.BinarySearch(s.times, lo)
+	j, _ := slices.BinarySearch(s.times, hi)
+	return s.times[i:j]
+}
+
 // siteBefore is before for site s: where the site's events, as phases of
 // the layer windows' spans, leave their widest gap inside the span rather
 // than across its ends, the site's windows start in the middle of that gap
@@ -220,9 +227,7 @@ func siteBefore(s *site, at []float64, before float64) float64 {
 	var g []float64
 	for l := 2; l < len(at)-2; l++ {
 		lo, hi := window(at, l, before)
-		i, _ := slices.BinarySearch(s.times, lo)
-		j, _ := slices.BinarySearch(s.times, hi)
-		for _, t := range s.times[i:j] {
+		for _, t := range s.in(lo, hi) {
 			g = append(g, (t-lo)/(hi-lo))
 		}
 	}
@@ -269,22 +274,20 @@ func listLayer(w io.Writer, sites []*site, anchor string, before float64, l int)
 	}
 	var rows []row
 	for _, s := range sites {
-		lo, hi := window(at, l, siteBefore(s, at, before))
-		i, _ := slices.BinarySearch(s.times, lo)
-		j, _ := slices.BinarySearch(s.times, hi)
-		if i == j {
+		ts := s.in(window(at, l, siteBefore(s, at, before)))
+		if len(ts) == 0 {
 			continue
 		}
 		var b strings.Builder
-		for k := i; k < j; {
-			t := math.Round((s.times[k]-at[l])*10) / 10
+		for k := 0; k < len(ts); {
+			t := math.Round((ts[k]-at[l])*10) / 10
 			n := 0
-			for ; k < j && math.Round((s.times[k]-at[l])*10)/10 == t; k++ {
+			for ; k < len(ts) && math.Round((ts[k]-at[l])*10)/10 == t; k++ {
 				n++
 			}
 			fmt.Fprintf(&b, " %.1f:%d", t, n)
 		}
-		rows = append(rows, row{s, s.times[i] - at[l], b.String()})
+		rows = append(rows, row{s, ts[0] - at[l], b.String()})
 	}
 	slices.SortStableFunc(rows, func(a, b row) int { return cmp.Compare(a.first, b.first) })
 	for _, r := range rows {
@@ -301,8 +304,9 @@ func summarize(w io.Writer, sites []*site, anchor string, before float64) error 
 		return err
 	}
 	// The layers averaged (2 to len-3, counting from 0) and their mean
-	// length, which the wait costs below wrap by: the step's other layers
-	// (the first, dense one; the last, before the head) differ.
+	// length, which the wait costs below wrap by: the layers left out at
+	// the step's ends may differ (a decode step's first, dense layer is
+	// longer).
 	layer := (at[len(at)-2] - at[2]) / float64(len(at)-4)
 	fmt.Fprintf(w, "%d layers (%.2f us a layer over the step); times in us from %s (%s), averaged over layers 3-%d, %.2f us a layer\n",
 		len(at), (at[len(at)-1]-at[0])/float64(len(at)-1), an.place, an.kernel, len(at)-2, layer)
@@ -316,13 +320,10 @@ func summarize(w io.Writer, sites []*site, anchor string, before float64) error 
 		var r row
 		n, sb := 0, siteBefore(s, at, before)
 		for l := 2; l < len(at)-2; l++ {
-			lo, hi := window(at, l, sb)
-			i, _ := slices.BinarySearch(s.times, lo)
-			j, _ := slices.BinarySearch(s.times, hi)
-			if i == j {
+			ts := s.in(window(at, l, sb))
+			if len(ts) == 0 {
 				continue
 			}
-			ts := s.times[i:j]
 			r.first += ts[0] - at[l]
 			r.median += ts[len(ts)/2] - at[l]
 			r.last += ts[len(ts)-1] - at[l]
