@@ -658,13 +658,7 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(256, 2)
 #pragma unroll
     for (int r = 0; r < 8; r++) o[r] += (float)dot32_split(w[r], xa, xb) * (e4m3(s[r]) * xscale);
   }
-  float mine = 0.f;
-#pragma unroll
-  for (int r = 0; r < 8; r++) {
-    const float t = warp_sum(o[r]);
-    if (lane == r) mine = t;
-  }
-  const float y = mine * (rs * 0.5f);
+  const float y = warp_sum_rows(o, lane) * (rs * 0.5f);
   TRACE_MARK();
   cluster_wait();  // every block of the cluster has started
   if (lane < 8) {

@@ -178,10 +178,6 @@ extern "C" __global__ void __launch_bounds__(128)
   __syncthreads();
 
   if (row0 >= N) return;
-  float o[4][1];
-  gemv_dot<1, 4, true, true>(rc, rs, K, gshift, sq, ss, nullptr, o);
-#pragma unroll
-  for (int r = 0; r < 4; r++) {
-    if (lane == r && row0 + r < N) y[row0 + r] = o[r][0] * (row_scale[row0 + r] * 0.5f);
-  }
+  const float v = gemv_dot<1, 4, true, true>(rc, rs, K, gshift, sq, ss, nullptr);
+  if (lane < 4 && row0 + lane < N) y[row0 + lane] = v * (row_scale[row0 + lane] * 0.5f);
 }

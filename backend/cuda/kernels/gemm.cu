@@ -673,14 +673,10 @@ extern "C" __global__ void __launch_bounds__(256)
     }
     __syncthreads();  // every warp is done with this buffer before it is refilled
   }
-#pragma unroll
-  for (int r = 0; r < 4; r++)
-#pragma unroll
-    for (int j = 0; j < 8; j++) {
-      const float v = warp_sum(acc[r][j]);
-      const int t = wt + r, e = e0 + we + j;
-      if (lane == ((8 * r + j) & 31) && t < nt && e < E) logits[(size_t)(t0 + t) * ldl + e] = v;
-    }
+  // Lane 8 r + j: row r's logit of expert j.
+  const float v = warp_sum_rows(reinterpret_cast<const float(&)[32]>(acc), lane);
+  const int t = wt + (lane >> 3), e = e0 + we + (lane & 7);
+  if (t < nt && e < E) logits[(size_t)(t0 + t) * ldl + e] = v;
 }
 
 // Each row's experts from its logits, as moe_router_fast's last block

@@ -86,17 +86,20 @@ DEVICE i32 dot32_split(uint4 q, uint4 xa, uint4 xb) {
 }
 
 // The warp-summed products of R rows (row r: codes rc[r], group scales
-// rs[r]) with T token rows of activations, before the row scale: out[r][t]
-// = sum_g e4m3(s[r,g]) * xs[t,g] * acc[t,r,g], the same in every lane.
+// rs[r]) with T token rows of activations (R T <= 32), before the row
+// scale: sum_g e4m3(s[r,g]) * xs[t,g] * acc[t,r,g], row r's with token t's
+// in lane r T + t (warp_sum_rows).
 // XSHARED: the activations are in shared memory (plain loads, not __ldg).
 // L2REST: rows of more than 2048 columns have their rest (past the first
 // 1024 bytes, loaded into registers before the wait) warmed in L2 before
 // the wait too (a separate instance: the loop costs registers).
 template <int T, int R, bool SPLIT, bool XSHARED = false, bool L2REST = false, bool TM = false>
-DEVICE void gemv_dot(const u8* const (&rc)[R], const u8* const (&rs)[R], int K, int gshift,
-                     const i8* __restrict__ xq, const float* __restrict__ xs,
-                     const i32* __restrict__ xsum, float (&out)[R][T]) {
+DEVICE float gemv_dot(const u8* const (&rc)[R], const u8* const (&rs)[R], int K, int gshift,
+                      const i8* __restrict__ xq, const float* __restrict__ xs,
+                      const i32* __restrict__ xsum) {
   static_assert(!(TM && L2REST), "L2REST warms row-major rows");
+  static_assert(R * T <= 32, "gemv_dot: a lane for each row and token");
+  float out[R][T];
   const int lane = threadIdx.x & 31;
   const int C = K >> 5;        // chunks per row
   const int GK = C >> gshift;  // groups per row
@@ -158,10 +161,7 @@ DEVICE void gemv_dot(const u8* const (&rc)[R], const u8* const (&rs)[R], int K, 
       }
     }
   }
-#pragma unroll
-  for (int r = 0; r < R; r++)
-#pragma unroll
-    for (int t = 0; t < T; t++) out[r][t] = warp_sum(out[r][t]);
+  return warp_sum_rows(reinterpret_cast<const float(&)[R * T]>(out), lane);
 }
 
 // R consecutive rows of one matrix, stored to y.
@@ -180,16 +180,8 @@ DEVICE void gemv_rows(const u8* __restrict__ codes, const u8* __restrict__ scale
     rc[r] = codes + (size_t)n * (K / 2);
     rs[r] = scales + (size_t)n * GK;
   }
-  float out[R][T];
-  gemv_dot<T, R, SPLIT, false, T == 1>(rc, rs, K, gshift, xq, xs, xsum, out);
-#pragma unroll
-  for (int r = 0; r < R; r++) {
-#pragma unroll
-    for (int t = 0; t < T; t++) {
-      if (lane == ((r * T + t) & 31) && row0 + r < N) {
-        y[(size_t)t * ldy + row0 + r] = out[r][t] * (row_scale[row0 + r] * 0.5f);
-      }
-    }
-  }
+  const float v = gemv_dot<T, R, SPLIT, false, T == 1>(rc, rs, K, gshift, xq, xs, xsum);
+  const int r = lane / T, t = lane % T;
+  if (lane < R * T && row0 + r < N) y[(size_t)t * ldy + row0 + r] = v * (row_scale[row0 + r] * 0.5f);
 }
 

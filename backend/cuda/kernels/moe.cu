@@ -133,29 +133,23 @@ extern "C" __global__ void __launch_bounds__(128, 4)
     rc[4 + r] = code_row<true>(ex.up.codes, n, K);
     rs[4 + r] = ex.up.scales + (size_t)n * GK;
   }
-  float out[8][1];
-  gemv_dot<1, 8, true, false, false, true>(rc, rs, K, gshift, xq, xs, xsum, out);
-#pragma unroll
-  for (int r = 0; r < 4; r++) {
-    const int n = row0 + r;
-    if (lane == r && n < I) {
-      const float g = out[r][0] * (ex.gate.row_scale[n] * 0.5f);
-      const float u = out[4 + r][0] * (ex.up.row_scale[n] * 0.5f);
-      h[(size_t)slot * I + n] = silu(g) * u;
-    }
+  // Lane r < 4: gate row r's sum, and up row r's from lane 4 + r.
+  const float og = gemv_dot<1, 8, true, false, false, true>(rc, rs, K, gshift, xq, xs, xsum);
+  const float ou = __shfl_down_sync(0xffffffffu, og, 4);
+  const int n = row0 + lane;
+  if (lane < 4 && n < I) {
+    const float g = og * (ex.gate.row_scale[n] * 0.5f);
+    const float u = ou * (ex.up.row_scale[n] * 0.5f);
+    h[(size_t)slot * I + n] = silu(g) * u;
   }
 }
 
-// A warp's 4 down-product rows from row0 of one slot (out, the same in
-// every lane, before the row scale) into partial[slot][n], one lane each.
-DEVICE void moe_down_store(const float (&out)[4][1], const float* __restrict__ row_scale, int row0,
-                           int N, int slot, float* __restrict__ partial) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int r = 0; r < 4; r++) {
-    const int n = row0 + r;
-    if (lane == r && n < N) partial[(size_t)slot * N + n] = out[r][0] * (row_scale[n] * 0.5f);
-  }
+// A warp's 4 down-product rows from row0 of one slot (v: row r's in lane
+// r, before the row scale) into partial[slot][n], one lane each.
+DEVICE void moe_down_store(float v, const float* __restrict__ row_scale, int row0, int N, int slot,
+                           float* __restrict__ partial) {
+  const int lane = threadIdx.x & 31, n = row0 + lane;
+  if (lane < 4 && n < N) partial[(size_t)slot * N + n] = v * (row_scale[n] * 0.5f);
 }
 
 // The end of a down kernel's block: the last of the nslots blocks of column
@@ -214,10 +208,9 @@ extern "C" __global__ void __launch_bounds__(128)
       rc[r] = code_row<true>(ex.down.codes, n, I);
       rs[r] = ex.down.scales + (size_t)n * GK;
     }
-    float out[4][1];
-    gemv_dot<1, 4, true, false, false, true>(rc, rs, I, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK,
-                                             hsum + (size_t)slot * (I / 32), out);
-    moe_down_store(out, ex.down.row_scale, row0, N, slot, partial);
+    const float v = gemv_dot<1, 4, true, false, false, true>(rc, rs, I, gshift, hq + (size_t)slot * I,
+                                                             hs + (size_t)slot * GK, hsum + (size_t)slot * (I / 32));
+    moe_down_store(v, ex.down.row_scale, row0, N, slot, partial);
   }
   moe_down_sum(partial, counters, wts, topk, nslots, N, y, accumulate);
 }
@@ -295,9 +288,8 @@ extern "C" __global__ void __launch_bounds__(128)
   }
   __syncthreads();
   if (row0 < N) {
-    float out[4][1];
-    gemv_dot<1, 4, true, true, false, true>(rc, rs, I, gshift, sq, ss, nullptr, out);
-    moe_down_store(out, ex.down.row_scale, row0, N, slot, partial);
+    const float v = gemv_dot<1, 4, true, true, false, true>(rc, rs, I, gshift, sq, ss, nullptr);
+    moe_down_store(v, ex.down.row_scale, row0, N, slot, partial);
   }
   moe_down_sum(partial, counters, wts, topk, nslots, N, y, accumulate);
 }
@@ -1006,8 +998,8 @@ extern "C" __global__ void moe_scale_convert(float* __restrict__ out) {
 // so that a warp can request its weights, then do other work while they
 // come: rows_load issues every load of R rows (lane l: chunks l and l+32),
 // rows_dot multiplies them by int8 activations in shared memory (sq, with
-// group scales ss) and sums the warp, with gemv_dot's lanes, order and
-// operations (the same bits).
+// group scales ss) and sums the warp (warp_sum_rows: row r's sum in lane
+// r), with gemv_dot's lanes, order and operations (the same bits).
 template <int R>
 DEVICE void rows_load(const u8* const (&rc)[R], const u8* const (&rs)[R], int C, int gshift,
                       uint4 (&w)[2][R], u32 (&s)[2][R]) {
@@ -1031,8 +1023,8 @@ DEVICE void rows_load(const u8* const (&rc)[R], const u8* const (&rs)[R], int C,
 // converted by the hardware, the two chunks' scales of a row packed into
 // one register; the same integer products and float operations.
 template <int R, bool GLOBAL = false, int FAST = 1>
-DEVICE void rows_dot(const uint4 (&w)[2][R], const u32 (&s)[2][R], int C, int gshift,
-                     const i8* sq, const float* ss, float (&out)[R]) {
+DEVICE float rows_dot(const uint4 (&w)[2][R], const u32 (&s)[2][R], int C, int gshift,
+                      const i8* sq, const float* ss) {
   const int lane = threadIdx.x & 31;
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
   constexpr bool fast = FAST != 0;
@@ -1040,6 +1032,7 @@ DEVICE void rows_dot(const uint4 (&w)[2][R], const u32 (&s)[2][R], int C, int gs
   constexpr bool fast = false;
 #endif
   u32 lo = E2M1_LO, sc2[R];
+  float out[R];
   if (fast) {
     lo = table_reg(E2M1_LO);
 #pragma unroll
@@ -1075,8 +1068,7 @@ DEVICE void rows_dot(const uint4 (&w)[2][R], const u32 (&s)[2][R], int C, int gs
       }
     }
   }
-#pragma unroll
-  for (int r = 0; r < R; r++) out[r] = warp_sum(out[r]);
+  return warp_sum_rows(out, lane);
 }
 
 // Groups g0, g0+step, ... (< K/G) of a row of K floats (src, global or
@@ -1174,9 +1166,7 @@ DEVICE void gate_up_row_ptrs(const GateUp& ex, int row0, int nmax, int K, int GK
 // the last of the G/16 blocks that make a group of G rows of h (counted
 // in gcount[slot][group], which it resets) quantizes that group into
 // hq, hs (nslots rows of I, as rmsnorm_quant without a gain).
-// FAST: rows_dot's FAST products, the SiLU products of a warp's 4 rows in
-// lanes 0-3 at once instead of one lane after the other (the same
-// operations on each value), the routed experts' pointers in shared
+// FAST: rows_dot's FAST products, the routed experts' pointers in shared
 // memory before the wait, and the group count by one acquire-release
 // atomic.
 template <int FAST>
@@ -1204,30 +1194,15 @@ DEVICE void gate_up_q(const Expert* __restrict__ experts, const i32* __restrict_
   for (int i = tid * 16; i < K; i += 128 * 16) *(uint4*)(sx + i) = __ldg((const uint4*)(xq + i));
   for (int i = tid; i < GK; i += 128) sxs[i] = __ldg(xs + i);
   __syncthreads();
-  float out[8];
-  rows_dot<8, false, FAST>(w, s, C, gshift, sx, sxs, out);
-  if (FAST) {
-    float og = out[0], ou = out[4];
-#pragma unroll
-    for (int r = 1; r < 4; r++)
-      if (lane == r) og = out[r], ou = out[4 + r];
-    const int n = row0 + lane;
-    if (lane < 4 && n < I) {
-      const GateUp e = stab ? tab[eid] : gate_up_of(experts[eid]);
-      const float g = og * (e.gr[n] * 0.5f);
-      const float u = ou * (e.ur[n] * 0.5f);
-      h[(size_t)slot * I + n] = silu(g) * u;
-    }
-  } else {
-#pragma unroll
-    for (int r = 0; r < 4; r++) {
-      const int n = row0 + r;
-      if (lane == r && n < I) {
-        const float g = out[r] * (ex.gr[n] * 0.5f);
-        const float u = out[4 + r] * (ex.ur[n] * 0.5f);
-        h[(size_t)slot * I + n] = silu(g) * u;
-      }
-    }
+  // Lane r < 4: gate row r's sum, and up row r's from lane 4 + r.
+  const float og = rows_dot<8, false, FAST>(w, s, C, gshift, sx, sxs);
+  const float ou = __shfl_down_sync(0xffffffffu, og, 4);
+  const int n = row0 + lane;
+  if (lane < 4 && n < I) {
+    const GateUp e = stab ? tab[eid] : gate_up_of(experts[eid]);
+    const float g = og * (e.gr[n] * 0.5f);
+    const float u = ou * (e.ur[n] * 0.5f);
+    h[(size_t)slot * I + n] = silu(g) * u;
   }
   // A block's 16 rows lie in one group of G (16 divides G, and I is a
   // multiple of G).
@@ -1316,12 +1291,9 @@ DEVICE void down_hq(const Expert* __restrict__ experts, const i32* __restrict__ 
   // them it was a round trip on the way to the layer's end.
   const int n = row0 + threadIdx.x;
   const float y0 = accumulate && threadIdx.x < 4 && n < N ? y[n] : 0.f;
-  float out[4];
-  rows_dot<4, true, FAST>(w, s, C, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK, out);
+  const float t = rows_dot<4, true, FAST>(w, s, C, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK);
   TRACE_MARK();
-#pragma unroll
-  for (int r = 0; r < 4; r++)
-    if (lane == r) part[slot][r] = out[r] * (rsc * 0.5f);
+  if (lane < 4) part[slot][lane] = t * (rsc * 0.5f);
   __syncthreads();
   if (threadIdx.x < 4 && n < N) {
     float total = 0.f;
@@ -1558,13 +1530,10 @@ extern "C" __global__ void __cluster_dims__(GUC_ROWS / (4 * GUC_WARPS), 1, 1) __
   for (int i = tid; i < GK; i += 32 * NW) sxs[i] = __ldg(xs + i);
   __syncthreads();
   TRACE_MARK();
-  float out[8];
-  rows_dot<8, false, 1>(w, s, C, gshift, sx, sxs, out);
+  // Lane r < 4: gate row r's sum, and up row r's from lane 4 + r.
+  const float og = rows_dot<8, false, 1>(w, s, C, gshift, sx, sxs);
+  const float ou = __shfl_down_sync(0xffffffffu, og, 4);
   TRACE_MARK();
-  float og = out[0], ou = out[4];
-#pragma unroll
-  for (int r = 1; r < 4; r++)
-    if (lane == r) og = out[r], ou = out[4 + r];
   const u32 rank = cluster_rank();
   cluster_wait();
   if (lane < 4) {

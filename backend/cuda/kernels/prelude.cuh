@@ -128,6 +128,37 @@ DEVICE float warp_sum(float v) {
   return v;
 }
 
+// The sums over the warp of R rows' partials o (R up to 32), row r's in
+// lane r < R (other lanes: some row's sum). warp_sum's pairs at each
+// offset (16, 8, ...), so each row's sum has warp_sum's bits, but at
+// offset 16 a lane adds only the half of the rows its bit 4 picks and
+// hands the other half to its partner, at 8 half of those, and so on:
+// about R shuffles in all where R warp_sums take 5 R, the instructions a
+// warp's chain spends after its products. Row r then sits in lanes
+// r * 32 / P and up (P: R rounded up to a power of two, the rows past R
+// zeros); one shuffle moves it to lane r.
+template <int R>
+DEVICE float warp_sum_rows(const float (&o)[R], int lane) {
+  static_assert(R >= 1 && R <= 32, "warp_sum_rows: at most 32 rows");
+  constexpr int P = R <= 1 ? 1 : R <= 2 ? 2 : R <= 4 ? 4 : R <= 8 ? 8 : R <= 16 ? 16 : 32;
+  float v[P];
+#pragma unroll
+  for (int r = 0; r < P; r++) v[r] = r < R ? o[r] : 0.f;
+  int off = 16;
+#pragma unroll
+  for (int n = P; n > 1; n >>= 1, off >>= 1) {
+    const bool hi = (lane & off) != 0;
+#pragma unroll
+    for (int i = 0; i < n / 2; i++) {
+      const float keep = hi ? v[i + n / 2] : v[i];
+      const float send = hi ? v[i] : v[i + n / 2];
+      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
+    }
+  }
+  for (; off > 0; off >>= 1) v[0] += __shfl_xor_sync(0xffffffffu, v[0], off);
+  return __shfl_sync(0xffffffffu, v[0], (lane * (32 / P)) & 31);
+}
+
 // Lane r's row scale for warp_rows_out (0 past N or R). Kernels load it
 // before their wait: loaded after the products, it was one more round
 // trip to memory on the chain (docs/perf.md, 2026-12-01 (35)).
@@ -140,12 +171,9 @@ DEVICE float lane_row_scale(int lane, int row0, int N, const float* __restrict__
 // stores row row0 + r (where < N) times its row scale rs (lane_row_scale)
 // / 2 (the weights' codes are twice their values).
 template <int R>
-DEVICE void warp_rows_out(float (&o)[R], int lane, int row0, int N, float rs, float* __restrict__ y) {
-#pragma unroll
-  for (int r = 0; r < R; r++) o[r] = warp_sum(o[r]);
-#pragma unroll
-  for (int r = 0; r < R; r++)
-    if (lane == r && row0 + r < N) y[row0 + r] = o[r] * (rs * 0.5f);
+DEVICE void warp_rows_out(const float (&o)[R], int lane, int row0, int N, float rs, float* __restrict__ y) {
+  const float t = warp_sum_rows(o, lane);
+  if (lane < R && row0 + lane < N) y[row0 + lane] = t * (rs * 0.5f);
 }
 
 DEVICE float warp_max(float v) {

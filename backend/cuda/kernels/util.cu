@@ -707,3 +707,26 @@ extern "C" __global__ void __cluster_dims__(4, 1, 1) __launch_bounds__(256)
   if (tid == 0) stamp[2 * blockIdx.x + 1] = globaltimer_after(__float_as_uint(v));
   if (tid < 64) out[(size_t)gridDim.x * 128 + blockIdx.x * 64 + tid] = v;
 }
+
+// warp_sum_rows against R warp_sums (TestWarpSumRowsMatchesWarpSum): warp w
+// takes 32 R values, lane l's partial of row r at x[(32 w + l) R + r];
+// got[32 w + l] is warp_sum_rows' lane l and, for l < R, want[32 w + l] is
+// warp_sum of row l.
+#define WARP_SUM_ROWS_CHECK(R)                                                                                  \
+  extern "C" __global__ void warp_sum_rows_check_##R(const float* x, float* got, float* want) {               \
+    const int lane = threadIdx.x & 31;                                                                        \
+    const size_t w = (blockIdx.x * (size_t)blockDim.x + threadIdx.x) >> 5;                                    \
+    float o[R];                                                                                               \
+    for (int r = 0; r < R; r++) o[r] = x[(32 * w + lane) * R + r];                                            \
+    got[32 * w + lane] = warp_sum_rows(o, lane);                                                              \
+    for (int r = 0; r < R; r++) {                                                                             \
+      const float s = warp_sum(o[r]);                                                                         \
+      if (lane == r) want[32 * w + lane] = s;                                                                 \
+    }                                                                                                         \
+  }
+WARP_SUM_ROWS_CHECK(1)
+WARP_SUM_ROWS_CHECK(2)
+WARP_SUM_ROWS_CHECK(4)
+WARP_SUM_ROWS_CHECK(8)
+WARP_SUM_ROWS_CHECK(12)
+WARP_SUM_ROWS_CHECK(32)
