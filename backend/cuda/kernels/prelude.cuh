@@ -144,18 +144,23 @@ DEVICE float warp_sum_rows(const float (&o)[R], int lane) {
   float v[P];
 #pragma unroll
   for (int r = 0; r < P; r++) v[r] = r < R ? o[r] : 0.f;
-  int off = 16;
+  // Constant trip counts, so that every index of v is known and v stays in
+  // registers (a halving loop bound left P >= 16 in local memory).
+  constexpr int L = P == 1 ? 0 : P == 2 ? 1 : P == 4 ? 2 : P == 8 ? 3 : P == 16 ? 4 : 5;
 #pragma unroll
-  for (int n = P; n > 1; n >>= 1, off >>= 1) {
+  for (int l = 0; l < L; l++) {
+    const int off = 16 >> l, half = P >> (l + 1);
     const bool hi = (lane & off) != 0;
 #pragma unroll
-    for (int i = 0; i < n / 2; i++) {
-      const float keep = hi ? v[i + n / 2] : v[i];
-      const float send = hi ? v[i] : v[i + n / 2];
-      v[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
-    }
+    for (int i = 0; i < P / 2; i++)
+      if (i < half) {
+        const float keep = hi ? v[i + half] : v[i];
+        const float send = hi ? v[i] : v[i + half];
+        v[i] = keep + __shfl_xor_sync(0xffffffffu, send, off);
+      }
   }
-  for (; off > 0; off >>= 1) v[0] += __shfl_xor_sync(0xffffffffu, v[0], off);
+#pragma unroll
+  for (int l = L; l < 5; l++) v[0] += __shfl_xor_sync(0xffffffffu, v[0], 16 >> l);
   return __shfl_sync(0xffffffffu, v[0], (lane * (32 / P)) & 31);
 }
 
