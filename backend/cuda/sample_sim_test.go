@@ -44,12 +44,13 @@ func simKeyValue(k uint32) float32 {
 	return math.Float32frombits(^k)
 }
 
-// simButterfly is warp_sum_d over 32 lane values.
-func simButterfly(v []float64) float64 {
-	var a [32]float64
+// simButterfly is warp_sum_d (float64) or warp_sum (float32) over 32 lane
+// values: at offsets 16, 8, 4, 2, 1 each lane adds its partner's value.
+func simButterfly[T float32 | float64](v []T) T {
+	var a [32]T
 	copy(a[:], v)
 	for o := 16; o > 0; o >>= 1 {
-		var b [32]float64
+		var b [32]T
 		for l := range a {
 			b[l] = a[l] + a[l^o]
 		}

@@ -9,20 +9,6 @@ import (
 	"testing"
 )
 
-// butterflySum is warp_sum's order over 32 lane values in float32: at
-// offsets 16, 8, 4, 2, 1 each lane adds its partner's value.
-func butterflySum(v []float32) float32 {
-	s := append([]float32(nil), v...)
-	for off := 16; off > 0; off >>= 1 {
-		n := make([]float32, 32)
-		for l := range n {
-			n[l] = s[l] + s[l^off]
-		}
-		s = n
-	}
-	return s[0]
-}
-
 // TestWarpSumRowsMatchesWarpSum: warp_sum_rows gives every row warp_sum's
 // bits (the products' sums in the GEMV and MoE kernels rest on it). The
 // partials span many magnitudes, so that any other order of additions
@@ -37,18 +23,12 @@ func TestWarpSumRowsMatchesWarpSum(t *testing.T) {
 			for i := range x {
 				x[i] = float32(r.NormFloat64() * math.Exp2(float64(r.IntN(40)-20)))
 			}
-			xb, err := c.Alloc(4 * len(x))
-			if err != nil {
-				return err
-			}
-			gb, err1 := c.Alloc(4 * warps * 32)
-			wb, err2 := c.Alloc(4 * warps * 32)
-			if err := errors.Join(err1, err2); err != nil {
-				return err
-			}
+			xb, err1 := upload(c, x)
+			gb, err2 := c.Alloc(4 * warps * 32)
+			wb, err3 := c.Alloc(4 * warps * 32)
 			k, err := c.Kernel("util", fmt.Sprintf("warp_sum_rows_check_%d", rows))
-			if err == nil {
-				err = errors.Join(CopyIn(c, xb.Ptr, x), c.Launch(k, D1(warps/4), D1(128), 0, xb.Ptr, gb.Ptr, wb.Ptr), c.Sync())
+			if err = errors.Join(err1, err2, err3, err); err == nil {
+				err = errors.Join(c.Launch(k, D1(warps/4), D1(128), 0, xb.Ptr, gb.Ptr, wb.Ptr), c.Sync())
 			}
 			got, want := make([]float32, warps*32), make([]float32, warps*32)
 			if err == nil {
@@ -66,7 +46,7 @@ func TestWarpSumRowsMatchesWarpSum(t *testing.T) {
 						lanes[l] = x[(32*w+l)*rows+row]
 						seq += lanes[l]
 					}
-					ref := butterflySum(lanes)
+					ref := simButterfly(lanes)
 					i := 32*w + row
 					if math.Float32bits(want[i]) != math.Float32bits(ref) {
 						t.Fatalf("%d rows: warp %d row %d: warp_sum %g, the butterfly in Go %g", rows, w, row, want[i], ref)
