@@ -1000,19 +1000,27 @@ extern "C" __global__ void moe_scale_convert(float* __restrict__ out) {
 // rows_dot multiplies them by int8 activations in shared memory (sq, with
 // group scales ss) and sums the warp (warp_sum_rows: row r's sum in lane
 // r), with gemv_dot's lanes, order and operations (the same bits).
+//
+// The loads are one block of straight code: a lane past a row's end
+// (C < 64) loads the row's last chunk, which rows_dot leaves out. Behind a
+// branch each, the second half's addresses waited on the scoreboard that
+// the first half's loads share, so the halves came one L2 round trip after
+// the other. The early return (never taken) keeps the block apart: as
+// straight code after the pointers, ptxas moved the loads below the
+// caller's griddepcontrol.wait (the volatile loads keep their order only
+// in the PTX).
 template <int R>
 DEVICE void rows_load(const u8* const (&rc)[R], const u8* const (&rs)[R], int C, int gshift,
                       uint4 (&w)[2][R], u32 (&s)[2][R]) {
   const int lane = threadIdx.x & 31;
+  if (C <= 0) return;
 #pragma unroll
   for (int h = 0; h < 2; h++) {
-    const int c = 32 * h + lane;
-    if (c < C) {
+    const int c = min(32 * h + lane, C - 1);
 #pragma unroll
-      for (int r = 0; r < R; r++) w[h][r] = load_stream16(rc[r] + code_off<true>(c * 16));
+    for (int r = 0; r < R; r++) w[h][r] = load_stream16_v(rc[r] + code_off<true>(c * 16));
 #pragma unroll
-      for (int r = 0; r < R; r++) s[h][r] = __ldg(rs[r] + (c >> gshift));
-    }
+    for (int r = 0; r < R; r++) s[h][r] = load_u8_v(rs[r] + (c >> gshift));
   }
 }
 
@@ -1033,15 +1041,11 @@ DEVICE float rows_dot(const uint4 (&w)[2][R], const u32 (&s)[2][R], int C, int g
 #endif
   u32 lo = E2M1_LO, sc2[R];
   float out[R];
-  if (fast) {
-    lo = table_reg(E2M1_LO);
-#pragma unroll
-    for (int r = 0; r < R; r++) sc2[r] = e4m3x2_half2(prmt(s[0][r], s[1][r], 0x0040));
-  }
 #pragma unroll
   for (int r = 0; r < R; r++) out[r] = 0.f;
   // Both chunks' activations requested before the products (from global
-  // memory, one round trip to L2 instead of two).
+  // memory, one round trip to L2 instead of two), and before the scales'
+  // conversion, which waits for the weights' scoreboard.
   uint4 xa[2], xb[2];
   float xscale[2];
 #pragma unroll
@@ -1053,6 +1057,11 @@ DEVICE float rows_dot(const uint4 (&w)[2][R], const u32 (&s)[2][R], int C, int g
       xb[h] = GLOBAL ? __ldg(xp + 1) : xp[1];
       xscale[h] = GLOBAL ? __ldg(ss + (c >> gshift)) : ss[c >> gshift];
     }
+  }
+  if (fast) {
+    lo = table_reg(E2M1_LO);
+#pragma unroll
+    for (int r = 0; r < R; r++) sc2[r] = e4m3x2_half2(prmt(s[0][r], s[1][r], 0x0040));
   }
 #pragma unroll
   for (int h = 0; h < 2; h++) {
@@ -1111,6 +1120,14 @@ DEVICE void quant_groups(const float* src, bool global, int K, int G, int g0, in
   }
 }
 
+
+// A token's int8 activations (K) and group scales (GK) into shared memory
+// by cp.async: completion is awaited by cp_async_wait_all alone, not by
+// the scoreboard of weight loads issued after them.
+DEVICE void stage_x_async(const i8* xq, const float* xs, int K, int GK, i8* sx, float* sxs, int tid, int nthreads) {
+  for (int i = tid * 16; i < K; i += nthreads * 16) cp_async16(smem_addr(sx + i), xq + i, true);
+  for (int i = tid; i < GK; i += nthreads) cp_async4(smem_addr(sxs + i), xs + i);
+}
 
 // The gate and up pointers of an expert.
 struct GateUp {
@@ -1280,19 +1297,27 @@ DEVICE void down_hq(const Expert* __restrict__ experts, const i32* __restrict__ 
   }
   uint4 w[2][4];
   u32 s[2][4];
+  // Lane r < 4's row scale by cp.async, as gate/up's: in a register, the
+  // product by 0.5 was moved up to the wait and held it for every weight.
+  __shared__ float rsm[DOWN_SLOTS_MAX][4];
+  if (lane < 4) cp_async4(smem_addr(&rsm[slot][lane]), ex.down.row_scale + min(row0 + lane, N - 1));
   rows_load<4>(rc, rs, C, gshift, w, s);
-  const float rsc = lane < 4 ? ex.down.row_scale[min(row0 + lane, N - 1)] : 0.f;
   l2_ahead(ahead, lines);
   PDL_WAIT();
   STAGE_DELAY(7);
-  TRACE_MARK_DEP(w[0][0].x ^ w[1][3].w ^ __float_as_uint(rsc));
+  TRACE_MARK_DEP(w[0][0].x ^ w[1][3].w);
   if (lane == 0) wsm[slot] = slot < topk ? wts[slot] : 1.f;
-  // The row that the sum adds to, requested before the products: after
-  // them it was a round trip on the way to the layer's end.
+  // The row that the sum adds to, requested before the products (after
+  // them it was a round trip on the way to the layer's end) by cp.async:
+  // loaded into a register, ptxas issued it after the products.
   const int n = row0 + threadIdx.x;
-  const float y0 = accumulate && threadIdx.x < 4 && n < N ? y[n] : 0.f;
+  __shared__ float ysm[4];
+  if (accumulate && threadIdx.x < 4 && n < N) cp_async4(smem_addr(&ysm[threadIdx.x]), y + n);
   const float t = rows_dot<4, true, FAST>(w, s, C, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK);
   TRACE_MARK();
+  cp_async_wait_all();
+  const float rsc = lane < 4 ? rsm[slot][lane] : 0.f;
+  const float y0 = accumulate && threadIdx.x < 4 && n < N ? ysm[threadIdx.x] : 0.f;
   if (lane < 4) part[slot][lane] = t * (rsc * 0.5f);
   __syncthreads();
   if (threadIdx.x < 4 && n < N) {
@@ -1511,23 +1536,27 @@ extern "C" __global__ void __cluster_dims__(GUC_ROWS / (4 * GUC_WARPS), 1, 1) __
   cluster_arrive();
   const int eid = gate_up_expert(experts, ids, slot, topk, nexperts, stab, tab, tid);
   TRACE_MARK_DEP(eid);
+  // A routed slot has waited for the router, so its activations are
+  // written: they are requested ahead of the weights. (Copied after the
+  // weight loads through registers, they waited for every weight to land,
+  // the loads sharing one scoreboard: an L2 round trip after the weights.)
+  const bool routed = slot < topk;
+  if (routed) stage_x_async(xq, xs, K, GK, sx, sxs, tid, 32 * NW);
   const GateUp ex = stab ? tab[eid] : gate_up_of(experts[eid]);
   const u8* rc[8];
   const u8* rs[8];
   gate_up_row_ptrs(ex, row0, 0x7fffffff, K, GK, rc, rs);
   uint4 w[2][8];
   u32 s[2][8];
-  // Lane r < 4's gate and up row scales, requested ahead of the weights:
-  // after the products they were a round trip to memory on the way to h.
-  float gsc = 0.f, usc = 0.f;
-  if (lane < 4) {
-    gsc = __ldg(ex.gr + row0 + lane);
-    usc = __ldg(ex.ur + row0 + lane);
-  }
+  // The warp's gate (lanes 0-3) and up (4-7) row scales, requested ahead
+  // of the weights by cp.async: loaded into registers they share the
+  // weights' scoreboard, and ptxas then waited for one before the other.
+  __shared__ float rsc[NW][8];
+  if (lane < 8) cp_async4(smem_addr(&rsc[warp][lane]), (lane < 4 ? ex.gr : ex.ur) + row0 + (lane & 3));
   rows_load<8>(rc, rs, C, gshift, w, s);
   PDL_WAIT();
-  for (int i = tid * 16; i < K; i += 32 * NW * 16) *(uint4*)(sx + i) = __ldg((const uint4*)(xq + i));
-  for (int i = tid; i < GK; i += 32 * NW) sxs[i] = __ldg(xs + i);
+  if (!routed) stage_x_async(xq, xs, K, GK, sx, sxs, tid, 32 * NW);
+  cp_async_wait_all();
   __syncthreads();
   TRACE_MARK();
   // Lane r < 4: gate row r's sum, and up row r's from lane 4 + r.
@@ -1538,8 +1567,8 @@ extern "C" __global__ void __cluster_dims__(GUC_ROWS / (4 * GUC_WARPS), 1, 1) __
   cluster_wait();
   if (lane < 4) {
     const int n = row0 + lane;
-    const float g = og * (gsc * 0.5f);
-    const float u = ou * (usc * 0.5f);
+    const float g = og * (rsc[warp][lane] * 0.5f);
+    const float u = ou * (rsc[warp][4 + lane] * 0.5f);
     const float hv = silu(g) * u;
     h[(size_t)slot * I + n] = hv;
     st_cluster(&hsm[rank * (4 * NW) + warp * 4 + lane], 0, hv);

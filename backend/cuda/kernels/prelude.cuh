@@ -19,6 +19,24 @@ DEVICE uint4 load_stream16(const void* p) {
   return v;
 }
 
+// load_stream16 and a byte's read-only load as volatile asm, which the
+// compiler keeps in order with the other volatile asm (griddepcontrol.wait
+// among them): weights requested before a kernel's wait stay before it.
+// (As plain asm the loads of moe_gate_up_c's shared slot once sank below
+// its wait, losing the reads it does while the router runs.)
+DEVICE uint4 load_stream16_v(const void* p) {
+  uint4 v;
+  asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
+               : "=r"(v.x), "=r"(v.y), "=r"(v.z), "=r"(v.w)
+               : "l"(p));
+  return v;
+}
+DEVICE u32 load_u8_v(const u8* p) {
+  u32 v;
+  asm volatile("ld.global.nc.u8 %0, [%1];" : "=r"(v) : "l"(p));
+  return v;
+}
+
 // Expert matrices keep their codes tile-major on the device (NewExpertTable):
 // rows in m-tiles of 16, an m-tile's 128-column group one 1 KB piece with
 // row r's 64 bytes at 64 r, so that a warp's loads of an m-tile's group
