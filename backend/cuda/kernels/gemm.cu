@@ -70,13 +70,6 @@ DEVICE void cp_async_small(u32 dst, const void* src, int bytes) {
   }
 }
 
-DEVICE void cp_async_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
-
-template <int N>
-DEVICE void cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;" ::"n"(N) : "memory");
-}
-
 // Doubled E2M1 values of four codes as signed int8 bytes: the +128 offset
 // form of e2m1x4_biased with the offset taken off bytewise (x ^ 0x80 is
 // x - 128 for the bytes 116..140 it holds).

@@ -1080,6 +1080,49 @@ DEVICE float rows_dot(const uint4 (&w)[2][R], const u32 (&s)[2][R], int C, int g
   return warp_sum_rows(out, lane);
 }
 
+// rows_load with the second half of each row's chunks (32 + lane) copied
+// by cp.async to wh (R x 32 chunks, row-major), the first into w; both
+// halves' scale bytes into s.
+template <int R>
+DEVICE void rows_load_halves(const u8* const (&rc)[R], const u8* const (&rs)[R], int C, int gshift,
+                             uint4 (&w)[R], u32 (&s)[2][R], uint4* wh) {
+  const int lane = threadIdx.x & 31;
+  if (C <= 0) return;
+  const int c0 = min(lane, C - 1), c1 = min(32 + lane, C - 1);
+#pragma unroll
+  for (int r = 0; r < R; r++) w[r] = load_stream16_v(rc[r] + code_off<true>(c0 * 16));
+#pragma unroll
+  for (int r = 0; r < R; r++) cp_async16(smem_addr(wh + 32 * r + lane), rc[r] + code_off<true>(c1 * 16), true);
+#pragma unroll
+  for (int r = 0; r < R; r++) s[0][r] = load_u8_v(rs[r] + (c0 >> gshift));
+#pragma unroll
+  for (int r = 0; r < R; r++) s[1][r] = load_u8_v(rs[r] + (c1 >> gshift));
+}
+
+// rows_dot's FAST products of one half h (chunk 32h + lane of each row),
+// added to out: called for h = 0 then 1, the same operations in the same
+// order as rows_dot (the same bits); the caller sums the warp.
+template <int R>
+DEVICE void rows_dot_half(const uint4 (&w)[R], const u32 (&s)[R], int h, int C, int gshift, const i8* sq,
+                          const float* ss, float (&out)[R]) {
+  const int lane = threadIdx.x & 31, c = 32 * h + lane;
+  if (c >= C) return;
+  const uint4* xp = (const uint4*)(sq + c * 32);
+  const uint4 xa = xp[0], xb = xp[1];
+  const float xscale = ss[c >> gshift];
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 890
+  const u32 lo = table_reg(E2M1_LO);
+#pragma unroll
+  for (int r = 0; r < R; r++) {
+    const float ws = half2_lo(e4m3x2_half2(s[r]));
+    out[r] += (float)dot32_split_lo(w[r], xa, xb, lo) * (ws * xscale);
+  }
+#else
+#pragma unroll
+  for (int r = 0; r < R; r++) out[r] += (float)dot32_split(w[r], xa, xb) * (e4m3(s[r]) * xscale);
+#endif
+}
+
 // Groups g0, g0+step, ... (< K/G) of a row of K floats (src, global or
 // shared) quantized by one warp into sq, ss (shared memory), as
 // rmsnorm_quant without a gain: the same codes and scales. Four groups'
@@ -1553,14 +1596,34 @@ extern "C" __global__ void __cluster_dims__(GUC_ROWS / (4 * GUC_WARPS), 1, 1) __
   // weights' scoreboard, and ptxas then waited for one before the other.
   __shared__ float rsc[NW][8];
   if (lane < 8) cp_async4(smem_addr(&rsc[warp][lane]), (lane < 4 ? ex.gr : ex.ur) + row0 + (lane & 3));
-  rows_load<8>(rc, rs, C, gshift, w, s);
+  // The first half of each row's chunks comes into registers, the second
+  // by cp.async into shared memory: the first half's products run while
+  // the second half is on its way (all in registers, every product waited
+  // for the last weight). Groups: the activations (a routed slot's) and
+  // the row scales, then the second halves.
+  __shared__ __align__(16) uint4 wh1[NW][8][32];
+  cp_async_commit();
+  rows_load_halves<8>(rc, rs, C, gshift, w[0], s, &wh1[warp][0][0]);
+  cp_async_commit();
   PDL_WAIT();
-  if (!routed) stage_x_async(xq, xs, K, GK, sx, sxs, tid, 32 * NW);
-  cp_async_wait_all();
+  if (!routed) {
+    stage_x_async(xq, xs, K, GK, sx, sxs, tid, 32 * NW);
+    cp_async_wait_all();
+  } else {
+    cp_async_wait<1>();
+  }
   __syncthreads();
   TRACE_MARK();
+  float out[8];
+#pragma unroll
+  for (int r = 0; r < 8; r++) out[r] = 0.f;
+  rows_dot_half<8>(w[0], s[0], 0, C, gshift, sx, sxs, out);
+  cp_async_wait_all();  // a lane reads only the chunks it copied
+#pragma unroll
+  for (int r = 0; r < 8; r++) w[1][r] = wh1[warp][r][lane];
+  rows_dot_half<8>(w[1], s[1], 1, C, gshift, sx, sxs, out);
   // Lane r < 4: gate row r's sum, and up row r's from lane 4 + r.
-  const float og = rows_dot<8, false, 1>(w, s, C, gshift, sx, sxs);
+  const float og = warp_sum_rows(out, lane);
   const float ou = __shfl_down_sync(0xffffffffu, og, 4);
   TRACE_MARK();
   const u32 rank = cluster_rank();
