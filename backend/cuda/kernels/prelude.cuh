@@ -20,10 +20,10 @@ DEVICE uint4 load_stream16(const void* p) {
 }
 
 // load_stream16 and a byte's read-only load as volatile asm, which the
-// compiler keeps in order with the other volatile asm (griddepcontrol.wait
-// among them): weights requested before a kernel's wait stay before it.
-// (As plain asm the loads of moe_gate_up_c's shared slot once sank below
-// its wait, losing the reads it does while the router runs.)
+// PTX keeps in order with the other volatile asm (griddepcontrol.wait
+// among them): weights requested before a kernel's wait stay before it
+// there. ptxas may still move them within a basic block (rows_load, moe.cu,
+// keeps them in one of their own).
 DEVICE uint4 load_stream16_v(const void* p) {
   uint4 v;
   asm volatile("ld.global.nc.L1::no_allocate.v4.u32 {%0,%1,%2,%3}, [%4];"
