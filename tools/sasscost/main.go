@@ -19,6 +19,16 @@
 //	cuobjdump -sass moe.cubin > moe.sass
 //	go run ./tools/sasscost -wait moe.sass
 //
+// With -held it lists, for each function of a whole listing, the waits on
+// a load's scoreboard that come between its loads: the loads after such a
+// wait are issued only once the loads it waits for have arrived. ptxas
+// can give all of a kernel's global loads one scoreboard, so that waiting
+// for one value (a pointer, a scale) waits for every load before it
+// (docs/perf.md, 2026-12-02 (40)). Read in address order, branches
+// ignored.
+//
+//	go run ./tools/sasscost -held moe.sass
+//
 // cuobjdump comes with Debian's nvidia-cuda-toolkit package (CUDA 11.8
 // reads sm_90 images); the images are what NVRTC writes (backend/cuda).
 package main
@@ -93,10 +103,26 @@ func main() {
 	to := flag.String("to", "ffffffff", "last address (hex), exclusive")
 	verbose := flag.Bool("v", false, "print every instruction with its stall and waits")
 	wait := flag.Bool("wait", false, "for each function of a whole listing, the loads and copies before its first wait and after each")
+	held := flag.Bool("held", false, "for each function of a whole listing, the waits on loads' scoreboards between its loads")
 	flag.Parse()
 	if flag.NArg() != 1 {
-		fmt.Fprintln(os.Stderr, "usage: sasscost [-from HEX] [-to HEX] [-v] FILE | sasscost -wait FILE")
+		fmt.Fprintln(os.Stderr, "usage: sasscost [-from HEX] [-to HEX] [-v] FILE | sasscost -wait FILE | sasscost -held FILE")
 		os.Exit(2)
+	}
+	if *held {
+		text, err := os.ReadFile(flag.Arg(0))
+		var hs []heldLoad
+		if err == nil {
+			hs, err = heldLoads(text)
+		}
+		if err != nil {
+			fmt.Fprintf(os.Stderr, "sasscost: %s: %v\n", flag.Arg(0), err)
+			os.Exit(1)
+		}
+		for _, h := range hs {
+			fmt.Println(h)
+		}
+		return
 	}
 	if *wait {
 		f, err := os.Open(flag.Arg(0))
@@ -217,6 +243,80 @@ func loadsAroundWait(r io.Reader) ([]waitLoads, error) {
 	}
 	if len(out) == 0 {
 		return nil, fmt.Errorf("no functions (want cuobjdump -sass output of a whole image)")
+	}
+	return out, nil
+}
+
+// heldLoad is a wait on a scoreboard that loads set, followed by another
+// load: that load is issued only once the waited-for loads have arrived.
+type heldLoad struct {
+	fn         string
+	wait, next uint64   // the waiting instruction, the first load after it
+	sb         int      // the scoreboard
+	held       []uint64 // the loads waited for
+}
+
+func (h heldLoad) String() string {
+	return fmt.Sprintf("%s: %04x waits on scoreboard %d for %d loads (%04x to %04x) before the load at %04x",
+		h.fn, h.wait, h.sb, len(h.held), h.held[0], h.held[len(h.held)-1], h.next)
+}
+
+// opcode is an instruction's operation without its predicate and suffixes.
+func opcode(text string) string {
+	f := strings.Fields(text)
+	if len(f) > 0 && strings.HasPrefix(f[0], "@") {
+		f = f[1:]
+	}
+	if len(f) == 0 {
+		return ""
+	}
+	name, _, _ := strings.Cut(f[0], ".")
+	return name
+}
+
+// heldLoads reads a whole cuobjdump -sass listing function by function.
+// A global load (LDG) joins the pending set of the scoreboard it sets; an
+// instruction that waits on a scoreboard with pending loads takes them;
+// if a load or a copy into shared memory follows before the function
+// ends, the wait is reported.
+func heldLoads(text []byte) ([]heldLoad, error) {
+	names := functionLine.FindAllSubmatchIndex(text, -1)
+	if len(names) == 0 {
+		return nil, fmt.Errorf("no functions (want cuobjdump -sass output of a whole image)")
+	}
+	var out []heldLoad
+	for i, m := range names {
+		end := len(text)
+		if i+1 < len(names) {
+			end = names[i+1][0]
+		}
+		insts, err := parse(bytes.NewReader(text[m[1]:end]))
+		if err != nil {
+			continue // a function without code
+		}
+		fn := string(text[m[2]:m[3]])
+		var pending [6][]uint64
+		var open []heldLoad
+		for _, in := range insts {
+			op := opcode(in.text)
+			isLoad := op == "LDG" || op == "LDGSTS" || op == "UBLKCP" || op == "UTMALDG"
+			for sb := 0; sb < 6; sb++ {
+				if in.waits&(1<<sb) != 0 && len(pending[sb]) > 0 {
+					open = append(open, heldLoad{fn: fn, wait: in.addr, sb: sb, held: pending[sb]})
+					pending[sb] = nil
+				}
+			}
+			if isLoad {
+				for _, h := range open {
+					h.next = in.addr
+					out = append(out, h)
+				}
+				open = nil
+			}
+			if op == "LDG" && in.writeBar < 6 {
+				pending[in.writeBar] = append(pending[in.writeBar], in.addr)
+			}
+		}
 	}
 	return out, nil
 }

@@ -2,6 +2,7 @@ package main
 
 import (
 	"bytes"
+	"fmt"
 	"strings"
 	"testing"
 )
@@ -87,5 +88,41 @@ func TestLoadsAroundWait(t *testing.T) {
 	}
 	if _, err := loadsAroundWait(strings.NewReader(sample)); err == nil {
 		t.Error("a listing without functions gave no error")
+	}
+}
+
+// line is one instruction as cuobjdump prints it, with a control code of
+// write scoreboard wr (7: none) and wait mask waits.
+func line(addr int, text string, wr, waits uint64) string {
+	c := uint64(1) | wr<<5 | 7<<8 | waits<<11
+	return fmt.Sprintf("        /*%04x*/                   %s ;   /* 0x0000000000000000 */\n"+
+		"                                                                                                      /* 0x%016x */\n", addr, text, c<<41)
+}
+
+func TestHeldLoads(t *testing.T) {
+	// k_held: two loads on scoreboard 5, an address that waits on it, a
+	// third load (reported); then a use of the third that waits, and no
+	// load after it (not reported). k_free: the loads' waits come after
+	// the last load.
+	text := "\t\tFunction : k_held\n" +
+		line(0x00, "LDG.E.128.CONSTANT R4, desc[UR4][R2.64]", 5, 0) +
+		line(0x10, "@!P0 LDG.E.U8.CONSTANT R8, desc[UR4][R6.64]", 5, 0) +
+		line(0x20, "IADD3 R10, P0, R4, R12, RZ", 7, 1<<5) +
+		line(0x30, "LDG.E.128.CONSTANT R12, desc[UR4][R10.64]", 5, 0) +
+		line(0x40, "FADD R14, R12, R13", 7, 1<<5) +
+		"\t\tFunction : k_free\n" +
+		line(0x00, "LDG.E.128.CONSTANT R4, desc[UR4][R2.64]", 5, 0) +
+		line(0x10, "LDGSTS.E.BYPASS.128 [R7], desc[UR4][R8.64]", 7, 0) +
+		line(0x20, "FADD R14, R4, R5", 7, 1<<5)
+	hs, err := heldLoads([]byte(text))
+	if err != nil {
+		t.Fatal(err)
+	}
+	want := "k_held: 0020 waits on scoreboard 5 for 2 loads (0000 to 0010) before the load at 0030"
+	if len(hs) != 1 || hs[0].String() != want {
+		t.Errorf("got %v, want [%s]", hs, want)
+	}
+	if _, err := heldLoads([]byte("no functions\n")); err == nil {
+		t.Error("a listing without functions read")
 	}
 }
