@@ -109,35 +109,12 @@ func main() {
 		fmt.Fprintln(os.Stderr, "usage: sasscost [-from HEX] [-to HEX] [-v] FILE | sasscost -wait FILE | sasscost -held FILE")
 		os.Exit(2)
 	}
-	if *held {
-		text, err := os.ReadFile(flag.Arg(0))
-		var hs []heldLoad
-		if err == nil {
-			hs, err = heldLoads(text)
-		}
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "sasscost: %s: %v\n", flag.Arg(0), err)
-			os.Exit(1)
-		}
-		for _, h := range hs {
-			fmt.Println(h)
-		}
+	if *wait {
+		report(flag.Arg(0), func(text []byte) ([]waitLoads, error) { return loadsAroundWait(bytes.NewReader(text)) })
 		return
 	}
-	if *wait {
-		f, err := os.Open(flag.Arg(0))
-		var fs []waitLoads
-		if err == nil {
-			fs, err = loadsAroundWait(f)
-			f.Close()
-		}
-		if err != nil {
-			fmt.Fprintf(os.Stderr, "sasscost: %s: %v\n", flag.Arg(0), err)
-			os.Exit(1)
-		}
-		for _, w := range fs {
-			fmt.Println(w)
-		}
+	if *held {
+		report(flag.Arg(0), heldLoads)
 		return
 	}
 	lo, err1 := strconv.ParseUint(*from, 16, 64)
@@ -157,6 +134,22 @@ func main() {
 	}
 	n, stalls, waiting := summarize(os.Stdout, insts, lo, hi, *verbose)
 	fmt.Printf("%d instructions, %d stall cycles, %d wait on a scoreboard\n", n, stalls, waiting)
+}
+
+// report prints what read finds in the listing at path, one line each.
+func report[T fmt.Stringer](path string, read func([]byte) ([]T, error)) {
+	text, err := os.ReadFile(path)
+	var items []T
+	if err == nil {
+		items, err = read(text)
+	}
+	if err != nil {
+		fmt.Fprintf(os.Stderr, "sasscost: %s: %v\n", path, err)
+		os.Exit(1)
+	}
+	for _, it := range items {
+		fmt.Println(it)
+	}
 }
 
 // summarize sums the section [lo, hi) and, verbose, lists it.
