@@ -214,20 +214,13 @@ func loadsAroundWait(r io.Reader) ([]waitLoads, error) {
 			continue
 		}
 		w := &out[len(out)-1]
-		op := strings.Fields(m[2])
-		if len(op) > 0 && strings.HasPrefix(op[0], "@") { // a predicate
-			op = op[1:]
-		}
-		if len(op) == 0 {
-			continue
-		}
 		last := len(w.loads) - 1
-		switch name, _, _ := strings.Cut(op[0], "."); name {
-		case "ACQBULK":
+		switch op := opcode(m[2]); {
+		case op == "ACQBULK":
 			w.loads, w.copies = append(w.loads, 0), append(w.copies, 0)
-		case "LDG":
+		case op == "LDG":
 			w.loads[last]++
-		case "LDGSTS", "UBLKCP", "UTMALDG":
+		case isCopy(op):
 			w.copies[last]++
 		}
 	}
@@ -267,6 +260,9 @@ func opcode(text string) string {
 	return name
 }
 
+// isCopy reports whether op copies global memory into shared memory.
+func isCopy(op string) bool { return op == "LDGSTS" || op == "UBLKCP" || op == "UTMALDG" }
+
 // heldLoads reads a whole cuobjdump -sass listing function by function.
 // A global load (LDG) joins the pending set of the scoreboard it sets; an
 // instruction that waits on a scoreboard with pending loads takes them;
@@ -292,7 +288,7 @@ func heldLoads(text []byte) ([]heldLoad, error) {
 		var open []heldLoad
 		for _, in := range insts {
 			op := opcode(in.text)
-			isLoad := op == "LDG" || op == "LDGSTS" || op == "UBLKCP" || op == "UTMALDG"
+			isLoad := op == "LDG" || isCopy(op)
 			for sb := 0; sb < 6; sb++ {
 				if in.waits&(1<<sb) != 0 && len(pending[sb]) > 0 {
 					open = append(open, heldLoad{fn: fn, wait: in.addr, sb: sb, held: pending[sb]})
