@@ -59,17 +59,6 @@ DEVICE void cp_async16(u32 dst, const void* src) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
 }
 
-// 4, 8 or 16 bytes through L1 (the activation scales of a stage).
-DEVICE void cp_async_small(u32 dst, const void* src, int bytes) {
-  if (bytes == 16) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 16;" ::"r"(dst), "l"(src) : "memory");
-  } else if (bytes == 8) {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 8;" ::"r"(dst), "l"(src) : "memory");
-  } else {
-    asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" ::"r"(dst), "l"(src) : "memory");
-  }
-}
-
 // Doubled E2M1 values of four codes as signed int8 bytes: the +128 offset
 // form of e2m1x4_biased with the offset taken off bytewise (x ^ 0x80 is
 // x - 128 for the bytes 116..140 it holds).

@@ -1169,7 +1169,7 @@ DEVICE void quant_groups(const float* src, bool global, int K, int G, int g0, in
 // the scoreboard of weight loads issued after them.
 DEVICE void stage_x_async(const i8* xq, const float* xs, int K, int GK, i8* sx, float* sxs, int tid, int nthreads) {
   for (int i = tid * 16; i < K; i += nthreads * 16) cp_async16(smem_addr(sx + i), xq + i, true);
-  for (int i = tid; i < GK; i += nthreads) cp_async4(smem_addr(sxs + i), xs + i);
+  for (int i = tid; i < GK; i += nthreads) cp_async_small(smem_addr(sxs + i), xs + i, 4);
 }
 
 // The gate and up pointers of an expert.
@@ -1343,7 +1343,7 @@ DEVICE void down_hq(const Expert* __restrict__ experts, const i32* __restrict__ 
   // Lane r < 4's row scale by cp.async, as gate/up's: in a register, the
   // product by 0.5 was moved up to the wait and held it for every weight.
   __shared__ float rsm[DOWN_SLOTS_MAX][4];
-  if (lane < 4) cp_async4(smem_addr(&rsm[slot][lane]), ex.down.row_scale + min(row0 + lane, N - 1));
+  if (lane < 4) cp_async_small(smem_addr(&rsm[slot][lane]), ex.down.row_scale + min(row0 + lane, N - 1), 4);
   rows_load<4>(rc, rs, C, gshift, w, s);
   l2_ahead(ahead, lines);
   PDL_WAIT();
@@ -1355,7 +1355,7 @@ DEVICE void down_hq(const Expert* __restrict__ experts, const i32* __restrict__ 
   // loaded into a register, ptxas issued it after the products.
   const int n = row0 + threadIdx.x;
   __shared__ float ysm[4];
-  if (accumulate && threadIdx.x < 4 && n < N) cp_async4(smem_addr(&ysm[threadIdx.x]), y + n);
+  if (accumulate && threadIdx.x < 4 && n < N) cp_async_small(smem_addr(&ysm[threadIdx.x]), y + n, 4);
   const float t = rows_dot<4, true, FAST>(w, s, C, gshift, hq + (size_t)slot * I, hs + (size_t)slot * GK);
   TRACE_MARK();
   cp_async_wait_all();
@@ -1595,7 +1595,7 @@ extern "C" __global__ void __cluster_dims__(GUC_ROWS / (4 * GUC_WARPS), 1, 1) __
   // of the weights by cp.async: loaded into registers they share the
   // weights' scoreboard, and ptxas then waited for one before the other.
   __shared__ float rsc[NW][8];
-  if (lane < 8) cp_async4(smem_addr(&rsc[warp][lane]), (lane < 4 ? ex.gr : ex.ur) + row0 + (lane & 3));
+  if (lane < 8) cp_async_small(smem_addr(&rsc[warp][lane]), (lane < 4 ? ex.gr : ex.ur) + row0 + (lane & 3), 4);
   // The first half of each row's chunks comes into registers, the second
   // by cp.async into shared memory: the first half's products run while
   // the second half is on its way (all in registers, every product waited
